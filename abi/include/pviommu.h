@@ -1,0 +1,139 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * pviommu.h -- the PV-IOMMU hypercall ABI (interface version 1.0).
+ *
+ * A driver domain (dom0's GPU mediator) asks the hypervisor to map a foreign
+ * domain's guest frame into one of the driver domain's IOMMU contexts; the
+ * hypervisor picks a bus frame number (BFN) in a window above host RAM and
+ * returns it. Machine frame numbers never cross this interface.
+ *
+ * This header is kept byte-identical in layout to the Rust crate
+ * `pviommu-abi` (abi/src/lib.rs); tests/c-abi compiles a file of
+ * offsetof/sizeof assertions against it. The prose specification is
+ * design/abi.md.
+ *
+ * Hypercall: long HYPERVISOR_pv_iommu_op(unsigned int cmd, void *arg)
+ *   cmd  one of PVIOMMU_CMD_*
+ *   arg  guest address of the command's structure
+ * Returns 0 on success, a negative Xen errno, or PVIOMMU_BATCH_INCOMPLETE
+ * (only from PVIOMMU_CMD_batch, and only where the hypervisor did not
+ * continue the call itself): re-issue the same call to resume.
+ */
+#ifndef PVIOMMU_ABI_H
+#define PVIOMMU_ABI_H
+
+#include <stdint.h>
+
+#define __HYPERVISOR_pv_iommu_op 43
+
+/* Major in the high 16 bits, minor in the low 16. Callers check the major. */
+#define PVIOMMU_INTERFACE_VERSION 0x00010000u
+
+/* ---- Commands (first hypercall argument) ---- */
+#define PVIOMMU_CMD_query_caps       1u /* arg: struct pv_iommu_caps (out)   */
+#define PVIOMMU_CMD_batch            2u /* arg: struct pv_iommu_batch (in/out) */
+#define PVIOMMU_CMD_reserved_regions 3u /* arg: struct pv_iommu_regions      */
+
+/* Positive return of PVIOMMU_CMD_batch: work budget spent, call again. */
+#define PVIOMMU_BATCH_INCOMPLETE 1
+
+/* ---- Capabilities ---- */
+#define PVIOMMU_FEAT_CONTEXTS    (1u << 0) /* more than the default context    */
+#define PVIOMMU_FEAT_ATTR_UC     (1u << 1) /* PVIOMMU_ATTR_UC honoured         */
+#define PVIOMMU_FEAT_ATTR_DEVICE (1u << 2) /* PVIOMMU_ATTR_DEVICE honoured     */
+#define PVIOMMU_FEAT_GRANT       (1u << 3) /* PVIOMMU_F_GRANT maps accepted    */
+#define PVIOMMU_FEAT_ALL         0xfu
+
+struct pv_iommu_caps {
+    uint32_t version;            /* PVIOMMU_INTERFACE_VERSION                */
+    uint32_t max_batch_ops;      /* largest nr_ops accepted in one batch     */
+    uint64_t page_sizes;         /* bit n set: 2^n-byte IOMMU pages          */
+    uint64_t bfn_window_start;   /* first BFN the hypervisor may hand out    */
+    uint64_t bfn_window_end;     /* one past the last such BFN               */
+    uint32_t nr_reserved_regions;/* see PVIOMMU_CMD_reserved_regions         */
+    uint32_t features;           /* PVIOMMU_FEAT_*                           */
+    uint32_t max_contexts;       /* contexts per driver domain, incl. ctx 0  */
+    uint32_t _pad0;              /* written as 0                             */
+    uint64_t quota;              /* caller's mapping quota                   */
+    uint64_t used;               /* caller's live mappings                   */
+};
+
+/* ---- Batched operations ---- */
+#define PVIOMMU_OP_map             1u /* in: context, domid, gfn, flags; out: bfn */
+#define PVIOMMU_OP_unmap           2u /* in: context, bfn                        */
+#define PVIOMMU_OP_lookup          3u /* in: context, bfn; out: domid, gfn, flags */
+#define PVIOMMU_OP_context_create  4u /* out: context                            */
+#define PVIOMMU_OP_context_destroy 5u /* in: context (no live mappings)          */
+
+/* op.flags */
+#define PVIOMMU_F_READ   (1u << 0)  /* device may read                          */
+#define PVIOMMU_F_WRITE  (1u << 1)  /* device may write                         */
+#define PVIOMMU_F_GRANT  (1u << 2)  /* gfn holds a grant reference (designed;   */
+                                    /* EOPNOTSUPP without PVIOMMU_FEAT_GRANT)   */
+#define PVIOMMU_ATTR_SHIFT 8
+#define PVIOMMU_ATTR_MASK  (0x7u << PVIOMMU_ATTR_SHIFT)
+#define PVIOMMU_ATTR_WB     0u      /* normal memory, cacheable (default)      */
+#define PVIOMMU_ATTR_UC     1u      /* normal memory, non-cacheable            */
+#define PVIOMMU_ATTR_DEVICE 2u      /* device memory (no speculation/merging)  */
+#define PVIOMMU_F_VALID_MASK (PVIOMMU_F_READ | PVIOMMU_F_WRITE | \
+                              PVIOMMU_F_GRANT | PVIOMMU_ATTR_MASK)
+
+struct pv_iommu_op {
+    uint16_t subop;     /* PVIOMMU_OP_*                                         */
+    uint16_t flags;     /* PVIOMMU_F_* | attribute << PVIOMMU_ATTR_SHIFT        */
+    int32_t  status;    /* out: 0 or -errno for this op                         */
+    uint32_t context;   /* IOMMU context of the caller (0 = default)            */
+    uint16_t domid;     /* foreign domain                                       */
+    uint16_t _pad0;     /* must be 0                                            */
+    uint64_t gfn;       /* foreign guest frame (or grant reference)             */
+    uint64_t bfn;       /* bus frame                                            */
+    uint64_t _rsvd;     /* must be 0                                            */
+};
+
+struct pv_iommu_batch {
+    uint32_t version;   /* in: PVIOMMU_INTERFACE_VERSION                        */
+    uint32_t nr_ops;    /* in: entries in ops[], <= caps.max_batch_ops          */
+    uint32_t nr_done;   /* in/out: ops completed; processing starts here        */
+    uint32_t flags;     /* in: must be 0                                        */
+    uint64_t ops;       /* in: guest address of struct pv_iommu_op[nr_ops]      */
+};
+
+/* ---- Reserved regions (BFN ranges never handed out) ---- */
+#define PVIOMMU_REGION_MSI      1u /* interrupt/MSI window                      */
+#define PVIOMMU_REGION_RMRR     2u /* firmware-reserved (RMRR / IVMD)           */
+#define PVIOMMU_REGION_MMIO     3u /* PCI MMIO hole or bridge window            */
+#define PVIOMMU_REGION_PLATFORM 4u /* anything else the platform reports        */
+
+struct pv_iommu_region {
+    uint64_t start_bfn;
+    uint64_t nr_frames;
+    uint32_t kind;      /* PVIOMMU_REGION_*                                     */
+    uint32_t _pad0;
+};
+
+struct pv_iommu_regions {
+    uint32_t version;   /* in: PVIOMMU_INTERFACE_VERSION                        */
+    uint32_t start;     /* in: index of the first region wanted                 */
+    uint32_t nr;        /* in: capacity of regions[]; out: entries written      */
+    uint32_t total;     /* out: number of reserved regions                      */
+    uint64_t regions;   /* in: guest address of struct pv_iommu_region[nr]      */
+};
+
+/* ---- Errors (negative Xen errno values; one meaning each in this ABI) ---- */
+/* EPERM      1  caller has no privilege over the target domain              */
+/* ENOENT     2  no such mapping (BFN) or no such context                    */
+/* ESRCH      3  no such domain                                              */
+/* ENXIO      6  gfn not present in the target's p2m                         */
+/* E2BIG      7  batch larger than max_batch_ops                             */
+/* EAGAIN    11  gfn paged out or being shared; retry later                  */
+/* ENOMEM    12  hypervisor out of memory                                    */
+/* EACCES    13  write access asked for a read-only page                     */
+/* EFAULT    14  a guest buffer could not be read or written                 */
+/* EBUSY     16  context still has live mappings                             */
+/* EXDEV     18  frame not owned by the target (Xen-owned, granted, foreign) */
+/* ENODEV    19  frame is MMIO, not RAM                                      */
+/* EINVAL    22  malformed argument (flags, padding, version, context 0 ...) */
+/* ENOSPC    28  quota, context table or BFN window exhausted                */
+/* EOPNOTSUPP 95 unknown command/subop, or feature not offered               */
+
+#endif /* PVIOMMU_ABI_H */

@@ -1,0 +1,126 @@
+//! Error numbers: Xen's (Linux-compatible) errno values, each with exactly one
+//! meaning in this ABI. On the wire they travel negated (`-EPERM`).
+
+use core::fmt;
+
+/// An ABI error. The discriminant is the positive Xen errno value.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[repr(i32)]
+pub enum Errno {
+    /// The caller has no privilege over the target domain.
+    Perm = 1,
+    /// No such mapping (BFN) or no such context.
+    NoEnt = 2,
+    /// No such domain.
+    Srch = 3,
+    /// The gfn is not present in the target's p2m.
+    Nxio = 6,
+    /// The batch is larger than `max_batch_ops`.
+    TooBig = 7,
+    /// The gfn is paged out or being shared: retry later.
+    Again = 11,
+    /// The hypervisor is out of memory.
+    NoMem = 12,
+    /// Write access was asked for a read-only page.
+    Acces = 13,
+    /// A guest buffer could not be read or written.
+    Fault = 14,
+    /// The context still has live mappings.
+    Busy = 16,
+    /// The frame is not owned by the target (Xen-owned, granted or foreign).
+    XDev = 18,
+    /// The frame is MMIO, not RAM.
+    NoDev = 19,
+    /// A malformed argument: flags, padding, version, reserved context...
+    Inval = 22,
+    /// Quota, context table or BFN window exhausted.
+    NoSpc = 28,
+    /// Unknown command or subop, or a feature the backend does not offer.
+    OpNotSupp = 95,
+}
+
+impl Errno {
+    /// Every errno of the ABI.
+    pub const ALL: [Errno; 15] = [
+        Errno::Perm,
+        Errno::NoEnt,
+        Errno::Srch,
+        Errno::Nxio,
+        Errno::TooBig,
+        Errno::Again,
+        Errno::NoMem,
+        Errno::Acces,
+        Errno::Fault,
+        Errno::Busy,
+        Errno::XDev,
+        Errno::NoDev,
+        Errno::Inval,
+        Errno::NoSpc,
+        Errno::OpNotSupp,
+    ];
+
+    /// The positive errno value.
+    pub const fn code(self) -> i32 {
+        self as i32
+    }
+
+    /// The value as returned on the wire: `-code`.
+    pub const fn negated(self) -> i32 {
+        -(self as i32)
+    }
+
+    /// Parse a positive or negative errno value.
+    pub fn from_code(code: i32) -> Option<Errno> {
+        let positive = code.checked_abs()?;
+        Errno::ALL.iter().copied().find(|e| e.code() == positive)
+    }
+
+    /// The C name of the value (`"EPERM"`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Errno::Perm => "EPERM",
+            Errno::NoEnt => "ENOENT",
+            Errno::Srch => "ESRCH",
+            Errno::Nxio => "ENXIO",
+            Errno::TooBig => "E2BIG",
+            Errno::Again => "EAGAIN",
+            Errno::NoMem => "ENOMEM",
+            Errno::Acces => "EACCES",
+            Errno::Fault => "EFAULT",
+            Errno::Busy => "EBUSY",
+            Errno::XDev => "EXDEV",
+            Errno::NoDev => "ENODEV",
+            Errno::Inval => "EINVAL",
+            Errno::NoSpc => "ENOSPC",
+            Errno::OpNotSupp => "EOPNOTSUPP",
+        }
+    }
+
+    /// What the value means in this ABI.
+    pub const fn meaning(self) -> &'static str {
+        match self {
+            Errno::Perm => "caller has no privilege over the target domain",
+            Errno::NoEnt => "no such mapping or context",
+            Errno::Srch => "no such domain",
+            Errno::Nxio => "frame not present in the target's p2m",
+            Errno::TooBig => "batch larger than max_batch_ops",
+            Errno::Again => "frame paged out or shared; retry later",
+            Errno::NoMem => "hypervisor out of memory",
+            Errno::Acces => "write access asked for a read-only page",
+            Errno::Fault => "guest buffer not accessible",
+            Errno::Busy => "context still has live mappings",
+            Errno::XDev => "frame not owned by the target domain",
+            Errno::NoDev => "frame is MMIO, not RAM",
+            Errno::Inval => "malformed argument",
+            Errno::NoSpc => "quota or BFN window exhausted",
+            Errno::OpNotSupp => "unknown operation or unsupported feature",
+        }
+    }
+}
+
+impl fmt::Display for Errno {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.name(), self.meaning())
+    }
+}

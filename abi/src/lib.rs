@@ -1,0 +1,431 @@
+//! The PV-IOMMU hypercall ABI, interface version 1.0.
+//!
+//! A driver domain asks the hypervisor, through hypercall
+//! [`HYPERVISOR_PV_IOMMU_OP`], to map a foreign domain's guest frame into one
+//! of its IOMMU contexts; the hypervisor answers with a bus frame number
+//! ([`Bfn`]) in a window above host RAM. Machine frames never cross this
+//! interface.
+//!
+//! This crate is `no_std`, allocation-free and shared by both sides:
+//!
+//! * the `#[repr(C)]` wire structures ([`PvIommuCaps`], [`PvIommuBatch`],
+//!   [`PvIommuOp`], [`PvIommuRegions`], [`PvIommuRegion`]), laid out exactly as
+//!   `include/pviommu.h` (checked at compile time here and by a C test);
+//! * typed frame numbers and domain ids ([`Gfn`], [`Bfn`], [`DomId`],
+//!   [`ContextId`]);
+//! * the errno values with one meaning each ([`Errno`]);
+//! * parsing of a raw op into a typed [`Request`], done once, before any
+//!   state is touched.
+//!
+//! `design/abi.md` is the prose specification.
+#![no_std]
+#![deny(missing_docs)]
+
+mod errno;
+mod request;
+mod types;
+
+pub use errno::Errno;
+pub use request::{MapRequest, Request};
+pub use types::{Access, Bfn, ContextId, DomId, Gfn, MemAttr, Permissions};
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// Hypercall number of `HYPERVISOR_pv_iommu_op` (the first free in Xen 4.17).
+pub const HYPERVISOR_PV_IOMMU_OP: u32 = 43;
+
+/// Interface version: major in the high 16 bits, minor in the low 16.
+pub const INTERFACE_VERSION: u32 = 0x0001_0000;
+
+/// Major part of a version word.
+pub const fn version_major(version: u32) -> u16 {
+    (version >> 16) as u16
+}
+
+/// Commands: the hypercall's first argument.
+pub mod cmd {
+    /// Fill a [`PvIommuCaps`](crate::PvIommuCaps).
+    pub const QUERY_CAPS: u32 = 1;
+    /// Run a [`PvIommuBatch`](crate::PvIommuBatch) of ops.
+    pub const BATCH: u32 = 2;
+    /// Copy out reserved regions through a [`PvIommuRegions`](crate::PvIommuRegions).
+    pub const RESERVED_REGIONS: u32 = 3;
+}
+
+/// Positive return value of a batch whose work budget ran out: call again.
+pub const BATCH_INCOMPLETE: i64 = 1;
+
+/// Capability feature bits ([`PvIommuCaps::features`]).
+pub mod feature {
+    /// More than the default context per driver domain.
+    pub const CONTEXTS: u32 = 1 << 0;
+    /// [`MemAttr::Uncached`](crate::MemAttr::Uncached) is honoured.
+    pub const ATTR_UC: u32 = 1 << 1;
+    /// [`MemAttr::Device`](crate::MemAttr::Device) is honoured.
+    pub const ATTR_DEVICE: u32 = 1 << 2;
+    /// Grant-reference maps ([`F_GRANT`](crate::op_flags::GRANT)) are accepted.
+    pub const GRANT: u32 = 1 << 3;
+    /// Every bit defined by this version.
+    pub const ALL: u32 = 0xf;
+}
+
+/// Subop codes ([`PvIommuOp::subop`]).
+pub mod subop {
+    /// Map a foreign gfn; the hypervisor returns the BFN.
+    pub const MAP: u16 = 1;
+    /// Drop one reference to a BFN; the last one unmaps it.
+    pub const UNMAP: u16 = 2;
+    /// BFN -> (domid, gfn, flags).
+    pub const LOOKUP: u16 = 3;
+    /// Create an IOMMU context; its id is returned in `context`.
+    pub const CONTEXT_CREATE: u16 = 4;
+    /// Destroy an empty IOMMU context.
+    pub const CONTEXT_DESTROY: u16 = 5;
+}
+
+/// Bits of [`PvIommuOp::flags`].
+pub mod op_flags {
+    /// The device may read.
+    pub const READ: u16 = 1 << 0;
+    /// The device may write.
+    pub const WRITE: u16 = 1 << 1;
+    /// `gfn` holds a grant reference rather than a frame number.
+    pub const GRANT: u16 = 1 << 2;
+    /// Shift of the memory-attribute field.
+    pub const ATTR_SHIFT: u16 = 8;
+    /// Mask of the memory-attribute field.
+    pub const ATTR_MASK: u16 = 0x7 << ATTR_SHIFT;
+    /// Every bit a caller may set.
+    pub const VALID_MASK: u16 = READ | WRITE | GRANT | ATTR_MASK;
+}
+
+/// Kinds of reserved region ([`PvIommuRegion::kind`]).
+pub mod region_kind {
+    /// Interrupt / MSI window.
+    pub const MSI: u32 = 1;
+    /// Firmware-reserved memory (VT-d RMRR, AMD IVMD).
+    pub const RMRR: u32 = 2;
+    /// A PCI MMIO hole or bridge window.
+    pub const MMIO: u32 = 3;
+    /// Anything else the platform reports.
+    pub const PLATFORM: u32 = 4;
+}
+
+/// `struct pv_iommu_caps`: answer of [`cmd::QUERY_CAPS`].
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct PvIommuCaps {
+    /// [`INTERFACE_VERSION`] of the hypervisor.
+    pub version: u32,
+    /// Largest `nr_ops` one batch may carry.
+    pub max_batch_ops: u32,
+    /// Bit n set: the IOMMU has 2^n-byte pages.
+    pub page_sizes: u64,
+    /// First BFN of the window the hypervisor allocates from.
+    pub bfn_window_start: u64,
+    /// One past the last BFN of that window.
+    pub bfn_window_end: u64,
+    /// Number of reserved regions ([`cmd::RESERVED_REGIONS`]).
+    pub nr_reserved_regions: u32,
+    /// [`feature`] bits.
+    pub features: u32,
+    /// Contexts a driver domain may hold, the default context included.
+    pub max_contexts: u32,
+    /// Written as zero.
+    pub _pad0: u32,
+    /// The caller's quota of live mappings.
+    pub quota: u64,
+    /// The caller's live mappings.
+    pub used: u64,
+}
+
+/// `struct pv_iommu_op`: one entry of a batch.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct PvIommuOp {
+    /// A [`subop`] code.
+    pub subop: u16,
+    /// [`op_flags`] bits.
+    pub flags: u16,
+    /// Out: 0 or a negative errno for this op.
+    pub status: i32,
+    /// The caller's IOMMU context (0 = default).
+    pub context: u32,
+    /// Foreign domain (map in, lookup out).
+    pub domid: u16,
+    /// Must be zero.
+    pub _pad0: u16,
+    /// Foreign guest frame (or grant reference).
+    pub gfn: u64,
+    /// Bus frame (map out; unmap and lookup in).
+    pub bfn: u64,
+    /// Must be zero.
+    pub _rsvd: u64,
+}
+
+/// `struct pv_iommu_batch`: the argument of [`cmd::BATCH`].
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct PvIommuBatch {
+    /// Must be [`INTERFACE_VERSION`]'s major.
+    pub version: u32,
+    /// Entries in the ops array.
+    pub nr_ops: u32,
+    /// In/out: ops completed; processing resumes here.
+    pub nr_done: u32,
+    /// Must be zero.
+    pub flags: u32,
+    /// Guest address of `struct pv_iommu_op[nr_ops]`.
+    pub ops: u64,
+}
+
+/// `struct pv_iommu_region`: one reserved BFN range.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct PvIommuRegion {
+    /// First frame of the range.
+    pub start_bfn: u64,
+    /// Frames in the range.
+    pub nr_frames: u64,
+    /// A [`region_kind`] code.
+    pub kind: u32,
+    /// Written as zero.
+    pub _pad0: u32,
+}
+
+/// `struct pv_iommu_regions`: the argument of [`cmd::RESERVED_REGIONS`].
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct PvIommuRegions {
+    /// Must be [`INTERFACE_VERSION`]'s major.
+    pub version: u32,
+    /// Index of the first region wanted.
+    pub start: u32,
+    /// In: capacity of the array; out: entries written.
+    pub nr: u32,
+    /// Out: number of reserved regions.
+    pub total: u32,
+    /// Guest address of `struct pv_iommu_region[nr]`.
+    pub regions: u64,
+}
+
+// Layout checks: the same numbers are asserted in C by tests/c-abi.
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(size_of::<PvIommuCaps>() == 64);
+    assert!(offset_of!(PvIommuCaps, page_sizes) == 8);
+    assert!(offset_of!(PvIommuCaps, bfn_window_start) == 16);
+    assert!(offset_of!(PvIommuCaps, bfn_window_end) == 24);
+    assert!(offset_of!(PvIommuCaps, nr_reserved_regions) == 32);
+    assert!(offset_of!(PvIommuCaps, features) == 36);
+    assert!(offset_of!(PvIommuCaps, max_contexts) == 40);
+    assert!(offset_of!(PvIommuCaps, quota) == 48);
+    assert!(offset_of!(PvIommuCaps, used) == 56);
+    assert!(size_of::<PvIommuOp>() == 40);
+    assert!(offset_of!(PvIommuOp, flags) == 2);
+    assert!(offset_of!(PvIommuOp, status) == 4);
+    assert!(offset_of!(PvIommuOp, context) == 8);
+    assert!(offset_of!(PvIommuOp, domid) == 12);
+    assert!(offset_of!(PvIommuOp, gfn) == 16);
+    assert!(offset_of!(PvIommuOp, bfn) == 24);
+    assert!(offset_of!(PvIommuOp, _rsvd) == 32);
+    assert!(size_of::<PvIommuBatch>() == 24);
+    assert!(offset_of!(PvIommuBatch, nr_done) == 8);
+    assert!(offset_of!(PvIommuBatch, ops) == 16);
+    assert!(size_of::<PvIommuRegion>() == 24);
+    assert!(offset_of!(PvIommuRegion, kind) == 16);
+    assert!(size_of::<PvIommuRegions>() == 24);
+    assert!(offset_of!(PvIommuRegions, total) == 12);
+    assert!(offset_of!(PvIommuRegions, regions) == 16);
+};
+
+/// Every (struct, field, offset) and (struct, size) pair of the ABI, for the
+/// C layout test that compiles them into `offsetof`/`sizeof` assertions.
+pub const LAYOUT: &[(&str, &str, usize)] = &[
+    ("pv_iommu_caps", "", core::mem::size_of::<PvIommuCaps>()),
+    (
+        "pv_iommu_caps",
+        "version",
+        core::mem::offset_of!(PvIommuCaps, version),
+    ),
+    (
+        "pv_iommu_caps",
+        "max_batch_ops",
+        core::mem::offset_of!(PvIommuCaps, max_batch_ops),
+    ),
+    (
+        "pv_iommu_caps",
+        "page_sizes",
+        core::mem::offset_of!(PvIommuCaps, page_sizes),
+    ),
+    (
+        "pv_iommu_caps",
+        "bfn_window_start",
+        core::mem::offset_of!(PvIommuCaps, bfn_window_start),
+    ),
+    (
+        "pv_iommu_caps",
+        "bfn_window_end",
+        core::mem::offset_of!(PvIommuCaps, bfn_window_end),
+    ),
+    (
+        "pv_iommu_caps",
+        "nr_reserved_regions",
+        core::mem::offset_of!(PvIommuCaps, nr_reserved_regions),
+    ),
+    (
+        "pv_iommu_caps",
+        "features",
+        core::mem::offset_of!(PvIommuCaps, features),
+    ),
+    (
+        "pv_iommu_caps",
+        "max_contexts",
+        core::mem::offset_of!(PvIommuCaps, max_contexts),
+    ),
+    (
+        "pv_iommu_caps",
+        "_pad0",
+        core::mem::offset_of!(PvIommuCaps, _pad0),
+    ),
+    (
+        "pv_iommu_caps",
+        "quota",
+        core::mem::offset_of!(PvIommuCaps, quota),
+    ),
+    (
+        "pv_iommu_caps",
+        "used",
+        core::mem::offset_of!(PvIommuCaps, used),
+    ),
+    ("pv_iommu_op", "", core::mem::size_of::<PvIommuOp>()),
+    (
+        "pv_iommu_op",
+        "subop",
+        core::mem::offset_of!(PvIommuOp, subop),
+    ),
+    (
+        "pv_iommu_op",
+        "flags",
+        core::mem::offset_of!(PvIommuOp, flags),
+    ),
+    (
+        "pv_iommu_op",
+        "status",
+        core::mem::offset_of!(PvIommuOp, status),
+    ),
+    (
+        "pv_iommu_op",
+        "context",
+        core::mem::offset_of!(PvIommuOp, context),
+    ),
+    (
+        "pv_iommu_op",
+        "domid",
+        core::mem::offset_of!(PvIommuOp, domid),
+    ),
+    (
+        "pv_iommu_op",
+        "_pad0",
+        core::mem::offset_of!(PvIommuOp, _pad0),
+    ),
+    ("pv_iommu_op", "gfn", core::mem::offset_of!(PvIommuOp, gfn)),
+    ("pv_iommu_op", "bfn", core::mem::offset_of!(PvIommuOp, bfn)),
+    (
+        "pv_iommu_op",
+        "_rsvd",
+        core::mem::offset_of!(PvIommuOp, _rsvd),
+    ),
+    ("pv_iommu_batch", "", core::mem::size_of::<PvIommuBatch>()),
+    (
+        "pv_iommu_batch",
+        "version",
+        core::mem::offset_of!(PvIommuBatch, version),
+    ),
+    (
+        "pv_iommu_batch",
+        "nr_ops",
+        core::mem::offset_of!(PvIommuBatch, nr_ops),
+    ),
+    (
+        "pv_iommu_batch",
+        "nr_done",
+        core::mem::offset_of!(PvIommuBatch, nr_done),
+    ),
+    (
+        "pv_iommu_batch",
+        "flags",
+        core::mem::offset_of!(PvIommuBatch, flags),
+    ),
+    (
+        "pv_iommu_batch",
+        "ops",
+        core::mem::offset_of!(PvIommuBatch, ops),
+    ),
+    ("pv_iommu_region", "", core::mem::size_of::<PvIommuRegion>()),
+    (
+        "pv_iommu_region",
+        "start_bfn",
+        core::mem::offset_of!(PvIommuRegion, start_bfn),
+    ),
+    (
+        "pv_iommu_region",
+        "nr_frames",
+        core::mem::offset_of!(PvIommuRegion, nr_frames),
+    ),
+    (
+        "pv_iommu_region",
+        "kind",
+        core::mem::offset_of!(PvIommuRegion, kind),
+    ),
+    (
+        "pv_iommu_region",
+        "_pad0",
+        core::mem::offset_of!(PvIommuRegion, _pad0),
+    ),
+    (
+        "pv_iommu_regions",
+        "",
+        core::mem::size_of::<PvIommuRegions>(),
+    ),
+    (
+        "pv_iommu_regions",
+        "version",
+        core::mem::offset_of!(PvIommuRegions, version),
+    ),
+    (
+        "pv_iommu_regions",
+        "start",
+        core::mem::offset_of!(PvIommuRegions, start),
+    ),
+    (
+        "pv_iommu_regions",
+        "nr",
+        core::mem::offset_of!(PvIommuRegions, nr),
+    ),
+    (
+        "pv_iommu_regions",
+        "total",
+        core::mem::offset_of!(PvIommuRegions, total),
+    ),
+    (
+        "pv_iommu_regions",
+        "regions",
+        core::mem::offset_of!(PvIommuRegions, regions),
+    ),
+];

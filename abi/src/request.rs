@@ -1,0 +1,251 @@
+//! Parsing a raw [`PvIommuOp`] into a typed [`Request`]: every field the
+//! guest controls is validated here, once, before the engine touches state.
+
+use crate::{op_flags, subop, Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Permissions, PvIommuOp};
+
+/// What a map asks for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct MapRequest {
+    /// The caller's IOMMU context to map into.
+    pub context: ContextId,
+    /// The foreign domain owning the frame.
+    pub domid: DomId,
+    /// The foreign frame.
+    pub gfn: Gfn,
+    /// Device access rights.
+    pub perms: Permissions,
+    /// Memory attribute.
+    pub attr: MemAttr,
+    /// `gfn` is a grant reference.
+    pub grant: bool,
+}
+
+/// A validated batch op.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum Request {
+    /// Map a foreign frame; answer the BFN.
+    Map(MapRequest),
+    /// Drop a reference to a BFN.
+    Unmap {
+        /// Context holding the BFN.
+        context: ContextId,
+        /// The BFN.
+        bfn: Bfn,
+    },
+    /// Describe a BFN.
+    Lookup {
+        /// Context holding the BFN.
+        context: ContextId,
+        /// The BFN.
+        bfn: Bfn,
+    },
+    /// Create a context.
+    ContextCreate,
+    /// Destroy an empty context.
+    ContextDestroy {
+        /// The context (never 0).
+        context: ContextId,
+    },
+}
+
+impl Request {
+    /// Parse and validate a raw op. Input fields that a subop does not use
+    /// must be zero, so that later versions can give them meaning.
+    pub fn parse(op: &PvIommuOp) -> Result<Request, Errno> {
+        if op._pad0 != 0 || op._rsvd != 0 {
+            return Err(Errno::Inval);
+        }
+        let context = ContextId(op.context);
+        match op.subop {
+            subop::MAP => {
+                if op.flags & !op_flags::VALID_MASK != 0 || op.bfn != 0 {
+                    return Err(Errno::Inval);
+                }
+                let perms = Permissions {
+                    read: op.flags & op_flags::READ != 0,
+                    write: op.flags & op_flags::WRITE != 0,
+                };
+                if !perms.read && !perms.write {
+                    return Err(Errno::Inval);
+                }
+                let attr =
+                    MemAttr::from_field((op.flags & op_flags::ATTR_MASK) >> op_flags::ATTR_SHIFT)
+                        .ok_or(Errno::Inval)?;
+                let domid = DomId(op.domid);
+                if !domid.is_valid() {
+                    return Err(Errno::Inval);
+                }
+                Ok(Request::Map(MapRequest {
+                    context,
+                    domid,
+                    gfn: Gfn(op.gfn),
+                    perms,
+                    attr,
+                    grant: op.flags & op_flags::GRANT != 0,
+                }))
+            }
+            subop::UNMAP | subop::LOOKUP => {
+                if op.flags != 0 || op.domid != 0 || op.gfn != 0 {
+                    return Err(Errno::Inval);
+                }
+                let bfn = Bfn(op.bfn);
+                Ok(if op.subop == subop::UNMAP {
+                    Request::Unmap { context, bfn }
+                } else {
+                    Request::Lookup { context, bfn }
+                })
+            }
+            subop::CONTEXT_CREATE => {
+                if op.flags != 0 || op.domid != 0 || op.gfn != 0 || op.bfn != 0 || op.context != 0 {
+                    return Err(Errno::Inval);
+                }
+                Ok(Request::ContextCreate)
+            }
+            subop::CONTEXT_DESTROY => {
+                if op.flags != 0 || op.domid != 0 || op.gfn != 0 || op.bfn != 0 {
+                    return Err(Errno::Inval);
+                }
+                if context == ContextId::DEFAULT {
+                    return Err(Errno::Inval);
+                }
+                Ok(Request::ContextDestroy { context })
+            }
+            _ => Err(Errno::OpNotSupp),
+        }
+    }
+
+    /// Encode back into a raw op (status 0): what a guest-side client sends.
+    pub fn encode(&self) -> PvIommuOp {
+        let mut op = PvIommuOp::default();
+        match *self {
+            Request::Map(m) => {
+                op.subop = subop::MAP;
+                op.flags = m.perms.flag_bits()
+                    | (m.attr.field() << op_flags::ATTR_SHIFT)
+                    | if m.grant { op_flags::GRANT } else { 0 };
+                op.context = m.context.0;
+                op.domid = m.domid.0;
+                op.gfn = m.gfn.0;
+            }
+            Request::Unmap { context, bfn } => {
+                op.subop = subop::UNMAP;
+                op.context = context.0;
+                op.bfn = bfn.0;
+            }
+            Request::Lookup { context, bfn } => {
+                op.subop = subop::LOOKUP;
+                op.context = context.0;
+                op.bfn = bfn.0;
+            }
+            Request::ContextCreate => op.subop = subop::CONTEXT_CREATE,
+            Request::ContextDestroy { context } => {
+                op.subop = subop::CONTEXT_DESTROY;
+                op.context = context.0;
+            }
+        }
+        op
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            (
+                any::<u32>(),
+                0u16..DomId::FIRST_RESERVED,
+                any::<u64>(),
+                1u8..4,
+                0u16..3,
+                any::<bool>()
+            )
+                .prop_map(|(c, d, g, p, a, grant)| Request::Map(MapRequest {
+                    context: ContextId(c),
+                    domid: DomId(d),
+                    gfn: Gfn(g),
+                    perms: Permissions {
+                        read: p & 1 != 0,
+                        write: p & 2 != 0
+                    },
+                    attr: MemAttr::from_field(a).unwrap(),
+                    grant,
+                })),
+            (any::<u32>(), any::<u64>()).prop_map(|(c, b)| Request::Unmap {
+                context: ContextId(c),
+                bfn: Bfn(b)
+            }),
+            (any::<u32>(), any::<u64>()).prop_map(|(c, b)| Request::Lookup {
+                context: ContextId(c),
+                bfn: Bfn(b)
+            }),
+            Just(Request::ContextCreate),
+            (1u32..).prop_map(|c| Request::ContextDestroy {
+                context: ContextId(c)
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn encode_then_parse_is_identity(req in arb_request()) {
+            prop_assert_eq!(Request::parse(&req.encode()), Ok(req));
+        }
+
+        #[test]
+        fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 40)) {
+            let op = <PvIommuOp as zerocopy::FromBytes>::read_from_bytes(&bytes).unwrap();
+            let _ = Request::parse(&op);
+        }
+    }
+
+    #[test]
+    fn rejects_nonzero_padding_unknown_flags_and_subops() {
+        let good = Request::Map(MapRequest {
+            context: ContextId(0),
+            domid: DomId(1),
+            gfn: Gfn(5),
+            perms: Permissions::RO,
+            attr: MemAttr::WriteBack,
+            grant: false,
+        })
+        .encode();
+        assert!(Request::parse(&good).is_ok());
+        let mut op = good;
+        op._pad0 = 1;
+        assert_eq!(Request::parse(&op), Err(Errno::Inval));
+        let mut op = good;
+        op.flags |= 1 << 5;
+        assert_eq!(Request::parse(&op), Err(Errno::Inval));
+        let mut op = good;
+        op.flags = 0; // neither read nor write
+        assert_eq!(Request::parse(&op), Err(Errno::Inval));
+        let mut op = good;
+        op.flags |= 7 << op_flags::ATTR_SHIFT;
+        assert_eq!(Request::parse(&op), Err(Errno::Inval));
+        let mut op = good;
+        op.domid = 0x7ff0;
+        assert_eq!(Request::parse(&op), Err(Errno::Inval));
+        let mut op = good;
+        op.subop = 99;
+        assert_eq!(Request::parse(&op), Err(Errno::OpNotSupp));
+        let destroy_default = PvIommuOp {
+            subop: subop::CONTEXT_DESTROY,
+            ..Default::default()
+        };
+        assert_eq!(Request::parse(&destroy_default), Err(Errno::Inval));
+    }
+
+    #[test]
+    fn errno_codes_round_trip() {
+        for e in Errno::ALL {
+            assert_eq!(Errno::from_code(e.negated()), Some(e));
+        }
+        assert_eq!(Errno::from_code(i32::MIN), None);
+        assert_eq!(Errno::from_code(0), None);
+    }
+}

@@ -1,0 +1,1 @@
+//! PV-IOMMU guest-side driver (grown by the guest-driver issue).
