@@ -127,7 +127,8 @@ impl Permissions {
 
     /// The [`op_flags`](crate::op_flags) bits for these permissions.
     pub const fn flag_bits(self) -> u16 {
-        (self.read as u16) * crate::op_flags::READ | (self.write as u16) * crate::op_flags::WRITE
+        ((self.read as u16) * crate::op_flags::READ)
+            | ((self.write as u16) * crate::op_flags::WRITE)
     }
 }
 

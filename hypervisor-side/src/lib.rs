@@ -1,1 +1,39 @@
-#![no_std]
+//! The PV-IOMMU hypervisor-side engine.
+//!
+//! `no_std` + `alloc`, no floating point, no panics on any guest input: every
+//! failure is a `Result` carrying an ABI [`Errno`]. What the hypervisor
+//! provides comes in through two traits, so the same code runs inside Xen
+//! (`xen/engine-staticlib` over `xen/pviommu.c`) and on the embedded simulated
+//! machine ([`sim`], feature `sim`).
+//!
+//! Where to look:
+//! * a hypercall enters at [`hypercall::Engine::hypercall`] (copy in, validate,
+//!   act, copy out, continuation);
+//! * permission is decided in [`permission`];
+//! * page-table entries are written in [`pgtable`] (formats in
+//!   [`pgtable::vtd`] and [`pgtable::lpae`], the walker in [`pgtable::IoPageTable`]);
+//! * the IOTLB is flushed once per batch through [`iommu::FlushGather`];
+//! * BFNs are chosen in [`bfn_alloc`]; mappings and revocation live in [`engine`].
+#![cfg_attr(not(feature = "std"), no_std)]
+#![deny(missing_docs)]
+
+extern crate alloc;
+
+pub mod bfn_alloc;
+pub mod config;
+pub mod engine;
+pub mod hypercall;
+pub mod iommu;
+pub mod permission;
+pub mod pgtable;
+pub mod platform;
+#[cfg(feature = "sim")]
+pub mod sim;
+
+pub use engine::Engine;
+pub use pviommu_abi::{self as abi, Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Permissions};
+
+/// Machine frame number. Only the hypervisor side knows these: nothing in
+/// this crate converts an `Mfn` into a value a guest sees.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub struct Mfn(pub u64);

@@ -1,1 +1,119 @@
-//! End-to-end tests live in `tests/tests/`.
+//! Shared fixtures for the end-to-end tests in `tests/tests/`.
+
+use pviommu_abi::{
+    Bfn, ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions, PvIommuOp, Request,
+};
+use pviommu_hv::config::Config;
+use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
+use pviommu_hv::Engine;
+
+/// The foreign guest used by most tests.
+pub const GUEST: DomId = DomId(1);
+/// An unprivileged domain that is nobody's device model.
+pub const STRANGER: DomId = DomId(2);
+/// The device model of [`GUEST`].
+pub const DEVICE_MODEL: DomId = DomId(3);
+
+/// A machine with dom0 (64 pages), a guest of `guest_pages` whose page g
+/// starts with the bytes "gfn g", a stranger and a device model.
+pub fn machine(format: Format, guest_pages: u64) -> (SimMachine, Engine) {
+    let mut m = SimMachine::new(4096 + guest_pages, format, 64);
+    m.create_domain(
+        GUEST,
+        DomainSpec {
+            pages: guest_pages,
+            privileged: false,
+            device_model_of: None,
+        },
+    )
+    .unwrap();
+    m.create_domain(
+        STRANGER,
+        DomainSpec {
+            pages: 32,
+            privileged: false,
+            device_model_of: None,
+        },
+    )
+    .unwrap();
+    m.create_domain(
+        DEVICE_MODEL,
+        DomainSpec {
+            pages: 32,
+            privileged: false,
+            device_model_of: Some(GUEST),
+        },
+    )
+    .unwrap();
+    for g in 0..guest_pages {
+        m.write_guest(GUEST, Gfn(g), 0, &pattern(g)).unwrap();
+    }
+    let e = Engine::new(Config::default(), &m).unwrap();
+    (m, e)
+}
+
+/// The known bytes at the start of guest page `g`.
+pub fn pattern(g: u64) -> Vec<u8> {
+    let mut v = format!("gfn {g:#x} ").into_bytes();
+    v.resize(64, g as u8);
+    v
+}
+
+/// A map op.
+pub fn map_op(domid: DomId, gfn: u64, perms: Permissions) -> PvIommuOp {
+    Request::Map(MapRequest {
+        context: ContextId::DEFAULT,
+        domid,
+        gfn: Gfn(gfn),
+        perms,
+        attr: MemAttr::WriteBack,
+        grant: false,
+    })
+    .encode()
+}
+
+/// An unmap op.
+pub fn unmap_op(bfn: Bfn) -> PvIommuOp {
+    Request::Unmap {
+        context: ContextId::DEFAULT,
+        bfn,
+    }
+    .encode()
+}
+
+/// Map one page as `caller`; the op's status as a Result.
+pub fn map_one(
+    m: &mut SimMachine,
+    e: &mut Engine,
+    caller: DomId,
+    domid: DomId,
+    gfn: u64,
+    perms: Permissions,
+) -> Result<Bfn, i32> {
+    let mut ops = [map_op(domid, gfn, perms)];
+    m.guest_batch_all(e, caller, &mut ops).unwrap();
+    if ops[0].status == 0 {
+        Ok(Bfn(ops[0].bfn))
+    } else {
+        Err(ops[0].status)
+    }
+}
+
+/// Everything observable about the engine and machine, to compare before and
+/// after a refused call.
+pub fn observable(m: &SimMachine, e: &Engine) -> String {
+    let mut s = String::new();
+    for (d, dd) in e.drivers() {
+        if dd.mappings().is_empty() && dd.contexts().len() == 1 {
+            continue; // an empty driver domain is indistinguishable from none
+        }
+        s += &format!("{d:?} {:?} {:?}\n", dd.contexts(), dd.mappings());
+    }
+    s += &format!(
+        "refs={} xen_frames={} free={}\n",
+        m.total_page_refs(),
+        m.xen_frames(),
+        m.free_frames()
+    );
+    s
+}

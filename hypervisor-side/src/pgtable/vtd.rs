@@ -1,0 +1,81 @@
+//! Intel VT-d second-level paging entries (VT-d spec 3.x, section 9.8):
+//! bit 0 Read, bit 1 Write, bits 5:3 EMT (memory type, used with IPAT),
+//! bit 6 IPAT, bit 7 PS (superpage, at level 2 = 2 MiB), bit 11 SNP (snoop),
+//! bits 51:12 address. Non-leaf entries carry R and W and the next table.
+
+use super::{Entry, PageTableFormat};
+use crate::{MemAttr, Mfn, Permissions};
+
+/// Read.
+pub const R: u64 = 1 << 0;
+/// Write.
+pub const W: u64 = 1 << 1;
+/// Extended memory type field shift (3 bits).
+pub const EMT_SHIFT: u32 = 3;
+/// EMT value: uncacheable.
+pub const EMT_UC: u64 = 0;
+/// EMT value: write-back.
+pub const EMT_WB: u64 = 6;
+/// Ignore PAT.
+pub const IPAT: u64 = 1 << 6;
+/// Page size: a leaf above level 1.
+pub const PS: u64 = 1 << 7;
+/// Snoop: DMA is cache-coherent.
+pub const SNP: u64 = 1 << 11;
+/// Address bits 51:12.
+pub const ADDR_MASK: u64 = 0x000F_FFFF_FFFF_F000;
+
+/// The VT-d second-level format.
+pub struct Vtd;
+
+impl PageTableFormat for Vtd {
+    const NAME: &'static str = "Intel VT-d second-level";
+
+    fn table_entry(table: Mfn) -> u64 {
+        ((table.0 << 12) & ADDR_MASK) | R | W
+    }
+
+    fn leaf_entry(mfn: Mfn, perms: Permissions, attr: MemAttr, level: u32) -> u64 {
+        let mut e = (mfn.0 << 12) & ADDR_MASK;
+        if perms.read {
+            e |= R;
+        }
+        if perms.write {
+            e |= W;
+        }
+        e |= match attr {
+            MemAttr::WriteBack => SNP | (EMT_WB << EMT_SHIFT),
+            MemAttr::Uncached | MemAttr::Device => IPAT | (EMT_UC << EMT_SHIFT),
+        };
+        if level > 1 {
+            e |= PS;
+        }
+        e
+    }
+
+    fn decode(raw: u64, level: u32) -> Entry {
+        if raw & (R | W) == 0 {
+            return Entry::Empty;
+        }
+        let mfn = Mfn((raw & ADDR_MASK) >> 12);
+        if level == 1 || raw & PS != 0 {
+            let attr = if raw & SNP != 0 {
+                MemAttr::WriteBack
+            } else {
+                // UC and Device share one encoding on VT-d; the engine's
+                // mapping table remembers which the caller asked for.
+                MemAttr::Uncached
+            };
+            Entry::Leaf {
+                mfn,
+                perms: Permissions {
+                    read: raw & R != 0,
+                    write: raw & W != 0,
+                },
+                attr,
+            }
+        } else {
+            Entry::Table(mfn)
+        }
+    }
+}

@@ -1,0 +1,705 @@
+//! Host RAM, domains and the platform/IOMMU services the engine calls.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use crate::iommu::{BackendCaps, FlushGather, IommuBackend};
+use crate::pgtable::{lpae::Lpae, vtd::Vtd, IoPageTable, TableMemory};
+use crate::platform::{PageKind, PageLookup, Platform, ReservedRange};
+use crate::sim::hardware::{self, DmaFault, Iotlb};
+use crate::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions};
+use pviommu_abi::{feature, region_kind};
+
+/// Who owns a machine frame.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Owner {
+    /// Unallocated.
+    Free,
+    /// The hypervisor (page tables, its own data).
+    Xen,
+    /// A domain.
+    Domain(DomId),
+}
+
+/// Per-frame metadata, as Xen's `struct page_info`.
+#[derive(Clone, Debug)]
+pub struct FrameInfo {
+    /// Owner.
+    pub owner: Owner,
+    /// General references held by others (mappings).
+    pub refs: u32,
+    /// Writable type references.
+    pub writable_refs: u32,
+    /// Page-table bookkeeping (present entries) when Xen owns it as a table.
+    pub pt_count: u16,
+}
+
+/// IOMMU page-table format of the simulated IOMMU.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Format {
+    /// Intel VT-d second-level.
+    Vtd,
+    /// ARM LPAE stage-2.
+    Lpae,
+}
+
+/// What a new domain looks like.
+#[derive(Clone, Debug)]
+pub struct DomainSpec {
+    /// RAM pages (gfn 0..pages).
+    pub pages: u64,
+    /// Privileged (control domain).
+    pub privileged: bool,
+    /// Device model of this domain.
+    pub device_model_of: Option<DomId>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum P2mEntry {
+    Ram { mfn: Mfn, read_only: bool },
+    Mmio,
+    PagedOut,
+    Grant,
+    Xen,
+}
+
+#[derive(Debug)]
+struct Domain {
+    p2m: BTreeMap<Gfn, P2mEntry>,
+    privileged: bool,
+    device_model_of: Option<DomId>,
+}
+
+enum Context {
+    Vtd(IoPageTable<Vtd>),
+    Lpae(IoPageTable<Lpae>),
+}
+
+/// RAM frames and their metadata: the [`TableMemory`] the IOMMU tables live in.
+pub struct Ram {
+    bytes: Vec<Option<Box<[u8; 4096]>>>,
+    info: Vec<FrameInfo>,
+    free: VecDeque<Mfn>,
+}
+
+impl Ram {
+    fn new(frames: u64) -> Ram {
+        Ram {
+            bytes: (0..frames).map(|_| None).collect(),
+            info: (0..frames)
+                .map(|_| FrameInfo {
+                    owner: Owner::Free,
+                    refs: 0,
+                    writable_refs: 0,
+                    pt_count: 0,
+                })
+                .collect(),
+            free: (0..frames).map(Mfn).collect(),
+        }
+    }
+    fn alloc(&mut self, owner: Owner) -> Result<Mfn, Errno> {
+        let mfn = self.free.pop_front().ok_or(Errno::NoMem)?;
+        let i = mfn.0 as usize;
+        self.bytes[i] = Some(Box::new([0; 4096]));
+        self.info[i].owner = owner;
+        self.info[i].pt_count = 0;
+        Ok(mfn)
+    }
+    fn release(&mut self, mfn: Mfn) {
+        let i = mfn.0 as usize;
+        self.bytes[i] = None;
+        self.info[i].owner = Owner::Free;
+        self.free.push_back(mfn);
+    }
+    /// The bytes of a frame (zeros for an unallocated one).
+    pub fn frame(&self, mfn: Mfn) -> Option<&[u8; 4096]> {
+        self.bytes.get(mfn.0 as usize)?.as_deref()
+    }
+    fn frame_mut(&mut self, mfn: Mfn) -> Option<&mut [u8; 4096]> {
+        self.bytes.get_mut(mfn.0 as usize)?.as_deref_mut()
+    }
+    /// Read a 64-bit little-endian word at byte offset `off` of a frame.
+    pub fn read_u64(&self, mfn: Mfn, off: usize) -> u64 {
+        match self.frame(mfn) {
+            Some(f) => u64::from_le_bytes(f[off..off + 8].try_into().unwrap_or([0; 8])),
+            None => 0,
+        }
+    }
+}
+
+impl TableMemory for Ram {
+    fn alloc_table(&mut self) -> Result<Mfn, Errno> {
+        self.alloc(Owner::Xen)
+    }
+    fn free_table(&mut self, table: Mfn) {
+        self.release(table)
+    }
+    fn read_entry(&self, table: Mfn, index: usize) -> u64 {
+        self.read_u64(table, index * 8)
+    }
+    fn write_entry(&mut self, table: Mfn, index: usize, raw: u64) {
+        if let Some(f) = self.frame_mut(table) {
+            f[index * 8..index * 8 + 8].copy_from_slice(&raw.to_le_bytes());
+        }
+    }
+    fn present_count(&self, table: Mfn) -> u16 {
+        self.info[table.0 as usize].pt_count
+    }
+    fn set_present_count(&mut self, table: Mfn, count: u16) {
+        self.info[table.0 as usize].pt_count = count;
+    }
+}
+
+/// The simulated host.
+pub struct SimMachine {
+    ram: Ram,
+    domains: BTreeMap<DomId, Domain>,
+    contexts: HashMap<(DomId, ContextId), Context>,
+    format: Format,
+    reserved: Vec<ReservedRange>,
+    address_bits: u32,
+    iotlb: Iotlb,
+    /// The domain whose hypercall is running (guest copies use its memory).
+    pub current: DomId,
+    /// Ops allowed before `should_preempt` says stop; `None`: never.
+    pub preempt_budget: Option<u32>,
+    /// IOTLB flushes issued.
+    pub flushes: u64,
+    /// DMA faults recorded, in order.
+    pub faults: Vec<DmaFault>,
+}
+
+impl SimMachine {
+    /// A host with `ram_frames` frames of RAM, an IOMMU of the given format
+    /// (48-bit input addresses) and a privileged dom0 of `dom0_pages`.
+    pub fn new(ram_frames: u64, format: Format, dom0_pages: u64) -> SimMachine {
+        let mut m = SimMachine {
+            ram: Ram::new(ram_frames),
+            domains: BTreeMap::new(),
+            contexts: HashMap::new(),
+            format,
+            reserved: vec![ReservedRange {
+                start: 0x100_0000,
+                nr: 0x200,
+                kind: region_kind::RMRR,
+            }],
+            address_bits: 48,
+            iotlb: Iotlb::default(),
+            current: DomId::DOM0,
+            preempt_budget: None,
+            flushes: 0,
+            faults: Vec::new(),
+        };
+        m.create_domain(
+            DomId::DOM0,
+            DomainSpec {
+                pages: dom0_pages,
+                privileged: true,
+                device_model_of: None,
+            },
+        )
+        .expect("dom0 fits in the simulated RAM");
+        m
+    }
+
+    /// Create a domain with `spec.pages` RAM pages, each zeroed.
+    pub fn create_domain(&mut self, domid: DomId, spec: DomainSpec) -> Result<(), Errno> {
+        if self.domains.contains_key(&domid) || !domid.is_valid() {
+            return Err(Errno::Inval);
+        }
+        if (self.ram.free.len() as u64) < spec.pages {
+            return Err(Errno::NoMem);
+        }
+        let mut p2m = BTreeMap::new();
+        for g in 0..spec.pages {
+            let mfn = self.ram.alloc(Owner::Domain(domid))?;
+            p2m.insert(
+                Gfn(g),
+                P2mEntry::Ram {
+                    mfn,
+                    read_only: false,
+                },
+            );
+        }
+        self.domains.insert(
+            domid,
+            Domain {
+                p2m,
+                privileged: spec.privileged,
+                device_model_of: spec.device_model_of,
+            },
+        );
+        Ok(())
+    }
+
+    /// Whether the domain exists.
+    pub fn has_domain(&self, domid: DomId) -> bool {
+        self.domains.contains_key(&domid)
+    }
+
+    /// Mark a RAM gfn read-only in the p2m.
+    pub fn set_read_only(&mut self, domid: DomId, gfn: Gfn) {
+        if let Some(P2mEntry::Ram { read_only, .. }) = self.p2m_entry_mut(domid, gfn) {
+            *read_only = true;
+        }
+    }
+    /// Put an MMIO entry at `gfn`.
+    pub fn set_mmio(&mut self, domid: DomId, gfn: Gfn) {
+        self.replace_p2m(domid, gfn, P2mEntry::Mmio);
+    }
+    /// Mark `gfn` paged out.
+    pub fn set_paged_out(&mut self, domid: DomId, gfn: Gfn) {
+        self.replace_p2m(domid, gfn, P2mEntry::PagedOut);
+    }
+    /// Put a grant mapping at `gfn`.
+    pub fn set_grant(&mut self, domid: DomId, gfn: Gfn) {
+        self.replace_p2m(domid, gfn, P2mEntry::Grant);
+    }
+    /// Put a Xen-owned frame at `gfn` (like a shared-info page).
+    pub fn set_xen_owned(&mut self, domid: DomId, gfn: Gfn) {
+        if self.ram.alloc(Owner::Xen).is_ok() {
+            self.replace_p2m(domid, gfn, P2mEntry::Xen);
+        }
+    }
+
+    fn p2m_entry_mut(&mut self, domid: DomId, gfn: Gfn) -> Option<&mut P2mEntry> {
+        self.domains.get_mut(&domid)?.p2m.get_mut(&gfn)
+    }
+
+    fn replace_p2m(&mut self, domid: DomId, gfn: Gfn, entry: P2mEntry) {
+        let Some(d) = self.domains.get_mut(&domid) else {
+            return;
+        };
+        if let Some(P2mEntry::Ram { mfn, .. }) = d.p2m.insert(gfn, entry) {
+            self.free_domain_frame(mfn);
+        }
+    }
+
+    /// A domain frame leaves its owner; it is freed once nothing references it.
+    fn free_domain_frame(&mut self, mfn: Mfn) {
+        let info = &mut self.ram.info[mfn.0 as usize];
+        info.owner = Owner::Free;
+        if info.refs == 0 {
+            self.ram.release(mfn);
+        }
+        // Otherwise it lingers as a "zombie" frame until the last put_page,
+        // exactly what a leaked reference looks like in Xen.
+    }
+
+    /// Remove `gfn` from the domain's p2m (ballooning out). The engine must
+    /// be told through [`crate::Engine::gfn_removed`]; see [`Self::remove_gfn_and_revoke`].
+    pub fn remove_gfn(&mut self, domid: DomId, gfn: Gfn) -> Option<()> {
+        let d = self.domains.get_mut(&domid)?;
+        if let Some(P2mEntry::Ram { mfn, .. }) = d.p2m.remove(&gfn) {
+            self.free_domain_frame(mfn);
+        }
+        Some(())
+    }
+
+    /// Destroy a domain: its frames are freed as soon as nothing references them.
+    pub fn destroy_domain(&mut self, domid: DomId) {
+        if let Some(d) = self.domains.remove(&domid) {
+            for e in d.p2m.values() {
+                if let P2mEntry::Ram { mfn, .. } = *e {
+                    self.free_domain_frame(mfn);
+                }
+            }
+        }
+    }
+
+    /// The machine frame behind a domain's gfn (for tests and the demo; the
+    /// engine's callers never see it).
+    pub fn mfn_of(&self, domid: DomId, gfn: Gfn) -> Option<Mfn> {
+        match self.domains.get(&domid)?.p2m.get(&gfn)? {
+            P2mEntry::Ram { mfn, .. } => Some(*mfn),
+            _ => None,
+        }
+    }
+
+    /// Write bytes into a domain's page (as the domain itself would).
+    pub fn write_guest(
+        &mut self,
+        domid: DomId,
+        gfn: Gfn,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), Errno> {
+        let mfn = self.mfn_of(domid, gfn).ok_or(Errno::Fault)?;
+        let f = self.ram.frame_mut(mfn).ok_or(Errno::Fault)?;
+        let end = offset
+            .checked_add(data.len())
+            .filter(|e| *e <= 4096)
+            .ok_or(Errno::Fault)?;
+        f[offset..end].copy_from_slice(data);
+        Ok(())
+    }
+
+    /// Read bytes of a domain's page.
+    pub fn read_guest(
+        &self,
+        domid: DomId,
+        gfn: Gfn,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<u8>, Errno> {
+        let mfn = self.mfn_of(domid, gfn).ok_or(Errno::Fault)?;
+        let f = self.ram.frame(mfn).ok_or(Errno::Fault)?;
+        let end = offset
+            .checked_add(len)
+            .filter(|e| *e <= 4096)
+            .ok_or(Errno::Fault)?;
+        Ok(f[offset..end].to_vec())
+    }
+
+    /// Metadata of a machine frame.
+    pub fn frame_info(&self, mfn: Mfn) -> Option<&FrameInfo> {
+        self.ram.info.get(mfn.0 as usize)
+    }
+
+    /// Sum of page references held on all frames (0 when nothing is mapped).
+    pub fn total_page_refs(&self) -> u64 {
+        self.ram
+            .info
+            .iter()
+            .map(|i| i.refs as u64 + i.writable_refs as u64)
+            .sum()
+    }
+
+    /// Frames neither free nor owned: freed by their owner but still
+    /// referenced (a leak if it outlives the mappings).
+    pub fn zombie_frames(&self) -> usize {
+        self.ram
+            .info
+            .iter()
+            .enumerate()
+            .filter(|(i, f)| f.owner == Owner::Free && self.ram.bytes[*i].is_some())
+            .count()
+    }
+
+    /// Frames the hypervisor holds for page tables and its own data.
+    pub fn xen_frames(&self) -> usize {
+        self.ram
+            .info
+            .iter()
+            .filter(|f| f.owner == Owner::Xen)
+            .count()
+    }
+
+    /// Free RAM frames.
+    pub fn free_frames(&self) -> usize {
+        self.ram.free.len()
+    }
+
+    /// The IOMMU format.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Software translation of `bfn` in a context through the engine's own
+    /// page-table walker (the device uses the independent hardware walker).
+    pub fn translate(
+        &self,
+        owner: DomId,
+        ctx: ContextId,
+        bfn: Bfn,
+    ) -> Option<(Mfn, Permissions, MemAttr)> {
+        match self.contexts.get(&(owner, ctx))? {
+            Context::Vtd(t) => t.translate(&self.ram, bfn),
+            Context::Lpae(t) => t.translate(&self.ram, bfn),
+        }
+    }
+
+    fn context_root(&self, owner: DomId, ctx: ContextId) -> Option<Mfn> {
+        Some(match self.contexts.get(&(owner, ctx))? {
+            Context::Vtd(t) => t.root(),
+            Context::Lpae(t) => t.root(),
+        })
+    }
+
+    /// The DMA device of `owner` (attached to context `ctx`) reads `len`
+    /// bytes at bus address `addr`. Faults are recorded and returned.
+    pub fn dma_read(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        addr: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, DmaFault> {
+        let mut out = Vec::with_capacity(len);
+        let mut a = addr;
+        while out.len() < len {
+            let mfn = self.dma_translate(owner, ctx, a, false)?;
+            let off = (a & 0xfff) as usize;
+            let n = (4096 - off).min(len - out.len());
+            let frame = self.ram.frame(mfn).copied().unwrap_or([0; 4096]);
+            out.extend_from_slice(&frame[off..off + n]);
+            a += n as u64;
+        }
+        Ok(out)
+    }
+
+    /// The DMA device writes `data` at bus address `addr`.
+    pub fn dma_write(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        addr: u64,
+        data: &[u8],
+    ) -> Result<(), DmaFault> {
+        let mut done = 0;
+        let mut a = addr;
+        while done < data.len() {
+            let mfn = self.dma_translate(owner, ctx, a, true)?;
+            let off = (a & 0xfff) as usize;
+            let n = (4096 - off).min(data.len() - done);
+            if let Some(f) = self.ram.frame_mut(mfn) {
+                f[off..off + n].copy_from_slice(&data[done..done + n]);
+            }
+            done += n;
+            a += n as u64;
+        }
+        Ok(())
+    }
+
+    fn dma_translate(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        addr: u64,
+        write: bool,
+    ) -> Result<Mfn, DmaFault> {
+        let root = self.context_root(owner, ctx);
+        let r = hardware::translate(
+            &self.ram,
+            &mut self.iotlb,
+            self.format,
+            owner,
+            ctx,
+            root,
+            addr,
+            write,
+        );
+        if let Err(f) = &r {
+            self.faults.push(*f);
+        }
+        r
+    }
+
+    fn context_mut_or_create(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+    ) -> Result<&mut Context, Errno> {
+        if !self.contexts.contains_key(&(owner, ctx)) {
+            if ctx != ContextId::DEFAULT {
+                return Err(Errno::NoEnt);
+            }
+            let c = self.new_context()?;
+            self.contexts.insert((owner, ctx), c);
+        }
+        self.contexts.get_mut(&(owner, ctx)).ok_or(Errno::NoEnt)
+    }
+
+    fn new_context(&mut self) -> Result<Context, Errno> {
+        Ok(match self.format {
+            Format::Vtd => Context::Vtd(IoPageTable::new(&mut self.ram)?),
+            Format::Lpae => Context::Lpae(IoPageTable::new(&mut self.ram)?),
+        })
+    }
+
+    /// Run a hypercall of `caller` through `engine`, as the hypervisor's
+    /// entry stub would (it sets the current domain first).
+    pub fn hypercall(
+        &mut self,
+        engine: &mut crate::Engine,
+        caller: DomId,
+        cmd: u32,
+        arg: u64,
+    ) -> i64 {
+        self.current = caller;
+        engine.hypercall(self, caller, cmd, arg)
+    }
+
+    fn guest_span(&self, addr: u64, len: usize) -> Result<Vec<(Mfn, usize, usize)>, Errno> {
+        // Guest addresses are the calling domain's physical addresses.
+        let d = self.domains.get(&self.current).ok_or(Errno::Fault)?;
+        let mut spans = Vec::new();
+        let mut a = addr;
+        let mut left = len;
+        while left > 0 {
+            let mfn = match d.p2m.get(&Gfn(a >> 12)) {
+                Some(P2mEntry::Ram { mfn, .. }) => *mfn,
+                _ => return Err(Errno::Fault),
+            };
+            let off = (a & 0xfff) as usize;
+            let n = (4096 - off).min(left);
+            spans.push((mfn, off, n));
+            left -= n;
+            a = a.checked_add(n as u64).ok_or(Errno::Fault)?;
+        }
+        Ok(spans)
+    }
+}
+
+impl Platform for SimMachine {
+    fn copy_from_guest(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        let mut done = 0;
+        for (mfn, off, n) in self.guest_span(addr, buf.len())? {
+            let f = self.ram.frame(mfn).ok_or(Errno::Fault)?;
+            buf[done..done + n].copy_from_slice(&f[off..off + n]);
+            done += n;
+        }
+        Ok(())
+    }
+    fn copy_to_guest(&mut self, addr: u64, buf: &[u8]) -> Result<(), Errno> {
+        let mut done = 0;
+        for (mfn, off, n) in self.guest_span(addr, buf.len())? {
+            let f = self.ram.frame_mut(mfn).ok_or(Errno::Fault)?;
+            f[off..off + n].copy_from_slice(&buf[done..done + n]);
+            done += n;
+        }
+        Ok(())
+    }
+    fn domain_exists(&self, domid: DomId) -> bool {
+        self.domains.contains_key(&domid)
+    }
+    fn is_privileged(&self, domid: DomId) -> bool {
+        self.domains.get(&domid).is_some_and(|d| d.privileged)
+    }
+    fn is_device_model_of(&self, caller: DomId, target: DomId) -> bool {
+        self.domains
+            .get(&caller)
+            .is_some_and(|d| d.device_model_of == Some(target))
+    }
+    fn get_page(&mut self, domid: DomId, gfn: Gfn, want_write: bool) -> Result<PageLookup, Errno> {
+        let d = self.domains.get(&domid).ok_or(Errno::Srch)?;
+        let (kind, mfn) = match d.p2m.get(&gfn) {
+            None => (PageKind::NotPresent, None),
+            Some(P2mEntry::Mmio) => (PageKind::Mmio, None),
+            Some(P2mEntry::PagedOut) => (PageKind::PagedOut, None),
+            Some(P2mEntry::Grant) => (PageKind::Grant, None),
+            Some(P2mEntry::Xen) => (PageKind::XenOwned, None),
+            Some(P2mEntry::Ram {
+                mfn,
+                read_only: true,
+            }) => (PageKind::RamRo, (!want_write).then_some(*mfn)),
+            Some(P2mEntry::Ram {
+                mfn,
+                read_only: false,
+            }) => (PageKind::RamRw, Some(*mfn)),
+        };
+        if let Some(m) = mfn {
+            let info = &mut self.ram.info[m.0 as usize];
+            info.refs += 1;
+            if want_write {
+                info.writable_refs += 1;
+            }
+        }
+        Ok(PageLookup { kind, mfn })
+    }
+    fn put_page(&mut self, mfn: Mfn, writable: bool) {
+        let info = &mut self.ram.info[mfn.0 as usize];
+        info.refs = info.refs.saturating_sub(1);
+        if writable {
+            info.writable_refs = info.writable_refs.saturating_sub(1);
+        }
+        if info.refs == 0 && info.owner == Owner::Free && self.ram.bytes[mfn.0 as usize].is_some() {
+            self.ram.release(mfn);
+        }
+    }
+    fn ram_end(&self) -> Mfn {
+        Mfn(self.ram.info.len() as u64)
+    }
+    fn reserved_range(&self, index: usize) -> Option<ReservedRange> {
+        self.reserved.get(index).copied()
+    }
+    fn should_preempt(&mut self) -> bool {
+        match &mut self.preempt_budget {
+            None => false,
+            Some(0) => true,
+            Some(n) => {
+                *n -= 1;
+                false
+            }
+        }
+    }
+}
+
+impl IommuBackend for SimMachine {
+    fn iommu_caps(&self) -> BackendCaps {
+        let attrs = match self.format {
+            // VT-d has one non-snooped encoding: UC only.
+            Format::Vtd => feature::ATTR_UC,
+            Format::Lpae => feature::ATTR_UC | feature::ATTR_DEVICE,
+        };
+        BackendCaps {
+            max_contexts: 8,
+            features: feature::CONTEXTS | attrs,
+            page_sizes: (1 << 12) | (1 << 21),
+            address_bits: self.address_bits,
+        }
+    }
+    fn context_create(&mut self, owner: DomId, ctx: ContextId) -> Result<(), Errno> {
+        if self.contexts.contains_key(&(owner, ctx)) {
+            return Err(Errno::Inval);
+        }
+        let c = self.new_context()?;
+        self.contexts.insert((owner, ctx), c);
+        Ok(())
+    }
+    fn context_destroy(&mut self, owner: DomId, ctx: ContextId) {
+        if let Some(c) = self.contexts.remove(&(owner, ctx)) {
+            match c {
+                Context::Vtd(t) => t.destroy(&mut self.ram),
+                Context::Lpae(t) => t.destroy(&mut self.ram),
+            }
+        }
+        self.iotlb.invalidate_context(owner, ctx);
+    }
+    fn iommu_map(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        bfn: Bfn,
+        mfn: Mfn,
+        perms: Permissions,
+        attr: MemAttr,
+        gather: &mut FlushGather,
+    ) -> Result<(), Errno> {
+        self.context_mut_or_create(owner, ctx)?;
+        let Some(c) = self.contexts.get_mut(&(owner, ctx)) else {
+            return Err(Errno::NoEnt);
+        };
+        match c {
+            Context::Vtd(t) => t.map(&mut self.ram, bfn, mfn, perms, attr)?,
+            Context::Lpae(t) => t.map(&mut self.ram, bfn, mfn, perms, attr)?,
+        }
+        // VT-d with caching mode off needs no flush for a non-present ->
+        // present change; the simulator flushes anyway, like Xen does.
+        gather.add(ctx, bfn, 0)
+    }
+    fn iommu_unmap(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        bfn: Bfn,
+        gather: &mut FlushGather,
+    ) -> Result<(), Errno> {
+        let Some(c) = self.contexts.get_mut(&(owner, ctx)) else {
+            return Err(Errno::NoEnt);
+        };
+        match c {
+            Context::Vtd(t) => t.unmap(&mut self.ram, bfn)?,
+            Context::Lpae(t) => t.unmap(&mut self.ram, bfn)?,
+        }
+        gather.add(ctx, bfn, 0)
+    }
+    fn iommu_flush(&mut self, owner: DomId, gather: &FlushGather) {
+        for (ctx, first, last, _) in &gather.ranges {
+            // A superpage split or merge changes translations around the
+            // page itself: widen to the enclosing 2 MiB.
+            self.iotlb
+                .invalidate(owner, *ctx, first.0 & !0x1ff, last.0 | 0x1ff);
+            self.flushes += 1;
+        }
+    }
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Build the engine (pviommu-hv, no simulator) for x86_64-unknown-none with
+# Debian's rustc-web and -Z build-std, the way it is built into Xen
+# (../shared notes: xen-rust-build.md), and check it has no SSE/AVX.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ ! -x /usr/bin/rustc || ! -d /usr/lib/rustlib/src/rust ]]; then
+  echo "installing Debian's rustc-web, cargo-web, rust-web-src"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rustc-web cargo-web rust-web-src binutils >/dev/null
+fi
+export RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR=target/xen
+export RUSTFLAGS="-C relocation-model=pie -Z default-visibility=hidden -Z plt=yes -Z cf-protection=branch -Z retpoline-external-thunk -Z function-return=thunk-extern"
+/usr/bin/cargo build -q --release -Z build-std=core,alloc --target x86_64-unknown-none -p pviommu-hv
+rlib=$(ls target/xen/x86_64-unknown-none/release/libpviommu_hv.rlib)
+disasm=$(objdump -d "$rlib" 2>/dev/null)
+if [[ $(grep -c '^ ' <<<"$disasm") -lt 1000 ]]; then
+  echo "FAIL: could not disassemble $rlib" >&2
+  exit 1
+fi
+if grep -qE '%[xy]mm[0-9]' <<<"$disasm"; then
+  echo "FAIL: SSE/AVX register use in the engine object" >&2
+  exit 1
+fi
+echo "engine builds for x86_64-unknown-none; no SSE/AVX instructions in $rlib"
