@@ -109,8 +109,9 @@ void pvx_free(void *ptr);
 /* printk a message of `len` bytes (not NUL-terminated). */
 void pvx_log(const char *msg, size_t len);
 
-/* Called by the Rust panic handler's abort path; never returns normally in a
- * reachable build (the engine is panic-free and the link checks it). */
-void pvx_unreachable_panic(void);
+/* Called by the Rust panic handler: printk the message and panic(). The
+ * engine is panic-free by construction; build-engine.sh reports whether
+ * this path is reachable from the entry points at all. Never returns. */
+void pvx_panic(const char *msg, size_t len);
 
 #endif /* PVIOMMU_ENGINE_H */
