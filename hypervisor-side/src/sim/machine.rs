@@ -231,6 +231,11 @@ impl SimMachine {
         Ok(())
     }
 
+    /// One past the last RAM frame.
+    pub fn ram_end_frame(&self) -> u64 {
+        self.ram.info.len() as u64
+    }
+
     /// Whether the domain exists.
     pub fn has_domain(&self, domid: DomId) -> bool {
         self.domains.contains_key(&domid)

@@ -1,0 +1,118 @@
+//! The permission matrix: caller kind x page type x requested access, with
+//! the expected status for every cell; a refused map changes nothing.
+
+use pviommu_abi::{DomId, Gfn, Permissions};
+use pviommu_hv::sim::{Format, SimMachine};
+use pviommu_tests::*;
+
+#[derive(Clone, Copy, Debug)]
+enum PageType {
+    RamRw,
+    RamRo,
+    Grant,
+    Mmio,
+    NotPresent,
+    PagedOut,
+    XenOwned,
+}
+
+const GFN: u64 = 9;
+
+fn prepare(m: &mut SimMachine, t: PageType) {
+    match t {
+        PageType::RamRw => {}
+        PageType::RamRo => m.set_read_only(GUEST, Gfn(GFN)),
+        PageType::Grant => m.set_grant(GUEST, Gfn(GFN)),
+        PageType::Mmio => m.set_mmio(GUEST, Gfn(GFN)),
+        PageType::NotPresent => {
+            m.remove_gfn(GUEST, Gfn(GFN));
+        }
+        PageType::PagedOut => m.set_paged_out(GUEST, Gfn(GFN)),
+        PageType::XenOwned => m.set_xen_owned(GUEST, Gfn(GFN)),
+    }
+}
+
+const OK: i32 = 0;
+const EPERM: i32 = -1;
+const ENXIO: i32 = -6;
+const EAGAIN: i32 = -11;
+const EACCES: i32 = -13;
+const EXDEV: i32 = -18;
+const ENODEV: i32 = -19;
+
+#[test]
+fn every_cell() {
+    use PageType::*;
+    let callers = [
+        ("dom0", DomId::DOM0),
+        ("device model", DEVICE_MODEL),
+        ("stranger", STRANGER),
+    ];
+    let pages = [RamRw, RamRo, Grant, Mmio, NotPresent, PagedOut, XenOwned];
+    let perms = [
+        ("ro", Permissions::RO),
+        ("rw", Permissions::RW),
+        (
+            "wo",
+            Permissions {
+                read: false,
+                write: true,
+            },
+        ),
+    ];
+    // Expected status for an allowed caller, per page type and access.
+    let allowed = |p: PageType, write: bool| match (p, write) {
+        (RamRw, _) => OK,
+        (RamRo, false) => OK,
+        (RamRo, true) => EACCES,
+        (Grant, _) | (XenOwned, _) => EXDEV,
+        (Mmio, _) => ENODEV,
+        (NotPresent, _) => ENXIO,
+        (PagedOut, _) => EAGAIN,
+    };
+    let mut cells = 0;
+    for (cname, caller) in callers {
+        for page in pages {
+            for (pname, perm) in perms {
+                let (mut m, mut e) = machine(Format::Vtd, 32);
+                prepare(&mut m, page);
+                let expected = if caller == STRANGER {
+                    EPERM
+                } else {
+                    allowed(page, perm.write)
+                };
+                let before = observable(&m, &e);
+                let got = match map_one(&mut m, &mut e, caller, GUEST, GFN, perm) {
+                    Ok(_) => OK,
+                    Err(s) => s,
+                };
+                assert_eq!(
+                    got, expected,
+                    "caller {cname}, page {page:?}, access {pname}"
+                );
+                if expected != OK {
+                    assert_eq!(
+                        observable(&m, &e),
+                        before,
+                        "refused map changed state: {cname} {page:?} {pname}"
+                    );
+                }
+                cells += 1;
+            }
+        }
+    }
+    assert_eq!(cells, 3 * 7 * 3);
+}
+
+#[test]
+fn unknown_domain_is_esrch_and_self_map_is_einval() {
+    let (mut m, mut e) = machine(Format::Vtd, 8);
+    assert_eq!(
+        map_one(&mut m, &mut e, DomId::DOM0, DomId(77), 0, Permissions::RO),
+        Err(-3)
+    );
+    assert_eq!(
+        map_one(&mut m, &mut e, DomId::DOM0, DomId::DOM0, 0, Permissions::RO),
+        Err(-22)
+    );
+}

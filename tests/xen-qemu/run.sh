@@ -1,0 +1,117 @@
+#!/bin/bash
+# run.sh -- PV-IOMMU integration test: Xen 4.17 (patched, with the engine) +
+# Debian's 6.1 dom0 kernel in QEMU (TCG, q35, intel-iommu, dom0-iommu=strict,
+# edu device). Prints PASS/FAIL/MEASURE lines and "N passed, N failed";
+# exits non-zero on any failure. Run as root on Debian 12.
+#
+#   PVIOMMU_BUILD_DIR     build dir (default <repo>/build)
+#   PVIOMMU_ENGINE_CRATE  / PVIOMMU_ENGINE_OBJ: passed to build-xen.sh
+#   SKIP_XEN_BUILD=1      reuse $PVIOMMU_BUILD_DIR/xen
+#   MEASURE_PAGES         pages for the MEASURE step (default 16384)
+#   QEMU_TIMEOUT          seconds (default 600)
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+export PVIOMMU_BUILD_DIR="${PVIOMMU_BUILD_DIR:-$REPO/build}"
+BUILD="$PVIOMMU_BUILD_DIR"
+OUT="$BUILD/xen-qemu"
+mkdir -p "$OUT" "$BUILD/debs"
+T0=$(date +%s)
+
+# ---- host packages (nothing that touches the host kernel) ----
+missing=""
+for pair in qemu-system-x86_64:qemu-system-x86 busybox:busybox-static cpio:cpio; do
+    command -v "${pair%%:*}" >/dev/null || missing="$missing ${pair#*:}"
+done
+[ -e /usr/lib/x86_64-linux-gnu/libxenctrl.a ] || missing="$missing libxen-dev"
+[ -e /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q dynamic && missing="$missing busybox-static"
+if [ -n "$missing" ]; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
+fi
+
+# ---- dom0 kernel, extracted (not installed) ----
+KDIR="$BUILD/debs/kernel"
+if [ ! -d "$KDIR/boot" ]; then
+    KPKG="$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')"
+    ( cd "$BUILD/debs" && apt-get download "$KPKG" )
+    dpkg-deb -x "$BUILD/debs/$KPKG"_*.deb "$KDIR"
+fi
+VMLINUZ="$(ls "$KDIR"/boot/vmlinuz-* | head -1)"
+KMOD="$(ls -d "$KDIR"/lib/modules/* | head -1)"
+
+# ---- Xen ----
+T1=$(date +%s)
+if [ "${SKIP_XEN_BUILD:-0}" != 1 ]; then
+    "$REPO/hypervisor-side/xen/build-xen.sh"
+fi
+XEN="$BUILD/xen"
+[ -f "$XEN" ] || { echo "no $XEN"; exit 1; }
+T2=$(date +%s)
+
+# ---- dom0 binaries ----
+gcc -O2 -Wall -static -I "$REPO/abi/include" -o "$OUT/dom0-harness" "$HERE/dom0-harness.c" \
+    -lxenforeignmemory -lxenctrl -lxencall -lxengnttab -lxenevtchn -lxendevicemodel \
+    -lxentoolcore -lxentoollog -lpthread 2> "$OUT/harness-build.log" \
+    || { cat "$OUT/harness-build.log"; exit 1; }
+
+# ---- initramfs ----
+R="$OUT/rootfs"
+rm -rf "$R"; mkdir -p "$R"/{bin,sbin,proc,sys,dev,tmp,lib/modules}
+cp /bin/busybox "$R/bin/busybox"
+for a in $(/bin/busybox --list); do
+    [ "$a" = busybox ] || ln -sf busybox "$R/bin/$a"
+done
+for m in xen-privcmd; do
+    cp "$(find "$KMOD" -name "$m.ko*" | head -1)" "$R/lib/modules/"
+done
+cp "$OUT/dom0-harness" "$R/bin/"
+PVBIN="$REPO/target/x86_64-unknown-linux-gnu/release/pviommu"
+if [ -x "$PVBIN" ] && "$PVBIN" --help 2>&1 | grep -q -- '--backend'; then
+    cp "$PVBIN" "$R/bin/pviommu"; echo "run: included $PVBIN"
+fi
+install -m 755 "$HERE/init.sh" "$R/init"
+( cd "$R" && find . | cpio -o -H newc --quiet | gzip -1 > "$OUT/initrd.gz" )
+
+# ---- boot ----
+LOG="$OUT/serial.log"
+: > "$LOG"
+N="${MEASURE_PAGES:-16384}"
+TMO="${QEMU_TIMEOUT:-600}"
+T3=$(date +%s)
+qemu-system-x86_64 -accel tcg -machine q35,kernel-irqchip=split \
+    -device intel-iommu,intremap=on,caching-mode=on \
+    -m 2048 -smp 2 -nographic -serial stdio -monitor none -no-reboot \
+    -kernel "$XEN" \
+    -append "console=com1 com1=115200 dom0_mem=512M loglvl=all guest_loglvl=all iommu=1,verbose dom0-iommu=strict noreboot" \
+    -initrd "$VMLINUZ console=hvc0 earlyprintk=xen pviommu_measure=$N,$OUT/initrd.gz" \
+    -device edu,dma_mask=0xffffffffffffffff \
+    < /dev/null > "$LOG" 2>&1 &
+QPID=$!
+verdict=""
+while kill -0 "$QPID" 2>/dev/null; do
+    sleep 1
+    el=$(( $(date +%s) - T3 ))
+    if grep -aqE 'Kernel panic|Panic on CPU|FATAL TRAP' "$LOG"; then verdict="panic"; break; fi
+    if [ "$el" -ge "$TMO" ]; then verdict="timeout"; break; fi
+    if grep -aq '=== pviommu dom0 test end ===' "$LOG" && [ "$el" -ge 1 ]; then
+        sleep 10; break
+    fi
+done
+if kill -0 "$QPID" 2>/dev/null; then kill "$QPID"; sleep 1; fi
+wait "$QPID" 2>/dev/null || true
+T4=$(date +%s)
+
+tr -d '\r' < "$LOG" > "$OUT/serial.clean.log"
+grep -aE '^(PASS|FAIL|MEASURE) ' "$OUT/serial.clean.log" || true
+grep -aE 'pviommu|VT-D\]DMAR:\[' "$OUT/serial.clean.log" | grep -v '^ *+' | head -20 > "$OUT/xen-pviommu-lines.log" || true
+P=$(grep -acE '^PASS ' "$OUT/serial.clean.log" || true)
+F=$(grep -acE '^FAIL ' "$OUT/serial.clean.log" || true)
+if ! grep -aq '=== pviommu dom0 test end ===' "$OUT/serial.clean.log"; then
+    echo "FAIL test_completed (${verdict:-qemu exited early}; see $LOG)"
+    F=$((F + 1))
+fi
+[ -n "$verdict" ] && [ "$verdict" != "" ] && echo "run: watchdog: $verdict"
+echo "run: timing: xen build $((T2-T1)) s, qemu boot+test $((T4-T3)) s, total $((T4-T0)) s; log $LOG"
+echo "$P passed, $F failed"
+[ "$F" = 0 ] && [ "$P" -gt 0 ]
