@@ -1,6 +1,6 @@
 //! Host RAM, domains and the platform/IOMMU services the engine calls.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use crate::iommu::{BackendCaps, FlushGather, IommuBackend};
 use crate::pgtable::{lpae::Lpae, vtd::Vtd, IoPageTable, TableMemory};
@@ -153,7 +153,7 @@ impl TableMemory for Ram {
 pub struct SimMachine {
     ram: Ram,
     domains: BTreeMap<DomId, Domain>,
-    contexts: HashMap<(DomId, ContextId), Context>,
+    contexts: BTreeMap<(DomId, ContextId), Context>,
     format: Format,
     reserved: Vec<ReservedRange>,
     address_bits: u32,
@@ -175,7 +175,7 @@ impl SimMachine {
         let mut m = SimMachine {
             ram: Ram::new(ram_frames),
             domains: BTreeMap::new(),
-            contexts: HashMap::new(),
+            contexts: BTreeMap::new(),
             format,
             reserved: vec![ReservedRange {
                 start: 0x100_0000,
@@ -524,45 +524,53 @@ impl SimMachine {
         engine.hypercall(self, caller, cmd, arg)
     }
 
-    fn guest_span(&self, addr: u64, len: usize) -> Result<Vec<(Mfn, usize, usize)>, Errno> {
-        // Guest addresses are the calling domain's physical addresses.
+    /// Visit the calling domain's RAM behind guest-physical `addr..addr+len`
+    /// page by page: `f(mfn, offset in frame, offset in buffer, length)`.
+    fn for_guest_span(
+        &mut self,
+        addr: u64,
+        len: usize,
+        mut f: impl FnMut(&mut Ram, Mfn, usize, usize, usize) -> Result<(), Errno>,
+    ) -> Result<(), Errno> {
         let d = self.domains.get(&self.current).ok_or(Errno::Fault)?;
-        let mut spans = Vec::new();
+        addr.checked_add(len as u64).ok_or(Errno::Fault)?;
+        // Check the whole span first so a fault copies nothing.
         let mut a = addr;
-        let mut left = len;
-        while left > 0 {
-            let mfn = match d.p2m.get(&Gfn(a >> 12)) {
-                Some(P2mEntry::Ram { mfn, .. }) => *mfn,
+        while a < addr + len as u64 {
+            match d.p2m.get(&Gfn(a >> 12)) {
+                Some(P2mEntry::Ram { .. }) => {}
                 _ => return Err(Errno::Fault),
-            };
-            let off = (a & 0xfff) as usize;
-            let n = (4096 - off).min(left);
-            spans.push((mfn, off, n));
-            left -= n;
-            a = a.checked_add(n as u64).ok_or(Errno::Fault)?;
+            }
+            a = (a & !0xfff) + 4096;
         }
-        Ok(spans)
+        let mut done = 0;
+        let mut a = addr;
+        while done < len {
+            let Some(P2mEntry::Ram { mfn, .. }) = d.p2m.get(&Gfn(a >> 12)) else { return Err(Errno::Fault) };
+            let off = (a & 0xfff) as usize;
+            let n = (4096 - off).min(len - done);
+            f(&mut self.ram, *mfn, off, done, n)?;
+            done += n;
+            a += n as u64;
+        }
+        Ok(())
     }
 }
 
 impl Platform for SimMachine {
     fn copy_from_guest(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
-        let mut done = 0;
-        for (mfn, off, n) in self.guest_span(addr, buf.len())? {
-            let f = self.ram.frame(mfn).ok_or(Errno::Fault)?;
+        self.for_guest_span(addr, buf.len(), |ram, mfn, off, done, n| {
+            let f = ram.frame(mfn).ok_or(Errno::Fault)?;
             buf[done..done + n].copy_from_slice(&f[off..off + n]);
-            done += n;
-        }
-        Ok(())
+            Ok(())
+        })
     }
     fn copy_to_guest(&mut self, addr: u64, buf: &[u8]) -> Result<(), Errno> {
-        let mut done = 0;
-        for (mfn, off, n) in self.guest_span(addr, buf.len())? {
-            let f = self.ram.frame_mut(mfn).ok_or(Errno::Fault)?;
+        self.for_guest_span(addr, buf.len(), |ram, mfn, off, done, n| {
+            let f = ram.frame_mut(mfn).ok_or(Errno::Fault)?;
             f[off..off + n].copy_from_slice(&buf[done..done + n]);
-            done += n;
-        }
-        Ok(())
+            Ok(())
+        })
     }
     fn domain_exists(&self, domid: DomId) -> bool {
         self.domains.contains_key(&domid)

@@ -1,0 +1,81 @@
+#!/bin/bash
+# build-engine.sh -- build the Rust engine staticlib into one relocatable
+# object, rust_engine.o, ready to be linked into Xen (xen/common/).
+#
+#   build-engine.sh [CRATE_DIR] [OUT_DIR]
+#   CRATE_DIR  default $PVIOMMU_ENGINE_CRATE or hypervisor-side/xen/engine-staticlib
+#   OUT_DIR    default $PVIOMMU_BUILD_DIR/engine (PVIOMMU_BUILD_DIR: <repo>/build)
+#
+# Toolchain: Debian's rustc-web/cargo-web (1.96) at /usr/bin, core+alloc built
+# from rust-web-src for x86_64-unknown-none (soft-float). See
+# /work/shared/notes/xen-rust-build.md for why each flag is there.
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+BUILD="${PVIOMMU_BUILD_DIR:-$REPO/build}"
+CRATE="$(cd "${1:-${PVIOMMU_ENGINE_CRATE:-$HERE/engine-staticlib}}" && pwd)"
+OUT="${2:-$BUILD/engine}"
+mkdir -p "$OUT"
+TARGET_DIR="$OUT/target"
+
+if ! /usr/bin/rustc --version 2>/dev/null | grep -q '^rustc 1\.9[6-9]' \
+   || [ ! -e /usr/lib/rustlib/src/rust/library/core ] || [ ! -x /usr/bin/cargo ]; then
+    echo "build-engine: installing rustc-web cargo-web rust-web-src"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        rustc-web cargo-web rust-web-src
+fi
+
+export RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR="$TARGET_DIR"
+export RUSTFLAGS="-C relocation-model=pie -Z default-visibility=hidden -Z plt=yes \
+-Z cf-protection=branch -Z retpoline-external-thunk -Z function-return=thunk-extern"
+unset CARGO_BUILD_TARGET RUSTC_WRAPPER || true
+echo "build-engine: crate $CRATE"
+( cd "$CRATE" && /usr/bin/cargo build --release -Z build-std=core,alloc \
+      --target x86_64-unknown-none --manifest-path "$CRATE/Cargo.toml" )
+
+LIB="$(ls -t "$TARGET_DIR"/x86_64-unknown-none/release/lib*.a | head -1)"
+echo "build-engine: staticlib $LIB"
+
+RAW="$OUT/rust_engine.raw.o"
+ld -r --gc-sections \
+   -u pviommu_engine_init -u pviommu_engine_op \
+   -u pviommu_engine_domain_dying -u pviommu_engine_gfn_removed \
+   -o "$RAW" "$LIB"
+
+# Xen's symbol table stores a name's length in one byte: shorten long names.
+MAP="$OUT/long-syms.map"
+nm "$RAW" | awk '{ n = $NF; if (length(n) > 120 && !(n in seen)) { seen[n] = 1;
+    printf "%s pviommu_rs_sym_%d\n", n, ++i } }' > "$MAP"
+objcopy --redefine-syms="$MAP" "$RAW" "$OUT/rust_engine.o"
+echo "build-engine: renamed $(wc -l < "$MAP") long symbols"
+
+# No SSE/AVX state may be touched in the hypervisor.
+objdump -d "$OUT/rust_engine.o" > "$OUT/rust_engine.dis"
+if grep -Eq '%[xyz]mm[0-9]' "$OUT/rust_engine.dis"; then
+    grep -E '%[xyz]mm[0-9]' "$OUT/rust_engine.dis" | head -5
+    echo "build-engine: FAIL: SIMD register use in rust_engine.o" >&2
+    exit 1
+fi
+echo "build-engine: no xmm/ymm/zmm register use"
+
+nm "$OUT/rust_engine.o" > "$OUT/rust_engine.nm"
+for s in pviommu_engine_init pviommu_engine_op pviommu_engine_domain_dying \
+         pviommu_engine_gfn_removed; do
+    grep -q " T $s\$" "$OUT/rust_engine.nm" || { echo "build-engine: FAIL: $s not defined" >&2; exit 1; }
+done
+if grep -Eq ' U (pvx_unreachable_panic|pvx_panic)$' "$OUT/rust_engine.nm"; then
+    echo "build-engine: WARNING: panic path reachable (pvx_unreachable_panic/pvx_panic referenced)"
+    # Which engine functions call into core's/alloc's panic paths (names
+    # un-shortened through the rename map): a to-do list for panic-freedom.
+    objdump -dr "$OUT/rust_engine.o" | awk -v map="$MAP" '
+        BEGIN { while ((getline l < map) > 0) { split(l, a, " "); long[a[2]] = a[1] } }
+        /^[0-9a-f]+ <.*>:$/ { f = substr($2, 2, length($2) - 3) }
+        /R_X86_64_PLT32/ && /(panicking|unwrap_failed|expect_failed|handle_alloc_error|index_fail|len_mismatch|capacity_overflow|ord_violation|panic_bounds)/ {
+            t = $NF; sub(/-0x4$/, "", t); n = (f in long) ? long[f] : f;
+            print n " -> " t }' | sort | uniq -c | sort -rn > "$OUT/panic-sites.txt"
+    echo "build-engine: $(wc -l < "$OUT/panic-sites.txt") caller->panic edges listed in $OUT/panic-sites.txt"
+else
+    echo "build-engine: panic path unreachable (pvx_unreachable_panic/pvx_panic not referenced)"
+fi
+echo "build-engine: undefined symbols: $(nm -u "$OUT/rust_engine.o" | awk '{print $2}' | tr '\n' ' ')"
+echo "build-engine: $OUT/rust_engine.o"
