@@ -8,7 +8,7 @@
  * returns it. Machine frame numbers never cross this interface.
  *
  * This header is kept byte-identical in layout to the Rust crate
- * `pviommu-abi` (abi/src/lib.rs); tests/c-abi compiles a file of
+ * `pviommu-abi` (abi/src/lib.rs); tests/tests/c_abi.rs compiles a file of
  * offsetof/sizeof assertions against it. The prose specification is
  * design/abi.md.
  *

@@ -224,7 +224,7 @@ pub struct PvIommuRegions {
     pub regions: u64,
 }
 
-// Layout checks: the same numbers are asserted in C by tests/c-abi.
+// Layout checks: the same numbers are asserted in C by tests/tests/c_abi.rs.
 const _: () = {
     use core::mem::{offset_of, size_of};
     assert!(size_of::<PvIommuCaps>() == 64);
