@@ -1,1 +1,27 @@
-//! PV-IOMMU guest-side driver (grown by the guest-driver issue).
+//! The PV-IOMMU guest-side driver: what a dom0 GPU mediator links.
+//!
+//! * [`Client`] — open + capability check, batched `map_foreign` with
+//!   resumption, unmap, lookup, reserved regions, contexts, with a
+//!   [`MappingCache`] in front so repeated maps of a page cost nothing;
+//! * [`transport`] — how hypercalls travel: [`transport::privcmd`] (Linux
+//!   dom0 on Xen), [`transport::in_process`] (the embedded simulator),
+//!   [`transport::remote`] (the `pviommu sim serve` daemon);
+//! * [`shadow`] — shadow GPU page tables (Gen8+ PPGTT and GGTT) whose leaves
+//!   point at BFNs, built and incrementally synced through the client;
+//! * [`capi`] — the C interface (`include/pviommu_guest.h`).
+//!
+//! Every hypercall batch is a `tracing` span; the library prints nothing.
+
+pub mod cache;
+pub mod capi;
+pub mod client;
+#[cfg(feature = "sim")]
+pub mod daemon;
+mod error;
+pub mod mapper;
+pub mod shadow;
+pub mod transport;
+
+pub use cache::MappingCache;
+pub use client::{Client, ClientStats, LookupResult};
+pub use error::Error;

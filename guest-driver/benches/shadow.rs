@@ -1,0 +1,175 @@
+//! Shadow PPGTT: full build of 1 Mi 4 KiB leaves (4 GiB of GMA, 2048 guest
+//! PT pages) versus an incremental sync of ~1% changed leaves spread over
+//! every PT page (5 leaves in each of the 2048 PTs).
+
+use criterion::{criterion_group, Criterion};
+use pviommu_guest::shadow::{
+    Bfn, DomId, FrameMapper, Gfn, GuestTableReader, HeapShadowMemory, MapError, ShadowError,
+    ShadowPpgtt,
+};
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+const PTS: u64 = 2048;
+const ROOT: u64 = 1;
+const PDP: u64 = 2;
+const PD0: u64 = 3; // 4 PDs: 3..7
+const PT0: u64 = 16; // 2048 PTs: 16..2064
+const DATA0: u64 = 0x10000; // leaf frames
+const LEAVES: u64 = PTS * 512;
+const CHANGED_PER_PT: usize = 5;
+
+/// Guest memory as a vector of pages indexed by frame number.
+struct VecGuest(Vec<[u64; 512]>);
+
+impl GuestTableReader for VecGuest {
+    fn read_page(&self, gfn: Gfn, buf: &mut [u64; 512]) -> Result<(), ShadowError> {
+        match self.0.get(gfn.0 as usize) {
+            Some(p) => {
+                buf.copy_from_slice(p);
+                Ok(())
+            }
+            None => Err(ShadowError::GuestRead { gfn, errno: 14 }),
+        }
+    }
+}
+
+/// Cheap mapper: BFN = gfn + constant, reference counts in a vector.
+struct CheapMapper(Vec<u32>);
+
+impl FrameMapper for CheapMapper {
+    fn map(&mut self, _: DomId, gfns: &[Gfn], _: &[bool]) -> Vec<Result<Bfn, MapError>> {
+        gfns.iter()
+            .map(|g| match self.0.get_mut(g.0 as usize) {
+                Some(c) => {
+                    *c += 1;
+                    Ok(Bfn(g.0 + 0x100_0000))
+                }
+                None => Err(MapError::new(22, "no such frame")),
+            })
+            .collect()
+    }
+    fn unmap(&mut self, bfns: &[Bfn]) {
+        for b in bfns {
+            self.0[(b.0 - 0x100_0000) as usize] -= 1;
+        }
+    }
+}
+
+fn guest() -> VecGuest {
+    let mut pages = vec![[0u64; 512]; (PT0 + PTS) as usize];
+    let ptr = |g: u64| (g << 12) | 3;
+    pages[ROOT as usize][0] = ptr(PDP);
+    for d in 0..4 {
+        pages[PDP as usize][d] = ptr(PD0 + d as u64);
+        for i in 0..512 {
+            pages[(PD0 + d as u64) as usize][i] = ptr(PT0 + d as u64 * 512 + i as u64);
+        }
+    }
+    for p in 0..PTS {
+        for i in 0..512u64 {
+            pages[(PT0 + p) as usize][i as usize] = ((DATA0 + p * 512 + i) << 12) | 3;
+        }
+    }
+    VecGuest(pages)
+}
+
+fn mapper() -> CheapMapper {
+    CheapMapper(vec![0; (DATA0 + 2 * LEAVES) as usize])
+}
+
+/// Flip ~1% of the leaves (5 per PT) between their original frame and a
+/// second set of frames; returns the changed PT pages.
+fn edit(g: &mut VecGuest, round: u64) -> Vec<Gfn> {
+    let mut changed = Vec::with_capacity(PTS as usize);
+    for p in 0..PTS {
+        let page = &mut g.0[(PT0 + p) as usize];
+        for k in 0..CHANGED_PER_PT {
+            let i = (k * 97 + p as usize * 7) % 512;
+            let base = if round % 2 == 0 {
+                DATA0 + LEAVES
+            } else {
+                DATA0
+            };
+            page[i] = ((base + p * 512 + i as u64) << 12) | 3;
+        }
+        changed.push(Gfn(PT0 + p));
+    }
+    changed
+}
+
+fn time_build(g: &VecGuest) -> Duration {
+    let mut m = mapper();
+    let mut mem = HeapShadowMemory::new();
+    let t = Instant::now();
+    let (s, rep) = ShadowPpgtt::build(g, &mut m, &mut mem, DomId(1), Gfn(ROOT));
+    let d = t.elapsed();
+    assert_eq!(rep.leaves_mapped, LEAVES);
+    black_box(s);
+    d
+}
+
+fn bench(c: &mut Criterion) {
+    let g = guest();
+    let mut group = c.benchmark_group("shadow_ppgtt");
+    group.sample_size(10);
+    group.bench_function("full_build_1Mi_leaves", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| time_build(&g)).sum())
+    });
+
+    let mut g2 = guest();
+    let mut m = mapper();
+    let mut mem = HeapShadowMemory::new();
+    let (mut s, _) = ShadowPpgtt::build(&g2, &mut m, &mut mem, DomId(1), Gfn(ROOT));
+    let mut round = 0;
+    group.bench_function("sync_1pct_over_2048_pts", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let changed = edit(&mut g2, round);
+                round += 1;
+                let t = Instant::now();
+                let rep = s.sync(&g2, &mut m, &mut mem, &changed);
+                total += t.elapsed();
+                assert_eq!(rep.leaves_mapped, PTS * CHANGED_PER_PT as u64);
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+/// Median of a few runs of each, printed as a ratio (in the same process).
+fn summary() {
+    let g = guest();
+    let mut builds: Vec<Duration> = (0..7).map(|_| time_build(&g)).collect();
+    let mut g2 = guest();
+    let mut m = mapper();
+    let mut mem = HeapShadowMemory::new();
+    let (mut s, _) = ShadowPpgtt::build(&g2, &mut m, &mut mem, DomId(1), Gfn(ROOT));
+    let mut syncs: Vec<Duration> = (0..31)
+        .map(|r| {
+            let changed = edit(&mut g2, r);
+            let t = Instant::now();
+            black_box(s.sync(&g2, &mut m, &mut mem, &changed));
+            t.elapsed()
+        })
+        .collect();
+    builds.sort();
+    syncs.sort();
+    let (b, sy) = (builds[builds.len() / 2], syncs[syncs.len() / 2]);
+    println!(
+        "summary: full build {:.2} ms, 1% sync {:.3} ms, sync/build = {:.2}% (targets: < 50 ms, <= 3%)",
+        b.as_secs_f64() * 1e3,
+        sy.as_secs_f64() * 1e3,
+        100.0 * sy.as_secs_f64() / b.as_secs_f64()
+    );
+}
+
+criterion_group!(benches, bench);
+
+fn main() {
+    benches();
+    summary();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -1,0 +1,85 @@
+//! The mapping cache: (domid, gfn, context, access, attribute) -> BFN with a
+//! reference count, so a mediator that maps the same page many times costs
+//! one hypercall op, and the BFN is released with the last reference.
+
+use std::collections::HashMap;
+
+use pviommu_abi::{Bfn, ContextId, DomId, Gfn, MemAttr, Permissions};
+
+/// What identifies a mapping.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct CacheKey {
+    /// Foreign domain.
+    pub domid: DomId,
+    /// Foreign frame.
+    pub gfn: Gfn,
+    /// Context.
+    pub context: ContextId,
+    /// Access.
+    pub perms: Permissions,
+    /// Attribute.
+    pub attr: MemAttr,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    bfn: Bfn,
+    refs: u32,
+}
+
+/// The cache.
+#[derive(Default, Debug)]
+pub struct MappingCache {
+    by_key: HashMap<CacheKey, Entry>,
+    by_bfn: HashMap<(ContextId, Bfn), CacheKey>,
+}
+
+impl MappingCache {
+    /// The BFN for `key`, taking one more reference, if cached.
+    pub fn get_ref(&mut self, key: &CacheKey) -> Option<Bfn> {
+        let e = self.by_key.get_mut(key)?;
+        e.refs += 1;
+        Some(e.bfn)
+    }
+    /// Record a fresh mapping with one reference.
+    pub fn insert(&mut self, key: CacheKey, bfn: Bfn) {
+        self.by_key.insert(key, Entry { bfn, refs: 1 });
+        self.by_bfn.insert((key.context, bfn), key);
+    }
+    /// Drop one reference; `Some(true)` when it was the last (the caller
+    /// unmaps), `Some(false)` when others remain, `None` if unknown.
+    pub fn release(&mut self, context: ContextId, bfn: Bfn) -> Option<bool> {
+        let key = *self.by_bfn.get(&(context, bfn))?;
+        let e = self.by_key.get_mut(&key)?;
+        e.refs -= 1;
+        if e.refs == 0 {
+            self.by_key.remove(&key);
+            self.by_bfn.remove(&(context, bfn));
+            Some(true)
+        } else {
+            Some(false)
+        }
+    }
+    /// The key of a cached BFN.
+    pub fn key_of(&self, context: ContextId, bfn: Bfn) -> Option<CacheKey> {
+        self.by_bfn.get(&(context, bfn)).copied()
+    }
+    /// References held on a cached BFN.
+    pub fn refs(&self, context: ContextId, bfn: Bfn) -> u32 {
+        self.key_of(context, bfn)
+            .and_then(|k| self.by_key.get(&k))
+            .map_or(0, |e| e.refs)
+    }
+    /// Distinct cached BFNs.
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+    /// Every cached mapping.
+    pub fn iter(&self) -> impl Iterator<Item = (&CacheKey, Bfn, u32)> {
+        self.by_key.iter().map(|(k, e)| (k, e.bfn, e.refs))
+    }
+}

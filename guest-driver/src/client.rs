@@ -1,0 +1,309 @@
+//! The client API a mediator calls: open + capability check, batched
+//! `map_foreign` with resumption, unmap, lookup, reserved regions, contexts,
+//! over any [`Transport`], with the [`MappingCache`] in front.
+
+use pviommu_abi::{
+    version_major, Bfn, ContextId, DomId, Errno, Gfn, MapRequest, MemAttr, Permissions,
+    PvIommuCaps, PvIommuOp, PvIommuRegion, Request, INTERFACE_VERSION,
+};
+use tracing::{debug, info_span};
+
+use crate::cache::{CacheKey, MappingCache};
+use crate::transport::Transport;
+use crate::Error;
+
+/// What [`Client::lookup`] returns: never a machine frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LookupResult {
+    /// Foreign domain.
+    pub domid: DomId,
+    /// Foreign frame.
+    pub gfn: Gfn,
+    /// Access.
+    pub perms: Permissions,
+    /// Attribute.
+    pub attr: MemAttr,
+}
+
+/// Counters of what the client sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ClientStats {
+    /// Hypercalls issued (batch calls, resumptions included).
+    pub hypercalls: u64,
+    /// Ops sent.
+    pub ops: u64,
+    /// Map requests answered from the cache.
+    pub cache_hits: u64,
+}
+
+/// A PV-IOMMU client.
+pub struct Client<T: Transport> {
+    transport: T,
+    caps: PvIommuCaps,
+    cache: MappingCache,
+    stats: ClientStats,
+}
+
+impl<T: Transport> Client<T> {
+    /// Open: query capabilities and check the interface version.
+    pub fn open(mut transport: T) -> Result<Client<T>, Error> {
+        let caps = transport.query_caps()?;
+        if version_major(caps.version) != version_major(INTERFACE_VERSION) {
+            return Err(Error::Version {
+                found: caps.version,
+                expected: INTERFACE_VERSION,
+            });
+        }
+        Ok(Client {
+            transport,
+            caps,
+            cache: MappingCache::default(),
+            stats: ClientStats::default(),
+        })
+    }
+
+    /// Capabilities read at open.
+    pub fn caps(&self) -> &PvIommuCaps {
+        &self.caps
+    }
+    /// Capabilities read now (quota usage changes).
+    pub fn refresh_caps(&mut self) -> Result<PvIommuCaps, Error> {
+        self.caps = self.transport.query_caps()?;
+        Ok(self.caps)
+    }
+    /// The transport.
+    pub fn transport(&mut self) -> &mut T {
+        &mut self.transport
+    }
+    /// The cache.
+    pub fn cache(&self) -> &MappingCache {
+        &self.cache
+    }
+    /// Counters.
+    pub fn stats(&self) -> ClientStats {
+        self.stats
+    }
+
+    /// Run `ops` to completion: split into batches of `max_batch_ops`, each
+    /// re-issued from `nr_done` while the hypervisor reports it incomplete.
+    pub fn run_ops(&mut self, ops: &mut [PvIommuOp]) -> Result<(), Error> {
+        let max = self.caps.max_batch_ops.max(1) as usize;
+        for chunk in ops.chunks_mut(max) {
+            let span = info_span!(
+                "pviommu_batch",
+                transport = self.transport.name(),
+                ops = chunk.len()
+            );
+            let _g = span.enter();
+            let mut done = 0;
+            loop {
+                let (ret, d) = self.transport.batch(chunk, done)?;
+                self.stats.hypercalls += 1;
+                self.stats.ops += (d - done) as u64;
+                debug!(ret, nr_done = d, "batch call returned");
+                if ret == 0 {
+                    break;
+                }
+                if d <= done && ret == pviommu_abi::BATCH_INCOMPLETE {
+                    return Err(Error::Unexpected {
+                        what: "batch made no progress".into(),
+                        value: ret,
+                    });
+                }
+                if ret != pviommu_abi::BATCH_INCOMPLETE {
+                    return Err(Error::from_return("batch", ret));
+                }
+                done = d;
+            }
+        }
+        Ok(())
+    }
+
+    /// Map `gfns` of `domid` into `context`; one result per gfn, in order.
+    /// Cached pages cost no hypercall; the rest go in as few batches as the
+    /// advertised maximum allows.
+    pub fn map_foreign(
+        &mut self,
+        domid: DomId,
+        gfns: &[Gfn],
+        perms: Permissions,
+        attr: MemAttr,
+        context: ContextId,
+    ) -> Vec<Result<Bfn, Error>> {
+        let mut results: Vec<Option<Result<Bfn, Error>>> = Vec::with_capacity(gfns.len());
+        let mut ops = Vec::new();
+        let mut pending = Vec::new();
+        for (i, gfn) in gfns.iter().enumerate() {
+            let key = CacheKey {
+                domid,
+                gfn: *gfn,
+                context,
+                perms,
+                attr,
+            };
+            if let Some(bfn) = self.cache.get_ref(&key) {
+                self.stats.cache_hits += 1;
+                results.push(Some(Ok(bfn)));
+                continue;
+            }
+            // The same new page twice in one call: map once, reference twice.
+            if pending.iter().any(|(_, k): &(usize, CacheKey)| *k == key) {
+                results.push(None);
+                pending.push((i, key));
+                continue;
+            }
+            results.push(None);
+            pending.push((i, key));
+            ops.push(
+                Request::Map(MapRequest {
+                    context,
+                    domid,
+                    gfn: *gfn,
+                    perms,
+                    attr,
+                    grant: false,
+                })
+                .encode(),
+            );
+        }
+        if let Err(e) = self.run_ops(&mut ops) {
+            // Whole call failed: ops that did complete keep their mapping in
+            // the cache only if they reported success.
+            let msg = e.to_string();
+            for (slot, (_, key)) in results.iter_mut().filter(|r| r.is_none()).zip(&pending) {
+                *slot = Some(Err(Error::Remote(format!(
+                    "map d{} gfn {:#x}: {msg}",
+                    key.domid.0, key.gfn.0
+                ))));
+            }
+        }
+        let mut op_iter = ops.iter();
+        let mut first_result: std::collections::HashMap<CacheKey, Result<Bfn, Errno>> =
+            Default::default();
+        for (i, key) in pending {
+            if results[i].is_some() {
+                continue;
+            }
+            let r = match first_result.get(&key) {
+                Some(Ok(b)) => {
+                    let b = *b;
+                    self.cache.get_ref(&key);
+                    Ok(b)
+                }
+                Some(Err(e)) => Err(*e),
+                None => {
+                    let op = op_iter.next().copied().unwrap_or_default();
+                    let r = if op.status == 0 {
+                        self.cache.insert(key, Bfn(op.bfn));
+                        Ok(Bfn(op.bfn))
+                    } else {
+                        Err(Errno::from_code(op.status).unwrap_or(Errno::Inval))
+                    };
+                    first_result.insert(key, r);
+                    r
+                }
+            };
+            results[i] = Some(r.map_err(|errno| Error::Hypervisor {
+                what: format!("map d{} gfn {:#x}", key.domid.0, key.gfn.0),
+                errno,
+            }));
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::InvalidArgument("lost result".into()))))
+            .collect()
+    }
+
+    /// Release one reference per BFN; the last reference unmaps it. BFNs the
+    /// cache does not know are sent to the hypervisor as they are.
+    pub fn unmap(&mut self, bfns: &[Bfn], context: ContextId) -> Vec<Result<(), Error>> {
+        let mut results: Vec<Option<Result<(), Error>>> = Vec::with_capacity(bfns.len());
+        let mut ops = Vec::new();
+        let mut sent = Vec::new();
+        for (i, bfn) in bfns.iter().enumerate() {
+            match self.cache.release(context, *bfn) {
+                Some(false) => results.push(Some(Ok(()))),
+                // The last cached reference, or a BFN the cache never saw.
+                Some(true) | None => {
+                    results.push(None);
+                    sent.push((i, *bfn));
+                    ops.push(Request::Unmap { context, bfn: *bfn }.encode());
+                }
+            }
+        }
+        let call = self.run_ops(&mut ops);
+        for ((i, bfn), op) in sent.into_iter().zip(&ops) {
+            results[i] = Some(match &call {
+                Err(e) => Err(Error::Remote(format!("unmap bfn {:#x}: {e}", bfn.0))),
+                Ok(()) if op.status == 0 => Ok(()),
+                Ok(()) => Err(Error::Hypervisor {
+                    what: format!("unmap bfn {:#x}", bfn.0),
+                    errno: Errno::from_code(op.status).unwrap_or(Errno::Inval),
+                }),
+            });
+        }
+        results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect()
+    }
+
+    /// Describe a BFN.
+    pub fn lookup(&mut self, bfn: Bfn, context: ContextId) -> Result<LookupResult, Error> {
+        let mut ops = [Request::Lookup { context, bfn }.encode()];
+        self.run_ops(&mut ops)?;
+        let op = ops[0];
+        if op.status != 0 {
+            return Err(Error::from_return(
+                format!("lookup bfn {:#x}", bfn.0),
+                op.status as i64,
+            ));
+        }
+        Ok(LookupResult {
+            domid: DomId(op.domid),
+            gfn: Gfn(op.gfn),
+            perms: Permissions {
+                read: op.flags & pviommu_abi::op_flags::READ != 0,
+                write: op.flags & pviommu_abi::op_flags::WRITE != 0,
+            },
+            attr: MemAttr::from_field(
+                (op.flags & pviommu_abi::op_flags::ATTR_MASK) >> pviommu_abi::op_flags::ATTR_SHIFT,
+            )
+            .unwrap_or_default(),
+        })
+    }
+
+    /// Every reserved region.
+    pub fn reserved_regions(&mut self) -> Result<Vec<PvIommuRegion>, Error> {
+        let mut out = Vec::new();
+        loop {
+            let (regions, total) = self.transport.reserved_regions(out.len() as u32, 64)?;
+            self.stats.hypercalls += 1;
+            let got = regions.len();
+            out.extend(regions);
+            if out.len() as u32 >= total || got == 0 {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Create an IOMMU context.
+    pub fn context_create(&mut self) -> Result<ContextId, Error> {
+        let mut ops = [Request::ContextCreate.encode()];
+        self.run_ops(&mut ops)?;
+        if ops[0].status != 0 {
+            return Err(Error::from_return("context_create", ops[0].status as i64));
+        }
+        Ok(ContextId(ops[0].context))
+    }
+
+    /// Destroy an empty IOMMU context.
+    pub fn context_destroy(&mut self, context: ContextId) -> Result<(), Error> {
+        let mut ops = [Request::ContextDestroy { context }.encode()];
+        self.run_ops(&mut ops)?;
+        if ops[0].status != 0 {
+            return Err(Error::from_return(
+                format!("context_destroy {}", context.0),
+                ops[0].status as i64,
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,395 @@
+//! The simulator daemon behind `pviommu sim serve`: one simulated machine
+//! and engine, shared by every client of a Unix socket, so several processes
+//! (a mediator, a test, the CLI) act on the same host.
+//!
+//! The protocol is described in [`crate::transport::remote::wire`]; the
+//! client is [`crate::transport::remote::Remote`]. The daemon is defensive:
+//! a frame longer than [`wire::MAX_FRAME`] is refused without being read, a
+//! truncated frame, an undecodable body or a bad handshake get an error
+//! response (when the peer still listens) and that connection is closed.
+//! Nothing a client sends can panic the daemon or touch the machine unless
+//! it decodes into a valid request. Only the socket's owner may connect: the
+//! socket is mode 0600 and each peer's uid is checked.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pviommu_abi::{ContextId, DomId, Gfn};
+use pviommu_hv::sim::{DomainSpec, SimMachine};
+use pviommu_hv::Engine;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::transport::remote::wire::{self, Request, Response, ServerInfo, Stats};
+
+/// How long a new connection may take to send its [`Request::Hello`].
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The machine and engine every client acts on.
+pub type SharedMachine = Arc<Mutex<(SimMachine, Engine)>>;
+
+/// Bind the daemon's socket at `path`, mode 0600.
+///
+/// A stale socket left by a dead daemon is removed first; a live one (a
+/// daemon still accepts on it) gives [`io::ErrorKind::AddrInUse`], and any
+/// other kind of file at `path` is left alone and refused with
+/// [`io::ErrorKind::AlreadyExists`]. Must be called within a Tokio runtime.
+pub fn bind(path: impl AsRef<Path>) -> io::Result<UnixListener> {
+    let path = path.as_ref();
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{}: a daemon is already listening", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{}: exists and is not a socket", path.display()),
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    // Between bind and chmod the socket has the umask's mode; the peer
+    // credential check in `serve` covers that window.
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
+/// Serve clients on `listener` forever, each connection in its own task.
+pub async fn serve(listener: UnixListener, machine: SharedMachine) {
+    serve_until(listener, machine, std::future::pending()).await
+}
+
+/// Serve clients on `listener` until `shutdown` completes; connections
+/// already accepted are left to finish on their own tasks.
+pub async fn serve_until(
+    listener: UnixListener,
+    machine: SharedMachine,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let machine = Arc::clone(&machine);
+                    tokio::spawn(async move {
+                        if let Err(e) = connection(stream, machine).await {
+                            tracing::debug!("pviommu daemon: connection ended: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors or similar: back off a little.
+                    tracing::warn!("pviommu daemon: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+/// The effective uid of this process.
+fn own_uid() -> u32 {
+    // SAFETY: geteuid takes no arguments, touches no memory and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Why reading a frame stopped.
+enum FrameError {
+    /// The peer closed the connection between frames.
+    Closed,
+    /// The peer closed the connection inside a frame.
+    Truncated,
+    /// The declared length exceeds [`wire::MAX_FRAME`].
+    TooLong(u32),
+    /// The socket failed.
+    Io(io::Error),
+}
+
+async fn read_frame(stream: &mut UnixStream) -> Result<Vec<u8>, FrameError> {
+    let mut len = [0u8; wire::LEN_PREFIX];
+    let mut got = 0;
+    while got < len.len() {
+        match stream.read(&mut len[got..]).await {
+            Ok(0) if got == 0 => return Err(FrameError::Closed),
+            Ok(0) => return Err(FrameError::Truncated),
+            Ok(n) => got += n,
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
+    let len = u32::from_le_bytes(len);
+    if len > wire::MAX_FRAME {
+        return Err(FrameError::TooLong(len));
+    }
+    let mut body = vec![0u8; len as usize];
+    match stream.read_exact(&mut body).await {
+        Ok(_) => Ok(body),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(FrameError::Truncated),
+        Err(e) => Err(FrameError::Io(e)),
+    }
+}
+
+async fn write_response(stream: &mut UnixStream, resp: &Response) -> io::Result<()> {
+    let frame = match wire::encode_frame(resp) {
+        Ok(f) => f,
+        // Only an oversized answer can fail to encode; say so instead.
+        Err(e) => wire::encode_frame(&protocol_error(format!("response not encodable: {e}")))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?,
+    };
+    stream.write_all(&frame).await?;
+    stream.flush().await
+}
+
+fn protocol_error(message: impl Into<String>) -> Response {
+    Response::Error {
+        errno: None,
+        message: message.into(),
+    }
+}
+
+fn errno_error(what: &str, e: pviommu_abi::Errno) -> Response {
+    Response::Error {
+        errno: Some(e.code()),
+        message: format!("{what}: {e}"),
+    }
+}
+
+/// Read and decode one request. On failure the error response to send
+/// (if any) before closing is returned.
+async fn read_request(stream: &mut UnixStream) -> Result<Request, Option<Response>> {
+    match read_frame(stream).await {
+        Ok(body) => wire::decode::<Request>(&body)
+            .map_err(|e| Some(protocol_error(format!("malformed request frame: {e}")))),
+        Err(FrameError::Closed) => Err(None),
+        Err(FrameError::Truncated) => Err(Some(protocol_error("truncated frame"))),
+        Err(FrameError::TooLong(len)) => Err(Some(protocol_error(format!(
+            "frame of {len} bytes exceeds the limit of {} bytes",
+            wire::MAX_FRAME
+        )))),
+        Err(FrameError::Io(e)) => Err(Some(protocol_error(format!("read failed: {e}")))),
+    }
+}
+
+/// One client connection: credential check, handshake, request loop.
+async fn connection(mut stream: UnixStream, machine: SharedMachine) -> io::Result<()> {
+    let uid = own_uid();
+    match stream.peer_cred() {
+        Ok(cred) if cred.uid() == uid => {}
+        Ok(cred) => {
+            let msg = format!(
+                "uid {} may not use this daemon (owner uid {uid})",
+                cred.uid()
+            );
+            let _ = write_response(&mut stream, &protocol_error(msg)).await;
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "peer uid refused",
+            ));
+        }
+        Err(e) => {
+            let _ =
+                write_response(&mut stream, &protocol_error("peer credentials unavailable")).await;
+            return Err(e);
+        }
+    }
+
+    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_request(&mut stream)).await {
+        Ok(r) => r,
+        Err(_) => Err(Some(protocol_error("no handshake within the timeout"))),
+    };
+    match first {
+        Ok(Request::Hello { magic, version })
+            if magic == wire::MAGIC && version == wire::PROTOCOL_VERSION =>
+        {
+            let max_batch_ops = lock(&machine)
+                .map(|g| g.1.config().max_batch_ops)
+                .unwrap_or(0);
+            let info = ServerInfo {
+                version: wire::PROTOCOL_VERSION,
+                max_frame: wire::MAX_FRAME,
+                max_batch_ops,
+                max_dma_len: wire::MAX_DMA_LEN,
+            };
+            write_response(&mut stream, &Response::Welcome(info)).await?;
+        }
+        Ok(Request::Hello { magic, .. }) if magic != wire::MAGIC => {
+            return close_with(
+                &mut stream,
+                protocol_error(format!("bad magic {magic:02x?}")),
+            )
+            .await;
+        }
+        Ok(Request::Hello { version, .. }) => {
+            let msg = format!(
+                "protocol version {version} not supported; this daemon speaks {}",
+                wire::PROTOCOL_VERSION
+            );
+            return close_with(&mut stream, protocol_error(msg)).await;
+        }
+        Ok(_) => {
+            return close_with(
+                &mut stream,
+                protocol_error("the first request must be Hello"),
+            )
+            .await
+        }
+        Err(Some(resp)) => return close_with(&mut stream, resp).await,
+        Err(None) => return Ok(()),
+    }
+
+    loop {
+        let req = match read_request(&mut stream).await {
+            Ok(Request::Hello { .. }) => {
+                return close_with(&mut stream, protocol_error("Hello after the handshake")).await;
+            }
+            Ok(req) => req,
+            Err(Some(resp)) => return close_with(&mut stream, resp).await,
+            Err(None) => return Ok(()),
+        };
+        let resp = match lock(&machine) {
+            Ok(mut guard) => {
+                let (m, e) = &mut *guard;
+                execute(m, e, req)
+            }
+            Err(resp) => resp,
+        };
+        write_response(&mut stream, &resp).await?;
+    }
+}
+
+async fn close_with(stream: &mut UnixStream, resp: Response) -> io::Result<()> {
+    // The peer may have gone already; the error is what matters.
+    let _ = write_response(stream, &resp).await;
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+fn lock(
+    machine: &SharedMachine,
+) -> Result<std::sync::MutexGuard<'_, (SimMachine, Engine)>, Response> {
+    machine
+        .lock()
+        .map_err(|_| protocol_error("the simulated machine is unusable after an internal panic"))
+}
+
+/// Run one (non-handshake) request against the machine.
+fn execute(m: &mut SimMachine, e: &mut Engine, req: Request) -> Response {
+    match req {
+        Request::Hello { .. } => protocol_error("Hello after the handshake"),
+        Request::QueryCaps { caller } => match m.guest_query_caps(e, DomId(caller)) {
+            Ok(c) => Response::Caps(c),
+            Err(err) => errno_error("query_caps", err),
+        },
+        Request::Batch {
+            caller,
+            mut ops,
+            nr_done,
+        } => {
+            let max = e.config().max_batch_ops;
+            if ops.len() > max as usize {
+                return errno_error(
+                    &format!("batch of {} ops exceeds max_batch_ops {max}", ops.len()),
+                    pviommu_abi::Errno::TooBig,
+                );
+            }
+            match m.guest_batch(e, DomId(caller), &mut ops, nr_done) {
+                Ok((ret, nr_done)) => Response::Batch { ret, nr_done, ops },
+                Err(err) => errno_error("batch", err),
+            }
+        }
+        Request::Regions { caller, start, max } => match m.guest_reserved_regions(e, DomId(caller))
+        {
+            Ok(all) => {
+                let total = u32::try_from(all.len()).unwrap_or(u32::MAX);
+                let regions = all
+                    .into_iter()
+                    .skip(start as usize)
+                    .take(max as usize)
+                    .collect();
+                Response::Regions { regions, total }
+            }
+            Err(err) => errno_error("regions", err),
+        },
+        Request::CreateDomain {
+            domid,
+            pages,
+            privileged,
+            device_model_of,
+        } => {
+            let spec = DomainSpec {
+                pages,
+                privileged,
+                device_model_of: device_model_of.map(DomId),
+            };
+            match m.create_domain(DomId(domid), spec) {
+                Ok(()) => Response::Done,
+                Err(err) => errno_error(&format!("create d{domid}"), err),
+            }
+        }
+        Request::WriteGuest {
+            domid,
+            gfn,
+            offset,
+            data,
+        } => match m.write_guest(DomId(domid), Gfn(gfn), offset as usize, &data) {
+            Ok(()) => Response::Done,
+            Err(err) => errno_error(&format!("write d{domid} gfn {gfn:#x}+{offset:#x}"), err),
+        },
+        Request::DmaRead {
+            owner,
+            context,
+            addr,
+            len,
+        } => {
+            if len > wire::MAX_DMA_LEN {
+                return protocol_error(format!(
+                    "DMA read of {len} bytes exceeds the limit {}",
+                    wire::MAX_DMA_LEN
+                ));
+            }
+            match m.dma_read(DomId(owner), ContextId(context), addr, len as usize) {
+                Ok(data) => Response::Data(data),
+                Err(f) => protocol_error(format!(
+                    "DMA fault: d{} context {} bus address {:#x} ({}): {:?}",
+                    f.owner.0,
+                    f.context.0,
+                    f.addr,
+                    if f.write { "write" } else { "read" },
+                    f.reason
+                )),
+            }
+        }
+        Request::DestroyDomain { domid } => {
+            let d = DomId(domid);
+            if !m.has_domain(d) {
+                return errno_error(&format!("destroy d{domid}"), pviommu_abi::Errno::Srch);
+            }
+            m.destroy_domain(d);
+            e.domain_dying(m, d);
+            Response::Done
+        }
+        Request::Stats => Response::Stats(Stats {
+            total_page_refs: m.total_page_refs(),
+            free_frames: m.free_frames() as u64,
+            zombie_frames: m.zombie_frames() as u64,
+            xen_frames: m.xen_frames() as u64,
+            faults: m.faults.len() as u64,
+            flushes: m.flushes,
+        }),
+    }
+}

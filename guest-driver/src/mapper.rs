@@ -1,0 +1,46 @@
+//! The client as the shadow page tables' [`FrameMapper`]: the shadow code
+//! asks for batches of foreign frames and gets BFNs through the cache.
+
+use pviommu_abi::{Bfn, ContextId, DomId, Gfn, MemAttr, Permissions};
+
+use crate::shadow::{FrameMapper, MapError};
+use crate::transport::Transport;
+use crate::Client;
+
+impl<T: Transport> FrameMapper for Client<T> {
+    fn map(&mut self, domid: DomId, gfns: &[Gfn], writable: &[bool]) -> Vec<Result<Bfn, MapError>> {
+        // Two calls at most: read-only leaves and writable leaves.
+        let mut out: Vec<Option<Result<Bfn, MapError>>> = vec![None; gfns.len()];
+        for write in [false, true] {
+            let idx: Vec<usize> = (0..gfns.len())
+                .filter(|i| writable.get(*i).copied().unwrap_or(false) == write)
+                .collect();
+            if idx.is_empty() {
+                continue;
+            }
+            let sel: Vec<Gfn> = idx.iter().map(|i| gfns[*i]).collect();
+            let perms = if write {
+                Permissions::RW
+            } else {
+                Permissions::RO
+            };
+            let rs = self.map_foreign(domid, &sel, perms, MemAttr::WriteBack, ContextId::DEFAULT);
+            for (i, r) in idx.into_iter().zip(rs) {
+                out[i] = Some(r.map_err(|e| {
+                    MapError::new(e.errno().map_or(5 /* EIO */, |x| x.code()), e.to_string())
+                }));
+            }
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(MapError::new(5, "no result".to_string()))))
+            .collect()
+    }
+
+    fn unmap(&mut self, bfns: &[Bfn]) {
+        for r in Client::unmap(self, bfns, ContextId::DEFAULT) {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "shadow unmap refused");
+            }
+        }
+    }
+}

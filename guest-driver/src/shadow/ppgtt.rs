@@ -1,0 +1,311 @@
+//! Shadow of a guest Gen8+ 4-level PPGTT: public face.
+//!
+//! The guest tables map GMA -> guest frame; the shadow tables, in the same
+//! format, map GMA -> bus frame obtained from a [`FrameMapper`]. Guest large
+//! pages (2 MiB in a PD, 1 GiB in a PDP) are shadowed as 4 KiB leaves: each of
+//! their 512 / 262144 frames is mapped individually (the BFNs need not be
+//! contiguous) under shadow-only PT (and PD) pages, with the PAT bit moved
+//! from bit 12 to bit 7.
+//!
+//! Every guest table page is copied into a snapshot when first walked;
+//! [`ShadowPpgtt::sync`] re-reads only the pages it is told about and acts on
+//! the entries that differ. A guest table page may back only one table: when
+//! it is referenced more than once (shared table, loop, self-reference, use
+//! at two levels) the reference with the lowest GMA, then the higher level,
+//! owns it and the others stay non-present and are reported; when the owner
+//! goes away the next reference takes over, so sync and a fresh build agree.
+//!
+//! The caller must keep the GPU off this shadow (or invalidate its TLB)
+//! while build/sync/teardown run: BFNs of removed leaves are unmapped before
+//! the call returns.
+
+use super::config::ShadowConfig;
+use super::error::ShadowError;
+use super::gma::Gma;
+use super::ppgtt_engine::{Env, NoReader};
+use super::ppgtt_format::{Level, ENTRIES};
+use super::report::{Anomaly, BuildReport, SyncReport};
+use super::traits::{FrameMapper, GuestTableReader, ShadowMemory};
+use pviommu_abi::{Bfn, DomId, Gfn};
+use std::collections::HashMap;
+
+/// "No child table" marker in a directory slot's child array.
+pub(super) const NO_CHILD: u32 = u32::MAX;
+
+/// One entry of one table slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct EntryRef {
+    pub(super) slot: u32,
+    pub(super) idx: u16,
+}
+
+/// Book-keeping of one shadowed table.
+#[derive(Clone, Debug)]
+pub(super) struct SlotInfo {
+    pub(super) level: Level,
+    /// Guest table page, None for a shadow-only table splitting a large page.
+    pub(super) gfn: Option<Gfn>,
+    /// Shadow table page.
+    pub(super) page: Bfn,
+    /// First GMA covered.
+    pub(super) gma: u64,
+    /// The entry pointing here (None for the root).
+    pub(super) parent: Option<EntryRef>,
+    /// Incarnation counter, bumped when the slot is freed.
+    pub(super) gen: u32,
+    pub(super) live: bool,
+    pub(super) dying: bool,
+}
+
+/// A leaf waiting in the current map batch.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct PendingMap {
+    pub(super) slot: u32,
+    pub(super) gen: u32,
+    pub(super) idx: u16,
+    pub(super) entry: u64,
+}
+
+/// Per-call counters and findings.
+#[derive(Default)]
+pub(super) struct Outcome {
+    pub(super) report: SyncReport,
+}
+
+/// A shadow of one guest PPGTT.
+pub struct ShadowPpgtt {
+    pub(super) domid: DomId,
+    pub(super) config: ShadowConfig,
+    pub(super) guest_root: Gfn,
+    pub(super) root: Option<u32>,
+    pub(super) slots: Vec<SlotInfo>,
+    /// Guest view (snapshot) of each slot's table. The shadow entries
+    /// themselves are only kept in [`ShadowMemory`].
+    pub(super) guest: Vec<Box<[u64; ENTRIES]>>,
+    /// Child slot per entry, for directory slots.
+    pub(super) children: Vec<Option<Box<[u32; ENTRIES]>>>,
+    pub(super) free_slots: Vec<u32>,
+    pub(super) live_slots: usize,
+    pub(super) owners: HashMap<Gfn, u32>,
+    pub(super) waiting: HashMap<Gfn, Vec<EntryRef>>,
+    pub(super) mapped_leaves: u64,
+    // Scratch, reused across calls.
+    pub(super) work: Vec<(u32, u32)>,
+    pub(super) adopt: Vec<Gfn>,
+    pub(super) maps: Vec<PendingMap>,
+    pub(super) map_gfns: Vec<Gfn>,
+    pub(super) map_writable: Vec<bool>,
+    pub(super) unmaps: Vec<Bfn>,
+    pub(super) subtree: Vec<u32>,
+    pub(super) changes: Vec<(u16, u64, u64)>,
+    pub(super) read_buf: Box<[u64; ENTRIES]>,
+}
+
+impl ShadowPpgtt {
+    /// Build the shadow of the PPGTT whose PML4 is guest frame
+    /// `guest_root_gfn` of `domid`, with the default [`ShadowConfig`].
+    pub fn build<R, M, S>(
+        reader: &R,
+        mapper: &mut M,
+        memory: &mut S,
+        domid: DomId,
+        guest_root_gfn: Gfn,
+    ) -> (ShadowPpgtt, BuildReport)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        Self::build_with(
+            ShadowConfig::default(),
+            reader,
+            mapper,
+            memory,
+            domid,
+            guest_root_gfn,
+        )
+    }
+
+    /// [`build`](Self::build) with explicit tunables.
+    pub fn build_with<R, M, S>(
+        config: ShadowConfig,
+        reader: &R,
+        mapper: &mut M,
+        memory: &mut S,
+        domid: DomId,
+        guest_root_gfn: Gfn,
+    ) -> (ShadowPpgtt, BuildReport)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let config = ShadowConfig {
+            batch: config.batch.max(1),
+            ..config
+        };
+        let mut t = ShadowPpgtt {
+            domid,
+            config,
+            guest_root: guest_root_gfn,
+            root: None,
+            slots: Vec::new(),
+            guest: Vec::new(),
+            children: Vec::new(),
+            free_slots: Vec::new(),
+            live_slots: 0,
+            owners: HashMap::new(),
+            waiting: HashMap::new(),
+            mapped_leaves: 0,
+            work: Vec::new(),
+            adopt: Vec::new(),
+            maps: Vec::with_capacity(config.batch),
+            map_gfns: Vec::with_capacity(config.batch),
+            map_writable: Vec::with_capacity(config.batch),
+            unmaps: Vec::with_capacity(config.batch),
+            subtree: Vec::new(),
+            changes: Vec::new(),
+            read_buf: Box::new([0; ENTRIES]),
+        };
+        let mut env = Env {
+            reader,
+            mapper,
+            mem: memory,
+            out: Outcome::default(),
+        };
+        if let Some(root) = t.new_slot(&mut env, Level::Pml4, Some(guest_root_gfn), 0, None) {
+            t.root = Some(root);
+            t.owners.insert(guest_root_gfn, root);
+            t.read_guest(env.reader, &mut env.out, root, guest_root_gfn);
+            t.work.push((root, t.slots[root as usize].gen));
+        }
+        t.finish(&mut env);
+        let r = env.out.report;
+        let report = BuildReport {
+            leaves_mapped: t.mapped_leaves,
+            refused: r.refused,
+            anomalies: r.anomalies,
+            tables: t.live_slots,
+            map_calls: r.map_calls,
+        };
+        (t, report)
+    }
+
+    /// Bring the shadow up to date after the guest changed the table pages
+    /// `changed_table_gfns` (duplicates allowed; frames that are not shadowed
+    /// tables are ignored and listed). Only those pages are re-read; only
+    /// entries that differ from the snapshot are acted on.
+    pub fn sync<R, M, S>(
+        &mut self,
+        reader: &R,
+        mapper: &mut M,
+        memory: &mut S,
+        changed_table_gfns: &[Gfn],
+    ) -> SyncReport
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let mut env = Env {
+            reader,
+            mapper,
+            mem: memory,
+            out: Outcome::default(),
+        };
+        let mut gfns = changed_table_gfns.to_vec();
+        gfns.sort_unstable();
+        gfns.dedup();
+        for g in gfns {
+            match self.owners.get(&g) {
+                Some(&slot) => self.diff_slot(&mut env, slot, g),
+                None => env.out.report.ignored.push(g),
+            }
+        }
+        self.finish(&mut env);
+        env.out.report
+    }
+
+    /// Unmap every leaf and free every shadow table page. Returns the number
+    /// of leaves unmapped.
+    pub fn teardown<M, S>(mut self, mapper: &mut M, memory: &mut S) -> u64
+    where
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let mut env = Env {
+            reader: &NoReader,
+            mapper,
+            mem: memory,
+            out: Outcome::default(),
+        };
+        if let Some(root) = self.root.take() {
+            self.teardown_subtree(&mut env, root);
+        }
+        self.flush_unmaps(&mut env);
+        env.out.report.leaves_unmapped
+    }
+
+    /// The shadow PML4 page, to load into the GPU context (None if even the
+    /// root page could not be allocated).
+    pub fn shadow_root(&self) -> Option<Bfn> {
+        self.root.map(|r| self.slots[r as usize].page)
+    }
+
+    /// The guest PML4 frame this shadows.
+    pub fn guest_root(&self) -> Gfn {
+        self.guest_root
+    }
+
+    /// The guest domain.
+    pub fn domid(&self) -> DomId {
+        self.domid
+    }
+
+    /// Leaves currently present in the shadow.
+    pub fn mapped_leaves(&self) -> u64 {
+        self.mapped_leaves
+    }
+
+    /// Shadow table pages currently in use.
+    pub fn table_count(&self) -> usize {
+        self.live_slots
+    }
+
+    /// Guest table pages currently shadowed (their changes must be passed to
+    /// [`sync`](Self::sync)), in no particular order.
+    pub fn guest_table_gfns(&self) -> impl Iterator<Item = Gfn> + '_ {
+        self.owners.keys().copied()
+    }
+
+    /// Record an anomaly.
+    pub(super) fn note(out: &mut Outcome, a: Anomaly) {
+        out.report.anomalies.push(a);
+    }
+
+    /// Read guest table `gfn` into slot `slot`'s snapshot (zeroes on error).
+    pub(super) fn read_guest<R: GuestTableReader + ?Sized>(
+        &mut self,
+        reader: &R,
+        out: &mut Outcome,
+        slot: u32,
+        gfn: Gfn,
+    ) {
+        out.report.pages_read += 1;
+        let buf = &mut *self.guest[slot as usize];
+        if let Err(e) = reader.read_page(gfn, buf) {
+            *buf = [0; ENTRIES];
+            let errno = match e {
+                ShadowError::GuestRead { errno, .. } => errno,
+                ShadowError::OutOfShadowMemory => 12,
+            };
+            Self::note(out, Anomaly::ReadFailed { table: gfn, errno });
+        }
+    }
+
+    /// GMA where entry `r` starts.
+    pub(super) fn entry_gma(&self, r: EntryRef) -> Gma {
+        let s = &self.slots[r.slot as usize];
+        Gma(s.gma + u64::from(r.idx) * s.level.entry_span())
+    }
+}

@@ -1,0 +1,633 @@
+//! Shadow PPGTT internals: walking, diffing, tearing down, batching.
+
+use super::error::{ShadowError, ERRNO_BFN_TOO_WIDE, ERRNO_MAPPER_SHORT};
+use super::gma::Gma;
+use super::ppgtt::{EntryRef, Outcome, PendingMap, ShadowPpgtt, SlotInfo, NO_CHILD};
+use super::ppgtt_format::{self as fmt, EntryKind, Level, ENTRIES};
+use super::report::{Anomaly, RefusedLeaf};
+use super::traits::{FrameMapper, GuestTableReader, ShadowMemory};
+use pviommu_abi::{Bfn, Gfn};
+use std::cmp::Reverse;
+
+/// The environment of one build/sync/teardown call.
+pub(super) struct Env<'a, R: ?Sized, M: ?Sized, S: ?Sized> {
+    pub(super) reader: &'a R,
+    pub(super) mapper: &'a mut M,
+    pub(super) mem: &'a mut S,
+    pub(super) out: Outcome,
+}
+
+/// Reader for calls that never read (teardown).
+pub(super) struct NoReader;
+
+impl GuestTableReader for NoReader {
+    fn read_page(&self, gfn: Gfn, _buf: &mut [u64; 512]) -> Result<(), ShadowError> {
+        Err(ShadowError::GuestRead { gfn, errno: 5 })
+    }
+}
+
+/// Ordering key of a reference: lower owns a shared table page.
+type RefKey = (u64, Reverse<u8>);
+
+impl ShadowPpgtt {
+    fn key(&self, r: EntryRef) -> RefKey {
+        (
+            self.entry_gma(r).0,
+            Reverse(self.slots[r.slot as usize].level as u8),
+        )
+    }
+
+    /// Allocate a slot and its shadow page; None (reported) on budget or
+    /// memory exhaustion.
+    pub(super) fn new_slot<R, M, S>(
+        &mut self,
+        env: &mut Env<'_, R, M, S>,
+        level: Level,
+        gfn: Option<Gfn>,
+        gma: u64,
+        parent: Option<EntryRef>,
+    ) -> Option<u32>
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        if self.live_slots >= self.config.max_tables {
+            Self::note(&mut env.out, Anomaly::TableBudgetExceeded { gma: Gma(gma) });
+            return None;
+        }
+        let Ok(page) = env.mem.alloc_table() else {
+            Self::note(&mut env.out, Anomaly::OutOfShadowMemory { gma: Gma(gma) });
+            return None;
+        };
+        self.live_slots += 1;
+        let info = |gen| SlotInfo {
+            level,
+            gfn,
+            page,
+            gma,
+            parent,
+            gen,
+            live: true,
+            dying: false,
+        };
+        let slot = if let Some(s) = self.free_slots.pop() {
+            let i = s as usize;
+            self.slots[i] = info(self.slots[i].gen);
+            // The guest snapshot is overwritten by the caller.
+            match (&mut self.children[i], level) {
+                (_, Level::Pt) => self.children[i] = None,
+                (Some(c), _) => c.fill(NO_CHILD),
+                (c, _) => *c = Some(Box::new([NO_CHILD; ENTRIES])),
+            }
+            s
+        } else {
+            self.slots.push(info(0));
+            self.guest.push(Box::new([0; ENTRIES]));
+            self.children
+                .push((level != Level::Pt).then(|| Box::new([NO_CHILD; ENTRIES])));
+            (self.slots.len() - 1) as u32
+        };
+        Some(slot)
+    }
+
+    /// Process queued work and adoptions, then flush both batches.
+    pub(super) fn finish<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        loop {
+            if let Some((slot, gen)) = self.work.pop() {
+                let s = &self.slots[slot as usize];
+                if s.live && s.gen == gen {
+                    self.populate(env, slot);
+                }
+            } else if let Some(g) = self.adopt.pop() {
+                self.adopt_table(env, g);
+            } else {
+                break;
+            }
+        }
+        self.flush_maps(env);
+        self.flush_unmaps(env);
+    }
+
+    /// Act on every present entry of a freshly read slot.
+    fn populate<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, slot: u32)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let i = slot as usize;
+        if self.slots[i].level == Level::Pt {
+            let gen = self.slots[i].gen;
+            for idx in 0..ENTRIES {
+                let e = self.guest[i][idx];
+                if e & fmt::PRESENT != 0 {
+                    self.queue_map(env, slot, gen, idx, e);
+                }
+            }
+        } else {
+            for idx in 0..ENTRIES {
+                let e = self.guest[i][idx];
+                if e & fmt::PRESENT != 0 {
+                    self.add_entry(env, slot, idx, e);
+                }
+            }
+        }
+    }
+
+    /// Shadow guest entry `e`, now at `slot[idx]`.
+    fn add_entry<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, slot: u32, idx: usize, e: u64)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let level = self.slots[slot as usize].level;
+        match fmt::decode(level, e) {
+            EntryKind::NotPresent => {}
+            EntryKind::Leaf4K(_) => {
+                let gen = self.slots[slot as usize].gen;
+                self.queue_map(env, slot, gen, idx, e);
+            }
+            kind => self.attach(
+                env,
+                EntryRef {
+                    slot,
+                    idx: idx as u16,
+                },
+                e,
+                kind,
+            ),
+        }
+    }
+
+    /// Give directory entry `parent` (guest value `e`) its child table.
+    fn attach<R, M, S>(
+        &mut self,
+        env: &mut Env<'_, R, M, S>,
+        parent: EntryRef,
+        e: u64,
+        kind: EntryKind,
+    ) where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let plevel = self.slots[parent.slot as usize].level;
+        let Some(clevel) = plevel.child() else { return };
+        let gma = self.entry_gma(parent);
+        let child = match kind {
+            EntryKind::Table(frame) => {
+                let g = Gfn(frame);
+                if let Some(&owner) = self.owners.get(&g) {
+                    let displaced = match self.slots[owner as usize].parent {
+                        Some(op) if self.key(parent) < self.key(op) => op,
+                        _ => {
+                            self.waiting.entry(g).or_default().push(parent);
+                            Self::note(
+                                &mut env.out,
+                                Anomaly::DuplicateTable {
+                                    gma,
+                                    level: clevel as u8,
+                                    table: g,
+                                },
+                            );
+                            return;
+                        }
+                    };
+                    self.teardown_subtree(env, owner);
+                    self.waiting.entry(g).or_default().push(displaced);
+                    let dgma = self.entry_gma(displaced);
+                    Self::note(
+                        &mut env.out,
+                        Anomaly::DuplicateTable {
+                            gma: dgma,
+                            level: clevel as u8,
+                            table: g,
+                        },
+                    );
+                } else if let Some(refs) = self.waiting.get(&g) {
+                    // Unowned but claimed by waiting references (its owner
+                    // went away earlier in this call): the lowest one wins.
+                    let k = self.key(parent);
+                    if refs
+                        .iter()
+                        .any(|&r| r != parent && self.waiting_valid(r, g) && self.key(r) < k)
+                    {
+                        self.waiting.entry(g).or_default().push(parent);
+                        self.adopt.push(g);
+                        Self::note(
+                            &mut env.out,
+                            Anomaly::DuplicateTable {
+                                gma,
+                                level: clevel as u8,
+                                table: g,
+                            },
+                        );
+                        return;
+                    }
+                }
+                let Some(s) = self.new_slot(env, clevel, Some(g), gma.0, Some(parent)) else {
+                    return;
+                };
+                self.owners.insert(g, s);
+                self.read_guest(env.reader, &mut env.out, s, g);
+                s
+            }
+            EntryKind::Page2M(_) | EntryKind::Page1G(_) => {
+                let Some(s) = self.new_slot(env, clevel, None, gma.0, Some(parent)) else {
+                    return;
+                };
+                let snap = &mut self.guest[s as usize];
+                for (i, v) in snap.iter_mut().enumerate() {
+                    *v = fmt::split_large(plevel, e, i);
+                }
+                s
+            }
+            EntryKind::NotPresent | EntryKind::Leaf4K(_) => return,
+        };
+        let (p, idx) = (parent.slot as usize, parent.idx as usize);
+        if let Some(c) = &mut self.children[p] {
+            c[idx] = child;
+        }
+        let page = self.slots[child as usize].page;
+        let value = fmt::table_entry(e, page.0);
+        env.mem.write_entry(self.slots[p].page, idx, value);
+        self.work.push((child, self.slots[child as usize].gen));
+    }
+
+    /// Undo the shadowing of guest entry `old`, formerly at `slot[idx]`.
+    fn remove_entry<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, slot: u32, idx: usize, old: u64)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let i = slot as usize;
+        match fmt::decode(self.slots[i].level, old) {
+            EntryKind::NotPresent => {}
+            EntryKind::Leaf4K(_) => self.drop_leaf(env, slot, idx),
+            kind => {
+                let child = self.children[i].as_ref().map_or(NO_CHILD, |c| c[idx]);
+                if child != NO_CHILD {
+                    self.teardown_subtree(env, child);
+                } else if let EntryKind::Table(frame) = kind {
+                    self.unwait(
+                        Gfn(frame),
+                        EntryRef {
+                            slot,
+                            idx: idx as u16,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Clear a present shadow leaf and queue its BFN for unmapping.
+    fn drop_leaf<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, slot: u32, idx: usize)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let page = self.slots[slot as usize].page;
+        let s = env.mem.read_entry(page, idx).unwrap_or(0);
+        if s & fmt::PRESENT != 0 {
+            env.mem.write_entry(page, idx, 0);
+            self.queue_unmap(env, Bfn((s & fmt::ADDR_MASK) >> 12));
+        }
+    }
+
+    fn unwait(&mut self, g: Gfn, r: EntryRef) {
+        if let Some(v) = self.waiting.get_mut(&g) {
+            v.retain(|w| *w != r);
+            if v.is_empty() {
+                self.waiting.remove(&g);
+            }
+        }
+    }
+
+    /// Remove slot `top` and everything below it: unmap leaves, free pages,
+    /// release table pages (queueing waiting references for adoption) and
+    /// clear the parent's shadow entry.
+    pub(super) fn teardown_subtree<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, top: u32)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let mut list = std::mem::take(&mut self.subtree);
+        list.clear();
+        list.push(top);
+        let mut k = 0;
+        while k < list.len() {
+            let s = list[k] as usize;
+            k += 1;
+            self.slots[s].dying = true;
+            if let Some(c) = &self.children[s] {
+                list.extend(c.iter().copied().filter(|&c| c != NO_CHILD));
+            }
+        }
+        if let Some(p) = self.slots[top as usize].parent {
+            let pi = p.slot as usize;
+            if self.slots[pi].live && !self.slots[pi].dying {
+                if let Some(c) = &mut self.children[pi] {
+                    c[p.idx as usize] = NO_CHILD;
+                }
+                env.mem.write_entry(self.slots[pi].page, p.idx as usize, 0);
+            }
+        }
+        for &s in &list {
+            let i = s as usize;
+            let level = self.slots[i].level;
+            if level == Level::Pt {
+                let page = self.slots[i].page;
+                for idx in 0..ENTRIES {
+                    let v = env.mem.read_entry(page, idx).unwrap_or(0);
+                    if v & fmt::PRESENT != 0 {
+                        self.queue_unmap(env, Bfn((v & fmt::ADDR_MASK) >> 12));
+                    }
+                }
+            } else if !self.waiting.is_empty() {
+                for idx in 0..ENTRIES {
+                    let no_child = self.children[i].as_ref().is_none_or(|c| c[idx] == NO_CHILD);
+                    if let (true, EntryKind::Table(f)) =
+                        (no_child, fmt::decode(level, self.guest[i][idx]))
+                    {
+                        self.unwait(
+                            Gfn(f),
+                            EntryRef {
+                                slot: s,
+                                idx: idx as u16,
+                            },
+                        );
+                    }
+                }
+            }
+            if let Some(g) = self.slots[i].gfn {
+                if self.owners.get(&g) == Some(&s) {
+                    self.owners.remove(&g);
+                    if self.waiting.contains_key(&g) {
+                        self.adopt.push(g);
+                    }
+                }
+            }
+            env.mem.free_table(self.slots[i].page);
+            let info = &mut self.slots[i];
+            info.live = false;
+            info.dying = false;
+            info.gen = info.gen.wrapping_add(1);
+            self.free_slots.push(s);
+            self.live_slots -= 1;
+        }
+        self.subtree = list;
+    }
+
+    /// True if waiting reference `r` still names table page `g` from a live
+    /// table.
+    fn waiting_valid(&self, r: EntryRef, g: Gfn) -> bool {
+        let info = &self.slots[r.slot as usize];
+        info.live
+            && !info.dying
+            && self.children[r.slot as usize]
+                .as_ref()
+                .is_some_and(|c| c[r.idx as usize] == NO_CHILD)
+            && fmt::decode(info.level, self.guest[r.slot as usize][r.idx as usize])
+                == EntryKind::Table(g.0)
+    }
+
+    /// Hand unowned table page `g` to its lowest waiting reference.
+    fn adopt_table<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, g: Gfn)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        if self.owners.contains_key(&g) {
+            return;
+        }
+        let Some(refs) = self.waiting.remove(&g) else {
+            return;
+        };
+        let mut best: Option<(RefKey, EntryRef)> = None;
+        let mut keep = Vec::with_capacity(refs.len());
+        for r in refs {
+            if !self.waiting_valid(r, g) {
+                continue;
+            }
+            keep.push(r);
+            let k = self.key(r);
+            if best.is_none_or(|(bk, _)| k < bk) {
+                best = Some((k, r));
+            }
+        }
+        let Some((_, winner)) = best else { return };
+        keep.retain(|r| *r != winner);
+        if !keep.is_empty() {
+            self.waiting.insert(g, keep);
+        }
+        let e = self.guest[winner.slot as usize][winner.idx as usize];
+        self.attach(env, winner, e, EntryKind::Table(g.0));
+    }
+
+    /// Re-read owned table `slot` (guest page `g`) and act on what changed.
+    pub(super) fn diff_slot<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, slot: u32, g: Gfn)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let i = slot as usize;
+        env.out.report.pages_read += 1;
+        if let Err(e) = env.reader.read_page(g, &mut self.read_buf) {
+            *self.read_buf = [0; ENTRIES];
+            let errno = match e {
+                ShadowError::GuestRead { errno, .. } => errno,
+                ShadowError::OutOfShadowMemory => 12,
+            };
+            Self::note(&mut env.out, Anomaly::ReadFailed { table: g, errno });
+        }
+        // Find the changed entries with a branch-light scan, updating the
+        // snapshot as we go, then act on them.
+        let mut changes = std::mem::take(&mut self.changes);
+        changes.clear();
+        {
+            let snap = &mut *self.guest[i];
+            let buf = &*self.read_buf;
+            for (c, (a, b)) in snap
+                .chunks_exact_mut(8)
+                .zip(buf.chunks_exact(8))
+                .enumerate()
+            {
+                let mut d = 0;
+                for k in 0..8 {
+                    d |= a[k] ^ b[k];
+                }
+                if d == 0 {
+                    continue;
+                }
+                for k in 0..8 {
+                    if a[k] != b[k] {
+                        changes.push(((c * 8 + k) as u16, a[k], b[k]));
+                        a[k] = b[k];
+                    }
+                }
+            }
+        }
+        env.out.report.entries_changed += changes.len() as u64;
+        let level = self.slots[i].level;
+        for &(idx, old, new) in &changes {
+            let idx = idx as usize;
+            // A directory entry that still points at the same table only
+            // needs its flags refreshed.
+            if let (EntryKind::Table(a), EntryKind::Table(b)) =
+                (fmt::decode(level, old), fmt::decode(level, new))
+            {
+                let child = self.children[i].as_ref().map_or(NO_CHILD, |c| c[idx]);
+                if a == b && child != NO_CHILD {
+                    let value = fmt::table_entry(new, self.slots[child as usize].page.0);
+                    env.mem.write_entry(self.slots[i].page, idx, value);
+                    continue;
+                }
+            }
+            self.remove_entry(env, slot, idx, old);
+            self.add_entry(env, slot, idx, new);
+        }
+        self.changes = changes;
+    }
+
+    fn queue_map<R, M, S>(
+        &mut self,
+        env: &mut Env<'_, R, M, S>,
+        slot: u32,
+        gen: u32,
+        idx: usize,
+        e: u64,
+    ) where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        self.maps.push(PendingMap {
+            slot,
+            gen,
+            idx: idx as u16,
+            entry: e,
+        });
+        self.map_gfns.push(Gfn((e & fmt::ADDR_MASK) >> 12));
+        self.map_writable.push(e & fmt::RW != 0);
+        if self.maps.len() >= self.config.batch {
+            self.flush_maps(env);
+        }
+    }
+
+    fn queue_unmap<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, bfn: Bfn)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        self.mapped_leaves -= 1;
+        env.out.report.leaves_unmapped += 1;
+        self.push_unmap(env, bfn);
+    }
+
+    fn push_unmap<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, bfn: Bfn)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        self.unmaps.push(bfn);
+        if self.unmaps.len() >= self.config.batch {
+            self.flush_unmaps(env);
+        }
+    }
+
+    /// Map the queued leaves with one mapper call and write the results.
+    /// Results for leaves that changed or vanished meanwhile are unmapped.
+    pub(super) fn flush_maps<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        if self.maps.is_empty() {
+            return;
+        }
+        let results = env
+            .mapper
+            .map(self.domid, &self.map_gfns, &self.map_writable);
+        env.out.report.map_calls += 1;
+        let maps = std::mem::take(&mut self.maps);
+        let mut results = results.into_iter();
+        for p in &maps {
+            let i = p.slot as usize;
+            let (live, gen, page, base) = {
+                let s = &self.slots[i];
+                (s.live, s.gen, s.page, s.gma)
+            };
+            let idx = p.idx as usize;
+            let valid = live
+                && gen == p.gen
+                && self.guest[i][idx] == p.entry
+                && env
+                    .mem
+                    .read_entry(page, idx)
+                    .is_some_and(|v| v & fmt::PRESENT == 0);
+            let res = results.next();
+            let errno = match res {
+                Some(Ok(bfn)) if valid && bfn.0 <= fmt::MAX_FRAME => {
+                    let value = fmt::leaf_entry(p.entry, bfn.0);
+                    env.mem.write_entry(page, idx, value);
+                    self.mapped_leaves += 1;
+                    env.out.report.leaves_mapped += 1;
+                    continue;
+                }
+                Some(Ok(bfn)) => {
+                    self.push_unmap(env, bfn);
+                    ERRNO_BFN_TOO_WIDE
+                }
+                Some(Err(e)) => e.errno,
+                None => ERRNO_MAPPER_SHORT,
+            };
+            if valid {
+                let gma = Gma(base + (idx as u64) * Level::Pt.entry_span());
+                env.out.report.refused.push(RefusedLeaf {
+                    gma,
+                    gfn: Gfn((p.entry & fmt::ADDR_MASK) >> 12),
+                    errno,
+                });
+            }
+        }
+        // Surplus results (a misbehaving mapper) must not leak.
+        for r in results.flatten() {
+            self.push_unmap(env, r);
+        }
+        self.maps = maps;
+        self.maps.clear();
+        self.map_gfns.clear();
+        self.map_writable.clear();
+    }
+
+    /// Unmap the queued BFNs with one mapper call.
+    pub(super) fn flush_unmaps<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        if self.unmaps.is_empty() {
+            return;
+        }
+        env.mapper.unmap(&self.unmaps);
+        env.out.report.unmap_calls += 1;
+        self.unmaps.clear();
+    }
+}

@@ -1,0 +1,93 @@
+//! What build/sync/teardown report back.
+
+use super::gma::Gma;
+use pviommu_abi::Gfn;
+
+/// A guest leaf the mapper refused; it is non-present in the shadow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedLeaf {
+    /// GMA of the 4 KiB page.
+    pub gma: Gma,
+    /// Guest frame that could not be mapped.
+    pub gfn: Gfn,
+    /// Errno from the mapper (or [`ERRNO_BFN_TOO_WIDE`](super::error::ERRNO_BFN_TOO_WIDE)).
+    pub errno: i32,
+}
+
+/// Something wrong with the guest tables or the environment; the affected
+/// entry is left non-present in the shadow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Anomaly {
+    /// A guest table page is already in use as a table elsewhere (shared
+    /// table, loop, self-reference, or one page used at two levels). The
+    /// reference with the lowest GMA (then the higher level) owns the page;
+    /// this one is non-present until the owner goes away.
+    DuplicateTable {
+        /// GMA where the rejected entry's range starts.
+        gma: Gma,
+        /// Level number (4..=1) of the table the referenced page would be.
+        level: u8,
+        /// The table page referenced twice.
+        table: Gfn,
+    },
+    /// A guest table page could not be read; it is treated as all zeroes.
+    ReadFailed {
+        /// The table page.
+        table: Gfn,
+        /// Errno from the reader.
+        errno: i32,
+    },
+    /// No shadow page could be allocated for the table covering `gma`.
+    OutOfShadowMemory {
+        /// Start of the affected range.
+        gma: Gma,
+    },
+    /// The configured table budget was exhausted at `gma`.
+    TableBudgetExceeded {
+        /// Start of the affected range.
+        gma: Gma,
+    },
+    /// A GGTT update named an entry outside the shadowed range.
+    EntryOutOfRange {
+        /// The entry index.
+        index: u64,
+    },
+}
+
+/// Result of a full build.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BuildReport {
+    /// Leaves now present in the shadow.
+    pub leaves_mapped: u64,
+    /// Leaves the mapper refused.
+    pub refused: Vec<RefusedLeaf>,
+    /// Problems with the guest tables.
+    pub anomalies: Vec<Anomaly>,
+    /// Shadow table pages in use.
+    pub tables: usize,
+    /// Number of `FrameMapper::map` calls made.
+    pub map_calls: u64,
+}
+
+/// Result of an incremental sync.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Guest table pages re-read.
+    pub pages_read: u64,
+    /// Changed guest entries found by the diff.
+    pub entries_changed: u64,
+    /// Leaves newly made present.
+    pub leaves_mapped: u64,
+    /// Leaves removed (BFN released).
+    pub leaves_unmapped: u64,
+    /// Leaves the mapper refused.
+    pub refused: Vec<RefusedLeaf>,
+    /// Problems with the guest tables.
+    pub anomalies: Vec<Anomaly>,
+    /// Frames in `changed_table_gfns` that are not shadowed tables (ignored).
+    pub ignored: Vec<Gfn>,
+    /// Number of `FrameMapper::map` calls made.
+    pub map_calls: u64,
+    /// Number of `FrameMapper::unmap` calls made.
+    pub unmap_calls: u64,
+}

@@ -1,0 +1,171 @@
+//! Incremental sync of the PPGTT shadow against a fresh build.
+
+use super::fakes::*;
+use crate::shadow::ppgtt_format as fmt;
+use crate::shadow::*;
+use std::collections::BTreeMap;
+
+const ROOT: Gfn = Gfn(0x10);
+
+/// Check that `s` (built and synced with `m`/`mem`) equals a fresh build of
+/// `g`: same translations and flags, same live mapper references.
+pub fn assert_same_as_fresh(
+    g: &FakeGuest,
+    s: &ShadowPpgtt,
+    m: &FakeMapper,
+    mem: &HeapShadowMemory,
+) {
+    let mut fm = FakeMapper::default();
+    fm.refuse = m.refuse.clone();
+    let mut fmem = HeapShadowMemory::new();
+    let (fresh, _) = ShadowPpgtt::build(g, &mut fm, &mut fmem, DOM, s.guest_root());
+    let a = enumerate(mem, s.shadow_root().unwrap(), m);
+    let b = enumerate(&fmem, fresh.shadow_root().unwrap(), &fm);
+    assert_eq!(a, b, "synced shadow differs from a fresh build");
+    assert_eq!(
+        m.live(),
+        fm.live(),
+        "live mappings differ from a fresh build"
+    );
+    assert_eq!(s.mapped_leaves(), fresh.mapped_leaves());
+    assert_eq!(s.table_count(), fresh.table_count());
+    assert_eq!(mem.live_pages(), fmem.live_pages());
+}
+
+fn guest() -> (FakeGuest, u64) {
+    let mut g = FakeGuest::default();
+    let mut next = 0x100;
+    for pt in 0..8u64 {
+        for i in (0..512u64).step_by(3) {
+            let gma = (pt << 21) + (i << 12);
+            g.map_4k(
+                ROOT,
+                &mut next,
+                gma,
+                0x10000 + pt * 512 + i,
+                fmt::PRESENT | fmt::RW,
+            );
+        }
+    }
+    g.map_4k(ROOT, &mut next, 0x7f00_0000_0000, 0x3333, fmt::PRESENT);
+    (g, next)
+}
+
+fn pt_of(g: &FakeGuest, gma: u64) -> Gfn {
+    let mut t = ROOT;
+    for shift in [39, 30, 21] {
+        t = Gfn((g.get(t, ((gma >> shift) & 511) as usize) & fmt::ADDR_MASK) >> 12);
+    }
+    t
+}
+
+#[test]
+fn sync_add_remove_change_replace() {
+    let (mut g, mut next) = guest();
+    let mut m = FakeMapper::default();
+    let mut mem = HeapShadowMemory::new();
+    let (mut s, _) = ShadowPpgtt::build(&g, &mut m, &mut mem, DOM, ROOT);
+
+    let pt0 = pt_of(&g, 0);
+    let pt1 = pt_of(&g, 0x20_0000);
+    let pt2 = pt_of(&g, 0x40_0000);
+    let pd = Gfn((g.get(Gfn((g.get(ROOT, 0) & fmt::ADDR_MASK) >> 12), 0) & fmt::ADDR_MASK) >> 12);
+    // Add a leaf, remove a leaf, change a leaf's frame, change flags only.
+    g.set(pt0, 1, (0xaaaa << 12) | fmt::PRESENT);
+    g.set(pt0, 3, 0);
+    g.set(pt1, 6, (0xbbbb << 12) | fmt::PRESENT | fmt::RW);
+    g.set(pt1, 9, g.get(pt1, 9) & !fmt::RW);
+    // Replace a whole PT with a new page.
+    let new_pt = Gfn(next);
+    next += 1;
+    for i in 0..512u64 {
+        g.set(
+            new_pt,
+            i as usize,
+            ((0x20000 + i) << 12) | fmt::PRESENT | fmt::RW,
+        );
+    }
+    g.set(pd, 2, (new_pt.0 << 12) | fmt::PRESENT | fmt::RW);
+    // Flags-only change of a directory entry pointing at the same table.
+    g.set(pd, 3, g.get(pd, 3) | fmt::PCD);
+    // A new subtree far away and removal of another one.
+    g.map_4k(
+        ROOT,
+        &mut next,
+        0x1_0000_0000_0000 - 0x1000,
+        0x4444,
+        fmt::PRESENT,
+    );
+    g.set(ROOT, 0xfe, 0);
+
+    let removed_pt2_leaves = (0..512u64).step_by(3).count() as u64;
+    let rep = s.sync(
+        &g,
+        &mut m,
+        &mut mem,
+        &[pt0, pt1, pd, ROOT, pt0, Gfn(0xdead), pt2],
+    );
+    // pt2 was dropped by the PD change before its own turn came.
+    assert_eq!(rep.ignored, vec![pt2, Gfn(0xdead)]);
+    assert!(
+        rep.anomalies.is_empty() && rep.refused.is_empty(),
+        "{rep:?}"
+    );
+    // Unmapped: pt0[3], pt1[6], pt1[9] (flags), old pt2 leaves, the lone leaf.
+    assert_eq!(rep.leaves_unmapped, 3 + removed_pt2_leaves + 1);
+    // Mapped: pt0[1], pt1[6], pt1[9], 512 new PT leaves, 1 new far leaf.
+    assert_eq!(rep.leaves_mapped, 3 + 512 + 1);
+    assert_same_as_fresh(&g, &s, &m, &mem);
+
+    // Everything unmapped exactly once: the mapper would have panicked on a
+    // double unmap; teardown leaves nothing behind.
+    let n = s.teardown(&mut m, &mut mem);
+    assert_eq!(n, guest_leaves(&g, ROOT).len() as u64);
+    assert_eq!(m.live(), BTreeMap::new());
+    assert_eq!(mem.live_pages(), 0);
+}
+
+#[test]
+fn sync_of_unchanged_pages_costs_no_mapper_calls() {
+    let (g, _) = guest();
+    let mut m = FakeMapper::default();
+    let mut mem = HeapShadowMemory::new();
+    let (mut s, _) = ShadowPpgtt::build(&g, &mut m, &mut mem, DOM, ROOT);
+    let calls = m.map_calls;
+    let all: Vec<Gfn> = s.guest_table_gfns().collect();
+    let rep = s.sync(&g, &mut m, &mut mem, &all);
+    assert_eq!(rep.entries_changed, 0);
+    assert_eq!((rep.map_calls, rep.unmap_calls), (0, 0));
+    assert_eq!(m.map_calls, calls);
+}
+
+#[test]
+fn sync_large_page_changes_and_refusals() {
+    let mut g = FakeGuest::default();
+    let mut next = 0x100;
+    let pd = g.pd_for(ROOT, &mut next, 0);
+    g.set(pd, 0, 0x20_0000 | fmt::PRESENT | fmt::PS);
+    let mut m = FakeMapper::refusing(&[(0x205, 13)]);
+    let mut mem = HeapShadowMemory::new();
+    let (mut s, rep) = ShadowPpgtt::build(&g, &mut m, &mut mem, DOM, ROOT);
+    assert_eq!(
+        rep.refused,
+        vec![RefusedLeaf {
+            gma: Gma(0x5000),
+            gfn: Gfn(0x205),
+            errno: 13
+        }]
+    );
+    // Move the 2 MiB page and add a PT next to it.
+    g.set(pd, 0, 0x60_0000 | fmt::PRESENT | fmt::PS | fmt::RW);
+    g.map_4k(ROOT, &mut next, 0x20_0000, 0x9999, fmt::PRESENT);
+    let rep = s.sync(&g, &mut m, &mut mem, &[pd]);
+    assert_eq!(rep.leaves_unmapped, 511);
+    assert_eq!(rep.leaves_mapped, 513);
+    assert_same_as_fresh(&g, &s, &m, &mem);
+    // Back to a PT pointer.
+    g.set(pd, 0, 0);
+    let rep = s.sync(&g, &mut m, &mut mem, &[pd]);
+    assert_eq!(rep.leaves_unmapped, 512);
+    assert_same_as_fresh(&g, &s, &m, &mem);
+}

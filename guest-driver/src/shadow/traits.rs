@@ -1,0 +1,41 @@
+//! The three interfaces the shadowing code needs from its environment.
+
+use super::error::{MapError, ShadowError};
+use pviommu_abi::{Bfn, DomId, Gfn};
+
+/// Reads guest table pages (a foreign mapping of the guest's memory in the
+/// real mediator).
+pub trait GuestTableReader {
+    /// Copy the 4 KiB page at `gfn` (512 little-endian 64-bit entries) into
+    /// `buf`.
+    fn read_page(&self, gfn: Gfn, buf: &mut [u64; 512]) -> Result<(), ShadowError>;
+}
+
+/// Memory holding the shadow table pages, addressable by the GPU. A table
+/// page is named by the frame the GPU uses to reach it.
+pub trait ShadowMemory {
+    /// Allocate a zero-filled table page.
+    fn alloc_table(&mut self) -> Result<Bfn, ShadowError>;
+    /// Release a table page obtained from [`alloc_table`](Self::alloc_table).
+    fn free_table(&mut self, page: Bfn);
+    /// Write entry `index` (< 512) of table `page`.
+    fn write_entry(&mut self, page: Bfn, index: usize, value: u64);
+    /// Read entry `index` of table `page`; None if `page` is not a live table
+    /// or `index` is out of range. The shadow keeps no copy of its leaves:
+    /// it reads a leaf back here to learn which BFN to release.
+    fn read_entry(&self, page: Bfn, index: usize) -> Option<u64>;
+}
+
+/// Obtains bus frames for guest frames (the PV-IOMMU map/unmap calls).
+///
+/// Contract: every `Ok` returned by [`map`](Self::map) is balanced by exactly
+/// one [`unmap`](Self::unmap) of that BFN; mapping the same guest frame twice
+/// may return the same BFN (reference counted) or a different one, and the
+/// last unmap releases it.
+pub trait FrameMapper {
+    /// Map `gfns[i]` of `domid`, writable if `writable[i]`. Returns one result
+    /// per frame, in order. Called with up to the configured batch size.
+    fn map(&mut self, domid: DomId, gfns: &[Gfn], writable: &[bool]) -> Vec<Result<Bfn, MapError>>;
+    /// Drop one reference to each of `bfns`.
+    fn unmap(&mut self, bfns: &[Bfn]);
+}

@@ -1,0 +1,67 @@
+//! How a hypercall reaches the hypervisor. Three real transports implement
+//! [`Transport`]: [`privcmd`] (Linux dom0 on Xen), [`in_process`] (the
+//! embedded simulated machine) and [`remote`] (a client of the
+//! `pviommu sim serve` daemon, so several processes share one simulated
+//! machine).
+
+use pviommu_abi::{PvIommuCaps, PvIommuOp, PvIommuRegion};
+
+use crate::Error;
+
+#[cfg(feature = "sim")]
+pub mod in_process;
+pub mod privcmd;
+pub mod remote;
+
+/// The three hypercall commands, carried by some mechanism.
+pub trait Transport: Send {
+    /// A short name for messages ("privcmd", "sim", "remote").
+    fn name(&self) -> &'static str;
+
+    /// `PVIOMMU_CMD_query_caps`.
+    fn query_caps(&mut self) -> Result<PvIommuCaps, Error>;
+
+    /// One `PVIOMMU_CMD_batch` call over `ops`, starting at `nr_done`.
+    /// The ops come back with their statuses and outputs. Returns the
+    /// hypercall's return value (0, or 1 = incomplete: call again from the
+    /// returned `nr_done`) and the new `nr_done`. A negative return value is
+    /// reported as [`Error::Hypervisor`].
+    fn batch(&mut self, ops: &mut [PvIommuOp], nr_done: u32) -> Result<(i64, u32), Error>;
+
+    /// `PVIOMMU_CMD_reserved_regions` from index `start`, at most `max`
+    /// entries. Returns the regions and the total count.
+    fn reserved_regions(
+        &mut self,
+        start: u32,
+        max: u32,
+    ) -> Result<(Vec<PvIommuRegion>, u32), Error>;
+
+    /// The simulated machine, when this transport is the in-process one.
+    #[cfg(feature = "sim")]
+    fn in_process(&mut self) -> Option<&mut in_process::InProcess> {
+        None
+    }
+}
+
+impl Transport for Box<dyn Transport> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn query_caps(&mut self) -> Result<PvIommuCaps, Error> {
+        (**self).query_caps()
+    }
+    fn batch(&mut self, ops: &mut [PvIommuOp], nr_done: u32) -> Result<(i64, u32), Error> {
+        (**self).batch(ops, nr_done)
+    }
+    fn reserved_regions(
+        &mut self,
+        start: u32,
+        max: u32,
+    ) -> Result<(Vec<PvIommuRegion>, u32), Error> {
+        (**self).reserved_regions(start, max)
+    }
+    #[cfg(feature = "sim")]
+    fn in_process(&mut self) -> Option<&mut in_process::InProcess> {
+        (**self).in_process()
+    }
+}

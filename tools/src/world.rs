@@ -1,0 +1,134 @@
+//! The simulated world the embedded backend, the daemon and the demo start
+//! from: dom0 (privileged), guest d1 with RAM and a Gen8 PPGTT describing
+//! GPU buffers, and d2, an unprivileged domain.
+
+use pviommu_abi::{DomId, Gfn};
+use pviommu_guest::shadow::ppgtt_format::{PRESENT, RW};
+use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
+
+/// The guest.
+pub const GUEST: DomId = DomId(1);
+/// An unprivileged domain.
+pub const STRANGER: DomId = DomId(2);
+/// Guest RAM pages.
+pub const GUEST_PAGES: u64 = 16384;
+/// The guest's PPGTT root (PML4) frame.
+pub const PPGTT_ROOT: Gfn = Gfn(0x10);
+const PDP: u64 = 0x11;
+const PD: u64 = 0x12;
+const FIRST_PT: u64 = 0x13;
+/// First frame of the guest's GPU buffers.
+pub const BUFFER_BASE: u64 = 0x100;
+
+/// A GPU buffer in the guest: `pages` frames from `gfn`, at GMA `gma`.
+#[derive(Clone, Copy, Debug)]
+pub struct Buffer {
+    /// Name.
+    pub name: &'static str,
+    /// Graphics memory address.
+    pub gma: u64,
+    /// First guest frame.
+    pub gfn: u64,
+    /// Pages.
+    pub pages: u64,
+}
+
+/// The buffers the demo guest's PPGTT maps.
+pub const BUFFERS: [Buffer; 6] = [
+    Buffer {
+        name: "ring",
+        gma: 0x0000_0000,
+        gfn: BUFFER_BASE,
+        pages: 4,
+    },
+    Buffer {
+        name: "batch",
+        gma: 0x0010_0000,
+        gfn: BUFFER_BASE + 0x10,
+        pages: 16,
+    },
+    Buffer {
+        name: "vertex",
+        gma: 0x0040_0000,
+        gfn: BUFFER_BASE + 0x40,
+        pages: 64,
+    },
+    Buffer {
+        name: "texture",
+        gma: 0x0080_0000,
+        gfn: BUFFER_BASE + 0x100,
+        pages: 512,
+    },
+    Buffer {
+        name: "framebuffer",
+        gma: 0x0100_0000,
+        gfn: BUFFER_BASE + 0x400,
+        pages: 2048,
+    },
+    Buffer {
+        name: "cursor",
+        gma: 0x0400_0000,
+        gfn: BUFFER_BASE + 0x1000,
+        pages: 1,
+    },
+];
+
+/// The first bytes of page `i` of a buffer.
+pub fn page_tag(b: &Buffer, i: u64) -> String {
+    format!("{} page {i}", b.name)
+}
+
+/// Write 64-bit entry `index` of guest frame `gfn`.
+pub fn write_entry(m: &mut SimMachine, gfn: u64, index: u64, value: u64) {
+    m.write_guest(GUEST, Gfn(gfn), (index * 8) as usize, &value.to_le_bytes())
+        .expect("guest table frame exists");
+}
+
+/// The PT frame and index that map `gma` (the demo keeps all buffers in the
+/// first 1 GiB: one PML4 entry, one PDP entry, one PD).
+pub fn pt_slot(gma: u64) -> (u64, u64) {
+    let pd_index = (gma >> 21) & 0x1ff;
+    (FIRST_PT + pd_index, (gma >> 12) & 0x1ff)
+}
+
+/// Point the guest PTE for `gma` at `gfn` (or clear it with `None`).
+/// Returns the table frame changed.
+pub fn set_leaf(m: &mut SimMachine, gma: u64, gfn: Option<u64>) -> Gfn {
+    let (pt, idx) = pt_slot(gma);
+    write_entry(m, PD, (gma >> 21) & 0x1ff, (pt << 12) | PRESENT | RW);
+    write_entry(m, pt, idx, gfn.map_or(0, |g| (g << 12) | PRESENT | RW));
+    Gfn(pt)
+}
+
+/// Build the world.
+pub fn build() -> SimMachine {
+    let mut m = SimMachine::new(GUEST_PAGES + 8192, Format::Vtd, 64);
+    m.create_domain(
+        GUEST,
+        DomainSpec {
+            pages: GUEST_PAGES,
+            privileged: false,
+            device_model_of: None,
+        },
+    )
+    .expect("guest fits");
+    m.create_domain(
+        STRANGER,
+        DomainSpec {
+            pages: 32,
+            privileged: false,
+            device_model_of: None,
+        },
+    )
+    .expect("fits");
+    write_entry(&mut m, PPGTT_ROOT.0, 0, (PDP << 12) | PRESENT | RW);
+    write_entry(&mut m, PDP, 0, (PD << 12) | PRESENT | RW);
+    for b in &BUFFERS {
+        for i in 0..b.pages {
+            m.write_guest(GUEST, Gfn(b.gfn + i), 0, page_tag(b, i).as_bytes())
+                .expect("buffer frame");
+            set_leaf(&mut m, b.gma + i * 4096, Some(b.gfn + i));
+        }
+    }
+    m
+}
