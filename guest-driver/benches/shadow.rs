@@ -136,7 +136,49 @@ fn bench(c: &mut Criterion) {
             total
         })
     });
+
+    // For comparison: the same number of changed leaves clustered in 20 PT
+    // pages, and re-reading all 2048 PT pages with nothing changed (the
+    // floor of any sync that is told every PT page changed).
+    let mut round_c = 0;
+    group.bench_function("sync_1pct_clustered_in_20_pts", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let changed = edit_clustered(&mut g2, round_c);
+                round_c += 1;
+                let t = Instant::now();
+                black_box(s.sync(&g2, &mut m, &mut mem, &changed));
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+    let all: Vec<Gfn> = (0..PTS).map(|p| Gfn(PT0 + p)).collect();
+    group.bench_function("reread_2048_pts_unchanged", |b| {
+        b.iter(|| black_box(s.sync(&g2, &mut m, &mut mem, &all)))
+    });
     group.finish();
+}
+
+/// Flip 10240 leaves (~1%) confined to 20 PT pages.
+fn edit_clustered(g: &mut VecGuest, round: u64) -> Vec<Gfn> {
+    let n = (PTS as usize * CHANGED_PER_PT).div_ceil(512);
+    let mut changed = Vec::with_capacity(n);
+    for p in 0..n as u64 {
+        let p = p * (PTS / n as u64);
+        let page = &mut g.0[(PT0 + p) as usize];
+        let base = if round % 2 == 0 {
+            DATA0 + LEAVES
+        } else {
+            DATA0
+        };
+        for (i, e) in page.iter_mut().enumerate() {
+            *e = ((base + p * 512 + i as u64) << 12) | 3;
+        }
+        changed.push(Gfn(PT0 + p));
+    }
+    changed
 }
 
 /// Median of a few runs of each, printed as a ratio (in the same process).

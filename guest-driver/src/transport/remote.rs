@@ -1,5 +1,6 @@
 //! The remote transport: a client of the `pviommu sim serve` daemon
-//! ([`crate::daemon`]), so several processes share one simulated machine.
+//! (module `daemon`, feature `sim`), so several processes share one
+//! simulated machine.
 //!
 //! The connection is a Unix stream socket carrying length-prefixed frames
 //! (a `u32` little-endian body length, at most [`wire::MAX_FRAME`], then a
@@ -20,7 +21,7 @@ use super::Transport;
 use crate::Error;
 
 /// The messages exchanged with the daemon, shared by the client
-/// ([`Remote`]) and the server ([`crate::daemon`]).
+/// ([`Remote`]) and the server (module `daemon`, feature `sim`).
 pub mod wire {
     use bincode::Options;
     use pviommu_abi::{PvIommuCaps, PvIommuOp, PvIommuRegion};
@@ -212,6 +213,9 @@ pub mod wire {
 
 use wire::{Request, Response, ServerInfo, Stats};
 
+/// How long [`Remote::connect`] waits for the daemon's handshake answer.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A connection to the simulator daemon, calling as one domain.
 pub struct Remote {
     stream: UnixStream,
@@ -256,6 +260,8 @@ impl Remote {
             },
             broken: false,
         };
+        // A daemon that never answers must not hang the caller forever.
+        remote.set_timeout(Some(HANDSHAKE_TIMEOUT))?;
         let hello = Request::Hello {
             magic: wire::MAGIC,
             version: wire::PROTOCOL_VERSION,
@@ -263,6 +269,7 @@ impl Remote {
         match remote.call(&hello)? {
             Response::Welcome(info) if info.version == wire::PROTOCOL_VERSION => {
                 remote.info = info;
+                remote.set_timeout(None)?;
                 Ok(remote)
             }
             Response::Welcome(info) => Err(Error::Version {

@@ -1,0 +1,236 @@
+//! The client API over the in-process transport: batching, resumption,
+//! the cache, typed errors, and shadow tables read by the simulated GPU.
+
+use pviommu_abi::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Permissions};
+use pviommu_guest::shadow::{gpu_translate, Gma, HeapShadowMemory, ShadowPpgtt};
+use pviommu_guest::transport::in_process::SharedSim;
+use pviommu_guest::Client;
+use pviommu_hv::config::Config;
+use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
+
+const GUEST: DomId = DomId(1);
+
+fn sim(guest_pages: u64, config: Config) -> SharedSim {
+    let mut m = SimMachine::new(guest_pages + 4096, Format::Vtd, 64);
+    m.create_domain(
+        GUEST,
+        DomainSpec {
+            pages: guest_pages,
+            privileged: false,
+            device_model_of: None,
+        },
+    )
+    .unwrap();
+    for g in 0..guest_pages {
+        m.write_guest(GUEST, Gfn(g), 0, &g.to_le_bytes()).unwrap();
+    }
+    SharedSim::new(m, config).unwrap()
+}
+
+fn rw(c: &mut Client<impl pviommu_guest::transport::Transport>, gfns: &[Gfn]) -> Vec<Bfn> {
+    c.map_foreign(
+        GUEST,
+        gfns,
+        Permissions::RW,
+        MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    )
+    .into_iter()
+    .map(|r| r.unwrap())
+    .collect()
+}
+
+#[test]
+fn large_maps_split_into_advertised_batches_and_the_cache_absorbs_repeats() {
+    let s = sim(4096, Config::default());
+    let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
+    let gfns: Vec<Gfn> = (0..3000).map(Gfn).collect();
+    let bfns = rw(&mut c, &gfns);
+    assert_eq!(
+        c.stats().hypercalls,
+        3,
+        "3000 ops in batches of {}",
+        c.caps().max_batch_ops
+    );
+    for (g, b) in gfns.iter().zip(&bfns).step_by(311) {
+        let bytes = s
+            .lock()
+            .0
+            .dma_read(DomId::DOM0, ContextId::DEFAULT, b.0 << 12, 8)
+            .unwrap();
+        assert_eq!(bytes, g.0.to_le_bytes());
+    }
+    // Mapping again costs no hypercall and returns the same BFNs.
+    let again = rw(&mut c, &gfns[..100]);
+    assert_eq!(again, bfns[..100]);
+    assert_eq!(c.stats().hypercalls, 3);
+    assert_eq!(c.stats().cache_hits, 100);
+    // First unmap only drops the cached reference.
+    assert!(c
+        .unmap(&bfns[..100], ContextId::DEFAULT)
+        .iter()
+        .all(|r| r.is_ok()));
+    assert_eq!(c.stats().hypercalls, 3);
+    assert!(c.unmap(&bfns, ContextId::DEFAULT).iter().all(|r| r.is_ok()));
+    assert_eq!(s.lock().0.total_page_refs(), 0);
+}
+
+#[test]
+fn preempted_batches_resume_transparently() {
+    let s = sim(2048, Config::default());
+    let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
+    s.lock().0.preempt_budget = Some(7);
+    let gfns: Vec<Gfn> = (0..20).map(Gfn).collect();
+    // The budget is spent after 8 ops: the client re-issues from nr_done.
+    let before = c.stats().hypercalls;
+    let first = rw(&mut c, &gfns[..8]);
+    assert_eq!(first.len(), 8);
+    s.lock().0.preempt_budget = Some(3);
+    let rest: Vec<_> = c.map_foreign(
+        GUEST,
+        &gfns[8..],
+        Permissions::RW,
+        MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    );
+    assert!(rest.iter().all(|r| r.is_ok()));
+    assert!(
+        c.stats().hypercalls - before >= 3,
+        "continued at least twice"
+    );
+    let mut all = first;
+    all.extend(rest.into_iter().map(|r| r.unwrap()));
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 20, "no op applied twice");
+    assert_eq!(s.lock().1.driver(DomId::DOM0).unwrap().mappings().len(), 20);
+}
+
+#[test]
+fn errors_are_typed_and_say_what_was_asked() {
+    let s = sim(
+        16,
+        Config {
+            quota: 2,
+            ..Config::default()
+        },
+    );
+    let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
+    let r = c.map_foreign(
+        DomId(77),
+        &[Gfn(3)],
+        Permissions::RO,
+        MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    );
+    let e = r[0].as_ref().unwrap_err();
+    assert_eq!(e.errno(), Some(Errno::Srch));
+    assert!(e.to_string().contains("map d77 gfn 0x3"), "{e}");
+    let r = c.map_foreign(
+        GUEST,
+        &[Gfn(1), Gfn(2), Gfn(3)],
+        Permissions::RO,
+        MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    );
+    assert!(r[0].is_ok() && r[1].is_ok());
+    assert_eq!(r[2].as_ref().unwrap_err().errno(), Some(Errno::NoSpc));
+    let e = c.lookup(Bfn(0x12345), ContextId::DEFAULT).unwrap_err();
+    assert_eq!(e.errno(), Some(Errno::NoEnt));
+    let e = c
+        .unmap(&[Bfn(0x999)], ContextId::DEFAULT)
+        .remove(0)
+        .unwrap_err();
+    assert_eq!(e.errno(), Some(Errno::NoEnt));
+    // VT-d in the simulator has no device-memory encoding.
+    let r = c.map_foreign(
+        GUEST,
+        &[Gfn(4)],
+        Permissions::RO,
+        MemAttr::Device,
+        ContextId::DEFAULT,
+    );
+    assert_eq!(r[0].as_ref().unwrap_err().errno(), Some(Errno::OpNotSupp));
+    assert_eq!(
+        c.refresh_caps().unwrap().used,
+        2,
+        "refused maps left state unchanged"
+    );
+}
+
+#[test]
+fn contexts_and_regions() {
+    let s = sim(16, Config::default());
+    let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
+    let ctx = c.context_create().unwrap();
+    let b = c
+        .map_foreign(GUEST, &[Gfn(5)], Permissions::RW, MemAttr::WriteBack, ctx)
+        .remove(0)
+        .unwrap();
+    assert_eq!(c.lookup(b, ctx).unwrap().gfn, Gfn(5));
+    assert_eq!(
+        c.context_destroy(ctx).unwrap_err().errno(),
+        Some(Errno::Busy)
+    );
+    c.unmap(&[b], ctx).remove(0).unwrap();
+    c.context_destroy(ctx).unwrap();
+    let regions = c.reserved_regions().unwrap();
+    assert_eq!(regions.len() as u32, c.caps().nr_reserved_regions);
+}
+
+/// Gen8 PPGTT in guest memory, shadowed through the client; the simulated
+/// GPU walks the shadow, then the IOMMU, and reads the guest's bytes.
+#[test]
+fn shadow_ppgtt_through_the_client_reaches_guest_bytes() {
+    let s = sim(1024, Config::default());
+    let put = |gfn: u64, idx: u64, v: u64| {
+        s.lock()
+            .0
+            .write_guest(GUEST, Gfn(gfn), (idx * 8) as usize, &v.to_le_bytes())
+            .unwrap()
+    };
+    // PML4 at 1, PDP at 2, PD at 3, PT at 4; leaves GMA i*4K -> gfn 100+i.
+    put(1, 0, (2 << 12) | 3);
+    put(2, 0, (3 << 12) | 3);
+    put(3, 0, (4 << 12) | 3);
+    for i in 0..300 {
+        put(4, i, ((100 + i) << 12) | 3);
+        s.lock()
+            .0
+            .write_guest(GUEST, Gfn(100 + i), 0, &(0xabc0_0000 + i).to_le_bytes())
+            .unwrap();
+    }
+    // One leaf points at a frame the guest does not have: refused, reported.
+    put(4, 300, (5000 << 12) | 3);
+    let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
+    let reader = s.reader(GUEST);
+    let mut mem = HeapShadowMemory::new();
+    let (mut shadow, report) = ShadowPpgtt::build(&reader, &mut c, &mut mem, GUEST, Gfn(1));
+    assert_eq!(report.leaves_mapped, 300);
+    assert_eq!(report.refused.len(), 1);
+    assert_eq!(
+        report.refused[0].errno, 6,
+        "ENXIO for a gfn the guest lacks"
+    );
+    let root = shadow.shadow_root().unwrap();
+    for i in (0..300).step_by(37) {
+        let bfn = gpu_translate(&mem, root, Gma(i * 4096)).unwrap();
+        let bytes = s
+            .lock()
+            .0
+            .dma_read(DomId::DOM0, ContextId::DEFAULT, bfn.0 << 12, 8)
+            .unwrap();
+        assert_eq!(bytes, (0xabc0_0000 + i).to_le_bytes());
+    }
+    assert!(
+        gpu_translate(&mem, root, Gma(300 * 4096)).is_none(),
+        "refused leaf stays non-present"
+    );
+    // Guest removes leaf 7: sync unmaps exactly that one.
+    put(4, 7, 0);
+    let r = shadow.sync(&reader, &mut c, &mut mem, &[Gfn(4)]);
+    assert_eq!(r.leaves_unmapped, 1);
+    assert!(gpu_translate(&mem, root, Gma(7 * 4096)).is_none());
+    shadow.teardown(&mut c, &mut mem);
+    assert_eq!(s.lock().0.total_page_refs(), 0);
+}
