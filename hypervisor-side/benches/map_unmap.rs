@@ -8,7 +8,9 @@
 //! Throughput is reported per page (criterion's "elements").
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use pviommu_abi::{Bfn, ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions, PvIommuOp, Request};
+use pviommu_abi::{
+    Bfn, ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions, PvIommuOp, Request,
+};
 use pviommu_hv::config::Config;
 use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
 use pviommu_hv::Engine;
@@ -17,7 +19,15 @@ const GUEST: DomId = DomId(1);
 
 fn setup(pages: u64, format: Format) -> (SimMachine, Engine) {
     let mut m = SimMachine::new(pages + 4096, format, 64);
-    m.create_domain(GUEST, DomainSpec { pages, privileged: false, device_model_of: None }).unwrap();
+    m.create_domain(
+        GUEST,
+        DomainSpec {
+            pages,
+            privileged: false,
+            device_model_of: None,
+        },
+    )
+    .unwrap();
     let e = Engine::new(Config::default(), &m).unwrap();
     (m, e)
 }
@@ -40,14 +50,22 @@ fn bench(c: &mut Criterion) {
         // Gfns 1..: not 2 MiB aligned in machine frames, so no superpage
         // folding; the common case for scattered guest buffers.
         let (mut m, mut e) = setup(batch + 8, Format::Vtd);
-        let maps: Vec<PvIommuOp> = (1..=batch).map(|g| Request::Map(map_req(g)).encode()).collect();
+        let maps: Vec<PvIommuOp> = (1..=batch)
+            .map(|g| Request::Map(map_req(g)).encode())
+            .collect();
         group.bench_with_input(BenchmarkId::new("hypercall", batch), &batch, |b, _| {
             b.iter(|| {
                 let mut ops = maps.clone();
                 m.guest_batch_all(&mut e, DomId::DOM0, &mut ops).unwrap();
                 let mut unmaps: Vec<PvIommuOp> = ops
                     .iter()
-                    .map(|o| Request::Unmap { context: ContextId::DEFAULT, bfn: Bfn(o.bfn) }.encode())
+                    .map(|o| {
+                        Request::Unmap {
+                            context: ContextId::DEFAULT,
+                            bfn: Bfn(o.bfn),
+                        }
+                        .encode()
+                    })
                     .collect();
                 m.guest_batch_all(&mut e, DomId::DOM0, &mut unmaps).unwrap();
                 debug_assert!(unmaps.iter().all(|o| o.status == 0));
@@ -64,7 +82,8 @@ fn bench(c: &mut Criterion) {
                 }
                 e.finish(&mut m, DomId::DOM0);
                 for bfn in &bfns {
-                    e.unmap(&mut m, DomId::DOM0, ContextId::DEFAULT, *bfn).unwrap();
+                    e.unmap(&mut m, DomId::DOM0, ContextId::DEFAULT, *bfn)
+                        .unwrap();
                 }
                 e.finish(&mut m, DomId::DOM0);
             })

@@ -546,7 +546,9 @@ impl SimMachine {
         let mut done = 0;
         let mut a = addr;
         while done < len {
-            let Some(P2mEntry::Ram { mfn, .. }) = d.p2m.get(&Gfn(a >> 12)) else { return Err(Errno::Fault) };
+            let Some(P2mEntry::Ram { mfn, .. }) = d.p2m.get(&Gfn(a >> 12)) else {
+                return Err(Errno::Fault);
+            };
             let off = (a & 0xfff) as usize;
             let n = (4096 - off).min(len - done);
             f(&mut self.ram, *mfn, off, done, n)?;
