@@ -13,6 +13,18 @@ fn target_dir() -> PathBuf {
 #[test]
 fn c_mediator_maps_and_unmaps_through_the_library() {
     let dir = target_dir();
+    // Make sure target/<profile>/libpviommu_guest.so is this feature set's
+    // build (another build of the package may have replaced it).
+    let profile_release = dir.ends_with("release");
+    let mut build = Command::new(env!("CARGO"));
+    build.args(["build", "-q", "-p", "pviommu-guest", "--lib"]);
+    if profile_release {
+        build.arg("--release");
+    }
+    assert!(
+        build.status().unwrap().success(),
+        "cargo build of the library"
+    );
     let lib = dir.join("libpviommu_guest.so");
     assert!(lib.exists(), "{} not built", lib.display());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));

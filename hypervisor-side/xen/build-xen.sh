@@ -69,7 +69,7 @@ if ! make -C "$WORK/xen" -j"$JOBS" > "$BUILD/xen-build.log" 2>&1; then
     echo "build-xen: FAIL: make failed, see $BUILD/xen-build.log" >&2
     exit 1
 fi
-grep -E ' (warning|Warning)' "$BUILD/xen-build.log" || echo "build-xen: no warnings"
+grep -iE 'warning' "$BUILD/xen-build.log" || echo "build-xen: no warnings"
 t3=$(date +%s)
 nm "$WORK/xen/xen-syms" > "$BUILD/xen-syms.nm"
 grep -q ' do_pv_iommu_op$' "$BUILD/xen-syms.nm" || { echo "build-xen: FAIL: do_pv_iommu_op missing" >&2; exit 1; }

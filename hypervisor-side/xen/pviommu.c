@@ -37,6 +37,16 @@
 /* Serialises every call into the engine (it is single-threaded). */
 static DEFINE_SPINLOCK(pviommu_lock);
 static bool __read_mostly pviommu_ready;
+/*
+ * Page references held for the engine (pvx_get_page minus pvx_put_page).
+ * Every live mapping holds one, so when this is zero no mapping exists and
+ * pviommu_gfn_removed() skips the engine (and its global lock):
+ * guest_remove_page() runs for every ballooned page of every domain. (A map
+ * racing with the removal of the same gfn can leave a stale mapping either
+ * way, since the hook runs before the p2m change; it still holds its page
+ * reference, so the frame is not reused, and domain death drops it.)
+ */
+static atomic_t pviommu_page_refs = ATOMIC_INIT(0);
 
 /* ---------------------------------------------------------------- */
 /* Hypercall handler and hooks                                       */
@@ -63,6 +73,10 @@ long do_pv_iommu_op(unsigned int cmd, XEN_GUEST_HANDLE_PARAM(void) arg)
 /* Called from domain_kill() once, when d becomes dying. */
 void pviommu_domain_dying(struct domain *d)
 {
+    /*
+     * No fast path here: taking the lock waits out a map of d's pages that
+     * is in flight on another CPU (it saw d alive), so the engine drops it.
+     */
     if ( !pviommu_ready )
         return;
     spin_lock(&pviommu_lock);
@@ -73,7 +87,7 @@ void pviommu_domain_dying(struct domain *d)
 /* Called from guest_remove_page() before the gfn leaves d's p2m. */
 void pviommu_gfn_removed(struct domain *d, unsigned long gfn)
 {
-    if ( !pviommu_ready )
+    if ( !pviommu_ready || !atomic_read(&pviommu_page_refs) )
         return;
     spin_lock(&pviommu_lock);
     pviommu_engine_gfn_removed(d->domain_id, gfn);
@@ -221,6 +235,7 @@ int pvx_get_page(uint16_t domid, uint64_t gfn, int want_write,
     }
 
     *mfn = mfn_x(page_to_mfn(pg));
+    atomic_inc(&pviommu_page_refs);
     rcu_unlock_domain(d);
     return 0;
 
@@ -239,6 +254,7 @@ void pvx_put_page(uint64_t mfn, int writable)
     if ( !mfn_valid(_mfn(mfn)) )
         return;
     pg = mfn_to_page(_mfn(mfn));
+    atomic_dec(&pviommu_page_refs);
     if ( writable )
         put_page_and_type(pg);
     else
@@ -412,13 +428,7 @@ void pvx_log(const char *msg, size_t len)
     printk("%.*s", (int)len, msg);
 }
 
-void pvx_unreachable_panic(void)
-{
-    panic("pviommu: engine panic path reached\n");
-}
-
-/* Same, with a message (kept for engines that pass one). */
-void pvx_panic(const char *msg, size_t len);
+/* The engine's panic handler (unreachable in a panic-free engine build). */
 void pvx_panic(const char *msg, size_t len)
 {
     panic("pviommu: engine panic: %.*s\n", (int)len, msg);

@@ -9,6 +9,7 @@
  *   dma-read BUS                edu DMA 2048 bytes at BUS -> edu -> dom0 page; print them
  *   dma-write BUS BYTE          edu DMA 2048 bytes of BYTE to BUS
  *   destroy DOMID               destroy, wait, print gone|zombie
+ *   unpopulate DOMID GFN        remove one gfn from a domain (guest_remove_page path)
  *   hc caps | hc cmd N | hc map DOMID GFN FLAGS | hc unmap BFN | hc lookup BFN
  *   hc raw SUBOP FLAGS DOMID GFN BFN PAD RSVD [CONTEXT]
  *   measure N                   BFNs for N foreign pages: PV-IOMMU batches vs privcmd
@@ -95,13 +96,14 @@ static long hcall(unsigned int cmd, void *arg)
 
 static struct pv_iommu_batch *bat;
 static struct pv_iommu_op *ops;
+#define OPS_CAP 4096
 static unsigned int max_ops = 512;
 
 /* Run a batch of n ops already in ops[] to completion (re-issuing on 1). */
 static long run_batch(unsigned int n, long *calls)
 {
     long rc;
-    if ( !bat ) { bat = locked_buf(PAGE); ops = locked_buf(512 * sizeof(*ops)); }
+    if ( !bat ) { bat = locked_buf(PAGE); ops = locked_buf(OPS_CAP * sizeof(*ops)); }
     bat->version = PVIOMMU_INTERFACE_VERSION;
     bat->nr_ops = n; bat->nr_done = 0; bat->flags = 0;
     bat->ops = (uint64_t)(uintptr_t)ops;
@@ -113,7 +115,7 @@ static long run_batch(unsigned int n, long *calls)
 static long one_op(struct pv_iommu_op *o)
 {
     long rc;
-    if ( !bat ) { bat = locked_buf(PAGE); ops = locked_buf(512 * sizeof(*ops)); }
+    if ( !bat ) { bat = locked_buf(PAGE); ops = locked_buf(OPS_CAP * sizeof(*ops)); }
     ops[0] = *o;
     rc = run_batch(1, NULL);
     *o = ops[0];
@@ -146,6 +148,16 @@ static int cmd_hc(int argc, char **argv)
                c.bfn_window_start, c.bfn_window_end, c.nr_reserved_regions,
                c.features, c.max_contexts, c.quota, c.used);
         return rc ? 1 : 0;
+    }
+    if ( !strcmp(argv[0], "version") )
+    {
+        /* xen_version(XENVER_version): tells a Linux-side EPERM from Xen's */
+        privcmd_hypercall_t h = { 17, { 0, 0 } };
+        long r;
+        if ( pfd < 0 && (pfd = open("/dev/xen/privcmd", O_RDWR)) < 0 ) die("open privcmd");
+        r = ioctl(pfd, IOCTL_PRIVCMD_HYPERCALL, &h);
+        printf("rc=%ld\n", r < 0 ? -errno : r);
+        return 0;
     }
     if ( !strcmp(argv[0], "cmd") && argc >= 2 )
     {
@@ -391,7 +403,7 @@ static int cmd_measure(unsigned long n)
     double t0, t1, t2, t3;
     void *m;
 
-    if ( query_caps(&c) == 0 && c.max_batch_ops ) max_ops = c.max_batch_ops < 512 ? c.max_batch_ops : 512;
+    if ( query_caps(&c) == 0 && c.max_batch_ops ) max_ops = c.max_batch_ops < OPS_CAP ? c.max_batch_ops : OPS_CAP;
     domid = make_domain(n, frames);
     printf("measure domid=%u pages=%lu batch=%u\n", domid, n, max_ops);
 
@@ -399,7 +411,7 @@ static int cmd_measure(unsigned long n)
     while ( done < n )
     {
         unsigned int k = n - done > max_ops ? max_ops : n - done, j;
-        if ( !bat ) { bat = locked_buf(PAGE); ops = locked_buf(512 * sizeof(*ops)); }
+        if ( !bat ) { bat = locked_buf(PAGE); ops = locked_buf(OPS_CAP * sizeof(*ops)); }
         memset(ops, 0, k * sizeof(*ops));
         for ( j = 0; j < k; j++ )
         {
@@ -442,7 +454,8 @@ int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if ( argc < 2 ) { fprintf(stderr, "usage: see source\n"); return 2; }
-    open_xc();
+    if ( strcmp(argv[1], "hc") && strcmp(argv[1], "hypercall") )
+        open_xc();
     if ( !strcmp(argv[1], "caps") )
     {
         struct pv_iommu_caps c;
@@ -459,6 +472,13 @@ int main(int argc, char **argv)
     if ( !strcmp(argv[1], "mkdom") && argc >= 3 ) return cmd_mkdom(strtoul(argv[2], NULL, 0));
     if ( !strcmp(argv[1], "peek") && argc >= 4 ) return cmd_peek(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0), 0);
     if ( !strcmp(argv[1], "match") && argc >= 4 ) return cmd_peek(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0), 1);
+    if ( !strcmp(argv[1], "unpopulate") && argc >= 4 )
+    {
+        xen_pfn_t g = strtoull(argv[3], NULL, 0);
+        int r = xc_domain_decrease_reservation_exact(xch, strtoul(argv[2], NULL, 0), 1, 0, &g);
+        printf("unpopulate rc=%d\n", r ? -errno : 0);
+        return r ? 1 : 0;
+    }
     if ( !strcmp(argv[1], "destroy") && argc >= 3 ) return cmd_destroy(strtoul(argv[2], NULL, 0));
     if ( !strcmp(argv[1], "dma-read") && argc >= 3 ) { edu_open(); return cmd_dma_read(strtoull(argv[2], NULL, 0)); }
     if ( !strcmp(argv[1], "dma-write") && argc >= 4 ) { edu_open(); return cmd_dma_write(strtoull(argv[2], NULL, 0), strtoul(argv[3], NULL, 0)); }

@@ -55,7 +55,7 @@ o=$(run $H hc unmap $B0); if errno_is "$o" -2; then ok unmap_unmapped_enoent; el
 o=$(run $H hc raw 9 0 $D $G0 0 0 0); if errno_is "$o" -95; then ok unknown_subop_eopnotsupp; else ko unknown_subop_eopnotsupp "$o"; fi
 o=$(run $H hc raw 1 1 $D $G0 0 1 0); if errno_is "$o" -22; then ok nonzero_padding_einval; else ko nonzero_padding_einval "$o"; fi
 o=$(run $H hc raw 1 1 $D $G0 0 0 1); if errno_is "$o" -22; then ok nonzero_reserved_einval; else ko nonzero_reserved_einval "$o"; fi
-o=$(run $H hc map 0x7ff0 $G0 1); if errno_is "$o" -3; then ok unknown_domid_esrch; else ko unknown_domid_esrch "$o"; fi
+o=$(run $H hc map 4000 $G0 1); if errno_is "$o" -3; then ok unknown_domid_esrch; else ko unknown_domid_esrch "$o"; fi
 o=$(run $H hc cmd 99); if errno_is "$o" -95; then ok unknown_cmd_eopnotsupp; else ko unknown_cmd_eopnotsupp "$o"; fi
 
 # 5) destroying the foreign domain revokes its BFNs and frees it
@@ -63,6 +63,14 @@ o=$(run $H hc map $D $G2 3); B2=$(field "$o" bfn); A2=$(printf '0x%x' $((B2 << 1
 o3=$(run $H hc map $D $G3 1)
 r=$(run $H dma-read $A2)
 [ "$(field "$r" zero)" = 0 ] || echo "note: pre-destroy read of B2 returned zeros"
+# 5a) removing a gfn from the foreign domain's p2m revokes its BFN
+B3=$(field "$o3" bfn); A3=$(printf '0x%x' $((B3 << 12)))
+r0=$(run $H dma-read $A3)
+u=$(run $H unpopulate $D $G3)
+r=$(run $H dma-read $A3)
+o=$(run $H hc lookup $B3)
+if [ "$(field "$r0" zero)" = 0 ] && [ "$(field "$u" rc)" = 0 ] && [ "$(field "$r" zero)" = 1 ] && errno_is "$o" -2; then
+    ok gfn_removed_revokes_bfn; else ko gfn_removed_revokes_bfn "$r0 / $u / $r / $o"; fi
 o=$(run $H destroy $D)
 case "$o" in *gone*) ok destroy_frees_domain;; *) ko destroy_frees_domain "$o";; esac
 r=$(run $H dma-read $A2)
@@ -73,6 +81,40 @@ o=$(run $H hc lookup $B2); if errno_is "$o" -2; then ok destroy_lookup_enoent; e
 N=$(sed -n 's/.*pviommu_measure=\([0-9]*\).*/\1/p' /proc/cmdline); N=${N:-16384}
 $H measure $N 2>&1
 run $H hc caps >/dev/null
+
+# 6) EPERM for an unprivileged caller: a PV domU (privcmd unrestricted=1)
+if [ -x /usr/lib/xen-4.17/bin/xl ]; then
+    export PATH=$PATH:/usr/lib/xen-4.17/bin
+    mkdir -p /dev/pts /run /var/run /proc/xen
+    mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /var/run
+    mount -t xenfs xenfs /proc/xen
+    mkdir -p /var/run/xen /var/lib/xen /var/log/xen/console /etc/xen; touch /etc/xen/xl.conf
+    xenstored --pid-file /var/run/xen/xenstored.pid
+    xen-init-dom0 >/dev/null 2>&1
+    xenconsoled --pid-file=/var/run/xen/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console
+    cat > /tmp/domu.cfg <<EOC
+name = "unpriv"
+type = "pv"
+kernel = "/domu/vmlinuz"
+ramdisk = "/domu/initrd.gz"
+extra = "console=hvc0 quiet"
+memory = 256
+on_poweroff = "destroy"
+on_crash = "destroy"
+EOC
+    xl create /tmp/domu.cfg 2>&1 | tail -2
+    i=0
+    while xl list unpriv >/dev/null 2>&1 && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done
+    sleep 1
+    L=/var/log/xen/console/guest-unpriv.log
+    grep DOMU $L 2>/dev/null | sed 's/^/  domU: /'
+    v=$(sed -n 's/.*DOMU version rc=\([-0-9]*\).*/\1/p' $L 2>/dev/null | head -1)
+    m=$(grep 'DOMU map' $L 2>/dev/null | head -1)
+    if [ -z "$v" ]; then ko eperm_unprivileged "no domU output (waited ${i}s)"
+    elif [ "$v" -le 0 ]; then ko eperm_unprivileged "xen_version from domU rc=$v: Linux privcmd refused, Xen not reached"
+    elif errno_is "${m#*DOMU map }" -1; then ok eperm_unprivileged
+    else ko eperm_unprivileged "$m"; fi
+fi
 
 echo "$pass passed, $fail failed"
 echo "=== pviommu dom0 test end ==="

@@ -9,6 +9,7 @@
 #   SKIP_XEN_BUILD=1      reuse $PVIOMMU_BUILD_DIR/xen
 #   MEASURE_PAGES         pages for the MEASURE step (default 16384)
 #   QEMU_TIMEOUT          seconds (default 600)
+#   NO_DOMU=1             skip the unprivileged-domU (EPERM) check
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
@@ -71,6 +72,40 @@ if [ -x "$PVBIN" ] && "$PVBIN" --help 2>&1 | grep -q -- '--backend'; then
     cp "$PVBIN" "$R/bin/pviommu"; echo "run: included $PVBIN"
 fi
 install -m 755 "$HERE/init.sh" "$R/init"
+
+# Toolstack + an unprivileged PV domU for the EPERM check (skipped if
+# NO_DOMU=1). xen-utils is extracted, not installed; libraries come from
+# the host (libxen-dev pulls them in) through each binary's ldd closure.
+if [ "${NO_DOMU:-0}" != 1 ]; then
+    XU="$BUILD/debs/xenutils"
+    if [ ! -x "$XU/usr/lib/xen-4.17/bin/xl" ]; then
+        ( cd "$BUILD/debs" && apt-get download xen-utils-4.17 )
+        dpkg-deb -x "$BUILD/debs"/xen-utils-4.17_*.deb "$XU"
+    fi
+    mkdir -p "$R/usr/lib/xen-4.17/bin"
+    for b in xl xenstored xen-init-dom0 xenconsoled libxl-save-helper; do
+        cp "$XU/usr/lib/xen-4.17/bin/$b" "$R/usr/lib/xen-4.17/bin/"
+        ldd "$XU/usr/lib/xen-4.17/bin/$b" | awk '/=> \//{print $3} /^\t\/lib/{print $1}'
+    done | sort -u > "$OUT/libs.txt"
+    echo /lib/x86_64-linux-gnu/libgcc_s.so.1 >> "$OUT/libs.txt"
+    while read -r l; do
+        mkdir -p "$R$(dirname "$l")"; cp -L "$l" "$R$l"
+    done < "$OUT/libs.txt"
+    mkdir -p "$R/lib64"; cp -L /lib64/ld-linux-x86-64.so.2 "$R/lib64/"
+    for m in xen-evtchn xen-gntdev xen-gntalloc xenfs; do
+        cp "$(find "$KMOD" -name "$m.ko*" | head -1)" "$R/lib/modules/"
+    done
+    D="$OUT/domu-rootfs"
+    rm -rf "$D"; mkdir -p "$D"/{bin,proc,sys,dev,lib/modules}
+    cp /bin/busybox "$D/bin/busybox"
+    for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -sf busybox "$D/bin/$a"; done
+    cp "$(find "$KMOD" -name xen-privcmd.ko | head -1)" "$D/lib/modules/"
+    cp "$OUT/dom0-harness" "$D/bin/"
+    install -m 755 "$HERE/domu-init.sh" "$D/init"
+    mkdir -p "$R/domu"
+    ( cd "$D" && find . | cpio -o -H newc --quiet | gzip -1 > "$R/domu/initrd.gz" )
+    cp "$VMLINUZ" "$R/domu/vmlinuz"
+fi
 ( cd "$R" && find . | cpio -o -H newc --quiet | gzip -1 > "$OUT/initrd.gz" )
 
 # ---- boot ----

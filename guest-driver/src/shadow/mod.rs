@@ -11,6 +11,7 @@
 
 mod config;
 mod error;
+mod frame_hash;
 mod ggtt;
 pub mod ggtt_format;
 mod gma;

@@ -21,13 +21,13 @@
 
 use super::config::ShadowConfig;
 use super::error::ShadowError;
+use super::frame_hash::FrameMap;
 use super::gma::Gma;
 use super::ppgtt_engine::{Env, NoReader};
 use super::ppgtt_format::{Level, ENTRIES};
 use super::report::{Anomaly, BuildReport, SyncReport};
 use super::traits::{FrameMapper, GuestTableReader, ShadowMemory};
 use pviommu_abi::{Bfn, DomId, Gfn};
-use std::collections::HashMap;
 
 /// "No child table" marker in a directory slot's child array.
 pub(super) const NO_CHILD: u32 = u32::MAX;
@@ -55,6 +55,8 @@ pub(super) struct SlotInfo {
     pub(super) gen: u32,
     pub(super) live: bool,
     pub(super) dying: bool,
+    /// Its entries have been acted on (false while queued for population).
+    pub(super) populated: bool,
 }
 
 /// A leaf waiting in the current map batch.
@@ -86,8 +88,8 @@ pub struct ShadowPpgtt {
     pub(super) children: Vec<Option<Box<[u32; ENTRIES]>>>,
     pub(super) free_slots: Vec<u32>,
     pub(super) live_slots: usize,
-    pub(super) owners: HashMap<Gfn, u32>,
-    pub(super) waiting: HashMap<Gfn, Vec<EntryRef>>,
+    pub(super) owners: FrameMap<Gfn, u32>,
+    pub(super) waiting: FrameMap<Gfn, Vec<EntryRef>>,
     pub(super) mapped_leaves: u64,
     // Scratch, reused across calls.
     pub(super) work: Vec<(u32, u32)>,
@@ -154,8 +156,8 @@ impl ShadowPpgtt {
             children: Vec::new(),
             free_slots: Vec::new(),
             live_slots: 0,
-            owners: HashMap::new(),
-            waiting: HashMap::new(),
+            owners: FrameMap::default(),
+            waiting: FrameMap::default(),
             mapped_leaves: 0,
             work: Vec::new(),
             adopt: Vec::new(),
@@ -220,6 +222,56 @@ impl ShadowPpgtt {
             match self.owners.get(&g) {
                 Some(&slot) => self.diff_slot(&mut env, slot, g),
                 None => env.out.report.ignored.push(g),
+            }
+        }
+        self.finish(&mut env);
+        env.out.report
+    }
+
+    /// Entry-granular sync for a mediator that traps guest writes to its
+    /// (write-protected) table pages: apply `writes` = (table page, entry
+    /// index, new value) in order. Costs O(writes) instead of a page re-read
+    /// each; writes to pages that are not shadowed tables, or with an index
+    /// of 512 or more, are ignored (listed in `ignored`). The reader is used
+    /// only for newly reached tables.
+    pub fn sync_writes<R, M, S>(
+        &mut self,
+        reader: &R,
+        mapper: &mut M,
+        memory: &mut S,
+        writes: &[(Gfn, usize, u64)],
+    ) -> SyncReport
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let mut env = Env {
+            reader,
+            mapper,
+            mem: memory,
+            out: Outcome::default(),
+        };
+        let mut last: Option<(Gfn, u32)> = None;
+        for &(g, idx, value) in writes {
+            // Trapped writes come in runs to one page: skip the map lookup
+            // while the last owner is still the live table of that frame.
+            let slot = match last {
+                Some((lg, ls))
+                    if lg == g
+                        && self.slots[ls as usize].live
+                        && self.slots[ls as usize].gfn == Some(g) =>
+                {
+                    Some(ls)
+                }
+                _ => self.owners.get(&g).copied(),
+            };
+            match slot {
+                Some(slot) if idx < ENTRIES => {
+                    last = Some((g, slot));
+                    self.apply_write(&mut env, slot, idx, value);
+                }
+                _ => env.out.report.ignored.push(g),
             }
         }
         self.finish(&mut env);

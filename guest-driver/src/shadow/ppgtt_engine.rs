@@ -70,6 +70,7 @@ impl ShadowPpgtt {
             gen,
             live: true,
             dying: false,
+            populated: false,
         };
         let slot = if let Some(s) = self.free_slots.pop() {
             let i = s as usize;
@@ -122,6 +123,7 @@ impl ShadowPpgtt {
         S: ShadowMemory + ?Sized,
     {
         let i = slot as usize;
+        self.slots[i].populated = true;
         if self.slots[i].level == Level::Pt {
             let gen = self.slots[i].gen;
             for idx in 0..ENTRIES {
@@ -481,25 +483,67 @@ impl ShadowPpgtt {
             }
         }
         env.out.report.entries_changed += changes.len() as u64;
-        let level = self.slots[i].level;
         for &(idx, old, new) in &changes {
-            let idx = idx as usize;
-            // A directory entry that still points at the same table only
-            // needs its flags refreshed.
-            if let (EntryKind::Table(a), EntryKind::Table(b)) =
-                (fmt::decode(level, old), fmt::decode(level, new))
-            {
-                let child = self.children[i].as_ref().map_or(NO_CHILD, |c| c[idx]);
-                if a == b && child != NO_CHILD {
-                    let value = fmt::table_entry(new, self.slots[child as usize].page.0);
-                    env.mem.write_entry(self.slots[i].page, idx, value);
-                    continue;
-                }
-            }
-            self.remove_entry(env, slot, idx, old);
-            self.add_entry(env, slot, idx, new);
+            self.apply_change(env, slot, idx as usize, old, new);
         }
         self.changes = changes;
+    }
+
+    /// Apply one trapped guest write to owned table `slot`.
+    pub(super) fn apply_write<R, M, S>(
+        &mut self,
+        env: &mut Env<'_, R, M, S>,
+        slot: u32,
+        idx: usize,
+        new: u64,
+    ) where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let old = self.guest[slot as usize][idx];
+        if old == new {
+            return;
+        }
+        env.out.report.entries_changed += 1;
+        self.guest[slot as usize][idx] = new;
+        self.apply_change(env, slot, idx, old, new);
+    }
+
+    /// Act on `slot[idx]` having changed from `old` to `new` (the snapshot
+    /// already holds `new`).
+    fn apply_change<R, M, S>(
+        &mut self,
+        env: &mut Env<'_, R, M, S>,
+        slot: u32,
+        idx: usize,
+        old: u64,
+        new: u64,
+    ) where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let i = slot as usize;
+        if !self.slots[i].populated {
+            // Still queued: population will act on the snapshot's final value.
+            return;
+        }
+        let level = self.slots[i].level;
+        // A directory entry that still points at the same table only needs
+        // its flags refreshed.
+        if let (EntryKind::Table(a), EntryKind::Table(b)) =
+            (fmt::decode(level, old), fmt::decode(level, new))
+        {
+            let child = self.children[i].as_ref().map_or(NO_CHILD, |c| c[idx]);
+            if a == b && child != NO_CHILD {
+                let value = fmt::table_entry(new, self.slots[child as usize].page.0);
+                env.mem.write_entry(self.slots[i].page, idx, value);
+                return;
+            }
+        }
+        self.remove_entry(env, slot, idx, old);
+        self.add_entry(env, slot, idx, new);
     }
 
     fn queue_map<R, M, S>(

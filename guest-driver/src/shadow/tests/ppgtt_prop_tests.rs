@@ -55,7 +55,7 @@ fn edit() -> impl Strategy<Value = Edit> {
     ]
 }
 
-fn apply(g: &mut FakeGuest, e: &Edit) -> Gfn {
+fn apply(g: &mut FakeGuest, e: &Edit) -> (Gfn, usize, u64) {
     let tables = all_tables();
     let ptr = |gfn: u64| (gfn << 12) | fmt::PRESENT | fmt::RW;
     let (t, i, v) = match *e {
@@ -80,7 +80,7 @@ fn apply(g: &mut FakeGuest, e: &Edit) -> Gfn {
         }
     };
     g.set(t, i, v);
-    t
+    (t, i, v)
 }
 
 proptest! {
@@ -111,9 +111,14 @@ proptest! {
         let cfg = ShadowConfig { batch, ..ShadowConfig::default() };
         let (mut s, _) = ShadowPpgtt::build_with(cfg, &g, &mut m, &mut mem, DOM, ROOT);
         assert_same_as_fresh(&g, &s, &m, &mem);
-        for round in &rounds {
-            let changed: Vec<Gfn> = round.iter().map(|e| apply(&mut g, e)).collect();
-            let rep = s.sync(&g, &mut m, &mut mem, &changed);
+        for (n, round) in rounds.iter().enumerate() {
+            let writes: Vec<(Gfn, usize, u64)> = round.iter().map(|e| apply(&mut g, e)).collect();
+            let rep = if n % 2 == 0 {
+                let changed: Vec<Gfn> = writes.iter().map(|w| w.0).collect();
+                s.sync(&g, &mut m, &mut mem, &changed)
+            } else {
+                s.sync_writes(&g, &mut m, &mut mem, &writes)
+            };
             prop_assert!(m.max_batch <= batch);
             prop_assert!(rep.pages_read <= 13 + 64, "{rep:?}");
             assert_same_as_fresh(&g, &s, &m, &mem);

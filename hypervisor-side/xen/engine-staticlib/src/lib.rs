@@ -220,7 +220,7 @@ pub extern "C" fn pviommu_engine_init() -> i32 {
         Ok(e) => {
             // SAFETY: called once at boot with the engine lock held.
             unsafe { *ENGINE.0.get() = Some(e) };
-            log("pviommu: engine ready");
+            log("pviommu: engine ready\n");
             0
         }
         Err(e) => e.negated(),
