@@ -34,6 +34,21 @@ if [ "$(field "$o" rc)" = 0 ] && [ "$(field "$o1" rc)" = 0 ]; then ok map_rc; el
 A0=$(printf '0x%x' $((B0 << 12))); A1=$(printf '0x%x' $((B1 << 12)))
 p=$(run $H peek $D $G0); r=$(run $H dma-read $A0)
 if [ "$(field "$r" sum)" = "$(field "$p" sum)" ] && [ "$(field "$r" zero)" = 0 ]; then ok dma_read_foreign_bytes; else ko dma_read_foreign_bytes "$r vs $p"; fi
+# The pviommu tool itself, --backend xen: caps, map, device read, lookup, unmap.
+o=$(run pviommu --backend xen caps --json)
+if echo "$o" | grep -q '"version": 65536'; then ok cli_caps; else ko cli_caps "$o"; fi
+o=$(run pviommu --backend xen map --domid $D --gfn $G3 --read-only --json)
+BC=$(echo "$o" | sed -n 's/.*"bfn": \([0-9]*\).*/\1/p' | head -1)
+if [ -n "$BC" ]; then
+    AC=$(printf '0x%x' $((BC << 12)))
+    p=$(run $H peek $D $G3); r=$(run $H dma-read $AC)
+    l=$(run pviommu --backend xen lookup --bfn $BC)
+    if [ "$(field "$r" sum)" = "$(field "$p" sum)" ] && echo "$l" | grep -q "^d$D "; then ok cli_map_dma_lookup; else ko cli_map_dma_lookup "$r vs $p / $l"; fi
+    o=$(run pviommu --backend xen unmap --bfn $BC)
+    if [ $? = 0 ]; then ok cli_unmap; else ko cli_unmap "$o"; fi
+else
+    ko cli_map_dma_lookup "$o"; ko cli_unmap "no bfn"
+fi
 o=$(run $H hc lookup $B0)
 if [ "$(field "$o" rc)" = 0 ] && [ "$(field "$o" domid)" = "$D" ] && [ $(($(field "$o" gfn))) = $(($G0)) ]; then ok lookup; else ko lookup "$o"; fi
 run $H dma-write $A0 0xc3 >/dev/null
