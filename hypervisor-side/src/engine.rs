@@ -323,44 +323,46 @@ impl Engine {
     /// everything it held as a driver domain.
     pub fn domain_dying(&mut self, h: &mut impl Hypervisor, domid: DomId) {
         self.revoke_where(h, |m| m.domid == domid);
-        if let Some(dd) = self.drivers.get(&domid) {
-            let bfns: Vec<(Bfn, ContextId)> =
-                dd.mappings.iter().map(|(b, m)| (*b, m.context)).collect();
-            for (bfn, ctx) in bfns {
-                let _ = h.iommu_unmap(domid, ctx, bfn, &mut self.gather);
-                if let Some(dd) = self.drivers.get_mut(&domid) {
-                    let _ = Self::forget(dd, &mut self.pending_release, bfn);
-                }
-            }
-            self.finish(h, domid);
-            if let Some(dd) = self.drivers.remove(&domid) {
-                for ctx in dd.contexts.iter().filter(|c| **c != ContextId::DEFAULT) {
-                    h.context_destroy(domid, *ctx);
-                }
+        self.revoke_in(h, domid, |_| true);
+        if let Some(dd) = self.drivers.remove(&domid) {
+            for ctx in dd.contexts.iter().filter(|c| **c != ContextId::DEFAULT) {
+                h.context_destroy(domid, *ctx);
             }
         }
     }
 
+    /// Revoke, in every driver domain, the mappings `pred` selects.
     fn revoke_where(&mut self, h: &mut impl Hypervisor, pred: impl Fn(&Mapping) -> bool) {
         let owners: Vec<DomId> = self.drivers.keys().copied().collect();
         for owner in owners {
-            let Some(dd) = self.drivers.get_mut(&owner) else {
-                continue;
-            };
-            let victims: Vec<(Bfn, ContextId)> = dd
-                .mappings
-                .iter()
-                .filter(|(_, m)| pred(m))
-                .map(|(b, m)| (*b, m.context))
-                .collect();
-            if victims.is_empty() {
-                continue;
-            }
-            for (bfn, ctx) in victims {
-                let _ = h.iommu_unmap(owner, ctx, bfn, &mut self.gather);
-                let _ = Self::forget(dd, &mut self.pending_release, bfn);
-            }
-            self.finish(h, owner);
+            self.revoke_in(h, owner, &pred);
         }
+    }
+
+    /// Revoke `owner`'s mappings that `pred` selects: unmap, flush once,
+    /// then release their pages.
+    fn revoke_in(
+        &mut self,
+        h: &mut impl Hypervisor,
+        owner: DomId,
+        pred: impl Fn(&Mapping) -> bool,
+    ) {
+        let Some(dd) = self.drivers.get_mut(&owner) else {
+            return;
+        };
+        let victims: Vec<(Bfn, ContextId)> = dd
+            .mappings
+            .iter()
+            .filter(|(_, m)| pred(m))
+            .map(|(b, m)| (*b, m.context))
+            .collect();
+        if victims.is_empty() {
+            return;
+        }
+        for (bfn, ctx) in victims {
+            let _ = h.iommu_unmap(owner, ctx, bfn, &mut self.gather);
+            let _ = Self::forget(dd, &mut self.pending_release, bfn);
+        }
+        self.finish(h, owner);
     }
 }

@@ -17,15 +17,9 @@ pub const SCRATCH_PAGES: u64 = 16;
 impl SimMachine {
     /// Guest-physical address of the caller's scratch area.
     pub fn scratch_addr(&self, caller: DomId) -> Result<u64, Errno> {
-        let pages = self.domain_pages(caller).ok_or(Errno::Srch)?;
+        let pages = self.domain_ram_pages(caller).ok_or(Errno::Srch)?;
         let first = pages.checked_sub(SCRATCH_PAGES).ok_or(Errno::Fault)?;
         Ok(first * 4096)
-    }
-
-    fn domain_pages(&self, domid: DomId) -> Option<u64> {
-        (0..)
-            .find(|g| self.mfn_of(domid, crate::Gfn(*g)).is_none())
-            .filter(|_| self.has_domain(domid))
     }
 
     fn write_scratch(&mut self, caller: DomId, addr: u64, bytes: &[u8]) -> Result<(), Errno> {

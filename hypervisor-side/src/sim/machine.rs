@@ -65,6 +65,8 @@ enum P2mEntry {
 #[derive(Debug)]
 struct Domain {
     p2m: BTreeMap<Gfn, P2mEntry>,
+    /// RAM pages it was created with (gfn 0..ram_pages).
+    ram_pages: u64,
     privileged: bool,
     device_model_of: Option<DomId>,
 }
@@ -224,6 +226,7 @@ impl SimMachine {
             domid,
             Domain {
                 p2m,
+                ram_pages: spec.pages,
                 privileged: spec.privileged,
                 device_model_of: spec.device_model_of,
             },
@@ -234,6 +237,11 @@ impl SimMachine {
     /// One past the last RAM frame.
     pub fn ram_end_frame(&self) -> u64 {
         self.ram.info.len() as u64
+    }
+
+    /// RAM pages the domain was created with.
+    pub fn domain_ram_pages(&self, domid: DomId) -> Option<u64> {
+        self.domains.get(&domid).map(|d| d.ram_pages)
     }
 
     /// Whether the domain exists.
