@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * pviommu.h -- the PV-IOMMU hypercall ABI (interface version 1.0).
+ * pviommu.h -- the PV-IOMMU hypercall ABI (interface version 1.1).
  *
  * A driver domain (dom0's GPU mediator) asks the hypervisor to map a foreign
  * domain's guest frame into one of the driver domain's IOMMU contexts; the
@@ -27,7 +27,7 @@
 #define __HYPERVISOR_pv_iommu_op 43
 
 /* Major in the high 16 bits, minor in the low 16. Callers check the major. */
-#define PVIOMMU_INTERFACE_VERSION 0x00010000u
+#define PVIOMMU_INTERFACE_VERSION 0x00010001u
 
 /* ---- Commands (first hypercall argument) ---- */
 #define PVIOMMU_CMD_query_caps       1u /* arg: struct pv_iommu_caps (out)   */
@@ -42,7 +42,17 @@
 #define PVIOMMU_FEAT_ATTR_UC     (1u << 1) /* PVIOMMU_ATTR_UC honoured         */
 #define PVIOMMU_FEAT_ATTR_DEVICE (1u << 2) /* PVIOMMU_ATTR_DEVICE honoured     */
 #define PVIOMMU_FEAT_GRANT       (1u << 3) /* PVIOMMU_F_GRANT maps accepted    */
-#define PVIOMMU_FEAT_ALL         0xfu
+#define PVIOMMU_FEAT_REVOCATION_QUEUE (1u << 4) /* revoked BFNs reserved until */
+                                           /* acknowledged (OP_revoked_*)  */
+#define PVIOMMU_FEAT_ALL         0x1fu
+
+/* caps.translation: whether the caller's IOMMU context translates BFNs.
+ * Anything but TRANSLATES makes maps fail with EADDRNOTAVAIL. */
+#define PVIOMMU_TRANSLATES       0u /* tables PV-IOMMU writes are walked      */
+#define PVIOMMU_NO_IOMMU         1u /* IOMMU off / no context for the caller */
+#define PVIOMMU_PASSTHROUGH      2u /* hardware domain bypasses the IOMMU    */
+#define PVIOMMU_RELAXED          3u /* non-strict hwdom: all RAM mapped       */
+#define PVIOMMU_SHARED_PT        4u /* IOMMU shares the CPU's p2m tables      */
 
 struct pv_iommu_caps {
     uint32_t version;            /* PVIOMMU_INTERFACE_VERSION                */
@@ -53,9 +63,11 @@ struct pv_iommu_caps {
     uint32_t nr_reserved_regions;/* see PVIOMMU_CMD_reserved_regions         */
     uint32_t features;           /* PVIOMMU_FEAT_*                           */
     uint32_t max_contexts;       /* contexts per driver domain, incl. ctx 0  */
-    uint32_t _pad0;              /* written as 0                             */
-    uint64_t quota;              /* caller's mapping quota                   */
-    uint64_t used;               /* caller's live mappings                   */
+    uint32_t translation;        /* PVIOMMU_TRANSLATES or why not            */
+    uint64_t quota;              /* caller's BFN quota                       */
+    uint64_t used;               /* BFNs in use: live + revoked-unacked      */
+    uint64_t revoked;            /* revocations not yet acknowledged         */
+    uint64_t _rsvd;              /* written as 0                             */
 };
 
 /* ---- Batched operations ---- */
@@ -64,6 +76,9 @@ struct pv_iommu_caps {
 #define PVIOMMU_OP_lookup          3u /* in: context, bfn; out: domid, gfn, flags */
 #define PVIOMMU_OP_context_create  4u /* out: context                            */
 #define PVIOMMU_OP_context_destroy 5u /* in: context (no live mappings)          */
+#define PVIOMMU_OP_revoked_next    6u /* out: bfn, context, domid, gfn of the    */
+                                      /* oldest unacked revocation; ENOENT: none */
+#define PVIOMMU_OP_revoked_ack     7u /* in: context, bfn: release a revoked BFN */
 
 /* op.flags */
 #define PVIOMMU_F_READ   (1u << 0)  /* device may read                          */
@@ -135,5 +150,7 @@ struct pv_iommu_regions {
 /* EINVAL    22  malformed argument (flags, padding, version, context 0 ...) */
 /* ENOSPC    28  quota, context table or BFN window exhausted                */
 /* EOPNOTSUPP 95 unknown command/subop, or feature not offered               */
+/* EADDRNOTAVAIL 99 caller's IOMMU context does not translate BFNs           */
+/* ESTALE   116  unmap of a revoked BFN: acknowledged, BFN released          */
 
 #endif /* PVIOMMU_ABI_H */

@@ -38,11 +38,18 @@ pub enum Errno {
     NoSpc = 28,
     /// Unknown command or subop, or a feature the backend does not offer.
     OpNotSupp = 95,
+    /// The caller's IOMMU context does not translate BFNs (no IOMMU,
+    /// passthrough, relaxed, or tables shared with the CPU): see
+    /// `PvIommuCaps::translation`.
+    AddrNotAvail = 99,
+    /// The BFN had been revoked (its page left the target, or the target
+    /// died); this unmap acknowledged it and the BFN is released.
+    Stale = 116,
 }
 
 impl Errno {
     /// Every errno of the ABI.
-    pub const ALL: [Errno; 15] = [
+    pub const ALL: [Errno; 17] = [
         Errno::Perm,
         Errno::NoEnt,
         Errno::Srch,
@@ -58,6 +65,8 @@ impl Errno {
         Errno::Inval,
         Errno::NoSpc,
         Errno::OpNotSupp,
+        Errno::AddrNotAvail,
+        Errno::Stale,
     ];
 
     /// The positive errno value.
@@ -94,6 +103,8 @@ impl Errno {
             Errno::Inval => "EINVAL",
             Errno::NoSpc => "ENOSPC",
             Errno::OpNotSupp => "EOPNOTSUPP",
+            Errno::AddrNotAvail => "EADDRNOTAVAIL",
+            Errno::Stale => "ESTALE",
         }
     }
 
@@ -115,6 +126,8 @@ impl Errno {
             Errno::Inval => "malformed argument",
             Errno::NoSpc => "quota or BFN window exhausted",
             Errno::OpNotSupp => "unknown operation or unsupported feature",
+            Errno::AddrNotAvail => "the caller's IOMMU context does not translate BFNs",
+            Errno::Stale => "the BFN had been revoked; it is now released",
         }
     }
 }

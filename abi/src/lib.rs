@@ -1,4 +1,4 @@
-//! The PV-IOMMU hypercall ABI, interface version 1.0.
+//! The PV-IOMMU hypercall ABI, interface version 1.1.
 //!
 //! A driver domain asks the hypervisor, through hypercall
 //! [`HYPERVISOR_PV_IOMMU_OP`], to map a foreign domain's guest frame into one
@@ -35,7 +35,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 pub const HYPERVISOR_PV_IOMMU_OP: u32 = 43;
 
 /// Interface version: major in the high 16 bits, minor in the low 16.
-pub const INTERFACE_VERSION: u32 = 0x0001_0000;
+pub const INTERFACE_VERSION: u32 = 0x0001_0001;
 
 /// Major part of a version word.
 pub const fn version_major(version: u32) -> u16 {
@@ -65,8 +65,28 @@ pub mod feature {
     pub const ATTR_DEVICE: u32 = 1 << 2;
     /// Grant-reference maps ([`F_GRANT`](crate::op_flags::GRANT)) are accepted.
     pub const GRANT: u32 = 1 << 3;
+    /// Revoked BFNs stay reserved until acknowledged, and are reported
+    /// through [`subop::REVOKED_NEXT`](crate::subop::REVOKED_NEXT).
+    pub const REVOCATION_QUEUE: u32 = 1 << 4;
     /// Every bit defined by this version.
-    pub const ALL: u32 = 0xf;
+    pub const ALL: u32 = 0x1f;
+}
+
+/// Why a caller's IOMMU context cannot use BFNs ([`PvIommuCaps::translation`]).
+/// Anything but [`TRANSLATES`](translation::TRANSLATES) makes every map fail
+/// with `EADDRNOTAVAIL`.
+pub mod translation {
+    /// The caller's devices are translated through tables PV-IOMMU writes.
+    pub const TRANSLATES: u32 = 0;
+    /// The caller has no IOMMU context (IOMMU off, or no device assigned).
+    pub const NO_IOMMU: u32 = 1;
+    /// The caller's devices bypass the IOMMU (hardware-domain passthrough).
+    pub const PASSTHROUGH: u32 = 2;
+    /// Relaxed (non-strict) hardware domain: all RAM is already mapped, a
+    /// BFN would add no isolation.
+    pub const RELAXED: u32 = 3;
+    /// The IOMMU shares the CPU's second-stage tables: no separate BFN space.
+    pub const SHARED_PT: u32 = 4;
 }
 
 /// Subop codes ([`PvIommuOp::subop`]).
@@ -81,6 +101,13 @@ pub mod subop {
     pub const CONTEXT_CREATE: u16 = 4;
     /// Destroy an empty IOMMU context.
     pub const CONTEXT_DESTROY: u16 = 5;
+    /// Report the oldest revocation not yet acknowledged: out `bfn`,
+    /// `context`, `domid`, `gfn`; status `ENOENT` when there is none.
+    pub const REVOKED_NEXT: u16 = 6;
+    /// Acknowledge a revoked BFN (in `context`, `bfn`): it is released and
+    /// may be handed out again. An unmap of a revoked BFN does the same and
+    /// answers `ESTALE`.
+    pub const REVOKED_ACK: u16 = 7;
 }
 
 /// Bits of [`PvIommuOp::flags`].
@@ -134,12 +161,17 @@ pub struct PvIommuCaps {
     pub features: u32,
     /// Contexts a driver domain may hold, the default context included.
     pub max_contexts: u32,
-    /// Written as zero.
-    pub _pad0: u32,
-    /// The caller's quota of live mappings.
+    /// A [`translation`] code: whether the caller's context translates BFNs.
+    pub translation: u32,
+    /// The caller's quota of BFNs (live mappings plus unacknowledged
+    /// revocations).
     pub quota: u64,
-    /// The caller's live mappings.
+    /// The caller's BFNs in use (live plus revoked-unacknowledged).
     pub used: u64,
+    /// The caller's revocations not yet acknowledged.
+    pub revoked: u64,
+    /// Written as zero.
+    pub _rsvd: u64,
 }
 
 /// `struct pv_iommu_op`: one entry of a batch.
@@ -227,7 +259,7 @@ pub struct PvIommuRegions {
 // Layout checks: the same numbers are asserted in C by tests/tests/c_abi.rs.
 const _: () = {
     use core::mem::{offset_of, size_of};
-    assert!(size_of::<PvIommuCaps>() == 64);
+    assert!(size_of::<PvIommuCaps>() == 80);
     assert!(offset_of!(PvIommuCaps, page_sizes) == 8);
     assert!(offset_of!(PvIommuCaps, bfn_window_start) == 16);
     assert!(offset_of!(PvIommuCaps, bfn_window_end) == 24);
@@ -236,6 +268,8 @@ const _: () = {
     assert!(offset_of!(PvIommuCaps, max_contexts) == 40);
     assert!(offset_of!(PvIommuCaps, quota) == 48);
     assert!(offset_of!(PvIommuCaps, used) == 56);
+    assert!(offset_of!(PvIommuCaps, translation) == 44);
+    assert!(offset_of!(PvIommuCaps, revoked) == 64);
     assert!(size_of::<PvIommuOp>() == 40);
     assert!(offset_of!(PvIommuOp, flags) == 2);
     assert!(offset_of!(PvIommuOp, status) == 4);
@@ -300,8 +334,8 @@ pub const LAYOUT: &[(&str, &str, usize)] = &[
     ),
     (
         "pv_iommu_caps",
-        "_pad0",
-        core::mem::offset_of!(PvIommuCaps, _pad0),
+        "translation",
+        core::mem::offset_of!(PvIommuCaps, translation),
     ),
     (
         "pv_iommu_caps",
@@ -312,6 +346,16 @@ pub const LAYOUT: &[(&str, &str, usize)] = &[
         "pv_iommu_caps",
         "used",
         core::mem::offset_of!(PvIommuCaps, used),
+    ),
+    (
+        "pv_iommu_caps",
+        "revoked",
+        core::mem::offset_of!(PvIommuCaps, revoked),
+    ),
+    (
+        "pv_iommu_caps",
+        "_rsvd",
+        core::mem::offset_of!(PvIommuCaps, _rsvd),
     ),
     ("pv_iommu_op", "", core::mem::size_of::<PvIommuOp>()),
     (

@@ -48,6 +48,15 @@ pub enum Request {
         /// The context (never 0).
         context: ContextId,
     },
+    /// Report the oldest unacknowledged revocation.
+    RevokedNext,
+    /// Acknowledge a revoked BFN.
+    RevokedAck {
+        /// Context that held the BFN.
+        context: ContextId,
+        /// The revoked BFN.
+        bfn: Bfn,
+    },
 }
 
 impl Request {
@@ -86,16 +95,22 @@ impl Request {
                     grant: op.flags & op_flags::GRANT != 0,
                 }))
             }
-            subop::UNMAP | subop::LOOKUP => {
+            subop::UNMAP | subop::LOOKUP | subop::REVOKED_ACK => {
                 if op.flags != 0 || op.domid != 0 || op.gfn != 0 {
                     return Err(Errno::Inval);
                 }
                 let bfn = Bfn(op.bfn);
-                Ok(if op.subop == subop::UNMAP {
-                    Request::Unmap { context, bfn }
-                } else {
-                    Request::Lookup { context, bfn }
+                Ok(match op.subop {
+                    subop::UNMAP => Request::Unmap { context, bfn },
+                    subop::LOOKUP => Request::Lookup { context, bfn },
+                    _ => Request::RevokedAck { context, bfn },
                 })
+            }
+            subop::REVOKED_NEXT => {
+                if op.flags != 0 || op.domid != 0 || op.gfn != 0 || op.bfn != 0 || op.context != 0 {
+                    return Err(Errno::Inval);
+                }
+                Ok(Request::RevokedNext)
             }
             subop::CONTEXT_CREATE => {
                 if op.flags != 0 || op.domid != 0 || op.gfn != 0 || op.bfn != 0 || op.context != 0 {
@@ -144,6 +159,12 @@ impl Request {
                 op.subop = subop::CONTEXT_DESTROY;
                 op.context = context.0;
             }
+            Request::RevokedNext => op.subop = subop::REVOKED_NEXT,
+            Request::RevokedAck { context, bfn } => {
+                op.subop = subop::REVOKED_ACK;
+                op.context = context.0;
+                op.bfn = bfn.0;
+            }
         }
         op
     }
@@ -186,6 +207,11 @@ mod tests {
             Just(Request::ContextCreate),
             (1u32..).prop_map(|c| Request::ContextDestroy {
                 context: ContextId(c)
+            }),
+            Just(Request::RevokedNext),
+            (any::<u32>(), any::<u64>()).prop_map(|(c, b)| Request::RevokedAck {
+                context: ContextId(c),
+                bfn: Bfn(b)
             }),
         ]
     }

@@ -103,7 +103,7 @@ fn preempted_batches_resume_transparently() {
     all.sort();
     all.dedup();
     assert_eq!(all.len(), 20, "no op applied twice");
-    assert_eq!(s.lock().1.driver(DomId::DOM0).unwrap().mappings().len(), 20);
+    assert_eq!(s.lock().1.state().driver(DomId::DOM0).unwrap().live(), 20);
 }
 
 #[test]

@@ -160,7 +160,7 @@ fn batch_all(t: &mut dyn Transport, ops: &mut [PvIommuOp]) {
 fn snapshot(d: &Daemon) -> (u64, usize, usize, usize, usize) {
     let g = d.machine.lock().unwrap();
     let (m, e) = &*g;
-    let mappings: usize = e.drivers().map(|(_, dd)| dd.mappings().len()).sum();
+    let mappings: usize = e.state().drivers().map(|dd| dd.live() as usize).sum();
     (
         m.total_page_refs(),
         m.free_frames(),

@@ -49,14 +49,14 @@ fn bench(c: &mut Criterion) {
         group.throughput(Throughput::Elements(batch));
         // Gfns 1..: not 2 MiB aligned in machine frames, so no superpage
         // folding; the common case for scattered guest buffers.
-        let (mut m, mut e) = setup(batch + 8, Format::Vtd);
+        let (mut m, e) = setup(batch + 8, Format::Vtd);
         let maps: Vec<PvIommuOp> = (1..=batch)
             .map(|g| Request::Map(map_req(g)).encode())
             .collect();
         group.bench_with_input(BenchmarkId::new("hypercall", batch), &batch, |b, _| {
             b.iter(|| {
                 let mut ops = maps.clone();
-                m.guest_batch_all(&mut e, DomId::DOM0, &mut ops).unwrap();
+                m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
                 let mut unmaps: Vec<PvIommuOp> = ops
                     .iter()
                     .map(|o| {
@@ -67,18 +67,22 @@ fn bench(c: &mut Criterion) {
                         .encode()
                     })
                     .collect();
-                m.guest_batch_all(&mut e, DomId::DOM0, &mut unmaps).unwrap();
+                m.guest_batch_all(&e, DomId::DOM0, &mut unmaps).unwrap();
                 debug_assert!(unmaps.iter().all(|o| o.status == 0));
             })
         });
-        let (mut m, mut e) = setup(batch + 8, Format::Vtd);
+        let (mut m, e) = setup(batch + 8, Format::Vtd);
         let reqs: Vec<MapRequest> = (1..=batch).map(map_req).collect();
         let mut bfns = Vec::with_capacity(batch as usize);
+        let dom0 = {
+            use pviommu_hv::platform::Platform;
+            m.domain_info(DomId::DOM0).unwrap()
+        };
         group.bench_with_input(BenchmarkId::new("engine", batch), &batch, |b, _| {
             b.iter(|| {
                 bfns.clear();
                 for r in &reqs {
-                    bfns.push(e.map(&mut m, DomId::DOM0, r).unwrap());
+                    bfns.push(e.map(&mut m, DomId::DOM0, &dom0, r).unwrap());
                 }
                 e.finish(&mut m, DomId::DOM0);
                 for bfn in &bfns {

@@ -3,13 +3,14 @@
 //! The window starts above host RAM and above 4 GiB (below it sit PCI MMIO
 //! holes that a DMA may never reach the IOMMU through), is aligned for 2 MiB
 //! superpages, ends at the IOMMU's address width, and skips every reserved
-//! range. Freed BFNs are reused, lowest first.
+//! range. [`BfnSpace`] numbers the usable BFNs densely; which index a map
+//! gets is the driver domain's slot allocator's choice (`engine::driver`).
 
-use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
 
 use crate::config::{WINDOW_ALIGN, WINDOW_FLOOR};
 use crate::platform::ReservedRange;
+use crate::storage::try_push;
 use crate::{Bfn, Errno};
 
 /// The window and the reserved ranges inside or around it.
@@ -65,73 +66,92 @@ impl BfnWindow {
     }
 }
 
-/// Allocator over a [`BfnWindow`].
-#[derive(Clone, Debug)]
-pub struct BfnAllocator {
-    window: BfnWindow,
-    /// Never-used BFNs start here.
-    next: u64,
-    /// Freed BFNs below `next`.
-    free: BTreeSet<u64>,
+/// One run of usable BFNs: `len` frames from `start`, numbered from `first_index`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Segment {
+    start: u64,
+    len: u64,
+    first_index: u64,
 }
 
-impl BfnAllocator {
-    /// An allocator with nothing handed out.
-    pub fn new(window: BfnWindow) -> Self {
-        let next = window.start;
-        BfnAllocator {
-            window,
-            next,
-            free: BTreeSet::new(),
-        }
-    }
+/// The usable part of the window (the window minus reserved ranges) numbered
+/// densely: slot index `i` <-> one BFN. A driver domain's mapping table is
+/// an array indexed this way, so BFN -> mapping is O(number of segments),
+/// which is a handful, and no memory is spent on reserved holes.
+#[derive(Clone, Debug)]
+pub struct BfnSpace {
+    segments: Vec<Segment>,
+    total: u64,
+}
 
-    /// The window.
-    pub fn window(&self) -> &BfnWindow {
-        &self.window
-    }
-
-    /// A free BFN, or `Err(NoSpc)` when the window is exhausted.
-    pub fn alloc(&mut self) -> Result<Bfn, Errno> {
-        if let Some(b) = self.free.pop_first() {
-            return Ok(Bfn(b));
-        }
-        let mut candidate = self.next;
-        // Each step skips a whole reserved range: bounded by their number.
-        for _ in 0..=self.window.reserved.len() {
-            match self.window.reserved_at(candidate) {
-                Some(r) => candidate = r.start.saturating_add(r.nr),
-                None => break,
+impl BfnSpace {
+    /// Number the usable BFNs of `window`.
+    pub fn new(window: &BfnWindow) -> Result<Self, Errno> {
+        let mut segments = Vec::new();
+        let mut at = window.start;
+        let mut index = 0u64;
+        // `reserved` is sorted by start; overlapping ranges are fine.
+        for r in window.reserved.iter() {
+            let r_end = r.start.saturating_add(r.nr);
+            if r_end <= at || r.start >= window.end {
+                continue;
             }
+            if r.start > at {
+                let len = r.start - at;
+                try_push(
+                    &mut segments,
+                    Segment {
+                        start: at,
+                        len,
+                        first_index: index,
+                    },
+                )?;
+                index += len;
+            }
+            at = at.max(r_end);
         }
-        if candidate >= self.window.end || !self.window.allows(candidate) {
-            return Err(Errno::NoSpc);
+        if at < window.end {
+            let len = window.end - at;
+            try_push(
+                &mut segments,
+                Segment {
+                    start: at,
+                    len,
+                    first_index: index,
+                },
+            )?;
+            index += len;
         }
-        self.next = candidate + 1;
-        Ok(Bfn(candidate))
+        Ok(BfnSpace {
+            segments,
+            total: index,
+        })
     }
 
-    /// Return a BFN. Values never handed out are ignored.
-    pub fn free(&mut self, bfn: Bfn) {
-        if bfn.0 < self.window.start || bfn.0 >= self.next {
-            return;
-        }
-        if bfn.0 + 1 == self.next {
-            self.next = bfn.0;
-            // Fold freed BFNs at the top back into the bump pointer.
-            while let Some(&last) = self.free.last() {
-                if last + 1 == self.next {
-                    self.free.pop_last();
-                    self.next = last;
-                } else {
-                    break;
-                }
-            }
-            // Reserved ranges just below are never in `free`; stepping back
-            // over them is not needed because alloc skips them again.
-        } else {
-            self.free.insert(bfn.0);
-        }
+    /// Usable BFNs.
+    pub fn len(&self) -> u64 {
+        self.total
+    }
+
+    /// Whether no BFN is usable.
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// The BFN with slot index `index`.
+    pub fn bfn_of(&self, index: u64) -> Option<Bfn> {
+        self.segments
+            .iter()
+            .find(|s| index >= s.first_index && index - s.first_index < s.len)
+            .map(|s| Bfn(s.start + (index - s.first_index)))
+    }
+
+    /// The slot index of `bfn`, if it is a usable BFN.
+    pub fn index_of(&self, bfn: Bfn) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|s| bfn.0 >= s.start && bfn.0 - s.start < s.len)
+            .map(|s| s.first_index + (bfn.0 - s.start))
     }
 }
 
@@ -149,23 +169,28 @@ mod tests {
         let w = BfnWindow::new(0x8_0000, 39, alloc::vec![msi]).unwrap();
         assert_eq!(w.start, 0x10_0000);
         assert_eq!(w.end, 1 << 27);
-        let mut a = BfnAllocator::new(w);
-        let got: Vec<u64> = (0..4).map(|_| a.alloc().unwrap().0).collect();
+        let s = BfnSpace::new(&w).unwrap();
+        let got: Vec<u64> = (0..4).map(|i| s.bfn_of(i).unwrap().0).collect();
         assert_eq!(got, [0x100000, 0x100001, 0x100005, 0x100006]);
-        a.free(Bfn(0x100001));
-        assert_eq!(a.alloc().unwrap().0, 0x100001);
+        for i in [0u64, 1, 2, 3, 1000] {
+            assert_eq!(s.index_of(s.bfn_of(i).unwrap()), Some(i));
+        }
+        assert_eq!(s.index_of(Bfn(0x100003)), None);
+        assert_eq!(s.index_of(Bfn(0x1000)), None);
+        assert_eq!(s.len(), (1 << 27) - 0x100000 - 3);
     }
 
     #[test]
-    fn exhaustion_is_enospc() {
+    fn overlapping_and_outside_reserved_ranges() {
+        let r = |start, nr| ReservedRange { start, nr, kind: 2 };
         let w = BfnWindow {
             start: 10,
-            end: 12,
-            reserved: Vec::new(),
+            end: 30,
+            reserved: alloc::vec![r(0, 12), r(14, 2), r(15, 3), r(29, 100)],
         };
-        let mut a = BfnAllocator::new(w);
-        a.alloc().unwrap();
-        a.alloc().unwrap();
-        assert_eq!(a.alloc(), Err(Errno::NoSpc));
+        let s = BfnSpace::new(&w).unwrap();
+        let all: Vec<u64> = (0..s.len()).map(|i| s.bfn_of(i).unwrap().0).collect();
+        assert_eq!(all, [12, 13, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28]);
+        assert_eq!(s.bfn_of(s.len()), None);
     }
 }

@@ -7,6 +7,10 @@
 //! continuation — resumes exactly there. No op is applied twice: an op's
 //! result is copied out before `nr_done` passes it, and an op whose result
 //! cannot be copied out is undone.
+//!
+//! Guest copies happen with no engine lock held (for HVM/PVH callers they
+//! take the caller's p2m lock and may fault): each op is copied in, acted on
+//! under the lock, and copied out.
 
 use pviommu_abi::{
     cmd, feature, version_major, PvIommuBatch, PvIommuCaps, PvIommuOp, PvIommuRegion,
@@ -14,8 +18,12 @@ use pviommu_abi::{
 };
 use zerocopy::{FromBytes, IntoBytes};
 
+use lock_api::RawMutex;
+
 use crate::config::MAX_REGIONS_PER_CALL;
 use crate::engine::{Engine, Hypervisor};
+use crate::permission::may_call;
+use crate::platform::{DomainInfo, XsmAction};
 use crate::{ContextId, DomId, Errno};
 
 const OP_SIZE: u64 = core::mem::size_of::<PvIommuOp>() as u64;
@@ -35,22 +43,23 @@ fn check_version(v: u32) -> Result<(), Errno> {
     }
 }
 
-impl Engine {
+impl<L: RawMutex> Engine<L> {
     /// The hypercall body. Returns 0, a negative errno, or
     /// [`BATCH_INCOMPLETE`] when the platform asked to stop (progress is in
     /// the guest's batch header).
-    pub fn hypercall(
-        &mut self,
-        h: &mut impl Hypervisor,
-        caller: DomId,
-        command: u32,
-        arg: u64,
-    ) -> i64 {
-        let r = match command {
-            cmd::QUERY_CAPS => self.query_caps(h, caller, arg),
-            cmd::BATCH => self.batch(h, caller, arg),
-            cmd::RESERVED_REGIONS => self.reserved_regions(h, arg),
-            _ => Err(Errno::OpNotSupp),
+    ///
+    /// A caller that is neither the control domain nor a device model is
+    /// refused here, before any guest copy and before any engine lock.
+    pub fn hypercall(&self, h: &mut impl Hypervisor, caller: DomId, command: u32, arg: u64) -> i64 {
+        let info = h.domain_info(caller);
+        let r = match may_call(info.as_ref()) {
+            Err(e) => Err(e),
+            Ok(ci) => match command {
+                cmd::QUERY_CAPS => self.query_caps(h, caller, ci, arg),
+                cmd::BATCH => self.batch(h, caller, ci, arg),
+                cmd::RESERVED_REGIONS => self.reserved_regions(h, caller, arg),
+                _ => Err(Errno::OpNotSupp),
+            },
         };
         match r {
             Ok(v) => v,
@@ -58,12 +67,14 @@ impl Engine {
         }
     }
 
-    /// The capabilities `caller` sees.
-    pub fn caps(&self, h: &impl Hypervisor, caller: DomId) -> PvIommuCaps {
+    /// The capabilities `caller` (described by `ci`) sees.
+    pub fn caps(&self, h: &impl Hypervisor, caller: DomId, ci: &DomainInfo) -> PvIommuCaps {
         let b = h.iommu_caps();
         let contexts = b.max_contexts.clamp(1, crate::config::MAX_CONTEXTS);
         let features = (b.features & feature::ALL & !feature::CONTEXTS & !feature::GRANT)
-            | if contexts > 1 { feature::CONTEXTS } else { 0 };
+            | if contexts > 1 { feature::CONTEXTS } else { 0 }
+            | feature::REVOCATION_QUEUE;
+        let (quota, used, revoked) = self.usage(caller);
         PvIommuCaps {
             version: INTERFACE_VERSION,
             max_batch_ops: self.config().max_batch_ops,
@@ -73,44 +84,49 @@ impl Engine {
             nr_reserved_regions: self.window().reserved.len() as u32,
             features,
             max_contexts: contexts,
-            _pad0: 0,
-            quota: self.config().quota,
-            used: self.driver(caller).map_or(0, |d| d.mappings().len() as u64),
+            translation: ci.translation,
+            quota,
+            used,
+            revoked,
+            _rsvd: 0,
         }
     }
 
     fn query_caps(
-        &mut self,
+        &self,
         h: &mut impl Hypervisor,
         caller: DomId,
+        ci: &DomainInfo,
         arg: u64,
     ) -> Result<i64, Errno> {
-        let caps = self.caps(h, caller);
+        h.xsm_check(caller, None, XsmAction::Query)?;
+        let caps = self.caps(h, caller, ci);
         h.copy_to_guest(arg, caps.as_bytes())?;
         Ok(0)
     }
 
-    fn reserved_regions(&mut self, h: &mut impl Hypervisor, arg: u64) -> Result<i64, Errno> {
+    fn reserved_regions(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        arg: u64,
+    ) -> Result<i64, Errno> {
+        h.xsm_check(caller, None, XsmAction::Query)?;
         let mut hdr: PvIommuRegions = copy_in(h, arg)?;
         check_version(hdr.version)?;
-        let total = self.window().reserved.len() as u32;
+        // The window is fixed after boot and lives outside the lock.
+        let reserved = &self.window().reserved;
+        let total = reserved.len() as u32;
         let want = hdr.nr.min(MAX_REGIONS_PER_CALL);
         let mut written = 0u32;
-        for (i, r) in self
-            .window()
-            .reserved
-            .iter()
-            .enumerate()
-            .skip(hdr.start as usize)
-            .take(want as usize)
-        {
+        for r in reserved.iter().skip(hdr.start as usize).take(want as usize) {
             let region = PvIommuRegion {
                 start_bfn: r.start,
                 nr_frames: r.nr,
                 kind: r.kind,
                 _pad0: 0,
             };
-            let addr = (i as u64 - hdr.start as u64)
+            let addr = (written as u64)
                 .checked_mul(core::mem::size_of::<PvIommuRegion>() as u64)
                 .and_then(|o| hdr.regions.checked_add(o))
                 .ok_or(Errno::Fault)?;
@@ -123,7 +139,14 @@ impl Engine {
         Ok(0)
     }
 
-    fn batch(&mut self, h: &mut impl Hypervisor, caller: DomId, arg: u64) -> Result<i64, Errno> {
+    fn batch(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        ci: &DomainInfo,
+        arg: u64,
+    ) -> Result<i64, Errno> {
+        h.xsm_check(caller, None, XsmAction::Manage)?;
         let mut hdr: PvIommuBatch = copy_in(h, arg)?;
         check_version(hdr.version)?;
         if hdr.flags != 0 || hdr.nr_done > hdr.nr_ops {
@@ -143,7 +166,7 @@ impl Engine {
                 break;
             }
             let addr = hdr.ops + hdr.nr_done as u64 * OP_SIZE;
-            if let Err(e) = self.run_op(h, caller, addr) {
+            if let Err(e) = self.run_op(h, caller, ci, addr) {
                 result = Err(e);
                 break;
             }
@@ -158,22 +181,49 @@ impl Engine {
 
     /// Run the op at guest address `addr` and write its status back.
     /// `Err` only when the guest's op array itself is inaccessible: then the
-    /// op has no effect.
-    fn run_op(&mut self, h: &mut impl Hypervisor, caller: DomId, addr: u64) -> Result<(), Errno> {
+    /// op has no effect. No engine lock is held across the guest copies.
+    fn run_op(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        ci: &DomainInfo,
+        addr: u64,
+    ) -> Result<(), Errno> {
         let mut op: PvIommuOp = copy_in(h, addr)?;
         let request = Request::parse(&op);
         let outcome = match request {
             Err(e) => Err(e),
-            Ok(Request::Map(m)) => self.map(h, caller, &m).map(|bfn| op.bfn = bfn.0),
+            Ok(Request::Map(m)) => self.map(h, caller, ci, &m).map(|bfn| op.bfn = bfn.0),
             Ok(Request::Lookup { context, bfn }) => self.lookup(caller, context, bfn).map(|m| {
                 op.domid = m.domid.0;
                 op.gfn = m.gfn.0;
                 op.flags =
                     m.perms.flag_bits() | (m.attr.field() << pviommu_abi::op_flags::ATTR_SHIFT);
             }),
-            // Destructive ops: validate, report success, then act, so a
+            // Destructive ops: validate, report the outcome, then act, so a
             // status that cannot be written leaves the state unchanged.
-            Ok(Request::Unmap { context, bfn }) => self.lookup(caller, context, bfn).map(|_| ()),
+            Ok(Request::Unmap { context, bfn }) => {
+                self.unmap_check(caller, context, bfn).and_then(|revoked| {
+                    if revoked {
+                        Err(Errno::Stale)
+                    } else {
+                        Ok(())
+                    }
+                })
+            }
+            Ok(Request::RevokedAck { context, bfn }) => {
+                match self.unmap_check(caller, context, bfn) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(Errno::NoEnt),
+                    Err(e) => Err(e),
+                }
+            }
+            Ok(Request::RevokedNext) => self.revoked_next(caller).map(|(bfn, n)| {
+                op.bfn = bfn.0;
+                op.context = n.context.0;
+                op.domid = n.domid.0;
+                op.gfn = n.gfn.0;
+            }),
             Ok(Request::ContextDestroy { context }) => self.context_destroy_check(caller, context),
             Ok(Request::ContextCreate) => self.context_create(h, caller).map(|c| op.context = c.0),
         };
@@ -194,20 +244,28 @@ impl Engine {
             }
             return Err(e);
         }
-        if outcome.is_ok() {
-            match request {
-                Ok(Request::Unmap { context, bfn }) => {
-                    // Checked above; the backend may still fail (e.g. no
-                    // frame to split a superpage): report it in the status.
-                    if let Err(e) = self.unmap(h, caller, context, bfn) {
-                        op.status = e.negated();
-                        h.copy_to_guest(addr, op.as_bytes())?;
-                    }
-                }
-                Ok(Request::ContextDestroy { context }) => {
-                    let _ = self.context_destroy(h, caller, context);
-                }
-                _ => {}
+        let acted = match (request, outcome) {
+            (Ok(Request::Unmap { context, bfn }), Ok(()) | Err(Errno::Stale)) => {
+                Some(self.unmap(h, caller, context, bfn))
+            }
+            (Ok(Request::RevokedAck { context, bfn }), Ok(())) => {
+                Some(self.revoked_ack(caller, context, bfn))
+            }
+            (Ok(Request::ContextDestroy { context }), Ok(())) => {
+                Some(self.context_destroy(h, caller, context))
+            }
+            _ => None,
+        };
+        // Checked above, but another CPU (a revocation) may have changed the
+        // BFN since, or the IOMMU refused the unmap: report what happened.
+        if let Some(r) = acted {
+            let status = match r {
+                Ok(()) => 0,
+                Err(e) => e.negated(),
+            };
+            if status != op.status {
+                op.status = status;
+                h.copy_to_guest(addr, op.as_bytes())?;
             }
         }
         Ok(())

@@ -3,8 +3,7 @@
 //! hardware domain; in the simulator, the real-format tables of
 //! [`crate::pgtable`] in simulated RAM.
 
-use alloc::vec::Vec;
-
+use crate::config::MAX_CONTEXTS;
 use crate::{Bfn, ContextId, DomId, Errno, MemAttr, Mfn, Permissions};
 
 /// What the backend can do.
@@ -20,31 +19,60 @@ pub struct BackendCaps {
     pub address_bits: u32,
 }
 
-/// IOTLB invalidations gathered over a batch, one range per context: the
-/// engine passes it to every map/unmap and flushes once at the end (the way
-/// Linux's `iommu_iotlb_gather` works).
-#[derive(Default, Debug)]
+/// One context's pending invalidation: a BFN range and backend flags.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct FlushRange {
+    /// Context.
+    pub context: ContextId,
+    /// First BFN changed.
+    pub first: Bfn,
+    /// Last BFN changed.
+    pub last: Bfn,
+    /// Backend-specific flags (Xen's `IOMMU_FLUSHF_*`).
+    pub flags: u32,
+}
+
+/// IOTLB invalidations gathered over a batch, one range per context (the
+/// way Linux's `iommu_iotlb_gather` works): the engine passes it to every
+/// map/unmap and flushes once. Fixed size, so gathering never allocates;
+/// a driver domain has at most [`MAX_CONTEXTS`] contexts.
+#[derive(Clone, Debug, Default)]
 pub struct FlushGather {
-    /// (context, first bfn, last bfn, backend flags).
-    pub ranges: Vec<(ContextId, Bfn, Bfn, u32)>,
+    ranges: [Option<FlushRange>; MAX_CONTEXTS as usize],
 }
 
 impl FlushGather {
     /// Record that `bfn` of `ctx` changed; `flags` are backend-specific.
     pub fn add(&mut self, ctx: ContextId, bfn: Bfn, flags: u32) -> Result<(), Errno> {
-        if let Some(r) = self.ranges.iter_mut().find(|r| r.0 == ctx) {
-            r.1 = r.1.min(bfn);
-            r.2 = r.2.max(bfn);
-            r.3 |= flags;
-            return Ok(());
+        let slot = self.ranges.get_mut(ctx.0 as usize).ok_or(Errno::Inval)?;
+        match slot {
+            Some(r) => {
+                r.first = Bfn(r.first.0.min(bfn.0));
+                r.last = Bfn(r.last.0.max(bfn.0));
+                r.flags |= flags;
+            }
+            None => {
+                *slot = Some(FlushRange {
+                    context: ctx,
+                    first: bfn,
+                    last: bfn,
+                    flags,
+                })
+            }
         }
-        self.ranges.try_reserve(1).map_err(|_| Errno::NoMem)?;
-        self.ranges.push((ctx, bfn, bfn, flags));
         Ok(())
     }
     /// Whether nothing is pending.
     pub fn is_empty(&self) -> bool {
-        self.ranges.is_empty()
+        self.ranges.iter().all(Option::is_none)
+    }
+    /// The pending ranges.
+    pub fn ranges(&self) -> impl Iterator<Item = &FlushRange> {
+        self.ranges.iter().flatten()
+    }
+    /// Forget everything (after a successful flush).
+    pub fn clear(&mut self) {
+        self.ranges = Default::default();
     }
 }
 
@@ -68,7 +96,9 @@ pub trait IommuBackend {
         attr: MemAttr,
         gather: &mut FlushGather,
     ) -> Result<(), Errno>;
-    /// Unmap one 4 KiB page.
+    /// Unmap one 4 KiB page. Must not need memory where the backend can
+    /// help it; an `Err` leaves the entry in place (the engine keeps the page
+    /// referenced and retries).
     fn iommu_unmap(
         &mut self,
         owner: DomId,
@@ -76,6 +106,7 @@ pub trait IommuBackend {
         bfn: Bfn,
         gather: &mut FlushGather,
     ) -> Result<(), Errno>;
-    /// Invalidate the IOTLB for everything gathered.
-    fn iommu_flush(&mut self, owner: DomId, gather: &FlushGather);
+    /// Invalidate the IOTLB for everything gathered. Only after `Ok` may
+    /// the page references of unmapped pages be dropped.
+    fn iommu_flush(&mut self, owner: DomId, gather: &FlushGather) -> Result<(), Errno>;
 }

@@ -13,7 +13,8 @@
 //! * page-table entries are written in [`pgtable`] (formats in
 //!   [`pgtable::vtd`] and [`pgtable::lpae`], the walker in [`pgtable::IoPageTable`]);
 //! * the IOTLB is flushed once per batch through [`iommu::FlushGather`];
-//! * BFNs are chosen in [`bfn_alloc`]; mappings and revocation live in [`engine`].
+//! * BFNs are numbered in [`bfn_alloc`]; mappings, locks and revocation live
+//!   in [`engine`] (its module docs say which lock protects what).
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
 
@@ -29,8 +30,12 @@ pub mod pgtable;
 pub mod platform;
 #[cfg(feature = "sim")]
 pub mod sim;
+pub mod storage;
 
-pub use engine::Engine;
+/// The engine with a host mutex, for the simulator, tests and tools. Inside
+/// Xen the engine is `engine::Engine<XenLock>` over Xen's spinlock.
+#[cfg(feature = "std")]
+pub type Engine = engine::Engine<parking_lot::RawMutex>;
 pub use pviommu_abi::{self as abi, Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Permissions};
 
 /// Machine frame number. Only the hypervisor side knows these: nothing in

@@ -1,56 +1,120 @@
-//! Where permission is decided: who may map whose pages, and which pages
-//! may be mapped with which access.
+//! Where permission is decided: who may call at all, who may map whose
+//! pages, and which pages may be mapped with which access.
+//!
+//! This is the one definition of the rule, for Xen and the simulator alike.
+//! A platform only reports facts ([`DomainInfo`]: control domain, `target`);
+//! the direction of the device-model relation is decided here. It is Xen's
+//! `XSM_DM_PRIV` (`xsm_default_action` in `include/xsm/dummy.h`): the caller
+//! may act on `target` if the caller is the control domain, or if the
+//! *caller's* `target` field names `target` (Xen sets `stubdom->target =
+//! guest`, so a device model maps its guest and never the reverse). The
+//! platform's XSM hook ([`Platform::xsm_check`]) runs after this and can
+//! only refuse more (a FLASK policy).
 
-use crate::platform::{PageKind, Platform};
+use crate::platform::{DomainInfo, PageKind, Platform, XsmAction};
 use crate::{DomId, Errno, Permissions};
+use pviommu_abi::translation;
 
 /// The caller's relation to the target that allows mapping.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum CallerKind {
-    /// A privileged domain (control or hardware domain).
+    /// The control domain.
     Privileged,
-    /// The device model of the target.
+    /// The device model of the target (its `target` field names it).
     DeviceModel,
     /// Neither.
     Unrelated,
 }
 
-/// Classify `caller` with respect to `target`.
-pub fn caller_kind(p: &impl Platform, caller: DomId, target: DomId) -> CallerKind {
-    if p.is_privileged(caller) {
+/// Classify a caller (described by `caller`) with respect to `target`.
+pub fn caller_kind(caller: &DomainInfo, target: DomId) -> CallerKind {
+    if caller.control {
         CallerKind::Privileged
-    } else if p.is_device_model_of(caller, target) {
+    } else if caller.target == Some(target) {
         CallerKind::DeviceModel
     } else {
         CallerKind::Unrelated
     }
 }
 
-/// May `caller` map pages of `target`? ESRCH if the target does not exist.
-pub fn check_caller(p: &impl Platform, caller: DomId, target: DomId) -> Result<(), Errno> {
-    if !p.domain_exists(target) {
-        return Err(Errno::Srch);
+/// May this domain use PV-IOMMU at all? Only the control domain and device
+/// models (domains with a `target`) may: everyone else is refused here,
+/// before the engine takes any lock, so an unrelated domU cannot contend the
+/// lock a mediator needs.
+pub fn may_call(caller: Option<&DomainInfo>) -> Result<&DomainInfo, Errno> {
+    match caller {
+        Some(c) if !c.dying && (c.control || c.target.is_some()) => Ok(c),
+        _ => Err(Errno::Perm),
     }
-    if target == caller {
+}
+
+/// May `caller` map pages of `target`? Checks, in order: the caller's own
+/// IOMMU context translates BFNs (`EADDRNOTAVAIL`), the target exists and
+/// is alive (`ESRCH`), is not the caller (`EINVAL`), the rule above
+/// (`EPERM`), then the platform's XSM hook.
+pub fn check_map(
+    p: &impl Platform,
+    caller_id: DomId,
+    caller: &DomainInfo,
+    target: DomId,
+) -> Result<(), Errno> {
+    if caller.translation != translation::TRANSLATES {
+        return Err(Errno::AddrNotAvail);
+    }
+    match p.domain_info(target) {
+        Some(t) if !t.dying => {}
+        _ => return Err(Errno::Srch),
+    }
+    if target == caller_id {
         // A domain's own pages are already in its context (strict mode maps
         // them 1:1); handing out a second address for them is refused.
         return Err(Errno::Inval);
     }
-    match caller_kind(p, caller, target) {
-        CallerKind::Privileged | CallerKind::DeviceModel => Ok(()),
-        CallerKind::Unrelated => Err(Errno::Perm),
+    match caller_kind(caller, target) {
+        CallerKind::Privileged | CallerKind::DeviceModel => {}
+        CallerKind::Unrelated => return Err(Errno::Perm),
     }
+    p.xsm_check(caller_id, Some(target), XsmAction::Map)
 }
 
 /// May a page of this kind be mapped with these permissions?
 pub fn check_page(kind: PageKind, perms: Permissions) -> Result<(), Errno> {
     match kind {
         PageKind::RamRw => Ok(()),
-        PageKind::RamRo if perms.write => Err(Errno::Acces),
-        PageKind::RamRo => Ok(()),
+        PageKind::RamRo | PageKind::LogDirty if perms.write => Err(Errno::Acces),
+        PageKind::RamRo | PageKind::LogDirty => Ok(()),
         PageKind::Grant | PageKind::XenOwned => Err(Errno::XDev),
         PageKind::Mmio => Err(Errno::NoDev),
         PageKind::NotPresent => Err(Errno::Nxio),
         PageKind::PagedOut => Err(Errno::Again),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(control: bool, target: Option<u16>) -> DomainInfo {
+        DomainInfo {
+            control,
+            target: target.map(DomId),
+            ..Default::default()
+        }
+    }
+
+    /// Regression for the inverted device-model check on Xen (the C glue
+    /// tested `target->target == caller`): the stub domain carries the
+    /// relation, and only it may act on its guest.
+    #[test]
+    fn device_model_direction_is_the_callers_target() {
+        let stubdom = info(false, Some(5));
+        let guest = info(false, None);
+        assert_eq!(caller_kind(&stubdom, DomId(5)), CallerKind::DeviceModel);
+        assert_eq!(caller_kind(&stubdom, DomId(6)), CallerKind::Unrelated);
+        assert_eq!(caller_kind(&guest, DomId(7)), CallerKind::Unrelated);
+        assert!(may_call(Some(&guest)).is_err());
+        assert!(may_call(Some(&stubdom)).is_ok());
+        assert!(may_call(Some(&info(true, None))).is_ok());
+        assert!(may_call(None).is_err());
     }
 }

@@ -22,6 +22,39 @@ pub enum PageKind {
     PagedOut,
     /// Owned by Xen or by another domain.
     XenOwned,
+    /// Writable access asked while the target is in log-dirty mode (device
+    /// writes would escape dirty tracking and be lost on migration).
+    LogDirty,
+}
+
+/// What the hypervisor knows about a domain: the facts the permission rule
+/// in [`crate::permission`] is decided on. The rule itself lives in one
+/// place, shared by Xen and the simulator; a platform only reports facts.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct DomainInfo {
+    /// Dying (`d->is_dying`): no new mappings of its pages.
+    pub dying: bool,
+    /// The control domain (`is_control_domain`).
+    pub control: bool,
+    /// The hardware domain (`is_hardware_domain`).
+    pub hardware: bool,
+    /// The domain this one is the device model of (Xen's `d->target`, set
+    /// on the *stub domain* and pointing at the guest it serves).
+    pub target: Option<DomId>,
+    /// A [`pviommu_abi::translation`] code: whether this domain's IOMMU
+    /// context translates BFNs at all.
+    pub translation: u32,
+}
+
+/// What an XSM check is asked about ([`Platform::xsm_check`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum XsmAction {
+    /// Capabilities and reserved regions.
+    Query,
+    /// Map a page of the target.
+    Map,
+    /// Unmap, look up, contexts and revocations of the caller's own BFNs.
+    Manage,
 }
 
 /// What [`Platform::get_page`] found; `mfn` is `Some` exactly when a page
@@ -52,13 +85,21 @@ pub trait Platform {
     fn copy_from_guest(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), Errno>;
     /// Copy into the calling guest's buffer at `addr`.
     fn copy_to_guest(&mut self, addr: u64, buf: &[u8]) -> Result<(), Errno>;
-    /// Whether the domain exists and is not dying.
-    fn domain_exists(&self, domid: DomId) -> bool;
-    /// Whether the domain is privileged (control / hardware domain).
-    fn is_privileged(&self, domid: DomId) -> bool;
-    /// Whether `caller` is the device model of `target`.
-    fn is_device_model_of(&self, caller: DomId, target: DomId) -> bool;
+    /// Facts about a domain; `None` if there is no such domain.
+    fn domain_info(&self, domid: DomId) -> Option<DomainInfo>;
+    /// The hypervisor's security module (Xen's XSM/FLASK) on top of the
+    /// engine's own rule: it can only refuse more. `target` is `None` for
+    /// queries that name no target.
+    fn xsm_check(
+        &self,
+        caller: DomId,
+        target: Option<DomId>,
+        action: XsmAction,
+    ) -> Result<(), Errno>;
     /// Classify `gfn` of `domid`; take references if it is usable RAM.
+    /// Writable requests unshare shared pages; paged-out pages start paging
+    /// in and answer [`PageKind::PagedOut`]. Never called with the engine
+    /// lock held: it takes the target's p2m lock.
     fn get_page(&mut self, domid: DomId, gfn: Gfn, want_write: bool) -> Result<PageLookup, Errno>;
     /// Release what `get_page` took.
     fn put_page(&mut self, mfn: Mfn, writable: bool);
@@ -68,4 +109,6 @@ pub trait Platform {
     fn reserved_range(&self, index: usize) -> Option<ReservedRange>;
     /// True when a long call should stop here and be continued.
     fn should_preempt(&mut self) -> bool;
+    /// A per-boot secret for the engine's hash tables.
+    fn random_seed(&self) -> u64;
 }

@@ -4,6 +4,7 @@ use pviommu_abi::{
     Bfn, ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions, PvIommuOp, Request,
 };
 use pviommu_hv::config::Config;
+use pviommu_hv::engine::Slot;
 use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
 use pviommu_hv::Engine;
 
@@ -81,17 +82,22 @@ pub fn unmap_op(bfn: Bfn) -> PvIommuOp {
     .encode()
 }
 
-/// Map one page as `caller`; the op's status as a Result.
+/// Map one page as `caller`; the op's status (or the hypercall's error) as
+/// a Result.
 pub fn map_one(
     m: &mut SimMachine,
-    e: &mut Engine,
+    e: &Engine,
     caller: DomId,
     domid: DomId,
     gfn: u64,
     perms: Permissions,
 ) -> Result<Bfn, i32> {
     let mut ops = [map_op(domid, gfn, perms)];
-    m.guest_batch_all(e, caller, &mut ops).unwrap();
+    // A caller refused as a whole (EPERM before any op) gets the
+    // hypercall's error; otherwise the op's status.
+    if let Err(e) = m.guest_batch_all(e, caller, &mut ops) {
+        return Err(e.negated());
+    }
     if ops[0].status == 0 {
         Ok(Bfn(ops[0].bfn))
     } else {
@@ -103,17 +109,29 @@ pub fn map_one(
 /// after a refused call.
 pub fn observable(m: &SimMachine, e: &Engine) -> String {
     let mut s = String::new();
-    for (d, dd) in e.drivers() {
-        if dd.mappings().is_empty() && dd.contexts().len() == 1 {
+    let st = e.state();
+    for dd in st.drivers() {
+        if dd.used() == 0 && dd.contexts().count() == 1 {
             continue; // an empty driver domain is indistinguishable from none
         }
-        s += &format!("{d:?} {:?} {:?}\n", dd.contexts(), dd.mappings());
+        let slots: Vec<_> = dd
+            .slots()
+            .filter(|(_, s)| !matches!(s, Slot::Free { .. }))
+            .collect();
+        s += &format!(
+            "{:?} {:?} {:?}\n",
+            dd.domid(),
+            dd.contexts().collect::<Vec<_>>(),
+            slots
+        );
     }
+    drop(st);
     s += &format!(
-        "refs={} xen_frames={} free={}\n",
+        "refs={} xen_frames={} free={} pt={}\n",
         m.total_page_refs(),
         m.xen_frames(),
-        m.free_frames()
+        m.free_frames(),
+        m.table_digest()
     );
     s
 }

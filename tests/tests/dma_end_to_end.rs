@@ -5,9 +5,9 @@ use pviommu_hv::sim::{FaultReason, Format};
 use pviommu_tests::*;
 
 fn dma_reads_foreign_bytes_and_faults_after_unmap(format: Format) {
-    let (mut m, mut e) = machine(format, 64);
-    let bfn = map_one(&mut m, &mut e, DomId::DOM0, GUEST, 7, Permissions::RW).unwrap();
-    let caps = m.guest_query_caps(&mut e, DomId::DOM0).unwrap();
+    let (mut m, e) = machine(format, 64);
+    let bfn = map_one(&mut m, &e, DomId::DOM0, GUEST, 7, Permissions::RW).unwrap();
+    let caps = m.guest_query_caps(&e, DomId::DOM0).unwrap();
     assert!(bfn.0 >= caps.bfn_window_start && bfn.0 < caps.bfn_window_end);
     assert!(bfn.0 >= 0x10_0000, "BFN above 4 GiB and above RAM");
 
@@ -30,7 +30,7 @@ fn dma_reads_foreign_bytes_and_faults_after_unmap(format: Format) {
     );
 
     let mut ops = [unmap_op(bfn)];
-    m.guest_batch_all(&mut e, DomId::DOM0, &mut ops).unwrap();
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
     assert_eq!(ops[0].status, 0);
     let fault = m
         .dma_read(DomId::DOM0, ContextId::DEFAULT, addr, 64)
@@ -52,8 +52,8 @@ fn lpae_dma_round_trip() {
 #[test]
 fn write_through_read_only_mapping_faults() {
     for format in [Format::Vtd, Format::Lpae] {
-        let (mut m, mut e) = machine(format, 16);
-        let bfn = map_one(&mut m, &mut e, DomId::DOM0, GUEST, 3, Permissions::RO).unwrap();
+        let (mut m, e) = machine(format, 16);
+        let bfn = map_one(&mut m, &e, DomId::DOM0, GUEST, 3, Permissions::RO).unwrap();
         let addr = bfn.0 << 12;
         assert_eq!(
             m.dma_read(DomId::DOM0, ContextId::DEFAULT, addr, 64)
@@ -74,49 +74,49 @@ fn write_through_read_only_mapping_faults() {
 
 #[test]
 fn mapping_twice_returns_same_bfn_and_needs_two_unmaps() {
-    let (mut m, mut e) = machine(Format::Vtd, 16);
-    let a = map_one(&mut m, &mut e, DomId::DOM0, GUEST, 5, Permissions::RW).unwrap();
-    let b = map_one(&mut m, &mut e, DomId::DOM0, GUEST, 5, Permissions::RW).unwrap();
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let a = map_one(&mut m, &e, DomId::DOM0, GUEST, 5, Permissions::RW).unwrap();
+    let b = map_one(&mut m, &e, DomId::DOM0, GUEST, 5, Permissions::RW).unwrap();
     assert_eq!(a, b);
-    let ro = map_one(&mut m, &mut e, DomId::DOM0, GUEST, 5, Permissions::RO).unwrap();
+    let ro = map_one(&mut m, &e, DomId::DOM0, GUEST, 5, Permissions::RO).unwrap();
     assert_ne!(a, ro, "different permissions get their own BFN");
     let mut ops = [unmap_op(a)];
-    m.guest_batch_all(&mut e, DomId::DOM0, &mut ops).unwrap();
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
     assert!(
         m.dma_read(DomId::DOM0, ContextId::DEFAULT, a.0 << 12, 8)
             .is_ok(),
         "one reference left"
     );
-    m.guest_batch_all(&mut e, DomId::DOM0, &mut ops).unwrap();
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
     assert_eq!(ops[0].status, 0);
     assert!(m
         .dma_read(DomId::DOM0, ContextId::DEFAULT, a.0 << 12, 8)
         .is_err());
-    m.guest_batch_all(&mut e, DomId::DOM0, &mut ops).unwrap();
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
     assert_eq!(ops[0].status, -2, "third unmap: ENOENT");
 }
 
 #[test]
 fn one_flush_per_batch() {
-    let (mut m, mut e) = machine(Format::Vtd, 600);
+    let (mut m, e) = machine(Format::Vtd, 600);
     let mut ops: Vec<_> = (0..512)
         .map(|g| map_op(GUEST, g, Permissions::RW))
         .collect();
     let before = m.flushes;
-    m.guest_batch_all(&mut e, DomId::DOM0, &mut ops).unwrap();
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
     assert_eq!(m.flushes - before, 1);
     let mut unmaps: Vec<_> = ops
         .iter()
         .map(|o| unmap_op(pviommu_abi::Bfn(o.bfn)))
         .collect();
-    m.guest_batch_all(&mut e, DomId::DOM0, &mut unmaps).unwrap();
+    m.guest_batch_all(&e, DomId::DOM0, &mut unmaps).unwrap();
     assert_eq!(m.flushes - before, 2);
     assert!(unmaps.iter().all(|o| o.status == 0));
 }
 
 #[test]
 fn superpage_made_for_aligned_run_and_split_on_partial_unmap() {
-    let (mut m, mut e) = machine(Format::Vtd, 2048);
+    let (mut m, e) = machine(Format::Vtd, 2048);
     // Find a guest gfn whose mfn is 2 MiB aligned, so an aligned BFN run can fold.
     let g0 = (0..1024)
         .find(|g| m.mfn_of(GUEST, Gfn(*g)).unwrap().0 % 512 == 0)
@@ -125,16 +125,18 @@ fn superpage_made_for_aligned_run_and_split_on_partial_unmap() {
         .map(|g| map_op(GUEST, g, Permissions::RW))
         .collect();
     let xen_before = m.xen_frames();
-    m.guest_batch_all(&mut e, DomId::DOM0, &mut ops).unwrap();
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
     assert!(ops.iter().all(|o| o.status == 0));
     assert_eq!(ops[0].bfn % 512, 0);
-    // The context's root plus the level-3 and level-2 tables; the leaf table
-    // was folded into a superpage and freed.
+    // The context's root plus the level-3 and level-2 tables, and the leaf
+    // table folded into a superpage: kept as the spare its split will need,
+    // so that unmapping never needs memory.
     assert_eq!(
         m.xen_frames() - xen_before,
-        3,
-        "leaf table freed after promotion"
+        4,
+        "leaf table kept as a spare after promotion"
     );
+    let digest_folded = m.table_digest();
     for (i, o) in ops.iter().enumerate().step_by(97) {
         assert_eq!(
             m.dma_read(DomId::DOM0, ContextId::DEFAULT, o.bfn << 12, 64)
@@ -142,10 +144,15 @@ fn superpage_made_for_aligned_run_and_split_on_partial_unmap() {
             pattern(g0 + i as u64)
         );
     }
-    // Unmapping one page splits the superpage; the rest stay reachable.
+    // Unmapping one page splits the superpage, with no table allocation at
+    // all (every allocation fails now); the rest stay reachable.
     let mut un = [unmap_op(pviommu_abi::Bfn(ops[10].bfn))];
-    m.guest_batch_all(&mut e, DomId::DOM0, &mut un).unwrap();
+    m.fail_table_allocs(Some(0));
+    m.guest_batch_all(&e, DomId::DOM0, &mut un).unwrap();
+    m.fail_table_allocs(None);
     assert_eq!(un[0].status, 0);
+    assert_ne!(m.table_digest(), digest_folded);
+    assert_eq!(m.xen_frames() - xen_before, 4, "the split used the spare");
     assert!(m
         .dma_read(DomId::DOM0, ContextId::DEFAULT, ops[10].bfn << 12, 8)
         .is_err());
@@ -160,7 +167,7 @@ fn superpage_made_for_aligned_run_and_split_on_partial_unmap() {
         .filter(|(i, _)| *i != 10)
         .map(|(_, o)| unmap_op(pviommu_abi::Bfn(o.bfn)))
         .collect();
-    m.guest_batch_all(&mut e, DomId::DOM0, &mut rest).unwrap();
+    m.guest_batch_all(&e, DomId::DOM0, &mut rest).unwrap();
     assert_eq!(
         m.xen_frames(),
         xen_before + 1,
@@ -171,16 +178,16 @@ fn superpage_made_for_aligned_run_and_split_on_partial_unmap() {
 
 #[test]
 fn contexts_are_separate_address_spaces() {
-    let (mut m, mut e) = machine(Format::Lpae, 16);
+    let (mut m, e) = machine(Format::Lpae, 16);
     let mut ops = [pviommu_abi::Request::ContextCreate.encode()];
-    m.guest_batch_all(&mut e, DomId::DOM0, &mut ops).unwrap();
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
     assert_eq!(ops[0].status, 0);
     let ctx = ContextId(ops[0].context);
     assert_ne!(ctx, ContextId::DEFAULT);
     let mut map = map_op(GUEST, 4, Permissions::RW);
     map.context = ctx.0;
     let mut ops = [map, map_op(GUEST, 4, Permissions::RW)];
-    m.guest_batch_all(&mut e, DomId::DOM0, &mut ops).unwrap();
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
     let (b1, b0) = (ops[0].bfn, ops[1].bfn);
     assert_eq!(
         m.dma_read(DomId::DOM0, ctx, b1 << 12, 64).unwrap(),
@@ -198,24 +205,24 @@ fn contexts_are_separate_address_spaces() {
     );
     // A context with mappings cannot go.
     let mut d = [pviommu_abi::Request::ContextDestroy { context: ctx }.encode()];
-    m.guest_batch_all(&mut e, DomId::DOM0, &mut d).unwrap();
+    m.guest_batch_all(&e, DomId::DOM0, &mut d).unwrap();
     assert_eq!(d[0].status, -16);
     let mut u = [pviommu_abi::Request::Unmap {
         context: ctx,
         bfn: pviommu_abi::Bfn(b1),
     }
     .encode()];
-    m.guest_batch_all(&mut e, DomId::DOM0, &mut u).unwrap();
-    m.guest_batch_all(&mut e, DomId::DOM0, &mut d).unwrap();
+    m.guest_batch_all(&e, DomId::DOM0, &mut u).unwrap();
+    m.guest_batch_all(&e, DomId::DOM0, &mut d).unwrap();
     assert_eq!(d[0].status, 0);
 }
 
 #[test]
 fn reserved_regions_and_caps() {
-    let (mut m, mut e) = machine(Format::Vtd, 8);
-    let caps = m.guest_query_caps(&mut e, DomId::DOM0).unwrap();
+    let (mut m, e) = machine(Format::Vtd, 8);
+    let caps = m.guest_query_caps(&e, DomId::DOM0).unwrap();
     assert_eq!(caps.version, pviommu_abi::INTERFACE_VERSION);
-    let regions = m.guest_reserved_regions(&mut e, DomId::DOM0).unwrap();
+    let regions = m.guest_reserved_regions(&e, DomId::DOM0).unwrap();
     assert_eq!(regions.len() as u32, caps.nr_reserved_regions);
     assert!(regions
         .iter()

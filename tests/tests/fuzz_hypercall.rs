@@ -42,13 +42,13 @@ proptest! {
         garbage in proptest::collection::vec(any::<u8>(), 0..4096),
         caller in prop_oneof![Just(DomId::DOM0), Just(STRANGER), Just(DomId(40))],
     ) {
-        let (mut m, mut e) = machine(Format::Vtd, 16);
+        let (mut m, e) = machine(Format::Vtd, 16);
         let base = m.scratch_addr(DomId::DOM0).unwrap();
         m.current = DomId::DOM0;
         m.copy_to_guest(base, &garbage).unwrap();
         let arg = match arg_kind { 0 => base, 1 => base + 4096 - 8, _ => u64::MAX - 16 };
         let before = observable(&m, &e);
-        let ret = m.hypercall(&mut e, caller, cmd, arg);
+        let ret = m.hypercall(&e, caller, cmd, arg);
         prop_assert!(ret <= 1);
         if ret < 0 {
             prop_assert_eq!(observable(&m, &e), before);
@@ -64,7 +64,7 @@ proptest! {
         flags in prop_oneof![9 => Just(0u32), 1 => any::<u32>()],
         ops_addr_off in prop_oneof![Just(4096u64), any::<u64>()],
     ) {
-        let (mut m, mut e) = machine(Format::Vtd, 16);
+        let (mut m, e) = machine(Format::Vtd, 16);
         let base = m.scratch_addr(DomId::DOM0).unwrap();
         let nr_ops = (ops.len() as i64 + nr_ops_delta).max(0) as u32;
         let hdr = PvIommuBatch { version, nr_ops, nr_done, flags, ops: base.wrapping_add(ops_addr_off) };
@@ -72,7 +72,7 @@ proptest! {
         m.copy_to_guest(base, hdr.as_bytes()).unwrap();
         m.copy_to_guest(base + 4096, ops.as_bytes()).unwrap();
         let before = observable(&m, &e);
-        let ret = m.hypercall(&mut e, DomId::DOM0, pviommu_abi::cmd::BATCH, base);
+        let ret = m.hypercall(&e, DomId::DOM0, pviommu_abi::cmd::BATCH, base);
         prop_assert!(ret <= 0);
         if ret < 0 && ret != -14 {
             // Header-level refusal: nothing happened. (EFAULT may come after
@@ -81,7 +81,14 @@ proptest! {
             prop_assert_eq!(observable(&m, &e), before);
         }
         // Whatever happened, every page reference is held by a live mapping.
-        let live: u64 = e.drivers().flat_map(|(_, d)| d.mappings().values()).map(|mp| 1 + mp.perms.write as u64).sum();
+        let live: u64 = e
+            .state()
+            .drivers()
+            .flat_map(|d| d.slots().filter_map(|(_, s)| match s {
+                pviommu_hv::engine::Slot::Live(mp) => Some(1 + mp.perms.write as u64),
+                _ => None,
+            }))
+            .sum();
         prop_assert_eq!(m.total_page_refs(), live);
     }
 }

@@ -74,7 +74,7 @@ fn every_cell() {
     for (cname, caller) in callers {
         for page in pages {
             for (pname, perm) in perms {
-                let (mut m, mut e) = machine(Format::Vtd, 32);
+                let (mut m, e) = machine(Format::Vtd, 32);
                 prepare(&mut m, page);
                 let expected = if caller == STRANGER {
                     EPERM
@@ -82,7 +82,7 @@ fn every_cell() {
                     allowed(page, perm.write)
                 };
                 let before = observable(&m, &e);
-                let got = match map_one(&mut m, &mut e, caller, GUEST, GFN, perm) {
+                let got = match map_one(&mut m, &e, caller, GUEST, GFN, perm) {
                     Ok(_) => OK,
                     Err(s) => s,
                 };
@@ -106,13 +106,13 @@ fn every_cell() {
 
 #[test]
 fn unknown_domain_is_esrch_and_self_map_is_einval() {
-    let (mut m, mut e) = machine(Format::Vtd, 8);
+    let (mut m, e) = machine(Format::Vtd, 8);
     assert_eq!(
-        map_one(&mut m, &mut e, DomId::DOM0, DomId(77), 0, Permissions::RO),
+        map_one(&mut m, &e, DomId::DOM0, DomId(77), 0, Permissions::RO),
         Err(-3)
     );
     assert_eq!(
-        map_one(&mut m, &mut e, DomId::DOM0, DomId::DOM0, 0, Permissions::RO),
+        map_one(&mut m, &e, DomId::DOM0, DomId::DOM0, 0, Permissions::RO),
         Err(-22)
     );
 }

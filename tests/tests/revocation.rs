@@ -7,16 +7,11 @@ use pviommu_tests::*;
 
 #[test]
 fn foreign_domain_death_revokes_everywhere_and_frees_its_pages() {
-    let (mut m, mut e) = machine(Format::Vtd, 64);
-    let b0 = map_one(&mut m, &mut e, DomId::DOM0, GUEST, 1, Permissions::RW).unwrap();
-    let b_dm = map_one(&mut m, &mut e, DEVICE_MODEL, GUEST, 1, Permissions::RO).unwrap();
+    let (mut m, e) = machine(Format::Vtd, 64);
+    let b0 = map_one(&mut m, &e, DomId::DOM0, GUEST, 1, Permissions::RW).unwrap();
+    let b_dm = map_one(&mut m, &e, DEVICE_MODEL, GUEST, 1, Permissions::RO).unwrap();
     let free_before = m.free_frames();
-    m.destroy_domain(GUEST);
-    assert!(
-        m.zombie_frames() > 0,
-        "referenced pages linger like a Xen zombie domain"
-    );
-    e.domain_dying(&mut m, GUEST);
+    m.kill_domain(&e, GUEST);
     assert_eq!(m.zombie_frames(), 0);
     assert_eq!(m.total_page_refs(), 0);
     assert!(m.free_frames() > free_before);
@@ -26,16 +21,19 @@ fn foreign_domain_death_revokes_everywhere_and_frees_its_pages() {
     assert!(m
         .dma_read(DEVICE_MODEL, ContextId::DEFAULT, b_dm.0 << 12, 8)
         .is_err());
-    assert!(e.driver(DomId::DOM0).unwrap().mappings().is_empty());
+    let st = e.state();
+    let d0 = st.driver(DomId::DOM0).unwrap();
+    assert_eq!(d0.live(), 0);
+    // The owner is told, and the BFN stays reserved until it acknowledges.
+    assert_eq!(d0.revoked(), 1);
 }
 
 #[test]
 fn ballooned_out_gfn_is_revoked() {
-    let (mut m, mut e) = machine(Format::Lpae, 16);
-    let keep = map_one(&mut m, &mut e, DomId::DOM0, GUEST, 2, Permissions::RW).unwrap();
-    let gone = map_one(&mut m, &mut e, DomId::DOM0, GUEST, 3, Permissions::RW).unwrap();
-    m.remove_gfn(GUEST, Gfn(3));
-    e.gfn_removed(&mut m, GUEST, Gfn(3));
+    let (mut m, e) = machine(Format::Lpae, 16);
+    let keep = map_one(&mut m, &e, DomId::DOM0, GUEST, 2, Permissions::RW).unwrap();
+    let gone = map_one(&mut m, &e, DomId::DOM0, GUEST, 3, Permissions::RW).unwrap();
+    m.balloon_out(&e, GUEST, Gfn(3)).unwrap();
     assert!(m
         .dma_read(DomId::DOM0, ContextId::DEFAULT, gone.0 << 12, 8)
         .is_err());
@@ -49,7 +47,7 @@ fn ballooned_out_gfn_is_revoked() {
 
 #[test]
 fn driver_domain_death_drops_all_its_mappings() {
-    let (mut m, mut e) = machine(Format::Vtd, 16);
+    let (mut m, e) = machine(Format::Vtd, 16);
     m.create_domain(
         DomId(9),
         DomainSpec {
@@ -60,12 +58,12 @@ fn driver_domain_death_drops_all_its_mappings() {
     )
     .unwrap();
     for g in 0..8 {
-        map_one(&mut m, &mut e, DomId(9), GUEST, g, Permissions::RW).unwrap();
+        map_one(&mut m, &e, DomId(9), GUEST, g, Permissions::RW).unwrap();
     }
     assert_eq!(m.total_page_refs(), 16);
-    e.domain_dying(&mut m, DomId(9));
+    m.kill_domain(&e, DomId(9));
     assert_eq!(m.total_page_refs(), 0);
-    assert!(e.driver(DomId(9)).is_none());
+    assert!(e.state().driver(DomId(9)).is_none());
 }
 
 #[test]
@@ -75,16 +73,16 @@ fn quota_exhaustion_is_enospc_and_changes_nothing() {
         quota: 4,
         ..Default::default()
     };
-    let mut e = pviommu_hv::Engine::new(cfg, &m).unwrap();
+    let e = pviommu_hv::Engine::new(cfg, &m).unwrap();
     for g in 0..4 {
-        map_one(&mut m, &mut e, DomId::DOM0, GUEST, g, Permissions::RW).unwrap();
+        map_one(&mut m, &e, DomId::DOM0, GUEST, g, Permissions::RW).unwrap();
     }
     let before = observable(&m, &e);
     assert_eq!(
-        map_one(&mut m, &mut e, DomId::DOM0, GUEST, 5, Permissions::RW),
+        map_one(&mut m, &e, DomId::DOM0, GUEST, 5, Permissions::RW),
         Err(-28)
     );
     assert_eq!(observable(&m, &e), before);
     // Re-mapping an existing page only takes a reference: still allowed.
-    assert!(map_one(&mut m, &mut e, DomId::DOM0, GUEST, 0, Permissions::RW).is_ok());
+    assert!(map_one(&mut m, &e, DomId::DOM0, GUEST, 0, Permissions::RW).is_ok());
 }

@@ -1,18 +1,29 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * dom0-harness.c -- static dom0 test tool for the PV-IOMMU QEMU test.
+ * dom0-harness.c -- static test tool for the PV-IOMMU QEMU test (dom0 and domU).
  *
- *   caps                        query caps; exit 0 iff version 1.0 and window above RAM
+ *   caps                        query caps; exit 0 iff version 1.1 and window above RAM
  *   mkdom N                     paused PV domain with N pages, page i filled with pat(i)
+ *   mkhvm N                     paused HVM domain (shadow paging) with N pages, filled
+ *   settarget DOMID TARGET      xc_domain_set_target: DOMID becomes TARGET's device model
  *   peek DOMID GFN              first bytes + checksum of a foreign page
  *   match DOMID GFN             like peek, and also compares with the page's pattern
  *   dma-read BUS                edu DMA 2048 bytes at BUS -> edu -> dom0 page; print them
  *   dma-write BUS BYTE          edu DMA 2048 bytes of BYTE to BUS
  *   destroy DOMID               destroy, wait, print gone|zombie
  *   unpopulate DOMID GFN        remove one gfn from a domain (guest_remove_page path)
+ *   rmphysmap DOMID GFN         XENMEM_remove_from_physmap of one gfn
  *   hc caps | hc cmd N | hc map DOMID GFN FLAGS | hc unmap BFN | hc lookup BFN
+ *   hc revoked-next | hc revoked-ack BFN
  *   hc raw SUBOP FLAGS DOMID GFN BFN PAD RSVD [CONTEXT]
+ *   drain-revoked               acknowledge every queued revocation (unmap -> ESTALE)
  *   measure N                   BFNs for N foreign pages: PV-IOMMU batches vs privcmd
+ *   bigdestroy N                map N pages of a fresh domain, destroy it, time the
+ *                               destroy, check it is gone and its memory is back
+ *   fuzz N SEED [DOMID...]      N hostile hypercalls; leaves what they mapped, recorded
+ *                               in /tmp/fuzz.state (dom0: against its own fresh domain)
+ *   fuzz-clean                  unmap what /tmp/fuzz.state records, destroy its domain
+ *   xs-write PATH VALUE | xs-wait PATH SECONDS    xenstore, for dom0 <-> domU hand-offs
  *
  * Hypercall results print as "rc=<ret> status=<op status>" (rc is the
  * hypercall's return: negative errno, 0, or 1 = batch incomplete).
@@ -21,6 +32,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,6 +43,7 @@
 #include <sys/mman.h>
 #include <xenctrl.h>
 #include <xenforeignmemory.h>
+#include <xenstore.h>
 #include "pviommu.h"
 
 #define PAGE 4096
@@ -124,7 +137,7 @@ static long one_op(struct pv_iommu_op *o)
 
 static int query_caps(struct pv_iommu_caps *out)
 {
-    struct pv_iommu_caps *c = locked_buf(PAGE);
+    struct pv_iommu_caps *c = locked_buf(PAGE);   /* zeroed: unwritten fields read 0 */
     long rc = hcall(PVIOMMU_CMD_query_caps, c);
     *out = *c;
     munmap(c, PAGE);
@@ -143,10 +156,10 @@ static int cmd_hc(int argc, char **argv)
         rc = query_caps(&c);
         printf("rc=%ld version=0x%08x max_batch_ops=%u page_sizes=0x%" PRIx64
                " window_start=0x%" PRIx64 " window_end=0x%" PRIx64
-               " nr_reserved=%u features=0x%x max_contexts=%u quota=%" PRIu64
-               " used=%" PRIu64 "\n", rc, c.version, c.max_batch_ops, c.page_sizes,
-               c.bfn_window_start, c.bfn_window_end, c.nr_reserved_regions,
-               c.features, c.max_contexts, c.quota, c.used);
+               " nr_reserved=%u features=0x%x max_contexts=%u translation=%u quota=%" PRIu64
+               " used=%" PRIu64 " revoked=%" PRIu64 "\n", rc, c.version, c.max_batch_ops,
+               c.page_sizes, c.bfn_window_start, c.bfn_window_end, c.nr_reserved_regions,
+               c.features, c.max_contexts, c.translation, c.quota, c.used, c.revoked);
         return rc ? 1 : 0;
     }
     if ( !strcmp(argv[0], "version") )
@@ -188,6 +201,13 @@ static int cmd_hc(int argc, char **argv)
     else if ( (!strcmp(argv[0], "unmap") || !strcmp(argv[0], "lookup")) && argc >= 2 )
     {
         o.subop = argv[0][0] == 'u' ? PVIOMMU_OP_unmap : PVIOMMU_OP_lookup;
+        o.bfn = strtoull(argv[1], NULL, 0);
+    }
+    else if ( !strcmp(argv[0], "revoked-next") )
+        o.subop = PVIOMMU_OP_revoked_next;
+    else if ( !strcmp(argv[0], "revoked-ack") && argc >= 2 )
+    {
+        o.subop = PVIOMMU_OP_revoked_ack;
         o.bfn = strtoull(argv[1], NULL, 0);
     }
     else if ( !strcmp(argv[0], "raw") && argc >= 8 )
@@ -245,6 +265,62 @@ static int cmd_mkdom(unsigned long n)
     printf("domid=%u\ngfns=", domid);
     for ( i = 0; i < n; i++ ) printf("%s0x%lx", i ? "," : "", (unsigned long)frames[i]);
     printf("\n");
+    return 0;
+}
+
+/*
+ * An HVM domain, for the two things a PV domain cannot be: the target of a
+ * device model (XEN_DOMCTL_set_target refuses a non-HVM target) and the
+ * subject of XENMEM_remove_from_physmap (refused with EACCES unless
+ * paging_mode_translate). QEMU's TCG emulates SVM without NPT, so no
+ * CDF_hap: shadow paging, whose p2m pages come from the paging pool.
+ * Its gfns stay 0..n-1 (populate_physmap writes back MFNs only for PV).
+ */
+static uint32_t make_hvm_domain(unsigned long n, xen_pfn_t *frames)
+{
+    struct xen_domctl_createdomain cfg;
+    uint32_t domid = 0;
+    unsigned long i;
+
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.flags = XEN_DOMCTL_CDF_hvm;
+    cfg.arch.emulation_flags = XEN_X86_EMU_LAPIC;   /* PVH-style, no device model needed */
+    cfg.max_vcpus = 1; cfg.max_evtchn_port = 1023;
+    cfg.max_grant_frames = -1; cfg.max_maptrack_frames = -1;
+    cfg.grant_opts = XEN_DOMCTL_GRANT_version(1);
+    if ( xc_domain_create(xch, &domid, &cfg) ) die("xc_domain_create hvm");
+    if ( xc_set_paging_mempool_size(xch, domid, 4 << 20) ) die("paging mempool");
+    if ( xc_domain_setmaxmem(xch, domid, (n + 64) * 4) ) die("setmaxmem");
+    for ( i = 0; i < n; i++ ) frames[i] = i;
+    if ( xc_domain_populate_physmap_exact(xch, domid, n, 0, 0, frames) ) die("populate hvm");
+    return domid;
+}
+
+static int cmd_mkhvm(unsigned long n)
+{
+    xen_pfn_t *frames = calloc(n, sizeof(*frames));
+    uint32_t domid = make_hvm_domain(n, frames);
+    unsigned long i;
+    fill_domain(domid, n, frames);
+    printf("domid=%u\ngfns=", domid);
+    for ( i = 0; i < n; i++ ) printf("%s0x%lx", i ? "," : "", (unsigned long)frames[i]);
+    printf("\n");
+    return 0;
+}
+
+/* DOMID becomes the device model of TARGET (Xen sets DOMID->target = TARGET). */
+static int cmd_settarget(uint32_t domid, uint32_t target)
+{
+    int r = xc_domain_set_target(xch, domid, target);
+    printf("settarget dm=%u target=%u rc=%d\n", domid, target, r ? -errno : 0);
+    return r ? 1 : 0;
+}
+
+/* XENMEM_remove_from_physmap: one of the gfn-removal paths besides guest_remove_page. */
+static int cmd_rmphysmap(uint32_t domid, xen_pfn_t gfn)
+{
+    int r = xc_domain_remove_from_physmap(xch, domid, gfn);
+    printf("rmphysmap domid=%u gfn=0x%lx rc=%d\n", domid, (unsigned long)gfn, r ? -errno : 0);
     return 0;
 }
 
@@ -450,40 +526,618 @@ static int cmd_measure(unsigned long n)
     return 0;
 }
 
+/* ---------------- revocations ---------------- */
+/* Acknowledge every queued revocation with OP_revoked_ack; print how many. */
+static int cmd_drain_revoked(void)
+{
+    struct pv_iommu_op o;
+    long rc = 0;
+    unsigned long n = 0;
+    for ( ;; )
+    {
+        memset(&o, 0, sizeof(o));
+        o.subop = PVIOMMU_OP_revoked_next;
+        rc = one_op(&o);
+        if ( rc || o.status ) break;
+        o.subop = PVIOMMU_OP_revoked_ack;
+        rc = one_op(&o);
+        if ( rc || o.status ) break;
+        if ( ++n > (1ul << 20) ) break;   /* the queue cannot be this long */
+    }
+    printf("drain-revoked acked=%lu last_rc=%ld last_status=%d\n", n, rc, o.status);
+    return 0;
+}
+
+/* ---------------- destroying a domain with many mappings ---------------- */
+static uint64_t free_pages(void)
+{
+    xc_physinfo_t pi;
+    memset(&pi, 0, sizeof(pi));
+    if ( xc_physinfo(xch, &pi) ) die("xc_physinfo");
+    return pi.free_pages;
+}
+
+/* Map in batches of max_ops; returns how many mapped, BFNs in bfns[]. */
+static unsigned long map_all(uint32_t domid, const xen_pfn_t *frames, unsigned long n,
+                             uint64_t *bfns, long *calls, long *batches)
+{
+    unsigned long done = 0, ok = 0;
+    while ( done < n )
+    {
+        unsigned int k = n - done > max_ops ? max_ops : n - done, j;
+        long rc;
+        memset(ops, 0, k * sizeof(*ops));
+        for ( j = 0; j < k; j++ )
+        {
+            ops[j].subop = PVIOMMU_OP_map; ops[j].flags = PVIOMMU_F_READ | PVIOMMU_F_WRITE;
+            ops[j].domid = domid; ops[j].gfn = frames[done + j];
+        }
+        rc = run_batch(k, calls);
+        (*batches)++;
+        for ( j = 0; j < k; j++ )
+        {
+            bfns[done + j] = ops[j].status ? 0 : ops[j].bfn;
+            if ( !ops[j].status ) ok++;
+        }
+        if ( rc ) { printf("map batch rc=%ld at %lu\n", rc, done); break; }
+        done += k;
+    }
+    return ok;
+}
+
+/*
+ * A domain holding N mapped pages is destroyed: Xen's domain_kill must give
+ * them back in preemptible slices (-ERESTART, continued) and the domain must
+ * be freed (a page reference left behind makes it a zombie). Afterwards the
+ * revoked BFNs are acknowledged by unmapping them (ESTALE) so the quota is
+ * free again for the next check.
+ */
+static int cmd_bigdestroy(unsigned long n)
+{
+    xen_pfn_t *frames = calloc(n, sizeof(*frames));
+    uint64_t *bfns = calloc(n, sizeof(*bfns));
+    xc_domaininfo_t info;
+    struct pv_iommu_caps c;
+    uint32_t domid;
+    unsigned long mapped, i, hist[4] = { 0 };
+    uint64_t free0, free1 = 0;
+    long calls = 0, batches = 0, used0, used_mapped, used_after;
+    int gone = 0, dying = 0;
+    double t0, t1, t2 = 0;
+
+    if ( !frames || !bfns ) die("calloc");
+    if ( !bat ) { bat = locked_buf(PAGE); ops = locked_buf(OPS_CAP * sizeof(*ops)); }
+    if ( query_caps(&c) == 0 && c.max_batch_ops ) max_ops = c.max_batch_ops < OPS_CAP ? c.max_batch_ops : OPS_CAP;
+    used0 = c.used;
+    free0 = free_pages();
+    domid = make_domain(n, frames);
+    mapped = map_all(domid, frames, n, bfns, &calls, &batches);
+    query_caps(&c); used_mapped = c.used;
+
+    t0 = now();
+    if ( xc_domain_destroy(xch, domid) ) die("xc_domain_destroy");
+    t1 = now();
+    for ( i = 0; i < 3000; i++ )   /* up to 60 s */
+    {
+        int r = xc_domain_getinfolist(xch, domid, 1, &info);
+        if ( r < 1 || info.domain != domid ) { gone = 1; t2 = now(); break; }
+        dying = !!(info.flags & XEN_DOMINF_dying);
+        usleep(20000);
+    }
+    /* Freed pages come back through an RCU callback: poll a little. */
+    for ( i = 0; i < 250; i++ )
+    {
+        free1 = free_pages();
+        if ( free1 + 64 >= free0 ) break;
+        usleep(20000);
+    }
+    /* Acknowledge the revocations: unmap every BFN the domain held. */
+    for ( i = 0; i < n; )
+    {
+        unsigned int k = 0, j;
+        while ( i < n && k < max_ops )
+        {
+            if ( bfns[i] )
+            {
+                memset(&ops[k], 0, sizeof(ops[k]));
+                ops[k].subop = PVIOMMU_OP_unmap; ops[k].bfn = bfns[i]; k++;
+            }
+            i++;
+        }
+        if ( !k ) continue;
+        run_batch(k, NULL);
+        for ( j = 0; j < k; j++ )
+            hist[ops[j].status == -116 ? 0 : ops[j].status == -2 ? 1 : ops[j].status == 0 ? 2 : 3]++;
+    }
+    query_caps(&c); used_after = c.used;
+    printf("MEASURE destroy_mapped pages=%lu mapped=%lu map_batches=%ld destroy_call_seconds=%.4f freed_seconds=%.4f\n",
+           n, mapped, batches, t1 - t0, gone ? t2 - t0 : -1.0);
+    printf("bigdestroy domid=%u mapped=%lu used_before=%ld used_mapped=%ld %s dying=%d"
+           " free_before=%" PRIu64 " free_after=%" PRIu64 " free_delta=%" PRId64
+           " unmap_estale=%lu unmap_enoent=%lu unmap_ok=%lu unmap_other=%lu used_after=%ld\n",
+           domid, mapped, used0, used_mapped, gone ? "gone" : "zombie", dying, free0, free1,
+           (int64_t)(free1 - free0), hist[0], hist[1], hist[2], hist[3], used_after);
+    return 0;
+}
+
+/* ---------------- hostile-input fuzzer ---------------- */
+/*
+ * Random commands, batch headers and op arrays, including garbage guest
+ * addresses, from dom0 or from an unprivileged domU. Every answer must be
+ * one of the ABI's errnos (or 0, or 1 = incomplete for a batch); from an
+ * unprivileged caller nothing may succeed. In dom0 the fuzzer keeps a model
+ * of what its successful maps and unmaps should have left (BFN -> domain,
+ * gfn, references), checks it against lookups and caps.used, and writes it to
+ * /tmp/fuzz.state for `pviommu list` and `fuzz-clean`.
+ *
+ * Bad pointers never name memory of the caller that is mapped: Xen would
+ * read or write it on the caller's behalf (a PV kernel's addresses are
+ * reachable from a hypercall). They are the NULL page, non-canonical
+ * addresses, the range Xen reserves for itself (a hole in Linux as well, so
+ * also unmapped in a PVH domU) and a PROT_NONE guard page after the fuzz
+ * buffer; structures that straddle into the guard page test partial copies.
+ */
+static uint64_t rs;
+static uint64_t rnd(void) { rs ^= rs << 13; rs ^= rs >> 7; rs ^= rs << 17; return rs; }
+static uint64_t below(uint64_t n) { return n ? rnd() % n : 0; }
+static int chance(unsigned int pct) { return below(100) < pct; }
+
+#define FZ_BUF (2 * PAGE)          /* fuzz buffer; a PROT_NONE page follows */
+#define FZ_SENTINEL 0x7eadbeef     /* status no hypervisor writes */
+#define FZ_MODEL 8192
+#define FZ_STATE "/tmp/fuzz.state"
+
+struct fz_map { uint32_t ctx; uint16_t domid; uint64_t bfn, gfn; long refs; };
+static struct fz_map model[FZ_MODEL];
+static unsigned int nmodel;
+static uint32_t fz_ctx[64];
+static unsigned int nctx;
+static unsigned long violations;
+
+static void violation(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void violation(const char *fmt, ...)
+{
+    va_list ap;
+    if ( violations++ < 8 )
+    {
+        va_start(ap, fmt);
+        printf("fuzz violation: ");
+        vprintf(fmt, ap);
+        printf("\n");
+        va_end(ap);
+    }
+}
+
+static int abi_errno(long e)
+{
+    static const int ok[] = { 0, -1, -2, -3, -6, -7, -11, -12, -13, -14, -16, -18, -19,
+                              -22, -28, -95, -99, -116 };
+    unsigned int i;
+    for ( i = 0; i < sizeof(ok) / sizeof(ok[0]); i++ ) if ( e == ok[i] ) return 1;
+    return 0;
+}
+
+static struct fz_map *model_find(uint32_t ctx, uint64_t bfn)
+{
+    unsigned int i;
+    for ( i = 0; i < nmodel; i++ )
+        if ( model[i].bfn == bfn && model[i].ctx == ctx && model[i].refs > 0 ) return &model[i];
+    return NULL;
+}
+
+static uint8_t *fz_buf, *fz_guard;
+static uint64_t win_start, win_end;
+
+static uint64_t bad_addr(void)
+{
+    static const uint64_t fixed[] = {
+        0, 1, 0xff8,                 /* NULL page */
+        0x0000800000000000ull,       /* first non-canonical address */
+        0x8000000000000000ull,       /* non-canonical */
+        0xffff800000000000ull,       /* Xen's reserved range (PV guests cannot reach it) */
+        0xffff82d040000000ull,       /* Xen's text, inside that range */
+    };
+    if ( chance(40) ) return (uint64_t)(uintptr_t)fz_guard + below(PAGE);
+    return fixed[below(sizeof(fixed) / sizeof(fixed[0]))];
+}
+
+/* A pointer for a structure of `size` bytes: valid, straddling the guard, or bad. */
+static uint64_t some_ptr(size_t size, int pct_valid)
+{
+    if ( chance(pct_valid) ) return (uint64_t)(uintptr_t)(fz_buf + below(FZ_BUF - size + 1));
+    if ( chance(50) ) return (uint64_t)(uintptr_t)(fz_guard - 1 - below(size - 1));
+    return bad_addr();
+}
+
+static uint16_t fz_domid(const uint16_t *cand, unsigned int ncand)
+{
+    static const uint16_t special[] = { 0, 0x7ff0, 0x7ff1, 0x7ff2, 0x7ff3, 0x7ff4, 0x7fff, 0xffff };
+    if ( ncand && chance(75) ) return cand[below(ncand)];
+    if ( chance(70) ) return special[below(sizeof(special) / sizeof(special[0]))];
+    return rnd();
+}
+
+static uint64_t fz_bfn(void)
+{
+    if ( nmodel && chance(45) ) return model[below(nmodel)].bfn;
+    if ( chance(55) ) return win_start + below(8192);
+    switch ( below(4) )
+    {
+    case 0: return 0;
+    case 1: return win_start - 1;
+    case 2: return win_end - below(2);
+    default: return rnd();
+    }
+}
+
+/* One random op in *o (status = sentinel, so untouched ops are recognisable). */
+static void fz_op(struct pv_iommu_op *o, const uint16_t *cand, unsigned int ncand,
+                  const xen_pfn_t *gfns, unsigned long ngfns)
+{
+    static const uint16_t subops[] = { 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3,
+                                       4, 5, 6, 7, 0, 8, 0xffff };
+    memset(o, 0, sizeof(*o));
+    o->subop = chance(95) ? subops[below(sizeof(subops) / sizeof(subops[0]))] : rnd();
+    o->flags = chance(85) ? 1 + below(3) : chance(50) ? (rnd() & 0x7ff) : rnd();
+    if ( chance(3) ) o->flags |= PVIOMMU_F_GRANT;
+    o->context = chance(85) ? 0 : (nctx && chance(50)) ? fz_ctx[below(nctx)] : chance(50) ? below(8) : rnd();
+    o->domid = fz_domid(cand, ncand);
+    if ( ngfns && chance(75) ) o->gfn = gfns[below(ngfns)];
+    else o->gfn = chance(50) ? below(0x100000) : rnd();
+    o->bfn = fz_bfn();
+    if ( chance(3) ) o->_pad0 = rnd();
+    if ( chance(3) ) o->_rsvd = rnd();
+    o->status = FZ_SENTINEL;
+}
+
+/* What a processed op tells the model (dom0) or must never say (domU). */
+static void fz_account(const struct pv_iommu_op *o, int refused_only, unsigned long *stats)
+{
+    struct fz_map *m;
+    if ( o->status == FZ_SENTINEL ) return;
+    if ( !abi_errno(o->status) ) violation("op subop=%u status=%d not an ABI errno", o->subop, o->status);
+    if ( o->status ) return;
+    if ( refused_only ) { violation("unprivileged op subop=%u succeeded", o->subop); return; }
+    switch ( o->subop )
+    {
+    case PVIOMMU_OP_map:
+        stats[0]++;
+        if ( o->bfn < win_start || o->bfn >= win_end )
+            violation("map returned bfn 0x%" PRIx64 " outside the window", o->bfn);
+        if ( (m = model_find(o->context, o->bfn)) )
+        {
+            if ( m->domid != o->domid || m->gfn != o->gfn )
+                violation("bfn 0x%" PRIx64 " handed out for d%u:0x%" PRIx64 " while live for d%u:0x%" PRIx64,
+                          o->bfn, o->domid, o->gfn, m->domid, m->gfn);
+            m->refs++;
+        }
+        else if ( nmodel < FZ_MODEL )
+            model[nmodel++] = (struct fz_map){ o->context, o->domid, o->bfn, o->gfn, 1 };
+        break;
+    case PVIOMMU_OP_unmap:
+        stats[1]++;
+        if ( !(m = model_find(o->context, o->bfn)) )
+            violation("unmap of bfn 0x%" PRIx64 " the fuzzer never mapped succeeded", o->bfn);
+        else
+            m->refs--;
+        break;
+    case PVIOMMU_OP_context_create:
+        if ( nctx < 64 ) fz_ctx[nctx++] = o->context;
+        break;
+    default:
+        break;
+    }
+}
+
+static long fz_call(unsigned int cmd, uint64_t arg, long *hypercalls)
+{
+    privcmd_hypercall_t h = { __HYPERVISOR_pv_iommu_op, { cmd, arg } };
+    long r;
+    if ( pfd < 0 && (pfd = open("/dev/xen/privcmd", O_RDWR)) < 0 ) die("open privcmd");
+    (*hypercalls)++;
+    r = ioctl(pfd, IOCTL_PRIVCMD_HYPERCALL, &h);
+    return r < 0 ? -errno : r;
+}
+
+/* One random batch hypercall (re-issued while it answers "incomplete"). */
+static void fz_batch(struct pv_iommu_batch *hdr_page, int refused_only, long *hc,
+                     const uint16_t *cand, unsigned int ncand, const xen_pfn_t *gfns,
+                     unsigned long ngfns, unsigned long *stats)
+{
+    struct pv_iommu_batch *hdr = hdr_page;
+    struct pv_iommu_op *o;
+    uint64_t hdr_addr = (uint64_t)(uintptr_t)hdr_page, ops_addr;
+    unsigned int cap, nr, i, nvalid;
+    long rc;
+    int spin = 0;
+
+    /* where the ops live: buffer start, or ending across the guard page */
+    if ( chance(90) ) { o = (struct pv_iommu_op *)fz_buf; cap = FZ_BUF / sizeof(*o); }
+    else
+    {
+        cap = 1 + below(8);
+        o = (struct pv_iommu_op *)(fz_guard - cap * sizeof(*o) + sizeof(*o) / 2);
+        cap--;                      /* the last one straddles the guard */
+    }
+    ops_addr = (uint64_t)(uintptr_t)o;
+    switch ( below(20) )
+    {
+    case 0: nr = 0; break;
+    case 1: nr = max_ops + below(3); break;
+    case 2: nr = rnd(); break;
+    case 3: nr = cap + 1 + below(4); break;
+    case 4: case 5: case 6: nr = 9 + below(56); break;
+    default: nr = 1 + below(8); break;
+    }
+    nvalid = nr < cap ? nr : cap;
+    for ( i = 0; i < nvalid; i++ ) fz_op(&o[i], cand, ncand, gfns, ngfns);
+    if ( chance(5) ) ops_addr = bad_addr();
+    memset(hdr, 0, sizeof(*hdr));
+    hdr->version = chance(93) ? PVIOMMU_INTERFACE_VERSION : chance(40) ? 0x00010000u : (uint32_t)rnd();
+    hdr->nr_ops = nr;
+    hdr->nr_done = chance(90) ? 0 : chance(50) ? below((uint64_t)nr + 2) : (uint32_t)rnd();
+    hdr->flags = chance(95) ? 0 : rnd();
+    hdr->ops = ops_addr;
+    if ( chance(4) ) hdr_addr = some_ptr(sizeof(*hdr), 0);   /* header itself bad */
+    do rc = fz_call(PVIOMMU_CMD_batch, hdr_addr, hc);
+    while ( rc == PVIOMMU_BATCH_INCOMPLETE && ++spin < 10000 );
+    if ( !abi_errno(rc) ) violation("batch rc=%ld not an ABI errno", rc);
+    if ( refused_only && rc >= 0 ) violation("unprivileged batch rc=%ld", rc);
+    if ( ops_addr == (uint64_t)(uintptr_t)o )
+        for ( i = 0; i < nvalid; i++ ) fz_account(&o[i], refused_only, stats);
+}
+
+static int cmd_fuzz(int argc, char **argv)
+{
+    unsigned long n = strtoul(argv[0], NULL, 0), i, stats[2] = { 0 }, live = 0, refs = 0, mism = 0;
+    uint16_t cand[16];
+    unsigned int ncand = 0;
+    int refused_only = 0, a;
+    xen_pfn_t gfns[32];
+    unsigned long ngfns = 0;
+    uint32_t fdom = 0;
+    struct pv_iommu_caps c;
+    struct pv_iommu_batch *hdr;
+    long hc = 0, rc, used0 = -1, used1 = -1;
+    double t0, t1;
+    uint64_t bmin = ~0ull, bmax = 0;
+    FILE *f;
+
+    rs = strtoull(argv[1], NULL, 0) * 2654435761u + 1;
+    for ( a = 2; a < argc; a++ )
+    {
+        if ( !strcmp(argv[a], "-u") ) refused_only = 1;
+        else if ( ncand < 16 ) cand[ncand++] = strtoul(argv[a], NULL, 0);
+    }
+    /* fuzz buffer: FZ_BUF bytes, then a PROT_NONE page (unmapped for Xen too) */
+    fz_buf = locked_buf(FZ_BUF + PAGE);
+    fz_guard = fz_buf + FZ_BUF;
+    if ( mprotect(fz_guard, PAGE, PROT_NONE) ) die("mprotect");
+    hdr = locked_buf(PAGE);
+    rc = query_caps(&c);
+    win_start = rc ? 0x100000 : c.bfn_window_start;
+    win_end = rc ? 0x8000000 : c.bfn_window_end;
+    if ( rc == 0 && c.max_batch_ops ) max_ops = c.max_batch_ops;
+    if ( rc == 0 ) used0 = c.used;
+    if ( !refused_only )
+    {
+        /* dom0: a fresh 32-page domain of the fuzzer's own is the main target */
+        open_xc();
+        ngfns = 32;
+        fdom = make_domain(ngfns, gfns);
+        cand[ncand++] = fdom; cand[ncand++] = fdom; cand[ncand++] = fdom;
+    }
+
+    t0 = now();
+    for ( i = 0; i < n; i++ )
+    {
+        unsigned int what = below(100);
+        if ( what < 80 )
+            fz_batch(hdr, refused_only, &hc, cand, ncand, gfns, ngfns, stats);
+        else if ( what < 90 )
+        {
+            /* query_caps into a valid, straddling or bad buffer */
+            uint64_t p = some_ptr(sizeof(struct pv_iommu_caps), 60);
+            rc = fz_call(PVIOMMU_CMD_query_caps, p, &hc);
+            if ( !abi_errno(rc) || rc > 0 ) violation("query_caps rc=%ld", rc);
+            if ( refused_only && rc == 0 ) violation("unprivileged query_caps succeeded");
+        }
+        else if ( what < 95 )
+        {
+            /* reserved_regions: random window into the table, entries at a random place */
+            struct pv_iommu_regions *r = (struct pv_iommu_regions *)hdr;
+            uint64_t p = (uint64_t)(uintptr_t)r;
+            memset(r, 0, sizeof(*r));
+            r->version = chance(90) ? PVIOMMU_INTERFACE_VERSION : rnd();
+            r->start = chance(80) ? below(4) : rnd();
+            r->nr = chance(80) ? below(FZ_BUF / sizeof(struct pv_iommu_region)) : rnd();
+            r->regions = some_ptr(sizeof(struct pv_iommu_region), 70);
+            if ( chance(5) ) p = some_ptr(sizeof(*r), 0);
+            rc = fz_call(PVIOMMU_CMD_reserved_regions, p, &hc);
+            if ( !abi_errno(rc) || rc > 0 ) violation("reserved_regions rc=%ld", rc);
+            if ( refused_only && rc == 0 ) violation("unprivileged reserved_regions succeeded");
+        }
+        else
+        {
+            /* an unknown or random command with a random argument */
+            unsigned int cmd = chance(50) ? below(16) : rnd();
+            uint64_t p = chance(50) ? (uint64_t)(uintptr_t)fz_buf : bad_addr();
+            if ( cmd >= 1 && cmd <= 3 ) cmd += 8;   /* the known ones are fuzzed above */
+            rc = fz_call(cmd, p, &hc);
+            if ( !abi_errno(rc) || rc >= 0 ) violation("cmd %u rc=%ld", cmd, rc);
+        }
+    }
+    t1 = now();
+
+    /* The model against the hypervisor: every live BFN looks up as recorded. */
+    for ( i = 0; i < nmodel; i++ )
+    {
+        struct pv_iommu_op o;
+        if ( model[i].refs <= 0 ) continue;
+        live++; refs += model[i].refs;
+        if ( model[i].bfn < bmin ) bmin = model[i].bfn;
+        if ( model[i].bfn > bmax ) bmax = model[i].bfn;
+        memset(&o, 0, sizeof(o));
+        o.subop = PVIOMMU_OP_lookup; o.context = model[i].ctx; o.bfn = model[i].bfn;
+        rc = one_op(&o);
+        if ( rc || o.status || o.domid != model[i].domid || o.gfn != model[i].gfn )
+        {
+            mism++;
+            if ( mism <= 4 ) printf("fuzz lookup bfn=0x%" PRIx64 " rc=%ld status=%d d%u:0x%" PRIx64 " (model d%u:0x%" PRIx64 ")\n",
+                                    model[i].bfn, rc, o.status, o.domid, o.gfn, model[i].domid, model[i].gfn);
+        }
+    }
+    if ( query_caps(&c) == 0 ) used1 = c.used;
+    if ( !refused_only )
+    {
+        if ( !(f = fopen(FZ_STATE, "w")) ) die("fopen state");
+        fprintf(f, "domain %u\n", fdom);
+        for ( i = 0; i < nmodel; i++ )
+            if ( model[i].refs > 0 )
+                fprintf(f, "map %u 0x%" PRIx64 " %u 0x%" PRIx64 " %ld\n", model[i].ctx,
+                        model[i].bfn, model[i].domid, model[i].gfn, model[i].refs);
+        for ( i = 0; i < nctx; i++ ) fprintf(f, "ctx %u\n", fz_ctx[i]);
+        fclose(f);
+    }
+    printf("MEASURE fuzz_%s calls=%lu hypercalls=%ld seconds=%.2f us_per_call=%.1f\n",
+           refused_only ? "unprivileged" : "dom0", n, hc, t1 - t0, (t1 - t0) * 1e6 / (hc ? hc : 1));
+    printf("fuzz calls=%lu maps_ok=%lu unmaps_ok=%lu live=%lu refs=%lu contexts=%u"
+           " lookup_mismatch=%lu used_before=%ld used_after=%ld bfn_min=%" PRIu64
+           " bfn_max=%" PRIu64 " violations=%lu\n", n, stats[0], stats[1], live, refs, nctx,
+           mism, used0, used1, live ? bmin : 0, live ? bmax : 0, violations);
+    return 0;
+}
+
+/* Undo what FZ_STATE records: each BFN unmapped refs times (live until the
+ * last), contexts destroyed, the fuzzer's domain destroyed. */
+static int cmd_fuzz_clean(void)
+{
+    FILE *f = fopen(FZ_STATE, "r");
+    char line[256];
+    unsigned long unmapped = 0, errors = 0;
+    uint32_t fdom = 0;
+    struct pv_iommu_caps c;
+    long used = -1;
+    int gone = 0;
+
+    if ( !f ) die("fopen state");
+    while ( fgets(line, sizeof line, f) )
+    {
+        unsigned int ctx, domid;
+        uint64_t bfn, gfn;
+        long refs, k;
+        struct pv_iommu_op o;
+        if ( sscanf(line, "domain %u", &fdom) == 1 ) continue;
+        if ( sscanf(line, "ctx %u", &ctx) == 1 )
+        {
+            memset(&o, 0, sizeof(o));
+            o.subop = PVIOMMU_OP_context_destroy; o.context = ctx;
+            if ( one_op(&o) || o.status ) errors++;
+            continue;
+        }
+        if ( sscanf(line, "map %u %" SCNx64 " %u %" SCNx64 " %ld", &ctx, &bfn, &domid, &gfn, &refs) != 5 )
+            continue;
+        for ( k = 0; k < refs; k++ )
+        {
+            memset(&o, 0, sizeof(o));
+            o.subop = PVIOMMU_OP_unmap; o.context = ctx; o.bfn = bfn;
+            if ( one_op(&o) || o.status ) { errors++; break; }
+            unmapped++;
+            memset(&o, 0, sizeof(o));
+            o.subop = PVIOMMU_OP_lookup; o.context = ctx; o.bfn = bfn;
+            one_op(&o);
+            /* live until its last reference is dropped, gone after */
+            if ( (k + 1 < refs) != (o.status == 0) ) errors++;
+        }
+    }
+    fclose(f);
+    if ( query_caps(&c) == 0 ) used = c.used;
+    if ( fdom ) gone = cmd_destroy(fdom) == 0;
+    printf("fuzz-clean unmapped=%lu errors=%lu used=%ld domain=%s\n", unmapped, errors, used,
+           gone ? "gone" : "zombie");
+    return 0;
+}
+
+/* ---------------- xenstore hand-offs between dom0 and the domU ---------------- */
+static int cmd_xs_write(const char *path, const char *val)
+{
+    struct xs_handle *h = xs_open(0);
+    int ok = h && xs_write(h, XBT_NULL, path, val, strlen(val));
+    printf("xs-write %s=%s %s\n", path, val, ok ? "ok" : "failed");
+    if ( h ) xs_close(h);
+    return !ok;
+}
+
+/* Poll PATH (relative paths are under the caller's /local/domain/<id>). */
+static int cmd_xs_wait(const char *path, unsigned int seconds)
+{
+    struct xs_handle *h = xs_open(0);
+    unsigned int i, len;
+    char *v;
+    if ( !h ) { printf("xs-wait open failed errno=%d\n", errno); return 1; }
+    for ( i = 0; i < seconds * 10; i++ )
+    {
+        if ( (v = xs_read(h, XBT_NULL, path, &len)) )
+        {
+            printf("%s\n", v);
+            free(v); xs_close(h);
+            return 0;
+        }
+        usleep(100000);
+    }
+    xs_close(h);
+    printf("xs-wait %s timeout\n", path);
+    return 1;
+}
+
+static int cmd_caps(void)
+{
+    struct pv_iommu_caps c;
+    unsigned long maxram = 0;
+    long rc = query_caps(&c);
+    xc_maximum_ram_page(xch, &maxram);
+    printf("caps rc=%ld version=0x%08x window_start=0x%" PRIx64 " window_end=0x%" PRIx64
+           " ram_end=0x%lx max_batch_ops=%u nr_reserved=%u translation=%u\n", rc, c.version,
+           c.bfn_window_start, c.bfn_window_end, maxram, c.max_batch_ops,
+           c.nr_reserved_regions, c.translation);
+    return !(rc == 0 && c.version == PVIOMMU_INTERFACE_VERSION &&
+             c.bfn_window_start >= maxram && c.bfn_window_start >= 0x100000 &&
+             c.bfn_window_end > c.bfn_window_start);
+}
+
+static int cmd_unpopulate(uint32_t domid, xen_pfn_t gfn)
+{
+    int r = xc_domain_decrease_reservation_exact(xch, domid, 1, 0, &gfn);
+    printf("unpopulate rc=%d\n", r ? -errno : 0);
+    return r ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
+    const char *c = argc >= 2 ? argv[1] : "";
     setvbuf(stdout, NULL, _IOLBF, 0);
     if ( argc < 2 ) { fprintf(stderr, "usage: see source\n"); return 2; }
-    if ( strcmp(argv[1], "hc") && strcmp(argv[1], "hypercall") )
-        open_xc();
-    if ( !strcmp(argv[1], "caps") )
-    {
-        struct pv_iommu_caps c;
-        unsigned long maxram = 0;
-        long rc = query_caps(&c);
-        xc_maximum_ram_page(xch, &maxram);
-        printf("caps rc=%ld version=0x%08x window_start=0x%" PRIx64 " window_end=0x%" PRIx64
-               " ram_end=0x%lx max_batch_ops=%u nr_reserved=%u\n", rc, c.version,
-               c.bfn_window_start, c.bfn_window_end, maxram, c.max_batch_ops, c.nr_reserved_regions);
-        return !(rc == 0 && c.version == PVIOMMU_INTERFACE_VERSION &&
-                 c.bfn_window_start >= maxram && c.bfn_window_start >= 0x100000 &&
-                 c.bfn_window_end > c.bfn_window_start);
-    }
-    if ( !strcmp(argv[1], "mkdom") && argc >= 3 ) return cmd_mkdom(strtoul(argv[2], NULL, 0));
-    if ( !strcmp(argv[1], "peek") && argc >= 4 ) return cmd_peek(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0), 0);
-    if ( !strcmp(argv[1], "match") && argc >= 4 ) return cmd_peek(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0), 1);
-    if ( !strcmp(argv[1], "unpopulate") && argc >= 4 )
-    {
-        xen_pfn_t g = strtoull(argv[3], NULL, 0);
-        int r = xc_domain_decrease_reservation_exact(xch, strtoul(argv[2], NULL, 0), 1, 0, &g);
-        printf("unpopulate rc=%d\n", r ? -errno : 0);
-        return r ? 1 : 0;
-    }
-    if ( !strcmp(argv[1], "destroy") && argc >= 3 ) return cmd_destroy(strtoul(argv[2], NULL, 0));
-    if ( !strcmp(argv[1], "dma-read") && argc >= 3 ) { edu_open(); return cmd_dma_read(strtoull(argv[2], NULL, 0)); }
-    if ( !strcmp(argv[1], "dma-write") && argc >= 4 ) { edu_open(); return cmd_dma_write(strtoull(argv[2], NULL, 0), strtoul(argv[3], NULL, 0)); }
-    if ( !strcmp(argv[1], "hc") || !strcmp(argv[1], "hypercall") ) return cmd_hc(argc - 2, argv + 2);
-    if ( !strcmp(argv[1], "measure") && argc >= 3 ) return cmd_measure(strtoul(argv[2], NULL, 0));
+    /* Commands a domU runs must not need libxenctrl's privileged interfaces. */
+    if ( !strcmp(c, "hc") || !strcmp(c, "hypercall") ) return cmd_hc(argc - 2, argv + 2);
+    if ( !strcmp(c, "xs-write") && argc >= 4 ) return cmd_xs_write(argv[2], argv[3]);
+    if ( !strcmp(c, "xs-wait") && argc >= 4 ) return cmd_xs_wait(argv[2], strtoul(argv[3], NULL, 0));
+    if ( !strcmp(c, "fuzz") && argc >= 4 ) return cmd_fuzz(argc - 2, argv + 2);
+    if ( !strcmp(c, "drain-revoked") ) return cmd_drain_revoked();
+    open_xc();
+    if ( !strcmp(c, "caps") ) return cmd_caps();
+    if ( !strcmp(c, "mkdom") && argc >= 3 ) return cmd_mkdom(strtoul(argv[2], NULL, 0));
+    if ( !strcmp(c, "mkhvm") && argc >= 3 ) return cmd_mkhvm(strtoul(argv[2], NULL, 0));
+    if ( !strcmp(c, "settarget") && argc >= 4 ) return cmd_settarget(strtoul(argv[2], NULL, 0), strtoul(argv[3], NULL, 0));
+    if ( !strcmp(c, "peek") && argc >= 4 ) return cmd_peek(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0), 0);
+    if ( !strcmp(c, "match") && argc >= 4 ) return cmd_peek(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0), 1);
+    if ( !strcmp(c, "unpopulate") && argc >= 4 ) return cmd_unpopulate(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0));
+    if ( !strcmp(c, "rmphysmap") && argc >= 4 ) return cmd_rmphysmap(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0));
+    if ( !strcmp(c, "destroy") && argc >= 3 ) return cmd_destroy(strtoul(argv[2], NULL, 0));
+    if ( !strcmp(c, "dma-read") && argc >= 3 ) { edu_open(); return cmd_dma_read(strtoull(argv[2], NULL, 0)); }
+    if ( !strcmp(c, "dma-write") && argc >= 4 ) { edu_open(); return cmd_dma_write(strtoull(argv[2], NULL, 0), strtoul(argv[3], NULL, 0)); }
+    if ( !strcmp(c, "measure") && argc >= 3 ) return cmd_measure(strtoul(argv[2], NULL, 0));
+    if ( !strcmp(c, "bigdestroy") && argc >= 3 ) return cmd_bigdestroy(strtoul(argv[2], NULL, 0));
+    if ( !strcmp(c, "fuzz-clean") ) return cmd_fuzz_clean();
     fprintf(stderr, "bad command\n");
     return 2;
 }

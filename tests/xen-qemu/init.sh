@@ -10,9 +10,12 @@ H=/bin/dom0-harness
 pass=0; fail=0
 ok() { echo "PASS $1"; pass=$((pass+1)); }
 ko() { echo "FAIL $1 $2"; fail=$((fail+1)); }
+skip() { echo "SKIP $1 $2"; }
 field() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p" | head -1; }
 # errno_is OUTPUT EXPECTED: the hypercall or the op status carries EXPECTED
 errno_is() { [ "$(field "$1" rc)" = "$2" ] || [ "$(field "$1" status)" = "$2" ]; }
+# succeeded OUTPUT: the hypercall and the op both returned 0
+succeeded() { [ "$(field "$1" rc)" = 0 ] && [ "$(field "$1" status)" = 0 ]; }
 run() { out=$("$@" 2>&1); echo "+ ${*#/bin/} -> $out" | sed 's/^/  /' >&2; echo "$out"; }
 
 echo "=== pviommu dom0 test start ==="
@@ -36,7 +39,7 @@ p=$(run $H peek $D $G0); r=$(run $H dma-read $A0)
 if [ "$(field "$r" sum)" = "$(field "$p" sum)" ] && [ "$(field "$r" zero)" = 0 ]; then ok dma_read_foreign_bytes; else ko dma_read_foreign_bytes "$r vs $p"; fi
 # The pviommu tool itself, --backend xen: caps, map, device read, lookup, unmap.
 o=$(run pviommu --backend xen caps --json)
-if echo "$o" | grep -q '"version": 65536'; then ok cli_caps; else ko cli_caps "$o"; fi
+if echo "$o" | grep -q '"version": 65537'; then ok cli_caps; else ko cli_caps "$o"; fi
 o=$(run pviommu --backend xen map --domid $D --gfn $G3 --read-only --json)
 BC=$(echo "$o" | sed -n 's/.*"bfn": \([0-9]*\).*/\1/p' | head -1)
 if [ -n "$BC" ]; then
@@ -86,18 +89,111 @@ r=$(run $H dma-read $A3)
 o=$(run $H hc lookup $B3)
 if [ "$(field "$r0" zero)" = 0 ] && [ "$(field "$u" rc)" = 0 ] && [ "$(field "$r" zero)" = 1 ] && errno_is "$o" -2; then
     ok gfn_removed_revokes_bfn; else ko gfn_removed_revokes_bfn "$r0 / $u / $r / $o"; fi
+# 5b) the revoked BFN stays reserved until its owner acknowledges it: another
+# domain's page gets a different BFN, and DMA at the old one still reaches nothing.
+mk=$(run $H mkdom 1)
+E=$(echo "$mk" | sed -n 's/^domid=//p'); GE=$(echo "$mk" | sed -n 's/^gfns=//p')
+o=$(run $H hc map $E $GE 3); BE=$(field "$o" bfn)
+r=$(run $H dma-read $A3)
+if succeeded "$o" && [ $((BE)) != $((B3)) ] && [ "$(field "$r" zero)" = 1 ]; then
+    ok revoked_bfn_not_reused; else ko revoked_bfn_not_reused "old bfn $B3: $o / old-bfn dma $r"; fi
+# the owner learns of it: revoked_next names (B3, D, G3)
+o=$(run $H hc revoked-next)
+if succeeded "$o" && [ $(($(field "$o" bfn))) = $((B3)) ] && [ "$(field "$o" domid)" = "$D" ] && [ $(($(field "$o" gfn))) = $(($G3)) ]; then
+    ok revocation_reported; else ko revocation_reported "want bfn=$B3 domid=$D gfn=$G3: $o"; fi
+# unmap of the revoked BFN says so (ESTALE) and acknowledges it
+o=$(run $H hc unmap $B3); if errno_is "$o" -116; then ok revoked_unmap_estale; else ko revoked_unmap_estale "$o"; fi
+o=$(run $H hc revoked-next); if errno_is "$o" -2; then ok revoked_queue_empty_after_ack; else ko revoked_queue_empty_after_ack "$o"; fi
+run $H hc unmap $BE >/dev/null; run $H destroy $E >/dev/null
 o=$(run $H destroy $D)
 case "$o" in *gone*) ok destroy_frees_domain;; *) ko destroy_frees_domain "$o";; esac
 r=$(run $H dma-read $A2)
 if [ "$(field "$r" zero)" = 1 ]; then ok destroy_revokes_bfn; else ko destroy_revokes_bfn "$r"; fi
 o=$(run $H hc lookup $B2); if errno_is "$o" -2; then ok destroy_lookup_enoent; else ko destroy_lookup_enoent "$o"; fi
+# domain death is a revocation too: reported, then acknowledged with revoked_ack
+o=$(run $H hc revoked-next); a=$(run $H hc revoked-ack $B2)
+if succeeded "$o" && [ $(($(field "$o" bfn))) = $((B2)) ] && [ "$(field "$o" domid)" = "$D" ] && succeeded "$a"; then
+    ok destroy_revocation_reported_acked; else ko destroy_revocation_reported_acked "$o / $a"; fi
+run $H drain-revoked >/dev/null
+
+# 5c) XENMEM_remove_from_physmap of a mapped gfn revokes (an HVM domain:
+# Xen refuses the call for PV domains, which are not paging_mode_translate)
+mk=$(run $H mkhvm 4)
+HV=$(echo "$mk" | sed -n 's/^domid=//p'); HG=1
+o=$(run $H hc map $HV $HG 3); BH=$(field "$o" bfn); AH=$(printf '0x%x' $((BH << 12)))
+if [ -z "$HV" ] || ! succeeded "$o"; then
+    ko remove_from_physmap_revokes "no HVM domain or its map failed: $mk / $o"
+else
+    p=$(run $H peek $HV $HG); r0=$(run $H dma-read $AH)
+    u=$(run $H rmphysmap $HV $HG)
+    r=$(run $H dma-read $AH); l=$(run $H hc lookup $BH); n=$(run $H hc revoked-next)
+    if [ "$(field "$u" rc)" = -13 ]; then
+        skip remove_from_physmap_revokes "XENMEM_remove_from_physmap refused with EACCES (common/memory.c: paging_mode_translate(d) false)"
+    elif [ "$(field "$r0" sum)" = "$(field "$p" sum)" ] && [ "$(field "$u" rc)" = 0 ] && [ "$(field "$r" zero)" = 1 ] && errno_is "$l" -2 \
+         && [ $(($(field "$n" bfn))) = $((BH)) ] && [ "$(field "$n" domid)" = "$HV" ]; then
+        ok remove_from_physmap_revokes
+    else
+        ko remove_from_physmap_revokes "before $r0 vs $p / $u / after $r / $l / $n"
+    fi
+    run $H hc unmap $BH >/dev/null; run $H drain-revoked >/dev/null
+fi
 
 # measurements
 N=$(sed -n 's/.*pviommu_measure=\([0-9]*\).*/\1/p' /proc/cmdline); N=${N:-16384}
 $H measure $N 2>&1
 run $H hc caps >/dev/null
 
-# 6) EPERM for an unprivileged caller: a PV domU (privcmd unrestricted=1)
+# 7) a domain holding 64 Ki mapped pages (64 batches of 1024) is destroyed
+# through continuations and freed; its revoked BFNs are then acknowledged.
+BIG=$(sed -n 's/.*pviommu_big=\([0-9]*\).*/\1/p' /proc/cmdline); BIG=${BIG:-65536}
+o=$(run $H bigdestroy $BIG); echo "$o" | grep '^MEASURE'
+if [ "$(field "$o" mapped)" = "$BIG" ] && echo "$o" | grep -q ' gone ' && [ "$(field "$o" free_delta)" -ge -64 ]; then
+    ok destroy_64k_mapped_freed; else ko destroy_64k_mapped_freed "$(echo "$o" | grep -v MEASURE)"; fi
+if [ "$(field "$o" used_after)" = "$(field "$o" used_before)" ] && [ "$(field "$o" unmap_estale)" = "$BIG" ]; then
+    ok destroy_64k_revocations_acked; else ko destroy_64k_revocations_acked "$(echo "$o" | grep -v MEASURE)"; fi
+run $H drain-revoked >/dev/null
+
+# alive CHECK: Xen still maps, the device still reads through the BFN, unmap works
+alive() {
+    mk=$(run $H mkdom 1); AD=$(echo "$mk" | sed -n 's/^domid=//p'); AG=$(echo "$mk" | sed -n 's/^gfns=//p')
+    o=$(run $H hc map $AD $AG 1); AB=$(field "$o" bfn)
+    p=$(run $H peek $AD $AG); r=$(run $H dma-read $(printf '0x%x' $(($AB << 12))))
+    u=$(run $H hc unmap $AB); d=$(run $H destroy $AD)
+    if succeeded "$o" && [ "$(field "$r" sum)" = "$(field "$p" sum)" ] && succeeded "$u"; then
+        ok "$1"; else ko "$1" "$o / $r vs $p / $u / $d"; fi
+}
+
+# 8) hostile input from dom0: FUZZ random hypercalls against a domain of the
+# fuzzer's own. Every answer an ABI errno; what it mapped is what lookups,
+# caps.used and `pviommu list` show; unmapping that leaves nothing behind.
+FUZZ=$(sed -n 's/.*pviommu_fuzz=\([0-9]*\).*/\1/p' /proc/cmdline); FUZZ=${FUZZ:-100000}
+o=$(run $H fuzz $FUZZ 1); echo "$o" | grep '^MEASURE'
+f=$(echo "$o" | grep '^fuzz calls')
+if [ "$(field "$f" violations)" = 0 ]; then ok fuzz_dom0_abi_answers; else ko fuzz_dom0_abi_answers "$o"; fi
+live=$(field "$f" live)
+if [ -n "$live" ] && [ "$(field "$f" lookup_mismatch)" = 0 ] && [ $(( $(field "$f" used_after) - $(field "$f" used_before) )) = "$live" ]; then
+    ok fuzz_dom0_state_consistent; else ko fuzz_dom0_state_consistent "$f"; fi
+if [ "${live:-0}" -gt 0 ]; then
+    from=$(field "$f" bfn_min); cnt=$(( $(field "$f" bfn_max) - from + 1 ))
+else
+    from=""; cnt=4096
+fi
+l=$(run pviommu --backend xen list ${from:+--from $from} --count $cnt | tail -1)
+if [ "$l" = "$live live mapping(s)" ]; then ok fuzz_dom0_cli_list; else ko fuzz_dom0_cli_list "fuzzer left $live: $l"; fi
+o=$(run $H fuzz-clean)
+if [ "$(field "$o" errors)" = 0 ] && [ "$(field "$o" used)" = "$(field "$f" used_before)" ] && echo "$o" | grep -q 'domain=gone'; then
+    ok fuzz_dom0_clean; else ko fuzz_dom0_clean "$o"; fi
+run $H drain-revoked >/dev/null
+alive alive_after_dom0_fuzz
+
+# 9) a PVH domU (privcmd unrestricted=1), first unrelated to every domain:
+# it reaches the handler (xen_version works) but query_caps, a map and a
+# FUZZ-call fuzz run are all refused. Then dom0 makes it the device model of
+# the HVM domain HV (xc_domain_set_target(U, HV)) and the target of a PV
+# domain S (set_target(S, U): S is U's device model) and hands it the domids
+# through xenstore: mapping HV's page passes the permission check (EADDRNOTAVAIL:
+# the domU has no IOMMU context of its own), mapping S's page (U is only S's
+# target) and an unrelated domain X's page are EPERM.
 if [ -x /usr/lib/xen-4.17/bin/xl ]; then
     export PATH=$PATH:/usr/lib/xen-4.17/bin
     mkdir -p /dev/pts /run /var/run /proc/xen
@@ -107,29 +203,59 @@ if [ -x /usr/lib/xen-4.17/bin/xl ]; then
     xenstored --pid-file /var/run/xen/xenstored.pid
     xen-init-dom0 >/dev/null 2>&1
     xenconsoled --pid-file=/var/run/xen/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console
+    # PVH rather than PV: set_target needs an HVM target, and the domU is one.
+    # QEMU's TCG SVM has no NPT, hence hap = 0 (shadow paging).
     cat > /tmp/domu.cfg <<EOC
-name = "unpriv"
-type = "pv"
+name = "domu"
+type = "pvh"
+hap = 0
 kernel = "/domu/vmlinuz"
 ramdisk = "/domu/initrd.gz"
-extra = "console=hvc0 quiet"
+extra = "console=hvc0 quiet pviommu_fuzz=$FUZZ"
 memory = 256
 on_poweroff = "destroy"
 on_crash = "destroy"
 EOC
+    L=/var/log/xen/console/guest-domu.log
     xl create /tmp/domu.cfg 2>&1 | tail -2
+    U=$(xl domid domu 2>/dev/null)
     i=0
-    while xl list unpriv >/dev/null 2>&1 && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done
+    while ! grep -q 'DOMU phase1 done' $L 2>/dev/null && xl list domu >/dev/null 2>&1 && [ $i -lt 600 ]; do sleep 1; i=$((i+1)); done
+    echo "domU $U phase 1 took ${i}s"
+    mk=$(run $H mkdom 1); S=$(echo "$mk" | sed -n 's/^domid=//p'); SG=$(echo "$mk" | sed -n 's/^gfns=//p')
+    mk=$(run $H mkdom 1); X=$(echo "$mk" | sed -n 's/^domid=//p'); XG=$(echo "$mk" | sed -n 's/^gfns=//p')
+    t1=$(run $H settarget $U $HV); t2=$(run $H settarget $S $U)
+    run $H xs-write /local/domain/$U/data/pviommu "$HV $HG $S $SG $X $XG" >/dev/null
+    i=0
+    while xl list domu >/dev/null 2>&1 && [ $i -lt 300 ]; do sleep 1; i=$((i+1)); done
     sleep 1
-    L=/var/log/xen/console/guest-unpriv.log
     grep DOMU $L 2>/dev/null | sed 's/^/  domU: /'
-    v=$(sed -n 's/.*DOMU version rc=\([-0-9]*\).*/\1/p' $L 2>/dev/null | head -1)
-    m=$(grep 'DOMU map' $L 2>/dev/null | head -1)
-    if [ -z "$v" ]; then ko eperm_unprivileged "no domU output (waited ${i}s)"
+    dl() { tr -d '\r' < $L 2>/dev/null | grep "DOMU $1 " | head -1 | sed "s/.*DOMU $1 //"; }
+    v=$(field "$(dl version)" rc)
+    m=$(dl map)
+    if [ -z "$v" ]; then ko eperm_unprivileged "no domU output"
     elif [ "$v" -le 0 ]; then ko eperm_unprivileged "xen_version from domU rc=$v: Linux privcmd refused, Xen not reached"
-    elif errno_is "${m#*DOMU map }" -1; then ok eperm_unprivileged
+    elif errno_is "$m" -1; then ok eperm_unprivileged
     else ko eperm_unprivileged "$m"; fi
+    o=$(dl caps); if [ "$(field "$o" rc)" = -1 ]; then ok domu_caps_eperm; else ko domu_caps_eperm "$o"; fi
+    tr -d '\r' < $L | sed -n 's/.*DOMU fuzz-out MEASURE /MEASURE /p' | head -1
+    o=$(tr -d '\r' < $L | sed -n 's/.*DOMU fuzz-out fuzz calls=/calls=/p' | head -1); if [ -n "$o" ] && [ "$(field "$o" violations)" = 0 ]; then ok fuzz_domu_all_refused; else ko fuzz_domu_all_refused "${o:-no fuzz output}"; fi
+    if [ "$(field "$t1" rc)" = 0 ] && [ "$(field "$t2" rc)" = 0 ]; then
+        o=$(dl dm-map)
+        if errno_is "$o" -99; then ok dm_maps_target_passes_permission
+        else ko dm_maps_target_passes_permission "want EADDRNOTAVAIL (-99): ${o:-no output}"; fi
+        o=$(dl target-map); if errno_is "$o" -1; then ok target_maps_dm_eperm; else ko target_maps_dm_eperm "${o:-no output}"; fi
+        o=$(dl unrelated-map); if errno_is "$o" -1; then ok dm_maps_unrelated_eperm; else ko dm_maps_unrelated_eperm "${o:-no output}"; fi
+    else
+        ko dm_maps_target_passes_permission "set_target: $t1 / $t2"
+    fi
+    xl destroy domu >/dev/null 2>&1
+    run $H destroy $S >/dev/null; run $H destroy $X >/dev/null
+    o=$(run $H hc caps)
+    if [ "$(field "$o" used)" = 0 ]; then ok nothing_left_mapped; else ko nothing_left_mapped "$o"; fi
+    alive alive_after_domu_fuzz
 fi
+[ -n "$HV" ] && run $H destroy $HV >/dev/null
 
 echo "$pass passed, $fail failed"
 echo "=== pviommu dom0 test end ==="

@@ -19,7 +19,7 @@ fn caps_json_is_machine_readable() {
     let (ok, out, _) = pviommu(&["caps", "--json"]);
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["version"], 0x0001_0000);
+    assert_eq!(v["version"], pviommu_abi::INTERFACE_VERSION);
     assert!(v["bfn_window_start"].as_u64().unwrap() >= 0x10_0000);
 }
 

@@ -72,8 +72,17 @@ pub const fn index(bfn: Bfn, level: u32) -> usize {
 }
 
 /// One translation context: a root table and its format.
+///
+/// Unmapping never needs memory: every superpage made by folding a full
+/// leaf table keeps that table's frame on a spare list, and splitting a
+/// superpage takes its frame back from there. (Xen's own VT-d code can fail
+/// an unmap with `-ENOMEM` at exactly this point; the engine copes with that
+/// too, but its own tables never do it.)
 pub struct IoPageTable<F: PageTableFormat> {
     root: Mfn,
+    /// Spare table frames, one per superpage; entry 0 of each holds the
+    /// next spare's frame + 1 (0 ends the list).
+    spares: Option<Mfn>,
     _format: core::marker::PhantomData<F>,
 }
 
@@ -82,6 +91,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
     pub fn new(mem: &mut impl TableMemory) -> Result<Self, Errno> {
         Ok(IoPageTable {
             root: mem.alloc_table()?,
+            spares: None,
             _format: core::marker::PhantomData,
         })
     }
@@ -162,7 +172,33 @@ impl<F: PageTableFormat> IoPageTable<F> {
             pidx,
             F::leaf_entry(first_mfn, perms, attr, SUPERPAGE_LEVEL),
         );
-        mem.free_table(leaf_table);
+        // Keep the frame for the split that may follow.
+        for i in 1..ENTRIES {
+            mem.write_entry(leaf_table, i, 0);
+        }
+        mem.write_entry(leaf_table, 0, self.spares.map_or(0, |m| m.0 + 1));
+        mem.set_present_count(leaf_table, 0);
+        self.spares = Some(leaf_table);
+    }
+
+    fn take_spare(&mut self, mem: &mut impl TableMemory) -> Option<Mfn> {
+        let t = self.spares?;
+        let next = mem.read_entry(t, 0);
+        self.spares = next.checked_sub(1).map(Mfn);
+        mem.write_entry(t, 0, 0);
+        Some(t)
+    }
+
+    /// Spare frames held for splits (one per superpage ever folded and not
+    /// yet split).
+    pub fn spare_frames(&self, mem: &impl TableMemory) -> usize {
+        let mut n = 0;
+        let mut at = self.spares;
+        while let Some(t) = at {
+            n += 1;
+            at = mem.read_entry(t, 0).checked_sub(1).map(Mfn);
+        }
+        n
     }
 
     /// Unmap `bfn`. `Err(NoEnt)` if it is not mapped; `Err(NoMem)` if a
@@ -221,7 +257,10 @@ impl<F: PageTableFormat> IoPageTable<F> {
         perms: Permissions,
         attr: MemAttr,
     ) -> Result<Mfn, Errno> {
-        let t = mem.alloc_table()?;
+        let t = match self.take_spare(mem) {
+            Some(t) => t,
+            None => mem.alloc_table()?,
+        };
         for i in 0..ENTRIES {
             mem.write_entry(t, i, F::leaf_entry(Mfn(mfn.0 + i as u64), perms, attr, 1));
         }
@@ -252,7 +291,10 @@ impl<F: PageTableFormat> IoPageTable<F> {
     }
 
     /// Free every table, the root included (the context goes away).
-    pub fn destroy(self, mem: &mut impl TableMemory) {
+    pub fn destroy(mut self, mem: &mut impl TableMemory) {
+        while let Some(t) = self.take_spare(mem) {
+            mem.free_table(t);
+        }
         Self::free_subtree(mem, self.root, LEVELS);
     }
 

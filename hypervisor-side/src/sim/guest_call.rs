@@ -35,7 +35,7 @@ impl SimMachine {
     /// Query capabilities as `caller`.
     pub fn guest_query_caps(
         &mut self,
-        engine: &mut Engine,
+        engine: &Engine,
         caller: DomId,
     ) -> Result<PvIommuCaps, Errno> {
         let base = self.scratch_addr(caller)?;
@@ -53,7 +53,7 @@ impl SimMachine {
     /// return value and the new `nr_done`. At most 1024 ops.
     pub fn guest_batch(
         &mut self,
-        engine: &mut Engine,
+        engine: &Engine,
         caller: DomId,
         ops: &mut [PvIommuOp],
         nr_done: u32,
@@ -80,7 +80,7 @@ impl SimMachine {
     /// incomplete. Returns the number of calls made.
     pub fn guest_batch_all(
         &mut self,
-        engine: &mut Engine,
+        engine: &Engine,
         caller: DomId,
         ops: &mut [PvIommuOp],
     ) -> Result<u32, Errno> {
@@ -101,7 +101,7 @@ impl SimMachine {
     /// Read the reserved regions as `caller`.
     pub fn guest_reserved_regions(
         &mut self,
-        engine: &mut Engine,
+        engine: &Engine,
         caller: DomId,
     ) -> Result<Vec<PvIommuRegion>, Errno> {
         let base = self.scratch_addr(caller)?;

@@ -4,8 +4,9 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::iommu::{BackendCaps, FlushGather, IommuBackend};
 use crate::pgtable::{lpae::Lpae, vtd::Vtd, IoPageTable, TableMemory};
-use crate::platform::{PageKind, PageLookup, Platform, ReservedRange};
+use crate::platform::{DomainInfo, PageKind, PageLookup, Platform, ReservedRange, XsmAction};
 use crate::sim::hardware::{self, DmaFault, Iotlb};
+use crate::sim::HostAllocations;
 use crate::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions};
 use pviommu_abi::{feature, region_kind};
 
@@ -49,7 +50,8 @@ pub struct DomainSpec {
     pub pages: u64,
     /// Privileged (control domain).
     pub privileged: bool,
-    /// Device model of this domain.
+    /// The guest this domain is the device model of: Xen's `d->target`,
+    /// which lives on the device model and points at the guest.
     pub device_model_of: Option<DomId>,
 }
 
@@ -68,7 +70,15 @@ struct Domain {
     /// RAM pages it was created with (gfn 0..ram_pages).
     ram_pages: u64,
     privileged: bool,
-    device_model_of: Option<DomId>,
+    /// Xen's `d->target`: set on a device model (stub domain), naming the
+    /// guest it serves.
+    target: Option<DomId>,
+    dying: bool,
+    /// A `pviommu_abi::translation` code for this domain's IOMMU context.
+    translation: u32,
+    log_dirty: bool,
+    /// A FLASK-like policy refusal for this domain as a caller.
+    xsm_denied: bool,
 }
 
 enum Context {
@@ -77,16 +87,24 @@ enum Context {
 }
 
 /// RAM frames and their metadata: the [`TableMemory`] the IOMMU tables live in.
+/// Frame memory is reserved up front (zero pages from the OS until
+/// touched), so allocating a frame never allocates host memory: an
+/// allocation-failure test can fail the engine's allocations without the
+/// simulated hardware aborting.
 pub struct Ram {
-    bytes: Vec<Option<Box<[u8; 4096]>>>,
+    bytes: Vec<u8>,
+    present: Vec<bool>,
     info: Vec<FrameInfo>,
     free: VecDeque<Mfn>,
+    /// Table allocations left before they fail (failure injection).
+    pub(super) table_allocs_left: Option<u64>,
 }
 
 impl Ram {
     fn new(frames: u64) -> Ram {
         Ram {
-            bytes: (0..frames).map(|_| None).collect(),
+            bytes: vec![0; frames as usize * 4096],
+            present: vec![false; frames as usize],
             info: (0..frames)
                 .map(|_| FrameInfo {
                     owner: Owner::Free,
@@ -96,28 +114,44 @@ impl Ram {
                 })
                 .collect(),
             free: (0..frames).map(Mfn).collect(),
+            table_allocs_left: None,
         }
     }
     fn alloc(&mut self, owner: Owner) -> Result<Mfn, Errno> {
         let mfn = self.free.pop_front().ok_or(Errno::NoMem)?;
         let i = mfn.0 as usize;
-        self.bytes[i] = Some(Box::new([0; 4096]));
+        self.present[i] = true;
+        self.bytes[i * 4096..(i + 1) * 4096].fill(0);
         self.info[i].owner = owner;
         self.info[i].pt_count = 0;
         Ok(mfn)
     }
     fn release(&mut self, mfn: Mfn) {
         let i = mfn.0 as usize;
-        self.bytes[i] = None;
+        self.present[i] = false;
         self.info[i].owner = Owner::Free;
         self.free.push_back(mfn);
     }
-    /// The bytes of a frame (zeros for an unallocated one).
+    /// The bytes of a frame (`None` for an unallocated one).
     pub fn frame(&self, mfn: Mfn) -> Option<&[u8; 4096]> {
-        self.bytes.get(mfn.0 as usize)?.as_deref()
+        let i = usize::try_from(mfn.0).ok()?;
+        if !*self.present.get(i)? {
+            return None;
+        }
+        self.bytes.get(i * 4096..(i + 1) * 4096)?.try_into().ok()
     }
     fn frame_mut(&mut self, mfn: Mfn) -> Option<&mut [u8; 4096]> {
-        self.bytes.get_mut(mfn.0 as usize)?.as_deref_mut()
+        let i = usize::try_from(mfn.0).ok()?;
+        if !*self.present.get(i)? {
+            return None;
+        }
+        self.bytes
+            .get_mut(i * 4096..(i + 1) * 4096)?
+            .try_into()
+            .ok()
+    }
+    fn is_present(&self, mfn: Mfn) -> bool {
+        self.present.get(mfn.0 as usize).copied().unwrap_or(false)
     }
     /// Read a 64-bit little-endian word at byte offset `off` of a frame.
     pub fn read_u64(&self, mfn: Mfn, off: usize) -> u64 {
@@ -130,6 +164,11 @@ impl Ram {
 
 impl TableMemory for Ram {
     fn alloc_table(&mut self) -> Result<Mfn, Errno> {
+        match &mut self.table_allocs_left {
+            Some(0) => return Err(Errno::NoMem),
+            Some(n) => *n -= 1,
+            None => {}
+        }
         self.alloc(Owner::Xen)
     }
     fn free_table(&mut self, table: Mfn) {
@@ -168,6 +207,13 @@ pub struct SimMachine {
     pub flushes: u64,
     /// DMA faults recorded, in order.
     pub faults: Vec<DmaFault>,
+    /// The next this-many IOMMU unmaps fail with ENOMEM, as Xen's do when a
+    /// superpage split finds no memory (failure injection).
+    pub fail_unmaps: u32,
+    /// The next this-many IOTLB flushes fail (failure injection).
+    pub fail_flushes: u32,
+    /// Seed for the engine's hash tables.
+    pub seed: u64,
 }
 
 impl SimMachine {
@@ -190,6 +236,9 @@ impl SimMachine {
             preempt_budget: None,
             flushes: 0,
             faults: Vec::new(),
+            fail_unmaps: 0,
+            fail_flushes: 0,
+            seed: 0x5eed_f00d_5113,
         };
         m.create_domain(
             DomId::DOM0,
@@ -228,7 +277,11 @@ impl SimMachine {
                 p2m,
                 ram_pages: spec.pages,
                 privileged: spec.privileged,
-                device_model_of: spec.device_model_of,
+                target: spec.device_model_of,
+                dying: false,
+                translation: pviommu_abi::translation::TRANSLATES,
+                log_dirty: false,
+                xsm_denied: false,
             },
         );
         Ok(())
@@ -247,6 +300,111 @@ impl SimMachine {
     /// Whether the domain exists.
     pub fn has_domain(&self, domid: DomId) -> bool {
         self.domains.contains_key(&domid)
+    }
+
+    /// Let only the next `n` page-table allocations succeed (`None`: all),
+    /// as a host out of memory would.
+    pub fn fail_table_allocs(&mut self, n: Option<u64>) {
+        self.ram.table_allocs_left = n;
+    }
+
+    /// Set the IOMMU-mode fact Xen would report for `domid` (a
+    /// `pviommu_abi::translation` code).
+    pub fn set_translation(&mut self, domid: DomId, code: u32) {
+        if let Some(d) = self.domains.get_mut(&domid) {
+            d.translation = code;
+        }
+    }
+
+    /// Make the simulated XSM policy refuse every PV-IOMMU call of `domid`.
+    pub fn xsm_deny(&mut self, domid: DomId) {
+        if let Some(d) = self.domains.get_mut(&domid) {
+            d.xsm_denied = true;
+        }
+    }
+
+    /// Set `d->target` of `domid` (Xen's `XEN_DOMCTL_set_target`).
+    pub fn set_target(&mut self, domid: DomId, target: Option<DomId>) {
+        if let Some(d) = self.domains.get_mut(&domid) {
+            d.target = target;
+        }
+    }
+
+    /// Turn log-dirty mode on for `domid`, and tell the engine as Xen's
+    /// hook does: every writable mapping of its pages loses write access.
+    pub fn enable_log_dirty(&mut self, engine: &crate::Engine, domid: DomId) {
+        if let Some(d) = self.domains.get_mut(&domid) {
+            d.log_dirty = true;
+        }
+        engine.gfn_changed(self, domid, Gfn(0), 63, crate::engine::GfnChange::WriteLost);
+    }
+
+    /// Mark a RAM gfn read-only and run the engine's hook after the change,
+    /// as Xen's p2m type-change hook does.
+    pub fn make_read_only(&mut self, engine: &crate::Engine, domid: DomId, gfn: Gfn) {
+        self.set_read_only(domid, gfn);
+        engine.gfn_changed(self, domid, gfn, 0, crate::engine::GfnChange::WriteLost);
+    }
+
+    /// Balloon a gfn out (`guest_remove_page`) and run the engine's hook
+    /// after the removal succeeded, as Xen does.
+    pub fn balloon_out(
+        &mut self,
+        engine: &crate::Engine,
+        domid: DomId,
+        gfn: Gfn,
+    ) -> Result<(), Errno> {
+        match self.mfn_of(domid, gfn) {
+            Some(_) => {
+                self.remove_gfn(domid, gfn);
+                engine.gfn_removed(self, domid, gfn);
+                Ok(())
+            }
+            // Nothing there: the removal fails and no hook runs.
+            None => Err(Errno::Inval),
+        }
+    }
+
+    /// Replace what `gfn` points at with a fresh page (`add_to_physmap`
+    /// over a mapped gfn), then run the hook.
+    pub fn replace_page(
+        &mut self,
+        engine: &crate::Engine,
+        domid: DomId,
+        gfn: Gfn,
+    ) -> Result<(), Errno> {
+        let mfn = self.ram.alloc(Owner::Domain(domid))?;
+        self.replace_p2m(
+            domid,
+            gfn,
+            P2mEntry::Ram {
+                mfn,
+                read_only: false,
+            },
+        );
+        engine.gfn_removed(self, domid, gfn);
+        Ok(())
+    }
+
+    /// Destroy a domain the way Xen's `domain_kill` does: mark it dying, run
+    /// the engine's restartable teardown to the end (one slice per call, as
+    /// the toolstack's continuations do), then relinquish its memory.
+    /// Returns the number of teardown slices.
+    pub fn kill_domain(&mut self, engine: &crate::Engine, domid: DomId) -> u32 {
+        if let Some(d) = self.domains.get_mut(&domid) {
+            d.dying = true;
+        }
+        let slices = engine.domain_dying(self, domid);
+        self.destroy_domain(domid);
+        slices
+    }
+
+    /// Mark a domain dying without tearing anything down (the first step of
+    /// `domain_kill`).
+    pub fn mark_dying(&mut self, domid: DomId) {
+        if let Some(d) = self.domains.get_mut(&domid) {
+            d.dying = true;
+        }
     }
 
     /// Mark a RAM gfn read-only in the p2m.
@@ -384,8 +542,45 @@ impl SimMachine {
             .info
             .iter()
             .enumerate()
-            .filter(|(i, f)| f.owner == Owner::Free && self.ram.bytes[*i].is_some())
+            .filter(|(i, f)| f.owner == Owner::Free && self.ram.present[*i])
             .count()
+    }
+
+    /// A digest (FNV-1a) of every hypervisor-owned frame's number and bytes:
+    /// equal digests mean the IOMMU page tables are bit-identical. Tests use
+    /// it to show a refused call left the tables unchanged.
+    pub fn table_digest(&self) -> u64 {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for (i, f) in self.ram.info.iter().enumerate() {
+            if f.owner != Owner::Xen {
+                continue;
+            }
+            let bytes = self.ram.frame(Mfn(i as u64)).map_or(&[][..], |b| &b[..]);
+            for b in (i as u64).to_le_bytes().iter().chain(bytes) {
+                h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+        h
+    }
+
+    /// The root table frame of every IOMMU context, for outside tools that
+    /// walk the raw tables (with [`Self::frame_bytes`]).
+    pub fn context_roots(&self) -> Vec<(DomId, ContextId, Mfn)> {
+        self.contexts
+            .iter()
+            .map(|(&(d, c), ctx)| {
+                let root = match ctx {
+                    Context::Vtd(t) => t.root(),
+                    Context::Lpae(t) => t.root(),
+                };
+                (d, c, root)
+            })
+            .collect()
+    }
+
+    /// The raw bytes of a machine frame, if allocated.
+    pub fn frame_bytes(&self, mfn: Mfn) -> Option<&[u8; 4096]> {
+        self.ram.frame(mfn)
     }
 
     /// Frames the hypervisor holds for page tables and its own data.
@@ -521,13 +716,7 @@ impl SimMachine {
 
     /// Run a hypercall of `caller` through `engine`, as the hypervisor's
     /// entry stub would (it sets the current domain first).
-    pub fn hypercall(
-        &mut self,
-        engine: &mut crate::Engine,
-        caller: DomId,
-        cmd: u32,
-        arg: u64,
-    ) -> i64 {
+    pub fn hypercall(&mut self, engine: &crate::Engine, caller: DomId, cmd: u32, arg: u64) -> i64 {
         self.current = caller;
         engine.hypercall(self, caller, cmd, arg)
     }
@@ -569,6 +758,7 @@ impl SimMachine {
 
 impl Platform for SimMachine {
     fn copy_from_guest(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        let _host = HostAllocations::begin();
         self.for_guest_span(addr, buf.len(), |ram, mfn, off, done, n| {
             let f = ram.frame(mfn).ok_or(Errno::Fault)?;
             buf[done..done + n].copy_from_slice(&f[off..off + n]);
@@ -576,26 +766,44 @@ impl Platform for SimMachine {
         })
     }
     fn copy_to_guest(&mut self, addr: u64, buf: &[u8]) -> Result<(), Errno> {
+        let _host = HostAllocations::begin();
         self.for_guest_span(addr, buf.len(), |ram, mfn, off, done, n| {
             let f = ram.frame_mut(mfn).ok_or(Errno::Fault)?;
             f[off..off + n].copy_from_slice(&buf[done..done + n]);
             Ok(())
         })
     }
-    fn domain_exists(&self, domid: DomId) -> bool {
-        self.domains.contains_key(&domid)
+    fn domain_info(&self, domid: DomId) -> Option<DomainInfo> {
+        let _host = HostAllocations::begin();
+        let d = self.domains.get(&domid)?;
+        Some(DomainInfo {
+            dying: d.dying,
+            control: d.privileged,
+            hardware: domid == DomId::DOM0,
+            target: d.target,
+            translation: d.translation,
+        })
     }
-    fn is_privileged(&self, domid: DomId) -> bool {
-        self.domains.get(&domid).is_some_and(|d| d.privileged)
-    }
-    fn is_device_model_of(&self, caller: DomId, target: DomId) -> bool {
-        self.domains
-            .get(&caller)
-            .is_some_and(|d| d.device_model_of == Some(target))
+    fn xsm_check(
+        &self,
+        caller: DomId,
+        _target: Option<DomId>,
+        _action: XsmAction,
+    ) -> Result<(), Errno> {
+        match self.domains.get(&caller) {
+            Some(d) if !d.xsm_denied => Ok(()),
+            _ => Err(Errno::Perm),
+        }
     }
     fn get_page(&mut self, domid: DomId, gfn: Gfn, want_write: bool) -> Result<PageLookup, Errno> {
+        let _host = HostAllocations::begin();
         let d = self.domains.get(&domid).ok_or(Errno::Srch)?;
+        if d.dying {
+            return Err(Errno::Srch);
+        }
+        let log_dirty = d.log_dirty && want_write;
         let (kind, mfn) = match d.p2m.get(&gfn) {
+            Some(P2mEntry::Ram { .. }) if log_dirty => (PageKind::LogDirty, None),
             None => (PageKind::NotPresent, None),
             Some(P2mEntry::Mmio) => (PageKind::Mmio, None),
             Some(P2mEntry::PagedOut) => (PageKind::PagedOut, None),
@@ -620,12 +828,13 @@ impl Platform for SimMachine {
         Ok(PageLookup { kind, mfn })
     }
     fn put_page(&mut self, mfn: Mfn, writable: bool) {
+        let _host = HostAllocations::begin();
         let info = &mut self.ram.info[mfn.0 as usize];
         info.refs = info.refs.saturating_sub(1);
         if writable {
             info.writable_refs = info.writable_refs.saturating_sub(1);
         }
-        if info.refs == 0 && info.owner == Owner::Free && self.ram.bytes[mfn.0 as usize].is_some() {
+        if info.refs == 0 && info.owner == Owner::Free && self.ram.is_present(mfn) {
             self.ram.release(mfn);
         }
     }
@@ -645,6 +854,9 @@ impl Platform for SimMachine {
             }
         }
     }
+    fn random_seed(&self) -> u64 {
+        self.seed
+    }
 }
 
 impl IommuBackend for SimMachine {
@@ -662,6 +874,7 @@ impl IommuBackend for SimMachine {
         }
     }
     fn context_create(&mut self, owner: DomId, ctx: ContextId) -> Result<(), Errno> {
+        let _host = HostAllocations::begin();
         if self.contexts.contains_key(&(owner, ctx)) {
             return Err(Errno::Inval);
         }
@@ -670,6 +883,7 @@ impl IommuBackend for SimMachine {
         Ok(())
     }
     fn context_destroy(&mut self, owner: DomId, ctx: ContextId) {
+        let _host = HostAllocations::begin();
         if let Some(c) = self.contexts.remove(&(owner, ctx)) {
             match c {
                 Context::Vtd(t) => t.destroy(&mut self.ram),
@@ -688,6 +902,7 @@ impl IommuBackend for SimMachine {
         attr: MemAttr,
         gather: &mut FlushGather,
     ) -> Result<(), Errno> {
+        let _host = HostAllocations::begin();
         self.context_mut_or_create(owner, ctx)?;
         let Some(c) = self.contexts.get_mut(&(owner, ctx)) else {
             return Err(Errno::NoEnt);
@@ -707,6 +922,11 @@ impl IommuBackend for SimMachine {
         bfn: Bfn,
         gather: &mut FlushGather,
     ) -> Result<(), Errno> {
+        let _host = HostAllocations::begin();
+        if self.fail_unmaps > 0 {
+            self.fail_unmaps -= 1;
+            return Err(Errno::NoMem);
+        }
         let Some(c) = self.contexts.get_mut(&(owner, ctx)) else {
             return Err(Errno::NoEnt);
         };
@@ -716,13 +936,19 @@ impl IommuBackend for SimMachine {
         }
         gather.add(ctx, bfn, 0)
     }
-    fn iommu_flush(&mut self, owner: DomId, gather: &FlushGather) {
-        for (ctx, first, last, _) in &gather.ranges {
+    fn iommu_flush(&mut self, owner: DomId, gather: &FlushGather) -> Result<(), Errno> {
+        let _host = HostAllocations::begin();
+        if self.fail_flushes > 0 {
+            self.fail_flushes -= 1;
+            return Err(Errno::Inval);
+        }
+        for r in gather.ranges() {
             // A superpage split or merge changes translations around the
             // page itself: widen to the enclosing 2 MiB.
             self.iotlb
-                .invalidate(owner, *ctx, first.0 & !0x1ff, last.0 | 0x1ff);
+                .invalidate(owner, r.context, r.first.0 & !0x1ff, r.last.0 | 0x1ff);
             self.flushes += 1;
         }
+        Ok(())
     }
 }

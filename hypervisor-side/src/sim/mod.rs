@@ -13,3 +13,37 @@ mod machine;
 
 pub use hardware::{DmaFault, FaultReason};
 pub use machine::{DomainSpec, Format, FrameInfo, Owner, SimMachine};
+pub mod shared;
+pub use shared::SharedSim;
+
+use std::cell::Cell;
+
+thread_local! {
+    static HOST_DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Marks the simulated *hypervisor's* own work (page tables, p2m, guest
+/// copies) on this thread, as opposed to the engine's. An allocation-failure
+/// test fails only the engine's allocations: the engine must survive every
+/// one of them, while the host's allocator is the host's business (Xen's
+/// page-table allocation failures are injected separately, as `ENOMEM` from
+/// the IOMMU).
+pub struct HostAllocations(());
+
+impl HostAllocations {
+    /// Enter host code until the value is dropped.
+    pub fn begin() -> Self {
+        HOST_DEPTH.with(|d| d.set(d.get() + 1));
+        HostAllocations(())
+    }
+    /// Whether this thread is running host code now.
+    pub fn active() -> bool {
+        HOST_DEPTH.with(|d| d.get() > 0)
+    }
+}
+
+impl Drop for HostAllocations {
+    fn drop(&mut self) {
+        HOST_DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+    }
+}

@@ -1,17 +1,27 @@
-/* SPDX-License-Identifier: MIT */
+/* SPDX-License-Identifier: GPL-2.0-only */
 /*
  * pviommu_engine.h -- the boundary between Xen's C glue (xen/common/pviommu.c)
  * and the Rust engine (crate pviommu-xen, a no_std staticlib over pviommu-hv).
  *
- * Direction 1, pviommu_engine_*: implemented in Rust, called by the C glue.
- * Every call into the engine is made with the glue's global engine lock held
- * (a spinlock): the engine is single-threaded by construction and never
- * blocks. None of these functions panics; failures are negative errnos.
+ * Direction 1, pviommu_engine_*: implemented in Rust, called by the C glue
+ * with NO pviommu lock held. The engine takes the engine lock itself
+ * (pvx_engine_lock/unlock) around its own state, and only there.
  *
  * Direction 2, pvx_*: implemented in C with Xen's own primitives, called
- * directly (never through a pointer) by the engine while that lock is held.
+ * directly (never through a pointer) by the engine.
+ *
+ * Lock order (design/xen-integration.md, "Locks"):
+ *
+ *     target's p2m lock  ->  pviommu engine lock  ->  hardware domain's IOMMU
+ *     (hooks only)                                    mapping_lock -> heap_lock
+ *
+ * The engine never holds the engine lock across pvx_copy_*, pvx_get_page,
+ * pvx_domain_info or pvx_xsm_check, so a hook entered with a p2m lock held
+ * can always take the engine lock. Functions marked [locked] below are only
+ * called with the engine lock held; [unlocked] only without it.
  *
  * Domain ids are Xen domid_t (uint16_t). Frame numbers are uint64_t.
+ * None of these functions panics; failures are negative errnos.
  */
 #ifndef PVIOMMU_ENGINE_H
 #define PVIOMMU_ENGINE_H
@@ -19,13 +29,15 @@
 #include <stdint.h>
 #include <stddef.h>
 
-/* ---- Rust -> C return code for a batch that must be continued ---- */
+/* ---- Rust -> C return codes ---- */
 #define PVIOMMU_ENGINE_PREEMPTED 1 /* == PVIOMMU_BATCH_INCOMPLETE */
 
 /* ======== Implemented by the Rust engine ======== */
 
-/* Called once at boot (initcall). 0 or -errno. */
-int pviommu_engine_init(void);
+/* Called once at boot (initcall), before any other entry. 0 or -errno.
+ * quota: BFNs per driver domain (0: default); max_batch: largest batch
+ * (0: default). Both come from Xen's command line, "pviommu=". */
+int pviommu_engine_init(uint64_t quota, uint32_t max_batch);
 
 /*
  * The hypercall body. `caller` is current->domain's id, `arg` the guest
@@ -37,27 +49,73 @@ int pviommu_engine_init(void);
 long pviommu_engine_op(uint16_t caller, unsigned int cmd, uint64_t arg);
 
 /*
- * Domain teardown: drop every mapping that points at `domid`'s pages (in all
- * driver domains) and every mapping `domid` owns as a driver domain. Unmaps,
- * flushes and releases page references before returning.
+ * Domain teardown, from domain_kill() (restartable, like
+ * domain_relinquish_resources): revoke every mapping that points at
+ * `domid`'s pages (in all driver domains) and drop everything `domid` owns
+ * as a driver domain, in bounded slices. *cursor starts at 0 (the glue keeps
+ * it in struct domain) and is the engine's to update. Returns 0 when done,
+ * -ERESTART when the caller must come back (the toolstack's destroydomain
+ * continues), never anything else.
  */
-void pviommu_engine_domain_dying(uint16_t domid);
+int pviommu_engine_domain_teardown(uint16_t domid, uint64_t *cursor);
 
-/* A gfn of `domid` left its p2m (ballooned out, remapped): revoke its BFNs. */
-void pviommu_engine_gfn_removed(uint16_t domid, uint64_t gfn);
+/*
+ * The p2m of `domid` changed for gfns [gfn, gfn + (1 << order)): called
+ * AFTER the change succeeded, possibly with `domid`'s p2m lock held.
+ *   how = PVIOMMU_GFN_REMOVED:   the gfns no longer point at the frames they
+ *                                did (removed, replaced, moved, paged out,
+ *                                reclaimed): revoke every mapping of them.
+ *   how = PVIOMMU_GFN_WRITE_LOST: the gfns stay but lost write access for
+ *                                devices (read-only, ioreq-server, log-dirty):
+ *                                revoke writable mappings of them only.
+ * Returns nothing: revocation cannot fail (it needs no memory; an unmap the
+ * IOMMU refuses keeps the page referenced and the BFN poisoned until a retry
+ * succeeds). When no driver domain maps a page of `domid` and no map of
+ * `domid` is in flight, this takes no lock at all.
+ */
+#define PVIOMMU_GFN_REMOVED    0
+#define PVIOMMU_GFN_WRITE_LOST 1
+void pviommu_engine_gfn_changed(uint16_t domid, uint64_t gfn,
+                                unsigned int order, unsigned int how);
 
 /* ======== Implemented by the C glue ======== */
 
-/* Guest copies for the current vCPU's guest: 0, or -EFAULT. */
+/* The engine lock (a Xen spinlock; not IRQ-safe: never taken in IRQ context). */
+void pvx_engine_lock(void);
+void pvx_engine_unlock(void);
+
+/* [unlocked] Guest copies for the current vCPU's guest: 0, or -EFAULT. */
 int pvx_copy_from_guest(void *dst, uint64_t guest_addr, size_t len);
 int pvx_copy_to_guest(uint64_t guest_addr, const void *src, size_t len);
 
-/* 1 if the domain exists (and is not dying), else 0. */
-int pvx_domain_exists(uint16_t domid);
-/* 1 if `domid` is privileged (is_control_domain / hardware domain). */
-int pvx_is_privileged(uint16_t domid);
-/* 1 if `caller` is the device model of `target` (target->target == caller). */
-int pvx_is_device_model_of(uint16_t caller, uint16_t target);
+/* Facts about a domain; the permission rule itself is the engine's
+ * (hypervisor-side/src/permission.rs), so Xen and the simulator share it. */
+#define PVX_DOMID_NONE 0xffffu
+struct pvx_domain_info {
+    uint8_t exists;        /* a struct domain with this id exists           */
+    uint8_t dying;         /* d->is_dying != DOMDYING_alive                  */
+    uint8_t control;       /* is_control_domain(d)                           */
+    uint8_t hardware;      /* is_hardware_domain(d)                          */
+    uint16_t target;       /* d->target's domain_id, or PVX_DOMID_NONE       */
+    uint16_t _pad;
+    uint32_t translation;  /* PVIOMMU_TRANSLATES or why d's IOMMU context    */
+                           /* cannot use BFNs (public/pv-iommu.h)            */
+    uint32_t _pad2;
+};
+/* [unlocked] Fill *info (exists = 0 if there is no such domain). */
+void pvx_domain_info(uint16_t domid, struct pvx_domain_info *info);
+
+/*
+ * [unlocked] The XSM hook: may `caller` use PV-IOMMU on `target`
+ * (PVX_DOMID_NONE: no target, e.g. query_caps)? 0 or -EPERM/-ESRCH. Under
+ * the dummy policy this is XSM_DM_PRIV (control domain, or caller->target ==
+ * target); the engine has already applied the same rule itself, so this only
+ * lets a FLASK policy refuse more.
+ */
+#define PVX_XSM_QUERY   0 /* query_caps, reserved_regions                    */
+#define PVX_XSM_MAP     1 /* map a page of target                            */
+#define PVX_XSM_MANAGE  2 /* unmap/lookup/contexts/revocations of own BFNs   */
+int pvx_xsm_check(uint16_t caller, uint16_t target, unsigned int action);
 
 /* Page kinds reported by pvx_get_page. */
 #define PVX_PAGE_RAM_RW     0 /* reference (and writable type ref if asked) taken */
@@ -65,33 +123,42 @@ int pvx_is_device_model_of(uint16_t caller, uint16_t target);
 #define PVX_PAGE_GRANT      2 /* a grant/foreign mapping in the target's p2m      */
 #define PVX_PAGE_MMIO       3
 #define PVX_PAGE_NOT_PRESENT 4
-#define PVX_PAGE_PAGED_OUT  5
-#define PVX_PAGE_XEN        6 /* Xen-owned or not owned by the domain             */
+#define PVX_PAGE_PAGED_OUT  5 /* paged out or shared: paging-in / unsharing was   */
+                              /* started where possible; retry (-EAGAIN)          */
+#define PVX_PAGE_XEN        6 /* Xen-owned, special, or not owned by the domain   */
+#define PVX_PAGE_LOG_DIRTY  7 /* target in log-dirty mode and want_write: refused */
 
 /*
- * Classify target `domid`'s `gfn` and, when it is RAM usable with the asked
- * access, take a general page reference (plus a PGT_writable_page type
- * reference when want_write) and return its MFN in *mfn. Returns 0 with
- * *kind set (a reference is held iff *kind is RAM_RW, or RAM_RO with
- * !want_write), or -ESRCH if the domain vanished.
+ * [unlocked] Classify target `domid`'s `gfn` and, when it is RAM usable with
+ * the asked access, take a general page reference (plus a PGT_writable_page
+ * type reference when want_write) and return its MFN in *mfn. Writable
+ * requests unshare a shared page first (P2M_UNSHARE); paged-out pages start
+ * paging in. Returns 0 with *kind set (a reference is held iff *kind is
+ * RAM_RW, or RAM_RO with !want_write), or -ESRCH if the domain is gone or
+ * dying. Takes (and drops) the target's p2m lock.
  */
 int pvx_get_page(uint16_t domid, uint64_t gfn, int want_write,
                  uint64_t *mfn, uint32_t *kind);
-/* Release what pvx_get_page took. */
+/* [either] Release what pvx_get_page took. May free the page. */
 void pvx_put_page(uint64_t mfn, int writable);
 
-/* Highest RAM machine frame + 1, and the IOMMU's usable address width. */
+/* Highest RAM machine frame + 1 (including hot-pluggable ranges), and the
+ * IOMMU's usable address width. Boot only. */
 uint64_t pvx_ram_end_mfn(void);
 unsigned int pvx_iommu_address_bits(void);
 
-/* Reserved region `index`: 0 and filled, or -ENOENT past the last one. */
+/* Reserved region `index`: 0 and filled, or -ENOENT past the last one.
+ * Boot only. Covers the MSI window, the low MMIO hole, every PCI host-bridge
+ * / BAR window Xen knows of, RMRRs, and SRAT hot-pluggable memory. */
 int pvx_reserved_region(unsigned int index, uint64_t *start_frame,
                         uint64_t *nr_frames, uint32_t *kind);
 
 /*
- * The driver domain's IOMMU context (Xen 4.17 has one per domain: context 0).
- * flags: PVIOMMU_F_READ | PVIOMMU_F_WRITE. *flush accumulates Xen's
- * IOMMU_FLUSHF_* bits; pvx_iommu_flush issues one IOTLB flush for a range.
+ * [locked] The driver domain's IOMMU context (Xen 4.17 has one per domain:
+ * context 0). flags: PVIOMMU_F_READ | PVIOMMU_F_WRITE. *flush accumulates
+ * Xen's IOMMU_FLUSHF_* bits; pvx_iommu_flush issues one IOTLB flush for a
+ * range and returns its result: a page reference is only dropped after a
+ * flush covering it returned 0.
  */
 int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn,
                   unsigned int flags, unsigned int *flush);
@@ -99,19 +166,22 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, unsigned int *flush);
 int pvx_iommu_flush(uint16_t owner, uint64_t bfn, uint64_t count,
                     unsigned int flush);
 
-/* 1 when the hypercall should stop and be continued. */
+/* [either] 1 when the hypercall should stop and be continued. */
 int pvx_preempt_check(void);
 
-/* Xen's allocator (_xmalloc/xfree); NULL on failure. */
+/* Xen's allocator (_xmalloc/xfree); NULL on failure. [either] */
 void *pvx_alloc(size_t size, size_t align);
 void pvx_free(void *ptr);
 
 /* printk a message of `len` bytes (not NUL-terminated). */
 void pvx_log(const char *msg, size_t len);
 
-/* Called by the Rust panic handler: printk the message and panic(). The
- * engine is panic-free by construction; build-engine.sh reports whether
- * this path is reachable from the entry points at all. Never returns. */
-void pvx_panic(const char *msg, size_t len);
+/*
+ * Never called: the Rust panic handler and alloc-error handler refer to this
+ * symbol, which nothing defines. build-engine.sh links the engine from its
+ * entry points with --gc-sections and FAILS if the symbol is still
+ * referenced, so any reachable panic is a build error.
+ */
+void pvx_unreachable_panic(void);
 
 #endif /* PVIOMMU_ENGINE_H */

@@ -1,0 +1,122 @@
+//! The simulated host shared between threads, the way pCPUs share Xen: each
+//! thread has its own handle (its "current vCPU"), and every hypervisor
+//! service locks the machine only for the duration of that one service, as
+//! Xen's primitives take their own locks. The engine's lock is the engine's;
+//! nothing here is held across an engine call, so the engine's lock protocol
+//! is what a concurrency test exercises.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::SimMachine;
+use crate::iommu::{BackendCaps, FlushGather, IommuBackend};
+use crate::platform::{DomainInfo, PageLookup, Platform, ReservedRange, XsmAction};
+use crate::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions};
+
+/// A per-thread handle on a shared [`SimMachine`].
+#[derive(Clone)]
+pub struct SharedSim {
+    machine: Arc<Mutex<SimMachine>>,
+    /// The domain whose hypercall this handle runs (guest copies use it).
+    pub current: DomId,
+}
+
+impl SharedSim {
+    /// Share `machine`.
+    pub fn new(machine: SimMachine) -> Self {
+        SharedSim {
+            machine: Arc::new(Mutex::new(machine)),
+            current: DomId::DOM0,
+        }
+    }
+    /// Another handle on the same machine, running as `current`.
+    pub fn handle(&self, current: DomId) -> Self {
+        SharedSim {
+            machine: self.machine.clone(),
+            current,
+        }
+    }
+    /// Lock the machine (to change its p2m, or to look at it). Do not call
+    /// the engine while holding the guard.
+    pub fn lock(&self) -> MutexGuard<'_, SimMachine> {
+        self.machine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn with<R>(&self, f: impl FnOnce(&mut SimMachine) -> R) -> R {
+        let mut m = self.lock();
+        m.current = self.current;
+        f(&mut m)
+    }
+}
+
+impl Platform for SharedSim {
+    fn copy_from_guest(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        self.with(|m| m.copy_from_guest(addr, buf))
+    }
+    fn copy_to_guest(&mut self, addr: u64, buf: &[u8]) -> Result<(), Errno> {
+        self.with(|m| m.copy_to_guest(addr, buf))
+    }
+    fn domain_info(&self, domid: DomId) -> Option<DomainInfo> {
+        self.with(|m| m.domain_info(domid))
+    }
+    fn xsm_check(
+        &self,
+        caller: DomId,
+        target: Option<DomId>,
+        action: XsmAction,
+    ) -> Result<(), Errno> {
+        self.with(|m| m.xsm_check(caller, target, action))
+    }
+    fn get_page(&mut self, domid: DomId, gfn: Gfn, want_write: bool) -> Result<PageLookup, Errno> {
+        self.with(|m| m.get_page(domid, gfn, want_write))
+    }
+    fn put_page(&mut self, mfn: Mfn, writable: bool) {
+        self.with(|m| m.put_page(mfn, writable))
+    }
+    fn ram_end(&self) -> Mfn {
+        self.with(|m| m.ram_end())
+    }
+    fn reserved_range(&self, index: usize) -> Option<ReservedRange> {
+        self.with(|m| m.reserved_range(index))
+    }
+    fn should_preempt(&mut self) -> bool {
+        self.with(|m| m.should_preempt())
+    }
+    fn random_seed(&self) -> u64 {
+        self.with(|m| m.random_seed())
+    }
+}
+
+impl IommuBackend for SharedSim {
+    fn iommu_caps(&self) -> BackendCaps {
+        self.with(|m| m.iommu_caps())
+    }
+    fn context_create(&mut self, owner: DomId, ctx: ContextId) -> Result<(), Errno> {
+        self.with(|m| m.context_create(owner, ctx))
+    }
+    fn context_destroy(&mut self, owner: DomId, ctx: ContextId) {
+        self.with(|m| m.context_destroy(owner, ctx))
+    }
+    fn iommu_map(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        bfn: Bfn,
+        mfn: Mfn,
+        perms: Permissions,
+        attr: MemAttr,
+        gather: &mut FlushGather,
+    ) -> Result<(), Errno> {
+        self.with(|m| m.iommu_map(owner, ctx, bfn, mfn, perms, attr, gather))
+    }
+    fn iommu_unmap(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        bfn: Bfn,
+        gather: &mut FlushGather,
+    ) -> Result<(), Errno> {
+        self.with(|m| m.iommu_unmap(owner, ctx, bfn, gather))
+    }
+    fn iommu_flush(&mut self, owner: DomId, gather: &FlushGather) -> Result<(), Errno> {
+        self.with(|m| m.iommu_flush(owner, gather))
+    }
+}
