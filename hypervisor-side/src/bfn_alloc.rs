@@ -44,10 +44,25 @@ impl BfnWindow {
         if start >= end {
             return Err(Errno::NoSpc);
         }
-        reserved.sort_by_key(|r| r.start);
         Ok(BfnWindow {
             start,
             end,
+            reserved: sorted_by_start(&mut reserved)?,
+        })
+    }
+
+    /// A copy, allocated fallibly (`Clone` would abort on allocation failure).
+    pub fn try_clone(&self) -> Result<Self, Errno> {
+        let mut reserved = Vec::new();
+        reserved
+            .try_reserve_exact(self.reserved.len())
+            .map_err(|_| Errno::NoMem)?;
+        for r in self.reserved.iter() {
+            try_push(&mut reserved, *r)?;
+        }
+        Ok(BfnWindow {
+            start: self.start,
+            end: self.end,
             reserved,
         })
     }
@@ -64,6 +79,31 @@ impl BfnWindow {
     pub fn allows(&self, bfn: u64) -> bool {
         bfn >= self.start && bfn < self.end && self.reserved_at(bfn).is_none()
     }
+}
+
+/// `ranges` sorted by start, by selection (a handful of ranges, at boot):
+/// core's sorts keep panic paths the Xen object may not contain.
+fn sorted_by_start(ranges: &mut [ReservedRange]) -> Result<Vec<ReservedRange>, Errno> {
+    let mut taken: Vec<Option<ReservedRange>> = Vec::new();
+    taken
+        .try_reserve_exact(ranges.len())
+        .map_err(|_| Errno::NoMem)?;
+    for r in ranges.iter() {
+        try_push(&mut taken, Some(*r))?;
+    }
+    let mut out = Vec::new();
+    out.try_reserve_exact(ranges.len())
+        .map_err(|_| Errno::NoMem)?;
+    while let Some(min) = taken
+        .iter_mut()
+        .filter(|r| r.is_some())
+        .min_by_key(|r| r.map_or(u64::MAX, |r| r.start))
+    {
+        if let Some(r) = min.take() {
+            try_push(&mut out, r)?;
+        }
+    }
+    Ok(out)
 }
 
 /// One run of usable BFNs: `len` frames from `start`, numbered from `first_index`.

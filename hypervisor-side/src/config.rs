@@ -2,8 +2,12 @@
 
 /// Live mappings a driver domain may hold unless configured otherwise.
 pub const DEFAULT_QUOTA: u64 = 65_536;
-/// Largest batch accepted in one call.
+/// Largest batch accepted in one call, unless configured otherwise.
 pub const MAX_BATCH_OPS: u32 = 1024;
+/// The most a boot-time setting may raise the batch size to. Batches are
+/// preemptible and copied op by op, so this only bounds one caller's claim
+/// on a vCPU between preemption checks.
+pub const MAX_BATCH_OPS_LIMIT: u32 = 65_536;
 /// Contexts a driver domain may create (the default context included),
 /// when the backend supports more than one.
 pub const MAX_CONTEXTS: u32 = 16;
@@ -17,10 +21,11 @@ pub const WINDOW_FLOOR: u64 = 0x10_0000;
 /// Alignment of the window start, so 2 MiB superpages are possible.
 pub const WINDOW_ALIGN: u64 = 512;
 
-/// Engine configuration.
+/// Engine configuration (on Xen: the `pviommu=quota:N,batch:M` boot option).
 #[derive(Clone, Copy, Debug)]
 pub struct Config {
-    /// Live mappings allowed per driver domain.
+    /// BFNs a driver domain may hold (live mappings plus revocations it has
+    /// not acknowledged): bounds the engine's memory per driver domain.
     pub quota: u64,
     /// Largest batch.
     pub max_batch_ops: u32,

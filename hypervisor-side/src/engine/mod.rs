@@ -326,7 +326,7 @@ impl<L: RawMutex> Engine<L> {
         }
         let state = EngineState {
             config,
-            window: window.clone(),
+            window: window.try_clone()?,
             space,
             seed: h.random_seed(),
             drivers: Vec::new(),

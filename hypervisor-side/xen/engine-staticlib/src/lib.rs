@@ -1,29 +1,47 @@
 //! The engine inside Xen.
 //!
-//! `xen/pviommu.c` calls the `pviommu_engine_*` functions below with its
-//! global engine spinlock held (see `include/pviommu_engine.h`), so the engine
-//! state here is only ever touched by one vCPU at a time. Xen's primitives
-//! come back in through the `pvx_*` functions, called directly (never through
-//! a pointer, so Xen's CET-IBT needs no `cf_check` on them).
+//! `xen/pviommu.c` calls the `pviommu_engine_*` functions below with no
+//! lock held (see `include/pviommu_engine.h`); the engine takes Xen's engine
+//! spinlock (`pvx_engine_lock`) itself, around its own state only. Xen's
+//! primitives come back in through the `pvx_*` functions, called directly
+//! (never through a pointer, so Xen's CET-IBT needs no `cf_check` on them).
 #![no_std]
 
 extern crate alloc;
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
+use lock_api::RawMutex;
 use pviommu_hv::config::Config;
+use pviommu_hv::engine::{Engine, GfnChange};
 use pviommu_hv::iommu::{BackendCaps, FlushGather, IommuBackend};
-use pviommu_hv::platform::{PageKind, PageLookup, Platform, ReservedRange};
-use pviommu_hv::{Bfn, ContextId, DomId, Engine, Errno, Gfn, MemAttr, Mfn, Permissions};
+use pviommu_hv::platform::{DomainInfo, PageKind, PageLookup, Platform, ReservedRange, XsmAction};
+use pviommu_hv::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions};
 
 mod ffi {
+    /// `struct pvx_domain_info` in pviommu_engine.h.
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct PvxDomainInfo {
+        pub exists: u8,
+        pub dying: u8,
+        pub control: u8,
+        pub hardware: u8,
+        pub target: u16,
+        pub _pad: u16,
+        pub translation: u32,
+        pub _pad2: u32,
+    }
+
     extern "C" {
+        pub fn pvx_engine_lock();
+        pub fn pvx_engine_unlock();
         pub fn pvx_copy_from_guest(dst: *mut u8, guest_addr: u64, len: usize) -> i32;
         pub fn pvx_copy_to_guest(guest_addr: u64, src: *const u8, len: usize) -> i32;
-        pub fn pvx_domain_exists(domid: u16) -> i32;
-        pub fn pvx_is_privileged(domid: u16) -> i32;
-        pub fn pvx_is_device_model_of(caller: u16, target: u16) -> i32;
+        pub fn pvx_domain_info(domid: u16, info: *mut PvxDomainInfo);
+        pub fn pvx_xsm_check(caller: u16, target: u16, action: u32) -> i32;
         pub fn pvx_get_page(domid: u16, gfn: u64, want_write: i32, mfn: *mut u64, kind: *mut u32) -> i32;
         pub fn pvx_put_page(mfn: u64, writable: i32);
         pub fn pvx_ram_end_mfn() -> u64;
@@ -36,19 +54,28 @@ mod ffi {
         pub fn pvx_alloc(size: usize, align: usize) -> *mut u8;
         pub fn pvx_free(ptr: *mut u8);
         pub fn pvx_log(msg: *const u8, len: usize);
-        pub fn pvx_panic(msg: *const u8, len: usize) -> !;
+        /// Defined nowhere: a reference to it from any entry point is a
+        /// link error (build-engine.sh checks the symbol).
+        pub fn pvx_unreachable_panic() -> !;
     }
 }
 
-/// Xen's allocator.
+/// Xen's allocator, with the engine's heap use counted.
 struct XenAlloc;
+
+static HEAP_BYTES: AtomicUsize = AtomicUsize::new(0);
 
 unsafe impl GlobalAlloc for XenAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: _xmalloc honours any power-of-two alignment; NULL on failure.
-        unsafe { ffi::pvx_alloc(layout.size(), layout.align()) }
+        let p = unsafe { ffi::pvx_alloc(layout.size(), layout.align()) };
+        if !p.is_null() {
+            HEAP_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+        }
+        p
     }
-    unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        HEAP_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
         // SAFETY: `ptr` came from pvx_alloc.
         unsafe { ffi::pvx_free(ptr) }
     }
@@ -59,11 +86,11 @@ static ALLOC: XenAlloc = XenAlloc;
 
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // The engine is panic-free by construction; build-engine.sh reports
-    // whether this handler is still reachable from the entry points.
-    const MSG: &[u8] = b"pviommu: engine panic";
-    // SAFETY: static message; pvx_panic does not return.
-    unsafe { ffi::pvx_panic(MSG.as_ptr(), MSG.len()) }
+    // The engine is panic-free by construction. This handler refers to a
+    // symbol nothing defines, and build-engine.sh fails the build if the
+    // linked object still references it: a reachable panic cannot ship.
+    // SAFETY: never actually called (see above).
+    unsafe { ffi::pvx_unreachable_panic() }
 }
 
 fn log(msg: &str) {
@@ -74,6 +101,34 @@ fn log(msg: &str) {
 fn errno_from(rc: i32) -> Errno {
     Errno::from_code(rc).unwrap_or(Errno::Inval)
 }
+
+/// Xen's engine lock (a spinlock in xen/pviommu.c), as a `lock_api` raw
+/// mutex so the engine's `Mutex<XenLock, EngineState>` guards use it.
+struct XenLock;
+
+// SAFETY: pvx_engine_lock/unlock are a real mutual-exclusion lock; the guard
+// is not Send (a Xen spinlock is released on the CPU that took it).
+unsafe impl RawMutex for XenLock {
+    #[allow(clippy::declare_interior_mutable_const)]
+    const INIT: XenLock = XenLock;
+    type GuardMarker = lock_api::GuardNoSend;
+    fn lock(&self) {
+        // SAFETY: plain call.
+        unsafe { ffi::pvx_engine_lock() }
+    }
+    fn try_lock(&self) -> bool {
+        // Never used by the engine.
+        false
+    }
+    unsafe fn unlock(&self) {
+        // SAFETY: the caller holds the lock.
+        unsafe { ffi::pvx_engine_unlock() }
+    }
+}
+
+type XenEngine = Engine<XenLock>;
+
+const DOMID_NONE: u16 = 0xffff;
 
 /// The hypervisor as the engine sees it: every method is one `pvx_*` call.
 struct Xen;
@@ -93,17 +148,29 @@ impl Platform for Xen {
             _ => Err(Errno::Fault),
         }
     }
-    fn domain_exists(&self, domid: DomId) -> bool {
-        // SAFETY: plain value call.
-        unsafe { ffi::pvx_domain_exists(domid.0) == 1 }
+    fn domain_info(&self, domid: DomId) -> Option<DomainInfo> {
+        let mut i = ffi::PvxDomainInfo::default();
+        // SAFETY: out-pointer to a local of the C layout.
+        unsafe { ffi::pvx_domain_info(domid.0, &mut i) };
+        (i.exists != 0).then_some(DomainInfo {
+            dying: i.dying != 0,
+            control: i.control != 0,
+            hardware: i.hardware != 0,
+            target: (i.target != DOMID_NONE).then_some(DomId(i.target)),
+            translation: i.translation,
+        })
     }
-    fn is_privileged(&self, domid: DomId) -> bool {
+    fn xsm_check(&self, caller: DomId, target: Option<DomId>, action: XsmAction) -> Result<(), Errno> {
+        let action = match action {
+            XsmAction::Query => 0,
+            XsmAction::Map => 1,
+            XsmAction::Manage => 2,
+        };
         // SAFETY: plain value call.
-        unsafe { ffi::pvx_is_privileged(domid.0) == 1 }
-    }
-    fn is_device_model_of(&self, caller: DomId, target: DomId) -> bool {
-        // SAFETY: plain value call.
-        unsafe { ffi::pvx_is_device_model_of(caller.0, target.0) == 1 }
+        match unsafe { ffi::pvx_xsm_check(caller.0, target.map_or(DOMID_NONE, |t| t.0), action) } {
+            0 => Ok(()),
+            rc => Err(errno_from(rc)),
+        }
     }
     fn get_page(&mut self, domid: DomId, gfn: Gfn, want_write: bool) -> Result<PageLookup, Errno> {
         let mut mfn = 0u64;
@@ -120,6 +187,7 @@ impl Platform for Xen {
             3 => PageKind::Mmio,
             4 => PageKind::NotPresent,
             5 => PageKind::PagedOut,
+            7 => PageKind::LogDirty,
             _ => PageKind::XenOwned,
         };
         let referenced = matches!(kind, PageKind::RamRw) || (kind == PageKind::RamRo && !want_write);
@@ -143,6 +211,17 @@ impl Platform for Xen {
     fn should_preempt(&mut self) -> bool {
         // SAFETY: plain call.
         unsafe { ffi::pvx_preempt_check() != 0 }
+    }
+    fn random_seed(&self) -> u64 {
+        // Boot-time entropy is what Xen has at init: the addresses of the
+        // heap and of this object differ per boot with Xen's relocation, and
+        // the TSC moves. Good enough to keep a guest from aiming its gfns at
+        // one hash chain blind; not a cryptographic secret.
+        let heap = HEAP_BYTES.load(Ordering::Relaxed) as u64;
+        let here = &HEAP_BYTES as *const _ as u64;
+        // SAFETY: rdtsc has no memory effects.
+        let tsc = unsafe { core::arch::x86_64::_rdtsc() };
+        tsc.rotate_left(17) ^ here ^ heap.rotate_left(41)
     }
 }
 
@@ -192,33 +271,52 @@ impl IommuBackend for Xen {
         }
         gather.add(ctx, bfn, flush)
     }
-    fn iommu_flush(&mut self, owner: DomId, gather: &FlushGather) {
-        for (_, first, last, flags) in &gather.ranges {
+    fn iommu_flush(&mut self, owner: DomId, gather: &FlushGather) -> Result<(), Errno> {
+        let mut result = Ok(());
+        for r in gather.ranges() {
+            let count = r.last.0.wrapping_sub(r.first.0).wrapping_add(1);
             // SAFETY: plain call.
-            unsafe { ffi::pvx_iommu_flush(owner.0, first.0, last.0 - first.0 + 1, *flags) };
+            let rc = unsafe { ffi::pvx_iommu_flush(owner.0, r.first.0, count, r.flags) };
+            if rc != 0 {
+                result = Err(errno_from(rc));
+            }
         }
+        result
     }
 }
 
-/// The engine state. Only touched with the C glue's engine lock held.
-struct EngineCell(UnsafeCell<Option<Engine>>);
-// SAFETY: every access happens under xen/pviommu.c's global spinlock.
+/// The engine, created once at boot. After that it is only read through a
+/// shared reference: the engine locks its own state.
+struct EngineCell(UnsafeCell<Option<XenEngine>>);
+// SAFETY: written once by pviommu_engine_init (the initcall, before any
+// hypercall or hook can run), then only shared; the engine is Sync.
 unsafe impl Sync for EngineCell {}
 static ENGINE: EngineCell = EngineCell(UnsafeCell::new(None));
 
-fn with_engine<R>(f: impl FnOnce(&mut Engine) -> R) -> Option<R> {
-    // SAFETY: the caller (the C glue) holds the engine lock, so no other
-    // reference to ENGINE exists while `f` runs.
-    let slot = unsafe { &mut *ENGINE.0.get() };
-    slot.as_mut().map(f)
+fn engine() -> Option<&'static XenEngine> {
+    // SAFETY: see EngineCell: no writer exists after init.
+    unsafe { (*ENGINE.0.get()).as_ref() }
 }
 
-/// Create the engine. 0 or -errno.
+/// Create the engine. 0 or -errno. `quota`/`max_batch` of 0 mean default.
 #[no_mangle]
-pub extern "C" fn pviommu_engine_init() -> i32 {
-    match Engine::new(Config::default(), &Xen) {
+pub extern "C" fn pviommu_engine_init(quota: u64, max_batch: u32) -> i32 {
+    #[cfg(feature = "panic-canary")]
+    {
+        let mut v = alloc::vec::Vec::new();
+        v.push(quota);
+        core::hint::black_box(&v);
+    }
+    let mut config = Config::default();
+    if quota != 0 {
+        config.quota = quota;
+    }
+    if max_batch != 0 {
+        config.max_batch_ops = max_batch.min(pviommu_hv::config::MAX_BATCH_OPS_LIMIT);
+    }
+    match XenEngine::new(config, &Xen) {
         Ok(e) => {
-            // SAFETY: called once at boot with the engine lock held.
+            // SAFETY: called once at boot, before any other entry point.
             unsafe { *ENGINE.0.get() = Some(e) };
             log("pviommu: engine ready\n");
             0
@@ -227,20 +325,32 @@ pub extern "C" fn pviommu_engine_init() -> i32 {
     }
 }
 
-/// The hypercall body.
+/// The hypercall body (no lock held by the caller).
 #[no_mangle]
 pub extern "C" fn pviommu_engine_op(caller: u16, cmd: u32, arg: u64) -> i64 {
-    with_engine(|e| e.hypercall(&mut Xen, DomId(caller), cmd, arg)).unwrap_or(Errno::OpNotSupp.negated() as i64)
+    match engine() {
+        Some(e) => e.hypercall(&mut Xen, DomId(caller), cmd, arg),
+        None => Errno::OpNotSupp.negated() as i64,
+    }
 }
 
-/// A domain is dying.
+/// One slice of a dying domain's teardown: 0 done, -ERESTART call again.
 #[no_mangle]
-pub extern "C" fn pviommu_engine_domain_dying(domid: u16) {
-    with_engine(|e| e.domain_dying(&mut Xen, DomId(domid)));
+pub extern "C" fn pviommu_engine_domain_teardown(domid: u16, cursor: *mut u64) -> i32 {
+    const ERESTART: i32 = -85;
+    let Some(e) = engine() else { return 0 };
+    // SAFETY: the glue passes a pointer to the cursor in struct domain.
+    let Some(cursor) = (unsafe { cursor.as_mut() }) else { return 0 };
+    match e.domain_teardown(&mut Xen, DomId(domid), cursor) {
+        Ok(()) => 0,
+        Err(_) => ERESTART,
+    }
 }
 
-/// A gfn left a domain's p2m.
+/// A p2m change of `domid` succeeded: revoke what it invalidated.
 #[no_mangle]
-pub extern "C" fn pviommu_engine_gfn_removed(domid: u16, gfn: u64) {
-    with_engine(|e| e.gfn_removed(&mut Xen, DomId(domid), Gfn(gfn)));
+pub extern "C" fn pviommu_engine_gfn_changed(domid: u16, gfn: u64, order: u32, how: u32) {
+    let Some(e) = engine() else { return };
+    let how = if how == 1 { GfnChange::WriteLost } else { GfnChange::Removed };
+    e.gfn_changed(&mut Xen, DomId(domid), Gfn(gfn), order, how);
 }
