@@ -33,9 +33,13 @@ pub mod sim;
 pub mod storage;
 
 /// The engine with a host mutex, for the simulator, tests and tools. Inside
-/// Xen the engine is `engine::Engine<XenLock>` over Xen's spinlock.
+/// Xen the engine is `engine::Engine<XenLock>` over Xen's spinlock. Hosted,
+/// the lock also records which thread holds it, so the simulator can catch
+/// a hypervisor service (p2m lookup, guest copy) called under it.
 #[cfg(feature = "std")]
-pub type Engine = engine::Engine<parking_lot::RawMutex>;
+pub type Engine = engine::Engine<lock_check::CheckedLock>;
+#[cfg(feature = "std")]
+pub mod lock_check;
 pub use pviommu_abi::{self as abi, Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Permissions};
 
 /// Machine frame number. Only the hypervisor side knows these: nothing in

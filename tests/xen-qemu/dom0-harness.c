@@ -2,7 +2,7 @@
 /*
  * dom0-harness.c -- static test tool for the PV-IOMMU QEMU test (dom0 and domU).
  *
- *   caps                        query caps; exit 0 iff version 1.1 and window above RAM
+ *   caps                        query caps; exit 0 iff version 1.1, translating, window above RAM
  *   mkdom N                     paused PV domain with N pages, page i filled with pat(i)
  *   mkhvm N                     paused HVM domain (shadow paging) with N pages, filled
  *   settarget DOMID TARGET      xc_domain_set_target: DOMID becomes TARGET's device model
@@ -1100,7 +1100,8 @@ static int cmd_caps(void)
            " ram_end=0x%lx max_batch_ops=%u nr_reserved=%u translation=%u\n", rc, c.version,
            c.bfn_window_start, c.bfn_window_end, maxram, c.max_batch_ops,
            c.nr_reserved_regions, c.translation);
-    return !(rc == 0 && c.version == PVIOMMU_INTERFACE_VERSION &&
+    /* dom0 boots with dom0-iommu=strict: its context must translate BFNs */
+    return !(rc == 0 && c.version == PVIOMMU_INTERFACE_VERSION && c.translation == PVIOMMU_TRANSLATES &&
              c.bfn_window_start >= maxram && c.bfn_window_start >= 0x100000 &&
              c.bfn_window_end > c.bfn_window_start);
 }

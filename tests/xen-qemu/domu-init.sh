@@ -18,7 +18,10 @@ v=$($H xs-wait data/pviommu 120)
 echo "DOMU phase2 $v"
 set -- $v
 if [ $# = 6 ]; then
-    echo "DOMU dm-map $($H hc map $1 $2 3)"
+    o=$($H hc map $1 $2 3)
+    echo "DOMU dm-map $o"
+    b=$(echo "$o" | sed -n 's/.* status=0 bfn=\([^ ]*\).*/\1/p')
+    [ -n "$b" ] && echo "DOMU dm-unmap $($H hc unmap $b)"
     echo "DOMU target-map $($H hc map $3 $4 3)"
     echo "DOMU unrelated-map $($H hc map $5 $6 3)"
     echo "DOMU dm-caps $($H hc caps)"

@@ -16,7 +16,9 @@ field() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p" | head -1; }
 errno_is() { [ "$(field "$1" rc)" = "$2" ] || [ "$(field "$1" status)" = "$2" ]; }
 # succeeded OUTPUT: the hypercall and the op both returned 0
 succeeded() { [ "$(field "$1" rc)" = 0 ] && [ "$(field "$1" status)" = 0 ]; }
-run() { out=$("$@" 2>&1); echo "+ ${*#/bin/} -> $out" | sed 's/^/  /' >&2; echo "$out"; }
+# run CMD...: log the command and its output to the console, print the output,
+# and return the command's own exit status (callers test $?)
+run() { out=$("$@" 2>&1); st=$?; echo "+ ${*#/bin/} -> $out" | sed 's/^/  /' >&2; echo "$out"; return $st; }
 
 echo "=== pviommu dom0 test start ==="
 [ -c /dev/xen/privcmd ] || echo "no /dev/xen/privcmd"
@@ -39,7 +41,7 @@ p=$(run $H peek $D $G0); r=$(run $H dma-read $A0)
 if [ "$(field "$r" sum)" = "$(field "$p" sum)" ] && [ "$(field "$r" zero)" = 0 ]; then ok dma_read_foreign_bytes; else ko dma_read_foreign_bytes "$r vs $p"; fi
 # The pviommu tool itself, --backend xen: caps, map, device read, lookup, unmap.
 o=$(run pviommu --backend xen caps --json)
-if echo "$o" | grep -q '"version": 65537'; then ok cli_caps; else ko cli_caps "$o"; fi
+if echo "$o" | grep -q '"version": 65537'; then ok cli_caps; else ko cli_caps "want version 65537 (1.1): $(echo "$o" | grep -m1 version)"; fi
 o=$(run pviommu --backend xen map --domid $D --gfn $G3 --read-only --json)
 BC=$(echo "$o" | sed -n 's/.*"bfn": \([0-9]*\).*/\1/p' | head -1)
 if [ -n "$BC" ]; then
@@ -147,7 +149,11 @@ run $H hc caps >/dev/null
 # through continuations and freed; its revoked BFNs are then acknowledged.
 BIG=$(sed -n 's/.*pviommu_big=\([0-9]*\).*/\1/p' /proc/cmdline); BIG=${BIG:-65536}
 o=$(run $H bigdestroy $BIG); echo "$o" | grep '^MEASURE'
-if [ "$(field "$o" mapped)" = "$BIG" ] && echo "$o" | grep -q ' gone ' && [ "$(field "$o" free_delta)" -ge -64 ]; then
+# Free memory must come back but for what stays allocated on purpose: the
+# IOMMU page tables under the BFN range (VT-d does not free empty tables) and
+# the engine's heap, ~2 pages per 512 mappings. A page reference leaked per
+# mapping would keep the whole domain (and the gone check) from passing.
+if [ "$(field "$o" mapped)" = "$BIG" ] && echo "$o" | grep -q ' gone ' && [ "$(field "$o" free_delta)" -ge $((-BIG / 64)) ]; then
     ok destroy_64k_mapped_freed; else ko destroy_64k_mapped_freed "$(echo "$o" | grep -v MEASURE)"; fi
 if [ "$(field "$o" used_after)" = "$(field "$o" used_before)" ] && [ "$(field "$o" unmap_estale)" = "$BIG" ]; then
     ok destroy_64k_revocations_acked; else ko destroy_64k_revocations_acked "$(echo "$o" | grep -v MEASURE)"; fi
@@ -204,7 +210,10 @@ if [ -x /usr/lib/xen-4.17/bin/xl ]; then
     xen-init-dom0 >/dev/null 2>&1
     xenconsoled --pid-file=/var/run/xen/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console
     # PVH rather than PV: set_target needs an HVM target, and the domU is one.
-    # QEMU's TCG SVM has no NPT, hence hap = 0 (shadow paging).
+    # QEMU's TCG SVM has no NPT, hence hap = 0 (shadow paging). passthrough:
+    # an IOMMU context of its own (no device needed), so that its maps get
+    # past the "caller's context translates" check (EADDRNOTAVAIL, checked
+    # first) to the device-model rule this section is about.
     cat > /tmp/domu.cfg <<EOC
 name = "domu"
 type = "pvh"
@@ -213,6 +222,7 @@ kernel = "/domu/vmlinuz"
 ramdisk = "/domu/initrd.gz"
 extra = "console=hvc0 quiet pviommu_fuzz=$FUZZ"
 memory = 256
+passthrough = "sync_pt"
 on_poweroff = "destroy"
 on_crash = "destroy"
 EOC
@@ -241,9 +251,13 @@ EOC
     tr -d '\r' < $L | sed -n 's/.*DOMU fuzz-out MEASURE /MEASURE /p' | head -1
     o=$(tr -d '\r' < $L | sed -n 's/.*DOMU fuzz-out fuzz calls=/calls=/p' | head -1); if [ -n "$o" ] && [ "$(field "$o" violations)" = 0 ]; then ok fuzz_domu_all_refused; else ko fuzz_domu_all_refused "${o:-no fuzz output}"; fi
     if [ "$(field "$t1" rc)" = 0 ] && [ "$(field "$t2" rc)" = 0 ]; then
+        # Past the permission check: mapped (0), or EADDRNOTAVAIL (-99) if
+        # the domU's context does not translate after all. Never EPERM.
         o=$(dl dm-map)
-        if errno_is "$o" -99; then ok dm_maps_target_passes_permission
-        else ko dm_maps_target_passes_permission "want EADDRNOTAVAIL (-99): ${o:-no output}"; fi
+        if succeeded "$o" || errno_is "$o" -99; then
+            echo "note: device model mapping its target's page: rc=$(field "$o" rc) status=$(field "$o" status)"
+            ok dm_maps_target_passes_permission
+        else ko dm_maps_target_passes_permission "want 0 or EADDRNOTAVAIL (-99): ${o:-no output}"; fi
         o=$(dl target-map); if errno_is "$o" -1; then ok target_maps_dm_eperm; else ko target_maps_dm_eperm "${o:-no output}"; fi
         o=$(dl unrelated-map); if errno_is "$o" -1; then ok dm_maps_unrelated_eperm; else ko dm_maps_unrelated_eperm "${o:-no output}"; fi
     else

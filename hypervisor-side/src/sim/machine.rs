@@ -214,6 +214,8 @@ pub struct SimMachine {
     pub fail_flushes: u32,
     /// Seed for the engine's hash tables.
     pub seed: u64,
+    /// End of hot-pluggable memory (SRAT), in frames: RAM may grow to here.
+    pub hotplug_end: u64,
 }
 
 impl SimMachine {
@@ -239,6 +241,7 @@ impl SimMachine {
             fail_unmaps: 0,
             fail_flushes: 0,
             seed: 0x5eed_f00d_5113,
+            hotplug_end: 0,
         };
         m.create_domain(
             DomId::DOM0,
@@ -300,6 +303,12 @@ impl SimMachine {
     /// Whether the domain exists.
     pub fn has_domain(&self, domid: DomId) -> bool {
         self.domains.contains_key(&domid)
+    }
+
+    /// Report another reserved range (a PCI bridge window, say) to engines
+    /// created after this.
+    pub fn add_reserved(&mut self, range: ReservedRange) {
+        self.reserved.push(range);
     }
 
     /// Let only the next `n` page-table allocations succeed (`None`: all),
@@ -759,6 +768,7 @@ impl SimMachine {
 impl Platform for SimMachine {
     fn copy_from_guest(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
+        crate::lock_check::note_service("copy_from_guest (takes the caller's p2m lock)");
         self.for_guest_span(addr, buf.len(), |ram, mfn, off, done, n| {
             let f = ram.frame(mfn).ok_or(Errno::Fault)?;
             buf[done..done + n].copy_from_slice(&f[off..off + n]);
@@ -767,6 +777,7 @@ impl Platform for SimMachine {
     }
     fn copy_to_guest(&mut self, addr: u64, buf: &[u8]) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
+        crate::lock_check::note_service("copy_to_guest (takes the caller's p2m lock)");
         self.for_guest_span(addr, buf.len(), |ram, mfn, off, done, n| {
             let f = ram.frame_mut(mfn).ok_or(Errno::Fault)?;
             f[off..off + n].copy_from_slice(&buf[done..done + n]);
@@ -775,6 +786,7 @@ impl Platform for SimMachine {
     }
     fn domain_info(&self, domid: DomId) -> Option<DomainInfo> {
         let _host = HostAllocations::begin();
+        crate::lock_check::note_service("domain_info (RCU domain lookup)");
         let d = self.domains.get(&domid)?;
         Some(DomainInfo {
             dying: d.dying,
@@ -797,6 +809,7 @@ impl Platform for SimMachine {
     }
     fn get_page(&mut self, domid: DomId, gfn: Gfn, want_write: bool) -> Result<PageLookup, Errno> {
         let _host = HostAllocations::begin();
+        crate::lock_check::note_service("get_page (takes the target's p2m lock)");
         let d = self.domains.get(&domid).ok_or(Errno::Srch)?;
         if d.dying {
             return Err(Errno::Srch);
@@ -806,7 +819,25 @@ impl Platform for SimMachine {
             Some(P2mEntry::Ram { .. }) if log_dirty => (PageKind::LogDirty, None),
             None => (PageKind::NotPresent, None),
             Some(P2mEntry::Mmio) => (PageKind::Mmio, None),
-            Some(P2mEntry::PagedOut) => (PageKind::PagedOut, None),
+            // Xen starts paging the frame in and answers EAGAIN; the
+            // simulator's pager finishes at once, so a retry finds it.
+            Some(P2mEntry::PagedOut) => {
+                if let Ok(mfn) = self.ram.alloc(Owner::Domain(domid)) {
+                    if let Some(d) = self.domains.get_mut(&domid) {
+                        d.p2m.insert(
+                            gfn,
+                            P2mEntry::Ram {
+                                mfn,
+                                read_only: false,
+                            },
+                        );
+                    }
+                }
+                return Ok(PageLookup {
+                    kind: PageKind::PagedOut,
+                    mfn: None,
+                });
+            }
             Some(P2mEntry::Grant) => (PageKind::Grant, None),
             Some(P2mEntry::Xen) => (PageKind::XenOwned, None),
             Some(P2mEntry::Ram {
@@ -839,7 +870,7 @@ impl Platform for SimMachine {
         }
     }
     fn ram_end(&self) -> Mfn {
-        Mfn(self.ram.info.len() as u64)
+        Mfn((self.ram.info.len() as u64).max(self.hotplug_end))
     }
     fn reserved_range(&self, index: usize) -> Option<ReservedRange> {
         self.reserved.get(index).copied()

@@ -1,0 +1,73 @@
+//! The hosted engine lock, with lock-order checking.
+//!
+//! Xen's lock order puts the target's p2m lock *before* the engine lock
+//! (gfn hooks run with a p2m lock held and take the engine lock), so the
+//! engine must never call a service that takes a p2m lock (page lookup,
+//! guest copy, domain lookup) while holding its own lock: two pCPUs would
+//! deadlock. Xen itself would only show that as a hang under the right race;
+//! the simulator checks it on every call: [`CheckedLock`] marks the thread
+//! that holds the engine lock, and the simulated services record a
+//! violation ([`violations`]) when called from it. A hook re-entering the
+//! engine from such a service would otherwise deadlock the test: the lock
+//! panics instead, naming the problem.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+use std::cell::Cell;
+
+use lock_api::{GuardSend, RawMutex};
+
+thread_local! {
+    static HELD: Cell<bool> = const { Cell::new(false) };
+}
+
+static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// Whether this thread holds an engine lock now.
+pub fn engine_lock_held() -> bool {
+    HELD.with(|h| h.get())
+}
+
+/// Record a service called with the engine lock held (see module docs).
+pub fn note_service(name: &str) {
+    if engine_lock_held() {
+        VIOLATIONS.fetch_add(1, Ordering::SeqCst);
+        eprintln!("lock order violation: {name} called with the engine lock held");
+    }
+}
+
+/// Lock-order violations recorded by this process so far.
+pub fn violations() -> u64 {
+    VIOLATIONS.load(Ordering::SeqCst)
+}
+
+/// `parking_lot`'s raw mutex, plus the holder mark.
+pub struct CheckedLock(parking_lot::RawMutex);
+
+// SAFETY: delegates mutual exclusion to parking_lot's RawMutex; the
+// thread-local mark is only set by the thread that acquired it.
+unsafe impl RawMutex for CheckedLock {
+    #[allow(clippy::declare_interior_mutable_const)]
+    const INIT: CheckedLock = CheckedLock(<parking_lot::RawMutex as RawMutex>::INIT);
+    type GuardMarker = GuardSend;
+    fn lock(&self) {
+        assert!(
+            !engine_lock_held(),
+            "engine lock taken twice on one thread: a hook re-entered the engine from a \
+             service the engine called with its lock held (lock-order inversion)"
+        );
+        self.0.lock();
+        HELD.with(|h| h.set(true));
+    }
+    fn try_lock(&self) -> bool {
+        let ok = self.0.try_lock();
+        if ok {
+            HELD.with(|h| h.set(true));
+        }
+        ok
+    }
+    unsafe fn unlock(&self) {
+        HELD.with(|h| h.set(false));
+        // SAFETY: the caller holds the lock.
+        unsafe { self.0.unlock() }
+    }
+}

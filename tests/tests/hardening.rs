@@ -1,0 +1,547 @@
+//! Regression tests for the hypervisor-side defects of the hardening issue
+//! (#9), one per defect, named `dNN_...` after its number there. Each states
+//! what failed before the fix. Allocation failure (4, 11) is swept in
+//! `alloc_failure.rs`, concurrency in `concurrency.rs`.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use pviommu_abi::{cmd, translation, Bfn, ContextId, DomId, Gfn, Permissions, Request};
+use pviommu_hv::engine::Slot;
+use pviommu_hv::iommu::{BackendCaps, FlushGather, IommuBackend};
+use pviommu_hv::lock_check;
+use pviommu_hv::platform::{DomainInfo, PageLookup, Platform, ReservedRange, XsmAction};
+use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
+use pviommu_hv::{Engine, Errno, MemAttr, Mfn};
+use pviommu_tests::*;
+
+const ENXIO: i32 = -6;
+const EACCES: i32 = -13;
+const ESTALE: i32 = -116;
+const EPERM: i32 = -1;
+
+fn unmap_status(m: &mut SimMachine, e: &Engine, caller: DomId, bfn: Bfn) -> i32 {
+    let mut ops = [unmap_op(bfn)];
+    m.guest_batch_all(e, caller, &mut ops).unwrap();
+    ops[0].status
+}
+
+fn revoked_next(m: &mut SimMachine, e: &Engine, caller: DomId) -> Result<(Bfn, DomId, Gfn), i32> {
+    let mut ops = [Request::RevokedNext.encode()];
+    m.guest_batch_all(e, caller, &mut ops).unwrap();
+    if ops[0].status != 0 {
+        return Err(ops[0].status);
+    }
+    Ok((Bfn(ops[0].bfn), DomId(ops[0].domid), Gfn(ops[0].gfn)))
+}
+
+fn dma_ok(m: &mut SimMachine, owner: DomId, bfn: Bfn) -> bool {
+    m.dma_read(owner, ContextId::DEFAULT, bfn.0 << 12, 8)
+        .is_ok()
+}
+
+/// Defect 1. On Xen the C glue tested `target->target == caller`, so the
+/// real device model was refused and the *guest* was accepted as device
+/// model of its stub domain. The rule now lives once, in
+/// `permission::caller_kind`, over the facts each host reports (`d->target`
+/// on the stub domain); this test runs it end to end in the simulator.
+#[test]
+fn d01_device_model_maps_its_guest_never_the_reverse() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    // DEVICE_MODEL has target = GUEST (as xc_domain_set_target sets it).
+    assert!(map_one(&mut m, &e, DEVICE_MODEL, GUEST, 1, Permissions::RW).is_ok());
+    // The guest may not map its device model's pages ...
+    assert_eq!(
+        map_one(&mut m, &e, GUEST, DEVICE_MODEL, 1, Permissions::RW),
+        Err(EPERM)
+    );
+    // ... nor may the device model map anybody else's.
+    assert_eq!(
+        map_one(&mut m, &e, DEVICE_MODEL, STRANGER, 1, Permissions::RO),
+        Err(EPERM)
+    );
+    assert_eq!(lock_check::violations(), 0);
+}
+
+/// Defect 2. The map path held the global lock and then took the target's
+/// p2m lock (`get_page_from_gfn`), while the gfn hook is entered with a p2m
+/// lock held and takes the global lock: an ABBA deadlock. Guest copies also
+/// ran under the lock. Here a platform wrapper runs the gfn hook from
+/// *inside* the page lookup, as another pCPU holding the p2m lock would: with
+/// the old shape the engine's lock was held there and this deadlocked (the
+/// checked lock panics instead); now the hook runs and the racing map
+/// retries and sees the page gone (defect 7's race, too).
+#[test]
+fn d02_d07_hook_from_inside_page_lookup_neither_deadlocks_nor_leaves_stale_map() {
+    struct Racer<'a> {
+        m: &'a mut SimMachine,
+        e: &'a Engine,
+        fired: bool,
+    }
+    impl Platform for Racer<'_> {
+        fn copy_from_guest(&mut self, a: u64, b: &mut [u8]) -> Result<(), Errno> {
+            self.m.copy_from_guest(a, b)
+        }
+        fn copy_to_guest(&mut self, a: u64, b: &[u8]) -> Result<(), Errno> {
+            self.m.copy_to_guest(a, b)
+        }
+        fn domain_info(&self, d: DomId) -> Option<DomainInfo> {
+            self.m.domain_info(d)
+        }
+        fn xsm_check(&self, c: DomId, t: Option<DomId>, a: XsmAction) -> Result<(), Errno> {
+            self.m.xsm_check(c, t, a)
+        }
+        fn get_page(&mut self, d: DomId, g: Gfn, w: bool) -> Result<PageLookup, Errno> {
+            let r = self.m.get_page(d, g, w);
+            if !self.fired {
+                // Another CPU balloons the page out right after our lookup,
+                // and its hook runs (taking the engine lock) before we
+                // reach the engine lock.
+                self.fired = true;
+                self.m.balloon_out(self.e, d, g).unwrap();
+            }
+            r
+        }
+        fn put_page(&mut self, mfn: Mfn, w: bool) {
+            self.m.put_page(mfn, w)
+        }
+        fn ram_end(&self) -> Mfn {
+            self.m.ram_end()
+        }
+        fn reserved_range(&self, i: usize) -> Option<ReservedRange> {
+            self.m.reserved_range(i)
+        }
+        fn should_preempt(&mut self) -> bool {
+            false
+        }
+        fn random_seed(&self) -> u64 {
+            self.m.random_seed()
+        }
+    }
+    impl IommuBackend for Racer<'_> {
+        fn iommu_caps(&self) -> BackendCaps {
+            self.m.iommu_caps()
+        }
+        fn context_create(&mut self, o: DomId, c: ContextId) -> Result<(), Errno> {
+            self.m.context_create(o, c)
+        }
+        fn context_destroy(&mut self, o: DomId, c: ContextId) {
+            self.m.context_destroy(o, c)
+        }
+        fn iommu_map(
+            &mut self,
+            o: DomId,
+            c: ContextId,
+            b: Bfn,
+            mfn: Mfn,
+            p: Permissions,
+            a: MemAttr,
+            g: &mut FlushGather,
+        ) -> Result<(), Errno> {
+            self.m.iommu_map(o, c, b, mfn, p, a, g)
+        }
+        fn iommu_unmap(
+            &mut self,
+            o: DomId,
+            c: ContextId,
+            b: Bfn,
+            g: &mut FlushGather,
+        ) -> Result<(), Errno> {
+            self.m.iommu_unmap(o, c, b, g)
+        }
+        fn iommu_flush(&mut self, o: DomId, g: &FlushGather) -> Result<(), Errno> {
+            self.m.iommu_flush(o, g)
+        }
+    }
+
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    let req = match Request::parse(&map_op(GUEST, 5, Permissions::RW)).unwrap() {
+        Request::Map(r) => r,
+        _ => unreachable!(),
+    };
+    let got = {
+        let mut racer = Racer {
+            m: &mut m,
+            e: &e,
+            fired: false,
+        };
+        e.map(&mut racer, DomId::DOM0, &dom0, &req)
+    };
+    // The retry looked the page up again and found nothing there.
+    assert_eq!(got, Err(Errno::Nxio));
+    assert!(e.state().live_mappings(DomId::DOM0).next().is_none());
+    assert_eq!(m.total_page_refs(), 0);
+    assert_eq!(m.zombie_frames(), 0, "the ballooned frame was freed");
+    assert_eq!(
+        lock_check::violations(),
+        0,
+        "a service ran under the engine lock"
+    );
+}
+
+/// Defect 3. A revoked BFN was freed at once and handed to the next map
+/// (another guest's page), while the mediator's shadow table still held it.
+#[test]
+fn d03_revoked_bfn_stays_reserved_until_acknowledged() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    m.create_domain(
+        DomId(5),
+        DomainSpec {
+            pages: 32,
+            privileged: false,
+            device_model_of: None,
+        },
+    )
+    .unwrap();
+    let old = map_one(&mut m, &e, DomId::DOM0, GUEST, 3, Permissions::RW).unwrap();
+    m.balloon_out(&e, GUEST, Gfn(3)).unwrap();
+    assert!(
+        !dma_ok(&mut m, DomId::DOM0, old),
+        "DMA at the revoked BFN faults"
+    );
+    // Another guest's page gets a different BFN.
+    let other = map_one(&mut m, &e, DomId::DOM0, DomId(5), 7, Permissions::RW).unwrap();
+    assert_ne!(other, old);
+    // The owner learns of it ...
+    assert_eq!(
+        revoked_next(&mut m, &e, DomId::DOM0),
+        Ok((old, GUEST, Gfn(3)))
+    );
+    let caps = m.guest_query_caps(&e, DomId::DOM0).unwrap();
+    assert_eq!(caps.revoked, 1);
+    assert_eq!(
+        caps.used, 2,
+        "the revoked BFN still counts against the quota"
+    );
+    // ... a late unmap says it was revoked, and releases it.
+    assert_eq!(unmap_status(&mut m, &e, DomId::DOM0, old), ESTALE);
+    assert_eq!(revoked_next(&mut m, &e, DomId::DOM0), Err(-2));
+    assert_eq!(unmap_status(&mut m, &e, DomId::DOM0, old), -2);
+    // Only now may it be handed out again.
+    let again = map_one(&mut m, &e, DomId::DOM0, DomId(5), 8, Permissions::RW).unwrap();
+    assert_eq!(again, old);
+    assert_eq!(lock_check::violations(), 0);
+}
+
+/// Defect 5. Every gfn removal on the host scanned every mapping under the
+/// global lock; a domain nobody maps must not touch any shared lock, and an
+/// unrelated caller must be refused before one is taken. The engine lock is
+/// held by this thread while another thread runs those paths: before the
+/// fix they blocked on it.
+#[test]
+fn d05_unmapped_domain_hook_and_unrelated_caller_take_no_lock() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    map_one(&mut m, &e, DomId::DOM0, GUEST, 1, Permissions::RW).unwrap();
+    let base = m.scratch_addr(STRANGER).unwrap();
+    let m = std::sync::Arc::new(std::sync::Mutex::new(m));
+    let e = std::sync::Arc::new(e);
+    let guard = e.state();
+    let (tx, rx) = mpsc::channel();
+    let (m2, e2) = (m.clone(), e.clone());
+    let worker = std::thread::spawn(move || {
+        let mut m = m2.lock().unwrap();
+        // STRANGER's pages are mapped by nobody: its balloon hook is free.
+        m.balloon_out(&e2, STRANGER, Gfn(3)).unwrap();
+        tx.send("hook").unwrap();
+        // An unrelated domU is refused before anything is locked.
+        let r = m.hypercall(&e2, STRANGER, cmd::QUERY_CAPS, base);
+        tx.send(if r == EPERM as i64 { "eperm" } else { "other" })
+            .unwrap();
+    });
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok("hook"));
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok("eperm"));
+    drop(guard);
+    worker.join().unwrap();
+    // The mapped domain's hook does take the lock and revokes exactly one.
+    let mut m = m.lock().unwrap();
+    m.balloon_out(&e, GUEST, Gfn(1)).unwrap();
+    assert_eq!(e.state().driver(DomId::DOM0).unwrap().revoked(), 1);
+}
+
+/// Defect 6. Domain death was one unpreemptible pass over every mapping.
+/// Now it runs in bounded slices (Xen: `domain_kill` returns -ERESTART).
+#[test]
+fn d06_domain_death_runs_in_bounded_slices() {
+    let pages = 4096u64;
+    let (mut m, e) = machine(Format::Vtd, pages);
+    let mut ops: Vec<_> = (0..pages)
+        .map(|g| map_op(GUEST, g, Permissions::RW))
+        .collect();
+    for chunk in ops.chunks_mut(1024) {
+        m.guest_batch_all(&e, DomId::DOM0, chunk).unwrap();
+    }
+    assert!(ops.iter().all(|o| o.status == 0));
+    // Look at every slice as Xen's toolstack would see it.
+    m.mark_dying(GUEST);
+    let mut cursor = 0;
+    let mut slices = 0;
+    loop {
+        slices += 1;
+        let live_before = e.state().driver(DomId::DOM0).unwrap().live();
+        let done = e.domain_teardown(&mut m, GUEST, &mut cursor).is_ok();
+        let live_after = e.state().driver(DomId::DOM0).unwrap().live();
+        assert!(
+            live_before - live_after <= 256,
+            "a slice revoked {}",
+            live_before - live_after
+        );
+        if done {
+            break;
+        }
+    }
+    assert!(slices >= (pages / 256) as usize, "{slices} slices");
+    m.destroy_domain(GUEST);
+    assert_eq!(m.zombie_frames(), 0, "the domain's memory was freed");
+    assert_eq!(m.total_page_refs(), 0);
+    assert_eq!(e.state().driver(DomId::DOM0).unwrap().revoked(), pages);
+}
+
+/// Defect 7. Paths other than ballooning change what a gfn points at; a
+/// failed removal must revoke nothing; dedup must never return a BFN whose
+/// frame is no longer the gfn's.
+#[test]
+fn d07_replacement_revokes_failed_removal_does_not_and_dedup_checks_the_frame() {
+    let (mut m, e) = machine(Format::Lpae, 16);
+    let b = map_one(&mut m, &e, DomId::DOM0, GUEST, 4, Permissions::RW).unwrap();
+    // add_to_physmap over the gfn: a new frame behind it.
+    m.replace_page(&e, GUEST, Gfn(4)).unwrap();
+    assert!(!dma_ok(&mut m, DomId::DOM0, b));
+    assert_eq!(revoked_next(&mut m, &e, DomId::DOM0).map(|r| r.0), Ok(b));
+    // A removal that fails (nothing at the gfn) revokes nothing.
+    let keep = map_one(&mut m, &e, DomId::DOM0, GUEST, 6, Permissions::RW).unwrap();
+    assert!(m.balloon_out(&e, GUEST, Gfn(99)).is_err());
+    assert!(dma_ok(&mut m, DomId::DOM0, keep));
+    // The gfn gets a new frame *without* the hook having run yet (it runs
+    // after the change, possibly on another CPU): here paged out and paged
+    // back in. A second map of the same key must not dedup onto the stale
+    // BFN: the engine sees the frame changed, revokes the old BFN and maps
+    // the new frame.
+    m.set_paged_out(GUEST, Gfn(6));
+    assert_eq!(
+        map_one(&mut m, &e, DomId::DOM0, GUEST, 6, Permissions::RW),
+        Err(-11)
+    );
+    m.write_guest(GUEST, Gfn(6), 0, b"fresh").unwrap();
+    let again = map_one(&mut m, &e, DomId::DOM0, GUEST, 6, Permissions::RW).unwrap();
+    assert_ne!(
+        again, keep,
+        "dedup returned a BFN whose frame is no longer the gfn's"
+    );
+    assert!(
+        !dma_ok(&mut m, DomId::DOM0, keep),
+        "the stale mapping was revoked"
+    );
+    assert_eq!(
+        m.dma_read(DomId::DOM0, ContextId::DEFAULT, again.0 << 12, 5)
+            .unwrap(),
+        b"fresh"
+    );
+    let _ = ENXIO;
+    assert_eq!(lock_check::violations(), 0);
+}
+
+/// Defect 8. A writable mapping survived the gfn becoming read-only (or
+/// ioreq-server write-protected), and log-dirty mode; shared and paged-out
+/// pages answered EAGAIN forever.
+#[test]
+fn d08_write_access_follows_p2m_type_changes_and_paging_in_is_started() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let rw = map_one(&mut m, &e, DomId::DOM0, GUEST, 2, Permissions::RW).unwrap();
+    let ro = map_one(&mut m, &e, DomId::DOM0, GUEST, 2, Permissions::RO).unwrap();
+    m.make_read_only(&e, GUEST, Gfn(2));
+    assert!(m
+        .dma_write(DomId::DOM0, ContextId::DEFAULT, rw.0 << 12, b"x")
+        .is_err());
+    assert!(
+        dma_ok(&mut m, DomId::DOM0, ro),
+        "the read-only mapping stays"
+    );
+    assert_eq!(revoked_next(&mut m, &e, DomId::DOM0).map(|r| r.0), Ok(rw));
+    // Log-dirty: writable maps refused, existing writable ones revoked.
+    let w3 = map_one(&mut m, &e, DomId::DOM0, GUEST, 3, Permissions::RW).unwrap();
+    m.enable_log_dirty(&e, GUEST);
+    assert!(m
+        .dma_write(DomId::DOM0, ContextId::DEFAULT, w3.0 << 12, b"x")
+        .is_err());
+    assert_eq!(
+        map_one(&mut m, &e, DomId::DOM0, GUEST, 4, Permissions::RW),
+        Err(EACCES)
+    );
+    assert!(map_one(&mut m, &e, DomId::DOM0, GUEST, 4, Permissions::RO).is_ok());
+    // Paged out: the lookup starts paging in, a retry succeeds.
+    m.set_paged_out(GUEST, Gfn(9));
+    assert_eq!(
+        map_one(&mut m, &e, DomId::DOM0, GUEST, 9, Permissions::RO),
+        Err(-11)
+    );
+    assert!(map_one(&mut m, &e, DomId::DOM0, GUEST, 9, Permissions::RO).is_ok());
+}
+
+/// Defect 9. With dom0 in passthrough or relaxed mode, or an IOMMU sharing
+/// the CPU's tables, `iommu_map` did nothing, yet a BFN and page references
+/// were handed out.
+#[test]
+fn d09_caller_whose_context_does_not_translate_is_refused_and_told_why() {
+    for code in [
+        translation::NO_IOMMU,
+        translation::PASSTHROUGH,
+        translation::RELAXED,
+        translation::SHARED_PT,
+    ] {
+        let (mut m, e) = machine(Format::Vtd, 16);
+        m.set_translation(DomId::DOM0, code);
+        assert_eq!(
+            map_one(&mut m, &e, DomId::DOM0, GUEST, 1, Permissions::RW),
+            Err(-99)
+        );
+        assert_eq!(m.total_page_refs(), 0);
+        assert_eq!(
+            m.guest_query_caps(&e, DomId::DOM0).unwrap().translation,
+            code
+        );
+    }
+}
+
+/// Defect 10. Revocation ignored a failed IOMMU unmap (a superpage that could
+/// not be split) and a failed flush, and freed the frame while the device
+/// could still reach it.
+#[test]
+fn d10_page_kept_until_unmap_and_flush_succeed() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let b = map_one(&mut m, &e, DomId::DOM0, GUEST, 3, Permissions::RW).unwrap();
+    // The unmap fails, and so does the retry at the end of the hook.
+    m.fail_unmaps = 2;
+    m.balloon_out(&e, GUEST, Gfn(3)).unwrap();
+    // The entry is still there: the page must still be referenced (a zombie
+    // frame, not a free one the next domain could get).
+    assert!(dma_ok(&mut m, DomId::DOM0, b));
+    assert_eq!(m.zombie_frames(), 1);
+    assert_eq!(e.state().driver(DomId::DOM0).unwrap().stuck(), 1);
+    assert_eq!(
+        unmap_status(&mut m, &e, DomId::DOM0, b),
+        -16,
+        "being revoked: EBUSY"
+    );
+    // The next flush of that owner retries and completes the revocation.
+    e.finish(&mut m, DomId::DOM0);
+    assert!(!dma_ok(&mut m, DomId::DOM0, b));
+    assert_eq!(m.zombie_frames(), 0);
+    assert_eq!(revoked_next(&mut m, &e, DomId::DOM0).map(|r| r.0), Ok(b));
+
+    // A failed flush: the page is not released until a flush succeeds.
+    let b2 = map_one(&mut m, &e, DomId::DOM0, GUEST, 5, Permissions::RW).unwrap();
+    let refs = m.total_page_refs();
+    m.fail_flushes = 1;
+    assert_eq!(unmap_status(&mut m, &e, DomId::DOM0, b2), 0);
+    assert_eq!(
+        m.total_page_refs(),
+        refs,
+        "released before the flush succeeded"
+    );
+    e.finish(&mut m, DomId::DOM0);
+    assert_eq!(m.total_page_refs(), refs - 2);
+}
+
+/// Defect 12. The window ignored PCI windows above RAM and hot-pluggable
+/// memory.
+#[test]
+fn d12_window_avoids_platform_windows_and_hotplug_memory() {
+    let (mut m, _) = machine(Format::Vtd, 16);
+    m.hotplug_end = 0x20_0000; // 8 GiB of possible RAM
+    let window = ReservedRange {
+        start: 0x20_0000,
+        nr: 0x400,
+        kind: pviommu_abi::region_kind::MMIO,
+    };
+    m.add_reserved(window);
+    let e = Engine::new(Default::default(), &m).unwrap();
+    assert!(
+        e.window().start >= 0x20_0000,
+        "window above hot-pluggable RAM"
+    );
+    let b = map_one(&mut m, &e, DomId::DOM0, GUEST, 1, Permissions::RO).unwrap();
+    assert!(
+        b.0 >= window.start + window.nr,
+        "BFN {b:#x?} inside a PCI window"
+    );
+    let regions = m.guest_reserved_regions(&e, DomId::DOM0).unwrap();
+    assert!(regions
+        .iter()
+        .any(|r| r.start_bfn == window.start && r.nr_frames == window.nr));
+}
+
+/// Defect 13. There was no XSM hook, and any domain could create contexts
+/// and read the host's reserved-region layout.
+#[test]
+fn d13_xsm_gates_every_command_and_strangers_get_nothing() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let base = m.scratch_addr(STRANGER).unwrap();
+    for c in [cmd::QUERY_CAPS, cmd::BATCH, cmd::RESERVED_REGIONS] {
+        assert_eq!(m.hypercall(&e, STRANGER, c, base), EPERM as i64, "cmd {c}");
+    }
+    let mut create = [Request::ContextCreate.encode()];
+    assert_eq!(
+        m.guest_batch_all(&e, STRANGER, &mut create),
+        Err(Errno::Perm)
+    );
+    // A FLASK-like policy refusing dom0 closes everything to it, too.
+    m.xsm_deny(DomId::DOM0);
+    let base0 = m.scratch_addr(DomId::DOM0).unwrap();
+    for c in [cmd::QUERY_CAPS, cmd::BATCH, cmd::RESERVED_REGIONS] {
+        assert_eq!(
+            m.hypercall(&e, DomId::DOM0, c, base0),
+            EPERM as i64,
+            "cmd {c}"
+        );
+    }
+}
+
+/// Defect 14. Limits were compile-time constants; the engine's heap use was
+/// neither bounded nor accounted. Quota and batch size come from the
+/// configuration (Xen: `pviommu=quota:N,batch:M`), revoked-unacknowledged
+/// BFNs count against the quota, and heap use per mapping is measured.
+#[test]
+fn d14_limits_from_configuration_and_bounded_heap() {
+    let (mut m, _) = machine(Format::Vtd, 64);
+    let cfg = pviommu_hv::config::Config {
+        quota: 3,
+        max_batch_ops: 4,
+    };
+    let e = Engine::new(cfg, &m).unwrap();
+    let b = map_one(&mut m, &e, DomId::DOM0, GUEST, 1, Permissions::RO).unwrap();
+    map_one(&mut m, &e, DomId::DOM0, GUEST, 2, Permissions::RO).unwrap();
+    m.balloon_out(&e, GUEST, Gfn(1)).unwrap();
+    map_one(&mut m, &e, DomId::DOM0, GUEST, 3, Permissions::RO).unwrap();
+    assert_eq!(
+        map_one(&mut m, &e, DomId::DOM0, GUEST, 4, Permissions::RO),
+        Err(-28)
+    );
+    assert_eq!(unmap_status(&mut m, &e, DomId::DOM0, b), ESTALE);
+    assert!(map_one(&mut m, &e, DomId::DOM0, GUEST, 4, Permissions::RO).is_ok());
+    let mut five: Vec<_> = (10..15)
+        .map(|g| map_op(GUEST, g, Permissions::RO))
+        .collect();
+    assert_eq!(
+        m.guest_batch_all(&e, DomId::DOM0, &mut five),
+        Err(Errno::TooBig)
+    );
+
+    // Heap per live mapping, at 16 Ki mappings.
+    let n = 16 * 1024u64;
+    let (mut m, e) = machine(Format::Vtd, n);
+    let mut ops: Vec<_> = (0..n).map(|g| map_op(GUEST, g, Permissions::RO)).collect();
+    for chunk in ops.chunks_mut(1024) {
+        m.guest_batch_all(&e, DomId::DOM0, chunk).unwrap();
+    }
+    let st = e.state();
+    let per = st.heap_bytes() as f64 / n as f64;
+    eprintln!(
+        "engine heap: {} bytes for {n} mappings = {per:.1} B/mapping",
+        st.heap_bytes()
+    );
+    assert!(per <= 128.0, "{per} bytes per mapping");
+    assert!(st
+        .drivers()
+        .all(|d| d.slots().all(|(_, s)| !matches!(s, Slot::Stuck { .. }))));
+}
