@@ -382,6 +382,18 @@ impl SimMachine {
         domid: DomId,
         gfn: Gfn,
     ) -> Result<(), Errno> {
+        self.put_new_frame(domid, gfn)?;
+        engine.gfn_removed(self, domid, gfn);
+        Ok(())
+    }
+
+    /// Put a fresh frame behind `gfn` (whatever was there goes) without
+    /// telling the engine: the caller runs the hook afterwards, as Xen's
+    /// p2m code does once the change succeeded.
+    pub fn put_new_frame(&mut self, domid: DomId, gfn: Gfn) -> Result<(), Errno> {
+        if !self.domains.contains_key(&domid) {
+            return Err(Errno::Srch);
+        }
         let mfn = self.ram.alloc(Owner::Domain(domid))?;
         self.replace_p2m(
             domid,
@@ -391,7 +403,6 @@ impl SimMachine {
                 read_only: false,
             },
         );
-        engine.gfn_removed(self, domid, gfn);
         Ok(())
     }
 

@@ -1,0 +1,220 @@
+//! Allocation-failure sweep (hardening issue, defects 4 and 11).
+//!
+//! A global allocator that fails the Nth allocation the *engine* makes
+//! (allocations of the simulated hypervisor itself are exempt: Xen's own
+//! failures reach the engine as errors from the IOMMU, tested elsewhere).
+//! For every N over a mixed scenario of maps, dedup, contexts, unmaps,
+//! revocations and a domain death: nothing aborts, every call refused with
+//! ENOMEM leaves the engine and the machine exactly as they were, hooks
+//! (revocation, teardown) make no allocation at all, and page references
+//! always balance.
+//!
+//! Before the fix, the first failed `BTreeMap::insert` or `Vec::push`
+//! aborted the process (Xen: `panic()` of the host), and a failed queueing
+//! of a page release leaked the reference (defect 11).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use pviommu_abi::{ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions, PvIommuOp, Request};
+use pviommu_hv::engine::Slot;
+use pviommu_hv::sim::{Format, HostAllocations, SimMachine};
+use pviommu_hv::Engine;
+use pviommu_tests::*;
+
+struct FailNth;
+
+thread_local! {
+    /// Engine allocations left before one fails (`None`: never fail).
+    static LEFT: Cell<Option<u64>> = const { Cell::new(None) };
+    /// Whether engine allocations are being counted on this thread.
+    static ARMED: Cell<bool> = const { Cell::new(false) };
+    /// Engine allocations made while armed.
+    static MADE: Cell<u64> = const { Cell::new(0) };
+}
+
+unsafe impl GlobalAlloc for FailNth {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if ARMED.with(|a| a.get()) && !HostAllocations::active() {
+            MADE.with(|m| m.set(m.get() + 1));
+            let fail = LEFT.with(|l| match l.get() {
+                Some(0) => {
+                    l.set(None);
+                    true
+                }
+                Some(n) => {
+                    l.set(Some(n - 1));
+                    false
+                }
+                None => false,
+            });
+            if fail {
+                return std::ptr::null_mut();
+            }
+        }
+        // SAFETY: forwarding the caller's layout.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarding.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: FailNth = FailNth;
+
+/// Run `f` with engine allocations counted (and the armed failure live).
+fn armed<R>(f: impl FnOnce() -> R) -> R {
+    ARMED.with(|a| a.set(true));
+    let r = f();
+    ARMED.with(|a| a.set(false));
+    r
+}
+
+fn made() -> u64 {
+    MADE.with(|m| m.get())
+}
+
+fn map_ctx(domid: DomId, gfn: u64, perms: Permissions, ctx: u32) -> PvIommuOp {
+    Request::Map(MapRequest {
+        context: ContextId(ctx),
+        domid,
+        gfn: Gfn(gfn),
+        perms,
+        attr: MemAttr::WriteBack,
+        grant: false,
+    })
+    .encode()
+}
+
+/// Page references held by mappings (live, unmapping, stuck).
+fn held_refs(e: &Engine) -> u64 {
+    let st = e.state();
+    st.drivers()
+        .flat_map(|d| d.slots())
+        .map(|(_, s)| match s {
+            Slot::Live(m) | Slot::Unmapping { mapping: m, .. } | Slot::Stuck { mapping: m, .. } => {
+                1 + m.perms.write as u64
+            }
+            _ => 0,
+        })
+        .sum()
+}
+
+enum Step {
+    Batch(DomId, PvIommuOp),
+    Balloon(u64),
+    Kill,
+}
+
+/// One run of the scenario with the `fail_at`-th engine allocation failing.
+/// Returns how many engine allocations the run made, and how many calls
+/// were refused with ENOMEM.
+fn run(fail_at: Option<u64>) -> (u64, u32) {
+    let (mut m, e) = machine(Format::Vtd, 32);
+    MADE.with(|c| c.set(0));
+    LEFT.with(|l| l.set(fail_at));
+    let mut steps = vec![];
+    for g in 0..6 {
+        steps.push(Step::Batch(DomId::DOM0, map_op(GUEST, g, Permissions::RW)));
+    }
+    steps.push(Step::Batch(DEVICE_MODEL, map_op(GUEST, 1, Permissions::RO)));
+    steps.push(Step::Batch(DomId::DOM0, map_op(GUEST, 0, Permissions::RW))); // dedup
+    steps.push(Step::Batch(DomId::DOM0, Request::ContextCreate.encode()));
+    steps.push(Step::Batch(
+        DomId::DOM0,
+        map_ctx(GUEST, 2, Permissions::RO, 1),
+    ));
+    steps.push(Step::Balloon(3));
+    steps.push(Step::Batch(DomId::DOM0, Request::RevokedNext.encode()));
+    steps.push(Step::Batch(DomId::DOM0, map_op(GUEST, 7, Permissions::RO)));
+    steps.push(Step::Batch(DEVICE_MODEL, map_op(GUEST, 8, Permissions::RW)));
+    steps.push(Step::Kill);
+    let mut bfns = vec![];
+    let mut refusals = 0;
+    for step in steps {
+        let before = observable(&m, &e);
+        match step {
+            Step::Batch(caller, op) => {
+                let mut ops = [op];
+                let r = armed(|| m.guest_batch_all(&e, caller, &mut ops));
+                let refused = r.is_err() || ops[0].status == -12;
+                if refused {
+                    refusals += 1;
+                    assert_eq!(
+                        observable(&m, &e),
+                        before,
+                        "ENOMEM changed state (fail_at {fail_at:?})"
+                    );
+                } else if ops[0].status == 0 && ops[0].bfn != 0 {
+                    bfns.push((caller, ops[0].bfn));
+                }
+            }
+            Step::Balloon(g) => {
+                let n0 = made();
+                armed(|| m.balloon_out(&e, GUEST, Gfn(g))).unwrap();
+                assert_eq!(made(), n0, "revocation allocated");
+            }
+            Step::Kill => {
+                let n0 = made();
+                armed(|| m.kill_domain(&e, GUEST));
+                assert_eq!(made(), n0, "domain teardown allocated");
+                assert_eq!(m.zombie_frames(), 0);
+            }
+        }
+        assert_eq!(
+            m.total_page_refs(),
+            held_refs(&e),
+            "references out of balance"
+        );
+    }
+    let total = made();
+    LEFT.with(|l| l.set(None));
+    // Clean up: every BFN unmapped or acknowledged, every reference back.
+    for (caller, bfn) in bfns {
+        let mut ops = [unmap_op(pviommu_abi::Bfn(bfn))];
+        m.guest_batch_all(&e, caller, &mut ops).unwrap();
+    }
+    assert_eq!(m.total_page_refs(), 0);
+    assert_eq!(m.zombie_frames(), 0);
+    (total, refusals)
+}
+
+#[test]
+fn every_engine_allocation_may_fail() {
+    let (total, refused) = run(None);
+    assert_eq!(refused, 0);
+    assert!(total > 5, "the scenario allocates ({total})");
+    for n in 0..total {
+        let (_, refused) = run(Some(n));
+        assert_eq!(
+            refused, 1,
+            "failing allocation {n} was not reported as ENOMEM"
+        );
+    }
+    eprintln!("swept {} allocation failures", total + 1);
+}
+
+#[test]
+fn page_table_allocation_failure_is_enomem_and_changes_nothing() {
+    let (mut m, e) = machine(Format::Lpae, 16);
+    for budget in 0..4 {
+        m.fail_table_allocs(Some(budget));
+        let before = observable(&m, &e);
+        let mut ops = [map_op(GUEST, 9, Permissions::RW)];
+        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+        if ops[0].status != 0 {
+            assert_eq!(ops[0].status, -12);
+            // Tables allocated on the way may stay (empty), as in Linux's
+            // io-pgtable; mappings and references may not.
+            assert_eq!(m.total_page_refs(), 0);
+            assert!(e.state().live_mappings(DomId::DOM0).next().is_none());
+            let _ = before;
+        } else {
+            break;
+        }
+    }
+    m.fail_table_allocs(None);
+    let _: &SimMachine = &m;
+}
