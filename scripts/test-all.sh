@@ -20,6 +20,20 @@ cargo test --workspace -q
 step "engine for x86_64-unknown-none (Xen's target)"
 scripts/build-engine-nostd.sh
 
+step "engine object for Xen: no SIMD, no reachable panic"
+BUILD="${PVIOMMU_BUILD_DIR:-$PWD/build}"
+export PVIOMMU_ENGINE_TARGET_DIR="$BUILD/engine/target"
+hypervisor-side/xen/build-engine.sh hypervisor-side/xen/engine-staticlib "$BUILD/engine"
+# The check must be able to fail: an engine with one infallible allocation
+# on an entry path has to be refused.
+if PVIOMMU_ENGINE_FEATURES=panic-canary hypervisor-side/xen/build-engine.sh \
+     hypervisor-side/xen/engine-staticlib "$BUILD/engine-canary" > "$BUILD/engine-canary.log" 2>&1; then
+  echo "FAIL: build-engine.sh accepted an engine with a reachable panic" >&2
+  exit 1
+fi
+grep -q 'FAIL: a panic path is reachable' "$BUILD/engine-canary.log"
+echo "build-engine.sh refuses a reachable panic (canary rejected)"
+
 if [[ -x tests/xen-qemu/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
   step "Xen 4.17 in QEMU"
   tests/xen-qemu/run.sh

@@ -60,6 +60,12 @@ impl MappingCache {
             Some(false)
         }
     }
+    /// Forget a BFN whatever its references (the hypervisor revoked it).
+    pub fn forget(&mut self, context: ContextId, bfn: Bfn) -> Option<CacheKey> {
+        let key = self.by_bfn.remove(&(context, bfn))?;
+        self.by_key.remove(&key);
+        Some(key)
+    }
     /// The key of a cached BFN.
     pub fn key_of(&self, context: ContextId, bfn: Bfn) -> Option<CacheKey> {
         self.by_bfn.get(&(context, bfn)).copied()

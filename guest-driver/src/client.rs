@@ -25,6 +25,22 @@ pub struct LookupResult {
     pub attr: MemAttr,
 }
 
+/// A revocation the hypervisor reported: the BFN no longer reaches the page
+/// (it left the foreign domain, lost write access, or the domain died).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Revocation {
+    /// The revoked BFN (released by the acknowledgement).
+    pub bfn: Bfn,
+    /// Context that held it.
+    pub context: ContextId,
+    /// Foreign domain whose page it was.
+    pub domid: DomId,
+    /// Foreign frame.
+    pub gfn: Gfn,
+    /// References the cache still held on it.
+    pub cached_refs: u32,
+}
+
 /// Counters of what the client sent.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ClientStats {
@@ -34,6 +50,8 @@ pub struct ClientStats {
     pub ops: u64,
     /// Map requests answered from the cache.
     pub cache_hits: u64,
+    /// Revocations received and acknowledged.
+    pub revocations: u64,
 }
 
 /// A PV-IOMMU client.
@@ -236,6 +254,12 @@ impl<T: Transport> Client<T> {
             results[i] = Some(match &call {
                 Err(e) => Err(Error::Remote(format!("unmap bfn {:#x}: {e}", bfn.0))),
                 Ok(()) if op.status == 0 => Ok(()),
+                // Revoked meanwhile: this unmap acknowledged it and the BFN
+                // is released, which is what the caller wanted.
+                Ok(()) if op.status == Errno::Stale.negated() => {
+                    self.stats.revocations += 1;
+                    Ok(())
+                }
                 Ok(()) => Err(Error::Hypervisor {
                     what: format!("unmap bfn {:#x}", bfn.0),
                     errno: Errno::from_code(op.status).unwrap_or(Errno::Inval),
@@ -243,6 +267,51 @@ impl<T: Transport> Client<T> {
             });
         }
         results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect()
+    }
+
+    /// Receive every pending revocation: drop the revoked BFNs from the
+    /// cache (whatever their references) and acknowledge them, so the
+    /// hypervisor may hand them out again. A mediator calls this when
+    /// `caps().revoked` (refreshed) is non-zero, or periodically, and turns
+    /// the shadow entries that held these BFNs non-present.
+    pub fn drain_revocations(&mut self) -> Result<Vec<Revocation>, Error> {
+        let mut out = Vec::new();
+        // Each round acknowledges the previous notice and asks for the next,
+        // in one batch. Bounded by the quota: a BFN is reported once.
+        let mut pending_ack: Option<(ContextId, Bfn)> = None;
+        for _ in 0..=self.caps.quota.saturating_add(1) {
+            let mut ops = Vec::with_capacity(2);
+            if let Some((context, bfn)) = pending_ack.take() {
+                ops.push(Request::RevokedAck { context, bfn }.encode());
+            }
+            ops.push(Request::RevokedNext.encode());
+            self.run_ops(&mut ops)?;
+            if ops.len() == 2 && ops[0].status != 0 {
+                return Err(Error::from_return("revoked_ack", ops[0].status as i64));
+            }
+            let next = ops[ops.len() - 1];
+            if next.status == Errno::NoEnt.negated() {
+                return Ok(out);
+            }
+            if next.status != 0 {
+                return Err(Error::from_return("revoked_next", next.status as i64));
+            }
+            let (context, bfn) = (ContextId(next.context), Bfn(next.bfn));
+            let cached_refs = self.cache.refs(context, bfn);
+            self.cache.forget(context, bfn);
+            self.stats.revocations += 1;
+            out.push(Revocation {
+                bfn,
+                context,
+                domid: DomId(next.domid),
+                gfn: Gfn(next.gfn),
+                cached_refs,
+            });
+            pending_ack = Some((context, bfn));
+        }
+        Err(Error::Remote(
+            "revocation queue longer than the quota".into(),
+        ))
     }
 
     /// Describe a BFN.

@@ -23,5 +23,5 @@ pub mod shadow;
 pub mod transport;
 
 pub use cache::MappingCache;
-pub use client::{Client, ClientStats, LookupResult};
+pub use client::{Client, ClientStats, LookupResult, Revocation};
 pub use error::Error;

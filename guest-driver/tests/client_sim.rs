@@ -234,3 +234,37 @@ fn shadow_ppgtt_through_the_client_reaches_guest_bytes() {
     shadow.teardown(&mut c, &mut mem);
     assert_eq!(s.lock().0.total_page_refs(), 0);
 }
+
+#[test]
+fn revocations_reach_the_client_which_forgets_and_acknowledges_them() {
+    let s = sim(16, Config::default());
+    let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
+    let b = rw(&mut c, &[Gfn(3), Gfn(4)]);
+    // Map gfn 3 twice: the cache holds two references on its BFN.
+    rw(&mut c, &[Gfn(3)]);
+    {
+        let mut g = s.lock();
+        let (m, e) = &mut *g;
+        m.balloon_out(e, GUEST, Gfn(3)).unwrap();
+    }
+    assert_eq!(c.refresh_caps().unwrap().revoked, 1);
+    let revs = c.drain_revocations().unwrap();
+    assert_eq!(revs.len(), 1);
+    assert_eq!(
+        (revs[0].bfn, revs[0].domid, revs[0].gfn),
+        (b[0], GUEST, Gfn(3))
+    );
+    assert_eq!(revs[0].cached_refs, 2);
+    assert_eq!(c.cache().refs(ContextId::DEFAULT, b[0]), 0, "forgotten");
+    assert_eq!(c.refresh_caps().unwrap().revoked, 0, "acknowledged");
+    assert!(c.drain_revocations().unwrap().is_empty());
+    // A late unmap of a revoked-but-not-drained BFN is fine too (ESTALE).
+    {
+        let mut g = s.lock();
+        let (m, e) = &mut *g;
+        m.balloon_out(e, GUEST, Gfn(4)).unwrap();
+    }
+    assert!(c.unmap(&[b[1]], ContextId::DEFAULT)[0].is_ok());
+    assert_eq!(c.stats().revocations, 2);
+    assert_eq!(c.refresh_caps().unwrap().used, 0);
+}

@@ -99,6 +99,10 @@ enum Command {
     },
     /// The reserved BFN regions.
     Regions,
+    /// Receive pending revocations (BFNs the hypervisor revoked because the
+    /// page left its domain or the domain died) and acknowledge them, which
+    /// releases the BFNs.
+    Revocations,
     /// Shadow GPU page tables (embedded simulator).
     Shadow {
         #[command(subcommand)]
@@ -347,6 +351,20 @@ fn run(cli: Cli) -> Result<(), String> {
                             r.start_bfn,
                             r.start_bfn + r.nr_frames,
                             r.kind
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Command::Revocations => {
+            let revs = c.drain_revocations().map_err(|e| e.to_string())?;
+            emit(cli.json, &revs, || {
+                revs.iter()
+                    .map(|r| {
+                        format!(
+                            "bfn {:#x} ctx {} revoked: was d{} gfn {:#x}",
+                            r.bfn.0, r.context.0, r.domid.0, r.gfn.0
                         )
                     })
                     .collect::<Vec<_>>()
