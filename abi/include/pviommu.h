@@ -139,6 +139,7 @@ struct pv_iommu_regions {
 /* ENOENT     2  no such mapping (BFN) or no such context                    */
 /* ESRCH      3  no such domain                                              */
 /* ENXIO      6  gfn not present in the target's p2m                         */
+/* ENOEXEC    8  32-bit caller: the interface is 64-bit only                 */
 /* E2BIG      7  batch larger than max_batch_ops                             */
 /* EAGAIN    11  gfn paged out or being shared; retry later                  */
 /* ENOMEM    12  hypervisor out of memory                                    */

@@ -16,6 +16,8 @@ pub enum Errno {
     Srch = 3,
     /// The gfn is not present in the target's p2m.
     Nxio = 6,
+    /// A 32-bit caller: the interface is 64-bit only (no compat layer).
+    NoExec = 8,
     /// The batch is larger than `max_batch_ops`.
     TooBig = 7,
     /// The gfn is paged out or being shared: retry later.
@@ -49,11 +51,12 @@ pub enum Errno {
 
 impl Errno {
     /// Every errno of the ABI.
-    pub const ALL: [Errno; 17] = [
+    pub const ALL: [Errno; 18] = [
         Errno::Perm,
         Errno::NoEnt,
         Errno::Srch,
         Errno::Nxio,
+        Errno::NoExec,
         Errno::TooBig,
         Errno::Again,
         Errno::NoMem,
@@ -92,6 +95,7 @@ impl Errno {
             Errno::NoEnt => "ENOENT",
             Errno::Srch => "ESRCH",
             Errno::Nxio => "ENXIO",
+            Errno::NoExec => "ENOEXEC",
             Errno::TooBig => "E2BIG",
             Errno::Again => "EAGAIN",
             Errno::NoMem => "ENOMEM",
@@ -115,6 +119,7 @@ impl Errno {
             Errno::NoEnt => "no such mapping or context",
             Errno::Srch => "no such domain",
             Errno::Nxio => "frame not present in the target's p2m",
+            Errno::NoExec => "32-bit caller: the interface is 64-bit only",
             Errno::TooBig => "batch larger than max_batch_ops",
             Errno::Again => "frame paged out or shared; retry later",
             Errno::NoMem => "hypervisor out of memory",

@@ -1,7 +1,9 @@
 #!/bin/bash
 # build-xen.sh -- build Xen 4.17.5 (Debian source) with the PV-IOMMU:
-# fetch the source, apply patches/*.patch to a fresh copy, install the public
-# header, the C glue and the Rust engine object, then build the hypervisor.
+# fetch the source, apply patches/*.patch to a fresh copy (they add
+# CONFIG_PV_IOMMU, default y, and its Makefile line), install the public
+# header (public/pv-iommu.h), the C glue and the Rust engine object, then
+# build the hypervisor.
 #
 #   PVIOMMU_BUILD_DIR     build directory (default <repo>/build)
 #   PVIOMMU_ENGINE_CRATE  engine crate (default hypervisor-side/xen/engine-staticlib)
@@ -30,8 +32,6 @@ if [ "$(cat "$WORK/.pviommu-patches" 2>/dev/null)" != "$stamp" ]; then
         echo "build-xen: applying $(basename "$p")"
         patch -d "$WORK" -p1 --forward --no-backup-if-mismatch < "$p"
     done
-    grep -q 'pviommu.o' "$WORK/xen/common/Makefile" ||
-        echo 'obj-y += pviommu.o rust_engine.o' >> "$WORK/xen/common/Makefile"
     echo "$stamp" > "$WORK/.pviommu-patches"
 fi
 
@@ -39,12 +39,9 @@ fi
 install_if_changed() { cmp -s "$1" "$2" || cp "$1" "$2"; }
 
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
-# Public header: the project's ABI header in Xen's public-header conventions.
-sed -e 's/#include <stdint.h>/#include "xen.h"/' \
-    -e 's/PVIOMMU_ABI_H/__XEN_PUBLIC_PV_IOMMU_H__/g' \
-    -e 's/^#define __HYPERVISOR_pv_iommu_op 43$/#ifndef __HYPERVISOR_pv_iommu_op\n#define __HYPERVISOR_pv_iommu_op 43\n#endif/' \
-    "$REPO/abi/include/pviommu.h" > "$tmp/pv-iommu.h"
-install_if_changed "$tmp/pv-iommu.h" "$WORK/xen/include/public/pv-iommu.h"
+# Public header: Xen's form of abi/include/pviommu.h (same layout; pviommu.c
+# checks it with BUILD_BUG_ON).
+install_if_changed "$HERE/public/pv-iommu.h" "$WORK/xen/include/public/pv-iommu.h"
 # Engine boundary header: Xen has no <stdint.h>/<stddef.h>.
 sed -e 's/#include <stdint.h>/#include <xen\/types.h>/' -e '/#include <stddef.h>/d' \
     "$HERE/include/pviommu_engine.h" > "$tmp/pviommu_engine.h"
@@ -64,6 +61,8 @@ t2=$(date +%s)
 
 # ---- hypervisor ----
 [ -f "$WORK/xen/.config" ] || make -C "$WORK/xen" defconfig
+grep -q '^CONFIG_PV_IOMMU=y' "$WORK/xen/.config" ||
+    { echo "build-xen: FAIL: CONFIG_PV_IOMMU is not set in $WORK/xen/.config" >&2; exit 1; }
 if ! make -C "$WORK/xen" -j"$JOBS" > "$BUILD/xen-build.log" 2>&1; then
     grep -E -B2 -A2 'error|Error' "$BUILD/xen-build.log" | tail -30
     echo "build-xen: FAIL: make failed, see $BUILD/xen-build.log" >&2

@@ -50,6 +50,12 @@ const PHASE_AS_DRIVER: u64 = 2;
 const PHASE_DONE: u64 = 3;
 
 impl Cursor {
+    /// Finished: packs to `PVIOMMU_TEARDOWN_DONE` (3 << 62).
+    const DONE: Cursor = Cursor {
+        phase: PHASE_DONE,
+        driver: 0,
+        slot: 0,
+    };
     fn unpack(v: u64) -> Cursor {
         Cursor {
             phase: v >> 62,
@@ -298,6 +304,7 @@ impl<L: RawMutex> Engine<L> {
         if c.phase == PHASE_AS_DRIVER {
             return self.teardown_as_driver(h, domid, c);
         }
+        // Done (the glue does not call again; if it does, nothing to do).
         Ok(())
     }
 
@@ -378,7 +385,7 @@ impl<L: RawMutex> Engine<L> {
         let mut st = self.state.lock();
         let seed = st.seed;
         let Some(pos) = st.driver_pos(domid) else {
-            c.phase = PHASE_DONE;
+            *c = Cursor::DONE;
             return Ok(());
         };
         let n = st.drivers.get(pos).map_or(0, |d| d.slots.len() as u64);
@@ -441,7 +448,7 @@ impl<L: RawMutex> Engine<L> {
         if pos < st.drivers.len() {
             st.drivers.swap_remove(pos);
         }
-        c.phase = PHASE_DONE;
+        *c = Cursor::DONE;
         Ok(())
     }
 
@@ -459,5 +466,22 @@ impl<L: RawMutex> Engine<L> {
             }
         }
         slices
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn done_cursor_is_the_value_the_c_glue_checks() {
+        // PVIOMMU_TEARDOWN_DONE in xen/include/pviommu_engine.h.
+        assert_eq!(Cursor::DONE.pack(), 3u64 << 62);
+        let c = Cursor {
+            phase: PHASE_AS_TARGET,
+            driver: 0x7fef,
+            slot: (1 << 40) - 1,
+        };
+        assert_eq!(Cursor::unpack(c.pack()), c);
     }
 }

@@ -58,6 +58,9 @@ long pviommu_engine_op(uint16_t caller, unsigned int cmd, uint64_t arg);
  * continues), never anything else.
  */
 int pviommu_engine_domain_teardown(uint16_t domid, uint64_t *cursor);
+/* *cursor once the teardown finished: domain_kill() re-runs its dying stage
+ * on every restart of a later step, and need not call the engine again. */
+#define PVIOMMU_TEARDOWN_DONE (3ULL << 62)
 
 /*
  * The p2m of `domid` changed for gfns [gfn, gfn + (1 << order)): called
@@ -68,6 +71,10 @@ int pviommu_engine_domain_teardown(uint16_t domid, uint64_t *cursor);
  *   how = PVIOMMU_GFN_WRITE_LOST: the gfns stay but lost write access for
  *                                devices (read-only, ioreq-server, log-dirty):
  *                                revoke writable mappings of them only.
+ * `order` may be large (about 40 for a whole-domain log-dirty enable): the
+ * engine then scans its mappings of `domid` instead of looping over gfns.
+ * Hooks may also run with the target's PoD lock held; the engine's put_page
+ * then reaches page_alloc_lock, which is consistent with the order above.
  * Returns nothing: revocation cannot fail (it needs no memory; an unmap the
  * IOMMU refuses keeps the page referenced and the BFN poisoned until a retry
  * succeeds). When no driver domain maps a page of `domid` and no map of
@@ -84,7 +91,9 @@ void pviommu_engine_gfn_changed(uint16_t domid, uint64_t gfn,
 void pvx_engine_lock(void);
 void pvx_engine_unlock(void);
 
-/* [unlocked] Guest copies for the current vCPU's guest: 0, or -EFAULT. */
+/* [unlocked] Guest copies for the current vCPU's guest: 0, or -EFAULT.
+ * (Errnos that only the C glue returns: ENOEXEC for a 32-bit caller; ESTALE
+ * is added to public/errno.h by patch 0001.) */
 int pvx_copy_from_guest(void *dst, uint64_t guest_addr, size_t len);
 int pvx_copy_to_guest(uint64_t guest_addr, const void *src, size_t len);
 
@@ -109,8 +118,10 @@ void pvx_domain_info(uint16_t domid, struct pvx_domain_info *info);
  * [unlocked] The XSM hook: may `caller` use PV-IOMMU on `target`
  * (PVX_DOMID_NONE: no target, e.g. query_caps)? 0 or -EPERM/-ESRCH. Under
  * the dummy policy this is XSM_DM_PRIV (control domain, or caller->target ==
- * target); the engine has already applied the same rule itself, so this only
- * lets a FLASK policy refuse more.
+ * target; with no target the glue passes the caller's own d->target, so a
+ * device model may query and manage its own BFNs); the engine has already
+ * applied the same rule itself, so this only lets a FLASK policy refuse more.
+ * (PVX_DOMID_NONE is not a Xen domid; no domain can have it.)
  */
 #define PVX_XSM_QUERY   0 /* query_caps, reserved_regions                    */
 #define PVX_XSM_MAP     1 /* map a page of target                            */

@@ -1,0 +1,214 @@
+/* SPDX-License-Identifier: MIT */
+/******************************************************************************
+ * pv-iommu.h
+ *
+ * PV-IOMMU: a paravirtual IOMMU interface for driver domains (hypercall 43,
+ * __HYPERVISOR_pv_iommu_op), interface version 1.1.
+ *
+ * A driver domain (e.g. the hardware domain's GPU mediator), or the device
+ * model of a guest, asks Xen to map a foreign domain's guest frame into the
+ * caller's own IOMMU context. Xen picks a bus frame number (BFN) in a window
+ * above host RAM and returns it; machine frame numbers never cross this
+ * interface. Mappings are revoked when the foreign gfn changes or its domain
+ * dies; a revoked BFN stays reserved until its owner acknowledges it.
+ *
+ * Byte layout identical to the project's abi/include/pviommu.h (the Rust
+ * crate pviommu-abi): caps 80 bytes, op 40, batch 24, region 24, regions 24
+ * (checked with BUILD_BUG_ON in xen/common/pviommu.c).
+ *
+ * long HYPERVISOR_pv_iommu_op(unsigned int cmd, void *arg)
+ *   cmd  PVIOMMU_CMD_*
+ *   arg  the command's structure
+ * Returns 0, a negative errno (see the list at the end), or
+ * PVIOMMU_BATCH_INCOMPLETE (PVIOMMU_CMD_batch only): re-issue the same call.
+ *
+ * Only 64-bit callers are supported: a 32-bit PV guest, or an HVM/PVH vCPU
+ * not executing in 64-bit mode, gets -ENOEXEC.
+ *
+ * Permission: the control domain, or a device model acting on its target
+ * (d->target), subject to XSM (FLASK class pv_iommu: query, map, manage).
+ * Maps need the caller's IOMMU context to translate BFNs (caps.translation).
+ *
+ * Permission is hereby granted, free of charge, to any person obtaining a copy
+ * of this software and associated documentation files (the "Software"), to
+ * deal in the Software without restriction, including without limitation the
+ * rights to use, copy, modify, merge, publish, distribute, sublicense, and/or
+ * sell copies of the Software, and to permit persons to whom the Software is
+ * furnished to do so, subject to the following conditions:
+ *
+ * The above copyright notice and this permission notice shall be included in
+ * all copies or substantial portions of the Software.
+ *
+ * THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+ * IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+ * FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+ * AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+ * LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING
+ * FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER
+ * DEALINGS IN THE SOFTWARE.
+ */
+
+#ifndef __XEN_PUBLIC_PV_IOMMU_H__
+#define __XEN_PUBLIC_PV_IOMMU_H__
+
+#include "xen.h"
+
+#if defined(__XEN__) || defined(__XEN_TOOLS__)
+
+/* Major in the high 16 bits, minor in the low 16. Callers check the major. */
+#define PVIOMMU_INTERFACE_VERSION 0x00010001U
+
+/* ---- Commands (first hypercall argument) ---- */
+#define PVIOMMU_CMD_query_caps       1U /* arg: struct pv_iommu_caps          */
+#define PVIOMMU_CMD_batch            2U /* arg: struct pv_iommu_batch         */
+#define PVIOMMU_CMD_reserved_regions 3U /* arg: struct pv_iommu_regions       */
+
+/* Positive return of PVIOMMU_CMD_batch: work budget spent, call again. */
+#define PVIOMMU_BATCH_INCOMPLETE 1
+
+/* ---- PVIOMMU_CMD_query_caps ---- */
+#define PVIOMMU_FEAT_CONTEXTS         (1U << 0) /* more than context 0      */
+#define PVIOMMU_FEAT_ATTR_UC          (1U << 1) /* PVIOMMU_ATTR_UC honoured */
+#define PVIOMMU_FEAT_ATTR_DEVICE      (1U << 2) /* PVIOMMU_ATTR_DEVICE      */
+#define PVIOMMU_FEAT_GRANT            (1U << 3) /* PVIOMMU_F_GRANT maps     */
+#define PVIOMMU_FEAT_REVOCATION_QUEUE (1U << 4) /* revoked BFNs reserved    */
+                                                /* until acknowledged       */
+#define PVIOMMU_FEAT_ALL              0x1fU
+
+/* caps.translation: does the caller's IOMMU context translate BFNs? */
+#define PVIOMMU_TRANSLATES  0U /* yes: maps are accepted                    */
+#define PVIOMMU_NO_IOMMU    1U /* IOMMU off, or no context for the caller   */
+#define PVIOMMU_PASSTHROUGH 2U /* hardware domain bypasses the IOMMU        */
+#define PVIOMMU_RELAXED     3U /* non-strict hardware domain: all RAM is    */
+                               /* already device-reachable                  */
+#define PVIOMMU_SHARED_PT   4U /* IOMMU shares the CPU's p2m (EPT) tables   */
+
+struct pv_iommu_caps {
+    uint32_t version;              /* OUT: PVIOMMU_INTERFACE_VERSION         */
+    uint32_t max_batch_ops;        /* OUT: largest nr_ops in one batch       */
+    uint64_aligned_t page_sizes;   /* OUT: bit n set: 2^n-byte IOMMU pages   */
+    uint64_aligned_t bfn_window_start; /* OUT: first BFN handed out          */
+    uint64_aligned_t bfn_window_end;   /* OUT: one past the last such BFN    */
+    uint32_t nr_reserved_regions;  /* OUT: see PVIOMMU_CMD_reserved_regions  */
+    uint32_t features;             /* OUT: PVIOMMU_FEAT_*                    */
+    uint32_t max_contexts;         /* OUT: contexts per caller, incl. ctx 0  */
+    uint32_t translation;          /* OUT: PVIOMMU_TRANSLATES or why not     */
+    uint64_aligned_t quota;        /* OUT: caller's BFN quota                */
+    uint64_aligned_t used;         /* OUT: BFNs in use: live + revoked-unacked */
+    uint64_aligned_t revoked;      /* OUT: revocations not yet acknowledged  */
+    uint64_aligned_t _rsvd;        /* OUT: 0                                 */
+};
+typedef struct pv_iommu_caps pv_iommu_caps_t;
+DEFINE_XEN_GUEST_HANDLE(pv_iommu_caps_t);
+
+/* ---- PVIOMMU_CMD_batch ---- */
+#define PVIOMMU_OP_map             1U /* IN: context, domid, gfn, flags;     */
+                                      /* OUT: bfn                            */
+#define PVIOMMU_OP_unmap           2U /* IN: context, bfn                    */
+#define PVIOMMU_OP_lookup          3U /* IN: context, bfn;                   */
+                                      /* OUT: domid, gfn, flags              */
+#define PVIOMMU_OP_context_create  4U /* OUT: context                        */
+#define PVIOMMU_OP_context_destroy 5U /* IN: context (no live mappings)      */
+#define PVIOMMU_OP_revoked_next    6U /* OUT: bfn, context, domid, gfn of    */
+                                      /* the oldest unacknowledged revocation */
+#define PVIOMMU_OP_revoked_ack     7U /* IN: context, bfn                    */
+
+/* pv_iommu_op.flags */
+#define PVIOMMU_F_READ      (1U << 0) /* device may read                     */
+#define PVIOMMU_F_WRITE     (1U << 1) /* device may write                    */
+#define PVIOMMU_F_GRANT     (1U << 2) /* gfn is a grant reference            */
+#define PVIOMMU_ATTR_SHIFT  8
+#define PVIOMMU_ATTR_MASK   (0x7U << PVIOMMU_ATTR_SHIFT)
+#define PVIOMMU_ATTR_WB     0U        /* normal memory, cacheable (default)  */
+#define PVIOMMU_ATTR_UC     1U        /* normal memory, non-cacheable        */
+#define PVIOMMU_ATTR_DEVICE 2U        /* device memory                       */
+#define PVIOMMU_F_VALID_MASK (PVIOMMU_F_READ | PVIOMMU_F_WRITE | \
+                              PVIOMMU_F_GRANT | PVIOMMU_ATTR_MASK)
+
+struct pv_iommu_op {
+    uint16_t subop;         /* IN: PVIOMMU_OP_*                              */
+    uint16_t flags;         /* IN/OUT: PVIOMMU_F_* | attr << ATTR_SHIFT      */
+    int32_t status;         /* OUT: 0 or -errno for this op                  */
+    uint32_t context;       /* IN/OUT: caller's IOMMU context (0: default)   */
+    domid_t domid;          /* IN/OUT: foreign domain                        */
+    uint16_t _pad0;         /* IN: 0                                         */
+    uint64_aligned_t gfn;   /* IN/OUT: foreign guest frame                   */
+    uint64_aligned_t bfn;   /* IN/OUT: bus frame                             */
+    uint64_aligned_t _rsvd; /* IN: 0                                         */
+};
+typedef struct pv_iommu_op pv_iommu_op_t;
+DEFINE_XEN_GUEST_HANDLE(pv_iommu_op_t);
+
+struct pv_iommu_batch {
+    uint32_t version;       /* IN: PVIOMMU_INTERFACE_VERSION                 */
+    uint32_t nr_ops;        /* IN: entries in ops, <= caps.max_batch_ops     */
+    uint32_t nr_done;       /* IN/OUT: ops completed; processing starts here */
+    uint32_t flags;         /* IN: 0                                         */
+    XEN_GUEST_HANDLE_64(pv_iommu_op_t) ops; /* IN: pv_iommu_op_t[nr_ops]     */
+};
+typedef struct pv_iommu_batch pv_iommu_batch_t;
+DEFINE_XEN_GUEST_HANDLE(pv_iommu_batch_t);
+
+/* ---- PVIOMMU_CMD_reserved_regions: BFN ranges never handed out ---- */
+#define PVIOMMU_REGION_MSI      1U /* interrupt/MSI window                   */
+#define PVIOMMU_REGION_RMRR     2U /* firmware-reserved (RMRR / IVMD)        */
+#define PVIOMMU_REGION_MMIO     3U /* PCI MMIO hole, BAR or bridge window    */
+#define PVIOMMU_REGION_PLATFORM 4U /* other (e.g. hot-pluggable memory)      */
+
+struct pv_iommu_region {
+    uint64_aligned_t start_bfn; /* OUT                                       */
+    uint64_aligned_t nr_frames; /* OUT                                       */
+    uint32_t kind;              /* OUT: PVIOMMU_REGION_*                     */
+    uint32_t _pad0;             /* OUT: 0                                    */
+};
+typedef struct pv_iommu_region pv_iommu_region_t;
+DEFINE_XEN_GUEST_HANDLE(pv_iommu_region_t);
+
+struct pv_iommu_regions {
+    uint32_t version;       /* IN: PVIOMMU_INTERFACE_VERSION                 */
+    uint32_t start;         /* IN: index of the first region wanted          */
+    uint32_t nr;            /* IN: capacity of regions; OUT: entries written */
+    uint32_t total;         /* OUT: number of reserved regions               */
+    XEN_GUEST_HANDLE_64(pv_iommu_region_t) regions; /* IN: region_t[nr]      */
+};
+typedef struct pv_iommu_regions pv_iommu_regions_t;
+DEFINE_XEN_GUEST_HANDLE(pv_iommu_regions_t);
+
+/*
+ * Errors (negative; one meaning each):
+ *   EPERM          caller may not use PV-IOMMU on the target (incl. XSM)
+ *   ENOENT         no such mapping (BFN), context, or pending revocation
+ *   ESRCH          no such domain
+ *   ENXIO          gfn not present in the target's p2m
+ *   ENOEXEC        32-bit caller (PV32, or HVM/PVH vCPU not in 64-bit mode)
+ *   E2BIG          batch larger than max_batch_ops
+ *   EAGAIN         gfn paged out or shared: paging-in/unsharing started,
+ *                  retry later
+ *   ENOMEM         hypervisor out of memory (state unchanged)
+ *   EACCES         write access asked for a page that is not device-writable
+ *                  (read-only, ioreq-server, log-dirty mode)
+ *   EFAULT         a guest buffer could not be read or written
+ *   EBUSY          context still has live mappings
+ *   EXDEV          frame not owned by the target (Xen-owned, special,
+ *                  granted, foreign)
+ *   ENODEV         frame is MMIO, not RAM
+ *   EINVAL         malformed argument
+ *   ENOSPC         quota, context table or BFN window exhausted
+ *   EOPNOTSUPP     unknown command or subop, or feature not offered
+ *   EADDRNOTAVAIL  caller's IOMMU context does not translate BFNs
+ *   ESTALE         unmap of a revoked BFN: acknowledged, BFN released
+ */
+
+#endif /* __XEN__ || __XEN_TOOLS__ */
+
+#endif /* __XEN_PUBLIC_PV_IOMMU_H__ */
+
+/*
+ * Local variables:
+ * mode: C
+ * c-file-style: "BSD"
+ * c-basic-offset: 4
+ * tab-width: 4
+ * indent-tabs-mode: nil
+ * End:
+ */
