@@ -182,7 +182,7 @@ fn run(fail_at: Option<u64>) -> (u64, u32) {
 }
 
 #[test]
-fn every_engine_allocation_may_fail() {
+fn d04_d11_every_engine_allocation_may_fail() {
     let (total, refused) = run(None);
     assert_eq!(refused, 0);
     assert!(total > 5, "the scenario allocates ({total})");
@@ -197,7 +197,7 @@ fn every_engine_allocation_may_fail() {
 }
 
 #[test]
-fn page_table_allocation_failure_is_enomem_and_changes_nothing() {
+fn d04_page_table_allocation_failure_is_enomem_and_leaves_no_mapping() {
     let (mut m, e) = machine(Format::Lpae, 16);
     for budget in 0..4 {
         m.fail_table_allocs(Some(budget));
