@@ -10,7 +10,7 @@ if [[ ! -x /usr/bin/rustc || ! -d /usr/lib/rustlib/src/rust ]]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rustc-web cargo-web rust-web-src binutils >/dev/null
 fi
 export RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR=target/xen
-export RUSTFLAGS="-C relocation-model=pie -Z default-visibility=hidden -Z plt=yes -Z cf-protection=branch -Z retpoline-external-thunk -Z function-return=thunk-extern"
+export RUSTFLAGS="-C relocation-model=pie -Z default-visibility=hidden -Z plt=yes -Z retpoline-external-thunk -Z function-return=thunk-extern"
 /usr/bin/cargo build -q --release -Z build-std=core,alloc --target x86_64-unknown-none -p pviommu-hv
 rlib=$(ls target/xen/x86_64-unknown-none/release/libpviommu_hv.rlib)
 disasm=$(objdump -d "$rlib" 2>/dev/null)

@@ -53,6 +53,8 @@
 #define PVIOMMU_PASSTHROUGH      2u /* hardware domain bypasses the IOMMU    */
 #define PVIOMMU_RELAXED          3u /* non-strict hwdom: all RAM mapped       */
 #define PVIOMMU_SHARED_PT        4u /* IOMMU shares the CPU's p2m tables      */
+#define PVIOMMU_MIRRORS_P2M      5u /* translated caller whose IOMMU tables  */
+                                    /* mirror its p2m (dfn = gfn)            */
 
 struct pv_iommu_caps {
     uint32_t version;            /* PVIOMMU_INTERFACE_VERSION                */

@@ -87,6 +87,10 @@ pub mod translation {
     pub const RELAXED: u32 = 3;
     /// The IOMMU shares the CPU's second-stage tables: no separate BFN space.
     pub const SHARED_PT: u32 = 4;
+    /// The caller is translated (HVM/PVH) and Xen mirrors its p2m into its
+    /// IOMMU tables (dfn = gfn): the caller picks its own gfns, so any BFN
+    /// could collide with one of its grant or foreign mappings.
+    pub const MIRRORS_P2M: u32 = 5;
 }
 
 /// Subop codes ([`PvIommuOp::subop`]).

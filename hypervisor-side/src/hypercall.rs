@@ -22,7 +22,7 @@ use lock_api::RawMutex;
 
 use crate::config::MAX_REGIONS_PER_CALL;
 use crate::engine::{Engine, Hypervisor};
-use crate::permission::may_call;
+use crate::permission::{may_call, may_read_regions};
 use crate::platform::{DomainInfo, XsmAction};
 use crate::{ContextId, DomId, Errno};
 
@@ -57,7 +57,9 @@ impl<L: RawMutex> Engine<L> {
             Ok(ci) => match command {
                 cmd::QUERY_CAPS => self.query_caps(h, caller, ci, arg),
                 cmd::BATCH => self.batch(h, caller, ci, arg),
-                cmd::RESERVED_REGIONS => self.reserved_regions(h, caller, arg),
+                cmd::RESERVED_REGIONS => {
+                    may_read_regions(ci).and_then(|()| self.reserved_regions(h, caller, arg))
+                }
                 _ => Err(Errno::OpNotSupp),
             },
         };
@@ -81,7 +83,12 @@ impl<L: RawMutex> Engine<L> {
             page_sizes: b.page_sizes,
             bfn_window_start: self.window().start,
             bfn_window_end: self.window().end,
-            nr_reserved_regions: self.window().reserved.len() as u32,
+            // The host's physical layout is the control domain's business.
+            nr_reserved_regions: if ci.control {
+                self.window().reserved.len() as u32
+            } else {
+                0
+            },
             features,
             max_contexts: contexts,
             translation: ci.translation,

@@ -49,9 +49,10 @@ pub fn may_call(caller: Option<&DomainInfo>) -> Result<&DomainInfo, Errno> {
 }
 
 /// May `caller` map pages of `target`? Checks, in order: the caller's own
-/// IOMMU context translates BFNs (`EADDRNOTAVAIL`), the target exists and
-/// is alive (`ESRCH`), is not the caller (`EINVAL`), the rule above
-/// (`EPERM`), then the platform's XSM hook.
+/// IOMMU context translates BFNs (`EADDRNOTAVAIL`), the rule above
+/// (`EPERM`, before anything about the target is revealed, so a device
+/// model cannot probe which domains exist), the target exists and is alive
+/// (`ESRCH`), is not the caller (`EINVAL`), then the platform's XSM hook.
 pub fn check_map(
     p: &impl Platform,
     caller_id: DomId,
@@ -60,6 +61,10 @@ pub fn check_map(
 ) -> Result<(), Errno> {
     if caller.translation != translation::TRANSLATES {
         return Err(Errno::AddrNotAvail);
+    }
+    match caller_kind(caller, target) {
+        CallerKind::Privileged | CallerKind::DeviceModel => {}
+        CallerKind::Unrelated => return Err(Errno::Perm),
     }
     match p.domain_info(target) {
         Some(t) if !t.dying => {}
@@ -70,11 +75,18 @@ pub fn check_map(
         // them 1:1); handing out a second address for them is refused.
         return Err(Errno::Inval);
     }
-    match caller_kind(caller, target) {
-        CallerKind::Privileged | CallerKind::DeviceModel => {}
-        CallerKind::Unrelated => return Err(Errno::Perm),
-    }
     p.xsm_check(caller_id, Some(target), XsmAction::Map)
+}
+
+/// May this caller read the host's reserved-region layout (RMRRs, PCI
+/// windows, RAM holes)? The control domain only: a device model needs the
+/// BFN window's bounds (in the capabilities), not the host's physical map.
+pub fn may_read_regions(caller: &DomainInfo) -> Result<(), Errno> {
+    if caller.control {
+        Ok(())
+    } else {
+        Err(Errno::Perm)
+    }
 }
 
 /// May a page of this kind be mapped with these permissions?

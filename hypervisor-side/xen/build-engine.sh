@@ -26,8 +26,12 @@ if ! /usr/bin/rustc --version 2>/dev/null | grep -q '^rustc 1\.9[6-9]' \
 fi
 
 export RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR="$TARGET_DIR"
+# No -Z cf-protection: Xen builds with -mmanual-endbr, so only cf_check
+# functions are IBT landing pads. The engine is only ever called directly
+# (and calls Xen directly), so it needs none; an endbr64 in it would be an
+# extra indirect-branch target (checked below).
 export RUSTFLAGS="-C relocation-model=pie -Z default-visibility=hidden -Z plt=yes \
--Z cf-protection=branch -Z retpoline-external-thunk -Z function-return=thunk-extern"
+-Z retpoline-external-thunk -Z function-return=thunk-extern"
 unset CARGO_BUILD_TARGET RUSTC_WRAPPER || true
 echo "build-engine: crate $CRATE"
 # PVIOMMU_ENGINE_FEATURES: extra cargo features (panic-canary: prove the
@@ -59,6 +63,15 @@ if grep -Eq '%[xyz]mm[0-9]' "$OUT/rust_engine.dis"; then
     exit 1
 fi
 echo "build-engine: no xmm/ymm/zmm register use"
+
+# IBT: no landing pads, and no indirect branch except through Xen's
+# retpoline thunks (__x86_indirect_thunk_*).
+if grep -Eq 'endbr64|(call|jmp)[a-z]*[[:space:]]+\*' "$OUT/rust_engine.dis"; then
+    grep -En 'endbr64|(call|jmp)[a-z]*[[:space:]]+\*' "$OUT/rust_engine.dis" | head -5
+    echo "build-engine: FAIL: endbr64 or a raw indirect branch in rust_engine.o" >&2
+    exit 1
+fi
+echo "build-engine: no endbr64, no raw indirect branch"
 
 nm "$OUT/rust_engine.o" > "$OUT/rust_engine.nm"
 for s in $ENTRIES; do

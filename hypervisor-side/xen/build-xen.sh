@@ -1,7 +1,7 @@
 #!/bin/bash
 # build-xen.sh -- build Xen 4.17.5 (Debian source) with the PV-IOMMU:
 # fetch the source, apply patches/*.patch to a fresh copy (they add
-# CONFIG_PV_IOMMU, default y, and its Makefile line), install the public
+# CONFIG_PV_IOMMU, opt-in and switched on here, and its Makefile line), install the public
 # header (public/pv-iommu.h), the C glue and the Rust engine object, then
 # build the hypervisor.
 #
@@ -60,7 +60,13 @@ install_if_changed "$ENGINE_OBJ" "$WORK/xen/common/rust_engine.o"
 t2=$(date +%s)
 
 # ---- hypervisor ----
-[ -f "$WORK/xen/.config" ] || make -C "$WORK/xen" defconfig
+# PV-IOMMU is new attack surface, so the option is off by default (opt-in):
+# this build opts in explicitly.
+if [ ! -f "$WORK/xen/.config" ] || ! grep -q '^CONFIG_PV_IOMMU=y' "$WORK/xen/.config"; then
+    [ -f "$WORK/xen/.config" ] || make -C "$WORK/xen" defconfig > /dev/null
+    echo 'CONFIG_PV_IOMMU=y' >> "$WORK/xen/.config"
+    make -C "$WORK/xen" olddefconfig > /dev/null
+fi
 grep -q '^CONFIG_PV_IOMMU=y' "$WORK/xen/.config" ||
     { echo "build-xen: FAIL: CONFIG_PV_IOMMU is not set in $WORK/xen/.config" >&2; exit 1; }
 if ! make -C "$WORK/xen" -j"$JOBS" > "$BUILD/xen-build.log" 2>&1; then

@@ -38,6 +38,7 @@
 #include <xen/pci.h>
 #include <xen/pci_regs.h>
 #include <xen/pviommu.h>
+#include <xen/random.h>
 #include <xsm/xsm.h>
 #include <asm/e820.h>
 #include <asm/p2m.h>
@@ -97,6 +98,10 @@ static atomic_t pviommu_teardown_restarts = ATOMIC_INIT(0);
 /* Command line: pviommu=[off|on][,quota:<n>][,batch:<n>]            */
 /* ---------------------------------------------------------------- */
 
+/* Upper bound of quota: BFNs per driver domain (the engine's memory per
+ * driver domain is about 100 bytes per BFN). */
+#define PVX_MAX_QUOTA (1ULL << 24)
+
 static bool __initdata opt_pviommu = true;
 static uint64_t __initdata opt_pviommu_quota;  /* 0: engine default */
 static uint32_t __initdata opt_pviommu_batch;  /* 0: engine default */
@@ -115,15 +120,19 @@ static int __init cf_check parse_pviommu(const char *s)
             opt_pviommu = val;
         else if ( !strncmp(s, "quota:", 6) )
         {
-            opt_pviommu_quota = simple_strtoull(s + 6, &e, 0);
-            if ( e != ss )
+            unsigned long long q = simple_strtoull(s + 6, &e, 0);
+
+            /* No digits, trailing junk, 0, or more than 16 Mi BFNs. */
+            if ( e == s + 6 || e != ss || !q || q > PVX_MAX_QUOTA )
                 rc = -EINVAL;
+            else
+                opt_pviommu_quota = q;
         }
         else if ( !strncmp(s, "batch:", 6) )
         {
             unsigned long long b = simple_strtoull(s + 6, &e, 0);
 
-            if ( e != ss || b > UINT32_MAX )
+            if ( e == s + 6 || e != ss || !b || b > UINT32_MAX )
                 rc = -EINVAL;
             else
                 opt_pviommu_batch = b;
@@ -369,7 +378,12 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
         }
         if ( l > b )
             pvx_add_range(b, l - b + 1, PVIOMMU_REGION_MMIO);
-        nbars = 2;
+        /*
+         * The window covers everything behind the bridge. Its own two BARs
+         * are not sized: turning memory decode off on a bridge would cut
+         * off every device behind it for a moment, Xen's console included.
+         */
+        return 0;
     }
     else if ( type == PCI_HEADER_TYPE_NORMAL )
         nbars = 6;
@@ -598,8 +612,15 @@ static uint32_t pvx_translation(const struct domain *d)
         return PVIOMMU_PASSTHROUGH;
     if ( iommu_use_hap_pt(d) )
         return PVIOMMU_SHARED_PT;
-    if ( is_hardware_domain(d) && !paging_mode_translate(d) &&
-         !pvx_hwdom_strict )
+    /*
+     * A translated caller with its own IOMMU tables gets them kept in sync
+     * with its p2m (dfn = gfn, ept_set_entry / p2m_pt_set_entry): it picks
+     * its gfns itself, grant and foreign maps included, so a BFN in the
+     * window could overwrite, or be overwritten by, one of those entries.
+     */
+    if ( paging_mode_translate(d) )
+        return PVIOMMU_MIRRORS_P2M;
+    if ( is_hardware_domain(d) && !pvx_hwdom_strict )
         return PVIOMMU_RELAXED;
 
     return PVIOMMU_TRANSLATES;
@@ -861,7 +882,15 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, unsigned int *flush)
 
     if ( !d )
         return -ESRCH;
-    /* A 4k entry PV-IOMMU made: no superpage split, so no allocation. */
+    /*
+     * PV-IOMMU only ever maps 4k entries, but Xen 4.17's VT-d code folds a
+     * full, contiguous 512-entry run into a superpage, and unmapping a page
+     * of it must split it again: that can fail with -ENOMEM. The engine
+     * then keeps the page referenced and the BFN poisoned and retries at
+     * its next flush. (For a driver domain other than the hardware domain,
+     * iommu_unmap() crashes the domain on failure; its teardown then
+     * releases everything.)
+     */
     rc = iommu_unmap(d, _dfn(bfn), 1, 0, flush);
     rcu_unlock_domain(d);
 
@@ -883,6 +912,12 @@ int pvx_iommu_flush(uint16_t owner, uint64_t bfn, uint64_t count,
     rcu_unlock_domain(d);
 
     return rc;
+}
+
+uint64_t pvx_random_seed(void)
+{
+    /* RDRAND where the CPU has it (get_random()), else time-derived. */
+    return ((uint64_t)get_random() << 32) ^ get_random();
 }
 
 int pvx_preempt_check(void)

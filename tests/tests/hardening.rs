@@ -545,3 +545,33 @@ fn d14_limits_from_configuration_and_bounded_heap() {
         .drivers()
         .all(|d| d.slots().all(|(_, s)| !matches!(s, Slot::Stuck { .. }))));
 }
+
+/// Review findings on the hardening itself: a device model may not probe
+/// which domains exist (EPERM comes before ESRCH), nor read the host's
+/// reserved-region layout.
+#[test]
+fn d13_device_model_learns_nothing_about_other_domains_or_the_host_map() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    // DomId(77) does not exist, STRANGER does: both answer EPERM.
+    assert_eq!(
+        map_one(&mut m, &e, DEVICE_MODEL, DomId(77), 1, Permissions::RO),
+        Err(EPERM)
+    );
+    assert_eq!(
+        map_one(&mut m, &e, DEVICE_MODEL, STRANGER, 1, Permissions::RO),
+        Err(EPERM)
+    );
+    assert_eq!(m.guest_reserved_regions(&e, DEVICE_MODEL), Err(Errno::Perm));
+    assert_eq!(
+        m.guest_query_caps(&e, DEVICE_MODEL)
+            .unwrap()
+            .nr_reserved_regions,
+        0
+    );
+    assert!(
+        m.guest_query_caps(&e, DomId::DOM0)
+            .unwrap()
+            .nr_reserved_regions
+            > 0
+    );
+}

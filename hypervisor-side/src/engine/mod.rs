@@ -291,6 +291,40 @@ impl EngineState {
     }
 }
 
+/// What the locked part of a map did with the attempt's page reference
+/// and its share of the target gate.
+enum MapOutcome {
+    /// A new mapping holds both.
+    Installed(Bfn),
+    /// An existing mapping of the same frame got one more reference: the
+    /// attempt's page reference and gate share are returned by the caller.
+    Shared(Bfn),
+    /// Nothing happened: the caller returns both.
+    Refused(Errno),
+    /// Failed after the IOMMU entry existed: the engine took both over and
+    /// releases them after the flush. The caller must not touch them.
+    Consumed(Errno),
+}
+
+enum Prepared {
+    Shared(Bfn),
+    Reserved(usize),
+}
+
+/// The mapping a request asks for, over frame `mfn`.
+fn map_key(req: &MapRequest, mfn: Mfn) -> Mapping {
+    Mapping {
+        gfn: req.gfn,
+        mfn,
+        next_same_page: NONE,
+        refs: 1,
+        domid: req.domid,
+        context: req.context,
+        perms: req.perms,
+        attr: req.attr,
+    }
+}
+
 /// Why a slot was looked up for an unmap.
 enum UnmapKind {
     Live,
@@ -433,12 +467,20 @@ impl<L: RawMutex> Engine<L> {
             match outcome {
                 // Installed: the mapping keeps the page reference and its
                 // share of `active`.
-                Some(Ok((bfn, true))) => return Ok(bfn),
+                Some(MapOutcome::Installed(bfn)) => return Ok(bfn),
+                // Failed after the IOMMU entry existed: the engine released
+                // (or will release, after the flush) what this attempt took.
+                Some(MapOutcome::Consumed(e)) => return Err(e),
                 // Deduplicated, or refused: give back what this attempt took.
-                Some(r) => {
+                Some(MapOutcome::Shared(bfn)) => {
                     h.put_page(mfn, req.perms.write);
                     self.gate_leave(req.domid);
-                    return r.map(|(bfn, _)| bfn);
+                    return Ok(bfn);
+                }
+                Some(MapOutcome::Refused(e)) => {
+                    h.put_page(mfn, req.perms.write);
+                    self.gate_leave(req.domid);
+                    return Err(e);
                 }
                 // The target's p2m changed under us: look the page up again.
                 None => {
@@ -450,7 +492,7 @@ impl<L: RawMutex> Engine<L> {
         Err(Errno::Again)
     }
 
-    /// The locked part of a map: dedup or install. `Ok((bfn, installed))`.
+    /// The locked part of a map: dedup or install.
     fn map_locked(
         &self,
         st: &mut EngineState,
@@ -458,20 +500,28 @@ impl<L: RawMutex> Engine<L> {
         caller: DomId,
         req: &MapRequest,
         mfn: Mfn,
-    ) -> Result<(Bfn, bool), Errno> {
+    ) -> MapOutcome {
+        match self.map_prepare(st, h, caller, req, mfn) {
+            Ok(Prepared::Shared(bfn)) => MapOutcome::Shared(bfn),
+            Ok(Prepared::Reserved(pos)) => self.map_install(st, h, caller, req, mfn, pos),
+            Err(e) => MapOutcome::Refused(e),
+        }
+    }
+
+    /// Dedup, or check the quota and reserve every byte the install needs.
+    /// On `Err` nothing changed (but a stale mapping found on the way).
+    fn map_prepare(
+        &self,
+        st: &mut EngineState,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        req: &MapRequest,
+        mfn: Mfn,
+    ) -> Result<Prepared, Errno> {
         let seed = st.seed;
         let quota = st.config.quota;
         let pos = st.driver_pos_or_create(caller)?;
-        let key = Mapping {
-            gfn: req.gfn,
-            mfn,
-            next_same_page: NONE,
-            refs: 1,
-            domid: req.domid,
-            context: req.context,
-            perms: req.perms,
-            attr: req.attr,
-        };
+        let key = map_key(req, mfn);
         {
             let dd = st.drivers.get_mut(pos).ok_or(Errno::Inval)?;
             if !dd.has_context(req.context) {
@@ -482,7 +532,7 @@ impl<L: RawMutex> Engine<L> {
                 let m = dd.live_at_mut(idx).ok_or(Errno::Inval)?;
                 if m.mfn == mfn {
                     m.refs = m.refs.checked_add(1).ok_or(Errno::NoSpc)?;
-                    return Ok((bfn, false));
+                    return Ok(Prepared::Shared(bfn));
                 }
                 // The gfn no longer points at the mapped frame: a removal
                 // whose hook has not run yet. Revoke the stale mapping now
@@ -499,12 +549,34 @@ impl<L: RawMutex> Engine<L> {
             dd.reserve_slot(seed, limit)?;
         }
         st.reserve_target_entry()?;
-        // From here on nothing allocates.
-        let dd = st.drivers.get_mut(pos).ok_or(Errno::Inval)?;
-        let idx = dd.take_slot()?;
+        Ok(Prepared::Reserved(pos))
+    }
+
+    /// Take a slot, write the IOMMU entry and index the mapping. Nothing
+    /// allocates here. Once the IOMMU entry exists, every failure goes
+    /// through the unmap-flush-release path (`Consumed`): the page reference
+    /// is never dropped while the device may still reach the page.
+    fn map_install(
+        &self,
+        st: &mut EngineState,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        req: &MapRequest,
+        mfn: Mfn,
+        pos: usize,
+    ) -> MapOutcome {
+        let seed = st.seed;
+        let key = map_key(req, mfn);
+        let Some(dd) = st.drivers.get_mut(pos) else {
+            return MapOutcome::Refused(Errno::Inval);
+        };
+        let idx = match dd.take_slot() {
+            Ok(i) => i,
+            Err(e) => return MapOutcome::Refused(e),
+        };
         let Some(bfn) = st.space.bfn_of(idx) else {
             dd.free_slot(idx);
-            return Err(Errno::NoSpc);
+            return MapOutcome::Refused(Errno::NoSpc);
         };
         if let Err(e) = h.iommu_map(
             caller,
@@ -516,23 +588,27 @@ impl<L: RawMutex> Engine<L> {
             &mut dd.gather,
         ) {
             dd.free_slot(idx);
-            return Err(e);
+            return MapOutcome::Refused(e);
         }
         if let Err(e) = dd.install(seed, idx, key) {
-            // Unreachable (capacity reserved); undo the IOMMU entry anyway.
-            let _ = h.iommu_unmap(caller, req.context, bfn, &mut dd.gather);
-            dd.free_slot(idx);
-            return Err(e);
+            // Unreachable (capacity reserved). The entry exists: take it
+            // down the way an unmap does, page released after the flush.
+            match h.iommu_unmap(caller, req.context, bfn, &mut dd.gather) {
+                Ok(()) => dd.push_unmapping(idx, key, false),
+                Err(_) => dd.push_stuck(idx, key),
+            }
+            self.gate_leave(req.domid);
+            return MapOutcome::Consumed(e);
         }
-        let link = Link {
+        if let Err(e) = st.target_link(Link {
             owner: caller,
             slot: idx,
-        };
-        if let Err(e) = st.target_link(link) {
+        }) {
+            // Unreachable too; revoke_slot releases page and gate share.
             self.revoke_slot(st, h, pos, idx);
-            return Err(e);
+            return MapOutcome::Consumed(e);
         }
-        Ok((bfn, true))
+        MapOutcome::Installed(bfn)
     }
 
     /// The live mapping `bfn` of `context`, without changing anything.

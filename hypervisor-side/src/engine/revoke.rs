@@ -181,8 +181,10 @@ impl<L: RawMutex> Engine<L> {
         let mut st = self.state.lock();
         gate.seq.fetch_add(1, Ordering::SeqCst);
         let count = 1u64.checked_shl(order).unwrap_or(u64::MAX);
-        let total_live: u64 = st.drivers.iter().map(|d| d.live).sum();
-        if count <= total_live.saturating_mul(2) {
+        // Whichever is less work: one O(1) lookup per gfn, or one pass over
+        // every slot (the slot arrays' length, not just the live ones).
+        let total_slots: u64 = st.drivers.iter().map(|d| d.slots.len() as u64).sum();
+        if count <= total_slots {
             // Per gfn: O(1) each through the target index.
             for g in gfn.0..gfn.0.saturating_add(count) {
                 self.revoke_gfn(&mut st, h, domid, Gfn(g), how);

@@ -177,6 +177,9 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, unsigned int *flush);
 int pvx_iommu_flush(uint16_t owner, uint64_t bfn, uint64_t count,
                     unsigned int flush);
 
+/* Boot only: a per-boot secret for the engine's hash tables (get_random()). */
+uint64_t pvx_random_seed(void);
+
 /* [either] 1 when the hypercall should stop and be continued. */
 int pvx_preempt_check(void);
 

@@ -82,6 +82,8 @@
 #define PVIOMMU_RELAXED     3U /* non-strict hardware domain: all RAM is    */
                                /* already device-reachable                  */
 #define PVIOMMU_SHARED_PT   4U /* IOMMU shares the CPU's p2m (EPT) tables   */
+#define PVIOMMU_MIRRORS_P2M 5U /* translated caller: IOMMU tables mirror   */
+                               /* its p2m (dfn = gfn), no BFN space of its own */
 
 struct pv_iommu_caps {
     uint32_t version;              /* OUT: PVIOMMU_INTERFACE_VERSION         */

@@ -51,6 +51,7 @@ mod ffi {
         pub fn pvx_iommu_unmap(owner: u16, bfn: u64, flush: *mut u32) -> i32;
         pub fn pvx_iommu_flush(owner: u16, bfn: u64, count: u64, flush: u32) -> i32;
         pub fn pvx_preempt_check() -> i32;
+        pub fn pvx_random_seed() -> u64;
         pub fn pvx_alloc(size: usize, align: usize) -> *mut u8;
         pub fn pvx_free(ptr: *mut u8);
         pub fn pvx_log(msg: *const u8, len: usize);
@@ -213,15 +214,8 @@ impl Platform for Xen {
         unsafe { ffi::pvx_preempt_check() != 0 }
     }
     fn random_seed(&self) -> u64 {
-        // Boot-time entropy is what Xen has at init: the addresses of the
-        // heap and of this object differ per boot with Xen's relocation, and
-        // the TSC moves. Good enough to keep a guest from aiming its gfns at
-        // one hash chain blind; not a cryptographic secret.
-        let heap = HEAP_BYTES.load(Ordering::Relaxed) as u64;
-        let here = &HEAP_BYTES as *const _ as u64;
-        // SAFETY: rdtsc has no memory effects.
-        let tsc = unsafe { core::arch::x86_64::_rdtsc() };
-        tsc.rotate_left(17) ^ here ^ heap.rotate_left(41)
+        // SAFETY: plain call (get_random(), RDRAND where available).
+        unsafe { ffi::pvx_random_seed() }
     }
 }
 
