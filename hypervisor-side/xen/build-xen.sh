@@ -64,6 +64,7 @@ t2=$(date +%s)
 # this build opts in explicitly.
 if [ ! -f "$WORK/xen/.config" ] || ! grep -q '^CONFIG_PV_IOMMU=y' "$WORK/xen/.config"; then
     [ -f "$WORK/xen/.config" ] || make -C "$WORK/xen" defconfig > /dev/null
+    sed -i '/^# CONFIG_PV_IOMMU is not set$/d' "$WORK/xen/.config"
     echo 'CONFIG_PV_IOMMU=y' >> "$WORK/xen/.config"
     make -C "$WORK/xen" olddefconfig > /dev/null
 fi
