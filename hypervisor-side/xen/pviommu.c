@@ -760,6 +760,16 @@ int pvx_get_page(uint16_t domid, uint64_t gfn, int want_write,
         *kind = PVX_PAGE_GRANT;
         goto drop;
     }
+    /*
+     * An HVM gfn with nothing behind it reads back as p2m_mmio_dm (emulated
+     * by the device model; the default for holes), or p2m_invalid: that is
+     * "not present", not MMIO.
+     */
+    if ( t == p2m_mmio_dm || t == p2m_invalid )
+    {
+        *kind = PVX_PAGE_NOT_PRESENT;
+        goto drop;
+    }
     if ( p2m_is_mmio(t) )
     {
         *kind = PVX_PAGE_MMIO;

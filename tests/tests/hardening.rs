@@ -544,6 +544,27 @@ fn d14_limits_from_configuration_and_bounded_heap() {
     assert!(st
         .drivers()
         .all(|d| d.slots().all(|(_, s)| !matches!(s, Slot::Stuck { .. }))));
+    drop(st);
+    // Once everything is unmapped (or revoked and acknowledged), the memory
+    // goes back: a 64 Ki-page guest's death must not leave megabytes behind.
+    m.kill_domain(&e, GUEST);
+    assert!(
+        e.state().heap_bytes() > 1 << 20,
+        "notices still hold their BFNs"
+    );
+    let mut acks: Vec<_> = ops
+        .iter()
+        .map(|o| unmap_op(pviommu_abi::Bfn(o.bfn)))
+        .collect();
+    for chunk in acks.chunks_mut(1024) {
+        m.guest_batch_all(&e, DomId::DOM0, chunk).unwrap();
+    }
+    assert!(acks.iter().all(|o| o.status == ESTALE));
+    let left = e.state().heap_bytes();
+    assert!(
+        left < 4096,
+        "{left} bytes of engine heap left with nothing mapped"
+    );
 }
 
 /// Review findings on the hardening itself: a device model may not probe

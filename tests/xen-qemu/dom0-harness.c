@@ -527,19 +527,26 @@ static int cmd_measure(unsigned long n)
 }
 
 /* ---------------- revocations ---------------- */
-/* Acknowledge every queued revocation with OP_revoked_ack; print how many. */
+/* Acknowledge every queued revocation with OP_revoked_ack, oldest first;
+ * print each (bfn, domid, gfn) and how many. */
 static int cmd_drain_revoked(void)
 {
     struct pv_iommu_op o;
     long rc = 0;
     unsigned long n = 0;
+    uint64_t b;
+    uint32_t ctx;
     for ( ;; )
     {
         memset(&o, 0, sizeof(o));
         o.subop = PVIOMMU_OP_revoked_next;
         rc = one_op(&o);
         if ( rc || o.status ) break;
-        o.subop = PVIOMMU_OP_revoked_ack;
+        printf("revoked bfn=0x%" PRIx64 " domid=%u gfn=0x%" PRIx64 "\n", o.bfn, o.domid, o.gfn);
+        /* a fresh op: revoked_ack takes only context and bfn, the rest must be 0 */
+        b = o.bfn; ctx = o.context;
+        memset(&o, 0, sizeof(o));
+        o.subop = PVIOMMU_OP_revoked_ack; o.context = ctx; o.bfn = b;
         rc = one_op(&o);
         if ( rc || o.status ) break;
         if ( ++n > (1ul << 20) ) break;   /* the queue cannot be this long */
@@ -774,8 +781,10 @@ static uint64_t fz_bfn(void)
 static void fz_op(struct pv_iommu_op *o, const uint16_t *cand, unsigned int ncand,
                   const xen_pfn_t *gfns, unsigned long ngfns)
 {
-    static const uint16_t subops[] = { 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3,
-                                       4, 5, 6, 7, 0, 8, 0xffff };
+    /* weights: unmaps outnumber maps so that references drain to zero now
+     * and then and BFNs are freed and handed out again */
+    static const uint16_t subops[] = { 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
+                                       3, 3, 4, 5, 6, 7, 0, 8, 0xffff };
     memset(o, 0, sizeof(*o));
     o->subop = chance(95) ? subops[below(sizeof(subops) / sizeof(subops[0]))] : rnd();
     o->flags = chance(85) ? 1 + below(3) : chance(50) ? (rnd() & 0x7ff) : rnd();
@@ -785,6 +794,21 @@ static void fz_op(struct pv_iommu_op *o, const uint16_t *cand, unsigned int ncan
     if ( ngfns && chance(75) ) o->gfn = gfns[below(ngfns)];
     else o->gfn = chance(50) ? below(0x100000) : rnd();
     o->bfn = fz_bfn();
+    if ( chance(80) )
+    {
+        /* well-formed for its subop (unused fields 0), so that unmap, lookup
+         * and the revocation ops get past parsing and change state too */
+        switch ( o->subop )
+        {
+        case PVIOMMU_OP_map: o->bfn = 0; break;
+        case PVIOMMU_OP_unmap: case PVIOMMU_OP_lookup: case PVIOMMU_OP_revoked_ack:
+            o->flags = 0; o->domid = 0; o->gfn = 0; break;
+        case PVIOMMU_OP_context_create: case PVIOMMU_OP_revoked_next:
+            o->context = 0; /* fall through */
+        case PVIOMMU_OP_context_destroy:
+            o->flags = 0; o->domid = 0; o->gfn = 0; o->bfn = 0; break;
+        }
+    }
     if ( chance(3) ) o->_pad0 = rnd();
     if ( chance(3) ) o->_rsvd = rnd();
     o->status = FZ_SENTINEL;
@@ -811,8 +835,15 @@ static void fz_account(const struct pv_iommu_op *o, int refused_only, unsigned l
                           o->bfn, o->domid, o->gfn, m->domid, m->gfn);
             m->refs++;
         }
-        else if ( nmodel < FZ_MODEL )
-            model[nmodel++] = (struct fz_map){ o->context, o->domid, o->bfn, o->gfn, 1 };
+        else
+        {
+            /* a slot whose references are all gone, or a new one */
+            unsigned int k;
+            for ( k = 0; k < nmodel && model[k].refs > 0; k++ ) ;
+            if ( k == nmodel && nmodel < FZ_MODEL ) nmodel++;
+            if ( k < nmodel ) model[k] = (struct fz_map){ o->context, o->domid, o->bfn, o->gfn, 1 };
+            else violation("fuzz model full");
+        }
         break;
     case PVIOMMU_OP_unmap:
         stats[1]++;
@@ -925,7 +956,8 @@ static int cmd_fuzz(int argc, char **argv)
         open_xc();
         ngfns = 32;
         fdom = make_domain(ngfns, gfns);
-        cand[ncand++] = fdom; cand[ncand++] = fdom; cand[ncand++] = fdom;
+        for ( a = 0; a < 3 && ncand < 16; a++ )
+            cand[ncand++] = fdom;    /* three entries: mostly this domain */
     }
 
     t0 = now();

@@ -1,7 +1,7 @@
 #!/bin/bash
 # run.sh -- PV-IOMMU integration test: Xen 4.17 (patched, with the engine) +
 # Debian's 6.1 dom0 kernel in QEMU (TCG, q35, intel-iommu, dom0-iommu=strict,
-# edu device). Prints PASS/FAIL/MEASURE lines and "N passed, N failed";
+# edu device). Prints PASS/FAIL/SKIP/MEASURE lines and "N passed, N failed";
 # exits non-zero on any failure. Run as root on Debian 12.
 #
 #   PVIOMMU_BUILD_DIR     build dir (default <repo>/build)
@@ -10,7 +10,7 @@
 #   MEASURE_PAGES         pages for the MEASURE step (default 16384)
 #   FUZZ_CALLS            hostile hypercalls from dom0 and from the domU (default 100000)
 #   BIG_PAGES             mapped pages of the domain destroyed in one go (default 65536)
-#   QEMU_TIMEOUT          seconds (default 900)
+#   QEMU_TIMEOUT          seconds per boot (default 600)
 #   BOOT_STALL_S          no first test line this long after QEMU start: the boot
 #                         stalled (seen under TCG); retried once (default 150)
 #   PVIOMMU_TOOL_BIN      prebuilt static `pviommu` binary (default: cargo build)
@@ -85,7 +85,7 @@ fi
 cp "$PVBIN" "$R/bin/pviommu"; echo "run: included $PVBIN"
 install -m 755 "$HERE/init.sh" "$R/init"
 
-# Toolstack + an unprivileged PV domU for the EPERM check (skipped if
+# Toolstack + the domUs of the EPERM, fuzz and device-model checks (skipped if
 # NO_DOMU=1). xen-utils is extracted, not installed; libraries come from
 # the host (libxen-dev pulls them in) through each binary's ldd closure.
 if [ "${NO_DOMU:-0}" != 1 ]; then
@@ -123,7 +123,7 @@ fi
 # ---- boot ----
 LOG="$OUT/serial.log"
 N="${MEASURE_PAGES:-16384}"
-TMO="${QEMU_TIMEOUT:-900}"
+TMO="${QEMU_TIMEOUT:-600}"
 STALL="${BOOT_STALL_S:-150}"
 START_LINE='=== pviommu dom0 test start ==='
 
@@ -165,6 +165,7 @@ boot_once() {
 }
 
 T3=$(date +%s)
+rm -f "$OUT/serial.stalled.log"
 boot_once
 if [ "$verdict" = stall ]; then
     # A stall before any test ran is TCG flakiness, not a result: keep its
@@ -172,6 +173,7 @@ if [ "$verdict" = stall ]; then
     cp "$LOG" "$OUT/serial.stalled.log"
     echo "run: boot stalled before the first test line after $STALL s (log $OUT/serial.stalled.log); retrying once"
     boot_once
+    [ "$verdict" = stall ] && verdict="stall (again, after one retry)"
 fi
 T4=$(date +%s)
 

@@ -357,6 +357,23 @@ impl DriverDomain {
         Ok(notice)
     }
 
+    /// Give the slot array and the dedup index back once no BFN is in use
+    /// (everything unmapped and acknowledged): the engine's memory returns
+    /// to what an idle driver domain costs. Frees only; never allocates.
+    pub(crate) fn compact_if_empty(&mut self) {
+        if self.used() != 0 || self.slots.is_empty() {
+            return;
+        }
+        self.slots = Vec::new();
+        self.free_head = NONE;
+        self.free = 0;
+        self.reverse = IndexTable::new();
+        self.unmapping_head = NONE;
+        self.stuck_head = NONE;
+        self.revoked_head = NONE;
+        self.revoked_tail = NONE;
+    }
+
     /// The oldest unacknowledged revocation.
     pub(crate) fn oldest_revoked(&self) -> Option<(u64, Notice)> {
         match self.slot(self.revoked_head) {

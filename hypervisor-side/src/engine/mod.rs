@@ -671,6 +671,7 @@ impl<L: RawMutex> Engine<L> {
         if let UnmapKind::Revoked = kind {
             let dd = st.drivers.get_mut(pos).ok_or(Errno::NoEnt)?;
             dd.ack_revoked(idx)?;
+            dd.compact_if_empty();
             return Err(Errno::Stale);
         }
         {
@@ -707,7 +708,9 @@ impl<L: RawMutex> Engine<L> {
         let dd = st.drivers.get_mut(pos).ok_or(Errno::NoEnt)?;
         match dd.slot(idx) {
             Some(Slot::Revoked { notice, .. }) if notice.context == context => {
-                dd.ack_revoked(idx).map(|_| ())
+                let r = dd.ack_revoked(idx).map(|_| ());
+                dd.compact_if_empty();
+                r
             }
             _ => Err(Errno::NoEnt),
         }

@@ -156,6 +156,11 @@ impl<L: RawMutex> Engine<L> {
             }
             at = next;
         }
+        dd.compact_if_empty();
+        if st.drivers.iter().all(|d| d.live == 0) {
+            // Nothing is mapped anywhere: give the target index back too.
+            st.target_index = crate::storage::IndexTable::new();
+        }
     }
 
     /// The p2m of `domid` changed for gfns `[gfn, gfn + 2^order)` (called
