@@ -33,6 +33,7 @@
 #define PVIOMMU_CMD_query_caps       1u /* arg: struct pv_iommu_caps (out)   */
 #define PVIOMMU_CMD_batch            2u /* arg: struct pv_iommu_batch (in/out) */
 #define PVIOMMU_CMD_reserved_regions 3u /* arg: struct pv_iommu_regions      */
+                                        /* (control domain only)           */
 
 /* Positive return of PVIOMMU_CMD_batch: work budget spent, call again. */
 #define PVIOMMU_BATCH_INCOMPLETE 1

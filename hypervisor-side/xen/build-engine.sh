@@ -16,6 +16,7 @@ BUILD="${PVIOMMU_BUILD_DIR:-$REPO/build}"
 CRATE="$(cd "${1:-${PVIOMMU_ENGINE_CRATE:-$HERE/engine-staticlib}}" && pwd)"
 OUT="${2:-$BUILD/engine}"
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"  # absolute: cargo runs from the crate directory
 TARGET_DIR="${PVIOMMU_ENGINE_TARGET_DIR:-$OUT/target}"
 
 if ! /usr/bin/rustc --version 2>/dev/null | grep -q '^rustc 1\.9[6-9]' \
@@ -100,5 +101,16 @@ fi
 objcopy --strip-symbol=pvx_unreachable_panic "$OUT/rust_engine.o"
 nm "$OUT/rust_engine.o" > "$OUT/rust_engine.nm"
 echo "build-engine: panic path unreachable (no relocation against pvx_unreachable_panic)"
+
+# IBT, continued: the engine has no endbr64, so it must make no indirect
+# call at all. On eIBRS (CET) hardware Xen's retpoline thunks become a plain
+# `jmp *%reg`, so a call through __x86_indirect_thunk_* into Rust code
+# (a vtable, a fn pointer) would fault the host.
+if grep -q '__x86_indirect_thunk_' "$OUT/rust_engine.relocs"; then
+    grep '__x86_indirect_thunk_' "$OUT/rust_engine.relocs" | head -5
+    echo "build-engine: FAIL: an indirect call in rust_engine.o (it has no IBT landing pads)" >&2
+    exit 1
+fi
+echo "build-engine: no indirect call (nothing needs an IBT landing pad)"
 echo "build-engine: undefined symbols: $(nm -u "$OUT/rust_engine.o" | awk '{print $2}' | tr '\n' ' ')"
 echo "build-engine: $OUT/rust_engine.o"

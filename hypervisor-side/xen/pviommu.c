@@ -122,8 +122,12 @@ static int __init cf_check parse_pviommu(const char *s)
         {
             unsigned long long q = simple_strtoull(s + 6, &e, 0);
 
-            /* No digits, trailing junk, 0, or more than 16 Mi BFNs. */
-            if ( e == s + 6 || e != ss || !q || q > PVX_MAX_QUOTA )
+            /*
+             * No digits, trailing junk, 0, more than 16 Mi BFNs, or more
+             * digits than any valid value has (simple_strtoull wraps).
+             */
+            if ( e == s + 6 || e != ss || !q || q > PVX_MAX_QUOTA ||
+                 e - (s + 6) > 20 )
                 rc = -EINVAL;
             else
                 opt_pviommu_quota = q;
@@ -382,7 +386,21 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
          * The window covers everything behind the bridge. Its own two BARs
          * are not sized: turning memory decode off on a bridge would cut
          * off every device behind it for a moment, Xen's console included.
+         * A BAR is aligned to its size, so [addr, addr + lowest set bit)
+         * covers it (perhaps more, never less).
          */
+        if ( (pci_conf_read32(sbdf, PCI_BASE_ADDRESS_0) &
+              (PCI_BASE_ADDRESS_SPACE | PCI_BASE_ADDRESS_MEM_TYPE_MASK)) ==
+             PCI_BASE_ADDRESS_MEM_TYPE_64 )
+        {
+            uint64_t addr = (pci_conf_read32(sbdf, PCI_BASE_ADDRESS_0) &
+                             PCI_BASE_ADDRESS_MEM_MASK) |
+                            ((uint64_t)pci_conf_read32(sbdf,
+                                                       PCI_BASE_ADDRESS_1) << 32);
+
+            if ( addr )
+                pvx_add_range(addr, addr & -addr, PVIOMMU_REGION_MMIO);
+        }
         return 0;
     }
     else if ( type == PCI_HEADER_TYPE_NORMAL )

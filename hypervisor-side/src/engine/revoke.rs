@@ -164,7 +164,8 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// The p2m of `domid` changed for gfns `[gfn, gfn + 2^order)` (called
-    /// after the change succeeded, possibly with `domid`'s p2m lock held).
+    /// after the change, possibly with `domid`'s p2m lock held; also after a
+    /// change that failed half-way: revoking only ever removes access).
     /// When nothing maps `domid` and no map of it is in flight this takes no
     /// lock. Otherwise every affected mapping in every driver domain is
     /// revoked, flushed and released before returning; in-flight maps of

@@ -62,6 +62,7 @@
 #define PVIOMMU_CMD_query_caps       1U /* arg: struct pv_iommu_caps          */
 #define PVIOMMU_CMD_batch            2U /* arg: struct pv_iommu_batch         */
 #define PVIOMMU_CMD_reserved_regions 3U /* arg: struct pv_iommu_regions       */
+                                        /* (control domain only)            */
 
 /* Positive return of PVIOMMU_CMD_batch: work budget spent, call again. */
 #define PVIOMMU_BATCH_INCOMPLETE 1
