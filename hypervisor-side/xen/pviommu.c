@@ -95,7 +95,7 @@ static bool __read_mostly pviommu_ready;
 static atomic_t pviommu_teardown_restarts = ATOMIC_INIT(0);
 
 /* ---------------------------------------------------------------- */
-/* Command line: pviommu=[off|on][,quota:<n>][,batch:<n>]            */
+/* Command line: pviommu=[off|on][,quota:<n>][,batch:<n>][,heap:<MiB>] */
 /* ---------------------------------------------------------------- */
 
 /* Upper bound of quota: BFNs per driver domain (the engine's memory per
@@ -105,6 +105,9 @@ static atomic_t pviommu_teardown_restarts = ATOMIC_INIT(0);
 static bool __initdata opt_pviommu = true;
 static uint64_t __initdata opt_pviommu_quota;  /* 0: engine default */
 static uint32_t __initdata opt_pviommu_batch;  /* 0: engine default */
+/* Cap on the engine's heap, MiB: a map that would exceed it gets ENOMEM. */
+#define PVX_DEFAULT_HEAP_MIB 256
+static uint32_t __initdata opt_pviommu_heap_mib = PVX_DEFAULT_HEAP_MIB;
 
 static int __init cf_check parse_pviommu(const char *s)
 {
@@ -131,6 +134,17 @@ static int __init cf_check parse_pviommu(const char *s)
                 rc = -EINVAL;
             else
                 opt_pviommu_quota = q;
+        }
+        else if ( !strncmp(s, "heap:", 5) )
+        {
+            unsigned long long m = simple_strtoull(s + 5, &e, 0);
+
+            /* MiB, 1 .. 64 Gi */
+            if ( e == s + 5 || e != ss || !m || m > (1U << 16) ||
+                 e - (s + 5) > 20 )
+                rc = -EINVAL;
+            else
+                opt_pviommu_heap_mib = m;
         }
         else if ( !strncmp(s, "batch:", 6) )
         {
@@ -538,7 +552,8 @@ static int __init cf_check pviommu_init(void)
 
     pvx_build_regions();
 
-    rc = pviommu_engine_init(opt_pviommu_quota, opt_pviommu_batch);
+    rc = pviommu_engine_init(opt_pviommu_quota, opt_pviommu_batch,
+                             (uint64_t)opt_pviommu_heap_mib << 20);
     if ( rc )
     {
         printk(XENLOG_ERR "pviommu: engine init failed: %d\n", rc);

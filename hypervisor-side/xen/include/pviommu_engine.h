@@ -36,8 +36,11 @@
 
 /* Called once at boot (initcall), before any other entry. 0 or -errno.
  * quota: BFNs per driver domain (0: default); max_batch: largest batch
- * (0: default). Both come from Xen's command line, "pviommu=". */
-int pviommu_engine_init(uint64_t quota, uint32_t max_batch);
+ * (0: default); heap_bytes: the most the engine may ever hold from Xen's
+ * heap, summed over all driver domains (an allocation past it fails, and
+ * the op answers ENOMEM). All come from Xen's command line, "pviommu=". */
+int pviommu_engine_init(uint64_t quota, uint32_t max_batch,
+                        uint64_t heap_bytes);
 
 /*
  * The hypercall body. `caller` is current->domain's id, `arg` the guest

@@ -65,13 +65,25 @@ mod ffi {
 struct XenAlloc;
 
 static HEAP_BYTES: AtomicUsize = AtomicUsize::new(0);
+/// The most the engine may hold at once (`pviommu=heap:MiB`), so that all
+/// driver domains together, device models included, cannot exhaust Xen's
+/// heap through the engine: past it an allocation fails like Xen's own
+/// would, and the engine answers ENOMEM with nothing changed.
+static HEAP_CAP: AtomicUsize = AtomicUsize::new(usize::MAX);
 
 unsafe impl GlobalAlloc for XenAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let size = layout.size();
+        // Reserve the bytes first, so two CPUs cannot both pass the cap.
+        let before = HEAP_BYTES.fetch_add(size, Ordering::Relaxed);
+        if before.saturating_add(size) > HEAP_CAP.load(Ordering::Relaxed) {
+            HEAP_BYTES.fetch_sub(size, Ordering::Relaxed);
+            return core::ptr::null_mut();
+        }
         // SAFETY: _xmalloc honours any power-of-two alignment; NULL on failure.
-        let p = unsafe { ffi::pvx_alloc(layout.size(), layout.align()) };
-        if !p.is_null() {
-            HEAP_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+        let p = unsafe { ffi::pvx_alloc(size, layout.align()) };
+        if p.is_null() {
+            HEAP_BYTES.fetch_sub(size, Ordering::Relaxed);
         }
         p
     }
@@ -294,7 +306,7 @@ fn engine() -> Option<&'static XenEngine> {
 
 /// Create the engine. 0 or -errno. `quota`/`max_batch` of 0 mean default.
 #[no_mangle]
-pub extern "C" fn pviommu_engine_init(quota: u64, max_batch: u32) -> i32 {
+pub extern "C" fn pviommu_engine_init(quota: u64, max_batch: u32, heap_bytes: u64) -> i32 {
     #[cfg(feature = "panic-canary")]
     {
         let mut v = alloc::vec::Vec::new();
@@ -302,6 +314,9 @@ pub extern "C" fn pviommu_engine_init(quota: u64, max_batch: u32) -> i32 {
         core::hint::black_box(&v);
     }
     let mut config = Config::default();
+    if heap_bytes != 0 {
+        HEAP_CAP.store(usize::try_from(heap_bytes).unwrap_or(usize::MAX), Ordering::Relaxed);
+    }
     if quota != 0 {
         config.quota = quota;
     }
