@@ -34,6 +34,8 @@
 #define PVIOMMU_CMD_batch            2u /* arg: struct pv_iommu_batch (in/out) */
 #define PVIOMMU_CMD_reserved_regions 3u /* arg: struct pv_iommu_regions      */
                                         /* (control domain only)           */
+#define PVIOMMU_CMD_set_limits       4u /* arg: struct pv_iommu_limits (in)  */
+                                        /* (control domain only)           */
 
 /* Positive return of PVIOMMU_CMD_batch: work budget spent, call again. */
 #define PVIOMMU_BATCH_INCOMPLETE 1
@@ -135,6 +137,14 @@ struct pv_iommu_regions {
     uint32_t nr;        /* in: capacity of regions[]; out: entries written      */
     uint32_t total;     /* out: number of reserved regions                      */
     uint64_t regions;   /* in: guest address of struct pv_iommu_region[nr]      */
+};
+
+/* ---- Per-domain limits, set by the toolstack ---- */
+struct pv_iommu_limits {
+    uint32_t version;   /* in: PVIOMMU_INTERFACE_VERSION                        */
+    uint16_t domid;     /* in: the driver domain (exists, not dying)            */
+    uint16_t _pad0;     /* in: must be 0                                        */
+    uint64_t quota;     /* in: its BFN quota (0: the boot-time default)         */
 };
 
 /* ---- Errors (negative Xen errno values; one meaning each in this ABI) ---- */

@@ -9,7 +9,8 @@
 //! This crate is `no_std`, allocation-free and shared by both sides:
 //!
 //! * the `#[repr(C)]` wire structures ([`PvIommuCaps`], [`PvIommuBatch`],
-//!   [`PvIommuOp`], [`PvIommuRegions`], [`PvIommuRegion`]), laid out exactly as
+//!   [`PvIommuOp`], [`PvIommuRegions`], [`PvIommuRegion`], [`PvIommuLimits`]),
+//!   laid out exactly as
 //!   `include/pviommu.h` (checked at compile time here and by a C test);
 //! * typed frame numbers and domain ids ([`Gfn`], [`Bfn`], [`DomId`],
 //!   [`ContextId`]);
@@ -50,6 +51,9 @@ pub mod cmd {
     pub const BATCH: u32 = 2;
     /// Copy out reserved regions through a [`PvIommuRegions`](crate::PvIommuRegions).
     pub const RESERVED_REGIONS: u32 = 3;
+    /// The toolstack sets a driver domain's quota through a
+    /// [`PvIommuLimits`](crate::PvIommuLimits) (control domain only).
+    pub const SET_LIMITS: u32 = 4;
 }
 
 /// Positive return value of a batch whose work budget ran out: call again.
@@ -241,6 +245,23 @@ pub struct PvIommuRegion {
     pub _pad0: u32,
 }
 
+/// `struct pv_iommu_limits`: the argument of [`cmd::SET_LIMITS`].
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct PvIommuLimits {
+    /// Must be [`INTERFACE_VERSION`]'s major.
+    pub version: u32,
+    /// The driver domain whose limits are set.
+    pub domid: u16,
+    /// Must be zero.
+    pub _pad0: u16,
+    /// Its BFN quota; 0 returns it to the boot-time default.
+    pub quota: u64,
+}
+
 /// `struct pv_iommu_regions`: the argument of [`cmd::RESERVED_REGIONS`].
 #[repr(C)]
 #[derive(
@@ -287,6 +308,9 @@ const _: () = {
     assert!(offset_of!(PvIommuBatch, ops) == 16);
     assert!(size_of::<PvIommuRegion>() == 24);
     assert!(offset_of!(PvIommuRegion, kind) == 16);
+    assert!(size_of::<PvIommuLimits>() == 16);
+    assert!(offset_of!(PvIommuLimits, domid) == 4);
+    assert!(offset_of!(PvIommuLimits, quota) == 8);
     assert!(size_of::<PvIommuRegions>() == 24);
     assert!(offset_of!(PvIommuRegions, total) == 12);
     assert!(offset_of!(PvIommuRegions, regions) == 16);
@@ -445,6 +469,27 @@ pub const LAYOUT: &[(&str, &str, usize)] = &[
         "pv_iommu_region",
         "_pad0",
         core::mem::offset_of!(PvIommuRegion, _pad0),
+    ),
+    ("pv_iommu_limits", "", core::mem::size_of::<PvIommuLimits>()),
+    (
+        "pv_iommu_limits",
+        "version",
+        core::mem::offset_of!(PvIommuLimits, version),
+    ),
+    (
+        "pv_iommu_limits",
+        "domid",
+        core::mem::offset_of!(PvIommuLimits, domid),
+    ),
+    (
+        "pv_iommu_limits",
+        "_pad0",
+        core::mem::offset_of!(PvIommuLimits, _pad0),
+    ),
+    (
+        "pv_iommu_limits",
+        "quota",
+        core::mem::offset_of!(PvIommuLimits, quota),
     ),
     (
         "pv_iommu_regions",

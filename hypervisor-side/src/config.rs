@@ -2,6 +2,10 @@
 
 /// Live mappings a driver domain may hold unless configured otherwise.
 pub const DEFAULT_QUOTA: u64 = 65_536;
+/// The most BFNs any one driver domain may be given (boot default or a
+/// toolstack setting): bounds the engine's memory per driver domain
+/// (about 100 bytes per BFN).
+pub const MAX_QUOTA: u64 = 1 << 24;
 /// Largest batch accepted in one call, unless configured otherwise.
 pub const MAX_BATCH_OPS: u32 = 1024;
 /// The most a boot-time setting may raise the batch size to. Batches are

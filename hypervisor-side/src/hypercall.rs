@@ -13,8 +13,8 @@
 //! under the lock, and copied out.
 
 use pviommu_abi::{
-    cmd, feature, version_major, PvIommuBatch, PvIommuCaps, PvIommuOp, PvIommuRegion,
-    PvIommuRegions, Request, BATCH_INCOMPLETE, INTERFACE_VERSION,
+    cmd, feature, version_major, PvIommuBatch, PvIommuCaps, PvIommuLimits, PvIommuOp,
+    PvIommuRegion, PvIommuRegions, Request, BATCH_INCOMPLETE, INTERFACE_VERSION,
 };
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -60,6 +60,7 @@ impl<L: RawMutex> Engine<L> {
                 cmd::RESERVED_REGIONS => {
                     may_read_regions(ci).and_then(|()| self.reserved_regions(h, caller, arg))
                 }
+                cmd::SET_LIMITS => self.set_limits(h, caller, ci, arg),
                 _ => Err(Errno::OpNotSupp),
             },
         };
@@ -143,6 +144,33 @@ impl<L: RawMutex> Engine<L> {
         hdr.nr = written;
         hdr.total = total;
         h.copy_to_guest(arg, hdr.as_bytes())?;
+        Ok(0)
+    }
+
+    /// `SET_LIMITS`: the toolstack (the control domain) sets a driver
+    /// domain's quota.
+    fn set_limits(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        ci: &DomainInfo,
+        arg: u64,
+    ) -> Result<i64, Errno> {
+        if !ci.control {
+            return Err(Errno::Perm);
+        }
+        let req: PvIommuLimits = copy_in(h, arg)?;
+        check_version(req.version)?;
+        let domid = DomId(req.domid);
+        if req._pad0 != 0 || !domid.is_valid() {
+            return Err(Errno::Inval);
+        }
+        match h.domain_info(domid) {
+            Some(d) if !d.dying => {}
+            _ => return Err(Errno::Srch),
+        }
+        h.xsm_check(caller, Some(domid), XsmAction::Manage)?;
+        self.set_quota(domid, (req.quota != 0).then_some(req.quota))?;
         Ok(0)
     }
 

@@ -67,6 +67,9 @@ static void __init pviommu_build_checks(void)
     BUILD_BUG_ON(sizeof(struct pv_iommu_region) != 24);
     BUILD_BUG_ON(offsetof(struct pv_iommu_region, kind) != 16);
     BUILD_BUG_ON(sizeof(struct pv_iommu_regions) != 24);
+    BUILD_BUG_ON(sizeof(struct pv_iommu_limits) != 16);
+    BUILD_BUG_ON(offsetof(struct pv_iommu_limits, domid) != 4);
+    BUILD_BUG_ON(offsetof(struct pv_iommu_limits, quota) != 8);
     BUILD_BUG_ON(offsetof(struct pv_iommu_regions, regions) != 16);
 
     BUILD_BUG_ON(PVIOMMU_ENGINE_PREEMPTED != PVIOMMU_BATCH_INCOMPLETE);

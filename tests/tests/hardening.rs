@@ -596,3 +596,44 @@ fn d13_device_model_learns_nothing_about_other_domains_or_the_host_map() {
             > 0
     );
 }
+
+/// Defect 14, per domain: the toolstack (the control domain) sets a driver
+/// domain's quota; nobody else can; bad requests change nothing.
+#[test]
+fn d14_toolstack_sets_a_device_models_quota() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    m.guest_set_limits(&e, DomId::DOM0, DEVICE_MODEL, 2)
+        .unwrap();
+    assert_eq!(m.guest_query_caps(&e, DEVICE_MODEL).unwrap().quota, 2);
+    for g in 0..2 {
+        map_one(&mut m, &e, DEVICE_MODEL, GUEST, g, Permissions::RO).unwrap();
+    }
+    assert_eq!(
+        map_one(&mut m, &e, DEVICE_MODEL, GUEST, 5, Permissions::RO),
+        Err(-28)
+    );
+    // dom0 keeps the boot default.
+    assert!(map_one(&mut m, &e, DomId::DOM0, GUEST, 5, Permissions::RO).is_ok());
+    // Only the control domain sets limits; unknown domains, absurd quotas.
+    assert_eq!(
+        m.guest_set_limits(&e, DEVICE_MODEL, DEVICE_MODEL, 1 << 20),
+        Err(Errno::Perm)
+    );
+    assert_eq!(
+        m.guest_set_limits(&e, STRANGER, DEVICE_MODEL, 1 << 20),
+        Err(Errno::Perm)
+    );
+    assert_eq!(
+        m.guest_set_limits(&e, DomId::DOM0, DomId(77), 10),
+        Err(Errno::Srch)
+    );
+    assert_eq!(
+        m.guest_set_limits(&e, DomId::DOM0, DEVICE_MODEL, u64::MAX),
+        Err(Errno::Inval)
+    );
+    assert_eq!(m.guest_query_caps(&e, DEVICE_MODEL).unwrap().quota, 2);
+    // Back to the default.
+    m.guest_set_limits(&e, DomId::DOM0, DEVICE_MODEL, 0)
+        .unwrap();
+    assert!(map_one(&mut m, &e, DEVICE_MODEL, GUEST, 5, Permissions::RO).is_ok());
+}

@@ -77,6 +77,14 @@ o=$(run $H hc raw 1 1 $D $G0 0 1 0); if errno_is "$o" -22; then ok nonzero_paddi
 o=$(run $H hc raw 1 1 $D $G0 0 0 1); if errno_is "$o" -22; then ok nonzero_reserved_einval; else ko nonzero_reserved_einval "$o"; fi
 o=$(run $H hc map 4000 $G0 1); if errno_is "$o" -3; then ok unknown_domid_esrch; else ko unknown_domid_esrch "$o"; fi
 o=$(run $H hc cmd 99); if errno_is "$o" -95; then ok unknown_cmd_eopnotsupp; else ko unknown_cmd_eopnotsupp "$o"; fi
+# 4a) the toolstack sets a driver domain's quota (here dom0's own, to 1 while
+# it holds one BFN): the next map is refused with ENOSPC; back to the default,
+# it maps again.
+o=$(run $H hc limits 0 1); m1=$(run $H hc map $D $G2 1)
+o2=$(run $H hc limits 0 0); m2=$(run $H hc map $D $G2 1)
+if [ "$(field "$o" rc)" = 0 ] && errno_is "$m1" -28 && [ "$(field "$o2" rc)" = 0 ] && succeeded "$m2"; then
+    ok toolstack_quota; else ko toolstack_quota "$o / $m1 / $o2 / $m2"; fi
+run $H hc unmap "$(field "$m2" bfn)" >/dev/null
 
 # 5) destroying the foreign domain revokes its BFNs and frees it
 o=$(run $H hc map $D $G2 3); B2=$(field "$o" bfn); A2=$(printf '0x%x' $((B2 << 12)))

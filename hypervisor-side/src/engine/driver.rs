@@ -139,6 +139,9 @@ pub struct DriverDomain {
     pub(crate) stuck: u64,
     /// IOTLB invalidations not yet flushed.
     pub(crate) gather: FlushGather,
+    /// The toolstack's quota for this domain (`SET_LIMITS`); `None`: the
+    /// boot-time default.
+    pub(crate) quota: Option<u64>,
 }
 
 impl DriverDomain {
@@ -158,6 +161,7 @@ impl DriverDomain {
             revoked: 0,
             stuck: 0,
             gather: FlushGather::default(),
+            quota: None,
         }
     }
 
@@ -180,6 +184,10 @@ impl DriverDomain {
     /// BFNs in use (counted against the quota): every slot not free.
     pub fn used(&self) -> u64 {
         self.slots.len() as u64 - self.free
+    }
+    /// The quota the toolstack set, if any.
+    pub fn quota(&self) -> Option<u64> {
+        self.quota
     }
     /// Whether context `ctx` exists.
     pub fn has_context(&self, ctx: ContextId) -> bool {

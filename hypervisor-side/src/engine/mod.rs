@@ -519,8 +519,12 @@ impl<L: RawMutex> Engine<L> {
         mfn: Mfn,
     ) -> Result<Prepared, Errno> {
         let seed = st.seed;
-        let quota = st.config.quota;
         let pos = st.driver_pos_or_create(caller)?;
+        let quota = st
+            .drivers
+            .get(pos)
+            .and_then(|d| d.quota)
+            .unwrap_or(st.config.quota);
         let key = map_key(req, mfn);
         {
             let dd = st.drivers.get_mut(pos).ok_or(Errno::Inval)?;
@@ -731,10 +735,31 @@ impl<L: RawMutex> Engine<L> {
         let st = self.state.lock();
         let d = st.driver(caller);
         (
-            st.config.quota,
+            d.and_then(|d| d.quota).unwrap_or(st.config.quota),
             d.map_or(0, |d| d.used()),
             d.map_or(0, |d| d.revoked()),
         )
+    }
+
+    /// The toolstack sets `domid`'s BFN quota (`None`: back to the boot
+    /// default). Lowering it below what the domain holds refuses its new
+    /// maps until it is back under; nothing is revoked. The caller has been
+    /// checked to be the control domain.
+    pub fn set_quota(&self, domid: DomId, quota: Option<u64>) -> Result<(), Errno> {
+        if quota.is_some_and(|q| q > crate::config::MAX_QUOTA) {
+            return Err(Errno::Inval);
+        }
+        let mut st = self.state.lock();
+        let pos = match (st.driver_pos(domid), quota) {
+            (Some(p), _) => p,
+            // Nothing to reset on a domain that never mapped.
+            (None, None) => return Ok(()),
+            (None, Some(_)) => st.driver_pos_or_create(domid)?,
+        };
+        if let Some(dd) = st.drivers.get_mut(pos) {
+            dd.quota = quota;
+        }
+        Ok(())
     }
 
     /// Create a context for `caller`.

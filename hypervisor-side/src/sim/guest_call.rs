@@ -3,7 +3,8 @@
 //! copies them in and out through the platform's guest-copy functions.
 
 use pviommu_abi::{
-    cmd, PvIommuBatch, PvIommuCaps, PvIommuOp, PvIommuRegion, PvIommuRegions, INTERFACE_VERSION,
+    cmd, PvIommuBatch, PvIommuCaps, PvIommuLimits, PvIommuOp, PvIommuRegion, PvIommuRegions,
+    INTERFACE_VERSION,
 };
 use zerocopy::{FromZeros, IntoBytes};
 
@@ -95,6 +96,28 @@ impl SimMachine {
                 1 => continue,
                 e => return Err(Errno::from_code(e as i32).unwrap_or(Errno::Inval)),
             }
+        }
+    }
+
+    /// Set `domid`'s quota as `caller` (the toolstack: `SET_LIMITS`).
+    pub fn guest_set_limits(
+        &mut self,
+        engine: &Engine,
+        caller: DomId,
+        domid: DomId,
+        quota: u64,
+    ) -> Result<(), Errno> {
+        let base = self.scratch_addr(caller)?;
+        let req = PvIommuLimits {
+            version: INTERFACE_VERSION,
+            domid: domid.0,
+            _pad0: 0,
+            quota,
+        };
+        self.write_scratch(caller, base, req.as_bytes())?;
+        match self.hypercall(engine, caller, cmd::SET_LIMITS, base) {
+            0 => Ok(()),
+            e => Err(Errno::from_code(e as i32).unwrap_or(Errno::Inval)),
         }
     }
 

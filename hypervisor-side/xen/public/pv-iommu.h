@@ -63,6 +63,8 @@
 #define PVIOMMU_CMD_batch            2U /* arg: struct pv_iommu_batch         */
 #define PVIOMMU_CMD_reserved_regions 3U /* arg: struct pv_iommu_regions       */
                                         /* (control domain only)            */
+#define PVIOMMU_CMD_set_limits       4U /* arg: struct pv_iommu_limits        */
+                                        /* (control domain only)            */
 
 /* Positive return of PVIOMMU_CMD_batch: work budget spent, call again. */
 #define PVIOMMU_BATCH_INCOMPLETE 1
@@ -176,6 +178,16 @@ struct pv_iommu_regions {
 };
 typedef struct pv_iommu_regions pv_iommu_regions_t;
 DEFINE_XEN_GUEST_HANDLE(pv_iommu_regions_t);
+
+/* ---- PVIOMMU_CMD_set_limits: the toolstack's per-domain quota ---- */
+struct pv_iommu_limits {
+    uint32_t version;       /* IN: PVIOMMU_INTERFACE_VERSION                 */
+    domid_t  domid;         /* IN: the driver domain (exists, not dying)     */
+    uint16_t _pad0;         /* IN: must be 0                                 */
+    uint64_aligned_t quota; /* IN: its BFN quota; 0: the boot-time default   */
+};
+typedef struct pv_iommu_limits pv_iommu_limits_t;
+DEFINE_XEN_GUEST_HANDLE(pv_iommu_limits_t);
 
 /*
  * Errors (negative; one meaning each):
