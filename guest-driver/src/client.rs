@@ -353,6 +353,14 @@ impl<T: Transport> Client<T> {
         }
     }
 
+    /// The toolstack sets `domid`'s BFN quota (0: the boot default). Only
+    /// the control domain may.
+    pub fn set_limits(&mut self, domid: DomId, quota: u64) -> Result<(), Error> {
+        self.transport.set_limits(domid, quota)?;
+        self.stats.hypercalls += 1;
+        Ok(())
+    }
+
     /// Create an IOMMU context.
     pub fn context_create(&mut self) -> Result<ContextId, Error> {
         let mut ops = [Request::ContextCreate.encode()];

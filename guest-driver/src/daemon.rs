@@ -379,10 +379,19 @@ fn execute(m: &mut SimMachine, e: &mut Engine, req: Request) -> Response {
             if !m.has_domain(d) {
                 return errno_error(&format!("destroy d{domid}"), pviommu_abi::Errno::Srch);
             }
-            m.destroy_domain(d);
-            e.domain_dying(m, d);
+            // As Xen's domain_kill: dying first, the engine's restartable
+            // teardown, then the memory goes.
+            m.kill_domain(e, d);
             Response::Done
         }
+        Request::SetLimits {
+            caller,
+            domid,
+            quota,
+        } => match m.guest_set_limits(e, DomId(caller), DomId(domid), quota) {
+            Ok(()) => Response::Done,
+            Err(err) => errno_error(&format!("set_limits d{domid}"), err),
+        },
         Request::Stats => Response::Stats(Stats {
             total_page_refs: m.total_page_refs(),
             free_frames: m.free_frames() as u64,

@@ -268,3 +268,29 @@ fn revocations_reach_the_client_which_forgets_and_acknowledges_them() {
     assert_eq!(c.stats().revocations, 2);
     assert_eq!(c.refresh_caps().unwrap().used, 0);
 }
+
+#[test]
+fn the_toolstack_sets_a_domains_quota() {
+    let s = sim(16, Config::default());
+    let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
+    c.set_limits(DomId::DOM0, 2).unwrap();
+    assert_eq!(c.refresh_caps().unwrap().quota, 2);
+    rw(&mut c, &[Gfn(1), Gfn(2)]);
+    let third = c.map_foreign(
+        GUEST,
+        &[Gfn(3)],
+        Permissions::RW,
+        MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    );
+    assert!(matches!(
+        third[0],
+        Err(pviommu_guest::Error::Hypervisor {
+            errno: Errno::NoSpc,
+            ..
+        })
+    ));
+    assert!(c.set_limits(DomId(77), 2).is_err());
+    c.set_limits(DomId::DOM0, 0).unwrap();
+    assert_eq!(c.refresh_caps().unwrap().quota, Config::default().quota);
+}

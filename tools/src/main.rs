@@ -99,6 +99,16 @@ enum Command {
     },
     /// The reserved BFN regions.
     Regions,
+    /// Set a driver domain's BFN quota (the toolstack's call; control
+    /// domain only). 0 returns it to the boot-time default.
+    Limits {
+        /// The driver domain.
+        #[arg(long)]
+        domid: u16,
+        /// Its quota of BFNs.
+        #[arg(long)]
+        quota: u64,
+    },
     /// Receive pending revocations (BFNs the hypervisor revoked because the
     /// page left its domain or the domain died) and acknowledge them, which
     /// releases the BFNs.
@@ -356,6 +366,15 @@ fn run(cli: Cli) -> Result<(), String> {
                     .collect::<Vec<_>>()
                     .join("\n")
             });
+        }
+        Command::Limits { domid, quota } => {
+            c.set_limits(pviommu_abi::DomId(*domid), *quota)
+                .map_err(|e| e.to_string())?;
+            emit(
+                cli.json,
+                &serde_json::json!({ "domid": domid, "quota": quota }),
+                || format!("d{domid}: quota {quota}"),
+            );
         }
         Command::Revocations => {
             let revs = c.drain_revocations().map_err(|e| e.to_string())?;

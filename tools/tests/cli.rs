@@ -33,6 +33,14 @@ fn map_lookup_round_trip_on_the_embedded_simulator() {
 }
 
 #[test]
+fn the_toolstack_sets_a_quota() {
+    let (ok, out, err) = pviommu(&["limits", "--domid", "1", "--quota", "5", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["quota"], 5);
+}
+
+#[test]
 fn bad_input_fails_with_one_line_reason() {
     for (args, needle) in [
         (
@@ -53,6 +61,11 @@ fn bad_input_fails_with_one_line_reason() {
             "EPERM",
         ),
         (&["unmap", "--bfn", "0x100000"][..], "ENOENT"),
+        (&["limits", "--domid", "77", "--quota", "5"][..], "ESRCH"),
+        (
+            &["limits", "--domid", "1", "--quota", "99999999999"][..],
+            "EINVAL",
+        ),
         (&["lookup", "--bfn", "0x100000"][..], "ENOENT"),
         (
             &[

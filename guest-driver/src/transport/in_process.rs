@@ -121,6 +121,12 @@ impl Transport for InProcess {
             total,
         ))
     }
+    fn set_limits(&mut self, domid: DomId, quota: u64) -> Result<(), Error> {
+        let mut g = self.sim.lock();
+        let (m, e) = &mut *g;
+        m.guest_set_limits(e, self.caller, domid, quota)
+            .map_err(|e| hv_err("set_limits", e))
+    }
     fn in_process(&mut self) -> Option<&mut InProcess> {
         Some(self)
     }

@@ -4,7 +4,7 @@
 //! `pviommu sim serve` daemon, so several processes share one simulated
 //! machine).
 
-use pviommu_abi::{PvIommuCaps, PvIommuOp, PvIommuRegion};
+use pviommu_abi::{DomId, PvIommuCaps, PvIommuOp, PvIommuRegion};
 
 use crate::Error;
 
@@ -13,7 +13,7 @@ pub mod in_process;
 pub mod privcmd;
 pub mod remote;
 
-/// The three hypercall commands, carried by some mechanism.
+/// The hypercall commands, carried by some mechanism.
 pub trait Transport: Send {
     /// A short name for messages ("privcmd", "sim", "remote").
     fn name(&self) -> &'static str;
@@ -35,6 +35,10 @@ pub trait Transport: Send {
         start: u32,
         max: u32,
     ) -> Result<(Vec<PvIommuRegion>, u32), Error>;
+
+    /// `PVIOMMU_CMD_set_limits`: the toolstack sets `domid`'s BFN quota
+    /// (0: the boot default). Only the control domain may.
+    fn set_limits(&mut self, domid: DomId, quota: u64) -> Result<(), Error>;
 
     /// The simulated machine, when this transport is the in-process one.
     #[cfg(feature = "sim")]
@@ -59,6 +63,9 @@ impl Transport for Box<dyn Transport> {
         max: u32,
     ) -> Result<(Vec<PvIommuRegion>, u32), Error> {
         (**self).reserved_regions(start, max)
+    }
+    fn set_limits(&mut self, domid: DomId, quota: u64) -> Result<(), Error> {
+        (**self).set_limits(domid, quota)
     }
     #[cfg(feature = "sim")]
     fn in_process(&mut self) -> Option<&mut in_process::InProcess> {

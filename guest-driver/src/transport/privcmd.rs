@@ -11,7 +11,7 @@ use std::path::Path;
 use std::ptr::NonNull;
 
 use pviommu_abi::{
-    cmd, PvIommuBatch, PvIommuCaps, PvIommuOp, PvIommuRegion, PvIommuRegions,
+    cmd, DomId, PvIommuBatch, PvIommuCaps, PvIommuLimits, PvIommuOp, PvIommuRegion, PvIommuRegions,
     HYPERVISOR_PV_IOMMU_OP, INTERFACE_VERSION,
 };
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
@@ -264,6 +264,21 @@ impl Transport for Privcmd {
             })
             .collect();
         Ok((regions, out.total))
+    }
+
+    fn set_limits(&mut self, domid: DomId, quota: u64) -> Result<(), Error> {
+        let req = PvIommuLimits {
+            version: INTERFACE_VERSION,
+            domid: domid.0,
+            _pad0: 0,
+            quota,
+        };
+        let arg = self.buf.addr(0);
+        self.buf.bytes()[..std::mem::size_of::<PvIommuLimits>()].copy_from_slice(req.as_bytes());
+        match self.hypercall(cmd::SET_LIMITS, arg)? {
+            0 => Ok(()),
+            ret => Err(Error::from_return(format!("set_limits d{}", domid.0), ret)),
+        }
     }
 }
 

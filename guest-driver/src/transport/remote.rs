@@ -114,6 +114,15 @@ pub mod wire {
         },
         /// Simulator admin: counters of the machine.
         Stats,
+        /// `PVIOMMU_CMD_set_limits` as domain `caller`.
+        SetLimits {
+            /// Calling domain (the control domain, or refused).
+            caller: u16,
+            /// The driver domain whose quota is set.
+            domid: u16,
+            /// Its BFN quota (0: the boot default).
+            quota: u64,
+        },
     }
 
     /// What the daemon announces in [`Response::Welcome`].
@@ -523,6 +532,17 @@ impl Transport for Remote {
                 regions.len()
             ))),
             other => Err(unexpected("regions", other)),
+        }
+    }
+
+    fn set_limits(&mut self, domid: DomId, quota: u64) -> Result<(), Error> {
+        match self.call(&Request::SetLimits {
+            caller: self.caller.0,
+            domid: domid.0,
+            quota,
+        })? {
+            Response::Done => Ok(()),
+            other => Err(unexpected("set_limits", other)),
         }
     }
 }
