@@ -85,6 +85,11 @@ o2=$(run $H hc limits 0 0); m2=$(run $H hc map $D $G2 1)
 if [ "$(field "$o" rc)" = 0 ] && errno_is "$m1" -28 && [ "$(field "$o2" rc)" = 0 ] && succeeded "$m2"; then
     ok toolstack_quota; else ko toolstack_quota "$o / $m1 / $o2 / $m2"; fi
 run $H hc unmap "$(field "$m2" bfn)" >/dev/null
+# ... and through the project's tool (privcmd transport): a bad domain is a
+# one-line ESRCH, a good call succeeds.
+o=$(run pviommu --backend xen limits --domid 4000 --quota 5); b=$?
+o2=$(run pviommu --backend xen limits --domid 0 --quota 0 --json); g=$?
+if [ $b != 0 ] && echo "$o" | grep -q ESRCH && [ $g = 0 ]; then ok cli_limits; else ko cli_limits "$o / $o2"; fi
 
 # 5) destroying the foreign domain revokes its BFNs and frees it
 o=$(run $H hc map $D $G2 3); B2=$(field "$o" bfn); A2=$(printf '0x%x' $((B2 << 12)))
