@@ -1,14 +1,17 @@
 //! The PV-IOMMU hypervisor-side engine.
 //!
-//! `no_std` + `alloc`, no floating point, no panics on any guest input: every
-//! failure is a `Result` carrying an ABI [`Errno`]. What the hypervisor
+//! `no_std` + `alloc`, no floating point, no reachable panic at all (the Xen
+//! object's build proves it): every failure is a `Result` carrying an ABI
+//! [`Errno`], every allocation is fallible. What the hypervisor
 //! provides comes in through two traits, so the same code runs inside Xen
 //! (`xen/engine-staticlib` over `xen/pviommu.c`) and on the embedded simulated
 //! machine ([`sim`], feature `sim`).
 //!
 //! Where to look:
-//! * a hypercall enters at [`hypercall::Engine::hypercall`] (copy in, validate,
-//!   act, copy out, continuation);
+//! * a hypercall enters at [`engine::Engine::hypercall`], in [`hypercall`]
+//!   (copy in, validate, act, copy out, continuation);
+//! * the gfn and domain-death hooks enter at
+//!   [`engine::Engine::gfn_changed`] and [`engine::Engine::domain_teardown`];
 //! * permission is decided in [`permission`];
 //! * page-table entries are written in [`pgtable`] (formats in
 //!   [`pgtable::vtd`] and [`pgtable::lpae`], the walker in [`pgtable::IoPageTable`]);

@@ -477,7 +477,7 @@ impl SimMachine {
     }
 
     /// Remove `gfn` from the domain's p2m (ballooning out). The engine must
-    /// be told through [`crate::Engine::gfn_removed`]; see [`Self::remove_gfn_and_revoke`].
+    /// be told through [`crate::engine::Engine::gfn_removed`]; [`Self::balloon_out`] does both, in Xen's order.
     pub fn remove_gfn(&mut self, domid: DomId, gfn: Gfn) -> Option<()> {
         let d = self.domains.get_mut(&domid)?;
         if let Some(P2mEntry::Ram { mfn, .. }) = d.p2m.remove(&gfn) {
