@@ -1,9 +1,14 @@
-//! Batched map + unmap per 4 KiB page, VT-d format, batches of 512, on the
+//! Batched map + unmap per 4 KiB page, VT-d format, batches of 64/512/1024, on the
 //! simulated machine. Two paths side by side in one run:
 //! * `hypercall`: the full entry point — batch header and op array copied in
 //!   from and out to the caller's (simulated) memory, parse, permission,
 //!   BFN allocation, page-table writes, one IOTLB flush per batch;
-//! * `engine`: the same engine calls without the guest copies.
+//! * `engine`: the same engine calls without the guest copies;
+//! * `floor-pte-store`: the same VT-d entries written and cleared through
+//!   the page-table walker in plain memory, nothing else.
+//!
+//! `engine at scale` runs the engine path with 1 Ki, 64 Ki and 1 Mi
+//! mappings already live, and the gfn hook for an unmapped gfn.
 //!
 //! Throughput is reported per page (criterion's "elements").
 
@@ -12,8 +17,9 @@ use pviommu_abi::{
     Bfn, ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions, PvIommuOp, Request,
 };
 use pviommu_hv::config::Config;
+use pviommu_hv::pgtable::{vtd::Vtd, IoPageTable, TableMemory};
 use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
-use pviommu_hv::Engine;
+use pviommu_hv::{Engine, Errno, Mfn};
 
 const GUEST: DomId = DomId(1);
 
@@ -45,7 +51,7 @@ fn map_req(g: u64) -> MapRequest {
 
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("map+unmap per page (VT-d)");
-    for batch in [64u64, 512] {
+    for batch in [64u64, 512, 1024] {
         group.throughput(Throughput::Elements(batch));
         // Gfns 1..: not 2 MiB aligned in machine frames, so no superpage
         // folding; the common case for scattered guest buffers.
@@ -96,5 +102,139 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// The floor: the same VT-d entries written and cleared straight through
+/// the page-table walker, in plain host memory, with nothing else.
+struct FlatTables {
+    frames: Vec<[u64; 512]>,
+    counts: Vec<u16>,
+    free: Vec<u64>,
+}
+
+impl TableMemory for FlatTables {
+    fn alloc_table(&mut self) -> Result<Mfn, Errno> {
+        if let Some(f) = self.free.pop() {
+            self.frames[f as usize] = [0; 512];
+            self.counts[f as usize] = 0;
+            return Ok(Mfn(f));
+        }
+        self.frames.push([0; 512]);
+        self.counts.push(0);
+        Ok(Mfn(self.frames.len() as u64 - 1))
+    }
+    fn free_table(&mut self, t: Mfn) {
+        self.free.push(t.0);
+    }
+    fn read_entry(&self, t: Mfn, i: usize) -> u64 {
+        self.frames[t.0 as usize][i]
+    }
+    fn write_entry(&mut self, t: Mfn, i: usize, raw: u64) {
+        self.frames[t.0 as usize][i] = raw;
+    }
+    fn present_count(&self, t: Mfn) -> u16 {
+        self.counts[t.0 as usize]
+    }
+    fn set_present_count(&mut self, t: Mfn, c: u16) {
+        self.counts[t.0 as usize] = c;
+    }
+}
+
+fn floor(c: &mut Criterion) {
+    let mut group = c.benchmark_group("map+unmap per page (VT-d)");
+    for batch in [64u64, 512, 1024] {
+        group.throughput(Throughput::Elements(batch));
+        let mut mem = FlatTables {
+            frames: Vec::new(),
+            counts: Vec::new(),
+            free: Vec::new(),
+        };
+        let mut t = IoPageTable::<Vtd>::new(&mut mem).unwrap();
+        // Same BFNs as the engine hands out (window start), scattered mfns.
+        let base = 0x10_0000u64;
+        group.bench_with_input(
+            BenchmarkId::new("floor-pte-store", batch),
+            &batch,
+            |b, _| {
+                b.iter(|| {
+                    for i in 0..batch {
+                        t.map(
+                            &mut mem,
+                            Bfn(base + i),
+                            Mfn(7 + 3 * i),
+                            Permissions::RW,
+                            MemAttr::WriteBack,
+                        )
+                        .unwrap();
+                    }
+                    for i in 0..batch {
+                        t.unmap(&mut mem, Bfn(base + i)).unwrap();
+                    }
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+/// The engine path with many mappings already live: per-page cost should
+/// not depend on how many there are. Also the gfn hook for a gfn nobody
+/// mapped, of a target that has mappings (the ballooning case).
+fn scale(c: &mut Criterion) {
+    let mut group = c.benchmark_group("engine at scale (VT-d, batch 512)");
+    group.sample_size(20);
+    let batch = 512u64;
+    for live in [1u64 << 10, 1 << 16, 1 << 20] {
+        let pages = live + batch + 8;
+        let mut m = SimMachine::new(pages + 4096, Format::Vtd, 64);
+        m.create_domain(
+            GUEST,
+            DomainSpec {
+                pages,
+                privileged: false,
+                device_model_of: None,
+            },
+        )
+        .unwrap();
+        let cfg = Config {
+            quota: 2 << 20,
+            ..Config::default()
+        };
+        let e = Engine::new(cfg, &m).unwrap();
+        let dom0 = {
+            use pviommu_hv::platform::Platform;
+            m.domain_info(DomId::DOM0).unwrap()
+        };
+        for g in 0..live {
+            e.map(&mut m, DomId::DOM0, &dom0, &map_req(batch + 8 + g))
+                .unwrap();
+        }
+        e.finish(&mut m, DomId::DOM0);
+        let reqs: Vec<MapRequest> = (1..=batch).map(map_req).collect();
+        let mut bfns = Vec::with_capacity(batch as usize);
+        group.throughput(Throughput::Elements(batch));
+        group.bench_with_input(BenchmarkId::new("map+unmap, live", live), &live, |b, _| {
+            b.iter(|| {
+                bfns.clear();
+                for r in &reqs {
+                    bfns.push(e.map(&mut m, DomId::DOM0, &dom0, r).unwrap());
+                }
+                e.finish(&mut m, DomId::DOM0);
+                for bfn in &bfns {
+                    e.unmap(&mut m, DomId::DOM0, ContextId::DEFAULT, *bfn)
+                        .unwrap();
+                }
+                e.finish(&mut m, DomId::DOM0);
+            })
+        });
+        // gfn 0 is never mapped; the target has `live` mappings.
+        group.throughput(Throughput::Elements(1));
+        group.bench_with_input(
+            BenchmarkId::new("gfn hook, unmapped gfn, live", live),
+            &live,
+            |b, _| b.iter(|| e.gfn_removed(&mut m, GUEST, Gfn(0))),
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, floor, scale);
 criterion_main!(benches);
