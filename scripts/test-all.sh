@@ -37,4 +37,7 @@ echo "build-engine.sh refuses a reachable panic (canary rejected)"
 if [[ -x tests/xen-qemu/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
   step "Xen 4.17 in QEMU"
   tests/xen-qemu/run.sh
+
+  step "Xen 4.17 with XSM/FLASK: the pv_iommu class in the built-in policy"
+  hypervisor-side/xen/build-xen-flask.sh
 fi
