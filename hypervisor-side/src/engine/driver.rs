@@ -36,8 +36,9 @@ pub struct Mapping {
     pub gfn: Gfn,
     /// Machine frame (never leaves the hypervisor side).
     pub mfn: Mfn,
-    /// Next live mapping of the same (domid, gfn), in any driver domain:
-    /// a packed [`Link`]; threads the engine's target index.
+    /// Next live mapping of the same (domid, gfn), in any driver domain (a
+    /// packed `Link`: threads the engine's target index); once the mapping
+    /// is Unmapping or Stuck, the next slot of that list instead.
     pub(crate) next_same_page: u64,
     /// Map requests not yet unmapped.
     pub refs: u32,
@@ -90,23 +91,22 @@ pub enum Slot {
     /// Mapped in the IOMMU and current.
     Live(Mapping),
     /// Unmapped in the IOMMU, waiting for the flush that makes the device
-    /// forget it; the page is still referenced.
+    /// forget it; the page is still referenced. The unmapping list is
+    /// threaded through `mapping.next_same_page` (free once a mapping has
+    /// left the target index), which keeps a slot at 48 bytes.
     Unmapping {
         /// The former mapping.
         mapping: Mapping,
         /// Becomes Revoked (true) or Free (false) after the flush.
         then_revoked: bool,
-        /// Next in the unmapping list.
-        next: u64,
     },
     /// Being revoked, but the IOMMU refused the unmap (e.g. a superpage
     /// split without memory): the entry may still be live, so the page stays
-    /// referenced and the BFN poisoned; retried at every flush.
+    /// referenced and the BFN poisoned; retried at every flush. The stuck
+    /// list is threaded through `mapping.next_same_page`.
     Stuck {
         /// The mapping being revoked.
         mapping: Mapping,
-        /// Next in the stuck list.
-        next: u64,
     },
     /// Revoked and flushed; reserved until the owner acknowledges it.
     Revoked {
@@ -305,23 +305,22 @@ impl DriverDomain {
     }
 
     /// The IOMMU entry of a former Live mapping is gone: wait for the flush.
-    pub(crate) fn push_unmapping(&mut self, idx: u64, mapping: Mapping, then_revoked: bool) {
-        let next = self.unmapping_head;
+    pub(crate) fn push_unmapping(&mut self, idx: u64, mut mapping: Mapping, then_revoked: bool) {
+        mapping.next_same_page = self.unmapping_head;
         if let Some(s) = self.slot_mut(idx) {
             *s = Slot::Unmapping {
                 mapping,
                 then_revoked,
-                next,
             };
             self.unmapping_head = idx;
         }
     }
 
     /// The IOMMU refused to unmap a mapping being revoked.
-    pub(crate) fn push_stuck(&mut self, idx: u64, mapping: Mapping) {
-        let next = self.stuck_head;
+    pub(crate) fn push_stuck(&mut self, idx: u64, mut mapping: Mapping) {
+        mapping.next_same_page = self.stuck_head;
         if let Some(s) = self.slot_mut(idx) {
-            *s = Slot::Stuck { mapping, next };
+            *s = Slot::Stuck { mapping };
             self.stuck_head = idx;
             self.stuck += 1;
         }
