@@ -288,6 +288,10 @@ impl EngineState {
             }
             at = next;
         }
+        // A chain longer than one entry per (driver, context, perms, attr)
+        // is a corrupted index. Tests catch it here; in Xen it is a stale
+        // link to a slot that is no longer Live, which lookups skip.
+        debug_assert!(false, "target chain longer than its bound");
     }
 }
 

@@ -240,6 +240,7 @@ impl<L: RawMutex> Engine<L> {
             .saturating_mul(crate::config::MAX_CONTEXTS as usize * 16);
         while let Some(link) = at {
             if guard == 0 {
+                debug_assert!(false, "target chain longer than its bound");
                 return;
             }
             guard -= 1;
