@@ -253,6 +253,90 @@ pub extern "C" fn pviommu_lookup(
     }
 }
 
+/// `struct pviommu_revocation` in `pviommu_guest.h`.
+#[repr(C)]
+pub struct CRevocation {
+    /// The revoked BFN (released by the acknowledgement).
+    pub bfn: u64,
+    /// The foreign frame it mapped.
+    pub gfn: u64,
+    /// Its IOMMU context.
+    pub context: u32,
+    /// The foreign domain.
+    pub domid: u16,
+    /// Zero.
+    pub pad: u16,
+}
+
+/// Receive and acknowledge up to `max` pending revocations into `out`.
+/// Returns how many were written (call again while it returns `max`) or a
+/// negative errno. The BFNs are dropped from the mapping cache.
+#[no_mangle]
+pub extern "C" fn pviommu_drain_revocations(
+    c: *mut CClient,
+    out: *mut CRevocation,
+    max: usize,
+) -> i32 {
+    // SAFETY: `c` is NULL or a live client used by one thread.
+    let Some(c) = (unsafe { c.as_mut() }) else {
+        return EINVAL;
+    };
+    if out.is_null() || max == 0 || max > i32::MAX as usize {
+        return EINVAL;
+    }
+    match c.client.drain_revocations_up_to(max) {
+        Ok(revs) => {
+            for (i, r) in revs.iter().enumerate() {
+                // SAFETY: `out` holds `max` elements and `revs.len() <= max`.
+                unsafe {
+                    out.add(i).write(CRevocation {
+                        bfn: r.bfn.0,
+                        gfn: r.gfn.0,
+                        context: r.context.0,
+                        domid: r.domid.0,
+                        pad: 0,
+                    })
+                };
+            }
+            revs.len() as i32
+        }
+        Err(e) => c.fail(&e),
+    }
+}
+
+/// The toolstack's call: set `domid`'s BFN quota (0: the boot default).
+#[no_mangle]
+pub extern "C" fn pviommu_set_limits(c: *mut CClient, domid: u16, quota: u64) -> i32 {
+    // SAFETY: `c` is NULL or a live client used by one thread.
+    let Some(c) = (unsafe { c.as_mut() }) else {
+        return EINVAL;
+    };
+    match c.client.set_limits(DomId(domid), quota) {
+        Ok(()) => 0,
+        Err(e) => c.fail(&e),
+    }
+}
+
+/// Embedded simulator only: balloon `gfn` out of domain `domid` (the page
+/// leaves, the hypervisor revokes its BFNs). -EINVAL on another transport.
+#[cfg(feature = "sim")]
+#[no_mangle]
+pub extern "C" fn pviommu_sim_balloon_out(c: *mut CClient, domid: u16, gfn: u64) -> i32 {
+    // SAFETY: `c` is NULL or a live client used by one thread.
+    let Some(c) = (unsafe { c.as_mut() }) else {
+        return EINVAL;
+    };
+    let Some(sim) = c.client.transport().in_process() else {
+        return EINVAL;
+    };
+    let mut g = sim.sim().lock();
+    let (m, e) = &mut *g;
+    match m.balloon_out(e, DomId(domid), Gfn(gfn)) {
+        Ok(()) => 0,
+        Err(err) => err.negated(),
+    }
+}
+
 /// The simulated device of an in-process simulator reads `len` bytes at
 /// bus address `bfn << 12` into `buf`. -EINVAL on another transport,
 /// -EFAULT on an IOMMU fault.

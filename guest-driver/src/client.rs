@@ -275,11 +275,19 @@ impl<T: Transport> Client<T> {
     /// `caps().revoked` (refreshed) is non-zero, or periodically, and turns
     /// the shadow entries that held these BFNs non-present.
     pub fn drain_revocations(&mut self) -> Result<Vec<Revocation>, Error> {
+        // Bounded by the quota: a BFN is reported once.
+        let bound = usize::try_from(self.caps.quota.saturating_add(1)).unwrap_or(usize::MAX);
+        self.drain_revocations_up_to(bound)
+    }
+
+    /// Like [`drain_revocations`](Self::drain_revocations), but at most
+    /// `max` of them (the rest stay queued for the next call).
+    pub fn drain_revocations_up_to(&mut self, max: usize) -> Result<Vec<Revocation>, Error> {
         let mut out = Vec::new();
         // Each round acknowledges the previous notice and asks for the next,
-        // in one batch. Bounded by the quota: a BFN is reported once.
+        // in one batch.
         let mut pending_ack: Option<(ContextId, Bfn)> = None;
-        for _ in 0..=self.caps.quota.saturating_add(1) {
+        while out.len() < max {
             let mut ops = Vec::with_capacity(2);
             if let Some((context, bfn)) = pending_ack.take() {
                 ops.push(Request::RevokedAck { context, bfn }.encode());
@@ -309,9 +317,15 @@ impl<T: Transport> Client<T> {
             });
             pending_ack = Some((context, bfn));
         }
-        Err(Error::Remote(
-            "revocation queue longer than the quota".into(),
-        ))
+        // Stopped at `max`: acknowledge the last one reported.
+        if let Some((context, bfn)) = pending_ack {
+            let mut ops = [Request::RevokedAck { context, bfn }.encode()];
+            self.run_ops(&mut ops)?;
+            if ops[0].status != 0 {
+                return Err(Error::from_return("revoked_ack", ops[0].status as i64));
+            }
+        }
+        Ok(out)
     }
 
     /// Describe a BFN.

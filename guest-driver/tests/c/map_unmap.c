@@ -37,11 +37,28 @@ int main(void)
     CHECK(rc == -3 && bad_status == -3, "unknown domain: %d", rc);
     CHECK(strstr(pviommu_last_error(c), "ESRCH") != NULL, "message: %s", pviommu_last_error(c));
 
-    rc = pviommu_unmap(c, bfns, N, status);
+    /* The guest balloons a mapped page out: the hypervisor revokes its BFN,
+     * the DMA faults, and the mediator hears of it exactly once. */
+    CHECK(pviommu_sim_balloon_out(c, 1, gfns[5]) == 0, "balloon out");
+    uint64_t w5;
+    CHECK(pviommu_sim_dma_read(c, bfns[5], &w5, sizeof(w5)) == -14, "DMA at a revoked BFN must fault");
+    struct pviommu_revocation revs[4];
+    rc = pviommu_drain_revocations(c, revs, 4);
+    CHECK(rc == 1, "drain: %d %s", rc, pviommu_last_error(c));
+    CHECK(revs[0].bfn == bfns[5] && revs[0].gfn == gfns[5] && revs[0].domid == 1,
+          "revocation: bfn %llx gfn %llu", (unsigned long long)revs[0].bfn,
+          (unsigned long long)revs[0].gfn);
+    CHECK(pviommu_drain_revocations(c, revs, 4) == 0, "drained");
+    CHECK(pviommu_set_limits(c, 77, 10) == -3, "set_limits on no domain: ESRCH");
+
+    /* Unmap the rest (the revoked one is gone from the cache already). */
+    for (int i = 5; i < N - 1; i++)
+        bfns[i] = bfns[i + 1];
+    rc = pviommu_unmap(c, bfns, N - 1, status);
     CHECK(rc == 0, "unmap %d", rc);
     uint64_t word;
     CHECK(pviommu_sim_dma_read(c, bfns[0], &word, sizeof(word)) == -14, "DMA after unmap must fault");
     pviommu_close(c);
-    printf("C mediator: mapped, read, looked up, unmapped %d pages: OK\n", N);
+    printf("C mediator: mapped, read, looked up, heard of a revocation, unmapped %d pages: OK\n", N);
     return 0;
 }
