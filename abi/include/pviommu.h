@@ -37,6 +37,11 @@
 #define PVIOMMU_CMD_set_limits       4u /* arg: struct pv_iommu_limits (in)  */
                                         /* (control domain only)           */
 
+/* Global VIRQ raised in a driver domain when revocation notices are pending
+ * for it: bind it (EVTCHNOP_bind_virq / Linux IOCTL_EVTCHN_BIND_VIRQ), then
+ * drain with PVIOMMU_OP_revoked_next / _ack. */
+#define PVIOMMU_VIRQ 14
+
 /* Positive return of PVIOMMU_CMD_batch: work budget spent, call again. */
 #define PVIOMMU_BATCH_INCOMPLETE 1
 

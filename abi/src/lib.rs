@@ -56,6 +56,12 @@ pub mod cmd {
     pub const SET_LIMITS: u32 = 4;
 }
 
+/// The global VIRQ Xen raises in a driver domain when revocation notices
+/// are pending for it (`VIRQ_PV_IOMMU`; bind it with `EVTCHNOP_bind_virq`,
+/// e.g. Linux's `IOCTL_EVTCHN_BIND_VIRQ`), then drain with
+/// [`subop::REVOKED_NEXT`].
+pub const VIRQ_PV_IOMMU: u32 = 14;
+
 /// Positive return value of a batch whose work budget ran out: call again.
 pub const BATCH_INCOMPLETE: i64 = 1;
 

@@ -19,6 +19,7 @@ pub mod client;
 pub mod daemon;
 mod error;
 pub mod mapper;
+pub mod notify;
 pub mod shadow;
 pub mod transport;
 

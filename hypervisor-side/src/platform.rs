@@ -111,4 +111,8 @@ pub trait Platform {
     fn should_preempt(&mut self) -> bool;
     /// A per-boot secret for the engine's hash tables.
     fn random_seed(&self) -> u64;
+    /// Revocation notices are pending for `owner`: wake it (Xen: its
+    /// `VIRQ_PV_IOMMU`). Called with the engine lock held; must only take
+    /// leaf locks.
+    fn notify_revoked(&mut self, owner: DomId);
 }

@@ -960,6 +960,20 @@ int pvx_iommu_flush(uint16_t owner, uint64_t bfn, uint64_t count,
     return rc;
 }
 
+void pvx_notify_revoked(uint16_t owner)
+{
+    struct domain *d = rcu_lock_domain_by_id(owner);
+
+    if ( !d )
+        return;
+    /*
+     * Read-locks v->virq_lock and trylocks the channel: leaf locks, safe
+     * under the engine lock (and so under a hook's p2m lock).
+     */
+    send_guest_global_virq(d, VIRQ_PV_IOMMU);
+    rcu_unlock_domain(d);
+}
+
 uint64_t pvx_random_seed(void)
 {
     /* RDRAND where the CPU has it (get_random()), else time-derived. */

@@ -30,6 +30,10 @@ fn c_header_matches_rust_layout() {
         "_Static_assert(PVIOMMU_F_VALID_MASK == {}, \"flags\");\n",
         pviommu_abi::op_flags::VALID_MASK
     );
+    c += &format!(
+        "_Static_assert(PVIOMMU_VIRQ == {}, \"virq\");\n",
+        pviommu_abi::VIRQ_PV_IOMMU
+    );
     let dir = std::env::temp_dir().join(format!("pviommu-c-abi-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let src = dir.join("layout.c");

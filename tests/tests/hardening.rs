@@ -117,6 +117,9 @@ fn d02_d07_hook_from_inside_page_lookup_neither_deadlocks_nor_leaves_stale_map()
         fn random_seed(&self) -> u64 {
             self.m.random_seed()
         }
+        fn notify_revoked(&mut self, owner: DomId) {
+            self.m.notify_revoked(owner)
+        }
     }
     impl IommuBackend for Racer<'_> {
         fn iommu_caps(&self) -> BackendCaps {
@@ -203,7 +206,8 @@ fn d03_revoked_bfn_stays_reserved_until_acknowledged() {
     // Another guest's page gets a different BFN.
     let other = map_one(&mut m, &e, DomId::DOM0, DomId(5), 7, Permissions::RW).unwrap();
     assert_ne!(other, old);
-    // The owner learns of it ...
+    // The owner learns of it: woken (Xen: VIRQ_PV_IOMMU) ...
+    assert_eq!(m.revocation_wakeups.get(&DomId::DOM0), Some(&1));
     assert_eq!(
         revoked_next(&mut m, &e, DomId::DOM0),
         Ok((old, GUEST, Gfn(3)))

@@ -119,6 +119,18 @@ if succeeded "$o" && [ $(($(field "$o" bfn))) = $((B3)) ] && [ "$(field "$o" dom
 # unmap of the revoked BFN says so (ESTALE) and acknowledges it
 o=$(run $H hc unmap $B3); if errno_is "$o" -116; then ok revoked_unmap_estale; else ko revoked_unmap_estale "$o"; fi
 o=$(run $H hc revoked-next); if errno_is "$o" -2; then ok revoked_queue_empty_after_ack; else ko revoked_queue_empty_after_ack "$o"; fi
+# 5b') the mediator is woken, not polling: `pviommu revocations --wait` binds
+# VIRQ_PV_IOMMU through /dev/xen/evtchn and sleeps; E's mapped page is
+# ballooned out; Xen raises the VIRQ, the tool wakes and reports that BFN.
+o=$(run $H hc map $E $GE 1); BW=$(field "$o" bfn)
+( pviommu --backend xen revocations --wait 20 --json > /tmp/wake.out 2>&1; echo "exit=$?" >> /tmp/wake.out ) &
+WP=$!
+sleep 2
+u=$(run $H unpopulate $E $GE)
+wait $WP
+w=$(cat /tmp/wake.out); echo "  + pviommu revocations --wait -> $(echo $w)" >&2
+if succeeded "$o" && echo "$w" | grep -q '"bfn": '"$((BW))" && echo "$w" | grep -q 'exit=0'; then
+    ok revocation_wakes_mediator; else ko revocation_wakes_mediator "$o / $u / $w"; fi
 run $H hc unmap $BE >/dev/null; run $H destroy $E >/dev/null
 o=$(run $H destroy $D)
 case "$o" in *gone*) ok destroy_frees_domain;; *) ko destroy_frees_domain "$o";; esac

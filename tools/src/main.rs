@@ -112,7 +112,12 @@ enum Command {
     /// Receive pending revocations (BFNs the hypervisor revoked because the
     /// page left its domain or the domain died) and acknowledge them, which
     /// releases the BFNs.
-    Revocations,
+    Revocations {
+        /// With --backend xen: if none is pending, wait up to this many
+        /// seconds for Xen's VIRQ_PV_IOMMU wake-up first.
+        #[arg(long)]
+        wait: Option<u64>,
+    },
     /// Shadow GPU page tables (embedded simulator).
     Shadow {
         #[command(subcommand)]
@@ -376,7 +381,24 @@ fn run(cli: Cli) -> Result<(), String> {
                 || format!("d{domid}: quota {quota}"),
             );
         }
-        Command::Revocations => {
+        Command::Revocations { wait } => {
+            if let Some(secs) = wait {
+                if cli.backend != Backend::Xen {
+                    return Err("--wait needs --backend xen (Xen's VIRQ_PV_IOMMU)".into());
+                }
+                // Bind first, then look: a notice queued before the bind
+                // raised no wake-up we could see, but shows in the caps.
+                let mut events =
+                    pviommu_guest::notify::RevocationEvents::open().map_err(|e| e.to_string())?;
+                let pending = c.refresh_caps().map_err(|e| e.to_string())?.revoked;
+                if pending == 0
+                    && !events
+                        .wait(std::time::Duration::from_secs(*secs))
+                        .map_err(|e| e.to_string())?
+                {
+                    return Err(format!("no revocation within {secs} s"));
+                }
+            }
             let revs = c.drain_revocations().map_err(|e| e.to_string())?;
             emit(cli.json, &revs, || {
                 revs.iter()

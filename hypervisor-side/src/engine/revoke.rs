@@ -136,6 +136,7 @@ impl<L: RawMutex> Engine<L> {
             dd.gather.clear();
         }
         let mut at = core::mem::replace(&mut dd.unmapping_head, NONE);
+        let mut notices = false;
         while let Some(Slot::Unmapping {
             mapping,
             then_revoked,
@@ -143,6 +144,7 @@ impl<L: RawMutex> Engine<L> {
         {
             let next = mapping.next_same_page;
             h.put_page(mapping.mfn, mapping.perms.write);
+            notices |= then_revoked;
             if then_revoked {
                 dd.push_revoked(
                     at,
@@ -158,6 +160,10 @@ impl<L: RawMutex> Engine<L> {
             at = next;
         }
         dd.compact_if_empty();
+        if notices {
+            // Once per flush, not per notice: the owner drains the queue.
+            h.notify_revoked(owner);
+        }
         if st.drivers.iter().all(|d| d.live == 0) {
             // Nothing is mapped anywhere: give the target index back too.
             st.target_index = crate::storage::IndexTable::new();

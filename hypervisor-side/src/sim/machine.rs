@@ -216,6 +216,9 @@ pub struct SimMachine {
     pub seed: u64,
     /// End of hot-pluggable memory (SRAT), in frames: RAM may grow to here.
     pub hotplug_end: u64,
+    /// Revocation wake-ups delivered per driver domain (Xen: its
+    /// `VIRQ_PV_IOMMU` raised).
+    pub revocation_wakeups: BTreeMap<DomId, u64>,
 }
 
 impl SimMachine {
@@ -242,6 +245,7 @@ impl SimMachine {
             fail_flushes: 0,
             seed: 0x5eed_f00d_5113,
             hotplug_end: 0,
+            revocation_wakeups: BTreeMap::new(),
         };
         m.create_domain(
             DomId::DOM0,
@@ -898,6 +902,10 @@ impl Platform for SimMachine {
     }
     fn random_seed(&self) -> u64 {
         self.seed
+    }
+    fn notify_revoked(&mut self, owner: DomId) {
+        let _host = HostAllocations::begin();
+        *self.revocation_wakeups.entry(owner).or_insert(0) += 1;
     }
 }
 

@@ -83,6 +83,9 @@ impl Platform for SharedSim {
     fn random_seed(&self) -> u64 {
         self.with(|m| m.random_seed())
     }
+    fn notify_revoked(&mut self, owner: DomId) {
+        self.with(|m| m.notify_revoked(owner))
+    }
 }
 
 impl IommuBackend for SharedSim {

@@ -180,6 +180,11 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, unsigned int *flush);
 int pvx_iommu_flush(uint16_t owner, uint64_t bfn, uint64_t count,
                     unsigned int flush);
 
+/* [locked] Tell `owner` that revocation notices are pending for it: raise
+ * its VIRQ_PV_IOMMU (a global VIRQ; nothing happens if it has not bound
+ * it). Takes only the owner's virq and event-channel locks (trylock). */
+void pvx_notify_revoked(uint16_t owner);
+
 /* Boot only: a per-boot secret for the engine's hash tables (get_random()). */
 uint64_t pvx_random_seed(void);
 

@@ -52,6 +52,7 @@ mod ffi {
         pub fn pvx_iommu_flush(owner: u16, bfn: u64, count: u64, flush: u32) -> i32;
         pub fn pvx_preempt_check() -> i32;
         pub fn pvx_random_seed() -> u64;
+        pub fn pvx_notify_revoked(owner: u16);
         pub fn pvx_alloc(size: usize, align: usize) -> *mut u8;
         pub fn pvx_free(ptr: *mut u8);
         pub fn pvx_log(msg: *const u8, len: usize);
@@ -224,6 +225,10 @@ impl Platform for Xen {
     fn should_preempt(&mut self) -> bool {
         // SAFETY: plain call.
         unsafe { ffi::pvx_preempt_check() != 0 }
+    }
+    fn notify_revoked(&mut self, owner: DomId) {
+        // SAFETY: plain call.
+        unsafe { ffi::pvx_notify_revoked(owner.0) }
     }
     fn random_seed(&self) -> u64 {
         // SAFETY: plain call (get_random(), RDRAND where available).
