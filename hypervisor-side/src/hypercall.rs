@@ -165,12 +165,8 @@ impl<L: RawMutex> Engine<L> {
         if req._pad0 != 0 || !domid.is_valid() {
             return Err(Errno::Inval);
         }
-        match h.domain_info(domid) {
-            Some(d) if !d.dying => {}
-            _ => return Err(Errno::Srch),
-        }
         h.xsm_check(caller, Some(domid), XsmAction::Manage)?;
-        self.set_quota(domid, (req.quota != 0).then_some(req.quota))?;
+        self.set_quota(h, domid, (req.quota != 0).then_some(req.quota))?;
         Ok(0)
     }
 

@@ -130,10 +130,11 @@ static int __init cf_check parse_pviommu(const char *s)
 
             /*
              * No digits, trailing junk, 0, more than 16 Mi BFNs, or more
-             * digits than any valid value has (simple_strtoull wraps).
+             * characters than any valid value has (16 Mi is 0x1000000):
+             * simple_strtoull wraps silently, ten characters cannot.
              */
             if ( e == s + 6 || e != ss || !q || q > PVX_MAX_QUOTA ||
-                 e - (s + 6) > 20 )
+                 e - (s + 6) > 10 )
                 rc = -EINVAL;
             else
                 opt_pviommu_quota = q;
@@ -142,9 +143,9 @@ static int __init cf_check parse_pviommu(const char *s)
         {
             unsigned long long m = simple_strtoull(s + 5, &e, 0);
 
-            /* MiB, 1 .. 64 Gi */
+            /* MiB, 1 .. 64 Gi; at most 7 characters (0x10000), so no wrap */
             if ( e == s + 5 || e != ss || !m || m > (1U << 16) ||
-                 e - (s + 5) > 20 )
+                 e - (s + 5) > 7 )
                 rc = -EINVAL;
             else
                 opt_pviommu_heap_mib = m;
@@ -967,8 +968,11 @@ void pvx_notify_revoked(uint16_t owner)
     if ( !d )
         return;
     /*
-     * Read-locks v->virq_lock and trylocks the channel: leaf locks, safe
-     * under the engine lock (and so under a hook's p2m lock).
+     * Read-locks v->virq_lock, trylocks the channel, then the FIFO queue
+     * lock or scheduler locks (vcpu_kick), or for an HVM callback the
+     * domain's irq_lock: none of them is held around a p2m lock or the
+     * engine lock, so this is safe under a hook's p2m lock. Xen does the
+     * same from alloc_heap_pages (VIRQ_ENOMEM under heap_lock).
      */
     send_guest_global_virq(d, VIRQ_PV_IOMMU);
     rcu_unlock_domain(d);

@@ -641,3 +641,113 @@ fn d14_toolstack_sets_a_device_models_quota() {
         .unwrap();
     assert!(map_one(&mut m, &e, DEVICE_MODEL, GUEST, 5, Permissions::RO).is_ok());
 }
+
+/// Defect 14, review finding: `set_limits` looks the domain up without the
+/// engine lock. If the domain dies (and is torn down) in between, the quota
+/// must not be left behind for a later domain with the same id.
+#[test]
+fn d14_set_limits_racing_a_domain_death_leaves_nothing_behind() {
+    use std::cell::{Cell, RefCell};
+    /// Runs the victim's whole death from inside the first domain lookup,
+    /// as another CPU (the toolstack's destroy) would.
+    struct DeathDuringLookup<'a> {
+        m: RefCell<&'a mut SimMachine>,
+        e: &'a Engine,
+        victim: DomId,
+        fired: Cell<bool>,
+    }
+    impl Platform for DeathDuringLookup<'_> {
+        fn copy_from_guest(&mut self, a: u64, b: &mut [u8]) -> Result<(), Errno> {
+            self.m.borrow_mut().copy_from_guest(a, b)
+        }
+        fn copy_to_guest(&mut self, a: u64, b: &[u8]) -> Result<(), Errno> {
+            self.m.borrow_mut().copy_to_guest(a, b)
+        }
+        fn domain_info(&self, d: DomId) -> Option<DomainInfo> {
+            let info = self.m.borrow().domain_info(d);
+            if d == self.victim && !self.fired.replace(true) {
+                let mut m = self.m.borrow_mut();
+                m.mark_dying(d);
+                self.e.domain_dying(&mut **m, d);
+            }
+            info
+        }
+        fn xsm_check(&self, c: DomId, t: Option<DomId>, a: XsmAction) -> Result<(), Errno> {
+            self.m.borrow().xsm_check(c, t, a)
+        }
+        fn get_page(&mut self, d: DomId, g: Gfn, w: bool) -> Result<PageLookup, Errno> {
+            self.m.borrow_mut().get_page(d, g, w)
+        }
+        fn put_page(&mut self, mfn: Mfn, w: bool) {
+            self.m.borrow_mut().put_page(mfn, w)
+        }
+        fn ram_end(&self) -> Mfn {
+            self.m.borrow().ram_end()
+        }
+        fn reserved_range(&self, i: usize) -> Option<ReservedRange> {
+            self.m.borrow().reserved_range(i)
+        }
+        fn should_preempt(&mut self) -> bool {
+            false
+        }
+        fn random_seed(&self) -> u64 {
+            self.m.borrow().random_seed()
+        }
+        fn notify_revoked(&mut self, owner: DomId) {
+            self.m.borrow_mut().notify_revoked(owner)
+        }
+    }
+    impl IommuBackend for DeathDuringLookup<'_> {
+        fn iommu_caps(&self) -> BackendCaps {
+            self.m.borrow().iommu_caps()
+        }
+        fn context_create(&mut self, o: DomId, c: ContextId) -> Result<(), Errno> {
+            self.m.borrow_mut().context_create(o, c)
+        }
+        fn context_destroy(&mut self, o: DomId, c: ContextId) {
+            self.m.borrow_mut().context_destroy(o, c)
+        }
+        fn iommu_map(
+            &mut self,
+            o: DomId,
+            c: ContextId,
+            b: Bfn,
+            mfn: Mfn,
+            p: Permissions,
+            a: MemAttr,
+            g: &mut FlushGather,
+        ) -> Result<(), Errno> {
+            self.m.borrow_mut().iommu_map(o, c, b, mfn, p, a, g)
+        }
+        fn iommu_unmap(
+            &mut self,
+            o: DomId,
+            c: ContextId,
+            b: Bfn,
+            g: &mut FlushGather,
+        ) -> Result<(), Errno> {
+            self.m.borrow_mut().iommu_unmap(o, c, b, g)
+        }
+        fn iommu_flush(&mut self, o: DomId, g: &FlushGather) -> Result<(), Errno> {
+            self.m.borrow_mut().iommu_flush(o, g)
+        }
+    }
+
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let got = {
+        let mut racer = DeathDuringLookup {
+            m: RefCell::new(&mut m),
+            e: &e,
+            victim: DEVICE_MODEL,
+            fired: Cell::new(false),
+        };
+        e.set_quota(&mut racer, DEVICE_MODEL, Some(7))
+    };
+    // The lookup saw it alive; the retry saw it dying.
+    assert_eq!(got, Err(Errno::Srch));
+    assert!(
+        e.state().driver(DEVICE_MODEL).is_none(),
+        "a quota outlived its domain"
+    );
+    assert_eq!(lock_check::violations(), 0);
+}

@@ -749,21 +749,43 @@ impl<L: RawMutex> Engine<L> {
     /// default). Lowering it below what the domain holds refuses its new
     /// maps until it is back under; nothing is revoked. The caller has been
     /// checked to be the control domain.
-    pub fn set_quota(&self, domid: DomId, quota: Option<u64>) -> Result<(), Errno> {
+    ///
+    /// The domain is looked up without the engine lock, so its death could
+    /// land in between and leave a quota behind for a later domain with the
+    /// same id. Teardown moves the domain's sequence number under the lock
+    /// before anything else: seen moved here, the lookup is redone.
+    pub fn set_quota(
+        &self,
+        h: &mut impl Hypervisor,
+        domid: DomId,
+        quota: Option<u64>,
+    ) -> Result<(), Errno> {
         if quota.is_some_and(|q| q > crate::config::MAX_QUOTA) {
             return Err(Errno::Inval);
         }
-        let mut st = self.state.lock();
-        let pos = match (st.driver_pos(domid), quota) {
-            (Some(p), _) => p,
-            // Nothing to reset on a domain that never mapped.
-            (None, None) => return Ok(()),
-            (None, Some(_)) => st.driver_pos_or_create(domid)?,
-        };
-        if let Some(dd) = st.drivers.get_mut(pos) {
-            dd.quota = quota;
+        let gate = self.gate(domid).ok_or(Errno::Srch)?;
+        for _ in 0..MAP_RETRIES {
+            let seq = gate.seq.load(Ordering::SeqCst);
+            match h.domain_info(domid) {
+                Some(d) if !d.dying => {}
+                _ => return Err(Errno::Srch),
+            }
+            let mut st = self.state.lock();
+            if gate.seq.load(Ordering::SeqCst) != seq {
+                continue;
+            }
+            let pos = match (st.driver_pos(domid), quota) {
+                (Some(p), _) => p,
+                // Nothing to reset on a domain that never mapped.
+                (None, None) => return Ok(()),
+                (None, Some(_)) => st.driver_pos_or_create(domid)?,
+            };
+            if let Some(dd) = st.drivers.get_mut(pos) {
+                dd.quota = quota;
+            }
+            return Ok(());
         }
-        Ok(())
+        Err(Errno::Again)
     }
 
     /// Create a context for `caller`.

@@ -14,6 +14,9 @@
  *
  *     target's p2m lock  ->  pviommu engine lock  ->  hardware domain's IOMMU
  *     (hooks only)                                    mapping_lock -> heap_lock
+ *                            pviommu engine lock  ->  owner's virq_lock ->
+ *                                                     evtchn / FIFO / sched /
+ *                                                     HVM irq locks
  *
  * The engine never holds the engine lock across pvx_copy_*, pvx_get_page,
  * pvx_domain_info or pvx_xsm_check, so a hook entered with a p2m lock held
@@ -182,7 +185,9 @@ int pvx_iommu_flush(uint16_t owner, uint64_t bfn, uint64_t count,
 
 /* [locked] Tell `owner` that revocation notices are pending for it: raise
  * its VIRQ_PV_IOMMU (a global VIRQ; nothing happens if it has not bound
- * it). Takes only the owner's virq and event-channel locks (trylock). */
+ * it). send_guest_global_virq(): the owner's virq_lock, a channel trylock,
+ * then FIFO / scheduler / HVM irq locks, none of which is ever held around
+ * a p2m lock or the engine lock. */
 void pvx_notify_revoked(uint16_t owner);
 
 /* Boot only: a per-boot secret for the engine's hash tables (get_random()). */

@@ -75,10 +75,15 @@ static HEAP_CAP: AtomicUsize = AtomicUsize::new(usize::MAX);
 unsafe impl GlobalAlloc for XenAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let size = layout.size();
-        // Reserve the bytes first, so two CPUs cannot both pass the cap.
-        let before = HEAP_BYTES.fetch_add(size, Ordering::Relaxed);
-        if before.saturating_add(size) > HEAP_CAP.load(Ordering::Relaxed) {
-            HEAP_BYTES.fetch_sub(size, Ordering::Relaxed);
+        let cap = HEAP_CAP.load(Ordering::Relaxed);
+        // Reserve the bytes only if they fit: two CPUs cannot both pass the
+        // cap, and a request that will fail never crowds out others.
+        if HEAP_BYTES
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                b.checked_add(size).filter(|n| *n <= cap)
+            })
+            .is_err()
+        {
             return core::ptr::null_mut();
         }
         // SAFETY: _xmalloc honours any power-of-two alignment; NULL on failure.
