@@ -85,6 +85,9 @@ done
 # which engine functions reach which panic paths.
 # (Relocations, not the symbol table: `ld -r` keeps an undefined symbol
 # entry even after --gc-sections removed every reference to it.)
+# panic-sites.txt exists only while a panic is reachable: a list left by an
+# earlier, failing build must not outlive the fix.
+rm -f "$OUT/panic-sites.txt"
 readelf -rW "$OUT/rust_engine.o" > "$OUT/rust_engine.relocs"
 if grep -q 'pvx_unreachable_panic' "$OUT/rust_engine.relocs"; then
     objdump -dr "$OUT/rust_engine.o" | awk -v map="$MAP" '
