@@ -468,29 +468,24 @@ impl<L: RawMutex> Engine<L> {
                     Some(self.map_locked(&mut st, h, caller, req, mfn))
                 }
             };
-            match outcome {
+            let done = match outcome {
                 // Installed: the mapping keeps the page reference and its
                 // share of `active`.
                 Some(MapOutcome::Installed(bfn)) => return Ok(bfn),
                 // Failed after the IOMMU entry existed: the engine released
                 // (or will release, after the flush) what this attempt took.
                 Some(MapOutcome::Consumed(e)) => return Err(e),
-                // Deduplicated, or refused: give back what this attempt took.
-                Some(MapOutcome::Shared(bfn)) => {
-                    h.put_page(mfn, req.perms.write);
-                    self.gate_leave(req.domid);
-                    return Ok(bfn);
-                }
-                Some(MapOutcome::Refused(e)) => {
-                    h.put_page(mfn, req.perms.write);
-                    self.gate_leave(req.domid);
-                    return Err(e);
-                }
+                Some(MapOutcome::Shared(bfn)) => Some(Ok(bfn)),
+                Some(MapOutcome::Refused(e)) => Some(Err(e)),
                 // The target's p2m changed under us: look the page up again.
-                None => {
-                    h.put_page(mfn, req.perms.write);
-                    self.gate_leave(req.domid);
-                }
+                None => None,
+            };
+            // Deduplicated, refused or retried: give back what this attempt
+            // took.
+            h.put_page(mfn, req.perms.write);
+            self.gate_leave(req.domid);
+            if let Some(result) = done {
+                return result;
             }
         }
         Err(Errno::Again)

@@ -80,6 +80,21 @@ impl<L: RawMutex> Engine<L> {
         pos: usize,
         idx: u64,
     ) {
+        self.take_down_live(st, h, pos, idx, true);
+    }
+
+    /// Take the live mapping in slot `idx` of driver `pos` out of the
+    /// indices and the IOMMU, as the owner did not ask for: after the flush
+    /// it becomes a notice (`then_revoked`) or, for a dying owner, free.
+    /// An unmap the IOMMU refuses leaves it stuck, page referenced.
+    fn take_down_live(
+        &self,
+        st: &mut EngineState,
+        h: &mut impl Hypervisor,
+        pos: usize,
+        idx: u64,
+        then_revoked: bool,
+    ) {
         let seed = st.seed;
         let Some(owner) = st.drivers.get(pos).map(|d| d.domid) else {
             return;
@@ -91,12 +106,14 @@ impl<L: RawMutex> Engine<L> {
         let Some(m) = dd.unindex(seed, idx) else {
             return;
         };
-        let Some(bfn) = st.space.bfn_of(idx) else {
-            return;
-        };
-        match h.iommu_unmap(owner, m.context, bfn, &mut dd.gather) {
-            Ok(()) => dd.push_unmapping(idx, m, true),
-            Err(_) => dd.push_stuck(idx, m),
+        let unmapped = st
+            .space
+            .bfn_of(idx)
+            .is_some_and(|bfn| h.iommu_unmap(owner, m.context, bfn, &mut dd.gather).is_ok());
+        if unmapped {
+            dd.push_unmapping(idx, m, then_revoked);
+        } else {
+            dd.push_stuck(idx, m);
         }
         if let Some(g) = self.gates.get(m.domid.0 as usize) {
             g.active.fetch_sub(1, Ordering::SeqCst);
@@ -399,7 +416,6 @@ impl<L: RawMutex> Engine<L> {
         c: &mut Cursor,
     ) -> Result<(), Restart> {
         let mut st = self.state.lock();
-        let seed = st.seed;
         let Some(pos) = st.driver_pos(domid) else {
             *c = Cursor::DONE;
             return Ok(());
@@ -415,26 +431,8 @@ impl<L: RawMutex> Engine<L> {
             visits += 1;
             let slot = st.drivers.get(pos).and_then(|d| d.slot(c.slot)).copied();
             match slot {
-                Some(Slot::Live(m)) => {
-                    st.target_unlink(Link {
-                        owner: domid,
-                        slot: c.slot,
-                    });
-                    let bfn = st.space.bfn_of(c.slot);
-                    if let Some(dd) = st.drivers.get_mut(pos) {
-                        dd.unindex(seed, c.slot);
-                        let ok = bfn.is_some_and(|b| {
-                            h.iommu_unmap(domid, m.context, b, &mut dd.gather).is_ok()
-                        });
-                        if ok {
-                            dd.push_unmapping(c.slot, m, false);
-                        } else {
-                            dd.push_stuck(c.slot, m);
-                        }
-                    }
-                    if let Some(g) = self.gates.get(m.domid.0 as usize) {
-                        g.active.fetch_sub(1, Ordering::SeqCst);
-                    }
+                Some(Slot::Live(_)) => {
+                    self.take_down_live(&mut st, h, pos, c.slot, false);
                     revokes += 1;
                 }
                 Some(Slot::Revoked { .. }) => {
