@@ -18,12 +18,17 @@ use pviommu_abi::{
 };
 use pviommu_hv::config::Config;
 use pviommu_hv::pgtable::{vtd::Vtd, IoPageTable, TableMemory};
+use pviommu_hv::platform::{DomainInfo, Platform};
 use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
 use pviommu_hv::{Engine, Errno, Mfn};
 
 const GUEST: DomId = DomId(1);
 
 fn setup(pages: u64, format: Format) -> (SimMachine, Engine) {
+    setup_with(pages, format, Config::default())
+}
+
+fn setup_with(pages: u64, format: Format, config: Config) -> (SimMachine, Engine) {
     let mut m = SimMachine::new(pages + 4096, format, 64);
     m.create_domain(
         GUEST,
@@ -34,8 +39,28 @@ fn setup(pages: u64, format: Format) -> (SimMachine, Engine) {
         },
     )
     .unwrap();
-    let e = Engine::new(Config::default(), &m).unwrap();
+    let e = Engine::new(config, &m).unwrap();
     (m, e)
+}
+
+/// One round of the engine path: map every request, flush, unmap them all,
+/// flush (what a batch of maps then a batch of unmaps does inside Xen).
+fn engine_round(
+    e: &Engine,
+    m: &mut SimMachine,
+    dom0: &DomainInfo,
+    reqs: &[MapRequest],
+    bfns: &mut Vec<Bfn>,
+) {
+    bfns.clear();
+    for r in reqs {
+        bfns.push(e.map(m, DomId::DOM0, dom0, r).unwrap());
+    }
+    e.finish(m, DomId::DOM0);
+    for bfn in bfns.iter() {
+        e.unmap(m, DomId::DOM0, ContextId::DEFAULT, *bfn).unwrap();
+    }
+    e.finish(m, DomId::DOM0);
 }
 
 fn map_req(g: u64) -> MapRequest {
@@ -80,23 +105,9 @@ fn bench(c: &mut Criterion) {
         let (mut m, e) = setup(batch + 8, Format::Vtd);
         let reqs: Vec<MapRequest> = (1..=batch).map(map_req).collect();
         let mut bfns = Vec::with_capacity(batch as usize);
-        let dom0 = {
-            use pviommu_hv::platform::Platform;
-            m.domain_info(DomId::DOM0).unwrap()
-        };
+        let dom0 = m.domain_info(DomId::DOM0).unwrap();
         group.bench_with_input(BenchmarkId::new("engine", batch), &batch, |b, _| {
-            b.iter(|| {
-                bfns.clear();
-                for r in &reqs {
-                    bfns.push(e.map(&mut m, DomId::DOM0, &dom0, r).unwrap());
-                }
-                e.finish(&mut m, DomId::DOM0);
-                for bfn in &bfns {
-                    e.unmap(&mut m, DomId::DOM0, ContextId::DEFAULT, *bfn)
-                        .unwrap();
-                }
-                e.finish(&mut m, DomId::DOM0);
-            })
+            b.iter(|| engine_round(&e, &mut m, &dom0, &reqs, &mut bfns))
         });
     }
     group.finish();
@@ -183,26 +194,12 @@ fn scale(c: &mut Criterion) {
     group.sample_size(20);
     let batch = 512u64;
     for live in [1u64 << 10, 1 << 16, 1 << 20] {
-        let pages = live + batch + 8;
-        let mut m = SimMachine::new(pages + 4096, Format::Vtd, 64);
-        m.create_domain(
-            GUEST,
-            DomainSpec {
-                pages,
-                privileged: false,
-                device_model_of: None,
-            },
-        )
-        .unwrap();
         let cfg = Config {
             quota: 2 << 20,
             ..Config::default()
         };
-        let e = Engine::new(cfg, &m).unwrap();
-        let dom0 = {
-            use pviommu_hv::platform::Platform;
-            m.domain_info(DomId::DOM0).unwrap()
-        };
+        let (mut m, e) = setup_with(live + batch + 8, Format::Vtd, cfg);
+        let dom0 = m.domain_info(DomId::DOM0).unwrap();
         for g in 0..live {
             e.map(&mut m, DomId::DOM0, &dom0, &map_req(batch + 8 + g))
                 .unwrap();
@@ -212,18 +209,7 @@ fn scale(c: &mut Criterion) {
         let mut bfns = Vec::with_capacity(batch as usize);
         group.throughput(Throughput::Elements(batch));
         group.bench_with_input(BenchmarkId::new("map+unmap, live", live), &live, |b, _| {
-            b.iter(|| {
-                bfns.clear();
-                for r in &reqs {
-                    bfns.push(e.map(&mut m, DomId::DOM0, &dom0, r).unwrap());
-                }
-                e.finish(&mut m, DomId::DOM0);
-                for bfn in &bfns {
-                    e.unmap(&mut m, DomId::DOM0, ContextId::DEFAULT, *bfn)
-                        .unwrap();
-                }
-                e.finish(&mut m, DomId::DOM0);
-            })
+            b.iter(|| engine_round(&e, &mut m, &dom0, &reqs, &mut bfns))
         });
         // gfn 0 is never mapped; the target has `live` mappings.
         group.throughput(Throughput::Elements(1));

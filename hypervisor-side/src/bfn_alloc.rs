@@ -51,22 +51,6 @@ impl BfnWindow {
         })
     }
 
-    /// A copy, allocated fallibly (`Clone` would abort on allocation failure).
-    pub fn try_clone(&self) -> Result<Self, Errno> {
-        let mut reserved = Vec::new();
-        reserved
-            .try_reserve_exact(self.reserved.len())
-            .map_err(|_| Errno::NoMem)?;
-        for r in self.reserved.iter() {
-            try_push(&mut reserved, *r)?;
-        }
-        Ok(BfnWindow {
-            start: self.start,
-            end: self.end,
-            reserved,
-        })
-    }
-
     /// The reserved range containing `bfn`, if any.
     pub fn reserved_at(&self, bfn: u64) -> Option<&ReservedRange> {
         // Few ranges: a linear scan is faster than anything clever.

@@ -60,10 +60,15 @@ pub fn pattern(g: u64) -> Vec<u8> {
     v
 }
 
-/// A map op.
+/// A map op into the default context.
 pub fn map_op(domid: DomId, gfn: u64, perms: Permissions) -> PvIommuOp {
+    map_op_in(ContextId::DEFAULT, domid, gfn, perms)
+}
+
+/// A map op into `context`.
+pub fn map_op_in(context: ContextId, domid: DomId, gfn: u64, perms: Permissions) -> PvIommuOp {
     Request::Map(MapRequest {
-        context: ContextId::DEFAULT,
+        context,
         domid,
         gfn: Gfn(gfn),
         perms,

@@ -16,7 +16,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use pviommu_abi::{ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions, PvIommuOp, Request};
+use pviommu_abi::{ContextId, DomId, Gfn, Permissions, PvIommuOp, Request};
 use pviommu_hv::engine::Slot;
 use pviommu_hv::sim::{Format, HostAllocations, SimMachine};
 use pviommu_hv::Engine;
@@ -76,18 +76,6 @@ fn made() -> u64 {
     MADE.with(|m| m.get())
 }
 
-fn map_ctx(domid: DomId, gfn: u64, perms: Permissions, ctx: u32) -> PvIommuOp {
-    Request::Map(MapRequest {
-        context: ContextId(ctx),
-        domid,
-        gfn: Gfn(gfn),
-        perms,
-        attr: MemAttr::WriteBack,
-        grant: false,
-    })
-    .encode()
-}
-
 /// Page references held by mappings (live, unmapping, stuck).
 fn held_refs(e: &Engine) -> u64 {
     let st = e.state();
@@ -124,7 +112,7 @@ fn run(fail_at: Option<u64>) -> (u64, u32) {
     steps.push(Step::Batch(DomId::DOM0, Request::ContextCreate.encode()));
     steps.push(Step::Batch(
         DomId::DOM0,
-        map_ctx(GUEST, 2, Permissions::RO, 1),
+        map_op_in(ContextId(1), GUEST, 2, Permissions::RO),
     ));
     steps.push(Step::Balloon(3));
     steps.push(Step::Batch(DomId::DOM0, Request::RevokedNext.encode()));

@@ -3,6 +3,7 @@
 //! what failed before the fix. Allocation failure (4, 11) is swept in
 //! `alloc_failure.rs`, concurrency in `concurrency.rs`.
 
+use std::cell::RefCell;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -40,6 +41,122 @@ fn dma_ok(m: &mut SimMachine, owner: DomId, bfn: Bfn) -> bool {
         .is_ok()
 }
 
+/// Which hypervisor service an [`Interposer`] races.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Service {
+    GetPage,
+    DomainInfo,
+}
+
+/// What another CPU does to the host, once.
+type Race<'a> = Box<dyn FnOnce(&mut SimMachine) + 'a>;
+
+/// The simulated host, with what another CPU does run once, right after
+/// the first call of one service: the window between an unlocked lookup
+/// and the engine taking its lock.
+struct Interposer<'a> {
+    m: RefCell<&'a mut SimMachine>,
+    at: Service,
+    race: RefCell<Option<Race<'a>>>,
+}
+
+impl<'a> Interposer<'a> {
+    fn new(
+        m: &'a mut SimMachine,
+        at: Service,
+        race: Box<dyn FnOnce(&mut SimMachine) + 'a>,
+    ) -> Self {
+        Interposer {
+            m: RefCell::new(m),
+            at,
+            race: RefCell::new(Some(race)),
+        }
+    }
+    fn after(&self, service: Service) {
+        if service == self.at {
+            if let Some(race) = self.race.borrow_mut().take() {
+                race(&mut self.m.borrow_mut());
+            }
+        }
+    }
+}
+
+impl Platform for Interposer<'_> {
+    fn copy_from_guest(&mut self, a: u64, b: &mut [u8]) -> Result<(), Errno> {
+        self.m.borrow_mut().copy_from_guest(a, b)
+    }
+    fn copy_to_guest(&mut self, a: u64, b: &[u8]) -> Result<(), Errno> {
+        self.m.borrow_mut().copy_to_guest(a, b)
+    }
+    fn domain_info(&self, d: DomId) -> Option<DomainInfo> {
+        let info = self.m.borrow().domain_info(d);
+        self.after(Service::DomainInfo);
+        info
+    }
+    fn xsm_check(&self, c: DomId, t: Option<DomId>, a: XsmAction) -> Result<(), Errno> {
+        self.m.borrow().xsm_check(c, t, a)
+    }
+    fn get_page(&mut self, d: DomId, g: Gfn, w: bool) -> Result<PageLookup, Errno> {
+        let r = self.m.borrow_mut().get_page(d, g, w);
+        self.after(Service::GetPage);
+        r
+    }
+    fn put_page(&mut self, mfn: Mfn, w: bool) {
+        self.m.borrow_mut().put_page(mfn, w)
+    }
+    fn ram_end(&self) -> Mfn {
+        self.m.borrow().ram_end()
+    }
+    fn reserved_range(&self, i: usize) -> Option<ReservedRange> {
+        self.m.borrow().reserved_range(i)
+    }
+    fn should_preempt(&mut self) -> bool {
+        false
+    }
+    fn random_seed(&self) -> u64 {
+        self.m.borrow().random_seed()
+    }
+    fn notify_revoked(&mut self, owner: DomId) {
+        self.m.borrow_mut().notify_revoked(owner)
+    }
+}
+
+impl IommuBackend for Interposer<'_> {
+    fn iommu_caps(&self) -> BackendCaps {
+        self.m.borrow().iommu_caps()
+    }
+    fn context_create(&mut self, o: DomId, c: ContextId) -> Result<(), Errno> {
+        self.m.borrow_mut().context_create(o, c)
+    }
+    fn context_destroy(&mut self, o: DomId, c: ContextId) {
+        self.m.borrow_mut().context_destroy(o, c)
+    }
+    fn iommu_map(
+        &mut self,
+        o: DomId,
+        c: ContextId,
+        b: Bfn,
+        mfn: Mfn,
+        p: Permissions,
+        a: MemAttr,
+        g: &mut FlushGather,
+    ) -> Result<(), Errno> {
+        self.m.borrow_mut().iommu_map(o, c, b, mfn, p, a, g)
+    }
+    fn iommu_unmap(
+        &mut self,
+        o: DomId,
+        c: ContextId,
+        b: Bfn,
+        g: &mut FlushGather,
+    ) -> Result<(), Errno> {
+        self.m.borrow_mut().iommu_unmap(o, c, b, g)
+    }
+    fn iommu_flush(&mut self, o: DomId, g: &FlushGather) -> Result<(), Errno> {
+        self.m.borrow_mut().iommu_flush(o, g)
+    }
+}
+
 /// Defect 1. On Xen the C glue tested `target->target == caller`, so the
 /// real device model was refused and the *guest* was accepted as device
 /// model of its stub domain. The rule now lives once, in
@@ -73,90 +190,6 @@ fn d01_device_model_maps_its_guest_never_the_reverse() {
 /// retries and sees the page gone (defect 7's race, too).
 #[test]
 fn d02_d07_hook_from_inside_page_lookup_neither_deadlocks_nor_leaves_stale_map() {
-    struct Racer<'a> {
-        m: &'a mut SimMachine,
-        e: &'a Engine,
-        fired: bool,
-    }
-    impl Platform for Racer<'_> {
-        fn copy_from_guest(&mut self, a: u64, b: &mut [u8]) -> Result<(), Errno> {
-            self.m.copy_from_guest(a, b)
-        }
-        fn copy_to_guest(&mut self, a: u64, b: &[u8]) -> Result<(), Errno> {
-            self.m.copy_to_guest(a, b)
-        }
-        fn domain_info(&self, d: DomId) -> Option<DomainInfo> {
-            self.m.domain_info(d)
-        }
-        fn xsm_check(&self, c: DomId, t: Option<DomId>, a: XsmAction) -> Result<(), Errno> {
-            self.m.xsm_check(c, t, a)
-        }
-        fn get_page(&mut self, d: DomId, g: Gfn, w: bool) -> Result<PageLookup, Errno> {
-            let r = self.m.get_page(d, g, w);
-            if !self.fired {
-                // Another CPU balloons the page out right after our lookup,
-                // and its hook runs (taking the engine lock) before we
-                // reach the engine lock.
-                self.fired = true;
-                self.m.balloon_out(self.e, d, g).unwrap();
-            }
-            r
-        }
-        fn put_page(&mut self, mfn: Mfn, w: bool) {
-            self.m.put_page(mfn, w)
-        }
-        fn ram_end(&self) -> Mfn {
-            self.m.ram_end()
-        }
-        fn reserved_range(&self, i: usize) -> Option<ReservedRange> {
-            self.m.reserved_range(i)
-        }
-        fn should_preempt(&mut self) -> bool {
-            false
-        }
-        fn random_seed(&self) -> u64 {
-            self.m.random_seed()
-        }
-        fn notify_revoked(&mut self, owner: DomId) {
-            self.m.notify_revoked(owner)
-        }
-    }
-    impl IommuBackend for Racer<'_> {
-        fn iommu_caps(&self) -> BackendCaps {
-            self.m.iommu_caps()
-        }
-        fn context_create(&mut self, o: DomId, c: ContextId) -> Result<(), Errno> {
-            self.m.context_create(o, c)
-        }
-        fn context_destroy(&mut self, o: DomId, c: ContextId) {
-            self.m.context_destroy(o, c)
-        }
-        fn iommu_map(
-            &mut self,
-            o: DomId,
-            c: ContextId,
-            b: Bfn,
-            mfn: Mfn,
-            p: Permissions,
-            a: MemAttr,
-            g: &mut FlushGather,
-        ) -> Result<(), Errno> {
-            self.m.iommu_map(o, c, b, mfn, p, a, g)
-        }
-        fn iommu_unmap(
-            &mut self,
-            o: DomId,
-            c: ContextId,
-            b: Bfn,
-            g: &mut FlushGather,
-        ) -> Result<(), Errno> {
-            self.m.iommu_unmap(o, c, b, g)
-        }
-        fn iommu_flush(&mut self, o: DomId, g: &FlushGather) -> Result<(), Errno> {
-            self.m.iommu_flush(o, g)
-        }
-    }
-
     let (mut m, e) = machine(Format::Vtd, 16);
     let dom0 = m.domain_info(DomId::DOM0).unwrap();
     let req = match Request::parse(&map_op(GUEST, 5, Permissions::RW)).unwrap() {
@@ -164,11 +197,13 @@ fn d02_d07_hook_from_inside_page_lookup_neither_deadlocks_nor_leaves_stale_map()
         _ => unreachable!(),
     };
     let got = {
-        let mut racer = Racer {
-            m: &mut m,
-            e: &e,
-            fired: false,
-        };
+        // Another CPU balloons the page out right after our lookup, and its
+        // hook runs (taking the engine lock) before we reach the engine lock.
+        let mut racer = Interposer::new(
+            &mut m,
+            Service::GetPage,
+            Box::new(|m: &mut SimMachine| m.balloon_out(&e, GUEST, Gfn(5)).unwrap()),
+        );
         e.map(&mut racer, DomId::DOM0, &dom0, &req)
     };
     // The retry looked the page up again and found nothing there.
@@ -647,100 +682,18 @@ fn d14_toolstack_sets_a_device_models_quota() {
 /// must not be left behind for a later domain with the same id.
 #[test]
 fn d14_set_limits_racing_a_domain_death_leaves_nothing_behind() {
-    use std::cell::{Cell, RefCell};
-    /// Runs the victim's whole death from inside the first domain lookup,
-    /// as another CPU (the toolstack's destroy) would.
-    struct DeathDuringLookup<'a> {
-        m: RefCell<&'a mut SimMachine>,
-        e: &'a Engine,
-        victim: DomId,
-        fired: Cell<bool>,
-    }
-    impl Platform for DeathDuringLookup<'_> {
-        fn copy_from_guest(&mut self, a: u64, b: &mut [u8]) -> Result<(), Errno> {
-            self.m.borrow_mut().copy_from_guest(a, b)
-        }
-        fn copy_to_guest(&mut self, a: u64, b: &[u8]) -> Result<(), Errno> {
-            self.m.borrow_mut().copy_to_guest(a, b)
-        }
-        fn domain_info(&self, d: DomId) -> Option<DomainInfo> {
-            let info = self.m.borrow().domain_info(d);
-            if d == self.victim && !self.fired.replace(true) {
-                let mut m = self.m.borrow_mut();
-                m.mark_dying(d);
-                self.e.domain_dying(&mut **m, d);
-            }
-            info
-        }
-        fn xsm_check(&self, c: DomId, t: Option<DomId>, a: XsmAction) -> Result<(), Errno> {
-            self.m.borrow().xsm_check(c, t, a)
-        }
-        fn get_page(&mut self, d: DomId, g: Gfn, w: bool) -> Result<PageLookup, Errno> {
-            self.m.borrow_mut().get_page(d, g, w)
-        }
-        fn put_page(&mut self, mfn: Mfn, w: bool) {
-            self.m.borrow_mut().put_page(mfn, w)
-        }
-        fn ram_end(&self) -> Mfn {
-            self.m.borrow().ram_end()
-        }
-        fn reserved_range(&self, i: usize) -> Option<ReservedRange> {
-            self.m.borrow().reserved_range(i)
-        }
-        fn should_preempt(&mut self) -> bool {
-            false
-        }
-        fn random_seed(&self) -> u64 {
-            self.m.borrow().random_seed()
-        }
-        fn notify_revoked(&mut self, owner: DomId) {
-            self.m.borrow_mut().notify_revoked(owner)
-        }
-    }
-    impl IommuBackend for DeathDuringLookup<'_> {
-        fn iommu_caps(&self) -> BackendCaps {
-            self.m.borrow().iommu_caps()
-        }
-        fn context_create(&mut self, o: DomId, c: ContextId) -> Result<(), Errno> {
-            self.m.borrow_mut().context_create(o, c)
-        }
-        fn context_destroy(&mut self, o: DomId, c: ContextId) {
-            self.m.borrow_mut().context_destroy(o, c)
-        }
-        fn iommu_map(
-            &mut self,
-            o: DomId,
-            c: ContextId,
-            b: Bfn,
-            mfn: Mfn,
-            p: Permissions,
-            a: MemAttr,
-            g: &mut FlushGather,
-        ) -> Result<(), Errno> {
-            self.m.borrow_mut().iommu_map(o, c, b, mfn, p, a, g)
-        }
-        fn iommu_unmap(
-            &mut self,
-            o: DomId,
-            c: ContextId,
-            b: Bfn,
-            g: &mut FlushGather,
-        ) -> Result<(), Errno> {
-            self.m.borrow_mut().iommu_unmap(o, c, b, g)
-        }
-        fn iommu_flush(&mut self, o: DomId, g: &FlushGather) -> Result<(), Errno> {
-            self.m.borrow_mut().iommu_flush(o, g)
-        }
-    }
-
     let (mut m, e) = machine(Format::Vtd, 16);
     let got = {
-        let mut racer = DeathDuringLookup {
-            m: RefCell::new(&mut m),
-            e: &e,
-            victim: DEVICE_MODEL,
-            fired: Cell::new(false),
-        };
+        // The toolstack's destroy runs the victim's whole death right after
+        // our (unlocked) lookup of it.
+        let mut racer = Interposer::new(
+            &mut m,
+            Service::DomainInfo,
+            Box::new(|m: &mut SimMachine| {
+                m.mark_dying(DEVICE_MODEL);
+                e.domain_dying(m, DEVICE_MODEL);
+            }),
+        );
         e.set_quota(&mut racer, DEVICE_MODEL, Some(7))
     };
     // The lookup saw it alive; the retry saw it dying.

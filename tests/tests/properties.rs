@@ -48,13 +48,13 @@ fn settle(m: &mut SimMachine, e: &Engine, caller: DomId) {
 
 fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), TestCaseError> {
     let st = e.state();
-    let reserved = st.window().reserved.clone();
+    let reserved = e.window().reserved.clone();
     let mut held_refs = 0u64;
     for dd in st.drivers() {
         let owner = dd.domid();
         for (idx, slot) in dd.slots() {
             let bfn = st.space().bfn_of(idx).unwrap();
-            prop_assert!(bfn.0 >= st.window().start && bfn.0 < st.window().end);
+            prop_assert!(bfn.0 >= e.window().start && bfn.0 < e.window().end);
             prop_assert!(bfn.0 >= m.ram_end_frame(), "BFN above RAM");
             prop_assert!(!reserved
                 .iter()

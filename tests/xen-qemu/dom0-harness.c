@@ -267,17 +267,6 @@ static void fill_domain(uint32_t domid, unsigned long n, xen_pfn_t *frames)
     free(errs);
 }
 
-static int cmd_mkdom(unsigned long n)
-{
-    xen_pfn_t *frames = calloc(n, sizeof(*frames));
-    uint32_t domid = make_domain(n, frames);
-    unsigned long i;
-    fill_domain(domid, n, frames);
-    printf("domid=%u\ngfns=", domid);
-    for ( i = 0; i < n; i++ ) printf("%s0x%lx", i ? "," : "", (unsigned long)frames[i]);
-    printf("\n");
-    return 0;
-}
 
 /*
  * An HVM domain, for the two things a PV domain cannot be: the target of a
@@ -307,15 +296,18 @@ static uint32_t make_hvm_domain(unsigned long n, xen_pfn_t *frames)
     return domid;
 }
 
-static int cmd_mkhvm(unsigned long n)
+/* mkdom / mkhvm: an n-page PV or HVM domain with known bytes; prints its
+ * domid and gfns. */
+static int cmd_mkdom(unsigned long n, int hvm)
 {
     xen_pfn_t *frames = calloc(n, sizeof(*frames));
-    uint32_t domid = make_hvm_domain(n, frames);
+    uint32_t domid = hvm ? make_hvm_domain(n, frames) : make_domain(n, frames);
     unsigned long i;
     fill_domain(domid, n, frames);
     printf("domid=%u\ngfns=", domid);
     for ( i = 0; i < n; i++ ) printf("%s0x%lx", i ? "," : "", (unsigned long)frames[i]);
     printf("\n");
+    free(frames);
     return 0;
 }
 
@@ -1171,8 +1163,8 @@ int main(int argc, char **argv)
     if ( !strcmp(c, "drain-revoked") ) return cmd_drain_revoked();
     open_xc();
     if ( !strcmp(c, "caps") ) return cmd_caps();
-    if ( !strcmp(c, "mkdom") && argc >= 3 ) return cmd_mkdom(strtoul(argv[2], NULL, 0));
-    if ( !strcmp(c, "mkhvm") && argc >= 3 ) return cmd_mkhvm(strtoul(argv[2], NULL, 0));
+    if ( !strcmp(c, "mkdom") && argc >= 3 ) return cmd_mkdom(strtoul(argv[2], NULL, 0), 0);
+    if ( !strcmp(c, "mkhvm") && argc >= 3 ) return cmd_mkdom(strtoul(argv[2], NULL, 0), 1);
     if ( !strcmp(c, "settarget") && argc >= 4 ) return cmd_settarget(strtoul(argv[2], NULL, 0), strtoul(argv[3], NULL, 0));
     if ( !strcmp(c, "peek") && argc >= 4 ) return cmd_peek(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0), 0);
     if ( !strcmp(c, "match") && argc >= 4 ) return cmd_peek(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0), 1);

@@ -87,8 +87,9 @@ impl Link {
 /// The state behind the engine lock.
 #[derive(Debug)]
 pub struct EngineState {
-    config: Config,
-    window: BfnWindow,
+    /// The boot-time quota (the rest of the configuration and the window
+    /// live outside the lock, in [`Engine`]).
+    default_quota: u64,
     space: BfnSpace,
     seed: u64,
     /// Few (the control domain and device models): scanned linearly.
@@ -124,14 +125,6 @@ pub struct MappingView {
 }
 
 impl EngineState {
-    /// The configuration.
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-    /// The BFN window.
-    pub fn window(&self) -> &BfnWindow {
-        &self.window
-    }
     /// The usable BFNs, numbered.
     pub fn space(&self) -> &BfnSpace {
         &self.space
@@ -363,8 +356,7 @@ impl<L: RawMutex> Engine<L> {
             try_push(&mut gates, TargetGate::default())?;
         }
         let state = EngineState {
-            config,
-            window: window.try_clone()?,
+            default_quota: config.quota,
             space,
             seed: h.random_seed(),
             drivers: Vec::new(),
@@ -523,7 +515,7 @@ impl<L: RawMutex> Engine<L> {
             .drivers
             .get(pos)
             .and_then(|d| d.quota)
-            .unwrap_or(st.config.quota);
+            .unwrap_or(st.default_quota);
         let key = map_key(req, mfn);
         {
             let dd = st.drivers.get_mut(pos).ok_or(Errno::Inval)?;
@@ -734,7 +726,7 @@ impl<L: RawMutex> Engine<L> {
         let st = self.state.lock();
         let d = st.driver(caller);
         (
-            d.and_then(|d| d.quota).unwrap_or(st.config.quota),
+            d.and_then(|d| d.quota).unwrap_or(st.default_quota),
             d.map_or(0, |d| d.used()),
             d.map_or(0, |d| d.revoked()),
         )
