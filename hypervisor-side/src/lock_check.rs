@@ -1,15 +1,17 @@
-//! The hosted engine lock, with lock-order checking.
+//! The hosted driver-domain lock, with lock-order checking.
 //!
-//! Xen's lock order puts the target's p2m lock *before* the engine lock
-//! (gfn hooks run with a p2m lock held and take the engine lock), so the
+//! Xen's lock order puts the target's p2m lock *before* the engine's driver
+//! locks (gfn hooks run with a p2m lock held and take driver locks), so the
 //! engine must never call a service that takes a p2m lock (page lookup,
-//! guest copy, domain lookup) while holding its own lock: two pCPUs would
-//! deadlock. Xen itself would only show that as a hang under the right race;
-//! the simulator checks it on every call: [`CheckedLock`] marks the thread
-//! that holds the engine lock, and the simulated services record a
-//! violation ([`violations`]) when called from it. A hook re-entering the
-//! engine from such a service would otherwise deadlock the test: the lock
-//! panics instead, naming the problem.
+//! guest copy, domain lookup) while holding one of its locks: two pCPUs
+//! would deadlock. Xen itself would only show that as a hang under the right
+//! race; the simulator checks it on every call: [`CheckedLock`] counts the
+//! engine locks the thread holds, and the simulated services record a
+//! violation ([`violations`]) when called with any held. A blocking `lock`
+//! while the thread already holds one is an inversion too (the engine takes
+//! one driver lock at a time; only [`crate::engine::Engine::state`] holds
+//! several, taken with `try_lock` in cell order): the lock panics, naming
+//! the problem, instead of deadlocking the test.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 use std::cell::Cell;
@@ -17,14 +19,14 @@ use std::cell::Cell;
 use lock_api::{GuardSend, RawMutex};
 
 thread_local! {
-    static HELD: Cell<bool> = const { Cell::new(false) };
+    static HELD: Cell<u32> = const { Cell::new(0) };
 }
 
 static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
 
 /// Whether this thread holds an engine lock now.
 pub fn engine_lock_held() -> bool {
-    HELD.with(|h| h.get())
+    HELD.with(|h| h.get()) != 0
 }
 
 /// Record a service called with the engine lock held (see module docs).
@@ -52,21 +54,22 @@ unsafe impl RawMutex for CheckedLock {
     fn lock(&self) {
         assert!(
             !engine_lock_held(),
-            "engine lock taken twice on one thread: a hook re-entered the engine from a \
-             service the engine called with its lock held (lock-order inversion)"
+            "a second engine lock taken on one thread: a hook re-entered the engine from \
+             a service the engine called with a lock held, or the engine nested two \
+             driver locks (lock-order inversion)"
         );
         self.0.lock();
-        HELD.with(|h| h.set(true));
+        HELD.with(|h| h.set(h.get() + 1));
     }
     fn try_lock(&self) -> bool {
         let ok = self.0.try_lock();
         if ok {
-            HELD.with(|h| h.set(true));
+            HELD.with(|h| h.set(h.get() + 1));
         }
         ok
     }
     unsafe fn unlock(&self) {
-        HELD.with(|h| h.set(false));
+        HELD.with(|h| h.set(h.get().saturating_sub(1)));
         // SAFETY: the caller holds the lock.
         unsafe { self.0.unlock() }
     }

@@ -6,20 +6,20 @@
  * (CONFIG_PV_IOMMU, patches/). Policy, the BFN table and revocation live in
  * the Rust engine (rust_engine.o, entry points pviommu_engine_*); this file is
  * the glue: the hypercall entry, the hooks Xen calls when a domain dies or a
- * p2m changes, the engine lock, and the pvx_* primitives of
+ * p2m changes, the driver locks, and the pvx_* primitives of
  * pviommu_engine.h, each a thin wrapper over a Xen primitive.
  *
  * Locks (design/xen-integration.md):
  *
- *   target's p2m lock  ->  pviommu_engine_lock  ->  driver domain's IOMMU
- *   (hooks only)                                    mapping_lock, page_alloc,
- *                                                   heap_lock
+ *   target's p2m lock  ->  one pvx_driver_locks[]  ->  driver domain's IOMMU
+ *   (hooks only)           (never two at once)        mapping_lock, page_alloc,
+ *                                                     heap_lock
  *
  * No lock of this file is held across a guest copy, a p2m lookup
  * (pvx_get_page), an XSM check or a domain lookup: do_pv_iommu_op enters the
- * engine with nothing held and the engine takes the lock only around its own
- * state. A hook entered with a p2m lock held can therefore always take the
- * engine lock.
+ * engine with nothing held and the engine takes a driver lock only around
+ * that driver domain's state. A hook entered with a p2m lock held can
+ * therefore always take a driver lock.
  *
  * pvx_* functions are called directly from Rust (never through a pointer),
  * so none needs cf_check; the hooks are called directly from Xen.
@@ -82,7 +82,6 @@ static void __init pviommu_build_checks(void)
 }
 
 /* Serialises the engine's own state; taken only by the engine. */
-static DEFINE_SPINLOCK(pviommu_engine_lock);
 
 /*
  * iommu_hwdom_strict is __hwdom_initdata: gone once init memory is freed.
@@ -601,14 +600,24 @@ int pvx_reserved_region(unsigned int index, uint64_t *start_frame,
 /* pvx_*: primitives for the engine                                  */
 /* ---------------------------------------------------------------- */
 
-void pvx_engine_lock(void)
+/*
+ * One lock per driver cell of the engine (a driver domain's state); the
+ * engine holds at most one at a time. The cell number comes from the
+ * engine, never from a guest, and is below PVX_DRIVER_CELLS.
+ */
+static spinlock_t pvx_driver_locks[PVX_DRIVER_CELLS] = {
+    [0 ... PVX_DRIVER_CELLS - 1] = SPIN_LOCK_UNLOCKED,
+};
+
+void pvx_driver_lock(unsigned int cell)
 {
-    spin_lock(&pviommu_engine_lock);
+    ASSERT(cell < PVX_DRIVER_CELLS);
+    spin_lock(&pvx_driver_locks[cell % PVX_DRIVER_CELLS]);
 }
 
-void pvx_engine_unlock(void)
+void pvx_driver_unlock(unsigned int cell)
 {
-    spin_unlock(&pviommu_engine_lock);
+    spin_unlock(&pvx_driver_locks[cell % PVX_DRIVER_CELLS]);
 }
 
 /*
@@ -970,8 +979,8 @@ void pvx_notify_revoked(uint16_t owner)
     /*
      * Read-locks v->virq_lock, trylocks the channel, then the FIFO queue
      * lock or scheduler locks (vcpu_kick), or for an HVM callback the
-     * domain's irq_lock: none of them is held around a p2m lock or the
-     * engine lock, so this is safe under a hook's p2m lock. Xen does the
+     * domain's irq_lock: none of them is held around a p2m lock or a
+     * driver lock, so this is safe under a hook's p2m lock. Xen does the
      * same from alloc_heap_pages (VIRQ_ENOMEM under heap_lock).
      */
     send_guest_global_virq(d, VIRQ_PV_IOMMU);

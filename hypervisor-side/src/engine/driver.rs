@@ -1,8 +1,11 @@
 //! A driver domain's mapping table: one slot per BFN (indexed through the
 //! [`BfnSpace`](crate::bfn_alloc::BfnSpace)), each in one of the states of a
-//! BFN's life, and the lists that thread through them. Nothing here
-//! allocates except [`DriverDomain::reserve_slot`], which runs before any
-//! state changes.
+//! BFN's life, the lists that thread through them, and the page index
+//! (target domid, gfn) -> chain of this domain's live mappings of that page,
+//! which serves both dedup and revocation. Nothing here allocates except
+//! [`DriverDomain::reserve_slot`], which runs before any state changes.
+//! The whole structure sits behind the driver domain's own lock
+//! ([`super`] says which lock protects what).
 //!
 //! A BFN's life:
 //!
@@ -36,9 +39,9 @@ pub struct Mapping {
     pub gfn: Gfn,
     /// Machine frame (never leaves the hypervisor side).
     pub mfn: Mfn,
-    /// Next live mapping of the same (domid, gfn), in any driver domain (a
-    /// packed `Link`: threads the engine's target index); once the mapping
-    /// is Unmapping or Stuck, the next slot of that list instead.
+    /// Slot of the next live mapping of the same (domid, gfn) in this
+    /// driver domain (the page index's chain); once the mapping is
+    /// Unmapping or Stuck, the next slot of that list instead.
     pub(crate) next_same_page: u64,
     /// Map requests not yet unmapped.
     pub refs: u32,
@@ -61,13 +64,33 @@ impl Mapping {
             && self.perms == other.perms
             && self.attr == other.attr
     }
-    pub(crate) fn key_hash(&self, seed: u64) -> u64 {
-        let extra = (self.context.0 as u64) << 8
-            | (self.perms.flag_bits() as u64) << 4
-            | self.attr.field() as u64;
-        hash64(seed, self.gfn.0, (self.domid.0 as u64) << 32 | extra)
-    }
 }
+
+/// Hash of a page (target domid, gfn) in the page index.
+fn page_hash(seed: u64, domid: DomId, gfn: Gfn) -> u64 {
+    hash64(seed, gfn.0, domid.0 as u64)
+}
+
+/// Hash of a target domid in the per-target counts.
+fn target_hash(seed: u64, domid: DomId) -> u64 {
+    hash64(seed, domid.0 as u64, 0x7a72_6765_7473)
+}
+
+/// A per-target count packs the domid above the count.
+const COUNT_BITS: u32 = 40;
+fn count_pack(domid: DomId, n: u64) -> u64 {
+    (domid.0 as u64) << COUNT_BITS | n
+}
+fn count_domid(v: u64) -> DomId {
+    DomId((v >> COUNT_BITS) as u16)
+}
+fn count_of(v: u64) -> u64 {
+    v & ((1 << COUNT_BITS) - 1)
+}
+
+/// Longest chain of one page in one driver domain: one mapping per
+/// (context, perms, attr). Walks are bounded by it.
+pub(crate) const CHAIN_BOUND: usize = crate::config::MAX_CONTEXTS as usize * 2 * 8;
 
 /// What the owner is told about a revoked BFN.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -128,8 +151,14 @@ pub struct DriverDomain {
     pub(crate) slots: Vec<Slot>,
     pub(crate) free_head: u64,
     pub(crate) free: u64,
-    /// Dedup index: key (domid, gfn, context, perms, attr) -> slot, over Live slots.
-    pub(crate) reverse: IndexTable,
+    /// Page index: (target domid, gfn) -> first Live slot of that page; the
+    /// rest of the chain follows through `next_same_page`. Dedup walks the
+    /// chain; revocation takes it whole.
+    pub(crate) pages: IndexTable,
+    /// Target domid -> distinct pages of it in `pages` (packed with the
+    /// domid): says when this domain stops mapping a target, so the
+    /// target's gate can stop sending its hooks here.
+    pub(crate) targets: IndexTable,
     pub(crate) unmapping_head: u64,
     pub(crate) stuck_head: u64,
     pub(crate) revoked_head: u64,
@@ -152,7 +181,8 @@ impl DriverDomain {
             slots: Vec::new(),
             free_head: NONE,
             free: 0,
-            reverse: IndexTable::new(),
+            pages: IndexTable::new(),
+            targets: IndexTable::new(),
             unmapping_head: NONE,
             stuck_head: NONE,
             revoked_head: NONE,
@@ -205,7 +235,19 @@ impl DriverDomain {
     }
     /// Bytes of heap this driver domain holds.
     pub fn heap_bytes(&self) -> usize {
-        self.slots.capacity() * core::mem::size_of::<Slot>() + self.reverse.heap_bytes()
+        self.slots.capacity() * core::mem::size_of::<Slot>()
+            + self.pages.heap_bytes()
+            + self.targets.heap_bytes()
+    }
+    /// Distinct (target domid, gfn) pages this domain maps.
+    pub fn mapped_pages(&self) -> usize {
+        self.pages.len()
+    }
+    /// Distinct pages of target `domid` this domain maps.
+    pub fn pages_of(&self, seed: u64, domid: DomId) -> u64 {
+        self.targets
+            .find(target_hash(seed, domid), |v| count_domid(v) == domid)
+            .map_or(0, count_of)
     }
 
     pub(crate) fn slot(&self, idx: u64) -> Option<&Slot> {
@@ -227,17 +269,40 @@ impl DriverDomain {
         }
     }
 
-    /// The Live slot with `key`'s dedup key.
-    pub(crate) fn find_key(&self, seed: u64, key: &Mapping) -> Option<u64> {
+    /// First live mapping of page (domid, gfn).
+    pub(crate) fn page_head(&self, seed: u64, domid: DomId, gfn: Gfn) -> Option<u64> {
         let slots = &self.slots;
-        self.reverse.find(
-            key.key_hash(seed),
-            |v| matches!(slots.get(v as usize), Some(Slot::Live(m)) if m.same_key(key)),
-        )
+        self.pages.find(page_hash(seed, domid, gfn), |v| {
+            matches!(slots.get(v as usize), Some(Slot::Live(m)) if m.domid == domid && m.gfn == gfn)
+        })
+    }
+
+    /// The live mappings of page (domid, gfn): (slot, mapping), bounded by
+    /// [`CHAIN_BOUND`].
+    pub(crate) fn page_chain(
+        &self,
+        seed: u64,
+        domid: DomId,
+        gfn: Gfn,
+    ) -> impl Iterator<Item = (u64, Mapping)> + '_ {
+        let mut at = self.page_head(seed, domid, gfn);
+        (0..CHAIN_BOUND).map_while(move |_| {
+            let idx = at?;
+            let m = *self.live_at(idx)?;
+            at = (m.next_same_page != NONE).then_some(m.next_same_page);
+            Some((idx, m))
+        })
+    }
+
+    /// The Live slot with `key`'s dedup key (same page, context, perms, attr).
+    pub(crate) fn find_key(&self, seed: u64, key: &Mapping) -> Option<u64> {
+        self.page_chain(seed, key.domid, key.gfn)
+            .find(|(_, m)| m.same_key(key))
+            .map(|(i, _)| i)
     }
 
     /// Make sure one more mapping needs no memory: a free slot (or room
-    /// for one, up to `limit` slots) and room in the dedup index.
+    /// for one, up to `limit` slots) and room in both indices.
     pub(crate) fn reserve_slot(&mut self, seed: u64, limit: u64) -> Result<(), Errno> {
         if self.free_head == NONE {
             if self.slots.len() as u64 >= limit {
@@ -254,10 +319,12 @@ impl DriverDomain {
             }
         }
         let slots = &self.slots;
-        self.reverse.reserve_one(|v| match slots.get(v as usize) {
-            Some(Slot::Live(m)) => m.key_hash(seed),
+        self.pages.reserve_one(|v| match slots.get(v as usize) {
+            Some(Slot::Live(m)) => page_hash(seed, m.domid, m.gfn),
             _ => 0,
-        })
+        })?;
+        self.targets
+            .reserve_one(|v| target_hash(seed, count_domid(v)))
     }
 
     /// Take a free slot (after [`reserve_slot`](Self::reserve_slot)). The
@@ -285,9 +352,26 @@ impl DriverDomain {
         }
     }
 
-    /// Store a new Live mapping at `idx` and index it (capacity reserved).
-    pub(crate) fn install(&mut self, seed: u64, idx: u64, m: Mapping) -> Result<(), Errno> {
-        self.reverse.insert(m.key_hash(seed), idx)?;
+    /// Store a new Live mapping at `idx` and index it as the head of its
+    /// page's chain (capacity reserved by [`reserve_slot`](Self::reserve_slot)).
+    pub(crate) fn install(&mut self, seed: u64, idx: u64, mut m: Mapping) -> Result<(), Errno> {
+        let hash = page_hash(seed, m.domid, m.gfn);
+        match self.page_head(seed, m.domid, m.gfn) {
+            Some(head) => {
+                m.next_same_page = head;
+                let slots = &self.slots;
+                self.pages.replace(
+                    hash,
+                    |v| v == head && matches!(slots.get(v as usize), Some(Slot::Live(_))),
+                    idx,
+                );
+            }
+            None => {
+                m.next_same_page = NONE;
+                self.pages.insert(hash, idx)?;
+                self.count_target(seed, m.domid, true)?;
+            }
+        }
         if let Some(s) = self.slot_mut(idx) {
             *s = Slot::Live(m);
         }
@@ -295,11 +379,61 @@ impl DriverDomain {
         Ok(())
     }
 
-    /// Take a Live mapping out of the dedup index (the slot keeps it until
-    /// the caller changes the slot's state).
+    /// One more (`up`) or one fewer distinct page of `domid`.
+    fn count_target(&mut self, seed: u64, domid: DomId, up: bool) -> Result<(), Errno> {
+        let hash = target_hash(seed, domid);
+        let n = self.pages_of(seed, domid);
+        match (n, up) {
+            (0, true) => self.targets.insert(hash, count_pack(domid, 1)),
+            (0, false) => Ok(()),
+            (1, false) => {
+                self.targets.remove(hash, |v| count_domid(v) == domid);
+                Ok(())
+            }
+            (n, up) => {
+                let n = if up { n + 1 } else { n - 1 };
+                self.targets
+                    .replace(hash, |v| count_domid(v) == domid, count_pack(domid, n));
+                Ok(())
+            }
+        }
+    }
+
+    /// Take a Live mapping out of its page's chain (the slot keeps it until
+    /// the caller changes the slot's state). Bounded by [`CHAIN_BOUND`].
     pub(crate) fn unindex(&mut self, seed: u64, idx: u64) -> Option<Mapping> {
         let m = *self.live_at(idx)?;
-        self.reverse.remove(m.key_hash(seed), |v| v == idx);
+        let head = self.page_head(seed, m.domid, m.gfn)?;
+        let hash = page_hash(seed, m.domid, m.gfn);
+        if head == idx {
+            if m.next_same_page == NONE {
+                self.pages.remove(hash, |v| v == idx);
+                let _ = self.count_target(seed, m.domid, false);
+            } else {
+                self.pages.replace(hash, |v| v == idx, m.next_same_page);
+            }
+        } else {
+            let mut at = head;
+            let mut found = false;
+            for _ in 0..CHAIN_BOUND {
+                let Some(cur) = self.live_at(at).copied() else {
+                    break;
+                };
+                if cur.next_same_page == idx {
+                    if let Some(prev) = self.live_at_mut(at) {
+                        prev.next_same_page = m.next_same_page;
+                    }
+                    found = true;
+                    break;
+                }
+                at = cur.next_same_page;
+            }
+            if !found {
+                // Not in its chain: a corrupted index. Tests catch it here;
+                // in Xen the slot is still taken down (below).
+                debug_assert!(false, "live mapping missing from its page chain");
+            }
+        }
         self.live -= 1;
         Some(m)
     }
@@ -364,7 +498,13 @@ impl DriverDomain {
         Ok(notice)
     }
 
-    /// Give the slot array and the dedup index back once no BFN is in use
+    /// Whether this state holds nothing a driver domain could tell apart
+    /// from no state at all (so its cell may go to another domain).
+    pub(crate) fn is_idle(&self) -> bool {
+        self.used() == 0 && self.contexts == 1 && self.quota.is_none() && self.gather.is_empty()
+    }
+
+    /// Give the slot array and the indices back once no BFN is in use
     /// (everything unmapped and acknowledged): the engine's memory returns
     /// to what an idle driver domain costs. Frees only; never allocates.
     pub(crate) fn compact_if_empty(&mut self) {
@@ -374,7 +514,8 @@ impl DriverDomain {
         self.slots = Vec::new();
         self.free_head = NONE;
         self.free = 0;
-        self.reverse = IndexTable::new();
+        self.pages = IndexTable::new();
+        self.targets = IndexTable::new();
         self.unmapping_head = NONE;
         self.stuck_head = NONE;
         self.revoked_head = NONE;

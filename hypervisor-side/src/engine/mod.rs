@@ -4,35 +4,45 @@
 //!
 //! * **Target gates** ([`TargetGate`], one per domid, atomics, no lock):
 //!   how many live mappings or in-flight maps point at a domain's pages
-//!   (`active`), and a sequence number bumped whenever the domain's p2m loses
-//!   a page the engine may have looked up (`seq`). They let the gfn hook of a
-//!   domain nobody maps return without touching any lock, and let a map that
-//!   looked its page up *without* the engine lock detect that the page left
-//!   in between.
-//! * **The engine lock** (`state`, a platform lock: a Xen spinlock, or a
-//!   `parking_lot` mutex in the simulator): everything in [`EngineState`]:
-//!   every driver domain's slots, indices, lists and pending flush, and the
-//!   target index.
+//!   (`active`), a sequence number bumped whenever the domain's p2m loses a
+//!   page the engine may have looked up (`seq`), and which driver cells map
+//!   its pages (`drivers`). They let the gfn hook of a domain nobody maps
+//!   return without touching any lock, send the hook of a mapped one only
+//!   to the driver domains that map it, and let a map that looked its page
+//!   up *without* a lock detect that the page left in between.
+//! * **Cell table** (`cell_of`, `owners`, atomics, no lock): which of the
+//!   [`MAX_DRIVER_DOMAINS`] cells holds a driver domain's state. Claimed by
+//!   compare-and-swap on first use, given back when the state is idle;
+//!   checked again under the cell's lock.
+//! * **A driver lock per cell** (a platform lock: one of Xen's spinlocks
+//!   `pvx_driver_locks[]`, or a checked `parking_lot` mutex hosted): that
+//!   driver domain's [`DriverDomain`]: its slots, page index, lists, quota
+//!   and pending flush. Two driver domains map, unmap and flush in
+//!   parallel; a hook takes the locks of the cells its target's gate names,
+//!   one at a time.
 //!
-//! Lock order: `target p2m lock -> engine lock -> IOMMU mapping lock ->
-//! heap lock`. The engine never holds its lock across a guest copy,
-//! [`Platform::get_page`] or [`Platform::domain_info`] (those take p2m locks),
-//! so a hook entered with a p2m lock held can always take the engine lock.
+//! Lock order: `target p2m lock -> one driver lock -> IOMMU mapping lock ->
+//! heap lock`. The engine never holds two driver locks (only the
+//! inspection view [`Engine::state`] does, by `try_lock` in cell order),
+//! and never holds one across a guest copy, [`Platform::get_page`] or
+//! [`Platform::domain_info`] (those take p2m locks), so a hook entered with
+//! a p2m lock held can always take a driver lock.
 //!
 //! # Storage
 //!
 //! Per driver domain, a slot array indexed by BFN (through [`BfnSpace`]), a
-//! dedup index, and lists threaded through the slots (free, unmapping, stuck,
-//! revocation notices): O(1) map, unmap, lookup and acknowledge. Across
-//! driver domains, the target index (domid, gfn) -> chain of live mappings:
-//! O(1) revocation from the gfn hook. Every allocation happens before any
-//! state changes and fails with `ENOMEM`; nothing on a hypercall or hook
-//! path can panic (`build-engine.sh` proves it for the Xen object).
+//! page index (target domid, gfn) -> chain of its live mappings of that
+//! page, which serves both dedup and O(1) revocation from the gfn hook, and
+//! lists threaded through the slots (free, unmapping, stuck, revocation
+//! notices): O(1) map, unmap, lookup and acknowledge. Every allocation
+//! happens before any state changes and fails with `ENOMEM`; nothing on a
+//! hypercall or hook path can panic (`build-engine.sh` proves it for the
+//! Xen object).
 
 mod driver;
 mod revoke;
 
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use alloc::vec::Vec;
 use lock_api::{Mutex, MutexGuard, RawMutex};
@@ -45,8 +55,8 @@ use crate::config::{Config, MAX_CONTEXTS, X86_MSI_WINDOW};
 use crate::iommu::IommuBackend;
 use crate::permission::{check_map, check_page};
 use crate::platform::{DomainInfo, Platform, ReservedRange};
-use crate::storage::{hash64, try_push, IndexTable};
-use crate::{Bfn, ContextId, DomId, Errno, Gfn, Mfn};
+use crate::storage::try_push;
+use crate::{Bfn, ContextId, DomId, Errno, Mfn};
 use driver::NONE;
 use pviommu_abi::{region_kind, MapRequest};
 
@@ -57,56 +67,45 @@ impl<T: Platform + IommuBackend> Hypervisor for T {}
 /// How often a map retries when the target's p2m changed under it.
 const MAP_RETRIES: u32 = 4;
 
-/// Per-domid atomics read without the engine lock (see the module docs).
+/// Driver domains holding engine state at once (one bit each in a target
+/// gate's `drivers` mask). Cell 0 is kept for dom0, so device models
+/// filling the rest cannot lock the control domain's mediator out.
+pub const MAX_DRIVER_DOMAINS: usize = 64;
+/// `cell_of` entry of a domain without a cell.
+const NO_CELL: u8 = u8::MAX;
+/// `owners` entry of a free cell.
+const FREE_CELL: u32 = u32::MAX;
+
+/// Per-target-domid atomics read without any lock (see the module docs).
 #[derive(Debug, Default)]
 pub struct TargetGate {
+    /// Live mappings of this domain's pages plus maps of them in flight.
     active: AtomicU32,
+    /// Bumped whenever the domain's p2m loses a page the engine may have
+    /// looked up, and when the domain starts dying.
     seq: AtomicU32,
+    /// Bit n: driver cell n maps pages of this domain (or is mapping one
+    /// right now). Changed only under cell n's lock.
+    drivers: AtomicU64,
 }
 
-/// A packed (owner domid, slot index): a mapping anywhere in the engine.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) struct Link {
-    owner: DomId,
-    slot: u64,
-}
-
-impl Link {
-    const SLOT_BITS: u32 = 40;
-    pub(crate) fn pack(self) -> u64 {
-        (self.owner.0 as u64) << Self::SLOT_BITS | (self.slot & ((1 << Self::SLOT_BITS) - 1))
-    }
-    pub(crate) fn unpack(v: u64) -> Option<Link> {
-        (v != NONE).then_some(Link {
-            owner: DomId((v >> Self::SLOT_BITS) as u16),
-            slot: v & ((1 << Self::SLOT_BITS) - 1),
-        })
-    }
-}
-
-/// The state behind the engine lock.
-#[derive(Debug)]
-pub struct EngineState {
-    /// The boot-time quota (the rest of the configuration and the window
-    /// live outside the lock, in [`Engine`]).
-    default_quota: u64,
-    space: BfnSpace,
-    seed: u64,
-    /// Few (the control domain and device models): scanned linearly.
-    drivers: Vec<DriverDomain>,
-    /// (target domid, gfn) -> first live mapping of it; the rest follow
-    /// through [`Mapping::next_same_page`].
-    target_index: IndexTable,
-}
-
-/// The engine: target gates and the locked state. `L` is the platform's
-/// lock (a Xen spinlock behind `pvx_engine_lock` inside Xen).
+/// The engine: fixed tables read without locks, and one locked
+/// [`DriverDomain`] per driver domain. `L` is the platform's lock (a
+/// spinlock inside Xen, a checked `parking_lot` mutex hosted).
 pub struct Engine<L: RawMutex> {
-    /// Fixed at boot; read without the lock.
+    /// Fixed at boot: read without a lock.
     config: Config,
     window: BfnWindow,
+    space: BfnSpace,
+    seed: u64,
+    /// One per domid that can be a target.
     gates: Vec<TargetGate>,
-    state: Mutex<L, EngineState>,
+    /// Domid -> the cell holding its driver state, or [`NO_CELL`].
+    cell_of: Vec<AtomicU8>,
+    /// Cell -> the domid it belongs to, or [`FREE_CELL`].
+    owners: Vec<AtomicU32>,
+    /// The driver domains' states, each behind its own lock.
+    cells: Vec<Mutex<L, DriverDomain>>,
 }
 
 impl<L: RawMutex> core::fmt::Debug for Engine<L> {
@@ -124,18 +123,25 @@ pub struct MappingView {
     pub mapping: Mapping,
 }
 
-impl EngineState {
+/// Every driver domain's state, locked, to look at (tests, stats, the
+/// simulator's tools): see [`Engine::state`].
+pub struct StateView<'a, L: RawMutex> {
+    space: &'a BfnSpace,
+    guards: [Option<MutexGuard<'a, L, DriverDomain>>; MAX_DRIVER_DOMAINS],
+}
+
+impl<L: RawMutex> StateView<'_, L> {
     /// The usable BFNs, numbered.
     pub fn space(&self) -> &BfnSpace {
-        &self.space
+        self.space
     }
     /// A driver domain's state, if it has any.
     pub fn driver(&self, domid: DomId) -> Option<&DriverDomain> {
-        self.drivers.iter().find(|d| d.domid == domid)
+        self.drivers().find(|d| d.domid == domid)
     }
     /// Every driver domain with state.
     pub fn drivers(&self) -> impl Iterator<Item = &DriverDomain> {
-        self.drivers.iter()
+        self.guards.iter().flatten().map(|g| &**g)
     }
     /// Live mappings of `owner` with their BFNs, in BFN-index order.
     pub fn live_mappings(&self, owner: DomId) -> impl Iterator<Item = MappingView> + '_ {
@@ -149,142 +155,14 @@ impl EngineState {
             })
         })
     }
-    /// Entries in the target index (distinct mapped (domid, gfn) pairs).
+    /// Distinct (driver domain, target domid, gfn) pages mapped.
     pub fn mapped_pages(&self) -> usize {
-        self.target_index.len()
+        self.drivers().map(|d| d.mapped_pages()).sum()
     }
-    /// Heap bytes held by the engine's tables.
+    /// Heap bytes held by the driver domains' tables (the fixed boot-time
+    /// tables are [`Engine::boot_bytes`]).
     pub fn heap_bytes(&self) -> usize {
-        self.drivers.capacity() * core::mem::size_of::<DriverDomain>()
-            + self.drivers.iter().map(|d| d.heap_bytes()).sum::<usize>()
-            + self.target_index.heap_bytes()
-    }
-
-    fn driver_pos(&self, domid: DomId) -> Option<usize> {
-        self.drivers.iter().position(|d| d.domid == domid)
-    }
-
-    /// The driver domain, created (fallibly) on first use.
-    fn driver_pos_or_create(&mut self, domid: DomId) -> Result<usize, Errno> {
-        if let Some(p) = self.driver_pos(domid) {
-            return Ok(p);
-        }
-        try_push(&mut self.drivers, DriverDomain::new(domid))?;
-        Ok(self.drivers.len() - 1)
-    }
-
-    fn target_hash(&self, domid: DomId, gfn: Gfn) -> u64 {
-        hash64(self.seed, gfn.0, domid.0 as u64)
-    }
-
-    fn mapping_at(drivers: &[DriverDomain], link: Link) -> Option<&Mapping> {
-        drivers
-            .iter()
-            .find(|d| d.domid == link.owner)
-            .and_then(|d| d.live_at(link.slot))
-    }
-
-    /// Head of the chain of live mappings of (domid, gfn).
-    fn target_head(&self, domid: DomId, gfn: Gfn) -> Option<Link> {
-        let drivers = &self.drivers;
-        let v = self.target_index.find(self.target_hash(domid, gfn), |v| {
-            Link::unpack(v)
-                .and_then(|l| Self::mapping_at(drivers, l))
-                .is_some_and(|m| m.domid == domid && m.gfn == gfn)
-        })?;
-        Link::unpack(v)
-    }
-
-    fn reserve_target_entry(&mut self) -> Result<(), Errno> {
-        let drivers = &self.drivers;
-        let seed = self.seed;
-        self.target_index.reserve_one(|v| {
-            Link::unpack(v)
-                .and_then(|l| Self::mapping_at(drivers, l))
-                .map_or(0, |m| hash64(seed, m.gfn.0, m.domid.0 as u64))
-        })
-    }
-
-    /// Link a freshly installed live mapping into the target index.
-    fn target_link(&mut self, link: Link) -> Result<(), Errno> {
-        let m = *Self::mapping_at(&self.drivers, link).ok_or(Errno::Inval)?;
-        let hash = self.target_hash(m.domid, m.gfn);
-        match self.target_head(m.domid, m.gfn) {
-            Some(head) => {
-                // New mapping becomes the head; the old head follows it.
-                let pos = self.driver_pos(link.owner).ok_or(Errno::Inval)?;
-                let d = self.drivers.get_mut(pos).ok_or(Errno::Inval)?;
-                if let Some(nm) = d.live_at_mut(link.slot) {
-                    nm.next_same_page = head.pack();
-                }
-                let drivers = &self.drivers;
-                self.target_index.replace(
-                    hash,
-                    |v| Link::unpack(v) == Some(head) && Self::mapping_at(drivers, head).is_some(),
-                    link.pack(),
-                );
-                Ok(())
-            }
-            None => self.target_index.insert(hash, link.pack()),
-        }
-    }
-
-    /// Unlink a live mapping from the target index (before its slot changes).
-    fn target_unlink(&mut self, link: Link) {
-        let Some(m) = Self::mapping_at(&self.drivers, link).copied() else {
-            return;
-        };
-        let hash = self.target_hash(m.domid, m.gfn);
-        let Some(head) = self.target_head(m.domid, m.gfn) else {
-            return;
-        };
-        if head == link {
-            match Link::unpack(m.next_same_page) {
-                Some(next) => {
-                    let drivers = &self.drivers;
-                    self.target_index.replace(
-                        hash,
-                        |v| {
-                            Link::unpack(v) == Some(head)
-                                && Self::mapping_at(drivers, head).is_some()
-                        },
-                        next.pack(),
-                    );
-                }
-                None => {
-                    self.target_index.remove(hash, |v| v == head.pack());
-                }
-            }
-            return;
-        }
-        // Walk the chain to the predecessor. Bounded: a chain holds one
-        // entry per (driver domain, context, perms, attr) mapping this page.
-        let mut at = head;
-        for _ in 0..self
-            .drivers
-            .len()
-            .saturating_mul(MAX_CONTEXTS as usize * 16)
-        {
-            let Some(cur) = Self::mapping_at(&self.drivers, at).copied() else {
-                return;
-            };
-            let Some(next) = Link::unpack(cur.next_same_page) else {
-                return;
-            };
-            if next == link {
-                if let Some(d) = self.drivers.iter_mut().find(|d| d.domid == at.owner) {
-                    if let Some(pm) = d.live_at_mut(at.slot) {
-                        pm.next_same_page = m.next_same_page;
-                    }
-                }
-                return;
-            }
-            at = next;
-        }
-        // A chain longer than one entry per (driver, context, perms, attr)
-        // is a corrupted index. Tests catch it here; in Xen it is a stale
-        // link to a slot that is no longer Live, which lookups skip.
-        debug_assert!(false, "target chain longer than its bound");
+        self.drivers().map(|d| d.heap_bytes()).sum()
     }
 }
 
@@ -301,11 +179,6 @@ enum MapOutcome {
     /// Failed after the IOMMU entry existed: the engine took both over and
     /// releases them after the flush. The caller must not touch them.
     Consumed(Errno),
-}
-
-enum Prepared {
-    Shared(Bfn),
-    Reserved(usize),
 }
 
 /// The mapping a request asks for, over frame `mfn`.
@@ -328,9 +201,26 @@ enum UnmapKind {
     Revoked,
 }
 
+/// A driver domain's locked state and the cell it lives in.
+pub(crate) struct Driver<'a, L: RawMutex> {
+    cell: usize,
+    dd: MutexGuard<'a, L, DriverDomain>,
+}
+
 impl<L: RawMutex> Engine<L> {
-    /// An engine for the host `h` describes.
+    /// An engine for the host `h` describes, its driver locks made by
+    /// `L::INIT`.
     pub fn new(config: Config, h: &impl Hypervisor) -> Result<Self, Errno> {
+        Self::with_locks(config, h, |_| L::INIT)
+    }
+
+    /// An engine whose driver cell `n` is guarded by `lock_for(n)` (inside
+    /// Xen: the n-th of the glue's spinlocks).
+    pub fn with_locks(
+        config: Config,
+        h: &impl Hypervisor,
+        lock_for: impl Fn(usize) -> L,
+    ) -> Result<Self, Errno> {
         let mut reserved = Vec::new();
         let msi = ReservedRange {
             start: X86_MSI_WINDOW.0,
@@ -348,25 +238,41 @@ impl<L: RawMutex> Engine<L> {
         }
         let window = BfnWindow::new(h.ram_end().0, h.iommu_caps().address_bits, reserved)?;
         let space = BfnSpace::new(&window)?;
+        let domids = DomId::FIRST_RESERVED as usize;
         let mut gates = Vec::new();
-        gates
-            .try_reserve_exact(DomId::FIRST_RESERVED as usize)
+        gates.try_reserve_exact(domids).map_err(|_| Errno::NoMem)?;
+        let mut cell_of = Vec::new();
+        cell_of
+            .try_reserve_exact(domids)
             .map_err(|_| Errno::NoMem)?;
-        for _ in 0..DomId::FIRST_RESERVED {
+        for _ in 0..domids {
             try_push(&mut gates, TargetGate::default())?;
+            try_push(&mut cell_of, AtomicU8::new(NO_CELL))?;
         }
-        let state = EngineState {
-            default_quota: config.quota,
-            space,
-            seed: h.random_seed(),
-            drivers: Vec::new(),
-            target_index: IndexTable::new(),
-        };
+        let mut owners = Vec::new();
+        let mut cells = Vec::new();
+        owners
+            .try_reserve_exact(MAX_DRIVER_DOMAINS)
+            .map_err(|_| Errno::NoMem)?;
+        cells
+            .try_reserve_exact(MAX_DRIVER_DOMAINS)
+            .map_err(|_| Errno::NoMem)?;
+        for n in 0..MAX_DRIVER_DOMAINS {
+            try_push(&mut owners, AtomicU32::new(FREE_CELL))?;
+            try_push(
+                &mut cells,
+                Mutex::from_raw(lock_for(n), DriverDomain::new(DomId(0))),
+            )?;
+        }
         Ok(Engine {
             config,
             window,
+            space,
+            seed: h.random_seed(),
             gates,
-            state: Mutex::new(state),
+            cell_of,
+            owners,
+            cells,
         })
     }
 
@@ -380,10 +286,54 @@ impl<L: RawMutex> Engine<L> {
         &self.window
     }
 
-    /// Lock the state, to look at it (tests, stats, the simulator's tools).
-    /// Never call an engine operation while holding the guard.
-    pub fn state(&self) -> MutexGuard<'_, L, EngineState> {
-        self.state.lock()
+    /// The usable BFNs, numbered.
+    pub fn space(&self) -> &BfnSpace {
+        &self.space
+    }
+
+    /// Bytes of the tables allocated once at boot (gates and cells).
+    pub fn boot_bytes(&self) -> usize {
+        self.gates.capacity() * core::mem::size_of::<TargetGate>()
+            + self.cell_of.capacity()
+            + self.owners.capacity() * 4
+            + self.cells.capacity() * core::mem::size_of::<Mutex<L, DriverDomain>>()
+    }
+
+    /// Lock every driver domain's state, in cell order, to look at it
+    /// (tests, stats, the simulator's tools). Never call an engine
+    /// operation while holding the view. Uses `try_lock` so a checked lock
+    /// can tell this (ordered, inspection-only) nesting from a real
+    /// inversion; it spins while an operation holds a cell.
+    pub fn state(&self) -> StateView<'_, L> {
+        StateView {
+            space: &self.space,
+            guards: core::array::from_fn(|i| {
+                let owned = self
+                    .owners
+                    .get(i)
+                    .is_some_and(|o| o.load(Ordering::SeqCst) != FREE_CELL);
+                let cell = self.cells.get(i).filter(|_| owned)?;
+                loop {
+                    if let Some(g) = cell.try_lock() {
+                        break Some(g);
+                    }
+                    core::hint::spin_loop();
+                }
+            }),
+        }
+    }
+
+    /// One driver domain's state, locked, to look at (stats, tests). Never
+    /// call an engine operation while holding it.
+    pub fn driver_state(&self, domid: DomId) -> Option<MutexGuard<'_, L, DriverDomain>> {
+        self.lock_driver(domid).map(|d| d.dd)
+    }
+
+    /// The driver cells whose hooks `domid`'s p2m changes reach (bit n:
+    /// cell n maps its pages or is mapping one now).
+    pub fn target_drivers(&self, domid: DomId) -> u64 {
+        self.gate(domid)
+            .map_or(0, |g| g.drivers.load(Ordering::SeqCst))
     }
 
     fn gate(&self, domid: DomId) -> Option<&TargetGate> {
@@ -402,15 +352,117 @@ impl<L: RawMutex> Engine<L> {
         }
     }
 
+    /// Lock `domid`'s driver state, if it has a cell. The cell is checked
+    /// again under its lock: it may have been released (and even taken by
+    /// another domain) between the lookup and the lock.
+    pub(crate) fn lock_driver(&self, domid: DomId) -> Option<Driver<'_, L>> {
+        for _ in 0..MAP_RETRIES {
+            let cell = self.cell_of.get(domid.0 as usize)?.load(Ordering::SeqCst);
+            if cell == NO_CELL {
+                return None;
+            }
+            let cell = cell as usize;
+            let dd = self.cells.get(cell)?.lock();
+            if self.owners.get(cell)?.load(Ordering::SeqCst) == domid.0 as u32 {
+                return Some(Driver { cell, dd });
+            }
+        }
+        None
+    }
+
+    /// Lock `domid`'s driver state, giving it a free cell first if it has
+    /// none. Cell 0 only ever goes to dom0.
+    pub(crate) fn lock_or_claim(&self, domid: DomId) -> Result<Driver<'_, L>, Errno> {
+        for _ in 0..MAP_RETRIES {
+            if let Some(d) = self.lock_driver(domid) {
+                return Ok(d);
+            }
+            let slot = self.cell_of.get(domid.0 as usize).ok_or(Errno::Srch)?;
+            let first = if domid == DomId::DOM0 { 0 } else { 1 };
+            let cell = (first..MAX_DRIVER_DOMAINS)
+                .find(|&i| {
+                    self.owners.get(i).is_some_and(|o| {
+                        o.compare_exchange(
+                            FREE_CELL,
+                            domid.0 as u32,
+                            Ordering::SeqCst,
+                            Ordering::SeqCst,
+                        )
+                        .is_ok()
+                    })
+                })
+                .ok_or(Errno::NoSpc)?;
+            // Publish it, unless another vCPU of the domain won meanwhile:
+            // then give this cell back and use theirs.
+            if slot
+                .compare_exchange(NO_CELL, cell as u8, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                if let Some(o) = self.owners.get(cell) {
+                    o.store(FREE_CELL, Ordering::SeqCst);
+                }
+                continue;
+            }
+            let Some(m) = self.cells.get(cell) else {
+                return Err(Errno::Inval);
+            };
+            let mut dd = m.lock();
+            if self
+                .owners
+                .get(cell)
+                .is_some_and(|o| o.load(Ordering::SeqCst) == domid.0 as u32)
+            {
+                // A free cell's state is idle; it only needs its new owner.
+                dd.domid = domid;
+                return Ok(Driver { cell, dd });
+            }
+        }
+        Err(Errno::Again)
+    }
+
+    /// Unlock a driver state; a state left idle (nothing mapped, revoked,
+    /// set or pending) gives its memory and its cell back.
+    pub(crate) fn put_driver(&self, d: Driver<'_, L>) {
+        let Driver { cell, mut dd } = d;
+        dd.compact_if_empty();
+        if !dd.is_idle() {
+            return;
+        }
+        let domid = dd.domid;
+        if let Some(slot) = self.cell_of.get(domid.0 as usize) {
+            let _ = slot.compare_exchange(cell as u8, NO_CELL, Ordering::SeqCst, Ordering::SeqCst);
+        }
+        if let Some(o) = self.owners.get(cell) {
+            o.store(FREE_CELL, Ordering::SeqCst);
+        }
+    }
+
+    /// Make target `domid`'s gate say whether driver cell `cell` maps its
+    /// pages. Called under the cell's lock after anything that may have
+    /// changed that.
+    pub(crate) fn sync_gate_bit(&self, cell: usize, dd: &DriverDomain, domid: DomId) {
+        let Some(g) = self.gate(domid) else {
+            return;
+        };
+        let bit = 1u64 << cell;
+        if dd.pages_of(self.seed, domid) == 0 {
+            g.drivers.fetch_and(!bit, Ordering::SeqCst);
+        } else {
+            g.drivers.fetch_or(bit, Ordering::SeqCst);
+        }
+    }
+
     /// Map a foreign frame for `caller` (whose facts are `caller_info`).
     /// The same (domid, gfn, context, perms, attr) mapped again returns the
     /// same BFN with one more reference, after checking that the gfn still
     /// points at the mapped frame.
     ///
-    /// The page is looked up *without* the engine lock (that takes the
-    /// target's p2m lock, which a gfn hook may hold while waiting for the
-    /// engine lock). A removal of the same page in between is caught by the
-    /// target's sequence number and the map is retried.
+    /// The page is looked up *without* any engine lock (that takes the
+    /// target's p2m lock, which a gfn hook may hold while waiting for a
+    /// driver lock). A removal of the same page in between is caught by the
+    /// target's sequence number and the map is retried: the map marks its
+    /// cell in the target's gate, then reads `seq`; the hook bumps `seq`,
+    /// then reads the marks. One of the two sees the other.
     pub fn map(
         &self,
         h: &mut impl Hypervisor,
@@ -452,12 +504,15 @@ impl<L: RawMutex> Engine<L> {
                     return Err(e);
                 }
             };
-            let outcome = {
-                let mut st = self.state.lock();
-                if gate.seq.load(Ordering::SeqCst) != seq {
-                    None
-                } else {
-                    Some(self.map_locked(&mut st, h, caller, req, mfn))
+            let outcome = match self.lock_or_claim(caller) {
+                Err(e) => Some(MapOutcome::Refused(e)),
+                Ok(mut d) => {
+                    gate.drivers.fetch_or(1 << d.cell, Ordering::SeqCst);
+                    let out = (gate.seq.load(Ordering::SeqCst) == seq)
+                        .then(|| self.map_locked(&mut d, h, req, mfn));
+                    self.sync_gate_bit(d.cell, &d.dd, req.domid);
+                    self.put_driver(d);
+                    out
                 }
             };
             let done = match outcome {
@@ -486,65 +541,51 @@ impl<L: RawMutex> Engine<L> {
     /// The locked part of a map: dedup or install.
     fn map_locked(
         &self,
-        st: &mut EngineState,
+        d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
-        caller: DomId,
         req: &MapRequest,
         mfn: Mfn,
     ) -> MapOutcome {
-        match self.map_prepare(st, h, caller, req, mfn) {
-            Ok(Prepared::Shared(bfn)) => MapOutcome::Shared(bfn),
-            Ok(Prepared::Reserved(pos)) => self.map_install(st, h, caller, req, mfn, pos),
+        match self.map_prepare(d, h, req, mfn) {
+            Ok(Some(bfn)) => MapOutcome::Shared(bfn),
+            Ok(None) => self.map_install(d, h, req, mfn),
             Err(e) => MapOutcome::Refused(e),
         }
     }
 
-    /// Dedup, or check the quota and reserve every byte the install needs.
-    /// On `Err` nothing changed (but a stale mapping found on the way).
+    /// Dedup (`Some(bfn)`), or check the quota and reserve every byte the
+    /// install needs (`None`). On `Err` nothing changed (but a stale
+    /// mapping found on the way).
     fn map_prepare(
         &self,
-        st: &mut EngineState,
+        d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
-        caller: DomId,
         req: &MapRequest,
         mfn: Mfn,
-    ) -> Result<Prepared, Errno> {
-        let seed = st.seed;
-        let pos = st.driver_pos_or_create(caller)?;
-        let quota = st
-            .drivers
-            .get(pos)
-            .and_then(|d| d.quota)
-            .unwrap_or(st.default_quota);
+    ) -> Result<Option<Bfn>, Errno> {
+        let seed = self.seed;
         let key = map_key(req, mfn);
-        {
-            let dd = st.drivers.get_mut(pos).ok_or(Errno::Inval)?;
-            if !dd.has_context(req.context) {
-                return Err(Errno::NoEnt);
-            }
-            if let Some(idx) = dd.find_key(seed, &key) {
-                let bfn = st.space.bfn_of(idx).ok_or(Errno::Inval)?;
-                let m = dd.live_at_mut(idx).ok_or(Errno::Inval)?;
-                if m.mfn == mfn {
-                    m.refs = m.refs.checked_add(1).ok_or(Errno::NoSpc)?;
-                    return Ok(Prepared::Shared(bfn));
-                }
-                // The gfn no longer points at the mapped frame: a removal
-                // whose hook has not run yet. Revoke the stale mapping now
-                // and map the current frame.
-                self.revoke_slot(st, h, pos, idx);
-            }
+        if !d.dd.has_context(req.context) {
+            return Err(Errno::NoEnt);
         }
-        let limit = quota.min(st.space.len());
-        {
-            let dd = st.drivers.get_mut(pos).ok_or(Errno::Inval)?;
-            if dd.used() >= quota {
-                return Err(Errno::NoSpc);
+        if let Some(idx) = d.dd.find_key(seed, &key) {
+            let bfn = self.space.bfn_of(idx).ok_or(Errno::Inval)?;
+            let m = d.dd.live_at_mut(idx).ok_or(Errno::Inval)?;
+            if m.mfn == mfn {
+                m.refs = m.refs.checked_add(1).ok_or(Errno::NoSpc)?;
+                return Ok(Some(bfn));
             }
-            dd.reserve_slot(seed, limit)?;
+            // The gfn no longer points at the mapped frame: a removal
+            // whose hook has not run yet. Revoke the stale mapping now
+            // and map the current frame.
+            self.revoke_slot(d, h, idx);
         }
-        st.reserve_target_entry()?;
-        Ok(Prepared::Reserved(pos))
+        let quota = d.dd.quota.unwrap_or(self.config.quota);
+        if d.dd.used() >= quota {
+            return Err(Errno::NoSpc);
+        }
+        d.dd.reserve_slot(seed, quota.min(self.space.len()))?;
+        Ok(None)
     }
 
     /// Take a slot, write the IOMMU entry and index the mapping. Nothing
@@ -553,28 +594,24 @@ impl<L: RawMutex> Engine<L> {
     /// is never dropped while the device may still reach the page.
     fn map_install(
         &self,
-        st: &mut EngineState,
+        d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
-        caller: DomId,
         req: &MapRequest,
         mfn: Mfn,
-        pos: usize,
     ) -> MapOutcome {
-        let seed = st.seed;
         let key = map_key(req, mfn);
-        let Some(dd) = st.drivers.get_mut(pos) else {
-            return MapOutcome::Refused(Errno::Inval);
-        };
+        let owner = d.dd.domid;
+        let dd = &mut *d.dd;
         let idx = match dd.take_slot() {
             Ok(i) => i,
             Err(e) => return MapOutcome::Refused(e),
         };
-        let Some(bfn) = st.space.bfn_of(idx) else {
+        let Some(bfn) = self.space.bfn_of(idx) else {
             dd.free_slot(idx);
             return MapOutcome::Refused(Errno::NoSpc);
         };
         if let Err(e) = h.iommu_map(
-            caller,
+            owner,
             req.context,
             bfn,
             mfn,
@@ -585,22 +622,14 @@ impl<L: RawMutex> Engine<L> {
             dd.free_slot(idx);
             return MapOutcome::Refused(e);
         }
-        if let Err(e) = dd.install(seed, idx, key) {
+        if let Err(e) = dd.install(self.seed, idx, key) {
             // Unreachable (capacity reserved). The entry exists: take it
             // down the way an unmap does, page released after the flush.
-            match h.iommu_unmap(caller, req.context, bfn, &mut dd.gather) {
+            match h.iommu_unmap(owner, req.context, bfn, &mut dd.gather) {
                 Ok(()) => dd.push_unmapping(idx, key, false),
                 Err(_) => dd.push_stuck(idx, key),
             }
             self.gate_leave(req.domid);
-            return MapOutcome::Consumed(e);
-        }
-        if let Err(e) = st.target_link(Link {
-            owner: caller,
-            slot: idx,
-        }) {
-            // Unreachable too; revoke_slot releases page and gate share.
-            self.revoke_slot(st, h, pos, idx);
             return MapOutcome::Consumed(e);
         }
         MapOutcome::Installed(bfn)
@@ -608,9 +637,9 @@ impl<L: RawMutex> Engine<L> {
 
     /// The live mapping `bfn` of `context`, without changing anything.
     pub fn lookup(&self, caller: DomId, context: ContextId, bfn: Bfn) -> Result<Mapping, Errno> {
-        let st = self.state.lock();
-        let idx = st.space.index_of(bfn).ok_or(Errno::NoEnt)?;
-        match st.driver(caller).and_then(|d| d.live_at(idx)) {
+        let idx = self.space.index_of(bfn).ok_or(Errno::NoEnt)?;
+        let d = self.lock_driver(caller).ok_or(Errno::NoEnt)?;
+        match d.dd.live_at(idx) {
             Some(m) if m.context == context => Ok(*m),
             _ => Err(Errno::NoEnt),
         }
@@ -619,18 +648,13 @@ impl<L: RawMutex> Engine<L> {
     /// What an unmap of `bfn` would do: `Ok(false)` drop a live reference,
     /// `Ok(true)` acknowledge a revocation (answered `ESTALE`).
     pub fn unmap_check(&self, caller: DomId, context: ContextId, bfn: Bfn) -> Result<bool, Errno> {
-        let st = self.state.lock();
-        Self::unmap_kind(&st, caller, context, bfn).map(|k| matches!(k, UnmapKind::Revoked))
+        let idx = self.space.index_of(bfn).ok_or(Errno::NoEnt)?;
+        let d = self.lock_driver(caller).ok_or(Errno::NoEnt)?;
+        Self::unmap_kind(&d.dd, context, idx).map(|k| matches!(k, UnmapKind::Revoked))
     }
 
-    fn unmap_kind(
-        st: &EngineState,
-        caller: DomId,
-        context: ContextId,
-        bfn: Bfn,
-    ) -> Result<UnmapKind, Errno> {
-        let idx = st.space.index_of(bfn).ok_or(Errno::NoEnt)?;
-        match st.driver(caller).and_then(|d| d.slot(idx)) {
+    fn unmap_kind(dd: &DriverDomain, context: ContextId, idx: u64) -> Result<UnmapKind, Errno> {
+        match dd.slot(idx) {
             Some(Slot::Live(m)) if m.context == context => Ok(UnmapKind::Live),
             Some(Slot::Revoked { notice, .. }) if notice.context == context => {
                 Ok(UnmapKind::Revoked)
@@ -658,78 +682,73 @@ impl<L: RawMutex> Engine<L> {
         context: ContextId,
         bfn: Bfn,
     ) -> Result<(), Errno> {
-        let mut st = self.state.lock();
-        let kind = Self::unmap_kind(&st, caller, context, bfn)?;
-        let idx = st.space.index_of(bfn).ok_or(Errno::NoEnt)?;
-        let pos = st.driver_pos(caller).ok_or(Errno::NoEnt)?;
-        let seed = st.seed;
-        if let UnmapKind::Revoked = kind {
-            let dd = st.drivers.get_mut(pos).ok_or(Errno::NoEnt)?;
-            dd.ack_revoked(idx)?;
-            dd.compact_if_empty();
+        let idx = self.space.index_of(bfn).ok_or(Errno::NoEnt)?;
+        let mut d = self.lock_driver(caller).ok_or(Errno::NoEnt)?;
+        let result = self.unmap_locked(&mut d, h, context, bfn, idx);
+        self.put_driver(d);
+        result
+    }
+
+    fn unmap_locked(
+        &self,
+        d: &mut Driver<'_, L>,
+        h: &mut impl Hypervisor,
+        context: ContextId,
+        bfn: Bfn,
+        idx: u64,
+    ) -> Result<(), Errno> {
+        let owner = d.dd.domid;
+        if let UnmapKind::Revoked = Self::unmap_kind(&d.dd, context, idx)? {
+            d.dd.ack_revoked(idx)?;
             return Err(Errno::Stale);
         }
-        {
-            let dd = st.drivers.get_mut(pos).ok_or(Errno::NoEnt)?;
-            let m = dd.live_at_mut(idx).ok_or(Errno::NoEnt)?;
-            if m.refs > 1 {
-                m.refs -= 1;
-                return Ok(());
-            }
-            // Unmap first: if the IOMMU refuses (no memory to split a
-            // superpage), nothing has changed and the caller may retry.
-            h.iommu_unmap(caller, context, bfn, &mut dd.gather)?;
+        let dd = &mut *d.dd;
+        let m = dd.live_at_mut(idx).ok_or(Errno::NoEnt)?;
+        if m.refs > 1 {
+            m.refs -= 1;
+            return Ok(());
         }
-        let domid = {
-            st.target_unlink(Link {
-                owner: caller,
-                slot: idx,
-            });
-            let dd = st.drivers.get_mut(pos).ok_or(Errno::NoEnt)?;
-            let m = dd.unindex(seed, idx).ok_or(Errno::NoEnt)?;
-            dd.push_unmapping(idx, m, false);
-            m.domid
-        };
-        drop(st);
-        self.gate_leave(domid);
+        // Unmap first: if the IOMMU refuses (no memory to split a
+        // superpage), nothing has changed and the caller may retry.
+        h.iommu_unmap(owner, context, bfn, &mut dd.gather)?;
+        let m = dd.unindex(self.seed, idx).ok_or(Errno::NoEnt)?;
+        dd.push_unmapping(idx, m, false);
+        self.sync_gate_bit(d.cell, &d.dd, m.domid);
+        self.gate_leave(m.domid);
         Ok(())
     }
 
     /// Acknowledge a revoked BFN (`REVOKED_ACK`).
     pub fn revoked_ack(&self, caller: DomId, context: ContextId, bfn: Bfn) -> Result<(), Errno> {
-        let mut st = self.state.lock();
-        let idx = st.space.index_of(bfn).ok_or(Errno::NoEnt)?;
-        let pos = st.driver_pos(caller).ok_or(Errno::NoEnt)?;
-        let dd = st.drivers.get_mut(pos).ok_or(Errno::NoEnt)?;
-        match dd.slot(idx) {
+        let idx = self.space.index_of(bfn).ok_or(Errno::NoEnt)?;
+        let mut d = self.lock_driver(caller).ok_or(Errno::NoEnt)?;
+        let r = match d.dd.slot(idx) {
             Some(Slot::Revoked { notice, .. }) if notice.context == context => {
-                let r = dd.ack_revoked(idx).map(|_| ());
-                dd.compact_if_empty();
-                r
+                d.dd.ack_revoked(idx).map(|_| ())
             }
             _ => Err(Errno::NoEnt),
-        }
+        };
+        self.put_driver(d);
+        r
     }
 
     /// The oldest unacknowledged revocation of `caller`: (BFN, notice).
     pub fn revoked_next(&self, caller: DomId) -> Result<(Bfn, Notice), Errno> {
-        let st = self.state.lock();
-        let (idx, n) = st
-            .driver(caller)
-            .and_then(|d| d.oldest_revoked())
-            .ok_or(Errno::NoEnt)?;
-        Ok((st.space.bfn_of(idx).ok_or(Errno::NoEnt)?, n))
+        let d = self.lock_driver(caller).ok_or(Errno::NoEnt)?;
+        let (idx, n) = d.dd.oldest_revoked().ok_or(Errno::NoEnt)?;
+        Ok((self.space.bfn_of(idx).ok_or(Errno::NoEnt)?, n))
     }
 
     /// (quota, used, revoked) of `caller`.
     pub fn usage(&self, caller: DomId) -> (u64, u64, u64) {
-        let st = self.state.lock();
-        let d = st.driver(caller);
-        (
-            d.and_then(|d| d.quota).unwrap_or(st.default_quota),
-            d.map_or(0, |d| d.used()),
-            d.map_or(0, |d| d.revoked()),
-        )
+        match self.lock_driver(caller) {
+            Some(d) => (
+                d.dd.quota.unwrap_or(self.config.quota),
+                d.dd.used(),
+                d.dd.revoked(),
+            ),
+            None => (self.config.quota, 0, 0),
+        }
     }
 
     /// The toolstack sets `domid`'s BFN quota (`None`: back to the boot
@@ -737,10 +756,11 @@ impl<L: RawMutex> Engine<L> {
     /// maps until it is back under; nothing is revoked. The caller has been
     /// checked to be the control domain.
     ///
-    /// The domain is looked up without the engine lock, so its death could
+    /// The domain is looked up without any engine lock, so its death could
     /// land in between and leave a quota behind for a later domain with the
-    /// same id. Teardown moves the domain's sequence number under the lock
-    /// before anything else: seen moved here, the lookup is redone.
+    /// same id. Teardown moves the domain's sequence number before it
+    /// touches the domain's driver state: seen moved here (under that
+    /// state's lock), the lookup is redone.
     pub fn set_quota(
         &self,
         h: &mut impl Hypervisor,
@@ -757,20 +777,20 @@ impl<L: RawMutex> Engine<L> {
                 Some(d) if !d.dying => {}
                 _ => return Err(Errno::Srch),
             }
-            let mut st = self.state.lock();
-            if gate.seq.load(Ordering::SeqCst) != seq {
-                continue;
-            }
-            let pos = match (st.driver_pos(domid), quota) {
-                (Some(p), _) => p,
+            let mut d = match (quota, self.lock_driver(domid)) {
+                (_, Some(d)) => d,
                 // Nothing to reset on a domain that never mapped.
                 (None, None) => return Ok(()),
-                (None, Some(_)) => st.driver_pos_or_create(domid)?,
+                (Some(_), None) => self.lock_or_claim(domid)?,
             };
-            if let Some(dd) = st.drivers.get_mut(pos) {
-                dd.quota = quota;
+            let moved = gate.seq.load(Ordering::SeqCst) != seq;
+            if !moved {
+                d.dd.quota = quota;
             }
-            return Ok(());
+            self.put_driver(d);
+            if !moved {
+                return Ok(());
+            }
         }
         Err(Errno::Again)
     }
@@ -785,31 +805,28 @@ impl<L: RawMutex> Engine<L> {
         if max <= 1 {
             return Err(Errno::OpNotSupp);
         }
-        let mut st = self.state.lock();
-        let pos = st.driver_pos_or_create(caller)?;
-        let dd = st.drivers.get_mut(pos).ok_or(Errno::Inval)?;
-        let id = (1..max)
+        let mut d = self.lock_or_claim(caller)?;
+        let r = (1..max)
             .map(ContextId)
-            .find(|c| !dd.has_context(*c))
-            .ok_or(Errno::NoSpc)?;
-        h.context_create(caller, id)?;
-        dd.contexts |= 1 << id.0;
-        Ok(id)
+            .find(|c| !d.dd.has_context(*c))
+            .ok_or(Errno::NoSpc)
+            .and_then(|id| {
+                h.context_create(caller, id)?;
+                d.dd.contexts |= 1 << id.0;
+                Ok(id)
+            });
+        self.put_driver(d);
+        r
     }
 
     /// Check that `context` of `caller` can be destroyed: it exists, is not
     /// the default, and holds no BFN in any state.
     pub fn context_destroy_check(&self, caller: DomId, context: ContextId) -> Result<(), Errno> {
-        let st = self.state.lock();
-        Self::destroy_check_locked(&st, caller, context)
+        let d = self.lock_driver(caller).ok_or(Errno::NoEnt)?;
+        Self::destroy_check_locked(&d.dd, context)
     }
 
-    fn destroy_check_locked(
-        st: &EngineState,
-        caller: DomId,
-        context: ContextId,
-    ) -> Result<(), Errno> {
-        let dd = st.driver(caller).ok_or(Errno::NoEnt)?;
+    fn destroy_check_locked(dd: &DriverDomain, context: ContextId) -> Result<(), Errno> {
         if context == ContextId::DEFAULT || !dd.has_context(context) {
             return Err(Errno::NoEnt);
         }
@@ -833,39 +850,22 @@ impl<L: RawMutex> Engine<L> {
         caller: DomId,
         context: ContextId,
     ) -> Result<(), Errno> {
-        let mut st = self.state.lock();
-        Self::destroy_check_locked(&st, caller, context)?;
-        h.context_destroy(caller, context);
-        if let Some(pos) = st.driver_pos(caller) {
-            if let Some(dd) = st.drivers.get_mut(pos) {
-                dd.contexts &= !(1 << context.0);
-            }
-        }
-        Ok(())
+        let mut d = self.lock_driver(caller).ok_or(Errno::NoEnt)?;
+        let r = Self::destroy_check_locked(&d.dd, context).map(|()| {
+            h.context_destroy(caller, context);
+            d.dd.contexts &= !(1 << context.0);
+        });
+        self.put_driver(d);
+        r
     }
 
     /// Flush the IOTLB for everything `caller` has gathered, then release
     /// the page references of unmapped pages (the device cannot reach them
     /// any more) and retry revocations the IOMMU refused before.
     pub fn finish(&self, h: &mut impl Hypervisor, caller: DomId) {
-        let mut st = self.state.lock();
-        if let Some(pos) = st.driver_pos(caller) {
-            Self::flush_and_release(&mut st, h, pos);
+        if let Some(mut d) = self.lock_driver(caller) {
+            self.flush_and_release(&mut d, h);
+            self.put_driver(d);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn link_round_trips() {
-        let l = Link {
-            owner: DomId(0x7fef),
-            slot: (1 << 40) - 2,
-        };
-        assert_eq!(Link::unpack(l.pack()), Some(l));
-        assert_eq!(Link::unpack(NONE), None);
     }
 }

@@ -12,8 +12,8 @@ use core::sync::atomic::Ordering;
 
 use lock_api::RawMutex;
 
-use super::driver::{Notice, Slot, NONE};
-use super::{Engine, EngineState, Hypervisor, Link};
+use super::driver::{DriverDomain, Notice, Slot, CHAIN_BOUND, NONE};
+use super::{Driver, Engine, Hypervisor};
 use crate::{DomId, Gfn};
 
 /// How a gfn changed ([`Engine::gfn_changed`]).
@@ -35,7 +35,7 @@ const TEARDOWN_VISITS: u64 = 4096;
 /// Revocations (IOMMU unmaps) a teardown slice makes before it yields.
 const TEARDOWN_REVOKES: u32 = 256;
 
-/// Teardown cursor layout: phase in bits 62-63, driver domid in 40-55,
+/// Teardown cursor layout: phase in bits 62-63, driver cell in 40-55,
 /// slot index in 0-39.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Cursor {
@@ -69,44 +69,31 @@ impl Cursor {
 }
 
 impl<L: RawMutex> Engine<L> {
-    /// Revoke the live mapping in slot `idx` of driver `pos`: unmap it in
-    /// the IOMMU and queue it for the flush (then it becomes a notice), or,
-    /// if the IOMMU refuses the unmap, mark it stuck with its page still
+    /// Revoke the live mapping in slot `idx` of driver `d`: unmap it in the
+    /// IOMMU and queue it for the flush (then it becomes a notice), or, if
+    /// the IOMMU refuses the unmap, mark it stuck with its page still
     /// referenced. Needs no memory.
-    pub(super) fn revoke_slot(
-        &self,
-        st: &mut EngineState,
-        h: &mut impl Hypervisor,
-        pos: usize,
-        idx: u64,
-    ) {
-        self.take_down_live(st, h, pos, idx, true);
+    pub(super) fn revoke_slot(&self, d: &mut Driver<'_, L>, h: &mut impl Hypervisor, idx: u64) {
+        self.take_down_live(d, h, idx, true);
     }
 
-    /// Take the live mapping in slot `idx` of driver `pos` out of the
-    /// indices and the IOMMU, as the owner did not ask for: after the flush
-    /// it becomes a notice (`then_revoked`) or, for a dying owner, free.
-    /// An unmap the IOMMU refuses leaves it stuck, page referenced.
+    /// Take the live mapping in slot `idx` of driver `d` out of the index
+    /// and the IOMMU, as the owner did not ask for: after the flush it
+    /// becomes a notice (`then_revoked`) or, for a dying owner, free. An
+    /// unmap the IOMMU refuses leaves it stuck, page referenced.
     fn take_down_live(
         &self,
-        st: &mut EngineState,
+        d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
-        pos: usize,
         idx: u64,
         then_revoked: bool,
     ) {
-        let seed = st.seed;
-        let Some(owner) = st.drivers.get(pos).map(|d| d.domid) else {
+        let owner = d.dd.domid;
+        let dd = &mut *d.dd;
+        let Some(m) = dd.unindex(self.seed, idx) else {
             return;
         };
-        st.target_unlink(Link { owner, slot: idx });
-        let Some(dd) = st.drivers.get_mut(pos) else {
-            return;
-        };
-        let Some(m) = dd.unindex(seed, idx) else {
-            return;
-        };
-        let unmapped = st
+        let unmapped = self
             .space
             .bfn_of(idx)
             .is_some_and(|bfn| h.iommu_unmap(owner, m.context, bfn, &mut dd.gather).is_ok());
@@ -115,20 +102,17 @@ impl<L: RawMutex> Engine<L> {
         } else {
             dd.push_stuck(idx, m);
         }
-        if let Some(g) = self.gates.get(m.domid.0 as usize) {
-            g.active.fetch_sub(1, Ordering::SeqCst);
-        }
+        self.sync_gate_bit(d.cell, &d.dd, m.domid);
+        self.gate_leave(m.domid);
     }
 
-    /// Retry the IOMMU unmaps of stuck revocations, flush what driver `pos`
+    /// Retry the IOMMU unmaps of stuck revocations, flush what driver `d`
     /// gathered, and after a successful flush release every unmapped page:
     /// explicit unmaps free their BFN, revocations become notices. A failed
     /// flush releases nothing (retried next time).
-    pub(super) fn flush_and_release(st: &mut EngineState, h: &mut impl Hypervisor, pos: usize) {
-        let space = &st.space;
-        let Some(dd) = st.drivers.get_mut(pos) else {
-            return;
-        };
+    pub(super) fn flush_and_release(&self, d: &mut Driver<'_, L>, h: &mut impl Hypervisor) {
+        let space = &self.space;
+        let dd = &mut *d.dd;
         let owner = dd.domid;
         // Stuck revocations: take the list and rebuild it with the failures.
         let mut at = core::mem::replace(&mut dd.stuck_head, NONE);
@@ -176,14 +160,9 @@ impl<L: RawMutex> Engine<L> {
             }
             at = next;
         }
-        dd.compact_if_empty();
         if notices {
             // Once per flush, not per notice: the owner drains the queue.
             h.notify_revoked(owner);
-        }
-        if st.drivers.iter().all(|d| d.live == 0) {
-            // Nothing is mapped anywhere: give the target index back too.
-            st.target_index = crate::storage::IndexTable::new();
         }
     }
 
@@ -191,8 +170,9 @@ impl<L: RawMutex> Engine<L> {
     /// after the change, possibly with `domid`'s p2m lock held; also after a
     /// change that failed half-way: revoking only ever removes access).
     /// When nothing maps `domid` and no map of it is in flight this takes no
-    /// lock. Otherwise every affected mapping in every driver domain is
-    /// revoked, flushed and released before returning; in-flight maps of
+    /// lock. Otherwise it visits only the driver domains whose cells the
+    /// target's gate names, one lock at a time, and every affected mapping
+    /// is revoked, flushed and released before returning; in-flight maps of
     /// `domid` see the sequence number move and look their page up again.
     pub fn gfn_changed(
         &self,
@@ -208,75 +188,68 @@ impl<L: RawMutex> Engine<L> {
         if gate.active.load(Ordering::SeqCst) == 0 {
             return;
         }
-        let mut st = self.state.lock();
         gate.seq.fetch_add(1, Ordering::SeqCst);
+        let mask = gate.drivers.load(Ordering::SeqCst);
         let count = 1u64.checked_shl(order).unwrap_or(u64::MAX);
-        // Whichever is less work: one O(1) lookup per gfn, or one pass over
-        // every slot (the slot arrays' length, not just the live ones).
-        let total_slots: u64 = st.drivers.iter().map(|d| d.slots.len() as u64).sum();
-        if count <= total_slots {
-            // Per gfn: O(1) each through the target index.
-            for g in gfn.0..gfn.0.saturating_add(count) {
-                self.revoke_gfn(&mut st, h, domid, Gfn(g), how);
+        for (cell, lock) in self.cells.iter().enumerate() {
+            if mask & (1 << cell) == 0 {
+                continue;
             }
-        } else {
-            // A range larger than everything mapped (log-dirty over the
-            // whole domain, a 1 GiB extent): scan the mappings instead.
-            let last = gfn.0.saturating_add(count);
-            for pos in 0..st.drivers.len() {
-                let n = st.drivers.get(pos).map_or(0, |d| d.slots.len() as u64);
-                for idx in 0..n {
-                    let hit = st
-                        .drivers
-                        .get(pos)
-                        .and_then(|d| d.live_at(idx))
-                        .is_some_and(|m| {
-                            m.domid == domid
-                                && m.gfn.0 >= gfn.0
-                                && m.gfn.0 < last
-                                && (how == GfnChange::Removed || m.perms.write)
-                        });
+            let mut d = Driver {
+                cell,
+                dd: lock.lock(),
+            };
+            // Whichever is less work: one O(1) lookup per gfn, or one pass
+            // over every slot (the slot array's length, not the live ones).
+            if count <= d.dd.slots.len() as u64 {
+                for g in gfn.0..gfn.0.saturating_add(count) {
+                    self.revoke_gfn(&mut d, h, domid, Gfn(g), how);
+                }
+            } else {
+                // A range larger than everything mapped (log-dirty over the
+                // whole domain, a 1 GiB extent): scan the mappings instead.
+                let last = gfn.0.saturating_add(count);
+                for idx in 0..d.dd.slots.len() as u64 {
+                    let hit = d.dd.live_at(idx).is_some_and(|m| {
+                        m.domid == domid
+                            && m.gfn.0 >= gfn.0
+                            && m.gfn.0 < last
+                            && (how == GfnChange::Removed || m.perms.write)
+                    });
                     if hit {
-                        self.revoke_slot(&mut st, h, pos, idx);
+                        self.revoke_slot(&mut d, h, idx);
                     }
                 }
             }
-        }
-        for pos in 0..st.drivers.len() {
-            Self::flush_and_release(&mut st, h, pos);
+            self.flush_and_release(&mut d, h);
+            self.sync_gate_bit(cell, &d.dd, domid);
+            self.put_driver(d);
         }
     }
 
     fn revoke_gfn(
         &self,
-        st: &mut EngineState,
+        d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
         domid: DomId,
         gfn: Gfn,
         how: GfnChange,
     ) {
-        // Bounded: each step removes one mapping from the chain or ends it.
-        let mut at = st.target_head(domid, gfn);
-        let mut guard = st
-            .drivers
-            .len()
-            .saturating_mul(crate::config::MAX_CONTEXTS as usize * 16);
-        while let Some(link) = at {
-            if guard == 0 {
-                debug_assert!(false, "target chain longer than its bound");
-                return;
-            }
-            guard -= 1;
-            let Some(m) = EngineState::mapping_at(&st.drivers, link).copied() else {
+        // Bounded by the chain's bound. Each step saves the next link
+        // before revoking: revoking unlinks the slot and reuses its link
+        // field, while the next one stays live and chained.
+        let mut at = d.dd.page_head(self.seed, domid, gfn);
+        for _ in 0..CHAIN_BOUND {
+            let Some(idx) = at else {
                 return;
             };
-            let next = Link::unpack(m.next_same_page);
+            let Some(m) = d.dd.live_at(idx).copied() else {
+                return;
+            };
+            at = (m.next_same_page != NONE).then_some(m.next_same_page);
             if how == GfnChange::Removed || m.perms.write {
-                if let Some(pos) = st.driver_pos(link.owner) {
-                    self.revoke_slot(st, h, pos, link.slot);
-                }
+                self.revoke_slot(d, h, idx);
             }
-            at = next;
         }
     }
 
@@ -288,9 +261,9 @@ impl<L: RawMutex> Engine<L> {
     /// One slice of the teardown of a dying domain (Xen: from `domain_kill`,
     /// restartable like `domain_relinquish_resources`). `cursor` starts at 0
     /// and is the engine's; `Err(Restart)` means call again. Phases: stop
-    /// in-flight maps of the domain; revoke, in every driver domain, the
-    /// mappings of its pages (their owners get notices); drop everything it
-    /// owned as a driver domain. Each slice visits at most
+    /// in-flight maps of the domain; revoke, in every driver domain that
+    /// maps it, the mappings of its pages (their owners get notices); drop
+    /// everything it owned as a driver domain. Each slice visits at most
     /// `TEARDOWN_VISITS` slots and unmaps at most `TEARDOWN_REVOKES` pages.
     pub fn domain_teardown(
         &self,
@@ -312,9 +285,9 @@ impl<L: RawMutex> Engine<L> {
     ) -> Result<(), Restart> {
         if c.phase == PHASE_START {
             // Maps of this domain that looked a page up before it started
-            // dying retry, and then find it dying.
+            // dying retry, and then find it dying; so does a quota being
+            // set for it.
             if let Some(g) = self.gates.get(domid.0 as usize) {
-                let _st = self.state.lock();
                 g.seq.fetch_add(1, Ordering::SeqCst);
             }
             *c = Cursor {
@@ -341,71 +314,65 @@ impl<L: RawMutex> Engine<L> {
         Ok(())
     }
 
+    /// Revoke the dying domain's pages in each driver cell its gate names,
+    /// cell by cell (the cursor's `driver` is a cell number).
     fn teardown_as_target(
         &self,
         h: &mut impl Hypervisor,
         domid: DomId,
         c: &mut Cursor,
     ) -> Result<(), Restart> {
-        let mut st = self.state.lock();
+        let mask = self
+            .gates
+            .get(domid.0 as usize)
+            .map_or(0, |g| g.drivers.load(Ordering::SeqCst));
         let mut visits = 0u64;
         let mut revokes = 0u32;
-        // The driver domain with the smallest domid >= the cursor's, each
-        // in turn: the cursor survives driver domains coming and going.
-        while let Some(pos) = st
-            .drivers
-            .iter()
-            .enumerate()
-            .filter(|(_, d)| d.domid.0 >= c.driver)
-            .min_by_key(|(_, d)| d.domid.0)
-            .map(|(p, _)| p)
+        while let Some(cell) = (c.driver as usize..self.cells.len()).find(|&i| mask & (1 << i) != 0)
         {
-            let (owner, n) = st
-                .drivers
-                .get(pos)
-                .map_or((DomId(0), 0), |d| (d.domid, d.slots.len() as u64));
-            if c.driver != owner.0 {
+            if c.driver as usize != cell {
                 *c = Cursor {
                     phase: PHASE_AS_TARGET,
-                    driver: owner.0,
+                    driver: cell as u16,
                     slot: 0,
                 };
             }
+            let Some(lock) = self.cells.get(cell) else {
+                break;
+            };
+            let mut d = Driver {
+                cell,
+                dd: lock.lock(),
+            };
+            let n = d.dd.slots.len() as u64;
             while c.slot < n {
                 if visits >= TEARDOWN_VISITS || revokes >= TEARDOWN_REVOKES {
-                    Self::flush_and_release(&mut st, h, pos);
+                    self.flush_and_release(&mut d, h);
+                    self.sync_gate_bit(cell, &d.dd, domid);
+                    self.put_driver(d);
                     return Err(Restart);
                 }
                 visits += 1;
-                let hit = st
-                    .drivers
-                    .get(pos)
-                    .and_then(|d| d.live_at(c.slot))
-                    .is_some_and(|m| m.domid == domid);
-                if hit {
-                    self.revoke_slot(&mut st, h, pos, c.slot);
+                if d.dd.live_at(c.slot).is_some_and(|m| m.domid == domid) {
+                    self.revoke_slot(&mut d, h, c.slot);
                     revokes += 1;
                 }
                 c.slot += 1;
             }
-            Self::flush_and_release(&mut st, h, pos);
-            match owner.0.checked_add(1) {
-                Some(next) => {
-                    *c = Cursor {
-                        phase: PHASE_AS_TARGET,
-                        driver: next,
-                        slot: 0,
-                    }
-                }
-                None => break,
-            }
+            self.flush_and_release(&mut d, h);
+            self.sync_gate_bit(cell, &d.dd, domid);
+            self.put_driver(d);
+            *c = Cursor {
+                phase: PHASE_AS_TARGET,
+                driver: cell as u16 + 1,
+                slot: 0,
+            };
         }
         *c = Cursor {
             phase: PHASE_AS_DRIVER,
             driver: 0,
             slot: 0,
         };
-        drop(st);
         Err(Restart)
     }
 
@@ -415,53 +382,45 @@ impl<L: RawMutex> Engine<L> {
         domid: DomId,
         c: &mut Cursor,
     ) -> Result<(), Restart> {
-        let mut st = self.state.lock();
-        let Some(pos) = st.driver_pos(domid) else {
+        let Some(mut d) = self.lock_driver(domid) else {
             *c = Cursor::DONE;
             return Ok(());
         };
-        let n = st.drivers.get(pos).map_or(0, |d| d.slots.len() as u64);
+        let n = d.dd.slots.len() as u64;
         let mut visits = 0u64;
         let mut revokes = 0u32;
         while c.slot < n {
             if visits >= TEARDOWN_VISITS || revokes >= TEARDOWN_REVOKES {
-                Self::flush_and_release(&mut st, h, pos);
+                self.flush_and_release(&mut d, h);
+                self.put_driver(d);
                 return Err(Restart);
             }
             visits += 1;
-            let slot = st.drivers.get(pos).and_then(|d| d.slot(c.slot)).copied();
-            match slot {
+            match d.dd.slot(c.slot).copied() {
                 Some(Slot::Live(_)) => {
-                    self.take_down_live(&mut st, h, pos, c.slot, false);
+                    self.take_down_live(&mut d, h, c.slot, false);
                     revokes += 1;
                 }
                 Some(Slot::Revoked { .. }) => {
-                    if let Some(dd) = st.drivers.get_mut(pos) {
-                        let _ = dd.ack_revoked(c.slot);
-                    }
+                    let _ = d.dd.ack_revoked(c.slot);
                 }
                 _ => {}
             }
             c.slot += 1;
         }
-        Self::flush_and_release(&mut st, h, pos);
-        let clean = st
-            .drivers
-            .get(pos)
-            .is_none_or(|d| d.stuck_head == NONE && d.unmapping_head == NONE);
-        if !clean {
+        self.flush_and_release(&mut d, h);
+        if d.dd.stuck_head != NONE || d.dd.unmapping_head != NONE {
             // The IOMMU refused an unmap or the flush failed: the pages stay
             // referenced; try again on the next call rather than leak them.
+            self.put_driver(d);
             return Err(Restart);
         }
-        if let Some(dd) = st.drivers.get(pos) {
-            for ctx in dd.contexts().filter(|c| c.0 != 0) {
-                h.context_destroy(domid, ctx);
-            }
+        for ctx in d.dd.contexts().filter(|c| c.0 != 0) {
+            h.context_destroy(domid, ctx);
         }
-        if pos < st.drivers.len() {
-            st.drivers.swap_remove(pos);
-        }
+        // Back to an idle state: put_driver gives the cell back.
+        *d.dd = DriverDomain::new(domid);
+        self.put_driver(d);
         *c = Cursor::DONE;
         Ok(())
     }

@@ -4,24 +4,25 @@
  * and the Rust engine (crate pviommu-xen, a no_std staticlib over pviommu-hv).
  *
  * Direction 1, pviommu_engine_*: implemented in Rust, called by the C glue
- * with NO pviommu lock held. The engine takes the engine lock itself
- * (pvx_engine_lock/unlock) around its own state, and only there.
+ * with NO pviommu lock held. The engine takes one driver lock at a time
+ * itself (pvx_driver_lock/unlock(cell)) around that driver domain's state,
+ * and only there.
  *
  * Direction 2, pvx_*: implemented in C with Xen's own primitives, called
  * directly (never through a pointer) by the engine.
  *
  * Lock order (design/xen-integration.md, "Locks"):
  *
- *     target's p2m lock  ->  pviommu engine lock  ->  hardware domain's IOMMU
- *     (hooks only)                                    mapping_lock -> heap_lock
- *                            pviommu engine lock  ->  owner's virq_lock ->
+ *     target's p2m lock  ->  one driver lock  ->  hardware domain's IOMMU
+ *     (hooks only)                                mapping_lock -> heap_lock
+ *                            one driver lock  ->  owner's virq_lock ->
  *                                                     evtchn / FIFO / sched /
  *                                                     HVM irq locks
  *
- * The engine never holds the engine lock across pvx_copy_*, pvx_get_page,
+ * The engine never holds a driver lock across pvx_copy_*, pvx_get_page,
  * pvx_domain_info or pvx_xsm_check, so a hook entered with a p2m lock held
- * can always take the engine lock. Functions marked [locked] below are only
- * called with the engine lock held; [unlocked] only without it.
+ * can always take a driver lock. Functions marked [locked] below are only
+ * called with a driver lock held; [unlocked] only without any.
  *
  * Domain ids are Xen domid_t (uint16_t). Frame numbers are uint64_t.
  * None of these functions panics; failures are negative errnos.
@@ -93,9 +94,12 @@ void pviommu_engine_gfn_changed(uint16_t domid, uint64_t gfn,
 
 /* ======== Implemented by the C glue ======== */
 
-/* The engine lock (a Xen spinlock; not IRQ-safe: never taken in IRQ context). */
-void pvx_engine_lock(void);
-void pvx_engine_unlock(void);
+/* The driver locks: one Xen spinlock per engine driver cell (a driver
+ * domain's state), cell < PVX_DRIVER_CELLS. Not IRQ-safe: never taken in
+ * IRQ context. The engine holds at most one at a time. */
+#define PVX_DRIVER_CELLS 64
+void pvx_driver_lock(unsigned int cell);
+void pvx_driver_unlock(unsigned int cell);
 
 /* [unlocked] Guest copies for the current vCPU's guest: 0, or -EFAULT.
  * (Errnos that only the C glue returns: ENOEXEC for a 32-bit caller; ESTALE
@@ -187,7 +191,7 @@ int pvx_iommu_flush(uint16_t owner, uint64_t bfn, uint64_t count,
  * its VIRQ_PV_IOMMU (a global VIRQ; nothing happens if it has not bound
  * it). send_guest_global_virq(): the owner's virq_lock, a channel trylock,
  * then FIFO / scheduler / HVM irq locks, none of which is ever held around
- * a p2m lock or the engine lock. */
+ * a p2m lock or a driver lock. */
 void pvx_notify_revoked(uint16_t owner);
 
 /* Boot only: a per-boot secret for the engine's hash tables (get_random()). */

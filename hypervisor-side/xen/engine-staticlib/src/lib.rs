@@ -1,8 +1,9 @@
 //! The engine inside Xen.
 //!
 //! `xen/pviommu.c` calls the `pviommu_engine_*` functions below with no
-//! lock held (see `include/pviommu_engine.h`); the engine takes Xen's engine
-//! spinlock (`pvx_engine_lock`) itself, around its own state only. Xen's
+//! lock held (see `include/pviommu_engine.h`); the engine takes one of Xen's
+//! driver spinlocks (`pvx_driver_lock(cell)`) itself, around one driver
+//! domain's state only. Xen's
 //! primitives come back in through the `pvx_*` functions, called directly
 //! (never through a pointer, so Xen's CET-IBT needs no `cf_check` on them).
 #![no_std]
@@ -36,8 +37,8 @@ mod ffi {
     }
 
     extern "C" {
-        pub fn pvx_engine_lock();
-        pub fn pvx_engine_unlock();
+        pub fn pvx_driver_lock(cell: u32);
+        pub fn pvx_driver_unlock(cell: u32);
         pub fn pvx_copy_from_guest(dst: *mut u8, guest_addr: u64, len: usize) -> i32;
         pub fn pvx_copy_to_guest(guest_addr: u64, src: *const u8, len: usize) -> i32;
         pub fn pvx_domain_info(domid: u16, info: *mut PvxDomainInfo);
@@ -121,31 +122,38 @@ fn errno_from(rc: i32) -> Errno {
     Errno::from_code(rc).unwrap_or(Errno::Inval)
 }
 
-/// Xen's engine lock (a spinlock in xen/pviommu.c), as a `lock_api` raw
-/// mutex so the engine's `Mutex<XenLock, EngineState>` guards use it.
-struct XenLock;
+/// One of Xen's driver spinlocks (`pvx_driver_locks[cell]` in
+/// xen/pviommu.c), as a `lock_api` raw mutex so the engine's
+/// `Mutex<XenLock, DriverDomain>` guards use it. Made for each cell by
+/// `Engine::with_locks`; `INIT` (cell 0) is never used by the engine.
+struct XenLock {
+    cell: u32,
+}
 
-// SAFETY: pvx_engine_lock/unlock are a real mutual-exclusion lock; the guard
-// is not Send (a Xen spinlock is released on the CPU that took it).
+// SAFETY: pvx_driver_lock/unlock are a real mutual-exclusion lock per cell;
+// the guard is not Send (a Xen spinlock is released on the CPU that took it).
 unsafe impl RawMutex for XenLock {
     #[allow(clippy::declare_interior_mutable_const)]
-    const INIT: XenLock = XenLock;
+    const INIT: XenLock = XenLock { cell: 0 };
     type GuardMarker = lock_api::GuardNoSend;
     fn lock(&self) {
-        // SAFETY: plain call.
-        unsafe { ffi::pvx_engine_lock() }
+        // SAFETY: plain call; the cell number is below PVX_DRIVER_CELLS.
+        unsafe { ffi::pvx_driver_lock(self.cell) }
     }
     fn try_lock(&self) -> bool {
-        // Never used by the engine.
+        // Only `Engine::state` uses it, which nothing inside Xen calls.
         false
     }
     unsafe fn unlock(&self) {
         // SAFETY: the caller holds the lock.
-        unsafe { ffi::pvx_engine_unlock() }
+        unsafe { ffi::pvx_driver_unlock(self.cell) }
     }
 }
 
 type XenEngine = Engine<XenLock>;
+
+// pvx_driver_locks[] in xen/pviommu.c has PVX_DRIVER_CELLS (64) entries.
+const _: () = assert!(pviommu_hv::engine::MAX_DRIVER_DOMAINS == 64);
 
 const DOMID_NONE: u16 = 0xffff;
 
@@ -333,7 +341,7 @@ pub extern "C" fn pviommu_engine_init(quota: u64, max_batch: u32, heap_bytes: u6
     if max_batch != 0 {
         config.max_batch_ops = max_batch.min(pviommu_hv::config::MAX_BATCH_OPS_LIMIT);
     }
-    match XenEngine::new(config, &Xen) {
+    match XenEngine::with_locks(config, &Xen, |cell| XenLock { cell: cell as u32 }) {
         Ok(e) => {
             // SAFETY: called once at boot, before any other entry point.
             unsafe { *ENGINE.0.get() = Some(e) };
