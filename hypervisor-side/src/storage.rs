@@ -223,6 +223,13 @@ impl IndexTable {
         true
     }
 
+    /// Remove every value, keeping the buckets (no allocation).
+    pub fn clear(&mut self) {
+        self.buckets.fill(EMPTY);
+        self.live = 0;
+        self.tombstones = 0;
+    }
+
     /// Every stored value.
     pub fn values(&self) -> impl Iterator<Item = u64> + '_ {
         self.buckets

@@ -88,6 +88,10 @@ fn count_of(v: u64) -> u64 {
     v & ((1 << COUNT_BITS) - 1)
 }
 
+/// Slots an empty driver state keeps allocated (with its indices): about
+/// 64 KiB, so the 64 cells keep at most 4 MiB between batches.
+pub(crate) const KEEP_WHEN_EMPTY: usize = 1024;
+
 /// Longest chain of one page in one driver domain: one mapping per
 /// (context, perms, attr). Walks are bounded by it.
 pub(crate) const CHAIN_BOUND: usize = crate::config::MAX_CONTEXTS as usize * 2 * 8;
@@ -504,18 +508,29 @@ impl DriverDomain {
         self.used() == 0 && self.contexts == 1 && self.quota.is_none() && self.gather.is_empty()
     }
 
-    /// Give the slot array and the indices back once no BFN is in use
-    /// (everything unmapped and acknowledged): the engine's memory returns
-    /// to what an idle driver domain costs. Frees only; never allocates.
+    /// Reset the tables once no BFN is in use (everything unmapped and
+    /// acknowledged). Small tables are kept, emptied, for the next batch:
+    /// a mediator that maps and unmaps a batch at a time would otherwise
+    /// free and reallocate (and the allocator zero) them every round, which
+    /// cost more than everything else a map does. Larger ones are given
+    /// back: the engine's memory returns to what an idle driver domain
+    /// costs. Emptied, the next maps take BFNs in ascending order again.
+    /// Frees only; never allocates.
     pub(crate) fn compact_if_empty(&mut self) {
         if self.used() != 0 || self.slots.is_empty() {
             return;
         }
-        self.slots = Vec::new();
+        if self.slots.capacity() <= KEEP_WHEN_EMPTY {
+            self.slots.clear();
+            self.pages.clear();
+            self.targets.clear();
+        } else {
+            self.slots = Vec::new();
+            self.pages = IndexTable::new();
+            self.targets = IndexTable::new();
+        }
         self.free_head = NONE;
         self.free = 0;
-        self.pages = IndexTable::new();
-        self.targets = IndexTable::new();
         self.unmapping_head = NONE;
         self.stuck_head = NONE;
         self.revoked_head = NONE;

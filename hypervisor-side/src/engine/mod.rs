@@ -127,7 +127,8 @@ pub struct MappingView {
 /// simulator's tools): see [`Engine::state`].
 pub struct StateView<'a, L: RawMutex> {
     space: &'a BfnSpace,
-    guards: [Option<MutexGuard<'a, L, DriverDomain>>; MAX_DRIVER_DOMAINS],
+    /// Every cell, with whether a driver domain owns it.
+    guards: [Option<(bool, MutexGuard<'a, L, DriverDomain>)>; MAX_DRIVER_DOMAINS],
 }
 
 impl<L: RawMutex> StateView<'_, L> {
@@ -141,7 +142,11 @@ impl<L: RawMutex> StateView<'_, L> {
     }
     /// Every driver domain with state.
     pub fn drivers(&self) -> impl Iterator<Item = &DriverDomain> {
-        self.guards.iter().flatten().map(|g| &**g)
+        self.guards
+            .iter()
+            .flatten()
+            .filter(|(owned, _)| *owned)
+            .map(|(_, g)| &**g)
     }
     /// Live mappings of `owner` with their BFNs, in BFN-index order.
     pub fn live_mappings(&self, owner: DomId) -> impl Iterator<Item = MappingView> + '_ {
@@ -159,10 +164,14 @@ impl<L: RawMutex> StateView<'_, L> {
     pub fn mapped_pages(&self) -> usize {
         self.drivers().map(|d| d.mapped_pages()).sum()
     }
-    /// Heap bytes held by the driver domains' tables (the fixed boot-time
-    /// tables are [`Engine::boot_bytes`]).
+    /// Heap bytes held by the driver cells' tables, owned or kept empty in
+    /// a free cell (the fixed boot-time tables are [`Engine::boot_bytes`]).
     pub fn heap_bytes(&self) -> usize {
-        self.drivers().map(|d| d.heap_bytes()).sum()
+        self.guards
+            .iter()
+            .flatten()
+            .map(|(_, g)| g.heap_bytes())
+            .sum()
     }
 }
 
@@ -308,17 +317,18 @@ impl<L: RawMutex> Engine<L> {
         StateView {
             space: &self.space,
             guards: core::array::from_fn(|i| {
+                let cell = self.cells.get(i)?;
+                let g = loop {
+                    if let Some(g) = cell.try_lock() {
+                        break g;
+                    }
+                    core::hint::spin_loop();
+                };
                 let owned = self
                     .owners
                     .get(i)
                     .is_some_and(|o| o.load(Ordering::SeqCst) != FREE_CELL);
-                let cell = self.cells.get(i).filter(|_| owned)?;
-                loop {
-                    if let Some(g) = cell.try_lock() {
-                        break Some(g);
-                    }
-                    core::hint::spin_loop();
-                }
+                Some((owned, g))
             }),
         }
     }
