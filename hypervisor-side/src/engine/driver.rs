@@ -146,13 +146,158 @@ pub enum Slot {
     },
 }
 
+/// A slot as stored: 32 bytes, the bulk of the engine's memory per mapping.
+/// [`Slot`] is its decoded form.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+pub(crate) struct RawSlot {
+    gfn: u64,
+    mfn: u64,
+    /// The one list a slot is on: the free list (Free), its page's chain
+    /// (Live), the unmapping or stuck list, or the notice queue (Revoked:
+    /// the next one).
+    next: u32,
+    /// Live, Unmapping, Stuck: references; Revoked: the previous notice.
+    aux: u32,
+    domid: u16,
+    context: u8,
+    /// State in bits 0-2, read in 3, write in 4, attribute in 5-6,
+    /// "then revoked" (Unmapping) in 7.
+    bits: u8,
+}
+
+const ST_FREE: u8 = 0;
+const ST_LIVE: u8 = 1;
+const ST_UNMAPPING: u8 = 2;
+const ST_STUCK: u8 = 3;
+const ST_REVOKED: u8 = 4;
+const STATE_MASK: u8 = 0b111;
+const READ: u8 = 1 << 3;
+const WRITE: u8 = 1 << 4;
+const ATTR_SHIFT: u8 = 5;
+const THEN_REVOKED: u8 = 1 << 7;
+
+/// A slot link in 32 bits (slot counts are bounded by `MAX_QUOTA`).
+fn link32(v: u64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
+fn link64(v: u32) -> u64 {
+    if v == u32::MAX {
+        NONE
+    } else {
+        v as u64
+    }
+}
+
+impl RawSlot {
+    fn state(&self) -> u8 {
+        self.bits & STATE_MASK
+    }
+
+    fn from_mapping(state: u8, m: &Mapping, extra: u8) -> RawSlot {
+        let mut bits = state | (m.attr.field() as u8) << ATTR_SHIFT | extra;
+        if m.perms.read {
+            bits |= READ;
+        }
+        if m.perms.write {
+            bits |= WRITE;
+        }
+        RawSlot {
+            gfn: m.gfn.0,
+            mfn: m.mfn.0,
+            next: link32(m.next_same_page),
+            aux: m.refs,
+            domid: m.domid.0,
+            // Contexts are below MAX_CONTEXTS (16).
+            context: m.context.0 as u8,
+            bits,
+        }
+    }
+
+    fn mapping(&self) -> Mapping {
+        Mapping {
+            gfn: Gfn(self.gfn),
+            mfn: Mfn(self.mfn),
+            next_same_page: link64(self.next),
+            refs: self.aux,
+            domid: DomId(self.domid),
+            context: ContextId(self.context as u32),
+            perms: Permissions {
+                read: self.bits & READ != 0,
+                write: self.bits & WRITE != 0,
+            },
+            attr: MemAttr::from_field(((self.bits >> ATTR_SHIFT) & 0b11) as u16)
+                .unwrap_or_default(),
+        }
+    }
+
+    pub(crate) fn encode(s: &Slot) -> RawSlot {
+        match *s {
+            Slot::Free { next } => RawSlot {
+                next: link32(next),
+                bits: ST_FREE,
+                ..RawSlot::default()
+            },
+            Slot::Live(m) => RawSlot::from_mapping(ST_LIVE, &m, 0),
+            Slot::Unmapping {
+                mapping,
+                then_revoked,
+            } => RawSlot::from_mapping(
+                ST_UNMAPPING,
+                &mapping,
+                if then_revoked { THEN_REVOKED } else { 0 },
+            ),
+            Slot::Stuck { mapping } => RawSlot::from_mapping(ST_STUCK, &mapping, 0),
+            Slot::Revoked { notice, prev, next } => RawSlot {
+                gfn: notice.gfn.0,
+                mfn: 0,
+                next: link32(next),
+                aux: link32(prev),
+                domid: notice.domid.0,
+                context: notice.context.0 as u8,
+                bits: ST_REVOKED,
+            },
+        }
+    }
+
+    pub(crate) fn decode(&self) -> Slot {
+        match self.state() {
+            ST_LIVE => Slot::Live(self.mapping()),
+            ST_UNMAPPING => Slot::Unmapping {
+                mapping: self.mapping(),
+                then_revoked: self.bits & THEN_REVOKED != 0,
+            },
+            ST_STUCK => Slot::Stuck {
+                mapping: self.mapping(),
+            },
+            ST_REVOKED => Slot::Revoked {
+                notice: Notice {
+                    domid: DomId(self.domid),
+                    gfn: Gfn(self.gfn),
+                    context: ContextId(self.context as u32),
+                },
+                prev: link64(self.aux),
+                next: link64(self.next),
+            },
+            _ => Slot::Free {
+                next: link64(self.next),
+            },
+        }
+    }
+
+    /// Live, of page (domid, gfn): the page index's test, without decoding.
+    fn is_live_page(&self, domid: DomId, gfn: Gfn) -> bool {
+        self.state() == ST_LIVE && self.gfn == gfn.0 && self.domid == domid.0
+    }
+}
+
 /// A driver domain's state.
 #[derive(Debug)]
 pub struct DriverDomain {
     pub(crate) domid: DomId,
     /// Bit n: context n exists (context 0 always).
     pub(crate) contexts: u32,
-    pub(crate) slots: Vec<Slot>,
+    pub(crate) slots: Vec<RawSlot>,
     pub(crate) free_head: u64,
     pub(crate) free: u64,
     /// Page index: (target domid, gfn) -> first Live slot of that page; the
@@ -233,13 +378,16 @@ impl DriverDomain {
             .filter(|c| self.contexts & (1 << c) != 0)
             .map(ContextId)
     }
-    /// Every slot with its index.
-    pub fn slots(&self) -> impl Iterator<Item = (u64, &Slot)> {
-        self.slots.iter().enumerate().map(|(i, s)| (i as u64, s))
+    /// Every slot with its index, decoded.
+    pub fn slots(&self) -> impl Iterator<Item = (u64, Slot)> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i as u64, s.decode()))
     }
     /// Bytes of heap this driver domain holds.
     pub fn heap_bytes(&self) -> usize {
-        self.slots.capacity() * core::mem::size_of::<Slot>()
+        self.slots.capacity() * core::mem::size_of::<RawSlot>()
             + self.pages.heap_bytes()
             + self.targets.heap_bytes()
     }
@@ -254,22 +402,41 @@ impl DriverDomain {
             .map_or(0, count_of)
     }
 
-    pub(crate) fn slot(&self, idx: u64) -> Option<&Slot> {
+    fn raw(&self, idx: u64) -> Option<&RawSlot> {
         self.slots.get(usize::try_from(idx).ok()?)
     }
-    pub(crate) fn slot_mut(&mut self, idx: u64) -> Option<&mut Slot> {
+    fn raw_mut(&mut self, idx: u64) -> Option<&mut RawSlot> {
         self.slots.get_mut(usize::try_from(idx).ok()?)
     }
-    pub(crate) fn live_at(&self, idx: u64) -> Option<&Mapping> {
-        match self.slot(idx) {
-            Some(Slot::Live(m)) => Some(m),
-            _ => None,
+    /// Slot `idx`, decoded.
+    pub(crate) fn slot(&self, idx: u64) -> Option<Slot> {
+        self.raw(idx).map(RawSlot::decode)
+    }
+    /// Store `slot` at `idx` (which must exist).
+    fn set_slot(&mut self, idx: u64, slot: Slot) -> bool {
+        match self.raw_mut(idx) {
+            Some(r) => {
+                *r = RawSlot::encode(&slot);
+                true
+            }
+            None => false,
         }
     }
-    pub(crate) fn live_at_mut(&mut self, idx: u64) -> Option<&mut Mapping> {
-        match self.slot_mut(idx) {
-            Some(Slot::Live(m)) => Some(m),
-            _ => None,
+    /// The live mapping in slot `idx`.
+    pub(crate) fn live_at(&self, idx: u64) -> Option<Mapping> {
+        self.raw(idx)
+            .filter(|r| r.state() == ST_LIVE)
+            .map(RawSlot::mapping)
+    }
+    /// Change the reference count of the live mapping in slot `idx`.
+    pub(crate) fn set_refs(&mut self, idx: u64, refs: u32) {
+        if let Some(r) = self.raw_mut(idx).filter(|r| r.state() == ST_LIVE) {
+            r.aux = refs;
+        }
+    }
+    fn set_next_live(&mut self, idx: u64, next: u64) {
+        if let Some(r) = self.raw_mut(idx).filter(|r| r.state() == ST_LIVE) {
+            r.next = link32(next);
         }
     }
 
@@ -277,7 +444,9 @@ impl DriverDomain {
     pub(crate) fn page_head(&self, seed: u64, domid: DomId, gfn: Gfn) -> Option<u64> {
         let slots = &self.slots;
         self.pages.find(page_hash(seed, domid, gfn), |v| {
-            matches!(slots.get(v as usize), Some(Slot::Live(m)) if m.domid == domid && m.gfn == gfn)
+            slots
+                .get(v as usize)
+                .is_some_and(|r| r.is_live_page(domid, gfn))
         })
     }
 
@@ -292,7 +461,7 @@ impl DriverDomain {
         let mut at = self.page_head(seed, domid, gfn);
         (0..CHAIN_BOUND).map_while(move |_| {
             let idx = at?;
-            let m = *self.live_at(idx)?;
+            let m = self.live_at(idx)?;
             at = (m.next_same_page != NONE).then_some(m.next_same_page);
             Some((idx, m))
         })
@@ -324,8 +493,8 @@ impl DriverDomain {
         }
         let slots = &self.slots;
         self.pages.reserve_one(|v| match slots.get(v as usize) {
-            Some(Slot::Live(m)) => page_hash(seed, m.domid, m.gfn),
-            _ => 0,
+            Some(r) => page_hash(seed, DomId(r.domid), Gfn(r.gfn)),
+            None => 0,
         })?;
         self.targets
             .reserve_one(|v| target_hash(seed, count_domid(v)))
@@ -334,14 +503,14 @@ impl DriverDomain {
     /// Take a free slot (after [`reserve_slot`](Self::reserve_slot)). The
     /// slot holds `Free` until the caller stores into it.
     pub(crate) fn take_slot(&mut self) -> Result<u64, Errno> {
-        if let Some(Slot::Free { next }) = self.slot(self.free_head).copied() {
+        if let Some(Slot::Free { next }) = self.slot(self.free_head) {
             let idx = self.free_head;
             self.free_head = next;
             self.free -= 1;
             return Ok(idx);
         }
         let idx = self.slots.len() as u64;
-        try_push(&mut self.slots, Slot::Free { next: NONE })?;
+        try_push(&mut self.slots, RawSlot::encode(&Slot::Free { next: NONE }))?;
         Ok(idx)
         // (a fresh slot is in use at once: `free` is unchanged)
     }
@@ -349,8 +518,7 @@ impl DriverDomain {
     /// Return a slot to the free list.
     pub(crate) fn free_slot(&mut self, idx: u64) {
         let head = self.free_head;
-        if let Some(s) = self.slot_mut(idx) {
-            *s = Slot::Free { next: head };
+        if self.set_slot(idx, Slot::Free { next: head }) {
             self.free_head = idx;
             self.free += 1;
         }
@@ -363,12 +531,7 @@ impl DriverDomain {
         match self.page_head(seed, m.domid, m.gfn) {
             Some(head) => {
                 m.next_same_page = head;
-                let slots = &self.slots;
-                self.pages.replace(
-                    hash,
-                    |v| v == head && matches!(slots.get(v as usize), Some(Slot::Live(_))),
-                    idx,
-                );
+                self.pages.replace(hash, |v| v == head, idx);
             }
             None => {
                 m.next_same_page = NONE;
@@ -376,9 +539,7 @@ impl DriverDomain {
                 self.count_target(seed, m.domid, true)?;
             }
         }
-        if let Some(s) = self.slot_mut(idx) {
-            *s = Slot::Live(m);
-        }
+        self.set_slot(idx, Slot::Live(m));
         self.live += 1;
         Ok(())
     }
@@ -406,7 +567,7 @@ impl DriverDomain {
     /// Take a Live mapping out of its page's chain (the slot keeps it until
     /// the caller changes the slot's state). Bounded by [`CHAIN_BOUND`].
     pub(crate) fn unindex(&mut self, seed: u64, idx: u64) -> Option<Mapping> {
-        let m = *self.live_at(idx)?;
+        let m = self.live_at(idx)?;
         let head = self.page_head(seed, m.domid, m.gfn)?;
         let hash = page_hash(seed, m.domid, m.gfn);
         if head == idx {
@@ -420,13 +581,11 @@ impl DriverDomain {
             let mut at = head;
             let mut found = false;
             for _ in 0..CHAIN_BOUND {
-                let Some(cur) = self.live_at(at).copied() else {
+                let Some(cur) = self.live_at(at) else {
                     break;
                 };
                 if cur.next_same_page == idx {
-                    if let Some(prev) = self.live_at_mut(at) {
-                        prev.next_same_page = m.next_same_page;
-                    }
+                    self.set_next_live(at, m.next_same_page);
                     found = true;
                     break;
                 }
@@ -445,11 +604,11 @@ impl DriverDomain {
     /// The IOMMU entry of a former Live mapping is gone: wait for the flush.
     pub(crate) fn push_unmapping(&mut self, idx: u64, mut mapping: Mapping, then_revoked: bool) {
         mapping.next_same_page = self.unmapping_head;
-        if let Some(s) = self.slot_mut(idx) {
-            *s = Slot::Unmapping {
-                mapping,
-                then_revoked,
-            };
+        let slot = Slot::Unmapping {
+            mapping,
+            then_revoked,
+        };
+        if self.set_slot(idx, slot) {
             self.unmapping_head = idx;
         }
     }
@@ -457,8 +616,7 @@ impl DriverDomain {
     /// The IOMMU refused to unmap a mapping being revoked.
     pub(crate) fn push_stuck(&mut self, idx: u64, mut mapping: Mapping) {
         mapping.next_same_page = self.stuck_head;
-        if let Some(s) = self.slot_mut(idx) {
-            *s = Slot::Stuck { mapping };
+        if self.set_slot(idx, Slot::Stuck { mapping }) {
             self.stuck_head = idx;
             self.stuck += 1;
         }
@@ -467,18 +625,17 @@ impl DriverDomain {
     /// Queue a revocation notice at the tail.
     pub(crate) fn push_revoked(&mut self, idx: u64, notice: Notice) {
         let tail = self.revoked_tail;
-        if let Some(s) = self.slot_mut(idx) {
-            *s = Slot::Revoked {
-                notice,
-                prev: tail,
-                next: NONE,
-            };
-        } else {
+        let slot = Slot::Revoked {
+            notice,
+            prev: tail,
+            next: NONE,
+        };
+        if !self.set_slot(idx, slot) {
             return;
         }
-        match self.slot_mut(tail) {
-            Some(Slot::Revoked { next, .. }) => *next = idx,
-            _ => self.revoked_head = idx,
+        match self.raw_mut(tail).filter(|r| r.state() == ST_REVOKED) {
+            Some(r) => r.next = link32(idx),
+            None => self.revoked_head = idx,
         }
         self.revoked_tail = idx;
         self.revoked += 1;
@@ -486,16 +643,16 @@ impl DriverDomain {
 
     /// Remove a revoked slot from the notice queue and free it.
     pub(crate) fn ack_revoked(&mut self, idx: u64) -> Result<Notice, Errno> {
-        let Some(Slot::Revoked { notice, prev, next }) = self.slot(idx).copied() else {
+        let Some(Slot::Revoked { notice, prev, next }) = self.slot(idx) else {
             return Err(Errno::NoEnt);
         };
-        match self.slot_mut(prev) {
-            Some(Slot::Revoked { next: n, .. }) => *n = next,
-            _ => self.revoked_head = next,
+        match self.raw_mut(prev).filter(|r| r.state() == ST_REVOKED) {
+            Some(r) => r.next = link32(next),
+            None => self.revoked_head = next,
         }
-        match self.slot_mut(next) {
-            Some(Slot::Revoked { prev: p, .. }) => *p = prev,
-            _ => self.revoked_tail = prev,
+        match self.raw_mut(next).filter(|r| r.state() == ST_REVOKED) {
+            Some(r) => r.aux = link32(prev),
+            None => self.revoked_tail = prev,
         }
         self.revoked -= 1;
         self.free_slot(idx);
@@ -540,7 +697,7 @@ impl DriverDomain {
     /// The oldest unacknowledged revocation.
     pub(crate) fn oldest_revoked(&self) -> Option<(u64, Notice)> {
         match self.slot(self.revoked_head) {
-            Some(Slot::Revoked { notice, .. }) => Some((self.revoked_head, *notice)),
+            Some(Slot::Revoked { notice, .. }) => Some((self.revoked_head, notice)),
             _ => None,
         }
     }

@@ -154,7 +154,7 @@ impl<L: RawMutex> StateView<'_, L> {
             d.slots().filter_map(move |(i, s)| match s {
                 Slot::Live(m) => Some(MappingView {
                     bfn: self.space.bfn_of(i)?,
-                    mapping: *m,
+                    mapping: m,
                 }),
                 _ => None,
             })
@@ -580,9 +580,9 @@ impl<L: RawMutex> Engine<L> {
         }
         if let Some(idx) = d.dd.find_key(seed, &key) {
             let bfn = self.space.bfn_of(idx).ok_or(Errno::Inval)?;
-            let m = d.dd.live_at_mut(idx).ok_or(Errno::Inval)?;
+            let m = d.dd.live_at(idx).ok_or(Errno::Inval)?;
             if m.mfn == mfn {
-                m.refs = m.refs.checked_add(1).ok_or(Errno::NoSpc)?;
+                d.dd.set_refs(idx, m.refs.checked_add(1).ok_or(Errno::NoSpc)?);
                 return Ok(Some(bfn));
             }
             // The gfn no longer points at the mapped frame: a removal
@@ -650,7 +650,7 @@ impl<L: RawMutex> Engine<L> {
         let idx = self.space.index_of(bfn).ok_or(Errno::NoEnt)?;
         let d = self.lock_driver(caller).ok_or(Errno::NoEnt)?;
         match d.dd.live_at(idx) {
-            Some(m) if m.context == context => Ok(*m),
+            Some(m) if m.context == context => Ok(m),
             _ => Err(Errno::NoEnt),
         }
     }
@@ -713,9 +713,9 @@ impl<L: RawMutex> Engine<L> {
             return Err(Errno::Stale);
         }
         let dd = &mut *d.dd;
-        let m = dd.live_at_mut(idx).ok_or(Errno::NoEnt)?;
+        let m = dd.live_at(idx).ok_or(Errno::NoEnt)?;
         if m.refs > 1 {
-            m.refs -= 1;
+            dd.set_refs(idx, m.refs - 1);
             return Ok(());
         }
         // Unmap first: if the IOMMU refuses (no memory to split a

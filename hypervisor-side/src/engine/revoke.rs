@@ -116,7 +116,7 @@ impl<L: RawMutex> Engine<L> {
         let owner = dd.domid;
         // Stuck revocations: take the list and rebuild it with the failures.
         let mut at = core::mem::replace(&mut dd.stuck_head, NONE);
-        while let Some(Slot::Stuck { mapping }) = dd.slot(at).copied() {
+        while let Some(Slot::Stuck { mapping }) = dd.slot(at) {
             let next = mapping.next_same_page;
             dd.stuck -= 1;
             let unmapped = space.bfn_of(at).is_some_and(|bfn| {
@@ -141,7 +141,7 @@ impl<L: RawMutex> Engine<L> {
         while let Some(Slot::Unmapping {
             mapping,
             then_revoked,
-        }) = dd.slot(at).copied()
+        }) = dd.slot(at)
         {
             let next = mapping.next_same_page;
             h.put_page(mapping.mfn, mapping.perms.write);
@@ -243,7 +243,7 @@ impl<L: RawMutex> Engine<L> {
             let Some(idx) = at else {
                 return;
             };
-            let Some(m) = d.dd.live_at(idx).copied() else {
+            let Some(m) = d.dd.live_at(idx) else {
                 return;
             };
             at = (m.next_same_page != NONE).then_some(m.next_same_page);
@@ -396,7 +396,7 @@ impl<L: RawMutex> Engine<L> {
                 return Err(Restart);
             }
             visits += 1;
-            match d.dd.slot(c.slot).copied() {
+            match d.dd.slot(c.slot) {
                 Some(Slot::Live(_)) => {
                     self.take_down_live(&mut d, h, c.slot, false);
                     revokes += 1;
@@ -447,9 +447,57 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_slot_is_48_bytes() {
+    fn a_stored_slot_is_32_bytes() {
         // The engine's memory per mapping is dominated by the slot.
-        assert_eq!(core::mem::size_of::<Slot>(), 48);
+        assert_eq!(core::mem::size_of::<super::super::driver::RawSlot>(), 32);
+    }
+
+    #[test]
+    fn every_slot_state_round_trips_through_its_stored_form() {
+        use crate::{ContextId, Gfn, MemAttr, Mfn, Permissions};
+        let m = super::super::Mapping {
+            gfn: Gfn((1 << 52) - 1),
+            mfn: Mfn((1 << 52) - 3),
+            next_same_page: (1 << 24) - 1,
+            refs: u32::MAX,
+            domid: DomId(0x7fef),
+            context: ContextId(15),
+            perms: Permissions::RW,
+            attr: MemAttr::Device,
+        };
+        let ro = super::super::Mapping {
+            perms: Permissions::RO,
+            attr: MemAttr::Uncached,
+            next_same_page: NONE,
+            ..m
+        };
+        for s in [
+            Slot::Free { next: NONE },
+            Slot::Free { next: 7 },
+            Slot::Live(m),
+            Slot::Live(ro),
+            Slot::Unmapping {
+                mapping: m,
+                then_revoked: true,
+            },
+            Slot::Unmapping {
+                mapping: ro,
+                then_revoked: false,
+            },
+            Slot::Stuck { mapping: m },
+            Slot::Revoked {
+                notice: Notice {
+                    domid: DomId(3),
+                    gfn: Gfn(9),
+                    context: ContextId(2),
+                },
+                prev: NONE,
+                next: 5,
+            },
+        ] {
+            let raw = super::super::driver::RawSlot::encode(&s);
+            assert_eq!(raw.decode(), s);
+        }
     }
 
     #[test]
