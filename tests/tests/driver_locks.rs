@@ -184,3 +184,25 @@ fn device_models_cannot_take_the_cell_kept_for_dom0() {
     map(&sim, &e, last, GUEST, 1).unwrap();
     assert_eq!(pviommu_hv::lock_check::violations(), 0);
 }
+
+/// A map that finds its page's old mapping stale (the gfn moved and the
+/// hook has not run yet) revokes it and maps the new frame. That old one was
+/// dom0's last page of the target: the gate must still name dom0 afterwards,
+/// or the next removal of the gfn would skip dom0 and leave the device
+/// reaching a page the guest gave away.
+#[test]
+fn a_stale_last_mapping_replaced_by_a_map_keeps_the_gate_bit() {
+    let (sim, e) = host(0);
+    map(&sim, &e, DomId::DOM0, GUEST, 5).unwrap();
+    // The p2m changes; its hook is late.
+    sim.lock().put_new_frame(GUEST, Gfn(5)).unwrap();
+    map(&sim, &e, DomId::DOM0, GUEST, 5).unwrap();
+    assert_eq!(e.driver_state(DomId::DOM0).unwrap().revoked(), 1);
+    assert_eq!(e.target_drivers(GUEST) & 1, 1, "dom0 still maps GUEST");
+    // The next removal reaches the new mapping.
+    sim.lock().put_new_frame(GUEST, Gfn(5)).unwrap();
+    let mut h = sim.handle(DomId::DOM0);
+    e.gfn_removed(&mut h, GUEST, Gfn(5));
+    assert_eq!(e.driver_state(DomId::DOM0).unwrap().revoked(), 2);
+    assert!(e.state().live_mappings(DomId::DOM0).next().is_none());
+}

@@ -565,15 +565,18 @@ impl DriverDomain {
     }
 
     /// Take a Live mapping out of its page's chain (the slot keeps it until
-    /// the caller changes the slot's state). Bounded by [`CHAIN_BOUND`].
-    pub(crate) fn unindex(&mut self, seed: u64, idx: u64) -> Option<Mapping> {
+    /// the caller changes the slot's state), and say whether it was this
+    /// domain's last page of its target. Bounded by [`CHAIN_BOUND`].
+    pub(crate) fn unindex(&mut self, seed: u64, idx: u64) -> Option<(Mapping, bool)> {
         let m = self.live_at(idx)?;
         let head = self.page_head(seed, m.domid, m.gfn)?;
         let hash = page_hash(seed, m.domid, m.gfn);
+        let mut last_of_target = false;
         if head == idx {
             if m.next_same_page == NONE {
                 self.pages.remove(hash, |v| v == idx);
                 let _ = self.count_target(seed, m.domid, false);
+                last_of_target = self.pages_of(seed, m.domid) == 0;
             } else {
                 self.pages.replace(hash, |v| v == idx, m.next_same_page);
             }
@@ -598,7 +601,7 @@ impl DriverDomain {
             }
         }
         self.live -= 1;
-        Some(m)
+        Some((m, last_of_target))
     }
 
     /// The IOMMU entry of a former Live mapping is gone: wait for the flush.

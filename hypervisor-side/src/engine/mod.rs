@@ -451,14 +451,24 @@ impl<L: RawMutex> Engine<L> {
     /// pages. Called under the cell's lock after anything that may have
     /// changed that.
     pub(crate) fn sync_gate_bit(&self, cell: usize, dd: &DriverDomain, domid: DomId) {
+        self.set_gate_bit(cell, domid, dd.pages_of(self.seed, domid) != 0);
+    }
+
+    /// Set or clear cell `cell`'s bit in `domid`'s gate (under the cell's
+    /// lock, so nobody else changes that bit meanwhile: a plain load tells
+    /// whether the read-modify-write is needed at all).
+    pub(crate) fn set_gate_bit(&self, cell: usize, domid: DomId, on: bool) {
         let Some(g) = self.gate(domid) else {
             return;
         };
         let bit = 1u64 << cell;
-        if dd.pages_of(self.seed, domid) == 0 {
-            g.drivers.fetch_and(!bit, Ordering::SeqCst);
-        } else {
+        if (g.drivers.load(Ordering::SeqCst) & bit != 0) == on {
+            return;
+        }
+        if on {
             g.drivers.fetch_or(bit, Ordering::SeqCst);
+        } else {
+            g.drivers.fetch_and(!bit, Ordering::SeqCst);
         }
     }
 
@@ -517,10 +527,19 @@ impl<L: RawMutex> Engine<L> {
             let outcome = match self.lock_or_claim(caller) {
                 Err(e) => Some(MapOutcome::Refused(e)),
                 Ok(mut d) => {
-                    gate.drivers.fetch_or(1 << d.cell, Ordering::SeqCst);
+                    // Mark, then re-read seq (see above). An already set
+                    // bit cannot be cleared while this lock is held.
+                    self.set_gate_bit(d.cell, req.domid, true);
                     let out = (gate.seq.load(Ordering::SeqCst) == seq)
                         .then(|| self.map_locked(&mut d, h, req, mfn));
-                    self.sync_gate_bit(d.cell, &d.dd, req.domid);
+                    match out {
+                        // Mapped: the bit must stay (a stale mapping revoked
+                        // on the way may have been the last one).
+                        Some(MapOutcome::Installed(_) | MapOutcome::Shared(_)) => {
+                            self.set_gate_bit(d.cell, req.domid, true)
+                        }
+                        _ => self.sync_gate_bit(d.cell, &d.dd, req.domid),
+                    }
                     self.put_driver(d);
                     out
                 }
@@ -721,9 +740,11 @@ impl<L: RawMutex> Engine<L> {
         // Unmap first: if the IOMMU refuses (no memory to split a
         // superpage), nothing has changed and the caller may retry.
         h.iommu_unmap(owner, context, bfn, &mut dd.gather)?;
-        let m = dd.unindex(self.seed, idx).ok_or(Errno::NoEnt)?;
+        let (m, last_of_target) = dd.unindex(self.seed, idx).ok_or(Errno::NoEnt)?;
         dd.push_unmapping(idx, m, false);
-        self.sync_gate_bit(d.cell, &d.dd, m.domid);
+        if last_of_target {
+            self.set_gate_bit(d.cell, m.domid, false);
+        }
         self.gate_leave(m.domid);
         Ok(())
     }

@@ -72,7 +72,8 @@ impl<L: RawMutex> Engine<L> {
     /// Revoke the live mapping in slot `idx` of driver `d`: unmap it in the
     /// IOMMU and queue it for the flush (then it becomes a notice), or, if
     /// the IOMMU refuses the unmap, mark it stuck with its page still
-    /// referenced. Needs no memory.
+    /// referenced. Needs no memory. The caller brings the target's gate
+    /// bit up to date before it unlocks (`sync_gate_bit`).
     pub(super) fn revoke_slot(&self, d: &mut Driver<'_, L>, h: &mut impl Hypervisor, idx: u64) {
         self.take_down_live(d, h, idx, true);
     }
@@ -80,19 +81,22 @@ impl<L: RawMutex> Engine<L> {
     /// Take the live mapping in slot `idx` of driver `d` out of the index
     /// and the IOMMU, as the owner did not ask for: after the flush it
     /// becomes a notice (`then_revoked`) or, for a dying owner, free. An
-    /// unmap the IOMMU refuses leaves it stuck, page referenced.
+    /// unmap the IOMMU refuses leaves it stuck, page referenced. Returns
+    /// the target and whether this was `d`'s last page of it.
+    ///
+    /// It leaves the target's gate bit alone: a map that revokes a stale
+    /// mapping and then installs the current frame must not clear its own
+    /// bit in between (a hook reading the bits then would skip the cell).
     fn take_down_live(
         &self,
         d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
         idx: u64,
         then_revoked: bool,
-    ) {
+    ) -> Option<(DomId, bool)> {
         let owner = d.dd.domid;
         let dd = &mut *d.dd;
-        let Some(m) = dd.unindex(self.seed, idx) else {
-            return;
-        };
+        let (m, last_of_target) = dd.unindex(self.seed, idx)?;
         let unmapped = self
             .space
             .bfn_of(idx)
@@ -102,8 +106,8 @@ impl<L: RawMutex> Engine<L> {
         } else {
             dd.push_stuck(idx, m);
         }
-        self.sync_gate_bit(d.cell, &d.dd, m.domid);
         self.gate_leave(m.domid);
+        Some((m.domid, last_of_target))
     }
 
     /// Retry the IOMMU unmaps of stuck revocations, flush what driver `d`
@@ -398,7 +402,10 @@ impl<L: RawMutex> Engine<L> {
             visits += 1;
             match d.dd.slot(c.slot) {
                 Some(Slot::Live(_)) => {
-                    self.take_down_live(&mut d, h, c.slot, false);
+                    // No map can be in flight in a dying domain's cell.
+                    if let Some((target, true)) = self.take_down_live(&mut d, h, c.slot, false) {
+                        self.set_gate_bit(d.cell, target, false);
+                    }
                     revokes += 1;
                 }
                 Some(Slot::Revoked { .. }) => {
