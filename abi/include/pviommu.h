@@ -27,7 +27,7 @@
 #define __HYPERVISOR_pv_iommu_op 43
 
 /* Major in the high 16 bits, minor in the low 16. Callers check the major. */
-#define PVIOMMU_INTERFACE_VERSION 0x00010001u
+#define PVIOMMU_INTERFACE_VERSION 0x00010002u
 
 /* ---- Commands (first hypercall argument) ---- */
 #define PVIOMMU_CMD_query_caps       1u /* arg: struct pv_iommu_caps (out)   */
@@ -36,6 +36,8 @@
                                         /* (control domain only)           */
 #define PVIOMMU_CMD_set_limits       4u /* arg: struct pv_iommu_limits (in)  */
                                         /* (control domain only)           */
+#define PVIOMMU_CMD_stats            5u /* arg: struct pv_iommu_stats        */
+                                        /* (control domain only; ABI 1.2)  */
 
 /* Global VIRQ raised in a driver domain when revocation notices are pending
  * for it: bind it (EVTCHNOP_bind_virq / Linux IOCTL_EVTCHN_BIND_VIRQ), then
@@ -150,6 +152,38 @@ struct pv_iommu_limits {
     uint16_t domid;     /* in: the driver domain (exists, not dying)            */
     uint16_t _pad0;     /* in: must be 0                                        */
     uint64_t quota;     /* in: its BFN quota (0: the boot-time default)         */
+};
+
+/* ---- Counters and the in-hypervisor time breakdown (ABI 1.2) ---- */
+#define PVIOMMU_STATS_RESET      (1u << 0) /* zero the domain's counters after reading */
+#define PVIOMMU_STATS_TIMING_ON  (1u << 1) /* time the services (host-wide)            */
+#define PVIOMMU_STATS_TIMING_OFF (1u << 2) /* stop timing                              */
+
+/* A driver domain's counters since its engine state was created or reset
+ * (dom0's lives as long as the host; another domain's goes when it holds
+ * nothing). ns_* accumulate only while timing is on. */
+struct pv_iommu_stats {
+    uint32_t version;        /* in: PVIOMMU_INTERFACE_VERSION                   */
+    uint16_t domid;          /* in: the driver domain described                 */
+    uint16_t flags;          /* in: PVIOMMU_STATS_*                             */
+    uint64_t live;           /* out: live mappings                              */
+    uint64_t revoked;        /* out: notices not yet acknowledged               */
+    uint64_t used;           /* out: BFNs counted against the quota             */
+    uint64_t quota;          /* out: the quota                                  */
+    uint64_t mapped_pages;   /* out: distinct foreign pages mapped              */
+    uint64_t maps;           /* out: maps that installed an IOMMU entry         */
+    uint64_t shared;         /* out: maps answered with an existing BFN         */
+    uint64_t unmaps;         /* out: unmaps that removed an IOMMU entry         */
+    uint64_t revocations;    /* out: mappings revoked                           */
+    uint64_t flushes;        /* out: IOTLB flushes                              */
+    uint64_t batches;        /* out: batch hypercalls                           */
+    uint64_t ns_batches;     /* out: ns inside batch hypercalls (all below too) */
+    uint64_t ns_get_page;    /* out: ns taking page references                  */
+    uint64_t ns_put_page;    /* out: ns releasing them after flushes            */
+    uint64_t ns_iommu_map;   /* out: ns writing IOMMU entries                   */
+    uint64_t ns_iommu_unmap; /* out: ns clearing IOMMU entries                  */
+    uint64_t ns_iommu_flush; /* out: ns in IOTLB flushes                        */
+    uint64_t heap_bytes;     /* out: engine heap in use, host-wide              */
 };
 
 /* ---- Errors (negative Xen errno values; one meaning each in this ABI) ---- */

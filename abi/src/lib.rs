@@ -36,7 +36,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 pub const HYPERVISOR_PV_IOMMU_OP: u32 = 43;
 
 /// Interface version: major in the high 16 bits, minor in the low 16.
-pub const INTERFACE_VERSION: u32 = 0x0001_0001;
+pub const INTERFACE_VERSION: u32 = 0x0001_0002;
 
 /// Major part of a version word.
 pub const fn version_major(version: u32) -> u16 {
@@ -54,6 +54,23 @@ pub mod cmd {
     /// The toolstack sets a driver domain's quota through a
     /// [`PvIommuLimits`](crate::PvIommuLimits) (control domain only).
     pub const SET_LIMITS: u32 = 4;
+    /// Read (and optionally reset) a driver domain's counters and the
+    /// in-hypervisor time breakdown through a
+    /// [`PvIommuStats`](crate::PvIommuStats) (control domain only; ABI 1.2).
+    pub const STATS: u32 = 5;
+}
+
+/// `flags` of [`PvIommuStats`].
+pub mod stats_flag {
+    /// Zero the domain's counters after reading them.
+    pub const RESET: u16 = 1 << 0;
+    /// Start timing the hypervisor's services (host-wide; costs two clock
+    /// reads per service call while on).
+    pub const TIMING_ON: u16 = 1 << 1;
+    /// Stop timing.
+    pub const TIMING_OFF: u16 = 1 << 2;
+    /// Every flag this interface version knows.
+    pub const ALL: u16 = RESET | TIMING_ON | TIMING_OFF;
 }
 
 /// The global VIRQ Xen raises in a driver domain when revocation notices
@@ -268,6 +285,62 @@ pub struct PvIommuLimits {
     pub quota: u64,
 }
 
+/// `struct pv_iommu_stats`: the argument of [`cmd::STATS`]. Counters are
+/// the named driver domain's, since its engine state was created or last
+/// reset (dom0's state lives as long as the host; another domain's goes
+/// when it holds nothing). The `ns_*` times accumulate only while timing
+/// is on ([`stats_flag::TIMING_ON`]).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct PvIommuStats {
+    /// In: [`INTERFACE_VERSION`].
+    pub version: u32,
+    /// In: the driver domain described.
+    pub domid: u16,
+    /// In: [`stats_flag`] bits.
+    pub flags: u16,
+    /// Out: live mappings.
+    pub live: u64,
+    /// Out: revocation notices not yet acknowledged.
+    pub revoked: u64,
+    /// Out: BFNs counted against the quota.
+    pub used: u64,
+    /// Out: the quota.
+    pub quota: u64,
+    /// Out: distinct foreign pages mapped.
+    pub mapped_pages: u64,
+    /// Out: maps that installed a new IOMMU entry.
+    pub maps: u64,
+    /// Out: maps answered with an existing BFN (one more reference).
+    pub shared: u64,
+    /// Out: unmaps that removed an IOMMU entry.
+    pub unmaps: u64,
+    /// Out: mappings revoked (page left its domain, domain died).
+    pub revocations: u64,
+    /// Out: IOTLB flushes.
+    pub flushes: u64,
+    /// Out: batch hypercalls.
+    pub batches: u64,
+    /// Out: time inside batch hypercalls, in ns (everything below included).
+    pub ns_batches: u64,
+    /// Out: time in the page lookup (take a page reference).
+    pub ns_get_page: u64,
+    /// Out: time releasing page references after flushes.
+    pub ns_put_page: u64,
+    /// Out: time writing IOMMU entries.
+    pub ns_iommu_map: u64,
+    /// Out: time clearing IOMMU entries.
+    pub ns_iommu_unmap: u64,
+    /// Out: time in IOTLB flushes.
+    pub ns_iommu_flush: u64,
+    /// Out: engine heap in use host-wide, in bytes (tables of every driver
+    /// domain plus the boot-time tables).
+    pub heap_bytes: u64,
+}
+
 /// `struct pv_iommu_regions`: the argument of [`cmd::RESERVED_REGIONS`].
 #[repr(C)]
 #[derive(
@@ -318,6 +391,12 @@ const _: () = {
     assert!(offset_of!(PvIommuLimits, domid) == 4);
     assert!(offset_of!(PvIommuLimits, quota) == 8);
     assert!(size_of::<PvIommuRegions>() == 24);
+    assert!(size_of::<PvIommuStats>() == 152);
+    assert!(offset_of!(PvIommuStats, flags) == 6);
+    assert!(offset_of!(PvIommuStats, live) == 8);
+    assert!(offset_of!(PvIommuStats, maps) == 48);
+    assert!(offset_of!(PvIommuStats, ns_batches) == 96);
+    assert!(offset_of!(PvIommuStats, heap_bytes) == 144);
     assert!(offset_of!(PvIommuRegions, total) == 12);
     assert!(offset_of!(PvIommuRegions, regions) == 16);
 };
@@ -526,5 +605,111 @@ pub const LAYOUT: &[(&str, &str, usize)] = &[
         "pv_iommu_regions",
         "regions",
         core::mem::offset_of!(PvIommuRegions, regions),
+    ),
+    ("pv_iommu_stats", "", core::mem::size_of::<PvIommuStats>()),
+    (
+        "pv_iommu_stats",
+        "version",
+        core::mem::offset_of!(PvIommuStats, version),
+    ),
+    (
+        "pv_iommu_stats",
+        "domid",
+        core::mem::offset_of!(PvIommuStats, domid),
+    ),
+    (
+        "pv_iommu_stats",
+        "flags",
+        core::mem::offset_of!(PvIommuStats, flags),
+    ),
+    (
+        "pv_iommu_stats",
+        "live",
+        core::mem::offset_of!(PvIommuStats, live),
+    ),
+    (
+        "pv_iommu_stats",
+        "revoked",
+        core::mem::offset_of!(PvIommuStats, revoked),
+    ),
+    (
+        "pv_iommu_stats",
+        "used",
+        core::mem::offset_of!(PvIommuStats, used),
+    ),
+    (
+        "pv_iommu_stats",
+        "quota",
+        core::mem::offset_of!(PvIommuStats, quota),
+    ),
+    (
+        "pv_iommu_stats",
+        "mapped_pages",
+        core::mem::offset_of!(PvIommuStats, mapped_pages),
+    ),
+    (
+        "pv_iommu_stats",
+        "maps",
+        core::mem::offset_of!(PvIommuStats, maps),
+    ),
+    (
+        "pv_iommu_stats",
+        "shared",
+        core::mem::offset_of!(PvIommuStats, shared),
+    ),
+    (
+        "pv_iommu_stats",
+        "unmaps",
+        core::mem::offset_of!(PvIommuStats, unmaps),
+    ),
+    (
+        "pv_iommu_stats",
+        "revocations",
+        core::mem::offset_of!(PvIommuStats, revocations),
+    ),
+    (
+        "pv_iommu_stats",
+        "flushes",
+        core::mem::offset_of!(PvIommuStats, flushes),
+    ),
+    (
+        "pv_iommu_stats",
+        "batches",
+        core::mem::offset_of!(PvIommuStats, batches),
+    ),
+    (
+        "pv_iommu_stats",
+        "ns_batches",
+        core::mem::offset_of!(PvIommuStats, ns_batches),
+    ),
+    (
+        "pv_iommu_stats",
+        "ns_get_page",
+        core::mem::offset_of!(PvIommuStats, ns_get_page),
+    ),
+    (
+        "pv_iommu_stats",
+        "ns_put_page",
+        core::mem::offset_of!(PvIommuStats, ns_put_page),
+    ),
+    (
+        "pv_iommu_stats",
+        "ns_iommu_map",
+        core::mem::offset_of!(PvIommuStats, ns_iommu_map),
+    ),
+    (
+        "pv_iommu_stats",
+        "ns_iommu_unmap",
+        core::mem::offset_of!(PvIommuStats, ns_iommu_unmap),
+    ),
+    (
+        "pv_iommu_stats",
+        "ns_iommu_flush",
+        core::mem::offset_of!(PvIommuStats, ns_iommu_flush),
+    ),
+    (
+        "pv_iommu_stats",
+        "heap_bytes",
+        core::mem::offset_of!(PvIommuStats, heap_bytes),
     ),
 ];

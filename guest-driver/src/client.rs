@@ -367,6 +367,17 @@ impl<T: Transport> Client<T> {
         }
     }
 
+    /// The hypervisor's counters for driver domain `domid` and its time
+    /// breakdown (`PVIOMMU_CMD_stats`; control domain only). `flags` from
+    /// [`pviommu_abi::stats_flag`]: reset after reading, timing on or off.
+    pub fn hypervisor_stats(
+        &mut self,
+        domid: DomId,
+        flags: u16,
+    ) -> Result<pviommu_abi::PvIommuStats, Error> {
+        self.transport.stats(domid, flags)
+    }
+
     /// The toolstack sets `domid`'s BFN quota (0: the boot default). Only
     /// the control domain may.
     pub fn set_limits(&mut self, domid: DomId, quota: u64) -> Result<(), Error> {

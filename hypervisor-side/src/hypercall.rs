@@ -13,8 +13,8 @@
 //! under the lock, and copied out.
 
 use pviommu_abi::{
-    cmd, feature, version_major, PvIommuBatch, PvIommuCaps, PvIommuLimits, PvIommuOp,
-    PvIommuRegion, PvIommuRegions, Request, BATCH_INCOMPLETE, INTERFACE_VERSION,
+    cmd, feature, stats_flag, version_major, PvIommuBatch, PvIommuCaps, PvIommuLimits, PvIommuOp,
+    PvIommuRegion, PvIommuRegions, PvIommuStats, Request, BATCH_INCOMPLETE, INTERFACE_VERSION,
 };
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -61,6 +61,7 @@ impl<L: RawMutex> Engine<L> {
                     may_read_regions(ci).and_then(|()| self.reserved_regions(h, caller, arg))
                 }
                 cmd::SET_LIMITS => self.set_limits(h, caller, ci, arg),
+                cmd::STATS => self.stats_cmd(h, caller, ci, arg),
                 _ => Err(Errno::OpNotSupp),
             },
         };
@@ -170,7 +171,82 @@ impl<L: RawMutex> Engine<L> {
         Ok(0)
     }
 
+    /// `STATS`: a driver domain's counters and the time breakdown, for the
+    /// control domain (they say how busy other domains are).
+    fn stats_cmd(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        ci: &DomainInfo,
+        arg: u64,
+    ) -> Result<i64, Errno> {
+        if !ci.control {
+            return Err(Errno::Perm);
+        }
+        let req: PvIommuStats = copy_in(h, arg)?;
+        check_version(req.version)?;
+        let domid = DomId(req.domid);
+        let both = stats_flag::TIMING_ON | stats_flag::TIMING_OFF;
+        if req.flags & !stats_flag::ALL != 0 || req.flags & both == both || !domid.is_valid() {
+            return Err(Errno::Inval);
+        }
+        h.xsm_check(caller, Some(domid), XsmAction::Manage)?;
+        let r = self.stats(domid);
+        let c = r.counters;
+        let out = PvIommuStats {
+            version: INTERFACE_VERSION,
+            domid: domid.0,
+            flags: req.flags,
+            live: r.live,
+            revoked: r.revoked,
+            used: r.used,
+            quota: r.quota,
+            mapped_pages: r.mapped_pages,
+            maps: c.maps,
+            shared: c.shared,
+            unmaps: c.unmaps,
+            revocations: c.revocations,
+            flushes: c.flushes,
+            batches: c.batches,
+            ns_batches: c.ns_batches,
+            ns_get_page: c.ns_get_page,
+            ns_put_page: c.ns_put_page,
+            ns_iommu_map: c.ns_iommu_map,
+            ns_iommu_unmap: c.ns_iommu_unmap,
+            ns_iommu_flush: c.ns_iommu_flush,
+            heap_bytes: r.heap_bytes,
+        };
+        // Changes only once the caller has the numbers: a failed copy-out
+        // leaves everything as it was.
+        h.copy_to_guest(arg, out.as_bytes())?;
+        if req.flags & stats_flag::RESET != 0 {
+            self.stats_consumed(domid, &c);
+        }
+        if req.flags & stats_flag::TIMING_ON != 0 {
+            self.set_timing(true);
+        }
+        if req.flags & stats_flag::TIMING_OFF != 0 {
+            self.set_timing(false);
+        }
+        Ok(0)
+    }
+
     fn batch(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        ci: &DomainInfo,
+        arg: u64,
+    ) -> Result<i64, Errno> {
+        let t0 = self.clock(h);
+        let r = self.batch_timed(h, caller, ci, arg);
+        if r.is_ok() {
+            self.note_batch(caller, self.since(h, t0));
+        }
+        r
+    }
+
+    fn batch_timed(
         &self,
         h: &mut impl Hypervisor,
         caller: DomId,

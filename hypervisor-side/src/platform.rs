@@ -115,4 +115,9 @@ pub trait Platform {
     /// `VIRQ_PV_IOMMU`). Called with the engine lock held; must only take
     /// leaf locks.
     fn notify_revoked(&mut self, owner: DomId);
+    /// A monotonic clock in nanoseconds (Xen: `NOW()`), read only while
+    /// the stats' timing is on. 0 where there is none.
+    fn now_ns(&self) -> u64 {
+        0
+    }
 }

@@ -71,6 +71,10 @@ static void __init pviommu_build_checks(void)
     BUILD_BUG_ON(offsetof(struct pv_iommu_limits, domid) != 4);
     BUILD_BUG_ON(offsetof(struct pv_iommu_limits, quota) != 8);
     BUILD_BUG_ON(offsetof(struct pv_iommu_regions, regions) != 16);
+    BUILD_BUG_ON(sizeof(struct pv_iommu_stats) != 152);
+    BUILD_BUG_ON(offsetof(struct pv_iommu_stats, live) != 8);
+    BUILD_BUG_ON(offsetof(struct pv_iommu_stats, ns_batches) != 96);
+    BUILD_BUG_ON(offsetof(struct pv_iommu_stats, heap_bytes) != 144);
 
     BUILD_BUG_ON(PVIOMMU_ENGINE_PREEMPTED != PVIOMMU_BATCH_INCOMPLETE);
     BUILD_BUG_ON(PVIOMMU_GFN_REMOVED != PV_IOMMU_GFN_REMOVED);
@@ -991,6 +995,12 @@ uint64_t pvx_random_seed(void)
 {
     /* RDRAND where the CPU has it (get_random()), else time-derived. */
     return ((uint64_t)get_random() << 32) ^ get_random();
+}
+
+uint64_t pvx_now_ns(void)
+{
+    /* System time in ns; read only while PV-IOMMU stats timing is on. */
+    return NOW();
 }
 
 int pvx_preempt_check(void)

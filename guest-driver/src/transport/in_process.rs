@@ -127,6 +127,12 @@ impl Transport for InProcess {
         m.guest_set_limits(e, self.caller, domid, quota)
             .map_err(|e| hv_err("set_limits", e))
     }
+    fn stats(&mut self, domid: DomId, flags: u16) -> Result<pviommu_abi::PvIommuStats, Error> {
+        let mut g = self.sim.lock();
+        let (m, e) = &mut *g;
+        m.guest_stats(e, self.caller, domid, flags)
+            .map_err(|e| hv_err("stats", e))
+    }
     fn in_process(&mut self) -> Option<&mut InProcess> {
         Some(self)
     }

@@ -4,7 +4,7 @@
 //! `pviommu sim serve` daemon, so several processes share one simulated
 //! machine).
 
-use pviommu_abi::{DomId, PvIommuCaps, PvIommuOp, PvIommuRegion};
+use pviommu_abi::{DomId, PvIommuCaps, PvIommuOp, PvIommuRegion, PvIommuStats};
 
 use crate::Error;
 
@@ -40,6 +40,17 @@ pub trait Transport: Send {
     /// (0: the boot default). Only the control domain may.
     fn set_limits(&mut self, domid: DomId, quota: u64) -> Result<(), Error>;
 
+    /// `PVIOMMU_CMD_stats` (ABI 1.2): driver domain `domid`'s counters and
+    /// the hypervisor's time breakdown, with `flags` from
+    /// [`pviommu_abi::stats_flag`]. Only the control domain may.
+    fn stats(&mut self, domid: DomId, flags: u16) -> Result<PvIommuStats, Error> {
+        let _ = (domid, flags);
+        Err(Error::InvalidArgument(format!(
+            "the {} transport does not carry PVIOMMU_CMD_stats",
+            self.name()
+        )))
+    }
+
     /// The simulated machine, when this transport is the in-process one.
     #[cfg(feature = "sim")]
     fn in_process(&mut self) -> Option<&mut in_process::InProcess> {
@@ -66,6 +77,9 @@ impl Transport for Box<dyn Transport> {
     }
     fn set_limits(&mut self, domid: DomId, quota: u64) -> Result<(), Error> {
         (**self).set_limits(domid, quota)
+    }
+    fn stats(&mut self, domid: DomId, flags: u16) -> Result<PvIommuStats, Error> {
+        (**self).stats(domid, flags)
     }
     #[cfg(feature = "sim")]
     fn in_process(&mut self) -> Option<&mut in_process::InProcess> {

@@ -280,6 +280,25 @@ impl Transport for Privcmd {
             ret => Err(Error::from_return(format!("set_limits d{}", domid.0), ret)),
         }
     }
+
+    fn stats(&mut self, domid: DomId, flags: u16) -> Result<pviommu_abi::PvIommuStats, Error> {
+        use pviommu_abi::PvIommuStats;
+        use zerocopy::FromBytes;
+        let req = PvIommuStats {
+            version: INTERFACE_VERSION,
+            domid: domid.0,
+            flags,
+            ..PvIommuStats::default()
+        };
+        let size = std::mem::size_of::<PvIommuStats>();
+        let arg = self.buf.addr(0);
+        self.buf.bytes()[..size].copy_from_slice(req.as_bytes());
+        match self.hypercall(cmd::STATS, arg)? {
+            0 => PvIommuStats::read_from_bytes(&self.buf.bytes()[..size])
+                .map_err(|_| Error::InvalidArgument("stats: short buffer".into())),
+            ret => Err(Error::from_return(format!("stats d{}", domid.0), ret)),
+        }
+    }
 }
 
 #[cfg(test)]

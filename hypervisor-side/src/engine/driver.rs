@@ -291,6 +291,36 @@ impl RawSlot {
     }
 }
 
+/// A driver domain's counters (`PVIOMMU_CMD_stats`), kept under its lock.
+/// The `ns_*` ones grow only while the engine's timing is on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DriverStats {
+    /// Maps that installed an IOMMU entry.
+    pub maps: u64,
+    /// Maps answered with an existing BFN.
+    pub shared: u64,
+    /// Unmaps that removed an IOMMU entry.
+    pub unmaps: u64,
+    /// Mappings revoked.
+    pub revocations: u64,
+    /// IOTLB flushes.
+    pub flushes: u64,
+    /// Batch hypercalls.
+    pub batches: u64,
+    /// Time inside batch hypercalls.
+    pub ns_batches: u64,
+    /// Time taking page references.
+    pub ns_get_page: u64,
+    /// Time releasing page references after flushes.
+    pub ns_put_page: u64,
+    /// Time writing IOMMU entries.
+    pub ns_iommu_map: u64,
+    /// Time clearing IOMMU entries.
+    pub ns_iommu_unmap: u64,
+    /// Time in IOTLB flushes.
+    pub ns_iommu_flush: u64,
+}
+
 /// A driver domain's state.
 #[derive(Debug)]
 pub struct DriverDomain {
@@ -320,6 +350,8 @@ pub struct DriverDomain {
     /// The toolstack's quota for this domain (`SET_LIMITS`); `None`: the
     /// boot-time default.
     pub(crate) quota: Option<u64>,
+    /// Counters and times.
+    pub(crate) stats: DriverStats,
 }
 
 impl DriverDomain {
@@ -341,6 +373,7 @@ impl DriverDomain {
             stuck: 0,
             gather: FlushGather::default(),
             quota: None,
+            stats: DriverStats::default(),
         }
     }
 
@@ -363,6 +396,10 @@ impl DriverDomain {
     /// BFNs in use (counted against the quota): every slot not free.
     pub fn used(&self) -> u64 {
         self.slots.len() as u64 - self.free
+    }
+    /// Counters and times.
+    pub fn stats(&self) -> &DriverStats {
+        &self.stats
     }
     /// The quota the toolstack set, if any.
     pub fn quota(&self) -> Option<u64> {

@@ -42,12 +42,12 @@
 mod driver;
 mod revoke;
 
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use alloc::vec::Vec;
 use lock_api::{Mutex, MutexGuard, RawMutex};
 
-pub use driver::{DriverDomain, Mapping, Notice, Slot};
+pub use driver::{DriverDomain, DriverStats, Mapping, Notice, Slot};
 pub use revoke::{GfnChange, Restart};
 
 use crate::bfn_alloc::{BfnSpace, BfnWindow};
@@ -106,6 +106,27 @@ pub struct Engine<L: RawMutex> {
     owners: Vec<AtomicU32>,
     /// The driver domains' states, each behind its own lock.
     cells: Vec<Mutex<L, DriverDomain>>,
+    /// Whether services are timed for the stats (`PVIOMMU_STATS_TIMING_*`).
+    timing: AtomicBool,
+}
+
+/// What `PVIOMMU_CMD_stats` reports about a driver domain.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsReport {
+    /// Live mappings.
+    pub live: u64,
+    /// Notices not yet acknowledged.
+    pub revoked: u64,
+    /// BFNs counted against the quota.
+    pub used: u64,
+    /// The quota.
+    pub quota: u64,
+    /// Distinct foreign pages mapped.
+    pub mapped_pages: u64,
+    /// Counters and times.
+    pub counters: DriverStats,
+    /// Engine heap in use, host-wide.
+    pub heap_bytes: u64,
 }
 
 impl<L: RawMutex> core::fmt::Debug for Engine<L> {
@@ -282,7 +303,85 @@ impl<L: RawMutex> Engine<L> {
             cell_of,
             owners,
             cells,
+            timing: AtomicBool::new(false),
         })
+    }
+
+    /// The clock for the stats' times: 0 (and no clock read) unless timing
+    /// is on.
+    pub(crate) fn clock(&self, h: &impl Hypervisor) -> u64 {
+        if self.timing.load(Ordering::Relaxed) {
+            h.now_ns()
+        } else {
+            0
+        }
+    }
+
+    /// Nanoseconds since `t0` (from [`clock`](Self::clock)).
+    pub(crate) fn since(&self, h: &impl Hypervisor, t0: u64) -> u64 {
+        self.clock(h).saturating_sub(t0)
+    }
+
+    /// Turn the timing of services on or off (host-wide).
+    pub fn set_timing(&self, on: bool) {
+        self.timing.store(on, Ordering::Relaxed);
+    }
+
+    /// `domid`'s counters and usage, and the host's engine heap.
+    pub fn stats(&self, domid: DomId) -> StatsReport {
+        let mut heap = self.boot_bytes() as u64;
+        for cell in self.cells.iter() {
+            heap += cell.lock().heap_bytes() as u64;
+        }
+        let mut r = StatsReport {
+            quota: self.config.quota,
+            heap_bytes: heap,
+            ..StatsReport::default()
+        };
+        if let Some(d) = self.lock_driver(domid) {
+            r.live = d.dd.live();
+            r.revoked = d.dd.revoked();
+            r.used = d.dd.used();
+            r.quota = d.dd.quota.unwrap_or(self.config.quota);
+            r.mapped_pages = d.dd.mapped_pages() as u64;
+            r.counters = d.dd.stats;
+            self.put_driver(d);
+        }
+        r
+    }
+
+    /// Take `seen` (read by [`stats`](Self::stats) and delivered) off
+    /// `domid`'s counters: a reset that loses nothing counted in between.
+    pub fn stats_consumed(&self, domid: DomId, seen: &DriverStats) {
+        if let Some(mut d) = self.lock_driver(domid) {
+            let c = &mut d.dd.stats;
+            for (have, took) in [
+                (&mut c.maps, seen.maps),
+                (&mut c.shared, seen.shared),
+                (&mut c.unmaps, seen.unmaps),
+                (&mut c.revocations, seen.revocations),
+                (&mut c.flushes, seen.flushes),
+                (&mut c.batches, seen.batches),
+                (&mut c.ns_batches, seen.ns_batches),
+                (&mut c.ns_get_page, seen.ns_get_page),
+                (&mut c.ns_put_page, seen.ns_put_page),
+                (&mut c.ns_iommu_map, seen.ns_iommu_map),
+                (&mut c.ns_iommu_unmap, seen.ns_iommu_unmap),
+                (&mut c.ns_iommu_flush, seen.ns_iommu_flush),
+            ] {
+                *have = have.saturating_sub(took);
+            }
+            self.put_driver(d);
+        }
+    }
+
+    /// Count a batch hypercall of `caller` that took `ns`.
+    pub(crate) fn note_batch(&self, caller: DomId, ns: u64) {
+        if let Some(mut d) = self.lock_driver(caller) {
+            d.dd.stats.batches += 1;
+            d.dd.stats.ns_batches += ns;
+            self.put_driver(d);
+        }
     }
 
     /// The configuration.
@@ -422,7 +521,12 @@ impl<L: RawMutex> Engine<L> {
                 .get(cell)
                 .is_some_and(|o| o.load(Ordering::SeqCst) == domid.0 as u32)
             {
-                // A free cell's state is idle; it only needs its new owner.
+                // A free cell's state is idle; it only needs its new owner
+                // and fresh counters (cell 0 is only ever dom0's: its
+                // counters live as long as the host).
+                if cell != 0 {
+                    dd.stats = DriverStats::default();
+                }
                 dd.domid = domid;
                 return Ok(Driver { cell, dd });
             }
@@ -505,7 +609,10 @@ impl<L: RawMutex> Engine<L> {
         for _ in 0..MAP_RETRIES {
             gate.active.fetch_add(1, Ordering::SeqCst);
             let seq = gate.seq.load(Ordering::SeqCst);
-            let page = match h.get_page(req.domid, req.gfn, req.perms.write) {
+            let t0 = self.clock(h);
+            let looked_up = h.get_page(req.domid, req.gfn, req.perms.write);
+            let ns_get_page = self.since(h, t0);
+            let page = match looked_up {
                 Ok(p) => p,
                 Err(e) => {
                     self.gate_leave(req.domid);
@@ -532,10 +639,16 @@ impl<L: RawMutex> Engine<L> {
                     self.set_gate_bit(d.cell, req.domid, true);
                     let out = (gate.seq.load(Ordering::SeqCst) == seq)
                         .then(|| self.map_locked(&mut d, h, req, mfn));
+                    d.dd.stats.ns_get_page += ns_get_page;
                     match out {
                         // Mapped: the bit must stay (a stale mapping revoked
                         // on the way may have been the last one).
-                        Some(MapOutcome::Installed(_) | MapOutcome::Shared(_)) => {
+                        Some(MapOutcome::Installed(_)) => {
+                            d.dd.stats.maps += 1;
+                            self.set_gate_bit(d.cell, req.domid, true)
+                        }
+                        Some(MapOutcome::Shared(_)) => {
+                            d.dd.stats.shared += 1;
                             self.set_gate_bit(d.cell, req.domid, true)
                         }
                         _ => self.sync_gate_bit(d.cell, &d.dd, req.domid),
@@ -639,7 +752,8 @@ impl<L: RawMutex> Engine<L> {
             dd.free_slot(idx);
             return MapOutcome::Refused(Errno::NoSpc);
         };
-        if let Err(e) = h.iommu_map(
+        let t0 = self.clock(h);
+        let mapped = h.iommu_map(
             owner,
             req.context,
             bfn,
@@ -647,7 +761,9 @@ impl<L: RawMutex> Engine<L> {
             req.perms,
             req.attr,
             &mut dd.gather,
-        ) {
+        );
+        dd.stats.ns_iommu_map += self.since(h, t0);
+        if let Err(e) = mapped {
             dd.free_slot(idx);
             return MapOutcome::Refused(e);
         }
@@ -739,7 +855,11 @@ impl<L: RawMutex> Engine<L> {
         }
         // Unmap first: if the IOMMU refuses (no memory to split a
         // superpage), nothing has changed and the caller may retry.
-        h.iommu_unmap(owner, context, bfn, &mut dd.gather)?;
+        let t0 = self.clock(h);
+        let unmapped = h.iommu_unmap(owner, context, bfn, &mut dd.gather);
+        dd.stats.ns_iommu_unmap += self.since(h, t0);
+        unmapped?;
+        dd.stats.unmaps += 1;
         let (m, last_of_target) = dd.unindex(self.seed, idx).ok_or(Errno::NoEnt)?;
         dd.push_unmapping(idx, m, false);
         if last_of_target {

@@ -97,10 +97,15 @@ impl<L: RawMutex> Engine<L> {
         let owner = d.dd.domid;
         let dd = &mut *d.dd;
         let (m, last_of_target) = dd.unindex(self.seed, idx)?;
+        let t0 = self.clock(h);
         let unmapped = self
             .space
             .bfn_of(idx)
             .is_some_and(|bfn| h.iommu_unmap(owner, m.context, bfn, &mut dd.gather).is_ok());
+        dd.stats.ns_iommu_unmap += self.since(h, t0);
+        if then_revoked {
+            dd.stats.revocations += 1;
+        }
         if unmapped {
             dd.push_unmapping(idx, m, then_revoked);
         } else {
@@ -119,6 +124,7 @@ impl<L: RawMutex> Engine<L> {
         let dd = &mut *d.dd;
         let owner = dd.domid;
         // Stuck revocations: take the list and rebuild it with the failures.
+        let t0 = self.clock(h);
         let mut at = core::mem::replace(&mut dd.stuck_head, NONE);
         while let Some(Slot::Stuck { mapping }) = dd.slot(at) {
             let next = mapping.next_same_page;
@@ -134,12 +140,18 @@ impl<L: RawMutex> Engine<L> {
             }
             at = next;
         }
+        let t1 = self.clock(h);
+        dd.stats.ns_iommu_unmap += t1.saturating_sub(t0);
         if !dd.gather.is_empty() {
-            if h.iommu_flush(owner, &dd.gather).is_err() {
+            let flushed = h.iommu_flush(owner, &dd.gather);
+            dd.stats.ns_iommu_flush += self.since(h, t1);
+            dd.stats.flushes += 1;
+            if flushed.is_err() {
                 return;
             }
             dd.gather.clear();
         }
+        let t2 = self.clock(h);
         let mut at = core::mem::replace(&mut dd.unmapping_head, NONE);
         let mut notices = false;
         while let Some(Slot::Unmapping {
@@ -164,6 +176,7 @@ impl<L: RawMutex> Engine<L> {
             }
             at = next;
         }
+        dd.stats.ns_put_page += self.since(h, t2);
         if notices {
             // Once per flush, not per notice: the owner drains the queue.
             h.notify_revoked(owner);

@@ -4,7 +4,7 @@
 
 use pviommu_abi::{
     cmd, PvIommuBatch, PvIommuCaps, PvIommuLimits, PvIommuOp, PvIommuRegion, PvIommuRegions,
-    INTERFACE_VERSION,
+    PvIommuStats, INTERFACE_VERSION,
 };
 use zerocopy::{FromZeros, IntoBytes};
 
@@ -117,6 +117,33 @@ impl SimMachine {
         self.write_scratch(caller, base, req.as_bytes())?;
         match self.hypercall(engine, caller, cmd::SET_LIMITS, base) {
             0 => Ok(()),
+            e => Err(Errno::from_code(e as i32).unwrap_or(Errno::Inval)),
+        }
+    }
+
+    /// `PVIOMMU_CMD_stats` as `caller` about driver domain `domid`, with
+    /// `flags` ([`pviommu_abi::stats_flag`]).
+    pub fn guest_stats(
+        &mut self,
+        engine: &Engine,
+        caller: DomId,
+        domid: DomId,
+        flags: u16,
+    ) -> Result<PvIommuStats, Errno> {
+        let base = self.scratch_addr(caller)?;
+        let req = PvIommuStats {
+            version: INTERFACE_VERSION,
+            domid: domid.0,
+            flags,
+            ..PvIommuStats::default()
+        };
+        self.write_scratch(caller, base, req.as_bytes())?;
+        match self.hypercall(engine, caller, cmd::STATS, base) {
+            0 => {
+                let mut out = PvIommuStats::default();
+                self.read_scratch(caller, base, out.as_mut_bytes())?;
+                Ok(out)
+            }
             e => Err(Errno::from_code(e as i32).unwrap_or(Errno::Inval)),
         }
     }

@@ -903,6 +903,12 @@ impl Platform for SimMachine {
     fn random_seed(&self) -> u64 {
         self.seed
     }
+    fn now_ns(&self) -> u64 {
+        // Host monotonic time since the first reading.
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let start = *START.get_or_init(std::time::Instant::now);
+        u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
     fn notify_revoked(&mut self, owner: DomId) {
         let _host = HostAllocations::begin();
         *self.revocation_wakeups.entry(owner).or_insert(0) += 1;

@@ -83,6 +83,9 @@ impl Platform for SharedSim {
     fn random_seed(&self) -> u64 {
         self.with(|m| m.random_seed())
     }
+    fn now_ns(&self) -> u64 {
+        self.with(|m| m.now_ns())
+    }
     fn notify_revoked(&mut self, owner: DomId) {
         self.with(|m| m.notify_revoked(owner))
     }

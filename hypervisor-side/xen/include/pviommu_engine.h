@@ -197,6 +197,10 @@ void pvx_notify_revoked(uint16_t owner);
 /* Boot only: a per-boot secret for the engine's hash tables (get_random()). */
 uint64_t pvx_random_seed(void);
 
+/* [locked or unlocked] Xen system time in ns (NOW()); read only while the
+ * stats' timing is on (PVIOMMU_STATS_TIMING_ON). */
+uint64_t pvx_now_ns(void);
+
 /* [either] 1 when the hypercall should stop and be continued. */
 int pvx_preempt_check(void);
 

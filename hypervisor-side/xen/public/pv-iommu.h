@@ -56,7 +56,7 @@
 #if defined(__XEN__) || defined(__XEN_TOOLS__)
 
 /* Major in the high 16 bits, minor in the low 16. Callers check the major. */
-#define PVIOMMU_INTERFACE_VERSION 0x00010001U
+#define PVIOMMU_INTERFACE_VERSION 0x00010002U
 
 /* ---- Commands (first hypercall argument) ---- */
 #define PVIOMMU_CMD_query_caps       1U /* arg: struct pv_iommu_caps          */
@@ -65,6 +65,8 @@
                                         /* (control domain only)            */
 #define PVIOMMU_CMD_set_limits       4U /* arg: struct pv_iommu_limits        */
                                         /* (control domain only)            */
+#define PVIOMMU_CMD_stats            5U /* arg: struct pv_iommu_stats         */
+                                        /* (control domain only; ABI 1.2)   */
 
 /* Positive return of PVIOMMU_CMD_batch: work budget spent, call again. */
 #define PVIOMMU_BATCH_INCOMPLETE 1
@@ -188,6 +190,42 @@ struct pv_iommu_limits {
 };
 typedef struct pv_iommu_limits pv_iommu_limits_t;
 DEFINE_XEN_GUEST_HANDLE(pv_iommu_limits_t);
+
+/* ---- PVIOMMU_CMD_stats: counters and the in-Xen time breakdown ---- */
+#define PVIOMMU_STATS_RESET      (1U << 0) /* zero the counters after reading */
+#define PVIOMMU_STATS_TIMING_ON  (1U << 1) /* time the services (host-wide)   */
+#define PVIOMMU_STATS_TIMING_OFF (1U << 2) /* stop timing                     */
+
+/*
+ * A driver domain's counters since its engine state was created or reset
+ * (dom0's lives as long as the host; another domain's goes when it holds
+ * nothing). ns_* accumulate only while timing is on.
+ */
+struct pv_iommu_stats {
+    uint32_t version;                /* IN: PVIOMMU_INTERFACE_VERSION        */
+    domid_t  domid;                  /* IN: the driver domain described      */
+    uint16_t flags;                  /* IN: PVIOMMU_STATS_*                  */
+    uint64_aligned_t live;           /* OUT: live mappings                   */
+    uint64_aligned_t revoked;        /* OUT: notices not yet acknowledged    */
+    uint64_aligned_t used;           /* OUT: BFNs counted against the quota  */
+    uint64_aligned_t quota;          /* OUT: the quota                       */
+    uint64_aligned_t mapped_pages;   /* OUT: distinct foreign pages mapped   */
+    uint64_aligned_t maps;           /* OUT: maps that wrote an IOMMU entry  */
+    uint64_aligned_t shared;         /* OUT: maps given an existing BFN      */
+    uint64_aligned_t unmaps;         /* OUT: unmaps that cleared an entry    */
+    uint64_aligned_t revocations;    /* OUT: mappings revoked                */
+    uint64_aligned_t flushes;        /* OUT: IOTLB flushes                   */
+    uint64_aligned_t batches;        /* OUT: batch hypercalls                */
+    uint64_aligned_t ns_batches;     /* OUT: ns in batch hypercalls          */
+    uint64_aligned_t ns_get_page;    /* OUT: ns taking page references       */
+    uint64_aligned_t ns_put_page;    /* OUT: ns releasing them after flushes */
+    uint64_aligned_t ns_iommu_map;   /* OUT: ns in iommu_map                 */
+    uint64_aligned_t ns_iommu_unmap; /* OUT: ns in iommu_unmap               */
+    uint64_aligned_t ns_iommu_flush; /* OUT: ns in iommu_iotlb_flush         */
+    uint64_aligned_t heap_bytes;     /* OUT: engine heap in use, host-wide   */
+};
+typedef struct pv_iommu_stats pv_iommu_stats_t;
+DEFINE_XEN_GUEST_HANDLE(pv_iommu_stats_t);
 
 /*
  * Errors (negative; one meaning each):

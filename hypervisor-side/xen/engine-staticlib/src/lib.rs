@@ -53,6 +53,7 @@ mod ffi {
         pub fn pvx_iommu_flush(owner: u16, bfn: u64, count: u64, flush: u32) -> i32;
         pub fn pvx_preempt_check() -> i32;
         pub fn pvx_random_seed() -> u64;
+        pub fn pvx_now_ns() -> u64;
         pub fn pvx_notify_revoked(owner: u16);
         pub fn pvx_alloc(size: usize, align: usize) -> *mut u8;
         pub fn pvx_free(ptr: *mut u8);
@@ -246,6 +247,10 @@ impl Platform for Xen {
     fn random_seed(&self) -> u64 {
         // SAFETY: plain call (get_random(), RDRAND where available).
         unsafe { ffi::pvx_random_seed() }
+    }
+    fn now_ns(&self) -> u64 {
+        // SAFETY: plain call (NOW()).
+        unsafe { ffi::pvx_now_ns() }
     }
 }
 
