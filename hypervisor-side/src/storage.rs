@@ -148,7 +148,13 @@ impl IndexTable {
             .and_then(|i| self.buckets.get(i).copied())
     }
 
-    fn position(&self, hash: u64, eq: impl Fn(u64) -> bool) -> Option<usize> {
+    /// The bucket holding the value `eq` accepts, for [`value_at`],
+    /// [`set_at`] and [`remove_at`] (valid until the table next changes).
+    ///
+    /// [`value_at`]: Self::value_at
+    /// [`set_at`]: Self::set_at
+    /// [`remove_at`]: Self::remove_at
+    pub fn position(&self, hash: u64, eq: impl Fn(u64) -> bool) -> Option<usize> {
         let mask = self.mask();
         let mut i = hash as usize & mask;
         for _ in 0..self.buckets.len() {
@@ -202,11 +208,30 @@ impl IndexTable {
         }
     }
 
-    /// Remove the stored value `eq` accepts; whether there was one.
-    pub fn remove(&mut self, hash: u64, eq: impl Fn(u64) -> bool) -> bool {
-        let Some(i) = self.position(hash, eq) else {
-            return false;
-        };
+    /// The value in bucket `pos` (from [`position`](Self::position)).
+    pub fn value_at(&self, pos: usize) -> Option<u64> {
+        self.buckets
+            .get(pos)
+            .copied()
+            .filter(|v| *v != EMPTY && *v != TOMBSTONE)
+    }
+
+    /// Overwrite the value in bucket `pos` (which must hold one whose hash
+    /// equals `value`'s).
+    pub fn set_at(&mut self, pos: usize, value: u64) {
+        if let Some(b) = self.buckets.get_mut(pos) {
+            if *b != EMPTY && *b != TOMBSTONE {
+                *b = value;
+            }
+        }
+    }
+
+    /// Remove the value in bucket `pos`.
+    pub fn remove_at(&mut self, pos: usize) {
+        if self.value_at(pos).is_none() {
+            return;
+        }
+        let i = pos;
         let mask = self.mask();
         let next_empty = matches!(self.buckets.get((i + 1) & mask), Some(&EMPTY));
         if let Some(b) = self.buckets.get_mut(i) {
@@ -220,6 +245,14 @@ impl IndexTable {
             }
             self.live -= 1;
         }
+    }
+
+    /// Remove the stored value `eq` accepts; whether there was one.
+    pub fn remove(&mut self, hash: u64, eq: impl Fn(u64) -> bool) -> bool {
+        let Some(i) = self.position(hash, eq) else {
+            return false;
+        };
+        self.remove_at(i);
         true
     }
 

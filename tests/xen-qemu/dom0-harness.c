@@ -470,22 +470,105 @@ static double now(void)
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
+/*
+ * Hypercall counts, measured: Xen's own perf counters (the build turns on
+ * CONFIG_PERF_COUNTERS), read through XEN_SYSCTL_perfc_op before and after
+ * each phase. "hypercalls" counts guest hypercall entries by number (a
+ * multicall once, as multicall); calls_to_mmu_update also counts the
+ * mmu_updates inside multicalls, num_page_updates the PTEs they wrote.
+ * Deltas include whatever else dom0 did meanwhile (timers, event
+ * channels): the harness is the only busy process.
+ */
+struct perfc_snap {
+    unsigned long hc[64];
+    unsigned long mmu_update_calls, page_updates;
+    int ok;
+};
+
+static void perfc_take(struct perfc_snap *s)
+{
+    DECLARE_HYPERCALL_BUFFER(xc_perfc_desc_t, pcd);
+    DECLARE_HYPERCALL_BUFFER(xc_perfc_val_t, pcv);
+    int nd = 0, nv = 0, i;
+    unsigned int j;
+    xc_perfc_val_t *v;
+
+    memset(s, 0, sizeof(*s));
+    if ( xc_perfc_query_number(xch, &nd, &nv) ) return;
+    pcd = xc_hypercall_buffer_alloc(xch, pcd, sizeof(*pcd) * nd);
+    pcv = xc_hypercall_buffer_alloc(xch, pcv, sizeof(*pcv) * nv);
+    if ( pcd && pcv && !xc_perfc_query(xch, HYPERCALL_BUFFER(pcd), HYPERCALL_BUFFER(pcv)) )
+    {
+        s->ok = 1;
+        for ( i = 0, v = pcv; i < nd; v += pcd[i].nr_vals, i++ )
+        {
+            if ( !strcmp(pcd[i].name, "hypercalls") )
+                for ( j = 0; j < pcd[i].nr_vals && j < 64; j++ ) s->hc[j] = v[j];
+            else if ( !strcmp(pcd[i].name, "calls to mmu_update") )
+                for ( j = 0; j < pcd[i].nr_vals; j++ ) s->mmu_update_calls += v[j];
+            else if ( !strcmp(pcd[i].name, "page updates") )
+                for ( j = 0; j < pcd[i].nr_vals; j++ ) s->page_updates += v[j];
+        }
+    }
+    xc_hypercall_buffer_free(xch, pcd);
+    xc_hypercall_buffer_free(xch, pcv);
+}
+
+/* "measured=1 total=N mmu_update=N multicall=N pv_iommu_op=N ..." for a phase. */
+static void perfc_print(const struct perfc_snap *a, const struct perfc_snap *b)
+{
+    unsigned long total = 0;
+    int j;
+    if ( !a->ok || !b->ok ) { printf(" measured=0"); return; }
+    for ( j = 0; j < 64; j++ )
+        if ( j != __HYPERVISOR_sysctl ) total += b->hc[j] - a->hc[j]; /* the query's own */
+    printf(" measured=1 hypercalls_total=%lu pv_iommu_op=%lu mmu_update=%lu multicall=%lu"
+           " mmuext_op=%lu memory_op=%lu mmu_update_calls=%lu page_updates=%lu",
+           total, b->hc[__HYPERVISOR_pv_iommu_op] - a->hc[__HYPERVISOR_pv_iommu_op],
+           b->hc[__HYPERVISOR_mmu_update] - a->hc[__HYPERVISOR_mmu_update],
+           b->hc[__HYPERVISOR_multicall] - a->hc[__HYPERVISOR_multicall],
+           b->hc[__HYPERVISOR_mmuext_op] - a->hc[__HYPERVISOR_mmuext_op],
+           b->hc[__HYPERVISOR_memory_op] - a->hc[__HYPERVISOR_memory_op],
+           b->mmu_update_calls - a->mmu_update_calls, b->page_updates - a->page_updates);
+}
+
+/* PVIOMMU_CMD_stats for dom0 with `flags`; 0 or the error. */
+static long pv_stats(uint16_t flags, struct pv_iommu_stats *out)
+{
+    static struct pv_iommu_stats *st;
+    long rc;
+    if ( !st ) st = locked_buf(PAGE);
+    memset(st, 0, sizeof(*st));
+    st->version = PVIOMMU_INTERFACE_VERSION;
+    st->domid = 0;
+    st->flags = flags;
+    rc = hcall(PVIOMMU_CMD_stats, st);
+    if ( !rc && out ) *out = *st;
+    return rc;
+}
+
 static int cmd_measure(unsigned long n)
 {
     xen_pfn_t *frames = calloc(n, sizeof(*frames));
     uint64_t *bfns = calloc(n, sizeof(*bfns));
     int *errs = calloc(n, sizeof(int));
     struct pv_iommu_caps c;
+    struct pv_iommu_stats sm, su;
+    struct perfc_snap p0, p1, p2, p3, p4, p5;
     uint32_t domid;
     unsigned long i, done = 0, bad = 0;
     long calls = 0, ucalls = 0, rc;
-    double t0, t1, t2, t3;
+    double t0, t1, t2, t3, t4;
     void *m;
 
     if ( query_caps(&c) == 0 && c.max_batch_ops ) max_ops = c.max_batch_ops < OPS_CAP ? c.max_batch_ops : OPS_CAP;
     domid = make_domain(n, frames);
     printf("measure domid=%u pages=%lu batch=%u\n", domid, n, max_ops);
+    /* Start the in-Xen breakdown from zero, timing on. */
+    rc = pv_stats(PVIOMMU_STATS_RESET | PVIOMMU_STATS_TIMING_ON, NULL);
+    if ( rc ) printf("measure stats rc=%ld\n", rc);
 
+    perfc_take(&p0);
     t0 = now();
     while ( done < n )
     {
@@ -503,6 +586,10 @@ static int cmd_measure(unsigned long n)
         done += k;
     }
     t1 = now();
+    perfc_take(&p1);
+    if ( pv_stats(PVIOMMU_STATS_RESET, &sm) ) memset(&sm, 0, sizeof(sm));
+    perfc_take(&p2);
+    t2 = now();
     for ( i = 0; i < done; )
     {
         unsigned int k = done - i > max_ops ? max_ops : done - i, j;
@@ -512,19 +599,56 @@ static int cmd_measure(unsigned long n)
         if ( rc ) { printf("measure unmap batch rc=%ld\n", rc); break; }
         i += k;
     }
-    t2 = now();
-    printf("MEASURE pviommu_map pages=%lu ok=%lu failed=%lu seconds=%.4f hypercalls=%ld batch=%u\n",
+    t3 = now();
+    perfc_take(&p3);
+    if ( pv_stats(PVIOMMU_STATS_RESET | PVIOMMU_STATS_TIMING_OFF, &su) ) memset(&su, 0, sizeof(su));
+    printf("MEASURE pviommu_map pages=%lu ok=%lu failed=%lu seconds=%.4f hypercalls=%ld batch=%u",
            n, done, bad, t1 - t0, calls, max_ops);
-    printf("MEASURE pviommu_unmap pages=%lu seconds=%.4f hypercalls=%ld\n", done, t2 - t1, ucalls);
+    perfc_print(&p0, &p1);
+    printf("\nMEASURE pviommu_unmap pages=%lu seconds=%.4f hypercalls=%ld", done, t3 - t2, ucalls);
+    perfc_print(&p2, &p3);
+    printf("\n");
+    /* Where the time inside Xen went (ns per page). */
+    printf("MEASURE xen_breakdown_map pages=%lu maps=%" PRIu64 " batches=%" PRIu64 " flushes=%" PRIu64
+           " ns_per_page_total=%.0f get_page=%.0f iommu_map=%.0f flush=%.0f engine_and_copies=%.0f\n",
+           done, sm.maps, sm.batches, sm.flushes, (double)sm.ns_batches / (done ? done : 1),
+           (double)sm.ns_get_page / (done ? done : 1), (double)sm.ns_iommu_map / (done ? done : 1),
+           (double)sm.ns_iommu_flush / (done ? done : 1),
+           (double)(sm.ns_batches - sm.ns_get_page - sm.ns_iommu_map - sm.ns_iommu_flush - sm.ns_put_page)
+               / (done ? done : 1));
+    printf("MEASURE xen_breakdown_unmap pages=%lu unmaps=%" PRIu64 " batches=%" PRIu64 " flushes=%" PRIu64
+           " ns_per_page_total=%.0f iommu_unmap=%.0f flush=%.0f put_page=%.0f engine_and_copies=%.0f\n",
+           done, su.unmaps, su.batches, su.flushes, (double)su.ns_batches / (done ? done : 1),
+           (double)su.ns_iommu_unmap / (done ? done : 1), (double)su.ns_iommu_flush / (done ? done : 1),
+           (double)su.ns_put_page / (done ? done : 1),
+           (double)(su.ns_batches - su.ns_iommu_unmap - su.ns_iommu_flush - su.ns_put_page - su.ns_get_page)
+               / (done ? done : 1));
+    if ( sm.maps == done && su.unmaps == done && sm.ns_batches > 0 )
+        printf("stats-consistent maps=%" PRIu64 " unmaps=%" PRIu64 "\n", sm.maps, su.unmaps);
 
+    /* The stock way: privcmd foreign mapping of the same frames (PV dom0:
+     * mmu_update hypercalls from the kernel, counted by Xen). */
+    perfc_take(&p4);
     t2 = now();
     m = xenforeignmemory_map(fmem, domid, PROT_READ | PROT_WRITE, n, frames, errs);
     t3 = now();
+    perfc_take(&p5);
     for ( i = 0, bad = 0; i < n; i++ ) if ( errs[i] ) bad++;
-    /* Linux 6.1 PV privcmd: xen_remap_pfn batches REMAP_BATCH_SIZE=16 mmu_updates per hypercall. */
-    printf("MEASURE privcmd_foreign_map pages=%lu ok=%d failed=%lu seconds=%.4f ioctls=1 hypercalls_est=%lu (mmu_update, 16 per call in Linux 6.1 PV)\n",
-           n, m != NULL, bad, t3 - t2, (n + 15) / 16);
-    if ( m ) xenforeignmemory_unmap(fmem, m, n);
+    printf("MEASURE privcmd_foreign_map pages=%lu ok=%d failed=%lu seconds=%.4f ioctls=1",
+           n, m != NULL, bad, t3 - t2);
+    perfc_print(&p4, &p5);
+    printf("\n");
+    if ( m )
+    {
+        perfc_take(&p4);
+        t3 = now();
+        xenforeignmemory_unmap(fmem, m, n);
+        t4 = now();
+        perfc_take(&p5);
+        printf("MEASURE privcmd_foreign_unmap pages=%lu seconds=%.4f", n, t4 - t3);
+        perfc_print(&p4, &p5);
+        printf("\n");
+    }
     cmd_destroy(domid);
     return 0;
 }
@@ -1001,7 +1125,14 @@ static int cmd_fuzz(int argc, char **argv)
              * a valid random call would change a domain's quota for real */
             if ( cmd >= 1 && cmd <= 4 ) cmd += 8;
             rc = fz_call(cmd, p, &hc);
-            if ( !abi_errno(rc) || rc >= 0 ) violation("cmd %u rc=%ld", cmd, rc);
+            if ( cmd == PVIOMMU_CMD_stats )
+            {
+                /* random stats requests: an ABI errno or success, and
+                 * never success for a caller that is not the toolstack */
+                if ( rc > 0 || (rc < 0 && !abi_errno(rc)) ) violation("stats rc=%ld", rc);
+                if ( refused_only && rc == 0 ) violation("unprivileged stats succeeded");
+            }
+            else if ( !abi_errno(rc) || rc >= 0 ) violation("cmd %u rc=%ld", cmd, rc);
         }
     }
     t1 = now();

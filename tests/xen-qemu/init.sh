@@ -41,7 +41,7 @@ p=$(run $H peek $D $G0); r=$(run $H dma-read $A0)
 if [ "$(field "$r" sum)" = "$(field "$p" sum)" ] && [ "$(field "$r" zero)" = 0 ]; then ok dma_read_foreign_bytes; else ko dma_read_foreign_bytes "$r vs $p"; fi
 # The pviommu tool itself, --backend xen: caps, map, device read, lookup, unmap.
 o=$(run pviommu --backend xen caps --json)
-if echo "$o" | grep -q '"version": 65537'; then ok cli_caps; else ko cli_caps "want version 65537 (1.1): $(echo "$o" | grep -m1 version)"; fi
+if echo "$o" | grep -q '"version": 65538'; then ok cli_caps; else ko cli_caps "want version 65538 (1.2): $(echo "$o" | grep -m1 version)"; fi
 o=$(run pviommu --backend xen map --domid $D --gfn $G3 --read-only --json)
 BC=$(echo "$o" | sed -n 's/.*"bfn": \([0-9]*\).*/\1/p' | head -1)
 if [ -n "$BC" ]; then
@@ -170,7 +170,15 @@ fi
 
 # measurements
 N=$(sed -n 's/.*pviommu_measure=\([0-9]*\).*/\1/p' /proc/cmdline); N=${N:-16384}
-$H measure $N 2>&1
+o=$($H measure $N 2>&1); echo "$o"
+# The in-Xen counters (PVIOMMU_CMD_stats) saw exactly the maps and unmaps
+# made, with time spent; Xen's perf counters saw the PV-IOMMU hypercalls.
+if echo "$o" | grep -q "^stats-consistent maps=$N unmaps=$N"; then
+    ok stats_count_every_map_and_unmap; else ko stats_count_every_map_and_unmap "$(echo "$o" | grep -E 'breakdown|stats')"; fi
+calls=$(field "$(echo "$o" | grep '^MEASURE pviommu_map ')" hypercalls)
+seen=$(field "$(echo "$o" | grep '^MEASURE pviommu_map ')" pv_iommu_op)
+if [ -n "$calls" ] && [ "$calls" = "$seen" ]; then
+    ok perf_counters_see_each_pviommu_hypercall; else ko perf_counters_see_each_pviommu_hypercall "made=$calls counted=$seen"; fi
 run $H hc caps >/dev/null
 
 # 7) a domain holding 64 Ki mapped pages (64 batches of 1024) is destroyed

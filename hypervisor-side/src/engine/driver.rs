@@ -479,8 +479,14 @@ impl DriverDomain {
 
     /// First live mapping of page (domid, gfn).
     pub(crate) fn page_head(&self, seed: u64, domid: DomId, gfn: Gfn) -> Option<u64> {
+        self.page_pos(seed, domid, gfn)
+            .and_then(|p| self.pages.value_at(p))
+    }
+
+    /// The page index bucket of page (domid, gfn).
+    fn page_pos(&self, seed: u64, domid: DomId, gfn: Gfn) -> Option<usize> {
         let slots = &self.slots;
-        self.pages.find(page_hash(seed, domid, gfn), |v| {
+        self.pages.position(page_hash(seed, domid, gfn), |v| {
             slots
                 .get(v as usize)
                 .is_some_and(|r| r.is_live_page(domid, gfn))
@@ -564,15 +570,14 @@ impl DriverDomain {
     /// Store a new Live mapping at `idx` and index it as the head of its
     /// page's chain (capacity reserved by [`reserve_slot`](Self::reserve_slot)).
     pub(crate) fn install(&mut self, seed: u64, idx: u64, mut m: Mapping) -> Result<(), Errno> {
-        let hash = page_hash(seed, m.domid, m.gfn);
-        match self.page_head(seed, m.domid, m.gfn) {
-            Some(head) => {
-                m.next_same_page = head;
-                self.pages.replace(hash, |v| v == head, idx);
+        match self.page_pos(seed, m.domid, m.gfn) {
+            Some(pos) => {
+                m.next_same_page = self.pages.value_at(pos).unwrap_or(NONE);
+                self.pages.set_at(pos, idx);
             }
             None => {
                 m.next_same_page = NONE;
-                self.pages.insert(hash, idx)?;
+                self.pages.insert(page_hash(seed, m.domid, m.gfn), idx)?;
                 self.count_target(seed, m.domid, true)?;
             }
         }
@@ -581,22 +586,22 @@ impl DriverDomain {
         Ok(())
     }
 
-    /// One more (`up`) or one fewer distinct page of `domid`.
-    fn count_target(&mut self, seed: u64, domid: DomId, up: bool) -> Result<(), Errno> {
+    /// One more (`up`) or one fewer distinct page of `domid`; the count
+    /// after.
+    fn count_target(&mut self, seed: u64, domid: DomId, up: bool) -> Result<u64, Errno> {
         let hash = target_hash(seed, domid);
-        let n = self.pages_of(seed, domid);
-        match (n, up) {
-            (0, true) => self.targets.insert(hash, count_pack(domid, 1)),
-            (0, false) => Ok(()),
-            (1, false) => {
-                self.targets.remove(hash, |v| count_domid(v) == domid);
-                Ok(())
-            }
-            (n, up) => {
-                let n = if up { n + 1 } else { n - 1 };
-                self.targets
-                    .replace(hash, |v| count_domid(v) == domid, count_pack(domid, n));
-                Ok(())
+        match self.targets.position(hash, |v| count_domid(v) == domid) {
+            None if up => self.targets.insert(hash, count_pack(domid, 1)).map(|()| 1),
+            None => Ok(0),
+            Some(pos) => {
+                let n = self.targets.value_at(pos).map_or(0, count_of);
+                let n = if up { n + 1 } else { n.saturating_sub(1) };
+                if n == 0 {
+                    self.targets.remove_at(pos);
+                } else {
+                    self.targets.set_at(pos, count_pack(domid, n));
+                }
+                Ok(n)
             }
         }
     }
@@ -606,16 +611,15 @@ impl DriverDomain {
     /// domain's last page of its target. Bounded by [`CHAIN_BOUND`].
     pub(crate) fn unindex(&mut self, seed: u64, idx: u64) -> Option<(Mapping, bool)> {
         let m = self.live_at(idx)?;
-        let head = self.page_head(seed, m.domid, m.gfn)?;
-        let hash = page_hash(seed, m.domid, m.gfn);
+        let pos = self.page_pos(seed, m.domid, m.gfn)?;
+        let head = self.pages.value_at(pos)?;
         let mut last_of_target = false;
         if head == idx {
             if m.next_same_page == NONE {
-                self.pages.remove(hash, |v| v == idx);
-                let _ = self.count_target(seed, m.domid, false);
-                last_of_target = self.pages_of(seed, m.domid) == 0;
+                self.pages.remove_at(pos);
+                last_of_target = self.count_target(seed, m.domid, false) == Ok(0);
             } else {
-                self.pages.replace(hash, |v| v == idx, m.next_same_page);
+                self.pages.set_at(pos, m.next_same_page);
             }
         } else {
             let mut at = head;
