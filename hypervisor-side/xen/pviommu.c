@@ -85,8 +85,6 @@ static void __init pviommu_build_checks(void)
     BUILD_BUG_ON(sizeof(struct pvx_domain_info) != 16);
 }
 
-/* Serialises the engine's own state; taken only by the engine. */
-
 /*
  * iommu_hwdom_strict is __hwdom_initdata: gone once init memory is freed.
  * Snapshot it at our initcall. The only later change Xen makes is
@@ -617,6 +615,12 @@ void pvx_driver_lock(unsigned int cell)
 {
     ASSERT(cell < PVX_DRIVER_CELLS);
     spin_lock(&pvx_driver_locks[cell % PVX_DRIVER_CELLS]);
+}
+
+int pvx_driver_trylock(unsigned int cell)
+{
+    ASSERT(cell < PVX_DRIVER_CELLS);
+    return spin_trylock(&pvx_driver_locks[cell % PVX_DRIVER_CELLS]);
 }
 
 void pvx_driver_unlock(unsigned int cell)

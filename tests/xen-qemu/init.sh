@@ -172,12 +172,14 @@ fi
 N=$(sed -n 's/.*pviommu_measure=\([0-9]*\).*/\1/p' /proc/cmdline); N=${N:-16384}
 o=$($H measure $N 2>&1); echo "$o"
 # The in-Xen counters (PVIOMMU_CMD_stats) saw exactly the maps and unmaps
-# made, with time spent; Xen's perf counters saw the PV-IOMMU hypercalls.
+# made, with time spent; Xen's perf counters saw every PV-IOMMU hypercall
+# the harness made (and more: a batch Xen preempts re-enters through a
+# continuation without returning to dom0's user space, and counts again).
 if echo "$o" | grep -q "^stats-consistent maps=$N unmaps=$N"; then
     ok stats_count_every_map_and_unmap; else ko stats_count_every_map_and_unmap "$(echo "$o" | grep -E 'breakdown|stats')"; fi
 calls=$(field "$(echo "$o" | grep '^MEASURE pviommu_map ')" hypercalls)
 seen=$(field "$(echo "$o" | grep '^MEASURE pviommu_map ')" pv_iommu_op)
-if [ -n "$calls" ] && [ "$calls" = "$seen" ]; then
+if [ -n "$calls" ] && [ -n "$seen" ] && [ "$seen" -ge "$calls" ]; then
     ok perf_counters_see_each_pviommu_hypercall; else ko perf_counters_see_each_pviommu_hypercall "made=$calls counted=$seen"; fi
 run $H hc caps >/dev/null
 

@@ -177,6 +177,10 @@ const WRITE: u8 = 1 << 4;
 const ATTR_SHIFT: u8 = 5;
 const THEN_REVOKED: u8 = 1 << 7;
 
+// Slot counts are bounded by MAX_QUOTA, so no real slot index reaches
+// u32::MAX, the stored "none".
+const _: () = assert!(crate::config::MAX_QUOTA < u32::MAX as u64);
+
 /// A slot link in 32 bits (slot counts are bounded by `MAX_QUOTA`).
 fn link32(v: u64) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)

@@ -317,8 +317,12 @@ impl<L: RawMutex> Engine<L> {
         }
     }
 
-    /// Nanoseconds since `t0` (from [`clock`](Self::clock)).
+    /// Nanoseconds since `t0` (from [`clock`](Self::clock)); 0 if timing
+    /// was off at `t0` (switched on meanwhile, it would count the uptime).
     pub(crate) fn since(&self, h: &impl Hypervisor, t0: u64) -> u64 {
+        if t0 == 0 {
+            return 0;
+        }
         self.clock(h).saturating_sub(t0)
     }
 
@@ -463,7 +467,8 @@ impl<L: RawMutex> Engine<L> {
 
     /// Lock `domid`'s driver state, if it has a cell. The cell is checked
     /// again under its lock: it may have been released (and even taken by
-    /// another domain) between the lookup and the lock.
+    /// another domain) between the lookup and the lock. A cell's owner only
+    /// changes under its lock, so the check is exact.
     pub(crate) fn lock_driver(&self, domid: DomId) -> Option<Driver<'_, L>> {
         for _ in 0..MAP_RETRIES {
             let cell = self.cell_of.get(domid.0 as usize)?.load(Ordering::SeqCst);
@@ -472,83 +477,123 @@ impl<L: RawMutex> Engine<L> {
             }
             let cell = cell as usize;
             let dd = self.cells.get(cell)?.lock();
-            if self.owners.get(cell)?.load(Ordering::SeqCst) == domid.0 as u32 {
+            if self.owner_is(cell, domid) && dd.domid == domid {
                 return Some(Driver { cell, dd });
             }
         }
         None
     }
 
+    fn owner_is(&self, cell: usize, domid: DomId) -> bool {
+        self.owners
+            .get(cell)
+            .is_some_and(|o| o.load(Ordering::SeqCst) == domid.0 as u32)
+    }
+
     /// Lock `domid`'s driver state, giving it a free cell first if it has
     /// none. Cell 0 only ever goes to dom0.
+    ///
+    /// A cell is claimed entirely under its lock: owner, state and the
+    /// `cell_of` entry change together, so no other vCPU of the domain, and
+    /// no hook, can see a cell that is owned but not yet set up for its
+    /// owner (whose IOMMU context the state names).
     pub(crate) fn lock_or_claim(&self, domid: DomId) -> Result<Driver<'_, L>, Errno> {
+        let slot = self.cell_of.get(domid.0 as usize).ok_or(Errno::Srch)?;
+        let first = if domid == DomId::DOM0 { 0 } else { 1 };
+        let last = if domid == DomId::DOM0 {
+            1
+        } else {
+            MAX_DRIVER_DOMAINS
+        };
         for _ in 0..MAP_RETRIES {
             if let Some(d) = self.lock_driver(domid) {
                 return Ok(d);
             }
-            let slot = self.cell_of.get(domid.0 as usize).ok_or(Errno::Srch)?;
-            let first = if domid == DomId::DOM0 { 0 } else { 1 };
-            let cell = (first..MAX_DRIVER_DOMAINS)
-                .find(|&i| {
-                    self.owners.get(i).is_some_and(|o| {
-                        o.compare_exchange(
-                            FREE_CELL,
-                            domid.0 as u32,
-                            Ordering::SeqCst,
-                            Ordering::SeqCst,
-                        )
-                        .is_ok()
-                    })
-                })
-                .ok_or(Errno::NoSpc)?;
-            // Publish it, unless another vCPU of the domain won meanwhile:
-            // then give this cell back and use theirs.
-            if slot
-                .compare_exchange(NO_CELL, cell as u8, Ordering::SeqCst, Ordering::SeqCst)
-                .is_err()
-            {
-                if let Some(o) = self.owners.get(cell) {
-                    o.store(FREE_CELL, Ordering::SeqCst);
+            let mut full = true;
+            for cell in first..last {
+                let (Some(owner), Some(m)) = (self.owners.get(cell), self.cells.get(cell)) else {
+                    continue;
+                };
+                if owner.load(Ordering::SeqCst) != FREE_CELL {
+                    continue;
                 }
-                continue;
-            }
-            let Some(m) = self.cells.get(cell) else {
-                return Err(Errno::Inval);
-            };
-            let mut dd = m.lock();
-            if self
-                .owners
-                .get(cell)
-                .is_some_and(|o| o.load(Ordering::SeqCst) == domid.0 as u32)
-            {
-                // A free cell's state is idle; it only needs its new owner
-                // and fresh counters (cell 0 is only ever dom0's: its
-                // counters live as long as the host).
+                let mut dd = m.lock();
+                if owner
+                    .compare_exchange(
+                        FREE_CELL,
+                        domid.0 as u32,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    )
+                    .is_err()
+                {
+                    continue;
+                }
+                full = false;
+                // Publish it, unless another vCPU of the domain published a
+                // cell meanwhile: then give this one back and use theirs.
+                if slot
+                    .compare_exchange(NO_CELL, cell as u8, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_err()
+                {
+                    owner.store(FREE_CELL, Ordering::SeqCst);
+                    break;
+                }
+                // A free cell's state is idle (no slots, default quota);
+                // it needs its new owner and fresh counters (cell 0 is only
+                // ever dom0's: its counters live as long as the host).
                 if cell != 0 {
                     dd.stats = DriverStats::default();
                 }
                 dd.domid = domid;
                 return Ok(Driver { cell, dd });
             }
+            if full {
+                return Err(Errno::NoSpc);
+            }
         }
         Err(Errno::Again)
     }
 
-    /// Unlock a driver state; a state left idle (nothing mapped, revoked,
-    /// set or pending) gives its memory and its cell back.
+    /// Unlock a driver state. A state left idle (nothing mapped, revoked,
+    /// set or pending) gives its memory back and, unless it is dom0's (cell
+    /// 0, kept so dom0's counters last), its cell. Only the cell's real
+    /// owner's state releases it: a hook that locked a cell its target's
+    /// gate still named may find it free, or someone else's.
     pub(crate) fn put_driver(&self, d: Driver<'_, L>) {
         let Driver { cell, mut dd } = d;
         dd.compact_if_empty();
-        if !dd.is_idle() {
+        if cell == 0 || !dd.is_idle() {
             return;
         }
         let domid = dd.domid;
-        if let Some(slot) = self.cell_of.get(domid.0 as usize) {
-            let _ = slot.compare_exchange(cell as u8, NO_CELL, Ordering::SeqCst, Ordering::SeqCst);
+        let Some(slot) = self.cell_of.get(domid.0 as usize) else {
+            return;
+        };
+        if !self.owner_is(cell, domid) || slot.load(Ordering::SeqCst) != cell as u8 {
+            return;
         }
+        // Both under the cell's lock (held until `dd` drops, after this).
+        slot.store(NO_CELL, Ordering::SeqCst);
         if let Some(o) = self.owners.get(cell) {
             o.store(FREE_CELL, Ordering::SeqCst);
         }
+    }
+
+    /// Give `domid`'s cell back after its teardown (dom0's too), its state
+    /// reset to idle.
+    pub(crate) fn release_driver(&self, d: Driver<'_, L>) {
+        let Driver { cell, dd } = d;
+        let domid = dd.domid;
+        if let Some(slot) = self.cell_of.get(domid.0 as usize) {
+            if self.owner_is(cell, domid) && slot.load(Ordering::SeqCst) == cell as u8 {
+                slot.store(NO_CELL, Ordering::SeqCst);
+                if let Some(o) = self.owners.get(cell) {
+                    o.store(FREE_CELL, Ordering::SeqCst);
+                }
+            }
+        }
+        drop(dd);
     }
 
     /// Make target `domid`'s gate say whether driver cell `cell` maps its
@@ -1018,5 +1063,139 @@ impl<L: RawMutex> Engine<L> {
             self.flush_and_release(&mut d, h);
             self.put_driver(d);
         }
+    }
+}
+
+/// Regression tests from the security review of the per-driver locks: a
+/// cell claimed by one vCPU of a device model while another vCPU of it maps
+/// (the claim used to publish the cell before setting it up, so the second
+/// vCPU's entry went into the previous owner's or dom0's IOMMU context), and
+/// a hook that visits a cell its target's gate still names after the cell
+/// was given back (it used to free the cell from under a new claimer).
+#[cfg(all(test, feature = "sim"))]
+mod claim_race_tests {
+    use super::*;
+    use crate::platform::Platform;
+    use crate::sim::{DomainSpec, Format, SharedSim, SimMachine};
+    use crate::{Gfn, MemAttr, Permissions};
+
+    const GUEST: DomId = DomId(1);
+    const OTHER: DomId = DomId(2);
+    const DM: DomId = DomId(3); // device model of GUEST
+    const DM2: DomId = DomId(4); // device model of OTHER
+
+    fn host() -> (SharedSim, crate::Engine) {
+        let mut m = SimMachine::new(4096, Format::Vtd, 64);
+        for (d, pages, dm_of) in [
+            (GUEST, 64, None),
+            (OTHER, 64, None),
+            (DM, 4, Some(GUEST)),
+            (DM2, 4, Some(OTHER)),
+        ] {
+            let spec = DomainSpec {
+                pages,
+                privileged: false,
+                device_model_of: dm_of,
+            };
+            m.create_domain(d, spec).unwrap();
+        }
+        let e = crate::Engine::new(Default::default(), &m).unwrap();
+        (SharedSim::new(m), e)
+    }
+
+    fn map(
+        sim: &SharedSim,
+        e: &crate::Engine,
+        caller: DomId,
+        target: DomId,
+        gfn: u64,
+    ) -> Result<Bfn, Errno> {
+        let mut h = sim.handle(caller);
+        let info = h.domain_info(caller).unwrap();
+        let req = MapRequest {
+            context: ContextId::DEFAULT,
+            domid: target,
+            gfn: Gfn(gfn),
+            perms: Permissions::RW,
+            attr: MemAttr::WriteBack,
+            grant: false,
+        };
+        let r = e.map(&mut h, caller, &info, &req);
+        e.finish(&mut h, caller);
+        r
+    }
+
+    /// The state the old claim left visible between publishing a cell and
+    /// setting it up: owner and `cell_of` say `who`, the state is the
+    /// previous owner's.
+    fn half_claimed(e: &crate::Engine, who: DomId, cell: usize) {
+        e.owners[cell].store(who.0 as u32, Ordering::SeqCst);
+        e.cell_of[who.0 as usize].store(cell as u8, Ordering::SeqCst);
+    }
+
+    /// Where `bfn` leads in each domain's default IOMMU context.
+    fn contexts(sim: &SharedSim, bfn: Bfn) -> [Option<u64>; 3] {
+        let m = sim.lock();
+        [DM, DM2, DomId::DOM0].map(|d| m.translate(d, ContextId::DEFAULT, bfn).map(|t| t.0 .0))
+    }
+
+    #[test]
+    fn a_half_set_up_cell_never_maps_into_the_previous_owners_context() {
+        let (sim, e) = host();
+        // DM2 used cell 1 and gave it back: the idle state still says DM2.
+        let b = map(&sim, &e, DM2, OTHER, 5).unwrap();
+        let mut h = sim.handle(DM2);
+        e.unmap(&mut h, DM2, ContextId::DEFAULT, b).unwrap();
+        e.finish(&mut h, DM2);
+        assert_eq!(e.owners[1].load(Ordering::SeqCst), FREE_CELL);
+        half_claimed(&e, DM, 1);
+        // Refused (the state is not DM's), never mapped for DM2 or dom0.
+        if let Ok(bfn) = map(&sim, &e, DM, GUEST, 1) {
+            let [_, in_dm2, in_dom0] = contexts(&sim, bfn);
+            assert_eq!((in_dm2, in_dom0), (None, None));
+        }
+        assert!(e.state().live_mappings(DM).next().is_none());
+    }
+
+    #[test]
+    fn a_half_set_up_fresh_cell_never_maps_into_dom0s_context() {
+        let (sim, e) = host();
+        half_claimed(&e, DM, 1); // a never-used cell's state says dom0
+        if let Ok(bfn) = map(&sim, &e, DM, GUEST, 1) {
+            let [_, _, in_dom0] = contexts(&sim, bfn);
+            assert_eq!(
+                in_dom0, None,
+                "a device model's map landed in dom0's context"
+            );
+        }
+        assert!(e.state().live_mappings(DomId::DOM0).next().is_none());
+    }
+
+    #[test]
+    fn a_hook_visiting_a_given_back_cell_leaves_its_next_owner_alone() {
+        let (sim, e) = host();
+        map(&sim, &e, DomId::DOM0, GUEST, 9).unwrap();
+        let b = map(&sim, &e, DM, GUEST, 2).unwrap();
+        let stale_mask = e.target_drivers(GUEST);
+        assert_eq!(stale_mask & 2, 2);
+        // DM unmaps its last page: cell 1 goes back, its bit is cleared.
+        let mut h = sim.handle(DM);
+        e.unmap(&mut h, DM, ContextId::DEFAULT, b).unwrap();
+        e.finish(&mut h, DM);
+        // DM2 takes cell 1.
+        let b2 = map(&sim, &e, DM2, OTHER, 5).unwrap();
+        let mut h2 = sim.handle(DM2);
+        e.unmap(&mut h2, DM2, ContextId::DEFAULT, b2).unwrap();
+        // A GUEST hook that read the mask before all this reaches cell 1.
+        e.gates[GUEST.0 as usize]
+            .drivers
+            .fetch_or(stale_mask, Ordering::SeqCst);
+        e.gfn_removed(&mut sim.handle(DomId::DOM0), GUEST, Gfn(40));
+        // DM2 still owns its cell and keeps working.
+        e.finish(&mut h2, DM2);
+        for g in 0..4 {
+            map(&sim, &e, DM2, OTHER, g).expect("DM2 wedged");
+        }
+        assert_eq!(e.target_drivers(GUEST) & 2, 0);
     }
 }

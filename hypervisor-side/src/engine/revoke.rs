@@ -140,8 +140,8 @@ impl<L: RawMutex> Engine<L> {
             }
             at = next;
         }
+        dd.stats.ns_iommu_unmap += self.since(h, t0);
         let t1 = self.clock(h);
-        dd.stats.ns_iommu_unmap += t1.saturating_sub(t0);
         if !dd.gather.is_empty() {
             let flushed = h.iommu_flush(owner, &dd.gather);
             dd.stats.ns_iommu_flush += self.since(h, t1);
@@ -438,9 +438,9 @@ impl<L: RawMutex> Engine<L> {
         for ctx in d.dd.contexts().filter(|c| c.0 != 0) {
             h.context_destroy(domid, ctx);
         }
-        // Back to an idle state: put_driver gives the cell back.
+        // Back to an idle state, and the cell (dom0's too) goes back.
         *d.dd = DriverDomain::new(domid);
-        self.put_driver(d);
+        self.release_driver(d);
         *c = Cursor::DONE;
         Ok(())
     }

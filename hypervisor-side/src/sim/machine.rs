@@ -904,10 +904,13 @@ impl Platform for SimMachine {
         self.seed
     }
     fn now_ns(&self) -> u64 {
-        // Host monotonic time since the first reading.
+        // Host monotonic time since the first reading, from 1 (0 is the
+        // engine's "timing was off").
         static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
         let start = *START.get_or_init(std::time::Instant::now);
-        u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        u64::try_from(start.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1)
     }
     fn notify_revoked(&mut self, owner: DomId) {
         let _host = HostAllocations::begin();

@@ -99,6 +99,7 @@ void pviommu_engine_gfn_changed(uint16_t domid, uint64_t gfn,
  * IRQ context. The engine holds at most one at a time. */
 #define PVX_DRIVER_CELLS 64
 void pvx_driver_lock(unsigned int cell);
+int pvx_driver_trylock(unsigned int cell);   /* 1: taken */
 void pvx_driver_unlock(unsigned int cell);
 
 /* [unlocked] Guest copies for the current vCPU's guest: 0, or -EFAULT.

@@ -38,6 +38,7 @@ mod ffi {
 
     extern "C" {
         pub fn pvx_driver_lock(cell: u32);
+        pub fn pvx_driver_trylock(cell: u32) -> i32;
         pub fn pvx_driver_unlock(cell: u32);
         pub fn pvx_copy_from_guest(dst: *mut u8, guest_addr: u64, len: usize) -> i32;
         pub fn pvx_copy_to_guest(guest_addr: u64, src: *const u8, len: usize) -> i32;
@@ -142,8 +143,10 @@ unsafe impl RawMutex for XenLock {
         unsafe { ffi::pvx_driver_lock(self.cell) }
     }
     fn try_lock(&self) -> bool {
-        // Only `Engine::state` uses it, which nothing inside Xen calls.
-        false
+        // Only `Engine::state` uses it (nothing inside Xen calls that), but
+        // a real try-lock keeps it from spinning forever if one ever does.
+        // SAFETY: plain call; the cell number is below PVX_DRIVER_CELLS.
+        unsafe { ffi::pvx_driver_trylock(self.cell) != 0 }
     }
     unsafe fn unlock(&self) {
         // SAFETY: the caller holds the lock.
