@@ -339,18 +339,32 @@ impl<T: Transport> Client<T> {
                 op.status as i64,
             ));
         }
-        Ok(LookupResult {
-            domid: DomId(op.domid),
-            gfn: Gfn(op.gfn),
-            perms: Permissions {
-                read: op.flags & pviommu_abi::op_flags::READ != 0,
-                write: op.flags & pviommu_abi::op_flags::WRITE != 0,
-            },
-            attr: MemAttr::from_field(
-                (op.flags & pviommu_abi::op_flags::ATTR_MASK) >> pviommu_abi::op_flags::ATTR_SHIFT,
-            )
-            .unwrap_or_default(),
-        })
+        Ok(decode_lookup(&op))
+    }
+
+    /// Describe many (context, BFN) pairs in as few batches as the
+    /// advertised maximum allows: `None` where nothing live is mapped
+    /// (`ENOENT`); any other refusal fails the whole call.
+    pub fn lookup_many(
+        &mut self,
+        queries: &[(ContextId, Bfn)],
+    ) -> Result<Vec<Option<LookupResult>>, Error> {
+        let mut ops: Vec<PvIommuOp> = queries
+            .iter()
+            .map(|&(context, bfn)| Request::Lookup { context, bfn }.encode())
+            .collect();
+        self.run_ops(&mut ops)?;
+        ops.iter()
+            .zip(queries)
+            .map(|(op, (_, bfn))| match op.status {
+                0 => Ok(Some(decode_lookup(op))),
+                s if s == Errno::NoEnt.negated() => Ok(None),
+                s => Err(Error::from_return(
+                    format!("lookup bfn {:#x}", bfn.0),
+                    s as i64,
+                )),
+            })
+            .collect()
     }
 
     /// Every reserved region.
@@ -396,5 +410,21 @@ impl<T: Transport> Client<T> {
             ));
         }
         Ok(())
+    }
+}
+
+/// The answer of a successful lookup op.
+fn decode_lookup(op: &PvIommuOp) -> LookupResult {
+    LookupResult {
+        domid: DomId(op.domid),
+        gfn: Gfn(op.gfn),
+        perms: Permissions {
+            read: op.flags & pviommu_abi::op_flags::READ != 0,
+            write: op.flags & pviommu_abi::op_flags::WRITE != 0,
+        },
+        attr: MemAttr::from_field(
+            (op.flags & pviommu_abi::op_flags::ATTR_MASK) >> pviommu_abi::op_flags::ATTR_SHIFT,
+        )
+        .unwrap_or_default(),
     }
 }
