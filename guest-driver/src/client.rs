@@ -60,6 +60,7 @@ pub struct Client<T: Transport> {
     caps: PvIommuCaps,
     cache: MappingCache,
     stats: ClientStats,
+    pushed_revocations: u64,
 }
 
 impl<T: Transport> Client<T> {
@@ -77,6 +78,7 @@ impl<T: Transport> Client<T> {
             caps,
             cache: MappingCache::default(),
             stats: ClientStats::default(),
+            pushed_revocations: 0,
         })
     }
 
@@ -86,7 +88,9 @@ impl<T: Transport> Client<T> {
     }
     /// Capabilities read now (quota usage changes).
     pub fn refresh_caps(&mut self) -> Result<PvIommuCaps, Error> {
-        self.caps = self.transport.query_caps()?;
+        let caps = self.transport.query_caps();
+        self.absorb_pushed_revocations();
+        self.caps = caps?;
         Ok(self.caps)
     }
     /// The transport.
@@ -115,7 +119,9 @@ impl<T: Transport> Client<T> {
             let _g = span.enter();
             let mut done = 0;
             loop {
-                let (ret, d) = self.transport.batch(chunk, done)?;
+                let call = self.transport.batch(chunk, done);
+                self.absorb_pushed_revocations();
+                let (ret, d) = call?;
                 self.stats.hypercalls += 1;
                 self.stats.ops += (d - done) as u64;
                 debug!(ret, nr_done = d, "batch call returned");
@@ -135,6 +141,39 @@ impl<T: Transport> Client<T> {
             }
         }
         Ok(())
+    }
+
+    /// Drop BFNs the transport was told are revoked (the daemon pushes
+    /// notices) from the cache, so no later map hands one out. They are
+    /// still reported and acknowledged by `drain_revocations`.
+    fn absorb_pushed_revocations(&mut self) {
+        for (context, bfn) in self.transport.take_revocations() {
+            if self.cache.forget(context, bfn).is_some() {
+                debug!(bfn = bfn.0, context = context.0, "pushed revocation");
+            }
+            self.pushed_revocations += 1;
+        }
+    }
+
+    /// Wait up to `timeout` until revocations are pending: `Ok(true)` when
+    /// some are (drain them with `drain_revocations`), `Ok(false)` on
+    /// timeout. Checks the caps first; then, on the daemon, waits for its
+    /// push (and drops the pushed BFNs from the cache as they arrive). A
+    /// transport without push (in-process, Xen) does not wait: on Xen, wait
+    /// on [`crate::notify::RevocationEvents`] and call this afterwards.
+    pub fn wait_revocations(&mut self, timeout: std::time::Duration) -> Result<bool, Error> {
+        self.absorb_pushed_revocations();
+        if self.refresh_caps()?.revoked > 0 {
+            return Ok(true);
+        }
+        let pushed = self.transport.wait_revocations(timeout);
+        self.absorb_pushed_revocations();
+        pushed
+    }
+
+    /// Revocation notices pushed to this client so far (daemon only).
+    pub fn pushed_revocations(&self) -> u64 {
+        self.pushed_revocations
     }
 
     /// Map `gfns` of `domid` into `context`; one result per gfn, in order.

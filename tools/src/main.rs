@@ -661,14 +661,26 @@ fn sim_reset(cli: &Cli) -> Result<(), CliError> {
     Ok(())
 }
 
-/// The simulator's own events (ballooning, domain death).
+/// The simulator's own events (ballooning, domain death), on the embedded
+/// simulator or the daemon.
 fn sim_admin(cli: &Cli, state: Option<&SimState>, action: &SimAction) -> Result<(), CliError> {
-    let state =
-        state.ok_or_else(|| CliError::invalid("this simulator command needs --backend sim"))?;
+    let mut remote = match (cli.backend, state) {
+        (Backend::Remote, _) => Some(Remote::connect(&cli.socket, DomId(cli.caller))?),
+        (Backend::Sim, Some(_)) => None,
+        _ => {
+            return Err(CliError::invalid(
+                "this simulator command needs --backend sim or remote",
+            ))
+        }
+    };
     match action {
         SimAction::BalloonOut { domid, gfn } => {
             let gfn = parse_num(gfn)?;
-            state.balloon_out(DomId(*domid), Gfn(gfn))?;
+            match (remote.as_mut(), state) {
+                (Some(r), _) => r.balloon_out(DomId(*domid), Gfn(gfn))?,
+                (None, Some(s)) => s.balloon_out(DomId(*domid), Gfn(gfn))?,
+                (None, None) => {}
+            }
             emit(
                 cli.json,
                 &serde_json::json!({ "ballooned_out": { "domid": domid, "gfn": gfn } }),
@@ -676,7 +688,11 @@ fn sim_admin(cli: &Cli, state: Option<&SimState>, action: &SimAction) -> Result<
             );
         }
         SimAction::DestroyDomain { domid } => {
-            state.destroy_domain(DomId(*domid))?;
+            match (remote.as_mut(), state) {
+                (Some(r), _) => r.destroy_domain(DomId(*domid))?,
+                (None, Some(s)) => s.destroy_domain(DomId(*domid))?,
+                (None, None) => {}
+            }
             emit(cli.json, &serde_json::json!({ "destroyed": domid }), || {
                 format!("d{domid} destroyed")
             });
