@@ -136,8 +136,9 @@ enum Command {
     /// page left its domain or the domain died) and acknowledge them, which
     /// releases the BFNs.
     Revocations {
-        /// With --backend xen: if none is pending, wait up to this many
-        /// seconds for Xen's VIRQ_PV_IOMMU wake-up first.
+        /// If none is pending, wait up to this many seconds for one first:
+        /// Xen's VIRQ_PV_IOMMU (--backend xen) or the daemon's push
+        /// (--backend remote).
         #[arg(long)]
         wait: Option<u64>,
     },
@@ -399,16 +400,35 @@ fn command(cli: &Cli, c: &mut AnyClient, state: Option<&SimState>) -> Result<(),
         }
         Command::Revocations { wait } => {
             if let Some(secs) = wait {
-                if cli.backend != Backend::Xen {
-                    return Err(CliError::invalid(
-                        "--wait needs --backend xen (Xen's VIRQ_PV_IOMMU)",
-                    ));
-                }
-                // Bind first, then look: a notice queued before the bind
-                // raised no wake-up we could see, but shows in the caps.
-                let mut events = pviommu_guest::notify::RevocationEvents::open()?;
-                let pending = c.refresh_caps()?.revoked;
-                if pending == 0 && !events.wait(std::time::Duration::from_secs(*secs))? {
+                let timeout = std::time::Duration::from_secs(*secs);
+                let heard = match cli.backend {
+                    // Bind first, then look: a notice queued before the bind
+                    // raised no wake-up we could see, but shows in the caps.
+                    Backend::Xen => {
+                        let mut events = pviommu_guest::notify::RevocationEvents::open()?;
+                        c.refresh_caps()?.revoked > 0 || events.wait(timeout)?
+                    }
+                    // The daemon pushes notices to its subscribed clients.
+                    Backend::Remote => {
+                        let deadline = std::time::Instant::now() + timeout;
+                        loop {
+                            let left = deadline.saturating_duration_since(std::time::Instant::now());
+                            if c.wait_revocations(left.min(std::time::Duration::from_secs(60)))? {
+                                break true;
+                            }
+                            if left.is_zero() {
+                                break false;
+                            }
+                        }
+                    }
+                    Backend::Sim => {
+                        return Err(CliError::invalid(
+                            "--wait needs --backend xen (VIRQ_PV_IOMMU) or remote (the daemon's push); \
+                             the embedded simulator changes only while a command runs",
+                        ))
+                    }
+                };
+                if !heard {
                     return Err(CliError {
                         errno: "ETIMEDOUT".into(),
                         code: nix::errno::Errno::ETIMEDOUT as i32,

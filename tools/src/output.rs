@@ -341,7 +341,7 @@ impl MappingJson {
     /// One text line.
     pub fn text(&self) -> String {
         format!(
-            "{:>#12x}  {:>3}  {:>6}  {:>#10x}  {}  {}",
+            "{:>#12x}  {:>3}  {:>6}  {:>#10x}  {:<6}  {}",
             self.bfn,
             self.context,
             format!("d{}", self.domid),

@@ -3,7 +3,7 @@
 //! guest-driver/install-c-lib.sh, found with `pkg-config --cflags --libs
 //! pviommu-guest`, linked by soname; then run against `pviommu sim serve`,
 //! where it maps, hears of a revocation the daemon pushes, acknowledges it
-//! and unmaps.
+//! and unmaps. Also the CLI waiting for the daemon's push.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -197,4 +197,51 @@ fn c_mediator_built_with_pkg_config_maps_through_the_daemon() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing-here"));
+}
+
+#[test]
+fn the_cli_waits_for_the_daemons_push() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("pviommu.sock");
+    let _daemon = start_daemon(&socket);
+    let map: serde_json::Value = serde_json::from_str(&pviommu(
+        &socket,
+        &["map", "--domid", "1", "--gfn", "0x200..0x201", "--json"],
+    ))
+    .unwrap();
+    let bfn = map["mappings"][1]["bfn"].as_u64().unwrap();
+
+    // Nothing happens: the wait ends with ETIMEDOUT.
+    let out = Command::new(env!("CARGO_BIN_EXE_pviommu"))
+        .args(["--backend", "remote", "--socket"])
+        .arg(&socket)
+        .args(["revocations", "--wait", "1", "--json"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["error"]["errno"], "ETIMEDOUT");
+
+    // A waiting CLI wakes when the page is ballooned out.
+    let waiter = Command::new(env!("CARGO_BIN_EXE_pviommu"))
+        .args(["--backend", "remote", "--socket"])
+        .arg(&socket)
+        .args(["revocations", "--wait", "30", "--json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    pviommu(
+        &socket,
+        &["sim", "balloon-out", "--domid", "1", "--gfn", "0x201"],
+    );
+    let out = waiter.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["revocations"],
+        serde_json::json!([{ "bfn": bfn, "context": 0, "domid": 1, "gfn": 0x201 }])
+    );
 }
