@@ -795,3 +795,36 @@ fn hostile_pushes_are_refused_by_the_client() {
         t.join().unwrap();
     }
 }
+
+#[test]
+fn changes_made_on_the_machine_directly_are_pushed_too() {
+    // An embedding program (or a test) changes the shared machine without
+    // a request: the daemon's board notices within its polling period and
+    // an idle subscriber hears of it.
+    let d = start();
+    let (mut c, mut admin) = client_and_admin(&d);
+    let b = c.map_foreign(
+        GUEST,
+        &[Gfn(9)],
+        Permissions::RW,
+        MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    )[0]
+    .as_ref()
+    .copied()
+    .unwrap();
+    {
+        let mut g = d.machine.lock().unwrap();
+        let (m, e) = &mut *g;
+        m.balloon_out(e, GUEST, Gfn(9)).unwrap();
+    }
+    assert!(c.wait_revocations(Duration::from_secs(10)).unwrap());
+    assert_eq!(c.cache().key_of(ContextId::DEFAULT, b), None);
+    // A refused admin request is an error with the errno, and pushes nothing.
+    let e = admin.balloon_out(DomId(77), Gfn(1)).unwrap_err();
+    assert_eq!(e.errno(), Some(Errno::Inval), "{e}");
+    let e = admin.balloon_out(GUEST, Gfn(9)).unwrap_err();
+    assert_eq!(e.errno(), Some(Errno::Inval), "{e}");
+    assert_eq!(c.drain_revocations().unwrap().len(), 1);
+    assert!(!c.wait_revocations(Duration::from_millis(200)).unwrap());
+}

@@ -449,32 +449,33 @@ fn progress_shows_on_a_terminal_and_never_in_a_pipe() {
     assert!(ok);
     assert!(err.is_empty(), "progress written to a pipe: {err:?}");
 
-    // On a terminal: the bar is drawn on stderr.
+    // On a terminal: the bar is drawn on stderr. The terminal is read while
+    // the command runs, so a slow run cannot fill it and block.
     env.json(&["sim", "reset"]);
     let pty = nix::pty::openpty(None, None).unwrap();
-    let slave = std::fs::File::from(pty.slave);
-    let mut child = env
-        .cmd(&["map", "--domid", "1", "--gfn", "0..0x3fff"])
-        .stdout(Stdio::null())
-        .stderr(slave)
-        .spawn()
-        .unwrap();
-    let st = child.wait().unwrap();
-    assert!(st.success());
     let mut master = std::fs::File::from(pty.master);
-    let mut seen = Vec::new();
-    nix::fcntl::fcntl(
-        std::os::fd::AsRawFd::as_raw_fd(&master),
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-    )
-    .unwrap();
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = master.read(&mut buf) {
-        if n == 0 {
-            break;
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Ends with EIO once the command (the only holder of the terminal's
+        // other side) has exited.
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
         }
-        seen.extend_from_slice(&buf[..n]);
-    }
+        seen
+    });
+    let status = env
+        .cmd(&["map", "--domid", "1", "--gfn", "0..0x3fff"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::from(pty.slave))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let seen = reader.join().unwrap();
     let seen = String::from_utf8_lossy(&seen);
     assert!(
         seen.contains("mapping"),
