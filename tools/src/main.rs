@@ -351,8 +351,12 @@ fn command(cli: &Cli, c: &mut AnyClient, state: Option<&SimState>) -> Result<(),
             let bfn = Bfn(parse_num(bfn)?);
             let l = c.lookup(bfn, ContextId(*context))?;
             let m = MappingJson::new(bfn, ContextId(*context), &l);
+            // One line, domain first (the QEMU test greps "^d<domid> ").
             emit(cli.json, &m, || {
-                format!("{}\n{}", MappingJson::header(), m.text())
+                format!(
+                    "d{} gfn {:#x} {} {} (bfn {:#x} context {})",
+                    m.domid, m.gfn, m.access, m.attribute, m.bfn, m.context
+                )
             });
         }
         Command::List { from, count } => {
