@@ -139,8 +139,10 @@ pub fn default_path() -> PathBuf {
     }
 }
 
-/// Create the state file's directory (mode 0700) if it is the default one,
-/// and refuse a directory someone else owns (a shared /tmp).
+/// Create the state file's directory (mode 0700) if missing. The default
+/// directory may sit in a shared /tmp, so there it must be a real directory
+/// of this user that nobody else can write (else another user could plant
+/// the state file, or a link in its place).
 fn prepare_dir(path: &Path) -> Result<(), CliError> {
     let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
         return Ok(());
@@ -158,6 +160,19 @@ fn prepare_dir(path: &Path) -> Result<(), CliError> {
             "{}: not a directory",
             dir.display()
         )));
+    }
+    if path == default_path() {
+        let link = std::fs::symlink_metadata(dir).map_err(|e| CliError::os(dir.display(), &e))?;
+        let me = nix::unistd::geteuid().as_raw();
+        if link.file_type().is_symlink() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+            return Err(CliError::with_errno(
+                Errno::Perm,
+                format!(
+                    "{} is not a private directory of uid {me}; use --state elsewhere",
+                    dir.display()
+                ),
+            ));
+        }
     }
     Ok(())
 }

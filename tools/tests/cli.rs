@@ -529,3 +529,39 @@ fn help_lists_every_subcommand() {
         assert!(out.contains(sub), "{sub} missing from help");
     }
 }
+
+#[test]
+fn the_default_state_lives_in_a_private_runtime_directory() {
+    let runtime = tempfile::tempdir().unwrap();
+    let cmd = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_pviommu"))
+            .args(args)
+            .env_remove("PVIOMMU_SIM_STATE")
+            .env("XDG_RUNTIME_DIR", runtime.path())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = cmd(&["map", "--domid", "1", "--gfn", "0x100"]);
+    assert!(ok, "{err}");
+    let dir = runtime.path().join("pviommu");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    let file = std::fs::metadata(dir.join("sim-state"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(file & 0o777, 0o600);
+    assert!(
+        cmd(&["lookup", "--bfn", "0x100000"]).0,
+        "state kept in the default place"
+    );
+    // Others may write the directory: refused, nothing read or written.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (ok, err) = cmd(&["caps"]);
+    assert!(!ok && err.contains("not a private directory"), "{err}");
+}
