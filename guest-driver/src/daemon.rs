@@ -20,10 +20,12 @@
 //! changes while it is idle. So a client hears of a revocation before any
 //! answer that could only follow it (the `revoked_next` that reports it, a
 //! map that reuses its BFN after the acknowledgement), and its cache never
-//! hands out a BFN the hypervisor took back. The board holds only notices
-//! still pending, so it is bounded by the engine's quotas.
+//! hands out a BFN the hypervisor took back. Each notice is checked to be
+//! still pending right before it is sent. The board holds at most the
+//! notices pending when a driver domain's slots were last read, so it is
+//! bounded by the engine's quotas.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
@@ -87,12 +89,12 @@ pub fn bind(path: impl AsRef<Path>) -> io::Result<UnixListener> {
 /// (not through a request), e.g. by a test or an embedding program.
 pub const BOARD_POLL: Duration = Duration::from_millis(50);
 
-/// A pending notice and when the board first saw it.
-#[derive(Clone, Copy, Debug)]
+/// One driver domain's notices, by number (for sending in order from a
+/// connection's last one) and by content (to tell new ones).
+#[derive(Default)]
 struct Posted {
-    seq: u64,
-    driver: DomId,
-    notice: Notice,
+    by_seq: BTreeMap<u64, Notice>,
+    by_notice: HashMap<Notice, u64>,
 }
 
 /// Every revocation notice pending in the engine, numbered in the order
@@ -100,11 +102,13 @@ struct Posted {
 #[derive(Default)]
 struct BoardState {
     next_seq: u64,
-    posted: Vec<Posted>,
-    /// Per driver domain, (revoked, stuck, used) at the last look:
-    /// unchanged counts mean unchanged notices (a new notice raises
-    /// `revoked` or lowers `stuck`; an acknowledgement lowers `used`).
-    counts: HashMap<DomId, (u64, u64, u64)>,
+    /// Pending notices of each driver domain, with their numbers.
+    posted: HashMap<DomId, Posted>,
+    /// Per driver domain, (revoked, stuck) at the last look.
+    counts: HashMap<DomId, (u64, u64)>,
+    /// Driver domains that acknowledged notices since their slots were
+    /// last read.
+    acknowledged: HashSet<DomId>,
 }
 
 /// The daemon's record of pending revocations, shared by its connections.
@@ -126,24 +130,54 @@ impl Default for NoticeBoard {
 impl NoticeBoard {
     /// Bring the board up to date with `engine` (call with the machine
     /// locked, so the board matches the state requests see).
+    ///
+    /// A driver domain's slots are read (in time linear in them) only when
+    /// it may have new notices: its `revoked` count rose or its `stuck`
+    /// count fell (a stuck revocation became a notice). A request never
+    /// both acknowledges and creates notices (acknowledgements come in
+    /// batches, revocations from p2m changes), so a fall of `revoked` alone
+    /// is an acknowledgement and costs nothing here: acknowledged notices
+    /// stay on the board until the next read, and [`push`] drops them
+    /// before sending. A driver domain with no notice left is cleared.
+    ///
+    /// After acknowledgements the next read numbers every pending notice
+    /// afresh: a BFN acknowledged, mapped again and revoked again gives a
+    /// notice equal to the old one, which must reach clients again. Those
+    /// that had the others get them twice, which is harmless: a pushed
+    /// notice is still pending when sent, so its BFN cannot have been
+    /// handed out again.
     fn refresh(&self, engine: &Engine) {
-        let mut b = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let b = &mut *guard;
         let st = engine.state();
         let mut seen: HashSet<DomId> = HashSet::new();
         let mut added = false;
         for d in st.drivers() {
             let driver = d.domid();
             seen.insert(driver);
-            let counts = (d.revoked(), d.stuck(), d.used());
-            if b.counts.get(&driver) == Some(&counts) {
+            let (revoked, stuck) = (d.revoked(), d.stuck());
+            let before = b.counts.insert(driver, (revoked, stuck));
+            if revoked == 0 {
+                b.posted.remove(&driver);
+                b.acknowledged.remove(&driver);
                 continue;
             }
-            b.counts.insert(driver, counts);
-            if d.revoked() == 0 {
-                b.posted.retain(|p| p.driver != driver);
+            let may_have_new = match before {
+                None => true,
+                Some((r, s)) => {
+                    if revoked < r {
+                        b.acknowledged.insert(driver);
+                    }
+                    revoked > r || stuck < s
+                }
+            };
+            if !may_have_new {
                 continue;
             }
-            let now: Vec<Notice> = d
+            if b.acknowledged.remove(&driver) {
+                b.posted.remove(&driver);
+            }
+            let now: HashSet<Notice> = d
                 .slots()
                 .filter_map(|(i, slot)| match slot {
                     Slot::Revoked { notice, .. } => Some(Notice {
@@ -155,40 +189,37 @@ impl NoticeBoard {
                     _ => None,
                 })
                 .collect();
-            b.posted
-                .retain(|p| p.driver != driver || now.contains(&p.notice));
+            let posted = b.posted.entry(driver).or_default();
+            // Acknowledged ones go; new ones get the next numbers.
+            posted.by_notice.retain(|n, _| now.contains(n));
+            posted.by_seq.retain(|_, n| now.contains(n));
             for n in now {
-                if !b.posted.iter().any(|p| p.driver == driver && p.notice == n) {
-                    let seq = b.next_seq;
+                if let std::collections::hash_map::Entry::Vacant(v) = posted.by_notice.entry(n) {
+                    v.insert(b.next_seq);
+                    posted.by_seq.insert(b.next_seq, n);
                     b.next_seq += 1;
-                    b.posted.push(Posted {
-                        seq,
-                        driver,
-                        notice: n,
-                    });
                     added = true;
                 }
             }
         }
         // A driver domain that is gone has no notices any more.
-        b.posted.retain(|p| seen.contains(&p.driver));
+        b.posted.retain(|d, _| seen.contains(d));
         b.counts.retain(|d, _| seen.contains(d));
+        b.acknowledged.retain(|d| seen.contains(d));
         if added {
-            let next = b.next_seq;
-            self.newest.send_replace(next);
+            self.newest.send_replace(b.next_seq);
         }
     }
 
-    /// `driver`'s notices numbered `from` or later, and the number after
-    /// the last one.
+    /// `driver`'s notices numbered `from` or later, oldest first, and the
+    /// number after the last one.
     fn since(&self, driver: DomId, from: u64) -> (Vec<Notice>, u64) {
         let b = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let list = b
             .posted
-            .iter()
-            .filter(|p| p.driver == driver && p.seq >= from)
-            .map(|p| p.notice)
-            .collect();
+            .get(&driver)
+            .map(|p| p.by_seq.range(from..).map(|(_, n)| *n).collect())
+            .unwrap_or_default();
         (list, b.next_seq)
     }
 }
@@ -429,7 +460,7 @@ async fn connection(
                 if changed.is_err() {
                     break Ok(());
                 }
-                if let Err(e) = push(&board, &mut subscription, &mut writer).await {
+                if let Err(e) = push(&board, &machine, &mut subscription, &mut writer).await {
                     break Err(e);
                 }
             }
@@ -445,9 +476,17 @@ struct Subscription {
     next: u64,
 }
 
-/// Send the subscribed domain's notices not sent yet.
+/// Send the subscribed domain's notices not sent yet and still pending.
+///
+/// Each is checked against the engine just before it is sent: a notice
+/// acknowledged meanwhile (by another client of the same driver domain)
+/// must not reach this client, whose cache may by now hold its BFN for a
+/// new mapping. A notice still pending at the check cannot be
+/// acknowledged, its BFN reused and that reuse answered to this client
+/// before the push, which this task writes first.
 async fn push(
     board: &NoticeBoard,
+    machine: &SharedMachine,
     subscription: &mut Option<Subscription>,
     writer: &mut (impl AsyncWrite + Unpin),
 ) -> io::Result<()> {
@@ -456,7 +495,20 @@ async fn push(
     };
     let (notices, next) = board.since(sub.driver, sub.next);
     sub.next = next;
-    for chunk in notices.chunks(wire::MAX_NOTICES_PER_FRAME) {
+    if notices.is_empty() {
+        return Ok(());
+    }
+    let pending: Vec<Notice> = match lock(machine) {
+        Ok(g) => notices
+            .into_iter()
+            .filter(|n| {
+                g.1.unmap_check(sub.driver, ContextId(n.context), pviommu_abi::Bfn(n.bfn))
+                    == Ok(true)
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    for chunk in pending.chunks(wire::MAX_NOTICES_PER_FRAME) {
         write_response(writer, &Response::Revoked(chunk.to_vec())).await?;
     }
     Ok(())
@@ -484,7 +536,7 @@ async fn request(
         }
         write_response(writer, &Response::Done).await?;
         // What is pending already.
-        return push(board, subscription, writer).await;
+        return push(board, machine, subscription, writer).await;
     }
     if version < 2 && matches!(req, Request::BalloonOut { .. }) {
         return write_response(writer, &protocol_error("BalloonOut needs protocol 2")).await;
@@ -504,7 +556,7 @@ async fn request(
     };
     // Every notice pending now, this request's own included, goes before
     // the answer.
-    push(board, subscription, writer).await?;
+    push(board, machine, subscription, writer).await?;
     write_response(writer, &resp).await
 }
 

@@ -828,3 +828,49 @@ fn changes_made_on_the_machine_directly_are_pushed_too() {
     assert_eq!(c.drain_revocations().unwrap().len(), 1);
     assert!(!c.wait_revocations(Duration::from_millis(200)).unwrap());
 }
+
+#[test]
+fn a_bfn_revoked_again_after_its_acknowledgement_is_pushed_again() {
+    // Two notices pending; one is acknowledged, its BFN mapped again and
+    // revoked again: the new notice equals the old one field for field and
+    // must still reach the client (the other one stays pending throughout).
+    let d = start();
+    let (mut c, _admin) = client_and_admin(&d);
+    let map = |c: &mut pviommu_guest::Client<Remote>, g: u64| {
+        c.map_foreign(
+            GUEST,
+            &[Gfn(g)],
+            Permissions::RW,
+            MemAttr::WriteBack,
+            ContextId::DEFAULT,
+        )[0]
+        .as_ref()
+        .copied()
+        .unwrap()
+    };
+    let replace = |g: u64| {
+        let mut guard = d.machine.lock().unwrap();
+        let (m, e) = &mut *guard;
+        m.replace_page(e, GUEST, Gfn(g)).unwrap();
+    };
+    let x = map(&mut c, 20);
+    map(&mut c, 21);
+    replace(20);
+    replace(21);
+    assert!(c.wait_revocations(Duration::from_secs(10)).unwrap());
+    let first = c.drain_revocations_up_to(1).unwrap();
+    assert_eq!(first[0].bfn, x);
+    let x2 = map(&mut c, 20);
+    assert_eq!(x2, x, "the allocator hands the acknowledged BFN out again");
+    assert!(c.cache().key_of(ContextId::DEFAULT, x2).is_some());
+    replace(20);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c.cache().key_of(ContextId::DEFAULT, x2).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "second revocation of {x2:?} never pushed"
+        );
+        c.wait_revocations(Duration::from_millis(100)).unwrap();
+    }
+    assert_eq!(c.drain_revocations().unwrap().len(), 2);
+}

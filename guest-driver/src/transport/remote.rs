@@ -159,7 +159,7 @@ pub mod wire {
     }
 
     /// One revocation notice, as pushed.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
     pub struct Notice {
         /// The subscriber's context that held the BFN.
         pub context: u32,
