@@ -20,8 +20,8 @@ pub struct Scan {
     pub scanned: u64,
 }
 
-/// Look up `count` BFNs from `from` in contexts `0..contexts`; stop early
-/// once `stop_after` mappings were found.
+/// Look up `count` BFNs from `from` in every context the caller may hold
+/// (`0..max_contexts`); stop early once `stop_after` mappings were found.
 pub fn scan(
     c: &mut Client<Box<dyn Transport>>,
     from: u64,
@@ -31,7 +31,12 @@ pub fn scan(
     let contexts = c.caps().max_contexts.max(1);
     let per_batch = u64::from((c.caps().max_batch_ops / contexts).max(1));
     let end = from.saturating_add(count);
-    let bar = progress::bar(count, "looking up BFNs");
+    // With a target the bar counts mappings found (the scan stops there),
+    // else BFNs looked at.
+    let bar = match stop_after {
+        Some(n) => progress::bar(n, "counting mappings"),
+        None => progress::bar(count, "looking up BFNs"),
+    };
     let mut mappings = Vec::new();
     let mut at = from;
     while at < end {
@@ -43,12 +48,16 @@ pub fn scan(
             .flat_map(|b| (0..contexts).map(move |ctx| (ContextId(ctx), Bfn(b))))
             .collect();
         let found = c.lookup_many(&queries)?;
+        let before = mappings.len();
         for ((ctx, bfn), l) in queries.iter().zip(found) {
             if let Some(l) = l {
                 mappings.push(MappingJson::new(*bfn, *ctx, &l));
             }
         }
-        bar.inc(chunk_end - at);
+        bar.inc(match stop_after {
+            Some(_) => (mappings.len() - before) as u64,
+            None => chunk_end - at,
+        });
         at = chunk_end;
     }
     bar.finish_and_clear();
