@@ -36,7 +36,11 @@
 
 typedef struct pviommu_client pviommu_client;
 
-/* Open a client; NULL on failure (pviommu_last_error(NULL) says why). */
+/* Open a client; NULL on failure (pviommu_last_error(NULL) says why).
+ * pviommu_open_xen: dom0 on Xen, through /dev/xen/privcmd.
+ * pviommu_open_sim: an embedded simulated machine of its own with domain 1
+ * of guest_pages pages (page g starts with the 8 bytes
+ * 0x5049564f00000000 | g, little-endian), called as dom0. */
 pviommu_client *pviommu_open_xen(void);
 pviommu_client *pviommu_open_sim(uint64_t guest_pages);
 /* A client of the simulator daemon (`pviommu sim serve --socket PATH`),
@@ -50,11 +54,22 @@ const char *pviommu_last_error(const pviommu_client *c);
  * error" for anything the library never returns. Static. */
 const char *pviommu_strerror(int err);
 
+/* Map n gfns of domid into context 0. flags: PVIOMMU_F_READ/WRITE and an
+ * attribute (pviommu.h). Writes bfns[i] and status[i] (0 or -errno) for
+ * each of the n pages; returns 0 if all mapped, else the first failure.
+ * A page mapped again gets the same BFN (the library counts references). */
 int pviommu_map(pviommu_client *c, uint16_t domid, const uint64_t *gfns, size_t n,
                 uint32_t flags, uint64_t *bfns, int32_t *status);
+/* Drop one reference to each of n BFNs; the last one unmaps. status[i]
+ * as for map. */
 int pviommu_unmap(pviommu_client *c, const uint64_t *bfns, size_t n, int32_t *status);
+/* What a BFN of context 0 maps: *domid, *gfn, *flags (never a machine
+ * frame). -ENOENT if nothing live. */
 int pviommu_lookup(pviommu_client *c, uint64_t bfn, uint16_t *domid, uint64_t *gfn,
                    uint32_t *flags);
+/* pviommu_open_sim only: the simulated device reads len (at most 4096)
+ * bytes at bus address bfn << 12 into buf; -EFAULT on an IOMMU fault,
+ * -EINVAL on another transport. */
 int pviommu_sim_dma_read(pviommu_client *c, uint64_t bfn, void *buf, size_t len);
 
 /* A BFN the hypervisor revoked: its page left the foreign domain, lost
