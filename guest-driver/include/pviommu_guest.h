@@ -55,7 +55,8 @@ const char *pviommu_last_error(const pviommu_client *c);
 const char *pviommu_strerror(int err);
 
 /* Map n gfns of domid into context 0. flags: PVIOMMU_F_READ/WRITE and an
- * attribute (pviommu.h). Writes bfns[i] and status[i] (0 or -errno) for
+ * attribute (pviommu.h); any other bit, PVIOMMU_F_GRANT included, or n
+ * above 16 Mi gives -EINVAL. Writes bfns[i] and status[i] (0 or -errno) for
  * each of the n pages; returns 0 if all mapped, else the first failure.
  * A page mapped again gets the same BFN (the library counts references). */
 int pviommu_map(pviommu_client *c, uint16_t domid, const uint64_t *gfns, size_t n,

@@ -32,6 +32,9 @@ pub struct CClient {
 
 const EINVAL: i32 = -22;
 const EIO: i32 = -5;
+/// Most pages one map call takes (the library builds a request per page):
+/// a wrong `n` from C fails cleanly instead of exhausting memory.
+const MAX_PAGES_PER_CALL: usize = 1 << 24;
 
 thread_local! {
     /// The message of this thread's last failure (`pviommu_last_error`).
@@ -204,13 +207,31 @@ pub extern "C" fn pviommu_map(
     if n > 0 && (gfns.is_null() || bfns.is_null() || status.is_null()) {
         return EINVAL;
     }
-    let flags = flags as u16;
+    // Bits this call does not know (above 16, or outside the ABI's mask)
+    // and grant references (not offered through this call) are refused,
+    // never silently dropped.
+    let Some(flags) = u16::try_from(flags)
+        .ok()
+        .filter(|f| f & !op_flags::VALID_MASK == 0 && f & op_flags::GRANT == 0)
+    else {
+        set_last_error(&format!("map: flags {flags:#x} not valid here"));
+        return EINVAL;
+    };
+    if n > MAX_PAGES_PER_CALL {
+        set_last_error(&format!(
+            "map: {n} pages in one call; at most {MAX_PAGES_PER_CALL}"
+        ));
+        return EINVAL;
+    }
     let perms = Permissions {
         read: flags & op_flags::READ != 0,
         write: flags & op_flags::WRITE != 0,
     };
     let Some(attr) = MemAttr::from_field((flags & op_flags::ATTR_MASK) >> op_flags::ATTR_SHIFT)
     else {
+        set_last_error(&format!(
+            "map: unknown memory attribute in flags {flags:#x}"
+        ));
         return EINVAL;
     };
     // SAFETY: the caller passes arrays of `n` elements.

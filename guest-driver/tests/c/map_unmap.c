@@ -42,6 +42,14 @@ int main(void)
     CHECK(strncmp(pviommu_strerror(-5), "EIO: ", 5) == 0, "strerror EIO");
     CHECK(strcmp(pviommu_strerror(12345), "unknown error") == 0, "strerror unknown");
     CHECK(strcmp(pviommu_strerror(-2147483647 - 1), "unknown error") == 0, "strerror INT_MIN");
+    /* Flags the call does not know, or a grant map, are refused. */
+    CHECK(pviommu_map(c, 1, &bad_gfn, 1, PVIOMMU_F_READ | 0x10000, &bad_bfn, &bad_status) == -22,
+          "flag above 16 bits");
+    CHECK(pviommu_map(c, 1, &bad_gfn, 1, PVIOMMU_F_READ | 0x8, &bad_bfn, &bad_status) == -22,
+          "unknown flag");
+    CHECK(pviommu_map(c, 1, &bad_gfn, 1, PVIOMMU_F_READ | PVIOMMU_F_GRANT, &bad_bfn, &bad_status) == -22,
+          "grant");
+    CHECK(strstr(pviommu_last_error(c), "flags") != NULL, "flags message: %s", pviommu_last_error(c));
     /* NULL where an array is needed: -EINVAL, nothing touched. */
     CHECK(pviommu_map(c, 1, NULL, 1, PVIOMMU_F_READ, &bad_bfn, &bad_status) == -22, "NULL gfns");
     CHECK(pviommu_map(NULL, 1, &bad_gfn, 1, PVIOMMU_F_READ, &bad_bfn, &bad_status) == -22, "NULL client");
