@@ -61,7 +61,7 @@ const char *pviommu_strerror(int err);
  * A page mapped again gets the same BFN (the library counts references). */
 int pviommu_map(pviommu_client *c, uint16_t domid, const uint64_t *gfns, size_t n,
                 uint32_t flags, uint64_t *bfns, int32_t *status);
-/* Drop one reference to each of n BFNs; the last one unmaps. status[i]
+/* Drop one reference to each of n BFNs (at most 16 Mi); the last one unmaps. status[i]
  * as for map. */
 int pviommu_unmap(pviommu_client *c, const uint64_t *bfns, size_t n, int32_t *status);
 /* What a BFN of context 0 maps: *domid, *gfn, *flags (never a machine

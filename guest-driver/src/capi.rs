@@ -277,6 +277,12 @@ pub extern "C" fn pviommu_unmap(
     if n > 0 && (bfns.is_null() || status.is_null()) {
         return EINVAL;
     }
+    if n > MAX_PAGES_PER_CALL {
+        set_last_error(&format!(
+            "unmap: {n} BFNs in one call; at most {MAX_PAGES_PER_CALL}"
+        ));
+        return EINVAL;
+    }
     // SAFETY: the caller passes arrays of `n` elements.
     let (bfns, status) = unsafe {
         (
