@@ -14,6 +14,18 @@ cargo fmt --all -- --check
 step "clippy"
 cargo clippy --workspace --all-targets -q -- -D warnings
 
+step "packages the hosted tests use"
+# pkg-config builds the C mediator example against the installed library;
+# groff renders the generated man pages.
+missing=""
+command -v pkg-config >/dev/null || missing="$missing pkgconf"
+command -v groff >/dev/null || missing="$missing groff-base"
+if [ -n "$missing" ]; then
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
+fi
+echo "pkg-config and groff present"
+
 step "hosted tests"
 cargo test --workspace -q
 

@@ -1,24 +1,76 @@
 /* SPDX-License-Identifier: MIT */
 /* pviommu_guest.h -- C interface of the PV-IOMMU guest-side library
- * (libpviommu_guest.so / .a). Flags and errno values: pviommu.h. */
+ * (libpviommu_guest.so.1 / libpviommu_guest.a; `pkg-config --cflags --libs
+ * pviommu-guest`). Flags and errno values: pviommu.h.
+ *
+ * Return values. Every int function returns 0 (or a count where said) on
+ * success and a negative errno on failure: the ABI's (pviommu.h), or -EIO
+ * when the transport failed (daemon gone, protocol error, OS call).
+ * pviommu_strerror() names any of them; pviommu_last_error() tells what
+ * failed and why.
+ *
+ * Threads. A client may be used from several threads: each call takes the
+ * client's lock for its duration, so calls on one client run one at a
+ * time (a slow map blocks a lookup on the same client; open one client per
+ * thread for parallelism). Distinct clients are independent. The message
+ * of pviommu_last_error() is kept per thread, like errno.
+ *
+ * Ownership. A client from pviommu_open_*() belongs to the caller until
+ * pviommu_close(), called exactly once, when no other thread uses it any
+ * more. Arrays passed in are the caller's, read or written only during the
+ * call, and must hold the stated number of elements; NULL for a required
+ * pointer gives -EINVAL. Strings returned by pviommu_strerror() are static;
+ * the string of pviommu_last_error() belongs to the library and stays valid
+ * until the same thread's next failing call. Never free either. */
 #ifndef PVIOMMU_GUEST_H
 #define PVIOMMU_GUEST_H
 #include <stddef.h>
 #include <stdint.h>
 
+/* Version of this C interface; the library's soname carries the major
+ * (libpviommu_guest.so.1), which changes only when a program built against
+ * an older header could break. */
+#define PVIOMMU_GUEST_VERSION_MAJOR 1
+#define PVIOMMU_GUEST_VERSION_MINOR 0
+#define PVIOMMU_GUEST_VERSION_PATCH 0
+
 typedef struct pviommu_client pviommu_client;
 
+/* Open a client; NULL on failure (pviommu_last_error(NULL) says why).
+ * pviommu_open_xen: dom0 on Xen, through /dev/xen/privcmd.
+ * pviommu_open_sim: an embedded simulated machine of its own with domain 1
+ * of guest_pages pages (page g starts with the 8 bytes
+ * 0x5049564f00000000 | g, little-endian), called as dom0. */
 pviommu_client *pviommu_open_xen(void);
 pviommu_client *pviommu_open_sim(uint64_t guest_pages);
+/* A client of the simulator daemon (`pviommu sim serve --socket PATH`),
+ * calling as domain `caller` (0: the control domain). */
 pviommu_client *pviommu_open_remote(const char *socket, uint16_t caller);
 void pviommu_close(pviommu_client *c);
+/* What this thread's last failing call (or open) said; "" if none. `c` may
+ * be NULL. */
 const char *pviommu_last_error(const pviommu_client *c);
+/* "ENOENT: no such mapping or context" for -ENOENT or ENOENT; "unknown
+ * error" for anything the library never returns. Static. */
+const char *pviommu_strerror(int err);
 
+/* Map n gfns of domid into context 0. flags: PVIOMMU_F_READ/WRITE and an
+ * attribute (pviommu.h); any other bit, PVIOMMU_F_GRANT included, or n
+ * above 16 Mi gives -EINVAL. Writes bfns[i] and status[i] (0 or -errno) for
+ * each of the n pages; returns 0 if all mapped, else the first failure.
+ * A page mapped again gets the same BFN (the library counts references). */
 int pviommu_map(pviommu_client *c, uint16_t domid, const uint64_t *gfns, size_t n,
                 uint32_t flags, uint64_t *bfns, int32_t *status);
+/* Drop one reference to each of n BFNs (at most 16 Mi); the last one unmaps. status[i]
+ * as for map. */
 int pviommu_unmap(pviommu_client *c, const uint64_t *bfns, size_t n, int32_t *status);
+/* What a BFN of context 0 maps: *domid, *gfn, *flags (never a machine
+ * frame). -ENOENT if nothing live. */
 int pviommu_lookup(pviommu_client *c, uint64_t bfn, uint16_t *domid, uint64_t *gfn,
                    uint32_t *flags);
+/* pviommu_open_sim only: the simulated device reads len (at most 4096)
+ * bytes at bus address bfn << 12 into buf; -EFAULT on an IOMMU fault,
+ * -EINVAL on another transport. */
 int pviommu_sim_dma_read(pviommu_client *c, uint64_t bfn, void *buf, size_t len);
 
 /* A BFN the hypervisor revoked: its page left the foreign domain, lost
@@ -36,6 +88,13 @@ struct pviommu_revocation {
  * max) or -errno. The BFNs leave the mapping cache. */
 int pviommu_drain_revocations(pviommu_client *c, struct pviommu_revocation *out,
                               size_t max);
+/* Wait up to timeout_ms (at most 65535) until revocations are pending:
+ * 1 when some are (then call pviommu_drain_revocations), 0 on timeout,
+ * -errno on failure. A client of the daemon wakes as soon as the daemon
+ * pushes a notice, and the pushed BFNs leave the mapping cache at once (a
+ * map never returns them again). Other clients only check what is pending
+ * now; on Xen, wait on VIRQ_PV_IOMMU (pviommu.h) first. */
+int pviommu_wait_revocations(pviommu_client *c, int timeout_ms);
 /* The toolstack's call (control domain only): set domid's BFN quota;
  * 0 returns it to the boot-time default. */
 int pviommu_set_limits(pviommu_client *c, uint16_t domid, uint64_t quota);

@@ -6,46 +6,76 @@
 //! Per-page statuses go into caller arrays.
 //!
 //! Contract for every pointer argument: NULL (checked, -EINVAL) or valid for
-//! the documented number of elements; a client is used by one thread at a
-//! time. These are C entry points, so they are not marked `unsafe fn`: C
-//! cannot see the marker, and each dereference has its own SAFETY note.
+//! the documented number of elements. A client may be shared between
+//! threads: each call holds the client's lock for its duration, so calls on
+//! one client run one at a time. The message of a failure is kept per
+//! thread, like `errno`. These are C entry points, so they are not marked
+//! `unsafe fn`: C cannot see the marker, and each dereference has its own
+//! SAFETY note.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
-use std::ffi::{c_char, CStr, CString};
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, CStr, CString};
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use pviommu_abi::{op_flags, Bfn, ContextId, DomId, Gfn, MemAttr, Permissions};
 
 use crate::transport::Transport;
 use crate::{Client, Error};
 
-/// The opaque handle C holds.
+/// The opaque handle C holds: the client behind a lock, so C may call from
+/// any thread.
 pub struct CClient {
-    client: Client<Box<dyn Transport>>,
-    last_error: CString,
+    client: Mutex<Client<Box<dyn Transport>>>,
 }
 
 const EINVAL: i32 = -22;
 const EIO: i32 = -5;
+/// Most pages one map call takes (the library builds a request per page):
+/// a wrong `n` from C fails cleanly instead of exhausting memory.
+const MAX_PAGES_PER_CALL: usize = 1 << 24;
+
+thread_local! {
+    /// The message of this thread's last failure (`pviommu_last_error`).
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(message: &str) {
+    let msg = CString::new(message.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = msg);
+}
 
 fn code(e: &Error) -> i32 {
     e.errno().map_or(EIO, |x| x.negated())
 }
 
-impl CClient {
-    fn fail(&mut self, e: &Error) -> i32 {
-        self.last_error = CString::new(e.to_string().replace('\0', " ")).unwrap_or_default();
-        code(e)
-    }
+/// Record `e` as this thread's last failure and return its -errno.
+fn fail(e: &Error) -> i32 {
+    set_last_error(&e.to_string());
+    code(e)
+}
+
+/// The client behind `c`, locked. `None` for NULL.
+fn lock<'a>(c: *const CClient) -> Option<MutexGuard<'a, Client<Box<dyn Transport>>>> {
+    // SAFETY: `c` is NULL or a live client (not yet closed), per the
+    // header's ownership rules; only a shared reference is made, the
+    // mutex gives exclusive access to the client.
+    let c = unsafe { c.as_ref() }?;
+    // A panic cannot cross into C (it aborts), so a poisoned lock only
+    // means a Rust caller panicked holding it; the client stays usable.
+    Some(c.client.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
 fn open(t: Result<Box<dyn Transport>, Error>) -> *mut CClient {
     match t.and_then(Client::open) {
         Ok(client) => Box::into_raw(Box::new(CClient {
-            client,
-            last_error: CString::default(),
+            client: Mutex::new(client),
         })),
-        Err(_) => std::ptr::null_mut(),
+        Err(e) => {
+            set_last_error(&e.to_string());
+            std::ptr::null_mut()
+        }
     }
 }
 
@@ -113,19 +143,49 @@ pub extern "C" fn pviommu_open_remote(socket: *const c_char, caller: u16) -> *mu
 #[no_mangle]
 pub extern "C" fn pviommu_close(c: *mut CClient) {
     if !c.is_null() {
-        // SAFETY: `c` came from Box::into_raw in `open` and is closed once.
+        // SAFETY: `c` came from Box::into_raw in `open`, is closed once and
+        // no other thread uses it any more (the header's rule).
         drop(unsafe { Box::from_raw(c) });
     }
 }
 
-/// The message of the last failure on this client ("" if none).
+/// The message of this thread's last failure ("" if none); `c` is not
+/// needed (NULL allowed: the reason an open failed).
 #[no_mangle]
-pub extern "C" fn pviommu_last_error(c: *const CClient) -> *const c_char {
-    // SAFETY: `c` is NULL or a live client.
-    match unsafe { c.as_ref() } {
-        Some(c) => c.last_error.as_ptr(),
-        None => c"no client".as_ptr(),
-    }
+pub extern "C" fn pviommu_last_error(_c: *const CClient) -> *const c_char {
+    // The CString lives in this thread's slot until its next failure.
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// Static, NUL-terminated "NAME: meaning" for every errno the library
+/// returns, built once.
+fn error_strings() -> &'static [(i32, CString)] {
+    static STRINGS: OnceLock<Vec<(i32, CString)>> = OnceLock::new();
+    STRINGS.get_or_init(|| {
+        let mut v: Vec<(i32, CString)> = pviommu_abi::Errno::ALL
+            .iter()
+            .map(|e| {
+                let s = format!("{}: {}", e.name(), e.meaning());
+                (e.code(), CString::new(s).unwrap_or_default())
+            })
+            .collect();
+        v.push((
+            -EIO,
+            c"EIO: the transport failed (daemon gone, protocol error, OS call); see pviommu_last_error".into(),
+        ));
+        v
+    })
+}
+
+/// "ENOENT: no such mapping or context" for `err` (negative or positive);
+/// "unknown error" otherwise. The string is static: never free it.
+#[no_mangle]
+pub extern "C" fn pviommu_strerror(err: c_int) -> *const c_char {
+    let code = err.checked_abs().unwrap_or(0);
+    error_strings()
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map_or(c"unknown error".as_ptr(), |(_, s)| s.as_ptr())
 }
 
 /// Map `n` gfns of `domid`. `flags`: PVIOMMU_F_READ/WRITE and an attribute
@@ -141,20 +201,37 @@ pub extern "C" fn pviommu_map(
     bfns: *mut u64,
     status: *mut i32,
 ) -> i32 {
-    // SAFETY: `c` is NULL or a live client used by one thread.
-    let Some(c) = (unsafe { c.as_mut() }) else {
+    let Some(mut c) = lock(c) else {
         return EINVAL;
     };
     if n > 0 && (gfns.is_null() || bfns.is_null() || status.is_null()) {
         return EINVAL;
     }
-    let flags = flags as u16;
+    // Bits this call does not know (above 16, or outside the ABI's mask)
+    // and grant references (not offered through this call) are refused,
+    // never silently dropped.
+    let Some(flags) = u16::try_from(flags)
+        .ok()
+        .filter(|f| f & !op_flags::VALID_MASK == 0 && f & op_flags::GRANT == 0)
+    else {
+        set_last_error(&format!("map: flags {flags:#x} not valid here"));
+        return EINVAL;
+    };
+    if n > MAX_PAGES_PER_CALL {
+        set_last_error(&format!(
+            "map: {n} pages in one call; at most {MAX_PAGES_PER_CALL}"
+        ));
+        return EINVAL;
+    }
     let perms = Permissions {
         read: flags & op_flags::READ != 0,
         write: flags & op_flags::WRITE != 0,
     };
     let Some(attr) = MemAttr::from_field((flags & op_flags::ATTR_MASK) >> op_flags::ATTR_SHIFT)
     else {
+        set_last_error(&format!(
+            "map: unknown memory attribute in flags {flags:#x}"
+        ));
         return EINVAL;
     };
     // SAFETY: the caller passes arrays of `n` elements.
@@ -166,9 +243,7 @@ pub extern "C" fn pviommu_map(
         )
     };
     let gfns: Vec<Gfn> = gfns.iter().map(|g| Gfn(*g)).collect();
-    let results = c
-        .client
-        .map_foreign(DomId(domid), &gfns, perms, attr, ContextId::DEFAULT);
+    let results = c.map_foreign(DomId(domid), &gfns, perms, attr, ContextId::DEFAULT);
     let mut ret = 0;
     for (i, r) in results.iter().enumerate() {
         match r {
@@ -180,7 +255,7 @@ pub extern "C" fn pviommu_map(
                 bfns[i] = 0;
                 status[i] = code(e);
                 if ret == 0 {
-                    ret = c.fail(e);
+                    ret = fail(e);
                 }
             }
         }
@@ -196,11 +271,16 @@ pub extern "C" fn pviommu_unmap(
     n: usize,
     status: *mut i32,
 ) -> i32 {
-    // SAFETY: `c` is NULL or a live client used by one thread.
-    let Some(c) = (unsafe { c.as_mut() }) else {
+    let Some(mut c) = lock(c) else {
         return EINVAL;
     };
     if n > 0 && (bfns.is_null() || status.is_null()) {
+        return EINVAL;
+    }
+    if n > MAX_PAGES_PER_CALL {
+        set_last_error(&format!(
+            "unmap: {n} BFNs in one call; at most {MAX_PAGES_PER_CALL}"
+        ));
         return EINVAL;
     }
     // SAFETY: the caller passes arrays of `n` elements.
@@ -212,11 +292,11 @@ pub extern "C" fn pviommu_unmap(
     };
     let bfns: Vec<Bfn> = bfns.iter().map(|b| Bfn(*b)).collect();
     let mut ret = 0;
-    for (i, r) in c.client.unmap(&bfns, ContextId::DEFAULT).iter().enumerate() {
+    for (i, r) in c.unmap(&bfns, ContextId::DEFAULT).iter().enumerate() {
         status[i] = r.as_ref().map_or_else(code, |_| 0);
         if let Err(e) = r {
             if ret == 0 {
-                ret = c.fail(e);
+                ret = fail(e);
             }
         }
     }
@@ -232,14 +312,13 @@ pub extern "C" fn pviommu_lookup(
     gfn: *mut u64,
     flags: *mut u32,
 ) -> i32 {
-    // SAFETY: `c` is NULL or a live client used by one thread.
-    let Some(c) = (unsafe { c.as_mut() }) else {
+    let Some(mut c) = lock(c) else {
         return EINVAL;
     };
     if domid.is_null() || gfn.is_null() || flags.is_null() {
         return EINVAL;
     }
-    match c.client.lookup(Bfn(bfn), ContextId::DEFAULT) {
+    match c.lookup(Bfn(bfn), ContextId::DEFAULT) {
         Ok(l) => {
             // SAFETY: non-null out-pointers from the caller.
             unsafe {
@@ -249,7 +328,7 @@ pub extern "C" fn pviommu_lookup(
             }
             0
         }
-        Err(e) => c.fail(&e),
+        Err(e) => fail(&e),
     }
 }
 
@@ -277,14 +356,13 @@ pub extern "C" fn pviommu_drain_revocations(
     out: *mut CRevocation,
     max: usize,
 ) -> i32 {
-    // SAFETY: `c` is NULL or a live client used by one thread.
-    let Some(c) = (unsafe { c.as_mut() }) else {
+    let Some(mut c) = lock(c) else {
         return EINVAL;
     };
     if out.is_null() || max == 0 || max > i32::MAX as usize {
         return EINVAL;
     }
-    match c.client.drain_revocations_up_to(max) {
+    match c.drain_revocations_up_to(max) {
         Ok(revs) => {
             for (i, r) in revs.iter().enumerate() {
                 // SAFETY: `out` holds `max` elements and `revs.len() <= max`.
@@ -300,20 +378,39 @@ pub extern "C" fn pviommu_drain_revocations(
             }
             revs.len() as i32
         }
-        Err(e) => c.fail(&e),
+        Err(e) => fail(&e),
+    }
+}
+
+/// Wait up to `timeout_ms` milliseconds (at most 65535 per call) until
+/// revocations are pending: 1 when some are (drain them), 0 on timeout, or
+/// a negative errno. On the daemon the wait ends as soon as it pushes a
+/// notice, and the pushed BFNs leave the mapping cache at once; other
+/// transports only check what is pending now.
+#[no_mangle]
+pub extern "C" fn pviommu_wait_revocations(c: *mut CClient, timeout_ms: c_int) -> i32 {
+    let Some(mut c) = lock(c) else {
+        return EINVAL;
+    };
+    let Ok(ms) = u64::try_from(timeout_ms) else {
+        set_last_error("negative timeout");
+        return EINVAL;
+    };
+    match c.wait_revocations(std::time::Duration::from_millis(ms)) {
+        Ok(pending) => i32::from(pending),
+        Err(e) => fail(&e),
     }
 }
 
 /// The toolstack's call: set `domid`'s BFN quota (0: the boot default).
 #[no_mangle]
 pub extern "C" fn pviommu_set_limits(c: *mut CClient, domid: u16, quota: u64) -> i32 {
-    // SAFETY: `c` is NULL or a live client used by one thread.
-    let Some(c) = (unsafe { c.as_mut() }) else {
+    let Some(mut c) = lock(c) else {
         return EINVAL;
     };
-    match c.client.set_limits(DomId(domid), quota) {
+    match c.set_limits(DomId(domid), quota) {
         Ok(()) => 0,
-        Err(e) => c.fail(&e),
+        Err(e) => fail(&e),
     }
 }
 
@@ -322,11 +419,10 @@ pub extern "C" fn pviommu_set_limits(c: *mut CClient, domid: u16, quota: u64) ->
 #[cfg(feature = "sim")]
 #[no_mangle]
 pub extern "C" fn pviommu_sim_balloon_out(c: *mut CClient, domid: u16, gfn: u64) -> i32 {
-    // SAFETY: `c` is NULL or a live client used by one thread.
-    let Some(c) = (unsafe { c.as_mut() }) else {
+    let Some(mut c) = lock(c) else {
         return EINVAL;
     };
-    let Some(sim) = c.client.transport().in_process() else {
+    let Some(sim) = c.transport().in_process() else {
         return EINVAL;
     };
     let mut g = sim.sim().lock();
@@ -343,14 +439,13 @@ pub extern "C" fn pviommu_sim_balloon_out(c: *mut CClient, domid: u16, gfn: u64)
 #[cfg(feature = "sim")]
 #[no_mangle]
 pub extern "C" fn pviommu_sim_dma_read(c: *mut CClient, bfn: u64, buf: *mut u8, len: usize) -> i32 {
-    // SAFETY: `c` is NULL or a live client used by one thread.
-    let Some(c) = (unsafe { c.as_mut() }) else {
+    let Some(mut c) = lock(c) else {
         return EINVAL;
     };
     if buf.is_null() || len > 4096 {
         return EINVAL;
     }
-    let Some(sim) = c.client.transport().in_process() else {
+    let Some(sim) = c.transport().in_process() else {
         return EINVAL;
     };
     let r = sim

@@ -60,6 +60,7 @@ pub struct Client<T: Transport> {
     caps: PvIommuCaps,
     cache: MappingCache,
     stats: ClientStats,
+    pushed_revocations: u64,
 }
 
 impl<T: Transport> Client<T> {
@@ -77,6 +78,7 @@ impl<T: Transport> Client<T> {
             caps,
             cache: MappingCache::default(),
             stats: ClientStats::default(),
+            pushed_revocations: 0,
         })
     }
 
@@ -86,7 +88,9 @@ impl<T: Transport> Client<T> {
     }
     /// Capabilities read now (quota usage changes).
     pub fn refresh_caps(&mut self) -> Result<PvIommuCaps, Error> {
-        self.caps = self.transport.query_caps()?;
+        let caps = self.transport.query_caps();
+        self.absorb_pushed_revocations();
+        self.caps = caps?;
         Ok(self.caps)
     }
     /// The transport.
@@ -115,7 +119,9 @@ impl<T: Transport> Client<T> {
             let _g = span.enter();
             let mut done = 0;
             loop {
-                let (ret, d) = self.transport.batch(chunk, done)?;
+                let call = self.transport.batch(chunk, done);
+                self.absorb_pushed_revocations();
+                let (ret, d) = call?;
                 self.stats.hypercalls += 1;
                 self.stats.ops += (d - done) as u64;
                 debug!(ret, nr_done = d, "batch call returned");
@@ -135,6 +141,39 @@ impl<T: Transport> Client<T> {
             }
         }
         Ok(())
+    }
+
+    /// Drop BFNs the transport was told are revoked (the daemon pushes
+    /// notices) from the cache, so no later map hands one out. They are
+    /// still reported and acknowledged by `drain_revocations`.
+    fn absorb_pushed_revocations(&mut self) {
+        for (context, bfn) in self.transport.take_revocations() {
+            if self.cache.forget(context, bfn).is_some() {
+                debug!(bfn = bfn.0, context = context.0, "pushed revocation");
+            }
+            self.pushed_revocations += 1;
+        }
+    }
+
+    /// Wait up to `timeout` until revocations are pending: `Ok(true)` when
+    /// some are (drain them with `drain_revocations`), `Ok(false)` on
+    /// timeout. Checks the caps first; then, on the daemon, waits for its
+    /// push (and drops the pushed BFNs from the cache as they arrive). A
+    /// transport without push (in-process, Xen) does not wait: on Xen, wait
+    /// on [`crate::notify::RevocationEvents`] and call this afterwards.
+    pub fn wait_revocations(&mut self, timeout: std::time::Duration) -> Result<bool, Error> {
+        self.absorb_pushed_revocations();
+        if self.refresh_caps()?.revoked > 0 {
+            return Ok(true);
+        }
+        let pushed = self.transport.wait_revocations(timeout);
+        self.absorb_pushed_revocations();
+        pushed
+    }
+
+    /// Revocation notices pushed to this client so far (daemon only).
+    pub fn pushed_revocations(&self) -> u64 {
+        self.pushed_revocations
     }
 
     /// Map `gfns` of `domid` into `context`; one result per gfn, in order.
@@ -339,18 +378,32 @@ impl<T: Transport> Client<T> {
                 op.status as i64,
             ));
         }
-        Ok(LookupResult {
-            domid: DomId(op.domid),
-            gfn: Gfn(op.gfn),
-            perms: Permissions {
-                read: op.flags & pviommu_abi::op_flags::READ != 0,
-                write: op.flags & pviommu_abi::op_flags::WRITE != 0,
-            },
-            attr: MemAttr::from_field(
-                (op.flags & pviommu_abi::op_flags::ATTR_MASK) >> pviommu_abi::op_flags::ATTR_SHIFT,
-            )
-            .unwrap_or_default(),
-        })
+        Ok(decode_lookup(&op))
+    }
+
+    /// Describe many (context, BFN) pairs in as few batches as the
+    /// advertised maximum allows: `None` where nothing live is mapped
+    /// (`ENOENT`); any other refusal fails the whole call.
+    pub fn lookup_many(
+        &mut self,
+        queries: &[(ContextId, Bfn)],
+    ) -> Result<Vec<Option<LookupResult>>, Error> {
+        let mut ops: Vec<PvIommuOp> = queries
+            .iter()
+            .map(|&(context, bfn)| Request::Lookup { context, bfn }.encode())
+            .collect();
+        self.run_ops(&mut ops)?;
+        ops.iter()
+            .zip(queries)
+            .map(|(op, (_, bfn))| match op.status {
+                0 => Ok(Some(decode_lookup(op))),
+                s if s == Errno::NoEnt.negated() => Ok(None),
+                s => Err(Error::from_return(
+                    format!("lookup bfn {:#x}", bfn.0),
+                    s as i64,
+                )),
+            })
+            .collect()
     }
 
     /// Every reserved region.
@@ -407,5 +460,21 @@ impl<T: Transport> Client<T> {
             ));
         }
         Ok(())
+    }
+}
+
+/// The answer of a successful lookup op.
+fn decode_lookup(op: &PvIommuOp) -> LookupResult {
+    LookupResult {
+        domid: DomId(op.domid),
+        gfn: Gfn(op.gfn),
+        perms: Permissions {
+            read: op.flags & pviommu_abi::op_flags::READ != 0,
+            write: op.flags & pviommu_abi::op_flags::WRITE != 0,
+        },
+        attr: MemAttr::from_field(
+            (op.flags & pviommu_abi::op_flags::ATTR_MASK) >> pviommu_abi::op_flags::ATTR_SHIFT,
+        )
+        .unwrap_or_default(),
     }
 }

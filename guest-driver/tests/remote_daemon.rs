@@ -219,10 +219,10 @@ fn handshake_and_caps() {
     assert_eq!(regions.len() as u32, total.min(16));
     assert_eq!(total, caps.nr_reserved_regions);
     // An unknown caller is the hypervisor's ESRCH, not a transport error.
-    r.set_caller(DomId(77));
+    r.set_caller(DomId(77)).unwrap();
     assert_eq!(r.query_caps().unwrap_err().errno(), Some(Errno::Srch));
     // The connection is still good.
-    r.set_caller(DomId::DOM0);
+    r.set_caller(DomId::DOM0).unwrap();
     r.query_caps().unwrap();
 }
 
@@ -407,8 +407,10 @@ fn hostile_frames_are_refused_and_daemon_survives() {
         assert_eq!(snapshot(d), before, "machine state unchanged");
     };
 
-    // Wrong protocol version.
-    let resp = raw_exchange(&d.sock, &hello(2), false);
+    // Wrong protocol version (older than the oldest served, or newer).
+    let resp = raw_exchange(&d.sock, &hello(0), false);
+    assert!(resp.len() == 1 && is_error(&resp[0]), "{resp:?}");
+    let resp = raw_exchange(&d.sock, &hello(wire::PROTOCOL_VERSION + 1), false);
     assert_eq!(resp.len(), 1);
     assert!(
         matches!(&resp[0], Response::Error { errno: None, message } if message.contains("version")),
@@ -602,4 +604,273 @@ fn subop_codes_survive_the_wire() {
     let mut ops = [unmap_op(bfn)];
     batch_all(&mut r, &mut ops);
     assert_eq!(snapshot(&d).0, 0);
+}
+
+/// A client of the daemon (subscribed to dom0's revocations) over the
+/// library's Client, and an admin connection that balloons.
+fn client_and_admin(d: &Daemon) -> (pviommu_guest::Client<Remote>, Remote) {
+    let c = pviommu_guest::Client::open(Remote::connect(&d.sock, DomId::DOM0).unwrap()).unwrap();
+    let admin = Remote::connect(&d.sock, DomId::DOM0).unwrap();
+    (c, admin)
+}
+
+#[test]
+fn revocations_are_pushed_and_invalidate_the_cache_at_once() {
+    let d = start();
+    let (mut c, mut admin) = client_and_admin(&d);
+    let gfns: Vec<Gfn> = (1..=8).map(Gfn).collect();
+    let bfns: Vec<Bfn> = c
+        .map_foreign(
+            GUEST,
+            &gfns,
+            Permissions::RW,
+            MemAttr::WriteBack,
+            ContextId::DEFAULT,
+        )
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    // Nothing pending: the wait times out.
+    assert!(!c.wait_revocations(Duration::from_millis(50)).unwrap());
+
+    admin.balloon_out(GUEST, Gfn(3)).unwrap();
+    assert!(c.wait_revocations(Duration::from_secs(10)).unwrap());
+    assert_eq!(c.pushed_revocations(), 1);
+    // The cache forgot the BFN before anything was drained: mapping the
+    // page again asks the hypervisor (which says the page is gone) instead
+    // of answering the revoked BFN from the cache.
+    assert_eq!(c.cache().key_of(ContextId::DEFAULT, bfns[2]), None);
+    let again = c.map_foreign(
+        GUEST,
+        &[Gfn(3)],
+        Permissions::RW,
+        MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    );
+    assert_eq!(again[0].as_ref().unwrap_err().errno(), Some(Errno::Nxio));
+    // The other pages are still cached.
+    assert!(c.cache().key_of(ContextId::DEFAULT, bfns[0]).is_some());
+
+    // Still to be acknowledged through the ABI.
+    let revs = c.drain_revocations().unwrap();
+    assert_eq!(revs.len(), 1);
+    assert_eq!((revs[0].bfn, revs[0].gfn), (bfns[2], Gfn(3)));
+    assert_eq!(c.refresh_caps().unwrap().used, 7);
+    // Acknowledged notices are not pushed again.
+    assert!(!c.wait_revocations(Duration::from_millis(100)).unwrap());
+
+    // A domain's death: every remaining BFN revoked, pushed in one go.
+    admin.destroy_domain(GUEST).unwrap();
+    assert!(c.wait_revocations(Duration::from_secs(10)).unwrap());
+    assert!(c.cache().is_empty());
+    assert_eq!(c.pushed_revocations(), 8);
+    assert_eq!(c.drain_revocations().unwrap().len(), 7);
+    assert_eq!(c.refresh_caps().unwrap().used, 0);
+}
+
+#[test]
+fn notices_pending_before_connecting_are_pushed_at_subscription() {
+    let d = start();
+    let (mut c, mut admin) = client_and_admin(&d);
+    let b = c.map_foreign(
+        GUEST,
+        &[Gfn(5)],
+        Permissions::RO,
+        MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    )[0]
+    .as_ref()
+    .copied()
+    .unwrap();
+    admin.balloon_out(GUEST, Gfn(5)).unwrap();
+    // A mediator that connects later hears of it without any request.
+    let mut late = Remote::connect(&d.sock, DomId::DOM0).unwrap();
+    assert!(late.wait_notices(Duration::from_secs(10)).unwrap());
+    let n = late.take_notices();
+    assert_eq!(n.len(), 1);
+    assert_eq!(
+        (n[0].bfn, n[0].gfn, n[0].domid, n[0].context),
+        (b.0, 5, GUEST.0, 0)
+    );
+    // Another driver domain's subscription hears nothing of dom0's.
+    let mut other = Remote::connect(&d.sock, DomId(77)).unwrap();
+    assert!(!other.wait_notices(Duration::from_millis(100)).unwrap());
+    // A push arriving while a request is in flight is kept, not mistaken
+    // for the answer.
+    let b6 = c.map_foreign(
+        GUEST,
+        &[Gfn(6)],
+        Permissions::RO,
+        MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    )[0]
+    .as_ref()
+    .copied()
+    .unwrap();
+    admin.balloon_out(GUEST, Gfn(6)).unwrap();
+    let mut ops = [map_op(6, Permissions::RO)];
+    let (ret, _) = late.batch(&mut ops, 0).unwrap();
+    assert_eq!(ret, 0);
+    assert_eq!(ops[0].status, Errno::Nxio.negated());
+    let n = late.take_notices();
+    assert_eq!(n.len(), 1);
+    assert_eq!((n[0].bfn, n[0].gfn), (b6.0, 6));
+}
+
+#[test]
+fn protocol_1_clients_are_still_served_without_pushes() {
+    let d = start();
+    let mut bytes = hello(1);
+    bytes.extend(wire::encode_frame(&wire::Request::Subscribe { caller: 0 }).unwrap());
+    bytes.extend(wire::encode_frame(&wire::Request::QueryCaps { caller: 0 }).unwrap());
+    let resp = raw_exchange(&d.sock, &bytes, true);
+    assert!(
+        matches!(&resp[0], Response::Welcome(i) if i.version == 1),
+        "{resp:?}"
+    );
+    assert!(
+        matches!(&resp[1], Response::Error { message, .. } if message.contains("protocol 2")),
+        "{resp:?}"
+    );
+    assert!(matches!(&resp[2], Response::Caps(_)), "{resp:?}");
+    assert_eq!(resp.len(), 3);
+}
+
+/// A fake daemon: answers the handshake and the subscription, then sends
+/// `push` frames (raw bodies) unasked.
+fn fake_daemon(pushes: Vec<Vec<u8>>) -> (TempDir, PathBuf, std::thread::JoinHandle<()>) {
+    let dir = TempDir::new();
+    let path = dir.0.join("fake.sock");
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let read = |s: &mut UnixStream| {
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).unwrap();
+            let mut body = vec![0; u32::from_le_bytes(len) as usize];
+            s.read_exact(&mut body).unwrap();
+        };
+        read(&mut s);
+        let info = wire::ServerInfo {
+            version: wire::PROTOCOL_VERSION,
+            max_frame: wire::MAX_FRAME,
+            max_batch_ops: 16,
+            max_dma_len: 16,
+        };
+        s.write_all(&wire::encode_frame(&Response::Welcome(info)).unwrap())
+            .unwrap();
+        read(&mut s);
+        s.write_all(&wire::encode_frame(&Response::Done).unwrap())
+            .unwrap();
+        for body in pushes {
+            let _ = s.write_all(&(body.len() as u32).to_le_bytes());
+            let _ = s.write_all(&body);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    (dir, path, t)
+}
+
+#[test]
+fn hostile_pushes_are_refused_by_the_client() {
+    let notice = wire::Notice {
+        context: 0,
+        bfn: 1,
+        domid: 1,
+        gfn: 1,
+    };
+    let too_many = Response::Revoked(vec![notice; wire::MAX_NOTICES_PER_FRAME + 1]);
+    let body = |r: &Response| wire::encode_frame(r).unwrap()[4..].to_vec();
+    for (pushes, needle) in [
+        (vec![body(&too_many)], "exceeds the limit"),
+        (vec![vec![0xff; 12]], "malformed"),
+        (vec![body(&Response::Done)], "unasked"),
+    ] {
+        let (_dir, path, t) = fake_daemon(pushes);
+        let mut r = Remote::connect(&path, DomId::DOM0).unwrap();
+        let e = r.wait_notices(Duration::from_secs(10)).unwrap_err();
+        assert!(e.to_string().contains(needle), "{needle}: {e}");
+        // The connection is marked unusable, not left out of step.
+        assert!(r.query_caps().is_err());
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn changes_made_on_the_machine_directly_are_pushed_too() {
+    // An embedding program (or a test) changes the shared machine without
+    // a request: the daemon's board notices within its polling period and
+    // an idle subscriber hears of it.
+    let d = start();
+    let (mut c, mut admin) = client_and_admin(&d);
+    let b = c.map_foreign(
+        GUEST,
+        &[Gfn(9)],
+        Permissions::RW,
+        MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    )[0]
+    .as_ref()
+    .copied()
+    .unwrap();
+    {
+        let mut g = d.machine.lock().unwrap();
+        let (m, e) = &mut *g;
+        m.balloon_out(e, GUEST, Gfn(9)).unwrap();
+    }
+    assert!(c.wait_revocations(Duration::from_secs(10)).unwrap());
+    assert_eq!(c.cache().key_of(ContextId::DEFAULT, b), None);
+    // A refused admin request is an error with the errno, and pushes nothing.
+    let e = admin.balloon_out(DomId(77), Gfn(1)).unwrap_err();
+    assert_eq!(e.errno(), Some(Errno::Inval), "{e}");
+    let e = admin.balloon_out(GUEST, Gfn(9)).unwrap_err();
+    assert_eq!(e.errno(), Some(Errno::Inval), "{e}");
+    assert_eq!(c.drain_revocations().unwrap().len(), 1);
+    assert!(!c.wait_revocations(Duration::from_millis(200)).unwrap());
+}
+
+#[test]
+fn a_bfn_revoked_again_after_its_acknowledgement_is_pushed_again() {
+    // Two notices pending; one is acknowledged, its BFN mapped again and
+    // revoked again: the new notice equals the old one field for field and
+    // must still reach the client (the other one stays pending throughout).
+    let d = start();
+    let (mut c, _admin) = client_and_admin(&d);
+    let map = |c: &mut pviommu_guest::Client<Remote>, g: u64| {
+        c.map_foreign(
+            GUEST,
+            &[Gfn(g)],
+            Permissions::RW,
+            MemAttr::WriteBack,
+            ContextId::DEFAULT,
+        )[0]
+        .as_ref()
+        .copied()
+        .unwrap()
+    };
+    let replace = |g: u64| {
+        let mut guard = d.machine.lock().unwrap();
+        let (m, e) = &mut *guard;
+        m.replace_page(e, GUEST, Gfn(g)).unwrap();
+    };
+    let x = map(&mut c, 20);
+    map(&mut c, 21);
+    replace(20);
+    replace(21);
+    assert!(c.wait_revocations(Duration::from_secs(10)).unwrap());
+    let first = c.drain_revocations_up_to(1).unwrap();
+    assert_eq!(first[0].bfn, x);
+    let x2 = map(&mut c, 20);
+    assert_eq!(x2, x, "the allocator hands the acknowledged BFN out again");
+    assert!(c.cache().key_of(ContextId::DEFAULT, x2).is_some());
+    replace(20);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c.cache().key_of(ContextId::DEFAULT, x2).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "second revocation of {x2:?} never pushed"
+        );
+        c.wait_revocations(Duration::from_millis(100)).unwrap();
+    }
+    assert_eq!(c.drain_revocations().unwrap().len(), 2);
 }

@@ -5,18 +5,25 @@
 //! `/dev/xen/privcmd` in dom0).
 
 mod demo;
+mod output;
+mod progress;
+mod scan;
+mod sim_state;
 mod world;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use pviommu_abi::{Bfn, ContextId, DomId, Gfn, MemAttr, Permissions};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use pviommu_abi::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Permissions};
 use pviommu_guest::transport::{
     in_process::SharedSim, privcmd::Privcmd, remote::Remote, Transport,
 };
 use pviommu_guest::Client;
 use serde::Serialize;
+
+use output::{emit, CapsJson, CliError, ItemError, MappingJson, RegionJson, RevocationJson};
+use sim_state::SimState;
 
 #[derive(Parser)]
 #[command(
@@ -34,16 +41,23 @@ struct Cli {
     /// Domain to call as (simulator backends only; on Xen it is dom0).
     #[arg(long, default_value_t = 0, global = true)]
     caller: u16,
-    /// Print results as JSON.
+    /// Print results, and errors, as one JSON document on stdout (schema:
+    /// design/cli.md).
     #[arg(long, global = true)]
     json: bool,
+    /// State file of the embedded simulator (`--backend sim`), kept between
+    /// runs [default: $XDG_RUNTIME_DIR/pviommu/sim-state, else
+    /// /tmp/pviommu-UID/sim-state].
+    #[arg(long, global = true, env = sim_state::STATE_ENV, value_name = "FILE")]
+    state: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Backend {
-    /// The embedded simulated machine (fresh for each run).
+    /// The embedded simulated machine; its state is kept in a state file
+    /// between runs (`pviommu sim reset` starts afresh).
     Sim,
     /// A `pviommu sim serve` daemon.
     Remote,
@@ -88,7 +102,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         context: u32,
     },
-    /// List live mappings in a BFN range (default: the first 4096 of the window).
+    /// List live mappings (every context) in a BFN range (default: the
+    /// first 4096 of the window).
     List {
         /// First BFN (default: window start).
         #[arg(long)]
@@ -99,6 +114,14 @@ enum Command {
     },
     /// The reserved BFN regions.
     Regions,
+    /// Mappings per foreign domain and context, quota use and pending
+    /// revocations of the calling domain.
+    Stats {
+        /// Look at most this many BFNs from the window start when counting
+        /// mappings (the count stops early once every live BFN was found).
+        #[arg(long, default_value_t = 1 << 20)]
+        scan_limit: u64,
+    },
     /// Set a driver domain's BFN quota (the toolstack's call; control
     /// domain only). 0 returns it to the boot-time default.
     Limits {
@@ -113,8 +136,9 @@ enum Command {
     /// page left its domain or the domain died) and acknowledge them, which
     /// releases the BFNs.
     Revocations {
-        /// With --backend xen: if none is pending, wait up to this many
-        /// seconds for Xen's VIRQ_PV_IOMMU wake-up first.
+        /// If none is pending, wait up to this many seconds for one first:
+        /// Xen's VIRQ_PV_IOMMU (--backend xen) or the daemon's push
+        /// (--backend remote).
         #[arg(long)]
         wait: Option<u64>,
     },
@@ -131,6 +155,21 @@ enum Command {
     /// The README's demonstration: a mediator maps a guest's GPU buffers,
     /// shadows its PPGTT, and the simulated GPU reads through GMA -> BFN -> RAM.
     Demo,
+    /// Print a shell completion script (e.g. `pviommu completions bash >
+    /// /etc/bash_completion.d/pviommu`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `pviommu man | man -l -`, or
+    /// write one page per subcommand into a directory.
+    Man {
+        /// Write pviommu.1 and a pviommu-<subcommand>.1 for every
+        /// subcommand here instead of printing.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -163,19 +202,38 @@ enum SimAction {
         #[arg(long)]
         socket: PathBuf,
     },
+    /// Forget the embedded simulator's state: the next command starts from
+    /// the initial machine.
+    Reset,
+    /// Balloon a page out of a simulated domain (the hypervisor revokes
+    /// every BFN that mapped it).
+    BalloonOut {
+        /// Domain.
+        #[arg(long)]
+        domid: u16,
+        /// Its frame.
+        #[arg(long)]
+        gfn: String,
+    },
+    /// Destroy a simulated domain (every BFN of its pages is revoked).
+    DestroyDomain {
+        /// Domain.
+        #[arg(long)]
+        domid: u16,
+    },
 }
 
-fn parse_num(s: &str) -> Result<u64, String> {
+fn parse_num(s: &str) -> Result<u64, CliError> {
     let t = s.trim();
     let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
         Some(h) => u64::from_str_radix(h, 16),
         None => t.parse(),
     };
-    r.map_err(|_| format!("{s:?} is not a number (decimal or 0x-hex)"))
+    r.map_err(|_| CliError::invalid(format!("{s:?} is not a number (decimal or 0x-hex)")))
 }
 
 /// `A` or `A..B` (inclusive), at most 1 Mi frames.
-fn parse_range(s: &str) -> Result<Vec<u64>, String> {
+fn parse_range(s: &str) -> Result<Vec<u64>, CliError> {
     let (a, b) = match s.split_once("..") {
         Some((a, b)) => (parse_num(a)?, parse_num(b)?),
         None => {
@@ -184,149 +242,120 @@ fn parse_range(s: &str) -> Result<Vec<u64>, String> {
         }
     };
     if b < a {
-        return Err(format!("range {s:?} ends before it starts"));
+        return Err(CliError::invalid(format!(
+            "range {s:?} ends before it starts"
+        )));
     }
     if b - a >= 1 << 20 {
-        return Err(format!("range {s:?} is larger than 1 Mi frames"));
+        return Err(CliError::invalid(format!(
+            "range {s:?} is larger than 1 Mi frames"
+        )));
     }
     Ok((a..=b).collect())
 }
 
-fn open(cli: &Cli) -> Result<Client<Box<dyn Transport>>, String> {
-    let t: Box<dyn Transport> = match cli.backend {
-        Backend::Sim => {
-            let sim =
-                SharedSim::new(world::build(), Default::default()).map_err(|e| e.to_string())?;
-            Box::new(sim.transport(DomId(cli.caller)))
-        }
-        Backend::Remote => {
-            Box::new(Remote::connect(&cli.socket, DomId(cli.caller)).map_err(|e| e.to_string())?)
-        }
-        Backend::Xen => Box::new(Privcmd::open().map_err(|e| e.to_string())?),
-    };
-    Client::open(t).map_err(|e| e.to_string())
+/// The embedded simulator's state file.
+fn state_path(cli: &Cli) -> PathBuf {
+    cli.state.clone().unwrap_or_else(sim_state::default_path)
 }
 
-fn emit<T: Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) {
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(value).unwrap_or_default()
-        );
-    } else {
-        println!("{}", text());
-    }
+/// A client on the chosen backend; with `--backend sim` also the locked,
+/// replayed simulator state, whose new records the caller saves.
+/// A client over whichever transport the command line chose.
+type AnyClient = Client<Box<dyn Transport>>;
+
+fn open(cli: &Cli) -> Result<(AnyClient, Option<SimState>), CliError> {
+    let (t, state): (Box<dyn Transport>, _) = match cli.backend {
+        Backend::Sim => {
+            let state = SimState::open(&state_path(cli))?;
+            (Box::new(state.transport(DomId(cli.caller))), Some(state))
+        }
+        Backend::Remote => (
+            Box::new(Remote::connect(&cli.socket, DomId(cli.caller))?),
+            None,
+        ),
+        Backend::Xen => (Box::new(Privcmd::open()?), None),
+    };
+    Ok((Client::open(t)?, state))
 }
+
+/// Pages mapped per `map_foreign` call: big enough for full batches, small
+/// enough for a progress bar to move.
+const MAP_CHUNK: usize = 4096;
 
 #[derive(Serialize)]
 struct MapLine {
     gfn: u64,
-    bfn: Option<u64>,
-    error: Option<String>,
+    bfn: u64,
 }
 
-fn run(cli: Cli) -> Result<(), String> {
+fn run(cli: Cli) -> Result<(), CliError> {
     match &cli.command {
-        Command::Demo => return demo::run(),
+        Command::Demo => return demo::run().map_err(CliError::from),
         Command::Sim {
             action: SimAction::Serve { socket },
         } => return serve(socket),
+        Command::Sim {
+            action: SimAction::Reset,
+        } => return sim_reset(&cli),
         Command::Shadow { action } => {
             cli_backend_check(&cli)?;
             let (sync, domid, root) = action_args(action);
-            return demo::shadow_cmd(sync, DomId(domid), Gfn(parse_num(&root)?), cli.json);
+            return demo::shadow_cmd(sync, DomId(domid), Gfn(parse_num(&root)?), cli.json)
+                .map_err(CliError::from);
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "pviommu",
+                &mut std::io::stdout(),
+            );
+            return Ok(());
+        }
+        Command::Man { out_dir: None } => {
+            return clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .map_err(|e| CliError::os("write the manual page", &e));
+        }
+        Command::Man { out_dir: Some(dir) } => {
+            return clap_mangen::generate_to(Cli::command(), dir)
+                .map_err(|e| CliError::os(format!("write manual pages to {}", dir.display()), &e));
         }
         _ => {}
     }
-    let mut c = open(&cli)?;
+    let (mut c, mut state) = open(&cli)?;
+    let result = command(&cli, &mut c, state.as_ref());
+    // Whatever the command did to the simulated machine is kept, failed
+    // command or not (a map rolled back is a map and an unmap).
+    if let Some(state) = state.as_mut() {
+        state.save()?;
+    }
+    result
+}
+
+fn command(cli: &Cli, c: &mut AnyClient, state: Option<&SimState>) -> Result<(), CliError> {
     match &cli.command {
         Command::Caps => {
-            let caps = *c.caps();
-            emit(cli.json, &caps, || {
-                format!(
-                    "interface version {}.{}\nBFN window        {:#x}..{:#x}\nmax batch ops     {}\npage sizes        {}\nreserved regions  {}\ncontexts          {}\nfeatures          {:#x}\nquota             {} ({} used)",
-                    caps.version >> 16,
-                    caps.version & 0xffff,
-                    caps.bfn_window_start,
-                    caps.bfn_window_end,
-                    caps.max_batch_ops,
-                    (12..64).filter(|b| caps.page_sizes & (1 << b) != 0).map(|b| format!("{}K", 1u64 << (b - 10))).collect::<Vec<_>>().join(" "),
-                    caps.nr_reserved_regions,
-                    caps.max_contexts,
-                    caps.features,
-                    caps.quota,
-                    caps.used
-                )
-            });
+            let caps = CapsJson::from(&c.refresh_caps()?);
+            emit(cli.json, &caps, || caps.text());
         }
         Command::Map {
             domid,
             gfn,
             read_only,
             context,
-        } => {
-            let gfns: Vec<Gfn> = parse_range(gfn)?.into_iter().map(Gfn).collect();
-            let perms = if *read_only {
-                Permissions::RO
-            } else {
-                Permissions::RW
-            };
-            let rs = c.map_foreign(
-                DomId(*domid),
-                &gfns,
-                perms,
-                MemAttr::WriteBack,
-                ContextId(*context),
-            );
-            let lines: Vec<MapLine> = gfns
-                .iter()
-                .zip(&rs)
-                .map(|(g, r)| MapLine {
-                    gfn: g.0,
-                    bfn: r.as_ref().ok().map(|b| b.0),
-                    error: r.as_ref().err().map(|e| e.to_string()),
-                })
-                .collect();
-            emit(cli.json, &lines, || {
-                lines
-                    .iter()
-                    .map(|l| match (&l.bfn, &l.error) {
-                        (Some(b), _) => format!("gfn {:#x} -> bfn {b:#x}", l.gfn),
-                        (_, Some(e)) => format!("gfn {:#x}: {e}", l.gfn),
-                        _ => String::new(),
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            });
-            if let Some(e) = rs.iter().find_map(|r| r.as_ref().err()) {
-                return Err(e.to_string());
-            }
-        }
-        Command::Unmap { bfn, context } => {
-            let bfns: Vec<Bfn> = parse_range(bfn)?.into_iter().map(Bfn).collect();
-            let rs = c.unmap(&bfns, ContextId(*context));
-            let n_ok = rs.iter().filter(|r| r.is_ok()).count();
-            emit(
-                cli.json,
-                &serde_json::json!({ "unmapped": n_ok, "requested": bfns.len() }),
-                || format!("unmapped {n_ok} of {} BFN(s)", bfns.len()),
-            );
-            if let Some(e) = rs.iter().find_map(|r| r.as_ref().err()) {
-                return Err(e.to_string());
-            }
-        }
+        } => map(cli, c, DomId(*domid), gfn, *read_only, ContextId(*context))?,
+        Command::Unmap { bfn, context } => unmap(cli, c, bfn, ContextId(*context))?,
         Command::Lookup { bfn, context } => {
-            let l = c
-                .lookup(Bfn(parse_num(bfn)?), ContextId(*context))
-                .map_err(|e| e.to_string())?;
-            emit(cli.json, &l, || {
+            let bfn = Bfn(parse_num(bfn)?);
+            let l = c.lookup(bfn, ContextId(*context))?;
+            let m = MappingJson::new(bfn, ContextId(*context), &l);
+            // One line, domain first (the QEMU test greps "^d<domid> ").
+            emit(cli.json, &m, || {
                 format!(
-                    "d{} gfn {:#x} {}{} {:?}",
-                    l.domid.0,
-                    l.gfn.0,
-                    if l.perms.read { "r" } else { "-" },
-                    if l.perms.write { "w" } else { "-" },
-                    l.attr
+                    "d{} gfn {:#x} {} {} (bfn {:#x} context {})",
+                    m.domid, m.gfn, m.access, m.attribute, m.bfn, m.context
                 )
             });
         }
@@ -335,46 +364,38 @@ fn run(cli: Cli) -> Result<(), String> {
                 Some(f) => parse_num(f)?,
                 None => c.caps().bfn_window_start,
             };
-            let count = (*count).min(1 << 20);
-            let mut live = Vec::new();
-            for b in start..start.saturating_add(count) {
-                if let Ok(l) = c.lookup(Bfn(b), ContextId::DEFAULT) {
-                    live.push((b, l));
-                }
+            if *count > 1 << 24 {
+                return Err(CliError::invalid(format!(
+                    "--count {count} is more than 16 Mi BFNs"
+                )));
             }
-            emit(cli.json, &live, || {
-                let mut s = format!("{:>12}  {:>6}  {:>10}  access\n", "bfn", "domain", "gfn");
-                for (b, l) in &live {
-                    s += &format!(
-                        "{b:>#12x}  {:>6}  {:>#10x}  {}\n",
-                        format!("d{}", l.domid.0),
-                        l.gfn.0,
-                        if l.perms.write { "rw" } else { "r-" }
-                    );
+            let found = scan::scan(c, start, *count, None)?;
+            let doc = serde_json::json!({
+                "mappings": found.mappings,
+                "scanned": { "from": start, "count": found.scanned },
+            });
+            emit(cli.json, &doc, || {
+                let mut s = MappingJson::header() + "\n";
+                for m in &found.mappings {
+                    s += &(m.text() + "\n");
                 }
-                s + &format!("{} live mapping(s)", live.len())
+                s + &format!("{} live mapping(s)", found.mappings.len())
             });
         }
         Command::Regions => {
-            let regions = c.reserved_regions().map_err(|e| e.to_string())?;
-            emit(cli.json, &regions, || {
+            let regions: Vec<RegionJson> =
+                c.reserved_regions()?.iter().map(RegionJson::from).collect();
+            emit(cli.json, &serde_json::json!({ "regions": regions }), || {
                 regions
                     .iter()
-                    .map(|r| {
-                        format!(
-                            "{:#x}..{:#x} kind {}",
-                            r.start_bfn,
-                            r.start_bfn + r.nr_frames,
-                            r.kind
-                        )
-                    })
+                    .map(|r| format!("{:#x}..{:#x} {}", r.start, r.end, r.kind))
                     .collect::<Vec<_>>()
                     .join("\n")
             });
         }
+        Command::Stats { scan_limit } => stats(cli, c, *scan_limit)?,
         Command::Limits { domid, quota } => {
-            c.set_limits(pviommu_abi::DomId(*domid), *quota)
-                .map_err(|e| e.to_string())?;
+            c.set_limits(pviommu_abi::DomId(*domid), *quota)?;
             emit(
                 cli.json,
                 &serde_json::json!({ "domid": domid, "quota": quota }),
@@ -383,36 +404,324 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Revocations { wait } => {
             if let Some(secs) = wait {
-                if cli.backend != Backend::Xen {
-                    return Err("--wait needs --backend xen (Xen's VIRQ_PV_IOMMU)".into());
-                }
-                // Bind first, then look: a notice queued before the bind
-                // raised no wake-up we could see, but shows in the caps.
-                let mut events =
-                    pviommu_guest::notify::RevocationEvents::open().map_err(|e| e.to_string())?;
-                let pending = c.refresh_caps().map_err(|e| e.to_string())?.revoked;
-                if pending == 0
-                    && !events
-                        .wait(std::time::Duration::from_secs(*secs))
-                        .map_err(|e| e.to_string())?
-                {
-                    return Err(format!("no revocation within {secs} s"));
+                let timeout = std::time::Duration::from_secs(*secs);
+                let heard = match cli.backend {
+                    // Bind first, then look: a notice queued before the bind
+                    // raised no wake-up we could see, but shows in the caps.
+                    Backend::Xen => {
+                        let mut events = pviommu_guest::notify::RevocationEvents::open()?;
+                        c.refresh_caps()?.revoked > 0 || events.wait(timeout)?
+                    }
+                    // The daemon pushes notices to its subscribed clients.
+                    Backend::Remote => {
+                        let deadline = std::time::Instant::now() + timeout;
+                        loop {
+                            let left = deadline.saturating_duration_since(std::time::Instant::now());
+                            if c.wait_revocations(left.min(std::time::Duration::from_secs(60)))? {
+                                break true;
+                            }
+                            if left.is_zero() {
+                                break false;
+                            }
+                        }
+                    }
+                    Backend::Sim => {
+                        return Err(CliError::invalid(
+                            "--wait needs --backend xen (VIRQ_PV_IOMMU) or remote (the daemon's push); \
+                             the embedded simulator changes only while a command runs",
+                        ))
+                    }
+                };
+                if !heard {
+                    return Err(CliError {
+                        errno: "ETIMEDOUT".into(),
+                        code: nix::errno::Errno::ETIMEDOUT as i32,
+                        message: format!("no revocation within {secs} s"),
+                        items: Vec::new(),
+                    });
                 }
             }
-            let revs = c.drain_revocations().map_err(|e| e.to_string())?;
-            emit(cli.json, &revs, || {
-                revs.iter()
-                    .map(|r| {
-                        format!(
-                            "bfn {:#x} ctx {} revoked: was d{} gfn {:#x}",
-                            r.bfn.0, r.context.0, r.domid.0, r.gfn.0
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
+            let revs: Vec<RevocationJson> = c
+                .drain_revocations()?
+                .iter()
+                .map(RevocationJson::from)
+                .collect();
+            emit(
+                cli.json,
+                &serde_json::json!({ "revocations": revs }),
+                || {
+                    revs.iter()
+                        .map(|r| {
+                            format!(
+                                "bfn {:#x} ctx {} revoked: was d{} gfn {:#x}",
+                                r.bfn, r.context, r.domid, r.gfn
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            );
+        }
+        Command::Sim { action } => sim_admin(cli, state, action)?,
+        Command::Shadow { .. }
+        | Command::Demo
+        | Command::Completions { .. }
+        | Command::Man { .. } => {}
+    }
+    Ok(())
+}
+
+fn item_error(gfn: Option<u64>, bfn: Option<u64>, e: &pviommu_guest::Error) -> ItemError {
+    let (errno, code) = match e.errno() {
+        Some(x) => (x.name().to_string(), x.code()),
+        None => ("EIO".to_string(), 5),
+    };
+    ItemError {
+        gfn,
+        bfn,
+        errno,
+        code,
+    }
+}
+
+/// `pviommu map`: all or nothing. Pages go in chunks (a progress bar on a
+/// terminal); if any page is refused, every page this command mapped is
+/// unmapped again and the refusals are reported.
+fn map(
+    cli: &Cli,
+    c: &mut AnyClient,
+    domid: DomId,
+    gfn: &str,
+    read_only: bool,
+    context: ContextId,
+) -> Result<(), CliError> {
+    let gfns: Vec<Gfn> = parse_range(gfn)?.into_iter().map(Gfn).collect();
+    let perms = if read_only {
+        Permissions::RO
+    } else {
+        Permissions::RW
+    };
+    let bar = progress::bar(gfns.len() as u64, "mapping");
+    let mut mapped: Vec<MapLine> = Vec::with_capacity(gfns.len());
+    let mut failed: Vec<ItemError> = Vec::new();
+    let mut first_error = None;
+    for chunk in gfns.chunks(MAP_CHUNK) {
+        let rs = c.map_foreign(domid, chunk, perms, MemAttr::WriteBack, context);
+        for (g, r) in chunk.iter().zip(rs) {
+            match r {
+                Ok(b) => mapped.push(MapLine { gfn: g.0, bfn: b.0 }),
+                Err(e) => {
+                    failed.push(item_error(Some(g.0), None, &e));
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        bar.inc(chunk.len() as u64);
+        if first_error.is_some() {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    if let Some(e) = first_error {
+        let bfns: Vec<Bfn> = mapped.iter().map(|m| Bfn(m.bfn)).collect();
+        let undo = c.unmap(&bfns, context);
+        let mut err = CliError::from(e);
+        match undo.iter().filter(|r| r.is_err()).count() {
+            0 if bfns.is_empty() => {}
+            0 => {
+                err.message += &format!("; the {} page(s) mapped before were unmapped", bfns.len())
+            }
+            n => err.message += &format!("; {n} page(s) mapped before could not be unmapped"),
+        }
+        if failed.len() > 1 {
+            err.message += &format!(" ({} pages refused)", failed.len());
+        }
+        err.items = failed;
+        return Err(err);
+    }
+    emit(
+        cli.json,
+        &serde_json::json!({
+            "domid": domid.0,
+            "context": context.0,
+            "access": output::access_name(perms),
+            "mappings": mapped,
+        }),
+        || {
+            mapped
+                .iter()
+                .map(|l| format!("gfn {:#x} -> bfn {:#x}", l.gfn, l.bfn))
+                .collect::<Vec<_>>()
+                .join("\n")
+        },
+    );
+    Ok(())
+}
+
+/// `pviommu unmap`: all or nothing. A BFN not live in the context refuses
+/// the whole command before anything is unmapped.
+fn unmap(cli: &Cli, c: &mut AnyClient, bfn: &str, context: ContextId) -> Result<(), CliError> {
+    let bfns: Vec<Bfn> = parse_range(bfn)?.into_iter().map(Bfn).collect();
+    let queries: Vec<(ContextId, Bfn)> = bfns.iter().map(|b| (context, *b)).collect();
+    let live = c.lookup_many(&queries)?;
+    let dead: Vec<ItemError> = bfns
+        .iter()
+        .zip(&live)
+        .filter(|(_, l)| l.is_none())
+        .map(|(b, _)| ItemError {
+            gfn: None,
+            bfn: Some(b.0),
+            errno: Errno::NoEnt.name().into(),
+            code: Errno::NoEnt.code(),
+        })
+        .collect();
+    if let Some(first) = dead.first() {
+        let more = match dead.len() {
+            1 => String::new(),
+            n => format!(" and {} more", n - 1),
+        };
+        let mut e = CliError::with_errno(
+            Errno::NoEnt,
+            format!(
+                "bfn {:#x}{more}: no such mapping in context {} ({}); nothing was unmapped",
+                first.bfn.unwrap_or_default(),
+                context.0,
+                Errno::NoEnt.name()
+            ),
+        );
+        e.items = dead;
+        return Err(e);
+    }
+    let rs = c.unmap(&bfns, context);
+    let failed: Vec<ItemError> = bfns
+        .iter()
+        .zip(&rs)
+        .filter_map(|(b, r)| r.as_ref().err().map(|e| item_error(None, Some(b.0), e)))
+        .collect();
+    if let Some(first) = rs.into_iter().find_map(Result::err) {
+        let mut e = CliError::from(first);
+        e.items = failed;
+        return Err(e);
+    }
+    emit(
+        cli.json,
+        &serde_json::json!({ "unmapped": bfns.len(), "context": context.0 }),
+        || format!("unmapped {} BFN(s)", bfns.len()),
+    );
+    Ok(())
+}
+
+/// `pviommu stats`.
+fn stats(cli: &Cli, c: &mut AnyClient, scan_limit: u64) -> Result<(), CliError> {
+    let caps = c.refresh_caps()?;
+    let live = caps.used.saturating_sub(caps.revoked);
+    let found = scan::scan(c, caps.bfn_window_start, scan_limit, Some(live))?;
+    let groups = scan::group(&found.mappings);
+    let complete = found.mappings.len() as u64 >= live;
+    let doc = serde_json::json!({
+        "caller": cli.caller,
+        "quota": caps.quota,
+        "used": caps.used,
+        "free": caps.quota.saturating_sub(caps.used),
+        "live": live,
+        "revocations_pending": caps.revoked,
+        "mappings": groups,
+        "scan": {
+            "from": caps.bfn_window_start,
+            "bfns": found.scanned,
+            "found": found.mappings.len(),
+            "complete": complete,
+        },
+    });
+    emit(cli.json, &doc, || {
+        let mut s = format!(
+            "d{}: {} of {} BFNs used ({} live, {} revoked awaiting acknowledgement)\n",
+            cli.caller, caps.used, caps.quota, live, caps.revoked
+        );
+        s += &format!(
+            "{:>8}  {:>7}  {:>8}  {:>8}\n",
+            "domain", "context", "mappings", "writable"
+        );
+        for g in &groups {
+            s += &format!(
+                "{:>8}  {:>7}  {:>8}  {:>8}\n",
+                format!("d{}", g.domid),
+                g.context,
+                g.mappings,
+                g.writable
+            );
+        }
+        if !complete {
+            s += &format!(
+                "(found {} of {live} live mappings in the first {} BFNs; raise --scan-limit)",
+                found.mappings.len(),
+                found.scanned
+            );
+        }
+        s.trim_end().to_string()
+    });
+    Ok(())
+}
+
+fn sim_reset(cli: &Cli) -> Result<(), CliError> {
+    if cli.backend != Backend::Sim {
+        return Err(CliError::invalid(
+            "sim reset is for the embedded simulator (--backend sim); restart the daemon instead",
+        ));
+    }
+    let path = state_path(cli);
+    let existed = SimState::reset(&path)?;
+    emit(
+        cli.json,
+        &serde_json::json!({ "state_file": path, "reset": existed }),
+        || {
+            if existed {
+                format!("{}: simulator state cleared", path.display())
+            } else {
+                format!("{}: no state yet", path.display())
+            }
+        },
+    );
+    Ok(())
+}
+
+/// The simulator's own events (ballooning, domain death), on the embedded
+/// simulator or the daemon.
+fn sim_admin(cli: &Cli, state: Option<&SimState>, action: &SimAction) -> Result<(), CliError> {
+    let mut remote = match (cli.backend, state) {
+        (Backend::Remote, _) => Some(Remote::connect(&cli.socket, DomId(cli.caller))?),
+        (Backend::Sim, Some(_)) => None,
+        _ => {
+            return Err(CliError::invalid(
+                "this simulator command needs --backend sim or remote",
+            ))
+        }
+    };
+    match action {
+        SimAction::BalloonOut { domid, gfn } => {
+            let gfn = parse_num(gfn)?;
+            match (remote.as_mut(), state) {
+                (Some(r), _) => r.balloon_out(DomId(*domid), Gfn(gfn))?,
+                (None, Some(s)) => s.balloon_out(DomId(*domid), Gfn(gfn))?,
+                (None, None) => {}
+            }
+            emit(
+                cli.json,
+                &serde_json::json!({ "ballooned_out": { "domid": domid, "gfn": gfn } }),
+                || format!("d{domid} gfn {gfn:#x} ballooned out"),
+            );
+        }
+        SimAction::DestroyDomain { domid } => {
+            match (remote.as_mut(), state) {
+                (Some(r), _) => r.destroy_domain(DomId(*domid))?,
+                (None, Some(s)) => s.destroy_domain(DomId(*domid))?,
+                (None, None) => {}
+            }
+            emit(cli.json, &serde_json::json!({ "destroyed": domid }), || {
+                format!("d{domid} destroyed")
             });
         }
-        Command::Shadow { .. } | Command::Sim { .. } | Command::Demo => {}
+        SimAction::Serve { .. } | SimAction::Reset => {}
     }
     Ok(())
 }
@@ -431,12 +740,12 @@ fn action_args(a: &ShadowAction) -> (bool, u16, String) {
     }
 }
 
-fn serve(socket: &std::path::Path) -> Result<(), String> {
-    let sim = SharedSim::new(world::build(), Default::default()).map_err(|e| e.to_string())?;
-    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+fn serve(socket: &std::path::Path) -> Result<(), CliError> {
+    let sim = SharedSim::new(world::build(), Default::default())?;
+    let rt = tokio::runtime::Runtime::new().map_err(|e| CliError::os("start the runtime", &e))?;
     rt.block_on(async {
-        let listener = pviommu_guest::daemon::bind(socket)
-            .map_err(|e| format!("{}: {e}", socket.display()))?;
+        let listener =
+            pviommu_guest::daemon::bind(socket).map_err(|e| CliError::os(socket.display(), &e))?;
         eprintln!(
             "pviommu: serving the simulated machine on {}",
             socket.display()
@@ -446,15 +755,49 @@ fn serve(socket: &std::path::Path) -> Result<(), String> {
     })
 }
 
+/// Whether the command line asks for JSON (for errors found while parsing
+/// it, before `Cli` exists).
+fn wants_json() -> bool {
+    std::env::args_os().skip(1).any(|a| a == "--json")
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("PVIOMMU_LOG"))
         .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
         Err(e) => {
-            eprintln!("pviommu: {e}");
+            use clap::error::ErrorKind;
+            let informational = matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            );
+            if !informational && wants_json() {
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or_default();
+                let msg = first.trim_start_matches("error: ").to_string();
+                println!("{}", CliError::invalid(msg).to_json());
+                return ExitCode::from(2);
+            }
+            e.exit();
+        }
+    };
+    let json = cli.json;
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&e.to_json()).unwrap_or_default()
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("pviommu: {}", e.message);
             ExitCode::FAILURE
         }
     }

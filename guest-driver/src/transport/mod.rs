@@ -4,7 +4,9 @@
 //! `pviommu sim serve` daemon, so several processes share one simulated
 //! machine).
 
-use pviommu_abi::{DomId, PvIommuCaps, PvIommuOp, PvIommuRegion, PvIommuStats};
+use std::time::Duration;
+
+use pviommu_abi::{Bfn, ContextId, DomId, PvIommuCaps, PvIommuOp, PvIommuRegion, PvIommuStats};
 
 use crate::Error;
 
@@ -51,6 +53,21 @@ pub trait Transport: Send {
         )))
     }
 
+    /// Revocations the other side pushed since the last call (the daemon
+    /// does; hypercall transports have no push and return none). The
+    /// client drops these BFNs from its cache at once; they are still
+    /// acknowledged through `revoked_next`/`revoked_ack`.
+    fn take_revocations(&mut self) -> Vec<(ContextId, Bfn)> {
+        Vec::new()
+    }
+
+    /// Wait up to `timeout` for pushed revocations: `Ok(true)` when some
+    /// arrived. Transports without push return `Ok(false)` at once (on Xen
+    /// a mediator waits on [`crate::notify::RevocationEvents`]).
+    fn wait_revocations(&mut self, _timeout: Duration) -> Result<bool, Error> {
+        Ok(false)
+    }
+
     /// The simulated machine, when this transport is the in-process one.
     #[cfg(feature = "sim")]
     fn in_process(&mut self) -> Option<&mut in_process::InProcess> {
@@ -80,6 +97,12 @@ impl Transport for Box<dyn Transport> {
     }
     fn stats(&mut self, domid: DomId, flags: u16) -> Result<PvIommuStats, Error> {
         (**self).stats(domid, flags)
+    }
+    fn take_revocations(&mut self) -> Vec<(ContextId, Bfn)> {
+        (**self).take_revocations()
+    }
+    fn wait_revocations(&mut self, timeout: Duration) -> Result<bool, Error> {
+        (**self).wait_revocations(timeout)
     }
     #[cfg(feature = "sim")]
     fn in_process(&mut self) -> Option<&mut in_process::InProcess> {

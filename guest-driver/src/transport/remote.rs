@@ -9,13 +9,24 @@
 //! request gets exactly one response. The client is synchronous (a plain
 //! [`std::os::unix::net::UnixStream`]), so it works from any thread without
 //! an async runtime.
+//!
+//! Protocol 2 adds revocation push: after [`wire::Request::Subscribe`] the
+//! daemon sends [`wire::Response::Revoked`] frames, unasked, whenever BFNs
+//! of the subscribed driver domain are revoked (the simulator's equivalent
+//! of Xen's `VIRQ_PV_IOMMU`, carrying the notices themselves). Such a frame
+//! may arrive before any response; [`Remote`] subscribes at connect, keeps
+//! what it receives (bounded) and hands it to the [`Client`](crate::Client),
+//! which drops those BFNs from its mapping cache at once. The notices still
+//! have to be acknowledged (`drain_revocations`): the push only tells. The
+//! daemon still serves protocol 1 clients, without pushes.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use pviommu_abi::{ContextId, DomId, Errno, Gfn, PvIommuCaps, PvIommuOp, PvIommuRegion};
+use pviommu_abi::{Bfn, ContextId, DomId, Errno, Gfn, PvIommuCaps, PvIommuOp, PvIommuRegion};
 
 use super::Transport;
 use crate::Error;
@@ -31,7 +42,13 @@ pub mod wire {
     /// Magic bytes of [`Request::Hello`].
     pub const MAGIC: [u8; 4] = *b"PVIO";
     /// The protocol version this crate speaks.
-    pub const PROTOCOL_VERSION: u32 = 1;
+    pub const PROTOCOL_VERSION: u32 = 2;
+    /// The oldest version the daemon still serves (1: no push, no
+    /// [`Request::Subscribe`] or [`Request::BalloonOut`]).
+    pub const MIN_PROTOCOL_VERSION: u32 = 1;
+    /// Most notices in one [`Response::Revoked`] frame (about 24 bytes each,
+    /// well inside [`MAX_FRAME`]).
+    pub const MAX_NOTICES_PER_FRAME: usize = 4096;
     /// Largest frame body, in bytes, either way. A longer declared length is
     /// refused without reading the body.
     pub const MAX_FRAME: u32 = 1 << 20;
@@ -123,6 +140,35 @@ pub mod wire {
             /// Its BFN quota (0: the boot default).
             quota: u64,
         },
+        /// Protocol 2: push [`Response::Revoked`] frames on this connection
+        /// for the BFNs of driver domain `caller`, starting with the notices
+        /// pending now. Answered [`Response::Done`]; a later Subscribe
+        /// replaces it.
+        Subscribe {
+            /// The driver domain whose revocations this connection hears.
+            caller: u16,
+        },
+        /// Protocol 2, simulator admin: balloon `gfn` out of `domid` (the
+        /// hypervisor revokes every BFN of that page).
+        BalloonOut {
+            /// Domain.
+            domid: u16,
+            /// Its frame.
+            gfn: u64,
+        },
+    }
+
+    /// One revocation notice, as pushed.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+    pub struct Notice {
+        /// The subscriber's context that held the BFN.
+        pub context: u32,
+        /// The revoked BFN (reserved until acknowledged).
+        pub bfn: u64,
+        /// The foreign domain whose page it mapped.
+        pub domid: u16,
+        /// That page.
+        pub gfn: u64,
     }
 
     /// What the daemon announces in [`Response::Welcome`].
@@ -193,6 +239,10 @@ pub mod wire {
             /// What went wrong.
             message: String,
         },
+        /// Protocol 2, unasked: BFNs of the subscribed driver domain were
+        /// revoked (at most [`MAX_NOTICES_PER_FRAME`]; each notice is sent
+        /// once per connection).
+        Revoked(Vec<Notice>),
     }
 
     /// The bincode options of both sides: little-endian, varint integers,
@@ -225,6 +275,12 @@ use wire::{Request, Response, ServerInfo, Stats};
 /// How long [`Remote::connect`] waits for the daemon's handshake answer.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Pushed notices a [`Remote`] keeps until they are taken; beyond this the
+/// oldest are dropped (and counted): the hypervisor still reports every
+/// notice through `revoked_next`, so only the early cache invalidation is
+/// lost.
+pub const MAX_QUEUED_NOTICES: usize = 1 << 16;
+
 /// A connection to the simulator daemon, calling as one domain.
 pub struct Remote {
     stream: UnixStream,
@@ -232,6 +288,10 @@ pub struct Remote {
     info: ServerInfo,
     /// Set after an I/O or framing failure: the stream may be out of step.
     broken: bool,
+    /// Revocations pushed by the daemon, not yet taken.
+    notices: VecDeque<wire::Notice>,
+    /// Pushed notices dropped because the queue was full.
+    notices_dropped: u64,
 }
 
 fn remote_err(msg: impl Into<String>) -> Error {
@@ -268,6 +328,8 @@ impl Remote {
                 max_dma_len: 0,
             },
             broken: false,
+            notices: VecDeque::new(),
+            notices_dropped: 0,
         };
         // A daemon that never answers must not hang the caller forever.
         remote.set_timeout(Some(HANDSHAKE_TIMEOUT))?;
@@ -278,6 +340,9 @@ impl Remote {
         match remote.call(&hello)? {
             Response::Welcome(info) if info.version == wire::PROTOCOL_VERSION => {
                 remote.info = info;
+                // Hear of revocations from the start, so none is missed
+                // between connecting and the first drain.
+                remote.expect_done("subscribe", &Request::Subscribe { caller: caller.0 })?;
                 remote.set_timeout(None)?;
                 Ok(remote)
             }
@@ -298,9 +363,93 @@ impl Remote {
         self.caller
     }
 
-    /// Call as another domain from now on.
-    pub fn set_caller(&mut self, caller: DomId) {
+    /// Call as another domain from now on (and hear of its revocations
+    /// instead).
+    pub fn set_caller(&mut self, caller: DomId) -> Result<(), Error> {
         self.caller = caller;
+        self.notices.clear();
+        self.expect_done("subscribe", &Request::Subscribe { caller: caller.0 })
+    }
+
+    /// Simulator admin: balloon `gfn` out of `domid`; the hypervisor revokes
+    /// every BFN of the page (and the daemon pushes the notices).
+    pub fn balloon_out(&mut self, domid: DomId, gfn: Gfn) -> Result<(), Error> {
+        let req = Request::BalloonOut {
+            domid: domid.0,
+            gfn: gfn.0,
+        };
+        self.expect_done("balloon out", &req)
+    }
+
+    /// Take the revocations the daemon pushed so far.
+    pub fn take_notices(&mut self) -> Vec<wire::Notice> {
+        self.notices.drain(..).collect()
+    }
+
+    /// Pushed notices dropped because nobody took them in time.
+    pub fn notices_dropped(&self) -> u64 {
+        self.notices_dropped
+    }
+
+    /// Wait up to `timeout` for the daemon to push a revocation. `Ok(true)`
+    /// when notices are queued (now or on return), `Ok(false)` on timeout.
+    pub fn wait_notices(&mut self, timeout: Duration) -> Result<bool, Error> {
+        if !self.notices.is_empty() {
+            return Ok(true);
+        }
+        if self.broken {
+            return Err(remote_err(
+                "connection unusable after an earlier failure; reconnect",
+            ));
+        }
+        // Wait for the stream to become readable only; once a frame starts,
+        // read it whole (a frame cut by a timeout would leave the stream
+        // out of step).
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(self.stream.as_fd(), PollFlags::POLLIN)];
+        let ready = match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(n) => n > 0,
+            Err(nix::errno::Errno::EINTR) => false,
+            Err(e) => {
+                return Err(Error::Os {
+                    what: "remote simulator: wait for notices".into(),
+                    source: e.into(),
+                })
+            }
+        };
+        if !ready {
+            return Ok(false);
+        }
+        self.set_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        let r = match self.read_frame() {
+            Ok(Response::Revoked(n)) => {
+                self.queue(n);
+                Ok(true)
+            }
+            Ok(other) => Err(remote_err(format!(
+                "daemon sent an unasked {} frame",
+                kind(&other)
+            ))),
+            Err(e) => Err(e),
+        };
+        if r.is_err() {
+            self.broken = true;
+            return r;
+        }
+        self.set_timeout(None)?;
+        r
+    }
+
+    fn queue(&mut self, notices: Vec<wire::Notice>) {
+        for n in notices {
+            if self.notices.len() >= MAX_QUEUED_NOTICES {
+                self.notices.pop_front();
+                self.notices_dropped += 1;
+            }
+            self.notices.push_back(n);
+        }
     }
 
     /// What the daemon announced in the handshake.
@@ -422,22 +571,24 @@ impl Remote {
     fn exchange(&mut self, req: &Request) -> Result<Response, Error> {
         let frame =
             wire::encode_frame(req).map_err(|e| remote_err(format!("encode request: {e}")))?;
-        let io = |what: &str, e: std::io::Error| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => {
-                remote_err(format!("{what}: daemon closed the connection"))
-            }
-            _ => Error::Os {
-                what: format!("remote simulator: {what}"),
-                source: e,
-            },
-        };
         self.stream
             .write_all(&frame)
-            .map_err(|e| io("send request", e))?;
+            .map_err(|e| io_err("send request", e))?;
+        // Pushed notices may come first; the answer is the first other frame.
+        loop {
+            match self.read_frame()? {
+                Response::Revoked(n) => self.queue(n),
+                answer => return Ok(answer),
+            }
+        }
+    }
+
+    /// Read one whole frame from the daemon.
+    fn read_frame(&mut self) -> Result<Response, Error> {
         let mut len = [0u8; wire::LEN_PREFIX];
         self.stream
             .read_exact(&mut len)
-            .map_err(|e| io("read response", e))?;
+            .map_err(|e| io_err("read response", e))?;
         let len = u32::from_le_bytes(len);
         if len > wire::MAX_FRAME {
             return Err(remote_err(format!(
@@ -448,8 +599,31 @@ impl Remote {
         let mut body = vec![0u8; len as usize];
         self.stream
             .read_exact(&mut body)
-            .map_err(|e| io("read response", e))?;
-        wire::decode(&body).map_err(|e| remote_err(format!("malformed response: {e}")))
+            .map_err(|e| io_err("read response", e))?;
+        let r: Response =
+            wire::decode(&body).map_err(|e| remote_err(format!("malformed response: {e}")))?;
+        if let Response::Revoked(n) = &r {
+            if n.len() > wire::MAX_NOTICES_PER_FRAME {
+                return Err(remote_err(format!(
+                    "a push of {} notices exceeds the limit {}",
+                    n.len(),
+                    wire::MAX_NOTICES_PER_FRAME
+                )));
+            }
+        }
+        Ok(r)
+    }
+}
+
+fn io_err(what: &str, e: std::io::Error) -> Error {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => {
+            remote_err(format!("{what}: daemon closed the connection"))
+        }
+        _ => Error::Os {
+            what: format!("remote simulator: {what}"),
+            source: e,
+        },
     }
 }
 
@@ -463,6 +637,7 @@ fn kind(r: &Response) -> &'static str {
         Response::Data(_) => "Data",
         Response::Stats(_) => "Stats",
         Response::Error { .. } => "Error",
+        Response::Revoked(_) => "Revoked",
     }
 }
 
@@ -544,5 +719,16 @@ impl Transport for Remote {
             Response::Done => Ok(()),
             other => Err(unexpected("set_limits", other)),
         }
+    }
+
+    fn take_revocations(&mut self) -> Vec<(ContextId, Bfn)> {
+        self.take_notices()
+            .into_iter()
+            .map(|n| (ContextId(n.context), Bfn(n.bfn)))
+            .collect()
+    }
+
+    fn wait_revocations(&mut self, timeout: Duration) -> Result<bool, Error> {
+        self.wait_notices(timeout)
     }
 }

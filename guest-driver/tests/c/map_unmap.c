@@ -36,12 +36,37 @@ int main(void)
     rc = pviommu_map(c, 77, &bad_gfn, 1, PVIOMMU_F_READ, &bad_bfn, &bad_status);
     CHECK(rc == -3 && bad_status == -3, "unknown domain: %d", rc);
     CHECK(strstr(pviommu_last_error(c), "ESRCH") != NULL, "message: %s", pviommu_last_error(c));
+    /* Error strings: by name, either sign, static; unknown values say so. */
+    CHECK(strncmp(pviommu_strerror(-3), "ESRCH: ", 7) == 0, "strerror: %s", pviommu_strerror(-3));
+    CHECK(pviommu_strerror(3) == pviommu_strerror(-3), "strerror sign");
+    CHECK(strncmp(pviommu_strerror(-5), "EIO: ", 5) == 0, "strerror EIO");
+    CHECK(strcmp(pviommu_strerror(12345), "unknown error") == 0, "strerror unknown");
+    CHECK(strcmp(pviommu_strerror(-2147483647 - 1), "unknown error") == 0, "strerror INT_MIN");
+    /* Flags the call does not know, or a grant map, are refused. */
+    CHECK(pviommu_map(c, 1, &bad_gfn, 1, PVIOMMU_F_READ | 0x10000, &bad_bfn, &bad_status) == -22,
+          "flag above 16 bits");
+    CHECK(pviommu_map(c, 1, &bad_gfn, 1, PVIOMMU_F_READ | 0x8, &bad_bfn, &bad_status) == -22,
+          "unknown flag");
+    CHECK(pviommu_map(c, 1, &bad_gfn, 1, PVIOMMU_F_READ | PVIOMMU_F_GRANT, &bad_bfn, &bad_status) == -22,
+          "grant");
+    CHECK(strstr(pviommu_last_error(c), "flags") != NULL, "flags message: %s", pviommu_last_error(c));
+    /* NULL where an array is needed: -EINVAL, nothing touched. */
+    CHECK(pviommu_map(c, 1, NULL, 1, PVIOMMU_F_READ, &bad_bfn, &bad_status) == -22, "NULL gfns");
+    CHECK(pviommu_map(NULL, 1, &bad_gfn, 1, PVIOMMU_F_READ, &bad_bfn, &bad_status) == -22, "NULL client");
+    /* An open that fails says why, through the thread's last error. */
+    CHECK(pviommu_open_remote("/nonexistent/pviommu.sock", 0) == NULL, "open nothing");
+    CHECK(strstr(pviommu_last_error(NULL), "/nonexistent/pviommu.sock") != NULL, "open reason: %s",
+          pviommu_last_error(NULL));
+    /* The in-process simulator has no push: the wait only checks. */
+    CHECK(pviommu_wait_revocations(c, 10) == 0, "nothing pending");
+    CHECK(pviommu_wait_revocations(c, -1) == -22, "negative timeout");
 
     /* The guest balloons a mapped page out: the hypervisor revokes its BFN,
      * the DMA faults, and the mediator hears of it exactly once. */
     CHECK(pviommu_sim_balloon_out(c, 1, gfns[5]) == 0, "balloon out");
     uint64_t w5;
     CHECK(pviommu_sim_dma_read(c, bfns[5], &w5, sizeof(w5)) == -14, "DMA at a revoked BFN must fault");
+    CHECK(pviommu_wait_revocations(c, 0) == 1, "pending after the balloon");
     struct pviommu_revocation revs[4];
     rc = pviommu_drain_revocations(c, revs, 4);
     CHECK(rc == 1, "drain: %d %s", rc, pviommu_last_error(c));
