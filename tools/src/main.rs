@@ -618,6 +618,32 @@ fn stats(cli: &Cli, c: &mut AnyClient, scan_limit: u64) -> Result<(), CliError> 
     let found = scan::scan(c, caps.bfn_window_start, scan_limit, Some(live))?;
     let groups = scan::group(&found.mappings);
     let complete = found.mappings.len() as u64 >= live;
+    // The hypervisor's own counters and time breakdown (PVIOMMU_CMD_stats):
+    // only the control domain may read them, and only transports that
+    // carry the command; null otherwise.
+    let hv = c
+        .hypervisor_stats(pviommu_abi::DomId(cli.caller), 0)
+        .ok()
+        .map(|s| {
+            serde_json::json!({
+                "maps": s.maps,
+                "shared": s.shared,
+                "unmaps": s.unmaps,
+                "revocations": s.revocations,
+                "flushes": s.flushes,
+                "batches": s.batches,
+                "mapped_pages": s.mapped_pages,
+                "heap_bytes": s.heap_bytes,
+                "ns": {
+                    "batches": s.ns_batches,
+                    "get_page": s.ns_get_page,
+                    "put_page": s.ns_put_page,
+                    "iommu_map": s.ns_iommu_map,
+                    "iommu_unmap": s.ns_iommu_unmap,
+                    "iommu_flush": s.ns_iommu_flush,
+                },
+            })
+        });
     let doc = serde_json::json!({
         "caller": cli.caller,
         "quota": caps.quota,
@@ -632,6 +658,7 @@ fn stats(cli: &Cli, c: &mut AnyClient, scan_limit: u64) -> Result<(), CliError> 
             "found": found.mappings.len(),
             "complete": complete,
         },
+        "hypervisor": hv,
     });
     emit(cli.json, &doc, || {
         let mut s = format!(
@@ -649,6 +676,12 @@ fn stats(cli: &Cli, c: &mut AnyClient, scan_limit: u64) -> Result<(), CliError> 
                 g.context,
                 g.mappings,
                 g.writable
+            );
+        }
+        if let Some(h) = &hv {
+            s += &format!(
+                "hypervisor: {} maps ({} shared), {} unmaps, {} revocations, {} flushes in {} batches; engine heap {} bytes\n",
+                h["maps"], h["shared"], h["unmaps"], h["revocations"], h["flushes"], h["batches"], h["heap_bytes"]
             );
         }
         if !complete {
