@@ -12,6 +12,7 @@
 //! take the caller's p2m lock and may fault): each op is copied in, acted on
 //! under the lock, and copied out.
 
+use pviommu_abi::MapRequest;
 use pviommu_abi::{
     cmd, feature, stats_flag, version_major, PvIommuBatch, PvIommuCaps, PvIommuLimits, PvIommuOp,
     PvIommuRegion, PvIommuRegions, PvIommuStats, Request, BATCH_INCOMPLETE, INTERFACE_VERSION,
@@ -21,7 +22,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use lock_api::RawMutex;
 
 use crate::config::MAX_REGIONS_PER_CALL;
-use crate::engine::{Engine, Hypervisor};
+use crate::engine::{Engine, Hypervisor, MAP_CHUNK};
 use crate::permission::{may_call, may_read_regions};
 use crate::platform::{DomainInfo, XsmAction};
 use crate::{ContextId, DomId, Errno};
@@ -272,6 +273,19 @@ impl<L: RawMutex> Engine<L> {
                 result = Ok(BATCH_INCOMPLETE);
                 break;
             }
+            // A run of maps goes through the engine under one lock.
+            match self.run_maps(h, caller, ci, &hdr) {
+                Ok(0) => {}
+                Ok(k) => {
+                    hdr.nr_done += k;
+                    continue;
+                }
+                Err((k, e)) => {
+                    hdr.nr_done += k;
+                    result = Err(e);
+                    break;
+                }
+            }
             let addr = hdr.ops + hdr.nr_done as u64 * OP_SIZE;
             if let Err(e) = self.run_op(h, caller, ci, addr) {
                 result = Err(e);
@@ -284,6 +298,79 @@ impl<L: RawMutex> Engine<L> {
         self.finish(h, caller);
         h.copy_to_guest(arg, hdr.as_bytes())?;
         result
+    }
+
+    /// Run the map ops starting at `hdr.nr_done` (up to [`MAP_CHUNK`] of
+    /// them, stopping at the first op that is not a well-formed map, and
+    /// where [`Engine::map_batch`] ends its run), and write their results
+    /// back in order.
+    /// Returns how many were done; 0 when the next op is not a map (or
+    /// cannot be read: [`run_op`](Self::run_op) reports that). If a result
+    /// cannot be written back, that op and the ones after it in the run
+    /// are undone and `Err((done before it, error))` is returned.
+    fn run_maps(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        ci: &DomainInfo,
+        hdr: &PvIommuBatch,
+    ) -> Result<u32, (u32, Errno)> {
+        let mut ops = [PvIommuOp::default(); MAP_CHUNK];
+        // Filler for the unused tail (never passed to the engine).
+        const UNUSED: MapRequest = MapRequest {
+            context: ContextId::DEFAULT,
+            domid: DomId::DOM0,
+            gfn: pviommu_abi::Gfn(0),
+            perms: pviommu_abi::Permissions::RO,
+            attr: pviommu_abi::MemAttr::WriteBack,
+            grant: false,
+        };
+        let mut reqs = [UNUSED; MAP_CHUNK];
+        let mut n = 0;
+        let left = hdr.nr_ops.saturating_sub(hdr.nr_done) as usize;
+        for (k, (op, req)) in ops.iter_mut().zip(reqs.iter_mut()).take(left).enumerate() {
+            let addr = hdr.ops + (hdr.nr_done as u64 + k as u64) * OP_SIZE;
+            let Ok(copied) = copy_in::<PvIommuOp>(h, addr) else {
+                break;
+            };
+            match Request::parse(&copied) {
+                Ok(Request::Map(m)) => {
+                    *op = copied;
+                    *req = m;
+                    n += 1;
+                }
+                _ => break,
+            }
+        }
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut results = [Err(Errno::Inval); MAP_CHUNK];
+        let n = self.map_batch(h, caller, ci, reqs.get(..n).unwrap_or(&[]), &mut results);
+        for k in 0..n {
+            let (Some(op), Some(result)) = (ops.get_mut(k), results.get(k)) else {
+                break;
+            };
+            match result {
+                Ok(bfn) => {
+                    op.bfn = bfn.0;
+                    op.status = 0;
+                }
+                Err(e) => op.status = e.negated(),
+            }
+            let addr = hdr.ops + (hdr.nr_done as u64 + k as u64) * OP_SIZE;
+            if let Err(e) = h.copy_to_guest(addr, op.as_bytes()) {
+                // Undo what cannot be reported: this op and the rest.
+                let undo = reqs.iter().zip(results.iter()).take(n).skip(k);
+                for (req, result) in undo {
+                    if let Ok(bfn) = result {
+                        let _ = self.unmap(h, caller, req.context, *bfn);
+                    }
+                }
+                return Err((k as u32, e));
+            }
+        }
+        Ok(n as u32)
     }
 
     /// Run the op at guest address `addr` and write its status back.

@@ -196,8 +196,13 @@ impl<L: RawMutex> StateView<'_, L> {
     }
 }
 
+/// Most maps [`Engine::map_batch`] takes under one lock (its per-op state
+/// lives on the hypervisor's stack).
+pub const MAP_CHUNK: usize = 8;
+
 /// What the locked part of a map did with the attempt's page reference
 /// and its share of the target gate.
+#[derive(Clone, Copy)]
 enum MapOutcome {
     /// A new mapping holds both.
     Installed(Bfn),
@@ -723,6 +728,182 @@ impl<L: RawMutex> Engine<L> {
             }
         }
         Err(Errno::Again)
+    }
+
+    /// Maps of a batch taken under one lock: [`map`](Self::map) for the
+    /// first of `reqs` (at most [`MAP_CHUNK`]), with `out[i]` the result of
+    /// `reqs[i]`; returns how many were done. The run ends before an op
+    /// that repeats an earlier op's page (dedup needs the earlier one
+    /// installed): that one starts the next run. The pages are looked up
+    /// first without a lock, then the caller's driver lock is taken once
+    /// for all of them. Results and state are those of mapping them one by
+    /// one in order, except that an op whose target's p2m moved meanwhile
+    /// is mapped again on its own after the others.
+    pub fn map_batch(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        caller_info: &DomainInfo,
+        reqs: &[MapRequest],
+        out: &mut [Result<Bfn, Errno>],
+    ) -> usize {
+        let mut n = reqs.len().min(out.len()).min(MAP_CHUNK);
+        // The run ends before the first repeat of a page.
+        for i in 1..n {
+            let (Some(req), Some(earlier)) = (reqs.get(i), reqs.get(..i)) else {
+                break;
+            };
+            if earlier
+                .iter()
+                .any(|r| r.domid == req.domid && r.gfn == req.gfn)
+            {
+                n = i;
+                break;
+            }
+        }
+        // What each op is waiting for after the unlocked phase.
+        #[derive(Clone, Copy)]
+        enum Step {
+            Done,
+            /// Looked up: page `mfn` referenced, gate joined at `seq`.
+            Locked(Mfn, u32),
+        }
+        let mut steps = [Step::Done; MAP_CHUNK];
+        let mut ns_get_page = 0;
+        let mut checked: Option<DomId> = None;
+        let caps = h.iommu_caps();
+        for i in 0..n {
+            let (Some(req), Some(o)) = (reqs.get(i), out.get_mut(i)) else {
+                break;
+            };
+            let Some(step) = steps.get_mut(i) else {
+                break;
+            };
+            let valid = if checked == Some(req.domid) {
+                Ok(())
+            } else {
+                check_map(h, caller, caller_info, req.domid)
+            }
+            .and_then(|()| {
+                if req.grant {
+                    return Err(Errno::OpNotSupp);
+                }
+                if caps.features & req.attr.required_feature() != req.attr.required_feature()
+                    || req.context.0 >= MAX_CONTEXTS
+                {
+                    return Err(Errno::OpNotSupp);
+                }
+                self.gate(req.domid).ok_or(Errno::Srch)
+            });
+            let gate = match valid {
+                Ok(g) => g,
+                Err(e) => {
+                    *o = Err(e);
+                    continue;
+                }
+            };
+            checked = Some(req.domid);
+            gate.active.fetch_add(1, Ordering::SeqCst);
+            let seq = gate.seq.load(Ordering::SeqCst);
+            let t0 = self.clock(h);
+            let looked_up = h.get_page(req.domid, req.gfn, req.perms.write);
+            ns_get_page += self.since(h, t0);
+            let page = looked_up.and_then(|p| {
+                match check_page(p.kind, req.perms).and_then(|()| p.mfn.ok_or(Errno::XDev)) {
+                    Ok(mfn) => Ok(mfn),
+                    Err(e) => {
+                        if let Some(mfn) = p.mfn {
+                            h.put_page(mfn, req.perms.write);
+                        }
+                        Err(e)
+                    }
+                }
+            });
+            match page {
+                Ok(mfn) => *step = Step::Locked(mfn, seq),
+                Err(e) => {
+                    self.gate_leave(req.domid);
+                    *o = Err(e);
+                }
+            }
+        }
+
+        let mut outcomes: [Option<MapOutcome>; MAP_CHUNK] = [None; MAP_CHUNK];
+        if steps.iter().any(|s| matches!(s, Step::Locked(..))) {
+            match self.lock_or_claim(caller) {
+                Err(e) => {
+                    for (s, o) in steps.iter().zip(outcomes.iter_mut()) {
+                        if matches!(s, Step::Locked(..)) {
+                            *o = Some(MapOutcome::Refused(e));
+                        }
+                    }
+                }
+                Ok(mut d) => {
+                    d.dd.stats.ns_get_page += ns_get_page;
+                    // Mark the cell in every target's gate, then re-read
+                    // each op's seq (the protocol of `map`).
+                    for (req, s) in reqs.iter().zip(steps.iter()) {
+                        if matches!(s, Step::Locked(..)) {
+                            self.set_gate_bit(d.cell, req.domid, true);
+                        }
+                    }
+                    for ((req, step), slot) in
+                        reqs.iter().zip(steps.iter()).zip(outcomes.iter_mut())
+                    {
+                        let Step::Locked(mfn, seq) = *step else {
+                            continue;
+                        };
+                        let moved = self
+                            .gate(req.domid)
+                            .is_none_or(|g| g.seq.load(Ordering::SeqCst) != seq);
+                        if moved {
+                            continue; // outcome None: mapped alone below
+                        }
+                        let out = self.map_locked(&mut d, h, req, mfn);
+                        match out {
+                            MapOutcome::Installed(_) => d.dd.stats.maps += 1,
+                            MapOutcome::Shared(_) => d.dd.stats.shared += 1,
+                            _ => {}
+                        }
+                        *slot = Some(out);
+                    }
+                    // A target left with no page here loses the cell's bit.
+                    for ((req, step), outcome) in reqs.iter().zip(steps.iter()).zip(outcomes.iter())
+                    {
+                        if matches!(step, Step::Locked(..))
+                            && !matches!(
+                                outcome,
+                                Some(MapOutcome::Installed(_) | MapOutcome::Shared(_))
+                            )
+                        {
+                            self.sync_gate_bit(d.cell, &d.dd, req.domid);
+                        }
+                    }
+                    self.put_driver(d);
+                }
+            }
+        }
+
+        let results = reqs.iter().zip(steps.iter()).zip(outcomes.iter());
+        for (((req, step), outcome), o) in results.zip(out.iter_mut()).take(n) {
+            match (*step, *outcome) {
+                (Step::Done, _) => {}
+                (Step::Locked(_, _), Some(MapOutcome::Installed(bfn))) => *o = Ok(bfn),
+                (Step::Locked(_, _), Some(MapOutcome::Consumed(e))) => *o = Err(e),
+                (Step::Locked(mfn, _), outcome) => {
+                    // Shared, refused, or the p2m moved: give back what the
+                    // lookup took, and for a move, map it again alone.
+                    h.put_page(mfn, req.perms.write);
+                    self.gate_leave(req.domid);
+                    *o = match outcome {
+                        Some(MapOutcome::Shared(bfn)) => Ok(bfn),
+                        Some(MapOutcome::Refused(e)) => Err(e),
+                        _ => self.map(h, caller, caller_info, req),
+                    };
+                }
+            }
+        }
+        n
     }
 
     /// The locked part of a map: dedup or install.
