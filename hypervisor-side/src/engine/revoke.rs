@@ -216,6 +216,7 @@ impl<L: RawMutex> Engine<L> {
                 cell,
                 dd: lock.lock(),
             };
+            let revoked_before = d.dd.stats.revocations;
             // Whichever is less work: one O(1) lookup per gfn, or one pass
             // over every slot (the slot array's length, not the live ones).
             if count <= d.dd.slots.len() as u64 {
@@ -238,7 +239,12 @@ impl<L: RawMutex> Engine<L> {
                     }
                 }
             }
-            self.flush_and_release(&mut d, h);
+            // Nothing of this gfn here (the common case of a ballooned
+            // page nobody mapped): nothing to flush. The bit is brought up
+            // to date either way (a stale one costs later hooks a visit).
+            if d.dd.stats.revocations != revoked_before {
+                self.flush_and_release(&mut d, h);
+            }
             self.sync_gate_bit(cell, &d.dd, domid);
             self.put_driver(d);
         }
