@@ -364,7 +364,7 @@ impl<L: RawMutex> Engine<L> {
                 let undo = reqs.iter().zip(results.iter()).take(n).skip(k);
                 for (req, result) in undo {
                     if let Ok(bfn) = result {
-                        let _ = self.unmap(h, caller, req.context, *bfn);
+                        self.unmap_undo(h, caller, req.context, *bfn);
                     }
                 }
                 return Err((k as u32, e));
@@ -429,7 +429,7 @@ impl<L: RawMutex> Engine<L> {
             // Undo what could not be reported.
             match (request, outcome) {
                 (Ok(Request::Map(m)), Ok(())) => {
-                    let _ = self.unmap(h, caller, m.context, pviommu_abi::Bfn(op.bfn));
+                    self.unmap_undo(h, caller, m.context, pviommu_abi::Bfn(op.bfn));
                 }
                 (Ok(Request::ContextCreate), Ok(())) => {
                     let _ = self.context_destroy(h, caller, ContextId(op.context));

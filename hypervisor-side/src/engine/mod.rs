@@ -510,11 +510,12 @@ impl<L: RawMutex> Engine<L> {
         } else {
             MAX_DRIVER_DOMAINS
         };
+        let mut full = true;
         for _ in 0..MAP_RETRIES {
             if let Some(d) = self.lock_driver(domid) {
                 return Ok(d);
             }
-            let mut full = true;
+            full = true;
             for cell in first..last {
                 let (Some(owner), Some(m)) = (self.owners.get(cell), self.cells.get(cell)) else {
                     continue;
@@ -553,11 +554,10 @@ impl<L: RawMutex> Engine<L> {
                 dd.domid = domid;
                 return Ok(Driver { cell, dd });
             }
-            if full {
-                return Err(Errno::NoSpc);
-            }
+            // All owned: try again (a cell may only have looked owned while
+            // another claimer gave it back), then report the table full.
         }
-        Err(Errno::Again)
+        Err(if full { Errno::NoSpc } else { Errno::Again })
     }
 
     /// Unlock a driver state. A state left idle (nothing mapped, revoked,
@@ -1093,6 +1093,31 @@ impl<L: RawMutex> Engine<L> {
         }
         self.gate_leave(m.domid);
         Ok(())
+    }
+
+    /// Undo a map whose result could not be reported to the caller: drop
+    /// the reference that map took, if `bfn` is still live. A BFN revoked
+    /// meanwhile is left alone: its notice belongs to the references the
+    /// caller does know about (an earlier map of the same page), and
+    /// acknowledging it here would free a BFN the caller still holds. If
+    /// the IOMMU refuses the unmap, the mapping is taken down through the
+    /// stuck list (retried at every flush, then a notice), never left live
+    /// and unreported.
+    pub fn unmap_undo(&self, h: &mut impl Hypervisor, caller: DomId, context: ContextId, bfn: Bfn) {
+        let Some(idx) = self.space.index_of(bfn) else {
+            return;
+        };
+        let Some(mut d) = self.lock_driver(caller) else {
+            return;
+        };
+        if let Some(m) = d.dd.live_at(idx).filter(|m| m.context == context) {
+            if m.refs > 1 {
+                d.dd.set_refs(idx, m.refs - 1);
+            } else if let Some((target, _)) = self.take_down_live(&mut d, h, idx, false) {
+                self.sync_gate_bit(d.cell, &d.dd, target);
+            }
+        }
+        self.put_driver(d);
     }
 
     /// Acknowledge a revoked BFN (`REVOKED_ACK`).

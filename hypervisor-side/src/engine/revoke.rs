@@ -87,7 +87,7 @@ impl<L: RawMutex> Engine<L> {
     /// It leaves the target's gate bit alone: a map that revokes a stale
     /// mapping and then installs the current frame must not clear its own
     /// bit in between (a hook reading the bits then would skip the cell).
-    fn take_down_live(
+    pub(super) fn take_down_live(
         &self,
         d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
