@@ -268,26 +268,40 @@ impl<L: RawMutex> Engine<L> {
         }
         let first = hdr.nr_done;
         let mut result = Ok(0);
+        // The op at `nr_done` when a run of maps already copied it in.
+        let mut peeked: Option<PvIommuOp> = None;
         while hdr.nr_done < hdr.nr_ops {
             if hdr.nr_done > first && h.should_preempt() {
                 result = Ok(BATCH_INCOMPLETE);
                 break;
             }
-            // A run of maps goes through the engine under one lock.
-            match self.run_maps(h, caller, ci, &hdr) {
-                Ok(0) => {}
-                Ok(k) => {
-                    hdr.nr_done += k;
-                    continue;
-                }
-                Err((k, e)) => {
-                    hdr.nr_done += k;
-                    result = Err(e);
-                    break;
-                }
-            }
             let addr = hdr.ops + hdr.nr_done as u64 * OP_SIZE;
-            if let Err(e) = self.run_op(h, caller, ci, addr) {
+            let op = match peeked.take() {
+                Some(op) => op,
+                None => match copy_in::<PvIommuOp>(h, addr) {
+                    Ok(op) => op,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                },
+            };
+            if let Ok(Request::Map(_)) = Request::parse(&op) {
+                // A run of maps goes through the engine under one lock.
+                match self.run_maps(h, caller, ci, &hdr, op) {
+                    Ok((k, next)) => {
+                        hdr.nr_done += k;
+                        peeked = next;
+                    }
+                    Err((k, e)) => {
+                        hdr.nr_done += k;
+                        result = Err(e);
+                        break;
+                    }
+                }
+                continue;
+            }
+            if let Err(e) = self.run_op(h, caller, ci, addr, op) {
                 result = Err(e);
                 break;
             }
@@ -300,22 +314,21 @@ impl<L: RawMutex> Engine<L> {
         result
     }
 
-    /// Run the map ops starting at `hdr.nr_done` (up to [`MAP_CHUNK`] of
-    /// them, stopping at the first op that is not a well-formed map, and
-    /// where [`Engine::map_batch`] ends its run), and write their results
-    /// back in order.
-    /// Returns how many were done; 0 when the next op is not a map (or
-    /// cannot be read: [`run_op`](Self::run_op) reports that). If a result
-    /// cannot be written back, that op and the ones after it in the run
-    /// are undone and `Err((done before it, error))` is returned.
+    /// Run the map ops starting at `hdr.nr_done` (`first`, already copied
+    /// in, and up to [`MAP_CHUNK`] - 1 more, stopping at the first op that
+    /// is not a well-formed map, and where [`Engine::map_batch`] ends its
+    /// run), and write their results back in order. Returns how many were
+    /// done, and the op right after them if it was copied in already. If a
+    /// result cannot be written back, that op and the ones after it in the
+    /// run are undone and `Err((done before it, error))` is returned.
     fn run_maps(
         &self,
         h: &mut impl Hypervisor,
         caller: DomId,
         ci: &DomainInfo,
         hdr: &PvIommuBatch,
-    ) -> Result<u32, (u32, Errno)> {
-        let mut ops = [PvIommuOp::default(); MAP_CHUNK];
+        first: PvIommuOp,
+    ) -> Result<(u32, Option<PvIommuOp>), (u32, Errno)> {
         // Filler for the unused tail (never passed to the engine).
         const UNUSED: MapRequest = MapRequest {
             context: ContextId::DEFAULT,
@@ -325,13 +338,21 @@ impl<L: RawMutex> Engine<L> {
             attr: pviommu_abi::MemAttr::WriteBack,
             grant: false,
         };
+        let mut ops = [PvIommuOp::default(); MAP_CHUNK];
         let mut reqs = [UNUSED; MAP_CHUNK];
         let mut n = 0;
+        let mut after: Option<PvIommuOp> = None;
         let left = hdr.nr_ops.saturating_sub(hdr.nr_done) as usize;
         for (k, (op, req)) in ops.iter_mut().zip(reqs.iter_mut()).take(left).enumerate() {
-            let addr = hdr.ops + (hdr.nr_done as u64 + k as u64) * OP_SIZE;
-            let Ok(copied) = copy_in::<PvIommuOp>(h, addr) else {
-                break;
+            let copied = if k == 0 {
+                first
+            } else {
+                let addr = hdr.ops + (hdr.nr_done as u64 + k as u64) * OP_SIZE;
+                match copy_in::<PvIommuOp>(h, addr) {
+                    Ok(c) => c,
+                    // Reported when the batch loop reaches it.
+                    Err(_) => break,
+                }
             };
             match Request::parse(&copied) {
                 Ok(Request::Map(m)) => {
@@ -339,15 +360,24 @@ impl<L: RawMutex> Engine<L> {
                     *req = m;
                     n += 1;
                 }
-                _ => break,
+                _ => {
+                    after = Some(copied);
+                    break;
+                }
             }
         }
-        if n == 0 {
-            return Ok(0);
-        }
         let mut results = [Err(Errno::Inval); MAP_CHUNK];
-        let n = self.map_batch(h, caller, ci, reqs.get(..n).unwrap_or(&[]), &mut results);
-        for k in 0..n {
+        let done = self.map_batch(h, caller, ci, reqs.get(..n).unwrap_or(&[]), &mut results);
+        if done == 0 {
+            // Unreachable (a run's first op is never a repeat); never loop
+            // on it.
+            return Err((0, Errno::Inval));
+        }
+        if done < n {
+            // The run ended early: the next op is a map not yet run.
+            after = ops.get(done).copied();
+        }
+        for k in 0..done {
             let (Some(op), Some(result)) = (ops.get_mut(k), results.get(k)) else {
                 break;
             };
@@ -361,7 +391,7 @@ impl<L: RawMutex> Engine<L> {
             let addr = hdr.ops + (hdr.nr_done as u64 + k as u64) * OP_SIZE;
             if let Err(e) = h.copy_to_guest(addr, op.as_bytes()) {
                 // Undo what cannot be reported: this op and the rest.
-                let undo = reqs.iter().zip(results.iter()).take(n).skip(k);
+                let undo = reqs.iter().zip(results.iter()).take(done).skip(k);
                 for (req, result) in undo {
                     if let Ok(bfn) = result {
                         self.unmap_undo(h, caller, req.context, *bfn);
@@ -370,20 +400,21 @@ impl<L: RawMutex> Engine<L> {
                 return Err((k as u32, e));
             }
         }
-        Ok(n as u32)
+        Ok((done as u32, after))
     }
 
-    /// Run the op at guest address `addr` and write its status back.
-    /// `Err` only when the guest's op array itself is inaccessible: then the
-    /// op has no effect. No engine lock is held across the guest copies.
+    /// Run `op`, copied in from guest address `addr`, and write its status
+    /// back. `Err` only when the guest's op array itself is inaccessible:
+    /// then the op has no effect. No engine lock is held across the guest
+    /// copies.
     fn run_op(
         &self,
         h: &mut impl Hypervisor,
         caller: DomId,
         ci: &DomainInfo,
         addr: u64,
+        mut op: PvIommuOp,
     ) -> Result<(), Errno> {
-        let mut op: PvIommuOp = copy_in(h, addr)?;
         let request = Request::parse(&op);
         let outcome = match request {
             Err(e) => Err(e),
