@@ -76,6 +76,34 @@ const NO_CELL: u8 = u8::MAX;
 /// `owners` entry of a free cell.
 const FREE_CELL: u32 = u32::MAX;
 
+/// One cache line per element, so CPUs working on different driver cells do
+/// not bounce each other's lines (false sharing).
+#[repr(align(64))]
+pub(crate) struct CacheLine<T>(T);
+
+impl<T> core::ops::Deref for CacheLine<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// Where `domid`'s gate sits: four gates share a cache line, and a map
+/// changes its target's `active` count, so neighbouring domids (guests
+/// created one after another, served by different CPUs) are spread to
+/// different quarters of the table rather than packed into one line.
+/// A reserved domid (`DOMID_SELF`, `DOMID_IO`, ...) has no gate: its index
+/// is past the table.
+fn gate_index(domid: DomId) -> usize {
+    const QUARTER: usize = DomId::FIRST_RESERVED as usize / 4;
+    const _: () = assert!(DomId::FIRST_RESERVED as usize % 4 == 0);
+    let d = domid.0 as usize;
+    if d >= DomId::FIRST_RESERVED as usize {
+        return usize::MAX;
+    }
+    (d % 4) * QUARTER + d / 4
+}
+
 /// Per-target-domid atomics read without any lock (see the module docs).
 #[derive(Debug, Default)]
 pub struct TargetGate {
@@ -103,9 +131,9 @@ pub struct Engine<L: RawMutex> {
     /// Domid -> the cell holding its driver state, or [`NO_CELL`].
     cell_of: Vec<AtomicU8>,
     /// Cell -> the domid it belongs to, or [`FREE_CELL`].
-    owners: Vec<AtomicU32>,
+    owners: Vec<CacheLine<AtomicU32>>,
     /// The driver domains' states, each behind its own lock.
-    cells: Vec<Mutex<L, DriverDomain>>,
+    cells: Vec<CacheLine<Mutex<L, DriverDomain>>>,
     /// Whether services are timed for the stats (`PVIOMMU_STATS_TIMING_*`).
     timing: AtomicBool,
 }
@@ -293,10 +321,10 @@ impl<L: RawMutex> Engine<L> {
             .try_reserve_exact(MAX_DRIVER_DOMAINS)
             .map_err(|_| Errno::NoMem)?;
         for n in 0..MAX_DRIVER_DOMAINS {
-            try_push(&mut owners, AtomicU32::new(FREE_CELL))?;
+            try_push(&mut owners, CacheLine(AtomicU32::new(FREE_CELL)))?;
             try_push(
                 &mut cells,
-                Mutex::from_raw(lock_for(n), DriverDomain::new(DomId(0))),
+                CacheLine(Mutex::from_raw(lock_for(n), DriverDomain::new(DomId(0)))),
             )?;
         }
         Ok(Engine {
@@ -412,8 +440,8 @@ impl<L: RawMutex> Engine<L> {
     pub fn boot_bytes(&self) -> usize {
         self.gates.capacity() * core::mem::size_of::<TargetGate>()
             + self.cell_of.capacity()
-            + self.owners.capacity() * 4
-            + self.cells.capacity() * core::mem::size_of::<Mutex<L, DriverDomain>>()
+            + self.owners.capacity() * core::mem::size_of::<CacheLine<AtomicU32>>()
+            + self.cells.capacity() * core::mem::size_of::<CacheLine<Mutex<L, DriverDomain>>>()
     }
 
     /// Lock every driver domain's state, in cell order, to look at it
@@ -454,8 +482,9 @@ impl<L: RawMutex> Engine<L> {
             .map_or(0, |g| g.drivers.load(Ordering::SeqCst))
     }
 
-    fn gate(&self, domid: DomId) -> Option<&TargetGate> {
-        self.gates.get(domid.0 as usize)
+    /// `domid`'s gate (the only way to one: the table is permuted).
+    pub(crate) fn gate(&self, domid: DomId) -> Option<&TargetGate> {
+        self.gates.get(gate_index(domid))
     }
 
     /// Live mappings and in-flight maps pointing at `domid`'s pages.
@@ -1272,6 +1301,28 @@ impl<L: RawMutex> Engine<L> {
     }
 }
 
+#[cfg(test)]
+mod gate_index_tests {
+    use super::*;
+
+    #[test]
+    fn every_domid_has_its_own_gate_and_reserved_ones_none() {
+        let mut seen = alloc::vec![false; DomId::FIRST_RESERVED as usize];
+        for d in 0..DomId::FIRST_RESERVED {
+            let i = gate_index(DomId(d));
+            assert!(!seen[i], "domid {d} shares gate {i}");
+            seen[i] = true;
+        }
+        for d in DomId::FIRST_RESERVED..=u16::MAX {
+            assert_eq!(gate_index(DomId(d)), usize::MAX);
+        }
+        // Neighbours land on different cache lines (4 gates per line).
+        for d in 0..100u16 {
+            assert_ne!(gate_index(DomId(d)) / 4, gate_index(DomId(d + 1)) / 4);
+        }
+    }
+}
+
 /// Regression tests from the security review of the per-driver locks: a
 /// cell claimed by one vCPU of a device model while another vCPU of it maps
 /// (the claim used to publish the cell before setting it up, so the second
@@ -1393,7 +1444,7 @@ mod claim_race_tests {
         let mut h2 = sim.handle(DM2);
         e.unmap(&mut h2, DM2, ContextId::DEFAULT, b2).unwrap();
         // A GUEST hook that read the mask before all this reaches cell 1.
-        e.gates[GUEST.0 as usize]
+        e.gates[gate_index(GUEST)]
             .drivers
             .fetch_or(stale_mask, Ordering::SeqCst);
         e.gfn_removed(&mut sim.handle(DomId::DOM0), GUEST, Gfn(40));

@@ -199,7 +199,7 @@ impl<L: RawMutex> Engine<L> {
         order: u32,
         how: GfnChange,
     ) {
-        let Some(gate) = self.gates.get(domid.0 as usize) else {
+        let Some(gate) = self.gate(domid) else {
             return;
         };
         if gate.active.load(Ordering::SeqCst) == 0 {
@@ -310,7 +310,7 @@ impl<L: RawMutex> Engine<L> {
             // Maps of this domain that looked a page up before it started
             // dying retry, and then find it dying; so does a quota being
             // set for it.
-            if let Some(g) = self.gates.get(domid.0 as usize) {
+            if let Some(g) = self.gate(domid) {
                 g.seq.fetch_add(1, Ordering::SeqCst);
             }
             *c = Cursor {
@@ -345,10 +345,7 @@ impl<L: RawMutex> Engine<L> {
         domid: DomId,
         c: &mut Cursor,
     ) -> Result<(), Restart> {
-        let mask = self
-            .gates
-            .get(domid.0 as usize)
-            .map_or(0, |g| g.drivers.load(Ordering::SeqCst));
+        let mask = self.target_drivers(domid);
         let mut visits = 0u64;
         let mut revokes = 0u32;
         while let Some(cell) = (c.driver as usize..self.cells.len()).find(|&i| mask & (1 << i) != 0)
