@@ -8,6 +8,8 @@
 //!   [`transport::remote`] (the `pviommu sim serve` daemon);
 //! * [`shadow`] — shadow GPU page tables (Gen8+ PPGTT and GGTT) whose leaves
 //!   point at BFNs, built and incrementally synced through the client;
+//! * [`guest_memory`] — a foreign domain's memory over privcmd windows, the
+//!   shadow tables' reader on Xen;
 //! * [`capi`] — the C interface (`include/pviommu_guest.h`).
 //!
 //! Every hypercall batch is a `tracing` span; the library prints nothing.
@@ -18,6 +20,7 @@ pub mod client;
 #[cfg(feature = "sim")]
 pub mod daemon;
 mod error;
+pub mod guest_memory;
 pub mod mapper;
 pub mod notify;
 pub mod shadow;
