@@ -5,6 +5,7 @@
 //! `/dev/xen/privcmd` in dom0).
 
 mod demo;
+mod shadow_cmd;
 mod world;
 
 use std::path::PathBuf;
@@ -118,10 +119,11 @@ enum Command {
         #[arg(long)]
         wait: Option<u64>,
     },
-    /// Shadow GPU page tables (embedded simulator).
+    /// Shadow a guest's GPU page tables (Gen8 PPGTT) through the PV-IOMMU:
+    /// build, sync, translate, follow revocations (sim or xen backend).
     Shadow {
         #[command(subcommand)]
-        action: ShadowAction,
+        action: shadow_cmd::ShadowAction,
     },
     /// The simulator daemon.
     Sim {
@@ -131,28 +133,6 @@ enum Command {
     /// The README's demonstration: a mediator maps a guest's GPU buffers,
     /// shadows its PPGTT, and the simulated GPU reads through GMA -> BFN -> RAM.
     Demo,
-}
-
-#[derive(Subcommand)]
-enum ShadowAction {
-    /// Build the shadow of the PPGTT rooted at a guest frame.
-    Build {
-        /// Foreign domain.
-        #[arg(long, default_value_t = 1)]
-        domid: u16,
-        /// PML4 guest frame.
-        #[arg(long, default_value = "0x10")]
-        root: String,
-    },
-    /// Build, change one guest table page, and sync incrementally.
-    Sync {
-        /// Foreign domain.
-        #[arg(long, default_value_t = 1)]
-        domid: u16,
-        /// PML4 guest frame.
-        #[arg(long, default_value = "0x10")]
-        root: String,
-    },
 }
 
 #[derive(Subcommand)]
@@ -231,11 +211,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Sim {
             action: SimAction::Serve { socket },
         } => return serve(socket),
-        Command::Shadow { action } => {
-            cli_backend_check(&cli)?;
-            let (sync, domid, root) = action_args(action);
-            return demo::shadow_cmd(sync, DomId(domid), Gfn(parse_num(&root)?), cli.json);
-        }
+        Command::Shadow { action } => return shadow_cmd::run(&cli, action),
         _ => {}
     }
     let mut c = open(&cli)?;
@@ -415,20 +391,6 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Shadow { .. } | Command::Sim { .. } | Command::Demo => {}
     }
     Ok(())
-}
-
-fn cli_backend_check(cli: &Cli) -> Result<(), String> {
-    if cli.backend != Backend::Sim {
-        return Err("shadow needs guest-memory access; only --backend sim has it so far".into());
-    }
-    Ok(())
-}
-
-fn action_args(a: &ShadowAction) -> (bool, u16, String) {
-    match a {
-        ShadowAction::Build { domid, root } => (false, *domid, root.clone()),
-        ShadowAction::Sync { domid, root } => (true, *domid, root.clone()),
-    }
 }
 
 fn serve(socket: &std::path::Path) -> Result<(), String> {
