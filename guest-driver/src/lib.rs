@@ -16,6 +16,7 @@
 
 pub mod cache;
 pub mod capi;
+pub mod capi_shadow;
 pub mod client;
 #[cfg(feature = "sim")]
 pub mod daemon;
