@@ -68,7 +68,8 @@ cp /bin/busybox "$R/bin/busybox"
 for a in $(/bin/busybox --list); do
     [ "$a" = busybox ] || ln -sf busybox "$R/bin/$a"
 done
-for m in xen-privcmd; do
+# xen-evtchn: the mediator binds VIRQ_PV_IOMMU through /dev/xen/evtchn.
+for m in xen-privcmd xen-evtchn; do
     cp "$(find "$KMOD" -name "$m.ko*" | head -1)" "$R/lib/modules/"
 done
 cp "$OUT/dom0-harness" "$R/bin/"
@@ -104,7 +105,7 @@ if [ "${NO_DOMU:-0}" != 1 ]; then
         mkdir -p "$R$(dirname "$l")"; cp -L "$l" "$R$l"
     done < "$OUT/libs.txt"
     mkdir -p "$R/lib64"; cp -L /lib64/ld-linux-x86-64.so.2 "$R/lib64/"
-    for m in xen-evtchn xen-gntdev xen-gntalloc xenfs; do
+    for m in xen-gntdev xen-gntalloc xenfs; do
         cp "$(find "$KMOD" -name "$m.ko*" | head -1)" "$R/lib/modules/"
     done
     D="$OUT/domu-rootfs"
