@@ -247,7 +247,7 @@ r=$(ask revocations 10)
 t=$(ask translate 0x202000)
 c=$(run $H hc caps)
 if succeeded "$m" && [ -n "$BC2" ] && [ $((BE)) != $((BC2)) ] && dma_faults $BC2 \
-   && echo "$r" | grep -q "\"leaves\":\[{\"bfn\":$BC2,\"domid\":$PD,\"gfn\":$((GC2)),\"gma\":2105344}\]" \
+   && echo "$r" | grep -q "\"leaves\":\[{\"bfn\":$BC2,\"domid\":$PD,\"gfn\":$((GC2)),\"gma\":2105344}\],\"notices\":\[{[^]]*}\]}" \
    && echo "$t" | grep -q '"bfn":null' && [ "$(field "$c" revoked)" = 0 ]; then
     ok shadow_balloon_revokes_leaf; else ko shadow_balloon_revokes_leaf "old bfn $BC2, other map $m / $u / $(echo $r | cut -c1-300) / $t / $c"; fi
 run $H hc unmap $BE >/dev/null; run $H destroy $E >/dev/null
@@ -261,6 +261,7 @@ wait $DP; d=$(cat /tmp/pd.destroy)
 r2=$(ask revocations)
 n=$(( $(echo "$r" | grep -o '"gma":' | wc -l) + $(echo "$r2" | grep -o '"gma":' | wc -l) ))
 st=$(ask stats)
+echo "MEASURE shadow_revoke_all_xen leaves=$n us=$(( $(jnum "$r" elapsed_us) + $(jnum "$r2" elapsed_us) )) (drain: one revoked_next+ack hypercall per notice)"
 echo quit >&3; exec 3>&-; wait $SWP; sw=$?
 q=$(tail -1 /tmp/shadow.out)
 c=$(run $H hc caps)

@@ -214,10 +214,13 @@ fn watch_command(
             if let (Some(wait), Backend::Xen) = (wait, backend) {
                 wait_for_revocation(session, events, wait)?;
             }
+            let t = Instant::now();
             let r = session
                 .handle_revocations()
                 .map_err(|e| (e.errno(), e.to_string()))?;
-            Ok(json!({ "revocations": revocations_json(&r) }))
+            let mut v = revocations_json(&r);
+            v["elapsed_us"] = json!(t.elapsed().as_micros() as u64);
+            Ok(json!({ "revocations": v }))
         }
         "stats" => {
             let s = session.shadow();

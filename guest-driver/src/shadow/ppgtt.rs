@@ -91,10 +91,10 @@ pub struct ShadowPpgtt {
     pub(super) owners: FrameMap<Gfn, u32>,
     pub(super) waiting: FrameMap<Gfn, Vec<EntryRef>>,
     pub(super) mapped_leaves: u64,
-    /// BFN -> the leaves holding it, built on the first revocation after a
-    /// change (see `ppgtt_revoke.rs`) and dropped by every build/sync, so
-    /// the map/unmap paths pay nothing for it.
-    pub(super) leaf_index: Option<std::collections::HashMap<Bfn, Vec<EntryRef>>>,
+    /// (BFN, leaf) of every present leaf sorted by BFN, built on the first
+    /// revocation after a change (see `ppgtt_revoke.rs`) and dropped by
+    /// every build/sync, so the map/unmap paths pay nothing for it.
+    pub(super) leaf_index: Option<Vec<(u64, EntryRef)>>,
     // Scratch, reused across calls.
     pub(super) work: Vec<(u32, u32)>,
     pub(super) adopt: Vec<Gfn>,

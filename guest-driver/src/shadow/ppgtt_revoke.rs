@@ -5,10 +5,8 @@
 //!
 //! The shadow keeps no BFN -> leaf map on its map/unmap paths. The first
 //! revocation after a build or sync indexes the present leaves with one
-//! pass over the shadow PT pages; the following ones (a dying domain
-//! revokes every leaf, one notice each) are lookups.
-
-use std::collections::HashMap;
+//! pass over the shadow PT pages and a sort by BFN; the following ones (a
+//! dying domain revokes every leaf, one notice each) are binary searches.
 
 use super::gma::Gma;
 use super::ppgtt::{EntryRef, ShadowPpgtt};
@@ -27,18 +25,18 @@ impl ShadowPpgtt {
         memory: &mut S,
         bfn: Bfn,
     ) -> Vec<RevokedLeaf> {
-        if self.leaf_index.is_none() {
-            self.leaf_index = Some(self.index_leaves(memory));
-        }
-        let Some(refs) = self.leaf_index.as_mut().and_then(|ix| ix.remove(&bfn)) else {
-            return Vec::new();
+        let index = match self.leaf_index.take() {
+            Some(ix) => ix,
+            None => self.index_leaves(memory),
         };
-        let mut out = Vec::with_capacity(refs.len());
-        for r in refs {
+        let start = index.partition_point(|(b, _)| *b < bfn.0);
+        let mut out = Vec::new();
+        for &(_, r) in index[start..].iter().take_while(|(b, _)| *b == bfn.0) {
             let info = &self.slots[r.slot as usize];
             let idx = r.idx as usize;
-            // The index was built after the last change; check anyway
-            // rather than clear an entry that no longer holds this BFN.
+            // Entries revoked before (the same BFN reported twice) or
+            // changed since are left alone: only a present leaf that still
+            // holds this BFN is cleared.
             let Some(v) = memory.read_entry(info.page, idx) else {
                 continue;
             };
@@ -55,6 +53,7 @@ impl ShadowPpgtt {
                 bfn,
             });
         }
+        self.leaf_index = Some(index);
         out
     }
 
@@ -76,8 +75,10 @@ impl ShadowPpgtt {
         out
     }
 
-    fn index_leaves<S: ShadowMemory + ?Sized>(&self, memory: &S) -> HashMap<Bfn, Vec<EntryRef>> {
-        let mut index: HashMap<Bfn, Vec<EntryRef>> = HashMap::new();
+    /// One pass over the live PT pages; sorted by BFN (a BFN shared by
+    /// several leaves, as the client's cache allows, appears once per leaf).
+    fn index_leaves<S: ShadowMemory + ?Sized>(&self, memory: &S) -> Vec<(u64, EntryRef)> {
+        let mut index = Vec::with_capacity(self.mapped_leaves as usize);
         for (slot, info) in self.slots.iter().enumerate() {
             if !info.live || info.level != Level::Pt {
                 continue;
@@ -85,16 +86,15 @@ impl ShadowPpgtt {
             for idx in 0..ENTRIES {
                 let v = memory.read_entry(info.page, idx).unwrap_or(0);
                 if v & fmt::PRESENT != 0 {
-                    index
-                        .entry(Bfn((v & fmt::ADDR_MASK) >> 12))
-                        .or_default()
-                        .push(EntryRef {
-                            slot: slot as u32,
-                            idx: idx as u16,
-                        });
+                    let r = EntryRef {
+                        slot: slot as u32,
+                        idx: idx as u16,
+                    };
+                    index.push(((v & fmt::ADDR_MASK) >> 12, r));
                 }
             }
         }
+        index.sort_unstable_by_key(|(b, _)| *b);
         index
     }
 }
