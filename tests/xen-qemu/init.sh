@@ -176,6 +176,8 @@ fi
 # the buffer's bytes. Then the guest edits its tables, balloons a page out,
 # and dies, with the shadow live.
 jnum() { echo "$1" | sed -n "s/.*\"$2\":\([0-9]*\).*/\1/p" | head -1; }
+T6=$(date +%s)
+tick() { echo "  . mediator checks +$(( $(date +%s) - T6 )) s: $1" >&2; }
 used0=$(field "$(run $H hc caps)" used)
 BIGP=2048
 o=$(run $H ppgtt-setup $BIGP)
@@ -189,6 +191,7 @@ for l in $(echo "$PAGES" | sed 's/ /,/g'); do
 done
 if [ -n "$PD" ] && [ "$(echo "$PAGES" | wc -l)" = 12 ] && [ -z "$bad" ]; then
     ok ppgtt_guest_layout; else ko ppgtt_guest_layout "domain ${PD:-none}, pages with wrong bytes:$bad / $(echo $o | cut -c1-200)"; fi
+tick 'layout checked'
 rm -f /tmp/shadow.in /tmp/shadow.out; mkfifo /tmp/shadow.in; : > /tmp/shadow.out
 pviommu --backend xen shadow watch --domid $PD --root $PROOT < /tmp/shadow.in > /tmp/shadow.out 2> /tmp/shadow.err &
 SWP=$!
@@ -206,6 +209,7 @@ bfn_of() { jnum "$(ask translate $1)" bfn; }
 dma_is() { [ -n "$1" ] && r=$(run $H dma-read $(printf '0x%x' $(($1 << 12)))) && [ "$(field "$r" sum)" = "$2" ] && [ "$(field "$r" zero)" = 0 ]; }
 dma_faults() { [ -n "$1" ] && [ "$(field "$(run $H dma-read $(printf '0x%x' $(($1 << 12))))" zero)" = 1 ]; }
 b=$(line 1)
+tick 'watch started'
 bad=""
 for l in $(echo "$PAGES" | sed 's/ /,/g'); do
     l=$(echo "$l" | tr ',' ' ')
@@ -216,6 +220,7 @@ done
 if [ "$(jnum "$b" leaves_mapped)" = $((10 + BIGP)) ] && echo "$b" | grep -q '"anomalies":\[\],' && echo "$b" | grep -q '"refused":\[\]' && [ -z "$bad" ]; then
     ok shadow_build_dma_reads_buffers; else ko shadow_build_dma_reads_buffers "build: $(echo $b | cut -c1-300) / wrong DMA:$bad / $(cat /tmp/shadow.err)"; fi
 echo "MEASURE shadow_build_xen leaves=$(jnum "$b" leaves_mapped) tables=$(jnum "$b" tables) map_calls=$(jnum "$b" map_calls) us=$(jnum "$b" elapsed_us)"
+tick 'build DMA checks done'
 # 6b) the guest moves buffer B to other frames and unmaps page A1 (one table
 # page changes): the sync maps the 3 new leaves, unmaps the 4 old ones.
 e=$(run $H ppgtt-edit); CH=$(echo "$e" | sed -n 's/^changed=//p')
@@ -235,6 +240,7 @@ s=$(ask sync)
 if [ "$(jnum "$s" leaves_mapped)" = 0 ] && [ "$(jnum "$s" leaves_unmapped)" = 0 ]; then
     ok shadow_resync_all_no_change; else ko shadow_resync_all_no_change "$(echo $s | cut -c1-300)"; fi
 echo "MEASURE shadow_resync_all_xen tables=$(jnum "$s" pages_read) us=$(jnum "$s" elapsed_us)"
+tick 'sync checks done'
 # 6c) a page the shadow maps (C2) is ballooned out of the guest: Xen revokes
 # the BFN; while the notice waits, another domain's map gets another BFN;
 # the watch receives the notice, makes the leaf non-present, acknowledges.
@@ -251,12 +257,14 @@ if succeeded "$m" && [ -n "$BC2" ] && [ $((BE)) != $((BC2)) ] && dma_faults $BC2
    && echo "$t" | grep -q '"bfn":null' && [ "$(field "$c" revoked)" = 0 ]; then
     ok shadow_balloon_revokes_leaf; else ko shadow_balloon_revokes_leaf "old bfn $BC2, other map $m / $u / $(echo $r | cut -c1-300) / $t / $c"; fi
 run $H hc unmap $BE >/dev/null; run $H destroy $E >/dev/null
+tick 'balloon check done'
 # 6d) the guest dies with the shadow live: every leaf is revoked and
 # reported, the watch lets go of the guest's memory, the domain is freed.
 L=$(jnum "$(ask stats)" leaves)
 ( $H destroy $PD 500 > /tmp/pd.destroy 2>&1 ) &
 DP=$!
 r=$(ask revocations 20)
+tick 'first drain after destroy'
 wait $DP; d=$(cat /tmp/pd.destroy)
 r2=$(ask revocations)
 n=$(( $(echo "$r" | grep -o '"gma":' | wc -l) + $(echo "$r2" | grep -o '"gma":' | wc -l) ))
@@ -268,6 +276,7 @@ c=$(run $H hc caps)
 if [ "$n" = "$L" ] && [ "$L" = $((10 + BIGP - 2)) ] && echo "$d" | grep -q gone && [ "$(jnum "$st" leaves)" = 0 ] \
    && [ $sw = 0 ] && [ "$(jnum "$q" leaves_unmapped)" = 0 ] && [ "$(field "$c" used)" = "$used0" ]; then
     ok shadow_guest_death_revokes_all; else ko shadow_guest_death_revokes_all "leaves $L revoked $n / $d / $st / exit $sw $q / $c / $(cat /tmp/shadow.err)"; fi
+echo "note: the mediator checks took $(( $(date +%s) - T6 )) s"
 
 # measurements
 N=$(sed -n 's/.*pviommu_measure=\([0-9]*\).*/\1/p' /proc/cmdline); N=${N:-16384}
