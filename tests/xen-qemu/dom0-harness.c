@@ -1171,6 +1171,7 @@ static int cmd_unpopulate(uint32_t domid, xen_pfn_t gfn)
 #define PG_BIG_FIRST 48
 #define PG_BIG_GMA 0x1000000ULL
 #define PG_MAX_BIG_PTS 27
+#define PG_BAD_FRAME 0x7ffff00ULL   /* ~512 GiB: beyond the 2 GiB of host RAM */
 struct pg_buf { char tag; uint64_t gma; unsigned int first, pages; };
 static const struct pg_buf pg_bufs[] = {
     { 'A', 0x000000, 32, 2 },   /* ring */
@@ -1245,6 +1246,13 @@ static int cmd_ppgtt_setup(unsigned long big)
         }
     for ( i = 0; i < nbigpt; i++ )
         pg_entry(m, 2, 8 + i, (f[5 + i] << 12) | PG_PTE_P | PG_PTE_RW);
+    /* Two entries a buggy or hostile guest driver could write, both naming
+     * a frame beyond host RAM (not the guest's): a PD entry (GMA 6 MiB)
+     * pointing at it as a page table, and a leaf (GMA 0x3f4000) mapping it.
+     * The shadow must leave both non-present and say why. */
+    pg_entry(m, 2, 3, (PG_BAD_FRAME << 12) | PG_PTE_P | PG_PTE_RW);
+    pg_entry(m, 4, 500, (PG_BAD_FRAME << 12) | PG_PTE_P | PG_PTE_RW);
+    printf("bad_frame=0x%llx bad_table_gma=0x600000 bad_leaf_gma=0x3f4000\n", PG_BAD_FRAME);
     for ( i = 0; i < big; i++ )
     {
         uint64_t gma = PG_BIG_GMA + i * PAGE;
