@@ -17,10 +17,11 @@ use pviommu_guest::shadow::{
     Anomaly, BuildReport, Gma, GuestTableReader, RefusedLeaf, RevocationReport, ShadowSession,
     SyncReport,
 };
-use pviommu_guest::transport::Transport;
+use pviommu_guest::transport::{in_process::SharedSim, privcmd::Privcmd, Transport};
+use pviommu_guest::Client;
 use serde_json::{json, Value};
 
-use super::{open, parse_num, Backend, Cli};
+use super::{Backend, Cli};
 
 #[derive(Subcommand)]
 pub enum ShadowAction {
@@ -70,6 +71,11 @@ pub struct Target {
 
 type Session = ShadowSession<Box<dyn Transport>, Box<dyn GuestTableReader>>;
 
+/// The tool's number syntax (decimal or 0x-hex), with its message.
+fn parse_num(s: &str) -> Result<u64, String> {
+    super::parse_num(s).map_err(|e| e.to_string())
+}
+
 /// Run a `shadow` subcommand.
 pub fn run(cli: &Cli, action: &ShadowAction) -> Result<(), String> {
     let (ShadowAction::Build { target }
@@ -89,18 +95,33 @@ pub fn run(cli: &Cli, action: &ShadowAction) -> Result<(), String> {
             .collect::<Result<Vec<_>, _>>()?,
         _ => Vec::new(),
     };
-    let mut client = open(cli)?;
-    let reader: Box<dyn GuestTableReader> =
+    // The shadow opens its own client: it needs the guest's memory next to
+    // the hypercalls (the embedded simulator's world, or Xen's privcmd).
+    let (client, reader): (Client<Box<dyn Transport>>, Box<dyn GuestTableReader>) =
         match cli.backend {
-            Backend::Sim => match client.transport().in_process() {
-                Some(t) => Box::new(t.sim().reader(domid)),
-                None => return Err("the simulator transport has no machine".into()),
-            },
-            Backend::Xen => Box::new(ForeignMemory::open(domid).map_err(|e| e.to_string())?),
-            Backend::Remote => return Err(
-                "shadow needs the guest's memory; --backend remote cannot read it (use sim or xen)"
-                    .into(),
-            ),
+            Backend::Sim => {
+                let sim = SharedSim::new(super::world::build(), Default::default())
+                    .map_err(|e| e.to_string())?;
+                let t: Box<dyn Transport> = Box::new(sim.transport(DomId::DOM0));
+                (
+                    Client::open(t).map_err(|e| e.to_string())?,
+                    Box::new(sim.reader(domid)),
+                )
+            }
+            Backend::Xen => {
+                let t: Box<dyn Transport> = Box::new(Privcmd::open().map_err(|e| e.to_string())?);
+                (
+                    Client::open(t).map_err(|e| e.to_string())?,
+                    Box::new(ForeignMemory::open(domid).map_err(|e| e.to_string())?),
+                )
+            }
+            Backend::Remote => {
+                return Err(
+                    "shadow needs the guest's memory; --backend remote cannot read it \
+                            (use sim or xen)"
+                        .into(),
+                )
+            }
         };
     let mut session: Session = ShadowSession::new(client, reader);
     let t0 = Instant::now();
