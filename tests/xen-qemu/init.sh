@@ -243,6 +243,31 @@ if [ $s1 != 0 ] && [ $s2 != 0 ] && [ $s3 != 0 ] && echo "$e1" | grep -q "root gf
     ok shadow_cli_bad_input; else ko shadow_cli_bad_input "$e1 / $e2 / $e3 / used $u1 -> $u2"; fi
 echo "MEASURE shadow_build_xen leaves=$(jnum "$b" leaves_mapped) tables=$(jnum "$b" tables) map_calls=$(jnum "$b" map_calls) us=$(jnum "$b" elapsed_us)"
 tick 'build DMA checks done'
+# A C mediator (the library's C API, linked statically: shadow-c) shadows
+# the same guest while the watch holds its shadow: the same GMAs give the
+# same BFNs (Xen shares a mapping of the same page and access between
+# dom0's callers, by reference count), and its teardown leaves the watch's
+# mappings working.
+if [ -x /bin/shadow-c ]; then
+    LA0=$(echo "$PAGES" | grep 'tag=A i=0 '); LC3=$(echo "$PAGES" | grep 'tag=C i=3 ')
+    LF0=$(echo "$PAGES" | grep 'tag=F i=0 ')
+    uc0=$(field "$(run $H hc caps)" used)
+    c=$(run shadow-c $PD $PROOT $(field "$LA0" gma) $(field "$LC3" gma) $(field "$LF0" gma)); cs=$?
+    uc1=$(field "$(run $H hc caps)" used)
+    bad=""
+    for l in "$LA0" "$LC3" "$LF0"; do
+        g=$(field "$l" gma)
+        [ "$(echo "$c" | sed -n "s/^gma=$g rc=0 bfn=//p")" = "$(bfn_of $g)" ] || bad="$bad $g"
+    done
+    dma_is "$(bfn_of "$(field "$LA0" gma)")" "$(field "$LA0" sum)" || bad="$bad watch-bfn-lost"
+    b1=$(echo "$c" | grep '^build ')
+    if [ $cs = 0 ] && [ "$(field "$b1" leaves)" = $((10 + BIGP)) ] && [ "$(field "$b1" refused)" = 1 ] \
+       && [ "$(field "$b1" anomalies)" = 1 ] && echo "$c" | grep -q "^teardown=$((10 + BIGP))\$" \
+       && [ -z "$bad" ] && [ "$uc0" = "$uc1" ]; then
+        ok c_api_shadow_xen; else ko c_api_shadow_xen "$(echo $c) / differs:$bad / used $uc0 -> $uc1"; fi
+else
+    skip c_api_shadow_xen "no shadow-c in the initramfs (PVIOMMU_TOOL_BIN given)"
+fi
 # 6b) the guest moves buffer B to other frames and unmaps page A1 (one table
 # page changes): the sync maps the 3 new leaves, unmaps the 4 old ones.
 e=$(run $H ppgtt-edit); CH=$(echo "$e" | sed -n 's/^changed=//p')

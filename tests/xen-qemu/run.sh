@@ -84,6 +84,17 @@ else
     PVBIN="$REPO/target/x86_64-unknown-linux-gnu/release/pviommu"
 fi
 cp "$PVBIN" "$R/bin/pviommu"; echo "run: included $PVBIN"
+# A C mediator's shadow through the library's C API, linked statically
+# against libpviommu_guest.a (built with the tool's flags, so its
+# dependencies are the tool build's). Skipped with a prebuilt tool.
+if [ -z "${PVIOMMU_TOOL_BIN:-}" ]; then
+    (cd "$REPO" && RUSTFLAGS="-C target-feature=+crt-static" cargo rustc -q --release \
+        -p pviommu-guest --lib --crate-type staticlib --target x86_64-unknown-linux-gnu)
+    gcc -O2 -Wall -static -I "$REPO/guest-driver/include" -o "$OUT/shadow-c" "$HERE/shadow-c.c" \
+        "$REPO/target/x86_64-unknown-linux-gnu/release/libpviommu_guest.a" -lpthread -ldl -lm \
+        2> "$OUT/shadow-c-build.log" || { cat "$OUT/shadow-c-build.log"; exit 1; }
+    cp "$OUT/shadow-c" "$R/bin/"
+fi
 install -m 755 "$HERE/init.sh" "$R/init"
 
 # Toolstack + the domUs of the EPERM, fuzz and device-model checks (skipped if
