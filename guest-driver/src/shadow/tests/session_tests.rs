@@ -283,3 +283,77 @@ fn the_client_hands_each_notice_over_before_acknowledging_it() {
         "both acknowledged after the handler"
     );
 }
+
+/// A reader that counts how often the session drops its cached mappings.
+struct CountingReader {
+    inner: SimGuestReader,
+    invalidations: std::cell::Cell<u32>,
+}
+
+impl GuestTableReader for CountingReader {
+    fn read_page(&self, gfn: Gfn, buf: &mut [u64; 512]) -> Result<(), ShadowError> {
+        self.inner.read_page(gfn, buf)
+    }
+    fn invalidate(&self) {
+        self.invalidations.set(self.invalidations.get() + 1);
+    }
+}
+
+#[test]
+fn the_reader_lets_go_of_the_guest_when_its_memory_changes() {
+    // Cached foreign mappings would keep a dead guest a zombie: a notice of
+    // the shadow's guest, a full re-read and the teardown drop them; a
+    // notice of another guest, a plain sync and a quiet drain do not.
+    let sim = world();
+    {
+        let mut g = sim.lock();
+        g.0.create_domain(
+            DomId(2),
+            DomainSpec {
+                pages: 16,
+                privileged: false,
+                device_model_of: None,
+            },
+        )
+        .unwrap();
+    }
+    let client = Client::open(sim.transport(DomId::DOM0)).unwrap();
+    let reader = CountingReader {
+        inner: sim.reader(GUEST),
+        invalidations: std::cell::Cell::new(0),
+    };
+    let mut s = ShadowSession::new(client, reader);
+    s.build(GUEST, Gfn(ROOT)).unwrap();
+    let n = |s: &ShadowSession<InProcess, CountingReader>| s.reader().invalidations.get();
+    s.sync(&[Gfn(PT)]).unwrap();
+    s.handle_revocations().unwrap();
+    assert_eq!(n(&s), 0);
+    // Another guest's page, mapped by this client and ballooned out.
+    let other = s.client().map_foreign(
+        DomId(2),
+        &[Gfn(3)],
+        pviommu_abi::Permissions::RO,
+        pviommu_abi::MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    );
+    assert!(other[0].is_ok());
+    {
+        let mut g = sim.lock();
+        let (m, e) = &mut *g;
+        m.balloon_out(e, DomId(2), Gfn(3)).unwrap();
+    }
+    let r = s.handle_revocations().unwrap();
+    assert_eq!((r.notices.len(), r.leaves.len()), (1, 0));
+    assert_eq!(n(&s), 0, "not this shadow's guest");
+    {
+        let mut g = sim.lock();
+        let (m, e) = &mut *g;
+        m.balloon_out(e, GUEST, Gfn(0x106)).unwrap();
+    }
+    assert_eq!(s.handle_revocations().unwrap().leaves.len(), 1);
+    assert_eq!(n(&s), 1);
+    s.sync_all().unwrap();
+    assert_eq!(n(&s), 2);
+    s.teardown().unwrap();
+    assert_eq!(n(&s), 3);
+}
