@@ -10,7 +10,7 @@
 //!   point at BFNs, built and incrementally synced through the client;
 //! * [`guest_memory`] — a foreign domain's memory over privcmd windows, the
 //!   shadow tables' reader on Xen;
-//! * [`capi`] — the C interface (`include/pviommu_guest.h`).
+//! * [`capi`], [`capi_shadow`] — the C interface (`include/pviommu_guest.h`).
 //!
 //! Every hypercall batch is a `tracing` span; the library prints nothing.
 
