@@ -103,3 +103,74 @@ int pviommu_set_limits(pviommu_client *c, uint16_t domid, uint64_t quota);
 int pviommu_sim_balloon_out(pviommu_client *c, uint16_t domid, uint64_t gfn);
 
 #endif
+
+/* ======================================================================
+ * Shadow GPU page tables (guest-driver/src/capi_shadow.rs)
+ *
+ * A pviommu_shadow shadows one guest's Gen8 4-level PPGTT: its leaves are
+ * BFNs the PV-IOMMU mapped for the guest's frames, its table pages live in
+ * the library's memory (pviommu_shadow_translate does the GPU's walk). The
+ * handle owns its own PV-IOMMU client and its foreign mappings of the
+ * guest's memory; it is used by one thread at a time. Functions return 0 (or
+ * a count) or a negative errno; pviommu_shadow_last_error says why.
+ * ====================================================================== */
+#ifndef PVIOMMU_GUEST_SHADOW_H
+#define PVIOMMU_GUEST_SHADOW_H
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct pviommu_shadow pviommu_shadow;
+
+struct pviommu_shadow_counts {
+    uint64_t leaves_mapped;   /* made present by this call */
+    uint64_t leaves_unmapped; /* removed by this call, BFNs released */
+    uint64_t leaves_present;  /* present after the call */
+    uint64_t tables;          /* shadow table pages in use */
+    uint64_t pages_read;      /* guest table pages read (sync) */
+    uint64_t refused;         /* leaves the hypervisor refused (non-present) */
+    uint64_t anomalies;       /* malformed guest tables (entries non-present) */
+};
+
+/* A leaf made non-present because Xen revoked its BFN (the page left the
+ * guest, or the guest died), before the BFN was acknowledged. */
+struct pviommu_revoked_leaf {
+    uint64_t gma;
+    uint64_t gfn;
+    uint64_t bfn;
+    uint16_t domid;
+    uint16_t pad[3];
+};
+
+/* Xen: hypercalls and guest `domid`'s memory through /dev/xen/privcmd. */
+pviommu_shadow *pviommu_shadow_open_xen(uint16_t domid);
+/* Embedded simulator with one zeroed guest (domid 1), for tests. */
+pviommu_shadow *pviommu_shadow_open_sim(uint64_t guest_pages);
+/* Tears the shadow down (BFNs unmapped) and frees the handle. */
+void pviommu_shadow_close(pviommu_shadow *s);
+const char *pviommu_shadow_last_error(const pviommu_shadow *s);
+
+/* Build from the guest's PML4 frame; -EBUSY if built, the reader's -errno
+ * if the root cannot be read (nothing mapped then). counts may be NULL. */
+int pviommu_shadow_build(pviommu_shadow *s, uint64_t root_gfn,
+                         struct pviommu_shadow_counts *counts);
+/* Re-read the n changed guest table pages (n == 0: all) and apply the diff. */
+int pviommu_shadow_sync(pviommu_shadow *s, const uint64_t *changed, size_t n,
+                        struct pviommu_shadow_counts *counts);
+/* GMA -> BFN through the shadow; -ENOENT if not present. */
+int pviommu_shadow_translate(const pviommu_shadow *s, uint64_t gma, uint64_t *bfn);
+/* Drain Xen's revocation notices: affected leaves go non-present, then the
+ * BFNs are acknowledged. Writes up to max leaves, returns how many (call
+ * again while it returns max). */
+int pviommu_shadow_revocations(pviommu_shadow *s, struct pviommu_revoked_leaf *out,
+                               size_t max);
+/* Unmap every leaf; returns how many, or -ENOENT if not built. */
+int64_t pviommu_shadow_teardown(pviommu_shadow *s);
+
+/* Simulator only (-EINVAL on Xen): the guest writes its memory, balloons a
+ * frame out; the simulated device reads at a BFN (-EFAULT: IOMMU fault). */
+int pviommu_shadow_sim_write(pviommu_shadow *s, uint64_t gfn, size_t offset,
+                             const void *buf, size_t len);
+int pviommu_shadow_sim_balloon_out(pviommu_shadow *s, uint64_t gfn);
+int pviommu_shadow_sim_dma_read(pviommu_shadow *s, uint64_t bfn, void *buf, size_t len);
+
+#endif /* PVIOMMU_GUEST_SHADOW_H */

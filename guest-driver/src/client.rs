@@ -322,6 +322,19 @@ impl<T: Transport> Client<T> {
     /// Like [`drain_revocations`](Self::drain_revocations), but at most
     /// `max` of them (the rest stay queued for the next call).
     pub fn drain_revocations_up_to(&mut self, max: usize) -> Result<Vec<Revocation>, Error> {
+        self.drain_revocations_with(max, |_| {})
+    }
+
+    /// Like [`drain_revocations_up_to`](Self::drain_revocations_up_to), but
+    /// hands each notice to `on_notice` before acknowledging it: until the
+    /// acknowledgement the hypervisor keeps the BFN reserved, so a mediator
+    /// drops every use of it here (its shadow leaves) and no other mapping
+    /// can receive it meanwhile.
+    pub fn drain_revocations_with(
+        &mut self,
+        max: usize,
+        mut on_notice: impl FnMut(&Revocation),
+    ) -> Result<Vec<Revocation>, Error> {
         let mut out = Vec::new();
         // Each round acknowledges the previous notice and asks for the next,
         // in one batch.
@@ -347,13 +360,15 @@ impl<T: Transport> Client<T> {
             let cached_refs = self.cache.refs(context, bfn);
             self.cache.forget(context, bfn);
             self.stats.revocations += 1;
-            out.push(Revocation {
+            let revocation = Revocation {
                 bfn,
                 context,
                 domid: DomId(next.domid),
                 gfn: Gfn(next.gfn),
                 cached_refs,
-            });
+            };
+            on_notice(&revocation);
+            out.push(revocation);
             pending_ack = Some((context, bfn));
         }
         // Stopped at `max`: acknowledge the last one reported.

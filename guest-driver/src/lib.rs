@@ -8,16 +8,20 @@
 //!   [`transport::remote`] (the `pviommu sim serve` daemon);
 //! * [`shadow`] — shadow GPU page tables (Gen8+ PPGTT and GGTT) whose leaves
 //!   point at BFNs, built and incrementally synced through the client;
-//! * [`capi`] — the C interface (`include/pviommu_guest.h`).
+//! * [`guest_memory`] — a foreign domain's memory over privcmd windows, the
+//!   shadow tables' reader on Xen;
+//! * [`capi`], [`capi_shadow`] — the C interface (`include/pviommu_guest.h`).
 //!
 //! Every hypercall batch is a `tracing` span; the library prints nothing.
 
 pub mod cache;
 pub mod capi;
+pub mod capi_shadow;
 pub mod client;
 #[cfg(feature = "sim")]
 pub mod daemon;
 mod error;
+pub mod guest_memory;
 pub mod mapper;
 pub mod notify;
 pub mod shadow;

@@ -10,7 +10,7 @@
  *   match DOMID GFN             like peek, and also compares with the page's pattern
  *   dma-read BUS                edu DMA 2048 bytes at BUS -> edu -> dom0 page; print them
  *   dma-write BUS BYTE          edu DMA 2048 bytes of BYTE to BUS
- *   destroy DOMID               destroy, wait, print gone|zombie
+ *   destroy DOMID [TRIES]       destroy, wait (TRIES x 20 ms, default 100), print gone|zombie
  *   unpopulate DOMID GFN        remove one gfn from a domain (guest_remove_page path)
  *   rmphysmap DOMID GFN         XENMEM_remove_from_physmap of one gfn
  *   hc caps | hc cmd N | hc map DOMID GFN FLAGS | hc unmap BFN | hc lookup BFN
@@ -23,6 +23,9 @@
  *   fuzz N SEED [DOMID...]      N hostile hypercalls; leaves what they mapped, recorded
  *                               in /tmp/fuzz.state (dom0: against its own fresh domain)
  *   fuzz-clean                  unmap what /tmp/fuzz.state records, destroy its domain
+ *   ppgtt-setup BIG             paused PV domain holding a Gen8 PPGTT and buffers of known
+ *                               bytes (plus a BIG-page buffer); prints the layout
+ *   ppgtt-edit                  the guest moves one buffer and unmaps one page
  *   xs-write PATH VALUE | xs-wait PATH SECONDS    xenstore, for dom0 <-> domU hand-offs
  *
  * Hypercall results print as "rc=<ret> status=<op status>" (rc is the
@@ -345,12 +348,12 @@ static int cmd_peek(uint32_t domid, xen_pfn_t gfn, int compare)
     return 0;
 }
 
-static int cmd_destroy(uint32_t domid)
+static int cmd_destroy(uint32_t domid, int tries)
 {
     xc_domaininfo_t info;
     int i, n = 0;
     if ( xc_domain_destroy(xch, domid) ) die("xc_domain_destroy");
-    for ( i = 0; i < 100; i++ )
+    for ( i = 0; i < tries; i++ )
     {
         n = xc_domain_getinfolist(xch, domid, 1, &info);
         if ( n < 1 || info.domain != domid ) { printf("destroy domid=%u gone\n", domid); return 0; }
@@ -725,7 +728,7 @@ static int cmd_measure(unsigned long n)
         printf("\n");
     }
     grant_measure(domid, n, frames);
-    cmd_destroy(domid);
+    cmd_destroy(domid, 100);
     return 0;
 }
 
@@ -1296,7 +1299,7 @@ static int cmd_fuzz_clean(void)
     }
     fclose(f);
     if ( query_caps(&c) == 0 ) used = c.used;
-    if ( fdom ) gone = cmd_destroy(fdom) == 0;
+    if ( fdom ) gone = cmd_destroy(fdom, 100) == 0;
     printf("fuzz-clean unmapped=%lu errors=%lu used=%ld domain=%s\n", unmapped, errors, used,
            gone ? "gone" : "zombie");
     return 0;
@@ -1357,6 +1360,152 @@ static int cmd_unpopulate(uint32_t domid, xen_pfn_t gfn)
     return r ? 1 : 0;
 }
 
+/* ---------------- a guest GPU driver's PPGTT (issue 11) ---------------- */
+/*
+ * ppgtt-setup BIG lays out, in a fresh paused PV domain, what a guest's GPU
+ * driver would: a Gen8 4-level PPGTT (PML4, PDP, PD, page tables) and
+ * buffers of known bytes, entries in the format of
+ * guest-driver/src/shadow/ppgtt_format.rs (bit 0 present, bit 1 writable,
+ * bits 47:12 the guest frame; for a PV guest the frame is its MFN).
+ * Frame i of the domain is f[i]: f0 PML4, f1 PDP, f2 PD, f3 PT for GMA
+ * 0-2 MiB, f4 PT for 2-4 MiB, f5.. PTs of the big buffer at 16 MiB;
+ * buffers from f32. ppgtt-edit then edits it as the guest would.
+ */
+#define PG_STATE "/tmp/ppgtt.state"
+#define PG_PTE_P 1ULL
+#define PG_PTE_RW 2ULL
+#define PG_FIRST_BUF 32
+#define PG_BIG_FIRST 48
+#define PG_BIG_GMA 0x1000000ULL
+#define PG_MAX_BIG_PTS 27
+#define PG_BAD_FRAME 0x7ffff00ULL   /* ~512 GiB: beyond the 2 GiB of host RAM */
+struct pg_buf { char tag; uint64_t gma; unsigned int first, pages; };
+static const struct pg_buf pg_bufs[] = {
+    { 'A', 0x000000, 32, 2 },   /* ring */
+    { 'B', 0x010000, 34, 3 },   /* batch: moved to f42..f44 by ppgtt-edit */
+    { 'C', 0x200000, 37, 4 },   /* texture, in the second page table */
+    { 'D', 0x3ff000, 41, 1 },   /* cursor, last entry of that table */
+};
+#define PG_B_MOVED 42
+
+static void pg_fill(uint8_t *page, char tag, unsigned int i, unsigned int gen)
+{
+    unsigned int o;
+    for ( o = 0; o < PAGE; o++ )
+        page[o] = (uint8_t)(tag * 7 + i * 13 + gen * 101 + o * 5 + (o >> 8));
+    snprintf((char *)page, 32, "pviommu buffer %c%u gen%u", tag, i, gen);
+}
+
+static void pg_entry(uint8_t *map, unsigned int table, unsigned int idx, uint64_t value)
+{
+    memcpy(map + (size_t)table * PAGE + idx * 8, &value, 8);
+}
+
+static void pg_print(char tag, unsigned int i, uint64_t gma, xen_pfn_t gfn, const uint8_t *page)
+{
+    printf("page tag=%c i=%u gma=0x%" PRIx64 " gfn=0x%lx sum=%08x\n", tag, i, gma,
+           (unsigned long)gfn, fnv(page, DMA_LEN));
+}
+
+static int pg_load(uint32_t *domid, unsigned long *n, xen_pfn_t **frames)
+{
+    FILE *f = fopen(PG_STATE, "r");
+    unsigned long i;
+    if ( !f || fscanf(f, "%u %lu", domid, n) != 2 ) { fprintf(stderr, "no " PG_STATE "\n"); return -1; }
+    *frames = calloc(*n, sizeof(**frames));
+    for ( i = 0; i < *n; i++ )
+        if ( fscanf(f, "%lx", &(*frames)[i]) != 1 ) { fclose(f); return -1; }
+    fclose(f);
+    return 0;
+}
+
+static int cmd_ppgtt_setup(unsigned long big)
+{
+    unsigned long nbigpt = (big + 511) / 512, n = PG_BIG_FIRST + big, i;
+    unsigned int b, k;
+    xen_pfn_t *f;
+    uint32_t domid;
+    uint8_t *m;
+    int *errs;
+    FILE *st;
+    if ( nbigpt > PG_MAX_BIG_PTS ) { fprintf(stderr, "BIG too large\n"); return 2; }
+    f = calloc(n, sizeof(*f)); errs = calloc(n, sizeof(int));
+    domid = make_domain(n, f);
+    m = xenforeignmemory_map(fmem, domid, PROT_READ | PROT_WRITE, n, f, errs);
+    if ( !m ) die("xenforeignmemory_map ppgtt");
+    memset(m, 0, n * PAGE);
+    pg_entry(m, 0, 0, (f[1] << 12) | PG_PTE_P | PG_PTE_RW);       /* PML4[0] -> PDP */
+    pg_entry(m, 1, 0, (f[2] << 12) | PG_PTE_P | PG_PTE_RW);       /* PDP[0]  -> PD */
+    pg_entry(m, 2, 0, (f[3] << 12) | PG_PTE_P | PG_PTE_RW);       /* PD[0]   -> PT 0-2M */
+    pg_entry(m, 2, 1, (f[4] << 12) | PG_PTE_P | PG_PTE_RW);       /* PD[1]   -> PT 2-4M */
+    printf("domid=%u\nroot=0x%lx\npt0=0x%lx\npt1=0x%lx\n", domid, (unsigned long)f[0],
+           (unsigned long)f[3], (unsigned long)f[4]);
+    for ( b = 0; b < sizeof(pg_bufs) / sizeof(pg_bufs[0]); b++ )
+        for ( k = 0; k < pg_bufs[b].pages; k++ )
+        {
+            const struct pg_buf *p = &pg_bufs[b];
+            uint64_t gma = p->gma + (uint64_t)k * PAGE;
+            unsigned int fi = p->first + k;
+            pg_fill(m + (size_t)fi * PAGE, p->tag, k, 0);
+            pg_entry(m, 3 + (unsigned int)(gma >> 21), (gma >> 12) & 511,
+                     (f[fi] << 12) | PG_PTE_P | PG_PTE_RW);
+            pg_print(p->tag, k, gma, f[fi], m + (size_t)fi * PAGE);
+        }
+    for ( i = 0; i < nbigpt; i++ )
+        pg_entry(m, 2, 8 + i, (f[5 + i] << 12) | PG_PTE_P | PG_PTE_RW);
+    /* Two entries a buggy or hostile guest driver could write, both naming
+     * a frame beyond host RAM (not the guest's): a PD entry (GMA 6 MiB)
+     * pointing at it as a page table, and a leaf (GMA 0x3f4000) mapping it.
+     * The shadow must leave both non-present and say why. */
+    pg_entry(m, 2, 3, (PG_BAD_FRAME << 12) | PG_PTE_P | PG_PTE_RW);
+    pg_entry(m, 4, 500, (PG_BAD_FRAME << 12) | PG_PTE_P | PG_PTE_RW);
+    printf("bad_frame=0x%llx bad_table_gma=0x600000 bad_leaf_gma=0x3f4000\n", PG_BAD_FRAME);
+    for ( i = 0; i < big; i++ )
+    {
+        uint64_t gma = PG_BIG_GMA + i * PAGE;
+        pg_fill(m + (size_t)(PG_BIG_FIRST + i) * PAGE, 'F', i, 0);
+        /* read-only for the device: a guest's texture */
+        pg_entry(m, 5 + i / 512, i % 512, (f[PG_BIG_FIRST + i] << 12) | PG_PTE_P);
+        if ( i == 0 || i == big - 1 )
+            pg_print('F', i, gma, f[PG_BIG_FIRST + i], m + (size_t)(PG_BIG_FIRST + i) * PAGE);
+    }
+    printf("leaves=%lu tables=%lu\n", 10 + big, 5 + nbigpt);
+    xenforeignmemory_unmap(fmem, m, n);
+    if ( !(st = fopen(PG_STATE, "w")) ) die(PG_STATE);
+    fprintf(st, "%u %lu\n", domid, n);
+    for ( i = 0; i < n; i++ ) fprintf(st, "%lx\n", (unsigned long)f[i]);
+    fclose(st);
+    free(f); free(errs);
+    return 0;
+}
+
+/* The guest moves buffer B to other frames (new bytes there) and unmaps
+ * page 1 of buffer A: one table page (f3) changes, 3 leaves new, 4 gone. */
+static int cmd_ppgtt_edit(void)
+{
+    uint32_t domid; unsigned long n; xen_pfn_t *f;
+    xen_pfn_t pick[4];
+    int errs[4];
+    uint8_t *m;
+    unsigned int k;
+    if ( pg_load(&domid, &n, &f) ) return 2;
+    pick[0] = f[3]; pick[1] = f[PG_B_MOVED]; pick[2] = f[PG_B_MOVED + 1]; pick[3] = f[PG_B_MOVED + 2];
+    m = xenforeignmemory_map(fmem, domid, PROT_READ | PROT_WRITE, 4, pick, errs);
+    if ( !m || errs[0] || errs[1] || errs[2] || errs[3] ) die("map for ppgtt-edit");
+    for ( k = 0; k < 3; k++ )
+    {
+        uint64_t gma = pg_bufs[1].gma + (uint64_t)k * PAGE;
+        pg_fill(m + (size_t)(1 + k) * PAGE, 'B', k, 1);
+        pg_entry(m, 0, (gma >> 12) & 511, (pick[1 + k] << 12) | PG_PTE_P | PG_PTE_RW);
+        pg_print('B', k, gma, pick[1 + k], m + (size_t)(1 + k) * PAGE);
+    }
+    pg_entry(m, 0, 1, 0);
+    printf("removed gma=0x1000\nchanged=0x%lx\n", (unsigned long)f[3]);
+    xenforeignmemory_unmap(fmem, m, 4);
+    free(f);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *c = argc >= 2 ? argv[1] : "";
@@ -1377,7 +1526,9 @@ int main(int argc, char **argv)
     if ( !strcmp(c, "match") && argc >= 4 ) return cmd_peek(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0), 1);
     if ( !strcmp(c, "unpopulate") && argc >= 4 ) return cmd_unpopulate(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0));
     if ( !strcmp(c, "rmphysmap") && argc >= 4 ) return cmd_rmphysmap(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0));
-    if ( !strcmp(c, "destroy") && argc >= 3 ) return cmd_destroy(strtoul(argv[2], NULL, 0));
+    if ( !strcmp(c, "destroy") && argc >= 3 ) return cmd_destroy(strtoul(argv[2], NULL, 0), argc >= 4 ? atoi(argv[3]) : 100);
+    if ( !strcmp(c, "ppgtt-setup") && argc >= 3 ) return cmd_ppgtt_setup(strtoul(argv[2], NULL, 0));
+    if ( !strcmp(c, "ppgtt-edit") ) return cmd_ppgtt_edit();
     if ( !strcmp(c, "dma-read") && argc >= 3 ) { edu_open(); return cmd_dma_read(strtoull(argv[2], NULL, 0)); }
     if ( !strcmp(c, "dma-write") && argc >= 4 ) { edu_open(); return cmd_dma_write(strtoull(argv[2], NULL, 0), strtoul(argv[3], NULL, 0)); }
     if ( !strcmp(c, "measure") && argc >= 3 ) return cmd_measure(strtoul(argv[2], NULL, 0));

@@ -168,6 +168,163 @@ else
     run $H hc unmap $BH >/dev/null
 fi
 
+# 6) The GPU mediator's path (issue 11). A guest's GPU driver laid out a Gen8
+# PPGTT and buffers of known bytes in its memory (ppgtt-setup); dom0 shadows
+# it with the project's tool over privcmd (`pviommu shadow watch`: one live
+# shadow, commands in, one JSON line out per command); the GPU-style walk of
+# the shadow gives GMA -> BFN and the edu device's DMA at that BFN must read
+# the buffer's bytes. Then the guest edits its tables, balloons a page out,
+# and dies, with the shadow live.
+jnum() { echo "$1" | sed -n "s/.*\"$2\":\([0-9]*\).*/\1/p" | head -1; }
+T6=$(date +%s)
+tick() { echo "  . mediator checks +$(( $(date +%s) - T6 )) s: $1" >&2; }
+used0=$(field "$(run $H hc caps)" used)
+BIGP=2048
+o=$(run $H ppgtt-setup $BIGP)
+PD=$(echo "$o" | sed -n 's/^domid=//p'); PROOT=$(echo "$o" | sed -n 's/^root=//p')
+PAGES=$(echo "$o" | grep '^page ')
+bad=""
+for l in $(echo "$PAGES" | sed 's/ /,/g'); do
+    l=$(echo "$l" | tr ',' ' ')
+    p=$(run $H peek $PD "$(field "$l" gfn)")
+    [ "$(field "$p" sum)" = "$(field "$l" sum)" ] || bad="$bad $(field "$l" tag)$(field "$l" i)"
+done
+if [ -n "$PD" ] && [ "$(echo "$PAGES" | wc -l)" = 12 ] && [ -z "$bad" ]; then
+    ok ppgtt_guest_layout; else ko ppgtt_guest_layout "domain ${PD:-none}, pages with wrong bytes:$bad / $(echo $o | cut -c1-200)"; fi
+tick 'layout checked'
+rm -f /tmp/shadow.in /tmp/shadow.out; mkfifo /tmp/shadow.in; : > /tmp/shadow.out
+pviommu --backend xen shadow watch --domid $PD --root $PROOT < /tmp/shadow.in > /tmp/shadow.out 2> /tmp/shadow.err &
+SWP=$!
+exec 3> /tmp/shadow.in
+# line N: wait (up to 60 s) for the watch's Nth JSON line and print it.
+# (Stateless: ask runs in $(...) subshells, so it counts the lines each time.)
+line() {
+    i=0
+    while [ "$(wc -l < /tmp/shadow.out)" -lt $1 ] && [ $i -lt 600 ] && kill -0 $SWP 2>/dev/null; do usleep 100000; i=$((i + 1)); done
+    a=$(sed -n "$1p" /tmp/shadow.out); echo "  + shadow -> $(echo "$a" | cut -c1-300)" >&2; echo "$a"
+}
+ask() { n0=$(wc -l < /tmp/shadow.out); echo "  + shadow <- $*" >&2; echo "$*" >&3; line $((n0 + 1)); }
+bfn_of() { jnum "$(ask translate $1)" bfn; }
+# dma_is BFN SUM: edu reads 2048 bytes at the BFN; their checksum is SUM
+dma_is() { [ -n "$1" ] && r=$(run $H dma-read $(printf '0x%x' $(($1 << 12)))) && [ "$(field "$r" sum)" = "$2" ] && [ "$(field "$r" zero)" = 0 ]; }
+dma_faults() { [ -n "$1" ] && [ "$(field "$(run $H dma-read $(printf '0x%x' $(($1 << 12))))" zero)" = 1 ]; }
+b=$(line 1)
+tick 'watch started'
+bad=""
+for l in $(echo "$PAGES" | sed 's/ /,/g'); do
+    l=$(echo "$l" | tr ',' ' ')
+    B=$(bfn_of "$(field "$l" gma)")
+    dma_is "$B" "$(field "$l" sum)" || bad="$bad $(field "$l" tag)$(field "$l" i)(bfn ${B:-none})"
+    case "$(field "$l" tag)$(field "$l" i)" in A1) BA1=$B;; B0) BB0=$B;; B1) BB1=$B;; B2) BB2=$B;; esac
+done
+if [ "$(jnum "$b" leaves_mapped)" = $((10 + BIGP)) ] && [ -z "$bad" ]; then
+    ok shadow_build_dma_reads_buffers; else ko shadow_build_dma_reads_buffers "build: $(echo $b | cut -c1-300) / wrong DMA:$bad / $(cat /tmp/shadow.err)"; fi
+# The guest's two bad entries (a table and a leaf beyond RAM): the privcmd
+# reader's per-frame error and the hypervisor's refusal are reported, the
+# entries stay non-present, nothing else is affected.
+BADF=$(( $(echo "$o" | sed -n 's/^bad_frame=\(0x[0-9a-f]*\).*/\1/p') ))
+an=$(echo "$b" | sed -n 's/.*"anomalies":\[\([^]]*\)\].*/\1/p'); rf=$(echo "$b" | sed -n 's/.*"refused":\[\([^]]*\)\].*/\1/p')
+t1=$(ask translate 0x600000 0x3f4000)
+if echo "$an" | grep -q "^{\"errno\":[1-9][0-9]*,\"kind\":\"read_failed\",\"table\":$BADF}\$" \
+   && echo "$rf" | grep -q "^{\"errno\":[1-9][0-9]*,\"gfn\":$BADF,\"gma\":4145152}\$" \
+   && [ "$(echo "$t1" | grep -o '"bfn":null' | wc -l)" = 2 ]; then
+    ok shadow_bad_guest_entries_reported; else ko shadow_bad_guest_entries_reported "anomalies [$an] refused [$rf] / $t1"; fi
+echo "note: bad table frame read: $an; bad leaf: $rf"
+# Bad input to the tool: a domain that does not exist, dom0 itself, a root
+# that is not the guest's frame: one-line errors, nothing mapped.
+u1=$(field "$(run $H hc caps)" used)
+e1=$(run pviommu --backend xen shadow build --domid 999 --root 0x1000); s1=$?
+e2=$(run pviommu --backend xen shadow build --domid 0 --root 0x1000); s2=$?
+e3=$(run pviommu --backend xen shadow build --domid $PD --root $BADF); s3=$?
+u2=$(field "$(run $H hc caps)" used)
+if [ $s1 != 0 ] && [ $s2 != 0 ] && [ $s3 != 0 ] && echo "$e1" | grep -q "root gfn 0x1000 of d999" \
+   && echo "$e2" | grep -q "not a guest domain" && echo "$e3" | grep -q "cannot read the PPGTT root" \
+   && [ "$(printf '%s\n' "$e1" "$e2" "$e3" | wc -l)" = 3 ] && [ "$u1" = "$u2" ]; then
+    ok shadow_cli_bad_input; else ko shadow_cli_bad_input "$e1 / $e2 / $e3 / used $u1 -> $u2"; fi
+echo "MEASURE shadow_build_xen leaves=$(jnum "$b" leaves_mapped) tables=$(jnum "$b" tables) map_calls=$(jnum "$b" map_calls) us=$(jnum "$b" elapsed_us)"
+tick 'build DMA checks done'
+# A C mediator (the library's C API, linked statically: shadow-c) shadows
+# the same guest while the watch holds its shadow: the same GMAs give the
+# same BFNs (Xen shares a mapping of the same page and access between
+# dom0's callers, by reference count), and its teardown leaves the watch's
+# mappings working.
+if [ -x /bin/shadow-c ]; then
+    LA0=$(echo "$PAGES" | grep 'tag=A i=0 '); LC3=$(echo "$PAGES" | grep 'tag=C i=3 ')
+    LF0=$(echo "$PAGES" | grep 'tag=F i=0 ')
+    uc0=$(field "$(run $H hc caps)" used)
+    c=$(run shadow-c $PD $PROOT $(field "$LA0" gma) $(field "$LC3" gma) $(field "$LF0" gma)); cs=$?
+    uc1=$(field "$(run $H hc caps)" used)
+    bad=""
+    for l in "$LA0" "$LC3" "$LF0"; do
+        g=$(field "$l" gma)
+        [ "$(echo "$c" | sed -n "s/^gma=$g rc=0 bfn=//p")" = "$(bfn_of $g)" ] || bad="$bad $g"
+    done
+    dma_is "$(bfn_of "$(field "$LA0" gma)")" "$(field "$LA0" sum)" || bad="$bad watch-bfn-lost"
+    b1=$(echo "$c" | grep '^build ')
+    if [ $cs = 0 ] && [ "$(field "$b1" leaves)" = $((10 + BIGP)) ] && [ "$(field "$b1" refused)" = 1 ] \
+       && [ "$(field "$b1" anomalies)" = 1 ] && echo "$c" | grep -q "^teardown=$((10 + BIGP))\$" \
+       && [ -z "$bad" ] && [ "$uc0" = "$uc1" ]; then
+        ok c_api_shadow_xen; else ko c_api_shadow_xen "$(echo $c) / differs:$bad / used $uc0 -> $uc1"; fi
+else
+    skip c_api_shadow_xen "no shadow-c in the initramfs (PVIOMMU_TOOL_BIN given)"
+fi
+# 6b) the guest moves buffer B to other frames and unmaps page A1 (one table
+# page changes): the sync maps the 3 new leaves, unmaps the 4 old ones.
+e=$(run $H ppgtt-edit); CH=$(echo "$e" | sed -n 's/^changed=//p')
+s=$(ask sync $CH)
+bad=""
+for l in $(echo "$e" | grep '^page ' | sed 's/ /,/g'); do
+    l=$(echo "$l" | tr ',' ' ')
+    dma_is "$(bfn_of "$(field "$l" gma)")" "$(field "$l" sum)" || bad="$bad new-$(field "$l" tag)$(field "$l" i)"
+done
+t=$(ask translate 0x1000)
+for B in $BB0 $BB1 $BB2 $BA1; do dma_faults $B || bad="$bad old-bfn-$B-still-reads"; done
+if [ "$(jnum "$s" leaves_mapped)" = 3 ] && [ "$(jnum "$s" leaves_unmapped)" = 4 ] && [ "$(jnum "$s" pages_read)" = 1 ] \
+   && echo "$t" | grep -q '"bfn":null' && [ -z "$bad" ]; then
+    ok shadow_sync_maps_only_changes; else ko shadow_sync_maps_only_changes "$(echo $s | cut -c1-300) / $t /$bad"; fi
+echo "MEASURE shadow_sync_xen changed_tables=1 mapped=$(jnum "$s" leaves_mapped) unmapped=$(jnum "$s" leaves_unmapped) us=$(jnum "$s" elapsed_us)"
+s=$(ask sync)
+if [ "$(jnum "$s" leaves_mapped)" = 0 ] && [ "$(jnum "$s" leaves_unmapped)" = 0 ]; then
+    ok shadow_resync_all_no_change; else ko shadow_resync_all_no_change "$(echo $s | cut -c1-300)"; fi
+echo "MEASURE shadow_resync_all_xen tables=$(jnum "$s" pages_read) us=$(jnum "$s" elapsed_us)"
+tick 'sync checks done'
+# 6c) a page the shadow maps (C2) is ballooned out of the guest: Xen revokes
+# the BFN; while the notice waits, another domain's map gets another BFN;
+# the watch receives the notice, makes the leaf non-present, acknowledges.
+C2=$(echo "$PAGES" | grep 'tag=C i=2 '); GC2=$(field "$C2" gfn)
+BC2=$(bfn_of 0x202000)
+u=$(run $H unpopulate $PD $GC2)
+mk=$(run $H mkdom 1); E=$(echo "$mk" | sed -n 's/^domid=//p'); GE=$(echo "$mk" | sed -n 's/^gfns=//p')
+m=$(run $H hc map $E $GE 1); BE=$(field "$m" bfn)
+r=$(ask revocations 10)
+t=$(ask translate 0x202000)
+c=$(run $H hc caps)
+if succeeded "$m" && [ -n "$BC2" ] && [ $((BE)) != $((BC2)) ] && dma_faults $BC2 \
+   && echo "$r" | grep -q "\"leaves\":\[{\"bfn\":$BC2,\"domid\":$PD,\"gfn\":$((GC2)),\"gma\":2105344}\],\"notices\":\[{[^]]*}\]}" \
+   && echo "$t" | grep -q '"bfn":null' && [ "$(field "$c" revoked)" = 0 ]; then
+    ok shadow_balloon_revokes_leaf; else ko shadow_balloon_revokes_leaf "old bfn $BC2, other map $m / $u / $(echo $r | cut -c1-300) / $t / $c"; fi
+run $H hc unmap $BE >/dev/null; run $H destroy $E >/dev/null
+tick 'balloon check done'
+# 6d) the guest dies with the shadow live: every leaf is revoked and
+# reported, the watch lets go of the guest's memory, the domain is freed.
+L=$(jnum "$(ask stats)" leaves)
+( $H destroy $PD 500 > /tmp/pd.destroy 2>&1 ) &
+DP=$!
+r=$(ask revocations 20)
+tick 'first drain after destroy'
+wait $DP; d=$(cat /tmp/pd.destroy)
+r2=$(ask revocations)
+n=$(( $(echo "$r" | grep -o '"gma":' | wc -l) + $(echo "$r2" | grep -o '"gma":' | wc -l) ))
+st=$(ask stats)
+echo "MEASURE shadow_revoke_all_xen leaves=$n us=$(( $(jnum "$r" elapsed_us) + $(jnum "$r2" elapsed_us) )) (drain: one revoked_next+ack hypercall per notice)"
+echo quit >&3; exec 3>&-; wait $SWP; sw=$?
+q=$(tail -1 /tmp/shadow.out)
+c=$(run $H hc caps)
+if [ "$n" = "$L" ] && [ "$L" = $((10 + BIGP - 2)) ] && echo "$d" | grep -q gone && [ "$(jnum "$st" leaves)" = 0 ] \
+   && [ $sw = 0 ] && [ "$(jnum "$q" leaves_unmapped)" = 0 ] && [ "$(field "$c" used)" = "$used0" ]; then
+    ok shadow_guest_death_revokes_all; else ko shadow_guest_death_revokes_all "leaves $L revoked $n / $d / $st / exit $sw $q / $c / $(cat /tmp/shadow.err)"; fi
+echo "note: the mediator checks took $(( $(date +%s) - T6 )) s"
+
 # measurements
 N=$(sed -n 's/.*pviommu_measure=\([0-9]*\).*/\1/p' /proc/cmdline); N=${N:-16384}
 o=$($H measure $N 2>&1); echo "$o"

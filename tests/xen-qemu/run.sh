@@ -68,7 +68,8 @@ cp /bin/busybox "$R/bin/busybox"
 for a in $(/bin/busybox --list); do
     [ "$a" = busybox ] || ln -sf busybox "$R/bin/$a"
 done
-for m in xen-privcmd; do
+# xen-evtchn: the mediator binds VIRQ_PV_IOMMU through /dev/xen/evtchn.
+for m in xen-privcmd xen-evtchn; do
     cp "$(find "$KMOD" -name "$m.ko*" | head -1)" "$R/lib/modules/"
 done
 cp "$OUT/dom0-harness" "$R/bin/"
@@ -83,6 +84,17 @@ else
     PVBIN="$REPO/target/x86_64-unknown-linux-gnu/release/pviommu"
 fi
 cp "$PVBIN" "$R/bin/pviommu"; echo "run: included $PVBIN"
+# A C mediator's shadow through the library's C API, linked statically
+# against libpviommu_guest.a (built with the tool's flags, so its
+# dependencies are the tool build's). Skipped with a prebuilt tool.
+if [ -z "${PVIOMMU_TOOL_BIN:-}" ]; then
+    (cd "$REPO" && RUSTFLAGS="-C target-feature=+crt-static" cargo rustc -q --release \
+        -p pviommu-guest --lib --crate-type staticlib --target x86_64-unknown-linux-gnu)
+    gcc -O2 -Wall -static -I "$REPO/guest-driver/include" -o "$OUT/shadow-c" "$HERE/shadow-c.c" \
+        "$REPO/target/x86_64-unknown-linux-gnu/release/libpviommu_guest.a" -lpthread -ldl -lm \
+        2> "$OUT/shadow-c-build.log" || { cat "$OUT/shadow-c-build.log"; exit 1; }
+    cp "$OUT/shadow-c" "$R/bin/"
+fi
 install -m 755 "$HERE/init.sh" "$R/init"
 
 # Toolstack + the domUs of the EPERM, fuzz and device-model checks (skipped if
@@ -104,7 +116,7 @@ if [ "${NO_DOMU:-0}" != 1 ]; then
         mkdir -p "$R$(dirname "$l")"; cp -L "$l" "$R$l"
     done < "$OUT/libs.txt"
     mkdir -p "$R/lib64"; cp -L /lib64/ld-linux-x86-64.so.2 "$R/lib64/"
-    for m in xen-evtchn xen-gntdev xen-gntalloc xenfs; do
+    for m in xen-gntdev xen-gntalloc xenfs; do
         cp "$(find "$KMOD" -name "$m.ko*" | head -1)" "$R/lib/modules/"
     done
     D="$OUT/domu-rootfs"

@@ -10,7 +10,6 @@ use pviommu_abi::{ContextId, DomId, Gfn};
 use pviommu_guest::shadow::{gpu_translate, Gma, HeapShadowMemory, ShadowPpgtt};
 use pviommu_guest::transport::in_process::SharedSim;
 use pviommu_guest::Client;
-use serde::Serialize;
 
 use crate::world::{self, page_tag, set_leaf, Buffer, BUFFERS, GUEST, PPGTT_ROOT};
 
@@ -170,72 +169,6 @@ pub fn run() -> Result<(), String> {
     );
     if g.0.total_page_refs() != 0 {
         return Err("page references leaked".into());
-    }
-    Ok(())
-}
-
-#[derive(Serialize)]
-struct ShadowSummary {
-    leaves_mapped: u64,
-    tables: usize,
-    refused: usize,
-    hypercalls: u64,
-    sync_entries_changed: Option<u64>,
-    sync_mapped: Option<u64>,
-    sync_unmapped: Option<u64>,
-}
-
-/// `pviommu shadow build|sync` on the embedded simulator's guest.
-pub fn shadow_cmd(sync: bool, domid: DomId, root: Gfn, json: bool) -> Result<(), String> {
-    let sim = SharedSim::new(world::build(), Default::default()).map_err(|e| e.to_string())?;
-    let mut client = Client::open(sim.transport(DomId::DOM0)).map_err(|e| e.to_string())?;
-    let reader = sim.reader(domid);
-    let mut mem = HeapShadowMemory::new();
-    let (mut shadow, report) = ShadowPpgtt::build(&reader, &mut client, &mut mem, domid, root);
-    if !report.anomalies.is_empty() && report.leaves_mapped == 0 {
-        return Err(format!(
-            "no PPGTT at gfn {:#x} of d{}: {:?}",
-            root.0,
-            domid.0,
-            report.anomalies.first()
-        ));
-    }
-    let mut summary = ShadowSummary {
-        leaves_mapped: report.leaves_mapped,
-        tables: report.tables,
-        refused: report.refused.len(),
-        hypercalls: client.stats().hypercalls,
-        sync_entries_changed: None,
-        sync_mapped: None,
-        sync_unmapped: None,
-    };
-    if sync {
-        let changed = {
-            let mut g = sim.lock();
-            set_leaf(&mut g.0, BUFFERS[0].gma, None)
-        };
-        let r = shadow.sync(&reader, &mut client, &mut mem, &[changed]);
-        summary.sync_entries_changed = Some(r.entries_changed);
-        summary.sync_mapped = Some(r.leaves_mapped);
-        summary.sync_unmapped = Some(r.leaves_unmapped);
-    }
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&summary).unwrap_or_default()
-        );
-    } else {
-        println!(
-            "shadow of d{} PPGTT at gfn {:#x}: {} leaves mapped, {} table pages, {} refused, {} hypercall(s)",
-            domid.0, root.0, summary.leaves_mapped, summary.tables, summary.refused, summary.hypercalls
-        );
-        if let (Some(c), Some(m), Some(u)) = (
-            summary.sync_entries_changed,
-            summary.sync_mapped,
-            summary.sync_unmapped,
-        ) {
-            println!("sync after clearing one PTE: {c} entries changed, {m} mapped, {u} unmapped");
-        }
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ mod demo;
 mod output;
 mod progress;
 mod scan;
+mod shadow_cmd;
 mod sim_state;
 mod world;
 
@@ -142,10 +143,11 @@ enum Command {
         #[arg(long)]
         wait: Option<u64>,
     },
-    /// Shadow GPU page tables (embedded simulator).
+    /// Shadow a guest's GPU page tables (Gen8 PPGTT) through the PV-IOMMU:
+    /// build, sync, translate, follow revocations (sim or xen backend).
     Shadow {
         #[command(subcommand)]
-        action: ShadowAction,
+        action: shadow_cmd::ShadowAction,
     },
     /// The simulator daemon.
     Sim {
@@ -169,28 +171,6 @@ enum Command {
         /// subcommand here instead of printing.
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
-    },
-}
-
-#[derive(Subcommand)]
-enum ShadowAction {
-    /// Build the shadow of the PPGTT rooted at a guest frame.
-    Build {
-        /// Foreign domain.
-        #[arg(long, default_value_t = 1)]
-        domid: u16,
-        /// PML4 guest frame.
-        #[arg(long, default_value = "0x10")]
-        root: String,
-    },
-    /// Build, change one guest table page, and sync incrementally.
-    Sync {
-        /// Foreign domain.
-        #[arg(long, default_value_t = 1)]
-        domid: u16,
-        /// PML4 guest frame.
-        #[arg(long, default_value = "0x10")]
-        root: String,
     },
 }
 
@@ -298,12 +278,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Sim {
             action: SimAction::Reset,
         } => return sim_reset(&cli),
-        Command::Shadow { action } => {
-            cli_backend_check(&cli)?;
-            let (sync, domid, root) = action_args(action);
-            return demo::shadow_cmd(sync, DomId(domid), Gfn(parse_num(&root)?), cli.json)
-                .map_err(CliError::from);
-        }
+        Command::Shadow { action } => return shadow_cmd::run(&cli, action).map_err(CliError::from),
         Command::Completions { shell } => {
             clap_complete::generate(
                 *shell,
@@ -757,20 +732,6 @@ fn sim_admin(cli: &Cli, state: Option<&SimState>, action: &SimAction) -> Result<
         SimAction::Serve { .. } | SimAction::Reset => {}
     }
     Ok(())
-}
-
-fn cli_backend_check(cli: &Cli) -> Result<(), String> {
-    if cli.backend != Backend::Sim {
-        return Err("shadow needs guest-memory access; only --backend sim has it so far".into());
-    }
-    Ok(())
-}
-
-fn action_args(a: &ShadowAction) -> (bool, u16, String) {
-    match a {
-        ShadowAction::Build { domid, root } => (false, *domid, root.clone()),
-        ShadowAction::Sync { domid, root } => (true, *domid, root.clone()),
-    }
 }
 
 fn serve(socket: &std::path::Path) -> Result<(), CliError> {

@@ -10,7 +10,7 @@ use super::config::ShadowConfig;
 use super::error::{ERRNO_BFN_TOO_WIDE, ERRNO_MAPPER_SHORT};
 use super::ggtt_format as fmt;
 use super::gma::Gma;
-use super::report::{Anomaly, BuildReport, RefusedLeaf, SyncReport};
+use super::report::{Anomaly, BuildReport, RefusedLeaf, RevokedLeaf, SyncReport};
 use super::traits::{FrameMapper, ShadowMemory};
 use pviommu_abi::{Bfn, DomId, Gfn};
 
@@ -27,6 +27,10 @@ pub struct ShadowGgtt {
     gfns: Vec<Gfn>,
     writable: Vec<bool>,
     unmaps: Vec<Bfn>,
+    /// (BFN, entry) of every present entry, sorted, built by the first
+    /// revocation after a change and dropped by every sync (see
+    /// `ppgtt_revoke.rs` for the same scheme).
+    leaf_index: Option<Vec<(u64, u32)>>,
 }
 
 impl ShadowGgtt {
@@ -82,6 +86,7 @@ impl ShadowGgtt {
             gfns: Vec::new(),
             writable: Vec::new(),
             unmaps: Vec::new(),
+            leaf_index: None,
         };
         let mut report = SyncReport::default();
         for _ in 0..n.div_ceil(512) {
@@ -133,6 +138,7 @@ impl ShadowGgtt {
         S: ShadowMemory + ?Sized,
     {
         let mut report = SyncReport::default();
+        self.leaf_index = None;
         let mut ups: Vec<(u64, u64)> = updates.to_vec();
         ups.sort_by_key(|u| u.0); // stable: the last write to an index stays last
         let n = ups.len();
@@ -166,6 +172,44 @@ impl ShadowGgtt {
         }
         self.flush(mapper, memory, &mut report);
         report
+    }
+
+    /// Make every entry holding `bfn` non-present (the hypervisor revoked
+    /// it; the caller's acknowledgement releases it, so it is not unmapped)
+    /// and report them. A later guest write of such an entry maps afresh.
+    pub fn revoke<S: ShadowMemory + ?Sized>(
+        &mut self,
+        memory: &mut S,
+        bfn: Bfn,
+    ) -> Vec<RevokedLeaf> {
+        let index = self.leaf_index.take().unwrap_or_else(|| {
+            let mut ix: Vec<(u64, u32)> = (self.shadow.iter().enumerate())
+                .filter(|(_, e)| **e & fmt::PRESENT != 0)
+                .map(|(i, e)| ((e & fmt::ADDR_MASK) >> 12, i as u32))
+                .collect();
+            ix.sort_unstable();
+            ix
+        });
+        let start = index.partition_point(|(b, _)| *b < bfn.0);
+        let mut out = Vec::new();
+        for &(_, i) in index[start..].iter().take_while(|(b, _)| *b == bfn.0) {
+            let i = i as usize;
+            let e = self.shadow[i];
+            if e & fmt::PRESENT == 0 || (e & fmt::ADDR_MASK) >> 12 != bfn.0 {
+                continue;
+            }
+            self.shadow[i] = 0;
+            memory.write_entry(self.pages[i / 512], i % 512, 0);
+            self.mapped -= 1;
+            out.push(RevokedLeaf {
+                gma: Gma((self.first_entry + i as u64) * fmt::ENTRY_SPAN),
+                domid: self.domid,
+                gfn: Gfn((self.guest[i] & fmt::ADDR_MASK) >> 12),
+                bfn,
+            });
+        }
+        self.leaf_index = Some(index);
+        out
     }
 
     /// Unmap every entry and free the shadow pages; returns entries unmapped.

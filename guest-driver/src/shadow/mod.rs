@@ -20,7 +20,9 @@ mod heap_memory;
 mod ppgtt;
 mod ppgtt_engine;
 pub mod ppgtt_format;
+mod ppgtt_revoke;
 mod report;
+mod session;
 mod traits;
 
 #[cfg(test)]
@@ -34,5 +36,6 @@ pub use gpu_walker::{gpu_translate, gpu_translate_ggtt, gpu_walk};
 pub use heap_memory::HeapShadowMemory;
 pub use ppgtt::ShadowPpgtt;
 pub use pviommu_abi::{Bfn, DomId, Gfn};
-pub use report::{Anomaly, BuildReport, RefusedLeaf, SyncReport};
+pub use report::{Anomaly, BuildReport, RefusedLeaf, RevokedLeaf, SyncReport};
+pub use session::{RevocationReport, SessionError, ShadowSession};
 pub use traits::{FrameMapper, GuestTableReader, ShadowMemory};

@@ -91,6 +91,10 @@ pub struct ShadowPpgtt {
     pub(super) owners: FrameMap<Gfn, u32>,
     pub(super) waiting: FrameMap<Gfn, Vec<EntryRef>>,
     pub(super) mapped_leaves: u64,
+    /// (BFN, leaf) of every present leaf sorted by BFN, built on the first
+    /// revocation after a change (see `ppgtt_revoke.rs`) and dropped by
+    /// every build/sync, so the map/unmap paths pay nothing for it.
+    pub(super) leaf_index: Option<Vec<(u64, EntryRef)>>,
     // Scratch, reused across calls.
     pub(super) work: Vec<(u32, u32)>,
     pub(super) adopt: Vec<Gfn>,
@@ -159,6 +163,7 @@ impl ShadowPpgtt {
             owners: FrameMap::default(),
             waiting: FrameMap::default(),
             mapped_leaves: 0,
+            leaf_index: None,
             work: Vec::new(),
             adopt: Vec::new(),
             maps: Vec::with_capacity(config.batch),

@@ -113,6 +113,8 @@ impl ShadowPpgtt {
         }
         self.flush_maps(env);
         self.flush_unmaps(env);
+        // Leaves moved: the revocation index is stale.
+        self.leaf_index = None;
     }
 
     /// Act on every present entry of a freshly read slot.

@@ -1,7 +1,7 @@
 //! What build/sync/teardown report back.
 
 use super::gma::Gma;
-use pviommu_abi::Gfn;
+use pviommu_abi::{Bfn, DomId, Gfn};
 
 /// A guest leaf the mapper refused; it is non-present in the shadow.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,4 +90,19 @@ pub struct SyncReport {
     pub map_calls: u64,
     /// Number of `FrameMapper::unmap` calls made.
     pub unmap_calls: u64,
+}
+
+/// A shadow leaf made non-present because the hypervisor revoked its BFN
+/// (the guest page left the domain, lost device-write access, or the domain
+/// died).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevokedLeaf {
+    /// GMA of the 4 KiB page.
+    pub gma: Gma,
+    /// The guest domain.
+    pub domid: DomId,
+    /// The guest frame the leaf mapped.
+    pub gfn: Gfn,
+    /// The revoked bus frame the leaf held.
+    pub bfn: Bfn,
 }

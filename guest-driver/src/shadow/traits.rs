@@ -9,6 +9,19 @@ pub trait GuestTableReader {
     /// Copy the 4 KiB page at `gfn` (512 little-endian 64-bit entries) into
     /// `buf`.
     fn read_page(&self, gfn: Gfn, buf: &mut [u64; 512]) -> Result<(), ShadowError>;
+    /// Forget anything cached about the guest's memory (a reader over
+    /// foreign mappings unmaps them): the guest's memory changed under the
+    /// mediator, or everything is about to be re-read.
+    fn invalidate(&self) {}
+}
+
+impl<R: GuestTableReader + ?Sized> GuestTableReader for Box<R> {
+    fn read_page(&self, gfn: Gfn, buf: &mut [u64; 512]) -> Result<(), ShadowError> {
+        (**self).read_page(gfn, buf)
+    }
+    fn invalidate(&self) {
+        (**self).invalidate()
+    }
 }
 
 /// Memory holding the shadow table pages, addressable by the GPU. A table

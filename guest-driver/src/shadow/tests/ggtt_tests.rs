@@ -96,3 +96,43 @@ fn ggtt_build_sync_teardown() {
     assert!(m.live().is_empty());
     assert_eq!(mem.live_pages(), 0);
 }
+
+#[test]
+fn ggtt_revocation_clears_every_entry_of_the_bfn_and_only_those() {
+    // Entries 1 and 700 map the same guest frame: the mapper dedups them
+    // onto one BFN, and its revocation clears both.
+    let mut guest = entries();
+    guest[700] = guest[1];
+    let mut m = FakeMapper::default();
+    let mut mem = HeapShadowMemory::new();
+    let (mut s, r) = ShadowGgtt::build(&mut m, &mut mem, DomId(7), FIRST, &guest);
+    let before = r.leaves_mapped;
+    let b = gpu_translate_ggtt(&mem, s.pages(), FIRST, Gma((FIRST + 1) * 4096)).unwrap();
+    let revoked = s.revoke(&mut mem, b);
+    let gmas: Vec<Gma> = revoked.iter().map(|l| l.gma).collect();
+    assert_eq!(
+        gmas,
+        vec![Gma((FIRST + 1) * 4096), Gma((FIRST + 700) * 4096)]
+    );
+    assert!(revoked
+        .iter()
+        .all(|l| l.domid == DomId(7) && l.gfn == Gfn(0x8001) && l.bfn == b));
+    assert_eq!(s.mapped_leaves(), before - 2);
+    assert_eq!(
+        gpu_translate_ggtt(&mem, s.pages(), FIRST, Gma((FIRST + 700) * 4096)),
+        None
+    );
+    assert!(
+        s.revoke(&mut mem, b).is_empty(),
+        "a second notice finds nothing"
+    );
+    // A guest write after the revocation maps the entry afresh.
+    let r = s.sync(
+        &mut m,
+        &mut mem,
+        &[(FIRST + 1, (0x9000 << 12) | fmt::PRESENT)],
+    );
+    assert_eq!((r.leaves_mapped, r.leaves_unmapped), (1, 0));
+    // Teardown unmaps what is present, not the revoked BFN.
+    assert_eq!(s.teardown(&mut m, &mut mem), before - 1);
+}

@@ -6,4 +6,7 @@ mod ggtt_tests;
 mod ppgtt_build_tests;
 mod ppgtt_dup_tests;
 mod ppgtt_prop_tests;
+mod ppgtt_revoke_tests;
 mod ppgtt_sync_tests;
+#[cfg(feature = "sim")]
+mod session_tests;

@@ -1,0 +1,393 @@
+//! The C interface of the shadow GPU page tables: a `pviommu_shadow` is a
+//! [`ShadowSession`] (its own PV-IOMMU client, a reader of one guest's
+//! memory, the shadow of that guest's PPGTT). Declared in the "shadow"
+//! section at the end of `guest-driver/include/pviommu_guest.h`.
+//!
+//! Same conventions as [`capi`](crate::capi): 0 or a negative errno, NULL
+//! pointers checked (-EINVAL), one thread at a time per handle, nothing
+//! unwinds into C.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
+
+use std::ffi::{c_char, CString};
+
+use pviommu_abi::{ContextId, DomId, Gfn};
+
+use crate::shadow::{
+    BuildReport, Gma, GuestTableReader, RevokedLeaf, SessionError, ShadowSession, SyncReport,
+};
+use crate::transport::Transport;
+use crate::Client;
+
+const EINVAL: i32 = -22;
+
+/// The opaque handle C holds.
+pub struct CShadow {
+    session: ShadowSession<Box<dyn Transport>, Box<dyn GuestTableReader>>,
+    domid: DomId,
+    /// Revoked leaves not yet handed to C (more than its array held).
+    undelivered: Vec<RevokedLeaf>,
+    last_error: CString,
+    #[cfg(feature = "sim")]
+    sim: Option<crate::transport::in_process::SharedSim>,
+}
+
+impl CShadow {
+    fn fail(&mut self, e: &SessionError) -> i32 {
+        self.last_error = CString::new(e.to_string().replace('\0', " ")).unwrap_or_default();
+        -e.errno()
+    }
+}
+
+/// `struct pviommu_shadow_counts` in `pviommu_guest.h`.
+#[repr(C)]
+#[derive(Default)]
+pub struct CShadowCounts {
+    /// Leaves made present by the call.
+    pub leaves_mapped: u64,
+    /// Leaves removed by the call (their BFNs released).
+    pub leaves_unmapped: u64,
+    /// Leaves present after the call.
+    pub leaves_present: u64,
+    /// Shadow table pages in use after the call.
+    pub tables: u64,
+    /// Guest table pages read.
+    pub pages_read: u64,
+    /// Leaves the hypervisor refused (non-present).
+    pub refused: u64,
+    /// Problems with the guest's tables (entries left non-present).
+    pub anomalies: u64,
+}
+
+/// `struct pviommu_revoked_leaf` in `pviommu_guest.h`.
+#[repr(C)]
+pub struct CRevokedLeaf {
+    /// GMA of the 4 KiB page, now non-present.
+    pub gma: u64,
+    /// The guest frame it mapped.
+    pub gfn: u64,
+    /// The revoked BFN (acknowledged: released).
+    pub bfn: u64,
+    /// The guest domain.
+    pub domid: u16,
+    /// Zero.
+    pub pad: [u16; 3],
+}
+
+fn new_handle(
+    client: Client<Box<dyn Transport>>,
+    reader: Box<dyn GuestTableReader>,
+    domid: DomId,
+) -> CShadow {
+    CShadow {
+        session: ShadowSession::new(client, reader),
+        domid,
+        undelivered: Vec::new(),
+        last_error: CString::default(),
+        #[cfg(feature = "sim")]
+        sim: None,
+    }
+}
+
+/// A shadow of `domid`'s PPGTT on Xen: hypercalls and guest memory through
+/// `/dev/xen/privcmd`. NULL on failure (no Xen, no privilege).
+#[no_mangle]
+pub extern "C" fn pviommu_shadow_open_xen(domid: u16) -> *mut CShadow {
+    let open = || -> Result<CShadow, crate::Error> {
+        let t: Box<dyn Transport> = Box::new(crate::transport::privcmd::Privcmd::open()?);
+        let reader = crate::guest_memory::ForeignMemory::open(DomId(domid))?;
+        Ok(new_handle(Client::open(t)?, Box::new(reader), DomId(domid)))
+    };
+    open().map_or(std::ptr::null_mut(), |h| Box::into_raw(Box::new(h)))
+}
+
+/// A shadow on an embedded simulated machine with dom0 and one zeroed guest
+/// (domid 1) of `guest_pages` pages, for tests: lay the guest's tables out
+/// with [`pviommu_shadow_sim_write`]. NULL on failure.
+#[cfg(feature = "sim")]
+#[no_mangle]
+pub extern "C" fn pviommu_shadow_open_sim(guest_pages: u64) -> *mut CShadow {
+    use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
+    let open = || -> Result<CShadow, crate::Error> {
+        let pages = guest_pages.clamp(1, 1 << 20);
+        let mut m = SimMachine::new(pages + 4096, Format::Vtd, 64);
+        m.create_domain(
+            DomId(1),
+            DomainSpec {
+                pages,
+                privileged: false,
+                device_model_of: None,
+            },
+        )
+        .map_err(|errno| crate::Error::Hypervisor {
+            what: "simulator setup".into(),
+            errno,
+        })?;
+        let sim = crate::transport::in_process::SharedSim::new(m, Default::default())?;
+        let t: Box<dyn Transport> = Box::new(sim.transport(DomId::DOM0));
+        let mut h = new_handle(Client::open(t)?, Box::new(sim.reader(DomId(1))), DomId(1));
+        h.sim = Some(sim);
+        Ok(h)
+    };
+    open().map_or(std::ptr::null_mut(), |h| Box::into_raw(Box::new(h)))
+}
+
+/// Tear the shadow down (its BFNs unmapped) and free the handle. NULL is
+/// ignored.
+#[no_mangle]
+pub extern "C" fn pviommu_shadow_close(s: *mut CShadow) {
+    if !s.is_null() {
+        // SAFETY: `s` came from Box::into_raw in an open function, closed once.
+        drop(unsafe { Box::from_raw(s) });
+    }
+}
+
+/// The message of the last failure on this handle ("" if none).
+#[no_mangle]
+pub extern "C" fn pviommu_shadow_last_error(s: *const CShadow) -> *const c_char {
+    // SAFETY: `s` is NULL or a live handle.
+    match unsafe { s.as_ref() } {
+        Some(s) => s.last_error.as_ptr(),
+        None => c"no shadow".as_ptr(),
+    }
+}
+
+fn counts_of_build(r: &BuildReport, s: &CShadow) -> CShadowCounts {
+    CShadowCounts {
+        leaves_mapped: r.leaves_mapped,
+        leaves_present: s.session.shadow().map_or(0, |x| x.mapped_leaves()),
+        tables: r.tables as u64,
+        refused: r.refused.len() as u64,
+        anomalies: r.anomalies.len() as u64,
+        ..Default::default()
+    }
+}
+
+fn counts_of_sync(r: &SyncReport, s: &CShadow) -> CShadowCounts {
+    CShadowCounts {
+        leaves_mapped: r.leaves_mapped,
+        leaves_unmapped: r.leaves_unmapped,
+        leaves_present: s.session.shadow().map_or(0, |x| x.mapped_leaves()),
+        tables: s.session.shadow().map_or(0, |x| x.table_count() as u64),
+        pages_read: r.pages_read,
+        refused: r.refused.len() as u64,
+        anomalies: r.anomalies.len() as u64,
+    }
+}
+
+/// Build the shadow of the PPGTT whose PML4 is guest frame `root_gfn`.
+/// `counts` (may be NULL) receives what happened. -EBUSY if already built;
+/// the reader's errno (e.g. -ESRCH, -EINVAL, -EFAULT) if the root cannot be
+/// read, with nothing mapped.
+#[no_mangle]
+pub extern "C" fn pviommu_shadow_build(
+    s: *mut CShadow,
+    root_gfn: u64,
+    counts: *mut CShadowCounts,
+) -> i32 {
+    // SAFETY: `s` is NULL or a live handle used by one thread.
+    let Some(s) = (unsafe { s.as_mut() }) else {
+        return EINVAL;
+    };
+    match s.session.build(s.domid, Gfn(root_gfn)) {
+        Ok(r) => {
+            let c = counts_of_build(&r, s);
+            // SAFETY: `counts` is NULL or points to one struct.
+            if let Some(out) = unsafe { counts.as_mut() } {
+                *out = c;
+            }
+            0
+        }
+        Err(e) => s.fail(&e),
+    }
+}
+
+/// Sync after the guest changed the table pages `changed[0..n]`; `n == 0`
+/// re-reads every shadowed table page. -ENOENT if not built.
+#[no_mangle]
+pub extern "C" fn pviommu_shadow_sync(
+    s: *mut CShadow,
+    changed: *const u64,
+    n: usize,
+    counts: *mut CShadowCounts,
+) -> i32 {
+    // SAFETY: `s` is NULL or a live handle used by one thread.
+    let Some(s) = (unsafe { s.as_mut() }) else {
+        return EINVAL;
+    };
+    if n > 0 && changed.is_null() {
+        return EINVAL;
+    }
+    let r = if n == 0 {
+        s.session.sync_all()
+    } else {
+        // SAFETY: the caller passes `n` frames.
+        let gfns: Vec<Gfn> = unsafe { std::slice::from_raw_parts(changed, n) }
+            .iter()
+            .map(|g| Gfn(*g))
+            .collect();
+        s.session.sync(&gfns)
+    };
+    match r {
+        Ok(r) => {
+            let c = counts_of_sync(&r, s);
+            // SAFETY: `counts` is NULL or points to one struct.
+            if let Some(out) = unsafe { counts.as_mut() } {
+                *out = c;
+            }
+            0
+        }
+        Err(e) => s.fail(&e),
+    }
+}
+
+/// The BFN the GPU reaches for `gma` through the shadow: 0 and `*bfn`, or
+/// -ENOENT if not present.
+#[no_mangle]
+pub extern "C" fn pviommu_shadow_translate(s: *const CShadow, gma: u64, bfn: *mut u64) -> i32 {
+    // SAFETY: `s` is NULL or a live handle.
+    let Some(s) = (unsafe { s.as_ref() }) else {
+        return EINVAL;
+    };
+    if bfn.is_null() {
+        return EINVAL;
+    }
+    match s.session.translate(Gma(gma)) {
+        Some(b) => {
+            // SAFETY: non-null out-pointer.
+            unsafe { *bfn = b.0 };
+            0
+        }
+        None => -2,
+    }
+}
+
+/// Receive every pending revocation: leaves holding a revoked BFN become
+/// non-present, then the BFNs are acknowledged. Writes up to `max` revoked
+/// leaves to `out` and returns how many; leaves that did not fit are
+/// returned by the next call (call again while it returns `max`).
+#[no_mangle]
+pub extern "C" fn pviommu_shadow_revocations(
+    s: *mut CShadow,
+    out: *mut CRevokedLeaf,
+    max: usize,
+) -> i32 {
+    // SAFETY: `s` is NULL or a live handle used by one thread.
+    let Some(s) = (unsafe { s.as_mut() }) else {
+        return EINVAL;
+    };
+    if out.is_null() || max == 0 || max > i32::MAX as usize {
+        return EINVAL;
+    }
+    match s.session.handle_revocations() {
+        Ok(r) => s.undelivered.extend(r.leaves),
+        Err(e) => return s.fail(&e),
+    }
+    let n = s.undelivered.len().min(max);
+    for (i, l) in s.undelivered.drain(..n).enumerate() {
+        // SAFETY: `out` holds `max` elements and `i < n <= max`.
+        unsafe {
+            out.add(i).write(CRevokedLeaf {
+                gma: l.gma.0,
+                gfn: l.gfn.0,
+                bfn: l.bfn.0,
+                domid: l.domid.0,
+                pad: [0; 3],
+            })
+        };
+    }
+    n as i32
+}
+
+/// Unmap every leaf and free the shadow (a new build may follow). Returns
+/// the number of leaves unmapped, or -ENOENT if not built.
+#[no_mangle]
+pub extern "C" fn pviommu_shadow_teardown(s: *mut CShadow) -> i64 {
+    // SAFETY: `s` is NULL or a live handle used by one thread.
+    let Some(s) = (unsafe { s.as_mut() }) else {
+        return EINVAL.into();
+    };
+    match s.session.teardown() {
+        Ok(n) => n as i64,
+        Err(e) => s.fail(&e).into(),
+    }
+}
+
+#[cfg(feature = "sim")]
+fn sim_of<'a>(s: *mut CShadow) -> Option<&'a crate::transport::in_process::SharedSim> {
+    // SAFETY: `s` is NULL or a live handle; the reference does not outlive
+    // the calling function.
+    unsafe { s.as_ref() }.and_then(|s| s.sim.as_ref())
+}
+
+/// Simulator only: the guest writes `len` bytes at `offset` of its frame
+/// `gfn` (to lay out its tables and buffers). -EINVAL on Xen.
+#[cfg(feature = "sim")]
+#[no_mangle]
+pub extern "C" fn pviommu_shadow_sim_write(
+    s: *mut CShadow,
+    gfn: u64,
+    offset: usize,
+    buf: *const u8,
+    len: usize,
+) -> i32 {
+    let Some(sim) = sim_of(s) else {
+        return EINVAL;
+    };
+    if buf.is_null() && len > 0 {
+        return EINVAL;
+    }
+    // SAFETY: `buf` holds `len` bytes.
+    let data = unsafe { std::slice::from_raw_parts(buf, len) };
+    match sim.lock().0.write_guest(DomId(1), Gfn(gfn), offset, data) {
+        Ok(()) => 0,
+        Err(e) => e.negated(),
+    }
+}
+
+/// Simulator only: balloon `gfn` out of the guest (the hypervisor revokes
+/// its BFNs).
+#[cfg(feature = "sim")]
+#[no_mangle]
+pub extern "C" fn pviommu_shadow_sim_balloon_out(s: *mut CShadow, gfn: u64) -> i32 {
+    let Some(sim) = sim_of(s) else {
+        return EINVAL;
+    };
+    let mut g = sim.lock();
+    let (m, e) = &mut *g;
+    match m.balloon_out(e, DomId(1), Gfn(gfn)) {
+        Ok(()) => 0,
+        Err(err) => err.negated(),
+    }
+}
+
+/// Simulator only: the simulated device reads `len` (<= 4096) bytes at bus
+/// address `bfn << 12`. -EFAULT on an IOMMU fault.
+#[cfg(feature = "sim")]
+#[no_mangle]
+pub extern "C" fn pviommu_shadow_sim_dma_read(
+    s: *mut CShadow,
+    bfn: u64,
+    buf: *mut u8,
+    len: usize,
+) -> i32 {
+    let Some(sim) = sim_of(s) else {
+        return EINVAL;
+    };
+    if buf.is_null() || len > 4096 {
+        return EINVAL;
+    }
+    let r = sim.lock().0.dma_read(
+        DomId::DOM0,
+        ContextId::DEFAULT,
+        bfn.saturating_mul(4096),
+        len,
+    );
+    match r {
+        Ok(bytes) => {
+            // SAFETY: `buf` holds `len` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf, len) };
+            0
+        }
+        Err(_) => -14,
+    }
+}
