@@ -22,7 +22,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use lock_api::RawMutex;
 
 use crate::config::MAX_REGIONS_PER_CALL;
-use crate::engine::{Engine, Hypervisor, MAP_CHUNK};
+use crate::engine::{Engine, Hypervisor, Mapped, MAP_CHUNK};
 use crate::permission::{may_call, may_read_regions};
 use crate::platform::{DomainInfo, XsmAction};
 use crate::{ContextId, DomId, Errno};
@@ -382,8 +382,8 @@ impl<L: RawMutex> Engine<L> {
                 break;
             };
             match result {
-                Ok(bfn) => {
-                    op.bfn = bfn.0;
+                Ok(m) => {
+                    op.bfn = m.bfn.0;
                     op.status = 0;
                 }
                 Err(e) => op.status = e.negated(),
@@ -393,8 +393,8 @@ impl<L: RawMutex> Engine<L> {
                 // Undo what cannot be reported: this op and the rest.
                 let undo = reqs.iter().zip(results.iter()).take(done).skip(k);
                 for (req, result) in undo {
-                    if let Ok(bfn) = result {
-                        self.unmap_undo(h, caller, req.context, *bfn);
+                    if let Ok(m) = result {
+                        self.unmap_undo(h, caller, req.context, *m);
                     }
                 }
                 return Err((k as u32, e));
@@ -415,10 +415,15 @@ impl<L: RawMutex> Engine<L> {
         addr: u64,
         mut op: PvIommuOp,
     ) -> Result<(), Errno> {
+        let mut mapped: Option<Mapped> = None;
         let request = Request::parse(&op);
         let outcome = match request {
             Err(e) => Err(e),
-            Ok(Request::Map(m)) => self.map(h, caller, ci, &m).map(|bfn| op.bfn = bfn.0),
+            // (Maps normally arrive in runs, through run_maps.)
+            Ok(Request::Map(m)) => self.map_tagged(h, caller, ci, &m).map(|done| {
+                op.bfn = done.bfn.0;
+                mapped = Some(done);
+            }),
             Ok(Request::Lookup { context, bfn }) => self.lookup(caller, context, bfn).map(|m| {
                 op.domid = m.domid.0;
                 op.gfn = m.gfn.0;
@@ -460,7 +465,9 @@ impl<L: RawMutex> Engine<L> {
             // Undo what could not be reported.
             match (request, outcome) {
                 (Ok(Request::Map(m)), Ok(())) => {
-                    self.unmap_undo(h, caller, m.context, pviommu_abi::Bfn(op.bfn));
+                    if let Some(done) = mapped {
+                        self.unmap_undo(h, caller, m.context, done);
+                    }
                 }
                 (Ok(Request::ContextCreate), Ok(())) => {
                     let _ = self.context_destroy(h, caller, ContextId(op.context));

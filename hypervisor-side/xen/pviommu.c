@@ -607,25 +607,31 @@ int pvx_reserved_region(unsigned int index, uint64_t *start_frame,
  * engine holds at most one at a time. The cell number comes from the
  * engine, never from a guest, and is below PVX_DRIVER_CELLS.
  */
-static spinlock_t pvx_driver_locks[PVX_DRIVER_CELLS] = {
-    [0 ... PVX_DRIVER_CELLS - 1] = SPIN_LOCK_UNLOCKED,
+/* One cache line each: CPUs working for different driver domains must not
+ * bounce one line between them. */
+struct pvx_driver_lock {
+    spinlock_t lock;
+} __cacheline_aligned;
+
+static struct pvx_driver_lock pvx_driver_locks[PVX_DRIVER_CELLS] = {
+    [0 ... PVX_DRIVER_CELLS - 1] = { .lock = SPIN_LOCK_UNLOCKED },
 };
 
 void pvx_driver_lock(unsigned int cell)
 {
     ASSERT(cell < PVX_DRIVER_CELLS);
-    spin_lock(&pvx_driver_locks[cell % PVX_DRIVER_CELLS]);
+    spin_lock(&pvx_driver_locks[cell % PVX_DRIVER_CELLS].lock);
 }
 
 int pvx_driver_trylock(unsigned int cell)
 {
     ASSERT(cell < PVX_DRIVER_CELLS);
-    return spin_trylock(&pvx_driver_locks[cell % PVX_DRIVER_CELLS]);
+    return spin_trylock(&pvx_driver_locks[cell % PVX_DRIVER_CELLS].lock);
 }
 
 void pvx_driver_unlock(unsigned int cell)
 {
-    spin_unlock(&pvx_driver_locks[cell % PVX_DRIVER_CELLS]);
+    spin_unlock(&pvx_driver_locks[cell % PVX_DRIVER_CELLS].lock);
 }
 
 /*

@@ -206,3 +206,47 @@ fn a_stale_last_mapping_replaced_by_a_map_keeps_the_gate_bit() {
     assert_eq!(e.driver_state(DomId::DOM0).unwrap().revoked(), 2);
     assert!(e.state().live_mappings(DomId::DOM0).next().is_none());
 }
+
+/// Security review finding (regression test): a p2m hook that revokes
+/// nothing in a driver domain's cell used to skip the flush, and an unmap
+/// that removed the domain's last page of a target cleared the target's
+/// gate bit before that unmap was flushed. Either way a page just made
+/// read-only (log-dirty, ioreq) could stay writable through the IOTLB after
+/// the hook returned, until the owner's batch ended. Now the bit stays
+/// until the flush, and a hook flushes whatever the cell has pending.
+#[test]
+fn a_write_lost_hook_flushes_an_unmap_still_pending() {
+    use pviommu_hv::engine::GfnChange;
+    let (sim, e) = host(0);
+    let mut h = sim.handle(DomId::DOM0);
+    let info = h.domain_info(DomId::DOM0).unwrap();
+    let req = MapRequest {
+        context: ContextId::DEFAULT,
+        domid: OTHER,
+        gfn: Gfn(3),
+        perms: Permissions::RW,
+        attr: MemAttr::WriteBack,
+        grant: false,
+    };
+    let refs_before = sim.lock().total_page_refs();
+    let bfn = e.map(&mut h, DomId::DOM0, &info, &req).unwrap();
+    e.finish(&mut h, DomId::DOM0);
+    // The mediator's batch unmaps its last page of OTHER; its flush (at the
+    // end of the batch) has not happened yet.
+    e.unmap(&mut h, DomId::DOM0, ContextId::DEFAULT, bfn)
+        .unwrap();
+    assert_eq!(
+        e.target_drivers(OTHER) & 1,
+        1,
+        "the bit stays until the unmap is flushed"
+    );
+    // OTHER's gfn 3 turns read-only for devices (log-dirty): the hook must
+    // leave no writable entry behind, flushed or not.
+    e.gfn_changed(&mut h, OTHER, Gfn(3), 0, GfnChange::WriteLost);
+    assert_eq!(
+        sim.lock().total_page_refs(),
+        refs_before,
+        "the hook flushed the pending unmap (its page references went)"
+    );
+    assert_eq!(e.target_drivers(OTHER), 0, "and then the bit went");
+}

@@ -297,7 +297,7 @@ proptest! {
             let mut out = vec![Err(pviommu_abi::Errno::Inval); pviommu_hv::engine::MAP_CHUNK];
             let done = e2.map_batch(&mut m2, DomId::DOM0, &info, &reqs[at..], &mut out);
             prop_assert!(done >= 1);
-            batched.extend(out.into_iter().take(done));
+            batched.extend(out.into_iter().take(done).map(|r| r.map(|m| m.bfn)));
             at += done;
         }
         e2.finish(&mut m2, DomId::DOM0);

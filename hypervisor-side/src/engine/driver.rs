@@ -53,6 +53,9 @@ pub struct Mapping {
     pub perms: Permissions,
     /// Memory attribute.
     pub attr: MemAttr,
+    /// Which install of its slot this is: tells a stale handle (a BFN
+    /// revoked, acknowledged and handed out again meanwhile) from this one.
+    pub(crate) gen: u32,
 }
 
 impl Mapping {
@@ -164,6 +167,8 @@ pub(crate) struct RawSlot {
     /// State in bits 0-2, read in 3, write in 4, attribute in 5-6,
     /// "then revoked" (Unmapping) in 7.
     bits: u8,
+    /// Live, Unmapping, Stuck: the mapping's install generation.
+    gen: u32,
 }
 
 const ST_FREE: u8 = 0;
@@ -215,6 +220,7 @@ impl RawSlot {
             // Contexts are below MAX_CONTEXTS (16).
             context: m.context.0 as u8,
             bits,
+            gen: m.gen,
         }
     }
 
@@ -232,6 +238,7 @@ impl RawSlot {
             },
             attr: MemAttr::from_field(((self.bits >> ATTR_SHIFT) & 0b11) as u16)
                 .unwrap_or_default(),
+            gen: self.gen,
         }
     }
 
@@ -260,6 +267,7 @@ impl RawSlot {
                 domid: notice.domid.0,
                 context: notice.context.0 as u8,
                 bits: ST_REVOKED,
+                gen: 0,
             },
         }
     }
@@ -356,6 +364,8 @@ pub struct DriverDomain {
     pub(crate) quota: Option<u64>,
     /// Counters and times.
     pub(crate) stats: DriverStats,
+    /// Generation of the next install (wraps).
+    pub(crate) next_gen: u32,
 }
 
 impl DriverDomain {
@@ -378,6 +388,7 @@ impl DriverDomain {
             gather: FlushGather::default(),
             quota: None,
             stats: DriverStats::default(),
+            next_gen: 0,
         }
     }
 
@@ -573,7 +584,8 @@ impl DriverDomain {
 
     /// Store a new Live mapping at `idx` and index it as the head of its
     /// page's chain (capacity reserved by [`reserve_slot`](Self::reserve_slot)).
-    pub(crate) fn install(&mut self, seed: u64, idx: u64, mut m: Mapping) -> Result<(), Errno> {
+    /// Returns the install's generation.
+    pub(crate) fn install(&mut self, seed: u64, idx: u64, mut m: Mapping) -> Result<u32, Errno> {
         match self.page_pos(seed, m.domid, m.gfn) {
             Some(pos) => {
                 m.next_same_page = self.pages.value_at(pos).unwrap_or(NONE);
@@ -585,9 +597,11 @@ impl DriverDomain {
                 self.count_target(seed, m.domid, true)?;
             }
         }
+        self.next_gen = self.next_gen.wrapping_add(1);
+        m.gen = self.next_gen;
         self.set_slot(idx, Slot::Live(m));
         self.live += 1;
-        Ok(())
+        Ok(m.gen)
     }
 
     /// One more (`up`) or one fewer distinct page of `domid`; the count
@@ -705,6 +719,12 @@ impl DriverDomain {
         self.revoked -= 1;
         self.free_slot(idx);
         Ok(notice)
+    }
+
+    /// Entries unmapped but not flushed yet, or whose unmap the IOMMU
+    /// refused: the device may still reach them.
+    pub(crate) fn has_pending(&self) -> bool {
+        self.unmapping_head != NONE || self.stuck_head != NONE || !self.gather.is_empty()
     }
 
     /// Whether this state holds nothing a driver domain could tell apart

@@ -109,8 +109,10 @@ fn gate_index(domid: DomId) -> usize {
 
 /// Per-target-domid atomics read without any lock (see the module docs).
 #[derive(Debug, Default)]
+#[repr(align(16))]
 pub struct TargetGate {
-    /// Live mappings of this domain's pages plus maps of them in flight.
+    /// Mappings of this domain's pages that hold a page reference (live,
+    /// or unmapped but not yet flushed), plus maps of them in flight.
     active: AtomicU32,
     /// Bumped whenever the domain's p2m loses a page the engine may have
     /// looked up, and when the domain starts dying.
@@ -231,15 +233,25 @@ impl<L: RawMutex> StateView<'_, L> {
 /// lives on the hypervisor's stack).
 pub const MAP_CHUNK: usize = 8;
 
+/// A map's result: the BFN, and a tag naming this install of it, for
+/// [`Engine::unmap_undo`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Mapped {
+    /// The BFN the caller is told.
+    pub bfn: Bfn,
+    /// The mapping's install generation.
+    pub tag: u32,
+}
+
 /// What the locked part of a map did with the attempt's page reference
 /// and its share of the target gate.
 #[derive(Clone, Copy)]
 enum MapOutcome {
     /// A new mapping holds both.
-    Installed(Bfn),
+    Installed(Mapped),
     /// An existing mapping of the same frame got one more reference: the
     /// attempt's page reference and gate share are returned by the caller.
-    Shared(Bfn),
+    Shared(Mapped),
     /// Nothing happened: the caller returns both.
     Refused(Errno),
     /// Failed after the IOMMU entry existed: the engine took both over and
@@ -258,6 +270,7 @@ fn map_key(req: &MapRequest, mfn: Mfn) -> Mapping {
         context: req.context,
         perms: req.perms,
         attr: req.attr,
+        gen: 0,
     }
 }
 
@@ -490,13 +503,14 @@ impl<L: RawMutex> Engine<L> {
         self.gates.get(gate_index(domid))
     }
 
-    /// Live mappings and in-flight maps pointing at `domid`'s pages.
+    /// Mappings holding a page of `domid` (live, or unmapped and not yet
+    /// flushed) and maps of its pages in flight.
     pub fn target_active(&self, domid: DomId) -> u32 {
         self.gate(domid)
             .map_or(0, |g| g.active.load(Ordering::SeqCst))
     }
 
-    fn gate_leave(&self, domid: DomId) {
+    pub(crate) fn gate_leave(&self, domid: DomId) {
         if let Some(g) = self.gate(domid) {
             g.active.fetch_sub(1, Ordering::SeqCst);
         }
@@ -635,9 +649,16 @@ impl<L: RawMutex> Engine<L> {
 
     /// Make target `domid`'s gate say whether driver cell `cell` maps its
     /// pages. Called under the cell's lock after anything that may have
-    /// changed that.
+    /// changed that. While the cell has unmapped but unflushed (or stuck)
+    /// entries the bit stays: a hook must still reach the cell to flush
+    /// them (a page turned read-only must not stay writable through the
+    /// IOTLB until the owner's batch ends).
     pub(crate) fn sync_gate_bit(&self, cell: usize, dd: &DriverDomain, domid: DomId) {
-        self.set_gate_bit(cell, domid, dd.pages_of(self.seed, domid) != 0);
+        self.set_gate_bit(
+            cell,
+            domid,
+            dd.pages_of(self.seed, domid) != 0 || dd.has_pending(),
+        );
     }
 
     /// Set or clear cell `cell`'s bit in `domid`'s gate (under the cell's
@@ -676,6 +697,18 @@ impl<L: RawMutex> Engine<L> {
         caller_info: &DomainInfo,
         req: &MapRequest,
     ) -> Result<Bfn, Errno> {
+        self.map_tagged(h, caller, caller_info, req).map(|m| m.bfn)
+    }
+
+    /// [`map`](Self::map), with the install's tag for
+    /// [`unmap_undo`](Self::unmap_undo).
+    pub fn map_tagged(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        caller_info: &DomainInfo,
+        req: &MapRequest,
+    ) -> Result<Mapped, Errno> {
         check_map(h, caller, caller_info, req.domid)?;
         if req.grant {
             // Designed in the ABI; no backend offers PVIOMMU_FEAT_GRANT yet.
@@ -742,11 +775,11 @@ impl<L: RawMutex> Engine<L> {
             let done = match outcome {
                 // Installed: the mapping keeps the page reference and its
                 // share of `active`.
-                Some(MapOutcome::Installed(bfn)) => return Ok(bfn),
+                Some(MapOutcome::Installed(m)) => return Ok(m),
                 // Failed after the IOMMU entry existed: the engine released
                 // (or will release, after the flush) what this attempt took.
                 Some(MapOutcome::Consumed(e)) => return Err(e),
-                Some(MapOutcome::Shared(bfn)) => Some(Ok(bfn)),
+                Some(MapOutcome::Shared(m)) => Some(Ok(m)),
                 Some(MapOutcome::Refused(e)) => Some(Err(e)),
                 // The target's p2m changed under us: look the page up again.
                 None => None,
@@ -777,7 +810,7 @@ impl<L: RawMutex> Engine<L> {
         caller: DomId,
         caller_info: &DomainInfo,
         reqs: &[MapRequest],
-        out: &mut [Result<Bfn, Errno>],
+        out: &mut [Result<Mapped, Errno>],
     ) -> usize {
         let mut n = reqs.len().min(out.len()).min(MAP_CHUNK);
         // The run ends before the first repeat of a page.
@@ -920,7 +953,7 @@ impl<L: RawMutex> Engine<L> {
         for (((req, step), outcome), o) in results.zip(out.iter_mut()).take(n) {
             match (*step, *outcome) {
                 (Step::Done, _) => {}
-                (Step::Locked(_, _), Some(MapOutcome::Installed(bfn))) => *o = Ok(bfn),
+                (Step::Locked(_, _), Some(MapOutcome::Installed(m))) => *o = Ok(m),
                 (Step::Locked(_, _), Some(MapOutcome::Consumed(e))) => *o = Err(e),
                 (Step::Locked(mfn, _), outcome) => {
                     // Shared, refused, or the p2m moved: give back what the
@@ -928,9 +961,9 @@ impl<L: RawMutex> Engine<L> {
                     h.put_page(mfn, req.perms.write);
                     self.gate_leave(req.domid);
                     *o = match outcome {
-                        Some(MapOutcome::Shared(bfn)) => Ok(bfn),
+                        Some(MapOutcome::Shared(m)) => Ok(m),
                         Some(MapOutcome::Refused(e)) => Err(e),
-                        _ => self.map(h, caller, caller_info, req),
+                        _ => self.map_tagged(h, caller, caller_info, req),
                     };
                 }
             }
@@ -947,7 +980,7 @@ impl<L: RawMutex> Engine<L> {
         mfn: Mfn,
     ) -> MapOutcome {
         match self.map_prepare(d, h, req, mfn) {
-            Ok(Some(bfn)) => MapOutcome::Shared(bfn),
+            Ok(Some(m)) => MapOutcome::Shared(m),
             Ok(None) => self.map_install(d, h, req, mfn),
             Err(e) => MapOutcome::Refused(e),
         }
@@ -962,7 +995,7 @@ impl<L: RawMutex> Engine<L> {
         h: &mut impl Hypervisor,
         req: &MapRequest,
         mfn: Mfn,
-    ) -> Result<Option<Bfn>, Errno> {
+    ) -> Result<Option<Mapped>, Errno> {
         let seed = self.seed;
         let key = map_key(req, mfn);
         if !d.dd.has_context(req.context) {
@@ -973,7 +1006,7 @@ impl<L: RawMutex> Engine<L> {
             let m = d.dd.live_at(idx).ok_or(Errno::Inval)?;
             if m.mfn == mfn {
                 d.dd.set_refs(idx, m.refs.checked_add(1).ok_or(Errno::NoSpc)?);
-                return Ok(Some(bfn));
+                return Ok(Some(Mapped { bfn, tag: m.gen }));
             }
             // The gfn no longer points at the mapped frame: a removal
             // whose hook has not run yet. Revoke the stale mapping now
@@ -1025,17 +1058,19 @@ impl<L: RawMutex> Engine<L> {
             dd.free_slot(idx);
             return MapOutcome::Refused(e);
         }
-        if let Err(e) = dd.install(self.seed, idx, key) {
-            // Unreachable (capacity reserved). The entry exists: take it
-            // down the way an unmap does, page released after the flush.
-            match h.iommu_unmap(owner, req.context, bfn, &mut dd.gather) {
-                Ok(()) => dd.push_unmapping(idx, key, false),
-                Err(_) => dd.push_stuck(idx, key),
+        match dd.install(self.seed, idx, key) {
+            Ok(tag) => MapOutcome::Installed(Mapped { bfn, tag }),
+            Err(e) => {
+                // Unreachable (capacity reserved). The entry exists: take it
+                // down the way an unmap does, page released after the flush.
+                // Its gate share goes with the page, after the flush.
+                match h.iommu_unmap(owner, req.context, bfn, &mut dd.gather) {
+                    Ok(()) => dd.push_unmapping(idx, key, false),
+                    Err(_) => dd.push_stuck(idx, key),
+                }
+                MapOutcome::Consumed(e)
             }
-            self.gate_leave(req.domid);
-            return MapOutcome::Consumed(e);
         }
-        MapOutcome::Installed(bfn)
     }
 
     /// The live mapping `bfn` of `context`, without changing anything.
@@ -1118,35 +1153,43 @@ impl<L: RawMutex> Engine<L> {
         dd.stats.ns_iommu_unmap += self.since(h, t0);
         unmapped?;
         dd.stats.unmaps += 1;
-        let (m, last_of_target) = dd.unindex(self.seed, idx).ok_or(Errno::NoEnt)?;
+        let (m, _) = dd.unindex(self.seed, idx).ok_or(Errno::NoEnt)?;
+        // The target's gate share and bit stay until the flush
+        // (`flush_and_release`): until then a hook must still find it.
         dd.push_unmapping(idx, m, false);
-        if last_of_target {
-            self.set_gate_bit(d.cell, m.domid, false);
-        }
-        self.gate_leave(m.domid);
         Ok(())
     }
 
     /// Undo a map whose result could not be reported to the caller: drop
-    /// the reference that map took, if `bfn` is still live. A BFN revoked
-    /// meanwhile is left alone: its notice belongs to the references the
-    /// caller does know about (an earlier map of the same page), and
-    /// acknowledging it here would free a BFN the caller still holds. If
-    /// the IOMMU refuses the unmap, the mapping is taken down through the
-    /// stuck list (retried at every flush, then a notice), never left live
-    /// and unreported.
-    pub fn unmap_undo(&self, h: &mut impl Hypervisor, caller: DomId, context: ContextId, bfn: Bfn) {
-        let Some(idx) = self.space.index_of(bfn) else {
+    /// the reference that map took, if the very mapping it made or shared
+    /// (`mapped.tag`) is still live at its BFN. Anything else is left
+    /// alone: a BFN revoked meanwhile keeps its notice (it belongs to the
+    /// references the caller does know about; acknowledging it here would
+    /// free a BFN the caller still holds), and one revoked, acknowledged and
+    /// handed out again (to another vCPU of the caller) is someone else's
+    /// mapping now. If the IOMMU refuses the unmap, the mapping is taken
+    /// down through the stuck list (retried at every flush, then a notice),
+    /// never left live and unreported.
+    pub fn unmap_undo(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        context: ContextId,
+        mapped: Mapped,
+    ) {
+        let Some(idx) = self.space.index_of(mapped.bfn) else {
             return;
         };
         let Some(mut d) = self.lock_driver(caller) else {
             return;
         };
-        if let Some(m) = d.dd.live_at(idx).filter(|m| m.context == context) {
+        let same = |m: &Mapping| m.context == context && m.gen == mapped.tag;
+        if let Some(m) = d.dd.live_at(idx).filter(same) {
             if m.refs > 1 {
                 d.dd.set_refs(idx, m.refs - 1);
-            } else if let Some((target, _)) = self.take_down_live(&mut d, h, idx, false) {
-                self.sync_gate_bit(d.cell, &d.dd, target);
+            } else {
+                // The gate bit goes at the flush (the batch's `finish`).
+                self.take_down_live(&mut d, h, idx, false);
             }
         }
         self.put_driver(d);

@@ -106,12 +106,12 @@ impl<L: RawMutex> Engine<L> {
         if then_revoked {
             dd.stats.revocations += 1;
         }
+        // Its gate share goes with the page, after the flush.
         if unmapped {
             dd.push_unmapping(idx, m, then_revoked);
         } else {
             dd.push_stuck(idx, m);
         }
-        self.gate_leave(m.domid);
         Some((m.domid, last_of_target))
     }
 
@@ -152,6 +152,7 @@ impl<L: RawMutex> Engine<L> {
             dd.gather.clear();
         }
         let t2 = self.clock(h);
+        let cell = d.cell;
         let mut at = core::mem::replace(&mut dd.unmapping_head, NONE);
         let mut notices = false;
         while let Some(Slot::Unmapping {
@@ -161,6 +162,8 @@ impl<L: RawMutex> Engine<L> {
         {
             let next = mapping.next_same_page;
             h.put_page(mapping.mfn, mapping.perms.write);
+            // The device can no longer reach it: its gate share goes too.
+            self.gate_leave(mapping.domid);
             notices |= then_revoked;
             if then_revoked {
                 dd.push_revoked(
@@ -175,6 +178,10 @@ impl<L: RawMutex> Engine<L> {
                 dd.free_slot(at);
             }
             at = next;
+            // Flushed: a target this cell no longer maps loses its bit.
+            if dd.pages_of(self.seed, mapping.domid) == 0 && !dd.has_pending() {
+                self.set_gate_bit(cell, mapping.domid, false);
+            }
         }
         dd.stats.ns_put_page += self.since(h, t2);
         if notices {
@@ -239,10 +246,12 @@ impl<L: RawMutex> Engine<L> {
                     }
                 }
             }
-            // Nothing of this gfn here (the common case of a ballooned
-            // page nobody mapped): nothing to flush. The bit is brought up
-            // to date either way (a stale one costs later hooks a visit).
-            if d.dd.stats.revocations != revoked_before {
+            // Nothing of this gfn here and nothing pending (the common case
+            // of a ballooned page nobody mapped): nothing to flush. Pending
+            // unmaps of the owner's batch are flushed, so no entry of the
+            // page stays reachable through the IOTLB after the hook. The
+            // bit is brought up to date either way.
+            if d.dd.stats.revocations != revoked_before || d.dd.has_pending() {
                 self.flush_and_release(&mut d, h);
             }
             self.sync_gate_bit(cell, &d.dd, domid);
@@ -418,10 +427,8 @@ impl<L: RawMutex> Engine<L> {
             visits += 1;
             match d.dd.slot(c.slot) {
                 Some(Slot::Live(_)) => {
-                    // No map can be in flight in a dying domain's cell.
-                    if let Some((target, true)) = self.take_down_live(&mut d, h, c.slot, false) {
-                        self.set_gate_bit(d.cell, target, false);
-                    }
+                    // The gate bits go at the flush.
+                    self.take_down_live(&mut d, h, c.slot, false);
                     revokes += 1;
                 }
                 Some(Slot::Revoked { .. }) => {
@@ -487,6 +494,7 @@ mod tests {
             context: ContextId(15),
             perms: Permissions::RW,
             attr: MemAttr::Device,
+            gen: u32::MAX,
         };
         let ro = super::super::Mapping {
             perms: Permissions::RO,
