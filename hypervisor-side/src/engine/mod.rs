@@ -239,8 +239,11 @@ pub const MAP_CHUNK: usize = 8;
 pub struct Mapped {
     /// The BFN the caller is told.
     pub bfn: Bfn,
-    /// The mapping's install generation.
+    /// The mapping's install generation in its cell.
     pub tag: u32,
+    /// The driver cell it was made in (a driver domain that went idle may
+    /// come back in another cell, whose generations are its own).
+    pub cell: usize,
 }
 
 /// What the locked part of a map did with the attempt's page reference
@@ -1006,7 +1009,11 @@ impl<L: RawMutex> Engine<L> {
             let m = d.dd.live_at(idx).ok_or(Errno::Inval)?;
             if m.mfn == mfn {
                 d.dd.set_refs(idx, m.refs.checked_add(1).ok_or(Errno::NoSpc)?);
-                return Ok(Some(Mapped { bfn, tag: m.gen }));
+                return Ok(Some(Mapped {
+                    bfn,
+                    tag: m.gen,
+                    cell: d.cell,
+                }));
             }
             // The gfn no longer points at the mapped frame: a removal
             // whose hook has not run yet. Revoke the stale mapping now
@@ -1059,7 +1066,11 @@ impl<L: RawMutex> Engine<L> {
             return MapOutcome::Refused(e);
         }
         match dd.install(self.seed, idx, key) {
-            Ok(tag) => MapOutcome::Installed(Mapped { bfn, tag }),
+            Ok(tag) => MapOutcome::Installed(Mapped {
+                bfn,
+                tag,
+                cell: d.cell,
+            }),
             Err(e) => {
                 // Unreachable (capacity reserved). The entry exists: take it
                 // down the way an unmap does, page released after the flush.
@@ -1183,6 +1194,11 @@ impl<L: RawMutex> Engine<L> {
         let Some(mut d) = self.lock_driver(caller) else {
             return;
         };
+        if d.cell != mapped.cell {
+            // The domain went idle and came back elsewhere: not that install.
+            self.put_driver(d);
+            return;
+        }
         let same = |m: &Mapping| m.context == context && m.gen == mapped.tag;
         if let Some(m) = d.dd.live_at(idx).filter(same) {
             if m.refs > 1 {

@@ -448,8 +448,12 @@ impl<L: RawMutex> Engine<L> {
         for ctx in d.dd.contexts().filter(|c| c.0 != 0) {
             h.context_destroy(domid, ctx);
         }
-        // Back to an idle state, and the cell (dom0's too) goes back.
+        // Back to an idle state, and the cell (dom0's too) goes back. Its
+        // install generations keep counting: a tag never repeats in a cell
+        // short of 2^32 installs.
+        let next_gen = d.dd.next_gen;
         *d.dd = DriverDomain::new(domid);
+        d.dd.next_gen = next_gen;
         self.release_driver(d);
         *c = Cursor::DONE;
         Ok(())

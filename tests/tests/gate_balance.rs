@@ -1,0 +1,165 @@
+//! The target gates' bookkeeping under random operations (from the
+//! security review): after every map, batch, unmap, undo, flush, hook (both
+//! kinds), acknowledgement and injected IOMMU failure, a target's `active`
+//! count equals its entries that can still reach a page (live, unmapped
+//! but not flushed, stuck), and every cell holding one has its bit; after
+//! both teardowns it is back to 0.
+use pviommu_abi::{Bfn, ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions};
+use pviommu_hv::engine::{GfnChange, Mapped, Slot};
+use pviommu_hv::platform::Platform;
+use pviommu_hv::sim::Format;
+use pviommu_hv::Engine;
+use pviommu_tests::*;
+
+fn req(gfn: u64, w: bool) -> MapRequest {
+    MapRequest {
+        context: ContextId::DEFAULT,
+        domid: GUEST,
+        gfn: Gfn(gfn),
+        perms: if w { Permissions::RW } else { Permissions::RO },
+        attr: MemAttr::WriteBack,
+        grant: false,
+    }
+}
+
+fn check(e: &Engine, step: usize, what: &str) {
+    let st = e.state();
+    let mut n = 0u32;
+    let mut cells = 0u64;
+    for (drv, cell) in [(DomId::DOM0, 0), (DEVICE_MODEL, 1)] {
+        if let Some(d) = st.driver(drv) {
+            let mut any = false;
+            for (_, s) in d.slots() {
+                match s {
+                    Slot::Live(m)
+                    | Slot::Unmapping { mapping: m, .. }
+                    | Slot::Stuck { mapping: m }
+                        if m.domid == GUEST =>
+                    {
+                        n += 1;
+                        any = true;
+                    }
+                    _ => {}
+                }
+            }
+            if any {
+                cells |= 1 << cell;
+            }
+        }
+    }
+    drop(st);
+    assert_eq!(
+        e.target_active(GUEST),
+        n,
+        "step {step} {what}: active vs page-holding entries"
+    );
+    let bits = e.target_drivers(GUEST);
+    assert_eq!(
+        bits & cells,
+        cells,
+        "step {step} {what}: a cell with entries lacks its bit ({bits:#x} vs {cells:#x})"
+    );
+}
+
+#[test]
+fn gate_balance_random() {
+    for seed in 1..200u64 {
+        let (mut m, e) = machine(Format::Vtd, 16);
+        let mut rng = seed;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut known: Vec<(DomId, Mapped)> = Vec::new();
+        for step in 0..300 {
+            let r = next();
+            let drv = if r & 1 == 0 {
+                DomId::DOM0
+            } else {
+                DEVICE_MODEL
+            };
+            let ci = m.domain_info(drv).unwrap();
+            let gfn = (r >> 8) % 6;
+            let what;
+            match (r >> 4) % 9 {
+                0 | 1 => {
+                    what = "map";
+                    if let Ok(t) = e.map_tagged(&mut m, drv, &ci, &req(gfn, r & 0x1000 != 0)) {
+                        known.push((drv, t));
+                    }
+                }
+                2 => {
+                    what = "unmap";
+                    if !known.is_empty() {
+                        let (d, t) = known.remove((r >> 16) as usize % known.len());
+                        let _ = e.unmap(&mut m, d, ContextId::DEFAULT, t.bfn);
+                    }
+                }
+                3 => {
+                    what = "undo";
+                    if !known.is_empty() {
+                        let (d, t) = known.remove((r >> 16) as usize % known.len());
+                        e.unmap_undo(&mut m, d, ContextId::DEFAULT, t);
+                    }
+                }
+                4 => {
+                    what = "finish";
+                    e.finish(&mut m, drv);
+                }
+                5 => {
+                    what = "hook";
+                    let how = if r & 0x2000 != 0 {
+                        GfnChange::Removed
+                    } else {
+                        GfnChange::WriteLost
+                    };
+                    e.gfn_changed(&mut m, GUEST, Gfn(gfn), 0, how);
+                }
+                6 => {
+                    what = "ack";
+                    if let Ok((b, _)) = e.revoked_next(drv) {
+                        let _ = e.revoked_ack(drv, ContextId::DEFAULT, b);
+                        known.retain(|(d, t)| !(*d == drv && t.bfn == b));
+                    }
+                }
+                7 => {
+                    what = "fail";
+                    if r & 0x4000 != 0 {
+                        m.fail_unmaps = 1 + (r >> 20) as u32 % 3
+                    } else {
+                        m.fail_flushes = 1 + (r >> 20) as u32 % 3
+                    }
+                }
+                _ => {
+                    what = "batch";
+                    let reqs = [
+                        req(gfn, true),
+                        req((gfn + 1) % 6, false),
+                        req((gfn + 2) % 6, true),
+                    ];
+                    let mut out = [Err(pviommu_hv::Errno::Inval); 3];
+                    let n = e.map_batch(&mut m, drv, &ci, &reqs, &mut out);
+                    for t in out.iter().take(n).flatten() {
+                        known.push((drv, *t));
+                    }
+                }
+            }
+            check(&e, step, what);
+        }
+        m.fail_unmaps = 0;
+        m.fail_flushes = 0;
+        e.domain_dying(&mut m, DEVICE_MODEL);
+        check(&e, 9999, "dm teardown");
+        e.finish(&mut m, DomId::DOM0);
+        e.domain_dying(&mut m, GUEST);
+        check(&e, 10000, "guest teardown");
+        assert_eq!(
+            e.target_active(GUEST),
+            0,
+            "seed {seed}: leak after teardown"
+        );
+        let _ = Bfn(0);
+    }
+}
