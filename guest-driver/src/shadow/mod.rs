@@ -23,6 +23,7 @@ pub mod ppgtt_format;
 mod ppgtt_revoke;
 mod report;
 mod session;
+mod table_pages;
 mod traits;
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ use super::gma::Gma;
 use super::ppgtt_engine::{Env, NoReader};
 use super::ppgtt_format::{Level, ENTRIES};
 use super::report::{Anomaly, BuildReport, SyncReport};
+use super::table_pages::TablePages;
 use super::traits::{FrameMapper, GuestTableReader, ShadowMemory};
 use pviommu_abi::{Bfn, DomId, Gfn};
 
@@ -83,7 +84,7 @@ pub struct ShadowPpgtt {
     pub(super) slots: Vec<SlotInfo>,
     /// Guest view (snapshot) of each slot's table. The shadow entries
     /// themselves are only kept in [`ShadowMemory`].
-    pub(super) guest: Vec<Box<[u64; ENTRIES]>>,
+    pub(super) guest: TablePages,
     /// Child slot per entry, for directory slots.
     pub(super) children: Vec<Option<Box<[u32; ENTRIES]>>>,
     pub(super) free_slots: Vec<u32>,
@@ -104,6 +105,8 @@ pub struct ShadowPpgtt {
     pub(super) unmaps: Vec<Bfn>,
     pub(super) subtree: Vec<u32>,
     pub(super) changes: Vec<(u16, u64, u64)>,
+    /// Shadow leaves of a PT's changed entries, read ahead of the unmaps.
+    pub(super) shadow_buf: Vec<u64>,
     pub(super) read_buf: Box<[u64; ENTRIES]>,
 }
 
@@ -156,7 +159,7 @@ impl ShadowPpgtt {
             guest_root: guest_root_gfn,
             root: None,
             slots: Vec::new(),
-            guest: Vec::new(),
+            guest: TablePages::default(),
             children: Vec::new(),
             free_slots: Vec::new(),
             live_slots: 0,
@@ -172,6 +175,7 @@ impl ShadowPpgtt {
             unmaps: Vec::with_capacity(config.batch),
             subtree: Vec::new(),
             changes: Vec::new(),
+            shadow_buf: Vec::new(),
             read_buf: Box::new([0; ENTRIES]),
         };
         let mut env = Env {
@@ -349,7 +353,7 @@ impl ShadowPpgtt {
         gfn: Gfn,
     ) {
         out.report.pages_read += 1;
-        let buf = &mut *self.guest[slot as usize];
+        let buf = &mut self.guest[slot as usize];
         if let Err(e) = reader.read_page(gfn, buf) {
             *buf = [0; ENTRIES];
             let errno = match e {

@@ -26,6 +26,32 @@ impl GuestTableReader for NoReader {
     }
 }
 
+/// Diff guest table `new` against snapshot `snap`: push (index, old, new)
+/// for every entry that differs, in index order, and copy it into `snap`.
+pub(super) fn diff_page(
+    snap: &mut [u64; ENTRIES],
+    new: &[u64; ENTRIES],
+    changes: &mut Vec<(u16, u64, u64)>,
+) {
+    if snap == new {
+        return;
+    }
+    // Fixed-size lines compare inline (no memcmp call per line).
+    let (lines, _) = snap.as_chunks_mut::<8>();
+    let (new_lines, _) = new.as_chunks::<8>();
+    for (c, (a, b)) in lines.iter_mut().zip(new_lines).enumerate() {
+        if a == b {
+            continue;
+        }
+        for k in 0..8 {
+            if a[k] != b[k] {
+                changes.push(((c * 8 + k) as u16, a[k], b[k]));
+                a[k] = b[k];
+            }
+        }
+    }
+}
+
 /// Ordering key of a reference: lower owns a shared table page.
 type RefKey = (u64, Reverse<u8>);
 
@@ -84,7 +110,7 @@ impl ShadowPpgtt {
             s
         } else {
             self.slots.push(info(0));
-            self.guest.push(Box::new([0; ENTRIES]));
+            self.guest.push_zeroed();
             self.children
                 .push((level != Level::Pt).then(|| Box::new([NO_CHILD; ENTRIES])));
             (self.slots.len() - 1) as u32
@@ -457,38 +483,65 @@ impl ShadowPpgtt {
             };
             Self::note(&mut env.out, Anomaly::ReadFailed { table: g, errno });
         }
-        // Find the changed entries with a branch-light scan, updating the
-        // snapshot as we go, then act on them.
+        // Most dirty pages of a large table change in a few cache lines (or
+        // none): compare the whole page first (a vectorised memcmp), then
+        // find the changed entries line by line, updating the snapshot.
         let mut changes = std::mem::take(&mut self.changes);
         changes.clear();
-        {
-            let snap = &mut *self.guest[i];
-            let buf = &*self.read_buf;
-            for (c, (a, b)) in snap
-                .chunks_exact_mut(8)
-                .zip(buf.chunks_exact(8))
-                .enumerate()
-            {
-                let mut d = 0;
-                for k in 0..8 {
-                    d |= a[k] ^ b[k];
-                }
-                if d == 0 {
-                    continue;
-                }
-                for k in 0..8 {
-                    if a[k] != b[k] {
-                        changes.push(((c * 8 + k) as u16, a[k], b[k]));
-                        a[k] = b[k];
-                    }
-                }
+        diff_page(&mut self.guest[i], &self.read_buf, &mut changes);
+        env.out.report.entries_changed += changes.len() as u64;
+        let info = &self.slots[i];
+        if info.level == Level::Pt && info.populated {
+            self.apply_pt_changes(env, slot, &changes);
+        } else {
+            for &(idx, old, new) in &changes {
+                self.apply_change(env, slot, idx as usize, old, new);
             }
         }
-        env.out.report.entries_changed += changes.len() as u64;
-        for &(idx, old, new) in &changes {
-            self.apply_change(env, slot, idx as usize, old, new);
-        }
         self.changes = changes;
+    }
+
+    /// [`apply_change`](Self::apply_change) for every change of populated
+    /// PT `slot`, with the shadow leaves of the changed entries read first:
+    /// the loads are independent, so their cache misses overlap instead of
+    /// each stalling its own unmap.
+    fn apply_pt_changes<R, M, S>(
+        &mut self,
+        env: &mut Env<'_, R, M, S>,
+        slot: u32,
+        changes: &[(u16, u64, u64)],
+    ) where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let (page, gen) = {
+            let s = &self.slots[slot as usize];
+            (s.page, s.gen)
+        };
+        let mut shadow = std::mem::take(&mut self.shadow_buf);
+        shadow.clear();
+        shadow.extend(
+            changes
+                .iter()
+                .map(|&(idx, old, _)| match old & fmt::PRESENT {
+                    0 => 0,
+                    _ => env.mem.read_entry(page, idx as usize).unwrap_or(0),
+                }),
+        );
+        // Only this slot's own entries are written below (each index once),
+        // so every value read above is still current when it is used.
+        for (&(idx, _, new), &s) in changes.iter().zip(&shadow) {
+            let idx = idx as usize;
+            if s & fmt::PRESENT != 0 {
+                env.mem.write_entry(page, idx, 0);
+                self.queue_unmap(env, Bfn((s & fmt::ADDR_MASK) >> 12));
+            }
+            if new & fmt::PRESENT != 0 {
+                self.queue_map(env, slot, gen, idx, new);
+            }
+        }
+        self.shadow_buf = shadow;
     }
 
     /// Apply one trapped guest write to owned table `slot`.

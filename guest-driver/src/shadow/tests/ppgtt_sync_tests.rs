@@ -169,3 +169,70 @@ fn sync_large_page_changes_and_refusals() {
     assert_eq!(rep.leaves_unmapped, 512);
     assert_same_as_fresh(&g, &s, &m, &mem);
 }
+
+#[test]
+fn diff_page_finds_every_changed_entry_in_order() {
+    use crate::shadow::ppgtt_engine::diff_page;
+    let old: [u64; 512] = std::array::from_fn(|i| (i as u64) << 12 | 3);
+    let mut snap = old;
+    let mut changes = Vec::new();
+    diff_page(&mut snap, &old, &mut changes);
+    assert!(changes.is_empty());
+
+    let mut new = old;
+    for i in [0usize, 7, 8, 9, 255, 504, 511] {
+        new[i] ^= 0x1000 * (i as u64 + 1);
+    }
+    new[100] = 0;
+    diff_page(&mut snap, &new, &mut changes);
+    let want: Vec<(u16, u64, u64)> = (0..512)
+        .filter(|&i| old[i] != new[i])
+        .map(|i| (i as u16, old[i], new[i]))
+        .collect();
+    assert_eq!(changes, want);
+    assert_eq!(snap, new);
+}
+
+/// Every kind of leaf change in one PT, with a map batch of 3 so batches
+/// are flushed in the middle of the page's changes (the shadow leaves are
+/// read ahead of them), and a refused frame.
+#[test]
+fn sync_of_many_leaf_changes_in_one_pt_with_small_batches() {
+    let (mut g, _) = guest();
+    let mut m = FakeMapper::refusing(&[(0xcc05, 13)]);
+    let mut mem = HeapShadowMemory::new();
+    let config = ShadowConfig {
+        batch: 3,
+        ..ShadowConfig::default()
+    };
+    let (mut s, _) = ShadowPpgtt::build_with(config, &g, &mut m, &mut mem, DOM, ROOT);
+    let pt = pt_of(&g, 0x20_0000);
+    for i in 0..512usize {
+        let e = g.get(pt, i);
+        let v = match i % 5 {
+            0 if e != 0 => 0,                                                 // removed
+            0 => (0xcc00 + i as u64 % 16) << 12 | fmt::PRESENT,               // added
+            1 if e != 0 => e ^ fmt::RW,                                       // flags only
+            2 if e != 0 => (e & !fmt::ADDR_MASK) | (0xdd00 + i as u64) << 12, // moved
+            _ => e,
+        };
+        g.set(pt, i, v);
+    }
+    let rep = s.sync(&g, &mut m, &mut mem, &[pt]);
+    assert!(rep.entries_changed > 150, "{rep:?}");
+    assert!(rep
+        .refused
+        .iter()
+        .all(|r| r.gfn == Gfn(0xcc05) && r.errno == 13));
+    assert!(!rep.refused.is_empty());
+    assert_same_as_fresh(&g, &s, &m, &mem);
+    // And back again.
+    let (g0, _) = guest();
+    for i in 0..512usize {
+        g.set(pt, i, g0.get(pt, i));
+    }
+    s.sync(&g, &mut m, &mut mem, &[pt]);
+    assert_same_as_fresh(&g, &s, &m, &mem);
+    s.teardown(&mut m, &mut mem);
+    assert_eq!(m.live(), BTreeMap::new());
+}
