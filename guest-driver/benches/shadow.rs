@@ -19,6 +19,7 @@ const PT0: u64 = 16; // 2048 PTs: 16..2064
 const DATA0: u64 = 0x10000; // leaf frames
 const LEAVES: u64 = PTS * 512;
 const CHANGED_PER_PT: usize = 5;
+const ADDR_MASK: u64 = 0x0000_FFFF_FFFF_F000;
 
 /// Guest memory as a vector of pages indexed by frame number.
 struct VecGuest(Vec<[u64; 512]>);
@@ -115,21 +116,93 @@ struct Floor {
     snap: Vec<[u64; 512]>,
     buf: Box<[u64; 512]>,
     changes: Vec<(u16, u64, u64)>,
+    /// For the floor with mapper calls: its own mapper holding every
+    /// present leaf of the floor's guest, and batches of 512 as in `sync`.
+    mapper: CheapMapper,
+    map_gfns: Vec<Gfn>,
+    map_writable: Vec<bool>,
+    unmaps: Vec<Bfn>,
 }
 
 impl Floor {
     fn new(g: &VecGuest) -> Floor {
+        let mut mapper = mapper();
+        let present: Vec<Gfn> = (0..PTS)
+            .flat_map(|p| g.0[(PT0 + p) as usize])
+            .filter(|e| e & 1 != 0)
+            .map(|e| Gfn((e & ADDR_MASK) >> 12))
+            .collect();
+        for (k, r) in mapper
+            .map(DomId(1), &present, &vec![true; present.len()])
+            .into_iter()
+            .enumerate()
+        {
+            assert!(r.is_ok(), "leaf {k}");
+        }
         Floor {
             snap: (0..PTS).map(|p| g.0[(PT0 + p) as usize]).collect(),
             buf: Box::new([0; 512]),
             changes: Vec::new(),
+            mapper,
+            map_gfns: Vec::with_capacity(512),
+            map_writable: Vec::with_capacity(512),
+            unmaps: Vec::with_capacity(512),
         }
+    }
+
+    /// Re-read and diff, then make the mapper calls `sync` has to make for
+    /// the changed leaves (unmap the old frame's BFN, map the new frame),
+    /// and nothing else. Returns the number of changed entries.
+    fn reread_diff_map(&mut self, g: &VecGuest, dirty: &[Gfn]) -> usize {
+        let mut n = 0;
+        for &gfn in dirty {
+            n += self.diff_one(g, gfn);
+            for &(_, old, new) in &self.changes {
+                if old & 1 != 0 {
+                    self.unmaps
+                        .push(Bfn(((old & ADDR_MASK) >> 12) + 0x100_0000));
+                    if self.unmaps.len() == 512 {
+                        self.mapper.unmap(&self.unmaps);
+                        self.unmaps.clear();
+                    }
+                }
+                if new & 1 != 0 {
+                    self.map_gfns.push(Gfn((new & ADDR_MASK) >> 12));
+                    self.map_writable.push(new & 2 != 0);
+                    if self.map_gfns.len() == 512 {
+                        black_box(
+                            self.mapper
+                                .map(DomId(1), &self.map_gfns, &self.map_writable),
+                        );
+                        self.map_gfns.clear();
+                        self.map_writable.clear();
+                    }
+                }
+            }
+        }
+        if !self.map_gfns.is_empty() {
+            black_box(
+                self.mapper
+                    .map(DomId(1), &self.map_gfns, &self.map_writable),
+            );
+            self.map_gfns.clear();
+            self.map_writable.clear();
+        }
+        if !self.unmaps.is_empty() {
+            self.mapper.unmap(&self.unmaps);
+            self.unmaps.clear();
+        }
+        n
     }
 
     /// Returns the number of changed entries.
     fn reread_diff(&mut self, g: &VecGuest, dirty: &[Gfn]) -> usize {
-        let mut n = 0;
-        for &gfn in dirty {
+        dirty.iter().map(|&gfn| self.diff_one(g, gfn)).sum()
+    }
+
+    /// Re-read and diff one page into `self.changes`.
+    fn diff_one(&mut self, g: &VecGuest, gfn: Gfn) -> usize {
+        {
             g.read_page(gfn, &mut self.buf).unwrap();
             let snap = &mut self.snap[(gfn.0 - PT0) as usize];
             self.changes.clear();
@@ -148,9 +221,8 @@ impl Floor {
                     }
                 }
             }
-            n += black_box(&self.changes).len();
+            black_box(&self.changes).len()
         }
-        n
     }
 }
 
@@ -237,6 +309,10 @@ fn bench(c: &mut Criterion) {
     // changes, on a guest of its own kept in step by the same edits.
     let mut g3 = guest();
     let mut floor = Floor::new(&g3);
+    // The floor with mapper calls has a guest of its own, so its mapper
+    // always holds exactly the leaves of its snapshot.
+    let mut g4 = guest();
+    let mut floor_m = Floor::new(&g4);
     group.bench_function("floor_reread_diff_2048_pts_unchanged", |b| {
         b.iter(|| black_box(floor.reread_diff(&g3, &all)))
     });
@@ -244,6 +320,8 @@ fn bench(c: &mut Criterion) {
         // Start both from the original frames (round 0 then changes them).
         edit(&mut g3, 1);
         floor.reread_diff(&g3, &all);
+        edit(&mut g4, 1);
+        floor_m.reread_diff_map(&g4, &all);
         edit(&mut g2, 1);
         s.sync(&g2, &mut m, &mut mem, &all);
         let mut round_f = 0;
@@ -255,6 +333,21 @@ fn bench(c: &mut Criterion) {
                     round_f += 1;
                     let t = Instant::now();
                     let k = floor.reread_diff(&g3, &changed);
+                    total += t.elapsed();
+                    assert_eq!(k, n as usize * CHANGED_PER_PT);
+                }
+                total
+            })
+        });
+        let mut round_m = 0;
+        group.bench_function(format!("floor_reread_diff_map_5_entries_in_{n}_pts"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let changed = edit_pts(&mut g4, round_m, n);
+                    round_m += 1;
+                    let t = Instant::now();
+                    let k = floor_m.reread_diff_map(&g4, &changed);
                     total += t.elapsed();
                     assert_eq!(k, n as usize * CHANGED_PER_PT);
                 }
@@ -392,6 +485,16 @@ fn summary() {
             t.elapsed()
         })
         .collect();
+    let mut g4 = guest();
+    let mut floor_m = Floor::new(&g4);
+    let mut floors_map: Vec<Duration> = (0..31)
+        .map(|r| {
+            let changed = edit(&mut g4, r);
+            let t = Instant::now();
+            black_box(floor_m.reread_diff_map(&g4, &changed));
+            t.elapsed()
+        })
+        .collect();
     let all: Vec<Gfn> = (0..PTS).map(|p| Gfn(PT0 + p)).collect();
     let mut unchanged: Vec<(Duration, Duration)> = (0..31)
         .map(|_| {
@@ -407,7 +510,9 @@ fn summary() {
     syncs.sort();
     writes.sort();
     floors.sort();
+    floors_map.sort();
     let fl = floors[floors.len() / 2];
+    let flm = floors_map[floors_map.len() / 2];
     let (mut us, mut uf): (Vec<_>, Vec<_>) = unchanged.drain(..).unzip();
     us.sort();
     uf.sort();
@@ -421,6 +526,12 @@ fn summary() {
         us.as_secs_f64() * 1e3,
         uf.as_secs_f64() * 1e3,
         us.as_secs_f64() / uf.as_secs_f64()
+    );
+    println!(
+        "summary: 1% sync {:.3} ms vs floor with the same mapper calls {:.3} ms = {:.2}x",
+        syncs[syncs.len() / 2].as_secs_f64() * 1e3,
+        flm.as_secs_f64() * 1e3,
+        syncs[syncs.len() / 2].as_secs_f64() / flm.as_secs_f64(),
     );
     let wr = writes[writes.len() / 2];
     println!(
