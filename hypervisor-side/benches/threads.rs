@@ -284,9 +284,10 @@ fn run_own_hosts(threads: usize, same_driver: bool, iters: u64, e: &Arc<Engine>)
             })
         })
         .collect();
-    for h in hs {
-        assert_eq!(h.join().unwrap(), 0, "page references out of balance");
-    }
+    // Summed: threads of one driver domain share its flush, so one thread's
+    // `finish` may release pages another thread's host referenced.
+    let refs: i64 = hs.into_iter().map(|h| h.join().unwrap()).sum();
+    assert_eq!(refs, 0, "page references out of balance");
     start.elapsed()
 }
 
