@@ -3,10 +3,14 @@
 use pviommu_abi::{
     Bfn, ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions, PvIommuOp, Request,
 };
+use std::cell::RefCell;
+
 use pviommu_hv::config::Config;
 use pviommu_hv::engine::Slot;
+use pviommu_hv::iommu::{BackendCaps, FlushGather, IommuBackend};
+use pviommu_hv::platform::{DomainInfo, PageLookup, Platform, ReservedRange, XsmAction};
 use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
-use pviommu_hv::Engine;
+use pviommu_hv::{Engine, Errno, Mfn};
 
 /// The foreign guest used by most tests.
 pub const GUEST: DomId = DomId(1);
@@ -139,4 +143,150 @@ pub fn observable(m: &SimMachine, e: &Engine) -> String {
         m.table_digest()
     );
     s
+}
+
+/// `REVOKED_NEXT` as `caller`: the oldest notice (BFN, domid, gfn), or the
+/// op's status.
+pub fn revoked_next(
+    m: &mut SimMachine,
+    e: &Engine,
+    caller: DomId,
+) -> Result<(Bfn, DomId, Gfn), i32> {
+    let mut ops = [Request::RevokedNext.encode()];
+    m.guest_batch_all(e, caller, &mut ops).unwrap();
+    if ops[0].status != 0 {
+        return Err(ops[0].status);
+    }
+    Ok((Bfn(ops[0].bfn), DomId(ops[0].domid), Gfn(ops[0].gfn)))
+}
+
+/// Which hypervisor service an [`Interposer`] races.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Service {
+    /// Right after the first page lookup.
+    GetPage,
+    /// Right after the first domain lookup.
+    DomainInfo,
+    /// During the first copy to this guest address, which then fails with
+    /// `EFAULT` (the caller's op array became inaccessible meanwhile).
+    CopyToGuestAt(u64),
+}
+
+/// What another CPU does to the host, once.
+pub type Race<'a> = Box<dyn FnOnce(&mut SimMachine) + 'a>;
+
+/// The simulated host, with what another CPU does run once, right after
+/// the first call of one service: the window between an unlocked lookup
+/// and the engine taking its lock, or between acting on an op and
+/// reporting it.
+pub struct Interposer<'a> {
+    m: RefCell<&'a mut SimMachine>,
+    at: Service,
+    race: RefCell<Option<Race<'a>>>,
+}
+
+impl<'a> Interposer<'a> {
+    /// A host on which `race` runs once, at `at`.
+    pub fn new(
+        m: &'a mut SimMachine,
+        at: Service,
+        race: Box<dyn FnOnce(&mut SimMachine) + 'a>,
+    ) -> Self {
+        Interposer {
+            m: RefCell::new(m),
+            at,
+            race: RefCell::new(Some(race)),
+        }
+    }
+    /// Run the race if `service` is where it belongs and it has not run;
+    /// whether it ran now.
+    fn after(&self, service: Service) -> bool {
+        if service != self.at {
+            return false;
+        }
+        let Some(race) = self.race.borrow_mut().take() else {
+            return false;
+        };
+        race(&mut self.m.borrow_mut());
+        true
+    }
+}
+
+impl Platform for Interposer<'_> {
+    fn copy_from_guest(&mut self, a: u64, b: &mut [u8]) -> Result<(), Errno> {
+        self.m.borrow_mut().copy_from_guest(a, b)
+    }
+    fn copy_to_guest(&mut self, a: u64, b: &[u8]) -> Result<(), Errno> {
+        if self.after(Service::CopyToGuestAt(a)) {
+            return Err(Errno::Fault);
+        }
+        self.m.borrow_mut().copy_to_guest(a, b)
+    }
+    fn domain_info(&self, d: DomId) -> Option<DomainInfo> {
+        let info = self.m.borrow().domain_info(d);
+        let _ = self.after(Service::DomainInfo);
+        info
+    }
+    fn xsm_check(&self, c: DomId, t: Option<DomId>, a: XsmAction) -> Result<(), Errno> {
+        self.m.borrow().xsm_check(c, t, a)
+    }
+    fn get_page(&mut self, d: DomId, g: Gfn, w: bool) -> Result<PageLookup, Errno> {
+        let r = self.m.borrow_mut().get_page(d, g, w);
+        let _ = self.after(Service::GetPage);
+        r
+    }
+    fn put_page(&mut self, mfn: Mfn, w: bool) {
+        self.m.borrow_mut().put_page(mfn, w)
+    }
+    fn ram_end(&self) -> Mfn {
+        self.m.borrow().ram_end()
+    }
+    fn reserved_range(&self, i: usize) -> Option<ReservedRange> {
+        self.m.borrow().reserved_range(i)
+    }
+    fn should_preempt(&mut self) -> bool {
+        false
+    }
+    fn random_seed(&self) -> u64 {
+        self.m.borrow().random_seed()
+    }
+    fn notify_revoked(&mut self, owner: DomId) {
+        self.m.borrow_mut().notify_revoked(owner)
+    }
+}
+
+impl IommuBackend for Interposer<'_> {
+    fn iommu_caps(&self) -> BackendCaps {
+        self.m.borrow().iommu_caps()
+    }
+    fn context_create(&mut self, o: DomId, c: ContextId) -> Result<(), Errno> {
+        self.m.borrow_mut().context_create(o, c)
+    }
+    fn context_destroy(&mut self, o: DomId, c: ContextId) {
+        self.m.borrow_mut().context_destroy(o, c)
+    }
+    fn iommu_map(
+        &mut self,
+        o: DomId,
+        c: ContextId,
+        b: Bfn,
+        mfn: Mfn,
+        p: Permissions,
+        a: MemAttr,
+        g: &mut FlushGather,
+    ) -> Result<(), Errno> {
+        self.m.borrow_mut().iommu_map(o, c, b, mfn, p, a, g)
+    }
+    fn iommu_unmap(
+        &mut self,
+        o: DomId,
+        c: ContextId,
+        b: Bfn,
+        g: &mut FlushGather,
+    ) -> Result<(), Errno> {
+        self.m.borrow_mut().iommu_unmap(o, c, b, g)
+    }
+    fn iommu_flush(&mut self, o: DomId, g: &FlushGather) -> Result<(), Errno> {
+        self.m.borrow_mut().iommu_flush(o, g)
+    }
 }

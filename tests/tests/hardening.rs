@@ -3,17 +3,15 @@
 //! what failed before the fix. Allocation failure (4, 11) is swept in
 //! `alloc_failure.rs`, concurrency in `concurrency.rs`.
 
-use std::cell::RefCell;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use pviommu_abi::{cmd, translation, Bfn, ContextId, DomId, Gfn, Permissions, Request};
 use pviommu_hv::engine::Slot;
-use pviommu_hv::iommu::{BackendCaps, FlushGather, IommuBackend};
 use pviommu_hv::lock_check;
-use pviommu_hv::platform::{DomainInfo, PageLookup, Platform, ReservedRange, XsmAction};
+use pviommu_hv::platform::{Platform, ReservedRange};
 use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
-use pviommu_hv::{Engine, Errno, MemAttr, Mfn};
+use pviommu_hv::{Engine, Errno};
 use pviommu_tests::*;
 
 const ENXIO: i32 = -6;
@@ -27,134 +25,9 @@ fn unmap_status(m: &mut SimMachine, e: &Engine, caller: DomId, bfn: Bfn) -> i32 
     ops[0].status
 }
 
-fn revoked_next(m: &mut SimMachine, e: &Engine, caller: DomId) -> Result<(Bfn, DomId, Gfn), i32> {
-    let mut ops = [Request::RevokedNext.encode()];
-    m.guest_batch_all(e, caller, &mut ops).unwrap();
-    if ops[0].status != 0 {
-        return Err(ops[0].status);
-    }
-    Ok((Bfn(ops[0].bfn), DomId(ops[0].domid), Gfn(ops[0].gfn)))
-}
-
 fn dma_ok(m: &mut SimMachine, owner: DomId, bfn: Bfn) -> bool {
     m.dma_read(owner, ContextId::DEFAULT, bfn.0 << 12, 8)
         .is_ok()
-}
-
-/// Which hypervisor service an [`Interposer`] races.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Service {
-    GetPage,
-    DomainInfo,
-}
-
-/// What another CPU does to the host, once.
-type Race<'a> = Box<dyn FnOnce(&mut SimMachine) + 'a>;
-
-/// The simulated host, with what another CPU does run once, right after
-/// the first call of one service: the window between an unlocked lookup
-/// and the engine taking its lock.
-struct Interposer<'a> {
-    m: RefCell<&'a mut SimMachine>,
-    at: Service,
-    race: RefCell<Option<Race<'a>>>,
-}
-
-impl<'a> Interposer<'a> {
-    fn new(
-        m: &'a mut SimMachine,
-        at: Service,
-        race: Box<dyn FnOnce(&mut SimMachine) + 'a>,
-    ) -> Self {
-        Interposer {
-            m: RefCell::new(m),
-            at,
-            race: RefCell::new(Some(race)),
-        }
-    }
-    fn after(&self, service: Service) {
-        if service == self.at {
-            if let Some(race) = self.race.borrow_mut().take() {
-                race(&mut self.m.borrow_mut());
-            }
-        }
-    }
-}
-
-impl Platform for Interposer<'_> {
-    fn copy_from_guest(&mut self, a: u64, b: &mut [u8]) -> Result<(), Errno> {
-        self.m.borrow_mut().copy_from_guest(a, b)
-    }
-    fn copy_to_guest(&mut self, a: u64, b: &[u8]) -> Result<(), Errno> {
-        self.m.borrow_mut().copy_to_guest(a, b)
-    }
-    fn domain_info(&self, d: DomId) -> Option<DomainInfo> {
-        let info = self.m.borrow().domain_info(d);
-        self.after(Service::DomainInfo);
-        info
-    }
-    fn xsm_check(&self, c: DomId, t: Option<DomId>, a: XsmAction) -> Result<(), Errno> {
-        self.m.borrow().xsm_check(c, t, a)
-    }
-    fn get_page(&mut self, d: DomId, g: Gfn, w: bool) -> Result<PageLookup, Errno> {
-        let r = self.m.borrow_mut().get_page(d, g, w);
-        self.after(Service::GetPage);
-        r
-    }
-    fn put_page(&mut self, mfn: Mfn, w: bool) {
-        self.m.borrow_mut().put_page(mfn, w)
-    }
-    fn ram_end(&self) -> Mfn {
-        self.m.borrow().ram_end()
-    }
-    fn reserved_range(&self, i: usize) -> Option<ReservedRange> {
-        self.m.borrow().reserved_range(i)
-    }
-    fn should_preempt(&mut self) -> bool {
-        false
-    }
-    fn random_seed(&self) -> u64 {
-        self.m.borrow().random_seed()
-    }
-    fn notify_revoked(&mut self, owner: DomId) {
-        self.m.borrow_mut().notify_revoked(owner)
-    }
-}
-
-impl IommuBackend for Interposer<'_> {
-    fn iommu_caps(&self) -> BackendCaps {
-        self.m.borrow().iommu_caps()
-    }
-    fn context_create(&mut self, o: DomId, c: ContextId) -> Result<(), Errno> {
-        self.m.borrow_mut().context_create(o, c)
-    }
-    fn context_destroy(&mut self, o: DomId, c: ContextId) {
-        self.m.borrow_mut().context_destroy(o, c)
-    }
-    fn iommu_map(
-        &mut self,
-        o: DomId,
-        c: ContextId,
-        b: Bfn,
-        mfn: Mfn,
-        p: Permissions,
-        a: MemAttr,
-        g: &mut FlushGather,
-    ) -> Result<(), Errno> {
-        self.m.borrow_mut().iommu_map(o, c, b, mfn, p, a, g)
-    }
-    fn iommu_unmap(
-        &mut self,
-        o: DomId,
-        c: ContextId,
-        b: Bfn,
-        g: &mut FlushGather,
-    ) -> Result<(), Errno> {
-        self.m.borrow_mut().iommu_unmap(o, c, b, g)
-    }
-    fn iommu_flush(&mut self, o: DomId, g: &FlushGather) -> Result<(), Errno> {
-        self.m.borrow_mut().iommu_flush(o, g)
-    }
 }
 
 /// Defect 1. On Xen the C glue tested `target->target == caller`, so the
