@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use pviommu_abi::{ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions};
+use pviommu_hv::engine::Hypervisor;
 use pviommu_hv::iommu::{BackendCaps, FlushGather, IommuBackend};
 use pviommu_hv::platform::{DomainInfo, PageKind, PageLookup, Platform, ReservedRange, XsmAction};
 use pviommu_hv::sim::{DomainSpec, Format, SharedSim, SimMachine};
@@ -53,9 +54,20 @@ fn host() -> (SharedSim, Arc<Engine>) {
     (SharedSim::new(m), Arc::new(e))
 }
 
-/// One worker: `iters` rounds of map BATCH pages then unmap them.
+/// One worker on the simulated host.
 fn work(sim: &SharedSim, e: &Engine, caller: DomId, target: DomId, ctx: ContextId, iters: u64) {
-    let mut h = sim.handle(caller);
+    rounds(&mut sim.handle(caller), e, caller, target, ctx, iters);
+}
+
+/// `iters` rounds of map BATCH pages of `target`, then unmap them, on host `h`.
+fn rounds(
+    h: &mut impl Hypervisor,
+    e: &Engine,
+    caller: DomId,
+    target: DomId,
+    ctx: ContextId,
+    iters: u64,
+) {
     let info = h.domain_info(caller).unwrap();
     let mut bfns = Vec::with_capacity(BATCH as usize);
     for _ in 0..iters {
@@ -69,13 +81,13 @@ fn work(sim: &SharedSim, e: &Engine, caller: DomId, target: DomId, ctx: ContextI
                 attr: MemAttr::WriteBack,
                 grant: false,
             };
-            bfns.push(e.map(&mut h, caller, &info, &req).unwrap());
+            bfns.push(e.map(h, caller, &info, &req).unwrap());
         }
-        e.finish(&mut h, caller);
+        e.finish(h, caller);
         for b in &bfns {
-            e.unmap(&mut h, caller, ctx, *b).unwrap();
+            e.unmap(h, caller, ctx, *b).unwrap();
         }
-        e.finish(&mut h, caller);
+        e.finish(h, caller);
     }
 }
 
@@ -258,28 +270,7 @@ fn run_own_hosts(threads: usize, same_driver: bool, iters: u64, e: &Arc<Engine>)
                 } else {
                     (DomId(11 + t as u16), ContextId::DEFAULT)
                 };
-                let target = DomId(1 + t as u16);
-                let info = h.domain_info(caller).unwrap();
-                let mut bfns = Vec::with_capacity(BATCH as usize);
-                for _ in 0..iters {
-                    bfns.clear();
-                    for g in 0..BATCH {
-                        let req = MapRequest {
-                            context: ctx,
-                            domid: target,
-                            gfn: Gfn(g),
-                            perms: Permissions::RW,
-                            attr: MemAttr::WriteBack,
-                            grant: false,
-                        };
-                        bfns.push(e.map(&mut h, caller, &info, &req).unwrap());
-                    }
-                    e.finish(&mut h, caller);
-                    for b in &bfns {
-                        e.unmap(&mut h, caller, ctx, *b).unwrap();
-                    }
-                    e.finish(&mut h, caller);
-                }
+                rounds(&mut h, &e, caller, DomId(1 + t as u16), ctx, iters);
                 h.refs
             })
         })
