@@ -712,43 +712,10 @@ impl<L: RawMutex> Engine<L> {
         caller_info: &DomainInfo,
         req: &MapRequest,
     ) -> Result<Mapped, Errno> {
-        check_map(h, caller, caller_info, req.domid)?;
-        if req.grant {
-            // Designed in the ABI; no backend offers PVIOMMU_FEAT_GRANT yet.
-            return Err(Errno::OpNotSupp);
-        }
         let caps = h.iommu_caps();
-        if caps.features & req.attr.required_feature() != req.attr.required_feature()
-            || req.context.0 >= MAX_CONTEXTS
-        {
-            return Err(Errno::OpNotSupp);
-        }
-        let gate = self.gate(req.domid).ok_or(Errno::Srch)?;
+        let gate = self.map_checks(h, caller, caller_info, req, &caps, false)?;
         for _ in 0..MAP_RETRIES {
-            gate.active.fetch_add(1, Ordering::SeqCst);
-            let seq = gate.seq.load(Ordering::SeqCst);
-            let t0 = self.clock(h);
-            let looked_up = h.get_page(req.domid, req.gfn, req.perms.write);
-            let ns_get_page = self.since(h, t0);
-            let page = match looked_up {
-                Ok(p) => p,
-                Err(e) => {
-                    self.gate_leave(req.domid);
-                    return Err(e);
-                }
-            };
-            let checked =
-                check_page(page.kind, req.perms).and_then(|()| page.mfn.ok_or(Errno::XDev));
-            let mfn = match checked {
-                Ok(mfn) => mfn,
-                Err(e) => {
-                    if let Some(mfn) = page.mfn {
-                        h.put_page(mfn, req.perms.write);
-                    }
-                    self.gate_leave(req.domid);
-                    return Err(e);
-                }
-            };
+            let (mfn, seq, ns_get_page) = self.look_up_page(h, req, gate)?;
             let outcome = match self.lock_or_claim(caller) {
                 Err(e) => Some(MapOutcome::Refused(e)),
                 Ok(mut d) => {
@@ -847,23 +814,14 @@ impl<L: RawMutex> Engine<L> {
             let Some(step) = steps.get_mut(i) else {
                 break;
             };
-            let valid = if checked == Some(req.domid) {
-                Ok(())
-            } else {
-                check_map(h, caller, caller_info, req.domid)
-            }
-            .and_then(|()| {
-                if req.grant {
-                    return Err(Errno::OpNotSupp);
-                }
-                if caps.features & req.attr.required_feature() != req.attr.required_feature()
-                    || req.context.0 >= MAX_CONTEXTS
-                {
-                    return Err(Errno::OpNotSupp);
-                }
-                self.gate(req.domid).ok_or(Errno::Srch)
-            });
-            let gate = match valid {
+            let gate = match self.map_checks(
+                h,
+                caller,
+                caller_info,
+                req,
+                &caps,
+                checked == Some(req.domid),
+            ) {
                 Ok(g) => g,
                 Err(e) => {
                     *o = Err(e);
@@ -871,28 +829,12 @@ impl<L: RawMutex> Engine<L> {
                 }
             };
             checked = Some(req.domid);
-            gate.active.fetch_add(1, Ordering::SeqCst);
-            let seq = gate.seq.load(Ordering::SeqCst);
-            let t0 = self.clock(h);
-            let looked_up = h.get_page(req.domid, req.gfn, req.perms.write);
-            ns_get_page += self.since(h, t0);
-            let page = looked_up.and_then(|p| {
-                match check_page(p.kind, req.perms).and_then(|()| p.mfn.ok_or(Errno::XDev)) {
-                    Ok(mfn) => Ok(mfn),
-                    Err(e) => {
-                        if let Some(mfn) = p.mfn {
-                            h.put_page(mfn, req.perms.write);
-                        }
-                        Err(e)
-                    }
+            match self.look_up_page(h, req, gate) {
+                Ok((mfn, seq, ns)) => {
+                    ns_get_page += ns;
+                    *step = Step::Locked(mfn, seq);
                 }
-            });
-            match page {
-                Ok(mfn) => *step = Step::Locked(mfn, seq),
-                Err(e) => {
-                    self.gate_leave(req.domid);
-                    *o = Err(e);
-                }
+                Err(e) => *o = Err(e),
             }
         }
 
@@ -972,6 +914,67 @@ impl<L: RawMutex> Engine<L> {
             }
         }
         n
+    }
+
+    /// What every map checks before looking its page up: who may map
+    /// whose pages (skipped when `target_checked`: an earlier op of the same
+    /// run checked the same target), what the backend can do, and the
+    /// target's gate.
+    fn map_checks(
+        &self,
+        h: &impl Hypervisor,
+        caller: DomId,
+        caller_info: &DomainInfo,
+        req: &MapRequest,
+        caps: &crate::iommu::BackendCaps,
+        target_checked: bool,
+    ) -> Result<&TargetGate, Errno> {
+        if !target_checked {
+            check_map(h, caller, caller_info, req.domid)?;
+        }
+        if req.grant {
+            // Designed in the ABI; no backend offers PVIOMMU_FEAT_GRANT yet.
+            return Err(Errno::OpNotSupp);
+        }
+        if caps.features & req.attr.required_feature() != req.attr.required_feature()
+            || req.context.0 >= MAX_CONTEXTS
+        {
+            return Err(Errno::OpNotSupp);
+        }
+        self.gate(req.domid).ok_or(Errno::Srch)
+    }
+
+    /// Join the target's gate, read its sequence number, and take a
+    /// reference on the page (no engine lock held). `Ok((frame, seq, ns
+    /// spent in the lookup))`; on `Err` the reference and the gate share
+    /// are already given back.
+    fn look_up_page(
+        &self,
+        h: &mut impl Hypervisor,
+        req: &MapRequest,
+        gate: &TargetGate,
+    ) -> Result<(Mfn, u32, u64), Errno> {
+        gate.active.fetch_add(1, Ordering::SeqCst);
+        let seq = gate.seq.load(Ordering::SeqCst);
+        let t0 = self.clock(h);
+        let looked_up = h.get_page(req.domid, req.gfn, req.perms.write);
+        let ns = self.since(h, t0);
+        let checked = looked_up.and_then(|page| {
+            check_page(page.kind, req.perms)
+                .and_then(|()| page.mfn.ok_or(Errno::XDev))
+                .inspect_err(|_| {
+                    if let Some(mfn) = page.mfn {
+                        h.put_page(mfn, req.perms.write);
+                    }
+                })
+        });
+        match checked {
+            Ok(mfn) => Ok((mfn, seq, ns)),
+            Err(e) => {
+                self.gate_leave(req.domid);
+                Err(e)
+            }
+        }
     }
 
     /// The locked part of a map: dedup or install.
