@@ -715,7 +715,8 @@ impl<L: RawMutex> Engine<L> {
         let caps = h.iommu_caps();
         let gate = self.map_checks(h, caller, caller_info, req, &caps, false)?;
         for _ in 0..MAP_RETRIES {
-            let (mfn, seq, ns_get_page) = self.look_up_page(h, req, gate)?;
+            let (looked_up, ns_get_page) = self.look_up_page(h, req, gate);
+            let (mfn, seq) = looked_up?;
             let outcome = match self.lock_or_claim(caller) {
                 Err(e) => Some(MapOutcome::Refused(e)),
                 Ok(mut d) => {
@@ -829,11 +830,10 @@ impl<L: RawMutex> Engine<L> {
                 }
             };
             checked = Some(req.domid);
-            match self.look_up_page(h, req, gate) {
-                Ok((mfn, seq, ns)) => {
-                    ns_get_page += ns;
-                    *step = Step::Locked(mfn, seq);
-                }
+            let (looked_up, ns) = self.look_up_page(h, req, gate);
+            ns_get_page += ns;
+            match looked_up {
+                Ok((mfn, seq)) => *step = Step::Locked(mfn, seq),
                 Err(e) => *o = Err(e),
             }
         }
@@ -945,15 +945,15 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// Join the target's gate, read its sequence number, and take a
-    /// reference on the page (no engine lock held). `Ok((frame, seq, ns
-    /// spent in the lookup))`; on `Err` the reference and the gate share
-    /// are already given back.
+    /// reference on the page (no engine lock held): `Ok((frame, seq))`, and
+    /// the ns the lookup took either way. On `Err` the reference and the
+    /// gate share are already given back.
     fn look_up_page(
         &self,
         h: &mut impl Hypervisor,
         req: &MapRequest,
         gate: &TargetGate,
-    ) -> Result<(Mfn, u32, u64), Errno> {
+    ) -> (Result<(Mfn, u32), Errno>, u64) {
         gate.active.fetch_add(1, Ordering::SeqCst);
         let seq = gate.seq.load(Ordering::SeqCst);
         let t0 = self.clock(h);
@@ -968,13 +968,10 @@ impl<L: RawMutex> Engine<L> {
                     }
                 })
         });
-        match checked {
-            Ok(mfn) => Ok((mfn, seq, ns)),
-            Err(e) => {
-                self.gate_leave(req.domid);
-                Err(e)
-            }
+        if checked.is_err() {
+            self.gate_leave(req.domid);
         }
+        (checked.map(|mfn| (mfn, seq)), ns)
     }
 
     /// The locked part of a map: dedup or install.
