@@ -27,7 +27,7 @@
 #define __HYPERVISOR_pv_iommu_op 43
 
 /* Major in the high 16 bits, minor in the low 16. Callers check the major. */
-#define PVIOMMU_INTERFACE_VERSION 0x00010002u
+#define PVIOMMU_INTERFACE_VERSION 0x00010003u
 
 /* ---- Commands (first hypercall argument) ---- */
 #define PVIOMMU_CMD_query_caps       1u /* arg: struct pv_iommu_caps (out)   */
@@ -38,6 +38,8 @@
                                         /* (control domain only)           */
 #define PVIOMMU_CMD_stats            5u /* arg: struct pv_iommu_stats        */
                                         /* (control domain only; ABI 1.2)  */
+#define PVIOMMU_CMD_entry            6u /* arg: struct pv_iommu_entry        */
+                                        /* (control domain only; ABI 1.3)  */
 
 /* Global VIRQ raised in a driver domain when revocation notices are pending
  * for it: bind it (EVTCHNOP_bind_virq / Linux IOCTL_EVTCHN_BIND_VIRQ), then
@@ -54,7 +56,9 @@
 #define PVIOMMU_FEAT_GRANT       (1u << 3) /* PVIOMMU_F_GRANT maps accepted    */
 #define PVIOMMU_FEAT_REVOCATION_QUEUE (1u << 4) /* revoked BFNs reserved until */
                                            /* acknowledged (OP_revoked_*)  */
-#define PVIOMMU_FEAT_ALL         0x1fu
+#define PVIOMMU_FEAT_DEVICE_ATTACH (1u << 5) /* OP_context_attach/_detach     */
+                                           /* (ABI 1.3)                    */
+#define PVIOMMU_FEAT_ALL         0x3fu
 
 /* caps.translation: whether the caller's IOMMU context translates BFNs.
  * Anything but TRANSLATES makes maps fail with EADDRNOTAVAIL. */
@@ -91,6 +95,13 @@ struct pv_iommu_caps {
 #define PVIOMMU_OP_revoked_next    6u /* out: bfn, context, domid, gfn of the    */
                                       /* oldest unacked revocation; ENOENT: none */
 #define PVIOMMU_OP_revoked_ack     7u /* in: context, bfn: release a revoked BFN */
+#define PVIOMMU_OP_context_attach  8u /* in: context (not 0), gfn = device's    */
+                                      /* SBDF: its DMA now uses that context   */
+#define PVIOMMU_OP_context_detach  9u /* in: context, gfn = SBDF: the device   */
+                                      /* goes back to the default context      */
+/* A PCI device as carried in pv_iommu_op.gfn by context_attach/_detach. */
+#define PVIOMMU_SBDF(seg, bus, dev, fn) \
+    ((uint64_t)(seg) << 16 | (uint64_t)(bus) << 8 | (uint64_t)(dev) << 3 | (fn))
 
 /* op.flags */
 #define PVIOMMU_F_READ   (1u << 0)  /* device may read                          */
@@ -184,6 +195,19 @@ struct pv_iommu_stats {
     uint64_t ns_iommu_unmap; /* out: ns clearing IOMMU entries                  */
     uint64_t ns_iommu_flush; /* out: ns in IOTLB flushes                        */
     uint64_t heap_bytes;     /* out: engine heap in use, host-wide              */
+};
+
+/* PVIOMMU_CMD_entry: the leaf entry a device walking one of the driver
+ * domain's own contexts finds for a BFN, address field zeroed (no machine
+ * frame crosses the interface): permissions, memory type, snoop. */
+struct pv_iommu_entry {
+    uint32_t version;   /* in: PVIOMMU_INTERFACE_VERSION                        */
+    uint16_t domid;     /* in: the driver domain                                */
+    uint16_t _pad0;     /* must be 0                                            */
+    uint32_t context;   /* in: one of its own contexts (not 0)                  */
+    uint32_t level;     /* out: level of the leaf (1: 4 KiB, 2: 2 MiB)          */
+    uint64_t bfn;       /* in                                                   */
+    uint64_t bits;      /* out: the entry, IOMMU format, address bits zeroed    */
 };
 
 /* ---- Errors (negative Xen errno values; one meaning each in this ABI) ---- */

@@ -1,4 +1,4 @@
-//! The PV-IOMMU hypercall ABI, interface version 1.1.
+//! The PV-IOMMU hypercall ABI, interface version 1.3.
 //!
 //! A driver domain asks the hypervisor, through hypercall
 //! [`HYPERVISOR_PV_IOMMU_OP`], to map a foreign domain's guest frame into one
@@ -28,7 +28,7 @@ mod types;
 
 pub use errno::Errno;
 pub use request::{MapRequest, Request};
-pub use types::{Access, Bfn, ContextId, DomId, Gfn, MemAttr, Permissions};
+pub use types::{Access, Bfn, ContextId, DomId, Gfn, MemAttr, Permissions, Sbdf};
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -36,7 +36,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 pub const HYPERVISOR_PV_IOMMU_OP: u32 = 43;
 
 /// Interface version: major in the high 16 bits, minor in the low 16.
-pub const INTERFACE_VERSION: u32 = 0x0001_0002;
+pub const INTERFACE_VERSION: u32 = 0x0001_0003;
 
 /// Major part of a version word.
 pub const fn version_major(version: u32) -> u16 {
@@ -58,6 +58,10 @@ pub mod cmd {
     /// in-hypervisor time breakdown through a
     /// [`PvIommuStats`](crate::PvIommuStats) (control domain only; ABI 1.2).
     pub const STATS: u32 = 5;
+    /// Read back the leaf entry the IOMMU walks for a BFN of one of a
+    /// driver domain's own contexts, its address field zeroed, through a
+    /// [`PvIommuEntry`](crate::PvIommuEntry) (control domain only; ABI 1.3).
+    pub const ENTRY: u32 = 6;
 }
 
 /// `flags` of [`PvIommuStats`].
@@ -95,8 +99,11 @@ pub mod feature {
     /// Revoked BFNs stay reserved until acknowledged, and are reported
     /// through [`subop::REVOKED_NEXT`](crate::subop::REVOKED_NEXT).
     pub const REVOCATION_QUEUE: u32 = 1 << 4;
+    /// The caller's PCI devices can be attached to its contexts
+    /// ([`subop::CONTEXT_ATTACH`](crate::subop::CONTEXT_ATTACH); ABI 1.3).
+    pub const DEVICE_ATTACH: u32 = 1 << 5;
     /// Every bit defined by this version.
-    pub const ALL: u32 = 0x1f;
+    pub const ALL: u32 = 0x3f;
 }
 
 /// Why a caller's IOMMU context cannot use BFNs ([`PvIommuCaps::translation`]).
@@ -139,6 +146,13 @@ pub mod subop {
     /// may be handed out again. An unmap of a revoked BFN does the same and
     /// answers `ESTALE`.
     pub const REVOKED_ACK: u16 = 7;
+    /// Point one of the caller's PCI devices (`gfn` holds its
+    /// [`Sbdf`](crate::Sbdf)) at context `context` (not 0): from then on its
+    /// DMA is translated by that context's tables only (ABI 1.3).
+    pub const CONTEXT_ATTACH: u16 = 8;
+    /// Put a device (`gfn` holds its [`Sbdf`](crate::Sbdf)) attached to
+    /// `context` back in the default context (ABI 1.3).
+    pub const CONTEXT_DETACH: u16 = 9;
 }
 
 /// Bits of [`PvIommuOp::flags`].
@@ -341,6 +355,32 @@ pub struct PvIommuStats {
     pub heap_bytes: u64,
 }
 
+/// `struct pv_iommu_entry`: the argument of [`cmd::ENTRY`]. Shows what a
+/// device walking the context will find (permissions, memory type, snoop)
+/// without the machine address: the address field of the entry is zeroed.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct PvIommuEntry {
+    /// In: [`INTERFACE_VERSION`].
+    pub version: u32,
+    /// In: the driver domain.
+    pub domid: u16,
+    /// Must be zero.
+    pub _pad0: u16,
+    /// In: one of its contexts other than the default (whose tables are
+    /// the host's own).
+    pub context: u32,
+    /// Out: level of the leaf (1: 4 KiB page, 2: 2 MiB superpage).
+    pub level: u32,
+    /// In: the BFN.
+    pub bfn: u64,
+    /// Out: the leaf entry in the IOMMU's format, address bits zeroed.
+    pub bits: u64,
+}
+
 /// `struct pv_iommu_regions`: the argument of [`cmd::RESERVED_REGIONS`].
 #[repr(C)]
 #[derive(
@@ -398,6 +438,11 @@ const _: () = {
     assert!(offset_of!(PvIommuStats, ns_batches) == 96);
     assert!(offset_of!(PvIommuStats, heap_bytes) == 144);
     assert!(offset_of!(PvIommuRegions, total) == 12);
+    assert!(size_of::<PvIommuEntry>() == 32);
+    assert!(offset_of!(PvIommuEntry, context) == 8);
+    assert!(offset_of!(PvIommuEntry, level) == 12);
+    assert!(offset_of!(PvIommuEntry, bfn) == 16);
+    assert!(offset_of!(PvIommuEntry, bits) == 24);
     assert!(offset_of!(PvIommuRegions, regions) == 16);
 };
 
@@ -711,5 +756,31 @@ pub const LAYOUT: &[(&str, &str, usize)] = &[
         "pv_iommu_stats",
         "heap_bytes",
         core::mem::offset_of!(PvIommuStats, heap_bytes),
+    ),
+    ("pv_iommu_entry", "", core::mem::size_of::<PvIommuEntry>()),
+    (
+        "pv_iommu_entry",
+        "domid",
+        core::mem::offset_of!(PvIommuEntry, domid),
+    ),
+    (
+        "pv_iommu_entry",
+        "context",
+        core::mem::offset_of!(PvIommuEntry, context),
+    ),
+    (
+        "pv_iommu_entry",
+        "level",
+        core::mem::offset_of!(PvIommuEntry, level),
+    ),
+    (
+        "pv_iommu_entry",
+        "bfn",
+        core::mem::offset_of!(PvIommuEntry, bfn),
+    ),
+    (
+        "pv_iommu_entry",
+        "bits",
+        core::mem::offset_of!(PvIommuEntry, bits),
     ),
 ];

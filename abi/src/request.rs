@@ -1,7 +1,9 @@
 //! Parsing a raw [`PvIommuOp`] into a typed [`Request`]: every field the
 //! guest controls is validated here, once, before the engine touches state.
 
-use crate::{op_flags, subop, Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Permissions, PvIommuOp};
+use crate::{
+    op_flags, subop, Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Permissions, PvIommuOp, Sbdf,
+};
 
 /// What a map asks for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -56,6 +58,20 @@ pub enum Request {
         context: ContextId,
         /// The revoked BFN.
         bfn: Bfn,
+    },
+    /// Point a device at a context.
+    ContextAttach {
+        /// The context (never 0).
+        context: ContextId,
+        /// The caller's device.
+        device: Sbdf,
+    },
+    /// Put a device back in the default context.
+    ContextDetach {
+        /// The context it is attached to (never 0).
+        context: ContextId,
+        /// The device.
+        device: Sbdf,
     },
 }
 
@@ -127,6 +143,20 @@ impl Request {
                 }
                 Ok(Request::ContextDestroy { context })
             }
+            subop::CONTEXT_ATTACH | subop::CONTEXT_DETACH => {
+                if op.flags != 0 || op.domid != 0 || op.bfn != 0 {
+                    return Err(Errno::Inval);
+                }
+                if context == ContextId::DEFAULT {
+                    return Err(Errno::Inval);
+                }
+                let device = Sbdf(u32::try_from(op.gfn).map_err(|_| Errno::Inval)?);
+                Ok(if op.subop == subop::CONTEXT_ATTACH {
+                    Request::ContextAttach { context, device }
+                } else {
+                    Request::ContextDetach { context, device }
+                })
+            }
             _ => Err(Errno::OpNotSupp),
         }
     }
@@ -164,6 +194,16 @@ impl Request {
                 op.subop = subop::REVOKED_ACK;
                 op.context = context.0;
                 op.bfn = bfn.0;
+            }
+            Request::ContextAttach { context, device } => {
+                op.subop = subop::CONTEXT_ATTACH;
+                op.context = context.0;
+                op.gfn = device.0.into();
+            }
+            Request::ContextDetach { context, device } => {
+                op.subop = subop::CONTEXT_DETACH;
+                op.context = context.0;
+                op.gfn = device.0.into();
             }
         }
         op
@@ -212,6 +252,14 @@ mod tests {
             (any::<u32>(), any::<u64>()).prop_map(|(c, b)| Request::RevokedAck {
                 context: ContextId(c),
                 bfn: Bfn(b)
+            }),
+            (1u32.., any::<u32>()).prop_map(|(c, d)| Request::ContextAttach {
+                context: ContextId(c),
+                device: Sbdf(d)
+            }),
+            (1u32.., any::<u32>()).prop_map(|(c, d)| Request::ContextDetach {
+                context: ContextId(c),
+                device: Sbdf(d)
             }),
         ]
     }
@@ -264,6 +312,61 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(Request::parse(&destroy_default), Err(Errno::Inval));
+        let attach = Request::ContextAttach {
+            context: ContextId(1),
+            device: Sbdf(0x0010),
+        }
+        .encode();
+        assert!(Request::parse(&attach).is_ok());
+        for bad in [
+            PvIommuOp {
+                context: 0,
+                ..attach
+            },
+            PvIommuOp {
+                gfn: 1 << 32,
+                ..attach
+            },
+            PvIommuOp { bfn: 1, ..attach },
+            PvIommuOp { domid: 1, ..attach },
+            PvIommuOp { flags: 1, ..attach },
+        ] {
+            assert_eq!(Request::parse(&bad), Err(Errno::Inval), "{bad:?}");
+        }
+    }
+
+    struct Cursor<'a, 'b>(&'a mut &'b mut [u8]);
+    impl core::fmt::Write for Cursor<'_, '_> {
+        fn write_str(&mut self, s: &str) -> core::fmt::Result {
+            let buf = core::mem::take(self.0);
+            let (head, tail) = buf.split_at_mut(s.len().min(buf.len()));
+            head.copy_from_slice(&s.as_bytes()[..head.len()]);
+            *self.0 = tail;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn sbdf_parses_and_prints_as_lspci_does() {
+        let d: Sbdf = "0000:00:03.0".parse().unwrap();
+        assert_eq!(d, Sbdf(0x18));
+        let mut printed = [0u8; 16];
+        let mut w = &mut printed[..];
+        core::fmt::Write::write_fmt(&mut Cursor(&mut w), format_args!("{d}")).unwrap();
+        assert_eq!(&printed[..12], b"0000:00:03.0");
+        assert_eq!("01:1f.7".parse::<Sbdf>(), Ok(Sbdf(0x1ff)));
+        for bad in [
+            "",
+            "00:20.0",
+            "00:03.8",
+            "0:0:0:0.0",
+            "00:03",
+            "000:03.0",
+            "00:03.00",
+            "zz:00.0",
+        ] {
+            assert_eq!(bad.parse::<Sbdf>(), Err(()), "{bad}");
+        }
     }
 
     #[test]

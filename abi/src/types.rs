@@ -91,6 +91,86 @@ impl ContextId {
     pub const DEFAULT: ContextId = ContextId(0);
 }
 
+/// A PCI device: segment, bus, device and function, packed as Xen's
+/// `pci_sbdf_t` (`seg << 16 | bus << 8 | dev << 3 | fn`).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[repr(transparent)]
+pub struct Sbdf(pub u32);
+
+impl Sbdf {
+    /// From its parts; `None` if `dev` > 31 or `func` > 7.
+    pub const fn new(seg: u16, bus: u8, dev: u8, func: u8) -> Option<Sbdf> {
+        if dev > 31 || func > 7 {
+            return None;
+        }
+        Some(Sbdf(
+            (seg as u32) << 16 | (bus as u32) << 8 | (dev as u32) << 3 | func as u32,
+        ))
+    }
+    /// PCI segment.
+    pub const fn seg(self) -> u16 {
+        (self.0 >> 16) as u16
+    }
+    /// Bus.
+    pub const fn bus(self) -> u8 {
+        (self.0 >> 8) as u8
+    }
+    /// Device and function (`dev << 3 | fn`).
+    pub const fn devfn(self) -> u8 {
+        self.0 as u8
+    }
+}
+
+impl fmt::Debug for Sbdf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// `ssss:bb:dd.f`, as Linux and Xen print a device.
+impl fmt::Display for Sbdf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:04x}:{:02x}:{:02x}.{}",
+            self.seg(),
+            self.bus(),
+            self.devfn() >> 3,
+            self.devfn() & 7
+        )
+    }
+}
+
+impl core::str::FromStr for Sbdf {
+    type Err = ();
+    /// `ssss:bb:dd.f` or `bb:dd.f` (segment 0), hexadecimal as `lspci` prints.
+    fn from_str(s: &str) -> Result<Sbdf, ()> {
+        let (seg, rest) = match s.matches(':').count() {
+            2 => {
+                let (seg, rest) = s.split_once(':').ok_or(())?;
+                (u16::from_str_radix(seg, 16).map_err(|_| ())?, rest)
+            }
+            1 => (0, s),
+            _ => return Err(()),
+        };
+        let (bus, df) = rest.split_once(':').ok_or(())?;
+        let (dev, func) = df.split_once('.').ok_or(())?;
+        let hex8 = |t: &str| {
+            if t.is_empty() || t.len() > 2 {
+                return Err(());
+            }
+            u8::from_str_radix(t, 16).map_err(|_| ())
+        };
+        let func = if func.len() == 1 {
+            hex8(func)?
+        } else {
+            return Err(());
+        };
+        Sbdf::new(seg, hex8(bus)?, hex8(dev)?, func).ok_or(())
+    }
+}
+
 /// Device access rights of a mapping.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]

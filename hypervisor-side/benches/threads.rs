@@ -17,9 +17,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use pviommu_abi::{ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions};
+use pviommu_abi::{ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions, Sbdf};
 use pviommu_hv::engine::Hypervisor;
-use pviommu_hv::iommu::{BackendCaps, FlushGather, IommuBackend};
+use pviommu_hv::iommu::{
+    BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend, OwnTables, TableFormat,
+};
+use pviommu_hv::pgtable::TableMemory;
 use pviommu_hv::platform::{DomainInfo, PageKind, PageLookup, Platform, ReservedRange, XsmAction};
 use pviommu_hv::sim::{DomainSpec, Format, SharedSim, SimMachine};
 use pviommu_hv::{Bfn, Engine, Errno, Mfn};
@@ -156,6 +159,36 @@ struct ThreadHost {
     /// IOMMU entries by BFN offset in the window.
     ptes: Vec<u64>,
     window_start: u64,
+    /// Frames of the engine's own contexts' tables (this thread's), with
+    /// their present counts.
+    tables: Vec<([u64; 512], u16)>,
+    free_tables: Vec<u64>,
+}
+
+impl TableMemory for ThreadHost {
+    fn alloc_table(&mut self) -> Result<Mfn, Errno> {
+        if let Some(t) = self.free_tables.pop() {
+            self.tables[t as usize] = ([0; 512], 0);
+            return Ok(Mfn(t));
+        }
+        self.tables.push(([0; 512], 0));
+        Ok(Mfn(self.tables.len() as u64 - 1))
+    }
+    fn free_table(&mut self, table: Mfn) {
+        self.free_tables.push(table.0);
+    }
+    fn read_entry(&self, table: Mfn, index: usize) -> u64 {
+        self.tables[table.0 as usize].0[index]
+    }
+    fn write_entry(&mut self, table: Mfn, index: usize, raw: u64) {
+        self.tables[table.0 as usize].0[index] = raw;
+    }
+    fn present_count(&self, table: Mfn) -> u16 {
+        self.tables[table.0 as usize].1
+    }
+    fn set_present_count(&mut self, table: Mfn, count: u16) {
+        self.tables[table.0 as usize].1 = count;
+    }
 }
 
 const RAM_END: u64 = 1 << 24;
@@ -209,12 +242,15 @@ impl IommuBackend for ThreadHost {
             features: 0,
             page_sizes: 1 << 12,
             address_bits: 48,
+            own_tables: Some(OwnTables {
+                format: TableFormat::Vtd {
+                    snoop_control: true,
+                },
+                levels: 4,
+            }),
+            default_context_attrs: false,
         }
     }
-    fn context_create(&mut self, _: DomId, _: ContextId) -> Result<(), Errno> {
-        Ok(())
-    }
-    fn context_destroy(&mut self, _: DomId, _: ContextId) {}
     fn iommu_map(
         &mut self,
         _: DomId,
@@ -248,6 +284,24 @@ impl IommuBackend for ThreadHost {
     fn iommu_flush(&mut self, _: DomId, _: &FlushGather) -> Result<(), Errno> {
         Ok(())
     }
+    fn hw_context_create(&mut self, _: DomId, ctx: ContextId, _: Mfn) -> Result<HwContext, Errno> {
+        Ok(HwContext(ctx.0))
+    }
+    fn hw_context_destroy(&mut self, _: HwContext) {}
+    fn hw_flush(&mut self, _: HwContext, _: Bfn, _: Bfn) -> Result<(), Errno> {
+        Ok(())
+    }
+    fn devices_lock(&mut self) {}
+    fn devices_unlock(&mut self) {}
+    fn device_facts(&self, _: Sbdf) -> Option<DeviceFacts> {
+        None
+    }
+    fn device_attach(&mut self, _: Sbdf, _: HwContext, _: Mfn) -> Result<(), Errno> {
+        Err(Errno::NoDev)
+    }
+    fn device_detach(&mut self, _: Sbdf, _: HwContext) -> Result<(), Errno> {
+        Err(Errno::NoDev)
+    }
 }
 
 fn thread_host(e: &Engine) -> ThreadHost {
@@ -255,6 +309,8 @@ fn thread_host(e: &Engine) -> ThreadHost {
         refs: 0,
         ptes: Vec::new(),
         window_start: e.window().start,
+        tables: Vec::new(),
+        free_tables: Vec::new(),
     }
 }
 
@@ -308,6 +364,8 @@ fn thread_host_probe() -> ThreadHost {
         refs: 0,
         ptes: Vec::new(),
         window_start: 0,
+        tables: Vec::new(),
+        free_tables: Vec::new(),
     }
 }
 

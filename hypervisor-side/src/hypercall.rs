@@ -14,8 +14,9 @@
 
 use pviommu_abi::MapRequest;
 use pviommu_abi::{
-    cmd, feature, stats_flag, version_major, PvIommuBatch, PvIommuCaps, PvIommuLimits, PvIommuOp,
-    PvIommuRegion, PvIommuRegions, PvIommuStats, Request, BATCH_INCOMPLETE, INTERFACE_VERSION,
+    cmd, feature, stats_flag, version_major, PvIommuBatch, PvIommuCaps, PvIommuEntry,
+    PvIommuLimits, PvIommuOp, PvIommuRegion, PvIommuRegions, PvIommuStats, Request,
+    BATCH_INCOMPLETE, INTERFACE_VERSION,
 };
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -63,6 +64,7 @@ impl<L: RawMutex> Engine<L> {
                 }
                 cmd::SET_LIMITS => self.set_limits(h, caller, ci, arg),
                 cmd::STATS => self.stats_cmd(h, caller, ci, arg),
+                cmd::ENTRY => self.entry_cmd(h, caller, ci, arg),
                 _ => Err(Errno::OpNotSupp),
             },
         };
@@ -229,6 +231,43 @@ impl<L: RawMutex> Engine<L> {
         if req.flags & stats_flag::TIMING_OFF != 0 {
             self.set_timing(false);
         }
+        Ok(0)
+    }
+
+    /// `ENTRY`: a leaf entry of one of a driver domain's own contexts,
+    /// address field zeroed (control domain only: it shows another
+    /// domain's device mappings).
+    fn entry_cmd(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        ci: &DomainInfo,
+        arg: u64,
+    ) -> Result<i64, Errno> {
+        if !ci.control {
+            return Err(Errno::Perm);
+        }
+        let req: PvIommuEntry = copy_in(h, arg)?;
+        check_version(req.version)?;
+        let domid = DomId(req.domid);
+        if req._pad0 != 0
+            || req.level != 0
+            || req.bits != 0
+            || !domid.is_valid()
+            || req.context == 0
+        {
+            return Err(Errno::Inval);
+        }
+        h.xsm_check(caller, Some(domid), XsmAction::Manage)?;
+        let (level, bits) =
+            self.entry_bits(h, domid, ContextId(req.context), crate::Bfn(req.bfn))?;
+        let out = PvIommuEntry {
+            version: INTERFACE_VERSION,
+            level,
+            bits,
+            ..req
+        };
+        h.copy_to_guest(arg, out.as_bytes())?;
         Ok(0)
     }
 
@@ -456,6 +495,13 @@ impl<L: RawMutex> Engine<L> {
             }),
             Ok(Request::ContextDestroy { context }) => self.context_destroy_check(caller, context),
             Ok(Request::ContextCreate) => self.context_create(h, caller).map(|c| op.context = c.0),
+            // Undone (detached) if its status cannot be written.
+            Ok(Request::ContextAttach { context, device }) => {
+                self.context_attach(h, caller, context, device)
+            }
+            Ok(Request::ContextDetach { context, device }) => {
+                self.context_detach_check(caller, context, device)
+            }
         };
         op.status = match outcome {
             Ok(()) => 0,
@@ -472,6 +518,9 @@ impl<L: RawMutex> Engine<L> {
                 (Ok(Request::ContextCreate), Ok(())) => {
                     let _ = self.context_destroy(h, caller, ContextId(op.context));
                 }
+                (Ok(Request::ContextAttach { context, device }), Ok(())) => {
+                    let _ = self.context_detach(h, caller, context, device);
+                }
                 _ => {}
             }
             return Err(e);
@@ -485,6 +534,9 @@ impl<L: RawMutex> Engine<L> {
             }
             (Ok(Request::ContextDestroy { context }), Ok(())) => {
                 Some(self.context_destroy(h, caller, context))
+            }
+            (Ok(Request::ContextDetach { context, device }), Ok(())) => {
+                Some(self.context_detach(h, caller, context, device))
             }
             _ => None,
         };

@@ -1,10 +1,62 @@
-//! The IOMMU backend: map/unmap/flush in a driver domain's context.
-//! On Xen it is `iommu_map`/`iommu_unmap`/`iommu_iotlb_flush` on the
-//! hardware domain; in the simulator, the real-format tables of
-//! [`crate::pgtable`] in simulated RAM.
+//! The IOMMU backend.
+//!
+//! A driver domain's *default* context is the host's own: on Xen,
+//! `iommu_map`/`iommu_unmap`/`iommu_iotlb_flush` on the domain's tables; in
+//! the simulator, tables it keeps the same way. Every *other* context is
+//! the engine's: tables it writes itself with [`crate::pgtable`] into frames
+//! the backend gives it (its [`TableMemory`]), tagged with an IOMMU
+//! domain id the backend allocates ([`HwContext`]), invalidated through
+//! [`IommuBackend::hw_flush`], and walked by the devices the caller points
+//! at them ([`IommuBackend::device_attach`]).
 
 use crate::config::MAX_CONTEXTS;
-use crate::{Bfn, ContextId, DomId, Errno, MemAttr, Mfn, Permissions};
+use crate::pgtable::TableMemory;
+use crate::{Bfn, ContextId, DomId, Errno, MemAttr, Mfn, Permissions, Sbdf};
+
+/// The entry format of the tables the engine writes for its contexts.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum TableFormat {
+    /// Intel VT-d second level; `snoop_control`: the IOMMU has ECAP.SC, so
+    /// write-back entries may force snooping (SNP) and uncached ones differ.
+    Vtd {
+        /// ECAP.SC on every IOMMU.
+        snoop_control: bool,
+    },
+    /// Arm LPAE stage 2.
+    Lpae,
+}
+
+/// How the engine may make contexts of its own.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct OwnTables {
+    /// Entry format.
+    pub format: TableFormat,
+    /// Levels the IOMMU walks (VT-d: from its AGAW).
+    pub levels: u32,
+}
+
+/// The IOMMU's tag for one of the engine's contexts (Xen VT-d: a pseudo
+/// domain id, which gets a DID on each IOMMU a device of it sits behind).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct HwContext(pub u32);
+
+/// What the host knows about a PCI device: the facts the attach rule in
+/// [`crate::permission::may_attach`] is decided on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct DeviceFacts {
+    /// The domain the device is assigned to (Xen: `pdev->domain`).
+    pub owner: DomId,
+    /// The device's DMA carries a requester id of its own: no phantom
+    /// functions, not behind a PCIe-to-PCI bridge (whose devices share
+    /// one). Otherwise re-pointing it would move its neighbours too.
+    pub own_requester_id: bool,
+    /// Firmware reserved memory (an RMRR) the device needs mapped 1:1; a
+    /// context of the engine's has no such mapping.
+    pub rmrr: bool,
+    /// The device caches translations itself (ATS): the engine's flush
+    /// does not reach its device IOTLB.
+    pub ats: bool,
+}
 
 /// What the backend can do.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -17,6 +69,12 @@ pub struct BackendCaps {
     pub page_sizes: u64,
     /// Input address width of the IOMMU (bits).
     pub address_bits: u32,
+    /// Whether, and how, the engine can make contexts of its own; `None`:
+    /// the default context only.
+    pub own_tables: Option<OwnTables>,
+    /// The default context honours memory attributes other than
+    /// write-back (Xen's `iommu_map` takes none: false there).
+    pub default_context_attrs: bool,
 }
 
 /// One context's pending invalidation: a BFN range and backend flags.
@@ -76,15 +134,15 @@ impl FlushGather {
     }
 }
 
-/// An IOMMU that holds one or more translation contexts per driver domain.
-pub trait IommuBackend {
+/// An IOMMU: the host's default context of each driver domain, and what
+/// the engine needs for contexts of its own.
+///
+/// Its [`TableMemory`] is where the engine's own tables live.
+pub trait IommuBackend: TableMemory {
     /// Capabilities.
     fn iommu_caps(&self) -> BackendCaps;
-    /// Make a new, empty context.
-    fn context_create(&mut self, owner: DomId, ctx: ContextId) -> Result<(), Errno>;
-    /// Remove an empty context.
-    fn context_destroy(&mut self, owner: DomId, ctx: ContextId);
-    /// Map one 4 KiB page; the change is recorded in `gather`.
+    /// Map one 4 KiB page into `owner`'s default context; the change is
+    /// recorded in `gather`.
     #[allow(clippy::too_many_arguments)]
     fn iommu_map(
         &mut self,
@@ -96,7 +154,7 @@ pub trait IommuBackend {
         attr: MemAttr,
         gather: &mut FlushGather,
     ) -> Result<(), Errno>;
-    /// Unmap one 4 KiB page. Must not need memory where the backend can
+    /// Unmap one 4 KiB page of the default context. Must not need memory where the backend can
     /// help it; an `Err` leaves the entry in place (the engine keeps the page
     /// referenced and retries).
     fn iommu_unmap(
@@ -106,7 +164,41 @@ pub trait IommuBackend {
         bfn: Bfn,
         gather: &mut FlushGather,
     ) -> Result<(), Errno>;
-    /// Invalidate the IOTLB for everything gathered. Only after `Ok` may
-    /// the page references of unmapped pages be dropped.
+    /// Invalidate the IOTLB for what `gather` holds of the default
+    /// context. Only after `Ok` may the page references of unmapped pages
+    /// be dropped.
     fn iommu_flush(&mut self, owner: DomId, gather: &FlushGather) -> Result<(), Errno>;
+
+    /// Tag a new context of the engine's whose tables start at `root`
+    /// (the 4-level root; see [`crate::pgtable::TableOptions`]).
+    fn hw_context_create(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        root: Mfn,
+    ) -> Result<HwContext, Errno>;
+    /// Give the tag back: no device points at the context any more, and
+    /// its tables are about to be freed.
+    fn hw_context_destroy(&mut self, hw: HwContext);
+    /// Invalidate the IOTLB (and paging-structure caches) of `hw` for BFNs
+    /// `first..=last`.
+    fn hw_flush(&mut self, hw: HwContext, first: Bfn, last: Bfn) -> Result<(), Errno>;
+
+    /// Serialise device assignment (Xen: `pcidevs_lock`). Taken before any
+    /// driver cell's lock, never inside one: Xen calls
+    /// [`crate::Engine::device_leaving`] with it held. Re-entrant.
+    fn devices_lock(&mut self);
+    /// Release [`Self::devices_lock`].
+    fn devices_unlock(&mut self);
+    /// Facts about a device; `None` if there is none. Under the devices lock.
+    fn device_facts(&self, device: Sbdf) -> Option<DeviceFacts>;
+    /// Point `device` at the engine's context `hw` (root `root`), with the
+    /// context-cache and IOTLB invalidations that needs. On `Err` the
+    /// device translates through its owner's default context, or not at
+    /// all: never through tables it was not given. Under the devices lock.
+    fn device_attach(&mut self, device: Sbdf, hw: HwContext, root: Mfn) -> Result<(), Errno>;
+    /// Point `device` back at its owner's default context. On `Err` its
+    /// DMA is blocked (the context entry is cleared): it never keeps
+    /// pointing at the engine's tables. Under the devices lock.
+    fn device_detach(&mut self, device: Sbdf, hw: HwContext) -> Result<(), Errno>;
 }

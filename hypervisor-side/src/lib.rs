@@ -43,7 +43,7 @@ pub mod storage;
 pub type Engine = engine::Engine<lock_check::CheckedLock>;
 #[cfg(feature = "std")]
 pub mod lock_check;
-pub use pviommu_abi::{self as abi, Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Permissions};
+pub use pviommu_abi::{self as abi, Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Permissions, Sbdf};
 
 /// Machine frame number. Only the hypervisor side knows these: nothing in
 /// this crate converts an `Mfn` into a value a guest sees.

@@ -11,6 +11,7 @@
 //! platform's XSM hook ([`Platform::xsm_check`]) runs after this and can
 //! only refuse more (a FLASK policy).
 
+use crate::iommu::DeviceFacts;
 use crate::platform::{DomainInfo, PageKind, Platform, XsmAction};
 use crate::{DomId, Errno, Permissions};
 use pviommu_abi::translation;
@@ -100,6 +101,22 @@ pub fn check_page(kind: PageKind, perms: Permissions) -> Result<(), Errno> {
         PageKind::NotPresent => Err(Errno::Nxio),
         PageKind::PagedOut => Err(Errno::Again),
     }
+}
+
+/// May `caller` point `device` at one of its contexts? Only a device
+/// assigned to the caller (`EPERM` otherwise: it is someone else's DMA),
+/// and only one the engine's context can fully describe (`EOPNOTSUPP`): its
+/// own requester id (re-pointing a shared one would move its neighbours
+/// too), no RMRR (its firmware's DMA would fault), no ATS (the device's own
+/// translation cache would outlive the engine's flushes).
+pub fn may_attach(caller: DomId, device: &DeviceFacts) -> Result<(), Errno> {
+    if device.owner != caller {
+        return Err(Errno::Perm);
+    }
+    if !device.own_requester_id || device.rmrr || device.ats {
+        return Err(Errno::OpNotSupp);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -75,6 +75,9 @@ static void __init pviommu_build_checks(void)
     BUILD_BUG_ON(offsetof(struct pv_iommu_stats, live) != 8);
     BUILD_BUG_ON(offsetof(struct pv_iommu_stats, ns_batches) != 96);
     BUILD_BUG_ON(offsetof(struct pv_iommu_stats, heap_bytes) != 144);
+    BUILD_BUG_ON(sizeof(struct pv_iommu_entry) != 32);
+    BUILD_BUG_ON(offsetof(struct pv_iommu_entry, bfn) != 16);
+    BUILD_BUG_ON(offsetof(struct pv_iommu_entry, bits) != 24);
 
     BUILD_BUG_ON(PVIOMMU_ENGINE_PREEMPTED != PVIOMMU_BATCH_INCOMPLETE);
     BUILD_BUG_ON(PVIOMMU_GFN_REMOVED != PV_IOMMU_GFN_REMOVED);
@@ -290,6 +293,14 @@ void pviommu_log_dirty_enabled(struct domain *d)
                                        : max_page - 1;
     pviommu_engine_gfn_changed(d->domain_id, 0, flsl(max_gfn),
                                PVIOMMU_GFN_WRITE_LOST);
+}
+
+void pviommu_device_leaving(struct domain *owner, const struct pci_dev *pdev)
+{
+    ASSERT(pcidevs_locked());
+    if ( !pviommu_ready || !owner )
+        return;
+    pviommu_engine_device_leaving(owner->domain_id, pdev->sbdf.sbdf);
 }
 
 /* ---------------------------------------------------------------- */
@@ -982,6 +993,163 @@ int pvx_iommu_flush(uint16_t owner, uint64_t bfn, uint64_t count,
     rcu_unlock_domain(d);
 
     return rc;
+}
+
+/* ---- Contexts of the engine's own (xen/iommu.h pviommu_ctx_* ops) ---- */
+
+int pvx_ctx_caps(unsigned int *levels, int *snoop_control)
+{
+    const struct iommu_ops *ops = iommu_get_ops();
+    struct pviommu_ctx_caps caps = {};
+    int rc;
+
+    if ( !iommu_enabled || !ops->pviommu_ctx_caps ||
+         !ops->pviommu_ctx_alloc || !ops->pviommu_ctx_free ||
+         !ops->pviommu_ctx_flush || !ops->pviommu_device_facts ||
+         !ops->pviommu_device_attach || !ops->pviommu_device_detach )
+        return -EOPNOTSUPP;
+    rc = iommu_call(ops, pviommu_ctx_caps, &caps);
+    if ( rc )
+        return rc;
+    *levels = caps.levels;
+    *snoop_control = caps.snoop_control;
+
+    return 0;
+}
+
+int pvx_table_alloc(uint64_t *mfn)
+{
+    struct page_info *pg = alloc_domheap_page(NULL, 0);
+    void *p;
+
+    if ( !pg )
+        return -ENOMEM;
+    p = __map_domain_page(pg);
+    clear_page(p);
+    iommu_sync_cache(p, PAGE_SIZE);
+    unmap_domain_page(p);
+    *mfn = mfn_x(page_to_mfn(pg));
+
+    return 0;
+}
+
+void pvx_table_free(uint64_t mfn)
+{
+    free_domheap_page(mfn_to_page(_mfn(mfn)));
+}
+
+uint64_t pvx_table_read(uint64_t mfn, unsigned int index)
+{
+    const uint64_t *t;
+    uint64_t val;
+
+    if ( index >= PAGE_SIZE / sizeof(*t) )
+    {
+        ASSERT_UNREACHABLE();
+        return 0;
+    }
+    t = map_domain_page(_mfn(mfn));
+    val = read_atomic(&t[index]);
+    unmap_domain_page(t);
+
+    return val;
+}
+
+void pvx_table_write(uint64_t mfn, unsigned int index, uint64_t val)
+{
+    uint64_t *t;
+
+    if ( index >= PAGE_SIZE / sizeof(*t) )
+    {
+        ASSERT_UNREACHABLE();
+        return;
+    }
+    t = map_domain_page(_mfn(mfn));
+    /* One store: the IOMMU may walk the entry at any time. */
+    write_atomic(&t[index], val);
+    iommu_sync_cache(&t[index], sizeof(*t));
+    unmap_domain_page(t);
+}
+
+int pvx_ctx_alloc(uint16_t *tag)
+{
+    domid_t t;
+    int rc;
+
+    /* The engine took pcidevs_lock (pvx_devices_lock) before its own. */
+    rc = iommu_call(iommu_get_ops(), pviommu_ctx_alloc, &t);
+    if ( !rc )
+        *tag = t;
+
+    return rc;
+}
+
+void pvx_ctx_free(uint16_t tag)
+{
+    iommu_vcall(iommu_get_ops(), pviommu_ctx_free, tag);
+}
+
+int pvx_ctx_flush(uint16_t tag, uint64_t bfn, uint64_t count)
+{
+    return iommu_call(iommu_get_ops(), pviommu_ctx_flush, tag, _dfn(bfn),
+                      count);
+}
+
+void pvx_devices_lock(void)
+{
+    pcidevs_lock();
+}
+
+void pvx_devices_unlock(void)
+{
+    pcidevs_unlock();
+}
+
+static struct pci_dev *pvx_pdev(uint32_t sbdf)
+{
+    ASSERT(pcidevs_locked());
+    return pci_get_pdev(NULL, PCI_SBDF(sbdf >> 16, (sbdf >> 8) & 0xff,
+                                       PCI_SLOT(sbdf & 0xff),
+                                       PCI_FUNC(sbdf & 0xff)));
+}
+
+int pvx_device_facts(uint32_t sbdf, uint16_t *owner, uint32_t *flags)
+{
+    const struct pci_dev *pdev = pvx_pdev(sbdf);
+    unsigned int f;
+    int rc;
+
+    if ( !pdev || !pdev->domain )
+        return -ENODEV;
+    rc = iommu_call(iommu_get_ops(), pviommu_device_facts, pdev, &f);
+    if ( rc )
+        return rc;
+    /* dom_io / dom_xen report their reserved ids: nobody's to attach. */
+    *owner = pdev->domain->domain_id;
+    *flags = f;
+
+    return 0;
+}
+
+int pvx_device_attach(uint32_t sbdf, uint16_t tag, uint64_t root_mfn)
+{
+    struct pci_dev *pdev = pvx_pdev(sbdf);
+
+    if ( !pdev )
+        return -ENODEV;
+
+    return iommu_call(iommu_get_ops(), pviommu_device_attach, pdev, tag,
+                      pfn_to_paddr(root_mfn));
+}
+
+int pvx_device_detach(uint32_t sbdf, uint16_t tag)
+{
+    struct pci_dev *pdev = pvx_pdev(sbdf);
+
+    if ( !pdev )
+        return -ENODEV;
+
+    return iommu_call(iommu_get_ops(), pviommu_device_detach, pdev, tag);
 }
 
 void pvx_notify_revoked(uint16_t owner)

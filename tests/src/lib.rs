@@ -1,13 +1,14 @@
 //! Shared fixtures for the end-to-end tests in `tests/tests/`.
 
 use pviommu_abi::{
-    Bfn, ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions, PvIommuOp, Request,
+    Bfn, ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions, PvIommuOp, Request, Sbdf,
 };
 use std::cell::RefCell;
 
 use pviommu_hv::config::Config;
 use pviommu_hv::engine::Slot;
-use pviommu_hv::iommu::{BackendCaps, FlushGather, IommuBackend};
+use pviommu_hv::iommu::{BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend};
+use pviommu_hv::pgtable::TableMemory;
 use pviommu_hv::platform::{DomainInfo, PageLookup, Platform, ReservedRange, XsmAction};
 use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
 use pviommu_hv::{Engine, Errno, Mfn};
@@ -259,12 +260,6 @@ impl IommuBackend for Interposer<'_> {
     fn iommu_caps(&self) -> BackendCaps {
         self.m.borrow().iommu_caps()
     }
-    fn context_create(&mut self, o: DomId, c: ContextId) -> Result<(), Errno> {
-        self.m.borrow_mut().context_create(o, c)
-    }
-    fn context_destroy(&mut self, o: DomId, c: ContextId) {
-        self.m.borrow_mut().context_destroy(o, c)
-    }
     fn iommu_map(
         &mut self,
         o: DomId,
@@ -288,5 +283,50 @@ impl IommuBackend for Interposer<'_> {
     }
     fn iommu_flush(&mut self, o: DomId, g: &FlushGather) -> Result<(), Errno> {
         self.m.borrow_mut().iommu_flush(o, g)
+    }
+    fn hw_context_create(&mut self, o: DomId, c: ContextId, root: Mfn) -> Result<HwContext, Errno> {
+        self.m.borrow_mut().hw_context_create(o, c, root)
+    }
+    fn hw_context_destroy(&mut self, hw: HwContext) {
+        self.m.borrow_mut().hw_context_destroy(hw)
+    }
+    fn hw_flush(&mut self, hw: HwContext, first: Bfn, last: Bfn) -> Result<(), Errno> {
+        self.m.borrow_mut().hw_flush(hw, first, last)
+    }
+    fn devices_lock(&mut self) {
+        self.m.borrow_mut().devices_lock()
+    }
+    fn devices_unlock(&mut self) {
+        self.m.borrow_mut().devices_unlock()
+    }
+    fn device_facts(&self, d: Sbdf) -> Option<DeviceFacts> {
+        self.m.borrow().device_facts(d)
+    }
+    fn device_attach(&mut self, d: Sbdf, hw: HwContext, root: Mfn) -> Result<(), Errno> {
+        self.m.borrow_mut().device_attach(d, hw, root)
+    }
+    fn device_detach(&mut self, d: Sbdf, hw: HwContext) -> Result<(), Errno> {
+        self.m.borrow_mut().device_detach(d, hw)
+    }
+}
+
+impl TableMemory for Interposer<'_> {
+    fn alloc_table(&mut self) -> Result<Mfn, Errno> {
+        self.m.borrow_mut().alloc_table()
+    }
+    fn free_table(&mut self, t: Mfn) {
+        self.m.borrow_mut().free_table(t)
+    }
+    fn read_entry(&self, t: Mfn, i: usize) -> u64 {
+        self.m.borrow().read_entry(t, i)
+    }
+    fn write_entry(&mut self, t: Mfn, i: usize, raw: u64) {
+        self.m.borrow_mut().write_entry(t, i, raw)
+    }
+    fn present_count(&self, t: Mfn) -> u16 {
+        self.m.borrow().present_count(t)
+    }
+    fn set_present_count(&mut self, t: Mfn, c: u16) {
+        self.m.borrow_mut().set_present_count(t, c)
     }
 }

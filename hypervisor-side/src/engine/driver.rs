@@ -339,6 +339,8 @@ pub struct DriverDomain {
     pub(crate) domid: DomId,
     /// Bit n: context n exists (context 0 always).
     pub(crate) contexts: u32,
+    /// The engine's own contexts (all but 0): tables, tag, devices.
+    pub(crate) own: Vec<super::contexts::OwnContext>,
     pub(crate) slots: Vec<RawSlot>,
     pub(crate) free_head: u64,
     pub(crate) free: u64,
@@ -373,6 +375,7 @@ impl DriverDomain {
         DriverDomain {
             domid,
             contexts: 1,
+            own: Vec::new(),
             slots: Vec::new(),
             free_head: NONE,
             free: 0,

@@ -39,6 +39,7 @@
 //! hypercall or hook path can panic (`build-engine.sh` proves it for the
 //! Xen object).
 
+mod contexts;
 mod driver;
 mod revoke;
 
@@ -47,6 +48,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use alloc::vec::Vec;
 use lock_api::{Mutex, MutexGuard, RawMutex};
 
+pub use contexts::MAX_DEVICES_PER_CONTEXT;
 pub use driver::{DriverDomain, DriverStats, Mapping, Notice, Slot};
 pub use revoke::{GfnChange, Restart};
 
@@ -938,6 +940,9 @@ impl<L: RawMutex> Engine<L> {
         }
         if caps.features & req.attr.required_feature() != req.attr.required_feature()
             || req.context.0 >= MAX_CONTEXTS
+            || (req.context == ContextId::DEFAULT
+                && req.attr != crate::MemAttr::WriteBack
+                && !caps.default_context_attrs)
         {
             return Err(Errno::OpNotSupp);
         }
@@ -1040,7 +1045,6 @@ impl<L: RawMutex> Engine<L> {
         mfn: Mfn,
     ) -> MapOutcome {
         let key = map_key(req, mfn);
-        let owner = d.dd.domid;
         let dd = &mut *d.dd;
         let idx = match dd.take_slot() {
             Ok(i) => i,
@@ -1051,15 +1055,7 @@ impl<L: RawMutex> Engine<L> {
             return MapOutcome::Refused(Errno::NoSpc);
         };
         let t0 = self.clock(h);
-        let mapped = h.iommu_map(
-            owner,
-            req.context,
-            bfn,
-            mfn,
-            req.perms,
-            req.attr,
-            &mut dd.gather,
-        );
+        let mapped = dd.iommu_map(h, req.context, bfn, mfn, req.perms, req.attr);
         dd.stats.ns_iommu_map += self.since(h, t0);
         if let Err(e) = mapped {
             dd.free_slot(idx);
@@ -1075,7 +1071,7 @@ impl<L: RawMutex> Engine<L> {
                 // Unreachable (capacity reserved). The entry exists: take it
                 // down the way an unmap does, page released after the flush.
                 // Its gate share goes with the page, after the flush.
-                match h.iommu_unmap(owner, req.context, bfn, &mut dd.gather) {
+                match dd.iommu_unmap(h, req.context, bfn) {
                     Ok(()) => dd.push_unmapping(idx, key, false),
                     Err(_) => dd.push_stuck(idx, key),
                 }
@@ -1146,7 +1142,6 @@ impl<L: RawMutex> Engine<L> {
         bfn: Bfn,
         idx: u64,
     ) -> Result<(), Errno> {
-        let owner = d.dd.domid;
         if let UnmapKind::Revoked = Self::unmap_kind(&d.dd, context, idx)? {
             d.dd.ack_revoked(idx)?;
             return Err(Errno::Stale);
@@ -1160,7 +1155,7 @@ impl<L: RawMutex> Engine<L> {
         // Unmap first: if the IOMMU refuses (no memory to split a
         // superpage), nothing has changed and the caller may retry.
         let t0 = self.clock(h);
-        let unmapped = h.iommu_unmap(owner, context, bfn, &mut dd.gather);
+        let unmapped = dd.iommu_unmap(h, context, bfn);
         dd.stats.ns_iommu_unmap += self.since(h, t0);
         unmapped?;
         dd.stats.unmaps += 1;
@@ -1288,30 +1283,6 @@ impl<L: RawMutex> Engine<L> {
         Err(Errno::Again)
     }
 
-    /// Create a context for `caller`.
-    pub fn context_create(
-        &self,
-        h: &mut impl Hypervisor,
-        caller: DomId,
-    ) -> Result<ContextId, Errno> {
-        let max = h.iommu_caps().max_contexts.min(MAX_CONTEXTS);
-        if max <= 1 {
-            return Err(Errno::OpNotSupp);
-        }
-        let mut d = self.lock_or_claim(caller)?;
-        let r = (1..max)
-            .map(ContextId)
-            .find(|c| !d.dd.has_context(*c))
-            .ok_or(Errno::NoSpc)
-            .and_then(|id| {
-                h.context_create(caller, id)?;
-                d.dd.contexts |= 1 << id.0;
-                Ok(id)
-            });
-        self.put_driver(d);
-        r
-    }
-
     /// Check that `context` of `caller` can be destroyed: it exists, is not
     /// the default, and holds no BFN in any state.
     pub fn context_destroy_check(&self, caller: DomId, context: ContextId) -> Result<(), Errno> {
@@ -1322,6 +1293,11 @@ impl<L: RawMutex> Engine<L> {
     fn destroy_check_locked(dd: &DriverDomain, context: ContextId) -> Result<(), Errno> {
         if context == ContextId::DEFAULT || !dd.has_context(context) {
             return Err(Errno::NoEnt);
+        }
+        // Refused rather than detached behind the caller's back: its device
+        // would silently change address space (design/abi.md).
+        if dd.attached_devices(context).next().is_some() {
+            return Err(Errno::Busy);
         }
         let busy = dd.slots().any(|(_, s)| match s {
             Slot::Free { .. } => false,
@@ -1334,22 +1310,6 @@ impl<L: RawMutex> Engine<L> {
             return Err(Errno::Busy);
         }
         Ok(())
-    }
-
-    /// Destroy an empty context.
-    pub fn context_destroy(
-        &self,
-        h: &mut impl Hypervisor,
-        caller: DomId,
-        context: ContextId,
-    ) -> Result<(), Errno> {
-        let mut d = self.lock_driver(caller).ok_or(Errno::NoEnt)?;
-        let r = Self::destroy_check_locked(&d.dd, context).map(|()| {
-            h.context_destroy(caller, context);
-            d.dd.contexts &= !(1 << context.0);
-        });
-        self.put_driver(d);
-        r
     }
 
     /// Flush the IOTLB for everything `caller` has gathered, then release

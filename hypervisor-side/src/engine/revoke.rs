@@ -94,14 +94,13 @@ impl<L: RawMutex> Engine<L> {
         idx: u64,
         then_revoked: bool,
     ) -> Option<(DomId, bool)> {
-        let owner = d.dd.domid;
         let dd = &mut *d.dd;
         let (m, last_of_target) = dd.unindex(self.seed, idx)?;
         let t0 = self.clock(h);
         let unmapped = self
             .space
             .bfn_of(idx)
-            .is_some_and(|bfn| h.iommu_unmap(owner, m.context, bfn, &mut dd.gather).is_ok());
+            .is_some_and(|bfn| dd.iommu_unmap(h, m.context, bfn).is_ok());
         dd.stats.ns_iommu_unmap += self.since(h, t0);
         if then_revoked {
             dd.stats.revocations += 1;
@@ -129,10 +128,9 @@ impl<L: RawMutex> Engine<L> {
         while let Some(Slot::Stuck { mapping }) = dd.slot(at) {
             let next = mapping.next_same_page;
             dd.stuck -= 1;
-            let unmapped = space.bfn_of(at).is_some_and(|bfn| {
-                h.iommu_unmap(owner, mapping.context, bfn, &mut dd.gather)
-                    .is_ok()
-            });
+            let unmapped = space
+                .bfn_of(at)
+                .is_some_and(|bfn| dd.iommu_unmap(h, mapping.context, bfn).is_ok());
             if unmapped {
                 dd.push_unmapping(at, mapping, true);
             } else {
@@ -143,7 +141,7 @@ impl<L: RawMutex> Engine<L> {
         dd.stats.ns_iommu_unmap += self.since(h, t0);
         let t1 = self.clock(h);
         if !dd.gather.is_empty() {
-            let flushed = h.iommu_flush(owner, &dd.gather);
+            let flushed = dd.iommu_flush(h);
             dd.stats.ns_iommu_flush += self.since(h, t1);
             dd.stats.flushes += 1;
             if flushed.is_err() {
@@ -445,9 +443,30 @@ impl<L: RawMutex> Engine<L> {
             self.put_driver(d);
             return Err(Restart);
         }
-        for ctx in d.dd.contexts().filter(|c| c.0 != 0) {
-            h.context_destroy(domid, ctx);
+        if !d.dd.own.is_empty() {
+            // Its contexts go under the devices lock, which comes before the
+            // cell's: let go of the cell (it stays claimed: not idle) and
+            // take both in order. A dying domain runs no hypercall meanwhile.
+            self.put_driver(d);
+            h.devices_lock();
+            let Some(mut again) = self.lock_driver(domid) else {
+                h.devices_unlock();
+                *c = Cursor::DONE;
+                return Ok(());
+            };
+            self.teardown_contexts(h, &mut again);
+            Self::reset_and_release(self, again);
+            h.devices_unlock();
+            *c = Cursor::DONE;
+            return Ok(());
         }
+        self.reset_and_release(d);
+        *c = Cursor::DONE;
+        Ok(())
+    }
+
+    fn reset_and_release(&self, mut d: Driver<'_, L>) {
+        let domid = d.dd.domid;
         // Back to an idle state, and the cell (dom0's too) goes back. Its
         // install generations keep counting: a tag never repeats in a cell
         // short of 2^32 installs.
@@ -455,8 +474,6 @@ impl<L: RawMutex> Engine<L> {
         *d.dd = DriverDomain::new(domid);
         d.dd.next_gen = next_gen;
         self.release_driver(d);
-        *c = Cursor::DONE;
-        Ok(())
     }
 
     /// Run a domain's teardown to the end, as Xen's toolstack does through

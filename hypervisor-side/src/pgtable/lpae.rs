@@ -35,6 +35,7 @@ pub struct Lpae;
 
 impl PageTableFormat for Lpae {
     const NAME: &'static str = "ARM LPAE stage-2";
+    const ADDRESS_MASK: u64 = 0x0000_FFFF_FFFF_F000;
 
     fn table_entry(table: Mfn) -> u64 {
         ((table.0 << 12) & ADDR_MASK) | VALID | TABLE_OR_PAGE

@@ -41,6 +41,9 @@ pub enum Entry {
 pub trait PageTableFormat {
     /// Name, for reports.
     const NAME: &'static str;
+    /// The bits of an entry that hold a frame's address (zeroed before an
+    /// entry is shown outside the hypervisor).
+    const ADDRESS_MASK: u64;
     /// Encode a pointer to a next-level table.
     fn table_entry(table: Mfn) -> u64;
     /// Encode a leaf at `level` (1: 4 KiB page, 2: 2 MiB superpage).
@@ -71,6 +74,34 @@ pub const fn index(bfn: Bfn, level: u32) -> usize {
     ((bfn.0 >> (9 * (level - 1))) & 0x1ff) as usize
 }
 
+/// How a context's tables are shaped.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct TableOptions {
+    /// Levels the IOMMU walks (2..=4): VT-d with a 39-bit AGAW walks 3,
+    /// starting at the table entry 0 of the 4-level root points to. The
+    /// tables are always built 4 levels deep (what Xen's context code
+    /// expects of a root it is given); the top `4 - levels` tables, on the
+    /// path of entry 0, are made up front and never freed, so the table the
+    /// IOMMU starts at never moves. BFNs beyond `levels` are refused.
+    pub levels: u32,
+    /// Fold a full, contiguous, aligned leaf table into a 2 MiB superpage
+    /// (only where the IOMMU has them: VT-d's SLLPS). The folded leaf table
+    /// is zeroed and kept as a spare at once, which is only right where
+    /// the IOMMU caches no paging structures (the simulator's default
+    /// contexts); tables a real IOMMU walks are made without it until the
+    /// retired leaf table can wait for the flush like an emptied one.
+    pub superpages: bool,
+}
+
+impl Default for TableOptions {
+    fn default() -> Self {
+        TableOptions {
+            levels: LEVELS,
+            superpages: true,
+        }
+    }
+}
+
 /// One translation context: a root table and its format.
 ///
 /// Unmapping never needs memory: every superpage made by folding a full
@@ -78,27 +109,85 @@ pub const fn index(bfn: Bfn, level: u32) -> usize {
 /// superpage takes its frame back from there. (Xen's own VT-d code can fail
 /// an unmap with `-ENOMEM` at exactly this point; the engine copes with that
 /// too, but its own tables never do it.)
+///
+/// A table emptied by an unmap is not freed at once: the IOMMU may still
+/// hold it in its paging-structure caches until the IOTLB is invalidated,
+/// and a freed frame reused for something else would then be walked as a
+/// table. It waits on a list until [`IoPageTable::release_freed`], which
+/// the owner calls after the flush (as Linux's `iommu_iotlb_gather` keeps
+/// its freelist and Xen's VT-d code queues `iommu_queue_free_pgtable`).
 pub struct IoPageTable<F: PageTableFormat> {
     root: Mfn,
+    options: TableOptions,
     /// Spare table frames, one per superpage; entry 0 of each holds the
     /// next spare's frame + 1 (0 ends the list).
     spares: Option<Mfn>,
+    /// Emptied tables waiting for the flush; chained the same way.
+    freed: Option<Mfn>,
     _format: core::marker::PhantomData<F>,
 }
 
 impl<F: PageTableFormat> IoPageTable<F> {
-    /// A new, empty context.
+    /// A new, empty context of 4 levels with superpages.
     pub fn new(mem: &mut impl TableMemory) -> Result<Self, Errno> {
-        Ok(IoPageTable {
-            root: mem.alloc_table()?,
-            spares: None,
-            _format: core::marker::PhantomData,
-        })
+        Self::with_options(mem, TableOptions::default())
     }
 
-    /// The root table frame (what a context entry points at).
+    /// A new, empty context shaped by `options`. `Err(Inval)` for a level
+    /// count outside 2..=4; on `Err(NoMem)` nothing stays allocated.
+    pub fn with_options(mem: &mut impl TableMemory, options: TableOptions) -> Result<Self, Errno> {
+        if !(2..=LEVELS).contains(&options.levels) {
+            return Err(Errno::Inval);
+        }
+        let t = IoPageTable {
+            root: mem.alloc_table()?,
+            options,
+            spares: None,
+            freed: None,
+            _format: core::marker::PhantomData,
+        };
+        // The pinned path: entry 0 down to the table the IOMMU starts at.
+        let mut table = t.root;
+        for _ in options.levels..LEVELS {
+            let next = match mem.alloc_table() {
+                Ok(n) => n,
+                Err(e) => {
+                    t.destroy(mem);
+                    return Err(e);
+                }
+            };
+            mem.write_entry(table, 0, F::table_entry(next));
+            mem.set_present_count(table, 1);
+            table = next;
+        }
+        Ok(t)
+    }
+
+    /// The root table frame of the 4-level tree (what a context entry is
+    /// given; see [`TableOptions::levels`]).
     pub fn root(&self) -> Mfn {
         self.root
+    }
+
+    /// The table the IOMMU starts its walk at.
+    pub fn walk_root(&self, mem: &impl TableMemory) -> Mfn {
+        let mut table = self.root;
+        for level in (self.options.levels + 1..=LEVELS).rev() {
+            match F::decode(mem.read_entry(table, 0), level) {
+                Entry::Table(t) => table = t,
+                _ => break,
+            }
+        }
+        table
+    }
+
+    /// The shape the tables were made with.
+    pub fn options(&self) -> TableOptions {
+        self.options
+    }
+
+    fn in_range(&self, bfn: Bfn) -> bool {
+        bfn.0 >> (9 * self.options.levels) == 0
     }
 
     /// Map `bfn` -> `mfn`. `Err(Inval)` if already mapped; on any error the
@@ -111,7 +200,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
         perms: Permissions,
         attr: MemAttr,
     ) -> Result<(), Errno> {
-        if bfn.0 >> (9 * LEVELS) != 0 {
+        if !self.in_range(bfn) {
             return Err(Errno::Inval);
         }
         let mut table = self.root;
@@ -139,7 +228,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
         let count = mem.present_count(table) + 1;
         mem.set_present_count(table, count);
         // A leaf table that just became full may fold into a superpage.
-        if count as usize == ENTRIES {
+        if count as usize == ENTRIES && self.options.superpages {
             if let Some((pt, pidx)) = parent {
                 self.try_promote(mem, pt, pidx, table);
             }
@@ -182,30 +271,33 @@ impl<F: PageTableFormat> IoPageTable<F> {
     }
 
     fn take_spare(&mut self, mem: &mut impl TableMemory) -> Option<Mfn> {
-        let t = self.spares?;
-        let next = mem.read_entry(t, 0);
-        self.spares = next.checked_sub(1).map(Mfn);
-        mem.write_entry(t, 0, 0);
-        Some(t)
+        pop_frame(mem, &mut self.spares)
     }
 
     /// Spare frames held for splits (one per superpage ever folded and not
     /// yet split).
     pub fn spare_frames(&self, mem: &impl TableMemory) -> usize {
-        let mut n = 0;
-        let mut at = self.spares;
-        while let Some(t) = at {
-            n += 1;
-            at = mem.read_entry(t, 0).checked_sub(1).map(Mfn);
+        count_frames(mem, self.spares)
+    }
+
+    /// Emptied tables waiting for an IOTLB flush before they are freed.
+    pub fn freed_frames(&self, mem: &impl TableMemory) -> usize {
+        count_frames(mem, self.freed)
+    }
+
+    /// Free the tables emptied before the last IOTLB flush. Call only once
+    /// the IOMMU can no longer hold them in its caches.
+    pub fn release_freed(&mut self, mem: &mut impl TableMemory) {
+        while let Some(t) = pop_frame(mem, &mut self.freed) {
+            mem.free_table(t);
         }
-        n
     }
 
     /// Unmap `bfn`. `Err(NoEnt)` if it is not mapped; `Err(NoMem)` if a
     /// superpage had to be split and no table frame was available (nothing
     /// changed then).
     pub fn unmap(&mut self, mem: &mut impl TableMemory, bfn: Bfn) -> Result<(), Errno> {
-        if bfn.0 >> (9 * LEVELS) != 0 {
+        if !self.in_range(bfn) {
             return Err(Errno::NoEnt);
         }
         // Path of (table, index) from the root down to the leaf table.
@@ -231,20 +323,24 @@ impl<F: PageTableFormat> IoPageTable<F> {
             return Err(Errno::NoEnt);
         }
         mem.write_entry(leaf_table, idx, 0);
-        // Clear upward while tables become empty; the root always stays.
-        for level in 1..LEVELS {
-            let (t, _) = path[(level - 1) as usize];
+        // Clear upward while tables become empty; the tables from the one
+        // the IOMMU starts at up to the root always stay.
+        let levels = self.options.levels.clamp(2, LEVELS) as usize;
+        for level in 1..levels {
+            let (Some(&(t, _)), Some(&(pt, pidx))) = (path.get(level - 1), path.get(level)) else {
+                return Ok(());
+            };
             let count = mem.present_count(t).saturating_sub(1);
             mem.set_present_count(t, count);
             if count != 0 {
                 return Ok(());
             }
-            let (pt, pidx) = path[level as usize];
             mem.write_entry(pt, pidx, 0);
-            mem.free_table(t);
+            push_frame(mem, &mut self.freed, t);
         }
-        let root = self.root;
-        mem.set_present_count(root, mem.present_count(root).saturating_sub(1));
+        if let Some(&(top, _)) = path.get(levels - 1) {
+            mem.set_present_count(top, mem.present_count(top).saturating_sub(1));
+        }
         Ok(())
     }
 
@@ -276,14 +372,23 @@ impl<F: PageTableFormat> IoPageTable<F> {
         mem: &impl TableMemory,
         bfn: Bfn,
     ) -> Option<(Mfn, Permissions, MemAttr)> {
+        if !self.in_range(bfn) {
+            return None;
+        }
+        walk::<F>(mem, self.root, bfn)
+    }
+
+    /// The raw leaf entry that maps `bfn` and its level, if any.
+    pub fn leaf(&self, mem: &impl TableMemory, bfn: Bfn) -> Option<(u32, u64)> {
+        if !self.in_range(bfn) {
+            return None;
+        }
         let mut table = self.root;
         for level in (1..=LEVELS).rev() {
-            match F::decode(mem.read_entry(table, index(bfn, level)), level) {
+            let raw = mem.read_entry(table, index(bfn, level));
+            match F::decode(raw, level) {
                 Entry::Table(t) if level > 1 => table = t,
-                Entry::Leaf { mfn, perms, attr } => {
-                    let offset = bfn.0 & ((1u64 << (9 * (level - 1))) - 1);
-                    return Some((Mfn(mfn.0 + offset), perms, attr));
-                }
+                Entry::Leaf { .. } => return Some((level, raw)),
                 _ => return None,
             }
         }
@@ -295,6 +400,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
         while let Some(t) = self.take_spare(mem) {
             mem.free_table(t);
         }
+        self.release_freed(mem);
         Self::free_subtree(mem, self.root, LEVELS);
     }
 
@@ -308,4 +414,54 @@ impl<F: PageTableFormat> IoPageTable<F> {
         }
         mem.free_table(table);
     }
+}
+
+/// Software walk of 4-level tables of format `F` rooted at `root`: what
+/// they say about `bfn`.
+pub fn walk<F: PageTableFormat>(
+    mem: &impl TableMemory,
+    root: Mfn,
+    bfn: Bfn,
+) -> Option<(Mfn, Permissions, MemAttr)> {
+    let mut table = root;
+    for level in (1..=LEVELS).rev() {
+        match F::decode(mem.read_entry(table, index(bfn, level)), level) {
+            Entry::Table(t) if level > 1 => table = t,
+            Entry::Leaf { mfn, perms, attr } => {
+                let offset = bfn.0 & ((1u64 << (9 * (level - 1))) - 1);
+                return Some((Mfn(mfn.0 + offset), perms, attr));
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Push `t` on a list of frames chained through entry 0 (frame + 1; 0 ends).
+fn push_frame(mem: &mut impl TableMemory, head: &mut Option<Mfn>, t: Mfn) {
+    for i in 1..ENTRIES {
+        if mem.read_entry(t, i) != 0 {
+            mem.write_entry(t, i, 0);
+        }
+    }
+    mem.write_entry(t, 0, head.map_or(0, |m| m.0 + 1));
+    mem.set_present_count(t, 0);
+    *head = Some(t);
+}
+
+/// Pop a frame pushed by [`push_frame`], zeroed again.
+fn pop_frame(mem: &mut impl TableMemory, head: &mut Option<Mfn>) -> Option<Mfn> {
+    let t = (*head)?;
+    *head = mem.read_entry(t, 0).checked_sub(1).map(Mfn);
+    mem.write_entry(t, 0, 0);
+    Some(t)
+}
+
+fn count_frames(mem: &impl TableMemory, mut at: Option<Mfn>) -> usize {
+    let mut n = 0;
+    while let Some(t) = at {
+        n += 1;
+        at = mem.read_entry(t, 0).checked_sub(1).map(Mfn);
+    }
+    n
 }

@@ -3,14 +3,14 @@
 //! copies them in and out through the platform's guest-copy functions.
 
 use pviommu_abi::{
-    cmd, PvIommuBatch, PvIommuCaps, PvIommuLimits, PvIommuOp, PvIommuRegion, PvIommuRegions,
-    PvIommuStats, INTERFACE_VERSION,
+    cmd, PvIommuBatch, PvIommuCaps, PvIommuEntry, PvIommuLimits, PvIommuOp, PvIommuRegion,
+    PvIommuRegions, PvIommuStats, INTERFACE_VERSION,
 };
 use zerocopy::{FromZeros, IntoBytes};
 
 use super::SimMachine;
 use crate::platform::Platform;
-use crate::{DomId, Engine, Errno};
+use crate::{Bfn, ContextId, DomId, Engine, Errno};
 
 /// Pages at the top of a caller's RAM used for hypercall arguments.
 pub const SCRATCH_PAGES: u64 = 16;
@@ -141,6 +141,35 @@ impl SimMachine {
         match self.hypercall(engine, caller, cmd::STATS, base) {
             0 => {
                 let mut out = PvIommuStats::default();
+                self.read_scratch(caller, base, out.as_mut_bytes())?;
+                Ok(out)
+            }
+            e => Err(Errno::from_code(e as i32).unwrap_or(Errno::Inval)),
+        }
+    }
+
+    /// `ENTRY` as `caller`: the leaf entry (address zeroed) and its level
+    /// for `bfn` of `domid`'s context `context`.
+    pub fn guest_entry(
+        &mut self,
+        engine: &Engine,
+        caller: DomId,
+        domid: DomId,
+        context: ContextId,
+        bfn: Bfn,
+    ) -> Result<PvIommuEntry, Errno> {
+        let base = self.scratch_addr(caller)?;
+        let req = PvIommuEntry {
+            version: INTERFACE_VERSION,
+            domid: domid.0,
+            context: context.0,
+            bfn: bfn.0,
+            ..PvIommuEntry::default()
+        };
+        self.write_scratch(caller, base, req.as_bytes())?;
+        match self.hypercall(engine, caller, cmd::ENTRY, base) {
+            0 => {
+                let mut out = PvIommuEntry::default();
                 self.read_scratch(caller, base, out.as_mut_bytes())?;
                 Ok(out)
             }

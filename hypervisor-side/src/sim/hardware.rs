@@ -21,6 +21,9 @@ pub enum FaultReason {
     WriteDenied,
     /// Address beyond the IOMMU's input width.
     AddressWidth,
+    /// An entry on the walk has a reserved bit set (VT-d: SNP on an IOMMU
+    /// without Snoop Control).
+    ReservedBit,
 }
 
 /// A recorded IOMMU fault.
@@ -62,7 +65,19 @@ impl Iotlb {
     }
 }
 
-fn walk(ram: &Ram, format: Format, root: Mfn, bfn: u64) -> Option<(Mfn, bool, bool)> {
+/// Why a walk found nothing usable.
+enum WalkFault {
+    NotPresent,
+    ReservedBit,
+}
+
+fn walk(
+    ram: &Ram,
+    format: Format,
+    snoop_control: bool,
+    root: Mfn,
+    bfn: u64,
+) -> Result<(Mfn, bool, bool), WalkFault> {
     let mut table = root;
     for level in (1..=4u32).rev() {
         let idx = ((bfn >> (9 * (level - 1))) & 0x1ff) as usize;
@@ -94,15 +109,20 @@ fn walk(ram: &Ram, format: Format, root: Mfn, bfn: u64) -> Option<(Mfn, bool, bo
             }
         };
         if !present {
-            return None;
+            return Err(WalkFault::NotPresent);
         }
         if leaf {
+            // VT-d: SNP (bit 11) is reserved unless the IOMMU has Snoop
+            // Control (QEMU's intel-iommu faults on it the same way).
+            if format == Format::Vtd && !snoop_control && e & (1 << 11) != 0 {
+                return Err(WalkFault::ReservedBit);
+            }
             let offset = bfn & ((1u64 << (9 * (level - 1))) - 1);
-            return Some((Mfn(addr + offset), r, w));
+            return Ok((Mfn(addr + offset), r, w));
         }
         table = Mfn(addr);
     }
-    None
+    Err(WalkFault::NotPresent)
 }
 
 /// Translate bus address `addr` for the device of (`owner`, `ctx`).
@@ -111,6 +131,7 @@ pub fn translate(
     ram: &Ram,
     iotlb: &mut Iotlb,
     format: Format,
+    snoop_control: bool,
     owner: DomId,
     ctx: ContextId,
     root: Option<Mfn>,
@@ -132,7 +153,12 @@ pub fn translate(
         Some(t) => *t,
         None => {
             let root = root.ok_or(fault(FaultReason::NoContext))?;
-            let t = walk(ram, format, root, bfn).ok_or(fault(FaultReason::NotPresent))?;
+            let t = walk(ram, format, snoop_control, root, bfn).map_err(|f| {
+                fault(match f {
+                    WalkFault::NotPresent => FaultReason::NotPresent,
+                    WalkFault::ReservedBit => FaultReason::ReservedBit,
+                })
+            })?;
             iotlb.entries.insert((owner, ctx, bfn), t);
             t
         }

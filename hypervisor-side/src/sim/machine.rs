@@ -2,12 +2,14 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::iommu::{BackendCaps, FlushGather, IommuBackend};
+use crate::iommu::{
+    BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend, OwnTables, TableFormat,
+};
 use crate::pgtable::{lpae::Lpae, vtd::Vtd, IoPageTable, TableMemory};
 use crate::platform::{DomainInfo, PageKind, PageLookup, Platform, ReservedRange, XsmAction};
 use crate::sim::hardware::{self, DmaFault, Iotlb};
 use crate::sim::HostAllocations;
-use crate::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions};
+use crate::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions, Sbdf};
 use pviommu_abi::{feature, region_kind};
 
 /// Who owns a machine frame.
@@ -81,9 +83,31 @@ struct Domain {
     xsm_denied: bool,
 }
 
+/// A driver domain's default context: the host's own tables (Xen's).
 enum Context {
     Vtd(IoPageTable<Vtd>),
     Lpae(IoPageTable<Lpae>),
+}
+
+/// One of the engine's contexts as the IOMMU knows it: a tag and the
+/// tables a device attached to it walks.
+#[derive(Clone, Copy, Debug)]
+struct HwCtx {
+    owner: DomId,
+    ctx: ContextId,
+    root: Mfn,
+}
+
+/// A PCI device behind the simulated IOMMU.
+#[derive(Clone, Copy, Debug)]
+pub struct SimDevice {
+    /// Assignment and what it allows (owner, requester id, RMRR, ATS).
+    pub facts: DeviceFacts,
+    /// The engine's context it walks (its tag); `None`: its owner's
+    /// default context.
+    pub attached: Option<HwContext>,
+    /// Its context entry was cleared (a failed detach): DMA is blocked.
+    pub blocked: bool,
 }
 
 /// RAM frames and their metadata: the [`TableMemory`] the IOMMU tables live in.
@@ -98,6 +122,13 @@ pub struct Ram {
     free: VecDeque<Mfn>,
     /// Table allocations left before they fail (failure injection).
     pub(super) table_allocs_left: Option<u64>,
+    /// Table frames unlinked from their parent since the last IOTLB flush:
+    /// the IOMMU may still hold them in its paging-structure caches, so
+    /// freeing one (and reusing it) before the flush lets a device walk a
+    /// frame that is no longer a table.
+    unlinked_tables: std::collections::BTreeSet<u64>,
+    /// Tables freed while still possibly cached (see `unlinked_tables`).
+    pub(super) tables_freed_before_flush: u64,
 }
 
 impl Ram {
@@ -115,6 +146,8 @@ impl Ram {
                 .collect(),
             free: (0..frames).map(Mfn).collect(),
             table_allocs_left: None,
+            unlinked_tables: Default::default(),
+            tables_freed_before_flush: 0,
         }
     }
     fn alloc(&mut self, owner: Owner) -> Result<Mfn, Errno> {
@@ -172,12 +205,29 @@ impl TableMemory for Ram {
         self.alloc(Owner::Xen)
     }
     fn free_table(&mut self, table: Mfn) {
+        if self.unlinked_tables.remove(&table.0) {
+            self.tables_freed_before_flush += 1;
+        }
         self.release(table)
     }
     fn read_entry(&self, table: Mfn, index: usize) -> u64 {
         self.read_u64(table, index * 8)
     }
     fn write_entry(&mut self, table: Mfn, index: usize, raw: u64) {
+        // An entry that pointed at a table frame (VT-d/LPAE: address bits
+        // 47:12 of a present entry; leaves point at domain frames) and now
+        // does not: that table is unlinked until the next flush.
+        let old = self.read_u64(table, index * 8);
+        if old & 1 != 0 || old & 2 != 0 {
+            let target = (old & 0x0000_FFFF_FFFF_F000) >> 12;
+            let was_table = self
+                .info
+                .get(target as usize)
+                .is_some_and(|f| f.owner == Owner::Xen);
+            if was_table && (raw & 0x0000_FFFF_FFFF_F000) >> 12 != target {
+                self.unlinked_tables.insert(target);
+            }
+        }
         if let Some(f) = self.frame_mut(table) {
             f[index * 8..index * 8 + 8].copy_from_slice(&raw.to_le_bytes());
         }
@@ -219,6 +269,18 @@ pub struct SimMachine {
     /// Revocation wake-ups delivered per driver domain (Xen: its
     /// `VIRQ_PV_IOMMU` raised).
     pub revocation_wakeups: BTreeMap<DomId, u64>,
+    /// The IOMMU has Snoop Control: SNP is a valid bit (otherwise a walk
+    /// that meets it faults).
+    pub snoop_control: bool,
+    /// Levels the IOMMU walks for the engine's contexts (from its address
+    /// width, as VT-d's AGAW).
+    hw_contexts: BTreeMap<u32, HwCtx>,
+    next_hw_context: u32,
+    devices: BTreeMap<Sbdf, SimDevice>,
+    /// Depth of the devices lock (Xen's recursive `pcidevs_lock`).
+    devices_lock_depth: u32,
+    /// The next this-many device attaches fail (failure injection).
+    pub fail_attaches: u32,
 }
 
 impl SimMachine {
@@ -246,6 +308,12 @@ impl SimMachine {
             seed: 0x5eed_f00d_5113,
             hotplug_end: 0,
             revocation_wakeups: BTreeMap::new(),
+            snoop_control: true,
+            hw_contexts: BTreeMap::new(),
+            next_hw_context: 1,
+            devices: BTreeMap::new(),
+            devices_lock_depth: 0,
+            fail_attaches: 0,
         };
         m.create_domain(
             DomId::DOM0,
@@ -590,7 +658,8 @@ impl SimMachine {
     /// The root table frame of every IOMMU context, for outside tools that
     /// walk the raw tables (with [`Self::frame_bytes`]).
     pub fn context_roots(&self) -> Vec<(DomId, ContextId, Mfn)> {
-        self.contexts
+        let mut roots: Vec<_> = self
+            .contexts
             .iter()
             .map(|(&(d, c), ctx)| {
                 let root = match ctx {
@@ -599,12 +668,110 @@ impl SimMachine {
                 };
                 (d, c, root)
             })
-            .collect()
+            .chain(self.hw_contexts.values().map(|h| (h.owner, h.ctx, h.root)))
+            .collect();
+        roots.sort();
+        roots
+    }
+
+    /// Add a PCI device assigned to `owner`, with its own requester id, no
+    /// RMRR and no ATS unless `facts` says otherwise.
+    pub fn add_device(&mut self, device: Sbdf, facts: DeviceFacts) {
+        self.devices.insert(
+            device,
+            SimDevice {
+                facts,
+                attached: None,
+                blocked: false,
+            },
+        );
+    }
+
+    /// A device's state.
+    pub fn device(&self, device: Sbdf) -> Option<SimDevice> {
+        self.devices.get(&device).copied()
+    }
+
+    /// Reassign `device` to `new_owner`, as Xen's `deassign_device` /
+    /// `reassign_device_ownership` does: the engine hears of it first
+    /// ([`crate::Engine::device_leaving`], with the devices lock held), then
+    /// the device's context entry is pointed at the new owner's tables.
+    pub fn reassign_device(&mut self, engine: &crate::Engine, device: Sbdf, new_owner: DomId) {
+        let Some(old) = self.devices.get(&device).map(|d| d.facts.owner) else {
+            return;
+        };
+        self.devices_lock();
+        engine.device_leaving(self, old, device);
+        if let Some(d) = self.devices.get_mut(&device) {
+            // Xen's reassign finds the context entry naming a domain it
+            // knows; one still naming an engine tag would fail (ESRCH).
+            assert!(
+                d.attached.is_none(),
+                "Xen would find {device} still in an engine context and fail"
+            );
+            d.facts.owner = new_owner;
+            d.blocked = false;
+        }
+        self.devices_unlock();
+    }
+
+    /// The context a device's DMA is translated by now: (owner, context,
+    /// root), as its context entry says.
+    fn device_context(&self, device: Sbdf) -> Option<(DomId, ContextId, Option<Mfn>)> {
+        let d = self.devices.get(&device)?;
+        if d.blocked {
+            return Some((d.facts.owner, ContextId::DEFAULT, None));
+        }
+        Some(match d.attached {
+            Some(hw) => {
+                let h = self.hw_contexts.get(&hw.0)?;
+                (h.owner, h.ctx, Some(h.root))
+            }
+            None => (
+                d.facts.owner,
+                ContextId::DEFAULT,
+                self.context_root(d.facts.owner, ContextId::DEFAULT),
+            ),
+        })
+    }
+
+    /// `device` reads `len` bytes at bus address `addr` through the
+    /// context its context entry names. Faults are recorded and returned.
+    pub fn device_dma_read(
+        &mut self,
+        device: Sbdf,
+        addr: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, DmaFault> {
+        let (owner, ctx, root) =
+            self.device_context(device)
+                .unwrap_or((DomId(u16::MAX), ContextId::DEFAULT, None));
+        self.dma_read_via(owner, ctx, root, addr, len)
+    }
+
+    /// `device` writes `data` at bus address `addr`.
+    pub fn device_dma_write(
+        &mut self,
+        device: Sbdf,
+        addr: u64,
+        data: &[u8],
+    ) -> Result<(), DmaFault> {
+        let (owner, ctx, root) =
+            self.device_context(device)
+                .unwrap_or((DomId(u16::MAX), ContextId::DEFAULT, None));
+        self.dma_write_via(owner, ctx, root, addr, data)
     }
 
     /// The raw bytes of a machine frame, if allocated.
     pub fn frame_bytes(&self, mfn: Mfn) -> Option<&[u8; 4096]> {
         self.ram.frame(mfn)
+    }
+
+    /// Page-table frames freed while the IOMMU could still have cached
+    /// them (unlinked, not yet flushed): each one a use-after-free a real
+    /// IOMMU could walk into.
+    pub fn tables_freed_before_flush(&self) -> u64 {
+        self.ram.tables_freed_before_flush
     }
 
     /// Frames the hypervisor holds for page tables and its own data.
@@ -634,6 +801,13 @@ impl SimMachine {
         ctx: ContextId,
         bfn: Bfn,
     ) -> Option<(Mfn, Permissions, MemAttr)> {
+        if ctx != ContextId::DEFAULT {
+            let root = self.context_root(owner, ctx)?;
+            return match self.format {
+                Format::Vtd => crate::pgtable::walk::<Vtd>(&self.ram, root, bfn),
+                Format::Lpae => crate::pgtable::walk::<Lpae>(&self.ram, root, bfn),
+            };
+        }
         match self.contexts.get(&(owner, ctx))? {
             Context::Vtd(t) => t.translate(&self.ram, bfn),
             Context::Lpae(t) => t.translate(&self.ram, bfn),
@@ -641,6 +815,13 @@ impl SimMachine {
     }
 
     fn context_root(&self, owner: DomId, ctx: ContextId) -> Option<Mfn> {
+        if ctx != ContextId::DEFAULT {
+            return self
+                .hw_contexts
+                .values()
+                .find(|h| h.owner == owner && h.ctx == ctx)
+                .map(|h| h.root);
+        }
         Some(match self.contexts.get(&(owner, ctx))? {
             Context::Vtd(t) => t.root(),
             Context::Lpae(t) => t.root(),
@@ -656,10 +837,22 @@ impl SimMachine {
         addr: u64,
         len: usize,
     ) -> Result<Vec<u8>, DmaFault> {
+        let root = self.context_root(owner, ctx);
+        self.dma_read_via(owner, ctx, root, addr, len)
+    }
+
+    fn dma_read_via(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        root: Option<Mfn>,
+        addr: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, DmaFault> {
         let mut out = Vec::with_capacity(len);
         let mut a = addr;
         while out.len() < len {
-            let mfn = self.dma_translate(owner, ctx, a, false)?;
+            let mfn = self.dma_translate(owner, ctx, root, a, false)?;
             let off = (a & 0xfff) as usize;
             let n = (4096 - off).min(len - out.len());
             let frame = self.ram.frame(mfn).copied().unwrap_or([0; 4096]);
@@ -677,10 +870,22 @@ impl SimMachine {
         addr: u64,
         data: &[u8],
     ) -> Result<(), DmaFault> {
+        let root = self.context_root(owner, ctx);
+        self.dma_write_via(owner, ctx, root, addr, data)
+    }
+
+    fn dma_write_via(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        root: Option<Mfn>,
+        addr: u64,
+        data: &[u8],
+    ) -> Result<(), DmaFault> {
         let mut done = 0;
         let mut a = addr;
         while done < data.len() {
-            let mfn = self.dma_translate(owner, ctx, a, true)?;
+            let mfn = self.dma_translate(owner, ctx, root, a, true)?;
             let off = (a & 0xfff) as usize;
             let n = (4096 - off).min(data.len() - done);
             if let Some(f) = self.ram.frame_mut(mfn) {
@@ -696,14 +901,15 @@ impl SimMachine {
         &mut self,
         owner: DomId,
         ctx: ContextId,
+        root: Option<Mfn>,
         addr: u64,
         write: bool,
     ) -> Result<Mfn, DmaFault> {
-        let root = self.context_root(owner, ctx);
         let r = hardware::translate(
             &self.ram,
             &mut self.iotlb,
             self.format,
+            self.snoop_control,
             owner,
             ctx,
             root,
@@ -721,10 +927,10 @@ impl SimMachine {
         owner: DomId,
         ctx: ContextId,
     ) -> Result<&mut Context, Errno> {
+        if ctx != ContextId::DEFAULT {
+            return Err(Errno::NoEnt);
+        }
         if !self.contexts.contains_key(&(owner, ctx)) {
-            if ctx != ContextId::DEFAULT {
-                return Err(Errno::NoEnt);
-            }
             let c = self.new_context()?;
             self.contexts.insert((owner, ctx), c);
         }
@@ -918,38 +1124,58 @@ impl Platform for SimMachine {
     }
 }
 
+impl TableMemory for SimMachine {
+    fn alloc_table(&mut self) -> Result<Mfn, Errno> {
+        let _host = HostAllocations::begin();
+        self.ram.alloc_table()
+    }
+    fn free_table(&mut self, table: Mfn) {
+        let _host = HostAllocations::begin();
+        self.ram.free_table(table)
+    }
+    fn read_entry(&self, table: Mfn, index: usize) -> u64 {
+        self.ram.read_entry(table, index)
+    }
+    fn write_entry(&mut self, table: Mfn, index: usize, raw: u64) {
+        let _host = HostAllocations::begin();
+        self.ram.write_entry(table, index, raw)
+    }
+    fn present_count(&self, table: Mfn) -> u16 {
+        self.ram.present_count(table)
+    }
+    fn set_present_count(&mut self, table: Mfn, count: u16) {
+        self.ram.set_present_count(table, count)
+    }
+}
+
 impl IommuBackend for SimMachine {
     fn iommu_caps(&self) -> BackendCaps {
-        let attrs = match self.format {
-            // VT-d has one non-snooped encoding: UC only.
-            Format::Vtd => feature::ATTR_UC,
-            Format::Lpae => feature::ATTR_UC | feature::ATTR_DEVICE,
+        let (attrs, format) = match self.format {
+            // VT-d has one non-snooped encoding, and only with snoop
+            // control: UC only.
+            Format::Vtd => (
+                if self.snoop_control {
+                    feature::ATTR_UC
+                } else {
+                    0
+                },
+                TableFormat::Vtd {
+                    snoop_control: self.snoop_control,
+                },
+            ),
+            Format::Lpae => (feature::ATTR_UC | feature::ATTR_DEVICE, TableFormat::Lpae),
         };
         BackendCaps {
             max_contexts: 8,
-            features: feature::CONTEXTS | attrs,
+            features: feature::CONTEXTS | feature::DEVICE_ATTACH | attrs,
             page_sizes: (1 << 12) | (1 << 21),
             address_bits: self.address_bits,
+            own_tables: Some(OwnTables {
+                format,
+                levels: self.address_bits.saturating_sub(12).div_ceil(9).clamp(2, 4),
+            }),
+            default_context_attrs: true,
         }
-    }
-    fn context_create(&mut self, owner: DomId, ctx: ContextId) -> Result<(), Errno> {
-        let _host = HostAllocations::begin();
-        if self.contexts.contains_key(&(owner, ctx)) {
-            return Err(Errno::Inval);
-        }
-        let c = self.new_context()?;
-        self.contexts.insert((owner, ctx), c);
-        Ok(())
-    }
-    fn context_destroy(&mut self, owner: DomId, ctx: ContextId) {
-        let _host = HostAllocations::begin();
-        if let Some(c) = self.contexts.remove(&(owner, ctx)) {
-            match c {
-                Context::Vtd(t) => t.destroy(&mut self.ram),
-                Context::Lpae(t) => t.destroy(&mut self.ram),
-            }
-        }
-        self.iotlb.invalidate_context(owner, ctx);
     }
     fn iommu_map(
         &mut self,
@@ -1007,6 +1233,105 @@ impl IommuBackend for SimMachine {
             self.iotlb
                 .invalidate(owner, r.context, r.first.0 & !0x1ff, r.last.0 | 0x1ff);
             self.flushes += 1;
+        }
+        // Simplification: a flush empties the IOMMU's paging-structure
+        // caches of every context, not just the flushed one.
+        self.ram.unlinked_tables.clear();
+        if let Some(c) = self.contexts.get_mut(&(owner, ContextId::DEFAULT)) {
+            match c {
+                Context::Vtd(t) => t.release_freed(&mut self.ram),
+                Context::Lpae(t) => t.release_freed(&mut self.ram),
+            }
+        }
+        Ok(())
+    }
+    fn hw_context_create(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        root: Mfn,
+    ) -> Result<HwContext, Errno> {
+        let _host = HostAllocations::begin();
+        assert!(
+            self.devices_lock_depth > 0,
+            "hw_context_create without the devices lock"
+        );
+        let id = self.next_hw_context;
+        self.next_hw_context = id.checked_add(1).ok_or(Errno::NoSpc)?;
+        self.hw_contexts.insert(id, HwCtx { owner, ctx, root });
+        Ok(HwContext(id))
+    }
+    fn hw_context_destroy(&mut self, hw: HwContext) {
+        let _host = HostAllocations::begin();
+        assert!(
+            self.devices_lock_depth > 0,
+            "hw_context_destroy without the devices lock"
+        );
+        assert!(
+            self.devices.values().all(|d| d.attached != Some(hw)),
+            "a device still points at the tables of {hw:?}, about to be freed"
+        );
+        if let Some(h) = self.hw_contexts.remove(&hw.0) {
+            self.iotlb.invalidate_context(h.owner, h.ctx);
+        }
+    }
+    fn hw_flush(&mut self, hw: HwContext, first: Bfn, last: Bfn) -> Result<(), Errno> {
+        let _host = HostAllocations::begin();
+        if self.fail_flushes > 0 {
+            self.fail_flushes -= 1;
+            return Err(Errno::Inval);
+        }
+        let h = *self.hw_contexts.get(&hw.0).ok_or(Errno::NoEnt)?;
+        self.iotlb.invalidate(h.owner, h.ctx, first.0, last.0);
+        self.ram.unlinked_tables.clear();
+        self.flushes += 1;
+        Ok(())
+    }
+    fn devices_lock(&mut self) {
+        crate::lock_check::note_service("devices_lock (pcidevs_lock comes before driver locks)");
+        self.devices_lock_depth += 1;
+    }
+    fn devices_unlock(&mut self) {
+        self.devices_lock_depth = self.devices_lock_depth.saturating_sub(1);
+    }
+    fn device_facts(&self, device: Sbdf) -> Option<DeviceFacts> {
+        assert!(
+            self.devices_lock_depth > 0,
+            "device_facts without the devices lock"
+        );
+        self.devices.get(&device).map(|d| d.facts)
+    }
+    fn device_attach(&mut self, device: Sbdf, hw: HwContext, _root: Mfn) -> Result<(), Errno> {
+        assert!(
+            self.devices_lock_depth > 0,
+            "device_attach without the devices lock"
+        );
+        if self.fail_attaches > 0 {
+            self.fail_attaches -= 1;
+            return Err(Errno::NoMem);
+        }
+        let h = *self.hw_contexts.get(&hw.0).ok_or(Errno::NoEnt)?;
+        let d = self.devices.get_mut(&device).ok_or(Errno::NoDev)?;
+        d.attached = Some(hw);
+        d.blocked = false;
+        // Context-cache and IOTLB invalidation of the old and new tag.
+        let owner = d.facts.owner;
+        self.iotlb.invalidate_context(owner, ContextId::DEFAULT);
+        self.iotlb.invalidate_context(h.owner, h.ctx);
+        Ok(())
+    }
+    fn device_detach(&mut self, device: Sbdf, hw: HwContext) -> Result<(), Errno> {
+        assert!(
+            self.devices_lock_depth > 0,
+            "device_detach without the devices lock"
+        );
+        let d = self.devices.get_mut(&device).ok_or(Errno::NoDev)?;
+        if d.attached != Some(hw) {
+            return Err(Errno::NoEnt);
+        }
+        d.attached = None;
+        if let Some(h) = self.hw_contexts.get(&hw.0) {
+            self.iotlb.invalidate_context(h.owner, h.ctx);
         }
         Ok(())
     }

@@ -8,9 +8,10 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::SimMachine;
-use crate::iommu::{BackendCaps, FlushGather, IommuBackend};
+use crate::iommu::{BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend};
+use crate::pgtable::TableMemory;
 use crate::platform::{DomainInfo, PageLookup, Platform, ReservedRange, XsmAction};
-use crate::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions};
+use crate::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions, Sbdf};
 
 /// A per-thread handle on a shared [`SimMachine`].
 #[derive(Clone)]
@@ -95,12 +96,6 @@ impl IommuBackend for SharedSim {
     fn iommu_caps(&self) -> BackendCaps {
         self.with(|m| m.iommu_caps())
     }
-    fn context_create(&mut self, owner: DomId, ctx: ContextId) -> Result<(), Errno> {
-        self.with(|m| m.context_create(owner, ctx))
-    }
-    fn context_destroy(&mut self, owner: DomId, ctx: ContextId) {
-        self.with(|m| m.context_destroy(owner, ctx))
-    }
     fn iommu_map(
         &mut self,
         owner: DomId,
@@ -124,5 +119,57 @@ impl IommuBackend for SharedSim {
     }
     fn iommu_flush(&mut self, owner: DomId, gather: &FlushGather) -> Result<(), Errno> {
         self.with(|m| m.iommu_flush(owner, gather))
+    }
+    fn hw_context_create(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        root: Mfn,
+    ) -> Result<HwContext, Errno> {
+        self.with(|m| m.hw_context_create(owner, ctx, root))
+    }
+    fn hw_context_destroy(&mut self, hw: HwContext) {
+        self.with(|m| m.hw_context_destroy(hw))
+    }
+    fn hw_flush(&mut self, hw: HwContext, first: Bfn, last: Bfn) -> Result<(), Errno> {
+        self.with(|m| m.hw_flush(hw, first, last))
+    }
+    // The machine's lock already serialises each device service; the
+    // devices lock's depth is kept there (its order is what is checked).
+    fn devices_lock(&mut self) {
+        self.with(|m| m.devices_lock())
+    }
+    fn devices_unlock(&mut self) {
+        self.with(|m| m.devices_unlock())
+    }
+    fn device_facts(&self, device: Sbdf) -> Option<DeviceFacts> {
+        self.with(|m| m.device_facts(device))
+    }
+    fn device_attach(&mut self, device: Sbdf, hw: HwContext, root: Mfn) -> Result<(), Errno> {
+        self.with(|m| m.device_attach(device, hw, root))
+    }
+    fn device_detach(&mut self, device: Sbdf, hw: HwContext) -> Result<(), Errno> {
+        self.with(|m| m.device_detach(device, hw))
+    }
+}
+
+impl TableMemory for SharedSim {
+    fn alloc_table(&mut self) -> Result<Mfn, Errno> {
+        self.with(|m| m.alloc_table())
+    }
+    fn free_table(&mut self, table: Mfn) {
+        self.with(|m| m.free_table(table))
+    }
+    fn read_entry(&self, table: Mfn, index: usize) -> u64 {
+        self.with(|m| m.read_entry(table, index))
+    }
+    fn write_entry(&mut self, table: Mfn, index: usize, raw: u64) {
+        self.with(|m| m.write_entry(table, index, raw))
+    }
+    fn present_count(&self, table: Mfn) -> u16 {
+        self.with(|m| m.present_count(table))
+    }
+    fn set_present_count(&mut self, table: Mfn, count: u16) {
+        self.with(|m| m.set_present_count(table, count))
     }
 }

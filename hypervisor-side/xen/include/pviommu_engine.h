@@ -92,6 +92,14 @@ int pviommu_engine_domain_teardown(uint16_t domid, uint64_t *cursor);
 void pviommu_engine_gfn_changed(uint16_t domid, uint64_t gfn,
                                 unsigned int order, unsigned int how);
 
+/*
+ * Xen is about to move PCI device `sbdf` away from `owner` (reassignment or
+ * removal), with pcidevs_lock held: if it is attached to one of owner's
+ * contexts, the engine points it back at owner's own tables (through
+ * pvx_device_detach) before returning. Takes one driver lock.
+ */
+void pviommu_engine_device_leaving(uint16_t owner, uint32_t sbdf);
+
 /* ======== Implemented by the C glue ======== */
 
 /* The driver locks: one Xen spinlock per engine driver cell (a driver
@@ -187,6 +195,46 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn,
 int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, unsigned int *flush);
 int pvx_iommu_flush(uint16_t owner, uint64_t bfn, uint64_t count,
                     unsigned int flush);
+
+/*
+ * Contexts other than the default: tables the engine writes itself, in
+ * frames from here, tagged by the vendor IOMMU code (xen/iommu.h's
+ * pviommu_ctx_* ops, VT-d only).
+ *
+ * pvx_ctx_caps: 0 and the levels every unit walks and whether SNP is valid
+ * (snoop control), or -EOPNOTSUPP when the IOMMU offers no such contexts.
+ * Boot only.
+ */
+int pvx_ctx_caps(unsigned int *levels, int *snoop_control);
+/* [locked] Table frames: a zeroed frame (0 and *mfn, or -ENOMEM), given
+ * back, and 64-bit entries read and written (the write is made visible to
+ * a non-coherent IOMMU). `index` < 512; `mfn` only ever one of ours. */
+int pvx_table_alloc(uint64_t *mfn);
+void pvx_table_free(uint64_t mfn);
+uint64_t pvx_table_read(uint64_t mfn, unsigned int index);
+void pvx_table_write(uint64_t mfn, unsigned int index, uint64_t val);
+/* [devices locked, locked] A context's tag (a pseudo domid); [locked] its
+ * IOTLB invalidation (page-selective for [bfn, bfn + count) where it can). */
+int pvx_ctx_alloc(uint16_t *tag);
+void pvx_ctx_free(uint16_t tag);
+int pvx_ctx_flush(uint16_t tag, uint64_t bfn, uint64_t count);
+/* pcidevs_lock, taken BEFORE any driver lock (Xen calls
+ * pviommu_engine_device_leaving with it held): the order is
+ * pcidevs_lock -> one driver lock. Recursive. */
+void pvx_devices_lock(void);
+void pvx_devices_unlock(void);
+/* [devices locked] Facts about device `sbdf`: its owner's domid (or a
+ * reserved id for dom_io/dom_xen) and PVX_DEV_* flags; -ENODEV if Xen knows
+ * no such device or no IOMMU unit covers it. */
+#define PVX_DEV_OWN_RID (1u << 0) /* its DMA carries its own requester id   */
+#define PVX_DEV_RMRR    (1u << 1) /* needs an RMRR identity mapping          */
+#define PVX_DEV_ATS     (1u << 2) /* caches translations itself (ATS)        */
+int pvx_device_facts(uint32_t sbdf, uint16_t *owner, uint32_t *flags);
+/* [devices locked, locked] Point `sbdf` at the context tagged `tag` whose
+ * 4-level root is `root_mfn` (context-cache and IOTLB invalidated), or back
+ * at its owner's tables. A failed detach blocks the device's DMA. */
+int pvx_device_attach(uint32_t sbdf, uint16_t tag, uint64_t root_mfn);
+int pvx_device_detach(uint32_t sbdf, uint16_t tag);
 
 /* [locked] Tell `owner` that revocation notices are pending for it: raise
  * its VIRQ_PV_IOMMU (a global VIRQ; nothing happens if it has not bound

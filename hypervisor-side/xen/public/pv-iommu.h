@@ -56,7 +56,7 @@
 #if defined(__XEN__) || defined(__XEN_TOOLS__)
 
 /* Major in the high 16 bits, minor in the low 16. Callers check the major. */
-#define PVIOMMU_INTERFACE_VERSION 0x00010002U
+#define PVIOMMU_INTERFACE_VERSION 0x00010003U
 
 /* ---- Commands (first hypercall argument) ---- */
 #define PVIOMMU_CMD_query_caps       1U /* arg: struct pv_iommu_caps          */
@@ -67,6 +67,8 @@
                                         /* (control domain only)            */
 #define PVIOMMU_CMD_stats            5U /* arg: struct pv_iommu_stats         */
                                         /* (control domain only; ABI 1.2)   */
+#define PVIOMMU_CMD_entry            6U /* arg: struct pv_iommu_entry         */
+                                        /* (control domain only; ABI 1.3)   */
 
 /* Positive return of PVIOMMU_CMD_batch: work budget spent, call again. */
 #define PVIOMMU_BATCH_INCOMPLETE 1
@@ -78,7 +80,8 @@
 #define PVIOMMU_FEAT_GRANT            (1U << 3) /* PVIOMMU_F_GRANT maps     */
 #define PVIOMMU_FEAT_REVOCATION_QUEUE (1U << 4) /* revoked BFNs reserved    */
                                                 /* until acknowledged       */
-#define PVIOMMU_FEAT_ALL              0x1fU
+#define PVIOMMU_FEAT_DEVICE_ATTACH    (1U << 5) /* OP_context_attach/detach */
+#define PVIOMMU_FEAT_ALL              0x3fU
 
 /* caps.translation: does the caller's IOMMU context translate BFNs? */
 #define PVIOMMU_TRANSLATES  0U /* yes: maps are accepted                    */
@@ -119,6 +122,10 @@ DEFINE_XEN_GUEST_HANDLE(pv_iommu_caps_t);
 #define PVIOMMU_OP_revoked_next    6U /* OUT: bfn, context, domid, gfn of    */
                                       /* the oldest unacknowledged revocation */
 #define PVIOMMU_OP_revoked_ack     7U /* IN: context, bfn                    */
+#define PVIOMMU_OP_context_attach  8U /* IN: context (not 0), gfn = the      */
+                                      /* caller's device as a pci_sbdf_t     */
+#define PVIOMMU_OP_context_detach  9U /* IN: context, gfn = pci_sbdf_t: back */
+                                      /* to the default context              */
 
 /* pv_iommu_op.flags */
 #define PVIOMMU_F_READ      (1U << 0) /* device may read                     */
@@ -226,6 +233,19 @@ struct pv_iommu_stats {
 };
 typedef struct pv_iommu_stats pv_iommu_stats_t;
 DEFINE_XEN_GUEST_HANDLE(pv_iommu_stats_t);
+
+/* ---- PVIOMMU_CMD_entry ---- */
+struct pv_iommu_entry {
+    uint32_t version;       /* IN: PVIOMMU_INTERFACE_VERSION                 */
+    domid_t domid;          /* IN: the driver domain                         */
+    uint16_t _pad0;         /* IN: 0                                         */
+    uint32_t context;       /* IN: one of its own contexts (not 0)           */
+    uint32_t level;         /* OUT: leaf level (1: 4 KiB, 2: 2 MiB)          */
+    uint64_aligned_t bfn;   /* IN                                            */
+    uint64_aligned_t bits;  /* OUT: the leaf entry, address bits zeroed      */
+};
+typedef struct pv_iommu_entry pv_iommu_entry_t;
+DEFINE_XEN_GUEST_HANDLE(pv_iommu_entry_t);
 
 /*
  * Errors (negative; one meaning each):

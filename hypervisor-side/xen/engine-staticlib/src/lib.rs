@@ -12,14 +12,18 @@ extern crate alloc;
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use lock_api::RawMutex;
 use pviommu_hv::config::Config;
 use pviommu_hv::engine::{Engine, GfnChange};
-use pviommu_hv::iommu::{BackendCaps, FlushGather, IommuBackend};
+use pviommu_hv::abi::feature;
+use pviommu_hv::iommu::{
+    BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend, OwnTables, TableFormat,
+};
+use pviommu_hv::pgtable::TableMemory;
 use pviommu_hv::platform::{DomainInfo, PageKind, PageLookup, Platform, ReservedRange, XsmAction};
-use pviommu_hv::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions};
+use pviommu_hv::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions, Sbdf};
 
 mod ffi {
     /// `struct pvx_domain_info` in pviommu_engine.h.
@@ -58,6 +62,19 @@ mod ffi {
         pub fn pvx_notify_revoked(owner: u16);
         pub fn pvx_alloc(size: usize, align: usize) -> *mut u8;
         pub fn pvx_free(ptr: *mut u8);
+        pub fn pvx_ctx_caps(levels: *mut u32, snoop_control: *mut i32) -> i32;
+        pub fn pvx_table_alloc(mfn: *mut u64) -> i32;
+        pub fn pvx_table_free(mfn: u64);
+        pub fn pvx_table_read(mfn: u64, index: u32) -> u64;
+        pub fn pvx_table_write(mfn: u64, index: u32, val: u64);
+        pub fn pvx_ctx_alloc(tag: *mut u16) -> i32;
+        pub fn pvx_ctx_free(tag: u16);
+        pub fn pvx_ctx_flush(tag: u16, bfn: u64, count: u64) -> i32;
+        pub fn pvx_devices_lock();
+        pub fn pvx_devices_unlock();
+        pub fn pvx_device_facts(sbdf: u32, owner: *mut u16, flags: *mut u32) -> i32;
+        pub fn pvx_device_attach(sbdf: u32, tag: u16, root_mfn: u64) -> i32;
+        pub fn pvx_device_detach(sbdf: u32, tag: u16) -> i32;
         pub fn pvx_log(msg: *const u8, len: usize);
         /// Defined nowhere: a reference to it from any entry point is a
         /// link error (build-engine.sh checks the symbol).
@@ -257,22 +274,98 @@ impl Platform for Xen {
     }
 }
 
+/// What `pvx_ctx_caps` said at boot: 0 when the IOMMU offers no contexts
+/// of the engine's own, else the levels its units walk, with bit 8 set
+/// for snoop control. Read on every map, so kept rather than asked.
+static CTX_CAPS: AtomicU32 = AtomicU32::new(0);
+const CTX_SNOOP: u32 = 1 << 8;
+
+/// Contexts per driver domain when the IOMMU offers them.
+const XEN_MAX_CONTEXTS: u32 = 8;
+
+/// VT-d second-level entries have no room for the walker's count of present
+/// entries in a table, but bits 52..61 are ignored by the hardware in every
+/// entry, present or not (QEMU's intel-iommu: `VTD_SL_IGN_COM`). The count
+/// (0..=512) lives in those bits of entry 0.
+const COUNT_SHIFT: u32 = 52;
+const COUNT_MASK: u64 = 0x3ff << COUNT_SHIFT;
+
+impl TableMemory for Xen {
+    fn alloc_table(&mut self) -> Result<Mfn, Errno> {
+        let mut mfn = 0u64;
+        // SAFETY: out-pointer to a local.
+        match unsafe { ffi::pvx_table_alloc(&mut mfn) } {
+            0 => Ok(Mfn(mfn)),
+            rc => Err(errno_from(rc)),
+        }
+    }
+    fn free_table(&mut self, table: Mfn) {
+        // SAFETY: a frame pvx_table_alloc gave the engine.
+        unsafe { ffi::pvx_table_free(table.0) }
+    }
+    fn read_entry(&self, table: Mfn, index: usize) -> u64 {
+        let Ok(i) = u32::try_from(index) else { return 0 };
+        // SAFETY: one of the engine's table frames; the glue checks index.
+        let raw = unsafe { ffi::pvx_table_read(table.0, i) };
+        if index == 0 {
+            raw & !COUNT_MASK
+        } else {
+            raw
+        }
+    }
+    fn write_entry(&mut self, table: Mfn, index: usize, raw: u64) {
+        let Ok(i) = u32::try_from(index) else { return };
+        let raw = if index == 0 {
+            // SAFETY: as in read_entry.
+            let count = unsafe { ffi::pvx_table_read(table.0, 0) } & COUNT_MASK;
+            (raw & !COUNT_MASK) | count
+        } else {
+            raw
+        };
+        // SAFETY: as in read_entry.
+        unsafe { ffi::pvx_table_write(table.0, i, raw) }
+    }
+    fn present_count(&self, table: Mfn) -> u16 {
+        // SAFETY: as in read_entry.
+        let raw = unsafe { ffi::pvx_table_read(table.0, 0) };
+        ((raw & COUNT_MASK) >> COUNT_SHIFT) as u16
+    }
+    fn set_present_count(&mut self, table: Mfn, count: u16) {
+        // SAFETY: as in read_entry.
+        let raw = unsafe { ffi::pvx_table_read(table.0, 0) };
+        let raw = (raw & !COUNT_MASK) | ((u64::from(count) << COUNT_SHIFT) & COUNT_MASK);
+        // SAFETY: as in read_entry.
+        unsafe { ffi::pvx_table_write(table.0, 0, raw) }
+    }
+}
+
 impl IommuBackend for Xen {
     fn iommu_caps(&self) -> BackendCaps {
+        let ctx = CTX_CAPS.load(Ordering::Relaxed);
+        let levels = ctx & 0xff;
+        let snoop_control = ctx & CTX_SNOOP != 0;
         BackendCaps {
-            // Xen 4.17 has one IOMMU context per domain, and x86 iommu_map()
-            // takes no memory-type argument: WB (snooped) only.
-            max_contexts: 1,
-            features: 0,
+            // Context 0 is Xen's own tables of the driver domain (x86
+            // iommu_map() takes no memory type: WB only there); the others
+            // are the engine's, where UC is honoured with snoop control.
+            max_contexts: if levels != 0 { XEN_MAX_CONTEXTS } else { 1 },
+            features: if levels != 0 {
+                feature::CONTEXTS
+                    | feature::DEVICE_ATTACH
+                    | if snoop_control { feature::ATTR_UC } else { 0 }
+            } else {
+                0
+            },
             page_sizes: 1 << 12,
             // SAFETY: plain call.
             address_bits: unsafe { ffi::pvx_iommu_address_bits() },
+            own_tables: (levels != 0).then_some(OwnTables {
+                format: TableFormat::Vtd { snoop_control },
+                levels,
+            }),
+            default_context_attrs: false,
         }
     }
-    fn context_create(&mut self, _owner: DomId, _ctx: ContextId) -> Result<(), Errno> {
-        Err(Errno::OpNotSupp)
-    }
-    fn context_destroy(&mut self, _owner: DomId, _ctx: ContextId) {}
     fn iommu_map(
         &mut self,
         owner: DomId,
@@ -315,7 +408,70 @@ impl IommuBackend for Xen {
         }
         result
     }
+    fn hw_context_create(&mut self, _owner: DomId, _ctx: ContextId, _root: Mfn) -> Result<HwContext, Errno> {
+        let mut tag = 0u16;
+        // SAFETY: out-pointer to a local.
+        match unsafe { ffi::pvx_ctx_alloc(&mut tag) } {
+            0 => Ok(HwContext(u32::from(tag))),
+            rc => Err(errno_from(rc)),
+        }
+    }
+    fn hw_context_destroy(&mut self, hw: HwContext) {
+        let Ok(tag) = u16::try_from(hw.0) else { return };
+        // SAFETY: plain call; a tag pvx_ctx_alloc gave.
+        unsafe { ffi::pvx_ctx_free(tag) }
+    }
+    fn hw_flush(&mut self, hw: HwContext, first: Bfn, last: Bfn) -> Result<(), Errno> {
+        let tag = u16::try_from(hw.0).map_err(|_| Errno::Inval)?;
+        let count = last.0.checked_sub(first.0).and_then(|n| n.checked_add(1)).ok_or(Errno::Inval)?;
+        // SAFETY: plain call.
+        match unsafe { ffi::pvx_ctx_flush(tag, first.0, count) } {
+            0 => Ok(()),
+            rc => Err(errno_from(rc)),
+        }
+    }
+    fn devices_lock(&mut self) {
+        // SAFETY: plain call (pcidevs_lock, recursive).
+        unsafe { ffi::pvx_devices_lock() }
+    }
+    fn devices_unlock(&mut self) {
+        // SAFETY: paired with devices_lock by the engine.
+        unsafe { ffi::pvx_devices_unlock() }
+    }
+    fn device_facts(&self, device: Sbdf) -> Option<DeviceFacts> {
+        let (mut owner, mut flags) = (0u16, 0u32);
+        // SAFETY: out-pointers to locals.
+        if unsafe { ffi::pvx_device_facts(device.0, &mut owner, &mut flags) } != 0 {
+            return None;
+        }
+        Some(DeviceFacts {
+            owner: DomId(owner),
+            own_requester_id: flags & PVX_DEV_OWN_RID != 0,
+            rmrr: flags & PVX_DEV_RMRR != 0,
+            ats: flags & PVX_DEV_ATS != 0,
+        })
+    }
+    fn device_attach(&mut self, device: Sbdf, hw: HwContext, root: Mfn) -> Result<(), Errno> {
+        let tag = u16::try_from(hw.0).map_err(|_| Errno::Inval)?;
+        // SAFETY: plain call.
+        match unsafe { ffi::pvx_device_attach(device.0, tag, root.0) } {
+            0 => Ok(()),
+            rc => Err(errno_from(rc)),
+        }
+    }
+    fn device_detach(&mut self, device: Sbdf, hw: HwContext) -> Result<(), Errno> {
+        let tag = u16::try_from(hw.0).map_err(|_| Errno::Inval)?;
+        // SAFETY: plain call.
+        match unsafe { ffi::pvx_device_detach(device.0, tag) } {
+            0 => Ok(()),
+            rc => Err(errno_from(rc)),
+        }
+    }
 }
+
+const PVX_DEV_OWN_RID: u32 = 1 << 0;
+const PVX_DEV_RMRR: u32 = 1 << 1;
+const PVX_DEV_ATS: u32 = 1 << 2;
 
 /// The engine, created once at boot. After that it is only read through a
 /// shared reference: the engine locks its own state.
@@ -338,6 +494,11 @@ pub extern "C" fn pviommu_engine_init(quota: u64, max_batch: u32, heap_bytes: u6
         let mut v = alloc::vec::Vec::new();
         v.push(quota);
         core::hint::black_box(&v);
+    }
+    let (mut levels, mut snoop) = (0u32, 0i32);
+    // SAFETY: out-pointers to locals.
+    if unsafe { ffi::pvx_ctx_caps(&mut levels, &mut snoop) } == 0 && (2..=4).contains(&levels) {
+        CTX_CAPS.store(levels | if snoop != 0 { CTX_SNOOP } else { 0 }, Ordering::Relaxed);
     }
     let mut config = Config::default();
     if heap_bytes != 0 {
@@ -388,4 +549,11 @@ pub extern "C" fn pviommu_engine_gfn_changed(domid: u16, gfn: u64, order: u32, h
     let Some(e) = engine() else { return };
     let how = if how == 1 { GfnChange::WriteLost } else { GfnChange::Removed };
     e.gfn_changed(&mut Xen, DomId(domid), Gfn(gfn), order, how);
+}
+
+/// Xen is about to move device `sbdf` away from `owner` (pcidevs_lock held).
+#[no_mangle]
+pub extern "C" fn pviommu_engine_device_leaving(owner: u16, sbdf: u32) {
+    let Some(e) = engine() else { return };
+    e.device_leaving(&mut Xen, DomId(owner), Sbdf(sbdf));
 }

@@ -1,0 +1,494 @@
+//! Contexts of the engine's own with devices attached (ABI 1.3): two
+//! devices of one driver domain, one buffer mapped in both contexts, each
+//! device reaching it only at its own BFN; and every way to get attach,
+//! detach and destroy wrong.
+
+use pviommu_abi::{
+    cmd, feature, ContextId, DomId, Errno, MemAttr, Permissions, PvIommuBatch, PvIommuOp, Request,
+    Sbdf, INTERFACE_VERSION,
+};
+use pviommu_hv::iommu::DeviceFacts;
+use pviommu_hv::platform::Platform;
+use pviommu_hv::sim::{FaultReason, Format, SimMachine};
+use pviommu_hv::Bfn;
+use pviommu_hv::Engine;
+use pviommu_tests::*;
+use zerocopy::IntoBytes;
+
+const A: Sbdf = Sbdf(0x10); // 0000:00:02.0
+const B: Sbdf = Sbdf(0x18); // 0000:00:03.0
+const FOREIGN: Sbdf = Sbdf(0x20); // 0000:00:04.0, the device model's
+const SHARED_RID: Sbdf = Sbdf(0x0108); // 0000:01:01.0, behind a PCI bridge
+const WITH_RMRR: Sbdf = Sbdf(0x28);
+const WITH_ATS: Sbdf = Sbdf(0x30);
+const NOBODY: Sbdf = Sbdf(0xff);
+
+fn facts(owner: DomId) -> DeviceFacts {
+    DeviceFacts {
+        owner,
+        own_requester_id: true,
+        rmrr: false,
+        ats: false,
+    }
+}
+
+fn host(format: Format) -> (SimMachine, Engine) {
+    let (mut m, e) = machine(format, 16);
+    m.add_device(A, facts(DomId::DOM0));
+    m.add_device(B, facts(DomId::DOM0));
+    m.add_device(FOREIGN, facts(DEVICE_MODEL));
+    m.add_device(
+        SHARED_RID,
+        DeviceFacts {
+            own_requester_id: false,
+            ..facts(DomId::DOM0)
+        },
+    );
+    m.add_device(
+        WITH_RMRR,
+        DeviceFacts {
+            rmrr: true,
+            ..facts(DomId::DOM0)
+        },
+    );
+    m.add_device(
+        WITH_ATS,
+        DeviceFacts {
+            ats: true,
+            ..facts(DomId::DOM0)
+        },
+    );
+    (m, e)
+}
+
+fn op(m: &mut SimMachine, e: &Engine, caller: DomId, req: Request) -> (i32, PvIommuOp) {
+    let mut ops = [req.encode()];
+    m.guest_batch_all(e, caller, &mut ops).unwrap();
+    (ops[0].status, ops[0])
+}
+
+fn create(m: &mut SimMachine, e: &Engine, caller: DomId) -> ContextId {
+    let (status, out) = op(m, e, caller, Request::ContextCreate);
+    assert_eq!(status, 0);
+    ContextId(out.context)
+}
+
+fn attach(m: &mut SimMachine, e: &Engine, caller: DomId, context: ContextId, device: Sbdf) -> i32 {
+    op(m, e, caller, Request::ContextAttach { context, device }).0
+}
+
+fn detach(m: &mut SimMachine, e: &Engine, caller: DomId, context: ContextId, device: Sbdf) -> i32 {
+    op(m, e, caller, Request::ContextDetach { context, device }).0
+}
+
+fn map_in(m: &mut SimMachine, e: &Engine, context: ContextId, gfn: u64, attr: MemAttr) -> Bfn {
+    let mut o = map_op_in(context, GUEST, gfn, Permissions::RW);
+    o.flags |= attr.field() << pviommu_abi::op_flags::ATTR_SHIFT;
+    let mut ops = [o];
+    m.guest_batch_all(e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!(ops[0].status, 0, "map into {context:?}");
+    Bfn(ops[0].bfn)
+}
+
+fn unmap_in(m: &mut SimMachine, e: &Engine, context: ContextId, bfn: Bfn) -> i32 {
+    op(m, e, DomId::DOM0, Request::Unmap { context, bfn }).0
+}
+
+fn read(m: &mut SimMachine, device: Sbdf, bfn: Bfn) -> Result<Vec<u8>, FaultReason> {
+    m.device_dma_read(device, bfn.0 << 12, 64)
+        .map_err(|f| f.reason)
+}
+
+/// The walk the issue asks for on Xen, on both table formats.
+fn one_buffer_two_devices_two_contexts(format: Format) {
+    let (mut m, e) = host(format);
+    let caps = m.guest_query_caps(&e, DomId::DOM0).unwrap();
+    assert_ne!(caps.features & feature::DEVICE_ATTACH, 0);
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx1, B), 0);
+    assert!(m.device(B).unwrap().attached.is_some());
+
+    let in_0 = map_in(&mut m, &e, ContextId::DEFAULT, 5, MemAttr::WriteBack);
+    let in_1 = map_in(&mut m, &e, ctx1, 5, MemAttr::WriteBack);
+    assert_ne!(in_0, in_1, "one buffer, a BFN per context");
+
+    // Each device reads the buffer at its own BFN only.
+    assert_eq!(read(&mut m, A, in_0), Ok(pattern(5)));
+    assert_eq!(read(&mut m, B, in_1), Ok(pattern(5)));
+    assert_eq!(read(&mut m, B, in_0), Err(FaultReason::NotPresent));
+    assert_eq!(read(&mut m, A, in_1), Err(FaultReason::NotPresent));
+
+    // Unmapping in context 1 leaves A's mapping. The tables it emptied
+    // are freed only after the IOTLB flush (a real IOMMU may cache them).
+    assert_eq!(unmap_in(&mut m, &e, ctx1, in_1), 0);
+    assert_eq!(m.tables_freed_before_flush(), 0);
+    assert_eq!(read(&mut m, B, in_1), Err(FaultReason::NotPresent));
+    assert_eq!(read(&mut m, A, in_0), Ok(pattern(5)));
+
+    // Destroying the context with B attached is refused: B would change
+    // address space behind its driver's back.
+    let (status, _) = op(
+        &mut m,
+        &e,
+        DomId::DOM0,
+        Request::ContextDestroy { context: ctx1 },
+    );
+    assert_eq!(status, Errno::Busy.negated());
+
+    // Detach puts B back in the default context.
+    assert_eq!(detach(&mut m, &e, DomId::DOM0, ctx1, B), 0);
+    assert!(m.device(B).unwrap().attached.is_none());
+    assert_eq!(read(&mut m, B, in_0), Ok(pattern(5)));
+    let xen_before_destroy = m.xen_frames();
+    let (status, _) = op(
+        &mut m,
+        &e,
+        DomId::DOM0,
+        Request::ContextDestroy { context: ctx1 },
+    );
+    assert_eq!(status, 0);
+    assert!(
+        m.xen_frames() < xen_before_destroy,
+        "the context's tables are freed"
+    );
+    assert!(m.context_roots().iter().all(|(_, c, _)| *c != ctx1));
+    assert_eq!(unmap_in(&mut m, &e, ContextId::DEFAULT, in_0), 0);
+    assert_eq!(m.total_page_refs(), 0);
+    assert_eq!(m.tables_freed_before_flush(), 0);
+    assert_eq!(pviommu_hv::lock_check::violations(), 0);
+}
+
+#[test]
+fn vtd_one_buffer_two_devices_two_contexts() {
+    one_buffer_two_devices_two_contexts(Format::Vtd);
+}
+
+#[test]
+fn lpae_one_buffer_two_devices_two_contexts() {
+    one_buffer_two_devices_two_contexts(Format::Lpae);
+}
+
+#[test]
+fn bad_attach_and_detach_are_refused_and_change_nothing() {
+    let (mut m, e) = host(Format::Vtd);
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    let ctx2 = create(&mut m, &e, DomId::DOM0);
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx1, B), 0);
+    let before = observable(&m, &e);
+    let devices_before: Vec<_> = [A, B, FOREIGN]
+        .iter()
+        .map(|d| m.device(*d).unwrap().attached)
+        .collect();
+    let cases: &[(&str, Request, Errno)] = &[
+        (
+            "someone else's device",
+            Request::ContextAttach {
+                context: ctx2,
+                device: FOREIGN,
+            },
+            Errno::Perm,
+        ),
+        (
+            "unknown BDF",
+            Request::ContextAttach {
+                context: ctx2,
+                device: NOBODY,
+            },
+            Errno::NoDev,
+        ),
+        (
+            "double attach, same context",
+            Request::ContextAttach {
+                context: ctx1,
+                device: B,
+            },
+            Errno::Busy,
+        ),
+        (
+            "double attach, other context",
+            Request::ContextAttach {
+                context: ctx2,
+                device: B,
+            },
+            Errno::Busy,
+        ),
+        (
+            "no such context",
+            Request::ContextAttach {
+                context: ContextId(7),
+                device: A,
+            },
+            Errno::NoEnt,
+        ),
+        (
+            "shared requester id",
+            Request::ContextAttach {
+                context: ctx2,
+                device: SHARED_RID,
+            },
+            Errno::OpNotSupp,
+        ),
+        (
+            "RMRR device",
+            Request::ContextAttach {
+                context: ctx2,
+                device: WITH_RMRR,
+            },
+            Errno::OpNotSupp,
+        ),
+        (
+            "ATS device",
+            Request::ContextAttach {
+                context: ctx2,
+                device: WITH_ATS,
+            },
+            Errno::OpNotSupp,
+        ),
+        (
+            "detach, not attached",
+            Request::ContextDetach {
+                context: ctx1,
+                device: A,
+            },
+            Errno::NoEnt,
+        ),
+        (
+            "detach, wrong context",
+            Request::ContextDetach {
+                context: ctx2,
+                device: B,
+            },
+            Errno::NoEnt,
+        ),
+        (
+            "detach, someone else's",
+            Request::ContextDetach {
+                context: ctx1,
+                device: FOREIGN,
+            },
+            Errno::NoEnt,
+        ),
+        (
+            "attached context destroyed",
+            Request::ContextDestroy { context: ctx1 },
+            Errno::Busy,
+        ),
+    ];
+    for (what, req, want) in cases {
+        let (status, _) = op(&mut m, &e, DomId::DOM0, *req);
+        assert_eq!(status, want.negated(), "{what}");
+        assert_eq!(observable(&m, &e), before, "{what} changed the state");
+        let now: Vec<_> = [A, B, FOREIGN]
+            .iter()
+            .map(|d| m.device(*d).unwrap().attached)
+            .collect();
+        assert_eq!(now, devices_before, "{what} moved a device");
+    }
+    // Malformed ops never reach the engine: context 0, an SBDF wider than
+    // 32 bits, a stray field.
+    let good = Request::ContextAttach {
+        context: ctx2,
+        device: A,
+    }
+    .encode();
+    for bad in [
+        PvIommuOp { context: 0, ..good },
+        PvIommuOp {
+            gfn: 1 << 32 | A.0 as u64,
+            ..good
+        },
+        PvIommuOp { bfn: 9, ..good },
+        PvIommuOp {
+            domid: GUEST.0,
+            ..good
+        },
+    ] {
+        let mut ops = [bad];
+        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+        assert_eq!(ops[0].status, Errno::Inval.negated(), "{bad:?}");
+        assert_eq!(observable(&m, &e), before);
+    }
+    // A domain that may not use PV-IOMMU at all is refused before any op.
+    let mut ops = [good];
+    assert_eq!(m.guest_batch_all(&e, STRANGER, &mut ops), Err(Errno::Perm));
+    assert_eq!(observable(&m, &e), before);
+}
+
+#[test]
+fn a_failed_attach_leaves_the_device_in_the_default_context() {
+    let (mut m, e) = host(Format::Vtd);
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    let in_0 = map_in(&mut m, &e, ContextId::DEFAULT, 2, MemAttr::WriteBack);
+    let before = observable(&m, &e);
+    m.fail_attaches = 1;
+    assert_eq!(
+        attach(&mut m, &e, DomId::DOM0, ctx1, B),
+        Errno::NoMem.negated()
+    );
+    assert_eq!(observable(&m, &e), before);
+    assert!(m.device(B).unwrap().attached.is_none());
+    assert_eq!(read(&mut m, B, in_0), Ok(pattern(2)));
+    // And it can be attached afterwards.
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx1, B), 0);
+}
+
+#[test]
+fn an_attach_whose_status_cannot_be_written_is_undone() {
+    let (mut m, e) = host(Format::Vtd);
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    let before = observable(&m, &e);
+    // The op's status cannot be copied back: the attach must not stay.
+    let base = m.scratch_addr(DomId::DOM0).unwrap();
+    let ops_addr = base + 8192;
+    let ops = [Request::ContextAttach {
+        context: ctx1,
+        device: B,
+    }
+    .encode()];
+    let hdr = PvIommuBatch {
+        version: INTERFACE_VERSION,
+        nr_ops: 1,
+        nr_done: 0,
+        flags: 0,
+        ops: ops_addr,
+    };
+    m.current = DomId::DOM0;
+    m.copy_to_guest(base, hdr.as_bytes()).unwrap();
+    m.copy_to_guest(ops_addr, ops.as_bytes()).unwrap();
+    let r = {
+        let mut h = Interposer::new(&mut m, Service::CopyToGuestAt(ops_addr), Box::new(|_| {}));
+        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
+    };
+    assert_eq!(r, Errno::Fault.negated() as i64);
+    assert!(
+        m.device(B).unwrap().attached.is_none(),
+        "undone: B is back in the default context"
+    );
+    assert_eq!(observable(&m, &e), before);
+}
+
+#[test]
+fn driver_domain_death_detaches_before_freeing_the_tables() {
+    let (mut m, e) = host(Format::Vtd);
+    let xen_before = m.xen_frames();
+    // The device model drives its own device, in a context of its own.
+    let ctx = create(&mut m, &e, DEVICE_MODEL);
+    assert_eq!(attach(&mut m, &e, DEVICE_MODEL, ctx, FOREIGN), 0);
+    let mut o = map_op_in(ctx, GUEST, 3, Permissions::RO);
+    o.context = ctx.0;
+    let mut ops = [o];
+    m.guest_batch_all(&e, DEVICE_MODEL, &mut ops).unwrap();
+    assert_eq!(ops[0].status, 0);
+    let bfn = Bfn(ops[0].bfn);
+    assert_eq!(read(&mut m, FOREIGN, bfn), Ok(pattern(3)));
+    // The simulated IOMMU asserts that no device points at a context's
+    // tables when its tag is given back.
+    m.kill_domain(&e, DEVICE_MODEL);
+    assert!(m.device(FOREIGN).unwrap().attached.is_none());
+    // Back in its owner's default context, which never had that BFN.
+    assert!(read(&mut m, FOREIGN, bfn).is_err());
+    assert_eq!(
+        m.xen_frames(),
+        xen_before,
+        "every table of the context freed"
+    );
+    assert_eq!(m.tables_freed_before_flush(), 0);
+    assert_eq!(m.total_page_refs(), 0);
+    assert_eq!(pviommu_hv::lock_check::violations(), 0);
+}
+
+#[test]
+fn xen_reassigning_an_attached_device_detaches_it_first() {
+    let (mut m, e) = host(Format::Vtd);
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx1, B), 0);
+    // `xl pci-assignable-add` / deassignment: Xen's reassign code runs the
+    // engine's hook with pcidevs_lock held (the simulator panics if the
+    // device were still in an engine context when Xen rewrites it).
+    m.reassign_device(&e, B, DEVICE_MODEL);
+    assert!(m.device(B).unwrap().attached.is_none());
+    assert_eq!(m.device(B).unwrap().facts.owner, DEVICE_MODEL);
+    // The context no longer names it: it can be destroyed, and dom0 can no
+    // longer attach the device it gave away.
+    let (status, _) = op(
+        &mut m,
+        &e,
+        DomId::DOM0,
+        Request::ContextDestroy { context: ctx1 },
+    );
+    assert_eq!(status, 0);
+    let ctx = create(&mut m, &e, DomId::DOM0);
+    assert_eq!(
+        attach(&mut m, &e, DomId::DOM0, ctx, B),
+        Errno::Perm.negated()
+    );
+    assert_eq!(pviommu_hv::lock_check::violations(), 0);
+}
+
+#[test]
+fn attributes_are_entry_bits_of_the_engines_tables() {
+    use pviommu_hv::pgtable::vtd::{EMT_SHIFT, EMT_UC, EMT_WB, IPAT, R, SNP, W};
+    // With snoop control: WB forces snooping, UC leaves it to the device.
+    let (mut m, e) = host(Format::Vtd);
+    let caps = m.guest_query_caps(&e, DomId::DOM0).unwrap();
+    assert_ne!(caps.features & feature::ATTR_UC, 0);
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx1, B), 0);
+    let wb = map_in(&mut m, &e, ctx1, 6, MemAttr::WriteBack);
+    let uc = map_in(&mut m, &e, ctx1, 7, MemAttr::Uncached);
+    let entry = |m: &mut SimMachine, bfn| {
+        m.guest_entry(&e, DomId::DOM0, DomId::DOM0, ctx1, bfn)
+            .unwrap()
+    };
+    let w = entry(&mut m, wb);
+    assert_eq!((w.level, w.bits), (1, R | W | SNP | EMT_WB << EMT_SHIFT));
+    let u = entry(&mut m, uc);
+    assert_eq!((u.level, u.bits), (1, R | W | IPAT | EMT_UC << EMT_SHIFT));
+    assert_eq!(read(&mut m, B, uc), Ok(pattern(7)));
+    // The default context is the host's tables: ENTRY does not reach it,
+    // and only the control domain may ask.
+    assert_eq!(
+        m.guest_entry(&e, DomId::DOM0, DomId::DOM0, ContextId::DEFAULT, wb),
+        Err(Errno::Inval)
+    );
+    assert_eq!(
+        m.guest_entry(&e, DomId::DOM0, DomId::DOM0, ctx1, Bfn(wb.0 + 4096)),
+        Err(Errno::NoEnt)
+    );
+    assert_eq!(
+        m.guest_entry(&e, DEVICE_MODEL, DomId::DOM0, ctx1, wb),
+        Err(Errno::Perm)
+    );
+
+    // Without snoop control SNP is a reserved bit: never written, and UC is
+    // neither advertised nor accepted (it would be indistinguishable).
+    let (mut m, e) = host(Format::Vtd);
+    m.snoop_control = false;
+    let caps = m.guest_query_caps(&e, DomId::DOM0).unwrap();
+    assert_eq!(caps.features & feature::ATTR_UC, 0);
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx1, B), 0);
+    let wb = map_in(&mut m, &e, ctx1, 6, MemAttr::WriteBack);
+    let w = m
+        .guest_entry(&e, DomId::DOM0, DomId::DOM0, ctx1, wb)
+        .unwrap();
+    assert_eq!(w.bits & SNP, 0);
+    assert_eq!(read(&mut m, B, wb), Ok(pattern(6)), "no reserved-bit fault");
+    let mut o = map_op_in(ctx1, GUEST, 7, Permissions::RW);
+    o.flags |= MemAttr::Uncached.field() << pviommu_abi::op_flags::ATTR_SHIFT;
+    let mut ops = [o];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!(ops[0].status, Errno::OpNotSupp.negated());
+}
+
+#[test]
+fn the_simulated_iommu_faults_on_snp_without_snoop_control() {
+    // The fidelity the test above relies on: a table written for an IOMMU
+    // with snoop control, walked by one without it, faults.
+    let (mut m, e) = host(Format::Vtd);
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx1, B), 0);
+    let wb = map_in(&mut m, &e, ctx1, 6, MemAttr::WriteBack);
+    m.snoop_control = false;
+    assert_eq!(read(&mut m, B, wb), Err(FaultReason::ReservedBit));
+}
