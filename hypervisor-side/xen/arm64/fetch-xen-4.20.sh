@@ -17,6 +17,8 @@
 #     gets no foreign architecture; unpacked with dpkg-deb -x into
 #     $BUILD/dom0-arm64/{kernel,busybox}.
 #
+#  4. QEMU 10 from bookworm-backports, unpacked under $BUILD/qemu10 (see below).
+#
 #   PVIOMMU_ARM64_BUILD  build directory (default /work/arm64-build)
 #   PVIOMMU_DOM0_SUITE   suite for the dom0 kernel/busybox (default trixie)
 set -euo pipefail
@@ -139,4 +141,44 @@ CONF
     echo "$kpkg" > "$D0/kernel-package"
     touch "$D0/.fetched"
     echo "fetch-xen-4.20: dom0 kernel $kpkg and busybox-static in $D0"
+fi
+
+# 4. QEMU >= 8.1 for an SMMUv3 with stage-2 (Debian 12's 7.2 has stage 1
+#    only, and Xen's SMMUv3 driver needs stage 2). bookworm-backports has
+#    10.0; it is unpacked, not installed, so the host's QEMU 7.2 (shared
+#    qemu-system-common/-data with qemu-system-x86) is left alone. Its
+#    binary runs with bookworm's libraries (checked with ldd).
+Q="$BUILD/qemu10"
+if [ -x "$Q/usr/bin/qemu-system-aarch64" ]; then
+    echo "fetch-xen-4.20: $Q already present"
+else
+    AB="$BUILD/apt-bpo"
+    mkdir -p "$AB/etc/sources.list.d" "$AB/state/lists/partial" "$AB/cache/archives/partial" "$AB/debs"
+    cat > "$AB/etc/sources.list.d/debian.sources" <<SRCS
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Architectures: amd64
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRCS
+    cat > "$AB/apt.conf" <<CONF
+Dir::Etc::SourceList "/dev/null";
+Dir::Etc::SourceParts "$AB/etc/sources.list.d";
+Dir::State "$AB/state";
+Dir::State::status "/var/lib/dpkg/status";
+Dir::Cache "$AB/cache";
+CONF
+    export APT_CONFIG="$AB/apt.conf"
+    apt-get update -q
+    rm -f "$AB/debs"/*.deb
+    ( cd "$AB/debs" && apt-get download -q qemu-system-arm qemu-system-common qemu-system-data )
+    unset APT_CONFIG
+    rm -rf "$Q"
+    for d in "$AB/debs"/*.deb; do dpkg-deb -x "$d" "$Q"; done
+    if ldd "$Q/usr/bin/qemu-system-aarch64" | grep -q 'not found'; then
+        ldd "$Q/usr/bin/qemu-system-aarch64" | grep 'not found' >&2
+        echo "fetch-xen-4.20: QEMU from backports misses libraries" >&2; exit 1
+    fi
+    echo "fetch-xen-4.20: $("$Q/usr/bin/qemu-system-aarch64" --version | head -1) in $Q"
 fi
