@@ -107,6 +107,13 @@ for d in /sys/bus/pci/devices/*; do
     devmem $((bar + 0x90)) 64 8; devmem $((bar + 0x98)) 64 1
     sleep 1
     echo "ARM64-BOOT: edu DMA RAM($((src + 0x1000)))->edu started, status=$(devmem $((bar + 0x98)) 32) (bit0 clear = done)"
+    # control: a bus address outside dom0's RAM (dom0 has 0x60000000-0x7fffffff
+    # with dom0_mem=512M); a translating SMMU must fault it
+    echo "ARM64-BOOT: edu DMA from 0xb0000000 (not dom0's) starting"
+    devmem $((bar + 0x80)) 64 0xb0000000; devmem $((bar + 0x88)) 64 0x40000
+    devmem $((bar + 0x90)) 64 8; devmem $((bar + 0x98)) 64 1
+    sleep 1
+    echo "ARM64-BOOT: edu DMA from 0xb0000000 status=$(devmem $((bar + 0x98)) 32)"
 done
 echo "ARM64-BOOT: dom0 dmesg (iommu/smmu/pci/xen lines):"
 dmesg | grep -i -E 'iommu|smmu|pci|xen|arm-smmu' | sed 's/^/ARM64-BOOT: dmesg: /'

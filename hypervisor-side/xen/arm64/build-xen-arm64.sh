@@ -18,21 +18,40 @@
 # Heavy steps run under `nice -n 19`, make -j2 at most (shared 2-core box).
 #
 #   PVIOMMU_ARM64_BUILD  build directory (default /work/arm64-build)
+#   PVIOMMU_ARM64_XEN    4.20 (default: Debian 13's version, fetch-xen-4.20.sh)
+#                        or an upstream tag such as RELEASE-4.21.2, exported
+#                        from $PVIOMMU_XEN_GIT (default: the local mirror) into
+#                        $BUILD/xen-<tag>-src; such a tree gets no patches-4.20/
+#                        (4.21 has PCI_PASSTHROUGH and the HAS_PCI fix).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 BUILD="${PVIOMMU_ARM64_BUILD:-/work/arm64-build}"
-SRC="$BUILD/xen-4.20-src"
-TREE="$BUILD/xen-4.20-tree"
+VER="${PVIOMMU_ARM64_XEN:-4.20}"
+if [ "$VER" = 4.20 ]; then
+    SRC="$BUILD/xen-4.20-src"; TREE="$BUILD/xen-4.20-tree"; PATCHDIR="$HERE/patches-4.20"
+else
+    SRC="$BUILD/xen-$VER-src"; TREE="$BUILD/xen-$VER-tree"; PATCHDIR=""
+    if [ ! -f "$SRC/.fetched" ]; then
+        GIT="${PVIOMMU_XEN_GIT:-/work/.mirror/xen-project+xen/repo}"
+        rm -rf "$SRC"; mkdir -p "$SRC"
+        git --git-dir="$GIT" archive "$VER" | tar -x -C "$SRC"
+        echo "upstream $VER $(git --git-dir="$GIT" rev-parse "$VER^{commit}")" > "$SRC/.origin"
+        touch "$SRC/.fetched"
+    fi
+fi
 PCI="${PVIOMMU_ARM64_PCI:-1}"
 JOBS="${PVIOMMU_JOBS:-2}"; [ "$JOBS" -le 2 ] || JOBS=2
 LOG="$BUILD/logs"
 mkdir -p "$LOG"
 [ -f "$SRC/.fetched" ] || "$HERE/fetch-xen-4.20.sh"
+echo "build-xen-arm64: source $(cat "$SRC/.origin")"
 
 # patched copy, redone when the patch set or the PCI choice changes
 patches=()
-[ "$PCI" = 1 ] && patches=("$HERE"/patches-4.20/*.patch)
-stamp="pci=$PCI $(cat "$SRC/.origin") $( [ ${#patches[@]} -gt 0 ] && cat "${patches[@]}" | sha256sum | cut -c1-16)"
+if [ "$PCI" = 1 ] && [ -n "$PATCHDIR" ]; then patches=("$PATCHDIR"/*.patch); fi
+psum=none
+if [ ${#patches[@]} -gt 0 ]; then psum="$(cat "${patches[@]}" | sha256sum | cut -c1-16)"; fi
+stamp="pci=$PCI $(cat "$SRC/.origin") patches=$psum"
 if [ ! -f "$TREE/.tree-stamp" ] || [ "$(cat "$TREE/.tree-stamp")" != "$stamp" ]; then
     rm -rf "$TREE"
     cp -a "$SRC" "$TREE"
@@ -49,14 +68,14 @@ start=$(date +%s)
 {
     echo "CONFIG_EXPERT=y"
     echo "CONFIG_ARM_SMMU_V3=y"
-    [ "$PCI" = 1 ] && echo "CONFIG_PCI_PASSTHROUGH=y"
-    [ "${PVIOMMU_ARM64_DEBUG:-0}" = 1 ] && echo "CONFIG_DEBUG=y"
+    if [ "$PCI" = 1 ]; then echo "CONFIG_PCI_PASSTHROUGH=y"; fi
+    if [ "${PVIOMMU_ARM64_DEBUG:-0}" = 1 ]; then echo "CONFIG_DEBUG=y"; fi
 } >> "$TREE/xen/.config"
 "${MK[@]}" olddefconfig >> "$LOG/xen-arm64-config.log" 2>&1
-cp "$TREE/xen/.config" "$BUILD/xen-arm64.config"
+cp "$TREE/xen/.config" "$BUILD/xen-$VER-arm64.config"
 
 want=(CONFIG_EXPERT CONFIG_ARM_SMMU_V3)
-[ "$PCI" = 1 ] && want+=(CONFIG_PCI_PASSTHROUGH CONFIG_HAS_PCI CONFIG_HAS_VPCI)
+if [ "$PCI" = 1 ]; then want+=(CONFIG_PCI_PASSTHROUGH CONFIG_HAS_PCI CONFIG_HAS_VPCI); fi
 for s in "${want[@]}"; do
     grep -q "^$s=y" "$TREE/xen/.config" \
         || { echo "build-xen-arm64: FAIL: $s not set after olddefconfig" >&2; exit 1; }
