@@ -65,6 +65,9 @@ for m in xen-privcmd xen-evtchn xen-gntdev xenfs; do
     f="$(find "$KMOD" -name "$m.ko*" | head -1)"
     [ -n "$f" ] && cp "$f" "$R/lib/modules/"
 done
+# the edu DMA test program (needs libc6-dev-arm64-cross for a static link)
+if aarch64-linux-gnu-gcc -O2 -Wall -static -o "$R/bin/edu-dma" "$HERE/edu-dma-arm64.c"; then :
+else echo "boot-qemu-arm64: edu-dma not built (apt-get install libc6-dev-arm64-cross)" >&2; fi
 cat > "$R/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox mkdir -p /sbin /usr/bin /usr/sbin
@@ -91,30 +94,35 @@ done
 echo "ARM64-BOOT: $n pci devices"
 echo "ARM64-BOOT: /sys/class/iommu: $(ls /sys/class/iommu 2>/dev/null | tr '\n' ' ')"
 echo "ARM64-BOOT: /dev/xen: $(ls /dev/xen 2>/dev/null | tr '\n' ' ')"
-# edu DMA probe: enable bus mastering, start one RAM -> edu DMA (8 bytes
-# from dom0's first RAM page; dom0 is 1:1 mapped, so its guest physical
-# address is the bus address an identity/bypass SMMU would use). Whether
-# the data arrives cannot be read back without /dev/mem access to RAM; the
-# decisive output is Xen's log (an SMMUv3 event means Xen's SMMU is in the
-# path and refused it).
-for d in /sys/bus/pci/devices/*; do
-    [ "$(cat $d/vendor):$(cat $d/device)" = "0x1234:0x11e8" ] || continue
-    bar=$(head -1 $d/resource | cut -d' ' -f1)
-    printf '\007\001' | dd of=$d/config bs=1 seek=4 count=2 conv=notrunc 2>/dev/null
-    echo "ARM64-BOOT: edu $(basename $d) bar0=$bar ident=$(devmem $((bar)) 32) cmd=$(dd if=$d/config bs=1 skip=4 count=2 2>/dev/null | od -An -tx2 | tr -d ' ')"
-    src=$(awk '/System RAM/ {split($1,a,"-"); print "0x" a[1]; exit}' /proc/iomem)
-    devmem $((bar + 0x80)) 64 $((src + 0x1000)); devmem $((bar + 0x88)) 64 0x40000
-    devmem $((bar + 0x90)) 64 8; devmem $((bar + 0x98)) 64 1
-    sleep 1
-    echo "ARM64-BOOT: edu DMA RAM($((src + 0x1000)))->edu started, status=$(devmem $((bar + 0x98)) 32) (bit0 clear = done)"
-    # control: a bus address outside dom0's RAM (dom0 has 0x60000000-0x7fffffff
-    # with dom0_mem=512M); a translating SMMU must fault it
-    echo "ARM64-BOOT: edu DMA from 0xb0000000 (not dom0's) starting"
-    devmem $((bar + 0x80)) 64 0xb0000000; devmem $((bar + 0x88)) 64 0x40000
-    devmem $((bar + 0x90)) 64 8; devmem $((bar + 0x98)) 64 1
-    sleep 1
-    echo "ARM64-BOOT: edu DMA from 0xb0000000 status=$(devmem $((bar + 0x98)) 32)"
-done
+if [ -x /bin/edu-dma ]; then
+    echo "ARM64-BOOT: running edu-dma"
+    /bin/edu-dma 2>&1 | sed 's/^/ARM64-BOOT: /'
+else
+    # edu DMA probe: enable bus mastering, start one RAM -> edu DMA (8 bytes
+    # from dom0's first RAM page; dom0 is 1:1 mapped, so its guest physical
+    # address is the bus address an identity/bypass SMMU would use). Whether
+    # the data arrives cannot be read back without /dev/mem access to RAM; the
+    # decisive output is Xen's log (an SMMUv3 event means Xen's SMMU is in the
+    # path and refused it).
+    for d in /sys/bus/pci/devices/*; do
+        [ "$(cat $d/vendor):$(cat $d/device)" = "0x1234:0x11e8" ] || continue
+        bar=$(head -1 $d/resource | cut -d' ' -f1)
+        printf '\007\001' | dd of=$d/config bs=1 seek=4 count=2 conv=notrunc 2>/dev/null
+        echo "ARM64-BOOT: edu $(basename $d) bar0=$bar ident=$(devmem $((bar)) 32) cmd=$(dd if=$d/config bs=1 skip=4 count=2 2>/dev/null | od -An -tx2 | tr -d ' ')"
+        src=$(awk '/System RAM/ {split($1,a,"-"); print "0x" a[1]; exit}' /proc/iomem)
+        devmem $((bar + 0x80)) 64 $((src + 0x1000)); devmem $((bar + 0x88)) 64 0x40000
+        devmem $((bar + 0x90)) 64 8; devmem $((bar + 0x98)) 64 1
+        sleep 1
+        echo "ARM64-BOOT: edu DMA RAM($((src + 0x1000)))->edu started, status=$(devmem $((bar + 0x98)) 32) (bit0 clear = done)"
+        # control: a bus address outside dom0's RAM (dom0 has 0x60000000-0x7fffffff
+        # with dom0_mem=512M); a translating SMMU must fault it
+        echo "ARM64-BOOT: edu DMA from 0xb0000000 (not dom0's) starting"
+        devmem $((bar + 0x80)) 64 0xb0000000; devmem $((bar + 0x88)) 64 0x40000
+        devmem $((bar + 0x90)) 64 8; devmem $((bar + 0x98)) 64 1
+        sleep 1
+        echo "ARM64-BOOT: edu DMA from 0xb0000000 status=$(devmem $((bar + 0x98)) 32)"
+    done
+fi
 echo "ARM64-BOOT: dom0 dmesg (iommu/smmu/pci/xen lines):"
 dmesg | grep -i -E 'iommu|smmu|pci|xen|arm-smmu' | sed 's/^/ARM64-BOOT: dmesg: /'
 echo "ARM64-BOOT: dom0 init done"

@@ -33,6 +33,7 @@ export DEBIAN_FRONTEND=noninteractive
 # 1. host tools
 missing=()
 command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu)
+[ -e /usr/aarch64-linux-gnu/lib/libc.a ] || missing+=(libc6-dev-arm64-cross)  # static dom0 test programs
 command -v aarch64-linux-gnu-objdump >/dev/null || missing+=(binutils-aarch64-linux-gnu)
 command -v qemu-system-aarch64 >/dev/null || missing+=(qemu-system-arm)
 for t in bison flex make python3 dpkg-source cpio xz gzip; do
