@@ -1,0 +1,93 @@
+#!/bin/bash
+# build-xen-arm64.sh -- cross-build the Xen 4.20 hypervisor (only) for arm64.
+#
+#   build-xen-arm64.sh            (after fetch-xen-4.20.sh)
+#
+# Config: arm64_defconfig plus
+#   CONFIG_EXPERT=y        (ARM_SMMU_V3 and PCI_PASSTHROUGH are `if EXPERT`)
+#   CONFIG_ARM_SMMU_V3=y   (xen/drivers/passthrough/Kconfig; tech preview)
+#   CONFIG_PCI_PASSTHROUGH=y -- this symbol does NOT exist in 4.20 (it first
+#       appears in 4.21, upstream 163c6b589879); with PVIOMMU_ARM64_PCI=1
+#       (default) patches-4.20/0001-*.patch backports it, which makes arm64
+#       select HAS_VPCI_GUEST_SUPPORT -> HAS_VPCI -> HAS_PCI. With
+#       PVIOMMU_ARM64_PCI=0 the stock 4.20 Kconfig is built (no PCI on arm).
+#   CONFIG_DEBUG=y / verbose: only with PVIOMMU_ARM64_DEBUG=1.
+#
+# The pristine source ($BUILD/xen-4.20-src) is copied to $BUILD/xen-4.20-tree
+# and patched there, so the pristine tree stays usable for patch dry-runs.
+# Heavy steps run under `nice -n 19`, make -j2 at most (shared 2-core box).
+#
+#   PVIOMMU_ARM64_BUILD  build directory (default /work/arm64-build)
+#   PVIOMMU_ARM64_XEN    4.20 (default: Debian 13's version, fetch-xen-4.20.sh)
+#                        or an upstream tag such as RELEASE-4.21.2, exported
+#                        from $PVIOMMU_XEN_GIT (default: the local mirror) into
+#                        $BUILD/xen-<tag>-src; such a tree gets no patches-4.20/
+#                        (4.21 has PCI_PASSTHROUGH and the HAS_PCI fix).
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+BUILD="${PVIOMMU_ARM64_BUILD:-/work/arm64-build}"
+VER="${PVIOMMU_ARM64_XEN:-4.20}"
+if [ "$VER" = 4.20 ]; then
+    SRC="$BUILD/xen-4.20-src"; TREE="$BUILD/xen-4.20-tree"; PATCHDIR="$HERE/patches-4.20"
+else
+    SRC="$BUILD/xen-$VER-src"; TREE="$BUILD/xen-$VER-tree"; PATCHDIR=""
+    if [ ! -f "$SRC/.fetched" ]; then
+        GIT="${PVIOMMU_XEN_GIT:-/work/.mirror/xen-project+xen/repo}"
+        rm -rf "$SRC"; mkdir -p "$SRC"
+        git --git-dir="$GIT" archive "$VER" | tar -x -C "$SRC"
+        echo "upstream $VER $(git --git-dir="$GIT" rev-parse "$VER^{commit}")" > "$SRC/.origin"
+        touch "$SRC/.fetched"
+    fi
+fi
+PCI="${PVIOMMU_ARM64_PCI:-1}"
+JOBS="${PVIOMMU_JOBS:-2}"; [ "$JOBS" -le 2 ] || JOBS=2
+LOG="$BUILD/logs"
+mkdir -p "$LOG"
+[ -f "$SRC/.fetched" ] || "$HERE/fetch-xen-4.20.sh"
+echo "build-xen-arm64: source $(cat "$SRC/.origin")"
+
+# patched copy, redone when the patch set or the PCI choice changes
+patches=()
+if [ "$PCI" = 1 ] && [ -n "$PATCHDIR" ]; then patches=("$PATCHDIR"/*.patch); fi
+psum=none
+if [ ${#patches[@]} -gt 0 ]; then psum="$(cat "${patches[@]}" | sha256sum | cut -c1-16)"; fi
+stamp="pci=$PCI $(cat "$SRC/.origin") patches=$psum"
+if [ ! -f "$TREE/.tree-stamp" ] || [ "$(cat "$TREE/.tree-stamp")" != "$stamp" ]; then
+    rm -rf "$TREE"
+    cp -a "$SRC" "$TREE"
+    for p in "${patches[@]}"; do
+        echo "build-xen-arm64: applying $(basename "$p")"
+        patch -s -p1 -d "$TREE" < "$p"
+    done
+    echo "$stamp" > "$TREE/.tree-stamp"
+fi
+
+MK=(make -C "$TREE/xen" XEN_TARGET_ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu-)
+start=$(date +%s)
+"${MK[@]}" defconfig > "$LOG/xen-arm64-config.log" 2>&1
+{
+    echo "CONFIG_EXPERT=y"
+    echo "CONFIG_ARM_SMMU_V3=y"
+    if [ "$PCI" = 1 ]; then echo "CONFIG_PCI_PASSTHROUGH=y"; fi
+    if [ "${PVIOMMU_ARM64_DEBUG:-0}" = 1 ]; then echo "CONFIG_DEBUG=y"; fi
+} >> "$TREE/xen/.config"
+"${MK[@]}" olddefconfig >> "$LOG/xen-arm64-config.log" 2>&1
+cp "$TREE/xen/.config" "$BUILD/xen-$VER-arm64.config"
+
+want=(CONFIG_EXPERT CONFIG_ARM_SMMU_V3)
+if [ "$PCI" = 1 ]; then want+=(CONFIG_PCI_PASSTHROUGH CONFIG_HAS_PCI CONFIG_HAS_VPCI); fi
+for s in "${want[@]}"; do
+    grep -q "^$s=y" "$TREE/xen/.config" \
+        || { echo "build-xen-arm64: FAIL: $s not set after olddefconfig" >&2; exit 1; }
+done
+echo "build-xen-arm64: config: $(grep -E '^CONFIG_(EXPERT|ARM_SMMU|ARM_SMMU_V3|PCI_PASSTHROUGH|HAS_PCI|HAS_VPCI|HAS_VPCI_GUEST_SUPPORT|IOMMU_FORCE_PT_SHARE|HAS_PASSTHROUGH|DEBUG)=' "$TREE/xen/.config" | tr '\n' ' ')"
+
+if ! nice -n 19 "${MK[@]}" -j"$JOBS" > "$LOG/xen-arm64-build.log" 2>&1; then
+    grep -E 'error|Error' "$LOG/xen-arm64-build.log" | head -20 >&2
+    echo "build-xen-arm64: FAIL: see $LOG/xen-arm64-build.log" >&2
+    exit 1
+fi
+end=$(date +%s)
+echo "build-xen-arm64: built in $((end - start)) s (make -j$JOBS, nice 19)"
+file "$TREE/xen/xen"
+echo "build-xen-arm64: $TREE/xen/xen"
