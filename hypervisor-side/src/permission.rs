@@ -13,7 +13,7 @@
 
 use crate::iommu::DeviceFacts;
 use crate::platform::{DomainInfo, PageKind, Platform, XsmAction};
-use crate::{DomId, Errno, Permissions};
+use crate::{ContextId, DomId, Errno, Permissions};
 use pviommu_abi::translation;
 
 /// The caller's relation to the target that allows mapping.
@@ -53,12 +53,14 @@ pub fn may_call(caller: Option<&DomainInfo>) -> Result<&DomainInfo, Errno> {
 /// IOMMU context translates BFNs (`EADDRNOTAVAIL`), the rule above
 /// (`EPERM`, before anything about the target is revealed, so a device
 /// model cannot probe which domains exist), the target exists and is alive
-/// (`ESRCH`), is not the caller (`EINVAL`), then the platform's XSM hook.
+/// (`ESRCH`), is not the caller when mapping into the default context
+/// (`EINVAL`), then the platform's XSM hook.
 pub fn check_map(
     p: &impl Platform,
     caller_id: DomId,
     caller: &DomainInfo,
     target: DomId,
+    context: ContextId,
 ) -> Result<(), Errno> {
     if caller.translation != translation::TRANSLATES {
         return Err(Errno::AddrNotAvail);
@@ -71,9 +73,12 @@ pub fn check_map(
         Some(t) if !t.dying => {}
         _ => return Err(Errno::Srch),
     }
-    if target == caller_id {
-        // A domain's own pages are already in its context (strict mode maps
-        // them 1:1); handing out a second address for them is refused.
+    if target == caller_id && context == ContextId::DEFAULT {
+        // A domain's own pages are already in its default context (strict
+        // mode maps them 1:1); handing out a second address for them is
+        // refused. Its other contexts start empty: a device attached to one
+        // reaches the driver's own buffers (rings, descriptors) only
+        // through BFNs mapped there.
         return Err(Errno::Inval);
     }
     p.xsm_check(caller_id, Some(target), XsmAction::Map)

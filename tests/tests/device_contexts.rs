@@ -492,3 +492,24 @@ fn the_simulated_iommu_faults_on_snp_without_snoop_control() {
     m.snoop_control = false;
     assert_eq!(read(&mut m, B, wb), Err(FaultReason::ReservedBit));
 }
+
+#[test]
+fn a_driver_maps_its_own_buffers_into_its_own_contexts_only() {
+    // A device attached to an engine context reaches nothing of its
+    // driver's memory until mapped there (rings, descriptors); the default
+    // context already maps it all 1:1, so a second address is refused.
+    let (mut m, e) = host(Format::Vtd);
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx1, B), 0);
+    m.write_guest(DomId::DOM0, pviommu_abi::Gfn(1), 0, b"dom0's own ring")
+        .unwrap();
+    let mut ops = [
+        map_op_in(ctx1, DomId::DOM0, 1, Permissions::RW),
+        map_op(DomId::DOM0, 1, Permissions::RW),
+    ];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!(ops[0].status, 0);
+    assert_eq!(ops[1].status, Errno::Inval.negated());
+    let got = m.device_dma_read(B, ops[0].bfn << 12, 15).unwrap();
+    assert_eq!(&got, b"dom0's own ring");
+}

@@ -13,8 +13,15 @@
  *   destroy DOMID [TRIES]       destroy, wait (TRIES x 20 ms, default 100), print gone|zombie
  *   unpopulate DOMID GFN        remove one gfn from a domain (guest_remove_page path)
  *   rmphysmap DOMID GFN         XENMEM_remove_from_physmap of one gfn
- *   hc caps | hc cmd N | hc map DOMID GFN FLAGS | hc unmap BFN | hc lookup BFN
+ *   hc caps | hc cmd N | hc map DOMID GFN FLAGS [CTX] | hc unmap BFN [CTX] | hc lookup BFN
  *   hc revoked-next | hc revoked-ack BFN
+ *   hc ctx-create | hc ctx-destroy CTX | hc attach CTX SBDF | hc detach CTX SBDF
+ *   hc entry DOMID CTX BFN      leaf entry of a BFN in DOMID's context CTX (address zeroed)
+ *   assign SBDF DOMID           xc_assign_device: hand a PCI device to DOMID
+ *   reclaim SBDF                xc_deassign_device from DOMID_IO: quarantine -> dom0
+ *   (dma-read/dma-write use the edu device named by $EDU, e.g. 0000:00:07.0, else
+ *    the lowest-numbered one; with $EDU_CTX=N the dom0 bounce page is mapped into
+ *    context N and the device reaches it at that BFN)
  *   hc raw SUBOP FLAGS DOMID GFN BFN PAD RSVD [CONTEXT]
  *   drain-revoked               acknowledge every queued revocation (unmap -> ESTALE)
  *   measure N                   BFNs for N foreign pages: PV-IOMMU batches vs privcmd
@@ -140,6 +147,17 @@ static long one_op(struct pv_iommu_op *o)
     return rc;
 }
 
+/* "ssss:bb:dd.f" -> pci_sbdf_t value; ~0u if malformed. */
+static uint32_t parse_sbdf(const char *s)
+{
+    unsigned int seg, bus, dev, fn;
+    char end;
+    if ( sscanf(s, "%x:%x:%x.%x%c", &seg, &bus, &dev, &fn, &end) != 4 ||
+         seg > 0xffff || bus > 0xff || dev > 31 || fn > 7 )
+        return ~0u;
+    return seg << 16 | bus << 8 | dev << 3 | fn;
+}
+
 static int query_caps(struct pv_iommu_caps *out)
 {
     struct pv_iommu_caps *c = locked_buf(PAGE);   /* zeroed: unwritten fields read 0 */
@@ -209,15 +227,42 @@ static int cmd_hc(int argc, char **argv)
                    e[i].start_bfn, e[i].nr_frames, e[i].kind);
         return 0;
     }
+    if ( !strcmp(argv[0], "entry") && argc >= 4 )
+    {
+        struct pv_iommu_entry *en = locked_buf(PAGE);
+        en->version = PVIOMMU_INTERFACE_VERSION;
+        en->domid = strtoul(argv[1], NULL, 0);
+        en->context = strtoul(argv[2], NULL, 0);
+        en->bfn = strtoull(argv[3], NULL, 0);
+        rc = hcall(PVIOMMU_CMD_entry, en);
+        printf("rc=%ld level=%u bits=0x%" PRIx64 "\n", rc, en->level, en->bits);
+        return 0;
+    }
     if ( !strcmp(argv[0], "map") && argc >= 4 )
     {
         o.subop = PVIOMMU_OP_map; o.domid = strtoul(argv[1], NULL, 0);
         o.gfn = strtoull(argv[2], NULL, 0); o.flags = strtoul(argv[3], NULL, 0);
+        if ( argc >= 5 ) o.context = strtoul(argv[4], NULL, 0);
     }
     else if ( (!strcmp(argv[0], "unmap") || !strcmp(argv[0], "lookup")) && argc >= 2 )
     {
         o.subop = argv[0][0] == 'u' ? PVIOMMU_OP_unmap : PVIOMMU_OP_lookup;
         o.bfn = strtoull(argv[1], NULL, 0);
+        if ( argc >= 3 ) o.context = strtoul(argv[2], NULL, 0);
+    }
+    else if ( !strcmp(argv[0], "ctx-create") )
+        o.subop = PVIOMMU_OP_context_create;
+    else if ( !strcmp(argv[0], "ctx-destroy") && argc >= 2 )
+    {
+        o.subop = PVIOMMU_OP_context_destroy;
+        o.context = strtoul(argv[1], NULL, 0);
+    }
+    else if ( (!strcmp(argv[0], "attach") || !strcmp(argv[0], "detach")) && argc >= 3 )
+    {
+        o.subop = argv[0][0] == 'a' ? PVIOMMU_OP_context_attach : PVIOMMU_OP_context_detach;
+        o.context = strtoul(argv[1], NULL, 0);
+        /* an unparsable SBDF goes out as is (> 32 bits): EINVAL from Xen */
+        o.gfn = parse_sbdf(argv[2]) == ~0u ? ~0ull : parse_sbdf(argv[2]);
     }
     else if ( !strcmp(argv[0], "revoked-next") )
         o.subop = PVIOMMU_OP_revoked_next;
@@ -237,8 +282,8 @@ static int cmd_hc(int argc, char **argv)
     else
         return 2;
     rc = one_op(&o);
-    printf("rc=%ld status=%d bfn=0x%" PRIx64 " domid=%u gfn=0x%" PRIx64 " flags=0x%x\n",
-           rc, o.status, o.bfn, o.domid, o.gfn, o.flags);
+    printf("rc=%ld status=%d bfn=0x%" PRIx64 " domid=%u gfn=0x%" PRIx64 " flags=0x%x context=%u\n",
+           rc, o.status, o.bfn, o.domid, o.gfn, o.flags, o.context);
     return 0;
 }
 
@@ -367,17 +412,42 @@ static int cmd_destroy(uint32_t domid, int tries)
 /* ---------------- edu DMA ---------------- */
 static volatile uint8_t *edu;
 
+/* The edu device named by $EDU, else the lowest-numbered one. */
 static void edu_open(void)
 {
     DIR *d = opendir("/sys/bus/pci/devices");
     struct dirent *e;
-    char p[512], b[64];
+    char p[512], b[64], want[300] = "";
+    const char *env = getenv("EDU");
     if ( !d ) die("opendir pci");
+    if ( env && *env )
+        snprintf(want, sizeof want, "%s", env);
+    else
+    {
+        /* first pass: the lowest-numbered edu */
+        while ( (e = readdir(d)) )
+        {
+            FILE *f;
+            unsigned v = 0, dv = 0;
+            if ( e->d_name[0] == '.' ) continue;
+            snprintf(p, sizeof p, "/sys/bus/pci/devices/%s/vendor", e->d_name);
+            if ( !(f = fopen(p, "r")) ) continue;
+            if ( fgets(b, sizeof b, f) ) v = strtoul(b, NULL, 0);
+            fclose(f);
+            snprintf(p, sizeof p, "/sys/bus/pci/devices/%s/device", e->d_name);
+            if ( !(f = fopen(p, "r")) ) continue;
+            if ( fgets(b, sizeof b, f) ) dv = strtoul(b, NULL, 0);
+            fclose(f);
+            if ( v == 0x1234 && dv == 0x11e8 && (!want[0] || strcmp(e->d_name, want) < 0) )
+                snprintf(want, sizeof want, "%s", e->d_name);
+        }
+        rewinddir(d);
+    }
     while ( (e = readdir(d)) )
     {
         FILE *f;
         unsigned v = 0, dv = 0;
-        if ( e->d_name[0] == '.' ) continue;
+        if ( e->d_name[0] == '.' || strcmp(e->d_name, want) ) continue;
         snprintf(p, sizeof p, "/sys/bus/pci/devices/%s/vendor", e->d_name);
         if ( !(f = fopen(p, "r")) ) continue;
         if ( fgets(b, sizeof b, f) ) v = strtoul(b, NULL, 0);
@@ -424,19 +494,42 @@ static void edu_dma(uint64_t src, uint64_t dst, int to_ram)
     exit(2);
 }
 
-/* A dom0 page with a known bus address (== MFN in strict PV dom0). */
+/*
+ * A dom0 page with a known bus address: its MFN in strict PV dom0's default
+ * context, or, with $EDU_CTX=N (a device attached to context N reaches none
+ * of dom0's memory by itself), the BFN it is given there.
+ */
 static xen_pfn_t own_mfn;
+static uint64_t own_bus, own_ctx_bfn;
+static uint32_t own_ctx;
 static uint8_t *own_page(void)
 {
     int err = 0;
     uint8_t *m;
+    const char *ctx = getenv("EDU_CTX");
     if ( xc_domain_increase_reservation_exact(xch, 0, 1, 0, 0, &own_mfn) ) die("increase_reservation");
     m = xenforeignmemory_map(fmem, DOMID_SELF, PROT_READ | PROT_WRITE, 1, &own_mfn, &err);
     if ( !m || err ) die("map own page");
+    own_bus = (uint64_t)own_mfn << 12;
+    own_ctx = ctx ? strtoul(ctx, NULL, 0) : 0;
+    if ( own_ctx )
+    {
+        struct pv_iommu_op o = { .subop = PVIOMMU_OP_map, .flags = PVIOMMU_F_READ | PVIOMMU_F_WRITE,
+                                 .context = own_ctx, .domid = 0, .gfn = own_mfn };
+        long rc = one_op(&o);
+        if ( rc || o.status ) { fprintf(stderr, "map own page into context %u: rc=%ld status=%d\n", own_ctx, rc, o.status); exit(2); }
+        own_ctx_bfn = o.bfn;
+        own_bus = o.bfn << 12;
+    }
     return m;
 }
 static void own_free(uint8_t *m)
 {
+    if ( own_ctx )
+    {
+        struct pv_iommu_op o = { .subop = PVIOMMU_OP_unmap, .context = own_ctx, .bfn = own_ctx_bfn };
+        one_op(&o);
+    }
     xenforeignmemory_unmap(fmem, m, 1);
     xc_domain_decrease_reservation_exact(xch, 0, 1, 0, &own_mfn);
 }
@@ -447,10 +540,10 @@ static int cmd_dma_read(uint64_t bus)
     memset(m, 0xee, PAGE);
     /* clear edu's buffer first so a blocked read cannot show stale data */
     memset(m, 0, DMA_LEN);
-    edu_dma((uint64_t)own_mfn << 12, EDU_BUF, 0);
+    edu_dma(own_bus, EDU_BUF, 0);
     memset(m, 0xee, PAGE);
     edu_dma(bus, EDU_BUF, 0);
-    edu_dma(EDU_BUF, (uint64_t)own_mfn << 12, 1);
+    edu_dma(EDU_BUF, own_bus, 1);
     show("dma-read", m);
     own_free(m);
     return 0;
@@ -460,7 +553,7 @@ static int cmd_dma_write(uint64_t bus, uint8_t byte)
 {
     uint8_t *m = own_page();
     memset(m, byte, PAGE);
-    edu_dma((uint64_t)own_mfn << 12, EDU_BUF, 0);
+    edu_dma(own_bus, EDU_BUF, 0);
     edu_dma(EDU_BUF, bus, 1);
     printf("dma-write done bus=0x%" PRIx64 " byte=0x%02x\n", bus, byte);
     own_free(m);
@@ -990,7 +1083,7 @@ static void fz_op(struct pv_iommu_op *o, const uint16_t *cand, unsigned int ncan
     /* weights: unmaps outnumber maps so that references drain to zero now
      * and then and BFNs are freed and handed out again */
     static const uint16_t subops[] = { 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
-                                       3, 3, 4, 5, 6, 7, 0, 8, 0xffff };
+                                       3, 3, 4, 5, 6, 7, 8, 9, 0, 99, 0xffff };
     memset(o, 0, sizeof(*o));
     o->subop = chance(95) ? subops[below(sizeof(subops) / sizeof(subops[0]))] : rnd();
     o->flags = chance(85) ? 1 + below(3) : chance(50) ? (rnd() & 0x7ff) : rnd();
@@ -1013,8 +1106,14 @@ static void fz_op(struct pv_iommu_op *o, const uint16_t *cand, unsigned int ncan
             o->context = 0; /* fall through */
         case PVIOMMU_OP_context_destroy:
             o->flags = 0; o->domid = 0; o->gfn = 0; o->bfn = 0; break;
+        case PVIOMMU_OP_context_attach: case PVIOMMU_OP_context_detach:
+            o->flags = 0; o->domid = 0; o->bfn = 0; break;
         }
     }
+    /* Devices: only segments no host has (ENODEV), never one of the test's
+     * edu devices or the chipset's, which later checks and dom0 itself use. */
+    if ( o->subop == PVIOMMU_OP_context_attach || o->subop == PVIOMMU_OP_context_detach )
+        o->gfn = chance(80) ? (0x10000 | below(0x10000)) : (rnd() | (1ull << 32));
     if ( chance(3) ) o->_pad0 = rnd();
     if ( chance(3) ) o->_rsvd = rnd();
     o->status = FZ_SENTINEL;
@@ -1266,6 +1365,8 @@ static int cmd_fuzz_clean(void)
     struct pv_iommu_caps c;
     long used = -1;
     int gone = 0;
+    uint32_t ctxs[64];
+    unsigned int nctxs = 0, i;
 
     if ( !f ) die("fopen state");
     while ( fgets(line, sizeof line, f) )
@@ -1277,9 +1378,8 @@ static int cmd_fuzz_clean(void)
         if ( sscanf(line, "domain %u", &fdom) == 1 ) continue;
         if ( sscanf(line, "ctx %u", &ctx) == 1 )
         {
-            memset(&o, 0, sizeof(o));
-            o.subop = PVIOMMU_OP_context_destroy; o.context = ctx;
-            if ( one_op(&o) || o.status ) errors++;
+            /* destroyed once their mappings are gone (EBUSY before) */
+            if ( nctxs < 64 ) ctxs[nctxs++] = ctx;
             continue;
         }
         if ( sscanf(line, "map %u %" SCNx64 " %u %" SCNx64 " %ld", &ctx, &bfn, &domid, &gfn, &refs) != 5 )
@@ -1298,6 +1398,11 @@ static int cmd_fuzz_clean(void)
         }
     }
     fclose(f);
+    for ( i = 0; i < nctxs; i++ )
+    {
+        struct pv_iommu_op o = { .subop = PVIOMMU_OP_context_destroy, .context = ctxs[i] };
+        if ( one_op(&o) || o.status ) errors++;
+    }
     if ( query_caps(&c) == 0 ) used = c.used;
     if ( fdom ) gone = cmd_destroy(fdom, 100) == 0;
     printf("fuzz-clean unmapped=%lu errors=%lu used=%ld domain=%s\n", unmapped, errors, used,
@@ -1529,6 +1634,25 @@ int main(int argc, char **argv)
     if ( !strcmp(c, "destroy") && argc >= 3 ) return cmd_destroy(strtoul(argv[2], NULL, 0), argc >= 4 ? atoi(argv[3]) : 100);
     if ( !strcmp(c, "ppgtt-setup") && argc >= 3 ) return cmd_ppgtt_setup(strtoul(argv[2], NULL, 0));
     if ( !strcmp(c, "ppgtt-edit") ) return cmd_ppgtt_edit();
+    if ( !strcmp(c, "assign") && argc >= 4 )
+    {
+        uint32_t sbdf = parse_sbdf(argv[2]);
+        int r;
+        if ( sbdf == ~0u ) return 2;
+        r = xc_assign_device(xch, strtoul(argv[3], NULL, 0), sbdf, XEN_DOMCTL_DEV_RDM_RELAXED);
+        printf("rc=%d\n", r ? -errno : 0);
+        return 0;
+    }
+    if ( !strcmp(c, "reclaim") && argc >= 3 )
+    {
+        /* out of quarantine, back to dom0 (xl pci-assignable-remove) */
+        uint32_t sbdf = parse_sbdf(argv[2]);
+        int r;
+        if ( sbdf == ~0u ) return 2;
+        r = xc_deassign_device(xch, DOMID_IO, sbdf);
+        printf("rc=%d\n", r ? -errno : 0);
+        return 0;
+    }
     if ( !strcmp(c, "dma-read") && argc >= 3 ) { edu_open(); return cmd_dma_read(strtoull(argv[2], NULL, 0)); }
     if ( !strcmp(c, "dma-write") && argc >= 4 ) { edu_open(); return cmd_dma_write(strtoull(argv[2], NULL, 0), strtoul(argv[3], NULL, 0)); }
     if ( !strcmp(c, "measure") && argc >= 3 ) return cmd_measure(strtoul(argv[2], NULL, 0));

@@ -41,7 +41,7 @@ p=$(run $H peek $D $G0); r=$(run $H dma-read $A0)
 if [ "$(field "$r" sum)" = "$(field "$p" sum)" ] && [ "$(field "$r" zero)" = 0 ]; then ok dma_read_foreign_bytes; else ko dma_read_foreign_bytes "$r vs $p"; fi
 # The pviommu tool itself, --backend xen: caps, map, device read, lookup, unmap.
 o=$(run pviommu --backend xen caps --json)
-if echo "$o" | grep -q '"version": "1.2"'; then ok cli_caps; else ko cli_caps "want version 1.2: $(echo "$o" | grep -m1 version)"; fi
+if echo "$o" | grep -q '"version": "1.3"'; then ok cli_caps; else ko cli_caps "want version 1.3: $(echo "$o" | grep -m1 version)"; fi
 o=$(run pviommu --backend xen map --domid $D --gfn $G3 --read-only --json)
 BC=$(echo "$o" | sed -n 's/.*"bfn": \([0-9]*\).*/\1/p' | head -1)
 if [ -n "$BC" ]; then
@@ -72,11 +72,77 @@ if [ "$(field "$o" rc)" = 0 ] && [ "$(field "$r" zero)" = 1 ]; then ok unmap_rev
 
 # 4) errors
 o=$(run $H hc unmap $B0); if errno_is "$o" -2; then ok unmap_unmapped_enoent; else ko unmap_unmapped_enoent "$o"; fi
-o=$(run $H hc raw 9 0 $D $G0 0 0 0); if errno_is "$o" -95; then ok unknown_subop_eopnotsupp; else ko unknown_subop_eopnotsupp "$o"; fi
+o=$(run $H hc raw 99 0 $D $G0 0 0 0); if errno_is "$o" -95; then ok unknown_subop_eopnotsupp; else ko unknown_subop_eopnotsupp "$o"; fi
 o=$(run $H hc raw 1 1 $D $G0 0 1 0); if errno_is "$o" -22; then ok nonzero_padding_einval; else ko nonzero_padding_einval "$o"; fi
 o=$(run $H hc raw 1 1 $D $G0 0 0 1); if errno_is "$o" -22; then ok nonzero_reserved_einval; else ko nonzero_reserved_einval "$o"; fi
 o=$(run $H hc map 4000 $G0 1); if errno_is "$o" -3; then ok unknown_domid_esrch; else ko unknown_domid_esrch "$o"; fi
 o=$(run $H hc cmd 99); if errno_is "$o" -95; then ok unknown_cmd_eopnotsupp; else ko unknown_cmd_eopnotsupp "$o"; fi
+# 4b) contexts of the engine's own (ABI 1.3): two edu devices of dom0, A
+# (0000:00:06.0) in the default context (Xen's own tables) and B
+# (0000:00:07.0) attached to context C1, tables the engine writes; one
+# foreign buffer mapped in both, each device reaching it at its own BFN only.
+EA=0000:00:06.0; EB=0000:00:07.0
+dma_a() { EDU=$EA run $H dma-read $(printf '0x%x' $(($1 << 12))); }
+dma_b() { EDU=$EB EDU_CTX=$C1 run $H dma-read $(printf '0x%x' $(($1 << 12))); }
+o=$(run $H hc caps); feat=$(($(field "$o" features)))
+if [ $((feat & 0x21)) = $((0x21)) ] && [ "$(field "$o" max_contexts)" -gt 1 ]; then ok ctx_caps; else ko ctx_caps "$o"; fi
+o=$(run $H hc ctx-create); C1=$(field "$o" context)
+a=$(run $H hc attach $C1 $EB)
+if succeeded "$o" && [ -n "$C1" ] && [ "$C1" != 0 ] && succeeded "$a"; then ok ctx_create_attach; else ko ctx_create_attach "$o / $a"; fi
+mk=$(run $H mkdom 3); DC=$(echo "$mk" | sed -n 's/^domid=//p')
+set -- $(echo "$mk" | sed -n 's/^gfns=//p' | tr ',' ' '); CG0=$1; CG1=$2; CG2=$3
+o0=$(run $H hc map $DC $CG0 3); BA=$(field "$o0" bfn)
+o1=$(run $H hc map $DC $CG0 3 $C1); BB=$(field "$o1" bfn)
+if succeeded "$o0" && succeeded "$o1" && [ "$BA" != "$BB" ]; then ok ctx_one_buffer_two_bfns; else ko ctx_one_buffer_two_bfns "$o0 / $o1"; fi
+p=$(run $H peek $DC $CG0)
+r=$(dma_a $BA)
+if [ "$(field "$r" sum)" = "$(field "$p" sum)" ] && [ "$(field "$r" zero)" = 0 ]; then ok ctx_a_reads_at_default_bfn; else ko ctx_a_reads_at_default_bfn "$r vs $p"; fi
+r=$(dma_b $BB)
+if [ "$(field "$r" sum)" = "$(field "$p" sum)" ] && [ "$(field "$r" zero)" = 0 ]; then ok ctx_b_reads_at_context_bfn; else ko ctx_b_reads_at_context_bfn "$r vs $p"; fi
+r=$(dma_b $BA); if [ "$(field "$r" zero)" = 1 ]; then ok ctx_b_faults_at_default_only_bfn; else ko ctx_b_faults_at_default_only_bfn "$r"; fi
+r=$(dma_a $BB); if [ "$(field "$r" zero)" = 1 ]; then ok ctx_a_faults_at_context_only_bfn; else ko ctx_a_faults_at_context_only_bfn "$r"; fi
+# Memory attributes, read back from the engine's own VT-d entries (address
+# bits zeroed): WB = R|W|EMT=WB|SNP (0x833) with QEMU's snoop-control=on,
+# UC = R|W|IPAT|EMT=UC (0x43); UC cannot go into Xen's own tables (ctx 0).
+e=$(run $H hc entry 0 $C1 $BB)
+ou=$(run $H hc map $DC $CG1 0x103 $C1); BU=$(field "$ou" bfn)
+eu=$(run $H hc entry 0 $C1 $BU)
+pu=$(run $H peek $DC $CG1); ru=$(dma_b $BU)
+if [ "$(field "$e" rc)" = 0 ] && [ "$(field "$e" bits)" = 0x833 ] && [ "$(field "$e" level)" = 1 ] &&
+   succeeded "$ou" && [ "$(field "$eu" bits)" = 0x43 ] && [ "$(field "$ru" sum)" = "$(field "$pu" sum)" ]; then
+    ok ctx_attr_entry_bits; else ko ctx_attr_entry_bits "$e / $ou / $eu / $ru"; fi
+o=$(run $H hc map $DC $CG2 0x103); if errno_is "$o" -95; then ok ctx_uc_refused_in_xen_tables; else ko ctx_uc_refused_in_xen_tables "$o"; fi
+o=$(run pviommu --backend xen entry --domid 0 --context $C1 --bfn $BB --json 2>&1)
+if echo "$o" | grep -q 'SNP'; then ok cli_entry; else skip cli_entry "pviommu entry: $(echo "$o" | head -1)"; fi
+# Destroying a context with a device attached is refused (B would change
+# address space behind its driver's back).
+o=$(run $H hc ctx-destroy $C1); if errno_is "$o" -16; then ok ctx_destroy_attached_refused; else ko ctx_destroy_attached_refused "$o"; fi
+# Bad input changes nothing.
+bad=""
+o=$(run $H hc attach $C1 0000:05:00.0); errno_is "$o" -19 || bad="$bad unknown-bdf:$o"
+o=$(run $H hc attach $C1 $EB); errno_is "$o" -16 || bad="$bad double-attach:$o"
+o=$(run $H hc attach 0 $EA); errno_is "$o" -22 || bad="$bad context0:$o"
+o=$(run $H hc attach 7 $EA); errno_is "$o" -2 || bad="$bad no-such-context:$o"
+o=$(run $H hc attach $C1 zz:zz.z); errno_is "$o" -22 || bad="$bad bad-sbdf:$o"
+o=$(run $H hc detach $C1 $EA); errno_is "$o" -2 || bad="$bad detach-unattached:$o"
+o=$(run $H hc entry 0 0 $BA); errno_is "$o" -22 || bad="$bad entry-ctx0:$o"
+r=$(dma_b $BB)
+if [ -z "$bad" ] && [ "$(field "$r" sum)" = "$(field "$p" sum)" ]; then ok ctx_bad_input_refused; else ko ctx_bad_input_refused "$bad / $r"; fi
+# Unmapping in context 1 leaves A's mapping in context 0. (B's read at BB
+# after the unmap faults, or, when the freed BFN went straight to dma_b's
+# own bounce page, reads that page: never the buffer.)
+o=$(run $H hc unmap $BB $C1); rb=$(dma_b $BB); ra=$(dma_a $BA)
+if succeeded "$o" && [ "$(field "$rb" sum)" != "$(field "$p" sum)" ] && [ "$(field "$ra" sum)" = "$(field "$p" sum)" ]; then
+    ok ctx_unmap_leaves_other_context; else ko ctx_unmap_leaves_other_context "$o / $rb / $ra"; fi
+# Detach puts B back in the default context: it reads the buffer at A's BFN.
+o=$(run $H hc detach $C1 $EB); r=$(EDU=$EB run $H dma-read $(printf '0x%x' $((BA << 12))))
+if succeeded "$o" && [ "$(field "$r" sum)" = "$(field "$p" sum)" ] && [ "$(field "$r" zero)" = 0 ]; then
+    ok ctx_detach_back_to_default; else ko ctx_detach_back_to_default "$o / $r"; fi
+run $H hc unmap $BU $C1 >/dev/null
+o=$(run $H hc ctx-destroy $C1); if succeeded "$o"; then ok ctx_destroy; else ko ctx_destroy "$o"; fi
+run $H hc unmap $BA >/dev/null
+o=$(run $H destroy $DC); case "$o" in *gone*) ok ctx_target_freed;; *) ko ctx_target_freed "$o";; esac
+
 # 4a) the toolstack sets a driver domain's quota (here dom0's own, to 1 while
 # it holds one BFN): the next map is refused with ENOSPC; back to the default,
 # it maps again.
@@ -436,7 +502,9 @@ EOC
     while ! grep -q 'DOMU phase1 done' $LD 2>/dev/null && xl list dm >/dev/null 2>&1 && [ $i -lt 600 ]; do sleep 1; i=$((i+1)); done
     echo "domU dm ($U) phase 1 took ${i}s"
     t1=$(run $H settarget $U $HV)
-    run $H xs-write /local/domain/$U/data/pviommu "$HV 2 $X $XG" >/dev/null
+    # dm also becomes the driver domain of edu B (its death must detach it).
+    asg=$(run $H assign $EB $U)
+    run $H xs-write /local/domain/$U/data/pviommu "$HV 2 $X $XG $EB" >/dev/null
     i=0
     while { xl list dm || xl list tgt; } >/dev/null 2>&1 && [ $i -lt 300 ]; do sleep 1; i=$((i+1)); done
     sleep 1
@@ -475,7 +543,24 @@ EOC
     else
         ko target_maps_dm_refused "set_target(S, tgt): $t2"
     fi
-    xl destroy dm >/dev/null 2>&1; xl destroy tgt >/dev/null 2>&1
+    # The driver domain died with B attached to a context of its own: its
+    # teardown detached B before freeing the tables (else Xen's move of B to
+    # quarantine would have failed on a context entry naming a tag it does
+    # not know), and taken out of quarantine B walks dom0's own tables (it
+    # reads X's page at dom0's BFN).
+    oc=$(dl $LD ctx-create); oa=$(dl $LD ctx-attach); om=$(dl $LD ctx-map)
+    if [ "$(field "$asg" rc)" = 0 ] && succeeded "$oc" && succeeded "$oa" && succeeded "$om"; then
+        ok domu_driver_attaches_own_device; else ko domu_driver_attaches_own_device "$asg / $oc / $oa / $om"; fi
+    xl destroy dm >/dev/null 2>&1
+    i=0; while xl list dm >/dev/null 2>&1 && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done
+    rc=$(run $H reclaim $EB)
+    ox=$(run $H hc map $X $XG 1); BX=$(field "$ox" bfn)
+    px=$(run $H peek $X $XG); rx=$(EDU=$EB run $H dma-read $(printf '0x%x' $((BX << 12))))
+    if ! xl list dm >/dev/null 2>&1 && [ "$(field "$rc" rc)" = 0 ] && succeeded "$ox" &&
+       [ "$(field "$rx" sum)" = "$(field "$px" sum)" ] && [ "$(field "$rx" zero)" = 0 ]; then
+        ok ctx_driver_death_device_back_in_dom0; else ko ctx_driver_death_device_back_in_dom0 "$rc / $ox / $rx vs $px"; fi
+    run $H hc unmap $BX >/dev/null
+    xl destroy tgt >/dev/null 2>&1
     run $H destroy $S >/dev/null; run $H destroy $X >/dev/null
     o=$(run $H hc caps)
     if [ "$(field "$o" used)" = 0 ]; then ok nothing_left_mapped; else ko nothing_left_mapped "$o"; fi

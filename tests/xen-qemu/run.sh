@@ -147,12 +147,13 @@ boot_once() {
     local t0 el qpid
     t0=$(date +%s)
     qemu-system-x86_64 -accel tcg -machine q35,kernel-irqchip=split \
-        -device intel-iommu,intremap=on,caching-mode=on \
+        -device intel-iommu,intremap=on,caching-mode=on,snoop-control=on \
         -m 2048 -smp 2 -nographic -serial stdio -monitor none -no-reboot \
         -kernel "$XEN" \
         -append "console=com1 com1=115200 dom0_mem=512M loglvl=all guest_loglvl=all iommu=1,verbose dom0-iommu=strict noreboot" \
         -initrd "$VMLINUZ console=hvc0 earlyprintk=xen pviommu_measure=$N pviommu_fuzz=${FUZZ_CALLS:-100000} pviommu_big=${BIG_PAGES:-65536},$OUT/initrd.gz" \
-        -device edu,dma_mask=0xffffffffffffffff \
+        -device edu,dma_mask=0xffffffffffffffff,addr=06.0 \
+        -device edu,dma_mask=0xffffffffffffffff,addr=07.0 \
         < /dev/null > "$LOG" 2>&1 &
     qpid=$!
     while kill -0 "$qpid" 2>/dev/null; do

@@ -932,7 +932,7 @@ impl<L: RawMutex> Engine<L> {
         target_checked: bool,
     ) -> Result<&TargetGate, Errno> {
         if !target_checked {
-            check_map(h, caller, caller_info, req.domid)?;
+            check_map(h, caller, caller_info, req.domid, req.context)?;
         }
         if req.grant {
             // Designed in the ABI; no backend offers PVIOMMU_FEAT_GRANT yet.
