@@ -1160,6 +1160,16 @@ static void fz_account(const struct pv_iommu_op *o, int refused_only, unsigned l
     case PVIOMMU_OP_context_create:
         if ( nctx < 64 ) fz_ctx[nctx++] = o->context;
         break;
+    case PVIOMMU_OP_context_destroy:
+    {
+        /* ids are reused: forget the destroyed one (fuzz-clean destroys
+         * the rest) */
+        unsigned int k;
+        for ( k = 0; k < nctx && fz_ctx[k] != o->context; k++ ) ;
+        if ( k < nctx ) fz_ctx[k] = fz_ctx[--nctx];
+        else violation("destroy of context %u the fuzzer never created succeeded", o->context);
+        break;
+    }
     default:
         break;
     }

@@ -21,8 +21,14 @@
 //!   parallel; a hook takes the locks of the cells its target's gate names,
 //!   one at a time.
 //!
-//! Lock order: `target p2m lock -> one driver lock -> IOMMU mapping lock ->
-//! heap lock`. The engine never holds two driver locks (only the
+//! * **The backend's devices lock** (Xen's `pcidevs_lock`): taken before a
+//!   driver lock by everything that points devices at contexts or takes
+//!   contexts down ([`contexts`]), since Xen calls
+//!   [`Engine::device_leaving`] with it held.
+//!
+//! Lock order: `devices lock -> target p2m lock -> one driver lock -> IOMMU
+//! mapping lock -> heap lock` (no path holds both the devices lock and a
+//! p2m lock; both only ever come before a driver lock). The engine never holds two driver locks (only the
 //! inspection view [`Engine::state`] does, by `try_lock` in cell order),
 //! and never holds one across a guest copy, [`Platform::get_page`] or
 //! [`Platform::domain_info`] (those take p2m locks), so a hook entered with

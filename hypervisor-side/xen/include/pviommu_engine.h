@@ -15,6 +15,8 @@
  *
  *     target's p2m lock  ->  one driver lock  ->  hardware domain's IOMMU
  *     (hooks only)                                mapping_lock -> heap_lock
+ *     pcidevs_lock       ->  one driver lock  ->  iommu->lock, QI lock
+ *     (contexts, teardown, device_leaving)
  *                            one driver lock  ->  owner's virq_lock ->
  *                                                     evtchn / FIFO / sched /
  *                                                     HVM irq locks
