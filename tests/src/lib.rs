@@ -171,6 +171,9 @@ pub enum Service {
     /// During the first copy to this guest address, which then fails with
     /// `EFAULT` (the caller's op array became inaccessible meanwhile).
     CopyToGuestAt(u64),
+    /// Right before the first IOTLB flush of one of the engine's contexts
+    /// (a device's DMA there still meets the IOMMU's caches as they were).
+    HwFlush,
 }
 
 /// What another CPU does to the host, once.
@@ -291,6 +294,7 @@ impl IommuBackend for Interposer<'_> {
         self.m.borrow_mut().hw_context_destroy(hw)
     }
     fn hw_flush(&mut self, hw: HwContext, first: Bfn, last: Bfn) -> Result<(), Errno> {
+        let _ = self.after(Service::HwFlush);
         self.m.borrow_mut().hw_flush(hw, first, last)
     }
     fn devices_lock(&mut self) {

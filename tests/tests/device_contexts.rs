@@ -513,3 +513,113 @@ fn a_driver_maps_its_own_buffers_into_its_own_contexts_only() {
     let got = m.device_dma_read(B, ops[0].bfn << 12, 15).unwrap();
     assert_eq!(&got, b"dom0's own ring");
 }
+
+#[test]
+fn tables_emptied_by_unmaps_map_nothing_while_the_iommu_may_still_walk_them() {
+    // Regression test from the security review. The simulated IOMMU keeps
+    // leaf-table pointers in a paging-structure cache until a flush, as
+    // VT-d's PDE cache does. Unmapping every page of several leaf tables
+    // empties them; until the flush they wait on a list, and a device whose
+    // cache still points at one reads its entries. The list used to be
+    // chained through entry 0 as `frame + 1`, which the IOMMU reads as a
+    // present entry: DMA into arbitrary low machine frames.
+    let (mut m, e) = machine(Format::Vtd, 2048);
+    m.add_device(B, facts(DomId::DOM0));
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx1, B), 0);
+    let mut bfns = Vec::new();
+    for chunk in (0..2048u64).collect::<Vec<_>>().chunks(512) {
+        let mut ops: Vec<_> = chunk
+            .iter()
+            .map(|g| map_op_in(ctx1, GUEST, *g, Permissions::RW))
+            .collect();
+        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+        for o in &ops {
+            assert_eq!(o.status, 0);
+            bfns.push(o.bfn);
+        }
+    }
+    let regions: std::collections::BTreeSet<u64> = bfns.iter().map(|b| b >> 9).collect();
+    assert!(regions.len() >= 4, "maps span several leaf tables");
+    // Fill the paging-structure cache: one DMA per leaf table, not at its
+    // first entry.
+    for r in &regions {
+        assert!(m.device_dma_read(B, ((r << 9) | 7) << 12, 8).is_ok());
+    }
+    // Unmap all but one page of every leaf table (flushed, tables stay),
+    // then the survivors in one batch: that empties every leaf table (and
+    // their parent) at once; just before its flush, the device reads the
+    // first entry of each.
+    bfns.sort();
+    let (survivors, rest): (Vec<u64>, Vec<u64>) = bfns.iter().partition(|b| *b & 0x1ff == 5);
+    assert_eq!(survivors.len(), regions.len());
+    for chunk in rest.chunks(512) {
+        let mut ops: Vec<_> = chunk
+            .iter()
+            .map(|b| {
+                Request::Unmap {
+                    context: ctx1,
+                    bfn: Bfn(*b),
+                }
+                .encode()
+            })
+            .collect();
+        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+        assert!(ops.iter().all(|o| o.status == 0));
+    }
+    // (Those flushes dropped the cached pointers: fill them again through
+    // the survivors.)
+    for b in &survivors {
+        assert!(m.device_dma_read(B, b << 12, 8).is_ok());
+    }
+    let base = m.scratch_addr(DomId::DOM0).unwrap();
+    let ops_addr = base + 8192;
+    let unmaps: Vec<PvIommuOp> = survivors
+        .iter()
+        .map(|b| {
+            Request::Unmap {
+                context: ctx1,
+                bfn: Bfn(*b),
+            }
+            .encode()
+        })
+        .collect();
+    let hdr = PvIommuBatch {
+        version: INTERFACE_VERSION,
+        nr_ops: unmaps.len() as u32,
+        nr_done: 0,
+        flags: 0,
+        ops: ops_addr,
+    };
+    m.current = DomId::DOM0;
+    m.copy_to_guest(base, hdr.as_bytes()).unwrap();
+    m.copy_to_guest(ops_addr, unmaps.as_bytes()).unwrap();
+    let reached = std::cell::RefCell::new(Vec::new());
+    let regions_c = regions.clone();
+    let r = {
+        let mut h = Interposer::new(
+            &mut m,
+            Service::HwFlush,
+            Box::new(|m: &mut SimMachine| {
+                for r in &regions_c {
+                    if let Ok(bytes) = m.device_dma_read(B, (r << 9) << 12, 8) {
+                        reached.borrow_mut().push((r << 9, bytes));
+                    }
+                }
+            }),
+        );
+        let mut rc = e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base);
+        while rc == 1 {
+            rc = e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base);
+        }
+        rc
+    };
+    assert_eq!(r, 0);
+    assert!(
+        reached.borrow().is_empty(),
+        "DMA before the flush reached memory through emptied tables: {:?}",
+        reached.borrow()
+    );
+    assert_eq!(m.tables_freed_before_flush(), 0);
+    assert_eq!(m.total_page_refs(), 0);
+}

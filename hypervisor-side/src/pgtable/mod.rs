@@ -265,7 +265,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
         for i in 1..ENTRIES {
             mem.write_entry(leaf_table, i, 0);
         }
-        mem.write_entry(leaf_table, 0, self.spares.map_or(0, |m| m.0 + 1));
+        mem.write_entry(leaf_table, 0, chain_link(self.spares));
         mem.set_present_count(leaf_table, 0);
         self.spares = Some(leaf_table);
     }
@@ -437,14 +437,19 @@ pub fn walk<F: PageTableFormat>(
     None
 }
 
-/// Push `t` on a list of frames chained through entry 0 (frame + 1; 0 ends).
+/// Push `t` on a list of frames chained through entry 0.
+///
+/// A frame on a list may still be walked by the IOMMU (through its
+/// paging-structure caches, until the flush), so the link must read as not
+/// present in every format: it is `(next frame + 1) << 12`, whose low 12
+/// bits (VT-d R/W, LPAE valid) are clear; 0 ends the list.
 fn push_frame(mem: &mut impl TableMemory, head: &mut Option<Mfn>, t: Mfn) {
     for i in 1..ENTRIES {
         if mem.read_entry(t, i) != 0 {
             mem.write_entry(t, i, 0);
         }
     }
-    mem.write_entry(t, 0, head.map_or(0, |m| m.0 + 1));
+    mem.write_entry(t, 0, chain_link(*head));
     mem.set_present_count(t, 0);
     *head = Some(t);
 }
@@ -452,16 +457,156 @@ fn push_frame(mem: &mut impl TableMemory, head: &mut Option<Mfn>, t: Mfn) {
 /// Pop a frame pushed by [`push_frame`], zeroed again.
 fn pop_frame(mem: &mut impl TableMemory, head: &mut Option<Mfn>) -> Option<Mfn> {
     let t = (*head)?;
-    *head = mem.read_entry(t, 0).checked_sub(1).map(Mfn);
+    *head = chain_next(mem.read_entry(t, 0));
     mem.write_entry(t, 0, 0);
     Some(t)
+}
+
+/// Entry 0 of a list frame: the link to `next`, not present in any format.
+fn chain_link(next: Option<Mfn>) -> u64 {
+    next.map_or(0, |m| m.0.wrapping_add(1) << 12)
+}
+
+/// The next frame of a list, from a list frame's entry 0.
+fn chain_next(entry0: u64) -> Option<Mfn> {
+    (entry0 >> 12).checked_sub(1).map(Mfn)
 }
 
 fn count_frames(mem: &impl TableMemory, mut at: Option<Mfn>) -> usize {
     let mut n = 0;
     while let Some(t) = at {
         n += 1;
-        at = mem.read_entry(t, 0).checked_sub(1).map(Mfn);
+        at = chain_next(mem.read_entry(t, 0));
     }
     n
+}
+
+/// Regression tests from the security review of the engine's own contexts:
+/// a table waiting for the flush is still reachable through the IOMMU's
+/// paging-structure caches, so everything in it must read as not present.
+/// The frame lists used to chain through entry 0 as `frame + 1`, which VT-d
+/// reads as a present entry (R/W from the low bits) pointing at a low
+/// machine frame.
+#[cfg(test)]
+mod freed_list_tests {
+    use super::lpae::Lpae;
+    use super::vtd::Vtd;
+    use super::*;
+    use alloc::vec;
+    use alloc::vec::Vec;
+
+    /// Table memory as Xen's backend keeps it: frames from a pool, the
+    /// present count in bits 52..61 of entry 0 (ignored by the hardware).
+    struct Frames {
+        tables: Vec<[u64; ENTRIES]>,
+        free: Vec<u64>,
+    }
+    const COUNT_SHIFT: u32 = 52;
+    const COUNT_MASK: u64 = 0x3ff << COUNT_SHIFT;
+    impl TableMemory for Frames {
+        fn alloc_table(&mut self) -> Result<Mfn, Errno> {
+            // Frames at odd and even numbers alike, never 0.
+            if let Some(f) = self.free.pop() {
+                self.tables[f as usize] = [0; ENTRIES];
+                return Ok(Mfn(f));
+            }
+            self.tables.push([0; ENTRIES]);
+            Ok(Mfn(self.tables.len() as u64 - 1))
+        }
+        fn free_table(&mut self, t: Mfn) {
+            self.free.push(t.0);
+        }
+        fn read_entry(&self, t: Mfn, i: usize) -> u64 {
+            let raw = self.tables[t.0 as usize][i];
+            if i == 0 {
+                raw & !COUNT_MASK
+            } else {
+                raw
+            }
+        }
+        fn write_entry(&mut self, t: Mfn, i: usize, raw: u64) {
+            let e = &mut self.tables[t.0 as usize][i];
+            *e = if i == 0 {
+                (raw & !COUNT_MASK) | (*e & COUNT_MASK)
+            } else {
+                raw
+            };
+        }
+        fn present_count(&self, t: Mfn) -> u16 {
+            ((self.tables[t.0 as usize][0] & COUNT_MASK) >> COUNT_SHIFT) as u16
+        }
+        fn set_present_count(&mut self, t: Mfn, c: u16) {
+            let e = &mut self.tables[t.0 as usize][0];
+            *e = (*e & !COUNT_MASK) | (u64::from(c) << COUNT_SHIFT);
+        }
+    }
+
+    /// Every entry of every frame on the freed list, as the hardware sees
+    /// it (the raw word, count bits included), decodes as not present at
+    /// every level.
+    fn freed_frames_read_as_empty<F: PageTableFormat>() {
+        let mut mem = Frames {
+            tables: vec![[0; ENTRIES]],
+            free: Vec::new(),
+        };
+        let options = TableOptions {
+            levels: 3,
+            superpages: false,
+        };
+        let mut t = IoPageTable::<F>::with_options(&mut mem, options).unwrap();
+        // Pages in distinct 2 MiB and 1 GiB regions: unmapping them frees
+        // leaf and level-2 tables, several of them chained.
+        let bfns: Vec<Bfn> = (0..6u64)
+            .map(|i| Bfn(0x100_000 + i * 0x4_0000 + i * 0x200))
+            .collect();
+        for (i, b) in bfns.iter().enumerate() {
+            t.map(
+                &mut mem,
+                *b,
+                Mfn(0x1000 + i as u64),
+                Permissions::RW,
+                MemAttr::WriteBack,
+            )
+            .unwrap();
+        }
+        for b in &bfns {
+            t.unmap(&mut mem, *b).unwrap();
+        }
+        let mut freed = Vec::new();
+        let mut at = t.freed;
+        while let Some(f) = at {
+            freed.push(f);
+            at = chain_next(mem.read_entry(f, 0));
+        }
+        assert!(
+            freed.len() >= 6,
+            "tables freed by the unmaps: {}",
+            freed.len()
+        );
+        assert_eq!(freed.len(), t.freed_frames(&mem));
+        for f in &freed {
+            for (i, raw) in mem.tables[f.0 as usize].iter().enumerate() {
+                for level in 1..=LEVELS {
+                    assert_eq!(
+                        F::decode(*raw, level),
+                        Entry::Empty,
+                        "{}: freed table {f:?} entry {i} = {raw:#x} is present at level {level}",
+                        F::NAME
+                    );
+                }
+            }
+        }
+        t.release_freed(&mut mem);
+        assert_eq!(mem.free.len(), freed.len());
+    }
+
+    #[test]
+    fn vtd_tables_waiting_for_the_flush_map_nothing() {
+        freed_frames_read_as_empty::<Vtd>();
+    }
+
+    #[test]
+    fn lpae_tables_waiting_for_the_flush_map_nothing() {
+        freed_frames_read_as_empty::<Lpae>();
+    }
 }

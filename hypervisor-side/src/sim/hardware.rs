@@ -41,10 +41,15 @@ pub struct DmaFault {
     pub reason: FaultReason,
 }
 
-/// Cached translations: (owner, ctx, bfn) -> (mfn, read, write).
+/// Cached translations: (owner, ctx, bfn) -> (mfn, read, write), and a
+/// paging-structure cache of leaf-table pointers, (owner, ctx, bfn >> 9) ->
+/// the level-1 table a walk went through (VT-d's PDE cache, Arm's walk
+/// cache). Both survive table changes until a flush: a table freed before
+/// the flush that drops its pointer is still walked.
 #[derive(Default)]
 pub struct Iotlb {
     entries: BTreeMap<(DomId, ContextId, u64), (Mfn, bool, bool)>,
+    leaf_tables: BTreeMap<(DomId, ContextId, u64), Mfn>,
 }
 
 impl Iotlb {
@@ -57,6 +62,14 @@ impl Iotlb {
             .collect();
         for k in keys {
             self.entries.remove(&k);
+        }
+        let keys: Vec<_> = self
+            .leaf_tables
+            .range((owner, ctx, first >> 9)..=(owner, ctx, last >> 9))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            self.leaf_tables.remove(&k);
         }
     }
     /// Drop everything cached for a context.
@@ -71,15 +84,22 @@ enum WalkFault {
     ReservedBit,
 }
 
+/// Walk from `root` (level 4), or from the level-1 table `leaf_table` when
+/// the paging-structure cache holds it. Returns the translation and the
+/// level-1 table it went through, if it reached one.
 fn walk(
     ram: &Ram,
     format: Format,
     snoop_control: bool,
     root: Mfn,
+    leaf_table: Option<Mfn>,
     bfn: u64,
-) -> Result<(Mfn, bool, bool), WalkFault> {
-    let mut table = root;
-    for level in (1..=4u32).rev() {
+) -> Result<((Mfn, bool, bool), Option<Mfn>), WalkFault> {
+    let (mut table, top) = match leaf_table {
+        Some(t) => (t, 1),
+        None => (root, 4u32),
+    };
+    for level in (1..=top).rev() {
         let idx = ((bfn >> (9 * (level - 1))) & 0x1ff) as usize;
         let e = ram.read_u64(table, idx * 8);
         let (present, leaf, addr, r, w) = match format {
@@ -118,7 +138,8 @@ fn walk(
                 return Err(WalkFault::ReservedBit);
             }
             let offset = bfn & ((1u64 << (9 * (level - 1))) - 1);
-            return Ok((Mfn(addr + offset), r, w));
+            let through = (level == 1).then_some(table);
+            return Ok(((Mfn(addr + offset), r, w), through));
         }
         table = Mfn(addr);
     }
@@ -153,13 +174,18 @@ pub fn translate(
         Some(t) => *t,
         None => {
             let root = root.ok_or(fault(FaultReason::NoContext))?;
-            let t = walk(ram, format, snoop_control, root, bfn).map_err(|f| {
-                fault(match f {
-                    WalkFault::NotPresent => FaultReason::NotPresent,
-                    WalkFault::ReservedBit => FaultReason::ReservedBit,
-                })
-            })?;
+            let cached = iotlb.leaf_tables.get(&(owner, ctx, bfn >> 9)).copied();
+            let (t, through) =
+                walk(ram, format, snoop_control, root, cached, bfn).map_err(|f| {
+                    fault(match f {
+                        WalkFault::NotPresent => FaultReason::NotPresent,
+                        WalkFault::ReservedBit => FaultReason::ReservedBit,
+                    })
+                })?;
             iotlb.entries.insert((owner, ctx, bfn), t);
+            if let Some(leaf) = through {
+                iotlb.leaf_tables.insert((owner, ctx, bfn >> 9), leaf);
+            }
             t
         }
     };
