@@ -78,6 +78,9 @@ impl Iotlb {
     }
 }
 
+/// A translation: frame, read, write.
+type Translation = (Mfn, bool, bool);
+
 /// Why a walk found nothing usable.
 enum WalkFault {
     NotPresent,
@@ -94,7 +97,7 @@ fn walk(
     root: Mfn,
     leaf_table: Option<Mfn>,
     bfn: u64,
-) -> Result<((Mfn, bool, bool), Option<Mfn>), WalkFault> {
+) -> Result<(Translation, Option<Mfn>), WalkFault> {
     let (mut table, top) = match leaf_table {
         Some(t) => (t, 1),
         None => (root, 4u32),
