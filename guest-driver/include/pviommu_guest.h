@@ -29,9 +29,10 @@
 
 /* Version of this C interface; the library's soname carries the major
  * (libpviommu_guest.so.1), which changes only when a program built against
- * an older header could break. */
+ * an older header could break. 1.1 adds contexts, device attachment and
+ * pviommu_entry (hypervisor ABI 1.3). */
 #define PVIOMMU_GUEST_VERSION_MAJOR 1
-#define PVIOMMU_GUEST_VERSION_MINOR 0
+#define PVIOMMU_GUEST_VERSION_MINOR 1
 #define PVIOMMU_GUEST_VERSION_PATCH 0
 
 typedef struct pviommu_client pviommu_client;
@@ -40,7 +41,8 @@ typedef struct pviommu_client pviommu_client;
  * pviommu_open_xen: dom0 on Xen, through /dev/xen/privcmd.
  * pviommu_open_sim: an embedded simulated machine of its own with domain 1
  * of guest_pages pages (page g starts with the 8 bytes
- * 0x5049564f00000000 | g, little-endian), called as dom0. */
+ * 0x5049564f00000000 | g, little-endian) and dom0 owning the PCI devices
+ * 0000:00:02.0 and 0000:00:03.0, called as dom0. */
 pviommu_client *pviommu_open_xen(void);
 pviommu_client *pviommu_open_sim(uint64_t guest_pages);
 /* A client of the simulator daemon (`pviommu sim serve --socket PATH`),
@@ -72,6 +74,50 @@ int pviommu_lookup(pviommu_client *c, uint64_t bfn, uint16_t *domid, uint64_t *g
  * bytes at bus address bfn << 12 into buf; -EFAULT on an IOMMU fault,
  * -EINVAL on another transport. */
 int pviommu_sim_dma_read(pviommu_client *c, uint64_t bfn, void *buf, size_t len);
+
+/* ---- IOMMU contexts and the devices attached to them (1.1) ----
+ * Context 0 is the host's own IOMMU tables of the caller; others are
+ * tables the hypervisor's engine writes (PVIOMMU_FEAT_CONTEXTS; on Xen,
+ * VT-d only). A device walks a context only once attached to it
+ * (PVIOMMU_FEAT_DEVICE_ATTACH); maps into a context take the same checks,
+ * quota and revocation as context 0. */
+/* Create a context; its number goes to *context. -EOPNOTSUPP if the IOMMU
+ * offers only context 0, -ENOSPC if max_contexts are in use. */
+int pviommu_context_create(pviommu_client *c, uint32_t *context);
+/* Destroy one: -EBUSY while it holds BFNs or has a device attached (detach
+ * first: destroying never moves a device behind the caller's back),
+ * -ENOENT for no such context. */
+int pviommu_context_destroy(pviommu_client *c, uint32_t context);
+/* Point the caller's PCI device sbdf (PVIOMMU_SBDF(seg, bus, dev, fn)) at
+ * context (not 0): from then on its DMA sees only that context's BFNs.
+ * -EPERM not the caller's device, -ENODEV no such device (not: MMIO, as
+ * pviommu_strerror says for maps), -EBUSY already attached to a context,
+ * -ENOENT no such context, -ENOSPC the context has its most devices,
+ * -EOPNOTSUPP the device shares its requester id, has an RMRR or ATS, or
+ * the IOMMU has no contexts of the engine's, -EINVAL context 0. */
+int pviommu_context_attach(pviommu_client *c, uint32_t context, uint32_t sbdf);
+/* Put sbdf back in the default context (its owner's own tables); -ENOENT
+ * if it is not attached to context. */
+int pviommu_context_detach(pviommu_client *c, uint32_t context, uint32_t sbdf);
+/* pviommu_map / pviommu_unmap in context (0 or one created above). */
+int pviommu_map_in_context(pviommu_client *c, uint32_t context, uint16_t domid,
+                           const uint64_t *gfns, size_t n, uint32_t flags, uint64_t *bfns,
+                           int32_t *status);
+int pviommu_unmap_in_context(pviommu_client *c, uint32_t context, const uint64_t *bfns,
+                             size_t n, int32_t *status);
+/* Control domain only (PVIOMMU_CMD_entry): the leaf entry a device attached
+ * to driver domain domid's context (not 0) finds for bfn, address bits
+ * zeroed, in the IOMMU's format (VT-d: R bit 0, W 1, EMT 5:3, IPAT 6, PS 7,
+ * SNP 11), and its level (1: 4 KiB). -EPERM for another caller, -EINVAL
+ * context 0, -ENOENT no such context or nothing mapped at bfn. */
+int pviommu_entry(pviommu_client *c, uint16_t domid, uint32_t context, uint64_t bfn,
+                  uint32_t *level, uint64_t *bits);
+/* pviommu_open_sim only: PCI device sbdf reads len (at most 4096) bytes at
+ * bus address bfn << 12 through the context it is attached to now (its
+ * owner's default one unless attached); -EFAULT on an IOMMU fault, -EINVAL
+ * for an unknown device or another transport. */
+int pviommu_sim_device_dma_read(pviommu_client *c, uint32_t sbdf, uint64_t bfn, void *buf,
+                                size_t len);
 
 /* A BFN the hypervisor revoked: its page left the foreign domain, lost
  * device-write access, or the domain died. The BFN reaches nothing and stays

@@ -19,7 +19,7 @@ use std::ffi::{c_char, c_int, CStr, CString};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use pviommu_abi::{op_flags, Bfn, ContextId, DomId, Gfn, MemAttr, Permissions};
+use pviommu_abi::{op_flags, Bfn, ContextId, DomId, Gfn, MemAttr, Permissions, Sbdf};
 
 use crate::transport::Transport;
 use crate::{Client, Error};
@@ -87,7 +87,8 @@ pub extern "C" fn pviommu_open_xen() -> *mut CClient {
 
 /// Open an embedded simulated machine with dom0 and one guest (domid 1) of
 /// `guest_pages` pages, page g starting with the 8-byte little-endian value
-/// `0x5049564f00000000 | g`. Calls are made as dom0. NULL on failure.
+/// `0x5049564f00000000 | g`; dom0 owns the PCI devices 0000:00:02.0 and
+/// 0000:00:03.0. Calls are made as dom0. NULL on failure.
 #[cfg(feature = "sim")]
 #[no_mangle]
 pub extern "C" fn pviommu_open_sim(guest_pages: u64) -> *mut CClient {
@@ -117,6 +118,7 @@ pub extern "C" fn pviommu_open_sim(guest_pages: u64) -> *mut CClient {
             )
             .map_err(hv)?;
         }
+        crate::transport::in_process::add_sim_devices(&mut m);
         let t = crate::transport::in_process::InProcess::new(m, Default::default(), DomId::DOM0)?;
         Ok(Box::new(t))
     };
@@ -188,12 +190,43 @@ pub extern "C" fn pviommu_strerror(err: c_int) -> *const c_char {
         .map_or(c"unknown error".as_ptr(), |(_, s)| s.as_ptr())
 }
 
-/// Map `n` gfns of `domid`. `flags`: PVIOMMU_F_READ/WRITE and an attribute
-/// (as in pviommu.h). Writes `bfns[i]` and `status[i]` (0 or -errno).
-/// Returns 0 if every page mapped, else the first failure's -errno.
+/// Map `n` gfns of `domid` into context 0. `flags`: PVIOMMU_F_READ/WRITE
+/// and an attribute (as in pviommu.h). Writes `bfns[i]` and `status[i]` (0
+/// or -errno). Returns 0 if every page mapped, else the first failure's
+/// -errno.
 #[no_mangle]
 pub extern "C" fn pviommu_map(
     c: *mut CClient,
+    domid: u16,
+    gfns: *const u64,
+    n: usize,
+    flags: u32,
+    bfns: *mut u64,
+    status: *mut i32,
+) -> i32 {
+    map_in(c, ContextId::DEFAULT, domid, gfns, n, flags, bfns, status)
+}
+
+/// [`pviommu_map`] into `context` (0 or one from
+/// [`pviommu_context_create`]).
+#[no_mangle]
+pub extern "C" fn pviommu_map_in_context(
+    c: *mut CClient,
+    context: u32,
+    domid: u16,
+    gfns: *const u64,
+    n: usize,
+    flags: u32,
+    bfns: *mut u64,
+    status: *mut i32,
+) -> i32 {
+    map_in(c, ContextId(context), domid, gfns, n, flags, bfns, status)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn map_in(
+    c: *mut CClient,
+    context: ContextId,
     domid: u16,
     gfns: *const u64,
     n: usize,
@@ -243,7 +276,7 @@ pub extern "C" fn pviommu_map(
         )
     };
     let gfns: Vec<Gfn> = gfns.iter().map(|g| Gfn(*g)).collect();
-    let results = c.map_foreign(DomId(domid), &gfns, perms, attr, ContextId::DEFAULT);
+    let results = c.map_foreign(DomId(domid), &gfns, perms, attr, context);
     let mut ret = 0;
     for (i, r) in results.iter().enumerate() {
         match r {
@@ -263,10 +296,33 @@ pub extern "C" fn pviommu_map(
     ret
 }
 
-/// Release one reference to each of `n` BFNs. `status[i]` as for map.
+/// Release one reference to each of `n` BFNs of context 0. `status[i]` as
+/// for map.
 #[no_mangle]
 pub extern "C" fn pviommu_unmap(
     c: *mut CClient,
+    bfns: *const u64,
+    n: usize,
+    status: *mut i32,
+) -> i32 {
+    unmap_in(c, ContextId::DEFAULT, bfns, n, status)
+}
+
+/// [`pviommu_unmap`] in `context`.
+#[no_mangle]
+pub extern "C" fn pviommu_unmap_in_context(
+    c: *mut CClient,
+    context: u32,
+    bfns: *const u64,
+    n: usize,
+    status: *mut i32,
+) -> i32 {
+    unmap_in(c, ContextId(context), bfns, n, status)
+}
+
+fn unmap_in(
+    c: *mut CClient,
+    context: ContextId,
     bfns: *const u64,
     n: usize,
     status: *mut i32,
@@ -292,7 +348,7 @@ pub extern "C" fn pviommu_unmap(
     };
     let bfns: Vec<Bfn> = bfns.iter().map(|b| Bfn(*b)).collect();
     let mut ret = 0;
-    for (i, r) in c.unmap(&bfns, ContextId::DEFAULT).iter().enumerate() {
+    for (i, r) in c.unmap(&bfns, context).iter().enumerate() {
         status[i] = r.as_ref().map_or_else(code, |_| 0);
         if let Err(e) = r {
             if ret == 0 {
@@ -325,6 +381,96 @@ pub extern "C" fn pviommu_lookup(
                 *domid = l.domid.0;
                 *gfn = l.gfn.0;
                 *flags = (l.perms.flag_bits() | (l.attr.field() << op_flags::ATTR_SHIFT)) as u32;
+            }
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// Create an IOMMU context of the caller's; its number goes to
+/// `*context`. -EOPNOTSUPP where the IOMMU offers only the default one.
+#[no_mangle]
+pub extern "C" fn pviommu_context_create(c: *mut CClient, context: *mut u32) -> i32 {
+    let Some(mut c) = lock(c) else {
+        return EINVAL;
+    };
+    if context.is_null() {
+        return EINVAL;
+    }
+    match c.context_create() {
+        Ok(id) => {
+            // SAFETY: non-null out-pointer from the caller.
+            unsafe { *context = id.0 };
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// Destroy an empty context: -EBUSY while it holds BFNs or a device is
+/// attached to it.
+#[no_mangle]
+pub extern "C" fn pviommu_context_destroy(c: *mut CClient, context: u32) -> i32 {
+    let Some(mut c) = lock(c) else {
+        return EINVAL;
+    };
+    match c.context_destroy(ContextId(context)) {
+        Ok(()) => 0,
+        Err(e) => fail(&e),
+    }
+}
+
+/// Point the caller's PCI device `sbdf` (`PVIOMMU_SBDF()`) at `context`
+/// (not 0). Errors as for `Client::context_attach`.
+#[no_mangle]
+pub extern "C" fn pviommu_context_attach(c: *mut CClient, context: u32, sbdf: u32) -> i32 {
+    let Some(mut c) = lock(c) else {
+        return EINVAL;
+    };
+    match c.context_attach(ContextId(context), Sbdf(sbdf)) {
+        Ok(()) => 0,
+        Err(e) => fail(&e),
+    }
+}
+
+/// Put device `sbdf`, attached to `context`, back in the default context;
+/// -ENOENT if it is not attached there.
+#[no_mangle]
+pub extern "C" fn pviommu_context_detach(c: *mut CClient, context: u32, sbdf: u32) -> i32 {
+    let Some(mut c) = lock(c) else {
+        return EINVAL;
+    };
+    match c.context_detach(ContextId(context), Sbdf(sbdf)) {
+        Ok(()) => 0,
+        Err(e) => fail(&e),
+    }
+}
+
+/// The leaf entry of `bfn` in context `context` (not 0) of driver domain
+/// `domid`, address bits zeroed, into `*level` and `*bits` (control domain
+/// only: `PVIOMMU_CMD_entry`).
+#[no_mangle]
+pub extern "C" fn pviommu_entry(
+    c: *mut CClient,
+    domid: u16,
+    context: u32,
+    bfn: u64,
+    level: *mut u32,
+    bits: *mut u64,
+) -> i32 {
+    let Some(mut c) = lock(c) else {
+        return EINVAL;
+    };
+    if level.is_null() || bits.is_null() {
+        return EINVAL;
+    }
+    match c.entry(DomId(domid), ContextId(context), Bfn(bfn)) {
+        Ok(e) => {
+            // SAFETY: non-null out-pointers from the caller.
+            unsafe {
+                *level = e.level;
+                *bits = e.bits;
             }
             0
         }
@@ -454,6 +600,43 @@ pub extern "C" fn pviommu_sim_dma_read(c: *mut CClient, bfn: u64, buf: *mut u8, 
         .0
         .dma_read(DomId::DOM0, ContextId::DEFAULT, bfn << 12, len);
     match r {
+        Ok(bytes) => {
+            // SAFETY: `buf` holds `len` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf, len) };
+            0
+        }
+        Err(_) => -14,
+    }
+}
+
+/// PCI device `sbdf` of an in-process simulator reads `len` (at most 4096)
+/// bytes at bus address `bfn << 12` into `buf`, through the context its
+/// context entry names now (its owner's default one, or the context it is
+/// attached to). -EINVAL on another transport or for an unknown device,
+/// -EFAULT on an IOMMU fault.
+#[cfg(feature = "sim")]
+#[no_mangle]
+pub extern "C" fn pviommu_sim_device_dma_read(
+    c: *mut CClient,
+    sbdf: u32,
+    bfn: u64,
+    buf: *mut u8,
+    len: usize,
+) -> i32 {
+    let Some(mut c) = lock(c) else {
+        return EINVAL;
+    };
+    if buf.is_null() || len > 4096 {
+        return EINVAL;
+    }
+    let Some(sim) = c.transport().in_process() else {
+        return EINVAL;
+    };
+    let mut g = sim.sim().lock();
+    if g.0.device(Sbdf(sbdf)).is_none() {
+        return EINVAL;
+    }
+    match g.0.device_dma_read(Sbdf(sbdf), bfn << 12, len) {
         Ok(bytes) => {
             // SAFETY: `buf` holds `len` bytes.
             unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf, len) };

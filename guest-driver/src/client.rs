@@ -4,11 +4,12 @@
 
 use pviommu_abi::{
     version_major, Bfn, ContextId, DomId, Errno, Gfn, MapRequest, MemAttr, Permissions,
-    PvIommuCaps, PvIommuOp, PvIommuRegion, Request, INTERFACE_VERSION,
+    PvIommuCaps, PvIommuOp, PvIommuRegion, Request, Sbdf, INTERFACE_VERSION,
 };
 use tracing::{debug, info_span};
 
 use crate::cache::{CacheKey, MappingCache};
+use crate::entry::IommuEntry;
 use crate::transport::Transport;
 use crate::Error;
 
@@ -464,15 +465,69 @@ impl<T: Transport> Client<T> {
         Ok(ContextId(ops[0].context))
     }
 
-    /// Destroy an empty IOMMU context.
+    /// Destroy an empty IOMMU context: no BFN in it in any state and no
+    /// device attached (`EBUSY` otherwise: detach first).
     pub fn context_destroy(&mut self, context: ContextId) -> Result<(), Error> {
-        let mut ops = [Request::ContextDestroy { context }.encode()];
+        self.one_op(
+            Request::ContextDestroy { context },
+            format!("context_destroy {}", context.0),
+        )
+    }
+
+    /// Point `device`, one of the caller's PCI devices, at `context` (one
+    /// it created; not the default, ABI 1.3): from then on its DMA is
+    /// translated by that context's tables only. Refused with `EPERM` (not
+    /// the caller's device), `ENODEV` (no such device), `EBUSY` (attached
+    /// already, to any context), `ENOENT` (no such context), `ENOSPC` (the
+    /// context has its most devices), `EOPNOTSUPP` (the device shares its
+    /// requester id, needs an RMRR or has ATS, or the IOMMU has no contexts
+    /// of the engine's), `EINVAL` (context 0).
+    pub fn context_attach(&mut self, context: ContextId, device: Sbdf) -> Result<(), Error> {
+        self.one_op(
+            Request::ContextAttach { context, device },
+            format!("context_attach {device} to context {}", context.0),
+        )
+    }
+
+    /// Put `device`, attached to `context`, back in the default context
+    /// (its owner's own tables). `ENOENT` if it is not attached to
+    /// `context`.
+    pub fn context_detach(&mut self, context: ContextId, device: Sbdf) -> Result<(), Error> {
+        self.one_op(
+            Request::ContextDetach { context, device },
+            format!("context_detach {device} from context {}", context.0),
+        )
+    }
+
+    /// The leaf entry a device attached to `context` of driver domain
+    /// `domid` finds for `bfn`, address bits zeroed
+    /// (`PVIOMMU_CMD_entry`, ABI 1.3; control domain only): what the
+    /// engine wrote for the mapping's access and memory attribute.
+    /// `EPERM` for another caller, `EINVAL` for context 0 (the host's own
+    /// tables), `ENOENT` for no such context or nothing mapped at `bfn`.
+    pub fn entry(
+        &mut self,
+        domid: DomId,
+        context: ContextId,
+        bfn: Bfn,
+    ) -> Result<IommuEntry, Error> {
+        let e = self.transport.entry(domid, context, bfn)?;
+        self.stats.hypercalls += 1;
+        Ok(IommuEntry {
+            domid,
+            context,
+            bfn,
+            level: e.level,
+            bits: e.bits,
+        })
+    }
+
+    /// Run one op that answers with its status only.
+    fn one_op(&mut self, req: Request, what: String) -> Result<(), Error> {
+        let mut ops = [req.encode()];
         self.run_ops(&mut ops)?;
         if ops[0].status != 0 {
-            return Err(Error::from_return(
-                format!("context_destroy {}", context.0),
-                ops[0].status as i64,
-            ));
+            return Err(Error::from_return(what, ops[0].status as i64));
         }
         Ok(())
     }

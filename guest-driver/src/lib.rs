@@ -1,8 +1,10 @@
 //! The PV-IOMMU guest-side driver: what a dom0 GPU mediator links.
 //!
 //! * [`Client`] — open + capability check, batched `map_foreign` with
-//!   resumption, unmap, lookup, reserved regions, contexts, with a
-//!   [`MappingCache`] in front so repeated maps of a page cost nothing;
+//!   resumption, unmap, lookup, reserved regions, contexts and the PCI
+//!   devices attached to them, with a [`MappingCache`] in front so
+//!   repeated maps of a page cost nothing; [`entry`] reads back what the
+//!   IOMMU walks for a BFN of a context;
 //! * [`transport`] — how hypercalls travel: [`transport::privcmd`] (Linux
 //!   dom0 on Xen), [`transport::in_process`] (the embedded simulator),
 //!   [`transport::remote`] (the `pviommu sim serve` daemon);
@@ -20,6 +22,7 @@ pub mod capi_shadow;
 pub mod client;
 #[cfg(feature = "sim")]
 pub mod daemon;
+pub mod entry;
 mod error;
 pub mod guest_memory;
 pub mod mapper;
@@ -29,4 +32,5 @@ pub mod transport;
 
 pub use cache::MappingCache;
 pub use client::{Client, ClientStats, LookupResult, Revocation};
+pub use entry::{IommuEntry, VtdEntry};
 pub use error::Error;

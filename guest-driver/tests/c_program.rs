@@ -2,7 +2,8 @@
 //! looks up, hears of a revocation and unmaps through the embedded
 //! simulator and checks the error strings; another shares one client
 //! between threads, as the header allows; a third shadows a guest PPGTT
-//! (the C shadow API).
+//! (the C shadow API); a fourth attaches a device to a context of its own
+//! and checks each device reaches the buffer at its own BFN only.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -39,7 +40,7 @@ fn c_mediator_maps_and_unmaps_through_the_library() {
     let _ = std::fs::remove_file(&so1);
     std::os::unix::fs::symlink(&lib, &so1).unwrap();
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for program in ["map_unmap", "threads", "shadow"] {
+    for program in ["map_unmap", "threads", "shadow", "contexts"] {
         let exe = std::env::temp_dir().join(format!("pviommu-c-{program}-{}", std::process::id()));
         let out = Command::new("cc")
             .arg("-std=c11")

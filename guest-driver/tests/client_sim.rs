@@ -297,3 +297,97 @@ fn the_toolstack_sets_a_domains_quota() {
     c.set_limits(DomId::DOM0, 0).unwrap();
     assert_eq!(c.refresh_caps().unwrap().quota, Config::default().quota);
 }
+
+/// ABI 1.3 through the client: a device attached to a context of its own
+/// reaches a page at that context's BFN only; the entry its IOMMU walks is
+/// read back (write-back snooped vs uncached); every refusal is typed.
+#[test]
+fn devices_attach_to_contexts_and_entries_read_back() {
+    use pviommu_guest::entry::MemoryType;
+    use pviommu_guest::transport::in_process::{add_sim_devices, SIM_DEVICES};
+    let s = sim(64, Config::default());
+    add_sim_devices(&mut s.lock().0);
+    let [a, b] = SIM_DEVICES;
+    let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
+    assert_ne!(c.caps().features & pviommu_abi::feature::DEVICE_ATTACH, 0);
+    let ctx = c.context_create().unwrap();
+    c.context_attach(ctx, b).unwrap();
+
+    let errno = |r: Result<(), pviommu_guest::Error>| r.unwrap_err().errno();
+    assert_eq!(errno(c.context_attach(ctx, b)), Some(Errno::Busy));
+    let unknown = "0000:00:09.0".parse().unwrap();
+    let e = c.context_attach(ctx, unknown).unwrap_err();
+    assert_eq!(e.errno(), Some(Errno::NoDev));
+    assert!(e.to_string().contains("0000:00:09.0"), "{e}");
+    assert_eq!(
+        errno(c.context_attach(ContextId::DEFAULT, a)),
+        Some(Errno::Inval)
+    );
+    assert_eq!(errno(c.context_attach(ContextId(5), a)), Some(Errno::NoEnt));
+    assert_eq!(errno(c.context_detach(ctx, a)), Some(Errno::NoEnt));
+    assert_eq!(errno(c.context_destroy(ctx)), Some(Errno::Busy));
+    // Another domain's device: only its owner may attach it.
+    let theirs = "0000:00:04.0".parse().unwrap();
+    s.lock().0.add_device(
+        theirs,
+        pviommu_hv::iommu::DeviceFacts {
+            owner: GUEST,
+            own_requester_id: true,
+            rmrr: false,
+            ats: false,
+        },
+    );
+    assert_eq!(errno(c.context_attach(ctx, theirs)), Some(Errno::Perm));
+
+    let map = |c: &mut Client<_>, attr, ctx| {
+        c.map_foreign(GUEST, &[Gfn(5)], Permissions::RW, attr, ctx)[0]
+            .as_ref()
+            .copied()
+            .unwrap()
+    };
+    let in0 = map(&mut c, MemAttr::WriteBack, ContextId::DEFAULT);
+    let wb = map(&mut c, MemAttr::WriteBack, ctx);
+    let uc = map(&mut c, MemAttr::Uncached, ctx);
+    {
+        let m = &mut s.lock().0;
+        assert_eq!(
+            m.device_dma_read(a, in0.0 << 12, 8).unwrap(),
+            5u64.to_le_bytes()
+        );
+        assert_eq!(
+            m.device_dma_read(b, wb.0 << 12, 8).unwrap(),
+            5u64.to_le_bytes()
+        );
+        assert!(m.device_dma_read(b, in0.0 << 12, 8).is_err());
+        assert!(m.device_dma_read(a, wb.0 << 12, 8).is_err());
+    }
+
+    let e = c.entry(DomId::DOM0, ctx, wb).unwrap();
+    assert_eq!((e.level, e.page_size()), (1, 4096));
+    let v = e.vtd();
+    assert!(v.read && v.write && v.snoop && !v.ipat && !v.superpage);
+    assert_eq!(v.emt, MemoryType::Wb);
+    let v = c.entry(DomId::DOM0, ctx, uc).unwrap().vtd();
+    assert!(!v.snoop && v.ipat);
+    assert_eq!(v.emt, MemoryType::Uc);
+    let entry_errno = |r: Result<_, pviommu_guest::Error>| r.unwrap_err().errno();
+    assert_eq!(
+        entry_errno(c.entry(DomId::DOM0, ContextId::DEFAULT, in0)),
+        Some(Errno::Inval)
+    );
+    assert_eq!(
+        entry_errno(c.entry(DomId::DOM0, ctx, in0)),
+        Some(Errno::NoEnt)
+    );
+
+    for r in c.unmap(&[wb, uc], ctx) {
+        r.unwrap();
+    }
+    c.context_detach(ctx, b).unwrap();
+    assert_eq!(
+        s.lock().0.device_dma_read(b, in0.0 << 12, 8).unwrap(),
+        5u64.to_le_bytes(),
+        "back in the default context"
+    );
+    c.context_destroy(ctx).unwrap();
+}

@@ -16,14 +16,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
-use pviommu_abi::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Permissions};
+use pviommu_abi::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Permissions, Sbdf};
 use pviommu_guest::transport::{
     in_process::SharedSim, privcmd::Privcmd, remote::Remote, Transport,
 };
 use pviommu_guest::Client;
 use serde::Serialize;
 
-use output::{emit, CapsJson, CliError, ItemError, MappingJson, RegionJson, RevocationJson};
+use output::{
+    context_error, emit, CapsJson, CliError, ContextOp, DeviceJson, EntryJson, ItemError,
+    MappingJson, RegionJson, RevocationJson,
+};
 use sim_state::SimState;
 
 #[derive(Parser)]
@@ -81,6 +84,10 @@ enum Command {
         /// Device may only read.
         #[arg(long)]
         read_only: bool,
+        /// Memory attribute (uncached and device need the IOMMU to offer
+        /// them: `caps` lists attr-uncached, attr-device).
+        #[arg(long, value_enum, default_value_t = Attr::WriteBack)]
+        attr: Attr,
         /// IOMMU context.
         #[arg(long, default_value_t = 0)]
         context: u32,
@@ -149,6 +156,27 @@ enum Command {
         #[command(subcommand)]
         action: shadow_cmd::ShadowAction,
     },
+    /// IOMMU contexts of the calling domain and the PCI devices attached
+    /// to them: context 0 is the host's own tables, the others tables the
+    /// hypervisor writes (ABI 1.3).
+    Context {
+        #[command(subcommand)]
+        action: ContextAction,
+    },
+    /// The IOMMU leaf entry a device attached to a context finds for a BFN
+    /// (address bits zeroed), with its VT-d bits decoded (control domain
+    /// only; not for context 0, the host's own tables).
+    Entry {
+        /// The driver domain whose context it is.
+        #[arg(long)]
+        domid: u16,
+        /// Its context (not 0).
+        #[arg(long)]
+        context: u32,
+        /// The BFN.
+        #[arg(long)]
+        bfn: String,
+    },
     /// The simulator daemon.
     Sim {
         #[command(subcommand)]
@@ -171,6 +199,61 @@ enum Command {
         /// subcommand here instead of printing.
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
+    },
+}
+
+/// A mapping's memory attribute.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Attr {
+    /// Normal cacheable memory, snooped (the default).
+    WriteBack,
+    /// Normal non-cacheable memory.
+    Uncached,
+    /// Device memory.
+    Device,
+}
+
+impl From<Attr> for MemAttr {
+    fn from(a: Attr) -> MemAttr {
+        match a {
+            Attr::WriteBack => MemAttr::WriteBack,
+            Attr::Uncached => MemAttr::Uncached,
+            Attr::Device => MemAttr::Device,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum ContextAction {
+    /// Create a context: IOMMU tables of the calling domain's own that the
+    /// hypervisor writes. Prints its number.
+    Create,
+    /// Destroy a context. Refused (EBUSY) while it holds BFNs or a device
+    /// is attached: detach first.
+    Destroy {
+        /// The context (not 0).
+        #[arg(long)]
+        context: u32,
+    },
+    /// Point one of the calling domain's PCI devices at a context: from
+    /// then on its DMA sees that context's BFNs only.
+    Attach {
+        /// The context (not 0; `context create` makes one).
+        #[arg(long)]
+        context: u32,
+        /// The device, `ssss:bb:dd.f` or `bb:dd.f` as lspci prints it
+        /// (`sim devices` lists the simulator's).
+        #[arg(value_name = "DEVICE")]
+        device: String,
+    },
+    /// Put a device attached to a context back in the default context.
+    Detach {
+        /// The context it is attached to.
+        #[arg(long)]
+        context: u32,
+        /// The device, `ssss:bb:dd.f` or `bb:dd.f`.
+        #[arg(value_name = "DEVICE")]
+        device: String,
     },
 }
 
@@ -201,6 +284,9 @@ enum SimAction {
         #[arg(long)]
         domid: u16,
     },
+    /// The embedded simulator's PCI devices: owner, the context each is
+    /// attached to, and what allows attaching it.
+    Devices,
 }
 
 fn parse_num(s: &str) -> Result<u64, CliError> {
@@ -232,6 +318,26 @@ fn parse_range(s: &str) -> Result<Vec<u64>, CliError> {
         )));
     }
     Ok((a..=b).collect())
+}
+
+/// A PCI device as lspci prints it.
+fn parse_sbdf(s: &str) -> Result<Sbdf, CliError> {
+    s.trim().parse().map_err(|()| {
+        CliError::invalid(format!(
+            "{s:?} is not a PCI device: expected ssss:bb:dd.f or bb:dd.f in hexadecimal \
+             (device 00-1f, function 0-7), e.g. 0000:00:03.0"
+        ))
+    })
+}
+
+/// A context other than the default one, for commands that cannot take 0.
+fn own_context(context: u32, why: &str) -> Result<ContextId, CliError> {
+    if context == 0 {
+        return Err(CliError::invalid(format!(
+            "--context 0 is the default context, the host's own IOMMU tables: {why}"
+        )));
+    }
+    Ok(ContextId(context))
 }
 
 /// The embedded simulator's state file.
@@ -319,8 +425,38 @@ fn command(cli: &Cli, c: &mut AnyClient, state: Option<&SimState>) -> Result<(),
             domid,
             gfn,
             read_only,
+            attr,
             context,
-        } => map(cli, c, DomId(*domid), gfn, *read_only, ContextId(*context))?,
+        } => map(
+            cli,
+            c,
+            DomId(*domid),
+            gfn,
+            *read_only,
+            MemAttr::from(*attr),
+            ContextId(*context),
+        )?,
+        Command::Context { action } => context_cmd(cli, c, action)?,
+        Command::Entry {
+            domid,
+            context,
+            bfn,
+        } => {
+            let context = own_context(
+                *context,
+                "the hypervisor reads back only the tables it writes; `lookup` describes its BFNs",
+            )?;
+            let bfn = Bfn(parse_num(bfn)?);
+            let e = c.entry(DomId(*domid), context, bfn).map_err(|e| {
+                context_error(
+                    ContextOp::Entry,
+                    format!("entry d{domid} context {} bfn {:#x}", context.0, bfn.0),
+                    e,
+                )
+            })?;
+            let j = EntryJson::from(&e);
+            emit(cli.json, &j, || j.text(&e));
+        }
         Command::Unmap { bfn, context } => unmap(cli, c, bfn, ContextId(*context))?,
         Command::Lookup { bfn, context } => {
             let bfn = Bfn(parse_num(bfn)?);
@@ -437,6 +573,9 @@ fn command(cli: &Cli, c: &mut AnyClient, state: Option<&SimState>) -> Result<(),
                 },
             );
         }
+        Command::Sim {
+            action: SimAction::Devices,
+        } => sim_devices(cli, state)?,
         Command::Sim { action } => sim_admin(cli, state, action)?,
         Command::Shadow { .. }
         | Command::Demo
@@ -468,6 +607,7 @@ fn map(
     domid: DomId,
     gfn: &str,
     read_only: bool,
+    attr: MemAttr,
     context: ContextId,
 ) -> Result<(), CliError> {
     let gfns: Vec<Gfn> = parse_range(gfn)?.into_iter().map(Gfn).collect();
@@ -481,7 +621,7 @@ fn map(
     let mut failed: Vec<ItemError> = Vec::new();
     let mut first_error = None;
     for chunk in gfns.chunks(MAP_CHUNK) {
-        let rs = c.map_foreign(domid, chunk, perms, MemAttr::WriteBack, context);
+        let rs = c.map_foreign(domid, chunk, perms, attr, context);
         for (g, r) in chunk.iter().zip(rs) {
             match r {
                 Ok(b) => mapped.push(MapLine { gfn: g.0, bfn: b.0 }),
@@ -520,6 +660,7 @@ fn map(
             "domid": domid.0,
             "context": context.0,
             "access": output::access_name(perms),
+            "attribute": output::attr_name(attr),
             "mappings": mapped,
         }),
         || {
@@ -729,8 +870,125 @@ fn sim_admin(cli: &Cli, state: Option<&SimState>, action: &SimAction) -> Result<
                 format!("d{domid} destroyed")
             });
         }
-        SimAction::Serve { .. } | SimAction::Reset => {}
+        SimAction::Serve { .. } | SimAction::Reset | SimAction::Devices => {}
     }
+    Ok(())
+}
+
+/// `pviommu context ...`.
+fn context_cmd(cli: &Cli, c: &mut AnyClient, action: &ContextAction) -> Result<(), CliError> {
+    match action {
+        ContextAction::Create => {
+            let ctx = c
+                .context_create()
+                .map_err(|e| context_error(ContextOp::Create, "context create".into(), e))?;
+            emit(cli.json, &serde_json::json!({ "context": ctx.0 }), || {
+                format!("context {}", ctx.0)
+            });
+        }
+        ContextAction::Destroy { context } => {
+            let ctx = own_context(*context, "it lives as long as the domain")?;
+            c.context_destroy(ctx).map_err(|e| {
+                context_error(ContextOp::Destroy, format!("destroy context {}", ctx.0), e)
+            })?;
+            emit(cli.json, &serde_json::json!({ "destroyed": ctx.0 }), || {
+                format!("context {} destroyed", ctx.0)
+            });
+        }
+        ContextAction::Attach { context, device } => {
+            let device = parse_sbdf(device)?;
+            let ctx = own_context(
+                *context,
+                "every device starts there; attach to a context from `pviommu context create`",
+            )?;
+            c.context_attach(ctx, device).map_err(|e| {
+                context_error(
+                    ContextOp::Attach,
+                    format!("attach {device} to context {}", ctx.0),
+                    e,
+                )
+            })?;
+            emit(
+                cli.json,
+                &serde_json::json!({ "attached": { "device": device.to_string(), "context": ctx.0 } }),
+                || format!("{device} attached to context {}", ctx.0),
+            );
+        }
+        ContextAction::Detach { context, device } => {
+            let device = parse_sbdf(device)?;
+            let ctx = own_context(
+                *context,
+                "name the context the device is attached to; detaching puts it back in 0",
+            )?;
+            c.context_detach(ctx, device).map_err(|e| {
+                context_error(
+                    ContextOp::Detach,
+                    format!("detach {device} from context {}", ctx.0),
+                    e,
+                )
+            })?;
+            emit(
+                cli.json,
+                &serde_json::json!({ "detached": { "device": device.to_string(), "context": ctx.0 } }),
+                || {
+                    format!(
+                        "{device} detached from context {}: back in context 0",
+                        ctx.0
+                    )
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `pviommu sim devices`: the embedded simulator's PCI devices, where each
+/// one's DMA goes now.
+fn sim_devices(cli: &Cli, state: Option<&SimState>) -> Result<(), CliError> {
+    let Some(state) = state else {
+        return Err(CliError::invalid(
+            "sim devices lists the embedded simulator's devices (--backend sim); the \
+             daemon's machine has the same two, 0000:00:02.0 and 0000:00:03.0, both dom0's",
+        ));
+    };
+    let g = state.sim().lock();
+    let (m, e) = &*g;
+    let devices: Vec<DeviceJson> = world::DEVICES
+        .iter()
+        .filter_map(|&sbdf| {
+            let d = m.device(sbdf)?;
+            let owner = d.facts.owner;
+            let context = e
+                .driver_state(owner)
+                .and_then(|dd| dd.device_context(sbdf))
+                .unwrap_or(ContextId::DEFAULT);
+            Some(DeviceJson {
+                device: sbdf.to_string(),
+                owner: owner.0,
+                context: context.0,
+                own_requester_id: d.facts.own_requester_id,
+                rmrr: d.facts.rmrr,
+                ats: d.facts.ats,
+            })
+        })
+        .collect();
+    emit(cli.json, &serde_json::json!({ "devices": devices }), || {
+        let mut s = format!(
+            "{:<14}  {:>5}  {:>7}  attachable\n",
+            "device", "owner", "context"
+        );
+        for d in &devices {
+            let attachable = d.own_requester_id && !d.rmrr && !d.ats;
+            s += &format!(
+                "{:<14}  {:>5}  {:>7}  {}\n",
+                d.device,
+                format!("d{}", d.owner),
+                d.context,
+                if attachable { "yes" } else { "no" }
+            );
+        }
+        s.trim_end().to_string()
+    });
     Ok(())
 }
 

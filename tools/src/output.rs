@@ -8,6 +8,7 @@ use pviommu_abi::{
     feature, region_kind, translation, Bfn, ContextId, Errno, MemAttr, Permissions, PvIommuCaps,
     PvIommuRegion,
 };
+use pviommu_guest::entry::IommuEntry;
 use pviommu_guest::{LookupResult, Revocation};
 use serde::Serialize;
 
@@ -204,12 +205,13 @@ fn translation_name(code: u32) -> &'static str {
     }
 }
 
-const FEATURE_NAMES: [(u32, &str); 5] = [
+const FEATURE_NAMES: [(u32, &str); 6] = [
     (feature::CONTEXTS, "contexts"),
     (feature::ATTR_UC, "attr-uncached"),
     (feature::ATTR_DEVICE, "attr-device"),
     (feature::GRANT, "grant"),
     (feature::REVOCATION_QUEUE, "revocation-queue"),
+    (feature::DEVICE_ATTACH, "device-attach"),
 ];
 
 /// A BFN range, end exclusive.
@@ -405,4 +407,160 @@ impl From<&Revocation> for RevocationJson {
             gfn: r.gfn.0,
         }
     }
+}
+
+/// What the hypervisor's refusal of a context or device command means, in
+/// the words of that command (the ABI's errno meanings are the map's: its
+/// `ENODEV` reads "frame is MMIO").
+pub fn context_refusal(op: ContextOp, errno: Errno) -> &'static str {
+    use ContextOp::*;
+    match (op, errno) {
+        (Attach, Errno::Perm) => "the device is not assigned to the calling domain",
+        (Attach | Detach, Errno::NoDev) => "no such PCI device",
+        (Attach, Errno::Busy) => "the device is attached to a context already; detach it first",
+        (Attach, Errno::NoEnt) => "no such context; `pviommu context create` makes one",
+        (Attach, Errno::NoSpc) => "the context has as many devices as it can hold",
+        (Attach, Errno::OpNotSupp) => {
+            "this device cannot walk a context of its own: it shares its requester id, \
+             needs an RMRR or has ATS, or the IOMMU offers no device attachment"
+        }
+        (Detach, Errno::NoEnt) => "the device is not attached to that context",
+        (Destroy, Errno::Busy) => {
+            "the context still holds BFNs or has a device attached; \
+             unmap them and `pviommu context detach` the device first"
+        }
+        (Destroy, Errno::NoEnt) => "no such context",
+        (Create, Errno::OpNotSupp) => "the IOMMU offers only the default context",
+        (Create, Errno::NoSpc) => "every context the caller may hold is in use",
+        (Entry, Errno::Perm) => "only the control domain may read IOMMU entries",
+        (Entry, Errno::NoEnt) => {
+            "no such context of that domain, or nothing mapped at that BFN in it"
+        }
+        (_, e) => e.meaning(),
+    }
+}
+
+/// The context and device commands, for [`context_refusal`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContextOp {
+    /// `context create`.
+    Create,
+    /// `context destroy`.
+    Destroy,
+    /// `context attach`.
+    Attach,
+    /// `context detach`.
+    Detach,
+    /// `entry`.
+    Entry,
+}
+
+/// A refusal of a context or device command, worded for that command;
+/// other errors as they are.
+pub fn context_error(op: ContextOp, what: String, e: pviommu_guest::Error) -> CliError {
+    match e.errno() {
+        Some(errno) => CliError::with_errno(
+            errno,
+            format!("{what}: {} ({})", errno.name(), context_refusal(op, errno)),
+        ),
+        None => CliError::from(e),
+    }
+}
+
+/// `pviommu entry --json`.
+#[derive(Serialize)]
+pub struct EntryJson {
+    /// The driver domain.
+    pub domid: u16,
+    /// Its context.
+    pub context: u32,
+    /// The BFN.
+    pub bfn: u64,
+    /// Level of the leaf (1: 4 KiB page).
+    pub level: u32,
+    /// Bytes the leaf maps.
+    pub page_size: u64,
+    /// The raw entry, address bits zeroed: what the command is for.
+    pub bits: u64,
+    /// Its bits as a VT-d second-level leaf.
+    pub vtd: VtdJson,
+}
+
+/// The VT-d bits of an entry.
+#[derive(Serialize)]
+pub struct VtdJson {
+    /// R.
+    pub read: bool,
+    /// W.
+    pub write: bool,
+    /// SNP: snooped whatever the device asks.
+    pub snp: bool,
+    /// IPAT: the memory type is EMT alone.
+    pub ipat: bool,
+    /// EMT by name: "UC", "WC", "WT", "WP", "WB", "UC-", "reserved".
+    pub emt: &'static str,
+    /// PS: a superpage.
+    pub superpage: bool,
+    /// Set bits that are none of these.
+    pub other_bits: u64,
+}
+
+impl From<&IommuEntry> for EntryJson {
+    fn from(e: &IommuEntry) -> EntryJson {
+        let v = e.vtd();
+        EntryJson {
+            domid: e.domid.0,
+            context: e.context.0,
+            bfn: e.bfn.0,
+            level: e.level,
+            page_size: e.page_size(),
+            bits: e.bits,
+            vtd: VtdJson {
+                read: v.read,
+                write: v.write,
+                snp: v.snoop,
+                ipat: v.ipat,
+                emt: v.emt.name(),
+                superpage: v.superpage,
+                other_bits: v.other,
+            },
+        }
+    }
+}
+
+impl EntryJson {
+    /// One text line.
+    pub fn text(&self, e: &IommuEntry) -> String {
+        let size = match self.page_size {
+            s if s >= 1 << 30 => format!("{} GiB", s >> 30),
+            s if s >= 1 << 20 => format!("{} MiB", s >> 20),
+            s => format!("{} KiB", s >> 10),
+        };
+        format!(
+            "d{} context {} bfn {:#x}: level {} ({size}), entry {:#x}: {}",
+            self.domid,
+            self.context,
+            self.bfn,
+            self.level,
+            self.bits,
+            e.vtd().flags_text()
+        )
+    }
+}
+
+/// One PCI device of the embedded simulator (`pviommu sim devices`).
+#[derive(Serialize)]
+pub struct DeviceJson {
+    /// `ssss:bb:dd.f`.
+    pub device: String,
+    /// The domain it is assigned to.
+    pub owner: u16,
+    /// The context its DMA is translated by (0: the owner's default).
+    pub context: u32,
+    /// Its DMA carries a requester id of its own.
+    pub own_requester_id: bool,
+    /// It needs an RMRR (firmware-reserved memory mapped 1:1).
+    pub rmrr: bool,
+    /// It caches translations itself (ATS).
+    pub ats: bool,
 }

@@ -3,7 +3,8 @@
 //! On Xen, `pviommu map` and a later `pviommu lookup` talk to one
 //! hypervisor that remembers the mapping. The embedded simulator lives in
 //! the process, so the tool keeps a *journal*: every call that changed the
-//! simulated machine (batches other than pure lookups, `set_limits`, the
+//! simulated machine (batches other than pure lookups, so context creation,
+//! destruction and device attachment too, `set_limits`, the
 //! simulator's own ballooning and domain destruction) is appended to a state
 //! file with what it answered. The next invocation builds the same initial
 //! world, replays the journal and checks that every call answers exactly as
@@ -66,10 +67,11 @@ pub const STATE_ENV: &str = "PVIOMMU_SIM_STATE";
 fn world_fingerprint() -> u32 {
     crc32fast::hash(
         format!(
-            "{} pages={} root={:#x}",
+            "{} pages={} root={:#x} devices={:?}",
             env!("CARGO_PKG_VERSION"),
             world::GUEST_PAGES,
-            world::PPGTT_ROOT.0
+            world::PPGTT_ROOT.0,
+            world::DEVICES
         )
         .as_bytes(),
     )
@@ -401,6 +403,11 @@ impl SimState {
         })
     }
 
+    /// The simulated machine and engine (to look at, e.g. its devices).
+    pub fn sim(&self) -> &SharedSim {
+        &self.sim
+    }
+
     /// A transport calling as `caller` whose state changes are journaled.
     pub fn transport(&self, caller: DomId) -> Journaled {
         Journaled {
@@ -555,6 +562,15 @@ impl Transport for Journaled {
         flags: u16,
     ) -> Result<pviommu_abi::PvIommuStats, pviommu_guest::Error> {
         self.inner.stats(domid, flags)
+    }
+    /// A read: not journaled.
+    fn entry(
+        &mut self,
+        domid: DomId,
+        context: pviommu_abi::ContextId,
+        bfn: pviommu_abi::Bfn,
+    ) -> Result<pviommu_abi::PvIommuEntry, pviommu_guest::Error> {
+        self.inner.entry(domid, context, bfn)
     }
 }
 

@@ -1,5 +1,6 @@
 //! The simulated world the embedded backend, the daemon and the demo start
-//! from: dom0 (privileged), guest d1 with RAM and a Gen8 PPGTT describing
+//! from: dom0 (privileged) with two PCI devices it may attach to its IOMMU
+//! contexts ([`DEVICES`]), guest d1 with RAM and a Gen8 PPGTT describing
 //! GPU buffers, and d2, an unprivileged domain.
 
 use pviommu_abi::{DomId, Gfn};
@@ -8,6 +9,10 @@ use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
 
 /// The guest.
 pub const GUEST: DomId = DomId(1);
+/// dom0's PCI devices, `0000:00:02.0` and `0000:00:03.0` (where QEMU puts
+/// the Xen test's two `edu` devices): each with its own requester id, no
+/// RMRR and no ATS, so either may be attached to a context.
+pub use pviommu_guest::transport::in_process::SIM_DEVICES as DEVICES;
 /// An unprivileged domain.
 pub const STRANGER: DomId = DomId(2);
 /// Guest RAM pages.
@@ -121,6 +126,7 @@ pub fn build() -> SimMachine {
         },
     )
     .expect("fits");
+    pviommu_guest::transport::in_process::add_sim_devices(&mut m);
     write_entry(&mut m, PPGTT_ROOT.0, 0, (PDP << 12) | PRESENT | RW);
     write_entry(&mut m, PDP, 0, (PD << 12) | PRESENT | RW);
     for b in &BUFFERS {

@@ -389,7 +389,15 @@ fn completions_and_manual_page_come_from_the_clap_definition() {
     for shell in ["bash", "zsh", "fish"] {
         let (ok, out, err) = env.run(&["completions", shell]);
         assert!(ok, "{shell}: {err}");
-        for sub in ["caps", "map", "stats", "revocations", "completions"] {
+        for sub in [
+            "caps",
+            "map",
+            "stats",
+            "revocations",
+            "context",
+            "entry",
+            "completions",
+        ] {
             assert!(out.contains(sub), "{shell}: {sub} missing");
         }
     }
@@ -433,6 +441,8 @@ fn completions_and_manual_page_come_from_the_clap_definition() {
         "pviommu-map.1",
         "pviommu-stats.1",
         "pviommu-sim-reset.1",
+        "pviommu-context-attach.1",
+        "pviommu-entry.1",
     ] {
         let roff = std::fs::read_to_string(dir.join(page)).unwrap_or_default();
         assert!(roff.contains(".TH"), "{page}");
@@ -521,6 +531,8 @@ fn help_lists_every_subcommand() {
         "limits",
         "revocations",
         "shadow",
+        "context",
+        "entry",
         "sim",
         "demo",
         "completions",
@@ -564,4 +576,367 @@ fn the_default_state_lives_in_a_private_runtime_directory() {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     let (ok, err) = cmd(&["caps"]);
     assert!(!ok && err.contains("not a private directory"), "{err}");
+}
+
+/// `context create|attach|detach|destroy`, `entry` and `sim devices` on the
+/// embedded simulator: dom0's two devices, one attached to a context of
+/// its own; attachments and mappings are kept between invocations like
+/// mappings are; the entry the IOMMU walks is read back and decoded.
+#[test]
+fn contexts_and_device_attachment_persist_and_entries_decode() {
+    let env = Env::new();
+    let caps = env.json(&["caps"]);
+    for f in ["contexts", "device-attach", "attr-uncached"] {
+        assert!(
+            caps["features"]
+                .as_array()
+                .unwrap()
+                .contains(&Value::from(f)),
+            "{f}: {caps}"
+        );
+    }
+    let devices = |env: &Env| -> Vec<(String, u64)> {
+        env.json(&["sim", "devices"])["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                assert_eq!(d["owner"], 0);
+                assert_eq!(d["own_requester_id"], true);
+                (
+                    d["device"].as_str().unwrap().to_string(),
+                    d["context"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let a = "0000:00:02.0".to_string();
+    let b = "0000:00:03.0".to_string();
+    assert_eq!(devices(&env), [(a.clone(), 0), (b.clone(), 0)]);
+
+    let ctx = env.json(&["context", "create"])["context"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(ctx, 1);
+    let ctx_s = ctx.to_string();
+    // bb:dd.f is accepted too, and printed back in full.
+    let att = env.json(&["context", "attach", "--context", &ctx_s, "00:03.0"]);
+    assert_eq!(att["attached"]["device"], b.as_str());
+    assert_eq!(att["attached"]["context"], ctx);
+    // Another process sees the attachment.
+    assert_eq!(devices(&env), [(a.clone(), 0), (b.clone(), ctx)]);
+
+    let in0 = bfns_of(&env.json(&["map", "--domid", "1", "--gfn", "0x100"]))[0];
+    let wb = env.json(&["map", "--domid", "1", "--gfn", "0x100", "--context", &ctx_s]);
+    assert_eq!(wb["attribute"], "write-back");
+    let wb = bfns_of(&wb)[0];
+    let uc = env.json(&[
+        "map",
+        "--domid",
+        "1",
+        "--gfn",
+        "0x101",
+        "--context",
+        &ctx_s,
+        "--attr",
+        "uncached",
+    ]);
+    assert_eq!(uc["attribute"], "uncached");
+    let uc = bfns_of(&uc)[0];
+    assert_ne!(in0, wb, "a BFN per context");
+
+    let entry = |bfn: u64| {
+        env.json(&[
+            "entry",
+            "--domid",
+            "0",
+            "--context",
+            &ctx_s,
+            "--bfn",
+            &format!("{bfn:#x}"),
+        ])
+    };
+    let e = entry(wb);
+    assert_eq!(
+        (e["domid"].clone(), e["context"].clone()),
+        (0.into(), ctx.into())
+    );
+    assert_eq!(e["bfn"], wb);
+    assert_eq!(e["level"], 1);
+    assert_eq!(e["page_size"], 4096);
+    // R | W | EMT=WB (6 << 3) | SNP (bit 11): write-back, snooped.
+    assert_eq!(e["bits"], 0x1 | 0x2 | (6 << 3) | (1 << 11));
+    let v = &e["vtd"];
+    assert_eq!(
+        (&v["read"], &v["write"], &v["snp"], &v["ipat"], &v["emt"]),
+        (
+            &true.into(),
+            &true.into(),
+            &true.into(),
+            &false.into(),
+            &"WB".into()
+        )
+    );
+    assert_eq!(v["other_bits"], 0);
+    // Uncached: IPAT with EMT=UC, no SNP.
+    let v = entry(uc)["vtd"].clone();
+    assert_eq!(
+        (&v["snp"], &v["ipat"], &v["emt"]),
+        (&false.into(), &true.into(), &"UC".into())
+    );
+    // The text form names the bits.
+    let (ok, text, _) = env.run(&[
+        "entry",
+        "--domid",
+        "0",
+        "--context",
+        &ctx_s,
+        "--bfn",
+        &wb.to_string(),
+    ]);
+    assert!(ok && text.contains("R W SNP EMT=WB"), "{text}");
+
+    env.json(&[
+        "unmap",
+        "--bfn",
+        &format!("{wb}..{}", uc),
+        "--context",
+        &ctx_s,
+    ]);
+    let det = env.json(&["context", "detach", "--context", &ctx_s, &b]);
+    assert_eq!(det["detached"]["device"], b.as_str());
+    assert_eq!(det["detached"]["context"], ctx);
+    assert_eq!(devices(&env), [(a.clone(), 0), (b.clone(), 0)]);
+    assert_eq!(
+        env.json(&["context", "destroy", "--context", &ctx_s])["destroyed"],
+        ctx
+    );
+    // The default context's mapping is untouched by all of it.
+    assert_eq!(
+        env.json(&["lookup", "--bfn", &in0.to_string()])["gfn"],
+        0x100
+    );
+}
+
+/// Every bad input of the context and device commands: a clear one-line
+/// reason (or a JSON error with its errno), exit status 1, no panic, and
+/// nothing journaled.
+#[test]
+fn bad_context_and_device_input_fails_clearly_and_changes_nothing() {
+    let env = Env::new();
+    env.json(&["context", "create"]);
+    env.json(&["context", "attach", "--context", "1", "0000:00:03.0"]);
+    let bfn = bfns_of(&env.json(&["map", "--domid", "1", "--gfn", "0x100", "--context", "1"]))[0];
+    let before = std::fs::read(env.state()).unwrap();
+    let not_mapped = format!("{:#x}", bfn + 1);
+    for (args, errno, needle) in [
+        // Unparsable devices, refused before any call.
+        (
+            &["context", "attach", "--context", "1", "0000:00:3.0x"][..],
+            "EINVAL",
+            "not a PCI device",
+        ),
+        (
+            &["context", "attach", "--context", "1", "00:20.0"][..],
+            "EINVAL",
+            "not a PCI device",
+        ),
+        (
+            &["context", "attach", "--context", "1", "00:03.8"][..],
+            "EINVAL",
+            "not a PCI device",
+        ),
+        (
+            &["context", "detach", "--context", "1", "zebra"][..],
+            "EINVAL",
+            "not a PCI device",
+        ),
+        (
+            &["context", "attach", "--context", "1", ""][..],
+            "EINVAL",
+            "not a PCI device",
+        ),
+        // Context 0, refused before any call.
+        (
+            &["context", "attach", "--context", "0", "0000:00:02.0"][..],
+            "EINVAL",
+            "default context",
+        ),
+        (
+            &["context", "detach", "--context", "0", "0000:00:03.0"][..],
+            "EINVAL",
+            "default context",
+        ),
+        (
+            &["context", "destroy", "--context", "0"][..],
+            "EINVAL",
+            "default context",
+        ),
+        (
+            &[
+                "entry",
+                "--domid",
+                "0",
+                "--context",
+                "0",
+                "--bfn",
+                "0x100000",
+            ][..],
+            "EINVAL",
+            "default context",
+        ),
+        (
+            &["entry", "--domid", "0", "--context", "1", "--bfn", "zebra"][..],
+            "EINVAL",
+            "not a number",
+        ),
+        // The hypervisor's refusals, worded for the command.
+        (
+            &["context", "attach", "--context", "1", "0000:00:09.0"][..],
+            "ENODEV",
+            "no such PCI device",
+        ),
+        (
+            &["context", "attach", "--context", "1", "0000:00:03.0"][..],
+            "EBUSY",
+            "attached to a context already",
+        ),
+        (
+            &["context", "attach", "--context", "5", "0000:00:02.0"][..],
+            "ENOENT",
+            "no such context",
+        ),
+        (
+            &["context", "detach", "--context", "1", "0000:00:02.0"][..],
+            "ENOENT",
+            "not attached to that context",
+        ),
+        (
+            &["context", "destroy", "--context", "1"][..],
+            "EBUSY",
+            "device attached",
+        ),
+        (
+            &["context", "destroy", "--context", "5"][..],
+            "ENOENT",
+            "no such context",
+        ),
+        (
+            &[
+                "entry",
+                "--domid",
+                "0",
+                "--context",
+                "1",
+                "--bfn",
+                &not_mapped,
+            ][..],
+            "ENOENT",
+            "nothing mapped",
+        ),
+        (
+            &[
+                "entry",
+                "--domid",
+                "0",
+                "--context",
+                "5",
+                "--bfn",
+                "0x100000",
+            ][..],
+            "ENOENT",
+            "no such context",
+        ),
+    ] {
+        let (ok, out, err) = env.run(args);
+        assert!(!ok, "{args:?} must fail: {out}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        let e = env.json_err(args);
+        assert_eq!(e["errno"], errno, "{args:?}: {e}");
+        assert!(e["message"].as_str().unwrap().contains(needle), "{e}");
+    }
+    // The device argument is required; clap says so (exit status 2).
+    let (ok, _, err) = env.run(&["context", "attach", "--context", "1"]);
+    assert!(!ok && err.contains("DEVICE"), "{err}");
+    assert_eq!(
+        std::fs::read(env.state()).unwrap(),
+        before,
+        "refusals journaled"
+    );
+    // And the attachment is still there.
+    let d = env.json(&["sim", "devices"]);
+    assert_eq!(d["devices"][1]["context"], 1);
+}
+
+/// Attach and detach are batch ops, so the daemon carries them, on a
+/// machine with the same two devices; `entry`, like the hypervisor's
+/// counters, is not in its protocol and says so.
+#[test]
+fn the_daemon_attaches_devices_too() {
+    let env = Env::new();
+    let socket = env.dir.path().join("sim.sock");
+    // Killed when the test ends, failed or not.
+    let _daemon = KillOnDrop(
+        env.cmd(&["sim", "serve", "--socket", socket.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(std::time::Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let sock = socket.to_str().unwrap();
+    // With --json: the document on success, the error object on failure.
+    let remote = |args: &[&str], ok: bool| {
+        let mut a = vec!["--backend", "remote", "--socket", sock];
+        a.extend_from_slice(args);
+        if ok {
+            env.json(&a)
+        } else {
+            env.json_err(&a)
+        }
+    };
+    assert_eq!(remote(&["context", "create"], true)["context"], 1);
+    remote(
+        &["context", "attach", "--context", "1", "0000:00:02.0"],
+        true,
+    );
+    let e = remote(&["context", "attach", "--context", "1", "00:02.0"], false);
+    assert_eq!(e["errno"], "EBUSY");
+    let e = remote(
+        &[
+            "entry",
+            "--domid",
+            "0",
+            "--context",
+            "1",
+            "--bfn",
+            "0x100000",
+        ],
+        false,
+    );
+    assert!(
+        e["message"].as_str().unwrap().contains("does not carry"),
+        "{e}"
+    );
+    remote(
+        &["context", "detach", "--context", "1", "0000:00:02.0"],
+        true,
+    );
+    remote(&["context", "destroy", "--context", "1"], true);
+}
+
+/// A child process killed and reaped when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

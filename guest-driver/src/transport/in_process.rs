@@ -6,14 +6,38 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use pviommu_abi::{DomId, Gfn, PvIommuCaps, PvIommuOp, PvIommuRegion};
+use pviommu_abi::{
+    Bfn, ContextId, DomId, Gfn, PvIommuCaps, PvIommuEntry, PvIommuOp, PvIommuRegion, Sbdf,
+};
 use pviommu_hv::config::Config;
+use pviommu_hv::iommu::DeviceFacts;
 use pviommu_hv::sim::SimMachine;
 use pviommu_hv::Engine;
 
 use super::Transport;
 use crate::shadow::{GuestTableReader, ShadowError};
 use crate::Error;
+
+/// The PCI devices of dom0 on the simulated hosts the library and the
+/// `pviommu` tool build (`0000:00:02.0` and `0000:00:03.0`, where QEMU puts
+/// the two `edu` devices of the Xen test): each with its own requester id,
+/// no RMRR, no ATS, so either can be attached to a context.
+pub const SIM_DEVICES: [Sbdf; 2] = [Sbdf(0x10), Sbdf(0x18)];
+
+/// Give dom0 of `machine` the [`SIM_DEVICES`].
+pub fn add_sim_devices(machine: &mut SimMachine) {
+    for device in SIM_DEVICES {
+        machine.add_device(
+            device,
+            DeviceFacts {
+                owner: DomId::DOM0,
+                own_requester_id: true,
+                rmrr: false,
+                ats: false,
+            },
+        );
+    }
+}
 
 /// A simulated host and its engine, shareable between threads.
 #[derive(Clone)]
@@ -132,6 +156,17 @@ impl Transport for InProcess {
         let (m, e) = &mut *g;
         m.guest_stats(e, self.caller, domid, flags)
             .map_err(|e| hv_err("stats", e))
+    }
+    fn entry(&mut self, domid: DomId, context: ContextId, bfn: Bfn) -> Result<PvIommuEntry, Error> {
+        let mut g = self.sim.lock();
+        let (m, e) = &mut *g;
+        m.guest_entry(e, self.caller, domid, context, bfn)
+            .map_err(|e| {
+                hv_err(
+                    &format!("entry d{} context {} bfn {:#x}", domid.0, context.0, bfn.0),
+                    e,
+                )
+            })
     }
     fn in_process(&mut self) -> Option<&mut InProcess> {
         Some(self)

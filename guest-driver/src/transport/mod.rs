@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use pviommu_abi::{Bfn, ContextId, DomId, PvIommuCaps, PvIommuOp, PvIommuRegion, PvIommuStats};
+use pviommu_abi::{
+    Bfn, ContextId, DomId, PvIommuCaps, PvIommuEntry, PvIommuOp, PvIommuRegion, PvIommuStats,
+};
 
 use crate::Error;
 
@@ -49,6 +51,17 @@ pub trait Transport: Send {
         let _ = (domid, flags);
         Err(Error::InvalidArgument(format!(
             "the {} transport does not carry PVIOMMU_CMD_stats",
+            self.name()
+        )))
+    }
+
+    /// `PVIOMMU_CMD_entry` (ABI 1.3): the leaf entry of `bfn` in driver
+    /// domain `domid`'s context `context` (not the default one), address
+    /// bits zeroed. Only the control domain may.
+    fn entry(&mut self, domid: DomId, context: ContextId, bfn: Bfn) -> Result<PvIommuEntry, Error> {
+        let _ = (domid, context, bfn);
+        Err(Error::InvalidArgument(format!(
+            "the {} transport does not carry PVIOMMU_CMD_entry",
             self.name()
         )))
     }
@@ -97,6 +110,9 @@ impl Transport for Box<dyn Transport> {
     }
     fn stats(&mut self, domid: DomId, flags: u16) -> Result<PvIommuStats, Error> {
         (**self).stats(domid, flags)
+    }
+    fn entry(&mut self, domid: DomId, context: ContextId, bfn: Bfn) -> Result<PvIommuEntry, Error> {
+        (**self).entry(domid, context, bfn)
     }
     fn take_revocations(&mut self) -> Vec<(ContextId, Bfn)> {
         (**self).take_revocations()
