@@ -205,14 +205,17 @@ struct pv_iommu_entry {
     uint16_t domid;     /* in: the driver domain                                */
     uint16_t _pad0;     /* must be 0                                            */
     uint32_t context;   /* in: one of its own contexts (not 0)                  */
-    uint32_t level;     /* out: level of the leaf (1: 4 KiB, 2: 2 MiB)          */
+    uint16_t level;     /* out: level of the leaf (1: 4 KiB, 2: 2 MiB)          */
+    uint16_t format;    /* out: PVIOMMU_ENTRY_* format of bits                  */
     uint64_t bfn;       /* in                                                   */
     uint64_t bits;      /* out: the entry, IOMMU format, address bits zeroed    */
 };
+#define PVIOMMU_ENTRY_VTD_SECOND_LEVEL 1u
+#define PVIOMMU_ENTRY_ARM_LPAE_STAGE2  2u
 
 /* ---- Errors (negative Xen errno values; one meaning each in this ABI) ---- */
-/* EPERM      1  caller has no privilege over the target domain              */
-/* ENOENT     2  no such mapping (BFN) or no such context                    */
+/* EPERM      1  caller has no privilege over the target domain or device    */
+/* ENOENT     2  no such mapping (BFN) or context; device not attached there */
 /* ESRCH      3  no such domain                                              */
 /* ENXIO      6  gfn not present in the target's p2m                         */
 /* ENOEXEC    8  32-bit caller: the interface is 64-bit only                 */
@@ -221,9 +224,9 @@ struct pv_iommu_entry {
 /* ENOMEM    12  hypervisor out of memory                                    */
 /* EACCES    13  write access asked for a read-only page                     */
 /* EFAULT    14  a guest buffer could not be read or written                 */
-/* EBUSY     16  context still has live mappings                             */
+/* EBUSY     16  in use: context with mappings/devices, device attached      */
 /* EXDEV     18  frame not owned by the target (Xen-owned, granted, foreign) */
-/* ENODEV    19  frame is MMIO, not RAM                                      */
+/* ENODEV    19  frame is MMIO, not RAM; or no such PCI device               */
 /* EINVAL    22  malformed argument (flags, padding, version, context 0 ...) */
 /* ENOSPC    28  quota, context table or BFN window exhausted                */
 /* EOPNOTSUPP 95 unknown command/subop, or feature not offered               */

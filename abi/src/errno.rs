@@ -8,9 +8,10 @@ use core::fmt;
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[repr(i32)]
 pub enum Errno {
-    /// The caller has no privilege over the target domain.
+    /// The caller has no privilege over the target domain or device.
     Perm = 1,
-    /// No such mapping (BFN) or no such context.
+    /// No such mapping (BFN) or context, or the device is not attached to
+    /// that context.
     NoEnt = 2,
     /// No such domain.
     Srch = 3,
@@ -28,11 +29,12 @@ pub enum Errno {
     Acces = 13,
     /// A guest buffer could not be read or written.
     Fault = 14,
-    /// The context still has live mappings.
+    /// Still in use: a context with mappings or devices, or a device
+    /// already attached to a context.
     Busy = 16,
     /// The frame is not owned by the target (Xen-owned, granted or foreign).
     XDev = 18,
-    /// The frame is MMIO, not RAM.
+    /// The frame is MMIO, not RAM; or no such PCI device.
     NoDev = 19,
     /// A malformed argument: flags, padding, version, reserved context...
     Inval = 22,
@@ -115,8 +117,8 @@ impl Errno {
     /// What the value means in this ABI.
     pub const fn meaning(self) -> &'static str {
         match self {
-            Errno::Perm => "caller has no privilege over the target domain",
-            Errno::NoEnt => "no such mapping or context",
+            Errno::Perm => "caller has no privilege over the target domain or device",
+            Errno::NoEnt => "no such mapping or context, or device not attached to it",
             Errno::Srch => "no such domain",
             Errno::Nxio => "frame not present in the target's p2m",
             Errno::NoExec => "32-bit caller: the interface is 64-bit only",
@@ -125,9 +127,9 @@ impl Errno {
             Errno::NoMem => "hypervisor out of memory",
             Errno::Acces => "write access asked for a read-only page",
             Errno::Fault => "guest buffer not accessible",
-            Errno::Busy => "context still has live mappings",
+            Errno::Busy => "still in use (context with mappings or devices, device attached)",
             Errno::XDev => "frame not owned by the target domain",
-            Errno::NoDev => "frame is MMIO, not RAM",
+            Errno::NoDev => "frame is MMIO, not RAM; or no such device",
             Errno::Inval => "malformed argument",
             Errno::NoSpc => "quota or BFN window exhausted",
             Errno::OpNotSupp => "unknown operation or unsupported feature",

@@ -64,6 +64,14 @@ pub mod cmd {
     pub const ENTRY: u32 = 6;
 }
 
+/// Formats of [`PvIommuEntry::bits`].
+pub mod entry_format {
+    /// Intel VT-d second-level paging entry.
+    pub const VTD_SECOND_LEVEL: u16 = 1;
+    /// Arm LPAE stage-2 descriptor.
+    pub const ARM_LPAE_STAGE2: u16 = 2;
+}
+
 /// `flags` of [`PvIommuStats`].
 pub mod stats_flag {
     /// Zero the domain's counters after reading them.
@@ -374,7 +382,9 @@ pub struct PvIommuEntry {
     /// the host's own).
     pub context: u32,
     /// Out: level of the leaf (1: 4 KiB page, 2: 2 MiB superpage).
-    pub level: u32,
+    pub level: u16,
+    /// Out: the [`entry_format`] of `bits`.
+    pub format: u16,
     /// In: the BFN.
     pub bfn: u64,
     /// Out: the leaf entry in the IOMMU's format, address bits zeroed.
@@ -441,6 +451,7 @@ const _: () = {
     assert!(size_of::<PvIommuEntry>() == 32);
     assert!(offset_of!(PvIommuEntry, context) == 8);
     assert!(offset_of!(PvIommuEntry, level) == 12);
+    assert!(offset_of!(PvIommuEntry, format) == 14);
     assert!(offset_of!(PvIommuEntry, bfn) == 16);
     assert!(offset_of!(PvIommuEntry, bits) == 24);
     assert!(offset_of!(PvIommuRegions, regions) == 16);
@@ -772,6 +783,11 @@ pub const LAYOUT: &[(&str, &str, usize)] = &[
         "pv_iommu_entry",
         "level",
         core::mem::offset_of!(PvIommuEntry, level),
+    ),
+    (
+        "pv_iommu_entry",
+        "format",
+        core::mem::offset_of!(PvIommuEntry, format),
     ),
     (
         "pv_iommu_entry",

@@ -517,7 +517,8 @@ impl<T: Transport> Client<T> {
             domid,
             context,
             bfn,
-            level: e.level,
+            level: e.level.into(),
+            format: e.format,
             bits: e.bits,
         })
     }

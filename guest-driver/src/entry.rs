@@ -3,9 +3,9 @@
 //! of a driver domain's own contexts finds for a BFN, with the address
 //! field zeroed by the hypervisor, and the VT-d meaning of its bits.
 //!
-//! The ABI carries the entry in the IOMMU's own format without naming the
-//! format; on Xen the engine's contexts exist only on VT-d, so
-//! [`IommuEntry::vtd`] is the decoding a mediator on Xen wants.
+//! The ABI names the entry's format ([`pviommu_abi::entry_format`]);
+//! [`IommuEntry::vtd`] decodes a VT-d one (on Xen the engine's contexts
+//! exist only on VT-d so far).
 
 use pviommu_abi::{Bfn, ContextId, DomId};
 
@@ -42,6 +42,8 @@ pub struct IommuEntry {
     pub bfn: Bfn,
     /// Level of the leaf: 1 is a 4 KiB page, 2 a 2 MiB superpage.
     pub level: u32,
+    /// The [`entry_format`](pviommu_abi::entry_format) of `bits`.
+    pub format: u16,
     /// The entry in the IOMMU's format, address bits zeroed.
     pub bits: u64,
 }
@@ -53,9 +55,10 @@ impl IommuEntry {
         1u64.checked_shl(shift as u32).unwrap_or(0)
     }
 
-    /// The bits as a VT-d second-level leaf.
-    pub fn vtd(&self) -> VtdEntry {
-        VtdEntry::decode(self.bits)
+    /// The bits as a VT-d second-level leaf, if they are one.
+    pub fn vtd(&self) -> Option<VtdEntry> {
+        (self.format == pviommu_abi::entry_format::VTD_SECOND_LEVEL)
+            .then(|| VtdEntry::decode(self.bits))
     }
 }
 
@@ -202,6 +205,7 @@ mod tests {
             context: ContextId(1),
             bfn: Bfn(0),
             level,
+            format: pviommu_abi::entry_format::VTD_SECOND_LEVEL,
             bits: 0,
         };
         assert_eq!(e(1).page_size(), 4096);

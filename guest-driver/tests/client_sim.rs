@@ -364,10 +364,10 @@ fn devices_attach_to_contexts_and_entries_read_back() {
 
     let e = c.entry(DomId::DOM0, ctx, wb).unwrap();
     assert_eq!((e.level, e.page_size()), (1, 4096));
-    let v = e.vtd();
+    let v = e.vtd().unwrap();
     assert!(v.read && v.write && v.snoop && !v.ipat && !v.superpage);
     assert_eq!(v.emt, MemoryType::Wb);
-    let v = c.entry(DomId::DOM0, ctx, uc).unwrap().vtd();
+    let v = c.entry(DomId::DOM0, ctx, uc).unwrap().vtd().unwrap();
     assert!(!v.snoop && v.ipat);
     assert_eq!(v.emt, MemoryType::Uc);
     let entry_errno = |r: Result<_, pviommu_guest::Error>| r.unwrap_err().errno();

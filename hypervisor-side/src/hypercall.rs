@@ -252,6 +252,7 @@ impl<L: RawMutex> Engine<L> {
         let domid = DomId(req.domid);
         if req._pad0 != 0
             || req.level != 0
+            || req.format != 0
             || req.bits != 0
             || !domid.is_valid()
             || req.context == 0
@@ -259,12 +260,12 @@ impl<L: RawMutex> Engine<L> {
             return Err(Errno::Inval);
         }
         h.xsm_check(caller, Some(domid), XsmAction::Manage)?;
-        let (level, bits) =
-            self.entry_bits(h, domid, ContextId(req.context), crate::Bfn(req.bfn))?;
+        let leaf = self.entry_bits(h, domid, ContextId(req.context), crate::Bfn(req.bfn))?;
         let out = PvIommuEntry {
             version: INTERFACE_VERSION,
-            level,
-            bits,
+            level: u16::try_from(leaf.level).unwrap_or(u16::MAX),
+            format: leaf.format,
+            bits: leaf.bits,
             ..req
         };
         h.copy_to_guest(arg, out.as_bytes())?;

@@ -235,7 +235,7 @@ static int cmd_hc(int argc, char **argv)
         en->context = strtoul(argv[2], NULL, 0);
         en->bfn = strtoull(argv[3], NULL, 0);
         rc = hcall(PVIOMMU_CMD_entry, en);
-        printf("rc=%ld level=%u bits=0x%" PRIx64 "\n", rc, en->level, en->bits);
+        printf("rc=%ld level=%u format=%u bits=0x%" PRIx64 "\n", rc, en->level, en->format, en->bits);
         return 0;
     }
     if ( !strcmp(argv[0], "map") && argc >= 4 )

@@ -108,12 +108,12 @@ e=$(run $H hc entry 0 $C1 $BB)
 ou=$(run $H hc map $DC $CG1 0x103 $C1); BU=$(field "$ou" bfn)
 eu=$(run $H hc entry 0 $C1 $BU)
 pu=$(run $H peek $DC $CG1); ru=$(dma_b $BU)
-if [ "$(field "$e" rc)" = 0 ] && [ "$(field "$e" bits)" = 0x833 ] && [ "$(field "$e" level)" = 1 ] &&
+if [ "$(field "$e" rc)" = 0 ] && [ "$(field "$e" bits)" = 0x833 ] && [ "$(field "$e" level)" = 1 ] && [ "$(field "$e" format)" = 1 ] &&
    succeeded "$ou" && [ "$(field "$eu" bits)" = 0x43 ] && [ "$(field "$ru" sum)" = "$(field "$pu" sum)" ]; then
     ok ctx_attr_entry_bits; else ko ctx_attr_entry_bits "$e / $ou / $eu / $ru"; fi
 o=$(run $H hc map $DC $CG2 0x103); if errno_is "$o" -95; then ok ctx_uc_refused_in_xen_tables; else ko ctx_uc_refused_in_xen_tables "$o"; fi
-o=$(run pviommu --backend xen entry --domid 0 --context $C1 --bfn $BB --json 2>&1)
-if echo "$o" | grep -q 'SNP'; then ok cli_entry; else skip cli_entry "pviommu entry: $(echo "$o" | head -1)"; fi
+o=$(run pviommu --backend xen entry --domid 0 --context $C1 --bfn $BB 2>&1)
+if echo "$o" | grep -q 'entry 0x833: R W SNP EMT=WB'; then ok cli_entry; else ko cli_entry "$o"; fi
 # Destroying a context with a device attached is refused (B would change
 # address space behind its driver's back).
 o=$(run $H hc ctx-destroy $C1); if errno_is "$o" -16; then ok ctx_destroy_attached_refused; else ko ctx_destroy_attached_refused "$o"; fi

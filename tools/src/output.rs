@@ -480,10 +480,13 @@ pub struct EntryJson {
     pub level: u32,
     /// Bytes the leaf maps.
     pub page_size: u64,
+    /// The ABI's `entry_format` of `bits` (1: VT-d second level).
+    pub format: u16,
     /// The raw entry, address bits zeroed: what the command is for.
     pub bits: u64,
-    /// Its bits as a VT-d second-level leaf.
-    pub vtd: VtdJson,
+    /// Its bits as a VT-d second-level leaf (absent for another format).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vtd: Option<VtdJson>,
 }
 
 /// The VT-d bits of an entry.
@@ -507,15 +510,15 @@ pub struct VtdJson {
 
 impl From<&IommuEntry> for EntryJson {
     fn from(e: &IommuEntry) -> EntryJson {
-        let v = e.vtd();
         EntryJson {
             domid: e.domid.0,
             context: e.context.0,
             bfn: e.bfn.0,
             level: e.level,
             page_size: e.page_size(),
+            format: e.format,
             bits: e.bits,
-            vtd: VtdJson {
+            vtd: e.vtd().map(|v| VtdJson {
                 read: v.read,
                 write: v.write,
                 snp: v.snoop,
@@ -523,7 +526,7 @@ impl From<&IommuEntry> for EntryJson {
                 emt: v.emt.name(),
                 superpage: v.superpage,
                 other_bits: v.other,
-            },
+            }),
         }
     }
 }
@@ -543,7 +546,8 @@ impl EntryJson {
             self.bfn,
             self.level,
             self.bits,
-            e.vtd().flags_text()
+            e.vtd()
+                .map_or_else(|| format!("format {}", e.format), |v| v.flags_text())
         )
     }
 }

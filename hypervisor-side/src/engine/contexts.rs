@@ -90,15 +90,23 @@ impl ContextTables {
     fn destroy(self, mem: &mut impl TableMemory) {
         each_format!(self, t => t.destroy(mem))
     }
-    /// The leaf entry of `bfn` with its address field zeroed, and its level.
-    fn leaf_bits(&self, mem: &impl TableMemory, bfn: Bfn) -> Option<(u32, u64)> {
-        fn masked<F: PageTableFormat>(l: Option<(u32, u64)>) -> Option<(u32, u64)> {
-            l.map(|(level, raw)| (level, raw & !F::ADDRESS_MASK))
+    /// The leaf entry of `bfn` with its address field zeroed, its level and
+    /// its [`entry_format`](pviommu_abi::entry_format).
+    fn leaf_bits(&self, mem: &impl TableMemory, bfn: Bfn) -> Option<LeafBits> {
+        use pviommu_abi::entry_format::{ARM_LPAE_STAGE2, VTD_SECOND_LEVEL};
+        fn masked<F: PageTableFormat>(l: Option<(u32, u64)>, format: u16) -> Option<LeafBits> {
+            l.map(|(level, raw)| LeafBits {
+                level,
+                format,
+                bits: raw & !F::ADDRESS_MASK,
+            })
         }
         match self {
-            ContextTables::Vtd(t) => masked::<Vtd>(t.leaf(mem, bfn)),
-            ContextTables::VtdNoSnoop(t) => masked::<VtdNoSnoop>(t.leaf(mem, bfn)),
-            ContextTables::Lpae(t) => masked::<Lpae>(t.leaf(mem, bfn)),
+            ContextTables::Vtd(t) => masked::<Vtd>(t.leaf(mem, bfn), VTD_SECOND_LEVEL),
+            ContextTables::VtdNoSnoop(t) => {
+                masked::<VtdNoSnoop>(t.leaf(mem, bfn), VTD_SECOND_LEVEL)
+            }
+            ContextTables::Lpae(t) => masked::<Lpae>(t.leaf(mem, bfn), ARM_LPAE_STAGE2),
         }
     }
     /// What the tables say about `bfn` (software walk).
@@ -109,6 +117,17 @@ impl ContextTables {
     ) -> Option<(Mfn, Permissions, MemAttr)> {
         each_format!(self, t => t.translate(mem, bfn))
     }
+}
+
+/// A leaf entry as `PVIOMMU_CMD_entry` shows it: no machine address.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct LeafBits {
+    /// Level of the leaf (1: 4 KiB).
+    pub level: u32,
+    /// An [`entry_format`](pviommu_abi::entry_format) code.
+    pub format: u16,
+    /// The entry with its address field zeroed.
+    pub bits: u64,
 }
 
 /// One of the engine's contexts of a driver domain.
@@ -358,7 +377,7 @@ impl<L: RawMutex> Engine<L> {
         domid: DomId,
         context: ContextId,
         bfn: Bfn,
-    ) -> Result<(u32, u64), Errno> {
+    ) -> Result<LeafBits, Errno> {
         let d = self.lock_driver(domid).ok_or(Errno::NoEnt)?;
         let r =
             d.dd.own(context)

@@ -240,10 +240,13 @@ struct pv_iommu_entry {
     domid_t domid;          /* IN: the driver domain                         */
     uint16_t _pad0;         /* IN: 0                                         */
     uint32_t context;       /* IN: one of its own contexts (not 0)           */
-    uint32_t level;         /* OUT: leaf level (1: 4 KiB, 2: 2 MiB)          */
+    uint16_t level;         /* OUT: leaf level (1: 4 KiB, 2: 2 MiB)          */
+    uint16_t format;        /* OUT: PVIOMMU_ENTRY_* format of bits           */
     uint64_aligned_t bfn;   /* IN                                            */
     uint64_aligned_t bits;  /* OUT: the leaf entry, address bits zeroed      */
 };
+#define PVIOMMU_ENTRY_VTD_SECOND_LEVEL 1U
+#define PVIOMMU_ENTRY_ARM_LPAE_STAGE2  2U
 typedef struct pv_iommu_entry pv_iommu_entry_t;
 DEFINE_XEN_GUEST_HANDLE(pv_iommu_entry_t);
 
