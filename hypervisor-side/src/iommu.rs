@@ -197,8 +197,10 @@ pub trait IommuBackend: TableMemory {
     /// device translates through its owner's default context, or not at
     /// all: never through tables it was not given. Under the devices lock.
     fn device_attach(&mut self, device: Sbdf, hw: HwContext, root: Mfn) -> Result<(), Errno>;
-    /// Point `device` back at its owner's default context. On `Err` its
-    /// DMA is blocked (the context entry is cleared): it never keeps
-    /// pointing at the engine's tables. Under the devices lock.
+    /// Point `device` back at its owner's default context (`Ok` too when
+    /// it no longer walks `hw`). `Err(Busy)`: it may still walk `hw`'s
+    /// tables (the hardware refused both the move and clearing its entry),
+    /// which must then be kept. Any other `Err`: its DMA is blocked (the
+    /// context entry is cleared). Under the devices lock.
     fn device_detach(&mut self, device: Sbdf, hw: HwContext) -> Result<(), Errno>;
 }

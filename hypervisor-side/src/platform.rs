@@ -115,6 +115,12 @@ pub trait Platform {
     /// `VIRQ_PV_IOMMU`). Called with the engine lock held; must only take
     /// leaf locks.
     fn notify_revoked(&mut self, owner: DomId);
+    /// A device may write `mfn` (referenced by [`Platform::get_page`] with
+    /// `want_write`) without snooping the CPU caches (an uncached mapping):
+    /// the host must flush the page's cache lines before it is used as
+    /// anything but writable memory, or freed (Xen: `_PGT_non_coherent`,
+    /// as for a CPU write-combining mapping).
+    fn note_non_coherent_write(&mut self, _mfn: Mfn) {}
     /// A monotonic clock in nanoseconds (Xen: `NOW()`), read only while
     /// the stats' timing is on. 0 where there is none.
     fn now_ns(&self) -> u64 {

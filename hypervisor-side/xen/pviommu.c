@@ -930,6 +930,18 @@ void pvx_put_page(uint64_t mfn, int writable)
         put_page(pg);
 }
 
+void pvx_page_non_coherent(uint64_t mfn)
+{
+    /*
+     * As get_page_from_l1e() does for a writable WC mapping (XSA-402): a
+     * device writing without snooping can leave stale cache lines, so the
+     * page is flushed before it gets any type but PGT_writable_page, or is
+     * freed. Its writable type reference is held by the caller.
+     */
+    if ( !boot_cpu_has(X86_FEATURE_XEN_SELFSNOOP) )
+        set_bit(_PGT_non_coherent, &mfn_to_page(_mfn(mfn))->u.inuse.type_info);
+}
+
 int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn,
                   unsigned int flags, unsigned int *flush)
 {

@@ -257,6 +257,9 @@ impl Platform for Interposer<'_> {
     fn notify_revoked(&mut self, owner: DomId) {
         self.m.borrow_mut().notify_revoked(owner)
     }
+    fn note_non_coherent_write(&mut self, mfn: Mfn) {
+        self.m.borrow_mut().note_non_coherent_write(mfn)
+    }
 }
 
 impl IommuBackend for Interposer<'_> {

@@ -623,3 +623,80 @@ fn tables_emptied_by_unmaps_map_nothing_while_the_iommu_may_still_walk_them() {
     assert_eq!(m.tables_freed_before_flush(), 0);
     assert_eq!(m.total_page_refs(), 0);
 }
+
+#[test]
+fn a_writable_uncached_map_makes_the_page_flushed_before_reuse() {
+    // Regression test from the security review (XSA-402 class): a device
+    // writing without snooping can leave stale CPU cache lines over the
+    // page; Xen then validates a later page-table type from the cache while
+    // the walker reads memory. Such a page is marked, as Xen marks one a
+    // CPU maps write-combining, and flushed when it is freed.
+    let (mut m, e) = host(Format::Vtd);
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    let uc_rw = map_in(&mut m, &e, ctx1, 8, MemAttr::Uncached);
+    let mut o = map_op_in(ctx1, GUEST, 9, Permissions::RO);
+    o.flags |= MemAttr::Uncached.field() << pviommu_abi::op_flags::ATTR_SHIFT;
+    let mut ops = [o];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!(ops[0].status, 0);
+    let _wb_rw = map_in(&mut m, &e, ctx1, 10, MemAttr::WriteBack);
+    let marked = |m: &SimMachine, g| {
+        let mfn = m.mfn_of(GUEST, pviommu_abi::Gfn(g)).unwrap();
+        m.frame_info(mfn).unwrap().non_coherent
+    };
+    assert!(marked(&m, 8), "writable and uncached");
+    assert!(!marked(&m, 9), "read-only");
+    assert!(!marked(&m, 10), "write-back (snooped)");
+    // Unmapped and freed: the flush happens on the way back to the heap.
+    assert_eq!(unmap_in(&mut m, &e, ctx1, uc_rw), 0);
+    let before = m.cache_flushes();
+    m.balloon_out(&e, GUEST, pviommu_abi::Gfn(8)).unwrap();
+    assert_eq!(m.cache_flushes(), before + 1);
+}
+
+#[test]
+fn a_device_that_cannot_be_moved_off_keeps_its_tables_alive() {
+    // Regression test from the security review: a detach whose context
+    // entry update and its fallback both fail leaves the device on the
+    // engine's tables. The teardown used to free them anyway (the
+    // simulated IOMMU asserts no device points at tables whose tag goes);
+    // it now keeps them and the dying domain, and retries.
+    let (mut m, e) = host(Format::Vtd);
+    let xen_before = m.xen_frames();
+    let ctx = create(&mut m, &e, DEVICE_MODEL);
+    assert_eq!(attach(&mut m, &e, DEVICE_MODEL, ctx, FOREIGN), 0);
+    m.fail_detaches = 1;
+    let slices = m.kill_domain(&e, DEVICE_MODEL);
+    assert!(slices >= 2, "the teardown restarted ({slices} slices)");
+    assert!(m.device(FOREIGN).unwrap().attached.is_none());
+    assert_eq!(m.xen_frames(), xen_before);
+    // Detach through the hypercall: Busy keeps the device recorded.
+    let (mut m, e) = host(Format::Vtd);
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx1, B), 0);
+    m.fail_detaches = 1;
+    assert_eq!(
+        detach(&mut m, &e, DomId::DOM0, ctx1, B),
+        Errno::Busy.negated()
+    );
+    assert!(m.device(B).unwrap().attached.is_some());
+    let (status, _) = op(
+        &mut m,
+        &e,
+        DomId::DOM0,
+        Request::ContextDestroy { context: ctx1 },
+    );
+    assert_eq!(
+        status,
+        Errno::Busy.negated(),
+        "still attached: not destroyed"
+    );
+    assert_eq!(detach(&mut m, &e, DomId::DOM0, ctx1, B), 0);
+    let (status, _) = op(
+        &mut m,
+        &e,
+        DomId::DOM0,
+        Request::ContextDestroy { context: ctx1 },
+    );
+    assert_eq!(status, 0);
+}

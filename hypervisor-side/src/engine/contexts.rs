@@ -335,9 +335,8 @@ impl<L: RawMutex> Engine<L> {
         h.devices_lock();
         let r = match self.lock_driver(caller) {
             Some(mut d) => {
-                let r = Self::destroy_check_locked(&d.dd, context).map(|()| {
-                    Self::drop_context(&mut d, h, context);
-                });
+                let r = Self::destroy_check_locked(&d.dd, context)
+                    .and_then(|()| Self::drop_context(&mut d, h, context));
                 self.put_driver(d);
                 r
             }
@@ -348,23 +347,34 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// Take `context` down: detach its devices, flush, free the tables and
-    /// the tag. Devices lock and the cell's lock held.
-    fn drop_context(d: &mut Driver<'_, L>, h: &mut impl Hypervisor, context: ContextId) {
+    /// the tag. Devices lock and the cell's lock held. `Err(Busy)` when a
+    /// device could not be moved off the tables: then nothing is freed
+    /// (the caller retries; a device never walks freed tables).
+    fn drop_context(
+        d: &mut Driver<'_, L>,
+        h: &mut impl Hypervisor,
+        context: ContextId,
+    ) -> Result<(), Errno> {
+        let own = d.dd.own_mut(context).ok_or(Errno::NoEnt)?;
+        for slot in own.devices.iter_mut() {
+            if let Some(device) = *slot {
+                if let Err(Errno::Busy) = h.device_detach(device, own.hw) {
+                    return Err(Errno::Busy);
+                }
+                *slot = None;
+            }
+        }
         let Some(pos) = d.dd.own.iter().position(|c| c.id == context) else {
-            return;
+            return Err(Errno::NoEnt);
         };
         let own = d.dd.own.swap_remove(pos);
-        for device in own.attached() {
-            // On failure the backend has cleared the device's context
-            // entry: it walks nothing, so the tables may still go.
-            let _ = h.device_detach(device, own.hw);
-        }
         // Nothing is mapped (checked), but entries unmapped since the last
         // flush may still be cached under the tag.
         let _ = h.hw_flush(own.hw, Bfn(0), Bfn(u64::MAX >> 12));
         h.hw_context_destroy(own.hw);
         own.tables.destroy(h);
         d.dd.contexts &= !(1 << context.0);
+        Ok(())
     }
 
     /// The leaf entry a device attached to `context` of driver domain
@@ -477,15 +487,22 @@ impl<L: RawMutex> Engine<L> {
         device: Sbdf,
     ) -> Result<(), Errno> {
         let own = d.dd.own_mut(context).ok_or(Errno::NoEnt)?;
+        let hw = own.hw;
         let slot = own
             .devices
             .iter_mut()
             .find(|s| **s == Some(device))
             .ok_or(Errno::NoEnt)?;
-        // Forgotten whatever the backend answers: on failure the device's
-        // context entry is cleared, so it walks none of these tables.
-        *slot = None;
-        h.device_detach(device, own.hw)
+        match h.device_detach(device, hw) {
+            // Still on the tables: it stays recorded, so they stay too.
+            Err(Errno::Busy) => Err(Errno::Busy),
+            // Otherwise it walks none of them any more (on any other error
+            // its context entry was cleared: its DMA is blocked).
+            r => {
+                *slot = None;
+                r
+            }
+        }
     }
 
     /// Xen is about to move `device` away from `owner` (deassignment,
@@ -503,11 +520,15 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// The last step of a driver domain's teardown: its contexts go, their
-    /// devices back to the default context first. Devices lock taken here,
-    /// before the cell's.
-    pub(crate) fn teardown_contexts(&self, h: &mut impl Hypervisor, d: &mut Driver<'_, L>) {
+    /// devices back to the default context first. The caller holds the
+    /// devices lock, then the cell's. `false` if a device could not be
+    /// moved off a context's tables: the teardown is retried.
+    pub(crate) fn teardown_contexts(&self, h: &mut impl Hypervisor, d: &mut Driver<'_, L>) -> bool {
         while let Some(ctx) = d.dd.own.last().map(|c| c.id) {
-            Self::drop_context(d, h, ctx);
+            if Self::drop_context(d, h, ctx).is_err() {
+                return false;
+            }
         }
+        true
     }
 }

@@ -27,8 +27,9 @@
 //!   [`Engine::device_leaving`] with it held.
 //!
 //! Lock order: `devices lock -> target p2m lock -> one driver lock -> IOMMU
-//! mapping lock -> heap lock` (no path holds both the devices lock and a
-//! p2m lock; both only ever come before a driver lock). The engine never holds two driver locks (only the
+//! mapping lock -> heap lock` (Xen's device assignment can change a p2m,
+//! and so run a gfn hook, under `pcidevs_lock`; both only ever come before
+//! a driver lock). The engine never holds two driver locks (only the
 //! inspection view [`Engine::state`] does, by `try_lock` in cell order),
 //! and never holds one across a guest copy, [`Platform::get_page`] or
 //! [`Platform::domain_info`] (those take p2m locks), so a hook entered with
@@ -979,8 +980,15 @@ impl<L: RawMutex> Engine<L> {
                     }
                 })
         });
-        if checked.is_err() {
-            self.gate_leave(req.domid);
+        match checked {
+            // A device writing past the CPU caches (no snoop) could leave
+            // stale lines behind: the host must flush them before the page
+            // becomes anything but plain writable memory (XSA-402).
+            Ok(mfn) if req.perms.write && req.attr != crate::MemAttr::WriteBack => {
+                h.note_non_coherent_write(mfn)
+            }
+            Ok(_) => {}
+            Err(_) => self.gate_leave(req.domid),
         }
         (checked.map(|mfn| (mfn, seq)), ns)
     }

@@ -454,7 +454,13 @@ impl<L: RawMutex> Engine<L> {
                 *c = Cursor::DONE;
                 return Ok(());
             };
-            self.teardown_contexts(h, &mut again);
+            if !self.teardown_contexts(h, &mut again) {
+                // A device is still on a context's tables: keep them, and
+                // the domain dying, until it can be moved off.
+                self.put_driver(again);
+                h.devices_unlock();
+                return Err(Restart);
+            }
             Self::reset_and_release(self, again);
             h.devices_unlock();
             *c = Cursor::DONE;

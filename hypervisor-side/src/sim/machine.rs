@@ -34,6 +34,10 @@ pub struct FrameInfo {
     pub writable_refs: u32,
     /// Page-table bookkeeping (present entries) when Xen owns it as a table.
     pub pt_count: u16,
+    /// A device may have written it without snooping: its cache lines must
+    /// be flushed before it is freed or used as anything but writable
+    /// memory (Xen's `_PGT_non_coherent`).
+    pub non_coherent: bool,
 }
 
 /// IOMMU page-table format of the simulated IOMMU.
@@ -129,6 +133,9 @@ pub struct Ram {
     unlinked_tables: std::collections::BTreeSet<u64>,
     /// Tables freed while still possibly cached (see `unlinked_tables`).
     pub(super) tables_freed_before_flush: u64,
+    /// Pages whose cache lines were flushed because a device may have
+    /// written them without snooping.
+    pub(super) cache_flushes: u64,
 }
 
 impl Ram {
@@ -142,12 +149,14 @@ impl Ram {
                     refs: 0,
                     writable_refs: 0,
                     pt_count: 0,
+                    non_coherent: false,
                 })
                 .collect(),
             free: (0..frames).map(Mfn).collect(),
             table_allocs_left: None,
             unlinked_tables: Default::default(),
             tables_freed_before_flush: 0,
+            cache_flushes: 0,
         }
     }
     fn alloc(&mut self, owner: Owner) -> Result<Mfn, Errno> {
@@ -161,6 +170,11 @@ impl Ram {
     }
     fn release(&mut self, mfn: Mfn) {
         let i = mfn.0 as usize;
+        if self.info[i].non_coherent {
+            // Xen's free path flushes the page's cache lines here.
+            self.info[i].non_coherent = false;
+            self.cache_flushes += 1;
+        }
         self.present[i] = false;
         self.info[i].owner = Owner::Free;
         self.free.push_back(mfn);
@@ -281,6 +295,9 @@ pub struct SimMachine {
     devices_lock_depth: u32,
     /// The next this-many device attaches fail (failure injection).
     pub fail_attaches: u32,
+    /// The next this-many device detaches fail with the device still on
+    /// the engine's tables (failure injection: a flush that fails twice).
+    pub fail_detaches: u32,
 }
 
 impl SimMachine {
@@ -314,6 +331,7 @@ impl SimMachine {
             devices: BTreeMap::new(),
             devices_lock_depth: 0,
             fail_attaches: 0,
+            fail_detaches: 0,
         };
         m.create_domain(
             DomId::DOM0,
@@ -774,6 +792,12 @@ impl SimMachine {
         self.ram.tables_freed_before_flush
     }
 
+    /// Pages flushed from the CPU caches when freed because a device may
+    /// have written them without snooping.
+    pub fn cache_flushes(&self) -> u64 {
+        self.ram.cache_flushes
+    }
+
     /// Frames the hypervisor holds for page tables and its own data.
     pub fn xen_frames(&self) -> usize {
         self.ram
@@ -1122,6 +1146,11 @@ impl Platform for SimMachine {
         let _host = HostAllocations::begin();
         *self.revocation_wakeups.entry(owner).or_insert(0) += 1;
     }
+    fn note_non_coherent_write(&mut self, mfn: Mfn) {
+        if let Some(f) = self.ram.info.get_mut(mfn.0 as usize) {
+            f.non_coherent = true;
+        }
+    }
 }
 
 impl TableMemory for SimMachine {
@@ -1327,7 +1356,11 @@ impl IommuBackend for SimMachine {
         );
         let d = self.devices.get_mut(&device).ok_or(Errno::NoDev)?;
         if d.attached != Some(hw) {
-            return Err(Errno::NoEnt);
+            return Ok(()); // not on the tag (any more)
+        }
+        if self.fail_detaches > 0 {
+            self.fail_detaches -= 1;
+            return Err(Errno::Busy);
         }
         d.attached = None;
         if let Some(h) = self.hw_contexts.get(&hw.0) {

@@ -90,6 +90,9 @@ impl Platform for SharedSim {
     fn notify_revoked(&mut self, owner: DomId) {
         self.with(|m| m.notify_revoked(owner))
     }
+    fn note_non_coherent_write(&mut self, mfn: Mfn) {
+        self.with(|m| m.note_non_coherent_write(mfn))
+    }
 }
 
 impl IommuBackend for SharedSim {

@@ -171,6 +171,10 @@ int pvx_xsm_check(uint16_t caller, uint16_t target, unsigned int action);
  */
 int pvx_get_page(uint16_t domid, uint64_t gfn, int want_write,
                  uint64_t *mfn, uint32_t *kind);
+/* [unlocked] A device may write `mfn` (writable type reference held by
+ * pvx_get_page) without snooping the CPU caches: mark it _PGT_non_coherent,
+ * so Xen flushes it before any other type or the free (XSA-402). */
+void pvx_page_non_coherent(uint64_t mfn);
 /* [either] Release what pvx_get_page took. May free the page. */
 void pvx_put_page(uint64_t mfn, int writable);
 

@@ -63,6 +63,7 @@ mod ffi {
         pub fn pvx_alloc(size: usize, align: usize) -> *mut u8;
         pub fn pvx_free(ptr: *mut u8);
         pub fn pvx_ctx_caps(levels: *mut u32, snoop_control: *mut i32) -> i32;
+        pub fn pvx_page_non_coherent(mfn: u64);
         pub fn pvx_table_alloc(mfn: *mut u64) -> i32;
         pub fn pvx_table_free(mfn: u64);
         pub fn pvx_table_read(mfn: u64, index: u32) -> u64;
@@ -267,6 +268,10 @@ impl Platform for Xen {
     fn random_seed(&self) -> u64 {
         // SAFETY: plain call (get_random(), RDRAND where available).
         unsafe { ffi::pvx_random_seed() }
+    }
+    fn note_non_coherent_write(&mut self, mfn: Mfn) {
+        // SAFETY: a frame pvx_get_page referenced (writable type held).
+        unsafe { ffi::pvx_page_non_coherent(mfn.0) }
     }
     fn now_ns(&self) -> u64 {
         // SAFETY: plain call (NOW()).
