@@ -102,17 +102,23 @@ fi
 
 MK=(make -C "$TREE/xen" XEN_TARGET_ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu-)
 start=$(date +%s)
-"${MK[@]}" defconfig > "$LOG/xen-arm64-config.log" 2>&1 \
-    || { grep -E 'error|unknown|Error' "$LOG/xen-arm64-config.log" | head -5 >&2
-         echo "build-xen-arm64: FAIL: defconfig, see $LOG/xen-arm64-config.log" >&2; exit 1; }
-{
-    echo "CONFIG_EXPERT=y"
-    echo "CONFIG_ARM_SMMU_V3=y"
-    if [ "$PCI" = 1 ]; then echo "CONFIG_PCI_PASSTHROUGH=y"; fi
-    if [ "${PVIOMMU_ARM64_DEBUG:-0}" = 1 ]; then echo "CONFIG_DEBUG=y"; fi
-    if [ "$PVI" = 1 ]; then echo "CONFIG_PV_IOMMU=y"; fi
-} >> "$TREE/xen/.config"
-"${MK[@]}" olddefconfig >> "$LOG/xen-arm64-config.log" 2>&1
+# The config is redone only when its inputs change: a fresh defconfig
+# rewrites .config and makes make rebuild every file.
+cfgstamp="pci=$PCI debug=${PVIOMMU_ARM64_DEBUG:-0} pviommu=$PVI"
+if [ ! -f "$TREE/xen/.config" ] || [ "$(cat "$TREE/.config-stamp" 2>/dev/null)" != "$cfgstamp" ]; then
+    "${MK[@]}" defconfig > "$LOG/xen-arm64-config.log" 2>&1 \
+        || { grep -E 'error|unknown|Error' "$LOG/xen-arm64-config.log" | head -5 >&2
+             echo "build-xen-arm64: FAIL: defconfig, see $LOG/xen-arm64-config.log" >&2; exit 1; }
+    {
+        echo "CONFIG_EXPERT=y"
+        echo "CONFIG_ARM_SMMU_V3=y"
+        if [ "$PCI" = 1 ]; then echo "CONFIG_PCI_PASSTHROUGH=y"; fi
+        if [ "${PVIOMMU_ARM64_DEBUG:-0}" = 1 ]; then echo "CONFIG_DEBUG=y"; fi
+        if [ "$PVI" = 1 ]; then echo "CONFIG_PV_IOMMU=y"; fi
+    } >> "$TREE/xen/.config"
+    "${MK[@]}" olddefconfig >> "$LOG/xen-arm64-config.log" 2>&1
+    echo "$cfgstamp" > "$TREE/.config-stamp"
+fi
 CFGNAME="xen-$VER-arm64"; [ "$PVI" = 1 ] && CFGNAME="xen-$VER-pviommu-arm64"
 cp "$TREE/xen/.config" "$BUILD/$CFGNAME.config"
 
