@@ -24,9 +24,8 @@
  *           (4.21's send_guest_domain_virq), data-cache cleaning for
  *           table frames.
  *
- * Not on Arm yet: the p2m-change hook (arch/arm/mmu/p2m.c p2m_set_entry();
- * nothing can be mapped yet, so nothing can go stale) and log-dirty (Arm has
- * none).
+ * The p2m-change hook is patches-4.21/0008 (arch/arm/mmu/p2m.c
+ * p2m_set_entry()); Arm has no log-dirty mode.
  *
  * Locks: as ../pviommu.c (design/xen-integration.md).
  */
