@@ -24,6 +24,11 @@
 #   XEN_ARGS        Xen command line (default below)
 #   DOM0_ARGS       dom0 kernel command line (default below)
 #   QEMU_TIMEOUT    seconds before QEMU is killed (default 600)
+#   DOM0_TEST       a static arm64 program put in the initramfs as
+#                   /bin/dom0-test and run by /init (with DOM0_TEST_ARGS)
+#                   right after the Xen modules are loaded
+#   DOM0_PROBES     0: skip the PCI listing, edu DMA and dmesg part of /init
+#                   (default 1)
 #
 # Prints "ARM64-BOOT: dom0 init running" when dom0's /init starts, and
 # "ARM64-BOOT: result ..." at the end. Exit status 0 iff dom0's init ran.
@@ -68,6 +73,8 @@ done
 # the edu DMA test program (needs libc6-dev-arm64-cross for a static link)
 if aarch64-linux-gnu-gcc -O2 -Wall -static -o "$R/bin/edu-dma" "$HERE/edu-dma-arm64.c"; then :
 else echo "boot-qemu-arm64: edu-dma not built (apt-get install libc6-dev-arm64-cross)" >&2; fi
+if [ -n "${DOM0_TEST:-}" ]; then cp "$DOM0_TEST" "$R/bin/dom0-test"; fi
+printf 'DOM0_TEST_ARGS="%s"\nDOM0_PROBES=%s\n' "${DOM0_TEST_ARGS:-}" "${DOM0_PROBES:-1}" > "$R/init.conf"
 cat > "$R/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox mkdir -p /sbin /usr/bin /usr/sbin
@@ -82,6 +89,13 @@ for m in /lib/modules/*.ko*; do
     case "$m" in *.xz) xz -dc "$m" > /tmp/m.ko && insmod /tmp/m.ko ;; *) insmod "$m" ;; esac \
         && echo "ARM64-BOOT: insmod $(basename $m) ok" || echo "ARM64-BOOT: insmod $(basename $m) failed"
 done
+. /init.conf
+if [ -x /bin/dom0-test ]; then
+    echo "ARM64-BOOT: running dom0-test $DOM0_TEST_ARGS"
+    /bin/dom0-test $DOM0_TEST_ARGS 2>&1
+    echo "ARM64-BOOT: dom0-test exit $?"
+fi
+if [ "$DOM0_PROBES" = 1 ]; then
 echo "ARM64-BOOT: pci devices:"
 n=0
 for d in /sys/bus/pci/devices/*; do
@@ -125,6 +139,7 @@ else
 fi
 echo "ARM64-BOOT: dom0 dmesg (iommu/smmu/pci/xen lines):"
 dmesg | grep -i -E 'iommu|smmu|pci|xen|arm-smmu' | sed 's/^/ARM64-BOOT: dmesg: /'
+fi
 echo "ARM64-BOOT: dom0 init done"
 poweroff -f
 INIT

@@ -60,7 +60,20 @@ LIB="$(ls -t "$TARGET_DIR/$TARGET"/release/lib*.a | head -1)"
 echo "build-engine-arm64: staticlib $LIB"
 RAW="$OUT/rust_engine.raw.o"
 ENTRIES="pviommu_engine_init pviommu_engine_op pviommu_engine_domain_teardown pviommu_engine_gfn_changed"
-"$LD" -r --gc-sections $(for s in $ENTRIES; do printf -- '-u %s ' "$s"; done) -o "$RAW" "$LIB"
+# One .text: rustc puts every function in a .text.<name> section, and Xen's
+# Arm linker script only collects .text.* with CONFIG_CC_SPLIT_SECTIONS (off
+# on Arm without LIVEPATCH). Left as they are, they become orphan sections
+# placed after _etext, which Xen maps non-executable: the first call into
+# the engine was an instruction abort (ESR_EL2 0x8600000f, permission fault)
+# at pviommu_engine_init. --gc-sections still works per input section.
+MERGE="$OUT/merge-text.lds"
+printf 'SECTIONS {\n  .text : { *(.text .text.*) }\n}\n' > "$MERGE"
+"$LD" -r --gc-sections -T "$MERGE" $(for s in $ENTRIES; do printf -- '-u %s ' "$s"; done) -o "$RAW" "$LIB"
+if "$READELF" -SW "$RAW" | grep -q ' \.text\.'; then
+    "$READELF" -SW "$RAW" | grep ' \.text\.' | head -3
+    echo "build-engine-arm64: FAIL: .text.* sections left in the object (Xen would map them non-executable)" >&2
+    exit 1
+fi
 
 # Xen's symbol table stores a name's length in one byte: shorten long names.
 MAP="$OUT/long-syms.map"

@@ -23,6 +23,13 @@
 #                        from $PVIOMMU_XEN_GIT (default: the local mirror) into
 #                        $BUILD/xen-<tag>-src; such a tree gets no patches-4.20/
 #                        (4.21 has PCI_PASSTHROUGH and the HAS_PCI fix).
+#   PVIOMMU=1            build PV-IOMMU in (upstream tags >= 4.21 only): a
+#                        separate tree $BUILD/xen-<tag>-pviommu-tree gets
+#                        patches-4.21/series, the public header
+#                        (../public/pv-iommu.h), the engine boundary header,
+#                        the Arm glue pviommu-arm.c as xen/common/pviommu.c and
+#                        the engine object (build-engine-arm64.sh, or
+#                        $PVIOMMU_ENGINE_OBJ), and CONFIG_PV_IOMMU=y.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 BUILD="${PVIOMMU_ARM64_BUILD:-/work/arm64-build}"
@@ -40,6 +47,11 @@ else
     fi
 fi
 PCI="${PVIOMMU_ARM64_PCI:-1}"
+PVI="${PVIOMMU:-0}"
+if [ "$PVI" = 1 ]; then
+    [ "$VER" != 4.20 ] || { echo "build-xen-arm64: PVIOMMU=1 needs an upstream 4.21 tag (patches-4.21/)" >&2; exit 1; }
+    TREE="$BUILD/xen-$VER-pviommu-tree"; PATCHDIR=""
+fi
 JOBS="${PVIOMMU_JOBS:-2}"; [ "$JOBS" -le 2 ] || JOBS=2
 LOG="$BUILD/logs"
 mkdir -p "$LOG"
@@ -49,6 +61,12 @@ echo "build-xen-arm64: source $(cat "$SRC/.origin")"
 # patched copy, redone when the patch set or the PCI choice changes
 patches=()
 if [ "$PCI" = 1 ] && [ -n "$PATCHDIR" ]; then patches=("$PATCHDIR"/*.patch); fi
+if [ "$PVI" = 1 ]; then
+    while read -r l; do
+        case "$l" in ''|'#'*) continue ;; esac
+        patches+=("$HERE/patches-4.21/$l")
+    done < "$HERE/patches-4.21/series"
+fi
 psum=none
 if [ ${#patches[@]} -gt 0 ]; then psum="$(cat "${patches[@]}" | sha256sum | cut -c1-16)"; fi
 stamp="pci=$PCI $(cat "$SRC/.origin") patches=$psum"
@@ -57,30 +75,61 @@ if [ ! -f "$TREE/.tree-stamp" ] || [ "$(cat "$TREE/.tree-stamp")" != "$stamp" ];
     cp -a "$SRC" "$TREE"
     for p in "${patches[@]}"; do
         echo "build-xen-arm64: applying $(basename "$p")"
-        patch -s -p1 -d "$TREE" < "$p"
+        patch -s -p1 --forward --no-backup-if-mismatch -d "$TREE" < "$p"
     done
     echo "$stamp" > "$TREE/.tree-stamp"
 fi
 
+if [ "$PVI" = 1 ]; then
+    # Install a file only when it changed (keeps incremental builds incremental).
+    install_if_changed() { cmp -s "$1" "$2" || cp "$1" "$2"; }
+    XS="$HERE/.."
+    install_if_changed "$XS/public/pv-iommu.h" "$TREE/xen/include/public/pv-iommu.h"
+    sed -e 's/#include <stdint.h>/#include <xen\/types.h>/' -e '/#include <stddef.h>/d' \
+        "$XS/include/pviommu_engine.h" > "$LOG/pviommu_engine.h"
+    install_if_changed "$LOG/pviommu_engine.h" "$TREE/xen/common/pviommu_engine.h"
+    install_if_changed "$HERE/pviommu-arm.c" "$TREE/xen/common/pviommu.c"
+    if [ -n "${PVIOMMU_ENGINE_OBJ:-}" ]; then ENGINE_OBJ="$PVIOMMU_ENGINE_OBJ"
+    else
+        t_e=$(date +%s)
+        "$HERE/build-engine-arm64.sh" > "$LOG/engine-arm64.log" 2>&1 \
+            || { tail -20 "$LOG/engine-arm64.log" >&2; echo "build-xen-arm64: FAIL: engine, see $LOG/engine-arm64.log" >&2; exit 1; }
+        echo "build-xen-arm64: engine object in $(( $(date +%s) - t_e )) s ($(grep -c . "$LOG/engine-arm64.log") log lines, $LOG/engine-arm64.log)"
+        ENGINE_OBJ="$BUILD/engine-arm64/rust_engine.o"
+    fi
+    install_if_changed "$ENGINE_OBJ" "$TREE/xen/common/rust_engine.o"
+fi
+
 MK=(make -C "$TREE/xen" XEN_TARGET_ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu-)
 start=$(date +%s)
-"${MK[@]}" defconfig > "$LOG/xen-arm64-config.log" 2>&1
-{
-    echo "CONFIG_EXPERT=y"
-    echo "CONFIG_ARM_SMMU_V3=y"
-    if [ "$PCI" = 1 ]; then echo "CONFIG_PCI_PASSTHROUGH=y"; fi
-    if [ "${PVIOMMU_ARM64_DEBUG:-0}" = 1 ]; then echo "CONFIG_DEBUG=y"; fi
-} >> "$TREE/xen/.config"
-"${MK[@]}" olddefconfig >> "$LOG/xen-arm64-config.log" 2>&1
-cp "$TREE/xen/.config" "$BUILD/xen-$VER-arm64.config"
+# The config is redone only when its inputs change: a fresh defconfig
+# rewrites .config and makes make rebuild every file.
+cfgstamp="pci=$PCI debug=${PVIOMMU_ARM64_DEBUG:-0} pviommu=$PVI"
+if [ ! -f "$TREE/xen/.config" ] || [ "$(cat "$TREE/.config-stamp" 2>/dev/null)" != "$cfgstamp" ]; then
+    "${MK[@]}" defconfig > "$LOG/xen-arm64-config.log" 2>&1 \
+        || { grep -E 'error|unknown|Error' "$LOG/xen-arm64-config.log" | head -5 >&2
+             echo "build-xen-arm64: FAIL: defconfig, see $LOG/xen-arm64-config.log" >&2; exit 1; }
+    {
+        echo "CONFIG_EXPERT=y"
+        echo "CONFIG_ARM_SMMU_V3=y"
+        if [ "$PCI" = 1 ]; then echo "CONFIG_PCI_PASSTHROUGH=y"; fi
+        if [ "${PVIOMMU_ARM64_DEBUG:-0}" = 1 ]; then echo "CONFIG_DEBUG=y"; fi
+        if [ "$PVI" = 1 ]; then echo "CONFIG_PV_IOMMU=y"; fi
+    } >> "$TREE/xen/.config"
+    "${MK[@]}" olddefconfig >> "$LOG/xen-arm64-config.log" 2>&1
+    echo "$cfgstamp" > "$TREE/.config-stamp"
+fi
+CFGNAME="xen-$VER-arm64"; [ "$PVI" = 1 ] && CFGNAME="xen-$VER-pviommu-arm64"
+cp "$TREE/xen/.config" "$BUILD/$CFGNAME.config"
 
 want=(CONFIG_EXPERT CONFIG_ARM_SMMU_V3)
 if [ "$PCI" = 1 ]; then want+=(CONFIG_PCI_PASSTHROUGH CONFIG_HAS_PCI CONFIG_HAS_VPCI); fi
+if [ "$PVI" = 1 ]; then want+=(CONFIG_PV_IOMMU); fi
 for s in "${want[@]}"; do
     grep -q "^$s=y" "$TREE/xen/.config" \
         || { echo "build-xen-arm64: FAIL: $s not set after olddefconfig" >&2; exit 1; }
 done
-echo "build-xen-arm64: config: $(grep -E '^CONFIG_(EXPERT|ARM_SMMU|ARM_SMMU_V3|PCI_PASSTHROUGH|HAS_PCI|HAS_VPCI|HAS_VPCI_GUEST_SUPPORT|IOMMU_FORCE_PT_SHARE|HAS_PASSTHROUGH|DEBUG)=' "$TREE/xen/.config" | tr '\n' ' ')"
+echo "build-xen-arm64: config: $(grep -E '^CONFIG_(PV_IOMMU|EXPERT|ARM_SMMU|ARM_SMMU_V3|PCI_PASSTHROUGH|HAS_PCI|HAS_VPCI|HAS_VPCI_GUEST_SUPPORT|IOMMU_FORCE_PT_SHARE|HAS_PASSTHROUGH|DEBUG)=' "$TREE/xen/.config" | tr '\n' ' ')"
 
 if ! nice -n 19 "${MK[@]}" -j"$JOBS" > "$LOG/xen-arm64-build.log" 2>&1; then
     grep -E 'error|Error' "$LOG/xen-arm64-build.log" | head -20 >&2
@@ -88,6 +137,15 @@ if ! nice -n 19 "${MK[@]}" -j"$JOBS" > "$LOG/xen-arm64-build.log" 2>&1; then
     exit 1
 fi
 end=$(date +%s)
+if [ "$PVI" = 1 ]; then
+    aarch64-linux-gnu-nm "$TREE/xen/xen-syms" > "$LOG/xen-syms-pviommu.nm"
+    for s in do_pv_iommu_op pviommu_engine_op pviommu_engine_init; do
+        grep -q " $s\$" "$LOG/xen-syms-pviommu.nm" || { echo "build-xen-arm64: FAIL: $s not in xen-syms" >&2; exit 1; }
+    done
+    echo "build-xen-arm64: xen-syms has do_pv_iommu_op and the engine ($(grep -c ' pviommu_rs_sym_\| pviommu_engine_' "$LOG/xen-syms-pviommu.nm") engine symbols)"
+    if grep -qiE 'warning:|orphan' "$LOG/xen-arm64-build.log"; then grep -iE 'warning:|orphan' "$LOG/xen-arm64-build.log" | head -5
+    else echo "build-xen-arm64: no compiler/linker warnings"; fi
+fi
 echo "build-xen-arm64: built in $((end - start)) s (make -j$JOBS, nice 19)"
 file "$TREE/xen/xen"
 echo "build-xen-arm64: $TREE/xen/xen"
