@@ -496,10 +496,16 @@ impl<L: RawMutex> Engine<L> {
             }),
             Ok(Request::ContextDestroy { context }) => self.context_destroy_check(caller, context),
             Ok(Request::ContextCreate) => self.context_create(h, caller).map(|c| op.context = c.0),
-            // Undone (detached) if its status cannot be written.
-            Ok(Request::ContextAttach { context, device }) => {
-                self.context_attach(h, caller, context, device)
-            }
+            // Undone (detached) if its status cannot be written. A caller
+            // other than the control domain learns nothing of the host's
+            // devices: one that does not exist is as refused as one that
+            // is not its own.
+            Ok(Request::ContextAttach { context, device }) => self
+                .context_attach(h, caller, context, device)
+                .map_err(|e| match e {
+                    Errno::NoDev if !ci.control => Errno::Perm,
+                    e => e,
+                }),
             Ok(Request::ContextDetach { context, device }) => {
                 self.context_detach_check(caller, context, device)
             }

@@ -700,3 +700,41 @@ fn a_device_that_cannot_be_moved_off_keeps_its_tables_alive() {
     );
     assert_eq!(status, 0);
 }
+
+#[test]
+fn a_device_model_learns_nothing_of_the_hosts_devices_and_cannot_busy_pcidevs() {
+    // Review findings: a device model could tell an absent device (ENODEV)
+    // from someone else's (EPERM), and any caller took the devices lock
+    // (Xen's pcidevs_lock) before anything was checked.
+    let (mut m, e) = host(Format::Vtd);
+    let taken = m.devices_lock_taken;
+    for device in [NOBODY, A] {
+        assert_eq!(
+            attach(&mut m, &e, DEVICE_MODEL, ContextId(1), device),
+            Errno::NoEnt.negated()
+        );
+        assert_eq!(
+            detach(&mut m, &e, DEVICE_MODEL, ContextId(1), device),
+            Errno::NoEnt.negated()
+        );
+    }
+    assert_eq!(
+        m.devices_lock_taken, taken,
+        "no context of its own: pcidevs_lock untouched"
+    );
+    let ctx = create(&mut m, &e, DEVICE_MODEL);
+    assert_eq!(
+        attach(&mut m, &e, DEVICE_MODEL, ctx, NOBODY),
+        Errno::Perm.negated()
+    );
+    assert_eq!(
+        attach(&mut m, &e, DEVICE_MODEL, ctx, A),
+        Errno::Perm.negated()
+    );
+    // The control domain is told which it is.
+    let ctx0 = create(&mut m, &e, DomId::DOM0);
+    assert_eq!(
+        attach(&mut m, &e, DomId::DOM0, ctx0, NOBODY),
+        Errno::NoDev.negated()
+    );
+}

@@ -397,6 +397,18 @@ impl<L: RawMutex> Engine<L> {
         r
     }
 
+    /// Whether `caller` has its own context `context` (checked before the
+    /// devices lock, so a caller without one cannot make Xen's
+    /// `pcidevs_lock` busy; checked again under it).
+    fn has_own_context(&self, caller: DomId, context: ContextId) -> bool {
+        let Some(d) = self.lock_driver(caller) else {
+            return false;
+        };
+        let has = d.dd.own(context).is_some();
+        self.put_driver(d);
+        has
+    }
+
     /// Point `device` (the caller's) at `context`.
     pub fn context_attach(
         &self,
@@ -405,6 +417,9 @@ impl<L: RawMutex> Engine<L> {
         context: ContextId,
         device: Sbdf,
     ) -> Result<(), Errno> {
+        if !self.has_own_context(caller, context) {
+            return Err(Errno::NoEnt);
+        }
         h.devices_lock();
         let r = self.attach_locked(h, caller, context, device);
         h.devices_unlock();
@@ -467,6 +482,9 @@ impl<L: RawMutex> Engine<L> {
         context: ContextId,
         device: Sbdf,
     ) -> Result<(), Errno> {
+        if !self.has_own_context(caller, context) {
+            return Err(Errno::NoEnt);
+        }
         h.devices_lock();
         let r = match self.lock_driver(caller) {
             Some(mut d) => {

@@ -293,6 +293,9 @@ pub struct SimMachine {
     devices: BTreeMap<Sbdf, SimDevice>,
     /// Depth of the devices lock (Xen's recursive `pcidevs_lock`).
     devices_lock_depth: u32,
+    /// Times the devices lock was taken (a hostile caller must not be able
+    /// to keep Xen's `pcidevs_lock` busy for free).
+    pub devices_lock_taken: u64,
     /// The next this-many device attaches fail (failure injection).
     pub fail_attaches: u32,
     /// The next this-many device detaches fail with the device still on
@@ -330,6 +333,7 @@ impl SimMachine {
             next_hw_context: 1,
             devices: BTreeMap::new(),
             devices_lock_depth: 0,
+            devices_lock_taken: 0,
             fail_attaches: 0,
             fail_detaches: 0,
         };
@@ -1319,6 +1323,7 @@ impl IommuBackend for SimMachine {
     fn devices_lock(&mut self) {
         crate::lock_check::note_service("devices_lock (pcidevs_lock comes before driver locks)");
         self.devices_lock_depth += 1;
+        self.devices_lock_taken += 1;
     }
     fn devices_unlock(&mut self) {
         self.devices_lock_depth = self.devices_lock_depth.saturating_sub(1);
