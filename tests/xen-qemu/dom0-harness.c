@@ -718,23 +718,22 @@ static void grant_measure(uint32_t domid, unsigned long n, const xen_pfn_t *fram
     free(refs);
 }
 
-static int cmd_measure(unsigned long n)
+/*
+ * PV-IOMMU map then unmap of n pages of domid into context ctx, in batches
+ * of max_ops, timed, with Xen's perf counters and the in-Xen breakdown
+ * (PVIOMMU_CMD_stats). `tag` names the MEASURE lines ("pviommu" for the
+ * default context, Xen's own tables; "pviommu_ctx" for the engine's).
+ * Returns the pages mapped.
+ */
+static unsigned long pv_map_unmap(const char *tag, uint32_t ctx, uint32_t domid,
+                                  const xen_pfn_t *frames, unsigned long n, uint64_t *bfns)
 {
-    xen_pfn_t *frames = calloc(n, sizeof(*frames));
-    uint64_t *bfns = calloc(n, sizeof(*bfns));
-    int *errs = calloc(n, sizeof(int));
-    struct pv_iommu_caps c;
     struct pv_iommu_stats sm, su;
-    struct perfc_snap p0, p1, p2, p3, p4, p5;
-    uint32_t domid;
+    struct perfc_snap p0, p1, p2, p3;
     unsigned long i, done = 0, bad = 0;
     long calls = 0, ucalls = 0, rc;
-    double t0, t1, t2, t3, t4;
-    void *m;
+    double t0, t1, t2, t3;
 
-    if ( query_caps(&c) == 0 && c.max_batch_ops ) max_ops = c.max_batch_ops < OPS_CAP ? c.max_batch_ops : OPS_CAP;
-    domid = make_domain(n, frames);
-    printf("measure domid=%u pages=%lu batch=%u\n", domid, n, max_ops);
     /* Start the in-Xen breakdown from zero, timing on. */
     rc = pv_stats(PVIOMMU_STATS_RESET | PVIOMMU_STATS_TIMING_ON, NULL);
     if ( rc ) printf("measure stats rc=%ld\n", rc);
@@ -749,7 +748,7 @@ static int cmd_measure(unsigned long n)
         for ( j = 0; j < k; j++ )
         {
             ops[j].subop = PVIOMMU_OP_map; ops[j].flags = PVIOMMU_F_READ | PVIOMMU_F_WRITE;
-            ops[j].domid = domid; ops[j].gfn = frames[done + j];
+            ops[j].context = ctx; ops[j].domid = domid; ops[j].gfn = frames[done + j];
         }
         rc = run_batch(k, &calls);
         for ( j = 0; j < k; j++ ) { bfns[done + j] = ops[j].bfn; if ( ops[j].status ) bad++; }
@@ -765,7 +764,7 @@ static int cmd_measure(unsigned long n)
     {
         unsigned int k = done - i > max_ops ? max_ops : done - i, j;
         memset(ops, 0, k * sizeof(*ops));
-        for ( j = 0; j < k; j++ ) { ops[j].subop = PVIOMMU_OP_unmap; ops[j].bfn = bfns[i + j]; }
+        for ( j = 0; j < k; j++ ) { ops[j].subop = PVIOMMU_OP_unmap; ops[j].context = ctx; ops[j].bfn = bfns[i + j]; }
         rc = run_batch(k, &ucalls);
         if ( rc ) { printf("measure unmap batch rc=%ld\n", rc); break; }
         i += k;
@@ -773,29 +772,61 @@ static int cmd_measure(unsigned long n)
     t3 = now();
     perfc_take(&p3);
     if ( pv_stats(PVIOMMU_STATS_RESET | PVIOMMU_STATS_TIMING_OFF, &su) ) memset(&su, 0, sizeof(su));
-    printf("MEASURE pviommu_map pages=%lu ok=%lu failed=%lu seconds=%.4f hypercalls=%ld batch=%u",
-           n, done, bad, t1 - t0, calls, max_ops);
+    printf("MEASURE %s_map pages=%lu ok=%lu failed=%lu seconds=%.4f hypercalls=%ld batch=%u",
+           tag, n, done, bad, t1 - t0, calls, max_ops);
     perfc_print(&p0, &p1);
-    printf("\nMEASURE pviommu_unmap pages=%lu seconds=%.4f hypercalls=%ld", done, t3 - t2, ucalls);
+    printf("\nMEASURE %s_unmap pages=%lu seconds=%.4f hypercalls=%ld", tag, done, t3 - t2, ucalls);
     perfc_print(&p2, &p3);
     printf("\n");
     /* Where the time inside Xen went (ns per page). */
-    printf("MEASURE xen_breakdown_map pages=%lu maps=%" PRIu64 " batches=%" PRIu64 " flushes=%" PRIu64
+    printf("MEASURE %sxen_breakdown_map pages=%lu maps=%" PRIu64 " batches=%" PRIu64 " flushes=%" PRIu64
            " ns_per_page_total=%.0f get_page=%.0f iommu_map=%.0f flush=%.0f engine_and_copies=%.0f\n",
-           done, sm.maps, sm.batches, sm.flushes, (double)sm.ns_batches / (done ? done : 1),
+           ctx ? "ctx_" : "", done, sm.maps, sm.batches, sm.flushes, (double)sm.ns_batches / (done ? done : 1),
            (double)sm.ns_get_page / (done ? done : 1), (double)sm.ns_iommu_map / (done ? done : 1),
            (double)sm.ns_iommu_flush / (done ? done : 1),
            (double)(sm.ns_batches - sm.ns_get_page - sm.ns_iommu_map - sm.ns_iommu_flush - sm.ns_put_page)
                / (done ? done : 1));
-    printf("MEASURE xen_breakdown_unmap pages=%lu unmaps=%" PRIu64 " batches=%" PRIu64 " flushes=%" PRIu64
+    printf("MEASURE %sxen_breakdown_unmap pages=%lu unmaps=%" PRIu64 " batches=%" PRIu64 " flushes=%" PRIu64
            " ns_per_page_total=%.0f iommu_unmap=%.0f flush=%.0f put_page=%.0f engine_and_copies=%.0f\n",
-           done, su.unmaps, su.batches, su.flushes, (double)su.ns_batches / (done ? done : 1),
+           ctx ? "ctx_" : "", done, su.unmaps, su.batches, su.flushes, (double)su.ns_batches / (done ? done : 1),
            (double)su.ns_iommu_unmap / (done ? done : 1), (double)su.ns_iommu_flush / (done ? done : 1),
            (double)su.ns_put_page / (done ? done : 1),
            (double)(su.ns_batches - su.ns_iommu_unmap - su.ns_iommu_flush - su.ns_put_page - su.ns_get_page)
                / (done ? done : 1));
-    if ( sm.maps == done && su.unmaps == done && sm.ns_batches > 0 )
+    if ( !ctx && sm.maps == done && su.unmaps == done && sm.ns_batches > 0 )
         printf("stats-consistent maps=%" PRIu64 " unmaps=%" PRIu64 "\n", sm.maps, su.unmaps);
+    return done;
+}
+
+static int cmd_measure(unsigned long n)
+{
+    xen_pfn_t *frames = calloc(n, sizeof(*frames));
+    uint64_t *bfns = calloc(n, sizeof(*bfns));
+    int *errs = calloc(n, sizeof(int));
+    struct pv_iommu_caps c;
+    struct pv_iommu_op o;
+    struct perfc_snap p4, p5;
+    uint32_t domid;
+    unsigned long i, bad;
+    double t2, t3, t4;
+    void *m;
+
+    if ( query_caps(&c) == 0 && c.max_batch_ops ) max_ops = c.max_batch_ops < OPS_CAP ? c.max_batch_ops : OPS_CAP;
+    domid = make_domain(n, frames);
+    printf("measure domid=%u pages=%lu batch=%u\n", domid, n, max_ops);
+    pv_map_unmap("pviommu", 0, domid, frames, n, bfns);
+    /* The same pages into a context of the engine's own (its VT-d tables,
+     * its flush) where the IOMMU offers one. */
+    memset(&o, 0, sizeof(o));
+    o.subop = PVIOMMU_OP_context_create;
+    if ( c.max_contexts > 1 && one_op(&o) == 0 && o.status == 0 )
+    {
+        uint32_t ctx = o.context;
+        pv_map_unmap("pviommu_ctx", ctx, domid, frames, n, bfns);
+        memset(&o, 0, sizeof(o));
+        o.subop = PVIOMMU_OP_context_destroy; o.context = ctx;
+        one_op(&o);
+    }
 
     /* The stock way: privcmd foreign mapping of the same frames (PV dom0:
      * mmu_update hypercalls from the kernel, counted by Xen). */
