@@ -287,7 +287,12 @@ impl IommuBackend for ThreadHost {
     fn hw_context_create(&mut self, _: DomId, ctx: ContextId, _: Mfn) -> Result<HwContext, Errno> {
         Ok(HwContext(ctx.0))
     }
-    fn hw_context_destroy(&mut self, _: HwContext) {}
+    fn hw_context_destroy(&mut self, _: HwContext) -> Result<(), Errno> {
+        Ok(())
+    }
+    fn owns_devices(&self, _: DomId) -> bool {
+        false
+    }
     fn hw_flush(&mut self, _: HwContext, _: Bfn, _: Bfn) -> Result<(), Errno> {
         Ok(())
     }

@@ -495,6 +495,14 @@ impl<L: RawMutex> Engine<L> {
                 op.gfn = n.gfn.0;
             }),
             Ok(Request::ContextDestroy { context }) => self.context_destroy_check(caller, context),
+            // A caller other than the control domain without a device of
+            // its own could attach nothing: refused before Xen's
+            // pcidevs_lock is taken on its behalf.
+            Ok(Request::ContextCreate | Request::ContextAttach { .. })
+                if !ci.control && !h.owns_devices(caller) =>
+            {
+                Err(Errno::Perm)
+            }
             Ok(Request::ContextCreate) => self.context_create(h, caller).map(|c| op.context = c.0),
             // Undone (detached) if its status cannot be written. A caller
             // other than the control domain learns nothing of the host's

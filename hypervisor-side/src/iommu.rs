@@ -178,8 +178,10 @@ pub trait IommuBackend: TableMemory {
         root: Mfn,
     ) -> Result<HwContext, Errno>;
     /// Give the tag back: no device points at the context any more, and
-    /// its tables are about to be freed.
-    fn hw_context_destroy(&mut self, hw: HwContext);
+    /// its tables are about to be freed. `Err`: the IOMMU may still hold
+    /// entries under the tag (a flush failed): the tag stays taken and the
+    /// tables must be kept.
+    fn hw_context_destroy(&mut self, hw: HwContext) -> Result<(), Errno>;
     /// Invalidate the IOTLB (and paging-structure caches) of `hw` for BFNs
     /// `first..=last`.
     fn hw_flush(&mut self, hw: HwContext, first: Bfn, last: Bfn) -> Result<(), Errno>;
@@ -190,6 +192,10 @@ pub trait IommuBackend: TableMemory {
     fn devices_lock(&mut self);
     /// Release [`Self::devices_lock`].
     fn devices_unlock(&mut self);
+    /// Whether `domid` has any PCI device assigned: a hint, read without
+    /// the devices lock, to refuse contexts to a caller that could attach
+    /// nothing before it takes that lock.
+    fn owns_devices(&self, domid: DomId) -> bool;
     /// Facts about a device; `None` if there is none. Under the devices lock.
     fn device_facts(&self, device: Sbdf) -> Option<DeviceFacts>;
     /// Point `device` at the engine's context `hw` (root `root`), with the

@@ -936,10 +936,11 @@ void pvx_page_non_coherent(uint64_t mfn)
      * As get_page_from_l1e() does for a writable WC mapping (XSA-402): a
      * device writing without snooping can leave stale cache lines, so the
      * page is flushed before it gets any type but PGT_writable_page, or is
-     * freed. Its writable type reference is held by the caller.
+     * freed. Unlike the CPU's WC case, the CPU's self-snoop does not help:
+     * a device's no-snoop write never snoops the CPU caches, so always.
+     * Its writable type reference is held by the caller.
      */
-    if ( !boot_cpu_has(X86_FEATURE_XEN_SELFSNOOP) )
-        set_bit(_PGT_non_coherent, &mfn_to_page(_mfn(mfn))->u.inuse.type_info);
+    set_bit(_PGT_non_coherent, &mfn_to_page(_mfn(mfn))->u.inuse.type_info);
 }
 
 int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn,
@@ -1096,15 +1097,29 @@ int pvx_ctx_alloc(uint16_t *tag)
     return rc;
 }
 
-void pvx_ctx_free(uint16_t tag)
+int pvx_ctx_free(uint16_t tag)
 {
-    iommu_vcall(iommu_get_ops(), pviommu_ctx_free, tag);
+    return iommu_call(iommu_get_ops(), pviommu_ctx_free, tag);
 }
 
 int pvx_ctx_flush(uint16_t tag, uint64_t bfn, uint64_t count)
 {
     return iommu_call(iommu_get_ops(), pviommu_ctx_flush, tag, _dfn(bfn),
                       count);
+}
+
+int pvx_domain_has_devices(uint16_t domid)
+{
+    struct domain *d = rcu_lock_domain_by_id(domid);
+    int has;
+
+    if ( !d )
+        return 0;
+    /* A hint read without pcidevs_lock: attach checks ownership under it. */
+    has = has_arch_pdevs(d);
+    rcu_unlock_domain(d);
+
+    return has;
 }
 
 void pvx_devices_lock(void)

@@ -293,8 +293,11 @@ impl IommuBackend for Interposer<'_> {
     fn hw_context_create(&mut self, o: DomId, c: ContextId, root: Mfn) -> Result<HwContext, Errno> {
         self.m.borrow_mut().hw_context_create(o, c, root)
     }
-    fn hw_context_destroy(&mut self, hw: HwContext) {
+    fn hw_context_destroy(&mut self, hw: HwContext) -> Result<(), Errno> {
         self.m.borrow_mut().hw_context_destroy(hw)
+    }
+    fn owns_devices(&self, d: DomId) -> bool {
+        self.m.borrow().owns_devices(d)
     }
     fn hw_flush(&mut self, hw: HwContext, first: Bfn, last: Bfn) -> Result<(), Errno> {
         let _ = self.after(Service::HwFlush);

@@ -738,3 +738,72 @@ fn a_device_model_learns_nothing_of_the_hosts_devices_and_cannot_busy_pcidevs() 
         Errno::NoDev.negated()
     );
 }
+
+#[test]
+fn second_review_regressions() {
+    // (a) Without snoop control every entry of the engine's tables lets
+    // the device's no-snoop hint decide: a writable write-back map there
+    // is as non-coherent as an uncached one.
+    let (mut m, e) = host(Format::Vtd);
+    m.snoop_control = false;
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    map_in(&mut m, &e, ctx1, 4, MemAttr::WriteBack);
+    map_in(&mut m, &e, ContextId::DEFAULT, 5, MemAttr::WriteBack);
+    let marked = |m: &SimMachine, g| {
+        let mfn = m.mfn_of(GUEST, pviommu_abi::Gfn(g)).unwrap();
+        m.frame_info(mfn).unwrap().non_coherent
+    };
+    assert!(marked(&m, 4), "engine context without snoop control");
+    assert!(!marked(&m, 5), "the host's own tables: its policy");
+
+    // (b) A context whose last flush fails keeps its tag and its tables.
+    let (mut m, e) = host(Format::Vtd);
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    let b = map_in(&mut m, &e, ctx1, 4, MemAttr::WriteBack);
+    assert_eq!(unmap_in(&mut m, &e, ctx1, b), 0);
+    let xen = m.xen_frames();
+    m.fail_flushes = 1;
+    let (status, _) = op(
+        &mut m,
+        &e,
+        DomId::DOM0,
+        Request::ContextDestroy { context: ctx1 },
+    );
+    assert_eq!(status, Errno::Busy.negated());
+    assert_eq!(m.xen_frames(), xen, "nothing freed");
+    assert!(m.context_roots().iter().any(|(_, c, _)| *c == ctx1));
+    let (status, _) = op(
+        &mut m,
+        &e,
+        DomId::DOM0,
+        Request::ContextDestroy { context: ctx1 },
+    );
+    assert_eq!(status, 0);
+
+    // (c) A device model with no device of its own cannot make Xen take
+    // pcidevs_lock: no context for it; nor can a caller whose contexts are
+    // all taken.
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let taken = m.devices_lock_taken;
+    let (status, _) = op(&mut m, &e, DEVICE_MODEL, Request::ContextCreate);
+    assert_eq!(status, Errno::Perm.negated());
+    let (status, _) = op(
+        &mut m,
+        &e,
+        DEVICE_MODEL,
+        Request::ContextAttach {
+            context: ContextId(1),
+            device: A,
+        },
+    );
+    assert_eq!(status, Errno::Perm.negated());
+    assert_eq!(m.devices_lock_taken, taken);
+    let max = m.guest_query_caps(&e, DomId::DOM0).unwrap().max_contexts;
+    for _ in 1..max {
+        create(&mut m, &e, DomId::DOM0);
+    }
+    let taken = m.devices_lock_taken;
+    let (status, _) = op(&mut m, &e, DomId::DOM0, Request::ContextCreate);
+    assert_eq!(status, Errno::NoSpc.negated());
+    assert_eq!(m.devices_lock_taken, taken);
+}

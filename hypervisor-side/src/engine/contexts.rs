@@ -277,6 +277,15 @@ impl<L: RawMutex> Engine<L> {
         let Some(own_tables) = caps.own_tables.filter(|_| max > 1) else {
             return Err(Errno::OpNotSupp);
         };
+        // Full already? Answered before the devices lock (checked again
+        // under it).
+        if let Some(d) = self.lock_driver(caller) {
+            let full = (1..max).all(|c| d.dd.has_context(ContextId(c)));
+            self.put_driver(d);
+            if full {
+                return Err(Errno::NoSpc);
+            }
+        }
         // The tag is allocated under the devices lock, which comes first.
         h.devices_lock();
         let r = match self.lock_or_claim(caller) {
@@ -307,6 +316,7 @@ impl<L: RawMutex> Engine<L> {
         let hw = match h.hw_context_create(d.dd.domid, id, tables.root()) {
             Ok(hw) => hw,
             Err(e) => {
+                // No device ever pointed at them: free at once.
                 tables.destroy(h);
                 return Err(e);
             }
@@ -364,14 +374,18 @@ impl<L: RawMutex> Engine<L> {
                 *slot = None;
             }
         }
+        // Nothing is mapped (checked), but entries unmapped since the last
+        // flush may still be cached under the tag: flush, and give the tag
+        // back, before anything is freed; if either fails, keep it all.
+        let hw = own.hw;
+        if h.hw_flush(hw, Bfn(0), Bfn(u64::MAX >> 12)).is_err() || h.hw_context_destroy(hw).is_err()
+        {
+            return Err(Errno::Busy);
+        }
         let Some(pos) = d.dd.own.iter().position(|c| c.id == context) else {
             return Err(Errno::NoEnt);
         };
         let own = d.dd.own.swap_remove(pos);
-        // Nothing is mapped (checked), but entries unmapped since the last
-        // flush may still be cached under the tag.
-        let _ = h.hw_flush(own.hw, Bfn(0), Bfn(u64::MAX >> 12));
-        h.hw_context_destroy(own.hw);
         own.tables.destroy(h);
         d.dd.contexts &= !(1 << context.0);
         Ok(())

@@ -984,13 +984,28 @@ impl<L: RawMutex> Engine<L> {
             // A device writing past the CPU caches (no snoop) could leave
             // stale lines behind: the host must flush them before the page
             // becomes anything but plain writable memory (XSA-402).
-            Ok(mfn) if req.perms.write && req.attr != crate::MemAttr::WriteBack => {
-                h.note_non_coherent_write(mfn)
-            }
+            Ok(mfn) if req.perms.write && !Self::snooped(h, req) => h.note_non_coherent_write(mfn),
             Ok(_) => {}
             Err(_) => self.gate_leave(req.domid),
         }
         (checked.map(|mfn| (mfn, seq)), ns)
+    }
+
+    /// Whether the device's writes through `req`'s mapping are forced to
+    /// snoop the CPU caches: write-back into the host's own tables (its
+    /// policy), or into the engine's VT-d tables with snoop control (SNP).
+    /// Arm LPAE stage 2 with Normal write-back counts as coherent.
+    fn snooped(h: &impl Hypervisor, req: &MapRequest) -> bool {
+        use crate::iommu::TableFormat;
+        if req.attr != crate::MemAttr::WriteBack {
+            return false;
+        }
+        req.context == ContextId::DEFAULT
+            || match h.iommu_caps().own_tables.map(|t| t.format) {
+                Some(TableFormat::Vtd { snoop_control }) => snoop_control,
+                Some(TableFormat::Lpae) => true,
+                None => false,
+            }
     }
 
     /// The locked part of a map: dedup or install.

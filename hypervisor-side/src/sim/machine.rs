@@ -1294,7 +1294,7 @@ impl IommuBackend for SimMachine {
         self.hw_contexts.insert(id, HwCtx { owner, ctx, root });
         Ok(HwContext(id))
     }
-    fn hw_context_destroy(&mut self, hw: HwContext) {
+    fn hw_context_destroy(&mut self, hw: HwContext) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
         assert!(
             self.devices_lock_depth > 0,
@@ -1304,9 +1304,18 @@ impl IommuBackend for SimMachine {
             self.devices.values().all(|d| d.attached != Some(hw)),
             "a device still points at the tables of {hw:?}, about to be freed"
         );
+        if self.fail_flushes > 0 {
+            // The flush before the tag goes failed: it stays taken.
+            self.fail_flushes -= 1;
+            return Err(Errno::Inval);
+        }
         if let Some(h) = self.hw_contexts.remove(&hw.0) {
             self.iotlb.invalidate_context(h.owner, h.ctx);
         }
+        Ok(())
+    }
+    fn owns_devices(&self, domid: DomId) -> bool {
+        self.devices.values().any(|d| d.facts.owner == domid)
     }
     fn hw_flush(&mut self, hw: HwContext, first: Bfn, last: Bfn) -> Result<(), Errno> {
         let _host = HostAllocations::begin();

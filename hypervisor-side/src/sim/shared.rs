@@ -131,8 +131,11 @@ impl IommuBackend for SharedSim {
     ) -> Result<HwContext, Errno> {
         self.with(|m| m.hw_context_create(owner, ctx, root))
     }
-    fn hw_context_destroy(&mut self, hw: HwContext) {
+    fn hw_context_destroy(&mut self, hw: HwContext) -> Result<(), Errno> {
         self.with(|m| m.hw_context_destroy(hw))
+    }
+    fn owns_devices(&self, domid: DomId) -> bool {
+        self.with(|m| m.owns_devices(domid))
     }
     fn hw_flush(&mut self, hw: HwContext, first: Bfn, last: Bfn) -> Result<(), Errno> {
         self.with(|m| m.hw_flush(hw, first, last))

@@ -222,8 +222,11 @@ void pvx_table_write(uint64_t mfn, unsigned int index, uint64_t val);
 /* [devices locked, locked] A context's tag (a pseudo domid); [locked] its
  * IOTLB invalidation (page-selective for [bfn, bfn + count) where it can). */
 int pvx_ctx_alloc(uint16_t *tag);
-void pvx_ctx_free(uint16_t tag);
+int pvx_ctx_free(uint16_t tag);  /* -errno: the tag stays taken */
 int pvx_ctx_flush(uint16_t tag, uint64_t bfn, uint64_t count);
+/* [unlocked] Has domid any PCI device assigned? (A hint, for refusing
+ * contexts to callers that could attach nothing before pcidevs_lock.) */
+int pvx_domain_has_devices(uint16_t domid);
 /* pcidevs_lock, taken BEFORE any driver lock (Xen calls
  * pviommu_engine_device_leaving with it held): the order is
  * pcidevs_lock -> one driver lock. Recursive. */

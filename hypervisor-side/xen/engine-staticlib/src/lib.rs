@@ -69,7 +69,8 @@ mod ffi {
         pub fn pvx_table_read(mfn: u64, index: u32) -> u64;
         pub fn pvx_table_write(mfn: u64, index: u32, val: u64);
         pub fn pvx_ctx_alloc(tag: *mut u16) -> i32;
-        pub fn pvx_ctx_free(tag: u16);
+        pub fn pvx_ctx_free(tag: u16) -> i32;
+        pub fn pvx_domain_has_devices(domid: u16) -> i32;
         pub fn pvx_ctx_flush(tag: u16, bfn: u64, count: u64) -> i32;
         pub fn pvx_devices_lock();
         pub fn pvx_devices_unlock();
@@ -421,10 +422,17 @@ impl IommuBackend for Xen {
             rc => Err(errno_from(rc)),
         }
     }
-    fn hw_context_destroy(&mut self, hw: HwContext) {
-        let Ok(tag) = u16::try_from(hw.0) else { return };
+    fn hw_context_destroy(&mut self, hw: HwContext) -> Result<(), Errno> {
+        let tag = u16::try_from(hw.0).map_err(|_| Errno::Inval)?;
         // SAFETY: plain call; a tag pvx_ctx_alloc gave.
-        unsafe { ffi::pvx_ctx_free(tag) }
+        match unsafe { ffi::pvx_ctx_free(tag) } {
+            0 => Ok(()),
+            rc => Err(errno_from(rc)),
+        }
+    }
+    fn owns_devices(&self, domid: DomId) -> bool {
+        // SAFETY: plain call.
+        unsafe { ffi::pvx_domain_has_devices(domid.0) != 0 }
     }
     fn hw_flush(&mut self, hw: HwContext, first: Bfn, last: Bfn) -> Result<(), Errno> {
         let tag = u16::try_from(hw.0).map_err(|_| Errno::Inval)?;
