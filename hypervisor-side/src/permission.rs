@@ -49,8 +49,10 @@ pub fn may_call(caller: Option<&DomainInfo>) -> Result<&DomainInfo, Errno> {
     }
 }
 
-/// May `caller` map pages of `target`? Checks, in order: the caller's own
-/// IOMMU context translates BFNs (`EADDRNOTAVAIL`), the rule above
+/// May `caller` map pages of `target`? Checks, in order: for the default
+/// context, the caller's own IOMMU context translates BFNs
+/// (`EADDRNOTAVAIL`; the engine's own contexts always do: their tables are
+/// the engine's, whatever the default context is), the rule above
 /// (`EPERM`, before anything about the target is revealed, so a device
 /// model cannot probe which domains exist), the target exists and is alive
 /// (`ESRCH`), is not the caller when mapping into the default context
@@ -62,7 +64,7 @@ pub fn check_map(
     target: DomId,
     context: ContextId,
 ) -> Result<(), Errno> {
-    if caller.translation != translation::TRANSLATES {
+    if context == ContextId::DEFAULT && caller.translation != translation::TRANSLATES {
         return Err(Errno::AddrNotAvail);
     }
     match caller_kind(caller, target) {

@@ -514,6 +514,34 @@ fn a_driver_maps_its_own_buffers_into_its_own_contexts_only() {
     assert_eq!(&got, b"dom0's own ring");
 }
 
+/// Xen on Arm: dom0's default context is its own stage-2 p2m, shared with
+/// the SMMU (`SHARED_PT`), so nothing can be mapped there; a context of the
+/// engine's is tables the engine writes whatever the default context is,
+/// so the caller's own buffers (and foreign pages) go there.
+#[test]
+fn a_shared_pt_caller_maps_into_its_own_contexts_only() {
+    let (mut m, e) = host(Format::Lpae);
+    m.set_translation(DomId::DOM0, pviommu_abi::translation::SHARED_PT);
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx1, B), 0);
+    m.write_guest(DomId::DOM0, pviommu_abi::Gfn(1), 0, b"dom0's own ring")
+        .unwrap();
+    let mut ops = [
+        map_op_in(ctx1, DomId::DOM0, 1, Permissions::RW),
+        map_op(DomId::DOM0, 1, Permissions::RW),
+        map_op(GUEST, 2, Permissions::RW),
+        map_op_in(ctx1, GUEST, 2, Permissions::RW),
+    ];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!(ops[0].status, 0);
+    assert_eq!(ops[1].status, Errno::AddrNotAvail.negated());
+    assert_eq!(ops[2].status, Errno::AddrNotAvail.negated());
+    assert_eq!(ops[3].status, 0);
+    let got = m.device_dma_read(B, ops[0].bfn << 12, 15).unwrap();
+    assert_eq!(&got, b"dom0's own ring");
+    assert_eq!(read(&mut m, B, Bfn(ops[3].bfn)), Ok(pattern(2)));
+}
+
 #[test]
 fn tables_emptied_by_unmaps_map_nothing_while_the_iommu_may_still_walk_them() {
     // Regression test from the security review. The simulated IOMMU keeps

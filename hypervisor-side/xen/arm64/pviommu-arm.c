@@ -20,12 +20,15 @@
  *           from the stage-2 IPA size, get_page on Arm's p2m types, the
  *           IOMMU map/unmap of context 0 (dom0's translation is the shared
  *           p2m: SHARED_PT, so maps are refused as the ABI says), contexts
- *           (no SMMUv3 support yet: -EOPNOTSUPP), the revocation VIRQ
+ *           of the engine's own through the SMMUv3 driver's iommu_ops
+ *           (patches-4.21/0009: unshared LPAE stage 2, a VMID per
+ *           context; the same ops as x86's 0005), the revocation VIRQ
  *           (4.21's send_guest_domain_virq), data-cache cleaning for
  *           table frames.
  *
  * The p2m-change hook is patches-4.21/0008 (arch/arm/mmu/p2m.c
- * p2m_set_entry()); Arm has no log-dirty mode.
+ * p2m_set_entry()); Arm has no log-dirty mode. pviommu_device_leaving() is
+ * called by the SMMUv3 driver's reassign_device (0009).
  *
  * Locks: as ../pviommu.c (design/xen-integration.md).
  */
@@ -274,6 +277,15 @@ void pviommu_gfn_changed(struct domain *d, unsigned long gfn,
         return;
 
     pviommu_engine_gfn_changed(d->domain_id, gfn, order, how);
+}
+
+/* COMMON */
+void pviommu_device_leaving(struct domain *owner, const struct pci_dev *pdev)
+{
+    ASSERT(pcidevs_locked());
+    if ( !pviommu_ready || !owner )
+        return;
+    pviommu_engine_device_leaving(owner->domain_id, pdev->sbdf.sbdf);
 }
 
 /*
@@ -781,6 +793,18 @@ void pvx_put_page(uint64_t mfn, int writable)
 }
 
 /*
+ * ARM: the engine calls this only for a writable map with a memory type
+ * other than write-back, which needs PVIOMMU_FEAT_ATTR_UC/_DEVICE; Arm
+ * advertises neither yet (stage-2 MemAttr is written by the engine, but
+ * what a device's non-cacheable write leaves in the CPU caches, and the
+ * clean before the page is reused, is not done on Arm yet).
+ */
+void pvx_page_non_coherent(uint64_t mfn)
+{
+    ASSERT_UNREACHABLE();
+}
+
+/*
  * ARM: context 0 is the owner's stage-2 p2m itself (IOMMU_FORCE_PT_SHARE),
  * so pvx_translation() is never TRANSLATES: the engine answers
  * EADDRNOTAVAIL before asking, and these refuse for the same reason.
@@ -823,13 +847,28 @@ int pvx_iommu_flush(uint16_t owner, uint64_t bfn, uint64_t count,
 }
 
 /*
- * ARM: contexts of the engine's own need an SMMUv3 driver entry that points
- * a device's stream-table entry at another stage-2 root with its own VMID
- * (not written yet): none are offered.
+ * COMMON (the iommu_ops are the SMMUv3 driver's on Arm, patches-4.21/0009:
+ * the engine's tables are LPAE stage 2 there, chosen by the engine for
+ * aarch64; levels 4 from level 0, no snoop control).
  */
 int pvx_ctx_caps(unsigned int *levels, int *snoop_control)
 {
-    return -EOPNOTSUPP;
+    const struct iommu_ops *ops = iommu_get_ops();
+    struct pviommu_ctx_caps caps = {};
+    int rc;
+
+    if ( !iommu_enabled || !ops->pviommu_ctx_caps ||
+         !ops->pviommu_ctx_alloc || !ops->pviommu_ctx_free ||
+         !ops->pviommu_ctx_flush || !ops->pviommu_device_facts ||
+         !ops->pviommu_device_attach || !ops->pviommu_device_detach )
+        return -EOPNOTSUPP;
+    rc = iommu_call(ops, pviommu_ctx_caps, &caps);
+    if ( rc )
+        return rc;
+    *levels = caps.levels;
+    *snoop_control = caps.snoop_control;
+
+    return 0;
 }
 
 /* COMMON but for the cache maintenance (x86: iommu_sync_cache) */
@@ -887,20 +926,29 @@ void pvx_table_write(uint64_t mfn, unsigned int index, uint64_t val)
     unmap_domain_page(t);
 }
 
-/* ARM: no contexts (pvx_ctx_caps), so none of these is reached. */
+/* COMMON (tag: a VMID on Arm, a pseudo domain id on x86) */
 int pvx_ctx_alloc(uint16_t *tag)
 {
-    return -EOPNOTSUPP;
+    domid_t t;
+    int rc;
+
+    /* The engine took pcidevs_lock (pvx_devices_lock) before its own. */
+    rc = iommu_call(iommu_get_ops(), pviommu_ctx_alloc, &t);
+    if ( !rc )
+        *tag = t;
+
+    return rc;
 }
 
 void pvx_ctx_free(uint16_t tag)
 {
-    ASSERT_UNREACHABLE();
+    iommu_vcall(iommu_get_ops(), pviommu_ctx_free, tag);
 }
 
 int pvx_ctx_flush(uint16_t tag, uint64_t bfn, uint64_t count)
 {
-    return -EOPNOTSUPP;
+    return iommu_call(iommu_get_ops(), pviommu_ctx_flush, tag, _dfn(bfn),
+                      count);
 }
 
 /* COMMON */
@@ -914,20 +962,52 @@ void pvx_devices_unlock(void)
     pcidevs_unlock();
 }
 
-/* ARM: no device attach without contexts. */
+/* COMMON */
+static struct pci_dev *pvx_pdev(uint32_t sbdf)
+{
+    ASSERT(pcidevs_locked());
+    return pci_get_pdev(NULL, PCI_SBDF(sbdf >> 16, (sbdf >> 8) & 0xff,
+                                       PCI_SLOT(sbdf & 0xff),
+                                       PCI_FUNC(sbdf & 0xff)));
+}
+
 int pvx_device_facts(uint32_t sbdf, uint16_t *owner, uint32_t *flags)
 {
-    return -EOPNOTSUPP;
+    const struct pci_dev *pdev = pvx_pdev(sbdf);
+    unsigned int f;
+    int rc;
+
+    if ( !pdev || !pdev->domain )
+        return -ENODEV;
+    rc = iommu_call(iommu_get_ops(), pviommu_device_facts, pdev, &f);
+    if ( rc )
+        return rc;
+    /* dom_io / dom_xen report their reserved ids: nobody's to attach. */
+    *owner = pdev->domain->domain_id;
+    *flags = f;
+
+    return 0;
 }
 
 int pvx_device_attach(uint32_t sbdf, uint16_t tag, uint64_t root_mfn)
 {
-    return -EOPNOTSUPP;
+    struct pci_dev *pdev = pvx_pdev(sbdf);
+
+    if ( !pdev )
+        return -ENODEV;
+
+    return iommu_call(iommu_get_ops(), pviommu_device_attach, pdev, tag,
+                      pfn_to_paddr(root_mfn));
 }
 
 int pvx_device_detach(uint32_t sbdf, uint16_t tag)
 {
-    return -EOPNOTSUPP;
+    struct pci_dev *pdev = pvx_pdev(sbdf);
+
+    if ( !pdev )
+        return -ENODEV;
+
+    return iommu_call(iommu_get_ops(), pviommu_device_detach, pdev, tag);
 }
 
 /* ARM (and x86 from Xen 4.21): patches-4.21/0007 makes VIRQ_PV_IOMMU a

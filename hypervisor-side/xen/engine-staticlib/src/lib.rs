@@ -289,12 +289,39 @@ const CTX_SNOOP: u32 = 1 << 8;
 /// Contexts per driver domain when the IOMMU offers them.
 const XEN_MAX_CONTEXTS: u32 = 8;
 
-/// VT-d second-level entries have no room for the walker's count of present
-/// entries in a table, but bits 52..61 are ignored by the hardware in every
-/// entry, present or not (QEMU's intel-iommu: `VTD_SL_IGN_COM`). The count
-/// (0..=512) lives in those bits of entry 0.
-const COUNT_SHIFT: u32 = 52;
-const COUNT_MASK: u64 = 0x3ff << COUNT_SHIFT;
+/// The engine's contexts on Xen/Arm are SMMU stage-2 tables in the Arm
+/// LPAE format; on x86 they are VT-d second-level tables (AMD-Vi offers
+/// none: `pvx_ctx_caps` fails there).
+const LPAE: bool = cfg!(target_arch = "aarch64");
+
+/// Where the walker's count of present entries in a table (0..=512, 10
+/// bits) lives: bits the hardware ignores in every entry it may sit in,
+/// present or not.
+///
+/// * VT-d: bits 52..61 of entry 0 are ignored in every second-level entry
+///   (QEMU's intel-iommu: `VTD_SL_IGN_COM`).
+/// * Arm LPAE stage 2: no 10 such bits in one entry. Bits 52..54 of a page
+///   or block are Contiguous and XN, 59..62 PBHA, and 59..63 of a table
+///   descriptor RES0; bits 55..58 are ignored in table descriptors and
+///   reserved for software in pages and blocks (Arm ARM D8.3). So the
+///   count is spread over bits 55..58 of entries 0, 1 and 2 (4 bits each).
+const COUNT_SLOTS: usize = if LPAE { 3 } else { 1 };
+const COUNT_SHIFT: u32 = if LPAE { 55 } else { 52 };
+const COUNT_BITS: u32 = if LPAE { 4 } else { 10 };
+const COUNT_MASK: u64 = ((1 << COUNT_BITS) - 1) << COUNT_SHIFT;
+const _: () = assert!(COUNT_SLOTS as u32 * COUNT_BITS >= 10);
+
+fn table_read(table: Mfn, index: usize) -> u64 {
+    let Ok(i) = u32::try_from(index) else { return 0 };
+    // SAFETY: one of the engine's table frames; the glue checks index.
+    unsafe { ffi::pvx_table_read(table.0, i) }
+}
+
+fn table_write(table: Mfn, index: usize, raw: u64) {
+    let Ok(i) = u32::try_from(index) else { return };
+    // SAFETY: as in table_read.
+    unsafe { ffi::pvx_table_write(table.0, i, raw) }
+}
 
 impl TableMemory for Xen {
     fn alloc_table(&mut self) -> Result<Mfn, Errno> {
@@ -310,38 +337,35 @@ impl TableMemory for Xen {
         unsafe { ffi::pvx_table_free(table.0) }
     }
     fn read_entry(&self, table: Mfn, index: usize) -> u64 {
-        let Ok(i) = u32::try_from(index) else { return 0 };
-        // SAFETY: one of the engine's table frames; the glue checks index.
-        let raw = unsafe { ffi::pvx_table_read(table.0, i) };
-        if index == 0 {
+        let raw = table_read(table, index);
+        if index < COUNT_SLOTS {
             raw & !COUNT_MASK
         } else {
             raw
         }
     }
     fn write_entry(&mut self, table: Mfn, index: usize, raw: u64) {
-        let Ok(i) = u32::try_from(index) else { return };
-        let raw = if index == 0 {
-            // SAFETY: as in read_entry.
-            let count = unsafe { ffi::pvx_table_read(table.0, 0) } & COUNT_MASK;
-            (raw & !COUNT_MASK) | count
+        let raw = if index < COUNT_SLOTS {
+            (raw & !COUNT_MASK) | (table_read(table, index) & COUNT_MASK)
         } else {
             raw
         };
-        // SAFETY: as in read_entry.
-        unsafe { ffi::pvx_table_write(table.0, i, raw) }
+        table_write(table, index, raw)
     }
     fn present_count(&self, table: Mfn) -> u16 {
-        // SAFETY: as in read_entry.
-        let raw = unsafe { ffi::pvx_table_read(table.0, 0) };
-        ((raw & COUNT_MASK) >> COUNT_SHIFT) as u16
+        let mut count = 0u64;
+        for slot in 0..COUNT_SLOTS {
+            let part = (table_read(table, slot) & COUNT_MASK) >> COUNT_SHIFT;
+            count |= part << (COUNT_BITS * slot as u32);
+        }
+        count as u16
     }
     fn set_present_count(&mut self, table: Mfn, count: u16) {
-        // SAFETY: as in read_entry.
-        let raw = unsafe { ffi::pvx_table_read(table.0, 0) };
-        let raw = (raw & !COUNT_MASK) | ((u64::from(count) << COUNT_SHIFT) & COUNT_MASK);
-        // SAFETY: as in read_entry.
-        unsafe { ffi::pvx_table_write(table.0, 0, raw) }
+        for slot in 0..COUNT_SLOTS {
+            let part = (u64::from(count) >> (COUNT_BITS * slot as u32)) << COUNT_SHIFT;
+            let raw = (table_read(table, slot) & !COUNT_MASK) | (part & COUNT_MASK);
+            table_write(table, slot, raw)
+        }
     }
 }
 
@@ -366,7 +390,11 @@ impl IommuBackend for Xen {
             // SAFETY: plain call.
             address_bits: unsafe { ffi::pvx_iommu_address_bits() },
             own_tables: (levels != 0).then_some(OwnTables {
-                format: TableFormat::Vtd { snoop_control },
+                format: if LPAE {
+                    TableFormat::Lpae
+                } else {
+                    TableFormat::Vtd { snoop_control }
+                },
                 levels,
             }),
             default_context_attrs: false,
