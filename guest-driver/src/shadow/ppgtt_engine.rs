@@ -86,6 +86,12 @@ impl ShadowPpgtt {
             Self::note(&mut env.out, Anomaly::OutOfShadowMemory { gma: Gma(gma) });
             return None;
         };
+        // A new slot needs a snapshot page too (slot i's snapshot is page i).
+        if self.free_slots.is_empty() && self.guest.push_zeroed().is_none() {
+            env.mem.free_table(page);
+            Self::note(&mut env.out, Anomaly::OutOfShadowMemory { gma: Gma(gma) });
+            return None;
+        }
         self.live_slots += 1;
         let info = |gen| SlotInfo {
             level,
@@ -110,7 +116,7 @@ impl ShadowPpgtt {
             s
         } else {
             self.slots.push(info(0));
-            self.guest.push_zeroed();
+            debug_assert_eq!(self.guest.len(), self.slots.len());
             self.children
                 .push((level != Level::Pt).then(|| Box::new([NO_CHILD; ENTRIES])));
             (self.slots.len() - 1) as u32
@@ -153,19 +159,46 @@ impl ShadowPpgtt {
         let i = slot as usize;
         self.slots[i].populated = true;
         if self.slots[i].level == Level::Pt {
-            let gen = self.slots[i].gen;
-            for idx in 0..ENTRIES {
-                let e = self.guest[i][idx];
-                if e & fmt::PRESENT != 0 {
-                    self.queue_map(env, slot, gen, idx, e);
-                }
-            }
+            self.queue_pt(env, slot);
         } else {
             for idx in 0..ENTRIES {
                 let e = self.guest[i][idx];
                 if e & fmt::PRESENT != 0 {
                     self.add_entry(env, slot, idx, e);
                 }
+            }
+        }
+    }
+
+    /// Queue every present leaf of PT `slot` for mapping, straight from its
+    /// snapshot: one tight loop per batch rather than a call per leaf (a
+    /// full build queues 1 Mi leaves this way).
+    fn queue_pt<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, slot: u32)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let (i, gen) = (slot as usize, self.slots[slot as usize].gen);
+        let mut idx = 0;
+        while idx < ENTRIES {
+            let snap = &self.guest[i];
+            while idx < ENTRIES && self.maps.len() < self.config.batch {
+                let e = snap[idx];
+                if e & fmt::PRESENT != 0 {
+                    self.maps.push(PendingMap {
+                        slot,
+                        gen,
+                        idx: idx as u16,
+                        entry: e,
+                    });
+                    self.map_gfns.push(Gfn((e & fmt::ADDR_MASK) >> 12));
+                    self.map_writable.push(e & fmt::RW != 0);
+                }
+                idx += 1;
+            }
+            if self.maps.len() >= self.config.batch {
+                self.flush_maps(env);
             }
         }
     }
@@ -288,7 +321,15 @@ impl ShadowPpgtt {
         let page = self.slots[child as usize].page;
         let value = fmt::table_entry(e, page.0);
         env.mem.write_entry(self.slots[p].page, idx, value);
-        self.work.push((child, self.slots[child as usize].gen));
+        if clevel == Level::Pt {
+            // A PT only queues its leaves (it attaches nothing), so it can
+            // be populated at once, while its snapshot, just read, and its
+            // shadow page, just allocated, are still in the cache. Queued,
+            // a PD's 512 PTs would be read 4 MiB before their population.
+            self.populate(env, child);
+        } else {
+            self.work.push((child, self.slots[child as usize].gen));
+        }
     }
 
     /// Undo the shadowing of guest entry `old`, formerly at `slot[idx]`.
@@ -379,7 +420,10 @@ impl ShadowPpgtt {
             if level == Level::Pt {
                 let page = self.slots[i].page;
                 for idx in 0..ENTRIES {
-                    let v = env.mem.read_entry(page, idx).unwrap_or(0);
+                    let v = match env.mem.table(page) {
+                        Some(t) => t[idx],
+                        None => env.mem.read_entry(page, idx).unwrap_or(0),
+                    };
                     if v & fmt::PRESENT != 0 {
                         self.queue_unmap(env, Bfn((v & fmt::ADDR_MASK) >> 12));
                     }
@@ -521,11 +565,13 @@ impl ShadowPpgtt {
         };
         let mut shadow = std::mem::take(&mut self.shadow_buf);
         shadow.clear();
+        let table = env.mem.table(page);
         shadow.extend(
             changes
                 .iter()
-                .map(|&(idx, old, _)| match old & fmt::PRESENT {
-                    0 => 0,
+                .map(|&(idx, old, _)| match (old & fmt::PRESENT, table) {
+                    (0, _) => 0,
+                    (_, Some(t)) => t[idx as usize],
                     _ => env.mem.read_entry(page, idx as usize).unwrap_or(0),
                 }),
         );
@@ -666,48 +712,76 @@ impl ShadowPpgtt {
         env.out.report.map_calls += 1;
         let maps = std::mem::take(&mut self.maps);
         let mut results = results.into_iter();
-        for p in &maps {
-            let i = p.slot as usize;
-            let (live, gen, page, base) = {
-                let s = &self.slots[i];
-                (s.live, s.gen, s.page, s.gma)
-            };
-            let idx = p.idx as usize;
-            let valid = live
-                && gen == p.gen
-                && self.guest[i][idx] == p.entry
-                && env
-                    .mem
-                    .read_entry(page, idx)
-                    .is_some_and(|v| v & fmt::PRESENT == 0);
-            let res = results.next();
-            let errno = match res {
-                Some(Ok(bfn)) if valid && bfn.0 <= fmt::MAX_FRAME => {
-                    let value = fmt::leaf_entry(p.entry, bfn.0);
-                    env.mem.write_entry(page, idx, value);
-                    self.mapped_leaves += 1;
-                    env.out.report.leaves_mapped += 1;
-                    continue;
+        let mut mapped = 0;
+        // BFNs to give back (rare: a stale leaf or a BFN too wide); pushed
+        // after the loop, which holds the shadow table borrowed.
+        let mut give_back = Vec::new();
+        let refused = &mut env.out.report.refused;
+        // Leaves are queued a table at a time: settle each run of one slot
+        // with one look-up of the slot, its snapshot and its shadow table.
+        for run in maps.chunk_by(|a, b| a.slot == b.slot && a.gen == b.gen) {
+            let i = run[0].slot as usize;
+            let info = &self.slots[i];
+            let (page, base) = (info.page, info.gma);
+            // A slot freed (or reused) since its leaves were queued.
+            let slot_ok = info.live && info.gen == run[0].gen;
+            let snap = &self.guest[i];
+            // The value to write for leaf `p`, given its current shadow
+            // entry; None leaves the shadow entry alone. A leaf still wants
+            // its BFN if the guest entry is unchanged and the shadow leaf
+            // still empty.
+            let mut settle = |p: &PendingMap, shadow: Option<u64>| {
+                let idx = p.idx as usize;
+                let valid = slot_ok
+                    && snap[idx] == p.entry
+                    && shadow.is_some_and(|v| v & fmt::PRESENT == 0);
+                let errno = match results.next() {
+                    Some(Ok(bfn)) if valid && bfn.0 <= fmt::MAX_FRAME => {
+                        mapped += 1;
+                        return Some(fmt::leaf_entry(p.entry, bfn.0));
+                    }
+                    Some(Ok(bfn)) => {
+                        give_back.push(bfn);
+                        ERRNO_BFN_TOO_WIDE
+                    }
+                    Some(Err(e)) => e.errno,
+                    None => ERRNO_MAPPER_SHORT,
+                };
+                if valid {
+                    refused.push(RefusedLeaf {
+                        gma: Gma(base + (idx as u64) * Level::Pt.entry_span()),
+                        gfn: Gfn((p.entry & fmt::ADDR_MASK) >> 12),
+                        errno,
+                    });
                 }
-                Some(Ok(bfn)) => {
-                    self.push_unmap(env, bfn);
-                    ERRNO_BFN_TOO_WIDE
-                }
-                Some(Err(e)) => e.errno,
-                None => ERRNO_MAPPER_SHORT,
+                None
             };
-            if valid {
-                let gma = Gma(base + (idx as u64) * Level::Pt.entry_span());
-                env.out.report.refused.push(RefusedLeaf {
-                    gma,
-                    gfn: Gfn((p.entry & fmt::ADDR_MASK) >> 12),
-                    errno,
-                });
+            match env.mem.table_mut(page).filter(|_| slot_ok) {
+                Some(table) => {
+                    for p in run {
+                        let e = &mut table[p.idx as usize];
+                        if let Some(v) = settle(p, Some(*e)) {
+                            *e = v;
+                        }
+                    }
+                }
+                None => {
+                    for p in run {
+                        let idx = p.idx as usize;
+                        let shadow = env.mem.read_entry(page, idx);
+                        if let Some(v) = settle(p, shadow) {
+                            env.mem.write_entry(page, idx, v);
+                        }
+                    }
+                }
             }
         }
         // Surplus results (a misbehaving mapper) must not leak.
-        for r in results.flatten() {
-            self.push_unmap(env, r);
+        give_back.extend(results.flatten());
+        self.mapped_leaves += mapped;
+        env.out.report.leaves_mapped += mapped;
+        for bfn in give_back {
+            self.push_unmap(env, bfn);
         }
         self.maps = maps;
         self.maps.clear();
