@@ -52,6 +52,26 @@ pub(super) fn diff_page(
     }
 }
 
+/// Start loading the shadow leaves that applying `changes` will read, from
+/// `table` (when the memory hands it out). Only a hint: a no-op off x86-64.
+#[inline]
+fn prefetch_leaves(table: Option<&[u64; ENTRIES]>, changes: &[(u16, u64, u64)]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = table {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        for &(idx, old, _) in changes {
+            if old & fmt::PRESENT != 0 {
+                let p: *const u64 = &t[idx as usize];
+                // SAFETY: a prefetch never faults and has no architectural
+                // effect; SSE is part of the x86-64 baseline.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (table, changes);
+}
+
 /// Ordering key of a reference: lower owns a shared table page.
 type RefKey = (u64, Reverse<u8>);
 
@@ -511,7 +531,24 @@ impl ShadowPpgtt {
     }
 
     /// Re-read owned table `slot` (guest page `g`) and act on what changed.
-    pub(super) fn diff_slot<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, slot: u32, g: Gfn)
+    ///
+    /// The changes of a populated PT are not applied here but held, and
+    /// the PT returned: applying them reads the shadow leaves of the
+    /// changed entries, which a sync of many dirty pages finds cold (it
+    /// streams guest pages and snapshots through the cache). So their
+    /// lines are prefetched now and the changes applied when the next
+    /// dirty page has been read and diffed (pass the returned PT back as
+    /// `held`), or before anything else is applied, or by
+    /// [`apply_held`](Self::apply_held) at the end. Only diffs happen in
+    /// between, which change no structure, so the held PT is still live
+    /// and the queued work comes out in the same order.
+    pub(super) fn diff_slot<R, M, S>(
+        &mut self,
+        env: &mut Env<'_, R, M, S>,
+        slot: u32,
+        g: Gfn,
+        held: Option<u32>,
+    ) -> Option<u32>
     where
         R: GuestTableReader + ?Sized,
         M: FrameMapper + ?Sized,
@@ -535,14 +572,36 @@ impl ShadowPpgtt {
         diff_page(&mut self.guest[i], &self.read_buf, &mut changes);
         env.out.report.entries_changed += changes.len() as u64;
         let info = &self.slots[i];
+        if changes.is_empty() {
+            self.changes = changes;
+            return held;
+        }
         if info.level == Level::Pt && info.populated {
-            self.apply_pt_changes(env, slot, &changes);
-        } else {
-            for &(idx, old, new) in &changes {
-                self.apply_change(env, slot, idx as usize, old, new);
-            }
+            prefetch_leaves(env.mem.table(info.page), &changes);
+            self.apply_held(env, held);
+            self.changes = std::mem::replace(&mut self.held_changes, changes);
+            return Some(slot);
+        }
+        self.apply_held(env, held);
+        for &(idx, old, new) in &changes {
+            self.apply_change(env, slot, idx as usize, old, new);
         }
         self.changes = changes;
+        None
+    }
+
+    /// Apply the changes [`diff_slot`](Self::diff_slot) held for PT `held`.
+    pub(super) fn apply_held<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, held: Option<u32>)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let Some(slot) = held else { return };
+        debug_assert!(self.slots[slot as usize].live && self.slots[slot as usize].populated);
+        let changes = std::mem::take(&mut self.held_changes);
+        self.apply_pt_changes(env, slot, &changes);
+        self.held_changes = changes;
     }
 
     /// [`apply_change`](Self::apply_change) for every change of populated
@@ -647,6 +706,7 @@ impl ShadowPpgtt {
         self.add_entry(env, slot, idx, new);
     }
 
+    #[inline]
     fn queue_map<R, M, S>(
         &mut self,
         env: &mut Env<'_, R, M, S>,
@@ -672,6 +732,7 @@ impl ShadowPpgtt {
         }
     }
 
+    #[inline]
     fn queue_unmap<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, bfn: Bfn)
     where
         R: GuestTableReader + ?Sized,
@@ -683,6 +744,7 @@ impl ShadowPpgtt {
         self.push_unmap(env, bfn);
     }
 
+    #[inline]
     fn push_unmap<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, bfn: Bfn)
     where
         R: GuestTableReader + ?Sized,

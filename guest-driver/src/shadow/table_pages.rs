@@ -1,10 +1,10 @@
 //! Table-sized pages in large anonymous mappings: the guest snapshots of a
-//! shadow and the pages of [`HeapShadowMemory`](super::HeapShadowMemory).
+//! shadow.
 //!
-//! A shadow of 1 Mi leaves holds 2048 PT snapshots and 2048 shadow PT pages
-//! (16 MiB). One heap allocation per page costs, at every build, a page
-//! fault (and often a `memset`) per page, and at every sync of a spread
-//! dirty set a TLB miss per page touched (expensive under nested paging).
+//! A shadow of 1 Mi leaves holds 2048 PT snapshots (8 MiB). One heap
+//! allocation per page costs, at every build, a page fault (and often a
+//! `memset`) per page, and at every sync of a spread dirty set a TLB miss
+//! per page re-read (expensive under nested paging).
 //! Here pages come from anonymous mappings, which the kernel hands out
 //! zero-filled on first touch (no `memset`); every chunk after the first is
 //! a 2 MiB-aligned 2 MiB region advised for transparent huge pages, so 512
@@ -14,9 +14,9 @@
 //!
 //! The huge chunks of a dropped `TablePages` go to a small process-wide pool
 //! for the next one: a mediator that rebuilds shadows would otherwise pay
-//! the kernel's fault and 2 MiB clear per chunk on every build (a quarter of
-//! a 1 Mi-leaf build), where one heap page per table was recycled by
-//! `malloc`. A recycled page is zeroed when handed out, right before the
+//! the kernel's fault and 2 MiB clear per chunk on every build (without the
+//! pool, `clear_page` was a quarter of a 1 Mi-leaf build's profile), where
+//! heap pages were recycled by `malloc`. A recycled page is zeroed when handed out, right before the
 //! caller writes it, so the clear costs no extra cache misses.
 
 use super::ppgtt_format::ENTRIES;
@@ -131,8 +131,11 @@ impl Drop for Chunk {
 }
 
 /// A growable array of zero-initialised table pages, indexed like a `Vec`.
+/// Public (hidden) only so the shadow bench can keep its floor's snapshots
+/// in the same storage as the shadow's.
+#[doc(hidden)]
 #[derive(Default)]
-pub(super) struct TablePages {
+pub struct TablePages {
     chunks: Vec<Chunk>,
     len: usize,
 }
@@ -150,7 +153,7 @@ impl TablePages {
 
     /// Append a zero-filled page; returns its index, or None if no memory
     /// could be mapped for it.
-    pub(super) fn push_zeroed(&mut self) -> Option<usize> {
+    pub fn push_zeroed(&mut self) -> Option<usize> {
         let (c, o) = Self::locate(self.len);
         if c == self.chunks.len() {
             let chunk = match c {
@@ -168,7 +171,8 @@ impl TablePages {
     }
 
     /// Number of pages.
-    pub(super) fn len(&self) -> usize {
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> usize {
         self.len
     }
 }
