@@ -6,7 +6,7 @@
 use criterion::{criterion_group, Criterion};
 use pviommu_guest::shadow::{
     Bfn, DomId, FrameMapper, Gfn, GuestTableReader, HeapShadowMemory, MapError, ShadowError,
-    ShadowPpgtt,
+    ShadowPpgtt, TablePages,
 };
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -111,9 +111,10 @@ fn edit_pts(g: &mut VecGuest, round: u64, n: u64) -> Vec<Gfn> {
 /// against a snapshot, the way `sync` does (whole page, then cache lines,
 /// then entries; changed entries collected and copied into the snapshot),
 /// with nothing else: no lookups, no shadow or mapper work. Snapshots are
-/// one contiguous vector indexed by PT number.
+/// indexed by PT number, in the same storage as the shadow's (`TablePages`:
+/// page-aligned, on huge pages), so the floor has no TLB handicap.
 struct Floor {
-    snap: Vec<[u64; 512]>,
+    snap: TablePages,
     buf: Box<[u64; 512]>,
     changes: Vec<(u16, u64, u64)>,
     /// For the floor with mapper calls: its own mapper holding every
@@ -140,7 +141,14 @@ impl Floor {
             assert!(r.is_ok(), "leaf {k}");
         }
         Floor {
-            snap: (0..PTS).map(|p| g.0[(PT0 + p) as usize]).collect(),
+            snap: {
+                let mut t = TablePages::default();
+                for p in 0..PTS {
+                    let i = t.push_zeroed().expect("memory for the floor");
+                    t[i] = g.0[(PT0 + p) as usize];
+                }
+                t
+            },
             buf: Box::new([0; 512]),
             changes: Vec::new(),
             mapper,

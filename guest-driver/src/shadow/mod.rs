@@ -39,4 +39,6 @@ pub use ppgtt::ShadowPpgtt;
 pub use pviommu_abi::{Bfn, DomId, Gfn};
 pub use report::{Anomaly, BuildReport, RefusedLeaf, RevokedLeaf, SyncReport};
 pub use session::{RevocationReport, SessionError, ShadowSession};
+#[doc(hidden)]
+pub use table_pages::TablePages;
 pub use traits::{FrameMapper, GuestTableReader, ShadowMemory};

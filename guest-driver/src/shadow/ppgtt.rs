@@ -105,6 +105,8 @@ pub struct ShadowPpgtt {
     pub(super) unmaps: Vec<Bfn>,
     pub(super) subtree: Vec<u32>,
     pub(super) changes: Vec<(u16, u64, u64)>,
+    /// Changes of the PT whose application `sync` holds back one page.
+    pub(super) held_changes: Vec<(u16, u64, u64)>,
     /// Shadow leaves of a PT's changed entries, read ahead of the unmaps.
     pub(super) shadow_buf: Vec<u64>,
     pub(super) read_buf: Box<[u64; ENTRIES]>,
@@ -175,6 +177,7 @@ impl ShadowPpgtt {
             unmaps: Vec::with_capacity(config.batch),
             subtree: Vec::new(),
             changes: Vec::new(),
+            held_changes: Vec::new(),
             shadow_buf: Vec::new(),
             read_buf: Box::new([0; ENTRIES]),
         };
@@ -227,12 +230,15 @@ impl ShadowPpgtt {
         let mut gfns = changed_table_gfns.to_vec();
         gfns.sort_unstable();
         gfns.dedup();
+        // A PT's changes are applied one dirty page late (see `diff_slot`).
+        let mut held = None;
         for g in gfns {
             match self.owners.get(&g) {
-                Some(&slot) => self.diff_slot(&mut env, slot, g),
+                Some(&slot) => held = self.diff_slot(&mut env, slot, g, held),
                 None => env.out.report.ignored.push(g),
             }
         }
+        self.apply_held(&mut env, held);
         self.finish(&mut env);
         env.out.report
     }

@@ -52,6 +52,26 @@ pub(super) fn diff_page(
     }
 }
 
+/// Start loading the shadow leaves that applying `changes` will read, from
+/// `table` (when the memory hands it out). Only a hint: a no-op off x86-64.
+#[inline]
+fn prefetch_leaves(table: Option<&[u64; ENTRIES]>, changes: &[(u16, u64, u64)]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = table {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        for &(idx, old, _) in changes {
+            if old & fmt::PRESENT != 0 {
+                let p: *const u64 = &t[idx as usize];
+                // SAFETY: a prefetch never faults and has no architectural
+                // effect; SSE is part of the x86-64 baseline.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (table, changes);
+}
+
 /// Ordering key of a reference: lower owns a shared table page.
 type RefKey = (u64, Reverse<u8>);
 
@@ -86,6 +106,12 @@ impl ShadowPpgtt {
             Self::note(&mut env.out, Anomaly::OutOfShadowMemory { gma: Gma(gma) });
             return None;
         };
+        // A new slot needs a snapshot page too (slot i's snapshot is page i).
+        if self.free_slots.is_empty() && self.guest.push_zeroed().is_none() {
+            env.mem.free_table(page);
+            Self::note(&mut env.out, Anomaly::OutOfShadowMemory { gma: Gma(gma) });
+            return None;
+        }
         self.live_slots += 1;
         let info = |gen| SlotInfo {
             level,
@@ -110,7 +136,7 @@ impl ShadowPpgtt {
             s
         } else {
             self.slots.push(info(0));
-            self.guest.push_zeroed();
+            debug_assert_eq!(self.guest.len(), self.slots.len());
             self.children
                 .push((level != Level::Pt).then(|| Box::new([NO_CHILD; ENTRIES])));
             (self.slots.len() - 1) as u32
@@ -153,19 +179,46 @@ impl ShadowPpgtt {
         let i = slot as usize;
         self.slots[i].populated = true;
         if self.slots[i].level == Level::Pt {
-            let gen = self.slots[i].gen;
-            for idx in 0..ENTRIES {
-                let e = self.guest[i][idx];
-                if e & fmt::PRESENT != 0 {
-                    self.queue_map(env, slot, gen, idx, e);
-                }
-            }
+            self.queue_pt(env, slot);
         } else {
             for idx in 0..ENTRIES {
                 let e = self.guest[i][idx];
                 if e & fmt::PRESENT != 0 {
                     self.add_entry(env, slot, idx, e);
                 }
+            }
+        }
+    }
+
+    /// Queue every present leaf of PT `slot` for mapping, straight from its
+    /// snapshot: one tight loop per batch rather than a call per leaf (a
+    /// full build queues 1 Mi leaves this way).
+    fn queue_pt<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, slot: u32)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let (i, gen) = (slot as usize, self.slots[slot as usize].gen);
+        let mut idx = 0;
+        while idx < ENTRIES {
+            let snap = &self.guest[i];
+            while idx < ENTRIES && self.maps.len() < self.config.batch {
+                let e = snap[idx];
+                if e & fmt::PRESENT != 0 {
+                    self.maps.push(PendingMap {
+                        slot,
+                        gen,
+                        idx: idx as u16,
+                        entry: e,
+                    });
+                    self.map_gfns.push(Gfn((e & fmt::ADDR_MASK) >> 12));
+                    self.map_writable.push(e & fmt::RW != 0);
+                }
+                idx += 1;
+            }
+            if self.maps.len() >= self.config.batch {
+                self.flush_maps(env);
             }
         }
     }
@@ -288,7 +341,15 @@ impl ShadowPpgtt {
         let page = self.slots[child as usize].page;
         let value = fmt::table_entry(e, page.0);
         env.mem.write_entry(self.slots[p].page, idx, value);
-        self.work.push((child, self.slots[child as usize].gen));
+        if clevel == Level::Pt {
+            // A PT only queues its leaves (it attaches nothing), so it can
+            // be populated at once, while its snapshot, just read, and its
+            // shadow page, just allocated, are still in the cache. Queued,
+            // a PD's 512 PTs would be read 4 MiB before their population.
+            self.populate(env, child);
+        } else {
+            self.work.push((child, self.slots[child as usize].gen));
+        }
     }
 
     /// Undo the shadowing of guest entry `old`, formerly at `slot[idx]`.
@@ -379,7 +440,10 @@ impl ShadowPpgtt {
             if level == Level::Pt {
                 let page = self.slots[i].page;
                 for idx in 0..ENTRIES {
-                    let v = env.mem.read_entry(page, idx).unwrap_or(0);
+                    let v = match env.mem.table(page) {
+                        Some(t) => t[idx],
+                        None => env.mem.read_entry(page, idx).unwrap_or(0),
+                    };
                     if v & fmt::PRESENT != 0 {
                         self.queue_unmap(env, Bfn((v & fmt::ADDR_MASK) >> 12));
                     }
@@ -467,7 +531,24 @@ impl ShadowPpgtt {
     }
 
     /// Re-read owned table `slot` (guest page `g`) and act on what changed.
-    pub(super) fn diff_slot<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, slot: u32, g: Gfn)
+    ///
+    /// The changes of a populated PT are not applied here but held, and
+    /// the PT returned: applying them reads the shadow leaves of the
+    /// changed entries, which a sync of many dirty pages finds cold (it
+    /// streams guest pages and snapshots through the cache). So their
+    /// lines are prefetched now and the changes applied when the next
+    /// dirty page has been read and diffed (pass the returned PT back as
+    /// `held`), or before anything else is applied, or by
+    /// [`apply_held`](Self::apply_held) at the end. Only diffs happen in
+    /// between, which change no structure, so the held PT is still live
+    /// and the queued work comes out in the same order.
+    pub(super) fn diff_slot<R, M, S>(
+        &mut self,
+        env: &mut Env<'_, R, M, S>,
+        slot: u32,
+        g: Gfn,
+        held: Option<u32>,
+    ) -> Option<u32>
     where
         R: GuestTableReader + ?Sized,
         M: FrameMapper + ?Sized,
@@ -491,14 +572,36 @@ impl ShadowPpgtt {
         diff_page(&mut self.guest[i], &self.read_buf, &mut changes);
         env.out.report.entries_changed += changes.len() as u64;
         let info = &self.slots[i];
+        if changes.is_empty() {
+            self.changes = changes;
+            return held;
+        }
         if info.level == Level::Pt && info.populated {
-            self.apply_pt_changes(env, slot, &changes);
-        } else {
-            for &(idx, old, new) in &changes {
-                self.apply_change(env, slot, idx as usize, old, new);
-            }
+            prefetch_leaves(env.mem.table(info.page), &changes);
+            self.apply_held(env, held);
+            self.changes = std::mem::replace(&mut self.held_changes, changes);
+            return Some(slot);
+        }
+        self.apply_held(env, held);
+        for &(idx, old, new) in &changes {
+            self.apply_change(env, slot, idx as usize, old, new);
         }
         self.changes = changes;
+        None
+    }
+
+    /// Apply the changes [`diff_slot`](Self::diff_slot) held for PT `held`.
+    pub(super) fn apply_held<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, held: Option<u32>)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let Some(slot) = held else { return };
+        debug_assert!(self.slots[slot as usize].live && self.slots[slot as usize].populated);
+        let changes = std::mem::take(&mut self.held_changes);
+        self.apply_pt_changes(env, slot, &changes);
+        self.held_changes = changes;
     }
 
     /// [`apply_change`](Self::apply_change) for every change of populated
@@ -521,11 +624,13 @@ impl ShadowPpgtt {
         };
         let mut shadow = std::mem::take(&mut self.shadow_buf);
         shadow.clear();
+        let table = env.mem.table(page);
         shadow.extend(
             changes
                 .iter()
-                .map(|&(idx, old, _)| match old & fmt::PRESENT {
-                    0 => 0,
+                .map(|&(idx, old, _)| match (old & fmt::PRESENT, table) {
+                    (0, _) => 0,
+                    (_, Some(t)) => t[idx as usize],
                     _ => env.mem.read_entry(page, idx as usize).unwrap_or(0),
                 }),
         );
@@ -601,6 +706,7 @@ impl ShadowPpgtt {
         self.add_entry(env, slot, idx, new);
     }
 
+    #[inline]
     fn queue_map<R, M, S>(
         &mut self,
         env: &mut Env<'_, R, M, S>,
@@ -626,6 +732,7 @@ impl ShadowPpgtt {
         }
     }
 
+    #[inline]
     fn queue_unmap<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, bfn: Bfn)
     where
         R: GuestTableReader + ?Sized,
@@ -637,6 +744,7 @@ impl ShadowPpgtt {
         self.push_unmap(env, bfn);
     }
 
+    #[inline]
     fn push_unmap<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, bfn: Bfn)
     where
         R: GuestTableReader + ?Sized,
@@ -666,48 +774,76 @@ impl ShadowPpgtt {
         env.out.report.map_calls += 1;
         let maps = std::mem::take(&mut self.maps);
         let mut results = results.into_iter();
-        for p in &maps {
-            let i = p.slot as usize;
-            let (live, gen, page, base) = {
-                let s = &self.slots[i];
-                (s.live, s.gen, s.page, s.gma)
-            };
-            let idx = p.idx as usize;
-            let valid = live
-                && gen == p.gen
-                && self.guest[i][idx] == p.entry
-                && env
-                    .mem
-                    .read_entry(page, idx)
-                    .is_some_and(|v| v & fmt::PRESENT == 0);
-            let res = results.next();
-            let errno = match res {
-                Some(Ok(bfn)) if valid && bfn.0 <= fmt::MAX_FRAME => {
-                    let value = fmt::leaf_entry(p.entry, bfn.0);
-                    env.mem.write_entry(page, idx, value);
-                    self.mapped_leaves += 1;
-                    env.out.report.leaves_mapped += 1;
-                    continue;
+        let mut mapped = 0;
+        // BFNs to give back (rare: a stale leaf or a BFN too wide); pushed
+        // after the loop, which holds the shadow table borrowed.
+        let mut give_back = Vec::new();
+        let refused = &mut env.out.report.refused;
+        // Leaves are queued a table at a time: settle each run of one slot
+        // with one look-up of the slot, its snapshot and its shadow table.
+        for run in maps.chunk_by(|a, b| a.slot == b.slot && a.gen == b.gen) {
+            let i = run[0].slot as usize;
+            let info = &self.slots[i];
+            let (page, base) = (info.page, info.gma);
+            // A slot freed (or reused) since its leaves were queued.
+            let slot_ok = info.live && info.gen == run[0].gen;
+            let snap = &self.guest[i];
+            // The value to write for leaf `p`, given its current shadow
+            // entry; None leaves the shadow entry alone. A leaf still wants
+            // its BFN if the guest entry is unchanged and the shadow leaf
+            // still empty.
+            let mut settle = |p: &PendingMap, shadow: Option<u64>| {
+                let idx = p.idx as usize;
+                let valid = slot_ok
+                    && snap[idx] == p.entry
+                    && shadow.is_some_and(|v| v & fmt::PRESENT == 0);
+                let errno = match results.next() {
+                    Some(Ok(bfn)) if valid && bfn.0 <= fmt::MAX_FRAME => {
+                        mapped += 1;
+                        return Some(fmt::leaf_entry(p.entry, bfn.0));
+                    }
+                    Some(Ok(bfn)) => {
+                        give_back.push(bfn);
+                        ERRNO_BFN_TOO_WIDE
+                    }
+                    Some(Err(e)) => e.errno,
+                    None => ERRNO_MAPPER_SHORT,
+                };
+                if valid {
+                    refused.push(RefusedLeaf {
+                        gma: Gma(base + (idx as u64) * Level::Pt.entry_span()),
+                        gfn: Gfn((p.entry & fmt::ADDR_MASK) >> 12),
+                        errno,
+                    });
                 }
-                Some(Ok(bfn)) => {
-                    self.push_unmap(env, bfn);
-                    ERRNO_BFN_TOO_WIDE
-                }
-                Some(Err(e)) => e.errno,
-                None => ERRNO_MAPPER_SHORT,
+                None
             };
-            if valid {
-                let gma = Gma(base + (idx as u64) * Level::Pt.entry_span());
-                env.out.report.refused.push(RefusedLeaf {
-                    gma,
-                    gfn: Gfn((p.entry & fmt::ADDR_MASK) >> 12),
-                    errno,
-                });
+            match env.mem.table_mut(page).filter(|_| slot_ok) {
+                Some(table) => {
+                    for p in run {
+                        let e = &mut table[p.idx as usize];
+                        if let Some(v) = settle(p, Some(*e)) {
+                            *e = v;
+                        }
+                    }
+                }
+                None => {
+                    for p in run {
+                        let idx = p.idx as usize;
+                        let shadow = env.mem.read_entry(page, idx);
+                        if let Some(v) = settle(p, shadow) {
+                            env.mem.write_entry(page, idx, v);
+                        }
+                    }
+                }
             }
         }
         // Surplus results (a misbehaving mapper) must not leak.
-        for r in results.flatten() {
-            self.push_unmap(env, r);
+        give_back.extend(results.flatten());
+        self.mapped_leaves += mapped;
+        env.out.report.leaves_mapped += mapped;
+        for bfn in give_back {
+            self.push_unmap(env, bfn);
         }
         self.maps = maps;
         self.maps.clear();

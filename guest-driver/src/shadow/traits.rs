@@ -37,6 +37,19 @@ pub trait ShadowMemory {
     /// or `index` is out of range. The shadow keeps no copy of its leaves:
     /// it reads a leaf back here to learn which BFN to release.
     fn read_entry(&self, page: Bfn, index: usize) -> Option<u64>;
+    /// All entries of live table `page`, for memory that can hand them out
+    /// directly: the shadow reads and writes whole runs of a table's leaves
+    /// at once, without a call per entry. None (the default) makes it use
+    /// [`read_entry`](Self::read_entry) and [`write_entry`](Self::write_entry).
+    fn table(&self, page: Bfn) -> Option<&[u64; 512]> {
+        let _ = page;
+        None
+    }
+    /// Like [`table`](Self::table), for writing.
+    fn table_mut(&mut self, page: Bfn) -> Option<&mut [u64; 512]> {
+        let _ = page;
+        None
+    }
 }
 
 /// Obtains bus frames for guest frames (the PV-IOMMU map/unmap calls).

@@ -236,3 +236,60 @@ fn sync_of_many_leaf_changes_in_one_pt_with_small_batches() {
     s.teardown(&mut m, &mut mem);
     assert_eq!(m.live(), BTreeMap::new());
 }
+
+/// `sync` applies a PT's changes one dirty page late (after the next page's
+/// diff); a directory change in the same sync must see them applied first,
+/// even when it removes that PT, and the result must equal a fresh build.
+#[test]
+fn held_pt_changes_are_applied_before_a_directory_change_removes_the_pt() {
+    let (mut g, _) = guest();
+    let pd = Gfn((g.get(Gfn((g.get(ROOT, 0) & fmt::ADDR_MASK) >> 12), 0) & fmt::ADDR_MASK) >> 12);
+    // Two PTs whose frames sort before the PD, so they are diffed first.
+    let (low_a, low_b) = (Gfn(0x20), Gfn(0x21));
+    for (pt, pd_idx) in [(low_a, 9), (low_b, 10)] {
+        for i in 0..512u64 {
+            g.set(
+                pt,
+                i as usize,
+                ((0x30000 + pt.0 * 512 + i) << 12) | fmt::PRESENT,
+            );
+        }
+        g.set(pd, pd_idx, (pt.0 << 12) | fmt::PRESENT | fmt::RW);
+    }
+    let mut m = FakeMapper::default();
+    let mut mem = HeapShadowMemory::new();
+    let (mut s, _) = ShadowPpgtt::build(&g, &mut m, &mut mem, DOM, ROOT);
+    let pt0 = pt_of(&g, 0);
+
+    // Leaf changes in both low PTs and in a PT after the PD; the PD drops
+    // the first low PT.
+    for pt in [low_a, low_b, pt0] {
+        g.set(pt, 0, (0x5000 + pt.0) << 12 | fmt::PRESENT | fmt::RW);
+        g.set(pt, 5, 0);
+        g.set(pt, 300, (0x6000 + pt.0) << 12 | fmt::PRESENT);
+    }
+    g.set(pd, 9, 0);
+    let rep = s.sync(&g, &mut m, &mut mem, &[pt0, pd, low_b, low_a]);
+    assert!(
+        rep.ignored.is_empty() && rep.anomalies.is_empty(),
+        "{rep:?}"
+    );
+    assert_eq!(rep.pages_read, 4);
+    assert_same_as_fresh(&g, &s, &m, &mem);
+
+    // And with a batch of 1, so the held changes flush in the middle.
+    let mut m = FakeMapper::default();
+    let mut mem = HeapShadowMemory::new();
+    g.set(pd, 9, (low_a.0 << 12) | fmt::PRESENT | fmt::RW);
+    let config = ShadowConfig {
+        batch: 1,
+        ..ShadowConfig::default()
+    };
+    let (mut s, _) = ShadowPpgtt::build_with(config, &g, &mut m, &mut mem, DOM, ROOT);
+    for pt in [low_a, low_b, pt0] {
+        g.set(pt, 7, (0x7000 + pt.0) << 12 | fmt::PRESENT);
+    }
+    g.set(pd, 9, 0);
+    s.sync(&g, &mut m, &mut mem, &[pt0, pd, low_b, low_a]);
+    assert_same_as_fresh(&g, &s, &m, &mem);
+}
