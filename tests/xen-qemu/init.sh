@@ -503,7 +503,15 @@ EOC
     echo "domU dm ($U) phase 1 took ${i}s"
     t1=$(run $H settarget $U $HV)
     # dm also becomes the driver domain of edu B (its death must detach it).
+    # B is attached to a context of dom0's at that moment: Xen's
+    # reassignment runs pviommu_device_leaving() first, which moves B back
+    # to dom0's tables (else Xen would find a context entry naming a tag it
+    # does not know and fail); dom0's context then no longer holds it.
+    o=$(run $H hc ctx-create); CX=$(field "$o" context); ax=$(run $H hc attach $CX $EB)
     asg=$(run $H assign $EB $U)
+    dx=$(run $H hc detach $CX $EB); kx=$(run $H hc ctx-destroy $CX)
+    if succeeded "$ax" && [ "$(field "$asg" rc)" = 0 ] && errno_is "$dx" -2 && succeeded "$kx"; then
+        ok ctx_reassign_detaches_first; else ko ctx_reassign_detaches_first "$ax / $asg / $dx / $kx"; fi
     run $H xs-write /local/domain/$U/data/pviommu "$HV 2 $X $XG $EB" >/dev/null
     i=0
     while { xl list dm || xl list tgt; } >/dev/null 2>&1 && [ $i -lt 300 ]; do sleep 1; i=$((i+1)); done
