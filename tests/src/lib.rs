@@ -176,6 +176,28 @@ pub enum Service {
     HwFlush,
 }
 
+/// Write a batch of `ops` into `caller`'s scratch memory, as a guest
+/// would before the hypercall: returns (header address, ops address), for
+/// a test that then runs `cmd::BATCH` through its own host (an
+/// [`Interposer`]).
+pub fn stage_batch(m: &mut SimMachine, caller: DomId, ops: &[PvIommuOp]) -> (u64, u64) {
+    use pviommu_hv::platform::Platform;
+    use zerocopy::IntoBytes;
+    let base = m.scratch_addr(caller).unwrap();
+    let ops_addr = base + 8192;
+    let hdr = pviommu_abi::PvIommuBatch {
+        version: pviommu_abi::INTERFACE_VERSION,
+        nr_ops: ops.len() as u32,
+        nr_done: 0,
+        flags: 0,
+        ops: ops_addr,
+    };
+    m.current = caller;
+    m.copy_to_guest(base, hdr.as_bytes()).unwrap();
+    m.copy_to_guest(ops_addr, ops.as_bytes()).unwrap();
+    (base, ops_addr)
+}
+
 /// What another CPU does to the host, once.
 pub type Race<'a> = Box<dyn FnOnce(&mut SimMachine) + 'a>;
 

@@ -4,16 +4,13 @@
 //! detach and destroy wrong.
 
 use pviommu_abi::{
-    cmd, feature, ContextId, DomId, Errno, MemAttr, Permissions, PvIommuBatch, PvIommuOp, Request,
-    Sbdf, INTERFACE_VERSION,
+    cmd, feature, ContextId, DomId, Errno, MemAttr, Permissions, PvIommuOp, Request, Sbdf,
 };
 use pviommu_hv::iommu::DeviceFacts;
-use pviommu_hv::platform::Platform;
 use pviommu_hv::sim::{FaultReason, Format, SimMachine};
 use pviommu_hv::Bfn;
 use pviommu_hv::Engine;
 use pviommu_tests::*;
-use zerocopy::IntoBytes;
 
 const A: Sbdf = Sbdf(0x10); // 0000:00:02.0
 const B: Sbdf = Sbdf(0x18); // 0000:00:03.0
@@ -338,23 +335,11 @@ fn an_attach_whose_status_cannot_be_written_is_undone() {
     let ctx1 = create(&mut m, &e, DomId::DOM0);
     let before = observable(&m, &e);
     // The op's status cannot be copied back: the attach must not stay.
-    let base = m.scratch_addr(DomId::DOM0).unwrap();
-    let ops_addr = base + 8192;
-    let ops = [Request::ContextAttach {
+    let attach = Request::ContextAttach {
         context: ctx1,
         device: B,
-    }
-    .encode()];
-    let hdr = PvIommuBatch {
-        version: INTERFACE_VERSION,
-        nr_ops: 1,
-        nr_done: 0,
-        flags: 0,
-        ops: ops_addr,
     };
-    m.current = DomId::DOM0;
-    m.copy_to_guest(base, hdr.as_bytes()).unwrap();
-    m.copy_to_guest(ops_addr, ops.as_bytes()).unwrap();
+    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &[attach.encode()]);
     let r = {
         let mut h = Interposer::new(&mut m, Service::CopyToGuestAt(ops_addr), Box::new(|_| {}));
         e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
@@ -600,8 +585,6 @@ fn tables_emptied_by_unmaps_map_nothing_while_the_iommu_may_still_walk_them() {
     for b in &survivors {
         assert!(m.device_dma_read(B, b << 12, 8).is_ok());
     }
-    let base = m.scratch_addr(DomId::DOM0).unwrap();
-    let ops_addr = base + 8192;
     let unmaps: Vec<PvIommuOp> = survivors
         .iter()
         .map(|b| {
@@ -612,16 +595,7 @@ fn tables_emptied_by_unmaps_map_nothing_while_the_iommu_may_still_walk_them() {
             .encode()
         })
         .collect();
-    let hdr = PvIommuBatch {
-        version: INTERFACE_VERSION,
-        nr_ops: unmaps.len() as u32,
-        nr_done: 0,
-        flags: 0,
-        ops: ops_addr,
-    };
-    m.current = DomId::DOM0;
-    m.copy_to_guest(base, hdr.as_bytes()).unwrap();
-    m.copy_to_guest(ops_addr, unmaps.as_bytes()).unwrap();
+    let (base, _) = stage_batch(&mut m, DomId::DOM0, &unmaps);
     let reached = std::cell::RefCell::new(Vec::new());
     let regions_c = regions.clone();
     let r = {

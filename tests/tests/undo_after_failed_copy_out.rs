@@ -15,14 +15,10 @@
 
 use std::cell::Cell;
 
-use pviommu_abi::{
-    cmd, Bfn, ContextId, DomId, Gfn, Permissions, PvIommuBatch, Request, INTERFACE_VERSION,
-};
-use pviommu_hv::platform::Platform;
+use pviommu_abi::{cmd, Bfn, ContextId, DomId, Gfn, Permissions, Request};
 use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
 use pviommu_hv::Engine;
 use pviommu_tests::*;
-use zerocopy::IntoBytes;
 
 /// A domain besides the guest, whose page another map may get.
 const OTHER: DomId = DomId(5);
@@ -42,19 +38,7 @@ fn host() -> (SimMachine, Engine) {
 /// and `race` (another CPU) runs at that moment. Returns the hypercall's
 /// answer.
 fn map_with_failing_copy_out<'a>(m: &'a mut SimMachine, e: &'a Engine, race: Race<'a>) -> i64 {
-    let base = m.scratch_addr(DomId::DOM0).unwrap();
-    let ops_addr = base + 8192;
-    let ops = [map_op(GUEST, 5, Permissions::RW)];
-    let hdr = PvIommuBatch {
-        version: INTERFACE_VERSION,
-        nr_ops: 1,
-        nr_done: 0,
-        flags: 0,
-        ops: ops_addr,
-    };
-    m.current = DomId::DOM0;
-    m.copy_to_guest(base, hdr.as_bytes()).unwrap();
-    m.copy_to_guest(ops_addr, ops.as_bytes()).unwrap();
+    let (base, ops_addr) = stage_batch(m, DomId::DOM0, &[map_op(GUEST, 5, Permissions::RW)]);
     let mut h = Interposer::new(m, Service::CopyToGuestAt(ops_addr), race);
     e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
 }

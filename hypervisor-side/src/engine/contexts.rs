@@ -342,11 +342,26 @@ impl<L: RawMutex> Engine<L> {
         caller: DomId,
         context: ContextId,
     ) -> Result<(), Errno> {
+        self.devices_then_driver(h, caller, |d, h| {
+            Self::destroy_check_locked(&d.dd, context)?;
+            Self::drop_context(d, h, context)
+        })
+    }
+
+    /// Run `f` on `caller`'s state with the devices lock and then its
+    /// cell's lock held: the order Xen's `pviommu_device_leaving()` hook
+    /// (entered with `pcidevs_lock` held) needs. `ENOENT` if the caller
+    /// holds no state.
+    fn devices_then_driver<H: Hypervisor, R>(
+        &self,
+        h: &mut H,
+        caller: DomId,
+        f: impl FnOnce(&mut Driver<'_, L>, &mut H) -> Result<R, Errno>,
+    ) -> Result<R, Errno> {
         h.devices_lock();
         let r = match self.lock_driver(caller) {
             Some(mut d) => {
-                let r = Self::destroy_check_locked(&d.dd, context)
-                    .and_then(|()| Self::drop_context(&mut d, h, context));
+                let r = f(&mut d, h);
                 self.put_driver(d);
                 r
             }
@@ -434,23 +449,9 @@ impl<L: RawMutex> Engine<L> {
         if !self.has_own_context(caller, context) {
             return Err(Errno::NoEnt);
         }
-        h.devices_lock();
-        let r = self.attach_locked(h, caller, context, device);
-        h.devices_unlock();
-        r
-    }
-
-    fn attach_locked(
-        &self,
-        h: &mut impl Hypervisor,
-        caller: DomId,
-        context: ContextId,
-        device: Sbdf,
-    ) -> Result<(), Errno> {
-        let facts = h.device_facts(device).ok_or(Errno::NoDev)?;
-        may_attach(caller, &facts)?;
-        let mut d = self.lock_driver(caller).ok_or(Errno::NoEnt)?;
-        let r = (|| {
+        self.devices_then_driver(h, caller, |d, h| {
+            let facts = h.device_facts(device).ok_or(Errno::NoDev)?;
+            may_attach(caller, &facts)?;
             if d.dd.device_context(device).is_some() {
                 return Err(Errno::Busy);
             }
@@ -465,9 +466,7 @@ impl<L: RawMutex> Engine<L> {
                 *slot = Some(device);
             }
             Ok(())
-        })();
-        self.put_driver(d);
-        r
+        })
     }
 
     /// Check that `device` is attached to `context` of `caller`.
@@ -499,17 +498,7 @@ impl<L: RawMutex> Engine<L> {
         if !self.has_own_context(caller, context) {
             return Err(Errno::NoEnt);
         }
-        h.devices_lock();
-        let r = match self.lock_driver(caller) {
-            Some(mut d) => {
-                let r = Self::detach_locked(&mut d, h, context, device);
-                self.put_driver(d);
-                r
-            }
-            None => Err(Errno::NoEnt),
-        };
-        h.devices_unlock();
-        r
+        self.devices_then_driver(h, caller, |d, h| Self::detach_locked(d, h, context, device))
     }
 
     fn detach_locked(
