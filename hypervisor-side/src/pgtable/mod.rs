@@ -463,6 +463,9 @@ fn pop_frame(mem: &mut impl TableMemory, head: &mut Option<Mfn>) -> Option<Mfn> 
 }
 
 /// Entry 0 of a list frame: the link to `next`, not present in any format.
+/// It occupies bits 12..51 for any frame below 2^40 - 1 (52-bit physical
+/// addresses, x86's maximum; Arm's is 48), clear of the bits a backend may
+/// keep its own bookkeeping in (Xen: 52..61).
 fn chain_link(next: Option<Mfn>) -> u64 {
     next.map_or(0, |m| m.0.wrapping_add(1) << 12)
 }
