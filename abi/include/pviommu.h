@@ -61,7 +61,8 @@
 #define PVIOMMU_FEAT_ALL         0x3fu
 
 /* caps.translation: whether the caller's IOMMU context translates BFNs.
- * Anything but TRANSLATES makes maps fail with EADDRNOTAVAIL. */
+ * Anything but TRANSLATES makes maps into context 0 fail with EADDRNOTAVAIL
+ * (contexts of the hypervisor's own always translate). */
 #define PVIOMMU_TRANSLATES       0u /* tables PV-IOMMU writes are walked      */
 #define PVIOMMU_NO_IOMMU         1u /* IOMMU off / no context for the caller */
 #define PVIOMMU_PASSTHROUGH      2u /* hardware domain bypasses the IOMMU    */

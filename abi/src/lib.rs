@@ -115,8 +115,9 @@ pub mod feature {
 }
 
 /// Why a caller's IOMMU context cannot use BFNs ([`PvIommuCaps::translation`]).
-/// Anything but [`TRANSLATES`](translation::TRANSLATES) makes every map fail
-/// with `EADDRNOTAVAIL`.
+/// Anything but [`TRANSLATES`](translation::TRANSLATES) makes every map into
+/// context 0 fail with `EADDRNOTAVAIL` (the engine's own contexts always
+/// translate).
 pub mod translation {
     /// The caller's devices are translated through tables PV-IOMMU writes.
     pub const TRANSLATES: u32 = 0;
