@@ -318,7 +318,7 @@ impl ShadowPpgtt {
                 let Some(s) = self.new_slot(env, clevel, Some(g), gma.0, Some(parent)) else {
                     return;
                 };
-                self.owners.insert(g, s);
+                self.set_owner(g, s);
                 self.read_guest(env.reader, &mut env.out, s, g);
                 s
             }

@@ -293,3 +293,42 @@ fn held_pt_changes_are_applied_before_a_directory_change_removes_the_pt() {
     s.sync(&g, &mut m, &mut mem, &[pt0, pd, low_b, low_a]);
     assert_same_as_fresh(&g, &s, &m, &mem);
 }
+
+#[test]
+fn sync_finds_owners_through_a_stale_owner_index() {
+    let (mut g, next) = guest();
+    let mut m = FakeMapper::default();
+    let mut mem = HeapShadowMemory::new();
+    let (mut s, _) = ShadowPpgtt::build(&g, &mut m, &mut mem, DOM, ROOT);
+    let pt1 = pt_of(&g, 0x20_0000);
+    let pd = Gfn((g.get(Gfn((g.get(ROOT, 0) & fmt::ADDR_MASK) >> 12), 0) & fmt::ADDR_MASK) >> 12);
+    // A long dirty list: sync walks (and builds) the owner index.
+    let mut all: Vec<Gfn> = s.guest_table_gfns().collect();
+    let rep = s.sync(&g, &mut m, &mut mem, &all);
+    assert!(rep.ignored.is_empty() && rep.entries_changed == 0);
+
+    // The PD (sorted first) moves PT 1 to a new page, which takes PT 1's
+    // freed slot: the index still names that slot for the old page, and
+    // lacks the new page.
+    let new_pt = Gfn(next);
+    for i in 0..512 {
+        g.set(new_pt, i, g.get(pt1, i));
+    }
+    g.set(new_pt, 2, (0xdddd << 12) | fmt::PRESENT);
+    g.set(pd, 1, (new_pt.0 << 12) | fmt::PRESENT | fmt::RW);
+    all.push(new_pt);
+    let rep = s.sync(&g, &mut m, &mut mem, &all);
+    assert_eq!(rep.ignored, vec![pt1], "{rep:?}");
+    assert_same_as_fresh(&g, &s, &m, &mem);
+
+    // The next long sync rebuilds the index; a short one probes the map.
+    g.set(new_pt, 4, (0xeeee << 12) | fmt::PRESENT);
+    let rep = s.sync(&g, &mut m, &mut mem, &all);
+    assert_eq!(rep.ignored, vec![pt1]);
+    assert_eq!(rep.entries_changed, 1);
+    g.set(new_pt, 5, (0xffff << 12) | fmt::PRESENT);
+    assert!(s.table_count() > 8);
+    let rep = s.sync(&g, &mut m, &mut mem, &[new_pt]);
+    assert!(rep.ignored.is_empty() && rep.entries_changed == 1);
+    assert_same_as_fresh(&g, &s, &m, &mem);
+}
