@@ -93,21 +93,18 @@ impl ContextTables {
     /// The leaf entry of `bfn` with its address field zeroed, its level and
     /// its [`entry_format`](pviommu_abi::entry_format).
     fn leaf_bits(&self, mem: &impl TableMemory, bfn: Bfn) -> Option<LeafBits> {
-        use pviommu_abi::entry_format::{ARM_LPAE_STAGE2, VTD_SECOND_LEVEL};
-        fn masked<F: PageTableFormat>(l: Option<(u32, u64)>, format: u16) -> Option<LeafBits> {
-            l.map(|(level, raw)| LeafBits {
+        fn shown<F: PageTableFormat>(
+            t: &IoPageTable<F>,
+            mem: &impl TableMemory,
+            bfn: Bfn,
+        ) -> Option<LeafBits> {
+            t.leaf(mem, bfn).map(|(level, raw)| LeafBits {
                 level,
-                format,
+                format: F::ENTRY_FORMAT,
                 bits: raw & !F::ADDRESS_MASK,
             })
         }
-        match self {
-            ContextTables::Vtd(t) => masked::<Vtd>(t.leaf(mem, bfn), VTD_SECOND_LEVEL),
-            ContextTables::VtdNoSnoop(t) => {
-                masked::<VtdNoSnoop>(t.leaf(mem, bfn), VTD_SECOND_LEVEL)
-            }
-            ContextTables::Lpae(t) => masked::<Lpae>(t.leaf(mem, bfn), ARM_LPAE_STAGE2),
-        }
+        each_format!(self, t => shown(t, mem, bfn))
     }
     /// What the tables say about `bfn` (software walk).
     pub(crate) fn translate(
@@ -279,12 +276,11 @@ impl<L: RawMutex> Engine<L> {
         };
         // Full already? Answered before the devices lock (checked again
         // under it).
-        if let Some(d) = self.lock_driver(caller) {
-            let full = (1..max).all(|c| d.dd.has_context(ContextId(c)));
-            self.put_driver(d);
-            if full {
-                return Err(Errno::NoSpc);
-            }
+        let full = self
+            .lock_driver(caller)
+            .is_some_and(|d| (1..max).all(|c| d.dd.has_context(ContextId(c))));
+        if full {
+            return Err(Errno::NoSpc);
         }
         // The tag is allocated under the devices lock, which comes first.
         h.devices_lock();
@@ -342,7 +338,7 @@ impl<L: RawMutex> Engine<L> {
         caller: DomId,
         context: ContextId,
     ) -> Result<(), Errno> {
-        self.devices_then_driver(h, caller, |d, h| {
+        self.devices_then_driver(h, caller, context, |d, h| {
             Self::destroy_check_locked(&d.dd, context)?;
             Self::drop_context(d, h, context)
         })
@@ -350,14 +346,23 @@ impl<L: RawMutex> Engine<L> {
 
     /// Run `f` on `caller`'s state with the devices lock and then its
     /// cell's lock held: the order Xen's `pviommu_device_leaving()` hook
-    /// (entered with `pcidevs_lock` held) needs. `ENOENT` if the caller
-    /// holds no state.
+    /// (entered with `pcidevs_lock` held) needs. `ENOENT` if the caller has
+    /// no context `context` of the engine's: checked first without the
+    /// devices lock, so such a caller cannot make Xen's `pcidevs_lock` busy
+    /// (and again under it, by `f`).
     fn devices_then_driver<H: Hypervisor, R>(
         &self,
         h: &mut H,
         caller: DomId,
+        context: ContextId,
         f: impl FnOnce(&mut Driver<'_, L>, &mut H) -> Result<R, Errno>,
     ) -> Result<R, Errno> {
+        if self
+            .lock_driver(caller)
+            .is_none_or(|d| d.dd.own(context).is_none())
+        {
+            return Err(Errno::NoEnt);
+        }
         h.devices_lock();
         let r = match self.lock_driver(caller) {
             Some(mut d) => {
@@ -418,24 +423,9 @@ impl<L: RawMutex> Engine<L> {
         bfn: Bfn,
     ) -> Result<LeafBits, Errno> {
         let d = self.lock_driver(domid).ok_or(Errno::NoEnt)?;
-        let r =
-            d.dd.own(context)
-                .and_then(|c| c.tables.leaf_bits(h, bfn))
-                .ok_or(Errno::NoEnt);
-        self.put_driver(d);
-        r
-    }
-
-    /// Whether `caller` has its own context `context` (checked before the
-    /// devices lock, so a caller without one cannot make Xen's
-    /// `pcidevs_lock` busy; checked again under it).
-    fn has_own_context(&self, caller: DomId, context: ContextId) -> bool {
-        let Some(d) = self.lock_driver(caller) else {
-            return false;
-        };
-        let has = d.dd.own(context).is_some();
-        self.put_driver(d);
-        has
+        d.dd.own(context)
+            .and_then(|c| c.tables.leaf_bits(h, bfn))
+            .ok_or(Errno::NoEnt)
     }
 
     /// Point `device` (the caller's) at `context`.
@@ -446,10 +436,7 @@ impl<L: RawMutex> Engine<L> {
         context: ContextId,
         device: Sbdf,
     ) -> Result<(), Errno> {
-        if !self.has_own_context(caller, context) {
-            return Err(Errno::NoEnt);
-        }
-        self.devices_then_driver(h, caller, |d, h| {
+        self.devices_then_driver(h, caller, context, |d, h| {
             let facts = h.device_facts(device).ok_or(Errno::NoDev)?;
             may_attach(caller, &facts)?;
             if d.dd.device_context(device).is_some() {
@@ -477,9 +464,7 @@ impl<L: RawMutex> Engine<L> {
         device: Sbdf,
     ) -> Result<(), Errno> {
         let d = self.lock_driver(caller).ok_or(Errno::NoEnt)?;
-        let attached = d.dd.attached_devices(context).any(|x| x == device);
-        self.put_driver(d);
-        if attached {
+        if d.dd.attached_devices(context).any(|x| x == device) {
             Ok(())
         } else {
             Err(Errno::NoEnt)
@@ -495,10 +480,9 @@ impl<L: RawMutex> Engine<L> {
         context: ContextId,
         device: Sbdf,
     ) -> Result<(), Errno> {
-        if !self.has_own_context(caller, context) {
-            return Err(Errno::NoEnt);
-        }
-        self.devices_then_driver(h, caller, |d, h| Self::detach_locked(d, h, context, device))
+        self.devices_then_driver(h, caller, context, |d, h| {
+            Self::detach_locked(d, h, context, device)
+        })
     }
 
     fn detach_locked(

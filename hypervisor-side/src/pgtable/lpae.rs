@@ -36,6 +36,7 @@ pub struct Lpae;
 impl PageTableFormat for Lpae {
     const NAME: &'static str = "ARM LPAE stage-2";
     const ADDRESS_MASK: u64 = 0x0000_FFFF_FFFF_F000;
+    const ENTRY_FORMAT: u16 = pviommu_abi::entry_format::ARM_LPAE_STAGE2;
 
     fn table_entry(table: Mfn) -> u64 {
         ((table.0 << 12) & ADDR_MASK) | VALID | TABLE_OR_PAGE

@@ -44,6 +44,9 @@ pub trait PageTableFormat {
     /// The bits of an entry that hold a frame's address (zeroed before an
     /// entry is shown outside the hypervisor).
     const ADDRESS_MASK: u64;
+    /// The ABI's [`entry_format`](pviommu_abi::entry_format) code of these
+    /// entries (`PVIOMMU_CMD_entry`).
+    const ENTRY_FORMAT: u16;
     /// Encode a pointer to a next-level table.
     fn table_entry(table: Mfn) -> u64;
     /// Encode a leaf at `level` (1: 4 KiB page, 2: 2 MiB superpage).

@@ -60,6 +60,7 @@ fn leaf(mfn: Mfn, perms: Permissions, attr: MemAttr, level: u32, snoop_control: 
 impl PageTableFormat for Vtd {
     const NAME: &'static str = "Intel VT-d second-level";
     const ADDRESS_MASK: u64 = ADDR_MASK;
+    const ENTRY_FORMAT: u16 = pviommu_abi::entry_format::VTD_SECOND_LEVEL;
 
     fn table_entry(table: Mfn) -> u64 {
         ((table.0 << 12) & ADDR_MASK) | R | W
@@ -77,6 +78,7 @@ impl PageTableFormat for Vtd {
 impl PageTableFormat for VtdNoSnoop {
     const NAME: &'static str = "Intel VT-d second-level (no snoop control)";
     const ADDRESS_MASK: u64 = ADDR_MASK;
+    const ENTRY_FORMAT: u16 = pviommu_abi::entry_format::VTD_SECOND_LEVEL;
 
     fn table_entry(table: Mfn) -> u64 {
         Vtd::table_entry(table)
