@@ -91,6 +91,19 @@ fn unmap_in(m: &mut SimMachine, e: &Engine, context: ContextId, bfn: Bfn) -> i32
     op(m, e, DomId::DOM0, Request::Unmap { context, bfn }).0
 }
 
+/// Unmap ops for `bfns` of `context`.
+fn unmap_ops(context: ContextId, bfns: &[u64]) -> Vec<PvIommuOp> {
+    bfns.iter()
+        .map(|b| {
+            Request::Unmap {
+                context,
+                bfn: Bfn(*b),
+            }
+            .encode()
+        })
+        .collect()
+}
+
 fn read(m: &mut SimMachine, device: Sbdf, bfn: Bfn) -> Result<Vec<u8>, FaultReason> {
     m.device_dma_read(device, bfn.0 << 12, 64)
         .map_err(|f| f.reason)
@@ -567,16 +580,7 @@ fn tables_emptied_by_unmaps_map_nothing_while_the_iommu_may_still_walk_them() {
     let (survivors, rest): (Vec<u64>, Vec<u64>) = bfns.iter().partition(|b| *b & 0x1ff == 5);
     assert_eq!(survivors.len(), regions.len());
     for chunk in rest.chunks(512) {
-        let mut ops: Vec<_> = chunk
-            .iter()
-            .map(|b| {
-                Request::Unmap {
-                    context: ctx1,
-                    bfn: Bfn(*b),
-                }
-                .encode()
-            })
-            .collect();
+        let mut ops = unmap_ops(ctx1, chunk);
         m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
         assert!(ops.iter().all(|o| o.status == 0));
     }
@@ -585,16 +589,7 @@ fn tables_emptied_by_unmaps_map_nothing_while_the_iommu_may_still_walk_them() {
     for b in &survivors {
         assert!(m.device_dma_read(B, b << 12, 8).is_ok());
     }
-    let unmaps: Vec<PvIommuOp> = survivors
-        .iter()
-        .map(|b| {
-            Request::Unmap {
-                context: ctx1,
-                bfn: Bfn(*b),
-            }
-            .encode()
-        })
-        .collect();
+    let unmaps = unmap_ops(ctx1, &survivors);
     let (base, _) = stage_batch(&mut m, DomId::DOM0, &unmaps);
     let reached = std::cell::RefCell::new(Vec::new());
     let regions_c = regions.clone();
