@@ -24,7 +24,7 @@ use lock_api::RawMutex;
 
 use crate::config::MAX_REGIONS_PER_CALL;
 use crate::engine::{Engine, Hypervisor, Mapped, MAP_CHUNK};
-use crate::permission::{may_call, may_read_regions};
+use crate::permission::{device_refusal, may_call, may_read_regions, may_use_contexts};
 use crate::platform::{DomainInfo, XsmAction};
 use crate::{ContextId, DomId, Errno};
 
@@ -457,67 +457,56 @@ impl<L: RawMutex> Engine<L> {
     ) -> Result<(), Errno> {
         let mut mapped: Option<Mapped> = None;
         let request = Request::parse(&op);
-        let outcome = match request {
-            Err(e) => Err(e),
-            // (Maps normally arrive in runs, through run_maps.)
-            Ok(Request::Map(m)) => self.map_tagged(h, caller, ci, &m).map(|done| {
-                op.bfn = done.bfn.0;
-                mapped = Some(done);
-            }),
-            Ok(Request::Lookup { context, bfn }) => self.lookup(caller, context, bfn).map(|m| {
-                op.domid = m.domid.0;
-                op.gfn = m.gfn.0;
-                op.flags =
-                    m.perms.flag_bits() | (m.attr.field() << pviommu_abi::op_flags::ATTR_SHIFT);
-            }),
-            // Destructive ops: validate, report the outcome, then act, so a
-            // status that cannot be written leaves the state unchanged.
-            Ok(Request::Unmap { context, bfn }) => {
-                self.unmap_check(caller, context, bfn).and_then(|revoked| {
-                    if revoked {
-                        Err(Errno::Stale)
-                    } else {
-                        Ok(())
-                    }
-                })
-            }
-            Ok(Request::RevokedAck { context, bfn }) => {
-                match self.unmap_check(caller, context, bfn) {
-                    Ok(true) => Ok(()),
-                    Ok(false) => Err(Errno::NoEnt),
-                    Err(e) => Err(e),
-                }
-            }
-            Ok(Request::RevokedNext) => self.revoked_next(caller).map(|(bfn, n)| {
-                op.bfn = bfn.0;
-                op.context = n.context.0;
-                op.domid = n.domid.0;
-                op.gfn = n.gfn.0;
-            }),
-            Ok(Request::ContextDestroy { context }) => self.context_destroy_check(caller, context),
-            // A caller other than the control domain without a device of
-            // its own could attach nothing: refused before Xen's
-            // pcidevs_lock is taken on its behalf.
-            Ok(Request::ContextCreate | Request::ContextAttach { .. })
-                if !ci.control && !h.owns_devices(caller) =>
-            {
-                Err(Errno::Perm)
-            }
-            Ok(Request::ContextCreate) => self.context_create(h, caller).map(|c| op.context = c.0),
-            // Undone (detached) if its status cannot be written. A caller
-            // other than the control domain learns nothing of the host's
-            // devices: one that does not exist is as refused as one that
-            // is not its own.
-            Ok(Request::ContextAttach { context, device }) => self
-                .context_attach(h, caller, context, device)
-                .map_err(|e| match e {
-                    Errno::NoDev if !ci.control => Errno::Perm,
-                    e => e,
+        let outcome =
+            match request {
+                Err(e) => Err(e),
+                // (Maps normally arrive in runs, through run_maps.)
+                Ok(Request::Map(m)) => self.map_tagged(h, caller, ci, &m).map(|done| {
+                    op.bfn = done.bfn.0;
+                    mapped = Some(done);
                 }),
-            Ok(Request::ContextDetach { context, device }) => {
-                self.context_detach_check(caller, context, device)
-            }
-        };
+                Ok(Request::Lookup { context, bfn }) => {
+                    self.lookup(caller, context, bfn).map(|m| {
+                        op.domid = m.domid.0;
+                        op.gfn = m.gfn.0;
+                        op.flags = m.perms.flag_bits()
+                            | (m.attr.field() << pviommu_abi::op_flags::ATTR_SHIFT);
+                    })
+                }
+                // Destructive ops: validate, report the outcome, then act, so a
+                // status that cannot be written leaves the state unchanged.
+                Ok(Request::Unmap { context, bfn }) => self
+                    .unmap_check(caller, context, bfn)
+                    .and_then(|revoked| if revoked { Err(Errno::Stale) } else { Ok(()) }),
+                Ok(Request::RevokedAck { context, bfn }) => {
+                    match self.unmap_check(caller, context, bfn) {
+                        Ok(true) => Ok(()),
+                        Ok(false) => Err(Errno::NoEnt),
+                        Err(e) => Err(e),
+                    }
+                }
+                Ok(Request::RevokedNext) => self.revoked_next(caller).map(|(bfn, n)| {
+                    op.bfn = bfn.0;
+                    op.context = n.context.0;
+                    op.domid = n.domid.0;
+                    op.gfn = n.gfn.0;
+                }),
+                Ok(Request::ContextDestroy { context }) => {
+                    self.context_destroy_check(caller, context)
+                }
+                Ok(Request::ContextCreate) => may_use_contexts(ci, || h.owns_devices(caller))
+                    .and_then(|()| self.context_create(h, caller))
+                    .map(|c| op.context = c.0),
+                // Undone (detached) if its status cannot be written.
+                Ok(Request::ContextAttach { context, device }) => {
+                    may_use_contexts(ci, || h.owns_devices(caller))
+                        .and_then(|()| self.context_attach(h, caller, context, device))
+                        .map_err(|e| device_refusal(ci, e))
+                }
+                Ok(Request::ContextDetach { context, device }) => {
+                    self.context_detach_check(caller, context, device)
+                }
+            };
         op.status = match outcome {
             Ok(()) => 0,
             Err(e) => e.negated(),

@@ -126,6 +126,32 @@ pub fn may_attach(caller: DomId, device: &DeviceFacts) -> Result<(), Errno> {
     Ok(())
 }
 
+/// May this caller create contexts or attach devices at all? The control
+/// domain may; anyone else only with a PCI device of its own (`EPERM`
+/// otherwise): it could attach nothing, and each attempt would make the
+/// host take its device-assignment lock (Xen's `pcidevs_lock`) on its
+/// behalf. `owns_devices` is asked only for such a caller.
+pub fn may_use_contexts(
+    caller: &DomainInfo,
+    owns_devices: impl FnOnce() -> bool,
+) -> Result<(), Errno> {
+    if caller.control || owns_devices() {
+        Ok(())
+    } else {
+        Err(Errno::Perm)
+    }
+}
+
+/// What a refused attach tells `caller`: a caller other than the control
+/// domain learns nothing of the host's devices, so a device that does not
+/// exist is refused as one that is not its own (`EPERM`).
+pub fn device_refusal(caller: &DomainInfo, e: Errno) -> Errno {
+    match e {
+        Errno::NoDev if !caller.control => Errno::Perm,
+        e => e,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
