@@ -457,56 +457,51 @@ impl<L: RawMutex> Engine<L> {
     ) -> Result<(), Errno> {
         let mut mapped: Option<Mapped> = None;
         let request = Request::parse(&op);
-        let outcome =
-            match request {
-                Err(e) => Err(e),
-                // (Maps normally arrive in runs, through run_maps.)
-                Ok(Request::Map(m)) => self.map_tagged(h, caller, ci, &m).map(|done| {
-                    op.bfn = done.bfn.0;
-                    mapped = Some(done);
-                }),
-                Ok(Request::Lookup { context, bfn }) => {
-                    self.lookup(caller, context, bfn).map(|m| {
-                        op.domid = m.domid.0;
-                        op.gfn = m.gfn.0;
-                        op.flags = m.perms.flag_bits()
-                            | (m.attr.field() << pviommu_abi::op_flags::ATTR_SHIFT);
-                    })
+        let outcome = match request {
+            Err(e) => Err(e),
+            // (Maps normally arrive in runs, through run_maps.)
+            Ok(Request::Map(m)) => self.map_tagged(h, caller, ci, &m).map(|done| {
+                op.bfn = done.bfn.0;
+                mapped = Some(done);
+            }),
+            Ok(Request::Lookup { context, bfn }) => self.lookup(caller, context, bfn).map(|m| {
+                op.domid = m.domid.0;
+                op.gfn = m.gfn.0;
+                op.flags =
+                    m.perms.flag_bits() | (m.attr.field() << pviommu_abi::op_flags::ATTR_SHIFT);
+            }),
+            // Destructive ops: validate, report the outcome, then act, so a
+            // status that cannot be written leaves the state unchanged.
+            Ok(Request::Unmap { context, bfn }) => self
+                .unmap_check(caller, context, bfn)
+                .and_then(|revoked| if revoked { Err(Errno::Stale) } else { Ok(()) }),
+            Ok(Request::RevokedAck { context, bfn }) => {
+                match self.unmap_check(caller, context, bfn) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(Errno::NoEnt),
+                    Err(e) => Err(e),
                 }
-                // Destructive ops: validate, report the outcome, then act, so a
-                // status that cannot be written leaves the state unchanged.
-                Ok(Request::Unmap { context, bfn }) => self
-                    .unmap_check(caller, context, bfn)
-                    .and_then(|revoked| if revoked { Err(Errno::Stale) } else { Ok(()) }),
-                Ok(Request::RevokedAck { context, bfn }) => {
-                    match self.unmap_check(caller, context, bfn) {
-                        Ok(true) => Ok(()),
-                        Ok(false) => Err(Errno::NoEnt),
-                        Err(e) => Err(e),
-                    }
-                }
-                Ok(Request::RevokedNext) => self.revoked_next(caller).map(|(bfn, n)| {
-                    op.bfn = bfn.0;
-                    op.context = n.context.0;
-                    op.domid = n.domid.0;
-                    op.gfn = n.gfn.0;
-                }),
-                Ok(Request::ContextDestroy { context }) => {
-                    self.context_destroy_check(caller, context)
-                }
-                Ok(Request::ContextCreate) => may_use_contexts(ci, || h.owns_devices(caller))
-                    .and_then(|()| self.context_create(h, caller))
-                    .map(|c| op.context = c.0),
-                // Undone (detached) if its status cannot be written.
-                Ok(Request::ContextAttach { context, device }) => {
-                    may_use_contexts(ci, || h.owns_devices(caller))
-                        .and_then(|()| self.context_attach(h, caller, context, device))
-                        .map_err(|e| device_refusal(ci, e))
-                }
-                Ok(Request::ContextDetach { context, device }) => {
-                    self.context_detach_check(caller, context, device)
-                }
-            };
+            }
+            Ok(Request::RevokedNext) => self.revoked_next(caller).map(|(bfn, n)| {
+                op.bfn = bfn.0;
+                op.context = n.context.0;
+                op.domid = n.domid.0;
+                op.gfn = n.gfn.0;
+            }),
+            Ok(Request::ContextDestroy { context }) => self.context_destroy_check(caller, context),
+            Ok(Request::ContextCreate) => may_use_contexts(ci, || h.owns_devices(caller))
+                .and_then(|()| self.context_create(h, caller))
+                .map(|c| op.context = c.0),
+            // Undone (detached) if its status cannot be written.
+            Ok(Request::ContextAttach { context, device }) => {
+                may_use_contexts(ci, || h.owns_devices(caller))
+                    .and_then(|()| self.context_attach(h, caller, context, device))
+                    .map_err(|e| device_refusal(ci, e))
+            }
+            Ok(Request::ContextDetach { context, device }) => {
+                self.context_detach_check(caller, context, device)
+            }
+        };
         op.status = match outcome {
             Ok(()) => 0,
             Err(e) => e.negated(),

@@ -385,25 +385,30 @@ impl<L: RawMutex> Engine<L> {
         h: &mut impl Hypervisor,
         context: ContextId,
     ) -> Result<(), Errno> {
-        let devices = d.dd.own(context).ok_or(Errno::NoEnt)?.devices;
-        for device in devices.into_iter().flatten() {
-            if let Err(Errno::Busy) = Self::detach_locked(d, h, context, device) {
-                return Err(Errno::Busy);
+        // detach_locked's rule (EBUSY keeps the device and so the tables),
+        // over every slot at once. Calling detach_locked per device instead
+        // left swap_remove's bounds check below as a reachable panic in the
+        // Xen object (build-engine.sh refuses it).
+        let own = d.dd.own_mut(context).ok_or(Errno::NoEnt)?;
+        for slot in own.devices.iter_mut() {
+            if let Some(device) = *slot {
+                if let Err(Errno::Busy) = h.device_detach(device, own.hw) {
+                    return Err(Errno::Busy);
+                }
+                *slot = None;
             }
         }
         // Nothing is mapped (checked), but entries unmapped since the last
         // flush may still be cached under the tag: flush, and give the tag
         // back, before anything is freed; if either fails, keep it all.
-        let pos =
-            d.dd.own
-                .iter()
-                .position(|c| c.id == context)
-                .ok_or(Errno::NoEnt)?;
-        let hw = d.dd.own.get(pos).ok_or(Errno::NoEnt)?.hw;
+        let hw = own.hw;
         if h.hw_flush(hw, Bfn(0), Bfn(u64::MAX >> 12)).is_err() || h.hw_context_destroy(hw).is_err()
         {
             return Err(Errno::Busy);
         }
+        let Some(pos) = d.dd.own.iter().position(|c| c.id == context) else {
+            return Err(Errno::NoEnt);
+        };
         let own = d.dd.own.swap_remove(pos);
         own.tables.destroy(h);
         d.dd.contexts &= !(1 << context.0);
