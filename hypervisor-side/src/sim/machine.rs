@@ -738,8 +738,15 @@ impl SimMachine {
     }
 
     /// The context a device's DMA is translated by now: (owner, context,
-    /// root), as its context entry says.
-    fn device_context(&self, device: Sbdf) -> Option<(DomId, ContextId, Option<Mfn>)> {
+    /// root), as its context entry says; no root (every DMA faults) for a
+    /// device that does not exist, whose entry is cleared, or names a tag
+    /// that is gone.
+    fn device_context(&self, device: Sbdf) -> (DomId, ContextId, Option<Mfn>) {
+        self.device_route(device)
+            .unwrap_or((DomId(u16::MAX), ContextId::DEFAULT, None))
+    }
+
+    fn device_route(&self, device: Sbdf) -> Option<(DomId, ContextId, Option<Mfn>)> {
         let d = self.devices.get(&device)?;
         if d.blocked {
             return Some((d.facts.owner, ContextId::DEFAULT, None));
@@ -765,9 +772,7 @@ impl SimMachine {
         addr: u64,
         len: usize,
     ) -> Result<Vec<u8>, DmaFault> {
-        let (owner, ctx, root) =
-            self.device_context(device)
-                .unwrap_or((DomId(u16::MAX), ContextId::DEFAULT, None));
+        let (owner, ctx, root) = self.device_context(device);
         self.dma_read_via(owner, ctx, root, addr, len)
     }
 
@@ -778,9 +783,7 @@ impl SimMachine {
         addr: u64,
         data: &[u8],
     ) -> Result<(), DmaFault> {
-        let (owner, ctx, root) =
-            self.device_context(device)
-                .unwrap_or((DomId(u16::MAX), ContextId::DEFAULT, None));
+        let (owner, ctx, root) = self.device_context(device);
         self.dma_write_via(owner, ctx, root, addr, data)
     }
 
