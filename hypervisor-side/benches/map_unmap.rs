@@ -17,6 +17,7 @@ use pviommu_abi::{
     Bfn, ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions, PvIommuOp, Request,
 };
 use pviommu_hv::config::Config;
+use pviommu_hv::engine::MAP_CHUNK;
 use pviommu_hv::pgtable::{vtd::Vtd, IoPageTable, TableMemory};
 use pviommu_hv::platform::{DomainInfo, Platform};
 use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
@@ -44,21 +45,54 @@ fn setup_with(pages: u64, format: Format, config: Config) -> (SimMachine, Engine
 }
 
 /// One round of the engine path: map every request, flush, unmap them all,
-/// flush (what a batch of maps then a batch of unmaps does inside Xen).
+/// flush (what a batch of maps then a batch of unmaps does inside Xen),
+/// through the engine's batch calls, a run of [`MAP_CHUNK`] ops per lock.
 fn engine_round(
     e: &Engine,
     m: &mut SimMachine,
     dom0: &DomainInfo,
     reqs: &[MapRequest],
-    bfns: &mut Vec<Bfn>,
+    bfns: &mut Vec<(ContextId, Bfn)>,
+) {
+    bfns.clear();
+    let mut mapped = [Err(Errno::Inval); MAP_CHUNK];
+    let mut rest = reqs;
+    while !rest.is_empty() {
+        let n = e.map_batch(m, DomId::DOM0, dom0, rest, &mut mapped);
+        bfns.extend(
+            mapped[..n]
+                .iter()
+                .map(|r| (ContextId::DEFAULT, r.unwrap().bfn)),
+        );
+        rest = &rest[n..];
+    }
+    e.finish(m, DomId::DOM0);
+    let mut unmapped = [Ok(()); MAP_CHUNK];
+    let mut rest = &bfns[..];
+    while !rest.is_empty() {
+        let n = e.unmap_batch(m, DomId::DOM0, rest, &mut unmapped);
+        debug_assert!(unmapped[..n].iter().all(|r| r.is_ok()));
+        rest = &rest[n..];
+    }
+    e.finish(m, DomId::DOM0);
+}
+
+/// The engine path one op per call (`map`, `unmap`: a lock per op), for
+/// comparison with the batch calls.
+fn engine_round_single(
+    e: &Engine,
+    m: &mut SimMachine,
+    dom0: &DomainInfo,
+    reqs: &[MapRequest],
+    bfns: &mut Vec<(ContextId, Bfn)>,
 ) {
     bfns.clear();
     for r in reqs {
-        bfns.push(e.map(m, DomId::DOM0, dom0, r).unwrap());
+        bfns.push((ContextId::DEFAULT, e.map(m, DomId::DOM0, dom0, r).unwrap()));
     }
     e.finish(m, DomId::DOM0);
-    for bfn in bfns.iter() {
-        e.unmap(m, DomId::DOM0, ContextId::DEFAULT, *bfn).unwrap();
+    for (ctx, bfn) in bfns.iter() {
+        e.unmap(m, DomId::DOM0, *ctx, *bfn).unwrap();
     }
     e.finish(m, DomId::DOM0);
 }
@@ -109,6 +143,13 @@ fn bench(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("engine", batch), &batch, |b, _| {
             b.iter(|| engine_round(&e, &mut m, &dom0, &reqs, &mut bfns))
         });
+        if batch == 512 {
+            group.bench_with_input(
+                BenchmarkId::new("engine, op by op", batch),
+                &batch,
+                |b, _| b.iter(|| engine_round_single(&e, &mut m, &dom0, &reqs, &mut bfns)),
+            );
+        }
     }
     group.finish();
 }

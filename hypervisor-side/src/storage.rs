@@ -72,6 +72,8 @@ pub struct IndexTable {
     buckets: Vec<u64>,
     live: usize,
     tombstones: usize,
+    /// Times the buckets were rebuilt (positions from before are void).
+    rebuilds: u32,
 }
 
 impl IndexTable {
@@ -81,6 +83,7 @@ impl IndexTable {
             buckets: Vec::new(),
             live: 0,
             tombstones: 0,
+            rebuilds: 0,
         }
     }
 
@@ -139,7 +142,15 @@ impl IndexTable {
         }
         self.buckets = fresh;
         self.tombstones = 0;
+        self.rebuilds = self.rebuilds.wrapping_add(1);
         Ok(())
+    }
+
+    /// Changes whenever positions from [`position`](Self::position) stop
+    /// being valid because the buckets were rebuilt (inserts and removals
+    /// never move other values).
+    pub fn layout(&self) -> u32 {
+        self.rebuilds
     }
 
     /// The stored value `eq` accepts, if any.
@@ -261,6 +272,15 @@ impl IndexTable {
         self.buckets.fill(EMPTY);
         self.live = 0;
         self.tombstones = 0;
+        self.rebuilds = self.rebuilds.wrapping_add(1);
+    }
+
+    /// Remove every value and give the buckets back.
+    pub fn release(&mut self) {
+        self.buckets = Vec::new();
+        self.live = 0;
+        self.tombstones = 0;
+        self.rebuilds = self.rebuilds.wrapping_add(1);
     }
 
     /// Every stored value.

@@ -70,11 +70,13 @@ impl Mapping {
 }
 
 /// Hash of a page (target domid, gfn) in the page index.
+#[inline]
 fn page_hash(seed: u64, domid: DomId, gfn: Gfn) -> u64 {
     hash64(seed, gfn.0, domid.0 as u64)
 }
 
 /// Hash of a target domid in the per-target counts.
+#[inline]
 fn target_hash(seed: u64, domid: DomId) -> u64 {
     hash64(seed, domid.0 as u64, 0x7a72_6765_7473)
 }
@@ -98,6 +100,16 @@ pub(crate) const KEEP_WHEN_EMPTY: usize = 1024;
 /// Longest chain of one page in one driver domain: one mapping per
 /// (context, perms, attr). Walks are bounded by it.
 pub(crate) const CHAIN_BOUND: usize = crate::config::MAX_CONTEXTS as usize * 2 * 8;
+
+/// Where a page is in a driver domain's page index
+/// ([`DriverDomain::probe_page`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PageAt {
+    /// Bucket of the page's chain head; `None`: not indexed.
+    pos: Option<usize>,
+    /// The index's layout when probed.
+    layout: u32,
+}
 
 /// What the owner is told about a revoked BFN.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -187,9 +199,11 @@ const THEN_REVOKED: u8 = 1 << 7;
 const _: () = assert!(crate::config::MAX_QUOTA < u32::MAX as u64);
 
 /// A slot link in 32 bits (slot counts are bounded by `MAX_QUOTA`).
+#[inline]
 fn link32(v: u64) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
 }
+#[inline]
 fn link64(v: u32) -> u64 {
     if v == u32::MAX {
         NONE
@@ -199,10 +213,12 @@ fn link64(v: u32) -> u64 {
 }
 
 impl RawSlot {
+    #[inline]
     fn state(&self) -> u8 {
         self.bits & STATE_MASK
     }
 
+    #[inline]
     fn from_mapping(state: u8, m: &Mapping, extra: u8) -> RawSlot {
         let mut bits = state | (m.attr.field() as u8) << ATTR_SHIFT | extra;
         if m.perms.read {
@@ -224,6 +240,7 @@ impl RawSlot {
         }
     }
 
+    #[inline]
     fn mapping(&self) -> Mapping {
         Mapping {
             gfn: Gfn(self.gfn),
@@ -242,6 +259,7 @@ impl RawSlot {
         }
     }
 
+    #[inline]
     pub(crate) fn encode(s: &Slot) -> RawSlot {
         match *s {
             Slot::Free { next } => RawSlot {
@@ -272,6 +290,7 @@ impl RawSlot {
         }
     }
 
+    #[inline]
     pub(crate) fn decode(&self) -> Slot {
         match self.state() {
             ST_LIVE => Slot::Live(self.mapping()),
@@ -298,6 +317,7 @@ impl RawSlot {
     }
 
     /// Live, of page (domid, gfn): the page index's test, without decoding.
+    #[inline]
     fn is_live_page(&self, domid: DomId, gfn: Gfn) -> bool {
         self.state() == ST_LIVE && self.gfn == gfn.0 && self.domid == domid.0
     }
@@ -457,17 +477,21 @@ impl DriverDomain {
             .map_or(0, count_of)
     }
 
+    #[inline]
     fn raw(&self, idx: u64) -> Option<&RawSlot> {
         self.slots.get(usize::try_from(idx).ok()?)
     }
+    #[inline]
     fn raw_mut(&mut self, idx: u64) -> Option<&mut RawSlot> {
         self.slots.get_mut(usize::try_from(idx).ok()?)
     }
     /// Slot `idx`, decoded.
+    #[inline]
     pub(crate) fn slot(&self, idx: u64) -> Option<Slot> {
         self.raw(idx).map(RawSlot::decode)
     }
     /// Store `slot` at `idx` (which must exist).
+    #[inline]
     fn set_slot(&mut self, idx: u64, slot: Slot) -> bool {
         match self.raw_mut(idx) {
             Some(r) => {
@@ -478,17 +502,20 @@ impl DriverDomain {
         }
     }
     /// The live mapping in slot `idx`.
+    #[inline]
     pub(crate) fn live_at(&self, idx: u64) -> Option<Mapping> {
         self.raw(idx)
             .filter(|r| r.state() == ST_LIVE)
             .map(RawSlot::mapping)
     }
     /// Change the reference count of the live mapping in slot `idx`.
+    #[inline]
     pub(crate) fn set_refs(&mut self, idx: u64, refs: u32) {
         if let Some(r) = self.raw_mut(idx).filter(|r| r.state() == ST_LIVE) {
             r.aux = refs;
         }
     }
+    #[inline]
     fn set_next_live(&mut self, idx: u64, next: u64) {
         if let Some(r) = self.raw_mut(idx).filter(|r| r.state() == ST_LIVE) {
             r.next = link32(next);
@@ -502,6 +529,7 @@ impl DriverDomain {
     }
 
     /// The page index bucket of page (domid, gfn).
+    #[inline]
     fn page_pos(&self, seed: u64, domid: DomId, gfn: Gfn) -> Option<usize> {
         let slots = &self.slots;
         self.pages.position(page_hash(seed, domid, gfn), |v| {
@@ -511,15 +539,11 @@ impl DriverDomain {
         })
     }
 
-    /// The live mappings of page (domid, gfn): (slot, mapping), bounded by
-    /// [`CHAIN_BOUND`].
-    pub(crate) fn page_chain(
-        &self,
-        seed: u64,
-        domid: DomId,
-        gfn: Gfn,
-    ) -> impl Iterator<Item = (u64, Mapping)> + '_ {
-        let mut at = self.page_head(seed, domid, gfn);
+    /// The live mappings of a page's chain from its `head`: (slot,
+    /// mapping), bounded by [`CHAIN_BOUND`].
+    #[inline]
+    fn chain_from(&self, head: Option<u64>) -> impl Iterator<Item = (u64, Mapping)> + '_ {
+        let mut at = head;
         (0..CHAIN_BOUND).map_while(move |_| {
             let idx = at?;
             let m = self.live_at(idx)?;
@@ -529,10 +553,47 @@ impl DriverDomain {
     }
 
     /// The Live slot with `key`'s dedup key (same page, context, perms, attr).
+    #[cfg(test)]
     pub(crate) fn find_key(&self, seed: u64, key: &Mapping) -> Option<u64> {
-        self.page_chain(seed, key.domid, key.gfn)
+        self.find_key_at(self.probe_page(seed, key.domid, key.gfn), key)
+    }
+
+    /// Where page (domid, gfn) is in the page index: a map looks once and
+    /// both dedups and installs with the answer.
+    #[inline]
+    pub(crate) fn probe_page(&self, seed: u64, domid: DomId, gfn: Gfn) -> PageAt {
+        PageAt {
+            pos: self.page_pos(seed, domid, gfn),
+            layout: self.pages.layout(),
+        }
+    }
+
+    /// The Live slot with `key`'s dedup key (same page, context, perms,
+    /// attr), from a fresh [`probe_page`](Self::probe_page) of the key's page.
+    pub(crate) fn find_key_at(&self, at: PageAt, key: &Mapping) -> Option<u64> {
+        self.chain_from(at.pos.and_then(|p| self.pages.value_at(p)))
             .find(|(_, m)| m.same_key(key))
             .map(|(i, _)| i)
+    }
+
+    /// `at` if it still says where `m`'s page is; otherwise a fresh probe.
+    /// A position is void once the buckets were rebuilt, or once its value
+    /// was removed (a revocation on the way); a page not indexed stays so
+    /// until an install, and only one install runs at a time.
+    #[inline]
+    fn still_at(&self, seed: u64, at: PageAt, m: &Mapping) -> PageAt {
+        let holds = at.layout == self.pages.layout()
+            && at.pos.is_none_or(|p| {
+                self.pages
+                    .value_at(p)
+                    .and_then(|v| self.raw(v))
+                    .is_some_and(|r| r.is_live_page(m.domid, m.gfn))
+            });
+        if holds {
+            at
+        } else {
+            self.probe_page(seed, m.domid, m.gfn)
+        }
     }
 
     /// Make sure one more mapping needs no memory: a free slot (or room
@@ -563,8 +624,13 @@ impl DriverDomain {
 
     /// Take a free slot (after [`reserve_slot`](Self::reserve_slot)). The
     /// slot holds `Free` until the caller stores into it.
+    #[inline]
     pub(crate) fn take_slot(&mut self) -> Result<u64, Errno> {
-        if let Some(Slot::Free { next }) = self.slot(self.free_head) {
+        if let Some(next) = self
+            .raw(self.free_head)
+            .filter(|r| r.state() == ST_FREE)
+            .map(|r| link64(r.next))
+        {
             let idx = self.free_head;
             self.free_head = next;
             self.free -= 1;
@@ -577,9 +643,15 @@ impl DriverDomain {
     }
 
     /// Return a slot to the free list.
+    #[inline]
     pub(crate) fn free_slot(&mut self, idx: u64) {
         let head = self.free_head;
-        if self.set_slot(idx, Slot::Free { next: head }) {
+        if let Some(r) = self.raw_mut(idx) {
+            *r = RawSlot {
+                next: link32(head),
+                bits: ST_FREE,
+                ..RawSlot::default()
+            };
             self.free_head = idx;
             self.free += 1;
         }
@@ -587,9 +659,17 @@ impl DriverDomain {
 
     /// Store a new Live mapping at `idx` and index it as the head of its
     /// page's chain (capacity reserved by [`reserve_slot`](Self::reserve_slot)).
-    /// Returns the install's generation.
-    pub(crate) fn install(&mut self, seed: u64, idx: u64, mut m: Mapping) -> Result<u32, Errno> {
-        match self.page_pos(seed, m.domid, m.gfn) {
+    /// Returns the install's generation. `at` is a probe of `m`'s page made
+    /// under the same lock (checked again here, so a stale one costs a
+    /// probe, never a wrong chain).
+    pub(crate) fn install_at(
+        &mut self,
+        seed: u64,
+        at: PageAt,
+        idx: u64,
+        mut m: Mapping,
+    ) -> Result<u32, Errno> {
+        match self.still_at(seed, at, &m).pos {
             Some(pos) => {
                 m.next_same_page = self.pages.value_at(pos).unwrap_or(NONE);
                 self.pages.set_at(pos, idx);
@@ -609,6 +689,7 @@ impl DriverDomain {
 
     /// One more (`up`) or one fewer distinct page of `domid`; the count
     /// after.
+    #[inline]
     fn count_target(&mut self, seed: u64, domid: DomId, up: bool) -> Result<u64, Errno> {
         let hash = target_hash(seed, domid);
         match self.targets.position(hash, |v| count_domid(v) == domid) {
@@ -630,31 +711,33 @@ impl DriverDomain {
     /// Take a Live mapping out of its page's chain (the slot keeps it until
     /// the caller changes the slot's state), and say whether it was this
     /// domain's last page of its target. Bounded by [`CHAIN_BOUND`].
-    pub(crate) fn unindex(&mut self, seed: u64, idx: u64) -> Option<(Mapping, bool)> {
-        let m = self.live_at(idx)?;
-        let pos = self.page_pos(seed, m.domid, m.gfn)?;
+    pub(crate) fn unindex(&mut self, seed: u64, idx: u64) -> Option<bool> {
+        let r = self.raw(idx).filter(|r| r.state() == ST_LIVE)?;
+        let (domid, gfn, after) = (DomId(r.domid), Gfn(r.gfn), link64(r.next));
+        let pos = self.page_pos(seed, domid, gfn)?;
         let head = self.pages.value_at(pos)?;
         let mut last_of_target = false;
         if head == idx {
-            if m.next_same_page == NONE {
+            if after == NONE {
                 self.pages.remove_at(pos);
-                last_of_target = self.count_target(seed, m.domid, false) == Ok(0);
+                last_of_target = self.count_target(seed, domid, false) == Ok(0);
             } else {
-                self.pages.set_at(pos, m.next_same_page);
+                self.pages.set_at(pos, after);
             }
         } else {
             let mut at = head;
             let mut found = false;
             for _ in 0..CHAIN_BOUND {
-                let Some(cur) = self.live_at(at) else {
+                let Some(cur) = self.raw(at).filter(|r| r.state() == ST_LIVE) else {
                     break;
                 };
-                if cur.next_same_page == idx {
-                    self.set_next_live(at, m.next_same_page);
+                let cur_next = link64(cur.next);
+                if cur_next == idx {
+                    self.set_next_live(at, after);
                     found = true;
                     break;
                 }
-                at = cur.next_same_page;
+                at = cur_next;
             }
             if !found {
                 // Not in its chain: a corrupted index. Tests catch it here;
@@ -663,10 +746,11 @@ impl DriverDomain {
             }
         }
         self.live -= 1;
-        Some((m, last_of_target))
+        Some(last_of_target)
     }
 
     /// The IOMMU entry of a former Live mapping is gone: wait for the flush.
+    #[inline]
     pub(crate) fn push_unmapping(&mut self, idx: u64, mut mapping: Mapping, then_revoked: bool) {
         mapping.next_same_page = self.unmapping_head;
         let slot = Slot::Unmapping {
@@ -676,6 +760,45 @@ impl DriverDomain {
         if self.set_slot(idx, slot) {
             self.unmapping_head = idx;
         }
+    }
+
+    /// [`push_unmapping`](Self::push_unmapping) of the mapping slot `idx`
+    /// holds (a Live one already out of the index, or a Stuck one off its
+    /// list), changed in place.
+    #[inline]
+    pub(crate) fn push_unmapping_at(&mut self, idx: u64, then_revoked: bool) {
+        let head = self.unmapping_head;
+        let Some(r) = self
+            .raw_mut(idx)
+            .filter(|r| matches!(r.state(), ST_LIVE | ST_STUCK))
+        else {
+            return;
+        };
+        let flag = if then_revoked { THEN_REVOKED } else { 0 };
+        r.bits = (r.bits & !(STATE_MASK | THEN_REVOKED)) | ST_UNMAPPING | flag;
+        r.next = link32(head);
+        self.unmapping_head = idx;
+    }
+
+    /// What the flush needs of an Unmapping slot: (frame, writable, target,
+    /// then revoked, next on the list). `None` for any other state.
+    #[inline]
+    pub(crate) fn unmapping_at(&self, idx: u64) -> Option<(Mfn, bool, DomId, bool, u64)> {
+        let r = self.raw(idx).filter(|r| r.state() == ST_UNMAPPING)?;
+        Some((
+            Mfn(r.mfn),
+            r.bits & WRITE != 0,
+            DomId(r.domid),
+            r.bits & THEN_REVOKED != 0,
+            link64(r.next),
+        ))
+    }
+
+    /// The context of the live mapping in slot `idx`, and its references.
+    #[inline]
+    pub(crate) fn live_refs(&self, idx: u64) -> Option<(ContextId, u32)> {
+        let r = self.raw(idx).filter(|r| r.state() == ST_LIVE)?;
+        Some((ContextId(r.context as u32), r.aux))
     }
 
     /// The IOMMU refused to unmap a mapping being revoked.
@@ -754,8 +877,8 @@ impl DriverDomain {
             self.targets.clear();
         } else {
             self.slots = Vec::new();
-            self.pages = IndexTable::new();
-            self.targets = IndexTable::new();
+            self.pages.release();
+            self.targets.release();
         }
         self.free_head = NONE;
         self.free = 0;
@@ -771,5 +894,72 @@ impl DriverDomain {
             Some(Slot::Revoked { notice, .. }) => Some((self.revoked_head, notice)),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: u64 = 0x5eed;
+
+    fn mapping(gfn: u64) -> Mapping {
+        Mapping {
+            gfn: Gfn(gfn),
+            mfn: Mfn(1000 + gfn),
+            next_same_page: NONE,
+            refs: 1,
+            domid: DomId(7),
+            context: ContextId::DEFAULT,
+            perms: Permissions::RW,
+            attr: MemAttr::WriteBack,
+            gen: 0,
+        }
+    }
+
+    fn install(dd: &mut DriverDomain, at: PageAt, m: Mapping) -> u64 {
+        dd.reserve_slot(SEED, 1 << 20).unwrap();
+        let idx = dd.take_slot().unwrap();
+        dd.install_at(SEED, at, idx, m).unwrap();
+        idx
+    }
+
+    #[test]
+    fn an_install_with_a_probe_made_before_the_index_was_rebuilt_still_indexes_the_page() {
+        let mut dd = DriverDomain::new(DomId(0));
+        let at = dd.probe_page(SEED, DomId(7), Gfn(5));
+        let first = install(&mut dd, at, mapping(5));
+        // Probed while the page is indexed (its bucket known), then enough
+        // installs to rebuild the buckets several times.
+        let stale = dd.probe_page(SEED, DomId(7), Gfn(5));
+        for g in 100..200 {
+            let at = dd.probe_page(SEED, DomId(7), Gfn(g));
+            install(&mut dd, at, mapping(g));
+        }
+        let mut again = mapping(5);
+        again.perms = Permissions::RO;
+        let idx = install(&mut dd, stale, again);
+        assert_eq!(dd.find_key(SEED, &again), Some(idx));
+        assert_eq!(dd.find_key(SEED, &mapping(5)), Some(first));
+        for g in 100..200 {
+            assert!(dd.find_key(SEED, &mapping(g)).is_some(), "gfn {g}");
+        }
+    }
+
+    #[test]
+    fn an_install_with_a_probe_whose_chain_head_was_removed_meanwhile_starts_a_new_chain() {
+        let mut dd = DriverDomain::new(DomId(0));
+        let at = dd.probe_page(SEED, DomId(7), Gfn(5));
+        let first = install(&mut dd, at, mapping(5));
+        // Probed while the page is indexed, then its only mapping leaves
+        // the index (a revocation on the way, as in `map_prepare`).
+        let stale = dd.probe_page(SEED, DomId(7), Gfn(5));
+        assert_eq!(dd.unindex(SEED, first), Some(true));
+        dd.push_unmapping_at(first, false);
+        let mut again = mapping(5);
+        again.perms = Permissions::RO;
+        let idx = install(&mut dd, stale, again);
+        assert_eq!(dd.find_key(SEED, &again), Some(idx));
+        assert_eq!(dd.pages_of(SEED, DomId(7)), 1);
     }
 }

@@ -66,7 +66,7 @@ use crate::permission::{check_map, check_page};
 use crate::platform::{DomainInfo, Platform, ReservedRange};
 use crate::storage::try_push;
 use crate::{Bfn, ContextId, DomId, Errno, Mfn};
-use driver::NONE;
+use driver::{PageAt, NONE};
 use pviommu_abi::{region_kind, MapRequest};
 
 /// Everything the engine needs from the hypervisor.
@@ -284,6 +284,14 @@ fn map_key(req: &MapRequest, mfn: Mfn) -> Mapping {
         attr: req.attr,
         gen: 0,
     }
+}
+
+/// What [`Engine::map_prepare`] found.
+enum Prepared {
+    /// Deduplicated onto an existing mapping.
+    Shared(Mapped),
+    /// Reserved: install, with where the page was in the index.
+    Install(PageAt),
 }
 
 /// Why a slot was looked up for an unmap.
@@ -806,17 +814,27 @@ impl<L: RawMutex> Engine<L> {
                 break;
             }
         }
-        // What each op is waiting for after the unlocked phase.
+        // Where each op stands; `out[i]` holds its result once it has one.
         #[derive(Clone, Copy)]
         enum Step {
+            /// Has its result, and nothing of the attempt to give back.
             Done,
             /// Looked up: page `mfn` referenced, gate joined at `seq`.
             Locked(Mfn, u32),
+            /// Has its result (shared, or refused under the lock); the
+            /// lookup's page reference and gate share go back.
+            GiveBack(Mfn),
+            /// The target's p2m moved since the lookup: give back, then
+            /// map it again on its own.
+            Moved(Mfn),
         }
         let mut steps = [Step::Done; MAP_CHUNK];
         let mut ns_get_page = 0;
         let mut checked: Option<DomId> = None;
         let caps = h.iommu_caps();
+        // Ops of the run that have joined their target's gate but not yet
+        // used the share (see below).
+        let mut joined = 0u32;
         for i in 0..n {
             let (Some(req), Some(o)) = (reqs.get(i), out.get_mut(i)) else {
                 break;
@@ -824,6 +842,19 @@ impl<L: RawMutex> Engine<L> {
             let Some(step) = steps.get_mut(i) else {
                 break;
             };
+            // Consecutive ops of one target join its gate together, before
+            // the first of them looks its page up: one atomic per run. An
+            // op refused before its lookup gives its share back.
+            if joined == 0 {
+                let same = reqs.get(i..n).map_or(1, |rest| {
+                    rest.iter().take_while(|r| r.domid == req.domid).count()
+                });
+                if let Some(g) = self.gate(req.domid) {
+                    g.active.fetch_add(same as u32, Ordering::SeqCst);
+                }
+                joined = same as u32;
+            }
+            joined -= 1;
             let gate = match self.map_checks(
                 h,
                 caller,
@@ -834,12 +865,13 @@ impl<L: RawMutex> Engine<L> {
             ) {
                 Ok(g) => g,
                 Err(e) => {
+                    self.gate_leave(req.domid);
                     *o = Err(e);
                     continue;
                 }
             };
             checked = Some(req.domid);
-            let (looked_up, ns) = self.look_up_page(h, req, gate);
+            let (looked_up, ns) = self.look_up_joined(h, req, gate);
             ns_get_page += ns;
             match looked_up {
                 Ok((mfn, seq)) => *step = Step::Locked(mfn, seq),
@@ -847,13 +879,13 @@ impl<L: RawMutex> Engine<L> {
             }
         }
 
-        let mut outcomes: [Option<MapOutcome>; MAP_CHUNK] = [None; MAP_CHUNK];
         if steps.iter().any(|s| matches!(s, Step::Locked(..))) {
             match self.lock_or_claim(caller) {
                 Err(e) => {
-                    for (s, o) in steps.iter().zip(outcomes.iter_mut()) {
-                        if matches!(s, Step::Locked(..)) {
-                            *o = Some(MapOutcome::Refused(e));
+                    for (s, o) in steps.iter_mut().zip(out.iter_mut()) {
+                        if let Step::Locked(mfn, _) = *s {
+                            *o = Err(e);
+                            *s = Step::GiveBack(mfn);
                         }
                     }
                 }
@@ -866,9 +898,7 @@ impl<L: RawMutex> Engine<L> {
                             self.set_gate_bit(d.cell, req.domid, true);
                         }
                     }
-                    for ((req, step), slot) in
-                        reqs.iter().zip(steps.iter()).zip(outcomes.iter_mut())
-                    {
+                    for ((req, step), o) in reqs.iter().zip(steps.iter_mut()).zip(out.iter_mut()) {
                         let Step::Locked(mfn, seq) = *step else {
                             continue;
                         };
@@ -876,25 +906,39 @@ impl<L: RawMutex> Engine<L> {
                             .gate(req.domid)
                             .is_none_or(|g| g.seq.load(Ordering::SeqCst) != seq);
                         if moved {
-                            continue; // outcome None: mapped alone below
+                            *step = Step::Moved(mfn);
+                            continue;
                         }
-                        let out = self.map_locked(&mut d, h, req, mfn);
-                        match out {
-                            MapOutcome::Installed(_) => d.dd.stats.maps += 1,
-                            MapOutcome::Shared(_) => d.dd.stats.shared += 1,
-                            _ => {}
-                        }
-                        *slot = Some(out);
+                        *step = match self.map_locked(&mut d, h, req, mfn) {
+                            MapOutcome::Installed(m) => {
+                                d.dd.stats.maps += 1;
+                                *o = Ok(m);
+                                Step::Done
+                            }
+                            // The engine took the page and share over.
+                            MapOutcome::Consumed(e) => {
+                                *o = Err(e);
+                                Step::Done
+                            }
+                            MapOutcome::Shared(m) => {
+                                d.dd.stats.shared += 1;
+                                *o = Ok(m);
+                                Step::GiveBack(mfn)
+                            }
+                            MapOutcome::Refused(e) => {
+                                *o = Err(e);
+                                Step::GiveBack(mfn)
+                            }
+                        };
                     }
                     // A target left with no page here loses the cell's bit.
-                    for ((req, step), outcome) in reqs.iter().zip(steps.iter()).zip(outcomes.iter())
-                    {
-                        if matches!(step, Step::Locked(..))
-                            && !matches!(
-                                outcome,
-                                Some(MapOutcome::Installed(_) | MapOutcome::Shared(_))
-                            )
-                        {
+                    for ((req, step), o) in reqs.iter().zip(steps.iter()).zip(out.iter()) {
+                        let failed = match step {
+                            Step::Moved(_) => true,
+                            Step::GiveBack(_) => o.is_err(),
+                            _ => false,
+                        };
+                        if failed {
                             self.sync_gate_bit(d.cell, &d.dd, req.domid);
                         }
                     }
@@ -903,22 +947,18 @@ impl<L: RawMutex> Engine<L> {
             }
         }
 
-        let results = reqs.iter().zip(steps.iter()).zip(outcomes.iter());
-        for (((req, step), outcome), o) in results.zip(out.iter_mut()).take(n) {
-            match (*step, *outcome) {
-                (Step::Done, _) => {}
-                (Step::Locked(_, _), Some(MapOutcome::Installed(m))) => *o = Ok(m),
-                (Step::Locked(_, _), Some(MapOutcome::Consumed(e))) => *o = Err(e),
-                (Step::Locked(mfn, _), outcome) => {
-                    // Shared, refused, or the p2m moved: give back what the
-                    // lookup took, and for a move, map it again alone.
+        for ((req, step), o) in reqs.iter().zip(steps.iter()).zip(out.iter_mut()).take(n) {
+            match *step {
+                Step::Done => {}
+                // Unreachable: every looked-up op got an outcome above.
+                Step::Locked(mfn, _) | Step::GiveBack(mfn) => {
                     h.put_page(mfn, req.perms.write);
                     self.gate_leave(req.domid);
-                    *o = match outcome {
-                        Some(MapOutcome::Shared(m)) => Ok(m),
-                        Some(MapOutcome::Refused(e)) => Err(e),
-                        _ => self.map_tagged(h, caller, caller_info, req),
-                    };
+                }
+                Step::Moved(mfn) => {
+                    h.put_page(mfn, req.perms.write);
+                    self.gate_leave(req.domid);
+                    *o = self.map_tagged(h, caller, caller_info, req);
                 }
             }
         }
@@ -967,6 +1007,17 @@ impl<L: RawMutex> Engine<L> {
         gate: &TargetGate,
     ) -> (Result<(Mfn, u32), Errno>, u64) {
         gate.active.fetch_add(1, Ordering::SeqCst);
+        self.look_up_joined(h, req, gate)
+    }
+
+    /// [`look_up_page`](Self::look_up_page) for a map whose share of the
+    /// gate was joined already.
+    fn look_up_joined(
+        &self,
+        h: &mut impl Hypervisor,
+        req: &MapRequest,
+        gate: &TargetGate,
+    ) -> (Result<(Mfn, u32), Errno>, u64) {
         let seq = gate.seq.load(Ordering::SeqCst);
         let t0 = self.clock(h);
         let looked_up = h.get_page(req.domid, req.gfn, req.perms.write);
@@ -1017,33 +1068,34 @@ impl<L: RawMutex> Engine<L> {
         mfn: Mfn,
     ) -> MapOutcome {
         match self.map_prepare(d, h, req, mfn) {
-            Ok(Some(m)) => MapOutcome::Shared(m),
-            Ok(None) => self.map_install(d, h, req, mfn),
+            Ok(Prepared::Shared(m)) => MapOutcome::Shared(m),
+            Ok(Prepared::Install(at)) => self.map_install(d, h, req, mfn, at),
             Err(e) => MapOutcome::Refused(e),
         }
     }
 
-    /// Dedup (`Some(bfn)`), or check the quota and reserve every byte the
-    /// install needs (`None`). On `Err` nothing changed (but a stale
-    /// mapping found on the way).
+    /// Dedup (`Shared`), or check the quota and reserve every byte the
+    /// install needs (`Install`, with where the page is in the index). On
+    /// `Err` nothing changed (but a stale mapping found on the way).
     fn map_prepare(
         &self,
         d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
         req: &MapRequest,
         mfn: Mfn,
-    ) -> Result<Option<Mapped>, Errno> {
+    ) -> Result<Prepared, Errno> {
         let seed = self.seed;
         let key = map_key(req, mfn);
         if !d.dd.has_context(req.context) {
             return Err(Errno::NoEnt);
         }
-        if let Some(idx) = d.dd.find_key(seed, &key) {
+        let at = d.dd.probe_page(seed, req.domid, req.gfn);
+        if let Some(idx) = d.dd.find_key_at(at, &key) {
             let bfn = self.space.bfn_of(idx).ok_or(Errno::Inval)?;
             let m = d.dd.live_at(idx).ok_or(Errno::Inval)?;
             if m.mfn == mfn {
                 d.dd.set_refs(idx, m.refs.checked_add(1).ok_or(Errno::NoSpc)?);
-                return Ok(Some(Mapped {
+                return Ok(Prepared::Shared(Mapped {
                     bfn,
                     tag: m.gen,
                     cell: d.cell,
@@ -1059,7 +1111,9 @@ impl<L: RawMutex> Engine<L> {
             return Err(Errno::NoSpc);
         }
         d.dd.reserve_slot(seed, quota.min(self.space.len()))?;
-        Ok(None)
+        // (`install_at` probes again if the revocation or the reservation
+        // moved the page's bucket.)
+        Ok(Prepared::Install(at))
     }
 
     /// Take a slot, write the IOMMU entry and index the mapping. Nothing
@@ -1072,6 +1126,7 @@ impl<L: RawMutex> Engine<L> {
         h: &mut impl Hypervisor,
         req: &MapRequest,
         mfn: Mfn,
+        at: PageAt,
     ) -> MapOutcome {
         let key = map_key(req, mfn);
         let dd = &mut *d.dd;
@@ -1090,7 +1145,7 @@ impl<L: RawMutex> Engine<L> {
             dd.free_slot(idx);
             return MapOutcome::Refused(e);
         }
-        match dd.install(self.seed, idx, key) {
+        match dd.install_at(self.seed, at, idx, key) {
             Ok(tag) => MapOutcome::Installed(Mapped {
                 bfn,
                 tag,
@@ -1128,6 +1183,9 @@ impl<L: RawMutex> Engine<L> {
     }
 
     fn unmap_kind(dd: &DriverDomain, context: ContextId, idx: u64) -> Result<UnmapKind, Errno> {
+        if dd.live_refs(idx).is_some_and(|(c, _)| c == context) {
+            return Ok(UnmapKind::Live);
+        }
         match dd.slot(idx) {
             Some(Slot::Live(m)) if m.context == context => Ok(UnmapKind::Live),
             Some(Slot::Revoked { notice, .. }) if notice.context == context => {
@@ -1163,6 +1221,34 @@ impl<L: RawMutex> Engine<L> {
         result
     }
 
+    /// Unmaps of a batch taken under one lock: [`unmap`](Self::unmap) of
+    /// each of the first `reqs` (at most [`MAP_CHUNK`]), in order, with
+    /// `out[i]` the result of `reqs[i]`; returns how many were done.
+    /// Results and state are those of unmapping them one by one.
+    pub fn unmap_batch(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        reqs: &[(ContextId, Bfn)],
+        out: &mut [Result<(), Errno>],
+    ) -> usize {
+        let n = reqs.len().min(out.len()).min(MAP_CHUNK);
+        let Some(mut d) = self.lock_driver(caller) else {
+            for o in out.iter_mut().take(n) {
+                *o = Err(Errno::NoEnt);
+            }
+            return n;
+        };
+        for (&(context, bfn), o) in reqs.iter().zip(out.iter_mut()).take(n) {
+            *o = match self.space.index_of(bfn) {
+                Some(idx) => self.unmap_locked(&mut d, h, context, bfn, idx),
+                None => Err(Errno::NoEnt),
+            };
+        }
+        self.put_driver(d);
+        n
+    }
+
     fn unmap_locked(
         &self,
         d: &mut Driver<'_, L>,
@@ -1176,9 +1262,9 @@ impl<L: RawMutex> Engine<L> {
             return Err(Errno::Stale);
         }
         let dd = &mut *d.dd;
-        let m = dd.live_at(idx).ok_or(Errno::NoEnt)?;
-        if m.refs > 1 {
-            dd.set_refs(idx, m.refs - 1);
+        let (_, refs) = dd.live_refs(idx).ok_or(Errno::NoEnt)?;
+        if refs > 1 {
+            dd.set_refs(idx, refs - 1);
             return Ok(());
         }
         // Unmap first: if the IOMMU refuses (no memory to split a
@@ -1188,10 +1274,10 @@ impl<L: RawMutex> Engine<L> {
         dd.stats.ns_iommu_unmap += self.since(h, t0);
         unmapped?;
         dd.stats.unmaps += 1;
-        let (m, _) = dd.unindex(self.seed, idx).ok_or(Errno::NoEnt)?;
+        dd.unindex(self.seed, idx).ok_or(Errno::NoEnt)?;
         // The target's gate share and bit stay until the flush
         // (`flush_and_release`): until then a hook must still find it.
-        dd.push_unmapping(idx, m, false);
+        dd.push_unmapping_at(idx, false);
         Ok(())
     }
 

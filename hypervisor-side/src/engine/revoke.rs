@@ -95,7 +95,8 @@ impl<L: RawMutex> Engine<L> {
         then_revoked: bool,
     ) -> Option<(DomId, bool)> {
         let dd = &mut *d.dd;
-        let (m, last_of_target) = dd.unindex(self.seed, idx)?;
+        let m = dd.live_at(idx)?;
+        let last_of_target = dd.unindex(self.seed, idx)?;
         let t0 = self.clock(h);
         let unmapped = self
             .space
@@ -107,7 +108,7 @@ impl<L: RawMutex> Engine<L> {
         }
         // Its gate share goes with the page, after the flush.
         if unmapped {
-            dd.push_unmapping(idx, m, then_revoked);
+            dd.push_unmapping_at(idx, then_revoked);
         } else {
             dd.push_stuck(idx, m);
         }
@@ -153,38 +154,57 @@ impl<L: RawMutex> Engine<L> {
         let cell = d.cell;
         let mut at = core::mem::replace(&mut dd.unmapping_head, NONE);
         let mut notices = false;
-        while let Some(Slot::Unmapping {
-            mapping,
-            then_revoked,
-        }) = dd.slot(at)
-        {
-            let next = mapping.next_same_page;
-            h.put_page(mapping.mfn, mapping.perms.write);
-            // The device can no longer reach it: its gate share goes too.
-            self.gate_leave(mapping.domid);
-            notices |= then_revoked;
+        // Consecutive releases of one target leave its gate together: one
+        // atomic per run rather than per page. Leaving later than each
+        // page's release is safe: a share held longer only sends a hook
+        // through the locks it would have skipped.
+        let mut run: Option<(DomId, u32)> = None;
+        while let Some((mfn, writable, domid, then_revoked, next)) = dd.unmapping_at(at) {
+            h.put_page(mfn, writable);
+            run = match run {
+                Some((d, n)) if d == domid => Some((d, n + 1)),
+                other => {
+                    if let Some((d, n)) = other {
+                        self.end_release_run(cell, dd, d, n);
+                    }
+                    Some((domid, 1))
+                }
+            };
             if then_revoked {
-                dd.push_revoked(
-                    at,
-                    Notice {
-                        domid: mapping.domid,
-                        gfn: mapping.gfn,
-                        context: mapping.context,
-                    },
-                );
+                notices = true;
+                if let Some(Slot::Unmapping { mapping, .. }) = dd.slot(at) {
+                    dd.push_revoked(
+                        at,
+                        Notice {
+                            domid,
+                            gfn: mapping.gfn,
+                            context: mapping.context,
+                        },
+                    );
+                }
             } else {
                 dd.free_slot(at);
             }
             at = next;
-            // Flushed: a target this cell no longer maps loses its bit.
-            if dd.pages_of(self.seed, mapping.domid) == 0 && !dd.has_pending() {
-                self.set_gate_bit(cell, mapping.domid, false);
-            }
+        }
+        if let Some((domid, n)) = run {
+            self.end_release_run(cell, dd, domid, n);
         }
         dd.stats.ns_put_page += self.since(h, t2);
         if notices {
             // Once per flush, not per notice: the owner drains the queue.
             h.notify_revoked(owner);
+        }
+    }
+
+    /// `n` released pages of `domid` are out of the device's reach: their
+    /// gate shares go, and a target this cell no longer maps loses its bit.
+    fn end_release_run(&self, cell: usize, dd: &DriverDomain, domid: DomId, n: u32) {
+        if let Some(g) = self.gate(domid) {
+            g.active.fetch_sub(n, Ordering::SeqCst);
+        }
+        if dd.pages_of(self.seed, domid) == 0 && !dd.has_pending() {
+            self.set_gate_bit(cell, domid, false);
         }
     }
 

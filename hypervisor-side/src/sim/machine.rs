@@ -8,6 +8,7 @@ use crate::iommu::{
 use crate::pgtable::{lpae::Lpae, vtd::Vtd, IoPageTable, TableMemory};
 use crate::platform::{DomainInfo, PageKind, PageLookup, Platform, ReservedRange, XsmAction};
 use crate::sim::hardware::{self, DmaFault, Iotlb};
+use crate::sim::p2m::P2m;
 use crate::sim::HostAllocations;
 use crate::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions, Sbdf};
 use pviommu_abi::{feature, region_kind};
@@ -72,7 +73,7 @@ enum P2mEntry {
 
 #[derive(Debug)]
 struct Domain {
-    p2m: BTreeMap<Gfn, P2mEntry>,
+    p2m: P2m<P2mEntry>,
     /// RAM pages it was created with (gfn 0..ram_pages).
     ram_pages: u64,
     privileged: bool,
@@ -357,7 +358,7 @@ impl SimMachine {
         if (self.ram.free.len() as u64) < spec.pages {
             return Err(Errno::NoMem);
         }
-        let mut p2m = BTreeMap::new();
+        let mut p2m = P2m::with_dense(spec.pages);
         for g in 0..spec.pages {
             let mfn = self.ram.alloc(Owner::Domain(domid))?;
             p2m.insert(

@@ -10,6 +10,7 @@
 mod guest_call;
 pub mod hardware;
 mod machine;
+mod p2m;
 
 pub use hardware::{DmaFault, FaultReason};
 pub use machine::{DomainSpec, Format, FrameInfo, Owner, SimMachine};
