@@ -341,6 +341,21 @@ impl<L: RawMutex> Engine<L> {
                 }
                 continue;
             }
+            if let Ok(Request::Unmap { .. }) = Request::parse(&op) {
+                // So does a run of unmaps.
+                match self.run_unmaps(h, caller, &hdr, op) {
+                    Ok((k, next)) => {
+                        hdr.nr_done += k;
+                        peeked = next;
+                    }
+                    Err((k, e)) => {
+                        hdr.nr_done += k;
+                        result = Err(e);
+                        break;
+                    }
+                }
+                continue;
+            }
             if let Err(e) = self.run_op(h, caller, ci, addr, op) {
                 result = Err(e);
                 break;
@@ -441,6 +456,109 @@ impl<L: RawMutex> Engine<L> {
             }
         }
         Ok((done as u32, after))
+    }
+
+    /// Run the unmap ops starting at `hdr.nr_done` (`first`, already copied
+    /// in, and up to [`MAP_CHUNK`] - 1 more, stopping at the first op that
+    /// is not a well-formed unmap) as [`run_op`](Self::run_op) runs each:
+    /// check, report, act, report again what changed. The checks take the
+    /// caller's lock once for the run, and so do the acts; no lock is held
+    /// across the guest copies. Returns how many were done, and the op
+    /// right after them if it was copied in already. If a status cannot be
+    /// written, the ops before it are acted on and reported, that one and
+    /// the rest are left alone, and `Err((done, error))` is returned (if a
+    /// changed status cannot be written after the acts, every reported op
+    /// counts as done: it was acted on).
+    fn run_unmaps(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        hdr: &PvIommuBatch,
+        first: PvIommuOp,
+    ) -> Result<(u32, Option<PvIommuOp>), (u32, Errno)> {
+        let mut ops = [PvIommuOp::default(); MAP_CHUNK];
+        let mut reqs = [(ContextId::DEFAULT, pviommu_abi::Bfn(0)); MAP_CHUNK];
+        let mut n = 0;
+        let mut after: Option<PvIommuOp> = None;
+        let left = hdr.nr_ops.saturating_sub(hdr.nr_done) as usize;
+        for (k, (op, req)) in ops.iter_mut().zip(reqs.iter_mut()).take(left).enumerate() {
+            let copied = if k == 0 {
+                first
+            } else {
+                let addr = hdr.ops + (hdr.nr_done as u64 + k as u64) * OP_SIZE;
+                match copy_in::<PvIommuOp>(h, addr) {
+                    Ok(c) => c,
+                    // Reported when the batch loop reaches it.
+                    Err(_) => break,
+                }
+            };
+            match Request::parse(&copied) {
+                Ok(Request::Unmap { context, bfn }) => {
+                    *op = copied;
+                    *req = (context, bfn);
+                    n += 1;
+                }
+                _ => {
+                    after = Some(copied);
+                    break;
+                }
+            }
+        }
+        let addr_of = |k: usize| hdr.ops + (hdr.nr_done as u64 + k as u64) * OP_SIZE;
+        let reqs = reqs.get(..n).unwrap_or(&[]);
+        // Check and report (a revoked BFN is acknowledged: ESTALE).
+        let mut checks = [Err(Errno::NoEnt); MAP_CHUNK];
+        let n = self.unmap_check_batch(caller, reqs, &mut checks);
+        let mut reported = n;
+        let mut failure = None;
+        for (k, (op, check)) in ops.iter_mut().zip(checks.iter()).take(n).enumerate() {
+            op.status = match check {
+                Ok(false) => 0,
+                Ok(true) => Errno::Stale.negated(),
+                Err(e) => e.negated(),
+            };
+            if let Err(e) = h.copy_to_guest(addr_of(k), op.as_bytes()) {
+                reported = k;
+                failure = Some(e);
+                break;
+            }
+        }
+        // Act on the reported ones that passed their check (only those: a
+        // BFN refused at the check may be someone's new mapping by now),
+        // then report what changed (another CPU may have revoked a BFN
+        // since, or the IOMMU refused the unmap).
+        let mut passed = [(ContextId::DEFAULT, pviommu_abi::Bfn(0)); MAP_CHUNK];
+        let mut which = [0usize; MAP_CHUNK];
+        let mut m = 0;
+        for (k, (req, check)) in reqs.iter().zip(checks.iter()).take(reported).enumerate() {
+            if let (Ok(_), Some(p), Some(w)) = (check, passed.get_mut(m), which.get_mut(m)) {
+                *p = *req;
+                *w = k;
+                m += 1;
+            }
+        }
+        let mut acts = [Ok(()); MAP_CHUNK];
+        let acted = self.unmap_batch(h, caller, passed.get(..m).unwrap_or(&[]), &mut acts);
+        for (&k, act) in which.iter().zip(acts.iter()).take(acted) {
+            let Some(op) = ops.get_mut(k) else {
+                continue;
+            };
+            let status = match act {
+                Ok(()) => 0,
+                Err(e) => e.negated(),
+            };
+            if status != op.status {
+                op.status = status;
+                if let Err(e) = h.copy_to_guest(addr_of(k), op.as_bytes()) {
+                    // The ops reported so far were all acted on.
+                    return Err((reported as u32, e));
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err((reported as u32, e)),
+            None => Ok((n as u32, after)),
+        }
     }
 
     /// Run `op`, copied in from guest address `addr`, and write its status

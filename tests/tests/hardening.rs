@@ -578,3 +578,41 @@ fn d14_set_limits_racing_a_domain_death_leaves_nothing_behind() {
     );
     assert_eq!(lock_check::violations(), 0);
 }
+
+/// A run of unmaps whose status cannot be written at its third op: the
+/// first two are unmapped and reported, the third and the rest are left
+/// mapped, and the header says two were done.
+#[test]
+fn a_run_of_unmaps_stops_where_a_status_cannot_be_written() {
+    use pviommu_tests::{stage_batch, Interposer, Service};
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let mut maps: Vec<_> = (0..5).map(|g| map_op(GUEST, g, Permissions::RW)).collect();
+    m.guest_batch_all(&e, DomId::DOM0, &mut maps).unwrap();
+    let bfns: Vec<Bfn> = maps.iter().map(|o| Bfn(o.bfn)).collect();
+    let refs_of_five = m.total_page_refs();
+    let unmaps: Vec<_> = bfns.iter().map(|b| unmap_op(*b)).collect();
+    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &unmaps);
+    let op_size = core::mem::size_of::<pviommu_abi::PvIommuOp>() as u64;
+    let r = {
+        let mut h = Interposer::new(
+            &mut m,
+            Service::CopyToGuestAt(ops_addr + 2 * op_size),
+            Box::new(|_| {}),
+        );
+        e.hypercall(&mut h, DomId::DOM0, pviommu_abi::cmd::BATCH, base)
+    };
+    assert_eq!(r, Errno::Fault.negated() as i64);
+    let mut hdr = pviommu_abi::PvIommuBatch::default();
+    {
+        use pviommu_hv::platform::Platform;
+        use zerocopy::IntoBytes;
+        m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
+    }
+    assert_eq!(hdr.nr_done, 2);
+    for (i, b) in bfns.iter().enumerate() {
+        let live = e.lookup(DomId::DOM0, ContextId::DEFAULT, *b).is_ok();
+        assert_eq!(live, i >= 2, "BFN {i}");
+    }
+    // The pages of the two unmapped ones were released at the flush.
+    assert_eq!(m.total_page_refs(), refs_of_five / 5 * 3);
+}

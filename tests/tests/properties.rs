@@ -306,3 +306,63 @@ proptest! {
         prop_assert_eq!(m1.total_page_refs(), m2.total_page_refs());
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// A batch of unmaps (runs checked, reported and acted on under one
+    /// lock each) gives the statuses and leaves the state that the same
+    /// unmaps one per batch do: repeats of a BFN (the second finds it
+    /// unmapped), shared BFNs (references), revoked BFNs (ESTALE, then
+    /// ENOENT), BFNs never mapped, in either context number.
+    #[test]
+    fn a_run_of_unmaps_equals_the_unmaps_one_by_one(
+        maps in proptest::collection::vec((0u64..24, any::<bool>()), 1..30),
+        revoke in proptest::collection::vec(0u64..24, 0..4),
+        picks in proptest::collection::vec((any::<usize>(), 0u8..8), 1..40),
+    ) {
+        use pviommu_abi::Gfn;
+        let (mut m1, e1) = machine(Format::Vtd, 24);
+        let (mut m2, e2) = machine(Format::Vtd, 24);
+        let mut bfns = vec![];
+        for (m, e) in [(&mut m1, &e1), (&mut m2, &e2)] {
+            let mut ops: Vec<_> = maps
+                .iter()
+                .map(|&(g, w)| map_op(GUEST, g, if w { Permissions::RW } else { Permissions::RO }))
+                .collect();
+            m.guest_batch_all(e, DomId::DOM0, &mut ops).unwrap();
+            bfns = ops.iter().filter(|o| o.status == 0).map(|o| Bfn(o.bfn)).collect();
+            for &g in &revoke {
+                let _ = m.balloon_out(e, GUEST, Gfn(g));
+            }
+        }
+        prop_assume!(!bfns.is_empty());
+        let unmaps: Vec<_> = picks
+            .iter()
+            .map(|&(i, kind)| match kind {
+                // Mostly BFNs that were mapped (live or revoked by now).
+                0 => unmap_op(Bfn(bfns[0].0 + 4096)),
+                1 => {
+                    let mut o = unmap_op(bfns[i % bfns.len()]);
+                    o.context = 3;
+                    o
+                }
+                _ => unmap_op(bfns[i % bfns.len()]),
+            })
+            .collect();
+        let one_by_one: Vec<i32> = unmaps
+            .iter()
+            .map(|o| {
+                let mut ops = [*o];
+                m1.guest_batch_all(&e1, DomId::DOM0, &mut ops).unwrap();
+                ops[0].status
+            })
+            .collect();
+        let mut ops = unmaps.clone();
+        m2.guest_batch_all(&e2, DomId::DOM0, &mut ops).unwrap();
+        let batched: Vec<i32> = ops.iter().map(|o| o.status).collect();
+        prop_assert_eq!(one_by_one, batched);
+        prop_assert_eq!(observable(&m1, &e1), observable(&m2, &e2));
+        prop_assert_eq!(m1.total_page_refs(), m2.total_page_refs());
+    }
+}

@@ -1221,6 +1221,27 @@ impl<L: RawMutex> Engine<L> {
         result
     }
 
+    /// [`unmap_check`](Self::unmap_check) of each of the first `reqs` (at
+    /// most [`MAP_CHUNK`]) under one lock; returns how many were checked.
+    pub fn unmap_check_batch(
+        &self,
+        caller: DomId,
+        reqs: &[(ContextId, Bfn)],
+        out: &mut [Result<bool, Errno>],
+    ) -> usize {
+        let n = reqs.len().min(out.len()).min(MAP_CHUNK);
+        let d = self.lock_driver(caller);
+        for (&(context, bfn), o) in reqs.iter().zip(out.iter_mut()).take(n) {
+            *o = match (&d, self.space.index_of(bfn)) {
+                (Some(d), Some(idx)) => {
+                    Self::unmap_kind(&d.dd, context, idx).map(|k| matches!(k, UnmapKind::Revoked))
+                }
+                _ => Err(Errno::NoEnt),
+            };
+        }
+        n
+    }
+
     /// Unmaps of a batch taken under one lock: [`unmap`](Self::unmap) of
     /// each of the first `reqs` (at most [`MAP_CHUNK`]), in order, with
     /// `out[i]` the result of `reqs[i]`; returns how many were done.
