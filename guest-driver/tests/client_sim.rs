@@ -80,14 +80,16 @@ fn preempted_batches_resume_transparently() {
     let s = sim(2048, Config::default());
     let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
     s.lock().0.preempt_budget = Some(7);
-    let gfns: Vec<Gfn> = (0..20).map(Gfn).collect();
+    // Enough after the first 8 for three runs of maps.
+    let runs = pviommu_hv::engine::MAP_CHUNK as u64;
+    let gfns: Vec<Gfn> = (0..8 + 2 * runs + 4).map(Gfn).collect();
     // The budget is spent after 8 ops: the client re-issues from nr_done.
     let before = c.stats().hypercalls;
     let first = rw(&mut c, &gfns[..8]);
     assert_eq!(first.len(), 8);
-    // Xen checks for preemption between runs of maps (up to 8 under one
-    // lock): with no budget left, every call maps one run and asks to be
-    // called again.
+    // Xen checks for preemption between runs of maps (up to MAP_CHUNK
+    // under one lock): with no budget left, every call maps one run and
+    // asks to be called again.
     s.lock().0.preempt_budget = Some(0);
     let rest: Vec<_> = c.map_foreign(
         GUEST,
@@ -105,8 +107,11 @@ fn preempted_batches_resume_transparently() {
     all.extend(rest.into_iter().map(|r| r.unwrap()));
     all.sort();
     all.dedup();
-    assert_eq!(all.len(), 20, "no op applied twice");
-    assert_eq!(s.lock().1.state().driver(DomId::DOM0).unwrap().live(), 20);
+    assert_eq!(all.len(), gfns.len(), "no op applied twice");
+    assert_eq!(
+        s.lock().1.state().driver(DomId::DOM0).unwrap().live(),
+        gfns.len() as u64
+    );
 }
 
 #[test]

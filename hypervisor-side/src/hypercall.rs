@@ -37,6 +37,64 @@ fn copy_in<T: FromBytes + IntoBytes>(h: &mut impl Hypervisor, addr: u64) -> Resu
     Ok(v)
 }
 
+/// Copy in the ops of a run that starts with `first` (at `hdr.nr_done`,
+/// already copied in) into `ops`: up to `ops.len()` ops while `take`
+/// accepts them. The rest is copied with one guest copy; if that faults,
+/// op by op up to the fault (the op that faults is reported when the batch
+/// loop reaches it). Returns how many were taken, and the op after them if
+/// it was copied in.
+fn copy_in_run(
+    h: &mut impl Hypervisor,
+    hdr: &PvIommuBatch,
+    first: PvIommuOp,
+    ops: &mut [PvIommuOp],
+    take: impl Fn(&PvIommuOp) -> bool,
+) -> (usize, Option<PvIommuOp>) {
+    let left = hdr.nr_ops.saturating_sub(hdr.nr_done) as usize;
+    let want = ops.len().min(left);
+    let Some(run) = ops.get_mut(..want) else {
+        return (0, None);
+    };
+    let Some((head, rest)) = run.split_first_mut() else {
+        return (0, None);
+    };
+    *head = first;
+    let addr = hdr.ops + (hdr.nr_done as u64 + 1) * OP_SIZE;
+    let mut copied = 1 + rest.len();
+    if h.copy_from_guest(addr, rest.as_mut_bytes()).is_err() {
+        copied = 1;
+        for (k, op) in rest.iter_mut().enumerate() {
+            match copy_in::<PvIommuOp>(h, addr + k as u64 * OP_SIZE) {
+                Ok(c) => {
+                    *op = c;
+                    copied += 1;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    let run = run.get(..copied).unwrap_or(&[]);
+    match run.iter().position(|op| !take(op)) {
+        Some(n) => (n, run.get(n).copied()),
+        None => (run.len(), None),
+    }
+}
+
+/// Write `ops` back to the guest at `addr`, in one copy if it can be done;
+/// otherwise op by op, to find the first that cannot be written:
+/// `Err((its index, error))` (the ones before it are written).
+fn write_back(h: &mut impl Hypervisor, addr: u64, ops: &[PvIommuOp]) -> Result<(), (usize, Errno)> {
+    if h.copy_to_guest(addr, ops.as_bytes()).is_ok() {
+        return Ok(());
+    }
+    for (k, op) in ops.iter().enumerate() {
+        h.copy_to_guest(addr + k as u64 * OP_SIZE, op.as_bytes())
+            .map_err(|e| (k, e))?;
+    }
+    // Written one by one after all (the guest's memory changed between).
+    Ok(())
+}
+
 fn check_version(v: u32) -> Result<(), Errno> {
     if version_major(v) == version_major(INTERFACE_VERSION) {
         Ok(())
@@ -394,31 +452,12 @@ impl<L: RawMutex> Engine<L> {
             grant: false,
         };
         let mut ops = [PvIommuOp::default(); MAP_CHUNK];
+        let is_map = |op: &PvIommuOp| matches!(Request::parse(op), Ok(Request::Map(_)));
+        let (n, mut after) = copy_in_run(h, hdr, first, &mut ops, is_map);
         let mut reqs = [UNUSED; MAP_CHUNK];
-        let mut n = 0;
-        let mut after: Option<PvIommuOp> = None;
-        let left = hdr.nr_ops.saturating_sub(hdr.nr_done) as usize;
-        for (k, (op, req)) in ops.iter_mut().zip(reqs.iter_mut()).take(left).enumerate() {
-            let copied = if k == 0 {
-                first
-            } else {
-                let addr = hdr.ops + (hdr.nr_done as u64 + k as u64) * OP_SIZE;
-                match copy_in::<PvIommuOp>(h, addr) {
-                    Ok(c) => c,
-                    // Reported when the batch loop reaches it.
-                    Err(_) => break,
-                }
-            };
-            match Request::parse(&copied) {
-                Ok(Request::Map(m)) => {
-                    *op = copied;
-                    *req = m;
-                    n += 1;
-                }
-                _ => {
-                    after = Some(copied);
-                    break;
-                }
+        for (op, req) in ops.iter().zip(reqs.iter_mut()).take(n) {
+            if let Ok(Request::Map(m)) = Request::parse(op) {
+                *req = m;
             }
         }
         let mut results = [Err(Errno::Inval); MAP_CHUNK];
@@ -432,10 +471,7 @@ impl<L: RawMutex> Engine<L> {
             // The run ended early: the next op is a map not yet run.
             after = ops.get(done).copied();
         }
-        for k in 0..done {
-            let (Some(op), Some(result)) = (ops.get_mut(k), results.get(k)) else {
-                break;
-            };
+        for (op, result) in ops.iter_mut().zip(results.iter()).take(done) {
             match result {
                 Ok(m) => {
                     op.bfn = m.bfn.0;
@@ -443,17 +479,17 @@ impl<L: RawMutex> Engine<L> {
                 }
                 Err(e) => op.status = e.negated(),
             }
-            let addr = hdr.ops + (hdr.nr_done as u64 + k as u64) * OP_SIZE;
-            if let Err(e) = h.copy_to_guest(addr, op.as_bytes()) {
-                // Undo what cannot be reported: this op and the rest.
-                let undo = reqs.iter().zip(results.iter()).take(done).skip(k);
-                for (req, result) in undo {
-                    if let Ok(m) = result {
-                        self.unmap_undo(h, caller, req.context, *m);
-                    }
+        }
+        let addr = hdr.ops + hdr.nr_done as u64 * OP_SIZE;
+        if let Err((k, e)) = write_back(h, addr, ops.get(..done).unwrap_or(&[])) {
+            // Undo what cannot be reported: this op and the rest.
+            let undo = reqs.iter().zip(results.iter()).take(done).skip(k);
+            for (req, result) in undo {
+                if let Ok(m) = result {
+                    self.unmap_undo(h, caller, req.context, *m);
                 }
-                return Err((k as u32, e));
             }
+            return Err((k as u32, e));
         }
         Ok((done as u32, after))
     }
@@ -477,31 +513,12 @@ impl<L: RawMutex> Engine<L> {
         first: PvIommuOp,
     ) -> Result<(u32, Option<PvIommuOp>), (u32, Errno)> {
         let mut ops = [PvIommuOp::default(); MAP_CHUNK];
+        let is_unmap = |op: &PvIommuOp| matches!(Request::parse(op), Ok(Request::Unmap { .. }));
+        let (n, after) = copy_in_run(h, hdr, first, &mut ops, is_unmap);
         let mut reqs = [(ContextId::DEFAULT, pviommu_abi::Bfn(0)); MAP_CHUNK];
-        let mut n = 0;
-        let mut after: Option<PvIommuOp> = None;
-        let left = hdr.nr_ops.saturating_sub(hdr.nr_done) as usize;
-        for (k, (op, req)) in ops.iter_mut().zip(reqs.iter_mut()).take(left).enumerate() {
-            let copied = if k == 0 {
-                first
-            } else {
-                let addr = hdr.ops + (hdr.nr_done as u64 + k as u64) * OP_SIZE;
-                match copy_in::<PvIommuOp>(h, addr) {
-                    Ok(c) => c,
-                    // Reported when the batch loop reaches it.
-                    Err(_) => break,
-                }
-            };
-            match Request::parse(&copied) {
-                Ok(Request::Unmap { context, bfn }) => {
-                    *op = copied;
-                    *req = (context, bfn);
-                    n += 1;
-                }
-                _ => {
-                    after = Some(copied);
-                    break;
-                }
+        for (op, req) in ops.iter().zip(reqs.iter_mut()).take(n) {
+            if let Ok(Request::Unmap { context, bfn }) = Request::parse(op) {
+                *req = (context, bfn);
             }
         }
         let addr_of = |k: usize| hdr.ops + (hdr.nr_done as u64 + k as u64) * OP_SIZE;
@@ -509,20 +526,17 @@ impl<L: RawMutex> Engine<L> {
         // Check and report (a revoked BFN is acknowledged: ESTALE).
         let mut checks = [Err(Errno::NoEnt); MAP_CHUNK];
         let n = self.unmap_check_batch(caller, reqs, &mut checks);
-        let mut reported = n;
-        let mut failure = None;
-        for (k, (op, check)) in ops.iter_mut().zip(checks.iter()).take(n).enumerate() {
+        for (op, check) in ops.iter_mut().zip(checks.iter()).take(n) {
             op.status = match check {
                 Ok(false) => 0,
                 Ok(true) => Errno::Stale.negated(),
                 Err(e) => e.negated(),
             };
-            if let Err(e) = h.copy_to_guest(addr_of(k), op.as_bytes()) {
-                reported = k;
-                failure = Some(e);
-                break;
-            }
         }
+        let (reported, failure) = match write_back(h, addr_of(0), ops.get(..n).unwrap_or(&[])) {
+            Ok(()) => (n, None),
+            Err((k, e)) => (k, Some(e)),
+        };
         // Act on the reported ones that passed their check (only those: a
         // BFN refused at the check may be someone's new mapping by now),
         // then report what changed (another CPU may have revoked a BFN

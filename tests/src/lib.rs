@@ -168,8 +168,9 @@ pub enum Service {
     GetPage,
     /// Right after the first domain lookup.
     DomainInfo,
-    /// During the first copy to this guest address, which then fails with
-    /// `EFAULT` (the caller's op array became inaccessible meanwhile).
+    /// During the first copy that covers this guest address; every copy
+    /// covering it fails with `EFAULT` (the caller's op array became
+    /// inaccessible meanwhile).
     CopyToGuestAt(u64),
     /// Right before the first IOTLB flush of one of the engine's contexts
     /// (a device's DMA there still meets the IOMMU's caches as they were).
@@ -243,8 +244,12 @@ impl Platform for Interposer<'_> {
         self.m.borrow_mut().copy_from_guest(a, b)
     }
     fn copy_to_guest(&mut self, a: u64, b: &[u8]) -> Result<(), Errno> {
-        if self.after(Service::CopyToGuestAt(a)) {
-            return Err(Errno::Fault);
+        if let Service::CopyToGuestAt(bad) = self.at {
+            // The address stays unwritable: every copy that covers it fails.
+            if (a..a.saturating_add(b.len() as u64)).contains(&bad) {
+                let _ = self.after(self.at);
+                return Err(Errno::Fault);
+            }
         }
         self.m.borrow_mut().copy_to_guest(a, b)
     }

@@ -616,3 +616,48 @@ fn a_run_of_unmaps_stops_where_a_status_cannot_be_written() {
     // The pages of the two unmapped ones were released at the flush.
     assert_eq!(m.total_page_refs(), refs_of_five / 5 * 3);
 }
+
+/// A run of maps whose result cannot be written at its third op: the first
+/// two stay mapped and reported, the third and the rest are undone, and the
+/// header says two were done.
+#[test]
+fn a_run_of_maps_stops_where_a_result_cannot_be_written() {
+    use pviommu_tests::{stage_batch, Interposer, Service};
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let refs_before = m.total_page_refs();
+    let maps: Vec<_> = (0..5).map(|g| map_op(GUEST, g, Permissions::RW)).collect();
+    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &maps);
+    let op_size = core::mem::size_of::<pviommu_abi::PvIommuOp>() as u64;
+    let r = {
+        let mut h = Interposer::new(
+            &mut m,
+            Service::CopyToGuestAt(ops_addr + 2 * op_size),
+            Box::new(|_| {}),
+        );
+        e.hypercall(&mut h, DomId::DOM0, pviommu_abi::cmd::BATCH, base)
+    };
+    assert_eq!(r, Errno::Fault.negated() as i64);
+    let mut hdr = pviommu_abi::PvIommuBatch::default();
+    let mut ops = [pviommu_abi::PvIommuOp::default(); 5];
+    {
+        use zerocopy::IntoBytes;
+        m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
+        m.copy_from_guest(ops_addr, ops.as_mut_bytes()).unwrap();
+    }
+    assert_eq!(hdr.nr_done, 2);
+    for op in &ops[..2] {
+        assert_eq!(op.status, 0);
+        assert!(e
+            .lookup(DomId::DOM0, ContextId::DEFAULT, Bfn(op.bfn))
+            .is_ok());
+    }
+    assert_eq!(e.state().live_mappings(DomId::DOM0).count(), 2);
+    let two = m.total_page_refs() - refs_before;
+    assert!(two > 0);
+    e.finish(&mut m, DomId::DOM0);
+    assert_eq!(
+        m.total_page_refs() - refs_before,
+        two,
+        "the undone three released"
+    );
+}

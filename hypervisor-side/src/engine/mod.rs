@@ -238,9 +238,12 @@ impl<L: RawMutex> StateView<'_, L> {
     }
 }
 
-/// Most maps [`Engine::map_batch`] takes under one lock (its per-op state
-/// lives on the hypervisor's stack).
-pub const MAP_CHUNK: usize = 8;
+/// Most maps [`Engine::map_batch`] (and unmaps [`Engine::unmap_batch`])
+/// take under one lock. Their per-op state lives on the hypervisor's stack:
+/// at 16, the batch hypercall's run buffers (ops, requests, results) take
+/// about 2.5 KiB of it. Going from 8 to 16 made the hypercall path a few
+/// percent faster; the lock is held for at most 16 IOMMU entry writes.
+pub const MAP_CHUNK: usize = 16;
 
 /// A map's result: the BFN, and a tag naming this install of it, for
 /// [`Engine::unmap_undo`].
