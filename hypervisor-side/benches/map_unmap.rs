@@ -263,5 +263,78 @@ fn scale(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench, floor, scale);
+/// A guest with 1 Mi pages mapped by dom0 dies: Xen tears it down in
+/// restartable slices (`domain_teardown`), and no slice may keep the CPU
+/// long. Criterion times one slice (the mean over the slices it ran); the
+/// summary line gives every slice of one whole teardown: count, median,
+/// longest.
+fn teardown(c: &mut Criterion) {
+    use std::time::{Duration, Instant};
+    const PAGES: u64 = 1 << 20;
+    let cfg = Config {
+        quota: 2 << 20,
+        ..Config::default()
+    };
+    let dying_guest = || {
+        let (mut m, e) = setup_with(PAGES + 8, Format::Vtd, cfg);
+        let dom0 = m.domain_info(DomId::DOM0).unwrap();
+        let reqs: Vec<MapRequest> = (0..PAGES).map(map_req).collect();
+        let mut out = [Err(Errno::Inval); MAP_CHUNK];
+        let mut rest = &reqs[..];
+        while !rest.is_empty() {
+            let n = e.map_batch(&mut m, DomId::DOM0, &dom0, rest, &mut out);
+            rest = &rest[n..];
+        }
+        e.finish(&mut m, DomId::DOM0);
+        m.mark_dying(GUEST);
+        (m, e)
+    };
+
+    // One whole teardown, every slice timed.
+    let (mut m, e) = dying_guest();
+    let mut cursor = 0u64;
+    let mut slices = Vec::new();
+    loop {
+        let t = Instant::now();
+        let r = e.domain_teardown(&mut m, GUEST, &mut cursor);
+        slices.push(t.elapsed());
+        if r.is_ok() {
+            break;
+        }
+    }
+    let total: Duration = slices.iter().sum();
+    slices.sort();
+    eprintln!(
+        "summary: teardown of {PAGES} mapped pages: {} slices, median {:?}, longest {:?}, total {:?}",
+        slices.len(),
+        slices[slices.len() / 2],
+        slices[slices.len() - 1],
+        total
+    );
+
+    let mut group = c.benchmark_group("teardown (VT-d, 1 Mi mapped pages)");
+    group.sample_size(10);
+    group.bench_function("one slice", |b| {
+        let mut host = None;
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iters {
+                let (m, e, cursor) = host.get_or_insert_with(|| {
+                    let (m, e) = dying_guest();
+                    (m, e, 0u64)
+                });
+                let t = Instant::now();
+                let r = e.domain_teardown(m, GUEST, cursor);
+                spent += t.elapsed();
+                if r.is_ok() {
+                    host = None;
+                }
+            }
+            spent
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, floor, scale, teardown);
 criterion_main!(benches);
