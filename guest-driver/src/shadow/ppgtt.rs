@@ -26,7 +26,7 @@ use super::gma::Gma;
 use super::ppgtt_engine::{Env, NoReader};
 use super::ppgtt_format::{Level, ENTRIES};
 use super::report::{Anomaly, BuildReport, SyncReport};
-use super::table_pages::TablePages;
+use super::table_pages::{AlignedPage, TablePages};
 use super::traits::{FrameMapper, GuestTableReader, ShadowMemory};
 use pviommu_abi::{Bfn, DomId, Gfn};
 
@@ -72,6 +72,9 @@ pub(super) struct PendingMap {
     pub(super) gen: u32,
     pub(super) idx: u16,
     pub(super) entry: u64,
+    /// The shadow leaf may still hold the BFN of the entry this one
+    /// replaces: settling releases it (see `apply_pt_changes`).
+    pub(super) replace: bool,
 }
 
 /// Per-call counters and findings.
@@ -117,13 +120,17 @@ pub struct ShadowPpgtt {
     pub(super) map_gfns: Vec<Gfn>,
     pub(super) map_writable: Vec<bool>,
     pub(super) unmaps: Vec<Bfn>,
+    /// BFNs of replaced leaves found while settling a map batch.
+    pub(super) released: Vec<Bfn>,
     pub(super) subtree: Vec<u32>,
     pub(super) changes: Vec<(u16, u64, u64)>,
     /// Changes of the PT whose application `sync` holds back one page.
     pub(super) held_changes: Vec<(u16, u64, u64)>,
     /// Shadow leaves of a PT's changed entries, read ahead of the unmaps.
     pub(super) shadow_buf: Vec<u64>,
-    pub(super) read_buf: Box<[u64; ENTRIES]>,
+    /// Where `sync` re-reads a dirty page (page-aligned, see
+    /// [`AlignedPage::boxed`]).
+    pub(super) read_buf: Box<AlignedPage>,
 }
 
 impl ShadowPpgtt {
@@ -191,11 +198,12 @@ impl ShadowPpgtt {
             map_gfns: Vec::with_capacity(config.batch),
             map_writable: Vec::with_capacity(config.batch),
             unmaps: Vec::with_capacity(config.batch),
+            released: Vec::new(),
             subtree: Vec::new(),
             changes: Vec::new(),
             held_changes: Vec::new(),
             shadow_buf: Vec::new(),
-            read_buf: Box::new([0; ENTRIES]),
+            read_buf: AlignedPage::boxed(),
         };
         let mut env = Env {
             reader,

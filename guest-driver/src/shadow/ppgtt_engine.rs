@@ -52,24 +52,40 @@ pub(super) fn diff_page(
     }
 }
 
+/// Start loading the cache line of `e`. Only a hint: a no-op off x86-64.
+#[inline(always)]
+fn prefetch(e: &u64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let p: *const u64 = e;
+        // SAFETY: a prefetch never faults and has no architectural effect;
+        // SSE is part of the x86-64 baseline.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = e;
+}
+
+/// True if PT entry `old` -> `new` removes a present leaf without replacing
+/// it: the only change whose shadow leaf is read when it is applied (see
+/// `apply_pt_changes`).
+#[inline]
+fn is_removal(old: u64, new: u64) -> bool {
+    old & fmt::PRESENT != 0 && new & fmt::PRESENT == 0
+}
+
 /// Start loading the shadow leaves that applying `changes` will read, from
-/// `table` (when the memory hands it out). Only a hint: a no-op off x86-64.
+/// `table` (when the memory hands it out).
 #[inline]
 fn prefetch_leaves(table: Option<&[u64; ENTRIES]>, changes: &[(u16, u64, u64)]) {
-    #[cfg(target_arch = "x86_64")]
     if let Some(t) = table {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        for &(idx, old, _) in changes {
-            if old & fmt::PRESENT != 0 {
-                let p: *const u64 = &t[idx as usize];
-                // SAFETY: a prefetch never faults and has no architectural
-                // effect; SSE is part of the x86-64 baseline.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
+        for &(idx, old, new) in changes {
+            if is_removal(old, new) {
+                prefetch(&t[idx as usize]);
             }
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (table, changes);
 }
 
 /// Ordering key of a reference: lower owns a shared table page.
@@ -211,6 +227,7 @@ impl ShadowPpgtt {
                         gen,
                         idx: idx as u16,
                         entry: e,
+                        replace: false,
                     });
                     self.map_gfns.push(Gfn((e & fmt::ADDR_MASK) >> 12));
                     self.map_writable.push(e & fmt::RW != 0);
@@ -235,7 +252,7 @@ impl ShadowPpgtt {
             EntryKind::NotPresent => {}
             EntryKind::Leaf4K(_) => {
                 let gen = self.slots[slot as usize].gen;
-                self.queue_map(env, slot, gen, idx, e);
+                self.queue_map(env, slot, gen, idx, e, false);
             }
             kind => self.attach(
                 env,
@@ -533,10 +550,12 @@ impl ShadowPpgtt {
     /// Re-read owned table `slot` (guest page `g`) and act on what changed.
     ///
     /// The changes of a populated PT are not applied here but held, and
-    /// the PT returned: applying them reads the shadow leaves of the
-    /// changed entries, which a sync of many dirty pages finds cold (it
-    /// streams guest pages and snapshots through the cache). So their
-    /// lines are prefetched now and the changes applied when the next
+    /// the PT returned: applying them reads the shadow leaves of removed
+    /// entries (replaced ones are read when their map batch settles, see
+    /// [`apply_pt_changes`](Self::apply_pt_changes)), which a sync of many
+    /// dirty pages finds cold (it streams guest pages and snapshots
+    /// through the cache). So their lines are prefetched now and the
+    /// changes applied when the next
     /// dirty page has been read and diffed (pass the returned PT back as
     /// `held`), or before anything else is applied, or by
     /// [`apply_held`](Self::apply_held) at the end. Only diffs happen in
@@ -556,8 +575,9 @@ impl ShadowPpgtt {
     {
         let i = slot as usize;
         env.out.report.pages_read += 1;
-        if let Err(e) = env.reader.read_page(g, &mut self.read_buf) {
-            *self.read_buf = [0; ENTRIES];
+        let buf = &mut self.read_buf.0;
+        if let Err(e) = env.reader.read_page(g, buf) {
+            *buf = [0; ENTRIES];
             let errno = match e {
                 ShadowError::GuestRead { errno, .. } => errno,
                 ShadowError::OutOfShadowMemory => 12,
@@ -569,7 +589,7 @@ impl ShadowPpgtt {
         // find the changed entries line by line, updating the snapshot.
         let mut changes = std::mem::take(&mut self.changes);
         changes.clear();
-        diff_page(&mut self.guest[i], &self.read_buf, &mut changes);
+        diff_page(&mut self.guest[i], &self.read_buf.0, &mut changes);
         env.out.report.entries_changed += changes.len() as u64;
         let info = &self.slots[i];
         if changes.is_empty() {
@@ -605,9 +625,18 @@ impl ShadowPpgtt {
     }
 
     /// [`apply_change`](Self::apply_change) for every change of populated
-    /// PT `slot`, with the shadow leaves of the changed entries read first:
-    /// the loads are independent, so their cache misses overlap instead of
-    /// each stalling its own unmap.
+    /// PT `slot`, touching each changed shadow leaf once:
+    ///
+    /// * A leaf replaced by another present leaf is not read here: its map
+    ///   is queued as a replacement, and settling the batch reads the old
+    ///   leaf (the BFN to release) and writes the new one in the same
+    ///   access. Cleared here and written again a batch later, the leaf
+    ///   was a cache miss twice over in a sync of many dirty pages. Until
+    ///   the batch settles the leaf keeps the old BFN, still mapped (the
+    ///   GPU is kept off the shadow during a sync); the old BFN is
+    ///   released whether the new map succeeds or not.
+    /// * Removed leaves are read first (the loads are independent, so their
+    ///   misses overlap), then cleared and their BFNs queued for unmapping.
     fn apply_pt_changes<R, M, S>(
         &mut self,
         env: &mut Env<'_, R, M, S>,
@@ -628,22 +657,22 @@ impl ShadowPpgtt {
         shadow.extend(
             changes
                 .iter()
-                .map(|&(idx, old, _)| match (old & fmt::PRESENT, table) {
-                    (0, _) => 0,
-                    (_, Some(t)) => t[idx as usize],
-                    _ => env.mem.read_entry(page, idx as usize).unwrap_or(0),
+                .map(|&(idx, old, new)| match (is_removal(old, new), table) {
+                    (false, _) => 0,
+                    (true, Some(t)) => t[idx as usize],
+                    (true, None) => env.mem.read_entry(page, idx as usize).unwrap_or(0),
                 }),
         );
         // Only this slot's own entries are written below (each index once),
         // so every value read above is still current when it is used.
-        for (&(idx, _, new), &s) in changes.iter().zip(&shadow) {
+        for (&(idx, old, new), &s) in changes.iter().zip(&shadow) {
             let idx = idx as usize;
             if s & fmt::PRESENT != 0 {
                 env.mem.write_entry(page, idx, 0);
                 self.queue_unmap(env, Bfn((s & fmt::ADDR_MASK) >> 12));
             }
             if new & fmt::PRESENT != 0 {
-                self.queue_map(env, slot, gen, idx, new);
+                self.queue_map(env, slot, gen, idx, new, old & fmt::PRESENT != 0);
             }
         }
         self.shadow_buf = shadow;
@@ -714,6 +743,7 @@ impl ShadowPpgtt {
         gen: u32,
         idx: usize,
         e: u64,
+        replace: bool,
     ) where
         R: GuestTableReader + ?Sized,
         M: FrameMapper + ?Sized,
@@ -724,6 +754,7 @@ impl ShadowPpgtt {
             gen,
             idx: idx as u16,
             entry: e,
+            replace,
         });
         self.map_gfns.push(Gfn((e & fmt::ADDR_MASK) >> 12));
         self.map_writable.push(e & fmt::RW != 0);
@@ -768,6 +799,23 @@ impl ShadowPpgtt {
         if self.maps.is_empty() {
             return;
         }
+        // Settling reads each leaf's snapshot entry and shadow entry. In a
+        // sync of many dirty pages both were last touched up to a batch of
+        // pages ago and have left the nearest caches since: start loading
+        // them now, so the misses overlap each other and the mapper call
+        // instead of stalling the settle loop one by one.
+        for run in self.maps.chunk_by(|a, b| a.slot == b.slot) {
+            let i = run[0].slot as usize;
+            let table = env.mem.table(self.slots[i].page);
+            let snap = &self.guest[i];
+            for p in run {
+                let idx = p.idx as usize;
+                prefetch(&snap[idx]);
+                if let Some(t) = table {
+                    prefetch(&t[idx]);
+                }
+            }
+        }
         let results = env
             .mapper
             .map(self.domid, &self.map_gfns, &self.map_writable);
@@ -779,6 +827,7 @@ impl ShadowPpgtt {
         // after the loop, which holds the shadow table borrowed.
         let mut give_back = Vec::new();
         let refused = &mut env.out.report.refused;
+        let mut released = std::mem::take(&mut self.released);
         // Leaves are queued a table at a time: settle each run of one slot
         // with one look-up of the slot, its snapshot and its shadow table.
         for run in maps.chunk_by(|a, b| a.slot == b.slot && a.gen == b.gen) {
@@ -794,9 +843,16 @@ impl ShadowPpgtt {
             // still empty.
             let mut settle = |p: &PendingMap, shadow: Option<u64>| {
                 let idx = p.idx as usize;
+                // A replacement finds the leaf it replaces (or an empty
+                // one); any other map wants an empty leaf.
                 let valid = slot_ok
                     && snap[idx] == p.entry
-                    && shadow.is_some_and(|v| v & fmt::PRESENT == 0);
+                    && shadow.is_some_and(|v| p.replace || v & fmt::PRESENT == 0);
+                // The replaced leaf's BFN is released whatever the outcome.
+                let old = shadow.filter(|v| valid && v & fmt::PRESENT != 0);
+                if let Some(v) = old {
+                    released.push(Bfn((v & fmt::ADDR_MASK) >> 12));
+                }
                 let errno = match results.next() {
                     Some(Ok(bfn)) if valid && bfn.0 <= fmt::MAX_FRAME => {
                         mapped += 1;
@@ -816,7 +872,8 @@ impl ShadowPpgtt {
                         errno,
                     });
                 }
-                None
+                // A refused replacement leaves the leaf empty.
+                old.map(|_| 0)
             };
             match env.mem.table_mut(page).filter(|_| slot_ok) {
                 Some(table) => {
@@ -845,6 +902,11 @@ impl ShadowPpgtt {
         for bfn in give_back {
             self.push_unmap(env, bfn);
         }
+        for &bfn in &released {
+            self.queue_unmap(env, bfn);
+        }
+        released.clear();
+        self.released = released;
         self.maps = maps;
         self.maps.clear();
         self.map_gfns.clear();
