@@ -73,7 +73,7 @@ pub(super) struct PendingMap {
     pub(super) idx: u16,
     pub(super) entry: u64,
     /// The shadow leaf may still hold the BFN of the entry this one
-    /// replaces: settling releases it (see `apply_pt_changes`).
+    /// replaces: `release_replaced` releases it before the batch settles.
     pub(super) replace: bool,
 }
 
@@ -117,10 +117,13 @@ pub struct ShadowPpgtt {
     pub(super) work: Vec<(u32, u32)>,
     pub(super) adopt: Vec<Gfn>,
     pub(super) maps: Vec<PendingMap>,
+    /// Some leaf in `maps` was queued on its own (by `queue_map`), not a
+    /// table at a time: `flush_maps` prefetches what settling reads.
+    pub(super) maps_scattered: bool,
     pub(super) map_gfns: Vec<Gfn>,
     pub(super) map_writable: Vec<bool>,
     pub(super) unmaps: Vec<Bfn>,
-    /// BFNs of replaced leaves found while settling a map batch.
+    /// Scratch of `release_replaced`: BFNs of replaced leaves.
     pub(super) released: Vec<Bfn>,
     pub(super) subtree: Vec<u32>,
     pub(super) changes: Vec<(u16, u64, u64)>,
@@ -195,6 +198,7 @@ impl ShadowPpgtt {
             work: Vec::new(),
             adopt: Vec::new(),
             maps: Vec::with_capacity(config.batch),
+            maps_scattered: false,
             map_gfns: Vec::with_capacity(config.batch),
             map_writable: Vec::with_capacity(config.batch),
             unmaps: Vec::with_capacity(config.batch),

@@ -628,13 +628,15 @@ impl ShadowPpgtt {
     /// PT `slot`, touching each changed shadow leaf once:
     ///
     /// * A leaf replaced by another present leaf is not read here: its map
-    ///   is queued as a replacement, and settling the batch reads the old
-    ///   leaf (the BFN to release) and writes the new one in the same
-    ///   access. Cleared here and written again a batch later, the leaf
-    ///   was a cache miss twice over in a sync of many dirty pages. Until
-    ///   the batch settles the leaf keeps the old BFN, still mapped (the
-    ///   GPU is kept off the shadow during a sync); the old BFN is
-    ///   released whether the new map succeeds or not.
+    ///   is queued as a replacement, and when the batch's map call returns
+    ///   the old leaf is read (the BFN to release), cleared and written
+    ///   with the new one, prefetched before the call and hot after it
+    ///   ([`release_replaced`](Self::release_replaced), then the settle
+    ///   loop). Cleared here and written again a batch later, the leaf was
+    ///   a cache miss twice over in a sync of many dirty pages. Until then
+    ///   the leaf keeps the old BFN, still mapped (the GPU is kept off the
+    ///   shadow during a sync); the old BFN is released whether the new
+    ///   map succeeds or not.
     /// * Removed leaves are read first (the loads are independent, so their
     ///   misses overlap), then cleared and their BFNs queued for unmapping.
     fn apply_pt_changes<R, M, S>(
@@ -756,6 +758,7 @@ impl ShadowPpgtt {
             entry: e,
             replace,
         });
+        self.maps_scattered = true;
         self.map_gfns.push(Gfn((e & fmt::ADDR_MASK) >> 12));
         self.map_writable.push(e & fmt::RW != 0);
         if self.maps.len() >= self.config.batch {
@@ -799,20 +802,25 @@ impl ShadowPpgtt {
         if self.maps.is_empty() {
             return;
         }
-        // Settling reads each leaf's snapshot entry and shadow entry. In a
-        // sync of many dirty pages both were last touched up to a batch of
-        // pages ago and have left the nearest caches since: start loading
-        // them now, so the misses overlap each other and the mapper call
-        // instead of stalling the settle loop one by one.
-        for run in self.maps.chunk_by(|a, b| a.slot == b.slot) {
-            let i = run[0].slot as usize;
-            let table = env.mem.table(self.slots[i].page);
-            let snap = &self.guest[i];
-            for p in run {
-                let idx = p.idx as usize;
-                prefetch(&snap[idx]);
-                if let Some(t) = table {
-                    prefetch(&t[idx]);
+        // Settling reads each leaf's snapshot entry and shadow entry. For
+        // leaves queued one at a time (a sync's changes, a few per dirty
+        // page) both were last touched up to a batch of pages ago and have
+        // left the nearest caches since: start loading them now, so the
+        // misses overlap each other and the mapper call instead of
+        // stalling the settle loop one by one. Leaves queued a table at a
+        // time by `queue_pt` were read just now and need no prefetch.
+        let scattered = std::mem::take(&mut self.maps_scattered);
+        if scattered {
+            for run in self.maps.chunk_by(|a, b| a.slot == b.slot) {
+                let i = run[0].slot as usize;
+                let table = env.mem.table(self.slots[i].page);
+                let snap = &self.guest[i];
+                for p in run {
+                    let idx = p.idx as usize;
+                    prefetch(&snap[idx]);
+                    if let Some(t) = table {
+                        prefetch(&t[idx]);
+                    }
                 }
             }
         }
@@ -826,8 +834,10 @@ impl ShadowPpgtt {
         // BFNs to give back (rare: a stale leaf or a BFN too wide); pushed
         // after the loop, which holds the shadow table borrowed.
         let mut give_back = Vec::new();
+        if scattered {
+            self.release_replaced(env, &maps);
+        }
         let refused = &mut env.out.report.refused;
-        let mut released = std::mem::take(&mut self.released);
         // Leaves are queued a table at a time: settle each run of one slot
         // with one look-up of the slot, its snapshot and its shadow table.
         for run in maps.chunk_by(|a, b| a.slot == b.slot && a.gen == b.gen) {
@@ -843,16 +853,9 @@ impl ShadowPpgtt {
             // still empty.
             let mut settle = |p: &PendingMap, shadow: Option<u64>| {
                 let idx = p.idx as usize;
-                // A replacement finds the leaf it replaces (or an empty
-                // one); any other map wants an empty leaf.
                 let valid = slot_ok
                     && snap[idx] == p.entry
-                    && shadow.is_some_and(|v| p.replace || v & fmt::PRESENT == 0);
-                // The replaced leaf's BFN is released whatever the outcome.
-                let old = shadow.filter(|v| valid && v & fmt::PRESENT != 0);
-                if let Some(v) = old {
-                    released.push(Bfn((v & fmt::ADDR_MASK) >> 12));
-                }
+                    && shadow.is_some_and(|v| v & fmt::PRESENT == 0);
                 let errno = match results.next() {
                     Some(Ok(bfn)) if valid && bfn.0 <= fmt::MAX_FRAME => {
                         mapped += 1;
@@ -872,8 +875,7 @@ impl ShadowPpgtt {
                         errno,
                     });
                 }
-                // A refused replacement leaves the leaf empty.
-                old.map(|_| 0)
+                None
             };
             match env.mem.table_mut(page).filter(|_| slot_ok) {
                 Some(table) => {
@@ -902,15 +904,49 @@ impl ShadowPpgtt {
         for bfn in give_back {
             self.push_unmap(env, bfn);
         }
+        self.maps = maps;
+        self.maps.clear();
+        self.map_gfns.clear();
+        self.map_writable.clear();
+    }
+
+    /// For every replacement in map batch `maps` (see
+    /// [`apply_pt_changes`](Self::apply_pt_changes)) whose leaf is still
+    /// wanted (slot live, guest entry unchanged): clear the leaf it
+    /// replaces and release that BFN, so settling finds the leaf empty as
+    /// for any other map. Runs after the mapper call, when the prefetched
+    /// leaves have arrived; settling then writes them while they are hot.
+    fn release_replaced<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, maps: &[PendingMap])
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let mut released = std::mem::take(&mut self.released);
+        for run in maps.chunk_by(|a, b| a.slot == b.slot && a.gen == b.gen) {
+            let i = run[0].slot as usize;
+            let info = &self.slots[i];
+            if !(info.live && info.gen == run[0].gen) {
+                continue;
+            }
+            let (page, snap) = (info.page, &self.guest[i]);
+            for p in run {
+                let idx = p.idx as usize;
+                if !p.replace || snap[idx] != p.entry {
+                    continue;
+                }
+                let leaf = env.mem.read_entry(page, idx).unwrap_or(0);
+                if leaf & fmt::PRESENT != 0 {
+                    env.mem.write_entry(page, idx, 0);
+                    released.push(Bfn((leaf & fmt::ADDR_MASK) >> 12));
+                }
+            }
+        }
         for &bfn in &released {
             self.queue_unmap(env, bfn);
         }
         released.clear();
         self.released = released;
-        self.maps = maps;
-        self.maps.clear();
-        self.map_gfns.clear();
-        self.map_writable.clear();
     }
 
     /// Unmap the queued BFNs with one mapper call.
