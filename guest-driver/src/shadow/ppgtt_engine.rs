@@ -811,18 +811,7 @@ impl ShadowPpgtt {
         // time by `queue_pt` were read just now and need no prefetch.
         let scattered = std::mem::take(&mut self.maps_scattered);
         if scattered {
-            for run in self.maps.chunk_by(|a, b| a.slot == b.slot) {
-                let i = run[0].slot as usize;
-                let table = env.mem.table(self.slots[i].page);
-                let snap = &self.guest[i];
-                for p in run {
-                    let idx = p.idx as usize;
-                    prefetch(&snap[idx]);
-                    if let Some(t) = table {
-                        prefetch(&t[idx]);
-                    }
-                }
-            }
+            self.prefetch_settle(env);
         }
         let results = env
             .mapper
@@ -910,12 +899,37 @@ impl ShadowPpgtt {
         self.map_writable.clear();
     }
 
+    /// Prefetch what settling the map batch reads (see `flush_maps`).
+    #[inline(never)]
+    fn prefetch_settle<R, M, S>(&self, env: &Env<'_, R, M, S>)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        for run in self.maps.chunk_by(|a, b| a.slot == b.slot) {
+            let i = run[0].slot as usize;
+            let table = env.mem.table(self.slots[i].page);
+            let snap = &self.guest[i];
+            for p in run {
+                let idx = p.idx as usize;
+                prefetch(&snap[idx]);
+                if let Some(t) = table {
+                    prefetch(&t[idx]);
+                }
+            }
+        }
+    }
+
     /// For every replacement in map batch `maps` (see
     /// [`apply_pt_changes`](Self::apply_pt_changes)) whose leaf is still
     /// wanted (slot live, guest entry unchanged): clear the leaf it
     /// replaces and release that BFN, so settling finds the leaf empty as
     /// for any other map. Runs after the mapper call, when the prefetched
     /// leaves have arrived; settling then writes them while they are hot.
+    /// Out of line: a build never needs it, and inlined it made the settle
+    /// loop of every build slower.
+    #[inline(never)]
     fn release_replaced<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, maps: &[PendingMap])
     where
         R: GuestTableReader + ?Sized,
