@@ -117,8 +117,9 @@ pub struct ShadowPpgtt {
     pub(super) work: Vec<(u32, u32)>,
     pub(super) adopt: Vec<Gfn>,
     pub(super) maps: Vec<PendingMap>,
-    /// Some leaf in `maps` was queued on its own (by `queue_map`), not a
-    /// table at a time: `flush_maps` prefetches what settling reads.
+    /// Some leaf in `maps` was queued by `apply_pt_changes` (a page diff's
+    /// change, its leaf not read): `flush_maps` prefetches what settling
+    /// reads and releases replaced leaves.
     pub(super) maps_scattered: bool,
     pub(super) map_gfns: Vec<Gfn>,
     pub(super) map_writable: Vec<bool>,

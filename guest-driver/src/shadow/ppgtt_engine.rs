@@ -674,6 +674,9 @@ impl ShadowPpgtt {
                 self.queue_unmap(env, Bfn((s & fmt::ADDR_MASK) >> 12));
             }
             if new & fmt::PRESENT != 0 {
+                // Neither a replaced nor an added leaf was read here: the
+                // batch must prefetch it (and release what it replaces).
+                self.maps_scattered = true;
                 self.queue_map(env, slot, gen, idx, new, old & fmt::PRESENT != 0);
             }
         }
@@ -758,7 +761,6 @@ impl ShadowPpgtt {
             entry: e,
             replace,
         });
-        self.maps_scattered = true;
         self.map_gfns.push(Gfn((e & fmt::ADDR_MASK) >> 12));
         self.map_writable.push(e & fmt::RW != 0);
         if self.maps.len() >= self.config.batch {
@@ -803,12 +805,14 @@ impl ShadowPpgtt {
             return;
         }
         // Settling reads each leaf's snapshot entry and shadow entry. For
-        // leaves queued one at a time (a sync's changes, a few per dirty
-        // page) both were last touched up to a batch of pages ago and have
-        // left the nearest caches since: start loading them now, so the
-        // misses overlap each other and the mapper call instead of
-        // stalling the settle loop one by one. Leaves queued a table at a
-        // time by `queue_pt` were read just now and need no prefetch.
+        // the leaves of a sync's page diffs (a few per dirty page, queued
+        // by `apply_pt_changes` without reading them) both were last
+        // touched up to a batch of pages ago and have left the nearest
+        // caches since: start loading them now, so the misses overlap each
+        // other and the mapper call instead of stalling the settle loop
+        // one by one. Leaves queued a table at a time by `queue_pt` were
+        // read just now, and those of `apply_change` were cleared just now
+        // (trapped writes): they need no prefetch.
         let scattered = std::mem::take(&mut self.maps_scattered);
         if scattered {
             self.prefetch_settle(env);
