@@ -494,3 +494,44 @@ fn a_replacement_changed_again_before_its_batch_settles() {
     s.teardown(&mut m, &mut mem);
     assert_eq!(m.live(), BTreeMap::new());
 }
+
+/// Replacements from page diffs and the leaves of a PT attached by the
+/// same sync share map batches (of 4): the replaced leaves are released
+/// whichever queueing fills the batch, and nothing else is.
+#[test]
+fn replacements_share_batches_with_a_newly_attached_pt() {
+    let (mut g, mut next) = guest();
+    let config = ShadowConfig {
+        batch: 4,
+        ..ShadowConfig::default()
+    };
+    let mut m = FakeMapper::default();
+    let mut mem = HeapShadowMemory::new();
+    let (mut s, _) = ShadowPpgtt::build_with(config, &g, &mut m, &mut mem, DOM, ROOT);
+    let pd = g.pd_for(ROOT, &mut next, 0);
+    let (a, b) = (pt_of(&g, 0x20_0000), pt_of(&g, 0x60_0000));
+    for pt in [a, b] {
+        for i in (0..512usize).step_by(3).take(7) {
+            let e = g.get(pt, i);
+            g.set(
+                pt,
+                i,
+                (e & !fmt::ADDR_MASK) | (0x9000 + pt.0 * 32 + i as u64) << 12,
+            );
+        }
+    }
+    // A new PT under the same PD (entry 8), with 10 leaves.
+    for i in 0..10u64 {
+        g.map_4k(ROOT, &mut next, (8 << 21) + (i << 12), 0xa000 + i, fmt::RW);
+    }
+    let rep = s.sync(&g, &mut m, &mut mem, &[b, pd, a]);
+    assert!(
+        rep.anomalies.is_empty() && rep.refused.is_empty(),
+        "{rep:?}"
+    );
+    assert_eq!(rep.leaves_unmapped, 14);
+    assert_eq!(rep.leaves_mapped, 24);
+    assert_same_as_fresh(&g, &s, &m, &mem);
+    s.teardown(&mut m, &mut mem);
+    assert_eq!(m.live(), BTreeMap::new());
+}
