@@ -4,9 +4,10 @@
 //! revocations reaching the shadow.
 
 use criterion::{criterion_group, Criterion};
+use pviommu_guest::shadow::ppgtt_format::leaf_entry;
 use pviommu_guest::shadow::{
     Bfn, DomId, FrameMapper, Gfn, GuestTableReader, HeapShadowMemory, MapError, ShadowError,
-    ShadowPpgtt, TablePages,
+    ShadowMemory, ShadowPpgtt, TablePages,
 };
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -21,14 +22,33 @@ const LEAVES: u64 = PTS * 512;
 const CHANGED_PER_PT: usize = 5;
 const ADDR_MASK: u64 = 0x0000_FFFF_FFFF_F000;
 
+/// A guest page: page-aligned, as guest memory is wherever it is mapped
+/// (a `Vec<[u64; 512]>` would put every page 16 bytes past a boundary).
+#[repr(C, align(4096))]
+#[derive(Clone, Copy)]
+struct Page([u64; 512]);
+
+impl std::ops::Deref for Page {
+    type Target = [u64; 512];
+    fn deref(&self) -> &[u64; 512] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Page {
+    fn deref_mut(&mut self) -> &mut [u64; 512] {
+        &mut self.0
+    }
+}
+
 /// Guest memory as a vector of pages indexed by frame number.
-struct VecGuest(Vec<[u64; 512]>);
+struct VecGuest(Vec<Page>);
 
 impl GuestTableReader for VecGuest {
     fn read_page(&self, gfn: Gfn, buf: &mut [u64; 512]) -> Result<(), ShadowError> {
         match self.0.get(gfn.0 as usize) {
             Some(p) => {
-                buf.copy_from_slice(p);
+                buf.copy_from_slice(&p.0);
                 Ok(())
             }
             None => Err(ShadowError::GuestRead { gfn, errno: 14 }),
@@ -59,7 +79,7 @@ impl FrameMapper for CheapMapper {
 }
 
 fn guest() -> VecGuest {
-    let mut pages = vec![[0u64; 512]; (PT0 + PTS) as usize];
+    let mut pages = vec![Page([0u64; 512]); (PT0 + PTS) as usize];
     let ptr = |g: u64| (g << 12) | 3;
     pages[ROOT as usize][0] = ptr(PDP);
     for d in 0..4 {
@@ -115,7 +135,9 @@ fn edit_pts(g: &mut VecGuest, round: u64, n: u64) -> Vec<Gfn> {
 /// page-aligned, on huge pages), so the floor has no TLB handicap.
 struct Floor {
     snap: TablePages,
-    buf: Box<[u64; 512]>,
+    /// Page-aligned like `sync`'s own buffer: a 4 KiB copy or compare
+    /// between operands misaligned to each other can take twice as long.
+    buf: Box<Page>,
     changes: Vec<(u16, u64, u64)>,
     /// For the floor with mapper calls: its own mapper holding every
     /// present leaf of the floor's guest, and batches of 512 as in `sync`.
@@ -123,39 +145,135 @@ struct Floor {
     map_gfns: Vec<Gfn>,
     map_writable: Vec<bool>,
     unmaps: Vec<Bfn>,
+    /// For the floor with mapper calls and shadow leaves: a shadow PT page
+    /// per guest PT (same memory type as the shadow's), holding the leaf of
+    /// every present entry; the leaves waiting in the map batch (PT, index,
+    /// guest entry).
+    shadow: HeapShadowMemory,
+    shadow_pages: Vec<Bfn>,
+    pending: Vec<(u32, u16, u64)>,
 }
 
 impl Floor {
     fn new(g: &VecGuest) -> Floor {
         let mut mapper = mapper();
         let present: Vec<Gfn> = (0..PTS)
-            .flat_map(|p| g.0[(PT0 + p) as usize])
+            .flat_map(|p| g.0[(PT0 + p) as usize].0)
             .filter(|e| e & 1 != 0)
             .map(|e| Gfn((e & ADDR_MASK) >> 12))
             .collect();
-        for (k, r) in mapper
+        let mut shadow = HeapShadowMemory::new();
+        let shadow_pages: Vec<Bfn> = (0..PTS)
+            .map(|_| shadow.alloc_table().expect("memory for the floor"))
+            .collect();
+        let mut bfns = mapper
             .map(DomId(1), &present, &vec![true; present.len()])
-            .into_iter()
-            .enumerate()
-        {
-            assert!(r.is_ok(), "leaf {k}");
+            .into_iter();
+        for (p, &page) in shadow_pages.iter().enumerate() {
+            let t = shadow.table_mut(page).expect("a table page");
+            for (i, &e) in g.0[PT0 as usize + p].iter().enumerate() {
+                if e & 1 != 0 {
+                    let bfn = bfns.next().expect("a result").expect("a mapped leaf");
+                    t[i] = leaf_entry(e, bfn.0);
+                }
+            }
         }
         Floor {
             snap: {
                 let mut t = TablePages::default();
                 for p in 0..PTS {
                     let i = t.push_zeroed().expect("memory for the floor");
-                    t[i] = g.0[(PT0 + p) as usize];
+                    t[i] = g.0[(PT0 + p) as usize].0;
                 }
                 t
             },
-            buf: Box::new([0; 512]),
+            buf: Box::new(Page([0; 512])),
             changes: Vec::new(),
             mapper,
             map_gfns: Vec::with_capacity(512),
             map_writable: Vec::with_capacity(512),
             unmaps: Vec::with_capacity(512),
+            shadow,
+            shadow_pages,
+            pending: Vec::with_capacity(512),
         }
+    }
+
+    /// [`reread_diff_map`](Self::reread_diff_map) plus the shadow-leaf work
+    /// any sync must do for the same changes, and nothing else: one access
+    /// per changed leaf, when its map batch returns, reads the old leaf
+    /// (the BFN to unmap: a mapper need not derive BFNs from frames) and
+    /// writes the new one. The batch's leaves are prefetched before the
+    /// map call, as `sync` does. A leaf removed without replacement (none
+    /// in this bench) is read and cleared at once. Returns the number of
+    /// changed entries.
+    fn reread_diff_map_shadow(&mut self, g: &VecGuest, dirty: &[Gfn]) -> usize {
+        let mut n = 0;
+        for &gfn in dirty {
+            n += self.diff_one(g, gfn);
+            let pt = (gfn.0 - PT0) as u32;
+            for k in 0..self.changes.len() {
+                let (idx, old, new) = self.changes[k];
+                if new & 1 != 0 {
+                    self.pending.push((pt, idx, new));
+                    self.map_gfns.push(Gfn((new & ADDR_MASK) >> 12));
+                    self.map_writable.push(new & 2 != 0);
+                    if self.map_gfns.len() == 512 {
+                        self.flush_shadow_maps();
+                    }
+                } else if old & 1 != 0 {
+                    let page = self.shadow_pages[pt as usize];
+                    let leaf = self.shadow.read_entry(page, idx as usize).unwrap_or(0);
+                    if leaf & 1 != 0 {
+                        self.shadow.write_entry(page, idx as usize, 0);
+                        self.unmap_one(Bfn((leaf & ADDR_MASK) >> 12));
+                    }
+                }
+            }
+        }
+        self.flush_shadow_maps();
+        if !self.unmaps.is_empty() {
+            self.mapper.unmap(&self.unmaps);
+            self.unmaps.clear();
+        }
+        n
+    }
+
+    fn unmap_one(&mut self, bfn: Bfn) {
+        self.unmaps.push(bfn);
+        if self.unmaps.len() == 512 {
+            self.mapper.unmap(&self.unmaps);
+            self.unmaps.clear();
+        }
+    }
+
+    /// Map the batch; write each new leaf over the old one, whose BFN is
+    /// queued for unmapping.
+    fn flush_shadow_maps(&mut self) {
+        if self.map_gfns.is_empty() {
+            return;
+        }
+        for &(pt, idx, _) in &self.pending {
+            let t = self.shadow.table(self.shadow_pages[pt as usize]);
+            prefetch(&t.expect("a table page")[idx as usize]);
+        }
+        let results = self
+            .mapper
+            .map(DomId(1), &self.map_gfns, &self.map_writable);
+        let pending = std::mem::take(&mut self.pending);
+        for (&(pt, idx, e), r) in pending.iter().zip(results) {
+            let bfn = r.expect("a mapped leaf");
+            let page = self.shadow_pages[pt as usize];
+            let t = self.shadow.table_mut(page).expect("a table page");
+            let old = std::mem::replace(&mut t[idx as usize], leaf_entry(e, bfn.0));
+            if old & 1 != 0 {
+                self.unmap_one(Bfn((old & ADDR_MASK) >> 12));
+            }
+        }
+        self.pending = pending;
+        self.pending.clear();
+        self.map_gfns.clear();
+        self.map_writable.clear();
     }
 
     /// Re-read and diff, then make the mapper calls `sync` has to make for
@@ -214,7 +332,7 @@ impl Floor {
             g.read_page(gfn, &mut self.buf).unwrap();
             let snap = &mut self.snap[(gfn.0 - PT0) as usize];
             self.changes.clear();
-            if *snap != *self.buf {
+            if *snap != self.buf.0 {
                 let (lines, _) = snap.as_chunks_mut::<8>();
                 let (new_lines, _) = self.buf.as_chunks::<8>();
                 for (c, (a, b)) in lines.iter_mut().zip(new_lines).enumerate() {
@@ -234,12 +352,29 @@ impl Floor {
     }
 }
 
+/// Start loading the cache line of `e` (a hint; nothing off x86-64).
+fn prefetch(e: &u64) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults and has no architectural effect.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>((e as *const u64).cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = e;
+}
+
 fn time_build(g: &VecGuest) -> Duration {
+    time_build_cpu(g).0
+}
+
+/// Wall and thread CPU time of a full build.
+fn time_build_cpu(g: &VecGuest) -> (Duration, Duration) {
     let mut m = mapper();
     let mut mem = HeapShadowMemory::new();
-    let t = Instant::now();
+    let (w, c) = (Instant::now(), thread_cpu());
     let (s, rep) = ShadowPpgtt::build(g, &mut m, &mut mem, DomId(1), Gfn(ROOT));
-    let d = t.elapsed();
+    let d = (w.elapsed(), thread_cpu() - c);
     assert_eq!(rep.leaves_mapped, LEAVES);
     black_box(s);
     d
@@ -321,6 +456,9 @@ fn bench(c: &mut Criterion) {
     // always holds exactly the leaves of its snapshot.
     let mut g4 = guest();
     let mut floor_m = Floor::new(&g4);
+    // And the floor with mapper calls and shadow leaves.
+    let mut g5 = guest();
+    let mut floor_s = Floor::new(&g5);
     group.bench_function("floor_reread_diff_2048_pts_unchanged", |b| {
         b.iter(|| black_box(floor.reread_diff(&g3, &all)))
     });
@@ -330,6 +468,8 @@ fn bench(c: &mut Criterion) {
         floor.reread_diff(&g3, &all);
         edit(&mut g4, 1);
         floor_m.reread_diff_map(&g4, &all);
+        edit(&mut g5, 1);
+        floor_s.reread_diff_map_shadow(&g5, &all);
         edit(&mut g2, 1);
         s.sync(&g2, &mut m, &mut mem, &all);
         let mut round_f = 0;
@@ -362,6 +502,24 @@ fn bench(c: &mut Criterion) {
                 total
             })
         });
+        let mut round_l = 0;
+        group.bench_function(
+            format!("floor_reread_diff_map_shadow_5_entries_in_{n}_pts"),
+            |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let changed = edit_pts(&mut g5, round_l, n);
+                        round_l += 1;
+                        let t = Instant::now();
+                        let k = floor_s.reread_diff_map_shadow(&g5, &changed);
+                        total += t.elapsed();
+                        assert_eq!(k, n as usize * CHANGED_PER_PT);
+                    }
+                    total
+                })
+            },
+        );
         let mut round_s = 0;
         group.bench_function(format!("sync_5_entries_in_{n}_pts"), |b| {
             b.iter_custom(|iters| {
@@ -458,100 +616,147 @@ fn edit_clustered(g: &mut VecGuest, round: u64) -> Vec<Gfn> {
     changed
 }
 
+/// This thread's CPU time: unlike wall time, it does not count the time
+/// the thread waits for a core on a loaded machine.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only the timespec passed to it.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Wall and thread CPU time of one call.
+fn timed<T>(f: impl FnOnce() -> T) -> (Duration, Duration) {
+    let (w, c) = (Instant::now(), thread_cpu());
+    black_box(f());
+    (w.elapsed(), thread_cpu() - c)
+}
+
+/// Median of a sample (sorts it).
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Rounds of the 1 % sync and its floors in the summary.
+const ROUNDS: u64 = 101;
+
 /// Median of a few runs of each, printed as a ratio (in the same process).
+/// The 1 % sync and its two floors run interleaved, one of each per round,
+/// so a change in the machine's load hits all three alike.
 fn summary() {
     let g = guest();
-    let mut builds: Vec<Duration> = (0..7).map(|_| time_build(&g)).collect();
+    let (mut builds, mut builds_cpu): (Vec<_>, Vec<_>) = (0..7).map(|_| time_build_cpu(&g)).unzip();
     let mut g2 = guest();
     let mut m = mapper();
     let mut mem = HeapShadowMemory::new();
     let (mut s, _) = ShadowPpgtt::build(&g2, &mut m, &mut mem, DomId(1), Gfn(ROOT));
-    let mut syncs: Vec<Duration> = (0..31)
-        .map(|r| {
-            let changed = edit(&mut g2, r);
-            let t = Instant::now();
-            black_box(s.sync(&g2, &mut m, &mut mem, &changed));
-            t.elapsed()
-        })
-        .collect();
+    // The floors for the same dirty sets and changes, on guests of their own.
+    let mut g3 = guest();
+    let mut floor = Floor::new(&g3);
+    let mut g4 = guest();
+    let mut floor_m = Floor::new(&g4);
+    let mut g5 = guest();
+    let mut floor_s = Floor::new(&g5);
+    // [sync, floor, floor + mapper calls, floor + mapper calls + shadow
+    // leaves] x [wall, CPU]
+    let mut t: [[Vec<Duration>; 2]; 4] = Default::default();
+    let mut per_round: [Vec<f64>; 3] = Default::default();
+    for r in 0..ROUNDS {
+        let changed = edit(&mut g2, r);
+        let a = timed(|| s.sync(&g2, &mut m, &mut mem, &changed));
+        let changed = edit(&mut g3, r);
+        let b = timed(|| floor.reread_diff(&g3, &changed));
+        let changed = edit(&mut g4, r);
+        let c = timed(|| floor_m.reread_diff_map(&g4, &changed));
+        let changed = edit(&mut g5, r);
+        let d = timed(|| floor_s.reread_diff_map_shadow(&g5, &changed));
+        for (k, (w, cpu)) in [a, b, c, d].into_iter().enumerate() {
+            t[k][0].push(w);
+            t[k][1].push(cpu);
+        }
+        for (k, f) in [b, c, d].into_iter().enumerate() {
+            per_round[k].push(a.1.as_secs_f64() / f.1.as_secs_f64());
+        }
+    }
     let mut writes: Vec<Duration> = (0..31)
         .map(|r| {
             let w = edit_writes(&mut g2, r + 1);
-            let t = Instant::now();
-            black_box(s.sync_writes(&g2, &mut m, &mut mem, &w));
-            t.elapsed()
-        })
-        .collect();
-    // The floor for the same dirty sets and changes, on its own guest.
-    let mut g3 = guest();
-    let mut floor = Floor::new(&g3);
-    let mut floors: Vec<Duration> = (0..31)
-        .map(|r| {
-            let changed = edit(&mut g3, r);
-            let t = Instant::now();
-            black_box(floor.reread_diff(&g3, &changed));
-            t.elapsed()
-        })
-        .collect();
-    let mut g4 = guest();
-    let mut floor_m = Floor::new(&g4);
-    let mut floors_map: Vec<Duration> = (0..31)
-        .map(|r| {
-            let changed = edit(&mut g4, r);
-            let t = Instant::now();
-            black_box(floor_m.reread_diff_map(&g4, &changed));
-            t.elapsed()
+            timed(|| s.sync_writes(&g2, &mut m, &mut mem, &w)).0
         })
         .collect();
     let all: Vec<Gfn> = (0..PTS).map(|p| Gfn(PT0 + p)).collect();
     let mut unchanged: Vec<(Duration, Duration)> = (0..31)
         .map(|_| {
-            let t = Instant::now();
-            black_box(s.sync(&g2, &mut m, &mut mem, &all));
-            let a = t.elapsed();
-            let t = Instant::now();
-            black_box(floor.reread_diff(&g3, &all));
-            (a, t.elapsed())
+            let a = timed(|| s.sync(&g2, &mut m, &mut mem, &all)).0;
+            (a, timed(|| floor.reread_diff(&g3, &all)).0)
         })
         .collect();
-    builds.sort();
-    syncs.sort();
-    writes.sort();
-    floors.sort();
-    floors_map.sort();
-    let fl = floors[floors.len() / 2];
-    let flm = floors_map[floors_map.len() / 2];
+    let med = t.each_mut().map(|[w, c]| (median(w), median(c)));
+    let [(sy, sy_c), (fl, fl_c), (flm, flm_c), (fls, fls_c)] = med;
     let (mut us, mut uf): (Vec<_>, Vec<_>) = unchanged.drain(..).unzip();
-    us.sort();
-    uf.sort();
-    let (us, uf) = (us[us.len() / 2], uf[uf.len() / 2]);
+    let (us, uf) = (median(&mut us), median(&mut uf));
     println!(
         "summary: 1% sync {:.3} ms vs re-read+diff floor {:.3} ms of the same 2048 dirty PTs = {:.2}x; \
          unchanged 2048 PTs: sync {:.3} ms vs floor {:.3} ms = {:.2}x (target <= 1.2x)",
-        syncs[syncs.len() / 2].as_secs_f64() * 1e3,
-        fl.as_secs_f64() * 1e3,
-        syncs[syncs.len() / 2].as_secs_f64() / fl.as_secs_f64(),
-        us.as_secs_f64() * 1e3,
-        uf.as_secs_f64() * 1e3,
+        ms(sy),
+        ms(fl),
+        sy.as_secs_f64() / fl.as_secs_f64(),
+        ms(us),
+        ms(uf),
         us.as_secs_f64() / uf.as_secs_f64()
     );
     println!(
         "summary: 1% sync {:.3} ms vs floor with the same mapper calls {:.3} ms = {:.2}x",
-        syncs[syncs.len() / 2].as_secs_f64() * 1e3,
-        flm.as_secs_f64() * 1e3,
-        syncs[syncs.len() / 2].as_secs_f64() / flm.as_secs_f64(),
+        ms(sy),
+        ms(flm),
+        sy.as_secs_f64() / flm.as_secs_f64(),
     );
-    let wr = writes[writes.len() / 2];
+    println!(
+        "summary: 1% sync {:.3} ms vs floor with the same mapper calls and shadow leaves {:.3} ms = {:.2}x",
+        ms(sy),
+        ms(fls),
+        sy.as_secs_f64() / fls.as_secs_f64(),
+    );
+    let [r0, r1, r2] = per_round.each_mut().map(|r| {
+        r.sort_by(f64::total_cmp);
+        r[r.len() / 2]
+    });
+    println!(
+        "summary (thread CPU time, {ROUNDS} interleaved rounds): 1% sync {:.3} ms; floor {:.3} ms, \
+         + mapper calls {:.3} ms, + shadow leaves {:.3} ms; sync / floors = {:.2}x, {:.2}x, {:.2}x \
+         (median per-round ratios {r0:.2}x, {r1:.2}x, {r2:.2}x)",
+        ms(sy_c),
+        ms(fl_c),
+        ms(flm_c),
+        ms(fls_c),
+        sy_c.as_secs_f64() / fl_c.as_secs_f64(),
+        sy_c.as_secs_f64() / flm_c.as_secs_f64(),
+        sy_c.as_secs_f64() / fls_c.as_secs_f64(),
+    );
+    let wr = median(&mut writes);
+    let b = median(&mut builds);
     println!(
         "summary: 1% sync_writes {:.3} ms = {:.2}% of full build",
-        wr.as_secs_f64() * 1e3,
-        100.0 * wr.as_secs_f64() / builds[builds.len() / 2].as_secs_f64()
+        ms(wr),
+        100.0 * wr.as_secs_f64() / b.as_secs_f64()
     );
-    let (b, sy) = (builds[builds.len() / 2], syncs[syncs.len() / 2]);
+    println!(
+        "summary: full build thread CPU time {:.2} ms (median of 7)",
+        ms(median(&mut builds_cpu))
+    );
     println!(
         "summary: full build {:.2} ms, 1% sync {:.3} ms, sync/build = {:.2}% (targets: < 50 ms, <= 3%)",
-        b.as_secs_f64() * 1e3,
-        sy.as_secs_f64() * 1e3,
+        ms(b),
+        ms(sy),
         100.0 * sy.as_secs_f64() / b.as_secs_f64()
     );
 }

@@ -26,7 +26,7 @@ use super::gma::Gma;
 use super::ppgtt_engine::{Env, NoReader};
 use super::ppgtt_format::{Level, ENTRIES};
 use super::report::{Anomaly, BuildReport, SyncReport};
-use super::table_pages::TablePages;
+use super::table_pages::{AlignedPage, TablePages};
 use super::traits::{FrameMapper, GuestTableReader, ShadowMemory};
 use pviommu_abi::{Bfn, DomId, Gfn};
 
@@ -72,6 +72,9 @@ pub(super) struct PendingMap {
     pub(super) gen: u32,
     pub(super) idx: u16,
     pub(super) entry: u64,
+    /// The shadow leaf may still hold the BFN of the entry this one
+    /// replaces: `release_replaced` releases it before the batch settles.
+    pub(super) replace: bool,
 }
 
 /// Per-call counters and findings.
@@ -114,16 +117,24 @@ pub struct ShadowPpgtt {
     pub(super) work: Vec<(u32, u32)>,
     pub(super) adopt: Vec<Gfn>,
     pub(super) maps: Vec<PendingMap>,
+    /// Some leaf in `maps` was queued by `apply_pt_changes` (a page diff's
+    /// change, its leaf not read): `flush_maps` prefetches what settling
+    /// reads and releases replaced leaves.
+    pub(super) maps_scattered: bool,
     pub(super) map_gfns: Vec<Gfn>,
     pub(super) map_writable: Vec<bool>,
     pub(super) unmaps: Vec<Bfn>,
+    /// Scratch of `release_replaced`: BFNs of replaced leaves.
+    pub(super) released: Vec<Bfn>,
     pub(super) subtree: Vec<u32>,
     pub(super) changes: Vec<(u16, u64, u64)>,
     /// Changes of the PT whose application `sync` holds back one page.
     pub(super) held_changes: Vec<(u16, u64, u64)>,
     /// Shadow leaves of a PT's changed entries, read ahead of the unmaps.
     pub(super) shadow_buf: Vec<u64>,
-    pub(super) read_buf: Box<[u64; ENTRIES]>,
+    /// Where `sync` re-reads a dirty page (page-aligned, see
+    /// [`AlignedPage::boxed`]).
+    pub(super) read_buf: Box<AlignedPage>,
 }
 
 impl ShadowPpgtt {
@@ -188,14 +199,16 @@ impl ShadowPpgtt {
             work: Vec::new(),
             adopt: Vec::new(),
             maps: Vec::with_capacity(config.batch),
+            maps_scattered: false,
             map_gfns: Vec::with_capacity(config.batch),
             map_writable: Vec::with_capacity(config.batch),
             unmaps: Vec::with_capacity(config.batch),
+            released: Vec::new(),
             subtree: Vec::new(),
             changes: Vec::new(),
             held_changes: Vec::new(),
             shadow_buf: Vec::new(),
-            read_buf: Box::new([0; ENTRIES]),
+            read_buf: AlignedPage::boxed(),
         };
         let mut env = Env {
             reader,

@@ -52,24 +52,40 @@ pub(super) fn diff_page(
     }
 }
 
+/// Start loading the cache line of `e`. Only a hint: a no-op off x86-64.
+#[inline(always)]
+fn prefetch(e: &u64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let p: *const u64 = e;
+        // SAFETY: a prefetch never faults and has no architectural effect;
+        // SSE is part of the x86-64 baseline.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = e;
+}
+
+/// True if PT entry `old` -> `new` removes a present leaf without replacing
+/// it: the only change whose shadow leaf is read when it is applied (see
+/// `apply_pt_changes`).
+#[inline]
+fn is_removal(old: u64, new: u64) -> bool {
+    old & fmt::PRESENT != 0 && new & fmt::PRESENT == 0
+}
+
 /// Start loading the shadow leaves that applying `changes` will read, from
-/// `table` (when the memory hands it out). Only a hint: a no-op off x86-64.
+/// `table` (when the memory hands it out).
 #[inline]
 fn prefetch_leaves(table: Option<&[u64; ENTRIES]>, changes: &[(u16, u64, u64)]) {
-    #[cfg(target_arch = "x86_64")]
     if let Some(t) = table {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        for &(idx, old, _) in changes {
-            if old & fmt::PRESENT != 0 {
-                let p: *const u64 = &t[idx as usize];
-                // SAFETY: a prefetch never faults and has no architectural
-                // effect; SSE is part of the x86-64 baseline.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
+        for &(idx, old, new) in changes {
+            if is_removal(old, new) {
+                prefetch(&t[idx as usize]);
             }
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (table, changes);
 }
 
 /// Ordering key of a reference: lower owns a shared table page.
@@ -211,6 +227,7 @@ impl ShadowPpgtt {
                         gen,
                         idx: idx as u16,
                         entry: e,
+                        replace: false,
                     });
                     self.map_gfns.push(Gfn((e & fmt::ADDR_MASK) >> 12));
                     self.map_writable.push(e & fmt::RW != 0);
@@ -235,7 +252,7 @@ impl ShadowPpgtt {
             EntryKind::NotPresent => {}
             EntryKind::Leaf4K(_) => {
                 let gen = self.slots[slot as usize].gen;
-                self.queue_map(env, slot, gen, idx, e);
+                self.queue_map(env, slot, gen, idx, e, false);
             }
             kind => self.attach(
                 env,
@@ -533,10 +550,12 @@ impl ShadowPpgtt {
     /// Re-read owned table `slot` (guest page `g`) and act on what changed.
     ///
     /// The changes of a populated PT are not applied here but held, and
-    /// the PT returned: applying them reads the shadow leaves of the
-    /// changed entries, which a sync of many dirty pages finds cold (it
-    /// streams guest pages and snapshots through the cache). So their
-    /// lines are prefetched now and the changes applied when the next
+    /// the PT returned: applying them reads the shadow leaves of removed
+    /// entries (replaced ones are read when their map batch settles, see
+    /// [`apply_pt_changes`](Self::apply_pt_changes)), which a sync of many
+    /// dirty pages finds cold (it streams guest pages and snapshots
+    /// through the cache). So their lines are prefetched now and the
+    /// changes applied when the next
     /// dirty page has been read and diffed (pass the returned PT back as
     /// `held`), or before anything else is applied, or by
     /// [`apply_held`](Self::apply_held) at the end. Only diffs happen in
@@ -556,8 +575,9 @@ impl ShadowPpgtt {
     {
         let i = slot as usize;
         env.out.report.pages_read += 1;
-        if let Err(e) = env.reader.read_page(g, &mut self.read_buf) {
-            *self.read_buf = [0; ENTRIES];
+        let buf = &mut self.read_buf.0;
+        if let Err(e) = env.reader.read_page(g, buf) {
+            *buf = [0; ENTRIES];
             let errno = match e {
                 ShadowError::GuestRead { errno, .. } => errno,
                 ShadowError::OutOfShadowMemory => 12,
@@ -569,7 +589,7 @@ impl ShadowPpgtt {
         // find the changed entries line by line, updating the snapshot.
         let mut changes = std::mem::take(&mut self.changes);
         changes.clear();
-        diff_page(&mut self.guest[i], &self.read_buf, &mut changes);
+        diff_page(&mut self.guest[i], &self.read_buf.0, &mut changes);
         env.out.report.entries_changed += changes.len() as u64;
         let info = &self.slots[i];
         if changes.is_empty() {
@@ -605,9 +625,20 @@ impl ShadowPpgtt {
     }
 
     /// [`apply_change`](Self::apply_change) for every change of populated
-    /// PT `slot`, with the shadow leaves of the changed entries read first:
-    /// the loads are independent, so their cache misses overlap instead of
-    /// each stalling its own unmap.
+    /// PT `slot`, touching each changed shadow leaf once:
+    ///
+    /// * A leaf replaced by another present leaf is not read here: its map
+    ///   is queued as a replacement, and when the batch's map call returns
+    ///   the old leaf is read (the BFN to release), cleared and written
+    ///   with the new one, prefetched before the call and hot after it
+    ///   ([`release_replaced`](Self::release_replaced), then the settle
+    ///   loop). Cleared here and written again a batch later, the leaf was
+    ///   a cache miss twice over in a sync of many dirty pages. Until then
+    ///   the leaf keeps the old BFN, still mapped (the GPU is kept off the
+    ///   shadow during a sync); the old BFN is released whether the new
+    ///   map succeeds or not.
+    /// * Removed leaves are read first (the loads are independent, so their
+    ///   misses overlap), then cleared and their BFNs queued for unmapping.
     fn apply_pt_changes<R, M, S>(
         &mut self,
         env: &mut Env<'_, R, M, S>,
@@ -628,22 +659,25 @@ impl ShadowPpgtt {
         shadow.extend(
             changes
                 .iter()
-                .map(|&(idx, old, _)| match (old & fmt::PRESENT, table) {
-                    (0, _) => 0,
-                    (_, Some(t)) => t[idx as usize],
-                    _ => env.mem.read_entry(page, idx as usize).unwrap_or(0),
+                .map(|&(idx, old, new)| match (is_removal(old, new), table) {
+                    (false, _) => 0,
+                    (true, Some(t)) => t[idx as usize],
+                    (true, None) => env.mem.read_entry(page, idx as usize).unwrap_or(0),
                 }),
         );
         // Only this slot's own entries are written below (each index once),
         // so every value read above is still current when it is used.
-        for (&(idx, _, new), &s) in changes.iter().zip(&shadow) {
+        for (&(idx, old, new), &s) in changes.iter().zip(&shadow) {
             let idx = idx as usize;
             if s & fmt::PRESENT != 0 {
                 env.mem.write_entry(page, idx, 0);
                 self.queue_unmap(env, Bfn((s & fmt::ADDR_MASK) >> 12));
             }
             if new & fmt::PRESENT != 0 {
-                self.queue_map(env, slot, gen, idx, new);
+                // Neither a replaced nor an added leaf was read here: the
+                // batch must prefetch it (and release what it replaces).
+                self.maps_scattered = true;
+                self.queue_map(env, slot, gen, idx, new, old & fmt::PRESENT != 0);
             }
         }
         self.shadow_buf = shadow;
@@ -714,6 +748,7 @@ impl ShadowPpgtt {
         gen: u32,
         idx: usize,
         e: u64,
+        replace: bool,
     ) where
         R: GuestTableReader + ?Sized,
         M: FrameMapper + ?Sized,
@@ -724,6 +759,7 @@ impl ShadowPpgtt {
             gen,
             idx: idx as u16,
             entry: e,
+            replace,
         });
         self.map_gfns.push(Gfn((e & fmt::ADDR_MASK) >> 12));
         self.map_writable.push(e & fmt::RW != 0);
@@ -768,6 +804,19 @@ impl ShadowPpgtt {
         if self.maps.is_empty() {
             return;
         }
+        // Settling reads each leaf's snapshot entry and shadow entry. For
+        // the leaves of a sync's page diffs (a few per dirty page, queued
+        // by `apply_pt_changes` without reading them) both were last
+        // touched up to a batch of pages ago and have left the nearest
+        // caches since: start loading them now, so the misses overlap each
+        // other and the mapper call instead of stalling the settle loop
+        // one by one. Leaves queued a table at a time by `queue_pt` were
+        // read just now, and those of `apply_change` were cleared just now
+        // (trapped writes): they need no prefetch.
+        let scattered = std::mem::take(&mut self.maps_scattered);
+        if scattered {
+            self.prefetch_settle(env);
+        }
         let results = env
             .mapper
             .map(self.domid, &self.map_gfns, &self.map_writable);
@@ -778,6 +827,9 @@ impl ShadowPpgtt {
         // BFNs to give back (rare: a stale leaf or a BFN too wide); pushed
         // after the loop, which holds the shadow table borrowed.
         let mut give_back = Vec::new();
+        if scattered {
+            self.release_replaced(env, &maps);
+        }
         let refused = &mut env.out.report.refused;
         // Leaves are queued a table at a time: settle each run of one slot
         // with one look-up of the slot, its snapshot and its shadow table.
@@ -849,6 +901,70 @@ impl ShadowPpgtt {
         self.maps.clear();
         self.map_gfns.clear();
         self.map_writable.clear();
+    }
+
+    /// Prefetch what settling the map batch reads (see `flush_maps`).
+    #[inline(never)]
+    fn prefetch_settle<R, M, S>(&self, env: &Env<'_, R, M, S>)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        for run in self.maps.chunk_by(|a, b| a.slot == b.slot) {
+            let i = run[0].slot as usize;
+            let table = env.mem.table(self.slots[i].page);
+            let snap = &self.guest[i];
+            for p in run {
+                let idx = p.idx as usize;
+                prefetch(&snap[idx]);
+                if let Some(t) = table {
+                    prefetch(&t[idx]);
+                }
+            }
+        }
+    }
+
+    /// For every replacement in map batch `maps` (see
+    /// [`apply_pt_changes`](Self::apply_pt_changes)) whose leaf is still
+    /// wanted (slot live, guest entry unchanged): clear the leaf it
+    /// replaces and release that BFN, so settling finds the leaf empty as
+    /// for any other map. Runs after the mapper call, when the prefetched
+    /// leaves have arrived; settling then writes them while they are hot.
+    /// Out of line: a build never needs it, and inlined it made the settle
+    /// loop of every build slower.
+    #[inline(never)]
+    fn release_replaced<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, maps: &[PendingMap])
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let mut released = std::mem::take(&mut self.released);
+        for run in maps.chunk_by(|a, b| a.slot == b.slot && a.gen == b.gen) {
+            let i = run[0].slot as usize;
+            let info = &self.slots[i];
+            if !(info.live && info.gen == run[0].gen) {
+                continue;
+            }
+            let (page, snap) = (info.page, &self.guest[i]);
+            for p in run {
+                let idx = p.idx as usize;
+                if !p.replace || snap[idx] != p.entry {
+                    continue;
+                }
+                let leaf = env.mem.read_entry(page, idx).unwrap_or(0);
+                if leaf & fmt::PRESENT != 0 {
+                    env.mem.write_entry(page, idx, 0);
+                    released.push(Bfn((leaf & fmt::ADDR_MASK) >> 12));
+                }
+            }
+        }
+        for &bfn in &released {
+            self.queue_unmap(env, bfn);
+        }
+        released.clear();
+        self.released = released;
     }
 
     /// Unmap the queued BFNs with one mapper call.

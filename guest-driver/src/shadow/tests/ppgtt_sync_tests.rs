@@ -332,3 +332,206 @@ fn sync_finds_owners_through_a_stale_owner_index() {
     assert!(rep.ignored.is_empty() && rep.entries_changed == 1);
     assert_same_as_fresh(&g, &s, &m, &mem);
 }
+
+/// A leaf replaced by another present leaf is settled in one access when
+/// its map batch returns: the old BFN is released there, whether the new
+/// map succeeds, is refused, comes back too wide or does not come back.
+#[test]
+fn replaced_leaves_release_their_old_bfn_whatever_the_map_returns() {
+    let (mut g, _) = guest();
+    let mut m = FakeMapper::refusing(&[(0xdd0c, 13)]);
+    let mut mem = HeapShadowMemory::new();
+    let config = ShadowConfig {
+        batch: 3,
+        ..ShadowConfig::default()
+    };
+    let (mut s, _) = ShadowPpgtt::build_with(config, &g, &mut m, &mut mem, DOM, ROOT);
+    let pt = pt_of(&g, 0x20_0000);
+    let mut replaced = 0;
+    for i in 0..512usize {
+        let e = g.get(pt, i);
+        if e != 0 && i % 2 == 0 {
+            // Moved to another frame (0xdd0c is refused), or flags only.
+            let v = match i % 4 {
+                0 => (e & !fmt::ADDR_MASK) | (0xdd00 + i as u64) << 12,
+                _ => e ^ fmt::RW,
+            };
+            g.set(pt, i, v);
+            replaced += 1;
+        }
+    }
+    let before = s.mapped_leaves();
+    let rep = s.sync(&g, &mut m, &mut mem, &[pt]);
+    assert_eq!(rep.entries_changed, replaced);
+    assert_eq!(rep.leaves_unmapped, replaced);
+    assert_eq!(rep.leaves_mapped, replaced - 1);
+    assert_eq!(rep.refused.len(), 1);
+    assert_eq!(
+        (rep.refused[0].gfn, rep.refused[0].errno),
+        (Gfn(0xdd0c), 13)
+    );
+    assert_eq!(s.mapped_leaves(), before - 1);
+    assert_same_as_fresh(&g, &s, &m, &mem);
+
+    /// Maps as `inner` until `bad`; then returns too-wide BFNs and one
+    /// result too few, and takes the too-wide ones back.
+    struct Flaky {
+        inner: FakeMapper,
+        bad: bool,
+        given_back: Vec<Bfn>,
+    }
+    impl FrameMapper for Flaky {
+        fn map(&mut self, d: DomId, gfns: &[Gfn], w: &[bool]) -> Vec<Result<Bfn, MapError>> {
+            if !self.bad {
+                return self.inner.map(d, gfns, w);
+            }
+            gfns.iter().skip(1).map(|_| Ok(Bfn(1 << 40))).collect()
+        }
+        fn unmap(&mut self, bfns: &[Bfn]) {
+            for &b in bfns {
+                if b.0 >= 1 << 40 {
+                    self.given_back.push(b);
+                } else {
+                    self.inner.unmap(&[b]);
+                }
+            }
+        }
+    }
+    let (mut g, _) = guest();
+    let mut m = Flaky {
+        inner: FakeMapper::default(),
+        bad: false,
+        given_back: Vec::new(),
+    };
+    let mut mem = HeapShadowMemory::new();
+    let (mut s, _) = ShadowPpgtt::build(&g, &mut m, &mut mem, DOM, ROOT);
+    let before = (s.mapped_leaves(), m.inner.live().values().sum::<u32>());
+    let pt = pt_of(&g, 0x20_0000);
+    let mut replaced = 0;
+    for i in 0..512usize {
+        let e = g.get(pt, i);
+        if e != 0 {
+            g.set(pt, i, (e & !fmt::ADDR_MASK) | (0xee00 + i as u64) << 12);
+            replaced += 1;
+        }
+    }
+    m.bad = true;
+    let rep = s.sync(&g, &mut m, &mut mem, &[pt]);
+    assert_eq!(rep.leaves_mapped, 0);
+    assert_eq!(rep.leaves_unmapped, replaced);
+    assert_eq!(rep.refused.len() as u64, replaced);
+    assert_eq!(
+        rep.refused
+            .iter()
+            .filter(|r| r.errno == ERRNO_MAPPER_SHORT)
+            .count(),
+        1
+    );
+    assert_eq!(m.given_back.len() as u64, replaced - 1);
+    // Every old BFN is released and every replaced leaf is empty.
+    assert_eq!(s.mapped_leaves(), before.0 - replaced);
+    assert_eq!(
+        m.inner.live().values().sum::<u32>() as u64,
+        u64::from(before.1) - replaced
+    );
+    let root = s.shadow_root().unwrap();
+    for i in 0..512u64 {
+        assert_eq!(gpu_translate(&mem, root, Gma(0x20_0000 + (i << 12))), None);
+    }
+    s.teardown(&mut m, &mut mem);
+    assert_eq!(m.inner.live(), BTreeMap::new());
+}
+
+/// A replacement still waiting in its map batch when the same entry
+/// changes again (trapped writes), is removed, or loses its PT: the leaf
+/// holds the old BFN until then, and every BFN is released exactly once.
+#[test]
+fn a_replacement_changed_again_before_its_batch_settles() {
+    let (mut g, _) = guest();
+    let mut m = FakeMapper::default();
+    let mut mem = HeapShadowMemory::new();
+    let (mut s, _) = ShadowPpgtt::build(&g, &mut m, &mut mem, DOM, ROOT);
+    let pt = pt_of(&g, 0x20_0000);
+    let (a, b, c) = (0usize, 3usize, 6usize);
+    let mut writes = Vec::new();
+    for (i, seq) in [
+        (a, [0xf000u64, 0xf001, 0xf002]), // replaced three times
+        (b, [0xf100, 0, 0xf101]),         // replaced, removed, added
+        (c, [0xf200, 0, 0]),              // replaced, then removed
+    ] {
+        for f in seq {
+            let v = if f == 0 {
+                0
+            } else {
+                f << 12 | fmt::PRESENT | fmt::RW
+            };
+            writes.push((pt, i, v));
+        }
+    }
+    // The last write to each entry is what the guest holds.
+    for &(p, i, v) in &writes {
+        g.set(p, i, v);
+    }
+    let rep = s.sync_writes(&g, &mut m, &mut mem, &writes);
+    assert!(
+        rep.refused.is_empty() && rep.anomalies.is_empty(),
+        "{rep:?}"
+    );
+    assert_same_as_fresh(&g, &s, &m, &mem);
+
+    // A page diff replaces leaves of a PT whose directory entry the same
+    // sync clears: the PT goes, its old and new BFNs with it.
+    let pd = Gfn((g.get(Gfn((g.get(ROOT, 0) & fmt::ADDR_MASK) >> 12), 0) & fmt::ADDR_MASK) >> 12);
+    for i in 0..512usize {
+        let e = g.get(pt, i);
+        if e != 0 {
+            g.set(pt, i, (e & !fmt::ADDR_MASK) | (0xf300 + i as u64) << 12);
+        }
+    }
+    g.set(pd, 1, 0);
+    s.sync(&g, &mut m, &mut mem, &[pt, pd]);
+    assert_same_as_fresh(&g, &s, &m, &mem);
+    s.teardown(&mut m, &mut mem);
+    assert_eq!(m.live(), BTreeMap::new());
+}
+
+/// Replacements from page diffs and the leaves of a PT attached by the
+/// same sync share map batches (of 4): the replaced leaves are released
+/// whichever queueing fills the batch, and nothing else is.
+#[test]
+fn replacements_share_batches_with_a_newly_attached_pt() {
+    let (mut g, mut next) = guest();
+    let config = ShadowConfig {
+        batch: 4,
+        ..ShadowConfig::default()
+    };
+    let mut m = FakeMapper::default();
+    let mut mem = HeapShadowMemory::new();
+    let (mut s, _) = ShadowPpgtt::build_with(config, &g, &mut m, &mut mem, DOM, ROOT);
+    let pd = g.pd_for(ROOT, &mut next, 0);
+    let (a, b) = (pt_of(&g, 0x20_0000), pt_of(&g, 0x60_0000));
+    for pt in [a, b] {
+        for i in (0..512usize).step_by(3).take(7) {
+            let e = g.get(pt, i);
+            g.set(
+                pt,
+                i,
+                (e & !fmt::ADDR_MASK) | (0x9000 + pt.0 * 32 + i as u64) << 12,
+            );
+        }
+    }
+    // A new PT under the same PD (entry 8), with 10 leaves.
+    for i in 0..10u64 {
+        g.map_4k(ROOT, &mut next, (8 << 21) + (i << 12), 0xa000 + i, fmt::RW);
+    }
+    let rep = s.sync(&g, &mut m, &mut mem, &[b, pd, a]);
+    assert!(
+        rep.anomalies.is_empty() && rep.refused.is_empty(),
+        "{rep:?}"
+    );
+    assert_eq!(rep.leaves_unmapped, 14);
+    assert_eq!(rep.leaves_mapped, 24);
+    assert_same_as_fresh(&g, &s, &m, &mem);
+    s.teardown(&mut m, &mut mem);
+    assert_eq!(m.live(), BTreeMap::new());
+}
