@@ -170,9 +170,6 @@ unsafe impl RawMutex for XenLock {
         unsafe { ffi::pvx_driver_trylock(self.cell) != 0 }
     }
     unsafe fn unlock(&self) {
-        // Nothing stored into a table under this lock stays in the CPU
-        // cache once another CPU can take it (see DIRTY).
-        sync_tables();
         // SAFETY: the caller holds the lock.
         unsafe { ffi::pvx_driver_unlock(self.cell) }
     }
@@ -248,7 +245,7 @@ impl Xen {
 impl Drop for Xen {
     fn drop(&mut self) {
         // Every table store of this entry point is in memory before it
-        // returns (the driver lock's release did it already; cheap then).
+        // returns (a no-op when its last flush wrote them back).
         sync_tables();
         for m in &self.maps {
             let (_, p) = m.replace((0, core::ptr::null_mut()));
@@ -263,12 +260,15 @@ impl Drop for Xen {
 /// Table cache lines stored to and not yet written back to memory, for
 /// every CPU (a non-coherent IOMMU reads memory, not the cache). Rule:
 /// [`sync_tables`] runs before every invalidation of the engine's contexts
-/// (`hw_flush`), context creation, device attach, the release of a driver
-/// lock and the return of every entry point; a frame's record is dropped
-/// before the frame is freed. One set for all CPUs, so a flush on one CPU
-/// also writes back what another stored (a page is released only after a
-/// flush, whoever stored its unmap). A leaf lock: nothing is taken under
-/// it, and it is held for at most one table write-back per table tracked.
+/// (`hw_flush`), context creation, device attach and the return of every
+/// entry point; a frame's record is dropped before the frame is freed. One
+/// set for all CPUs, so a flush on one CPU also writes back what another
+/// stored: a page or table frame is released only after a flush, whoever
+/// stored the entry that unmapped it (the engine keeps a driver's gather
+/// across hypercalls when a flush fails). Not at a driver lock's release:
+/// the engine drops the lock every few maps (MAP_CHUNK), which would write
+/// back per chunk again. A leaf lock: nothing is taken under it, and it is
+/// held for at most one table write-back per table tracked.
 struct DirtySet {
     locked: AtomicBool,
     lines: UnsafeCell<DirtyLines>,
