@@ -8,6 +8,7 @@
 //! live in frames provided by a [`TableMemory`].
 
 pub mod lpae;
+pub mod sync;
 pub mod vtd;
 
 use crate::{Bfn, Errno, MemAttr, Mfn, Permissions};
@@ -57,6 +58,20 @@ pub trait PageTableFormat {
 
 /// Frames holding page tables, and the software bookkeeping the hardware
 /// format has no room for (a count of present entries per table).
+///
+/// # Visibility to the IOMMU
+/// A store by [`write_entry`](TableMemory::write_entry) (or
+/// [`set_present_count`](TableMemory::set_present_count)) may stay in the
+/// CPU cache, out of sight of an IOMMU that does not snoop it: the backend
+/// decides when to write it back (per entry, or per cache line and batch
+/// with a [`sync::DirtyLines`]). What it must keep: every store is in
+/// memory before any IOTLB or context-cache invalidation it issues for the
+/// engine's tables (`hw_flush`), before a context is created or a device
+/// pointed at them, and before the hypercall that stored it returns. The
+/// walker relies on nothing more: until the flush that follows it, a
+/// device may see a store or not, and both states map only pages still
+/// referenced (a page and a table frame are released only after that
+/// flush).
 pub trait TableMemory {
     /// A zeroed frame for a new table.
     fn alloc_table(&mut self) -> Result<Mfn, Errno>;
@@ -127,7 +142,25 @@ pub struct IoPageTable<F: PageTableFormat> {
     spares: Option<Mfn>,
     /// Emptied tables waiting for the flush; chained the same way.
     freed: Option<Mfn>,
+    /// The leaf table the last map or unmap went through, so a run of
+    /// consecutive BFNs skips the walk above it (see [`LastLeaf`]).
+    last_leaf: Option<LastLeaf>,
     _format: core::marker::PhantomData<F>,
+}
+
+/// A leaf (level-1) table and where it hangs.
+///
+/// Invariant, kept by every change of a level-2 entry: entry `pidx` of
+/// `parent` points at `table`, which covers the BFNs whose bits above the
+/// leaf index are `region`. Whatever unlinks a table (an unmap that empties
+/// it, a fold into a superpage, a split) drops the cache first, so it never
+/// names a frame on the freed or spare lists.
+#[derive(Clone, Copy, Debug)]
+struct LastLeaf {
+    region: u64,
+    table: Mfn,
+    parent: Mfn,
+    pidx: usize,
 }
 
 impl<F: PageTableFormat> IoPageTable<F> {
@@ -147,6 +180,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
             options,
             spares: None,
             freed: None,
+            last_leaf: None,
             _format: core::marker::PhantomData,
         };
         // The pinned path: entry 0 down to the table the IOMMU starts at.
@@ -206,23 +240,37 @@ impl<F: PageTableFormat> IoPageTable<F> {
         if !self.in_range(bfn) {
             return Err(Errno::Inval);
         }
-        let mut table = self.root;
-        let mut parent = None;
-        for level in (2..=LEVELS).rev() {
-            let idx = index(bfn, level);
-            let next = match F::decode(mem.read_entry(table, idx), level) {
-                Entry::Table(t) => t,
-                Entry::Empty => {
-                    let t = mem.alloc_table()?;
-                    mem.write_entry(table, idx, F::table_entry(t));
-                    mem.set_present_count(table, mem.present_count(table) + 1);
-                    t
+        let (table, parent) = match self.cached_leaf(bfn) {
+            Some(c) => (c.table, Some((c.parent, c.pidx))),
+            None => {
+                let mut table = self.root;
+                let mut parent = None;
+                for level in (2..=LEVELS).rev() {
+                    let idx = index(bfn, level);
+                    let next = match F::decode(mem.read_entry(table, idx), level) {
+                        Entry::Table(t) => t,
+                        Entry::Empty => {
+                            let t = mem.alloc_table()?;
+                            mem.write_entry(table, idx, F::table_entry(t));
+                            mem.set_present_count(table, mem.present_count(table) + 1);
+                            t
+                        }
+                        Entry::Leaf { .. } => return Err(Errno::Inval),
+                    };
+                    parent = Some((table, idx));
+                    table = next;
                 }
-                Entry::Leaf { .. } => return Err(Errno::Inval),
-            };
-            parent = Some((table, idx));
-            table = next;
-        }
+                if let Some((p, pidx)) = parent {
+                    self.last_leaf = Some(LastLeaf {
+                        region: bfn.0 >> 9,
+                        table,
+                        parent: p,
+                        pidx,
+                    });
+                }
+                (table, parent)
+            }
+        };
         let idx = index(bfn, 1);
         if F::decode(mem.read_entry(table, idx), 1) != Entry::Empty {
             return Err(Errno::Inval);
@@ -237,6 +285,11 @@ impl<F: PageTableFormat> IoPageTable<F> {
             }
         }
         Ok(())
+    }
+
+    /// The cached leaf table of `bfn`'s region, if it is the last one used.
+    fn cached_leaf(&self, bfn: Bfn) -> Option<LastLeaf> {
+        self.last_leaf.filter(|c| c.region == bfn.0 >> 9)
     }
 
     fn try_promote(
@@ -259,6 +312,8 @@ impl<F: PageTableFormat> IoPageTable<F> {
                 return;
             }
         }
+        // The leaf table stops being one.
+        self.last_leaf = None;
         mem.write_entry(
             parent,
             pidx,
@@ -303,6 +358,22 @@ impl<F: PageTableFormat> IoPageTable<F> {
         if !self.in_range(bfn) {
             return Err(Errno::NoEnt);
         }
+        // A run in the cached leaf table that leaves it non-empty touches
+        // nothing above it.
+        if let Some(c) = self.cached_leaf(bfn) {
+            let idx = index(bfn, 1);
+            if F::decode(mem.read_entry(c.table, idx), 1) == Entry::Empty {
+                return Err(Errno::NoEnt);
+            }
+            let count = mem.present_count(c.table);
+            if count > 1 {
+                mem.write_entry(c.table, idx, 0);
+                mem.set_present_count(c.table, count - 1);
+                return Ok(());
+            }
+        }
+        // The walk below may unlink tables and split superpages.
+        self.last_leaf = None;
         // Path of (table, index) from the root down to the leaf table.
         let mut path = [(Mfn(0), 0usize); LEVELS as usize];
         let mut table = self.root;
@@ -336,6 +407,15 @@ impl<F: PageTableFormat> IoPageTable<F> {
             let count = mem.present_count(t).saturating_sub(1);
             mem.set_present_count(t, count);
             if count != 0 {
+                if level == 1 {
+                    // The leaf table stays, linked from (pt, pidx).
+                    self.last_leaf = Some(LastLeaf {
+                        region: bfn.0 >> 9,
+                        table: t,
+                        parent: pt,
+                        pidx,
+                    });
+                }
                 return Ok(());
             }
             mem.write_entry(pt, pidx, 0);
@@ -523,6 +603,7 @@ mod freed_list_tests {
             self.free.push(t.0);
         }
         fn read_entry(&self, t: Mfn, i: usize) -> u64 {
+            assert!(!self.free.contains(&t.0), "read of freed frame {t:?}");
             let raw = self.tables[t.0 as usize][i];
             if i == 0 {
                 raw & !COUNT_MASK
@@ -531,6 +612,7 @@ mod freed_list_tests {
             }
         }
         fn write_entry(&mut self, t: Mfn, i: usize, raw: u64) {
+            assert!(!self.free.contains(&t.0), "write to freed frame {t:?}");
             let e = &mut self.tables[t.0 as usize][i];
             *e = if i == 0 {
                 (raw & !COUNT_MASK) | (*e & COUNT_MASK)
@@ -604,6 +686,98 @@ mod freed_list_tests {
         }
         t.release_freed(&mut mem);
         assert_eq!(mem.free.len(), freed.len());
+    }
+
+    fn frames() -> Frames {
+        Frames {
+            tables: vec![[0; ENTRIES]],
+            free: Vec::new(),
+        }
+    }
+
+    /// The walker's cached leaf table (runs of consecutive BFNs skip the
+    /// walk above it) must never outlive the table: emptied by an unmap,
+    /// freed after the flush, and the region mapped again.
+    #[test]
+    fn the_cached_leaf_table_is_dropped_when_the_table_is_freed() {
+        let mut mem = frames();
+        let options = TableOptions {
+            levels: 3,
+            superpages: false,
+        };
+        let mut t = IoPageTable::<Vtd>::with_options(&mut mem, options).unwrap();
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        for i in 0..3 {
+            t.map(&mut mem, Bfn(0x400 + i), Mfn(0x900 + i), rw, wb)
+                .unwrap();
+        }
+        for i in 0..3 {
+            t.unmap(&mut mem, Bfn(0x400 + i)).unwrap();
+        }
+        assert_eq!(t.unmap(&mut mem, Bfn(0x401)), Err(Errno::NoEnt));
+        assert!(t.freed_frames(&mem) >= 1);
+        t.release_freed(&mut mem); // the flush came: the frames are gone
+                                   // Same region again: a new leaf table (Frames refuses the old one).
+        t.map(&mut mem, Bfn(0x405), Mfn(0x777), rw, wb).unwrap();
+        assert_eq!(t.translate(&mem, Bfn(0x405)), Some((Mfn(0x777), rw, wb)));
+        assert_eq!(
+            walk::<Vtd>(&mem, t.root(), Bfn(0x405)).map(|x| x.0),
+            Some(Mfn(0x777))
+        );
+        // A run across two regions, unmapped in the other order.
+        for i in 0..600 {
+            t.map(&mut mem, Bfn(0x1000 + i), Mfn(0x2000 + i), rw, wb)
+                .unwrap();
+        }
+        assert_eq!(
+            t.map(&mut mem, Bfn(0x1001), Mfn(1), rw, wb),
+            Err(Errno::Inval)
+        );
+        for i in (0..600).rev() {
+            t.unmap(&mut mem, Bfn(0x1000 + i)).unwrap();
+            assert_eq!(t.translate(&mem, Bfn(0x1000 + i)), None);
+            if i > 0 {
+                assert_eq!(
+                    walk::<Vtd>(&mem, t.root(), Bfn(0x1000 + i - 1)).map(|x| x.0),
+                    Some(Mfn(0x2000 + i - 1))
+                );
+            }
+        }
+        t.release_freed(&mut mem);
+        t.map(&mut mem, Bfn(0x1000), Mfn(5), rw, wb).unwrap();
+        assert_eq!(
+            walk::<Vtd>(&mem, t.root(), Bfn(0x1000)).map(|x| x.0),
+            Some(Mfn(5))
+        );
+    }
+
+    /// A leaf table folded into a superpage is no leaf table any more: a map
+    /// into the region finds the superpage, not the (zeroed) spare frame.
+    #[test]
+    fn the_cached_leaf_table_is_dropped_when_it_folds_into_a_superpage() {
+        let mut mem = frames();
+        let mut t = IoPageTable::<Vtd>::new(&mut mem).unwrap();
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        for i in 0..ENTRIES as u64 {
+            t.map(&mut mem, Bfn(0x200 + i), Mfn(0x400 + i), rw, wb)
+                .unwrap();
+        }
+        assert_eq!(t.spare_frames(&mem), 1, "folded");
+        assert_eq!(t.leaf(&mem, Bfn(0x201)).map(|l| l.0), Some(SUPERPAGE_LEVEL));
+        assert_eq!(
+            t.map(&mut mem, Bfn(0x203), Mfn(1), rw, wb),
+            Err(Errno::Inval)
+        );
+        assert_eq!(t.translate(&mem, Bfn(0x203)), Some((Mfn(0x403), rw, wb)));
+        // Unmapping one page splits it; the rest stays.
+        t.unmap(&mut mem, Bfn(0x203)).unwrap();
+        for i in 0..ENTRIES as u64 {
+            let want = (i != 3).then_some(Mfn(0x400 + i));
+            assert_eq!(
+                walk::<Vtd>(&mem, t.root(), Bfn(0x200 + i)).map(|x| x.0),
+                want
+            );
+        }
     }
 
     #[test]

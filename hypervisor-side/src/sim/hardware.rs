@@ -104,7 +104,8 @@ fn walk(
     };
     for level in (1..=top).rev() {
         let idx = ((bfn >> (9 * (level - 1))) & 0x1ff) as usize;
-        let e = ram.read_u64(table, idx * 8);
+        // Memory, not the CPU cache (Ram::device_read_u64).
+        let e = ram.device_read_u64(table, idx * 8);
         let (present, leaf, addr, r, w) = match format {
             Format::Vtd => {
                 let present = e & 0b11 != 0;

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, VecDeque};
 use crate::iommu::{
     BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend, OwnTables, TableFormat,
 };
+use crate::pgtable::sync::{DirtyLines, LINE_BYTES};
 use crate::pgtable::{lpae::Lpae, vtd::Vtd, IoPageTable, TableMemory};
 use crate::platform::{DomainInfo, PageKind, PageLookup, Platform, ReservedRange, XsmAction};
 use crate::sim::hardware::{self, DmaFault, Iotlb};
@@ -137,6 +138,18 @@ pub struct Ram {
     /// Pages whose cache lines were flushed because a device may have
     /// written them without snooping.
     pub(super) cache_flushes: u64,
+    /// The IOMMU does not snoop the CPU caches when it walks tables (VT-d
+    /// ECAP.C = 0, QEMU's intel-iommu): it reads table memory only as
+    /// written back ([`Ram::sync_tables`]).
+    pub(super) non_coherent_tables: bool,
+    /// Table cache lines stored to and not yet written back, as memory
+    /// still holds them: (frame, line) -> the line's bytes in memory. The
+    /// simulated IOMMU walks these; the CPU sees `bytes`.
+    stale_lines: BTreeMap<(u64, usize), [u8; LINE_BYTES]>,
+    /// Which lines to write back: the same bookkeeping Xen's backend keeps.
+    dirty: DirtyLines,
+    /// Table cache lines written back.
+    pub(super) lines_synced: u64,
 }
 
 impl Ram {
@@ -158,6 +171,10 @@ impl Ram {
             unlinked_tables: Default::default(),
             tables_freed_before_flush: 0,
             cache_flushes: 0,
+            non_coherent_tables: true,
+            stale_lines: BTreeMap::new(),
+            dirty: DirtyLines::new(),
+            lines_synced: 0,
         }
     }
     fn alloc(&mut self, owner: Owner) -> Result<Mfn, Errno> {
@@ -208,6 +225,33 @@ impl Ram {
             None => 0,
         }
     }
+    /// The word at `off` of a table frame as a table walk by the IOMMU
+    /// reads it: from memory, where a store not yet written back is not.
+    pub fn device_read_u64(&self, mfn: Mfn, off: usize) -> u64 {
+        let line = off / LINE_BYTES;
+        match self.stale_lines.get(&(mfn.0, line)) {
+            Some(bytes) => {
+                let o = off % LINE_BYTES;
+                u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap_or([0; 8]))
+            }
+            None => self.read_u64(mfn, off),
+        }
+    }
+    /// Write back the lines of `table` in the bitmap `lines` (Xen:
+    /// `iommu_sync_cache` on each).
+    fn sync_lines(&mut self, table: Mfn, lines: u64) {
+        for line in 0..64 {
+            if lines & (1 << line) != 0 && self.stale_lines.remove(&(table.0, line)).is_some() {
+                self.lines_synced += 1;
+            }
+        }
+    }
+    /// Write back every table store noted since the last time: what a
+    /// backend does before it invalidates the IOMMU's caches.
+    pub(super) fn sync_tables(&mut self) {
+        let mut dirty = core::mem::take(&mut self.dirty);
+        dirty.drain(|t, lines| self.sync_lines(t, lines));
+    }
 }
 
 impl TableMemory for Ram {
@@ -217,11 +261,21 @@ impl TableMemory for Ram {
             Some(n) => *n -= 1,
             None => {}
         }
-        self.alloc(Owner::Xen)
+        let t = self.alloc(Owner::Xen)?;
+        // Zeroed and written back whole (Xen: clear_page, iommu_sync_cache).
+        self.sync_lines(t, u64::MAX);
+        Ok(t)
     }
     fn free_table(&mut self, table: Mfn) {
         if self.unlinked_tables.remove(&table.0) {
             self.tables_freed_before_flush += 1;
+        }
+        // Its lines need no writing back: no IOMMU walks it any more (freed
+        // after the flush), and a table made of it again is zeroed and
+        // written back whole.
+        self.dirty.forget(table);
+        for line in 0..4096 / LINE_BYTES {
+            self.stale_lines.remove(&(table.0, line));
         }
         self.release(table)
     }
@@ -241,6 +295,20 @@ impl TableMemory for Ram {
                 .is_some_and(|f| f.owner == Owner::Xen);
             if was_table && (raw & 0x0000_FFFF_FFFF_F000) >> 12 != target {
                 self.unlinked_tables.insert(target);
+            }
+        }
+        if self.non_coherent_tables && self.is_present(table) && index < 512 {
+            // The line's memory keeps what it held until written back.
+            let line = index * 8 / LINE_BYTES;
+            if !self.stale_lines.contains_key(&(table.0, line)) {
+                let mut bytes = [0; LINE_BYTES];
+                if let Some(f) = self.frame(table) {
+                    bytes.copy_from_slice(&f[line * LINE_BYTES..(line + 1) * LINE_BYTES]);
+                }
+                self.stale_lines.insert((table.0, line), bytes);
+            }
+            if let Some((t, lines)) = self.dirty.note(table, index) {
+                self.sync_lines(t, lines);
             }
         }
         if let Some(f) = self.frame_mut(table) {
@@ -806,6 +874,22 @@ impl SimMachine {
         self.ram.cache_flushes
     }
 
+    /// Whether the IOMMU's table walks snoop the CPU caches (default: no,
+    /// as QEMU's intel-iommu: table stores count only once written back).
+    pub fn set_coherent_table_walks(&mut self, coherent: bool) {
+        self.ram.non_coherent_tables = !coherent;
+        if coherent {
+            self.ram.sync_tables();
+            self.ram.stale_lines.clear();
+        }
+    }
+
+    /// Table cache lines written back so far, and lines stored to and not
+    /// yet written back.
+    pub fn table_lines(&self) -> (u64, usize) {
+        (self.ram.lines_synced, self.ram.stale_lines.len())
+    }
+
     /// Frames the hypervisor holds for page tables and its own data.
     pub fn xen_frames(&self) -> usize {
         self.ram
@@ -1229,10 +1313,13 @@ impl IommuBackend for SimMachine {
         let Some(c) = self.contexts.get_mut(&(owner, ctx)) else {
             return Err(Errno::NoEnt);
         };
-        match c {
-            Context::Vtd(t) => t.map(&mut self.ram, bfn, mfn, perms, attr)?,
-            Context::Lpae(t) => t.map(&mut self.ram, bfn, mfn, perms, attr)?,
-        }
+        let r = match c {
+            Context::Vtd(t) => t.map(&mut self.ram, bfn, mfn, perms, attr),
+            Context::Lpae(t) => t.map(&mut self.ram, bfn, mfn, perms, attr),
+        };
+        // Xen's own tables: its VT-d code writes back each entry it stores.
+        self.ram.sync_tables();
+        r?;
         // VT-d with caching mode off needs no flush for a non-present ->
         // present change; the simulator flushes anyway, like Xen does.
         gather.add(ctx, bfn, 0)
@@ -1252,10 +1339,12 @@ impl IommuBackend for SimMachine {
         let Some(c) = self.contexts.get_mut(&(owner, ctx)) else {
             return Err(Errno::NoEnt);
         };
-        match c {
-            Context::Vtd(t) => t.unmap(&mut self.ram, bfn)?,
-            Context::Lpae(t) => t.unmap(&mut self.ram, bfn)?,
-        }
+        let r = match c {
+            Context::Vtd(t) => t.unmap(&mut self.ram, bfn),
+            Context::Lpae(t) => t.unmap(&mut self.ram, bfn),
+        };
+        self.ram.sync_tables();
+        r?;
         gather.add(ctx, bfn, 0)
     }
     fn iommu_flush(&mut self, owner: DomId, gather: &FlushGather) -> Result<(), Errno> {
@@ -1293,6 +1382,8 @@ impl IommuBackend for SimMachine {
             self.devices_lock_depth > 0,
             "hw_context_create without the devices lock"
         );
+        // The engine's tables go to memory before the IOMMU knows them.
+        self.ram.sync_tables();
         let id = self.next_hw_context;
         self.next_hw_context = id.checked_add(1).ok_or(Errno::NoSpc)?;
         self.hw_contexts.insert(id, HwCtx { owner, ctx, root });
@@ -1323,6 +1414,9 @@ impl IommuBackend for SimMachine {
     }
     fn hw_flush(&mut self, hw: HwContext, first: Bfn, last: Bfn) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
+        // Every table store is written back before the invalidation (also
+        // when it then fails), as Xen's backend does.
+        self.ram.sync_tables();
         if self.fail_flushes > 0 {
             self.fail_flushes -= 1;
             return Err(Errno::Inval);
@@ -1353,6 +1447,8 @@ impl IommuBackend for SimMachine {
             self.devices_lock_depth > 0,
             "device_attach without the devices lock"
         );
+        // The device may walk the tables from now: in memory first.
+        self.ram.sync_tables();
         if self.fail_attaches > 0 {
             self.fail_attaches -= 1;
             return Err(Errno::NoMem);

@@ -893,36 +893,39 @@ void pvx_table_free(uint64_t mfn)
     free_domheap_page(mfn_to_page(_mfn(mfn)));
 }
 
-uint64_t pvx_table_read(uint64_t mfn, unsigned int index)
+uint64_t *pvx_table_map(uint64_t mfn)
 {
-    const uint64_t *t;
-    uint64_t val;
-
-    if ( index >= PAGE_SIZE / sizeof(*t) )
-    {
-        ASSERT_UNREACHABLE();
-        return 0;
-    }
-    t = map_domain_page(_mfn(mfn));
-    val = read_atomic(&t[index]);
-    unmap_domain_page(t);
-
-    return val;
+    return map_domain_page(_mfn(mfn));
 }
 
-void pvx_table_write(uint64_t mfn, unsigned int index, uint64_t val)
+void pvx_table_unmap(const uint64_t *t)
 {
-    uint64_t *t;
+    unmap_domain_page(t);
+}
 
-    if ( index >= PAGE_SIZE / sizeof(*t) )
-    {
-        ASSERT_UNREACHABLE();
+void pvx_table_sync(uint64_t mfn, uint64_t lines)
+{
+    const uint8_t *t;
+    unsigned int i = 0;
+
+    if ( !lines )
         return;
-    }
     t = map_domain_page(_mfn(mfn));
-    /* One store: the IOMMU may walk the entry at any time. */
-    write_atomic(&t[index], val);
-    clean_dcache_va_range(&t[index], sizeof(*t));
+    /* One clean per run of consecutive 64-byte lines (64 at most). */
+    while ( i < 64 )
+    {
+        unsigned int n = 0;
+
+        if ( !(lines & (1ULL << i)) )
+        {
+            i++;
+            continue;
+        }
+        while ( i + n < 64 && (lines & (1ULL << (i + n))) )
+            n++;
+        clean_dcache_va_range(t + i * 64, n * 64);
+        i += n;
+    }
     unmap_domain_page(t);
 }
 

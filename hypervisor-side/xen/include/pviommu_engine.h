@@ -212,13 +212,20 @@ int pvx_iommu_flush(uint16_t owner, uint64_t bfn, uint64_t count,
  * Boot only.
  */
 int pvx_ctx_caps(unsigned int *levels, int *snoop_control);
-/* [locked] Table frames: a zeroed frame (0 and *mfn, or -ENOMEM), given
- * back, and 64-bit entries read and written (the write is made visible to
- * a non-coherent IOMMU). `index` < 512; `mfn` only ever one of ours. */
+/* [locked] Table frames: a zeroed frame, already written back to memory
+ * (0 and *mfn, or -ENOMEM), and given back. `mfn` only ever one of ours.
+ * The engine reads and stores entries itself through pvx_table_map (a few
+ * at once, all unmapped before it returns) and writes its stores back for a
+ * non-coherent IOMMU with pvx_table_sync: `lines` is a bitmap of the
+ * frame's 64-byte lines (bit n: bytes 64n..64n+63), each run written back
+ * with iommu_sync_cache. The engine does that before every pvx_ctx_flush,
+ * pvx_ctx_alloc and pvx_device_attach, before it releases a driver lock and
+ * before it returns; never for a frame it has freed. */
 int pvx_table_alloc(uint64_t *mfn);
 void pvx_table_free(uint64_t mfn);
-uint64_t pvx_table_read(uint64_t mfn, unsigned int index);
-void pvx_table_write(uint64_t mfn, unsigned int index, uint64_t val);
+uint64_t *pvx_table_map(uint64_t mfn);
+void pvx_table_unmap(const uint64_t *t);
+void pvx_table_sync(uint64_t mfn, uint64_t lines);
 /* [devices locked, locked] A context's tag (a pseudo domid); [locked] its
  * IOTLB invalidation (page-selective for [bfn, bfn + count) where it can). */
 int pvx_ctx_alloc(uint16_t *tag);

@@ -11,8 +11,8 @@
 extern crate alloc;
 
 use core::alloc::{GlobalAlloc, Layout};
-use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use core::cell::{Cell, UnsafeCell};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use lock_api::RawMutex;
 use pviommu_hv::config::Config;
@@ -21,7 +21,8 @@ use pviommu_hv::abi::feature;
 use pviommu_hv::iommu::{
     BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend, OwnTables, TableFormat,
 };
-use pviommu_hv::pgtable::TableMemory;
+use pviommu_hv::pgtable::sync::DirtyLines;
+use pviommu_hv::pgtable::{TableMemory, ENTRIES};
 use pviommu_hv::platform::{DomainInfo, PageKind, PageLookup, Platform, ReservedRange, XsmAction};
 use pviommu_hv::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions, Sbdf};
 
@@ -66,8 +67,9 @@ mod ffi {
         pub fn pvx_page_non_coherent(mfn: u64);
         pub fn pvx_table_alloc(mfn: *mut u64) -> i32;
         pub fn pvx_table_free(mfn: u64);
-        pub fn pvx_table_read(mfn: u64, index: u32) -> u64;
-        pub fn pvx_table_write(mfn: u64, index: u32, val: u64);
+        pub fn pvx_table_map(mfn: u64) -> *mut u64;
+        pub fn pvx_table_unmap(table: *const u64);
+        pub fn pvx_table_sync(mfn: u64, lines: u64);
         pub fn pvx_ctx_alloc(tag: *mut u16) -> i32;
         pub fn pvx_ctx_free(tag: u16) -> i32;
         pub fn pvx_domain_has_devices(domid: u16) -> i32;
@@ -180,8 +182,138 @@ const _: () = assert!(pviommu_hv::engine::MAX_DRIVER_DOMAINS == 64);
 
 const DOMID_NONE: u16 = 0xffff;
 
-/// The hypervisor as the engine sees it: every method is one `pvx_*` call.
-struct Xen;
+/// The hypervisor as the engine sees it: every method is one `pvx_*` call,
+/// but for table entries, which the engine reads and writes directly in
+/// table frames it maps once per entry point (`maps`, unmapped on drop).
+struct Xen {
+    /// Mapped table frames: (mfn, pointer); a null pointer is a free slot.
+    maps: [Cell<(u64, *mut u64)>; MAPPED_TABLES],
+    /// The slot the next new mapping replaces.
+    next: Cell<usize>,
+}
+
+/// Table frames mapped at once: a walk's four levels.
+const MAPPED_TABLES: usize = 4;
+
+impl Xen {
+    const fn new() -> Self {
+        Xen {
+            maps: [const { Cell::new((0, core::ptr::null_mut())) }; MAPPED_TABLES],
+            next: Cell::new(0),
+        }
+    }
+
+    /// `table` mapped (map_domain_page), reusing a mapping of this entry
+    /// point's; null if Xen could not map it.
+    fn table(&self, table: Mfn) -> *mut u64 {
+        for m in &self.maps {
+            let (mfn, p) = m.get();
+            if !p.is_null() && mfn == table.0 {
+                return p;
+            }
+        }
+        // SAFETY: one of the engine's table frames (pvx_table_alloc).
+        let p = unsafe { ffi::pvx_table_map(table.0) };
+        if p.is_null() {
+            return p;
+        }
+        let i = self.next.get() % MAPPED_TABLES;
+        self.next.set((i + 1) % MAPPED_TABLES);
+        if let Some(m) = self.maps.get(i) {
+            let (_, old) = m.replace((table.0, p));
+            if !old.is_null() {
+                // SAFETY: a mapping pvx_table_map gave, no longer used.
+                unsafe { ffi::pvx_table_unmap(old) }
+            }
+        }
+        p
+    }
+
+    /// Drop the mapping of `table`, if any (it is being freed).
+    fn unmap_table(&self, table: Mfn) {
+        for m in &self.maps {
+            let (mfn, p) = m.get();
+            if !p.is_null() && mfn == table.0 {
+                m.set((0, core::ptr::null_mut()));
+                // SAFETY: a mapping pvx_table_map gave, no longer used.
+                unsafe { ffi::pvx_table_unmap(p) }
+            }
+        }
+    }
+}
+
+impl Drop for Xen {
+    fn drop(&mut self) {
+        // Every table store of this entry point is in memory before it
+        // returns (a no-op when its last flush wrote them back).
+        sync_tables();
+        for m in &self.maps {
+            let (_, p) = m.replace((0, core::ptr::null_mut()));
+            if !p.is_null() {
+                // SAFETY: a mapping pvx_table_map gave.
+                unsafe { ffi::pvx_table_unmap(p) }
+            }
+        }
+    }
+}
+
+/// Table cache lines stored to and not yet written back to memory, for
+/// every CPU (a non-coherent IOMMU reads memory, not the cache). Rule:
+/// [`sync_tables`] runs before every invalidation of the engine's contexts
+/// (`hw_flush`), context creation, device attach and the return of every
+/// entry point; a frame's record is dropped before the frame is freed. One
+/// set for all CPUs, so a flush on one CPU also writes back what another
+/// stored: a page or table frame is released only after a flush, whoever
+/// stored the entry that unmapped it (the engine keeps a driver's gather
+/// across hypercalls when a flush fails). Not at a driver lock's release:
+/// the engine drops the lock every few maps (MAP_CHUNK), which would write
+/// back per chunk again. A leaf lock: nothing is taken under it, and it is
+/// held for at most one table write-back per table tracked.
+struct DirtySet {
+    locked: AtomicBool,
+    lines: UnsafeCell<DirtyLines>,
+}
+// SAFETY: `lines` is only touched with `locked` held (DirtySet::with).
+unsafe impl Sync for DirtySet {}
+static DIRTY: DirtySet = DirtySet {
+    locked: AtomicBool::new(false),
+    lines: UnsafeCell::new(DirtyLines::new()),
+};
+/// Something may be in DIRTY (a hint read without the lock; set under it).
+static DIRTY_ANY: AtomicBool = AtomicBool::new(false);
+
+impl DirtySet {
+    fn with<R>(&self, f: impl FnOnce(&mut DirtyLines) -> R) -> R {
+        while self
+            .locked
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            core::hint::spin_loop();
+        }
+        // SAFETY: the lock is held.
+        let r = f(unsafe { &mut *self.lines.get() });
+        self.locked.store(false, Ordering::Release);
+        r
+    }
+}
+
+fn write_back(table: Mfn, lines: u64) {
+    // SAFETY: one of the engine's table frames, not freed (records are
+    // dropped before a frame is).
+    unsafe { ffi::pvx_table_sync(table.0, lines) }
+}
+
+/// Write back every table line stored to since the last time.
+fn sync_tables() {
+    if !DIRTY_ANY.load(Ordering::Acquire) {
+        return;
+    }
+    DIRTY.with(|d| {
+        d.drain(write_back);
+        DIRTY_ANY.store(false, Ordering::Release);
+    });
+}
 
 impl Platform for Xen {
     fn copy_from_guest(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
@@ -311,16 +443,42 @@ const COUNT_BITS: u32 = if LPAE { 4 } else { 10 };
 const COUNT_MASK: u64 = ((1 << COUNT_BITS) - 1) << COUNT_SHIFT;
 const _: () = assert!(COUNT_SLOTS as u32 * COUNT_BITS >= 10);
 
-fn table_read(table: Mfn, index: usize) -> u64 {
-    let Ok(i) = u32::try_from(index) else { return 0 };
-    // SAFETY: one of the engine's table frames; the glue checks index.
-    unsafe { ffi::pvx_table_read(table.0, i) }
-}
+impl Xen {
+    fn table_read(&self, table: Mfn, index: usize) -> u64 {
+        if index >= ENTRIES {
+            return 0;
+        }
+        let p = self.table(table);
+        if p.is_null() {
+            return 0;
+        }
+        // SAFETY: a mapped table frame of ENTRIES entries; index checked.
+        // One load: the IOMMU never writes the engine's tables, but keep
+        // the access whole, as the store below.
+        unsafe { core::ptr::read_volatile(p.add(index)) }
+    }
 
-fn table_write(table: Mfn, index: usize, raw: u64) {
-    let Ok(i) = u32::try_from(index) else { return };
-    // SAFETY: as in table_read.
-    unsafe { ffi::pvx_table_write(table.0, i, raw) }
+    fn table_write(&self, table: Mfn, index: usize, raw: u64) {
+        if index >= ENTRIES {
+            return;
+        }
+        let p = self.table(table);
+        if p.is_null() {
+            return;
+        }
+        // SAFETY: as in table_read. One 8-byte store: the IOMMU may walk
+        // the entry at any time.
+        unsafe { core::ptr::write_volatile(p.add(index), raw) }
+        DIRTY.with(|d| {
+            DIRTY_ANY.store(true, Ordering::Release);
+            // A record pushed out of a full set is written back at once,
+            // under the set's lock: a sync on another CPU must never find
+            // lines neither in the set nor in memory.
+            if let Some((t, lines)) = d.note(table, index) {
+                write_back(t, lines);
+            }
+        });
+    }
 }
 
 impl TableMemory for Xen {
@@ -333,11 +491,15 @@ impl TableMemory for Xen {
         }
     }
     fn free_table(&mut self, table: Mfn) {
+        // Nothing of it is needed in memory any more (the flush is done),
+        // and it must not be mapped or written back once it is Xen's.
+        self.unmap_table(table);
+        DIRTY.with(|d| d.forget(table));
         // SAFETY: a frame pvx_table_alloc gave the engine.
         unsafe { ffi::pvx_table_free(table.0) }
     }
     fn read_entry(&self, table: Mfn, index: usize) -> u64 {
-        let raw = table_read(table, index);
+        let raw = self.table_read(table, index);
         if index < COUNT_SLOTS {
             raw & !COUNT_MASK
         } else {
@@ -346,16 +508,16 @@ impl TableMemory for Xen {
     }
     fn write_entry(&mut self, table: Mfn, index: usize, raw: u64) {
         let raw = if index < COUNT_SLOTS {
-            (raw & !COUNT_MASK) | (table_read(table, index) & COUNT_MASK)
+            (raw & !COUNT_MASK) | (self.table_read(table, index) & COUNT_MASK)
         } else {
             raw
         };
-        table_write(table, index, raw)
+        self.table_write(table, index, raw)
     }
     fn present_count(&self, table: Mfn) -> u16 {
         let mut count = 0u64;
         for slot in 0..COUNT_SLOTS {
-            let part = (table_read(table, slot) & COUNT_MASK) >> COUNT_SHIFT;
+            let part = (self.table_read(table, slot) & COUNT_MASK) >> COUNT_SHIFT;
             count |= part << (COUNT_BITS * slot as u32);
         }
         count as u16
@@ -363,8 +525,8 @@ impl TableMemory for Xen {
     fn set_present_count(&mut self, table: Mfn, count: u16) {
         for slot in 0..COUNT_SLOTS {
             let part = (u64::from(count) >> (COUNT_BITS * slot as u32)) << COUNT_SHIFT;
-            let raw = (table_read(table, slot) & !COUNT_MASK) | (part & COUNT_MASK);
-            table_write(table, slot, raw)
+            let raw = (self.table_read(table, slot) & !COUNT_MASK) | (part & COUNT_MASK);
+            self.table_write(table, slot, raw)
         }
     }
 }
@@ -443,6 +605,7 @@ impl IommuBackend for Xen {
         result
     }
     fn hw_context_create(&mut self, _owner: DomId, _ctx: ContextId, _root: Mfn) -> Result<HwContext, Errno> {
+        sync_tables();
         let mut tag = 0u16;
         // SAFETY: out-pointer to a local.
         match unsafe { ffi::pvx_ctx_alloc(&mut tag) } {
@@ -465,6 +628,8 @@ impl IommuBackend for Xen {
     fn hw_flush(&mut self, hw: HwContext, first: Bfn, last: Bfn) -> Result<(), Errno> {
         let tag = u16::try_from(hw.0).map_err(|_| Errno::Inval)?;
         let count = last.0.checked_sub(first.0).and_then(|n| n.checked_add(1)).ok_or(Errno::Inval)?;
+        // Table stores reach memory before the IOMMU forgets what it cached.
+        sync_tables();
         // SAFETY: plain call.
         match unsafe { ffi::pvx_ctx_flush(tag, first.0, count) } {
             0 => Ok(()),
@@ -494,6 +659,8 @@ impl IommuBackend for Xen {
     }
     fn device_attach(&mut self, device: Sbdf, hw: HwContext, root: Mfn) -> Result<(), Errno> {
         let tag = u16::try_from(hw.0).map_err(|_| Errno::Inval)?;
+        // The device walks the tables from memory once attached.
+        sync_tables();
         // SAFETY: plain call.
         match unsafe { ffi::pvx_device_attach(device.0, tag, root.0) } {
             0 => Ok(()),
@@ -551,7 +718,7 @@ pub extern "C" fn pviommu_engine_init(quota: u64, max_batch: u32, heap_bytes: u6
     if max_batch != 0 {
         config.max_batch_ops = max_batch.min(pviommu_hv::config::MAX_BATCH_OPS_LIMIT);
     }
-    match XenEngine::with_locks(config, &Xen, |cell| XenLock { cell: cell as u32 }) {
+    match XenEngine::with_locks(config, &Xen::new(), |cell| XenLock { cell: cell as u32 }) {
         Ok(e) => {
             // SAFETY: called once at boot, before any other entry point.
             unsafe { *ENGINE.0.get() = Some(e) };
@@ -566,7 +733,7 @@ pub extern "C" fn pviommu_engine_init(quota: u64, max_batch: u32, heap_bytes: u6
 #[no_mangle]
 pub extern "C" fn pviommu_engine_op(caller: u16, cmd: u32, arg: u64) -> i64 {
     match engine() {
-        Some(e) => e.hypercall(&mut Xen, DomId(caller), cmd, arg),
+        Some(e) => e.hypercall(&mut Xen::new(), DomId(caller), cmd, arg),
         None => Errno::OpNotSupp.negated() as i64,
     }
 }
@@ -578,7 +745,7 @@ pub extern "C" fn pviommu_engine_domain_teardown(domid: u16, cursor: *mut u64) -
     let Some(e) = engine() else { return 0 };
     // SAFETY: the glue passes a pointer to the cursor in struct domain.
     let Some(cursor) = (unsafe { cursor.as_mut() }) else { return 0 };
-    match e.domain_teardown(&mut Xen, DomId(domid), cursor) {
+    match e.domain_teardown(&mut Xen::new(), DomId(domid), cursor) {
         Ok(()) => 0,
         Err(_) => ERESTART,
     }
@@ -589,12 +756,12 @@ pub extern "C" fn pviommu_engine_domain_teardown(domid: u16, cursor: *mut u64) -
 pub extern "C" fn pviommu_engine_gfn_changed(domid: u16, gfn: u64, order: u32, how: u32) {
     let Some(e) = engine() else { return };
     let how = if how == 1 { GfnChange::WriteLost } else { GfnChange::Removed };
-    e.gfn_changed(&mut Xen, DomId(domid), Gfn(gfn), order, how);
+    e.gfn_changed(&mut Xen::new(), DomId(domid), Gfn(gfn), order, how);
 }
 
 /// Xen is about to move device `sbdf` away from `owner` (pcidevs_lock held).
 #[no_mangle]
 pub extern "C" fn pviommu_engine_device_leaving(owner: u16, sbdf: u32) {
     let Some(e) = engine() else { return };
-    e.device_leaving(&mut Xen, DomId(owner), Sbdf(sbdf));
+    e.device_leaving(&mut Xen::new(), DomId(owner), Sbdf(sbdf));
 }
