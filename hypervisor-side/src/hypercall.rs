@@ -434,6 +434,8 @@ impl<L: RawMutex> Engine<L> {
     /// done, and the op right after them if it was copied in already. If a
     /// result cannot be written back, that op and the ones after it in the
     /// run are undone and `Err((done before it, error))` is returned.
+    // Not inlined: the run buffers of the two never share a stack frame.
+    #[inline(never)]
     fn run_maps(
         &self,
         h: &mut impl Hypervisor,
@@ -445,7 +447,8 @@ impl<L: RawMutex> Engine<L> {
         // Filler for the unused tail (never passed to the engine).
         const UNUSED: MapRequest = MapRequest {
             context: ContextId::DEFAULT,
-            domid: DomId::DOM0,
+            // A reserved domid: refused by every check, were it ever run.
+            domid: DomId(DomId::FIRST_RESERVED),
             gfn: pviommu_abi::Gfn(0),
             perms: pviommu_abi::Permissions::RO,
             attr: pviommu_abi::MemAttr::WriteBack,
@@ -505,6 +508,8 @@ impl<L: RawMutex> Engine<L> {
     /// the rest are left alone, and `Err((done, error))` is returned (if a
     /// changed status cannot be written after the acts, every reported op
     /// counts as done: it was acted on).
+    // Not inlined: the run buffers of the two never share a stack frame.
+    #[inline(never)]
     fn run_unmaps(
         &self,
         h: &mut impl Hypervisor,
@@ -525,16 +530,17 @@ impl<L: RawMutex> Engine<L> {
         let reqs = reqs.get(..n).unwrap_or(&[]);
         // Check and report (a revoked BFN is acknowledged: ESTALE).
         let mut checks = [Err(Errno::NoEnt); MAP_CHUNK];
-        let n = self.unmap_check_batch(caller, reqs, &mut checks);
-        for (op, check) in ops.iter_mut().zip(checks.iter()).take(n) {
+        let checked = self.unmap_check_batch(caller, reqs, &mut checks);
+        for (op, check) in ops.iter_mut().zip(checks.iter()).take(checked) {
             op.status = match check {
                 Ok(false) => 0,
                 Ok(true) => Errno::Stale.negated(),
                 Err(e) => e.negated(),
             };
         }
-        let (reported, failure) = match write_back(h, addr_of(0), ops.get(..n).unwrap_or(&[])) {
-            Ok(()) => (n, None),
+        let (reported, failure) = match write_back(h, addr_of(0), ops.get(..checked).unwrap_or(&[]))
+        {
+            Ok(()) => (checked, None),
             Err((k, e)) => (k, Some(e)),
         };
         // Act on the reported ones that passed their check (only those: a
@@ -552,7 +558,12 @@ impl<L: RawMutex> Engine<L> {
             }
         }
         let mut acts = [Ok(()); MAP_CHUNK];
-        let acted = self.unmap_batch(h, caller, passed.get(..m).unwrap_or(&[]), &mut acts);
+        let acted = if m > 0 {
+            self.unmap_batch(h, caller, passed.get(..m).unwrap_or(&[]), &mut acts)
+        } else {
+            0
+        };
+        let mut failure = failure;
         for (&k, act) in which.iter().zip(acts.iter()).take(acted) {
             let Some(op) = ops.get_mut(k) else {
                 continue;
@@ -563,15 +574,17 @@ impl<L: RawMutex> Engine<L> {
             };
             if status != op.status {
                 op.status = status;
+                // Every reported op was acted on: a status that cannot be
+                // written again fails the batch (EFAULT), and the other
+                // changed ones are still written.
                 if let Err(e) = h.copy_to_guest(addr_of(k), op.as_bytes()) {
-                    // The ops reported so far were all acted on.
-                    return Err((reported as u32, e));
+                    failure.get_or_insert(e);
                 }
             }
         }
         match failure {
             Some(e) => Err((reported as u32, e)),
-            None => Ok((n as u32, after)),
+            None => Ok((checked as u32, after)),
         }
     }
 

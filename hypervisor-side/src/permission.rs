@@ -64,16 +64,34 @@ pub fn check_map(
     target: DomId,
     context: ContextId,
 ) -> Result<(), Errno> {
+    check_map_again(p, caller_id, caller, target, context, false)
+}
+
+/// [`check_map`], for an op of a run whose earlier op of the same
+/// (caller, target) passed it (`target_checked`): the parts that depend on
+/// the caller and the target only (who may map whose pages, the target
+/// alive, XSM) are not asked again; the parts that depend on the op's
+/// context always are. Same errors, in the same order, as `check_map`.
+pub fn check_map_again(
+    p: &impl Platform,
+    caller_id: DomId,
+    caller: &DomainInfo,
+    target: DomId,
+    context: ContextId,
+    target_checked: bool,
+) -> Result<(), Errno> {
     if context == ContextId::DEFAULT && caller.translation != translation::TRANSLATES {
         return Err(Errno::AddrNotAvail);
     }
-    match caller_kind(caller, target) {
-        CallerKind::Privileged | CallerKind::DeviceModel => {}
-        CallerKind::Unrelated => return Err(Errno::Perm),
-    }
-    match p.domain_info(target) {
-        Some(t) if !t.dying => {}
-        _ => return Err(Errno::Srch),
+    if !target_checked {
+        match caller_kind(caller, target) {
+            CallerKind::Privileged | CallerKind::DeviceModel => {}
+            CallerKind::Unrelated => return Err(Errno::Perm),
+        }
+        match p.domain_info(target) {
+            Some(t) if !t.dying => {}
+            _ => return Err(Errno::Srch),
+        }
     }
     if target == caller_id && context == ContextId::DEFAULT {
         // A domain's own pages are already in its default context (strict
@@ -82,6 +100,9 @@ pub fn check_map(
         // reaches the driver's own buffers (rings, descriptors) only
         // through BFNs mapped there.
         return Err(Errno::Inval);
+    }
+    if target_checked {
+        return Ok(());
     }
     p.xsm_check(caller_id, Some(target), XsmAction::Map)
 }

@@ -265,13 +265,15 @@ proptest! {
     /// a target's page replaced in between.
     #[test]
     fn a_run_of_maps_equals_the_maps_one_by_one(
-        reqs in proptest::collection::vec((0u64..70, any::<bool>(), 0u8..8), 1..40),
+        reqs in proptest::collection::vec((0u64..70, any::<bool>(), 0u8..8, 0u8..4), 1..40),
         replace in proptest::option::of(0u64..48),
     ) {
         use pviommu_abi::{Gfn, MapRequest, MemAttr};
         use pviommu_hv::platform::Platform;
-        let to_req = |&(gfn, write, who): &(u64, bool, u8)| MapRequest {
-            context: ContextId::DEFAULT,
+        let to_req = |&(gfn, write, who, ctx): &(u64, bool, u8, u8)| MapRequest {
+            // Mostly the default context; sometimes one the caller never
+            // created (ENOENT under the lock, after the permission checks).
+            context: ContextId(if ctx == 0 { 1 } else { 0 }),
             // Mostly the guest; sometimes the stranger, a missing domain
             // or the caller itself.
             domid: match who { 0 => STRANGER, 1 => DomId(99), 2 => DomId::DOM0, _ => GUEST },

@@ -111,6 +111,22 @@ pub(crate) struct PageAt {
     layout: u32,
 }
 
+/// An Unmapping slot, as the flush that ends it needs it
+/// ([`DriverDomain::unmapping_at`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Unmapped {
+    /// The page's frame, referenced until the flush.
+    pub(crate) mfn: Mfn,
+    /// Whether the reference is a writable one.
+    pub(crate) writable: bool,
+    /// Which page it was, and in which context: the notice if revoked.
+    pub(crate) page: Notice,
+    /// Becomes a notice (true) or free (false).
+    pub(crate) then_revoked: bool,
+    /// Next slot on the unmapping list.
+    pub(crate) next: u64,
+}
+
 /// What the owner is told about a revoked BFN.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct Notice {
@@ -780,18 +796,22 @@ impl DriverDomain {
         self.unmapping_head = idx;
     }
 
-    /// What the flush needs of an Unmapping slot: (frame, writable, target,
-    /// then revoked, next on the list). `None` for any other state.
+    /// What the flush needs of an Unmapping slot; `None` for any other
+    /// state.
     #[inline]
-    pub(crate) fn unmapping_at(&self, idx: u64) -> Option<(Mfn, bool, DomId, bool, u64)> {
+    pub(crate) fn unmapping_at(&self, idx: u64) -> Option<Unmapped> {
         let r = self.raw(idx).filter(|r| r.state() == ST_UNMAPPING)?;
-        Some((
-            Mfn(r.mfn),
-            r.bits & WRITE != 0,
-            DomId(r.domid),
-            r.bits & THEN_REVOKED != 0,
-            link64(r.next),
-        ))
+        Some(Unmapped {
+            mfn: Mfn(r.mfn),
+            writable: r.bits & WRITE != 0,
+            page: Notice {
+                domid: DomId(r.domid),
+                gfn: Gfn(r.gfn),
+                context: ContextId(r.context as u32),
+            },
+            then_revoked: r.bits & THEN_REVOKED != 0,
+            next: link64(r.next),
+        })
     }
 
     /// The context of the live mapping in slot `idx`, and its references.

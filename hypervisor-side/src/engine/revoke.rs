@@ -12,7 +12,7 @@ use core::sync::atomic::Ordering;
 
 use lock_api::RawMutex;
 
-use super::driver::{DriverDomain, Notice, Slot, CHAIN_BOUND, NONE};
+use super::driver::{DriverDomain, Slot, CHAIN_BOUND, NONE};
 use super::{Driver, Engine, Hypervisor};
 use crate::{DomId, Gfn};
 
@@ -159,8 +159,9 @@ impl<L: RawMutex> Engine<L> {
         // page's release is safe: a share held longer only sends a hook
         // through the locks it would have skipped.
         let mut run: Option<(DomId, u32)> = None;
-        while let Some((mfn, writable, domid, then_revoked, next)) = dd.unmapping_at(at) {
-            h.put_page(mfn, writable);
+        while let Some(u) = dd.unmapping_at(at) {
+            h.put_page(u.mfn, u.writable);
+            let domid = u.page.domid;
             run = match run {
                 Some((d, n)) if d == domid => Some((d, n + 1)),
                 other => {
@@ -170,22 +171,13 @@ impl<L: RawMutex> Engine<L> {
                     Some((domid, 1))
                 }
             };
-            if then_revoked {
+            if u.then_revoked {
                 notices = true;
-                if let Some(Slot::Unmapping { mapping, .. }) = dd.slot(at) {
-                    dd.push_revoked(
-                        at,
-                        Notice {
-                            domid,
-                            gfn: mapping.gfn,
-                            context: mapping.context,
-                        },
-                    );
-                }
+                dd.push_revoked(at, u.page);
             } else {
                 dd.free_slot(at);
             }
-            at = next;
+            at = u.next;
         }
         if let Some((domid, n)) = run {
             self.end_release_run(cell, dd, domid, n);
@@ -522,6 +514,7 @@ impl<L: RawMutex> Engine<L> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Notice;
 
     #[test]
     fn a_stored_slot_is_32_bytes() {
