@@ -486,8 +486,10 @@ fn the_simulated_iommu_faults_on_snp_without_snoop_control() {
     let (mut m, e) = host(Format::Vtd);
     let ctx1 = create(&mut m, &e, DomId::DOM0);
     assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx1, B), 0);
-    let wb = map_in(&mut m, &e, ctx1, 6, MemAttr::WriteBack);
+    // (Before the map: the simulated IOMMU may cache a translation as soon
+    // as the map's flush is done.)
     m.snoop_control = false;
+    let wb = map_in(&mut m, &e, ctx1, 6, MemAttr::WriteBack);
     assert_eq!(read(&mut m, B, wb), Err(FaultReason::ReservedBit));
 }
 

@@ -283,20 +283,7 @@ impl TableMemory for Ram {
         self.read_u64(table, index * 8)
     }
     fn write_entry(&mut self, table: Mfn, index: usize, raw: u64) {
-        // An entry that pointed at a table frame (VT-d/LPAE: address bits
-        // 47:12 of a present entry; leaves point at domain frames) and now
-        // does not: that table is unlinked until the next flush.
-        let old = self.read_u64(table, index * 8);
-        if old & 1 != 0 || old & 2 != 0 {
-            let target = (old & 0x0000_FFFF_FFFF_F000) >> 12;
-            let was_table = self
-                .info
-                .get(target as usize)
-                .is_some_and(|f| f.owner == Owner::Xen);
-            if was_table && (raw & 0x0000_FFFF_FFFF_F000) >> 12 != target {
-                self.unlinked_tables.insert(target);
-            }
-        }
+        self.note_unlink(table, index, raw);
         if self.non_coherent_tables && self.is_present(table) && index < 512 {
             // The line's memory keeps what it held until written back.
             let line = index * 8 / LINE_BYTES;
@@ -311,15 +298,66 @@ impl TableMemory for Ram {
                 self.sync_lines(t, lines);
             }
         }
-        if let Some(f) = self.frame_mut(table) {
-            f[index * 8..index * 8 + 8].copy_from_slice(&raw.to_le_bytes());
-        }
+        self.store(table, index, raw);
     }
     fn present_count(&self, table: Mfn) -> u16 {
         self.info[table.0 as usize].pt_count
     }
     fn set_present_count(&mut self, table: Mfn, count: u16) {
         self.info[table.0 as usize].pt_count = count;
+    }
+}
+
+/// Xen's own IOMMU tables (every driver domain's context 0) as Xen's
+/// VT-d and SMMU code writes them: each entry written back as it is
+/// stored, so the IOMMU sees it at once. Only the engine's own contexts
+/// leave stores in the CPU cache until their backend's flush.
+struct WriteThrough<'a>(&'a mut Ram);
+
+impl TableMemory for WriteThrough<'_> {
+    fn alloc_table(&mut self) -> Result<Mfn, Errno> {
+        self.0.alloc_table()
+    }
+    fn free_table(&mut self, table: Mfn) {
+        self.0.free_table(table)
+    }
+    fn read_entry(&self, table: Mfn, index: usize) -> u64 {
+        self.0.read_entry(table, index)
+    }
+    fn write_entry(&mut self, table: Mfn, index: usize, raw: u64) {
+        self.0.note_unlink(table, index, raw);
+        self.0.store(table, index, raw);
+    }
+    fn present_count(&self, table: Mfn) -> u16 {
+        self.0.present_count(table)
+    }
+    fn set_present_count(&mut self, table: Mfn, count: u16) {
+        self.0.set_present_count(table, count)
+    }
+}
+
+impl Ram {
+    /// An entry that pointed at a table frame (VT-d/LPAE: address bits
+    /// 47:12 of a present entry; leaves point at domain frames) and is
+    /// about to stop: that table is unlinked until the next flush.
+    fn note_unlink(&mut self, table: Mfn, index: usize, raw: u64) {
+        let old = self.read_u64(table, index * 8);
+        if old & 1 != 0 || old & 2 != 0 {
+            let target = (old & 0x0000_FFFF_FFFF_F000) >> 12;
+            let was_table = self
+                .info
+                .get(target as usize)
+                .is_some_and(|f| f.owner == Owner::Xen);
+            if was_table && (raw & 0x0000_FFFF_FFFF_F000) >> 12 != target {
+                self.unlinked_tables.insert(target);
+            }
+        }
+    }
+    /// Store an entry in the CPU's view of a table frame.
+    fn store(&mut self, table: Mfn, index: usize, raw: u64) {
+        if let Some(f) = self.frame_mut(table) {
+            f[index * 8..index * 8 + 8].copy_from_slice(&raw.to_le_bytes());
+        }
     }
 }
 
@@ -580,6 +618,30 @@ impl SimMachine {
         let slices = engine.domain_dying(self, domid);
         self.destroy_domain(domid);
         slices
+    }
+
+    /// An IOMMU may walk and cache any translation at any moment, even with
+    /// no DMA in flight (speculative refill): the simulated one does so
+    /// right after an invalidation of an engine context, for the first 4096
+    /// BFNs of the range, from table memory as written back. A backend that
+    /// wrote its table stores back only after the invalidation leaves those
+    /// refilled, stale entries behind, as real hardware could.
+    fn refill_after_invalidation(&mut self, h: HwCtx, first: Bfn, last: Bfn) {
+        const REFILL: u64 = 4096;
+        let end = last.0.min(first.0.saturating_add(REFILL - 1));
+        for bfn in first.0..=end {
+            let _ = hardware::translate(
+                &self.ram,
+                &mut self.iotlb,
+                self.format,
+                self.snoop_control,
+                h.owner,
+                h.ctx,
+                Some(h.root),
+                bfn << 12,
+                false,
+            );
+        }
     }
 
     /// Mark a domain dying without tearing anything down (the first step of
@@ -1055,8 +1117,8 @@ impl SimMachine {
 
     fn new_context(&mut self) -> Result<Context, Errno> {
         Ok(match self.format {
-            Format::Vtd => Context::Vtd(IoPageTable::new(&mut self.ram)?),
-            Format::Lpae => Context::Lpae(IoPageTable::new(&mut self.ram)?),
+            Format::Vtd => Context::Vtd(IoPageTable::new(&mut WriteThrough(&mut self.ram))?),
+            Format::Lpae => Context::Lpae(IoPageTable::new(&mut WriteThrough(&mut self.ram))?),
         })
     }
 
@@ -1313,13 +1375,12 @@ impl IommuBackend for SimMachine {
         let Some(c) = self.contexts.get_mut(&(owner, ctx)) else {
             return Err(Errno::NoEnt);
         };
-        let r = match c {
-            Context::Vtd(t) => t.map(&mut self.ram, bfn, mfn, perms, attr),
-            Context::Lpae(t) => t.map(&mut self.ram, bfn, mfn, perms, attr),
-        };
         // Xen's own tables: its VT-d code writes back each entry it stores.
-        self.ram.sync_tables();
-        r?;
+        let mut mem = WriteThrough(&mut self.ram);
+        match c {
+            Context::Vtd(t) => t.map(&mut mem, bfn, mfn, perms, attr)?,
+            Context::Lpae(t) => t.map(&mut mem, bfn, mfn, perms, attr)?,
+        };
         // VT-d with caching mode off needs no flush for a non-present ->
         // present change; the simulator flushes anyway, like Xen does.
         gather.add(ctx, bfn, 0)
@@ -1339,12 +1400,11 @@ impl IommuBackend for SimMachine {
         let Some(c) = self.contexts.get_mut(&(owner, ctx)) else {
             return Err(Errno::NoEnt);
         };
-        let r = match c {
-            Context::Vtd(t) => t.unmap(&mut self.ram, bfn),
-            Context::Lpae(t) => t.unmap(&mut self.ram, bfn),
+        let mut mem = WriteThrough(&mut self.ram);
+        match c {
+            Context::Vtd(t) => t.unmap(&mut mem, bfn)?,
+            Context::Lpae(t) => t.unmap(&mut mem, bfn)?,
         };
-        self.ram.sync_tables();
-        r?;
         gather.add(ctx, bfn, 0)
     }
     fn iommu_flush(&mut self, owner: DomId, gather: &FlushGather) -> Result<(), Errno> {
@@ -1365,8 +1425,8 @@ impl IommuBackend for SimMachine {
         self.ram.unlinked_tables.clear();
         if let Some(c) = self.contexts.get_mut(&(owner, ContextId::DEFAULT)) {
             match c {
-                Context::Vtd(t) => t.release_freed(&mut self.ram),
-                Context::Lpae(t) => t.release_freed(&mut self.ram),
+                Context::Vtd(t) => t.release_freed(&mut WriteThrough(&mut self.ram)),
+                Context::Lpae(t) => t.release_freed(&mut WriteThrough(&mut self.ram)),
             }
         }
         Ok(())
@@ -1423,6 +1483,7 @@ impl IommuBackend for SimMachine {
         }
         let h = *self.hw_contexts.get(&hw.0).ok_or(Errno::NoEnt)?;
         self.iotlb.invalidate(h.owner, h.ctx, first.0, last.0);
+        self.refill_after_invalidation(h, first, last);
         self.ram.unlinked_tables.clear();
         self.flushes += 1;
         Ok(())
