@@ -47,6 +47,28 @@ struct xen_sysctl_debug_keys_417 {
     uint8_t pad[124];   /* the union is 128 bytes */
 };
 
+#define HYPERVISOR_domctl 36
+/* Xen 4.17's public/domctl.h */
+#define XEN_DOMCTL_INTERFACE_VERSION 0x00000015
+#define XEN_DOMCTL_destroydomain 2
+#define XEN_DOMCTL_getdomaininfo 5
+#define XEN_DOMINF_dying 1u
+struct xen_domctl_417 {
+    uint32_t cmd;
+    uint32_t interface_version;
+    uint16_t domain;
+    uint16_t _pad[3];
+    union {
+        struct {
+            uint16_t domain;
+            uint16_t pad1;
+            uint32_t flags;     /* XEN_DOMINF_* */
+            uint64_t tot_pages;
+        } getdomaininfo;
+        uint8_t pad[128];
+    } u;
+};
+
 static int pfd = -1, passed, failed;
 
 static void check(int ok, const char *name, const char *fmt, ...)
@@ -155,6 +177,17 @@ static void debug_key(unsigned int n, const char *when)
     check(rc == 0, "debug-key", "dump %u (%s): sysctl debug_keys 'P' rc=%ld", n, when, rc);
 }
 
+static struct xen_domctl_417 *gdom;
+
+static long domctl(uint32_t cmd, uint16_t domid)
+{
+    memset(gdom, 0, sizeof(*gdom));
+    gdom->cmd = cmd;
+    gdom->interface_version = XEN_DOMCTL_INTERFACE_VERSION;
+    gdom->domain = domid;
+    return raw_hcall(HYPERVISOR_domctl, (uint64_t)(uintptr_t)gdom, 0);
+}
+
 /* Reads the 4 KiB at frame bfn through /dev/mem (dom0's CPU, through the
  * same stage-2 p2m entry Xen wrote). Returns words equal to the pattern. */
 static int read_bfn(uint64_t bfn, uint64_t pattern, uint64_t *first)
@@ -219,6 +252,7 @@ int main(int argc, char **argv)
     gsys = locked_buf(PAGE);
     gkeys = locked_buf(PAGE);
     own_page = locked_buf(PAGE);
+    gdom = locked_buf(PAGE);
 
     /* 1. caps: context 0 translates (dom0-p2m), no contexts of its own */
     rc = hcall(PVIOMMU_CMD_query_caps, (uint64_t)(uintptr_t)caps);
@@ -306,6 +340,53 @@ int main(int argc, char **argv)
     rc = hcall(PVIOMMU_CMD_query_caps, (uint64_t)(uintptr_t)caps);
     check(rc == 0 && caps->used == 0, "caps-used-after-unmap", "rc=%ld used=%" PRIu64 " (want 0)",
           rc, caps->used);
+
+    /*
+     * 6. the domU dies with a page mapped (read-write): Xen's teardown hook
+     * revokes the BFN (dom0's p2m entry goes, the page reference is
+     * dropped), dom0 gets a revocation notice, and the domain is freed.
+     */
+    st = op1(PVIOMMU_OP_map, PVIOMMU_F_READ | PVIOMMU_F_WRITE, domu, domu_gfn, 0);
+    bfn = gop->bfn;
+    check(st == 0, "map-domu-page-rw", "status=%d d%u gfn %#" PRIx64 " -> bfn %#" PRIx64 " (read-write)",
+          st, domu, domu_gfn, bfn);
+    if ( st != 0 )
+        goto out;
+    printf("PVIOMMU-417: MAPPED-RW bfn=%#" PRIx64 " domid=%u gfn=%#" PRIx64 "\n", bfn, domu, domu_gfn);
+    debug_key(++keyn, "after-map-rw");
+    rc = domctl(XEN_DOMCTL_destroydomain, domu);
+    check(rc == 0, "destroy-domu", "domctl destroydomain d%u rc=%ld, with bfn %#" PRIx64 " mapped",
+          domu, rc, bfn);
+    debug_key(++keyn, "after-destroy");
+    rc = hcall(PVIOMMU_CMD_query_caps, (uint64_t)(uintptr_t)caps);
+    check(rc == 0 && caps->revoked == 1 && caps->used == 1, "caps-revoked",
+          "rc=%ld revoked=%" PRIu64 " used=%" PRIu64 " (want 1 and 1: the BFN stays reserved until acknowledged)",
+          rc, caps->revoked, caps->used);
+    memset(gop, 0, sizeof(*gop));
+    st = op1(PVIOMMU_OP_revoked_next, 0, 0, 0, 0);
+    check(st == 0 && gop->bfn == bfn && gop->domid == domu && gop->gfn == domu_gfn,
+          "revoked-next", "status=%d bfn %#" PRIx64 " d%u gfn %#" PRIx64 " (want bfn %#" PRIx64 " d%u gfn %#" PRIx64 ")",
+          st, gop->bfn, gop->domid, gop->gfn, bfn, domu, domu_gfn);
+    st = op1(PVIOMMU_OP_unmap, 0, 0, 0, bfn);
+    check(st == -ESTALE, "unmap-revoked", "status=%d (want %d: acknowledged)", st, -ESTALE);
+    rc = hcall(PVIOMMU_CMD_query_caps, (uint64_t)(uintptr_t)caps);
+    check(rc == 0 && caps->revoked == 0 && caps->used == 0, "caps-after-ack",
+          "rc=%ld revoked=%" PRIu64 " used=%" PRIu64 " (want 0 and 0)", rc, caps->revoked, caps->used);
+    /* freed: not even a dying (zombie) domain is left with its id */
+    for ( n = 0; n < 50; n++ )
+    {
+        rc = domctl(XEN_DOMCTL_getdomaininfo, domu);
+        if ( rc == -ESRCH || (rc == 0 && gdom->u.getdomaininfo.domain != domu) )
+            break;
+        usleep(100000);
+    }
+    check(rc == -ESRCH || (rc == 0 && gdom->u.getdomaininfo.domain != domu), "domu-freed",
+          "getdomaininfo d%u rc=%ld after %d polls%s", domu, rc, n,
+          rc == 0 && gdom->u.getdomaininfo.domain == domu
+              ? ((gdom->u.getdomaininfo.flags & XEN_DOMINF_dying) ? " (still dying: a page reference is held)" : " (alive)")
+              : " (gone)");
+    st = op1(PVIOMMU_OP_map, PVIOMMU_F_READ, domu, domu_gfn, 0);
+    check(st == -ESRCH, "map-after-destroy", "status=%d (want %d)", st, -ESRCH);
 
 out:
     printf("PVIOMMU-417: %d passed, %d failed\n", passed, failed);

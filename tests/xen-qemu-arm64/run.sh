@@ -12,9 +12,9 @@
 #     page with known words and calls hypercall 43 itself (unprivileged);
 # and Xen's command line pviommu=dom0-p2m (context 0 of dom0 is its p2m,
 # written at gfn = BFN). Checks: the dom0 program's lines, the domU's
-# hypercall results, and Xen's debug key 'P' dumps of dom0's p2m (after the
-# map: the BFN maps the same machine frame as d1's gfn; after the unmap:
-# nothing), plus Xen's health.
+# hypercall results, and Xen's debug key 'P' dumps of dom0's p2m (after a
+# map: the BFN maps the same machine frame as d1's gfn; after the unmap, and
+# after d1 is destroyed with a BFN mapped: nothing), plus Xen's health.
 #
 # Prints PASS/FAIL lines and "N passed, N failed"; exit 0 iff none failed.
 # Installs what it needs (apt: cross toolchain, qemu-system-arm,
@@ -262,6 +262,27 @@ if [ -n "$bfn" ]; then
     fi
 else
     fail "p2m-debug-key dom0 printed no MAPPED line (the map did not happen)"
+fi
+# the read-write map, then the domU's destruction with it live
+bfn="$(sed -n 's/.*PVIOMMU-417: MAPPED-RW bfn=\(0x[0-9a-f]*\) .*/\1/p' "$C" | head -1)"
+if [ -n "$bfn" ]; then
+    dump 3 > "$OUT/dump3.txt"; dump 4 > "$OUT/dump4.txt"
+    sed 's/^/info: key 3: /' "$OUT/dump3.txt"; sed 's/^/info: key 4: /' "$OUT/dump4.txt"
+    m0="$(sed -n "s/^pviommu-p2m:  d0 gfn $bfn mfn \(0x[0-9a-f]*\) type iommu_map_rw owner d1$/\1/p" "$OUT/dump3.txt")"
+    m1="$(sed -n "s/^pviommu-p2m:   d1 gfn $DOMU_GFN mfn \(0x[0-9a-f]*\) type ram_rw (source of d0 gfn $bfn)$/\1/p" "$OUT/dump3.txt")"
+    if [ -n "$m0" ] && [ "$m0" = "$m1" ]; then
+        pass "p2m-after-map-rw debug key 'P' dump 3: bfn $bfn -> mfn $m0 (iommu_map_rw) = d1's gfn $DOMU_GFN -> mfn $m1"
+    else
+        fail "p2m-after-map-rw dump 3: d0 gfn $bfn -> '${m0:-none}', d1 gfn $DOMU_GFN -> '${m1:-none}'"
+    fi
+    l="$(grep -a 'pviommu: d1 torn down' "$C" | head -1 | sed 's/.*(XEN) //')"
+    if grep -q ': 0 valid entries' "$OUT/dump4.txt" && ! grep -q '^pviommu-p2m:  d0 gfn' "$OUT/dump4.txt"; then
+        pass "p2m-after-destroy debug key 'P' dump 4: the teardown revoked bfn $bfn from dom0's p2m (${l:-no teardown line}): $(grep 'valid entries' "$OUT/dump4.txt" | sed 's/^pviommu-p2m: //')"
+    else
+        fail "p2m-after-destroy dump 4: $(tr '\n' ' ' < "$OUT/dump4.txt")"
+    fi
+else
+    fail "p2m-destroy dom0 printed no MAPPED-RW line"
 fi
 
 if grep -aqE '\(XEN\) (Assertion|Xen BUG|\*\*\*\*\*\*\*\*)|Panic on CPU|Unexpected Trap' "$C"; then
