@@ -150,7 +150,7 @@ fi
 
 # ---- boot, one QEMU at a time on this machine ----
 waited=0
-while pgrep -f 'qemu-system' > /dev/null && [ "$waited" -lt "${QEMU_WAIT_S:-1800}" ]; do
+while command -v pgrep > /dev/null && pgrep -f 'qemu-system' > /dev/null && [ "$waited" -lt "${QEMU_WAIT_S:-1800}" ]; do
     [ "$waited" = 0 ] && echo "run: another QEMU is running; waiting"
     sleep 5; waited=$((waited + 5))
 done

@@ -106,5 +106,6 @@ for s in do_pv_iommu_op pviommu_engine_op pviommu_engine_init pvx_dump_dom0_p2m;
 done
 echo "build-xen-arm64-4.17: xen-syms has do_pv_iommu_op, the engine ($(grep -c ' pviommu_rs_sym_\| pviommu_engine_' "$LOG/xen-syms.nm") engine symbols) and the debug key"
 echo "build-xen-arm64-4.17: fetch $((t1 - t0)) s, engine $((t2 - t1)) s, hypervisor $((t3 - t2)) s (make -j$JOBS, nice 19)"
-file "$TREE/xen/xen" | sed 's/^/build-xen-arm64-4.17: /'
+# (file(1) may be missing on a clean CI machine)
+if command -v file > /dev/null; then file "$TREE/xen/xen" | sed 's/^/build-xen-arm64-4.17: /'; fi
 echo "build-xen-arm64-4.17: XEN=$TREE/xen/xen"
