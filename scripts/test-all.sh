@@ -53,3 +53,8 @@ if [[ -x tests/xen-qemu/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
   step "Xen 4.17 with XSM/FLASK: the pv_iommu class in the built-in policy"
   hypervisor-side/xen/build-xen-flask.sh
 fi
+
+if [[ -x tests/xen-qemu-arm64/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
+  step "Xen 4.17 arm64 in QEMU (fallback of issue 13)"
+  tests/xen-qemu-arm64/run.sh
+fi

@@ -35,7 +35,9 @@ if ! /usr/bin/rustc --version 2>/dev/null | grep -q '^rustc 1\.9[6-9]' \
    || [ ! -e /usr/lib/rustlib/src/rust/library/core ] || [ ! -x /usr/bin/cargo ]; then
     echo "build-engine-arm64: installing rustc-web cargo-web rust-web-src"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        rustc-web cargo-web rust-web-src
+        rustc-web cargo-web rust-web-src \
+    || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+             --no-install-recommends rustc-web cargo-web rust-web-src; }
 fi
 
 export RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR="$TARGET_DIR"

@@ -46,7 +46,31 @@
 #include <xen/pci.h>
 #include <xen/pviommu.h>
 #include <xen/random.h>
+#include <xen/keyhandler.h>
+/*
+ * PVIOMMU_ARM_XEN: the Xen version this file is built into, 421 (default,
+ * upstream 4.21.2, patches-4.21/) or 417 (Debian 12's 4.17.5, the CI
+ * fallback of issue 13, patches-4.17-arm64/; build-xen-arm64-4.17.sh puts
+ * "#define PVIOMMU_ARM_XEN 417" in front of the installed copy). The named
+ * differences: where the RAM banks are (4.21 <xen/bootinfo.h>
+ * bootinfo_get_mem(), 4.17 <asm/setup.h> bootinfo.mem, same fields) and
+ * how VIRQ_PV_IOMMU is raised (4.21 per-domain send_guest_domain_virq(),
+ * patches-4.21/0007; 4.17 global send_guest_global_virq(), as x86).
+ */
+#ifndef PVIOMMU_ARM_XEN
+#define PVIOMMU_ARM_XEN 421
+#endif
+#if PVIOMMU_ARM_XEN >= 421
 #include <xen/bootinfo.h>
+#define PVX_BOOT_MEM() bootinfo_get_mem()
+typedef struct membanks pvx_membanks_t;
+#define pvx_send_revoked_virq(d) send_guest_domain_virq(d, VIRQ_PV_IOMMU)
+#else
+#include <asm/setup.h>
+#define PVX_BOOT_MEM() (&bootinfo.mem)
+typedef struct meminfo pvx_membanks_t;
+#define pvx_send_revoked_virq(d) send_guest_global_virq(d, VIRQ_PV_IOMMU)
+#endif
 #include <xen/device_tree.h>
 #include <xen/domain_page.h>
 #include <xsm/xsm.h>
@@ -108,7 +132,8 @@ static atomic_t pviommu_teardown_restarts = ATOMIC_INIT(0);
 
 /* COMMON */
 /* ---------------------------------------------------------------- */
-/* Command line: pviommu=[off|on][,quota:<n>][,batch:<n>][,heap:<MiB>] */
+/* Command line: pviommu=[off|on][,quota:<n>][,batch:<n>][,heap:<MiB>]  */
+/*               [,dom0-p2m] (ARM)                                    */
 /* ---------------------------------------------------------------- */
 
 /* Upper bound of quota: BFNs per driver domain (the engine's memory per
@@ -116,6 +141,16 @@ static atomic_t pviommu_teardown_restarts = ATOMIC_INIT(0);
 #define PVX_MAX_QUOTA (1ULL << 24)
 
 static bool __initdata opt_pviommu = true;
+/*
+ * ARM: pviommu=dom0-p2m. Context 0 of the (direct-mapped) hardware domain
+ * is its stage-2 p2m: a map writes dom0's p2m at gfn = BFN, type
+ * p2m_iommu_map_ro/rw, and an unmap removes that entry. With an IOMMU that
+ * shares the p2m (Arm's IOMMU_FORCE_PT_SHARE, e.g. 4.21's SMMUv3) that is
+ * dom0's device translation; without one (Debian 12's 4.17 in QEMU, the CI
+ * fallback of issue 13) no device walks it, and the boot message says so:
+ * a test mode. Off by default. See pvx_dom0_p2m_map().
+ */
+static bool __ro_after_init pvx_dom0_p2m;
 static uint64_t __initdata opt_pviommu_quota;  /* 0: engine default */
 static uint32_t __initdata opt_pviommu_batch;  /* 0: engine default */
 /* Cap on the engine's heap, MiB: a map that would exceed it gets ENOMEM. */
@@ -134,6 +169,8 @@ static int __init cf_check parse_pviommu(const char *s)
 
         if ( (val = parse_bool(s, ss)) >= 0 )
             opt_pviommu = val;
+        else if ( (val = parse_boolean("dom0-p2m", s, ss)) >= 0 )
+            pvx_dom0_p2m = val;
         else if ( !strncmp(s, "quota:", 6) )
         {
             unsigned long long q = simple_strtoull(s + 6, &e, 0);
@@ -282,7 +319,9 @@ void pviommu_gfn_changed(struct domain *d, unsigned long gfn,
 /* COMMON */
 void pviommu_device_leaving(struct domain *owner, const struct pci_dev *pdev)
 {
+#ifdef CONFIG_HAS_PCI
     ASSERT(pcidevs_locked());
+#endif
     if ( !pviommu_ready || !owner )
         return;
     pviommu_engine_device_leaving(owner->domain_id, pdev->sbdf.sbdf);
@@ -383,7 +422,7 @@ static int __init cf_check pvx_dt_range(const struct dt_device_node *dev,
  */
 static void __init pvx_build_regions(void)
 {
-    const struct membanks *mem = bootinfo_get_mem();
+    const pvx_membanks_t *mem = PVX_BOOT_MEM();
     const struct dt_device_node *np;
     uint64_t prev_end = 0;
     unsigned int i, j;
@@ -391,7 +430,7 @@ static void __init pvx_build_regions(void)
     /* RAM banks, in address order (boot only, small). */
     for ( i = 0; i < mem->nr_banks; i++ )
     {
-        uint64_t lowest = UINT64_MAX, s, e;
+        uint64_t lowest = ~(uint64_t)0, s, e;
 
         for ( j = 0; j < mem->nr_banks; j++ )
         {
@@ -399,7 +438,7 @@ static void __init pvx_build_regions(void)
             if ( s >= prev_end && s < lowest )
                 lowest = s;
         }
-        if ( lowest == UINT64_MAX )
+        if ( lowest == ~(uint64_t)0 )
             break;
         for ( j = 0; j < mem->nr_banks; j++ )
             if ( mem->bank[j].start == lowest )
@@ -454,6 +493,8 @@ static void __init pvx_build_regions(void)
 }
 
 /* COMMON, but for the region walk above and the init message */
+static void cf_check pvx_dump_dom0_p2m(unsigned char key);
+
 static int __init cf_check pviommu_init(void)
 {
     int rc;
@@ -487,6 +528,16 @@ static int __init cf_check pviommu_init(void)
                pvx_regions[rc].start,
                pvx_regions[rc].start + pvx_regions[rc].nr - 1,
                pvx_regions[rc].kind);
+    if ( pvx_dom0_p2m )
+    {
+        printk(XENLOG_WARNING
+               "pviommu: dom0-p2m: context 0 of the hardware domain is its p2m, written at gfn = BFN; %s; no contexts; debug key 'P' dumps it\n",
+               iommu_enabled ? "the IOMMU shares that p2m"
+                             : "IOMMU off: no device walks it (test mode)");
+        register_keyhandler('P', pvx_dump_dom0_p2m,
+                            "dump dom0's PV-IOMMU p2m entries (pviommu=dom0-p2m)",
+                            true);
+    }
 
     return 0;
 }
@@ -583,8 +634,13 @@ int pvx_copy_to_guest(uint64_t guest_addr, const void *src, size_t len)
  * domain and with tables shared with EPT (intel_iommu_map_page); a non-strict
  * hardware domain has all RAM mapped already, so a BFN isolates nothing.
  */
+static bool pvx_is_dom0_p2m(const struct domain *d);
+
 static uint32_t pvx_translation(const struct domain *d)
 {
+    /* ARM: pviommu=dom0-p2m, context 0 is dom0's p2m written at gfn = BFN */
+    if ( pvx_is_dom0_p2m(d) )
+        return PVIOMMU_TRANSLATES;
     if ( !is_iommu_enabled(d) )
         return PVIOMMU_NO_IOMMU;
     if ( is_hardware_domain(d) && iommu_hwdom_passthrough )
@@ -809,15 +865,104 @@ void pvx_page_non_coherent(uint64_t mfn)
  * so pvx_translation() is never TRANSLATES: the engine answers
  * EADDRNOTAVAIL before asking, and these refuse for the same reason.
  * (iommu_map() on Arm only serves 1:1 grant maps and BUG_ONs dfn != mfn.)
+ * The exception is pviommu=dom0-p2m: the hardware domain's context 0 is
+ * its p2m, written here at gfn = BFN.
  */
+
+/* ARM, pviommu=dom0-p2m: the BFN range ever written (under the p2m write
+ * lock), the only range the debug key reads. */
+static unsigned long pvx_dom0_p2m_lo = ~0UL, pvx_dom0_p2m_hi;
+
+static bool pvx_is_dom0_p2m(const struct domain *d)
+{
+    return pvx_dom0_p2m && is_hardware_domain(d) && is_domain_direct_mapped(d);
+}
+
+/*
+ * Lock order: the engine calls this under d's driver lock and it takes d's
+ * p2m write lock, the reverse of the p2m hook's order (p2m lock -> the
+ * driver locks of the cells that map the p2m owner's pages, 0008). No
+ * cycle: only d's own cell can be waiting here for d's p2m, and d's cell
+ * never maps d's own pages: into context 0 the engine refuses them
+ * (EINVAL), and other contexts are not offered in this mode
+ * (pvx_ctx_caps). The page lookup (pvx_get_page, a p2m read lock) is done
+ * by the engine before it takes the driver lock.
+ *
+ * Only an empty p2m entry is written (a BFN never replaces what dom0 has at
+ * that gfn; the engine's window lies above RAM and its reserved regions,
+ * but dom0 may have put a foreign or grant map there): -EBUSY otherwise.
+ * No reference is taken for the entry: the engine holds the page's
+ * reference from pvx_get_page() until after the unmap and flush, and the
+ * p2m drops references only for foreign entries (p2m_put_l3_page).
+ */
+static int pvx_dom0_p2m_map(struct domain *d, uint64_t bfn, uint64_t mfn,
+                            unsigned int flags)
+{
+    struct p2m_domain *p2m = p2m_get_hostp2m(d);
+    p2m_type_t ot;
+    mfn_t omfn;
+    int rc;
+
+    if ( p2m_ipa_bits <= PAGE_SHIFT || p2m_ipa_bits >= 64 ||
+         bfn >= (1ULL << (p2m_ipa_bits - PAGE_SHIFT)) || !mfn_valid(_mfn(mfn)) )
+        return -EINVAL;
+
+    p2m_write_lock(p2m);
+    omfn = p2m_get_entry(p2m, _gfn(bfn), &ot, NULL, NULL, NULL);
+    if ( ot != p2m_invalid || !mfn_eq(omfn, INVALID_MFN) )
+        rc = -EBUSY;
+    else
+        rc = p2m_set_entry(p2m, _gfn(bfn), 1, _mfn(mfn),
+                           (flags & PVIOMMU_F_WRITE) ? p2m_iommu_map_rw
+                                                     : p2m_iommu_map_ro,
+                           p2m->default_access);
+    if ( !rc )
+    {
+        pvx_dom0_p2m_lo = min_t(unsigned long, pvx_dom0_p2m_lo, bfn);
+        pvx_dom0_p2m_hi = max_t(unsigned long, pvx_dom0_p2m_hi, bfn);
+    }
+    p2m_write_unlock(p2m);
+
+    return rc;
+}
+
+/*
+ * Removes the entry at BFN if it is still one of ours (p2m_iommu_map_*: on
+ * Arm only arm_iommu_map_page() writes those otherwise, 1:1 at gfn = mfn
+ * below RAM end, never in the BFN window). If dom0 replaced it, what dom0
+ * put there is left alone: the BFN is released all the same.
+ */
+static int pvx_dom0_p2m_unmap(struct domain *d, uint64_t bfn)
+{
+    struct p2m_domain *p2m = p2m_get_hostp2m(d);
+    p2m_type_t ot;
+    int rc = 0;
+
+    p2m_write_lock(p2m);
+    p2m_get_entry(p2m, _gfn(bfn), &ot, NULL, NULL, NULL);
+    if ( ot == p2m_iommu_map_rw || ot == p2m_iommu_map_ro )
+        rc = p2m_set_entry(p2m, _gfn(bfn), 1, INVALID_MFN, p2m_invalid,
+                           p2m->default_access);
+    p2m_write_unlock(p2m);
+
+    return rc;
+}
+
 int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn,
                   unsigned int flags, unsigned int *flush)
 {
     struct domain *d = rcu_lock_domain_by_id(owner);
     uint32_t tr;
+    int rc;
 
     if ( !d )
         return -ESRCH;
+    if ( pvx_is_dom0_p2m(d) )
+    {
+        rc = pvx_dom0_p2m_map(d, bfn, mfn, flags);
+        rcu_unlock_domain(d);
+        return rc;
+    }
     tr = pvx_translation(d);
     rcu_unlock_domain(d);
 
@@ -826,7 +971,156 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn,
 
 int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, unsigned int *flush)
 {
-    return -EOPNOTSUPP;
+    struct domain *d = rcu_lock_domain_by_id(owner);
+    int rc = -EOPNOTSUPP;
+
+    if ( !d )
+        return -ESRCH;
+    if ( pvx_is_dom0_p2m(d) )
+        rc = pvx_dom0_p2m_unmap(d, bfn);
+    rcu_unlock_domain(d);
+
+    return rc;
+}
+
+/*
+ * ARM, pviommu=dom0-p2m: debug key 'P' reads (only reads) dom0's p2m over
+ * the BFN range the map above ever wrote (at most PVX_DUMP_SCAN gfns), and
+ * prints each valid entry with the owner of its frame; for a frame of
+ * another domain, it then looks that domain's p2m up for the gfns that map
+ * the same frame (at most PVX_DUMP_OWNER_STEPS lookups, one per p2m block,
+ * so a domain's RAM is a few thousand steps). Locks: one p2m read lock at a
+ * time, no allocation, no guest memory. Each dump is numbered, so a test
+ * can tell which one it is reading.
+ */
+#define PVX_DUMP_SCAN         4096UL
+#define PVX_DUMP_MAX          16
+#define PVX_DUMP_OWNER_STEPS  (1UL << 18)
+#define PVX_DUMP_OWNER_HITS   4
+
+static const char *pvx_p2m_type_name(p2m_type_t t)
+{
+    switch ( t )
+    {
+    case p2m_invalid:       return "invalid";
+    case p2m_ram_rw:        return "ram_rw";
+    case p2m_ram_ro:        return "ram_ro";
+    case p2m_map_foreign_rw: return "foreign_rw";
+    case p2m_map_foreign_ro: return "foreign_ro";
+    case p2m_grant_map_rw:  return "grant_rw";
+    case p2m_grant_map_ro:  return "grant_ro";
+    case p2m_iommu_map_rw:  return "iommu_map_rw";
+    case p2m_iommu_map_ro:  return "iommu_map_ro";
+    default:                return "other";
+    }
+}
+
+static void pvx_dump_owner_gfns(domid_t domid, unsigned long mfn,
+                                unsigned long d0_gfn)
+{
+    struct domain *o = rcu_lock_domain_by_id(domid);
+    struct p2m_domain *p2m;
+    unsigned long gfn, end, steps = 0;
+    unsigned int hits = 0;
+
+    if ( !o )
+    {
+        printk("pviommu-p2m:   d%u gone\n", domid);
+        return;
+    }
+    p2m = p2m_get_hostp2m(o);
+    p2m_read_lock(p2m);
+    gfn = gfn_x(p2m->lowest_mapped_gfn);
+    end = gfn_x(p2m->max_mapped_gfn);
+    while ( gfn <= end && steps < PVX_DUMP_OWNER_STEPS &&
+            hits < PVX_DUMP_OWNER_HITS )
+    {
+        unsigned int order = 0;
+        p2m_type_t t;
+        mfn_t m = p2m_get_entry(p2m, _gfn(gfn), &t, NULL, &order, NULL);
+        unsigned long span = 1UL << min(order, 30U);
+
+        steps++;
+        /* a block entry: is the frame inside it? */
+        if ( t != p2m_invalid && !mfn_eq(m, INVALID_MFN) &&
+             mfn >= mfn_x(m) && mfn - mfn_x(m) < span )
+        {
+            printk("pviommu-p2m:   d%u gfn %#lx mfn %#lx type %s (source of d0 gfn %#lx)\n",
+                   domid, gfn + (mfn - mfn_x(m)), mfn, pvx_p2m_type_name(t),
+                   d0_gfn);
+            hits++;
+        }
+        /* next block: p2m_get_entry() reports the order of entry or hole */
+        gfn = (gfn | (span - 1)) + 1;
+        if ( !gfn )
+            break;
+    }
+    p2m_read_unlock(p2m);
+    if ( !hits )
+        printk("pviommu-p2m:   d%u: no gfn maps mfn %#lx (%lu lookups)\n",
+               domid, mfn, steps);
+    rcu_unlock_domain(o);
+}
+
+static void cf_check pvx_dump_dom0_p2m(unsigned char key)
+{
+    static unsigned int dumps;
+    struct {
+        unsigned long gfn, mfn;
+        p2m_type_t t;
+        domid_t owner;
+    } e[PVX_DUMP_MAX];
+    struct domain *d = hardware_domain;
+    struct p2m_domain *p2m;
+    unsigned long lo, hi, gfn, n = 0;
+    unsigned int i, nr = 0;
+
+    dumps++;
+    if ( !d || !pvx_dom0_p2m )
+    {
+        printk("pviommu-p2m: dump %u: no hardware domain in dom0-p2m mode\n",
+               dumps);
+        return;
+    }
+    p2m = p2m_get_hostp2m(d);
+    p2m_read_lock(p2m);
+    lo = pvx_dom0_p2m_lo;
+    hi = pvx_dom0_p2m_hi;
+    for ( gfn = lo; lo <= hi && gfn <= hi && n < PVX_DUMP_SCAN; gfn++, n++ )
+    {
+        p2m_type_t t;
+        mfn_t m = p2m_get_entry(p2m, _gfn(gfn), &t, NULL, NULL, NULL);
+        const struct domain *owner;
+
+        if ( t == p2m_invalid || mfn_eq(m, INVALID_MFN) )
+            continue;
+        if ( nr == PVX_DUMP_MAX )
+        {
+            nr++;
+            break;
+        }
+        owner = mfn_valid(m) ? page_get_owner(mfn_to_page(m)) : NULL;
+        e[nr].gfn = gfn;
+        e[nr].mfn = mfn_x(m);
+        e[nr].t = t;
+        e[nr].owner = owner ? owner->domain_id : DOMID_INVALID;
+        nr++;
+    }
+    p2m_read_unlock(p2m);
+
+    if ( lo > hi )
+        printk("pviommu-p2m: dump %u: d0 window: nothing written yet\n", dumps);
+    else
+        printk("pviommu-p2m: dump %u: d0 gfns [%#lx, %#lx] (%lu read): %u valid entries%s\n",
+               dumps, lo, hi, n, min(nr, (unsigned int)PVX_DUMP_MAX),
+               nr > PVX_DUMP_MAX ? " (more not shown)" : "");
+    for ( i = 0; i < nr && i < PVX_DUMP_MAX; i++ )
+    {
+        printk("pviommu-p2m:  d0 gfn %#lx mfn %#lx type %s owner d%u\n",
+               e[i].gfn, e[i].mfn, pvx_p2m_type_name(e[i].t), e[i].owner);
+        if ( e[i].owner != DOMID_INVALID && e[i].owner != d->domain_id )
+            pvx_dump_owner_gfns(e[i].owner, e[i].mfn, e[i].gfn);
+    }
 }
 
 int pvx_iommu_flush(uint16_t owner, uint64_t bfn, uint64_t count,
@@ -857,6 +1151,14 @@ int pvx_ctx_caps(unsigned int *levels, int *snoop_control)
     struct pviommu_ctx_caps caps = {};
     int rc;
 
+    /*
+     * ARM, pviommu=dom0-p2m: no contexts of the engine's own, because
+     * dom0's cell could then map dom0's own pages (into context n) and
+     * wait in pvx_dom0_p2m_map() for the p2m lock that the p2m hook holds
+     * while it waits for that cell: see the lock order there.
+     */
+    if ( pvx_dom0_p2m )
+        return -EOPNOTSUPP;
     if ( !iommu_enabled || !ops->pviommu_ctx_caps ||
          !ops->pviommu_ctx_alloc || !ops->pviommu_ctx_free ||
          !ops->pviommu_ctx_flush || !ops->pviommu_device_facts ||
@@ -943,9 +1245,37 @@ int pvx_ctx_alloc(uint16_t *tag)
     return rc;
 }
 
-void pvx_ctx_free(uint16_t tag)
+/*
+ * The engine boundary's pvx_ctx_free() returns -errno (the tag then stays
+ * taken): x86's 0005 op does. 4.21's SMMUv3 op (patches-4.21/0009) cannot
+ * fail and returns nothing.
+ */
+int pvx_ctx_free(uint16_t tag)
 {
+#if PVIOMMU_ARM_XEN >= 421
     iommu_vcall(iommu_get_ops(), pviommu_ctx_free, tag);
+    return 0;
+#else
+    return iommu_call(iommu_get_ops(), pviommu_ctx_free, tag);
+#endif
+}
+
+/* COMMON (a hint, read without pcidevs_lock; no PCI on Arm without HAS_PCI) */
+int pvx_domain_has_devices(uint16_t domid)
+{
+#ifdef CONFIG_HAS_PCI
+    struct domain *d = rcu_lock_domain_by_id(domid);
+    int has;
+
+    if ( !d )
+        return 0;
+    has = has_arch_pdevs(d);
+    rcu_unlock_domain(d);
+
+    return has;
+#else
+    return 0;
+#endif
 }
 
 int pvx_ctx_flush(uint16_t tag, uint64_t bfn, uint64_t count)
@@ -954,7 +1284,13 @@ int pvx_ctx_flush(uint16_t tag, uint64_t bfn, uint64_t count)
                       count);
 }
 
-/* COMMON */
+/*
+ * COMMON with HAS_PCI. ARM without it (Xen 4.17: nothing on Arm selects
+ * HAS_PCI, so no pcidevs_lock and no PCI device Xen knows): the devices
+ * lock is a lock of our own, kept so the engine's lock order is the same,
+ * and every SBDF is unknown (-ENODEV).
+ */
+#ifdef CONFIG_HAS_PCI
 void pvx_devices_lock(void)
 {
     pcidevs_lock();
@@ -965,7 +1301,6 @@ void pvx_devices_unlock(void)
     pcidevs_unlock();
 }
 
-/* COMMON */
 static struct pci_dev *pvx_pdev(uint32_t sbdf)
 {
     ASSERT(pcidevs_locked());
@@ -973,6 +1308,24 @@ static struct pci_dev *pvx_pdev(uint32_t sbdf)
                                        PCI_SLOT(sbdf & 0xff),
                                        PCI_FUNC(sbdf & 0xff)));
 }
+#else
+static DEFINE_SPINLOCK(pvx_devices_nopci_lock);
+
+void pvx_devices_lock(void)
+{
+    spin_lock(&pvx_devices_nopci_lock);
+}
+
+void pvx_devices_unlock(void)
+{
+    spin_unlock(&pvx_devices_nopci_lock);
+}
+
+static struct pci_dev *pvx_pdev(uint32_t sbdf)
+{
+    return NULL;
+}
+#endif
 
 int pvx_device_facts(uint32_t sbdf, uint16_t *owner, uint32_t *flags)
 {
@@ -1022,7 +1375,7 @@ void pvx_notify_revoked(uint16_t owner)
 
     if ( !d )
         return;
-    send_guest_domain_virq(d, VIRQ_PV_IOMMU);
+    pvx_send_revoked_virq(d);
     rcu_unlock_domain(d);
 }
 

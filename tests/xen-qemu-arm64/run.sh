@@ -1,0 +1,294 @@
+#!/bin/bash
+# run.sh -- Xen 4.17 arm64 with PV-IOMMU in QEMU: the CI fallback of issue 13
+# (design/arm64-bringup.md, "What CI runs").
+#
+# Builds Debian 12's Xen 4.17.5 for arm64 with the engine linked in
+# (hypervisor-side/xen/arm64/build-xen-arm64-4.17.sh), boots it under
+# Debian 12's qemu-system-aarch64 (virt, GICv3, EL2, cortex-a57, TCG; no
+# SMMU: none Xen 4.17 could own, see the design doc) with
+#   - dom0: Debian 12's arm64 kernel + a busybox initramfs running
+#     dom0-test.c (static) through /dev/xen/privcmd;
+#   - d1: a dom0less domU (domu-arm64.S, a 640-byte guest) that fills a
+#     page with known words and calls hypercall 43 itself (unprivileged);
+# and Xen's command line pviommu=dom0-p2m (context 0 of dom0 is its p2m,
+# written at gfn = BFN). Checks: the dom0 program's lines, the domU's
+# hypercall results, and Xen's debug key 'P' dumps of dom0's p2m (after a
+# map: the BFN maps the same machine frame as d1's gfn; after the unmap, and
+# after d1 is destroyed with a BFN mapped: nothing), plus Xen's health.
+#
+# Prints PASS/FAIL lines and "N passed, N failed"; exit 0 iff none failed.
+# Installs what it needs (apt: cross toolchain, qemu-system-arm,
+# device-tree-compiler; rustc-web for the engine).
+#
+#   PVIOMMU_BUILD_DIR   shared build dir (xen-src; default <repo>/build)
+#   PVIOMMU_ARM64_417   this test's build dir (default $PVIOMMU_BUILD_DIR/arm64-4.17)
+#   QEMU_TIMEOUT        seconds for one boot (default 300)
+#   BOOT_STALL_S        no first test line this long after QEMU start: the boot
+#                       stalled (seen under TCG); retried once (default 150)
+#   QEMU_WAIT_S         wait at most this long for another QEMU on the machine
+#                       to finish before booting (default 1800)
+set -uo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+X="$REPO/hypervisor-side/xen/arm64"
+export PVIOMMU_BUILD_DIR="${PVIOMMU_BUILD_DIR:-$REPO/build}"
+export PVIOMMU_ARM64_417="${PVIOMMU_ARM64_417:-$PVIOMMU_BUILD_DIR/arm64-4.17}"
+B="$PVIOMMU_ARM64_417"
+OUT="$B/test"
+mkdir -p "$OUT"
+T0=$(date +%s)
+passed=0; failed=0
+pass() { echo "PASS $*"; passed=$((passed + 1)); }
+fail() { echo "FAIL $*"; failed=$((failed + 1)); }
+finish() {
+    echo "run: timing: build $((T2 - T0)) s, boot+test $((T4 - T3)) s, total $(( $(date +%s) - T0 )) s"
+    echo "$passed passed, $failed failed"
+    [ "$failed" = 0 ] && [ "$passed" -gt 0 ]
+    exit $?
+}
+T2=$T0; T3=$T0; T4=$T0
+
+# ---- Xen 4.17 arm64 with the engine ----
+if timeout 2400 "$X/build-xen-arm64-4.17.sh" > "$OUT/build.log" 2>&1; then
+    grep -E '^build-(xen-arm64-4.17|engine-arm64): (no FP|panic path|config|xen-syms|fetch)' "$OUT/build.log"
+    pass "build Xen 4.17.5 (Debian 12 source) arm64 + patches-4.17-arm64 + engine object (aarch64-unknown-none-softfloat: no FP/SIMD, panic path unreachable)"
+else
+    tail -25 "$OUT/build.log"
+    fail "build see $OUT/build.log"; finish
+fi
+XEN="$B/xen-tree/xen/xen"
+T2=$(date +%s)
+
+# ---- dom0 program, domU guest ----
+if aarch64-linux-gnu-gcc -O2 -Wall -Werror -static -I"$REPO/abi/include" \
+       -o "$OUT/dom0-test" "$HERE/dom0-test.c" > "$OUT/cc.log" 2>&1 \
+   && aarch64-linux-gnu-gcc -c -o "$OUT/domu.o" "$HERE/domu-arm64.S" >> "$OUT/cc.log" 2>&1 \
+   && aarch64-linux-gnu-ld -Ttext=0 -o "$OUT/domu.elf" "$OUT/domu.o" >> "$OUT/cc.log" 2>&1 \
+   && aarch64-linux-gnu-objcopy -O binary "$OUT/domu.elf" "$OUT/domu.bin" >> "$OUT/cc.log" 2>&1; then
+    pass "programs dom0-test (static aarch64) and the domU guest ($(stat -c %s "$OUT/domu.bin") bytes, arm64 Image header)"
+else
+    cat "$OUT/cc.log"; fail "programs do not build"; finish
+fi
+DOMU_GFN=0x40400
+PATTERN=0x5056494f4d4d5500
+RAM_END=0xc0000   # QEMU virt, -m 2G from 0x40000000
+
+# ---- initramfs ----
+D0="$B/dom0-arm64"
+KERNEL="$(ls "$D0"/kernel/boot/vmlinuz-* | head -1)"
+KVER="$(basename "$KERNEL" | sed 's/^vmlinuz-//')"
+KMOD="$D0/kernel/lib/modules/$KVER"
+R="$OUT/initramfs"
+rm -rf "$R"; mkdir -p "$R"/{bin,proc,sys,dev,tmp,lib/modules}
+cp "$(find "$D0/busybox" -path '*bin/busybox' | head -1)" "$R/bin/busybox"
+for m in xen-privcmd xenfs; do
+    f="$(find "$KMOD" -name "$m.ko*" | head -1)"
+    [ -n "$f" ] || { fail "initramfs no $m module in $KMOD"; finish; }
+    cp "$f" "$R/lib/modules/"
+done
+cp "$OUT/dom0-test" "$R/bin/dom0-test"
+cat > "$R/init" <<INIT
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs dev /dev
+echo "ARM64-417: dom0 init running: \$(uname -r)"
+for m in /lib/modules/*.ko*; do
+    case "\$m" in *.xz) xz -dc "\$m" > /tmp/m.ko && insmod /tmp/m.ko ;; *) insmod "\$m" ;; esac \
+        || echo "ARM64-417: insmod \$m failed"
+done
+/bin/dom0-test 1 $DOMU_GFN $PATTERN $RAM_END 2>&1
+echo "ARM64-417: dom0-test exit \$?"
+poweroff -f
+INIT
+chmod +x "$R/init"
+( cd "$R" && find . | cpio -o -H newc --quiet | gzip -1 > "$OUT/initrd.gz" )
+
+# ---- device tree: QEMU's own, plus a dom0less domU node ----
+QEMU=qemu-system-aarch64
+XEN_ARGS="dom0_mem=512M console=dtuart dtuart=/pl011@9000000 loglvl=all guest_loglvl=all noreboot pviommu=dom0-p2m"
+DOM0_ARGS="console=hvc0 earlycon=xen earlyprintk=xen rdinit=/init loglevel=4"
+DOMU_ADDR=0x5a000000
+# dom0's kernel at 0x50000000 (Image, ~30 MiB), the initramfs at 0x5c000000,
+# the domU at 0x5a000000: all above QEMU's DTB at 0x48000000 (RAM base +
+# 128 MiB: a module there is dropped by Xen, design/arm64-bringup.md).
+QARGS=( -machine virt,virtualization=on,gic-version=3 -cpu cortex-a57 -smp 2 -m 2G -accel tcg
+        -nographic -serial mon:stdio -monitor none -no-reboot
+        -kernel "$XEN" -append "$XEN_ARGS"
+        -device "guest-loader,addr=0x50000000,kernel=$KERNEL,bootargs=$DOM0_ARGS"
+        -device "guest-loader,addr=0x5c000000,initrd=$OUT/initrd.gz"
+        -device "loader,file=$OUT/domu.bin,addr=$DOMU_ADDR,force-raw=on" )
+rm -f "$OUT/virt.dtb"
+"$QEMU" "${QARGS[@]}" -machine dumpdtb="$OUT/virt.dtb" > "$OUT/dumpdtb.log" 2>&1 || true
+if [ ! -s "$OUT/virt.dtb" ]; then cat "$OUT/dumpdtb.log"; fail "dtb QEMU did not dump its device tree"; finish; fi
+dtc -q -I dtb -O dts -o "$OUT/virt.dts" "$OUT/virt.dtb"
+cat "$OUT/virt.dts" - > "$OUT/xen.dts" <<DTS
+
+/ {
+	chosen {
+		domU1 {
+			compatible = "xen,domain";
+			#address-cells = <0x2>;
+			#size-cells = <0x2>;
+			memory = <0x0 0x8000>;
+			cpus = <0x1>;
+			vpl011;
+			module@5a000000 {
+				compatible = "multiboot,kernel", "multiboot,module";
+				reg = <0x0 $DOMU_ADDR 0x0 $(printf '%#x' "$(stat -c %s "$OUT/domu.bin")")>;
+			};
+		};
+	};
+};
+DTS
+if dtc -q -I dts -O dtb -o "$OUT/xen.dtb" "$OUT/xen.dts" 2> "$OUT/dtc.log" \
+   && grep -q 'multiboot,kernel' "$OUT/virt.dts"; then
+    pass "dtb QEMU's device tree (dom0 modules from guest-loader) + dom0less node domU1 (32 MiB, 1 vCPU, vpl011)"
+else
+    cat "$OUT/dtc.log"; fail "dtb (no guest-loader module nodes, or dtc failed)"; finish
+fi
+
+# ---- boot, one QEMU at a time on this machine ----
+waited=0
+while command -v pgrep > /dev/null && pgrep -f 'qemu-system' > /dev/null && [ "$waited" -lt "${QEMU_WAIT_S:-1800}" ]; do
+    [ "$waited" = 0 ] && echo "run: another QEMU is running; waiting"
+    sleep 5; waited=$((waited + 5))
+done
+[ "$waited" -gt 0 ] && echo "run: waited $waited s for another QEMU"
+LOG="$OUT/serial.log"
+TMO="${QEMU_TIMEOUT:-300}"
+STALL="${BOOT_STALL_S:-150}"
+START_LINE='=== pviommu arm64 4.17 dom0 test start ==='
+END_LINE='=== pviommu arm64 4.17 dom0 test end ==='
+printf '%q ' "$QEMU" "${QARGS[@]}" -dtb "$OUT/xen.dtb" > "$OUT/qemu.cmd"; echo >> "$OUT/qemu.cmd"
+
+# boot_once: one QEMU run into $LOG under a watchdog; sets verdict ("" when
+# the test ran to its end line, or panic|timeout|stall) and first_line_s.
+boot_once() {
+    : > "$LOG"
+    verdict=""; first_line_s=""
+    local t0 el qpid
+    t0=$(date +%s)
+    nice -n 10 "$QEMU" "${QARGS[@]}" -dtb "$OUT/xen.dtb" < /dev/null > "$LOG" 2>&1 &
+    qpid=$!
+    while kill -0 "$qpid" 2>/dev/null; do
+        sleep 1
+        el=$(( $(date +%s) - t0 ))
+        if grep -aqE 'Kernel panic|Panic on CPU|FATAL TRAP' "$LOG"; then verdict="panic"; sleep 2; break; fi
+        if [ -z "$first_line_s" ]; then
+            if grep -aqF "$START_LINE" "$LOG"; then
+                first_line_s=$el
+                echo "run: first test line after $el s"
+            elif [ "$el" -ge "$STALL" ]; then
+                verdict="stall"; break
+            fi
+        fi
+        if [ "$el" -ge "$TMO" ]; then verdict="timeout"; break; fi
+        if grep -aqF "$END_LINE" "$LOG"; then sleep 3; break; fi
+    done
+    if kill -0 "$qpid" 2>/dev/null; then kill "$qpid"; sleep 1; fi
+    wait "$qpid" 2>/dev/null || true
+}
+T3=$(date +%s)
+rm -f "$OUT/serial.stalled.log"
+boot_once
+if [ "$verdict" = stall ]; then
+    # A stall before any test ran is TCG flakiness, not a result: keep its
+    # log and boot once more. A stall after the first test line is a failure.
+    cp "$LOG" "$OUT/serial.stalled.log"
+    echo "run: boot stalled before the first test line after $STALL s (log $OUT/serial.stalled.log); retrying once"
+    boot_once
+    [ "$verdict" = stall ] && verdict="stall (again, after one retry)"
+fi
+T4=$(date +%s)
+[ -n "$verdict" ] && echo "run: watchdog: $verdict"
+C="$OUT/serial.clean.log"
+tr -d '\r' < "$LOG" > "$C"
+
+# ---- Xen's side ----
+l="$(grep -a 'pviommu: engine ready (arm64)' "$C" | head -1 | sed 's/.*(XEN) //')"
+if [ -n "$l" ]; then pass "xen-engine $l"; else fail "xen-engine no 'pviommu: engine ready (arm64)' line in $LOG"; fi
+l="$(grep -a 'pviommu: dom0-p2m:' "$C" | head -1 | sed 's/.*(XEN) //')"
+if [ -n "$l" ]; then pass "xen-mode $l"; else fail "xen-mode no 'pviommu: dom0-p2m:' line"; fi
+l="$(grep -a 'LOADING DOMU' "$C" | head -1 | sed 's/.*(XEN) //')"
+if [ -n "$l" ]; then pass "xen-domu dom0less domain built: $l"; else fail "xen-domu no 'LOADING DOMU' line"; fi
+
+# ---- the domU (unprivileged caller) ----
+if grep -aq 'PVIOMMU-DOMU: known page at gfn 0x40400 filled' "$C"; then
+    pass "domu-known-page d1 filled gfn $DOMU_GFN before dom0's test"
+else
+    fail "domu-known-page no line from d1"
+fi
+l="$(grep -a 'PVIOMMU-DOMU: unprivileged hypercall 43' "$C" | head -1 | sed 's/.*PVIOMMU-DOMU: //')"
+if [ "$l" = "unprivileged hypercall 43 query_caps rc=0xffffffffffffffff batch rc=0xffffffffffffffff" ]; then
+    pass "domu-eperm d1 (not control, no target): query_caps and batch rc=-1 (EPERM)"
+else
+    fail "domu-eperm d1 said: '${l:-nothing}' (want both rc=0xffffffffffffffff, -EPERM)"
+fi
+
+# ---- dom0's checks ----
+n=0
+while IFS= read -r l; do
+    n=$((n + 1))
+    case "$l" in
+        *"PVIOMMU-417: PASS "*) pass "dom0 ${l#*PVIOMMU-417: PASS }" ;;
+        *"PVIOMMU-417: FAIL "*) fail "dom0 ${l#*PVIOMMU-417: FAIL }" ;;
+    esac
+done < <(grep -a 'PVIOMMU-417: \(PASS\|FAIL\) ' "$C")
+[ "$n" -gt 0 ] || fail "dom0 no result lines from dom0-test in $LOG"
+grep -aq "$END_LINE" "$C" || fail "dom0 test did not complete (${verdict:-QEMU exited early}; see $LOG)"
+grep -a 'PVIOMMU-417: caps ' "$C" | head -1 | sed 's/.*PVIOMMU-417: /info: /'
+
+# ---- the debug key: dom0's p2m at the BFN, and d1's gfn, the same frame ----
+bfn="$(sed -n 's/.*PVIOMMU-417: MAPPED bfn=\(0x[0-9a-f]*\) .*/\1/p' "$C" | head -1)"
+dump() { # dump N: Xen's lines of debug-key dump N
+    awk -v n="$1" '/pviommu-p2m: dump [0-9]+:/ { match($0, /dump [0-9]+:/); cur = substr($0, RSTART + 5, RLENGTH - 6) }
+                   cur == n && /pviommu-p2m:/ { sub(/.*\(XEN\) /, ""); print }' "$C"
+}
+if [ -n "$bfn" ]; then
+    dump 1 > "$OUT/dump1.txt"; dump 2 > "$OUT/dump2.txt"
+    sed 's/^/info: key 1: /' "$OUT/dump1.txt"; sed 's/^/info: key 2: /' "$OUT/dump2.txt"
+    m0="$(sed -n "s/^pviommu-p2m:  d0 gfn $bfn mfn \(0x[0-9a-f]*\) type iommu_map_ro owner d1$/\1/p" "$OUT/dump1.txt")"
+    m1="$(sed -n "s/^pviommu-p2m:   d1 gfn $DOMU_GFN mfn \(0x[0-9a-f]*\) type ram_rw (source of d0 gfn $bfn)$/\1/p" "$OUT/dump1.txt")"
+    if [ -n "$m0" ] && [ "$m0" = "$m1" ]; then
+        pass "p2m-after-map debug key 'P' dump 1: dom0's p2m maps bfn $bfn -> mfn $m0 (iommu_map_ro, page of d1) = d1's gfn $DOMU_GFN -> mfn $m1"
+    else
+        fail "p2m-after-map dump 1: d0 gfn $bfn -> '${m0:-none}', d1 gfn $DOMU_GFN -> '${m1:-none}' (want the same mfn)"
+    fi
+    if grep -q ': 0 valid entries' "$OUT/dump2.txt" && ! grep -q '^pviommu-p2m:  d0 gfn' "$OUT/dump2.txt"; then
+        pass "p2m-after-unmap debug key 'P' dump 2: $(grep 'valid entries' "$OUT/dump2.txt" | sed 's/^pviommu-p2m: //')"
+    else
+        fail "p2m-after-unmap dump 2: $(tr '\n' ' ' < "$OUT/dump2.txt")"
+    fi
+else
+    fail "p2m-debug-key dom0 printed no MAPPED line (the map did not happen)"
+fi
+# the read-write map, then the domU's destruction with it live
+bfn="$(sed -n 's/.*PVIOMMU-417: MAPPED-RW bfn=\(0x[0-9a-f]*\) .*/\1/p' "$C" | head -1)"
+if [ -n "$bfn" ]; then
+    dump 3 > "$OUT/dump3.txt"; dump 4 > "$OUT/dump4.txt"
+    sed 's/^/info: key 3: /' "$OUT/dump3.txt"; sed 's/^/info: key 4: /' "$OUT/dump4.txt"
+    m0="$(sed -n "s/^pviommu-p2m:  d0 gfn $bfn mfn \(0x[0-9a-f]*\) type iommu_map_rw owner d1$/\1/p" "$OUT/dump3.txt")"
+    m1="$(sed -n "s/^pviommu-p2m:   d1 gfn $DOMU_GFN mfn \(0x[0-9a-f]*\) type ram_rw (source of d0 gfn $bfn)$/\1/p" "$OUT/dump3.txt")"
+    if [ -n "$m0" ] && [ "$m0" = "$m1" ]; then
+        pass "p2m-after-map-rw debug key 'P' dump 3: bfn $bfn -> mfn $m0 (iommu_map_rw) = d1's gfn $DOMU_GFN -> mfn $m1"
+    else
+        fail "p2m-after-map-rw dump 3: d0 gfn $bfn -> '${m0:-none}', d1 gfn $DOMU_GFN -> '${m1:-none}'"
+    fi
+    l="$(grep -a 'pviommu: d1 torn down' "$C" | head -1 | sed 's/.*(XEN) //')"
+    if grep -q ': 0 valid entries' "$OUT/dump4.txt" && ! grep -q '^pviommu-p2m:  d0 gfn' "$OUT/dump4.txt"; then
+        pass "p2m-after-destroy debug key 'P' dump 4: the teardown revoked bfn $bfn from dom0's p2m (${l:-no teardown line}): $(grep 'valid entries' "$OUT/dump4.txt" | sed 's/^pviommu-p2m: //')"
+    else
+        fail "p2m-after-destroy dump 4: $(tr '\n' ' ' < "$OUT/dump4.txt")"
+    fi
+else
+    fail "p2m-destroy dom0 printed no MAPPED-RW line"
+fi
+
+if grep -aqE '\(XEN\) (Assertion|Xen BUG|\*\*\*\*\*\*\*\*)|Panic on CPU|Unexpected Trap' "$C"; then
+    fail "xen-health Xen assertion/BUG/panic/trap in $LOG: $(grep -aE 'Assertion|Xen BUG|Panic on CPU|Unexpected Trap' "$C" | head -2 | tr '\n' ' ')"
+else
+    pass "xen-health no Xen assertion, BUG, trap or panic in the log"
+fi
+echo "run: QEMU $("$QEMU" --version | head -1); log $LOG; command $OUT/qemu.cmd"
+finish
