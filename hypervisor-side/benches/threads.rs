@@ -13,7 +13,7 @@
 //! IOMMU entries): what is left to contend on is the engine's own locks
 //! and gates. Results in design/performance.md.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -159,35 +159,64 @@ struct ThreadHost {
     /// IOMMU entries by BFN offset in the window.
     ptes: Vec<u64>,
     window_start: u64,
-    /// Frames of the engine's own contexts' tables (this thread's), with
-    /// their present counts.
-    tables: Vec<([u64; 512], u16)>,
-    free_tables: Vec<u64>,
+    /// Which of the table arenas this host allocates from.
+    arena: usize,
+    /// Frames of the engine's own contexts' tables. Each host allocates
+    /// from its own arena (frame number = arena << 24 | index), but a
+    /// driver domain's flush releases the emptied tables of all its
+    /// contexts, whichever thread runs it: any host may reach any frame.
+    /// Each arena has a lock of its own, uncontended but for that.
+    tables: Arc<Vec<Mutex<Arena>>>,
+}
+
+/// Table frames with their present counts, and the free ones.
+#[derive(Default)]
+struct Arena {
+    frames: Vec<([u64; 512], u16)>,
+    free: Vec<usize>,
+}
+
+const ARENA_SHIFT: u32 = 24;
+
+impl ThreadHost {
+    fn frame<R>(&self, table: Mfn, f: impl FnOnce(&mut ([u64; 512], u16)) -> R) -> R {
+        let arena = &self.tables[(table.0 >> ARENA_SHIFT) as usize];
+        let mut a = arena.lock().unwrap();
+        f(&mut a.frames[(table.0 & ((1 << ARENA_SHIFT) - 1)) as usize])
+    }
 }
 
 impl TableMemory for ThreadHost {
     fn alloc_table(&mut self) -> Result<Mfn, Errno> {
-        if let Some(t) = self.free_tables.pop() {
-            self.tables[t as usize] = ([0; 512], 0);
-            return Ok(Mfn(t));
-        }
-        self.tables.push(([0; 512], 0));
-        Ok(Mfn(self.tables.len() as u64 - 1))
+        let mut a = self.tables[self.arena].lock().unwrap();
+        let i = match a.free.pop() {
+            Some(i) => {
+                a.frames[i] = ([0; 512], 0);
+                i
+            }
+            None => {
+                a.frames.push(([0; 512], 0));
+                a.frames.len() - 1
+            }
+        };
+        Ok(Mfn((self.arena as u64) << ARENA_SHIFT | i as u64))
     }
     fn free_table(&mut self, table: Mfn) {
-        self.free_tables.push(table.0);
+        let arena = &self.tables[(table.0 >> ARENA_SHIFT) as usize];
+        let i = (table.0 & ((1 << ARENA_SHIFT) - 1)) as usize;
+        arena.lock().unwrap().free.push(i);
     }
     fn read_entry(&self, table: Mfn, index: usize) -> u64 {
-        self.tables[table.0 as usize].0[index]
+        self.frame(table, |f| f.0[index])
     }
     fn write_entry(&mut self, table: Mfn, index: usize, raw: u64) {
-        self.tables[table.0 as usize].0[index] = raw;
+        self.frame(table, |f| f.0[index] = raw)
     }
     fn present_count(&self, table: Mfn) -> u16 {
-        self.tables[table.0 as usize].1
+        self.frame(table, |f| f.1)
     }
     fn set_present_count(&mut self, table: Mfn, count: u16) {
-        self.tables[table.0 as usize].1 = count;
+        self.frame(table, |f| f.1 = count)
     }
 }
 
@@ -309,38 +338,51 @@ impl IommuBackend for ThreadHost {
     }
 }
 
-fn thread_host(e: &Engine) -> ThreadHost {
+fn thread_host(e: &Engine, arena: usize, tables: &Arc<Vec<Mutex<Arena>>>) -> ThreadHost {
     ThreadHost {
         refs: 0,
         ptes: Vec::new(),
         window_start: e.window().start,
-        tables: Vec::new(),
-        free_tables: Vec::new(),
+        arena,
+        tables: tables.clone(),
     }
 }
 
-fn run_own_hosts(threads: usize, same_driver: bool, iters: u64, e: &Arc<Engine>) -> Duration {
+/// Run `threads` threads, thread `t` on its own host `hosts[t]` (each
+/// behind a lock only its thread takes), kept across runs with the page
+/// references it holds.
+fn run_own_hosts(
+    threads: usize,
+    same_driver: bool,
+    iters: u64,
+    e: &Arc<Engine>,
+    hosts: &Arc<Vec<Mutex<ThreadHost>>>,
+) -> Duration {
     let start = Instant::now();
     let hs: Vec<_> = (0..threads)
         .map(|t| {
             let e = e.clone();
+            let hosts = hosts.clone();
             std::thread::spawn(move || {
-                let mut h = thread_host(&e);
+                let mut h = hosts[t].lock().unwrap();
                 let (caller, ctx) = if same_driver {
                     (DomId::DOM0, ContextId(t as u32 % 8))
                 } else {
                     (DomId(11 + t as u16), ContextId::DEFAULT)
                 };
-                rounds(&mut h, &e, caller, DomId(1 + t as u16), ctx, iters);
-                h.refs
+                rounds(&mut *h, &e, caller, DomId(1 + t as u16), ctx, iters);
             })
         })
         .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    let elapsed = start.elapsed();
     // Summed: threads of one driver domain share its flush, so one thread's
     // `finish` may release pages another thread's host referenced.
-    let refs: i64 = hs.into_iter().map(|h| h.join().unwrap()).sum();
+    let refs: i64 = hosts.iter().map(|h| h.lock().unwrap().refs).sum();
     assert_eq!(refs, 0, "page references out of balance");
-    start.elapsed()
+    elapsed
 }
 
 fn bench_own_hosts(c: &mut Criterion) {
@@ -348,14 +390,21 @@ fn bench_own_hosts(c: &mut Criterion) {
     group.sample_size(10);
     for (name, same_driver) in [("driver domains", false), ("contexts of dom0", true)] {
         let e = Arc::new(Engine::new(Default::default(), &thread_host_probe()).unwrap());
-        let mut h0 = thread_host(&e);
-        for _ in 1..8 {
-            e.context_create(&mut h0, DomId::DOM0).unwrap();
+        let tables: Arc<Vec<Mutex<Arena>>> =
+            Arc::new((0..8).map(|_| Mutex::new(Arena::default())).collect());
+        let hosts: Vec<Mutex<ThreadHost>> = (0..8)
+            .map(|t| Mutex::new(thread_host(&e, t, &tables)))
+            .collect();
+        // Context t is created on host t: its tables are in arena t.
+        for h in hosts.iter().skip(1) {
+            e.context_create(&mut *h.lock().unwrap(), DomId::DOM0)
+                .unwrap();
         }
+        let hosts = Arc::new(hosts);
         for threads in [1usize, 2, 4, 8] {
             group.throughput(Throughput::Elements(threads as u64 * BATCH));
             group.bench_with_input(BenchmarkId::new(name, threads), &threads, |b, &t| {
-                b.iter_custom(|iters| run_own_hosts(t, same_driver, iters, &e));
+                b.iter_custom(|iters| run_own_hosts(t, same_driver, iters, &e, &hosts));
             });
         }
         assert_eq!(e.state().mapped_pages(), 0);
@@ -369,8 +418,8 @@ fn thread_host_probe() -> ThreadHost {
         refs: 0,
         ptes: Vec::new(),
         window_start: 0,
-        tables: Vec::new(),
-        free_tables: Vec::new(),
+        arena: 0,
+        tables: Arc::new(vec![Mutex::new(Arena::default())]),
     }
 }
 
