@@ -219,8 +219,11 @@ int pvx_ctx_caps(unsigned int *levels, int *snoop_control);
  * non-coherent IOMMU with pvx_table_sync: `lines` is a bitmap of the
  * frame's 64-byte lines (bit n: bytes 64n..64n+63), each run written back
  * with iommu_sync_cache. The engine does that before every pvx_ctx_flush,
- * pvx_ctx_alloc and pvx_device_attach, before it releases a driver lock and
- * before it returns; never for a frame it has freed. */
+ * pvx_ctx_alloc and pvx_device_attach, and before it returns; never for a
+ * frame it has freed. pvx_table_map never returns NULL (map_domain_page
+ * cannot fail; a glue that could must crash instead: the engine has no way
+ * to report a store it could not make, and a dropped clear of a leaf entry
+ * would leave the device a way to a released page). */
 int pvx_table_alloc(uint64_t *mfn);
 void pvx_table_free(uint64_t mfn);
 uint64_t *pvx_table_map(uint64_t mfn);
