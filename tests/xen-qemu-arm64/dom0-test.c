@@ -14,7 +14,7 @@
  *
  * Prints "PVIOMMU-417: PASS|FAIL name detail" per check,
  * "PVIOMMU-417: KEY n after-..." before each debug-key dump it asks Xen for
- * (sysctl debug_keys 'P'; Xen numbers its dumps, run.sh reads dump n from
+ * (sysctl debug_keys DUMP_KEY; Xen numbers its dumps, run.sh reads dump n from
  * Xen's log), "PVIOMMU-417: MAPPED bfn=.. domid=.. gfn=.." for run.sh,
  * and "PVIOMMU-417: N passed, N failed". Exit status 0 iff none failed.
  */
@@ -165,9 +165,14 @@ static int op1(uint16_t subop, uint16_t flags, uint16_t domid, uint64_t gfn,
 static struct xen_sysctl_debug_keys_417 *gsys;
 static char *gkeys;
 
-/* Xen's debug key 'P' (pviommu=dom0-p2m): dumps dom0's p2m entries in the
- * BFN range PV-IOMMU wrote, numbered by Xen; n is our count, run.sh checks
- * they agree. */
+/* Xen's debug key PVX_DUMP_KEY of pviommu-arm.c (pviommu=dom0-p2m): dumps
+ * dom0's p2m entries in the BFN range PV-IOMMU wrote, numbered by Xen; n is
+ * our count, run.sh checks they agree. run.sh passes -DDUMP_KEY="'c'" from
+ * pviommu-arm.c's #define; a key nobody registered is silently ignored by
+ * Xen (rc 0), and run.sh then finds no dump. */
+#ifndef DUMP_KEY
+#define DUMP_KEY 'B'
+#endif
 static void debug_key(unsigned int n, const char *when)
 {
     long rc;
@@ -177,11 +182,12 @@ static void debug_key(unsigned int n, const char *when)
     memset(gsys, 0, sizeof(*gsys));
     gsys->cmd = XEN_SYSCTL_debug_keys;
     gsys->interface_version = XEN_SYSCTL_INTERFACE_VERSION;
-    gkeys[0] = 'P';
+    gkeys[0] = DUMP_KEY;
     gsys->keys = (uint64_t)(uintptr_t)gkeys;
     gsys->nr_keys = 1;
     rc = raw_hcall(HYPERVISOR_sysctl, (uint64_t)(uintptr_t)gsys, 0);
-    check(rc == 0, "debug-key", "dump %u (%s): sysctl debug_keys 'P' rc=%ld", n, when, rc);
+    check(rc == 0, "debug-key", "dump %u (%s): sysctl debug_keys '%c' rc=%ld", n, when,
+          DUMP_KEY, rc);
 }
 
 static struct xen_domctl_417 *gdom;

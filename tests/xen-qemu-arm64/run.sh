@@ -12,7 +12,9 @@
 #     page with known words and calls hypercall 43 itself (unprivileged);
 # and Xen's command line pviommu=dom0-p2m (context 0 of dom0 is its p2m,
 # written at gfn = BFN). Checks: the dom0 program's lines, the domU's
-# hypercall results, and Xen's debug key 'P' dumps of dom0's p2m (after a
+# hypercall results, Xen's debug key (PVX_DUMP_KEY in pviommu-arm.c, 'B';
+# checked free in the Xen tree built: register_keyhandler() ASSERTs a free
+# slot) dumps of dom0's p2m (after a
 # map: the BFN maps the same machine frame as d1's gfn; after the unmap, and
 # after d1 is destroyed with a BFN mapped: nothing), plus Xen's health.
 #
@@ -59,8 +61,26 @@ fi
 XEN="$B/xen-tree/xen/xen"
 T2=$(date +%s)
 
+# ---- the debug key: free in the tree just built ----
+# register_keyhandler() ASSERTs the slot is empty (a debug build dies at
+# boot) and a release build silently replaces the old handler; 'P' was
+# perfc_reset (key_table[], CONFIG_PERF_COUNTERS), which the defconfig
+# does not build, so only the source can tell.
+KEY="$(sed -n "s/^#define PVX_DUMP_KEY '\(.\)'.*/\1/p" "$X/pviommu-arm.c")"
+if [ -z "$KEY" ]; then
+    fail "debug-key-free no '#define PVX_DUMP_KEY' in $X/pviommu-arm.c"; KEY=B
+else
+    clash="$(grep -rnE "(register_keyhandler|register_irq_keyhandler|KEYHANDLER)\([[:space:]]*'[$KEY]'" \
+                 --include='*.c' "$B/xen-tree/xen" | grep -v '/common/pviommu\.c:')"
+    if [ -z "$clash" ]; then
+        pass "debug-key-free '$KEY' (PVX_DUMP_KEY) is not taken by any other key handler of the Xen 4.17 tree (key_table[], register_{,irq_}keyhandler)"
+    else
+        fail "debug-key-free '$KEY' is already Xen's: $(echo "$clash" | head -2 | tr '\n' ' ')"
+    fi
+fi
+
 # ---- dom0 program, domU guest ----
-if aarch64-linux-gnu-gcc -O2 -Wall -Werror -static -I"$REPO/abi/include" \
+if aarch64-linux-gnu-gcc -O2 -Wall -Werror -static -I"$REPO/abi/include" -DDUMP_KEY="'$KEY'" \
        -o "$OUT/dom0-test" "$HERE/dom0-test.c" > "$OUT/cc.log" 2>&1 \
    && aarch64-linux-gnu-gcc -c -o "$OUT/domu.o" "$HERE/domu-arm64.S" >> "$OUT/cc.log" 2>&1 \
    && aarch64-linux-gnu-ld -Ttext=0 -o "$OUT/domu.elf" "$OUT/domu.o" >> "$OUT/cc.log" 2>&1 \
@@ -251,12 +271,12 @@ if [ -n "$bfn" ]; then
     m0="$(sed -n "s/^pviommu-p2m:  d0 gfn $bfn mfn \(0x[0-9a-f]*\) type iommu_map_ro owner d1$/\1/p" "$OUT/dump1.txt")"
     m1="$(sed -n "s/^pviommu-p2m:   d1 gfn $DOMU_GFN mfn \(0x[0-9a-f]*\) type ram_rw (source of d0 gfn $bfn)$/\1/p" "$OUT/dump1.txt")"
     if [ -n "$m0" ] && [ "$m0" = "$m1" ]; then
-        pass "p2m-after-map debug key 'P' dump 1: dom0's p2m maps bfn $bfn -> mfn $m0 (iommu_map_ro, page of d1) = d1's gfn $DOMU_GFN -> mfn $m1"
+        pass "p2m-after-map debug key '$KEY' dump 1: dom0's p2m maps bfn $bfn -> mfn $m0 (iommu_map_ro, page of d1) = d1's gfn $DOMU_GFN -> mfn $m1"
     else
         fail "p2m-after-map dump 1: d0 gfn $bfn -> '${m0:-none}', d1 gfn $DOMU_GFN -> '${m1:-none}' (want the same mfn)"
     fi
     if grep -q ': 0 valid entries' "$OUT/dump2.txt" && ! grep -q '^pviommu-p2m:  d0 gfn' "$OUT/dump2.txt"; then
-        pass "p2m-after-unmap debug key 'P' dump 2: $(grep 'valid entries' "$OUT/dump2.txt" | sed 's/^pviommu-p2m: //')"
+        pass "p2m-after-unmap debug key '$KEY' dump 2: $(grep 'valid entries' "$OUT/dump2.txt" | sed 's/^pviommu-p2m: //')"
     else
         fail "p2m-after-unmap dump 2: $(tr '\n' ' ' < "$OUT/dump2.txt")"
     fi
@@ -271,13 +291,13 @@ if [ -n "$bfn" ]; then
     m0="$(sed -n "s/^pviommu-p2m:  d0 gfn $bfn mfn \(0x[0-9a-f]*\) type iommu_map_rw owner d1$/\1/p" "$OUT/dump3.txt")"
     m1="$(sed -n "s/^pviommu-p2m:   d1 gfn $DOMU_GFN mfn \(0x[0-9a-f]*\) type ram_rw (source of d0 gfn $bfn)$/\1/p" "$OUT/dump3.txt")"
     if [ -n "$m0" ] && [ "$m0" = "$m1" ]; then
-        pass "p2m-after-map-rw debug key 'P' dump 3: bfn $bfn -> mfn $m0 (iommu_map_rw) = d1's gfn $DOMU_GFN -> mfn $m1"
+        pass "p2m-after-map-rw debug key '$KEY' dump 3: bfn $bfn -> mfn $m0 (iommu_map_rw) = d1's gfn $DOMU_GFN -> mfn $m1"
     else
         fail "p2m-after-map-rw dump 3: d0 gfn $bfn -> '${m0:-none}', d1 gfn $DOMU_GFN -> '${m1:-none}'"
     fi
     l="$(grep -a 'pviommu: d1 torn down' "$C" | head -1 | sed 's/.*(XEN) //')"
     if grep -q ': 0 valid entries' "$OUT/dump4.txt" && ! grep -q '^pviommu-p2m:  d0 gfn' "$OUT/dump4.txt"; then
-        pass "p2m-after-destroy debug key 'P' dump 4: the teardown revoked bfn $bfn from dom0's p2m (${l:-no teardown line}): $(grep 'valid entries' "$OUT/dump4.txt" | sed 's/^pviommu-p2m: //')"
+        pass "p2m-after-destroy debug key '$KEY' dump 4: the teardown revoked bfn $bfn from dom0's p2m (${l:-no teardown line}): $(grep 'valid entries' "$OUT/dump4.txt" | sed 's/^pviommu-p2m: //')"
     else
         fail "p2m-after-destroy dump 4: $(tr '\n' ' ' < "$OUT/dump4.txt")"
     fi

@@ -47,6 +47,7 @@
 #include <xen/pviommu.h>
 #include <xen/random.h>
 #include <xen/keyhandler.h>
+#include <xen/softirq.h>
 /*
  * PVIOMMU_ARM_XEN: the Xen version this file is built into, 421 (default,
  * upstream 4.21.2, patches-4.21/) or 417 (Debian 12's 4.17.5, the CI
@@ -495,6 +496,17 @@ static void __init pvx_build_regions(void)
 /* COMMON, but for the region walk above and the init message */
 static void cf_check pvx_dump_dom0_p2m(unsigned char key);
 
+/*
+ * ARM, pviommu=dom0-p2m: the debug key that dumps dom0's BFN entries. It
+ * must be free in every Xen this file is built into: register_keyhandler()
+ * ASSERTs that the slot is empty (a debug build dies at boot) and a release
+ * build silently replaces the old handler. 'P' was perfc_reset in 4.17 and
+ * 4.21 (CONFIG_PERF_COUNTERS). 'B' is neither in key_table[] nor passed to
+ * register_{,irq_}keyhandler() in 4.17.5 (01140da4e8), 4.21.2 or master;
+ * tests/xen-qemu-arm64/run.sh checks it against the tree it builds.
+ */
+#define PVX_DUMP_KEY 'B'
+
 static int __init cf_check pviommu_init(void)
 {
     int rc;
@@ -531,10 +543,11 @@ static int __init cf_check pviommu_init(void)
     if ( pvx_dom0_p2m )
     {
         printk(XENLOG_WARNING
-               "pviommu: dom0-p2m: context 0 of the hardware domain is its p2m, written at gfn = BFN; %s; no contexts; debug key 'P' dumps it\n",
+               "pviommu: dom0-p2m: context 0 of the hardware domain is its p2m, written at gfn = BFN; %s; no contexts; debug key '%c' dumps it\n",
                iommu_enabled ? "the IOMMU shares that p2m"
-                             : "IOMMU off: no device walks it (test mode)");
-        register_keyhandler('P', pvx_dump_dom0_p2m,
+                             : "IOMMU off: no device walks it (test mode)",
+               PVX_DUMP_KEY);
+        register_keyhandler(PVX_DUMP_KEY, pvx_dump_dom0_p2m,
                             "dump dom0's PV-IOMMU p2m entries (pviommu=dom0-p2m)",
                             true);
     }
@@ -746,6 +759,22 @@ int pvx_get_page(uint16_t domid, uint64_t gfn, int want_write,
         rcu_unlock_domain(d);
         return -ESRCH;
     }
+    /*
+     * ARM, pviommu=dom0-p2m: the hardware domain's own pages are never
+     * mapped (defence in depth). Its pviommu_pages must stay 0, so the p2m
+     * hook on dom0's p2m never waits for a driver cell: a cell in
+     * pvx_dom0_p2m_map() holds its driver lock and waits for dom0's p2m
+     * write lock (see the lock order there). The engine already refuses
+     * self-maps into context 0 and, for a device model of dom0, answers
+     * from the translation check before it gets here; this does not rely
+     * on that order.
+     */
+    if ( pvx_dom0_p2m && is_hardware_domain(d) )
+    {
+        *kind = PVX_PAGE_XEN;
+        rcu_unlock_domain(d);
+        return 0;
+    }
 
     /* Announce the map before looking at d's p2m (see ../pviommu.c). */
     atomic_inc(&d->pviommu_pages);
@@ -882,11 +911,15 @@ static bool pvx_is_dom0_p2m(const struct domain *d)
  * Lock order: the engine calls this under d's driver lock and it takes d's
  * p2m write lock, the reverse of the p2m hook's order (p2m lock -> the
  * driver locks of the cells that map the p2m owner's pages, 0008). No
- * cycle: only d's own cell can be waiting here for d's p2m, and d's cell
- * never maps d's own pages: into context 0 the engine refuses them
- * (EINVAL), and other contexts are not offered in this mode
- * (pvx_ctx_caps). The page lookup (pvx_get_page, a p2m read lock) is done
- * by the engine before it takes the driver lock.
+ * cycle: only d's own cell can be waiting here for d's p2m, and no cell
+ * ever maps d's own pages, so the hook on d's p2m never waits for a cell
+ * (d's pviommu_pages stays 0): pvx_get_page() refuses the hardware
+ * domain's pages in this mode, the engine refuses self-maps into context 0
+ * (EINVAL) anyway, and other contexts are not offered in this mode
+ * (pvx_ctx_caps). Full order: owner X's p2m (write, in the hook) -> dom0's
+ * driver cell -> dom0's p2m (write) -> dom0's arch.paging.lock (table
+ * allocation) -> heap. The page lookup (pvx_get_page, a p2m read lock) is
+ * done by the engine before it takes the driver lock.
  *
  * Only an empty p2m entry is written (a BFN never replaces what dom0 has at
  * that gfn; the engine's window lies above RAM and its reserved regions,
@@ -894,12 +927,32 @@ static bool pvx_is_dom0_p2m(const struct domain *d)
  * No reference is taken for the entry: the engine holds the page's
  * reference from pvx_get_page() until after the unmap and flush, and the
  * p2m drops references only for foreign entries (p2m_put_l3_page).
+ *
+ * IOTLB flushes belong to the engine (pviommu_engine.h: a page reference
+ * is dropped only after a pvx_iommu_flush() covering it returned 0).
+ * p2m_set_entry() writes the entry first and then, with an IOMMU, flushes
+ * the IOTLB itself (__p2m_set_entry -> iommu_iotlb_flush), so its error
+ * can mean "written, flush failed". Returning that error from a map would
+ * make the engine drop the page reference with the entry still in dom0's
+ * stage 2 (an entry to a page that may be freed and reused); returning 0
+ * from an unmap retry that finds the entry already gone, with no flush
+ * asked for, would let the engine release the page without any successful
+ * flush. So both re-read the entry after an error and decide by what is in
+ * the p2m: once the entry is written (map) or gone (unmap) they return 0
+ * and add IOMMU_FLUSHF_added / _modified to *flush, and the engine's flush
+ * (retried until it succeeds, page kept until then) decides when the page
+ * goes. An unmap always asks for the flush, even when it finds nothing:
+ * an earlier attempt may have removed the entry and failed its flush. Only
+ * when the p2m is unchanged (nothing written; entry still there) is the
+ * error returned: the engine then frees the BFN and puts the page (map)
+ * or keeps the mapping stuck, page referenced, and retries (unmap).
  */
 static int pvx_dom0_p2m_map(struct domain *d, uint64_t bfn, uint64_t mfn,
-                            unsigned int flags)
+                            unsigned int flags, unsigned int *flush)
 {
     struct p2m_domain *p2m = p2m_get_hostp2m(d);
-    p2m_type_t ot;
+    p2m_type_t ot, nt = (flags & PVIOMMU_F_WRITE) ? p2m_iommu_map_rw
+                                                  : p2m_iommu_map_ro;
     mfn_t omfn;
     int rc;
 
@@ -912,14 +965,22 @@ static int pvx_dom0_p2m_map(struct domain *d, uint64_t bfn, uint64_t mfn,
     if ( ot != p2m_invalid || !mfn_eq(omfn, INVALID_MFN) )
         rc = -EBUSY;
     else
-        rc = p2m_set_entry(p2m, _gfn(bfn), 1, _mfn(mfn),
-                           (flags & PVIOMMU_F_WRITE) ? p2m_iommu_map_rw
-                                                     : p2m_iommu_map_ro,
-                           p2m->default_access);
-    if ( !rc )
     {
-        pvx_dom0_p2m_lo = min_t(unsigned long, pvx_dom0_p2m_lo, bfn);
-        pvx_dom0_p2m_hi = max_t(unsigned long, pvx_dom0_p2m_hi, bfn);
+        rc = p2m_set_entry(p2m, _gfn(bfn), 1, _mfn(mfn), nt,
+                           p2m->default_access);
+        if ( rc )
+        {
+            /* Written but not flushed? Then it is the engine's to flush. */
+            omfn = p2m_get_entry(p2m, _gfn(bfn), &ot, NULL, NULL, NULL);
+            if ( ot == nt && mfn_eq(omfn, _mfn(mfn)) )
+                rc = 0;
+        }
+        if ( !rc )
+        {
+            *flush |= IOMMU_FLUSHF_added;
+            pvx_dom0_p2m_lo = min_t(unsigned long, pvx_dom0_p2m_lo, bfn);
+            pvx_dom0_p2m_hi = max_t(unsigned long, pvx_dom0_p2m_hi, bfn);
+        }
     }
     p2m_write_unlock(p2m);
 
@@ -930,19 +991,37 @@ static int pvx_dom0_p2m_map(struct domain *d, uint64_t bfn, uint64_t mfn,
  * Removes the entry at BFN if it is still one of ours (p2m_iommu_map_*: on
  * Arm only arm_iommu_map_page() writes those otherwise, 1:1 at gfn = mfn
  * below RAM end, never in the BFN window). If dom0 replaced it, what dom0
- * put there is left alone: the BFN is released all the same.
+ * put there is left alone: the BFN is released all the same. A removal
+ * passes p2m_access_rwx, as Xen's own do (__p2m_set_entry ASSERTs it for
+ * INVALID_MFN). Flush: see above.
  */
-static int pvx_dom0_p2m_unmap(struct domain *d, uint64_t bfn)
+static int pvx_dom0_p2m_unmap(struct domain *d, uint64_t bfn,
+                              unsigned int *flush)
 {
     struct p2m_domain *p2m = p2m_get_hostp2m(d);
     p2m_type_t ot;
     int rc = 0;
 
+    if ( p2m_ipa_bits <= PAGE_SHIFT || p2m_ipa_bits >= 64 ||
+         bfn >= (1ULL << (p2m_ipa_bits - PAGE_SHIFT)) )
+        return -EINVAL;
+
     p2m_write_lock(p2m);
     p2m_get_entry(p2m, _gfn(bfn), &ot, NULL, NULL, NULL);
     if ( ot == p2m_iommu_map_rw || ot == p2m_iommu_map_ro )
+    {
         rc = p2m_set_entry(p2m, _gfn(bfn), 1, INVALID_MFN, p2m_invalid,
-                           p2m->default_access);
+                           p2m_access_rwx);
+        if ( rc )
+        {
+            /* Removed but not flushed? Then it is the engine's to flush. */
+            p2m_get_entry(p2m, _gfn(bfn), &ot, NULL, NULL, NULL);
+            if ( ot != p2m_iommu_map_rw && ot != p2m_iommu_map_ro )
+                rc = 0;
+        }
+    }
+    if ( !rc )
+        *flush |= IOMMU_FLUSHF_modified;
     p2m_write_unlock(p2m);
 
     return rc;
@@ -959,7 +1038,7 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn,
         return -ESRCH;
     if ( pvx_is_dom0_p2m(d) )
     {
-        rc = pvx_dom0_p2m_map(d, bfn, mfn, flags);
+        rc = pvx_dom0_p2m_map(d, bfn, mfn, flags, flush);
         rcu_unlock_domain(d);
         return rc;
     }
@@ -977,26 +1056,28 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, unsigned int *flush)
     if ( !d )
         return -ESRCH;
     if ( pvx_is_dom0_p2m(d) )
-        rc = pvx_dom0_p2m_unmap(d, bfn);
+        rc = pvx_dom0_p2m_unmap(d, bfn, flush);
     rcu_unlock_domain(d);
 
     return rc;
 }
 
 /*
- * ARM, pviommu=dom0-p2m: debug key 'P' reads (only reads) dom0's p2m over
- * the BFN range the map above ever wrote (at most PVX_DUMP_SCAN gfns), and
- * prints each valid entry with the owner of its frame; for a frame of
- * another domain, it then looks that domain's p2m up for the gfns that map
- * the same frame (at most PVX_DUMP_OWNER_STEPS lookups, one per p2m block,
- * so a domain's RAM is a few thousand steps). Locks: one p2m read lock at a
- * time, no allocation, no guest memory. Each dump is numbered, so a test
- * can tell which one it is reading.
+ * ARM, pviommu=dom0-p2m: debug key PVX_DUMP_KEY reads (only reads) dom0's
+ * p2m over the BFN range the map above ever wrote (at most PVX_DUMP_SCAN
+ * gfns), and prints each valid entry with the owner of its frame; for a
+ * frame of another domain, it then looks that domain's p2m up for the
+ * first gfn that maps the same frame (at most PVX_DUMP_OWNER_STEPS lookups,
+ * one per p2m block or hole, so a domain's RAM is a few thousand steps;
+ * the owner shapes its p2m, so a fragmented one only gets "not found").
+ * Locks: one p2m read lock at a time, none between owners, where pending
+ * softirqs are processed (at most PVX_DUMP_MAX walks). No allocation, no
+ * guest memory. Each dump is numbered, so a test can tell which one it is
+ * reading.
  */
 #define PVX_DUMP_SCAN         4096UL
 #define PVX_DUMP_MAX          16
-#define PVX_DUMP_OWNER_STEPS  (1UL << 18)
-#define PVX_DUMP_OWNER_HITS   4
+#define PVX_DUMP_OWNER_STEPS  (1UL << 14)
 
 static const char *pvx_p2m_type_name(p2m_type_t t)
 {
@@ -1021,7 +1102,7 @@ static void pvx_dump_owner_gfns(domid_t domid, unsigned long mfn,
     struct domain *o = rcu_lock_domain_by_id(domid);
     struct p2m_domain *p2m;
     unsigned long gfn, end, steps = 0;
-    unsigned int hits = 0;
+    bool hit = false;
 
     if ( !o )
     {
@@ -1032,23 +1113,29 @@ static void pvx_dump_owner_gfns(domid_t domid, unsigned long mfn,
     p2m_read_lock(p2m);
     gfn = gfn_x(p2m->lowest_mapped_gfn);
     end = gfn_x(p2m->max_mapped_gfn);
-    while ( gfn <= end && steps < PVX_DUMP_OWNER_STEPS &&
-            hits < PVX_DUMP_OWNER_HITS )
+    while ( gfn <= end && steps < PVX_DUMP_OWNER_STEPS && !hit )
     {
         unsigned int order = 0;
         p2m_type_t t;
         mfn_t m = p2m_get_entry(p2m, _gfn(gfn), &t, NULL, &order, NULL);
         unsigned long span = 1UL << min(order, 30U);
+        /*
+         * The block (or hole) holding gfn: p2m_get_entry() returned the mfn
+         * of gfn itself, which need not be the block's first (the walk
+         * starts at lowest_mapped_gfn, maybe inside a block).
+         */
+        unsigned long base = gfn & ~(span - 1), off = gfn - base;
 
         steps++;
         /* a block entry: is the frame inside it? */
         if ( t != p2m_invalid && !mfn_eq(m, INVALID_MFN) &&
-             mfn >= mfn_x(m) && mfn - mfn_x(m) < span )
+             mfn_x(m) >= off && mfn >= mfn_x(m) - off &&
+             mfn - (mfn_x(m) - off) < span )
         {
             printk("pviommu-p2m:   d%u gfn %#lx mfn %#lx type %s (source of d0 gfn %#lx)\n",
-                   domid, gfn + (mfn - mfn_x(m)), mfn, pvx_p2m_type_name(t),
-                   d0_gfn);
-            hits++;
+                   domid, base + (mfn - (mfn_x(m) - off)), mfn,
+                   pvx_p2m_type_name(t), d0_gfn);
+            hit = true;
         }
         /* next block: p2m_get_entry() reports the order of entry or hole */
         gfn = (gfn | (span - 1)) + 1;
@@ -1056,7 +1143,7 @@ static void pvx_dump_owner_gfns(domid_t domid, unsigned long mfn,
             break;
     }
     p2m_read_unlock(p2m);
-    if ( !hits )
+    if ( !hit )
         printk("pviommu-p2m:   d%u: no gfn maps mfn %#lx (%lu lookups)\n",
                domid, mfn, steps);
     rcu_unlock_domain(o);
@@ -1064,7 +1151,8 @@ static void pvx_dump_owner_gfns(domid_t domid, unsigned long mfn,
 
 static void cf_check pvx_dump_dom0_p2m(unsigned char key)
 {
-    static unsigned int dumps;
+    static atomic_t nr_dumps = ATOMIC_INIT(0);
+    unsigned int dumps = atomic_inc_return(&nr_dumps);
     struct {
         unsigned long gfn, mfn;
         p2m_type_t t;
@@ -1075,7 +1163,6 @@ static void cf_check pvx_dump_dom0_p2m(unsigned char key)
     unsigned long lo, hi, gfn, n = 0;
     unsigned int i, nr = 0;
 
-    dumps++;
     if ( !d || !pvx_dom0_p2m )
     {
         printk("pviommu-p2m: dump %u: no hardware domain in dom0-p2m mode\n",
@@ -1119,7 +1206,11 @@ static void cf_check pvx_dump_dom0_p2m(unsigned char key)
         printk("pviommu-p2m:  d0 gfn %#lx mfn %#lx type %s owner d%u\n",
                e[i].gfn, e[i].mfn, pvx_p2m_type_name(e[i].t), e[i].owner);
         if ( e[i].owner != DOMID_INVALID && e[i].owner != d->domain_id )
+        {
+            /* No lock held here: let timers, tasklets, RCU etc. run. */
+            process_pending_softirqs();
             pvx_dump_owner_gfns(e[i].owner, e[i].mfn, e[i].gfn);
+        }
     }
 }
 
