@@ -384,35 +384,25 @@ impl<L: RawMutex> Engine<L> {
                     }
                 },
             };
-            if let Ok(Request::Map(_)) = Request::parse(&op) {
-                // A run of maps goes through the engine under one lock.
-                match self.run_maps(h, caller, ci, &hdr, op) {
-                    Ok((k, next)) => {
-                        hdr.nr_done += k;
-                        peeked = next;
-                    }
-                    Err((k, e)) => {
-                        hdr.nr_done += k;
-                        result = Err(e);
-                        break;
-                    }
+            // A run of maps, or of unmaps, goes through the engine under
+            // one lock.
+            let run = match Request::parse(&op) {
+                Ok(Request::Map(_)) => Some(self.run_maps(h, caller, ci, &hdr, op)),
+                Ok(Request::Unmap { .. }) => Some(self.run_unmaps(h, caller, &hdr, op)),
+                _ => None,
+            };
+            match run {
+                Some(Ok((k, next))) => {
+                    hdr.nr_done += k;
+                    peeked = next;
+                    continue;
                 }
-                continue;
-            }
-            if let Ok(Request::Unmap { .. }) = Request::parse(&op) {
-                // So does a run of unmaps.
-                match self.run_unmaps(h, caller, &hdr, op) {
-                    Ok((k, next)) => {
-                        hdr.nr_done += k;
-                        peeked = next;
-                    }
-                    Err((k, e)) => {
-                        hdr.nr_done += k;
-                        result = Err(e);
-                        break;
-                    }
+                Some(Err((k, e))) => {
+                    hdr.nr_done += k;
+                    result = Err(e);
+                    break;
                 }
-                continue;
+                None => {}
             }
             if let Err(e) = self.run_op(h, caller, ci, addr, op) {
                 result = Err(e);

@@ -579,35 +579,47 @@ fn d14_set_limits_racing_a_domain_death_leaves_nothing_behind() {
     assert_eq!(lock_check::violations(), 0);
 }
 
+/// Run `ops` as dom0's batch with the guest address of op `bad` unwritable
+/// (every copy covering it faults, as for an unmapped page): the call's
+/// result, the header and the ops as the guest then sees them.
+fn batch_with_unwritable_op(
+    m: &mut SimMachine,
+    e: &Engine,
+    ops: &[pviommu_abi::PvIommuOp],
+    bad: u64,
+) -> (i64, pviommu_abi::PvIommuBatch, Vec<pviommu_abi::PvIommuOp>) {
+    use pviommu_tests::{stage_batch, Interposer, Service};
+    use zerocopy::IntoBytes;
+    let (base, ops_addr) = stage_batch(m, DomId::DOM0, ops);
+    let op_size = core::mem::size_of::<pviommu_abi::PvIommuOp>() as u64;
+    let r = {
+        let mut h = Interposer::new(
+            m,
+            Service::CopyToGuestAt(ops_addr + bad * op_size),
+            Box::new(|_| {}),
+        );
+        e.hypercall(&mut h, DomId::DOM0, pviommu_abi::cmd::BATCH, base)
+    };
+    let mut hdr = pviommu_abi::PvIommuBatch::default();
+    let mut seen = vec![pviommu_abi::PvIommuOp::default(); ops.len()];
+    m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
+    m.copy_from_guest(ops_addr, seen.as_mut_bytes()).unwrap();
+    (r, hdr, seen)
+}
+
 /// A run of unmaps whose status cannot be written at its third op: the
 /// first two are unmapped and reported, the third and the rest are left
 /// mapped, and the header says two were done.
 #[test]
 fn a_run_of_unmaps_stops_where_a_status_cannot_be_written() {
-    use pviommu_tests::{stage_batch, Interposer, Service};
     let (mut m, e) = machine(Format::Vtd, 16);
     let mut maps: Vec<_> = (0..5).map(|g| map_op(GUEST, g, Permissions::RW)).collect();
     m.guest_batch_all(&e, DomId::DOM0, &mut maps).unwrap();
     let bfns: Vec<Bfn> = maps.iter().map(|o| Bfn(o.bfn)).collect();
     let refs_of_five = m.total_page_refs();
     let unmaps: Vec<_> = bfns.iter().map(|b| unmap_op(*b)).collect();
-    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &unmaps);
-    let op_size = core::mem::size_of::<pviommu_abi::PvIommuOp>() as u64;
-    let r = {
-        let mut h = Interposer::new(
-            &mut m,
-            Service::CopyToGuestAt(ops_addr + 2 * op_size),
-            Box::new(|_| {}),
-        );
-        e.hypercall(&mut h, DomId::DOM0, pviommu_abi::cmd::BATCH, base)
-    };
+    let (r, hdr, _) = batch_with_unwritable_op(&mut m, &e, &unmaps, 2);
     assert_eq!(r, Errno::Fault.negated() as i64);
-    let mut hdr = pviommu_abi::PvIommuBatch::default();
-    {
-        use pviommu_hv::platform::Platform;
-        use zerocopy::IntoBytes;
-        m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
-    }
     assert_eq!(hdr.nr_done, 2);
     for (i, b) in bfns.iter().enumerate() {
         let live = e.lookup(DomId::DOM0, ContextId::DEFAULT, *b).is_ok();
@@ -622,28 +634,11 @@ fn a_run_of_unmaps_stops_where_a_status_cannot_be_written() {
 /// header says two were done.
 #[test]
 fn a_run_of_maps_stops_where_a_result_cannot_be_written() {
-    use pviommu_tests::{stage_batch, Interposer, Service};
     let (mut m, e) = machine(Format::Vtd, 16);
     let refs_before = m.total_page_refs();
     let maps: Vec<_> = (0..5).map(|g| map_op(GUEST, g, Permissions::RW)).collect();
-    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &maps);
-    let op_size = core::mem::size_of::<pviommu_abi::PvIommuOp>() as u64;
-    let r = {
-        let mut h = Interposer::new(
-            &mut m,
-            Service::CopyToGuestAt(ops_addr + 2 * op_size),
-            Box::new(|_| {}),
-        );
-        e.hypercall(&mut h, DomId::DOM0, pviommu_abi::cmd::BATCH, base)
-    };
+    let (r, hdr, ops) = batch_with_unwritable_op(&mut m, &e, &maps, 2);
     assert_eq!(r, Errno::Fault.negated() as i64);
-    let mut hdr = pviommu_abi::PvIommuBatch::default();
-    let mut ops = [pviommu_abi::PvIommuOp::default(); 5];
-    {
-        use zerocopy::IntoBytes;
-        m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
-        m.copy_from_guest(ops_addr, ops.as_mut_bytes()).unwrap();
-    }
     assert_eq!(hdr.nr_done, 2);
     for op in &ops[..2] {
         assert_eq!(op.status, 0);
