@@ -115,5 +115,47 @@ if grep -q '__x86_indirect_thunk_' "$OUT/rust_engine.relocs"; then
     exit 1
 fi
 echo "build-engine: no indirect call (nothing needs an IBT landing pad)"
+
+# Stack: Xen's stack is 8 KiB and interrupts nest on it. The deepest chain
+# of engine frames from an entry point (each function's `sub $N,%rsp`, its
+# pushes and the return address; calls found through the relocations,
+# which are all of them: there is no indirect call, checked above) must
+# stay under STACK_LIMIT. The C glue's own frames come on top.
+STACK_LIMIT="${PVIOMMU_ENGINE_STACK_LIMIT:-4096}"
+objdump -dr --no-show-raw-insn "$OUT/rust_engine.o" | awk -v entries="$ENTRIES" -v limit="$STACK_LIMIT" -v map="$MAP" '
+    BEGIN { while ((getline l < map) > 0) { split(l, a, " "); short[a[1]] = a[2] } }
+    /^[0-9a-f]+ <.*>:$/ { f = substr($2, 2, length($2) - 3); frame[f] = 8; sub_max[f] = 0; next }
+    f == "" { next }
+    /sub +\$0x[0-9a-f]+,%rsp/ {
+        v = $0; sub(/.*\$0x/, "", v); sub(/,.*/, "", v);
+        n = 0; for (i = 1; i <= length(v); i++) n = n * 16 + index("0123456789abcdef", substr(v, i, 1)) - 1;
+        if (n > sub_max[f]) { frame[f] += n - sub_max[f]; sub_max[f] = n }
+    }
+    /[[:space:]]push[[:space:]]/ { frame[f] += 8 }
+    /R_X86_64_(PLT32|PC32)/ {
+        t = $NF; sub(/[-+]0x[0-9a-f]+$/, "", t); sub(/^\.text\./, "", t);
+        if (t in short) t = short[t]
+        if (t != f) calls[f] = calls[f] " " t
+    }
+    function depth(fn, seen,   best, n, i, c, d) {
+        if (fn in memo) return memo[fn]
+        best = 0; n = split(calls[fn], c, " ")
+        for (i = 1; i <= n; i++) {
+            if (!(c[i] in frame) || index(seen, " " c[i] " ")) continue
+            d = depth(c[i], seen " " c[i] " ")
+            if (d > best) { best = d; via[fn] = c[i] }
+        }
+        memo[fn] = frame[fn] + best
+        return memo[fn]
+    }
+    END {
+        n = split(entries, e, " "); worst = 0
+        for (i = 1; i <= n; i++) { d = depth(e[i], " " e[i] " "); if (d > worst) { worst = d; top = e[i] } }
+        printf "build-engine: deepest engine stack %d bytes (from %s; limit %d)\n", worst, top, limit
+        if (worst > limit) {
+            for (fn = top; fn != ""; fn = via[fn]) printf "  %6d %s\n", frame[fn], fn > "/dev/stderr"
+            exit 1
+        }
+    }' || { echo "build-engine: FAIL: the engine's stack use from an entry point is over $STACK_LIMIT bytes" >&2; exit 1; }
 echo "build-engine: undefined symbols: $(nm -u "$OUT/rust_engine.o" | awk '{print $2}' | tr '\n' ' ')"
 echo "build-engine: $OUT/rust_engine.o"
