@@ -172,6 +172,9 @@ pub enum Service {
     /// covering it fails with `EFAULT` (the caller's op array became
     /// inaccessible meanwhile).
     CopyToGuestAt(u64),
+    /// The same, from the (n+1)-th copy that covers this guest address on
+    /// (the first n are written: the page went away in between).
+    CopyToGuestAtAfter(u64, u32),
     /// Right before the first IOTLB flush of one of the engine's contexts
     /// (a device's DMA there still meets the IOMMU's caches as they were).
     HwFlush,
@@ -210,6 +213,8 @@ pub struct Interposer<'a> {
     m: RefCell<&'a mut SimMachine>,
     at: Service,
     race: RefCell<Option<Race<'a>>>,
+    /// Copies that covered a `CopyToGuestAt*` address so far.
+    covering: u32,
 }
 
 impl<'a> Interposer<'a> {
@@ -223,6 +228,7 @@ impl<'a> Interposer<'a> {
             m: RefCell::new(m),
             at,
             race: RefCell::new(Some(race)),
+            covering: 0,
         }
     }
     /// Run the race if `service` is where it belongs and it has not run;
@@ -244,11 +250,20 @@ impl Platform for Interposer<'_> {
         self.m.borrow_mut().copy_from_guest(a, b)
     }
     fn copy_to_guest(&mut self, a: u64, b: &[u8]) -> Result<(), Errno> {
-        if let Service::CopyToGuestAt(bad) = self.at {
-            // The address stays unwritable: every copy that covers it fails.
+        let (bad, writable) = match self.at {
+            Service::CopyToGuestAt(bad) => (Some(bad), 0),
+            Service::CopyToGuestAtAfter(bad, n) => (Some(bad), n),
+            _ => (None, 0),
+        };
+        if let Some(bad) = bad {
+            // Once unwritable, the address stays so: every later copy that
+            // covers it fails.
             if (a..a.saturating_add(b.len() as u64)).contains(&bad) {
-                let _ = self.after(self.at);
-                return Err(Errno::Fault);
+                self.covering += 1;
+                if self.covering > writable {
+                    let _ = self.after(self.at);
+                    return Err(Errno::Fault);
+                }
             }
         }
         self.m.borrow_mut().copy_to_guest(a, b)

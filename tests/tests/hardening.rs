@@ -677,3 +677,41 @@ fn a_run_of_maps_checks_each_ops_context() {
     );
     assert_eq!(m.total_page_refs(), 0);
 }
+
+/// Two unmaps of a run pass their check, are reported as done, then the
+/// IOMMU refuses both; the re-report of the first fails (its page went
+/// away after the run's statuses were written). The second must still be
+/// reported as refused: it was acted on, and its mapping is still live.
+/// (The first version returned at the first failed re-report.)
+#[test]
+fn a_failed_re_report_does_not_hide_the_other_changed_statuses() {
+    use pviommu_tests::{stage_batch, Interposer, Service};
+    use zerocopy::IntoBytes;
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let mut maps: Vec<_> = (0..2).map(|g| map_op(GUEST, g, Permissions::RW)).collect();
+    m.guest_batch_all(&e, DomId::DOM0, &mut maps).unwrap();
+    let unmaps: Vec<_> = maps.iter().map(|o| unmap_op(Bfn(o.bfn))).collect();
+    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &unmaps);
+    m.fail_unmaps = 2;
+    let r = {
+        // The run's statuses are written with one copy; the next copy
+        // covering op 0 (its re-report) faults.
+        let mut h = Interposer::new(
+            &mut m,
+            Service::CopyToGuestAtAfter(ops_addr, 1),
+            Box::new(|_| {}),
+        );
+        e.hypercall(&mut h, DomId::DOM0, pviommu_abi::cmd::BATCH, base)
+    };
+    assert_eq!(r, Errno::Fault.negated() as i64);
+    let mut seen = [pviommu_abi::PvIommuOp::default(); 2];
+    m.copy_from_guest(ops_addr, seen.as_mut_bytes()).unwrap();
+    assert_eq!(
+        seen[1].status,
+        Errno::NoMem.negated(),
+        "op 1's refusal reported"
+    );
+    assert!(e
+        .lookup(DomId::DOM0, ContextId::DEFAULT, Bfn(maps[1].bfn))
+        .is_ok());
+}
