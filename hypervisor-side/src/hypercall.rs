@@ -23,7 +23,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use lock_api::RawMutex;
 
 use crate::config::MAX_REGIONS_PER_CALL;
-use crate::engine::{Engine, Hypervisor, Mapped, MAP_CHUNK};
+use crate::engine::{Engine, Hypervisor, MAP_CHUNK};
 use crate::permission::{device_refusal, may_call, may_read_regions, may_use_contexts};
 use crate::platform::{DomainInfo, XsmAction};
 use crate::{ContextId, DomId, Errno};
@@ -602,15 +602,12 @@ impl<L: RawMutex> Engine<L> {
         addr: u64,
         mut op: PvIommuOp,
     ) -> Result<(), Errno> {
-        let mut mapped: Option<Mapped> = None;
         let request = Request::parse(&op);
         let outcome = match request {
             Err(e) => Err(e),
-            // (Maps normally arrive in runs, through run_maps.)
-            Ok(Request::Map(m)) => self.map_tagged(h, caller, ci, &m).map(|done| {
-                op.bfn = done.bfn.0;
-                mapped = Some(done);
-            }),
+            // The batch loop hands every map and unmap to `run_maps` and
+            // `run_unmaps` (a run of one at the least): never here.
+            Ok(Request::Map(_) | Request::Unmap { .. }) => Err(Errno::Inval),
             Ok(Request::Lookup { context, bfn }) => self.lookup(caller, context, bfn).map(|m| {
                 op.domid = m.domid.0;
                 op.gfn = m.gfn.0;
@@ -619,9 +616,6 @@ impl<L: RawMutex> Engine<L> {
             }),
             // Destructive ops: validate, report the outcome, then act, so a
             // status that cannot be written leaves the state unchanged.
-            Ok(Request::Unmap { context, bfn }) => self
-                .unmap_check(caller, context, bfn)
-                .and_then(|revoked| if revoked { Err(Errno::Stale) } else { Ok(()) }),
             Ok(Request::RevokedAck { context, bfn }) => {
                 match self.unmap_check(caller, context, bfn) {
                     Ok(true) => Ok(()),
@@ -656,11 +650,6 @@ impl<L: RawMutex> Engine<L> {
         if let Err(e) = h.copy_to_guest(addr, op.as_bytes()) {
             // Undo what could not be reported.
             match (request, outcome) {
-                (Ok(Request::Map(m)), Ok(())) => {
-                    if let Some(done) = mapped {
-                        self.unmap_undo(h, caller, m.context, done);
-                    }
-                }
                 (Ok(Request::ContextCreate), Ok(())) => {
                     let _ = self.context_destroy(h, caller, ContextId(op.context));
                 }
@@ -672,9 +661,6 @@ impl<L: RawMutex> Engine<L> {
             return Err(e);
         }
         let acted = match (request, outcome) {
-            (Ok(Request::Unmap { context, bfn }), Ok(()) | Err(Errno::Stale)) => {
-                Some(self.unmap(h, caller, context, bfn))
-            }
             (Ok(Request::RevokedAck { context, bfn }), Ok(())) => {
                 Some(self.revoked_ack(caller, context, bfn))
             }
@@ -687,7 +673,7 @@ impl<L: RawMutex> Engine<L> {
             _ => None,
         };
         // Checked above, but another CPU (a revocation) may have changed the
-        // BFN since, or the IOMMU refused the unmap: report what happened.
+        // state since: report what happened.
         if let Some(r) = acted {
             let status = match r {
                 Ok(()) => 0,

@@ -133,7 +133,7 @@ impl<L: RawMutex> Engine<L> {
                 .bfn_of(at)
                 .is_some_and(|bfn| dd.iommu_unmap(h, mapping.context, bfn).is_ok());
             if unmapped {
-                dd.push_unmapping(at, mapping, true);
+                dd.push_unmapping_at(at, true);
             } else {
                 dd.push_stuck(at, mapping);
             }
