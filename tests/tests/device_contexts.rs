@@ -78,6 +78,10 @@ fn detach(m: &mut SimMachine, e: &Engine, caller: DomId, context: ContextId, dev
     op(m, e, caller, Request::ContextDetach { context, device }).0
 }
 
+fn destroy(m: &mut SimMachine, e: &Engine, caller: DomId, context: ContextId) -> i32 {
+    op(m, e, caller, Request::ContextDestroy { context }).0
+}
+
 fn map_in(m: &mut SimMachine, e: &Engine, context: ContextId, gfn: u64, attr: MemAttr) -> Bfn {
     let mut o = map_op_in(context, GUEST, gfn, Permissions::RW);
     o.flags |= attr.field() << pviommu_abi::op_flags::ATTR_SHIFT;
@@ -137,12 +141,7 @@ fn one_buffer_two_devices_two_contexts(format: Format) {
 
     // Destroying the context with B attached is refused: B would change
     // address space behind its driver's back.
-    let (status, _) = op(
-        &mut m,
-        &e,
-        DomId::DOM0,
-        Request::ContextDestroy { context: ctx1 },
-    );
+    let status = destroy(&mut m, &e, DomId::DOM0, ctx1);
     assert_eq!(status, Errno::Busy.negated());
 
     // Detach puts B back in the default context.
@@ -150,12 +149,7 @@ fn one_buffer_two_devices_two_contexts(format: Format) {
     assert!(m.device(B).unwrap().attached.is_none());
     assert_eq!(read(&mut m, B, in_0), Ok(pattern(5)));
     let xen_before_destroy = m.xen_frames();
-    let (status, _) = op(
-        &mut m,
-        &e,
-        DomId::DOM0,
-        Request::ContextDestroy { context: ctx1 },
-    );
+    let status = destroy(&mut m, &e, DomId::DOM0, ctx1);
     assert_eq!(status, 0);
     assert!(
         m.xen_frames() < xen_before_destroy,
@@ -408,12 +402,7 @@ fn xen_reassigning_an_attached_device_detaches_it_first() {
     assert_eq!(m.device(B).unwrap().facts.owner, DEVICE_MODEL);
     // The context no longer names it: it can be destroyed, and dom0 can no
     // longer attach the device it gave away.
-    let (status, _) = op(
-        &mut m,
-        &e,
-        DomId::DOM0,
-        Request::ContextDestroy { context: ctx1 },
-    );
+    let status = destroy(&mut m, &e, DomId::DOM0, ctx1);
     assert_eq!(status, 0);
     let ctx = create(&mut m, &e, DomId::DOM0);
     assert_eq!(
@@ -679,24 +668,14 @@ fn a_device_that_cannot_be_moved_off_keeps_its_tables_alive() {
         Errno::Busy.negated()
     );
     assert!(m.device(B).unwrap().attached.is_some());
-    let (status, _) = op(
-        &mut m,
-        &e,
-        DomId::DOM0,
-        Request::ContextDestroy { context: ctx1 },
-    );
+    let status = destroy(&mut m, &e, DomId::DOM0, ctx1);
     assert_eq!(
         status,
         Errno::Busy.negated(),
         "still attached: not destroyed"
     );
     assert_eq!(detach(&mut m, &e, DomId::DOM0, ctx1, B), 0);
-    let (status, _) = op(
-        &mut m,
-        &e,
-        DomId::DOM0,
-        Request::ContextDestroy { context: ctx1 },
-    );
+    let status = destroy(&mut m, &e, DomId::DOM0, ctx1);
     assert_eq!(status, 0);
 }
 
@@ -762,21 +741,11 @@ fn second_review_regressions() {
     assert_eq!(unmap_in(&mut m, &e, ctx1, b), 0);
     let xen = m.xen_frames();
     m.fail_flushes = 1;
-    let (status, _) = op(
-        &mut m,
-        &e,
-        DomId::DOM0,
-        Request::ContextDestroy { context: ctx1 },
-    );
+    let status = destroy(&mut m, &e, DomId::DOM0, ctx1);
     assert_eq!(status, Errno::Busy.negated());
     assert_eq!(m.xen_frames(), xen, "nothing freed");
     assert!(m.context_roots().iter().any(|(_, c, _)| *c == ctx1));
-    let (status, _) = op(
-        &mut m,
-        &e,
-        DomId::DOM0,
-        Request::ContextDestroy { context: ctx1 },
-    );
+    let status = destroy(&mut m, &e, DomId::DOM0, ctx1);
     assert_eq!(status, 0);
 
     // (c) A device model with no device of its own cannot make Xen take
