@@ -26,7 +26,7 @@
 use alloc::vec::Vec;
 
 use crate::iommu::FlushGather;
-use crate::storage::{hash64, try_push, IndexTable};
+use crate::storage::{hash64, ChunkedVec, IndexTable, ShardedIndex};
 use crate::{ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions};
 
 /// "No slot" in a slot link.
@@ -377,13 +377,13 @@ pub struct DriverDomain {
     pub(crate) contexts: u32,
     /// The engine's own contexts (all but 0): tables, tag, devices.
     pub(crate) own: Vec<super::contexts::OwnContext>,
-    pub(crate) slots: Vec<RawSlot>,
+    pub(crate) slots: ChunkedVec<RawSlot>,
     pub(crate) free_head: u64,
     pub(crate) free: u64,
     /// Page index: (target domid, gfn) -> first Live slot of that page; the
     /// rest of the chain follows through `next_same_page`. Dedup walks the
     /// chain; revocation takes it whole.
-    pub(crate) pages: IndexTable,
+    pub(crate) pages: ShardedIndex,
     /// Target domid -> distinct pages of it in `pages` (packed with the
     /// domid): says when this domain stops mapping a target, so the
     /// target's gate can stop sending its hooks here.
@@ -412,10 +412,10 @@ impl DriverDomain {
             domid,
             contexts: 1,
             own: Vec::new(),
-            slots: Vec::new(),
+            slots: ChunkedVec::new(),
             free_head: NONE,
             free: 0,
-            pages: IndexTable::new(),
+            pages: ShardedIndex::new(),
             targets: IndexTable::new(),
             unmapping_head: NONE,
             stuck_head: NONE,
@@ -478,9 +478,7 @@ impl DriverDomain {
     }
     /// Bytes of heap this driver domain holds.
     pub fn heap_bytes(&self) -> usize {
-        self.slots.capacity() * core::mem::size_of::<RawSlot>()
-            + self.pages.heap_bytes()
-            + self.targets.heap_bytes()
+        self.slots.heap_bytes() + self.pages.heap_bytes() + self.targets.heap_bytes()
     }
     /// Distinct (target domid, gfn) pages this domain maps.
     pub fn mapped_pages(&self) -> usize {
@@ -593,9 +591,11 @@ impl DriverDomain {
     }
 
     /// `at` if it still says where `m`'s page is; otherwise a fresh probe.
-    /// A position is void once the buckets were rebuilt, or once its value
-    /// was removed (a revocation on the way); a page not indexed stays so
-    /// until an install, and only one install runs at a time.
+    /// A position is void once the buckets were rebuilt, or once a removal
+    /// (a revocation on the way) took its value or shifted another value
+    /// into or out of it: the bucket then holds another page, or none. A
+    /// page not indexed stays so until an install, and only one install
+    /// runs at a time.
     #[inline]
     fn still_at(&self, seed: u64, at: PageAt, m: &Mapping) -> PageAt {
         let holds = at.layout == self.pages.layout()
@@ -614,26 +614,20 @@ impl DriverDomain {
 
     /// Make sure one more mapping needs no memory: a free slot (or room
     /// for one, up to `limit` slots) and room in both indices.
-    pub(crate) fn reserve_slot(&mut self, seed: u64, limit: u64) -> Result<(), Errno> {
+    pub(crate) fn reserve_slot(
+        &mut self,
+        seed: u64,
+        limit: u64,
+        domid: DomId,
+        gfn: Gfn,
+    ) -> Result<(), Errno> {
         if self.free_head == NONE {
             if self.slots.len() as u64 >= limit {
                 return Err(Errno::NoSpc);
             }
-            if self.slots.len() == self.slots.capacity() {
-                // Amortised doubling, capped by the limit.
-                let want = self
-                    .slots
-                    .len()
-                    .max(16)
-                    .min((limit - self.slots.len() as u64) as usize);
-                self.slots.try_reserve(want).map_err(|_| Errno::NoMem)?;
-            }
+            self.slots.try_reserve_one()?;
         }
-        let slots = &self.slots;
-        self.pages.reserve_one(|v| match slots.get(v as usize) {
-            Some(r) => page_hash(seed, DomId(r.domid), Gfn(r.gfn)),
-            None => 0,
-        })?;
+        self.pages.reserve_one(page_hash(seed, domid, gfn))?;
         self.targets
             .reserve_one(|v| target_hash(seed, count_domid(v)))
     }
@@ -653,7 +647,8 @@ impl DriverDomain {
             return Ok(idx);
         }
         let idx = self.slots.len() as u64;
-        try_push(&mut self.slots, RawSlot::encode(&Slot::Free { next: NONE }))?;
+        self.slots
+            .try_push(RawSlot::encode(&Slot::Free { next: NONE }))?;
         Ok(idx)
         // (a fresh slot is in use at once: `free` is unchanged)
     }
@@ -715,7 +710,8 @@ impl DriverDomain {
                 let n = self.targets.value_at(pos).map_or(0, count_of);
                 let n = if up { n + 1 } else { n.saturating_sub(1) };
                 if n == 0 {
-                    self.targets.remove_at(pos);
+                    self.targets
+                        .remove_at(pos, |v| target_hash(seed, count_domid(v)));
                 } else {
                     self.targets.set_at(pos, count_pack(domid, n));
                 }
@@ -896,7 +892,7 @@ impl DriverDomain {
             self.pages.clear();
             self.targets.clear();
         } else {
-            self.slots = Vec::new();
+            self.slots.release();
             self.pages.release();
             self.targets.release();
         }
@@ -938,7 +934,7 @@ mod tests {
     }
 
     fn install(dd: &mut DriverDomain, at: PageAt, m: Mapping) -> u64 {
-        dd.reserve_slot(SEED, 1 << 20).unwrap();
+        dd.reserve_slot(SEED, 1 << 20, m.domid, m.gfn).unwrap();
         let idx = dd.take_slot().unwrap();
         dd.install_at(SEED, at, idx, m).unwrap();
         idx

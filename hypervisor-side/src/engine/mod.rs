@@ -1120,7 +1120,7 @@ impl<L: RawMutex> Engine<L> {
         if d.dd.used() >= quota {
             return Err(Errno::NoSpc);
         }
-        d.dd.reserve_slot(seed, quota.min(self.space.len()))?;
+        d.dd.reserve_slot(seed, quota.min(self.space.len()), req.domid, req.gfn)?;
         // (`install_at` probes again if the revocation or the reservation
         // moved the page's bucket.)
         Ok(Prepared::Install(at))
