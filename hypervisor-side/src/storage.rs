@@ -107,11 +107,17 @@ impl IndexTable {
         self.buckets.len().wrapping_sub(1)
     }
 
+    /// Whether one more insert fits without a rebuild.
+    #[inline]
+    pub fn has_room(&self) -> bool {
+        !self.buckets.is_empty() && (self.live + 1) * 2 <= self.buckets.len()
+    }
+
     /// Make sure one more insert needs no memory. `rehash(value)` must give
     /// the hash of a stored value (used when the table is rebuilt). On
     /// `Err(NoMem)` the table is unchanged.
     pub fn reserve_one(&mut self, rehash: impl Fn(u64) -> u64) -> Result<(), Errno> {
-        if !self.buckets.is_empty() && (self.live + 1) * 2 <= self.buckets.len() {
+        if self.has_room() {
             return Ok(());
         }
         // Grow to keep the load at or below 1/4 after the rebuild.
@@ -233,11 +239,20 @@ impl IndexTable {
     /// their probes still find them (`rehash(value)` gives a stored value's
     /// hash). Moves other values: every position handed out before is
     /// void, as after any change. Bounded by the table's size.
+    #[inline]
     pub fn remove_at(&mut self, pos: usize, rehash: impl Fn(u64) -> u64) {
         if self.value_at(pos).is_none() {
             return;
         }
         let mask = self.mask();
+        // The common case at load 1/4 to 1/2: the cluster ends here.
+        if self.buckets.get((pos + 1) & mask) == Some(&EMPTY) {
+            if let Some(b) = self.buckets.get_mut(pos) {
+                *b = EMPTY;
+            }
+            self.live -= 1;
+            return;
+        }
         let mut hole = pos;
         let mut j = pos;
         for _ in 0..self.buckets.len() {
@@ -278,7 +293,11 @@ impl IndexTable {
 
     /// Remove every value, keeping the buckets (no allocation).
     pub fn clear(&mut self) {
-        self.buckets.fill(EMPTY);
+        // Removals leave no tombstones: an empty table has nothing to wipe
+        // (an emptied mapper's index is cleared after every batch).
+        if self.live != 0 {
+            self.buckets.fill(EMPTY);
+        }
         self.live = 0;
         self.rebuilds = self.rebuilds.wrapping_add(1);
     }
@@ -299,12 +318,24 @@ impl IndexTable {
 /// Shards of a [`ShardedIndex`]: the top bits of a hash pick one.
 const SHARD_BITS: u32 = 8;
 const SHARDS: usize = 1 << SHARD_BITS;
+/// Where in a hash the shard number sits: within the low half, which
+/// the buckets keep, so a split needs no keys; above every bucket bit a
+/// shard's table can use (a shard holds at most a 256th of `MAX_QUOTA`).
+const SHARD_SHIFT: u32 = 24;
+/// Values an unsplit index holds before it splits into shards rather
+/// than grow again (its table is then 8192 buckets, 64 KiB).
+const SPLIT_AT: usize = 4096;
+const _: () = assert!(
+    (crate::config::MAX_QUOTA as usize / SHARDS) * 4 <= 1 << SHARD_SHIFT,
+    "a shard's buckets stay below the shard bits"
+);
 /// A position in a [`ShardedIndex`] is `shard * SHARD_STRIDE + bucket`.
 const SHARD_STRIDE: usize = 1 << 40;
 const _: () = assert!(usize::BITS == 64, "positions pack a shard above a bucket");
 
-/// An index of `u32` values by a 64-bit hash, as [`SHARDS`] [`IndexTable`]s
-/// picked by the top bits of the hash, each growing on its own. Each bucket
+/// An index of `u32` values by a 64-bit hash: one [`IndexTable`] while
+/// small, then [`SHARDS`] of them picked by 8 bits of the hash, each
+/// growing on its own. Each bucket
 /// keeps the low 32 bits of its value's hash beside the value, so a probe
 /// skips buckets of other hashes without calling `eq` (for the page index:
 /// without reading their slots), and a rebuild or a removal never needs
@@ -316,10 +347,14 @@ const _: () = assert!(usize::BITS == 64, "positions pack a shard above a bucket"
 /// slot, a cache miss), and asked the host for one 32 MiB block. A shard
 /// holds a 256th of the values: at 1 Mi mappings a growth rehashes about
 /// 4 Ki values into a 128 KiB block, and at the largest quota (16 Mi)
-/// 64 Ki values into 2 MiB.
+/// 64 Ki values into 2 MiB. A small index stays one table (256 tables of
+/// a few values each spread a batch over many cache lines, and cost a
+/// 64-value mapper 2.7x in the bench): it splits when it reaches
+/// [`SPLIT_AT`] values, moving those once.
 #[derive(Debug, Default)]
 pub struct ShardedIndex {
-    /// Empty until the first reservation, then [`SHARDS`] tables.
+    /// Empty until the first reservation, then one table, then (from
+    /// [`SPLIT_AT`] values) [`SHARDS`] tables.
     shards: Vec<IndexTable>,
     live: usize,
     /// Times any shard was rebuilt (positions from before are void).
@@ -350,8 +385,33 @@ impl ShardedIndex {
     }
 
     #[inline]
-    fn shard_of(hash: u64) -> usize {
-        (hash >> (64 - SHARD_BITS)) as usize
+    fn shard_of(&self, hash: u64) -> usize {
+        if self.shards.len() == SHARDS {
+            (hash >> SHARD_SHIFT) as usize & (SHARDS - 1)
+        } else {
+            0
+        }
+    }
+
+    /// Move every value of the one table into [`SHARDS`] tables; on
+    /// `Err(NoMem)` nothing changed. Bounded by [`SPLIT_AT`] values.
+    fn split_into_shards(&mut self) -> Result<(), Errno> {
+        let mut shards = Vec::new();
+        shards.try_reserve_exact(SHARDS).map_err(|_| Errno::NoMem)?;
+        for _ in 0..SHARDS {
+            try_push(&mut shards, IndexTable::new())?;
+        }
+        for b in self.shards.iter().flat_map(IndexTable::values) {
+            let h = packed_hash(b);
+            let t = shards
+                .get_mut((h >> SHARD_SHIFT) as usize & (SHARDS - 1))
+                .ok_or(Errno::NoMem)?;
+            t.reserve_one(packed_hash)?;
+            t.insert(h, b)?;
+        }
+        self.shards = shards;
+        self.rebuilds = self.rebuilds.wrapping_add(1);
+        Ok(())
     }
 
     #[inline]
@@ -381,19 +441,29 @@ impl ShardedIndex {
 
     /// Make sure inserting a value under `hash` needs no memory. On
     /// `Err(NoMem)` the index is unchanged.
+    #[inline]
     pub fn reserve_one(&mut self, hash: u64) -> Result<(), Errno> {
-        if self.shards.is_empty() {
-            let mut shards = Vec::new();
-            shards.try_reserve_exact(SHARDS).map_err(|_| Errno::NoMem)?;
-            for _ in 0..SHARDS {
-                try_push(&mut shards, IndexTable::new())?;
-            }
-            self.shards = shards;
+        // The common case: room in the value's table, nothing to split.
+        let shard_no = self.shard_of(hash);
+        if self.shards.get(shard_no).is_some_and(IndexTable::has_room) {
+            return Ok(());
         }
-        let shard = self
-            .shards
-            .get_mut(Self::shard_of(hash))
-            .ok_or(Errno::NoMem)?;
+        self.make_room(hash)
+    }
+
+    #[cold]
+    fn make_room(&mut self, hash: u64) -> Result<(), Errno> {
+        if self.shards.is_empty() {
+            try_push(&mut self.shards, IndexTable::new())?;
+        }
+        if self.shards.len() == 1
+            && self.live >= SPLIT_AT
+            && self.shards.first().is_some_and(|t| !t.has_room())
+        {
+            self.split_into_shards()?;
+        }
+        let shard_no = self.shard_of(hash);
+        let shard = self.shards.get_mut(shard_no).ok_or(Errno::NoMem)?;
         let before = shard.layout();
         shard.reserve_one(packed_hash)?;
         if shard.layout() != before {
@@ -411,7 +481,7 @@ impl ShardedIndex {
     /// (valid until the index next changes).
     #[inline]
     pub fn position(&self, hash: u64, eq: impl Fn(u64) -> bool) -> Option<usize> {
-        let shard = Self::shard_of(hash);
+        let shard = self.shard_of(hash);
         let low = hash & 0xffff_ffff;
         let pos = self
             .shards
@@ -444,10 +514,8 @@ impl ShardedIndex {
     /// with the same hash). `value` must fit 32 bits.
     pub fn insert(&mut self, hash: u64, value: u64) -> Result<(), Errno> {
         let value = u32::try_from(value).map_err(|_| Errno::Inval)?;
-        let t = self
-            .shards
-            .get_mut(Self::shard_of(hash))
-            .ok_or(Errno::NoMem)?;
+        let shard_no = self.shard_of(hash);
+        let t = self.shards.get_mut(shard_no).ok_or(Errno::NoMem)?;
         t.insert(hash & 0xffff_ffff, packed(hash, value))?;
         self.live += 1;
         Ok(())
@@ -766,8 +834,9 @@ mod tests {
                     t.reserve_one(h(key)).unwrap();
                     // A growth reallocates one shard, never the whole
                     // index (which would be 4 buckets per value).
-                    if before > 0 {
-                        let grown = t.heap_bytes() - before;
+                    let grown = t.heap_bytes() - before;
+                    assert!(grown <= 128 * 1024, "{grown}");
+                    if model.len() > 2 * SPLIT_AT {
                         assert!(grown <= 8 * 64 * (model.len() / SHARDS + 8), "{grown}");
                     }
                     t.insert(h(key), key).unwrap();
