@@ -10,6 +10,11 @@
 //! `engine at scale` runs the engine path with 1 Ki, 64 Ki and 1 Mi
 //! mappings already live, and the gfn hook for an unmapped gfn.
 //!
+//! `growth` (a summary line, printed when no filter or a filter naming
+//! `growth` is given) maps 1 Mi pages from nothing and then churns
+//! batches of 512 on top, timing every run call: the longest one is how
+//! long a map can hold its driver lock while the tables grow.
+//!
 //! Throughput is reported per page (criterion's "elements").
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -336,5 +341,83 @@ fn teardown(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench, floor, scale, teardown);
+/// Every run call (up to `MAP_CHUNK` maps or unmaps under one lock) timed
+/// while a driver domain grows from nothing to 1 Mi mappings and then
+/// churns batches of 512 on top: count, median, 99.99th percentile and
+/// longest, and the engine's heap per live mapping at 1 Mi.
+fn growth(_c: &mut Criterion) {
+    use std::time::Instant;
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    if !filters.is_empty() && !filters.iter().any(|f| f.contains("growth")) {
+        return;
+    }
+    const LIVE: u64 = 1 << 20;
+    let batch = 512u64;
+    let cfg = Config {
+        quota: 2 << 20,
+        ..Config::default()
+    };
+    let (mut m, e) = setup_with(LIVE + batch + 8, Format::Vtd, cfg);
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    let mut calls = Vec::new();
+    let mut out = [Err(Errno::Inval); MAP_CHUNK];
+    let prefill: Vec<MapRequest> = (0..LIVE).map(|g| map_req(batch + 8 + g)).collect();
+    let mut rest = &prefill[..];
+    while !rest.is_empty() {
+        let t = Instant::now();
+        let n = e.map_batch(&mut m, DomId::DOM0, &dom0, rest, &mut out);
+        calls.push(t.elapsed());
+        rest = &rest[n..];
+    }
+    e.finish(&mut m, DomId::DOM0);
+    let growing = calls.len();
+    let per_mapping = {
+        let d = e.driver_state(DomId::DOM0).unwrap();
+        d.heap_bytes() as f64 / d.live() as f64
+    };
+    let reqs: Vec<MapRequest> = (1..=batch).map(map_req).collect();
+    let mut bfns = Vec::new();
+    let mut unmapped = [Ok(()); MAP_CHUNK];
+    for _ in 0..200 {
+        bfns.clear();
+        let mut rest = &reqs[..];
+        while !rest.is_empty() {
+            let t = Instant::now();
+            let n = e.map_batch(&mut m, DomId::DOM0, &dom0, rest, &mut out);
+            calls.push(t.elapsed());
+            bfns.extend(
+                out[..n]
+                    .iter()
+                    .map(|r| (ContextId::DEFAULT, r.unwrap().bfn)),
+            );
+            rest = &rest[n..];
+        }
+        e.finish(&mut m, DomId::DOM0);
+        let mut rest = &bfns[..];
+        while !rest.is_empty() {
+            let t = Instant::now();
+            let n = e.unmap_batch(&mut m, DomId::DOM0, rest, &mut unmapped);
+            calls.push(t.elapsed());
+            rest = &rest[n..];
+        }
+        e.finish(&mut m, DomId::DOM0);
+    }
+    let longest_growing = calls[..growing].iter().max().copied().unwrap_or_default();
+    calls.sort();
+    eprintln!(
+        "summary: growth to {LIVE} live, then 200 rounds of {batch} on top: {} run calls, \
+         median {:?}, p99.99 {:?}, longest {:?} (longest while growing {:?}); \
+         engine heap {per_mapping:.1} bytes per live mapping",
+        calls.len(),
+        calls[calls.len() / 2],
+        calls[calls.len() * 9999 / 10000],
+        calls[calls.len() - 1],
+        longest_growing,
+    );
+}
+
+criterion_group!(benches, bench, floor, scale, teardown, growth);
 criterion_main!(benches);
