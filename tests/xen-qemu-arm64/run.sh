@@ -41,6 +41,7 @@ mkdir -p "$OUT"
 T0=$(date +%s)
 # pass/fail, the result count and the boot watchdog with its stall retry
 # are tests/lib/xen-qemu-boot.sh's, shared with the x86 test.
+# shellcheck source-path=SCRIPTDIR source=../lib/xen-qemu-boot.sh
 . "$REPO/tests/lib/xen-qemu-boot.sh"
 finish() {
     echo "run: timing: build $((T2 - T0)) s, boot+test $((T4 - T3)) s, total $(( $(date +%s) - T0 )) s"
@@ -79,7 +80,7 @@ else
 fi
 
 # ---- dom0 program, domU guest ----
-if aarch64-linux-gnu-gcc -O2 -Wall -Werror -static -I"$REPO/abi/include" -DDUMP_KEY="'$KEY'" \
+if aarch64-linux-gnu-gcc -O2 -Wall -Werror -static -I"$REPO/abi/include" -I"$X" -DDUMP_KEY="'$KEY'" \
        -o "$OUT/dom0-test" "$HERE/dom0-test.c" > "$OUT/cc.log" 2>&1 \
    && aarch64-linux-gnu-gcc -c -o "$OUT/domu.o" "$HERE/domu-arm64.S" >> "$OUT/cc.log" 2>&1 \
    && aarch64-linux-gnu-ld -Ttext=0 -o "$OUT/domu.elf" "$OUT/domu.o" >> "$OUT/cc.log" 2>&1 \
