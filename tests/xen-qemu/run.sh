@@ -135,6 +135,7 @@ fi
 # ---- boot ----
 # The watchdog and the stall retry are tests/lib/xen-qemu-boot.sh's, shared
 # with the arm64 test.
+# shellcheck source-path=SCRIPTDIR source=../lib/xen-qemu-boot.sh
 . "$REPO/tests/lib/xen-qemu-boot.sh"
 LOG="$OUT/serial.log"
 N="${MEASURE_PAGES:-16384}"
