@@ -21,32 +21,16 @@ JOBS="${JOBS:-2}"
 t0=$(date +%s)
 
 "$HERE/fetch-xen.sh"
+# patched tree, PV-IOMMU sources, symbol check: shared with the arm64 builds
+# shellcheck source-path=SCRIPTDIR source=lib/build.sh
+. "$HERE/lib/build.sh"
 
 # ---- fresh patched copy (redone whenever the patch series changes) ----
 stamp="$(cat "$HERE"/patches/*.patch | sha256sum | cut -d' ' -f1)"
-if [ "$(cat "$WORK/.pviommu-patches" 2>/dev/null)" != "$stamp" ]; then
-    echo "build-xen: preparing patched tree in $WORK"
-    rm -rf "$WORK"
-    cp -a "$SRC" "$WORK"
-    for p in "$HERE"/patches/*.patch; do
-        echo "build-xen: applying $(basename "$p")"
-        patch -d "$WORK" -p1 --forward --no-backup-if-mismatch < "$p"
-    done
-    echo "$stamp" > "$WORK/.pviommu-patches"
-fi
-
-# Install a file only when it changed (keeps incremental builds incremental).
-install_if_changed() { cmp -s "$1" "$2" || cp "$1" "$2"; }
+patched_tree build-xen "$SRC" "$WORK" .pviommu-patches "$stamp" "" "$HERE"/patches/*.patch
 
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
-# Public header: Xen's form of abi/include/pviommu.h (same layout; pviommu.c
-# checks it with BUILD_BUG_ON).
-install_if_changed "$HERE/public/pv-iommu.h" "$WORK/xen/include/public/pv-iommu.h"
-# Engine boundary header: Xen has no <stdint.h>/<stddef.h>.
-sed -e 's/#include <stdint.h>/#include <xen\/types.h>/' -e '/#include <stddef.h>/d' \
-    "$HERE/include/pviommu_engine.h" > "$tmp/pviommu_engine.h"
-install_if_changed "$tmp/pviommu_engine.h" "$WORK/xen/common/pviommu_engine.h"
-install_if_changed "$HERE/pviommu.c" "$WORK/xen/common/pviommu.c"
+install_pviommu_sources "$WORK" "$HERE/pviommu.c" "$tmp"
 
 # ---- Rust engine object ----
 t1=$(date +%s)
@@ -86,8 +70,7 @@ fi
 grep -iE 'warning' "$BUILD/xen-build.log" || echo "build-xen: no warnings"
 t3=$(date +%s)
 nm "$WORK/xen/xen-syms" > "$BUILD/xen-syms.nm"
-grep -q ' do_pv_iommu_op$' "$BUILD/xen-syms.nm" || { echo "build-xen: FAIL: do_pv_iommu_op missing" >&2; exit 1; }
-grep -q ' pviommu_engine_op$' "$BUILD/xen-syms.nm" || { echo "build-xen: FAIL: engine not linked" >&2; exit 1; }
+syms_present build-xen "$BUILD/xen-syms.nm" do_pv_iommu_op pviommu_engine_op
 cp "$WORK/xen/xen" "$BUILD/xen"
 cp "$WORK/xen/xen-syms" "$BUILD/xen-syms"
 echo "build-xen: engine $((t2-t1)) s, hypervisor $((t3-t2)) s, total $((t3-t0)) s"

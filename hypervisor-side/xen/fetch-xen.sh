@@ -11,6 +11,9 @@ REPO="$(cd "$HERE/../.." && pwd)"
 BUILD="${PVIOMMU_BUILD_DIR:-$REPO/build}"
 SRC="$BUILD/xen-src"
 mkdir -p "$BUILD"
+# apt steps shared with arm64/fetch-arm64-4.17.sh and arm64/fetch-xen-4.20.sh
+# shellcheck source-path=SCRIPTDIR source=lib/fetch.sh
+. "$HERE/lib/fetch.sh"
 
 if [ -f "$SRC/.fetched" ]; then
     echo "fetch-xen: $SRC already present"
@@ -24,13 +27,7 @@ done
 
 if ! grep -rqsE '^(Types:.*deb-src|deb-src .*bookworm main)' /etc/apt/sources.list /etc/apt/sources.list.d/; then
     echo "fetch-xen: adding deb-src entry for bookworm main"
-    cat > /etc/apt/sources.list.d/pviommu-deb-src.sources <<'SRCS'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRCS
+    write_deb_src /etc/apt/sources.list.d/pviommu-deb-src.sources bookworm
     need_update=1
 else
     need_update=${PVIOMMU_APT_UPDATE:-0}
@@ -45,9 +42,7 @@ fi
 
 tmp="$BUILD/xen-src.tmp"
 rm -rf "$tmp"; mkdir -p "$tmp"
-( cd "$tmp" && apt-get source -q --download-only "xen=$XEN_VERSION" \
-    || { apt-get update -q && apt-get source -q --download-only "xen=$XEN_VERSION"; } )
-( cd "$tmp" && dpkg-source --no-check -x xen_*.dsc src >/dev/null )
+apt_source_xen "$XEN_VERSION" "$tmp"
 rm -rf "$SRC"
 mv "$tmp/src" "$SRC"
 rm -rf "$tmp"

@@ -19,23 +19,14 @@
  * and "PVIOMMU-417: N passed, N failed". Exit status 0 iff none failed.
  */
 #define _GNU_SOURCE
-#include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
-#include <stdarg.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
-#include <sys/mman.h>
 #include <sys/wait.h>
-#include <unistd.h>
 
-#include "pviommu.h"
+/* privcmd hypercalls, locked buffers, check(), op1(): shared with
+ * hypervisor-side/xen/arm64/pviommu-dom0-arm64.c */
+#define DOM0_TAG "PVIOMMU-417"
+#include "dom0-privcmd.h"
 
-typedef struct { uint64_t op; uint64_t arg[5]; } privcmd_hypercall_t;
-#define IOCTL_PRIVCMD_HYPERCALL _IOC(_IOC_NONE, 'P', 0, sizeof(privcmd_hypercall_t))
-#define PAGE 4096
 #define HYPERVISOR_sysctl 35
 /* Xen 4.17's public/sysctl.h */
 #define XEN_SYSCTL_INTERFACE_VERSION 0x00000015
@@ -69,98 +60,6 @@ struct xen_domctl_417 {
         uint8_t pad[128];
     } u;
 };
-
-static int pfd = -1, passed, failed;
-
-static void check(int ok, const char *name, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void check(int ok, const char *name, const char *fmt, ...)
-{
-    va_list ap;
-
-    printf("PVIOMMU-417: %s %s ", ok ? "PASS" : "FAIL", name);
-    va_start(ap, fmt);
-    vprintf(fmt, ap);
-    va_end(ap);
-    printf("\n");
-    fflush(stdout);
-    ok ? passed++ : failed++;
-}
-
-static long raw_hcall(uint64_t op, uint64_t a0, uint64_t a1)
-{
-    privcmd_hypercall_t h = { op, { a0, a1 } };
-    long r = ioctl(pfd, IOCTL_PRIVCMD_HYPERCALL, &h);
-
-    return r < 0 ? -errno : r;
-}
-
-static long hcall(unsigned int cmd, uint64_t arg)
-{
-    return raw_hcall(__HYPERVISOR_pv_iommu_op, cmd, arg);
-}
-
-/* Locked, populated, zeroed: Xen's copies never fault on it. */
-static void *locked_buf(size_t n)
-{
-    void *p = mmap(NULL, n, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_LOCKED | MAP_POPULATE, -1, 0);
-
-    if ( p == MAP_FAILED )
-    {
-        perror("mmap");
-        exit(2);
-    }
-    /* not copy-on-write after read_bfn()'s fork: Xen writes into these */
-    if ( madvise(p, n, MADV_DONTFORK) )
-    {
-        perror("madvise");
-        exit(2);
-    }
-    memset(p, 0, n);
-    return p;
-}
-
-/* dom0 is direct-mapped: a page's frame in /proc/self/pagemap is its gfn. */
-static uint64_t frame_of(const void *p)
-{
-    uint64_t e = 0;
-    int fd = open("/proc/self/pagemap", O_RDONLY);
-
-    if ( fd < 0 )
-        return 0;
-    if ( pread(fd, &e, 8, (off_t)((uintptr_t)p / PAGE) * 8) != 8 )
-        e = 0;
-    close(fd);
-    return (e & (1ULL << 63)) ? e & ((1ULL << 55) - 1) : 0;
-}
-
-static struct pv_iommu_batch *gb;
-static struct pv_iommu_op *gop;
-
-/* One op in a batch of one: the op's status (or the call's error). */
-static int op1(uint16_t subop, uint16_t flags, uint16_t domid, uint64_t gfn,
-               uint64_t bfn)
-{
-    long rc;
-
-    memset(gop, 0, sizeof(*gop));
-    gop->subop = subop;
-    gop->flags = flags;
-    gop->context = 0;
-    gop->domid = domid;
-    gop->gfn = gfn;
-    gop->bfn = bfn;
-    gop->status = 1;
-    memset(gb, 0, sizeof(*gb));
-    gb->version = PVIOMMU_INTERFACE_VERSION;
-    gb->nr_ops = 1;
-    gb->ops = (uint64_t)(uintptr_t)gop;
-    rc = hcall(PVIOMMU_CMD_batch, (uint64_t)(uintptr_t)gb);
-    if ( rc < 0 )
-        return (int)rc;
-    return gb->nr_done == 1 ? gop->status : -1000;
-}
 
 static struct xen_sysctl_debug_keys_417 *gsys;
 static char *gkeys;
@@ -344,22 +243,22 @@ int main(int argc, char **argv)
     rc = hcall(PVIOMMU_CMD_batch, (uint64_t)(uintptr_t)gb);
     check(rc == -EINVAL, "bad-batch-version", "rc=%ld (want %d)", rc, -EINVAL);
     own = frame_of(own_page);
-    st = op1(PVIOMMU_OP_map, PVIOMMU_F_READ, 0, own, 0);
+    st = op1(PVIOMMU_OP_map, 0, PVIOMMU_F_READ, 0, own, 0);
     check(st == -EINVAL, "bad-map-own-page-ctx0",
           "status=%d (want %d: dom0's own gfn %#" PRIx64 " is in its context 0 already)",
           st, -EINVAL, own);
-    st = op1(PVIOMMU_OP_map, PVIOMMU_F_READ, 100, domu_gfn, 0);
+    st = op1(PVIOMMU_OP_map, 0, PVIOMMU_F_READ, 100, domu_gfn, 0);
     check(st == -ESRCH, "bad-map-no-domain", "status=%d (want %d)", st, -ESRCH);
-    st = op1(PVIOMMU_OP_map, PVIOMMU_F_READ | 0x80, domu, domu_gfn, 0);
+    st = op1(PVIOMMU_OP_map, 0, PVIOMMU_F_READ | 0x80, domu, domu_gfn, 0);
     check(st == -EINVAL, "bad-map-flags", "status=%d (want %d)", st, -EINVAL);
-    st = op1(PVIOMMU_OP_map, PVIOMMU_F_READ, domu, 0x10, 0);
+    st = op1(PVIOMMU_OP_map, 0, PVIOMMU_F_READ, domu, 0x10, 0);
     check(st == -ENXIO, "bad-map-gfn-not-present",
           "status=%d (want %d: d%u has no gfn 0x10)", st, -ENXIO, domu);
-    st = op1(PVIOMMU_OP_unmap, 0, 0, 0, caps->bfn_window_start);
+    st = op1(PVIOMMU_OP_unmap, 0, 0, 0, 0, caps->bfn_window_start);
     check(st == -ENOENT, "bad-unmap-not-mapped", "status=%d (want %d)", st, -ENOENT);
 
     /* 4. the map: the domU's known page into dom0's context 0 */
-    st = op1(PVIOMMU_OP_map, PVIOMMU_F_READ, domu, domu_gfn, 0);
+    st = op1(PVIOMMU_OP_map, 0, PVIOMMU_F_READ, domu, domu_gfn, 0);
     bfn = gop->bfn;
     check(st == 0 && bfn >= caps->bfn_window_start && bfn < caps->bfn_window_end,
           "map-domu-page-ctx0", "status=%d d%u gfn %#" PRIx64 " -> bfn %#" PRIx64 " (read-only)",
@@ -367,7 +266,7 @@ int main(int argc, char **argv)
     if ( st != 0 )
         goto out;
     printf("PVIOMMU-417: MAPPED bfn=%#" PRIx64 " domid=%u gfn=%#" PRIx64 "\n", bfn, domu, domu_gfn);
-    st = op1(PVIOMMU_OP_lookup, 0, 0, 0, bfn);
+    st = op1(PVIOMMU_OP_lookup, 0, 0, 0, 0, bfn);
     check(st == 0 && gop->domid == domu && gop->gfn == domu_gfn, "lookup",
           "status=%d bfn %#" PRIx64 " -> d%u gfn %#" PRIx64, st, bfn, gop->domid, gop->gfn);
     n = read_bfn(bfn, pattern, &first);
@@ -381,12 +280,12 @@ int main(int argc, char **argv)
     debug_key(++keyn, "after-map");
 
     /* 5. unmap, and it is gone */
-    st = op1(PVIOMMU_OP_unmap, 0, 0, 0, bfn);
+    st = op1(PVIOMMU_OP_unmap, 0, 0, 0, 0, bfn);
     check(st == 0, "unmap", "status=%d bfn %#" PRIx64, st, bfn);
     debug_key(++keyn, "after-unmap");
-    st = op1(PVIOMMU_OP_lookup, 0, 0, 0, bfn);
+    st = op1(PVIOMMU_OP_lookup, 0, 0, 0, 0, bfn);
     check(st == -ENOENT, "lookup-after-unmap", "status=%d (want %d)", st, -ENOENT);
-    st = op1(PVIOMMU_OP_unmap, 0, 0, 0, bfn);
+    st = op1(PVIOMMU_OP_unmap, 0, 0, 0, 0, bfn);
     check(st == -ENOENT, "unmap-again", "status=%d (want %d)", st, -ENOENT);
     rc = hcall(PVIOMMU_CMD_query_caps, (uint64_t)(uintptr_t)caps);
     check(rc == 0 && caps->used == 0, "caps-used-after-unmap", "rc=%ld used=%" PRIu64 " (want 0)",
@@ -397,7 +296,7 @@ int main(int argc, char **argv)
      * revokes the BFN (dom0's p2m entry goes, the page reference is
      * dropped), dom0 gets a revocation notice, and the domain is freed.
      */
-    st = op1(PVIOMMU_OP_map, PVIOMMU_F_READ | PVIOMMU_F_WRITE, domu, domu_gfn, 0);
+    st = op1(PVIOMMU_OP_map, 0, PVIOMMU_F_READ | PVIOMMU_F_WRITE, domu, domu_gfn, 0);
     bfn = gop->bfn;
     check(st == 0, "map-domu-page-rw", "status=%d d%u gfn %#" PRIx64 " -> bfn %#" PRIx64 " (read-write)",
           st, domu, domu_gfn, bfn);
@@ -414,11 +313,11 @@ int main(int argc, char **argv)
           "rc=%ld revoked=%" PRIu64 " used=%" PRIu64 " (want 1 and 1: the BFN stays reserved until acknowledged)",
           rc, caps->revoked, caps->used);
     memset(gop, 0, sizeof(*gop));
-    st = op1(PVIOMMU_OP_revoked_next, 0, 0, 0, 0);
+    st = op1(PVIOMMU_OP_revoked_next, 0, 0, 0, 0, 0);
     check(st == 0 && gop->bfn == bfn && gop->domid == domu && gop->gfn == domu_gfn,
           "revoked-next", "status=%d bfn %#" PRIx64 " d%u gfn %#" PRIx64 " (want bfn %#" PRIx64 " d%u gfn %#" PRIx64 ")",
           st, gop->bfn, gop->domid, gop->gfn, bfn, domu, domu_gfn);
-    st = op1(PVIOMMU_OP_unmap, 0, 0, 0, bfn);
+    st = op1(PVIOMMU_OP_unmap, 0, 0, 0, 0, bfn);
     check(st == -ESTALE, "unmap-revoked", "status=%d (want %d: acknowledged)", st, -ESTALE);
     rc = hcall(PVIOMMU_CMD_query_caps, (uint64_t)(uintptr_t)caps);
     check(rc == 0 && caps->revoked == 0 && caps->used == 0, "caps-after-ack",
@@ -436,7 +335,7 @@ int main(int argc, char **argv)
           rc == 0 && gdom->u.getdomaininfo.domain == domu
               ? ((gdom->u.getdomaininfo.flags & XEN_DOMINF_dying) ? " (still dying: a page reference is held)" : " (alive)")
               : " (gone)");
-    st = op1(PVIOMMU_OP_map, PVIOMMU_F_READ, domu, domu_gfn, 0);
+    st = op1(PVIOMMU_OP_map, 0, PVIOMMU_F_READ, domu, domu_gfn, 0);
     check(st == -ESRCH, "map-after-destroy", "status=%d (want %d)", st, -ESRCH);
 
 out:

@@ -39,13 +39,13 @@ B="$PVIOMMU_ARM64_417"
 OUT="$B/test"
 mkdir -p "$OUT"
 T0=$(date +%s)
-passed=0; failed=0
-pass() { echo "PASS $*"; passed=$((passed + 1)); }
-fail() { echo "FAIL $*"; failed=$((failed + 1)); }
+# pass/fail, the result count and the boot watchdog with its stall retry
+# are tests/lib/xen-qemu-boot.sh's, shared with the x86 test.
+# shellcheck source-path=SCRIPTDIR source=../lib/xen-qemu-boot.sh
+. "$REPO/tests/lib/xen-qemu-boot.sh"
 finish() {
     echo "run: timing: build $((T2 - T0)) s, boot+test $((T4 - T3)) s, total $(( $(date +%s) - T0 )) s"
-    echo "$passed passed, $failed failed"
-    [ "$failed" = 0 ] && [ "$passed" -gt 0 ]
+    results_summary
     exit $?
 }
 T2=$T0; T3=$T0; T4=$T0
@@ -80,7 +80,7 @@ else
 fi
 
 # ---- dom0 program, domU guest ----
-if aarch64-linux-gnu-gcc -O2 -Wall -Werror -static -I"$REPO/abi/include" -DDUMP_KEY="'$KEY'" \
+if aarch64-linux-gnu-gcc -O2 -Wall -Werror -static -I"$REPO/abi/include" -I"$X" -DDUMP_KEY="'$KEY'" \
        -o "$OUT/dom0-test" "$HERE/dom0-test.c" > "$OUT/cc.log" 2>&1 \
    && aarch64-linux-gnu-gcc -c -o "$OUT/domu.o" "$HERE/domu-arm64.S" >> "$OUT/cc.log" 2>&1 \
    && aarch64-linux-gnu-ld -Ttext=0 -o "$OUT/domu.elf" "$OUT/domu.o" >> "$OUT/cc.log" 2>&1 \
@@ -181,45 +181,10 @@ STALL="${BOOT_STALL_S:-150}"
 START_LINE='=== pviommu arm64 4.17 dom0 test start ==='
 END_LINE='=== pviommu arm64 4.17 dom0 test end ==='
 printf '%q ' "$QEMU" "${QARGS[@]}" -dtb "$OUT/xen.dtb" > "$OUT/qemu.cmd"; echo >> "$OUT/qemu.cmd"
-
-# boot_once: one QEMU run into $LOG under a watchdog; sets verdict ("" when
-# the test ran to its end line, or panic|timeout|stall) and first_line_s.
-boot_once() {
-    : > "$LOG"
-    verdict=""; first_line_s=""
-    local t0 el qpid
-    t0=$(date +%s)
-    nice -n 10 "$QEMU" "${QARGS[@]}" -dtb "$OUT/xen.dtb" < /dev/null > "$LOG" 2>&1 &
-    qpid=$!
-    while kill -0 "$qpid" 2>/dev/null; do
-        sleep 1
-        el=$(( $(date +%s) - t0 ))
-        if grep -aqE 'Kernel panic|Panic on CPU|FATAL TRAP' "$LOG"; then verdict="panic"; sleep 2; break; fi
-        if [ -z "$first_line_s" ]; then
-            if grep -aqF "$START_LINE" "$LOG"; then
-                first_line_s=$el
-                echo "run: first test line after $el s"
-            elif [ "$el" -ge "$STALL" ]; then
-                verdict="stall"; break
-            fi
-        fi
-        if [ "$el" -ge "$TMO" ]; then verdict="timeout"; break; fi
-        if grep -aqF "$END_LINE" "$LOG"; then sleep 3; break; fi
-    done
-    if kill -0 "$qpid" 2>/dev/null; then kill "$qpid"; sleep 1; fi
-    wait "$qpid" 2>/dev/null || true
-}
+PANIC_GRACE_S=2
+END_GRACE_S=3
 T3=$(date +%s)
-rm -f "$OUT/serial.stalled.log"
-boot_once
-if [ "$verdict" = stall ]; then
-    # A stall before any test ran is TCG flakiness, not a result: keep its
-    # log and boot once more. A stall after the first test line is a failure.
-    cp "$LOG" "$OUT/serial.stalled.log"
-    echo "run: boot stalled before the first test line after $STALL s (log $OUT/serial.stalled.log); retrying once"
-    boot_once
-    [ "$verdict" = stall ] && verdict="stall (again, after one retry)"
-fi
+qemu_boot nice -n 10 "$QEMU" "${QARGS[@]}" -dtb "$OUT/xen.dtb"
 T4=$(date +%s)
 [ -n "$verdict" ] && echo "run: watchdog: $verdict"
 C="$OUT/serial.clean.log"

@@ -133,75 +133,39 @@ fi
 ( cd "$R" && find . | cpio -o -H newc --quiet | gzip -1 > "$OUT/initrd.gz" )
 
 # ---- boot ----
+# The watchdog and the stall retry are tests/lib/xen-qemu-boot.sh's, shared
+# with the arm64 test.
+# shellcheck source-path=SCRIPTDIR source=../lib/xen-qemu-boot.sh
+. "$REPO/tests/lib/xen-qemu-boot.sh"
 LOG="$OUT/serial.log"
 N="${MEASURE_PAGES:-16384}"
 TMO="${QEMU_TIMEOUT:-600}"
 STALL="${BOOT_STALL_S:-150}"
 START_LINE='=== pviommu dom0 test start ==='
-
-# boot_once: one QEMU run into $LOG under a watchdog; sets verdict ("" when
-# the test ran to its end line, or panic|timeout|stall) and first_line_s.
-boot_once() {
-    : > "$LOG"
-    verdict=""; first_line_s=""
-    local t0 el qpid
-    t0=$(date +%s)
-    qemu-system-x86_64 -accel tcg -machine q35,kernel-irqchip=split \
-        -device intel-iommu,intremap=on,caching-mode=on,snoop-control=on \
-        -m 2048 -smp 2 -nographic -serial stdio -monitor none -no-reboot \
-        -kernel "$XEN" \
-        -append "console=com1 com1=115200 dom0_mem=512M loglvl=all guest_loglvl=all iommu=1,verbose dom0-iommu=strict noreboot" \
-        -initrd "$VMLINUZ console=hvc0 earlyprintk=xen pviommu_measure=$N pviommu_fuzz=${FUZZ_CALLS:-100000} pviommu_big=${BIG_PAGES:-65536},$OUT/initrd.gz" \
-        -device edu,dma_mask=0xffffffffffffffff,addr=06.0 \
-        -device edu,dma_mask=0xffffffffffffffff,addr=07.0 \
-        < /dev/null > "$LOG" 2>&1 &
-    qpid=$!
-    while kill -0 "$qpid" 2>/dev/null; do
-        sleep 1
-        el=$(( $(date +%s) - t0 ))
-        if grep -aqE 'Kernel panic|Panic on CPU|FATAL TRAP' "$LOG"; then verdict="panic"; break; fi
-        if [ -z "$first_line_s" ]; then
-            if grep -aqF "$START_LINE" "$LOG"; then
-                first_line_s=$el
-                echo "run: first test line after $el s"
-            elif [ "$el" -ge "$STALL" ]; then
-                verdict="stall"; break
-            fi
-        fi
-        if [ "$el" -ge "$TMO" ]; then verdict="timeout"; break; fi
-        if grep -aq '=== pviommu dom0 test end ===' "$LOG" && [ "$el" -ge 1 ]; then
-            sleep 10; break
-        fi
-    done
-    if kill -0 "$qpid" 2>/dev/null; then kill "$qpid"; sleep 1; fi
-    wait "$qpid" 2>/dev/null || true
-}
+END_LINE='=== pviommu dom0 test end ==='
+END_GRACE_S=10
 
 T3=$(date +%s)
-rm -f "$OUT/serial.stalled.log"
-boot_once
-if [ "$verdict" = stall ]; then
-    # A stall before any test ran is TCG flakiness, not a result: keep its
-    # log and boot once more. A stall after the first test line is a failure.
-    cp "$LOG" "$OUT/serial.stalled.log"
-    echo "run: boot stalled before the first test line after $STALL s (log $OUT/serial.stalled.log); retrying once"
-    boot_once
-    [ "$verdict" = stall ] && verdict="stall (again, after one retry)"
-fi
+qemu_boot qemu-system-x86_64 -accel tcg -machine q35,kernel-irqchip=split \
+    -device intel-iommu,intremap=on,caching-mode=on,snoop-control=on \
+    -m 2048 -smp 2 -nographic -serial stdio -monitor none -no-reboot \
+    -kernel "$XEN" \
+    -append "console=com1 com1=115200 dom0_mem=512M loglvl=all guest_loglvl=all iommu=1,verbose dom0-iommu=strict noreboot" \
+    -initrd "$VMLINUZ console=hvc0 earlyprintk=xen pviommu_measure=$N pviommu_fuzz=${FUZZ_CALLS:-100000} pviommu_big=${BIG_PAGES:-65536},$OUT/initrd.gz" \
+    -device edu,dma_mask=0xffffffffffffffff,addr=06.0 \
+    -device edu,dma_mask=0xffffffffffffffff,addr=07.0
 T4=$(date +%s)
 
 tr -d '\r' < "$LOG" > "$OUT/serial.clean.log"
 grep -aE '^(PASS|FAIL|SKIP|MEASURE) ' "$OUT/serial.clean.log" || true
 grep -aE 'pviommu|VT-D\]DMAR:\[' "$OUT/serial.clean.log" | grep -v '^ *+' | head -20 > "$OUT/xen-pviommu-lines.log" || true
-P=$(grep -acE '^PASS ' "$OUT/serial.clean.log" || true)
-F=$(grep -acE '^FAIL ' "$OUT/serial.clean.log" || true)
+passed=$(grep -acE '^PASS ' "$OUT/serial.clean.log" || true)
+failed=$(grep -acE '^FAIL ' "$OUT/serial.clean.log" || true)
 S=$(grep -acE '^SKIP ' "$OUT/serial.clean.log" || true)
-if ! grep -aq '=== pviommu dom0 test end ===' "$OUT/serial.clean.log"; then
-    echo "FAIL test_completed (${verdict:-qemu exited early}; see $LOG)"
-    F=$((F + 1))
+if ! grep -aqF "$END_LINE" "$OUT/serial.clean.log"; then
+    fail "test_completed (${verdict:-qemu exited early}; see $LOG)"
 fi
-[ -n "$verdict" ] && [ "$verdict" != "" ] && echo "run: watchdog: $verdict"
+[ -n "$verdict" ] && echo "run: watchdog: $verdict"
 echo "run: timing: xen build $((T2-T1)) s, qemu boot+test $((T4-T3)) s, total $((T4-T0)) s; log $LOG"
 [ "$S" -gt 0 ] && echo "run: $S check(s) skipped (SKIP lines above say why)"
-echo "$P passed, $F failed"
-[ "$F" = 0 ] && [ "$P" -gt 0 ]
+results_summary

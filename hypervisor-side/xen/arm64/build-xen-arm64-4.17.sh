@@ -35,33 +35,22 @@ t0=$(date +%s)
     || { tail -20 "$LOG/fetch.log" >&2; echo "build-xen-arm64-4.17: FAIL: fetch, see $LOG/fetch.log" >&2; exit 1; }
 [ -f "$SRC/.fetched" ] || { echo "build-xen-arm64-4.17: no Xen source in $SRC" >&2; exit 1; }
 
+# patched tree, PV-IOMMU sources, symbol check: shared with ../build-xen.sh
+# and build-xen-arm64.sh
+# shellcheck source-path=SCRIPTDIR source=../lib/build.sh
+. "$HERE/../lib/build.sh"
+
 # ---- patched copy, redone when the series or a patch changes ----
 patches=()
-while read -r l; do
-    case "$l" in ''|'#'*) continue ;; esac
-    patches+=("$HERE/patches-4.17-arm64/$l")
-done < "$HERE/patches-4.17-arm64/series"
+series_patches "$HERE/patches-4.17-arm64"
 stamp="$(cat "$HERE/patches-4.17-arm64/series" "${patches[@]}" | sha256sum | cut -c1-16)"
-if [ "$(cat "$TREE/.tree-stamp" 2>/dev/null)" != "$stamp" ]; then
-    rm -rf "$TREE"
-    cp -a "$SRC" "$TREE"
-    for p in "${patches[@]}"; do
-        echo "build-xen-arm64-4.17: applying $(basename "$p")"
-        # no fuzz: every patch of the series applies to this exact tree
-        patch -s -p1 -F0 --forward --no-backup-if-mismatch -d "$TREE" < "$p"
-    done
-    echo "$stamp" > "$TREE/.tree-stamp"
-fi
+# no fuzz (-F0): every patch of the series applies to this exact tree
+patched_tree build-xen-arm64-4.17 "$SRC" "$TREE" .tree-stamp "$stamp" "-s -F0" "${patches[@]}"
 
 # ---- headers, glue, engine (installed only when changed) ----
-install_if_changed() { cmp -s "$1" "$2" || cp "$1" "$2"; }
-XS="$HERE/.."
-install_if_changed "$XS/public/pv-iommu.h" "$TREE/xen/include/public/pv-iommu.h"
-sed -e 's/#include <stdint.h>/#include <xen\/types.h>/' -e '/#include <stddef.h>/d' \
-    "$XS/include/pviommu_engine.h" > "$LOG/pviommu_engine.h"
-install_if_changed "$LOG/pviommu_engine.h" "$TREE/xen/common/pviommu_engine.h"
+# the glue with its two named 4.17 differences switched on
 { echo "#define PVIOMMU_ARM_XEN 417 /* build-xen-arm64-4.17.sh */"; cat "$HERE/pviommu-arm.c"; } > "$LOG/pviommu.c"
-install_if_changed "$LOG/pviommu.c" "$TREE/xen/common/pviommu.c"
+install_pviommu_sources "$TREE" "$LOG/pviommu.c" "$LOG"
 t1=$(date +%s)
 if [ -n "${PVIOMMU_ENGINE_OBJ:-}" ]; then
     ENGINE_OBJ="$PVIOMMU_ENGINE_OBJ"
@@ -101,9 +90,8 @@ if grep -qiE 'warning:|orphan' "$LOG/xen-build.log"; then
 fi
 t3=$(date +%s)
 aarch64-linux-gnu-nm "$TREE/xen/xen-syms" > "$LOG/xen-syms.nm"
-for s in do_pv_iommu_op pviommu_engine_op pviommu_engine_init pvx_dump_dom0_p2m; do
-    grep -q " $s\$" "$LOG/xen-syms.nm" || { echo "build-xen-arm64-4.17: FAIL: $s not in xen-syms" >&2; exit 1; }
-done
+syms_present build-xen-arm64-4.17 "$LOG/xen-syms.nm" \
+    do_pv_iommu_op pviommu_engine_op pviommu_engine_init pvx_dump_dom0_p2m
 echo "build-xen-arm64-4.17: xen-syms has do_pv_iommu_op, the engine ($(grep -c ' pviommu_rs_sym_\| pviommu_engine_' "$LOG/xen-syms.nm") engine symbols) and the debug key"
 echo "build-xen-arm64-4.17: fetch $((t1 - t0)) s, engine $((t2 - t1)) s, hypervisor $((t3 - t2)) s (make -j$JOBS, nice 19)"
 # (file(1) may be missing on a clean CI machine)

@@ -58,37 +58,22 @@ mkdir -p "$LOG"
 [ -f "$SRC/.fetched" ] || "$HERE/fetch-xen-4.20.sh"
 echo "build-xen-arm64: source $(cat "$SRC/.origin")"
 
+# patched tree, PV-IOMMU sources, symbol check: shared with ../build-xen.sh
+# and build-xen-arm64-4.17.sh
+# shellcheck source-path=SCRIPTDIR source=../lib/build.sh
+. "$HERE/../lib/build.sh"
+
 # patched copy, redone when the patch set or the PCI choice changes
 patches=()
 if [ "$PCI" = 1 ] && [ -n "$PATCHDIR" ]; then patches=("$PATCHDIR"/*.patch); fi
-if [ "$PVI" = 1 ]; then
-    while read -r l; do
-        case "$l" in ''|'#'*) continue ;; esac
-        patches+=("$HERE/patches-4.21/$l")
-    done < "$HERE/patches-4.21/series"
-fi
+if [ "$PVI" = 1 ]; then series_patches "$HERE/patches-4.21"; fi
 psum=none
 if [ ${#patches[@]} -gt 0 ]; then psum="$(cat "${patches[@]}" | sha256sum | cut -c1-16)"; fi
 stamp="pci=$PCI $(cat "$SRC/.origin") patches=$psum"
-if [ ! -f "$TREE/.tree-stamp" ] || [ "$(cat "$TREE/.tree-stamp")" != "$stamp" ]; then
-    rm -rf "$TREE"
-    cp -a "$SRC" "$TREE"
-    for p in "${patches[@]}"; do
-        echo "build-xen-arm64: applying $(basename "$p")"
-        patch -s -p1 --forward --no-backup-if-mismatch -d "$TREE" < "$p"
-    done
-    echo "$stamp" > "$TREE/.tree-stamp"
-fi
+patched_tree build-xen-arm64 "$SRC" "$TREE" .tree-stamp "$stamp" -s "${patches[@]}"
 
 if [ "$PVI" = 1 ]; then
-    # Install a file only when it changed (keeps incremental builds incremental).
-    install_if_changed() { cmp -s "$1" "$2" || cp "$1" "$2"; }
-    XS="$HERE/.."
-    install_if_changed "$XS/public/pv-iommu.h" "$TREE/xen/include/public/pv-iommu.h"
-    sed -e 's/#include <stdint.h>/#include <xen\/types.h>/' -e '/#include <stddef.h>/d' \
-        "$XS/include/pviommu_engine.h" > "$LOG/pviommu_engine.h"
-    install_if_changed "$LOG/pviommu_engine.h" "$TREE/xen/common/pviommu_engine.h"
-    install_if_changed "$HERE/pviommu-arm.c" "$TREE/xen/common/pviommu.c"
+    install_pviommu_sources "$TREE" "$HERE/pviommu-arm.c" "$LOG"
     if [ -n "${PVIOMMU_ENGINE_OBJ:-}" ]; then ENGINE_OBJ="$PVIOMMU_ENGINE_OBJ"
     else
         t_e=$(date +%s)
@@ -139,9 +124,7 @@ fi
 end=$(date +%s)
 if [ "$PVI" = 1 ]; then
     aarch64-linux-gnu-nm "$TREE/xen/xen-syms" > "$LOG/xen-syms-pviommu.nm"
-    for s in do_pv_iommu_op pviommu_engine_op pviommu_engine_init; do
-        grep -q " $s\$" "$LOG/xen-syms-pviommu.nm" || { echo "build-xen-arm64: FAIL: $s not in xen-syms" >&2; exit 1; }
-    done
+    syms_present build-xen-arm64 "$LOG/xen-syms-pviommu.nm" do_pv_iommu_op pviommu_engine_op pviommu_engine_init
     echo "build-xen-arm64: xen-syms has do_pv_iommu_op and the engine ($(grep -c ' pviommu_rs_sym_\| pviommu_engine_' "$LOG/xen-syms-pviommu.nm") engine symbols)"
     if grep -qiE 'warning:|orphan' "$LOG/xen-arm64-build.log"; then grep -iE 'warning:|orphan' "$LOG/xen-arm64-build.log" | head -5
     else echo "build-xen-arm64: no compiler/linker warnings"; fi

@@ -22,6 +22,7 @@
 #   PVIOMMU_ARM64_BUILD  build directory (default /work/arm64-build)
 #   PVIOMMU_DOM0_SUITE   suite for the dom0 kernel/busybox (default trixie)
 set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
 XEN_VERSION="4.20.4+63-g7abfd2bce2-0+deb13u1"
 UPSTREAM_TAG="RELEASE-4.20.4"
 BUILD="${PVIOMMU_ARM64_BUILD:-/work/arm64-build}"
@@ -30,29 +31,12 @@ SRC="$BUILD/xen-4.20-src"
 mkdir -p "$BUILD"
 export DEBIAN_FRONTEND=noninteractive
 
+# apt steps shared with ../fetch-xen.sh and fetch-arm64-4.17.sh
+# shellcheck source-path=SCRIPTDIR source=../lib/fetch.sh
+. "$HERE/../lib/fetch.sh"
+
 # 1. host tools
-missing=()
-command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu)
-[ -e /usr/aarch64-linux-gnu/lib/libc.a ] || missing+=(libc6-dev-arm64-cross)  # static dom0 test programs
-command -v aarch64-linux-gnu-objdump >/dev/null || missing+=(binutils-aarch64-linux-gnu)
-command -v qemu-system-aarch64 >/dev/null || missing+=(qemu-system-arm)
-for t in bison flex make python3 dpkg-source cpio xz gzip; do
-    command -v "$t" >/dev/null || missing+=("$t")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    pkgs=()
-    for m in "${missing[@]}"; do
-        case "$m" in
-            make) pkgs+=(build-essential) ;;
-            dpkg-source) pkgs+=(dpkg-dev) ;;
-            xz) pkgs+=(xz-utils) ;;
-            *) pkgs+=("$m") ;;
-        esac
-    done
-    echo "fetch-xen-4.20: installing ${pkgs[*]}"
-    apt-get install -y -q --no-install-recommends "${pkgs[@]}" \
-        || { apt-get update -q && apt-get install -y -q --no-install-recommends "${pkgs[@]}"; }
-fi
+install_arm64_host_tools fetch-xen-4.20
 
 # 2. Xen 4.20 source
 if [ -f "$SRC/.fetched" ]; then
@@ -61,21 +45,12 @@ else
     LIST=/etc/apt/sources.list.d/pviommu-trixie-src.sources
     if [ ! -f "$LIST" ]; then
         echo "fetch-xen-4.20: adding deb-src entry for trixie main ($LIST)"
-        cat > "$LIST" <<'SRCS'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: trixie
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRCS
+        write_deb_src "$LIST" trixie
         apt-get update -q
     fi
     tmp="$BUILD/xen-4.20-src.tmp"
     rm -rf "$tmp"; mkdir -p "$tmp"
-    if ( cd "$tmp" && { apt-get source -q --download-only "xen=$XEN_VERSION" \
-            || { apt-get update -q && apt-get source -q --download-only "xen=$XEN_VERSION"; }; } ) \
-            > "$BUILD/apt-source-xen.log" 2>&1; then
-        ( cd "$tmp" && dpkg-source --no-check -x xen_*.dsc src >/dev/null )
+    if apt_source_xen "$XEN_VERSION" "$tmp" > "$BUILD/apt-source-xen.log" 2>&1; then
         echo "debian $XEN_VERSION" > "$tmp/src/.origin"
     else
         # Observed 2026-11-30: the mirror has trixie's indices and binaries
@@ -99,50 +74,10 @@ SRCS
     echo "fetch-xen-4.20: Xen source ($(cat "$SRC/.origin")) in $SRC"
 fi
 
-# 3. arm64 dom0 kernel and busybox (private apt root, arm64 only)
-D0="$BUILD/dom0-arm64"
-if [ -f "$D0/.fetched" ]; then
-    echo "fetch-xen-4.20: $D0 already present"
-else
-    AR="$BUILD/apt-arm64"
-    mkdir -p "$AR/etc/sources.list.d" "$AR/etc/preferences.d" "$AR/state/lists/partial" \
-             "$AR/cache/archives/partial" "$AR/debs"
-    cat > "$AR/etc/sources.list.d/debian.sources" <<SRCS
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: $DOM0_SUITE
-Components: main
-Architectures: arm64
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRCS
-    cat > "$AR/apt.conf" <<CONF
-APT::Architecture "arm64";
-APT::Architectures { "arm64"; };
-Dir::Etc::SourceList "/dev/null";
-Dir::Etc::SourceParts "$AR/etc/sources.list.d";
-Dir::Etc::Preferences "/dev/null";
-Dir::Etc::PreferencesParts "$AR/etc/preferences.d";
-Dir::State "$AR/state";
-Dir::State::status "$AR/state/status";
-Dir::Cache "$AR/cache";
-CONF
-    touch "$AR/state/status"
-    export APT_CONFIG="$AR/apt.conf"
-    apt-get update -q
-    # the meta package names the versioned image package
-    kpkg="$(apt-cache depends linux-image-arm64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
-    [ -n "$kpkg" ] || { echo "fetch-xen-4.20: no linux-image for arm64 in $DOM0_SUITE" >&2; exit 1; }
-    # xen-hypervisor-4.20-arm64: Debian's stock build, for comparison
-    ( cd "$AR/debs" && apt-get download -q "$kpkg" busybox-static xen-hypervisor-4.20-arm64 )
-    unset APT_CONFIG
-    rm -rf "$D0"; mkdir -p "$D0"
-    dpkg-deb -x "$AR/debs/${kpkg}"_*.deb "$D0/kernel"
-    dpkg-deb -x "$AR/debs"/busybox-static_*.deb "$D0/busybox"
-    dpkg-deb -x "$AR/debs"/xen-hypervisor-4.20-arm64_*.deb "$D0/xen-stock"
-    echo "$kpkg" > "$D0/kernel-package"
-    touch "$D0/.fetched"
-    echo "fetch-xen-4.20: dom0 kernel $kpkg and busybox-static in $D0"
-fi
+# 3. arm64 dom0 kernel and busybox (private apt root, arm64 only), and
+#    xen-hypervisor-4.20-arm64: Debian's stock build, for comparison
+fetch_arm64_dom0 fetch-xen-4.20 "$BUILD/apt-arm64" "$BUILD/dom0-arm64" "$DOM0_SUITE" \
+    xen-hypervisor-4.20-arm64=xen-stock
 
 # 4. QEMU >= 8.1 for an SMMUv3 with stage-2 (Debian 12's 7.2 has stage 1
 #    only, and Xen's SMMUv3 driver needs stage 2). bookworm-backports has
@@ -154,22 +89,9 @@ if [ -x "$Q/usr/bin/qemu-system-aarch64" ]; then
     echo "fetch-xen-4.20: $Q already present"
 else
     AB="$BUILD/apt-bpo"
-    mkdir -p "$AB/etc/sources.list.d" "$AB/state/lists/partial" "$AB/cache/archives/partial" "$AB/debs"
-    cat > "$AB/etc/sources.list.d/debian.sources" <<SRCS
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: bookworm-backports
-Components: main
-Architectures: amd64
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRCS
-    cat > "$AB/apt.conf" <<CONF
-Dir::Etc::SourceList "/dev/null";
-Dir::Etc::SourceParts "$AB/etc/sources.list.d";
-Dir::State "$AB/state";
-Dir::State::status "/var/lib/dpkg/status";
-Dir::Cache "$AB/cache";
-CONF
+    # amd64 packages, but only downloaded: the host's dpkg status tells
+    # apt what is installed
+    private_apt_root "$AB" bookworm-backports amd64 /var/lib/dpkg/status
     export APT_CONFIG="$AB/apt.conf"
     apt-get update -q
     rm -f "$AB/debs"/*.deb

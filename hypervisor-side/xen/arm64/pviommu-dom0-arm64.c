@@ -23,62 +23,12 @@
  */
 #define _GNU_SOURCE
 #include <dirent.h>
-#include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
-#include "pviommu.h"
-
-typedef struct { uint64_t op; uint64_t arg[5]; } privcmd_hypercall_t;
-#define IOCTL_PRIVCMD_HYPERCALL _IOC(_IOC_NONE, 'P', 0, sizeof(privcmd_hypercall_t))
-#define PAGE 4096
-
-static int pfd = -1, passed, failed;
-
-static void check(int ok, const char *name, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-#include <stdarg.h>
-static void check(int ok, const char *name, const char *fmt, ...)
-{
-    va_list ap;
-
-    printf("PVIOMMU-ARM64: %s %s ", ok ? "PASS" : "FAIL", name);
-    va_start(ap, fmt);
-    vprintf(fmt, ap);
-    va_end(ap);
-    printf("\n");
-    fflush(stdout);
-    ok ? passed++ : failed++;
-}
-
-static long hcall(unsigned int cmd, uint64_t arg)
-{
-    privcmd_hypercall_t h = { __HYPERVISOR_pv_iommu_op, { cmd, arg } };
-    long r = ioctl(pfd, IOCTL_PRIVCMD_HYPERCALL, &h);
-
-    return r < 0 ? -errno : r;
-}
-
-/* Locked, populated, zeroed: the hypervisor's copy never faults on it. */
-static void *locked_buf(size_t n)
-{
-    void *p = mmap(NULL, n, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_LOCKED | MAP_POPULATE, -1, 0);
-
-    if ( p == MAP_FAILED )
-    {
-        perror("mmap");
-        exit(2);
-    }
-    memset(p, 0, n);
-    return p;
-}
+/* privcmd hypercalls, locked buffers, check(), op1(): shared with
+ * tests/xen-qemu-arm64/dom0-test.c */
+#define DOM0_TAG "PVIOMMU-ARM64"
+#include "dom0-privcmd.h"
 
 /* ---- edu (QEMU's educational PCI device) ---- */
 #define EDU_BUF 0x40000u
@@ -177,47 +127,6 @@ static int edu_open(char *name, size_t n, uint64_t *sbdf)
     return bar == MAP_FAILED ? -1 : 0;
 }
 
-/* dom0 is direct-mapped: a page's frame in /proc/self/pagemap is its gfn,
- * its machine frame and (in context 0) its bus frame. */
-static uint64_t frame_of(const void *p)
-{
-    uint64_t e = 0;
-    int fd = open("/proc/self/pagemap", O_RDONLY);
-
-    if ( fd < 0 )
-        return 0;
-    if ( pread(fd, &e, 8, (off_t)((uintptr_t)p / PAGE) * 8) != 8 )
-        e = 0;
-    close(fd);
-    return (e & (1ULL << 63)) ? e & ((1ULL << 55) - 1) : 0;
-}
-
-static struct pv_iommu_batch *gb;
-static struct pv_iommu_op *gop;
-
-/* One op in a batch of one: the op's status (or the call's error). */
-static int op1(uint16_t subop, uint32_t ctx, uint16_t flags, uint64_t gfn, uint64_t bfn)
-{
-    long rc;
-
-    memset(gop, 0, sizeof(*gop));
-    gop->subop = subop;
-    gop->flags = flags;
-    gop->context = ctx;
-    gop->domid = 0;
-    gop->gfn = gfn;
-    gop->bfn = bfn;
-    gop->status = 1;
-    memset(gb, 0, sizeof(*gb));
-    gb->version = PVIOMMU_INTERFACE_VERSION;
-    gb->nr_ops = 1;
-    gb->ops = (uint64_t)(uintptr_t)gop;
-    rc = hcall(PVIOMMU_CMD_batch, (uint64_t)(uintptr_t)gb);
-    if ( rc < 0 )
-        return (int)rc;
-    return gb->nr_done == 1 ? gop->status : -1000;
-}
-
 static void mark(const char *name)
 {
     printf("PVIOMMU-ARM64: MARK %s\n", name);
@@ -285,28 +194,28 @@ static void contexts(void)
           "A -> edu -> B at dom0's own addresses before any context: B has %s", what(b));
 
     mark("ctx-create");
-    st = op1(PVIOMMU_OP_context_create, 0, 0, 0, 0);
+    st = op1(PVIOMMU_OP_context_create, 0, 0, 0, 0, 0);
     ctx = gop->context;
     check(st == 0 && ctx != 0, "ctx-create", "status=%d context=%u", st, ctx);
     if ( st )
         return;
 
     mark("ctx-attach");
-    st = op1(PVIOMMU_OP_context_attach, ctx, 0, sbdf, 0);
+    st = op1(PVIOMMU_OP_context_attach, ctx, 0, 0, sbdf, 0);
     check(st == 0, "ctx-attach", "status=%d edu %s -> context %u", st, name, ctx);
-    st = op1(PVIOMMU_OP_context_attach, ctx, 0, sbdf, 0);
+    st = op1(PVIOMMU_OP_context_attach, ctx, 0, 0, sbdf, 0);
     check(st == -EBUSY, "ctx-attach-twice", "status=%d (want %d)", st, -EBUSY);
 
-    st = op1(PVIOMMU_OP_map, ctx, PVIOMMU_F_READ, fa, 0);
+    st = op1(PVIOMMU_OP_map, ctx, PVIOMMU_F_READ, 0, fa, 0);
     bfn_a = gop->bfn;
     check(st == 0, "ctx-map-own-ro", "status=%d A gfn %#" PRIx64 " -> bfn %#" PRIx64, st, fa, bfn_a);
-    st = op1(PVIOMMU_OP_map, ctx, PVIOMMU_F_READ | PVIOMMU_F_WRITE, fb, 0);
+    st = op1(PVIOMMU_OP_map, ctx, PVIOMMU_F_READ | PVIOMMU_F_WRITE, 0, fb, 0);
     bfn_b = gop->bfn;
     check(st == 0, "ctx-map-own-rw", "status=%d B gfn %#" PRIx64 " -> bfn %#" PRIx64, st, fb, bfn_b);
-    st = op1(PVIOMMU_OP_map, ctx, PVIOMMU_F_READ, fc, 0);
+    st = op1(PVIOMMU_OP_map, ctx, PVIOMMU_F_READ, 0, fc, 0);
     bfn_c = gop->bfn;
     check(st == 0, "ctx-map-own-ro-c", "status=%d C gfn %#" PRIx64 " -> bfn %#" PRIx64, st, fc, bfn_c);
-    st = op1(PVIOMMU_OP_map, 0, PVIOMMU_F_READ, fa, 0);
+    st = op1(PVIOMMU_OP_map, 0, PVIOMMU_F_READ, 0, fa, 0);
     check(st == -EADDRNOTAVAIL, "ctx0-map-still-refused", "status=%d (want %d)", st, -EADDRNOTAVAIL);
 
     /* for the test script: which SMMU event addresses belong to which step */
@@ -357,11 +266,11 @@ static void contexts(void)
           "edu -> C at bfn %#" PRIx64 " (read-only): C has %s", bfn_c, what(cc));
     mark("ctx-dma-write-ro-done");
 
-    st = op1(PVIOMMU_OP_context_destroy, ctx, 0, 0, 0);
+    st = op1(PVIOMMU_OP_context_destroy, ctx, 0, 0, 0, 0);
     check(st == -EBUSY, "ctx-destroy-busy", "status=%d (want %d: mappings and a device)", st, -EBUSY);
 
     /* unmap: the device faults at the old BFN */
-    st = op1(PVIOMMU_OP_unmap, ctx, 0, 0, bfn_a);
+    st = op1(PVIOMMU_OP_unmap, ctx, 0, 0, 0, bfn_a);
     check(st == 0, "ctx-unmap", "status=%d bfn %#" PRIx64, st, bfn_a);
     mark("ctx-dma-after-unmap");
     memset(b, 0xee, PAGE);
@@ -370,13 +279,13 @@ static void contexts(void)
           "read at unmapped bfn %#" PRIx64 " (%u bytes): B has %s", bfn_a, FAULT_LEN,
           faulted(b, 0xee) ? "zeros (the read faulted)" : what(b));
     mark("ctx-dma-after-unmap-done");
-    st = op1(PVIOMMU_OP_unmap, ctx, 0, 0, bfn_b);
-    st = st ?: op1(PVIOMMU_OP_unmap, ctx, 0, 0, bfn_c);
+    st = op1(PVIOMMU_OP_unmap, ctx, 0, 0, 0, bfn_b);
+    st = st ?: op1(PVIOMMU_OP_unmap, ctx, 0, 0, 0, bfn_c);
     check(st == 0, "ctx-unmap-rest", "status=%d", st);
 
     /* detach: back on dom0's p2m, the 1:1 addresses work again */
     mark("ctx-detach");
-    st = op1(PVIOMMU_OP_context_detach, ctx, 0, sbdf, 0);
+    st = op1(PVIOMMU_OP_context_detach, ctx, 0, 0, sbdf, 0);
     check(st == 0, "ctx-detach", "status=%d", st);
     memset(b, 0, PAGE);
     ok = !dma(fa << 12, EDU_BUF, 0) && !dma(EDU_BUF, fb << 12, 1);
@@ -384,9 +293,9 @@ static void contexts(void)
           "A -> edu -> B at dom0's own addresses: B has %s", what(b));
 
     mark("ctx-destroy");
-    st = op1(PVIOMMU_OP_context_destroy, ctx, 0, 0, 0);
+    st = op1(PVIOMMU_OP_context_destroy, ctx, 0, 0, 0, 0);
     check(st == 0, "ctx-destroy", "status=%d", st);
-    st = op1(PVIOMMU_OP_context_destroy, ctx, 0, 0, 0);
+    st = op1(PVIOMMU_OP_context_destroy, ctx, 0, 0, 0, 0);
     check(st == -ENOENT, "ctx-destroy-again", "status=%d (want %d)", st, -ENOENT);
     mark("ctx-end");
     sleep(3); /* Xen prints SMMU events from a tasklet: let it catch up */

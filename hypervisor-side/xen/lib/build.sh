@@ -1,0 +1,70 @@
+# shellcheck shell=bash
+# build.sh -- the steps the Xen build scripts share (../build-xen.sh,
+# ../arm64/build-xen-arm64-4.17.sh, ../arm64/build-xen-arm64.sh): a patched
+# copy of a pristine source tree, the PV-IOMMU sources installed into it,
+# and the check that the result has them. Sourced, not run.
+
+XEN_LIB_XS="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # hypervisor-side/xen
+
+# series_patches DIR: appends to the array `patches` the patches DIR/series
+# names, in order (blank lines and # comments skipped). Not a pipeline, so
+# that a missing series fails the caller under set -e.
+series_patches() {
+    local l
+    while read -r l; do
+        case "$l" in ''|'#'*) continue ;; esac
+        patches+=("$1/$l")
+    done < "$1/series"
+}
+
+# patched_tree NAME SRC TREE STAMP_FILE STAMP PATCH_OPTS [PATCH...]: TREE
+# is a copy of SRC with the PATCHes applied in order (patch -p1 --forward
+# PATCH_OPTS, word-split: e.g. "-s -F0"), redone whenever TREE/STAMP_FILE
+# does not hold STAMP (what the patch set and the source were). A fresh
+# copy each time, because a changed patch cannot be applied over its old
+# version; SRC stays pristine for patch dry-runs. NAME: the caller, for
+# its messages.
+patched_tree() {
+    local name="$1" src="$2" tree="$3" stamp_file="$3/$4" stamp="$5" opts="$6" p
+    shift 6
+    [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ] || return 0
+    echo "$name: preparing patched tree in $tree"
+    rm -rf "$tree"
+    cp -a "$src" "$tree"
+    for p in "$@"; do
+        echo "$name: applying $(basename "$p")"
+        # shellcheck disable=SC2086 # opts: several options, split on purpose
+        patch $opts -p1 --forward --no-backup-if-mismatch -d "$tree" < "$p" || return 1
+    done
+    echo "$stamp" > "$stamp_file"
+}
+
+# install_if_changed FROM TO: copies only a changed file, so that make's
+# incremental build stays incremental.
+install_if_changed() { cmp -s "$1" "$2" || cp "$1" "$2"; }
+
+# install_pviommu_sources TREE GLUE SCRATCH: into Xen tree TREE, the
+# public header (public/pv-iommu.h: Xen's form of abi/include/pviommu.h,
+# same layout, checked with BUILD_BUG_ON), the engine boundary header and
+# GLUE (the C glue) as xen/common/pviommu.c; SCRATCH: a directory for the
+# rewritten header.
+install_pviommu_sources() {
+    local tree="$1" glue="$2" scratch="$3"
+    install_if_changed "$XEN_LIB_XS/public/pv-iommu.h" "$tree/xen/include/public/pv-iommu.h"
+    # Xen has no <stdint.h>/<stddef.h>: its own types instead.
+    sed -e 's/#include <stdint.h>/#include <xen\/types.h>/' -e '/#include <stddef.h>/d' \
+        "$XEN_LIB_XS/include/pviommu_engine.h" > "$scratch/pviommu_engine.h"
+    install_if_changed "$scratch/pviommu_engine.h" "$tree/xen/common/pviommu_engine.h"
+    install_if_changed "$glue" "$tree/xen/common/pviommu.c"
+}
+
+# syms_present NAME NM_FILE SYM...: fails (saying which) unless every SYM
+# is defined in NM_FILE (nm's output for xen-syms): a build that silently
+# left the hypercall or the engine out must not pass.
+syms_present() {
+    local name="$1" nm_file="$2" s
+    shift 2
+    for s in "$@"; do
+        grep -q " $s\$" "$nm_file" || { echo "$name: FAIL: $s not in xen-syms" >&2; return 1; }
+    done
+}
