@@ -26,6 +26,11 @@ use pviommu_hv::pgtable::{TableMemory, ENTRIES};
 use pviommu_hv::platform::{DomainInfo, PageKind, PageLookup, Platform, ReservedRange, XsmAction};
 use pviommu_hv::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions, Sbdf};
 
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod xen_model;
+
 mod ffi {
     /// `struct pvx_domain_info` in pviommu_engine.h.
     #[repr(C)]
