@@ -68,6 +68,8 @@ pub struct Model {
     /// `pvx_table_sync` of this frame waits (up to 2 s) for [`RELEASE`].
     pub block_sync_of: Option<u64>,
     pub block_timed_out: bool,
+    /// Every frame `pvx_table_alloc` handed out, in order.
+    pub allocs: Vec<u64>,
 }
 
 static MODEL: Mutex<Option<Model>> = Mutex::new(None);
@@ -227,6 +229,7 @@ pub extern "C" fn pvx_table_alloc(mfn: *mut u64) -> i32 {
     with(|m| {
         let n = m.next_mfn;
         m.next_mfn += 1;
+        m.allocs.push(n);
         m.frames.insert(
             n,
             Frame {
@@ -373,29 +376,59 @@ pub extern "C" fn pvx_device_detach(_sbdf: u32, _tag: u16) -> i32 {
 
 // What these tests do not reach: plain answers.
 
+// Guests, for the tests that enter the engine through its hypercall: a
+// guest address is a host address, d0 is the control and hardware domain
+// (it owns devices), d1 an ordinary guest whose gfn g is RAM at MFN
+// GUEST_MFN + g.
+
+/// MFN of d1's gfn 0.
+pub const GUEST_MFN: u64 = 0x8_0000;
+
 #[no_mangle]
-pub extern "C" fn pvx_copy_from_guest(_dst: *mut u8, _guest_addr: u64, _len: usize) -> i32 {
-    -14
+pub extern "C" fn pvx_copy_from_guest(dst: *mut u8, guest_addr: u64, len: usize) -> i32 {
+    // SAFETY: the tests pass addresses of live host buffers of `len` bytes.
+    unsafe { core::ptr::copy_nonoverlapping(guest_addr as *const u8, dst, len) };
+    0
 }
 #[no_mangle]
-pub extern "C" fn pvx_copy_to_guest(_guest_addr: u64, _src: *const u8, _len: usize) -> i32 {
-    -14
+pub extern "C" fn pvx_copy_to_guest(guest_addr: u64, src: *const u8, len: usize) -> i32 {
+    // SAFETY: as above.
+    unsafe { core::ptr::copy_nonoverlapping(src, guest_addr as *mut u8, len) };
+    0
 }
 #[no_mangle]
-pub extern "C" fn pvx_domain_info(_domid: u16, _info: *mut PvxDomainInfo) {}
+pub extern "C" fn pvx_domain_info(domid: u16, info: *mut PvxDomainInfo) {
+    if domid > 1 {
+        return;
+    }
+    // SAFETY: pointer to the caller's local.
+    let i = unsafe { &mut *info };
+    i.exists = 1;
+    i.control = (domid == 0) as u8;
+    i.hardware = (domid == 0) as u8;
+    i.target = 0xffff;
+}
 #[no_mangle]
 pub extern "C" fn pvx_xsm_check(_caller: u16, _target: u16, _action: u32) -> i32 {
     0
 }
 #[no_mangle]
 pub extern "C" fn pvx_get_page(
-    _d: u16,
-    _gfn: u64,
+    domid: u16,
+    gfn: u64,
     _w: i32,
-    _mfn: *mut u64,
-    _kind: *mut u32,
+    mfn: *mut u64,
+    kind: *mut u32,
 ) -> i32 {
-    -22
+    if domid != 1 || gfn >= 0x1000 {
+        return -22;
+    }
+    // SAFETY: pointers to the caller's locals.
+    unsafe {
+        *mfn = GUEST_MFN + gfn;
+        *kind = 0;
+    }
+    0
 }
 #[no_mangle]
 pub extern "C" fn pvx_put_page(_mfn: u64, _writable: i32) {}
