@@ -609,6 +609,8 @@ impl Xen {
         }
         let p = self.table(table);
         if p.is_null() {
+            // Refused, and reported (Xen::refused): "empty" names no frame,
+            // so nothing is written elsewhere on the strength of it.
             return 0;
         }
         // SAFETY: a mapped table frame of ENTRIES entries; index checked.
@@ -623,6 +625,7 @@ impl Xen {
         }
         let p = self.table(table);
         if p.is_null() {
+            // Refused: the store is lost, and reported (Xen::refused).
             return;
         }
         // SAFETY: as in table_read. One 8-byte store: the IOMMU may walk
