@@ -599,21 +599,44 @@ static struct pvx_driver_lock pvx_driver_locks[PVX_DRIVER_CELLS] = {
     [0 ... PVX_DRIVER_CELLS - 1] = { .lock = SPIN_LOCK_UNLOCKED },
 };
 
+/*
+ * The cells this CPU holds (bit n: pvx_driver_locks[n]), for the engine's
+ * table write-back (pvx_driver_held): its record of table stores not yet
+ * in memory is kept per cell, touched only under that cell's lock, so two
+ * driver domains writing their own tables share no lock. Updated only by
+ * the holder, on its own CPU, with the lock held: a Xen spinlock is
+ * released on the CPU that took it and the engine is never preempted
+ * between the two.
+ */
+static DEFINE_PER_CPU(uint64_t, pvx_cells_held);
+
 void pvx_driver_lock(unsigned int cell)
 {
     ASSERT(cell < PVX_DRIVER_CELLS);
     spin_lock(&pvx_driver_locks[cell % PVX_DRIVER_CELLS].lock);
+    this_cpu(pvx_cells_held) |= 1ULL << (cell % PVX_DRIVER_CELLS);
 }
 
 int pvx_driver_trylock(unsigned int cell)
 {
     ASSERT(cell < PVX_DRIVER_CELLS);
-    return spin_trylock(&pvx_driver_locks[cell % PVX_DRIVER_CELLS].lock);
+    if ( !spin_trylock(&pvx_driver_locks[cell % PVX_DRIVER_CELLS].lock) )
+        return 0;
+    this_cpu(pvx_cells_held) |= 1ULL << (cell % PVX_DRIVER_CELLS);
+
+    return 1;
 }
 
 void pvx_driver_unlock(unsigned int cell)
 {
+    ASSERT(this_cpu(pvx_cells_held) & (1ULL << (cell % PVX_DRIVER_CELLS)));
+    this_cpu(pvx_cells_held) &= ~(1ULL << (cell % PVX_DRIVER_CELLS));
     spin_unlock(&pvx_driver_locks[cell % PVX_DRIVER_CELLS].lock);
+}
+
+uint64_t pvx_driver_held(void)
+{
+    return this_cpu(pvx_cells_held);
 }
 
 /*
@@ -1265,6 +1288,47 @@ int pvx_ctx_caps(unsigned int *levels, int *snoop_control)
 }
 
 /* COMMON but for the cache maintenance (x86: iommu_sync_cache) */
+/*
+ * ARM: whether an SMMU walks coherently is a per-SMMU firmware property
+ * (dma-coherent) that this glue does not see: answer no, so the engine
+ * writes its stores back (a clean is harmless on a coherent SMMU).
+ */
+int pvx_tables_coherent(void)
+{
+    return 0;
+}
+
+/*
+ * Table frames are marked while the engine holds them: an anonymous
+ * domheap page (no owner, not Xen heap, in use) whose type_info, unused for
+ * such pages (alloc_heap_pages sets it to PGT_TYPE_INFO_INITIALIZER), holds
+ * PVX_TABLE_MARK. pvx_table_map/sync/free refuse any other frame, logging
+ * once: defence in depth against an engine bug handing back a frame it
+ * freed or never had (no guest value reaches these functions).
+ */
+#define PVX_TABLE_MARK 0x7076786d61726bUL /* "pvxmark" */
+#ifndef PGT_TYPE_INFO_INITIALIZER
+#define PGT_TYPE_INFO_INITIALIZER 0 /* as common/page_alloc.c */
+#endif
+
+static struct page_info *pvx_table_page(uint64_t mfn, const char *what)
+{
+    struct page_info *pg;
+
+    if ( mfn_valid(_mfn(mfn)) )
+    {
+        pg = mfn_to_page(_mfn(mfn));
+        if ( page_state_is(pg, inuse) && !is_xen_heap_page(pg) &&
+             !page_get_owner(pg) &&
+             ACCESS_ONCE(pg->u.inuse.type_info) == PVX_TABLE_MARK )
+            return pg;
+    }
+    printk_once(XENLOG_ERR "pviommu: %s of MFN %#"PRIx64
+                " refused: not an engine table frame\n", what, mfn);
+
+    return NULL;
+}
+
 int pvx_table_alloc(uint64_t *mfn)
 {
     struct page_info *pg = alloc_domheap_page(NULL, 0);
@@ -1276,19 +1340,31 @@ int pvx_table_alloc(uint64_t *mfn)
     clear_page(p);
     clean_dcache_va_range(p, PAGE_SIZE);
     unmap_domain_page(p);
+    pg->u.inuse.type_info = PVX_TABLE_MARK;
     *mfn = mfn_x(page_to_mfn(pg));
 
     return 0;
 }
 
-void pvx_table_free(uint64_t mfn)
+int pvx_table_free(uint64_t mfn)
 {
-    free_domheap_page(mfn_to_page(_mfn(mfn)));
+    struct page_info *pg = pvx_table_page(mfn, "free");
+
+    if ( !pg )
+        return -EINVAL;
+    /* What the free path of an anonymous page expects (and a second free
+     * of the same frame is refused above). */
+    pg->u.inuse.type_info = PGT_TYPE_INFO_INITIALIZER;
+    free_domheap_page(pg);
+
+    return 0;
 }
 
 uint64_t *pvx_table_map(uint64_t mfn)
 {
-    return map_domain_page(_mfn(mfn));
+    const struct page_info *pg = pvx_table_page(mfn, "map");
+
+    return pg ? map_domain_page(_mfn(mfn)) : NULL;
 }
 
 void pvx_table_unmap(const uint64_t *t)
@@ -1296,13 +1372,15 @@ void pvx_table_unmap(const uint64_t *t)
     unmap_domain_page(t);
 }
 
-void pvx_table_sync(uint64_t mfn, uint64_t lines)
+int pvx_table_sync(uint64_t mfn, uint64_t lines)
 {
     const uint8_t *t;
     unsigned int i = 0;
 
     if ( !lines )
-        return;
+        return 0;
+    if ( !pvx_table_page(mfn, "write-back") )
+        return -EINVAL;
     t = map_domain_page(_mfn(mfn));
     /* One clean per run of consecutive 64-byte lines (64 at most). */
     while ( i < 64 )
@@ -1320,6 +1398,8 @@ void pvx_table_sync(uint64_t mfn, uint64_t lines)
         i += n;
     }
     unmap_domain_page(t);
+
+    return 0;
 }
 
 /* COMMON (tag: a VMID on Arm, a pseudo domain id on x86) */

@@ -111,6 +111,10 @@ void pviommu_engine_device_leaving(uint16_t owner, uint32_t sbdf);
 void pvx_driver_lock(unsigned int cell);
 int pvx_driver_trylock(unsigned int cell);   /* 1: taken */
 void pvx_driver_unlock(unsigned int cell);
+/* The cells whose lock this CPU holds (bit n: cell n): the engine keeps
+ * its record of table stores not yet written back per cell, touched only
+ * under the cell's lock, and asks here which cell that is. */
+uint64_t pvx_driver_held(void);
 
 /* [unlocked] Guest copies for the current vCPU's guest: 0, or -EFAULT.
  * (Errnos that only the C glue returns: ENOEXEC for a 32-bit caller; ESTALE
@@ -213,22 +217,30 @@ int pvx_iommu_flush(uint16_t owner, uint64_t bfn, uint64_t count,
  */
 int pvx_ctx_caps(unsigned int *levels, int *snoop_control);
 /* [locked] Table frames: a zeroed frame, already written back to memory
- * (0 and *mfn, or -ENOMEM), and given back. `mfn` only ever one of ours.
- * The engine reads and stores entries itself through pvx_table_map (a few
- * at once, all unmapped before it returns) and writes its stores back for a
- * non-coherent IOMMU with pvx_table_sync: `lines` is a bitmap of the
- * frame's 64-byte lines (bit n: bytes 64n..64n+63), each run written back
- * with iommu_sync_cache. The engine does that before every pvx_ctx_flush,
- * pvx_ctx_alloc and pvx_device_attach, and before it returns; never for a
- * frame it has freed. pvx_table_map never returns NULL (map_domain_page
- * cannot fail; a glue that could must crash instead: the engine has no way
- * to report a store it could not make, and a dropped clear of a leaf entry
- * would leave the device a way to a released page). */
+ * (0 and *mfn, or -ENOMEM), and given back. The engine reads and stores
+ * entries itself through pvx_table_map (a few at once, all unmapped before
+ * it returns) and writes its stores back for a non-coherent IOMMU with
+ * pvx_table_sync: `lines` is a bitmap of the frame's 64-byte lines (bit n:
+ * bytes 64n..64n+63), each run written back with iommu_sync_cache. The
+ * engine does that before every pvx_ctx_flush, pvx_ctx_alloc and
+ * pvx_device_attach, and before it returns; never for a frame it has freed.
+ *
+ * Only frames pvx_table_alloc handed out and not yet freed are accepted (a
+ * mark in the frame's page_info): pvx_table_map returns NULL, and
+ * pvx_table_sync and pvx_table_free -EINVAL, for any other, and log once.
+ * The engine then has lost a store (or a read answered empty): it fails
+ * every later flush, context creation and device attach of that driver
+ * domain's engine contexts, so no page or table behind them is ever
+ * released (design/xen-table-writes.md, "A refused frame"). */
 int pvx_table_alloc(uint64_t *mfn);
-void pvx_table_free(uint64_t mfn);
+int pvx_table_free(uint64_t mfn);
 uint64_t *pvx_table_map(uint64_t mfn);
 void pvx_table_unmap(const uint64_t *t);
-void pvx_table_sync(uint64_t mfn, uint64_t lines);
+int pvx_table_sync(uint64_t mfn, uint64_t lines);
+/* Boot only: 1 if every IOMMU unit walks tables coherently with the CPU
+ * caches (VT-d ECAP.C), so the engine need not note or write back its
+ * table stores at all; 0 otherwise. */
+int pvx_tables_coherent(void);
 /* [devices locked, locked] A context's tag (a pseudo domid); [locked] its
  * IOTLB invalidation (page-selective for [bfn, bfn + count) where it can). */
 int pvx_ctx_alloc(uint16_t *tag);

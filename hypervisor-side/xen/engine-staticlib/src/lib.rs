@@ -6,7 +6,7 @@
 //! domain's state only. Xen's
 //! primitives come back in through the `pvx_*` functions, called directly
 //! (never through a pointer, so Xen's CET-IBT needs no `cf_check` on them).
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
 
@@ -25,6 +25,11 @@ use pviommu_hv::pgtable::sync::DirtyLines;
 use pviommu_hv::pgtable::{TableMemory, ENTRIES};
 use pviommu_hv::platform::{DomainInfo, PageKind, PageLookup, Platform, ReservedRange, XsmAction};
 use pviommu_hv::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions, Sbdf};
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod xen_model;
 
 mod ffi {
     /// `struct pvx_domain_info` in pviommu_engine.h.
@@ -45,6 +50,7 @@ mod ffi {
         pub fn pvx_driver_lock(cell: u32);
         pub fn pvx_driver_trylock(cell: u32) -> i32;
         pub fn pvx_driver_unlock(cell: u32);
+        pub fn pvx_driver_held() -> u64;
         pub fn pvx_copy_from_guest(dst: *mut u8, guest_addr: u64, len: usize) -> i32;
         pub fn pvx_copy_to_guest(guest_addr: u64, src: *const u8, len: usize) -> i32;
         pub fn pvx_domain_info(domid: u16, info: *mut PvxDomainInfo);
@@ -61,15 +67,18 @@ mod ffi {
         pub fn pvx_random_seed() -> u64;
         pub fn pvx_now_ns() -> u64;
         pub fn pvx_notify_revoked(owner: u16);
+        #[cfg_attr(test, allow(dead_code))]
         pub fn pvx_alloc(size: usize, align: usize) -> *mut u8;
+        #[cfg_attr(test, allow(dead_code))]
         pub fn pvx_free(ptr: *mut u8);
         pub fn pvx_ctx_caps(levels: *mut u32, snoop_control: *mut i32) -> i32;
         pub fn pvx_page_non_coherent(mfn: u64);
         pub fn pvx_table_alloc(mfn: *mut u64) -> i32;
-        pub fn pvx_table_free(mfn: u64);
+        pub fn pvx_table_free(mfn: u64) -> i32;
         pub fn pvx_table_map(mfn: u64) -> *mut u64;
         pub fn pvx_table_unmap(table: *const u64);
-        pub fn pvx_table_sync(mfn: u64, lines: u64);
+        pub fn pvx_table_sync(mfn: u64, lines: u64) -> i32;
+        pub fn pvx_tables_coherent() -> i32;
         pub fn pvx_ctx_alloc(tag: *mut u16) -> i32;
         pub fn pvx_ctx_free(tag: u16) -> i32;
         pub fn pvx_domain_has_devices(domid: u16) -> i32;
@@ -82,13 +91,16 @@ mod ffi {
         pub fn pvx_log(msg: *const u8, len: usize);
         /// Defined nowhere: a reference to it from any entry point is a
         /// link error (build-engine.sh checks the symbol).
+        #[cfg(not(test))]
         pub fn pvx_unreachable_panic() -> !;
     }
 }
 
 /// Xen's allocator, with the engine's heap use counted.
+#[cfg_attr(test, allow(dead_code))]
 struct XenAlloc;
 
+#[cfg_attr(test, allow(dead_code))]
 static HEAP_BYTES: AtomicUsize = AtomicUsize::new(0);
 /// The most the engine may hold at once (`pviommu=heap:MiB`), so that all
 /// driver domains together, device models included, cannot exhaust Xen's
@@ -124,9 +136,13 @@ unsafe impl GlobalAlloc for XenAlloc {
     }
 }
 
+// Hosted tests (`cargo test`) run on std's allocator and panic handler,
+// with xen_model.rs standing in for the pvx_* functions.
+#[cfg(not(test))]
 #[global_allocator]
 static ALLOC: XenAlloc = XenAlloc;
 
+#[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     // The engine is panic-free by construction. This handler refers to a
@@ -185,11 +201,18 @@ const DOMID_NONE: u16 = 0xffff;
 /// The hypervisor as the engine sees it: every method is one `pvx_*` call,
 /// but for table entries, which the engine reads and writes directly in
 /// table frames it maps once per entry point (`maps`, unmapped on drop).
+/// One per entry point, on one CPU (not `Send`: the mapped pointers).
 struct Xen {
     /// Mapped table frames: (mfn, pointer); a null pointer is a free slot.
     maps: [Cell<(u64, *mut u64)>; MAPPED_TABLES],
     /// The slot the next new mapping replaces.
     next: Cell<usize>,
+    /// Cells (bit n: cell n) whose dirty set this entry point noted a store
+    /// in: written back before it returns ([`Drop`]).
+    touched: Cell<u64>,
+    /// A table frame was refused during this entry point (see
+    /// [`Xen::refused`]).
+    fault: Cell<bool>,
 }
 
 /// Table frames mapped at once: a walk's four levels.
@@ -200,11 +223,14 @@ impl Xen {
         Xen {
             maps: [const { Cell::new((0, core::ptr::null_mut())) }; MAPPED_TABLES],
             next: Cell::new(0),
+            touched: Cell::new(0),
+            fault: Cell::new(false),
         }
     }
 
     /// `table` mapped (map_domain_page), reusing a mapping of this entry
-    /// point's; null if Xen could not map it.
+    /// point's; null if Xen refused it (not one of the engine's table
+    /// frames: then the access is reported, see [`Xen::refused`]).
     fn table(&self, table: Mfn) -> *mut u64 {
         for m in &self.maps {
             let (mfn, p) = m.get();
@@ -212,9 +238,11 @@ impl Xen {
                 return p;
             }
         }
-        // SAFETY: one of the engine's table frames (pvx_table_alloc).
+        // SAFETY: plain call; Xen checks the frame is one of the engine's
+        // table frames (pvx_table_alloc) and answers NULL otherwise.
         let p = unsafe { ffi::pvx_table_map(table.0) };
         if p.is_null() {
+            self.refused();
             return p;
         }
         let i = self.next.get() % MAPPED_TABLES;
@@ -240,13 +268,122 @@ impl Xen {
             }
         }
     }
+
+    /// Xen refused a table frame (map or write-back): a read answered
+    /// "empty" and a store or write-back was lost, so the tables may no
+    /// longer say what the engine believes (a cleared leaf may still map a
+    /// page in memory). The walker's `TableMemory` calls cannot fail, so
+    /// the failure is reported where the backend can: every later flush,
+    /// context creation and device attach of the cells this CPU holds (or
+    /// of all cells, when it holds none) fails, and a page or table is
+    /// released only after a successful flush. Sticky: nothing repairs
+    /// the tables. Logged once (Xen also logs the frame).
+    fn refused(&self) {
+        self.fault.set(true);
+        let held = held_cells();
+        if held == 0 {
+            ALL_FAULTED.store(true, Ordering::Release);
+        }
+        for cell in bits(held) {
+            if let Some(c) = CELL_DIRTY.get(cell) {
+                c.faulted.store(true, Ordering::Release);
+            }
+        }
+        if !FAULT_LOGGED.swap(true, Ordering::Relaxed) {
+            log("pviommu: an engine table frame was refused; its contexts flush no more\n");
+        }
+    }
+
+    /// `Err(Fault)` if a table frame was refused in this entry point, in a
+    /// cell this CPU holds, or with no cell held (see [`Xen::refused`]).
+    fn tables_ok(&self) -> Result<(), Errno> {
+        let faulted = self.fault.get()
+            || ALL_FAULTED.load(Ordering::Acquire)
+            || bits(held_cells())
+                .any(|cell| CELL_DIRTY.get(cell).is_none_or(|c| c.faulted.load(Ordering::Acquire)));
+        if faulted {
+            Err(Errno::Fault)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Write back what waits in `c` (its cell's lock held by this CPU).
+    fn drain(&self, c: &CellDirty) {
+        if !c.pending.load(Ordering::Relaxed) {
+            return;
+        }
+        // SAFETY: the caller holds the cell's lock (CellDirty's rule).
+        let d = unsafe { &mut *c.lines.get() };
+        d.drain(|t, lines| self.write_back(t, lines));
+        // Release: a CPU that reads false without the lock (Drop) sees the
+        // write-backs done.
+        c.pending.store(false, Ordering::Release);
+    }
+
+    /// Every store of the cells this CPU holds in memory: before a flush,
+    /// a context's creation or a device's attach, all made with the
+    /// owning driver domain's cell lock held (a cell's tables are only
+    /// written, flushed and attached under its lock). With no cell held
+    /// (not done by the engine), every cell's, each under its lock.
+    fn sync_tables(&self) {
+        if TABLES_COHERENT.load(Ordering::Relaxed) {
+            return;
+        }
+        let held = held_cells();
+        if held == 0 {
+            self.sync_unheld(u64::MAX);
+            return;
+        }
+        for cell in bits(held) {
+            if let Some(c) = CELL_DIRTY.get(cell) {
+                self.drain(c);
+            }
+        }
+    }
+
+    /// Write back the sets of `cells`, none of whose locks this CPU holds:
+    /// each taken in turn, only where something waits. One driver lock at
+    /// a time, as everywhere, with whatever Xen held on entry: the order
+    /// the engine's own entry points keep.
+    fn sync_unheld(&self, cells: u64) {
+        for cell in bits(cells) {
+            let Some(c) = CELL_DIRTY.get(cell) else { continue };
+            // Acquire, paired with drain's Release: false means whatever
+            // this CPU noted there was written back since.
+            if !c.pending.load(Ordering::Acquire) {
+                continue;
+            }
+            // SAFETY: plain calls; cell < CELLS; nothing between them
+            // takes another lock.
+            unsafe { ffi::pvx_driver_lock(cell as u32) };
+            self.drain(c);
+            // SAFETY: taken above.
+            unsafe { ffi::pvx_driver_unlock(cell as u32) };
+        }
+    }
+
+    fn write_back(&self, table: Mfn, lines: u64) {
+        // SAFETY: plain call; Xen refuses a frame not the engine's.
+        if unsafe { ffi::pvx_table_sync(table.0, lines) } != 0 {
+            self.refused();
+        }
+    }
 }
 
 impl Drop for Xen {
     fn drop(&mut self) {
         // Every table store of this entry point is in memory before it
-        // returns (a no-op when its last flush wrote them back).
-        sync_tables();
+        // returns (nothing to do when its last flush wrote them back or
+        // another CPU's flush of the same cell did). The engine has let go
+        // of every driver lock by now.
+        let held = held_cells();
+        for cell in bits(self.touched.get() & held) {
+            if let Some(c) = CELL_DIRTY.get(cell) {
+                self.drain(c);
+            }
+        }
+        self.sync_unheld(self.touched.get() & !held);
         for m in &self.maps {
             let (_, p) = m.replace((0, core::ptr::null_mut()));
             if !p.is_null() {
@@ -257,63 +394,85 @@ impl Drop for Xen {
     }
 }
 
-/// Table cache lines stored to and not yet written back to memory, for
-/// every CPU (a non-coherent IOMMU reads memory, not the cache). Rule:
-/// [`sync_tables`] runs before every invalidation of the engine's contexts
-/// (`hw_flush`), context creation, device attach and the return of every
-/// entry point; a frame's record is dropped before the frame is freed. One
-/// set for all CPUs, so a flush on one CPU also writes back what another
-/// stored: a page or table frame is released only after a flush, whoever
-/// stored the entry that unmapped it (the engine keeps a driver's gather
-/// across hypercalls when a flush fails). Not at a driver lock's release:
-/// the engine drops the lock every few maps (MAP_CHUNK), which would write
-/// back per chunk again. A leaf lock: nothing is taken under it, and it is
-/// held for at most one table write-back per table tracked.
-struct DirtySet {
-    locked: AtomicBool,
+/// Driver cells: `pvx_driver_locks[]` has one per cell.
+const CELLS: usize = pviommu_hv::engine::MAX_DRIVER_DOMAINS;
+
+/// The cells this CPU holds the lock of (bit n: cell n): `pvx_driver_held`.
+fn held_cells() -> u64 {
+    // SAFETY: plain call (a per-CPU read).
+    unsafe { ffi::pvx_driver_held() }
+}
+
+/// The set bits of `mask`, lowest first (at most 64).
+fn bits(mask: u64) -> impl Iterator<Item = usize> {
+    (0..64usize).filter(move |b| mask & (1u64 << b) != 0)
+}
+
+/// Table cache lines stored to and not yet written back to memory (a
+/// non-coherent IOMMU reads memory, not the cache), one set per driver
+/// cell. Rule: a cell's set is touched only with the cell's driver lock
+/// held by this CPU, and the engine writes a driver domain's tables, and
+/// flushes, creates and attaches its contexts, only under that lock; so a
+/// store of one driver domain waits in its own set, and the flush that
+/// releases a page (whichever CPU and hypercall it runs in: the engine
+/// keeps a gather across hypercalls when a flush fails) finds it there.
+/// Written back ([`Xen::sync_tables`]) before every invalidation of the
+/// engine's contexts (`hw_flush`), context creation and device attach,
+/// and, for every cell an entry point noted in, before it returns
+/// ([`Drop`]); a frame's record is dropped before the frame is freed. Not
+/// at a driver lock's release: the engine drops it every few maps
+/// (MAP_CHUNK), which would write back per chunk again. Two driver domains
+/// writing their own tables share nothing (the old single set for all
+/// cells behind one global spinlock serialised every store).
+#[repr(align(64))]
+struct CellDirty {
     lines: UnsafeCell<DirtyLines>,
+    /// `lines` may hold something: set with the lock held when a store is
+    /// noted, cleared (Release) with it held when the set is drained; read
+    /// without the lock only to skip taking it when there is nothing.
+    pending: AtomicBool,
+    /// A table frame was refused with this cell's lock held: its contexts
+    /// fail every later flush (see [`Xen::refused`]).
+    faulted: AtomicBool,
 }
-// SAFETY: `lines` is only touched with `locked` held (DirtySet::with).
-unsafe impl Sync for DirtySet {}
-static DIRTY: DirtySet = DirtySet {
-    locked: AtomicBool::new(false),
-    lines: UnsafeCell::new(DirtyLines::new()),
-};
-/// Something may be in DIRTY (a hint read without the lock; set under it).
-static DIRTY_ANY: AtomicBool = AtomicBool::new(false);
+// SAFETY: `lines` is only touched with the cell's driver lock held.
+unsafe impl Sync for CellDirty {}
 
-impl DirtySet {
-    fn with<R>(&self, f: impl FnOnce(&mut DirtyLines) -> R) -> R {
-        while self
-            .locked
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            core::hint::spin_loop();
+impl CellDirty {
+    const fn new() -> Self {
+        CellDirty {
+            lines: UnsafeCell::new(DirtyLines::new()),
+            pending: AtomicBool::new(false),
+            faulted: AtomicBool::new(false),
         }
-        // SAFETY: the lock is held.
-        let r = f(unsafe { &mut *self.lines.get() });
-        self.locked.store(false, Ordering::Release);
-        r
     }
 }
 
-fn write_back(table: Mfn, lines: u64) {
-    // SAFETY: one of the engine's table frames, not freed (records are
-    // dropped before a frame is).
-    unsafe { ffi::pvx_table_sync(table.0, lines) }
+static CELL_DIRTY: [CellDirty; CELLS] = [const { CellDirty::new() }; CELLS];
+/// A table frame was refused with no cell held: every cell's contexts fail
+/// their flushes from then on.
+static ALL_FAULTED: AtomicBool = AtomicBool::new(false);
+static FAULT_LOGGED: AtomicBool = AtomicBool::new(false);
+/// Back to the state at boot, for the next hosted test (the model's
+/// `serial()` calls it with no cell lock held and no `Xen` alive).
+#[cfg(test)]
+fn reset_backend_state() {
+    for c in &CELL_DIRTY {
+        // SAFETY: no other test runs (serial) and no CPU holds a cell.
+        unsafe { *c.lines.get() = DirtyLines::new() };
+        c.pending.store(false, Ordering::Relaxed);
+        c.faulted.store(false, Ordering::Relaxed);
+    }
+    ALL_FAULTED.store(false, Ordering::Relaxed);
+    FAULT_LOGGED.store(false, Ordering::Relaxed);
+    // SAFETY: plain call (the model).
+    TABLES_COHERENT.store(unsafe { ffi::pvx_tables_coherent() } != 0, Ordering::Relaxed);
 }
 
-/// Write back every table line stored to since the last time.
-fn sync_tables() {
-    if !DIRTY_ANY.load(Ordering::Acquire) {
-        return;
-    }
-    DIRTY.with(|d| {
-        d.drain(write_back);
-        DIRTY_ANY.store(false, Ordering::Release);
-    });
-}
+/// Every IOMMU unit walks tables coherently with the CPU caches
+/// (`pvx_tables_coherent` at boot): stores are neither noted nor written
+/// back.
+static TABLES_COHERENT: AtomicBool = AtomicBool::new(false);
 
 impl Platform for Xen {
     fn copy_from_guest(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
@@ -450,6 +609,8 @@ impl Xen {
         }
         let p = self.table(table);
         if p.is_null() {
+            // Refused, and reported (Xen::refused): "empty" names no frame,
+            // so nothing is written elsewhere on the strength of it.
             return 0;
         }
         // SAFETY: a mapped table frame of ENTRIES entries; index checked.
@@ -464,20 +625,44 @@ impl Xen {
         }
         let p = self.table(table);
         if p.is_null() {
+            // Refused: the store is lost, and reported (Xen::refused).
             return;
         }
         // SAFETY: as in table_read. One 8-byte store: the IOMMU may walk
         // the entry at any time.
         unsafe { core::ptr::write_volatile(p.add(index), raw) }
-        DIRTY.with(|d| {
-            DIRTY_ANY.store(true, Ordering::Release);
-            // A record pushed out of a full set is written back at once,
-            // under the set's lock: a sync on another CPU must never find
-            // lines neither in the set nor in memory.
-            if let Some((t, lines)) = d.note(table, index) {
-                write_back(t, lines);
+        self.note_store(table, index);
+    }
+
+    /// Remember that a line of `table` must reach memory before the next
+    /// flush (nothing on a coherent IOMMU). Noted in the set of the cell
+    /// whose lock this CPU holds: no lock of its own, no atomic
+    /// read-modify-write.
+    fn note_store(&self, table: Mfn, index: usize) {
+        if TABLES_COHERENT.load(Ordering::Relaxed) {
+            return;
+        }
+        let held = held_cells();
+        if held.count_ones() == 1 {
+            let cell = held.trailing_zeros() as usize;
+            if let Some(c) = CELL_DIRTY.get(cell) {
+                self.touched.set(self.touched.get() | held);
+                if !c.pending.load(Ordering::Relaxed) {
+                    c.pending.store(true, Ordering::Relaxed);
+                }
+                // SAFETY: this CPU holds the cell's lock (CellDirty's rule).
+                let d = unsafe { &mut *c.lines.get() };
+                // A record pushed out of a full set is written back at
+                // once, still under the cell's lock.
+                if let Some((t, lines)) = d.note(table, index) {
+                    self.write_back(t, lines);
+                }
+                return;
             }
-        });
+        }
+        // No cell lock held, or several (the engine does neither): which
+        // set would the flush look in? Write the line back now.
+        self.write_back(table, DirtyLines::line_bit(index));
     }
 }
 
@@ -494,9 +679,29 @@ impl TableMemory for Xen {
         // Nothing of it is needed in memory any more (the flush is done),
         // and it must not be mapped or written back once it is Xen's.
         self.unmap_table(table);
-        DIRTY.with(|d| d.forget(table));
-        // SAFETY: a frame pvx_table_alloc gave the engine.
-        unsafe { ffi::pvx_table_free(table.0) }
+        let held = held_cells();
+        for cell in bits(if held != 0 { held } else { u64::MAX }) {
+            let Some(c) = CELL_DIRTY.get(cell) else { continue };
+            let locked = held & (1u64 << cell) != 0;
+            if !locked && !c.pending.load(Ordering::Acquire) {
+                continue;
+            }
+            if !locked {
+                // SAFETY: plain call; no cell held (not done by the engine).
+                unsafe { ffi::pvx_driver_lock(cell as u32) };
+            }
+            // SAFETY: this CPU holds the cell's lock.
+            unsafe { &mut *c.lines.get() }.forget(table);
+            if !locked {
+                // SAFETY: taken above.
+                unsafe { ffi::pvx_driver_unlock(cell as u32) };
+            }
+        }
+        // SAFETY: plain call; Xen refuses a frame that is not one of the
+        // engine's table frames (a double free among them).
+        if unsafe { ffi::pvx_table_free(table.0) } != 0 {
+            self.refused();
+        }
     }
     fn read_entry(&self, table: Mfn, index: usize) -> u64 {
         let raw = self.table_read(table, index);
@@ -605,7 +810,9 @@ impl IommuBackend for Xen {
         result
     }
     fn hw_context_create(&mut self, _owner: DomId, _ctx: ContextId, _root: Mfn) -> Result<HwContext, Errno> {
-        sync_tables();
+        self.sync_tables();
+        // Not on tables a store went missing from.
+        self.tables_ok()?;
         let mut tag = 0u16;
         // SAFETY: out-pointer to a local.
         match unsafe { ffi::pvx_ctx_alloc(&mut tag) } {
@@ -629,9 +836,13 @@ impl IommuBackend for Xen {
         let tag = u16::try_from(hw.0).map_err(|_| Errno::Inval)?;
         let count = last.0.checked_sub(first.0).and_then(|n| n.checked_add(1)).ok_or(Errno::Inval)?;
         // Table stores reach memory before the IOMMU forgets what it cached.
-        sync_tables();
+        self.sync_tables();
         // SAFETY: plain call.
-        match unsafe { ffi::pvx_ctx_flush(tag, first.0, count) } {
+        let rc = unsafe { ffi::pvx_ctx_flush(tag, first.0, count) };
+        // After a refused table frame the flush still runs (the IOMMU
+        // forgets what it can) but fails: nothing may be released.
+        self.tables_ok()?;
+        match rc {
             0 => Ok(()),
             rc => Err(errno_from(rc)),
         }
@@ -660,7 +871,8 @@ impl IommuBackend for Xen {
     fn device_attach(&mut self, device: Sbdf, hw: HwContext, root: Mfn) -> Result<(), Errno> {
         let tag = u16::try_from(hw.0).map_err(|_| Errno::Inval)?;
         // The device walks the tables from memory once attached.
-        sync_tables();
+        self.sync_tables();
+        self.tables_ok()?;
         // SAFETY: plain call.
         match unsafe { ffi::pvx_device_attach(device.0, tag, root.0) } {
             0 => Ok(()),
@@ -708,6 +920,8 @@ pub extern "C" fn pviommu_engine_init(quota: u64, max_batch: u32, heap_bytes: u6
     if unsafe { ffi::pvx_ctx_caps(&mut levels, &mut snoop) } == 0 && (2..=4).contains(&levels) {
         CTX_CAPS.store(levels | if snoop != 0 { CTX_SNOOP } else { 0 }, Ordering::Relaxed);
     }
+    // SAFETY: plain call.
+    TABLES_COHERENT.store(unsafe { ffi::pvx_tables_coherent() } != 0, Ordering::Relaxed);
     let mut config = Config::default();
     if heap_bytes != 0 {
         HEAP_CAP.store(usize::try_from(heap_bytes).unwrap_or(usize::MAX), Ordering::Relaxed);
@@ -739,6 +953,8 @@ pub extern "C" fn pviommu_engine_op(caller: u16, cmd: u32, arg: u64) -> i64 {
 }
 
 /// One slice of a dying domain's teardown: 0 done, -ERESTART call again.
+// Called from C only, with a pointer into struct domain or NULL (checked).
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 #[no_mangle]
 pub extern "C" fn pviommu_engine_domain_teardown(domid: u16, cursor: *mut u64) -> i32 {
     const ERESTART: i32 = -85;

@@ -1,0 +1,528 @@
+//! Hosted tests of the Xen backend (table mapping cache, per-cell dirty
+//! lines, write-back ordering, refused frames, errno mapping) against the
+//! model of Xen in `xen_model.rs`:
+//! `cargo test --manifest-path hypervisor-side/xen/engine-staticlib/Cargo.toml`.
+
+use std::vec::Vec;
+
+use lock_api::RawMutex;
+use pviommu_hv::iommu::{HwContext, IommuBackend};
+use pviommu_hv::pgtable::vtd::VtdNoSnoop;
+use pviommu_hv::pgtable::{Entry, IoPageTable, PageTableFormat, TableMemory, TableOptions};
+use pviommu_hv::{Bfn, DomId, Errno, MemAttr, Mfn, Permissions, Sbdf};
+
+use super::xen_model::{self as model, LOCK_CALLS};
+use super::{Xen, XenLock, CELL_DIRTY};
+
+const HW: HwContext = HwContext(0x7ff0);
+
+fn lock(cell: u32) -> XenLock {
+    let l = XenLock { cell };
+    l.lock();
+    l
+}
+
+fn unlock(l: &XenLock) {
+    // SAFETY: taken by `lock` on this thread.
+    unsafe { l.unlock() }
+}
+
+fn violations() -> Vec<std::string::String> {
+    model::with(|m| m.violations.clone())
+}
+
+fn syncs() -> Vec<model::Sync> {
+    model::with(|m| m.syncs.clone())
+}
+
+/// What a non-coherent IOMMU finds for `bfn` walking memory from `root`.
+fn device_walk(root: u64, bfn: u64) -> Option<u64> {
+    let mut table = root;
+    for level in (1..=4u32).rev() {
+        let idx = ((bfn >> (9 * (level - 1))) & 0x1ff) as usize;
+        let raw = model::with(|m| m.frames.get(&table).map(|f| f.mem[idx]))?;
+        match VtdNoSnoop::decode(raw, level) {
+            Entry::Empty => return None,
+            Entry::Table(next) => table = next.0,
+            Entry::Leaf { mfn, .. } => return Some(mfn.0),
+        }
+    }
+    None
+}
+
+#[test]
+fn stores_wait_in_the_cache_until_the_flush_writes_them_back() {
+    let _s = model::serial();
+    let l = lock(3);
+    let mut x = Xen::new();
+    let t = x.alloc_table().unwrap();
+    for i in 0..64 {
+        x.write_entry(t, i, 0x1000 | i as u64);
+    }
+    // Nothing written back per store: 64 entries, 8 lines, one record.
+    assert!(syncs().is_empty());
+    assert_eq!(x.read_entry(t, 9), 0x1009);
+    x.hw_flush(HW, Bfn(0), Bfn(63)).unwrap();
+    // The model checks at pvx_ctx_flush that cell 3's frames are in memory.
+    assert_eq!(violations(), Vec::<std::string::String>::new());
+    assert_eq!(
+        syncs(),
+        [model::Sync {
+            mfn: t.0,
+            lines: 0xff
+        }]
+    );
+    unlock(&l);
+    drop(x);
+    assert!(model::check_all_written_back().is_empty());
+}
+
+#[test]
+fn every_store_is_in_memory_when_the_entry_point_returns() {
+    let _s = model::serial();
+    let x = Xen::new();
+    let l = lock(5);
+    let mut x = x;
+    let t = x.alloc_table().unwrap();
+    x.write_entry(t, 100, 0xabc);
+    unlock(&l);
+    // The engine let go of the lock (every MAP_CHUNK maps): not written
+    // back there, but before the entry point returns.
+    assert_eq!(model::check_all_written_back(), [(t.0, 1 << 12)]);
+    let before = LOCK_CALLS[5].load(std::sync::atomic::Ordering::Relaxed);
+    drop(x);
+    assert!(model::check_all_written_back().is_empty());
+    // Under the cell's lock, taken again for that.
+    assert_eq!(
+        LOCK_CALLS[5].load(std::sync::atomic::Ordering::Relaxed),
+        before + 1
+    );
+    assert_eq!(violations(), Vec::<std::string::String>::new());
+}
+
+#[test]
+fn an_entry_point_whose_stores_were_written_back_by_a_flush_takes_no_lock_to_return() {
+    let _s = model::serial();
+    let l = lock(6);
+    let mut x = Xen::new();
+    let t = x.alloc_table().unwrap();
+    x.write_entry(t, 1, 1);
+    x.hw_flush(HW, Bfn(0), Bfn(0)).unwrap();
+    unlock(&l);
+    let before = LOCK_CALLS[6].load(std::sync::atomic::Ordering::Relaxed);
+    drop(x);
+    assert_eq!(
+        LOCK_CALLS[6].load(std::sync::atomic::Ordering::Relaxed),
+        before
+    );
+}
+
+#[test]
+fn context_creation_and_device_attach_write_back_first() {
+    let _s = model::serial();
+    let l = lock(2);
+    let mut x = Xen::new();
+    let root = x.alloc_table().unwrap();
+    x.write_entry(root, 0, 0x5003);
+    let hw = x
+        .hw_context_create(DomId(0), pviommu_hv::ContextId(1), root)
+        .unwrap();
+    assert_eq!(violations(), Vec::<std::string::String>::new());
+    x.write_entry(root, 8, 0x6003);
+    x.device_attach(Sbdf(0x18), hw, root).unwrap();
+    assert_eq!(violations(), Vec::<std::string::String>::new());
+    assert_eq!(syncs().len(), 2);
+    unlock(&l);
+}
+
+/// Regression test for the single dirty set of all cells: a flush of one
+/// driver domain wrote back (and so touched, under its own lock only)
+/// table lines another driver domain was still writing.
+#[test]
+fn a_flush_writes_back_only_its_own_driver_domains_tables() {
+    let _s = model::serial();
+    let t1 = model::frame_of(1);
+    let t2 = model::frame_of(2);
+    // Driver domain 1's hypercall stores, drops its lock between chunks.
+    let l1 = lock(1);
+    let mut x1 = Xen::new();
+    x1.write_entry(t1, 0, 0x1003);
+    unlock(&l1);
+    // Driver domain 2's hypercall, on another CPU, stores and flushes.
+    let l2 = lock(2);
+    let mut x2 = Xen::new();
+    x2.write_entry(t2, 0, 0x2003);
+    x2.hw_flush(HW, Bfn(0), Bfn(0)).unwrap();
+    unlock(&l2);
+    drop(x2);
+    assert_eq!(violations(), Vec::<std::string::String>::new());
+    assert_eq!(
+        syncs(),
+        [model::Sync {
+            mfn: t2.0,
+            lines: 1
+        }]
+    );
+    // Domain 1's line still waits in its own set, for its own flush or
+    // its return.
+    assert_eq!(model::check_all_written_back(), [(t1.0, 1)]);
+    drop(x1);
+    assert!(model::check_all_written_back().is_empty());
+    assert_eq!(violations(), Vec::<std::string::String>::new());
+}
+
+/// Regression test for the global spinlock: with it, a write-back by one
+/// driver domain held up every other driver domain's table stores.
+#[test]
+fn a_write_back_of_one_driver_domain_does_not_hold_up_anothers_stores() {
+    let _s = model::serial();
+    let t1 = model::frame_of(1);
+    let t2 = model::frame_of(2);
+    model::with(|m| m.block_sync_of = Some(t1.0));
+    let a = std::thread::spawn(move || {
+        let l = lock(1);
+        let mut x = Xen::new();
+        x.write_entry(t1, 0, 0x1003);
+        // Its write-back waits (up to 2 s) until b has stored.
+        let r = x.hw_flush(HW, Bfn(0), Bfn(0));
+        unlock(&l);
+        r
+    });
+    let b = std::thread::spawn(move || {
+        // Start once a is inside its write-back.
+        let start = std::time::Instant::now();
+        while !model::BLOCKED.load(std::sync::atomic::Ordering::Acquire) {
+            assert!(start.elapsed().as_secs() < 10, "a never wrote back");
+            std::thread::yield_now();
+        }
+        let l = lock(2);
+        let mut x = Xen::new();
+        for i in 0..16 {
+            x.write_entry(t2, i * 8, 0x2003);
+        }
+        model::RELEASE.store(true, std::sync::atomic::Ordering::Release);
+        unlock(&l);
+    });
+    b.join().unwrap();
+    assert_eq!(a.join().unwrap(), Ok(()));
+    assert!(
+        !model::with(|m| m.block_timed_out),
+        "driver domain 2's stores waited for domain 1's write-back"
+    );
+    assert_eq!(violations(), Vec::<std::string::String>::new());
+}
+
+#[test]
+fn stores_take_no_lock() {
+    let _s = model::serial();
+    let t = model::frame_of(4);
+    let l = lock(4);
+    let calls: u64 = LOCK_CALLS
+        .iter()
+        .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    let mut x = Xen::new();
+    for i in 0..512 {
+        x.write_entry(t, i, i as u64);
+    }
+    let after: u64 = LOCK_CALLS
+        .iter()
+        .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    assert_eq!(after, calls);
+    x.hw_flush(HW, Bfn(0), Bfn(0)).unwrap();
+    unlock(&l);
+}
+
+#[test]
+fn a_coherent_iommu_needs_no_notes_and_no_write_backs() {
+    let _s = model::serial();
+    model::with(|m| m.coherent = true);
+    super::reset_backend_state();
+    let l = lock(7);
+    let mut x = Xen::new();
+    let t = x.alloc_table().unwrap();
+    for i in 0..512 {
+        x.write_entry(t, i, i as u64 + 1);
+    }
+    assert!(!CELL_DIRTY[7]
+        .pending
+        .load(std::sync::atomic::Ordering::Relaxed));
+    x.hw_flush(HW, Bfn(0), Bfn(0)).unwrap();
+    unlock(&l);
+    drop(x);
+    assert!(syncs().is_empty());
+    assert!(
+        model::check_all_written_back().len() == 1,
+        "the model's memory is not the IOMMU's view here"
+    );
+}
+
+/// Regression test for the unvalidated table frame: a store into a frame
+/// Xen refuses was dropped without a word, and the flush then succeeded,
+/// letting the engine release a page a cleared entry may still map.
+#[test]
+fn a_refused_table_frame_fails_every_later_flush_of_its_driver_domain() {
+    let _s = model::serial();
+    let l = lock(9);
+    let mut x = Xen::new();
+    let t = x.alloc_table().unwrap();
+    x.write_entry(t, 3, 0x3003);
+    // Never handed out: refused, nothing written anywhere.
+    let bogus = Mfn(0xdead_beef);
+    x.write_entry(bogus, 1, 0x4003);
+    assert_eq!(x.read_entry(bogus, 1), 0);
+    assert_eq!(model::with(|m| m.refused), 2);
+    assert_eq!(x.hw_flush(HW, Bfn(0), Bfn(0)), Err(Errno::Fault));
+    // The good table's store still reached memory before the flush.
+    assert_eq!(violations(), Vec::<std::string::String>::new());
+    assert!(model::check_all_written_back().is_empty());
+    unlock(&l);
+    drop(x);
+    // Sticky: a later hypercall of the same driver domain cannot flush,
+    // create a context or attach a device either...
+    let l = lock(9);
+    let mut x = Xen::new();
+    assert_eq!(x.hw_flush(HW, Bfn(0), Bfn(0)), Err(Errno::Fault));
+    assert_eq!(
+        x.hw_context_create(DomId(0), pviommu_hv::ContextId(1), t),
+        Err(Errno::Fault)
+    );
+    assert_eq!(x.device_attach(Sbdf(0x18), HW, t), Err(Errno::Fault));
+    unlock(&l);
+    drop(x);
+    // ...while another driver domain's can.
+    let l = lock(10);
+    let mut x = Xen::new();
+    assert_eq!(x.hw_flush(HW, Bfn(0), Bfn(0)), Ok(()));
+    unlock(&l);
+}
+
+#[test]
+fn a_table_freed_twice_is_refused_and_reported() {
+    let _s = model::serial();
+    let l = lock(11);
+    let mut x = Xen::new();
+    let t = x.alloc_table().unwrap();
+    x.write_entry(t, 0, 1);
+    x.free_table(t);
+    assert_eq!(x.hw_flush(HW, Bfn(0), Bfn(0)), Ok(()));
+    // The freed frame's record was dropped: no write-back of it.
+    assert!(syncs().is_empty());
+    x.free_table(t);
+    assert_eq!(model::with(|m| m.refused), 1);
+    assert_eq!(x.hw_flush(HW, Bfn(0), Bfn(0)), Err(Errno::Fault));
+    unlock(&l);
+    assert_eq!(violations(), Vec::<std::string::String>::new());
+}
+
+#[test]
+fn the_mapping_cache_maps_each_frame_once_and_unmaps_everything_on_return() {
+    let _s = model::serial();
+    let l = lock(12);
+    let mut x = Xen::new();
+    let t: Vec<Mfn> = (0..6).map(|_| x.alloc_table().unwrap()).collect();
+    for _ in 0..3 {
+        for &f in &t[..4] {
+            x.write_entry(f, 10, 7);
+        }
+    }
+    let mapped =
+        |mfns: &[Mfn]| model::with(|m| mfns.iter().map(|f| m.frames[&f.0].mapped).sum::<u32>());
+    assert_eq!(mapped(&t), 4);
+    // A fifth frame replaces the oldest mapping.
+    x.write_entry(t[4], 0, 1);
+    assert_eq!(mapped(&t), 4);
+    // A frame is unmapped before it is freed (the model checks).
+    x.free_table(t[4]);
+    x.hw_flush(HW, Bfn(0), Bfn(0)).unwrap();
+    unlock(&l);
+    drop(x);
+    assert_eq!(mapped(&[t[0], t[1], t[2], t[3], t[5]]), 0);
+    assert_eq!(violations(), Vec::<std::string::String>::new());
+}
+
+#[test]
+fn a_table_pushed_out_of_a_full_set_is_written_back_at_once_under_its_cells_lock() {
+    let _s = model::serial();
+    let l = lock(13);
+    let mut x = Xen::new();
+    let t: Vec<Mfn> = (0..9).map(|_| x.alloc_table().unwrap()).collect();
+    for &f in &t[..8] {
+        x.write_entry(f, 0, 1);
+    }
+    assert!(syncs().is_empty());
+    x.write_entry(t[8], 0, 1);
+    assert_eq!(syncs().len(), 1);
+    x.hw_flush(HW, Bfn(0), Bfn(0)).unwrap();
+    assert_eq!(syncs().len(), 9);
+    unlock(&l);
+    assert_eq!(violations(), Vec::<std::string::String>::new());
+}
+
+#[test]
+fn a_store_with_no_cell_held_is_written_through() {
+    let _s = model::serial();
+    let mut x = Xen::new();
+    let t = x.alloc_table().unwrap();
+    x.write_entry(t, 17, 5);
+    assert_eq!(
+        syncs(),
+        [model::Sync {
+            mfn: t.0,
+            lines: 1 << 2
+        }]
+    );
+    assert!(model::check_all_written_back().is_empty());
+}
+
+#[test]
+fn xen_errnos_reach_the_engine() {
+    let _s = model::serial();
+    let mut x = Xen::new();
+    assert_eq!(x.hw_context_destroy(HwContext(0x1_0000)), Err(Errno::Inval));
+    assert_eq!(x.hw_flush(HW, Bfn(5), Bfn(4)), Err(Errno::Inval));
+    assert_eq!(super::errno_from(-16), Errno::Busy);
+    assert_eq!(super::errno_from(-12), Errno::NoMem);
+    assert_eq!(super::errno_from(-9999), Errno::Inval);
+}
+
+/// The real walker over the Xen backend: a batch of maps, one flush, and a
+/// device walking memory finds every page; after unmaps and a flush it
+/// finds none, and the emptied tables go back to Xen.
+#[test]
+fn the_walker_over_the_backend_is_seen_by_a_non_coherent_device_after_the_flush() {
+    let _s = model::serial();
+    let l = lock(20);
+    let mut x = Xen::new();
+    let opts = TableOptions {
+        levels: 3,
+        superpages: false,
+    };
+    let mut pt = IoPageTable::<VtdNoSnoop>::with_options(&mut x, opts).unwrap();
+    let root = pt.root().0;
+    let rw = Permissions {
+        read: true,
+        write: true,
+    };
+    for i in 0..600u64 {
+        pt.map(
+            &mut x,
+            Bfn(0x10_0000 + i),
+            Mfn(0x5_0000 + i),
+            rw,
+            MemAttr::WriteBack,
+        )
+        .unwrap();
+    }
+    x.hw_flush(HW, Bfn(0x10_0000), Bfn(0x10_0000 + 599))
+        .unwrap();
+    for i in 0..600u64 {
+        assert_eq!(
+            device_walk(root, 0x10_0000 + i),
+            Some(0x5_0000 + i),
+            "bfn +{i}"
+        );
+    }
+    // Written back per line, not per store.
+    let lines: u32 = syncs().iter().map(|s| s.lines.count_ones()).sum();
+    assert!(lines < 200, "{lines} lines written back");
+    let frames = model::with(|m| m.frames.len());
+    for i in 0..600u64 {
+        pt.unmap(&mut x, Bfn(0x10_0000 + i)).unwrap();
+    }
+    x.hw_flush(HW, Bfn(0x10_0000), Bfn(0x10_0000 + 599))
+        .unwrap();
+    pt.release_freed(&mut x);
+    for i in 0..600u64 {
+        assert_eq!(device_walk(root, 0x10_0000 + i), None, "bfn +{i}");
+    }
+    assert!(model::with(|m| m.frames.len()) < frames);
+    pt.destroy(&mut x);
+    unlock(&l);
+    drop(x);
+    assert_eq!(model::with(|m| m.frames.len()), 0);
+    assert_eq!(violations(), Vec::<std::string::String>::new());
+}
+
+/// Run one batch of `ops` as d0 through the engine's hypercall entry.
+fn batch(ops: &mut [pviommu_hv::abi::PvIommuOp]) -> i64 {
+    let mut b = pviommu_hv::abi::PvIommuBatch {
+        version: pviommu_hv::abi::INTERFACE_VERSION,
+        nr_ops: ops.len() as u32,
+        nr_done: 0,
+        flags: 0,
+        ops: ops.as_mut_ptr() as u64,
+    };
+    super::pviommu_engine_op(0, pviommu_hv::abi::cmd::BATCH, &mut b as *mut _ as u64)
+}
+
+/// The whole engine over the backend, entered as Xen enters it: a context
+/// created, 40 pages mapped into it (5 chunks, the cell lock dropped in
+/// between), unmapped, the context destroyed. The model checks every
+/// write-back point, and that every table store happened under the
+/// owning cell's lock (the write-back of a store made without it would be
+/// flagged); a device walking memory sees each map after the hypercall and
+/// none after the unmaps.
+#[test]
+fn the_engine_through_its_hypercall_keeps_every_write_back_point() {
+    use pviommu_hv::abi::{op_flags, subop, PvIommuOp};
+    let _s = model::serial();
+    assert_eq!(super::pviommu_engine_init(0, 0, 0), 0);
+    let mut create = [PvIommuOp {
+        subop: subop::CONTEXT_CREATE,
+        ..PvIommuOp::default()
+    }];
+    assert_eq!(batch(&mut create), 0);
+    assert_eq!(create[0].status, 0);
+    let ctx = create[0].context;
+    assert_ne!(ctx, 0);
+    let root = model::with(|m| m.allocs[0]);
+    let mut maps: Vec<PvIommuOp> = (0..40u64)
+        .map(|g| PvIommuOp {
+            subop: subop::MAP,
+            flags: op_flags::READ | op_flags::WRITE,
+            context: ctx,
+            domid: 1,
+            gfn: 0x100 + g,
+            ..PvIommuOp::default()
+        })
+        .collect();
+    assert_eq!(batch(&mut maps), 0);
+    assert!(model::with(|m| m.flushes) > 0);
+    assert!(model::check_all_written_back().is_empty());
+    for op in &maps {
+        assert_eq!(op.status, 0);
+        assert_eq!(
+            device_walk(root, op.bfn),
+            Some(model::GUEST_MFN + op.gfn),
+            "bfn {:#x}",
+            op.bfn
+        );
+    }
+    let mut unmaps: Vec<PvIommuOp> = maps
+        .iter()
+        .map(|m| PvIommuOp {
+            subop: subop::UNMAP,
+            context: ctx,
+            bfn: m.bfn,
+            ..PvIommuOp::default()
+        })
+        .collect();
+    assert_eq!(batch(&mut unmaps), 0);
+    assert!(unmaps.iter().all(|op| op.status == 0));
+    assert!(model::check_all_written_back().is_empty());
+    for op in &maps {
+        assert_eq!(device_walk(root, op.bfn), None);
+    }
+    let mut destroy = [PvIommuOp {
+        subop: subop::CONTEXT_DESTROY,
+        context: ctx,
+        ..PvIommuOp::default()
+    }];
+    assert_eq!(batch(&mut destroy), 0);
+    assert_eq!(destroy[0].status, 0);
+    assert_eq!(model::with(|m| m.frames.len()), 0);
+    assert_eq!(model::with(|m| m.refused), 0);
+    assert_eq!(violations(), Vec::<std::string::String>::new());
+}
