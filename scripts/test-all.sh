@@ -10,9 +10,12 @@ step() { printf '\n=== %s ===\n' "$*"; }
 
 step "format"
 cargo fmt --all -- --check
+cargo fmt --manifest-path hypervisor-side/xen/engine-staticlib/Cargo.toml -- --check
 
 step "clippy"
 cargo clippy --workspace --all-targets -q -- -D warnings
+cargo clippy --manifest-path hypervisor-side/xen/engine-staticlib/Cargo.toml \
+  --target-dir target/engine-staticlib --all-targets -q -- -D warnings
 
 step "packages the hosted tests use"
 # pkg-config builds the C mediator example against the installed library;
@@ -28,6 +31,9 @@ echo "pkg-config and groff present"
 
 step "hosted tests"
 cargo test --workspace -q
+
+step "Xen backend (engine-staticlib) hosted tests"
+cargo test -q --manifest-path hypervisor-side/xen/engine-staticlib/Cargo.toml --target-dir target/engine-staticlib
 
 step "engine for x86_64-unknown-none (Xen's target)"
 scripts/build-engine-nostd.sh

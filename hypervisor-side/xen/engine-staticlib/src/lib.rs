@@ -15,9 +15,9 @@ use core::cell::{Cell, UnsafeCell};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use lock_api::RawMutex;
+use pviommu_hv::abi::feature;
 use pviommu_hv::config::Config;
 use pviommu_hv::engine::{Engine, GfnChange};
-use pviommu_hv::abi::feature;
 use pviommu_hv::iommu::{
     BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend, OwnTables, TableFormat,
 };
@@ -55,11 +55,22 @@ mod ffi {
         pub fn pvx_copy_to_guest(guest_addr: u64, src: *const u8, len: usize) -> i32;
         pub fn pvx_domain_info(domid: u16, info: *mut PvxDomainInfo);
         pub fn pvx_xsm_check(caller: u16, target: u16, action: u32) -> i32;
-        pub fn pvx_get_page(domid: u16, gfn: u64, want_write: i32, mfn: *mut u64, kind: *mut u32) -> i32;
+        pub fn pvx_get_page(
+            domid: u16,
+            gfn: u64,
+            want_write: i32,
+            mfn: *mut u64,
+            kind: *mut u32,
+        ) -> i32;
         pub fn pvx_put_page(mfn: u64, writable: i32);
         pub fn pvx_ram_end_mfn() -> u64;
         pub fn pvx_iommu_address_bits() -> u32;
-        pub fn pvx_reserved_region(index: u32, start: *mut u64, nr: *mut u64, kind: *mut u32) -> i32;
+        pub fn pvx_reserved_region(
+            index: u32,
+            start: *mut u64,
+            nr: *mut u64,
+            kind: *mut u32,
+        ) -> i32;
         pub fn pvx_iommu_map(owner: u16, bfn: u64, mfn: u64, flags: u32, flush: *mut u32) -> i32;
         pub fn pvx_iommu_unmap(owner: u16, bfn: u64, flush: *mut u32) -> i32;
         pub fn pvx_iommu_flush(owner: u16, bfn: u64, count: u64, flush: u32) -> i32;
@@ -299,8 +310,11 @@ impl Xen {
     fn tables_ok(&self) -> Result<(), Errno> {
         let faulted = self.fault.get()
             || ALL_FAULTED.load(Ordering::Acquire)
-            || bits(held_cells())
-                .any(|cell| CELL_DIRTY.get(cell).is_none_or(|c| c.faulted.load(Ordering::Acquire)));
+            || bits(held_cells()).any(|cell| {
+                CELL_DIRTY
+                    .get(cell)
+                    .is_none_or(|c| c.faulted.load(Ordering::Acquire))
+            });
         if faulted {
             Err(Errno::Fault)
         } else {
@@ -348,7 +362,9 @@ impl Xen {
     /// the engine's own entry points keep.
     fn sync_unheld(&self, cells: u64) {
         for cell in bits(cells) {
-            let Some(c) = CELL_DIRTY.get(cell) else { continue };
+            let Some(c) = CELL_DIRTY.get(cell) else {
+                continue;
+            };
             // Acquire, paired with drain's Release: false means whatever
             // this CPU noted there was written back since.
             if !c.pending.load(Ordering::Acquire) {
@@ -466,7 +482,10 @@ fn reset_backend_state() {
     ALL_FAULTED.store(false, Ordering::Relaxed);
     FAULT_LOGGED.store(false, Ordering::Relaxed);
     // SAFETY: plain call (the model).
-    TABLES_COHERENT.store(unsafe { ffi::pvx_tables_coherent() } != 0, Ordering::Relaxed);
+    TABLES_COHERENT.store(
+        unsafe { ffi::pvx_tables_coherent() } != 0,
+        Ordering::Relaxed,
+    );
 }
 
 /// Every IOMMU unit walks tables coherently with the CPU caches
@@ -501,7 +520,12 @@ impl Platform for Xen {
             translation: i.translation,
         })
     }
-    fn xsm_check(&self, caller: DomId, target: Option<DomId>, action: XsmAction) -> Result<(), Errno> {
+    fn xsm_check(
+        &self,
+        caller: DomId,
+        target: Option<DomId>,
+        action: XsmAction,
+    ) -> Result<(), Errno> {
         let action = match action {
             XsmAction::Query => 0,
             XsmAction::Map => 1,
@@ -517,7 +541,8 @@ impl Platform for Xen {
         let mut mfn = 0u64;
         let mut kind = 0u32;
         // SAFETY: out-pointers to locals.
-        let rc = unsafe { ffi::pvx_get_page(domid.0, gfn.0, want_write as i32, &mut mfn, &mut kind) };
+        let rc =
+            unsafe { ffi::pvx_get_page(domid.0, gfn.0, want_write as i32, &mut mfn, &mut kind) };
         if rc != 0 {
             return Err(errno_from(rc));
         }
@@ -531,8 +556,12 @@ impl Platform for Xen {
             7 => PageKind::LogDirty,
             _ => PageKind::XenOwned,
         };
-        let referenced = matches!(kind, PageKind::RamRw) || (kind == PageKind::RamRo && !want_write);
-        Ok(PageLookup { kind, mfn: referenced.then_some(Mfn(mfn)) })
+        let referenced =
+            matches!(kind, PageKind::RamRw) || (kind == PageKind::RamRo && !want_write);
+        Ok(PageLookup {
+            kind,
+            mfn: referenced.then_some(Mfn(mfn)),
+        })
     }
     fn put_page(&mut self, mfn: Mfn, writable: bool) {
         // SAFETY: releases a reference pvx_get_page took.
@@ -681,7 +710,9 @@ impl TableMemory for Xen {
         self.unmap_table(table);
         let held = held_cells();
         for cell in bits(if held != 0 { held } else { u64::MAX }) {
-            let Some(c) = CELL_DIRTY.get(cell) else { continue };
+            let Some(c) = CELL_DIRTY.get(cell) else {
+                continue;
+            };
             let locked = held & (1u64 << cell) != 0;
             if !locked && !c.pending.load(Ordering::Acquire) {
                 continue;
@@ -782,13 +813,21 @@ impl IommuBackend for Xen {
         }
         let mut flush = 0u32;
         // SAFETY: out-pointer to a local.
-        let rc = unsafe { ffi::pvx_iommu_map(owner.0, bfn.0, mfn.0, perms.flag_bits() as u32, &mut flush) };
+        let rc = unsafe {
+            ffi::pvx_iommu_map(owner.0, bfn.0, mfn.0, perms.flag_bits() as u32, &mut flush)
+        };
         if rc != 0 {
             return Err(errno_from(rc));
         }
         gather.add(ctx, bfn, flush)
     }
-    fn iommu_unmap(&mut self, owner: DomId, ctx: ContextId, bfn: Bfn, gather: &mut FlushGather) -> Result<(), Errno> {
+    fn iommu_unmap(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        bfn: Bfn,
+        gather: &mut FlushGather,
+    ) -> Result<(), Errno> {
         let mut flush = 0u32;
         // SAFETY: out-pointer to a local.
         let rc = unsafe { ffi::pvx_iommu_unmap(owner.0, bfn.0, &mut flush) };
@@ -809,7 +848,12 @@ impl IommuBackend for Xen {
         }
         result
     }
-    fn hw_context_create(&mut self, _owner: DomId, _ctx: ContextId, _root: Mfn) -> Result<HwContext, Errno> {
+    fn hw_context_create(
+        &mut self,
+        _owner: DomId,
+        _ctx: ContextId,
+        _root: Mfn,
+    ) -> Result<HwContext, Errno> {
         self.sync_tables();
         // Not on tables a store went missing from.
         self.tables_ok()?;
@@ -834,7 +878,11 @@ impl IommuBackend for Xen {
     }
     fn hw_flush(&mut self, hw: HwContext, first: Bfn, last: Bfn) -> Result<(), Errno> {
         let tag = u16::try_from(hw.0).map_err(|_| Errno::Inval)?;
-        let count = last.0.checked_sub(first.0).and_then(|n| n.checked_add(1)).ok_or(Errno::Inval)?;
+        let count = last
+            .0
+            .checked_sub(first.0)
+            .and_then(|n| n.checked_add(1))
+            .ok_or(Errno::Inval)?;
         // Table stores reach memory before the IOMMU forgets what it cached.
         self.sync_tables();
         // SAFETY: plain call.
@@ -918,13 +966,22 @@ pub extern "C" fn pviommu_engine_init(quota: u64, max_batch: u32, heap_bytes: u6
     let (mut levels, mut snoop) = (0u32, 0i32);
     // SAFETY: out-pointers to locals.
     if unsafe { ffi::pvx_ctx_caps(&mut levels, &mut snoop) } == 0 && (2..=4).contains(&levels) {
-        CTX_CAPS.store(levels | if snoop != 0 { CTX_SNOOP } else { 0 }, Ordering::Relaxed);
+        CTX_CAPS.store(
+            levels | if snoop != 0 { CTX_SNOOP } else { 0 },
+            Ordering::Relaxed,
+        );
     }
     // SAFETY: plain call.
-    TABLES_COHERENT.store(unsafe { ffi::pvx_tables_coherent() } != 0, Ordering::Relaxed);
+    TABLES_COHERENT.store(
+        unsafe { ffi::pvx_tables_coherent() } != 0,
+        Ordering::Relaxed,
+    );
     let mut config = Config::default();
     if heap_bytes != 0 {
-        HEAP_CAP.store(usize::try_from(heap_bytes).unwrap_or(usize::MAX), Ordering::Relaxed);
+        HEAP_CAP.store(
+            usize::try_from(heap_bytes).unwrap_or(usize::MAX),
+            Ordering::Relaxed,
+        );
     }
     if quota != 0 {
         config.quota = quota;
@@ -960,7 +1017,9 @@ pub extern "C" fn pviommu_engine_domain_teardown(domid: u16, cursor: *mut u64) -
     const ERESTART: i32 = -85;
     let Some(e) = engine() else { return 0 };
     // SAFETY: the glue passes a pointer to the cursor in struct domain.
-    let Some(cursor) = (unsafe { cursor.as_mut() }) else { return 0 };
+    let Some(cursor) = (unsafe { cursor.as_mut() }) else {
+        return 0;
+    };
     match e.domain_teardown(&mut Xen::new(), DomId(domid), cursor) {
         Ok(()) => 0,
         Err(_) => ERESTART,
@@ -971,7 +1030,11 @@ pub extern "C" fn pviommu_engine_domain_teardown(domid: u16, cursor: *mut u64) -
 #[no_mangle]
 pub extern "C" fn pviommu_engine_gfn_changed(domid: u16, gfn: u64, order: u32, how: u32) {
     let Some(e) = engine() else { return };
-    let how = if how == 1 { GfnChange::WriteLost } else { GfnChange::Removed };
+    let how = if how == 1 {
+        GfnChange::WriteLost
+    } else {
+        GfnChange::Removed
+    };
     e.gfn_changed(&mut Xen::new(), DomId(domid), Gfn(gfn), order, how);
 }
 
