@@ -5,14 +5,23 @@
 //! path for allocation failure or a bad index, even where it can never be
 //! taken. `build-engine.sh` fails the Xen build when any panic path is
 //! reachable from an entry point, so the engine stores its state only in the
-//! two shapes here, whose every operation returns a `Result` or an `Option`:
+//! shapes here, whose every operation returns a `Result` or an `Option`:
 //!
 //! * [`try_push`]: append to a `Vec` after `try_reserve`, without `push`'s
 //!   infallible growth path;
 //! * [`IndexTable`]: an open-addressing hash table of packed `u64` values
 //!   whose keys live elsewhere (in the engine's slot arrays), so an entry
 //!   costs 8 bytes. Capacity is reserved *before* any state changes
-//!   ([`IndexTable::reserve_one`]); an insert after that cannot fail.
+//!   ([`IndexTable::reserve_one`]); an insert after that cannot fail;
+//! * [`ShardedIndex`]: an [`IndexTable`] that splits into 256 once large,
+//!   so no growth rehashes more than a 256th of it (a driver domain's page
+//!   index);
+//! * [`ChunkedVec`]: an array in 128 KiB blocks, so no growth copies or
+//!   allocates more than one block (a driver domain's slots).
+//!
+//! Growth happens under the owner's lock, inside a hypercall: these two
+//! bound the longest single operation and the largest block asked of
+//! Xen's heap, whatever the quota.
 //!
 //! Keys are guest-controlled (gfns): the hash is keyed with a per-boot seed
 //! from the platform so a guest cannot aim its gfns at one probe chain.
@@ -150,9 +159,9 @@ impl IndexTable {
         Ok(())
     }
 
-    /// Changes whenever positions from [`position`](Self::position) stop
-    /// being valid because the buckets were rebuilt (inserts and removals
-    /// never move other values).
+    /// Changes whenever the buckets were rebuilt. A removal also moves
+    /// other values (its cluster shifts back) without changing this: a
+    /// position stays valid only until the table next changes.
     pub fn layout(&self) -> u32 {
         self.rebuilds
     }
@@ -320,7 +329,11 @@ const SHARD_BITS: u32 = 8;
 const SHARDS: usize = 1 << SHARD_BITS;
 /// Where in a hash the shard number sits: within the low half, which
 /// the buckets keep, so a split needs no keys; above every bucket bit a
-/// shard's table can use (a shard holds at most a 256th of `MAX_QUOTA`).
+/// shard's table can use while the shards are balanced (a shard holding a
+/// 256th of `MAX_QUOTA`). Unbalanced (a seed a guest could guess), a big
+/// shard's buckets reach into those bits: still correct, with part of its
+/// table unused, and the growth of that shard is as long as the unsplit
+/// table's would be, bounded by the quota.
 const SHARD_SHIFT: u32 = 24;
 /// Values an unsplit index holds before it splits into shards rather
 /// than grow again (its table is then 8192 buckets, 64 KiB).
@@ -513,7 +526,11 @@ impl ShardedIndex {
     /// Insert `value` under `hash` (after [`reserve_one`](Self::reserve_one)
     /// with the same hash). `value` must fit 32 bits.
     pub fn insert(&mut self, hash: u64, value: u64) -> Result<(), Errno> {
-        let value = u32::try_from(value).map_err(|_| Errno::Inval)?;
+        // (`u32::MAX` under an all-ones hash would pack to the empty mark.)
+        let value = u32::try_from(value)
+            .ok()
+            .filter(|v| *v != u32::MAX)
+            .ok_or(Errno::Inval)?;
         let shard_no = self.shard_of(hash);
         let t = self.shards.get_mut(shard_no).ok_or(Errno::NoMem)?;
         t.insert(hash & 0xffff_ffff, packed(hash, value))?;

@@ -1084,7 +1084,15 @@ static struct page_info *pvx_table_page(uint64_t mfn, const char *what)
     if ( mfn_valid(_mfn(mfn)) )
     {
         pg = mfn_to_page(_mfn(mfn));
-        if ( page_state_is(pg, inuse) && !is_xen_heap_page(pg) &&
+        /*
+         * In use, or being offlined: a memory error (the MCE handler) or
+         * dom0 (XEN_SYSCTL_page_offline_op) may mark an in-use page
+         * PGC_state_offlining, and it stays the engine's until freed,
+         * which is what completes the offlining. Refusing it would fault
+         * the driver cell and wedge its and its targets' teardown.
+         */
+        if ( (page_state_is(pg, inuse) || page_state_is(pg, offlining)) &&
+             !is_xen_heap_page(pg) &&
              !page_get_owner(pg) &&
              ACCESS_ONCE(pg->u.inuse.type_info) == PVX_TABLE_MARK )
             return pg;
@@ -1168,6 +1176,7 @@ int pvx_table_sync(uint64_t mfn, uint64_t lines)
 
     return 0;
 }
+
 int pvx_ctx_alloc(uint16_t *tag)
 {
     domid_t t;

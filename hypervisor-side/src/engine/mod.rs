@@ -320,10 +320,13 @@ impl<L: RawMutex> Engine<L> {
     /// An engine whose driver cell `n` is guarded by `lock_for(n)` (inside
     /// Xen: the n-th of the glue's spinlocks).
     pub fn with_locks(
-        config: Config,
+        mut config: Config,
         h: &impl Hypervisor,
         lock_for: impl Fn(usize) -> L,
     ) -> Result<Self, Errno> {
+        // The storage relies on it (32-bit slot links, shard sizes): not
+        // only on the boot option's parser.
+        config.quota = config.quota.min(crate::config::MAX_QUOTA);
         let mut reserved = Vec::new();
         let msi = ReservedRange {
             start: X86_MSI_WINDOW.0,
@@ -1508,6 +1511,20 @@ mod claim_race_tests {
     const OTHER: DomId = DomId(2);
     const DM: DomId = DomId(3); // device model of GUEST
     const DM2: DomId = DomId(4); // device model of OTHER
+
+    /// Security review: the storage's 32-bit slot links and shard sizes
+    /// hold only up to `MAX_QUOTA`, which only the C boot-option parser
+    /// enforced.
+    #[test]
+    fn a_boot_quota_past_what_the_storage_holds_is_clamped() {
+        let m = SimMachine::new(64, Format::Vtd, 64);
+        let config = crate::config::Config {
+            quota: u64::MAX,
+            ..Default::default()
+        };
+        let e = crate::Engine::new(config, &m).unwrap();
+        assert_eq!(e.config().quota, crate::config::MAX_QUOTA);
+    }
 
     fn host() -> (SharedSim, crate::Engine) {
         let mut m = SimMachine::new(4096, Format::Vtd, 64);

@@ -419,6 +419,17 @@ fn held_cells() -> u64 {
     unsafe { ffi::pvx_driver_held() }
 }
 
+/// The dirty set of the one cell this CPU holds, if it holds exactly one
+/// (the engine never holds two).
+fn sole_held_cell() -> Option<&'static CellDirty> {
+    let held = held_cells();
+    if held.count_ones() == 1 {
+        CELL_DIRTY.get(held.trailing_zeros() as usize)
+    } else {
+        None
+    }
+}
+
 /// The set bits of `mask`, lowest first (at most 64).
 fn bits(mask: u64) -> impl Iterator<Item = usize> {
     (0..64usize).filter(move |b| mask & (1u64 << b) != 0)
@@ -450,6 +461,11 @@ struct CellDirty {
     /// A table frame was refused with this cell's lock held: its contexts
     /// fail every later flush (see [`Xen::refused`]).
     faulted: AtomicBool,
+    /// Hardware contexts created under this cell and not yet destroyed:
+    /// when there are none, no table a lost store was meant for can still
+    /// be walked, and the next creation clears `faulted` (see
+    /// `hw_context_create`). Changed with the cell's lock held.
+    contexts: AtomicU32,
 }
 // SAFETY: `lines` is only touched with the cell's driver lock held.
 unsafe impl Sync for CellDirty {}
@@ -460,6 +476,7 @@ impl CellDirty {
             lines: UnsafeCell::new(DirtyLines::new()),
             pending: AtomicBool::new(false),
             faulted: AtomicBool::new(false),
+            contexts: AtomicU32::new(0),
         }
     }
 }
@@ -478,6 +495,7 @@ fn reset_backend_state() {
         unsafe { *c.lines.get() = DirtyLines::new() };
         c.pending.store(false, Ordering::Relaxed);
         c.faulted.store(false, Ordering::Relaxed);
+        c.contexts.store(0, Ordering::Relaxed);
     }
     ALL_FAULTED.store(false, Ordering::Relaxed);
     FAULT_LOGGED.store(false, Ordering::Relaxed);
@@ -855,12 +873,31 @@ impl IommuBackend for Xen {
         _root: Mfn,
     ) -> Result<HwContext, Errno> {
         self.sync_tables();
+        let cell = sole_held_cell();
+        // A fault in a cell with no context left (a frame refused while its
+        // last context's tables were freed, perhaps under a previous owner
+        // of the cell) concerns no table a device can still walk, except
+        // those of the context being created now, which the engine set up
+        // in this cell and frees when this creation fails. So it fails
+        // once, clearing the fault: the next creation starts on fresh
+        // tables. Before, the fault stayed for good and was inherited by
+        // the cell's next owner.
+        if let Some(c) = cell {
+            if c.contexts.load(Ordering::Relaxed) == 0 && c.faulted.swap(false, Ordering::AcqRel) {
+                return Err(Errno::Fault);
+            }
+        }
         // Not on tables a store went missing from.
         self.tables_ok()?;
         let mut tag = 0u16;
         // SAFETY: out-pointer to a local.
         match unsafe { ffi::pvx_ctx_alloc(&mut tag) } {
-            0 => Ok(HwContext(u32::from(tag))),
+            0 => {
+                if let Some(c) = cell {
+                    c.contexts.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(HwContext(u32::from(tag)))
+            }
             rc => Err(errno_from(rc)),
         }
     }
@@ -868,7 +905,13 @@ impl IommuBackend for Xen {
         let tag = u16::try_from(hw.0).map_err(|_| Errno::Inval)?;
         // SAFETY: plain call; a tag pvx_ctx_alloc gave.
         match unsafe { ffi::pvx_ctx_free(tag) } {
-            0 => Ok(()),
+            0 => {
+                if let Some(c) = sole_held_cell() {
+                    let n = c.contexts.load(Ordering::Relaxed);
+                    c.contexts.store(n.saturating_sub(1), Ordering::Relaxed);
+                }
+                Ok(())
+            }
             rc => Err(errno_from(rc)),
         }
     }

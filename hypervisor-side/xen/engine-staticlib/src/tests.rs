@@ -284,17 +284,56 @@ fn a_refused_table_frame_fails_every_later_flush_of_its_driver_domain() {
     let l = lock(9);
     let mut x = Xen::new();
     assert_eq!(x.hw_flush(HW, Bfn(0), Bfn(0)), Err(Errno::Fault));
+    assert_eq!(x.device_attach(Sbdf(0x18), HW, t), Err(Errno::Fault));
     assert_eq!(
         x.hw_context_create(DomId(0), pviommu_hv::ContextId(1), t),
         Err(Errno::Fault)
     );
-    assert_eq!(x.device_attach(Sbdf(0x18), HW, t), Err(Errno::Fault));
     unlock(&l);
     drop(x);
     // ...while another driver domain's can.
     let l = lock(10);
     let mut x = Xen::new();
     assert_eq!(x.hw_flush(HW, Bfn(0), Bfn(0)), Ok(()));
+    unlock(&l);
+}
+
+/// Regression test (security review): a fault recorded while a cell's
+/// last context was taken down stayed for good, so the cell's next owner
+/// (or the same driver domain) could never create a context again.
+#[test]
+fn a_fault_in_a_cell_with_no_context_left_fails_one_creation_only() {
+    let _s = model::serial();
+    let l = lock(13);
+    let mut x = Xen::new();
+    let root = x.alloc_table().unwrap();
+    let hw = x
+        .hw_context_create(DomId(5), pviommu_hv::ContextId(1), root)
+        .unwrap();
+    let t = x.alloc_table().unwrap();
+    x.free_table(t);
+    assert_eq!(x.hw_flush(hw, Bfn(0), Bfn(0)), Ok(()));
+    x.hw_context_destroy(hw).unwrap();
+    // The last context's tables go; one of them is refused (an engine bug,
+    // or a frame Xen would not give back).
+    x.free_table(t);
+    assert_eq!(model::with(|m| m.refused), 1);
+    unlock(&l);
+    drop(x);
+    // The cell's next owner: one creation fails (its tables were set up
+    // while the fault stood), the next one works.
+    let l = lock(13);
+    let mut x = Xen::new();
+    let root2 = x.alloc_table().unwrap();
+    assert_eq!(
+        x.hw_context_create(DomId(6), pviommu_hv::ContextId(1), root2),
+        Err(Errno::Fault)
+    );
+    let hw2 = x
+        .hw_context_create(DomId(6), pviommu_hv::ContextId(1), root2)
+        .unwrap();
+    assert_eq!(x.hw_flush(hw2, Bfn(0), Bfn(0)), Ok(()));
+    x.hw_context_destroy(hw2).unwrap();
     unlock(&l);
 }
 
