@@ -324,7 +324,8 @@ impl IndexTable {
     }
 }
 
-/// Shards of a [`ShardedIndex`]: the top bits of a hash pick one.
+/// Shards of a [`ShardedIndex`] (bits `SHARD_SHIFT..SHARD_SHIFT + 8` of a
+/// hash pick one).
 const SHARD_BITS: u32 = 8;
 const SHARDS: usize = 1 << SHARD_BITS;
 /// Where in a hash the shard number sits: within the low half, which
