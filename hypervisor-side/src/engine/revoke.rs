@@ -16,6 +16,11 @@ use super::driver::{DriverDomain, Slot, CHAIN_BOUND, NONE};
 use super::{Driver, Engine, Hypervisor};
 use crate::{DomId, Gfn};
 
+/// What one page-index probe of the gfn hook costs, in slots of a pass
+/// over the slot array (measured 41 against 1.6 ns; rounded down, so a
+/// hook probes only when that is clearly less work).
+const PROBE_COST_IN_SLOTS: u64 = 16;
+
 /// How a gfn changed ([`Engine::gfn_changed`]).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum GfnChange {
@@ -234,9 +239,13 @@ impl<L: RawMutex> Engine<L> {
                 dd: lock.lock(),
             };
             let revoked_before = d.dd.stats.revocations;
-            // Whichever is less work: one O(1) lookup per gfn, or one pass
+            // Whichever is less work: one index probe per gfn, or one pass
             // over every slot (the slot array's length, not the live ones).
-            if count <= d.dd.slots.len() as u64 {
+            // A probe costs about 25 slots of the pass (41 against 1.6 ns
+            // per gfn or slot at 1 Mi live): with 1 Mi slots, an order-18
+            // range took 11 ms of probes with the driver lock held, where
+            // the pass takes 1.6 ms.
+            if count.saturating_mul(PROBE_COST_IN_SLOTS) <= d.dd.slots.len() as u64 {
                 for g in gfn.0..gfn.0.saturating_add(count) {
                     self.revoke_gfn(&mut d, h, domid, Gfn(g), how);
                 }
