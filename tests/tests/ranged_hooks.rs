@@ -48,9 +48,7 @@ fn a_ranged_hook_revokes_the_same_mappings_by_probes_or_by_a_pass() {
         let by_probes = survivors(300, how);
         assert_eq!(by_pass, by_probes, "{how:?}");
         let expected: Vec<(u64, bool)> = (0..32u64)
-            .filter(|g| {
-                !(8..16).contains(g) || (how == GfnChange::WriteLost && g % 2 == 1)
-            })
+            .filter(|g| !(8..16).contains(g) || (how == GfnChange::WriteLost && g % 2 == 1))
             .map(|g| (g, g % 2 == 0))
             .collect();
         assert_eq!(by_pass, expected, "{how:?}");
