@@ -516,7 +516,9 @@ impl ShardedIndex {
     #[inline]
     pub fn set_at(&mut self, pos: usize, value: u64) {
         let (shard, pos) = Self::split(pos);
-        let (Some(t), Ok(value)) = (self.shards.get_mut(shard), u32::try_from(value)) else {
+        // (`u32::MAX` under an all-ones hash would pack to the empty mark.)
+        let value = u32::try_from(value).ok().filter(|v| *v != u32::MAX);
+        let (Some(t), Some(value)) = (self.shards.get_mut(shard), value) else {
             return;
         };
         if let Some(b) = t.value_at(pos) {

@@ -1089,13 +1089,21 @@ static struct page_info *pvx_table_page(uint64_t mfn, const char *what)
          * dom0 (XEN_SYSCTL_page_offline_op) may mark an in-use page
          * PGC_state_offlining, and it stays the engine's until freed,
          * which is what completes the offlining. Refusing it would fault
-         * the driver cell and wedge its and its targets' teardown.
+         * the driver cell and wedge its and its targets' teardown. A
+         * frame marked broken (a hardware memory error) stays in use too
+         * until its context goes: said once, with the frame.
          */
         if ( (page_state_is(pg, inuse) || page_state_is(pg, offlining)) &&
              !is_xen_heap_page(pg) &&
              !page_get_owner(pg) &&
              ACCESS_ONCE(pg->u.inuse.type_info) == PVX_TABLE_MARK )
+        {
+            if ( pg->count_info & PGC_broken )
+                printk_once(XENLOG_WARNING "pviommu: engine table frame %#"PRIx64
+                            " is broken; in use until its context goes\n",
+                            mfn);
             return pg;
+        }
     }
     printk_once(XENLOG_ERR "pviommu: %s of MFN %#"PRIx64
                 " refused: not an engine table frame\n", what, mfn);

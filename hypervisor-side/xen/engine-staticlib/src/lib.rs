@@ -287,8 +287,9 @@ impl Xen {
     /// the failure is reported where the backend can: every later flush,
     /// context creation and device attach of the cells this CPU holds (or
     /// of all cells, when it holds none) fails, and a page or table is
-    /// released only after a successful flush. Sticky: nothing repairs
-    /// the tables. Logged once (Xen also logs the frame).
+    /// released only after a successful flush. Nothing repairs the tables;
+    /// the fault lasts until the cell has no context left (see
+    /// `hw_context_create`). Logged once (Xen also logs the frame).
     fn refused(&self) {
         self.fault.set(true);
         let held = held_cells();
@@ -459,7 +460,8 @@ struct CellDirty {
     /// without the lock only to skip taking it when there is nothing.
     pending: AtomicBool,
     /// A table frame was refused with this cell's lock held: its contexts
-    /// fail every later flush (see [`Xen::refused`]).
+    /// fail every later flush (see [`Xen::refused`]), until the cell has
+    /// no context left and a creation clears it.
     faulted: AtomicBool,
     /// Hardware contexts created under this cell and not yet destroyed:
     /// when there are none, no table a lost store was meant for can still
@@ -873,7 +875,12 @@ impl IommuBackend for Xen {
         _root: Mfn,
     ) -> Result<HwContext, Errno> {
         self.sync_tables();
-        let cell = sole_held_cell();
+        // The engine creates a context holding exactly its driver cell; a
+        // context not counted could let a fault be cleared under it, so
+        // anything else is refused (fail closed).
+        let Some(cell) = sole_held_cell() else {
+            return Err(Errno::Inval);
+        };
         // A fault in a cell with no context left (a frame refused while its
         // last context's tables were freed, perhaps under a previous owner
         // of the cell) concerns no table a device can still walk, except
@@ -882,10 +889,9 @@ impl IommuBackend for Xen {
         // once, clearing the fault: the next creation starts on fresh
         // tables. Before, the fault stayed for good and was inherited by
         // the cell's next owner.
-        if let Some(c) = cell {
-            if c.contexts.load(Ordering::Relaxed) == 0 && c.faulted.swap(false, Ordering::AcqRel) {
-                return Err(Errno::Fault);
-            }
+        if cell.contexts.load(Ordering::Relaxed) == 0 && cell.faulted.swap(false, Ordering::AcqRel)
+        {
+            return Err(Errno::Fault);
         }
         // Not on tables a store went missing from.
         self.tables_ok()?;
@@ -893,9 +899,7 @@ impl IommuBackend for Xen {
         // SAFETY: out-pointer to a local.
         match unsafe { ffi::pvx_ctx_alloc(&mut tag) } {
             0 => {
-                if let Some(c) = cell {
-                    c.contexts.fetch_add(1, Ordering::Relaxed);
-                }
+                cell.contexts.fetch_add(1, Ordering::Relaxed);
                 Ok(HwContext(u32::from(tag)))
             }
             rc => Err(errno_from(rc)),
@@ -908,6 +912,8 @@ impl IommuBackend for Xen {
             0 => {
                 if let Some(c) = sole_held_cell() {
                     let n = c.contexts.load(Ordering::Relaxed);
+                    // Drift would be a bug; the hosted tests would see it.
+                    debug_assert!(n > 0, "context count drift");
                     c.contexts.store(n.saturating_sub(1), Ordering::Relaxed);
                 }
                 Ok(())

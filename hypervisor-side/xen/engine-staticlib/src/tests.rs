@@ -337,6 +337,30 @@ fn a_fault_in_a_cell_with_no_context_left_fails_one_creation_only() {
     unlock(&l);
 }
 
+/// Re-review: a context created without exactly one cell held would not
+/// be counted, and a later fault could then be cleared under it.
+#[test]
+fn a_context_is_created_only_with_exactly_one_cell_held() {
+    let _s = model::serial();
+    let mut x = Xen::new();
+    let root = x.alloc_table().unwrap();
+    assert_eq!(
+        x.hw_context_create(DomId(5), pviommu_hv::ContextId(1), root),
+        Err(Errno::Inval)
+    );
+    let (a, b) = (lock(14), lock(15));
+    assert_eq!(
+        x.hw_context_create(DomId(5), pviommu_hv::ContextId(1), root),
+        Err(Errno::Inval)
+    );
+    unlock(&b);
+    let hw = x
+        .hw_context_create(DomId(5), pviommu_hv::ContextId(1), root)
+        .unwrap();
+    x.hw_context_destroy(hw).unwrap();
+    unlock(&a);
+}
+
 #[test]
 fn a_table_freed_twice_is_refused_and_reported() {
     let _s = model::serial();
