@@ -10,10 +10,11 @@
  *
  *   COMMON  sections copied verbatim from ../pviommu.c (build checks,
  *           "pviommu=" parsing, the teardown/gfn hooks, the region table,
- *           driver locks, domain facts, XSM, put_page, table frames except
- *           their cache maintenance, allocator/log/time/random/preempt).
- *           A later merge makes them one file again (pviommu-common.c) with
- *           the ARM/X86 sections below as per-arch parts.
+ *           driver locks, domain facts, XSM, put_page,
+ *           allocator/log/time/random/preempt). A later merge makes them
+ *           one file again with the ARM/X86 sections below as per-arch
+ *           parts, as the table frames already are: ../pviommu-tables.inc,
+ *           included by both glues, with Arm's cache cleaning passed in.
  *   ARM     Arm's own: hypercall entry (32-bit check), reserved regions from
  *           the host device tree and RAM banks (no e820, no SRAT, no PCI
  *           walk at boot: Arm's dom0 adds PCI devices later), address bits
@@ -1298,125 +1299,9 @@ int pvx_tables_coherent(void)
     return 0;
 }
 
-/*
- * Table frames are marked while the engine holds them: an anonymous
- * domheap page (no owner, not Xen heap, in use) whose type_info, unused for
- * such pages (alloc_heap_pages sets it to PGT_TYPE_INFO_INITIALIZER), holds
- * PVX_TABLE_MARK. pvx_table_map/sync/free refuse any other frame, logging
- * once: defence in depth against an engine bug handing back a frame it
- * freed or never had (no guest value reaches these functions).
- */
-#define PVX_TABLE_MARK 0x7076786d61726bUL /* "pvxmark" */
-#ifndef PGT_TYPE_INFO_INITIALIZER
-#define PGT_TYPE_INFO_INITIALIZER 0 /* as common/page_alloc.c */
-#endif
-
-static struct page_info *pvx_table_page(uint64_t mfn, const char *what)
-{
-    struct page_info *pg;
-
-    if ( mfn_valid(_mfn(mfn)) )
-    {
-        pg = mfn_to_page(_mfn(mfn));
-        /*
-         * In use, or being offlined: dom0 (XEN_SYSCTL_page_offline_op,
-         * the only source on Arm) may mark an in-use page
-         * PGC_state_offlining, and it stays the engine's until freed,
-         * which is what completes the offlining. Refusing it would fault
-         * the driver cell and wedge its and its targets' teardown. A
-         * frame marked broken (a hardware memory error) stays in use too
-         * until its context goes: said once, with the frame.
-         */
-        if ( (page_state_is(pg, inuse) || page_state_is(pg, offlining)) &&
-             !is_xen_heap_page(pg) &&
-             !page_get_owner(pg) &&
-             ACCESS_ONCE(pg->u.inuse.type_info) == PVX_TABLE_MARK )
-        {
-            if ( pg->count_info & PGC_broken )
-                printk_once(XENLOG_WARNING "pviommu: engine table frame %#"PRIx64
-                            " is broken; in use until its context goes\n",
-                            mfn);
-            return pg;
-        }
-    }
-    printk_once(XENLOG_ERR "pviommu: %s of MFN %#"PRIx64
-                " refused: not an engine table frame\n", what, mfn);
-
-    return NULL;
-}
-
-int pvx_table_alloc(uint64_t *mfn)
-{
-    struct page_info *pg = alloc_domheap_page(NULL, 0);
-    void *p;
-
-    if ( !pg )
-        return -ENOMEM;
-    p = __map_domain_page(pg);
-    clear_page(p);
-    clean_dcache_va_range(p, PAGE_SIZE);
-    unmap_domain_page(p);
-    pg->u.inuse.type_info = PVX_TABLE_MARK;
-    *mfn = mfn_x(page_to_mfn(pg));
-
-    return 0;
-}
-
-int pvx_table_free(uint64_t mfn)
-{
-    struct page_info *pg = pvx_table_page(mfn, "free");
-
-    if ( !pg )
-        return -EINVAL;
-    /* What the free path of an anonymous page expects (and a second free
-     * of the same frame is refused above). */
-    pg->u.inuse.type_info = PGT_TYPE_INFO_INITIALIZER;
-    free_domheap_page(pg);
-
-    return 0;
-}
-
-uint64_t *pvx_table_map(uint64_t mfn)
-{
-    const struct page_info *pg = pvx_table_page(mfn, "map");
-
-    return pg ? map_domain_page(_mfn(mfn)) : NULL;
-}
-
-void pvx_table_unmap(const uint64_t *t)
-{
-    unmap_domain_page(t);
-}
-
-int pvx_table_sync(uint64_t mfn, uint64_t lines)
-{
-    const uint8_t *t;
-    unsigned int i = 0;
-
-    if ( !lines )
-        return 0;
-    if ( !pvx_table_page(mfn, "write-back") )
-        return -EINVAL;
-    t = map_domain_page(_mfn(mfn));
-    /* One clean per run of consecutive 64-byte lines (64 at most). */
-    while ( i < 64 )
-    {
-        unsigned int n = 0;
-
-        if ( !(lines & (1ULL << i)) )
-        {
-            i++;
-            continue;
-        }
-        while ( i + n < 64 && (lines & (1ULL << (i + n))) )
-            n++;
-        clean_dcache_va_range(t + i * 64, n * 64);
-        i += n;
-    }
-    unmap_domain_page(t);
-
-    return 0;
-}
+/* How a table store reaches memory the SMMU reads. */
+#define PVX_TABLE_WRITEBACK(va, len) clean_dcache_va_range(va, len)
+#include "pviommu-tables.inc"
 
 /* COMMON (tag: a VMID on Arm, a pseudo domain id on x86) */
 int pvx_ctx_alloc(uint16_t *tag)

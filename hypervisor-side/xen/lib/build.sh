@@ -46,7 +46,8 @@ install_if_changed() { cmp -s "$1" "$2" || cp "$1" "$2"; }
 # install_pviommu_sources TREE GLUE SCRATCH: into Xen tree TREE, the
 # public header (public/pv-iommu.h: Xen's form of abi/include/pviommu.h,
 # same layout, checked with BUILD_BUG_ON), the engine boundary header and
-# GLUE (the C glue) as xen/common/pviommu.c; SCRATCH: a directory for the
+# GLUE (the C glue) as xen/common/pviommu.c with the table-frame code it
+# includes (pviommu-tables.inc); SCRATCH: a directory for the
 # rewritten header.
 install_pviommu_sources() {
     local tree="$1" glue="$2" scratch="$3"
@@ -56,6 +57,8 @@ install_pviommu_sources() {
         "$XEN_LIB_XS/include/pviommu_engine.h" > "$scratch/pviommu_engine.h"
     install_if_changed "$scratch/pviommu_engine.h" "$tree/xen/common/pviommu_engine.h"
     install_if_changed "$glue" "$tree/xen/common/pviommu.c"
+    # The table-frame code both glues include (one copy of those checks).
+    install_if_changed "$XEN_LIB_XS/pviommu-tables.inc" "$tree/xen/common/pviommu-tables.inc"
 }
 
 # syms_present NAME NM_FILE SYM...: fails (saying which) unless every SYM
