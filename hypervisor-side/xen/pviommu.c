@@ -7,7 +7,9 @@
  * the Rust engine (rust_engine.o, entry points pviommu_engine_*); this file is
  * the glue: the hypercall entry, the hooks Xen calls when a domain dies or a
  * p2m changes, the driver locks, and the pvx_* primitives of
- * pviommu_engine.h, each a thin wrapper over a Xen primitive.
+ * pviommu_engine.h, each a thin wrapper over a Xen primitive. The
+ * table-frame primitives (pvx_table_*) are pviommu-tables.inc, which the
+ * Arm glue includes too.
  *
  * Locks (design/xen-integration.md):
  *
