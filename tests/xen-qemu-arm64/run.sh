@@ -230,18 +230,35 @@ dump() { # dump N: Xen's lines of debug-key dump N
     awk -v n="$1" '/pviommu-p2m: dump [0-9]+:/ { match($0, /dump [0-9]+:/); cur = substr($0, RSTART + 5, RLENGTH - 6) }
                    cur == n && /pviommu-p2m:/ { sub(/.*\(XEN\) /, ""); print }' "$C"
 }
+# keep_dumps N...: dumps N... into $OUT/dumpN.txt, and shown
+keep_dumps() {
+    local n
+    for n in "$@"; do
+        dump "$n" > "$OUT/dump$n.txt"
+        sed "s/^/info: key $n: /" "$OUT/dump$n.txt"
+    done
+}
+# dom0_mfn N BFN TYPE: the frame dump N shows at dom0's gfn BFN, mapped
+# TYPE from a page of d1; domu_mfn N BFN: d1's gfn $DOMU_GFN's frame, the
+# source of that entry.
+dom0_mfn() { sed -n "s/^pviommu-p2m:  d0 gfn $2 mfn \(0x[0-9a-f]*\) type $3 owner d1$/\1/p" "$OUT/dump$1.txt"; }
+domu_mfn() { sed -n "s/^pviommu-p2m:   d1 gfn $DOMU_GFN mfn \(0x[0-9a-f]*\) type ram_rw (source of d0 gfn $2)$/\1/p" "$OUT/dump$1.txt"; }
+# emptied N: dump N shows no PV-IOMMU entry left in dom0's p2m;
+# entries_line N: its count line.
+emptied() { grep -q ': 0 valid entries' "$OUT/dump$1.txt" && ! grep -q '^pviommu-p2m:  d0 gfn' "$OUT/dump$1.txt"; }
+entries_line() { grep 'valid entries' "$OUT/dump$1.txt" | sed 's/^pviommu-p2m: //'; }
+
 if [ -n "$bfn" ]; then
-    dump 1 > "$OUT/dump1.txt"; dump 2 > "$OUT/dump2.txt"
-    sed 's/^/info: key 1: /' "$OUT/dump1.txt"; sed 's/^/info: key 2: /' "$OUT/dump2.txt"
-    m0="$(sed -n "s/^pviommu-p2m:  d0 gfn $bfn mfn \(0x[0-9a-f]*\) type iommu_map_ro owner d1$/\1/p" "$OUT/dump1.txt")"
-    m1="$(sed -n "s/^pviommu-p2m:   d1 gfn $DOMU_GFN mfn \(0x[0-9a-f]*\) type ram_rw (source of d0 gfn $bfn)$/\1/p" "$OUT/dump1.txt")"
+    keep_dumps 1 2
+    m0="$(dom0_mfn 1 "$bfn" iommu_map_ro)"
+    m1="$(domu_mfn 1 "$bfn")"
     if [ -n "$m0" ] && [ "$m0" = "$m1" ]; then
         pass "p2m-after-map debug key '$KEY' dump 1: dom0's p2m maps bfn $bfn -> mfn $m0 (iommu_map_ro, page of d1) = d1's gfn $DOMU_GFN -> mfn $m1"
     else
         fail "p2m-after-map dump 1: d0 gfn $bfn -> '${m0:-none}', d1 gfn $DOMU_GFN -> '${m1:-none}' (want the same mfn)"
     fi
-    if grep -q ': 0 valid entries' "$OUT/dump2.txt" && ! grep -q '^pviommu-p2m:  d0 gfn' "$OUT/dump2.txt"; then
-        pass "p2m-after-unmap debug key '$KEY' dump 2: $(grep 'valid entries' "$OUT/dump2.txt" | sed 's/^pviommu-p2m: //')"
+    if emptied 2; then
+        pass "p2m-after-unmap debug key '$KEY' dump 2: $(entries_line 2)"
     else
         fail "p2m-after-unmap dump 2: $(tr '\n' ' ' < "$OUT/dump2.txt")"
     fi
@@ -251,18 +268,17 @@ fi
 # the read-write map, then the domU's destruction with it live
 bfn="$(sed -n 's/.*PVIOMMU-417: MAPPED-RW bfn=\(0x[0-9a-f]*\) .*/\1/p' "$C" | head -1)"
 if [ -n "$bfn" ]; then
-    dump 3 > "$OUT/dump3.txt"; dump 4 > "$OUT/dump4.txt"
-    sed 's/^/info: key 3: /' "$OUT/dump3.txt"; sed 's/^/info: key 4: /' "$OUT/dump4.txt"
-    m0="$(sed -n "s/^pviommu-p2m:  d0 gfn $bfn mfn \(0x[0-9a-f]*\) type iommu_map_rw owner d1$/\1/p" "$OUT/dump3.txt")"
-    m1="$(sed -n "s/^pviommu-p2m:   d1 gfn $DOMU_GFN mfn \(0x[0-9a-f]*\) type ram_rw (source of d0 gfn $bfn)$/\1/p" "$OUT/dump3.txt")"
+    keep_dumps 3 4
+    m0="$(dom0_mfn 3 "$bfn" iommu_map_rw)"
+    m1="$(domu_mfn 3 "$bfn")"
     if [ -n "$m0" ] && [ "$m0" = "$m1" ]; then
         pass "p2m-after-map-rw debug key '$KEY' dump 3: bfn $bfn -> mfn $m0 (iommu_map_rw) = d1's gfn $DOMU_GFN -> mfn $m1"
     else
         fail "p2m-after-map-rw dump 3: d0 gfn $bfn -> '${m0:-none}', d1 gfn $DOMU_GFN -> '${m1:-none}'"
     fi
     l="$(grep -a 'pviommu: d1 torn down' "$C" | head -1 | sed 's/.*(XEN) //')"
-    if grep -q ': 0 valid entries' "$OUT/dump4.txt" && ! grep -q '^pviommu-p2m:  d0 gfn' "$OUT/dump4.txt"; then
-        pass "p2m-after-destroy debug key '$KEY' dump 4: the teardown revoked bfn $bfn from dom0's p2m (${l:-no teardown line}): $(grep 'valid entries' "$OUT/dump4.txt" | sed 's/^pviommu-p2m: //')"
+    if emptied 4; then
+        pass "p2m-after-destroy debug key '$KEY' dump 4: the teardown revoked bfn $bfn from dom0's p2m (${l:-no teardown line}): $(entries_line 4)"
     else
         fail "p2m-after-destroy dump 4: $(tr '\n' ' ' < "$OUT/dump4.txt")"
     fi
