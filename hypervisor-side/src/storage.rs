@@ -640,15 +640,17 @@ impl<T: Copy> ChunkedVec<T> {
             .get_mut(idx % CHUNK_LEN)
     }
 
-    /// Make sure one more value can be pushed without allocating: the
-    /// first block grows by doubling (from 16) up to a whole block, then
-    /// whole blocks are added one at a time.
+    /// Make sure one more value can be pushed without allocating, never
+    /// holding room for more than `limit` values (a driver domain's quota):
+    /// the first block grows by doubling (from 16) up to a whole block,
+    /// then blocks are added one at a time, the last one cut to the limit.
+    /// `Err(NoSpc)` at the limit.
     #[inline]
-    pub fn try_reserve_one(&mut self) -> Result<(), Errno> {
+    pub fn try_reserve_one(&mut self, limit: usize) -> Result<(), Errno> {
         if self.room().is_some() {
             return Ok(());
         }
-        self.grow()
+        self.grow(limit)
     }
 
     /// The block the next push goes to, if it has room.
@@ -661,31 +663,42 @@ impl<T: Copy> ChunkedVec<T> {
     }
 
     #[cold]
-    fn grow(&mut self) -> Result<(), Errno> {
+    fn grow(&mut self, limit: usize) -> Result<(), Errno> {
+        let block_start = self.len - self.len % CHUNK_LEN;
+        // What this block may hold: a whole one, or what the limit leaves.
+        let allowed = limit.saturating_sub(block_start).min(CHUNK_LEN);
+        if allowed <= self.len - block_start {
+            return Err(Errno::NoSpc);
+        }
         match self.chunks.get_mut(self.len / CHUNK_LEN) {
-            // Only the first block is ever partly allocated (its capacity
-            // is below a block and its length is `len`).
+            // A partly allocated block (the first, or one cut to the limit,
+            // which rose since) doubles, up to what it may hold.
             Some(c) => {
-                let target = (c.capacity().max(8) * 2).min(CHUNK_LEN);
+                let target = (c.capacity().max(8) * 2).min(allowed);
                 c.try_reserve_exact(target.saturating_sub(c.len()))
                     .map_err(|_| Errno::NoMem)
             }
             // A new block: the first one starts small.
             None => {
-                let first = self.chunks.is_empty();
+                let want = if self.chunks.is_empty() {
+                    16
+                } else {
+                    CHUNK_LEN
+                };
                 let mut chunk = Vec::new();
                 chunk
-                    .try_reserve_exact(if first { 16 } else { CHUNK_LEN })
+                    .try_reserve_exact(want.min(allowed))
                     .map_err(|_| Errno::NoMem)?;
                 try_push(&mut self.chunks, chunk)
             }
         }
     }
 
-    /// Append `value` (allocating a block if full).
+    /// Append `value` into room made by
+    /// [`try_reserve_one`](Self::try_reserve_one); without it, refuse with
+    /// `Err(NoMem)` rather than allocate.
     #[inline]
     pub fn try_push(&mut self, value: T) -> Result<(), Errno> {
-        self.try_reserve_one()?;
         let chunk = self.room().ok_or(Errno::NoMem)?;
         // Within capacity (`room`): no allocation.
         try_push(chunk, value)?;
@@ -804,10 +817,12 @@ mod tests {
     fn a_chunked_vec_starts_small_and_grows_a_block_at_a_time() {
         let mut v = ChunkedVec::<u64>::new();
         assert_eq!(v.capacity(), 0);
+        v.try_reserve_one(usize::MAX).unwrap();
         v.try_push(0).unwrap();
         assert_eq!(v.capacity(), 16, "a small domain stays small");
         for i in 1..(3 * CHUNK_LEN as u64 + 5) {
             let before = v.capacity();
+            v.try_reserve_one(usize::MAX).unwrap();
             v.try_push(i).unwrap();
             // Past the first block, growth adds exactly one block.
             assert!(
@@ -828,6 +843,26 @@ mod tests {
         );
         v.release();
         assert_eq!(v.capacity(), 0);
+    }
+
+    /// Its first version allocated whole blocks past a driver domain's
+    /// quota (up to 128 KiB more than the quota's slots); the `Vec` before
+    /// it grew to the quota and no further.
+    #[test]
+    fn a_chunked_vec_holds_no_room_past_its_limit() {
+        let limit = CHUNK_LEN + 904;
+        let mut v = ChunkedVec::<u64>::new();
+        for i in 0..limit as u64 {
+            v.try_reserve_one(limit).unwrap();
+            v.try_push(i).unwrap();
+        }
+        assert_eq!(v.capacity(), limit);
+        assert_eq!(v.try_reserve_one(limit), Err(Errno::NoSpc));
+        assert_eq!(v.try_push(0), Err(Errno::NoMem), "no push without room");
+        // A quota raised later: the cut block grows on.
+        v.try_reserve_one(limit + 1).unwrap();
+        v.try_push(0).unwrap();
+        assert_eq!(v.get(limit), Some(&0));
     }
 
     #[test]

@@ -625,7 +625,8 @@ impl DriverDomain {
             if self.slots.len() as u64 >= limit {
                 return Err(Errno::NoSpc);
             }
-            self.slots.try_reserve_one()?;
+            self.slots
+                .try_reserve_one(usize::try_from(limit).unwrap_or(usize::MAX))?;
         }
         self.pages.reserve_one(page_hash(seed, domid, gfn))?;
         self.targets
