@@ -168,8 +168,7 @@ impl IndexTable {
 
     /// The stored value `eq` accepts, if any.
     pub fn find(&self, hash: u64, eq: impl Fn(u64) -> bool) -> Option<u64> {
-        self.position(hash, eq)
-            .and_then(|i| self.buckets.get(i).copied())
+        self.find_at(hash, eq).map(|(_, v)| v)
     }
 
     /// The bucket holding the value `eq` accepts, for [`value_at`],
@@ -179,12 +178,18 @@ impl IndexTable {
     /// [`set_at`]: Self::set_at
     /// [`remove_at`]: Self::remove_at
     pub fn position(&self, hash: u64, eq: impl Fn(u64) -> bool) -> Option<usize> {
+        self.find_at(hash, eq).map(|(i, _)| i)
+    }
+
+    /// [`position`](Self::position), with the value stored there.
+    #[inline]
+    pub fn find_at(&self, hash: u64, eq: impl Fn(u64) -> bool) -> Option<(usize, u64)> {
         let mask = self.mask();
         let mut i = hash as usize & mask;
         for _ in 0..self.buckets.len() {
             match self.buckets.get(i).copied() {
                 None | Some(EMPTY) => return None,
-                Some(v) if eq(v) => return Some(i),
+                Some(v) if eq(v) => return Some((i, v)),
                 Some(_) => {}
             }
             i = (i + 1) & mask;
@@ -495,13 +500,19 @@ impl ShardedIndex {
     /// (valid until the index next changes).
     #[inline]
     pub fn position(&self, hash: u64, eq: impl Fn(u64) -> bool) -> Option<usize> {
+        self.find(hash, eq).map(|(pos, _)| pos)
+    }
+
+    /// [`position`](Self::position), with the value found there.
+    #[inline]
+    pub fn find(&self, hash: u64, eq: impl Fn(u64) -> bool) -> Option<(usize, u64)> {
         let shard = self.shard_of(hash);
         let low = hash & 0xffff_ffff;
-        let pos = self
+        let (pos, b) = self
             .shards
             .get(shard)?
-            .position(low, |b| packed_hash(b) == low && eq(b & 0xffff_ffff))?;
-        Some(shard * SHARD_STRIDE + pos)
+            .find_at(low, |b| packed_hash(b) == low && eq(b & 0xffff_ffff))?;
+        Some((shard * SHARD_STRIDE + pos, b & 0xffff_ffff))
     }
 
     /// The value at `pos`, if any.

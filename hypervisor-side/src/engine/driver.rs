@@ -109,6 +109,9 @@ pub(crate) struct PageAt {
     pos: Option<usize>,
     /// The index's layout when probed.
     layout: u32,
+    /// The page's hash, which no change of the index voids: the
+    /// reservation and the install use it rather than hash the page again.
+    hash: u64,
 }
 
 /// An Unmapping slot, as the flush that ends it needs it
@@ -538,15 +541,15 @@ impl DriverDomain {
 
     /// First live mapping of page (domid, gfn).
     pub(crate) fn page_head(&self, seed: u64, domid: DomId, gfn: Gfn) -> Option<u64> {
-        self.page_pos(seed, domid, gfn)
+        self.page_pos(page_hash(seed, domid, gfn), domid, gfn)
             .and_then(|p| self.pages.value_at(p))
     }
 
-    /// The page index bucket of page (domid, gfn).
+    /// The page index bucket of page (domid, gfn), whose hash is `hash`.
     #[inline]
-    fn page_pos(&self, seed: u64, domid: DomId, gfn: Gfn) -> Option<usize> {
+    fn page_pos(&self, hash: u64, domid: DomId, gfn: Gfn) -> Option<usize> {
         let slots = &self.slots;
-        self.pages.position(page_hash(seed, domid, gfn), |v| {
+        self.pages.position(hash, |v| {
             slots
                 .get(v as usize)
                 .is_some_and(|r| r.is_live_page(domid, gfn))
@@ -576,9 +579,11 @@ impl DriverDomain {
     /// both dedups and installs with the answer.
     #[inline]
     pub(crate) fn probe_page(&self, seed: u64, domid: DomId, gfn: Gfn) -> PageAt {
+        let hash = page_hash(seed, domid, gfn);
         PageAt {
-            pos: self.page_pos(seed, domid, gfn),
+            pos: self.page_pos(hash, domid, gfn),
             layout: self.pages.layout(),
+            hash,
         }
     }
 
@@ -597,7 +602,7 @@ impl DriverDomain {
     /// page not indexed stays so until an install, and only one install
     /// runs at a time.
     #[inline]
-    fn still_at(&self, seed: u64, at: PageAt, m: &Mapping) -> PageAt {
+    fn still_at(&self, at: PageAt, m: &Mapping) -> PageAt {
         let holds = at.layout == self.pages.layout()
             && at.pos.is_none_or(|p| {
                 self.pages
@@ -608,19 +613,18 @@ impl DriverDomain {
         if holds {
             at
         } else {
-            self.probe_page(seed, m.domid, m.gfn)
+            PageAt {
+                pos: self.page_pos(at.hash, m.domid, m.gfn),
+                layout: self.pages.layout(),
+                hash: at.hash,
+            }
         }
     }
 
     /// Make sure one more mapping needs no memory: a free slot (or room
-    /// for one, up to `limit` slots) and room in both indices.
-    pub(crate) fn reserve_slot(
-        &mut self,
-        seed: u64,
-        limit: u64,
-        domid: DomId,
-        gfn: Gfn,
-    ) -> Result<(), Errno> {
+    /// for one, up to `limit` slots) and room in both indices for the page
+    /// `at` is a probe of.
+    pub(crate) fn reserve_slot(&mut self, seed: u64, limit: u64, at: &PageAt) -> Result<(), Errno> {
         if self.free_head == NONE {
             if self.slots.len() as u64 >= limit {
                 return Err(Errno::NoSpc);
@@ -628,7 +632,7 @@ impl DriverDomain {
             self.slots
                 .try_reserve_one(usize::try_from(limit).unwrap_or(usize::MAX))?;
         }
-        self.pages.reserve_one(page_hash(seed, domid, gfn))?;
+        self.pages.reserve_one(at.hash)?;
         self.targets
             .reserve_one(|v| target_hash(seed, count_domid(v)))
     }
@@ -681,14 +685,19 @@ impl DriverDomain {
         idx: u64,
         mut m: Mapping,
     ) -> Result<u32, Errno> {
-        match self.still_at(seed, at, &m).pos {
+        debug_assert_eq!(
+            at.hash,
+            page_hash(seed, m.domid, m.gfn),
+            "a probe of m's page"
+        );
+        match self.still_at(at, &m).pos {
             Some(pos) => {
                 m.next_same_page = self.pages.value_at(pos).unwrap_or(NONE);
                 self.pages.set_at(pos, idx);
             }
             None => {
                 m.next_same_page = NONE;
-                self.pages.insert(page_hash(seed, m.domid, m.gfn), idx)?;
+                self.pages.insert(at.hash, idx)?;
                 self.count_target(seed, m.domid, true)?;
             }
         }
@@ -704,11 +713,11 @@ impl DriverDomain {
     #[inline]
     fn count_target(&mut self, seed: u64, domid: DomId, up: bool) -> Result<u64, Errno> {
         let hash = target_hash(seed, domid);
-        match self.targets.position(hash, |v| count_domid(v) == domid) {
+        match self.targets.find_at(hash, |v| count_domid(v) == domid) {
             None if up => self.targets.insert(hash, count_pack(domid, 1)).map(|()| 1),
             None => Ok(0),
-            Some(pos) => {
-                let n = self.targets.value_at(pos).map_or(0, count_of);
+            Some((pos, v)) => {
+                let n = count_of(v);
                 let n = if up { n + 1 } else { n.saturating_sub(1) };
                 if n == 0 {
                     self.targets
@@ -727,8 +736,16 @@ impl DriverDomain {
     pub(crate) fn unindex(&mut self, seed: u64, idx: u64) -> Option<bool> {
         let r = self.raw(idx).filter(|r| r.state() == ST_LIVE)?;
         let (domid, gfn, after) = (DomId(r.domid), Gfn(r.gfn), link64(r.next));
-        let pos = self.page_pos(seed, domid, gfn)?;
-        let head = self.pages.value_at(pos)?;
+        let slots = &self.slots;
+        // `idx` is a live mapping of the page: a bucket naming it is the
+        // page's (the common case, `idx` heading its chain, needs no
+        // second read of a slot).
+        let (pos, head) = self.pages.find(page_hash(seed, domid, gfn), |v| {
+            v == idx
+                || slots
+                    .get(v as usize)
+                    .is_some_and(|r| r.is_live_page(domid, gfn))
+        })?;
         let mut last_of_target = false;
         if head == idx {
             if after == NONE {
@@ -935,7 +952,7 @@ mod tests {
     }
 
     fn install(dd: &mut DriverDomain, at: PageAt, m: Mapping) -> u64 {
-        dd.reserve_slot(SEED, 1 << 20, m.domid, m.gfn).unwrap();
+        dd.reserve_slot(SEED, 1 << 20, &at).unwrap();
         let idx = dd.take_slot().unwrap();
         dd.install_at(SEED, at, idx, m).unwrap();
         idx

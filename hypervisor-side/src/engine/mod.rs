@@ -1123,7 +1123,7 @@ impl<L: RawMutex> Engine<L> {
         if d.dd.used() >= quota {
             return Err(Errno::NoSpc);
         }
-        d.dd.reserve_slot(seed, quota.min(self.space.len()), req.domid, req.gfn)?;
+        d.dd.reserve_slot(seed, quota.min(self.space.len()), &at)?;
         // (`install_at` probes again if the revocation or the reservation
         // moved the page's bucket.)
         Ok(Prepared::Install(at))
