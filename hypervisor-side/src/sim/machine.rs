@@ -1100,25 +1100,30 @@ impl SimMachine {
         r
     }
 
+    /// `owner`'s default context, made on first use, and the RAM its
+    /// tables live in (one search of the context map per call: it is
+    /// simulator bookkeeping, not a cost Xen has).
     fn context_mut_or_create(
         &mut self,
         owner: DomId,
         ctx: ContextId,
-    ) -> Result<&mut Context, Errno> {
+    ) -> Result<(&mut Context, &mut Ram), Errno> {
         if ctx != ContextId::DEFAULT {
             return Err(Errno::NoEnt);
         }
-        if !self.contexts.contains_key(&(owner, ctx)) {
-            let c = self.new_context()?;
-            self.contexts.insert((owner, ctx), c);
-        }
-        self.contexts.get_mut(&(owner, ctx)).ok_or(Errno::NoEnt)
+        let c = match self.contexts.entry((owner, ctx)) {
+            std::collections::btree_map::Entry::Occupied(c) => c.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(Self::new_context(self.format, &mut self.ram)?)
+            }
+        };
+        Ok((c, &mut self.ram))
     }
 
-    fn new_context(&mut self) -> Result<Context, Errno> {
-        Ok(match self.format {
-            Format::Vtd => Context::Vtd(IoPageTable::new(&mut WriteThrough(&mut self.ram))?),
-            Format::Lpae => Context::Lpae(IoPageTable::new(&mut WriteThrough(&mut self.ram))?),
+    fn new_context(format: Format, ram: &mut Ram) -> Result<Context, Errno> {
+        Ok(match format {
+            Format::Vtd => Context::Vtd(IoPageTable::new(&mut WriteThrough(ram))?),
+            Format::Lpae => Context::Lpae(IoPageTable::new(&mut WriteThrough(ram))?),
         })
     }
 
@@ -1371,12 +1376,9 @@ impl IommuBackend for SimMachine {
         gather: &mut FlushGather,
     ) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
-        self.context_mut_or_create(owner, ctx)?;
-        let Some(c) = self.contexts.get_mut(&(owner, ctx)) else {
-            return Err(Errno::NoEnt);
-        };
+        let (c, ram) = self.context_mut_or_create(owner, ctx)?;
         // Xen's own tables: its VT-d code writes back each entry it stores.
-        let mut mem = WriteThrough(&mut self.ram);
+        let mut mem = WriteThrough(ram);
         match c {
             Context::Vtd(t) => t.map(&mut mem, bfn, mfn, perms, attr)?,
             Context::Lpae(t) => t.map(&mut mem, bfn, mfn, perms, attr)?,
