@@ -125,10 +125,16 @@ impl IndexTable {
     /// Make sure one more insert needs no memory. `rehash(value)` must give
     /// the hash of a stored value (used when the table is rebuilt). On
     /// `Err(NoMem)` the table is unchanged.
+    #[inline]
     pub fn reserve_one(&mut self, rehash: impl Fn(u64) -> u64) -> Result<(), Errno> {
         if self.has_room() {
             return Ok(());
         }
+        self.grow(rehash)
+    }
+
+    #[cold]
+    fn grow(&mut self, rehash: impl Fn(u64) -> u64) -> Result<(), Errno> {
         // Grow to keep the load at or below 1/4 after the rebuild.
         let want = self
             .buckets

@@ -391,6 +391,11 @@ pub struct DriverDomain {
     /// domid): says when this domain stops mapping a target, so the
     /// target's gate can stop sending its hooks here.
     pub(crate) targets: IndexTable,
+    /// The bucket of `targets` the last count change found: a hint,
+    /// trusted only while that bucket holds the same target's count (each
+    /// target has one entry, so it then is that entry), which saves the
+    /// hash and the probe for runs of pages of one target.
+    target_hint: usize,
     pub(crate) unmapping_head: u64,
     pub(crate) stuck_head: u64,
     pub(crate) revoked_head: u64,
@@ -420,6 +425,7 @@ impl DriverDomain {
             free: 0,
             pages: ShardedIndex::new(),
             targets: IndexTable::new(),
+            target_hint: 0,
             unmapping_head: NONE,
             stuck_head: NONE,
             revoked_head: NONE,
@@ -589,8 +595,11 @@ impl DriverDomain {
 
     /// The Live slot with `key`'s dedup key (same page, context, perms,
     /// attr), from a fresh [`probe_page`](Self::probe_page) of the key's page.
+    #[inline]
     pub(crate) fn find_key_at(&self, at: PageAt, key: &Mapping) -> Option<u64> {
-        self.chain_from(at.pos.and_then(|p| self.pages.value_at(p)))
+        // A page not indexed (every first map of it) has no chain to walk.
+        let head = self.pages.value_at(at.pos?)?;
+        self.chain_from(Some(head))
             .find(|(_, m)| m.same_key(key))
             .map(|(i, _)| i)
     }
@@ -712,11 +721,25 @@ impl DriverDomain {
     /// after.
     #[inline]
     fn count_target(&mut self, seed: u64, domid: DomId, up: bool) -> Result<u64, Errno> {
-        let hash = target_hash(seed, domid);
-        match self.targets.find_at(hash, |v| count_domid(v) == domid) {
-            None if up => self.targets.insert(hash, count_pack(domid, 1)).map(|()| 1),
+        let hinted = self
+            .targets
+            .value_at(self.target_hint)
+            .filter(|v| count_domid(*v) == domid)
+            .map(|v| (self.target_hint, v));
+        let found = match hinted {
+            Some(f) => Some(f),
+            None => self
+                .targets
+                .find_at(target_hash(seed, domid), |v| count_domid(v) == domid),
+        };
+        match found {
+            None if up => self
+                .targets
+                .insert(target_hash(seed, domid), count_pack(domid, 1))
+                .map(|()| 1),
             None => Ok(0),
             Some((pos, v)) => {
+                self.target_hint = pos;
                 let n = count_of(v);
                 let n = if up { n + 1 } else { n.saturating_sub(1) };
                 if n == 0 {
