@@ -133,6 +133,9 @@ impl IndexTable {
         self.grow(rehash)
     }
 
+    /// The rebuild behind [`reserve_one`](Self::reserve_one), out of line
+    /// so that the common case (room left) stays small enough to inline
+    /// into every map.
     #[cold]
     fn grow(&mut self, rehash: impl Fn(u64) -> u64) -> Result<(), Errno> {
         // Grow to keep the load at or below 1/4 after the rebuild.
