@@ -1,0 +1,99 @@
+//! Instruction-count driver for the engine path: `rounds` rounds of map
+//! 512 pages + flush + unmap them + flush, on the simulated VT-d machine,
+//! through the same batch calls as the `engine` criterion bench.
+//!
+//! Seconds drift on shared machines; instructions do not. Use it as
+//!
+//! ```text
+//! CARGO_PROFILE_RELEASE_DEBUG=true cargo build -q --release -p pviommu-hv --example engine_rounds
+//! valgrind --tool=callgrind target/release/examples/engine_rounds 200
+//! ```
+//!
+//! and divide the total by `rounds * 512` for instructions per page (the
+//! set-up is the same for every build, so compare totals of equal rounds).
+
+use pviommu_abi::{Bfn, ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions};
+use pviommu_hv::engine::MAP_CHUNK;
+use pviommu_hv::platform::Platform;
+use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
+use pviommu_hv::{Engine, Errno};
+use std::process::ExitCode;
+
+const GUEST: DomId = DomId(1);
+const BATCH: u64 = 512;
+
+fn main() -> ExitCode {
+    let rounds: u64 = match std::env::args().nth(1).map(|a| a.parse()) {
+        None => 200,
+        Some(Ok(n)) => n,
+        Some(Err(e)) => {
+            eprintln!("engine_rounds: rounds must be a number: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut m = SimMachine::new(BATCH + 8 + 4096, Format::Vtd, 64);
+    let spec = DomainSpec {
+        pages: BATCH + 8,
+        privileged: false,
+        device_model_of: None,
+    };
+    if let Err(e) = m.create_domain(GUEST, spec) {
+        eprintln!("engine_rounds: cannot create the guest: {e:?}");
+        return ExitCode::FAILURE;
+    }
+    let e = match Engine::new(Default::default(), &m) {
+        Ok(e) => e,
+        Err(err) => {
+            eprintln!("engine_rounds: cannot start the engine: {err:?}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(dom0) = m.domain_info(DomId::DOM0) else {
+        eprintln!("engine_rounds: the simulated machine has no dom0");
+        return ExitCode::FAILURE;
+    };
+    // Gfns 1..: not superpage-aligned, as in the criterion bench.
+    let reqs: Vec<MapRequest> = (1..=BATCH)
+        .map(|g| MapRequest {
+            context: ContextId::DEFAULT,
+            domid: GUEST,
+            gfn: Gfn(g),
+            perms: Permissions::RW,
+            attr: MemAttr::WriteBack,
+            grant: false,
+        })
+        .collect();
+    let mut bfns: Vec<(ContextId, Bfn)> = Vec::with_capacity(BATCH as usize);
+    let mut mapped = [Err(Errno::Inval); MAP_CHUNK];
+    let mut unmapped = [Ok(()); MAP_CHUNK];
+    for round in 0..rounds {
+        bfns.clear();
+        let mut rest = &reqs[..];
+        while !rest.is_empty() {
+            let n = e.map_batch(&mut m, DomId::DOM0, &dom0, rest, &mut mapped);
+            for r in &mapped[..n] {
+                match r {
+                    Ok(ok) => bfns.push((ContextId::DEFAULT, ok.bfn)),
+                    Err(err) => {
+                        eprintln!("engine_rounds: round {round}: map failed: {err:?}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            rest = &rest[n..];
+        }
+        e.finish(&mut m, DomId::DOM0);
+        let mut rest = &bfns[..];
+        while !rest.is_empty() {
+            let n = e.unmap_batch(&mut m, DomId::DOM0, rest, &mut unmapped);
+            if let Some(err) = unmapped[..n].iter().find_map(|r| r.err()) {
+                eprintln!("engine_rounds: round {round}: unmap failed: {err:?}");
+                return ExitCode::FAILURE;
+            }
+            rest = &rest[n..];
+        }
+        e.finish(&mut m, DomId::DOM0);
+    }
+    println!("{rounds} rounds of {BATCH} pages mapped and unmapped");
+    ExitCode::SUCCESS
+}
