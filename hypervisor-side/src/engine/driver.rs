@@ -1179,4 +1179,58 @@ mod tests {
             }
         }
     }
+
+    // `install_at` on an index without room (what `reserve_slot` rules
+    // out): the refusal must leave both indices as they were.
+
+    #[test]
+    fn an_install_refused_by_the_target_table_leaves_the_page_unindexed() {
+        let mut dd = DriverDomain::new(DomId(0));
+        let at = dd.probe_page(SEED, DomId(7), Gfn(5));
+        dd.pages.reserve_one(at.hash).unwrap(); // room for the page, none for its target
+        dd.slots.try_reserve_one(1 << 20).unwrap();
+        let idx = dd.take_slot().unwrap();
+        assert!(dd.install_at(SEED, at, idx, page_of(7, 5)).is_err());
+        assert_eq!(
+            dd.mapped_pages(),
+            0,
+            "page indexed at a slot that is not Live"
+        );
+        assert_eq!(dd.pages_of(SEED, DomId(7)), 0);
+        assert_eq!(dd.targets.len(), 0);
+        assert_eq!(dd.live, 0);
+    }
+
+    #[test]
+    fn an_install_refused_by_the_page_index_takes_a_new_targets_count_back() {
+        let mut dd = DriverDomain::new(DomId(0));
+        dd.targets
+            .reserve_one(|v| target_hash(SEED, count_domid(v)))
+            .unwrap(); // room for the target, none for the page
+        let at = dd.probe_page(SEED, DomId(7), Gfn(5));
+        dd.slots.try_reserve_one(1 << 20).unwrap();
+        let idx = dd.take_slot().unwrap();
+        assert!(dd.install_at(SEED, at, idx, page_of(7, 5)).is_err());
+        assert_eq!(dd.pages_of(SEED, DomId(7)), 0);
+        assert_eq!(dd.targets.len(), 0, "a count for a page never indexed");
+        assert_eq!(dd.mapped_pages(), 0);
+    }
+
+    #[test]
+    fn an_install_refused_by_the_page_index_takes_an_existing_targets_count_back() {
+        let mut dd = DriverDomain::new(DomId(0));
+        let a = map_page(&mut dd, page_of(7, 1));
+        let b = map_page(&mut dd, page_of(8, 1));
+        let at = dd.probe_page(SEED, DomId(7), Gfn(2));
+        // A slot number the page index cannot store: its insert refuses.
+        assert!(dd
+            .install_at(SEED, at, u64::from(u32::MAX), page_of(7, 2))
+            .is_err());
+        assert_eq!(dd.pages_of(SEED, DomId(7)), 1);
+        assert_eq!(dd.pages_of(SEED, DomId(8)), 1);
+        assert_eq!(dd.mapped_pages(), 2);
+        assert!(unmap_page(&mut dd, a), "d7's count is back to one page");
+        assert!(unmap_page(&mut dd, b));
+        assert_eq!(dd.targets.len(), 0);
+    }
 }
