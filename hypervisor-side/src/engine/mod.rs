@@ -1167,7 +1167,11 @@ impl<L: RawMutex> Engine<L> {
             Err(e) => {
                 // Unreachable (capacity reserved). The entry exists: take it
                 // down the way an unmap does, page released after the flush.
-                // Its gate share goes with the page, after the flush.
+                // Its gate share goes with the page, after the flush. Should
+                // the IOMMU refuse that unmap too, the slot is Stuck, and
+                // its retry files a revocation notice for a BFN the caller
+                // was told failed: acknowledged like any other, it frees
+                // the slot, and the device was never given the BFN.
                 match dd.iommu_unmap(h, req.context, bfn) {
                     Ok(()) => dd.push_unmapping(idx, key, false),
                     Err(_) => dd.push_stuck(idx, key),
