@@ -509,12 +509,13 @@ impl ShardedIndex {
     /// (valid until the index next changes).
     #[inline]
     pub fn position(&self, hash: u64, eq: impl Fn(u64) -> bool) -> Option<usize> {
-        self.find(hash, eq).map(|(pos, _)| pos)
+        self.find_at(hash, eq).map(|(pos, _)| pos)
     }
 
-    /// [`position`](Self::position), with the value found there.
+    /// [`position`](Self::position), with the value found there (as
+    /// [`IndexTable::find_at`]).
     #[inline]
-    pub fn find(&self, hash: u64, eq: impl Fn(u64) -> bool) -> Option<(usize, u64)> {
+    pub fn find_at(&self, hash: u64, eq: impl Fn(u64) -> bool) -> Option<(usize, u64)> {
         let shard = self.shard_of(hash);
         let low = hash & 0xffff_ffff;
         let (pos, b) = self

@@ -610,26 +610,26 @@ impl DriverDomain {
             .map(|(i, _)| i)
     }
 
-    /// `at` if it still says where `m`'s page is; otherwise a fresh probe.
+    /// `at` if it still says where its page is; otherwise a fresh probe.
     /// A position is void once the buckets were rebuilt, or once a removal
     /// (a revocation on the way) took its value or shifted another value
     /// into or out of it: the bucket then holds another page, or none. A
     /// page not indexed stays so until an install, and only one install
     /// runs at a time.
     #[inline]
-    fn still_at(&self, at: PageAt, m: &Mapping) -> PageAt {
+    fn still_at(&self, at: PageAt) -> PageAt {
         let holds = at.layout == self.pages.layout()
             && at.pos.is_none_or(|p| {
                 self.pages
                     .value_at(p)
                     .and_then(|v| self.raw(v))
-                    .is_some_and(|r| r.is_live_page(m.domid, m.gfn))
+                    .is_some_and(|r| r.is_live_page(at.domid, at.gfn))
             });
         if holds {
             at
         } else {
             PageAt {
-                pos: self.page_pos(at.hash, m.domid, m.gfn),
+                pos: self.page_pos(at.hash, at.domid, at.gfn),
                 layout: self.pages.layout(),
                 ..at
             }
@@ -704,11 +704,11 @@ impl DriverDomain {
         // (two compares, in release builds too, keep a misfiled page, one
         // no revocation would find, out of reach of any caller).
         let at = if at.domid == m.domid && at.gfn == m.gfn {
-            at
+            self.still_at(at)
         } else {
             self.probe_page(seed, m.domid, m.gfn)
         };
-        match self.still_at(at, &m).pos {
+        match at.pos {
             Some(pos) => {
                 m.next_same_page = self.pages.value_at(pos).unwrap_or(NONE);
                 self.pages.set_at(pos, idx);
@@ -745,17 +745,15 @@ impl DriverDomain {
     /// page, and a call costs more than its hinted path.
     #[inline(always)]
     fn count_target(&mut self, seed: u64, domid: DomId, up: bool) -> Result<u64, Errno> {
-        let hinted = self
+        let found = self
             .targets
             .value_at(self.target_hint)
             .filter(|v| count_domid(*v) == domid)
-            .map(|v| (self.target_hint, v));
-        let found = match hinted {
-            Some(f) => Some(f),
-            None => self
-                .targets
-                .find_at(target_hash(seed, domid), |v| count_domid(v) == domid),
-        };
+            .map(|v| (self.target_hint, v))
+            .or_else(|| {
+                self.targets
+                    .find_at(target_hash(seed, domid), |v| count_domid(v) == domid)
+            });
         match found {
             None if up => self
                 .targets
@@ -787,7 +785,7 @@ impl DriverDomain {
         // `idx` is a live mapping of the page: a bucket naming it is the
         // page's (the common case, `idx` heading its chain, needs no
         // second read of a slot).
-        let (pos, head) = self.pages.find(page_hash(seed, domid, gfn), |v| {
+        let (pos, head) = self.pages.find_at(page_hash(seed, domid, gfn), |v| {
             v == idx
                 || slots
                     .get(v as usize)
