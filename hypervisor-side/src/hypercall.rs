@@ -38,20 +38,22 @@ fn copy_in<T: FromBytes + IntoBytes>(h: &mut impl Hypervisor, addr: u64) -> Resu
 }
 
 /// Copy in the ops of a run that starts with `first` (at `hdr.nr_done`,
-/// already copied in) into `ops`: up to `ops.len()` ops while `take`
-/// accepts them. The rest is copied with one guest copy; if that faults,
+/// already copied in) into `ops`, each parsed by `take` into the same place
+/// of `parsed`: up to `ops.len()` ops while `take` accepts them (each op is
+/// parsed once). The rest is copied with one guest copy; if that faults,
 /// op by op up to the fault (the op that faults is reported when the batch
 /// loop reaches it). Returns how many were taken, and the op after them if
 /// it was copied in.
-fn copy_in_run(
+fn copy_in_run<T>(
     h: &mut impl Hypervisor,
     hdr: &PvIommuBatch,
     first: PvIommuOp,
     ops: &mut [PvIommuOp],
-    take: impl Fn(&PvIommuOp) -> bool,
+    parsed: &mut [T],
+    take: impl Fn(&PvIommuOp) -> Option<T>,
 ) -> (usize, Option<PvIommuOp>) {
     let left = hdr.nr_ops.saturating_sub(hdr.nr_done) as usize;
-    let want = ops.len().min(left);
+    let want = ops.len().min(parsed.len()).min(left);
     let Some(run) = ops.get_mut(..want) else {
         return (0, None);
     };
@@ -74,10 +76,13 @@ fn copy_in_run(
         }
     }
     let run = run.get(..copied).unwrap_or(&[]);
-    match run.iter().position(|op| !take(op)) {
-        Some(n) => (n, run.get(n).copied()),
-        None => (run.len(), None),
+    for (n, (op, slot)) in run.iter().zip(parsed.iter_mut()).enumerate() {
+        match take(op) {
+            Some(t) => *slot = t,
+            None => return (n, Some(*op)),
+        }
     }
+    (run.len(), None)
 }
 
 /// Write `ops` back to the guest at `addr`, in one copy if it can be done;
@@ -384,7 +389,7 @@ impl<L: RawMutex> Engine<L> {
                     }
                 },
             };
-            if let Ok(Request::Map(_)) = Request::parse(&op) {
+            if Request::parse_map(&op).is_some() {
                 // A run of maps goes through the engine under one lock.
                 match self.run_maps(h, caller, ci, &hdr, op) {
                     Ok((k, next)) => {
@@ -399,7 +404,7 @@ impl<L: RawMutex> Engine<L> {
                 }
                 continue;
             }
-            if let Ok(Request::Unmap { .. }) = Request::parse(&op) {
+            if Request::parse_unmap(&op).is_some() {
                 // So does a run of unmaps. (Written out twice rather than
                 // through one `match` on the parsed op: that version grew
                 // this function's frame in the Xen object by 300 bytes.)
@@ -457,14 +462,8 @@ impl<L: RawMutex> Engine<L> {
             grant: false,
         };
         let mut ops = [PvIommuOp::default(); MAP_CHUNK];
-        let is_map = |op: &PvIommuOp| matches!(Request::parse(op), Ok(Request::Map(_)));
-        let (n, mut after) = copy_in_run(h, hdr, first, &mut ops, is_map);
         let mut reqs = [UNUSED; MAP_CHUNK];
-        for (op, req) in ops.iter().zip(reqs.iter_mut()).take(n) {
-            if let Ok(Request::Map(m)) = Request::parse(op) {
-                *req = m;
-            }
-        }
+        let (n, mut after) = copy_in_run(h, hdr, first, &mut ops, &mut reqs, Request::parse_map);
         let mut results = [Err(Errno::Inval); MAP_CHUNK];
         let done = self.map_batch(h, caller, ci, reqs.get(..n).unwrap_or(&[]), &mut results);
         if done == 0 {
@@ -520,14 +519,8 @@ impl<L: RawMutex> Engine<L> {
         first: PvIommuOp,
     ) -> Result<(u32, Option<PvIommuOp>), (u32, Errno)> {
         let mut ops = [PvIommuOp::default(); MAP_CHUNK];
-        let is_unmap = |op: &PvIommuOp| matches!(Request::parse(op), Ok(Request::Unmap { .. }));
-        let (n, after) = copy_in_run(h, hdr, first, &mut ops, is_unmap);
         let mut reqs = [(ContextId::DEFAULT, pviommu_abi::Bfn(0)); MAP_CHUNK];
-        for (op, req) in ops.iter().zip(reqs.iter_mut()).take(n) {
-            if let Ok(Request::Unmap { context, bfn }) = Request::parse(op) {
-                *req = (context, bfn);
-            }
-        }
+        let (n, after) = copy_in_run(h, hdr, first, &mut ops, &mut reqs, Request::parse_unmap);
         let addr_of = |k: usize| hdr.ops + (hdr.nr_done as u64 + k as u64) * OP_SIZE;
         let reqs = reqs.get(..n).unwrap_or(&[]);
         // Check and report (a revoked BFN is acknowledged: ESTALE).
