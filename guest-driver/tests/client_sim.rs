@@ -363,8 +363,11 @@ fn devices_attach_to_contexts_and_entries_read_back() {
             m.device_dma_read(b, wb.0 << 12, 8).unwrap(),
             5u64.to_le_bytes()
         );
-        assert!(m.device_dma_read(b, in0.0 << 12, 8).is_err());
-        assert!(m.device_dma_read(a, wb.0 << 12, 8).is_err());
+        // Each context numbers its BFNs on its own: `uc` is the second of
+        // `ctx`, which context 0 (one BFN) does not have; past it, `ctx`
+        // has nothing either.
+        assert!(m.device_dma_read(a, uc.0 << 12, 8).is_err());
+        assert!(m.device_dma_read(b, (uc.0 + 1) << 12, 8).is_err());
     }
 
     let e = c.entry(DomId::DOM0, ctx, wb).unwrap();
@@ -381,7 +384,7 @@ fn devices_attach_to_contexts_and_entries_read_back() {
         Some(Errno::Inval)
     );
     assert_eq!(
-        entry_errno(c.entry(DomId::DOM0, ctx, in0)),
+        entry_errno(c.entry(DomId::DOM0, ctx, Bfn(uc.0 + 1))),
         Some(Errno::NoEnt)
     );
 

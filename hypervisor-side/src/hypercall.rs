@@ -463,7 +463,11 @@ impl<L: RawMutex> Engine<L> {
         };
         let mut ops = [PvIommuOp::default(); MAP_CHUNK];
         let mut reqs = [UNUSED; MAP_CHUNK];
-        let (n, mut after) = copy_in_run(h, hdr, first, &mut ops, &mut reqs, Request::parse_map);
+        // A run is of one context (the engine locks that context's cell).
+        let context = Request::parse_map(&first).map(|m| m.context);
+        let same_context =
+            |op: &PvIommuOp| Request::parse_map(op).filter(|m| Some(m.context) == context);
+        let (n, mut after) = copy_in_run(h, hdr, first, &mut ops, &mut reqs, same_context);
         let mut results = [Err(Errno::Inval); MAP_CHUNK];
         let done = self.map_batch(h, caller, ci, reqs.get(..n).unwrap_or(&[]), &mut results);
         if done == 0 {
@@ -520,7 +524,10 @@ impl<L: RawMutex> Engine<L> {
     ) -> Result<(u32, Option<PvIommuOp>), (u32, Errno)> {
         let mut ops = [PvIommuOp::default(); MAP_CHUNK];
         let mut reqs = [(ContextId::DEFAULT, pviommu_abi::Bfn(0)); MAP_CHUNK];
-        let (n, after) = copy_in_run(h, hdr, first, &mut ops, &mut reqs, Request::parse_unmap);
+        let context = Request::parse_unmap(&first).map(|(c, _)| c);
+        let same_context =
+            |op: &PvIommuOp| Request::parse_unmap(op).filter(|&(c, _)| Some(c) == context);
+        let (n, after) = copy_in_run(h, hdr, first, &mut ops, &mut reqs, same_context);
         let addr_of = |k: usize| hdr.ops + (hdr.nr_done as u64 + k as u64) * OP_SIZE;
         let reqs = reqs.get(..n).unwrap_or(&[]);
         // Check and report (a revoked BFN is acknowledged: ESTALE).

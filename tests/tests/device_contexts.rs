@@ -124,13 +124,29 @@ fn one_buffer_two_devices_two_contexts(format: Format) {
 
     let in_0 = map_in(&mut m, &e, ContextId::DEFAULT, 5, MemAttr::WriteBack);
     let in_1 = map_in(&mut m, &e, ctx1, 5, MemAttr::WriteBack);
-    assert_ne!(in_0, in_1, "one buffer, a BFN per context");
 
-    // Each device reads the buffer at its own BFN only.
+    // Each device reads the buffer at the BFN of its own context.
     assert_eq!(read(&mut m, A, in_0), Ok(pattern(5)));
     assert_eq!(read(&mut m, B, in_1), Ok(pattern(5)));
-    assert_eq!(read(&mut m, B, in_0), Err(FaultReason::NotPresent));
-    assert_eq!(read(&mut m, A, in_1), Err(FaultReason::NotPresent));
+    // Each context is an address space with BFNs of its own: a page mapped
+    // in one only is out of the other device's reach, whatever its number.
+    let only_0 = map_in(&mut m, &e, ContextId::DEFAULT, 6, MemAttr::WriteBack);
+    let only_1 = map_in(&mut m, &e, ctx1, 7, MemAttr::WriteBack);
+    assert_eq!(read(&mut m, B, only_1), Ok(pattern(7)));
+    assert_ne!(
+        read(&mut m, A, only_1),
+        Ok(pattern(7)),
+        "A reached B's page"
+    );
+    assert_ne!(
+        read(&mut m, B, only_0),
+        Ok(pattern(6)),
+        "B reached A's page"
+    );
+    assert_eq!(unmap_in(&mut m, &e, ctx1, only_1), 0);
+    assert_eq!(read(&mut m, B, only_0), Err(FaultReason::NotPresent));
+    assert_eq!(read(&mut m, A, only_0), Ok(pattern(6)));
+    assert_eq!(unmap_in(&mut m, &e, ContextId::DEFAULT, only_0), 0);
 
     // Unmapping in context 1 leaves A's mapping. The tables it emptied
     // are freed only after the IOTLB flush (a real IOMMU may cache them).

@@ -186,9 +186,15 @@ fn contexts_are_separate_address_spaces() {
     assert_ne!(ctx, ContextId::DEFAULT);
     let mut map = map_op(GUEST, 4, Permissions::RW);
     map.context = ctx.0;
-    let mut ops = [map, map_op(GUEST, 4, Permissions::RW)];
+    // Context 0 maps one page more than `ctx`, so that one of its BFNs is
+    // not `ctx`'s (each context numbers its BFNs on its own).
+    let mut ops = [
+        map,
+        map_op(GUEST, 5, Permissions::RW),
+        map_op(GUEST, 4, Permissions::RW),
+    ];
     m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
-    let (b1, b0) = (ops[0].bfn, ops[1].bfn);
+    let (b1, b0) = (ops[0].bfn, ops[2].bfn);
     assert_eq!(
         m.dma_read(DomId::DOM0, ctx, b1 << 12, 64).unwrap(),
         pattern(4)
@@ -199,9 +205,14 @@ fn contexts_are_separate_address_spaces() {
         pattern(4)
     );
     assert!(
-        m.dma_read(DomId::DOM0, ContextId::DEFAULT, b1 << 12, 8)
-            .is_err(),
-        "ctx BFN not in the default context"
+        m.dma_read(DomId::DOM0, ctx, b0 << 12, 8).is_err(),
+        "a BFN of the default context only is not in ctx"
+    );
+    assert_ne!(
+        m.dma_read(DomId::DOM0, ContextId::DEFAULT, b1 << 12, 64)
+            .ok(),
+        Some(pattern(4)),
+        "ctx's BFN leads elsewhere (or nowhere) in the default context"
     );
     // A context with mappings cannot go.
     let mut d = [pviommu_abi::Request::ContextDestroy { context: ctx }.encode()];

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pviommu_abi::{ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions};
-use pviommu_hv::engine::MAX_DRIVER_DOMAINS;
+use pviommu_hv::engine::{DOM0_CELLS, MAX_DRIVER_DOMAINS};
 use pviommu_hv::platform::Platform;
 use pviommu_hv::sim::{DomainSpec, Format, SharedSim, SimMachine};
 use pviommu_hv::{Engine, Errno};
@@ -160,7 +160,8 @@ fn a_target_gate_names_exactly_the_driver_domains_that_map_it() {
 
 #[test]
 fn device_models_cannot_take_the_cell_kept_for_dom0() {
-    let n = MAX_DRIVER_DOMAINS as u16; // one more device model than cells 1..
+    // One more device model than the cells past dom0's.
+    let n = (MAX_DRIVER_DOMAINS - DOM0_CELLS) as u16 + 1;
     let (sim, e) = host(n - 1);
     for i in 0..n - 1 {
         map(&sim, &e, DomId(DM.0 + i), GUEST, 1).unwrap();

@@ -26,7 +26,8 @@ fn check(e: &Engine, step: usize, what: &str) {
     let st = e.state();
     let mut n = 0u32;
     let mut cells = 0u64;
-    for (drv, cell) in [(DomId::DOM0, 0), (DEVICE_MODEL, 1)] {
+    for drv in [DomId::DOM0, DEVICE_MODEL] {
+        let cell = e.cell_of(drv, ContextId::DEFAULT).unwrap_or(0);
         if let Some(d) = st.driver(drv) {
             let mut any = false;
             for (_, s) in d.slots() {

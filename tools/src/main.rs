@@ -958,10 +958,7 @@ fn sim_devices(cli: &Cli, state: Option<&SimState>) -> Result<(), CliError> {
         .filter_map(|&sbdf| {
             let d = m.device(sbdf)?;
             let owner = d.facts.owner;
-            let context = e
-                .driver_state(owner)
-                .and_then(|dd| dd.device_context(sbdf))
-                .unwrap_or(ContextId::DEFAULT);
+            let context = e.device_context(owner, sbdf).unwrap_or(ContextId::DEFAULT);
             Some(DeviceJson {
                 device: sbdf.to_string(),
                 owner: owner.0,

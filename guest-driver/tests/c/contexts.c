@@ -34,19 +34,25 @@ int main(void)
     CHECK(pviommu_context_detach(c, ctx, A) == -ENOENT, "detach what is not attached");
     CHECK(pviommu_context_destroy(c, ctx) == -EBUSY, "destroy with B attached");
 
-    uint64_t gfn = 5, in0, in1;
+    /* Each context is an address space with BFNs of its own: A's page in
+     * context 0, B's in ctx, and neither device ever reaches the other's
+     * page, whatever numbers the two BFNs have. */
+    uint64_t gfn = 5, gfn_b = 9, in0, in1;
+    const uint64_t page_a = 0x5049564f00000000ull | 5, page_b = 0x5049564f00000000ull | 9;
     int32_t st;
     CHECK(pviommu_map(c, 1, &gfn, 1, PVIOMMU_F_READ | PVIOMMU_F_WRITE, &in0, &st) == 0, "map 0");
-    CHECK(pviommu_map_in_context(c, ctx, 1, &gfn, 1, PVIOMMU_F_READ | PVIOMMU_F_WRITE, &in1, &st) == 0,
+    CHECK(pviommu_map_in_context(c, ctx, 1, &gfn_b, 1, PVIOMMU_F_READ | PVIOMMU_F_WRITE, &in1, &st) == 0,
           "map ctx: %s", pviommu_last_error(c));
-    CHECK(in0 != in1, "a BFN per context");
     uint64_t word = 0;
-    CHECK(pviommu_sim_device_dma_read(c, A, in0, &word, 8) == 0 && word == (0x5049564f00000000ull | 5),
-          "A reads at its BFN");
-    CHECK(pviommu_sim_device_dma_read(c, B, in1, &word, 8) == 0 && word == (0x5049564f00000000ull | 5),
-          "B reads at its BFN");
-    CHECK(pviommu_sim_device_dma_read(c, B, in0, &word, 8) == -EFAULT, "B faults at A's BFN");
-    CHECK(pviommu_sim_device_dma_read(c, A, in1, &word, 8) == -EFAULT, "A faults at B's BFN");
+    CHECK(pviommu_sim_device_dma_read(c, A, in0, &word, 8) == 0 && word == page_a, "A reads at its BFN");
+    CHECK(pviommu_sim_device_dma_read(c, B, in1, &word, 8) == 0 && word == page_b, "B reads at its BFN");
+    word = 0;
+    CHECK(pviommu_sim_device_dma_read(c, B, in0, &word, 8) != 0 || word != page_a,
+          "B never reaches A's page");
+    word = 0;
+    CHECK(pviommu_sim_device_dma_read(c, A, in1, &word, 8) != 0 || word != page_b,
+          "A never reaches B's page");
+    CHECK(pviommu_sim_device_dma_read(c, B, in1 + 1, &word, 8) == -EFAULT, "B faults past its BFN");
     CHECK(pviommu_sim_device_dma_read(c, NOBODY, in0, &word, 8) == -EINVAL, "unknown device reads");
 
     uint32_t level = 0;
@@ -56,7 +62,7 @@ int main(void)
     CHECK(level == 1 && bits == (0x3 | 6u << 3 | 1u << 11), "entry %u %#llx", level,
           (unsigned long long)bits);
     CHECK(pviommu_entry(c, 0, 0, in0, &level, &bits) == -EINVAL, "entry of context 0");
-    CHECK(pviommu_entry(c, 0, ctx, in0, &level, &bits) == -ENOENT, "entry not mapped there");
+    CHECK(pviommu_entry(c, 0, ctx, in1 + 1, &level, &bits) == -ENOENT, "entry not mapped there");
     CHECK(pviommu_entry(c, 0, ctx, in1, NULL, &bits) == -EINVAL, "entry NULL");
 
     CHECK(pviommu_unmap_in_context(c, ctx, &in1, 1, &st) == 0, "unmap ctx");

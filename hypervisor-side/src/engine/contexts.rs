@@ -17,9 +17,11 @@
 //! held: the order is `devices lock -> driver lock` everywhere, and nothing
 //! under a driver lock takes the devices lock.
 
+use core::sync::atomic::Ordering;
+
 use lock_api::RawMutex;
 
-use super::{Driver, Engine, Hypervisor};
+use super::{Driver, DriverDomain, Engine, Hypervisor};
 use crate::iommu::{FlushGather, HwContext, IommuBackend, OwnTables, TableFormat};
 use crate::permission::may_attach;
 use crate::pgtable::lpae::Lpae;
@@ -263,7 +265,13 @@ impl super::DriverDomain {
 
 impl<L: RawMutex> Engine<L> {
     /// Create a context for `caller`: tables of the engine's, tagged by
-    /// the backend.
+    /// the backend, in a cell of its own.
+    ///
+    /// Under the devices lock (which orders every context's creation,
+    /// destruction and device changes), one cell lock at a time: the id is
+    /// taken in the home cell's list first (so the home cell, no longer
+    /// idle, stays), then a free cell is claimed and set up, and published
+    /// last; a failure takes the id back.
     pub fn context_create(
         &self,
         h: &mut impl Hypervisor,
@@ -284,29 +292,103 @@ impl<L: RawMutex> Engine<L> {
         }
         // The tag is allocated under the devices lock, which comes first.
         h.devices_lock();
-        let r = match self.lock_or_claim(caller) {
-            Ok(mut d) => {
-                let r = self.context_create_locked(&mut d, h, own_tables, max);
-                self.put_driver(d);
-                r
-            }
-            Err(e) => Err(e),
-        };
+        let r = self.context_create_locked(h, caller, own_tables, max);
         h.devices_unlock();
         r
     }
 
     fn context_create_locked(
         &self,
-        d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
+        caller: DomId,
         own_tables: OwnTables,
         max: u32,
     ) -> Result<ContextId, Errno> {
-        let id = (1..max)
-            .map(ContextId)
-            .find(|c| !d.dd.has_context(*c))
-            .ok_or(Errno::NoSpc)?;
+        let mut home = self.lock_or_claim(caller)?;
+        let Some(id) = (1..max).map(ContextId).find(|c| !home.dd.has_context(*c)) else {
+            self.put_driver(home);
+            return Err(Errno::NoSpc);
+        };
+        home.dd.contexts |= 1 << id.0;
+        let home_cell = home.cell;
+        self.put_driver(home);
+        let r = self.claim_context_cell(h, caller, home_cell, id, own_tables);
+        if r.is_err() {
+            // Take the id back (the devices lock kept anyone else off it).
+            if let Some(mut home) = self.lock_driver(caller) {
+                home.dd.contexts &= !(1 << id.0);
+                self.put_driver(home);
+            }
+        }
+        r.map(|()| id)
+    }
+
+    /// Claim a free cell for context `id` of `caller` (home cell
+    /// `home_cell`), give it the context's tables and tag, and publish it.
+    /// Holds no other cell's lock: a cell that is busy is passed over.
+    fn claim_context_cell(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        home_cell: usize,
+        id: ContextId,
+        own_tables: OwnTables,
+    ) -> Result<(), Errno> {
+        let (first, last) = if caller == DomId::DOM0 {
+            (1, super::DOM0_CELLS)
+        } else {
+            (super::DOM0_CELLS, super::MAX_DRIVER_DOMAINS)
+        };
+        let entry = self
+            .ctx_cells
+            .get(home_cell)
+            .and_then(|e| e.get(id.0 as usize))
+            .ok_or(Errno::Inval)?;
+        for cell in first..last {
+            let (Some(owner), Some(m)) = (self.owners.get(cell), self.cells.get(cell)) else {
+                continue;
+            };
+            if owner.load(Ordering::SeqCst) != super::FREE_CELL {
+                continue;
+            }
+            let Some(mut dd) = m.try_lock() else {
+                continue;
+            };
+            if owner
+                .compare_exchange(
+                    super::FREE_CELL,
+                    caller.0 as u32,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_err()
+            {
+                continue;
+            }
+            // A free cell's state is idle: no slots, no context.
+            dd.domid = caller;
+            dd.context = id;
+            dd.home = home_cell as u8;
+            dd.contexts = 1 << id.0;
+            dd.stats = super::DriverStats::default();
+            let mut d = Driver { cell, dd };
+            let r = Self::set_up_context(&mut d, h, id, own_tables);
+            match r {
+                Ok(()) => entry.store(cell as u8, Ordering::SeqCst),
+                Err(_) => self.release_context_cell(d),
+            }
+            return r;
+        }
+        Err(Errno::NoSpc)
+    }
+
+    /// Give the new context's cell `d` its tables and tag.
+    fn set_up_context(
+        d: &mut Driver<'_, L>,
+        h: &mut impl Hypervisor,
+        id: ContextId,
+        own_tables: OwnTables,
+    ) -> Result<(), Errno> {
         d.dd.own.try_reserve(1).map_err(|_| Errno::NoMem)?;
         let tables = ContextTables::new(h, own_tables)?;
         let hw = match h.hw_context_create(d.dd.domid, id, tables.root()) {
@@ -327,8 +409,38 @@ impl<L: RawMutex> Engine<L> {
                 devices: [None; MAX_DEVICES_PER_CONTEXT],
             },
         );
-        d.dd.contexts |= 1 << id.0;
-        Ok(id)
+        Ok(())
+    }
+
+    /// Give a context's cell back, its state reset to idle (nothing in it:
+    /// no BFN in any state, no tables). Its install generations keep
+    /// counting, as a home cell's do.
+    fn release_context_cell(&self, d: Driver<'_, L>) {
+        let Driver { cell, mut dd } = d;
+        let (domid, home, context) = (dd.domid, dd.home as usize, dd.context);
+        if let Some(entry) = self
+            .ctx_cells
+            .get(home)
+            .and_then(|e| e.get(context.0 as usize))
+        {
+            let _ = entry.compare_exchange(
+                cell as u8,
+                super::NO_CELL,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+        }
+        let (next_gen, published) = (dd.next_gen, dd.published_used);
+        *dd = DriverDomain::new(domid);
+        dd.next_gen = next_gen;
+        dd.home = home as u8;
+        dd.published_used = published;
+        // Whatever it still counted comes off its driver domain's count.
+        self.publish_used(&mut dd);
+        if let Some(o) = self.owners.get(cell) {
+            o.store(super::FREE_CELL, Ordering::SeqCst);
+        }
+        drop(dd);
     }
 
     /// Destroy an empty context (no BFN in any state, no device attached).
@@ -338,48 +450,65 @@ impl<L: RawMutex> Engine<L> {
         caller: DomId,
         context: ContextId,
     ) -> Result<(), Errno> {
-        self.devices_then_driver(h, caller, context, |d, h| {
+        let nothing_first = |_: &mut _| Ok(());
+        self.devices_then_cell(h, caller, context, nothing_first, |d, h| {
             Self::destroy_check_locked(&d.dd, context)?;
-            Self::drop_context(d, h, context)
+            Self::drop_context(d, h, context)?;
+            Ok(true)
         })
+        .map(|_| ())
     }
 
-    /// Run `f` on `caller`'s state with the devices lock and then its
-    /// cell's lock held: the order Xen's `pviommu_device_leaving()` hook
-    /// (entered with `pcidevs_lock` held) needs. `ENOENT` if the caller has
-    /// no context `context` of the engine's: checked first without the
-    /// devices lock, so such a caller cannot make Xen's `pcidevs_lock` busy
-    /// (and again under it, by `f`).
-    fn devices_then_driver<H: Hypervisor, R>(
+    /// Run `f` on the cell of `caller`'s `context` (one of the engine's)
+    /// with the devices lock and then the cell's lock held: the order Xen's
+    /// `pviommu_device_leaving()` hook (entered with `pcidevs_lock` held)
+    /// needs. `ENOENT` if the caller has no such context: checked first
+    /// without the devices lock, so such a caller cannot make Xen's
+    /// `pcidevs_lock` busy (and again under it). `first` runs under the
+    /// devices lock before the cell is locked (it may lock other cells,
+    /// one at a time). When `f` answers `Ok(true)` the context is gone: its
+    /// cell is given back and its id taken off the home cell's list, one
+    /// lock at a time.
+    fn devices_then_cell<H: Hypervisor>(
         &self,
         h: &mut H,
         caller: DomId,
         context: ContextId,
-        f: impl FnOnce(&mut Driver<'_, L>, &mut H) -> Result<R, Errno>,
-    ) -> Result<R, Errno> {
-        if self
-            .lock_driver(caller)
-            .is_none_or(|d| d.dd.own(context).is_none())
+        first: impl FnOnce(&mut H) -> Result<(), Errno>,
+        f: impl FnOnce(&mut Driver<'_, L>, &mut H) -> Result<bool, Errno>,
+    ) -> Result<bool, Errno> {
+        if context == ContextId::DEFAULT
+            || self
+                .lock_cell(caller, context)
+                .is_none_or(|d| d.dd.own(context).is_none())
         {
             return Err(Errno::NoEnt);
         }
         h.devices_lock();
-        let r = match self.lock_driver(caller) {
-            Some(mut d) => {
+        let r = match first(h).and_then(|()| self.lock_cell(caller, context).ok_or(Errno::NoEnt)) {
+            Err(e) => Err(e),
+            Ok(mut d) => {
                 let r = f(&mut d, h);
-                self.put_driver(d);
+                if let Ok(true) = r {
+                    self.release_context_cell(d);
+                    if let Some(mut home) = self.lock_driver(caller) {
+                        home.dd.contexts &= !(1 << context.0);
+                        self.put_driver(home);
+                    }
+                } else {
+                    self.put_driver(d);
+                }
                 r
             }
-            None => Err(Errno::NoEnt),
         };
         h.devices_unlock();
         r
     }
 
     /// Take `context` down: detach its devices, flush, free the tables and
-    /// the tag. Devices lock and the cell's lock held. `Err(Busy)` when a
-    /// device could not be moved off the tables: then nothing is freed
-    /// (the caller retries; a device never walks freed tables).
+    /// the tag. Devices lock and the context cell's lock held. `Err(Busy)`
+    /// when a device could not be moved off the tables: then nothing is
+    /// freed (the caller retries; a device never walks freed tables).
     fn drop_context(
         d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
@@ -426,26 +555,43 @@ impl<L: RawMutex> Engine<L> {
         context: ContextId,
         bfn: Bfn,
     ) -> Result<LeafBits, Errno> {
-        let d = self.lock_driver(domid).ok_or(Errno::NoEnt)?;
+        let d = self.lock_cell(domid, context).ok_or(Errno::NoEnt)?;
         d.dd.own(context)
             .and_then(|c| c.tables.leaf_bits(h, bfn))
             .ok_or(Errno::NoEnt)
     }
 
+    /// The context of `owner` that `device` is attached to, if any (one
+    /// cell lock at a time).
+    pub fn device_context(&self, owner: DomId, device: Sbdf) -> Option<ContextId> {
+        self.contexts_of(owner)
+            .filter(|&c| c != ContextId::DEFAULT)
+            .find(|&c| {
+                self.lock_cell(owner, c)
+                    .is_some_and(|d| d.dd.device_context(device).is_some())
+            })
+    }
+
     /// Point `device` (the caller's) at `context`.
-    pub fn context_attach(
+    pub fn context_attach<H: Hypervisor>(
         &self,
-        h: &mut impl Hypervisor,
+        h: &mut H,
         caller: DomId,
         context: ContextId,
         device: Sbdf,
     ) -> Result<(), Errno> {
-        self.devices_then_driver(h, caller, context, |d, h| {
+        // Attachments only change under the devices lock: whether the
+        // device is on any of the caller's contexts is asked under it, one
+        // cell at a time, before this context's cell is locked.
+        let checks = |h: &mut H| {
             let facts = h.device_facts(device).ok_or(Errno::NoDev)?;
             may_attach(caller, &facts)?;
-            if d.dd.device_context(device).is_some() {
-                return Err(Errno::Busy);
+            match self.device_context(caller, device) {
+                Some(_) => Err(Errno::Busy),
+                None => Ok(()),
             }
+        };
+        self.devices_then_cell(h, caller, context, checks, |d, h| {
             let own = d.dd.own_mut(context).ok_or(Errno::NoEnt)?;
             let free = own
                 .devices
@@ -456,8 +602,9 @@ impl<L: RawMutex> Engine<L> {
             if let Some(slot) = own.devices.get_mut(free) {
                 *slot = Some(device);
             }
-            Ok(())
+            Ok(false)
         })
+        .map(|_| ())
     }
 
     /// Check that `device` is attached to `context` of `caller`.
@@ -467,7 +614,10 @@ impl<L: RawMutex> Engine<L> {
         context: ContextId,
         device: Sbdf,
     ) -> Result<(), Errno> {
-        let d = self.lock_driver(caller).ok_or(Errno::NoEnt)?;
+        if context == ContextId::DEFAULT {
+            return Err(Errno::NoEnt);
+        }
+        let d = self.lock_cell(caller, context).ok_or(Errno::NoEnt)?;
         if d.dd.attached_devices(context).any(|x| x == device) {
             Ok(())
         } else {
@@ -484,9 +634,11 @@ impl<L: RawMutex> Engine<L> {
         context: ContextId,
         device: Sbdf,
     ) -> Result<(), Errno> {
-        self.devices_then_driver(h, caller, context, |d, h| {
-            Self::detach_locked(d, h, context, device)
+        let nothing_first = |_: &mut _| Ok(());
+        self.devices_then_cell(h, caller, context, nothing_first, |d, h| {
+            Self::detach_locked(d, h, context, device).map(|()| false)
         })
+        .map(|_| ())
     }
 
     fn detach_locked(
@@ -519,23 +671,41 @@ impl<L: RawMutex> Engine<L> {
     /// back in the default context first, so Xen finds the device where it
     /// left it. Called with the devices lock held.
     pub fn device_leaving(&self, h: &mut impl Hypervisor, owner: DomId, device: Sbdf) {
-        let Some(mut d) = self.lock_driver(owner) else {
-            return;
-        };
-        if let Some(ctx) = d.dd.device_context(device) {
-            let _ = Self::detach_locked(&mut d, h, ctx, device);
+        for context in self.contexts_of(owner) {
+            if context == ContextId::DEFAULT {
+                continue;
+            }
+            let Some(mut d) = self.lock_cell(owner, context) else {
+                continue;
+            };
+            if d.dd.device_context(device).is_some() {
+                let _ = Self::detach_locked(&mut d, h, context, device);
+            }
+            self.put_driver(d);
         }
-        self.put_driver(d);
     }
 
     /// The last step of a driver domain's teardown: its contexts go, their
-    /// devices back to the default context first. The caller holds the
-    /// devices lock, then the cell's. `false` if a device could not be
-    /// moved off a context's tables: the teardown is retried.
-    pub(crate) fn teardown_contexts(&self, h: &mut impl Hypervisor, d: &mut Driver<'_, L>) -> bool {
-        while let Some(ctx) = d.dd.own.last().map(|c| c.id) {
-            if Self::drop_context(d, h, ctx).is_err() {
+    /// devices back to the default context first, and their cells back.
+    /// The caller holds the devices lock (and no cell's). `false` if a
+    /// device could not be moved off a context's tables: the teardown is
+    /// retried.
+    pub(crate) fn teardown_contexts(&self, h: &mut impl Hypervisor, domid: DomId) -> bool {
+        for context in self.contexts_of(domid) {
+            if context == ContextId::DEFAULT {
+                continue;
+            }
+            let Some(mut d) = self.lock_cell(domid, context) else {
+                continue;
+            };
+            if Self::drop_context(&mut d, h, context).is_err() {
+                self.put_driver(d);
                 return false;
+            }
+            self.release_context_cell(d);
+            if let Some(mut home) = self.lock_driver(domid) {
+                home.dd.contexts &= !(1 << context.0);
+                self.put_driver(home);
             }
         }
         true

@@ -4,8 +4,11 @@
 //! (target domid, gfn) -> chain of this domain's live mappings of that page,
 //! which serves both dedup and revocation. Nothing here allocates except
 //! [`DriverDomain::reserve_slot`], which runs before any state changes.
-//! The whole structure sits behind the driver domain's own lock
-//! ([`super`] says which lock protects what).
+//! The whole structure sits behind its cell's lock ([`super`] says which
+//! lock protects what). A driver domain has one such state per IOMMU
+//! context it maps into: its home cell (context 0, which also keeps the
+//! list of its contexts) and one cell for each context it created, so two
+//! vCPUs mapping into different contexts never share a lock or a table.
 //!
 //! A BFN's life:
 //!
@@ -302,6 +305,7 @@ impl RawSlot {
             Slot::Stuck { mapping } => RawSlot::from_mapping(ST_STUCK, &mapping, 0),
             Slot::Revoked { notice, prev, next } => RawSlot {
                 gfn: notice.gfn.0,
+                // The notice's order (`push_revoked`) is written after.
                 mfn: 0,
                 next: link32(next),
                 aux: link32(prev),
@@ -376,13 +380,41 @@ pub struct DriverStats {
     pub ns_iommu_flush: u64,
 }
 
-/// A driver domain's state.
+impl DriverStats {
+    /// Every counter, in one order (for sums over a driver domain's cells).
+    pub(crate) fn counters_mut(&mut self) -> [&mut u64; 12] {
+        [
+            &mut self.maps,
+            &mut self.shared,
+            &mut self.unmaps,
+            &mut self.revocations,
+            &mut self.flushes,
+            &mut self.batches,
+            &mut self.ns_batches,
+            &mut self.ns_get_page,
+            &mut self.ns_put_page,
+            &mut self.ns_iommu_map,
+            &mut self.ns_iommu_unmap,
+            &mut self.ns_iommu_flush,
+        ]
+    }
+}
+
+/// A driver domain's state in one cell: its mappings into one context.
 #[derive(Debug)]
 pub struct DriverDomain {
     pub(crate) domid: DomId,
-    /// Bit n: context n exists (context 0 always).
+    /// The context whose mappings this cell holds (0: the home cell).
+    pub(crate) context: ContextId,
+    /// The driver domain's home cell (its context-0 cell; this one's own
+    /// number in the home cell): where its quota count and notice order
+    /// are kept ([`super::DriverShared`]).
+    pub(crate) home: u8,
+    /// Home cell: bit n, context n exists (context 0 always). A context's
+    /// cell: bit n for its own context n only.
     pub(crate) contexts: u32,
-    /// The engine's own contexts (all but 0): tables, tag, devices.
+    /// A context's cell: that context of the engine's (tables, tag,
+    /// devices). Empty in the home cell.
     pub(crate) own: Vec<super::contexts::OwnContext>,
     pub(crate) slots: ChunkedVec<RawSlot>,
     pub(crate) free_head: u64,
@@ -416,12 +448,17 @@ pub struct DriverDomain {
     pub(crate) stats: DriverStats,
     /// Generation of the next install (wraps).
     pub(crate) next_gen: u32,
+    /// `used()` as last added to the driver domain's count of BFNs in use
+    /// across its cells (at each unlock).
+    pub(crate) published_used: u64,
 }
 
 impl DriverDomain {
     pub(crate) fn new(domid: DomId) -> Self {
         DriverDomain {
             domid,
+            context: ContextId::DEFAULT,
+            home: 0,
             contexts: 1,
             own: Vec::new(),
             slots: ChunkedVec::new(),
@@ -441,7 +478,13 @@ impl DriverDomain {
             quota: None,
             stats: DriverStats::default(),
             next_gen: 0,
+            published_used: 0,
         }
+    }
+
+    /// The context whose mappings this state holds.
+    pub fn context(&self) -> ContextId {
+        self.context
     }
 
     /// The domain.
@@ -890,7 +933,9 @@ impl DriverDomain {
     }
 
     /// Queue a revocation notice at the tail.
-    pub(crate) fn push_revoked(&mut self, idx: u64, notice: Notice) {
+    /// Queue a notice; `order` is the driver domain's count of notices
+    /// when it was queued, which orders notices across its cells.
+    pub(crate) fn push_revoked(&mut self, idx: u64, notice: Notice, order: u64) {
         let tail = self.revoked_tail;
         let slot = Slot::Revoked {
             notice,
@@ -899,6 +944,11 @@ impl DriverDomain {
         };
         if !self.set_slot(idx, slot) {
             return;
+        }
+        // A notice has no frame: its order goes where the frame was. Only
+        // the links of a queued notice ever change, so it stays.
+        if let Some(r) = self.raw_mut(idx) {
+            r.mfn = order;
         }
         match self.raw_mut(tail).filter(|r| r.state() == ST_REVOKED) {
             Some(r) => r.next = link32(idx),
@@ -967,10 +1017,12 @@ impl DriverDomain {
         self.revoked_tail = NONE;
     }
 
-    /// The oldest unacknowledged revocation.
-    pub(crate) fn oldest_revoked(&self) -> Option<(u64, Notice)> {
+    /// The oldest unacknowledged revocation of this cell, with its order
+    /// among the driver domain's notices.
+    pub(crate) fn oldest_revoked(&self) -> Option<(u64, Notice, u64)> {
+        let order = self.raw(self.revoked_head).map(|r| r.mfn)?;
         match self.slot(self.revoked_head) {
-            Some(Slot::Revoked { notice, .. }) => Some((self.revoked_head, notice)),
+            Some(Slot::Revoked { notice, .. }) => Some((self.revoked_head, notice, order)),
             _ => None,
         }
     }

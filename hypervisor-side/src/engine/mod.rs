@@ -10,16 +10,24 @@
 //!   return without touching any lock, send the hook of a mapped one only
 //!   to the driver domains that map it, and let a map that looked its page
 //!   up *without* a lock detect that the page left in between.
-//! * **Cell table** (`cell_of`, `owners`, atomics, no lock): which of the
-//!   [`MAX_DRIVER_DOMAINS`] cells holds a driver domain's state. Claimed by
-//!   compare-and-swap on first use, given back when the state is idle;
-//!   checked again under the cell's lock.
+//! * **Cell table** (`cell_of`, `ctx_cells`, `owners`, atomics, no lock):
+//!   which of the [`MAX_DRIVER_DOMAINS`] cells holds a driver domain's
+//!   state for each of its contexts. A driver domain's *home cell* holds
+//!   its context 0 (and the list of its contexts); each context it creates
+//!   gets a cell of its own. A home cell is claimed by compare-and-swap on
+//!   first use and given back when idle; a context's cell lives from the
+//!   context's creation to its destruction. Every lookup is checked again
+//!   under the cell's lock.
 //! * **A driver lock per cell** (a platform lock: one of Xen's spinlocks
 //!   `pvx_driver_locks[]`, or a checked `parking_lot` mutex hosted): that
-//!   driver domain's [`DriverDomain`]: its slots, page index, lists, quota
-//!   and pending flush. Two driver domains map, unmap and flush in
-//!   parallel; a hook takes the locks of the cells its target's gate names,
-//!   one at a time.
+//!   cell's [`DriverDomain`]: the slots, page index, lists and pending
+//!   flush of one driver domain's mappings into one context. Two driver
+//!   domains, or two vCPUs of one mapping into different contexts, map,
+//!   unmap and flush in parallel; a hook takes the locks of the cells its
+//!   target's gate names, one at a time.
+//! * **Per driver domain, shared by its cells** (`DriverShared`, atomics
+//!   in its home cell's slot): BFNs in use across its cells, for the quota,
+//!   and its count of notices, which orders them across its cells.
 //!
 //! * **The backend's devices lock** (Xen's `pcidevs_lock`): taken before a
 //!   driver lock by everything that points devices at contexts or takes
@@ -37,7 +45,9 @@
 //!
 //! # Storage
 //!
-//! Per driver domain, a slot array indexed by BFN (through [`BfnSpace`]), a
+//! Per driver domain and context, a slot array indexed by BFN (through
+//! [`BfnSpace`]; each context is an address space of its own, with BFNs
+//! numbered on their own), a
 //! page index (target domid, gfn) -> chain of its live mappings of that
 //! page, which serves both dedup and O(1) revocation from the gfn hook, and
 //! lists threaded through the slots (free, unmapping, stuck, revocation
@@ -76,10 +86,14 @@ impl<T: Platform + IommuBackend> Hypervisor for T {}
 /// How often a map retries when the target's p2m changed under it.
 const MAP_RETRIES: u32 = 4;
 
-/// Driver domains holding engine state at once (one bit each in a target
-/// gate's `drivers` mask). Cell 0 is kept for dom0, so device models
-/// filling the rest cannot lock the control domain's mediator out.
+/// Cells of driver state (one bit each in a target gate's `drivers` mask):
+/// a driver domain takes one, plus one per context it creates. Cells 0 to
+/// [`DOM0_CELLS`] - 1 are kept for dom0 (its home and its contexts), so
+/// device models filling the rest cannot lock the control domain's
+/// mediator out.
 pub const MAX_DRIVER_DOMAINS: usize = 64;
+/// Cells kept for dom0: its home cell (0) and one per context it can have.
+pub const DOM0_CELLS: usize = MAX_CONTEXTS as usize;
 /// `cell_of` entry of a domain without a cell.
 const NO_CELL: u8 = u8::MAX;
 /// `owners` entry of a free cell.
@@ -116,6 +130,25 @@ fn gate_index(domid: DomId) -> usize {
     (d % 4) * QUARTER + d / 4
 }
 
+/// What a driver domain's cells share, kept in its home cell's slot.
+#[derive(Debug, Default)]
+pub(crate) struct DriverShared {
+    /// BFNs in use across its cells, each cell's part as of its last
+    /// unlock (`DriverDomain::published_used`). A map checks its quota
+    /// against this, with its own cell's part current: maps into other
+    /// contexts running at that moment can exceed the quota by at most one
+    /// run ([`MAP_CHUNK`]) each.
+    used: AtomicU64,
+    /// The quota the toolstack set, as in the home cell (`NO_QUOTA`: the
+    /// boot default), for maps into its other contexts.
+    quota: AtomicU64,
+    /// Notices queued so far: the order `revoked_next` reports them in.
+    notices: AtomicU64,
+}
+
+/// `DriverShared::quota` when no quota is set.
+const NO_QUOTA: u64 = u64::MAX;
+
 /// Per-target-domid atomics read without any lock (see the module docs).
 #[derive(Debug, Default)]
 #[repr(align(16))]
@@ -146,6 +179,11 @@ pub struct Engine<L: RawMutex> {
     cell_of: Vec<AtomicU8>,
     /// Cell -> the domid it belongs to, or [`FREE_CELL`].
     owners: Vec<CacheLine<AtomicU32>>,
+    /// Home cell -> the cell of each of its driver domain's contexts (entry
+    /// 0 unused), or [`NO_CELL`].
+    ctx_cells: Vec<[AtomicU8; MAX_CONTEXTS as usize]>,
+    /// Home cell -> what its driver domain's cells share.
+    shared: Vec<CacheLine<DriverShared>>,
     /// The driver domains' states, each behind its own lock.
     cells: Vec<CacheLine<Mutex<L, DriverDomain>>>,
     /// Whether services are timed for the stats (`PVIOMMU_STATS_TIMING_*`).
@@ -199,11 +237,17 @@ impl<L: RawMutex> StateView<'_, L> {
     pub fn space(&self) -> &BfnSpace {
         self.space
     }
-    /// A driver domain's state, if it has any.
+    /// A driver domain's home cell (its context 0, and the list of its
+    /// contexts), if it has one.
     pub fn driver(&self, domid: DomId) -> Option<&DriverDomain> {
-        self.drivers().find(|d| d.domid == domid)
+        self.context(domid, ContextId::DEFAULT)
     }
-    /// Every driver domain with state.
+    /// The cell of a driver domain's mappings into `context`, if any.
+    pub fn context(&self, domid: DomId, context: ContextId) -> Option<&DriverDomain> {
+        self.drivers()
+            .find(|d| d.domid == domid && d.context == context)
+    }
+    /// Every owned cell: each driver domain's home cell and its contexts'.
     pub fn drivers(&self) -> impl Iterator<Item = &DriverDomain> {
         self.guards
             .iter()
@@ -211,9 +255,14 @@ impl<L: RawMutex> StateView<'_, L> {
             .filter(|(owned, _)| *owned)
             .map(|(_, g)| &**g)
     }
-    /// Live mappings of `owner` with their BFNs, in BFN-index order.
+    /// The cells of driver domain `domid`, in context order.
+    pub fn cells_of(&self, domid: DomId) -> impl Iterator<Item = &DriverDomain> {
+        (0..MAX_CONTEXTS).filter_map(move |c| self.context(domid, ContextId(c)))
+    }
+    /// Live mappings of `owner` with their BFNs: by context, then in
+    /// BFN-index order (each context numbers its BFNs on its own).
     pub fn live_mappings(&self, owner: DomId) -> impl Iterator<Item = MappingView> + '_ {
-        self.driver(owner).into_iter().flat_map(move |d| {
+        self.cells_of(owner).flat_map(move |d| {
             d.slots().filter_map(move |(i, s)| match s {
                 Slot::Live(m) => Some(MappingView {
                     bfn: self.space.bfn_of(i)?,
@@ -357,14 +406,31 @@ impl<L: RawMutex> Engine<L> {
         }
         let mut owners = Vec::new();
         let mut cells = Vec::new();
+        let mut ctx_cells = Vec::new();
+        let mut shared = Vec::new();
         owners
             .try_reserve_exact(MAX_DRIVER_DOMAINS)
             .map_err(|_| Errno::NoMem)?;
         cells
             .try_reserve_exact(MAX_DRIVER_DOMAINS)
             .map_err(|_| Errno::NoMem)?;
+        ctx_cells
+            .try_reserve_exact(MAX_DRIVER_DOMAINS)
+            .map_err(|_| Errno::NoMem)?;
+        shared
+            .try_reserve_exact(MAX_DRIVER_DOMAINS)
+            .map_err(|_| Errno::NoMem)?;
         for n in 0..MAX_DRIVER_DOMAINS {
             try_push(&mut owners, CacheLine(AtomicU32::new(FREE_CELL)))?;
+            try_push(
+                &mut ctx_cells,
+                core::array::from_fn(|_| AtomicU8::new(NO_CELL)),
+            )?;
+            let none = DriverShared {
+                quota: AtomicU64::new(NO_QUOTA),
+                ..DriverShared::default()
+            };
+            try_push(&mut shared, CacheLine(none))?;
             try_push(
                 &mut cells,
                 CacheLine(Mutex::from_raw(lock_for(n), DriverDomain::new(DomId(0)))),
@@ -378,6 +444,8 @@ impl<L: RawMutex> Engine<L> {
             gates,
             cell_of,
             owners,
+            ctx_cells,
+            shared,
             cells,
             timing: AtomicBool::new(false),
         })
@@ -418,13 +486,26 @@ impl<L: RawMutex> Engine<L> {
             heap_bytes: heap,
             ..StatsReport::default()
         };
-        if let Some(d) = self.lock_driver(domid) {
-            r.live = d.dd.live();
-            r.revoked = d.dd.revoked();
-            r.used = d.dd.used();
-            r.quota = d.dd.quota.unwrap_or(self.config.quota);
-            r.mapped_pages = d.dd.mapped_pages() as u64;
-            r.counters = d.dd.stats;
+        for context in self.contexts_of(domid) {
+            let Some(d) = self.lock_cell(domid, context) else {
+                continue;
+            };
+            if context == ContextId::DEFAULT {
+                r.quota = self.quota_of(&d);
+            }
+            r.live += d.dd.live();
+            r.revoked += d.dd.revoked();
+            r.used += d.dd.used();
+            r.mapped_pages += d.dd.mapped_pages() as u64;
+            let mut cell_stats = d.dd.stats;
+            for (sum, add) in r
+                .counters
+                .counters_mut()
+                .into_iter()
+                .zip(cell_stats.counters_mut())
+            {
+                *sum = sum.saturating_add(*add);
+            }
             self.put_driver(d);
         }
         r
@@ -432,24 +513,24 @@ impl<L: RawMutex> Engine<L> {
 
     /// Take `seen` (read by [`stats`](Self::stats) and delivered) off
     /// `domid`'s counters: a reset that loses nothing counted in between.
+    /// Each counter is taken off its cells in context order, as much as
+    /// each holds: counters only grow between the read and this, so the
+    /// whole of `seen` comes off.
     pub fn stats_consumed(&self, domid: DomId, seen: &DriverStats) {
-        if let Some(mut d) = self.lock_driver(domid) {
-            let c = &mut d.dd.stats;
-            for (have, took) in [
-                (&mut c.maps, seen.maps),
-                (&mut c.shared, seen.shared),
-                (&mut c.unmaps, seen.unmaps),
-                (&mut c.revocations, seen.revocations),
-                (&mut c.flushes, seen.flushes),
-                (&mut c.batches, seen.batches),
-                (&mut c.ns_batches, seen.ns_batches),
-                (&mut c.ns_get_page, seen.ns_get_page),
-                (&mut c.ns_put_page, seen.ns_put_page),
-                (&mut c.ns_iommu_map, seen.ns_iommu_map),
-                (&mut c.ns_iommu_unmap, seen.ns_iommu_unmap),
-                (&mut c.ns_iommu_flush, seen.ns_iommu_flush),
-            ] {
-                *have = have.saturating_sub(took);
+        let mut left = *seen;
+        for context in self.contexts_of(domid) {
+            let Some(mut d) = self.lock_cell(domid, context) else {
+                continue;
+            };
+            for (have, took) in
+                d.dd.stats
+                    .counters_mut()
+                    .into_iter()
+                    .zip(left.counters_mut())
+            {
+                let off = (*have).min(*took);
+                *have -= off;
+                *took -= off;
             }
             self.put_driver(d);
         }
@@ -484,6 +565,8 @@ impl<L: RawMutex> Engine<L> {
         self.gates.capacity() * core::mem::size_of::<TargetGate>()
             + self.cell_of.capacity()
             + self.owners.capacity() * core::mem::size_of::<CacheLine<AtomicU32>>()
+            + self.ctx_cells.capacity() * MAX_CONTEXTS as usize
+            + self.shared.capacity() * core::mem::size_of::<CacheLine<DriverShared>>()
             + self.cells.capacity() * core::mem::size_of::<CacheLine<Mutex<L, DriverDomain>>>()
     }
 
@@ -525,6 +608,13 @@ impl<L: RawMutex> Engine<L> {
             .map_or(0, |g| g.drivers.load(Ordering::SeqCst))
     }
 
+    /// The cell holding `domid`'s mappings into `context` (its bit in a
+    /// target's [`target_drivers`](Self::target_drivers)), if it has one
+    /// (read without a lock: for inspection).
+    pub fn cell_of(&self, domid: DomId, context: ContextId) -> Option<usize> {
+        self.cell_number(domid, context)
+    }
+
     /// `domid`'s gate (the only way to one: the table is permuted).
     pub(crate) fn gate(&self, domid: DomId) -> Option<&TargetGate> {
         self.gates.get(gate_index(domid))
@@ -543,23 +633,103 @@ impl<L: RawMutex> Engine<L> {
         }
     }
 
-    /// Lock `domid`'s driver state, if it has a cell. The cell is checked
-    /// again under its lock: it may have been released (and even taken by
-    /// another domain) between the lookup and the lock. A cell's owner only
-    /// changes under its lock, so the check is exact.
+    /// Lock `domid`'s home cell (its context 0, and the list of its
+    /// contexts), if it has one. The cell is checked again under its lock:
+    /// it may have been released (and even taken by another domain) between
+    /// the lookup and the lock. A cell's owner and context only change
+    /// under its lock, so the check is exact.
     pub(crate) fn lock_driver(&self, domid: DomId) -> Option<Driver<'_, L>> {
+        self.lock_cell(domid, ContextId::DEFAULT)
+    }
+
+    /// Lock the cell holding `domid`'s mappings into `context`, if it has
+    /// one (checked again under the lock, as [`lock_driver`](Self::lock_driver)).
+    pub(crate) fn lock_cell(&self, domid: DomId, context: ContextId) -> Option<Driver<'_, L>> {
         for _ in 0..MAP_RETRIES {
-            let cell = self.cell_of.get(domid.0 as usize)?.load(Ordering::SeqCst);
-            if cell == NO_CELL {
-                return None;
-            }
-            let cell = cell as usize;
+            let cell = self.cell_number(domid, context)?;
             let dd = self.cells.get(cell)?.lock();
-            if self.owner_is(cell, domid) && dd.domid == domid {
+            if self.owner_is(cell, domid) && dd.domid == domid && dd.context == context {
                 return Some(Driver { cell, dd });
             }
         }
         None
+    }
+
+    /// Which cell holds `domid`'s mappings into `context` (no lock: a hint
+    /// to check under the cell's lock).
+    fn cell_number(&self, domid: DomId, context: ContextId) -> Option<usize> {
+        let home = self.cell_of.get(domid.0 as usize)?.load(Ordering::SeqCst);
+        if home == NO_CELL {
+            return None;
+        }
+        let cell = match context {
+            ContextId::DEFAULT => home,
+            c => self
+                .ctx_cells
+                .get(home as usize)?
+                .get(c.0 as usize)?
+                .load(Ordering::SeqCst),
+        };
+        (cell != NO_CELL).then_some(cell as usize)
+    }
+
+    /// The contexts `domid` has cells for, context 0 first (no lock: each
+    /// is checked under its cell's lock by [`lock_cell`](Self::lock_cell)).
+    fn contexts_of(&self, domid: DomId) -> impl Iterator<Item = ContextId> + '_ {
+        (0..MAX_CONTEXTS)
+            .map(ContextId)
+            .filter(move |&c| self.cell_number(domid, c).is_some())
+    }
+
+    /// Lock the cell `req.context` of `caller` maps into: its home cell,
+    /// claimed if need be, for context 0; that context's cell otherwise
+    /// (`ENOENT` if it has none: the context does not exist).
+    fn lock_for_map(&self, caller: DomId, context: ContextId) -> Result<Driver<'_, L>, Errno> {
+        if context == ContextId::DEFAULT {
+            self.lock_or_claim(caller)
+        } else {
+            self.lock_cell(caller, context).ok_or(Errno::NoEnt)
+        }
+    }
+
+    /// The driver domain's BFNs in use across its cells, with the locked
+    /// cell `d`'s part current (see [`DriverShared::used`]).
+    fn used_across_cells(&self, d: &Driver<'_, L>) -> u64 {
+        let published = self
+            .shared
+            .get(d.dd.home as usize)
+            .map_or(0, |s| s.used.load(Ordering::SeqCst));
+        published
+            .wrapping_sub(d.dd.published_used)
+            .wrapping_add(d.dd.used())
+    }
+
+    /// The quota of the driver domain locked cell `d` belongs to.
+    fn quota_of(&self, d: &Driver<'_, L>) -> u64 {
+        if d.dd.context == ContextId::DEFAULT {
+            return d.dd.quota.unwrap_or(self.config.quota);
+        }
+        match self
+            .shared
+            .get(d.dd.home as usize)
+            .map(|s| s.quota.load(Ordering::SeqCst))
+        {
+            Some(q) if q != NO_QUOTA => q,
+            _ => self.config.quota,
+        }
+    }
+
+    /// Add the change in cell `dd`'s BFNs in use since its last unlock to
+    /// its driver domain's count (under the cell's lock).
+    fn publish_used(&self, dd: &mut DriverDomain) {
+        let used = dd.used();
+        if used != dd.published_used {
+            if let Some(s) = self.shared.get(dd.home as usize) {
+                s.used
+                    .fetch_add(used.wrapping_sub(dd.published_used), Ordering::SeqCst);
+            }
+            dd.published_used = used;
+        }
     }
 
     fn owner_is(&self, cell: usize, domid: DomId) -> bool {
@@ -577,7 +747,7 @@ impl<L: RawMutex> Engine<L> {
     /// owner (whose IOMMU context the state names).
     pub(crate) fn lock_or_claim(&self, domid: DomId) -> Result<Driver<'_, L>, Errno> {
         let slot = self.cell_of.get(domid.0 as usize).ok_or(Errno::Srch)?;
-        let first = if domid == DomId::DOM0 { 0 } else { 1 };
+        let first = if domid == DomId::DOM0 { 0 } else { DOM0_CELLS };
         let last = if domid == DomId::DOM0 {
             1
         } else {
@@ -625,6 +795,8 @@ impl<L: RawMutex> Engine<L> {
                     dd.stats = DriverStats::default();
                 }
                 dd.domid = domid;
+                dd.context = ContextId::DEFAULT;
+                dd.home = cell as u8;
                 return Ok(Driver { cell, dd });
             }
             // All owned: try again (a cell may only have looked owned while
@@ -641,6 +813,8 @@ impl<L: RawMutex> Engine<L> {
     pub(crate) fn put_driver(&self, d: Driver<'_, L>) {
         let Driver { cell, mut dd } = d;
         dd.compact_if_empty();
+        self.publish_used(&mut dd);
+        // (A context's cell is never idle: its context is in `contexts`.)
         if cell == 0 || !dd.is_idle() {
             return;
         }
@@ -661,10 +835,15 @@ impl<L: RawMutex> Engine<L> {
     /// Give `domid`'s cell back after its teardown (dom0's too), its state
     /// reset to idle.
     pub(crate) fn release_driver(&self, d: Driver<'_, L>) {
-        let Driver { cell, dd } = d;
+        let Driver { cell, mut dd } = d;
+        self.publish_used(&mut dd);
         let domid = dd.domid;
         if let Some(slot) = self.cell_of.get(domid.0 as usize) {
             if self.owner_is(cell, domid) && slot.load(Ordering::SeqCst) == cell as u8 {
+                if let Some(s) = self.shared.get(cell) {
+                    // Its quota is gone with it.
+                    s.quota.store(NO_QUOTA, Ordering::SeqCst);
+                }
                 slot.store(NO_CELL, Ordering::SeqCst);
                 if let Some(o) = self.owners.get(cell) {
                     o.store(FREE_CELL, Ordering::SeqCst);
@@ -741,7 +920,7 @@ impl<L: RawMutex> Engine<L> {
         for _ in 0..MAP_RETRIES {
             let (looked_up, ns_get_page) = self.look_up_page(h, req, gate);
             let (mfn, seq) = looked_up?;
-            let outcome = match self.lock_or_claim(caller) {
+            let outcome = match self.lock_for_map(caller, req.context) {
                 Err(e) => Some(MapOutcome::Refused(e)),
                 Ok(mut d) => {
                     // Mark, then re-read seq (see above). An already set
@@ -798,7 +977,9 @@ impl<L: RawMutex> Engine<L> {
     /// first without a lock, then the caller's driver lock is taken once
     /// for all of them. Results and state are those of mapping them one by
     /// one in order, except that an op whose target's p2m moved meanwhile
-    /// is mapped again on its own after the others.
+    /// is mapped again on its own after the others. A run is of one
+    /// context (the one cell it locks): it also ends before an op of
+    /// another context.
     pub fn map_batch(
         &self,
         h: &mut impl Hypervisor,
@@ -808,14 +989,19 @@ impl<L: RawMutex> Engine<L> {
         out: &mut [Result<Mapped, Errno>],
     ) -> usize {
         let mut n = reqs.len().min(out.len()).min(MAP_CHUNK);
-        // The run ends before the first repeat of a page.
+        let Some(context) = reqs.first().map(|r| r.context) else {
+            return 0;
+        };
+        // The run ends before the first repeat of a page, or the first op
+        // of another context.
         for i in 1..n {
             let (Some(req), Some(earlier)) = (reqs.get(i), reqs.get(..i)) else {
                 break;
             };
-            if earlier
-                .iter()
-                .any(|r| r.domid == req.domid && r.gfn == req.gfn)
+            if req.context != context
+                || earlier
+                    .iter()
+                    .any(|r| r.domid == req.domid && r.gfn == req.gfn)
             {
                 n = i;
                 break;
@@ -887,7 +1073,7 @@ impl<L: RawMutex> Engine<L> {
         }
 
         if steps.iter().any(|s| matches!(s, Step::Locked(..))) {
-            match self.lock_or_claim(caller) {
+            match self.lock_for_map(caller, context) {
                 Err(e) => {
                     for (s, o) in steps.iter_mut().zip(out.iter_mut()) {
                         if let Step::Locked(mfn, _) = *s {
@@ -1099,7 +1285,7 @@ impl<L: RawMutex> Engine<L> {
     ) -> Result<Prepared, Errno> {
         let seed = self.seed;
         let key = map_key(req, mfn);
-        if !d.dd.has_context(req.context) {
+        if d.dd.context != req.context || !d.dd.has_context(req.context) {
             return Err(Errno::NoEnt);
         }
         let at = d.dd.probe_page(seed, req.domid, req.gfn);
@@ -1119,8 +1305,8 @@ impl<L: RawMutex> Engine<L> {
             // and map the current frame.
             self.revoke_slot(d, h, idx);
         }
-        let quota = d.dd.quota.unwrap_or(self.config.quota);
-        if d.dd.used() >= quota {
+        let quota = self.quota_of(d);
+        if self.used_across_cells(d) >= quota {
             return Err(Errno::NoSpc);
         }
         d.dd.reserve_slot(seed, quota.min(self.space.len()), &at)?;
@@ -1184,7 +1370,7 @@ impl<L: RawMutex> Engine<L> {
     /// The live mapping `bfn` of `context`, without changing anything.
     pub fn lookup(&self, caller: DomId, context: ContextId, bfn: Bfn) -> Result<Mapping, Errno> {
         let idx = self.space.index_of(bfn).ok_or(Errno::NoEnt)?;
-        let d = self.lock_driver(caller).ok_or(Errno::NoEnt)?;
+        let d = self.lock_cell(caller, context).ok_or(Errno::NoEnt)?;
         match d.dd.live_at(idx) {
             Some(m) if m.context == context => Ok(m),
             _ => Err(Errno::NoEnt),
@@ -1195,7 +1381,7 @@ impl<L: RawMutex> Engine<L> {
     /// `Ok(true)` acknowledge a revocation (answered `ESTALE`).
     pub fn unmap_check(&self, caller: DomId, context: ContextId, bfn: Bfn) -> Result<bool, Errno> {
         let idx = self.space.index_of(bfn).ok_or(Errno::NoEnt)?;
-        let d = self.lock_driver(caller).ok_or(Errno::NoEnt)?;
+        let d = self.lock_cell(caller, context).ok_or(Errno::NoEnt)?;
         Self::unmap_kind(&d.dd, context, idx).map(|k| matches!(k, UnmapKind::Revoked))
     }
 
@@ -1232,22 +1418,32 @@ impl<L: RawMutex> Engine<L> {
         bfn: Bfn,
     ) -> Result<(), Errno> {
         let idx = self.space.index_of(bfn).ok_or(Errno::NoEnt)?;
-        let mut d = self.lock_driver(caller).ok_or(Errno::NoEnt)?;
+        let mut d = self.lock_cell(caller, context).ok_or(Errno::NoEnt)?;
         let result = self.unmap_locked(&mut d, h, context, bfn, idx);
         self.put_driver(d);
         result
     }
 
+    /// How many of the first `reqs` (at most `out_len` and [`MAP_CHUNK`])
+    /// make a run for one lock: those of the first one's context.
+    fn unmap_run(reqs: &[(ContextId, Bfn)], out_len: usize) -> (usize, ContextId) {
+        let n = reqs.len().min(out_len).min(MAP_CHUNK);
+        let context = reqs.first().map_or(ContextId::DEFAULT, |r| r.0);
+        let same = reqs.iter().take(n).take_while(|r| r.0 == context).count();
+        (same, context)
+    }
+
     /// [`unmap_check`](Self::unmap_check) of each of the first `reqs` (at
-    /// most [`MAP_CHUNK`]) under one lock; returns how many were checked.
+    /// most [`MAP_CHUNK`], and only while they are of the first one's
+    /// context) under one lock; returns how many were checked.
     pub fn unmap_check_batch(
         &self,
         caller: DomId,
         reqs: &[(ContextId, Bfn)],
         out: &mut [Result<bool, Errno>],
     ) -> usize {
-        let n = reqs.len().min(out.len()).min(MAP_CHUNK);
-        let d = self.lock_driver(caller);
+        let (n, context) = Self::unmap_run(reqs, out.len());
+        let d = self.lock_cell(caller, context);
         for (&(context, bfn), o) in reqs.iter().zip(out.iter_mut()).take(n) {
             *o = match (&d, self.space.index_of(bfn)) {
                 (Some(d), Some(idx)) => {
@@ -1260,9 +1456,10 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// Unmaps of a batch taken under one lock: [`unmap`](Self::unmap) of
-    /// each of the first `reqs` (at most [`MAP_CHUNK`]), in order, with
-    /// `out[i]` the result of `reqs[i]`; returns how many were done.
-    /// Results and state are those of unmapping them one by one.
+    /// each of the first `reqs` (at most [`MAP_CHUNK`], and only while they
+    /// are of the first one's context), in order, with `out[i]` the result
+    /// of `reqs[i]`; returns how many were done. Results and state are
+    /// those of unmapping them one by one.
     pub fn unmap_batch(
         &self,
         h: &mut impl Hypervisor,
@@ -1270,8 +1467,8 @@ impl<L: RawMutex> Engine<L> {
         reqs: &[(ContextId, Bfn)],
         out: &mut [Result<(), Errno>],
     ) -> usize {
-        let n = reqs.len().min(out.len()).min(MAP_CHUNK);
-        let Some(mut d) = self.lock_driver(caller) else {
+        let (n, context) = Self::unmap_run(reqs, out.len());
+        let Some(mut d) = self.lock_cell(caller, context) else {
             for o in out.iter_mut().take(n) {
                 *o = Err(Errno::NoEnt);
             }
@@ -1339,7 +1536,7 @@ impl<L: RawMutex> Engine<L> {
         let Some(idx) = self.space.index_of(mapped.bfn) else {
             return;
         };
-        let Some(mut d) = self.lock_driver(caller) else {
+        let Some(mut d) = self.lock_cell(caller, context) else {
             return;
         };
         if d.cell != mapped.cell {
@@ -1362,7 +1559,7 @@ impl<L: RawMutex> Engine<L> {
     /// Acknowledge a revoked BFN (`REVOKED_ACK`).
     pub fn revoked_ack(&self, caller: DomId, context: ContextId, bfn: Bfn) -> Result<(), Errno> {
         let idx = self.space.index_of(bfn).ok_or(Errno::NoEnt)?;
-        let mut d = self.lock_driver(caller).ok_or(Errno::NoEnt)?;
+        let mut d = self.lock_cell(caller, context).ok_or(Errno::NoEnt)?;
         let r = match d.dd.slot(idx) {
             Some(Slot::Revoked { notice, .. }) if notice.context == context => {
                 d.dd.ack_revoked(idx).map(|_| ())
@@ -1373,23 +1570,38 @@ impl<L: RawMutex> Engine<L> {
         r
     }
 
-    /// The oldest unacknowledged revocation of `caller`: (BFN, notice).
+    /// The oldest unacknowledged revocation of `caller`, over all its
+    /// contexts: (BFN, notice). Each context's cell is looked at under its
+    /// own lock, one after the other.
     pub fn revoked_next(&self, caller: DomId) -> Result<(Bfn, Notice), Errno> {
-        let d = self.lock_driver(caller).ok_or(Errno::NoEnt)?;
-        let (idx, n) = d.dd.oldest_revoked().ok_or(Errno::NoEnt)?;
-        Ok((self.space.bfn_of(idx).ok_or(Errno::NoEnt)?, n))
+        let mut oldest: Option<(u64, Bfn, Notice)> = None;
+        for context in self.contexts_of(caller) {
+            let Some(d) = self.lock_cell(caller, context) else {
+                continue;
+            };
+            if let Some((idx, notice, order)) = d.dd.oldest_revoked() {
+                let older = oldest.is_none_or(|(o, _, _)| order < o);
+                if let (true, Some(bfn)) = (older, self.space.bfn_of(idx)) {
+                    oldest = Some((order, bfn, notice));
+                }
+            }
+        }
+        oldest.map(|(_, bfn, n)| (bfn, n)).ok_or(Errno::NoEnt)
     }
 
     /// (quota, used, revoked) of `caller`.
     pub fn usage(&self, caller: DomId) -> (u64, u64, u64) {
-        match self.lock_driver(caller) {
-            Some(d) => (
-                d.dd.quota.unwrap_or(self.config.quota),
-                d.dd.used(),
-                d.dd.revoked(),
-            ),
-            None => (self.config.quota, 0, 0),
+        let (mut quota, mut used, mut revoked) = (self.config.quota, 0, 0);
+        for context in self.contexts_of(caller) {
+            if let Some(d) = self.lock_cell(caller, context) {
+                if context == ContextId::DEFAULT {
+                    quota = self.quota_of(&d);
+                }
+                used += d.dd.used();
+                revoked += d.dd.revoked();
+            }
         }
+        (quota, used, revoked)
     }
 
     /// The toolstack sets `domid`'s BFN quota (`None`: back to the boot
@@ -1427,6 +1639,10 @@ impl<L: RawMutex> Engine<L> {
             let moved = gate.seq.load(Ordering::SeqCst) != seq;
             if !moved {
                 d.dd.quota = quota;
+                // Its other contexts' cells read it from here.
+                if let Some(s) = self.shared.get(d.cell) {
+                    s.quota.store(quota.unwrap_or(NO_QUOTA), Ordering::SeqCst);
+                }
             }
             self.put_driver(d);
             if !moved {
@@ -1439,7 +1655,10 @@ impl<L: RawMutex> Engine<L> {
     /// Check that `context` of `caller` can be destroyed: it exists, is not
     /// the default, and holds no BFN in any state.
     pub fn context_destroy_check(&self, caller: DomId, context: ContextId) -> Result<(), Errno> {
-        let d = self.lock_driver(caller).ok_or(Errno::NoEnt)?;
+        if context == ContextId::DEFAULT {
+            return Err(Errno::NoEnt);
+        }
+        let d = self.lock_cell(caller, context).ok_or(Errno::NoEnt)?;
         Self::destroy_check_locked(&d.dd, context)
     }
 
@@ -1467,11 +1686,14 @@ impl<L: RawMutex> Engine<L> {
 
     /// Flush the IOTLB for everything `caller` has gathered, then release
     /// the page references of unmapped pages (the device cannot reach them
-    /// any more) and retry revocations the IOMMU refused before.
+    /// any more) and retry revocations the IOMMU refused before: in each of
+    /// its contexts, one cell at a time.
     pub fn finish(&self, h: &mut impl Hypervisor, caller: DomId) {
-        if let Some(mut d) = self.lock_driver(caller) {
-            self.flush_and_release(&mut d, h);
-            self.put_driver(d);
+        for context in self.contexts_of(caller) {
+            if let Some(mut d) = self.lock_cell(caller, context) {
+                self.flush_and_release(&mut d, h);
+                self.put_driver(d);
+            }
         }
     }
 }
@@ -1588,13 +1810,14 @@ mod claim_race_tests {
     #[test]
     fn a_half_set_up_cell_never_maps_into_the_previous_owners_context() {
         let (sim, e) = host();
-        // DM2 used cell 1 and gave it back: the idle state still says DM2.
+        // DM2 used the first cell past dom0's and gave it back: the idle
+        // state still says DM2.
         let b = map(&sim, &e, DM2, OTHER, 5).unwrap();
         let mut h = sim.handle(DM2);
         e.unmap(&mut h, DM2, ContextId::DEFAULT, b).unwrap();
         e.finish(&mut h, DM2);
-        assert_eq!(e.owners[1].load(Ordering::SeqCst), FREE_CELL);
-        half_claimed(&e, DM, 1);
+        assert_eq!(e.owners[DOM0_CELLS].load(Ordering::SeqCst), FREE_CELL);
+        half_claimed(&e, DM, DOM0_CELLS);
         // Refused (the state is not DM's), never mapped for DM2 or dom0.
         if let Ok(bfn) = map(&sim, &e, DM, GUEST, 1) {
             let [_, in_dm2, in_dom0] = contexts(&sim, bfn);
@@ -1606,7 +1829,7 @@ mod claim_race_tests {
     #[test]
     fn a_half_set_up_fresh_cell_never_maps_into_dom0s_context() {
         let (sim, e) = host();
-        half_claimed(&e, DM, 1); // a never-used cell's state says dom0
+        half_claimed(&e, DM, DOM0_CELLS); // a never-used cell's state says dom0
         if let Ok(bfn) = map(&sim, &e, DM, GUEST, 1) {
             let [_, _, in_dom0] = contexts(&sim, bfn);
             assert_eq!(
@@ -1623,16 +1846,17 @@ mod claim_race_tests {
         map(&sim, &e, DomId::DOM0, GUEST, 9).unwrap();
         let b = map(&sim, &e, DM, GUEST, 2).unwrap();
         let stale_mask = e.target_drivers(GUEST);
-        assert_eq!(stale_mask & 2, 2);
-        // DM unmaps its last page: cell 1 goes back, its bit is cleared.
+        let bit = 1 << DOM0_CELLS;
+        assert_eq!(stale_mask & bit, bit);
+        // DM unmaps its last page: its cell goes back, its bit is cleared.
         let mut h = sim.handle(DM);
         e.unmap(&mut h, DM, ContextId::DEFAULT, b).unwrap();
         e.finish(&mut h, DM);
-        // DM2 takes cell 1.
+        // DM2 takes that cell.
         let b2 = map(&sim, &e, DM2, OTHER, 5).unwrap();
         let mut h2 = sim.handle(DM2);
         e.unmap(&mut h2, DM2, ContextId::DEFAULT, b2).unwrap();
-        // A GUEST hook that read the mask before all this reaches cell 1.
+        // A GUEST hook that read the mask before all this reaches the cell.
         e.gates[gate_index(GUEST)]
             .drivers
             .fetch_or(stale_mask, Ordering::SeqCst);
@@ -1642,6 +1866,6 @@ mod claim_race_tests {
         for g in 0..4 {
             map(&sim, &e, DM2, OTHER, g).expect("DM2 wedged");
         }
-        assert_eq!(e.target_drivers(GUEST) & 2, 0);
+        assert_eq!(e.target_drivers(GUEST) & bit, 0);
     }
 }

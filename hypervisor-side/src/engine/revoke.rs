@@ -14,7 +14,8 @@ use lock_api::RawMutex;
 
 use super::driver::{DriverDomain, Slot, CHAIN_BOUND, NONE};
 use super::{Driver, Engine, Hypervisor};
-use crate::{DomId, Gfn};
+use crate::config::MAX_CONTEXTS;
+use crate::{ContextId, DomId, Gfn};
 
 /// What one page-index probe of the gfn hook costs, in slots of a pass
 /// over the slot array (measured 41 against 1.6 ns; rounded down, so a
@@ -40,8 +41,8 @@ const TEARDOWN_VISITS: u64 = 4096;
 /// Revocations (IOMMU unmaps) a teardown slice makes before it yields.
 const TEARDOWN_REVOKES: u32 = 256;
 
-/// Teardown cursor layout: phase in bits 62-63, driver cell in 40-55,
-/// slot index in 0-39.
+/// Teardown cursor layout: phase in bits 62-63, driver cell (as a target)
+/// or context (as a driver) in 40-55, slot index in 0-39.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Cursor {
     phase: u64,
@@ -178,7 +179,11 @@ impl<L: RawMutex> Engine<L> {
             };
             if u.then_revoked {
                 notices = true;
-                dd.push_revoked(at, u.page);
+                let order = self
+                    .shared
+                    .get(dd.home as usize)
+                    .map_or(0, |s| s.notices.fetch_add(1, Ordering::SeqCst));
+                dd.push_revoked(at, u.page, order);
             } else {
                 dd.free_slot(at);
             }
@@ -424,66 +429,86 @@ impl<L: RawMutex> Engine<L> {
         Err(Restart)
     }
 
+    /// Take down everything the dying domain holds as a driver domain,
+    /// context by context (the cursor's `driver` is a context number); then
+    /// its contexts (tables, devices) and its home cell.
     fn teardown_as_driver(
         &self,
         h: &mut impl Hypervisor,
         domid: DomId,
         c: &mut Cursor,
     ) -> Result<(), Restart> {
-        let Some(mut d) = self.lock_driver(domid) else {
+        let mut visits = 0u64;
+        let mut revokes = 0u32;
+        while (c.driver as u32) < MAX_CONTEXTS {
+            let context = ContextId(c.driver as u32);
+            let Some(mut d) = self.lock_cell(domid, context) else {
+                *c = Cursor {
+                    phase: PHASE_AS_DRIVER,
+                    driver: c.driver + 1,
+                    slot: 0,
+                };
+                continue;
+            };
+            let n = d.dd.slots.len() as u64;
+            while c.slot < n {
+                if visits >= TEARDOWN_VISITS || revokes >= TEARDOWN_REVOKES {
+                    self.flush_and_release(&mut d, h);
+                    self.put_driver(d);
+                    return Err(Restart);
+                }
+                visits += 1;
+                match d.dd.slot(c.slot) {
+                    Some(Slot::Live(_)) => {
+                        // The gate bits go at the flush.
+                        self.take_down_live(&mut d, h, c.slot, false);
+                        revokes += 1;
+                    }
+                    Some(Slot::Revoked { .. }) => {
+                        let _ = d.dd.ack_revoked(c.slot);
+                    }
+                    _ => {}
+                }
+                c.slot += 1;
+            }
+            self.flush_and_release(&mut d, h);
+            let pending = d.dd.stuck_head != NONE || d.dd.unmapping_head != NONE;
+            self.put_driver(d);
+            if pending {
+                // The IOMMU refused an unmap or the flush failed: the pages
+                // stay referenced; try again on the next call rather than
+                // leak them.
+                return Err(Restart);
+            }
+            *c = Cursor {
+                phase: PHASE_AS_DRIVER,
+                driver: c.driver + 1,
+                slot: 0,
+            };
+        }
+        let Some(d) = self.lock_driver(domid) else {
             *c = Cursor::DONE;
             return Ok(());
         };
-        let n = d.dd.slots.len() as u64;
-        let mut visits = 0u64;
-        let mut revokes = 0u32;
-        while c.slot < n {
-            if visits >= TEARDOWN_VISITS || revokes >= TEARDOWN_REVOKES {
-                self.flush_and_release(&mut d, h);
-                self.put_driver(d);
-                return Err(Restart);
-            }
-            visits += 1;
-            match d.dd.slot(c.slot) {
-                Some(Slot::Live(_)) => {
-                    // The gate bits go at the flush.
-                    self.take_down_live(&mut d, h, c.slot, false);
-                    revokes += 1;
-                }
-                Some(Slot::Revoked { .. }) => {
-                    let _ = d.dd.ack_revoked(c.slot);
-                }
-                _ => {}
-            }
-            c.slot += 1;
-        }
-        self.flush_and_release(&mut d, h);
-        if d.dd.stuck_head != NONE || d.dd.unmapping_head != NONE {
-            // The IOMMU refused an unmap or the flush failed: the pages stay
-            // referenced; try again on the next call rather than leak them.
-            self.put_driver(d);
-            return Err(Restart);
-        }
-        if !d.dd.own.is_empty() {
-            // Its contexts go under the devices lock, which comes before the
-            // cell's: let go of the cell (it stays claimed: not idle) and
-            // take both in order. A dying domain runs no hypercall meanwhile.
+        if d.dd.contexts != 1 {
+            // Its contexts go under the devices lock, which comes before
+            // the cells' locks: let go of the home cell (it stays claimed:
+            // not idle) and take them in order. A dying domain runs no
+            // hypercall meanwhile.
             self.put_driver(d);
             h.devices_lock();
-            let Some(mut again) = self.lock_driver(domid) else {
-                h.devices_unlock();
+            let done = self.teardown_contexts(h, domid);
+            h.devices_unlock();
+            if !done {
+                // A device is still on a context's tables: keep them, and
+                // the domain dying, until it can be moved off.
+                return Err(Restart);
+            }
+            let Some(again) = self.lock_driver(domid) else {
                 *c = Cursor::DONE;
                 return Ok(());
             };
-            if !self.teardown_contexts(h, &mut again) {
-                // A device is still on a context's tables: keep them, and
-                // the domain dying, until it can be moved off.
-                self.put_driver(again);
-                h.devices_unlock();
-                return Err(Restart);
-            }
-            Self::reset_and_release(self, again);
-            h.devices_unlock();
+            self.reset_and_release(again);
             *c = Cursor::DONE;
             return Ok(());
         }
@@ -492,14 +517,17 @@ impl<L: RawMutex> Engine<L> {
         Ok(())
     }
 
-    fn reset_and_release(&self, mut d: Driver<'_, L>) {
+    pub(super) fn reset_and_release(&self, mut d: Driver<'_, L>) {
         let domid = d.dd.domid;
         // Back to an idle state, and the cell (dom0's too) goes back. Its
         // install generations keep counting: a tag never repeats in a cell
-        // short of 2^32 installs.
-        let next_gen = d.dd.next_gen;
+        // short of 2^32 installs. What it still counted against its driver
+        // domain's quota comes off there (on release).
+        let (next_gen, home, published) = (d.dd.next_gen, d.dd.home, d.dd.published_used);
         *d.dd = DriverDomain::new(domid);
         d.dd.next_gen = next_gen;
+        d.dd.home = home;
+        d.dd.published_used = published;
         self.release_driver(d);
     }
 
