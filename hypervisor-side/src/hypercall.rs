@@ -371,6 +371,9 @@ impl<L: RawMutex> Engine<L> {
         }
         let first = hdr.nr_done;
         let mut result = Ok(0);
+        // The contexts the batch's ops named (bit n: context n): only their
+        // cells are flushed at the end.
+        let mut touched = 0u32;
         // The op at `nr_done` when a run of maps already copied it in.
         let mut peeked: Option<PvIommuOp> = None;
         while hdr.nr_done < hdr.nr_ops {
@@ -389,6 +392,7 @@ impl<L: RawMutex> Engine<L> {
                     }
                 },
             };
+            touched |= 1u32.checked_shl(op.context).unwrap_or(0);
             if Request::parse_map(&op).is_some() {
                 // A run of maps goes through the engine under one lock.
                 match self.run_maps(h, caller, ci, &hdr, op) {
@@ -428,8 +432,9 @@ impl<L: RawMutex> Engine<L> {
             hdr.nr_done += 1;
         }
         // One flush for the whole batch (or the part of it done), then the
-        // page references of unmapped pages go.
-        self.finish(h, caller);
+        // page references of unmapped pages go. (A run of maps or unmaps is
+        // all of its first op's context.)
+        self.finish_contexts(h, caller, touched);
         h.copy_to_guest(arg, hdr.as_bytes())?;
         result
     }

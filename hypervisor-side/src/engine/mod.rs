@@ -601,6 +601,16 @@ impl<L: RawMutex> Engine<L> {
         self.lock_driver(domid).map(|d| d.dd)
     }
 
+    /// The cell of `domid`'s mappings into `context`, locked, to look at
+    /// (stats, tests). Never call an engine operation while holding it.
+    pub fn context_state(
+        &self,
+        domid: DomId,
+        context: ContextId,
+    ) -> Option<MutexGuard<'_, L, DriverDomain>> {
+        self.lock_cell(domid, context).map(|d| d.dd)
+    }
+
     /// The driver cells whose hooks `domid`'s p2m changes reach (bit n:
     /// cell n maps its pages or is mapping one now).
     pub fn target_drivers(&self, domid: DomId) -> u64 {
@@ -1689,7 +1699,18 @@ impl<L: RawMutex> Engine<L> {
     /// any more) and retry revocations the IOMMU refused before: in each of
     /// its contexts, one cell at a time.
     pub fn finish(&self, h: &mut impl Hypervisor, caller: DomId) {
+        self.finish_contexts(h, caller, u32::MAX);
+    }
+
+    /// [`finish`](Self::finish) in the contexts of `caller` whose bits are
+    /// set in `contexts` (bit n: context n): a batch that touched only
+    /// some contexts leaves the others' cells (and whoever works in them)
+    /// alone.
+    pub fn finish_contexts(&self, h: &mut impl Hypervisor, caller: DomId, contexts: u32) {
         for context in self.contexts_of(caller) {
+            if contexts & (1 << context.0) == 0 {
+                continue;
+            }
             if let Some(mut d) = self.lock_cell(caller, context) {
                 self.flush_and_release(&mut d, h);
                 self.put_driver(d);

@@ -1,0 +1,290 @@
+//! A cell per (driver domain, context) (issue 10, "two vCPUs of one driver
+//! domain working on different contexts map at the same time"): a context's
+//! mappings have a lock and tables of their own, so a long batch in one
+//! context holds up neither another context nor context 0; what a driver
+//! domain's cells share (the quota, the order of its notices) still holds
+//! across them; and dom0's contexts have cells device models cannot take.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pviommu_abi::{Bfn, ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions};
+use pviommu_hv::engine::{DOM0_CELLS, MAX_DRIVER_DOMAINS};
+use pviommu_hv::platform::Platform;
+use pviommu_hv::sim::{DomainSpec, Format, SharedSim, SimMachine};
+use pviommu_hv::{Engine, Errno};
+
+const GUEST: DomId = DomId(1);
+const DM: DomId = DomId(3);
+
+fn host(device_models: u16) -> (SharedSim, Arc<Engine>) {
+    let mut m = SimMachine::new(4096, Format::Vtd, 64);
+    let spec = DomainSpec {
+        pages: 64,
+        privileged: false,
+        device_model_of: None,
+    };
+    m.create_domain(GUEST, spec).unwrap();
+    for i in 0..device_models {
+        let spec = DomainSpec {
+            pages: 4,
+            privileged: false,
+            device_model_of: Some(GUEST),
+        };
+        m.create_domain(DomId(DM.0 + i), spec).unwrap();
+    }
+    let e = Engine::new(Default::default(), &m).unwrap();
+    (SharedSim::new(m), Arc::new(e))
+}
+
+fn req(context: ContextId, gfn: u64) -> MapRequest {
+    MapRequest {
+        context,
+        domid: GUEST,
+        gfn: Gfn(gfn),
+        perms: Permissions::RW,
+        attr: MemAttr::WriteBack,
+        grant: false,
+    }
+}
+
+fn map(sim: &SharedSim, e: &Engine, caller: DomId, ctx: ContextId, gfn: u64) -> Result<Bfn, Errno> {
+    let mut h = sim.handle(caller);
+    let info = h.domain_info(caller).unwrap();
+    let r = e.map(&mut h, caller, &info, &req(ctx, gfn));
+    e.finish_contexts(&mut h, caller, 1 << ctx.0);
+    r
+}
+
+fn unmap(
+    sim: &SharedSim,
+    e: &Engine,
+    caller: DomId,
+    ctx: ContextId,
+    bfn: Bfn,
+) -> Result<(), Errno> {
+    let mut h = sim.handle(caller);
+    let r = e.unmap(&mut h, caller, ctx, bfn);
+    e.finish_contexts(&mut h, caller, 1 << ctx.0);
+    r
+}
+
+fn create(sim: &SharedSim, e: &Engine, caller: DomId) -> Result<ContextId, Errno> {
+    e.context_create(&mut sim.handle(caller), caller)
+}
+
+/// Run `f` on another thread; `None` if it has not finished in 10 s (it is
+/// waiting for a lock it should not need).
+fn within_10s<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Option<R> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(10)).ok()
+}
+
+#[test]
+fn a_busy_context_holds_up_neither_another_context_nor_context_0() {
+    let (sim, e) = host(0);
+    let (c1, c2) = (
+        create(&sim, &e, DomId::DOM0).unwrap(),
+        create(&sim, &e, DomId::DOM0).unwrap(),
+    );
+    map(&sim, &e, DomId::DOM0, c1, 1).unwrap();
+    assert_ne!(
+        e.cell_of(DomId::DOM0, c1),
+        e.cell_of(DomId::DOM0, c2),
+        "each context has a cell of its own"
+    );
+
+    // Context 1's cell is locked, as during a long batch of another vCPU.
+    let (locked_tx, locked_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let holder = {
+        let e = e.clone();
+        std::thread::spawn(move || {
+            let guard = e
+                .context_state(DomId::DOM0, c1)
+                .expect("context 1 has a cell");
+            locked_tx.send(()).unwrap();
+            release_rx.recv().unwrap();
+            drop(guard);
+        })
+    };
+    locked_rx.recv().unwrap();
+
+    // Maps and unmaps into context 2 and context 0, with their flushes,
+    // and the caller's usage and stats, go through meanwhile.
+    let (s, en) = (sim.clone(), e.clone());
+    let done = within_10s(move || {
+        for ctx in [c2, ContextId::DEFAULT] {
+            let bfn = map(&s, &en, DomId::DOM0, ctx, 2).unwrap();
+            unmap(&s, &en, DomId::DOM0, ctx, bfn).unwrap();
+            map(&s, &en, DomId::DOM0, ctx, 3).unwrap();
+        }
+        // And so does a batch hypercall into context 2: its flush at the
+        // end is of the contexts it touched.
+        let mut ops = [pviommu_abi::Request::Map(req(c2, 4)).encode()];
+        s.lock()
+            .guest_batch_all(&en, DomId::DOM0, &mut ops)
+            .unwrap();
+        assert_eq!(ops[0].status, 0);
+        let unmap = pviommu_abi::Request::Unmap {
+            context: c2,
+            bfn: Bfn(ops[0].bfn),
+        };
+        let mut ops = [unmap.encode()];
+        s.lock()
+            .guest_batch_all(&en, DomId::DOM0, &mut ops)
+            .unwrap();
+        assert_eq!(ops[0].status, 0);
+        en.context_state(DomId::DOM0, c2).unwrap().live()
+    });
+    assert_eq!(
+        done,
+        Some(1),
+        "a map into context 2 or 0 waited for context 1's lock"
+    );
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    let st = e.state();
+    let live: Vec<_> = st
+        .live_mappings(DomId::DOM0)
+        .map(|v| (v.mapping.context, v.mapping.gfn.0))
+        .collect();
+    assert_eq!(live, [(ContextId::DEFAULT, 3), (c1, 1), (c2, 3)]);
+    drop(st);
+    assert_eq!(pviommu_hv::lock_check::violations(), 0);
+}
+
+#[test]
+fn the_quota_counts_every_context_and_comes_back_from_each() {
+    let (sim, e) = host(0);
+    let c1 = create(&sim, &e, DomId::DOM0).unwrap();
+    e.set_quota(&mut sim.handle(DomId::DOM0), DomId::DOM0, Some(4))
+        .unwrap();
+    let a = map(&sim, &e, DomId::DOM0, ContextId::DEFAULT, 1).unwrap();
+    map(&sim, &e, DomId::DOM0, ContextId::DEFAULT, 2).unwrap();
+    let b = map(&sim, &e, DomId::DOM0, c1, 3).unwrap();
+    map(&sim, &e, DomId::DOM0, c1, 4).unwrap();
+    // Four in use across the two contexts: neither takes a fifth.
+    assert_eq!(e.usage(DomId::DOM0), (4, 4, 0));
+    assert_eq!(map(&sim, &e, DomId::DOM0, c1, 5), Err(Errno::NoSpc));
+    assert_eq!(
+        map(&sim, &e, DomId::DOM0, ContextId::DEFAULT, 5),
+        Err(Errno::NoSpc)
+    );
+    // A BFN freed in one context is one the other may take.
+    unmap(&sim, &e, DomId::DOM0, c1, b).unwrap();
+    map(&sim, &e, DomId::DOM0, ContextId::DEFAULT, 5).unwrap();
+    assert_eq!(map(&sim, &e, DomId::DOM0, c1, 6), Err(Errno::NoSpc));
+    unmap(&sim, &e, DomId::DOM0, ContextId::DEFAULT, a).unwrap();
+    map(&sim, &e, DomId::DOM0, c1, 6).unwrap();
+    assert_eq!(e.usage(DomId::DOM0), (4, 4, 0));
+    // Back to the default quota: room again in both.
+    e.set_quota(&mut sim.handle(DomId::DOM0), DomId::DOM0, None)
+        .unwrap();
+    map(&sim, &e, DomId::DOM0, c1, 7).unwrap();
+    map(&sim, &e, DomId::DOM0, ContextId::DEFAULT, 7).unwrap();
+    assert_eq!(e.usage(DomId::DOM0).1, 6);
+}
+
+#[test]
+fn notices_of_several_contexts_come_oldest_first() {
+    let (sim, e) = host(0);
+    let c1 = create(&sim, &e, DomId::DOM0).unwrap();
+    let c2 = create(&sim, &e, DomId::DOM0).unwrap();
+    // One page of GUEST per context; revoked in the order c2, 0, c1.
+    for (ctx, gfn) in [(c1, 1), (ContextId::DEFAULT, 2), (c2, 3)] {
+        map(&sim, &e, DomId::DOM0, ctx, gfn).unwrap();
+    }
+    for gfn in [3, 2, 1] {
+        sim.lock().put_new_frame(GUEST, Gfn(gfn)).unwrap();
+        e.gfn_removed(&mut sim.handle(DomId::DOM0), GUEST, Gfn(gfn));
+    }
+    let mut order = Vec::new();
+    while let Ok((bfn, n)) = e.revoked_next(DomId::DOM0) {
+        order.push((n.context, n.gfn.0));
+        e.revoked_ack(DomId::DOM0, n.context, bfn).unwrap();
+        assert!(order.len() <= 3, "a notice came back after its ack");
+    }
+    assert_eq!(order, [(c2, 3), (ContextId::DEFAULT, 2), (c1, 1)]);
+    assert_eq!(e.usage(DomId::DOM0), (e.config().quota, 0, 0));
+}
+
+#[test]
+fn device_models_cannot_take_the_cells_kept_for_dom0s_contexts() {
+    let others = (MAX_DRIVER_DOMAINS - DOM0_CELLS) as u16;
+    let (sim, e) = host(others);
+    // Device models hold every cell past dom0's: a context of one of them
+    // finds none free.
+    for i in 0..others {
+        map(&sim, &e, DomId(DM.0 + i), ContextId::DEFAULT, 1).unwrap();
+    }
+    assert_eq!(create(&sim, &e, DM), Err(Errno::NoSpc));
+    assert!(
+        e.state().context(DM, ContextId(1)).is_none(),
+        "the refused create left no context"
+    );
+    // dom0 still gets all its contexts, each in a cell of its own.
+    let max = pviommu_hv::iommu::IommuBackend::iommu_caps(&*sim.lock()).max_contexts;
+    let mut cells = Vec::new();
+    for _ in 1..max {
+        let ctx = create(&sim, &e, DomId::DOM0).unwrap();
+        map(&sim, &e, DomId::DOM0, ctx, 2).unwrap();
+        cells.push(e.cell_of(DomId::DOM0, ctx).unwrap());
+    }
+    assert!(
+        cells.iter().all(|&c| (1..DOM0_CELLS).contains(&c)),
+        "{cells:?}"
+    );
+    cells.sort_unstable();
+    cells.dedup();
+    assert_eq!(cells.len(), (max - 1) as usize);
+    assert_eq!(create(&sim, &e, DomId::DOM0), Err(Errno::NoSpc));
+}
+
+#[test]
+fn a_destroyed_contexts_cell_goes_back_and_its_bfns_are_refused() {
+    let (sim, e) = host(0);
+    let c1 = create(&sim, &e, DomId::DOM0).unwrap();
+    let cell = e.cell_of(DomId::DOM0, c1).unwrap();
+    let bfn = map(&sim, &e, DomId::DOM0, c1, 1).unwrap();
+    let mut h = sim.handle(DomId::DOM0);
+    assert_eq!(e.context_destroy(&mut h, DomId::DOM0, c1), Err(Errno::Busy));
+    unmap(&sim, &e, DomId::DOM0, c1, bfn).unwrap();
+    e.context_destroy(&mut h, DomId::DOM0, c1).unwrap();
+    assert_eq!(e.cell_of(DomId::DOM0, c1), None);
+    assert!(e.state().context(DomId::DOM0, c1).is_none());
+    assert_eq!(map(&sim, &e, DomId::DOM0, c1, 1), Err(Errno::NoEnt));
+    assert_eq!(unmap(&sim, &e, DomId::DOM0, c1, bfn), Err(Errno::NoEnt));
+    assert_eq!(e.target_drivers(GUEST) & (1 << cell), 0);
+    // The same id comes back with a fresh cell, and works.
+    assert_eq!(create(&sim, &e, DomId::DOM0), Ok(c1));
+    let again = map(&sim, &e, DomId::DOM0, c1, 1).unwrap();
+    unmap(&sim, &e, DomId::DOM0, c1, again).unwrap();
+    assert_eq!(sim.lock().total_page_refs(), 0);
+}
+
+#[test]
+fn a_dying_driver_domain_gives_back_every_context_cell() {
+    let (sim, e) = host(1);
+    let c1 = create(&sim, &e, DM).unwrap();
+    let c2 = create(&sim, &e, DM).unwrap();
+    for (ctx, gfn) in [(ContextId::DEFAULT, 1), (c1, 2), (c2, 3), (c2, 4)] {
+        map(&sim, &e, DM, ctx, gfn).unwrap();
+    }
+    // One notice waiting in context 1.
+    sim.lock().put_new_frame(GUEST, Gfn(2)).unwrap();
+    e.gfn_removed(&mut sim.handle(DomId::DOM0), GUEST, Gfn(2));
+    assert_eq!(e.usage(DM).2, 1);
+    let owned = |e: &Engine| e.state().drivers().count();
+    let before = owned(&e);
+    e.domain_dying(&mut sim.handle(DomId::DOM0), DM);
+    assert_eq!(before - owned(&e), 3, "home and two context cells");
+    assert!(e.state().cells_of(DM).next().is_none());
+    assert_eq!(e.target_drivers(GUEST), 0);
+    assert_eq!(e.target_active(GUEST), 0);
+    assert_eq!(sim.lock().total_page_refs(), 0);
+}
