@@ -436,7 +436,7 @@ impl<L: RawMutex> Engine<L> {
         dd.home = home as u8;
         dd.published_used = published;
         // Whatever it still counted comes off its driver domain's count.
-        self.publish_used(&mut dd);
+        self.publish_used(cell, &mut dd, true);
         if let Some(o) = self.owners.get(cell) {
             o.store(super::FREE_CELL, Ordering::SeqCst);
         }

@@ -133,11 +133,13 @@ fn gate_index(domid: DomId) -> usize {
 /// What a driver domain's cells share, kept in its home cell's slot.
 #[derive(Debug, Default)]
 pub(crate) struct DriverShared {
-    /// BFNs in use across its cells, each cell's part as of its last
-    /// unlock (`DriverDomain::published_used`). A map checks its quota
-    /// against this, with its own cell's part current: maps into other
-    /// contexts running at that moment can exceed the quota by at most one
-    /// run ([`MAP_CHUNK`]) each.
+    /// BFNs in use across its cells, roughly: each cell adds its change
+    /// once it has moved [`PUBLISH_SLACK`] since it last did
+    /// (`DriverDomain::published_used`), so that cells busy in different
+    /// contexts do not all write this line at every unlock. Together the
+    /// changes not added yet stay below [`UNPUBLISHED_BOUND`]. A map far
+    /// enough below its quota by this count needs nothing else; near it,
+    /// it counts every cell (see [`Engine::over_quota`]).
     used: AtomicU64,
     /// The quota the toolstack set, as in the home cell (`NO_QUOTA`: the
     /// boot default), for maps into its other contexts.
@@ -148,6 +150,14 @@ pub(crate) struct DriverShared {
 
 /// `DriverShared::quota` when no quota is set.
 const NO_QUOTA: u64 = u64::MAX;
+
+/// How far a cell's BFNs in use move before it adds the change to its
+/// driver domain's count ([`DriverShared::used`]).
+const PUBLISH_SLACK: u64 = 32;
+/// More than a driver domain's cells can hold together beyond its count:
+/// each cell's change is added at an unlock once it reaches the slack, and
+/// one lock hold adds at most one run of maps.
+const UNPUBLISHED_BOUND: u64 = MAX_CONTEXTS as u64 * (PUBLISH_SLACK + MAP_CHUNK as u64);
 
 /// Per-target-domid atomics read without any lock (see the module docs).
 #[derive(Debug, Default)]
@@ -184,6 +194,10 @@ pub struct Engine<L: RawMutex> {
     ctx_cells: Vec<[AtomicU8; MAX_CONTEXTS as usize]>,
     /// Home cell -> what its driver domain's cells share.
     shared: Vec<CacheLine<DriverShared>>,
+    /// Cell -> its BFNs in use as of its last unlock (written by the
+    /// cell's holder; read by its driver domain's other cells only near
+    /// the quota).
+    cell_used: Vec<CacheLine<AtomicU64>>,
     /// The driver domains' states, each behind its own lock.
     cells: Vec<CacheLine<Mutex<L, DriverDomain>>>,
     /// Whether services are timed for the stats (`PVIOMMU_STATS_TIMING_*`).
@@ -420,6 +434,10 @@ impl<L: RawMutex> Engine<L> {
         shared
             .try_reserve_exact(MAX_DRIVER_DOMAINS)
             .map_err(|_| Errno::NoMem)?;
+        let mut cell_used = Vec::new();
+        cell_used
+            .try_reserve_exact(MAX_DRIVER_DOMAINS)
+            .map_err(|_| Errno::NoMem)?;
         for n in 0..MAX_DRIVER_DOMAINS {
             try_push(&mut owners, CacheLine(AtomicU32::new(FREE_CELL)))?;
             try_push(
@@ -431,6 +449,7 @@ impl<L: RawMutex> Engine<L> {
                 ..DriverShared::default()
             };
             try_push(&mut shared, CacheLine(none))?;
+            try_push(&mut cell_used, CacheLine(AtomicU64::new(0)))?;
             try_push(
                 &mut cells,
                 CacheLine(Mutex::from_raw(lock_for(n), DriverDomain::new(DomId(0)))),
@@ -446,6 +465,7 @@ impl<L: RawMutex> Engine<L> {
             owners,
             ctx_cells,
             shared,
+            cell_used,
             cells,
             timing: AtomicBool::new(false),
         })
@@ -567,6 +587,7 @@ impl<L: RawMutex> Engine<L> {
             + self.owners.capacity() * core::mem::size_of::<CacheLine<AtomicU32>>()
             + self.ctx_cells.capacity() * MAX_CONTEXTS as usize
             + self.shared.capacity() * core::mem::size_of::<CacheLine<DriverShared>>()
+            + self.cell_used.capacity() * core::mem::size_of::<CacheLine<AtomicU64>>()
             + self.cells.capacity() * core::mem::size_of::<CacheLine<Mutex<L, DriverDomain>>>()
     }
 
@@ -702,16 +723,37 @@ impl<L: RawMutex> Engine<L> {
         }
     }
 
-    /// The driver domain's BFNs in use across its cells, with the locked
-    /// cell `d`'s part current (see [`DriverShared::used`]).
-    fn used_across_cells(&self, d: &Driver<'_, L>) -> u64 {
-        let published = self
+    /// Whether the driver domain of the locked cell `d` holds its quota of
+    /// BFNs (or more), across its cells. With no context but 0 its home
+    /// cell is all there is. Otherwise its rough count ([`DriverShared::used`],
+    /// with `d`'s part current) answers when it is below the quota by more
+    /// than the other cells can hide; near the quota each other cell is
+    /// counted as of its last unlock. So maps into other contexts running
+    /// at that very moment can exceed the quota by at most one run
+    /// ([`MAP_CHUNK`]) each.
+    fn over_quota(&self, d: &Driver<'_, L>, quota: u64) -> bool {
+        let own = d.dd.used();
+        if d.dd.context == ContextId::DEFAULT && d.dd.contexts == 1 {
+            return own >= quota;
+        }
+        let rough = self
             .shared
             .get(d.dd.home as usize)
-            .map_or(0, |s| s.used.load(Ordering::SeqCst));
-        published
+            .map_or(0, |s| s.used.load(Ordering::SeqCst))
             .wrapping_sub(d.dd.published_used)
-            .wrapping_add(d.dd.used())
+            .wrapping_add(own);
+        if rough.saturating_add(UNPUBLISHED_BOUND) < quota {
+            return false;
+        }
+        let domid = d.dd.domid;
+        let others: u64 = (0..MAX_CONTEXTS)
+            .map(ContextId)
+            .filter(|&c| c != d.dd.context)
+            .filter_map(|c| self.cell_number(domid, c))
+            .filter_map(|cell| self.cell_used.get(cell))
+            .map(|u| u.load(Ordering::SeqCst))
+            .fold(0u64, u64::saturating_add);
+        own.saturating_add(others) >= quota
     }
 
     /// The quota of the driver domain locked cell `d` belongs to.
@@ -729,11 +771,18 @@ impl<L: RawMutex> Engine<L> {
         }
     }
 
-    /// Add the change in cell `dd`'s BFNs in use since its last unlock to
-    /// its driver domain's count (under the cell's lock).
-    fn publish_used(&self, dd: &mut DriverDomain) {
+    /// Record cell `cell`'s BFNs in use at an unlock (its lock held): in
+    /// its own line, and in its driver domain's rough count once the change
+    /// reaches the slack, or always when `all` (the cell is given back).
+    pub(crate) fn publish_used(&self, cell: usize, dd: &mut DriverDomain, all: bool) {
         let used = dd.used();
-        if used != dd.published_used {
+        if let Some(u) = self.cell_used.get(cell) {
+            if u.load(Ordering::Relaxed) != used {
+                u.store(used, Ordering::SeqCst);
+            }
+        }
+        let moved = used.abs_diff(dd.published_used);
+        if moved >= PUBLISH_SLACK || (all && moved != 0) {
             if let Some(s) = self.shared.get(dd.home as usize) {
                 s.used
                     .fetch_add(used.wrapping_sub(dd.published_used), Ordering::SeqCst);
@@ -823,7 +872,7 @@ impl<L: RawMutex> Engine<L> {
     pub(crate) fn put_driver(&self, d: Driver<'_, L>) {
         let Driver { cell, mut dd } = d;
         dd.compact_if_empty();
-        self.publish_used(&mut dd);
+        self.publish_used(cell, &mut dd, false);
         // (A context's cell is never idle: its context is in `contexts`.)
         if cell == 0 || !dd.is_idle() {
             return;
@@ -846,7 +895,7 @@ impl<L: RawMutex> Engine<L> {
     /// reset to idle.
     pub(crate) fn release_driver(&self, d: Driver<'_, L>) {
         let Driver { cell, mut dd } = d;
-        self.publish_used(&mut dd);
+        self.publish_used(cell, &mut dd, true);
         let domid = dd.domid;
         if let Some(slot) = self.cell_of.get(domid.0 as usize) {
             if self.owner_is(cell, domid) && slot.load(Ordering::SeqCst) == cell as u8 {
@@ -1316,7 +1365,7 @@ impl<L: RawMutex> Engine<L> {
             self.revoke_slot(d, h, idx);
         }
         let quota = self.quota_of(d);
-        if self.used_across_cells(d) >= quota {
+        if self.over_quota(d, quota) {
             return Err(Errno::NoSpc);
         }
         d.dd.reserve_slot(seed, quota.min(self.space.len()), &at)?;
