@@ -273,35 +273,18 @@ static bool pvx_type_readable(p2m_type_t t)
            t == p2m_ioreq_server;
 }
 
-int pvx_get_page(uint16_t domid, uint64_t gfn, int want_write,
-                 uint64_t *mfn, uint32_t *kind)
+/* For pvx_get_page(): the lookup on x86's p2m types, PV and HVM. */
+static struct page_info *pvx_lookup_page(struct domain *d, uint64_t gfn,
+                                         int want_write, p2m_type_t *t,
+                                         uint32_t *kind)
 {
-    struct domain *d = rcu_lock_domain_by_id(domid);
     struct page_info *pg;
-    p2m_type_t t = p2m_invalid;
-
-    *mfn = INVALID_MFN_RAW;
-    *kind = PVX_PAGE_NOT_PRESENT;
-    if ( !d )
-        return -ESRCH;
-    if ( d->is_dying )
-    {
-        rcu_unlock_domain(d);
-        return -ESRCH;
-    }
-
-    /*
-     * Announce the map before looking at d's p2m (a locked instruction, so
-     * a full barrier): a p2m change or page removal after our lookup sees
-     * the count and calls the engine (see pviommu_gfn_changed()).
-     */
-    atomic_inc(&d->pviommu_pages);
 
     /* Device writes would escape dirty logging (migration). */
     if ( want_write && paging_mode_log_dirty(d) )
     {
         *kind = PVX_PAGE_LOG_DIRTY;
-        goto out;
+        return NULL;
     }
 
     /*
@@ -309,9 +292,9 @@ int pvx_get_page(uint16_t domid, uint64_t gfn, int want_write,
      * pages are unshared for read-only maps too, so the page's owner is d
      * (revocation and the reference count above key on the owner).
      */
-    pg = get_page_from_gfn(d, gfn, &t, P2M_ALLOC | P2M_UNSHARE);
+    pg = get_page_from_gfn(d, gfn, t, P2M_ALLOC | P2M_UNSHARE);
 
-    if ( p2m_is_paging(t) )
+    if ( p2m_is_paging(*t) )
     {
         if ( pg )
             put_page(pg);
@@ -319,15 +302,15 @@ int pvx_get_page(uint16_t domid, uint64_t gfn, int want_write,
         p2m_mem_paging_populate(d, _gfn(gfn));
 #endif
         *kind = PVX_PAGE_PAGED_OUT;
-        goto out;
+        return NULL;
     }
-    if ( p2m_is_shared(t) )
+    if ( p2m_is_shared(*t) )
     {
         /* Unsharing failed for lack of memory: retry later, as grants do. */
         *kind = PVX_PAGE_PAGED_OUT;
         goto drop;
     }
-    if ( p2m_is_grant(t) || p2m_is_foreign(t) )
+    if ( p2m_is_grant(*t) || p2m_is_foreign(*t) )
     {
         *kind = PVX_PAGE_GRANT;
         goto drop;
@@ -337,69 +320,26 @@ int pvx_get_page(uint16_t domid, uint64_t gfn, int want_write,
      * by the device model; the default for holes), or p2m_invalid: that is
      * "not present", not MMIO.
      */
-    if ( t == p2m_mmio_dm || t == p2m_invalid )
+    if ( *t == p2m_mmio_dm || *t == p2m_invalid )
     {
         *kind = PVX_PAGE_NOT_PRESENT;
         goto drop;
     }
-    if ( p2m_is_mmio(t) )
+    if ( p2m_is_mmio(*t) )
     {
         *kind = PVX_PAGE_MMIO;
         goto drop;
     }
-    if ( !pg )
-    {
-        /* PV: the frame exists but is not d's (Xen's or another domain's). */
-        if ( !paging_mode_translate(d) && mfn_valid(_mfn(gfn)) )
-            *kind = PVX_PAGE_XEN;
-        goto out;
-    }
-    if ( is_special_page(pg) || is_xen_heap_page(pg) ||
-         page_get_owner(pg) != d )
-    {
+    /* PV: the frame exists but is not d's (Xen's or another domain's). */
+    if ( !pg && !paging_mode_translate(d) && mfn_valid(_mfn(gfn)) )
         *kind = PVX_PAGE_XEN;
-        goto drop;
-    }
-    if ( !pvx_type_readable(t) )
-        goto drop; /* NOT_PRESENT */
 
-    /*
-     * A PV page being released (guest_remove_page() dropped PGC_allocated
-     * before its hook ran): no longer the guest's. Checked after the
-     * reference and the count, pairing with that hook's barrier.
-     */
-    if ( !(ACCESS_ONCE(pg->count_info) & PGC_allocated) )
-        goto drop;
-
-    if ( t != p2m_ram_rw )
-    {
-        /* ram_ro, ioreq-server (writes go to the emulator), log-dirty. */
-        *kind = PVX_PAGE_RAM_RO;
-        if ( want_write )
-            goto drop;
-    }
-    else
-    {
-        *kind = PVX_PAGE_RAM_RW;
-        if ( want_write && !get_page_type(pg, PGT_writable_page) )
-        {
-            /* A PV page table or descriptor page: never device-writable. */
-            *kind = PVX_PAGE_RAM_RO;
-            goto drop;
-        }
-    }
-
-    *mfn = mfn_x(page_to_mfn(pg));
-    rcu_unlock_domain(d);
-    return 0;
+    return pg;
 
  drop:
     if ( pg )
         put_page(pg);
- out:
-    atomic_dec(&d->pviommu_pages);
-    rcu_unlock_domain(d);
-    return 0;
+    return NULL;
 }
 
 void pvx_page_non_coherent(uint64_t mfn)

@@ -88,7 +88,8 @@ typedef struct meminfo pvx_membanks_t;
 #define PVX_DOM0_P2M
 static bool __ro_after_init pvx_dom0_p2m;
 static bool pvx_is_dom0_p2m(const struct domain *d);
-#include "pviommu-common.inc" /* ../pviommu-common.inc, installed next to this file */
+/* ../pviommu-common.inc, installed next to this file */
+#include "pviommu-common.inc"
 
 /* ---------------------------------------------------------------- */
 /* Arm                                                              */
@@ -234,51 +235,27 @@ static void __init pvx_arch_ready(void)
 
 /* ---- pvx_*: Arm's primitives for the engine ---- */
 
-/* Arm's p2m types (asm/p2m.h); Arm has no paging, sharing, PoD. */
-int pvx_get_page(uint16_t domid, uint64_t gfn, int want_write,
-                 uint64_t *mfn, uint32_t *kind)
+/* Types a device may be given a page of: the only ones looked up below. */
+static bool pvx_type_readable(p2m_type_t t)
 {
-    struct domain *d = rcu_lock_domain_by_id(domid);
-    struct page_info *pg;
-    p2m_type_t t = p2m_invalid;
+    return t == p2m_ram_rw || t == p2m_ram_ro;
+}
 
-    *mfn = INVALID_MFN_RAW;
-    *kind = PVX_PAGE_NOT_PRESENT;
-    if ( !d )
-        return -ESRCH;
-    if ( d->is_dying )
-    {
-        rcu_unlock_domain(d);
-        return -ESRCH;
-    }
-    /*
-     * ARM, pviommu=dom0-p2m: the hardware domain's own pages are never
-     * mapped (defence in depth). Its pviommu_pages must stay 0, so the p2m
-     * hook on dom0's p2m never waits for a driver cell: a cell in
-     * pvx_dom0_p2m_map() holds its driver lock and waits for dom0's p2m
-     * write lock (see the lock order there). The engine already refuses
-     * self-maps into context 0 and, for a device model of dom0, answers
-     * from the translation check before it gets here; this does not rely
-     * on that order.
-     */
-    if ( pvx_dom0_p2m && is_hardware_domain(d) )
-    {
-        *kind = PVX_PAGE_XEN;
-        rcu_unlock_domain(d);
-        return 0;
-    }
+/*
+ * For pvx_get_page(): the lookup on Arm's p2m types (asm/p2m.h); Arm has no
+ * paging, sharing, PoD, log-dirty.
+ */
+static struct page_info *pvx_lookup_page(struct domain *d, uint64_t gfn,
+                                         int want_write, p2m_type_t *t,
+                                         uint32_t *kind)
+{
+    struct page_info *pg = get_page_from_gfn(d, gfn, t, P2M_ALLOC);
 
-    /* Announce the map before looking at d's p2m (see ../pviommu.c). */
-    atomic_inc(&d->pviommu_pages);
-
-    /* Takes d's p2m read lock; a page of d's RAM comes back referenced. */
-    pg = get_page_from_gfn(d, gfn, &t, P2M_ALLOC);
-
-    switch ( t )
+    switch ( *t )
     {
     case p2m_ram_rw:
     case p2m_ram_ro:
-        break;
+        return pg;
     case p2m_map_foreign_rw:
     case p2m_map_foreign_ro:
     case p2m_grant_map_rw:
@@ -287,56 +264,19 @@ int pvx_get_page(uint16_t domid, uint64_t gfn, int want_write,
     case p2m_iommu_map_rw:
     case p2m_iommu_map_ro:
         *kind = PVX_PAGE_GRANT;
-        goto drop;
+        break;
     case p2m_mmio_direct_dev:
     case p2m_mmio_direct_nc:
     case p2m_mmio_direct_c:
         *kind = PVX_PAGE_MMIO;
-        goto drop;
+        break;
     default:
-        goto drop; /* NOT_PRESENT */
+        break; /* NOT_PRESENT */
     }
-    if ( !pg )
-        goto out;
-    if ( is_special_page(pg) || is_xen_heap_page(pg) ||
-         page_get_owner(pg) != d )
-    {
-        *kind = PVX_PAGE_XEN;
-        goto drop;
-    }
-    /* A page being released is no longer the guest's. */
-    if ( !(ACCESS_ONCE(pg->count_info) & PGC_allocated) )
-        goto drop;
-
-    if ( t != p2m_ram_rw )
-    {
-        *kind = PVX_PAGE_RAM_RO;
-        if ( want_write )
-            goto drop;
-    }
-    else
-    {
-        *kind = PVX_PAGE_RAM_RW;
-        /* Arm keeps no type counts (always succeeds); pairs with
-         * put_page_and_type() in pvx_put_page(). */
-        if ( want_write && !get_page_type(pg, PGT_writable_page) )
-        {
-            *kind = PVX_PAGE_RAM_RO;
-            goto drop;
-        }
-    }
-
-    *mfn = mfn_x(page_to_mfn(pg));
-    rcu_unlock_domain(d);
-    return 0;
-
- drop:
     if ( pg )
         put_page(pg);
- out:
-    atomic_dec(&d->pviommu_pages);
-    rcu_unlock_domain(d);
-    return 0;
+
+    return NULL;
 }
 
 /*
