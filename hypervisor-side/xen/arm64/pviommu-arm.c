@@ -1,37 +1,29 @@
 /* SPDX-License-Identifier: GPL-2.0-only */
 /*
  * pviommu-arm.c -- PV-IOMMU, hypercall 43 (__HYPERVISOR_pv_iommu_op): Xen's
- * side on Arm64 (upstream Xen 4.21.2, arm64/patches-4.21/series).
+ * side on Arm64 (upstream Xen 4.21.2, arm64/patches-4.21/series; Debian 12's
+ * 4.17.5 with PVIOMMU_ARM_XEN 417, patches-4.17-arm64/series).
  *
- * Installed as xen/common/pviommu.c by arm64/build-xen-arm64.sh (PVIOMMU=1),
- * in place of ../pviommu.c, the x86 glue. Everything the engine sees is the
- * same interface (../include/pviommu_engine.h); this file differs from
- * ../pviommu.c only where Arm does:
- *
- *   COMMON  sections copied verbatim from ../pviommu.c (build checks,
- *           "pviommu=" parsing, the teardown/gfn hooks, the region table,
- *           driver locks, domain facts, XSM, put_page,
- *           allocator/log/time/random/preempt). A later merge makes them
- *           one file again with the ARM/X86 sections below as per-arch
- *           parts, as the table frames already are: ../pviommu-tables.inc,
- *           included by both glues, with Arm's cache cleaning passed in.
- *   ARM     Arm's own: hypercall entry (32-bit check), reserved regions from
- *           the host device tree and RAM banks (no e820, no SRAT, no PCI
- *           walk at boot: Arm's dom0 adds PCI devices later), address bits
- *           from the stage-2 IPA size, get_page on Arm's p2m types, the
- *           IOMMU map/unmap of context 0 (dom0's translation is the shared
- *           p2m: SHARED_PT, so maps are refused as the ABI says), contexts
- *           of the engine's own through the SMMUv3 driver's iommu_ops
- *           (patches-4.21/0009: unshared LPAE stage 2, a VMID per
- *           context; the same ops as x86's 0005), the revocation VIRQ
- *           (4.21's send_guest_domain_virq), data-cache cleaning for
- *           table frames.
+ * Installed as xen/common/pviommu.c by arm64/build-xen-arm64.sh (PVIOMMU=1)
+ * and build-xen-arm64-4.17.sh, in place of ../pviommu.c, the x86 glue.
+ * Everything the engine sees is the same interface
+ * (../include/pviommu_engine.h). What x86 and Arm share is
+ * ../pviommu-common.inc (included below, as by ../pviommu.c; locks: see
+ * there) and the table frames ../pviommu-tables.inc (with Arm's cache
+ * cleaning passed in). This file has Arm's own: the hypercall's 32-bit
+ * check, reserved regions from the host device tree and RAM banks (no
+ * e820, no SRAT, no PCI walk at boot: Arm's dom0 adds PCI devices later),
+ * address bits from the stage-2 IPA size, get_page on Arm's p2m types, the
+ * IOMMU map/unmap of context 0 (dom0's translation is the shared p2m:
+ * SHARED_PT, so maps are refused as the ABI says), the pviommu=dom0-p2m
+ * mode with its debug key, and data-cache cleaning for table frames.
+ * Contexts of the engine's own go through the SMMUv3 driver's iommu_ops
+ * (patches-4.21/0009: unshared LPAE stage 2, a VMID per context; the same
+ * ops as x86's 0005), the revocation VIRQ is 4.21's per-domain one.
  *
  * The p2m-change hook is patches-4.21/0008 (arch/arm/mmu/p2m.c
  * p2m_set_entry()); Arm has no log-dirty mode. pviommu_device_leaving() is
  * called by the SMMUv3 driver's reassign_device (0009).
- *
- * Locks: as ../pviommu.c (design/xen-integration.md).
  */
 #include <xen/init.h>
 #include <xen/lib.h>
@@ -67,6 +59,7 @@
 #define PVX_BOOT_MEM() bootinfo_get_mem()
 typedef struct membanks pvx_membanks_t;
 #define pvx_send_revoked_virq(d) send_guest_domain_virq(d, VIRQ_PV_IOMMU)
+#define PVX_CTX_FREE_VOID /* patches-4.21/0009's op returns nothing */
 #else
 #include <asm/setup.h>
 #define PVX_BOOT_MEM() (&bootinfo.mem)
@@ -82,326 +75,43 @@ typedef struct meminfo pvx_membanks_t;
 
 #include "pviommu_engine.h"
 
-/* COMMON */
-/* Xen's public header and the engine boundary agree with abi/include/pviommu.h. */
-static void __init pviommu_build_checks(void)
-{
-    BUILD_BUG_ON(sizeof(struct pv_iommu_caps) != 80);
-    BUILD_BUG_ON(offsetof(struct pv_iommu_caps, page_sizes) != 8);
-    BUILD_BUG_ON(offsetof(struct pv_iommu_caps, nr_reserved_regions) != 32);
-    BUILD_BUG_ON(offsetof(struct pv_iommu_caps, translation) != 44);
-    BUILD_BUG_ON(offsetof(struct pv_iommu_caps, quota) != 48);
-    BUILD_BUG_ON(offsetof(struct pv_iommu_caps, revoked) != 64);
-    BUILD_BUG_ON(sizeof(struct pv_iommu_op) != 40);
-    BUILD_BUG_ON(offsetof(struct pv_iommu_op, status) != 4);
-    BUILD_BUG_ON(offsetof(struct pv_iommu_op, context) != 8);
-    BUILD_BUG_ON(offsetof(struct pv_iommu_op, domid) != 12);
-    BUILD_BUG_ON(offsetof(struct pv_iommu_op, gfn) != 16);
-    BUILD_BUG_ON(offsetof(struct pv_iommu_op, bfn) != 24);
-    BUILD_BUG_ON(sizeof(struct pv_iommu_batch) != 24);
-    BUILD_BUG_ON(offsetof(struct pv_iommu_batch, ops) != 16);
-    BUILD_BUG_ON(sizeof(struct pv_iommu_region) != 24);
-    BUILD_BUG_ON(offsetof(struct pv_iommu_region, kind) != 16);
-    BUILD_BUG_ON(sizeof(struct pv_iommu_regions) != 24);
-    BUILD_BUG_ON(sizeof(struct pv_iommu_limits) != 16);
-    BUILD_BUG_ON(offsetof(struct pv_iommu_limits, domid) != 4);
-    BUILD_BUG_ON(offsetof(struct pv_iommu_limits, quota) != 8);
-    BUILD_BUG_ON(offsetof(struct pv_iommu_regions, regions) != 16);
-    BUILD_BUG_ON(sizeof(struct pv_iommu_stats) != 152);
-    BUILD_BUG_ON(offsetof(struct pv_iommu_stats, live) != 8);
-    BUILD_BUG_ON(offsetof(struct pv_iommu_stats, ns_batches) != 96);
-    BUILD_BUG_ON(offsetof(struct pv_iommu_stats, heap_bytes) != 144);
-    BUILD_BUG_ON(sizeof(struct pv_iommu_entry) != 32);
-    BUILD_BUG_ON(offsetof(struct pv_iommu_entry, bfn) != 16);
-    BUILD_BUG_ON(offsetof(struct pv_iommu_entry, bits) != 24);
-
-    BUILD_BUG_ON(PVIOMMU_ENGINE_PREEMPTED != PVIOMMU_BATCH_INCOMPLETE);
-    BUILD_BUG_ON(PVIOMMU_GFN_REMOVED != PV_IOMMU_GFN_REMOVED);
-    BUILD_BUG_ON(PVIOMMU_GFN_WRITE_LOST != PV_IOMMU_GFN_WRITE_LOST);
-    BUILD_BUG_ON(PVX_XSM_QUERY != PV_IOMMU_XSM_QUERY);
-    BUILD_BUG_ON(PVX_XSM_MAP != PV_IOMMU_XSM_MAP);
-    BUILD_BUG_ON(PVX_XSM_MANAGE != PV_IOMMU_XSM_MANAGE);
-    BUILD_BUG_ON(sizeof(struct pvx_domain_info) != 16);
-}
-
-/* COMMON (x86: snapshot of iommu_hwdom_strict, see ../pviommu.c) */
-static bool __ro_after_init pvx_hwdom_strict;
-
-static bool __read_mostly pviommu_ready;
-
-/* Teardown statistics (printk on completion; diagnostics only). */
-static atomic_t pviommu_teardown_restarts = ATOMIC_INIT(0);
-
-/* COMMON */
-/* ---------------------------------------------------------------- */
-/* Command line: pviommu=[off|on][,quota:<n>][,batch:<n>][,heap:<MiB>]  */
-/*               [,dom0-p2m] (ARM)                                    */
-/* ---------------------------------------------------------------- */
-
-/* Upper bound of quota: BFNs per driver domain (the engine's memory per
- * driver domain is about 100 bytes per BFN). */
-#define PVX_MAX_QUOTA (1ULL << 24)
-
-static bool __initdata opt_pviommu = true;
 /*
- * ARM: pviommu=dom0-p2m. Context 0 of the (direct-mapped) hardware domain
+ * pviommu=dom0-p2m. Context 0 of the (direct-mapped) hardware domain
  * is its stage-2 p2m: a map writes dom0's p2m at gfn = BFN, type
  * p2m_iommu_map_ro/rw, and an unmap removes that entry. With an IOMMU that
  * shares the p2m (Arm's IOMMU_FORCE_PT_SHARE, e.g. 4.21's SMMUv3) that is
  * dom0's device translation; without one (Debian 12's 4.17 in QEMU, the CI
  * fallback of issue 13) no device walks it, and the boot message says so:
- * a test mode. Off by default. See pvx_dom0_p2m_map().
+ * a test mode. Off by default. See pvx_dom0_p2m_map(). The shared glue
+ * parses it and has pvx_translation() and pvx_ctx_caps() answer for it.
  */
+#define PVX_DOM0_P2M
 static bool __ro_after_init pvx_dom0_p2m;
-static uint64_t __initdata opt_pviommu_quota;  /* 0: engine default */
-static uint32_t __initdata opt_pviommu_batch;  /* 0: engine default */
-/* Cap on the engine's heap, MiB: a map that would exceed it gets ENOMEM. */
-#define PVX_DEFAULT_HEAP_MIB 256
-static uint32_t __initdata opt_pviommu_heap_mib = PVX_DEFAULT_HEAP_MIB;
-
-static int __init cf_check parse_pviommu(const char *s)
-{
-    const char *ss, *e;
-    int val, rc = 0;
-
-    do {
-        ss = strchr(s, ',');
-        if ( !ss )
-            ss = strchr(s, '\0');
-
-        if ( (val = parse_bool(s, ss)) >= 0 )
-            opt_pviommu = val;
-        else if ( (val = parse_boolean("dom0-p2m", s, ss)) >= 0 )
-            pvx_dom0_p2m = val;
-        else if ( !strncmp(s, "quota:", 6) )
-        {
-            unsigned long long q = simple_strtoull(s + 6, &e, 0);
-
-            /*
-             * No digits, trailing junk, 0, more than 16 Mi BFNs, or more
-             * characters than any valid value has (16 Mi is 0x1000000):
-             * simple_strtoull wraps silently, ten characters cannot.
-             */
-            if ( e == s + 6 || e != ss || !q || q > PVX_MAX_QUOTA ||
-                 e - (s + 6) > 10 )
-                rc = -EINVAL;
-            else
-                opt_pviommu_quota = q;
-        }
-        else if ( !strncmp(s, "heap:", 5) )
-        {
-            unsigned long long m = simple_strtoull(s + 5, &e, 0);
-
-            /* MiB, 1 .. 64 Gi; at most 7 characters (0x10000), so no wrap */
-            if ( e == s + 5 || e != ss || !m || m > (1U << 16) ||
-                 e - (s + 5) > 7 )
-                rc = -EINVAL;
-            else
-                opt_pviommu_heap_mib = m;
-        }
-        else if ( !strncmp(s, "batch:", 6) )
-        {
-            unsigned long long b = simple_strtoull(s + 6, &e, 0);
-
-            if ( e == s + 6 || e != ss || !b || b > UINT32_MAX )
-                rc = -EINVAL;
-            else
-                opt_pviommu_batch = b;
-        }
-        else
-            rc = -EINVAL;
-
-        s = ss + 1;
-    } while ( *ss );
-
-    return rc;
-}
-custom_param("pviommu", parse_pviommu);
+static bool pvx_is_dom0_p2m(const struct domain *d);
+/* ../pviommu-common.inc, installed next to this file */
+#include "pviommu-common.inc"
 
 /* ---------------------------------------------------------------- */
-/* Hypercall                                                         */
+/* Arm                                                              */
 /* ---------------------------------------------------------------- */
 
-/* ARM */
-long do_pv_iommu_op(unsigned int cmd, XEN_GUEST_HANDLE_PARAM(void) arg)
+/*
+ * 32-bit (AArch32) domains. An AArch64 domain only calls from EL1 (HVC),
+ * which is AArch64 whenever the domain is.
+ */
+static bool pvx_caller_not_64bit(struct vcpu *v)
 {
-    struct vcpu *curr = current;
-    long rc;
-
-    if ( !pviommu_ready )
-        return -ENOSYS;
-
-    /*
-     * The interface carries 64-bit guest addresses and has no compat
-     * translation: refuse 32-bit (AArch32) domains with an errno of their
-     * own, ENOEXEC. An AArch64 domain only calls from EL1 (HVC), which is
-     * AArch64 whenever the domain is.
-     */
-    if ( is_32bit_domain(curr->domain) )
-        return -ENOEXEC;
-
-    /* No lock held: the engine locks around its own state only. */
-    rc = pviommu_engine_op(curr->domain->domain_id, cmd,
-                           (uint64_t)(unsigned long)arg.p);
-
-    /* Progress is already in the guest's batch header (nr_done). */
-    if ( rc == PVIOMMU_ENGINE_PREEMPTED )
-        rc = hypercall_create_continuation(__HYPERVISOR_pv_iommu_op, "ih",
-                                           cmd, arg);
-
-    return rc;
-}
-
-/* ---------------------------------------------------------------- */
-/* Hooks (xen/pviommu.h)                                             */
-/* ---------------------------------------------------------------- */
-
-/* COMMON */
-int pviommu_domain_teardown(struct domain *d)
-{
-    int rc;
-
-    /*
-     * domain_kill() re-runs its whole dying stage whenever a later step
-     * (domain_relinquish_resources) restarts: once done, stay done.
-     */
-    if ( !pviommu_ready || d->pviommu_teardown == PVIOMMU_TEARDOWN_DONE )
-        return 0;
-
-    /*
-     * Called under domctl_lock from domain_kill() with d dying: no new map
-     * of d's pages can start (pvx_get_page refuses dying domains); maps in
-     * flight see the engine's sequence number move and retry.
-     */
-    rc = pviommu_engine_domain_teardown(d->domain_id, &d->pviommu_teardown);
-    d->pviommu_teardown_slices++;
-
-    if ( rc == -ERESTART )
-    {
-        atomic_inc(&pviommu_teardown_restarts);
-        return rc;
-    }
-
-    if ( rc )
-    {
-        /*
-         * The engine promises 0 or -ERESTART. Anything else must not wedge
-         * domain destruction; whatever it still references keeps d a
-         * (visible) zombie rather than freeing pages a device may reach.
-         */
-        printk(XENLOG_ERR "pviommu: %pd teardown returned %d\n", d, rc);
-        ASSERT_UNREACHABLE();
-    }
-    else if ( d->pviommu_teardown_slices > 1 )
-        printk(XENLOG_INFO "pviommu: %pd torn down in %u slices\n",
-               d, d->pviommu_teardown_slices);
-    d->pviommu_teardown = PVIOMMU_TEARDOWN_DONE;
-
-    return 0;
-}
-
-void pviommu_gfn_changed(struct domain *d, unsigned long gfn,
-                         unsigned int order, unsigned int how)
-{
-    if ( !pviommu_ready || how == PV_IOMMU_GFN_UNCHANGED )
-        return;
-
-    /*
-     * Pairs with the atomic increment at the start of pvx_get_page(): either
-     * we see that count, or that map sees the change (p2m entry, or the page
-     * no longer PGC_allocated) and refuses.
-     */
-    smp_mb();
-    if ( !pviommu_domain_in_use(d) )
-        return;
-
-    pviommu_engine_gfn_changed(d->domain_id, gfn, order, how);
-}
-
-/* COMMON */
-void pviommu_device_leaving(struct domain *owner, const struct pci_dev *pdev)
-{
-#ifdef CONFIG_HAS_PCI
-    ASSERT(pcidevs_locked());
-#endif
-    if ( !pviommu_ready || !owner )
-        return;
-    pviommu_engine_device_leaving(owner->domain_id, pdev->sbdf.sbdf);
+    return is_32bit_domain(v->domain);
 }
 
 /*
- * ARM: pviommu_log_dirty_enabled() is not defined: Arm has no log-dirty
+ * pviommu_log_dirty_enabled() is not defined: Arm has no log-dirty
  * mode, nothing calls it.
  */
 
-/* ---------------------------------------------------------------- */
-/* Reserved BFN regions and limits (built once at boot)              */
-/* ---------------------------------------------------------------- */
+/* ---- Reserved BFN regions and limits (built once at boot) ---- */
 
-/* COMMON */
-#define PVX_MAX_REGIONS 128
-
-struct pvx_region {
-    uint64_t start, nr;
-    uint32_t kind;
-};
-
-static struct pvx_region __read_mostly pvx_regions[PVX_MAX_REGIONS];
-static unsigned int __read_mostly pvx_nr_regions;
-static uint64_t __read_mostly pvx_ram_end;
-static unsigned int __read_mostly pvx_addr_bits;
-
-static void __init pvx_widen(struct pvx_region *r, uint64_t start,
-                             uint64_t end)
-{
-    end = max(end, r->start + r->nr);
-    r->start = min(r->start, start);
-    r->nr = end - r->start;
-}
-
-/* Record [start, start + nr) frames; merges same-kind overlaps. */
-static void __init pvx_add_region(uint64_t start, uint64_t nr, uint32_t kind)
-{
-    unsigned int i;
-
-    if ( !nr || start + nr < start )
-        return;
-
-    for ( i = 0; i < pvx_nr_regions; i++ )
-    {
-        struct pvx_region *r = &pvx_regions[i];
-
-        if ( r->kind == kind && start <= r->start + r->nr &&
-             r->start <= start + nr )
-        {
-            pvx_widen(r, start, start + nr);
-            return;
-        }
-    }
-
-    if ( pvx_nr_regions == PVX_MAX_REGIONS )
-    {
-        /* Table full: reserve more (the last region widened), never less. */
-        printk(XENLOG_WARNING
-               "pviommu: reserved-region table full, widening the last one\n");
-        pvx_widen(&pvx_regions[PVX_MAX_REGIONS - 1], start, start + nr);
-        return;
-    }
-
-    pvx_regions[pvx_nr_regions].start = start;
-    pvx_regions[pvx_nr_regions].nr = nr;
-    pvx_regions[pvx_nr_regions].kind = kind;
-    pvx_nr_regions++;
-}
-
-static void __init pvx_add_range(uint64_t base, uint64_t size, uint32_t kind)
-{
-    if ( size && base + size > base )
-        pvx_add_region(PFN_DOWN(base), PFN_UP(base + size) - PFN_DOWN(base),
-                       kind);
-}
-
-/* ARM: the host device tree's view of what is not RAM. */
+/* The host device tree's view of what is not RAM. */
 static int __init cf_check pvx_dt_range(const struct dt_device_node *dev,
                                         uint64_t addr, uint64_t len,
                                         void *data)
@@ -412,7 +122,7 @@ static int __init cf_check pvx_dt_range(const struct dt_device_node *dev,
 }
 
 /*
- * ARM: every address DMA may not be given as a BFN.
+ * Every address DMA may not be given as a BFN.
  *  - below the first RAM bank and between banks: MMIO (GIC, GICv3 ITS
  *    doorbells, UARTs, the low PCI windows of QEMU's virt machine);
  *  - GICv3 ITS translation registers (MSI doorbells) wherever they are;
@@ -475,16 +185,6 @@ static void __init pvx_build_regions(void)
             dt_for_each_range(np, pvx_dt_range, NULL);
     }
 
-    /* Sorted by start (insertion sort; boot only, small). */
-    for ( i = 1; i < pvx_nr_regions; i++ )
-    {
-        struct pvx_region r = pvx_regions[i];
-
-        for ( j = i; j && pvx_regions[j - 1].start > r.start; j-- )
-            pvx_regions[j] = pvx_regions[j - 1];
-        pvx_regions[j] = r;
-    }
-
     pvx_ram_end = max_page;
 
     /*
@@ -494,7 +194,6 @@ static void __init pvx_build_regions(void)
     pvx_addr_bits = p2m_ipa_bits;
 }
 
-/* COMMON, but for the region walk above and the init message */
 static void cf_check pvx_dump_dom0_p2m(unsigned char key);
 
 /*
@@ -508,39 +207,19 @@ static void cf_check pvx_dump_dom0_p2m(unsigned char key);
  */
 #define PVX_DUMP_KEY 'B'
 
-static int __init cf_check pviommu_init(void)
+static void __init pvx_arch_ready(void)
 {
-    int rc;
+    unsigned int i;
 
-    pviommu_build_checks();
-    pvx_hwdom_strict = iommu_hwdom_strict;
-
-    if ( !opt_pviommu )
-    {
-        printk(XENLOG_INFO "pviommu: disabled on the command line\n");
-        return 0;
-    }
-
-    pvx_build_regions();
-
-    rc = pviommu_engine_init(opt_pviommu_quota, opt_pviommu_batch,
-                             (uint64_t)opt_pviommu_heap_mib << 20);
-    if ( rc )
-    {
-        printk(XENLOG_ERR "pviommu: engine init failed: %d\n", rc);
-        return 0;
-    }
-
-    pviommu_ready = true;
     printk(XENLOG_INFO
            "pviommu: engine ready (arm64): hypercall %d, RAM end %#"PRIx64", %u address bits, %u reserved regions\n",
            __HYPERVISOR_pv_iommu_op, pvx_ram_end, pvx_addr_bits,
            pvx_nr_regions);
-    for ( rc = 0; rc < pvx_nr_regions; rc++ )
+    for ( i = 0; i < pvx_nr_regions; i++ )
         printk(XENLOG_INFO "pviommu:  reserved %#"PRIx64"-%#"PRIx64" kind %u\n",
-               pvx_regions[rc].start,
-               pvx_regions[rc].start + pvx_regions[rc].nr - 1,
-               pvx_regions[rc].kind);
+               pvx_regions[i].start,
+               pvx_regions[i].start + pvx_regions[i].nr - 1,
+               pvx_regions[i].kind);
     if ( pvx_dom0_p2m )
     {
         printk(XENLOG_WARNING
@@ -552,265 +231,31 @@ static int __init cf_check pviommu_init(void)
                             "dump dom0's PV-IOMMU p2m entries (pviommu=dom0-p2m)",
                             true);
     }
-
-    return 0;
-}
-__initcall(pviommu_init);
-
-/* COMMON */
-uint64_t pvx_ram_end_mfn(void)
-{
-    return pvx_ram_end;
 }
 
-unsigned int pvx_iommu_address_bits(void)
+/* ---- pvx_*: Arm's primitives for the engine ---- */
+
+/* Types a device may be given a page of: the only ones looked up below. */
+static bool pvx_type_readable(p2m_type_t t)
 {
-    return pvx_addr_bits;
-}
-
-int pvx_reserved_region(unsigned int index, uint64_t *start_frame,
-                        uint64_t *nr_frames, uint32_t *kind)
-{
-    if ( index >= pvx_nr_regions )
-        return -ENOENT;
-
-    *start_frame = pvx_regions[index].start;
-    *nr_frames = pvx_regions[index].nr;
-    *kind = pvx_regions[index].kind;
-
-    return 0;
-}
-
-/* ---------------------------------------------------------------- */
-/* pvx_*: primitives for the engine                                  */
-/* ---------------------------------------------------------------- */
-
-/*
- * One lock per driver cell of the engine (a driver domain's state); the
- * engine holds at most one at a time. The cell number comes from the
- * engine, never from a guest, and is below PVX_DRIVER_CELLS.
- */
-/* One cache line each: CPUs working for different driver domains must not
- * bounce one line between them. */
-struct pvx_driver_lock {
-    spinlock_t lock;
-} __cacheline_aligned;
-
-static struct pvx_driver_lock pvx_driver_locks[PVX_DRIVER_CELLS] = {
-    [0 ... PVX_DRIVER_CELLS - 1] = { .lock = SPIN_LOCK_UNLOCKED },
-};
-
-/*
- * The cells this CPU holds (bit n: pvx_driver_locks[n]), for the engine's
- * table write-back (pvx_driver_held): its record of table stores not yet
- * in memory is kept per cell, touched only under that cell's lock, so two
- * driver domains writing their own tables share no lock. Updated only by
- * the holder, on its own CPU, with the lock held: a Xen spinlock is
- * released on the CPU that took it and the engine is never preempted
- * between the two.
- */
-static DEFINE_PER_CPU(uint64_t, pvx_cells_held);
-
-void pvx_driver_lock(unsigned int cell)
-{
-    ASSERT(cell < PVX_DRIVER_CELLS);
-    spin_lock(&pvx_driver_locks[cell % PVX_DRIVER_CELLS].lock);
-    this_cpu(pvx_cells_held) |= 1ULL << (cell % PVX_DRIVER_CELLS);
-}
-
-int pvx_driver_trylock(unsigned int cell)
-{
-    ASSERT(cell < PVX_DRIVER_CELLS);
-    if ( !spin_trylock(&pvx_driver_locks[cell % PVX_DRIVER_CELLS].lock) )
-        return 0;
-    this_cpu(pvx_cells_held) |= 1ULL << (cell % PVX_DRIVER_CELLS);
-
-    return 1;
-}
-
-void pvx_driver_unlock(unsigned int cell)
-{
-    ASSERT(this_cpu(pvx_cells_held) & (1ULL << (cell % PVX_DRIVER_CELLS)));
-    this_cpu(pvx_cells_held) &= ~(1ULL << (cell % PVX_DRIVER_CELLS));
-    spin_unlock(&pvx_driver_locks[cell % PVX_DRIVER_CELLS].lock);
-}
-
-uint64_t pvx_driver_held(void)
-{
-    return this_cpu(pvx_cells_held);
+    return t == p2m_ram_rw || t == p2m_ram_ro;
 }
 
 /*
- * ARM: raw_copy_*_guest translate the guest virtual address through the
- * current vCPU's stage 1 and the domain's stage 2 (no PV case); they take an
- * unsigned int length.
+ * For pvx_get_page(): the lookup on Arm's p2m types (asm/p2m.h); Arm has no
+ * paging, sharing, PoD, log-dirty.
  */
-int pvx_copy_from_guest(void *dst, uint64_t guest_addr, size_t len)
+static struct page_info *pvx_lookup_page(struct domain *d, uint64_t gfn,
+                                         int want_write, p2m_type_t *t,
+                                         uint32_t *kind)
 {
-    if ( len > UINT_MAX )
-        return -EFAULT;
+    struct page_info *pg = get_page_from_gfn(d, gfn, t, P2M_ALLOC);
 
-    return raw_copy_from_guest(dst, (const void *)(unsigned long)guest_addr,
-                               len) ? -EFAULT : 0;
-}
-
-int pvx_copy_to_guest(uint64_t guest_addr, const void *src, size_t len)
-{
-    if ( len > UINT_MAX )
-        return -EFAULT;
-
-    return raw_copy_to_guest((void *)(unsigned long)guest_addr, src,
-                             len) ? -EFAULT : 0;
-}
-
-/* COMMON (on Arm, iommu_use_hap_pt() holds for every domain with an IOMMU:
- * the answer is SHARED_PT) */
-/*
- * Does d's IOMMU context translate what PV-IOMMU writes? iommu_map() is a
- * silent no-op without an IOMMU for d (iommu_map), for a passthrough hardware
- * domain and with tables shared with EPT (intel_iommu_map_page); a non-strict
- * hardware domain has all RAM mapped already, so a BFN isolates nothing.
- */
-static bool pvx_is_dom0_p2m(const struct domain *d);
-
-static uint32_t pvx_translation(const struct domain *d)
-{
-    /* ARM: pviommu=dom0-p2m, context 0 is dom0's p2m written at gfn = BFN */
-    if ( pvx_is_dom0_p2m(d) )
-        return PVIOMMU_TRANSLATES;
-    if ( !is_iommu_enabled(d) )
-        return PVIOMMU_NO_IOMMU;
-    if ( is_hardware_domain(d) && iommu_hwdom_passthrough )
-        return PVIOMMU_PASSTHROUGH;
-    if ( iommu_use_hap_pt(d) )
-        return PVIOMMU_SHARED_PT;
-    /*
-     * A translated caller with its own IOMMU tables gets them kept in sync
-     * with its p2m (dfn = gfn, ept_set_entry / p2m_pt_set_entry): it picks
-     * its gfns itself, grant and foreign maps included, so a BFN in the
-     * window could overwrite, or be overwritten by, one of those entries.
-     */
-    if ( paging_mode_translate(d) )
-        return PVIOMMU_MIRRORS_P2M;
-    if ( is_hardware_domain(d) && !pvx_hwdom_strict )
-        return PVIOMMU_RELAXED;
-
-    return PVIOMMU_TRANSLATES;
-}
-
-void pvx_domain_info(uint16_t domid, struct pvx_domain_info *info)
-{
-    struct domain *d = rcu_lock_domain_by_id(domid);
-    const struct domain *t;
-
-    memset(info, 0, sizeof(*info));
-    info->target = PVX_DOMID_NONE;
-    info->translation = PVIOMMU_NO_IOMMU;
-    if ( !d )
-        return;
-
-    info->exists = 1;
-    info->dying = d->is_dying != DOMDYING_alive;
-    info->control = is_control_domain(d);
-    info->hardware = is_hardware_domain(d);
-    /* Set once (XEN_DOMCTL_set_target), with a reference on the target. */
-    t = ACCESS_ONCE(d->target);
-    if ( t )
-        info->target = t->domain_id;
-    info->translation = pvx_translation(d);
-
-    rcu_unlock_domain(d);
-}
-
-int pvx_xsm_check(uint16_t caller, uint16_t target, unsigned int action)
-{
-    struct domain *c, *t = NULL, *tt;
-    int rc;
-
-    if ( action > PVX_XSM_MANAGE )
-        return -EPERM;
-
-    c = rcu_lock_domain_by_id(caller);
-    if ( !c )
-        return -ESRCH;
-
-    if ( target != PVX_DOMID_NONE )
-    {
-        t = rcu_lock_domain_by_id(target);
-        if ( !t )
-        {
-            rcu_unlock_domain(c);
-            return -ESRCH;
-        }
-        tt = t;
-    }
-    else if ( action == PVX_XSM_MAP )
-    {
-        rcu_unlock_domain(c);
-        return -EPERM;
-    }
-    else
-        /*
-         * No target (query, own BFNs): a device model answers for the domain
-         * it serves (c->target holds a reference), so XSM_DM_PRIV admits it;
-         * an unrelated domU gets t == NULL and only the control domain passes.
-         */
-        tt = ACCESS_ONCE(c->target);
-
-    rc = xsm_pv_iommu_op(XSM_DM_PRIV, c, tt, action);
-
-    if ( t )
-        rcu_unlock_domain(t);
-    rcu_unlock_domain(c);
-
-    return rc;
-}
-
-/* ARM: Arm's p2m types (asm/p2m.h); Arm has no paging, sharing, PoD. */
-int pvx_get_page(uint16_t domid, uint64_t gfn, int want_write,
-                 uint64_t *mfn, uint32_t *kind)
-{
-    struct domain *d = rcu_lock_domain_by_id(domid);
-    struct page_info *pg;
-    p2m_type_t t = p2m_invalid;
-
-    *mfn = INVALID_MFN_RAW;
-    *kind = PVX_PAGE_NOT_PRESENT;
-    if ( !d )
-        return -ESRCH;
-    if ( d->is_dying )
-    {
-        rcu_unlock_domain(d);
-        return -ESRCH;
-    }
-    /*
-     * ARM, pviommu=dom0-p2m: the hardware domain's own pages are never
-     * mapped (defence in depth). Its pviommu_pages must stay 0, so the p2m
-     * hook on dom0's p2m never waits for a driver cell: a cell in
-     * pvx_dom0_p2m_map() holds its driver lock and waits for dom0's p2m
-     * write lock (see the lock order there). The engine already refuses
-     * self-maps into context 0 and, for a device model of dom0, answers
-     * from the translation check before it gets here; this does not rely
-     * on that order.
-     */
-    if ( pvx_dom0_p2m && is_hardware_domain(d) )
-    {
-        *kind = PVX_PAGE_XEN;
-        rcu_unlock_domain(d);
-        return 0;
-    }
-
-    /* Announce the map before looking at d's p2m (see ../pviommu.c). */
-    atomic_inc(&d->pviommu_pages);
-
-    /* Takes d's p2m read lock; a page of d's RAM comes back referenced. */
-    pg = get_page_from_gfn(d, gfn, &t, P2M_ALLOC);
-
-    switch ( t )
+    switch ( *t )
     {
     case p2m_ram_rw:
     case p2m_ram_ro:
-        break;
+        return pg;
     case p2m_map_foreign_rw:
     case p2m_map_foreign_ro:
     case p2m_grant_map_rw:
@@ -819,90 +264,23 @@ int pvx_get_page(uint16_t domid, uint64_t gfn, int want_write,
     case p2m_iommu_map_rw:
     case p2m_iommu_map_ro:
         *kind = PVX_PAGE_GRANT;
-        goto drop;
+        break;
     case p2m_mmio_direct_dev:
     case p2m_mmio_direct_nc:
     case p2m_mmio_direct_c:
         *kind = PVX_PAGE_MMIO;
-        goto drop;
+        break;
     default:
-        goto drop; /* NOT_PRESENT */
+        break; /* NOT_PRESENT */
     }
-    if ( !pg )
-        goto out;
-    if ( is_special_page(pg) || is_xen_heap_page(pg) ||
-         page_get_owner(pg) != d )
-    {
-        *kind = PVX_PAGE_XEN;
-        goto drop;
-    }
-    /* A page being released is no longer the guest's. */
-    if ( !(ACCESS_ONCE(pg->count_info) & PGC_allocated) )
-        goto drop;
-
-    if ( t != p2m_ram_rw )
-    {
-        *kind = PVX_PAGE_RAM_RO;
-        if ( want_write )
-            goto drop;
-    }
-    else
-    {
-        *kind = PVX_PAGE_RAM_RW;
-        /* Arm keeps no type counts (always succeeds); pairs with
-         * put_page_and_type() in pvx_put_page(). */
-        if ( want_write && !get_page_type(pg, PGT_writable_page) )
-        {
-            *kind = PVX_PAGE_RAM_RO;
-            goto drop;
-        }
-    }
-
-    *mfn = mfn_x(page_to_mfn(pg));
-    rcu_unlock_domain(d);
-    return 0;
-
- drop:
     if ( pg )
         put_page(pg);
- out:
-    atomic_dec(&d->pviommu_pages);
-    rcu_unlock_domain(d);
-    return 0;
-}
 
-/* COMMON */
-void pvx_put_page(uint64_t mfn, int writable)
-{
-    struct page_info *pg;
-    struct domain *owner;
-
-    if ( !mfn_valid(_mfn(mfn)) )
-    {
-        ASSERT_UNREACHABLE();
-        return;
-    }
-    pg = mfn_to_page(_mfn(mfn));
-
-    /*
-     * The reference we drop keeps the page, and so its owner (a domain
-     * with pages is not freed), alive until here.
-     */
-    owner = page_get_owner(pg);
-    if ( owner )
-    {
-        ASSERT(atomic_read(&owner->pviommu_pages) > 0);
-        atomic_dec(&owner->pviommu_pages);
-    }
-
-    if ( writable )
-        put_page_and_type(pg);
-    else
-        put_page(pg);
+    return NULL;
 }
 
 /*
- * ARM: the engine calls this only for a writable map with a memory type
+ * The engine calls this only for a writable map with a memory type
  * other than write-back, which needs PVIOMMU_FEAT_ATTR_UC/_DEVICE; Arm
  * advertises neither yet (stage-2 MemAttr is written by the engine, but
  * what a device's non-cacheable write leaves in the CPU caches, and the
@@ -914,7 +292,7 @@ void pvx_page_non_coherent(uint64_t mfn)
 }
 
 /*
- * ARM: context 0 is the owner's stage-2 p2m itself (IOMMU_FORCE_PT_SHARE),
+ * Context 0 is the owner's stage-2 p2m itself (IOMMU_FORCE_PT_SHARE),
  * so pvx_translation() is never TRANSLATES: the engine answers
  * EADDRNOTAVAIL before asking, and these refuse for the same reason.
  * (iommu_map() on Arm only serves 1:1 grant maps and BUG_ONs dfn != mfn.)
@@ -1238,59 +616,8 @@ static void cf_check pvx_dump_dom0_p2m(unsigned char key)
     }
 }
 
-int pvx_iommu_flush(uint16_t owner, uint64_t bfn, uint64_t count,
-                    unsigned int flush)
-{
-    struct domain *d;
-    int rc;
-
-    if ( !flush || !count )
-        return 0;
-    d = rcu_lock_domain_by_id(owner);
-    if ( !d )
-        return -ESRCH;
-    rc = iommu_iotlb_flush(d, _dfn(bfn), count, flush);
-    rcu_unlock_domain(d);
-
-    return rc;
-}
-
 /*
- * COMMON (the iommu_ops are the SMMUv3 driver's on Arm, patches-4.21/0009:
- * the engine's tables are LPAE stage 2 there, chosen by the engine for
- * aarch64; levels 4 from level 0, no snoop control).
- */
-int pvx_ctx_caps(unsigned int *levels, int *snoop_control)
-{
-    const struct iommu_ops *ops = iommu_get_ops();
-    struct pviommu_ctx_caps caps = {};
-    int rc;
-
-    /*
-     * ARM, pviommu=dom0-p2m: no contexts of the engine's own, because
-     * dom0's cell could then map dom0's own pages (into context n) and
-     * wait in pvx_dom0_p2m_map() for the p2m lock that the p2m hook holds
-     * while it waits for that cell: see the lock order there.
-     */
-    if ( pvx_dom0_p2m )
-        return -EOPNOTSUPP;
-    if ( !iommu_enabled || !ops->pviommu_ctx_caps ||
-         !ops->pviommu_ctx_alloc || !ops->pviommu_ctx_free ||
-         !ops->pviommu_ctx_flush || !ops->pviommu_device_facts ||
-         !ops->pviommu_device_attach || !ops->pviommu_device_detach )
-        return -EOPNOTSUPP;
-    rc = iommu_call(ops, pviommu_ctx_caps, &caps);
-    if ( rc )
-        return rc;
-    *levels = caps.levels;
-    *snoop_control = caps.snoop_control;
-
-    return 0;
-}
-
-/* COMMON but for the cache maintenance (x86: iommu_sync_cache) */
-/*
- * ARM: whether an SMMU walks coherently is a per-SMMU firmware property
+ * Whether an SMMU walks coherently is a per-SMMU firmware property
  * (dma-coherent) that this glue does not see: answer no, so the engine
  * writes its stores back (a clean is harmless on a coherent SMMU).
  */
@@ -1302,192 +629,3 @@ int pvx_tables_coherent(void)
 /* How a table store reaches memory the SMMU reads. */
 #define PVX_TABLE_WRITEBACK(va, len) clean_dcache_va_range(va, len)
 #include "pviommu-tables.inc"
-
-/* COMMON (tag: a VMID on Arm, a pseudo domain id on x86) */
-int pvx_ctx_alloc(uint16_t *tag)
-{
-    domid_t t;
-    int rc;
-
-    /* The engine took pcidevs_lock (pvx_devices_lock) before its own. */
-    rc = iommu_call(iommu_get_ops(), pviommu_ctx_alloc, &t);
-    if ( !rc )
-        *tag = t;
-
-    return rc;
-}
-
-/*
- * The engine boundary's pvx_ctx_free() returns -errno (the tag then stays
- * taken): x86's 0005 op does. 4.21's SMMUv3 op (patches-4.21/0009) cannot
- * fail and returns nothing.
- */
-int pvx_ctx_free(uint16_t tag)
-{
-#if PVIOMMU_ARM_XEN >= 421
-    iommu_vcall(iommu_get_ops(), pviommu_ctx_free, tag);
-    return 0;
-#else
-    return iommu_call(iommu_get_ops(), pviommu_ctx_free, tag);
-#endif
-}
-
-/* COMMON (a hint, read without pcidevs_lock; no PCI on Arm without HAS_PCI) */
-int pvx_domain_has_devices(uint16_t domid)
-{
-#ifdef CONFIG_HAS_PCI
-    struct domain *d = rcu_lock_domain_by_id(domid);
-    int has;
-
-    if ( !d )
-        return 0;
-    has = has_arch_pdevs(d);
-    rcu_unlock_domain(d);
-
-    return has;
-#else
-    return 0;
-#endif
-}
-
-int pvx_ctx_flush(uint16_t tag, uint64_t bfn, uint64_t count)
-{
-    return iommu_call(iommu_get_ops(), pviommu_ctx_flush, tag, _dfn(bfn),
-                      count);
-}
-
-/*
- * COMMON with HAS_PCI. ARM without it (Xen 4.17: nothing on Arm selects
- * HAS_PCI, so no pcidevs_lock and no PCI device Xen knows): the devices
- * lock is a lock of our own, kept so the engine's lock order is the same,
- * and every SBDF is unknown (-ENODEV).
- */
-#ifdef CONFIG_HAS_PCI
-void pvx_devices_lock(void)
-{
-    pcidevs_lock();
-}
-
-void pvx_devices_unlock(void)
-{
-    pcidevs_unlock();
-}
-
-static struct pci_dev *pvx_pdev(uint32_t sbdf)
-{
-    ASSERT(pcidevs_locked());
-    return pci_get_pdev(NULL, PCI_SBDF(sbdf >> 16, (sbdf >> 8) & 0xff,
-                                       PCI_SLOT(sbdf & 0xff),
-                                       PCI_FUNC(sbdf & 0xff)));
-}
-#else
-static DEFINE_SPINLOCK(pvx_devices_nopci_lock);
-
-void pvx_devices_lock(void)
-{
-    spin_lock(&pvx_devices_nopci_lock);
-}
-
-void pvx_devices_unlock(void)
-{
-    spin_unlock(&pvx_devices_nopci_lock);
-}
-
-static struct pci_dev *pvx_pdev(uint32_t sbdf)
-{
-    return NULL;
-}
-#endif
-
-int pvx_device_facts(uint32_t sbdf, uint16_t *owner, uint32_t *flags)
-{
-    const struct pci_dev *pdev = pvx_pdev(sbdf);
-    unsigned int f;
-    int rc;
-
-    if ( !pdev || !pdev->domain )
-        return -ENODEV;
-    rc = iommu_call(iommu_get_ops(), pviommu_device_facts, pdev, &f);
-    if ( rc )
-        return rc;
-    /* dom_io / dom_xen report their reserved ids: nobody's to attach. */
-    *owner = pdev->domain->domain_id;
-    *flags = f;
-
-    return 0;
-}
-
-int pvx_device_attach(uint32_t sbdf, uint16_t tag, uint64_t root_mfn)
-{
-    struct pci_dev *pdev = pvx_pdev(sbdf);
-
-    if ( !pdev )
-        return -ENODEV;
-
-    return iommu_call(iommu_get_ops(), pviommu_device_attach, pdev, tag,
-                      pfn_to_paddr(root_mfn));
-}
-
-int pvx_device_detach(uint32_t sbdf, uint16_t tag)
-{
-    struct pci_dev *pdev = pvx_pdev(sbdf);
-
-    if ( !pdev )
-        return -ENODEV;
-
-    return iommu_call(iommu_get_ops(), pviommu_device_detach, pdev, tag);
-}
-
-/* ARM (and x86 from Xen 4.21): patches-4.21/0007 makes VIRQ_PV_IOMMU a
- * per-domain VIRQ, raised with send_guest_domain_virq() (4.17's
- * send_guest_global_virq()). Locks as in ../pviommu.c. */
-void pvx_notify_revoked(uint16_t owner)
-{
-    struct domain *d = rcu_lock_domain_by_id(owner);
-
-    if ( !d )
-        return;
-    pvx_send_revoked_virq(d);
-    rcu_unlock_domain(d);
-}
-
-/* COMMON */
-uint64_t pvx_random_seed(void)
-{
-    /* RDRAND where the CPU has it (get_random()), else time-derived. */
-    return ((uint64_t)get_random() << 32) ^ get_random();
-}
-
-uint64_t pvx_now_ns(void)
-{
-    /* System time in ns; read only while PV-IOMMU stats timing is on. */
-    return NOW();
-}
-
-int pvx_preempt_check(void)
-{
-    return !!hypercall_preempt_check();
-}
-
-void *pvx_alloc(size_t size, size_t align)
-{
-    if ( !align )
-        align = 1;
-    if ( align & (align - 1) )
-        return NULL;
-
-    return _xmalloc(size, align);
-}
-
-void pvx_free(void *ptr)
-{
-    xfree(ptr);
-}
-
-void pvx_log(const char *msg, size_t len)
-{
-    /* Guest-triggerable: guest class (rate-limited), shown by default. */
-    printk(XENLOG_G_WARNING "%.*s", (int)min_t(size_t, len, 512), msg);
-}
-
-/* pvx_unreachable_panic() is deliberately not defined (pviommu_engine.h). */

@@ -46,8 +46,9 @@ install_if_changed() { cmp -s "$1" "$2" || cp "$1" "$2"; }
 # install_pviommu_sources TREE GLUE SCRATCH: into Xen tree TREE, the
 # public header (public/pv-iommu.h: Xen's form of abi/include/pviommu.h,
 # same layout, checked with BUILD_BUG_ON), the engine boundary header and
-# GLUE (the C glue) as xen/common/pviommu.c with the table-frame code it
-# includes (pviommu-tables.inc); SCRATCH: a directory for the
+# GLUE (the C glue) as xen/common/pviommu.c with the two files every glue
+# includes: the code x86 and Arm share (pviommu-common.inc) and the
+# table-frame code (pviommu-tables.inc); SCRATCH: a directory for the
 # rewritten header.
 install_pviommu_sources() {
     local tree="$1" glue="$2" scratch="$3"
@@ -57,7 +58,9 @@ install_pviommu_sources() {
         "$XEN_LIB_XS/include/pviommu_engine.h" > "$scratch/pviommu_engine.h"
     install_if_changed "$scratch/pviommu_engine.h" "$tree/xen/common/pviommu_engine.h"
     install_if_changed "$glue" "$tree/xen/common/pviommu.c"
-    # The table-frame code both glues include (one copy of those checks).
+    # What both glues include: the shared glue and the table-frame code
+    # (one copy of those checks).
+    install_if_changed "$XEN_LIB_XS/pviommu-common.inc" "$tree/xen/common/pviommu-common.inc"
     install_if_changed "$XEN_LIB_XS/pviommu-tables.inc" "$tree/xen/common/pviommu-tables.inc"
 }
 
