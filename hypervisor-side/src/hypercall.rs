@@ -22,7 +22,7 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use lock_api::RawMutex;
 
-use crate::config::MAX_REGIONS_PER_CALL;
+use crate::config::{MAX_CONTEXTS, MAX_REGIONS_PER_CALL};
 use crate::engine::{Engine, Hypervisor, MAP_CHUNK};
 use crate::permission::{device_refusal, may_call, may_read_regions, may_use_contexts};
 use crate::platform::{DomainInfo, XsmAction};
@@ -140,7 +140,7 @@ impl<L: RawMutex> Engine<L> {
     /// The capabilities `caller` (described by `ci`) sees.
     pub fn caps(&self, h: &impl Hypervisor, caller: DomId, ci: &DomainInfo) -> PvIommuCaps {
         let b = h.iommu_caps();
-        let contexts = b.max_contexts.clamp(1, crate::config::MAX_CONTEXTS);
+        let contexts = self.max_contexts_for(b.max_contexts, caller);
         let features = (b.features & feature::ALL & !feature::CONTEXTS & !feature::GRANT)
             | if contexts > 1 { feature::CONTEXTS } else { 0 }
             | feature::REVOCATION_QUEUE;
@@ -343,9 +343,15 @@ impl<L: RawMutex> Engine<L> {
         arg: u64,
     ) -> Result<i64, Errno> {
         let t0 = self.clock(h);
-        let r = self.batch_timed(h, caller, ci, arg);
+        // The contexts the batch's ops named (bit n: context n).
+        let mut touched = 0u32;
+        let r = self.batch_timed(h, caller, ci, arg, &mut touched);
         if r.is_ok() {
-            self.note_batch(caller, self.since(h, t0));
+            // Counted in the first context it named (its cell was just
+            // used), not always the home cell, which another vCPU working
+            // in context 0 may hold.
+            let context = ContextId(touched.trailing_zeros().min(MAX_CONTEXTS - 1));
+            self.note_batch(caller, context, self.since(h, t0));
         }
         r
     }
@@ -356,6 +362,7 @@ impl<L: RawMutex> Engine<L> {
         caller: DomId,
         ci: &DomainInfo,
         arg: u64,
+        touched: &mut u32,
     ) -> Result<i64, Errno> {
         h.xsm_check(caller, None, XsmAction::Manage)?;
         let mut hdr: PvIommuBatch = copy_in(h, arg)?;
@@ -371,9 +378,6 @@ impl<L: RawMutex> Engine<L> {
         }
         let first = hdr.nr_done;
         let mut result = Ok(0);
-        // The contexts the batch's ops named (bit n: context n): only their
-        // cells are flushed at the end.
-        let mut touched = 0u32;
         // The op at `nr_done` when a run of maps already copied it in.
         let mut peeked: Option<PvIommuOp> = None;
         while hdr.nr_done < hdr.nr_ops {
@@ -392,7 +396,8 @@ impl<L: RawMutex> Engine<L> {
                     }
                 },
             };
-            touched |= 1u32.checked_shl(op.context).unwrap_or(0);
+            // Only the cells of the contexts named are flushed at the end.
+            *touched |= 1u32.checked_shl(op.context).unwrap_or(0);
             if Request::parse_map(&op).is_some() {
                 // A run of maps goes through the engine under one lock.
                 match self.run_maps(h, caller, ci, &hdr, op) {
@@ -434,7 +439,7 @@ impl<L: RawMutex> Engine<L> {
         // One flush for the whole batch (or the part of it done), then the
         // page references of unmapped pages go. (A run of maps or unmaps is
         // all of its first op's context.)
-        self.finish_contexts(h, caller, touched);
+        self.finish_contexts(h, caller, *touched);
         h.copy_to_guest(arg, hdr.as_bytes())?;
         result
     }

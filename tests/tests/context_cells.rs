@@ -321,3 +321,46 @@ fn near_its_quota_a_driver_domain_counts_every_contexts_bfns_exactly() {
     assert_eq!(e.usage(DomId::DOM0).1, 1000);
     assert_eq!(map(&sim, &e, DomId::DOM0, c1, 11), Err(Errno::NoSpc));
 }
+
+#[test]
+fn a_batch_in_one_context_retries_what_another_context_left_stuck() {
+    // A batch flushes the contexts it named, and any other with work to
+    // retry: a revocation the IOMMU refused waits for no batch of its own
+    // context (as before there were cells per context).
+    let (sim, e) = host(0);
+    let c1 = create(&sim, &e, DomId::DOM0).unwrap();
+    map(&sim, &e, DomId::DOM0, ContextId::DEFAULT, 1).unwrap();
+    // The revocation's unmap and the hook's own retry are both refused.
+    sim.lock().fail_unmaps = 2;
+    sim.lock().put_new_frame(GUEST, Gfn(1)).unwrap();
+    e.gfn_removed(&mut sim.handle(DomId::DOM0), GUEST, Gfn(1));
+    assert_eq!(e.driver_state(DomId::DOM0).unwrap().stuck(), 1);
+    // (A writable mapping holds a reference and a writable one.)
+    assert_eq!(
+        sim.lock().total_page_refs(),
+        2,
+        "a stuck page stays referenced"
+    );
+    // A batch in context 1 ends; context 0's stuck revocation goes through.
+    let b = map(&sim, &e, DomId::DOM0, c1, 2).unwrap();
+    assert_eq!(e.driver_state(DomId::DOM0).unwrap().stuck(), 0);
+    assert_eq!(e.usage(DomId::DOM0).2, 1, "the notice is queued");
+    unmap(&sim, &e, DomId::DOM0, c1, b).unwrap();
+    assert_eq!(sim.lock().total_page_refs(), 0);
+}
+
+#[test]
+fn a_driver_domain_other_than_dom0_has_a_few_contexts_only() {
+    // Each context takes a cell from the pool the device models share: one
+    // device model must not take the cells others need (security review).
+    let (sim, e) = host(1);
+    let backend = pviommu_hv::iommu::IommuBackend::iommu_caps(&*sim.lock()).max_contexts;
+    let allowed = e.max_contexts_for(backend, DM);
+    assert_eq!(allowed, backend.min(pviommu_hv::engine::OTHER_MAX_CONTEXTS));
+    for _ in 1..allowed {
+        create(&sim, &e, DM).unwrap();
+    }
+    assert_eq!(create(&sim, &e, DM), Err(Errno::NoSpc));
+    assert_eq!(e.state().cells_of(DM).count(), allowed as usize);
+    assert_eq!(e.max_contexts_for(backend, DomId::DOM0), backend);
+}

@@ -278,7 +278,7 @@ impl<L: RawMutex> Engine<L> {
         caller: DomId,
     ) -> Result<ContextId, Errno> {
         let caps = h.iommu_caps();
-        let max = caps.max_contexts.min(crate::config::MAX_CONTEXTS);
+        let max = self.max_contexts_for(caps.max_contexts, caller);
         let Some(own_tables) = caps.own_tables.filter(|_| max > 1) else {
             return Err(Errno::OpNotSupp);
         };
@@ -325,7 +325,7 @@ impl<L: RawMutex> Engine<L> {
 
     /// Claim a free cell for context `id` of `caller` (home cell
     /// `home_cell`), give it the context's tables and tag, and publish it.
-    /// Holds no other cell's lock: a cell that is busy is passed over.
+    /// Holds no other cell's lock.
     fn claim_context_cell(
         &self,
         h: &mut impl Hypervisor,
@@ -351,9 +351,10 @@ impl<L: RawMutex> Engine<L> {
             if owner.load(Ordering::SeqCst) != super::FREE_CELL {
                 continue;
             }
-            let Some(mut dd) = m.try_lock() else {
-                continue;
-            };
+            // Holding no other cell (the devices lock comes first): a
+            // blocking lock, so a cell a hook or a claimer holds for a
+            // moment is not passed over as busy.
+            let mut dd = m.lock();
             if owner
                 .compare_exchange(
                     super::FREE_CELL,

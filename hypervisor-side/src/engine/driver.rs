@@ -451,6 +451,8 @@ pub struct DriverDomain {
     /// `used()` as last added to the driver domain's count of BFNs in use
     /// across its cells (at each unlock).
     pub(crate) published_used: u64,
+    /// The last flush failed: its unmapped pages wait for the next one.
+    pub(crate) flush_failed: bool,
 }
 
 impl DriverDomain {
@@ -479,6 +481,7 @@ impl DriverDomain {
             stats: DriverStats::default(),
             next_gen: 0,
             published_used: 0,
+            flush_failed: false,
         }
     }
 

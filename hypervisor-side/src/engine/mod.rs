@@ -94,6 +94,10 @@ const MAP_RETRIES: u32 = 4;
 pub const MAX_DRIVER_DOMAINS: usize = 64;
 /// Cells kept for dom0: its home cell (0) and one per context it can have.
 pub const DOM0_CELLS: usize = MAX_CONTEXTS as usize;
+/// Contexts (0 included) a driver domain other than dom0 may have: each
+/// takes a cell from the pool the device models share, so one domain may
+/// take at most this many of its [`MAX_DRIVER_DOMAINS`] - [`DOM0_CELLS`].
+pub const OTHER_MAX_CONTEXTS: u32 = 4;
 /// `cell_of` entry of a domain without a cell.
 const NO_CELL: u8 = u8::MAX;
 /// `owners` entry of a free cell.
@@ -148,6 +152,18 @@ pub(crate) struct DriverShared {
     notices: AtomicU64,
 }
 
+/// What a cell says of itself at each unlock, for its driver domain's
+/// other cells.
+#[derive(Debug, Default)]
+pub(crate) struct CellState {
+    /// Its BFNs in use (read by the other cells only near the quota).
+    used: AtomicU64,
+    /// It has work to retry: revocations the IOMMU refused, or a failed
+    /// flush. A batch's end flushes such a cell even if the batch did not
+    /// name its context, as before there were cells per context.
+    retry: AtomicBool,
+}
+
 /// `DriverShared::quota` when no quota is set.
 const NO_QUOTA: u64 = u64::MAX;
 
@@ -194,10 +210,9 @@ pub struct Engine<L: RawMutex> {
     ctx_cells: Vec<[AtomicU8; MAX_CONTEXTS as usize]>,
     /// Home cell -> what its driver domain's cells share.
     shared: Vec<CacheLine<DriverShared>>,
-    /// Cell -> its BFNs in use as of its last unlock (written by the
-    /// cell's holder; read by its driver domain's other cells only near
-    /// the quota).
-    cell_used: Vec<CacheLine<AtomicU64>>,
+    /// Cell -> what others may ask of it without its lock, as of its last
+    /// unlock (written by the cell's holder).
+    cell_state: Vec<CacheLine<CellState>>,
     /// The driver domains' states, each behind its own lock.
     cells: Vec<CacheLine<Mutex<L, DriverDomain>>>,
     /// Whether services are timed for the stats (`PVIOMMU_STATS_TIMING_*`).
@@ -434,8 +449,8 @@ impl<L: RawMutex> Engine<L> {
         shared
             .try_reserve_exact(MAX_DRIVER_DOMAINS)
             .map_err(|_| Errno::NoMem)?;
-        let mut cell_used = Vec::new();
-        cell_used
+        let mut cell_state = Vec::new();
+        cell_state
             .try_reserve_exact(MAX_DRIVER_DOMAINS)
             .map_err(|_| Errno::NoMem)?;
         for n in 0..MAX_DRIVER_DOMAINS {
@@ -449,7 +464,7 @@ impl<L: RawMutex> Engine<L> {
                 ..DriverShared::default()
             };
             try_push(&mut shared, CacheLine(none))?;
-            try_push(&mut cell_used, CacheLine(AtomicU64::new(0)))?;
+            try_push(&mut cell_state, CacheLine(CellState::default()))?;
             try_push(
                 &mut cells,
                 CacheLine(Mutex::from_raw(lock_for(n), DriverDomain::new(DomId(0)))),
@@ -465,7 +480,7 @@ impl<L: RawMutex> Engine<L> {
             owners,
             ctx_cells,
             shared,
-            cell_used,
+            cell_state,
             cells,
             timing: AtomicBool::new(false),
         })
@@ -556,12 +571,29 @@ impl<L: RawMutex> Engine<L> {
         }
     }
 
-    /// Count a batch hypercall of `caller` that took `ns`.
-    pub(crate) fn note_batch(&self, caller: DomId, ns: u64) {
-        if let Some(mut d) = self.lock_driver(caller) {
+    /// Count a batch hypercall of `caller` that took `ns`, in the cell of
+    /// its `context` (or, if it has none there, its home cell; counters
+    /// are summed over the cells).
+    pub(crate) fn note_batch(&self, caller: DomId, context: ContextId, ns: u64) {
+        let cell = self
+            .lock_cell(caller, context)
+            .or_else(|| self.lock_driver(caller));
+        if let Some(mut d) = cell {
             d.dd.stats.batches += 1;
             d.dd.stats.ns_batches += ns;
             self.put_driver(d);
+        }
+    }
+
+    /// How many contexts (0 included) `caller` may have on a backend that
+    /// offers `backend_max`: dom0 all of them, another driver domain at
+    /// most [`OTHER_MAX_CONTEXTS`].
+    pub fn max_contexts_for(&self, backend_max: u32, caller: DomId) -> u32 {
+        let max = backend_max.clamp(1, MAX_CONTEXTS);
+        if caller == DomId::DOM0 {
+            max
+        } else {
+            max.min(OTHER_MAX_CONTEXTS)
         }
     }
 
@@ -587,7 +619,7 @@ impl<L: RawMutex> Engine<L> {
             + self.owners.capacity() * core::mem::size_of::<CacheLine<AtomicU32>>()
             + self.ctx_cells.capacity() * MAX_CONTEXTS as usize
             + self.shared.capacity() * core::mem::size_of::<CacheLine<DriverShared>>()
-            + self.cell_used.capacity() * core::mem::size_of::<CacheLine<AtomicU64>>()
+            + self.cell_state.capacity() * core::mem::size_of::<CacheLine<CellState>>()
             + self.cells.capacity() * core::mem::size_of::<CacheLine<Mutex<L, DriverDomain>>>()
     }
 
@@ -750,8 +782,8 @@ impl<L: RawMutex> Engine<L> {
             .map(ContextId)
             .filter(|&c| c != d.dd.context)
             .filter_map(|c| self.cell_number(domid, c))
-            .filter_map(|cell| self.cell_used.get(cell))
-            .map(|u| u.load(Ordering::SeqCst))
+            .filter_map(|cell| self.cell_state.get(cell))
+            .map(|c| c.used.load(Ordering::SeqCst))
             .fold(0u64, u64::saturating_add);
         own.saturating_add(others) >= quota
     }
@@ -771,14 +803,19 @@ impl<L: RawMutex> Engine<L> {
         }
     }
 
-    /// Record cell `cell`'s BFNs in use at an unlock (its lock held): in
-    /// its own line, and in its driver domain's rough count once the change
-    /// reaches the slack, or always when `all` (the cell is given back).
+    /// Record cell `cell`'s state at an unlock (its lock held): in its own
+    /// line, and its BFNs in use in its driver domain's rough count once
+    /// the change reaches the slack, or always when `all` (the cell is
+    /// given back).
     pub(crate) fn publish_used(&self, cell: usize, dd: &mut DriverDomain, all: bool) {
         let used = dd.used();
-        if let Some(u) = self.cell_used.get(cell) {
-            if u.load(Ordering::Relaxed) != used {
-                u.store(used, Ordering::SeqCst);
+        if let Some(c) = self.cell_state.get(cell) {
+            if c.used.load(Ordering::Relaxed) != used {
+                c.used.store(used, Ordering::SeqCst);
+            }
+            let retry = dd.stuck() != 0 || dd.flush_failed;
+            if c.retry.load(Ordering::Relaxed) != retry {
+                c.retry.store(retry, Ordering::SeqCst);
             }
         }
         let moved = used.abs_diff(dd.published_used);
@@ -853,6 +890,16 @@ impl<L: RawMutex> Engine<L> {
                 if cell != 0 {
                     dd.stats = DriverStats::default();
                 }
+                // What its cells share starts afresh. (No cell adds to it:
+                // a home goes only once its contexts' cells are gone, and
+                // every cell takes its part off when it goes.)
+                if let Some(s) = self.shared.get(cell) {
+                    debug_assert_eq!(s.used.load(Ordering::SeqCst), 0);
+                    debug_assert_eq!(dd.published_used, 0);
+                    s.used.store(0, Ordering::SeqCst);
+                    s.quota.store(NO_QUOTA, Ordering::SeqCst);
+                }
+                dd.published_used = 0;
                 dd.domid = domid;
                 dd.context = ContextId::DEFAULT;
                 dd.home = cell as u8;
@@ -1756,12 +1803,18 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// [`finish`](Self::finish) in the contexts of `caller` whose bits are
-    /// set in `contexts` (bit n: context n): a batch that touched only
-    /// some contexts leaves the others' cells (and whoever works in them)
-    /// alone.
+    /// set in `contexts` (bit n: context n), and in any other that has
+    /// work to retry (a refused revocation, a failed flush): a batch that
+    /// touched only some contexts leaves the others' cells (and whoever
+    /// works in them) alone.
     pub fn finish_contexts(&self, h: &mut impl Hypervisor, caller: DomId, contexts: u32) {
         for context in self.contexts_of(caller) {
-            if contexts & (1 << context.0) == 0 {
+            let retry = || {
+                self.cell_number(caller, context)
+                    .and_then(|cell| self.cell_state.get(cell))
+                    .is_some_and(|c| c.retry.load(Ordering::SeqCst))
+            };
+            if contexts & (1 << context.0) == 0 && !retry() {
                 continue;
             }
             if let Some(mut d) = self.lock_cell(caller, context) {

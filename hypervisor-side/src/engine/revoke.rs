@@ -151,7 +151,8 @@ impl<L: RawMutex> Engine<L> {
             let flushed = dd.iommu_flush(h);
             dd.stats.ns_iommu_flush += self.since(h, t1);
             dd.stats.flushes += 1;
-            if flushed.is_err() {
+            dd.flush_failed = flushed.is_err();
+            if dd.flush_failed {
                 return;
             }
             dd.gather.clear();
