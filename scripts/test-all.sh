@@ -35,6 +35,9 @@ cargo test --workspace -q
 step "Xen backend (engine-staticlib) hosted tests"
 cargo test -q --manifest-path hypervisor-side/xen/engine-staticlib/Cargo.toml --target-dir target/engine-staticlib
 
+step "Xen glue: the pviommu= boot option parser, with Xen's number parsing"
+hypervisor-side/xen/tests/parse-option.sh
+
 step "engine for x86_64-unknown-none (Xen's target)"
 scripts/build-engine-nostd.sh
 

@@ -364,3 +364,78 @@ fn a_driver_domain_other_than_dom0_has_a_few_contexts_only() {
     assert_eq!(e.state().cells_of(DM).count(), allowed as usize);
     assert_eq!(e.max_contexts_for(backend, DomId::DOM0), backend);
 }
+
+#[test]
+fn a_failed_flush_in_one_context_is_retried_by_a_batch_in_another() {
+    // (Second security review: the retry hint's failed-flush half had no
+    // test.) Context 0's unmap is flushed, and the flush fails: its page
+    // stays referenced until a flush succeeds, which a batch in context 1
+    // brings about.
+    let (sim, e) = host(0);
+    let c1 = create(&sim, &e, DomId::DOM0).unwrap();
+    let b = map(&sim, &e, DomId::DOM0, ContextId::DEFAULT, 1).unwrap();
+    let refs = sim.lock().total_page_refs();
+    assert!(refs > 0);
+    sim.lock().fail_flushes = 1;
+    unmap(&sim, &e, DomId::DOM0, ContextId::DEFAULT, b).unwrap();
+    assert_eq!(
+        sim.lock().total_page_refs(),
+        refs,
+        "kept until a flush succeeds"
+    );
+    let b1 = map(&sim, &e, DomId::DOM0, c1, 2).unwrap();
+    unmap(&sim, &e, DomId::DOM0, c1, b1).unwrap();
+    assert_eq!(
+        sim.lock().total_page_refs(),
+        0,
+        "context 0's failed flush was retried"
+    );
+}
+
+#[test]
+fn contexts_of_device_models_leave_cells_for_other_device_models() {
+    // (Second security review.) Device models creating all the contexts
+    // they may cannot take the last HOME_RESERVE free cells: other device
+    // models can still start mapping.
+    use pviommu_hv::engine::HOME_RESERVE;
+    let pool = MAX_DRIVER_DOMAINS - DOM0_CELLS;
+    let (sim, e) = host(pool as u16 + 1);
+    let mut next = 0u16;
+    let mut creators = 0;
+    loop {
+        let dm = DomId(DM.0 + next);
+        next += 1;
+        map(&sim, &e, dm, ContextId::DEFAULT, 1).unwrap();
+        let mut refused = false;
+        while e.state().cells_of(dm).count() < 4 {
+            match create(&sim, &e, dm) {
+                Ok(_) => {}
+                Err(Errno::NoSpc) => {
+                    refused = true;
+                    break;
+                }
+                Err(other) => panic!("create: {other:?}"),
+            }
+        }
+        if refused {
+            break;
+        }
+        creators += 1;
+    }
+    let owned = e.state().drivers().count();
+    assert_eq!(
+        pool - owned,
+        HOME_RESERVE - 1,
+        "{creators} device models with contexts"
+    );
+    // Each of the free cells still goes to a device model's first map.
+    for _ in 0..HOME_RESERVE - 1 {
+        let dm = DomId(DM.0 + next);
+        next += 1;
+        map(&sim, &e, dm, ContextId::DEFAULT, 1).unwrap();
+    }
+    assert_eq!(
+        map(&sim, &e, DomId(DM.0 + next), ContextId::DEFAULT, 1),
+        Err(Errno::NoSpc)
+    );
+}

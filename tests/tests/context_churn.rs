@@ -251,3 +251,65 @@ fn contexts_mapping_at_once_exceed_the_quota_by_at_most_one_run_each() {
         );
     }
 }
+
+#[test]
+fn far_below_the_quota_the_rough_count_keeps_the_bound_too() {
+    // (Second security review.) A quota far above what the cells can hide
+    // from the shared rough count: every context maps until refused; the
+    // quota is reached, and exceeded by at most one run per other context.
+    const Q: u64 = 2000;
+    const G: u64 = 2100;
+    for round in 0..5 {
+        let mut m = SimMachine::new(16384, Format::Vtd, 64);
+        let spec = DomainSpec {
+            pages: G,
+            privileged: false,
+            device_model_of: None,
+        };
+        m.create_domain(T1, spec).unwrap();
+        let e = Arc::new(Engine::new(Default::default(), &m).unwrap());
+        let sim = SharedSim::new(m);
+        e.set_quota(&mut sim.handle(DomId::DOM0), DomId::DOM0, Some(Q))
+            .unwrap();
+        let max = pviommu_hv::iommu::IommuBackend::iommu_caps(&*sim.lock()).max_contexts;
+        let ctxs: Vec<_> = (1..max)
+            .map(|_| {
+                e.context_create(&mut sim.handle(DomId::DOM0), DomId::DOM0)
+                    .unwrap()
+            })
+            .collect();
+        let k = ctxs.len() as u64 + 1;
+        let barrier = Arc::new(Barrier::new(k as usize));
+        let mut ts = vec![];
+        for ctx in std::iter::once(ContextId::DEFAULT).chain(ctxs) {
+            let (sim, e, b) = (sim.clone(), e.clone(), barrier.clone());
+            ts.push(std::thread::spawn(move || {
+                let mut h = sim.handle(DomId::DOM0);
+                let info = h.domain_info(DomId::DOM0).unwrap();
+                b.wait();
+                let mut gfn = 0u64;
+                while gfn + MAP_CHUNK as u64 <= G {
+                    let reqs: Vec<_> = (0..MAP_CHUNK as u64)
+                        .map(|j| req(ctx, T1, gfn + j))
+                        .collect();
+                    gfn += MAP_CHUNK as u64;
+                    let mut out = [Err(Errno::Inval); MAP_CHUNK];
+                    let n = e.map_batch(&mut h, DomId::DOM0, &info, &reqs, &mut out);
+                    e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0);
+                    if out[..n].iter().all(|r| matches!(r, Err(Errno::NoSpc))) {
+                        break;
+                    }
+                }
+            }));
+        }
+        for t in ts {
+            t.join().unwrap();
+        }
+        let used = e.usage(DomId::DOM0).1;
+        assert!(used >= Q, "round {round}: only {used} of {Q}");
+        assert!(
+            used <= Q + (k - 1) * MAP_CHUNK as u64,
+            "round {round}: {used} BFNs against a quota of {Q} in {k} contexts"
+        );
+    }
+}

@@ -344,6 +344,16 @@ impl<L: RawMutex> Engine<L> {
             .get(home_cell)
             .and_then(|e| e.get(id.0 as usize))
             .ok_or(Errno::Inval)?;
+        if caller != DomId::DOM0 {
+            // The last free cells of the shared pool are kept for homes.
+            let free = (first..last)
+                .filter_map(|c| self.owners.get(c))
+                .filter(|o| o.load(Ordering::SeqCst) == super::FREE_CELL)
+                .count();
+            if free <= super::HOME_RESERVE {
+                return Err(Errno::NoSpc);
+            }
+        }
         for cell in first..last {
             let (Some(owner), Some(m)) = (self.owners.get(cell), self.cells.get(cell)) else {
                 continue;

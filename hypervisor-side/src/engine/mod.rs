@@ -98,6 +98,10 @@ pub const DOM0_CELLS: usize = MAX_CONTEXTS as usize;
 /// takes a cell from the pool the device models share, so one domain may
 /// take at most this many of its [`MAX_DRIVER_DOMAINS`] - [`DOM0_CELLS`].
 pub const OTHER_MAX_CONTEXTS: u32 = 4;
+/// Free cells of that pool a context of a driver domain other than dom0
+/// never takes: they are kept for home cells, so device models that
+/// create contexts cannot keep others from mapping at all.
+pub const HOME_RESERVE: usize = 16;
 /// `cell_of` entry of a domain without a cell.
 const NO_CELL: u8 = u8::MAX;
 /// `owners` entry of a free cell.

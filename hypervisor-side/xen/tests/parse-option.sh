@@ -1,0 +1,124 @@
+#!/bin/bash
+# The pviommu= boot option parser (pviommu-common.inc's parse_pviommu),
+# compiled on the host with Xen's semantics for what it calls (parse_bool,
+# and simple_strtoull, which wraps silently on overflow rather than
+# saturating like the C library's strtoull), and run against good and
+# hostile values. Exits non-zero on a wrong answer.
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+
+# The option's variables and parser, as they are in the glue.
+sed -n '/^#define PVX_MAX_QUOTA/,/^static int __init cf_check parse_pviommu/{/^static int __init cf_check parse_pviommu/!p}' \
+    "$HERE/pviommu-common.inc" > "$WORK/vars.inc"
+sed -n '/^static int __init cf_check parse_pviommu/,/^}/p' "$HERE/pviommu-common.inc" > "$WORK/parse.inc"
+grep -q 'return rc;' "$WORK/parse.inc" || { echo "parse-option: parse_pviommu not found" >&2; exit 1; }
+
+cat > "$WORK/test.c" <<'EOF'
+#include <errno.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#define __init
+#define __initdata
+#define cf_check
+
+/* Xen's lib/parse-size.c / common/kernel.c semantics. */
+static int parse_bool(const char *s, const char *e)
+{
+    size_t len = e - s;
+    if ( (len == 2 && !strncmp(s, "no", 2)) || (len == 3 && !strncmp(s, "off", 3)) ||
+         (len == 5 && !strncmp(s, "false", 5)) || (len == 7 && !strncmp(s, "disable", 7)) ||
+         (len == 1 && *s == '0') )
+        return 0;
+    if ( (len == 3 && !strncmp(s, "yes", 3)) || (len == 2 && !strncmp(s, "on", 2)) ||
+         (len == 4 && !strncmp(s, "true", 4)) || (len == 6 && !strncmp(s, "enable", 6)) ||
+         (len == 1 && *s == '1') )
+        return 1;
+    return -1;
+}
+
+/* Xen's simple_strtoull: base 0 takes 0x and 0 prefixes; no overflow check. */
+static unsigned long long simple_strtoull(const char *cp, const char **endp, unsigned int base)
+{
+    unsigned long long result = 0, value;
+    if ( !base )
+    {
+        base = 10;
+        if ( *cp == '0' )
+        {
+            base = 8;
+            cp++;
+            if ( (*cp == 'x' || *cp == 'X') &&
+                 ((cp[1] >= '0' && cp[1] <= '9') || (cp[1] >= 'a' && cp[1] <= 'f') ||
+                  (cp[1] >= 'A' && cp[1] <= 'F')) )
+            {
+                cp++;
+                base = 16;
+            }
+        }
+    }
+    for ( ;; cp++ )
+    {
+        if ( *cp >= '0' && *cp <= '9' ) value = *cp - '0';
+        else if ( *cp >= 'a' && *cp <= 'f' ) value = *cp - 'a' + 10;
+        else if ( *cp >= 'A' && *cp <= 'F' ) value = *cp - 'A' + 10;
+        else break;
+        if ( value >= base )
+            break;
+        result = result * base + value;
+    }
+    if ( endp )
+        *endp = cp;
+    return result;
+}
+
+#include "vars.inc"
+#include "parse.inc"
+
+static int failures;
+
+static void expect(const char *opt, int rc_want, unsigned long long batch, unsigned long long quota)
+{
+    opt_pviommu_batch = 0;
+    opt_pviommu_quota = 0;
+    int rc = parse_pviommu(opt);
+    if ( rc != rc_want || (rc == 0 && (opt_pviommu_batch != batch || opt_pviommu_quota != quota)) )
+    {
+        printf("FAIL pviommu=%s: rc=%d batch=%u quota=%llu (want rc=%d batch=%llu quota=%llu)\n",
+               opt, rc, opt_pviommu_batch, (unsigned long long)opt_pviommu_quota, rc_want,
+               batch, quota);
+        failures++;
+    }
+    else
+        printf("ok   pviommu=%s\n", opt);
+}
+
+int main(void)
+{
+    expect("on", 0, 0, 0);
+    expect("batch:64,quota:0x1000", 0, 64, 0x1000);
+    expect("batch:4294967295", 0, 4294967295u, 0);
+    expect("batch:0xffffffff", 0, 0xffffffffu, 0);
+    expect("batch:4294967296", -EINVAL, 0, 0);
+    /* 2^64 + 1 wraps to 1 in simple_strtoull: refused by its length. */
+    expect("batch:0x10000000000000001", -EINVAL, 0, 0);
+    expect("batch:18446744073709551617", -EINVAL, 0, 0);
+    expect("batch:0", -EINVAL, 0, 0);
+    expect("batch:", -EINVAL, 0, 0);
+    expect("batch:12x", -EINVAL, 0, 0);
+    expect("quota:0x1000000", 0, 0, 0x1000000);
+    expect("quota:0x1000001", -EINVAL, 0, 0);
+    expect("quota:0x10000000000000001", -EINVAL, 0, 0);
+    expect("heap:0x100000000000000001", -EINVAL, 0, 0);
+    expect("nonsense", -EINVAL, 0, 0);
+    if ( failures )
+        printf("parse-option: %d wrong\n", failures);
+    return failures != 0;
+}
+EOF
+gcc -std=gnu11 -Wall -Wno-unused-function -Werror -I"$WORK" -o "$WORK/test" "$WORK/test.c"
+"$WORK/test"
