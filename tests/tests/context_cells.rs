@@ -394,48 +394,30 @@ fn a_failed_flush_in_one_context_is_retried_by_a_batch_in_another() {
 
 #[test]
 fn contexts_of_device_models_leave_cells_for_other_device_models() {
-    // (Second security review.) Device models creating all the contexts
-    // they may cannot take the last HOME_RESERVE free cells: other device
-    // models can still start mapping.
+    // (Second and third security reviews.) A context of a device model
+    // never takes a cell when HOME_RESERVE or fewer are free: those go to
+    // device models' first maps.
     use pviommu_hv::engine::HOME_RESERVE;
     let pool = MAX_DRIVER_DOMAINS - DOM0_CELLS;
     let (sim, e) = host(pool as u16 + 1);
-    let mut next = 0u16;
-    let mut creators = 0;
-    loop {
-        let dm = DomId(DM.0 + next);
-        next += 1;
-        map(&sim, &e, dm, ContextId::DEFAULT, 1).unwrap();
-        let mut refused = false;
-        while e.state().cells_of(dm).count() < 4 {
-            match create(&sim, &e, dm) {
-                Ok(_) => {}
-                Err(Errno::NoSpc) => {
-                    refused = true;
-                    break;
-                }
-                Err(other) => panic!("create: {other:?}"),
-            }
-        }
-        if refused {
-            break;
-        }
-        creators += 1;
+    // Homes only, until HOME_RESERVE + 1 cells are free.
+    let homes = pool - HOME_RESERVE - 1;
+    for i in 0..homes as u16 {
+        map(&sim, &e, DomId(DM.0 + i), ContextId::DEFAULT, 1).unwrap();
     }
-    let owned = e.state().drivers().count();
-    assert_eq!(
-        pool - owned,
-        HOME_RESERVE - 1,
-        "{creators} device models with contexts"
-    );
-    // Each of the free cells still goes to a device model's first map.
-    for _ in 0..HOME_RESERVE - 1 {
-        let dm = DomId(DM.0 + next);
-        next += 1;
+    // One context still fits; the next would leave fewer than the reserve.
+    create(&sim, &e, DM).unwrap();
+    assert_eq!(pool - e.state().drivers().count(), HOME_RESERVE);
+    assert_eq!(create(&sim, &e, DM), Err(Errno::NoSpc));
+    assert_eq!(create(&sim, &e, DomId(DM.0 + 1)), Err(Errno::NoSpc));
+    // Each reserved cell still goes to a device model's first map.
+    for i in 0..HOME_RESERVE as u16 {
+        let dm = DomId(DM.0 + homes as u16 + i);
         map(&sim, &e, dm, ContextId::DEFAULT, 1).unwrap();
     }
+    let last = DomId(DM.0 + (homes + HOME_RESERVE) as u16);
     assert_eq!(
-        map(&sim, &e, DomId(DM.0 + next), ContextId::DEFAULT, 1),
+        map(&sim, &e, last, ContextId::DEFAULT, 1),
         Err(Errno::NoSpc)
     );
 }

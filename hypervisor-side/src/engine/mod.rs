@@ -102,6 +102,7 @@ pub const OTHER_MAX_CONTEXTS: u32 = 4;
 /// never takes: they are kept for home cells, so device models that
 /// create contexts cannot keep others from mapping at all.
 pub const HOME_RESERVE: usize = 16;
+const _: () = assert!(HOME_RESERVE < MAX_DRIVER_DOMAINS - DOM0_CELLS);
 /// `cell_of` entry of a domain without a cell.
 const NO_CELL: u8 = u8::MAX;
 /// `owners` entry of a free cell.

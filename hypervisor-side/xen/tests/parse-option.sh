@@ -3,7 +3,8 @@
 # compiled on the host with Xen's semantics for what it calls (parse_bool,
 # and simple_strtoull, which wraps silently on overflow rather than
 # saturating like the C library's strtoull), and run against good and
-# hostile values. Exits non-zero on a wrong answer.
+# hostile values. Exits non-zero on a wrong answer. (The Arm glue's extra
+# `dom0-p2m` option, under PVX_DOM0_P2M, is not compiled here.)
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="$(mktemp -d)"
@@ -26,7 +27,7 @@ cat > "$WORK/test.c" <<'EOF'
 #define __initdata
 #define cf_check
 
-/* Xen's lib/parse-size.c / common/kernel.c semantics. */
+/* Xen 4.17's parse_bool (common/kernel.c). */
 static int parse_bool(const char *s, const char *e)
 {
     size_t len = e - s;
@@ -41,7 +42,8 @@ static int parse_bool(const char *s, const char *e)
     return -1;
 }
 
-/* Xen's simple_strtoull: base 0 takes 0x and 0 prefixes; no overflow check. */
+/* Xen 4.17's simple_strtoull (common/vsprintf.c): base 0 takes 0x and 0
+ * prefixes; no overflow check. */
 static unsigned long long simple_strtoull(const char *cp, const char **endp, unsigned int base)
 {
     unsigned long long result = 0, value;
@@ -81,25 +83,42 @@ static unsigned long long simple_strtoull(const char *cp, const char **endp, uns
 
 static int failures;
 
-static void expect(const char *opt, int rc_want, unsigned long long batch, unsigned long long quota)
+/* Parse `opt` from the defaults; on success every option must be as given
+ * (on, batch, quota, heap MiB). */
+static void expect_all(const char *opt, int rc_want, bool on, unsigned long long batch,
+                       unsigned long long quota, unsigned long long heap)
 {
+    opt_pviommu = true;
     opt_pviommu_batch = 0;
     opt_pviommu_quota = 0;
+    opt_pviommu_heap_mib = PVX_DEFAULT_HEAP_MIB;
     int rc = parse_pviommu(opt);
-    if ( rc != rc_want || (rc == 0 && (opt_pviommu_batch != batch || opt_pviommu_quota != quota)) )
+    if ( rc != rc_want ||
+         (rc == 0 && (opt_pviommu != on || opt_pviommu_batch != batch ||
+                      opt_pviommu_quota != quota || opt_pviommu_heap_mib != heap)) )
     {
-        printf("FAIL pviommu=%s: rc=%d batch=%u quota=%llu (want rc=%d batch=%llu quota=%llu)\n",
-               opt, rc, opt_pviommu_batch, (unsigned long long)opt_pviommu_quota, rc_want,
-               batch, quota);
+        printf("FAIL pviommu=%s: rc=%d on=%d batch=%u quota=%llu heap=%u (want rc=%d on=%d "
+               "batch=%llu quota=%llu heap=%llu)\n",
+               opt, rc, opt_pviommu, opt_pviommu_batch, (unsigned long long)opt_pviommu_quota,
+               opt_pviommu_heap_mib, rc_want, on, batch, quota, heap);
         failures++;
     }
     else
         printf("ok   pviommu=%s\n", opt);
 }
 
+static void expect(const char *opt, int rc_want, unsigned long long batch, unsigned long long quota)
+{
+    expect_all(opt, rc_want, true, batch, quota, PVX_DEFAULT_HEAP_MIB);
+}
+
 int main(void)
 {
     expect("on", 0, 0, 0);
+    expect_all("off", 0, false, 0, 0, PVX_DEFAULT_HEAP_MIB);
+    expect_all("off,batch:8,heap:64", 0, false, 8, 0, 64);
+    expect_all("heap:0x10000", 0, true, 0, 0, 0x10000);
+    expect_all("heap:0x10001", -EINVAL, true, 0, 0, 0);
     expect("batch:64,quota:0x1000", 0, 64, 0x1000);
     expect("batch:4294967295", 0, 4294967295u, 0);
     expect("batch:0xffffffff", 0, 0xffffffffu, 0);
