@@ -54,6 +54,15 @@ if PVIOMMU_ENGINE_FEATURES=panic-canary hypervisor-side/xen/build-engine.sh \
 fi
 grep -q 'FAIL: a panic path is reachable' "$BUILD/engine-canary.log"
 echo "build-engine.sh refuses a reachable panic (canary rejected)"
+# And the stack check: a cold function (in .text.unlikely.*) with a frame
+# over the limit, on an entry path, has to be counted and refused.
+if PVIOMMU_ENGINE_FEATURES=stack-canary hypervisor-side/xen/build-engine.sh \
+     hypervisor-side/xen/engine-staticlib "$BUILD/engine-stack-canary" > "$BUILD/engine-stack-canary.log" 2>&1; then
+  echo "FAIL: build-engine.sh accepted an engine over its stack limit" >&2
+  exit 1
+fi
+grep -q "FAIL: the engine's stack use from an entry point is over" "$BUILD/engine-stack-canary.log"
+echo "build-engine.sh refuses an engine over its stack limit (canary rejected)"
 
 if [[ -x tests/xen-qemu/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
   step "Xen 4.17 in QEMU"

@@ -1003,9 +1003,23 @@ fn engine() -> Option<&'static XenEngine> {
     unsafe { (*ENGINE.0.get()).as_ref() }
 }
 
+/// The stack canary: a cold function (placed in `.text.unlikely.*`) with a
+/// frame larger than the stack check's limit.
+#[cfg(feature = "stack-canary")]
+#[cold]
+#[inline(never)]
+fn stack_canary(seed: u64) -> u64 {
+    let big = core::hint::black_box([seed; 640]);
+    big.iter().fold(0, |a, b| a ^ b)
+}
+
 /// Create the engine. 0 or -errno. `quota`/`max_batch` of 0 mean default.
 #[no_mangle]
 pub extern "C" fn pviommu_engine_init(quota: u64, max_batch: u32, heap_bytes: u64) -> i32 {
+    #[cfg(feature = "stack-canary")]
+    if quota == u64::MAX {
+        core::hint::black_box(stack_canary(quota));
+    }
     #[cfg(feature = "panic-canary")]
     {
         let mut v = alloc::vec::Vec::new();
