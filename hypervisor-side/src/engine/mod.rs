@@ -470,10 +470,7 @@ impl<L: RawMutex> Engine<L> {
             };
             try_push(&mut shared, CacheLine(none))?;
             try_push(&mut cell_state, CacheLine(CellState::default()))?;
-            try_push(
-                &mut cells,
-                CacheLine(Mutex::from_raw(lock_for(n), DriverDomain::new(DomId(0)))),
-            )?;
+            Self::push_cell(&mut cells, lock_for(n))?;
         }
         Ok(Engine {
             config,
@@ -489,6 +486,17 @@ impl<L: RawMutex> Engine<L> {
             cells,
             timing: AtomicBool::new(false),
         })
+    }
+
+    /// Add an idle cell behind `lock` to `cells`. Out of line: a cell's
+    /// state is about 900 bytes, and its copies on the way into the table
+    /// would otherwise sit in `with_locks`' frame beside everything else.
+    #[inline(never)]
+    fn push_cell(cells: &mut Vec<CacheLine<Mutex<L, DriverDomain>>>, lock: L) -> Result<(), Errno> {
+        try_push(
+            cells,
+            CacheLine(Mutex::from_raw(lock, DriverDomain::new(DomId(0)))),
+        )
     }
 
     /// The clock for the stats' times: 0 (and no clock read) unless timing
