@@ -21,7 +21,7 @@ use core::sync::atomic::Ordering;
 
 use lock_api::RawMutex;
 
-use super::{Driver, DriverDomain, Engine, Hypervisor};
+use super::{Driver, Engine, Hypervisor};
 use crate::iommu::{FlushGather, HwContext, IommuBackend, OwnTables, TableFormat};
 use crate::permission::may_attach;
 use crate::pgtable::lpae::Lpae;
@@ -315,10 +315,7 @@ impl<L: RawMutex> Engine<L> {
         let r = self.claim_context_cell(h, caller, home_cell, id, own_tables);
         if r.is_err() {
             // Take the id back (the devices lock kept anyone else off it).
-            if let Some(mut home) = self.lock_driver(caller) {
-                home.dd.contexts &= !(1 << id.0);
-                self.put_driver(home);
-            }
+            self.forget_context(caller, id);
         }
         r.map(|()| id)
     }
@@ -354,43 +351,22 @@ impl<L: RawMutex> Engine<L> {
                 return Err(Errno::NoSpc);
             }
         }
-        for cell in first..last {
-            let (Some(owner), Some(m)) = (self.owners.get(cell), self.cells.get(cell)) else {
-                continue;
-            };
-            if owner.load(Ordering::SeqCst) != super::FREE_CELL {
-                continue;
-            }
-            // Holding no other cell (the devices lock comes first): a
-            // blocking lock, so a cell a hook or a claimer holds for a
-            // moment is not passed over as busy.
-            let mut dd = m.lock();
-            if owner
-                .compare_exchange(
-                    super::FREE_CELL,
-                    caller.0 as u32,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                )
-                .is_err()
-            {
-                continue;
-            }
-            // A free cell's state is idle: no slots, no context.
-            dd.domid = caller;
-            dd.context = id;
-            dd.home = home_cell as u8;
-            dd.contexts = 1 << id.0;
-            dd.stats = super::DriverStats::default();
-            let mut d = Driver { cell, dd };
-            let r = Self::set_up_context(&mut d, h, id, own_tables);
-            match r {
-                Ok(()) => entry.store(cell as u8, Ordering::SeqCst),
-                Err(_) => self.release_context_cell(d),
-            }
-            return r;
+        let Some(Driver { cell, mut dd }) = self.take_free_cell(first..last, caller) else {
+            return Err(Errno::NoSpc);
+        };
+        // A free cell's state is idle: no slots, no context.
+        dd.domid = caller;
+        dd.context = id;
+        dd.home = home_cell as u8;
+        dd.contexts = 1 << id.0;
+        dd.stats = super::DriverStats::default();
+        let mut d = Driver { cell, dd };
+        let r = Self::set_up_context(&mut d, h, id, own_tables);
+        match r {
+            Ok(()) => entry.store(cell as u8, Ordering::SeqCst),
+            Err(_) => self.release_context_cell(d),
         }
-        Err(Errno::NoSpc)
+        r
     }
 
     /// Give the new context's cell `d` its tables and tag.
@@ -423,12 +399,22 @@ impl<L: RawMutex> Engine<L> {
         Ok(())
     }
 
+    /// Take context `id` off `domid`'s list of contexts, in its home cell
+    /// (the devices lock held, no cell: its cell is already given back, or
+    /// was never published).
+    fn forget_context(&self, domid: DomId, id: ContextId) {
+        if let Some(mut home) = self.lock_driver(domid) {
+            home.dd.contexts &= !(1 << id.0);
+            self.put_driver(home);
+        }
+    }
+
     /// Give a context's cell back, its state reset to idle (nothing in it:
     /// no BFN in any state, no tables). Its install generations keep
     /// counting, as a home cell's do.
     fn release_context_cell(&self, d: Driver<'_, L>) {
         let Driver { cell, mut dd } = d;
-        let (domid, home, context) = (dd.domid, dd.home as usize, dd.context);
+        let (home, context) = (dd.home as usize, dd.context);
         if let Some(entry) = self
             .ctx_cells
             .get(home)
@@ -441,11 +427,7 @@ impl<L: RawMutex> Engine<L> {
                 Ordering::SeqCst,
             );
         }
-        let (next_gen, published) = (dd.next_gen, dd.published_used);
-        *dd = DriverDomain::new(domid);
-        dd.next_gen = next_gen;
-        dd.home = home as u8;
-        dd.published_used = published;
+        dd.reset_to_idle();
         // Whatever it still counted comes off its driver domain's count.
         self.publish_used(cell, &mut dd, true);
         if let Some(o) = self.owners.get(cell) {
@@ -502,10 +484,7 @@ impl<L: RawMutex> Engine<L> {
                 let r = f(&mut d, h);
                 if let Ok(true) = r {
                     self.release_context_cell(d);
-                    if let Some(mut home) = self.lock_driver(caller) {
-                        home.dd.contexts &= !(1 << context.0);
-                        self.put_driver(home);
-                    }
+                    self.forget_context(caller, context);
                 } else {
                     self.put_driver(d);
                 }
@@ -714,10 +693,7 @@ impl<L: RawMutex> Engine<L> {
                 return false;
             }
             self.release_context_cell(d);
-            if let Some(mut home) = self.lock_driver(domid) {
-                home.dd.contexts &= !(1 << context.0);
-                self.put_driver(home);
-            }
+            self.forget_context(domid, context);
         }
         true
     }

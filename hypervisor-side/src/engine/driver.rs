@@ -485,6 +485,19 @@ impl DriverDomain {
         }
     }
 
+    /// Back to the idle state of a fresh one for the same domain, keeping
+    /// what belongs to the cell rather than to its state: the install
+    /// generations (a tag never repeats in a cell short of 2^32 installs),
+    /// its home and what it added to its home's rough count (taken off
+    /// when the cell is given back). Frees the tables; never allocates.
+    pub(crate) fn reset_to_idle(&mut self) {
+        let (next_gen, home, published) = (self.next_gen, self.home, self.published_used);
+        *self = DriverDomain::new(self.domid);
+        self.next_gen = next_gen;
+        self.home = home;
+        self.published_used = published;
+    }
+
     /// The context whose mappings this state holds.
     pub fn context(&self) -> ContextId {
         self.context

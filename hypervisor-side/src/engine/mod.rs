@@ -847,6 +847,40 @@ impl<L: RawMutex> Engine<L> {
             .is_some_and(|o| o.load(Ordering::SeqCst) == domid.0 as u32)
     }
 
+    /// Lock the first free cell of `cells` and make `domid` its owner
+    /// (compare-and-swap under the cell's lock, so of two claimers of one
+    /// cell the loser moves on to the next); `None` if none is free. Holds
+    /// no other cell: the lock is a blocking one, so a free cell a hook
+    /// holds for a moment is not passed over as busy. The caller sets the
+    /// state up for its new owner before it unlocks.
+    pub(crate) fn take_free_cell(
+        &self,
+        cells: core::ops::Range<usize>,
+        domid: DomId,
+    ) -> Option<Driver<'_, L>> {
+        for cell in cells {
+            let (Some(owner), Some(m)) = (self.owners.get(cell), self.cells.get(cell)) else {
+                continue;
+            };
+            if owner.load(Ordering::SeqCst) != FREE_CELL {
+                continue;
+            }
+            let dd = m.lock();
+            let claimed = owner
+                .compare_exchange(
+                    FREE_CELL,
+                    domid.0 as u32,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok();
+            if claimed {
+                return Some(Driver { cell, dd });
+            }
+        }
+        None
+    }
+
     /// Lock `domid`'s driver state, giving it a free cell first if it has
     /// none. Cell 0 only ever goes to dom0.
     ///
@@ -868,25 +902,7 @@ impl<L: RawMutex> Engine<L> {
                 return Ok(d);
             }
             full = true;
-            for cell in first..last {
-                let (Some(owner), Some(m)) = (self.owners.get(cell), self.cells.get(cell)) else {
-                    continue;
-                };
-                if owner.load(Ordering::SeqCst) != FREE_CELL {
-                    continue;
-                }
-                let mut dd = m.lock();
-                if owner
-                    .compare_exchange(
-                        FREE_CELL,
-                        domid.0 as u32,
-                        Ordering::SeqCst,
-                        Ordering::SeqCst,
-                    )
-                    .is_err()
-                {
-                    continue;
-                }
+            if let Some(Driver { cell, mut dd }) = self.take_free_cell(first..last, domid) {
                 full = false;
                 // Publish it, unless another vCPU of the domain published a
                 // cell meanwhile: then give this one back and use theirs.
@@ -894,8 +910,10 @@ impl<L: RawMutex> Engine<L> {
                     .compare_exchange(NO_CELL, cell as u8, Ordering::SeqCst, Ordering::SeqCst)
                     .is_err()
                 {
-                    owner.store(FREE_CELL, Ordering::SeqCst);
-                    break;
+                    if let Some(owner) = self.owners.get(cell) {
+                        owner.store(FREE_CELL, Ordering::SeqCst);
+                    }
+                    continue;
                 }
                 // A free cell's state is idle (no slots, default quota);
                 // it needs its new owner and fresh counters (cell 0 is only

@@ -519,16 +519,10 @@ impl<L: RawMutex> Engine<L> {
     }
 
     pub(super) fn reset_and_release(&self, mut d: Driver<'_, L>) {
-        let domid = d.dd.domid;
-        // Back to an idle state, and the cell (dom0's too) goes back. Its
-        // install generations keep counting: a tag never repeats in a cell
-        // short of 2^32 installs. What it still counted against its driver
-        // domain's quota comes off there (on release).
-        let (next_gen, home, published) = (d.dd.next_gen, d.dd.home, d.dd.published_used);
-        *d.dd = DriverDomain::new(domid);
-        d.dd.next_gen = next_gen;
-        d.dd.home = home;
-        d.dd.published_used = published;
+        // Back to an idle state, and the cell (dom0's too) goes back; what
+        // it still counted against its driver domain's quota comes off there
+        // on release.
+        d.dd.reset_to_idle();
         self.release_driver(d);
     }
 
