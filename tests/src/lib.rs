@@ -382,3 +382,28 @@ impl TableMemory for Interposer<'_> {
         self.m.borrow_mut().set_present_count(t, c)
     }
 }
+
+/// A tiny deterministic generator (xorshift), one per thread of a
+/// concurrency test.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next value.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Run `f` on another thread; `None` if it has not finished in 10 s (it is
+/// waiting for a lock it should not need).
+pub fn within_10s<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Option<R> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(10)).ok()
+}

@@ -14,6 +14,7 @@ use pviommu_hv::lock_check;
 use pviommu_hv::platform::Platform;
 use pviommu_hv::sim::{DomainSpec, Format, SharedSim, SimMachine};
 use pviommu_hv::{Engine, Errno};
+use pviommu_tests::Rng;
 
 const PAGES: u64 = 64;
 const TARGETS: [DomId; 3] = [DomId(1), DomId(2), DomId(3)];
@@ -46,17 +47,6 @@ fn host() -> (SharedSim, Arc<Engine>) {
     }
     let e = Engine::new(Default::default(), &m).unwrap();
     (SharedSim::new(m), Arc::new(e))
-}
-
-/// A tiny deterministic generator per thread.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 fn mapper(

@@ -7,13 +7,13 @@
 
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
 
 use pviommu_abi::{Bfn, ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions};
 use pviommu_hv::engine::{DOM0_CELLS, MAX_DRIVER_DOMAINS};
 use pviommu_hv::platform::Platform;
 use pviommu_hv::sim::{DomainSpec, Format, SharedSim, SimMachine};
 use pviommu_hv::{Engine, Errno};
+use pviommu_tests::within_10s;
 
 const GUEST: DomId = DomId(1);
 const DM: DomId = DomId(3);
@@ -72,16 +72,6 @@ fn unmap(
 
 fn create(sim: &SharedSim, e: &Engine, caller: DomId) -> Result<ContextId, Errno> {
     e.context_create(&mut sim.handle(caller), caller)
-}
-
-/// Run `f` on another thread; `None` if it has not finished in 10 s (it is
-/// waiting for a lock it should not need).
-fn within_10s<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Option<R> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(Duration::from_secs(10)).ok()
 }
 
 #[test]

@@ -14,20 +14,11 @@ use pviommu_hv::lock_check;
 use pviommu_hv::platform::Platform;
 use pviommu_hv::sim::{DomainSpec, Format, SharedSim, SimMachine};
 use pviommu_hv::{Engine, Errno};
+use pviommu_tests::Rng;
 const PAGES: u64 = 64;
 const T1: DomId = DomId(1);
 const T2: DomId = DomId(2);
 const QUOTA: u64 = 40;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 fn host() -> (SharedSim, Arc<Engine>) {
     let mut m = SimMachine::new(16384, Format::Vtd, 64);
@@ -208,6 +199,52 @@ fn context_churn_with_maps_hooks_and_target_death() {
     assert_eq!(got, QUOTA, "the shared quota count drifted");
 }
 
+/// Every context dom0 can have (0 and as many as it may create) maps runs
+/// of MAP_CHUNK pages of T1 from gfn 0 on, all at once (a barrier starts
+/// them), `runs` runs each or, with `stop_when_refused`, until a whole run
+/// is refused. Returns how many contexts mapped.
+fn map_in_every_context_at_once(
+    sim: &SharedSim,
+    e: &Arc<Engine>,
+    runs: u64,
+    stop_when_refused: bool,
+) -> u64 {
+    let max = pviommu_hv::iommu::IommuBackend::iommu_caps(&*sim.lock()).max_contexts;
+    let ctxs: Vec<_> = (1..max)
+        .map(|_| {
+            e.context_create(&mut sim.handle(DomId::DOM0), DomId::DOM0)
+                .unwrap()
+        })
+        .collect();
+    let k = ctxs.len() as u64 + 1;
+    let barrier = Arc::new(Barrier::new(k as usize));
+    let mut ts = vec![];
+    for ctx in std::iter::once(ContextId::DEFAULT).chain(ctxs) {
+        let (sim, e, b) = (sim.clone(), e.clone(), barrier.clone());
+        ts.push(std::thread::spawn(move || {
+            let mut h = sim.handle(DomId::DOM0);
+            let info = h.domain_info(DomId::DOM0).unwrap();
+            b.wait();
+            for run in 0..runs {
+                let reqs: Vec<_> = (0..MAP_CHUNK as u64)
+                    .map(|j| req(ctx, T1, run * MAP_CHUNK as u64 + j))
+                    .collect();
+                let mut out = [Err(Errno::Inval); MAP_CHUNK];
+                let n = e.map_batch(&mut h, DomId::DOM0, &info, &reqs, &mut out);
+                e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0);
+                let refused = out[..n].iter().all(|r| matches!(r, Err(Errno::NoSpc)));
+                if stop_when_refused && refused {
+                    break;
+                }
+            }
+        }));
+    }
+    for t in ts {
+        t.join().unwrap();
+    }
+    k
+}
+
 #[test]
 fn contexts_mapping_at_once_exceed_the_quota_by_at_most_one_run_each() {
     const Q: u64 = 8;
@@ -215,35 +252,7 @@ fn contexts_mapping_at_once_exceed_the_quota_by_at_most_one_run_each() {
         let (sim, e) = host();
         e.set_quota(&mut sim.handle(DomId::DOM0), DomId::DOM0, Some(Q))
             .unwrap();
-        let max = pviommu_hv::iommu::IommuBackend::iommu_caps(&*sim.lock()).max_contexts;
-        let ctxs: Vec<_> = (1..max)
-            .map(|_| {
-                e.context_create(&mut sim.handle(DomId::DOM0), DomId::DOM0)
-                    .unwrap()
-            })
-            .collect();
-        let k = ctxs.len() as u64 + 1;
-        let barrier = Arc::new(Barrier::new(k as usize));
-        let mut ts = vec![];
-        for ctx in std::iter::once(ContextId::DEFAULT).chain(ctxs) {
-            let (sim, e, b) = (sim.clone(), e.clone(), barrier.clone());
-            ts.push(std::thread::spawn(move || {
-                let mut h = sim.handle(DomId::DOM0);
-                let info = h.domain_info(DomId::DOM0).unwrap();
-                b.wait();
-                for run in 0..4u64 {
-                    let reqs: Vec<_> = (0..MAP_CHUNK as u64)
-                        .map(|j| req(ctx, T1, (run * 8 + j) % PAGES))
-                        .collect();
-                    let mut out = [Err(Errno::Inval); MAP_CHUNK];
-                    e.map_batch(&mut h, DomId::DOM0, &info, &reqs, &mut out);
-                    e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0);
-                }
-            }));
-        }
-        for t in ts {
-            t.join().unwrap();
-        }
+        let k = map_in_every_context_at_once(&sim, &e, 4, false);
         let used = e.usage(DomId::DOM0).1;
         assert!(
             used <= Q + (k - 1) * MAP_CHUNK as u64,
@@ -271,40 +280,7 @@ fn far_below_the_quota_the_rough_count_keeps_the_bound_too() {
         let sim = SharedSim::new(m);
         e.set_quota(&mut sim.handle(DomId::DOM0), DomId::DOM0, Some(Q))
             .unwrap();
-        let max = pviommu_hv::iommu::IommuBackend::iommu_caps(&*sim.lock()).max_contexts;
-        let ctxs: Vec<_> = (1..max)
-            .map(|_| {
-                e.context_create(&mut sim.handle(DomId::DOM0), DomId::DOM0)
-                    .unwrap()
-            })
-            .collect();
-        let k = ctxs.len() as u64 + 1;
-        let barrier = Arc::new(Barrier::new(k as usize));
-        let mut ts = vec![];
-        for ctx in std::iter::once(ContextId::DEFAULT).chain(ctxs) {
-            let (sim, e, b) = (sim.clone(), e.clone(), barrier.clone());
-            ts.push(std::thread::spawn(move || {
-                let mut h = sim.handle(DomId::DOM0);
-                let info = h.domain_info(DomId::DOM0).unwrap();
-                b.wait();
-                let mut gfn = 0u64;
-                while gfn + MAP_CHUNK as u64 <= G {
-                    let reqs: Vec<_> = (0..MAP_CHUNK as u64)
-                        .map(|j| req(ctx, T1, gfn + j))
-                        .collect();
-                    gfn += MAP_CHUNK as u64;
-                    let mut out = [Err(Errno::Inval); MAP_CHUNK];
-                    let n = e.map_batch(&mut h, DomId::DOM0, &info, &reqs, &mut out);
-                    e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0);
-                    if out[..n].iter().all(|r| matches!(r, Err(Errno::NoSpc))) {
-                        break;
-                    }
-                }
-            }));
-        }
-        for t in ts {
-            t.join().unwrap();
-        }
+        let k = map_in_every_context_at_once(&sim, &e, G / MAP_CHUNK as u64, true);
         let used = e.usage(DomId::DOM0).1;
         assert!(used >= Q, "round {round}: only {used} of {Q}");
         assert!(

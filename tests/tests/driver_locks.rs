@@ -13,6 +13,7 @@ use pviommu_hv::engine::{DOM0_CELLS, MAX_DRIVER_DOMAINS};
 use pviommu_hv::platform::Platform;
 use pviommu_hv::sim::{DomainSpec, Format, SharedSim, SimMachine};
 use pviommu_hv::{Engine, Errno};
+use pviommu_tests::within_10s;
 
 const GUEST: DomId = DomId(1);
 const OTHER: DomId = DomId(2);
@@ -54,16 +55,6 @@ fn map(sim: &SharedSim, e: &Engine, caller: DomId, target: DomId, gfn: u64) -> R
     let r = e.map(&mut h, caller, &info, &req).map(|_| ());
     e.finish(&mut h, caller);
     r
-}
-
-/// Run `f` on another thread; `None` if it has not finished in 10 s (it is
-/// waiting for a lock it should not need).
-fn within_10s<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Option<R> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(Duration::from_secs(10)).ok()
 }
 
 #[test]
