@@ -45,24 +45,24 @@ step "engine object for Xen: no SIMD, no reachable panic"
 BUILD="${PVIOMMU_BUILD_DIR:-$PWD/build}"
 export PVIOMMU_ENGINE_TARGET_DIR="$BUILD/engine/target"
 hypervisor-side/xen/build-engine.sh hypervisor-side/xen/engine-staticlib "$BUILD/engine"
-# The check must be able to fail: an engine with one infallible allocation
-# on an entry path has to be refused.
-if PVIOMMU_ENGINE_FEATURES=panic-canary hypervisor-side/xen/build-engine.sh \
-     hypervisor-side/xen/engine-staticlib "$BUILD/engine-canary" > "$BUILD/engine-canary.log" 2>&1; then
-  echo "FAIL: build-engine.sh accepted an engine with a reachable panic" >&2
-  exit 1
-fi
-grep -q 'FAIL: a panic path is reachable' "$BUILD/engine-canary.log"
-echo "build-engine.sh refuses a reachable panic (canary rejected)"
-# And the stack check: a cold function (in .text.unlikely.*) with a frame
-# over the limit, on an entry path, has to be counted and refused.
-if PVIOMMU_ENGINE_FEATURES=stack-canary hypervisor-side/xen/build-engine.sh \
-     hypervisor-side/xen/engine-staticlib "$BUILD/engine-stack-canary" > "$BUILD/engine-stack-canary.log" 2>&1; then
-  echo "FAIL: build-engine.sh accepted an engine over its stack limit" >&2
-  exit 1
-fi
-grep -q "FAIL: the engine's stack use from an entry point is over" "$BUILD/engine-stack-canary.log"
-echo "build-engine.sh refuses an engine over its stack limit (canary rejected)"
+# Each check must be able to fail: an engine built with canary FEATURE has
+# to be refused with MESSAGE in build-engine.sh's output.
+refused_canary() {
+  local feature="$1" message="$2" what="$3"
+  if PVIOMMU_ENGINE_FEATURES="$feature" hypervisor-side/xen/build-engine.sh \
+       hypervisor-side/xen/engine-staticlib "$BUILD/engine-$feature" > "$BUILD/engine-$feature.log" 2>&1; then
+    echo "FAIL: build-engine.sh accepted an engine with $what" >&2
+    exit 1
+  fi
+  grep -q "$message" "$BUILD/engine-$feature.log"
+  echo "build-engine.sh refuses an engine with $what (canary rejected)"
+}
+# One infallible allocation on an entry path.
+refused_canary panic-canary 'FAIL: a panic path is reachable' "a reachable panic"
+# A cold function (in .text.unlikely.*) with a frame over the stack limit,
+# on an entry path: it has to be counted.
+refused_canary stack-canary "FAIL: the engine's stack use from an entry point is over" \
+  "a stack over its limit"
 
 if [[ -x tests/xen-qemu/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
   step "Xen 4.17 in QEMU"
