@@ -45,10 +45,15 @@ pub fn try_push<T>(v: &mut Vec<T>, value: T) -> Result<(), Errno> {
 
 /// A `Vec` of `n` copies of `value`, allocated fallibly.
 pub fn try_filled<T: Clone>(n: usize, value: T) -> Result<Vec<T>, Errno> {
+    try_from_fn(n, |_| value.clone())
+}
+
+/// A `Vec` of `make(0)`, ..., `make(n - 1)`, allocated fallibly, once.
+pub fn try_from_fn<T>(n: usize, mut make: impl FnMut(usize) -> T) -> Result<Vec<T>, Errno> {
     let mut v = Vec::new();
     v.try_reserve_exact(n).map_err(|_| Errno::NoMem)?;
-    for _ in 0..n {
-        try_push(&mut v, value.clone())?;
+    for i in 0..n {
+        try_push(&mut v, make(i))?;
     }
     Ok(v)
 }

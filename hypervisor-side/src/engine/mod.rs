@@ -74,7 +74,7 @@ use crate::config::{Config, MAX_CONTEXTS, X86_MSI_WINDOW};
 use crate::iommu::IommuBackend;
 use crate::permission::{check_map_again, check_page};
 use crate::platform::{DomainInfo, Platform, ReservedRange};
-use crate::storage::try_push;
+use crate::storage::{try_from_fn, try_push};
 use crate::{Bfn, ContextId, DomId, Errno, Mfn};
 use driver::{PageAt, NONE};
 use pviommu_abi::{region_kind, MapRequest};
@@ -428,48 +428,24 @@ impl<L: RawMutex> Engine<L> {
         let window = BfnWindow::new(h.ram_end().0, h.iommu_caps().address_bits, reserved)?;
         let space = BfnSpace::new(&window)?;
         let domids = DomId::FIRST_RESERVED as usize;
-        let mut gates = Vec::new();
-        gates.try_reserve_exact(domids).map_err(|_| Errno::NoMem)?;
-        let mut cell_of = Vec::new();
-        cell_of
-            .try_reserve_exact(domids)
-            .map_err(|_| Errno::NoMem)?;
-        for _ in 0..domids {
-            try_push(&mut gates, TargetGate::default())?;
-            try_push(&mut cell_of, AtomicU8::new(NO_CELL))?;
-        }
-        let mut owners = Vec::new();
+        let gates = try_from_fn(domids, |_| TargetGate::default())?;
+        let cell_of = try_from_fn(domids, |_| AtomicU8::new(NO_CELL))?;
+        let owners = try_from_fn(MAX_DRIVER_DOMAINS, |_| CacheLine(AtomicU32::new(FREE_CELL)))?;
+        let ctx_cells = try_from_fn(MAX_DRIVER_DOMAINS, |_| {
+            core::array::from_fn(|_| AtomicU8::new(NO_CELL))
+        })?;
+        let shared = try_from_fn(MAX_DRIVER_DOMAINS, |_| {
+            CacheLine(DriverShared {
+                quota: AtomicU64::new(NO_QUOTA),
+                ..DriverShared::default()
+            })
+        })?;
+        let cell_state = try_from_fn(MAX_DRIVER_DOMAINS, |_| CacheLine(CellState::default()))?;
         let mut cells = Vec::new();
-        let mut ctx_cells = Vec::new();
-        let mut shared = Vec::new();
-        owners
-            .try_reserve_exact(MAX_DRIVER_DOMAINS)
-            .map_err(|_| Errno::NoMem)?;
         cells
             .try_reserve_exact(MAX_DRIVER_DOMAINS)
             .map_err(|_| Errno::NoMem)?;
-        ctx_cells
-            .try_reserve_exact(MAX_DRIVER_DOMAINS)
-            .map_err(|_| Errno::NoMem)?;
-        shared
-            .try_reserve_exact(MAX_DRIVER_DOMAINS)
-            .map_err(|_| Errno::NoMem)?;
-        let mut cell_state = Vec::new();
-        cell_state
-            .try_reserve_exact(MAX_DRIVER_DOMAINS)
-            .map_err(|_| Errno::NoMem)?;
         for n in 0..MAX_DRIVER_DOMAINS {
-            try_push(&mut owners, CacheLine(AtomicU32::new(FREE_CELL)))?;
-            try_push(
-                &mut ctx_cells,
-                core::array::from_fn(|_| AtomicU8::new(NO_CELL)),
-            )?;
-            let none = DriverShared {
-                quota: AtomicU64::new(NO_QUOTA),
-                ..DriverShared::default()
-            };
-            try_push(&mut shared, CacheLine(none))?;
-            try_push(&mut cell_state, CacheLine(CellState::default()))?;
             Self::push_cell(&mut cells, lock_for(n))?;
         }
         Ok(Engine {
