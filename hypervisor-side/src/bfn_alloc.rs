@@ -163,7 +163,15 @@ impl BfnSpace {
     }
 
     /// The BFN with slot index `index`.
+    #[inline]
     pub fn bfn_of(&self, index: u64) -> Option<Bfn> {
+        // Slots are handed out lowest first, so nearly every index is in
+        // the first segment: one compare, no iterator, on every map.
+        if let Some(s) = self.segments.first() {
+            if index < s.len {
+                return Some(Bfn(s.start + index));
+            }
+        }
         self.segments
             .iter()
             .find(|s| index >= s.first_index && index - s.first_index < s.len)
@@ -171,7 +179,14 @@ impl BfnSpace {
     }
 
     /// The slot index of `bfn`, if it is a usable BFN.
+    #[inline]
     pub fn index_of(&self, bfn: Bfn) -> Option<u64> {
+        if let Some(s) = self.segments.first() {
+            // (`wrapping_sub`: a BFN below the window wraps past `len`.)
+            if bfn.0.wrapping_sub(s.start) < s.len {
+                return Some(bfn.0 - s.start);
+            }
+        }
         self.segments
             .iter()
             .find(|s| bfn.0 >= s.start && bfn.0 - s.start < s.len)
@@ -216,5 +231,39 @@ mod tests {
         let all: Vec<u64> = (0..s.len()).map(|i| s.bfn_of(i).unwrap().0).collect();
         assert_eq!(all, [12, 13, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28]);
         assert_eq!(s.bfn_of(s.len()), None);
+    }
+    /// The first-segment shortcut of `bfn_of` / `index_of` agrees with a
+    /// plain enumeration of the usable BFNs, on windows whose reserved
+    /// ranges cut the first segment short, start it late or leave it empty.
+    #[test]
+    fn index_and_bfn_agree_with_an_enumeration() {
+        let r = |start, nr| ReservedRange { start, nr, kind: 2 };
+        let cases = [
+            alloc::vec![],
+            alloc::vec![r(10, 1)],
+            alloc::vec![r(12, 3), r(20, 1)],
+            alloc::vec![r(0, 11), r(13, 2)],
+            alloc::vec![r(10, 30)],
+            alloc::vec![r(39, 5)],
+        ];
+        for reserved in cases {
+            let w = BfnWindow {
+                start: 10,
+                end: 40,
+                reserved,
+            };
+            let s = BfnSpace::new(&w).unwrap();
+            let usable: Vec<u64> = (0..64).filter(|&b| w.allows(b)).collect();
+            assert_eq!(s.len(), usable.len() as u64);
+            for (i, &b) in usable.iter().enumerate() {
+                assert_eq!(s.bfn_of(i as u64), Some(Bfn(b)));
+            }
+            assert_eq!(s.bfn_of(usable.len() as u64), None);
+            for b in 0..64 {
+                let want = usable.iter().position(|&u| u == b).map(|i| i as u64);
+                assert_eq!(s.index_of(Bfn(b)), want, "bfn {b} of {:?}", w.reserved);
+            }
+            assert_eq!(s.index_of(Bfn(u64::MAX)), None);
+        }
     }
 }

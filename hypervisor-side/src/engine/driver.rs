@@ -641,7 +641,7 @@ impl DriverDomain {
     /// The Live slot with `key`'s dedup key (same page, context, perms, attr).
     #[cfg(test)]
     pub(crate) fn find_key(&self, seed: u64, key: &Mapping) -> Option<u64> {
-        self.find_key_at(self.probe_page(seed, key.domid, key.gfn), key)
+        self.find_key_at(&self.probe_page(seed, key.domid, key.gfn), key)
     }
 
     /// Where page (domid, gfn) is in the page index: a map looks once and
@@ -661,7 +661,7 @@ impl DriverDomain {
     /// The Live slot with `key`'s dedup key (same page, context, perms,
     /// attr), from a fresh [`probe_page`](Self::probe_page) of the key's page.
     #[inline]
-    pub(crate) fn find_key_at(&self, at: PageAt, key: &Mapping) -> Option<u64> {
+    pub(crate) fn find_key_at(&self, at: &PageAt, key: &Mapping) -> Option<u64> {
         // A page not indexed (every first map of it) has no chain to walk.
         let head = self.pages.value_at(at.pos?)?;
         self.chain_from(Some(head))
@@ -669,14 +669,15 @@ impl DriverDomain {
             .map(|(i, _)| i)
     }
 
-    /// `at` if it still says where its page is; otherwise a fresh probe.
+    /// Where `at`'s page is now: `at`'s position if it still holds;
+    /// otherwise a fresh probe's.
     /// A position is void once the buckets were rebuilt, or once a removal
     /// (a revocation on the way) took its value or shifted another value
     /// into or out of it: the bucket then holds another page, or none. A
     /// page not indexed stays so until an install, and only one install
     /// runs at a time.
     #[inline]
-    fn still_at(&self, at: PageAt) -> PageAt {
+    fn still_at(&self, at: &PageAt) -> Option<usize> {
         let holds = at.layout == self.pages.layout()
             && at.pos.is_none_or(|p| {
                 self.pages
@@ -685,13 +686,9 @@ impl DriverDomain {
                     .is_some_and(|r| r.is_live_page(at.domid, at.gfn))
             });
         if holds {
-            at
+            at.pos
         } else {
-            PageAt {
-                pos: self.page_pos(at.hash, at.domid, at.gfn),
-                layout: self.pages.layout(),
-                ..at
-            }
+            self.page_pos(at.hash, at.domid, at.gfn)
         }
     }
 
@@ -755,19 +752,20 @@ impl DriverDomain {
     pub(crate) fn install_at(
         &mut self,
         seed: u64,
-        at: PageAt,
+        at: &PageAt,
         idx: u64,
         mut m: Mapping,
     ) -> Result<u32, Errno> {
         // A probe of another page is no probe of this one: probe afresh
         // (two compares, in release builds too, keep a misfiled page, one
         // no revocation would find, out of reach of any caller).
-        let at = if at.domid == m.domid && at.gfn == m.gfn {
-            self.still_at(at)
+        let (pos, hash) = if at.domid == m.domid && at.gfn == m.gfn {
+            (self.still_at(at), at.hash)
         } else {
-            self.probe_page(seed, m.domid, m.gfn)
+            let hash = page_hash(seed, m.domid, m.gfn);
+            (self.page_pos(hash, m.domid, m.gfn), hash)
         };
-        match at.pos {
+        match pos {
             Some(pos) => {
                 m.next_same_page = self.pages.value_at(pos).unwrap_or(NONE);
                 self.pages.set_at(pos, idx);
@@ -779,7 +777,7 @@ impl DriverDomain {
                 // takes down a slot nothing indexes): count first, since
                 // taking a count back never allocates.
                 self.count_target(seed, m.domid, true)?;
-                if let Err(e) = self.pages.insert(at.hash, idx) {
+                if let Err(e) = self.pages.insert(hash, idx) {
                     self.uncount_target(seed, m.domid);
                     return Err(e);
                 }
@@ -1067,7 +1065,7 @@ mod tests {
     fn install(dd: &mut DriverDomain, at: PageAt, m: Mapping) -> u64 {
         dd.reserve_slot(SEED, 1 << 20, &at).unwrap();
         let idx = dd.take_slot().unwrap();
-        dd.install_at(SEED, at, idx, m).unwrap();
+        dd.install_at(SEED, &at, idx, m).unwrap();
         idx
     }
 
@@ -1219,7 +1217,7 @@ mod tests {
                 if (r >> 24) % 100 < 55 {
                     let m = key(k);
                     let at = dd.probe_page(SEED, m.domid, m.gfn);
-                    let found = dd.find_key_at(at, &m);
+                    let found = dd.find_key_at(&at, &m);
                     assert_eq!(found, live.get(&k).copied(), "step {step}");
                     if found.is_none() {
                         if (r >> 40) % 4 == 0 && !live.is_empty() {
@@ -1256,7 +1254,7 @@ mod tests {
         dd.pages.reserve_one(at.hash).unwrap(); // room for the page, none for its target
         dd.slots.try_reserve_one(1 << 20).unwrap();
         let idx = dd.take_slot().unwrap();
-        assert!(dd.install_at(SEED, at, idx, page_of(7, 5)).is_err());
+        assert!(dd.install_at(SEED, &at, idx, page_of(7, 5)).is_err());
         assert_eq!(
             dd.mapped_pages(),
             0,
@@ -1276,7 +1274,7 @@ mod tests {
         let at = dd.probe_page(SEED, DomId(7), Gfn(5));
         dd.slots.try_reserve_one(1 << 20).unwrap();
         let idx = dd.take_slot().unwrap();
-        assert!(dd.install_at(SEED, at, idx, page_of(7, 5)).is_err());
+        assert!(dd.install_at(SEED, &at, idx, page_of(7, 5)).is_err());
         assert_eq!(dd.pages_of(SEED, DomId(7)), 0);
         assert_eq!(dd.targets.len(), 0, "a count for a page never indexed");
         assert_eq!(dd.mapped_pages(), 0);
@@ -1290,7 +1288,7 @@ mod tests {
         let at = dd.probe_page(SEED, DomId(7), Gfn(2));
         // A slot number the page index cannot store: its insert refuses.
         assert!(dd
-            .install_at(SEED, at, u64::from(u32::MAX), page_of(7, 2))
+            .install_at(SEED, &at, u64::from(u32::MAX), page_of(7, 2))
             .is_err());
         assert_eq!(dd.pages_of(SEED, DomId(7)), 1);
         assert_eq!(dd.pages_of(SEED, DomId(8)), 1);

@@ -343,19 +343,25 @@ pub struct Mapped {
 }
 
 /// What the locked part of a map did with the attempt's page reference
-/// and its share of the target gate.
-#[derive(Clone, Copy)]
+/// and its share of the target gate. The result the caller is told is
+/// written into its slot by the locked part itself: built there field by
+/// field, not carried back in this enum (a `Mapped` inside it went through
+/// a stack temporary whose overlapping reload stalled store forwarding,
+/// about 6 % of a map's time).
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum MapOutcome {
-    /// A new mapping holds both.
-    Installed(Mapped),
+    /// A new mapping holds both; the result is `Ok`.
+    Installed,
     /// An existing mapping of the same frame got one more reference: the
     /// attempt's page reference and gate share are returned by the caller.
-    Shared(Mapped),
-    /// Nothing happened: the caller returns both.
-    Refused(Errno),
+    /// The result is `Ok`.
+    Shared,
+    /// Nothing happened: the caller returns both. The result is `Err`.
+    Refused,
     /// Failed after the IOMMU entry existed: the engine took both over and
-    /// releases them after the flush. The caller must not touch them.
-    Consumed(Errno),
+    /// releases them after the flush. The caller must not touch them. The
+    /// result is `Err`.
+    Consumed,
 }
 
 /// The mapping a request asks for, over frame `mfn`.
@@ -375,10 +381,10 @@ fn map_key(req: &MapRequest, mfn: Mfn) -> Mapping {
 
 /// What [`Engine::map_prepare`] found.
 enum Prepared {
-    /// Deduplicated onto an existing mapping.
-    Shared(Mapped),
-    /// Reserved: install, with where the page was in the index.
-    Install(PageAt),
+    /// Deduplicated onto an existing mapping (the result written).
+    Shared,
+    /// Reserved: install, at the page's probe.
+    Install,
 }
 
 /// Why a slot was looked up for an unmap.
@@ -1037,23 +1043,27 @@ impl<L: RawMutex> Engine<L> {
         for _ in 0..MAP_RETRIES {
             let (looked_up, ns_get_page) = self.look_up_page(h, req, gate);
             let (mfn, seq) = looked_up?;
+            let mut result = Err(Errno::Inval);
             let outcome = match self.lock_for_map(caller, req.context) {
-                Err(e) => Some(MapOutcome::Refused(e)),
+                Err(e) => {
+                    result = Err(e);
+                    Some(MapOutcome::Refused)
+                }
                 Ok(mut d) => {
                     // Mark, then re-read seq (see above). An already set
                     // bit cannot be cleared while this lock is held.
                     self.set_gate_bit(d.cell, req.domid, true);
                     let out = (gate.seq.load(Ordering::SeqCst) == seq)
-                        .then(|| self.map_locked(&mut d, h, req, mfn));
+                        .then(|| self.map_locked(&mut d, h, req, mfn, &mut result));
                     d.dd.stats.ns_get_page += ns_get_page;
                     match out {
                         // Mapped: the bit must stay (a stale mapping revoked
                         // on the way may have been the last one).
-                        Some(MapOutcome::Installed(_)) => {
+                        Some(MapOutcome::Installed) => {
                             d.dd.stats.maps += 1;
                             self.set_gate_bit(d.cell, req.domid, true)
                         }
-                        Some(MapOutcome::Shared(_)) => {
+                        Some(MapOutcome::Shared) => {
                             d.dd.stats.shared += 1;
                             self.set_gate_bit(d.cell, req.domid, true)
                         }
@@ -1066,12 +1076,11 @@ impl<L: RawMutex> Engine<L> {
             let done = match outcome {
                 // Installed: the mapping keeps the page reference and its
                 // share of `active`.
-                Some(MapOutcome::Installed(m)) => return Ok(m),
+                Some(MapOutcome::Installed) => return result,
                 // Failed after the IOMMU entry existed: the engine released
                 // (or will release, after the flush) what this attempt took.
-                Some(MapOutcome::Consumed(e)) => return Err(e),
-                Some(MapOutcome::Shared(m)) => Some(Ok(m)),
-                Some(MapOutcome::Refused(e)) => Some(Err(e)),
+                Some(MapOutcome::Consumed) => return result,
+                Some(MapOutcome::Shared | MapOutcome::Refused) => Some(result),
                 // The target's p2m changed under us: look the page up again.
                 None => None,
             };
@@ -1219,26 +1228,18 @@ impl<L: RawMutex> Engine<L> {
                             *step = Step::Moved(mfn);
                             continue;
                         }
-                        *step = match self.map_locked(&mut d, h, req, mfn) {
-                            MapOutcome::Installed(m) => {
+                        *step = match self.map_locked(&mut d, h, req, mfn, o) {
+                            MapOutcome::Installed => {
                                 d.dd.stats.maps += 1;
-                                *o = Ok(m);
                                 Step::Done
                             }
                             // The engine took the page and share over.
-                            MapOutcome::Consumed(e) => {
-                                *o = Err(e);
-                                Step::Done
-                            }
-                            MapOutcome::Shared(m) => {
+                            MapOutcome::Consumed => Step::Done,
+                            MapOutcome::Shared => {
                                 d.dd.stats.shared += 1;
-                                *o = Ok(m);
                                 Step::GiveBack(mfn)
                             }
-                            MapOutcome::Refused(e) => {
-                                *o = Err(e);
-                                Step::GiveBack(mfn)
-                            }
+                            MapOutcome::Refused => Step::GiveBack(mfn),
                         };
                     }
                     // A target left with no page here loses the cell's bit.
@@ -1375,47 +1376,60 @@ impl<L: RawMutex> Engine<L> {
             }
     }
 
-    /// The locked part of a map: dedup or install.
+    /// The locked part of a map: dedup or install, the result written
+    /// into `out`.
     fn map_locked(
         &self,
         d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
         req: &MapRequest,
         mfn: Mfn,
+        out: &mut Result<Mapped, Errno>,
     ) -> MapOutcome {
-        match self.map_prepare(d, h, req, mfn) {
-            Ok(Prepared::Shared(m)) => MapOutcome::Shared(m),
-            Ok(Prepared::Install(at)) => self.map_install(d, h, req, mfn, at),
-            Err(e) => MapOutcome::Refused(e),
+        if d.dd.context != req.context || !d.dd.has_context(req.context) {
+            *out = Err(Errno::NoEnt);
+            return MapOutcome::Refused;
+        }
+        // The page's probe stays here, and goes by reference: copied
+        // whole, it was reloaded wider than it was stored, which stalls
+        // store forwarding.
+        let at = d.dd.probe_page(self.seed, req.domid, req.gfn);
+        match self.map_prepare(d, h, req, mfn, &at, out) {
+            Ok(Prepared::Shared) => MapOutcome::Shared,
+            Ok(Prepared::Install) => self.map_install(d, h, req, mfn, &at, out),
+            Err(e) => {
+                *out = Err(e);
+                MapOutcome::Refused
+            }
         }
     }
 
-    /// Dedup (`Shared`), or check the quota and reserve every byte the
-    /// install needs (`Install`, with where the page is in the index). On
-    /// `Err` nothing changed (but a stale mapping found on the way).
+    /// Dedup (`Shared`, its result written into `out`), or check the quota
+    /// and reserve every byte the install needs (`Install`). `at` is the
+    /// page's probe. On `Err` nothing changed (but a stale mapping found on
+    /// the way).
     fn map_prepare(
         &self,
         d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
         req: &MapRequest,
         mfn: Mfn,
+        at: &PageAt,
+        out: &mut Result<Mapped, Errno>,
     ) -> Result<Prepared, Errno> {
         let seed = self.seed;
         let key = map_key(req, mfn);
-        if d.dd.context != req.context || !d.dd.has_context(req.context) {
-            return Err(Errno::NoEnt);
-        }
-        let at = d.dd.probe_page(seed, req.domid, req.gfn);
         if let Some(idx) = d.dd.find_key_at(at, &key) {
             let bfn = self.space.bfn_of(idx).ok_or(Errno::Inval)?;
             let m = d.dd.live_at(idx).ok_or(Errno::Inval)?;
             if m.mfn == mfn {
                 d.dd.set_refs(idx, m.refs.checked_add(1).ok_or(Errno::NoSpc)?);
-                return Ok(Prepared::Shared(Mapped {
+                *out = Ok(Mapped {
                     bfn,
                     tag: m.gen,
                     cell: d.cell,
-                }));
+                });
+                return Ok(Prepared::Shared);
             }
             // The gfn no longer points at the mapped frame: a removal
             // whose hook has not run yet. Revoke the stale mapping now
@@ -1426,47 +1440,57 @@ impl<L: RawMutex> Engine<L> {
         if self.over_quota(d, quota) {
             return Err(Errno::NoSpc);
         }
-        d.dd.reserve_slot(seed, quota.min(self.space.len()), &at)?;
+        d.dd.reserve_slot(seed, quota.min(self.space.len()), at)?;
         // (`install_at` probes again if the revocation or the reservation
         // moved the page's bucket.)
-        Ok(Prepared::Install(at))
+        Ok(Prepared::Install)
     }
 
-    /// Take a slot, write the IOMMU entry and index the mapping. Nothing
-    /// allocates here. Once the IOMMU entry exists, every failure goes
-    /// through the unmap-flush-release path (`Consumed`): the page reference
-    /// is never dropped while the device may still reach the page.
+    /// Take a slot, write the IOMMU entry and index the mapping, the
+    /// result written into `out`. Nothing allocates here. Once the IOMMU
+    /// entry exists, every failure goes through the unmap-flush-release
+    /// path (`Consumed`): the page reference is never dropped while the
+    /// device may still reach the page.
     fn map_install(
         &self,
         d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
         req: &MapRequest,
         mfn: Mfn,
-        at: PageAt,
+        at: &PageAt,
+        out: &mut Result<Mapped, Errno>,
     ) -> MapOutcome {
         let key = map_key(req, mfn);
         let dd = &mut *d.dd;
         let idx = match dd.take_slot() {
             Ok(i) => i,
-            Err(e) => return MapOutcome::Refused(e),
+            Err(e) => {
+                *out = Err(e);
+                return MapOutcome::Refused;
+            }
         };
         let Some(bfn) = self.space.bfn_of(idx) else {
             dd.free_slot(idx);
-            return MapOutcome::Refused(Errno::NoSpc);
+            *out = Err(Errno::NoSpc);
+            return MapOutcome::Refused;
         };
         let t0 = self.clock(h);
         let mapped = dd.iommu_map(h, req.context, bfn, mfn, req.perms, req.attr);
         dd.stats.ns_iommu_map += self.since(h, t0);
         if let Err(e) = mapped {
             dd.free_slot(idx);
-            return MapOutcome::Refused(e);
+            *out = Err(e);
+            return MapOutcome::Refused;
         }
         match dd.install_at(self.seed, at, idx, key) {
-            Ok(tag) => MapOutcome::Installed(Mapped {
-                bfn,
-                tag,
-                cell: d.cell,
-            }),
+            Ok(tag) => {
+                *out = Ok(Mapped {
+                    bfn,
+                    tag,
+                    cell: d.cell,
+                });
+                MapOutcome::Installed
+            }
             Err(e) => {
                 // Unreachable (capacity reserved). The entry exists: take it
                 // down the way an unmap does, page released after the flush.
@@ -1479,7 +1503,8 @@ impl<L: RawMutex> Engine<L> {
                     Ok(()) => dd.push_unmapping(idx, key, false),
                     Err(_) => dd.push_stuck(idx, key),
                 }
-                MapOutcome::Consumed(e)
+                *out = Err(e);
+                MapOutcome::Consumed
             }
         }
     }
