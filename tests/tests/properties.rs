@@ -262,7 +262,8 @@ proptest! {
     /// and leaves the state that mapping the same requests one by one does:
     /// repeats of a page within a run, pages of a domain that does not
     /// exist, gfns beyond the guest's memory, read-only and writable maps,
-    /// a target's page replaced in between.
+    /// a target's page replaced in between. Every result slot of the run
+    /// is written (the caller's array may hold an earlier run's results).
     #[test]
     fn a_run_of_maps_equals_the_maps_one_by_one(
         reqs in proptest::collection::vec((0u64..70, any::<bool>(), 0u8..8, 0u8..4), 1..40),
@@ -296,7 +297,14 @@ proptest! {
         let mut batched = vec![];
         let mut at = 0;
         while at < reqs.len() {
-            let mut out = vec![Err(pviommu_abi::Errno::Inval); pviommu_hv::engine::MAP_CHUNK];
+            // Every slot starts with a result no map gives: one left as it
+            // was would show up below as a mapping of BFN 0xdead_beef.
+            let stale = pviommu_hv::engine::Mapped {
+                bfn: Bfn(0xdead_beef),
+                tag: u32::MAX,
+                cell: usize::MAX,
+            };
+            let mut out = vec![Ok(stale); pviommu_hv::engine::MAP_CHUNK];
             let done = e2.map_batch(&mut m2, DomId::DOM0, &info, &reqs[at..], &mut out);
             prop_assert!(done >= 1);
             batched.extend(out.into_iter().take(done).map(|r| r.map(|m| m.bfn)));

@@ -364,6 +364,51 @@ enum MapOutcome {
     Consumed,
 }
 
+/// What the locked map returns: its [`MapOutcome`], which only the
+/// functions here give out, each together with the result it writes into
+/// the caller's slot. So no path of the locked map can return an outcome
+/// and leave the slot as it was (in `map_batch` a slot may still hold an
+/// earlier op's result), and an `Ok` always goes with `Installed` or
+/// `Shared`, an `Err` with `Refused` or `Consumed`.
+mod report {
+    use super::{Errno, MapOutcome, Mapped};
+
+    /// An outcome whose result is written.
+    #[must_use]
+    pub(super) struct Reported(MapOutcome);
+
+    impl Reported {
+        pub(super) fn outcome(self) -> MapOutcome {
+            self.0
+        }
+    }
+
+    #[inline(always)]
+    pub(super) fn installed(out: &mut Result<Mapped, Errno>, m: Mapped) -> Reported {
+        *out = Ok(m);
+        Reported(MapOutcome::Installed)
+    }
+
+    #[inline(always)]
+    pub(super) fn shared(out: &mut Result<Mapped, Errno>, m: Mapped) -> Reported {
+        *out = Ok(m);
+        Reported(MapOutcome::Shared)
+    }
+
+    #[inline(always)]
+    pub(super) fn refused(out: &mut Result<Mapped, Errno>, e: Errno) -> Reported {
+        *out = Err(e);
+        Reported(MapOutcome::Refused)
+    }
+
+    #[inline(always)]
+    pub(super) fn consumed(out: &mut Result<Mapped, Errno>, e: Errno) -> Reported {
+        *out = Err(e);
+        Reported(MapOutcome::Consumed)
+    }
+}
+use report::Reported;
+
 /// The mapping a request asks for, over frame `mfn`.
 fn map_key(req: &MapRequest, mfn: Mfn) -> Mapping {
     Mapping {
@@ -382,7 +427,7 @@ fn map_key(req: &MapRequest, mfn: Mfn) -> Mapping {
 /// What [`Engine::map_prepare`] found.
 enum Prepared {
     /// Deduplicated onto an existing mapping (the result written).
-    Shared,
+    Shared(Reported),
     /// Reserved: install, at the page's probe.
     Install,
 }
@@ -1054,7 +1099,7 @@ impl<L: RawMutex> Engine<L> {
                     // bit cannot be cleared while this lock is held.
                     self.set_gate_bit(d.cell, req.domid, true);
                     let out = (gate.seq.load(Ordering::SeqCst) == seq)
-                        .then(|| self.map_locked(&mut d, h, req, mfn, &mut result));
+                        .then(|| self.map_locked(&mut d, h, req, mfn, &mut result).outcome());
                     d.dd.stats.ns_get_page += ns_get_page;
                     match out {
                         // Mapped: the bit must stay (a stale mapping revoked
@@ -1228,7 +1273,7 @@ impl<L: RawMutex> Engine<L> {
                             *step = Step::Moved(mfn);
                             continue;
                         }
-                        *step = match self.map_locked(&mut d, h, req, mfn, o) {
+                        *step = match self.map_locked(&mut d, h, req, mfn, o).outcome() {
                             MapOutcome::Installed => {
                                 d.dd.stats.maps += 1;
                                 Step::Done
@@ -1262,7 +1307,14 @@ impl<L: RawMutex> Engine<L> {
             match *step {
                 Step::Done => {}
                 // Unreachable: every looked-up op got an outcome above.
-                Step::Locked(mfn, _) | Step::GiveBack(mfn) => {
+                // Were one left, its slot gets an error of its own (it may
+                // hold an earlier op's result: `out` is the caller's).
+                Step::Locked(mfn, _) => {
+                    h.put_page(mfn, req.perms.write);
+                    self.gate_leave(req.domid);
+                    *o = Err(Errno::Inval);
+                }
+                Step::GiveBack(mfn) => {
                     h.put_page(mfn, req.perms.write);
                     self.gate_leave(req.domid);
                 }
@@ -1385,22 +1437,18 @@ impl<L: RawMutex> Engine<L> {
         req: &MapRequest,
         mfn: Mfn,
         out: &mut Result<Mapped, Errno>,
-    ) -> MapOutcome {
+    ) -> Reported {
         if d.dd.context != req.context || !d.dd.has_context(req.context) {
-            *out = Err(Errno::NoEnt);
-            return MapOutcome::Refused;
+            return report::refused(out, Errno::NoEnt);
         }
         // The page's probe stays here, and goes by reference: copied
         // whole, it was reloaded wider than it was stored, which stalls
         // store forwarding.
         let at = d.dd.probe_page(self.seed, req.domid, req.gfn);
         match self.map_prepare(d, h, req, mfn, &at, out) {
-            Ok(Prepared::Shared) => MapOutcome::Shared,
+            Ok(Prepared::Shared(reported)) => reported,
             Ok(Prepared::Install) => self.map_install(d, h, req, mfn, &at, out),
-            Err(e) => {
-                *out = Err(e);
-                MapOutcome::Refused
-            }
+            Err(e) => report::refused(out, e),
         }
     }
 
@@ -1424,12 +1472,12 @@ impl<L: RawMutex> Engine<L> {
             let m = d.dd.live_at(idx).ok_or(Errno::Inval)?;
             if m.mfn == mfn {
                 d.dd.set_refs(idx, m.refs.checked_add(1).ok_or(Errno::NoSpc)?);
-                *out = Ok(Mapped {
+                let m = Mapped {
                     bfn,
                     tag: m.gen,
                     cell: d.cell,
-                });
-                return Ok(Prepared::Shared);
+                };
+                return Ok(Prepared::Shared(report::shared(out, m)));
             }
             // The gfn no longer points at the mapped frame: a removal
             // whose hook has not run yet. Revoke the stale mapping now
@@ -1459,38 +1507,33 @@ impl<L: RawMutex> Engine<L> {
         mfn: Mfn,
         at: &PageAt,
         out: &mut Result<Mapped, Errno>,
-    ) -> MapOutcome {
+    ) -> Reported {
         let key = map_key(req, mfn);
         let dd = &mut *d.dd;
         let idx = match dd.take_slot() {
             Ok(i) => i,
-            Err(e) => {
-                *out = Err(e);
-                return MapOutcome::Refused;
-            }
+            Err(e) => return report::refused(out, e),
         };
         let Some(bfn) = self.space.bfn_of(idx) else {
             dd.free_slot(idx);
-            *out = Err(Errno::NoSpc);
-            return MapOutcome::Refused;
+            return report::refused(out, Errno::NoSpc);
         };
         let t0 = self.clock(h);
         let mapped = dd.iommu_map(h, req.context, bfn, mfn, req.perms, req.attr);
         dd.stats.ns_iommu_map += self.since(h, t0);
         if let Err(e) = mapped {
             dd.free_slot(idx);
-            *out = Err(e);
-            return MapOutcome::Refused;
+            return report::refused(out, e);
         }
         match dd.install_at(self.seed, at, idx, key) {
-            Ok(tag) => {
-                *out = Ok(Mapped {
+            Ok(tag) => report::installed(
+                out,
+                Mapped {
                     bfn,
                     tag,
                     cell: d.cell,
-                });
-                MapOutcome::Installed
-            }
+                },
+            ),
             Err(e) => {
                 // Unreachable (capacity reserved). The entry exists: take it
                 // down the way an unmap does, page released after the flush.
@@ -1503,8 +1546,7 @@ impl<L: RawMutex> Engine<L> {
                     Ok(()) => dd.push_unmapping(idx, key, false),
                     Err(_) => dd.push_stuck(idx, key),
                 }
-                *out = Err(e);
-                MapOutcome::Consumed
+                report::consumed(out, e)
             }
         }
     }
