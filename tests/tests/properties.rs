@@ -292,7 +292,10 @@ proptest! {
             m2.put_new_frame(GUEST, Gfn(g)).unwrap();
         }
         let info = m1.domain_info(DomId::DOM0).unwrap();
-        let one_by_one: Vec<_> = reqs.iter().map(|r| e1.map(&mut m1, DomId::DOM0, &info, r)).collect();
+        let one_by_one: Vec<_> = reqs
+            .iter()
+            .map(|r| e1.map_tagged(&mut m1, DomId::DOM0, &info, r))
+            .collect();
         e1.finish(&mut m1, DomId::DOM0);
         let mut batched = vec![];
         let mut at = 0;
@@ -307,7 +310,8 @@ proptest! {
             let mut out = vec![Ok(stale); pviommu_hv::engine::MAP_CHUNK];
             let done = e2.map_batch(&mut m2, DomId::DOM0, &info, &reqs[at..], &mut out);
             prop_assert!(done >= 1);
-            batched.extend(out.into_iter().take(done).map(|r| r.map(|m| m.bfn)));
+            // The whole result: BFN, install tag and cell.
+            batched.extend(out.into_iter().take(done));
             at += done;
         }
         e2.finish(&mut m2, DomId::DOM0);

@@ -1181,6 +1181,8 @@ impl<L: RawMutex> Engine<L> {
         // Where each op stands; `out[i]` holds its result once it has one.
         #[derive(Clone, Copy)]
         enum Step {
+            /// Not reached yet (no result).
+            Pending,
             /// Has its result, and nothing of the attempt to give back.
             Done,
             /// Looked up: page `mfn` referenced, gate joined at `seq`.
@@ -1192,7 +1194,7 @@ impl<L: RawMutex> Engine<L> {
             /// map it again on its own.
             Moved(Mfn),
         }
-        let mut steps = [Step::Done; MAP_CHUNK];
+        let mut steps = [Step::Pending; MAP_CHUNK];
         let mut ns_get_page = 0;
         let mut checked: Option<DomId> = None;
         let caps = h.iommu_caps();
@@ -1231,16 +1233,20 @@ impl<L: RawMutex> Engine<L> {
                 Err(e) => {
                     self.gate_leave(req.domid);
                     *o = Err(e);
+                    *step = Step::Done;
                     continue;
                 }
             };
             checked = Some(req.domid);
             let (looked_up, ns) = self.look_up_joined(h, req, gate);
             ns_get_page += ns;
-            match looked_up {
-                Ok((mfn, seq)) => *step = Step::Locked(mfn, seq),
-                Err(e) => *o = Err(e),
-            }
+            *step = match looked_up {
+                Ok((mfn, seq)) => Step::Locked(mfn, seq),
+                Err(e) => {
+                    *o = Err(e);
+                    Step::Done
+                }
+            };
         }
 
         if steps.iter().any(|s| matches!(s, Step::Locked(..))) {
@@ -1306,6 +1312,10 @@ impl<L: RawMutex> Engine<L> {
         for ((req, step), o) in reqs.iter().zip(steps.iter()).zip(out.iter_mut()).take(n) {
             match *step {
                 Step::Done => {}
+                // Unreachable: every op of the run was reached above. Were
+                // one not, it gets an error rather than whatever its slot
+                // held.
+                Step::Pending => *o = Err(Errno::Inval),
                 // Unreachable: every looked-up op got an outcome above.
                 // Were one left, its slot gets an error of its own (it may
                 // hold an earlier op's result: `out` is the caller's).
