@@ -38,10 +38,12 @@ impl PageTableFormat for Lpae {
     const ADDRESS_MASK: u64 = 0x0000_FFFF_FFFF_F000;
     const ENTRY_FORMAT: u16 = pviommu_abi::entry_format::ARM_LPAE_STAGE2;
 
+    #[inline]
     fn table_entry(table: Mfn) -> u64 {
         ((table.0 << 12) & ADDR_MASK) | VALID | TABLE_OR_PAGE
     }
 
+    #[inline]
     fn leaf_entry(mfn: Mfn, perms: Permissions, attr: MemAttr, level: u32) -> u64 {
         let mut e = ((mfn.0 << 12) & ADDR_MASK) | VALID | AF;
         if level == 1 {
@@ -61,6 +63,7 @@ impl PageTableFormat for Lpae {
         e
     }
 
+    #[inline]
     fn decode(raw: u64, level: u32) -> Entry {
         if raw & VALID == 0 {
             return Entry::Empty;

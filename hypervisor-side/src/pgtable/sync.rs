@@ -37,6 +37,9 @@ pub struct DirtyLines {
     records: [(Mfn, u64); DIRTY_TABLES],
     /// The record `note` hands back when the set is full (round robin).
     victim: usize,
+    /// The record `note` used last, looked at first: a map or unmap
+    /// stores twice into one table (the entry and the present count).
+    last: usize,
 }
 
 impl Default for DirtyLines {
@@ -51,6 +54,7 @@ impl DirtyLines {
         DirtyLines {
             records: [(Mfn(0), 0); DIRTY_TABLES],
             victim: 0,
+            last: 0,
         }
     }
 
@@ -70,10 +74,17 @@ impl DirtyLines {
     /// must write back now.
     pub fn note(&mut self, table: Mfn, index: usize) -> Option<(Mfn, u64)> {
         let bit = Self::line_bit(index);
+        if let Some(r) = self.records.get_mut(self.last) {
+            if r.1 != 0 && r.0 == table {
+                r.1 |= bit;
+                return None;
+            }
+        }
         let mut free = None;
         for (i, r) in self.records.iter_mut().enumerate() {
             if r.1 != 0 && r.0 == table {
                 r.1 |= bit;
+                self.last = i;
                 return None;
             }
             if r.1 == 0 && free.is_none() {
@@ -91,6 +102,7 @@ impl DirtyLines {
         let r = self.records.get_mut(slot)?;
         let out = (r.1 != 0).then_some(*r);
         *r = (table, bit);
+        self.last = slot;
         out
     }
 

@@ -38,6 +38,7 @@ pub struct Vtd;
 /// The VT-d second-level format of an IOMMU without Snoop Control.
 pub struct VtdNoSnoop;
 
+#[inline]
 fn leaf(mfn: Mfn, perms: Permissions, attr: MemAttr, level: u32, snoop_control: bool) -> u64 {
     let mut e = (mfn.0 << 12) & ADDR_MASK;
     if perms.read {
@@ -62,14 +63,17 @@ impl PageTableFormat for Vtd {
     const ADDRESS_MASK: u64 = ADDR_MASK;
     const ENTRY_FORMAT: u16 = pviommu_abi::entry_format::VTD_SECOND_LEVEL;
 
+    #[inline]
     fn table_entry(table: Mfn) -> u64 {
         ((table.0 << 12) & ADDR_MASK) | R | W
     }
 
+    #[inline]
     fn leaf_entry(mfn: Mfn, perms: Permissions, attr: MemAttr, level: u32) -> u64 {
         leaf(mfn, perms, attr, level, true)
     }
 
+    #[inline]
     fn decode(raw: u64, level: u32) -> Entry {
         decode(raw, level)
     }
@@ -80,19 +84,23 @@ impl PageTableFormat for VtdNoSnoop {
     const ADDRESS_MASK: u64 = ADDR_MASK;
     const ENTRY_FORMAT: u16 = pviommu_abi::entry_format::VTD_SECOND_LEVEL;
 
+    #[inline]
     fn table_entry(table: Mfn) -> u64 {
         Vtd::table_entry(table)
     }
 
+    #[inline]
     fn leaf_entry(mfn: Mfn, perms: Permissions, attr: MemAttr, level: u32) -> u64 {
         leaf(mfn, perms, attr, level, false)
     }
 
+    #[inline]
     fn decode(raw: u64, level: u32) -> Entry {
         decode(raw, level)
     }
 }
 
+#[inline]
 fn decode(raw: u64, level: u32) -> Entry {
     if raw & (R | W) == 0 {
         return Entry::Empty;

@@ -218,6 +218,9 @@ struct Xen {
     maps: [Cell<(u64, *mut u64)>; MAPPED_TABLES],
     /// The slot the next new mapping replaces.
     next: Cell<usize>,
+    /// The slot [`table`](Self::table) answered last, looked at first: a
+    /// map or unmap reads and writes one leaf table several times.
+    last: Cell<usize>,
     /// Cells (bit n: cell n) whose dirty set this entry point noted a store
     /// in: written back before it returns ([`Drop`]).
     touched: Cell<u64>,
@@ -234,6 +237,7 @@ impl Xen {
         Xen {
             maps: [const { Cell::new((0, core::ptr::null_mut())) }; MAPPED_TABLES],
             next: Cell::new(0),
+            last: Cell::new(0),
             touched: Cell::new(0),
             fault: Cell::new(false),
         }
@@ -243,9 +247,16 @@ impl Xen {
     /// point's; null if Xen refused it (not one of the engine's table
     /// frames: then the access is reported, see [`Xen::refused`]).
     fn table(&self, table: Mfn) -> *mut u64 {
-        for m in &self.maps {
+        if let Some(m) = self.maps.get(self.last.get()) {
             let (mfn, p) = m.get();
             if !p.is_null() && mfn == table.0 {
+                return p;
+            }
+        }
+        for (i, m) in self.maps.iter().enumerate() {
+            let (mfn, p) = m.get();
+            if !p.is_null() && mfn == table.0 {
+                self.last.set(i);
                 return p;
             }
         }
@@ -258,6 +269,7 @@ impl Xen {
         }
         let i = self.next.get() % MAPPED_TABLES;
         self.next.set((i + 1) % MAPPED_TABLES);
+        self.last.set(i);
         if let Some(m) = self.maps.get(i) {
             let (_, old) = m.replace((table.0, p));
             if !old.is_null() {

@@ -589,3 +589,74 @@ fn the_engine_through_its_hypercall_keeps_every_write_back_point() {
     assert_eq!(model::with(|m| m.refused), 0);
     assert_eq!(violations(), Vec::<std::string::String>::new());
 }
+
+/// Instruction counts of the hypercall path as it is built into Xen: the
+/// backend's real code (guest copies, table stores, dirty lines, locks)
+/// over the model, `PVIOMMU_ROUNDS` rounds (default 20) of 512 pages
+/// mapped into an engine context and unmapped, one batch each. Not a
+/// check (ignored by default); count it with
+///
+/// ```text
+/// cargo test --release --manifest-path hypervisor-side/xen/engine-staticlib/Cargo.toml \
+///     --target-dir target/engine-staticlib --no-run
+/// PVIOMMU_ROUNDS=200 valgrind --tool=callgrind --toggle-collect=pviommu_engine_op \
+///     target/engine-staticlib/release/deps/pviommu_xen-* --ignored --exact \
+///     tests::engine_op_rounds
+/// ```
+///
+/// and subtract the model's `pvx_*` functions (Xen's own work, which the
+/// model stands in for) to get the engine's and the backend's share of
+/// each page, the part that "engine + copies" times in Xen.
+#[test]
+#[ignore]
+fn engine_op_rounds() {
+    use pviommu_hv::abi::{op_flags, subop, PvIommuOp};
+    let _s = model::serial();
+    if super::engine().is_none() {
+        assert_eq!(super::pviommu_engine_init(0, 0, 0), 0);
+    }
+    let rounds: u64 = std::env::var("PVIOMMU_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let mut create = [PvIommuOp {
+        subop: subop::CONTEXT_CREATE,
+        ..PvIommuOp::default()
+    }];
+    assert_eq!(batch(&mut create), 0);
+    assert_eq!(create[0].status, 0);
+    let ctx = create[0].context;
+    let maps: Vec<PvIommuOp> = (1..=512u64)
+        .map(|g| PvIommuOp {
+            subop: subop::MAP,
+            flags: op_flags::READ | op_flags::WRITE,
+            context: ctx,
+            domid: 1,
+            gfn: g,
+            ..PvIommuOp::default()
+        })
+        .collect();
+    for _ in 0..rounds {
+        let mut ops = maps.clone();
+        assert_eq!(batch(&mut ops), 0);
+        assert!(ops.iter().all(|op| op.status == 0));
+        let mut unmaps: Vec<PvIommuOp> = ops
+            .iter()
+            .map(|m| PvIommuOp {
+                subop: subop::UNMAP,
+                context: ctx,
+                bfn: m.bfn,
+                ..PvIommuOp::default()
+            })
+            .collect();
+        assert_eq!(batch(&mut unmaps), 0);
+        assert!(unmaps.iter().all(|op| op.status == 0));
+    }
+    let mut destroy = [PvIommuOp {
+        subop: subop::CONTEXT_DESTROY,
+        context: ctx,
+        ..PvIommuOp::default()
+    }];
+    assert_eq!(batch(&mut destroy), 0);
+    assert_eq!(violations(), Vec::<std::string::String>::new());
+}
