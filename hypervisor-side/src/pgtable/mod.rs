@@ -60,14 +60,17 @@ pub trait PageTableFormat {
 /// format has no room for (a count of present entries per table).
 ///
 /// # Visibility to the IOMMU
-/// A store by [`write_entry`](TableMemory::write_entry) (or
-/// [`set_present_count`](TableMemory::set_present_count)) may stay in the
+/// A store by [`write_entry`](TableMemory::write_entry) may stay in the
 /// CPU cache, out of sight of an IOMMU that does not snoop it: the backend
 /// decides when to write it back (per entry, or per cache line and batch
-/// with a [`sync::DirtyLines`]). What it must keep: every store is in
+/// with a [`sync::DirtyLines`]). What it must keep: every such store is in
 /// memory before any IOTLB or context-cache invalidation it issues for the
 /// engine's tables (`hw_flush`), before a context is created or a device
 /// pointed at them, and before the hypercall that stored it returns. The
+/// present count ([`set_present_count`](TableMemory::set_present_count))
+/// is the walker's own bookkeeping, read only by the CPU: a backend that
+/// keeps it in bits the IOMMU ignores (Xen's, in entry 0) need not write
+/// it back, only keep the entry bits around it as they were. The
 /// walker relies on nothing more: until the flush that follows it, a
 /// device may see a store or not, and both states map only pages still
 /// referenced (a page and a table frame are released only after that

@@ -38,7 +38,6 @@ pub struct Vtd;
 /// The VT-d second-level format of an IOMMU without Snoop Control.
 pub struct VtdNoSnoop;
 
-#[inline]
 fn leaf(mfn: Mfn, perms: Permissions, attr: MemAttr, level: u32, snoop_control: bool) -> u64 {
     let mut e = (mfn.0 << 12) & ADDR_MASK;
     if perms.read {
@@ -68,7 +67,6 @@ impl PageTableFormat for Vtd {
         ((table.0 << 12) & ADDR_MASK) | R | W
     }
 
-    #[inline]
     fn leaf_entry(mfn: Mfn, perms: Permissions, attr: MemAttr, level: u32) -> u64 {
         leaf(mfn, perms, attr, level, true)
     }
@@ -89,7 +87,6 @@ impl PageTableFormat for VtdNoSnoop {
         Vtd::table_entry(table)
     }
 
-    #[inline]
     fn leaf_entry(mfn: Mfn, perms: Permissions, attr: MemAttr, level: u32) -> u64 {
         leaf(mfn, perms, attr, level, false)
     }

@@ -246,6 +246,7 @@ impl Xen {
     /// `table` mapped (map_domain_page), reusing a mapping of this entry
     /// point's; null if Xen refused it (not one of the engine's table
     /// frames: then the access is reported, see [`Xen::refused`]).
+    #[inline]
     fn table(&self, table: Mfn) -> *mut u64 {
         if let Some(m) = self.maps.get(self.last.get()) {
             let (mfn, p) = m.get();
@@ -253,6 +254,12 @@ impl Xen {
                 return p;
             }
         }
+        self.table_slow(table)
+    }
+
+    /// [`table`](Self::table) when it is not the one answered last.
+    #[inline(never)]
+    fn table_slow(&self, table: Mfn) -> *mut u64 {
         for (i, m) in self.maps.iter().enumerate() {
             let (mfn, p) = m.get();
             if !p.is_null() && mfn == table.0 {
@@ -681,18 +688,27 @@ impl Xen {
     }
 
     fn table_write(&self, table: Mfn, index: usize, raw: u64) {
+        if self.table_store(table, index, raw) {
+            self.note_store(table, index);
+        }
+    }
+
+    /// The store of [`table_write`](Self::table_write) without its note:
+    /// whether it was made (a refused frame's store is lost, and reported).
+    #[inline]
+    fn table_store(&self, table: Mfn, index: usize, raw: u64) -> bool {
         if index >= ENTRIES {
-            return;
+            return false;
         }
         let p = self.table(table);
         if p.is_null() {
             // Refused: the store is lost, and reported (Xen::refused).
-            return;
+            return false;
         }
         // SAFETY: as in table_read. One 8-byte store: the IOMMU may walk
         // the entry at any time.
         unsafe { core::ptr::write_volatile(p.add(index), raw) }
-        self.note_store(table, index);
+        true
     }
 
     /// Remember that a line of `table` must reach memory before the next
@@ -790,11 +806,17 @@ impl TableMemory for Xen {
         }
         count as u16
     }
+    /// The count goes into bits the IOMMU ignores, and nothing but the
+    /// CPU reads it: the store needs no write-back, so it notes no dirty
+    /// line (a map or an unmap stores the count as often as its entry;
+    /// the note was a third of the backend's cost per page). The entry
+    /// bits around it are rewritten as the CPU holds them; a translation
+    /// change among them was noted by its own `write_entry`.
     fn set_present_count(&mut self, table: Mfn, count: u16) {
         for slot in 0..COUNT_SLOTS {
             let part = (u64::from(count) >> (COUNT_BITS * slot as u32)) << COUNT_SHIFT;
             let raw = (self.table_read(table, slot) & !COUNT_MASK) | (part & COUNT_MASK);
-            self.table_write(table, slot, raw)
+            self.table_store(table, slot, raw);
         }
     }
 }

@@ -77,6 +77,37 @@ fn stores_wait_in_the_cache_until_the_flush_writes_them_back() {
     assert!(model::check_all_written_back().is_empty());
 }
 
+/// The present count sits in bits the IOMMU ignores: storing it notes no
+/// line, so a count change alone is never written back; an entry stored
+/// into the slot that holds the count still is, with the count kept.
+#[test]
+fn a_count_store_needs_no_write_back_but_the_entry_beside_it_does() {
+    let _s = model::serial();
+    let l = lock(6);
+    let mut x = Xen::new();
+    let t = x.alloc_table().unwrap();
+    x.set_present_count(t, 300);
+    assert_eq!(x.present_count(t), 300);
+    // The CPU sees the count; memory need not, and nothing is noted.
+    assert!(model::check_all_written_back().is_empty());
+    x.hw_flush(HW, Bfn(0), Bfn(0)).unwrap();
+    assert!(syncs().is_empty());
+    // A translation stored into entry 0 is noted and written back, and
+    // the count beside it survives.
+    x.write_entry(t, 0, 0x5003);
+    assert_eq!(x.read_entry(t, 0), 0x5003);
+    assert_eq!(x.present_count(t), 300);
+    assert_eq!(model::check_all_written_back(), [(t.0, 1)]);
+    x.hw_flush(HW, Bfn(0), Bfn(0)).unwrap();
+    assert_eq!(syncs(), [model::Sync { mfn: t.0, lines: 1 }]);
+    assert!(model::check_all_written_back().is_empty());
+    let mem0 = model::with(|m| m.frames.get(&t.0).map(|f| f.mem[0]));
+    assert_eq!(mem0.map(|v| v & !super::COUNT_MASK), Some(0x5003));
+    unlock(&l);
+    drop(x);
+    assert_eq!(violations(), Vec::<std::string::String>::new());
+}
+
 #[test]
 fn every_store_is_in_memory_when_the_entry_point_returns() {
     let _s = model::serial();
