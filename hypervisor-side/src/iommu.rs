@@ -101,6 +101,7 @@ pub struct FlushGather {
 
 impl FlushGather {
     /// Record that `bfn` of `ctx` changed; `flags` are backend-specific.
+    #[inline]
     pub fn add(&mut self, ctx: ContextId, bfn: Bfn, flags: u32) -> Result<(), Errno> {
         let slot = self.ranges.get_mut(ctx.0 as usize).ok_or(Errno::Inval)?;
         match slot {
