@@ -37,8 +37,8 @@ pub struct DirtyLines {
     records: [(Mfn, u64); DIRTY_TABLES],
     /// The record `note` hands back when the set is full (round robin).
     victim: usize,
-    /// The record `note` used last, looked at first: a map or unmap
-    /// stores twice into one table (the entry and the present count).
+    /// The record `note` used last, looked at first: a run of maps or
+    /// unmaps stores into one leaf table again and again.
     last: usize,
 }
 

@@ -669,6 +669,14 @@ const COUNT_SHIFT: u32 = if LPAE { 55 } else { 52 };
 const COUNT_BITS: u32 = if LPAE { 4 } else { 10 };
 const COUNT_MASK: u64 = ((1 << COUNT_BITS) - 1) << COUNT_SHIFT;
 const _: () = assert!(COUNT_SLOTS as u32 * COUNT_BITS >= 10);
+// `write_entry` keeps the count's bits of entries 0..COUNT_SLOTS and drops
+// the engine's there: no format may put an address bit among them.
+const _: () = {
+    use pviommu_hv::pgtable::{lpae::Lpae, vtd::Vtd, vtd::VtdNoSnoop, PageTableFormat};
+    assert!(Vtd::ADDRESS_MASK & COUNT_MASK == 0);
+    assert!(VtdNoSnoop::ADDRESS_MASK & COUNT_MASK == 0);
+    assert!(Lpae::ADDRESS_MASK & COUNT_MASK == 0);
+};
 
 impl Xen {
     fn table_read(&self, table: Mfn, index: usize) -> u64 {
