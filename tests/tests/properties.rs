@@ -318,6 +318,11 @@ proptest! {
         prop_assert_eq!(one_by_one, batched);
         prop_assert_eq!(observable(&m1, &e1), observable(&m2, &e2));
         prop_assert_eq!(m1.total_page_refs(), m2.total_page_refs());
+        // The targets' gate shares too: a share the run took and never
+        // gave back would keep every hook of that target on the slow path.
+        for who in [GUEST, STRANGER, DomId::DOM0, DomId(99)] {
+            prop_assert_eq!(e1.target_active(who), e2.target_active(who));
+        }
     }
 }
 
@@ -378,5 +383,10 @@ proptest! {
         prop_assert_eq!(one_by_one, batched);
         prop_assert_eq!(observable(&m1, &e1), observable(&m2, &e2));
         prop_assert_eq!(m1.total_page_refs(), m2.total_page_refs());
+        // The targets' gate shares too: a share the run took and never
+        // gave back would keep every hook of that target on the slow path.
+        for who in [GUEST, STRANGER, DomId::DOM0, DomId(99)] {
+            prop_assert_eq!(e1.target_active(who), e2.target_active(who));
+        }
     }
 }
