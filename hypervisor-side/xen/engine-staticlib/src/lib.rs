@@ -664,18 +664,57 @@ const LPAE: bool = cfg!(target_arch = "aarch64");
 ///   descriptor RES0; bits 55..58 are ignored in table descriptors and
 ///   reserved for software in pages and blocks (Arm ARM D8.3). So the
 ///   count is spread over bits 55..58 of entries 0, 1 and 2 (4 bits each).
-const COUNT_SLOTS: usize = if LPAE { 3 } else { 1 };
-const COUNT_SHIFT: u32 = if LPAE { 55 } else { 52 };
-const COUNT_BITS: u32 = if LPAE { 4 } else { 10 };
-const COUNT_MASK: u64 = ((1 << COUNT_BITS) - 1) << COUNT_SHIFT;
-const _: () = assert!(COUNT_SLOTS as u32 * COUNT_BITS >= 10);
-// `write_entry` keeps the count's bits of entries 0..COUNT_SLOTS and drops
-// the engine's there: no format may put an address bit among them.
+#[derive(Clone, Copy, Debug)]
+struct CountLayout {
+    /// Entries 0..slots hold a part each.
+    slots: usize,
+    /// Where the part sits in its entry.
+    shift: u32,
+    /// Bits per part.
+    bits: u32,
+}
+
+impl CountLayout {
+    /// The part's bits in an entry.
+    const fn mask(self) -> u64 {
+        ((1 << self.bits) - 1) << self.shift
+    }
+    /// The bits of `count` that entry `slot` holds, in place.
+    fn part(self, count: u16, slot: usize) -> u64 {
+        ((u64::from(count) >> (self.bits * slot as u32)) << self.shift) & self.mask()
+    }
+    /// Entry `slot`'s part of the count, from its raw value.
+    fn share(self, raw: u64, slot: usize) -> u64 {
+        ((raw & self.mask()) >> self.shift) << (self.bits * slot as u32)
+    }
+}
+
+/// VT-d: bits 52..61 of entry 0.
+const VTD_COUNT: CountLayout = CountLayout {
+    slots: 1,
+    shift: 52,
+    bits: 10,
+};
+/// Arm LPAE: bits 55..58 of entries 0, 1 and 2.
+const LPAE_COUNT: CountLayout = CountLayout {
+    slots: 3,
+    shift: 55,
+    bits: 4,
+};
+/// This build's layout (both are tested on every host: `src/tests.rs`).
+const COUNT: CountLayout = if LPAE { LPAE_COUNT } else { VTD_COUNT };
+const COUNT_SLOTS: usize = COUNT.slots;
+const COUNT_MASK: u64 = COUNT.mask();
+// Each layout holds 0..=512, and `write_entry` keeps the count's bits of
+// entries 0..slots and drops the engine's there: no format may put an
+// address bit among them.
 const _: () = {
     use pviommu_hv::pgtable::{lpae::Lpae, vtd::Vtd, vtd::VtdNoSnoop, PageTableFormat};
-    assert!(Vtd::ADDRESS_MASK & COUNT_MASK == 0);
-    assert!(VtdNoSnoop::ADDRESS_MASK & COUNT_MASK == 0);
-    assert!(Lpae::ADDRESS_MASK & COUNT_MASK == 0);
+    assert!(VTD_COUNT.slots as u32 * VTD_COUNT.bits >= 10);
+    assert!(LPAE_COUNT.slots as u32 * LPAE_COUNT.bits >= 10);
+    assert!(Vtd::ADDRESS_MASK & VTD_COUNT.mask() == 0);
+    assert!(VtdNoSnoop::ADDRESS_MASK & VTD_COUNT.mask() == 0);
+    assert!(Lpae::ADDRESS_MASK & LPAE_COUNT.mask() == 0);
 };
 
 impl Xen {
@@ -809,8 +848,7 @@ impl TableMemory for Xen {
     fn present_count(&self, table: Mfn) -> u16 {
         let mut count = 0u64;
         for slot in 0..COUNT_SLOTS {
-            let part = (self.table_read(table, slot) & COUNT_MASK) >> COUNT_SHIFT;
-            count |= part << (COUNT_BITS * slot as u32);
+            count |= COUNT.share(self.table_read(table, slot), slot);
         }
         count as u16
     }
@@ -822,8 +860,7 @@ impl TableMemory for Xen {
     /// change among them was noted by its own `write_entry`.
     fn set_present_count(&mut self, table: Mfn, count: u16) {
         for slot in 0..COUNT_SLOTS {
-            let part = (u64::from(count) >> (COUNT_BITS * slot as u32)) << COUNT_SHIFT;
-            let raw = (self.table_read(table, slot) & !COUNT_MASK) | (part & COUNT_MASK);
+            let raw = (self.table_read(table, slot) & !COUNT_MASK) | COUNT.part(count, slot);
             self.table_store(table, slot, raw);
         }
     }

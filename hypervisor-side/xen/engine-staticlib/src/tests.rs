@@ -77,6 +77,38 @@ fn stores_wait_in_the_cache_until_the_flush_writes_them_back() {
     assert!(model::check_all_written_back().is_empty());
 }
 
+/// Both count layouts, whichever one this host builds: every count of a
+/// table (0..=512) goes into the entries' count bits and comes back, and
+/// every other bit of those entries (address, permissions, the format's
+/// own bits) is kept, even with all of them set.
+#[test]
+fn both_count_layouts_hold_every_count_and_keep_the_entry_bits() {
+    use super::{CountLayout, LPAE_COUNT, VTD_COUNT};
+    for layout in [VTD_COUNT, LPAE_COUNT] {
+        let layout: CountLayout = layout;
+        for others in [0u64, !0, 0x0000_ffff_ffff_f003, 0x8000_0000_0000_0fff] {
+            for count in 0..=512u16 {
+                let mut entries = [others; 3];
+                for (slot, e) in entries.iter_mut().enumerate().take(layout.slots) {
+                    *e = (*e & !layout.mask()) | layout.part(count, slot);
+                }
+                let back: u64 = (0..layout.slots)
+                    .map(|slot| layout.share(entries[slot], slot))
+                    .fold(0, |a, b| a | b);
+                assert_eq!(back, u64::from(count), "{layout:?} count {count}");
+                for (slot, e) in entries.iter().enumerate() {
+                    let kept = if slot < layout.slots {
+                        !layout.mask()
+                    } else {
+                        !0
+                    };
+                    assert_eq!(e & kept, others & kept, "{layout:?} slot {slot}");
+                }
+            }
+        }
+    }
+}
+
 /// The present count sits in bits the IOMMU ignores: storing it notes no
 /// line, so a count change alone is never written back; an entry stored
 /// into the slot that holds the count still is, with the count kept.
