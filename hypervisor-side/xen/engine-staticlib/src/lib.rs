@@ -705,13 +705,13 @@ const LPAE_COUNT: CountLayout = CountLayout {
 const COUNT: CountLayout = if LPAE { LPAE_COUNT } else { VTD_COUNT };
 const COUNT_SLOTS: usize = COUNT.slots;
 const COUNT_MASK: u64 = COUNT.mask();
-// Each layout holds 0..=512, and `write_entry` keeps the count's bits of
+// Each layout holds 0..=ENTRIES, and `write_entry` keeps the count's bits of
 // entries 0..slots and drops the engine's there: no format may put an
 // address bit among them.
 const _: () = {
     use pviommu_hv::pgtable::{lpae::Lpae, vtd::Vtd, vtd::VtdNoSnoop, PageTableFormat};
-    assert!(VTD_COUNT.slots as u32 * VTD_COUNT.bits >= 10);
-    assert!(LPAE_COUNT.slots as u32 * LPAE_COUNT.bits >= 10);
+    assert!(1usize << (VTD_COUNT.slots as u32 * VTD_COUNT.bits) > ENTRIES);
+    assert!(1usize << (LPAE_COUNT.slots as u32 * LPAE_COUNT.bits) > ENTRIES);
     assert!(Vtd::ADDRESS_MASK & VTD_COUNT.mask() == 0);
     assert!(VtdNoSnoop::ADDRESS_MASK & VTD_COUNT.mask() == 0);
     assert!(Lpae::ADDRESS_MASK & LPAE_COUNT.mask() == 0);
