@@ -583,6 +583,58 @@ fn batch(ops: &mut [pviommu_hv::abi::PvIommuOp]) -> i64 {
     super::pviommu_engine_op(0, pviommu_hv::abi::cmd::BATCH, &mut b as *mut _ as u64)
 }
 
+/// Create an engine context as d0 (through a batch); its number.
+fn create_context() -> u32 {
+    use pviommu_hv::abi::{subop, PvIommuOp};
+    let mut create = [PvIommuOp {
+        subop: subop::CONTEXT_CREATE,
+        ..PvIommuOp::default()
+    }];
+    assert_eq!(batch(&mut create), 0);
+    assert_eq!(create[0].status, 0);
+    assert_ne!(create[0].context, 0);
+    create[0].context
+}
+
+/// Destroy engine context `ctx` as d0 (through a batch).
+fn destroy_context(ctx: u32) {
+    use pviommu_hv::abi::{subop, PvIommuOp};
+    let mut destroy = [PvIommuOp {
+        subop: subop::CONTEXT_DESTROY,
+        context: ctx,
+        ..PvIommuOp::default()
+    }];
+    assert_eq!(batch(&mut destroy), 0);
+    assert_eq!(destroy[0].status, 0);
+}
+
+/// Map ops of d1's `gfns` into `ctx`, read-write.
+fn map_ops(ctx: u32, gfns: impl Iterator<Item = u64>) -> Vec<pviommu_hv::abi::PvIommuOp> {
+    use pviommu_hv::abi::{op_flags, subop, PvIommuOp};
+    gfns.map(|gfn| PvIommuOp {
+        subop: subop::MAP,
+        flags: op_flags::READ | op_flags::WRITE,
+        context: ctx,
+        domid: 1,
+        gfn,
+        ..PvIommuOp::default()
+    })
+    .collect()
+}
+
+/// Unmap ops of the BFNs `maps` got, in `ctx`.
+fn unmap_ops(ctx: u32, maps: &[pviommu_hv::abi::PvIommuOp]) -> Vec<pviommu_hv::abi::PvIommuOp> {
+    use pviommu_hv::abi::{subop, PvIommuOp};
+    maps.iter()
+        .map(|m| PvIommuOp {
+            subop: subop::UNMAP,
+            context: ctx,
+            bfn: m.bfn,
+            ..PvIommuOp::default()
+        })
+        .collect()
+}
+
 /// The whole engine over the backend, entered as Xen enters it: a context
 /// created, 40 pages mapped into it (5 chunks, the cell lock dropped in
 /// between), unmapped, the context destroyed. The model checks every
@@ -592,28 +644,11 @@ fn batch(ops: &mut [pviommu_hv::abi::PvIommuOp]) -> i64 {
 /// none after the unmaps.
 #[test]
 fn the_engine_through_its_hypercall_keeps_every_write_back_point() {
-    use pviommu_hv::abi::{op_flags, subop, PvIommuOp};
     let _s = model::serial();
     assert_eq!(super::pviommu_engine_init(0, 0, 0), 0);
-    let mut create = [PvIommuOp {
-        subop: subop::CONTEXT_CREATE,
-        ..PvIommuOp::default()
-    }];
-    assert_eq!(batch(&mut create), 0);
-    assert_eq!(create[0].status, 0);
-    let ctx = create[0].context;
-    assert_ne!(ctx, 0);
+    let ctx = create_context();
     let root = model::with(|m| m.allocs[0]);
-    let mut maps: Vec<PvIommuOp> = (0..40u64)
-        .map(|g| PvIommuOp {
-            subop: subop::MAP,
-            flags: op_flags::READ | op_flags::WRITE,
-            context: ctx,
-            domid: 1,
-            gfn: 0x100 + g,
-            ..PvIommuOp::default()
-        })
-        .collect();
+    let mut maps = map_ops(ctx, 0x100..0x128);
     assert_eq!(batch(&mut maps), 0);
     assert!(model::with(|m| m.flushes) > 0);
     assert!(model::check_all_written_back().is_empty());
@@ -626,28 +661,14 @@ fn the_engine_through_its_hypercall_keeps_every_write_back_point() {
             op.bfn
         );
     }
-    let mut unmaps: Vec<PvIommuOp> = maps
-        .iter()
-        .map(|m| PvIommuOp {
-            subop: subop::UNMAP,
-            context: ctx,
-            bfn: m.bfn,
-            ..PvIommuOp::default()
-        })
-        .collect();
+    let mut unmaps = unmap_ops(ctx, &maps);
     assert_eq!(batch(&mut unmaps), 0);
     assert!(unmaps.iter().all(|op| op.status == 0));
     assert!(model::check_all_written_back().is_empty());
     for op in &maps {
         assert_eq!(device_walk(root, op.bfn), None);
     }
-    let mut destroy = [PvIommuOp {
-        subop: subop::CONTEXT_DESTROY,
-        context: ctx,
-        ..PvIommuOp::default()
-    }];
-    assert_eq!(batch(&mut destroy), 0);
-    assert_eq!(destroy[0].status, 0);
+    destroy_context(ctx);
     assert_eq!(model::with(|m| m.frames.len()), 0);
     assert_eq!(model::with(|m| m.refused), 0);
     assert_eq!(violations(), Vec::<std::string::String>::new());
@@ -673,7 +694,6 @@ fn the_engine_through_its_hypercall_keeps_every_write_back_point() {
 #[test]
 #[ignore]
 fn engine_op_rounds() {
-    use pviommu_hv::abi::{op_flags, subop, PvIommuOp};
     let _s = model::serial();
     if super::engine().is_none() {
         assert_eq!(super::pviommu_engine_init(0, 0, 0), 0);
@@ -682,44 +702,16 @@ fn engine_op_rounds() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let mut create = [PvIommuOp {
-        subop: subop::CONTEXT_CREATE,
-        ..PvIommuOp::default()
-    }];
-    assert_eq!(batch(&mut create), 0);
-    assert_eq!(create[0].status, 0);
-    let ctx = create[0].context;
-    let maps: Vec<PvIommuOp> = (1..=512u64)
-        .map(|g| PvIommuOp {
-            subop: subop::MAP,
-            flags: op_flags::READ | op_flags::WRITE,
-            context: ctx,
-            domid: 1,
-            gfn: g,
-            ..PvIommuOp::default()
-        })
-        .collect();
+    let ctx = create_context();
+    let maps = map_ops(ctx, 1..=512);
     for _ in 0..rounds {
         let mut ops = maps.clone();
         assert_eq!(batch(&mut ops), 0);
         assert!(ops.iter().all(|op| op.status == 0));
-        let mut unmaps: Vec<PvIommuOp> = ops
-            .iter()
-            .map(|m| PvIommuOp {
-                subop: subop::UNMAP,
-                context: ctx,
-                bfn: m.bfn,
-                ..PvIommuOp::default()
-            })
-            .collect();
+        let mut unmaps = unmap_ops(ctx, &ops);
         assert_eq!(batch(&mut unmaps), 0);
         assert!(unmaps.iter().all(|op| op.status == 0));
     }
-    let mut destroy = [PvIommuOp {
-        subop: subop::CONTEXT_DESTROY,
-        context: ctx,
-        ..PvIommuOp::default()
-    }];
-    assert_eq!(batch(&mut destroy), 0);
+    destroy_context(ctx);
     assert_eq!(violations(), Vec::<std::string::String>::new());
 }
