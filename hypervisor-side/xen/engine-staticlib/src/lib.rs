@@ -679,6 +679,14 @@ impl CountLayout {
     const fn mask(self) -> u64 {
         ((1 << self.bits) - 1) << self.shift
     }
+    /// The count's bits in entry `index` (none past the first `slots`).
+    const fn bits_at(self, index: usize) -> u64 {
+        if index < self.slots {
+            self.mask()
+        } else {
+            0
+        }
+    }
     /// The bits of `count` that entry `slot` holds, in place.
     fn part(self, count: u16, slot: usize) -> u64 {
         ((u64::from(count) >> (self.bits * slot as u32)) << self.shift) & self.mask()
@@ -703,8 +711,6 @@ const LPAE_COUNT: CountLayout = CountLayout {
 };
 /// This build's layout (both are tested on every host: `src/tests.rs`).
 const COUNT: CountLayout = if LPAE { LPAE_COUNT } else { VTD_COUNT };
-const COUNT_SLOTS: usize = COUNT.slots;
-const COUNT_MASK: u64 = COUNT.mask();
 // Each layout holds 0..=ENTRIES, and `write_entry` keeps the count's bits of
 // entries 0..slots and drops the engine's there: no format may put an
 // address bit among them.
@@ -830,16 +836,12 @@ impl TableMemory for Xen {
         }
     }
     fn read_entry(&self, table: Mfn, index: usize) -> u64 {
-        let raw = self.table_read(table, index);
-        if index < COUNT_SLOTS {
-            raw & !COUNT_MASK
-        } else {
-            raw
-        }
+        self.table_read(table, index) & !COUNT.bits_at(index)
     }
     fn write_entry(&mut self, table: Mfn, index: usize, raw: u64) {
-        let raw = if index < COUNT_SLOTS {
-            (raw & !COUNT_MASK) | (self.table_read(table, index) & COUNT_MASK)
+        let count = COUNT.bits_at(index);
+        let raw = if count != 0 {
+            (raw & !count) | (self.table_read(table, index) & count)
         } else {
             raw
         };
@@ -847,7 +849,7 @@ impl TableMemory for Xen {
     }
     fn present_count(&self, table: Mfn) -> u16 {
         let mut count = 0u64;
-        for slot in 0..COUNT_SLOTS {
+        for slot in 0..COUNT.slots {
             count |= COUNT.share(self.table_read(table, slot), slot);
         }
         count as u16
@@ -859,8 +861,8 @@ impl TableMemory for Xen {
     /// bits around it are rewritten as the CPU holds them; a translation
     /// change among them was noted by its own `write_entry`.
     fn set_present_count(&mut self, table: Mfn, count: u16) {
-        for slot in 0..COUNT_SLOTS {
-            let raw = (self.table_read(table, slot) & !COUNT_MASK) | COUNT.part(count, slot);
+        for slot in 0..COUNT.slots {
+            let raw = (self.table_read(table, slot) & !COUNT.mask()) | COUNT.part(count, slot);
             self.table_store(table, slot, raw);
         }
     }

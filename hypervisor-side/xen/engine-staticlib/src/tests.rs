@@ -97,11 +97,7 @@ fn both_count_layouts_hold_every_count_and_keep_the_entry_bits() {
                     .fold(0, |a, b| a | b);
                 assert_eq!(back, u64::from(count), "{layout:?} count {count}");
                 for (slot, e) in entries.iter().enumerate() {
-                    let kept = if slot < layout.slots {
-                        !layout.mask()
-                    } else {
-                        !0
-                    };
+                    let kept = !layout.bits_at(slot);
                     assert_eq!(e & kept, others & kept, "{layout:?} slot {slot}");
                 }
             }
@@ -134,7 +130,7 @@ fn a_count_store_needs_no_write_back_but_the_entry_beside_it_does() {
     assert_eq!(syncs(), [model::Sync { mfn: t.0, lines: 1 }]);
     assert!(model::check_all_written_back().is_empty());
     let mem0 = model::with(|m| m.frames.get(&t.0).map(|f| f.mem[0]));
-    assert_eq!(mem0.map(|v| v & !super::COUNT_MASK), Some(0x5003));
+    assert_eq!(mem0.map(|v| v & !super::COUNT.mask()), Some(0x5003));
     unlock(&l);
     drop(x);
     assert_eq!(violations(), Vec::<std::string::String>::new());

@@ -127,15 +127,9 @@ fn unwritten(m: &Model, cells: Option<u64>) -> Vec<(u64, u64)> {
         }
         let mut lines = 0u64;
         for (i, (c, d)) in f.cpu.iter().zip(f.mem.iter()).enumerate() {
-            // The walker's present count sits in bits the IOMMU ignores
-            // (`COUNT_MASK` of the first `COUNT_SLOTS` entries): only the
-            // CPU reads it, so it need not be in memory.
-            let ignored = if i < super::COUNT_SLOTS {
-                super::COUNT_MASK
-            } else {
-                0
-            };
-            if (c ^ d) & !ignored != 0 {
+            // The walker's present count sits in bits the IOMMU ignores:
+            // only the CPU reads it, so it need not be in memory.
+            if (c ^ d) & !super::COUNT.bits_at(i) != 0 {
                 lines |= 1 << (i / 8);
             }
         }
