@@ -1120,11 +1120,10 @@ impl<L: RawMutex> Engine<L> {
             };
             let done = match outcome {
                 // Installed: the mapping keeps the page reference and its
-                // share of `active`.
-                Some(MapOutcome::Installed) => return result,
-                // Failed after the IOMMU entry existed: the engine released
-                // (or will release, after the flush) what this attempt took.
-                Some(MapOutcome::Consumed) => return result,
+                // share of `active`. Consumed (failed after the IOMMU entry
+                // existed): the engine released, or will release after the
+                // flush, what this attempt took.
+                Some(MapOutcome::Installed | MapOutcome::Consumed) => return result,
                 Some(MapOutcome::Shared | MapOutcome::Refused) => Some(result),
                 // The target's p2m changed under us: look the page up again.
                 None => None,
@@ -1316,17 +1315,15 @@ impl<L: RawMutex> Engine<L> {
                 // one not, it gets an error rather than whatever its slot
                 // held.
                 Step::Pending => *o = Err(Errno::Inval),
-                // Unreachable: every looked-up op got an outcome above.
-                // Were one left, its slot gets an error of its own (it may
-                // hold an earlier op's result: `out` is the caller's).
-                Step::Locked(mfn, _) => {
+                Step::Locked(mfn, _) | Step::GiveBack(mfn) => {
                     h.put_page(mfn, req.perms.write);
                     self.gate_leave(req.domid);
-                    *o = Err(Errno::Inval);
-                }
-                Step::GiveBack(mfn) => {
-                    h.put_page(mfn, req.perms.write);
-                    self.gate_leave(req.domid);
+                    // Unreachable: every looked-up op got an outcome above.
+                    // Were one left, its slot gets an error of its own (it
+                    // may hold an earlier op's result: `out` is the caller's).
+                    if let Step::Locked(..) = *step {
+                        *o = Err(Errno::Inval);
+                    }
                 }
                 Step::Moved(mfn) => {
                     h.put_page(mfn, req.perms.write);
@@ -1451,33 +1448,33 @@ impl<L: RawMutex> Engine<L> {
         if d.dd.context != req.context || !d.dd.has_context(req.context) {
             return report::refused(out, Errno::NoEnt);
         }
-        // The page's probe stays here, and goes by reference: copied
-        // whole, it was reloaded wider than it was stored, which stalls
-        // store forwarding.
+        // The page's probe and the mapping's key are made once, here, and
+        // go by reference: copied whole, the probe was reloaded wider than
+        // it was stored, which stalls store forwarding.
         let at = d.dd.probe_page(self.seed, req.domid, req.gfn);
-        match self.map_prepare(d, h, req, mfn, &at, out) {
+        let key = map_key(req, mfn);
+        match self.map_prepare(d, h, &key, &at, out) {
             Ok(Prepared::Shared(reported)) => reported,
-            Ok(Prepared::Install) => self.map_install(d, h, req, mfn, &at, out),
+            Ok(Prepared::Install) => self.map_install(d, h, &key, &at, out),
             Err(e) => report::refused(out, e),
         }
     }
 
     /// Dedup (`Shared`, its result written into `out`), or check the quota
-    /// and reserve every byte the install needs (`Install`). `at` is the
-    /// page's probe. On `Err` nothing changed (but a stale mapping found on
-    /// the way).
+    /// and reserve every byte the install needs (`Install`). `key` is the
+    /// mapping asked for ([`map_key`]), `at` its page's probe. On `Err`
+    /// nothing changed (but a stale mapping found on the way).
     fn map_prepare(
         &self,
         d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
-        req: &MapRequest,
-        mfn: Mfn,
+        key: &Mapping,
         at: &PageAt,
         out: &mut Result<Mapped, Errno>,
     ) -> Result<Prepared, Errno> {
         let seed = self.seed;
-        let key = map_key(req, mfn);
-        if let Some(idx) = d.dd.find_key_at(at, &key) {
+        let mfn = key.mfn;
+        if let Some(idx) = d.dd.find_key_at(at, key) {
             let bfn = self.space.bfn_of(idx).ok_or(Errno::Inval)?;
             let m = d.dd.live_at(idx).ok_or(Errno::Inval)?;
             if m.mfn == mfn {
@@ -1513,12 +1510,11 @@ impl<L: RawMutex> Engine<L> {
         &self,
         d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
-        req: &MapRequest,
-        mfn: Mfn,
+        key: &Mapping,
         at: &PageAt,
         out: &mut Result<Mapped, Errno>,
     ) -> Reported {
-        let key = map_key(req, mfn);
+        let key = *key;
         let dd = &mut *d.dd;
         let idx = match dd.take_slot() {
             Ok(i) => i,
@@ -1529,7 +1525,7 @@ impl<L: RawMutex> Engine<L> {
             return report::refused(out, Errno::NoSpc);
         };
         let t0 = self.clock(h);
-        let mapped = dd.iommu_map(h, req.context, bfn, mfn, req.perms, req.attr);
+        let mapped = dd.iommu_map(h, key.context, bfn, key.mfn, key.perms, key.attr);
         dd.stats.ns_iommu_map += self.since(h, t0);
         if let Err(e) = mapped {
             dd.free_slot(idx);
@@ -1552,7 +1548,7 @@ impl<L: RawMutex> Engine<L> {
                 // its retry files a revocation notice for a BFN the caller
                 // was told failed: acknowledged like any other, it frees
                 // the slot, and the device was never given the BFN.
-                match dd.iommu_unmap(h, req.context, bfn) {
+                match dd.iommu_unmap(h, key.context, bfn) {
                     Ok(()) => dd.push_unmapping(idx, key, false),
                     Err(_) => dd.push_stuck(idx, key),
                 }
