@@ -720,6 +720,53 @@ static void grant_measure(uint32_t domid, unsigned long n, const xen_pfn_t *fram
 }
 
 /*
+ * PV-IOMMU map of frames[0..n) of domid into context ctx, in batches of
+ * max_ops: the BFNs land in bfns[], *bad counts refused ops, *calls the
+ * hypercalls. Returns the ops run (n unless a batch failed).
+ */
+static unsigned long pv_map_pages(uint32_t ctx, uint32_t domid, const xen_pfn_t *frames,
+                                  unsigned long n, uint64_t *bfns, long *calls,
+                                  unsigned long *bad)
+{
+    unsigned long done = 0;
+    long rc;
+
+    if ( !bat ) { bat = locked_buf(PAGE); ops = locked_buf(OPS_CAP * sizeof(*ops)); }
+    while ( done < n )
+    {
+        unsigned int k = n - done > max_ops ? max_ops : n - done, j;
+        memset(ops, 0, k * sizeof(*ops));
+        for ( j = 0; j < k; j++ )
+        {
+            ops[j].subop = PVIOMMU_OP_map; ops[j].flags = PVIOMMU_F_READ | PVIOMMU_F_WRITE;
+            ops[j].context = ctx; ops[j].domid = domid; ops[j].gfn = frames[done + j];
+        }
+        rc = run_batch(k, calls);
+        for ( j = 0; j < k; j++ ) { bfns[done + j] = ops[j].bfn; if ( ops[j].status ) (*bad)++; }
+        if ( rc ) { printf("measure map batch rc=%ld at %lu\n", rc, done); break; }
+        done += k;
+    }
+    return done;
+}
+
+/* The unmap of bfns[0..n) from context ctx, in batches of max_ops. */
+static void pv_unmap_pages(uint32_t ctx, const uint64_t *bfns, unsigned long n, long *calls)
+{
+    unsigned long i;
+    long rc;
+
+    for ( i = 0; i < n; )
+    {
+        unsigned int k = n - i > max_ops ? max_ops : n - i, j;
+        memset(ops, 0, k * sizeof(*ops));
+        for ( j = 0; j < k; j++ ) { ops[j].subop = PVIOMMU_OP_unmap; ops[j].context = ctx; ops[j].bfn = bfns[i + j]; }
+        rc = run_batch(k, calls);
+        if ( rc ) { printf("measure unmap batch rc=%ld\n", rc); break; }
+        i += k;
+    }
+}
+
+/*
  * PV-IOMMU map then unmap of n pages of domid into context ctx, in batches
  * of max_ops, with Xen's perf counters and the in-Xen counters
  * (PVIOMMU_CMD_stats). `tag` names the MEASURE lines ("pviommu" for the
@@ -738,7 +785,7 @@ static unsigned long pv_map_unmap(const char *tag, uint32_t ctx, uint32_t domid,
 {
     struct pv_iommu_stats sm, su;
     struct perfc_snap p0, p1, p2, p3;
-    unsigned long i, done = 0, bad = 0;
+    unsigned long done, bad = 0;
     long calls = 0, ucalls = 0, rc;
     double t0, t1, t2, t3;
 
@@ -749,35 +796,13 @@ static unsigned long pv_map_unmap(const char *tag, uint32_t ctx, uint32_t domid,
 
     perfc_take(&p0);
     t0 = now();
-    while ( done < n )
-    {
-        unsigned int k = n - done > max_ops ? max_ops : n - done, j;
-        if ( !bat ) { bat = locked_buf(PAGE); ops = locked_buf(OPS_CAP * sizeof(*ops)); }
-        memset(ops, 0, k * sizeof(*ops));
-        for ( j = 0; j < k; j++ )
-        {
-            ops[j].subop = PVIOMMU_OP_map; ops[j].flags = PVIOMMU_F_READ | PVIOMMU_F_WRITE;
-            ops[j].context = ctx; ops[j].domid = domid; ops[j].gfn = frames[done + j];
-        }
-        rc = run_batch(k, &calls);
-        for ( j = 0; j < k; j++ ) { bfns[done + j] = ops[j].bfn; if ( ops[j].status ) bad++; }
-        if ( rc ) { printf("measure map batch rc=%ld at %lu\n", rc, done); break; }
-        done += k;
-    }
+    done = pv_map_pages(ctx, domid, frames, n, bfns, &calls, &bad);
     t1 = now();
     perfc_take(&p1);
     if ( pv_stats(PVIOMMU_STATS_RESET, &sm) ) memset(&sm, 0, sizeof(sm));
     perfc_take(&p2);
     t2 = now();
-    for ( i = 0; i < done; )
-    {
-        unsigned int k = done - i > max_ops ? max_ops : done - i, j;
-        memset(ops, 0, k * sizeof(*ops));
-        for ( j = 0; j < k; j++ ) { ops[j].subop = PVIOMMU_OP_unmap; ops[j].context = ctx; ops[j].bfn = bfns[i + j]; }
-        rc = run_batch(k, &ucalls);
-        if ( rc ) { printf("measure unmap batch rc=%ld\n", rc); break; }
-        i += k;
-    }
+    pv_unmap_pages(ctx, bfns, done, &ucalls);
     t3 = now();
     perfc_take(&p3);
     if ( pv_stats(PVIOMMU_STATS_RESET | PVIOMMU_STATS_TIMING_OFF, &su) ) memset(&su, 0, sizeof(su));
@@ -813,6 +838,82 @@ static unsigned long pv_map_unmap(const char *tag, uint32_t ctx, uint32_t domid,
     return done;
 }
 
+/* Median of v[0..n) (n odd, at most ALT_MAX); v is left sorted. */
+static double median(double *v, unsigned int n)
+{
+    unsigned int i, j;
+    double x;
+
+    for ( i = 1; i < n; i++ )
+        for ( j = i; j > 0 && v[j - 1] > v[j]; j-- ) { x = v[j]; v[j] = v[j - 1]; v[j - 1] = x; }
+    return v[n / 2];
+}
+
+#define ALT_MAX 15
+
+/*
+ * One pass of each does not settle a gap of a few percent under TCG:
+ * privcmd's own map time varies by a quarter between boots. So privcmd and
+ * PV-IOMMU (context ctx, untimed: no clock read in Xen) also map and unmap
+ * the same n pages in alternation, `rounds` times, the order swapped each
+ * round, and the medians are compared. One line per round and a summary;
+ * ok=0 if any round failed to map or unmap every page.
+ */
+static void alternate_with_privcmd(uint32_t ctx, uint32_t domid, const xen_pfn_t *frames,
+                                   unsigned long n, uint64_t *bfns, int *errs,
+                                   unsigned int rounds)
+{
+    double pm[ALT_MAX], pu[ALT_MAX], vm[ALT_MAX], vu[ALT_MAX], ratio[ALT_MAX];
+    double lo = 0, hi = 0, t0, t1, t2;
+    unsigned int r, half;
+    unsigned long i, done, bad;
+    bool ok = true;
+    void *m;
+
+    if ( rounds > ALT_MAX ) rounds = ALT_MAX;
+    if ( pv_stats(PVIOMMU_STATS_RESET | PVIOMMU_STATS_TIMING_OFF, NULL) ) ok = false;
+    for ( r = 0; r < rounds; r++ )
+    {
+        for ( half = 0; half < 2; half++ )
+        {
+            if ( (half == 0) == (r % 2 == 0) )
+            {
+                t0 = now();
+                m = xenforeignmemory_map(fmem, domid, PROT_READ | PROT_WRITE, n, frames, errs);
+                t1 = now();
+                for ( i = 0, bad = 0; m && i < n; i++ ) if ( errs[i] ) bad++;
+                if ( !m || bad ) ok = false;
+                if ( m ) xenforeignmemory_unmap(fmem, m, n);
+                t2 = now();
+                pm[r] = t1 - t0; pu[r] = t2 - t1;
+            }
+            else
+            {
+                bad = 0;
+                t0 = now();
+                done = pv_map_pages(ctx, domid, frames, n, bfns, NULL, &bad);
+                t1 = now();
+                pv_unmap_pages(ctx, bfns, done, NULL);
+                t2 = now();
+                if ( done != n || bad ) ok = false;
+                vm[r] = t1 - t0; vu[r] = t2 - t1;
+            }
+        }
+        ratio[r] = pm[r] > 0 ? vm[r] / pm[r] : 0;
+        lo = r == 0 || ratio[r] < lo ? ratio[r] : lo;
+        hi = r == 0 || ratio[r] > hi ? ratio[r] : hi;
+        printf("MEASURE alternate round=%u first=%s privcmd_map=%.4f pviommu_ctx_map=%.4f ratio=%.3f"
+               " privcmd_unmap=%.4f pviommu_ctx_unmap=%.4f\n", r + 1, r % 2 == 0 ? "privcmd" : "pviommu",
+               pm[r], vm[r], ratio[r], pu[r], vu[r]);
+    }
+    if ( !rounds ) return;
+    printf("MEASURE alternate_summary rounds=%u ok=%d pages=%lu privcmd_map_median=%.4f"
+           " pviommu_ctx_map_median=%.4f map_ratio_median=%.3f map_ratio_min=%.3f map_ratio_max=%.3f"
+           " privcmd_unmap_median=%.4f pviommu_ctx_unmap_median=%.4f\n",
+           rounds, ok, n, median(pm, rounds), median(vm, rounds), median(ratio, rounds), lo, hi,
+           median(pu, rounds), median(vu, rounds));
+}
+
 static int cmd_measure(unsigned long n)
 {
     xen_pfn_t *frames = calloc(n, sizeof(*frames));
@@ -840,6 +941,7 @@ static int cmd_measure(unsigned long n)
         uint32_t ctx = o.context;
         pv_map_unmap("pviommu_ctx", ctx, domid, frames, n, bfns, false);
         pv_map_unmap("pviommu_ctx", ctx, domid, frames, n, bfns, true);
+        alternate_with_privcmd(ctx, domid, frames, n, bfns, errs, 7);
         memset(&o, 0, sizeof(o));
         o.subop = PVIOMMU_OP_context_destroy; o.context = ctx;
         one_op(&o);

@@ -415,6 +415,10 @@ o=$($H measure $N 2>&1); echo "$o"
 if echo "$o" | grep -q "^stats_untimed maps=$N unmaps=$N ns_batches=0\$" \
    && echo "$o" | grep -qE "^stats_timed maps=$N unmaps=$N ns_batches=[1-9]"; then
     ok stats_count_every_map_and_unmap; else ko stats_count_every_map_and_unmap "$(echo "$o" | grep -E 'breakdown|stats')"; fi
+# PV-IOMMU (engine context) and privcmd mapped and unmapped every page in
+# each of the alternating rounds whose medians the record compares.
+if echo "$o" | grep -qE "^MEASURE alternate_summary rounds=7 ok=1 pages=$N "; then
+    ok alternating_rounds_map_every_page; else ko alternating_rounds_map_every_page "$(echo "$o" | grep alternate)"; fi
 calls=$(field "$(echo "$o" | grep '^MEASURE pviommu_map ')" hypercalls)
 seen=$(field "$(echo "$o" | grep '^MEASURE pviommu_map ')" pv_iommu_op)
 if [ -n "$calls" ] && [ -n "$seen" ] && [ "$seen" -ge "$calls" ]; then

@@ -700,6 +700,9 @@ fn engine_op_rounds() {
         .unwrap_or(20);
     let ctx = create_context();
     let maps = map_ops(ctx, 1..=512);
+    // The model's scan of every frame at each flush is left out of the
+    // count (as Xen has none); the lines are checked once at the end.
+    model::with(|m| m.unchecked = true);
     for _ in 0..rounds {
         let mut ops = maps.clone();
         assert_eq!(batch(&mut ops), 0);
@@ -708,6 +711,7 @@ fn engine_op_rounds() {
         assert_eq!(batch(&mut unmaps), 0);
         assert!(unmaps.iter().all(|op| op.status == 0));
     }
+    assert!(model::check_all_written_back().is_empty());
     destroy_context(ctx);
     assert_eq!(violations(), Vec::<std::string::String>::new());
 }
