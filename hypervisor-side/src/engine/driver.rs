@@ -695,6 +695,7 @@ impl DriverDomain {
     /// Make sure one more mapping needs no memory: a free slot (or room
     /// for one, up to `limit` slots) and room in both indices for the page
     /// `at` is a probe of.
+    #[inline(always)]
     pub(crate) fn reserve_slot(&mut self, seed: u64, limit: u64, at: &PageAt) -> Result<(), Errno> {
         if self.free_head == NONE {
             if self.slots.len() as u64 >= limit {

@@ -382,7 +382,11 @@ impl<F: PageTableFormat> IoPageTable<F> {
         let mut table = self.root;
         for level in (1..=LEVELS).rev() {
             let idx = index(bfn, level);
-            path[(level - 1) as usize] = (table, idx);
+            // Always in range (level is 1..=LEVELS); `get_mut` keeps the
+            // bound check, and its panic, out of an inlined caller's code.
+            if let Some(step) = path.get_mut((level - 1) as usize) {
+                *step = (table, idx);
+            }
             if level == 1 {
                 break;
             }

@@ -72,6 +72,7 @@ impl DirtyLines {
     /// Note a store into entry `index` of `table`. `Some((frame, lines))`
     /// when the set was full: a record pushed out, whose lines the caller
     /// must write back now.
+    #[inline(always)]
     pub fn note(&mut self, table: Mfn, index: usize) -> Option<(Mfn, u64)> {
         let bit = Self::line_bit(index);
         if let Some(r) = self.records.get_mut(self.last) {
@@ -80,6 +81,12 @@ impl DirtyLines {
                 return None;
             }
         }
+        self.note_elsewhere(table, bit)
+    }
+
+    /// [`note`](Self::note) of a table other than the last one noted.
+    #[inline(never)]
+    fn note_elsewhere(&mut self, table: Mfn, bit: u64) -> Option<(Mfn, u64)> {
         let mut free = None;
         for (i, r) in self.records.iter_mut().enumerate() {
             if r.1 != 0 && r.0 == table {

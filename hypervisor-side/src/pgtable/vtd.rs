@@ -67,6 +67,7 @@ impl PageTableFormat for Vtd {
         ((table.0 << 12) & ADDR_MASK) | R | W
     }
 
+    #[inline]
     fn leaf_entry(mfn: Mfn, perms: Permissions, attr: MemAttr, level: u32) -> u64 {
         leaf(mfn, perms, attr, level, true)
     }
@@ -87,6 +88,7 @@ impl PageTableFormat for VtdNoSnoop {
         Vtd::table_entry(table)
     }
 
+    #[inline]
     fn leaf_entry(mfn: Mfn, perms: Permissions, attr: MemAttr, level: u32) -> u64 {
         leaf(mfn, perms, attr, level, false)
     }

@@ -399,6 +399,7 @@ impl Xen {
         }
     }
 
+    #[inline(never)]
     fn write_back(&self, table: Mfn, lines: u64) {
         // SAFETY: plain call; Xen refuses a frame not the engine's.
         if unsafe { ffi::pvx_table_sync(table.0, lines) } != 0 {
@@ -740,6 +741,7 @@ impl Xen {
         unsafe { core::ptr::read_volatile(p.add(index)) }
     }
 
+    #[inline(always)]
     fn table_write(&self, table: Mfn, index: usize, raw: u64) {
         if self.table_store(table, index, raw) {
             self.note_store(table, index);
@@ -768,6 +770,7 @@ impl Xen {
     /// flush (nothing on a coherent IOMMU). Noted in the set of the cell
     /// whose lock this CPU holds: no lock of its own, no atomic
     /// read-modify-write.
+    #[inline(always)]
     fn note_store(&self, table: Mfn, index: usize) {
         if TABLES_COHERENT.load(Ordering::Relaxed) {
             return;
@@ -838,6 +841,7 @@ impl TableMemory for Xen {
     fn read_entry(&self, table: Mfn, index: usize) -> u64 {
         self.table_read(table, index) & !COUNT.bits_at(index)
     }
+    #[inline(always)]
     fn write_entry(&mut self, table: Mfn, index: usize, raw: u64) {
         let count = COUNT.bits_at(index);
         let raw = if count != 0 {
