@@ -260,6 +260,7 @@ impl IndexTable {
     }
 
     /// The value in bucket `pos` (from [`position`](Self::position)).
+    #[inline]
     pub fn value_at(&self, pos: usize) -> Option<u64> {
         self.buckets.get(pos).copied().filter(|v| *v != EMPTY)
     }
@@ -566,6 +567,7 @@ impl ShardedIndex {
 
     /// Insert `value` under `hash` (after [`reserve_one`](Self::reserve_one)
     /// with the same hash). `value` must fit 32 bits.
+    #[inline]
     pub fn insert(&mut self, hash: u64, value: u64) -> Result<(), Errno> {
         // (`u32::MAX` under an all-ones hash would pack to the empty mark.)
         let value = u32::try_from(value)

@@ -750,6 +750,7 @@ impl DriverDomain {
     /// Returns the install's generation. `at` is a probe of `m`'s page made
     /// under the same lock (checked again here, so a stale one costs a
     /// probe, never a wrong chain).
+    #[inline(always)]
     pub(crate) fn install_at(
         &mut self,
         seed: u64,
