@@ -1388,6 +1388,7 @@ impl<L: RawMutex> Engine<L> {
 
     /// [`look_up_page`](Self::look_up_page) for a map whose share of the
     /// gate was joined already.
+    #[inline(always)]
     fn look_up_joined(
         &self,
         h: &mut impl Hypervisor,
@@ -1575,6 +1576,7 @@ impl<L: RawMutex> Engine<L> {
         Self::unmap_kind(&d.dd, context, idx).map(|k| matches!(k, UnmapKind::Revoked))
     }
 
+    #[inline]
     fn unmap_kind(dd: &DriverDomain, context: ContextId, idx: u64) -> Result<UnmapKind, Errno> {
         if dd.live_refs(idx).is_some_and(|(c, _)| c == context) {
             return Ok(UnmapKind::Live);

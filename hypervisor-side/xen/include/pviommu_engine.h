@@ -111,10 +111,13 @@ void pviommu_engine_device_leaving(uint16_t owner, uint32_t sbdf);
 void pvx_driver_lock(unsigned int cell);
 int pvx_driver_trylock(unsigned int cell);   /* 1: taken */
 void pvx_driver_unlock(unsigned int cell);
-/* The cells whose lock this CPU holds (bit n: cell n): the engine keeps
- * its record of table stores not yet written back per cell, touched only
- * under the cell's lock, and asks here which cell that is. */
-uint64_t pvx_driver_held(void);
+/* The address of this CPU's mask of the cells whose lock it holds (bit n:
+ * cell n), changed only by this CPU's pvx_driver_lock/unlock: the engine
+ * keeps its record of table stores not yet written back per cell, touched
+ * only under the cell's lock, and reads here which cell that is at every
+ * table store. It asks for the address once per entry point: an engine
+ * entry point runs on one CPU from start to end. */
+const uint64_t *pvx_driver_held_mask(void);
 
 /* [unlocked] Guest copies for the current vCPU's guest: 0, or -EFAULT.
  * (Errnos that only the C glue returns: ENOEXEC for a 32-bit caller; ESTALE

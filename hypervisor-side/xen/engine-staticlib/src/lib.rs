@@ -50,7 +50,7 @@ mod ffi {
         pub fn pvx_driver_lock(cell: u32);
         pub fn pvx_driver_trylock(cell: u32) -> i32;
         pub fn pvx_driver_unlock(cell: u32);
-        pub fn pvx_driver_held() -> u64;
+        pub fn pvx_driver_held_mask() -> *const u64;
         pub fn pvx_copy_from_guest(dst: *mut u8, guest_addr: u64, len: usize) -> i32;
         pub fn pvx_copy_to_guest(guest_addr: u64, src: *const u8, len: usize) -> i32;
         pub fn pvx_domain_info(domid: u16, info: *mut PvxDomainInfo);
@@ -227,6 +227,9 @@ struct Xen {
     /// A table frame was refused during this entry point (see
     /// [`Xen::refused`]).
     fault: Cell<bool>,
+    /// This CPU's mask of the driver locks it holds
+    /// (`pvx_driver_held_mask`), looked up at its first use; null before.
+    held: Cell<*const u64>,
 }
 
 /// Table frames mapped at once: a walk's four levels.
@@ -240,6 +243,51 @@ impl Xen {
             last: Cell::new(0),
             touched: Cell::new(0),
             fault: Cell::new(false),
+            held: Cell::new(core::ptr::null()),
+        }
+    }
+
+    /// The cells this CPU holds the lock of (bit n: cell n). Read from
+    /// this CPU's mask, whose address is asked for once per entry point
+    /// (every table store asks which cell's dirty set it goes in, and a
+    /// call per store cost as much under TCG as the rest of the store):
+    /// an entry point runs on one CPU from start to end (Xen never moves a
+    /// running hypervisor call to another CPU, and `Xen` is not `Send`).
+    #[inline(always)]
+    fn held_cells(&self) -> u64 {
+        let mut mask = self.held.get();
+        if mask.is_null() {
+            mask = self.held_mask();
+        }
+        if mask.is_null() {
+            // Not expected. "None held" sends every store straight to
+            // memory (note_store), the safe side.
+            return 0;
+        }
+        // SAFETY: this CPU's per-CPU variable (valid while Xen runs on
+        // it, which is the whole entry point); changed only by this CPU's
+        // pvx_driver_lock/unlock, so a plain load sees its current value.
+        unsafe { core::ptr::read_volatile(mask) }
+    }
+
+    /// [`held_cells`](Self::held_cells)'s first use in an entry point.
+    #[cold]
+    #[inline(never)]
+    fn held_mask(&self) -> *const u64 {
+        // SAFETY: plain call: the address of this CPU's mask.
+        let mask = unsafe { ffi::pvx_driver_held_mask() };
+        self.held.set(mask);
+        mask
+    }
+
+    /// The dirty set of the one cell this CPU holds, if it holds exactly
+    /// one (the engine never holds two).
+    fn sole_held_cell(&self) -> Option<&'static CellDirty> {
+        let held = self.held_cells();
+        if held.count_ones() == 1 {
+            CELL_DIRTY.get(held.trailing_zeros() as usize)
+        } else {
+            None
         }
     }
 
@@ -311,7 +359,7 @@ impl Xen {
     /// `hw_context_create`). Logged once (Xen also logs the frame).
     fn refused(&self) {
         self.fault.set(true);
-        let held = held_cells();
+        let held = self.held_cells();
         if held == 0 {
             ALL_FAULTED.store(true, Ordering::Release);
         }
@@ -330,7 +378,7 @@ impl Xen {
     fn tables_ok(&self) -> Result<(), Errno> {
         let faulted = self.fault.get()
             || ALL_FAULTED.load(Ordering::Acquire)
-            || bits(held_cells()).any(|cell| {
+            || bits(self.held_cells()).any(|cell| {
                 CELL_DIRTY
                     .get(cell)
                     .is_none_or(|c| c.faulted.load(Ordering::Acquire))
@@ -364,7 +412,7 @@ impl Xen {
         if TABLES_COHERENT.load(Ordering::Relaxed) {
             return;
         }
-        let held = held_cells();
+        let held = self.held_cells();
         if held == 0 {
             self.sync_unheld(u64::MAX);
             return;
@@ -414,7 +462,7 @@ impl Drop for Xen {
         // returns (nothing to do when its last flush wrote them back or
         // another CPU's flush of the same cell did). The engine has let go
         // of every driver lock by now.
-        let held = held_cells();
+        let held = self.held_cells();
         for cell in bits(self.touched.get() & held) {
             if let Some(c) = CELL_DIRTY.get(cell) {
                 self.drain(c);
@@ -433,23 +481,6 @@ impl Drop for Xen {
 
 /// Driver cells: `pvx_driver_locks[]` has one per cell.
 const CELLS: usize = pviommu_hv::engine::MAX_DRIVER_DOMAINS;
-
-/// The cells this CPU holds the lock of (bit n: cell n): `pvx_driver_held`.
-fn held_cells() -> u64 {
-    // SAFETY: plain call (a per-CPU read).
-    unsafe { ffi::pvx_driver_held() }
-}
-
-/// The dirty set of the one cell this CPU holds, if it holds exactly one
-/// (the engine never holds two).
-fn sole_held_cell() -> Option<&'static CellDirty> {
-    let held = held_cells();
-    if held.count_ones() == 1 {
-        CELL_DIRTY.get(held.trailing_zeros() as usize)
-    } else {
-        None
-    }
-}
 
 /// The set bits of `mask`, lowest first (at most 64).
 fn bits(mask: u64) -> impl Iterator<Item = usize> {
@@ -775,7 +806,7 @@ impl Xen {
         if TABLES_COHERENT.load(Ordering::Relaxed) {
             return;
         }
-        let held = held_cells();
+        let held = self.held_cells();
         if held.count_ones() == 1 {
             let cell = held.trailing_zeros() as usize;
             if let Some(c) = CELL_DIRTY.get(cell) {
@@ -812,7 +843,7 @@ impl TableMemory for Xen {
         // Nothing of it is needed in memory any more (the flush is done),
         // and it must not be mapped or written back once it is Xen's.
         self.unmap_table(table);
-        let held = held_cells();
+        let held = self.held_cells();
         for cell in bits(if held != 0 { held } else { u64::MAX }) {
             let Some(c) = CELL_DIRTY.get(cell) else {
                 continue;
@@ -963,7 +994,7 @@ impl IommuBackend for Xen {
         // The engine creates a context holding exactly its driver cell; a
         // context not counted could let a fault be cleared under it, so
         // anything else is refused (fail closed).
-        let Some(cell) = sole_held_cell() else {
+        let Some(cell) = self.sole_held_cell() else {
             return Err(Errno::Inval);
         };
         // A fault in a cell with no context left (a frame refused while its
@@ -995,7 +1026,7 @@ impl IommuBackend for Xen {
         // SAFETY: plain call; a tag pvx_ctx_alloc gave.
         match unsafe { ffi::pvx_ctx_free(tag) } {
             0 => {
-                if let Some(c) = sole_held_cell() {
+                if let Some(c) = self.sole_held_cell() {
                     let n = c.contexts.load(Ordering::Relaxed);
                     // Drift would be a bug; the hosted tests would see it.
                     debug_assert!(n > 0, "context count drift");

@@ -18,6 +18,11 @@
 //!   page mark: anything else is refused (NULL / -EINVAL) and counted.
 //!
 //! One model for the process: tests take [`serial`] first.
+//!
+//! Every `pvx_*` function is `#[inline(never)]`: in Xen each is a call into
+//! the C glue, and a count of the backend's cost (`engine_op_rounds`,
+//! `scripts/tcg-cost.sh`) must see those calls, which cost under TCG about
+//! as much as 40 instructions each.
 
 use std::boxed::Box;
 use std::cell::Cell;
@@ -173,6 +178,7 @@ pub fn frame_of(cell: u32) -> pviommu_hv::Mfn {
 }
 
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_driver_lock(cell: u32) {
     let c = cell as usize % CELLS;
     LOCK_CALLS[c].fetch_add(1, Ordering::Relaxed);
@@ -194,6 +200,7 @@ pub extern "C" fn pvx_driver_lock(cell: u32) {
 }
 
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_driver_trylock(cell: u32) -> i32 {
     let c = cell as usize % CELLS;
     if LOCKS[c]
@@ -208,6 +215,7 @@ pub extern "C" fn pvx_driver_trylock(cell: u32) -> i32 {
 }
 
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_driver_unlock(cell: u32) {
     let c = cell as usize % CELLS;
     HELD.with(|h| {
@@ -218,8 +226,10 @@ pub extern "C" fn pvx_driver_unlock(cell: u32) {
 }
 
 #[no_mangle]
-pub extern "C" fn pvx_driver_held() -> u64 {
-    held()
+#[inline(never)]
+pub extern "C" fn pvx_driver_held_mask() -> *const u64 {
+    // The thread's mask (Xen: the CPU's), valid for the thread's life.
+    HELD.with(|h| h.as_ptr().cast_const())
 }
 
 /// What the C glue's page mark accepts: a frame handed out, not freed.
@@ -232,6 +242,7 @@ fn accepted(m: &mut Model, mfn: u64) -> bool {
 }
 
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_table_alloc(mfn: *mut u64) -> i32 {
     let h = held();
     let owner = (h.count_ones() == 1).then_some(h.trailing_zeros() as usize);
@@ -255,6 +266,7 @@ pub extern "C" fn pvx_table_alloc(mfn: *mut u64) -> i32 {
 }
 
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_table_free(mfn: u64) -> i32 {
     with(|m| {
         if !accepted(m, mfn) {
@@ -271,6 +283,7 @@ pub extern "C" fn pvx_table_free(mfn: u64) -> i32 {
 }
 
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_table_map(mfn: u64) -> *mut u64 {
     with(|m| {
         if !accepted(m, mfn) {
@@ -283,6 +296,7 @@ pub extern "C" fn pvx_table_map(mfn: u64) -> *mut u64 {
 }
 
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_table_unmap(t: *const u64) {
     with(|m| {
         match m
@@ -297,6 +311,7 @@ pub extern "C" fn pvx_table_unmap(t: *const u64) {
 }
 
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_table_sync(mfn: u64, lines: u64) -> i32 {
     let block = with(|m| m.block_sync_of == Some(mfn));
     if block {
@@ -334,11 +349,13 @@ pub extern "C" fn pvx_table_sync(mfn: u64, lines: u64) -> i32 {
 }
 
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_tables_coherent() -> i32 {
     with(|m| m.coherent as i32)
 }
 
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_ctx_caps(levels: *mut u32, snoop_control: *mut i32) -> i32 {
     let l = with(|m| m.ctx_levels);
     if l == 0 {
@@ -353,6 +370,7 @@ pub extern "C" fn pvx_ctx_caps(levels: *mut u32, snoop_control: *mut i32) -> i32
 }
 
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_ctx_flush(_tag: u16, _bfn: u64, _count: u64) -> i32 {
     check_held_written_back("pvx_ctx_flush");
     with(|m| m.flushes += 1);
@@ -360,6 +378,7 @@ pub extern "C" fn pvx_ctx_flush(_tag: u16, _bfn: u64, _count: u64) -> i32 {
 }
 
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_ctx_alloc(tag: *mut u16) -> i32 {
     check_held_written_back("pvx_ctx_alloc");
     // SAFETY: pointer to the caller's local.
@@ -368,17 +387,20 @@ pub extern "C" fn pvx_ctx_alloc(tag: *mut u16) -> i32 {
 }
 
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_device_attach(_sbdf: u32, _tag: u16, _root_mfn: u64) -> i32 {
     check_held_written_back("pvx_device_attach");
     0
 }
 
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_ctx_free(_tag: u16) -> i32 {
     0
 }
 
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_device_detach(_sbdf: u32, _tag: u16) -> i32 {
     0
 }
@@ -394,18 +416,21 @@ pub extern "C" fn pvx_device_detach(_sbdf: u32, _tag: u16) -> i32 {
 pub const GUEST_MFN: u64 = 0x8_0000;
 
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_copy_from_guest(dst: *mut u8, guest_addr: u64, len: usize) -> i32 {
     // SAFETY: the tests pass addresses of live host buffers of `len` bytes.
     unsafe { core::ptr::copy_nonoverlapping(guest_addr as *const u8, dst, len) };
     0
 }
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_copy_to_guest(guest_addr: u64, src: *const u8, len: usize) -> i32 {
     // SAFETY: as above.
     unsafe { core::ptr::copy_nonoverlapping(src, guest_addr as *mut u8, len) };
     0
 }
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_domain_info(domid: u16, info: *mut PvxDomainInfo) {
     if domid > 1 {
         return;
@@ -418,10 +443,12 @@ pub extern "C" fn pvx_domain_info(domid: u16, info: *mut PvxDomainInfo) {
     i.target = 0xffff;
 }
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_xsm_check(_caller: u16, _target: u16, _action: u32) -> i32 {
     0
 }
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_get_page(
     domid: u16,
     gfn: u64,
@@ -440,20 +467,25 @@ pub extern "C" fn pvx_get_page(
     0
 }
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_put_page(_mfn: u64, _writable: i32) {}
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_ram_end_mfn() -> u64 {
     0x10_0000
 }
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_iommu_address_bits() -> u32 {
     39
 }
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_reserved_region(_i: u32, _s: *mut u64, _n: *mut u64, _k: *mut u32) -> i32 {
     -2
 }
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_iommu_map(
     _o: u16,
     _bfn: u64,
@@ -464,46 +496,78 @@ pub extern "C" fn pvx_iommu_map(
     -95
 }
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_iommu_unmap(_o: u16, _bfn: u64, _flush: *mut u32) -> i32 {
     -95
 }
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_iommu_flush(_o: u16, _bfn: u64, _count: u64, _flush: u32) -> i32 {
     0
 }
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_preempt_check() -> i32 {
     0
 }
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_random_seed() -> u64 {
     1
 }
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_now_ns() -> u64 {
     0
 }
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_notify_revoked(_owner: u16) {}
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_alloc(_size: usize, _align: usize) -> *mut u8 {
     core::ptr::null_mut()
 }
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_free(_ptr: *mut u8) {}
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_page_non_coherent(_mfn: u64) {}
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_domain_has_devices(_domid: u16) -> i32 {
     1
 }
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_devices_lock() {}
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_devices_unlock() {}
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_device_facts(_sbdf: u32, _owner: *mut u16, _flags: *mut u32) -> i32 {
     -19
 }
 #[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_log(_msg: *const u8, _len: usize) {}
+
+// Xen's return and indirect-call thunks (plain `ret` and `jmp *%r11`, what
+// Xen patches them to on hardware that needs no mitigation), for a hosted
+// build made with Xen's `-Z function-return=thunk-extern
+// -Z retpoline-external-thunk` (scripts/tcg-cost.sh: the same calls per page
+// as the object linked into Xen). Weak: unused by an ordinary build.
+#[cfg(target_arch = "x86_64")]
+core::arch::global_asm!(
+    ".pushsection .text.pviommu_model_thunks, \"ax\"",
+    ".weak __x86_return_thunk",
+    "__x86_return_thunk:",
+    "ret",
+    ".weak __x86_indirect_thunk_r11",
+    "__x86_indirect_thunk_r11:",
+    "jmp *%r11",
+    ".popsection",
+    options(att_syntax)
+);
