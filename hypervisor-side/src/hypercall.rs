@@ -471,7 +471,10 @@ impl<L: RawMutex> Engine<L> {
             attr: pviommu_abi::MemAttr::WriteBack,
             grant: false,
         };
-        let mut ops = [PvIommuOp::default(); MAP_CHUNK];
+        // Filled from `first`, not zeroed: only the run's ops are read, and
+        // a zeroed buffer is a memset call, which in Xen is `rep stosb`: one
+        // TCG block per byte (40 per page, a tenth of the map's blocks).
+        let mut ops = [first; MAP_CHUNK];
         let mut reqs = [UNUSED; MAP_CHUNK];
         // A run is of one context (the engine locks that context's cell).
         let context = Request::parse_map(&first).map(|m| m.context);
@@ -532,7 +535,8 @@ impl<L: RawMutex> Engine<L> {
         hdr: &PvIommuBatch,
         first: PvIommuOp,
     ) -> Result<(u32, Option<PvIommuOp>), (u32, Errno)> {
-        let mut ops = [PvIommuOp::default(); MAP_CHUNK];
+        // Filled from `first`, not zeroed (see run_maps).
+        let mut ops = [first; MAP_CHUNK];
         let mut reqs = [(ContextId::DEFAULT, pviommu_abi::Bfn(0)); MAP_CHUNK];
         let context = Request::parse_unmap(&first).map(|(c, _)| c);
         let same_context =

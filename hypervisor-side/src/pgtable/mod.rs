@@ -232,6 +232,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
 
     /// Map `bfn` -> `mfn`. `Err(Inval)` if already mapped; on any error the
     /// tables are as before (a table allocated on the way stays, empty).
+    #[inline(always)]
     pub fn map(
         &mut self,
         mem: &mut impl TableMemory,
