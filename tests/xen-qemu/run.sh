@@ -15,6 +15,8 @@
 #                         stalled (seen under TCG); retried once (default 150)
 #   PVIOMMU_TOOL_BIN      prebuilt static `pviommu` binary (default: cargo build)
 #   NO_DOMU=1             skip the domU checks (EPERM, fuzz, device model)
+#   QEMU_EXTRA            more QEMU arguments for the x86 boot (profile/run-prof.sh:
+#                         a TCG plugin)
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
@@ -153,7 +155,7 @@ qemu_boot qemu-system-x86_64 -accel tcg -machine q35,kernel-irqchip=split \
     -append "console=com1 com1=115200 dom0_mem=512M loglvl=all guest_loglvl=all iommu=1,verbose dom0-iommu=strict noreboot" \
     -initrd "$VMLINUZ console=hvc0 earlyprintk=xen pviommu_measure=$N pviommu_fuzz=${FUZZ_CALLS:-100000} pviommu_big=${BIG_PAGES:-65536},$OUT/initrd.gz" \
     -device edu,dma_mask=0xffffffffffffffff,addr=06.0 \
-    -device edu,dma_mask=0xffffffffffffffff,addr=07.0
+    -device edu,dma_mask=0xffffffffffffffff,addr=07.0 ${QEMU_EXTRA:-}
 T4=$(date +%s)
 
 tr -d '\r' < "$LOG" > "$OUT/serial.clean.log"
