@@ -598,6 +598,14 @@ impl<L: RawMutex> Engine<L> {
                 }
             }
         }
+        // A run checked short of what was copied in (not done today: the
+        // copy takes the same unmaps the check counts) goes on at the first
+        // op not checked, never at the one copied in after the run.
+        let after = if checked < n {
+            ops.get(checked).copied()
+        } else {
+            after
+        };
         match failure {
             Some(e) => Err((reported as u32, e)),
             None => Ok((checked as u32, after)),

@@ -390,3 +390,40 @@ proptest! {
         }
     }
 }
+
+/// Where `Engine::map_batch` ends a run: before the first repeat of a
+/// (domain, gfn), whether the gfns rise (where it skips the scan for
+/// repeats) or not. (A fast path that compared each gfn only with the one
+/// before it would run [1, 5, 2, 5] whole.)
+#[test]
+fn a_run_of_maps_ends_before_its_first_repeat() {
+    use pviommu_abi::{Gfn, MapRequest, MemAttr};
+    use pviommu_hv::platform::Platform;
+    let req = |domid: DomId, gfn: u64| MapRequest {
+        context: ContextId::DEFAULT,
+        domid,
+        gfn: Gfn(gfn),
+        perms: Permissions::RO,
+        attr: MemAttr::WriteBack,
+        grant: false,
+    };
+    let g = |gfn| req(GUEST, gfn);
+    let cases: [(&[MapRequest], usize); 7] = [
+        (&[g(1), g(2), g(3), g(4)], 4),
+        (&[g(1), g(2), g(3), g(2)], 3),
+        (&[g(1), g(5), g(2), g(5)], 3),
+        (&[g(3), g(2), g(1), g(3)], 3),
+        (&[g(1), g(1)], 1),
+        (&[g(1), req(STRANGER, 5), g(2), g(1)], 3),
+        (&[g(1), req(STRANGER, 1), g(2)], 3),
+    ];
+    for (reqs, want) in cases {
+        let (mut m, e) = machine(Format::Vtd, 16);
+        let info = m.domain_info(DomId::DOM0).unwrap();
+        let mut out = vec![Err(pviommu_abi::Errno::Inval); pviommu_hv::engine::MAP_CHUNK];
+        let done = e.map_batch(&mut m, DomId::DOM0, &info, reqs, &mut out);
+        e.finish(&mut m, DomId::DOM0);
+        let gfns: Vec<_> = reqs.iter().map(|r| (r.domid.0, r.gfn.0)).collect();
+        assert_eq!(done, want, "{gfns:?}");
+    }
+}

@@ -1163,15 +1163,19 @@ impl<L: RawMutex> Engine<L> {
             return 0;
         };
         // The run ends before the first repeat of a page, or the first op
-        // of another context.
+        // of another context. While the gfns rise (a mediator's usual run),
+        // an op above the one before it repeats none: no scan.
+        let mut rising = true;
         for i in 1..n {
             let (Some(req), Some(earlier)) = (reqs.get(i), reqs.get(..i)) else {
                 break;
             };
+            rising = rising && earlier.last().is_some_and(|last| req.gfn > last.gfn);
             if req.context != context
-                || earlier
-                    .iter()
-                    .any(|r| r.domid == req.domid && r.gfn == req.gfn)
+                || (!rising
+                    && earlier
+                        .iter()
+                        .any(|r| r.domid == req.domid && r.gfn == req.gfn))
             {
                 n = i;
                 break;

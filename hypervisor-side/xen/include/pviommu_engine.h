@@ -116,7 +116,10 @@ void pvx_driver_unlock(unsigned int cell);
  * keeps its record of table stores not yet written back per cell, touched
  * only under the cell's lock, and reads here which cell that is at every
  * table store. It asks for the address once per entry point: an engine
- * entry point runs on one CPU from start to end. */
+ * entry point runs on one CPU from start to end (where it can sleep, an
+ * HVM/PVH guest copy or page lookup waiting for a paged-out page, x86
+ * wait() pins the vCPU to its CPU; Arm reaches no wait() here), and checks
+ * so once, when it ends. */
 const uint64_t *pvx_driver_held_mask(void);
 
 /* [unlocked] Guest copies for the current vCPU's guest: 0, or -EFAULT.

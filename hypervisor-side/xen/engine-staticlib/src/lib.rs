@@ -232,6 +232,18 @@ struct Xen {
     held: Cell<*const u64>,
 }
 
+// `Xen` must stay `!Send` (its mapped-table pointers and the held-lock
+// mask are this CPU's): this stops compiling if a field change made it
+// `Send` (the trait method is ambiguous exactly when `Xen: Send`).
+const _: fn() = || {
+    trait AmbiguousIfSend<A> {
+        fn some_item() {}
+    }
+    impl<T: ?Sized> AmbiguousIfSend<()> for T {}
+    impl<T: ?Sized + Send> AmbiguousIfSend<u8> for T {}
+    let _ = <Xen as AmbiguousIfSend<_>>::some_item;
+};
+
 /// Table frames mapped at once: a walk's four levels.
 const MAPPED_TABLES: usize = 4;
 
@@ -250,9 +262,15 @@ impl Xen {
     /// The cells this CPU holds the lock of (bit n: cell n). Read from
     /// this CPU's mask, whose address is asked for once per entry point
     /// (every table store asks which cell's dirty set it goes in, and a
-    /// call per store cost as much under TCG as the rest of the store):
-    /// an entry point runs on one CPU from start to end (Xen never moves a
-    /// running hypervisor call to another CPU, and `Xen` is not `Send`).
+    /// call per store cost as much under TCG as the rest of the store).
+    /// An entry point runs on one CPU from start to end, and `Xen` is not
+    /// `Send`: nothing in it returns to the guest before it ends (the
+    /// continuation is made after), and where it can sleep, an HVM/PVH
+    /// caller's guest copy or page lookup waiting in x86 `wait()` for a
+    /// paged-out page, Xen 4.17 pins the vCPU to its CPU for the wait
+    /// (`VCPU_AFFINITY_WAIT`; Arm reaches no `wait()` from these paths).
+    /// [`Drop`] checks the mask is still this CPU's and fails closed if
+    /// not (see [`Xen::check_same_cpu`]).
     #[inline(always)]
     fn held_cells(&self) -> u64 {
         let mut mask = self.held.get();
@@ -278,6 +296,24 @@ impl Xen {
         let mask = unsafe { ffi::pvx_driver_held_mask() };
         self.held.set(mask);
         mask
+    }
+
+    /// The entry point ends on the CPU whose mask it read (see
+    /// [`held_cells`](Self::held_cells)): one call per entry point. Were it
+    /// not (a Xen that resumed a waiting vCPU elsewhere), its stores may
+    /// have been noted in another CPU's cell without that cell's lock and a
+    /// flush may have missed them: every later flush then fails (as for a
+    /// refused frame), so no page is released the IOMMU may still reach.
+    fn check_same_cpu(&self) {
+        let mask = self.held.get();
+        if mask.is_null() {
+            return;
+        }
+        // SAFETY: plain call.
+        if unsafe { ffi::pvx_driver_held_mask() } != mask {
+            ALL_FAULTED.store(true, Ordering::Release);
+            log("pviommu: an engine entry point moved CPUs; flushes refused from now on\n");
+        }
     }
 
     /// The dirty set of the one cell this CPU holds, if it holds exactly
@@ -462,6 +498,7 @@ impl Drop for Xen {
         // returns (nothing to do when its last flush wrote them back or
         // another CPU's flush of the same cell did). The engine has let go
         // of every driver lock by now.
+        self.check_same_cpu();
         let held = self.held_cells();
         for cell in bits(self.touched.get() & held) {
             if let Some(c) = CELL_DIRTY.get(cell) {
@@ -676,6 +713,20 @@ impl Platform for Xen {
 /// for snoop control. Read on every map, so kept rather than asked.
 static CTX_CAPS: AtomicU32 = AtomicU32::new(0);
 const CTX_SNOOP: u32 = 1 << 8;
+
+/// What `pvx_iommu_address_bits` said at init (fixed from boot): read on
+/// every writable map (the caps say whether the tables snoop), where a call
+/// into the glue cost as much under TCG as 40 instructions. 0 before init:
+/// asked then.
+static ADDRESS_BITS: AtomicU32 = AtomicU32::new(0);
+
+fn address_bits() -> u32 {
+    match ADDRESS_BITS.load(Ordering::Relaxed) {
+        // SAFETY: plain call.
+        0 => unsafe { ffi::pvx_iommu_address_bits() },
+        bits => bits,
+    }
+}
 
 /// Contexts per driver domain when the IOMMU offers them.
 const XEN_MAX_CONTEXTS: u32 = 8;
@@ -921,8 +972,7 @@ impl IommuBackend for Xen {
                 0
             },
             page_sizes: 1 << 12,
-            // SAFETY: plain call.
-            address_bits: unsafe { ffi::pvx_iommu_address_bits() },
+            address_bits: address_bits(),
             own_tables: (levels != 0).then_some(OwnTables {
                 format: if LPAE {
                     TableFormat::Lpae
@@ -1142,6 +1192,8 @@ pub extern "C" fn pviommu_engine_init(quota: u64, max_batch: u32, heap_bytes: u6
         v.push(quota);
         core::hint::black_box(&v);
     }
+    // SAFETY: plain call (set by the glue at boot, before this).
+    ADDRESS_BITS.store(unsafe { ffi::pvx_iommu_address_bits() }, Ordering::Relaxed);
     let (mut levels, mut snoop) = (0u32, 0i32);
     // SAFETY: out-pointers to locals.
     if unsafe { ffi::pvx_ctx_caps(&mut levels, &mut snoop) } == 0 && (2..=4).contains(&levels) {

@@ -107,6 +107,7 @@ pub fn serial() -> MutexGuard<'static, ()> {
     }
     RELEASE.store(false, Ordering::Relaxed);
     BLOCKED.store(false, Ordering::Relaxed);
+    ELSEWHERE.store(false, Ordering::Relaxed);
     super::reset_backend_state();
     g
 }
@@ -228,9 +229,18 @@ pub extern "C" fn pvx_driver_unlock(cell: u32) {
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn pvx_driver_held_mask() -> *const u64 {
+    if ELSEWHERE.load(Ordering::Relaxed) {
+        // As if the thread now ran on another CPU (see ELSEWHERE).
+        return OTHER_CPU_MASK.as_ptr().cast_const();
+    }
     // The thread's mask (Xen: the CPU's), valid for the thread's life.
     HELD.with(|h| h.as_ptr().cast_const())
 }
+
+/// `pvx_driver_held_mask` answers another CPU's mask: what a Xen that
+/// resumed a waiting vCPU on another CPU would look like to the backend.
+pub static ELSEWHERE: AtomicBool = AtomicBool::new(false);
+static OTHER_CPU_MASK: AtomicU64 = AtomicU64::new(0);
 
 /// What the C glue's page mark accepts: a frame handed out, not freed.
 fn accepted(m: &mut Model, mfn: u64) -> bool {
