@@ -121,9 +121,19 @@ echo "build-engine: no indirect call (nothing needs an IBT landing pad)"
 # pushes and the return address; calls found through the relocations,
 # which are all of them: there is no indirect call, checked above) must
 # stay under STACK_LIMIT. The C glue's own frames come on top.
+#
+# And a second budget, at the calls that may sleep: a guest copy or page
+# lookup for an HVM/PVH caller can wait in x86 wait() for a paged-out page,
+# and wait() saves at most a page of the stack (from cpu_info down), the
+# hypercall entry's and the paging path's frames included (a deeper stack
+# crashes the caller). The engine's frames above such a call must leave
+# room for those: SLEEP_STACK_LIMIT.
 STACK_LIMIT="${PVIOMMU_ENGINE_STACK_LIMIT:-4096}"
-objdump -dr --no-show-raw-insn "$OUT/rust_engine.o" | awk -v entries="$ENTRIES" -v limit="$STACK_LIMIT" -v map="$MAP" '
-    BEGIN { while ((getline l < map) > 0) { split(l, a, " "); short[a[1]] = a[2] } }
+SLEEP_STACK_LIMIT="${PVIOMMU_ENGINE_SLEEP_STACK_LIMIT:-2560}"
+objdump -dr --no-show-raw-insn "$OUT/rust_engine.o" | awk -v entries="$ENTRIES" -v limit="$STACK_LIMIT" \
+    -v sleep_limit="$SLEEP_STACK_LIMIT" -v map="$MAP" '
+    BEGIN { while ((getline l < map) > 0) { split(l, a, " "); short[a[1]] = a[2] }
+            sleeper["pvx_copy_from_guest"] = 1; sleeper["pvx_copy_to_guest"] = 1; sleeper["pvx_get_page"] = 1 }
     /^[0-9a-f]+ <.*>:$/ { f = substr($2, 2, length($2) - 3); frame[f] = 8; sub_max[f] = 0; next }
     f == "" { next }
     /sub +\$0x[0-9a-f]+,%rsp/ {
@@ -151,6 +161,20 @@ objdump -dr --no-show-raw-insn "$OUT/rust_engine.o" | awk -v entries="$ENTRIES" 
         memo[fn] = frame[fn] + best
         return memo[fn]
     }
+    # The deepest chain of engine frames ending in a call to a sleeper; -1
+    # if none is reached from fn.
+    function sdepth(fn, seen,   best, n, i, c, d) {
+        if (fn in smemo) return smemo[fn]
+        best = -1; n = split(calls[fn], c, " ")
+        for (i = 1; i <= n; i++) {
+            if (c[i] in sleeper) d = 0
+            else if (!(c[i] in frame) || index(seen, " " c[i] " ")) continue
+            else { d = sdepth(c[i], seen " " c[i] " "); if (d < 0) continue }
+            if (d > best) { best = d; svia[fn] = c[i] }
+        }
+        smemo[fn] = best < 0 ? -1 : frame[fn] + best
+        return smemo[fn]
+    }
     END {
         n = split(entries, e, " "); worst = 0
         for (i = 1; i <= n; i++) { d = depth(e[i], " " e[i] " "); if (d > worst) { worst = d; top = e[i] } }
@@ -159,6 +183,13 @@ objdump -dr --no-show-raw-insn "$OUT/rust_engine.o" | awk -v entries="$ENTRIES" 
             for (fn = top; fn != ""; fn = via[fn]) printf "  %6d %s\n", frame[fn], fn > "/dev/stderr"
             exit 1
         }
-    }' || { echo "build-engine: FAIL: the engine's stack use from an entry point is over $STACK_LIMIT bytes" >&2; exit 1; }
+        sworst = -1
+        for (i = 1; i <= n; i++) { d = sdepth(e[i], " " e[i] " "); if (d > sworst) { sworst = d; stop = e[i] } }
+        printf "build-engine: deepest engine stack at a guest copy or page lookup %d bytes (from %s; limit %d)\n", sworst, stop, sleep_limit
+        if (sworst > sleep_limit) {
+            for (fn = stop; fn in frame; fn = svia[fn]) printf "  %6d %s\n", frame[fn], fn > "/dev/stderr"
+            exit 1
+        }
+    }' || { echo "build-engine: FAIL: the engine's stack use from an entry point is over $STACK_LIMIT bytes, or over $SLEEP_STACK_LIMIT at a call that may sleep" >&2; exit 1; }
 echo "build-engine: undefined symbols: $(nm -u "$OUT/rust_engine.o" | awk '{print $2}' | tr '\n' ' ')"
 echo "build-engine: $OUT/rust_engine.o"
