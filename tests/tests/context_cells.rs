@@ -411,3 +411,55 @@ fn contexts_of_device_models_leave_cells_for_other_device_models() {
         Err(Errno::NoSpc)
     );
 }
+
+/// An engine context's cell keeps its page index when a mediator empties
+/// the context (the next fill allocates no index), within a bound; context
+/// 0's cell gives a large one back as before (a guest's death must not
+/// leave megabytes in the driver domain's home cell).
+#[test]
+fn an_emptied_context_keeps_its_index() {
+    const N: u64 = 16 * 1024;
+    let mut m = SimMachine::new(3 * N, Format::Vtd, 64);
+    let spec = DomainSpec {
+        pages: N,
+        privileged: false,
+        device_model_of: None,
+    };
+    m.create_domain(GUEST, spec).unwrap();
+    let e = Engine::new(Default::default(), &m).unwrap();
+    let sim = SharedSim::new(m);
+    let ctx = create(&sim, &e, DomId::DOM0).unwrap();
+    // Fill and empty the context, then context 0, in batches of 1024.
+    let cycle = |ctx: ContextId| {
+        let mut h = sim.handle(DomId::DOM0);
+        let info = h.domain_info(DomId::DOM0).unwrap();
+        let mut bfns = Vec::new();
+        for base in (0..N).step_by(1024) {
+            for gfn in base..base + 1024 {
+                bfns.push(e.map(&mut h, DomId::DOM0, &info, &req(ctx, gfn)).unwrap());
+            }
+            e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0);
+        }
+        for chunk in bfns.chunks(1024) {
+            for &bfn in chunk {
+                e.unmap(&mut h, DomId::DOM0, ctx, bfn).unwrap();
+            }
+            e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0);
+        }
+    };
+    let heap = |ctx: ContextId| {
+        e.context_state(DomId::DOM0, ctx)
+            .map_or(0, |dd| dd.heap_bytes())
+    };
+    cycle(ctx);
+    let kept = heap(ctx);
+    eprintln!("context cell emptied after {N} mappings keeps {kept} bytes");
+    assert!(kept > 64 * 1024, "the index was given back: {kept} bytes");
+    assert!(kept <= 1024 * 1024, "{kept} bytes kept");
+    // Filled again, the index does not grow (only slot blocks come back).
+    cycle(ctx);
+    assert_eq!(heap(ctx), kept);
+    cycle(ContextId::DEFAULT);
+    let home = heap(ContextId::DEFAULT);
+    assert!(home < 64 * 1024, "context 0 keeps {home} bytes");
+}

@@ -100,6 +100,17 @@ fn count_of(v: u64) -> u64 {
 /// 64 KiB, so the 64 cells keep at most 4 MiB between batches.
 pub(crate) const KEEP_WHEN_EMPTY: usize = 1024;
 
+/// Slots the emptied cell of one of the engine's own contexts keeps (its
+/// page index cleared, not given back; one block of slots): a mediator
+/// empties and refills its device's context (a GPU's shadow page tables)
+/// as a whole, and giving the index of 16 Ki mappings back and growing it
+/// again cost a tenth of each map under TCG (design/performance.md, "Calls,
+/// blocks and bytes under TCG"). About 520 KiB per such cell
+/// (`an_emptied_context_keeps_its_index` measures it), freed with the
+/// context; the home cells, where a guest's death empties a driver domain,
+/// keep [`KEEP_WHEN_EMPTY`].
+pub(crate) const KEEP_CONTEXT_WHEN_EMPTY: usize = 16 * 1024;
+
 /// Longest chain of one page in one driver domain: one mapping per
 /// (context, perms, attr). Walks are bounded by it.
 pub(crate) const CHAIN_BOUND: usize = crate::config::MAX_CONTEXTS as usize * 2 * 8;
@@ -1005,7 +1016,8 @@ impl DriverDomain {
     }
 
     /// Reset the tables once no BFN is in use (everything unmapped and
-    /// acknowledged). Small tables are kept, emptied, for the next batch:
+    /// acknowledged). Small tables (larger in a context's cell: see
+    /// [`KEEP_CONTEXT_WHEN_EMPTY`]) are kept, emptied, for the next batch:
     /// a mediator that maps and unmaps a batch at a time would otherwise
     /// free and reallocate (and the allocator zero) them every round, which
     /// cost more than everything else a map does. Larger ones are given
@@ -1016,7 +1028,12 @@ impl DriverDomain {
         if self.used() != 0 || self.slots.is_empty() {
             return;
         }
-        if self.slots.capacity() <= KEEP_WHEN_EMPTY {
+        let keep = if self.context == ContextId::DEFAULT {
+            KEEP_WHEN_EMPTY
+        } else {
+            KEEP_CONTEXT_WHEN_EMPTY
+        };
+        if self.slots.capacity() <= keep {
             self.slots.clear();
             self.pages.clear();
             self.targets.clear();
