@@ -547,6 +547,11 @@ impl<L: RawMutex> Engine<L> {
         // Check and report (a revoked BFN is acknowledged: ESTALE).
         let mut checks = [Err(Errno::NoEnt); MAP_CHUNK];
         let checked = self.unmap_check_batch(caller, reqs, &mut checks);
+        if checked == 0 {
+            // Unreachable (a run checks at least its first op); never loop
+            // on it.
+            return Err((0, Errno::Inval));
+        }
         for (op, check) in ops.iter_mut().zip(checks.iter()).take(checked) {
             op.status = match check {
                 Ok(false) => 0,

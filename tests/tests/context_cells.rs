@@ -462,4 +462,25 @@ fn an_emptied_context_keeps_its_index() {
     cycle(ContextId::DEFAULT);
     let home = heap(ContextId::DEFAULT);
     assert!(home < 64 * 1024, "context 0 keeps {home} bytes");
+    // The cleared (and still sharded) index finds what is mapped after it:
+    // a second map of a page shares its BFN, and the guest's death revokes
+    // every mapping.
+    let mut h = sim.handle(DomId::DOM0);
+    let info = h.domain_info(DomId::DOM0).unwrap();
+    let bfns: Vec<Bfn> = (0..N)
+        .map(|gfn| e.map(&mut h, DomId::DOM0, &info, &req(ctx, gfn)).unwrap())
+        .collect();
+    e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0);
+    for gfn in (0..N).step_by(97) {
+        let again = e.map(&mut h, DomId::DOM0, &info, &req(ctx, gfn)).unwrap();
+        assert_eq!(
+            again, bfns[gfn as usize],
+            "gfn {gfn} not found in the index"
+        );
+    }
+    e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0);
+    drop(h);
+    sim.lock().kill_domain(&e, GUEST);
+    let dd = e.context_state(DomId::DOM0, ctx).unwrap();
+    assert_eq!((dd.live(), dd.revoked()), (0, N));
 }

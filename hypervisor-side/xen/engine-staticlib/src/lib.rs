@@ -269,8 +269,8 @@ impl Xen {
     /// caller's guest copy or page lookup waiting in x86 `wait()` for a
     /// paged-out page, Xen 4.17 pins the vCPU to its CPU for the wait
     /// (`VCPU_AFFINITY_WAIT`; Arm reaches no `wait()` from these paths).
-    /// [`Drop`] checks the mask is still this CPU's and fails closed if
-    /// not (see [`Xen::check_same_cpu`]).
+    /// Each flush and the entry point's end check the mask is still this
+    /// CPU's, and fail closed if not (see [`Xen::moved_cpu`]).
     #[inline(always)]
     fn held_cells(&self) -> u64 {
         let mut mask = self.held.get();
@@ -298,22 +298,30 @@ impl Xen {
         mask
     }
 
-    /// The entry point ends on the CPU whose mask it read (see
-    /// [`held_cells`](Self::held_cells)): one call per entry point. Were it
-    /// not (a Xen that resumed a waiting vCPU elsewhere), its stores may
-    /// have been noted in another CPU's cell without that cell's lock and a
-    /// flush may have missed them: every later flush then fails (as for a
-    /// refused frame), so no page is released the IOMMU may still reach.
-    fn check_same_cpu(&self) {
+    /// Whether this entry point is no longer on the CPU whose mask it read
+    /// (see [`held_cells`](Self::held_cells)): asked before every flush,
+    /// context creation and attach, and when the entry point ends (one call
+    /// each). Were it moved (a Xen that resumed a waiting vCPU elsewhere),
+    /// its stores may have been noted in another CPU's cell without that
+    /// cell's lock and a flush may miss them: this and every later flush,
+    /// of every driver domain, then fails (as after a refused frame), so no
+    /// page is released that the IOMMU may still reach. Fail closed, for
+    /// good: the host needs a reboot, and says so once.
+    fn moved_cpu(&self) -> bool {
         let mask = self.held.get();
         if mask.is_null() {
-            return;
+            return false;
         }
         // SAFETY: plain call.
-        if unsafe { ffi::pvx_driver_held_mask() } != mask {
-            ALL_FAULTED.store(true, Ordering::Release);
+        if unsafe { ffi::pvx_driver_held_mask() } == mask {
+            return false;
+        }
+        self.fault.set(true);
+        ALL_FAULTED.store(true, Ordering::Release);
+        if !FAULT_LOGGED.swap(true, Ordering::Relaxed) {
             log("pviommu: an engine entry point moved CPUs; flushes refused from now on\n");
         }
+        true
     }
 
     /// The dirty set of the one cell this CPU holds, if it holds exactly
@@ -413,6 +421,7 @@ impl Xen {
     /// cell this CPU holds, or with no cell held (see [`Xen::refused`]).
     fn tables_ok(&self) -> Result<(), Errno> {
         let faulted = self.fault.get()
+            || self.moved_cpu()
             || ALL_FAULTED.load(Ordering::Acquire)
             || bits(self.held_cells()).any(|cell| {
                 CELL_DIRTY
@@ -446,6 +455,13 @@ impl Xen {
     /// (not done by the engine), every cell's, each under its lock.
     fn sync_tables(&self) {
         if TABLES_COHERENT.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.moved_cpu() {
+            // The mask is another CPU's, and this one holds a cell lock
+            // (a flush runs under it): write back nothing here; the flush
+            // fails, and the entry point's end writes every touched set
+            // back, each under its lock.
             return;
         }
         let held = self.held_cells();
@@ -498,8 +514,13 @@ impl Drop for Xen {
         // returns (nothing to do when its last flush wrote them back or
         // another CPU's flush of the same cell did). The engine has let go
         // of every driver lock by now.
-        self.check_same_cpu();
-        let held = self.held_cells();
+        // (Were this entry point moved to another CPU, the mask would be
+        // that CPU's: every touched set is then taken under its lock.)
+        let held = if self.moved_cpu() {
+            0
+        } else {
+            self.held_cells()
+        };
         for cell in bits(self.touched.get() & held) {
             if let Some(c) = CELL_DIRTY.get(cell) {
                 self.drain(c);
