@@ -417,7 +417,7 @@ if echo "$o" | grep -q "^stats_untimed maps=$N unmaps=$N ns_batches=0\$" \
     ok stats_count_every_map_and_unmap; else ko stats_count_every_map_and_unmap "$(echo "$o" | grep -E 'breakdown|stats')"; fi
 # PV-IOMMU (engine context) and privcmd mapped and unmapped every page in
 # each of the alternating rounds whose medians the record compares.
-if echo "$o" | grep -qE "^MEASURE alternate_summary rounds=7 ok=1 pages=$N "; then
+if echo "$o" | grep -qE "^MEASURE alternate_summary rounds=11 ok=1 pages=$N "; then
     ok alternating_rounds_map_every_page; else ko alternating_rounds_map_every_page "$(echo "$o" | grep alternate)"; fi
 calls=$(field "$(echo "$o" | grep '^MEASURE pviommu_map ')" hypercalls)
 seen=$(field "$(echo "$o" | grep '^MEASURE pviommu_map ')" pv_iommu_op)
