@@ -35,6 +35,26 @@ fn syncs() -> Vec<model::Sync> {
     model::with(|m| m.syncs.clone())
 }
 
+/// No violation so far, the only write-back was `lines` of `synced`, and
+/// line 0 of `waiting` is still only in the CPU's view.
+fn only_written_back(synced: Mfn, lines: u64, waiting: Mfn) {
+    assert_eq!(violations(), Vec::<std::string::String>::new());
+    assert_eq!(
+        syncs(),
+        [model::Sync {
+            mfn: synced.0,
+            lines
+        }]
+    );
+    assert_eq!(model::check_all_written_back(), [(waiting.0, 1)]);
+}
+
+/// Every store is in memory, and no violation.
+fn all_in_memory() {
+    assert!(model::check_all_written_back().is_empty());
+    assert_eq!(violations(), Vec::<std::string::String>::new());
+}
+
 /// What a non-coherent IOMMU finds for `bfn` walking memory from `root`.
 fn device_walk(root: u64, bfn: u64) -> Option<u64> {
     let mut table = root;
@@ -214,20 +234,11 @@ fn a_flush_writes_back_only_its_own_driver_domains_tables() {
     x2.hw_flush(HW, Bfn(0), Bfn(0)).unwrap();
     unlock(&l2);
     drop(x2);
-    assert_eq!(violations(), Vec::<std::string::String>::new());
-    assert_eq!(
-        syncs(),
-        [model::Sync {
-            mfn: t2.0,
-            lines: 1
-        }]
-    );
     // Domain 1's line still waits in its own set, for its own flush or
     // its return.
-    assert_eq!(model::check_all_written_back(), [(t1.0, 1)]);
+    only_written_back(t2, 1, t1);
     drop(x1);
-    assert!(model::check_all_written_back().is_empty());
-    assert_eq!(violations(), Vec::<std::string::String>::new());
+    all_in_memory();
 }
 
 /// The backend asks for this CPU's held-lock mask once per entry point and
@@ -248,18 +259,9 @@ fn an_entry_point_that_changes_cells_notes_each_store_in_its_own_cell() {
     x.write_entry(t2, 8, 0x2003);
     x.hw_flush(HW, Bfn(0), Bfn(0)).unwrap();
     unlock(&l2);
-    assert_eq!(violations(), Vec::<std::string::String>::new());
-    assert_eq!(
-        syncs(),
-        [model::Sync {
-            mfn: t2.0,
-            lines: 2
-        }]
-    );
-    assert_eq!(model::check_all_written_back(), [(t1.0, 1)]);
+    only_written_back(t2, 2, t1);
     drop(x);
-    assert!(model::check_all_written_back().is_empty());
-    assert_eq!(violations(), Vec::<std::string::String>::new());
+    all_in_memory();
 }
 
 /// An entry point that moved to another CPU than the one whose held-lock
