@@ -61,7 +61,7 @@ refused_canary() {
 refused_canary panic-canary 'FAIL: a panic path is reachable' "a reachable panic"
 # A cold function (in .text.unlikely.*) with a frame over the stack limit,
 # on an entry path: it has to be counted.
-refused_canary stack-canary "FAIL: the engine's stack use from an entry point is over" \
+refused_canary stack-canary "the stack use from an entry point is over the limit" \
   "a stack over its limit"
 
 if [[ -x tests/xen-qemu/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then

@@ -198,6 +198,7 @@ objdump -dr --no-show-raw-insn "$OUT/rust_engine.o" | awk -v entries="$ENTRIES" 
         for (i = 1; i <= n; i++) { d = depth(e[i], " " e[i] " "); if (d > worst) { worst = d; top = e[i] } }
         printf "build-engine: deepest engine stack %d bytes (from %s; limit %d)\n", worst, top, limit
         if (worst > limit) {
+            print "build-engine: the stack use from an entry point is over the limit:" > "/dev/stderr"
             for (fn = top; fn != ""; fn = via[fn]) printf "  %6d %s\n", frame[fn], fn > "/dev/stderr"
             exit 1
         }
@@ -211,6 +212,7 @@ objdump -dr --no-show-raw-insn "$OUT/rust_engine.o" | awk -v entries="$ENTRIES" 
             exit 1
         }
         if (sworst > sleep_limit) {
+            print "build-engine: the stack at a call that may sleep is over the limit:" > "/dev/stderr"
             for (fn = stop; fn in frame; fn = svia[fn]) printf "  %6d %s\n", frame[fn], fn > "/dev/stderr"
             exit 1
         }
