@@ -119,7 +119,7 @@ void pvx_driver_unlock(unsigned int cell);
  * entry point runs on one CPU from start to end (where it can sleep, an
  * HVM/PVH guest copy or page lookup waiting for a paged-out page, x86
  * wait() pins the vCPU to its CPU; Arm reaches no wait() here), and checks
- * so once, when it ends. */
+ * so before each flush, context creation and attach, and when it ends. */
 const uint64_t *pvx_driver_held_mask(void);
 
 /* [unlocked] Guest copies for the current vCPU's guest: 0, or -EFAULT.

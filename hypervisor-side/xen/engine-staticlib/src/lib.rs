@@ -300,8 +300,9 @@ impl Xen {
 
     /// Whether this entry point is no longer on the CPU whose mask it read
     /// (see [`held_cells`](Self::held_cells)): asked before every flush,
-    /// context creation and attach, and when the entry point ends (one call
-    /// each). Were it moved (a Xen that resumed a waiting vCPU elsewhere),
+    /// context creation and attach ([`sync_tables`](Self::sync_tables)), and
+    /// when the entry point ends (one call each; none if the mask was never
+    /// read). Were it moved (a Xen that resumed a waiting vCPU elsewhere),
     /// its stores may have been noted in another CPU's cell without that
     /// cell's lock and a flush may miss them: this and every later flush,
     /// of every driver domain, then fails (as after a refused frame), so no
@@ -418,10 +419,11 @@ impl Xen {
     }
 
     /// `Err(Fault)` if a table frame was refused in this entry point, in a
-    /// cell this CPU holds, or with no cell held (see [`Xen::refused`]).
+    /// cell this CPU holds, or with no cell held (see [`Xen::refused`]), or
+    /// the entry point moved CPUs (found by [`sync_tables`](Self::sync_tables),
+    /// which every caller runs first).
     fn tables_ok(&self) -> Result<(), Errno> {
         let faulted = self.fault.get()
-            || self.moved_cpu()
             || ALL_FAULTED.load(Ordering::Acquire)
             || bits(self.held_cells()).any(|cell| {
                 CELL_DIRTY
@@ -454,14 +456,14 @@ impl Xen {
     /// written, flushed and attached under its lock). With no cell held
     /// (not done by the engine), every cell's, each under its lock.
     fn sync_tables(&self) {
-        if TABLES_COHERENT.load(Ordering::Relaxed) {
-            return;
-        }
         if self.moved_cpu() {
             // The mask is another CPU's, and this one holds a cell lock
             // (a flush runs under it): write back nothing here; the flush
-            // fails, and the entry point's end writes every touched set
-            // back, each under its lock.
+            // fails (`tables_ok`), and the entry point's end writes every
+            // touched set back, each under its lock.
+            return;
+        }
+        if TABLES_COHERENT.load(Ordering::Relaxed) {
             return;
         }
         let held = self.held_cells();
