@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # tcg-cost.sh -- what the hypercall path as built into Xen costs per page
-# (map + unmap, batch 512, engine context), in three counts, without booting
+# (map + unmap, batch 512, engine context), without booting
 # Xen: `engine_op_rounds` (engine-staticlib's ignored test: the Xen backend's
 # real code over the hosted model of the pvx_* functions), counted
 #   1. natively by callgrind: guest instructions and calls per page;
 #   2. under qemu-user (TCG, the same translator as the Xen-in-QEMU test),
 #      counted by callgrind on QEMU itself: host instructions per page, JIT
-#      code and helpers included. Deterministic to about 0.2 %, so it can
+#      code and helpers included. Deterministic to about 1 %, so it can
 #      compare two builds on a busy machine where times cannot.
 # Under TCG a call and its return cost about 220 host instructions, about
 # as much as 40 straight-line guest instructions (design/performance.md,
-# "Calls under TCG"), which the native counts do not show.
+# "Calls, blocks and bytes under TCG"), which the native counts do not show.
 #
 #   scripts/tcg-cost.sh [TARGET_DIR]    (default target/tcg-cost)
 #
-# Needs valgrind and qemu-user (installed if missing). About 2 minutes.
+# Needs valgrind, qemu-user and rustc-web (installed if missing). About a
+# minute once built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TD="${1:-target/tcg-cost}"

@@ -429,8 +429,9 @@ fn an_emptied_context_keeps_its_index() {
     let e = Engine::new(Default::default(), &m).unwrap();
     let sim = SharedSim::new(m);
     let ctx = create(&sim, &e, DomId::DOM0).unwrap();
-    // Fill and empty the context, then context 0, in batches of 1024.
-    let cycle = |ctx: ContextId| {
+    // Fill a context with the guest's N pages, in batches of 1024 (the
+    // BFNs in gfn order); empty it again.
+    let fill = |ctx: ContextId| -> Vec<Bfn> {
         let mut h = sim.handle(DomId::DOM0);
         let info = h.domain_info(DomId::DOM0).unwrap();
         let mut bfns = Vec::new();
@@ -440,6 +441,10 @@ fn an_emptied_context_keeps_its_index() {
             }
             e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0);
         }
+        bfns
+    };
+    let empty = |ctx: ContextId, bfns: &[Bfn]| {
+        let mut h = sim.handle(DomId::DOM0);
         for chunk in bfns.chunks(1024) {
             for &bfn in chunk {
                 e.unmap(&mut h, DomId::DOM0, ctx, bfn).unwrap();
@@ -447,6 +452,7 @@ fn an_emptied_context_keeps_its_index() {
             e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0);
         }
     };
+    let cycle = |ctx: ContextId| empty(ctx, &fill(ctx));
     let heap = |ctx: ContextId| {
         e.context_state(DomId::DOM0, ctx)
             .map_or(0, |dd| dd.heap_bytes())
@@ -465,12 +471,9 @@ fn an_emptied_context_keeps_its_index() {
     // The cleared (and still sharded) index finds what is mapped after it:
     // a second map of a page shares its BFN, and the guest's death revokes
     // every mapping.
+    let bfns = fill(ctx);
     let mut h = sim.handle(DomId::DOM0);
     let info = h.domain_info(DomId::DOM0).unwrap();
-    let bfns: Vec<Bfn> = (0..N)
-        .map(|gfn| e.map(&mut h, DomId::DOM0, &info, &req(ctx, gfn)).unwrap())
-        .collect();
-    e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0);
     for gfn in (0..N).step_by(97) {
         let again = e.map(&mut h, DomId::DOM0, &info, &req(ctx, gfn)).unwrap();
         assert_eq!(

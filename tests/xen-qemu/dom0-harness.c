@@ -125,11 +125,17 @@ static struct pv_iommu_op *ops;
 #define OPS_CAP 4096
 static unsigned int max_ops = 512;
 
+/* The batch header and ops[], hypercall-safe (locked), made at first use. */
+static void op_bufs(void)
+{
+    if ( !bat ) { bat = locked_buf(PAGE); ops = locked_buf(OPS_CAP * sizeof(*ops)); }
+}
+
 /* Run a batch of n ops already in ops[] to completion (re-issuing on 1). */
 static long run_batch(unsigned int n, long *calls)
 {
     long rc;
-    if ( !bat ) { bat = locked_buf(PAGE); ops = locked_buf(OPS_CAP * sizeof(*ops)); }
+    op_bufs();
     bat->version = PVIOMMU_INTERFACE_VERSION;
     bat->nr_ops = n; bat->nr_done = 0; bat->flags = 0;
     bat->ops = (uint64_t)(uintptr_t)ops;
@@ -141,7 +147,7 @@ static long run_batch(unsigned int n, long *calls)
 static long one_op(struct pv_iommu_op *o)
 {
     long rc;
-    if ( !bat ) { bat = locked_buf(PAGE); ops = locked_buf(OPS_CAP * sizeof(*ops)); }
+    op_bufs();
     ops[0] = *o;
     rc = run_batch(1, NULL);
     *o = ops[0];
@@ -731,7 +737,7 @@ static unsigned long pv_map_pages(uint32_t ctx, uint32_t domid, const xen_pfn_t 
     unsigned long done = 0;
     long rc;
 
-    if ( !bat ) { bat = locked_buf(PAGE); ops = locked_buf(OPS_CAP * sizeof(*ops)); }
+    op_bufs();
     while ( done < n )
     {
         unsigned int k = n - done > max_ops ? max_ops : n - done, j;
@@ -838,15 +844,15 @@ static unsigned long pv_map_unmap(const char *tag, uint32_t ctx, uint32_t domid,
     return done;
 }
 
-/* Median of v[0..n) (n odd, at most ALT_MAX); v is left sorted. */
-static double median(double *v, unsigned int n)
+/* Sort v[0..n) in place (n at most ALT_MAX): then v[0] is the least,
+ * v[n / 2] the median (n odd), v[n - 1] the greatest. */
+static void sort_rounds(double *v, unsigned int n)
 {
     unsigned int i, j;
     double x;
 
     for ( i = 1; i < n; i++ )
         for ( j = i; j > 0 && v[j - 1] > v[j]; j-- ) { x = v[j]; v[j] = v[j - 1]; v[j - 1] = x; }
-    return v[n / 2];
 }
 
 #define ALT_MAX 15
@@ -856,15 +862,16 @@ static double median(double *v, unsigned int n)
  * privcmd's own map time varies by a quarter between boots. So privcmd and
  * PV-IOMMU (context ctx, untimed: no clock read in Xen) also map and unmap
  * the same n pages in alternation, `rounds` times, the order swapped each
- * round, and the medians and the fastest rounds are compared. One line per round and a summary;
- * ok=0 if any round failed to map or unmap every page.
+ * round, and the medians and the fastest rounds are compared. One line
+ * per round and a summary; ok=0 if any round failed to map or unmap every
+ * page.
  */
 static void alternate_with_privcmd(uint32_t ctx, uint32_t domid, const xen_pfn_t *frames,
                                    unsigned long n, uint64_t *bfns, int *errs,
                                    unsigned int rounds)
 {
     double pm[ALT_MAX], pu[ALT_MAX], vm[ALT_MAX], vu[ALT_MAX], ratio[ALT_MAX];
-    double lo = 0, hi = 0, pmin = 0, vmin = 0, t0, t1, t2;
+    double t0, t1, t2;
     unsigned int r, half;
     unsigned long i, done, bad;
     bool ok = true;
@@ -900,15 +907,13 @@ static void alternate_with_privcmd(uint32_t ctx, uint32_t domid, const xen_pfn_t
             }
         }
         ratio[r] = pm[r] > 0 ? vm[r] / pm[r] : 0;
-        pmin = r == 0 || pm[r] < pmin ? pm[r] : pmin;
-        vmin = r == 0 || vm[r] < vmin ? vm[r] : vmin;
-        lo = r == 0 || ratio[r] < lo ? ratio[r] : lo;
-        hi = r == 0 || ratio[r] > hi ? ratio[r] : hi;
         printf("MEASURE alternate round=%u first=%s privcmd_map=%.4f pviommu_ctx_map=%.4f ratio=%.3f"
                " privcmd_unmap=%.4f pviommu_ctx_unmap=%.4f\n", r + 1, r % 2 == 0 ? "privcmd" : "pviommu",
                pm[r], vm[r], ratio[r], pu[r], vu[r]);
     }
     if ( !rounds ) return;
+    sort_rounds(pm, rounds); sort_rounds(vm, rounds); sort_rounds(ratio, rounds);
+    sort_rounds(pu, rounds); sort_rounds(vu, rounds);
     /* The fastest round of each side too: a round only gets slower when
      * something else runs on the host (the other tenants of a shared VM),
      * so the ratio of the minima is the least disturbed comparison. */
@@ -916,8 +921,9 @@ static void alternate_with_privcmd(uint32_t ctx, uint32_t domid, const xen_pfn_t
            " pviommu_ctx_map_median=%.4f map_ratio_median=%.3f map_ratio_min=%.3f map_ratio_max=%.3f"
            " privcmd_map_fastest=%.4f pviommu_ctx_map_fastest=%.4f map_ratio_of_fastest=%.3f"
            " privcmd_unmap_median=%.4f pviommu_ctx_unmap_median=%.4f\n",
-           rounds, ok, n, median(pm, rounds), median(vm, rounds), median(ratio, rounds), lo, hi,
-           pmin, vmin, pmin > 0 ? vmin / pmin : 0, median(pu, rounds), median(vu, rounds));
+           rounds, ok, n, pm[rounds / 2], vm[rounds / 2], ratio[rounds / 2], ratio[0],
+           ratio[rounds - 1], pm[0], vm[0], pm[0] > 0 ? vm[0] / pm[0] : 0, pu[rounds / 2],
+           vu[rounds / 2]);
 }
 
 static int cmd_measure(unsigned long n)
@@ -1068,7 +1074,7 @@ static int cmd_bigdestroy(unsigned long n)
     double t0, t1, t2 = 0;
 
     if ( !frames || !bfns ) die("calloc");
-    if ( !bat ) { bat = locked_buf(PAGE); ops = locked_buf(OPS_CAP * sizeof(*ops)); }
+    op_bufs();
     if ( query_caps(&c) == 0 && c.max_batch_ops ) max_ops = c.max_batch_ops < OPS_CAP ? c.max_batch_ops : OPS_CAP;
     used0 = c.used;
     free0 = free_pages();

@@ -264,6 +264,23 @@ fn an_entry_point_that_changes_cells_notes_each_store_in_its_own_cell() {
     all_in_memory();
 }
 
+/// The model answers another CPU's held-lock mask from now on (`true`), or
+/// this thread's again.
+fn on_another_cpu(moved: bool) {
+    model::ELSEWHERE.store(moved, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// An entry point that stored into a table of cell 1, with its lock held,
+/// then moved CPUs: the lock and the entry point.
+fn store_in_cell_1_then_move() -> (XenLock, Xen) {
+    let t = model::frame_of(1);
+    let l = lock(1);
+    let mut x = Xen::new();
+    x.write_entry(t, 0, 0x1003);
+    on_another_cpu(true);
+    (l, x)
+}
+
 /// An entry point that moved to another CPU than the one whose held-lock
 /// mask it read (not possible in Xen 4.17: x86 wait() pins the vCPU) may
 /// have noted stores in the wrong cell: its own next flush fails, closed,
@@ -271,15 +288,11 @@ fn an_entry_point_that_changes_cells_notes_each_store_in_its_own_cell() {
 #[test]
 fn an_entry_point_moved_to_another_cpu_fails_its_own_flush() {
     let _s = model::serial();
-    let t = model::frame_of(1);
-    let l = lock(1);
-    let mut x = Xen::new();
-    x.write_entry(t, 0, 0x1003);
-    model::ELSEWHERE.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (l, mut x) = store_in_cell_1_then_move();
     assert_eq!(x.hw_flush(HW, Bfn(0), Bfn(0)), Err(Errno::Fault));
     unlock(&l);
     drop(x);
-    model::ELSEWHERE.store(false, std::sync::atomic::Ordering::Relaxed);
+    on_another_cpu(false);
     assert!(model::check_all_written_back().is_empty());
     // The flush ran without the write-back (the mask could not say whose
     // set to drain under the lock held), which the model reports; it
@@ -294,14 +307,10 @@ fn an_entry_point_moved_to_another_cpu_fails_its_own_flush() {
 #[test]
 fn an_entry_point_that_ends_on_another_cpu_fails_every_later_flush() {
     let _s = model::serial();
-    let t = model::frame_of(1);
-    let l = lock(1);
-    let mut x = Xen::new();
-    x.write_entry(t, 0, 0x1003);
-    model::ELSEWHERE.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (l, x) = store_in_cell_1_then_move();
     unlock(&l);
     drop(x);
-    model::ELSEWHERE.store(false, std::sync::atomic::Ordering::Relaxed);
+    on_another_cpu(false);
     let l = lock(1);
     let mut x = Xen::new();
     assert_eq!(x.hw_flush(HW, Bfn(0), Bfn(0)), Err(Errno::Fault));
