@@ -269,8 +269,9 @@ impl Xen {
     /// caller's guest copy or page lookup waiting in x86 `wait()` for a
     /// paged-out page, Xen 4.17 pins the vCPU to its CPU for the wait
     /// (`VCPU_AFFINITY_WAIT`; Arm reaches no `wait()` from these paths).
-    /// Each flush and the entry point's end check the mask is still this
-    /// CPU's, and fail closed if not (see [`Xen::moved_cpu`]).
+    /// Each flush, context creation and attach, and the entry point's end,
+    /// check the mask is still this CPU's, and fail closed if not (see
+    /// [`Xen::moved_cpu`]).
     #[inline(always)]
     fn held_cells(&self) -> u64 {
         let mut mask = self.held.get();
