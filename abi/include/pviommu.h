@@ -27,7 +27,7 @@
 #define __HYPERVISOR_pv_iommu_op 43
 
 /* Major in the high 16 bits, minor in the low 16. Callers check the major. */
-#define PVIOMMU_INTERFACE_VERSION 0x00010003u
+#define PVIOMMU_INTERFACE_VERSION 0x00010004u
 
 /* ---- Commands (first hypercall argument) ---- */
 #define PVIOMMU_CMD_query_caps       1u /* arg: struct pv_iommu_caps (out)   */
@@ -58,7 +58,10 @@
                                            /* acknowledged (OP_revoked_*)  */
 #define PVIOMMU_FEAT_DEVICE_ATTACH (1u << 5) /* OP_context_attach/_detach     */
                                            /* (ABI 1.3)                    */
-#define PVIOMMU_FEAT_ALL         0x3fu
+#define PVIOMMU_FEAT_REVOKED_IN_CONTEXT (1u << 6) /* OP_revoked_next takes  */
+                                           /* PVIOMMU_REVOKED_IN_CONTEXT   */
+                                           /* (ABI 1.4)                    */
+#define PVIOMMU_FEAT_ALL         0x7fu
 
 /* caps.translation: whether the caller's IOMMU context translates BFNs.
  * Anything but TRANSLATES makes maps into context 0 fail with EADDRNOTAVAIL
@@ -95,6 +98,13 @@ struct pv_iommu_caps {
 #define PVIOMMU_OP_context_destroy 5u /* in: context (no live mappings)          */
 #define PVIOMMU_OP_revoked_next    6u /* out: bfn, context, domid, gfn of the    */
                                       /* oldest unacked revocation; ENOENT: none */
+/* PVIOMMU_OP_revoked_next with flags = PVIOMMU_REVOKED_IN_CONTEXT (ABI 1.4,
+ * PVIOMMU_FEAT_REVOKED_IN_CONTEXT): in: context, gfn = how many of that
+ * context's oldest notices to pass over (<= PVIOMMU_REVOKED_MAX_SKIP);
+ * out as above. A batch of them with gfn 0, 1, 2, ... reports that many
+ * notices in one call; acks earlier in the same batch are done first. */
+#define PVIOMMU_REVOKED_IN_CONTEXT (1u << 0)
+#define PVIOMMU_REVOKED_MAX_SKIP   255u
 #define PVIOMMU_OP_revoked_ack     7u /* in: context, bfn: release a revoked BFN */
 #define PVIOMMU_OP_context_attach  8u /* in: context (not 0), gfn = device's    */
                                       /* SBDF: its DMA now uses that context   */

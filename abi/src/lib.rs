@@ -36,7 +36,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 pub const HYPERVISOR_PV_IOMMU_OP: u32 = 43;
 
 /// Interface version: major in the high 16 bits, minor in the low 16.
-pub const INTERFACE_VERSION: u32 = 0x0001_0003;
+pub const INTERFACE_VERSION: u32 = 0x0001_0004;
 
 /// Major part of a version word.
 pub const fn version_major(version: u32) -> u16 {
@@ -110,8 +110,14 @@ pub mod feature {
     /// The caller's PCI devices can be attached to its contexts
     /// ([`subop::CONTEXT_ATTACH`](crate::subop::CONTEXT_ATTACH); ABI 1.3).
     pub const DEVICE_ATTACH: u32 = 1 << 5;
+    /// [`subop::REVOKED_NEXT`](crate::subop::REVOKED_NEXT) takes
+    /// [`revoked_next::IN_CONTEXT`](crate::revoked_next::IN_CONTEXT): the
+    /// notices of one context, any of its first
+    /// [`MAX_SKIP`](crate::revoked_next::MAX_SKIP)` + 1`, so a batch of
+    /// such ops reports many notices in one call (ABI 1.4).
+    pub const REVOKED_IN_CONTEXT: u32 = 1 << 6;
     /// Every bit defined by this version.
-    pub const ALL: u32 = 0x3f;
+    pub const ALL: u32 = 0x7f;
 }
 
 /// Why a caller's IOMMU context cannot use BFNs ([`PvIommuCaps::translation`]).
@@ -162,6 +168,21 @@ pub mod subop {
     /// Put a device (`gfn` holds its [`Sbdf`](crate::Sbdf)) attached to
     /// `context` back in the default context (ABI 1.3).
     pub const CONTEXT_DETACH: u16 = 9;
+}
+
+/// [`subop::REVOKED_NEXT`] of one context ([`feature::REVOKED_IN_CONTEXT`],
+/// ABI 1.4). With [`IN_CONTEXT`](revoked_next::IN_CONTEXT) in `flags`, the op
+/// takes `context` and, in `gfn`, how many of that context's oldest notices
+/// to pass over, and reports the next one (`ENOENT` if there are no more).
+/// A batch of them with `gfn` = 0, 1, 2, ... reports that many notices in
+/// one call; acknowledgements placed before them in the same batch are
+/// done first, so each round of a drain starts again at 0.
+pub mod revoked_next {
+    /// `context` and the skip count in `gfn` are inputs.
+    pub const IN_CONTEXT: u16 = 1 << 0;
+    /// The largest skip count (`EINVAL` above it): the hypervisor walks
+    /// that many notices under the context's lock, so it is kept small.
+    pub const MAX_SKIP: u64 = 255;
 }
 
 /// Bits of [`PvIommuOp::flags`].

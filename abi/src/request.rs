@@ -2,7 +2,8 @@
 //! guest controls is validated here, once, before the engine touches state.
 
 use crate::{
-    op_flags, subop, Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Permissions, PvIommuOp, Sbdf,
+    op_flags, revoked_next, subop, Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Permissions,
+    PvIommuOp, Sbdf,
 };
 
 /// What a map asks for.
@@ -52,6 +53,15 @@ pub enum Request {
     },
     /// Report the oldest unacknowledged revocation.
     RevokedNext,
+    /// Report a revocation of one context: the oldest but `skip`
+    /// ([`revoked_next::IN_CONTEXT`](crate::revoked_next::IN_CONTEXT)).
+    RevokedNextIn {
+        /// The caller's context whose notices are asked for.
+        context: ContextId,
+        /// How many of its oldest notices to pass over (at most
+        /// [`revoked_next::MAX_SKIP`](crate::revoked_next::MAX_SKIP)).
+        skip: u32,
+    },
     /// Acknowledge a revoked BFN.
     RevokedAck {
         /// Context that held the BFN.
@@ -94,6 +104,15 @@ impl Request {
                     subop::UNMAP => Request::Unmap { context, bfn },
                     subop::LOOKUP => Request::Lookup { context, bfn },
                     _ => Request::RevokedAck { context, bfn },
+                })
+            }
+            subop::REVOKED_NEXT if op.flags == revoked_next::IN_CONTEXT => {
+                if op.domid != 0 || op.bfn != 0 || op.gfn > revoked_next::MAX_SKIP {
+                    return Err(Errno::Inval);
+                }
+                Ok(Request::RevokedNextIn {
+                    context,
+                    skip: op.gfn as u32,
                 })
             }
             subop::REVOKED_NEXT => {
@@ -185,6 +204,12 @@ impl Request {
                 op.context = context.0;
             }
             Request::RevokedNext => op.subop = subop::REVOKED_NEXT,
+            Request::RevokedNextIn { context, skip } => {
+                op.subop = subop::REVOKED_NEXT;
+                op.flags = revoked_next::IN_CONTEXT;
+                op.context = context.0;
+                op.gfn = skip.into();
+            }
             Request::RevokedAck { context, bfn } => {
                 op.subop = subop::REVOKED_ACK;
                 op.context = context.0;
@@ -286,6 +311,12 @@ mod tests {
                 context: ContextId(c)
             }),
             Just(Request::RevokedNext),
+            (any::<u32>(), 0..=revoked_next::MAX_SKIP as u32).prop_map(|(c, skip)| {
+                Request::RevokedNextIn {
+                    context: ContextId(c),
+                    skip,
+                }
+            }),
             (any::<u32>(), any::<u64>()).prop_map(|(c, b)| Request::RevokedAck {
                 context: ContextId(c),
                 bfn: Bfn(b)
@@ -345,6 +376,59 @@ mod tests {
             let op = <PvIommuOp as zerocopy::FromBytes>::read_from_bytes(&bytes).unwrap();
             let _ = Request::parse(&op);
         }
+    }
+
+    #[test]
+    fn revoked_next_in_a_context_takes_a_bounded_skip_and_nothing_else() {
+        let next = |context, skip| Request::RevokedNextIn { context, skip }.encode();
+        let op = next(ContextId(3), revoked_next::MAX_SKIP as u32);
+        assert_eq!(
+            Request::parse(&op),
+            Ok(Request::RevokedNextIn {
+                context: ContextId(3),
+                skip: revoked_next::MAX_SKIP as u32
+            })
+        );
+        let good = next(ContextId(0), 0);
+        for bad in [
+            PvIommuOp {
+                gfn: revoked_next::MAX_SKIP + 1,
+                ..good
+            },
+            PvIommuOp {
+                gfn: u64::MAX,
+                ..good
+            },
+            PvIommuOp { bfn: 1, ..good },
+            PvIommuOp { domid: 1, ..good },
+            PvIommuOp {
+                flags: revoked_next::IN_CONTEXT | 2,
+                ..good
+            },
+            PvIommuOp { flags: 2, ..good },
+            // Without the flag, context and gfn stay outputs only.
+            PvIommuOp {
+                flags: 0,
+                context: 1,
+                ..good
+            },
+            PvIommuOp {
+                flags: 0,
+                gfn: 1,
+                ..good
+            },
+        ] {
+            assert_eq!(Request::parse(&bad), Err(Errno::Inval), "{bad:?}");
+        }
+        // Skip 0, context 0 without the flag is the global form.
+        assert_eq!(
+            Request::parse(&PvIommuOp {
+                flags: 0,
+                gfn: 0,
+                ..good
+            }),
+            Ok(Request::RevokedNext)
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! over any [`Transport`], with the [`MappingCache`] in front.
 
 use pviommu_abi::{
-    version_major, Bfn, ContextId, DomId, Errno, Gfn, MapRequest, MemAttr, Permissions,
+    feature, version_major, Bfn, ContextId, DomId, Errno, Gfn, MapRequest, MemAttr, Permissions,
     PvIommuCaps, PvIommuOp, PvIommuRegion, Request, Sbdf, INTERFACE_VERSION,
 };
 use tracing::{debug, info_span};
@@ -12,6 +12,11 @@ use crate::cache::{CacheKey, MappingCache};
 use crate::entry::IommuEntry;
 use crate::transport::Transport;
 use crate::Error;
+
+/// Revocation notices asked for per call while draining one context (ABI
+/// 1.4); at most `revoked_next::MAX_SKIP + 1`.
+const REVOKED_ROUND: usize = 128;
+const _: () = assert!(REVOKED_ROUND as u64 <= pviommu_abi::revoked_next::MAX_SKIP + 1);
 
 /// What [`Client::lookup`] returns: never a machine frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -336,51 +341,86 @@ impl<T: Transport> Client<T> {
         max: usize,
         mut on_notice: impl FnMut(&Revocation),
     ) -> Result<Vec<Revocation>, Error> {
+        // With ABI 1.4 a round asks for up to `REVOKED_ROUND` notices of one
+        // context in one call (`revoked_next` of that context, skip 0, 1,
+        // ...); before, one. Each round starts with the acknowledgements of
+        // the previous round's notices, so it asks from skip 0 again.
+        let in_context = self.caps.features & feature::REVOKED_IN_CONTEXT != 0;
         let mut out = Vec::new();
-        // Each round acknowledges the previous notice and asks for the next,
-        // in one batch.
-        let mut pending_ack: Option<(ContextId, Bfn)> = None;
-        while out.len() < max {
-            let mut ops = Vec::with_capacity(2);
-            if let Some((context, bfn)) = pending_ack.take() {
-                ops.push(Request::RevokedAck { context, bfn }.encode());
+        let mut acks: Vec<PvIommuOp> = Vec::new();
+        // The context being drained in rounds; `None`: ask for the oldest
+        // notice of any context, which names the next one.
+        let mut draining: Option<ContextId> = None;
+        loop {
+            let want = REVOKED_ROUND.min(max - out.len());
+            let mut ops = std::mem::take(&mut acks);
+            let acked = ops.len();
+            match draining {
+                _ if want == 0 => {}
+                Some(context) => ops.extend(
+                    (0..want as u32).map(|skip| Request::RevokedNextIn { context, skip }.encode()),
+                ),
+                None => ops.push(Request::RevokedNext.encode()),
             }
-            ops.push(Request::RevokedNext.encode());
-            self.run_ops(&mut ops)?;
-            if ops.len() == 2 && ops[0].status != 0 {
-                return Err(Error::from_return("revoked_ack", ops[0].status as i64));
-            }
-            let next = ops[ops.len() - 1];
-            if next.status == Errno::NoEnt.negated() {
+            if ops.is_empty() {
                 return Ok(out);
             }
-            if next.status != 0 {
-                return Err(Error::from_return("revoked_next", next.status as i64));
-            }
-            let (context, bfn) = (ContextId(next.context), Bfn(next.bfn));
-            let cached_refs = self.cache.refs(context, bfn);
-            self.cache.forget(context, bfn);
-            self.stats.revocations += 1;
-            let revocation = Revocation {
-                bfn,
-                context,
-                domid: DomId(next.domid),
-                gfn: Gfn(next.gfn),
-                cached_refs,
-            };
-            on_notice(&revocation);
-            out.push(revocation);
-            pending_ack = Some((context, bfn));
-        }
-        // Stopped at `max`: acknowledge the last one reported.
-        if let Some((context, bfn)) = pending_ack {
-            let mut ops = [Request::RevokedAck { context, bfn }.encode()];
             self.run_ops(&mut ops)?;
-            if ops[0].status != 0 {
-                return Err(Error::from_return("revoked_ack", ops[0].status as i64));
+            if let Some(a) = ops[..acked].iter().find(|a| a.status != 0) {
+                return Err(Error::from_return("revoked_ack", a.status as i64));
             }
+            let asked = &ops[acked..];
+            let mut reported = 0;
+            for next in asked {
+                if next.status == Errno::NoEnt.negated() {
+                    break;
+                }
+                if next.status != 0 {
+                    return Err(Error::from_return("revoked_next", next.status as i64));
+                }
+                let (context, bfn) = (ContextId(next.context), Bfn(next.bfn));
+                // Reported twice in one round only if another thread of
+                // this domain acknowledged one meanwhile: once is enough.
+                let ack = Request::RevokedAck { context, bfn }.encode();
+                if acks
+                    .iter()
+                    .any(|a| (a.context, a.bfn) == (ack.context, ack.bfn))
+                {
+                    reported += 1;
+                    continue;
+                }
+                let cached_refs = self.cache.refs(context, bfn);
+                self.cache.forget(context, bfn);
+                self.stats.revocations += 1;
+                let revocation = Revocation {
+                    bfn,
+                    context,
+                    domid: DomId(next.domid),
+                    gfn: Gfn(next.gfn),
+                    cached_refs,
+                };
+                on_notice(&revocation);
+                out.push(revocation);
+                acks.push(ack);
+                reported += 1;
+            }
+            draining = match (draining, asked.first()) {
+                // This context has more than a round held: go on with it.
+                (Some(c), _) if reported == asked.len() => Some(c),
+                // The oldest notice's context: drain it next round.
+                (None, Some(first)) if reported == 1 && in_context => {
+                    Some(ContextId(first.context))
+                }
+                // This context ran out: find the next one.
+                (Some(_), _) => None,
+                (None, _) => {
+                    if reported == 0 && acks.is_empty() {
+                        return Ok(out);
+                    }
+                    None
+                }
+            };
         }
-        Ok(out)
     }
 
     /// Describe a BFN.

@@ -277,6 +277,83 @@ fn revocations_reach_the_client_which_forgets_and_acknowledges_them() {
     assert_eq!(c.refresh_caps().unwrap().used, 0);
 }
 
+/// ABI 1.4: a drain asks for a context's notices a round at a time (128
+/// per call, each call also acknowledging the round before), not one per
+/// call; every notice is delivered once, each context's oldest first, and
+/// all are acknowledged. `drain_revocations_up_to` stops at its bound.
+#[test]
+fn a_large_drain_takes_a_call_per_round_not_per_notice() {
+    let s = sim(700, Config::default());
+    let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
+    let ctx = c.context_create().unwrap();
+    let gfns: Vec<Gfn> = (0..700).map(Gfn).collect();
+    let in_default = rw(&mut c, &gfns[..400]);
+    let in_ctx: Vec<Bfn> = c
+        .map_foreign(
+            GUEST,
+            &gfns[400..],
+            Permissions::RW,
+            MemAttr::WriteBack,
+            ctx,
+        )
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    {
+        let mut g = s.lock();
+        let (m, e) = &mut *g;
+        // The context's pages go first (699 down to 400), then context
+        // 0's (399 down to 0).
+        for g in (0..700).rev() {
+            m.balloon_out(e, GUEST, Gfn(g)).unwrap();
+        }
+    }
+    assert_eq!(c.refresh_caps().unwrap().revoked, 700);
+    let first = c.drain_revocations_up_to(5).unwrap();
+    assert_eq!(first.len(), 5);
+    assert_eq!(
+        c.refresh_caps().unwrap().revoked,
+        695,
+        "the 5 are acknowledged"
+    );
+    let calls = c.stats().hypercalls;
+    let mut seen = Vec::new();
+    let rest = c
+        .drain_revocations_with(usize::MAX, |n| seen.push((n.context, n.gfn)))
+        .unwrap();
+    let calls = c.stats().hypercalls - calls;
+    assert_eq!(rest.len(), 695);
+    assert_eq!(c.refresh_caps().unwrap().revoked, 0);
+    // Every notice once, each context's in the order they were queued.
+    let all: Vec<(ContextId, Gfn)> = first
+        .iter()
+        .map(|n| (n.context, n.gfn))
+        .chain(seen)
+        .collect();
+    let of = |want: ContextId| -> Vec<u64> {
+        all.iter()
+            .filter(|(c, _)| *c == want)
+            .map(|(_, g)| g.0)
+            .collect()
+    };
+    assert_eq!(of(ctx), (400..700).rev().collect::<Vec<_>>());
+    assert_eq!(of(ContextId::DEFAULT), (0..400).rev().collect::<Vec<_>>());
+    for n in first.iter().chain(&rest) {
+        let bfns = if n.context == ctx {
+            &in_ctx
+        } else {
+            &in_default
+        };
+        let base = if n.context == ctx { 400 } else { 0 };
+        assert_eq!(n.bfn, bfns[(n.gfn.0 - base) as usize]);
+    }
+    // 695 notices: the finding call, then rounds of 128 (3 in context
+    // 0's, 3 in ctx's, each short round followed by a finding call), and
+    // the call that finds none: 11, against 696 one at a time.
+    assert!(calls <= 12, "{calls} calls for 695 notices");
+    assert!(c.drain_revocations().unwrap().is_empty());
+}
+
 #[test]
 fn the_toolstack_sets_a_domains_quota() {
     let s = sim(16, Config::default());

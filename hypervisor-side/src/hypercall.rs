@@ -143,7 +143,8 @@ impl<L: RawMutex> Engine<L> {
         let contexts = self.max_contexts_for(b.max_contexts, caller);
         let features = (b.features & feature::ALL & !feature::CONTEXTS & !feature::GRANT)
             | if contexts > 1 { feature::CONTEXTS } else { 0 }
-            | feature::REVOCATION_QUEUE;
+            | feature::REVOCATION_QUEUE
+            | feature::REVOKED_IN_CONTEXT;
         let (quota, used, revoked) = self.usage(caller);
         PvIommuCaps {
             version: INTERFACE_VERSION,
@@ -656,6 +657,13 @@ impl<L: RawMutex> Engine<L> {
                 op.domid = n.domid.0;
                 op.gfn = n.gfn.0;
             }),
+            Ok(Request::RevokedNextIn { context, skip }) => {
+                self.revoked_in(caller, context, skip).map(|(bfn, n)| {
+                    op.bfn = bfn.0;
+                    op.domid = n.domid.0;
+                    op.gfn = n.gfn.0;
+                })
+            }
             Ok(Request::ContextDestroy { context }) => self.context_destroy_check(caller, context),
             Ok(Request::ContextCreate) => may_use_contexts(ci, || h.owns_devices(caller))
                 .and_then(|()| self.context_create(h, caller))

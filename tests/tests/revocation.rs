@@ -1,7 +1,7 @@
 //! Revocation: a dying foreign domain, a gfn leaving the p2m, a dying driver
 //! domain. Every BFN pointing at the page goes, DMA faults, references return.
 
-use pviommu_abi::{ContextId, DomId, Gfn, Permissions};
+use pviommu_abi::{Bfn, ContextId, DomId, Gfn, Permissions, PvIommuOp, Request};
 use pviommu_hv::sim::{DomainSpec, Format};
 use pviommu_tests::*;
 
@@ -85,4 +85,158 @@ fn quota_exhaustion_is_enospc_and_changes_nothing() {
     assert_eq!(observable(&m, &e), before);
     // Re-mapping an existing page only takes a reference: still allowed.
     assert!(map_one(&mut m, &e, DomId::DOM0, GUEST, 0, Permissions::RW).is_ok());
+}
+
+/// The BFN `gfn` of GUEST got when mapped RW into `context` of dom0.
+fn map_in(
+    m: &mut pviommu_hv::sim::SimMachine,
+    e: &pviommu_hv::Engine,
+    context: ContextId,
+    gfn: u64,
+) -> Bfn {
+    let mut op = [map_op_in(context, GUEST, gfn, Permissions::RW)];
+    m.guest_batch_all(e, DomId::DOM0, &mut op).unwrap();
+    assert_eq!(op[0].status, 0);
+    Bfn(op[0].bfn)
+}
+
+fn next_in(context: ContextId, skip: u32) -> PvIommuOp {
+    Request::RevokedNextIn { context, skip }.encode()
+}
+
+/// ABI 1.4: `revoked_next` of one context (`IN_CONTEXT`, skip 0, 1, 2, ...)
+/// reports that context's notices oldest first, many in one call; acks
+/// before them in a batch are done first; any other context's, another
+/// domain's or an unknown context's notices are not reported; a skip past
+/// the bound is refused at parse and changes nothing.
+#[test]
+fn a_batch_of_revoked_next_in_one_context_reports_its_notices_oldest_first() {
+    let (mut m, e) = machine(Format::Vtd, 64);
+    let c1 = e.context_create(&mut m, DomId::DOM0).unwrap();
+    let bfn: Vec<(ContextId, Bfn)> = (0..=7u64)
+        .map(|g| {
+            let ctx = if (1..=5).contains(&g) {
+                c1
+            } else {
+                ContextId::DEFAULT
+            };
+            (
+                ctx,
+                if g == 0 {
+                    Bfn(0)
+                } else {
+                    map_in(&mut m, &e, ctx, g)
+                },
+            )
+        })
+        .collect();
+    for g in [4, 6, 2, 5, 7, 1, 3] {
+        m.balloon_out(&e, GUEST, Gfn(g)).unwrap();
+    }
+    let reported = |ops: &[PvIommuOp]| -> Vec<Result<u64, i32>> {
+        ops.iter()
+            .map(|o| {
+                if o.status != 0 {
+                    return Err(o.status);
+                }
+                assert_eq!(o.domid, GUEST.0);
+                assert_eq!(bfn[o.gfn as usize].1 .0, o.bfn, "the BFN of gfn {}", o.gfn);
+                assert_eq!(ContextId(o.context), bfn[o.gfn as usize].0);
+                Ok(o.gfn)
+            })
+            .collect()
+    };
+    // One call, c1's five notices in the order they were queued.
+    let mut ops: Vec<PvIommuOp> = (0..7).map(|k| next_in(c1, k)).collect();
+    assert_eq!(m.guest_batch_all(&e, DomId::DOM0, &mut ops), Ok(1));
+    assert_eq!(
+        reported(&ops),
+        [Ok(4), Ok(2), Ok(5), Ok(1), Ok(3), Err(-2), Err(-2)]
+    );
+    let mut ops = [
+        next_in(ContextId::DEFAULT, 0),
+        next_in(ContextId::DEFAULT, 1),
+        next_in(ContextId::DEFAULT, 2),
+    ];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!(reported(&ops), [Ok(6), Ok(7), Err(-2)]);
+
+    // Nobody else's: a context dom0 does not have, and dom0's c1 asked by
+    // the device model (which has no context c1).
+    let before = observable(&m, &e);
+    let mut ops = [next_in(ContextId(9), 0)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!(ops[0].status, -2);
+    let mut ops = [next_in(c1, 0), next_in(ContextId::DEFAULT, 0)];
+    m.guest_batch_all(&e, DEVICE_MODEL, &mut ops).unwrap();
+    assert_eq!((ops[0].status, ops[1].status), (-2, -2));
+    // Past the bound, or with other inputs set: refused, nothing reported.
+    let mut bad = [
+        PvIommuOp {
+            gfn: pviommu_abi::revoked_next::MAX_SKIP + 1,
+            ..next_in(c1, 0)
+        },
+        PvIommuOp {
+            gfn: u64::MAX,
+            ..next_in(c1, 0)
+        },
+        PvIommuOp {
+            bfn: bfn[4].1 .0,
+            ..next_in(c1, 0)
+        },
+        PvIommuOp {
+            domid: GUEST.0,
+            ..next_in(c1, 0)
+        },
+        PvIommuOp {
+            flags: 3,
+            ..next_in(c1, 0)
+        },
+    ];
+    m.guest_batch_all(&e, DomId::DOM0, &mut bad).unwrap();
+    assert!(bad.iter().all(|o| o.status == -22), "{bad:?}");
+    assert_eq!(
+        bad[0].gfn,
+        pviommu_abi::revoked_next::MAX_SKIP + 1,
+        "an input was overwritten"
+    );
+    assert_eq!(
+        (bad[2].bfn, bad[3].domid),
+        (bfn[4].1 .0, GUEST.0),
+        "an input was overwritten"
+    );
+    assert_eq!(observable(&m, &e), before);
+
+    // Acks first, then the next notices, in one call: the two acked are
+    // gone, the rest come from skip 0 again.
+    let ack = |g: usize| {
+        Request::RevokedAck {
+            context: bfn[g].0,
+            bfn: bfn[g].1,
+        }
+        .encode()
+    };
+    let mut ops = [
+        ack(4),
+        ack(2),
+        next_in(c1, 0),
+        next_in(c1, 1),
+        next_in(c1, 2),
+        next_in(c1, 3),
+    ];
+    assert_eq!(m.guest_batch_all(&e, DomId::DOM0, &mut ops), Ok(1));
+    assert_eq!((ops[0].status, ops[1].status), (0, 0));
+    assert_eq!(reported(&ops[2..]), [Ok(5), Ok(1), Ok(3), Err(-2)]);
+    // A notice acked out of the middle: the walk skips over it.
+    let mut ops = [ack(1), next_in(c1, 0), next_in(c1, 1), next_in(c1, 2)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!(ops[0].status, 0);
+    assert_eq!(reported(&ops[1..]), [Ok(5), Ok(3), Err(-2)]);
+    let mut ops = [ack(5), ack(3), ack(6), ack(7)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert!(ops.iter().all(|o| o.status == 0));
+    assert_eq!(e.usage(DomId::DOM0).2, 0);
+    let mut ops = [next_in(c1, 0), next_in(ContextId::DEFAULT, 0)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!((ops[0].status, ops[1].status), (-2, -2));
 }

@@ -235,12 +235,14 @@ fn watch_command(
             if let (Some(wait), Backend::Xen) = (wait, backend) {
                 wait_for_revocation(session, events, wait)?;
             }
+            let calls = session.client().stats().hypercalls;
             let t = Instant::now();
             let r = session
                 .handle_revocations()
                 .map_err(|e| (e.errno(), e.to_string()))?;
             let mut v = revocations_json(&r);
             v["elapsed_us"] = json!(t.elapsed().as_micros() as u64);
+            v["hypercalls"] = json!(session.client().stats().hypercalls - calls);
             Ok(json!({ "revocations": v }))
         }
         "stats" => {

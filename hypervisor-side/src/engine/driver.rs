@@ -1050,6 +1050,24 @@ impl DriverDomain {
         self.revoked_tail = NONE;
     }
 
+    /// This cell's notice after the `skip` oldest (at most
+    /// [`revoked_next::MAX_SKIP`](pviommu_abi::revoked_next::MAX_SKIP) from
+    /// a parsed op): its slot and notice. Walks `skip` links, whatever they
+    /// hold: a link that leads anywhere but to a queued notice ends it.
+    pub(crate) fn revoked_after(&self, skip: u32) -> Option<(u64, Notice)> {
+        let mut idx = self.revoked_head;
+        for _ in 0..skip {
+            match self.slot(idx) {
+                Some(Slot::Revoked { next, .. }) => idx = next,
+                _ => return None,
+            }
+        }
+        match self.slot(idx) {
+            Some(Slot::Revoked { notice, .. }) => Some((idx, notice)),
+            _ => None,
+        }
+    }
+
     /// The oldest unacknowledged revocation of this cell, with its order
     /// among the driver domain's notices.
     pub(crate) fn oldest_revoked(&self) -> Option<(u64, Notice, u64)> {

@@ -1785,6 +1785,25 @@ impl<L: RawMutex> Engine<L> {
         oldest.map(|(_, bfn, n)| (bfn, n)).ok_or(Errno::NoEnt)
     }
 
+    /// The unacknowledged revocation of `caller`'s `context` after its
+    /// `skip` oldest (`REVOKED_NEXT` with
+    /// [`IN_CONTEXT`](pviommu_abi::revoked_next::IN_CONTEXT)): (BFN,
+    /// notice), `ENOENT` when the context has no more or does not exist.
+    /// One cell lock; `skip` comes parsed, so bounded by
+    /// [`MAX_SKIP`](pviommu_abi::revoked_next::MAX_SKIP).
+    pub fn revoked_in(
+        &self,
+        caller: DomId,
+        context: ContextId,
+        skip: u32,
+    ) -> Result<(Bfn, Notice), Errno> {
+        let found = self
+            .lock_cell(caller, context)
+            .and_then(|d| d.dd.revoked_after(skip));
+        let (idx, notice) = found.ok_or(Errno::NoEnt)?;
+        Ok((self.space.bfn_of(idx).ok_or(Errno::NoEnt)?, notice))
+    }
+
     /// (quota, used, revoked) of `caller`.
     pub fn usage(&self, caller: DomId) -> (u64, u64, u64) {
         let (mut quota, mut used, mut revoked) = (self.config.quota, 0, 0);

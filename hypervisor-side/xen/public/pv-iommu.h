@@ -56,7 +56,7 @@
 #if defined(__XEN__) || defined(__XEN_TOOLS__)
 
 /* Major in the high 16 bits, minor in the low 16. Callers check the major. */
-#define PVIOMMU_INTERFACE_VERSION 0x00010003U
+#define PVIOMMU_INTERFACE_VERSION 0x00010004U
 
 /* ---- Commands (first hypercall argument) ---- */
 #define PVIOMMU_CMD_query_caps       1U /* arg: struct pv_iommu_caps          */
@@ -81,7 +81,9 @@
 #define PVIOMMU_FEAT_REVOCATION_QUEUE (1U << 4) /* revoked BFNs reserved    */
                                                 /* until acknowledged       */
 #define PVIOMMU_FEAT_DEVICE_ATTACH    (1U << 5) /* OP_context_attach/detach */
-#define PVIOMMU_FEAT_ALL              0x3fU
+#define PVIOMMU_FEAT_REVOKED_IN_CONTEXT (1U << 6) /* OP_revoked_next takes */
+                                                /* REVOKED_IN_CONTEXT       */
+#define PVIOMMU_FEAT_ALL              0x7fU
 
 /* caps.translation: does the caller's IOMMU context translate BFNs? */
 #define PVIOMMU_TRANSLATES  0U /* yes: maps are accepted                    */
@@ -121,6 +123,10 @@ DEFINE_XEN_GUEST_HANDLE(pv_iommu_caps_t);
 #define PVIOMMU_OP_context_destroy 5U /* IN: context (no live mappings)      */
 #define PVIOMMU_OP_revoked_next    6U /* OUT: bfn, context, domid, gfn of    */
                                       /* the oldest unacknowledged revocation */
+/* revoked_next with flags = PVIOMMU_REVOKED_IN_CONTEXT (ABI 1.4): IN:     */
+/* context, gfn = notices of that context to pass over (<= MAX_SKIP)       */
+#define PVIOMMU_REVOKED_IN_CONTEXT (1U << 0)
+#define PVIOMMU_REVOKED_MAX_SKIP   255U
 #define PVIOMMU_OP_revoked_ack     7U /* IN: context, bfn                    */
 #define PVIOMMU_OP_context_attach  8U /* IN: context (not 0), gfn = the      */
                                       /* caller's device as a pci_sbdf_t     */
