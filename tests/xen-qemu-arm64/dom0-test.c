@@ -317,6 +317,16 @@ int main(int argc, char **argv)
     check(st == 0 && gop->bfn == bfn && gop->domid == domu && gop->gfn == domu_gfn,
           "revoked-next", "status=%d bfn %#" PRIx64 " d%u gfn %#" PRIx64 " (want bfn %#" PRIx64 " d%u gfn %#" PRIx64 ")",
           st, gop->bfn, gop->domid, gop->gfn, bfn, domu, domu_gfn);
+    /* ABI 1.4: the same notice asked of its context (skip 0); none after it */
+    memset(gop, 0, sizeof(*gop));
+    st = op1(PVIOMMU_OP_revoked_next, 0, PVIOMMU_REVOKED_IN_CONTEXT, 0, 0, 0);
+    check(st == 0 && gop->bfn == bfn && gop->domid == domu && gop->gfn == domu_gfn,
+          "revoked-next-in-context", "status=%d bfn %#" PRIx64 " d%u gfn %#" PRIx64 " (want bfn %#" PRIx64 " d%u gfn %#" PRIx64 ")",
+          st, gop->bfn, gop->domid, gop->gfn, bfn, domu, domu_gfn);
+    st = op1(PVIOMMU_OP_revoked_next, 0, PVIOMMU_REVOKED_IN_CONTEXT, 0, 1, 0);
+    check(st == -ENOENT, "revoked-next-in-context-skip-1", "status=%d (want %d: one notice)", st, -ENOENT);
+    st = op1(PVIOMMU_OP_revoked_next, 0, PVIOMMU_REVOKED_IN_CONTEXT, 0, PVIOMMU_REVOKED_MAX_SKIP + 1, 0);
+    check(st == -EINVAL, "revoked-next-skip-past-bound", "status=%d (want %d)", st, -EINVAL);
     st = op1(PVIOMMU_OP_unmap, 0, 0, 0, 0, bfn);
     check(st == -ESTALE, "unmap-revoked", "status=%d (want %d: acknowledged)", st, -ESTALE);
     rc = hcall(PVIOMMU_CMD_query_caps, (uint64_t)(uintptr_t)caps);
