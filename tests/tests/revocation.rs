@@ -227,12 +227,28 @@ fn a_batch_of_revoked_next_in_one_context_reports_its_notices_oldest_first() {
     assert_eq!(m.guest_batch_all(&e, DomId::DOM0, &mut ops), Ok(1));
     assert_eq!((ops[0].status, ops[1].status), (0, 0));
     assert_eq!(reported(&ops[2..]), [Ok(5), Ok(1), Ok(3), Err(-2)]);
-    // A notice acked out of the middle: the walk skips over it.
-    let mut ops = [ack(1), next_in(c1, 0), next_in(c1, 1), next_in(c1, 2)];
+    // The last op ended at skip 2 (gfn 3). A notice acked out of the
+    // middle moves the ones after it: skip 2 is now past the end, and the
+    // rest are found again from the head.
+    let mut ops = [ack(1), next_in(c1, 2), next_in(c1, 1), next_in(c1, 0)];
     m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
     assert_eq!(ops[0].status, 0);
-    assert_eq!(reported(&ops[1..]), [Ok(5), Ok(3), Err(-2)]);
-    let mut ops = [ack(5), ack(3), ack(6), ack(7)];
+    assert_eq!(reported(&ops[1..]), [Err(-2), Ok(3), Ok(5)]);
+    // A notice queued after the walk's last stop is found from there.
+    let b8 = map_in(&mut m, &e, c1, 8);
+    m.balloon_out(&e, GUEST, Gfn(8)).unwrap();
+    let mut ops = [next_in(c1, 1), next_in(c1, 2), next_in(c1, 3)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!(
+        (ops[0].gfn, ops[1].gfn, ops[1].bfn, ops[2].status),
+        (3, 8, b8.0, -2)
+    );
+    let ack8 = Request::RevokedAck {
+        context: c1,
+        bfn: b8,
+    }
+    .encode();
+    let mut ops = [ack(5), ack(3), ack(6), ack(7), ack8];
     m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
     assert!(ops.iter().all(|o| o.status == 0));
     assert_eq!(e.usage(DomId::DOM0).2, 0);

@@ -447,6 +447,15 @@ pub struct DriverDomain {
     pub(crate) stuck_head: u64,
     pub(crate) revoked_head: u64,
     pub(crate) revoked_tail: u64,
+    /// Notices acknowledged so far (wraps): any removal from the notice
+    /// queue moves the ones after it.
+    revoked_acks: u64,
+    /// Where the last [`revoked_after`](Self::revoked_after) ended: (skip,
+    /// slot, `revoked_acks` then). Notices are only added at the tail, so
+    /// while none has been acknowledged since, the `skip` before that slot
+    /// are the same, and a drain asking for skip 0, 1, 2, ... walks one
+    /// link per op instead of `skip`.
+    revoked_cursor: (u32, u64, u64),
     pub(crate) live: u64,
     pub(crate) revoked: u64,
     pub(crate) stuck: u64,
@@ -484,6 +493,8 @@ impl DriverDomain {
             stuck_head: NONE,
             revoked_head: NONE,
             revoked_tail: NONE,
+            revoked_acks: 0,
+            revoked_cursor: (0, NONE, 0),
             live: 0,
             revoked: 0,
             stuck: 0,
@@ -999,6 +1010,7 @@ impl DriverDomain {
             None => self.revoked_tail = prev,
         }
         self.revoked -= 1;
+        self.revoked_acks = self.revoked_acks.wrapping_add(1);
         self.free_slot(idx);
         Ok(notice)
     }
@@ -1052,18 +1064,30 @@ impl DriverDomain {
 
     /// This cell's notice after the `skip` oldest (at most
     /// [`revoked_next::MAX_SKIP`](pviommu_abi::revoked_next::MAX_SKIP) from
-    /// a parsed op): its slot and notice. Walks `skip` links, whatever they
-    /// hold: a link that leads anywhere but to a queued notice ends it.
-    pub(crate) fn revoked_after(&self, skip: u32) -> Option<(u64, Notice)> {
-        let mut idx = self.revoked_head;
-        for _ in 0..skip {
+    /// a parsed op): its slot and notice. Walks at most `skip` links,
+    /// whatever they hold (a link that leads anywhere but to a queued
+    /// notice ends it): from the head, or from where the last call ended
+    /// if that is still the same place (`revoked_cursor`).
+    pub(crate) fn revoked_after(&mut self, skip: u32) -> Option<(u64, Notice)> {
+        let (mut at, mut idx) = (0, self.revoked_head);
+        let (c_skip, c_idx, c_acks) = self.revoked_cursor;
+        if c_acks == self.revoked_acks
+            && c_skip <= skip
+            && matches!(self.slot(c_idx), Some(Slot::Revoked { .. }))
+        {
+            (at, idx) = (c_skip, c_idx);
+        }
+        for _ in at..skip {
             match self.slot(idx) {
                 Some(Slot::Revoked { next, .. }) => idx = next,
                 _ => return None,
             }
         }
         match self.slot(idx) {
-            Some(Slot::Revoked { notice, .. }) => Some((idx, notice)),
+            Some(Slot::Revoked { notice, .. }) => {
+                self.revoked_cursor = (skip, idx, self.revoked_acks);
+                Some((idx, notice))
+            }
             _ => None,
         }
     }

@@ -1790,7 +1790,8 @@ impl<L: RawMutex> Engine<L> {
     /// [`IN_CONTEXT`](pviommu_abi::revoked_next::IN_CONTEXT)): (BFN,
     /// notice), `ENOENT` when the context has no more or does not exist.
     /// One cell lock; `skip` comes parsed, so bounded by
-    /// [`MAX_SKIP`](pviommu_abi::revoked_next::MAX_SKIP).
+    /// [`MAX_SKIP`](pviommu_abi::revoked_next::MAX_SKIP), and asked for in
+    /// order (0, 1, 2, ...) each op walks one link.
     pub fn revoked_in(
         &self,
         caller: DomId,
@@ -1799,7 +1800,7 @@ impl<L: RawMutex> Engine<L> {
     ) -> Result<(Bfn, Notice), Errno> {
         let found = self
             .lock_cell(caller, context)
-            .and_then(|d| d.dd.revoked_after(skip));
+            .and_then(|mut d| d.dd.revoked_after(skip));
         let (idx, notice) = found.ok_or(Errno::NoEnt)?;
         Ok((self.space.bfn_of(idx).ok_or(Errno::NoEnt)?, notice))
     }
