@@ -379,16 +379,14 @@ impl<T: Transport> Client<T> {
                     return Err(Error::from_return("revoked_next", next.status as i64));
                 }
                 let (context, bfn) = (ContextId(next.context), Bfn(next.bfn));
-                // Reported twice in one round only if another thread of
-                // this domain acknowledged one meanwhile: once is enough.
+                // A BFN reported twice in one round was acknowledged by
+                // another thread of this domain meanwhile, handed out again
+                // and revoked again: a notice of its own, delivered, but
+                // one acknowledgement takes the one queued.
                 let ack = Request::RevokedAck { context, bfn }.encode();
-                if acks
+                let acked = acks
                     .iter()
-                    .any(|a| (a.context, a.bfn) == (ack.context, ack.bfn))
-                {
-                    reported += 1;
-                    continue;
-                }
+                    .any(|a| (a.context, a.bfn) == (ack.context, ack.bfn));
                 let cached_refs = self.cache.refs(context, bfn);
                 self.cache.forget(context, bfn);
                 self.stats.revocations += 1;
@@ -401,7 +399,9 @@ impl<T: Transport> Client<T> {
                 };
                 on_notice(&revocation);
                 out.push(revocation);
-                acks.push(ack);
+                if !acked {
+                    acks.push(ack);
+                }
                 reported += 1;
             }
             draining = match (draining, asked.first()) {

@@ -256,3 +256,54 @@ fn a_batch_of_revoked_next_in_one_context_reports_its_notices_oldest_first() {
     m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
     assert_eq!((ops[0].status, ops[1].status), (-2, -2));
 }
+
+/// The bound end to end: skip 255 reaches a context's 256th notice, 256 is
+/// refused. A notice acknowledged between two asks moves the rest towards
+/// the head: the next ask passes one over, and asking from 0 finds it.
+#[test]
+fn revoked_next_in_a_context_reaches_its_256th_notice_and_not_past_it() {
+    let (mut m, e) = machine(Format::Vtd, 300);
+    let bfn: Vec<Bfn> = (0..300)
+        .map(|g| map_in(&mut m, &e, ContextId::DEFAULT, g))
+        .collect();
+    for g in 0..300 {
+        m.balloon_out(&e, GUEST, Gfn(g)).unwrap();
+    }
+    let mut ops = [
+        next_in(ContextId::DEFAULT, 255),
+        PvIommuOp {
+            gfn: 256,
+            ..next_in(ContextId::DEFAULT, 0)
+        },
+    ];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!(
+        (ops[0].status, ops[0].gfn, ops[0].bfn),
+        (0, 255, bfn[255].0)
+    );
+    assert_eq!((ops[1].status, ops[1].gfn), (-22, 256));
+    // The engine's own entry point holds the bound too (its walk runs under
+    // the cell's lock), not only the parser.
+    assert_eq!(
+        e.revoked_in(DomId::DOM0, ContextId::DEFAULT, 256),
+        Err(pviommu_hv::Errno::Inval)
+    );
+    assert!(e.revoked_in(DomId::DOM0, ContextId::DEFAULT, 255).is_ok());
+    let ack = |g: usize| {
+        Request::RevokedAck {
+            context: ContextId::DEFAULT,
+            bfn: bfn[g],
+        }
+        .encode()
+    };
+    let mut ops = [
+        next_in(ContextId::DEFAULT, 0),
+        ack(0),
+        next_in(ContextId::DEFAULT, 1),
+    ];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!((ops[0].gfn, ops[1].status, ops[2].gfn), (0, 0, 2));
+    let mut ops = [next_in(ContextId::DEFAULT, 0)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!((ops[0].status, ops[0].gfn), (0, 1));
+}

@@ -451,10 +451,15 @@ pub struct DriverDomain {
     /// queue moves the ones after it.
     revoked_acks: u64,
     /// Where the last [`revoked_after`](Self::revoked_after) ended: (skip,
-    /// slot, `revoked_acks` then). Notices are only added at the tail, so
-    /// while none has been acknowledged since, the `skip` before that slot
-    /// are the same, and a drain asking for skip 0, 1, 2, ... walks one
-    /// link per op instead of `skip`.
+    /// slot, `revoked_acks` then). Notices are only added at the tail and
+    /// only leave through [`ack_revoked`](Self::ack_revoked) (revoked_ack,
+    /// an unmap answered `ESTALE`, the owner's teardown), so while none
+    /// has been acknowledged since, the `skip` before that slot are the
+    /// same, and a drain asking for skip 0, 1, 2, ... walks one link per
+    /// op instead of `skip`. A fresh or reused cell starts without one
+    /// ([`reset_to_idle`](Self::reset_to_idle) builds a new state). Were
+    /// it ever wrong, the walk would still only report this cell's own
+    /// notices.
     revoked_cursor: (u32, u64, u64),
     pub(crate) live: u64,
     pub(crate) revoked: u64,
@@ -1128,6 +1133,44 @@ mod tests {
         let idx = dd.take_slot().unwrap();
         dd.install_at(SEED, &at, idx, m).unwrap();
         idx
+    }
+
+    #[test]
+    fn a_walk_of_the_notice_queue_is_bounded_by_its_skip_whatever_the_links_hold() {
+        let mut dd = DriverDomain::new(DomId(0));
+        let idx: Vec<u64> = (1..=3)
+            .map(|g| {
+                let at = dd.probe_page(SEED, DomId(7), Gfn(g));
+                install(&mut dd, at, mapping(g))
+            })
+            .collect();
+        let notice = |g| Notice {
+            domid: DomId(7),
+            gfn: Gfn(g),
+            context: ContextId::DEFAULT,
+        };
+        for (order, (&i, g)) in idx.iter().zip(1..).enumerate() {
+            dd.push_revoked(i, notice(g), order as u64);
+        }
+        assert_eq!(dd.revoked_after(2), Some((idx[2], notice(3))));
+        assert_eq!(dd.revoked_after(3), None);
+        // The last notice linked back to the first: a cycle. Every skip
+        // up to the bound still ends, each at its place around the cycle.
+        if let Some(r) = dd.raw_mut(idx[2]) {
+            r.next = link32(idx[0]);
+        }
+        dd.revoked_cursor = (0, NONE, 0);
+        for skip in [3u32, 4, 255] {
+            let want = idx[skip as usize % 3];
+            assert_eq!(dd.revoked_after(skip).map(|(i, _)| i), Some(want));
+        }
+        // A link to a slot that is no notice ends the walk.
+        if let Some(r) = dd.raw_mut(idx[1]) {
+            r.next = link32(idx[1] + 1000);
+        }
+        dd.revoked_cursor = (0, NONE, 0);
+        assert_eq!(dd.revoked_after(1).map(|(i, _)| i), Some(idx[1]));
+        assert_eq!(dd.revoked_after(2), None);
     }
 
     #[test]

@@ -1788,16 +1788,21 @@ impl<L: RawMutex> Engine<L> {
     /// The unacknowledged revocation of `caller`'s `context` after its
     /// `skip` oldest (`REVOKED_NEXT` with
     /// [`IN_CONTEXT`](pviommu_abi::revoked_next::IN_CONTEXT)): (BFN,
-    /// notice), `ENOENT` when the context has no more or does not exist.
-    /// One cell lock; `skip` comes parsed, so bounded by
-    /// [`MAX_SKIP`](pviommu_abi::revoked_next::MAX_SKIP), and asked for in
-    /// order (0, 1, 2, ...) each op walks one link.
+    /// notice), `ENOENT` when the context has no more or does not exist,
+    /// `EINVAL` for a `skip` over
+    /// [`MAX_SKIP`](pviommu_abi::revoked_next::MAX_SKIP). One cell lock;
+    /// asked for in order (0, 1, 2, ...) each op walks one link.
     pub fn revoked_in(
         &self,
         caller: DomId,
         context: ContextId,
         skip: u32,
     ) -> Result<(Bfn, Notice), Errno> {
+        // Bounded here too, not only at parse: the walk runs under the
+        // cell's lock, which the gfn hooks take.
+        if u64::from(skip) > pviommu_abi::revoked_next::MAX_SKIP {
+            return Err(Errno::Inval);
+        }
         let found = self
             .lock_cell(caller, context)
             .and_then(|mut d| d.dd.revoked_after(skip));

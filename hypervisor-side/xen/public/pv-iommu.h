@@ -123,8 +123,17 @@ DEFINE_XEN_GUEST_HANDLE(pv_iommu_caps_t);
 #define PVIOMMU_OP_context_destroy 5U /* IN: context (no live mappings)      */
 #define PVIOMMU_OP_revoked_next    6U /* OUT: bfn, context, domid, gfn of    */
                                       /* the oldest unacknowledged revocation */
-/* revoked_next with flags = PVIOMMU_REVOKED_IN_CONTEXT (ABI 1.4): IN:     */
-/* context, gfn = notices of that context to pass over (<= MAX_SKIP)       */
+/*
+ * PVIOMMU_OP_revoked_next with flags = PVIOMMU_REVOKED_IN_CONTEXT (ABI 1.4,
+ * PVIOMMU_FEAT_REVOKED_IN_CONTEXT; for this subop only, bit 0 of flags
+ * means this, not PVIOMMU_F_READ). IN: context (any of the caller's, 0
+ * included), gfn = how many of that context's oldest notices to pass over
+ * (<= PVIOMMU_REVOKED_MAX_SKIP, else -EINVAL). OUT: bfn, domid, gfn of the
+ * next one (context is left as it was); -ENOENT when the context has no
+ * more or is not the caller's. A batch of them with gfn 0, 1, 2, ...
+ * reports that many notices in one call; acks earlier in the same batch
+ * are done first.
+ */
 #define PVIOMMU_REVOKED_IN_CONTEXT (1U << 0)
 #define PVIOMMU_REVOKED_MAX_SKIP   255U
 #define PVIOMMU_OP_revoked_ack     7U /* IN: context, bfn                    */
