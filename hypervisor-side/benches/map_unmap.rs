@@ -15,6 +15,11 @@
 //! batches of 512 on top, timing every run call: the longest one is how
 //! long a map can hold its driver lock while the tables grow.
 //!
+//! `revocation drain` has a driver domain take the notices of 16 Ki
+//! revoked pages through the hypercall path, one per call (`revoked_next`
+//! + the previous `revoked_ack`) and in rounds of 128 of one context per
+//! call (ABI 1.4, `IN_CONTEXT`, the round's acks first in the next call).
+//!
 //! Throughput is reported per page (criterion's "elements").
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -365,6 +370,97 @@ fn teardown(c: &mut Criterion) {
     group.finish();
 }
 
+/// A driver domain drains the notices of 16 Ki revoked pages through the
+/// hypercall path (ops copied in and out of its memory, parsed): one
+/// notice per call, then rounds of 128 per call. The machine is set up
+/// (pages mapped, the guest's pages ballooned out) outside the timing.
+fn drain(c: &mut Criterion) {
+    use criterion::BatchSize;
+    use pviommu_abi::revoked_next::MAX_SKIP;
+    const PAGES: u64 = 16 << 10;
+    const ROUND: u32 = 128;
+    const _: () = assert!(ROUND as u64 <= MAX_SKIP + 1);
+    let revoked = || {
+        let (mut m, e) = setup(PAGES + 8, Format::Vtd);
+        let dom0 = m.domain_info(DomId::DOM0).unwrap();
+        let reqs: Vec<MapRequest> = (0..PAGES).map(map_req).collect();
+        let mut out = [Err(Errno::Inval); MAP_CHUNK];
+        let mut rest = &reqs[..];
+        while !rest.is_empty() {
+            let n = e.map_batch(&mut m, DomId::DOM0, &dom0, rest, &mut out);
+            rest = &rest[n..];
+        }
+        e.finish(&mut m, DomId::DOM0);
+        for g in 0..PAGES {
+            m.balloon_out(&e, GUEST, Gfn(g)).unwrap();
+        }
+        (m, e)
+    };
+    let ack = |o: &PvIommuOp| {
+        Request::RevokedAck {
+            context: ContextId(o.context),
+            bfn: Bfn(o.bfn),
+        }
+        .encode()
+    };
+    let mut group = c.benchmark_group("revocation drain (16 Ki notices)");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(PAGES));
+    group.bench_function("one per call", |b| {
+        b.iter_batched(
+            revoked,
+            |(mut m, e)| {
+                let mut ops = vec![Request::RevokedNext.encode()];
+                let mut n = 0;
+                loop {
+                    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+                    let next = ops[ops.len() - 1];
+                    if next.status != 0 {
+                        break;
+                    }
+                    n += 1;
+                    ops = vec![ack(&next), Request::RevokedNext.encode()];
+                }
+                assert_eq!(n, PAGES);
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.bench_function("rounds of 128 of a context", |b| {
+        b.iter_batched(
+            revoked,
+            |(mut m, e)| {
+                let mut acks = Vec::new();
+                let mut n = 0;
+                loop {
+                    let mut ops = std::mem::take(&mut acks);
+                    let asked = ops.len();
+                    ops.extend((0..ROUND).map(|skip| {
+                        Request::RevokedNextIn {
+                            context: ContextId::DEFAULT,
+                            skip,
+                        }
+                        .encode()
+                    }));
+                    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+                    acks = ops[asked..]
+                        .iter()
+                        .take_while(|o| o.status == 0)
+                        .map(ack)
+                        .collect();
+                    if acks.is_empty() {
+                        break;
+                    }
+                    n += acks.len() as u64;
+                }
+                assert_eq!(n, PAGES);
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
 /// Every run call (up to `MAP_CHUNK` maps or unmaps under one lock) timed
 /// while a driver domain grows from nothing to 1 Mi mappings and then
 /// churns batches of 512 on top: count, median, 99.99th percentile and
@@ -443,5 +539,5 @@ fn growth(_c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, bench, floor, scale, teardown, growth);
+criterion_group!(benches, bench, floor, scale, teardown, drain, growth);
 criterion_main!(benches);
