@@ -17,8 +17,9 @@
 //!
 //! `revocation drain` has a driver domain take the notices of 16 Ki
 //! revoked pages through the hypercall path, one per call (`revoked_next`
-//! + the previous `revoked_ack`) and in rounds of 128 of one context per
-//! call (ABI 1.4, `IN_CONTEXT`, the round's acks first in the next call).
+//! with the previous `revoked_ack`) and in rounds of 128 of one context
+//! per call (ABI 1.4, `IN_CONTEXT`, the round's acks first in the next
+//! call).
 //!
 //! Throughput is reported per page (criterion's "elements").
 
