@@ -108,6 +108,20 @@ fn engine_round_single(
     e.finish(m, DomId::DOM0);
 }
 
+/// Map the guest's pages `0..pages` into dom0's context 0, flushed.
+fn map_all(m: &mut SimMachine, e: &Engine, pages: u64) {
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    let reqs: Vec<MapRequest> = (0..pages).map(map_req).collect();
+    let mut out = [Err(Errno::Inval); MAP_CHUNK];
+    let mut rest = &reqs[..];
+    while !rest.is_empty() {
+        let n = e.map_batch(m, DomId::DOM0, &dom0, rest, &mut out);
+        assert!(out[..n].iter().all(|r| r.is_ok()));
+        rest = &rest[n..];
+    }
+    e.finish(m, DomId::DOM0);
+}
+
 fn map_req(g: u64) -> MapRequest {
     MapRequest {
         context: ContextId::DEFAULT,
@@ -312,15 +326,7 @@ fn teardown(c: &mut Criterion) {
     };
     let dying_guest = || {
         let (mut m, e) = setup_with(PAGES + 8, Format::Vtd, cfg);
-        let dom0 = m.domain_info(DomId::DOM0).unwrap();
-        let reqs: Vec<MapRequest> = (0..PAGES).map(map_req).collect();
-        let mut out = [Err(Errno::Inval); MAP_CHUNK];
-        let mut rest = &reqs[..];
-        while !rest.is_empty() {
-            let n = e.map_batch(&mut m, DomId::DOM0, &dom0, rest, &mut out);
-            rest = &rest[n..];
-        }
-        e.finish(&mut m, DomId::DOM0);
+        map_all(&mut m, &e, PAGES);
         m.mark_dying(GUEST);
         (m, e)
     };
@@ -383,15 +389,7 @@ fn drain(c: &mut Criterion) {
     const _: () = assert!(ROUND as u64 <= MAX_SKIP + 1);
     let revoked = || {
         let (mut m, e) = setup(PAGES + 8, Format::Vtd);
-        let dom0 = m.domain_info(DomId::DOM0).unwrap();
-        let reqs: Vec<MapRequest> = (0..PAGES).map(map_req).collect();
-        let mut out = [Err(Errno::Inval); MAP_CHUNK];
-        let mut rest = &reqs[..];
-        while !rest.is_empty() {
-            let n = e.map_batch(&mut m, DomId::DOM0, &dom0, rest, &mut out);
-            rest = &rest[n..];
-        }
-        e.finish(&mut m, DomId::DOM0);
+        map_all(&mut m, &e, PAGES);
         for g in 0..PAGES {
             m.balloon_out(&e, GUEST, Gfn(g)).unwrap();
         }
