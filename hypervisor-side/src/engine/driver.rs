@@ -456,10 +456,10 @@ pub struct DriverDomain {
     /// an unmap answered `ESTALE`, the owner's teardown), so while none
     /// has been acknowledged since, the `skip` before that slot are the
     /// same, and a drain asking for skip 0, 1, 2, ... walks one link per
-    /// op instead of `skip`. A fresh or reused cell starts without one
-    /// ([`reset_to_idle`](Self::reset_to_idle) builds a new state). Were
-    /// it ever wrong, the walk would still only report this cell's own
-    /// notices.
+    /// op instead of `skip`. Dropped whenever the queue is emptied
+    /// ([`compact_if_empty`](Self::compact_if_empty), which a cell passes
+    /// through before another domain may claim it). Were it ever wrong,
+    /// the walk would still only report this cell's own notices.
     revoked_cursor: (u32, u64, u64),
     pub(crate) live: u64,
     pub(crate) revoked: u64,
@@ -1065,6 +1065,7 @@ impl DriverDomain {
         self.stuck_head = NONE;
         self.revoked_head = NONE;
         self.revoked_tail = NONE;
+        self.revoked_cursor = (0, NONE, self.revoked_acks);
     }
 
     /// This cell's notice after the `skip` oldest (at most

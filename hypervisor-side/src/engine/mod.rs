@@ -1803,9 +1803,12 @@ impl<L: RawMutex> Engine<L> {
         if u64::from(skip) > pviommu_abi::revoked_next::MAX_SKIP {
             return Err(Errno::Inval);
         }
+        // (A cell's notices are all of its context; checked as
+        // `revoked_ack` does.)
         let found = self
             .lock_cell(caller, context)
-            .and_then(|mut d| d.dd.revoked_after(skip));
+            .and_then(|mut d| d.dd.revoked_after(skip))
+            .filter(|(_, notice)| notice.context == context);
         let (idx, notice) = found.ok_or(Errno::NoEnt)?;
         Ok((self.space.bfn_of(idx).ok_or(Errno::NoEnt)?, notice))
     }

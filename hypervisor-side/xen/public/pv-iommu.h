@@ -128,7 +128,8 @@ DEFINE_XEN_GUEST_HANDLE(pv_iommu_caps_t);
  * PVIOMMU_FEAT_REVOKED_IN_CONTEXT; for this subop only, bit 0 of flags
  * means this, not PVIOMMU_F_READ). IN: context (any of the caller's, 0
  * included), gfn = how many of that context's oldest notices to pass over
- * (<= PVIOMMU_REVOKED_MAX_SKIP, else -EINVAL). OUT: bfn, domid, gfn of the
+ * (<= PVIOMMU_REVOKED_MAX_SKIP, else -EINVAL), domid and bfn 0, flags
+ * exactly PVIOMMU_REVOKED_IN_CONTEXT. OUT: bfn, domid, gfn of the
  * next one (context is left as it was); -ENOENT when the context has no
  * more or is not the caller's. A batch of them with gfn 0, 1, 2, ...
  * reports that many notices in one call; acks earlier in the same batch
