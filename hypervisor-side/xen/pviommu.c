@@ -299,6 +299,15 @@ static struct page_info *pvx_lookup_page(struct domain *d, uint64_t gfn,
         if ( pg )
             put_page(pg);
 #ifdef CONFIG_MEM_PAGING
+        /*
+         * This may wait (vm_event_claim_slot() sleeps only when d is the
+         * current domain: a driver domain mapping a page of its own) while
+         * the engine's map run holds its earlier ops' page references. It
+         * cannot be reached so: Xen enables paging only on a domain without
+         * an IOMMU (vm_event_domctl(): -EMLINK), and a caller without one
+         * maps nothing (context 0 answers EADDRNOTAVAIL, the engine's
+         * contexts need a device of the caller's own).
+         */
         p2m_mem_paging_populate(d, _gfn(gfn));
 #endif
         *kind = PVX_PAGE_PAGED_OUT;
