@@ -205,14 +205,26 @@ fn translation_name(code: u32) -> &'static str {
     }
 }
 
-const FEATURE_NAMES: [(u32, &str); 6] = [
+const FEATURE_NAMES: [(u32, &str); 7] = [
     (feature::CONTEXTS, "contexts"),
     (feature::ATTR_UC, "attr-uncached"),
     (feature::ATTR_DEVICE, "attr-device"),
     (feature::GRANT, "grant"),
     (feature::REVOCATION_QUEUE, "revocation-queue"),
     (feature::DEVICE_ATTACH, "device-attach"),
+    (feature::REVOKED_IN_CONTEXT, "revoked-in-context"),
 ];
+// Every feature bit has a name: `unknown_features` is what a newer
+// hypervisor offers that this tool does not know.
+const _: () = {
+    let mut all = 0;
+    let mut i = 0;
+    while i < FEATURE_NAMES.len() {
+        all |= FEATURE_NAMES[i].0;
+        i += 1;
+    }
+    assert!(all == feature::ALL);
+};
 
 /// A BFN range, end exclusive.
 #[derive(Serialize)]

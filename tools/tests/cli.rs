@@ -103,10 +103,13 @@ fn caps_json_names_everything() {
     assert_eq!(v["page_sizes"], serde_json::json!([4096, 2097152]));
     assert!(v["bfn_window"]["start"].as_u64().unwrap() >= 0x10_0000);
     assert!(v["bfn_window"]["end"].as_u64().unwrap() > v["bfn_window"]["start"].as_u64().unwrap());
-    assert!(v["features"]
-        .as_array()
-        .unwrap()
-        .contains(&Value::from("revocation-queue")));
+    for name in ["revocation-queue", "revoked-in-context"] {
+        assert!(v["features"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from(name)));
+    }
+    assert_eq!(v["unknown_features"], 0);
     assert_eq!(v["translation"], "translates");
     assert_eq!(v["used"], 0);
     assert_eq!(v["revoked"], 0);

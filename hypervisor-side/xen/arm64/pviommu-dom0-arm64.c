@@ -324,7 +324,7 @@ int main(int argc, char **argv)
         return 1;
     }
 
-    /* 1. query_caps answered by the engine: version 1.3, a translation code */
+    /* 1. query_caps answered by the engine: the header's version, a translation code */
     rc = hcall(PVIOMMU_CMD_query_caps, (uint64_t)(uintptr_t)c);
     printf("PVIOMMU-ARM64: caps rc=%ld version=0x%08x max_batch_ops=%u page_sizes=%#" PRIx64
            " window=[%#" PRIx64 ",%#" PRIx64 ") nr_reserved=%u features=%#x max_contexts=%u"
