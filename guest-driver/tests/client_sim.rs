@@ -387,6 +387,67 @@ fn a_drain_goes_on_when_another_vcpu_acknowledged_a_notice_it_reported() {
     assert_eq!(c.refresh_caps().unwrap().revoked, 0);
 }
 
+/// A hypervisor of ABI 1.3 (no `REVOKED_IN_CONTEXT`): it would refuse the
+/// flag, so it must never see it.
+struct Abi13<T>(T);
+
+impl<T: pviommu_guest::transport::Transport> pviommu_guest::transport::Transport for Abi13<T> {
+    fn name(&self) -> &'static str {
+        "abi-1.3"
+    }
+    fn query_caps(&mut self) -> Result<pviommu_abi::PvIommuCaps, pviommu_guest::Error> {
+        let mut caps = self.0.query_caps()?;
+        caps.version = 0x0001_0003;
+        caps.features &= !pviommu_abi::feature::REVOKED_IN_CONTEXT;
+        Ok(caps)
+    }
+    fn batch(
+        &mut self,
+        ops: &mut [pviommu_abi::PvIommuOp],
+        nr_done: u32,
+    ) -> Result<(i64, u32), pviommu_guest::Error> {
+        assert!(
+            !ops.iter()
+                .any(|o| o.subop == pviommu_abi::subop::REVOKED_NEXT && o.flags != 0),
+            "an ABI 1.3 hypervisor was sent revoked_next with IN_CONTEXT"
+        );
+        self.0.batch(ops, nr_done)
+    }
+    fn reserved_regions(
+        &mut self,
+        start: u32,
+        max: u32,
+    ) -> Result<(Vec<pviommu_abi::PvIommuRegion>, u32), pviommu_guest::Error> {
+        self.0.reserved_regions(start, max)
+    }
+    fn set_limits(&mut self, domid: DomId, quota: u64) -> Result<(), pviommu_guest::Error> {
+        self.0.set_limits(domid, quota)
+    }
+}
+
+/// Against a hypervisor of ABI 1.3 the drain takes a notice per call, as
+/// before, and gets every one.
+#[test]
+fn a_drain_on_an_abi_1_3_hypervisor_takes_a_notice_per_call() {
+    let s = sim(40, Config::default());
+    let mut c = Client::open(Abi13(s.transport(DomId::DOM0))).unwrap();
+    let gfns: Vec<Gfn> = (0..40).map(Gfn).collect();
+    rw(&mut c, &gfns);
+    {
+        let mut g = s.lock();
+        let (m, e) = &mut *g;
+        for g in 0..40 {
+            m.balloon_out(e, GUEST, Gfn(g)).unwrap();
+        }
+    }
+    let calls = c.stats().hypercalls;
+    let all = c.drain_revocations().unwrap();
+    let gfns: Vec<u64> = all.iter().map(|n| n.gfn.0).collect();
+    assert_eq!(gfns, (0..40).collect::<Vec<_>>());
+    assert_eq!(c.stats().hypercalls - calls, 41);
+    assert_eq!(c.refresh_caps().unwrap().revoked, 0);
+}
+
 #[test]
 fn the_toolstack_sets_a_domains_quota() {
     let s = sim(16, Config::default());
