@@ -5,7 +5,10 @@
 //!   BFN allocation, page-table writes, one IOTLB flush per batch;
 //! * `engine`: the same engine calls without the guest copies;
 //! * `floor-pte-store`: the same VT-d entries written and cleared through
-//!   the page-table walker in plain memory, nothing else.
+//!   the page-table walker in plain memory, nothing else;
+//! * `floor-platform`: what the simulated host does for the engine path's
+//!   pages (page lookup and reference, its own IOMMU map and unmap, the
+//!   flushes, the release), nothing of the engine.
 //!
 //! `engine at scale` runs the engine path with 1 Ki, 64 Ki and 1 Mi
 //! mappings already live, and the gfn hook for an unmapped gfn.
@@ -254,6 +257,56 @@ fn floor(c: &mut Criterion) {
                 })
             },
         );
+    }
+    group.finish();
+}
+
+/// The simulated host's own services for each page the engine path maps
+/// and unmaps, and nothing of the engine: look the page up and reference
+/// it, write and clear its entry in dom0's context-0 tables through the
+/// host's `iommu_map`/`iommu_unmap` (Xen's own tables, write-back), one
+/// IOTLB flush after the maps and one after the unmaps, release the
+/// references. The engine path's time less this one is the engine's own.
+fn platform_floor(c: &mut Criterion) {
+    use pviommu_hv::iommu::{FlushGather, IommuBackend};
+    let mut group = c.benchmark_group("map+unmap per page (VT-d)");
+    for batch in [64u64, 512, 1024] {
+        group.throughput(Throughput::Elements(batch));
+        let (mut m, e) = setup(batch + 8, Format::Vtd);
+        // The BFNs the engine would hand out: the window's first ones.
+        let base = e.window().start;
+        let mut mfns = Vec::with_capacity(batch as usize);
+        group.bench_with_input(BenchmarkId::new("floor-platform", batch), &batch, |b, _| {
+            b.iter(|| {
+                let mut gather = FlushGather::default();
+                mfns.clear();
+                for g in 1..=batch {
+                    let page = m.get_page(GUEST, Gfn(g), true).unwrap();
+                    let mfn = page.mfn.unwrap();
+                    m.iommu_map(
+                        DomId::DOM0,
+                        ContextId::DEFAULT,
+                        Bfn(base + g),
+                        mfn,
+                        Permissions::RW,
+                        MemAttr::WriteBack,
+                        &mut gather,
+                    )
+                    .unwrap();
+                    mfns.push(mfn);
+                }
+                m.iommu_flush(DomId::DOM0, &gather).unwrap();
+                let mut gather = FlushGather::default();
+                for g in 1..=batch {
+                    m.iommu_unmap(DomId::DOM0, ContextId::DEFAULT, Bfn(base + g), &mut gather)
+                        .unwrap();
+                }
+                m.iommu_flush(DomId::DOM0, &gather).unwrap();
+                for &mfn in &mfns {
+                    m.put_page(mfn, true);
+                }
+            })
+        });
     }
     group.finish();
 }
@@ -538,5 +591,14 @@ fn growth(_c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, bench, floor, scale, teardown, drain, growth);
+criterion_group!(
+    benches,
+    bench,
+    floor,
+    platform_floor,
+    scale,
+    teardown,
+    drain,
+    growth
+);
 criterion_main!(benches);
