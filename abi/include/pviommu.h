@@ -102,7 +102,7 @@ struct pv_iommu_caps {
  * PVIOMMU_FEAT_REVOKED_IN_CONTEXT): in: context, gfn = how many of that
  * context's oldest notices to pass over (<= PVIOMMU_REVOKED_MAX_SKIP, else
  * EINVAL); domid and bfn 0, flags exactly this; out: bfn, domid, gfn
- * (context left as it was); ENOENT: no more.
+ * (context left as it was); ENOENT: no more, or not the caller's context.
  * For this subop only, flags bit 0 means this, not PVIOMMU_F_READ. A batch
  * of them with gfn 0, 1, 2, ... reports that many notices in one call; acks
  * earlier in the same batch are done first. */

@@ -300,15 +300,19 @@ static struct page_info *pvx_lookup_page(struct domain *d, uint64_t gfn,
             put_page(pg);
 #ifdef CONFIG_MEM_PAGING
         /*
-         * This may wait (vm_event_claim_slot() sleeps only when d is the
-         * current domain: a driver domain mapping a page of its own) while
-         * the engine's map run holds its earlier ops' page references. It
-         * cannot be reached so: Xen enables paging only on a domain without
-         * an IOMMU (vm_event_domctl(): -EMLINK), and a caller without one
-         * maps nothing (context 0 answers EADDRNOTAVAIL, the engine's
-         * contexts need a device of the caller's own).
+         * Ask the pager for another domain's page only. For the caller's
+         * own page p2m_mem_paging_populate() may sleep for a ring slot
+         * (vm_event_claim_slot() waits only when d is current->domain) and
+         * pauses this vCPU, while pvx_get_page() holds d's RCU read lock
+         * and the engine a map run's earlier page references. (Reaching it
+         * needs a caller whose own memory is paged: with an IOMMU Xen
+         * refuses paging, -EMLINK, so only a control domain that is not
+         * the hardware domain, on a host with the IOMMU off, could.) A
+         * domain pages its own page in by touching it; until then the map
+         * answers EAGAIN. The simulator follows the same rule.
          */
-        p2m_mem_paging_populate(d, _gfn(gfn));
+        if ( d != current->domain )
+            p2m_mem_paging_populate(d, _gfn(gfn));
 #endif
         *kind = PVX_PAGE_PAGED_OUT;
         return NULL;

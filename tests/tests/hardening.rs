@@ -715,3 +715,42 @@ fn a_failed_re_report_does_not_hide_the_other_changed_statuses() {
         .lookup(DomId::DOM0, ContextId::DEFAULT, Bfn(maps[1].bfn))
         .is_ok());
 }
+
+/// A driver domain mapping a paged-out page of its own (into one of its
+/// contexts: context 0 refuses its own pages) gets EAGAIN, and the lookup
+/// does not start paging the page in: in Xen that may sleep for the
+/// pager's ring while the lookup holds the domain's RCU read lock and the
+/// map run its earlier ops' page references. The domain pages it in by
+/// touching it. Another domain's paged-out page is paged in as before.
+#[test]
+fn a_map_of_the_callers_own_paged_out_page_does_not_page_it_in() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let ctx = e.context_create(&mut m, DomId::DOM0).unwrap();
+    let map_own = |m: &mut SimMachine, gfn: u64| {
+        let mut op = [map_op_in(ctx, DomId::DOM0, gfn, Permissions::RW)];
+        m.guest_batch_all(&e, DomId::DOM0, &mut op).unwrap();
+        op[0].status
+    };
+    assert_eq!(map_own(&mut m, 2), 0);
+    m.set_paged_out(DomId::DOM0, Gfn(3));
+    // Asked twice: had the first lookup paged it in, the second would map.
+    assert_eq!(map_own(&mut m, 3), -11);
+    assert_eq!(map_own(&mut m, 3), -11);
+    // Touched by the domain itself, the pager brings it back: mappable.
+    m.put_new_frame(DomId::DOM0, Gfn(3)).unwrap();
+    assert_eq!(map_own(&mut m, 3), 0);
+    // A context the caller does not have is refused before any lookup:
+    // the page stays paged out (had it been looked up, the simulated pager
+    // would have brought it back and the map below would succeed at once).
+    m.set_paged_out(GUEST, Gfn(4));
+    let mut op = [map_op_in(ContextId(5), GUEST, 4, Permissions::RW)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut op).unwrap();
+    assert_eq!(op[0].status, -2);
+    // A foreign page: the lookup starts paging it in, a retry maps it.
+    let mut op = [map_op_in(ctx, GUEST, 4, Permissions::RW)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut op).unwrap();
+    assert_eq!(op[0].status, -11);
+    let mut op = [map_op_in(ctx, GUEST, 4, Permissions::RW)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut op).unwrap();
+    assert_eq!(op[0].status, 0);
+}

@@ -1340,10 +1340,11 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// What every map checks before looking its page up: who may map
-    /// whose pages into which context (the caller-and-target part skipped
-    /// when `target_checked`: an earlier op of the same run passed it for
-    /// the same target; the context part never), what the backend can do,
-    /// and the target's gate.
+    /// whose pages into which context (the caller-and-target part, and
+    /// whether the context exists, skipped when `target_checked`: an
+    /// earlier op of the same run, of the same context, passed them for
+    /// the same target; the context's attribute part never), what the
+    /// backend can do, and the target's gate.
     fn map_checks(
         &self,
         h: &impl Hypervisor,
@@ -1372,6 +1373,16 @@ impl<L: RawMutex> Engine<L> {
                 && !caps.default_context_attrs)
         {
             return Err(Errno::OpNotSupp);
+        }
+        // No such context of the caller's: refused before the page is
+        // looked up (a lookup may start paging a page in). Asked once per
+        // run and target, like the target's checks; `lock_for_map` is the
+        // authority, this only spares the lookup.
+        if !target_checked
+            && req.context != ContextId::DEFAULT
+            && self.cell_number(caller, req.context).is_none()
+        {
+            return Err(Errno::NoEnt);
         }
         self.gate(req.domid).ok_or(Errno::Srch)
     }

@@ -1223,6 +1223,16 @@ impl Platform for SimMachine {
             Some(P2mEntry::Ram { .. }) if log_dirty => (PageKind::LogDirty, None),
             None => (PageKind::NotPresent, None),
             Some(P2mEntry::Mmio) => (PageKind::Mmio, None),
+            // The caller's own page: Xen's glue does not start paging it
+            // in (that may sleep for the pager's ring with the lookup's
+            // locks held, xen/pviommu.c); the domain pages it in by
+            // touching it.
+            Some(P2mEntry::PagedOut) if domid == self.current => {
+                return Ok(PageLookup {
+                    kind: PageKind::PagedOut,
+                    mfn: None,
+                });
+            }
             // Xen starts paging the frame in and answers EAGAIN; the
             // simulator's pager finishes at once, so a retry finds it.
             Some(P2mEntry::PagedOut) => {
