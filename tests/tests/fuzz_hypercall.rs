@@ -11,8 +11,10 @@ use zerocopy::IntoBytes;
 
 fn arb_op() -> impl Strategy<Value = PvIommuOp> {
     (
-        0u16..7,
-        any::<u16>(),
+        // Up to revoked_ack (7); small flag values often, so that maps'
+        // access bits and revoked_next's IN_CONTEXT (1) come up.
+        0u16..8,
+        prop_oneof![3 => 0u16..4, 1 => any::<u16>()],
         0u32..3,
         0u16..5,
         0u64..50,
