@@ -97,9 +97,11 @@ pub trait Platform {
         action: XsmAction,
     ) -> Result<(), Errno>;
     /// Classify `gfn` of `domid`; take references if it is usable RAM.
-    /// Writable requests unshare shared pages; paged-out pages start paging
-    /// in and answer [`PageKind::PagedOut`]. Never called with the engine
-    /// lock held: it takes the target's p2m lock.
+    /// Writable requests unshare shared pages; paged-out pages answer
+    /// [`PageKind::PagedOut`], and start paging in unless `domid` is the
+    /// calling domain (asking the pager for one's own page may sleep).
+    /// Never called with the engine lock held: it takes the target's p2m
+    /// lock.
     fn get_page(&mut self, domid: DomId, gfn: Gfn, want_write: bool) -> Result<PageLookup, Errno>;
     /// Release what `get_page` took.
     fn put_page(&mut self, mfn: Mfn, writable: bool);

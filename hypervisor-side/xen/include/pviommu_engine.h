@@ -174,8 +174,9 @@ int pvx_xsm_check(uint16_t caller, uint16_t target, unsigned int action);
  * [unlocked] Classify target `domid`'s `gfn` and, when it is RAM usable with
  * the asked access, take a general page reference (plus a PGT_writable_page
  * type reference when want_write) and return its MFN in *mfn. Writable
- * requests unshare a shared page first (P2M_UNSHARE); paged-out pages start
- * paging in. Returns 0 with *kind set (a reference is held iff *kind is
+ * requests unshare a shared page first (P2M_UNSHARE); another domain's
+ * paged-out pages start paging in (never the caller's own: that may sleep).
+ * Returns 0 with *kind set (a reference is held iff *kind is
  * RAM_RW, or RAM_RO with !want_write), or -ESRCH if the domain is gone or
  * dying. Takes (and drops) the target's p2m lock.
  */
