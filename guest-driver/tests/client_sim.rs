@@ -40,6 +40,16 @@ fn rw(c: &mut Client<impl pviommu_guest::transport::Transport>, gfns: &[Gfn]) ->
     .collect()
 }
 
+/// The guest's pages `gfns`, in that order, leave its p2m (each mapping of
+/// them revoked, a notice queued).
+fn balloon_out(s: &SharedSim, gfns: impl IntoIterator<Item = u64>) {
+    let mut g = s.lock();
+    let (m, e) = &mut *g;
+    for gfn in gfns {
+        m.balloon_out(e, GUEST, Gfn(gfn)).unwrap();
+    }
+}
+
 #[test]
 fn large_maps_split_into_advertised_batches_and_the_cache_absorbs_repeats() {
     let s = sim(4096, Config::default());
@@ -299,15 +309,9 @@ fn a_large_drain_takes_a_call_per_round_not_per_notice() {
         .into_iter()
         .map(|r| r.unwrap())
         .collect();
-    {
-        let mut g = s.lock();
-        let (m, e) = &mut *g;
-        // The context's pages go first (699 down to 400), then context
-        // 0's (399 down to 0).
-        for g in (0..700).rev() {
-            m.balloon_out(e, GUEST, Gfn(g)).unwrap();
-        }
-    }
+    // The context's pages go first (699 down to 400), then context 0's
+    // (399 down to 0).
+    balloon_out(&s, (0..700).rev());
     assert_eq!(c.refresh_caps().unwrap().revoked, 700);
     let first = c.drain_revocations_up_to(5).unwrap();
     assert_eq!(first.len(), 5);
@@ -364,13 +368,7 @@ fn a_drain_goes_on_when_another_vcpu_acknowledged_a_notice_it_reported() {
     let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
     let gfns: Vec<Gfn> = (0..300).map(Gfn).collect();
     rw(&mut c, &gfns);
-    {
-        let mut g = s.lock();
-        let (m, e) = &mut *g;
-        for g in 0..300 {
-            m.balloon_out(e, GUEST, Gfn(g)).unwrap();
-        }
-    }
+    balloon_out(&s, 0..300);
     let mut raced = 0;
     let all = c
         .drain_revocations_with(usize::MAX, |n| {
@@ -433,13 +431,7 @@ fn a_drain_on_an_abi_1_3_hypervisor_takes_a_notice_per_call() {
     let mut c = Client::open(Abi13(s.transport(DomId::DOM0))).unwrap();
     let gfns: Vec<Gfn> = (0..40).map(Gfn).collect();
     rw(&mut c, &gfns);
-    {
-        let mut g = s.lock();
-        let (m, e) = &mut *g;
-        for g in 0..40 {
-            m.balloon_out(e, GUEST, Gfn(g)).unwrap();
-        }
-    }
+    balloon_out(&s, 0..40);
     let calls = c.stats().hypercalls;
     let all = c.drain_revocations().unwrap();
     let gfns: Vec<u64> = all.iter().map(|n| n.gfn.0).collect();
