@@ -134,6 +134,14 @@ struct pviommu_revocation {
  * max) or -errno. The BFNs leave the mapping cache. */
 int pviommu_drain_revocations(pviommu_client *c, struct pviommu_revocation *out,
                               size_t max);
+/* The same for the notices of one context only; the others stay queued for
+ * whoever owns them. A mediator that shares its driver domain with another
+ * (each with contexts of its own) drains its contexts this way: draining
+ * them all would take the other's notices, and it would never learn that
+ * its BFNs were revoked. -EOPNOTSUPP from a hypervisor without
+ * PVIOMMU_FEAT_REVOKED_IN_CONTEXT (ABI 1.4). */
+int pviommu_drain_revocations_in(pviommu_client *c, uint32_t context,
+                                 struct pviommu_revocation *out, size_t max);
 /* Wait up to timeout_ms (at most 65535) until revocations are pending:
  * 1 when some are (then call pviommu_drain_revocations), 0 on timeout,
  * -errno on failure. A client of the daemon wakes as soon as the daemon

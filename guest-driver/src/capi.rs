@@ -502,13 +502,35 @@ pub extern "C" fn pviommu_drain_revocations(
     out: *mut CRevocation,
     max: usize,
 ) -> i32 {
+    drain_into(c, None, out, max)
+}
+
+/// Like `pviommu_drain_revocations`, but only the notices of `context`
+/// (the others stay queued for whoever owns them): what a mediator calls
+/// that shares its driver domain with another. `-EOPNOTSUPP` from a
+/// hypervisor without ABI 1.4's revoked-in-context.
+#[no_mangle]
+pub extern "C" fn pviommu_drain_revocations_in(
+    c: *mut CClient,
+    context: u32,
+    out: *mut CRevocation,
+    max: usize,
+) -> i32 {
+    drain_into(c, Some(ContextId(context)), out, max)
+}
+
+fn drain_into(c: *mut CClient, only: Option<ContextId>, out: *mut CRevocation, max: usize) -> i32 {
     let Some(mut c) = lock(c) else {
         return EINVAL;
     };
     if out.is_null() || max == 0 || max > i32::MAX as usize {
         return EINVAL;
     }
-    match c.drain_revocations_up_to(max) {
+    let drained = match only {
+        None => c.drain_revocations_up_to(max),
+        Some(context) => c.drain_revocations_in(context, max, |_| {}),
+    };
+    match drained {
         Ok(revs) => {
             for (i, r) in revs.iter().enumerate() {
                 // SAFETY: `out` holds `max` elements and `revs.len() <= max`.

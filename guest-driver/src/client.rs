@@ -340,6 +340,44 @@ impl<T: Transport> Client<T> {
     pub fn drain_revocations_with(
         &mut self,
         max: usize,
+        on_notice: impl FnMut(&Revocation),
+    ) -> Result<Vec<Revocation>, Error> {
+        self.drain_scoped(None, max, on_notice)
+    }
+
+    /// Like [`drain_revocations_with`](Self::drain_revocations_with), but
+    /// only the notices of `context`: the others stay queued for whoever
+    /// owns them. Two mediators in one driver domain, each with contexts of
+    /// its own (one per GPU, say), each drain theirs this way; draining
+    /// everything would take the other's notices, and it would never learn
+    /// that its BFNs were revoked. Needs ABI 1.4's
+    /// [`REVOKED_IN_CONTEXT`](feature::REVOKED_IN_CONTEXT): without it the
+    /// hypervisor only reports the oldest notice of any context, and this
+    /// answers `EOPNOTSUPP` having asked for nothing.
+    pub fn drain_revocations_in(
+        &mut self,
+        context: ContextId,
+        max: usize,
+        on_notice: impl FnMut(&Revocation),
+    ) -> Result<Vec<Revocation>, Error> {
+        if self.caps.features & feature::REVOKED_IN_CONTEXT == 0 {
+            return Err(Error::Hypervisor {
+                what: format!(
+                    "revocation notices of context {} alone (the hypervisor lacks revoked-in-context, ABI 1.4)",
+                    context.0
+                ),
+                errno: Errno::OpNotSupp,
+            });
+        }
+        self.drain_scoped(Some(context), max, on_notice)
+    }
+
+    /// The drain: every context's notices (`only` = `None`), or one
+    /// context's.
+    fn drain_scoped(
+        &mut self,
+        only: Option<ContextId>,
+        max: usize,
         mut on_notice: impl FnMut(&Revocation),
     ) -> Result<Vec<Revocation>, Error> {
         // With ABI 1.4 a round asks for up to `REVOKED_ROUND` notices of one
@@ -351,9 +389,15 @@ impl<T: Transport> Client<T> {
         let mut acks: Vec<PvIommuOp> = Vec::new();
         // The context being drained in rounds; `None`: ask for the oldest
         // notice of any context, which names the next one.
-        let mut draining: Option<ContextId> = None;
+        let mut draining: Option<ContextId> = only;
+        // `only`'s notices ran out: what is left is to send the last acks.
+        let mut finished = false;
         loop {
-            let want = REVOKED_ROUND.min(max - out.len());
+            let want = if finished {
+                0
+            } else {
+                REVOKED_ROUND.min(max - out.len())
+            };
             let mut ops = std::mem::take(&mut acks);
             let acked = ops.len();
             match draining {
@@ -416,6 +460,11 @@ impl<T: Transport> Client<T> {
                 // The oldest notice's context: drain it next round.
                 (None, Some(first)) if reported == 1 && in_context => {
                     Some(ContextId(first.context))
+                }
+                // The one context asked for ran out: done, but for the acks.
+                (Some(c), _) if only.is_some() => {
+                    finished = true;
+                    Some(c)
                 }
                 // This context ran out: find the next one.
                 (Some(_), _) => None,

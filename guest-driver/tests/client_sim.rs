@@ -440,6 +440,122 @@ fn a_drain_on_an_abi_1_3_hypervisor_takes_a_notice_per_call() {
     assert_eq!(c.refresh_caps().unwrap().revoked, 0);
 }
 
+/// Two mediators in one driver domain, each with a context of its own
+/// (one per GPU): each drains only its context's notices, however the
+/// notices of the two interleave, and leaves the other's queued. A drain
+/// of everything would have taken the other's notices.
+#[test]
+fn two_mediators_in_one_domain_each_drain_only_their_own_context() {
+    let s = sim(300, Config::default());
+    let mut a = Client::open(s.transport(DomId::DOM0)).unwrap();
+    let mut b = Client::open(s.transport(DomId::DOM0)).unwrap();
+    let ctx_a = a.context_create().unwrap();
+    let ctx_b = b.context_create().unwrap();
+    let map = |c: &mut Client<_>, ctx, gfns: std::ops::Range<u64>| -> Vec<Bfn> {
+        let gfns: Vec<Gfn> = gfns.map(Gfn).collect();
+        c.map_foreign(GUEST, &gfns, Permissions::RW, MemAttr::WriteBack, ctx)
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect()
+    };
+    // A maps 0..200, B 100..300: the pages 100..200 are in both.
+    let bfns_a = map(&mut a, ctx_a, 0..200);
+    let bfns_b = map(&mut b, ctx_b, 100..300);
+    balloon_out(&s, (0..300).rev());
+    assert_eq!(a.refresh_caps().unwrap().revoked, 400);
+
+    let calls = a.stats().hypercalls;
+    let mut seen = Vec::new();
+    let got_a = a
+        .drain_revocations_in(ctx_a, usize::MAX, |n| seen.push(n.gfn.0))
+        .unwrap();
+    assert_eq!(seen, (0..200).rev().collect::<Vec<_>>());
+    assert!(got_a.iter().all(|n| n.context == ctx_a));
+    for n in &got_a {
+        assert_eq!(n.bfn, bfns_a[n.gfn.0 as usize]);
+    }
+    // 200 notices in rounds of 128: two rounds, and the call with the
+    // last acks.
+    assert!(
+        a.stats().hypercalls - calls <= 3,
+        "{} calls",
+        a.stats().hypercalls - calls
+    );
+    assert_eq!(
+        b.refresh_caps().unwrap().revoked,
+        200,
+        "B's notices are all still queued"
+    );
+
+    let got_b = b.drain_revocations_in(ctx_b, usize::MAX, |_| {}).unwrap();
+    let gfns_b: Vec<u64> = got_b.iter().map(|n| n.gfn.0).collect();
+    assert_eq!(gfns_b, (100..300).rev().collect::<Vec<_>>());
+    for n in &got_b {
+        assert_eq!(n.context, ctx_b);
+        assert_eq!(n.bfn, bfns_b[(n.gfn.0 - 100) as usize]);
+    }
+    assert_eq!(b.refresh_caps().unwrap().revoked, 0);
+    // Nothing left for either; a context with no notices drains none.
+    assert!(a
+        .drain_revocations_in(ctx_a, usize::MAX, |_| {})
+        .unwrap()
+        .is_empty());
+    assert!(a
+        .drain_revocations_in(ContextId::DEFAULT, usize::MAX, |_| {})
+        .unwrap()
+        .is_empty());
+}
+
+/// `max` bounds a one-context drain as it does a full one; the rest stay
+/// queued, and the acknowledgements of what was reported are sent.
+#[test]
+fn a_one_context_drain_stops_at_max_with_what_it_reported_acknowledged() {
+    let s = sim(300, Config::default());
+    let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
+    let gfns: Vec<Gfn> = (0..300).map(Gfn).collect();
+    rw(&mut c, &gfns);
+    balloon_out(&s, 0..300);
+    let first = c
+        .drain_revocations_in(ContextId::DEFAULT, 130, |_| {})
+        .unwrap();
+    assert_eq!(first.len(), 130);
+    assert_eq!(c.refresh_caps().unwrap().revoked, 170);
+    let rest = c
+        .drain_revocations_in(ContextId::DEFAULT, 1000, |_| {})
+        .unwrap();
+    let all: Vec<u64> = first.iter().chain(&rest).map(|n| n.gfn.0).collect();
+    assert_eq!(all, (0..300).collect::<Vec<_>>());
+    assert_eq!(c.refresh_caps().unwrap().revoked, 0);
+}
+
+/// Against ABI 1.3 a one-context drain cannot be told apart from a full
+/// one: refused (EOPNOTSUPP) before any call, every notice still queued.
+#[test]
+fn a_one_context_drain_on_an_abi_1_3_hypervisor_is_refused_and_changes_nothing() {
+    let s = sim(10, Config::default());
+    let mut c = Client::open(Abi13(s.transport(DomId::DOM0))).unwrap();
+    let gfns: Vec<Gfn> = (0..10).map(Gfn).collect();
+    rw(&mut c, &gfns);
+    balloon_out(&s, 0..10);
+    let calls = c.stats().hypercalls;
+    let e = c
+        .drain_revocations_in(ContextId::DEFAULT, usize::MAX, |_| {})
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            pviommu_guest::Error::Hypervisor {
+                errno: Errno::OpNotSupp,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("ABI 1.4"), "{e}");
+    assert_eq!(c.stats().hypercalls, calls);
+    assert_eq!(c.refresh_caps().unwrap().revoked, 10);
+}
+
 #[test]
 fn the_toolstack_sets_a_domains_quota() {
     let s = sim(16, Config::default());

@@ -149,6 +149,11 @@ enum Command {
         /// (--backend remote).
         #[arg(long)]
         wait: Option<u64>,
+        /// Only this context's notices; the others stay queued for their
+        /// owner (a mediator sharing its driver domain with another).
+        /// Needs a hypervisor with revoked-in-context (ABI 1.4).
+        #[arg(long)]
+        context: Option<u32>,
     },
     /// Shadow a guest's GPU page tables (Gen8 PPGTT) through the PV-IOMMU:
     /// build, sync, translate, follow revocations (sim or xen backend).
@@ -513,7 +518,7 @@ fn command(cli: &Cli, c: &mut AnyClient, state: Option<&SimState>) -> Result<(),
                 || format!("d{domid}: quota {quota}"),
             );
         }
-        Command::Revocations { wait } => {
+        Command::Revocations { wait, context } => {
             if let Some(secs) = wait {
                 let timeout = std::time::Duration::from_secs(*secs);
                 let heard = match cli.backend {
@@ -552,11 +557,15 @@ fn command(cli: &Cli, c: &mut AnyClient, state: Option<&SimState>) -> Result<(),
                     });
                 }
             }
-            let revs: Vec<RevocationJson> = c
-                .drain_revocations()?
-                .iter()
-                .map(RevocationJson::from)
-                .collect();
+            let drained = match context {
+                None => c.drain_revocations()?,
+                Some(ctx) => {
+                    let all =
+                        usize::try_from(c.caps().quota.saturating_add(1)).unwrap_or(usize::MAX);
+                    c.drain_revocations_in(ContextId(*ctx), all, |_| {})?
+                }
+            };
+            let revs: Vec<RevocationJson> = drained.iter().map(RevocationJson::from).collect();
             emit(
                 cli.json,
                 &serde_json::json!({ "revocations": revs }),

@@ -176,6 +176,12 @@ fn every_command_has_json_and_state_survives_between_invocations() {
     let stats = env.json(&["stats"]);
     assert_eq!(stats["revocations_pending"], 1);
     assert_eq!(stats["live"], 4);
+    // One context's notices only: context 0's stays queued for its owner.
+    assert_eq!(
+        env.json(&["revocations", "--context", "1"])["revocations"],
+        serde_json::json!([])
+    );
+    assert_eq!(env.json(&["stats"])["revocations_pending"], 1);
     let revs = env.json(&["revocations"]);
     assert_eq!(
         revs["revocations"],

@@ -9,7 +9,7 @@
 
 use core::fmt;
 
-use pviommu_abi::{Bfn, ContextId, DomId, Gfn};
+use pviommu_abi::{feature, Bfn, ContextId, DomId, Gfn};
 
 use super::config::ShadowConfig;
 use super::gma::Gma;
@@ -196,13 +196,23 @@ impl<T: Transport, R: GuestTableReader> ShadowSession<T, R> {
         let mut leaves = Vec::new();
         let shadow = &mut self.shadow;
         let memory = &mut self.memory;
-        let notices = self.client.drain_revocations_with(max, |n| {
+        let on_notice = |n: &Revocation| {
             if let Some(s) = shadow.as_mut() {
                 if n.domid == s.domid() && n.context == ContextId::DEFAULT {
                     leaves.extend(s.revoke(memory, n.bfn));
                 }
             }
-        })?;
+        };
+        // The shadow's BFNs are all in context 0: the notices of the
+        // driver domain's other contexts are left to their owners (another
+        // mediator's), where the hypervisor can tell them apart (ABI 1.4).
+        let in_context = self.client.caps().features & feature::REVOKED_IN_CONTEXT != 0;
+        let notices = if in_context {
+            self.client
+                .drain_revocations_in(ContextId::DEFAULT, max, on_notice)?
+        } else {
+            self.client.drain_revocations_with(max, on_notice)?
+        };
         let ours = self.shadow.as_ref().map(|s| s.domid());
         if notices.iter().any(|n| Some(n.domid) == ours) {
             self.reader.invalidate();

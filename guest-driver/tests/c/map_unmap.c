@@ -74,12 +74,21 @@ int main(void)
           "revocation: bfn %llx gfn %llu", (unsigned long long)revs[0].bfn,
           (unsigned long long)revs[0].gfn);
     CHECK(pviommu_drain_revocations(c, revs, 4) == 0, "drained");
+    /* One context's notices only: a second balloon's notice is in context
+     * 0, so a drain of context 1 (none such) leaves it queued. */
+    CHECK(pviommu_sim_balloon_out(c, 1, gfns[6]) == 0, "balloon out again");
+    CHECK(pviommu_drain_revocations_in(c, 1, revs, 4) == 0, "context 1 has none");
+    CHECK(pviommu_drain_revocations_in(c, 0, NULL, 4) == -22, "NULL out");
+    rc = pviommu_drain_revocations_in(c, 0, revs, 4);
+    CHECK(rc == 1 && revs[0].bfn == bfns[6] && revs[0].context == 0, "drain of context 0: %d %s", rc,
+          pviommu_last_error(c));
+    CHECK(pviommu_drain_revocations(c, revs, 4) == 0, "drained again");
     CHECK(pviommu_set_limits(c, 77, 10) == -3, "set_limits on no domain: ESRCH");
 
-    /* Unmap the rest (the revoked one is gone from the cache already). */
-    for (int i = 5; i < N - 1; i++)
-        bfns[i] = bfns[i + 1];
-    rc = pviommu_unmap(c, bfns, N - 1, status);
+    /* Unmap the rest (the two revoked ones are gone from the cache already). */
+    for (int i = 5; i < N - 2; i++)
+        bfns[i] = bfns[i + 2];
+    rc = pviommu_unmap(c, bfns, N - 2, status);
     CHECK(rc == 0, "unmap %d", rc);
     uint64_t word;
     CHECK(pviommu_sim_dma_read(c, bfns[0], &word, sizeof(word)) == -14, "DMA after unmap must fault");
