@@ -27,7 +27,7 @@
 #define __HYPERVISOR_pv_iommu_op 43
 
 /* Major in the high 16 bits, minor in the low 16. Callers check the major. */
-#define PVIOMMU_INTERFACE_VERSION 0x00010004u
+#define PVIOMMU_INTERFACE_VERSION 0x00010005u
 
 /* ---- Commands (first hypercall argument) ---- */
 #define PVIOMMU_CMD_query_caps       1u /* arg: struct pv_iommu_caps (out)   */
@@ -61,7 +61,9 @@
 #define PVIOMMU_FEAT_REVOKED_IN_CONTEXT (1u << 6) /* OP_revoked_next takes  */
                                            /* PVIOMMU_REVOKED_IN_CONTEXT   */
                                            /* (ABI 1.4)                    */
-#define PVIOMMU_FEAT_ALL         0x7fu
+#define PVIOMMU_FEAT_REVOKED_NUMBERED (1u << 7) /* revoked_next/ack take  */
+                                              /* PVIOMMU_REVOKED_NUMBERED */
+#define PVIOMMU_FEAT_ALL         0xffu
 
 /* caps.translation: whether the caller's IOMMU context translates BFNs.
  * Anything but TRANSLATES makes maps into context 0 fail with EADDRNOTAVAIL
@@ -101,13 +103,21 @@ struct pv_iommu_caps {
 /* PVIOMMU_OP_revoked_next with flags = PVIOMMU_REVOKED_IN_CONTEXT (ABI 1.4,
  * PVIOMMU_FEAT_REVOKED_IN_CONTEXT): in: context, gfn = how many of that
  * context's oldest notices to pass over (<= PVIOMMU_REVOKED_MAX_SKIP, else
- * EINVAL); domid and bfn 0, flags exactly this; out: bfn, domid, gfn
+ * EINVAL); domid and bfn 0, flags this (| PVIOMMU_REVOKED_NUMBERED); out: bfn, domid, gfn
  * (context left as it was); ENOENT: no more, or not the caller's context.
  * For this subop only, flags bit 0 means this, not PVIOMMU_F_READ. A batch
  * of them with gfn 0, 1, 2, ... reports that many notices in one call; acks
  * earlier in the same batch are done first. */
 #define PVIOMMU_REVOKED_IN_CONTEXT (1u << 0)
 #define PVIOMMU_REVOKED_MAX_SKIP   255u
+/* ABI 1.5 (PVIOMMU_FEAT_REVOKED_NUMBERED). PVIOMMU_OP_revoked_next with
+ * this bit in flags (alone or with PVIOMMU_REVOKED_IN_CONTEXT) also reports
+ * the notice's number in `notice` (from 1, rising, never reused; in:
+ * notice 0). PVIOMMU_OP_revoked_ack with flags exactly this acknowledges
+ * the BFN's notice only if its number is `notice`, else ENOENT: an ack of a
+ * notice another thread acknowledged first cannot release a later
+ * revocation of the same BFN unseen. */
+#define PVIOMMU_REVOKED_NUMBERED   (1u << 1)
 #define PVIOMMU_OP_revoked_ack     7u /* in: context, bfn: release a revoked BFN */
 #define PVIOMMU_OP_context_attach  8u /* in: context (not 0), gfn = device's    */
                                       /* SBDF: its DMA now uses that context   */
@@ -139,7 +149,8 @@ struct pv_iommu_op {
     uint16_t _pad0;     /* must be 0                                            */
     uint64_t gfn;       /* foreign guest frame (or grant reference)             */
     uint64_t bfn;       /* bus frame                                            */
-    uint64_t _rsvd;     /* must be 0                                            */
+    uint64_t notice;    /* revoked_next/ack with PVIOMMU_REVOKED_NUMBERED: the  */
+                        /* notice's number; must be 0 otherwise               */
 };
 
 struct pv_iommu_batch {

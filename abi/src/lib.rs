@@ -36,7 +36,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 pub const HYPERVISOR_PV_IOMMU_OP: u32 = 43;
 
 /// Interface version: major in the high 16 bits, minor in the low 16.
-pub const INTERFACE_VERSION: u32 = 0x0001_0004;
+pub const INTERFACE_VERSION: u32 = 0x0001_0005;
 
 /// Major part of a version word.
 pub const fn version_major(version: u32) -> u16 {
@@ -116,8 +116,14 @@ pub mod feature {
     /// [`MAX_SKIP`](crate::revoked_next::MAX_SKIP)` + 1`, so a batch of
     /// such ops reports many notices in one call (ABI 1.4).
     pub const REVOKED_IN_CONTEXT: u32 = 1 << 6;
+    /// [`subop::REVOKED_NEXT`](crate::subop::REVOKED_NEXT) with
+    /// [`revoked_next::NUMBERED`](crate::revoked_next::NUMBERED) reports the
+    /// notice's number in [`PvIommuOp::notice`], and
+    /// [`subop::REVOKED_ACK`](crate::subop::REVOKED_ACK) with the same flag
+    /// acknowledges only the notice of that number (ABI 1.5).
+    pub const REVOKED_NUMBERED: u32 = 1 << 7;
     /// Every bit defined by this version.
-    pub const ALL: u32 = 0x7f;
+    pub const ALL: u32 = 0xff;
 }
 
 /// Why a caller's IOMMU context cannot use BFNs ([`PvIommuCaps::translation`]).
@@ -180,9 +186,29 @@ pub mod subop {
 pub mod revoked_next {
     /// `context` and the skip count in `gfn` are inputs.
     pub const IN_CONTEXT: u16 = 1 << 0;
+    /// The notice's number is reported in [`PvIommuOp::notice`]
+    /// ([`feature::REVOKED_NUMBERED`](crate::feature::REVOKED_NUMBERED),
+    /// ABI 1.5); with or without [`IN_CONTEXT`]. The same bit on
+    /// [`subop::REVOKED_ACK`](crate::subop::REVOKED_ACK)
+    /// ([`revoked_ack::NUMBERED`](crate::revoked_ack::NUMBERED)) names the
+    /// notice acknowledged.
+    pub const NUMBERED: u16 = 1 << 1;
     /// The largest skip count (`EINVAL` above it): the hypervisor walks
     /// that many notices under the context's lock, so it is kept small.
     pub const MAX_SKIP: u64 = 255;
+}
+
+/// [`subop::REVOKED_ACK`] of one notice ([`feature::REVOKED_NUMBERED`], ABI
+/// 1.5). With [`NUMBERED`](revoked_ack::NUMBERED) as `flags`, the op
+/// acknowledges the BFN's notice only if its number is
+/// [`PvIommuOp::notice`] (as `revoked_next` with
+/// [`revoked_next::NUMBERED`] reported it), and answers `ENOENT` otherwise:
+/// an acknowledgement of a notice that another vCPU acknowledged meanwhile
+/// cannot release a later notice of the same BFN unseen. Numbers are the
+/// driver domain's, rising, never reused.
+pub mod revoked_ack {
+    /// The notice's number is in `notice`.
+    pub const NUMBERED: u16 = super::revoked_next::NUMBERED;
 }
 
 /// Bits of [`PvIommuOp::flags`].
@@ -272,8 +298,10 @@ pub struct PvIommuOp {
     pub gfn: u64,
     /// Bus frame (map out; unmap and lookup in).
     pub bfn: u64,
-    /// Must be zero.
-    pub _rsvd: u64,
+    /// A revocation notice's number: out of `revoked_next` and in to
+    /// `revoked_ack`, both with [`revoked_next::NUMBERED`] (ABI 1.5; before,
+    /// reserved). Must be zero in every other op, and in `revoked_next`.
+    pub notice: u64,
 }
 
 /// `struct pv_iommu_batch`: the argument of [`cmd::BATCH`].
@@ -453,7 +481,7 @@ const _: () = {
     assert!(offset_of!(PvIommuOp, domid) == 12);
     assert!(offset_of!(PvIommuOp, gfn) == 16);
     assert!(offset_of!(PvIommuOp, bfn) == 24);
-    assert!(offset_of!(PvIommuOp, _rsvd) == 32);
+    assert!(offset_of!(PvIommuOp, notice) == 32);
     assert!(size_of::<PvIommuBatch>() == 24);
     assert!(offset_of!(PvIommuBatch, nr_done) == 8);
     assert!(offset_of!(PvIommuBatch, ops) == 16);
@@ -583,8 +611,8 @@ pub const LAYOUT: &[(&str, &str, usize)] = &[
     ("pv_iommu_op", "bfn", core::mem::offset_of!(PvIommuOp, bfn)),
     (
         "pv_iommu_op",
-        "_rsvd",
-        core::mem::offset_of!(PvIommuOp, _rsvd),
+        "notice",
+        core::mem::offset_of!(PvIommuOp, notice),
     ),
     ("pv_iommu_batch", "", core::mem::size_of::<PvIommuBatch>()),
     (

@@ -2,8 +2,8 @@
 //! guest controls is validated here, once, before the engine touches state.
 
 use crate::{
-    op_flags, revoked_next, subop, Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Permissions,
-    PvIommuOp, Sbdf,
+    op_flags, revoked_ack, revoked_next, subop, Bfn, ContextId, DomId, Errno, Gfn, MemAttr,
+    Permissions, PvIommuOp, Sbdf,
 };
 
 /// What a map asks for.
@@ -52,7 +52,11 @@ pub enum Request {
         context: ContextId,
     },
     /// Report the oldest unacknowledged revocation.
-    RevokedNext,
+    RevokedNext {
+        /// Report the notice's number too
+        /// ([`revoked_next::NUMBERED`](crate::revoked_next::NUMBERED)).
+        numbered: bool,
+    },
     /// Report a revocation of one context: the oldest but `skip`
     /// ([`revoked_next::IN_CONTEXT`](crate::revoked_next::IN_CONTEXT)).
     RevokedNextIn {
@@ -61,6 +65,9 @@ pub enum Request {
         /// How many of its oldest notices to pass over (at most
         /// [`revoked_next::MAX_SKIP`](crate::revoked_next::MAX_SKIP)).
         skip: u32,
+        /// Report the notice's number too
+        /// ([`revoked_next::NUMBERED`](crate::revoked_next::NUMBERED)).
+        numbered: bool,
     },
     /// Acknowledge a revoked BFN.
     RevokedAck {
@@ -68,6 +75,9 @@ pub enum Request {
         context: ContextId,
         /// The revoked BFN.
         bfn: Bfn,
+        /// `Some`: only if the BFN's notice has this number
+        /// ([`revoked_ack::NUMBERED`](crate::revoked_ack::NUMBERED)).
+        notice: Option<u64>,
     },
     /// Point a device at a context.
     ContextAttach {
@@ -89,10 +99,22 @@ impl Request {
     /// Parse and validate a raw op. Input fields that a subop does not use
     /// must be zero, so that later versions can give them meaning.
     pub fn parse(op: &PvIommuOp) -> Result<Request, Errno> {
+        let context = ContextId(op.context);
+        // A numbered acknowledgement is the one op with `notice` as an
+        // input: the rest have it (and the padding) zero.
+        if op.subop == subop::REVOKED_ACK && op.flags == revoked_ack::NUMBERED {
+            if op._pad0 != 0 || op.domid != 0 || op.gfn != 0 {
+                return Err(Errno::Inval);
+            }
+            return Ok(Request::RevokedAck {
+                context,
+                bfn: Bfn(op.bfn),
+                notice: Some(op.notice),
+            });
+        }
         if !padding_clear(op) {
             return Err(Errno::Inval);
         }
-        let context = ContextId(op.context);
         match op.subop {
             subop::MAP => map_fields(op).map(Request::Map),
             subop::UNMAP | subop::LOOKUP | subop::REVOKED_ACK => {
@@ -103,23 +125,34 @@ impl Request {
                 Ok(match op.subop {
                     subop::UNMAP => Request::Unmap { context, bfn },
                     subop::LOOKUP => Request::Lookup { context, bfn },
-                    _ => Request::RevokedAck { context, bfn },
-                })
-            }
-            subop::REVOKED_NEXT if op.flags == revoked_next::IN_CONTEXT => {
-                if op.domid != 0 || op.bfn != 0 || op.gfn > revoked_next::MAX_SKIP {
-                    return Err(Errno::Inval);
-                }
-                Ok(Request::RevokedNextIn {
-                    context,
-                    skip: op.gfn as u32,
+                    _ => Request::RevokedAck {
+                        context,
+                        bfn,
+                        notice: None,
+                    },
                 })
             }
             subop::REVOKED_NEXT => {
-                if op.flags != 0 || op.domid != 0 || op.gfn != 0 || op.bfn != 0 || op.context != 0 {
-                    return Err(Errno::Inval);
+                let numbered = op.flags & revoked_next::NUMBERED != 0;
+                match op.flags & !revoked_next::NUMBERED {
+                    revoked_next::IN_CONTEXT => {
+                        if op.domid != 0 || op.bfn != 0 || op.gfn > revoked_next::MAX_SKIP {
+                            return Err(Errno::Inval);
+                        }
+                        Ok(Request::RevokedNextIn {
+                            context,
+                            skip: op.gfn as u32,
+                            numbered,
+                        })
+                    }
+                    0 => {
+                        if op.domid != 0 || op.gfn != 0 || op.bfn != 0 || op.context != 0 {
+                            return Err(Errno::Inval);
+                        }
+                        Ok(Request::RevokedNext { numbered })
+                    }
+                    _ => Err(Errno::Inval),
                 }
-                Ok(Request::RevokedNext)
             }
             subop::CONTEXT_CREATE => {
                 if op.flags != 0 || op.domid != 0 || op.gfn != 0 || op.bfn != 0 || op.context != 0 {
@@ -203,17 +236,33 @@ impl Request {
                 op.subop = subop::CONTEXT_DESTROY;
                 op.context = context.0;
             }
-            Request::RevokedNext => op.subop = subop::REVOKED_NEXT,
-            Request::RevokedNextIn { context, skip } => {
+            Request::RevokedNext { numbered } => {
                 op.subop = subop::REVOKED_NEXT;
-                op.flags = revoked_next::IN_CONTEXT;
+                op.flags = if numbered { revoked_next::NUMBERED } else { 0 };
+            }
+            Request::RevokedNextIn {
+                context,
+                skip,
+                numbered,
+            } => {
+                op.subop = subop::REVOKED_NEXT;
+                op.flags =
+                    revoked_next::IN_CONTEXT | if numbered { revoked_next::NUMBERED } else { 0 };
                 op.context = context.0;
                 op.gfn = skip.into();
             }
-            Request::RevokedAck { context, bfn } => {
+            Request::RevokedAck {
+                context,
+                bfn,
+                notice,
+            } => {
                 op.subop = subop::REVOKED_ACK;
                 op.context = context.0;
                 op.bfn = bfn.0;
+                if let Some(n) = notice {
+                    op.flags = revoked_ack::NUMBERED;
+                    op.notice = n;
+                }
             }
             Request::ContextAttach { context, device } => {
                 op.subop = subop::CONTEXT_ATTACH;
@@ -233,7 +282,7 @@ impl Request {
 /// Every op: the padding and reserved fields are zero.
 #[inline]
 fn padding_clear(op: &PvIommuOp) -> bool {
-    op._pad0 == 0 && op._rsvd == 0
+    op._pad0 == 0 && op.notice == 0
 }
 
 /// An op that names a BFN (unmap, lookup, revoked-ack): the fields it does
@@ -310,16 +359,23 @@ mod tests {
             (1u32..).prop_map(|c| Request::ContextDestroy {
                 context: ContextId(c)
             }),
-            Just(Request::RevokedNext),
-            (any::<u32>(), 0..=revoked_next::MAX_SKIP as u32).prop_map(|(c, skip)| {
-                Request::RevokedNextIn {
+            any::<bool>().prop_map(|numbered| Request::RevokedNext { numbered }),
+            (
+                any::<u32>(),
+                0..=revoked_next::MAX_SKIP as u32,
+                any::<bool>()
+            )
+                .prop_map(|(c, skip, numbered)| Request::RevokedNextIn {
                     context: ContextId(c),
                     skip,
+                    numbered,
+                }),
+            (any::<u32>(), any::<u64>(), any::<Option<u64>>()).prop_map(|(c, b, notice)| {
+                Request::RevokedAck {
+                    context: ContextId(c),
+                    bfn: Bfn(b),
+                    notice,
                 }
-            }),
-            (any::<u32>(), any::<u64>()).prop_map(|(c, b)| Request::RevokedAck {
-                context: ContextId(c),
-                bfn: Bfn(b)
             }),
             (1u32.., any::<u32>()).prop_map(|(c, d)| Request::ContextAttach {
                 context: ContextId(c),
@@ -355,7 +411,7 @@ mod tests {
                 4 => op._pad0 = value as u16,
                 5 => op.gfn = value,
                 6 => op.bfn = value,
-                7 => op._rsvd = value,
+                7 => op.notice = value,
                 _ => {}
             }
             let parsed = Request::parse(&op);
@@ -380,13 +436,21 @@ mod tests {
 
     #[test]
     fn revoked_next_in_a_context_takes_a_bounded_skip_and_nothing_else() {
-        let next = |context, skip| Request::RevokedNextIn { context, skip }.encode();
+        let next = |context, skip| {
+            Request::RevokedNextIn {
+                context,
+                skip,
+                numbered: false,
+            }
+            .encode()
+        };
         let op = next(ContextId(3), revoked_next::MAX_SKIP as u32);
         assert_eq!(
             Request::parse(&op),
             Ok(Request::RevokedNextIn {
                 context: ContextId(3),
-                skip: revoked_next::MAX_SKIP as u32
+                skip: revoked_next::MAX_SKIP as u32,
+                numbered: false,
             })
         );
         let good = next(ContextId(0), 0);
@@ -402,10 +466,21 @@ mod tests {
             PvIommuOp { bfn: 1, ..good },
             PvIommuOp { domid: 1, ..good },
             PvIommuOp {
-                flags: revoked_next::IN_CONTEXT | 2,
+                flags: revoked_next::IN_CONTEXT | 4,
                 ..good
             },
-            PvIommuOp { flags: 2, ..good },
+            PvIommuOp { flags: 4, ..good },
+            PvIommuOp {
+                flags: revoked_next::IN_CONTEXT | revoked_next::NUMBERED | 4,
+                ..good
+            },
+            // The number is an output of revoked_next.
+            PvIommuOp { notice: 1, ..good },
+            PvIommuOp {
+                flags: revoked_next::IN_CONTEXT | revoked_next::NUMBERED,
+                notice: 1,
+                ..good
+            },
             // Without the flag, context and gfn stay outputs only.
             PvIommuOp {
                 flags: 0,
@@ -427,7 +502,66 @@ mod tests {
                 gfn: 0,
                 ..good
             }),
-            Ok(Request::RevokedNext)
+            Ok(Request::RevokedNext { numbered: false })
+        );
+    }
+
+    #[test]
+    fn a_numbered_acknowledgement_takes_the_number_and_nothing_else() {
+        let ack = |notice| {
+            Request::RevokedAck {
+                context: ContextId(2),
+                bfn: Bfn(0x1234),
+                notice,
+            }
+            .encode()
+        };
+        for n in [0, 1, u64::MAX] {
+            let op = ack(Some(n));
+            assert_eq!(op.flags, revoked_ack::NUMBERED);
+            assert_eq!(op.notice, n);
+            assert_eq!(
+                Request::parse(&op),
+                Ok(Request::RevokedAck {
+                    context: ContextId(2),
+                    bfn: Bfn(0x1234),
+                    notice: Some(n)
+                })
+            );
+        }
+        let good = ack(Some(7));
+        for bad in [
+            PvIommuOp { domid: 1, ..good },
+            PvIommuOp { gfn: 1, ..good },
+            PvIommuOp { _pad0: 1, ..good },
+            PvIommuOp {
+                flags: revoked_ack::NUMBERED | revoked_next::IN_CONTEXT,
+                ..good
+            },
+            PvIommuOp { flags: 4, ..good },
+            // Without the flag the number must be zero.
+            PvIommuOp { flags: 0, ..good },
+        ] {
+            assert_eq!(Request::parse(&bad), Err(Errno::Inval), "{bad:?}");
+        }
+        // The number is an input of revoked_ack only: unmap and lookup
+        // refuse it, whatever their flags.
+        for subop in [subop::UNMAP, subop::LOOKUP] {
+            for flags in [0, revoked_ack::NUMBERED] {
+                let op = PvIommuOp {
+                    subop,
+                    flags,
+                    ..good
+                };
+                assert_eq!(Request::parse(&op), Err(Errno::Inval), "{op:?}");
+            }
+        }
+        // Numbered, without IN_CONTEXT: the global form.
+        let op = Request::RevokedNext { numbered: true }.encode();
+        assert_eq!(op.flags, revoked_next::NUMBERED);
+        assert_eq!(
+            Request::parse(&op),
+            Ok(Request::RevokedNext { numbered: true })
         );
     }
 

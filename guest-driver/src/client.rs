@@ -385,6 +385,11 @@ impl<T: Transport> Client<T> {
         // ...); before, one. Each round starts with the acknowledgements of
         // the previous round's notices, so it asks from skip 0 again.
         let in_context = self.caps.features & feature::REVOKED_IN_CONTEXT != 0;
+        // With ABI 1.5 each notice comes with its number and is
+        // acknowledged by it: an acknowledgement of a notice another
+        // thread acknowledged first cannot release a later revocation of
+        // the same BFN, which nobody has been told of.
+        let numbered = self.caps.features & feature::REVOKED_NUMBERED != 0;
         let mut out = Vec::new();
         let mut acks: Vec<PvIommuOp> = Vec::new();
         // The context being drained in rounds; `None`: ask for the oldest
@@ -402,17 +407,23 @@ impl<T: Transport> Client<T> {
             let acked = ops.len();
             match draining {
                 _ if want == 0 => {}
-                Some(context) => ops.extend(
-                    (0..want as u32).map(|skip| Request::RevokedNextIn { context, skip }.encode()),
-                ),
-                None => ops.push(Request::RevokedNext.encode()),
+                Some(context) => ops.extend((0..want as u32).map(|skip| {
+                    Request::RevokedNextIn {
+                        context,
+                        skip,
+                        numbered,
+                    }
+                    .encode()
+                })),
+                None => ops.push(Request::RevokedNext { numbered }.encode()),
             }
             if ops.is_empty() {
                 return Ok(out);
             }
             self.run_ops(&mut ops)?;
-            // ENOENT: acknowledged elsewhere meanwhile (design/abi.md:
-            // one drainer per domain); the notice was delivered here.
+            // ENOENT: acknowledged elsewhere meanwhile (numbered: exactly
+            // that notice; before ABI 1.5, see design/abi.md); the notice
+            // was delivered here.
             let refused = ops[..acked]
                 .iter()
                 .find(|a| a.status != 0 && a.status != Errno::NoEnt.negated());
@@ -431,12 +442,18 @@ impl<T: Transport> Client<T> {
                 let (context, bfn) = (ContextId(next.context), Bfn(next.bfn));
                 // A BFN reported twice in one round was acknowledged by
                 // another thread of this domain meanwhile, handed out again
-                // and revoked again: a notice of its own, delivered, but
-                // one acknowledgement takes the one queued.
-                let ack = Request::RevokedAck { context, bfn }.encode();
+                // and revoked again: a notice of its own, delivered. By
+                // number each is acknowledged (the first answers ENOENT);
+                // without numbers one acknowledgement takes the one queued.
+                let ack = Request::RevokedAck {
+                    context,
+                    bfn,
+                    notice: numbered.then_some(next.notice),
+                }
+                .encode();
                 let acked = acks
                     .iter()
-                    .any(|a| (a.context, a.bfn) == (ack.context, ack.bfn));
+                    .any(|a| (a.context, a.bfn, a.notice) == (ack.context, ack.bfn, ack.notice));
                 let cached_refs = self.cache.refs(context, bfn);
                 self.cache.forget(context, bfn);
                 self.stats.revocations += 1;

@@ -375,7 +375,8 @@ fn a_drain_goes_on_when_another_vcpu_acknowledged_a_notice_it_reported() {
             // Every 50th, acknowledged at once by "another vCPU".
             if n.gfn.0 % 50 == 7 {
                 let g = s.lock();
-                g.1.revoked_ack(DomId::DOM0, n.context, n.bfn).unwrap();
+                g.1.revoked_ack(DomId::DOM0, n.context, n.bfn, None)
+                    .unwrap();
                 raced += 1;
             }
         })
@@ -385,18 +386,34 @@ fn a_drain_goes_on_when_another_vcpu_acknowledged_a_notice_it_reported() {
     assert_eq!(c.refresh_caps().unwrap().revoked, 0);
 }
 
-/// A hypervisor of ABI 1.3 (no `REVOKED_IN_CONTEXT`): it would refuse the
-/// flag, so it must never see it.
-struct Abi13<T>(T);
+/// A hypervisor of an older ABI 1.x: 1.3 (no `REVOKED_IN_CONTEXT`) or 1.4
+/// (no `REVOKED_NUMBERED`). It would refuse the flags it does not know, so
+/// it must never see them.
+struct OlderAbi<T> {
+    inner: T,
+    minor: u32,
+}
 
-impl<T: pviommu_guest::transport::Transport> pviommu_guest::transport::Transport for Abi13<T> {
+fn abi13<T>(inner: T) -> OlderAbi<T> {
+    OlderAbi { inner, minor: 3 }
+}
+
+fn abi14<T>(inner: T) -> OlderAbi<T> {
+    OlderAbi { inner, minor: 4 }
+}
+
+impl<T: pviommu_guest::transport::Transport> pviommu_guest::transport::Transport for OlderAbi<T> {
     fn name(&self) -> &'static str {
-        "abi-1.3"
+        "older-abi"
     }
     fn query_caps(&mut self) -> Result<pviommu_abi::PvIommuCaps, pviommu_guest::Error> {
-        let mut caps = self.0.query_caps()?;
-        caps.version = 0x0001_0003;
-        caps.features &= !pviommu_abi::feature::REVOKED_IN_CONTEXT;
+        use pviommu_abi::feature;
+        let mut caps = self.inner.query_caps()?;
+        caps.version = 0x0001_0000 | self.minor;
+        caps.features &= !feature::REVOKED_NUMBERED;
+        if self.minor < 4 {
+            caps.features &= !feature::REVOKED_IN_CONTEXT;
+        }
         Ok(caps)
     }
     fn batch(
@@ -404,22 +421,31 @@ impl<T: pviommu_guest::transport::Transport> pviommu_guest::transport::Transport
         ops: &mut [pviommu_abi::PvIommuOp],
         nr_done: u32,
     ) -> Result<(i64, u32), pviommu_guest::Error> {
-        assert!(
-            !ops.iter()
-                .any(|o| o.subop == pviommu_abi::subop::REVOKED_NEXT && o.flags != 0),
-            "an ABI 1.3 hypervisor was sent revoked_next with IN_CONTEXT"
-        );
-        self.0.batch(ops, nr_done)
+        use pviommu_abi::{revoked_next, subop};
+        let known = if self.minor < 4 {
+            0
+        } else {
+            revoked_next::IN_CONTEXT
+        };
+        for o in ops.iter() {
+            let revocation = o.subop == subop::REVOKED_NEXT || o.subop == subop::REVOKED_ACK;
+            assert!(
+                !revocation || (o.flags & !known == 0 && o.notice == 0),
+                "an ABI 1.{} hypervisor was sent {o:?}",
+                self.minor
+            );
+        }
+        self.inner.batch(ops, nr_done)
     }
     fn reserved_regions(
         &mut self,
         start: u32,
         max: u32,
     ) -> Result<(Vec<pviommu_abi::PvIommuRegion>, u32), pviommu_guest::Error> {
-        self.0.reserved_regions(start, max)
+        self.inner.reserved_regions(start, max)
     }
     fn set_limits(&mut self, domid: DomId, quota: u64) -> Result<(), pviommu_guest::Error> {
-        self.0.set_limits(domid, quota)
+        self.inner.set_limits(domid, quota)
     }
 }
 
@@ -428,7 +454,7 @@ impl<T: pviommu_guest::transport::Transport> pviommu_guest::transport::Transport
 #[test]
 fn a_drain_on_an_abi_1_3_hypervisor_takes_a_notice_per_call() {
     let s = sim(40, Config::default());
-    let mut c = Client::open(Abi13(s.transport(DomId::DOM0))).unwrap();
+    let mut c = Client::open(abi13(s.transport(DomId::DOM0))).unwrap();
     let gfns: Vec<Gfn> = (0..40).map(Gfn).collect();
     rw(&mut c, &gfns);
     balloon_out(&s, 0..40);
@@ -533,7 +559,7 @@ fn a_one_context_drain_stops_at_max_with_what_it_reported_acknowledged() {
 #[test]
 fn a_one_context_drain_on_an_abi_1_3_hypervisor_is_refused_and_changes_nothing() {
     let s = sim(10, Config::default());
-    let mut c = Client::open(Abi13(s.transport(DomId::DOM0))).unwrap();
+    let mut c = Client::open(abi13(s.transport(DomId::DOM0))).unwrap();
     let gfns: Vec<Gfn> = (0..10).map(Gfn).collect();
     rw(&mut c, &gfns);
     balloon_out(&s, 0..10);
@@ -554,6 +580,78 @@ fn a_one_context_drain_on_an_abi_1_3_hypervisor_is_refused_and_changes_nothing()
     assert!(e.to_string().contains("ABI 1.4"), "{e}");
     assert_eq!(c.stats().hypercalls, calls);
     assert_eq!(c.refresh_caps().unwrap().revoked, 10);
+}
+
+/// Against ABI 1.4 (no numbers) the drain acknowledges by (context, BFN)
+/// alone, in rounds, and never sends a number.
+#[test]
+fn a_drain_on_an_abi_1_4_hypervisor_acknowledges_without_numbers() {
+    let s = sim(300, Config::default());
+    let mut c = Client::open(abi14(s.transport(DomId::DOM0))).unwrap();
+    let gfns: Vec<Gfn> = (0..300).map(Gfn).collect();
+    rw(&mut c, &gfns);
+    balloon_out(&s, 0..300);
+    let calls = c.stats().hypercalls;
+    let all = c.drain_revocations().unwrap();
+    assert_eq!(all.len(), 300);
+    assert!(c.stats().hypercalls - calls <= 5);
+    assert_eq!(c.refresh_caps().unwrap().revoked, 0);
+}
+
+/// ABI 1.5: another thread acknowledges a notice this drain reported, the
+/// BFN is handed out again and revoked again, all before the drain sends
+/// its own acknowledgement (first in its next call). That acknowledgement
+/// names the first notice's number: refused (ENOENT), so the second notice
+/// is still queued when the same call asks for more, and the drain reports
+/// it. Acknowledged by (context, BFN) alone it would have been released
+/// unseen, and the mediator would keep the BFN in its shadow tables.
+#[test]
+fn a_drain_acknowledges_by_number_and_cannot_release_a_later_revocation_unseen() {
+    let s = sim(300, Config::default());
+    let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
+    let gfns: Vec<Gfn> = (0..200).map(Gfn).collect();
+    let bfns = rw(&mut c, &gfns);
+    balloon_out(&s, 0..200);
+    let mut raced = None;
+    let first = c
+        .drain_revocations_with(usize::MAX, |n| {
+            if n.gfn.0 != 150 {
+                return;
+            }
+            let mut g = s.lock();
+            let (m, e) = &mut *g;
+            // Another vCPU: acknowledges gfn 150's notice ...
+            e.revoked_ack(DomId::DOM0, n.context, n.bfn, None).unwrap();
+            // ... maps gfn 250 (the freed BFN comes back) ...
+            let dom0 = pviommu_hv::platform::Platform::domain_info(m, DomId::DOM0).unwrap();
+            let bfn = e
+                .map(
+                    m,
+                    DomId::DOM0,
+                    &dom0,
+                    &pviommu_abi::MapRequest {
+                        context: ContextId::DEFAULT,
+                        domid: GUEST,
+                        gfn: Gfn(250),
+                        perms: Permissions::RW,
+                        attr: MemAttr::WriteBack,
+                        grant: false,
+                    },
+                )
+                .unwrap();
+            e.finish(m, DomId::DOM0);
+            // ... and gfn 250 leaves the guest too.
+            m.balloon_out(e, GUEST, Gfn(250)).unwrap();
+            raced = Some(bfn);
+        })
+        .unwrap();
+    let again = raced.expect("gfn 150 was reported");
+    assert_eq!(again, bfns[150], "the freed BFN was handed out again");
+    assert_eq!(first.len(), 201);
+    let second: Vec<_> = first.iter().filter(|n| n.gfn == Gfn(250)).collect();
+    assert_eq!(second.len(), 1, "the second revocation was reported");
+    assert_eq!(second[0].bfn, again);
+    assert_eq!(c.refresh_caps().unwrap().revoked, 0);
 }
 
 #[test]

@@ -22,7 +22,7 @@
 //! revoked pages through the hypercall path, one per call (`revoked_next`
 //! with the previous `revoked_ack`) and in rounds of 128 of one context
 //! per call (ABI 1.4, `IN_CONTEXT`, the round's acks first in the next
-//! call).
+//! call, and acknowledged by number as the client does with ABI 1.5).
 //!
 //! Throughput is reported per page (criterion's "elements").
 
@@ -449,9 +449,11 @@ fn drain(c: &mut Criterion) {
         (m, e)
     };
     let ack = |o: &PvIommuOp| {
+        // By its number when it came with one.
         Request::RevokedAck {
             context: ContextId(o.context),
             bfn: Bfn(o.bfn),
+            notice: (o.flags & pviommu_abi::revoked_next::NUMBERED != 0).then_some(o.notice),
         }
         .encode()
     };
@@ -462,7 +464,7 @@ fn drain(c: &mut Criterion) {
         b.iter_batched(
             revoked,
             |(mut m, e)| {
-                let mut ops = vec![Request::RevokedNext.encode()];
+                let mut ops = vec![Request::RevokedNext { numbered: false }.encode()];
                 let mut n = 0;
                 loop {
                     m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
@@ -471,7 +473,10 @@ fn drain(c: &mut Criterion) {
                         break;
                     }
                     n += 1;
-                    ops = vec![ack(&next), Request::RevokedNext.encode()];
+                    ops = vec![
+                        ack(&next),
+                        Request::RevokedNext { numbered: false }.encode(),
+                    ];
                 }
                 assert_eq!(n, PAGES);
             },
@@ -491,6 +496,7 @@ fn drain(c: &mut Criterion) {
                         Request::RevokedNextIn {
                             context: ContextId::DEFAULT,
                             skip,
+                            numbered: true,
                         }
                         .encode()
                     }));

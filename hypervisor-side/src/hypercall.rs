@@ -144,7 +144,8 @@ impl<L: RawMutex> Engine<L> {
         let features = (b.features & feature::ALL & !feature::CONTEXTS & !feature::GRANT)
             | if contexts > 1 { feature::CONTEXTS } else { 0 }
             | feature::REVOCATION_QUEUE
-            | feature::REVOKED_IN_CONTEXT;
+            | feature::REVOKED_IN_CONTEXT
+            | feature::REVOKED_NUMBERED;
         let (quota, used, revoked) = self.usage(caller);
         PvIommuCaps {
             version: INTERFACE_VERSION,
@@ -644,26 +645,38 @@ impl<L: RawMutex> Engine<L> {
             }),
             // Destructive ops: validate, report the outcome, then act, so a
             // status that cannot be written leaves the state unchanged.
-            Ok(Request::RevokedAck { context, bfn }) => {
-                match self.unmap_check(caller, context, bfn) {
-                    Ok(true) => Ok(()),
-                    Ok(false) => Err(Errno::NoEnt),
-                    Err(e) => Err(e),
-                }
+            Ok(Request::RevokedAck {
+                context,
+                bfn,
+                notice,
+            }) => self.revoked_ack_check(caller, context, bfn, notice),
+            // The number goes out only to a caller that asked for it (an
+            // ABI 1.4 caller may reuse the op with `notice` still set).
+            Ok(Request::RevokedNext { numbered }) => {
+                self.revoked_next(caller).map(|(bfn, n, number)| {
+                    op.bfn = bfn.0;
+                    op.context = n.context.0;
+                    op.domid = n.domid.0;
+                    op.gfn = n.gfn.0;
+                    if numbered {
+                        op.notice = number;
+                    }
+                })
             }
-            Ok(Request::RevokedNext) => self.revoked_next(caller).map(|(bfn, n)| {
-                op.bfn = bfn.0;
-                op.context = n.context.0;
-                op.domid = n.domid.0;
-                op.gfn = n.gfn.0;
-            }),
-            Ok(Request::RevokedNextIn { context, skip }) => {
-                self.revoked_in(caller, context, skip).map(|(bfn, n)| {
+            Ok(Request::RevokedNextIn {
+                context,
+                skip,
+                numbered,
+            }) => self
+                .revoked_in(caller, context, skip)
+                .map(|(bfn, n, number)| {
                     op.bfn = bfn.0;
                     op.domid = n.domid.0;
                     op.gfn = n.gfn.0;
-                })
-            }
+                    if numbered {
+                        op.notice = number;
+                    }
+                }),
             Ok(Request::ContextDestroy { context }) => self.context_destroy_check(caller, context),
             Ok(Request::ContextCreate) => may_use_contexts(ci, || h.owns_devices(caller))
                 .and_then(|()| self.context_create(h, caller))
@@ -696,9 +709,14 @@ impl<L: RawMutex> Engine<L> {
             return Err(e);
         }
         let acted = match (request, outcome) {
-            (Ok(Request::RevokedAck { context, bfn }), Ok(())) => {
-                Some(self.revoked_ack(caller, context, bfn))
-            }
+            (
+                Ok(Request::RevokedAck {
+                    context,
+                    bfn,
+                    notice,
+                }),
+                Ok(()),
+            ) => Some(self.revoked_ack(caller, context, bfn, notice)),
             (Ok(Request::ContextDestroy { context }), Ok(())) => {
                 Some(self.context_destroy(h, caller, context))
             }

@@ -153,7 +153,7 @@ pub fn revoked_next(
     e: &Engine,
     caller: DomId,
 ) -> Result<(Bfn, DomId, Gfn), i32> {
-    let mut ops = [Request::RevokedNext.encode()];
+    let mut ops = [Request::RevokedNext { numbered: false }.encode()];
     m.guest_batch_all(e, caller, &mut ops).unwrap();
     if ops[0].status != 0 {
         return Err(ops[0].status);

@@ -115,7 +115,10 @@ fn run(fail_at: Option<u64>) -> (u64, u32) {
         map_op_in(ContextId(1), GUEST, 2, Permissions::RO),
     ));
     steps.push(Step::Balloon(3));
-    steps.push(Step::Batch(DomId::DOM0, Request::RevokedNext.encode()));
+    steps.push(Step::Batch(
+        DomId::DOM0,
+        Request::RevokedNext { numbered: false }.encode(),
+    ));
     steps.push(Step::Batch(DomId::DOM0, map_op(GUEST, 7, Permissions::RO)));
     steps.push(Step::Batch(DEVICE_MODEL, map_op(GUEST, 8, Permissions::RW)));
     steps.push(Step::Kill);

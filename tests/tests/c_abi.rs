@@ -126,6 +126,10 @@ fn expected() -> Vec<(&'static str, u64)> {
             "PVIOMMU_FEAT_REVOKED_IN_CONTEXT",
             feature::REVOKED_IN_CONTEXT.into(),
         ),
+        (
+            "PVIOMMU_FEAT_REVOKED_NUMBERED",
+            feature::REVOKED_NUMBERED.into(),
+        ),
         ("PVIOMMU_FEAT_ALL", feature::ALL.into()),
         ("PVIOMMU_TRANSLATES", translation::TRANSLATES.into()),
         ("PVIOMMU_NO_IOMMU", translation::NO_IOMMU.into()),
@@ -147,6 +151,7 @@ fn expected() -> Vec<(&'static str, u64)> {
             revoked_next::IN_CONTEXT.into(),
         ),
         ("PVIOMMU_REVOKED_MAX_SKIP", revoked_next::MAX_SKIP),
+        ("PVIOMMU_REVOKED_NUMBERED", revoked_next::NUMBERED.into()),
         ("PVIOMMU_F_READ", op_flags::READ.into()),
         ("PVIOMMU_F_WRITE", op_flags::WRITE.into()),
         ("PVIOMMU_F_GRANT", op_flags::GRANT.into()),

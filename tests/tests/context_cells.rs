@@ -194,9 +194,9 @@ fn notices_of_several_contexts_come_oldest_first() {
         e.gfn_removed(&mut sim.handle(DomId::DOM0), GUEST, Gfn(gfn));
     }
     let mut order = Vec::new();
-    while let Ok((bfn, n)) = e.revoked_next(DomId::DOM0) {
+    while let Ok((bfn, n, _)) = e.revoked_next(DomId::DOM0) {
         order.push((n.context, n.gfn.0));
-        e.revoked_ack(DomId::DOM0, n.context, bfn).unwrap();
+        e.revoked_ack(DomId::DOM0, n.context, bfn, None).unwrap();
         assert!(order.len() <= 3, "a notice came back after its ack");
     }
     assert_eq!(order, [(c2, 3), (ContextId::DEFAULT, 2), (c1, 1)]);

@@ -138,7 +138,7 @@ fn a_target_gate_names_exactly_the_driver_domains_that_map_it() {
     e.gfn_removed(&mut h, GUEST, Gfn(1));
     assert_eq!(e.target_drivers(GUEST), 0);
     let mut hd = sim.handle(DM);
-    let (bfn, _) = e.revoked_next(DM).unwrap();
+    let (bfn, _, _) = e.revoked_next(DM).unwrap();
     assert_eq!(
         e.unmap(&mut hd, DM, ContextId::DEFAULT, bfn),
         Err(Errno::Stale)

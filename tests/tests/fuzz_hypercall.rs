@@ -30,7 +30,7 @@ fn arb_op() -> impl Strategy<Value = PvIommuOp> {
             _pad0: 0,
             gfn,
             bfn,
-            _rsvd: rsvd,
+            notice: rsvd,
         })
 }
 

@@ -120,8 +120,8 @@ fn gate_balance_random() {
                 }
                 6 => {
                     what = "ack";
-                    if let Ok((b, _)) = e.revoked_next(drv) {
-                        let _ = e.revoked_ack(drv, ContextId::DEFAULT, b);
+                    if let Ok((b, _, _)) = e.revoked_next(drv) {
+                        let _ = e.revoked_ack(drv, ContextId::DEFAULT, b, None);
                         known.retain(|(d, t)| !(*d == drv && t.bfn == b));
                     }
                 }

@@ -158,8 +158,9 @@ proptest! {
                     let caller = if dm { DEVICE_MODEL } else { DomId::DOM0 };
                     // ABI 1.4: rounds of 3 notices of context 0 in one
                     // call, acknowledged before the next 3 are asked for
-                    // in the same call. Bounded: each round but the last
-                    // acknowledges 3.
+                    // in the same call; ABI 1.5: by their numbers, which
+                    // rise along the queue. Bounded: each round but the
+                    // last acknowledges 3.
                     let mut acks: Vec<pviommu_abi::PvIommuOp> = Vec::new();
                     for _ in 0..100 {
                         let mut ops = acks.clone();
@@ -167,6 +168,7 @@ proptest! {
                             pviommu_abi::Request::RevokedNextIn {
                                 context: ContextId::DEFAULT,
                                 skip,
+                                numbered: true,
                             }
                             .encode()
                         }));
@@ -181,10 +183,12 @@ proptest! {
                             prop_assert_eq!(next.status, 0);
                             prop_assert_eq!(next.context, 0);
                             prop_assert!(!acks.iter().any(|a| a.bfn == next.bfn));
+                            prop_assert!(acks.last().is_none_or(|a| a.notice < next.notice));
                             acks.push(
                                 pviommu_abi::Request::RevokedAck {
                                     context: ContextId::DEFAULT,
                                     bfn: Bfn(next.bfn),
+                                    notice: Some(next.notice),
                                 }
                                 .encode(),
                             );
@@ -200,7 +204,7 @@ proptest! {
                     let caller = if dm { DEVICE_MODEL } else { DomId::DOM0 };
                     // Bounded: each round acknowledges one notice.
                     for _ in 0..200 {
-                        let mut next = [pviommu_abi::Request::RevokedNext.encode()];
+                        let mut next = [pviommu_abi::Request::RevokedNext { numbered: false }.encode()];
                         m.guest_batch_all(&e, caller, &mut next).unwrap();
                         if next[0].status == -2 {
                             break;
@@ -209,6 +213,7 @@ proptest! {
                         let mut ack = [pviommu_abi::Request::RevokedAck {
                             context: ContextId(next[0].context),
                             bfn: Bfn(next[0].bfn),
+                            notice: None,
                         }
                         .encode()];
                         m.guest_batch_all(&e, caller, &mut ack).unwrap();

@@ -101,7 +101,12 @@ fn map_in(
 }
 
 fn next_in(context: ContextId, skip: u32) -> PvIommuOp {
-    Request::RevokedNextIn { context, skip }.encode()
+    Request::RevokedNextIn {
+        context,
+        skip,
+        numbered: false,
+    }
+    .encode()
 }
 
 /// ABI 1.4: `revoked_next` of one context (`IN_CONTEXT`, skip 0, 1, 2, ...)
@@ -189,7 +194,12 @@ fn a_batch_of_revoked_next_in_one_context_reports_its_notices_oldest_first() {
             ..next_in(c1, 0)
         },
         PvIommuOp {
-            flags: 3,
+            flags: 5,
+            ..next_in(c1, 0)
+        },
+        // The number is an output of revoked_next.
+        PvIommuOp {
+            notice: 1,
             ..next_in(c1, 0)
         },
     ];
@@ -213,6 +223,7 @@ fn a_batch_of_revoked_next_in_one_context_reports_its_notices_oldest_first() {
         Request::RevokedAck {
             context: bfn[g].0,
             bfn: bfn[g].1,
+            notice: None,
         }
         .encode()
     };
@@ -246,6 +257,7 @@ fn a_batch_of_revoked_next_in_one_context_reports_its_notices_oldest_first() {
     let ack8 = Request::RevokedAck {
         context: c1,
         bfn: b8,
+        notice: None,
     }
     .encode();
     let mut ops = [ack(5), ack(3), ack(6), ack(7), ack8];
@@ -293,6 +305,7 @@ fn revoked_next_in_a_context_reaches_its_256th_notice_and_not_past_it() {
         Request::RevokedAck {
             context: ContextId::DEFAULT,
             bfn: bfn[g],
+            notice: None,
         }
         .encode()
     };
@@ -306,4 +319,88 @@ fn revoked_next_in_a_context_reaches_its_256th_notice_and_not_past_it() {
     let mut ops = [next_in(ContextId::DEFAULT, 0)];
     m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
     assert_eq!((ops[0].status, ops[0].gfn), (0, 1));
+}
+
+/// ABI 1.5: `revoked_next` with `NUMBERED` reports each notice's number;
+/// `revoked_ack` with `NUMBERED` takes only the notice of that number.
+/// The case it exists for: a notice acknowledged by another vCPU, its BFN
+/// handed out again and revoked again. An acknowledgement of the first
+/// notice by number is refused (ENOENT) and changes nothing; the second
+/// notice stays queued with its own number. Without `NUMBERED` nothing is
+/// written into `notice` (a 1.4 caller may reuse the op as it came back).
+#[test]
+fn a_numbered_acknowledgement_takes_only_the_notice_of_its_number() {
+    use pviommu_abi::revoked_next::NUMBERED;
+    let (mut m, e) = machine(Format::Vtd, 64);
+    let x = map_in(&mut m, &e, ContextId::DEFAULT, 5);
+    m.balloon_out(&e, GUEST, Gfn(5)).unwrap();
+    let next = |numbered| Request::RevokedNext { numbered }.encode();
+    let next_in_numbered = |skip| {
+        Request::RevokedNextIn {
+            context: ContextId::DEFAULT,
+            skip,
+            numbered: true,
+        }
+        .encode()
+    };
+    let mut ops = [
+        next(false),
+        next(true),
+        next_in_numbered(0),
+        next_in(ContextId::DEFAULT, 0),
+    ];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert!(ops
+        .iter()
+        .all(|o| o.status == 0 && o.bfn == x.0 && o.gfn == 5));
+    assert_eq!(ops[0].notice, 0, "not asked for, not written");
+    assert_eq!(ops[3].notice, 0, "not asked for, not written");
+    assert_ne!(ops[1].notice, 0, "numbers start at 1");
+    let first = ops[1].notice;
+    assert_eq!(ops[2].notice, first, "both forms report the same number");
+    assert_eq!(ops[1].flags, NUMBERED);
+
+    // Another vCPU acknowledges it; the BFN comes back for gfn 6, which
+    // then leaves the guest too.
+    e.revoked_ack(DomId::DOM0, ContextId::DEFAULT, x, Some(first))
+        .unwrap();
+    assert_eq!(map_in(&mut m, &e, ContextId::DEFAULT, 6), x);
+    m.balloon_out(&e, GUEST, Gfn(6)).unwrap();
+    let mut ops = [next(true)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    let second = ops[0].notice;
+    assert_eq!((ops[0].bfn, ops[0].gfn), (x.0, 6));
+    assert!(second > first, "numbers rise: {first} then {second}");
+
+    // The late acknowledgement of the first notice: through the engine
+    // and through the hypercall, refused, nothing changed.
+    let before = observable(&m, &e);
+    assert_eq!(
+        e.revoked_ack(DomId::DOM0, ContextId::DEFAULT, x, Some(first)),
+        Err(pviommu_hv::Errno::NoEnt)
+    );
+    assert_eq!(
+        e.revoked_ack_check(DomId::DOM0, ContextId::DEFAULT, x, Some(first)),
+        Err(pviommu_hv::Errno::NoEnt)
+    );
+    let late = |n| {
+        Request::RevokedAck {
+            context: ContextId::DEFAULT,
+            bfn: x,
+            notice: Some(n),
+        }
+        .encode()
+    };
+    let mut ops = [late(first), next(true)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!(ops[0].status, -2);
+    assert_eq!(observable(&m, &e), before);
+    assert_eq!((ops[1].status, ops[1].gfn, ops[1].notice), (0, 6, second));
+    assert_eq!(e.state().driver(DomId::DOM0).unwrap().revoked(), 1);
+
+    // By its own number it goes.
+    let mut ops = [late(second), next(true)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!((ops[0].status, ops[1].status), (0, -2));
+    assert_eq!(e.state().driver(DomId::DOM0).unwrap().revoked(), 0);
 }

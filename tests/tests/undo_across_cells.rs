@@ -41,7 +41,7 @@ fn an_undo_tag_from_another_cell_matches_nothing() {
     eprintln!("first {first:?} shared {shared:?}");
     // Meanwhile: the guest balloons gfn 5 out; the DM's notice thread acks it.
     m.balloon_out(&e, GUEST, Gfn(5)).unwrap();
-    e.revoked_ack(DEVICE_MODEL, ContextId::DEFAULT, first.bfn)
+    e.revoked_ack(DEVICE_MODEL, ContextId::DEFAULT, first.bfn, None)
         .unwrap();
     // DM's cell is idle and released; another device model takes it.
     let _o = e.map_tagged(&mut m, dm2, &ci2, &req(7)).unwrap();

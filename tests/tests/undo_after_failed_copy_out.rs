@@ -91,6 +91,7 @@ fn undo_does_not_take_down_a_reused_bfn() {
             let mut ack = [Request::RevokedAck {
                 context: ContextId::DEFAULT,
                 bfn: b,
+                notice: None,
             }
             .encode()];
             m.guest_batch_all(&e, DomId::DOM0, &mut ack).unwrap();

@@ -327,6 +327,18 @@ int main(int argc, char **argv)
     check(st == -ENOENT, "revoked-next-in-context-skip-1", "status=%d (want %d: one notice)", st, -ENOENT);
     st = op1(PVIOMMU_OP_revoked_next, 0, PVIOMMU_REVOKED_IN_CONTEXT, 0, PVIOMMU_REVOKED_MAX_SKIP + 1, 0);
     check(st == -EINVAL, "revoked-next-skip-past-bound", "status=%d (want %d)", st, -EINVAL);
+    /* ABI 1.5: the notice's number; an ack naming another number is
+     * refused and leaves the notice queued */
+    st = op1(PVIOMMU_OP_revoked_next, 0, PVIOMMU_REVOKED_IN_CONTEXT | PVIOMMU_REVOKED_NUMBERED, 0, 0, 0);
+    uint64_t number = gop->notice;
+    check(st == 0 && gop->bfn == bfn && number != 0, "revoked-next-numbered",
+          "status=%d bfn %#" PRIx64 " notice %" PRIu64 " (want bfn %#" PRIx64 ", a number from 1)",
+          st, gop->bfn, number, bfn);
+    st = op1_notice(PVIOMMU_OP_revoked_ack, 0, PVIOMMU_REVOKED_NUMBERED, 0, 0, bfn, number + 1);
+    rc = hcall(PVIOMMU_CMD_query_caps, (uint64_t)(uintptr_t)caps);
+    check(st == -ENOENT && rc == 0 && caps->revoked == 1, "revoked-ack-other-number",
+          "status=%d revoked=%" PRIu64 " (want %d and 1: not that notice, still queued)",
+          st, caps->revoked, -ENOENT);
     st = op1(PVIOMMU_OP_unmap, 0, 0, 0, 0, bfn);
     check(st == -ESTALE, "unmap-revoked", "status=%d (want %d: acknowledged)", st, -ESTALE);
     rc = hcall(PVIOMMU_CMD_query_caps, (uint64_t)(uintptr_t)caps);

@@ -283,7 +283,7 @@ static int cmd_hc(int argc, char **argv)
         o.subop = strtoul(argv[1], NULL, 0); o.flags = strtoul(argv[2], NULL, 0);
         o.domid = strtoul(argv[3], NULL, 0); o.gfn = strtoull(argv[4], NULL, 0);
         o.bfn = strtoull(argv[5], NULL, 0); o._pad0 = strtoul(argv[6], NULL, 0);
-        o._rsvd = strtoull(argv[7], NULL, 0);
+        o.notice = strtoull(argv[7], NULL, 0);
         if ( argc >= 9 ) o.context = strtoul(argv[8], NULL, 0);
     }
     else
@@ -1277,7 +1277,7 @@ static void fz_op(struct pv_iommu_op *o, const uint16_t *cand, unsigned int ncan
     if ( o->subop == PVIOMMU_OP_context_attach || o->subop == PVIOMMU_OP_context_detach )
         o->gfn = chance(80) ? (0x10000 | below(0x10000)) : (rnd() | (1ull << 32));
     if ( chance(3) ) o->_pad0 = rnd();
-    if ( chance(3) ) o->_rsvd = rnd();
+    if ( chance(3) ) o->notice = rnd();
     o->status = FZ_SENTINEL;
 }
 

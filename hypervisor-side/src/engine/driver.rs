@@ -1074,7 +1074,7 @@ impl DriverDomain {
     /// whatever they hold (a link that leads anywhere but to a queued
     /// notice ends it): from the head, or from where the last call ended
     /// if that is still the same place (`revoked_cursor`).
-    pub(crate) fn revoked_after(&mut self, skip: u32) -> Option<(u64, Notice)> {
+    pub(crate) fn revoked_after(&mut self, skip: u32) -> Option<(u64, Notice, u64)> {
         let (mut at, mut idx) = (0, self.revoked_head);
         let (c_skip, c_idx, c_acks) = self.revoked_cursor;
         if c_acks == self.revoked_acks
@@ -1092,16 +1092,25 @@ impl DriverDomain {
         match self.slot(idx) {
             Some(Slot::Revoked { notice, .. }) => {
                 self.revoked_cursor = (skip, idx, self.revoked_acks);
-                Some((idx, notice))
+                Some((idx, notice, self.notice_number(idx)?))
             }
             _ => None,
         }
     }
 
+    /// The number of the notice queued in slot `idx` (`None` if it holds
+    /// none): the driver domain's count of notices when it was queued
+    /// ([`push_revoked`](Self::push_revoked)).
+    pub(crate) fn notice_number(&self, idx: u64) -> Option<u64> {
+        self.raw(idx)
+            .filter(|r| r.state() == ST_REVOKED)
+            .map(|r| r.mfn)
+    }
+
     /// The oldest unacknowledged revocation of this cell, with its order
     /// among the driver domain's notices.
     pub(crate) fn oldest_revoked(&self) -> Option<(u64, Notice, u64)> {
-        let order = self.raw(self.revoked_head).map(|r| r.mfn)?;
+        let order = self.notice_number(self.revoked_head)?;
         match self.slot(self.revoked_head) {
             Some(Slot::Revoked { notice, .. }) => Some((self.revoked_head, notice, order)),
             _ => None,
@@ -1153,7 +1162,7 @@ mod tests {
         for (order, (&i, g)) in idx.iter().zip(1..).enumerate() {
             dd.push_revoked(i, notice(g), order as u64);
         }
-        assert_eq!(dd.revoked_after(2), Some((idx[2], notice(3))));
+        assert_eq!(dd.revoked_after(2), Some((idx[2], notice(3), 2)));
         assert_eq!(dd.revoked_after(3), None);
         // The last notice linked back to the first: a cycle. Every skip
         // up to the bound still ends, each at its place around the cycle.
@@ -1163,14 +1172,14 @@ mod tests {
         dd.revoked_cursor = (0, NONE, 0);
         for skip in [3u32, 4, 255] {
             let want = idx[skip as usize % 3];
-            assert_eq!(dd.revoked_after(skip).map(|(i, _)| i), Some(want));
+            assert_eq!(dd.revoked_after(skip).map(|(i, _, _)| i), Some(want));
         }
         // A link to a slot that is no notice ends the walk.
         if let Some(r) = dd.raw_mut(idx[1]) {
             r.next = link32(idx[1] + 1000);
         }
         dd.revoked_cursor = (0, NONE, 0);
-        assert_eq!(dd.revoked_after(1).map(|(i, _)| i), Some(idx[1]));
+        assert_eq!(dd.revoked_after(1).map(|(i, _, _)| i), Some(idx[1]));
         assert_eq!(dd.revoked_after(2), None);
     }
 

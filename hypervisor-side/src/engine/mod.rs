@@ -1763,12 +1763,24 @@ impl<L: RawMutex> Engine<L> {
         self.put_driver(d);
     }
 
-    /// Acknowledge a revoked BFN (`REVOKED_ACK`).
-    pub fn revoked_ack(&self, caller: DomId, context: ContextId, bfn: Bfn) -> Result<(), Errno> {
+    /// Acknowledge a revoked BFN (`REVOKED_ACK`): its notice, or with
+    /// `number` only the notice of that number (`ENOENT` for any other:
+    /// that one was acknowledged, and this is a later revocation of the
+    /// same BFN the caller has not been told of).
+    pub fn revoked_ack(
+        &self,
+        caller: DomId,
+        context: ContextId,
+        bfn: Bfn,
+        number: Option<u64>,
+    ) -> Result<(), Errno> {
         let idx = self.space.index_of(bfn).ok_or(Errno::NoEnt)?;
         let mut d = self.lock_cell(caller, context).ok_or(Errno::NoEnt)?;
         let r = match d.dd.slot(idx) {
-            Some(Slot::Revoked { notice, .. }) if notice.context == context => {
+            Some(Slot::Revoked { notice, .. })
+                if notice.context == context
+                    && (number.is_none() || d.dd.notice_number(idx) == number) =>
+            {
                 d.dd.ack_revoked(idx).map(|_| ())
             }
             _ => Err(Errno::NoEnt),
@@ -1777,10 +1789,44 @@ impl<L: RawMutex> Engine<L> {
         r
     }
 
+    /// What [`revoked_ack`](Self::revoked_ack) would do, changing nothing:
+    /// `Ok(())` acknowledge, or its error (`EBUSY` for a BFN whose
+    /// revocation is not finished, as [`unmap_check`](Self::unmap_check)).
+    pub fn revoked_ack_check(
+        &self,
+        caller: DomId,
+        context: ContextId,
+        bfn: Bfn,
+        number: Option<u64>,
+    ) -> Result<(), Errno> {
+        let idx = self.space.index_of(bfn).ok_or(Errno::NoEnt)?;
+        let d = self.lock_cell(caller, context).ok_or(Errno::NoEnt)?;
+        match Self::revoked_kind(&d.dd, context, idx, number) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Errno::NoEnt),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether slot `idx` of `context` is a notice `revoked_ack` takes
+    /// (with `number`, that notice's number): `Ok(false)` no such notice,
+    /// `Err(Busy)` its revocation is not finished yet.
+    fn revoked_kind(
+        dd: &DriverDomain,
+        context: ContextId,
+        idx: u64,
+        number: Option<u64>,
+    ) -> Result<bool, Errno> {
+        match Self::unmap_kind(dd, context, idx)? {
+            UnmapKind::Revoked => Ok(number.is_none() || dd.notice_number(idx) == number),
+            UnmapKind::Live => Ok(false),
+        }
+    }
+
     /// The oldest unacknowledged revocation of `caller`, over all its
-    /// contexts: (BFN, notice). Each context's cell is looked at under its
-    /// own lock, one after the other.
-    pub fn revoked_next(&self, caller: DomId) -> Result<(Bfn, Notice), Errno> {
+    /// contexts: (BFN, notice, its number). Each context's cell is looked
+    /// at under its own lock, one after the other.
+    pub fn revoked_next(&self, caller: DomId) -> Result<(Bfn, Notice, u64), Errno> {
         let mut oldest: Option<(u64, Bfn, Notice)> = None;
         for context in self.contexts_of(caller) {
             let Some(d) = self.lock_cell(caller, context) else {
@@ -1793,7 +1839,7 @@ impl<L: RawMutex> Engine<L> {
                 }
             }
         }
-        oldest.map(|(_, bfn, n)| (bfn, n)).ok_or(Errno::NoEnt)
+        oldest.map(|(o, bfn, n)| (bfn, n, o)).ok_or(Errno::NoEnt)
     }
 
     /// The unacknowledged revocation of `caller`'s `context` after its
@@ -1808,7 +1854,7 @@ impl<L: RawMutex> Engine<L> {
         caller: DomId,
         context: ContextId,
         skip: u32,
-    ) -> Result<(Bfn, Notice), Errno> {
+    ) -> Result<(Bfn, Notice, u64), Errno> {
         // Bounded here too, not only at parse: the walk runs under the
         // cell's lock, which the gfn hooks take.
         if u64::from(skip) > pviommu_abi::revoked_next::MAX_SKIP {
@@ -1819,9 +1865,9 @@ impl<L: RawMutex> Engine<L> {
         let found = self
             .lock_cell(caller, context)
             .and_then(|mut d| d.dd.revoked_after(skip))
-            .filter(|(_, notice)| notice.context == context);
-        let (idx, notice) = found.ok_or(Errno::NoEnt)?;
-        Ok((self.space.bfn_of(idx).ok_or(Errno::NoEnt)?, notice))
+            .filter(|(_, notice, _)| notice.context == context);
+        let (idx, notice, number) = found.ok_or(Errno::NoEnt)?;
+        Ok((self.space.bfn_of(idx).ok_or(Errno::NoEnt)?, notice, number))
     }
 
     /// (quota, used, revoked) of `caller`.

@@ -180,10 +180,11 @@ impl<L: RawMutex> Engine<L> {
             };
             if u.then_revoked {
                 notices = true;
-                let order = self
-                    .shared
-                    .get(dd.home as usize)
-                    .map_or(0, |s| s.notices.fetch_add(1, Ordering::SeqCst));
+                // From 1: a number of 0 is never a notice's, so a caller
+                // can tell a number from a field nobody wrote.
+                let order = self.shared.get(dd.home as usize).map_or(0, |s| {
+                    s.notices.fetch_add(1, Ordering::SeqCst).wrapping_add(1)
+                });
                 dd.push_revoked(at, u.page, order);
             } else {
                 dd.free_slot(at);

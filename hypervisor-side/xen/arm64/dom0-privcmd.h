@@ -109,10 +109,11 @@ static inline uint64_t frame_of(const void *p)
 static struct pv_iommu_batch *gb;
 static struct pv_iommu_op *gop;
 
-/* One op in a batch of one: the op's status (or the call's error; -1000
- * if Xen did not do it). Its results are left in *gop. */
-static inline int op1(uint16_t subop, uint32_t ctx, uint16_t flags, uint16_t domid,
-                      uint64_t gfn, uint64_t bfn)
+/* One op in a batch of one, `notice` set too (ABI 1.5's numbered
+ * revoked_ack): the op's status (or the call's error; -1000 if Xen did
+ * not do it). Its results are left in *gop. */
+static inline int op1_notice(uint16_t subop, uint32_t ctx, uint16_t flags, uint16_t domid,
+                             uint64_t gfn, uint64_t bfn, uint64_t notice)
 {
     long rc;
 
@@ -123,6 +124,7 @@ static inline int op1(uint16_t subop, uint32_t ctx, uint16_t flags, uint16_t dom
     gop->domid = domid;
     gop->gfn = gfn;
     gop->bfn = bfn;
+    gop->notice = notice;
     gop->status = 1;
     memset(gb, 0, sizeof(*gb));
     gb->version = PVIOMMU_INTERFACE_VERSION;
@@ -132,6 +134,13 @@ static inline int op1(uint16_t subop, uint32_t ctx, uint16_t flags, uint16_t dom
     if ( rc < 0 )
         return (int)rc;
     return gb->nr_done == 1 ? gop->status : -1000;
+}
+
+/* One op in a batch of one (op1_notice with notice 0). */
+static inline int op1(uint16_t subop, uint32_t ctx, uint16_t flags, uint16_t domid,
+                      uint64_t gfn, uint64_t bfn)
+{
+    return op1_notice(subop, ctx, flags, domid, gfn, bfn, 0);
 }
 
 #endif /* PVIOMMU_DOM0_PRIVCMD_H */

@@ -56,7 +56,7 @@
 #if defined(__XEN__) || defined(__XEN_TOOLS__)
 
 /* Major in the high 16 bits, minor in the low 16. Callers check the major. */
-#define PVIOMMU_INTERFACE_VERSION 0x00010004U
+#define PVIOMMU_INTERFACE_VERSION 0x00010005U
 
 /* ---- Commands (first hypercall argument) ---- */
 #define PVIOMMU_CMD_query_caps       1U /* arg: struct pv_iommu_caps          */
@@ -83,7 +83,9 @@
 #define PVIOMMU_FEAT_DEVICE_ATTACH    (1U << 5) /* OP_context_attach/detach */
 #define PVIOMMU_FEAT_REVOKED_IN_CONTEXT (1U << 6) /* OP_revoked_next takes */
                                                 /* REVOKED_IN_CONTEXT       */
-#define PVIOMMU_FEAT_ALL              0x7fU
+#define PVIOMMU_FEAT_REVOKED_NUMBERED (1U << 7) /* revoked_next/ack take */
+                                                /* REVOKED_NUMBERED        */
+#define PVIOMMU_FEAT_ALL              0xffU
 
 /* caps.translation: does the caller's IOMMU context translate BFNs? */
 #define PVIOMMU_TRANSLATES  0U /* yes: maps are accepted                    */
@@ -129,7 +131,7 @@ DEFINE_XEN_GUEST_HANDLE(pv_iommu_caps_t);
  * means this, not PVIOMMU_F_READ). IN: context (any of the caller's, 0
  * included), gfn = how many of that context's oldest notices to pass over
  * (<= PVIOMMU_REVOKED_MAX_SKIP, else -EINVAL), domid and bfn 0, flags
- * exactly PVIOMMU_REVOKED_IN_CONTEXT. OUT: bfn, domid, gfn of the
+ * PVIOMMU_REVOKED_IN_CONTEXT (| PVIOMMU_REVOKED_NUMBERED). OUT: bfn, domid, gfn of the
  * next one (context is left as it was); -ENOENT when the context has no
  * more or is not the caller's. A batch of them with gfn 0, 1, 2, ...
  * reports that many notices in one call; acks earlier in the same batch
@@ -137,6 +139,16 @@ DEFINE_XEN_GUEST_HANDLE(pv_iommu_caps_t);
  */
 #define PVIOMMU_REVOKED_IN_CONTEXT (1U << 0)
 #define PVIOMMU_REVOKED_MAX_SKIP   255U
+/*
+ * ABI 1.5 (PVIOMMU_FEAT_REVOKED_NUMBERED). PVIOMMU_OP_revoked_next with
+ * this bit in flags (alone or with PVIOMMU_REVOKED_IN_CONTEXT) also
+ * reports the notice's number in `notice` (from 1, rising, never reused;
+ * IN: notice 0). PVIOMMU_OP_revoked_ack with flags exactly this
+ * acknowledges the BFN's notice only if its number is `notice`, else
+ * -ENOENT: an ack of a notice another vCPU acknowledged first cannot
+ * release a later revocation of the same BFN unseen.
+ */
+#define PVIOMMU_REVOKED_NUMBERED   (1U << 1)
 #define PVIOMMU_OP_revoked_ack     7U /* IN: context, bfn                    */
 #define PVIOMMU_OP_context_attach  8U /* IN: context (not 0), gfn = the      */
                                       /* caller's device as a pci_sbdf_t     */
@@ -164,7 +176,8 @@ struct pv_iommu_op {
     uint16_t _pad0;         /* IN: 0                                         */
     uint64_aligned_t gfn;   /* IN/OUT: foreign guest frame                   */
     uint64_aligned_t bfn;   /* IN/OUT: bus frame                             */
-    uint64_aligned_t _rsvd; /* IN: 0                                         */
+    uint64_aligned_t notice; /* IN/OUT: revoked_next/ack with              */
+                             /* PVIOMMU_REVOKED_NUMBERED; else IN: 0      */
 };
 typedef struct pv_iommu_op pv_iommu_op_t;
 DEFINE_XEN_GUEST_HANDLE(pv_iommu_op_t);
