@@ -289,8 +289,8 @@ static int cmd_hc(int argc, char **argv)
     else
         return 2;
     rc = one_op(&o);
-    printf("rc=%ld status=%d bfn=0x%" PRIx64 " domid=%u gfn=0x%" PRIx64 " flags=0x%x context=%u\n",
-           rc, o.status, o.bfn, o.domid, o.gfn, o.flags, o.context);
+    printf("rc=%ld status=%d bfn=0x%" PRIx64 " domid=%u gfn=0x%" PRIx64 " flags=0x%x context=%u notice=%" PRIu64 "\n",
+           rc, o.status, o.bfn, o.domid, o.gfn, o.flags, o.context, o.notice);
     return 0;
 }
 

@@ -194,6 +194,14 @@ if succeeded "$o" && [ $((BE)) != $((B3)) ] && [ "$(field "$r" zero)" = 1 ]; the
 o=$(run $H hc revoked-next)
 if succeeded "$o" && [ $(($(field "$o" bfn))) = $((B3)) ] && [ "$(field "$o" domid)" = "$D" ] && [ $(($(field "$o" gfn))) = $(($G3)) ]; then
     ok revocation_reported; else ko revocation_reported "want bfn=$B3 domid=$D gfn=$G3: $o"; fi
+# ABI 1.5: asked with PVIOMMU_REVOKED_NUMBERED it comes with its number
+# (from 1); an ack naming another number is refused and leaves it queued
+o=$(run $H hc raw 6 2 0 0 0 0 0); N3=$(field "$o" notice)
+if succeeded "$o" && [ $(($(field "$o" bfn))) = $((B3)) ] && [ "${N3:-0}" -ge 1 ]; then
+    ok revocation_numbered; else ko revocation_numbered "want bfn=$B3 and a number from 1: $o"; fi
+o=$(run $H hc raw 7 2 0 0 $B3 0 $((${N3:-0} + 1))); n=$(run $H hc revoked-next)
+if errno_is "$o" -2 && succeeded "$n" && [ $(($(field "$n" bfn))) = $((B3)) ]; then
+    ok revoked_ack_other_number_refused; else ko revoked_ack_other_number_refused "$o / then $n"; fi
 # unmap of the revoked BFN says so (ESTALE) and acknowledges it
 o=$(run $H hc unmap $B3); if errno_is "$o" -116; then ok revoked_unmap_estale; else ko revoked_unmap_estale "$o"; fi
 o=$(run $H hc revoked-next); if errno_is "$o" -2; then ok revoked_queue_empty_after_ack; else ko revoked_queue_empty_after_ack "$o"; fi
