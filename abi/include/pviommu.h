@@ -104,6 +104,7 @@ struct pv_iommu_caps {
  * PVIOMMU_FEAT_REVOKED_IN_CONTEXT): in: context, gfn = how many of that
  * context's oldest notices to pass over (<= PVIOMMU_REVOKED_MAX_SKIP, else
  * EINVAL); domid and bfn 0, flags this (| PVIOMMU_REVOKED_NUMBERED); out: bfn, domid, gfn
+ * (and notice, with PVIOMMU_REVOKED_NUMBERED)
  * (context left as it was); ENOENT: no more, or not the caller's context.
  * For this subop only, flags bit 0 means this, not PVIOMMU_F_READ. A batch
  * of them with gfn 0, 1, 2, ... reports that many notices in one call; acks
@@ -113,12 +114,15 @@ struct pv_iommu_caps {
 /* ABI 1.5 (PVIOMMU_FEAT_REVOKED_NUMBERED). PVIOMMU_OP_revoked_next with
  * this bit in flags (alone or with PVIOMMU_REVOKED_IN_CONTEXT) also reports
  * the notice's number in `notice` (from 1, rising, never reused; in:
- * notice 0). PVIOMMU_OP_revoked_ack with flags exactly this acknowledges
+ * notice 0). For these two subops only, flags bit 1 means this, not
+ * PVIOMMU_F_WRITE. PVIOMMU_OP_revoked_ack with flags exactly this acknowledges
  * the BFN's notice only if its number is `notice`, else ENOENT: an ack of a
  * notice another thread acknowledged first cannot release a later
  * revocation of the same BFN unseen. */
 #define PVIOMMU_REVOKED_NUMBERED   (1u << 1)
-#define PVIOMMU_OP_revoked_ack     7u /* in: context, bfn: release a revoked BFN */
+#define PVIOMMU_OP_revoked_ack     7u /* in: context, bfn (flags 0; or       */
+                                      /* PVIOMMU_REVOKED_NUMBERED and notice): */
+                                      /* release a revoked BFN                 */
 #define PVIOMMU_OP_context_attach  8u /* in: context (not 0), gfn = device's    */
                                       /* SBDF: its DMA now uses that context   */
 #define PVIOMMU_OP_context_detach  9u /* in: context, gfn = SBDF: the device   */

@@ -395,14 +395,8 @@ impl<T: Transport> Client<T> {
         // The context being drained in rounds; `None`: ask for the oldest
         // notice of any context, which names the next one.
         let mut draining: Option<ContextId> = only;
-        // `only`'s notices ran out: what is left is to send the last acks.
-        let mut finished = false;
         loop {
-            let want = if finished {
-                0
-            } else {
-                REVOKED_ROUND.min(max - out.len())
-            };
+            let want = REVOKED_ROUND.min(max - out.len());
             let mut ops = std::mem::take(&mut acks);
             let acked = ops.len();
             match draining {
@@ -478,9 +472,15 @@ impl<T: Transport> Client<T> {
                 (None, Some(first)) if reported == 1 && in_context => {
                     Some(ContextId(first.context))
                 }
-                // The one context asked for ran out: done, but for the acks.
+                // The one context asked for: a short round still asks again
+                // with its acks (another thread's acks may have moved a
+                // notice past this round's skips); a round that found
+                // none ends it.
                 (Some(c), _) if only.is_some() => {
-                    finished = true;
+                    if reported == 0 {
+                        // (No acks are left: this round reported nothing.)
+                        return Ok(out);
+                    }
                     Some(c)
                 }
                 // This context ran out: find the next one.

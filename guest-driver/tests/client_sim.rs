@@ -654,6 +654,86 @@ fn a_drain_acknowledges_by_number_and_cannot_release_a_later_revocation_unseen()
     assert_eq!(c.refresh_caps().unwrap().revoked, 0);
 }
 
+/// A transport whose first batch of notice asks is cut in two (a
+/// preemption), and between the halves another vCPU acknowledges the
+/// oldest notice, which the first half reported: the second half's skips
+/// then land one notice further on, and one notice is passed over.
+struct AckBetweenHalves {
+    inner: pviommu_guest::transport::in_process::InProcess,
+    sim: SharedSim,
+    cut: bool,
+}
+
+impl pviommu_guest::transport::Transport for AckBetweenHalves {
+    fn name(&self) -> &'static str {
+        "ack-between-halves"
+    }
+    fn query_caps(&mut self) -> Result<pviommu_abi::PvIommuCaps, pviommu_guest::Error> {
+        self.inner.query_caps()
+    }
+    fn batch(
+        &mut self,
+        ops: &mut [pviommu_abi::PvIommuOp],
+        nr_done: u32,
+    ) -> Result<(i64, u32), pviommu_guest::Error> {
+        let asks = ops
+            .iter()
+            .filter(|o| o.subop == pviommu_abi::subop::REVOKED_NEXT)
+            .count();
+        if !self.cut && nr_done == 0 && asks >= 10 {
+            self.cut = true;
+            let (_, done) = self.inner.batch(&mut ops[..5], 0)?;
+            return Ok((pviommu_abi::BATCH_INCOMPLETE, done));
+        }
+        if self.cut && nr_done == 5 {
+            let g = self.sim.lock();
+            let head = g.1.revoked_in(DomId::DOM0, ContextId::DEFAULT, 0).unwrap();
+            g.1.revoked_ack(DomId::DOM0, ContextId::DEFAULT, head.0, None)
+                .unwrap();
+        }
+        self.inner.batch(ops, nr_done)
+    }
+    fn reserved_regions(
+        &mut self,
+        start: u32,
+        max: u32,
+    ) -> Result<(Vec<pviommu_abi::PvIommuRegion>, u32), pviommu_guest::Error> {
+        self.inner.reserved_regions(start, max)
+    }
+    fn set_limits(&mut self, domid: DomId, quota: u64) -> Result<(), pviommu_guest::Error> {
+        self.inner.set_limits(domid, quota)
+    }
+}
+
+/// A one-context drain whose round passed a notice over (another vCPU's
+/// ack moved it under an earlier skip) asks again before it returns, so
+/// the notice is not left queued until the next drain (security review of
+/// ABI 1.5).
+#[test]
+fn a_one_context_drain_asks_again_after_a_short_round() {
+    let s = sim(10, Config::default());
+    let mut c = Client::open(AckBetweenHalves {
+        inner: s.transport(DomId::DOM0),
+        sim: s.clone(),
+        cut: false,
+    })
+    .unwrap();
+    let gfns: Vec<Gfn> = (0..10).map(Gfn).collect();
+    rw(&mut c, &gfns);
+    balloon_out(&s, 0..10);
+    let got = c
+        .drain_revocations_in(ContextId::DEFAULT, 10, |_| {})
+        .unwrap();
+    let mut gfns: Vec<u64> = got.iter().map(|n| n.gfn.0).collect();
+    gfns.sort_unstable();
+    assert_eq!(
+        gfns,
+        (0..10).collect::<Vec<_>>(),
+        "gfn 5 was passed over once"
+    );
+    assert_eq!(c.refresh_caps().unwrap().revoked, 0);
+}
+
 #[test]
 fn the_toolstack_sets_a_domains_quota() {
     let s = sim(16, Config::default());

@@ -26,8 +26,13 @@
 //!   unmap and flush in parallel; a hook takes the locks of the cells its
 //!   target's gate names, one at a time.
 //! * **Per driver domain, shared by its cells** (`DriverShared`, atomics
-//!   in its home cell's slot): BFNs in use across its cells, for the quota,
-//!   and its count of notices, which orders them across its cells.
+//!   in its home cell's slot): BFNs in use across its cells, for the quota.
+//! * **Per domid** (`notice_counts`, atomics): a driver domain's count of
+//!   notices, which orders them across its cells and numbers them (ABI
+//!   1.5). Kept by domid, not in a cell, so that the numbers never repeat
+//!   in a domain's life however often its cells are released and claimed,
+//!   and a cell's next owner does not inherit them; zeroed when the
+//!   domain's teardown ends.
 //!
 //! * **The backend's devices lock** (Xen's `pcidevs_lock`): taken before a
 //!   driver lock by everything that points devices at contexts or takes
@@ -153,8 +158,6 @@ pub(crate) struct DriverShared {
     /// The quota the toolstack set, as in the home cell (`NO_QUOTA`: the
     /// boot default), for maps into its other contexts.
     quota: AtomicU64,
-    /// Notices queued so far: the order `revoked_next` reports them in.
-    notices: AtomicU64,
 }
 
 /// What a cell says of itself at each unlock, for its driver domain's
@@ -206,6 +209,10 @@ pub struct Engine<L: RawMutex> {
     seed: u64,
     /// One per domid that can be a target.
     gates: Vec<TargetGate>,
+    /// Domid -> the notices queued for it as a driver domain since its
+    /// creation: each notice's number (from 1) and the order
+    /// `revoked_next` reports them in.
+    notice_counts: Vec<AtomicU64>,
     /// Domid -> the cell holding its driver state, or [`NO_CELL`].
     cell_of: Vec<AtomicU8>,
     /// Cell -> the domid it belongs to, or [`FREE_CELL`].
@@ -480,6 +487,7 @@ impl<L: RawMutex> Engine<L> {
         let space = BfnSpace::new(&window)?;
         let domids = DomId::FIRST_RESERVED as usize;
         let gates = try_from_fn(domids, |_| TargetGate::default())?;
+        let notice_counts = try_from_fn(domids, |_| AtomicU64::new(0))?;
         let cell_of = try_from_fn(domids, |_| AtomicU8::new(NO_CELL))?;
         let owners = try_from_fn(MAX_DRIVER_DOMAINS, |_| CacheLine(AtomicU32::new(FREE_CELL)))?;
         let ctx_cells = try_from_fn(MAX_DRIVER_DOMAINS, |_| {
@@ -505,6 +513,7 @@ impl<L: RawMutex> Engine<L> {
             space,
             seed: h.random_seed(),
             gates,
+            notice_counts,
             cell_of,
             owners,
             ctx_cells,
@@ -655,6 +664,7 @@ impl<L: RawMutex> Engine<L> {
     /// Bytes of the tables allocated once at boot (gates and cells).
     pub fn boot_bytes(&self) -> usize {
         self.gates.capacity() * core::mem::size_of::<TargetGate>()
+            + self.notice_counts.capacity() * core::mem::size_of::<AtomicU64>()
             + self.cell_of.capacity()
             + self.owners.capacity() * core::mem::size_of::<CacheLine<AtomicU32>>()
             + self.ctx_cells.capacity() * MAX_CONTEXTS as usize
@@ -1778,8 +1788,7 @@ impl<L: RawMutex> Engine<L> {
         let mut d = self.lock_cell(caller, context).ok_or(Errno::NoEnt)?;
         let r = match d.dd.slot(idx) {
             Some(Slot::Revoked { notice, .. })
-                if notice.context == context
-                    && (number.is_none() || d.dd.notice_number(idx) == number) =>
+                if notice.context == context && Self::number_matches(&d.dd, idx, number) =>
             {
                 d.dd.ack_revoked(idx).map(|_| ())
             }
@@ -1817,9 +1826,31 @@ impl<L: RawMutex> Engine<L> {
         idx: u64,
         number: Option<u64>,
     ) -> Result<bool, Errno> {
-        match Self::unmap_kind(dd, context, idx)? {
-            UnmapKind::Revoked => Ok(number.is_none() || dd.notice_number(idx) == number),
-            UnmapKind::Live => Ok(false),
+        match Self::unmap_kind(dd, context, idx) {
+            Ok(UnmapKind::Revoked) => Ok(Self::number_matches(dd, idx, number)),
+            Ok(UnmapKind::Live) => Ok(false),
+            // Still being revoked: it has no number yet, so it is not the
+            // notice a number names (ENOENT), whatever an unnumbered ack
+            // is told (EBUSY, as an unmap).
+            Err(_) if number.is_some() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the notice in slot `idx` is the one `number` names (any,
+    /// for `None`). Numbers start at 1: 0 names none.
+    fn number_matches(dd: &DriverDomain, idx: u64, number: Option<u64>) -> bool {
+        match number {
+            None => true,
+            Some(n) => n != 0 && dd.notice_number(idx) == Some(n),
+        }
+    }
+
+    /// Forget `domid`'s count of notices (its teardown has ended: a later
+    /// domain with its id numbers from 1 again).
+    pub(crate) fn forget_notice_count(&self, domid: DomId) {
+        if let Some(n) = self.notice_counts.get(domid.0 as usize) {
+            n.store(0, Ordering::SeqCst);
         }
     }
 

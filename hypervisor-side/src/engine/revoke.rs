@@ -181,10 +181,12 @@ impl<L: RawMutex> Engine<L> {
             if u.then_revoked {
                 notices = true;
                 // From 1: a number of 0 is never a notice's, so a caller
-                // can tell a number from a field nobody wrote.
-                let order = self.shared.get(dd.home as usize).map_or(0, |s| {
-                    s.notices.fetch_add(1, Ordering::SeqCst).wrapping_add(1)
-                });
+                // can tell a number from a field nobody wrote (and 0, were
+                // the owner's count missing, is one no ack can name).
+                let order = self
+                    .notice_counts
+                    .get(owner.0 as usize)
+                    .map_or(0, |n| n.fetch_add(1, Ordering::SeqCst).wrapping_add(1));
                 dd.push_revoked(at, u.page, order);
             } else {
                 dd.free_slot(at);
@@ -366,7 +368,11 @@ impl<L: RawMutex> Engine<L> {
             }
         }
         if c.phase == PHASE_AS_DRIVER {
-            return self.teardown_as_driver(h, domid, c);
+            let done = self.teardown_as_driver(h, domid, c);
+            if done.is_ok() {
+                self.forget_notice_count(domid);
+            }
+            return done;
         }
         // Done (the glue does not call again; if it does, nothing to do).
         Ok(())

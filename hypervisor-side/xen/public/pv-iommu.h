@@ -131,7 +131,8 @@ DEFINE_XEN_GUEST_HANDLE(pv_iommu_caps_t);
  * means this, not PVIOMMU_F_READ). IN: context (any of the caller's, 0
  * included), gfn = how many of that context's oldest notices to pass over
  * (<= PVIOMMU_REVOKED_MAX_SKIP, else -EINVAL), domid and bfn 0, flags
- * PVIOMMU_REVOKED_IN_CONTEXT (| PVIOMMU_REVOKED_NUMBERED). OUT: bfn, domid, gfn of the
+ * PVIOMMU_REVOKED_IN_CONTEXT (| PVIOMMU_REVOKED_NUMBERED). OUT: bfn, domid, gfn
+ * (and notice, with PVIOMMU_REVOKED_NUMBERED) of the
  * next one (context is left as it was); -ENOENT when the context has no
  * more or is not the caller's. A batch of them with gfn 0, 1, 2, ...
  * reports that many notices in one call; acks earlier in the same batch
@@ -143,13 +144,15 @@ DEFINE_XEN_GUEST_HANDLE(pv_iommu_caps_t);
  * ABI 1.5 (PVIOMMU_FEAT_REVOKED_NUMBERED). PVIOMMU_OP_revoked_next with
  * this bit in flags (alone or with PVIOMMU_REVOKED_IN_CONTEXT) also
  * reports the notice's number in `notice` (from 1, rising, never reused;
- * IN: notice 0). PVIOMMU_OP_revoked_ack with flags exactly this
+ * IN: notice 0). For these two subops only, bit 1 of flags means this,
+ * not PVIOMMU_F_WRITE. PVIOMMU_OP_revoked_ack with flags exactly this
  * acknowledges the BFN's notice only if its number is `notice`, else
  * -ENOENT: an ack of a notice another vCPU acknowledged first cannot
  * release a later revocation of the same BFN unseen.
  */
 #define PVIOMMU_REVOKED_NUMBERED   (1U << 1)
-#define PVIOMMU_OP_revoked_ack     7U /* IN: context, bfn                    */
+#define PVIOMMU_OP_revoked_ack     7U /* IN: context, bfn (flags 0; or     */
+                                      /* REVOKED_NUMBERED and notice)       */
 #define PVIOMMU_OP_context_attach  8U /* IN: context (not 0), gfn = the      */
                                       /* caller's device as a pci_sbdf_t     */
 #define PVIOMMU_OP_context_detach  9U /* IN: context, gfn = pci_sbdf_t: back */
