@@ -22,7 +22,8 @@
 //! revoked pages through the hypercall path, one per call (`revoked_next`
 //! with the previous `revoked_ack`) and in rounds of 128 of one context
 //! per call (ABI 1.4, `IN_CONTEXT`, the round's acks first in the next
-//! call, and acknowledged by number as the client does with ABI 1.5).
+//! call), acknowledged by number (ABI 1.5, as the client does) and by
+//! BFN alone (ABI 1.4).
 //!
 //! Throughput is reported per page (criterion's "elements").
 
@@ -483,39 +484,44 @@ fn drain(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
-    group.bench_function("rounds of 128 of a context", |b| {
-        b.iter_batched(
-            revoked,
-            |(mut m, e)| {
-                let mut acks = Vec::new();
-                let mut n = 0;
-                loop {
-                    let mut ops = std::mem::take(&mut acks);
-                    let asked = ops.len();
-                    ops.extend((0..ROUND).map(|skip| {
-                        Request::RevokedNextIn {
-                            context: ContextId::DEFAULT,
-                            skip,
-                            numbered: true,
+    for (name, numbered) in [
+        ("rounds of 128 of a context, acks by number", true),
+        ("rounds of 128 of a context, acks by BFN", false),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                revoked,
+                |(mut m, e)| {
+                    let mut acks = Vec::new();
+                    let mut n = 0;
+                    loop {
+                        let mut ops = std::mem::take(&mut acks);
+                        let asked = ops.len();
+                        ops.extend((0..ROUND).map(|skip| {
+                            Request::RevokedNextIn {
+                                context: ContextId::DEFAULT,
+                                skip,
+                                numbered,
+                            }
+                            .encode()
+                        }));
+                        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+                        acks = ops[asked..]
+                            .iter()
+                            .take_while(|o| o.status == 0)
+                            .map(ack)
+                            .collect();
+                        if acks.is_empty() {
+                            break;
                         }
-                        .encode()
-                    }));
-                    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
-                    acks = ops[asked..]
-                        .iter()
-                        .take_while(|o| o.status == 0)
-                        .map(ack)
-                        .collect();
-                    if acks.is_empty() {
-                        break;
+                        n += acks.len() as u64;
                     }
-                    n += acks.len() as u64;
-                }
-                assert_eq!(n, PAGES);
-            },
-            BatchSize::PerIteration,
-        )
-    });
+                    assert_eq!(n, PAGES);
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
     group.finish();
 }
 
