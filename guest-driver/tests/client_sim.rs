@@ -1,9 +1,12 @@
 //! The client API over the in-process transport: batching, resumption,
 //! the cache, typed errors, and shadow tables read by the simulated GPU.
 
-use pviommu_abi::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Permissions};
+use pviommu_abi::{
+    Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Permissions, PvIommuCaps, PvIommuOp,
+};
 use pviommu_guest::shadow::{gpu_translate, Gma, HeapShadowMemory, ShadowPpgtt};
-use pviommu_guest::transport::in_process::SharedSim;
+use pviommu_guest::transport::in_process::{InProcess, SharedSim};
+use pviommu_guest::transport::Transport;
 use pviommu_guest::Client;
 use pviommu_hv::config::Config;
 use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
@@ -386,56 +389,33 @@ fn a_drain_goes_on_when_another_vcpu_acknowledged_a_notice_it_reported() {
     assert_eq!(c.refresh_caps().unwrap().revoked, 0);
 }
 
-/// A hypervisor of an older ABI 1.x: 1.3 (no `REVOKED_IN_CONTEXT`) or 1.4
-/// (no `REVOKED_NUMBERED`). It would refuse the flags it does not know, so
-/// it must never see them.
-struct OlderAbi<T> {
-    inner: T,
-    minor: u32,
+/// The in-process transport with its caps and its batches passed through
+/// `caps` and `batch` first: an older hypervisor, or another vCPU acting
+/// in the middle of a call.
+struct Shim<C, B> {
+    inner: InProcess,
+    caps: C,
+    batch: B,
 }
 
-fn abi13<T>(inner: T) -> OlderAbi<T> {
-    OlderAbi { inner, minor: 3 }
-}
-
-fn abi14<T>(inner: T) -> OlderAbi<T> {
-    OlderAbi { inner, minor: 4 }
-}
-
-impl<T: pviommu_guest::transport::Transport> pviommu_guest::transport::Transport for OlderAbi<T> {
+impl<C, B> pviommu_guest::transport::Transport for Shim<C, B>
+where
+    C: FnMut(PvIommuCaps) -> PvIommuCaps + Send,
+    B: FnMut(&mut InProcess, &mut [PvIommuOp], u32) -> Result<(i64, u32), pviommu_guest::Error>
+        + Send,
+{
     fn name(&self) -> &'static str {
-        "older-abi"
+        "shim"
     }
-    fn query_caps(&mut self) -> Result<pviommu_abi::PvIommuCaps, pviommu_guest::Error> {
-        use pviommu_abi::feature;
-        let mut caps = self.inner.query_caps()?;
-        caps.version = 0x0001_0000 | self.minor;
-        caps.features &= !feature::REVOKED_NUMBERED;
-        if self.minor < 4 {
-            caps.features &= !feature::REVOKED_IN_CONTEXT;
-        }
-        Ok(caps)
+    fn query_caps(&mut self) -> Result<PvIommuCaps, pviommu_guest::Error> {
+        self.inner.query_caps().map(&mut self.caps)
     }
     fn batch(
         &mut self,
-        ops: &mut [pviommu_abi::PvIommuOp],
+        ops: &mut [PvIommuOp],
         nr_done: u32,
     ) -> Result<(i64, u32), pviommu_guest::Error> {
-        use pviommu_abi::{revoked_next, subop};
-        let known = if self.minor < 4 {
-            0
-        } else {
-            revoked_next::IN_CONTEXT
-        };
-        for o in ops.iter() {
-            let revocation = o.subop == subop::REVOKED_NEXT || o.subop == subop::REVOKED_ACK;
-            assert!(
-                !revocation || (o.flags & !known == 0 && o.notice == 0),
-                "an ABI 1.{} hypervisor was sent {o:?}",
-                self.minor
-            );
-        }
-        self.inner.batch(ops, nr_done)
+        (self.batch)(&mut self.inner, ops, nr_done)
     }
     fn reserved_regions(
         &mut self,
@@ -447,6 +427,45 @@ impl<T: pviommu_guest::transport::Transport> pviommu_guest::transport::Transport
     fn set_limits(&mut self, domid: DomId, quota: u64) -> Result<(), pviommu_guest::Error> {
         self.inner.set_limits(domid, quota)
     }
+}
+
+/// A hypervisor of an older ABI 1.x: 1.3 (no `REVOKED_IN_CONTEXT`) or 1.4
+/// (no `REVOKED_NUMBERED`). It would refuse the flags it does not know, so
+/// it must never see them.
+fn older_abi(inner: InProcess, minor: u32) -> impl pviommu_guest::transport::Transport {
+    use pviommu_abi::{feature, revoked_next, subop};
+    let caps = move |mut caps: PvIommuCaps| {
+        caps.version = 0x0001_0000 | minor;
+        caps.features &= !feature::REVOKED_NUMBERED;
+        if minor < 4 {
+            caps.features &= !feature::REVOKED_IN_CONTEXT;
+        }
+        caps
+    };
+    let known = if minor < 4 {
+        0
+    } else {
+        revoked_next::IN_CONTEXT
+    };
+    let batch = move |inner: &mut InProcess, ops: &mut [PvIommuOp], nr_done: u32| {
+        for o in ops.iter() {
+            let revocation = o.subop == subop::REVOKED_NEXT || o.subop == subop::REVOKED_ACK;
+            assert!(
+                !revocation || (o.flags & !known == 0 && o.notice == 0),
+                "an ABI 1.{minor} hypervisor was sent {o:?}"
+            );
+        }
+        inner.batch(ops, nr_done)
+    };
+    Shim { inner, caps, batch }
+}
+
+fn abi13(inner: InProcess) -> impl pviommu_guest::transport::Transport {
+    older_abi(inner, 3)
+}
+
+fn abi14(inner: InProcess) -> impl pviommu_guest::transport::Transport {
+    older_abi(inner, 4)
 }
 
 /// Against a hypervisor of ABI 1.3 the drain takes a notice per call, as
@@ -654,57 +673,6 @@ fn a_drain_acknowledges_by_number_and_cannot_release_a_later_revocation_unseen()
     assert_eq!(c.refresh_caps().unwrap().revoked, 0);
 }
 
-/// A transport whose first batch of notice asks is cut in two (a
-/// preemption), and between the halves another vCPU acknowledges the
-/// oldest notice, which the first half reported: the second half's skips
-/// then land one notice further on, and one notice is passed over.
-struct AckBetweenHalves {
-    inner: pviommu_guest::transport::in_process::InProcess,
-    sim: SharedSim,
-    cut: bool,
-}
-
-impl pviommu_guest::transport::Transport for AckBetweenHalves {
-    fn name(&self) -> &'static str {
-        "ack-between-halves"
-    }
-    fn query_caps(&mut self) -> Result<pviommu_abi::PvIommuCaps, pviommu_guest::Error> {
-        self.inner.query_caps()
-    }
-    fn batch(
-        &mut self,
-        ops: &mut [pviommu_abi::PvIommuOp],
-        nr_done: u32,
-    ) -> Result<(i64, u32), pviommu_guest::Error> {
-        let asks = ops
-            .iter()
-            .filter(|o| o.subop == pviommu_abi::subop::REVOKED_NEXT)
-            .count();
-        if !self.cut && nr_done == 0 && asks >= 10 {
-            self.cut = true;
-            let (_, done) = self.inner.batch(&mut ops[..5], 0)?;
-            return Ok((pviommu_abi::BATCH_INCOMPLETE, done));
-        }
-        if self.cut && nr_done == 5 {
-            let g = self.sim.lock();
-            let head = g.1.revoked_in(DomId::DOM0, ContextId::DEFAULT, 0).unwrap();
-            g.1.revoked_ack(DomId::DOM0, ContextId::DEFAULT, head.0, None)
-                .unwrap();
-        }
-        self.inner.batch(ops, nr_done)
-    }
-    fn reserved_regions(
-        &mut self,
-        start: u32,
-        max: u32,
-    ) -> Result<(Vec<pviommu_abi::PvIommuRegion>, u32), pviommu_guest::Error> {
-        self.inner.reserved_regions(start, max)
-    }
-    fn set_limits(&mut self, domid: DomId, quota: u64) -> Result<(), pviommu_guest::Error> {
-        self.inner.set_limits(domid, quota)
-    }
-}
-
 /// A one-context drain whose round passed a notice over (another vCPU's
 /// ack moved it under an earlier skip) asks again before it returns, so
 /// the notice is not left queued until the next drain (security review of
@@ -712,10 +680,34 @@ impl pviommu_guest::transport::Transport for AckBetweenHalves {
 #[test]
 fn a_one_context_drain_asks_again_after_a_short_round() {
     let s = sim(10, Config::default());
-    let mut c = Client::open(AckBetweenHalves {
+    // The first batch of notice asks is cut in two (a preemption), and
+    // between the halves another vCPU acknowledges the oldest notice, which
+    // the first half reported: the second half's skips then land one
+    // notice further on, and one notice is passed over.
+    let sim_ = s.clone();
+    let mut cut = false;
+    let batch = move |inner: &mut InProcess, ops: &mut [PvIommuOp], nr_done: u32| {
+        let asks = ops
+            .iter()
+            .filter(|o| o.subop == pviommu_abi::subop::REVOKED_NEXT)
+            .count();
+        if !cut && nr_done == 0 && asks >= 10 {
+            cut = true;
+            let (_, done) = inner.batch(&mut ops[..5], 0)?;
+            return Ok((pviommu_abi::BATCH_INCOMPLETE, done));
+        }
+        if cut && nr_done == 5 {
+            let g = sim_.lock();
+            let head = g.1.revoked_in(DomId::DOM0, ContextId::DEFAULT, 0).unwrap();
+            g.1.revoked_ack(DomId::DOM0, ContextId::DEFAULT, head.0, None)
+                .unwrap();
+        }
+        inner.batch(ops, nr_done)
+    };
+    let mut c = Client::open(Shim {
         inner: s.transport(DomId::DOM0),
-        sim: s.clone(),
-        cut: false,
+        caps: |c| c,
+        batch,
     })
     .unwrap();
     let gfns: Vec<Gfn> = (0..10).map(Gfn).collect();

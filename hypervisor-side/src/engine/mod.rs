@@ -1776,7 +1776,8 @@ impl<L: RawMutex> Engine<L> {
     /// Acknowledge a revoked BFN (`REVOKED_ACK`): its notice, or with
     /// `number` only the notice of that number (`ENOENT` for any other:
     /// that one was acknowledged, and this is a later revocation of the
-    /// same BFN the caller has not been told of).
+    /// same BFN the caller has not been told of). `EBUSY` for a BFN whose
+    /// revocation is not finished (unnumbered only), as an unmap.
     pub fn revoked_ack(
         &self,
         caller: DomId,
@@ -1784,23 +1785,10 @@ impl<L: RawMutex> Engine<L> {
         bfn: Bfn,
         number: Option<u64>,
     ) -> Result<(), Errno> {
-        let idx = self.space.index_of(bfn).ok_or(Errno::NoEnt)?;
-        let mut d = self.lock_cell(caller, context).ok_or(Errno::NoEnt)?;
-        let r = match d.dd.slot(idx) {
-            Some(Slot::Revoked { notice, .. })
-                if notice.context == context && Self::number_matches(&d.dd, idx, number) =>
-            {
-                d.dd.ack_revoked(idx).map(|_| ())
-            }
-            _ => Err(Errno::NoEnt),
-        };
-        self.put_driver(d);
-        r
+        self.revoked_ack_or_check(caller, context, bfn, number, true)
     }
 
-    /// What [`revoked_ack`](Self::revoked_ack) would do, changing nothing:
-    /// `Ok(())` acknowledge, or its error (`EBUSY` for a BFN whose
-    /// revocation is not finished, as [`unmap_check`](Self::unmap_check)).
+    /// What [`revoked_ack`](Self::revoked_ack) would do, changing nothing.
     pub fn revoked_ack_check(
         &self,
         caller: DomId,
@@ -1808,13 +1796,29 @@ impl<L: RawMutex> Engine<L> {
         bfn: Bfn,
         number: Option<u64>,
     ) -> Result<(), Errno> {
+        self.revoked_ack_or_check(caller, context, bfn, number, false)
+    }
+
+    fn revoked_ack_or_check(
+        &self,
+        caller: DomId,
+        context: ContextId,
+        bfn: Bfn,
+        number: Option<u64>,
+        act: bool,
+    ) -> Result<(), Errno> {
         let idx = self.space.index_of(bfn).ok_or(Errno::NoEnt)?;
-        let d = self.lock_cell(caller, context).ok_or(Errno::NoEnt)?;
-        match Self::revoked_kind(&d.dd, context, idx, number) {
+        let mut d = self.lock_cell(caller, context).ok_or(Errno::NoEnt)?;
+        let r = match Self::revoked_kind(&d.dd, context, idx, number) {
+            Ok(true) if act => d.dd.ack_revoked(idx).map(|_| ()),
             Ok(true) => Ok(()),
             Ok(false) => Err(Errno::NoEnt),
             Err(e) => Err(e),
+        };
+        if act {
+            self.put_driver(d);
         }
+        r
     }
 
     /// Whether slot `idx` of `context` is a notice `revoked_ack` takes
