@@ -113,12 +113,15 @@ struct pv_iommu_caps {
 #define PVIOMMU_REVOKED_MAX_SKIP   255u
 /* ABI 1.5 (PVIOMMU_FEAT_REVOKED_NUMBERED). PVIOMMU_OP_revoked_next with
  * this bit in flags (alone or with PVIOMMU_REVOKED_IN_CONTEXT) also reports
- * the notice's number in `notice` (from 1, rising, never reused; in:
- * notice 0). For these two subops only, flags bit 1 means this, not
+ * the notice's number in `notice` (from 1, rising, never reused in the
+ * driver domain's life; in: notice 0). For these two subops only, flags bit 1 means this, not
  * PVIOMMU_F_WRITE. PVIOMMU_OP_revoked_ack with flags exactly this acknowledges
  * the BFN's notice only if its number is `notice`, else ENOENT: an ack of a
  * notice another thread acknowledged first cannot release a later
- * revocation of the same BFN unseen. */
+ * revocation of the same BFN unseen (ENOENT also while the BFN is being
+ * revoked again; an unnumbered ack, as an unmap, gets EBUSY there). The
+ * op's last field, `notice`, was `_rsvd` (always 0) before ABI 1.5: same
+ * layout, new name. */
 #define PVIOMMU_REVOKED_NUMBERED   (1u << 1)
 #define PVIOMMU_OP_revoked_ack     7u /* in: context, bfn (flags 0; or       */
                                       /* PVIOMMU_REVOKED_NUMBERED and notice): */

@@ -205,7 +205,7 @@ pub mod revoked_next {
 /// [`revoked_next::NUMBERED`] reported it), and answers `ENOENT` otherwise:
 /// an acknowledgement of a notice that another vCPU acknowledged meanwhile
 /// cannot release a later notice of the same BFN unseen. Numbers are the
-/// driver domain's, rising, never reused.
+/// driver domain's, from 1, rising, never reused in its life.
 pub mod revoked_ack {
     /// The notice's number is in `notice`.
     pub const NUMBERED: u16 = super::revoked_next::NUMBERED;

@@ -6,7 +6,7 @@ use pviommu_abi::{
     feature, version_major, Bfn, ContextId, DomId, Errno, Gfn, MapRequest, MemAttr, Permissions,
     PvIommuCaps, PvIommuOp, PvIommuRegion, Request, Sbdf, INTERFACE_VERSION,
 };
-use tracing::{debug, info_span};
+use tracing::{debug, info_span, warn};
 
 use crate::cache::{CacheKey, MappingCache};
 use crate::entry::IommuEntry;
@@ -395,8 +395,28 @@ impl<T: Transport> Client<T> {
         // The context being drained in rounds; `None`: ask for the oldest
         // notice of any context, which names the next one.
         let mut draining: Option<ContextId> = only;
+        // Short rounds of `only` so far (see below), and whether what is
+        // left is to send the last acks.
+        let mut short_rounds = 0;
+        let mut finished = false;
+        // An error once notices were delivered (handed to `on_notice`,
+        // dropped from the cache) returns those instead: the caller must
+        // not lose them. Those not acknowledged yet are reported again by
+        // the next drain, which meets the error again if it lasts.
+        let stop = |out: Vec<Revocation>, e: Error| {
+            if out.is_empty() {
+                Err(e)
+            } else {
+                warn!(error = %e, delivered = out.len(), "revocation drain stopped early");
+                Ok(out)
+            }
+        };
         loop {
-            let want = REVOKED_ROUND.min(max - out.len());
+            let want = if finished {
+                0
+            } else {
+                REVOKED_ROUND.min(max - out.len())
+            };
             let mut ops = std::mem::take(&mut acks);
             let acked = ops.len();
             match draining {
@@ -414,15 +434,21 @@ impl<T: Transport> Client<T> {
             if ops.is_empty() {
                 return Ok(out);
             }
-            self.run_ops(&mut ops)?;
+            if let Err(e) = self.run_ops(&mut ops) {
+                return stop(out, e);
+            }
             // ENOENT: acknowledged elsewhere meanwhile (numbered: exactly
             // that notice; before ABI 1.5, see design/abi.md); the notice
-            // was delivered here.
-            let refused = ops[..acked]
-                .iter()
-                .find(|a| a.status != 0 && a.status != Errno::NoEnt.negated());
+            // was delivered here. EBUSY (unnumbered only): acknowledged
+            // elsewhere, and its BFN, handed out again, is being revoked
+            // again: that is a notice of its own, reported when it is one.
+            let refused = ops[..acked].iter().find(|a| {
+                a.status != 0
+                    && a.status != Errno::NoEnt.negated()
+                    && a.status != Errno::Busy.negated()
+            });
             if let Some(a) = refused {
-                return Err(Error::from_return("revoked_ack", a.status as i64));
+                return stop(out, Error::from_return("revoked_ack", a.status as i64));
             }
             let asked = &ops[acked..];
             let mut reported = 0;
@@ -431,7 +457,7 @@ impl<T: Transport> Client<T> {
                     break;
                 }
                 if next.status != 0 {
-                    return Err(Error::from_return("revoked_next", next.status as i64));
+                    return stop(out, Error::from_return("revoked_next", next.status as i64));
                 }
                 let (context, bfn) = (ContextId(next.context), Bfn(next.bfn));
                 // A BFN reported twice in one round was acknowledged by
@@ -439,10 +465,12 @@ impl<T: Transport> Client<T> {
                 // and revoked again: a notice of its own, delivered. By
                 // number each is acknowledged (the first answers ENOENT);
                 // without numbers one acknowledgement takes the one queued.
+                // (Numbers start at 1: one of 0 is no number, and an ack
+                // naming it would never take the notice.)
                 let ack = Request::RevokedAck {
                     context,
                     bfn,
-                    notice: numbered.then_some(next.notice),
+                    notice: (numbered && next.notice != 0).then_some(next.notice),
                 }
                 .encode();
                 let acked = acks
@@ -472,15 +500,14 @@ impl<T: Transport> Client<T> {
                 (None, Some(first)) if reported == 1 && in_context => {
                     Some(ContextId(first.context))
                 }
-                // The one context asked for: a short round still asks again
-                // with its acks (another thread's acks may have moved a
-                // notice past this round's skips); a round that found
-                // none ends it.
+                // The one context asked for, short: the first short round
+                // asks once more with its acks (another thread's acks may
+                // have moved a notice past this round's skips); a second
+                // one ends it (a notice queued meanwhile waits for the next
+                // drain, so a busy producer cannot keep it going).
                 (Some(c), _) if only.is_some() => {
-                    if reported == 0 {
-                        // (No acks are left: this round reported nothing.)
-                        return Ok(out);
-                    }
+                    short_rounds += 1;
+                    finished = reported == 0 || short_rounds > 1;
                     Some(c)
                 }
                 // This context ran out: find the next one.

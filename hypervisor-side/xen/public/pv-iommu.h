@@ -143,12 +143,15 @@ DEFINE_XEN_GUEST_HANDLE(pv_iommu_caps_t);
 /*
  * ABI 1.5 (PVIOMMU_FEAT_REVOKED_NUMBERED). PVIOMMU_OP_revoked_next with
  * this bit in flags (alone or with PVIOMMU_REVOKED_IN_CONTEXT) also
- * reports the notice's number in `notice` (from 1, rising, never reused;
- * IN: notice 0). For these two subops only, bit 1 of flags means this,
+ * reports the notice's number in `notice` (from 1, rising, never reused
+ * in the driver domain's life; IN: notice 0). For these two subops only, bit 1 of flags means this,
  * not PVIOMMU_F_WRITE. PVIOMMU_OP_revoked_ack with flags exactly this
  * acknowledges the BFN's notice only if its number is `notice`, else
  * -ENOENT: an ack of a notice another vCPU acknowledged first cannot
- * release a later revocation of the same BFN unseen.
+ * release a later revocation of the same BFN unseen (-ENOENT also while
+ * the BFN is being revoked again; an unnumbered ack, as an unmap, gets
+ * -EBUSY there). The op's last field, `notice`, was `_rsvd` (IN: 0)
+ * before ABI 1.5: same layout, new name.
  */
 #define PVIOMMU_REVOKED_NUMBERED   (1U << 1)
 #define PVIOMMU_OP_revoked_ack     7U /* IN: context, bfn (flags 0; or     */
