@@ -23,10 +23,10 @@ use zerocopy::{FromBytes, IntoBytes};
 use lock_api::RawMutex;
 
 use crate::config::{MAX_CONTEXTS, MAX_REGIONS_PER_CALL};
-use crate::engine::{Engine, Hypervisor, MAP_CHUNK};
+use crate::engine::{Engine, Hypervisor, Notice, MAP_CHUNK};
 use crate::permission::{device_refusal, may_call, may_read_regions, may_use_contexts};
 use crate::platform::{DomainInfo, XsmAction};
-use crate::{ContextId, DomId, Errno};
+use crate::{Bfn, ContextId, DomId, Errno};
 
 const OP_SIZE: u64 = core::mem::size_of::<PvIommuOp>() as u64;
 
@@ -35,6 +35,20 @@ fn copy_in<T: FromBytes + IntoBytes>(h: &mut impl Hypervisor, addr: u64) -> Resu
     let mut v = T::new_zeroed();
     h.copy_from_guest(addr, v.as_mut_bytes())?;
     Ok(v)
+}
+
+/// Write a notice `revoked_next` found (either form) into its op: BFN,
+/// context (the one asked for, in the `IN_CONTEXT` form), domid, gfn, and
+/// the number only for a caller that asked for it (an ABI 1.4 caller may
+/// reuse the op with `notice` still set).
+fn write_notice(op: &mut PvIommuOp, (bfn, n, number): (Bfn, Notice, u64), numbered: bool) {
+    op.bfn = bfn.0;
+    op.context = n.context.0;
+    op.domid = n.domid.0;
+    op.gfn = n.gfn.0;
+    if numbered {
+        op.notice = number;
+    }
 }
 
 /// Copy in the ops of a run that starts with `first` (at `hdr.nr_done`,
@@ -650,33 +664,16 @@ impl<L: RawMutex> Engine<L> {
                 bfn,
                 notice,
             }) => self.revoked_ack_check(caller, context, bfn, notice),
-            // The number goes out only to a caller that asked for it (an
-            // ABI 1.4 caller may reuse the op with `notice` still set).
-            Ok(Request::RevokedNext { numbered }) => {
-                self.revoked_next(caller).map(|(bfn, n, number)| {
-                    op.bfn = bfn.0;
-                    op.context = n.context.0;
-                    op.domid = n.domid.0;
-                    op.gfn = n.gfn.0;
-                    if numbered {
-                        op.notice = number;
-                    }
-                })
-            }
+            Ok(Request::RevokedNext { numbered }) => self
+                .revoked_next(caller)
+                .map(|found| write_notice(&mut op, found, numbered)),
             Ok(Request::RevokedNextIn {
                 context,
                 skip,
                 numbered,
             }) => self
                 .revoked_in(caller, context, skip)
-                .map(|(bfn, n, number)| {
-                    op.bfn = bfn.0;
-                    op.domid = n.domid.0;
-                    op.gfn = n.gfn.0;
-                    if numbered {
-                        op.notice = number;
-                    }
-                }),
+                .map(|found| write_notice(&mut op, found, numbered)),
             Ok(Request::ContextDestroy { context }) => self.context_destroy_check(caller, context),
             Ok(Request::ContextCreate) => may_use_contexts(ci, || h.owns_devices(caller))
                 .and_then(|()| self.context_create(h, caller))
