@@ -53,6 +53,20 @@ fn balloon_out(s: &SharedSim, gfns: impl IntoIterator<Item = u64>) {
     }
 }
 
+/// Map the guest's pages `0..n` into context 0 through `c`, then balloon
+/// them all out in that order: `n` notices queued, oldest gfn 0. Their
+/// BFNs, by gfn.
+fn map_then_revoke(
+    c: &mut Client<impl pviommu_guest::transport::Transport>,
+    s: &SharedSim,
+    n: u64,
+) -> Vec<Bfn> {
+    let gfns: Vec<Gfn> = (0..n).map(Gfn).collect();
+    let bfns = rw(c, &gfns);
+    balloon_out(s, 0..n);
+    bfns
+}
+
 #[test]
 fn large_maps_split_into_advertised_batches_and_the_cache_absorbs_repeats() {
     let s = sim(4096, Config::default());
@@ -369,9 +383,7 @@ fn a_large_drain_takes_a_call_per_round_not_per_notice() {
 fn a_drain_goes_on_when_another_vcpu_acknowledged_a_notice_it_reported() {
     let s = sim(300, Config::default());
     let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
-    let gfns: Vec<Gfn> = (0..300).map(Gfn).collect();
-    rw(&mut c, &gfns);
-    balloon_out(&s, 0..300);
+    map_then_revoke(&mut c, &s, 300);
     let mut raced = 0;
     let all = c
         .drain_revocations_with(usize::MAX, |n| {
@@ -474,9 +486,7 @@ fn abi14(inner: InProcess) -> impl pviommu_guest::transport::Transport {
 fn a_drain_on_an_abi_1_3_hypervisor_takes_a_notice_per_call() {
     let s = sim(40, Config::default());
     let mut c = Client::open(abi13(s.transport(DomId::DOM0))).unwrap();
-    let gfns: Vec<Gfn> = (0..40).map(Gfn).collect();
-    rw(&mut c, &gfns);
-    balloon_out(&s, 0..40);
+    map_then_revoke(&mut c, &s, 40);
     let calls = c.stats().hypercalls;
     let all = c.drain_revocations().unwrap();
     let gfns: Vec<u64> = all.iter().map(|n| n.gfn.0).collect();
@@ -557,9 +567,7 @@ fn two_mediators_in_one_domain_each_drain_only_their_own_context() {
 fn a_one_context_drain_stops_at_max_with_what_it_reported_acknowledged() {
     let s = sim(300, Config::default());
     let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
-    let gfns: Vec<Gfn> = (0..300).map(Gfn).collect();
-    rw(&mut c, &gfns);
-    balloon_out(&s, 0..300);
+    map_then_revoke(&mut c, &s, 300);
     let first = c
         .drain_revocations_in(ContextId::DEFAULT, 130, |_| {})
         .unwrap();
@@ -579,9 +587,7 @@ fn a_one_context_drain_stops_at_max_with_what_it_reported_acknowledged() {
 fn a_one_context_drain_on_an_abi_1_3_hypervisor_is_refused_and_changes_nothing() {
     let s = sim(10, Config::default());
     let mut c = Client::open(abi13(s.transport(DomId::DOM0))).unwrap();
-    let gfns: Vec<Gfn> = (0..10).map(Gfn).collect();
-    rw(&mut c, &gfns);
-    balloon_out(&s, 0..10);
+    map_then_revoke(&mut c, &s, 10);
     let calls = c.stats().hypercalls;
     let e = c
         .drain_revocations_in(ContextId::DEFAULT, usize::MAX, |_| {})
@@ -607,9 +613,7 @@ fn a_one_context_drain_on_an_abi_1_3_hypervisor_is_refused_and_changes_nothing()
 fn a_drain_on_an_abi_1_4_hypervisor_acknowledges_without_numbers() {
     let s = sim(300, Config::default());
     let mut c = Client::open(abi14(s.transport(DomId::DOM0))).unwrap();
-    let gfns: Vec<Gfn> = (0..300).map(Gfn).collect();
-    rw(&mut c, &gfns);
-    balloon_out(&s, 0..300);
+    map_then_revoke(&mut c, &s, 300);
     let calls = c.stats().hypercalls;
     let all = c.drain_revocations().unwrap();
     assert_eq!(all.len(), 300);
@@ -628,9 +632,7 @@ fn a_drain_on_an_abi_1_4_hypervisor_acknowledges_without_numbers() {
 fn a_drain_acknowledges_by_number_and_cannot_release_a_later_revocation_unseen() {
     let s = sim(300, Config::default());
     let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
-    let gfns: Vec<Gfn> = (0..200).map(Gfn).collect();
-    let bfns = rw(&mut c, &gfns);
-    balloon_out(&s, 0..200);
+    let bfns = map_then_revoke(&mut c, &s, 200);
     let mut raced = None;
     let first = c
         .drain_revocations_with(usize::MAX, |n| {
@@ -642,23 +644,7 @@ fn a_drain_acknowledges_by_number_and_cannot_release_a_later_revocation_unseen()
             // Another vCPU: acknowledges gfn 150's notice ...
             e.revoked_ack(DomId::DOM0, n.context, n.bfn, None).unwrap();
             // ... maps gfn 250 (the freed BFN comes back) ...
-            let dom0 = pviommu_hv::platform::Platform::domain_info(m, DomId::DOM0).unwrap();
-            let bfn = e
-                .map(
-                    m,
-                    DomId::DOM0,
-                    &dom0,
-                    &pviommu_abi::MapRequest {
-                        context: ContextId::DEFAULT,
-                        domid: GUEST,
-                        gfn: Gfn(250),
-                        perms: Permissions::RW,
-                        attr: MemAttr::WriteBack,
-                        grant: false,
-                    },
-                )
-                .unwrap();
-            e.finish(m, DomId::DOM0);
+            let bfn = map_elsewhere(m, e, 250);
             // ... and gfn 250 leaves the guest too.
             m.balloon_out(e, GUEST, Gfn(250)).unwrap();
             raced = Some(bfn);
@@ -710,9 +696,7 @@ fn a_one_context_drain_asks_again_after_a_short_round() {
         batch,
     })
     .unwrap();
-    let gfns: Vec<Gfn> = (0..10).map(Gfn).collect();
-    rw(&mut c, &gfns);
-    balloon_out(&s, 0..10);
+    map_then_revoke(&mut c, &s, 10);
     let got = c
         .drain_revocations_in(ContextId::DEFAULT, 10, |_| {})
         .unwrap();
@@ -753,9 +737,7 @@ fn map_elsewhere(m: &mut SimMachine, e: &pviommu_hv::Engine, gfn: u64) -> Bfn {
 fn an_abi_1_4_drain_goes_on_when_its_ack_meets_a_bfn_being_revoked_again() {
     let s = sim(30, Config::default());
     let mut c = Client::open(abi14(s.transport(DomId::DOM0))).unwrap();
-    let gfns: Vec<Gfn> = (0..10).map(Gfn).collect();
-    let bfns = rw(&mut c, &gfns);
-    balloon_out(&s, 0..10);
+    let bfns = map_then_revoke(&mut c, &s, 10);
     let mut raced = None;
     let got = c
         .drain_revocations_with(usize::MAX, |n| {
@@ -809,9 +791,7 @@ fn a_notice_reported_with_number_0_is_acknowledged_without_one() {
         batch,
     })
     .unwrap();
-    let gfns: Vec<Gfn> = (0..20).map(Gfn).collect();
-    rw(&mut c, &gfns);
-    balloon_out(&s, 0..20);
+    map_then_revoke(&mut c, &s, 20);
     let got = c.drain_revocations_up_to(1000).unwrap();
     assert_eq!(got.len(), 20);
     assert_eq!(c.refresh_caps().unwrap().revoked, 0);
@@ -847,9 +827,7 @@ fn a_one_context_drain_ends_while_notices_keep_coming() {
         batch,
     })
     .unwrap();
-    let gfns: Vec<Gfn> = (0..10).map(Gfn).collect();
-    rw(&mut c, &gfns);
-    balloon_out(&s, 0..10);
+    map_then_revoke(&mut c, &s, 10);
     let calls = c.stats().hypercalls;
     let got = c
         .drain_revocations_in(ContextId::DEFAULT, usize::MAX, |_| {})
@@ -887,9 +865,7 @@ fn a_drain_that_fails_after_delivering_notices_returns_them() {
         batch,
     })
     .unwrap();
-    let gfns: Vec<Gfn> = (0..200).map(Gfn).collect();
-    rw(&mut c, &gfns);
-    balloon_out(&s, 0..200);
+    map_then_revoke(&mut c, &s, 200);
     let drain = |c: &mut Client<_>| {
         let mut seen = 0;
         let r = c.drain_revocations_in(ContextId::DEFAULT, usize::MAX, |_| seen += 1);

@@ -153,12 +153,31 @@ pub fn revoked_next(
     e: &Engine,
     caller: DomId,
 ) -> Result<(Bfn, DomId, Gfn), i32> {
-    let mut ops = [Request::RevokedNext { numbered: false }.encode()];
+    revoked_next_op(m, e, caller, false).map(|op| (Bfn(op.bfn), DomId(op.domid), Gfn(op.gfn)))
+}
+
+/// [`revoked_next`] with `NUMBERED` (ABI 1.5): the oldest notice's BFN and
+/// its number, or the op's status.
+pub fn revoked_next_numbered(
+    m: &mut SimMachine,
+    e: &Engine,
+    caller: DomId,
+) -> Result<(Bfn, u64), i32> {
+    revoked_next_op(m, e, caller, true).map(|op| (Bfn(op.bfn), op.notice))
+}
+
+fn revoked_next_op(
+    m: &mut SimMachine,
+    e: &Engine,
+    caller: DomId,
+    numbered: bool,
+) -> Result<PvIommuOp, i32> {
+    let mut ops = [Request::RevokedNext { numbered }.encode()];
     m.guest_batch_all(e, caller, &mut ops).unwrap();
-    if ops[0].status != 0 {
-        return Err(ops[0].status);
+    match ops[0].status {
+        0 => Ok(ops[0]),
+        status => Err(status),
     }
-    Ok((Bfn(ops[0].bfn), DomId(ops[0].domid), Gfn(ops[0].gfn)))
 }
 
 /// Which hypervisor service an [`Interposer`] races.

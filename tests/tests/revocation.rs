@@ -48,15 +48,7 @@ fn ballooned_out_gfn_is_revoked() {
 #[test]
 fn driver_domain_death_drops_all_its_mappings() {
     let (mut m, e) = machine(Format::Vtd, 16);
-    m.create_domain(
-        DomId(9),
-        DomainSpec {
-            pages: 32,
-            privileged: true,
-            device_model_of: None,
-        },
-    )
-    .unwrap();
+    driver_domain(&mut m, 9);
     for g in 0..8 {
         map_one(&mut m, &e, DomId(9), GUEST, g, Permissions::RW).unwrap();
     }
@@ -405,18 +397,6 @@ fn a_numbered_acknowledgement_takes_only_the_notice_of_its_number() {
     assert_eq!(e.state().driver(DomId::DOM0).unwrap().revoked(), 0);
 }
 
-/// `revoked_next` with `NUMBERED` for driver domain `d`: (status, BFN,
-/// number).
-fn numbered_next(
-    m: &mut pviommu_hv::sim::SimMachine,
-    e: &pviommu_hv::Engine,
-    d: DomId,
-) -> (i32, u64, u64) {
-    let mut ops = [Request::RevokedNext { numbered: true }.encode()];
-    m.guest_batch_all(e, d, &mut ops).unwrap();
-    (ops[0].status, ops[0].bfn, ops[0].notice)
-}
-
 /// Map `gfns` of GUEST into `d`, revoke them all (ballooned out), and
 /// drain `d`'s notices by number: the (BFN, number) pairs, in order.
 fn revoke_and_drain(
@@ -432,17 +412,16 @@ fn revoke_and_drain(
     let mut seen = Vec::new();
     // Bounded: each round acknowledges one.
     for _ in 0..64 {
-        let (status, bfn, n) = numbered_next(m, e, d);
-        if status != 0 {
+        let Ok((bfn, n)) = revoked_next_numbered(m, e, d) else {
             break;
-        }
-        seen.push((bfn, n));
-        e.revoked_ack(d, ContextId::DEFAULT, Bfn(bfn), Some(n))
-            .unwrap();
+        };
+        seen.push((bfn.0, n));
+        e.revoked_ack(d, ContextId::DEFAULT, bfn, Some(n)).unwrap();
     }
     seen
 }
 
+/// A privileged domain `d` of 32 pages: a driver domain beside dom0.
 fn driver_domain(m: &mut pviommu_hv::sim::SimMachine, d: u16) {
     m.create_domain(
         DomId(d),
@@ -511,8 +490,8 @@ fn a_stale_numbered_ack_of_a_bfn_being_revoked_again_is_enoent() {
     let (mut m, e) = machine(Format::Vtd, 16);
     let b = map_one(&mut m, &e, DomId::DOM0, GUEST, 3, Permissions::RW).unwrap();
     m.balloon_out(&e, GUEST, Gfn(3)).unwrap();
-    let (status, bfn, n) = numbered_next(&mut m, &e, DomId::DOM0);
-    assert_eq!((status, bfn), (0, b.0));
+    let (bfn, n) = revoked_next_numbered(&mut m, &e, DomId::DOM0).unwrap();
+    assert_eq!(bfn, b);
     e.revoked_ack(DomId::DOM0, ContextId::DEFAULT, b, Some(n))
         .unwrap();
     assert_eq!(
