@@ -320,10 +320,14 @@ impl<T: Transport> Client<T> {
     /// `caps().revoked` (refreshed) is non-zero, or periodically, and turns
     /// the shadow entries that held these BFNs non-present.
     pub fn drain_revocations(&mut self) -> Result<Vec<Revocation>, Error> {
-        // Bounded: the quota bounds the notices queued at any one time;
-        // any queued after this many wait for the next call.
-        let bound = usize::try_from(self.caps.quota.saturating_add(1)).unwrap_or(usize::MAX);
-        self.drain_revocations_up_to(bound)
+        self.drain_revocations_up_to(self.drain_bound())
+    }
+
+    /// How many notices a drain of everything pending takes at most: the
+    /// quota bounds the notices queued at any one time; any queued after
+    /// this many wait for the next drain.
+    pub fn drain_bound(&self) -> usize {
+        usize::try_from(self.caps.quota.saturating_add(1)).unwrap_or(usize::MAX)
     }
 
     /// Like [`drain_revocations`](Self::drain_revocations), but at most

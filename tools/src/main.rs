@@ -560,8 +560,7 @@ fn command(cli: &Cli, c: &mut AnyClient, state: Option<&SimState>) -> Result<(),
             let drained = match context {
                 None => c.drain_revocations()?,
                 Some(ctx) => {
-                    let all =
-                        usize::try_from(c.caps().quota.saturating_add(1)).unwrap_or(usize::MAX);
+                    let all = c.drain_bound();
                     c.drain_revocations_in(ContextId(*ctx), all, |_| {})?
                 }
             };

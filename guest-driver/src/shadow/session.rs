@@ -192,7 +192,7 @@ impl<T: Transport, R: GuestTableReader> ShadowSession<T, R> {
     /// mappings of the domain (its memory changed, or it is dying and must
     /// not be kept alive by them).
     pub fn handle_revocations(&mut self) -> Result<RevocationReport, SessionError> {
-        let max = usize::try_from(self.client.caps().quota.saturating_add(1)).unwrap_or(usize::MAX);
+        let max = self.client.drain_bound();
         let mut leaves = Vec::new();
         let shadow = &mut self.shadow;
         let memory = &mut self.memory;
