@@ -38,7 +38,8 @@ fn copy_in<T: FromBytes + IntoBytes>(h: &mut impl Hypervisor, addr: u64) -> Resu
 }
 
 /// Write a notice `revoked_next` found (either form) into its op: BFN,
-/// context (the one asked for, in the `IN_CONTEXT` form), domid, gfn, and
+/// context (in the `IN_CONTEXT` form the one asked for: `revoked_in`
+/// reports no other context's notice), domid, gfn, and
 /// the number only for a caller that asked for it (an ABI 1.4 caller may
 /// reuse the op with `notice` still set).
 fn write_notice(op: &mut PvIommuOp, (bfn, n, number): (Bfn, Notice, u64), numbered: bool) {

@@ -1896,7 +1896,9 @@ impl<L: RawMutex> Engine<L> {
             return Err(Errno::Inval);
         }
         // (A cell's notices are all of its context; checked as
-        // `revoked_ack` does.)
+        // `revoked_ack` does. The hypercall relies on it: it writes the
+        // notice's context back into the op, which the ABI says comes
+        // back as it was.)
         let found = self
             .lock_cell(caller, context)
             .and_then(|mut d| d.dd.revoked_after(skip))
