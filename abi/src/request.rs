@@ -208,6 +208,42 @@ impl Request {
         Some((ContextId(op.context), Bfn(op.bfn)))
     }
 
+    /// `Some((context, bfn, notice))` exactly when [`parse`](Self::parse)
+    /// gives `Ok(Request::RevokedAck { context, bfn, notice })`: for the
+    /// batch's runs of acknowledgements.
+    #[inline]
+    pub fn parse_revoked_ack(op: &PvIommuOp) -> Option<(ContextId, Bfn, Option<u64>)> {
+        if op.subop != subop::REVOKED_ACK {
+            return None;
+        }
+        match Request::parse(op) {
+            Ok(Request::RevokedAck {
+                context,
+                bfn,
+                notice,
+            }) => Some((context, bfn, notice)),
+            _ => None,
+        }
+    }
+
+    /// `Some((context, skip, numbered))` exactly when
+    /// [`parse`](Self::parse) gives `Ok(Request::RevokedNextIn { .. })`
+    /// with those fields: for the batch's runs of one context's notices.
+    #[inline]
+    pub fn parse_revoked_in(op: &PvIommuOp) -> Option<(ContextId, u32, bool)> {
+        if op.subop != subop::REVOKED_NEXT {
+            return None;
+        }
+        match Request::parse(op) {
+            Ok(Request::RevokedNextIn {
+                context,
+                skip,
+                numbered,
+            }) => Some((context, skip, numbered)),
+            _ => None,
+        }
+    }
+
     /// Encode back into a raw op (status 0): what a guest-side client sends.
     pub fn encode(&self) -> PvIommuOp {
         let mut op = PvIommuOp::default();
@@ -397,7 +433,7 @@ mod tests {
         /// The run parsers agree with `parse` on valid ops and on ops with
         /// one field (padding included) set to anything.
         #[test]
-        fn parse_map_and_parse_unmap_agree_with_parse(
+        fn the_run_parsers_agree_with_parse(
             req in arb_request(),
             field in 0usize..9,
             value in any::<u64>(),
@@ -423,8 +459,20 @@ mod tests {
                 Ok(Request::Unmap { context, bfn }) => Some((context, bfn)),
                 _ => None,
             };
+            let ack = match parsed {
+                Ok(Request::RevokedAck { context, bfn, notice }) => Some((context, bfn, notice)),
+                _ => None,
+            };
+            let notice_in = match parsed {
+                Ok(Request::RevokedNextIn { context, skip, numbered }) => {
+                    Some((context, skip, numbered))
+                }
+                _ => None,
+            };
             prop_assert_eq!(Request::parse_map(&op), map);
             prop_assert_eq!(Request::parse_unmap(&op), unmap);
+            prop_assert_eq!(Request::parse_revoked_ack(&op), ack);
+            prop_assert_eq!(Request::parse_revoked_in(&op), notice_in);
         }
 
         #[test]

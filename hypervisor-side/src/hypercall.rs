@@ -115,6 +115,105 @@ fn write_back(h: &mut impl Hypervisor, addr: u64, ops: &[PvIommuOp]) -> Result<(
     Ok(())
 }
 
+/// The status an op reports for `r`.
+fn status_of(r: &Result<(), Errno>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => e.negated(),
+    }
+}
+
+/// Run a run of destructive ops (unmaps, acknowledgements) starting at
+/// `hdr.nr_done` (`first`, already copied in, and up to [`MAP_CHUNK`] - 1
+/// more that `take` accepts, each parsed once into a `T`; `filler` fills
+/// the unused tail) as `run_op` runs each: check, report, act, report
+/// again what changed. `check` fills each op's (status, whether to act) and
+/// `act` each acted-on op's status; each takes the caller's cell lock once
+/// for the run, and no lock is held across the guest copies. Returns how
+/// many were done, and the op right after them if it was copied in
+/// already. If a status cannot be written, the ops before it are acted on
+/// and reported, that one and the rest are left alone, and `Err((done,
+/// error))` is returned (if a changed status cannot be written after the
+/// acts, every reported op counts as done: it was acted on).
+fn run_checked<H: Hypervisor, T: Copy>(
+    h: &mut H,
+    hdr: &PvIommuBatch,
+    first: PvIommuOp,
+    filler: T,
+    take: impl Fn(&PvIommuOp) -> Option<T>,
+    check: impl FnOnce(&[T], &mut [(i32, bool)]) -> usize,
+    act: impl FnOnce(&mut H, &[T], &mut [i32]) -> usize,
+) -> Result<(u32, Option<PvIommuOp>), (u32, Errno)> {
+    // Filled from `first`, not zeroed (see `run_maps`).
+    let mut ops = [first; MAP_CHUNK];
+    let mut reqs = [filler; MAP_CHUNK];
+    let (n, after) = copy_in_run(h, hdr, first, &mut ops, &mut reqs, take);
+    let addr_of = |k: usize| hdr.ops + (hdr.nr_done as u64 + k as u64) * OP_SIZE;
+    let reqs = reqs.get(..n).unwrap_or(&[]);
+    // Check and report.
+    let mut checks = [(Errno::NoEnt.negated(), false); MAP_CHUNK];
+    let checked = check(reqs, &mut checks);
+    if checked == 0 {
+        // Unreachable (a run checks at least its first op); never loop on
+        // it.
+        return Err((0, Errno::Inval));
+    }
+    for (op, &(status, _)) in ops.iter_mut().zip(checks.iter()).take(checked) {
+        op.status = status;
+    }
+    let (reported, failure) = match write_back(h, addr_of(0), ops.get(..checked).unwrap_or(&[])) {
+        Ok(()) => (checked, None),
+        Err((k, e)) => (k, Some(e)),
+    };
+    // Act on the reported ones that passed their check (only those: a BFN
+    // refused at the check may be someone's new mapping by now), then
+    // report what changed (another CPU may have revoked or acknowledged a
+    // BFN since, or the IOMMU refused the unmap).
+    let mut passed = [filler; MAP_CHUNK];
+    let mut which = [0usize; MAP_CHUNK];
+    let mut m = 0;
+    for (k, (req, &(_, pass))) in reqs.iter().zip(checks.iter()).take(reported).enumerate() {
+        if let (true, Some(p), Some(w)) = (pass, passed.get_mut(m), which.get_mut(m)) {
+            *p = *req;
+            *w = k;
+            m += 1;
+        }
+    }
+    let mut acts = [0i32; MAP_CHUNK];
+    let acted = if m > 0 {
+        act(h, passed.get(..m).unwrap_or(&[]), &mut acts)
+    } else {
+        0
+    };
+    let mut failure = failure;
+    for (&k, &status) in which.iter().zip(acts.iter()).take(acted) {
+        let Some(op) = ops.get_mut(k) else {
+            continue;
+        };
+        if status != op.status {
+            op.status = status;
+            // Every reported op was acted on: a status that cannot be
+            // written again fails the batch (EFAULT), and the other changed
+            // ones are still written.
+            if let Err(e) = h.copy_to_guest(addr_of(k), op.as_bytes()) {
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    // A run checked short of what was copied in (not done today: the copy
+    // takes the same ops the check counts) goes on at the first op not
+    // checked, never at the one copied in after the run.
+    let after = if checked < n {
+        ops.get(checked).copied()
+    } else {
+        after
+    };
+    match failure {
+        Some(e) => Err((reported as u32, e)),
+        None => Ok((checked as u32, after)),
+    }
+}
+
 fn check_version(v: u32) -> Result<(), Errno> {
     if version_major(v) == version_major(INTERFACE_VERSION) {
         Ok(())
@@ -415,37 +514,31 @@ impl<L: RawMutex> Engine<L> {
             };
             // Only the cells of the contexts named are flushed at the end.
             *touched |= 1u32.checked_shl(op.context).unwrap_or(0);
-            if Request::parse_map(&op).is_some() {
-                // A run of maps goes through the engine under one lock.
-                match self.run_maps(h, caller, ci, &hdr, op) {
-                    Ok((k, next)) => {
-                        hdr.nr_done += k;
-                        peeked = next;
-                    }
-                    Err((k, e)) => {
-                        hdr.nr_done += k;
-                        result = Err(e);
-                        break;
-                    }
+            // Maps, unmaps, acknowledgements and one context's notices go
+            // in runs, each under one lock of the caller's cell.
+            let run = if Request::parse_map(&op).is_some() {
+                Some(self.run_maps(h, caller, ci, &hdr, op))
+            } else if Request::parse_unmap(&op).is_some() {
+                Some(self.run_unmaps(h, caller, &hdr, op))
+            } else if Request::parse_revoked_ack(&op).is_some() {
+                Some(self.run_acks(h, caller, &hdr, op))
+            } else if Request::parse_revoked_in(&op).is_some() {
+                Some(self.run_notices(h, caller, &hdr, op))
+            } else {
+                None
+            };
+            match run {
+                Some(Ok((k, next))) => {
+                    hdr.nr_done += k;
+                    peeked = next;
+                    continue;
                 }
-                continue;
-            }
-            if Request::parse_unmap(&op).is_some() {
-                // So does a run of unmaps. (Written out twice rather than
-                // through one `match` on the parsed op: that version grew
-                // this function's frame in the Xen object by 300 bytes.)
-                match self.run_unmaps(h, caller, &hdr, op) {
-                    Ok((k, next)) => {
-                        hdr.nr_done += k;
-                        peeked = next;
-                    }
-                    Err((k, e)) => {
-                        hdr.nr_done += k;
-                        result = Err(e);
-                        break;
-                    }
+                Some(Err((k, e))) => {
+                    hdr.nr_done += k;
+                    result = Err(e);
+                    break;
                 }
-                continue;
+                None => {}
             }
             if let Err(e) = self.run_op(h, caller, ci, addr, op) {
                 result = Err(e);
@@ -533,17 +626,10 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// Run the unmap ops starting at `hdr.nr_done` (`first`, already copied
-    /// in, and up to [`MAP_CHUNK`] - 1 more, stopping at the first op that
-    /// is not a well-formed unmap) as [`run_op`](Self::run_op) runs each:
-    /// check, report, act, report again what changed. The checks take the
-    /// caller's lock once for the run, and so do the acts; no lock is held
-    /// across the guest copies. Returns how many were done, and the op
-    /// right after them if it was copied in already. If a status cannot be
-    /// written, the ops before it are acted on and reported, that one and
-    /// the rest are left alone, and `Err((done, error))` is returned (if a
-    /// changed status cannot be written after the acts, every reported op
-    /// counts as done: it was acted on).
-    // Not inlined: the run buffers of the two never share a stack frame.
+    /// in, and up to [`MAP_CHUNK`] - 1 more of its context) as
+    /// [`run_checked`] runs a run: a revoked BFN is acknowledged and
+    /// reported `ESTALE`.
+    // Not inlined: the run buffers of the runs never share a stack frame.
     #[inline(never)]
     fn run_unmaps(
         &self,
@@ -552,86 +638,136 @@ impl<L: RawMutex> Engine<L> {
         hdr: &PvIommuBatch,
         first: PvIommuOp,
     ) -> Result<(u32, Option<PvIommuOp>), (u32, Errno)> {
-        // Filled from `first`, not zeroed (see run_maps).
-        let mut ops = [first; MAP_CHUNK];
-        let mut reqs = [(ContextId::DEFAULT, pviommu_abi::Bfn(0)); MAP_CHUNK];
         let context = Request::parse_unmap(&first).map(|(c, _)| c);
-        let same_context =
-            |op: &PvIommuOp| Request::parse_unmap(op).filter(|&(c, _)| Some(c) == context);
-        let (n, after) = copy_in_run(h, hdr, first, &mut ops, &mut reqs, same_context);
-        let addr_of = |k: usize| hdr.ops + (hdr.nr_done as u64 + k as u64) * OP_SIZE;
-        let reqs = reqs.get(..n).unwrap_or(&[]);
-        // Check and report (a revoked BFN is acknowledged: ESTALE).
-        let mut checks = [Err(Errno::NoEnt); MAP_CHUNK];
-        let checked = self.unmap_check_batch(caller, reqs, &mut checks);
-        if checked == 0 {
-            // Unreachable (a run checks at least its first op); never loop
+        run_checked(
+            h,
+            hdr,
+            first,
+            (ContextId::DEFAULT, Bfn(0)),
+            |op| Request::parse_unmap(op).filter(|&(c, _)| Some(c) == context),
+            |reqs, out| {
+                let mut checks = [Err(Errno::NoEnt); MAP_CHUNK];
+                let n = self.unmap_check_batch(caller, reqs, &mut checks);
+                for (o, check) in out.iter_mut().zip(checks.iter()).take(n) {
+                    *o = match check {
+                        Ok(false) => (0, true),
+                        Ok(true) => (Errno::Stale.negated(), true),
+                        Err(e) => (e.negated(), false),
+                    };
+                }
+                n
+            },
+            |h, reqs, out| {
+                let mut acts = [Ok(()); MAP_CHUNK];
+                let n = self.unmap_batch(h, caller, reqs, &mut acts);
+                for (o, act) in out.iter_mut().zip(acts.iter()).take(n) {
+                    *o = status_of(act);
+                }
+                n
+            },
+        )
+    }
+
+    /// Run the `revoked_ack` ops starting at `hdr.nr_done` (`first`, and up
+    /// to [`MAP_CHUNK`] - 1 more of its context) as [`run_checked`] runs a
+    /// run: one lock of the context's cell for the checks, one for the
+    /// acknowledgements.
+    #[inline(never)]
+    fn run_acks(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        hdr: &PvIommuBatch,
+        first: PvIommuOp,
+    ) -> Result<(u32, Option<PvIommuOp>), (u32, Errno)> {
+        let Some((context, _, _)) = Request::parse_revoked_ack(&first) else {
+            // Unreachable: the batch loop hands over only acknowledgements.
+            return Err((0, Errno::Inval));
+        };
+        run_checked(
+            h,
+            hdr,
+            first,
+            (Bfn(0), None),
+            |op| {
+                Request::parse_revoked_ack(op)
+                    .filter(|&(c, _, _)| c == context)
+                    .map(|(_, bfn, number)| (bfn, number))
+            },
+            |acks, out| {
+                let mut results = [Ok(()); MAP_CHUNK];
+                let n = self.revoked_ack_batch(caller, context, acks, false, &mut results);
+                for (o, check) in out.iter_mut().zip(results.iter()).take(n) {
+                    *o = (status_of(check), check.is_ok());
+                }
+                n
+            },
+            |_, acks, out| {
+                let mut results = [Ok(()); MAP_CHUNK];
+                let n = self.revoked_ack_batch(caller, context, acks, true, &mut results);
+                for (o, act) in out.iter_mut().zip(results.iter()).take(n) {
+                    *o = status_of(act);
+                }
+                n
+            },
+        )
+    }
+
+    /// Run the `revoked_next` ops of one context (`IN_CONTEXT`) starting at
+    /// `hdr.nr_done` (`first`, and up to [`MAP_CHUNK`] - 1 more of its
+    /// context) under one lock of the context's cell, and write them back
+    /// with one copy. They change nothing, so an op whose answer cannot be
+    /// written is simply not done: `Err((done before it, error))`.
+    #[inline(never)]
+    fn run_notices(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        hdr: &PvIommuBatch,
+        first: PvIommuOp,
+    ) -> Result<(u32, Option<PvIommuOp>), (u32, Errno)> {
+        let Some((context, _, _)) = Request::parse_revoked_in(&first) else {
+            // Unreachable: the batch loop hands over only these.
+            return Err((0, Errno::Inval));
+        };
+        let mut ops = [first; MAP_CHUNK];
+        let mut asks = [(0u32, false); MAP_CHUNK];
+        let (n, after) = copy_in_run(h, hdr, first, &mut ops, &mut asks, |op| {
+            Request::parse_revoked_in(op)
+                .filter(|&(c, _, _)| c == context)
+                .map(|(_, skip, numbered)| (skip, numbered))
+        });
+        let mut skips = [0u32; MAP_CHUNK];
+        for (s, &(skip, _)) in skips.iter_mut().zip(asks.iter()).take(n) {
+            *s = skip;
+        }
+        let mut found = [Err(Errno::NoEnt); MAP_CHUNK];
+        let done =
+            self.revoked_in_batch(caller, context, skips.get(..n).unwrap_or(&[]), &mut found);
+        if done == 0 {
+            // Unreachable (a run answers at least its first op); never loop
             // on it.
             return Err((0, Errno::Inval));
         }
-        for (op, check) in ops.iter_mut().zip(checks.iter()).take(checked) {
-            op.status = match check {
-                Ok(false) => 0,
-                Ok(true) => Errno::Stale.negated(),
-                Err(e) => e.negated(),
-            };
-        }
-        let (reported, failure) = match write_back(h, addr_of(0), ops.get(..checked).unwrap_or(&[]))
+        for ((op, f), &(_, numbered)) in
+            ops.iter_mut().zip(found.iter()).zip(asks.iter()).take(done)
         {
-            Ok(()) => (checked, None),
-            Err((k, e)) => (k, Some(e)),
-        };
-        // Act on the reported ones that passed their check (only those: a
-        // BFN refused at the check may be someone's new mapping by now),
-        // then report what changed (another CPU may have revoked a BFN
-        // since, or the IOMMU refused the unmap).
-        let mut passed = [(ContextId::DEFAULT, pviommu_abi::Bfn(0)); MAP_CHUNK];
-        let mut which = [0usize; MAP_CHUNK];
-        let mut m = 0;
-        for (k, (req, check)) in reqs.iter().zip(checks.iter()).take(reported).enumerate() {
-            if let (Ok(_), Some(p), Some(w)) = (check, passed.get_mut(m), which.get_mut(m)) {
-                *p = *req;
-                *w = k;
-                m += 1;
-            }
-        }
-        let mut acts = [Ok(()); MAP_CHUNK];
-        let acted = if m > 0 {
-            self.unmap_batch(h, caller, passed.get(..m).unwrap_or(&[]), &mut acts)
-        } else {
-            0
-        };
-        let mut failure = failure;
-        for (&k, act) in which.iter().zip(acts.iter()).take(acted) {
-            let Some(op) = ops.get_mut(k) else {
-                continue;
-            };
-            let status = match act {
-                Ok(()) => 0,
+            op.status = match f {
+                Ok(notice) => {
+                    write_notice(op, *notice, numbered);
+                    0
+                }
                 Err(e) => e.negated(),
             };
-            if status != op.status {
-                op.status = status;
-                // Every reported op was acted on: a status that cannot be
-                // written again fails the batch (EFAULT), and the other
-                // changed ones are still written.
-                if let Err(e) = h.copy_to_guest(addr_of(k), op.as_bytes()) {
-                    failure.get_or_insert(e);
-                }
-            }
         }
-        // A run checked short of what was copied in (not done today: the
-        // copy takes the same unmaps the check counts) goes on at the first
-        // op not checked, never at the one copied in after the run.
-        let after = if checked < n {
-            ops.get(checked).copied()
+        let addr = hdr.ops + hdr.nr_done as u64 * OP_SIZE;
+        write_back(h, addr, ops.get(..done).unwrap_or(&[])).map_err(|(k, e)| (k as u32, e))?;
+        let after = if done < n {
+            ops.get(done).copied()
         } else {
             after
         };
-        match failure {
-            Some(e) => Err((reported as u32, e)),
-            None => Ok((checked as u32, after)),
-        }
+        Ok((done as u32, after))
     }
 
     /// Run `op`, copied in from guest address `addr`, and write its status
@@ -649,32 +785,26 @@ impl<L: RawMutex> Engine<L> {
         let request = Request::parse(&op);
         let outcome = match request {
             Err(e) => Err(e),
-            // The batch loop hands every map and unmap to `run_maps` and
-            // `run_unmaps` (a run of one at the least): never here.
-            Ok(Request::Map(_) | Request::Unmap { .. }) => Err(Errno::Inval),
+            // The batch loop hands every map, unmap, acknowledgement and
+            // `IN_CONTEXT` notice to its run (a run of one at the least):
+            // never here.
+            Ok(
+                Request::Map(_)
+                | Request::Unmap { .. }
+                | Request::RevokedAck { .. }
+                | Request::RevokedNextIn { .. },
+            ) => Err(Errno::Inval),
             Ok(Request::Lookup { context, bfn }) => self.lookup(caller, context, bfn).map(|m| {
                 op.domid = m.domid.0;
                 op.gfn = m.gfn.0;
                 op.flags =
                     m.perms.flag_bits() | (m.attr.field() << pviommu_abi::op_flags::ATTR_SHIFT);
             }),
-            // Destructive ops: validate, report the outcome, then act, so a
-            // status that cannot be written leaves the state unchanged.
-            Ok(Request::RevokedAck {
-                context,
-                bfn,
-                notice,
-            }) => self.revoked_ack_check(caller, context, bfn, notice),
             Ok(Request::RevokedNext { numbered }) => self
                 .revoked_next(caller)
                 .map(|found| write_notice(&mut op, found, numbered)),
-            Ok(Request::RevokedNextIn {
-                context,
-                skip,
-                numbered,
-            }) => self
-                .revoked_in(caller, context, skip)
-                .map(|found| write_notice(&mut op, found, numbered)),
+            // Destructive ops: validate, report the outcome, then act, so a
+            // status that cannot be written leaves the state unchanged.
             Ok(Request::ContextDestroy { context }) => self.context_destroy_check(caller, context),
             Ok(Request::ContextCreate) => may_use_contexts(ci, || h.owns_devices(caller))
                 .and_then(|()| self.context_create(h, caller))
@@ -707,14 +837,6 @@ impl<L: RawMutex> Engine<L> {
             return Err(e);
         }
         let acted = match (request, outcome) {
-            (
-                Ok(Request::RevokedAck {
-                    context,
-                    bfn,
-                    notice,
-                }),
-                Ok(()),
-            ) => Some(self.revoked_ack(caller, context, bfn, notice)),
             (Ok(Request::ContextDestroy { context }), Ok(())) => {
                 Some(self.context_destroy(h, caller, context))
             }

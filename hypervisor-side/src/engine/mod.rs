@@ -1807,18 +1807,48 @@ impl<L: RawMutex> Engine<L> {
         number: Option<u64>,
         act: bool,
     ) -> Result<(), Errno> {
-        let idx = self.space.index_of(bfn).ok_or(Errno::NoEnt)?;
-        let mut d = self.lock_cell(caller, context).ok_or(Errno::NoEnt)?;
-        let r = match Self::revoked_kind(&d.dd, context, idx, number) {
-            Ok(true) if act => d.dd.ack_revoked(idx).map(|_| ()),
-            Ok(true) => Ok(()),
-            Ok(false) => Err(Errno::NoEnt),
-            Err(e) => Err(e),
+        let mut out = [Err(Errno::NoEnt)];
+        self.revoked_ack_batch(caller, context, &[(bfn, number)], act, &mut out);
+        let [r] = out;
+        r
+    }
+
+    /// [`revoked_ack`](Self::revoked_ack) (`act`) or
+    /// [`revoked_ack_check`](Self::revoked_ack_check) of each of the first
+    /// `acks` (BFN, number) of `context`, at most [`MAP_CHUNK`], under one
+    /// lock of the context's cell: `out[i]` is what `acks[i]` alone would
+    /// answer after the ones before it. Returns how many were done.
+    pub fn revoked_ack_batch(
+        &self,
+        caller: DomId,
+        context: ContextId,
+        acks: &[(Bfn, Option<u64>)],
+        act: bool,
+        out: &mut [Result<(), Errno>],
+    ) -> usize {
+        let n = acks.len().min(out.len()).min(MAP_CHUNK);
+        let Some(mut d) = self.lock_cell(caller, context) else {
+            for o in out.iter_mut().take(n) {
+                *o = Err(Errno::NoEnt);
+            }
+            return n;
         };
+        for (&(bfn, number), o) in acks.iter().zip(out.iter_mut()).take(n) {
+            let Some(idx) = self.space.index_of(bfn) else {
+                *o = Err(Errno::NoEnt);
+                continue;
+            };
+            *o = match Self::revoked_kind(&d.dd, context, idx, number) {
+                Ok(true) if act => d.dd.ack_revoked(idx).map(|_| ()),
+                Ok(true) => Ok(()),
+                Ok(false) => Err(Errno::NoEnt),
+                Err(e) => Err(e),
+            };
+        }
         if act {
             self.put_driver(d);
         }
-        r
+        n
     }
 
     /// Whether slot `idx` of `context` is a notice `revoked_ack` takes
@@ -1890,21 +1920,51 @@ impl<L: RawMutex> Engine<L> {
         context: ContextId,
         skip: u32,
     ) -> Result<(Bfn, Notice, u64), Errno> {
-        // Bounded here too, not only at parse: the walk runs under the
-        // cell's lock, which the gfn hooks take.
-        if u64::from(skip) > pviommu_abi::revoked_next::MAX_SKIP {
-            return Err(Errno::Inval);
+        let mut out = [Err(Errno::NoEnt)];
+        self.revoked_in_batch(caller, context, &[skip], &mut out);
+        let [r] = out;
+        r
+    }
+
+    /// [`revoked_in`](Self::revoked_in) of each of the first `skips` of
+    /// `context`, at most [`MAP_CHUNK`], under one lock of the context's
+    /// cell; returns how many were answered. Asked for in order (0, 1, 2,
+    /// ...) each op walks one link; each walks at most `MAX_SKIP` links
+    /// whatever the queue holds.
+    pub fn revoked_in_batch(
+        &self,
+        caller: DomId,
+        context: ContextId,
+        skips: &[u32],
+        out: &mut [Result<(Bfn, Notice, u64), Errno>],
+    ) -> usize {
+        let n = skips.len().min(out.len()).min(MAP_CHUNK);
+        let mut d = self.lock_cell(caller, context);
+        for (&skip, o) in skips.iter().zip(out.iter_mut()).take(n) {
+            // Bounded here too, not only at parse: the walk runs under the
+            // cell's lock, which the gfn hooks take.
+            if u64::from(skip) > pviommu_abi::revoked_next::MAX_SKIP {
+                *o = Err(Errno::Inval);
+                continue;
+            }
+            // (A cell's notices are all of its context; checked as
+            // `revoked_ack` does. The hypercall relies on it: it writes the
+            // notice's context back into the op, which the ABI says comes
+            // back as it was.)
+            let found = d
+                .as_mut()
+                .and_then(|d| d.dd.revoked_after(skip))
+                .filter(|(_, notice, _)| notice.context == context);
+            *o = match found {
+                Some((idx, notice, number)) => self
+                    .space
+                    .bfn_of(idx)
+                    .map(|bfn| (bfn, notice, number))
+                    .ok_or(Errno::NoEnt),
+                None => Err(Errno::NoEnt),
+            };
         }
-        // (A cell's notices are all of its context; checked as
-        // `revoked_ack` does. The hypercall relies on it: it writes the
-        // notice's context back into the op, which the ABI says comes
-        // back as it was.)
-        let found = self
-            .lock_cell(caller, context)
-            .and_then(|mut d| d.dd.revoked_after(skip))
-            .filter(|(_, notice, _)| notice.context == context);
-        let (idx, notice, number) = found.ok_or(Errno::NoEnt)?;
-        Ok((self.space.bfn_of(idx).ok_or(Errno::NoEnt)?, notice, number))
+        n
     }
 
     /// (quota, used, revoked) of `caller`.
