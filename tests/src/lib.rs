@@ -194,6 +194,10 @@ pub enum Service {
     /// The same, from the (n+1)-th copy that covers this guest address on
     /// (the first n are written: the page went away in between).
     CopyToGuestAtAfter(u64, u32),
+    /// Right before the first copy that covers this guest address, which
+    /// then succeeds: another CPU acts between an op's report and what
+    /// follows it.
+    CopyToGuestRacing(u64),
     /// Right before the first IOTLB flush of one of the engine's contexts
     /// (a device's DMA there still meets the IOMMU's caches as they were).
     HwFlush,
@@ -269,6 +273,11 @@ impl Platform for Interposer<'_> {
         self.m.borrow_mut().copy_from_guest(a, b)
     }
     fn copy_to_guest(&mut self, a: u64, b: &[u8]) -> Result<(), Errno> {
+        if let Service::CopyToGuestRacing(at) = self.at {
+            if (a..a.saturating_add(b.len() as u64)).contains(&at) {
+                self.after(self.at);
+            }
+        }
         let (bad, writable) = match self.at {
             Service::CopyToGuestAt(bad) => (Some(bad), 0),
             Service::CopyToGuestAtAfter(bad, n) => (Some(bad), n),

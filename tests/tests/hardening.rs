@@ -716,6 +716,152 @@ fn a_failed_re_report_does_not_hide_the_other_changed_statuses() {
         .is_ok());
 }
 
+/// Map the guest's gfns `0..n` into dom0's context 0 and balloon them all
+/// out: `n` notices, oldest first; their BFNs.
+fn revoked_bfns(m: &mut SimMachine, e: &Engine, n: u64) -> Vec<Bfn> {
+    let mut maps: Vec<_> = (0..n).map(|g| map_op(GUEST, g, Permissions::RW)).collect();
+    m.guest_batch_all(e, DomId::DOM0, &mut maps).unwrap();
+    for g in 0..n {
+        m.balloon_out(e, GUEST, Gfn(g)).unwrap();
+    }
+    assert_eq!(e.usage(DomId::DOM0).2, n);
+    maps.iter().map(|o| Bfn(o.bfn)).collect()
+}
+
+fn ack_op(bfn: Bfn, notice: Option<u64>) -> pviommu_abi::PvIommuOp {
+    Request::RevokedAck {
+        context: ContextId::DEFAULT,
+        bfn,
+        notice,
+    }
+    .encode()
+}
+
+/// The BFNs of dom0's context-0 notices still queued, oldest first.
+fn queued(e: &Engine) -> Vec<Bfn> {
+    (0..)
+        .map_while(|skip| e.revoked_in(DomId::DOM0, ContextId::DEFAULT, skip).ok())
+        .map(|(bfn, _, _)| bfn)
+        .collect()
+}
+
+/// A run of acknowledgements whose status cannot be written at its third
+/// op: the first two notices are acknowledged and reported, the third and
+/// the rest stay queued, and the header says two were done.
+#[test]
+fn a_run_of_acks_stops_where_a_status_cannot_be_written() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let bfns = revoked_bfns(&mut m, &e, 5);
+    let acks: Vec<_> = bfns.iter().map(|&b| ack_op(b, None)).collect();
+    let (r, hdr, seen) = batch_with_unwritable_op(&mut m, &e, &acks, 2);
+    assert_eq!(r, Errno::Fault.negated() as i64);
+    assert_eq!(hdr.nr_done, 2);
+    assert_eq!((seen[0].status, seen[1].status), (0, 0));
+    assert_eq!(queued(&e), bfns[2..]);
+}
+
+/// Acknowledgements in runs answer as they would one by one: a repeat of
+/// an acknowledged notice in the same run is ENOENT, so is a number that
+/// is not the notice's, a BFN with no notice, and one of another context;
+/// a run of one context ends where another context's op starts. Only the
+/// right ones are taken.
+#[test]
+fn a_run_of_acks_answers_each_as_alone() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let bfns = revoked_bfns(&mut m, &e, 4);
+    let number = |bfn: Bfn| {
+        (0..)
+            .map_while(|skip| e.revoked_in(DomId::DOM0, ContextId::DEFAULT, skip).ok())
+            .find(|n| n.0 == bfn)
+            .map(|n| n.2)
+            .unwrap()
+    };
+    let (n0, n2) = (number(bfns[0]), number(bfns[2]));
+    let live = {
+        let mut op = [map_op(GUEST, 9, Permissions::RW)];
+        m.guest_batch_all(&e, DomId::DOM0, &mut op).unwrap();
+        Bfn(op[0].bfn)
+    };
+    let mut elsewhere = ack_op(bfns[3], None);
+    elsewhere.context = 5;
+    let mut ops = [
+        ack_op(bfns[0], Some(n0)),
+        ack_op(bfns[0], Some(n0)),
+        ack_op(bfns[1], Some(n2)),
+        ack_op(live, None),
+        elsewhere,
+        ack_op(bfns[2], Some(n2)),
+        ack_op(bfns[2], None),
+    ];
+    assert_eq!(m.guest_batch_all(&e, DomId::DOM0, &mut ops), Ok(1));
+    let statuses: Vec<i32> = ops.iter().map(|o| o.status).collect();
+    assert_eq!(statuses, [0, -2, -2, -2, -2, 0, -2]);
+    assert_eq!(queued(&e), [bfns[1], bfns[3]]);
+    assert!(e.lookup(DomId::DOM0, ContextId::DEFAULT, live).is_ok());
+}
+
+/// Between a run's check of its acknowledgements and their acts, another
+/// vCPU acknowledges one of them: that op is reported again as ENOENT
+/// (its first report said done), the others are taken.
+#[test]
+fn an_ack_taken_by_another_vcpu_after_the_runs_report_is_reported_again() {
+    use pviommu_tests::{stage_batch, Interposer, Service};
+    use zerocopy::IntoBytes;
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let bfns = revoked_bfns(&mut m, &e, 3);
+    let acks: Vec<_> = bfns.iter().map(|&b| ack_op(b, None)).collect();
+    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &acks);
+    let op_size = core::mem::size_of::<pviommu_abi::PvIommuOp>() as u64;
+    let r = {
+        let other = bfns[1];
+        let mut h = Interposer::new(
+            &mut m,
+            Service::CopyToGuestRacing(ops_addr + op_size),
+            Box::new(|_| {
+                e.revoked_ack(DomId::DOM0, ContextId::DEFAULT, other, None)
+                    .unwrap()
+            }),
+        );
+        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
+    };
+    assert_eq!(r, 0);
+    let mut seen = [pviommu_abi::PvIommuOp::default(); 3];
+    m.copy_from_guest(ops_addr, seen.as_mut_bytes()).unwrap();
+    let statuses: Vec<i32> = seen.iter().map(|o| o.status).collect();
+    assert_eq!(statuses, [0, -2, 0]);
+    assert!(queued(&e).is_empty());
+}
+
+/// A run of one context's notices whose answer cannot be written at its
+/// third op: the first two are reported, the header says two were done,
+/// and nothing changed (asking changes nothing).
+#[test]
+fn a_run_of_notices_stops_where_an_answer_cannot_be_written() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let bfns = revoked_bfns(&mut m, &e, 5);
+    let asks: Vec<_> = (0..5)
+        .map(|skip| {
+            Request::RevokedNextIn {
+                context: ContextId::DEFAULT,
+                skip,
+                numbered: true,
+            }
+            .encode()
+        })
+        .collect();
+    let before = observable(&m, &e);
+    let (r, hdr, seen) = batch_with_unwritable_op(&mut m, &e, &asks, 2);
+    assert_eq!(r, Errno::Fault.negated() as i64);
+    assert_eq!(hdr.nr_done, 2);
+    for (k, op) in seen.iter().enumerate().take(2) {
+        assert_eq!((op.status, Bfn(op.bfn), op.gfn), (0, bfns[k], k as u64));
+        assert_ne!(op.notice, 0, "numbered");
+    }
+    assert_eq!(seen[3], asks[3], "an op after the fault was written");
+    assert_eq!(observable(&m, &e), before);
+    assert_eq!(queued(&e), bfns);
+}
+
 /// A driver domain mapping a paged-out page of its own (into one of its
 /// contexts: context 0 refuses its own pages) gets EAGAIN, and the lookup
 /// does not start paging the page in: in Xen that may sleep for the
