@@ -231,7 +231,8 @@ impl Request {
     /// with those fields: for the batch's runs of one context's notices.
     #[inline]
     pub fn parse_revoked_in(op: &PvIommuOp) -> Option<(ContextId, u32, bool)> {
-        if op.subop != subop::REVOKED_NEXT {
+        // The global form (no IN_CONTEXT) is not parsed twice.
+        if op.subop != subop::REVOKED_NEXT || op.flags & revoked_next::IN_CONTEXT == 0 {
             return None;
         }
         match Request::parse(op) {

@@ -135,6 +135,9 @@ fn status_of(r: &Result<(), Errno>) -> i32 {
 /// and reported, that one and the rest are left alone, and `Err((done,
 /// error))` is returned (if a changed status cannot be written after the
 /// acts, every reported op counts as done: it was acted on).
+// Inlined into each run (which is not inlined), so that its engine calls
+// are inlined there as they were before it was shared.
+#[inline(always)]
 fn run_checked<H: Hypervisor, T: Copy>(
     h: &mut H,
     hdr: &PvIommuBatch,
@@ -520,10 +523,10 @@ impl<L: RawMutex> Engine<L> {
                 Some(self.run_maps(h, caller, ci, &hdr, op))
             } else if Request::parse_unmap(&op).is_some() {
                 Some(self.run_unmaps(h, caller, &hdr, op))
-            } else if Request::parse_revoked_ack(&op).is_some() {
-                Some(self.run_acks(h, caller, &hdr, op))
-            } else if Request::parse_revoked_in(&op).is_some() {
-                Some(self.run_notices(h, caller, &hdr, op))
+            } else if let Some((context, _, _)) = Request::parse_revoked_ack(&op) {
+                Some(self.run_acks(h, caller, &hdr, op, context))
+            } else if let Some((context, _, _)) = Request::parse_revoked_in(&op) {
+                Some(self.run_notices(h, caller, &hdr, op, context))
             } else {
                 None
             };
@@ -668,8 +671,8 @@ impl<L: RawMutex> Engine<L> {
         )
     }
 
-    /// Run the `revoked_ack` ops starting at `hdr.nr_done` (`first`, and up
-    /// to [`MAP_CHUNK`] - 1 more of its context) as [`run_checked`] runs a
+    /// Run the `revoked_ack` ops starting at `hdr.nr_done` (`first`, of
+    /// `context`, and up to [`MAP_CHUNK`] - 1 more of it) as [`run_checked`] runs a
     /// run: one lock of the context's cell for the checks, one for the
     /// acknowledgements.
     #[inline(never)]
@@ -679,11 +682,8 @@ impl<L: RawMutex> Engine<L> {
         caller: DomId,
         hdr: &PvIommuBatch,
         first: PvIommuOp,
+        context: ContextId,
     ) -> Result<(u32, Option<PvIommuOp>), (u32, Errno)> {
-        let Some((context, _, _)) = Request::parse_revoked_ack(&first) else {
-            // Unreachable: the batch loop hands over only acknowledgements.
-            return Err((0, Errno::Inval));
-        };
         run_checked(
             h,
             hdr,
@@ -714,8 +714,8 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// Run the `revoked_next` ops of one context (`IN_CONTEXT`) starting at
-    /// `hdr.nr_done` (`first`, and up to [`MAP_CHUNK`] - 1 more of its
-    /// context) under one lock of the context's cell, and write them back
+    /// `hdr.nr_done` (`first`, of `context`, and up to [`MAP_CHUNK`] - 1
+    /// more of it) under one lock of the context's cell, and write them back
     /// with one copy. They change nothing, so an op whose answer cannot be
     /// written is simply not done: `Err((done before it, error))`.
     #[inline(never)]
@@ -725,11 +725,8 @@ impl<L: RawMutex> Engine<L> {
         caller: DomId,
         hdr: &PvIommuBatch,
         first: PvIommuOp,
+        context: ContextId,
     ) -> Result<(u32, Option<PvIommuOp>), (u32, Errno)> {
-        let Some((context, _, _)) = Request::parse_revoked_in(&first) else {
-            // Unreachable: the batch loop hands over only these.
-            return Err((0, Errno::Inval));
-        };
         let mut ops = [first; MAP_CHUNK];
         let mut asks = [(0u32, false); MAP_CHUNK];
         let (n, after) = copy_in_run(h, hdr, first, &mut ops, &mut asks, |op| {

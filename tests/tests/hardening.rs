@@ -862,6 +862,147 @@ fn a_run_of_notices_stops_where_an_answer_cannot_be_written() {
     assert_eq!(queued(&e), bfns);
 }
 
+/// A run checks each acknowledgement against the notices the ones before
+/// it in the same call passed for: a repeat is ENOENT at the check already,
+/// as it would be one by one (the review of the runs: the check answered
+/// both 0, and had the act's re-report of the repeat failed, the guest
+/// would have read 0 for an op that did nothing).
+#[test]
+fn a_repeated_ack_in_a_run_is_refused_at_the_check() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let bfns = revoked_bfns(&mut m, &e, 2);
+    let mut out = [Ok(()); 3];
+    let acks = [(bfns[0], None), (bfns[0], None), (bfns[1], None)];
+    let n = e.revoked_ack_batch(DomId::DOM0, ContextId::DEFAULT, &acks, false, &mut out);
+    assert_eq!(n, 3);
+    assert_eq!(out, [Ok(()), Err(Errno::NoEnt), Ok(())]);
+    assert_eq!(queued(&e), bfns, "a check took a notice");
+}
+
+/// A run of one context's notices ends before a skip lower than the one
+/// before it: under one lock, a run of rising skips walks at most as many
+/// links as one op may (each op goes on from where the one before
+/// stopped). The rest are answered by the next run, the same.
+#[test]
+fn a_run_of_notices_ends_before_a_falling_skip() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let bfns = revoked_bfns(&mut m, &e, 6);
+    let mut out = [Err(Errno::Inval); 8];
+    let n = e.revoked_in_batch(
+        DomId::DOM0,
+        ContextId::DEFAULT,
+        &[0, 2, 2, 5, 1, 3],
+        &mut out,
+    );
+    assert_eq!(n, 4);
+    let got: Vec<Bfn> = out[..n].iter().map(|r| r.unwrap().0).collect();
+    assert_eq!(got, [bfns[0], bfns[2], bfns[2], bfns[5]]);
+    let asks: Vec<_> = [5u32, 4, 3, 2, 1, 0]
+        .iter()
+        .map(|&skip| {
+            Request::RevokedNextIn {
+                context: ContextId::DEFAULT,
+                skip,
+                numbered: false,
+            }
+            .encode()
+        })
+        .collect();
+    let mut ops = asks.clone();
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    let got: Vec<Bfn> = ops.iter().map(|o| Bfn(o.bfn)).collect();
+    let want: Vec<Bfn> = bfns.iter().rev().copied().collect();
+    assert_eq!(got, want);
+}
+
+/// A run of notices asked of two contexts is two runs: each op is answered
+/// from its own context, whose id it keeps.
+#[test]
+fn a_run_of_notices_answers_each_op_from_its_own_context() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let c1 = e.context_create(&mut m, DomId::DOM0).unwrap();
+    let mut maps = [
+        map_op(GUEST, 1, Permissions::RW),
+        pviommu_tests::map_op_in(c1, GUEST, 2, Permissions::RW),
+    ];
+    m.guest_batch_all(&e, DomId::DOM0, &mut maps).unwrap();
+    m.balloon_out(&e, GUEST, Gfn(1)).unwrap();
+    m.balloon_out(&e, GUEST, Gfn(2)).unwrap();
+    let ask = |context| {
+        Request::RevokedNextIn {
+            context,
+            skip: 0,
+            numbered: false,
+        }
+        .encode()
+    };
+    let mut ops = [ask(ContextId::DEFAULT), ask(c1)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    let got: Vec<_> = ops
+        .iter()
+        .map(|o| (o.status, o.context, o.gfn, o.bfn))
+        .collect();
+    assert_eq!(
+        got,
+        [(0, 0, 1, maps[0].bfn), (0, c1.0, 2, maps[1].bfn)],
+        "each from its own context"
+    );
+}
+
+/// An op refused at a run's check is never acted on, even if by the act
+/// another vCPU has made it valid: an unmap of a BFN no longer mapped,
+/// which another vCPU's map takes again between the run's report and its
+/// act, leaves that new mapping alone; an acknowledgement of a BFN with no
+/// notice leaves the notice another vCPU's revocation queues for it then.
+#[test]
+fn an_op_refused_at_the_check_is_not_acted_on_when_it_becomes_valid() {
+    use pviommu_tests::{stage_batch, Interposer, Service};
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let mut op = [map_op(GUEST, 1, Permissions::RW)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut op).unwrap();
+    let b = Bfn(op[0].bfn);
+    assert_eq!(unmap_status(&mut m, &e, DomId::DOM0, b), 0);
+    let run = |m: &mut SimMachine,
+               op: pviommu_abi::PvIommuOp,
+               race: Box<dyn FnOnce(&mut SimMachine) + '_>| {
+        let (base, ops_addr) = stage_batch(m, DomId::DOM0, &[op]);
+        let mut h = Interposer::new(m, Service::CopyToGuestRacing(ops_addr), race);
+        assert_eq!(e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base), 0);
+        drop(h);
+        let mut seen = pviommu_abi::PvIommuOp::default();
+        m.copy_from_guest(ops_addr, zerocopy::IntoBytes::as_mut_bytes(&mut seen))
+            .unwrap();
+        seen.status
+    };
+    // The unmap: refused (no such mapping); meanwhile gfn 2 is mapped at
+    // the same BFN (handed out lowest first).
+    let remapped = std::cell::Cell::new(0);
+    let status = run(
+        &mut m,
+        unmap_op(b),
+        Box::new(|m| {
+            let mut op = [map_op(GUEST, 2, Permissions::RW)];
+            m.guest_batch_all(&e, DomId::DOM0, &mut op).unwrap();
+            remapped.set(op[0].bfn);
+        }),
+    );
+    assert_eq!(status, Errno::NoEnt.negated());
+    assert_eq!(remapped.get(), b.0, "the race's map took the same BFN");
+    assert!(
+        e.lookup(DomId::DOM0, ContextId::DEFAULT, b).is_ok(),
+        "unmapped"
+    );
+    // The ack: refused (the BFN is live, no notice); meanwhile gfn 2 is
+    // ballooned out and its notice queued at that BFN.
+    let status = run(
+        &mut m,
+        ack_op(b, None),
+        Box::new(|m| m.balloon_out(&e, GUEST, Gfn(2)).unwrap()),
+    );
+    assert_eq!(status, Errno::NoEnt.negated());
+    assert_eq!(queued(&e), [b], "the new notice was taken");
+}
+
 /// A driver domain mapping a paged-out page of its own (into one of its
 /// contexts: context 0 refuses its own pages) gets EAGAIN, and the lookup
 /// does not start paging the page in: in Xen that may sleep for the

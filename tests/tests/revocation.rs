@@ -434,6 +434,22 @@ fn driver_domain(m: &mut pviommu_hv::sim::SimMachine, d: u16) {
     .unwrap();
 }
 
+/// Acknowledging a driver domain's last notice gives its cell back at
+/// once (the ack's unlock does what every unlock does), not at its next
+/// call.
+#[test]
+fn the_last_acknowledgement_gives_the_cell_back() {
+    let (mut m, e) = machine(Format::Vtd, 64);
+    driver_domain(&mut m, 9);
+    map_one(&mut m, &e, DomId(9), GUEST, 0, Permissions::RW).unwrap();
+    m.balloon_out(&e, GUEST, Gfn(0)).unwrap();
+    assert!(e.state().driver(DomId(9)).is_some(), "its notice keeps it");
+    let (bfn, _, n) = e.revoked_in(DomId(9), ContextId::DEFAULT, 0).unwrap();
+    e.revoked_ack(DomId(9), ContextId::DEFAULT, bfn, Some(n))
+        .unwrap();
+    assert!(e.state().driver(DomId(9)).is_none(), "d9's cell kept");
+}
+
 /// Notice numbers are a domain's, not its cell's (security review of ABI
 /// 1.5). A driver domain that empties its state gives its cell back; the
 /// next domain to claim that cell numbers from 1 (it does not learn how

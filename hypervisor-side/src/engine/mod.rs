@@ -1817,7 +1817,9 @@ impl<L: RawMutex> Engine<L> {
     /// [`revoked_ack_check`](Self::revoked_ack_check) of each of the first
     /// `acks` (BFN, number) of `context`, at most [`MAP_CHUNK`], under one
     /// lock of the context's cell: `out[i]` is what `acks[i]` alone would
-    /// answer after the ones before it. Returns how many were done.
+    /// answer after the ones before it (a check changes nothing, but
+    /// answers a notice an earlier ack of the call passed for as taken:
+    /// `ENOENT`). Returns how many were done.
     pub fn revoked_ack_batch(
         &self,
         caller: DomId,
@@ -1833,14 +1835,23 @@ impl<L: RawMutex> Engine<L> {
             }
             return n;
         };
-        for (&(bfn, number), o) in acks.iter().zip(out.iter_mut()).take(n) {
+        // The slots a check passed so far (as if taken).
+        let mut passed = [NONE; MAP_CHUNK];
+        for (k, (&(bfn, number), o)) in acks.iter().zip(out.iter_mut()).take(n).enumerate() {
             let Some(idx) = self.space.index_of(bfn) else {
                 *o = Err(Errno::NoEnt);
                 continue;
             };
+            let earlier = passed.get(..k).unwrap_or(&[]);
             *o = match Self::revoked_kind(&d.dd, context, idx, number) {
                 Ok(true) if act => d.dd.ack_revoked(idx).map(|_| ()),
-                Ok(true) => Ok(()),
+                Ok(true) if earlier.contains(&idx) => Err(Errno::NoEnt),
+                Ok(true) => {
+                    if let Some(p) = passed.get_mut(k) {
+                        *p = idx;
+                    }
+                    Ok(())
+                }
                 Ok(false) => Err(Errno::NoEnt),
                 Err(e) => Err(e),
             };
@@ -1928,9 +1939,10 @@ impl<L: RawMutex> Engine<L> {
 
     /// [`revoked_in`](Self::revoked_in) of each of the first `skips` of
     /// `context`, at most [`MAP_CHUNK`], under one lock of the context's
-    /// cell; returns how many were answered. Asked for in order (0, 1, 2,
-    /// ...) each op walks one link; each walks at most `MAX_SKIP` links
-    /// whatever the queue holds.
+    /// cell; returns how many were answered. The run ends before a skip
+    /// lower than the one before it: a run of rising skips walks at most
+    /// `MAX_SKIP` links in all (each op goes on from where the one before
+    /// stopped), the bound of a single op, whatever the queue holds.
     pub fn revoked_in_batch(
         &self,
         caller: DomId,
@@ -1938,7 +1950,14 @@ impl<L: RawMutex> Engine<L> {
         skips: &[u32],
         out: &mut [Result<(Bfn, Notice, u64), Errno>],
     ) -> usize {
-        let n = skips.len().min(out.len()).min(MAP_CHUNK);
+        let mut n = skips.len().min(out.len()).min(MAP_CHUNK);
+        if let Some(fall) = skips
+            .windows(2)
+            .take(n)
+            .position(|w| matches!(w, [a, b] if b < a))
+        {
+            n = fall + 1;
+        }
         let mut d = self.lock_cell(caller, context);
         for (&skip, o) in skips.iter().zip(out.iter_mut()).take(n) {
             // Bounded here too, not only at parse: the walk runs under the
