@@ -198,6 +198,10 @@ pub enum Service {
     /// then succeeds: another CPU acts between an op's report and what
     /// follows it.
     CopyToGuestRacing(u64),
+    /// The same, and every later copy that covers the address fails with
+    /// `EFAULT`: a status that changed after it was written cannot be
+    /// written again.
+    CopyToGuestRacingThenFault(u64),
     /// Right before the first IOTLB flush of one of the engine's contexts
     /// (a device's DMA there still meets the IOMMU's caches as they were).
     HwFlush,
@@ -273,9 +277,12 @@ impl Platform for Interposer<'_> {
         self.m.borrow_mut().copy_from_guest(a, b)
     }
     fn copy_to_guest(&mut self, a: u64, b: &[u8]) -> Result<(), Errno> {
-        if let Service::CopyToGuestRacing(at) = self.at {
+        if let Service::CopyToGuestRacing(at) | Service::CopyToGuestRacingThenFault(at) = self.at {
             if (a..a.saturating_add(b.len() as u64)).contains(&at) {
-                self.after(self.at);
+                let first = self.after(self.at);
+                if !first && matches!(self.at, Service::CopyToGuestRacingThenFault(_)) {
+                    return Err(Errno::Fault);
+                }
             }
         }
         let (bad, writable) = match self.at {

@@ -832,6 +832,38 @@ fn an_ack_taken_by_another_vcpu_after_the_runs_report_is_reported_again() {
     assert!(queued(&e).is_empty());
 }
 
+/// An acknowledgement that another vCPU overtook between its report and
+/// its act, whose changed status then cannot be written: the call fails
+/// (EFAULT), and `nr_done` counts the op, which was acted on. Before the
+/// runs, the header left it undone, so a caller re-issuing the call ran
+/// it again: an unnumbered ack then took whatever notice had been queued
+/// for that BFN meanwhile (one its caller had not been told of).
+#[test]
+fn an_ack_whose_changed_status_cannot_be_written_counts_as_done() {
+    use pviommu_tests::{stage_batch, Interposer, Service};
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let bfns = revoked_bfns(&mut m, &e, 2);
+    let ops = [ack_op(bfns[0], None), ack_op(bfns[1], None)];
+    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &ops);
+    let r = {
+        let other = bfns[0];
+        let mut h = Interposer::new(
+            &mut m,
+            Service::CopyToGuestRacingThenFault(ops_addr),
+            Box::new(|_| {
+                e.revoked_ack(DomId::DOM0, ContextId::DEFAULT, other, None)
+                    .unwrap()
+            }),
+        );
+        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
+    };
+    assert_eq!(r, Errno::Fault.negated() as i64);
+    let mut hdr = pviommu_abi::PvIommuBatch::default();
+    m.copy_from_guest(base, zerocopy::IntoBytes::as_mut_bytes(&mut hdr))
+        .unwrap();
+    assert!(hdr.nr_done >= 1, "the overtaken ack would run again");
+}
+
 /// A run of one context's notices whose answer cannot be written at its
 /// third op: the first two are reported, the header says two were done,
 /// and nothing changed (asking changes nothing).
