@@ -239,10 +239,16 @@ impl<L: RawMutex> Engine<L> {
         gate.seq.fetch_add(1, Ordering::SeqCst);
         let mask = gate.drivers.load(Ordering::SeqCst);
         let count = 1u64.checked_shl(order).unwrap_or(u64::MAX);
-        for (cell, lock) in self.cells.iter().enumerate() {
-            if mask & (1 << cell) == 0 {
-                continue;
-            }
+        // The cells whose bit is set, lowest first: a hook's cost follows
+        // the driver domains that map the target, not the number of cells
+        // (testing all 64 bits was half of a hook for an unmapped gfn).
+        let mut left = mask;
+        while left != 0 {
+            let cell = left.trailing_zeros() as usize;
+            left &= left - 1;
+            let Some(lock) = self.cells.get(cell) else {
+                break;
+            };
             let mut d = Driver {
                 cell,
                 dd: lock.lock(),
