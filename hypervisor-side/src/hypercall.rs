@@ -53,10 +53,10 @@ fn write_notice(op: &mut PvIommuOp, (bfn, n, number): (Bfn, Notice, u64), number
 }
 
 /// Copy in the ops of a run that starts with `first` (at `hdr.nr_done`,
-/// already copied in and parsed by the batch loop into `head`) into `ops`,
-/// each parsed by `take` into the same place of `parsed`: up to
-/// `ops.len()` ops while `take` accepts them (each op is parsed once). The rest is copied with one guest copy; if that faults,
-/// op by op up to the fault (the op that faults is reported when the batch
+/// already copied in, and parsed into `head`) into `ops`, each parsed by
+/// `take` into the same place of `parsed`: up to `ops.len()` ops while
+/// `take` accepts them (each op is parsed once). The rest is copied with
+/// one guest copy; if that faults, op by op up to the fault (the op that faults is reported when the batch
 /// loop reaches it). Returns how many were taken, and the op after them if
 /// it was copied in.
 fn copy_in_run<T>(
