@@ -56,9 +56,9 @@ fn write_notice(op: &mut PvIommuOp, (bfn, n, number): (Bfn, Notice, u64), number
 /// already copied in, and parsed into `head`) into `ops`, each parsed by
 /// `take` into the same place of `parsed`: up to `ops.len()` ops while
 /// `take` accepts them (each op is parsed once). The rest is copied with
-/// one guest copy; if that faults, op by op up to the fault (the op that faults is reported when the batch
-/// loop reaches it). Returns how many were taken, and the op after them if
-/// it was copied in.
+/// one guest copy; if that faults, op by op up to the fault (the op that
+/// faults is reported when the batch loop reaches it). Returns how many
+/// were taken, and the op after them if it was copied in.
 fn copy_in_run<T>(
     h: &mut impl Hypervisor,
     hdr: &PvIommuBatch,

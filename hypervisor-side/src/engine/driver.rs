@@ -1234,6 +1234,27 @@ mod tests {
         assert_eq!(dd.revoked_cursor, (2, idx[2], dd.revoked_acks));
         // Asking inside the queue still finds the notice, from the head.
         assert_eq!(dd.revoked_after(1).map(|(i, _, _)| i), Some(idx[1]));
+        // A notice queued after a walk ran off the end is found from the
+        // cursor that walk left: the next place.
+        assert_eq!(dd.revoked_after(200), None);
+        assert_eq!(dd.revoked_cursor, (2, idx[2], dd.revoked_acks));
+        let g4 = {
+            let at = dd.probe_page(SEED, DomId(7), Gfn(4));
+            install(&mut dd, at, mapping(4))
+        };
+        let fourth = Notice {
+            domid: DomId(7),
+            gfn: Gfn(4),
+            context: ContextId::DEFAULT,
+        };
+        dd.push_revoked(g4, fourth, 4);
+        assert_eq!(dd.revoked_after(3), Some((g4, fourth, 4)));
+        // An acknowledgement moves the notices after it: the cursor is not
+        // trusted then, and the walk starts from the head again.
+        assert_eq!(dd.revoked_after(200), None);
+        dd.ack_revoked(idx[0]).unwrap();
+        assert_eq!(dd.revoked_after(2).map(|(i, _, _)| i), Some(g4));
+        assert_eq!(dd.revoked_after(3), None);
         // An empty queue leaves the cursor alone.
         let mut empty = DriverDomain::new(DomId(0));
         let before = empty.revoked_cursor;

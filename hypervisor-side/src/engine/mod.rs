@@ -108,6 +108,8 @@ pub const OTHER_MAX_CONTEXTS: u32 = 4;
 /// create contexts cannot keep others from mapping at all.
 pub const HOME_RESERVE: usize = 16;
 const _: () = assert!(HOME_RESERVE < MAX_DRIVER_DOMAINS - DOM0_CELLS);
+// A target's gate names the cells that map it by one bit each in a u64.
+const _: () = assert!(MAX_DRIVER_DOMAINS <= u64::BITS as usize);
 /// `cell_of` entry of a domain without a cell.
 const NO_CELL: u8 = u8::MAX;
 /// `owners` entry of a free cell.

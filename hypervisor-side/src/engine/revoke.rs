@@ -246,6 +246,8 @@ impl<L: RawMutex> Engine<L> {
         while left != 0 {
             let cell = left.trailing_zeros() as usize;
             left &= left - 1;
+            // (Every bit names a cell: there are at most 64, checked at
+            // build time.)
             let Some(lock) = self.cells.get(cell) else {
                 break;
             };
