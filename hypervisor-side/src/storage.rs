@@ -672,6 +672,25 @@ impl<T: Copy> ChunkedVec<T> {
         self.chunks.get(idx / CHUNK_LEN)?.get(idx % CHUNK_LEN)
     }
 
+    /// The first index at or after `from` whose value `pred` accepts: a
+    /// pass over the blocks as slices (no per-value block lookup).
+    #[inline]
+    pub fn position_from(&self, from: usize, pred: impl Fn(&T) -> bool) -> Option<usize> {
+        let mut skip = from % CHUNK_LEN;
+        let mut base = from - skip;
+        for chunk in self.chunks.get(from / CHUNK_LEN..)? {
+            if let Some(i) = chunk
+                .get(skip..)
+                .and_then(|part| part.iter().position(&pred))
+            {
+                return Some(base + skip + i);
+            }
+            base += CHUNK_LEN;
+            skip = 0;
+        }
+        None
+    }
+
     /// Value `idx`, to change.
     #[inline]
     pub fn get_mut(&mut self, idx: usize) -> Option<&mut T> {
@@ -883,6 +902,41 @@ mod tests {
         );
         v.release();
         assert_eq!(v.capacity(), 0);
+    }
+
+    /// `position_from` finds what a scan of `get` from the same index
+    /// finds, from any index, across block boundaries and past the end.
+    #[test]
+    fn a_chunked_vec_position_from_agrees_with_a_scan() {
+        let mut v = ChunkedVec::<u64>::new();
+        let n = 2 * CHUNK_LEN + 77;
+        for i in 0..n as u64 {
+            v.try_reserve_one(usize::MAX).unwrap();
+            // Hits spread over the blocks, none in a long stretch.
+            let hit = i % 997 == 3 || i == CHUNK_LEN as u64 || i == n as u64 - 1;
+            v.try_push(u64::from(hit)).unwrap();
+        }
+        let scan = |from: usize| (from..v.len()).find(|&i| v.get(i) == Some(&1));
+        let mut froms: Vec<usize> = (0..n + 3).step_by(131).collect();
+        froms.extend([
+            0,
+            3,
+            4,
+            CHUNK_LEN - 1,
+            CHUNK_LEN,
+            CHUNK_LEN + 1,
+            n - 1,
+            n,
+            n + 9,
+        ]);
+        for from in froms {
+            assert_eq!(
+                v.position_from(from, |&x| x == 1),
+                scan(from),
+                "from {from}"
+            );
+        }
+        assert_eq!(ChunkedVec::<u64>::new().position_from(0, |_| true), None);
     }
 
     /// Its first version allocated whole blocks past a driver domain's

@@ -616,6 +616,29 @@ impl DriverDomain {
     }
     /// The live mapping in slot `idx`.
     #[inline]
+    /// The first Live slot at or after `from` mapping a gfn of `domid` in
+    /// `[first, last)`, writable ones only unless `any`: the pass a hook
+    /// over a long range makes instead of probing each gfn. Reads the
+    /// packed slots as they are (a mapping is decoded only for a hit).
+    pub(crate) fn next_live_in(
+        &self,
+        from: u64,
+        domid: DomId,
+        (first, last): (u64, u64),
+        any: bool,
+    ) -> Option<u64> {
+        let from = usize::try_from(from).ok()?;
+        self.slots
+            .position_from(from, |r| {
+                r.state() == ST_LIVE
+                    && r.domid == domid.0
+                    && r.gfn >= first
+                    && r.gfn < last
+                    && (any || r.bits & WRITE != 0)
+            })
+            .map(|i| i as u64)
+    }
+
     pub(crate) fn live_at(&self, idx: u64) -> Option<Mapping> {
         self.raw(idx)
             .filter(|r| r.state() == ST_LIVE)

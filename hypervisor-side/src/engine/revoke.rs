@@ -269,17 +269,13 @@ impl<L: RawMutex> Engine<L> {
             } else {
                 // A range larger than everything mapped (log-dirty over the
                 // whole domain, a 1 GiB extent): scan the mappings instead.
-                let last = gfn.0.saturating_add(count);
-                for idx in 0..d.dd.slots.len() as u64 {
-                    let hit = d.dd.live_at(idx).is_some_and(|m| {
-                        m.domid == domid
-                            && m.gfn.0 >= gfn.0
-                            && m.gfn.0 < last
-                            && (how == GfnChange::Removed || m.perms.write)
-                    });
-                    if hit {
-                        self.revoke_slot(&mut d, h, idx);
-                    }
+                // (Bounded: `from` only rises, up to the slot count.)
+                let range = (gfn.0, gfn.0.saturating_add(count));
+                let any = how == GfnChange::Removed;
+                let mut from = 0;
+                while let Some(idx) = d.dd.next_live_in(from, domid, range, any) {
+                    self.revoke_slot(&mut d, h, idx);
+                    from = idx + 1;
                 }
             }
             // Nothing of this gfn here and nothing pending (the common case
