@@ -928,6 +928,10 @@ mod tests {
             n - 1,
             n,
             n + 9,
+            // Past the blocks there are, far past, and at the very end.
+            3 * CHUNK_LEN,
+            5 * CHUNK_LEN + 1,
+            usize::MAX,
         ]);
         for from in froms {
             assert_eq!(
@@ -935,6 +939,28 @@ mod tests {
                 scan(from),
                 "from {from}"
             );
+        }
+        // A hit on a block's last value.
+        let mut last_of_block = ChunkedVec::<u64>::new();
+        for i in 0..CHUNK_LEN + 3 {
+            last_of_block.try_reserve_one(usize::MAX).unwrap();
+            last_of_block
+                .try_push(u64::from(i == CHUNK_LEN - 1))
+                .unwrap();
+        }
+        assert_eq!(
+            last_of_block.position_from(1, |&x| x == 1),
+            Some(CHUNK_LEN - 1)
+        );
+        // A short first block (20 values, room for more): up to its length.
+        let mut short = ChunkedVec::<u64>::new();
+        for i in 0..20u64 {
+            short.try_reserve_one(usize::MAX).unwrap();
+            short.try_push(i).unwrap();
+        }
+        assert_eq!(short.position_from(19, |&x| x >= 19), Some(19));
+        for from in [20, 30, CHUNK_LEN - 1, CHUNK_LEN] {
+            assert_eq!(short.position_from(from, |_| true), None, "from {from}");
         }
         assert_eq!(ChunkedVec::<u64>::new().position_from(0, |_| true), None);
     }

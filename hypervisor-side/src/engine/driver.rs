@@ -614,8 +614,6 @@ impl DriverDomain {
             None => false,
         }
     }
-    /// The live mapping in slot `idx`.
-    #[inline]
     /// The first Live slot at or after `from` mapping a gfn of `domid` in
     /// `[first, last)`, writable ones only unless `any`: the pass a hook
     /// over a long range makes instead of probing each gfn. Reads the
@@ -639,6 +637,8 @@ impl DriverDomain {
             .map(|i| i as u64)
     }
 
+    /// The live mapping in slot `idx`.
+    #[inline]
     pub(crate) fn live_at(&self, idx: u64) -> Option<Mapping> {
         self.raw(idx)
             .filter(|r| r.state() == ST_LIVE)
