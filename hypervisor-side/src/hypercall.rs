@@ -131,9 +131,10 @@ fn status_of(r: &Result<(), Errno>) -> i32 {
 /// `hdr.nr_done` (`first`, already copied in and parsed into `head`, and up
 /// to [`MAP_CHUNK`] - 1 more that `take` accepts, each parsed once into a
 /// `T`) as `run_op` runs each: check, report, act, report
-/// again what changed. `check` fills each op's (status, whether to act) and
-/// `act` each acted-on op's status; each takes the caller's cell lock once
-/// for the run, and no lock is held across the guest copies. Returns how
+/// again what changed. `step(h, ops, act, out)` is the engine's batch call
+/// for the kind: it checks (`act` false) or acts on `ops` and fills each
+/// one's (status, whether it passed), taking the caller's cell lock once
+/// for the run; no lock is held across the guest copies. Returns how
 /// many were done, and the op right after them if it was copied in
 /// already. If a status cannot be written, the ops before it are acted on
 /// and reported, that one and the rest are left alone, and `Err((done,
@@ -148,8 +149,7 @@ fn run_checked<H: Hypervisor, T: Copy>(
     first: PvIommuOp,
     head: T,
     take: impl Fn(&PvIommuOp) -> Option<T>,
-    check: impl FnOnce(&[T], &mut [(i32, bool)]) -> usize,
-    act: impl FnOnce(&mut H, &[T], &mut [i32]) -> usize,
+    mut step: impl FnMut(&mut H, &[T], bool, &mut [(i32, bool)]) -> usize,
 ) -> Result<(u32, Option<PvIommuOp>), (u32, Errno)> {
     // Filled from `first`, not zeroed (see `run_maps`).
     let mut ops = [first; MAP_CHUNK];
@@ -158,7 +158,7 @@ fn run_checked<H: Hypervisor, T: Copy>(
     let addr_of = |k: usize| hdr.ops + (hdr.nr_done as u64 + k as u64) * OP_SIZE;
     // Check and report.
     let mut checks = [(Errno::NoEnt.negated(), false); MAP_CHUNK];
-    let checked = check(reqs.get(..n).unwrap_or(&[]), &mut checks);
+    let checked = step(h, reqs.get(..n).unwrap_or(&[]), false, &mut checks);
     if checked == 0 {
         // Unreachable (a run checks at least its first op); never loop on
         // it.
@@ -188,14 +188,14 @@ fn run_checked<H: Hypervisor, T: Copy>(
             m += 1;
         }
     }
-    let mut acts = [0i32; MAP_CHUNK];
+    let mut acts = [(0, false); MAP_CHUNK];
     let acted = if m > 0 {
-        act(h, reqs.get(..m).unwrap_or(&[]), &mut acts)
+        step(h, reqs.get(..m).unwrap_or(&[]), true, &mut acts)
     } else {
         0
     };
     let mut failure = failure;
-    for (&k, &status) in which.iter().zip(acts.iter()).take(acted) {
+    for (&k, &(status, _)) in which.iter().zip(acts.iter()).take(acted) {
         let k = usize::from(k);
         let Some(op) = ops.get_mut(k) else {
             continue;
@@ -665,7 +665,15 @@ impl<L: RawMutex> Engine<L> {
             first,
             head,
             |op| Request::parse_unmap(op).filter(|&(c, _)| c == context),
-            |reqs, out| {
+            |h, reqs, act, out| {
+                if act {
+                    let mut acts = [Ok(()); MAP_CHUNK];
+                    let n = self.unmap_batch(h, caller, reqs, &mut acts);
+                    for (o, act) in out.iter_mut().zip(acts.iter()).take(n) {
+                        *o = (status_of(act), act.is_ok());
+                    }
+                    return n;
+                }
                 let mut checks = [Err(Errno::NoEnt); MAP_CHUNK];
                 let n = self.unmap_check_batch(caller, reqs, &mut checks);
                 for (o, check) in out.iter_mut().zip(checks.iter()).take(n) {
@@ -674,14 +682,6 @@ impl<L: RawMutex> Engine<L> {
                         Ok(true) => (Errno::Stale.negated(), true),
                         Err(e) => (e.negated(), false),
                     };
-                }
-                n
-            },
-            |h, reqs, out| {
-                let mut acts = [Ok(()); MAP_CHUNK];
-                let n = self.unmap_batch(h, caller, reqs, &mut acts);
-                for (o, act) in out.iter_mut().zip(acts.iter()).take(n) {
-                    *o = status_of(act);
                 }
                 n
             },
@@ -714,19 +714,11 @@ impl<L: RawMutex> Engine<L> {
                     .filter(|&(c, _, _)| c == context)
                     .map(|(_, bfn, number)| (bfn, number))
             },
-            |acks, out| {
+            |_, acks, act, out| {
                 let mut results = [Ok(()); MAP_CHUNK];
-                let n = self.revoked_ack_batch(caller, context, acks, false, &mut results);
-                for (o, check) in out.iter_mut().zip(results.iter()).take(n) {
-                    *o = (status_of(check), check.is_ok());
-                }
-                n
-            },
-            |_, acks, out| {
-                let mut results = [Ok(()); MAP_CHUNK];
-                let n = self.revoked_ack_batch(caller, context, acks, true, &mut results);
-                for (o, act) in out.iter_mut().zip(results.iter()).take(n) {
-                    *o = status_of(act);
+                let n = self.revoked_ack_batch(caller, context, acks, act, &mut results);
+                for (o, r) in out.iter_mut().zip(results.iter()).take(n) {
+                    *o = (status_of(r), r.is_ok());
                 }
                 n
             },
