@@ -1190,23 +1190,27 @@ mod tests {
         idx
     }
 
-    #[test]
-    fn a_walk_of_the_notice_queue_is_bounded_by_its_skip_whatever_the_links_hold() {
-        let mut dd = DriverDomain::new(DomId(0));
-        let idx: Vec<u64> = (1..=3)
-            .map(|g| {
-                let at = dd.probe_page(SEED, DomId(7), Gfn(g));
-                install(&mut dd, at, mapping(g))
-            })
-            .collect();
-        let notice = |g| Notice {
+    fn notice(g: u64) -> Notice {
+        Notice {
             domid: DomId(7),
             gfn: Gfn(g),
             context: ContextId::DEFAULT,
-        };
-        for (order, (&i, g)) in idx.iter().zip(1..).enumerate() {
-            dd.push_revoked(i, notice(g), order as u64);
         }
+    }
+
+    /// Install a mapping of gfn `g` and queue its notice, numbered
+    /// `number`: its slot.
+    fn queue_notice(dd: &mut DriverDomain, g: u64, number: u64) -> u64 {
+        let at = dd.probe_page(SEED, DomId(7), Gfn(g));
+        let idx = install(dd, at, mapping(g));
+        dd.push_revoked(idx, notice(g), number);
+        idx
+    }
+
+    #[test]
+    fn a_walk_of_the_notice_queue_is_bounded_by_its_skip_whatever_the_links_hold() {
+        let mut dd = DriverDomain::new(DomId(0));
+        let idx: Vec<u64> = (1..=3).map(|g| queue_notice(&mut dd, g, g - 1)).collect();
         assert_eq!(dd.revoked_after(2), Some((idx[2], notice(3), 2)));
         assert_eq!(dd.revoked_after(3), None);
         // The last notice linked back to the first: a cycle. Every skip
@@ -1236,20 +1240,7 @@ mod tests {
     #[test]
     fn a_walk_past_the_last_notice_leaves_its_cursor_there() {
         let mut dd = DriverDomain::new(DomId(0));
-        let idx: Vec<u64> = (1..=3)
-            .map(|g| {
-                let at = dd.probe_page(SEED, DomId(7), Gfn(g));
-                install(&mut dd, at, mapping(g))
-            })
-            .collect();
-        for (order, (&i, g)) in idx.iter().zip(1..).enumerate() {
-            let notice = Notice {
-                domid: DomId(7),
-                gfn: Gfn(g),
-                context: ContextId::DEFAULT,
-            };
-            dd.push_revoked(i, notice, order as u64 + 1);
-        }
+        let idx: Vec<u64> = (1..=3).map(|g| queue_notice(&mut dd, g, g)).collect();
         assert_eq!(dd.revoked_after(200), None);
         assert_eq!(dd.revoked_cursor, (2, idx[2], dd.revoked_acks));
         // From there: one link, then off the end again.
@@ -1261,17 +1252,8 @@ mod tests {
         // cursor that walk left: the next place.
         assert_eq!(dd.revoked_after(200), None);
         assert_eq!(dd.revoked_cursor, (2, idx[2], dd.revoked_acks));
-        let g4 = {
-            let at = dd.probe_page(SEED, DomId(7), Gfn(4));
-            install(&mut dd, at, mapping(4))
-        };
-        let fourth = Notice {
-            domid: DomId(7),
-            gfn: Gfn(4),
-            context: ContextId::DEFAULT,
-        };
-        dd.push_revoked(g4, fourth, 4);
-        assert_eq!(dd.revoked_after(3), Some((g4, fourth, 4)));
+        let g4 = queue_notice(&mut dd, 4, 4);
+        assert_eq!(dd.revoked_after(3), Some((g4, notice(4), 4)));
         // An acknowledgement moves the notices after it: the cursor is not
         // trusted then, and the walk starts from the head again.
         assert_eq!(dd.revoked_after(200), None);
