@@ -579,6 +579,33 @@ fn d14_set_limits_racing_a_domain_death_leaves_nothing_behind() {
     assert_eq!(lock_check::violations(), 0);
 }
 
+/// Bytes of one op in the guest's op array.
+const OP_SIZE: u64 = core::mem::size_of::<pviommu_abi::PvIommuOp>() as u64;
+
+/// Run `ops` as dom0's batch on a host where `race` runs at the service
+/// `at` names, given the guest address of op 0: the call's result, the
+/// header and the ops as the guest then sees them.
+fn batch_on(
+    m: &mut SimMachine,
+    e: &Engine,
+    ops: &[pviommu_abi::PvIommuOp],
+    at: impl FnOnce(u64) -> pviommu_tests::Service,
+    race: pviommu_tests::Race<'_>,
+) -> (i64, pviommu_abi::PvIommuBatch, Vec<pviommu_abi::PvIommuOp>) {
+    use pviommu_tests::{stage_batch, Interposer};
+    use zerocopy::IntoBytes;
+    let (base, ops_addr) = stage_batch(m, DomId::DOM0, ops);
+    let r = {
+        let mut h = Interposer::new(m, at(ops_addr), race);
+        e.hypercall(&mut h, DomId::DOM0, pviommu_abi::cmd::BATCH, base)
+    };
+    let mut hdr = pviommu_abi::PvIommuBatch::default();
+    let mut seen = vec![pviommu_abi::PvIommuOp::default(); ops.len()];
+    m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
+    m.copy_from_guest(ops_addr, seen.as_mut_bytes()).unwrap();
+    (r, hdr, seen)
+}
+
 /// Run `ops` as dom0's batch with the guest address of op `bad` unwritable
 /// (every copy covering it faults, as for an unmapped page): the call's
 /// result, the header and the ops as the guest then sees them.
@@ -588,23 +615,8 @@ fn batch_with_unwritable_op(
     ops: &[pviommu_abi::PvIommuOp],
     bad: u64,
 ) -> (i64, pviommu_abi::PvIommuBatch, Vec<pviommu_abi::PvIommuOp>) {
-    use pviommu_tests::{stage_batch, Interposer, Service};
-    use zerocopy::IntoBytes;
-    let (base, ops_addr) = stage_batch(m, DomId::DOM0, ops);
-    let op_size = core::mem::size_of::<pviommu_abi::PvIommuOp>() as u64;
-    let r = {
-        let mut h = Interposer::new(
-            m,
-            Service::CopyToGuestAt(ops_addr + bad * op_size),
-            Box::new(|_| {}),
-        );
-        e.hypercall(&mut h, DomId::DOM0, pviommu_abi::cmd::BATCH, base)
-    };
-    let mut hdr = pviommu_abi::PvIommuBatch::default();
-    let mut seen = vec![pviommu_abi::PvIommuOp::default(); ops.len()];
-    m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
-    m.copy_from_guest(ops_addr, seen.as_mut_bytes()).unwrap();
-    (r, hdr, seen)
+    let at = |ops_addr| pviommu_tests::Service::CopyToGuestAt(ops_addr + bad * OP_SIZE);
+    batch_on(m, e, ops, at, Box::new(|_| {}))
 }
 
 /// A run of unmaps whose status cannot be written at its third op: the
@@ -685,27 +697,17 @@ fn a_run_of_maps_checks_each_ops_context() {
 /// (The first version returned at the first failed re-report.)
 #[test]
 fn a_failed_re_report_does_not_hide_the_other_changed_statuses() {
-    use pviommu_tests::{stage_batch, Interposer, Service};
-    use zerocopy::IntoBytes;
+    use pviommu_tests::Service;
     let (mut m, e) = machine(Format::Vtd, 16);
     let mut maps: Vec<_> = (0..2).map(|g| map_op(GUEST, g, Permissions::RW)).collect();
     m.guest_batch_all(&e, DomId::DOM0, &mut maps).unwrap();
     let unmaps: Vec<_> = maps.iter().map(|o| unmap_op(Bfn(o.bfn))).collect();
-    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &unmaps);
     m.fail_unmaps = 2;
-    let r = {
-        // The run's statuses are written with one copy; the next copy
-        // covering op 0 (its re-report) faults.
-        let mut h = Interposer::new(
-            &mut m,
-            Service::CopyToGuestAtAfter(ops_addr, 1),
-            Box::new(|_| {}),
-        );
-        e.hypercall(&mut h, DomId::DOM0, pviommu_abi::cmd::BATCH, base)
-    };
+    // The run's statuses are written with one copy; the next copy
+    // covering op 0 (its re-report) faults.
+    let at = |ops_addr| Service::CopyToGuestAtAfter(ops_addr, 1);
+    let (r, _, seen) = batch_on(&mut m, &e, &unmaps, at, Box::new(|_| {}));
     assert_eq!(r, Errno::Fault.negated() as i64);
-    let mut seen = [pviommu_abi::PvIommuOp::default(); 2];
-    m.copy_from_guest(ops_addr, seen.as_mut_bytes()).unwrap();
     assert_eq!(
         seen[1].status,
         Errno::NoMem.negated(),
@@ -805,28 +807,22 @@ fn a_run_of_acks_answers_each_as_alone() {
 /// (its first report said done), the others are taken.
 #[test]
 fn an_ack_taken_by_another_vcpu_after_the_runs_report_is_reported_again() {
-    use pviommu_tests::{stage_batch, Interposer, Service};
-    use zerocopy::IntoBytes;
+    use pviommu_tests::Service;
     let (mut m, e) = machine(Format::Vtd, 16);
     let bfns = revoked_bfns(&mut m, &e, 3);
     let acks: Vec<_> = bfns.iter().map(|&b| ack_op(b, None)).collect();
-    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &acks);
-    let op_size = core::mem::size_of::<pviommu_abi::PvIommuOp>() as u64;
-    let r = {
-        let other = bfns[1];
-        let mut h = Interposer::new(
-            &mut m,
-            Service::CopyToGuestRacing(ops_addr + op_size),
-            Box::new(|_| {
-                e.revoked_ack(DomId::DOM0, ContextId::DEFAULT, other, None)
-                    .unwrap()
-            }),
-        );
-        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
-    };
+    let other = bfns[1];
+    let (r, _, seen) = batch_on(
+        &mut m,
+        &e,
+        &acks,
+        |ops_addr| Service::CopyToGuestRacing(ops_addr + OP_SIZE),
+        Box::new(|_| {
+            e.revoked_ack(DomId::DOM0, ContextId::DEFAULT, other, None)
+                .unwrap()
+        }),
+    );
     assert_eq!(r, 0);
-    let mut seen = [pviommu_abi::PvIommuOp::default(); 3];
-    m.copy_from_guest(ops_addr, seen.as_mut_bytes()).unwrap();
     let statuses: Vec<i32> = seen.iter().map(|o| o.status).collect();
     assert_eq!(statuses, [0, -2, 0]);
     assert!(queued(&e).is_empty());
@@ -840,27 +836,22 @@ fn an_ack_taken_by_another_vcpu_after_the_runs_report_is_reported_again() {
 /// for that BFN meanwhile (one its caller had not been told of).
 #[test]
 fn an_ack_whose_changed_status_cannot_be_written_counts_as_done() {
-    use pviommu_tests::{stage_batch, Interposer, Service};
+    use pviommu_tests::Service;
     let (mut m, e) = machine(Format::Vtd, 16);
     let bfns = revoked_bfns(&mut m, &e, 2);
     let ops = [ack_op(bfns[0], None), ack_op(bfns[1], None)];
-    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &ops);
-    let r = {
-        let other = bfns[0];
-        let mut h = Interposer::new(
-            &mut m,
-            Service::CopyToGuestRacingThenFault(ops_addr),
-            Box::new(|_| {
-                e.revoked_ack(DomId::DOM0, ContextId::DEFAULT, other, None)
-                    .unwrap()
-            }),
-        );
-        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
-    };
+    let other = bfns[0];
+    let (r, hdr, _) = batch_on(
+        &mut m,
+        &e,
+        &ops,
+        Service::CopyToGuestRacingThenFault,
+        Box::new(|_| {
+            e.revoked_ack(DomId::DOM0, ContextId::DEFAULT, other, None)
+                .unwrap()
+        }),
+    );
     assert_eq!(r, Errno::Fault.negated() as i64);
-    let mut hdr = pviommu_abi::PvIommuBatch::default();
-    m.copy_from_guest(base, zerocopy::IntoBytes::as_mut_bytes(&mut hdr))
-        .unwrap();
     assert_eq!(hdr.nr_done, 2, "the overtaken ack would run again");
 }
 
@@ -920,28 +911,17 @@ fn a_repeated_ack_in_a_run_is_refused_at_the_check() {
 /// `abi.md` says such a status may be missing after `EFAULT`.)
 #[test]
 fn a_run_refuses_a_repeated_ack_at_its_check_not_at_its_second_report() {
-    use pviommu_tests::{stage_batch, Interposer, Service};
+    use pviommu_tests::Service;
     let (mut m, e) = machine(Format::Vtd, 16);
     let bfns = revoked_bfns(&mut m, &e, 2);
-    let op_size = core::mem::size_of::<pviommu_abi::PvIommuOp>() as u64;
     let ops = [
         ack_op(bfns[0], None),
         ack_op(bfns[0], None),
         ack_op(bfns[1], None),
     ];
-    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &ops);
-    let r = {
-        let mut h = Interposer::new(
-            &mut m,
-            Service::CopyToGuestAtAfter(ops_addr + op_size, 1),
-            Box::new(|_| {}),
-        );
-        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
-    };
+    let at = |ops_addr| Service::CopyToGuestAtAfter(ops_addr + OP_SIZE, 1);
+    let (r, _, seen) = batch_on(&mut m, &e, &ops, at, Box::new(|_| {}));
     assert_eq!(r, 0);
-    let mut seen = [pviommu_abi::PvIommuOp::default(); 3];
-    m.copy_from_guest(ops_addr, zerocopy::IntoBytes::as_mut_bytes(&mut seen[..]))
-        .unwrap();
     let statuses: Vec<i32> = seen.iter().map(|o| o.status).collect();
     assert_eq!(statuses, [0, Errno::NoEnt.negated(), 0]);
     assert!(queued(&e).is_empty());
@@ -1024,23 +1004,16 @@ fn a_run_of_notices_answers_each_op_from_its_own_context() {
 /// notice leaves the notice another vCPU's revocation queues for it then.
 #[test]
 fn an_op_refused_at_the_check_is_not_acted_on_when_it_becomes_valid() {
-    use pviommu_tests::{stage_batch, Interposer, Service};
+    use pviommu_tests::{Race, Service};
     let (mut m, e) = machine(Format::Vtd, 16);
     let mut op = [map_op(GUEST, 1, Permissions::RW)];
     m.guest_batch_all(&e, DomId::DOM0, &mut op).unwrap();
     let b = Bfn(op[0].bfn);
     assert_eq!(unmap_status(&mut m, &e, DomId::DOM0, b), 0);
-    let run = |m: &mut SimMachine,
-               op: pviommu_abi::PvIommuOp,
-               race: Box<dyn FnOnce(&mut SimMachine) + '_>| {
-        let (base, ops_addr) = stage_batch(m, DomId::DOM0, &[op]);
-        let mut h = Interposer::new(m, Service::CopyToGuestRacing(ops_addr), race);
-        assert_eq!(e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base), 0);
-        drop(h);
-        let mut seen = pviommu_abi::PvIommuOp::default();
-        m.copy_from_guest(ops_addr, zerocopy::IntoBytes::as_mut_bytes(&mut seen))
-            .unwrap();
-        seen.status
+    let run = |m: &mut SimMachine, op: pviommu_abi::PvIommuOp, race: Race<'_>| {
+        let (r, _, seen) = batch_on(m, &e, &[op], Service::CopyToGuestRacing, race);
+        assert_eq!(r, 0);
+        seen[0].status
     };
     // The unmap: refused (no such mapping); meanwhile gfn 2 is mapped at
     // the same BFN (handed out lowest first).
