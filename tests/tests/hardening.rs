@@ -741,9 +741,14 @@ fn ack_op(bfn: Bfn, notice: Option<u64>) -> pviommu_abi::PvIommuOp {
 
 /// The BFNs of dom0's context-0 notices still queued, oldest first.
 fn queued(e: &Engine) -> Vec<Bfn> {
+    queued_numbered(e).into_iter().map(|(bfn, _)| bfn).collect()
+}
+
+/// [`queued`], each with its notice's number.
+fn queued_numbered(e: &Engine) -> Vec<(Bfn, u64)> {
     (0..)
         .map_while(|skip| e.revoked_in(DomId::DOM0, ContextId::DEFAULT, skip).ok())
-        .map(|(bfn, _, _)| bfn)
+        .map(|(bfn, _, number)| (bfn, number))
         .collect()
 }
 
@@ -771,13 +776,8 @@ fn a_run_of_acks_stops_where_a_status_cannot_be_written() {
 fn a_run_of_acks_answers_each_as_alone() {
     let (mut m, e) = machine(Format::Vtd, 16);
     let bfns = revoked_bfns(&mut m, &e, 4);
-    let number = |bfn: Bfn| {
-        (0..)
-            .map_while(|skip| e.revoked_in(DomId::DOM0, ContextId::DEFAULT, skip).ok())
-            .find(|n| n.0 == bfn)
-            .map(|n| n.2)
-            .unwrap()
-    };
+    let numbers = queued_numbered(&e);
+    let number = |bfn: Bfn| numbers.iter().find(|n| n.0 == bfn).map(|n| n.1).unwrap();
     let (n0, n2) = (number(bfns[0]), number(bfns[2]));
     let live = {
         let mut op = [map_op(GUEST, 9, Permissions::RW)];
