@@ -669,8 +669,8 @@ impl<L: RawMutex> Engine<L> {
                 if act {
                     let mut acts = [Ok(()); MAP_CHUNK];
                     let n = self.unmap_batch(h, caller, reqs, &mut acts);
-                    for (o, act) in out.iter_mut().zip(acts.iter()).take(n) {
-                        *o = (status_of(act), act.is_ok());
+                    for (o, r) in out.iter_mut().zip(acts.iter()).take(n) {
+                        *o = (status_of(r), r.is_ok());
                     }
                     return n;
                 }
