@@ -2,20 +2,35 @@
 
 use proptest::prelude::*;
 use pviommu_abi::{Bfn, ContextId, DomId, Permissions};
-use pviommu_hv::engine::Slot;
-use pviommu_hv::sim::{Format, SimMachine};
+use pviommu_hv::engine::{GfnChange, Slot};
+use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
 use pviommu_hv::Engine;
 use pviommu_tests::*;
 
 #[derive(Clone, Debug)]
 enum Step {
-    Map { dm: bool, gfn: u64, write: bool },
+    Map {
+        dm: bool,
+        gfn: u64,
+        write: bool,
+    },
     UnmapLive(usize),
     UnmapRandom(u64),
     RemoveGfn(u64),
     ReplacePage(u64),
     MakeReadOnly(u64),
-    Drain { dm: bool, batched: bool },
+    Drain {
+        dm: bool,
+        batched: bool,
+    },
+    /// A p2m change over `[guest_gfn(at), + 2^order)`, as a superpage's
+    /// or log-dirty's: every guest page there is removed, or made
+    /// read-only, then the hook runs once for the whole range.
+    ChangeRange {
+        at: u64,
+        order: u32,
+        removed: bool,
+    },
     FailUnmaps(u32),
     FailFlush,
     KillGuest,
@@ -29,11 +44,29 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0u64..40).prop_map(Step::RemoveGfn),
         1 => (0u64..40).prop_map(Step::ReplacePage),
         1 => (0u64..40).prop_map(Step::MakeReadOnly),
+        3 => (0u64..40, prop_oneof![3 => 0u32..5, 1 => 5u32..16, 1 => Just(63)], any::<bool>())
+            .prop_map(|(at, order, removed)| Step::ChangeRange { at, order, removed }),
         1 => (any::<bool>(), any::<bool>()).prop_map(|(dm, batched)| Step::Drain { dm, batched }),
         1 => (1u32..3).prop_map(Step::FailUnmaps),
         1 => Just(Step::FailFlush),
         1 => Just(Step::KillGuest),
     ]
+}
+
+/// A domain dom0 maps pages of that no step changes.
+const BYSTANDER: DomId = DomId(20);
+
+/// The guest gfn the steps' gfn number `i` (0..40) stands for: the
+/// guest's first RAM pages, then pages either side of a region edge of the
+/// engine's region counts (16 MiB), then pages spread over a far region
+/// and into the next, so range hooks meet regions mapped and empty.
+fn guest_gfn(i: u64) -> u64 {
+    const REGION: u64 = 4096;
+    match i {
+        0..24 => i,
+        24..32 => 3 * REGION - 4 + (i - 24),
+        _ => 300 * REGION + (i - 32) * 600,
+    }
 }
 
 /// Let work left by injected IOMMU failures (a stuck unmap, a failed flush)
@@ -80,6 +113,11 @@ fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), TestCaseError>
                         Some(map.mfn),
                         "stale live mapping"
                     );
+                    // Writable only while the gfn is.
+                    prop_assert!(
+                        !map.perms.write || !m.is_read_only(map.domid, map.gfn),
+                        "writable mapping of a read-only gfn"
+                    );
                     held_refs += 1 + map.perms.write as u64;
                 }
                 Slot::Revoked { notice, .. } => {
@@ -106,6 +144,18 @@ proptest! {
     #[test]
     fn random_op_sequences_keep_invariants(steps in proptest::collection::vec(step(), 1..60), lpae in any::<bool>()) {
         let (mut m, e) = machine(if lpae { Format::Lpae } else { Format::Vtd }, 48);
+        for i in 24..40 {
+            m.put_new_frame(GUEST, pviommu_abi::Gfn(guest_gfn(i))).unwrap();
+        }
+        // Dom0 also maps 256 pages of a bystander: with that many slots its
+        // hooks over the guest's ranges look the region counts up, and
+        // probe gfns or pass over the slots by the regions they find (the
+        // device model's few slots are always passed over).
+        m.create_domain(BYSTANDER, DomainSpec { pages: 256, privileged: false, device_model_of: None }).unwrap();
+        let mut ops: Vec<pviommu_abi::PvIommuOp> =
+            (0..256).map(|g| map_op(BYSTANDER, g, Permissions::RO)).collect();
+        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+        prop_assert!(ops.iter().all(|op| op.status == 0));
         let mut live: Vec<(DomId, Bfn)> = Vec::new();
         for s in steps {
             match s {
@@ -114,7 +164,7 @@ proptest! {
                     let perms = if write { Permissions::RW } else { Permissions::RO };
                     settle(&mut m, &e, caller);
                     let before = observable(&m, &e);
-                    match map_one(&mut m, &e, caller, GUEST, gfn, perms) {
+                    match map_one(&mut m, &e, caller, GUEST, guest_gfn(gfn), perms) {
                         Ok(b) => live.push((caller, b)),
                         Err(_) => prop_assert_eq!(observable(&m, &e), before, "refused map changed state"),
                     }
@@ -148,12 +198,25 @@ proptest! {
                     }
                 }
                 Step::RemoveGfn(g) => {
-                    let _ = m.balloon_out(&e, GUEST, pviommu_abi::Gfn(g));
+                    let _ = m.balloon_out(&e, GUEST, pviommu_abi::Gfn(guest_gfn(g)));
                 }
                 Step::ReplacePage(g) => {
-                    let _ = m.replace_page(&e, GUEST, pviommu_abi::Gfn(g));
+                    let _ = m.replace_page(&e, GUEST, pviommu_abi::Gfn(guest_gfn(g)));
                 }
-                Step::MakeReadOnly(g) => m.make_read_only(&e, GUEST, pviommu_abi::Gfn(g)),
+                Step::MakeReadOnly(g) => m.make_read_only(&e, GUEST, pviommu_abi::Gfn(guest_gfn(g))),
+                Step::ChangeRange { at, order, removed } => {
+                    let first = guest_gfn(at);
+                    let last = first.saturating_add(1u64.checked_shl(order).unwrap_or(u64::MAX));
+                    for g in (0..40).map(guest_gfn).filter(|g| (first..last).contains(g)) {
+                        if removed {
+                            m.remove_gfn(GUEST, pviommu_abi::Gfn(g));
+                        } else {
+                            m.set_read_only(GUEST, pviommu_abi::Gfn(g));
+                        }
+                    }
+                    let how = if removed { GfnChange::Removed } else { GfnChange::WriteLost };
+                    e.gfn_changed(&mut m, GUEST, pviommu_abi::Gfn(first), order, how);
+                }
                 Step::Drain { dm, batched: true } => {
                     let caller = if dm { DEVICE_MODEL } else { DomId::DOM0 };
                     // ABI 1.4: rounds of 3 notices of context 0 in one

@@ -71,3 +71,160 @@ fn a_ranged_hook_revokes_the_same_mappings_by_probes_or_by_a_pass() {
         assert_eq!(by_pass, expected, "{how:?}");
     }
 }
+
+/// Gfns 16 MiB apart lie in different regions of the region counts.
+const REGION: u64 = 4096;
+
+/// Every live mapping of the guest: (gfn, writable), sorted.
+fn live_guest_gfns(e: &pviommu_hv::Engine) -> Vec<(u64, bool)> {
+    let st = e.state();
+    let mut live: Vec<(u64, bool)> = st
+        .driver(DomId::DOM0)
+        .unwrap()
+        .slots()
+        .filter_map(|(_, s)| match s {
+            Slot::Live(mp) if mp.domid == GUEST => Some((mp.gfn.0, mp.perms.write)),
+            _ => None,
+        })
+        .collect();
+    live.sort();
+    live
+}
+
+/// Pages at `gfns` (given frames where the guest has none), each mapped
+/// read-write and read-only, and `extra` more read-only pages at gfns
+/// 0..extra (long slot array: the hook can afford probes).
+fn sparse_guest(gfns: &[u64], extra: u64) -> (pviommu_hv::sim::SimMachine, pviommu_hv::Engine) {
+    let (mut m, e) = machine(Format::Vtd, extra.max(64));
+    for &g in gfns {
+        if m.mfn_of(GUEST, Gfn(g)).is_none() {
+            m.put_new_frame(GUEST, Gfn(g)).unwrap();
+        }
+    }
+    for &g in gfns {
+        map_one(&mut m, &e, DomId::DOM0, GUEST, g, Permissions::RW).unwrap();
+        map_one(&mut m, &e, DomId::DOM0, GUEST, g, Permissions::RO).unwrap();
+    }
+    for g in 0..extra {
+        map_one(&mut m, &e, DomId::DOM0, GUEST, g, Permissions::RO).unwrap();
+    }
+    (m, e)
+}
+
+/// What a hook over `[first, first + 2^order)` must leave of `before`.
+fn expect_after(
+    before: &[(u64, bool)],
+    first: u64,
+    order: u32,
+    how: GfnChange,
+) -> Vec<(u64, bool)> {
+    let last = first.saturating_add(1u64.checked_shl(order).unwrap_or(u64::MAX));
+    before
+        .iter()
+        .copied()
+        .filter(|&(g, w)| !(g >= first && g < last && (how == GfnChange::Removed || w)))
+        .collect()
+}
+
+#[test]
+fn a_ranged_hook_revokes_every_mapping_in_its_range_whatever_regions_it_spans() {
+    // Pages either side of region edges, in a far region, and at the last
+    // gfn with a region number.
+    let high = pviommu_hv::engine::REGION_GFN_END - 1;
+    let pages = [
+        7,
+        3 * REGION - 1,
+        3 * REGION,
+        5 * REGION + 100,
+        300 * REGION + 7,
+        (1 << 30) + 3,
+        high,
+    ];
+    // (first gfn, order): in empty regions, across edges, partial regions,
+    // a range spanning more regions than probes are worth, and all.
+    let ranges = [
+        (4 * REGION, 12),
+        (REGION, 1),
+        (3 * REGION - 2, 2),
+        (3 * REGION - 1, 0),
+        (2 * REGION, 13),
+        (3 * REGION + 1, 12),
+        (5 * REGION + 64, 6),
+        (5 * REGION + 64, 5),
+        (256 * REGION, 18),
+        (0, 31),
+        (high - 1, 1),
+        (high, 1),
+        (0, 63),
+    ];
+    for how in [GfnChange::WriteLost, GfnChange::Removed] {
+        // Short slot arrays (a pass) and long ones (region probes, then
+        // gfn probes).
+        for extra in [0, 600, 5000] {
+            for &(first, order) in &ranges {
+                let (mut m, e) = sparse_guest(&pages, extra);
+                assert!(e.state().driver(DomId::DOM0).unwrap().regions_exact());
+                let before = live_guest_gfns(&e);
+                e.gfn_changed(&mut m, GUEST, Gfn(first), order, how);
+                assert_eq!(
+                    live_guest_gfns(&e),
+                    expect_after(&before, first, order, how),
+                    "{how:?}, {extra} extra, range {first:#x} order {order}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_ranged_hook_without_exact_region_counts_still_revokes_everything_in_its_range() {
+    // A page beyond the numbered regions stops the counts: hooks then probe
+    // or pass as they did without them, over the whole range.
+    let beyond = pviommu_hv::engine::REGION_GFN_END + 5;
+    let pages = [7, 3 * REGION, 300 * REGION + 7, beyond];
+    for how in [GfnChange::WriteLost, GfnChange::Removed] {
+        for extra in [0, 5000] {
+            for (first, order) in [(0, 13), (4 * REGION, 12), (beyond - 5, 3), (0, 63)] {
+                let (mut m, e) = sparse_guest(&pages, extra);
+                assert!(!e.state().driver(DomId::DOM0).unwrap().regions_exact());
+                let before = live_guest_gfns(&e);
+                e.gfn_changed(&mut m, GUEST, Gfn(first), order, how);
+                assert_eq!(
+                    live_guest_gfns(&e),
+                    expect_after(&before, first, order, how),
+                    "{how:?}, {extra} extra, range {first:#x} order {order}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_region_keeps_counting_its_pages_as_others_of_it_go() {
+    // Three pages in one region, two unmapped again (one by its last
+    // reference, one twice mapped, so not yet), and the hook over the
+    // third's range still finds it: the region's count went 1, 2, 3, 2.
+    let (mut m, e) = machine(Format::Vtd, 64);
+    let base = 3 * REGION;
+    for g in [base, base + 9, base + 20] {
+        m.put_new_frame(GUEST, Gfn(g)).unwrap();
+    }
+    for g in 0..64 {
+        map_one(&mut m, &e, DomId::DOM0, STRANGER, g % 32, Permissions::RO).unwrap();
+    }
+    let a = map_one(&mut m, &e, DomId::DOM0, GUEST, base, Permissions::RW).unwrap();
+    let b = map_one(&mut m, &e, DomId::DOM0, GUEST, base + 9, Permissions::RW).unwrap();
+    map_one(&mut m, &e, DomId::DOM0, GUEST, base + 9, Permissions::RW).unwrap();
+    map_one(&mut m, &e, DomId::DOM0, GUEST, base + 20, Permissions::RW).unwrap();
+    let mut ops = [unmap_op(a), unmap_op(b)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert!(ops.iter().all(|op| op.status == 0));
+    assert_eq!(
+        live_guest_gfns(&e),
+        vec![(base + 9, true), (base + 20, true)]
+    );
+    e.gfn_changed(&mut m, GUEST, Gfn(base + 16), 3, GfnChange::Removed);
+    assert_eq!(live_guest_gfns(&e), vec![(base + 9, true)]);
+    e.gfn_changed(&mut m, GUEST, Gfn(base + 8), 1, GfnChange::WriteLost);
+    assert_eq!(live_guest_gfns(&e), vec![]);
+}

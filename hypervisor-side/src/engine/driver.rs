@@ -96,6 +96,53 @@ fn count_of(v: u64) -> u64 {
     v & ((1 << COUNT_BITS) - 1)
 }
 
+/// Region counts: per (target, region of 2^[`REGION_SHIFT`] gfns), the
+/// distinct pages of it this cell maps. They let the gfn hook over a
+/// range (VRAM dirty tracking, a superpage's type change, log-dirty) skip
+/// what the cell maps nothing of, instead of probing every gfn of the
+/// range or passing over every slot (`Engine::gfn_changed`).
+///
+/// 16 MiB of guest memory per region: a 1 GiB range is 64 region probes,
+/// and 32 Ki regions (the most a cell counts) cover 512 GiB of guests.
+pub(crate) const REGION_SHIFT: u32 = 12;
+/// A region's count needs `REGION_SHIFT + 1` bits (up to 4096 pages).
+const REGION_COUNT_BITS: u32 = REGION_SHIFT + 1;
+/// The region number fits what is left beside the domid and the count.
+const REGION_NUMBER_BITS: u32 = 64 - 16 - REGION_COUNT_BITS;
+/// Gfns from here up have no region number: a cell that maps one stops
+/// counting (2^47 gfns, 512 TiB: beyond any p2m Xen builds).
+pub const REGION_GFN_END: u64 = 1 << (REGION_NUMBER_BITS + REGION_SHIFT);
+/// Regions a cell counts. One more and it stops counting until it is
+/// empty again: a guest that scatters its pages one per region cannot grow
+/// the table (and its one-shot rehash) without bound, only send the hooks
+/// of that cell back to probing or passing as before. 32 Ki entries are a
+/// table of 64 Ki buckets (512 KiB).
+const MAX_REGIONS: usize = (1 << 15) - 1;
+
+/// The region of `gfn`, if it has a number.
+#[inline]
+pub(crate) fn region_of(gfn: u64) -> Option<u64> {
+    (gfn < REGION_GFN_END).then_some(gfn >> REGION_SHIFT)
+}
+/// A region count packs the domid and the region number above the count.
+#[inline]
+fn region_key(domid: DomId, region: u64) -> u64 {
+    (domid.0 as u64) << REGION_NUMBER_BITS | region
+}
+#[inline]
+fn region_key_of(v: u64) -> u64 {
+    v >> REGION_COUNT_BITS
+}
+#[inline]
+fn region_count_of(v: u64) -> u64 {
+    v & ((1 << REGION_COUNT_BITS) - 1)
+}
+/// Hash of a region key in the region counts.
+#[inline]
+fn region_hash(seed: u64, key: u64) -> u64 {
+    hash64(seed, key, 0x7265_6769_6f6e)
+}
+
 /// Slots an empty driver state keeps allocated (with its indices): about
 /// 64 KiB, so the 64 cells keep at most 4 MiB between batches.
 pub(crate) const KEEP_WHEN_EMPTY: usize = 1024;
@@ -443,6 +490,17 @@ pub struct DriverDomain {
     /// target has one entry, so it then is that entry), which saves the
     /// hash and the probe for runs of pages of one target.
     target_hint: usize,
+    /// Region counts (see [`REGION_SHIFT`]): (target, region) -> distinct
+    /// pages of it in `pages`, packed with the key. Exact while
+    /// `regions_exact`; changed exactly where `pages` gains or loses a page.
+    regions: IndexTable,
+    /// The bucket of `regions` the last change found (as `target_hint`).
+    region_hint: usize,
+    /// Every page in `pages` is counted in `regions`. Cleared when a page
+    /// cannot be (a gfn without a region number, [`MAX_REGIONS`] reached,
+    /// no memory to grow): hooks then probe or pass as if there were no
+    /// counts, until the cell's pages are all gone.
+    regions_exact: bool,
     pub(crate) unmapping_head: u64,
     pub(crate) stuck_head: u64,
     pub(crate) revoked_head: u64,
@@ -494,6 +552,9 @@ impl DriverDomain {
             pages: ShardedIndex::new(),
             targets: IndexTable::new(),
             target_hint: 0,
+            regions: IndexTable::new(),
+            region_hint: 0,
+            regions_exact: true,
             unmapping_head: NONE,
             stuck_head: NONE,
             revoked_head: NONE,
@@ -577,7 +638,10 @@ impl DriverDomain {
     }
     /// Bytes of heap this driver domain holds.
     pub fn heap_bytes(&self) -> usize {
-        self.slots.heap_bytes() + self.pages.heap_bytes() + self.targets.heap_bytes()
+        self.slots.heap_bytes()
+            + self.pages.heap_bytes()
+            + self.targets.heap_bytes()
+            + self.regions.heap_bytes()
     }
     /// Distinct (target domid, gfn) pages this domain maps.
     pub fn mapped_pages(&self) -> usize {
@@ -588,6 +652,44 @@ impl DriverDomain {
         self.targets
             .find(target_hash(seed, domid), |v| count_domid(v) == domid)
             .map_or(0, count_of)
+    }
+
+    /// Whether this cell may map a page of `domid` in `region`: `false`
+    /// only when the region counts say it maps none (they are exact and
+    /// count nothing there). Always `true` for a gfn beyond the regions.
+    #[inline]
+    pub(crate) fn may_map_in(&self, seed: u64, domid: DomId, region: u64) -> bool {
+        if !self.regions_exact {
+            return true;
+        }
+        let key = region_key(domid, region);
+        self.regions
+            .find(region_hash(seed, key), |v| region_key_of(v) == key)
+            .is_some()
+    }
+    /// Whether the region counts are exact, so a hook over a range may
+    /// skip the 16 MiB regions this cell maps nothing of (see
+    /// [`REGION_SHIFT`]).
+    pub fn regions_exact(&self) -> bool {
+        self.regions_exact
+    }
+    /// The region counts, as (target, region, pages): for tests.
+    #[cfg(test)]
+    pub(crate) fn region_counts(&self) -> Vec<(u16, u64, u64)> {
+        let mut v: Vec<_> = self
+            .regions
+            .values()
+            .map(|v| {
+                let key = region_key_of(v);
+                (
+                    (key >> REGION_NUMBER_BITS) as u16,
+                    key & ((1 << REGION_NUMBER_BITS) - 1),
+                    region_count_of(v),
+                )
+            })
+            .collect();
+        v.sort_unstable();
+        v
     }
 
     #[inline]
@@ -755,6 +857,11 @@ impl DriverDomain {
                 .try_reserve_one(usize::try_from(limit).unwrap_or(usize::MAX))?;
         }
         self.pages.reserve_one(at.hash)?;
+        // (Past the bound, or no longer exact, the page is not counted.)
+        if self.regions_exact && self.regions.len() < MAX_REGIONS {
+            self.regions
+                .reserve_one(|v| region_hash(seed, region_key_of(v)))?;
+        }
         self.targets
             .reserve_one(|v| target_hash(seed, count_domid(v)))
     }
@@ -833,6 +940,8 @@ impl DriverDomain {
                     self.uncount_target(seed, m.domid);
                     return Err(e);
                 }
+                // Never fails: a page it cannot count ends the counting.
+                self.count_region(seed, m.domid, m.gfn, true);
             }
         }
         self.next_gen = self.next_gen.wrapping_add(1);
@@ -884,6 +993,72 @@ impl DriverDomain {
         }
     }
 
+    /// One more (`up`) or one fewer distinct page of `domid` in `gfn`'s
+    /// region, while the counts are exact. Never fails and never refuses
+    /// (room for a new region is reserved with the slot, so a map that
+    /// cannot get memory for it is refused before it changes anything):
+    /// where a page cannot be counted, the counts stop being exact
+    /// (hooks then do without them). Always inlined for its hinted path, as
+    /// [`count_target`](Self::count_target).
+    #[inline(always)]
+    fn count_region(&mut self, seed: u64, domid: DomId, gfn: Gfn, up: bool) {
+        if !self.regions_exact {
+            return;
+        }
+        let Some(region) = region_of(gfn.0) else {
+            // (A gfn without a number was never counted: only `up` gets
+            // here while exact.)
+            self.regions_exact = false;
+            return;
+        };
+        let key = region_key(domid, region);
+        let found = self
+            .regions
+            .value_at(self.region_hint)
+            .filter(|v| region_key_of(*v) == key)
+            .map(|v| (self.region_hint, v))
+            .or_else(|| {
+                self.regions
+                    .find_at(region_hash(seed, key), |v| region_key_of(v) == key)
+            });
+        match found {
+            Some((pos, v)) => {
+                self.region_hint = pos;
+                match (up, region_count_of(v)) {
+                    // A count past the region's size, or a page leaving a
+                    // region counted empty, is no count: stop trusting
+                    // them all.
+                    (true, n) if n >= 1 << REGION_SHIFT => self.regions_exact = false,
+                    (false, 0) => self.regions_exact = false,
+                    (true, _) => self.regions.set_at(pos, v + 1),
+                    (false, 1) => self
+                        .regions
+                        .remove_at(pos, |v| region_hash(seed, region_key_of(v))),
+                    (false, _) => self.regions.set_at(pos, v - 1),
+                }
+            }
+            None if up => self.add_region(seed, key),
+            // A page leaving a region counted empty: not one, as above.
+            None => self.regions_exact = false,
+        }
+    }
+
+    /// A first page in the region with `key` (room was reserved with the
+    /// slot, unless the bound was reached).
+    #[inline(never)]
+    fn add_region(&mut self, seed: u64, key: u64) {
+        let rehash = |v: u64| region_hash(seed, region_key_of(v));
+        let counted = self.regions.len() < MAX_REGIONS
+            && self.regions.reserve_one(rehash).is_ok()
+            && self
+                .regions
+                .insert(region_hash(seed, key), key << REGION_COUNT_BITS | 1)
+                .is_ok();
+        if !counted {
+            self.regions_exact = false;
+        }
+    }
+
     /// Take a Live mapping out of its page's chain (the slot keeps it until
     /// the caller changes the slot's state), and say whether it was this
     /// domain's last page of its target. Bounded by [`CHAIN_BOUND`].
@@ -905,6 +1080,12 @@ impl DriverDomain {
             if after == NONE {
                 self.pages.remove_at(pos);
                 last_of_target = self.count_target(seed, domid, false) == Ok(0);
+                self.count_region(seed, domid, gfn, false);
+                if !self.regions_exact && self.pages.is_empty() {
+                    // Nothing left to count: exact again (an empty table).
+                    self.regions.clear();
+                    self.regions_exact = true;
+                }
             } else {
                 self.pages.set_at(pos, after);
             }
@@ -1077,11 +1258,14 @@ impl DriverDomain {
             self.slots.clear();
             self.pages.clear();
             self.targets.clear();
+            self.regions.clear();
         } else {
             self.slots.release();
             self.pages.release();
             self.targets.release();
+            self.regions.release();
         }
+        self.regions_exact = true;
         self.free_head = NONE;
         self.free = 0;
         self.unmapping_head = NONE;
@@ -1166,6 +1350,7 @@ impl DriverDomain {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
 
     const SEED: u64 = 0x5eed;
 
@@ -1324,6 +1509,98 @@ mod tests {
         last
     }
 
+    /// The region counts a model keeps: (target, region) -> distinct pages.
+    fn model_regions(live: &BTreeMap<(u16, u64, bool), u64>) -> Vec<(u16, u64, u64)> {
+        let pages: BTreeSet<(u16, u64)> = live.keys().map(|k| (k.0, k.1)).collect();
+        let mut counts: BTreeMap<(u16, u64), u64> = BTreeMap::new();
+        for (d, g) in pages {
+            *counts.entry((d, g >> REGION_SHIFT)).or_default() += 1;
+        }
+        counts.into_iter().map(|((d, r), n)| (d, r, n)).collect()
+    }
+
+    #[test]
+    fn region_counts_follow_the_pages_and_stop_at_a_gfn_without_a_region() {
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut dd = DriverDomain::new(DomId(0));
+        let mut live: BTreeMap<(u16, u64, bool), u64> = BTreeMap::new();
+        // Whether the model expects exact counts: no page beyond the
+        // regions since the cell last had no page.
+        let mut exact = true;
+        let (mut checked, mut inexact_seen) = (0, 0);
+        for step in 0..30_000u32 {
+            let r = next();
+            // Gfns in 6 regions, either side of their edges (and, rarely,
+            // one without a region number).
+            let gfn = match (r >> 8) % 1000 {
+                0 => REGION_GFN_END + (r >> 20) % 3,
+                x => ((x % 6) << REGION_SHIFT) + (x / 6) % 5 + if x % 2 == 0 { 0 } else { 4093 },
+            };
+            let k = ((r % 3) as u16 + 1, gfn, (r >> 40) & 1 == 1);
+            if (r >> 24) % 100 < 50 && !live.contains_key(&k) {
+                let m = Mapping {
+                    perms: if k.2 {
+                        Permissions::RO
+                    } else {
+                        Permissions::RW
+                    },
+                    ..page_of(k.0, k.1)
+                };
+                live.insert(k, map_page(&mut dd, m));
+                exact &= region_of(gfn).is_some();
+            } else if !live.is_empty() {
+                let k = *live.keys().nth((r >> 44) as usize % live.len()).unwrap();
+                let idx = live.remove(&k).unwrap();
+                unmap_page(&mut dd, idx);
+                if live.is_empty() {
+                    exact = true;
+                }
+            }
+            assert_eq!(dd.regions_exact(), exact, "step {step}");
+            if exact {
+                assert_eq!(dd.region_counts(), model_regions(&live), "step {step}");
+                checked += 1;
+                for (d, g, _) in live.keys() {
+                    assert!(dd.may_map_in(SEED, DomId(*d), g >> REGION_SHIFT));
+                }
+            } else {
+                inexact_seen += 1;
+            }
+        }
+        assert!(
+            checked > 1000 && inexact_seen > 1000,
+            "{checked} {inexact_seen}"
+        );
+    }
+
+    #[test]
+    fn region_counts_stop_at_their_bound_and_start_again_when_empty() {
+        let mut dd = DriverDomain::new(DomId(0));
+        let idx: Vec<u64> = (0..=MAX_REGIONS as u64)
+            .map(|r| map_page(&mut dd, page_of(7, r << REGION_SHIFT)))
+            .collect();
+        // One region more than the bound: no longer counted, and every
+        // region may hold a page.
+        assert!(!dd.regions_exact());
+        assert!(dd.may_map_in(SEED, DomId(7), 1 << 30));
+        assert!(dd.regions.heap_bytes() <= 2 * (MAX_REGIONS + 1) * 8);
+        for i in idx {
+            unmap_page(&mut dd, i);
+        }
+        assert!(dd.regions_exact());
+        assert!(dd.region_counts().is_empty());
+        map_page(&mut dd, page_of(7, 5));
+        assert_eq!(dd.region_counts(), vec![(7, 0, 1)]);
+        assert!(!dd.may_map_in(SEED, DomId(7), 1));
+        assert!(!dd.may_map_in(SEED, DomId(8), 0));
+    }
+
     #[test]
     fn a_target_count_hint_left_on_a_bucket_another_target_shifted_into_counts_that_target() {
         // Find a target B whose count moves into target A's bucket when A's
@@ -1381,7 +1658,6 @@ mod tests {
     #[test]
     fn many_targets_agree_with_a_model() {
         extern crate std;
-        use std::collections::{BTreeMap, BTreeSet};
         for seed in [1u64, 0xdead_beef] {
             let mut rng = seed ^ 0x9e37_79b9_7f4a_7c15;
             let mut next = || {

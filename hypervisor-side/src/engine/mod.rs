@@ -71,7 +71,7 @@ use alloc::vec::Vec;
 use lock_api::{Mutex, MutexGuard, RawMutex};
 
 pub use contexts::{LeafBits, MAX_DEVICES_PER_CONTEXT};
-pub use driver::{DriverDomain, DriverStats, Mapping, Notice, Slot};
+pub use driver::{DriverDomain, DriverStats, Mapping, Notice, Slot, REGION_GFN_END};
 pub use revoke::{GfnChange, Restart};
 
 use crate::bfn_alloc::{BfnSpace, BfnWindow};

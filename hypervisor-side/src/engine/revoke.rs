@@ -12,7 +12,9 @@ use core::sync::atomic::Ordering;
 
 use lock_api::RawMutex;
 
-use super::driver::{DriverDomain, Slot, CHAIN_BOUND, NONE};
+use super::driver::{
+    region_of, DriverDomain, Slot, CHAIN_BOUND, NONE, REGION_GFN_END, REGION_SHIFT,
+};
 use super::{Driver, Engine, Hypervisor};
 use crate::config::MAX_CONTEXTS;
 use crate::{ContextId, DomId, Gfn};
@@ -33,6 +35,31 @@ pub enum GfnChange {
     /// The gfn lost device-write permission (read-only, ioreq server,
     /// log-dirty): revoke writable mappings only.
     WriteLost,
+}
+
+/// The part of a range below [`REGION_GFN_END`] whose regions a hook
+/// looks up ([`Engine::revoke_range`]).
+struct MappedRegions {
+    domid: DomId,
+    /// End of the range, at most [`REGION_GFN_END`].
+    last: u64,
+}
+
+impl MappedRegions {
+    /// From `at` on, the first part of the range in a region the cell may
+    /// map a page of: `[max(at, region start), min(region end, last))`.
+    /// One probe per region passed over.
+    fn next_span(&self, dd: &DriverDomain, seed: u64, mut at: u64) -> Option<(u64, u64)> {
+        while at < self.last {
+            let region = region_of(at)?;
+            let end = ((region + 1) << REGION_SHIFT).min(self.last);
+            if dd.may_map_in(seed, self.domid, region) {
+                return Some((at, end));
+            }
+            at = end;
+        }
+        None
+    }
 }
 
 /// Domain teardown is not finished: call again (Xen: `-ERESTART`).
@@ -259,27 +286,10 @@ impl<L: RawMutex> Engine<L> {
                 dd: lock.lock(),
             };
             let revoked_before = d.dd.stats.revocations;
-            // Whichever is less work: one index probe per gfn, or one pass
-            // over every slot (the slot array's length, not the live ones).
-            // A probe costs about 25 slots of the pass (41 against 1.6 ns
-            // per gfn or slot at 1 Mi live): with 1 Mi slots, an order-18
-            // range took 11 ms of probes with the driver lock held, where
-            // the pass takes 1.6 ms.
-            if count.saturating_mul(PROBE_COST_IN_SLOTS) <= d.dd.slots.len() as u64 {
-                for g in gfn.0..gfn.0.saturating_add(count) {
-                    self.revoke_gfn(&mut d, h, domid, Gfn(g), how);
-                }
+            if count == 1 {
+                self.revoke_gfn(&mut d, h, domid, gfn, how);
             } else {
-                // A range larger than everything mapped (log-dirty over the
-                // whole domain, a 1 GiB extent): scan the mappings instead.
-                // (Bounded: `from` only rises, up to the slot count.)
-                let range = (gfn.0, gfn.0.saturating_add(count));
-                let any = how == GfnChange::Removed;
-                let mut from = 0;
-                while let Some(idx) = d.dd.next_live_in(from, domid, range, any) {
-                    self.revoke_slot(&mut d, h, idx);
-                    from = idx + 1;
-                }
+                self.revoke_range(&mut d, h, domid, (gfn.0, gfn.0.saturating_add(count)), how);
             }
             // Nothing of this gfn here and nothing pending (the common case
             // of a ballooned page nobody mapped): nothing to flush. Pending
@@ -292,6 +302,94 @@ impl<L: RawMutex> Engine<L> {
             self.sync_gate_bit(cell, &d.dd, domid);
             self.put_driver(d);
         }
+    }
+
+    /// Revoke what one cell maps of `domid` in gfns `[first, last)` (at
+    /// least two), with whichever is least work:
+    /// * first, where the cell's region counts are exact and the range
+    ///   spans few enough regions, one probe per region tells which of
+    ///   them the cell maps anything of: a range it maps nothing of (VRAM
+    ///   dirty tracking, a superpage elsewhere) ends there;
+    /// * then one page-index probe per gfn of those regions' part of the
+    ///   range, or, when that would cost more, one pass over every slot
+    ///   (the slot array's length, not the live ones).
+    ///
+    /// A probe costs about [`PROBE_COST_IN_SLOTS`] slots of the pass, so
+    /// neither step costs more than one pass: at most two passes' worth
+    /// under the lock, whatever the range.
+    fn revoke_range(
+        &self,
+        d: &mut Driver<'_, L>,
+        h: &mut impl Hypervisor,
+        domid: DomId,
+        (first, last): (u64, u64),
+        how: GfnChange,
+    ) {
+        let pass = d.dd.slots.len() as u64;
+        let affordable = |probes: u64| probes.saturating_mul(PROBE_COST_IN_SLOTS) <= pass;
+        let mut probe_gfns = last - first;
+        if let Some(regions) = self.mapped_regions(&d.dd, domid, (first, last), pass) {
+            probe_gfns = 0;
+            let mut at = first;
+            while let Some((a, b)) = regions.next_span(&d.dd, self.seed, at) {
+                probe_gfns = probe_gfns.saturating_add(b - a);
+                at = b;
+            }
+            if probe_gfns == 0 {
+                return;
+            }
+            if affordable(probe_gfns) {
+                // The spans are looked up afresh: revoking only empties
+                // regions, so none is missed. (Bounded: `at` only rises.)
+                let mut at = first;
+                while let Some((a, b)) = regions.next_span(&d.dd, self.seed, at) {
+                    for g in a..b {
+                        self.revoke_gfn(d, h, domid, Gfn(g), how);
+                    }
+                    at = b;
+                }
+                return;
+            }
+        }
+        if affordable(probe_gfns) {
+            for g in first..last {
+                self.revoke_gfn(d, h, domid, Gfn(g), how);
+            }
+        } else {
+            // A range larger than everything mapped (log-dirty over the
+            // whole domain, a 1 GiB extent of a mapped region): scan the
+            // mappings instead. (Bounded: `from` only rises, up to the
+            // slot count.)
+            let any = how == GfnChange::Removed;
+            let mut from = 0;
+            while let Some(idx) = d.dd.next_live_in(from, domid, (first, last), any) {
+                self.revoke_slot(d, h, idx);
+                from = idx + 1;
+            }
+        }
+    }
+
+    /// The regions of `[first, last)` to look up in a cell, when its
+    /// counts are exact and looking them up costs no more than a pass of
+    /// `pass` slots; `None` otherwise.
+    fn mapped_regions(
+        &self,
+        dd: &DriverDomain,
+        domid: DomId,
+        (first, last): (u64, u64),
+        pass: u64,
+    ) -> Option<MappedRegions> {
+        if !dd.regions_exact() {
+            return None;
+        }
+        // Exact counts mean no page past the numbered regions.
+        let last = last.min(REGION_GFN_END);
+        let regions = match (region_of(first), last.checked_sub(1).and_then(region_of)) {
+            (Some(a), Some(b)) if first < last => b - a + 1,
+            _ => 0,
+        };
+        (regions.saturating_mul(PROBE_COST_IN_SLOTS) <= pass)
+            .then_some(MappedRegions { domid, last })
     }
 
     fn revoke_gfn(

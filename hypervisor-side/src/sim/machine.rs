@@ -731,6 +731,22 @@ impl SimMachine {
         }
     }
 
+    /// Whether a domain's gfn is RAM marked read-only in its p2m.
+    pub fn is_read_only(&self, domid: DomId, gfn: Gfn) -> bool {
+        self.domains
+            .get(&domid)
+            .and_then(|d| d.p2m.get(&gfn))
+            .is_some_and(|e| {
+                matches!(
+                    e,
+                    P2mEntry::Ram {
+                        read_only: true,
+                        ..
+                    }
+                )
+            })
+    }
+
     /// Write bytes into a domain's page (as the domain itself would).
     pub fn write_guest(
         &mut self,
