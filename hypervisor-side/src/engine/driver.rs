@@ -497,9 +497,11 @@ pub struct DriverDomain {
     /// The bucket of `regions` the last change found (as `target_hint`).
     region_hint: usize,
     /// Every page in `pages` is counted in `regions`. Cleared when a page
-    /// cannot be (a gfn without a region number, [`MAX_REGIONS`] reached,
-    /// no memory to grow): hooks then probe or pass as if there were no
-    /// counts, until the cell's pages are all gone.
+    /// cannot be (a gfn without a region number, [`MAX_REGIONS`] reached):
+    /// hooks then probe or pass as if there were no counts, until the
+    /// cell's pages are all gone. (Room for a new region is reserved with
+    /// the slot, like room in the other indices: a map that cannot have
+    /// it is refused with `ENOMEM` before it changes anything.)
     regions_exact: bool,
     pub(crate) unmapping_head: u64,
     pub(crate) stuck_head: u64,
@@ -1047,9 +1049,10 @@ impl DriverDomain {
     /// slot, unless the bound was reached).
     #[inline(never)]
     fn add_region(&mut self, seed: u64, key: u64) {
-        let rehash = |v: u64| region_hash(seed, region_key_of(v));
+        // Never allocates here (the mapping is already in the IOMMU): no
+        // room means the bound was reached.
         let counted = self.regions.len() < MAX_REGIONS
-            && self.regions.reserve_one(rehash).is_ok()
+            && self.regions.has_room()
             && self
                 .regions
                 .insert(region_hash(seed, key), key << REGION_COUNT_BITS | 1)

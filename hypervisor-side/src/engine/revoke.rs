@@ -37,31 +37,6 @@ pub enum GfnChange {
     WriteLost,
 }
 
-/// The part of a range below [`REGION_GFN_END`] whose regions a hook
-/// looks up ([`Engine::revoke_range`]).
-struct MappedRegions {
-    domid: DomId,
-    /// End of the range, at most [`REGION_GFN_END`].
-    last: u64,
-}
-
-impl MappedRegions {
-    /// From `at` on, the first part of the range in a region the cell may
-    /// map a page of: `[max(at, region start), min(region end, last))`.
-    /// One probe per region passed over.
-    fn next_span(&self, dd: &DriverDomain, seed: u64, mut at: u64) -> Option<(u64, u64)> {
-        while at < self.last {
-            let region = region_of(at)?;
-            let end = ((region + 1) << REGION_SHIFT).min(self.last);
-            if dd.may_map_in(seed, self.domid, region) {
-                return Some((at, end));
-            }
-            at = end;
-        }
-        None
-    }
-}
-
 /// Domain teardown is not finished: call again (Xen: `-ERESTART`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct Restart;
@@ -305,18 +280,20 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// Revoke what one cell maps of `domid` in gfns `[first, last)` (at
-    /// least two), with whichever is least work:
-    /// * first, where the cell's region counts are exact and the range
-    ///   spans few enough regions, one probe per region tells which of
-    ///   them the cell maps anything of: a range it maps nothing of (VRAM
-    ///   dirty tracking, a superpage elsewhere) ends there;
-    /// * then one page-index probe per gfn of those regions' part of the
-    ///   range, or, when that would cost more, one pass over every slot
-    ///   (the slot array's length, not the live ones).
+    /// least two) by page-index probes, or by one pass over every slot
+    /// (the slot array's length, not the live ones) where probes would
+    /// cost more. A probe costs about [`PROBE_COST_IN_SLOTS`] slots of the
+    /// pass, so a pass's worth of probes is the budget:
+    /// * where the cell's region counts are exact, one probe per region
+    ///   tells whether the cell maps anything there, and only the gfns of
+    ///   those that it does are probed: a range it maps nothing of (VRAM
+    ///   dirty tracking, a superpage elsewhere) costs a probe per 16 MiB.
+    ///   Once the budget is spent, the pass does the rest;
+    /// * otherwise every gfn is probed, if the budget allows.
     ///
-    /// A probe costs about [`PROBE_COST_IN_SLOTS`] slots of the pass, so
-    /// neither step costs more than one pass: at most two passes' worth
-    /// under the lock, whatever the range.
+    /// So under the lock a range costs at most a pass's worth of probes
+    /// and then a pass, whatever its length (the pass finds only what the
+    /// probes left: revoking a mapping twice is not possible).
     fn revoke_range(
         &self,
         d: &mut Driver<'_, L>,
@@ -325,71 +302,58 @@ impl<L: RawMutex> Engine<L> {
         (first, last): (u64, u64),
         how: GfnChange,
     ) {
-        let pass = d.dd.slots.len() as u64;
-        let affordable = |probes: u64| probes.saturating_mul(PROBE_COST_IN_SLOTS) <= pass;
-        let mut probe_gfns = last - first;
-        if let Some(regions) = self.mapped_regions(&d.dd, domid, (first, last), pass) {
-            probe_gfns = 0;
+        let budget = d.dd.slots.len() as u64 / PROBE_COST_IN_SLOTS;
+        if d.dd.regions_exact() {
+            // Exact counts: no page at or beyond the numbered regions.
+            let last = last.min(REGION_GFN_END);
+            let mut left = budget;
             let mut at = first;
-            while let Some((a, b)) = regions.next_span(&d.dd, self.seed, at) {
-                probe_gfns = probe_gfns.saturating_add(b - a);
-                at = b;
-            }
-            if probe_gfns == 0 {
-                return;
-            }
-            if affordable(probe_gfns) {
-                // The spans are looked up afresh: revoking only empties
-                // regions, so none is missed. (Bounded: `at` only rises.)
-                let mut at = first;
-                while let Some((a, b)) = regions.next_span(&d.dd, self.seed, at) {
-                    for g in a..b {
+            // Bounded: `at` rises by a region each time round, and each
+            // time costs one of `left`.
+            while let (true, Some(region)) = (at < last, region_of(at)) {
+                let end = ((region + 1) << REGION_SHIFT).min(last);
+                let Some(after_region) = left.checked_sub(1) else {
+                    return self.pass_over_range(d, h, domid, (at, last), how);
+                };
+                left = after_region;
+                if d.dd.may_map_in(self.seed, domid, region) {
+                    let Some(after_gfns) = left.checked_sub(end - at) else {
+                        return self.pass_over_range(d, h, domid, (at, last), how);
+                    };
+                    left = after_gfns;
+                    for g in at..end {
                         self.revoke_gfn(d, h, domid, Gfn(g), how);
                     }
-                    at = b;
                 }
-                return;
+                at = end;
             }
-        }
-        if affordable(probe_gfns) {
+        } else if last - first <= budget {
             for g in first..last {
                 self.revoke_gfn(d, h, domid, Gfn(g), how);
             }
         } else {
-            // A range larger than everything mapped (log-dirty over the
-            // whole domain, a 1 GiB extent of a mapped region): scan the
-            // mappings instead. (Bounded: `from` only rises, up to the
-            // slot count.)
-            let any = how == GfnChange::Removed;
-            let mut from = 0;
-            while let Some(idx) = d.dd.next_live_in(from, domid, (first, last), any) {
-                self.revoke_slot(d, h, idx);
-                from = idx + 1;
-            }
+            self.pass_over_range(d, h, domid, (first, last), how);
         }
     }
 
-    /// The regions of `[first, last)` to look up in a cell, when its
-    /// counts are exact and looking them up costs no more than a pass of
-    /// `pass` slots; `None` otherwise.
-    fn mapped_regions(
+    /// Revoke what one cell maps of `domid` in `[first, last)` by one pass
+    /// over its slots: for a range larger than everything mapped
+    /// (log-dirty over the whole domain, a 1 GiB extent of a mapped
+    /// region). Bounded: `from` only rises, up to the slot count.
+    fn pass_over_range(
         &self,
-        dd: &DriverDomain,
+        d: &mut Driver<'_, L>,
+        h: &mut impl Hypervisor,
         domid: DomId,
-        (first, last): (u64, u64),
-        pass: u64,
-    ) -> Option<MappedRegions> {
-        if !dd.regions_exact() {
-            return None;
+        range: (u64, u64),
+        how: GfnChange,
+    ) {
+        let any = how == GfnChange::Removed;
+        let mut from = 0;
+        while let Some(idx) = d.dd.next_live_in(from, domid, range, any) {
+            self.revoke_slot(d, h, idx);
+            from = idx + 1;
         }
-        // Exact counts mean no page past the numbered regions.
-        let last = last.min(REGION_GFN_END);
-        let regions = match (region_of(first), last.checked_sub(1).and_then(region_of)) {
-            (Some(a), Some(b)) if first < last => b - a + 1,
-            _ => 0,
-        };
-        (regions.saturating_mul(PROBE_COST_IN_SLOTS) <= pass)
-            .then_some(MappedRegions { domid, last })
     }
 
     fn revoke_gfn(
