@@ -1004,25 +1004,23 @@ impl DriverDomain {
     /// [`count_target`](Self::count_target).
     #[inline(always)]
     fn count_region(&mut self, seed: u64, domid: DomId, gfn: Gfn, up: bool) {
-        if !self.regions_exact {
-            return;
-        }
-        let Some(region) = region_of(gfn.0) else {
-            // (A gfn without a number was never counted: only `up` gets
-            // here while exact.)
+        let (true, Some(region)) = (self.regions_exact, region_of(gfn.0)) else {
+            // (A gfn without a number is never counted: only `up` gets
+            // here with one while exact.)
             self.regions_exact = false;
             return;
         };
         let key = region_key(domid, region);
-        let found = self
-            .regions
-            .value_at(self.region_hint)
-            .filter(|v| region_key_of(*v) == key)
-            .map(|v| (self.region_hint, v))
-            .or_else(|| {
-                self.regions
-                    .find_at(region_hash(seed, key), |v| region_key_of(v) == key)
-            });
+        // The hint first, as a plain match: written with `Option::or_else`
+        // as `count_target` is, it cost a map and an unmap 74 more
+        // instructions (the same change to `count_target` cost 17).
+        let hint = self.region_hint;
+        let found = match self.regions.value_at(hint) {
+            Some(v) if region_key_of(v) == key => Some((hint, v)),
+            _ => self
+                .regions
+                .find_at(region_hash(seed, key), |v| region_key_of(v) == key),
+        };
         match found {
             Some((pos, v)) => {
                 self.region_hint = pos;
