@@ -1,8 +1,10 @@
-//! The gfn hook over a range of gfns (a superpage's change, log-dirty)
-//! either probes the page index once per gfn or passes over every slot,
-//! whichever is less work (`PROBE_COST_IN_SLOTS`). Both ways must revoke
-//! exactly the same mappings: the writable ones in the range for a lost
-//! write permission, every one in the range for a removal.
+//! The gfn hook over a range of gfns (a superpage's change, log-dirty,
+//! VRAM dirty tracking) looks up which 16 MiB regions of the range a cell
+//! maps anything of, probes the page index once per gfn of those, or
+//! passes over every slot, whichever is less work (`PROBE_COST_IN_SLOTS`).
+//! Every way must revoke exactly the same mappings: the writable ones in
+//! the range for a lost write permission, every one in the range for a
+//! removal; and none may do more than a pass's worth of probes and a pass.
 
 use pviommu_abi::{DomId, Gfn, Permissions};
 use pviommu_hv::engine::{GfnChange, Slot};
@@ -236,4 +238,42 @@ fn a_region_keeps_counting_its_pages_as_others_of_it_go() {
     assert_eq!(live_guest_gfns(&e), vec![(base + 9, true)]);
     e.gfn_changed(&mut m, GUEST, Gfn(base + 8), 1, GfnChange::WriteLost);
     assert_eq!(live_guest_gfns(&e), vec![]);
+}
+
+/// Dom0's (probes, passes) by range hooks so far.
+fn range_work(e: &pviommu_hv::Engine) -> (u64, u64) {
+    e.state().driver(DomId::DOM0).unwrap().range_work()
+}
+
+#[test]
+fn a_ranged_hook_does_at_most_a_pass_worth_of_probes_then_one_pass() {
+    // 5000 extra pages at gfns 0..5000 (regions 0 and 1) and two at
+    // 300R + 7: 5004 slots, a budget of 312 probes.
+    let (mut m, e) = sparse_guest(&[300 * REGION + 7], 5000);
+    let slots = e.state().driver(DomId::DOM0).unwrap().slots().count() as u64;
+    let budget = slots / 16;
+    let mut last = range_work(&e);
+    let mut hook = |m: &mut pviommu_hv::sim::SimMachine, first: u64, order: u32| {
+        e.gfn_changed(m, GUEST, Gfn(first), order, GfnChange::WriteLost);
+        let now = range_work(&e);
+        let did = (now.0 - last.0, now.1 - last.1);
+        last = now;
+        did
+    };
+    // 1 GiB nobody mapped: a probe per region, no pass.
+    assert_eq!(hook(&mut m, 1 << 30, 18), (64, 0));
+    // A 16 MiB region with one mapped page (4096 gfns, over the budget):
+    // its region probe, then the pass.
+    assert_eq!(hook(&mut m, 300 * REGION, 12), (1, 1));
+    // 1 GiB over the mapped regions: their probes and no gfns, then the pass.
+    let (probes, passes) = hook(&mut m, 0, 18);
+    assert!(
+        probes <= budget && passes == 1,
+        "{probes} probes, {passes} passes"
+    );
+    // 64 gfns of a mapped region: a region probe and 64 gfn probes.
+    assert_eq!(hook(&mut m, 4096 + 64, 6), (65, 0));
+    // A range of more regions than the budget: the pass after the budget.
+    let (probes, passes) = hook(&mut m, 1 << 30, 30);
+    assert_eq!((probes, passes), (budget, 1));
 }

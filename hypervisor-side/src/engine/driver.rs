@@ -503,6 +503,10 @@ pub struct DriverDomain {
     /// the slot, like room in the other indices: a map that cannot have
     /// it is refused with `ENOMEM` before it changes anything.)
     regions_exact: bool,
+    /// What the gfn hooks over ranges did here: (page-index and region
+    /// probes, passes over the slots). Observable, so tests can hold a
+    /// hook's work under the lock to its bound.
+    pub(crate) range_work: (u64, u64),
     pub(crate) unmapping_head: u64,
     pub(crate) stuck_head: u64,
     pub(crate) revoked_head: u64,
@@ -557,6 +561,7 @@ impl DriverDomain {
             regions: IndexTable::new(),
             region_hint: 0,
             regions_exact: true,
+            range_work: (0, 0),
             unmapping_head: NONE,
             stuck_head: NONE,
             revoked_head: NONE,
@@ -674,6 +679,10 @@ impl DriverDomain {
     /// [`REGION_SHIFT`]).
     pub fn regions_exact(&self) -> bool {
         self.regions_exact
+    }
+    /// What gfn hooks over ranges did in this cell: (probes, passes).
+    pub fn range_work(&self) -> (u64, u64) {
+        self.range_work
     }
     /// The region counts, as (target, region, pages): for tests.
     #[cfg(test)]

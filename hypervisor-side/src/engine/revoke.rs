@@ -316,11 +316,13 @@ impl<L: RawMutex> Engine<L> {
                     return self.pass_over_range(d, h, domid, (at, last), how);
                 };
                 left = after_region;
+                d.dd.range_work.0 += 1;
                 if d.dd.may_map_in(self.seed, domid, region) {
                     let Some(after_gfns) = left.checked_sub(end - at) else {
                         return self.pass_over_range(d, h, domid, (at, last), how);
                     };
                     left = after_gfns;
+                    d.dd.range_work.0 += end - at;
                     for g in at..end {
                         self.revoke_gfn(d, h, domid, Gfn(g), how);
                     }
@@ -328,6 +330,7 @@ impl<L: RawMutex> Engine<L> {
                 at = end;
             }
         } else if last - first <= budget {
+            d.dd.range_work.0 += last - first;
             for g in first..last {
                 self.revoke_gfn(d, h, domid, Gfn(g), how);
             }
@@ -348,6 +351,7 @@ impl<L: RawMutex> Engine<L> {
         range: (u64, u64),
         how: GfnChange,
     ) {
+        d.dd.range_work.1 += 1;
         let any = how == GfnChange::Removed;
         let mut from = 0;
         while let Some(idx) = d.dd.next_live_in(from, domid, range, any) {
