@@ -58,14 +58,14 @@ const BYSTANDER: DomId = DomId(20);
 
 /// The guest gfn the steps' gfn number `i` (0..40) stands for: the
 /// guest's first RAM pages, then pages either side of a region edge of the
-/// engine's region counts (16 MiB), then pages spread over a far region
+/// engine's region counts (64 MiB), then pages spread over a far region
 /// and into the next, so range hooks meet regions mapped and empty.
 fn guest_gfn(i: u64) -> u64 {
-    const REGION: u64 = 4096;
+    const REGION: u64 = 1 << 14;
     match i {
         0..24 => i,
         24..32 => 3 * REGION - 4 + (i - 24),
-        _ => 300 * REGION + (i - 32) * 600,
+        _ => 300 * REGION + (i - 32) * 2400,
     }
 }
 

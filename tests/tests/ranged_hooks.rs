@@ -1,5 +1,5 @@
 //! The gfn hook over a range of gfns (a superpage's change, log-dirty,
-//! VRAM dirty tracking) looks up which 16 MiB regions of the range a cell
+//! VRAM dirty tracking) looks up which 64 MiB regions of the range a cell
 //! maps anything of, probes the page index once per gfn of those, or
 //! passes over every slot, whichever is less work (`PROBE_COST_IN_SLOTS`).
 //! Every way must revoke exactly the same mappings: the writable ones in
@@ -74,8 +74,8 @@ fn a_ranged_hook_revokes_the_same_mappings_by_probes_or_by_a_pass() {
     }
 }
 
-/// Gfns 16 MiB apart lie in different regions of the region counts.
-const REGION: u64 = 4096;
+/// Gfns 64 MiB apart lie in different regions of the region counts.
+const REGION: u64 = 1 << 14;
 
 /// Every live mapping of the guest: (gfn, writable), sorted.
 fn live_guest_gfns(e: &pviommu_hv::Engine) -> Vec<(u64, bool)> {
@@ -145,15 +145,15 @@ fn a_ranged_hook_revokes_every_mapping_in_its_range_whatever_regions_it_spans() 
     // (first gfn, order): in empty regions, across edges, partial regions,
     // a range spanning more regions than probes are worth, and all.
     let ranges = [
-        (4 * REGION, 12),
+        (4 * REGION, 14),
         (REGION, 1),
         (3 * REGION - 2, 2),
         (3 * REGION - 1, 0),
-        (2 * REGION, 13),
-        (3 * REGION + 1, 12),
+        (2 * REGION, 15),
+        (3 * REGION + 1, 14),
         (5 * REGION + 64, 6),
         (5 * REGION + 64, 5),
-        (256 * REGION, 18),
+        (256 * REGION, 22),
         (0, 31),
         (high - 1, 1),
         (high, 1),
@@ -186,7 +186,7 @@ fn a_ranged_hook_without_exact_region_counts_still_revokes_everything_in_its_ran
     let pages = [7, 3 * REGION, 300 * REGION + 7, beyond];
     for how in [GfnChange::WriteLost, GfnChange::Removed] {
         for extra in [0, 5000] {
-            for (first, order) in [(0, 13), (4 * REGION, 12), (beyond - 5, 3), (0, 63)] {
+            for (first, order) in [(0, 15), (4 * REGION, 14), (beyond - 5, 3), (0, 63)] {
                 let (mut m, e) = sparse_guest(&pages, extra);
                 assert!(!e.state().driver(DomId::DOM0).unwrap().regions_exact());
                 let before = live_guest_gfns(&e);
@@ -247,7 +247,7 @@ fn range_work(e: &pviommu_hv::Engine) -> (u64, u64) {
 
 #[test]
 fn a_ranged_hook_does_at_most_a_pass_worth_of_probes_then_one_pass() {
-    // 5000 extra pages at gfns 0..5000 (regions 0 and 1) and two at
+    // 5000 extra pages at gfns 0..5000 (region 0) and two at
     // 300R + 7: 5004 slots, a budget of 312 probes.
     let (mut m, e) = sparse_guest(&[300 * REGION + 7], 5000);
     let slots = e.state().driver(DomId::DOM0).unwrap().slots().count() as u64;
@@ -261,9 +261,9 @@ fn a_ranged_hook_does_at_most_a_pass_worth_of_probes_then_one_pass() {
         did
     };
     // 1 GiB nobody mapped: a probe per region, no pass.
-    assert_eq!(hook(&mut m, 1 << 30, 18), (64, 0));
-    // A 16 MiB region with one mapped page (4096 gfns, over the budget):
-    // its region probe, then the pass.
+    assert_eq!(hook(&mut m, 1 << 30, 18), (16, 0));
+    // 16 MiB of a region with one mapped page (4096 gfns, over the
+    // budget): its region probe, then the pass.
     assert_eq!(hook(&mut m, 300 * REGION, 12), (1, 1));
     // 1 GiB over the mapped regions: their probes and no gfns, then the pass.
     let (probes, passes) = hook(&mut m, 0, 18);

@@ -102,10 +102,12 @@ fn count_of(v: u64) -> u64 {
 /// what the cell maps nothing of, instead of probing every gfn of the
 /// range or passing over every slot (`Engine::gfn_changed`).
 ///
-/// 16 MiB of guest memory per region: a 1 GiB range is 64 region probes,
-/// and 32 Ki regions (the most a cell counts) cover 512 GiB of guests.
-pub(crate) const REGION_SHIFT: u32 = 12;
-/// A region's count needs `REGION_SHIFT + 1` bits (up to 4096 pages).
+/// 64 MiB of guest memory per region: a 1 GiB range is 16 region probes,
+/// and 64 Ki regions (the most a cell counts) cover 4 TiB of guests, the
+/// host of the capacity plan (`design/performance.md`), however a mediator
+/// that serves every guest from one context spreads its mappings.
+pub(crate) const REGION_SHIFT: u32 = 14;
+/// A region's count needs `REGION_SHIFT + 1` bits (up to 16 Ki pages).
 const REGION_COUNT_BITS: u32 = REGION_SHIFT + 1;
 /// The region number fits what is left beside the domid and the count.
 const REGION_NUMBER_BITS: u32 = 64 - 16 - REGION_COUNT_BITS;
@@ -115,9 +117,9 @@ pub const REGION_GFN_END: u64 = 1 << (REGION_NUMBER_BITS + REGION_SHIFT);
 /// Regions a cell counts. One more and it stops counting until it is
 /// empty again: a guest that scatters its pages one per region cannot grow
 /// the table (and its one-shot rehash) without bound, only send the hooks
-/// of that cell back to probing or passing as before. 32 Ki entries are a
-/// table of 64 Ki buckets (512 KiB).
-const MAX_REGIONS: usize = (1 << 15) - 1;
+/// of that cell back to probing or passing as before. 64 Ki entries are a
+/// table of 128 Ki buckets (1 MiB), rebuilt at most once from 32 Ki.
+const MAX_REGIONS: usize = (1 << 16) - 1;
 
 /// The region of `gfn`, if it has a number.
 #[inline]
@@ -675,7 +677,7 @@ impl DriverDomain {
             .is_some()
     }
     /// Whether the region counts are exact, so a hook over a range may
-    /// skip the 16 MiB regions this cell maps nothing of (see
+    /// skip the 64 MiB regions this cell maps nothing of (see
     /// [`REGION_SHIFT`]).
     pub fn regions_exact(&self) -> bool {
         self.regions_exact
@@ -1550,7 +1552,15 @@ mod tests {
             // one without a region number).
             let gfn = match (r >> 8) % 1000 {
                 0 => REGION_GFN_END + (r >> 20) % 3,
-                x => ((x % 6) << REGION_SHIFT) + (x / 6) % 5 + if x % 2 == 0 { 0 } else { 4093 },
+                x => {
+                    ((x % 6) << REGION_SHIFT)
+                        + (x / 6) % 5
+                        + if x % 2 == 0 {
+                            0
+                        } else {
+                            (1 << REGION_SHIFT) - 3
+                        }
+                }
             };
             let k = ((r % 3) as u16 + 1, gfn, (r >> 40) & 1 == 1);
             if (r >> 24) % 100 < 50 && !live.contains_key(&k) {

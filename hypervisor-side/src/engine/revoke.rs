@@ -287,7 +287,7 @@ impl<L: RawMutex> Engine<L> {
     /// * where the cell's region counts are exact, one probe per region
     ///   tells whether the cell maps anything there, and only the gfns of
     ///   those that it does are probed: a range it maps nothing of (VRAM
-    ///   dirty tracking, a superpage elsewhere) costs a probe per 16 MiB.
+    ///   dirty tracking, a superpage elsewhere) costs a probe per 64 MiB.
     ///   Once the budget is spent, the pass does the rest;
     /// * otherwise every gfn is probed, if the budget allows.
     ///
