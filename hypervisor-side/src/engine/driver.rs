@@ -1521,6 +1521,17 @@ mod tests {
         last
     }
 
+    /// A xorshift64 generator from `state` (not 0): the random tests'
+    /// reproducible sequences.
+    fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        }
+    }
+
     /// The region counts a model keeps: (target, region) -> distinct pages.
     fn model_regions(live: &BTreeMap<(u16, u64, bool), u64>) -> Vec<(u16, u64, u64)> {
         let pages: BTreeSet<(u16, u64)> = live.keys().map(|k| (k.0, k.1)).collect();
@@ -1533,13 +1544,7 @@ mod tests {
 
     #[test]
     fn region_counts_follow_the_pages_and_stop_at_a_gfn_without_a_region() {
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         let mut dd = DriverDomain::new(DomId(0));
         let mut live: BTreeMap<(u16, u64, bool), u64> = BTreeMap::new();
         // Whether the model expects exact counts: no page beyond the
@@ -1679,13 +1684,7 @@ mod tests {
     fn many_targets_agree_with_a_model() {
         extern crate std;
         for seed in [1u64, 0xdead_beef] {
-            let mut rng = seed ^ 0x9e37_79b9_7f4a_7c15;
-            let mut next = || {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                rng
-            };
+            let mut next = xorshift(seed ^ 0x9e37_79b9_7f4a_7c15);
             let mut dd = DriverDomain::new(DomId(0));
             let mut live: BTreeMap<(u16, u64, bool), u64> = BTreeMap::new();
             let key = |(d, g, ro): (u16, u64, bool)| Mapping {
@@ -1714,7 +1713,7 @@ mod tests {
                     let found = dd.find_key_at(&at, &m);
                     assert_eq!(found, live.get(&k).copied(), "step {step}");
                     if found.is_none() {
-                        if (r >> 40) % 4 == 0 && !live.is_empty() {
+                        if (r >> 40).is_multiple_of(4) && !live.is_empty() {
                             unmap_one(&mut dd, &mut live, r >> 44);
                         }
                         live.insert(k, install(&mut dd, at, m));

@@ -322,20 +322,30 @@ impl<L: RawMutex> Engine<L> {
                         return self.pass_over_range(d, h, domid, (at, last), how);
                     };
                     left = after_gfns;
-                    d.dd.range_work.0 += end - at;
-                    for g in at..end {
-                        self.revoke_gfn(d, h, domid, Gfn(g), how);
-                    }
+                    self.probe_each_gfn(d, h, domid, (at, end), how);
                 }
                 at = end;
             }
         } else if last - first <= budget {
-            d.dd.range_work.0 += last - first;
-            for g in first..last {
-                self.revoke_gfn(d, h, domid, Gfn(g), how);
-            }
+            self.probe_each_gfn(d, h, domid, (first, last), how);
         } else {
             self.pass_over_range(d, h, domid, (first, last), how);
+        }
+    }
+
+    /// Revoke what one cell maps of `domid` in `[first, last)` by one
+    /// page-index probe per gfn.
+    fn probe_each_gfn(
+        &self,
+        d: &mut Driver<'_, L>,
+        h: &mut impl Hypervisor,
+        domid: DomId,
+        (first, last): (u64, u64),
+        how: GfnChange,
+    ) {
+        d.dd.range_work.0 += last - first;
+        for g in first..last {
+            self.revoke_gfn(d, h, domid, Gfn(g), how);
         }
     }
 
