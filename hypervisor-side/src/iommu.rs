@@ -10,6 +10,7 @@
 //! at them ([`IommuBackend::device_attach`]).
 
 use crate::config::MAX_CONTEXTS;
+use crate::nospec::get_mut_nospec;
 use crate::pgtable::TableMemory;
 use crate::{Bfn, ContextId, DomId, Errno, MemAttr, Mfn, Permissions, Sbdf};
 
@@ -103,7 +104,7 @@ impl FlushGather {
     /// Record that `bfn` of `ctx` changed; `flags` are backend-specific.
     #[inline]
     pub fn add(&mut self, ctx: ContextId, bfn: Bfn, flags: u32) -> Result<(), Errno> {
-        let slot = self.ranges.get_mut(ctx.0 as usize).ok_or(Errno::Inval)?;
+        let slot = get_mut_nospec(&mut self.ranges, ctx.0 as usize).ok_or(Errno::Inval)?;
         match slot {
             Some(r) => {
                 r.first = Bfn(r.first.0.min(bfn.0));

@@ -28,6 +28,7 @@ pub mod config;
 pub mod engine;
 pub mod hypercall;
 pub mod iommu;
+pub mod nospec;
 pub mod permission;
 pub mod pgtable;
 pub mod platform;

@@ -1082,3 +1082,69 @@ fn a_map_of_the_callers_own_paged_out_page_does_not_page_it_in() {
     m.guest_batch_all(&e, DomId::DOM0, &mut op).unwrap();
     assert_eq!(op[0].status, 0);
 }
+
+/// Indices a guest names past the engine's arrays: a BFN inside the window
+/// but beyond every slot the driver domain has, the window's last BFN, and
+/// context ids past `MAX_CONTEXTS` up to `u32::MAX`. Each is now clamped
+/// under speculation where it meets an array (`nospec`); architecturally
+/// each must still be `ENOENT` for every op that names it, and change
+/// nothing.
+#[test]
+fn guest_indices_past_the_engines_arrays_are_refused_and_change_nothing() {
+    const ENOENT: i32 = -2;
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let ctx = e.context_create(&mut m, DomId::DOM0).unwrap();
+    let mapped = map_one(&mut m, &e, DomId::DOM0, GUEST, 1, Permissions::RW).unwrap();
+    let window = e.window().clone();
+    let before = observable(&m, &e);
+    let bfns = [Bfn(mapped.0 + 4096), Bfn(window.end - 1)];
+    let contexts = [ContextId(16), ContextId(0x1000_0000), ContextId(u32::MAX)];
+    let mut ops = Vec::new();
+    for bfn in bfns {
+        for context in [ContextId::DEFAULT, ctx] {
+            ops.push(Request::Unmap { context, bfn }.encode());
+            ops.push(Request::Lookup { context, bfn }.encode());
+            for notice in [None, Some(1)] {
+                ops.push(
+                    Request::RevokedAck {
+                        context,
+                        bfn,
+                        notice,
+                    }
+                    .encode(),
+                );
+            }
+        }
+    }
+    for context in contexts {
+        ops.push(
+            Request::Unmap {
+                context,
+                bfn: mapped,
+            }
+            .encode(),
+        );
+        ops.push(
+            Request::Lookup {
+                context,
+                bfn: mapped,
+            }
+            .encode(),
+        );
+        ops.push(
+            Request::RevokedAck {
+                context,
+                bfn: mapped,
+                notice: None,
+            }
+            .encode(),
+        );
+    }
+    for op in ops {
+        let mut batch = [op];
+        m.guest_batch_all(&e, DomId::DOM0, &mut batch).unwrap();
+        assert_eq!(batch[0].status, ENOENT, "{op:?}");
+    }
+    assert_eq!(observable(&m, &e), before);
+    assert_eq!(lock_check::violations(), 0);
+}

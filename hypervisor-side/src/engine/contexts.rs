@@ -23,6 +23,7 @@ use lock_api::RawMutex;
 
 use super::{Driver, Engine, Hypervisor};
 use crate::iommu::{FlushGather, HwContext, IommuBackend, OwnTables, TableFormat};
+use crate::nospec::get_nospec;
 use crate::permission::may_attach;
 use crate::pgtable::lpae::Lpae;
 use crate::pgtable::vtd::{Vtd, VtdNoSnoop};
@@ -339,7 +340,7 @@ impl<L: RawMutex> Engine<L> {
         let entry = self
             .ctx_cells
             .get(home_cell)
-            .and_then(|e| e.get(id.0 as usize))
+            .and_then(|e| get_nospec(e, id.0 as usize))
             .ok_or(Errno::Inval)?;
         if caller != DomId::DOM0 {
             // The last free cells of the shared pool are kept for homes.
@@ -418,7 +419,7 @@ impl<L: RawMutex> Engine<L> {
         if let Some(entry) = self
             .ctx_cells
             .get(home)
-            .and_then(|e| e.get(context.0 as usize))
+            .and_then(|e| get_nospec(e, context.0 as usize))
         {
             let _ = entry.compare_exchange(
                 cell as u8,

@@ -29,6 +29,7 @@
 use alloc::vec::Vec;
 
 use crate::iommu::FlushGather;
+use crate::nospec::array_index_nospec;
 use crate::storage::{hash64, ChunkedVec, IndexTable, ShardedIndex};
 use crate::{ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions};
 
@@ -703,6 +704,18 @@ impl DriverDomain {
             .collect();
         v.sort_unstable();
         v
+    }
+
+    /// Slot `idx`, named by a guest (through a BFN), if the slot array
+    /// has it: clamped under speculation, so every slot access made with
+    /// the index it returns stays in bounds even past a mispredicted check
+    /// ([`crate::nospec`]). Every index from a guest goes through here
+    /// once, under the cell's lock; indices the engine keeps need not.
+    #[inline(always)]
+    pub(crate) fn guest_slot(&self, idx: u64) -> Option<u64> {
+        let len = self.slots.len();
+        let i = usize::try_from(idx).ok().filter(|&i| i < len)?;
+        Some(array_index_nospec(i, len) as u64)
     }
 
     #[inline]

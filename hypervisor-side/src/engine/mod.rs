@@ -77,6 +77,7 @@ pub use revoke::{GfnChange, Restart};
 use crate::bfn_alloc::{BfnSpace, BfnWindow};
 use crate::config::{Config, MAX_CONTEXTS, X86_MSI_WINDOW};
 use crate::iommu::IommuBackend;
+use crate::nospec::get_nospec;
 use crate::permission::{check_map_again, check_page};
 use crate::platform::{DomainInfo, Platform, ReservedRange};
 use crate::storage::{try_from_fn, try_push};
@@ -732,7 +733,8 @@ impl<L: RawMutex> Engine<L> {
 
     /// `domid`'s gate (the only way to one: the table is permuted).
     pub(crate) fn gate(&self, domid: DomId) -> Option<&TargetGate> {
-        self.gates.get(gate_index(domid))
+        // (The domid is a guest's: clamped under speculation.)
+        get_nospec(&self.gates, gate_index(domid))
     }
 
     /// Mappings holding a page of `domid` (live, or unmapped and not yet
@@ -773,17 +775,16 @@ impl<L: RawMutex> Engine<L> {
     /// Which cell holds `domid`'s mappings into `context` (no lock: a hint
     /// to check under the cell's lock).
     fn cell_number(&self, domid: DomId, context: ContextId) -> Option<usize> {
-        let home = self.cell_of.get(domid.0 as usize)?.load(Ordering::SeqCst);
+        let home = get_nospec(&self.cell_of, domid.0 as usize)?.load(Ordering::SeqCst);
         if home == NO_CELL {
             return None;
         }
         let cell = match context {
             ContextId::DEFAULT => home,
-            c => self
-                .ctx_cells
-                .get(home as usize)?
-                .get(c.0 as usize)?
-                .load(Ordering::SeqCst),
+            // (The context id is a guest's: clamped under speculation.)
+            c => {
+                get_nospec(self.ctx_cells.get(home as usize)?, c.0 as usize)?.load(Ordering::SeqCst)
+            }
         };
         (cell != NO_CELL).then_some(cell as usize)
     }
@@ -1589,6 +1590,7 @@ impl<L: RawMutex> Engine<L> {
     pub fn lookup(&self, caller: DomId, context: ContextId, bfn: Bfn) -> Result<Mapping, Errno> {
         let idx = self.space.index_of(bfn).ok_or(Errno::NoEnt)?;
         let d = self.lock_cell(caller, context).ok_or(Errno::NoEnt)?;
+        let idx = d.dd.guest_slot(idx).ok_or(Errno::NoEnt)?;
         match d.dd.live_at(idx) {
             Some(m) if m.context == context => Ok(m),
             _ => Err(Errno::NoEnt),
@@ -1600,6 +1602,7 @@ impl<L: RawMutex> Engine<L> {
     pub fn unmap_check(&self, caller: DomId, context: ContextId, bfn: Bfn) -> Result<bool, Errno> {
         let idx = self.space.index_of(bfn).ok_or(Errno::NoEnt)?;
         let d = self.lock_cell(caller, context).ok_or(Errno::NoEnt)?;
+        let idx = d.dd.guest_slot(idx).ok_or(Errno::NoEnt)?;
         Self::unmap_kind(&d.dd, context, idx).map(|k| matches!(k, UnmapKind::Revoked))
     }
 
@@ -1669,9 +1672,11 @@ impl<L: RawMutex> Engine<L> {
         let d = self.lock_cell(caller, context);
         for (&(context, bfn), o) in reqs.iter().zip(out.iter_mut()).take(n) {
             *o = match (&d, self.space.index_of(bfn)) {
-                (Some(d), Some(idx)) => {
-                    Self::unmap_kind(&d.dd, context, idx).map(|k| matches!(k, UnmapKind::Revoked))
-                }
+                (Some(d), Some(idx)) => match d.dd.guest_slot(idx) {
+                    Some(idx) => Self::unmap_kind(&d.dd, context, idx)
+                        .map(|k| matches!(k, UnmapKind::Revoked)),
+                    None => Err(Errno::NoEnt),
+                },
                 _ => Err(Errno::NoEnt),
             };
         }
@@ -1715,6 +1720,7 @@ impl<L: RawMutex> Engine<L> {
         bfn: Bfn,
         idx: u64,
     ) -> Result<(), Errno> {
+        let idx = d.dd.guest_slot(idx).ok_or(Errno::NoEnt)?;
         if let UnmapKind::Revoked = Self::unmap_kind(&d.dd, context, idx)? {
             d.dd.ack_revoked(idx)?;
             return Err(Errno::Stale);
@@ -1844,7 +1850,7 @@ impl<L: RawMutex> Engine<L> {
         // The slots a check passed so far (as if taken).
         let mut passed = [NONE; MAP_CHUNK];
         for (k, (&(bfn, number), o)) in acks.iter().zip(out.iter_mut()).take(n).enumerate() {
-            let Some(idx) = self.space.index_of(bfn) else {
+            let Some(idx) = self.space.index_of(bfn).and_then(|i| d.dd.guest_slot(i)) else {
                 *o = Err(Errno::NoEnt);
                 continue;
             };
