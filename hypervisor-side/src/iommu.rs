@@ -130,6 +130,12 @@ impl FlushGather {
     pub fn ranges(&self) -> impl Iterator<Item = &FlushRange> {
         self.ranges.iter().flatten()
     }
+    /// Forget what was gathered of `ctx` (a flush of all of it succeeded).
+    pub fn forget(&mut self, ctx: ContextId) {
+        if let Some(slot) = get_mut_nospec(&mut self.ranges, ctx.0 as usize) {
+            *slot = None;
+        }
+    }
     /// Forget everything (after a successful flush).
     pub fn clear(&mut self) {
         self.ranges = Default::default();

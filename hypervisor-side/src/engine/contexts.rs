@@ -211,10 +211,14 @@ impl super::DriverDomain {
             .iter_mut()
             .find(|c| c.id == ctx)
             .ok_or(Errno::NoEnt)?;
-        own.tables.map(h, bfn, mfn, perms, attr)?;
         // A not-present -> present change needs a flush where the IOMMU
         // caches non-present entries (VT-d caching mode); always flushed.
-        self.gather.add(ctx, bfn, 0)
+        // Gathered before the entry is written: were it after, a gather
+        // refusing the range would leave an entry its caller counts as
+        // never made, and releases the page of (a flush of an entry that
+        // was not written after all is harmless).
+        self.gather.add(ctx, bfn, 0)?;
+        own.tables.map(h, bfn, mfn, perms, attr)
     }
 
     /// Unmap `bfn` of `ctx`; the change goes into the gather.
@@ -232,8 +236,9 @@ impl super::DriverDomain {
             .iter_mut()
             .find(|c| c.id == ctx)
             .ok_or(Errno::NoEnt)?;
-        own.tables.unmap(h, bfn)?;
-        self.gather.add(ctx, bfn, 0)
+        // Gathered first, as a map is: the entry never goes unflushed.
+        self.gather.add(ctx, bfn, 0)?;
+        own.tables.unmap(h, bfn)
     }
 
     /// Flush everything gathered: the default context through the backend,
@@ -251,6 +256,12 @@ impl super::DriverDomain {
                 if let Err(e) = h.hw_flush(own.hw, r.first, r.last) {
                     result = Err(e);
                 }
+            } else {
+                // A range of a context this cell no longer has cannot be
+                // flushed: fail closed, so no page of it is released
+                // (unreachable: `drop_context` flushes the whole context
+                // and forgets its range before the context goes).
+                result = Err(Errno::Busy);
             }
         }
         if !default.is_empty() {
@@ -530,6 +541,8 @@ impl<L: RawMutex> Engine<L> {
             return Err(Errno::NoEnt);
         };
         let own = d.dd.own.swap_remove(pos);
+        // The whole-context flush above covers what the gather held of it.
+        d.dd.gather.forget(context);
         own.tables.destroy(h);
         d.dd.contexts &= !(1 << context.0);
         Ok(())

@@ -512,8 +512,15 @@ impl<L: RawMutex> Engine<L> {
                 slot: 0,
             };
         }
+        // Walked every cell. The next slice moves on only once nothing holds
+        // a page of the domain: a flush that failed (or an unmap the IOMMU
+        // refused) left pages referenced, and the walk starts again from
+        // the first cell still named, flushing again, until it succeeds.
+        // (Moving on here finished the teardown with the pages still
+        // referenced until the driver's next flush: the domain stayed a
+        // zombie for as long as its driver stayed idle.)
         *c = Cursor {
-            phase: PHASE_AS_DRIVER,
+            phase: PHASE_AS_TARGET,
             driver: 0,
             slot: 0,
         };
