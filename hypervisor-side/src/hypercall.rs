@@ -553,7 +553,11 @@ impl<L: RawMutex> Engine<L> {
                 }
                 None => {}
             }
-            if let Err(e) = self.run_op(h, caller, ci, addr, op) {
+            if let Err((acted, e)) = self.run_op(h, caller, ci, addr, op) {
+                // (An op that acted counts as done even when its final
+                // status could not be written: reissued, it would be run
+                // again and answer for a state it made itself.)
+                hdr.nr_done += u32::from(acted);
                 result = Err(e);
                 break;
             }
@@ -784,7 +788,9 @@ impl<L: RawMutex> Engine<L> {
 
     /// Run `op`, copied in from guest address `addr`, and write its status
     /// back. `Err` only when the guest's op array itself is inaccessible:
-    /// then the op has no effect. No engine lock is held across the guest
+    /// then the op has no effect, except when it says it acted (`true`: a
+    /// destroy or detach whose act changed state, and whose changed status
+    /// could not be written). No engine lock is held across the guest
     /// copies.
     fn run_op(
         &self,
@@ -793,7 +799,7 @@ impl<L: RawMutex> Engine<L> {
         ci: &DomainInfo,
         addr: u64,
         mut op: PvIommuOp,
-    ) -> Result<(), Errno> {
+    ) -> Result<(), (bool, Errno)> {
         let request = Request::parse(&op);
         let outcome = match request {
             Err(e) => Err(e),
@@ -846,7 +852,7 @@ impl<L: RawMutex> Engine<L> {
                 }
                 _ => {}
             }
-            return Err(e);
+            return Err((false, e));
         }
         let acted = match (request, outcome) {
             (Ok(Request::ContextDestroy { context }), Ok(())) => {
@@ -866,7 +872,11 @@ impl<L: RawMutex> Engine<L> {
             };
             if status != op.status {
                 op.status = status;
-                h.copy_to_guest(addr, op.as_bytes())?;
+                // Nothing there (ENOENT) or kept as it was (EBUSY): the act
+                // changed nothing; anything else did.
+                let changed = !matches!(r, Err(Errno::NoEnt | Errno::Busy));
+                h.copy_to_guest(addr, op.as_bytes())
+                    .map_err(|e| (changed, e))?;
             }
         }
         Ok(())

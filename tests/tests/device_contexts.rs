@@ -791,3 +791,57 @@ fn second_review_regressions() {
     assert_eq!(status, Errno::NoSpc.negated());
     assert_eq!(m.devices_lock_taken, taken);
 }
+
+/// A detach whose check passed (status 0 written) but whose act then
+/// failed in a way that changed state (the device's context entry was
+/// cleared: any error but EBUSY), and whose changed status cannot be
+/// written: the call fails (EFAULT) and `nr_done` counts the op, which
+/// acted. Before, the header left it undone, and the reissued op answered
+/// ENOENT for a detach it had made itself (review finding).
+#[test]
+fn a_detach_that_acted_counts_as_done_when_its_status_cannot_be_written() {
+    use pviommu_hv::platform::Platform;
+    use zerocopy::{FromZeros, IntoBytes};
+    let (mut m, e) = host(Format::Vtd);
+    let ctx = create(&mut m, &e, DomId::DOM0);
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx, A), 0);
+    let ops = [Request::ContextDetach {
+        context: ctx,
+        device: A,
+    }
+    .encode()];
+    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &ops);
+    let r = {
+        let mut h = Interposer::new(
+            &mut m,
+            Service::CopyToGuestRacingThenFault(ops_addr),
+            Box::new(|m: &mut SimMachine| {
+                m.fail_detaches = 1;
+                m.fail_detaches_with = Errno::NoDev;
+            }),
+        );
+        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
+    };
+    assert_eq!(r, Errno::Fault.negated() as i64);
+    let mut hdr = pviommu_abi::PvIommuBatch::new_zeroed();
+    m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
+    assert_eq!(hdr.nr_done, 1, "the detach acted, and would be run again");
+    assert_eq!(m.device(A).unwrap().attached, None);
+    // A detach refused without a change (EBUSY) is still not counted.
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx, A), 0);
+    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &ops);
+    let r = {
+        let mut h = Interposer::new(
+            &mut m,
+            Service::CopyToGuestRacingThenFault(ops_addr),
+            Box::new(|m: &mut SimMachine| {
+                m.fail_detaches = 1;
+                m.fail_detaches_with = Errno::Busy;
+            }),
+        );
+        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
+    };
+    assert_eq!(r, Errno::Fault.negated() as i64);
+    m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
+    assert_eq!(hdr.nr_done, 0);
+}

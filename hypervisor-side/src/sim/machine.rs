@@ -408,6 +408,10 @@ pub struct SimMachine {
     /// The next this-many device detaches fail with the device still on
     /// the engine's tables (failure injection: a flush that fails twice).
     pub fail_detaches: u32,
+    /// What those detaches answer: `Busy` (the default) keeps the device
+    /// on the tables; any other error clears its context entry first (its
+    /// DMA is blocked, as when Xen's unmap of the entry half-fails).
+    pub fail_detaches_with: Errno,
 }
 
 impl SimMachine {
@@ -443,6 +447,7 @@ impl SimMachine {
             devices_lock_taken: 0,
             fail_attaches: 0,
             fail_detaches: 0,
+            fail_detaches_with: Errno::Busy,
         };
         m.create_domain(
             DomId::DOM0,
@@ -1563,7 +1568,13 @@ impl IommuBackend for SimMachine {
         }
         if self.fail_detaches > 0 {
             self.fail_detaches -= 1;
-            return Err(Errno::Busy);
+            if self.fail_detaches_with != Errno::Busy {
+                d.attached = None;
+                if let Some(h) = self.hw_contexts.get(&hw.0) {
+                    self.iotlb.invalidate_context(h.owner, h.ctx);
+                }
+            }
+            return Err(self.fail_detaches_with);
         }
         d.attached = None;
         if let Some(h) = self.hw_contexts.get(&hw.0) {
