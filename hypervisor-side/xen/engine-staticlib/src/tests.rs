@@ -214,6 +214,29 @@ fn context_creation_and_device_attach_write_back_first() {
     unlock(&l);
 }
 
+/// Review: `pvx_device_attach` pointed the device's context entry at
+/// whatever root it was given; every other table call checks the frame's
+/// mark. A root that is not a table frame is refused now (EINVAL), and
+/// counted as refused; a table frame still attaches.
+#[test]
+fn a_device_attach_to_a_root_that_is_no_table_frame_is_refused() {
+    let _s = model::serial();
+    let l = lock(3);
+    let mut x = Xen::new();
+    let root = x.alloc_table().unwrap();
+    let hw = x
+        .hw_context_create(DomId(0), pviommu_hv::ContextId(1), root)
+        .unwrap();
+    let refused = model::with(|m| m.refused);
+    assert_eq!(
+        x.device_attach(Sbdf(0x18), hw, Mfn(0xdead_beef)),
+        Err(Errno::Inval)
+    );
+    assert_eq!(model::with(|m| m.refused), refused + 1);
+    x.device_attach(Sbdf(0x18), hw, root).unwrap();
+    unlock(&l);
+}
+
 /// Regression test for the single dirty set of all cells: a flush of one
 /// driver domain wrote back (and so touched, under its own lock only)
 /// table lines another driver domain was still writing.

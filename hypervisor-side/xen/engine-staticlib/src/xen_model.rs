@@ -398,9 +398,10 @@ pub extern "C" fn pvx_ctx_alloc(tag: *mut u16) -> i32 {
 
 #[no_mangle]
 #[inline(never)]
-pub extern "C" fn pvx_device_attach(_sbdf: u32, _tag: u16, _root_mfn: u64) -> i32 {
+pub extern "C" fn pvx_device_attach(_sbdf: u32, _tag: u16, root_mfn: u64) -> i32 {
     check_held_written_back("pvx_device_attach");
-    0
+    // The root is a table frame, as the C glue's page mark checks.
+    with(|m| if accepted(m, root_mfn) { 0 } else { -22 })
 }
 
 #[no_mangle]
