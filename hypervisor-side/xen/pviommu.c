@@ -177,7 +177,17 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
     if ( cmd & PCI_COMMAND_MEMORY )
         pci_conf_write16(sbdf, PCI_COMMAND, cmd);
 
-    /* VF BARs: sizes were read by pci_add_device() (vf_rlen). */
+    /*
+     * VF BARs, by the sizes pci_add_device() reads into vf_rlen. That runs
+     * when dom0 reports the device (PHYSDEVOP_pci_device_add), after this
+     * initcall: at boot vf_rlen is still 0 and no VF BAR is reserved here
+     * (a review against 4.17's drivers/passthrough/pci.c found this; the
+     * comment used to say the sizes were read). VFs behind a switch are
+     * covered by the switch's downstream-port windows reserved above,
+     * which is where peer-to-peer routing happens; sizing VF BARs here as
+     * pci_add_device does (VFE clear only) is left, untested without an
+     * SR-IOV device under QEMU 7.2.
+     */
     pos = pci_find_ext_capability(sbdf.seg, sbdf.bus, sbdf.devfn,
                                   PCI_EXT_CAP_ID_SRIOV);
     if ( pos && !pdev->info.is_virtfn )
