@@ -358,7 +358,7 @@ impl<L: RawMutex> Engine<L> {
         if req._pad0 != 0 || !domid.is_valid() {
             return Err(Errno::Inval);
         }
-        h.xsm_check(caller, Some(domid), XsmAction::Manage)?;
+        h.xsm_check(caller, Some(domid), XsmAction::Control)?;
         self.set_quota(h, domid, (req.quota != 0).then_some(req.quota))?;
         Ok(0)
     }
@@ -382,7 +382,7 @@ impl<L: RawMutex> Engine<L> {
         if req.flags & !stats_flag::ALL != 0 || req.flags & both == both || !domid.is_valid() {
             return Err(Errno::Inval);
         }
-        h.xsm_check(caller, Some(domid), XsmAction::Manage)?;
+        h.xsm_check(caller, Some(domid), XsmAction::Control)?;
         let r = self.stats(domid);
         let c = r.counters;
         let out = PvIommuStats {
@@ -448,7 +448,7 @@ impl<L: RawMutex> Engine<L> {
         {
             return Err(Errno::Inval);
         }
-        h.xsm_check(caller, Some(domid), XsmAction::Manage)?;
+        h.xsm_check(caller, Some(domid), XsmAction::Control)?;
         let leaf = self.entry_bits(h, domid, ContextId(req.context), crate::Bfn(req.bfn))?;
         let out = PvIommuEntry {
             version: INTERFACE_VERSION,

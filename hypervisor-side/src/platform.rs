@@ -55,6 +55,10 @@ pub enum XsmAction {
     Map,
     /// Unmap, look up, contexts and revocations of the caller's own BFNs.
     Manage,
+    /// Another domain's PV-IOMMU state: set its quota, read its counters
+    /// or its IOMMU entries (control domain; its own XSM action, so a
+    /// FLASK policy can refuse it apart from `Manage`).
+    Control,
 }
 
 /// What [`Platform::get_page`] found; `mfn` is `Some` exactly when a page

@@ -34,7 +34,7 @@ if ! make -j"$JOBS" > "$BUILD/xen-flask-build.log" 2>&1; then
 fi
 fail=0
 grep -q 'S_("pv_iommu")' xsm/flask/include/class_to_string.h || { echo "build-xen-flask: FAIL: no pv_iommu class" >&2; fail=1; }
-for p in QUERY MAP MANAGE; do
+for p in QUERY MAP MANAGE CONTROL; do
     grep -q "PV_IOMMU__$p" xsm/flask/include/av_permissions.h || { echo "build-xen-flask: FAIL: no PV_IOMMU__$p" >&2; fail=1; }
 done
 # (To files first: `cmd | grep -q` fails under pipefail when grep exits early.)

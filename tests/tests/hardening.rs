@@ -1177,3 +1177,43 @@ fn a_target_teardown_ends_only_once_its_pages_are_flushed_and_released() {
     );
     assert_eq!(lock_check::violations(), 0);
 }
+
+/// Review: `SET_LIMITS`, `STATS` and `ENTRY` act on another domain's
+/// PV-IOMMU state, but asked XSM for `Manage`, the action of a caller's own
+/// BFNs: a FLASK policy could not refuse them without refusing the
+/// mediator its unmaps too, nor allow them without allowing those. They
+/// ask for `Control` now (FLASK: `pv_iommu { control }` against the
+/// target). Before, the first half failed: refusing `Manage` refused them.
+#[test]
+fn acting_on_another_domains_state_is_its_own_xsm_action() {
+    use pviommu_hv::platform::XsmAction;
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let ctx = e.context_create(&mut m, DomId::DOM0).unwrap();
+    let bfn = map_one(&mut m, &e, DomId::DOM0, GUEST, 1, Permissions::RW).unwrap();
+    let control = |m: &mut SimMachine| {
+        [
+            m.guest_set_limits(&e, DomId::DOM0, DomId::DOM0, 4096).err(),
+            m.guest_stats(&e, DomId::DOM0, DomId::DOM0, 0).err(),
+            m.guest_entry(&e, DomId::DOM0, DomId::DOM0, ctx, Bfn(0x10_0000))
+                .err()
+                .filter(|e| *e != Errno::NoEnt),
+        ]
+    };
+    // A policy refusing dom0 `manage` (its own BFNs) leaves it `control`.
+    m.xsm_deny_action(DomId::DOM0, XsmAction::Manage);
+    assert_eq!(control(&mut m), [None, None, None]);
+    let mut unmap = [unmap_op(bfn)];
+    assert_eq!(
+        m.guest_batch_all(&e, DomId::DOM0, &mut unmap),
+        Err(Errno::Perm)
+    );
+    // One refusing `control` refuses exactly those three; maps and unmaps
+    // of its own go on.
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let ctx2 = e.context_create(&mut m, DomId::DOM0).unwrap();
+    assert_eq!(ctx2, ctx);
+    m.xsm_deny_action(DomId::DOM0, XsmAction::Control);
+    assert_eq!(control(&mut m).map(|r| r.is_some()), [true; 3]);
+    let bfn = map_one(&mut m, &e, DomId::DOM0, GUEST, 1, Permissions::RW).unwrap();
+    assert_eq!(unmap_status(&mut m, &e, DomId::DOM0, bfn), 0);
+}

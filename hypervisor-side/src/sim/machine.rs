@@ -87,6 +87,8 @@ struct Domain {
     log_dirty: bool,
     /// A FLASK-like policy refusal for this domain as a caller.
     xsm_denied: bool,
+    /// Actions a FLASK-like policy refuses this domain (the others pass).
+    xsm_denied_actions: Vec<XsmAction>,
 }
 
 /// A driver domain's default context: the host's own tables (Xen's).
@@ -491,6 +493,7 @@ impl SimMachine {
                 translation: pviommu_abi::translation::TRANSLATES,
                 log_dirty: false,
                 xsm_denied: false,
+                xsm_denied_actions: Vec::new(),
             },
         );
         Ok(())
@@ -535,6 +538,14 @@ impl SimMachine {
     pub fn xsm_deny(&mut self, domid: DomId) {
         if let Some(d) = self.domains.get_mut(&domid) {
             d.xsm_denied = true;
+        }
+    }
+
+    /// A FLASK-like policy refuses `domid` one action (each a permission
+    /// of the `pv_iommu` class), the others still pass.
+    pub fn xsm_deny_action(&mut self, domid: DomId, action: XsmAction) {
+        if let Some(d) = self.domains.get_mut(&domid) {
+            d.xsm_denied_actions.push(action);
         }
     }
 
@@ -1225,10 +1236,10 @@ impl Platform for SimMachine {
         &self,
         caller: DomId,
         _target: Option<DomId>,
-        _action: XsmAction,
+        action: XsmAction,
     ) -> Result<(), Errno> {
         match self.domains.get(&caller) {
-            Some(d) if !d.xsm_denied => Ok(()),
+            Some(d) if !d.xsm_denied && !d.xsm_denied_actions.contains(&action) => Ok(()),
             _ => Err(Errno::Perm),
         }
     }

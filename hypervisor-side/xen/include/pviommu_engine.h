@@ -157,6 +157,7 @@ void pvx_domain_info(uint16_t domid, struct pvx_domain_info *info);
 #define PVX_XSM_QUERY   0 /* query_caps, reserved_regions                    */
 #define PVX_XSM_MAP     1 /* map a page of target                            */
 #define PVX_XSM_MANAGE  2 /* unmap/lookup/contexts/revocations of own BFNs   */
+#define PVX_XSM_CONTROL 3 /* set_limits/stats/entry of target (control dom.) */
 int pvx_xsm_check(uint16_t caller, uint16_t target, unsigned int action);
 
 /* Page kinds reported by pvx_get_page. */

@@ -662,6 +662,7 @@ impl Platform for Xen {
             XsmAction::Query => 0,
             XsmAction::Map => 1,
             XsmAction::Manage => 2,
+            XsmAction::Control => 3,
         };
         // SAFETY: plain value call.
         match unsafe { ffi::pvx_xsm_check(caller.0, target.map_or(DOMID_NONE, |t| t.0), action) } {
