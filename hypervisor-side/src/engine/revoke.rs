@@ -512,15 +512,25 @@ impl<L: RawMutex> Engine<L> {
                 slot: 0,
             };
         }
-        // Walked every cell. The next slice moves on only once nothing holds
-        // a page of the domain: a flush that failed (or an unmap the IOMMU
-        // refused) left pages referenced, and the walk starts again from
-        // the first cell still named, flushing again, until it succeeds.
-        // (Moving on here finished the teardown with the pages still
-        // referenced until the driver's next flush: the domain stayed a
-        // zombie for as long as its driver stayed idle.)
+        // Walked every cell. A cell keeps its bit in the gate while it holds
+        // a page of the domain (a flush that failed, an unmap the IOMMU
+        // refused): then the walk starts again, flushing again, until it
+        // succeeds. (Moving on regardless finished the teardown with the
+        // pages still referenced until the driver's next flush: the domain
+        // stayed a zombie for as long as its driver stayed idle.) The bits,
+        // not `target_active`, decide: that count also has maps in flight,
+        // which any caller can start (a map refused at its checks joined
+        // the gate first), so waiting for it to read 0 could be held off.
+        // No map installs a page of the domain after the first slice moved
+        // its sequence number; one in flight sets a bit only while it holds
+        // the cell's lock, and clears it before letting go.
+        let phase = if self.target_drivers(domid) == 0 {
+            PHASE_AS_DRIVER
+        } else {
+            PHASE_AS_TARGET
+        };
         *c = Cursor {
-            phase: PHASE_AS_TARGET,
+            phase,
             driver: 0,
             slot: 0,
         };
