@@ -1217,3 +1217,44 @@ fn acting_on_another_domains_state_is_its_own_xsm_action() {
     let bfn = map_one(&mut m, &e, DomId::DOM0, GUEST, 1, Permissions::RW).unwrap();
     assert_eq!(unmap_status(&mut m, &e, DomId::DOM0, bfn), 0);
 }
+
+/// Review of the teardown restart: a map of a run joined its target's gate
+/// (raising `target_active`, which decides whether a hook has work and
+/// once decided when a teardown could move on) before its checks, so any
+/// caller could raise another domain's count with maps it may not make.
+/// A map refused at its checks never raises it now (seen from inside the
+/// check, at the target's domain lookup); a run's later op refused gives
+/// its share back, and nothing is left joined.
+#[test]
+fn a_map_refused_at_its_checks_never_joins_the_targets_gate() {
+    use pviommu_abi::{MapRequest, MemAttr};
+    use pviommu_hv::platform::XsmAction;
+    use pviommu_tests::{Interposer, Service};
+    use std::cell::Cell;
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    // XSM refuses dom0 maps: refused after the target's domain lookup.
+    m.xsm_deny_action(DomId::DOM0, XsmAction::Map);
+    let req = |gfn| MapRequest {
+        context: ContextId::DEFAULT,
+        domid: GUEST,
+        gfn: Gfn(gfn),
+        perms: Permissions::RW,
+        attr: MemAttr::WriteBack,
+        grant: false,
+    };
+    let reqs = [req(1), req(2), req(3)];
+    let seen = Cell::new(u32::MAX);
+    let mut out = [Err(Errno::Inval); 3];
+    {
+        let mut h = Interposer::new(
+            &mut m,
+            Service::DomainInfo,
+            Box::new(|_| seen.set(e.target_active(GUEST))),
+        );
+        assert_eq!(e.map_batch(&mut h, DomId::DOM0, &dom0, &reqs, &mut out), 3);
+    }
+    assert_eq!(out, [Err(Errno::Perm); 3]);
+    assert_eq!(seen.get(), 0, "a refused map raised the target's count");
+    assert_eq!(e.target_active(GUEST), 0);
+}

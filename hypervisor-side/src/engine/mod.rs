@@ -1224,19 +1224,6 @@ impl<L: RawMutex> Engine<L> {
             let Some(step) = steps.get_mut(i) else {
                 break;
             };
-            // Consecutive ops of one target join its gate together, before
-            // the first of them looks its page up: one atomic per run. An
-            // op refused before its lookup gives its share back.
-            if joined == 0 {
-                let same = reqs.get(i..n).map_or(1, |rest| {
-                    rest.iter().take_while(|r| r.domid == req.domid).count()
-                });
-                if let Some(g) = self.gate(req.domid) {
-                    g.active.fetch_add(same as u32, Ordering::SeqCst);
-                }
-                joined = same as u32;
-            }
-            joined -= 1;
             let gate = match self.map_checks(
                 h,
                 caller,
@@ -1247,12 +1234,32 @@ impl<L: RawMutex> Engine<L> {
             ) {
                 Ok(g) => g,
                 Err(e) => {
-                    self.gate_leave(req.domid);
+                    // Its share, if an earlier op of the run joined one for
+                    // it, goes back.
+                    if joined > 0 {
+                        joined -= 1;
+                        self.gate_leave(req.domid);
+                    }
                     *o = Err(e);
                     *step = Step::Done;
                     continue;
                 }
             };
+            // Consecutive ops of one target join its gate together, once the
+            // first of them passed its checks and before it looks its page
+            // up: one atomic per run. A map refused at its checks never
+            // raises the count (which decides whether a hook has anything
+            // to do, and which any caller could otherwise hold up with maps
+            // it may not make); a later op of the run refused gives its
+            // share back.
+            if joined == 0 {
+                let same = reqs.get(i..n).map_or(1, |rest| {
+                    rest.iter().take_while(|r| r.domid == req.domid).count()
+                });
+                gate.active.fetch_add(same as u32, Ordering::SeqCst);
+                joined = same as u32;
+            }
+            joined -= 1;
             checked = Some(req.domid);
             let (looked_up, ns) = self.look_up_joined(h, req, gate);
             ns_get_page += ns;
