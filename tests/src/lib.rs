@@ -205,6 +205,9 @@ pub enum Service {
     /// Right before the first IOTLB flush of one of the engine's contexts
     /// (a device's DMA there still meets the IOMMU's caches as they were).
     HwFlush,
+    /// Right before the page release (`put_page`) after the first n: what
+    /// another CPU sees while a flush's releases are under way.
+    PutPage(u32),
 }
 
 /// Write a batch of `ops` into `caller`'s scratch memory, as a guest
@@ -242,6 +245,8 @@ pub struct Interposer<'a> {
     race: RefCell<Option<Race<'a>>>,
     /// Copies that covered a `CopyToGuestAt*` address so far.
     covering: u32,
+    /// Page releases so far.
+    puts: u32,
 }
 
 impl<'a> Interposer<'a> {
@@ -256,6 +261,7 @@ impl<'a> Interposer<'a> {
             at,
             race: RefCell::new(Some(race)),
             covering: 0,
+            puts: 0,
         }
     }
     /// Run the race if `service` is where it belongs and it has not run;
@@ -317,6 +323,10 @@ impl Platform for Interposer<'_> {
         r
     }
     fn put_page(&mut self, mfn: Mfn, w: bool) {
+        if self.at == Service::PutPage(self.puts) {
+            let _ = self.after(self.at);
+        }
+        self.puts += 1;
         self.m.borrow_mut().put_page(mfn, w)
     }
     fn ram_end(&self) -> Mfn {

@@ -1258,3 +1258,41 @@ fn a_map_refused_at_its_checks_never_joins_the_targets_gate() {
     assert_eq!(seen.get(), 0, "a refused map raised the target's count");
     assert_eq!(e.target_active(GUEST), 0);
 }
+
+/// Review of the teardown rule (a target's walk ends when no cell has its
+/// bit): a flush emptied the unmapping list's head before releasing its
+/// pages, so the end of one target's run of releases cleared the cell's
+/// bit while a later entry of the same target still held its page. Seen
+/// from another CPU right before that page's release, the bit must still
+/// be set.
+#[test]
+fn a_targets_bit_stays_while_a_later_release_of_it_is_pending() {
+    use pviommu_tests::{Interposer, Service};
+    use std::cell::Cell;
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let t1 = map_one(&mut m, &e, DomId::DOM0, GUEST, 1, Permissions::RW).unwrap();
+    let t2 = map_one(&mut m, &e, DomId::DOM0, GUEST, 2, Permissions::RW).unwrap();
+    let u1 = map_one(&mut m, &e, DomId::DOM0, STRANGER, 1, Permissions::RW).unwrap();
+    let mut out = [Ok(()); 3];
+    // Unmapped newest last: the list reads t1, u1, t2.
+    let reqs = [t2, u1, t1].map(|b| (ContextId::DEFAULT, b));
+    assert_eq!(e.unmap_batch(&mut m, DomId::DOM0, &reqs, &mut out), 3);
+    assert_eq!(out, [Ok(()); 3]);
+    let bit_before_last = Cell::new(0u64);
+    {
+        let mut h = Interposer::new(
+            &mut m,
+            Service::PutPage(2),
+            Box::new(|_| bit_before_last.set(e.target_drivers(GUEST))),
+        );
+        e.finish(&mut h, DomId::DOM0);
+    }
+    assert_ne!(
+        bit_before_last.get(),
+        0,
+        "the guest's bit went while a page of it was still held"
+    );
+    assert_eq!(e.target_drivers(GUEST), 0);
+    assert_eq!(e.target_drivers(STRANGER), 0);
+    assert_eq!(m.total_page_refs(), 0);
+}

@@ -1272,6 +1272,9 @@ impl<L: RawMutex> Engine<L> {
             };
         }
 
+        // Every share joined went to an op of the run (a share left over
+        // would never be given back).
+        debug_assert_eq!(joined, 0);
         if steps.iter().any(|s| matches!(s, Step::Locked(..))) {
             match self.lock_for_map(caller, context) {
                 Err(e) => {
@@ -1430,6 +1433,13 @@ impl<L: RawMutex> Engine<L> {
         req: &MapRequest,
         gate: &TargetGate,
     ) -> (Result<(Mfn, u32), Errno>, u64) {
+        // This load, between the join and the lookup, is what orders them
+        // on arm64 without LSE atomics: the join is an `ldaxr`/`stlxr` loop
+        // with no barrier after it, and the `ldar` of a SeqCst load keeps
+        // the lookup's reads (the domain's `is_dying`, its p2m) after the
+        // join. A hook or teardown that bumps `seq` after its change is
+        // seen here, or sees the join. Keep it SeqCst, and before the
+        // lookup.
         let seq = gate.seq.load(Ordering::SeqCst);
         let t0 = self.clock(h);
         let looked_up = h.get_page(req.domid, req.gfn, req.perms.write);
@@ -2204,10 +2214,10 @@ mod claim_race_tests {
     }
 
     /// Review of the teardown restart: a target's teardown waited for
-    /// `target_active` to read 0, a count that maps in flight raise too,
-    /// and any caller can start one (a map refused at its checks joined the
-    /// gate first): a device model of another guest looping refused maps
-    /// of the dying domain could hold its teardown off. A count that never
+    /// `target_active` to read 0, a count that maps in flight raise too
+    /// (then, any caller could start one: a map refused at its checks
+    /// joined the gate first), so a device model of another guest looping
+    /// refused maps of the dying domain could hold its teardown off. A count that never
     /// comes back to 0 (here: a share joined and not yet given back) must
     /// not stop the teardown once no cell holds a page of the domain.
     #[test]

@@ -164,7 +164,14 @@ impl<L: RawMutex> Engine<L> {
         }
         let t2 = self.clock(h);
         let cell = d.cell;
-        let mut at = core::mem::replace(&mut dd.unmapping_head, NONE);
+        // The list's head follows the releases (each entry leaves it before
+        // its page is released), so `has_pending()` holds while any entry
+        // is left: a target's bit goes (`end_release_run`) only once no page
+        // of it is left here. Emptied up front, the head let a run of one
+        // target clear its bit while a later entry of the same target still
+        // held its page, and a teardown reading the bits could end while
+        // that reference was still held (review).
+        let mut at = dd.unmapping_head;
         let mut notices = false;
         // Consecutive releases of one target leave its gate together: one
         // atomic per run rather than per page. Leaving later than each
@@ -172,6 +179,7 @@ impl<L: RawMutex> Engine<L> {
         // through the locks it would have skipped.
         let mut run: Option<(DomId, u32)> = None;
         while let Some(u) = dd.unmapping_at(at) {
+            dd.unmapping_head = u.next;
             h.put_page(u.mfn, u.writable);
             let domid = u.page.domid;
             run = match run {
@@ -198,6 +206,8 @@ impl<L: RawMutex> Engine<L> {
             }
             at = u.next;
         }
+        // (Already so, unless a link led to a slot that is not Unmapping.)
+        dd.unmapping_head = NONE;
         if let Some((domid, n)) = run {
             self.end_release_run(cell, dd, domid, n);
         }
@@ -518,9 +528,10 @@ impl<L: RawMutex> Engine<L> {
         // succeeds. (Moving on regardless finished the teardown with the
         // pages still referenced until the driver's next flush: the domain
         // stayed a zombie for as long as its driver stayed idle.) The bits,
-        // not `target_active`, decide: that count also has maps in flight,
-        // which any caller can start (a map refused at its checks joined
-        // the gate first), so waiting for it to read 0 could be held off.
+        // not `target_active`, decide: that count also has maps in flight
+        // (a map that passed its checks, until it gives its share back),
+        // which a teardown has no reason to wait for; before maps joined
+        // only after their checks, any caller could raise it.
         // No map installs a page of the domain after the first slice moved
         // its sequence number; one in flight sets a bit only while it holds
         // the cell's lock, and clears it before letting go.
