@@ -1368,6 +1368,7 @@ impl<L: RawMutex> Engine<L> {
     /// earlier op of the same run, of the same context, passed them for
     /// the same target; the context's attribute part never), what the
     /// backend can do, and the target's gate.
+    #[inline(always)]
     fn map_checks(
         &self,
         h: &impl Hypervisor,
