@@ -17,7 +17,9 @@
 //!   [`pgtable::vtd`] and [`pgtable::lpae`], the walker in [`pgtable::IoPageTable`]);
 //! * the IOTLB is flushed once per batch through [`iommu::FlushGather`];
 //! * BFNs are numbered in [`bfn_alloc`]; mappings, locks and revocation live
-//!   in [`engine`] (its module docs say which lock protects what).
+//!   in [`engine`] (its module docs say which lock protects what);
+//! * an index a guest chooses is clamped under speculation where it first
+//!   meets an array, by [`nospec`].
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
 
