@@ -383,6 +383,12 @@ impl<L: RawMutex> Engine<L> {
             return Err(Errno::Inval);
         }
         h.xsm_check(caller, Some(domid), XsmAction::Control)?;
+        // The timing is the engine's, host-wide, not `domid`'s: asked of
+        // the host itself (FLASK: `control` on `xen_t`), so control over
+        // one domain does not carry it.
+        if req.flags & both != 0 {
+            h.xsm_check(caller, None, XsmAction::Control)?;
+        }
         let r = self.stats(domid);
         let c = r.counters;
         let out = PvIommuStats {

@@ -57,7 +57,8 @@ pub enum XsmAction {
     Manage,
     /// Another domain's PV-IOMMU state: set its quota, read its counters
     /// or its IOMMU entries (control domain; its own XSM action, so a
-    /// FLASK policy can refuse it apart from `Manage`).
+    /// FLASK policy can refuse it apart from `Manage`). Without a target:
+    /// the engine's host-wide controls (the stats timing).
     Control,
 }
 

@@ -1296,3 +1296,37 @@ fn a_targets_bit_stays_while_a_later_release_of_it_is_pending() {
     assert_eq!(e.target_drivers(STRANGER), 0);
     assert_eq!(m.total_page_refs(), 0);
 }
+
+/// Review: `STATS`'s timing flags turn the engine's timing on or off for
+/// the whole host, but were allowed by `control` over the one domain the
+/// call names. They are asked of the host now (`Control` with no target:
+/// FLASK `control` on `xen_t`). A policy refusing dom0 the host-wide
+/// action leaves it every per-domain one; only the timing flags are
+/// refused, and the timing stays as it was.
+#[test]
+fn the_stats_timing_is_a_host_wide_action() {
+    use pviommu_abi::stats_flag;
+    use pviommu_hv::platform::XsmAction;
+    let (mut m, e) = machine(Format::Vtd, 16);
+    m.xsm_deny_host_wide(DomId::DOM0, XsmAction::Control);
+    assert!(m.guest_stats(&e, DomId::DOM0, DomId::DOM0, 0).is_ok());
+    assert!(m
+        .guest_set_limits(&e, DomId::DOM0, DomId::DOM0, 4096)
+        .is_ok());
+    for flag in [stats_flag::TIMING_ON, stats_flag::TIMING_OFF] {
+        let before = e.timing();
+        assert_eq!(
+            m.guest_stats(&e, DomId::DOM0, DomId::DOM0, flag).err(),
+            Some(Errno::Perm)
+        );
+        assert_eq!(e.timing(), before);
+    }
+    // Allowed, the flags act.
+    let (mut m, e) = machine(Format::Vtd, 16);
+    m.guest_stats(&e, DomId::DOM0, DomId::DOM0, stats_flag::TIMING_ON)
+        .unwrap();
+    assert!(e.timing());
+    m.guest_stats(&e, DomId::DOM0, DomId::DOM0, stats_flag::TIMING_OFF)
+        .unwrap();
+    assert!(!e.timing());
+}

@@ -557,6 +557,11 @@ impl<L: RawMutex> Engine<L> {
         self.clock(h).saturating_sub(t0)
     }
 
+    /// Whether the timing of services is on.
+    pub fn timing(&self) -> bool {
+        self.timing.load(Ordering::Relaxed)
+    }
+
     /// Turn the timing of services on or off (host-wide).
     pub fn set_timing(&self, on: bool) {
         self.timing.store(on, Ordering::Relaxed);

@@ -87,8 +87,9 @@ struct Domain {
     log_dirty: bool,
     /// A FLASK-like policy refusal for this domain as a caller.
     xsm_denied: bool,
-    /// Actions a FLASK-like policy refuses this domain (the others pass).
-    xsm_denied_actions: Vec<XsmAction>,
+    /// Actions a FLASK-like policy refuses this domain (the others pass),
+    /// each on any target or (`true`) only without one (host-wide).
+    xsm_denied_actions: Vec<(XsmAction, bool)>,
 }
 
 /// A driver domain's default context: the host's own tables (Xen's).
@@ -545,7 +546,15 @@ impl SimMachine {
     /// of the `pv_iommu` class), the others still pass.
     pub fn xsm_deny_action(&mut self, domid: DomId, action: XsmAction) {
         if let Some(d) = self.domains.get_mut(&domid) {
-            d.xsm_denied_actions.push(action);
+            d.xsm_denied_actions.push((action, false));
+        }
+    }
+
+    /// The same, only where the action has no target domain (a host-wide
+    /// one: FLASK checks it against `xen_t`).
+    pub fn xsm_deny_host_wide(&mut self, domid: DomId, action: XsmAction) {
+        if let Some(d) = self.domains.get_mut(&domid) {
+            d.xsm_denied_actions.push((action, true));
         }
     }
 
@@ -1235,11 +1244,17 @@ impl Platform for SimMachine {
     fn xsm_check(
         &self,
         caller: DomId,
-        _target: Option<DomId>,
+        target: Option<DomId>,
         action: XsmAction,
     ) -> Result<(), Errno> {
+        let denied = |d: &Domain| {
+            d.xsm_denied
+                || d.xsm_denied_actions
+                    .iter()
+                    .any(|&(a, host_wide)| a == action && (!host_wide || target.is_none()))
+        };
         match self.domains.get(&caller) {
-            Some(d) if !d.xsm_denied && !d.xsm_denied_actions.contains(&action) => Ok(()),
+            Some(d) if !denied(d) => Ok(()),
             _ => Err(Errno::Perm),
         }
     }
