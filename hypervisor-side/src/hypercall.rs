@@ -383,13 +383,16 @@ impl<L: RawMutex> Engine<L> {
             return Err(Errno::Inval);
         }
         h.xsm_check(caller, Some(domid), XsmAction::Control)?;
-        // The timing is the engine's, host-wide, not `domid`'s: asked of
-        // the host itself (FLASK: `control` on `xen_t`), so control over
-        // one domain does not carry it.
+        // The timing and the heap figure are the engine's, host-wide, not
+        // `domid`'s: asked of the host itself (FLASK: `control` on
+        // `xen_t`), so control over one domain does not carry them. Without
+        // it the timing flags are refused and `heap_bytes` reads 0 (nor are
+        // all cells locked to sum it).
+        let host_wide = h.xsm_check(caller, None, XsmAction::Control);
         if req.flags & both != 0 {
-            h.xsm_check(caller, None, XsmAction::Control)?;
+            host_wide?;
         }
-        let r = self.stats(domid);
+        let r = self.stats_with(domid, host_wide.is_ok());
         let c = r.counters;
         let out = PvIommuStats {
             version: INTERFACE_VERSION,

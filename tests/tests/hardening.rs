@@ -1308,12 +1308,19 @@ fn the_stats_timing_is_a_host_wide_action() {
     use pviommu_abi::stats_flag;
     use pviommu_hv::platform::XsmAction;
     let (mut m, e) = machine(Format::Vtd, 16);
+    map_one(&mut m, &e, DomId::DOM0, GUEST, 1, Permissions::RW).unwrap();
     m.xsm_deny_host_wide(DomId::DOM0, XsmAction::Control);
-    assert!(m.guest_stats(&e, DomId::DOM0, DomId::DOM0, 0).is_ok());
+    // The domain's own figures, but not the host's heap.
+    let own = m.guest_stats(&e, DomId::DOM0, DomId::DOM0, 0).unwrap();
+    assert_eq!((own.live, own.maps, own.heap_bytes), (1, 1, 0));
     assert!(m
         .guest_set_limits(&e, DomId::DOM0, DomId::DOM0, 4096)
         .is_ok());
-    for flag in [stats_flag::TIMING_ON, stats_flag::TIMING_OFF] {
+    for flag in [
+        stats_flag::TIMING_ON,
+        stats_flag::TIMING_OFF,
+        stats_flag::TIMING_ON | stats_flag::RESET,
+    ] {
         let before = e.timing();
         assert_eq!(
             m.guest_stats(&e, DomId::DOM0, DomId::DOM0, flag).err(),
@@ -1321,10 +1328,15 @@ fn the_stats_timing_is_a_host_wide_action() {
         );
         assert_eq!(e.timing(), before);
     }
-    // Allowed, the flags act.
+    // Refused whole: the reset did not act either.
+    let own = m.guest_stats(&e, DomId::DOM0, DomId::DOM0, 0).unwrap();
+    assert_eq!(own.maps, 1);
+    // Allowed, the flags act and the heap is reported.
     let (mut m, e) = machine(Format::Vtd, 16);
-    m.guest_stats(&e, DomId::DOM0, DomId::DOM0, stats_flag::TIMING_ON)
+    let all = m
+        .guest_stats(&e, DomId::DOM0, DomId::DOM0, stats_flag::TIMING_ON)
         .unwrap();
+    assert!(all.heap_bytes > 0);
     assert!(e.timing());
     m.guest_stats(&e, DomId::DOM0, DomId::DOM0, stats_flag::TIMING_OFF)
         .unwrap();

@@ -569,9 +569,18 @@ impl<L: RawMutex> Engine<L> {
 
     /// `domid`'s counters and usage, and the host's engine heap.
     pub fn stats(&self, domid: DomId) -> StatsReport {
-        let mut heap = self.boot_bytes() as u64;
-        for cell in self.cells.iter() {
-            heap += cell.lock().heap_bytes() as u64;
+        self.stats_with(domid, true)
+    }
+
+    /// [`stats`](Self::stats), with the host-wide part (`heap_bytes`, which
+    /// takes every cell's lock in turn) only when `host_wide`; 0 otherwise.
+    pub fn stats_with(&self, domid: DomId, host_wide: bool) -> StatsReport {
+        let mut heap = 0;
+        if host_wide {
+            heap = self.boot_bytes() as u64;
+            for cell in self.cells.iter() {
+                heap += cell.lock().heap_bytes() as u64;
+            }
         }
         let mut r = StatsReport {
             quota: self.config.quota,

@@ -150,14 +150,16 @@ void pvx_domain_info(uint16_t domid, struct pvx_domain_info *info);
  * (PVX_DOMID_NONE: no target, e.g. query_caps)? 0 or -EPERM/-ESRCH. Under
  * the dummy policy this is XSM_DM_PRIV (control domain, or caller->target ==
  * target; with no target the glue passes the caller's own d->target, so a
- * device model may query and manage its own BFNs); the engine has already
+ * device model may query and manage its own BFNs, except for PVX_XSM_CONTROL,
+ * where it passes none: the control domain only); the engine has already
  * applied the same rule itself, so this only lets a FLASK policy refuse more.
  * (PVX_DOMID_NONE is not a Xen domid; no domain can have it.)
  */
 #define PVX_XSM_QUERY   0 /* query_caps, reserved_regions                    */
 #define PVX_XSM_MAP     1 /* map a page of target                            */
 #define PVX_XSM_MANAGE  2 /* unmap/lookup/contexts/revocations of own BFNs   */
-#define PVX_XSM_CONTROL 3 /* set_limits/stats/entry of target (control dom.) */
+#define PVX_XSM_CONTROL 3 /* set_limits/stats/entry of target; no target:   */
+                          /* host-wide (stats timing, heap): t stays NULL    */
 int pvx_xsm_check(uint16_t caller, uint16_t target, unsigned int action);
 
 /* Page kinds reported by pvx_get_page. */
