@@ -792,6 +792,34 @@ fn second_review_regressions() {
     assert_eq!(m.devices_lock_taken, taken);
 }
 
+/// Run `ops` as dom0's batch; right before its first status is written,
+/// the next detach is made to fail with `error`, and the status cannot be
+/// written again: the call's result and the header the guest then sees.
+fn detach_failing_after_its_report(
+    m: &mut SimMachine,
+    e: &Engine,
+    ops: &[PvIommuOp],
+    error: Errno,
+) -> (i64, pviommu_abi::PvIommuBatch) {
+    use pviommu_hv::platform::Platform;
+    use zerocopy::{FromZeros, IntoBytes};
+    let (base, ops_addr) = stage_batch(m, DomId::DOM0, ops);
+    let r = {
+        let mut h = Interposer::new(
+            m,
+            Service::CopyToGuestRacingThenFault(ops_addr),
+            Box::new(move |m: &mut SimMachine| {
+                m.fail_detaches = 1;
+                m.fail_detaches_with = error;
+            }),
+        );
+        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
+    };
+    let mut hdr = pviommu_abi::PvIommuBatch::new_zeroed();
+    m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
+    (r, hdr)
+}
+
 /// A detach whose check passed (status 0 written) but whose act then
 /// failed in a way that changed state (the device's context entry was
 /// cleared: any error but EBUSY), and whose changed status cannot be
@@ -800,8 +828,6 @@ fn second_review_regressions() {
 /// ENOENT for a detach it had made itself (review finding).
 #[test]
 fn a_detach_that_acted_counts_as_done_when_its_status_cannot_be_written() {
-    use pviommu_hv::platform::Platform;
-    use zerocopy::{FromZeros, IntoBytes};
     let (mut m, e) = host(Format::Vtd);
     let ctx = create(&mut m, &e, DomId::DOM0);
     assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx, A), 0);
@@ -810,38 +836,13 @@ fn a_detach_that_acted_counts_as_done_when_its_status_cannot_be_written() {
         device: A,
     }
     .encode()];
-    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &ops);
-    let r = {
-        let mut h = Interposer::new(
-            &mut m,
-            Service::CopyToGuestRacingThenFault(ops_addr),
-            Box::new(|m: &mut SimMachine| {
-                m.fail_detaches = 1;
-                m.fail_detaches_with = Errno::NoDev;
-            }),
-        );
-        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
-    };
+    let (r, hdr) = detach_failing_after_its_report(&mut m, &e, &ops, Errno::NoDev);
     assert_eq!(r, Errno::Fault.negated() as i64);
-    let mut hdr = pviommu_abi::PvIommuBatch::new_zeroed();
-    m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
     assert_eq!(hdr.nr_done, 1, "the detach acted, and would be run again");
     assert_eq!(m.device(A).unwrap().attached, None);
     // A detach refused without a change (EBUSY) is still not counted.
     assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx, A), 0);
-    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &ops);
-    let r = {
-        let mut h = Interposer::new(
-            &mut m,
-            Service::CopyToGuestRacingThenFault(ops_addr),
-            Box::new(|m: &mut SimMachine| {
-                m.fail_detaches = 1;
-                m.fail_detaches_with = Errno::Busy;
-            }),
-        );
-        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
-    };
+    let (r, hdr) = detach_failing_after_its_report(&mut m, &e, &ops, Errno::Busy);
     assert_eq!(r, Errno::Fault.negated() as i64);
-    m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
     assert_eq!(hdr.nr_done, 0);
 }
