@@ -572,9 +572,72 @@ fn d14_set_limits_racing_a_domain_death_leaves_nothing_behind() {
     };
     // The lookup saw it alive; the retry saw it dying.
     assert_eq!(got, Err(Errno::Srch));
-    assert!(
-        e.state().driver(DEVICE_MODEL).is_none(),
+    assert!(e.state().driver(DEVICE_MODEL).is_none());
+    assert_eq!(
+        e.stats(DEVICE_MODEL).quota,
+        e.config().quota,
         "a quota outlived its domain"
+    );
+    assert_eq!(lock_check::violations(), 0);
+}
+
+/// Review finding (2026-12-02): the quota was kept in the domain's home
+/// cell, so setting one for a domain that holds no cell claimed a cell for
+/// it. The control domain could fill the pool by setting quotas alone, and
+/// a driver domain that then wanted to map got `ENOSPC`. The quota is now
+/// kept by domid: it takes no cell, still applies when the domain maps,
+/// and is forgotten when the domain's teardown ends.
+#[test]
+fn setting_quotas_takes_no_cell() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let first = 100u16;
+    let many = pviommu_hv::engine::MAX_DRIVER_DOMAINS as u16;
+    for i in 0..many {
+        let domid = DomId(first + i);
+        m.create_domain(
+            domid,
+            DomainSpec {
+                pages: 16,
+                privileged: false,
+                device_model_of: Some(GUEST),
+            },
+        )
+        .unwrap();
+        m.guest_set_limits(&e, DomId::DOM0, domid, 1 + u64::from(i % 3))
+            .unwrap();
+    }
+    assert!(
+        (0..many).all(|i| e.state().driver(DomId(first + i)).is_none()),
+        "a quota claimed a cell"
+    );
+    // Every one of them is reported, and still applies, when it maps.
+    assert_eq!(e.stats(DomId(first + 1)).quota, 2);
+    let dm = DomId(first + 1);
+    for g in 0..2 {
+        map_one(&mut m, &e, dm, GUEST, g, Permissions::RO).unwrap();
+    }
+    assert_eq!(map_one(&mut m, &e, dm, GUEST, 5, Permissions::RO), Err(-28));
+    assert_eq!(m.guest_query_caps(&e, dm).unwrap().quota, 2);
+    // Another driver domain still finds a cell.
+    assert!(map_one(&mut m, &e, DEVICE_MODEL, GUEST, 1, Permissions::RO).is_ok());
+    // The quota goes with its domain: a later one with the id has the default.
+    m.mark_dying(dm);
+    e.domain_dying(&mut m, dm);
+    m.destroy_domain(dm);
+    m.create_domain(
+        dm,
+        DomainSpec {
+            pages: 16,
+            privileged: false,
+            device_model_of: Some(GUEST),
+        },
+    )
+    .unwrap();
+    assert_eq!(e.stats(dm).quota, e.config().quota);
+    assert_eq!(
+        e.stats(DomId(first)).quota,
+        1,
+        "another domain's quota went"
     );
     assert_eq!(lock_check::violations(), 0);
 }

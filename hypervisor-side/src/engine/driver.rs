@@ -533,9 +533,6 @@ pub struct DriverDomain {
     pub(crate) stuck: u64,
     /// IOTLB invalidations not yet flushed.
     pub(crate) gather: FlushGather,
-    /// The toolstack's quota for this domain (`SET_LIMITS`); `None`: the
-    /// boot-time default.
-    pub(crate) quota: Option<u64>,
     /// Counters and times.
     pub(crate) stats: DriverStats,
     /// Generation of the next install (wraps).
@@ -575,7 +572,6 @@ impl DriverDomain {
             revoked: 0,
             stuck: 0,
             gather: FlushGather::default(),
-            quota: None,
             stats: DriverStats::default(),
             next_gen: 0,
             published_used: 0,
@@ -624,10 +620,6 @@ impl DriverDomain {
     /// Counters and times.
     pub fn stats(&self) -> &DriverStats {
         &self.stats
-    }
-    /// The quota the toolstack set, if any.
-    pub fn quota(&self) -> Option<u64> {
-        self.quota
     }
     /// Whether context `ctx` exists.
     pub fn has_context(&self, ctx: ContextId) -> bool {
@@ -1258,7 +1250,7 @@ impl DriverDomain {
     /// Whether this state holds nothing a driver domain could tell apart
     /// from no state at all (so its cell may go to another domain).
     pub(crate) fn is_idle(&self) -> bool {
-        self.used() == 0 && self.contexts == 1 && self.quota.is_none() && self.gather.is_empty()
+        self.used() == 0 && self.contexts == 1 && self.gather.is_empty()
     }
 
     /// Reset the tables once no BFN is in use (everything unmapped and

@@ -27,12 +27,13 @@
 //!   target's gate names, one at a time.
 //! * **Per driver domain, shared by its cells** (`DriverShared`, atomics
 //!   in its home cell's slot): BFNs in use across its cells, for the quota.
-//! * **Per domid** (`notice_counts`, atomics): a driver domain's count of
-//!   notices, which orders them across its cells and numbers them (ABI
-//!   1.5). Kept by domid, not in a cell, so that the numbers never repeat
-//!   in a domain's life however often its cells are released and claimed,
-//!   and a cell's next owner does not inherit them; zeroed when the
-//!   domain's teardown ends.
+//! * **Per domid** (`notice_counts`, `quotas`, atomics): a driver domain's
+//!   count of notices, which orders them across its cells and numbers them
+//!   (ABI 1.5), and the quota the toolstack set for it. Kept by domid, not
+//!   in a cell, so that the numbers never repeat in a domain's life however
+//!   often its cells are released and claimed, a cell's next owner does not
+//!   inherit them, and setting a quota takes no cell (the pool of cells is
+//!   for domains that map); both forgotten when the domain's teardown ends.
 //!
 //! * **The backend's devices lock** (Xen's `pcidevs_lock`): taken before a
 //!   driver lock by everything that points devices at contexts or takes
@@ -158,9 +159,6 @@ pub(crate) struct DriverShared {
     /// enough below its quota by this count needs nothing else; near it,
     /// it counts every cell (see [`Engine::over_quota`]).
     used: AtomicU64,
-    /// The quota the toolstack set, as in the home cell (`NO_QUOTA`: the
-    /// boot default), for maps into its other contexts.
-    quota: AtomicU64,
 }
 
 /// What a cell says of itself at each unlock, for its driver domain's
@@ -175,8 +173,10 @@ pub(crate) struct CellState {
     retry: AtomicBool,
 }
 
-/// `DriverShared::quota` when no quota is set.
-const NO_QUOTA: u64 = u64::MAX;
+/// `Engine::quotas` when no quota is set (the boot default applies).
+const NO_QUOTA: u32 = u32::MAX;
+// Every quota the toolstack may set fits below it.
+const _: () = assert!(crate::config::MAX_QUOTA < NO_QUOTA as u64);
 
 /// How far a cell's BFNs in use move before it adds the change to its
 /// driver domain's count ([`DriverShared::used`]).
@@ -216,6 +216,9 @@ pub struct Engine<L: RawMutex> {
     /// creation: each notice's number (from 1) and the order
     /// `revoked_next` reports them in.
     notice_counts: Vec<AtomicU64>,
+    /// Domid -> the BFN quota the toolstack set for it (`SET_LIMITS`), or
+    /// [`NO_QUOTA`]. Set without any lock; reset when its teardown ends.
+    quotas: Vec<AtomicU32>,
     /// Domid -> the cell holding its driver state, or [`NO_CELL`].
     cell_of: Vec<AtomicU8>,
     /// Cell -> the domid it belongs to, or [`FREE_CELL`].
@@ -491,17 +494,13 @@ impl<L: RawMutex> Engine<L> {
         let domids = DomId::FIRST_RESERVED as usize;
         let gates = try_from_fn(domids, |_| TargetGate::default())?;
         let notice_counts = try_from_fn(domids, |_| AtomicU64::new(0))?;
+        let quotas = try_from_fn(domids, |_| AtomicU32::new(NO_QUOTA))?;
         let cell_of = try_from_fn(domids, |_| AtomicU8::new(NO_CELL))?;
         let owners = try_from_fn(MAX_DRIVER_DOMAINS, |_| CacheLine(AtomicU32::new(FREE_CELL)))?;
         let ctx_cells = try_from_fn(MAX_DRIVER_DOMAINS, |_| {
             core::array::from_fn(|_| AtomicU8::new(NO_CELL))
         })?;
-        let shared = try_from_fn(MAX_DRIVER_DOMAINS, |_| {
-            CacheLine(DriverShared {
-                quota: AtomicU64::new(NO_QUOTA),
-                ..DriverShared::default()
-            })
-        })?;
+        let shared = try_from_fn(MAX_DRIVER_DOMAINS, |_| CacheLine(DriverShared::default()))?;
         let cell_state = try_from_fn(MAX_DRIVER_DOMAINS, |_| CacheLine(CellState::default()))?;
         let mut cells = Vec::new();
         cells
@@ -517,6 +516,7 @@ impl<L: RawMutex> Engine<L> {
             seed: h.random_seed(),
             gates,
             notice_counts,
+            quotas,
             cell_of,
             owners,
             ctx_cells,
@@ -583,7 +583,7 @@ impl<L: RawMutex> Engine<L> {
             }
         }
         let mut r = StatsReport {
-            quota: self.config.quota,
+            quota: self.quota_of_domain(domid),
             heap_bytes: heap,
             ..StatsReport::default()
         };
@@ -591,9 +591,6 @@ impl<L: RawMutex> Engine<L> {
             let Some(d) = self.lock_cell(domid, context) else {
                 continue;
             };
-            if context == ContextId::DEFAULT {
-                r.quota = self.quota_of(&d);
-            }
             r.live += d.dd.live();
             r.revoked += d.dd.revoked();
             r.used += d.dd.used();
@@ -682,6 +679,7 @@ impl<L: RawMutex> Engine<L> {
     pub fn boot_bytes(&self) -> usize {
         self.gates.capacity() * core::mem::size_of::<TargetGate>()
             + self.notice_counts.capacity() * core::mem::size_of::<AtomicU64>()
+            + self.quotas.capacity() * core::mem::size_of::<AtomicU32>()
             + self.cell_of.capacity()
             + self.owners.capacity() * core::mem::size_of::<CacheLine<AtomicU32>>()
             + self.ctx_cells.capacity() * MAX_CONTEXTS as usize
@@ -857,15 +855,17 @@ impl<L: RawMutex> Engine<L> {
 
     /// The quota of the driver domain locked cell `d` belongs to.
     fn quota_of(&self, d: &Driver<'_, L>) -> u64 {
-        if d.dd.context == ContextId::DEFAULT {
-            return d.dd.quota.unwrap_or(self.config.quota);
-        }
+        self.quota_of_domain(d.dd.domid)
+    }
+
+    /// `domid`'s quota: the toolstack's, or the boot default.
+    fn quota_of_domain(&self, domid: DomId) -> u64 {
         match self
-            .shared
-            .get(d.dd.home as usize)
-            .map(|s| s.quota.load(Ordering::SeqCst))
+            .quotas
+            .get(domid.0 as usize)
+            .map(|q| q.load(Ordering::SeqCst))
         {
-            Some(q) if q != NO_QUOTA => q,
+            Some(q) if q != NO_QUOTA => u64::from(q),
             _ => self.config.quota,
         }
     }
@@ -969,8 +969,7 @@ impl<L: RawMutex> Engine<L> {
                     }
                     continue;
                 }
-                // A free cell's state is idle (no slots, default quota);
-                // it needs its new owner and fresh counters (cell 0 is only
+                // A free cell's state is idle (no slots); it needs its new owner and fresh counters (cell 0 is only
                 // ever dom0's: its counters live as long as the host).
                 if cell != 0 {
                     dd.stats = DriverStats::default();
@@ -982,7 +981,6 @@ impl<L: RawMutex> Engine<L> {
                     debug_assert_eq!(s.used.load(Ordering::SeqCst), 0);
                     debug_assert_eq!(dd.published_used, 0);
                     s.used.store(0, Ordering::SeqCst);
-                    s.quota.store(NO_QUOTA, Ordering::SeqCst);
                 }
                 dd.published_used = 0;
                 dd.domid = domid;
@@ -996,8 +994,8 @@ impl<L: RawMutex> Engine<L> {
         Err(if full { Errno::NoSpc } else { Errno::Again })
     }
 
-    /// Unlock a driver state. A state left idle (nothing mapped, revoked,
-    /// set or pending) gives its memory back and, unless it is dom0's (cell
+    /// Unlock a driver state. A state left idle (nothing mapped, revoked
+    /// or pending) gives its memory back and, unless it is dom0's (cell
     /// 0, kept so dom0's counters last), its cell. Only the cell's real
     /// owner's state releases it: a hook that locked a cell its target's
     /// gate still named may find it free, or someone else's.
@@ -1035,10 +1033,6 @@ impl<L: RawMutex> Engine<L> {
         let domid = dd.domid;
         if let Some(slot) = self.cell_of.get(domid.0 as usize) {
             if self.owner_is(cell, domid) && slot.load(Ordering::SeqCst) == cell as u8 {
-                if let Some(s) = self.shared.get(cell) {
-                    // Its quota is gone with it.
-                    s.quota.store(NO_QUOTA, Ordering::SeqCst);
-                }
                 slot.store(NO_CELL, Ordering::SeqCst);
                 if let Some(o) = self.owners.get(cell) {
                     o.store(FREE_CELL, Ordering::SeqCst);
@@ -1935,11 +1929,15 @@ impl<L: RawMutex> Engine<L> {
         }
     }
 
-    /// Forget `domid`'s count of notices (its teardown has ended: a later
-    /// domain with its id numbers from 1 again).
-    pub(crate) fn forget_notice_count(&self, domid: DomId) {
+    /// Forget what is kept by `domid` (its teardown has ended): its count
+    /// of notices (a later domain with its id numbers from 1 again) and its
+    /// quota (a later domain with its id starts with the boot default).
+    pub(crate) fn forget_domid(&self, domid: DomId) {
         if let Some(n) = self.notice_counts.get(domid.0 as usize) {
             n.store(0, Ordering::SeqCst);
+        }
+        if let Some(q) = self.quotas.get(domid.0 as usize) {
+            q.store(NO_QUOTA, Ordering::SeqCst);
         }
     }
 
@@ -2033,12 +2031,10 @@ impl<L: RawMutex> Engine<L> {
 
     /// (quota, used, revoked) of `caller`.
     pub fn usage(&self, caller: DomId) -> (u64, u64, u64) {
-        let (mut quota, mut used, mut revoked) = (self.config.quota, 0, 0);
+        let quota = self.quota_of_domain(caller);
+        let (mut used, mut revoked) = (0, 0);
         for context in self.contexts_of(caller) {
             if let Some(d) = self.lock_cell(caller, context) {
-                if context == ContextId::DEFAULT {
-                    quota = self.quota_of(&d);
-                }
                 used += d.dd.used();
                 revoked += d.dd.revoked();
             }
@@ -2049,47 +2045,54 @@ impl<L: RawMutex> Engine<L> {
     /// The toolstack sets `domid`'s BFN quota (`None`: back to the boot
     /// default). Lowering it below what the domain holds refuses its new
     /// maps until it is back under; nothing is revoked. The caller has been
-    /// checked to be the control domain.
+    /// checked to be the control domain. The quota is kept by domid
+    /// (`quotas`): it takes no cell, so quotas set for domains that never
+    /// map cannot fill the pool of cells.
     ///
     /// The domain is looked up without any engine lock, so its death could
-    /// land in between and leave a quota behind for a later domain with the
-    /// same id. Teardown moves the domain's sequence number before it
-    /// touches the domain's driver state: seen moved here (under that
-    /// state's lock), the lookup is redone.
+    /// land in between, and its teardown end (forgetting its quota, see
+    /// [`forget_domid`](Self::forget_domid)) before the store, leaving the
+    /// quota to a later domain with the same id. Teardown moves the domain's
+    /// sequence number when it starts: seen moved after the store, the
+    /// lookup is redone, and if the domain is found dying the store is
+    /// taken back.
     pub fn set_quota(
         &self,
         h: &mut impl Hypervisor,
         domid: DomId,
         quota: Option<u64>,
     ) -> Result<(), Errno> {
-        if quota.is_some_and(|q| q > crate::config::MAX_QUOTA) {
-            return Err(Errno::Inval);
-        }
+        let value = match quota {
+            None => NO_QUOTA,
+            Some(q) if q <= crate::config::MAX_QUOTA => {
+                u32::try_from(q).map_err(|_| Errno::Inval)?
+            }
+            Some(_) => return Err(Errno::Inval),
+        };
         let gate = self.gate(domid).ok_or(Errno::Srch)?;
+        let slot = get_nospec(&self.quotas, domid.0 as usize).ok_or(Errno::Srch)?;
+        // What the slot held before this call's first store.
+        let mut before = None;
         for _ in 0..MAP_RETRIES {
             let seq = gate.seq.load(Ordering::SeqCst);
             match h.domain_info(domid) {
                 Some(d) if !d.dying => {}
-                _ => return Err(Errno::Srch),
-            }
-            let mut d = match (quota, self.lock_driver(domid)) {
-                (_, Some(d)) => d,
-                // Nothing to reset on a domain that never mapped.
-                (None, None) => return Ok(()),
-                (Some(_), None) => self.lock_or_claim(domid)?,
-            };
-            let moved = gate.seq.load(Ordering::SeqCst) != seq;
-            if !moved {
-                d.dd.quota = quota;
-                // Its other contexts' cells read it from here.
-                if let Some(s) = self.shared.get(d.cell) {
-                    s.quota.store(quota.unwrap_or(NO_QUOTA), Ordering::SeqCst);
+                _ => {
+                    if let Some(old) = before {
+                        let _ =
+                            slot.compare_exchange(value, old, Ordering::SeqCst, Ordering::SeqCst);
+                    }
+                    return Err(Errno::Srch);
                 }
             }
-            self.put_driver(d);
-            if !moved {
+            let old = slot.swap(value, Ordering::SeqCst);
+            before.get_or_insert(old);
+            if gate.seq.load(Ordering::SeqCst) == seq {
                 return Ok(());
             }
+        }
+        if let Some(old) = before {
+            let _ = slot.compare_exchange(value, old, Ordering::SeqCst, Ordering::SeqCst);
         }
         Err(Errno::Again)
     }

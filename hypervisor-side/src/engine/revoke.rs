@@ -463,7 +463,7 @@ impl<L: RawMutex> Engine<L> {
         if c.phase == PHASE_AS_DRIVER {
             let done = self.teardown_as_driver(h, domid, c);
             if done.is_ok() {
-                self.forget_notice_count(domid);
+                self.forget_domid(domid);
             }
             return done;
         }
