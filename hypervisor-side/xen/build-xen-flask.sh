@@ -2,7 +2,8 @@
 # build-xen-flask.sh -- prove the patch series builds with XSM/FLASK and a
 # built-in default policy that has the pv_iommu class (patch 0004): copy the
 # patched tree that build-xen.sh prepared, switch FLASK on, build, and check
-# the class and its permissions reached the compiled policy and the binary.
+# the class and its permissions reached the compiled policy and the binary,
+# and that the policy grants dom0 what patch 0004 says it does.
 # Installs checkpolicy (Debian) if missing. Run after build-xen.sh.
 #
 #   PVIOMMU_BUILD_DIR   build directory (default <repo>/build)
@@ -42,6 +43,18 @@ nm xen-syms > "$BUILD/xen-flask.nm"
 strings xsm/flask/policy.bin > "$BUILD/xen-flask-policy.strings" 2>/dev/null || true
 grep -q ' flask_pv_iommu_op$' "$BUILD/xen-flask.nm" || { echo "build-xen-flask: FAIL: flask_pv_iommu_op not linked" >&2; fail=1; }
 grep -q pv_iommu "$BUILD/xen-flask-policy.strings" || { echo "build-xen-flask: FAIL: pv_iommu not in the compiled policy" >&2; fail=1; }
+# The grants patch 0004 puts in dom0.te and xen.if, as checkpolicy compiled
+# them (policy.conf is the m4 output it read): a permission that exists but
+# is granted to nobody would refuse dom0 at run time.
+conf=xsm/flask/policy.conf
+if [ -f "$conf" ]; then
+    for rule in 'allow dom0_t xen_t:pv_iommu { query manage control };' \
+                'allow dom0_t domain_type:pv_iommu { map control };'; do
+        grep -qF "$rule" "$conf" || { echo "build-xen-flask: FAIL: '$rule' not in $conf" >&2; fail=1; }
+    done
+else
+    echo "build-xen-flask: FAIL: no $conf (the policy's m4 output)" >&2; fail=1
+fi
 [ "$fail" = 0 ]
 echo "build-xen-flask: Xen with FLASK and the pv_iommu class in its built-in policy builds"
 rm -rf "$FLASK"
