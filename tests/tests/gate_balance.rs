@@ -161,6 +161,66 @@ fn gate_balance_random() {
             0,
             "seed {seed}: leak after teardown"
         );
+        assert_eq!(e.target_drivers(GUEST), 0, "seed {seed}: a bit after teardown");
         let _ = Bfn(0);
     }
+}
+
+/// A cell keeps its bit in a target's gate while it has work pending for
+/// any target (an unflushed or stuck entry), so a bit can outlive the
+/// cell's last page of the target. The target's teardown moved on once
+/// nothing held its pages, leaving such bits set: a later domain with the
+/// same id then had its hooks and its own teardown sent through those cells.
+/// The teardown now clears, under each cell's lock, every bit of a cell
+/// that maps nothing of the dying domain.
+#[test]
+fn a_dead_targets_gate_names_no_cell() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    let of = |domid: DomId, gfn: u64| MapRequest {
+        domid,
+        ..req(gfn, true)
+    };
+    let s = e
+        .map_tagged(&mut m, DomId::DOM0, &dom0, &of(STRANGER, 1))
+        .unwrap();
+    e.finish(&mut m, DomId::DOM0);
+    // An unmap of the stranger's page is pending (not flushed yet) when a
+    // map of the guest's page loses its page right after looking it up: the
+    // map marked its cell in the guest's gate, and the bit stays for the
+    // pending work.
+    e.unmap(&mut m, DomId::DOM0, ContextId::DEFAULT, s.bfn)
+        .unwrap();
+    let got = {
+        let mut racer = Interposer::new(
+            &mut m,
+            Service::GetPage,
+            Box::new(|m: &mut pviommu_hv::sim::SimMachine| {
+                m.balloon_out(&e, GUEST, Gfn(2)).unwrap()
+            }),
+        );
+        e.map_tagged(&mut racer, DomId::DOM0, &dom0, &of(GUEST, 2))
+    };
+    assert_eq!(got, Err(pviommu_hv::Errno::Nxio));
+    assert_eq!(e.target_active(GUEST), 0);
+    let cell = e.cell_of(DomId::DOM0, ContextId::DEFAULT).unwrap();
+    assert_eq!(
+        e.target_drivers(GUEST),
+        1 << cell,
+        "the case this test is about"
+    );
+    // The guest dies with its bit still set; once its teardown ends the
+    // gate names no cell.
+    m.mark_dying(GUEST);
+    e.domain_dying(&mut m, GUEST);
+    assert_eq!(
+        e.target_drivers(GUEST),
+        0,
+        "a dead target's gate names a cell"
+    );
+    // The pending unmap is still flushed, and its page released.
+    e.finish(&mut m, DomId::DOM0);
+    assert_eq!(e.target_active(STRANGER), 0);
+    assert_eq!(e.target_drivers(STRANGER), 0);
+    assert_eq!(pviommu_hv::lock_check::violations(), 0);
 }

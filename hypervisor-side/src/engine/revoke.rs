@@ -451,6 +451,7 @@ impl<L: RawMutex> Engine<L> {
         }
         if c.phase == PHASE_AS_TARGET {
             if self.target_active(domid) == 0 {
+                self.clear_stale_gate_bits(domid);
                 *c = Cursor {
                     phase: PHASE_AS_DRIVER,
                     driver: 0,
@@ -469,6 +470,28 @@ impl<L: RawMutex> Engine<L> {
         }
         // Done (the glue does not call again; if it does, nothing to do).
         Ok(())
+    }
+
+    /// Clear the bits a dying domain's gate still has although nothing
+    /// holds a page of it (`target_active` is 0): a cell keeps its bit while
+    /// it has work pending for *any* target (see
+    /// [`sync_gate_bit`](Engine::sync_gate_bit)), so a map that set it and
+    /// was then refused can leave it behind. Left set, a later domain with
+    /// the same id would have its hooks, and its own teardown, sent through
+    /// that cell. Each bit is cleared under its cell's lock, as every
+    /// change of it is, unless the cell still maps a page of the domain
+    /// (it cannot: live mappings count in `target_active`). No map sets a
+    /// bit again: a map sets its bit only after its page lookup, and the
+    /// lookup of a dying domain's page fails. At most one lock per cell.
+    fn clear_stale_gate_bits(&self, domid: DomId) {
+        let mask = self.target_drivers(domid);
+        for (cell, lock) in self.cells.iter().enumerate() {
+            if mask & (1 << cell) == 0 {
+                continue;
+            }
+            let dd = lock.lock();
+            self.set_gate_bit(cell, domid, dd.pages_of(self.seed, domid) != 0);
+        }
     }
 
     /// Revoke the dying domain's pages in each driver cell its gate names,
