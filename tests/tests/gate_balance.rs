@@ -161,7 +161,11 @@ fn gate_balance_random() {
             0,
             "seed {seed}: leak after teardown"
         );
-        assert_eq!(e.target_drivers(GUEST), 0, "seed {seed}: a bit after teardown");
+        assert_eq!(
+            e.target_drivers(GUEST),
+            0,
+            "seed {seed}: a bit after teardown"
+        );
         let _ = Bfn(0);
     }
 }
