@@ -28,6 +28,7 @@ extern crate alloc;
 pub mod bfn_alloc;
 pub mod config;
 pub mod engine;
+pub mod heap_budget;
 pub mod hypercall;
 pub mod iommu;
 pub mod nospec;

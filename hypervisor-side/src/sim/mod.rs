@@ -21,6 +21,31 @@ use std::cell::Cell;
 
 thread_local! {
     static HOST_DEPTH: Cell<u32> = const { Cell::new(0) };
+    static CALLER_IS_HOST: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this thread is running a hypercall of the control or hardware
+/// domain ([`SimMachine::hypercall`] says so for the call's length): what
+/// the engine heap's reserve asks of the current domain
+/// ([`crate::heap_budget`]; Xen: `pvx_current_is_host()`). False outside a
+/// hypercall.
+pub fn caller_is_host() -> bool {
+    CALLER_IS_HOST.with(|c| c.get())
+}
+
+/// Marks a hypercall of a host domain (or not) until dropped.
+pub(crate) struct CallerGuard(bool);
+
+impl CallerGuard {
+    pub(crate) fn enter(is_host: bool) -> Self {
+        CallerGuard(CALLER_IS_HOST.with(|c| c.replace(is_host)))
+    }
+}
+
+impl Drop for CallerGuard {
+    fn drop(&mut self) {
+        CALLER_IS_HOST.with(|c| c.set(self.0));
+    }
 }
 
 /// Marks the simulated *hypervisor's* own work (page tables, p2m, guest

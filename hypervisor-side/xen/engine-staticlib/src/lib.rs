@@ -12,12 +12,13 @@ extern crate alloc;
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::{Cell, UnsafeCell};
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use lock_api::RawMutex;
 use pviommu_hv::abi::feature;
 use pviommu_hv::config::Config;
 use pviommu_hv::engine::{Engine, GfnChange};
+use pviommu_hv::heap_budget::HeapBudget;
 use pviommu_hv::iommu::{
     BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend, OwnTables, TableFormat,
 };
@@ -93,6 +94,7 @@ mod ffi {
         pub fn pvx_ctx_alloc(tag: *mut u16) -> i32;
         pub fn pvx_ctx_free(tag: u16) -> i32;
         pub fn pvx_domain_has_devices(domid: u16) -> i32;
+        pub fn pvx_current_is_host() -> i32;
         pub fn pvx_ctx_flush(tag: u16, bfn: u64, count: u64) -> i32;
         pub fn pvx_devices_lock();
         pub fn pvx_devices_unlock();
@@ -111,37 +113,38 @@ mod ffi {
 #[cfg_attr(test, allow(dead_code))]
 struct XenAlloc;
 
-#[cfg_attr(test, allow(dead_code))]
-static HEAP_BYTES: AtomicUsize = AtomicUsize::new(0);
 /// The most the engine may hold at once (`pviommu=heap:MiB`), so that all
 /// driver domains together, device models included, cannot exhaust Xen's
 /// heap through the engine: past it an allocation fails like Xen's own
-/// would, and the engine answers ENOMEM with nothing changed.
-static HEAP_CAP: AtomicUsize = AtomicUsize::new(usize::MAX);
+/// would, and the engine answers ENOMEM with nothing changed. Its last
+/// quarter is kept for the control and hardware domains
+/// (`pviommu_hv::heap_budget`: the rule the simulator's tests use too).
+static HEAP: HeapBudget = HeapBudget::new();
+
+/// Whether the current domain, for which the engine allocates (it does
+/// only in hypercalls and at boot), is the control or hardware domain.
+fn current_is_host() -> bool {
+    // SAFETY: plain call.
+    unsafe { ffi::pvx_current_is_host() != 0 }
+}
 
 unsafe impl GlobalAlloc for XenAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let size = layout.size();
-        let cap = HEAP_CAP.load(Ordering::Relaxed);
-        // Reserve the bytes only if they fit: two CPUs cannot both pass the
+        // Charge the bytes only if they fit: two CPUs cannot both pass the
         // cap, and a request that will fail never crowds out others.
-        if HEAP_BYTES
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                b.checked_add(size).filter(|n| *n <= cap)
-            })
-            .is_err()
-        {
+        if !HEAP.charge(size, current_is_host) {
             return core::ptr::null_mut();
         }
         // SAFETY: _xmalloc honours any power-of-two alignment; NULL on failure.
         let p = unsafe { ffi::pvx_alloc(size, layout.align()) };
         if p.is_null() {
-            HEAP_BYTES.fetch_sub(size, Ordering::Relaxed);
+            HEAP.refund(size);
         }
         p
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        HEAP_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        HEAP.refund(layout.size());
         // SAFETY: `ptr` came from pvx_alloc.
         unsafe { ffi::pvx_free(ptr) }
     }
@@ -1234,10 +1237,7 @@ pub extern "C" fn pviommu_engine_init(quota: u64, max_batch: u32, heap_bytes: u6
     );
     let mut config = Config::default();
     if heap_bytes != 0 {
-        HEAP_CAP.store(
-            usize::try_from(heap_bytes).unwrap_or(usize::MAX),
-            Ordering::Relaxed,
-        );
+        HEAP.set_cap(usize::try_from(heap_bytes).unwrap_or(usize::MAX));
     }
     if quota != 0 {
         config.quota = quota;

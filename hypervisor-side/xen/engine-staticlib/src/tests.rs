@@ -826,3 +826,33 @@ fn engine_op_rounds() {
     destroy_context(ctx);
     assert_eq!(violations(), Vec::<std::string::String>::new());
 }
+
+/// Review gap (2026-12-02): the heap cap (`pviommu=heap:MiB`) was shared
+/// first come, first served, so device models, each within its quota, could
+/// together use all of it and the control domain's maps failed. The Xen
+/// allocator now keeps the last quarter for the control and hardware
+/// domains (asking Xen about the current domain only when an allocation
+/// would reach into it). Before, the fourth block below was granted to a
+/// device model and dom0 then got nothing.
+#[test]
+fn the_xen_allocator_keeps_the_last_quarter_of_its_cap_for_the_host() {
+    use core::alloc::{GlobalAlloc, Layout};
+    use core::sync::atomic::Ordering;
+    let block = Layout::from_size_align(4096, 64).unwrap();
+    super::HEAP.set_cap(4 * 4096);
+    let alloc = || unsafe { super::XenAlloc.alloc(block) };
+    model::CURRENT_IS_HOST.store(false, Ordering::Relaxed);
+    let mut held: Vec<*mut u8> = (0..3).map(|_| alloc()).collect();
+    assert!(held.iter().all(|p| !p.is_null()));
+    assert!(alloc().is_null(), "a device model reached into the reserve");
+    assert_eq!(super::HEAP.used(), 3 * 4096, "a refused block was charged");
+    model::CURRENT_IS_HOST.store(true, Ordering::Relaxed);
+    held.push(alloc());
+    assert!(!held[3].is_null(), "the host was refused its reserve");
+    assert!(alloc().is_null(), "past the cap");
+    for p in held {
+        unsafe { super::XenAlloc.dealloc(p, block) };
+    }
+    assert_eq!(super::HEAP.used(), 0);
+    super::HEAP.set_cap(usize::MAX);
+}

@@ -536,12 +536,34 @@ pub extern "C" fn pvx_now_ns() -> u64 {
 pub extern "C" fn pvx_notify_revoked(_owner: u16) {}
 #[no_mangle]
 #[inline(never)]
-pub extern "C" fn pvx_alloc(_size: usize, _align: usize) -> *mut u8 {
-    core::ptr::null_mut()
+pub extern "C" fn pvx_alloc(size: usize, align: usize) -> *mut u8 {
+    // Xen's _xmalloc, on the host's allocator; the layout is kept for the
+    // free, which gets the pointer only.
+    let Ok(layout) = std::alloc::Layout::from_size_align(size.max(1), align.max(1)) else {
+        return core::ptr::null_mut();
+    };
+    // SAFETY: a non-zero size.
+    let p = unsafe { std::alloc::alloc(layout) };
+    if !p.is_null() {
+        ALLOCATIONS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((p as usize, layout));
+    }
+    p
 }
+/// Blocks `pvx_alloc` handed out: (address, layout).
+static ALLOCATIONS: Mutex<Vec<(usize, std::alloc::Layout)>> = Mutex::new(Vec::new());
 #[no_mangle]
 #[inline(never)]
-pub extern "C" fn pvx_free(_ptr: *mut u8) {}
+pub extern "C" fn pvx_free(ptr: *mut u8) {
+    let mut blocks = ALLOCATIONS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(i) = blocks.iter().position(|&(a, _)| a == ptr as usize) {
+        let (_, layout) = blocks.swap_remove(i);
+        // SAFETY: allocated by pvx_alloc with this layout.
+        unsafe { std::alloc::dealloc(ptr, layout) }
+    }
+}
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn pvx_page_non_coherent(_mfn: u64) {}
@@ -549,6 +571,14 @@ pub extern "C" fn pvx_page_non_coherent(_mfn: u64) {}
 #[inline(never)]
 pub extern "C" fn pvx_domain_has_devices(_domid: u16) -> i32 {
     1
+}
+/// Whether the model's current domain is the control or hardware domain
+/// (Xen: `current->domain`); the tests set it.
+pub static CURRENT_IS_HOST: AtomicBool = AtomicBool::new(true);
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn pvx_current_is_host() -> i32 {
+    CURRENT_IS_HOST.load(Ordering::Relaxed) as i32
 }
 #[no_mangle]
 #[inline(never)]
