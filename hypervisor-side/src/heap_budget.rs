@@ -11,6 +11,16 @@
 //! behalf of the control or hardware domain: anyone may grow the engine's
 //! heap up to the cap less that reserve, only they beyond it.
 //!
+//! Who counts as "the host" is Xen's `is_control_domain() ||
+//! is_hardware_domain()` of the current domain, which is coarse: a device
+//! model running in dom0 (QEMU) uses the reserve too, within dom0's quota;
+//! a mediator in a domain that is neither (a disaggregated GPU domain)
+//! never does; with no control domain (dom0less) the reserve goes unused.
+//! At boot Xen runs the engine's init on the idle domain, privileged until
+//! XSM marks the system active, and its tables (about 1000 KiB) must fit
+//! in the cap anyway: a cap under about 2 MiB leaves device models no
+//! room at all.
+//!
 //! One rule for both hosts: the Xen object's global allocator
 //! (`engine-staticlib`) charges every allocation here, asking Xen whether
 //! the current domain is the control or hardware domain only when an
@@ -91,9 +101,16 @@ impl HeapBudget {
     }
 
     /// Give back `size` bytes charged earlier (an allocation freed, or one
-    /// that failed after its charge).
+    /// that failed after its charge). Never below 0: a refund without its
+    /// charge (a bug) must not wrap the count and refuse every allocation.
     pub fn refund(&self, size: usize) {
-        self.used.fetch_sub(size, Ordering::Relaxed);
+        let before = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(size))
+            })
+            .unwrap_or(0);
+        debug_assert!(before >= size, "refund of {size} bytes never charged");
     }
 }
 

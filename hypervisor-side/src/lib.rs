@@ -19,7 +19,9 @@
 //! * BFNs are numbered in [`bfn_alloc`]; mappings, locks and revocation live
 //!   in [`engine`] (its module docs say which lock protects what);
 //! * an index a guest chooses is clamped under speculation where it first
-//!   meets an array, by [`nospec`].
+//!   meets an array, by [`nospec`];
+//! * the engine's heap cap, and the share of it kept for the control
+//!   domain, is [`heap_budget`].
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
 

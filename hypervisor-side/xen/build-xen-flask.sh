@@ -48,9 +48,11 @@ grep -q pv_iommu "$BUILD/xen-flask-policy.strings" || { echo "build-xen-flask: F
 # is granted to nobody would refuse dom0 at run time.
 conf=xsm/flask/policy.conf
 if [ -f "$conf" ]; then
-    for rule in 'allow dom0_t xen_t:pv_iommu { query manage control };' \
-                'allow dom0_t domain_type:pv_iommu { map control };'; do
-        grep -qF "$rule" "$conf" || { echo "build-xen-flask: FAIL: '$rule' not in $conf" >&2; fail=1; }
+    # Whitespace-tolerant: m4 keeps the rules' text, not necessarily its spacing.
+    s='[[:space:]]'
+    for rule in "allow$s+dom0_t$s+xen_t:pv_iommu$s*\\{$s*query$s+manage$s+control$s*\\};" \
+                "allow$s+dom0_t$s+domain_type:pv_iommu$s*\\{$s*map$s+control$s*\\};"; do
+        grep -qE "$rule" "$conf" || { echo "build-xen-flask: FAIL: '$rule' not in $conf" >&2; fail=1; }
     done
 else
     echo "build-xen-flask: FAIL: no $conf (the policy's m4 output)" >&2; fail=1

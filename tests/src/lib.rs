@@ -187,6 +187,10 @@ pub enum Service {
     GetPage,
     /// Right after the first domain lookup.
     DomainInfo,
+    /// Right before the domain lookup that follows the first n (another
+    /// CPU acts between what the caller did after its n-th lookup and its
+    /// next one).
+    BeforeDomainInfo(u32),
     /// During the first copy that covers this guest address; every copy
     /// covering it fails with `EFAULT` (the caller's op array became
     /// inaccessible meanwhile).
@@ -247,6 +251,8 @@ pub struct Interposer<'a> {
     covering: u32,
     /// Page releases so far.
     puts: u32,
+    /// Domain lookups so far.
+    lookups: std::cell::Cell<u32>,
 }
 
 impl<'a> Interposer<'a> {
@@ -262,6 +268,7 @@ impl<'a> Interposer<'a> {
             race: RefCell::new(Some(race)),
             covering: 0,
             puts: 0,
+            lookups: std::cell::Cell::new(0),
         }
     }
     /// Run the race if `service` is where it belongs and it has not run;
@@ -310,6 +317,10 @@ impl Platform for Interposer<'_> {
         self.m.borrow_mut().copy_to_guest(a, b)
     }
     fn domain_info(&self, d: DomId) -> Option<DomainInfo> {
+        if self.at == Service::BeforeDomainInfo(self.lookups.get()) {
+            let _ = self.after(self.at);
+        }
+        self.lookups.set(self.lookups.get() + 1);
         let info = self.m.borrow().domain_info(d);
         let _ = self.after(Service::DomainInfo);
         info

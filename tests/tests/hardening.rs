@@ -581,6 +581,45 @@ fn d14_set_limits_racing_a_domain_death_leaves_nothing_behind() {
     assert_eq!(lock_check::violations(), 0);
 }
 
+/// Review of the quota kept by domid: a reset (`set_limits` with 0) whose
+/// target died between its store and its second look at the domain took
+/// the store back to the quota it replaced, which the teardown had just
+/// forgotten: the old quota then outlived the domain and applied to the
+/// next one with its id. A store is now only ever taken back to the default.
+#[test]
+fn a_quota_reset_racing_a_domain_death_leaves_nothing_behind() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    m.guest_set_limits(&e, DomId::DOM0, DEVICE_MODEL, 7)
+        .unwrap();
+    let got = {
+        let mut racer = Interposer::new(
+            &mut m,
+            Service::BeforeDomainInfo(1),
+            Box::new(|m: &mut SimMachine| {
+                m.mark_dying(DEVICE_MODEL);
+                e.domain_dying(m, DEVICE_MODEL);
+                m.destroy_domain(DEVICE_MODEL);
+            }),
+        );
+        e.set_quota(&mut racer, DEVICE_MODEL, None)
+    };
+    assert_eq!(got, Err(Errno::Srch));
+    m.create_domain(
+        DEVICE_MODEL,
+        DomainSpec {
+            pages: 64,
+            privileged: false,
+            device_model_of: Some(GUEST),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        e.stats(DEVICE_MODEL).quota,
+        e.config().quota,
+        "the dead domain's quota came back"
+    );
+}
+
 /// Review finding (2026-12-02): the quota was kept in the domain's home
 /// cell, so setting one for a domain that holds no cell claimed a cell for
 /// it. The control domain could fill the pool by setting quotas alone, and

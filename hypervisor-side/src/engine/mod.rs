@@ -860,11 +860,7 @@ impl<L: RawMutex> Engine<L> {
 
     /// `domid`'s quota: the toolstack's, or the boot default.
     fn quota_of_domain(&self, domid: DomId) -> u64 {
-        match self
-            .quotas
-            .get(domid.0 as usize)
-            .map(|q| q.load(Ordering::SeqCst))
-        {
+        match get_nospec(&self.quotas, domid.0 as usize).map(|q| q.load(Ordering::SeqCst)) {
             Some(q) if q != NO_QUOTA => u64::from(q),
             _ => self.config.quota,
         }
@@ -1042,18 +1038,22 @@ impl<L: RawMutex> Engine<L> {
         drop(dd);
     }
 
-    /// Make target `domid`'s gate say whether driver cell `cell` maps its
-    /// pages. Called under the cell's lock after anything that may have
-    /// changed that. While the cell has unmapped but unflushed (or stuck)
-    /// entries the bit stays: a hook must still reach the cell to flush
-    /// them (a page turned read-only must not stay writable through the
-    /// IOTLB until the owner's batch ends).
-    pub(crate) fn sync_gate_bit(&self, cell: usize, dd: &DriverDomain, domid: DomId) {
-        self.set_gate_bit(
-            cell,
-            domid,
-            dd.pages_of(self.seed, domid) != 0 || dd.has_pending(),
-        );
+    /// Clear driver cell `cell`'s bit in target `domid`'s gate once the
+    /// cell maps none of its pages. Called under the cell's lock after
+    /// anything that may have unmapped some. While the cell has unmapped but
+    /// unflushed (or stuck) entries the bit stays: a hook must still reach
+    /// the cell to flush them (a page turned read-only must not stay
+    /// writable through the IOTLB until the owner's batch ends).
+    ///
+    /// It never sets the bit: only a map does, explicitly, under the lock
+    /// and before its re-check of the target's sequence number. So once a
+    /// dying target's teardown has cleared the bits
+    /// (`clear_stale_gate_bits`), no hook that read the gate before can set
+    /// one again because its cell has work pending for another target.
+    pub(crate) fn clear_gate_bit_if_unused(&self, cell: usize, dd: &DriverDomain, domid: DomId) {
+        if dd.pages_of(self.seed, domid) == 0 && !dd.has_pending() {
+            self.set_gate_bit(cell, domid, false);
+        }
     }
 
     /// Set or clear cell `cell`'s bit in `domid`'s gate (under the cell's
@@ -1133,7 +1133,7 @@ impl<L: RawMutex> Engine<L> {
                             d.dd.stats.shared += 1;
                             self.set_gate_bit(d.cell, req.domid, true)
                         }
-                        _ => self.sync_gate_bit(d.cell, &d.dd, req.domid),
+                        _ => self.clear_gate_bit_if_unused(d.cell, &d.dd, req.domid),
                     }
                     self.put_driver(d);
                     out
@@ -1335,7 +1335,7 @@ impl<L: RawMutex> Engine<L> {
                             _ => false,
                         };
                         if failed {
-                            self.sync_gate_bit(d.cell, &d.dd, req.domid);
+                            self.clear_gate_bit_if_unused(d.cell, &d.dd, req.domid);
                         }
                     }
                     self.put_driver(d);
@@ -2050,12 +2050,16 @@ impl<L: RawMutex> Engine<L> {
     /// map cannot fill the pool of cells.
     ///
     /// The domain is looked up without any engine lock, so its death could
-    /// land in between, and its teardown end (forgetting its quota, see
-    /// [`forget_domid`](Self::forget_domid)) before the store, leaving the
-    /// quota to a later domain with the same id. Teardown moves the domain's
-    /// sequence number when it starts: seen moved after the store, the
-    /// lookup is redone, and if the domain is found dying the store is
-    /// taken back.
+    /// land in between, and its whole teardown (which forgets its quota at
+    /// its end, [`forget_domid`](Self::forget_domid)) run before the store,
+    /// leaving the quota to a later domain with the same id. So the domain
+    /// is looked up again after the store: found alive, its teardown has not
+    /// begun (a domain is marked dying before its teardown starts) and will
+    /// forget the quota; found dying or gone, the store is taken back (to
+    /// the default, never to what it replaced: that may be what the
+    /// teardown just forgot). A domain that died and was replaced by a new
+    /// one with the same id between the two lookups gets the quota, as it
+    /// would from a call made just after.
     pub fn set_quota(
         &self,
         h: &mut impl Hypervisor,
@@ -2069,32 +2073,21 @@ impl<L: RawMutex> Engine<L> {
             }
             Some(_) => return Err(Errno::Inval),
         };
-        let gate = self.gate(domid).ok_or(Errno::Srch)?;
         let slot = get_nospec(&self.quotas, domid.0 as usize).ok_or(Errno::Srch)?;
-        // What the slot held before this call's first store.
-        let mut before = None;
-        for _ in 0..MAP_RETRIES {
-            let seq = gate.seq.load(Ordering::SeqCst);
-            match h.domain_info(domid) {
-                Some(d) if !d.dying => {}
-                _ => {
-                    if let Some(old) = before {
-                        let _ =
-                            slot.compare_exchange(value, old, Ordering::SeqCst, Ordering::SeqCst);
-                    }
-                    return Err(Errno::Srch);
-                }
-            }
-            let old = slot.swap(value, Ordering::SeqCst);
-            before.get_or_insert(old);
-            if gate.seq.load(Ordering::SeqCst) == seq {
-                return Ok(());
-            }
+        let alive = |h: &mut _| matches!(Platform::domain_info(h, domid), Some(d) if !d.dying);
+        if !alive(h) {
+            return Err(Errno::Srch);
         }
-        if let Some(old) = before {
-            let _ = slot.compare_exchange(value, old, Ordering::SeqCst, Ordering::SeqCst);
+        slot.store(value, Ordering::SeqCst);
+        // The store before the second lookup's read of the domain's state
+        // (a full barrier on Arm too, where a later plain load could
+        // otherwise pass the store).
+        core::sync::atomic::fence(Ordering::SeqCst);
+        if !alive(h) {
+            let _ = slot.compare_exchange(value, NO_QUOTA, Ordering::SeqCst, Ordering::SeqCst);
+            return Err(Errno::Srch);
         }
-        Err(Errno::Again)
+        Ok(())
     }
 
     /// Check that `context` of `caller` can be destroyed: it exists, is not

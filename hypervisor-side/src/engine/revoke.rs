@@ -83,8 +83,9 @@ impl<L: RawMutex> Engine<L> {
     /// Revoke the live mapping in slot `idx` of driver `d`: unmap it in the
     /// IOMMU and queue it for the flush (then it becomes a notice), or, if
     /// the IOMMU refuses the unmap, mark it stuck with its page still
-    /// referenced. Needs no memory. The caller brings the target's gate
-    /// bit up to date before it unlocks (`sync_gate_bit`).
+    /// referenced. Needs no memory. The caller clears the target's gate bit,
+    /// if the cell no longer needs it, before it unlocks
+    /// (`clear_gate_bit_if_unused`).
     pub(super) fn revoke_slot(&self, d: &mut Driver<'_, L>, h: &mut impl Hypervisor, idx: u64) {
         self.take_down_live(d, h, idx, true);
     }
@@ -284,7 +285,7 @@ impl<L: RawMutex> Engine<L> {
             if d.dd.stats.revocations != revoked_before || d.dd.has_pending() {
                 self.flush_and_release(&mut d, h);
             }
-            self.sync_gate_bit(cell, &d.dd, domid);
+            self.clear_gate_bit_if_unused(cell, &d.dd, domid);
             self.put_driver(d);
         }
     }
@@ -438,8 +439,7 @@ impl<L: RawMutex> Engine<L> {
     ) -> Result<(), Restart> {
         if c.phase == PHASE_START {
             // Maps of this domain that looked a page up before it started
-            // dying retry, and then find it dying; so does a quota being
-            // set for it.
+            // dying retry, and then find it dying.
             if let Some(g) = self.gate(domid) {
                 g.seq.fetch_add(1, Ordering::SeqCst);
             }
@@ -475,7 +475,7 @@ impl<L: RawMutex> Engine<L> {
     /// Clear the bits a dying domain's gate still has although nothing
     /// holds a page of it (`target_active` is 0): a cell keeps its bit while
     /// it has work pending for *any* target (see
-    /// [`sync_gate_bit`](Engine::sync_gate_bit)), so a map that set it and
+    /// [`clear_gate_bit_if_unused`](Engine::clear_gate_bit_if_unused)), so a map that set it and
     /// was then refused can leave it behind. Left set, a later domain with
     /// the same id would have its hooks, and its own teardown, sent through
     /// that cell. Each bit is cleared under its cell's lock, as every
@@ -525,7 +525,7 @@ impl<L: RawMutex> Engine<L> {
             while c.slot < n {
                 if visits >= TEARDOWN_VISITS || revokes >= TEARDOWN_REVOKES {
                     self.flush_and_release(&mut d, h);
-                    self.sync_gate_bit(cell, &d.dd, domid);
+                    self.clear_gate_bit_if_unused(cell, &d.dd, domid);
                     self.put_driver(d);
                     return Err(Restart);
                 }
@@ -537,7 +537,7 @@ impl<L: RawMutex> Engine<L> {
                 c.slot += 1;
             }
             self.flush_and_release(&mut d, h);
-            self.sync_gate_bit(cell, &d.dd, domid);
+            self.clear_gate_bit_if_unused(cell, &d.dd, domid);
             self.put_driver(d);
             *c = Cursor {
                 phase: PHASE_AS_TARGET,
