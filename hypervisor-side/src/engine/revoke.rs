@@ -281,7 +281,8 @@ impl<L: RawMutex> Engine<L> {
             // of a ballooned page nobody mapped): nothing to flush. Pending
             // unmaps of the owner's batch are flushed, so no entry of the
             // page stays reachable through the IOTLB after the hook. The
-            // bit is brought up to date either way.
+            // bit is cleared if the cell no longer needs it (never set: a
+            // teardown may have cleared it since this hook read the gate).
             if d.dd.stats.revocations != revoked_before || d.dd.has_pending() {
                 self.flush_and_release(&mut d, h);
             }
