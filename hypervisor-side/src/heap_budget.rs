@@ -3,7 +3,8 @@
 //!
 //! Every driver domain is bounded by its quota, but the quotas of many
 //! driver domains together can exceed the cap: 48 device models at the
-//! default quota hold more than the default 256 MiB. Were the cap shared
+//! default quota hold more than the default 256 MiB, and 112 may hold
+//! state at once. Were the cap shared
 //! first come, first served, device models (each a stub domain its guest
 //! may have taken over) could use it all, and the control domain's own
 //! maps (the GPU mediator in dom0) would fail with `ENOMEM`. So the last

@@ -487,3 +487,37 @@ fn an_emptied_context_keeps_its_index() {
     let dd = e.context_state(DomId::DOM0, ctx).unwrap();
     assert_eq!((dd.live(), dd.revoked()), (0, N));
 }
+
+/// The capacity plan's host with one mediator per GPU guest (issue 10):
+/// 64 device models and dom0 hold mapping state at once, and a hook for
+/// the guest they all map reaches every one of them. With 64 cells (16 of
+/// them dom0's) the 49th device model got `ENOSPC`; the gates now name
+/// cells in two words, so 128 cells leave 112 to device models.
+#[test]
+fn sixty_four_device_models_map_at_once_and_a_hook_reaches_each() {
+    let models = 64u16;
+    let (sim, e) = host(models);
+    map(&sim, &e, DomId::DOM0, ContextId::DEFAULT, 7).unwrap();
+    for i in 0..models {
+        map(&sim, &e, DomId(DM.0 + i), ContextId::DEFAULT, 7).unwrap();
+    }
+    let cells: Vec<usize> = (0..models)
+        .map(|i| e.cell_of(DomId(DM.0 + i), ContextId::DEFAULT).unwrap())
+        .collect();
+    assert!(cells.iter().any(|&c| c >= 64), "{cells:?}");
+    let named = e.target_drivers(GUEST);
+    assert!(cells.iter().all(|&c| named & (1 << c) != 0));
+    // The guest's page goes: every one of them gets its notice.
+    sim.lock().put_new_frame(GUEST, Gfn(7)).unwrap();
+    e.gfn_removed(&mut sim.handle(DomId::DOM0), GUEST, Gfn(7));
+    for i in 0..models {
+        let dm = DomId(DM.0 + i);
+        let (_, notice, _) = e.revoked_next(dm).unwrap();
+        assert_eq!(notice.gfn, Gfn(7), "device model {i}");
+    }
+    assert!(e.revoked_next(DomId::DOM0).is_ok());
+    assert_eq!(e.target_active(GUEST), 0);
+    assert_eq!(e.target_drivers(GUEST), 0);
+    // Room for the rest of the pool: 112 cells for device models in all.
+    assert_eq!(MAX_DRIVER_DOMAINS - DOM0_CELLS, 112);
+}

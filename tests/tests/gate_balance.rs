@@ -25,7 +25,7 @@ fn req(gfn: u64, w: bool) -> MapRequest {
 fn check(e: &Engine, step: usize, what: &str) {
     let st = e.state();
     let mut n = 0u32;
-    let mut cells = 0u64;
+    let mut cells: pviommu_hv::engine::CellMask = 0;
     for drv in [DomId::DOM0, DEVICE_MODEL] {
         let cell = e.cell_of(drv, ContextId::DEFAULT).unwrap_or(0);
         if let Some(d) = st.driver(drv) {

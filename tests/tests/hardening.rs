@@ -1380,7 +1380,7 @@ fn a_targets_bit_stays_while_a_later_release_of_it_is_pending() {
     let reqs = [t2, u1, t1].map(|b| (ContextId::DEFAULT, b));
     assert_eq!(e.unmap_batch(&mut m, DomId::DOM0, &reqs, &mut out), 3);
     assert_eq!(out, [Ok(()); 3]);
-    let bit_before_last = Cell::new(0u64);
+    let bit_before_last = Cell::new(0u128);
     {
         let mut h = Interposer::new(
             &mut m,

@@ -147,7 +147,7 @@ fn region_hash(seed: u64, key: u64) -> u64 {
 }
 
 /// Slots an empty driver state keeps allocated (with its indices): about
-/// 64 KiB, so the 64 cells keep at most 4 MiB between batches.
+/// 64 KiB, so the 128 cells keep at most 8 MiB between batches.
 pub(crate) const KEEP_WHEN_EMPTY: usize = 1024;
 
 /// Slots the emptied cell of one of the engine's own contexts keeps (its

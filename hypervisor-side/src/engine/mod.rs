@@ -98,7 +98,7 @@ const MAP_RETRIES: u32 = 4;
 /// [`DOM0_CELLS`] - 1 are kept for dom0 (its home and its contexts), so
 /// device models filling the rest cannot lock the control domain's
 /// mediator out.
-pub const MAX_DRIVER_DOMAINS: usize = 64;
+pub const MAX_DRIVER_DOMAINS: usize = 128;
 /// Cells kept for dom0: its home cell (0) and one per context it can have.
 pub const DOM0_CELLS: usize = MAX_CONTEXTS as usize;
 /// Contexts (0 included) a driver domain other than dom0 may have: each
@@ -110,8 +110,12 @@ pub const OTHER_MAX_CONTEXTS: u32 = 4;
 /// create contexts cannot keep others from mapping at all.
 pub const HOME_RESERVE: usize = 16;
 const _: () = assert!(HOME_RESERVE < MAX_DRIVER_DOMAINS - DOM0_CELLS);
-// A target's gate names the cells that map it by one bit each in a u64.
-const _: () = assert!(MAX_DRIVER_DOMAINS <= u64::BITS as usize);
+/// A set of driver cells (bit n: cell n), as a target's gate names those
+/// that map it.
+pub type CellMask = u128;
+const _: () = assert!(MAX_DRIVER_DOMAINS <= CellMask::BITS as usize);
+/// 64-bit words of a gate's [`CellMask`].
+const GATE_WORDS: usize = MAX_DRIVER_DOMAINS.div_ceil(64);
 /// `cell_of` entry of a domain without a cell.
 const NO_CELL: u8 = u8::MAX;
 /// `owners` entry of a free cell.
@@ -129,7 +133,7 @@ impl<T> core::ops::Deref for CacheLine<T> {
     }
 }
 
-/// Where `domid`'s gate sits: four gates share a cache line, and a map
+/// Where `domid`'s gate sits: two gates share a cache line, and a map
 /// changes its target's `active` count, so neighbouring domids (guests
 /// created one after another, served by different CPUs) are spread to
 /// different quarters of the table rather than packed into one line.
@@ -188,7 +192,7 @@ const UNPUBLISHED_BOUND: u64 = MAX_CONTEXTS as u64 * (PUBLISH_SLACK + MAP_CHUNK 
 
 /// Per-target-domid atomics read without any lock (see the module docs).
 #[derive(Debug, Default)]
-#[repr(align(16))]
+#[repr(align(32))]
 pub struct TargetGate {
     /// Mappings of this domain's pages that hold a page reference (live,
     /// or unmapped but not yet flushed), plus maps of them in flight.
@@ -196,9 +200,28 @@ pub struct TargetGate {
     /// Bumped whenever the domain's p2m loses a page the engine may have
     /// looked up, and when the domain starts dying.
     seq: AtomicU32,
-    /// Bit n: driver cell n maps pages of this domain (or is mapping one
-    /// right now). Changed only under cell n's lock.
-    drivers: AtomicU64,
+    /// Bit n (of word n / 64): driver cell n maps pages of this domain (or
+    /// is mapping one right now). Changed only under cell n's lock. Each
+    /// word is read and changed on its own: the protocol with the map path
+    /// (a map marks its bit, then reads `seq`; a hook bumps `seq`, then
+    /// reads the marks) only ever needs the one bit, in one word.
+    drivers: [AtomicU64; GATE_WORDS],
+}
+
+impl TargetGate {
+    /// The cells named (each word read on its own, `SeqCst`).
+    pub(crate) fn drivers(&self) -> CellMask {
+        self.drivers.iter().enumerate().fold(0, |m, (w, a)| {
+            m | CellMask::from(a.load(Ordering::SeqCst)) << (64 * w)
+        })
+    }
+
+    /// Cell `cell`'s word, and its bit in it.
+    fn driver_bit(&self, cell: usize) -> Option<(&AtomicU64, u64)> {
+        self.drivers
+            .get(cell / 64)
+            .map(|w| (w, 1u64 << (cell % 64)))
+    }
 }
 
 /// The engine: fixed tables read without locks, and one locked
@@ -731,9 +754,8 @@ impl<L: RawMutex> Engine<L> {
 
     /// The driver cells whose hooks `domid`'s p2m changes reach (bit n:
     /// cell n maps its pages or is mapping one now).
-    pub fn target_drivers(&self, domid: DomId) -> u64 {
-        self.gate(domid)
-            .map_or(0, |g| g.drivers.load(Ordering::SeqCst))
+    pub fn target_drivers(&self, domid: DomId) -> CellMask {
+        self.gate(domid).map_or(0, TargetGate::drivers)
     }
 
     /// The cell holding `domid`'s mappings into `context` (its bit in a
@@ -1063,14 +1085,16 @@ impl<L: RawMutex> Engine<L> {
         let Some(g) = self.gate(domid) else {
             return;
         };
-        let bit = 1u64 << cell;
-        if (g.drivers.load(Ordering::SeqCst) & bit != 0) == on {
+        let Some((word, bit)) = g.driver_bit(cell) else {
+            return;
+        };
+        if (word.load(Ordering::SeqCst) & bit != 0) == on {
             return;
         }
         if on {
-            g.drivers.fetch_or(bit, Ordering::SeqCst);
+            word.fetch_or(bit, Ordering::SeqCst);
         } else {
-            g.drivers.fetch_and(!bit, Ordering::SeqCst);
+            word.fetch_and(!bit, Ordering::SeqCst);
         }
     }
 
@@ -2379,9 +2403,9 @@ mod claim_race_tests {
         let mut h2 = sim.handle(DM2);
         e.unmap(&mut h2, DM2, ContextId::DEFAULT, b2).unwrap();
         // A GUEST hook that read the mask before all this reaches the cell.
-        e.gates[gate_index(GUEST)]
-            .drivers
-            .fetch_or(stale_mask, Ordering::SeqCst);
+        for (w, word) in e.gates[gate_index(GUEST)].drivers.iter().enumerate() {
+            word.fetch_or((stale_mask >> (64 * w)) as u64, Ordering::SeqCst);
+        }
         e.gfn_removed(&mut sim.handle(DomId::DOM0), GUEST, Gfn(40));
         // DM2 still owns its cell and keeps working.
         e.finish(&mut h2, DM2);

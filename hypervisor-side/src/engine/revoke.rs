@@ -253,7 +253,7 @@ impl<L: RawMutex> Engine<L> {
             return;
         }
         gate.seq.fetch_add(1, Ordering::SeqCst);
-        let mask = gate.drivers.load(Ordering::SeqCst);
+        let mask = gate.drivers();
         let count = 1u64.checked_shl(order).unwrap_or(u64::MAX);
         // The cells whose bit is set, lowest first: a hook's cost follows
         // the driver domains that map the target, not the number of cells
@@ -262,7 +262,7 @@ impl<L: RawMutex> Engine<L> {
         while left != 0 {
             let cell = left.trailing_zeros() as usize;
             left &= left - 1;
-            // (Every bit names a cell: there are at most 64, checked at
+            // (Every bit names a cell: there are at most 128, checked at
             // build time.)
             let Some(lock) = self.cells.get(cell) else {
                 break;

@@ -107,12 +107,13 @@ void pviommu_engine_device_leaving(uint16_t owner, uint32_t sbdf);
 /* The driver locks: one Xen spinlock per engine driver cell (a driver
  * domain's state), cell < PVX_DRIVER_CELLS. Not IRQ-safe: never taken in
  * IRQ context. The engine holds at most one at a time. */
-#define PVX_DRIVER_CELLS 64
+#define PVX_DRIVER_CELLS 128
 void pvx_driver_lock(unsigned int cell);
 int pvx_driver_trylock(unsigned int cell);   /* 1: taken */
 void pvx_driver_unlock(unsigned int cell);
-/* The address of this CPU's mask of the cells whose lock it holds (bit n:
- * cell n), changed only by this CPU's pvx_driver_lock/unlock: the engine
+/* The address of this CPU's mask of the cells whose lock it holds,
+ * PVX_DRIVER_CELLS / 64 words (cell n: bit n % 64 of word n / 64), changed
+ * only by this CPU's pvx_driver_lock/unlock: the engine
  * keeps its record of table stores not yet written back per cell, touched
  * only under the cell's lock, and reads here which cell that is at every
  * table store. It asks for the address once per entry point: an engine

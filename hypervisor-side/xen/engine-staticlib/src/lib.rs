@@ -207,8 +207,9 @@ unsafe impl RawMutex for XenLock {
 
 type XenEngine = Engine<XenLock>;
 
-// pvx_driver_locks[] in xen/pviommu.c has PVX_DRIVER_CELLS (64) entries.
-const _: () = assert!(pviommu_hv::engine::MAX_DRIVER_DOMAINS == 64);
+// pvx_driver_locks[] in xen/pviommu.c has PVX_DRIVER_CELLS (128) entries,
+// and pvx_cells_held one word per 64 of them.
+const _: () = assert!(pviommu_hv::engine::MAX_DRIVER_DOMAINS == 128);
 
 const DOMID_NONE: u16 = 0xffff;
 
@@ -226,7 +227,7 @@ struct Xen {
     last: Cell<usize>,
     /// Cells (bit n: cell n) whose dirty set this entry point noted a store
     /// in: written back before it returns ([`Drop`]).
-    touched: Cell<u64>,
+    touched: Cell<Cells>,
     /// A table frame was refused during this entry point (see
     /// [`Xen::refused`]).
     fault: Cell<bool>,
@@ -276,7 +277,7 @@ impl Xen {
     /// check the mask is still this CPU's, and fail closed if not (see
     /// [`Xen::moved_cpu`]).
     #[inline(always)]
-    fn held_cells(&self) -> u64 {
+    fn held_cells(&self) -> Cells {
         let mut mask = self.held.get();
         if mask.is_null() {
             mask = self.held_mask();
@@ -286,10 +287,13 @@ impl Xen {
             // memory (note_store), the safe side.
             return 0;
         }
-        // SAFETY: this CPU's per-CPU variable (valid while Xen runs on
-        // it, which is the whole entry point); changed only by this CPU's
-        // pvx_driver_lock/unlock, so a plain load sees its current value.
-        unsafe { core::ptr::read_volatile(mask) }
+        // SAFETY: this CPU's per-CPU variable, CELLS / 64 words (valid
+        // while Xen runs on it, which is the whole entry point); changed
+        // only by this CPU's pvx_driver_lock/unlock, so plain loads see its
+        // current value.
+        (0..CELLS / 64).fold(0, |m, w| {
+            m | Cells::from(unsafe { core::ptr::read_volatile(mask.add(w)) }) << (64 * w)
+        })
     }
 
     /// [`held_cells`](Self::held_cells)'s first use in an entry point.
@@ -472,7 +476,7 @@ impl Xen {
         }
         let held = self.held_cells();
         if held == 0 {
-            self.sync_unheld(u64::MAX);
+            self.sync_unheld(Cells::MAX);
             return;
         }
         for cell in bits(held) {
@@ -486,7 +490,7 @@ impl Xen {
     /// each taken in turn, only where something waits. One driver lock at
     /// a time, as everywhere, with whatever Xen held on entry: the order
     /// the engine's own entry points keep.
-    fn sync_unheld(&self, cells: u64) {
+    fn sync_unheld(&self, cells: Cells) {
         for cell in bits(cells) {
             let Some(c) = CELL_DIRTY.get(cell) else {
                 continue;
@@ -546,9 +550,12 @@ impl Drop for Xen {
 /// Driver cells: `pvx_driver_locks[]` has one per cell.
 const CELLS: usize = pviommu_hv::engine::MAX_DRIVER_DOMAINS;
 
-/// The set bits of `mask`, lowest first (at most 64).
-fn bits(mask: u64) -> impl Iterator<Item = usize> {
-    (0..64usize).filter(move |b| mask & (1u64 << b) != 0)
+/// A set of cells (bit n: cell n), as the per-CPU held mask reads.
+type Cells = pviommu_hv::engine::CellMask;
+
+/// The set bits of `mask` below [`CELLS`], lowest first.
+fn bits(mask: Cells) -> impl Iterator<Item = usize> {
+    (0..CELLS).filter(move |b| mask & (1 << b) != 0)
 }
 
 /// Table cache lines stored to and not yet written back to memory (a
@@ -923,11 +930,11 @@ impl TableMemory for Xen {
         // and it must not be mapped or written back once it is Xen's.
         self.unmap_table(table);
         let held = self.held_cells();
-        for cell in bits(if held != 0 { held } else { u64::MAX }) {
+        for cell in bits(if held != 0 { held } else { Cells::MAX }) {
             let Some(c) = CELL_DIRTY.get(cell) else {
                 continue;
             };
-            let locked = held & (1u64 << cell) != 0;
+            let locked = held & (1 << cell) != 0;
             if !locked && !c.pending.load(Ordering::Acquire) {
                 continue;
             }

@@ -36,7 +36,7 @@ use std::vec::Vec;
 
 use super::ffi::PvxDomainInfo;
 
-const CELLS: usize = 64;
+const CELLS: usize = pviommu_hv::engine::MAX_DRIVER_DOMAINS;
 
 /// One table frame.
 pub struct Frame {
@@ -90,8 +90,27 @@ pub static RELEASE: AtomicBool = AtomicBool::new(false);
 /// A `pvx_table_sync` is waiting for [`RELEASE`].
 pub static BLOCKED: AtomicBool = AtomicBool::new(false);
 
+/// The cells a thread (Xen: a CPU) holds, in the C glue's layout: one
+/// word per 64 cells, cell n at bit n % 64 of word n / 64.
+type HeldWords = [u64; CELLS / 64];
+
 thread_local! {
-    static HELD: Cell<u64> = const { Cell::new(0) };
+    static HELD: Cell<HeldWords> = const { Cell::new([0; CELLS / 64]) };
+}
+
+/// Change this thread's held mask.
+fn update_held(f: impl FnOnce(u128) -> u128) {
+    HELD.with(|h| h.set(words_of(f(mask_of(h.get())))));
+}
+
+fn mask_of(w: HeldWords) -> u128 {
+    w.iter()
+        .enumerate()
+        .fold(0, |m, (i, &x)| m | u128::from(x) << (64 * i))
+}
+
+fn words_of(m: u128) -> HeldWords {
+    core::array::from_fn(|i| (m >> (64 * i)) as u64)
 }
 
 /// Hold the process-wide test lock and start from a fresh model.
@@ -122,12 +141,12 @@ pub fn with<R>(f: impl FnOnce(&mut Model) -> R) -> R {
     f(g.as_mut().expect("serial() first"))
 }
 
-pub fn held() -> u64 {
-    HELD.with(|h| h.get())
+pub fn held() -> u128 {
+    HELD.with(|h| mask_of(h.get()))
 }
 
 /// Frames whose CPU view has a line memory lacks, with the lines.
-fn unwritten(m: &Model, cells: Option<u64>) -> Vec<(u64, u64)> {
+fn unwritten(m: &Model, cells: Option<u128>) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     for (mfn, f) in &m.frames {
         if let (Some(mask), Some(o)) = (cells, f.owner) {
@@ -197,7 +216,7 @@ pub extern "C" fn pvx_driver_lock(cell: u32) {
         );
         std::thread::yield_now();
     }
-    HELD.with(|h| h.set(h.get() | 1 << c));
+    update_held(|h| h | 1 << c);
 }
 
 #[no_mangle]
@@ -211,7 +230,7 @@ pub extern "C" fn pvx_driver_trylock(cell: u32) -> i32 {
         return 0;
     }
     LOCK_CALLS[c].fetch_add(1, Ordering::Relaxed);
-    HELD.with(|h| h.set(h.get() | 1 << c));
+    update_held(|h| h | 1 << c);
     1
 }
 
@@ -219,9 +238,9 @@ pub extern "C" fn pvx_driver_trylock(cell: u32) -> i32 {
 #[inline(never)]
 pub extern "C" fn pvx_driver_unlock(cell: u32) {
     let c = cell as usize % CELLS;
-    HELD.with(|h| {
-        assert!(h.get() & (1 << c) != 0, "unlock of cell {c} not held");
-        h.set(h.get() & !(1 << c))
+    update_held(|h| {
+        assert!(h & (1 << c) != 0, "unlock of cell {c} not held");
+        h & !(1 << c)
     });
     LOCKS[c].store(false, Ordering::Release);
 }
@@ -231,16 +250,16 @@ pub extern "C" fn pvx_driver_unlock(cell: u32) {
 pub extern "C" fn pvx_driver_held_mask() -> *const u64 {
     if ELSEWHERE.load(Ordering::Relaxed) {
         // As if the thread now ran on another CPU (see ELSEWHERE).
-        return OTHER_CPU_MASK.as_ptr().cast_const();
+        return OTHER_CPU_MASK.as_ptr().cast::<u64>();
     }
     // The thread's mask (Xen: the CPU's), valid for the thread's life.
-    HELD.with(|h| h.as_ptr().cast_const())
+    HELD.with(|h| h.as_ptr().cast::<u64>().cast_const())
 }
 
 /// `pvx_driver_held_mask` answers another CPU's mask: what a Xen that
 /// resumed a waiting vCPU on another CPU would look like to the backend.
 pub static ELSEWHERE: AtomicBool = AtomicBool::new(false);
-static OTHER_CPU_MASK: AtomicU64 = AtomicU64::new(0);
+static OTHER_CPU_MASK: [AtomicU64; CELLS / 64] = [const { AtomicU64::new(0) }; CELLS / 64];
 
 /// What the C glue's page mark accepts: a frame handed out, not freed.
 fn accepted(m: &mut Model, mfn: u64) -> bool {
