@@ -118,6 +118,8 @@ const _: () = assert!(MAX_DRIVER_DOMAINS <= CellMask::BITS as usize);
 const GATE_WORDS: usize = MAX_DRIVER_DOMAINS.div_ceil(64);
 /// `cell_of` entry of a domain without a cell.
 const NO_CELL: u8 = u8::MAX;
+// Every cell number fits in `cell_of`'s byte, below NO_CELL.
+const _: () = assert!(MAX_DRIVER_DOMAINS <= NO_CELL as usize);
 /// `owners` entry of a free cell.
 const FREE_CELL: u32 = u32::MAX;
 
@@ -1085,6 +1087,9 @@ impl<L: RawMutex> Engine<L> {
         let Some(g) = self.gate(domid) else {
             return;
         };
+        // Cell numbers come from the engine's own tables, all below
+        // MAX_DRIVER_DOMAINS.
+        debug_assert!(cell < MAX_DRIVER_DOMAINS);
         let Some((word, bit)) = g.driver_bit(cell) else {
             return;
         };

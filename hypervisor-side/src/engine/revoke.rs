@@ -257,7 +257,7 @@ impl<L: RawMutex> Engine<L> {
         let count = 1u64.checked_shl(order).unwrap_or(u64::MAX);
         // The cells whose bit is set, lowest first: a hook's cost follows
         // the driver domains that map the target, not the number of cells
-        // (testing all 64 bits was half of a hook for an unmapped gfn).
+        // (testing every bit was half of a hook for an unmapped gfn).
         let mut left = mask;
         while left != 0 {
             let cell = left.trailing_zeros() as usize;

@@ -44,9 +44,12 @@
  * quota: BFNs per driver domain (0: default); max_batch: largest batch
  * (0: default); heap_bytes: the most the engine may ever hold from Xen's
  * heap, summed over all driver domains (an allocation past it fails, and
- * the op answers ENOMEM). All come from Xen's command line, "pviommu=". */
+ * the op answers ENOMEM). All come from Xen's command line, "pviommu=".
+ * cells: PVX_DRIVER_CELLS as this glue was built with; -EINVAL (and no
+ * engine) unless the engine has as many driver cells, so the two can never
+ * disagree on the driver locks or the layout of the held mask. */
 int pviommu_engine_init(uint64_t quota, uint32_t max_batch,
-                        uint64_t heap_bytes);
+                        uint64_t heap_bytes, uint32_t cells);
 
 /*
  * The hypercall body. `caller` is current->domain's id, `arg` the guest

@@ -1215,8 +1215,15 @@ fn stack_canary(seed: u64) -> u64 {
 }
 
 /// Create the engine. 0 or -errno. `quota`/`max_batch` of 0 mean default.
+/// `cells` is the glue's `PVX_DRIVER_CELLS`: anything but [`CELLS`] is
+/// refused (its locks and held mask would not be the engine's).
 #[no_mangle]
-pub extern "C" fn pviommu_engine_init(quota: u64, max_batch: u32, heap_bytes: u64) -> i32 {
+pub extern "C" fn pviommu_engine_init(
+    quota: u64,
+    max_batch: u32,
+    heap_bytes: u64,
+    cells: u32,
+) -> i32 {
     #[cfg(feature = "stack-canary")]
     if quota == u64::MAX {
         core::hint::black_box(stack_canary(quota));
@@ -1226,6 +1233,10 @@ pub extern "C" fn pviommu_engine_init(quota: u64, max_batch: u32, heap_bytes: u6
         let mut v = alloc::vec::Vec::new();
         v.push(quota);
         core::hint::black_box(&v);
+    }
+    if cells as usize != CELLS {
+        log("pviommu: the glue's PVX_DRIVER_CELLS is not the engine's cell count\n");
+        return Errno::Inval.negated();
     }
     // SAFETY: plain call (set by the glue at boot, before this).
     ADDRESS_BITS.store(unsafe { ffi::pvx_iommu_address_bits() }, Ordering::Relaxed);
