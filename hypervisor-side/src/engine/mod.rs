@@ -878,13 +878,23 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// The quota of the driver domain locked cell `d` belongs to.
+    ///
+    /// Its domid is the engine's own, recorded when the cell was claimed:
+    /// no clamp under speculation on the map path.
+    #[inline]
     fn quota_of(&self, d: &Driver<'_, L>) -> u64 {
-        self.quota_of_domain(d.dd.domid)
+        self.quota_from(self.quotas.get(d.dd.domid.0 as usize))
     }
 
-    /// `domid`'s quota: the toolstack's, or the boot default.
+    /// `domid`'s quota (a domid a caller chose: clamped under speculation).
     fn quota_of_domain(&self, domid: DomId) -> u64 {
-        match get_nospec(&self.quotas, domid.0 as usize).map(|q| q.load(Ordering::SeqCst)) {
+        self.quota_from(get_nospec(&self.quotas, domid.0 as usize))
+    }
+
+    /// The quota a `quotas` entry says: the toolstack's, or the boot default.
+    #[inline]
+    fn quota_from(&self, slot: Option<&AtomicU32>) -> u64 {
+        match slot.map(|q| q.load(Ordering::SeqCst)) {
             Some(q) if q != NO_QUOTA => u64::from(q),
             _ => self.config.quota,
         }

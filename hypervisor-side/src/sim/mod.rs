@@ -58,6 +58,7 @@ pub struct HostAllocations(());
 
 impl HostAllocations {
     /// Enter host code until the value is dropped.
+    #[inline]
     pub fn begin() -> Self {
         HOST_DEPTH.with(|d| d.set(d.get() + 1));
         HostAllocations(())
@@ -69,6 +70,7 @@ impl HostAllocations {
 }
 
 impl Drop for HostAllocations {
+    #[inline]
     fn drop(&mut self) {
         HOST_DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
     }
