@@ -18,9 +18,9 @@
 //! a mediator in a domain that is neither (a disaggregated GPU domain)
 //! never does; with no control domain (dom0less) the reserve goes unused.
 //! At boot Xen runs the engine's init on the idle domain, privileged until
-//! XSM marks the system active, and its tables (about 1000 KiB) must fit
-//! in the cap anyway: a cap under about 2 MiB leaves device models no
-//! room at all.
+//! XSM marks the system active, and its tables (about 1.6 MiB) must fit
+//! in the cap anyway: the glue refuses `heap:` below 8 MiB, where device
+//! models would be left little or no room.
 //!
 //! One rule for both hosts: the Xen object's global allocator
 //! (`engine-staticlib`) charges every allocation here, asking Xen whether

@@ -171,12 +171,14 @@ fn gate_balance_random() {
 }
 
 /// A cell keeps its bit in a target's gate while it has work pending for
-/// any target (an unflushed or stuck entry), so a bit can outlive the
-/// cell's last page of the target. The target's teardown moved on once
-/// nothing held its pages, leaving such bits set: a later domain with the
-/// same id then had its hooks and its own teardown sent through those cells.
-/// The teardown now clears, under each cell's lock, every bit of a cell
-/// that maps nothing of the dying domain.
+/// any target (an unflushed or stuck entry). A map that set the bit and
+/// then lost its page (the target's p2m changed after the lookup) left it
+/// set for that reason, though the cell held nothing of the target: once
+/// the target died, its teardown's walk could be past, and a later domain
+/// with the same id then had its hooks and teardown sent through the cell.
+/// A map now takes back a bit it set when it installs nothing of the
+/// target (and the teardown clears stale bits too: `review_tests` in the
+/// engine).
 #[test]
 fn a_dead_targets_gate_names_no_cell() {
     let (mut m, e) = machine(Format::Vtd, 16);
@@ -207,14 +209,8 @@ fn a_dead_targets_gate_names_no_cell() {
     };
     assert_eq!(got, Err(pviommu_hv::Errno::Nxio));
     assert_eq!(e.target_active(GUEST), 0);
-    let cell = e.cell_of(DomId::DOM0, ContextId::DEFAULT).unwrap();
-    assert_eq!(
-        e.target_drivers(GUEST),
-        1 << cell,
-        "the case this test is about"
-    );
-    // The guest dies with its bit still set; once its teardown ends the
-    // gate names no cell.
+    assert_eq!(e.target_drivers(GUEST), 0, "the refused map left its bit");
+    // The guest dies; its teardown ends with the gate naming no cell.
     m.mark_dying(GUEST);
     e.domain_dying(&mut m, GUEST);
     assert_eq!(
@@ -225,6 +221,43 @@ fn a_dead_targets_gate_names_no_cell() {
     // The pending unmap is still flushed, and its page released.
     e.finish(&mut m, DomId::DOM0);
     assert_eq!(e.target_active(STRANGER), 0);
+    assert_eq!(e.target_drivers(STRANGER), 0);
+    assert_eq!(pviommu_hv::lock_check::violations(), 0);
+}
+
+/// The same through a batch: a run of two maps of the guest, both losing
+/// their page after the lookup, takes back the bit the run set.
+#[test]
+fn a_refused_run_of_maps_takes_back_the_bit_it_set() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    let of = |domid: DomId, gfn: u64| MapRequest {
+        domid,
+        ..req(gfn, true)
+    };
+    let s = e
+        .map_tagged(&mut m, DomId::DOM0, &dom0, &of(STRANGER, 1))
+        .unwrap();
+    e.finish(&mut m, DomId::DOM0);
+    e.unmap(&mut m, DomId::DOM0, ContextId::DEFAULT, s.bfn)
+        .unwrap();
+    let reqs = [of(GUEST, 2), of(GUEST, 3)];
+    let mut out = [Err(pviommu_hv::Errno::Inval); 2];
+    let n = {
+        let mut racer = Interposer::new(
+            &mut m,
+            Service::GetPage,
+            Box::new(|m: &mut pviommu_hv::sim::SimMachine| {
+                m.balloon_out(&e, GUEST, Gfn(2)).unwrap();
+                m.balloon_out(&e, GUEST, Gfn(3)).unwrap();
+            }),
+        );
+        e.map_batch(&mut racer, DomId::DOM0, &dom0, &reqs, &mut out)
+    };
+    assert!(out[..n].iter().all(|o| o.is_err()), "{out:?}");
+    assert_eq!(e.target_active(GUEST), 0);
+    assert_eq!(e.target_drivers(GUEST), 0, "the refused run left its bit");
+    e.finish(&mut m, DomId::DOM0);
     assert_eq!(e.target_drivers(STRANGER), 0);
     assert_eq!(pviommu_hv::lock_check::violations(), 0);
 }

@@ -1092,24 +1092,42 @@ impl<L: RawMutex> Engine<L> {
 
     /// Set or clear cell `cell`'s bit in `domid`'s gate (under the cell's
     /// lock, so nobody else changes that bit meanwhile: a plain load tells
-    /// whether the read-modify-write is needed at all).
-    pub(crate) fn set_gate_bit(&self, cell: usize, domid: DomId, on: bool) {
+    /// whether the read-modify-write is needed at all). Whether it changed.
+    pub(crate) fn set_gate_bit(&self, cell: usize, domid: DomId, on: bool) -> bool {
         let Some(g) = self.gate(domid) else {
-            return;
+            return false;
         };
         // Cell numbers come from the engine's own tables, all below
         // MAX_DRIVER_DOMAINS.
         debug_assert!(cell < MAX_DRIVER_DOMAINS);
         let Some((word, bit)) = g.driver_bit(cell) else {
-            return;
+            return false;
         };
         if (word.load(Ordering::SeqCst) & bit != 0) == on {
-            return;
+            return false;
         }
         if on {
             word.fetch_or(bit, Ordering::SeqCst);
         } else {
             word.fetch_and(!bit, Ordering::SeqCst);
+        }
+        true
+    }
+
+    /// After a map that set cell `cell`'s bit for `domid` (`newly`: it was
+    /// clear) and then installed nothing of `domid` (refused, or the target
+    /// changed under it): a bit this map set goes again, whatever else the
+    /// cell has pending. It was clear, so the cell held no entry of the
+    /// target, live or pending, and the map added none. (Left to
+    /// [`clear_gate_bit_if_unused`](Self::clear_gate_bit_if_unused), which
+    /// keeps a bit while the cell has work pending for any target, such a
+    /// bit could outlive a target that died meanwhile, its teardown's walk
+    /// already past.) A bit that was already set is that rule's to clear.
+    fn undo_gate_bit(&self, cell: usize, dd: &DriverDomain, domid: DomId, newly: bool) {
+        if newly && dd.pages_of(self.seed, domid) == 0 {
+            self.set_gate_bit(cell, domid, false);
+        } else {
+            self.clear_gate_bit_if_unused(cell, dd, domid);
         }
     }
 
@@ -1157,7 +1175,7 @@ impl<L: RawMutex> Engine<L> {
                 Ok(mut d) => {
                     // Mark, then re-read seq (see above). An already set
                     // bit cannot be cleared while this lock is held.
-                    self.set_gate_bit(d.cell, req.domid, true);
+                    let newly = self.set_gate_bit(d.cell, req.domid, true);
                     let out = (gate.seq.load(Ordering::SeqCst) == seq)
                         .then(|| self.map_locked(&mut d, h, req, mfn, &mut result).outcome());
                     d.dd.stats.ns_get_page += ns_get_page;
@@ -1166,13 +1184,20 @@ impl<L: RawMutex> Engine<L> {
                         // on the way may have been the last one).
                         Some(MapOutcome::Installed) => {
                             d.dd.stats.maps += 1;
-                            self.set_gate_bit(d.cell, req.domid, true)
+                            self.set_gate_bit(d.cell, req.domid, true);
                         }
                         Some(MapOutcome::Shared) => {
                             d.dd.stats.shared += 1;
-                            self.set_gate_bit(d.cell, req.domid, true)
+                            self.set_gate_bit(d.cell, req.domid, true);
                         }
-                        _ => self.clear_gate_bit_if_unused(d.cell, &d.dd, req.domid),
+                        // Failed once its entry existed: it waits for the
+                        // flush, an entry of the target.
+                        Some(MapOutcome::Consumed) => {
+                            self.clear_gate_bit_if_unused(d.cell, &d.dd, req.domid)
+                        }
+                        Some(MapOutcome::Refused) | None => {
+                            self.undo_gate_bit(d.cell, &d.dd, req.domid, newly)
+                        }
                     }
                     self.put_driver(d);
                     out
@@ -1335,13 +1360,23 @@ impl<L: RawMutex> Engine<L> {
                 Ok(mut d) => {
                     d.dd.stats.ns_get_page += ns_get_page;
                     // Mark the cell in every target's gate, then re-read
-                    // each op's seq (the protocol of `map`).
-                    for (req, s) in reqs.iter().zip(steps.iter()) {
+                    // each op's seq (the protocol of `map`). Which ops set
+                    // their target's bit (the first of each target).
+                    let mut newly = [false; MAP_CHUNK];
+                    for ((req, s), newly) in reqs.iter().zip(steps.iter()).zip(newly.iter_mut()) {
                         if matches!(s, Step::Locked(..)) {
-                            self.set_gate_bit(d.cell, req.domid, true);
+                            *newly = self.set_gate_bit(d.cell, req.domid, true);
                         }
                     }
-                    for ((req, step), o) in reqs.iter().zip(steps.iter_mut()).zip(out.iter_mut()) {
+                    // Which ops left an entry of their target in the cell
+                    // (installed, shared, or failed once the entry existed).
+                    let mut entered = [false; MAP_CHUNK];
+                    for (((req, step), o), entered) in reqs
+                        .iter()
+                        .zip(steps.iter_mut())
+                        .zip(out.iter_mut())
+                        .zip(entered.iter_mut())
+                    {
                         let Step::Locked(mfn, seq) = *step else {
                             continue;
                         };
@@ -1352,7 +1387,9 @@ impl<L: RawMutex> Engine<L> {
                             *step = Step::Moved(mfn);
                             continue;
                         }
-                        *step = match self.map_locked(&mut d, h, req, mfn, o).outcome() {
+                        let outcome = self.map_locked(&mut d, h, req, mfn, o).outcome();
+                        *entered = !matches!(outcome, MapOutcome::Refused);
+                        *step = match outcome {
                             MapOutcome::Installed => {
                                 d.dd.stats.maps += 1;
                                 Step::Done
@@ -1366,16 +1403,26 @@ impl<L: RawMutex> Engine<L> {
                             MapOutcome::Refused => Step::GiveBack(mfn),
                         };
                     }
-                    // A target left with no page here loses the cell's bit.
+                    // A target left with no page here loses the cell's bit:
+                    // at once if this run set it and installed nothing of
+                    // the target (no op of it done or shared).
                     for ((req, step), o) in reqs.iter().zip(steps.iter()).zip(out.iter()) {
                         let failed = match step {
                             Step::Moved(_) => true,
                             Step::GiveBack(_) => o.is_err(),
                             _ => false,
                         };
-                        if failed {
-                            self.clear_gate_bit_if_unused(d.cell, &d.dd, req.domid);
+                        if !failed {
+                            continue;
                         }
+                        let of_target = || {
+                            reqs.iter()
+                                .zip(newly.iter().zip(entered.iter()))
+                                .filter(|(r, _)| r.domid == req.domid)
+                        };
+                        let set_here = of_target().any(|(_, (&n, _))| n);
+                        let kept = of_target().any(|(_, (_, &e))| e);
+                        self.undo_gate_bit(d.cell, &d.dd, req.domid, set_here && !kept);
                     }
                     self.put_driver(d);
                 }
@@ -2225,6 +2272,54 @@ mod review_tests {
     use crate::{Gfn, MemAttr, Permissions};
 
     const GUEST: DomId = DomId(1);
+
+    /// Review of the gate bits: a bit a cell keeps for a target it no
+    /// longer holds anything of (kept while the cell has work pending for
+    /// another target) is cleared by the target's teardown, under the
+    /// cell's lock, once nothing holds a page of it; the cell's pending
+    /// work stays and is flushed.
+    #[test]
+    fn a_dying_targets_stale_bits_go_with_its_teardown() {
+        let mut m = SimMachine::new(4096, Format::Vtd, 64);
+        let spec = DomainSpec {
+            pages: 16,
+            privileged: false,
+            device_model_of: None,
+        };
+        m.create_domain(GUEST, spec.clone()).unwrap();
+        m.create_domain(DomId(2), spec).unwrap();
+        let e = crate::Engine::new(Default::default(), &m).unwrap();
+        let dom0 = m.domain_info(DomId::DOM0).unwrap();
+        let req = MapRequest {
+            context: ContextId::DEFAULT,
+            domid: DomId(2),
+            gfn: Gfn(1),
+            perms: Permissions::RW,
+            attr: MemAttr::WriteBack,
+            grant: false,
+        };
+        let b = e.map(&mut m, DomId::DOM0, &dom0, &req).unwrap();
+        e.finish(&mut m, DomId::DOM0);
+        e.unmap(&mut m, DomId::DOM0, ContextId::DEFAULT, b).unwrap();
+        // Cell 0 has work pending (the other domain's unmap) and a bit for
+        // GUEST it holds nothing of; the guest has a share of its gate.
+        assert!(e.set_gate_bit(0, GUEST, true));
+        e.gate(GUEST).unwrap().active.fetch_add(1, Ordering::SeqCst);
+        e.gate_leave(GUEST);
+        m.mark_dying(GUEST);
+        let _ = e.gate(GUEST).unwrap().active.fetch_add(1, Ordering::SeqCst);
+        let mut cursor = 0;
+        // The first slice walks the named cell and keeps the bit (the
+        // cell still has pending work); with the share given back, the
+        // next one clears it.
+        assert!(e.domain_teardown(&mut m, GUEST, &mut cursor).is_err());
+        e.gate_leave(GUEST);
+        while e.domain_teardown(&mut m, GUEST, &mut cursor).is_err() {}
+        assert_eq!(e.target_drivers(GUEST), 0);
+        e.finish(&mut m, DomId::DOM0);
+        assert_eq!(e.target_drivers(DomId(2)), 0);
+        assert_eq!(e.target_active(DomId(2)), 0);
+    }
 
     /// Security review: the storage's 32-bit slot links and shard sizes
     /// hold only up to `MAX_QUOTA`, which only the C boot-option parser

@@ -119,6 +119,9 @@ int main(void)
     expect_all("off,batch:8,heap:64", 0, false, 8, 0, 64);
     expect_all("heap:0x10000", 0, true, 0, 0, 0x10000);
     expect_all("heap:0x10001", -EINVAL, true, 0, 0, 0);
+    expect_all("heap:8", 0, true, 0, 0, 8);
+    expect_all("heap:7", -EINVAL, true, 0, 0, 0);
+    expect_all("heap:1", -EINVAL, true, 0, 0, 0);
     expect("batch:64,quota:0x1000", 0, 64, 0x1000);
     expect("batch:4294967295", 0, 4294967295u, 0);
     expect("batch:0xffffffff", 0, 0xffffffffu, 0);
