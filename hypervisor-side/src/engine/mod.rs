@@ -1125,6 +1125,16 @@ impl<L: RawMutex> Engine<L> {
     /// already past.) A bit that was already set is that rule's to clear.
     fn undo_gate_bit(&self, cell: usize, dd: &DriverDomain, domid: DomId, newly: bool) {
         if newly && dd.pages_of(self.seed, domid) == 0 {
+            // The invariant this rests on (a cell holding any entry of a
+            // target has its bit), checked in tests: no entry of the
+            // target waits for a flush or is stuck.
+            debug_assert!(
+                !dd.slots().any(|(_, s)| matches!(s,
+                    Slot::Unmapping { mapping: m, .. } | Slot::Stuck { mapping: m }
+                        if m.domid == domid)),
+                "a bit taken back while an entry of d{} is pending",
+                domid.0
+            );
             self.set_gate_bit(cell, domid, false);
         } else {
             self.clear_gate_bit_if_unused(cell, dd, domid);

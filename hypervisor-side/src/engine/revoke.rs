@@ -476,8 +476,10 @@ impl<L: RawMutex> Engine<L> {
     /// Clear the bits a dying domain's gate still has although nothing
     /// holds a page of it (`target_active` is 0): a cell keeps its bit while
     /// it has work pending for *any* target (see
-    /// [`clear_gate_bit_if_unused`](Engine::clear_gate_bit_if_unused)), so a map that set it and
-    /// was then refused can leave it behind. Left set, a later domain with
+    /// [`clear_gate_bit_if_unused`](Engine::clear_gate_bit_if_unused)), so
+    /// a bit set while the cell held an entry of the domain can outlive that
+    /// entry's flush if other work is pending then (a map that set a clear
+    /// bit and left no entry takes it back itself). Left set, a later domain with
     /// the same id would have its hooks, and its own teardown, sent through
     /// that cell. Each bit is cleared under its cell's lock, as every
     /// change of it is, unless the cell still maps a page of the domain
