@@ -179,24 +179,38 @@ fn gate_balance_random() {
 /// A map now takes back a bit it set when it installs nothing of the
 /// target (and the teardown clears stale bits too: `review_tests` in the
 /// engine).
-#[test]
-fn a_dead_targets_gate_names_no_cell() {
-    let (mut m, e) = machine(Format::Vtd, 16);
-    let dom0 = m.domain_info(DomId::DOM0).unwrap();
-    let of = |domid: DomId, gfn: u64| MapRequest {
+/// `domid`'s page `gfn`, mapped writable.
+fn of(domid: DomId, gfn: u64) -> MapRequest {
+    MapRequest {
         domid,
         ..req(gfn, true)
-    };
+    }
+}
+
+/// A host where dom0 has work pending for the stranger: an unmap of its
+/// page not flushed yet (so dom0's cell keeps any bit it has).
+fn pending_for_the_stranger() -> (
+    pviommu_hv::sim::SimMachine,
+    Engine,
+    pviommu_hv::platform::DomainInfo,
+) {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
     let s = e
         .map_tagged(&mut m, DomId::DOM0, &dom0, &of(STRANGER, 1))
         .unwrap();
     e.finish(&mut m, DomId::DOM0);
-    // An unmap of the stranger's page is pending (not flushed yet) when a
-    // map of the guest's page loses its page right after looking it up: the
-    // map marked its cell in the guest's gate, and the bit stays for the
-    // pending work.
     e.unmap(&mut m, DomId::DOM0, ContextId::DEFAULT, s.bfn)
         .unwrap();
+    (m, e, dom0)
+}
+
+#[test]
+fn a_dead_targets_gate_names_no_cell() {
+    // A map of the guest's page loses its page right after looking it up,
+    // while dom0 has work pending for the stranger: the map marked its
+    // cell in the guest's gate.
+    let (mut m, e, dom0) = pending_for_the_stranger();
     let got = {
         let mut racer = Interposer::new(
             &mut m,
@@ -229,18 +243,7 @@ fn a_dead_targets_gate_names_no_cell() {
 /// their page after the lookup, takes back the bit the run set.
 #[test]
 fn a_refused_run_of_maps_takes_back_the_bit_it_set() {
-    let (mut m, e) = machine(Format::Vtd, 16);
-    let dom0 = m.domain_info(DomId::DOM0).unwrap();
-    let of = |domid: DomId, gfn: u64| MapRequest {
-        domid,
-        ..req(gfn, true)
-    };
-    let s = e
-        .map_tagged(&mut m, DomId::DOM0, &dom0, &of(STRANGER, 1))
-        .unwrap();
-    e.finish(&mut m, DomId::DOM0);
-    e.unmap(&mut m, DomId::DOM0, ContextId::DEFAULT, s.bfn)
-        .unwrap();
+    let (mut m, e, dom0) = pending_for_the_stranger();
     let reqs = [of(GUEST, 2), of(GUEST, 3)];
     let mut out = [Err(pviommu_hv::Errno::Inval); 2];
     let n = {

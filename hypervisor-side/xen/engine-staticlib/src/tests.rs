@@ -70,53 +70,24 @@ fn device_walk(root: u64, bfn: u64) -> Option<u64> {
     None
 }
 
-#[test]
-fn stores_wait_in_the_cache_until_the_flush_writes_them_back() {
+/// Under cell `cell`'s lock, 64 stores into a fresh table wait in the
+/// cell's dirty set (nothing written back per store: 64 entries, 8 lines,
+/// one record) until its flush writes them back, and the model checks at
+/// `pvx_ctx_flush` that the cell's frames are in memory.
+fn stores_wait_until_the_cells_flush(cell: u32) {
     let _s = model::serial();
-    let l = lock(3);
+    let l = lock(cell);
+    assert_eq!(model::held(), 1 << cell);
     let mut x = Xen::new();
     let t = x.alloc_table().unwrap();
     for i in 0..64 {
         x.write_entry(t, i, 0x1000 | i as u64);
     }
-    // Nothing written back per store: 64 entries, 8 lines, one record.
-    assert!(syncs().is_empty());
-    assert_eq!(x.read_entry(t, 9), 0x1009);
-    x.hw_flush(HW, Bfn(0), Bfn(63)).unwrap();
-    // The model checks at pvx_ctx_flush that cell 3's frames are in memory.
-    assert_eq!(violations(), Vec::<std::string::String>::new());
-    assert_eq!(
-        syncs(),
-        [model::Sync {
-            mfn: t.0,
-            lines: 0xff
-        }]
-    );
-    unlock(&l);
-    drop(x);
-    assert!(model::check_all_written_back().is_empty());
-}
-
-/// Cells past the first 64 (128 since 2026-12-02) sit in the second word
-/// of the per-CPU held mask: a store under cell 100's lock is noted in
-/// cell 100's dirty set and written back by its flush. Had the backend
-/// read one word only, it would hold "no cell": the store would go to
-/// memory at once, and the flush would try to take cell 100's lock, which
-/// this CPU holds (the model gives up after 10 s and fails).
-#[test]
-fn a_cell_past_the_first_64_keeps_its_stores_until_its_flush() {
-    let _s = model::serial();
-    let l = lock(100);
-    assert_eq!(model::held(), 1 << 100);
-    let mut x = Xen::new();
-    let t = x.alloc_table().unwrap();
-    for i in 0..64 {
-        x.write_entry(t, i, 0x1000 | i as u64);
-    }
-    assert!(CELL_DIRTY[100]
+    assert!(CELL_DIRTY[cell as usize]
         .pending
         .load(std::sync::atomic::Ordering::Relaxed));
     assert!(syncs().is_empty());
+    assert_eq!(x.read_entry(t, 9), 0x1009);
     x.hw_flush(HW, Bfn(0), Bfn(63)).unwrap();
     assert_eq!(violations(), Vec::<std::string::String>::new());
     assert_eq!(
@@ -130,6 +101,21 @@ fn a_cell_past_the_first_64_keeps_its_stores_until_its_flush() {
     assert_eq!(model::held(), 0);
     drop(x);
     assert!(model::check_all_written_back().is_empty());
+}
+
+#[test]
+fn stores_wait_in_the_cache_until_the_flush_writes_them_back() {
+    stores_wait_until_the_cells_flush(3);
+}
+
+/// Cells past the first 64 (128 since 2026-12-02) sit in the second word
+/// of the per-CPU held mask. Had the backend read one word only, it would
+/// hold "no cell" under cell 100's lock: the stores would go to memory at
+/// once, and the flush would try to take cell 100's lock, which this CPU
+/// holds (the model gives up after 10 s and fails).
+#[test]
+fn a_cell_past_the_first_64_keeps_its_stores_until_its_flush() {
+    stores_wait_until_the_cells_flush(100);
 }
 
 /// Both count layouts, whichever one this host builds: every count of a
