@@ -116,6 +116,30 @@ pub type CellMask = u128;
 const _: () = assert!(MAX_DRIVER_DOMAINS <= CellMask::BITS as usize);
 /// 64-bit words of a gate's [`CellMask`].
 const GATE_WORDS: usize = MAX_DRIVER_DOMAINS.div_ceil(64);
+
+/// The cells of `mask`, lowest first: a walk costs the cells named, not
+/// the number of cells.
+pub fn cells_in(mask: CellMask) -> impl Iterator<Item = usize> {
+    let mut left = mask;
+    core::iter::from_fn(move || {
+        (left != 0).then(|| {
+            let cell = left.trailing_zeros() as usize;
+            left &= left - 1;
+            cell
+        })
+    })
+}
+
+/// The [`CellMask`] of its 64-bit words, lowest first (word w holds cells
+/// 64w to 64w + 63): a gate's, or Xen's per-CPU mask of held cells. Words
+/// past the mask's width are ignored.
+pub fn cell_mask_of_words(words: impl IntoIterator<Item = u64>) -> CellMask {
+    words
+        .into_iter()
+        .take(GATE_WORDS)
+        .enumerate()
+        .fold(0, |m, (w, x)| m | CellMask::from(x) << (64 * w))
+}
 /// `cell_of` entry of a domain without a cell.
 const NO_CELL: u8 = u8::MAX;
 // Every cell number fits in `cell_of`'s byte, below NO_CELL.
@@ -213,9 +237,7 @@ pub struct TargetGate {
 impl TargetGate {
     /// The cells named (each word read on its own, `SeqCst`).
     pub(crate) fn drivers(&self) -> CellMask {
-        self.drivers.iter().enumerate().fold(0, |m, (w, a)| {
-            m | CellMask::from(a.load(Ordering::SeqCst)) << (64 * w)
-        })
+        cell_mask_of_words(self.drivers.iter().map(|a| a.load(Ordering::SeqCst)))
     }
 
     /// Cell `cell`'s word, and its bit in it.
@@ -999,8 +1021,9 @@ impl<L: RawMutex> Engine<L> {
                     }
                     continue;
                 }
-                // A free cell's state is idle (no slots); it needs its new owner and fresh counters (cell 0 is only
-                // ever dom0's: its counters live as long as the host).
+                // A free cell's state is idle (no slots); it needs its new
+                // owner and fresh counters (cell 0 is only ever dom0's: its
+                // counters live as long as the host).
                 if cell != 0 {
                     dd.stats = DriverStats::default();
                 }
@@ -2312,12 +2335,11 @@ mod review_tests {
         e.finish(&mut m, DomId::DOM0);
         e.unmap(&mut m, DomId::DOM0, ContextId::DEFAULT, b).unwrap();
         // Cell 0 has work pending (the other domain's unmap) and a bit for
-        // GUEST it holds nothing of; the guest has a share of its gate.
+        // GUEST it holds nothing of; the dying guest has a share of its
+        // gate (a map in flight).
         assert!(e.set_gate_bit(0, GUEST, true));
-        e.gate(GUEST).unwrap().active.fetch_add(1, Ordering::SeqCst);
-        e.gate_leave(GUEST);
         m.mark_dying(GUEST);
-        let _ = e.gate(GUEST).unwrap().active.fetch_add(1, Ordering::SeqCst);
+        e.gate(GUEST).unwrap().active.fetch_add(1, Ordering::SeqCst);
         let mut cursor = 0;
         // The first slice walks the named cell and keeps the bit (the
         // cell still has pending work); with the share given back, the

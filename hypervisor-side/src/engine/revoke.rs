@@ -15,7 +15,7 @@ use lock_api::RawMutex;
 use super::driver::{
     region_of, DriverDomain, Slot, CHAIN_BOUND, NONE, REGION_GFN_END, REGION_SHIFT,
 };
-use super::{Driver, Engine, Hypervisor};
+use super::{cells_in, Driver, Engine, Hypervisor};
 use crate::config::MAX_CONTEXTS;
 use crate::{ContextId, DomId, Gfn};
 
@@ -258,10 +258,7 @@ impl<L: RawMutex> Engine<L> {
         // The cells whose bit is set, lowest first: a hook's cost follows
         // the driver domains that map the target, not the number of cells
         // (testing every bit was half of a hook for an unmapped gfn).
-        let mut left = mask;
-        while left != 0 {
-            let cell = left.trailing_zeros() as usize;
-            left &= left - 1;
+        for cell in cells_in(mask) {
             // (Every bit names a cell: there are at most 128, checked at
             // build time.)
             let Some(lock) = self.cells.get(cell) else {
@@ -487,11 +484,10 @@ impl<L: RawMutex> Engine<L> {
     /// bit again: a map sets its bit only after its page lookup, and the
     /// lookup of a dying domain's page fails. At most one lock per cell.
     fn clear_stale_gate_bits(&self, domid: DomId) {
-        let mask = self.target_drivers(domid);
-        for (cell, lock) in self.cells.iter().enumerate() {
-            if mask & (1 << cell) == 0 {
-                continue;
-            }
+        for cell in cells_in(self.target_drivers(domid)) {
+            let Some(lock) = self.cells.get(cell) else {
+                break;
+            };
             let dd = lock.lock();
             self.set_gate_bit(cell, domid, dd.pages_of(self.seed, domid) != 0);
         }

@@ -1172,9 +1172,10 @@ impl SimMachine {
     /// entry stub would (it sets the current domain first).
     pub fn hypercall(&mut self, engine: &crate::Engine, caller: DomId, cmd: u32, arg: u64) -> i64 {
         self.current = caller;
-        // Xen: is_control_domain() || is_hardware_domain() (dom0 is both).
-        let is_host =
-            caller == DomId::DOM0 || self.domains.get(&caller).is_some_and(|d| d.privileged);
+        // Xen: is_control_domain() || is_hardware_domain().
+        let is_host = self
+            .domain_info(caller)
+            .is_some_and(|d| d.control || d.hardware);
         let _caller = super::CallerGuard::enter(is_host);
         engine.hypercall(self, caller, cmd, arg)
     }

@@ -17,7 +17,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use lock_api::RawMutex;
 use pviommu_hv::abi::feature;
 use pviommu_hv::config::Config;
-use pviommu_hv::engine::{Engine, GfnChange};
+use pviommu_hv::engine::{cell_mask_of_words, cells_in, Engine, GfnChange};
 use pviommu_hv::heap_budget::HeapBudget;
 use pviommu_hv::iommu::{
     BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend, OwnTables, TableFormat,
@@ -291,9 +291,9 @@ impl Xen {
         // while Xen runs on it, which is the whole entry point); changed
         // only by this CPU's pvx_driver_lock/unlock, so plain loads see its
         // current value.
-        (0..CELLS / 64).fold(0, |m, w| {
-            m | Cells::from(unsafe { core::ptr::read_volatile(mask.add(w)) }) << (64 * w)
-        })
+        cell_mask_of_words(
+            (0..CELLS / 64).map(|w| unsafe { core::ptr::read_volatile(mask.add(w)) }),
+        )
     }
 
     /// [`held_cells`](Self::held_cells)'s first use in an entry point.
@@ -416,7 +416,7 @@ impl Xen {
         if held == 0 {
             ALL_FAULTED.store(true, Ordering::Release);
         }
-        for cell in bits(held) {
+        for cell in cells_in(held) {
             if let Some(c) = CELL_DIRTY.get(cell) {
                 c.faulted.store(true, Ordering::Release);
             }
@@ -433,7 +433,7 @@ impl Xen {
     fn tables_ok(&self) -> Result<(), Errno> {
         let faulted = self.fault.get()
             || ALL_FAULTED.load(Ordering::Acquire)
-            || bits(self.held_cells()).any(|cell| {
+            || cells_in(self.held_cells()).any(|cell| {
                 CELL_DIRTY
                     .get(cell)
                     .is_none_or(|c| c.faulted.load(Ordering::Acquire))
@@ -479,7 +479,7 @@ impl Xen {
             self.sync_unheld(Cells::MAX);
             return;
         }
-        for cell in bits(held) {
+        for cell in cells_in(held) {
             if let Some(c) = CELL_DIRTY.get(cell) {
                 self.drain(c);
             }
@@ -491,7 +491,7 @@ impl Xen {
     /// a time, as everywhere, with whatever Xen held on entry: the order
     /// the engine's own entry points keep.
     fn sync_unheld(&self, cells: Cells) {
-        for cell in bits(cells) {
+        for cell in cells_in(cells) {
             let Some(c) = CELL_DIRTY.get(cell) else {
                 continue;
             };
@@ -531,7 +531,7 @@ impl Drop for Xen {
         } else {
             self.held_cells()
         };
-        for cell in bits(self.touched.get() & held) {
+        for cell in cells_in(self.touched.get() & held) {
             if let Some(c) = CELL_DIRTY.get(cell) {
                 self.drain(c);
             }
@@ -552,11 +552,6 @@ const CELLS: usize = pviommu_hv::engine::MAX_DRIVER_DOMAINS;
 
 /// A set of cells (bit n: cell n), as the per-CPU held mask reads.
 type Cells = pviommu_hv::engine::CellMask;
-
-/// The set bits of `mask` below [`CELLS`], lowest first.
-fn bits(mask: Cells) -> impl Iterator<Item = usize> {
-    (0..CELLS).filter(move |b| mask & (1 << b) != 0)
-}
 
 /// Table cache lines stored to and not yet written back to memory (a
 /// non-coherent IOMMU reads memory, not the cache), one set per driver
@@ -930,7 +925,7 @@ impl TableMemory for Xen {
         // and it must not be mapped or written back once it is Xen's.
         self.unmap_table(table);
         let held = self.held_cells();
-        for cell in bits(if held != 0 { held } else { Cells::MAX }) {
+        for cell in cells_in(if held != 0 { held } else { Cells::MAX }) {
             let Some(c) = CELL_DIRTY.get(cell) else {
                 continue;
             };

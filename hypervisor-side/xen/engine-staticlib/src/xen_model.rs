@@ -104,9 +104,7 @@ fn update_held(f: impl FnOnce(u128) -> u128) {
 }
 
 fn mask_of(w: HeldWords) -> u128 {
-    w.iter()
-        .enumerate()
-        .fold(0, |m, (i, &x)| m | u128::from(x) << (64 * i))
+    pviommu_hv::engine::cell_mask_of_words(w)
 }
 
 fn words_of(m: u128) -> HeldWords {
