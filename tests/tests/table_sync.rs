@@ -109,3 +109,66 @@ fn vtd_non_coherent_walks_see_every_batch() {
 fn lpae_non_coherent_walks_see_every_batch() {
     non_coherent_walks_see_every_batch(Format::Lpae);
 }
+
+/// A mediator maps and unmaps the same BFNs over and over. The tables an
+/// unmap empties wait for its flush, then stay with the context (up to
+/// `RECYCLED_TABLES`) for the next maps: once warm, a cycle takes no frame
+/// from the host, and a device still sees exactly what is mapped. A flush
+/// that fails keeps them waiting: none is made a table again before a
+/// flush succeeded (the simulator counts any as freed before the flush).
+fn map_unmap_cycles_reuse_their_tables(format: Format) {
+    let (mut m, e, ctx) = host(format);
+    let cycle = |m: &mut SimMachine, first: u64, fail_flush: bool| {
+        let mut ops: Vec<PvIommuOp> = (first..first + 1000)
+            .map(|g| map_op_in(ctx, GUEST, g, Permissions::RW))
+            .collect();
+        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+        assert!(ops.iter().all(|o| o.status == 0));
+        let bfns: Vec<u64> = ops.iter().map(|o| o.bfn).collect();
+        for b in &bfns {
+            assert!(dma(m, *b).is_ok(), "bfn {b:#x} not visible to the device");
+        }
+        let mut ops: Vec<PvIommuOp> = bfns
+            .iter()
+            .map(|b| {
+                Request::Unmap {
+                    context: ctx,
+                    bfn: Bfn(*b),
+                }
+                .encode()
+            })
+            .collect();
+        if fail_flush {
+            m.fail_flushes = 1;
+        }
+        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+        if !fail_flush {
+            for b in &bfns {
+                assert_eq!(dma(m, *b), Err(FaultReason::NotPresent));
+            }
+        }
+    };
+    cycle(&mut m, 0, false);
+    let warm = (m.tables_allocated(), m.free_frames());
+    for round in 1..6 {
+        cycle(&mut m, 0, false);
+        let now = (m.tables_allocated(), m.free_frames());
+        assert_eq!(now, warm, "round {round} allocated tables");
+    }
+    // Other gfns, so other BFNs may come; then a flush that fails once.
+    cycle(&mut m, 1000, true);
+    cycle(&mut m, 0, false);
+    cycle(&mut m, 0, false);
+    assert_eq!(m.tables_freed_before_flush(), 0);
+    assert_eq!(m.table_lines().1, 0);
+}
+
+#[test]
+fn vtd_map_unmap_cycles_reuse_their_tables() {
+    map_unmap_cycles_reuse_their_tables(Format::Vtd);
+}
+
+#[test]
+fn lpae_map_unmap_cycles_reuse_their_tables() {
+    map_unmap_cycles_reuse_their_tables(Format::Lpae);
+}

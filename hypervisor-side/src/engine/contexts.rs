@@ -60,6 +60,7 @@ impl ContextTables {
             levels: own.levels,
             // See TableOptions::superpages: not on tables a real IOMMU walks.
             superpages: false,
+            recycle: true,
         };
         Ok(match own.format {
             TableFormat::Vtd {

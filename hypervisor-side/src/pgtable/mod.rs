@@ -15,6 +15,12 @@ use crate::{Bfn, Errno, MemAttr, Mfn, Permissions};
 
 /// Entries per table.
 pub const ENTRIES: usize = 512;
+/// Emptied tables a context made with [`TableOptions::recycle`] keeps for
+/// reuse: a batch of 1024 maps at unaligned BFNs spans 3 leaf tables and
+/// their parents, so a mediator's map-unmap cycles allocate nothing once
+/// warm. At most 32 KiB held per context without mappings, given back
+/// when the context goes.
+pub const RECYCLED_TABLES: usize = 8;
 /// Levels of the walk; level 1 holds 4 KiB leaves, level 2 superpages.
 pub const LEVELS: u32 = 4;
 /// The level at which 2 MiB superpages live.
@@ -80,6 +86,12 @@ pub trait TableMemory {
     fn alloc_table(&mut self) -> Result<Mfn, Errno>;
     /// Give back a table frame.
     fn free_table(&mut self, table: Mfn);
+    /// `table`, an emptied table frame kept by the walker since the IOTLB
+    /// flush that followed its unlinking, is made a table again (without
+    /// [`alloc_table`](TableMemory::alloc_table)). Zero apart from its
+    /// present count (0). A host that tracks unlinked tables checks here
+    /// that the flush really came first.
+    fn reuse_table(&mut self, _table: Mfn) {}
     /// Read entry `index` of `table`.
     fn read_entry(&self, table: Mfn, index: usize) -> u64;
     /// Write entry `index` of `table` (the one place a PTE is stored).
@@ -112,6 +124,12 @@ pub struct TableOptions {
     /// contexts); tables a real IOMMU walks are made without it until the
     /// retired leaf table can wait for the flush like an emptied one.
     pub superpages: bool,
+    /// Keep up to [`RECYCLED_TABLES`] emptied tables for reuse once
+    /// flushed (otherwise every one goes back to the host, as Xen's own
+    /// VT-d code frees them). A mediator maps and unmaps the same BFNs over
+    /// and over; without it each cycle frees the leaf tables it emptied and
+    /// allocates, zeroes and writes back new ones for the next.
+    pub recycle: bool,
 }
 
 impl Default for TableOptions {
@@ -119,6 +137,7 @@ impl Default for TableOptions {
         TableOptions {
             levels: LEVELS,
             superpages: true,
+            recycle: false,
         }
     }
 }
@@ -145,6 +164,11 @@ pub struct IoPageTable<F: PageTableFormat> {
     spares: Option<Mfn>,
     /// Emptied tables waiting for the flush; chained the same way.
     freed: Option<Mfn>,
+    /// Emptied tables whose flush came, kept for reuse: the first
+    /// `recycled_len`. Held here, not chained through the frames, so
+    /// keeping one stores nothing into table memory after the flush.
+    recycled: [Mfn; RECYCLED_TABLES],
+    recycled_len: usize,
     /// The leaf table the last map or unmap went through, so a run of
     /// consecutive BFNs skips the walk above it (see [`LastLeaf`]).
     last_leaf: Option<LastLeaf>,
@@ -183,6 +207,8 @@ impl<F: PageTableFormat> IoPageTable<F> {
             options,
             spares: None,
             freed: None,
+            recycled: [Mfn(0); RECYCLED_TABLES],
+            recycled_len: 0,
             last_leaf: None,
             _format: core::marker::PhantomData,
         };
@@ -254,7 +280,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
                     let next = match F::decode(mem.read_entry(table, idx), level) {
                         Entry::Table(t) => t,
                         Entry::Empty => {
-                            let t = mem.alloc_table()?;
+                            let t = self.new_table(mem)?;
                             mem.write_entry(table, idx, F::table_entry(t));
                             mem.set_present_count(table, mem.present_count(table) + 1);
                             t
@@ -289,6 +315,24 @@ impl<F: PageTableFormat> IoPageTable<F> {
             }
         }
         Ok(())
+    }
+
+    /// A table frame: a recycled one if any (flushed; zero once its list
+    /// link in entry 0 is cleared), else a new one.
+    fn new_table(&mut self, mem: &mut impl TableMemory) -> Result<Mfn, Errno> {
+        let Some(t) = self.take_recycled() else {
+            return mem.alloc_table();
+        };
+        mem.write_entry(t, 0, 0);
+        mem.reuse_table(t);
+        Ok(t)
+    }
+
+    fn take_recycled(&mut self) -> Option<Mfn> {
+        let last = self.recycled_len.checked_sub(1)?;
+        let t = *self.recycled.get(last)?;
+        self.recycled_len = last;
+        Some(t)
     }
 
     /// The cached leaf table of `bfn`'s region, if it is the last one used.
@@ -347,11 +391,32 @@ impl<F: PageTableFormat> IoPageTable<F> {
         count_frames(mem, self.freed)
     }
 
-    /// Free the tables emptied before the last IOTLB flush. Call only once
-    /// the IOMMU can no longer hold them in its caches.
+    /// Emptied, flushed tables kept for reuse.
+    pub fn recycled_frames(&self) -> usize {
+        self.recycled_len
+    }
+
+    /// Free the tables emptied before the last IOTLB flush, or keep up to
+    /// [`RECYCLED_TABLES`] of them for reuse (`options.recycle`). Call only
+    /// once the IOMMU can no longer hold them in its caches.
     pub fn release_freed(&mut self, mem: &mut impl TableMemory) {
-        while let Some(t) = pop_frame(mem, &mut self.freed) {
-            mem.free_table(t);
+        while let Some(t) = self.freed {
+            let next = chain_next(mem.read_entry(t, 0));
+            let kept = self.options.recycle
+                && self
+                    .recycled
+                    .get_mut(self.recycled_len)
+                    .map(|at| *at = t)
+                    .is_some();
+            if kept {
+                // Entry 0 keeps its (not present) link until the frame is
+                // a table again.
+                self.recycled_len += 1;
+            } else {
+                mem.write_entry(t, 0, 0);
+                mem.free_table(t);
+            }
+            self.freed = next;
         }
     }
 
@@ -491,6 +556,11 @@ impl<F: PageTableFormat> IoPageTable<F> {
         while let Some(t) = self.take_spare(mem) {
             mem.free_table(t);
         }
+        while let Some(t) = self.take_recycled() {
+            mem.write_entry(t, 0, 0);
+            mem.free_table(t);
+        }
+        self.options.recycle = false;
         self.release_freed(mem);
         Self::free_subtree(mem, self.root, LEVELS);
     }
@@ -528,18 +598,20 @@ pub fn walk<F: PageTableFormat>(
     None
 }
 
-/// Push `t` on a list of frames chained through entry 0.
+/// Push `t`, a table an unmap just emptied (its present count reached 0,
+/// so every entry is clear), on a list of frames chained through entry 0.
 ///
 /// A frame on a list may still be walked by the IOMMU (through its
 /// paging-structure caches, until the flush), so the link must read as not
 /// present in every format: it is `(next frame + 1) << 12`, whose low 12
 /// bits (VT-d R/W, LPAE valid) are clear; 0 ends the list.
 fn push_frame(mem: &mut impl TableMemory, head: &mut Option<Mfn>, t: Mfn) {
-    for i in 1..ENTRIES {
-        if mem.read_entry(t, i) != 0 {
-            mem.write_entry(t, i, 0);
-        }
-    }
+    // The count is the walker's own: kept exact by every store it makes.
+    // (Read back whole, this was a 511-entry scan per emptied table.)
+    debug_assert!(
+        (0..ENTRIES).all(|i| mem.read_entry(t, i) == 0),
+        "an emptied table {t:?} still has entries"
+    );
     mem.write_entry(t, 0, chain_link(*head));
     mem.set_present_count(t, 0);
     *head = Some(t);
@@ -594,11 +666,16 @@ mod freed_list_tests {
     struct Frames {
         tables: Vec<[u64; ENTRIES]>,
         free: Vec<u64>,
+        /// `alloc_table` calls.
+        allocs: usize,
+        /// `reuse_table` calls.
+        reuses: usize,
     }
     const COUNT_SHIFT: u32 = 52;
     const COUNT_MASK: u64 = 0x3ff << COUNT_SHIFT;
     impl TableMemory for Frames {
         fn alloc_table(&mut self) -> Result<Mfn, Errno> {
+            self.allocs += 1;
             // Frames at odd and even numbers alike, never 0.
             if let Some(f) = self.free.pop() {
                 self.tables[f as usize] = [0; ENTRIES];
@@ -609,6 +686,15 @@ mod freed_list_tests {
         }
         fn free_table(&mut self, t: Mfn) {
             self.free.push(t.0);
+        }
+        fn reuse_table(&mut self, t: Mfn) {
+            assert!(!self.free.contains(&t.0), "reuse of freed frame {t:?}");
+            // Zero as the hardware reads it, the count bits included.
+            assert_eq!(
+                self.tables[t.0 as usize], [0; ENTRIES],
+                "{t:?} reused unclean"
+            );
+            self.reuses += 1;
         }
         fn read_entry(&self, t: Mfn, i: usize) -> u64 {
             assert!(!self.free.contains(&t.0), "read of freed frame {t:?}");
@@ -641,13 +727,11 @@ mod freed_list_tests {
     /// it (the raw word, count bits included), decodes as not present at
     /// every level.
     fn freed_frames_read_as_empty<F: PageTableFormat>() {
-        let mut mem = Frames {
-            tables: vec![[0; ENTRIES]],
-            free: Vec::new(),
-        };
+        let mut mem = frames();
         let options = TableOptions {
             levels: 3,
             superpages: false,
+            recycle: false,
         };
         let mut t = IoPageTable::<F>::with_options(&mut mem, options).unwrap();
         // Pages in distinct 2 MiB and 1 GiB regions: unmapping them frees
@@ -700,7 +784,67 @@ mod freed_list_tests {
         Frames {
             tables: vec![[0; ENTRIES]],
             free: Vec::new(),
+            allocs: 0,
+            reuses: 0,
         }
+    }
+
+    /// A context that keeps emptied tables reuses them, but only once the
+    /// flush came (`release_freed`), at most [`RECYCLED_TABLES`], each zero
+    /// as the hardware reads it; the rest go back, and all go with the
+    /// context.
+    fn emptied_tables_are_reused_after_the_flush_up_to_the_bound<F: PageTableFormat>() {
+        let mut mem = frames();
+        let options = TableOptions {
+            levels: 3,
+            superpages: false,
+            recycle: true,
+        };
+        let mut t = IoPageTable::<F>::with_options(&mut mem, options).unwrap();
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        // Five pages in distinct 1 GiB regions: a leaf and a level-2 table
+        // each, ten tables emptied when they go.
+        let bfns: Vec<Bfn> = (1..=5u64).map(|i| Bfn(i * 0x4_0000 + i)).collect();
+        let cycle = |t: &mut IoPageTable<F>, mem: &mut Frames, base: u64| {
+            for (i, b) in bfns.iter().enumerate() {
+                t.map(mem, *b, Mfn(base + i as u64), rw, wb).unwrap();
+            }
+            for (i, b) in bfns.iter().enumerate() {
+                assert_eq!(t.translate(mem, *b), Some((Mfn(base + i as u64), rw, wb)));
+            }
+            for b in &bfns {
+                t.unmap(mem, *b).unwrap();
+            }
+        };
+        let built = mem.allocs;
+        cycle(&mut t, &mut mem, 0x100);
+        assert_eq!(mem.allocs - built, 10);
+        assert_eq!(t.freed_frames(&mem), 10);
+        // No flush yet: the emptied tables wait, and a map needs new ones.
+        cycle(&mut t, &mut mem, 0x200);
+        assert_eq!((mem.allocs - built, mem.reuses), (20, 0));
+        t.release_freed(&mut mem);
+        assert_eq!(t.recycled_frames(), RECYCLED_TABLES);
+        assert_eq!(mem.free.len(), 20 - RECYCLED_TABLES);
+        // Warm: eight of the ten tables come from the kept ones.
+        let allocs = mem.allocs;
+        cycle(&mut t, &mut mem, 0x300);
+        assert_eq!((mem.allocs - allocs, mem.reuses), (2, RECYCLED_TABLES));
+        t.release_freed(&mut mem);
+        assert_eq!(t.recycled_frames(), RECYCLED_TABLES);
+        // A context that goes gives back every frame it ever had.
+        t.destroy(&mut mem);
+        assert_eq!(mem.free.len(), mem.tables.len() - 1);
+    }
+
+    #[test]
+    fn emptied_tables_are_reused_after_the_flush_up_to_the_bound_vtd() {
+        emptied_tables_are_reused_after_the_flush_up_to_the_bound::<Vtd>();
+    }
+
+    #[test]
+    fn emptied_tables_are_reused_after_the_flush_up_to_the_bound_lpae() {
+        emptied_tables_are_reused_after_the_flush_up_to_the_bound::<Lpae>();
     }
 
     /// The walker's cached leaf table (runs of consecutive BFNs skip the
@@ -712,6 +856,7 @@ mod freed_list_tests {
         let options = TableOptions {
             levels: 3,
             superpages: false,
+            recycle: false,
         };
         let mut t = IoPageTable::<Vtd>::with_options(&mut mem, options).unwrap();
         let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);

@@ -136,7 +136,8 @@ pub struct Ram {
     /// freeing one (and reusing it) before the flush lets a device walk a
     /// frame that is no longer a table.
     unlinked_tables: std::collections::BTreeSet<u64>,
-    /// Tables freed while still possibly cached (see `unlinked_tables`).
+    /// Tables freed, or made tables again, while still possibly cached
+    /// (see `unlinked_tables`).
     pub(super) tables_freed_before_flush: u64,
     /// Pages whose cache lines were flushed because a device may have
     /// written them without snooping.
@@ -153,6 +154,8 @@ pub struct Ram {
     dirty: DirtyLines,
     /// Table cache lines written back.
     pub(super) lines_synced: u64,
+    /// Table frames allocated (each zeroed and written back whole).
+    tables_allocated: u64,
 }
 
 impl Ram {
@@ -178,6 +181,7 @@ impl Ram {
             stale_lines: BTreeMap::new(),
             dirty: DirtyLines::new(),
             lines_synced: 0,
+            tables_allocated: 0,
         }
     }
     fn alloc(&mut self, owner: Owner) -> Result<Mfn, Errno> {
@@ -265,6 +269,7 @@ impl TableMemory for Ram {
             None => {}
         }
         let t = self.alloc(Owner::Xen)?;
+        self.tables_allocated += 1;
         // Zeroed and written back whole (Xen: clear_page, iommu_sync_cache).
         self.sync_lines(t, u64::MAX);
         Ok(t)
@@ -281,6 +286,13 @@ impl TableMemory for Ram {
             self.stale_lines.remove(&(table.0, line));
         }
         self.release(table)
+    }
+    fn reuse_table(&mut self, table: Mfn) {
+        // Made a table again while the IOMMU may still cache it where it
+        // hung: as wrong as freeing it then.
+        if self.unlinked_tables.contains(&table.0) {
+            self.tables_freed_before_flush += 1;
+        }
     }
     fn read_entry(&self, table: Mfn, index: usize) -> u64 {
         self.read_u64(table, index * 8)
@@ -323,6 +335,9 @@ impl TableMemory for WriteThrough<'_> {
     }
     fn free_table(&mut self, table: Mfn) {
         self.0.free_table(table)
+    }
+    fn reuse_table(&mut self, table: Mfn) {
+        self.0.reuse_table(table)
     }
     fn read_entry(&self, table: Mfn, index: usize) -> u64 {
         self.0.read_entry(table, index)
@@ -415,6 +430,11 @@ pub struct SimMachine {
     /// on the tables; any other error clears its context entry first (its
     /// DMA is blocked, as when Xen's unmap of the entry half-fails).
     pub fail_detaches_with: Errno,
+    /// The IOMMU refills translations right after an invalidation of an
+    /// engine context (see `refill_after_invalidation`; default on, the
+    /// rule tests need). Benchmarks of the engine turn it off: the refill
+    /// models hardware, it is no work of the engine's.
+    pub speculative_refill: bool,
 }
 
 impl SimMachine {
@@ -451,6 +471,7 @@ impl SimMachine {
             fail_attaches: 0,
             fail_detaches: 0,
             fail_detaches_with: Errno::Busy,
+            speculative_refill: true,
         };
         m.create_domain(
             DomId::DOM0,
@@ -964,9 +985,9 @@ impl SimMachine {
         self.ram.frame(mfn)
     }
 
-    /// Page-table frames freed while the IOMMU could still have cached
-    /// them (unlinked, not yet flushed): each one a use-after-free a real
-    /// IOMMU could walk into.
+    /// Page-table frames freed, or reused as tables, while the IOMMU could
+    /// still have cached them (unlinked, not yet flushed): each one a
+    /// use-after-free a real IOMMU could walk into.
     pub fn tables_freed_before_flush(&self) -> u64 {
         self.ram.tables_freed_before_flush
     }
@@ -1000,6 +1021,11 @@ impl SimMachine {
             .iter()
             .filter(|f| f.owner == Owner::Xen)
             .count()
+    }
+
+    /// Table frames allocated so far, for Xen's tables and the engine's.
+    pub fn tables_allocated(&self) -> u64 {
+        self.ram.tables_allocated
     }
 
     /// Free RAM frames.
@@ -1383,6 +1409,9 @@ impl TableMemory for SimMachine {
         let _host = HostAllocations::begin();
         self.ram.free_table(table)
     }
+    fn reuse_table(&mut self, table: Mfn) {
+        self.ram.reuse_table(table)
+    }
     fn read_entry(&self, table: Mfn, index: usize) -> u64 {
         self.ram.read_entry(table, index)
     }
@@ -1547,7 +1576,9 @@ impl IommuBackend for SimMachine {
         }
         let h = *self.hw_contexts.get(&hw.0).ok_or(Errno::NoEnt)?;
         self.iotlb.invalidate(h.owner, h.ctx, first.0, last.0);
-        self.refill_after_invalidation(h, first, last);
+        if self.speculative_refill {
+            self.refill_after_invalidation(h, first, last);
+        }
         self.ram.unlinked_tables.clear();
         self.flushes += 1;
         Ok(())

@@ -646,12 +646,26 @@ fn xen_errnos_reach_the_engine() {
 /// finds none, and the emptied tables go back to Xen.
 #[test]
 fn the_walker_over_the_backend_is_seen_by_a_non_coherent_device_after_the_flush() {
+    walker_over_the_backend(false);
+}
+
+/// The same with the emptied tables kept for reuse (as the engine's
+/// contexts keep them): the maps that follow take them back, and a
+/// non-coherent device walks them as the new tables they are, their old
+/// list links cleared and written back before the flush.
+#[test]
+fn the_walker_over_the_backend_reuses_its_emptied_tables_for_a_non_coherent_device() {
+    walker_over_the_backend(true);
+}
+
+fn walker_over_the_backend(recycle: bool) {
     let _s = model::serial();
     let l = lock(20);
     let mut x = Xen::new();
     let opts = TableOptions {
         levels: 3,
         superpages: false,
+        recycle,
     };
     let mut pt = IoPageTable::<VtdNoSnoop>::with_options(&mut x, opts).unwrap();
     let root = pt.root().0;
@@ -691,7 +705,26 @@ fn the_walker_over_the_backend_is_seen_by_a_non_coherent_device_after_the_flush(
     for i in 0..600u64 {
         assert_eq!(device_walk(root, 0x10_0000 + i), None, "bfn +{i}");
     }
-    assert!(model::with(|m| m.frames.len()) < frames);
+    if !recycle {
+        assert!(model::with(|m| m.frames.len()) < frames);
+    } else {
+        // Two leaf tables and the level-2 table above them.
+        assert_eq!(pt.recycled_frames(), 3);
+        assert_eq!(model::with(|m| m.frames.len()), frames);
+        // Mapped again, 2 MiB further: the kept leaf tables serve.
+        for i in 0..600u64 {
+            let (bfn, mfn) = (Bfn(0x10_0200 + i), Mfn(0x6_0000 + i));
+            pt.map(&mut x, bfn, mfn, rw, MemAttr::WriteBack).unwrap();
+        }
+        x.hw_flush(HW, Bfn(0x10_0200), Bfn(0x10_0200 + 599))
+            .unwrap();
+        assert_eq!(pt.recycled_frames(), 0);
+        assert_eq!(model::with(|m| m.frames.len()), frames);
+        for i in 0..600u64 {
+            let found = device_walk(root, 0x10_0200 + i);
+            assert_eq!(found, Some(0x6_0000 + i), "bfn +{i}");
+        }
+    }
     pt.destroy(&mut x);
     unlock(&l);
     drop(x);
