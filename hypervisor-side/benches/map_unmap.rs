@@ -4,11 +4,17 @@
 //!   from and out to the caller's (simulated) memory, parse, permission,
 //!   BFN allocation, page-table writes, one IOTLB flush per batch;
 //! * `engine`: the same engine calls without the guest copies;
+//! * `engine, own context`: the same into a context of dom0's own, whose
+//!   tables the engine writes itself (the host's IOMMU model does no work
+//!   of its own there: no refill after a flush, coherent table walks);
 //! * `floor-pte-store`: the same VT-d entries written and cleared through
 //!   the page-table walker in plain memory, nothing else;
 //! * `floor-platform`: what the simulated host does for the engine path's
 //!   pages (page lookup and reference, its own IOMMU map and unmap, the
-//!   flushes, the release), nothing of the engine.
+//!   flushes, the release), nothing of the engine;
+//! * `floor-platform, own context`: the same for `engine, own context`
+//!   (page lookup and reference, the entries written and cleared by the
+//!   walker in the host's table memory, the release).
 //!
 //! `engine at scale` runs the engine path with 1 Ki, 64 Ki and 1 Mi
 //! mappings already live, and the gfn hook for an unmapped gfn.
@@ -33,7 +39,7 @@ use pviommu_abi::{
 };
 use pviommu_hv::config::Config;
 use pviommu_hv::engine::MAP_CHUNK;
-use pviommu_hv::pgtable::{vtd::Vtd, IoPageTable, TableMemory};
+use pviommu_hv::pgtable::{vtd::Vtd, IoPageTable, TableMemory, TableOptions};
 use pviommu_hv::platform::{DomainInfo, Platform};
 use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
 use pviommu_hv::{Engine, Errno, Mfn};
@@ -75,9 +81,9 @@ fn engine_round(
     while !rest.is_empty() {
         let n = e.map_batch(m, DomId::DOM0, dom0, rest, &mut mapped);
         bfns.extend(
-            mapped[..n]
-                .iter()
-                .map(|r| (ContextId::DEFAULT, r.unwrap().bfn)),
+            rest.iter()
+                .zip(&mapped[..n])
+                .map(|(q, r)| (q.context, r.unwrap().bfn)),
         );
         rest = &rest[n..];
     }
@@ -179,6 +185,27 @@ fn bench(c: &mut Criterion) {
                 |b, _| b.iter(|| engine_round_single(&e, &mut m, &dom0, &reqs, &mut bfns)),
             );
         }
+        // Into a context of dom0's own: the engine writes its own tables,
+        // the host only looks pages up and references them (what a
+        // mediator's GPU context does on Xen). The simulated IOMMU's own
+        // work (its refill after each flush) is left out, and its table
+        // walks snoop the caches, as most hosts' do.
+        let (mut m, e) = setup(batch + 8, Format::Vtd);
+        m.speculative_refill = false;
+        m.set_coherent_table_walks(true);
+        let ctx = e.context_create(&mut m, DomId::DOM0).unwrap();
+        let reqs: Vec<MapRequest> = (1..=batch)
+            .map(|g| MapRequest {
+                context: ctx,
+                ..map_req(g)
+            })
+            .collect();
+        let dom0 = m.domain_info(DomId::DOM0).unwrap();
+        group.bench_with_input(
+            BenchmarkId::new("engine, own context", batch),
+            &batch,
+            |b, _| b.iter(|| engine_round(&e, &mut m, &dom0, &reqs, &mut bfns)),
+        );
     }
     group.finish();
 }
@@ -308,6 +335,39 @@ fn platform_floor(c: &mut Criterion) {
                 }
             })
         });
+        // The same for `engine, own context`: the page lookups and
+        // references, and the entries written and cleared by the walker in
+        // the host's (coherent) table memory, with the context's options.
+        let (mut m, _e) = setup(batch + 8, Format::Vtd);
+        m.set_coherent_table_walks(true);
+        let options = TableOptions {
+            levels: 4,
+            superpages: false,
+            recycle: true,
+        };
+        let mut pt = IoPageTable::<Vtd>::with_options(&mut m, options).unwrap();
+        group.bench_with_input(
+            BenchmarkId::new("floor-platform, own context", batch),
+            &batch,
+            |b, _| {
+                b.iter(|| {
+                    mfns.clear();
+                    for g in 1..=batch {
+                        let mfn = m.get_page(GUEST, Gfn(g), true).unwrap().mfn.unwrap();
+                        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+                        pt.map(&mut m, Bfn(base + g), mfn, rw, wb).unwrap();
+                        mfns.push(mfn);
+                    }
+                    for g in 1..=batch {
+                        pt.unmap(&mut m, Bfn(base + g)).unwrap();
+                    }
+                    pt.release_freed(&mut m);
+                    for &mfn in &mfns {
+                        m.put_page(mfn, true);
+                    }
+                })
+            },
+        );
     }
     group.finish();
 }

@@ -88,10 +88,15 @@ pub trait TableMemory {
     fn free_table(&mut self, table: Mfn);
     /// `table`, an emptied table frame kept by the walker since the IOTLB
     /// flush that followed its unlinking, is made a table again (without
-    /// [`alloc_table`](TableMemory::alloc_table)). Zero apart from its
-    /// present count (0). A host that tracks unlinked tables checks here
-    /// that the flush really came first.
+    /// [`alloc_table`](TableMemory::alloc_table)), found
+    /// [clear](TableMemory::table_is_clear). A host that tracks unlinked
+    /// tables checks here that the flush really came first.
     fn reuse_table(&mut self, _table: Mfn) {}
+    /// Every entry of `table` reads 0, its present count too (the check a
+    /// recycled frame passes before it is a table again).
+    fn table_is_clear(&self, table: Mfn) -> bool {
+        self.present_count(table) == 0 && (0..ENTRIES).all(|i| self.read_entry(table, i) == 0)
+    }
     /// Read entry `index` of `table`.
     fn read_entry(&self, table: Mfn, index: usize) -> u64;
     /// Write entry `index` of `table` (the one place a PTE is stored).
@@ -319,13 +324,23 @@ impl<F: PageTableFormat> IoPageTable<F> {
 
     /// A table frame: a recycled one if any (flushed; zero once its list
     /// link in entry 0 is cleared), else a new one.
+    ///
+    /// A recycled frame is checked clear before it hangs anywhere again
+    /// (defence in depth): it was emptied by unmaps as its present count
+    /// says, and were that count ever wrong, an entry left in it would map
+    /// a page at a BFN nobody asked for, whose reference the engine may
+    /// drop. Such a frame goes back to the host instead (it hangs nowhere
+    /// since the flush). At most [`RECYCLED_TABLES`] checks.
     fn new_table(&mut self, mem: &mut impl TableMemory) -> Result<Mfn, Errno> {
-        let Some(t) = self.take_recycled() else {
-            return mem.alloc_table();
-        };
-        mem.write_entry(t, 0, 0);
-        mem.reuse_table(t);
-        Ok(t)
+        while let Some(t) = self.take_recycled() {
+            mem.write_entry(t, 0, 0);
+            if mem.table_is_clear(t) {
+                mem.reuse_table(t);
+                return Ok(t);
+            }
+            mem.free_table(t);
+        }
+        mem.alloc_table()
     }
 
     fn take_recycled(&mut self) -> Option<Mfn> {
@@ -835,6 +850,50 @@ mod freed_list_tests {
         // A context that goes gives back every frame it ever had.
         t.destroy(&mut mem);
         assert_eq!(mem.free.len(), mem.tables.len() - 1);
+    }
+
+    /// Were a present count ever wrong, an emptied table could keep an
+    /// entry: recycled, it would map that page at a new BFN. A kept frame
+    /// that does not read clear goes back to the host instead.
+    #[test]
+    fn a_kept_table_that_is_not_clear_is_never_reused() {
+        let mut mem = frames();
+        let options = TableOptions {
+            levels: 3,
+            superpages: false,
+            recycle: true,
+        };
+        let mut t = IoPageTable::<Vtd>::with_options(&mut mem, options).unwrap();
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        t.map(&mut mem, Bfn(0x4_0001), Mfn(0x100), rw, wb).unwrap();
+        t.unmap(&mut mem, Bfn(0x4_0001)).unwrap();
+        t.release_freed(&mut mem);
+        assert_eq!(t.recycled_frames(), 2);
+        // A stray entry in the frame reused first (what a wrong count
+        // would leave).
+        let stray = t.recycled[1];
+        let raw = Vtd::leaf_entry(Mfn(0x666), rw, wb, 1);
+        mem.tables[stray.0 as usize][7] = raw;
+        let allocs = mem.allocs;
+        t.map(&mut mem, Bfn(0x8_0000), Mfn(0x200), rw, wb).unwrap();
+        assert_eq!((mem.reuses, mem.allocs - allocs), (1, 1));
+        assert_eq!(t.translate(&mem, Bfn(0x8_0000)), Some((Mfn(0x200), rw, wb)));
+        // No table in the tree holds the stray entry.
+        let mut tables = vec![t.root()];
+        let mut entries = 0;
+        while let Some(f) = tables.pop() {
+            for (i, &e) in mem.tables[f.0 as usize].iter().enumerate() {
+                assert_ne!(e, raw, "table {f:?} entry {i} is the stray entry");
+                let e = e & !COUNT_MASK;
+                if e & 3 != 0 {
+                    entries += 1;
+                    if e != Vtd::leaf_entry(Mfn(0x200), rw, wb, 1) {
+                        tables.push(Mfn((e & 0x000f_ffff_ffff_f000) >> 12));
+                    }
+                }
+            }
+        }
+        assert_eq!(entries, 4, "root, pinned, level-2 and leaf entries");
     }
 
     #[test]

@@ -294,6 +294,10 @@ impl TableMemory for Ram {
             self.tables_freed_before_flush += 1;
         }
     }
+    fn table_is_clear(&self, table: Mfn) -> bool {
+        self.present_count(table) == 0
+            && self.frame(table).is_some_and(|f| f.iter().all(|b| *b == 0))
+    }
     fn read_entry(&self, table: Mfn, index: usize) -> u64 {
         self.read_u64(table, index * 8)
     }
@@ -338,6 +342,9 @@ impl TableMemory for WriteThrough<'_> {
     }
     fn reuse_table(&mut self, table: Mfn) {
         self.0.reuse_table(table)
+    }
+    fn table_is_clear(&self, table: Mfn) -> bool {
+        self.0.table_is_clear(table)
     }
     fn read_entry(&self, table: Mfn, index: usize) -> u64 {
         self.0.read_entry(table, index)
@@ -1411,6 +1418,9 @@ impl TableMemory for SimMachine {
     }
     fn reuse_table(&mut self, table: Mfn) {
         self.ram.reuse_table(table)
+    }
+    fn table_is_clear(&self, table: Mfn) -> bool {
+        self.ram.table_is_clear(table)
     }
     fn read_entry(&self, table: Mfn, index: usize) -> u64 {
         self.ram.read_entry(table, index)

@@ -950,6 +950,20 @@ impl TableMemory for Xen {
             self.refused();
         }
     }
+    /// One mapping, one pass over the raw words (the count bits included:
+    /// a recycled frame's count is 0). A refused frame is not clear.
+    fn table_is_clear(&self, table: Mfn) -> bool {
+        let p = self.table(table);
+        if p.is_null() {
+            return false;
+        }
+        let mut any = 0u64;
+        for i in 0..ENTRIES {
+            // SAFETY: a mapped table frame of ENTRIES entries.
+            any |= unsafe { core::ptr::read_volatile(p.add(i)) };
+        }
+        any == 0
+    }
     fn read_entry(&self, table: Mfn, index: usize) -> u64 {
         self.table_read(table, index) & !COUNT.bits_at(index)
     }
