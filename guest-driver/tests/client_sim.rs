@@ -950,6 +950,7 @@ fn devices_attach_to_contexts_and_entries_read_back() {
             own_requester_id: true,
             rmrr: false,
             ats: false,
+            translated: true,
         },
     );
     assert_eq!(errno(c.context_attach(ctx, theirs)), Some(Errno::Perm));

@@ -57,6 +57,12 @@ pub struct DeviceFacts {
     /// The device caches translations itself (ATS): the engine's flush
     /// does not reach its device IOTLB.
     pub ats: bool,
+    /// The IOMMU unit in front of the device translates its DMA. Xen
+    /// leaves some VT-d units off with only a warning (`iommu=no-igfx`,
+    /// an IGD or Azalia unit the firmware did not set up): their context
+    /// entries are never used, so a context of the engine's would isolate
+    /// nothing and the device would DMA to the raw BFNs it is given.
+    pub translated: bool,
 }
 
 /// What the backend can do.

@@ -136,12 +136,14 @@ pub fn check_page(kind: PageKind, perms: Permissions) -> Result<(), Errno> {
 /// and only one the engine's context can fully describe (`EOPNOTSUPP`): its
 /// own requester id (re-pointing a shared one would move its neighbours
 /// too), no RMRR (its firmware's DMA would fault), no ATS (the device's own
-/// translation cache would outlive the engine's flushes).
+/// translation cache would outlive the engine's flushes), and an IOMMU unit
+/// that translates at all (Xen leaves some VT-d units off: the device would
+/// DMA to the raw BFNs).
 pub fn may_attach(caller: DomId, device: &DeviceFacts) -> Result<(), Errno> {
     if device.owner != caller {
         return Err(Errno::Perm);
     }
-    if !device.own_requester_id || device.rmrr || device.ats {
+    if !device.own_requester_id || device.rmrr || device.ats || !device.translated {
         return Err(Errno::OpNotSupp);
     }
     Ok(())

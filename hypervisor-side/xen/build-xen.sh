@@ -8,6 +8,8 @@
 #   PVIOMMU_BUILD_DIR     build directory (default <repo>/build)
 #   PVIOMMU_ENGINE_CRATE  engine crate (default hypervisor-side/xen/engine-staticlib)
 #   PVIOMMU_ENGINE_OBJ    use this prebuilt rust_engine.o instead of building one
+#   PVIOMMU_XEN_DEBUG=1   a debug Xen (CONFIG_DEBUG, CONFIG_DEBUG_LOCKS): its
+#                         ASSERTs, the glue's lock-order checks among them, run
 #   JOBS                  make -j (default 2)
 # Prints the path of the multiboot image (xen) at the end.
 set -euo pipefail
@@ -62,6 +64,22 @@ if ! grep -q '^CONFIG_PERF_COUNTERS=y' "$WORK/xen/.config"; then
     printf 'CONFIG_EXPERT=y\nCONFIG_PERF_COUNTERS=y\n' >> "$WORK/xen/.config"
     make -C "$WORK/xen" olddefconfig > /dev/null
 fi
+# Debug or release, as asked (a build dir switches back and forth cleanly).
+want_debug=n
+[ "${PVIOMMU_XEN_DEBUG:-0}" = 1 ] && want_debug=y
+have_debug=n
+grep -q '^CONFIG_DEBUG=y' "$WORK/xen/.config" && have_debug=y
+if [ "$want_debug" != "$have_debug" ]; then
+    sed -i '/^CONFIG_DEBUG=/d; /^# CONFIG_DEBUG is not set$/d;
+            /^CONFIG_DEBUG_LOCKS=/d; /^# CONFIG_DEBUG_LOCKS is not set$/d' "$WORK/xen/.config"
+    if [ "$want_debug" = y ]; then
+        printf 'CONFIG_DEBUG=y\nCONFIG_DEBUG_LOCKS=y\n' >> "$WORK/xen/.config"
+    else
+        echo '# CONFIG_DEBUG is not set' >> "$WORK/xen/.config"
+    fi
+    make -C "$WORK/xen" olddefconfig > /dev/null
+fi
+echo "build-xen: CONFIG_DEBUG=$want_debug"
 if ! make -C "$WORK/xen" -j"$JOBS" > "$BUILD/xen-build.log" 2>&1; then
     grep -E -B2 -A2 'error|Error' "$BUILD/xen-build.log" | tail -30
     echo "build-xen: FAIL: make failed, see $BUILD/xen-build.log" >&2

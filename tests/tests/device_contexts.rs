@@ -18,6 +18,7 @@ const FOREIGN: Sbdf = Sbdf(0x20); // 0000:00:04.0, the device model's
 const SHARED_RID: Sbdf = Sbdf(0x0108); // 0000:01:01.0, behind a PCI bridge
 const WITH_RMRR: Sbdf = Sbdf(0x28);
 const WITH_ATS: Sbdf = Sbdf(0x30);
+const UNTRANSLATED: Sbdf = Sbdf(0x38); // behind a VT-d unit Xen left off
 const NOBODY: Sbdf = Sbdf(0xff);
 
 fn facts(owner: DomId) -> DeviceFacts {
@@ -26,6 +27,7 @@ fn facts(owner: DomId) -> DeviceFacts {
         own_requester_id: true,
         rmrr: false,
         ats: false,
+        translated: true,
     }
 }
 
@@ -52,6 +54,13 @@ fn host(format: Format) -> (SimMachine, Engine) {
         WITH_ATS,
         DeviceFacts {
             ats: true,
+            ..facts(DomId::DOM0)
+        },
+    );
+    m.add_device(
+        UNTRANSLATED,
+        DeviceFacts {
+            translated: false,
             ..facts(DomId::DOM0)
         },
     );
@@ -261,6 +270,14 @@ fn bad_attach_and_detach_are_refused_and_change_nothing() {
             Request::ContextAttach {
                 context: ctx2,
                 device: WITH_ATS,
+            },
+            Errno::OpNotSupp,
+        ),
+        (
+            "device its IOMMU unit does not translate",
+            Request::ContextAttach {
+                context: ctx2,
+                device: UNTRANSLATED,
             },
             Errno::OpNotSupp,
         ),

@@ -22,6 +22,7 @@ fn host(format: Format) -> (SimMachine, Engine, ContextId) {
             own_requester_id: true,
             rmrr: false,
             ats: false,
+            translated: true,
         },
     );
     let mut ops = [Request::ContextCreate.encode()];

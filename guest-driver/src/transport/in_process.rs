@@ -34,6 +34,7 @@ pub fn add_sim_devices(machine: &mut SimMachine) {
                 own_requester_id: true,
                 rmrr: false,
                 ats: false,
+                translated: true,
             },
         );
     }

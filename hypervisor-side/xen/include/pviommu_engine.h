@@ -279,6 +279,9 @@ void pvx_devices_unlock(void);
 #define PVX_DEV_OWN_RID (1u << 0) /* its DMA carries its own requester id   */
 #define PVX_DEV_RMRR    (1u << 1) /* needs an RMRR identity mapping          */
 #define PVX_DEV_ATS     (1u << 2) /* caches translations itself (ATS)        */
+#define PVX_DEV_UNTRANSLATED (1u << 3) /* its IOMMU unit translates nothing:
+                                          Xen left it off (VT-d no-igfx and
+                                          firmware quirks) */
 int pvx_device_facts(uint32_t sbdf, uint16_t *owner, uint32_t *flags);
 /* [devices locked, locked] Point `sbdf` at the context tagged `tag` whose
  * 4-level root is `root_mfn` (context-cache and IOTLB invalidated), or back

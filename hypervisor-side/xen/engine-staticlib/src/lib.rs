@@ -1168,12 +1168,7 @@ impl IommuBackend for Xen {
         if unsafe { ffi::pvx_device_facts(device.0, &mut owner, &mut flags) } != 0 {
             return None;
         }
-        Some(DeviceFacts {
-            owner: DomId(owner),
-            own_requester_id: flags & PVX_DEV_OWN_RID != 0,
-            rmrr: flags & PVX_DEV_RMRR != 0,
-            ats: flags & PVX_DEV_ATS != 0,
-        })
+        Some(device_facts_of(DomId(owner), flags))
     }
     fn device_attach(&mut self, device: Sbdf, hw: HwContext, root: Mfn) -> Result<(), Errno> {
         let tag = u16::try_from(hw.0).map_err(|_| Errno::Inval)?;
@@ -1196,9 +1191,21 @@ impl IommuBackend for Xen {
     }
 }
 
+/// A device's facts from `pvx_device_facts`'s flags (`PVX_DEV_*`).
+fn device_facts_of(owner: DomId, flags: u32) -> DeviceFacts {
+    DeviceFacts {
+        owner,
+        own_requester_id: flags & PVX_DEV_OWN_RID != 0,
+        rmrr: flags & PVX_DEV_RMRR != 0,
+        ats: flags & PVX_DEV_ATS != 0,
+        translated: flags & PVX_DEV_UNTRANSLATED == 0,
+    }
+}
+
 const PVX_DEV_OWN_RID: u32 = 1 << 0;
 const PVX_DEV_RMRR: u32 = 1 << 1;
 const PVX_DEV_ATS: u32 = 1 << 2;
+const PVX_DEV_UNTRANSLATED: u32 = 1 << 3;
 
 /// The engine, created once at boot. After that it is only read through a
 /// shared reference: the engine locks its own state.

@@ -658,6 +658,28 @@ fn the_walker_over_the_backend_reuses_its_emptied_tables_for_a_non_coherent_devi
     walker_over_the_backend(true);
 }
 
+/// Each `PVX_DEV_*` flag of Xen's device facts reaches its own fact, and a
+/// device behind a unit Xen left untranslated may not be attached.
+#[test]
+fn device_flags_become_the_facts_attach_is_decided_on() {
+    use pviommu_hv::permission::may_attach;
+    let d0 = DomId(0);
+    let plain = super::device_facts_of(d0, super::PVX_DEV_OWN_RID);
+    assert!(plain.own_requester_id && plain.translated && !plain.rmrr && !plain.ats);
+    assert_eq!(may_attach(d0, &plain), Ok(()));
+    for (flag, refused) in [
+        (super::PVX_DEV_RMRR, true),
+        (super::PVX_DEV_ATS, true),
+        (super::PVX_DEV_UNTRANSLATED, true),
+        (0, false),
+    ] {
+        let f = super::device_facts_of(d0, super::PVX_DEV_OWN_RID | flag);
+        assert_eq!(may_attach(d0, &f).is_err(), refused, "flag {flag:#x}");
+    }
+    let f = super::device_facts_of(d0, super::PVX_DEV_OWN_RID | super::PVX_DEV_UNTRANSLATED);
+    assert!(!f.translated);
+}
+
 /// A recycled table is checked clear before it is a table again: on Xen's
 /// backend, one pass over the frame's raw words, the present count's bits
 /// among them.
