@@ -310,6 +310,12 @@ impl Platform for Interposer<'_> {
                 self.covering += 1;
                 if self.covering > writable {
                     let _ = self.after(self.at);
+                    // As Xen copies (and the simulator): the pages before
+                    // the unwritable one are written, then the copy faults.
+                    let before = (bad & !0xfff).saturating_sub(a) as usize;
+                    if let Some(head) = b.get(..before).filter(|h| !h.is_empty()) {
+                        self.m.borrow_mut().copy_to_guest(a, head)?;
+                    }
                     return Err(Errno::Fault);
                 }
             }

@@ -1444,3 +1444,24 @@ fn the_stats_timing_is_a_host_wide_action() {
         .unwrap();
     assert!(!e.timing());
 }
+
+/// Guest copies go page by page on the simulated host as on Xen
+/// (`hvm_copy_*`, a PV copy until its first fault): a copy that meets a
+/// page the caller does not have faults, and the pages before it are
+/// already written. The engine must never take a failed copy-out as one
+/// that wrote nothing.
+#[test]
+fn a_guest_copy_that_faults_part_way_has_written_the_pages_before() {
+    let (mut m, _e) = machine(Format::Vtd, 16);
+    m.current = DomId::DOM0;
+    // Dom0 has gfns 0..64: a copy from its last page into the next.
+    let last = 63u64 << 12;
+    let data = [0x5au8; 6000];
+    assert_eq!(m.copy_to_guest(last + 96, &data), Err(Errno::Fault));
+    let written = m.read_guest(DomId::DOM0, Gfn(63), 96, 4000).unwrap();
+    assert!(written.iter().all(|b| *b == 0x5a));
+    let mut back = [0u8; 6000];
+    assert_eq!(m.copy_from_guest(last + 96, &mut back), Err(Errno::Fault));
+    assert!(back[..4000].iter().all(|b| *b == 0x5a));
+    assert!(back[4000..].iter().all(|b| *b == 0));
+}
