@@ -10,6 +10,7 @@ use pviommu_hv::iommu::DeviceFacts;
 use pviommu_hv::sim::{FaultReason, Format, SimMachine};
 use pviommu_hv::{Bfn, Engine};
 use pviommu_tests::*;
+use std::ops::Range;
 
 const DEV: Sbdf = Sbdf(0x10);
 
@@ -43,33 +44,23 @@ fn dma(m: &mut SimMachine, bfn: u64) -> Result<Vec<u8>, FaultReason> {
     m.device_dma_read(DEV, bfn << 12, 8).map_err(|f| f.reason)
 }
 
-fn non_coherent_walks_see_every_batch(format: Format) {
-    let (mut m, e, ctx) = host(format);
-    // One batch of 1000 consecutive pages (two leaf tables and a bit).
-    let mut ops: Vec<PvIommuOp> = (0..1000)
+/// Map the guest's `gfns` into `ctx` in one batch; each BFN is then
+/// visible to the device. The BFNs.
+fn map_visible(m: &mut SimMachine, e: &Engine, ctx: ContextId, gfns: Range<u64>) -> Vec<u64> {
+    let mut ops: Vec<PvIommuOp> = gfns
         .map(|g| map_op_in(ctx, GUEST, g, Permissions::RW))
         .collect();
-    let lines_before = m.table_lines().0;
-    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    m.guest_batch_all(e, DomId::DOM0, &mut ops).unwrap();
     assert!(ops.iter().all(|o| o.status == 0));
-    assert_eq!(
-        m.table_lines().1,
-        0,
-        "a table line left unsynced after the batch"
-    );
-    let synced = m.table_lines().0 - lines_before;
-    // Per cache line and batch, not per entry: 1000 leaf entries fill 125
-    // lines, plus the present counts and the upper tables.
-    assert!(synced < 200, "{synced} lines written back for 1000 entries");
     let bfns: Vec<u64> = ops.iter().map(|o| o.bfn).collect();
     for b in &bfns {
-        assert!(
-            dma(&mut m, *b).is_ok(),
-            "bfn {b:#x} not visible to the device"
-        );
+        assert!(dma(m, *b).is_ok(), "bfn {b:#x} not visible to the device");
     }
-    // Unmap them all in one batch: after the flush, the device must find
-    // nothing, though its IOTLB held every one of them.
+    bfns
+}
+
+/// Unmap `bfns` of `ctx` in one batch; every op succeeds.
+fn unmap_all(m: &mut SimMachine, e: &Engine, ctx: ContextId, bfns: &[u64]) {
     let mut ops: Vec<PvIommuOp> = bfns
         .iter()
         .map(|b| {
@@ -80,8 +71,27 @@ fn non_coherent_walks_see_every_batch(format: Format) {
             .encode()
         })
         .collect();
-    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    m.guest_batch_all(e, DomId::DOM0, &mut ops).unwrap();
     assert!(ops.iter().all(|o| o.status == 0));
+}
+
+fn non_coherent_walks_see_every_batch(format: Format) {
+    let (mut m, e, ctx) = host(format);
+    // One batch of 1000 consecutive pages (two leaf tables and a bit).
+    let lines_before = m.table_lines().0;
+    let bfns = map_visible(&mut m, &e, ctx, 0..1000);
+    assert_eq!(
+        m.table_lines().1,
+        0,
+        "a table line left unsynced after the batch"
+    );
+    let synced = m.table_lines().0 - lines_before;
+    // Per cache line and batch, not per entry: 1000 leaf entries fill 125
+    // lines, plus the present counts and the upper tables.
+    assert!(synced < 200, "{synced} lines written back for 1000 entries");
+    // Unmap them all in one batch: after the flush, the device must find
+    // nothing, though its IOTLB held every one of them.
+    unmap_all(&mut m, &e, ctx, &bfns);
     assert_eq!(m.table_lines().1, 0);
     for b in &bfns {
         assert_eq!(
@@ -91,14 +101,7 @@ fn non_coherent_walks_see_every_batch(format: Format) {
         );
     }
     // And mapped again (tables freed after the flush come back zeroed).
-    let mut ops: Vec<PvIommuOp> = (0..600)
-        .map(|g| map_op_in(ctx, GUEST, g, Permissions::RW))
-        .collect();
-    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
-    for o in &ops {
-        assert_eq!(o.status, 0);
-        assert!(dma(&mut m, o.bfn).is_ok());
-    }
+    map_visible(&mut m, &e, ctx, 0..600);
 }
 
 #[test]
@@ -120,29 +123,11 @@ fn lpae_non_coherent_walks_see_every_batch() {
 fn map_unmap_cycles_reuse_their_tables(format: Format) {
     let (mut m, e, ctx) = host(format);
     let cycle = |m: &mut SimMachine, first: u64, fail_flush: bool| {
-        let mut ops: Vec<PvIommuOp> = (first..first + 1000)
-            .map(|g| map_op_in(ctx, GUEST, g, Permissions::RW))
-            .collect();
-        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
-        assert!(ops.iter().all(|o| o.status == 0));
-        let bfns: Vec<u64> = ops.iter().map(|o| o.bfn).collect();
-        for b in &bfns {
-            assert!(dma(m, *b).is_ok(), "bfn {b:#x} not visible to the device");
-        }
-        let mut ops: Vec<PvIommuOp> = bfns
-            .iter()
-            .map(|b| {
-                Request::Unmap {
-                    context: ctx,
-                    bfn: Bfn(*b),
-                }
-                .encode()
-            })
-            .collect();
+        let bfns = map_visible(m, &e, ctx, first..first + 1000);
         if fail_flush {
             m.fail_flushes = 1;
         }
-        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+        unmap_all(m, &e, ctx, &bfns);
         if !fail_flush {
             for b in &bfns {
                 assert_eq!(dma(m, *b), Err(FaultReason::NotPresent));
