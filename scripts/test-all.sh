@@ -76,3 +76,18 @@ if [[ -x tests/xen-qemu-arm64/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
   step "Xen 4.17 arm64 in QEMU (fallback of issue 13)"
   tests/xen-qemu-arm64/run.sh
 fi
+
+# Last, as it rebuilds the x86 Xen above in debug mode: the same checks on a
+# debug Xen, so its ASSERTs run (the glue's lock order among them: no spinlock
+# held across a guest copy or a page lookup, one driver lock per CPU). A
+# failed assertion panics Xen and the checks fail with it; a WARN does not,
+# so the log must show none. Its MEASURE lines are a debug build's.
+if [[ -x tests/xen-qemu/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
+  step "Xen 4.17 debug build in QEMU: Xen's and the glue's assertions"
+  PVIOMMU_XEN_DEBUG=1 tests/xen-qemu/run.sh
+  if grep -aE "Assertion '.*' failed|Xen WARN at" "$BUILD/xen-qemu/serial.log"; then
+    echo "FAIL: the debug Xen failed an assertion or warned" >&2
+    exit 1
+  fi
+  echo "debug Xen: no assertion failed, no WARN"
+fi
