@@ -975,6 +975,20 @@ impl SimMachine {
         addr: u64,
         len: usize,
     ) -> Result<Vec<u8>, DmaFault> {
+        if self.untranslated(device) {
+            // Its unit translates nothing: the bus address is the machine
+            // address (a frame that is not RAM reads as zeros).
+            let mut out = Vec::with_capacity(len);
+            let mut a = addr;
+            while out.len() < len {
+                let off = (a & 0xfff) as usize;
+                let n = (4096 - off).min(len - out.len());
+                let frame = self.ram.frame(Mfn(a >> 12)).copied().unwrap_or([0; 4096]);
+                out.extend_from_slice(&frame[off..off + n]);
+                a += n as u64;
+            }
+            return Ok(out);
+        }
         let (owner, ctx, root) = self.device_context(device);
         self.dma_read_via(owner, ctx, root, addr, len)
     }
@@ -986,8 +1000,32 @@ impl SimMachine {
         addr: u64,
         data: &[u8],
     ) -> Result<(), DmaFault> {
+        if self.untranslated(device) {
+            // Straight to the machine address, whoever's frame it is.
+            let mut done = 0;
+            let mut a = addr;
+            while done < data.len() {
+                let off = (a & 0xfff) as usize;
+                let n = (4096 - off).min(data.len() - done);
+                if let Some(f) = self.ram.frame_mut(Mfn(a >> 12)) {
+                    f[off..off + n].copy_from_slice(&data[done..done + n]);
+                }
+                done += n;
+                a += n as u64;
+            }
+            return Ok(());
+        }
         let (owner, ctx, root) = self.device_context(device);
         self.dma_write_via(owner, ctx, root, addr, data)
+    }
+
+    /// The device sits behind an IOMMU unit that translates nothing (Xen
+    /// left it off: `iommu=no-igfx`, firmware quirks): whatever its
+    /// context entry says, its DMA goes to the machine address it is given.
+    fn untranslated(&self, device: Sbdf) -> bool {
+        self.devices
+            .get(&device)
+            .is_some_and(|d| !d.facts.translated)
     }
 
     /// The raw bytes of a machine frame, if allocated.
