@@ -63,6 +63,15 @@ refused_canary panic-canary 'FAIL: a panic path is reachable' "a reachable panic
 # on an entry path: it has to be counted.
 refused_canary stack-canary "the stack use from an entry point is over the limit" \
   "a stack over its limit"
+# Names Xen's symbol table cannot hold (its lookups would overflow a stack
+# buffer): renaming too little has to be refused.
+if PVIOMMU_ENGINE_SYM_RENAME=500 hypervisor-side/xen/build-engine.sh \
+     hypervisor-side/xen/engine-staticlib "$BUILD/engine-symbols" > "$BUILD/engine-symbols.log" 2>&1; then
+  echo "FAIL: build-engine.sh accepted names too long for Xen's symbol table" >&2
+  exit 1
+fi
+grep -q "expand past 127 bytes" "$BUILD/engine-symbols.log"
+echo "build-engine.sh refuses names too long for Xen's symbol table (canary rejected)"
 
 if [[ -x tests/xen-qemu/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
   step "Xen 4.17 in QEMU"

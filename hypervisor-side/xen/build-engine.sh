@@ -11,6 +11,8 @@
 # /work/shared/notes/xen-rust-build.md for why each flag is there.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
+# shellcheck source-path=SCRIPTDIR source=lib/engine-symbols.sh
+. "$HERE/lib/engine-symbols.sh"
 REPO="$(cd "$HERE/../.." && pwd)"
 BUILD="${PVIOMMU_BUILD_DIR:-$REPO/build}"
 CRATE="$(cd "${1:-${PVIOMMU_ENGINE_CRATE:-$HERE/engine-staticlib}}" && pwd)"
@@ -49,12 +51,9 @@ ENTRIES="pviommu_engine_init pviommu_engine_op pviommu_engine_domain_teardown pv
 ld -r --gc-sections $(for s in $ENTRIES; do printf -- '-u %s ' "$s"; done) \
    -o "$RAW" "$LIB"
 
-# Xen's symbol table stores a name's length in one byte: shorten long names.
+# Names as Xen's symbol table can hold them (lib/engine-symbols.sh).
 MAP="$OUT/long-syms.map"
-nm "$RAW" | awk '{ n = $NF; if (length(n) > 120 && !(n in seen)) { seen[n] = 1;
-    printf "%s pviommu_rs_sym_%d\n", n, ++i } }' > "$MAP"
-objcopy --redefine-syms="$MAP" "$RAW" "$OUT/rust_engine.o"
-echo "build-engine: renamed $(wc -l < "$MAP") long symbols"
+engine_short_symbols build-engine nm objcopy readelf "$RAW" "$OUT/rust_engine.o" "$MAP"
 
 # No SSE/AVX state may be touched in the hypervisor.
 objdump -d "$OUT/rust_engine.o" > "$OUT/rust_engine.dis"

@@ -19,6 +19,8 @@
 # -fno-pie at a fixed link address; the soft-float target matches that.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
+# shellcheck source-path=SCRIPTDIR source=../lib/engine-symbols.sh
+. "$HERE/../lib/engine-symbols.sh"
 REPO="$(cd "$HERE/../../.." && pwd)"
 BUILD="${PVIOMMU_ARM64_BUILD:-/work/arm64-build}"
 CRATE="$(cd "${1:-$REPO/hypervisor-side/xen/engine-staticlib}" && pwd)"
@@ -77,12 +79,9 @@ if "$READELF" -SW "$RAW" | grep -q ' \.text\.'; then
     exit 1
 fi
 
-# Xen's symbol table stores a name's length in one byte: shorten long names.
+# Names as Xen's symbol table can hold them (../lib/engine-symbols.sh).
 MAP="$OUT/long-syms.map"
-"$NM" "$RAW" | awk '{ n = $NF; if (length(n) > 120 && !(n in seen)) { seen[n] = 1;
-    printf "%s pviommu_rs_sym_%d\n", n, ++i } }' > "$MAP"
-"$OBJCOPY" --redefine-syms="$MAP" "$RAW" "$OUT/rust_engine.o"
-echo "build-engine-arm64: renamed $(wc -l < "$MAP") long symbols"
+engine_short_symbols build-engine-arm64 "$NM" "$OBJCOPY" "$READELF" "$RAW" "$OUT/rust_engine.o" "$MAP"
 
 # No FP/SIMD: no v/q/d/s/h/b register operand, no FP/SIMD system register,
 # no fp/simd instruction. Xen's arm64 C has none (-mgeneral-regs-only) and

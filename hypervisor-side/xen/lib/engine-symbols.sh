@@ -1,0 +1,57 @@
+# shellcheck shell=bash
+# engine-symbols.sh -- the engine object's symbol names as Xen's symbol
+# table can hold them; shared by ../build-engine.sh and
+# ../arm64/build-engine-arm64.sh. Sourced, not run.
+#
+# Xen's symbol table (xen/tools/symbols.c) names a local symbol
+# "<file>#<name>", <file> being the STT_FILE symbol before it, and stores
+# a name's length in one byte. At run time symbols_lookup() and
+# symbols_lookup_by_name() expand a name into a buffer of KSYM_NAME_LEN + 1
+# (128) bytes on the stack *without a bound*: a longer name overflows it
+# whenever Xen symbolises an engine address (a stack trace after a crash or
+# a WARN, the 'd' debug key, livepatch, the debug build's self-test of
+# symbols at boot, which is how the overflow was found on 2026-12-02). Rust's
+# names are long (v0 mangling, generic instances) and so are its file
+# symbols (`pviommu_xen.78d0cfc59d272dd4-cgu.0`): 22 engine names expanded
+# past 127 bytes before.
+
+# Longest expanded name Xen can take (KSYM_NAME_LEN).
+ENGINE_SYM_MAX=127
+# Each file symbol becomes rust_engine_N (the prefix of its local names).
+ENGINE_SYM_FILE=rust_engine
+# Names longer than this are renamed pviommu_rs_sym_N (with a prefix such
+# as "rust_engine_12#" a local name then expands to at most 115 bytes).
+# (PVIOMMU_ENGINE_SYM_RENAME: only for the canary in scripts/test-all.sh,
+# which must see the check below refuse a build that renames too little.)
+ENGINE_SYM_RENAME="${PVIOMMU_ENGINE_SYM_RENAME:-100}"
+
+# engine_short_symbols NAME NM OBJCOPY READELF RAW OUT MAP: OUT is RAW with
+# its file symbols renamed ENGINE_SYM_FILE_N and every name longer than
+# ENGINE_SYM_RENAME renamed as MAP lists ("long short" per line); fails the
+# caller (NAME, for its messages) if any name of OUT would still expand past
+# ENGINE_SYM_MAX in Xen's table.
+engine_short_symbols() {
+    local name="$1" nm="$2" objcopy="$3" readelf="$4" raw="$5" out="$6" map="$7"
+    {
+        "$readelf" -sW "$raw" | awk -v f="$ENGINE_SYM_FILE" \
+            '$4 == "FILE" && NF >= 8 && !($8 in seen) { seen[$8] = 1; printf "%s %s_%d\n", $8, f, ++i }'
+        "$nm" "$raw" | awk -v max="$ENGINE_SYM_RENAME" \
+            '{ n = $NF; if (length(n) > max && !(n in seen)) { seen[n] = 1;
+                   printf "%s pviommu_rs_sym_%d\n", n, ++i } }'
+    } > "$map"
+    "$objcopy" --redefine-syms="$map" "$raw" "$out"
+    # Each name as Xen's table will hold it: "<file>#<name>" for a local
+    # symbol, "<name>" otherwise (section symbols are not in the table).
+    local long
+    long=$("$readelf" -sW "$out" | awk -v max="$ENGINE_SYM_MAX" '
+        $4 == "FILE" { f = (NF >= 8) ? $8 : ""; next }
+        $1 !~ /^[0-9]+:$/ || $4 == "SECTION" || NF < 8 { next }
+        { n = $8; len = length(n); if ($5 == "LOCAL" && f != "") len += length(f) + 1
+          if (len > max) print len, n }')
+    if [ -n "$long" ]; then
+        echo "$long" | head -5 >&2
+        echo "$name: FAIL: $(echo "$long" | wc -l) symbol names expand past $ENGINE_SYM_MAX bytes in Xen's symbol table" >&2
+        return 1
+    fi
+    echo "$name: renamed $(wc -l < "$map") file and long symbols; every name within $ENGINE_SYM_MAX bytes in Xen's symbol table"
+}
