@@ -8,7 +8,8 @@
 #   PVIOMMU_BUILD_DIR     build directory (default <repo>/build)
 #   PVIOMMU_ENGINE_CRATE  engine crate (default hypervisor-side/xen/engine-staticlib)
 #   PVIOMMU_ENGINE_OBJ    use this prebuilt rust_engine.o instead of building one
-#   PVIOMMU_XEN_DEBUG=1   a debug Xen (CONFIG_DEBUG, CONFIG_DEBUG_LOCKS): its
+#   PVIOMMU_XEN_DEBUG=1   a debug Xen (CONFIG_DEBUG, DEBUG_LOCKS, SCRUB_DEBUG,
+#                         XMEM_POOL_POISON, VERBOSE_DEBUG, FRAME_POINTER): its
 #                         ASSERTs, the glue's lock-order checks among them, run
 #   JOBS                  make -j (default 2)
 # Prints the path of the multiboot image (xen) at the end.
@@ -69,15 +70,28 @@ want_debug=n
 [ "${PVIOMMU_XEN_DEBUG:-0}" = 1 ] && want_debug=y
 have_debug=n
 grep -q '^CONFIG_DEBUG=y' "$WORK/xen/.config" && have_debug=y
+# With EXPERT on, the options that follow DEBUG by default keep whatever a
+# release build wrote for them, so they are switched with it: SCRUB_DEBUG
+# (freed pages poisoned, the poison checked when they come back: a write
+# into a freed table frame shows), XMEM_POOL_POISON, VERBOSE_DEBUG,
+# FRAME_POINTER.
+DEBUG_OPTS="DEBUG DEBUG_LOCKS SCRUB_DEBUG XMEM_POOL_POISON VERBOSE_DEBUG FRAME_POINTER"
 if [ "$want_debug" != "$have_debug" ]; then
-    sed -i '/^CONFIG_DEBUG=/d; /^# CONFIG_DEBUG is not set$/d;
-            /^CONFIG_DEBUG_LOCKS=/d; /^# CONFIG_DEBUG_LOCKS is not set$/d' "$WORK/xen/.config"
-    if [ "$want_debug" = y ]; then
-        printf 'CONFIG_DEBUG=y\nCONFIG_DEBUG_LOCKS=y\n' >> "$WORK/xen/.config"
-    else
-        echo '# CONFIG_DEBUG is not set' >> "$WORK/xen/.config"
-    fi
+    for o in $DEBUG_OPTS; do
+        sed -i "/^CONFIG_$o=/d; /^# CONFIG_$o is not set\$/d" "$WORK/xen/.config"
+        if [ "$want_debug" = y ]; then
+            echo "CONFIG_$o=y" >> "$WORK/xen/.config"
+        else
+            echo "# CONFIG_$o is not set" >> "$WORK/xen/.config"
+        fi
+    done
     make -C "$WORK/xen" olddefconfig > /dev/null
+fi
+if [ "$want_debug" = y ]; then
+    for o in $DEBUG_OPTS; do
+        grep -q "^CONFIG_$o=y" "$WORK/xen/.config" ||
+            { echo "build-xen: FAIL: CONFIG_$o not set in the debug build" >&2; exit 1; }
+    done
 fi
 echo "build-xen: CONFIG_DEBUG=$want_debug"
 if ! make -C "$WORK/xen" -j"$JOBS" > "$BUILD/xen-build.log" 2>&1; then
