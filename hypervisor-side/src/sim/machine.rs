@@ -135,7 +135,12 @@ pub struct Ram {
     /// the IOMMU may still hold them in its paging-structure caches, so
     /// freeing one (and reusing it) before the flush lets a device walk a
     /// frame that is no longer a table.
-    unlinked_tables: std::collections::BTreeSet<u64>,
+    /// Each such frame with the root frame of the tree it hung in: only a
+    /// flush of that context forgets it.
+    unlinked_tables: BTreeMap<u64, u64>,
+    /// The table each linked table frame hangs from (child -> parent), to
+    /// find the tree an unlinked one hung in.
+    table_parent: BTreeMap<u64, u64>,
     /// Tables freed, or made tables again, while still possibly cached
     /// (see `unlinked_tables`).
     pub(super) tables_freed_before_flush: u64,
@@ -175,6 +180,7 @@ impl Ram {
             free: (0..frames).map(Mfn).collect(),
             table_allocs_left: None,
             unlinked_tables: Default::default(),
+            table_parent: Default::default(),
             tables_freed_before_flush: 0,
             cache_flushes: 0,
             non_coherent_tables: true,
@@ -270,14 +276,16 @@ impl TableMemory for Ram {
         }
         let t = self.alloc(Owner::Xen)?;
         self.tables_allocated += 1;
+        self.table_parent.remove(&t.0);
         // Zeroed and written back whole (Xen: clear_page, iommu_sync_cache).
         self.sync_lines(t, u64::MAX);
         Ok(t)
     }
     fn free_table(&mut self, table: Mfn) {
-        if self.unlinked_tables.remove(&table.0) {
+        if self.unlinked_tables.remove(&table.0).is_some() {
             self.tables_freed_before_flush += 1;
         }
+        self.table_parent.remove(&table.0);
         // Its lines need no writing back: no IOMMU walks it any more (freed
         // after the flush), and a table made of it again is zeroed and
         // written back whole.
@@ -290,7 +298,7 @@ impl TableMemory for Ram {
     fn reuse_table(&mut self, table: Mfn) {
         // Made a table again while the IOMMU may still cache it where it
         // hung: as wrong as freeing it then.
-        if self.unlinked_tables.contains(&table.0) {
+        if self.unlinked_tables.contains_key(&table.0) {
             self.tables_freed_before_flush += 1;
         }
     }
@@ -365,20 +373,48 @@ impl TableMemory for WriteThrough<'_> {
 }
 
 impl Ram {
-    /// An entry that pointed at a table frame (VT-d/LPAE: address bits
-    /// 47:12 of a present entry; leaves point at domain frames) and is
-    /// about to stop: that table is unlinked until the next flush.
+    /// The table frame a present entry points at, if it points at one
+    /// (VT-d/LPAE: address bits 47:12; leaves point at domain frames).
+    fn table_target(&self, raw: u64) -> Option<u64> {
+        let target = (raw & 0x0000_FFFF_FFFF_F000) >> 12;
+        let present = raw & 1 != 0 || raw & 2 != 0;
+        let is_table = self
+            .info
+            .get(target as usize)
+            .is_some_and(|f| f.owner == Owner::Xen);
+        (present && is_table).then_some(target)
+    }
+    /// Entry `index` of `table` is about to become `raw`. An entry that
+    /// pointed at a table frame and stops: that table is unlinked until
+    /// the next flush of the tree it hung in. An entry that starts to: the
+    /// frame hangs from `table`.
     fn note_unlink(&mut self, table: Mfn, index: usize, raw: u64) {
-        let old = self.read_u64(table, index * 8);
-        if old & 1 != 0 || old & 2 != 0 {
-            let target = (old & 0x0000_FFFF_FFFF_F000) >> 12;
-            let was_table = self
-                .info
-                .get(target as usize)
-                .is_some_and(|f| f.owner == Owner::Xen);
-            if was_table && (raw & 0x0000_FFFF_FFFF_F000) >> 12 != target {
-                self.unlinked_tables.insert(target);
+        let old = self.table_target(self.read_u64(table, index * 8));
+        let new = self.table_target(raw);
+        if let Some(child) = old.filter(|c| Some(*c) != new) {
+            self.table_parent.remove(&child);
+            let root = self.tree_root(table.0);
+            self.unlinked_tables.insert(child, root);
+        }
+        if let Some(child) = new.filter(|c| Some(*c) != old) {
+            self.table_parent.insert(child, table.0);
+        }
+    }
+    /// The root frame of the tree `table` hangs in (at most 4 levels up).
+    fn tree_root(&self, mut table: u64) -> u64 {
+        for _ in 0..4 {
+            match self.table_parent.get(&table) {
+                Some(p) => table = *p,
+                None => break,
             }
+        }
+        table
+    }
+    /// A flush of the context whose tree is rooted at `root` came: the
+    /// IOMMU caches none of its unlinked tables any more.
+    fn forget_unlinked_under(&mut self, root: Option<Mfn>) {
+        if let Some(root) = root {
+            self.unlinked_tables.retain(|_, r| *r != root.0);
         }
     }
     /// Store an entry in the CPU's view of a table frame.
@@ -1559,9 +1595,10 @@ impl IommuBackend for SimMachine {
                 .invalidate(owner, r.context, r.first.0 & !0x1ff, r.last.0 | 0x1ff);
             self.flushes += 1;
         }
-        // Simplification: a flush empties the IOMMU's paging-structure
-        // caches of every context, not just the flushed one.
-        self.ram.unlinked_tables.clear();
+        // It empties the paging-structure caches of the flushed context
+        // only (another context's unlinked tables wait for their own).
+        let root = self.context_root(owner, ContextId::DEFAULT);
+        self.ram.forget_unlinked_under(root);
         if let Some(c) = self.contexts.get_mut(&(owner, ContextId::DEFAULT)) {
             match c {
                 Context::Vtd(t) => t.release_freed(&mut WriteThrough(&mut self.ram)),
@@ -1605,6 +1642,7 @@ impl IommuBackend for SimMachine {
         }
         if let Some(h) = self.hw_contexts.remove(&hw.0) {
             self.iotlb.invalidate_context(h.owner, h.ctx);
+            self.ram.forget_unlinked_under(Some(h.root));
         }
         Ok(())
     }
@@ -1625,7 +1663,9 @@ impl IommuBackend for SimMachine {
         if self.speculative_refill {
             self.refill_after_invalidation(h, first, last);
         }
-        self.ram.unlinked_tables.clear();
+        // This context's paging-structure caches only: another context's
+        // unlinked tables wait for their own flush.
+        self.ram.forget_unlinked_under(Some(h.root));
         self.flushes += 1;
         Ok(())
     }
