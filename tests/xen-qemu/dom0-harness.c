@@ -56,6 +56,7 @@
 #include <xenforeignmemory.h>
 #include <xengnttab.h>
 #include <xen/grant_table.h>
+#include <xen/platform.h>
 #include <xenstore.h>
 #include "pviommu.h"
 
@@ -1614,6 +1615,58 @@ static int cmd_xs_wait(const char *path, unsigned int seconds)
     return 1;
 }
 
+/*
+ * Every name in Xen's symbol table as dom0 reads them (XENPF_get_symbol,
+ * what Linux's /proc/xen/xensyms does). Xen expands each name into a buffer
+ * of KSYM_NAME_LEN + 1 (128) bytes without a bound, here and in every stack
+ * trace it prints (%pS), so no name may be longer than 127 bytes; the
+ * engine's long Rust names were (lib/engine-symbols.sh). Prints
+ * "symbols=N longest=L pviommu=P name=<the longest>".
+ */
+static int cmd_xen_symbols(void)
+{
+    struct xen_platform_op *op = locked_buf(PAGE);
+    char *name = locked_buf(PAGE);
+    char longest_name[PAGE];
+    unsigned int n = 0, longest = 0, ours = 0;
+    uint32_t symnum = 0;
+
+    longest_name[0] = '\0';
+    if ( pfd < 0 && (pfd = open("/dev/xen/privcmd", O_RDWR)) < 0 ) die("open privcmd");
+    for ( ;; )
+    {
+        privcmd_hypercall_t h = { __HYPERVISOR_platform_op, { (uint64_t)(uintptr_t)op } };
+        uint32_t len;
+
+        memset(op, 0, sizeof(*op));
+        memset(name, 0, PAGE);
+        op->cmd = XENPF_get_symbol;
+        op->interface_version = XENPF_INTERFACE_VERSION;
+        op->u.symdata.namelen = PAGE - 1;
+        op->u.symdata.symnum = symnum;
+        set_xen_guest_handle_raw(op->u.symdata.name, name);
+        if ( ioctl(pfd, IOCTL_PRIVCMD_HYPERCALL, &h) < 0 )
+        {
+            printf("error=%d symbols=%u\n", -errno, n);
+            return 1;
+        }
+        if ( !name[0] || op->u.symdata.symnum == symnum || n > 1000000 )
+            break;
+        symnum = op->u.symdata.symnum;
+        n++;
+        len = strlen(name);
+        if ( strstr(name, "pviommu") || strstr(name, "rust_engine") )
+            ours++;
+        if ( len > longest )
+        {
+            longest = len;
+            snprintf(longest_name, sizeof(longest_name), "%s", name);
+        }
+    }
+    printf("symbols=%u longest=%u pviommu=%u name=%s\n", n, longest, ours, longest_name);
+    return 0;
+}
+
 static int cmd_caps(void)
 {
     struct pv_iommu_caps c;
@@ -1796,6 +1849,7 @@ int main(int argc, char **argv)
     if ( !strcmp(c, "drain-revoked") ) return cmd_drain_revoked();
     open_xc();
     if ( !strcmp(c, "caps") ) return cmd_caps();
+    if ( !strcmp(c, "xen-symbols") ) return cmd_xen_symbols();
     if ( !strcmp(c, "mkdom") && argc >= 3 ) return cmd_mkdom(strtoul(argv[2], NULL, 0), 0);
     if ( !strcmp(c, "mkhvm") && argc >= 3 ) return cmd_mkdom(strtoul(argv[2], NULL, 0), 1);
     if ( !strcmp(c, "settarget") && argc >= 4 ) return cmd_settarget(strtoul(argv[2], NULL, 0), strtoul(argv[3], NULL, 0));
