@@ -68,15 +68,19 @@ fi
 # Debug or release, as asked (a build dir switches back and forth cleanly).
 want_debug=n
 [ "${PVIOMMU_XEN_DEBUG:-0}" = 1 ] && want_debug=y
-have_debug=n
-grep -q '^CONFIG_DEBUG=y' "$WORK/xen/.config" && have_debug=y
 # With EXPERT on, the options that follow DEBUG by default keep whatever a
 # release build wrote for them, so they are switched with it: SCRUB_DEBUG
 # (freed pages poisoned, the poison checked when they come back: a write
 # into a freed table frame shows), XMEM_POOL_POISON, VERBOSE_DEBUG,
 # FRAME_POINTER.
 DEBUG_OPTS="DEBUG DEBUG_LOCKS SCRUB_DEBUG XMEM_POOL_POISON VERBOSE_DEBUG FRAME_POINTER"
-if [ "$want_debug" != "$have_debug" ]; then
+switch=n
+for o in $DEBUG_OPTS; do
+    have=n
+    grep -q "^CONFIG_$o=y" "$WORK/xen/.config" && have=y
+    [ "$have" = "$want_debug" ] || switch=y
+done
+if [ "$switch" = y ]; then
     for o in $DEBUG_OPTS; do
         sed -i "/^CONFIG_$o=/d; /^# CONFIG_$o is not set\$/d" "$WORK/xen/.config"
         if [ "$want_debug" = y ]; then
@@ -103,6 +107,7 @@ grep -iE 'warning' "$BUILD/xen-build.log" || echo "build-xen: no warnings"
 t3=$(date +%s)
 nm "$WORK/xen/xen-syms" > "$BUILD/xen-syms.nm"
 syms_present build-xen "$BUILD/xen-syms.nm" do_pv_iommu_op pviommu_engine_op
+symbol_names_fit build-xen "$WORK/xen"
 cp "$WORK/xen/xen" "$BUILD/xen"
 cp "$WORK/xen/xen-syms" "$BUILD/xen-syms"
 echo "build-xen: engine $((t2-t1)) s, hypervisor $((t3-t2)) s, total $((t3-t0)) s"

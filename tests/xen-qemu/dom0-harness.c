@@ -1621,14 +1621,15 @@ static int cmd_xs_wait(const char *path, unsigned int seconds)
  * of KSYM_NAME_LEN + 1 (128) bytes without a bound, here and in every stack
  * trace it prints (%pS), so no name may be longer than 127 bytes; the
  * engine's long Rust names were (lib/engine-symbols.sh). Prints
- * "symbols=N longest=L pviommu=P name=<the longest>".
+ * "symbols=N longest=L pviommu=P engine=E name=<the longest>" (E: the
+ * engine's local names, rust_engine_<hash>#...).
  */
 static int cmd_xen_symbols(void)
 {
     struct xen_platform_op *op = locked_buf(PAGE);
     char *name = locked_buf(PAGE);
     char longest_name[PAGE];
-    unsigned int n = 0, longest = 0, ours = 0;
+    unsigned int n = 0, longest = 0, ours = 0, engine = 0;
     uint32_t symnum = 0;
 
     longest_name[0] = '\0';
@@ -1657,13 +1658,17 @@ static int cmd_xen_symbols(void)
         len = strlen(name);
         if ( strstr(name, "pviommu") || strstr(name, "rust_engine") )
             ours++;
+        /* The engine's local names (their file symbol renamed). */
+        if ( !strncmp(name, "rust_engine_", 12) )
+            engine++;
         if ( len > longest )
         {
             longest = len;
             snprintf(longest_name, sizeof(longest_name), "%s", name);
         }
     }
-    printf("symbols=%u longest=%u pviommu=%u name=%s\n", n, longest, ours, longest_name);
+    printf("symbols=%u longest=%u pviommu=%u engine=%u name=%s\n",
+           n, longest, ours, engine, longest_name);
     return 0;
 }
 

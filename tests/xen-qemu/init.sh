@@ -29,8 +29,8 @@ run $H hc regions >/dev/null
 # Xen's symbol table, as dom0 reads it (XENPF_get_symbol): Xen expands every
 # name into a 128-byte buffer without a bound (here and in each stack trace
 # it prints), so none may pass 127 bytes; the engine's long Rust names did.
-o=$(run $H xen-symbols); L=$(field "$o" longest); P=$(field "$o" pviommu)
-if [ -n "$L" ] && [ "$L" -le 127 ] && [ "${P:-0}" -gt 0 ]; then ok xen_symbol_names_fit; else ko xen_symbol_names_fit "$o"; fi
+o=$(run $H xen-symbols); L=$(field "$o" longest); E=$(field "$o" engine)
+if [ -n "$L" ] && [ "$L" -le 127 ] && [ "${E:-0}" -gt 0 ]; then ok xen_symbol_names_fit; else ko xen_symbol_names_fit "$o"; fi
 
 # 2) map + DMA read/write
 mk=$(run $H mkdom 4)

@@ -92,7 +92,8 @@ t3=$(date +%s)
 aarch64-linux-gnu-nm "$TREE/xen/xen-syms" > "$LOG/xen-syms.nm"
 syms_present build-xen-arm64-4.17 "$LOG/xen-syms.nm" \
     do_pv_iommu_op pviommu_engine_op pviommu_engine_init pvx_dump_dom0_p2m
-echo "build-xen-arm64-4.17: xen-syms has do_pv_iommu_op, the engine ($(grep -c ' pviommu_rs_sym_\| pviommu_engine_' "$LOG/xen-syms.nm") engine symbols) and the debug key"
+symbol_names_fit build-xen-arm64-4.17 "$TREE/xen"
+echo "build-xen-arm64-4.17: xen-syms has do_pv_iommu_op, the engine ($(grep -c ' pviommu_rs_\| pviommu_engine_' "$LOG/xen-syms.nm") engine symbols) and the debug key"
 echo "build-xen-arm64-4.17: fetch $((t1 - t0)) s, engine $((t2 - t1)) s, hypervisor $((t3 - t2)) s (make -j$JOBS, nice 19)"
 # (file(1) may be missing on a clean CI machine)
 if command -v file > /dev/null; then file "$TREE/xen/xen" | sed 's/^/build-xen-arm64-4.17: /'; fi

@@ -125,7 +125,8 @@ end=$(date +%s)
 if [ "$PVI" = 1 ]; then
     aarch64-linux-gnu-nm "$TREE/xen/xen-syms" > "$LOG/xen-syms-pviommu.nm"
     syms_present build-xen-arm64 "$LOG/xen-syms-pviommu.nm" do_pv_iommu_op pviommu_engine_op pviommu_engine_init
-    echo "build-xen-arm64: xen-syms has do_pv_iommu_op and the engine ($(grep -c ' pviommu_rs_sym_\| pviommu_engine_' "$LOG/xen-syms-pviommu.nm") engine symbols)"
+    symbol_names_fit build-xen-arm64 "$TREE/xen"
+    echo "build-xen-arm64: xen-syms has do_pv_iommu_op and the engine ($(grep -c ' pviommu_rs_\| pviommu_engine_' "$LOG/xen-syms-pviommu.nm") engine symbols)"
     if grep -qiE 'warning:|orphan' "$LOG/xen-arm64-build.log"; then grep -iE 'warning:|orphan' "$LOG/xen-arm64-build.log" | head -5
     else echo "build-xen-arm64: no compiler/linker warnings"; fi
 fi

@@ -74,3 +74,24 @@ syms_present() {
         grep -q " $s\$" "$nm_file" || { echo "$name: FAIL: $s not in xen-syms" >&2; return 1; }
     done
 }
+
+# symbol_names_fit NAME XEN_DIR: every name of Xen's symbol table (the maps
+# its build writes from tools/symbols --all-symbols --xensyms: each name as
+# Xen expands it) within KSYM_NAME_LEN, 127 bytes. Xen expands a name into
+# a 128-byte buffer without a bound (symbols_lookup, %pS, XENPF_get_symbol):
+# the engine's names are kept short (engine-symbols.sh), and this catches
+# whatever reached the table another way (a prebuilt engine object, a
+# section of the engine's the link made an output section, the C glue).
+symbol_names_fit() {
+    local name="$1" dir="$2" m found=0
+    for m in "$dir/xen-syms.map" "$dir/xen.efi.map"; do
+        [ -f "$m" ] || continue
+        found=1
+        if ! LC_ALL=C awk 'length($3) > 127 { print length($3), $3; bad = 1 } END { exit bad }' "$m" >&2; then
+            echo "$name: FAIL: names longer than 127 bytes in Xen's symbol table ($m)" >&2
+            return 1
+        fi
+    done
+    [ "$found" = 1 ] || { echo "$name: FAIL: no symbol map in $dir" >&2; return 1; }
+    echo "$name: every name in Xen's symbol table within 127 bytes"
+}

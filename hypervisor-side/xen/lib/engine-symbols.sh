@@ -17,10 +17,13 @@
 
 # Longest expanded name Xen can take (KSYM_NAME_LEN).
 ENGINE_SYM_MAX=127
-# Each file symbol becomes rust_engine_N (the prefix of its local names).
+# Each file symbol becomes rust_engine_<8 hex> (the prefix of its local
+# names), and each long name pviommu_rs_<16 hex>: hashes of the original
+# name, so a short name means the same function in every build (crash
+# triage, livepatch tools); long-syms.map lists them all.
 ENGINE_SYM_FILE=rust_engine
-# Names longer than this are renamed pviommu_rs_sym_N (with a prefix such
-# as "rust_engine_12#" a local name then expands to at most 115 bytes).
+# Names longer than this are renamed (with a prefix such as
+# "rust_engine_0123abcd#" a local name then expands to at most 121 bytes).
 # (PVIOMMU_ENGINE_SYM_RENAME: only for the canary in scripts/test-all.sh,
 # which must see the check below refuse a build that renames too little.)
 ENGINE_SYM_RENAME="${PVIOMMU_ENGINE_SYM_RENAME:-100}"
@@ -32,18 +35,28 @@ ENGINE_SYM_RENAME="${PVIOMMU_ENGINE_SYM_RENAME:-100}"
 # ENGINE_SYM_MAX in Xen's table.
 engine_short_symbols() {
     local name="$1" nm="$2" objcopy="$3" readelf="$4" raw="$5" out="$6" map="$7"
+    local n h
     {
-        "$readelf" -sW "$raw" | awk -v f="$ENGINE_SYM_FILE" \
-            '$4 == "FILE" && NF >= 8 && !($8 in seen) { seen[$8] = 1; printf "%s %s_%d\n", $8, f, ++i }'
-        "$nm" "$raw" | awk -v max="$ENGINE_SYM_RENAME" \
-            '{ n = $NF; if (length(n) > max && !(n in seen)) { seen[n] = 1;
-                   printf "%s pviommu_rs_sym_%d\n", n, ++i } }'
+        "$readelf" -sW "$raw" | awk '$4 == "FILE" && NF >= 8 { print $8 }' | sort -u |
+            while read -r n; do
+                h=$(printf '%s' "$n" | sha256sum | cut -c1-8)
+                echo "$n ${ENGINE_SYM_FILE}_$h"
+            done
+        "$nm" "$raw" | LC_ALL=C awk -v max="$ENGINE_SYM_RENAME" '{ n = $NF; if (length(n) > max) print n }' |
+            sort -u | while read -r n; do
+                h=$(printf '%s' "$n" | sha256sum | cut -c1-16)
+                echo "$n pviommu_rs_$h"
+            done
     } > "$map"
+    if [ "$(cut -d' ' -f2 "$map" | sort | uniq -d | head -1)" != "" ]; then
+        echo "$name: FAIL: two symbols hash to one short name" >&2
+        return 1
+    fi
     "$objcopy" --redefine-syms="$map" "$raw" "$out"
     # Each name as Xen's table will hold it: "<file>#<name>" for a local
     # symbol, "<name>" otherwise (section symbols are not in the table).
     local long
-    long=$("$readelf" -sW "$out" | awk -v max="$ENGINE_SYM_MAX" '
+    long=$("$readelf" -sW "$out" | LC_ALL=C awk -v max="$ENGINE_SYM_MAX" '
         $4 == "FILE" { f = (NF >= 8) ? $8 : ""; next }
         $1 !~ /^[0-9]+:$/ || $4 == "SECTION" || NF < 8 { next }
         { n = $8; len = length(n); if ($5 == "LOCAL" && f != "") len += length(f) + 1
