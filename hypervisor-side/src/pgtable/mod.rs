@@ -416,22 +416,20 @@ impl<F: PageTableFormat> IoPageTable<F> {
     /// once the IOMMU can no longer hold them in its caches.
     pub fn release_freed(&mut self, mem: &mut impl TableMemory) {
         while let Some(t) = self.freed {
-            let next = chain_next(mem.read_entry(t, 0));
-            let kept = self.options.recycle
-                && self
-                    .recycled
-                    .get_mut(self.recycled_len)
-                    .map(|at| *at = t)
-                    .is_some();
-            if kept {
+            self.freed = chain_next(mem.read_entry(t, 0));
+            let room = self
+                .recycled
+                .get_mut(self.recycled_len)
+                .filter(|_| self.options.recycle);
+            match room {
                 // Entry 0 keeps its (not present) link until the frame is
                 // a table again.
-                self.recycled_len += 1;
-            } else {
-                mem.write_entry(t, 0, 0);
-                mem.free_table(t);
+                Some(at) => {
+                    *at = t;
+                    self.recycled_len += 1;
+                }
+                None => give_back(mem, t),
             }
-            self.freed = next;
         }
     }
 
@@ -572,8 +570,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
             mem.free_table(t);
         }
         while let Some(t) = self.take_recycled() {
-            mem.write_entry(t, 0, 0);
-            mem.free_table(t);
+            give_back(mem, t);
         }
         self.options.recycle = false;
         self.release_freed(mem);
@@ -638,6 +635,13 @@ fn pop_frame(mem: &mut impl TableMemory, head: &mut Option<Mfn>) -> Option<Mfn> 
     *head = chain_next(mem.read_entry(t, 0));
     mem.write_entry(t, 0, 0);
     Some(t)
+}
+
+/// Give back a frame taken off a list: its link in entry 0 cleared first
+/// (the rest of it is clear already).
+fn give_back(mem: &mut impl TableMemory, t: Mfn) {
+    mem.write_entry(t, 0, 0);
+    mem.free_table(t);
 }
 
 /// Entry 0 of a list frame: the link to `next`, not present in any format.

@@ -425,6 +425,16 @@ impl Ram {
     }
 }
 
+/// Where a device's DMA goes (see `SimMachine::dma_route`).
+#[derive(Clone, Copy)]
+enum DmaRoute {
+    /// Through this context's tables: (owner, context, root).
+    Context(DomId, ContextId, Option<Mfn>),
+    /// Behind an IOMMU unit that translates nothing: to the machine
+    /// address itself.
+    Untranslated,
+}
+
 /// The simulated host.
 pub struct SimMachine {
     ram: Ram,
@@ -976,13 +986,24 @@ impl SimMachine {
         self.devices_unlock();
     }
 
-    /// The context a device's DMA is translated by now: (owner, context,
-    /// root), as its context entry says; no root (every DMA faults) for a
-    /// device that does not exist, whose entry is cleared, or names a tag
-    /// that is gone.
-    fn device_context(&self, device: Sbdf) -> (DomId, ContextId, Option<Mfn>) {
-        self.device_route(device)
-            .unwrap_or((DomId(u16::MAX), ContextId::DEFAULT, None))
+    /// Where a device's DMA goes now: through the context its context
+    /// entry names (owner, context, root); with no root (every DMA faults)
+    /// for a device that does not exist, whose entry is cleared, or names a
+    /// tag that is gone; straight to the machine address behind a unit
+    /// that translates nothing (Xen left it off: `iommu=no-igfx`, firmware
+    /// quirks), whatever its context entry says.
+    fn dma_route(&self, device: Sbdf) -> DmaRoute {
+        if self
+            .devices
+            .get(&device)
+            .is_some_and(|d| !d.facts.translated)
+        {
+            return DmaRoute::Untranslated;
+        }
+        let (owner, ctx, root) =
+            self.device_route(device)
+                .unwrap_or((DomId(u16::MAX), ContextId::DEFAULT, None));
+        DmaRoute::Context(owner, ctx, root)
     }
 
     fn device_route(&self, device: Sbdf) -> Option<(DomId, ContextId, Option<Mfn>)> {
@@ -1011,22 +1032,8 @@ impl SimMachine {
         addr: u64,
         len: usize,
     ) -> Result<Vec<u8>, DmaFault> {
-        if self.untranslated(device) {
-            // Its unit translates nothing: the bus address is the machine
-            // address (a frame that is not RAM reads as zeros).
-            let mut out = Vec::with_capacity(len);
-            let mut a = addr;
-            while out.len() < len {
-                let off = (a & 0xfff) as usize;
-                let n = (4096 - off).min(len - out.len());
-                let frame = self.ram.frame(Mfn(a >> 12)).copied().unwrap_or([0; 4096]);
-                out.extend_from_slice(&frame[off..off + n]);
-                a += n as u64;
-            }
-            return Ok(out);
-        }
-        let (owner, ctx, root) = self.device_context(device);
-        self.dma_read_via(owner, ctx, root, addr, len)
+        let route = self.dma_route(device);
+        self.dma_read_via(route, addr, len)
     }
 
     /// `device` writes `data` at bus address `addr`.
@@ -1036,32 +1043,8 @@ impl SimMachine {
         addr: u64,
         data: &[u8],
     ) -> Result<(), DmaFault> {
-        if self.untranslated(device) {
-            // Straight to the machine address, whoever's frame it is.
-            let mut done = 0;
-            let mut a = addr;
-            while done < data.len() {
-                let off = (a & 0xfff) as usize;
-                let n = (4096 - off).min(data.len() - done);
-                if let Some(f) = self.ram.frame_mut(Mfn(a >> 12)) {
-                    f[off..off + n].copy_from_slice(&data[done..done + n]);
-                }
-                done += n;
-                a += n as u64;
-            }
-            return Ok(());
-        }
-        let (owner, ctx, root) = self.device_context(device);
-        self.dma_write_via(owner, ctx, root, addr, data)
-    }
-
-    /// The device sits behind an IOMMU unit that translates nothing (Xen
-    /// left it off: `iommu=no-igfx`, firmware quirks): whatever its
-    /// context entry says, its DMA goes to the machine address it is given.
-    fn untranslated(&self, device: Sbdf) -> bool {
-        self.devices
-            .get(&device)
-            .is_some_and(|d| !d.facts.translated)
+        let route = self.dma_route(device);
+        self.dma_write_via(route, addr, data)
     }
 
     /// The raw bytes of a machine frame, if allocated.
@@ -1167,21 +1150,20 @@ impl SimMachine {
         len: usize,
     ) -> Result<Vec<u8>, DmaFault> {
         let root = self.context_root(owner, ctx);
-        self.dma_read_via(owner, ctx, root, addr, len)
+        self.dma_read_via(DmaRoute::Context(owner, ctx, root), addr, len)
     }
 
+    /// (A frame that is not RAM reads as zeros.)
     fn dma_read_via(
         &mut self,
-        owner: DomId,
-        ctx: ContextId,
-        root: Option<Mfn>,
+        route: DmaRoute,
         addr: u64,
         len: usize,
     ) -> Result<Vec<u8>, DmaFault> {
         let mut out = Vec::with_capacity(len);
         let mut a = addr;
         while out.len() < len {
-            let mfn = self.dma_translate(owner, ctx, root, a, false)?;
+            let mfn = self.dma_translate(route, a, false)?;
             let off = (a & 0xfff) as usize;
             let n = (4096 - off).min(len - out.len());
             let frame = self.ram.frame(mfn).copied().unwrap_or([0; 4096]);
@@ -1200,21 +1182,15 @@ impl SimMachine {
         data: &[u8],
     ) -> Result<(), DmaFault> {
         let root = self.context_root(owner, ctx);
-        self.dma_write_via(owner, ctx, root, addr, data)
+        self.dma_write_via(DmaRoute::Context(owner, ctx, root), addr, data)
     }
 
-    fn dma_write_via(
-        &mut self,
-        owner: DomId,
-        ctx: ContextId,
-        root: Option<Mfn>,
-        addr: u64,
-        data: &[u8],
-    ) -> Result<(), DmaFault> {
+    /// (A write to a frame that is not RAM goes nowhere.)
+    fn dma_write_via(&mut self, route: DmaRoute, addr: u64, data: &[u8]) -> Result<(), DmaFault> {
         let mut done = 0;
         let mut a = addr;
         while done < data.len() {
-            let mfn = self.dma_translate(owner, ctx, root, a, true)?;
+            let mfn = self.dma_translate(route, a, true)?;
             let off = (a & 0xfff) as usize;
             let n = (4096 - off).min(data.len() - done);
             if let Some(f) = self.ram.frame_mut(mfn) {
@@ -1226,14 +1202,11 @@ impl SimMachine {
         Ok(())
     }
 
-    fn dma_translate(
-        &mut self,
-        owner: DomId,
-        ctx: ContextId,
-        root: Option<Mfn>,
-        addr: u64,
-        write: bool,
-    ) -> Result<Mfn, DmaFault> {
+    fn dma_translate(&mut self, route: DmaRoute, addr: u64, write: bool) -> Result<Mfn, DmaFault> {
+        let DmaRoute::Context(owner, ctx, root) = route else {
+            // Straight to the machine address, whoever's frame it is.
+            return Ok(Mfn(addr >> 12));
+        };
         let r = hardware::translate(
             &self.ram,
             &mut self.iotlb,

@@ -28,25 +28,27 @@ ENGINE_SYM_FILE=rust_engine
 # which must see the check below refuse a build that renames too little.)
 ENGINE_SYM_RENAME="${PVIOMMU_ENGINE_SYM_RENAME:-100}"
 
+# hashed_names PREFIX DIGITS: each name read, once, as "name PREFIX<hex>",
+# the first DIGITS hex digits of the name's SHA-256.
+hashed_names() {
+    local n
+    sort -u | while read -r n; do
+        echo "$n $1$(printf '%s' "$n" | sha256sum | cut -c1-"$2")"
+    done
+}
+
 # engine_short_symbols NAME NM OBJCOPY READELF RAW OUT MAP: OUT is RAW with
-# its file symbols renamed ENGINE_SYM_FILE_N and every name longer than
-# ENGINE_SYM_RENAME renamed as MAP lists ("long short" per line); fails the
-# caller (NAME, for its messages) if any name of OUT would still expand past
-# ENGINE_SYM_MAX in Xen's table.
+# its file symbols renamed ENGINE_SYM_FILE_<hash> and every name longer than
+# ENGINE_SYM_RENAME renamed pviommu_rs_<hash>, as MAP lists ("long short"
+# per line); fails the caller (NAME, for its messages) if any name of OUT
+# would still expand past ENGINE_SYM_MAX in Xen's table.
 engine_short_symbols() {
     local name="$1" nm="$2" objcopy="$3" readelf="$4" raw="$5" out="$6" map="$7"
-    local n h
     {
-        "$readelf" -sW "$raw" | awk '$4 == "FILE" && NF >= 8 { print $8 }' | sort -u |
-            while read -r n; do
-                h=$(printf '%s' "$n" | sha256sum | cut -c1-8)
-                echo "$n ${ENGINE_SYM_FILE}_$h"
-            done
+        "$readelf" -sW "$raw" | awk '$4 == "FILE" && NF >= 8 { print $8 }' |
+            hashed_names "${ENGINE_SYM_FILE}_" 8
         "$nm" "$raw" | LC_ALL=C awk -v max="$ENGINE_SYM_RENAME" '{ n = $NF; if (length(n) > max) print n }' |
-            sort -u | while read -r n; do
-                h=$(printf '%s' "$n" | sha256sum | cut -c1-16)
-                echo "$n pviommu_rs_$h"
-            done
+            hashed_names pviommu_rs_ 16
     } > "$map"
     if [ "$(cut -d' ' -f2 "$map" | sort | uniq -d | head -1)" != "" ]; then
         echo "$name: FAIL: two symbols hash to one short name" >&2
