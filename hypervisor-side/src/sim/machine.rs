@@ -375,14 +375,17 @@ impl TableMemory for WriteThrough<'_> {
 impl Ram {
     /// The table frame a present entry points at, if it points at one
     /// (VT-d/LPAE: address bits 47:12; leaves point at domain frames).
+    #[inline]
     fn table_target(&self, raw: u64) -> Option<u64> {
+        // An empty entry (most writes clear or fill one) needs no lookup.
+        if raw & 3 == 0 {
+            return None;
+        }
         let target = (raw & 0x0000_FFFF_FFFF_F000) >> 12;
-        let present = raw & 1 != 0 || raw & 2 != 0;
-        let is_table = self
-            .info
+        self.info
             .get(target as usize)
-            .is_some_and(|f| f.owner == Owner::Xen);
-        (present && is_table).then_some(target)
+            .is_some_and(|f| f.owner == Owner::Xen)
+            .then_some(target)
     }
     /// Entry `index` of `table` is about to become `raw`. An entry that
     /// pointed at a table frame and stops: that table is unlinked until
