@@ -38,7 +38,7 @@ hashed_names() {
 }
 
 # engine_short_symbols NAME NM OBJCOPY READELF RAW OUT MAP: OUT is RAW with
-# its file symbols renamed ENGINE_SYM_FILE_<hash> and every name longer than
+# its file symbols renamed rust_engine_<hash> (ENGINE_SYM_FILE) and every name longer than
 # ENGINE_SYM_RENAME renamed pviommu_rs_<hash>, as MAP lists ("long short"
 # per line); fails the caller (NAME, for its messages) if any name of OUT
 # would still expand past ENGINE_SYM_MAX in Xen's table.
