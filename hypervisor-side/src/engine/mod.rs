@@ -1394,11 +1394,16 @@ impl<L: RawMutex> Engine<L> {
                     d.dd.stats.ns_get_page += ns_get_page;
                     // Mark the cell in every target's gate, then re-read
                     // each op's seq (the protocol of `map`). Which ops set
-                    // their target's bit (the first of each target).
+                    // their target's bit (the first of each target). Once
+                    // per run of one target: the bits of this cell change
+                    // only under its lock, which is held, so a later op of
+                    // the target would find the bit set and set nothing.
                     let mut newly = [false; MAP_CHUNK];
+                    let mut marked = None;
                     for ((req, s), newly) in reqs.iter().zip(steps.iter()).zip(newly.iter_mut()) {
-                        if matches!(s, Step::Locked(..)) {
+                        if matches!(s, Step::Locked(..)) && marked != Some(req.domid) {
                             *newly = self.set_gate_bit(d.cell, req.domid, true);
+                            marked = Some(req.domid);
                         }
                     }
                     // Which ops left an entry of their target in the cell

@@ -105,6 +105,24 @@ pub trait TableMemory {
     fn present_count(&self, table: Mfn) -> u16;
     /// Set the present-entry count of `table`.
     fn set_present_count(&mut self, table: Mfn, count: u16);
+    /// [`read_entry`](TableMemory::read_entry) and
+    /// [`present_count`](TableMemory::present_count) of `table` together
+    /// (what every map and unmap asks of its leaf table first), with one
+    /// mapping of the frame where the backend has to map it.
+    #[inline]
+    fn read_entry_and_count(&self, table: Mfn, index: usize) -> (u64, u16) {
+        (self.read_entry(table, index), self.present_count(table))
+    }
+    /// [`write_entry`](TableMemory::write_entry), then
+    /// [`set_present_count`](TableMemory::set_present_count) to `count`:
+    /// the store of every map and unmap with its bookkeeping, which a
+    /// backend that has to map the frame first may do with one mapping
+    /// (Xen's: three mapping look-ups and two bounds checks fewer a store).
+    #[inline]
+    fn write_entry_counted(&mut self, table: Mfn, index: usize, raw: u64, count: u16) {
+        self.write_entry(table, index, raw);
+        self.set_present_count(table, count);
+    }
 }
 
 /// Index of `bfn` in a table at `level`.
@@ -307,12 +325,12 @@ impl<F: PageTableFormat> IoPageTable<F> {
             }
         };
         let idx = index(bfn, 1);
-        if F::decode(mem.read_entry(table, idx), 1) != Entry::Empty {
+        let (entry, count) = mem.read_entry_and_count(table, idx);
+        if F::decode(entry, 1) != Entry::Empty {
             return Err(Errno::Inval);
         }
-        mem.write_entry(table, idx, F::leaf_entry(mfn, perms, attr, 1));
-        let count = mem.present_count(table) + 1;
-        mem.set_present_count(table, count);
+        let count = count + 1;
+        mem.write_entry_counted(table, idx, F::leaf_entry(mfn, perms, attr, 1), count);
         // A leaf table that just became full may fold into a superpage.
         if count as usize == ENTRIES && self.options.superpages {
             if let Some((pt, pidx)) = parent {
@@ -444,13 +462,12 @@ impl<F: PageTableFormat> IoPageTable<F> {
         // nothing above it.
         if let Some(c) = self.cached_leaf(bfn) {
             let idx = index(bfn, 1);
-            if F::decode(mem.read_entry(c.table, idx), 1) == Entry::Empty {
+            let (entry, count) = mem.read_entry_and_count(c.table, idx);
+            if F::decode(entry, 1) == Entry::Empty {
                 return Err(Errno::NoEnt);
             }
-            let count = mem.present_count(c.table);
             if count > 1 {
-                mem.write_entry(c.table, idx, 0);
-                mem.set_present_count(c.table, count - 1);
+                mem.write_entry_counted(c.table, idx, 0, count - 1);
                 return Ok(());
             }
         }

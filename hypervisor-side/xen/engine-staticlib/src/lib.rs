@@ -808,6 +808,42 @@ impl CountLayout {
     fn share(self, raw: u64, slot: usize) -> u64 {
         ((raw & self.mask()) >> self.shift) << (self.bits * slot as u32)
     }
+    /// Entry `index` of the table at `frame` without the count's bits,
+    /// and the table's count.
+    ///
+    /// # Safety
+    /// `frame` points to a mapped table of `ENTRIES` words, `index <
+    /// ENTRIES`, and `self.slots <= ENTRIES` (asserted at build time).
+    #[inline(always)]
+    unsafe fn load_counted(self, frame: *const u64, index: usize) -> (u64, u16) {
+        let word = |i: usize| unsafe { core::ptr::read_volatile(frame.add(i)) };
+        let count = (0..self.slots).fold(0, |c, slot| c | self.share(word(slot), slot));
+        (word(index) & !self.bits_at(index), count as u16)
+    }
+    /// Store `raw` into entry `index` of the table at `frame` and `count`
+    /// into the count's parts: the entry whole, in one 8-byte store (the
+    /// IOMMU may walk it at any time), carrying its part when it holds
+    /// one; then the other parts, each entry's other bits kept as the CPU
+    /// holds them.
+    ///
+    /// # Safety
+    /// As [`load_counted`](Self::load_counted).
+    #[inline(always)]
+    unsafe fn store_counted(self, frame: *mut u64, index: usize, raw: u64, count: u16) {
+        let entry = if index < self.slots {
+            (raw & !self.mask()) | self.part(count, index)
+        } else {
+            raw
+        };
+        unsafe { core::ptr::write_volatile(frame.add(index), entry) };
+        for slot in (0..self.slots).filter(|&slot| slot != index) {
+            unsafe {
+                let old = core::ptr::read_volatile(frame.add(slot));
+                let raw = (old & !self.mask()) | self.part(count, slot);
+                core::ptr::write_volatile(frame.add(slot), raw);
+            }
+        }
+    }
 }
 
 /// VT-d: bits 52..61 of entry 0.
@@ -831,6 +867,7 @@ const _: () = {
     use pviommu_hv::pgtable::{lpae::Lpae, vtd::Vtd, vtd::VtdNoSnoop, PageTableFormat};
     assert!(1usize << (VTD_COUNT.slots as u32 * VTD_COUNT.bits) > ENTRIES);
     assert!(1usize << (LPAE_COUNT.slots as u32 * LPAE_COUNT.bits) > ENTRIES);
+    assert!(VTD_COUNT.slots <= ENTRIES && LPAE_COUNT.slots <= ENTRIES);
     assert!(Vtd::ADDRESS_MASK & VTD_COUNT.mask() == 0);
     assert!(VtdNoSnoop::ADDRESS_MASK & VTD_COUNT.mask() == 0);
     assert!(Lpae::ADDRESS_MASK & LPAE_COUNT.mask() == 0);
@@ -983,6 +1020,38 @@ impl TableMemory for Xen {
             count |= COUNT.share(self.table_read(table, slot), slot);
         }
         count as u16
+    }
+    /// One mapping of the frame for the entry and the count's parts.
+    #[inline(always)]
+    fn read_entry_and_count(&self, table: Mfn, index: usize) -> (u64, u16) {
+        if index >= ENTRIES {
+            return (0, self.present_count(table));
+        }
+        let p = self.table(table);
+        if p.is_null() {
+            // As table_read: a refused frame reads empty (and is reported).
+            return (0, 0);
+        }
+        // SAFETY: a mapped table frame of ENTRIES entries; index checked.
+        unsafe { COUNT.load_counted(p, index) }
+    }
+    /// One mapping of the frame for the entry and the count
+    /// (`CountLayout::store_counted`). Only the entry's line is noted, as
+    /// `write_entry` notes it; the count's stores need none, as in
+    /// `set_present_count`.
+    #[inline(always)]
+    fn write_entry_counted(&mut self, table: Mfn, index: usize, raw: u64, count: u16) {
+        if index >= ENTRIES {
+            return;
+        }
+        let p = self.table(table);
+        if p.is_null() {
+            // Refused: the stores are lost, and reported (Xen::refused).
+            return;
+        }
+        // SAFETY: a mapped table frame of ENTRIES entries; index checked.
+        unsafe { COUNT.store_counted(p, index, raw, count) };
+        self.note_store(table, index);
     }
     /// The count goes into bits the IOMMU ignores, and nothing but the
     /// CPU reads it: the store needs no write-back, so it notes no dirty

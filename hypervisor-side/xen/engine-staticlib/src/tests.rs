@@ -146,6 +146,45 @@ fn both_count_layouts_hold_every_count_and_keep_the_entry_bits() {
     }
 }
 
+/// Both count layouts: an entry stored with the count
+/// (`store_counted`) leaves the frame as an entry store that keeps the
+/// count's bits followed by a count store would, and `load_counted` reads
+/// the entry without them and the count, wherever the entry is (in a slot
+/// holding a part of the count or past them).
+#[test]
+fn both_count_layouts_store_and_load_an_entry_with_its_count() {
+    use super::{CountLayout, ENTRIES, LPAE_COUNT, VTD_COUNT};
+    for layout in [VTD_COUNT, LPAE_COUNT] {
+        let layout: CountLayout = layout;
+        for index in [0, 1, 2, 3, 100, ENTRIES - 1] {
+            for (raw, count) in [(0x5003u64, 1u16), (0, 0), (!0, 512), (0x7003, 300)] {
+                let mut frame = [0u64; ENTRIES];
+                for (i, e) in frame.iter_mut().enumerate().take(4) {
+                    *e = 0x9003 + ((i as u64) << 12);
+                }
+                for (slot, e) in frame.iter_mut().enumerate().take(layout.slots) {
+                    *e = (*e & !layout.mask()) | layout.part(77, slot);
+                }
+                let mut expect = frame;
+                let kept = layout.bits_at(index);
+                expect[index] = (raw & !kept) | (expect[index] & kept);
+                for (slot, e) in expect.iter_mut().enumerate().take(layout.slots) {
+                    *e = (*e & !layout.mask()) | layout.part(count, slot);
+                }
+                // SAFETY: a frame of ENTRIES words; index < ENTRIES.
+                unsafe { layout.store_counted(frame.as_mut_ptr(), index, raw, count) };
+                assert_eq!(frame, expect, "{layout:?} index {index} count {count}");
+                for i in [0, 1, 2, 3, index] {
+                    // SAFETY: as above.
+                    let (entry, back) = unsafe { layout.load_counted(frame.as_ptr(), i) };
+                    assert_eq!(back, count, "{layout:?} count at {i}");
+                    assert_eq!(entry, frame[i] & !layout.bits_at(i), "{layout:?} entry {i}");
+                }
+            }
+        }
+    }
+}
+
 /// The present count sits in bits the IOMMU ignores: storing it notes no
 /// line, so a count change alone is never written back; an entry stored
 /// into the slot that holds the count still is, with the count kept.
@@ -172,6 +211,58 @@ fn a_count_store_needs_no_write_back_but_the_entry_beside_it_does() {
     assert!(model::check_all_written_back().is_empty());
     let mem0 = model::with(|m| m.frames.get(&t.0).map(|f| f.mem[0]));
     assert_eq!(mem0.map(|v| v & !super::COUNT.mask()), Some(0x5003));
+    unlock(&l);
+    drop(x);
+    assert_eq!(violations(), Vec::<std::string::String>::new());
+}
+
+/// `write_entry_counted` (one mapping of the frame) leaves the frame, as
+/// the CPU and as memory after the flush see it, and the lines noted for
+/// write-back exactly as `write_entry` then `set_present_count` do: into
+/// a slot holding part of the count and into one past them, over entries
+/// and a count already there; `read_entry_and_count` reads what
+/// `read_entry` and `present_count` read.
+#[test]
+fn an_entry_stored_with_its_count_is_what_the_two_stores_make() {
+    let _s = model::serial();
+    let l = lock(6);
+    let mut x = Xen::new();
+    let cpu = |t: Mfn| model::with(|m| m.frames.get(&t.0).map(|f| f.cpu.clone()));
+    for index in [0, 1, 2, 3, 100, 511] {
+        for (raw, count) in [(0x5003u64, 1u16), (0, 0), (0x7003, 300), (0, 512)] {
+            let (a, b) = (x.alloc_table().unwrap(), x.alloc_table().unwrap());
+            for t in [a, b] {
+                for i in 0..4 {
+                    x.write_entry(t, i, 0x9003 + (i as u64) * 0x1000);
+                }
+                x.set_present_count(t, 77);
+            }
+            x.hw_flush(HW, Bfn(0), Bfn(0)).unwrap();
+            let _ = syncs();
+            x.write_entry(a, index, raw);
+            x.set_present_count(a, count);
+            x.write_entry_counted(b, index, raw, count);
+            assert_eq!(cpu(a), cpu(b), "index {index}, count {count}");
+            assert_eq!(x.present_count(b), count);
+            assert_eq!(x.read_entry(b, index), raw);
+            // And read back together as apart.
+            for i in [0, 1, 2, 3, 100, 511, 512] {
+                let apart = (x.read_entry(b, i), x.present_count(b));
+                assert_eq!(x.read_entry_and_count(b, i), apart, "entry {i}");
+            }
+            // What each frame has to write back before the flush (lines
+            // whose memory differs from what the CPU holds).
+            let unwritten = model::check_all_written_back();
+            let of = |t: Mfn| unwritten.iter().find(|u| u.0 == t.0).map(|u| u.1);
+            assert_eq!(of(a), of(b), "index {index}, count {count}: the same lines");
+            assert_eq!(unwritten.len(), if of(a).is_some() { 2 } else { 0 });
+            x.hw_flush(HW, Bfn(0), Bfn(0)).unwrap();
+            let mem = |t: Mfn| model::with(|m| m.frames.get(&t.0).map(|f| f.mem));
+            assert_eq!(mem(a).map(|m| m[index]), mem(b).map(|m| m[index]));
+            x.free_table(a);
+            x.free_table(b);
+        }
+    }
     unlock(&l);
     drop(x);
     assert_eq!(violations(), Vec::<std::string::String>::new());
