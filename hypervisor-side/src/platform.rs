@@ -2,7 +2,7 @@
 //! guest memory, reserved ranges and preemption. Xen implements this in
 //! `xen/pviommu.c` (the `pvx_*` functions); the simulator in [`crate::sim`].
 
-use crate::{DomId, Errno, Gfn, Mfn};
+use crate::{DomId, Errno, Gfn, Mfn, Sbdf};
 
 /// How the target's p2m classifies a frame.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -60,6 +60,12 @@ pub enum XsmAction {
     /// FLASK policy can refuse it apart from `Manage`). Without a target:
     /// the engine's host-wide controls (the stats timing).
     Control,
+    /// Put this device, one of the caller's own (the engine's rule,
+    /// `permission::may_attach`, decides that), behind a context of the
+    /// caller's: FLASK checks the caller against the *device's* label, so
+    /// a policy can keep one device of a driver domain out of PV-IOMMU
+    /// contexts while the others go in. No target domain.
+    Attach(Sbdf),
 }
 
 /// What [`Platform::get_page`] found; `mfn` is `Some` exactly when a page

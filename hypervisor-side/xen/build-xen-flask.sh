@@ -35,13 +35,15 @@ if ! make -j"$JOBS" > "$BUILD/xen-flask-build.log" 2>&1; then
 fi
 fail=0
 grep -q 'S_("pv_iommu")' xsm/flask/include/class_to_string.h || { echo "build-xen-flask: FAIL: no pv_iommu class" >&2; fail=1; }
-for p in QUERY MAP MANAGE CONTROL; do
+for p in QUERY MAP MANAGE CONTROL ATTACH; do
     grep -q "PV_IOMMU__$p" xsm/flask/include/av_permissions.h || { echo "build-xen-flask: FAIL: no PV_IOMMU__$p" >&2; fail=1; }
 done
 # (To files first: `cmd | grep -q` fails under pipefail when grep exits early.)
 nm xen-syms > "$BUILD/xen-flask.nm"
 strings xsm/flask/policy.bin > "$BUILD/xen-flask-policy.strings" 2>/dev/null || true
-grep -q ' flask_pv_iommu_op$' "$BUILD/xen-flask.nm" || { echo "build-xen-flask: FAIL: flask_pv_iommu_op not linked" >&2; fail=1; }
+for f in flask_pv_iommu_op flask_pv_iommu_attach; do
+    grep -q " $f\$" "$BUILD/xen-flask.nm" || { echo "build-xen-flask: FAIL: $f not linked" >&2; fail=1; }
+done
 grep -q pv_iommu "$BUILD/xen-flask-policy.strings" || { echo "build-xen-flask: FAIL: pv_iommu not in the compiled policy" >&2; fail=1; }
 # The grants patch 0004 puts in dom0.te and xen.if, as checkpolicy compiled
 # them (policy.conf is the m4 output it read): a permission that exists but
@@ -51,7 +53,9 @@ if [ -f "$conf" ]; then
     # Whitespace-tolerant: m4 keeps the rules' text, not necessarily its spacing.
     s='[[:space:]]'
     for rule in "allow$s+dom0_t$s+xen_t:pv_iommu$s*\\{$s*query$s+manage$s+control$s*\\};" \
-                "allow$s+dom0_t$s+domain_type:pv_iommu$s*\\{$s*map$s+control$s*\\};"; do
+                "allow$s+dom0_t$s+domain_type:pv_iommu$s*\\{$s*map$s+control$s*\\};" \
+                "allow$s+dom0_t$s+device_t:pv_iommu$s+attach;" \
+                "allow$s+domU_t$s+nic_dev_t:pv_iommu$s+attach;"; do
         grep -qE "$rule" "$conf" || { echo "build-xen-flask: FAIL: '$rule' not in $conf" >&2; fail=1; }
     done
 else

@@ -7,6 +7,7 @@ use pviommu_abi::{
     cmd, feature, ContextId, DomId, Errno, MemAttr, Permissions, PvIommuOp, Request, Sbdf,
 };
 use pviommu_hv::iommu::DeviceFacts;
+use pviommu_hv::platform::XsmAction;
 use pviommu_hv::sim::{FaultReason, Format, SimMachine};
 use pviommu_hv::Bfn;
 use pviommu_hv::Engine;
@@ -710,6 +711,47 @@ fn a_device_that_cannot_be_moved_off_keeps_its_tables_alive() {
     assert_eq!(detach(&mut m, &e, DomId::DOM0, ctx1, B), 0);
     let status = destroy(&mut m, &e, DomId::DOM0, ctx1);
     assert_eq!(status, 0);
+}
+
+/// A policy (FLASK: `pv_iommu attach` against the device's label) can
+/// keep one device of a driver domain out of its contexts: that attach is
+/// `EPERM` and changes nothing, the domain's other devices still attach.
+/// A domU refused a device it does not own learns nothing from it: the
+/// same `EPERM` as for an allowed device that is not its own. (Before, no
+/// XSM check named the device, and the refused device was attached.)
+#[test]
+fn a_policy_can_keep_one_device_out_of_the_contexts() {
+    let (mut m, e) = host(Format::Vtd);
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    m.xsm_deny_action(DomId::DOM0, XsmAction::Attach(B));
+    let before = observable(&m, &e);
+    assert_eq!(
+        attach(&mut m, &e, DomId::DOM0, ctx1, B),
+        Errno::Perm.negated()
+    );
+    assert_eq!(observable(&m, &e), before);
+    assert!(m.device(B).unwrap().attached.is_none());
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx1, A), 0);
+    assert_eq!(
+        attach(&mut m, &e, DomId::DOM0, ctx1, B),
+        Errno::Perm.negated()
+    );
+
+    m.xsm_deny_action(DEVICE_MODEL, XsmAction::Attach(WITH_ATS));
+    // No such context: ENOENT first, before anything about the device.
+    assert_eq!(
+        attach(&mut m, &e, DEVICE_MODEL, ContextId(1), WITH_ATS),
+        Errno::NoEnt.negated()
+    );
+    let ctx = create(&mut m, &e, DEVICE_MODEL);
+    for device in [WITH_ATS, WITH_RMRR] {
+        assert_eq!(
+            attach(&mut m, &e, DEVICE_MODEL, ctx, device),
+            Errno::Perm.negated(),
+            "{device:?}"
+        );
+    }
+    assert_eq!(attach(&mut m, &e, DEVICE_MODEL, ctx, FOREIGN), 0);
 }
 
 #[test]

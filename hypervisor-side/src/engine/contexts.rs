@@ -28,6 +28,7 @@ use crate::permission::may_attach;
 use crate::pgtable::lpae::Lpae;
 use crate::pgtable::vtd::{Vtd, VtdNoSnoop};
 use crate::pgtable::{IoPageTable, PageTableFormat, TableMemory, TableOptions};
+use crate::platform::XsmAction;
 use crate::storage::try_push;
 use crate::{Bfn, ContextId, DomId, Errno, MemAttr, Mfn, Permissions, Sbdf};
 
@@ -465,6 +466,15 @@ impl<L: RawMutex> Engine<L> {
         .map(|_| ())
     }
 
+    /// Whether `context` is one of the engine's contexts of `caller` (not
+    /// context 0), asked under its cell's lock alone.
+    fn has_own_context(&self, caller: DomId, context: ContextId) -> bool {
+        context != ContextId::DEFAULT
+            && self
+                .lock_cell(caller, context)
+                .is_some_and(|d| d.dd.own(context).is_some())
+    }
+
     /// Run `f` on the cell of `caller`'s `context` (one of the engine's)
     /// with the devices lock and then the cell's lock held: the order Xen's
     /// `pviommu_device_leaving()` hook (entered with `pcidevs_lock` held)
@@ -483,11 +493,7 @@ impl<L: RawMutex> Engine<L> {
         first: impl FnOnce(&mut H) -> Result<(), Errno>,
         f: impl FnOnce(&mut Driver<'_, L>, &mut H) -> Result<bool, Errno>,
     ) -> Result<bool, Errno> {
-        if context == ContextId::DEFAULT
-            || self
-                .lock_cell(caller, context)
-                .is_none_or(|d| d.dd.own(context).is_none())
-        {
+        if !self.has_own_context(caller, context) {
             return Err(Errno::NoEnt);
         }
         h.devices_lock();
@@ -596,6 +602,16 @@ impl<L: RawMutex> Engine<L> {
                 None => Ok(()),
             }
         };
+        // The device's own XSM check (FLASK: its label), with no lock
+        // held, once the context is known to exist (ENOENT comes first, as
+        // for every context op). Any refusal is EPERM, the answer for a
+        // device that is not the caller's: a domU learns nothing of the
+        // labels of devices it does not own.
+        if !self.has_own_context(caller, context) {
+            return Err(Errno::NoEnt);
+        }
+        h.xsm_check(caller, None, XsmAction::Attach(device))
+            .map_err(|_| Errno::Perm)?;
         self.devices_then_cell(h, caller, context, checks, |d, h| {
             let own = d.dd.own_mut(context).ok_or(Errno::NoEnt)?;
             let free = own

@@ -166,6 +166,17 @@ void pvx_domain_info(uint16_t domid, struct pvx_domain_info *info);
                           /* host-wide (stats timing, heap): t stays NULL    */
 int pvx_xsm_check(uint16_t caller, uint16_t target, unsigned int action);
 
+/*
+ * [unlocked] The XSM hook of an attach: may `caller` put PCI device `sbdf`
+ * (segment << 16 | bus << 8 | devfn) behind one of its PV-IOMMU contexts?
+ * 0, or an error (-EACCES from FLASK, -ESRCH for a caller that is gone).
+ * FLASK checks pv_iommu attach against the device's label
+ * (security_device_sid), so a policy can keep one device of a driver
+ * domain out; the dummy policy is XSM_HOOK (the engine's rule, that the
+ * device is the caller's own, decides). Asked before pcidevs_lock.
+ */
+int pvx_xsm_attach(uint16_t caller, uint32_t sbdf);
+
 /* Page kinds reported by pvx_get_page. */
 #define PVX_PAGE_RAM_RW     0 /* reference (and writable type ref if asked) taken */
 #define PVX_PAGE_RAM_RO     1 /* reference taken only if !want_write              */

@@ -56,6 +56,7 @@ mod ffi {
         pub fn pvx_copy_to_guest(guest_addr: u64, src: *const u8, len: usize) -> i32;
         pub fn pvx_domain_info(domid: u16, info: *mut PvxDomainInfo);
         pub fn pvx_xsm_check(caller: u16, target: u16, action: u32) -> i32;
+        pub fn pvx_xsm_attach(caller: u16, sbdf: u32) -> i32;
         pub fn pvx_get_page(
             domid: u16,
             gfn: u64,
@@ -668,6 +669,13 @@ impl Platform for Xen {
             XsmAction::Map => 1,
             XsmAction::Manage => 2,
             XsmAction::Control => 3,
+            XsmAction::Attach(device) => {
+                // SAFETY: plain value call.
+                return match unsafe { ffi::pvx_xsm_attach(caller.0, device.0) } {
+                    0 => Ok(()),
+                    rc => Err(errno_from(rc)),
+                };
+            }
         };
         // SAFETY: plain value call.
         match unsafe { ffi::pvx_xsm_check(caller.0, target.map_or(DOMID_NONE, |t| t.0), action) } {
@@ -1042,6 +1050,8 @@ impl TableMemory for Xen {
     #[inline(always)]
     fn write_entry_counted(&mut self, table: Mfn, index: usize, raw: u64, count: u16) {
         if index >= ENTRIES {
+            // As the two calls: the entry store is dropped, the count not.
+            self.set_present_count(table, count);
             return;
         }
         let p = self.table(table);

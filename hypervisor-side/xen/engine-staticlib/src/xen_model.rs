@@ -29,7 +29,7 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::format;
 use std::string::String;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use std::vec::Vec;
@@ -125,6 +125,8 @@ pub fn serial() -> MutexGuard<'static, ()> {
     RELEASE.store(false, Ordering::Relaxed);
     BLOCKED.store(false, Ordering::Relaxed);
     ELSEWHERE.store(false, Ordering::Relaxed);
+    XSM_ATTACH_DENIED.store(u32::MAX, Ordering::Relaxed);
+    XSM_ATTACH_ASKED.store(u64::MAX, Ordering::Relaxed);
     super::reset_backend_state();
     g
 }
@@ -474,6 +476,20 @@ pub extern "C" fn pvx_domain_info(domid: u16, info: *mut PvxDomainInfo) {
 #[inline(never)]
 pub extern "C" fn pvx_xsm_check(_caller: u16, _target: u16, _action: u32) -> i32 {
     0
+}
+/// The device (raw SBDF) Xen's XSM refuses every caller to attach, and the
+/// last (caller, SBDF) asked about.
+pub static XSM_ATTACH_DENIED: AtomicU32 = AtomicU32::new(u32::MAX);
+pub static XSM_ATTACH_ASKED: AtomicU64 = AtomicU64::new(u64::MAX);
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn pvx_xsm_attach(caller: u16, sbdf: u32) -> i32 {
+    XSM_ATTACH_ASKED.store(u64::from(caller) << 32 | u64::from(sbdf), Ordering::Relaxed);
+    if sbdf == XSM_ATTACH_DENIED.load(Ordering::Relaxed) {
+        -13 // -EACCES, FLASK's answer
+    } else {
+        0
+    }
 }
 #[no_mangle]
 #[inline(never)]
