@@ -264,3 +264,52 @@ fn a_refused_run_of_maps_takes_back_the_bit_it_set() {
     assert_eq!(e.target_drivers(STRANGER), 0);
     assert_eq!(pviommu_hv::lock_check::violations(), 0);
 }
+
+/// A run that comes back to a target after another (guest, stranger,
+/// guest, guest), its first op refused at its checks and its last at the
+/// page lookup: the run marks the cell in each target's gate once, and
+/// the gates end as the ops left them (the guest's two live mappings and
+/// the stranger's one counted, dom0's cell named in both gates). Marking
+/// once per run of a target (30a5a62) left the bits and counts as marking
+/// per op did; unmapped and flushed, both gates are empty again.
+#[test]
+fn a_run_back_and_forth_between_targets_marks_each_gate_once_and_balances() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    // (A grant reference: no backend offers them, refused at the checks.)
+    let refused_at_checks = MapRequest {
+        grant: true,
+        ..of(GUEST, 2)
+    };
+    let reqs = [
+        refused_at_checks,
+        of(STRANGER, 1),
+        of(GUEST, 3),
+        of(GUEST, 4),
+        of(GUEST, 0x7fff_ffff),
+    ];
+    let mut out = [Err(pviommu_hv::Errno::Inval); 5];
+    let n = e.map_batch(&mut m, DomId::DOM0, &dom0, &reqs, &mut out);
+    assert_eq!(n, 5);
+    assert!(out[0].is_err() && out[4].is_err(), "{out:?}");
+    assert!(out[1..4].iter().all(|o| o.is_ok()), "{out:?}");
+    check(&e, 0, "after the run");
+    assert_eq!(e.target_active(GUEST), 2);
+    assert_eq!(e.target_active(STRANGER), 1);
+    let cell = e.cell_of(DomId::DOM0, ContextId::DEFAULT).unwrap();
+    assert_eq!(e.target_drivers(GUEST), 1 << cell);
+    assert_eq!(e.target_drivers(STRANGER), 1 << cell);
+    e.finish(&mut m, DomId::DOM0);
+    for o in &out[1..4] {
+        let bfn = o.as_ref().unwrap().bfn;
+        e.unmap(&mut m, DomId::DOM0, ContextId::DEFAULT, bfn)
+            .unwrap();
+    }
+    e.finish(&mut m, DomId::DOM0);
+    check(&e, 1, "after the unmaps");
+    for t in [GUEST, STRANGER] {
+        assert_eq!(e.target_active(t), 0);
+        assert_eq!(e.target_drivers(t), 0);
+    }
+    assert_eq!(pviommu_hv::lock_check::violations(), 0);
+}
