@@ -55,7 +55,7 @@ if [ -f "$conf" ]; then
     for rule in "allow$s+dom0_t$s+xen_t:pv_iommu$s*\\{$s*query$s+manage$s+control$s*\\};" \
                 "allow$s+dom0_t$s+domain_type:pv_iommu$s*\\{$s*map$s+control$s*\\};" \
                 "allow$s+dom0_t$s+device_t:pv_iommu$s+attach;" \
-                "allow$s+domU_t$s+nic_dev_t:pv_iommu$s+attach;"; do
+                "allow$s+dom0_t$s+nic_dev_t:pv_iommu$s+attach;"; do
         grep -qE "$rule" "$conf" || { echo "build-xen-flask: FAIL: '$rule' not in $conf" >&2; fail=1; }
     done
 else

@@ -606,12 +606,17 @@ impl<L: RawMutex> Engine<L> {
         // held, once the context is known to exist (ENOENT comes first, as
         // for every context op). Any refusal is EPERM, the answer for a
         // device that is not the caller's: a domU learns nothing of the
-        // labels of devices it does not own.
+        // labels of devices it does not own. (ENOMEM, which FLASK may
+        // answer while it makes the device's SID, says nothing of the
+        // device and is worth a retry: passed on.)
         if !self.has_own_context(caller, context) {
             return Err(Errno::NoEnt);
         }
         h.xsm_check(caller, None, XsmAction::Attach(device))
-            .map_err(|_| Errno::Perm)?;
+            .map_err(|e| match e {
+                Errno::NoMem => Errno::NoMem,
+                _ => Errno::Perm,
+            })?;
         self.devices_then_cell(h, caller, context, checks, |d, h| {
             let own = d.dd.own_mut(context).ok_or(Errno::NoEnt)?;
             let free = own
