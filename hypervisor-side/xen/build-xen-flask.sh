@@ -3,7 +3,10 @@
 # built-in default policy that has the pv_iommu class (patch 0004): copy the
 # patched tree that build-xen.sh prepared, switch FLASK on, build, and check
 # the class and its permissions reached the compiled policy and the binary,
-# and that the policy grants dom0 what patch 0004 says it does.
+# and that the policy grants dom0 what patch 0004 says it does. The policy
+# also gets the Xen-in-QEMU test's site rules (tests/xen-qemu/flask-site.te:
+# a device model given a device), and the binary is kept as
+# $BUILD/xen-flask.bin for test-all.sh's FLASK-enforcing boot.
 # Installs checkpolicy (Debian) if missing. Run after build-xen.sh.
 #
 #   PVIOMMU_BUILD_DIR   build directory (default <repo>/build)
@@ -21,6 +24,10 @@ command -v checkpolicy >/dev/null || {
 }
 rm -rf "$FLASK"
 cp -a "$WORK" "$FLASK"
+# The test's site rules (a driver domain other than dom0), so the FLASK
+# boot of the Xen-in-QEMU test can run its checks enforcing; the grants the
+# checks below look for are the patch's own.
+cat "$REPO/tests/xen-qemu/flask-site.te" >> "$FLASK/tools/flask/policy/modules/domU.te"
 cd "$FLASK/xen"
 sed -i 's/^# CONFIG_XSM is not set/CONFIG_XSM=y/' .config
 printf 'CONFIG_XSM_FLASK=y\nCONFIG_XSM_FLASK_POLICY=y\n' >> .config
@@ -63,4 +70,7 @@ else
 fi
 [ "$fail" = 0 ]
 echo "build-xen-flask: Xen with FLASK and the pv_iommu class in its built-in policy builds"
+# Kept for the FLASK boot (tests/xen-qemu/run.sh with XEN_BIN).
+cp xen "$BUILD/xen-flask.bin"
+echo "build-xen-flask: XEN_BIN=$BUILD/xen-flask.bin"
 rm -rf "$FLASK"

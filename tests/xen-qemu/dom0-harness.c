@@ -296,6 +296,24 @@ static int cmd_hc(int argc, char **argv)
 }
 
 /* ---------------- domains ---------------- */
+/*
+ * The FLASK label of a domain made here: $MKDOM_LABEL, or domU_t, as the
+ * toolstack labels a guest (an unlabelled domain may not be created under
+ * FLASK's default policy). 0 (no label) without FLASK: the context cannot
+ * be resolved, and Xen's dummy XSM ignores the field.
+ */
+static uint32_t dom_ssidref(void)
+{
+    const char *label = getenv("MKDOM_LABEL");
+    char buf[128];
+    uint32_t sid = 0;
+
+    snprintf(buf, sizeof(buf), "%s", label ? label : "system_u:system_r:domU_t");
+    if ( xc_flask_context_to_sid(xch, buf, strlen(buf), &sid) )
+        sid = 0;
+    return sid;
+}
+
 static uint32_t make_domain(unsigned long n, xen_pfn_t *frames)
 {
     struct xen_domctl_createdomain cfg;
@@ -306,6 +324,7 @@ static uint32_t make_domain(unsigned long n, xen_pfn_t *frames)
     cfg.max_vcpus = 1; cfg.max_evtchn_port = 1023;
     cfg.max_grant_frames = -1; cfg.max_maptrack_frames = -1;
     cfg.grant_opts = XEN_DOMCTL_GRANT_version(1);
+    cfg.ssidref = dom_ssidref();
     if ( xc_domain_create(xch, &domid, &cfg) ) die("xc_domain_create");
     if ( xc_domain_setmaxmem(xch, domid, (n + 64) * 4) ) die("setmaxmem");
     for ( i = 0; i < n; i++ ) frames[i] = i;
@@ -346,6 +365,7 @@ static uint32_t make_hvm_domain(unsigned long n, xen_pfn_t *frames)
     cfg.max_vcpus = 1; cfg.max_evtchn_port = 1023;
     cfg.max_grant_frames = -1; cfg.max_maptrack_frames = -1;
     cfg.grant_opts = XEN_DOMCTL_GRANT_version(1);
+    cfg.ssidref = dom_ssidref();
     if ( xc_domain_create(xch, &domid, &cfg) ) die("xc_domain_create hvm");
     if ( xc_set_paging_mempool_size(xch, domid, 4 << 20) ) die("paging mempool");
     if ( xc_domain_setmaxmem(xch, domid, (n + 64) * 4) ) die("setmaxmem");

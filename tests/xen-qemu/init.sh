@@ -525,13 +525,26 @@ $4
 EOC
     }
     # QEMU's TCG SVM has no NPT, hence hap = 0 (shadow paging) for PVH.
-    domu_cfg dm pv dm 'passthrough = "enabled"' > /tmp/dm.cfg
-    domu_cfg tgt pvh target 'hap = 0' > /tmp/tgt.cfg
+    # Under FLASK (the enforcing boot of test-all.sh), the device model is
+    # labelled dm_dom_t and the guest domU_t, as a deployment's toolstack
+    # labels them; without FLASK, xl refuses a seclabel.
+    DM_LABEL=""; TGT_LABEL=""
+    # (xl getenforce exits with the mode, 1 for enforcing: read its words.)
+    case "$(xl getenforce 2>/dev/null)" in
+    Enforcing|Permissive)
+        DM_LABEL='seclabel = "system_u:system_r:dm_dom_t"'
+        TGT_LABEL='seclabel = "system_u:system_r:domU_t"' ;;
+    esac
+    domu_cfg dm pv dm "passthrough = \"enabled\"
+$DM_LABEL" > /tmp/dm.cfg
+    domu_cfg tgt pvh target "hap = 0
+$TGT_LABEL" > /tmp/tgt.cfg
     LD=/var/log/xen/console/guest-dm.log; LT=/var/log/xen/console/guest-tgt.log
     xl create /tmp/dm.cfg 2>&1 | tail -2
     xl create /tmp/tgt.cfg 2>&1 | tail -2
     U=$(xl domid dm 2>/dev/null); UT=$(xl domid tgt 2>/dev/null)
-    mk=$(run $H mkdom 1); S=$(echo "$mk" | sed -n 's/^domid=//p'); SG=$(echo "$mk" | sed -n 's/^gfns=//p')
+    # S serves the guest as a device model does (its target): dm_dom_t.
+    mk=$(export MKDOM_LABEL=system_u:system_r:dm_dom_t; run $H mkdom 1); S=$(echo "$mk" | sed -n 's/^domid=//p'); SG=$(echo "$mk" | sed -n 's/^gfns=//p')
     mk=$(run $H mkdom 1); X=$(echo "$mk" | sed -n 's/^domid=//p'); XG=$(echo "$mk" | sed -n 's/^gfns=//p')
     t2=$(run $H settarget $S $UT)
     run $H xs-write /local/domain/$UT/data/pviommu "$S $SG $X $XG" >/dev/null

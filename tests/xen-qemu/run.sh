@@ -7,6 +7,9 @@
 #   PVIOMMU_BUILD_DIR     build dir (default <repo>/build)
 #   PVIOMMU_ENGINE_CRATE  / PVIOMMU_ENGINE_OBJ: passed to build-xen.sh
 #   SKIP_XEN_BUILD=1      reuse $PVIOMMU_BUILD_DIR/xen
+#   XEN_BIN               boot this Xen instead of $PVIOMMU_BUILD_DIR/xen (the
+#                         FLASK build of build-xen-flask.sh; with SKIP_XEN_BUILD=1)
+#   XEN_EXTRA_ARGS        more Xen command-line options (flask=enforcing)
 #   MEASURE_PAGES         pages for the MEASURE step (default 16384)
 #   FUZZ_CALLS            hostile hypercalls from dom0 and from the domU (default 100000)
 #   BIG_PAGES             mapped pages of the domain destroyed in one go (default 65536)
@@ -53,7 +56,7 @@ T1=$(date +%s)
 if [ "${SKIP_XEN_BUILD:-0}" != 1 ]; then
     "$REPO/hypervisor-side/xen/build-xen.sh"
 fi
-XEN="$BUILD/xen"
+XEN="${XEN_BIN:-$BUILD/xen}"
 [ -f "$XEN" ] || { echo "no $XEN"; exit 1; }
 T2=$(date +%s)
 
@@ -152,7 +155,7 @@ qemu_boot qemu-system-x86_64 -accel tcg -machine q35,kernel-irqchip=split \
     -device intel-iommu,intremap=on,caching-mode=on,snoop-control=on \
     -m 2048 -smp 2 -nographic -serial stdio -monitor none -no-reboot \
     -kernel "$XEN" \
-    -append "console=com1 com1=115200 dom0_mem=512M loglvl=all guest_loglvl=all iommu=1,verbose dom0-iommu=strict noreboot" \
+    -append "console=com1 com1=115200 dom0_mem=512M loglvl=all guest_loglvl=all iommu=1,verbose dom0-iommu=strict noreboot ${XEN_EXTRA_ARGS:-}" \
     -initrd "$VMLINUZ console=hvc0 earlyprintk=xen pviommu_measure=$N pviommu_fuzz=${FUZZ_CALLS:-100000} pviommu_big=${BIG_PAGES:-65536},$OUT/initrd.gz" \
     -device edu,dma_mask=0xffffffffffffffff,addr=06.0 \
     -device edu,dma_mask=0xffffffffffffffff,addr=07.0 ${QEMU_EXTRA:-}
