@@ -85,7 +85,7 @@ if [[ -x tests/xen-qemu/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
   # device's label among them), and nothing of the class is denied. Fewer
   # measured and hostile calls than the first boot (the checks are the same).
   step "Xen 4.17 with XSM/FLASK enforcing in QEMU"
-  SKIP_XEN_BUILD=1 XEN_BIN="$BUILD/xen-flask.bin" XEN_EXTRA_ARGS="flask=enforcing" \
+  SKIP_XEN_BUILD=1 XEN_BIN="$BUILD/xen-flask-test.bin" XEN_EXTRA_ARGS="flask=enforcing" \
     MEASURE_PAGES=4096 FUZZ_CALLS=20000 BIG_PAGES=16384 tests/xen-qemu/run.sh
   log="$BUILD/xen-qemu/serial.log"
   grep -aq "Flask:  Starting in enforcing mode" "$log" ||

@@ -6,7 +6,7 @@
 # and that the policy grants dom0 what patch 0004 says it does. The policy
 # also gets the Xen-in-QEMU test's site rules (tests/xen-qemu/flask-site.te:
 # a device model given a device), and the binary is kept as
-# $BUILD/xen-flask.bin for test-all.sh's FLASK-enforcing boot.
+# $BUILD/xen-flask-test.bin for test-all.sh's FLASK-enforcing boot.
 # Installs checkpolicy (Debian) if missing. Run after build-xen.sh.
 #
 #   PVIOMMU_BUILD_DIR   build directory (default <repo>/build)
@@ -60,7 +60,7 @@ if [ -f "$conf" ]; then
     # Whitespace-tolerant: m4 keeps the rules' text, not necessarily its spacing.
     s='[[:space:]]'
     for rule in "allow$s+dom0_t$s+xen_t:pv_iommu$s*\\{$s*query$s+manage$s+control$s*\\};" \
-                "allow$s+dom0_t$s+domain_type:pv_iommu$s*\\{$s*map$s+control$s*\\};" \
+                "allow$s+dom0_t$s+\\{$s*domain_type$s+-nomigrate_t$s+-prot_domU_t$s*\\}:pv_iommu$s*\\{$s*map$s+control$s*\\};" \
                 "allow$s+dom0_t$s+device_t:pv_iommu$s+attach;" \
                 "allow$s+dom0_t$s+nic_dev_t:pv_iommu$s+attach;"; do
         grep -qE "$rule" "$conf" || { echo "build-xen-flask: FAIL: '$rule' not in $conf" >&2; fail=1; }
@@ -71,6 +71,6 @@ fi
 [ "$fail" = 0 ]
 echo "build-xen-flask: Xen with FLASK and the pv_iommu class in its built-in policy builds"
 # Kept for the FLASK boot (tests/xen-qemu/run.sh with XEN_BIN).
-cp xen "$BUILD/xen-flask.bin"
-echo "build-xen-flask: XEN_BIN=$BUILD/xen-flask.bin"
+cp xen "$BUILD/xen-flask-test.bin"
+echo "build-xen-flask: XEN_BIN=$BUILD/xen-flask-test.bin"
 rm -rf "$FLASK"

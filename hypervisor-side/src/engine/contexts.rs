@@ -604,14 +604,21 @@ impl<L: RawMutex> Engine<L> {
         };
         // The device's own XSM check (FLASK: its label), with no lock
         // held, once the context is known to exist (ENOENT comes first, as
-        // for every context op). Any refusal is EPERM, the answer for a
-        // device that is not the caller's: a domU learns nothing of the
-        // labels of devices it does not own. (ENOMEM, which FLASK may
-        // answer while it makes the device's SID, says nothing of the
-        // device and is worth a retry: passed on.)
+        // for every context op) and the device is known to be the caller's
+        // (asked under the devices lock, and again below): the policy is
+        // asked only about the caller's own devices, so its answers (and
+        // the denials FLASK logs) say nothing of anyone else's. A refusal
+        // is EPERM; ENOMEM (FLASK making the device's SID) is passed on.
         if !self.has_own_context(caller, context) {
             return Err(Errno::NoEnt);
         }
+        h.devices_lock();
+        let own = h
+            .device_facts(device)
+            .ok_or(Errno::NoDev)
+            .and_then(|facts| may_attach(caller, &facts));
+        h.devices_unlock();
+        own?;
         h.xsm_check(caller, None, XsmAction::Attach(device))
             .map_err(|e| match e {
                 Errno::NoMem => Errno::NoMem,
