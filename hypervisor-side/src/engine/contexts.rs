@@ -594,9 +594,15 @@ impl<L: RawMutex> Engine<L> {
         // Attachments only change under the devices lock: whether the
         // device is on any of the caller's contexts is asked under it, one
         // cell at a time, before this context's cell is locked.
+        // Whether the device may be the caller's to attach (under the
+        // devices lock).
+        let its_own = |h: &mut H| {
+            h.device_facts(device)
+                .ok_or(Errno::NoDev)
+                .and_then(|facts| may_attach(caller, &facts))
+        };
         let checks = |h: &mut H| {
-            let facts = h.device_facts(device).ok_or(Errno::NoDev)?;
-            may_attach(caller, &facts)?;
+            its_own(h)?;
             match self.device_context(caller, device) {
                 Some(_) => Err(Errno::Busy),
                 None => Ok(()),
@@ -613,10 +619,7 @@ impl<L: RawMutex> Engine<L> {
             return Err(Errno::NoEnt);
         }
         h.devices_lock();
-        let own = h
-            .device_facts(device)
-            .ok_or(Errno::NoDev)
-            .and_then(|facts| may_attach(caller, &facts));
+        let own = its_own(h);
         h.devices_unlock();
         own?;
         h.xsm_check(caller, None, XsmAction::Attach(device))

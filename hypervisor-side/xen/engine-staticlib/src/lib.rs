@@ -824,9 +824,39 @@ impl CountLayout {
     /// ENTRIES`, and `self.slots <= ENTRIES` (asserted at build time).
     #[inline(always)]
     unsafe fn load_counted(self, frame: *const u64, index: usize) -> (u64, u16) {
+        // SAFETY: as the caller's (index < ENTRIES).
+        let entry = unsafe { core::ptr::read_volatile(frame.add(index)) };
+        // SAFETY: as the caller's.
+        (entry & !self.bits_at(index), unsafe {
+            self.load_count(frame)
+        })
+    }
+    /// The count of the table at `frame`, from its parts.
+    ///
+    /// # Safety
+    /// `frame` points to a mapped table of `ENTRIES` words (and
+    /// `self.slots <= ENTRIES`, asserted at build time).
+    #[inline(always)]
+    unsafe fn load_count(self, frame: *const u64) -> u16 {
         let word = |i: usize| unsafe { core::ptr::read_volatile(frame.add(i)) };
-        let count = (0..self.slots).fold(0, |c, slot| c | self.share(word(slot), slot));
-        (word(index) & !self.bits_at(index), count as u16)
+        (0..self.slots).fold(0, |c, slot| c | self.share(word(slot), slot)) as u16
+    }
+    /// Store `count` into the count's parts of the table at `frame`, each
+    /// entry's other bits kept as the CPU holds them; entry `except` (one
+    /// just stored with its part, or none when `except >= slots`) is left.
+    ///
+    /// # Safety
+    /// As [`load_count`](Self::load_count).
+    #[inline(always)]
+    unsafe fn store_count(self, frame: *mut u64, count: u16, except: usize) {
+        for slot in (0..self.slots).filter(|&slot| slot != except) {
+            // SAFETY: slot < self.slots <= ENTRIES.
+            unsafe {
+                let old = core::ptr::read_volatile(frame.add(slot));
+                let raw = (old & !self.mask()) | self.part(count, slot);
+                core::ptr::write_volatile(frame.add(slot), raw);
+            }
+        }
     }
     /// Store `raw` into entry `index` of the table at `frame` and `count`
     /// into the count's parts: the entry whole, in one 8-byte store (the
@@ -843,13 +873,10 @@ impl CountLayout {
         } else {
             raw
         };
-        unsafe { core::ptr::write_volatile(frame.add(index), entry) };
-        for slot in (0..self.slots).filter(|&slot| slot != index) {
-            unsafe {
-                let old = core::ptr::read_volatile(frame.add(slot));
-                let raw = (old & !self.mask()) | self.part(count, slot);
-                core::ptr::write_volatile(frame.add(slot), raw);
-            }
+        // SAFETY: as the caller's (index < ENTRIES).
+        unsafe {
+            core::ptr::write_volatile(frame.add(index), entry);
+            self.store_count(frame, count, index);
         }
     }
 }
@@ -1023,11 +1050,13 @@ impl TableMemory for Xen {
         self.table_write(table, index, raw)
     }
     fn present_count(&self, table: Mfn) -> u16 {
-        let mut count = 0u64;
-        for slot in 0..COUNT.slots {
-            count |= COUNT.share(self.table_read(table, slot), slot);
+        let p = self.table(table);
+        if p.is_null() {
+            // As table_read: a refused frame reads empty (and is reported).
+            return 0;
         }
-        count as u16
+        // SAFETY: a mapped table frame of ENTRIES entries.
+        unsafe { COUNT.load_count(p) }
     }
     /// One mapping of the frame for the entry and the count's parts.
     #[inline(always)]
@@ -1070,10 +1099,14 @@ impl TableMemory for Xen {
     /// bits around it are rewritten as the CPU holds them; a translation
     /// change among them was noted by its own `write_entry`.
     fn set_present_count(&mut self, table: Mfn, count: u16) {
-        for slot in 0..COUNT.slots {
-            let raw = (self.table_read(table, slot) & !COUNT.mask()) | COUNT.part(count, slot);
-            self.table_store(table, slot, raw);
+        let p = self.table(table);
+        if p.is_null() {
+            // Refused: the stores are lost, and reported (Xen::refused).
+            return;
         }
+        // SAFETY: a mapped table frame of ENTRIES entries; ENTRIES is past
+        // every slot, so no entry is left out.
+        unsafe { COUNT.store_count(p, count, ENTRIES) }
     }
 }
 
