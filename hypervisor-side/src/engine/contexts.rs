@@ -591,9 +591,6 @@ impl<L: RawMutex> Engine<L> {
         context: ContextId,
         device: Sbdf,
     ) -> Result<(), Errno> {
-        // Attachments only change under the devices lock: whether the
-        // device is on any of the caller's contexts is asked under it, one
-        // cell at a time, before this context's cell is locked.
         // Whether the device may be the caller's to attach (under the
         // devices lock).
         let its_own = |h: &mut H| {
@@ -601,6 +598,9 @@ impl<L: RawMutex> Engine<L> {
                 .ok_or(Errno::NoDev)
                 .and_then(|facts| may_attach(caller, &facts))
         };
+        // Attachments only change under the devices lock: whether the
+        // device is on any of the caller's contexts is asked under it, one
+        // cell at a time, before this context's cell is locked.
         let checks = |h: &mut H| {
             its_own(h)?;
             match self.device_context(caller, device) {

@@ -838,6 +838,7 @@ impl CountLayout {
     /// `self.slots <= ENTRIES`, asserted at build time).
     #[inline(always)]
     unsafe fn load_count(self, frame: *const u64) -> u16 {
+        // SAFETY: only called with i < self.slots <= ENTRIES.
         let word = |i: usize| unsafe { core::ptr::read_volatile(frame.add(i)) };
         (0..self.slots).fold(0, |c, slot| c | self.share(word(slot), slot)) as u16
     }
