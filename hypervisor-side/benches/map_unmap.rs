@@ -16,6 +16,11 @@
 //!   (page lookup and reference, the entries written and cleared by the
 //!   walker in the host's table memory, the release).
 //!
+//! * `reference: naive engine`: the reference design (a flat
+//!   table by BFN, a hash reverse index, a free list, the PTE store) over
+//!   the `floor-pte-store` memory; `reference: naive engine + host`: the
+//!   same with the host's services of `floor-platform, own context`.
+//!
 //! `engine at scale` runs the engine path with 1 Ki, 64 Ki and 1 Mi
 //! mappings already live, and the gfn hook for an unmapped gfn.
 //!
@@ -372,6 +377,168 @@ fn platform_floor(c: &mut Criterion) {
     group.finish();
 }
 
+/// The reference design, on the same page-table format: a flat
+/// table of mappings indexed by BFN offset, a hash reverse index by (domain,
+/// gfn), a free list of BFN offsets, and the PTE store. No locks, no
+/// reference counts or dedup, no revocation state, no gates, no checks of
+/// who may map what: the bookkeeping any engine must at least do, written
+/// as plainly as it can be. Its reverse index is std's `HashMap` (hashbrown)
+/// with the engine's keyed mix for a hash (std's default SipHash made the
+/// reference 40 % slower).
+struct NaiveEngine {
+    /// Slot per BFN offset: (domain, gfn, frame) of a live mapping.
+    slots: Vec<Option<(DomId, Gfn, Mfn)>>,
+    /// (domain, gfn) -> BFN offset.
+    reverse: std::collections::HashMap<(DomId, Gfn), u32, KeyedMix>,
+    /// Free BFN offsets, the lowest on top.
+    free: Vec<u32>,
+}
+
+/// The engine's hash of a page for the reference's `HashMap`: the domain
+/// and the gfn through [`pviommu_hv::storage::hash64`].
+#[derive(Clone, Copy, Default)]
+struct KeyedMix;
+
+#[derive(Default)]
+struct KeyedMixHasher {
+    words: [u64; 2],
+    n: usize,
+}
+
+impl std::hash::BuildHasher for KeyedMix {
+    type Hasher = KeyedMixHasher;
+    fn build_hasher(&self) -> KeyedMixHasher {
+        KeyedMixHasher::default()
+    }
+}
+
+impl std::hash::Hasher for KeyedMixHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u16(&mut self, v: u16) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_u64(&mut self, v: u64) {
+        let w = &mut self.words[self.n % 2];
+        *w = w.rotate_left(16) ^ v;
+        self.n += 1;
+    }
+    fn finish(&self) -> u64 {
+        pviommu_hv::storage::hash64(0x5eed, self.words[0], self.words[1])
+    }
+}
+
+impl NaiveEngine {
+    fn new(slots: u32) -> Self {
+        NaiveEngine {
+            slots: vec![None; slots as usize],
+            reverse: std::collections::HashMap::with_capacity_and_hasher(slots as usize, KeyedMix),
+            free: (0..slots).rev().collect(),
+        }
+    }
+
+    fn map<M: TableMemory>(
+        &mut self,
+        mem: &mut M,
+        pt: &mut IoPageTable<Vtd>,
+        base: u64,
+        (domid, gfn, mfn): (DomId, Gfn, Mfn),
+    ) -> Bfn {
+        let off = self.free.pop().expect("the bench maps within the table");
+        let bfn = Bfn(base + u64::from(off));
+        pt.map(mem, bfn, mfn, Permissions::RW, MemAttr::WriteBack)
+            .unwrap();
+        self.slots[off as usize] = Some((domid, gfn, mfn));
+        self.reverse.insert((domid, gfn), off);
+        bfn
+    }
+
+    fn unmap<M: TableMemory>(
+        &mut self,
+        mem: &mut M,
+        pt: &mut IoPageTable<Vtd>,
+        base: u64,
+        bfn: Bfn,
+    ) -> Mfn {
+        let off = (bfn.0 - base) as u32;
+        let (domid, gfn, mfn) = self.slots[off as usize].take().unwrap();
+        self.reverse.remove(&(domid, gfn));
+        pt.unmap(mem, bfn).unwrap();
+        self.free.push(off);
+        mfn
+    }
+}
+
+/// The reference design next to the engine path, in the same run: alone
+/// over plain memory (`reference: naive engine`, to set against
+/// `floor-pte-store`), and with the simulated host's services of
+/// `floor-platform, own context` (`reference: naive engine + host`, to set
+/// against `engine, own context`).
+fn naive_reference(c: &mut Criterion) {
+    let mut group = c.benchmark_group("map+unmap per page (VT-d)");
+    for batch in [64u64, 512, 1024] {
+        group.throughput(Throughput::Elements(batch));
+        let base = 0x10_0000u64;
+        let mut mem = FlatTables {
+            frames: Vec::new(),
+            counts: Vec::new(),
+            free: Vec::new(),
+        };
+        let mut pt = IoPageTable::<Vtd>::new(&mut mem).unwrap();
+        let mut naive = NaiveEngine::new(batch as u32 + 8);
+        let mut bfns = Vec::with_capacity(batch as usize);
+        group.bench_with_input(
+            BenchmarkId::new("reference: naive engine", batch),
+            &batch,
+            |b, _| {
+                b.iter(|| {
+                    bfns.clear();
+                    for g in 1..=batch {
+                        let page = (GUEST, Gfn(g), Mfn(7 + 3 * g));
+                        bfns.push(naive.map(&mut mem, &mut pt, base, page));
+                    }
+                    for &bfn in &bfns {
+                        naive.unmap(&mut mem, &mut pt, base, bfn);
+                    }
+                    pt.release_freed(&mut mem);
+                })
+            },
+        );
+
+        let (mut m, _e) = setup(batch + 8, Format::Vtd);
+        m.set_coherent_table_walks(true);
+        let options = TableOptions {
+            levels: 4,
+            superpages: false,
+            recycle: true,
+        };
+        let mut pt = IoPageTable::<Vtd>::with_options(&mut m, options).unwrap();
+        let mut naive = NaiveEngine::new(batch as u32 + 8);
+        group.bench_with_input(
+            BenchmarkId::new("reference: naive engine + host", batch),
+            &batch,
+            |b, _| {
+                b.iter(|| {
+                    bfns.clear();
+                    for g in 1..=batch {
+                        let mfn = m.get_page(GUEST, Gfn(g), true).unwrap().mfn.unwrap();
+                        bfns.push(naive.map(&mut m, &mut pt, base, (GUEST, Gfn(g), mfn)));
+                    }
+                    for &bfn in &bfns {
+                        let mfn = naive.unmap(&mut m, &mut pt, base, bfn);
+                        m.put_page(mfn, true);
+                    }
+                    pt.release_freed(&mut m);
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
 /// The engine path with many mappings already live: per-page cost should
 /// not depend on how many there are. Also the gfn hook for a gfn nobody
 /// mapped, of a target that has mappings (the ballooning case).
@@ -671,6 +838,7 @@ criterion_group!(
     bench,
     floor,
     platform_floor,
+    naive_reference,
     scale,
     teardown,
     drain,
