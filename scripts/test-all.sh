@@ -82,19 +82,34 @@ if [[ -x tests/xen-qemu/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
 
   # The same checks on that Xen, FLASK enforcing: every PV-IOMMU call the
   # checks make passes the pv_iommu class's permissions (attach against the
-  # device's label among them), and nothing of the class is denied. Fewer
-  # measured and hostile calls than the first boot (the checks are the same).
+  # device's label among them), and nothing of the class is denied but the
+  # one attach the negative check makes on purpose (init.sh,
+  # flask_attach_refused_by_label: edu A, 0000:00:06.0, labelled by
+  # build-xen-flask.sh with a type dom0 has no pv_iommu attach on). That
+  # denial must be there: without it FLASK did not refuse, or the check did
+  # not run. Fewer measured and hostile calls than the first boot (the checks
+  # are the same, one more).
   step "Xen 4.17 with XSM/FLASK enforcing in QEMU"
   SKIP_XEN_BUILD=1 XEN_BIN="$BUILD/xen-flask-test.bin" XEN_EXTRA_ARGS="flask=enforcing" \
     MEASURE_PAGES=4096 FUZZ_CALLS=20000 BIG_PAGES=16384 tests/xen-qemu/run.sh
   log="$BUILD/xen-qemu/serial.log"
   grep -aq "Flask:  Starting in enforcing mode" "$log" ||
     { echo "FAIL: the Xen booted for the FLASK checks is not enforcing" >&2; exit 1; }
-  if grep -a "avc:  denied" "$log" | grep -a "tclass=pv_iommu"; then
-    echo "FAIL: FLASK denied a PV-IOMMU permission the checks needed" >&2
+  # xen/xsm/flask/avc.c prints a device as device=<sbdf in hex> (0x30: bus
+  # 0, devfn 6.0), after the caller (current=d0), one printk per denial.
+  expected_denial='avc:  denied  [{] attach [}] for .*device=0x30 scontext=system_u:system_r:dom0_t tcontext=system_u:object_r:pviommu_noattach_dev_t tclass=pv_iommu'
+  denials="$(grep -a "avc:  denied" "$log" | grep -a "tclass=pv_iommu" || true)"
+  if printf '%s\n' "$denials" | grep -av -e "$expected_denial" | grep -a .; then
+    echo "FAIL: FLASK denied a PV-IOMMU permission the checks needed (above)" >&2
     exit 1
   fi
-  echo "FLASK enforcing: no pv_iommu permission denied"
+  expected_seen="$(printf '%s\n' "$denials" | grep -ac -e "$expected_denial" || true)"
+  if [ "$expected_seen" != 1 ]; then
+    echo "FAIL: want exactly one denial of dom0's attach of 0000:00:06.0 (pviommu_noattach_dev_t), saw $expected_seen" >&2
+    exit 1
+  fi
+  printf '%s\n' "$denials"
+  echo "FLASK enforcing: no pv_iommu permission denied but the negative check's attach"
 fi
 
 if [[ -x tests/xen-qemu-arm64/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then

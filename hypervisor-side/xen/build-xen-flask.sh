@@ -5,8 +5,9 @@
 # the class and its permissions reached the compiled policy and the binary,
 # and that the policy grants dom0 what patch 0004 says it does. The policy
 # also gets the Xen-in-QEMU test's site rules (tests/xen-qemu/flask-site.te:
-# a device model given a device), and the binary is kept as
-# $BUILD/xen-flask-test.bin for test-all.sh's FLASK-enforcing boot.
+# a device model given a device, and a device dom0 may not attach), and the
+# binary is kept as $BUILD/xen-flask-test.bin for test-all.sh's
+# FLASK-enforcing boot.
 # Installs checkpolicy (Debian) if missing. Run after build-xen.sh.
 #
 #   PVIOMMU_BUILD_DIR   build directory (default <repo>/build)
@@ -28,6 +29,13 @@ cp -a "$WORK" "$FLASK"
 # boot of the Xen-in-QEMU test can run its checks enforcing; the grants the
 # checks below look for are the patch's own.
 cat "$REPO/tests/xen-qemu/flask-site.te" >> "$FLASK/tools/flask/policy/modules/domU.te"
+# The device the FLASK boot's negative check attaches and FLASK must refuse:
+# edu A (0000:00:06.0 on run.sh's QEMU line, sbdf 0x30: seg << 16 | bus << 8
+# | devfn, as security_device_sid takes it), labelled with a type
+# flask-site.te grants dom0 no pv_iommu attach on.
+NOATTACH_SBDF=0x30
+NOATTACH_TYPE=pviommu_noattach_dev_t
+echo "pcidevicecon $NOATTACH_SBDF system_u:object_r:$NOATTACH_TYPE" >> "$FLASK/tools/flask/policy/policy/device_contexts"
 cd "$FLASK/xen"
 sed -i 's/^# CONFIG_XSM is not set/CONFIG_XSM=y/' .config
 printf 'CONFIG_XSM_FLASK=y\nCONFIG_XSM_FLASK_POLICY=y\n' >> .config
@@ -65,6 +73,13 @@ if [ -f "$conf" ]; then
                 "allow$s+dom0_t$s+nic_dev_t:pv_iommu$s+attach;"; do
         grep -qE "$rule" "$conf" || { echo "build-xen-flask: FAIL: '$rule' not in $conf" >&2; fail=1; }
     done
+    # The negative check's device: labelled, and no rule naming its type
+    # grants a pv_iommu permission (test-all.sh requires the denial).
+    grep -qE "^$s*pcidevicecon$s+$NOATTACH_SBDF$s+system_u:object_r:$NOATTACH_TYPE\b" "$conf" ||
+        { echo "build-xen-flask: FAIL: $NOATTACH_SBDF is not labelled $NOATTACH_TYPE in $conf" >&2; fail=1; }
+    if grep -E "^$s*allow$s.*\b$NOATTACH_TYPE\b.*:pv_iommu" "$conf" >&2; then
+        echo "build-xen-flask: FAIL: the policy grants pv_iommu on $NOATTACH_TYPE (above)" >&2; fail=1
+    fi
 else
     echo "build-xen-flask: FAIL: no $conf (the policy's m4 output)" >&2; fail=1
 fi
