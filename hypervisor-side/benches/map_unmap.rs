@@ -29,6 +29,11 @@
 //! batches of 512 on top, timing every run call: the longest one is how
 //! long a map can hold its driver lock while the tables grow.
 //!
+//! `whole range` (a summary line, printed when no filter or a filter
+//! naming it is given) times one gfn hook that revokes every mapping of a
+//! range the mediator maps whole, 512 pages to 1 GiB: the work a hook does
+//! in one go, where a teardown slices it.
+//!
 //! `revocation drain` has a driver domain take the notices of 16 Ki
 //! revoked pages through the hypercall path, one per call (`revoked_next`
 //! with the previous `revoked_ack`) and in rounds of 128 of one context
@@ -833,6 +838,61 @@ fn growth(_c: &mut Criterion) {
     );
 }
 
+/// A gfn hook over a range the mediator maps whole revokes every mapping
+/// in one go, with the cell's lock held (and on Xen the target's p2m write
+/// lock): unlike a teardown, not in slices. A summary line (printed when
+/// no filter or a filter naming `whole range` is given) times one such
+/// hook per size, from 512 mapped pages (a domU's own balloon-out of order
+/// 9) to 1 GiB (order 18: VRAM tracking over a range the mediator maps, a
+/// superpage's type change), each after mapping the range afresh; the
+/// median of 5.
+fn hook_over_whole_range(_c: &mut Criterion) {
+    use std::time::{Duration, Instant};
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    if !filters.is_empty() && !filters.iter().any(|f| f.contains("whole range")) {
+        return;
+    }
+    for order in [9u32, 12, 15, 18] {
+        let pages = 1u64 << order;
+        let cfg = Config {
+            quota: 2 << 20,
+            ..Config::default()
+        };
+        let mut times: Vec<Duration> = (0..5)
+            .map(|_| {
+                let (mut m, e) = setup_with(pages + 8, Format::Vtd, cfg);
+                map_all(&mut m, &e, pages);
+                let t = Instant::now();
+                e.gfn_changed(
+                    &mut m,
+                    GUEST,
+                    Gfn(0),
+                    order,
+                    pviommu_hv::engine::GfnChange::WriteLost,
+                );
+                let took = t.elapsed();
+                let revoked = e.driver_state(DomId::DOM0).map_or(0, |d| d.revoked());
+                assert_eq!(
+                    revoked, pages,
+                    "the hook revoked every mapping of its range"
+                );
+                took
+            })
+            .collect();
+        times.sort();
+        eprintln!(
+            "summary: gfn hook (write lost, order {order}) over {pages} mapped pages, in one go: \
+             median {:?} ({:.0} ns a mapping), longest {:?}",
+            times[2],
+            times[2].as_nanos() as f64 / pages as f64,
+            times[4]
+        );
+    }
+}
+
 criterion_group!(
     benches,
     bench,
@@ -842,6 +902,7 @@ criterion_group!(
     scale,
     teardown,
     drain,
-    growth
+    growth,
+    hook_over_whole_range
 );
 criterion_main!(benches);
