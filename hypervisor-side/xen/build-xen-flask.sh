@@ -74,7 +74,10 @@ if [ -f "$conf" ]; then
         grep -qE "$rule" "$conf" || { echo "build-xen-flask: FAIL: '$rule' not in $conf" >&2; fail=1; }
     done
     # The negative check's device: labelled, and no rule naming its type
-    # grants a pv_iommu permission (test-all.sh requires the denial).
+    # grants a pv_iommu permission (test-all.sh requires the denial). The
+    # grep sees a rule naming the type on one line, not a grant through an
+    # attribute (resource_type) or split over lines: the boot's required
+    # denial is the authority, this catches the plain case at build time.
     grep -qE "^$s*pcidevicecon$s+$NOATTACH_SBDF$s+system_u:object_r:$NOATTACH_TYPE\b" "$conf" ||
         { echo "build-xen-flask: FAIL: $NOATTACH_SBDF is not labelled $NOATTACH_TYPE in $conf" >&2; fail=1; }
     if grep -E "^$s*allow$s.*\b$NOATTACH_TYPE\b.*:pv_iommu" "$conf" >&2; then
