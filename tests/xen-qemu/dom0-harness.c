@@ -13,6 +13,8 @@
  *   destroy DOMID [TRIES]       destroy, wait (TRIES x 20 ms, default 100), print gone|zombie
  *   unpopulate DOMID GFN        remove one gfn from a domain (guest_remove_page path)
  *   rmphysmap DOMID GFN         XENMEM_remove_from_physmap of one gfn
+ *   logdirty N                  HVM domain of N pages mapped writable; log-dirty on
+ *                               revokes them all (timed), RW refused / RO ok while on
  *   hc caps | hc cmd N | hc map DOMID GFN FLAGS [CTX] | hc unmap BFN [CTX] | hc lookup BFN
  *   hc revoked-next | hc revoked-ack BFN
  *   hc ctx-create | hc ctx-destroy CTX | hc attach CTX SBDF | hc detach CTX SBDF
@@ -1149,6 +1151,89 @@ static int cmd_bigdestroy(unsigned long n)
     return 0;
 }
 
+/* One map of (domid, gfn) with `flags` through the batch path: its status;
+ * the BFN in *bfn when it succeeded. */
+static int map_one(uint32_t domid, xen_pfn_t gfn, uint32_t flags, uint64_t *bfn)
+{
+    memset(&ops[0], 0, sizeof(ops[0]));
+    ops[0].subop = PVIOMMU_OP_map; ops[0].flags = flags;
+    ops[0].domid = domid; ops[0].gfn = gfn;
+    run_batch(1, NULL);
+    *bfn = ops[0].status ? 0 : ops[0].bfn;
+    return ops[0].status;
+}
+
+/* One unmap of `bfn` in context 0: its status. */
+static int unmap_one(uint64_t bfn)
+{
+    memset(&ops[0], 0, sizeof(ops[0]));
+    ops[0].subop = PVIOMMU_OP_unmap; ops[0].bfn = bfn;
+    run_batch(1, NULL);
+    return ops[0].status;
+}
+
+/*
+ * Log-dirty mode over an HVM domain whose N pages dom0 maps writable. A
+ * device write bypasses the dirty log, so Xen's paging_log_dirty_enable()
+ * calls pviommu_log_dirty_enabled(), which must revoke every writable
+ * mapping of the domain (acknowledged here by unmapping: ESTALE each); while
+ * the mode is on, a writable map is refused (EACCES) and a read-only one is
+ * not; once it is off, writable maps work again. The enable domctl is timed
+ * with the N pages mapped and again with nothing of the domain mapped: the
+ * difference is the hook's revocations, done in one go.
+ */
+static int cmd_logdirty(unsigned long n)
+{
+    xen_pfn_t *frames = calloc(n, sizeof(*frames));
+    uint64_t *bfns = calloc(n, sizeof(*bfns));
+    struct pv_iommu_caps c;
+    uint32_t domid;
+    unsigned long mapped, i, estale = 0, other = 0;
+    long calls = 0, batches = 0;
+    uint64_t ro_bfn, rw_bfn;
+    int on_rc, rw_on, ro_on, ro_unmap, off_rc, rw_off, rw_unmap, on2_rc, off2_rc;
+    double t0, t1, t2, t3;
+
+    if ( !frames || !bfns ) die("calloc");
+    op_bufs();
+    if ( query_caps(&c) == 0 && c.max_batch_ops ) max_ops = c.max_batch_ops < OPS_CAP ? c.max_batch_ops : OPS_CAP;
+    domid = make_hvm_domain(n, frames);
+    mapped = map_all(domid, frames, n, bfns, &calls, &batches);
+
+    t0 = now();
+    on_rc = xc_shadow_control(xch, domid, XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY, NULL, 0) ? -errno : 0;
+    t1 = now();
+    rw_on = map_one(domid, frames[0], PVIOMMU_F_READ | PVIOMMU_F_WRITE, &rw_bfn);
+    if ( rw_bfn ) unmap_one(rw_bfn);
+    ro_on = map_one(domid, frames[0], PVIOMMU_F_READ, &ro_bfn);
+    ro_unmap = ro_bfn ? unmap_one(ro_bfn) : 1;
+    /* Every writable mapping was revoked: each unmap acknowledges one. */
+    for ( i = 0; i < n; i++ )
+        if ( bfns[i] )
+        {
+            if ( unmap_one(bfns[i]) == -116 ) estale++; else other++;
+        }
+    off_rc = xc_shadow_control(xch, domid, XEN_DOMCTL_SHADOW_OP_OFF, NULL, 0) ? -errno : 0;
+    rw_off = map_one(domid, frames[0], PVIOMMU_F_READ | PVIOMMU_F_WRITE, &rw_bfn);
+    rw_unmap = rw_bfn ? unmap_one(rw_bfn) : 1;
+
+    /* The same enable with nothing of the domain mapped. */
+    t2 = now();
+    on2_rc = xc_shadow_control(xch, domid, XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY, NULL, 0) ? -errno : 0;
+    t3 = now();
+    off2_rc = xc_shadow_control(xch, domid, XEN_DOMCTL_SHADOW_OP_OFF, NULL, 0) ? -errno : 0;
+    xc_domain_destroy(xch, domid);
+
+    printf("logdirty domid=%u pages=%lu mapped=%lu on_rc=%d rw_while_on=%d ro_while_on=%d ro_unmap=%d"
+           " estale=%lu other=%lu off_rc=%d rw_after_off=%d rw_unmap=%d on2_rc=%d off2_rc=%d\n",
+           domid, n, mapped, on_rc, rw_on, ro_on, ro_unmap, estale, other, off_rc, rw_off, rw_unmap,
+           on2_rc, off2_rc);
+    printf("MEASURE logdirty_enable pages=%lu mapped=%lu seconds_mapped=%.4f seconds_nothing_mapped=%.4f\n",
+           n, mapped, t1 - t0, t3 - t2);
+    free(frames); free(bfns);
+    return 0;
+}
+
 /* ---------------- hostile-input fuzzer ---------------- */
 /*
  * Random commands, batch headers and op arrays, including garbage guest
@@ -1881,6 +1966,7 @@ int main(int argc, char **argv)
     if ( !strcmp(c, "peek") && argc >= 4 ) return cmd_peek(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0), 0);
     if ( !strcmp(c, "match") && argc >= 4 ) return cmd_peek(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0), 1);
     if ( !strcmp(c, "unpopulate") && argc >= 4 ) return cmd_unpopulate(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0));
+    if ( !strcmp(c, "logdirty") && argc >= 3 ) return cmd_logdirty(strtoul(argv[2], NULL, 0));
     if ( !strcmp(c, "rmphysmap") && argc >= 4 ) return cmd_rmphysmap(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0));
     if ( !strcmp(c, "destroy") && argc >= 3 ) return cmd_destroy(strtoul(argv[2], NULL, 0), argc >= 4 ? atoi(argv[3]) : 100);
     if ( !strcmp(c, "ppgtt-setup") && argc >= 3 ) return cmd_ppgtt_setup(strtoul(argv[2], NULL, 0));

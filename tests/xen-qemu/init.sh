@@ -259,6 +259,26 @@ else
     run $H hc unmap $BH >/dev/null
 fi
 
+# Log-dirty mode (paging_log_dirty_enable's hook): a device write would
+# bypass the dirty log, so turning it on revokes every writable mapping of
+# the domain (each acknowledged by an unmap answered ESTALE); while it is
+# on a writable map is refused (EACCES) and a read-only one is not, and
+# once it is off writable maps work again. dom0-harness logdirty: an HVM
+# domain of 4096 pages, all mapped writable, then destroyed. The enable is
+# timed with the pages mapped and with nothing mapped (the hook revokes
+# them in one go: design/xen-integration.md, known gaps).
+o=$(run $H logdirty 4096)
+if [ "$(field "$o" mapped)" = 4096 ] && [ "$(field "$o" on_rc)" = 0 ] && [ "$(field "$o" rw_while_on)" = -13 ] \
+   && [ "$(field "$o" ro_while_on)" = 0 ] && [ "$(field "$o" ro_unmap)" = 0 ] \
+   && [ "$(field "$o" estale)" = 4096 ] && [ "$(field "$o" other)" = 0 ] && [ "$(field "$o" off_rc)" = 0 ] \
+   && [ "$(field "$o" rw_after_off)" = 0 ] && [ "$(field "$o" rw_unmap)" = 0 ] \
+   && [ "$(field "$o" on2_rc)" = 0 ] && [ "$(field "$o" off2_rc)" = 0 ]; then
+    ok log_dirty_revokes_writable_maps
+else
+    ko log_dirty_revokes_writable_maps "$o"
+fi
+echo "$o" | grep '^MEASURE'
+
 # 6) The GPU mediator's path (issue 11). A guest's GPU driver laid out a Gen8
 # PPGTT and buffers of known bytes in its memory (ppgtt-setup); dom0 shadows
 # it with the project's tool over privcmd (`pviommu shadow watch`: one live
