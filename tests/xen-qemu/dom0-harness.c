@@ -1198,6 +1198,8 @@ static int cmd_logdirty(unsigned long n)
     op_bufs();
     if ( query_caps(&c) == 0 && c.max_batch_ops ) max_ops = c.max_batch_ops < OPS_CAP ? c.max_batch_ops : OPS_CAP;
     domid = make_hvm_domain(n, frames);
+    /* Paging domctls refuse a domain without vCPU 0 (paging_domctl: EINVAL). */
+    if ( xc_domain_max_vcpus(xch, domid, 1) ) die("xc_domain_max_vcpus");
     mapped = map_all(domid, frames, n, bfns, &calls, &batches);
 
     t0 = now();
