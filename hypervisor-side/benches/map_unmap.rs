@@ -51,6 +51,7 @@ use pviommu_hv::config::Config;
 use pviommu_hv::engine::MAP_CHUNK;
 use pviommu_hv::pgtable::{vtd::Vtd, IoPageTable, TableMemory, TableOptions};
 use pviommu_hv::platform::{DomainInfo, Platform};
+use pviommu_hv::sim::reference::NaiveEngine;
 use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
 use pviommu_hv::{Engine, Errno, Mfn};
 
@@ -382,101 +383,6 @@ fn platform_floor(c: &mut Criterion) {
     group.finish();
 }
 
-/// The reference design, on the same page-table format: a flat
-/// table of mappings indexed by BFN offset, a hash reverse index by (domain,
-/// gfn), a free list of BFN offsets, and the PTE store. No locks, no
-/// reference counts or dedup, no revocation state, no gates, no checks of
-/// who may map what: the bookkeeping any engine must at least do, written
-/// as plainly as it can be. Its reverse index is std's `HashMap` (hashbrown)
-/// with the engine's keyed mix for a hash (std's default SipHash made the
-/// reference 40 % slower).
-struct NaiveEngine {
-    /// Slot per BFN offset: (domain, gfn, frame) of a live mapping.
-    slots: Vec<Option<(DomId, Gfn, Mfn)>>,
-    /// (domain, gfn) -> BFN offset.
-    reverse: std::collections::HashMap<(DomId, Gfn), u32, KeyedMix>,
-    /// Free BFN offsets, the lowest on top.
-    free: Vec<u32>,
-}
-
-/// The engine's hash of a page for the reference's `HashMap`: the domain
-/// and the gfn through [`pviommu_hv::storage::hash64`].
-#[derive(Clone, Copy, Default)]
-struct KeyedMix;
-
-#[derive(Default)]
-struct KeyedMixHasher {
-    words: [u64; 2],
-    n: usize,
-}
-
-impl std::hash::BuildHasher for KeyedMix {
-    type Hasher = KeyedMixHasher;
-    fn build_hasher(&self) -> KeyedMixHasher {
-        KeyedMixHasher::default()
-    }
-}
-
-impl std::hash::Hasher for KeyedMixHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-    fn write_u16(&mut self, v: u16) {
-        self.write_u64(u64::from(v));
-    }
-    fn write_u64(&mut self, v: u64) {
-        let w = &mut self.words[self.n % 2];
-        *w = w.rotate_left(16) ^ v;
-        self.n += 1;
-    }
-    fn finish(&self) -> u64 {
-        pviommu_hv::storage::hash64(0x5eed, self.words[0], self.words[1])
-    }
-}
-
-impl NaiveEngine {
-    fn new(slots: u32) -> Self {
-        NaiveEngine {
-            slots: vec![None; slots as usize],
-            reverse: std::collections::HashMap::with_capacity_and_hasher(slots as usize, KeyedMix),
-            free: (0..slots).rev().collect(),
-        }
-    }
-
-    fn map<M: TableMemory>(
-        &mut self,
-        mem: &mut M,
-        pt: &mut IoPageTable<Vtd>,
-        base: u64,
-        (domid, gfn, mfn): (DomId, Gfn, Mfn),
-    ) -> Bfn {
-        let off = self.free.pop().expect("the bench maps within the table");
-        let bfn = Bfn(base + u64::from(off));
-        pt.map(mem, bfn, mfn, Permissions::RW, MemAttr::WriteBack)
-            .unwrap();
-        self.slots[off as usize] = Some((domid, gfn, mfn));
-        self.reverse.insert((domid, gfn), off);
-        bfn
-    }
-
-    fn unmap<M: TableMemory>(
-        &mut self,
-        mem: &mut M,
-        pt: &mut IoPageTable<Vtd>,
-        base: u64,
-        bfn: Bfn,
-    ) -> Mfn {
-        let off = (bfn.0 - base) as u32;
-        let (domid, gfn, mfn) = self.slots[off as usize].take().unwrap();
-        self.reverse.remove(&(domid, gfn));
-        pt.unmap(mem, bfn).unwrap();
-        self.free.push(off);
-        mfn
-    }
-}
-
 /// The reference design next to the engine path, in the same run: alone
 /// over plain memory (`reference: naive engine`, to set against
 /// `floor-pte-store`), and with the simulated host's services of
@@ -503,10 +409,10 @@ fn naive_reference(c: &mut Criterion) {
                     bfns.clear();
                     for g in 1..=batch {
                         let page = (GUEST, Gfn(g), Mfn(7 + 3 * g));
-                        bfns.push(naive.map(&mut mem, &mut pt, base, page));
+                        bfns.push(naive.map(&mut mem, &mut pt, base, page).unwrap());
                     }
                     for &bfn in &bfns {
-                        naive.unmap(&mut mem, &mut pt, base, bfn);
+                        naive.unmap(&mut mem, &mut pt, base, bfn).unwrap();
                     }
                     pt.release_freed(&mut mem);
                 })
@@ -530,10 +436,14 @@ fn naive_reference(c: &mut Criterion) {
                     bfns.clear();
                     for g in 1..=batch {
                         let mfn = m.get_page(GUEST, Gfn(g), true).unwrap().mfn.unwrap();
-                        bfns.push(naive.map(&mut m, &mut pt, base, (GUEST, Gfn(g), mfn)));
+                        bfns.push(
+                            naive
+                                .map(&mut m, &mut pt, base, (GUEST, Gfn(g), mfn))
+                                .unwrap(),
+                        );
                     }
                     for &bfn in &bfns {
-                        let mfn = naive.unmap(&mut m, &mut pt, base, bfn);
+                        let mfn = naive.unmap(&mut m, &mut pt, base, bfn).unwrap();
                         m.put_page(mfn, true);
                     }
                     pt.release_freed(&mut m);

@@ -20,6 +20,11 @@
 //! `engine_rounds 200 context` maps into a context of dom0's own (the
 //! engine writes its own VT-d tables; the host only looks pages up and
 //! references them), the context a mediator attaches its GPU to.
+//!
+//! `engine_rounds 200 reference` runs the issue's reference design
+//! ([`pviommu_hv::sim::reference::NaiveEngine`]) over the same host services
+//! as `context` (the criterion row `reference: naive engine + host`): what
+//! the engine's bookkeeping is measured against, in instructions.
 
 use pviommu_abi::{
     Bfn, ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions, PvIommuOp, Request,
@@ -42,13 +47,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (hypercall, own_context) = match std::env::args().nth(2).as_deref() {
-        None | Some("engine") => (false, false),
-        Some("hypercall") => (true, false),
-        Some("context") => (false, true),
+    let (hypercall, own_context, reference) = match std::env::args().nth(2).as_deref() {
+        None | Some("engine") => (false, false, false),
+        Some("hypercall") => (true, false, false),
+        Some("context") => (false, true, false),
+        Some("reference") => (false, false, true),
         Some(other) => {
             eprintln!(
-                "engine_rounds: the path is `engine`, `hypercall` or `context`, not `{other}`"
+                "engine_rounds: the path is `engine`, `hypercall`, `context` or `reference`, \
+                 not `{other}`"
             );
             return ExitCode::FAILURE;
         }
@@ -74,6 +81,9 @@ fn main() -> ExitCode {
         eprintln!("engine_rounds: the simulated machine has no dom0");
         return ExitCode::FAILURE;
     };
+    if reference {
+        return reference_rounds(&mut m, e.window().start, rounds);
+    }
     let context = if own_context {
         // The simulated IOMMU's own work (its refill after each flush, and
         // with `PVIOMMU_NONCOHERENT` set the stale-line model) is not the
@@ -177,5 +187,60 @@ fn hypercall_rounds(m: &mut SimMachine, e: &Engine, reqs: &[MapRequest], rounds:
         }
     }
     println!("{rounds} rounds of {BATCH} pages mapped and unmapped through the hypercall");
+    ExitCode::SUCCESS
+}
+
+/// The reference design's rounds over the host services of `context`: the
+/// page looked up and referenced, its entry written by the walker into the
+/// host's (coherent) table memory, cleared, the reference dropped.
+fn reference_rounds(m: &mut SimMachine, base: u64, rounds: u64) -> ExitCode {
+    use pviommu_hv::pgtable::{vtd::Vtd, IoPageTable, TableOptions};
+    use pviommu_hv::sim::reference::NaiveEngine;
+    m.speculative_refill = false;
+    m.set_coherent_table_walks(true);
+    let options = TableOptions {
+        levels: 4,
+        superpages: false,
+        recycle: true,
+    };
+    let mut pt = match IoPageTable::<Vtd>::with_options(m, options) {
+        Ok(pt) => pt,
+        Err(err) => {
+            eprintln!("engine_rounds: cannot make the reference's tables: {err:?}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut naive = NaiveEngine::new(BATCH as u32 + 8);
+    let mut bfns = Vec::with_capacity(BATCH as usize);
+    for round in 0..rounds {
+        bfns.clear();
+        for g in 1..=BATCH {
+            let mapped = m
+                .get_page(GUEST, Gfn(g), true)
+                .ok()
+                .and_then(|page| page.mfn)
+                .and_then(|mfn| naive.map(m, &mut pt, base, (GUEST, Gfn(g), mfn)));
+            match mapped {
+                Some(bfn) => bfns.push(bfn),
+                None => {
+                    eprintln!(
+                        "engine_rounds: round {round}: the reference's map of gfn {g} failed"
+                    );
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        for &bfn in &bfns {
+            match naive.unmap(m, &mut pt, base, bfn) {
+                Some(mfn) => m.put_page(mfn, true),
+                None => {
+                    eprintln!("engine_rounds: round {round}: the reference's unmap failed");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        pt.release_freed(m);
+    }
+    println!("{rounds} rounds of {BATCH} pages mapped and unmapped by the reference design");
     ExitCode::SUCCESS
 }

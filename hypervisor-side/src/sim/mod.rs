@@ -11,6 +11,7 @@ mod guest_call;
 pub mod hardware;
 mod machine;
 mod p2m;
+pub mod reference;
 
 pub use hardware::{DmaFault, FaultReason};
 pub use machine::{DomainSpec, Format, FrameInfo, Owner, SimMachine};

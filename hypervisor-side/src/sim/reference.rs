@@ -1,0 +1,151 @@
+//! The issue's reference design for the engine's bookkeeping (issue 10:
+//! "a naive flat-table engine written for comparison"), kept beside the
+//! simulator so the `map_unmap` bench and the `engine_rounds` example
+//! measure it next to the engine over the same host services. Not an
+//! engine: no locks, no checks of who may map what, no revocation.
+
+use crate::pgtable::{vtd::Vtd, IoPageTable, TableMemory};
+use crate::Mfn;
+use pviommu_abi::{Bfn, DomId, Gfn, MemAttr, Permissions};
+
+/// The issue's reference design, on the same page-table format: a flat
+/// table of mappings indexed by BFN offset, a hash reverse index by (domain,
+/// gfn), a free list of BFN offsets, and the PTE store. No locks, no
+/// reference counts or dedup, no revocation state, no gates, no checks of
+/// who may map what: the bookkeeping any engine must at least do, written
+/// as plainly as it can be. Its reverse index is std's `HashMap` (hashbrown)
+/// with the engine's keyed mix for a hash (std's default SipHash made the
+/// reference 40 % slower).
+pub struct NaiveEngine {
+    /// Slot per BFN offset: (domain, gfn, frame) of a live mapping.
+    slots: Vec<Option<(DomId, Gfn, Mfn)>>,
+    /// (domain, gfn) -> BFN offset.
+    reverse: std::collections::HashMap<(DomId, Gfn), u32, KeyedMix>,
+    /// Free BFN offsets, the lowest on top.
+    free: Vec<u32>,
+}
+
+/// The engine's hash of a page for the reference's `HashMap`: the domain
+/// and the gfn through [`crate::storage::hash64`].
+#[derive(Clone, Copy, Default)]
+pub struct KeyedMix;
+
+/// [`KeyedMix`]'s hasher: the key's two words, mixed at the end.
+#[derive(Default)]
+pub struct KeyedMixHasher {
+    words: [u64; 2],
+    n: usize,
+}
+
+impl std::hash::BuildHasher for KeyedMix {
+    type Hasher = KeyedMixHasher;
+    fn build_hasher(&self) -> KeyedMixHasher {
+        KeyedMixHasher::default()
+    }
+}
+
+impl std::hash::Hasher for KeyedMixHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u16(&mut self, v: u16) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_u64(&mut self, v: u64) {
+        let w = &mut self.words[self.n % 2];
+        *w = w.rotate_left(16) ^ v;
+        self.n += 1;
+    }
+    fn finish(&self) -> u64 {
+        crate::storage::hash64(0x5eed, self.words[0], self.words[1])
+    }
+}
+
+impl NaiveEngine {
+    /// A reference engine for `slots` BFNs from offset 0.
+    pub fn new(slots: u32) -> Self {
+        NaiveEngine {
+            slots: vec![None; slots as usize],
+            reverse: std::collections::HashMap::with_capacity_and_hasher(slots as usize, KeyedMix),
+            free: (0..slots).rev().collect(),
+        }
+    }
+
+    /// Map `(domid, gfn, mfn)` read-write at the lowest free BFN offset
+    /// above `base`: its BFN, or `None` (table full, or the page table
+    /// refused; nothing kept then).
+    pub fn map<M: TableMemory>(
+        &mut self,
+        mem: &mut M,
+        pt: &mut IoPageTable<Vtd>,
+        base: u64,
+        (domid, gfn, mfn): (DomId, Gfn, Mfn),
+    ) -> Option<Bfn> {
+        let off = self.free.pop()?;
+        let bfn = Bfn(base + u64::from(off));
+        if pt
+            .map(mem, bfn, mfn, Permissions::RW, MemAttr::WriteBack)
+            .is_err()
+        {
+            self.free.push(off);
+            return None;
+        }
+        *self.slots.get_mut(off as usize)? = Some((domid, gfn, mfn));
+        self.reverse.insert((domid, gfn), off);
+        Some(bfn)
+    }
+
+    /// Unmap `bfn` (one [`map`](Self::map) returned): the frame it mapped,
+    /// or `None` for a BFN not mapped here.
+    pub fn unmap<M: TableMemory>(
+        &mut self,
+        mem: &mut M,
+        pt: &mut IoPageTable<Vtd>,
+        base: u64,
+        bfn: Bfn,
+    ) -> Option<Mfn> {
+        let off = u32::try_from(bfn.0.checked_sub(base)?).ok()?;
+        let slot = self.slots.get_mut(off as usize)?;
+        let (domid, gfn, mfn) = (*slot)?;
+        pt.unmap(mem, bfn).ok()?;
+        *slot = None;
+        self.reverse.remove(&(domid, gfn));
+        self.free.push(off);
+        Some(mfn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgtable::TableOptions;
+    use crate::sim::{Format, SimMachine};
+
+    #[test]
+    fn the_reference_maps_unmaps_and_refuses_what_it_did_not_map() {
+        let mut m = SimMachine::new(4096, Format::Vtd, 64);
+        let options = TableOptions {
+            levels: 4,
+            superpages: false,
+            recycle: true,
+        };
+        let mut pt = IoPageTable::<Vtd>::with_options(&mut m, options).unwrap();
+        let mut r = NaiveEngine::new(2);
+        let base = 0x10_0000;
+        let page = |g: u64| (DomId(1), Gfn(g), Mfn(7 + g));
+        let a = r.map(&mut m, &mut pt, base, page(5)).unwrap();
+        let b = r.map(&mut m, &mut pt, base, page(6)).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(r.map(&mut m, &mut pt, base, page(7)), None, "full");
+        // BFNs it did not hand out: refused, nothing changed.
+        for bfn in [Bfn(base + 5), Bfn(base - 1), Bfn(u64::MAX)] {
+            assert_eq!(r.unmap(&mut m, &mut pt, base, bfn), None);
+        }
+        assert_eq!(r.unmap(&mut m, &mut pt, base, a), Some(Mfn(12)));
+        assert_eq!(r.unmap(&mut m, &mut pt, base, a), None, "twice");
+        assert_eq!(r.map(&mut m, &mut pt, base, page(7)), Some(a), "reused");
+        assert_eq!(r.unmap(&mut m, &mut pt, base, b), Some(Mfn(13)));
+    }
+}
