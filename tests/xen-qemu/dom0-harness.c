@@ -1151,69 +1151,88 @@ static int cmd_bigdestroy(unsigned long n)
     return 0;
 }
 
-/* One map of (domid, gfn) with `flags` through the batch path: its status;
- * the BFN in *bfn when it succeeded. */
+/* One map of (domid, gfn) with `flags` through the batch path: its status
+ * (the hypercall's error if the batch itself failed); the BFN in *bfn when
+ * it succeeded. */
 static int map_one(uint32_t domid, xen_pfn_t gfn, uint32_t flags, uint64_t *bfn)
 {
+    long rc;
     memset(&ops[0], 0, sizeof(ops[0]));
     ops[0].subop = PVIOMMU_OP_map; ops[0].flags = flags;
     ops[0].domid = domid; ops[0].gfn = gfn;
-    run_batch(1, NULL);
-    *bfn = ops[0].status ? 0 : ops[0].bfn;
+    rc = run_batch(1, NULL);
+    *bfn = 0;
+    if ( rc < 0 ) return (int)rc;
+    if ( !ops[0].status ) *bfn = ops[0].bfn;
     return ops[0].status;
 }
 
-/* One unmap of `bfn` in context 0: its status. */
+/* One unmap of `bfn` in context 0: its status (or the hypercall's error). */
 static int unmap_one(uint64_t bfn)
 {
+    long rc;
     memset(&ops[0], 0, sizeof(ops[0]));
     ops[0].subop = PVIOMMU_OP_unmap; ops[0].bfn = bfn;
-    run_batch(1, NULL);
-    return ops[0].status;
+    rc = run_batch(1, NULL);
+    return rc < 0 ? (int)rc : ops[0].status;
 }
 
 /*
- * Log-dirty mode over an HVM domain whose N pages dom0 maps writable. A
- * device write bypasses the dirty log, so Xen's paging_log_dirty_enable()
- * calls pviommu_log_dirty_enabled(), which must revoke every writable
- * mapping of the domain (acknowledged here by unmapping: ESTALE each); while
- * the mode is on, a writable map is refused (EACCES) and a read-only one is
- * not; once it is off, writable maps work again. The enable domctl is timed
- * with the N pages mapped and again with nothing of the domain mapped: the
- * difference is the hook's revocations, done in one go.
+ * Log-dirty mode over an HVM domain whose N pages dom0 maps writable (and
+ * its first page also read-only). A device write bypasses the dirty log, so
+ * Xen's paging_log_dirty_enable() calls pviommu_log_dirty_enabled(), which
+ * must revoke every writable mapping of the domain, within the enable
+ * domctl (caps.revoked rises by N across it), and no read-only one (its
+ * unmap afterwards answers 0, not ESTALE); each revoked BFN is acknowledged
+ * by an unmap answered ESTALE. While the mode is on a writable map is
+ * refused (EACCES: the domain uses shadow paging, so the page's p2m type
+ * stays ram_rw and the refusal is the glue's log-dirty test, not a type's)
+ * and a read-only one is not; once it is off, writable maps work again.
+ * Then the domain is destroyed and must be freed, and dom0's BFNs in use
+ * are back where they started. The enable is timed with the N pages mapped
+ * and again with nothing of the domain mapped: the difference is the hook's
+ * revocations, done in one go.
  */
 static int cmd_logdirty(unsigned long n)
 {
     xen_pfn_t *frames = calloc(n, sizeof(*frames));
     uint64_t *bfns = calloc(n, sizeof(*bfns));
     struct pv_iommu_caps c;
+    xc_domaininfo_t info;
     uint32_t domid;
     unsigned long mapped, i, estale = 0, other = 0;
     long calls = 0, batches = 0;
-    uint64_t ro_bfn, rw_bfn;
-    int on_rc, rw_on, ro_on, ro_unmap, off_rc, rw_off, rw_unmap, on2_rc, off2_rc;
+    uint64_t used0, revoked0, revoked1, ro_bfn, rw_bfn, ro_keep_bfn;
+    int on_rc, ro_keep, rw_on, ro_on, ro_unmap, ro_keep_unmap, off_rc, rw_off, rw_unmap, on2_rc, off2_rc;
+    int gone = 0;
     double t0, t1, t2, t3;
 
     if ( !frames || !bfns ) die("calloc");
     op_bufs();
-    if ( query_caps(&c) == 0 && c.max_batch_ops ) max_ops = c.max_batch_ops < OPS_CAP ? c.max_batch_ops : OPS_CAP;
+    if ( query_caps(&c) || !c.max_batch_ops ) die("query_caps");
+    max_ops = c.max_batch_ops < OPS_CAP ? c.max_batch_ops : OPS_CAP;
+    used0 = c.used;
     domid = make_hvm_domain(n, frames);
     /* Paging domctls refuse a domain without vCPU 0 (paging_domctl: EINVAL). */
-    if ( xc_domain_max_vcpus(xch, domid, 1) ) die("xc_domain_max_vcpus");
+    if ( xc_domain_max_vcpus(xch, domid, 1) ) { xc_domain_destroy(xch, domid); die("xc_domain_max_vcpus"); }
     mapped = map_all(domid, frames, n, bfns, &calls, &batches);
+    ro_keep = map_one(domid, frames[0], PVIOMMU_F_READ, &ro_keep_bfn);
 
+    query_caps(&c); revoked0 = c.revoked;
     t0 = now();
     on_rc = xc_shadow_control(xch, domid, XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY, NULL, 0) ? -errno : 0;
     t1 = now();
+    query_caps(&c); revoked1 = c.revoked;
     rw_on = map_one(domid, frames[0], PVIOMMU_F_READ | PVIOMMU_F_WRITE, &rw_bfn);
     if ( rw_bfn ) unmap_one(rw_bfn);
-    ro_on = map_one(domid, frames[0], PVIOMMU_F_READ, &ro_bfn);
+    ro_on = map_one(domid, frames[1 % n], PVIOMMU_F_READ, &ro_bfn);
     ro_unmap = ro_bfn ? unmap_one(ro_bfn) : 1;
+    ro_keep_unmap = ro_keep_bfn ? unmap_one(ro_keep_bfn) : 1;
     /* Every writable mapping was revoked: each unmap acknowledges one. */
     for ( i = 0; i < n; i++ )
         if ( bfns[i] )
         {
-            if ( unmap_one(bfns[i]) == -116 ) estale++; else other++;
+            if ( unmap_one(bfns[i]) == -ESTALE ) estale++; else other++;
         }
     off_rc = xc_shadow_control(xch, domid, XEN_DOMCTL_SHADOW_OP_OFF, NULL, 0) ? -errno : 0;
     rw_off = map_one(domid, frames[0], PVIOMMU_F_READ | PVIOMMU_F_WRITE, &rw_bfn);
@@ -1224,12 +1243,22 @@ static int cmd_logdirty(unsigned long n)
     on2_rc = xc_shadow_control(xch, domid, XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY, NULL, 0) ? -errno : 0;
     t3 = now();
     off2_rc = xc_shadow_control(xch, domid, XEN_DOMCTL_SHADOW_OP_OFF, NULL, 0) ? -errno : 0;
-    xc_domain_destroy(xch, domid);
 
-    printf("logdirty domid=%u pages=%lu mapped=%lu on_rc=%d rw_while_on=%d ro_while_on=%d ro_unmap=%d"
-           " estale=%lu other=%lu off_rc=%d rw_after_off=%d rw_unmap=%d on2_rc=%d off2_rc=%d\n",
-           domid, n, mapped, on_rc, rw_on, ro_on, ro_unmap, estale, other, off_rc, rw_off, rw_unmap,
-           on2_rc, off2_rc);
+    /* Freed once its pages' references are all back (no zombie). */
+    if ( xc_domain_destroy(xch, domid) == 0 )
+        for ( i = 0; i < 500 && !gone; i++ )   /* up to 10 s */
+        {
+            int r = xc_domain_getinfolist(xch, domid, 1, &info);
+            gone = r < 1 || info.domain != domid;
+            if ( !gone ) usleep(20000);
+        }
+    query_caps(&c);
+
+    printf("logdirty domid=%u pages=%lu mapped=%lu ro_kept=%d on_rc=%d revoked_in_enable=%" PRIu64
+           " rw_while_on=%d ro_while_on=%d ro_unmap=%d ro_kept_unmap=%d estale=%lu other=%lu off_rc=%d"
+           " rw_after_off=%d rw_unmap=%d on2_rc=%d off2_rc=%d freed=%d used_back=%d\n",
+           domid, n, mapped, ro_keep, on_rc, revoked1 - revoked0, rw_on, ro_on, ro_unmap, ro_keep_unmap,
+           estale, other, off_rc, rw_off, rw_unmap, on2_rc, off2_rc, gone, c.used == used0);
     printf("MEASURE logdirty_enable pages=%lu mapped=%lu seconds_mapped=%.4f seconds_nothing_mapped=%.4f\n",
            n, mapped, t1 - t0, t3 - t2);
     free(frames); free(bfns);

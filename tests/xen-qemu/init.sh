@@ -261,18 +261,23 @@ fi
 
 # Log-dirty mode (paging_log_dirty_enable's hook): a device write would
 # bypass the dirty log, so turning it on revokes every writable mapping of
-# the domain (each acknowledged by an unmap answered ESTALE); while it is
-# on a writable map is refused (EACCES) and a read-only one is not, and
+# the domain within the enable (caps.revoked rises by 4096 across it; each
+# acknowledged by an unmap answered ESTALE) and no read-only one; while it
+# is on a writable map is refused (EACCES) and a read-only one is not, and
 # once it is off writable maps work again. dom0-harness logdirty: an HVM
-# domain of 4096 pages, all mapped writable, then destroyed. The enable is
-# timed with the pages mapped and with nothing mapped (the hook revokes
-# them in one go: design/xen-integration.md, known gaps).
+# domain of 4096 pages, all mapped writable (the first also read-only),
+# then destroyed: it must be freed and dom0's BFNs in use back where they
+# started. The enable is timed with the pages mapped and with nothing
+# mapped (the hook revokes them in one go: design/xen-integration.md,
+# known gaps).
 o=$(run $H logdirty 4096)
-if [ "$(field "$o" mapped)" = 4096 ] && [ "$(field "$o" on_rc)" = 0 ] && [ "$(field "$o" rw_while_on)" = -13 ] \
-   && [ "$(field "$o" ro_while_on)" = 0 ] && [ "$(field "$o" ro_unmap)" = 0 ] \
+if [ "$(field "$o" mapped)" = 4096 ] && [ "$(field "$o" ro_kept)" = 0 ] && [ "$(field "$o" on_rc)" = 0 ] \
+   && [ "$(field "$o" revoked_in_enable)" = 4096 ] && [ "$(field "$o" rw_while_on)" = -13 ] \
+   && [ "$(field "$o" ro_while_on)" = 0 ] && [ "$(field "$o" ro_unmap)" = 0 ] && [ "$(field "$o" ro_kept_unmap)" = 0 ] \
    && [ "$(field "$o" estale)" = 4096 ] && [ "$(field "$o" other)" = 0 ] && [ "$(field "$o" off_rc)" = 0 ] \
    && [ "$(field "$o" rw_after_off)" = 0 ] && [ "$(field "$o" rw_unmap)" = 0 ] \
-   && [ "$(field "$o" on2_rc)" = 0 ] && [ "$(field "$o" off2_rc)" = 0 ]; then
+   && [ "$(field "$o" on2_rc)" = 0 ] && [ "$(field "$o" off2_rc)" = 0 ] \
+   && [ "$(field "$o" freed)" = 1 ] && [ "$(field "$o" used_back)" = 1 ]; then
     ok log_dirty_revokes_writable_maps
 else
     ko log_dirty_revokes_writable_maps "$o"

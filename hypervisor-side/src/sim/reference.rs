@@ -1,8 +1,11 @@
 //! The issue's reference design for the engine's bookkeeping (issue 10:
 //! "a naive flat-table engine written for comparison"), kept beside the
 //! simulator so the `map_unmap` bench and the `engine_rounds` example
-//! measure it next to the engine over the same host services. Not an
-//! engine: no locks, no checks of who may map what, no revocation.
+//! measure it next to the engine over the same host services (page lookups
+//! and references, table memory; it never flushes: the engine's two IOTLB
+//! flushes a batch are the one host service it alone pays). Not an engine:
+//! no locks, no checks of who may map what, no revocation, no release after
+//! a flush; its reverse index is kept but never read.
 
 use crate::pgtable::{vtd::Vtd, IoPageTable, TableMemory};
 use crate::Mfn;
@@ -74,8 +77,9 @@ impl NaiveEngine {
     }
 
     /// Map `(domid, gfn, mfn)` read-write at the lowest free BFN offset
-    /// above `base`: its BFN, or `None` (table full, or the page table
-    /// refused; nothing kept then).
+    /// above `base`: its BFN, or `None` with nothing changed (the table
+    /// full, the page already mapped here: the reference keeps one mapping
+    /// a page, or the page table refused).
     pub fn map<M: TableMemory>(
         &mut self,
         mem: &mut M,
@@ -83,17 +87,20 @@ impl NaiveEngine {
         base: u64,
         (domid, gfn, mfn): (DomId, Gfn, Mfn),
     ) -> Option<Bfn> {
-        let off = self.free.pop()?;
-        let bfn = Bfn(base + u64::from(off));
-        if pt
-            .map(mem, bfn, mfn, Permissions::RW, MemAttr::WriteBack)
-            .is_err()
-        {
-            self.free.push(off);
+        // One probe of the reverse index finds a duplicate or the place of
+        // the new entry, as an insert alone would.
+        let std::collections::hash_map::Entry::Vacant(place) = self.reverse.entry((domid, gfn))
+        else {
             return None;
-        }
-        *self.slots.get_mut(off as usize)? = Some((domid, gfn, mfn));
-        self.reverse.insert((domid, gfn), off);
+        };
+        let off = *self.free.last()?;
+        let bfn = Bfn(base.checked_add(u64::from(off))?);
+        let slot = self.slots.get_mut(off as usize)?;
+        pt.map(mem, bfn, mfn, Permissions::RW, MemAttr::WriteBack)
+            .ok()?;
+        *slot = Some((domid, gfn, mfn));
+        self.free.pop();
+        place.insert(off);
         Some(bfn)
     }
 
@@ -139,6 +146,15 @@ mod tests {
         let b = r.map(&mut m, &mut pt, base, page(6)).unwrap();
         assert_ne!(a, b);
         assert_eq!(r.map(&mut m, &mut pt, base, page(7)), None, "full");
+        // A page mapped already, a BFN the table cannot hold (past its
+        // address width; past u64): refused, nothing taken.
+        let mut other = NaiveEngine::new(2);
+        let a2 = other.map(&mut m, &mut pt, 2 * base, page(5)).unwrap();
+        assert_eq!(other.map(&mut m, &mut pt, 2 * base, page(5)), None, "twice");
+        assert_eq!(other.map(&mut m, &mut pt, 1 << 60, page(8)), None);
+        assert_eq!(other.map(&mut m, &mut pt, u64::MAX, page(8)), None);
+        assert_eq!(other.unmap(&mut m, &mut pt, 2 * base, a2), Some(Mfn(12)));
+        assert_eq!(other.map(&mut m, &mut pt, 2 * base, page(8)), Some(a2));
         // BFNs it did not hand out: refused, nothing changed.
         for bfn in [Bfn(base + 5), Bfn(base - 1), Bfn(u64::MAX)] {
             assert_eq!(r.unmap(&mut m, &mut pt, base, bfn), None);
