@@ -76,6 +76,17 @@ fn setup_with(pages: u64, format: Format, config: Config) -> (SimMachine, Engine
     (m, e)
 }
 
+/// The simulated host of the own-context rows that stand in for the
+/// engine (`floor-platform, own context`, `reference: naive engine +
+/// host`): a guest of `pages` pages, coherent table walks, and VT-d tables
+/// in the host's memory with the options of an engine context.
+fn own_context_host(pages: u64) -> (SimMachine, IoPageTable<Vtd>) {
+    let (mut m, _e) = setup(pages, Format::Vtd);
+    m.set_coherent_table_walks(true);
+    let pt = IoPageTable::<Vtd>::with_options(&mut m, TableOptions::engine_context(4)).unwrap();
+    (m, pt)
+}
+
 /// One round of the engine path: map every request, flush, unmap them all,
 /// flush (what a batch of maps then a batch of unmaps does inside Xen),
 /// through the engine's batch calls, a run of [`MAP_CHUNK`] ops per lock.
@@ -223,6 +234,7 @@ fn bench(c: &mut Criterion) {
 
 /// The floor: the same VT-d entries written and cleared straight through
 /// the page-table walker, in plain host memory, with nothing else.
+#[derive(Default)]
 struct FlatTables {
     frames: Vec<[u64; 512]>,
     counts: Vec<u16>,
@@ -261,11 +273,7 @@ fn floor(c: &mut Criterion) {
     let mut group = c.benchmark_group("map+unmap per page (VT-d)");
     for batch in [64u64, 512, 1024] {
         group.throughput(Throughput::Elements(batch));
-        let mut mem = FlatTables {
-            frames: Vec::new(),
-            counts: Vec::new(),
-            free: Vec::new(),
-        };
+        let mut mem = FlatTables::default();
         let mut t = IoPageTable::<Vtd>::new(&mut mem).unwrap();
         // Same BFNs as the engine hands out (window start), scattered mfns.
         let base = 0x10_0000u64;
@@ -349,14 +357,7 @@ fn platform_floor(c: &mut Criterion) {
         // The same for `engine, own context`: the page lookups and
         // references, and the entries written and cleared by the walker in
         // the host's (coherent) table memory, with the context's options.
-        let (mut m, _e) = setup(batch + 8, Format::Vtd);
-        m.set_coherent_table_walks(true);
-        let options = TableOptions {
-            levels: 4,
-            superpages: false,
-            recycle: true,
-        };
-        let mut pt = IoPageTable::<Vtd>::with_options(&mut m, options).unwrap();
+        let (mut m, mut pt) = own_context_host(batch + 8);
         group.bench_with_input(
             BenchmarkId::new("floor-platform, own context", batch),
             &batch,
@@ -393,11 +394,7 @@ fn naive_reference(c: &mut Criterion) {
     for batch in [64u64, 512, 1024] {
         group.throughput(Throughput::Elements(batch));
         let base = 0x10_0000u64;
-        let mut mem = FlatTables {
-            frames: Vec::new(),
-            counts: Vec::new(),
-            free: Vec::new(),
-        };
+        let mut mem = FlatTables::default();
         let mut pt = IoPageTable::<Vtd>::new(&mut mem).unwrap();
         let mut naive = NaiveEngine::new(batch as u32 + 8);
         let mut bfns = Vec::with_capacity(batch as usize);
@@ -419,14 +416,7 @@ fn naive_reference(c: &mut Criterion) {
             },
         );
 
-        let (mut m, _e) = setup(batch + 8, Format::Vtd);
-        m.set_coherent_table_walks(true);
-        let options = TableOptions {
-            levels: 4,
-            superpages: false,
-            recycle: true,
-        };
-        let mut pt = IoPageTable::<Vtd>::with_options(&mut m, options).unwrap();
+        let (mut m, mut pt) = own_context_host(batch + 8);
         let mut naive = NaiveEngine::new(batch as u32 + 8);
         group.bench_with_input(
             BenchmarkId::new("reference: naive engine + host", batch),

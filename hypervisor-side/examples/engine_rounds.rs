@@ -199,12 +199,7 @@ fn reference_rounds(m: &mut SimMachine, base: u64, rounds: u64) -> ExitCode {
     use pviommu_hv::sim::reference::NaiveEngine;
     m.speculative_refill = false;
     m.set_coherent_table_walks(std::env::var_os("PVIOMMU_NONCOHERENT").is_none());
-    let options = TableOptions {
-        levels: 4,
-        superpages: false,
-        recycle: true,
-    };
-    let mut pt = match IoPageTable::<Vtd>::with_options(m, options) {
+    let mut pt = match IoPageTable::<Vtd>::with_options(m, TableOptions::engine_context(4)) {
         Ok(pt) => pt,
         Err(err) => {
             eprintln!("engine_rounds: cannot make the reference's tables: {err:?}");

@@ -423,17 +423,28 @@ static int cmd_peek(uint32_t domid, xen_pfn_t gfn, int compare)
     return 0;
 }
 
+/* Destroy DOMID and poll (TRIES x 20 ms) until Xen has freed it: 1 gone,
+ * 0 still there (a zombie: *info says how it stands), -1 the destroy
+ * failed. */
+static int destroy_and_wait(uint32_t domid, int tries, xc_domaininfo_t *info)
+{
+    int i;
+    if ( xc_domain_destroy(xch, domid) ) return -1;
+    for ( i = 0; i < tries; i++ )
+    {
+        int n = xc_domain_getinfolist(xch, domid, 1, info);
+        if ( n < 1 || info->domain != domid ) return 1;
+        usleep(20000);
+    }
+    return 0;
+}
+
 static int cmd_destroy(uint32_t domid, int tries)
 {
     xc_domaininfo_t info;
-    int i, n = 0;
-    if ( xc_domain_destroy(xch, domid) ) die("xc_domain_destroy");
-    for ( i = 0; i < tries; i++ )
-    {
-        n = xc_domain_getinfolist(xch, domid, 1, &info);
-        if ( n < 1 || info.domain != domid ) { printf("destroy domid=%u gone\n", domid); return 0; }
-        usleep(20000);
-    }
+    int gone = destroy_and_wait(domid, tries, &info);
+    if ( gone < 0 ) die("xc_domain_destroy");
+    if ( gone ) { printf("destroy domid=%u gone\n", domid); return 0; }
     printf("destroy domid=%u zombie dying=%d tot_pages=%" PRIu64 "\n", domid,
            !!(info.flags & XEN_DOMINF_dying), (uint64_t)info.tot_pages);
     return 1;
@@ -1204,7 +1215,7 @@ static int cmd_logdirty(unsigned long n)
     long calls = 0, batches = 0;
     uint64_t used0, revoked0, revoked1, ro_bfn, rw_bfn, ro_keep_bfn;
     int on_rc, ro_keep, rw_on, ro_on, ro_unmap, ro_keep_unmap, off_rc, rw_off, rw_unmap, on2_rc, off2_rc;
-    int gone = 0;
+    int gone;
     double t0, t1, t2, t3;
 
     if ( !frames || !bfns ) die("calloc");
@@ -1245,13 +1256,7 @@ static int cmd_logdirty(unsigned long n)
     off2_rc = xc_shadow_control(xch, domid, XEN_DOMCTL_SHADOW_OP_OFF, NULL, 0) ? -errno : 0;
 
     /* Freed once its pages' references are all back (no zombie). */
-    if ( xc_domain_destroy(xch, domid) == 0 )
-        for ( i = 0; i < 500 && !gone; i++ )   /* up to 10 s */
-        {
-            int r = xc_domain_getinfolist(xch, domid, 1, &info);
-            gone = r < 1 || info.domain != domid;
-            if ( !gone ) usleep(20000);
-        }
+    gone = destroy_and_wait(domid, 500, &info) == 1;   /* up to 10 s */
     query_caps(&c);
 
     printf("logdirty domid=%u pages=%lu mapped=%lu ro_kept=%d on_rc=%d revoked_in_enable=%" PRIu64

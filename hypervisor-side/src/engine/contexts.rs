@@ -57,12 +57,7 @@ macro_rules! each_format {
 
 impl ContextTables {
     fn new(mem: &mut impl TableMemory, own: OwnTables) -> Result<Self, Errno> {
-        let options = TableOptions {
-            levels: own.levels,
-            // See TableOptions::superpages: not on tables a real IOMMU walks.
-            superpages: false,
-            recycle: true,
-        };
+        let options = TableOptions::engine_context(own.levels);
         Ok(match own.format {
             TableFormat::Vtd {
                 snoop_control: true,

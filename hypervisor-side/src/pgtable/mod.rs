@@ -165,6 +165,21 @@ impl Default for TableOptions {
     }
 }
 
+impl TableOptions {
+    /// The options of a context of the engine's own (`levels` deep): no
+    /// superpages (not on tables a real IOMMU walks, see
+    /// [`superpages`](Self::superpages)), emptied tables kept for reuse.
+    /// Benches and examples that stand in for such a context take them
+    /// from here, so they cannot drift from what the engine builds.
+    pub fn engine_context(levels: u32) -> Self {
+        TableOptions {
+            levels,
+            superpages: false,
+            recycle: true,
+        }
+    }
+}
+
 /// One translation context: a root table and its format.
 ///
 /// Unmapping never needs memory: every superpage made by folding a full

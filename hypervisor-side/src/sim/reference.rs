@@ -133,11 +133,7 @@ mod tests {
     #[test]
     fn the_reference_maps_unmaps_and_refuses_what_it_did_not_map() {
         let mut m = SimMachine::new(4096, Format::Vtd, 64);
-        let options = TableOptions {
-            levels: 4,
-            superpages: false,
-            recycle: true,
-        };
+        let options = TableOptions::engine_context(4);
         let mut pt = IoPageTable::<Vtd>::with_options(&mut m, options).unwrap();
         let mut r = NaiveEngine::new(2);
         let base = 0x10_0000;
