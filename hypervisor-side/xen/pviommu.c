@@ -59,25 +59,59 @@ static bool pvx_caller_not_64bit(struct vcpu *v)
 
 void pviommu_log_dirty_enabled(struct domain *d)
 {
-    unsigned long max_gfn;
+    /*
+     * Called with log-dirty mode just turned on (paging_log_dirty_enable):
+     * from here pvx_get_page refuses writable maps of d. The revocation of
+     * the writable mappings d already has is the domctl's to drive, slice
+     * by slice (pviommu_log_dirty_revoke): this only starts it, so a hook
+     * costs nothing under domctl_lock whatever is mapped.
+     */
+    d->pviommu_log_dirty = 0;
+    d->pviommu_log_dirty_slices = 0;
+}
 
-    if ( !pviommu_ready )
-        return;
+int pviommu_log_dirty_revoke(struct domain *d)
+{
+    int rc;
 
-    /* Pairs with pvx_get_page(): increment, then paging_mode_log_dirty(). */
-    smp_mb();
-    if ( !pviommu_domain_in_use(d) )
-        return;
+    if ( !pviommu_ready || d->pviommu_log_dirty == PVIOMMU_TEARDOWN_DONE )
+        return 0;
+
+    if ( d->pviommu_log_dirty == 0 )
+    {
+        /* Pairs with pvx_get_page(): increment, then paging_mode_log_dirty(). */
+        smp_mb();
+        if ( !pviommu_domain_in_use(d) )
+        {
+            d->pviommu_log_dirty = PVIOMMU_TEARDOWN_DONE;
+            return 0;
+        }
+    }
 
     /*
-     * Every gfn the domain may have: its p2m's top for translated domains,
-     * any machine frame (gfn == mfn) for PV. Gfns added later cannot have a
-     * writable mapping: pvx_get_page refuses while log-dirty mode is on.
+     * Serialised by the caller: paging_domctl() under domctl_lock, and its
+     * continuations, which d->arch.paging.preempt reserves for this one op.
      */
-    max_gfn = paging_mode_translate(d) ? domain_get_maximum_gpfn(d)
-                                       : max_page - 1;
-    pviommu_engine_gfn_changed(d->domain_id, 0, flsl(max_gfn),
-                               PVIOMMU_GFN_WRITE_LOST);
+    rc = pviommu_engine_revoke_writes(d->domain_id, &d->pviommu_log_dirty);
+    d->pviommu_log_dirty_slices++;
+
+    if ( rc == -ERESTART )
+        return rc;
+
+    if ( rc )
+    {
+        /* The engine promises 0 or -ERESTART. */
+        printk(XENLOG_ERR "pviommu: %pd write revocation returned %d\n",
+               d, rc);
+        ASSERT_UNREACHABLE();
+    }
+    else if ( d->pviommu_log_dirty_slices > 1 )
+        printk(XENLOG_INFO
+               "pviommu: %pd log-dirty: writable mappings revoked in %u slices\n",
+               d, d->pviommu_log_dirty_slices);
+    d->pviommu_log_dirty = PVIOMMU_TEARDOWN_DONE;
+
+    return 0;
 }
 
 /* ---- Reserved BFN regions and limits (built once at boot) ---- */

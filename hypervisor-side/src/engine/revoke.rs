@@ -41,13 +41,15 @@ pub enum GfnChange {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct Restart;
 
-/// Slots a teardown slice visits before it yields.
-const TEARDOWN_VISITS: u64 = 4096;
-/// Revocations (IOMMU unmaps) a teardown slice makes before it yields.
-const TEARDOWN_REVOKES: u32 = 256;
+/// Slots a slice of a teardown or of [`Engine::revoke_writes`] visits
+/// before it yields.
+pub const SLICE_VISITS: u64 = 4096;
+/// Revocations (IOMMU unmaps) such a slice makes before it yields.
+pub const SLICE_REVOKES: u32 = 256;
 
-/// Teardown cursor layout: phase in bits 62-63, driver cell (as a target)
-/// or context (as a driver) in 40-55, slot index in 0-39.
+/// Cursor layout of a teardown and of [`Engine::revoke_writes`]: phase in
+/// bits 62-63, driver cell (as a target) or context (as a driver) in
+/// 40-55, slot index in 0-39.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Cursor {
     phase: u64,
@@ -416,7 +418,7 @@ impl<L: RawMutex> Engine<L> {
     /// in-flight maps of the domain; revoke, in every driver domain that
     /// maps it, the mappings of its pages (their owners get notices); drop
     /// everything it owned as a driver domain. Each slice visits at most
-    /// `TEARDOWN_VISITS` slots and unmaps at most `TEARDOWN_REVOKES` pages.
+    /// [`SLICE_VISITS`] slots and unmaps at most [`SLICE_REVOKES`] pages.
     pub fn domain_teardown(
         &self,
         h: &mut impl Hypervisor,
@@ -494,56 +496,15 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// Revoke the dying domain's pages in each driver cell its gate names,
-    /// cell by cell (the cursor's `driver` is a cell number).
+    /// cell by cell (the cursor's `driver` is a cell number), walking again
+    /// until no cell holds a page of it.
     fn teardown_as_target(
         &self,
         h: &mut impl Hypervisor,
         domid: DomId,
         c: &mut Cursor,
     ) -> Result<(), Restart> {
-        let mask = self.target_drivers(domid);
-        let mut visits = 0u64;
-        let mut revokes = 0u32;
-        while let Some(cell) = (c.driver as usize..self.cells.len()).find(|&i| mask & (1 << i) != 0)
-        {
-            if c.driver as usize != cell {
-                *c = Cursor {
-                    phase: PHASE_AS_TARGET,
-                    driver: cell as u16,
-                    slot: 0,
-                };
-            }
-            let Some(lock) = self.cells.get(cell) else {
-                break;
-            };
-            let mut d = Driver {
-                cell,
-                dd: lock.lock(),
-            };
-            let n = d.dd.slots.len() as u64;
-            while c.slot < n {
-                if visits >= TEARDOWN_VISITS || revokes >= TEARDOWN_REVOKES {
-                    self.flush_and_release(&mut d, h);
-                    self.clear_gate_bit_if_unused(cell, &d.dd, domid);
-                    self.put_driver(d);
-                    return Err(Restart);
-                }
-                visits += 1;
-                if d.dd.live_at(c.slot).is_some_and(|m| m.domid == domid) {
-                    self.revoke_slot(&mut d, h, c.slot);
-                    revokes += 1;
-                }
-                c.slot += 1;
-            }
-            self.flush_and_release(&mut d, h);
-            self.clear_gate_bit_if_unused(cell, &d.dd, domid);
-            self.put_driver(d);
-            *c = Cursor {
-                phase: PHASE_AS_TARGET,
-                driver: cell as u16 + 1,
-                slot: 0,
-            };
-        }
+        self.walk_cells_of_target(h, domid, GfnChange::Removed, c)?;
         // Walked every cell. A cell keeps its bit in the gate while it holds
         // a page of the domain (a flush that failed, an unmap the IOMMU
         // refused): then the walk starts again, flushing again, until it
@@ -570,6 +531,126 @@ impl<L: RawMutex> Engine<L> {
         Err(Restart)
     }
 
+    /// One slice of a walk over the cells `domid`'s gate names, from the
+    /// cursor's cell and slot on, revoking the mappings of `domid`'s pages
+    /// that `how` takes away (every one, or the writable ones). `Ok` once
+    /// the walk has passed the last cell (the cursor then points past it);
+    /// `Err(Restart)` when the slice's budget ran out first. Each cell is
+    /// flushed before its lock is let go, so what a slice revoked is out of
+    /// the device's reach when it returns.
+    fn walk_cells_of_target(
+        &self,
+        h: &mut impl Hypervisor,
+        domid: DomId,
+        how: GfnChange,
+        c: &mut Cursor,
+    ) -> Result<(), Restart> {
+        let mask = self.target_drivers(domid);
+        let mut visits = 0u64;
+        let mut revokes = 0u32;
+        while let Some(cell) = (c.driver as usize..self.cells.len()).find(|&i| mask & (1 << i) != 0)
+        {
+            if c.driver as usize != cell {
+                *c = Cursor {
+                    phase: c.phase,
+                    driver: cell as u16,
+                    slot: 0,
+                };
+            }
+            let Some(lock) = self.cells.get(cell) else {
+                break;
+            };
+            let mut d = Driver {
+                cell,
+                dd: lock.lock(),
+            };
+            let n = d.dd.slots.len() as u64;
+            while c.slot < n {
+                if visits >= SLICE_VISITS || revokes >= SLICE_REVOKES {
+                    self.flush_and_release(&mut d, h);
+                    self.clear_gate_bit_if_unused(cell, &d.dd, domid);
+                    self.put_driver(d);
+                    return Err(Restart);
+                }
+                visits += 1;
+                if d.dd.live_at(c.slot).is_some_and(|m| {
+                    m.domid == domid && (how == GfnChange::Removed || m.perms.write)
+                }) {
+                    self.revoke_slot(&mut d, h, c.slot);
+                    revokes += 1;
+                }
+                c.slot += 1;
+            }
+            self.flush_and_release(&mut d, h);
+            self.clear_gate_bit_if_unused(cell, &d.dd, domid);
+            self.put_driver(d);
+            *c = Cursor {
+                phase: c.phase,
+                driver: cell as u16 + 1,
+                slot: 0,
+            };
+        }
+        Ok(())
+    }
+
+    /// One slice of taking device write access away from every page of
+    /// `domid` (Xen: log-dirty mode went on, and the shadow-op domctl that
+    /// turned it on continues until this is done). `cursor` starts at 0 and
+    /// is the caller's to keep between slices; `Err(Restart)` means call
+    /// again. Each slice visits at most [`SLICE_VISITS`] slots and revokes
+    /// at most [`SLICE_REVOKES`] mappings, so no call holds its CPU (or the
+    /// caller's locks) for long, however much of the domain is mapped.
+    ///
+    /// The caller has already made new writable maps of `domid` fail (Xen:
+    /// `pvx_get_page` refuses them once `paging_mode_log_dirty`); the first
+    /// slice moves the target's sequence number, so a map that looked its
+    /// page up before that installs nothing and looks again (and is
+    /// refused). What the walk has passed therefore gains no writable
+    /// mapping, and once it has passed every cell none is left. Read-only
+    /// mappings stay.
+    pub fn revoke_writes(
+        &self,
+        h: &mut impl Hypervisor,
+        domid: DomId,
+        cursor: &mut u64,
+    ) -> Result<(), Restart> {
+        let mut c = Cursor::unpack(*cursor);
+        let result = self.revoke_writes_slice(h, domid, &mut c);
+        *cursor = c.pack();
+        result
+    }
+
+    fn revoke_writes_slice(
+        &self,
+        h: &mut impl Hypervisor,
+        domid: DomId,
+        c: &mut Cursor,
+    ) -> Result<(), Restart> {
+        if c.phase == PHASE_START {
+            let Some(gate) = self.gate(domid) else {
+                *c = Cursor::DONE;
+                return Ok(());
+            };
+            // Nothing of it mapped and no map of it in flight: any map that
+            // starts now finds the new mode (as `gfn_changed`).
+            if gate.active.load(Ordering::SeqCst) == 0 {
+                *c = Cursor::DONE;
+                return Ok(());
+            }
+            gate.seq.fetch_add(1, Ordering::SeqCst);
+            *c = Cursor {
+                phase: PHASE_AS_TARGET,
+                driver: 0,
+                slot: 0,
+            };
+        }
+        if c.phase == PHASE_AS_TARGET {
+            self.walk_cells_of_target(h, domid, GfnChange::WriteLost, c)?;
+            *c = Cursor::DONE;
+        }
+        Ok(())
+    }
+
     /// Take down everything the dying domain holds as a driver domain,
     /// context by context (the cursor's `driver` is a context number); then
     /// its contexts (tables, devices) and its home cell.
@@ -593,7 +674,7 @@ impl<L: RawMutex> Engine<L> {
             };
             let n = d.dd.slots.len() as u64;
             while c.slot < n {
-                if visits >= TEARDOWN_VISITS || revokes >= TEARDOWN_REVOKES {
+                if visits >= SLICE_VISITS || revokes >= SLICE_REVOKES {
                     self.flush_and_release(&mut d, h);
                     self.put_driver(d);
                     return Err(Restart);

@@ -645,13 +645,32 @@ impl SimMachine {
         }
     }
 
-    /// Turn log-dirty mode on for `domid`, and tell the engine as Xen's
-    /// hook does: every writable mapping of its pages loses write access.
-    pub fn enable_log_dirty(&mut self, engine: &crate::Engine, domid: DomId) {
+    /// Turn log-dirty mode on or off for `domid`, as the paging mode's bit
+    /// alone (Xen: `ops->enable`/`ops->disable`): writable maps of its pages
+    /// are refused while it is on. Nothing is revoked: turning it on is
+    /// [`enable_log_dirty`](Self::enable_log_dirty).
+    pub fn set_log_dirty_mode(&mut self, domid: DomId, on: bool) {
         if let Some(d) = self.domains.get_mut(&domid) {
-            d.log_dirty = true;
+            d.log_dirty = on;
         }
-        engine.gfn_changed(self, domid, Gfn(0), 63, crate::engine::GfnChange::WriteLost);
+    }
+
+    /// Turn log-dirty mode on for `domid` as Xen's shadow-op domctl does:
+    /// the mode, then every writable mapping of its pages revoked in
+    /// slices ([`Engine::revoke_writes`](crate::Engine::revoke_writes)),
+    /// one per continuation of the domctl. Returns the slices it took.
+    pub fn enable_log_dirty(&mut self, engine: &crate::Engine, domid: DomId) -> u32 {
+        self.set_log_dirty_mode(domid, true);
+        let mut cursor = 0;
+        let mut slices = 1;
+        // Each slice makes progress (a bounded number of slots visited).
+        while engine.revoke_writes(self, domid, &mut cursor).is_err() {
+            slices += 1;
+            if slices > 1_000_000 {
+                break;
+            }
+        }
+        slices
     }
 
     /// Mark a RAM gfn read-only and run the engine's hook after the change,

@@ -75,6 +75,19 @@ int pviommu_engine_domain_teardown(uint16_t domid, uint64_t *cursor);
 #define PVIOMMU_TEARDOWN_DONE (3ULL << 62)
 
 /*
+ * Log-dirty mode went on for `domid` (the shadow-op domctl): revoke every
+ * writable mapping of its pages, read-only ones stay, in bounded slices (at
+ * most 4096 slots visited and 256 mappings revoked each). The caller has
+ * already made new writable maps of `domid` fail (pvx_get_page refuses them
+ * in log-dirty mode); the first slice makes maps in flight look again.
+ * *cursor starts at 0 (the glue keeps it in struct domain) and is the
+ * engine's to update; PVIOMMU_TEARDOWN_DONE once finished. Returns 0 when
+ * done, -ERESTART when the caller must come back (the domctl continues),
+ * never anything else.
+ */
+int pviommu_engine_revoke_writes(uint16_t domid, uint64_t *cursor);
+
+/*
  * The p2m of `domid` changed for gfns [gfn, gfn + (1 << order)): called
  * AFTER the change succeeded, possibly with `domid`'s p2m lock held.
  *   how = PVIOMMU_GFN_REMOVED:   the gfns no longer point at the frames they
@@ -83,8 +96,9 @@ int pviommu_engine_domain_teardown(uint16_t domid, uint64_t *cursor);
  *   how = PVIOMMU_GFN_WRITE_LOST: the gfns stay but lost write access for
  *                                devices (read-only, ioreq-server, log-dirty):
  *                                revoke writable mappings of them only.
- * `order` may be large (about 40 for a whole-domain log-dirty enable): the
- * engine then scans its mappings of `domid` instead of looping over gfns.
+ * `order` may be large (a range change of VRAM dirty tracking, a PoD
+ * extent): the engine then scans its mappings of `domid` instead of looping
+ * over gfns.
  * Hooks may also run with the target's PoD lock held; the engine's put_page
  * then reaches page_alloc_lock, which is consistent with the order above.
  * Returns nothing: revocation cannot fail (it needs no memory; an unmap the

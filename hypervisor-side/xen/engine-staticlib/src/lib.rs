@@ -1429,6 +1429,24 @@ pub extern "C" fn pviommu_engine_domain_teardown(domid: u16, cursor: *mut u64) -
     }
 }
 
+/// One slice of revoking every writable mapping of `domid` (log-dirty mode
+/// went on): 0 done, -ERESTART call again.
+// Called from C only, with a pointer into struct domain or NULL (checked).
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
+#[no_mangle]
+pub extern "C" fn pviommu_engine_revoke_writes(domid: u16, cursor: *mut u64) -> i32 {
+    const ERESTART: i32 = -85;
+    let Some(e) = engine() else { return 0 };
+    // SAFETY: the glue passes a pointer to the cursor in struct domain.
+    let Some(cursor) = (unsafe { cursor.as_mut() }) else {
+        return 0;
+    };
+    match e.revoke_writes(&mut Xen::new(), DomId(domid), cursor) {
+        Ok(()) => 0,
+        Err(_) => ERESTART,
+    }
+}
+
 /// A p2m change of `domid` succeeded: revoke what it invalidated.
 #[no_mangle]
 pub extern "C" fn pviommu_engine_gfn_changed(domid: u16, gfn: u64, order: u32, how: u32) {
