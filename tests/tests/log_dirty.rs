@@ -182,3 +182,126 @@ fn each_enable_starts_a_new_revocation_and_a_domain_nobody_maps_takes_one_slice(
     m.enable_log_dirty(&e, GUEST);
     assert_eq!(notices(&mut m, &e), 4);
 }
+
+/// VRAM dirty tracking (a device model's `XEN_DMOP_track_dirty_vram`, HAP
+/// guests) moving its range makes the range's pages device-read-only, and
+/// Xen's `p2m_change_type_range` hook revokes every writable mapping of the
+/// range under the guest's p2m lock. Before 2026-12-03 that hook revoked
+/// them all in that one hold, as often as the device model moved the range
+/// (`move_vram_range` alone still shows it: 1200 in one call). Now the
+/// dm_op revokes them first, in slices, continuing itself, and the hook
+/// finds nothing left.
+#[test]
+fn a_vram_range_change_revokes_in_slices_before_the_hook() {
+    const RW: u64 = 1200;
+    let (mut m, e) = machine(Format::Vtd, 4096);
+    map_all(&mut m, &e, 0..RW, Permissions::RW);
+    // Outside the range: stays writable.
+    let outside = map_all(&mut m, &e, 3000..3004, Permissions::RW);
+    let range = (0, 2048);
+    let mut attempts = 0u32;
+    loop {
+        let before = notices(&mut m, &e);
+        let r = m.track_dirty_vram_once(&e, GUEST, range);
+        attempts += 1;
+        assert!(notices(&mut m, &e) - before <= SLICE_REVOKES as u64);
+        if r.is_ok() {
+            break;
+        }
+        assert!(attempts < 100, "no progress");
+    }
+    assert!(attempts >= 2, "{RW} revocations in {attempts} attempts");
+    assert_eq!(notices(&mut m, &e), RW);
+    // The range is device-read-only now; outside it writes still work.
+    assert_eq!(
+        map_one(&mut m, &e, DomId::DOM0, GUEST, 5, Permissions::RW),
+        Err(EACCES)
+    );
+    for b in &outside {
+        assert!(m
+            .dma_write(DomId::DOM0, ContextId::DEFAULT, b.0 << 12, b"x")
+            .is_ok());
+    }
+    // The same range again is a peek: nothing to revoke, one attempt.
+    assert_eq!(m.track_dirty_vram(&e, GUEST, range), 1);
+    assert_eq!(lock_check::violations(), 0);
+}
+
+#[test]
+fn a_vram_range_the_mediator_maps_nothing_of_costs_a_probe_per_region() {
+    let (mut m, e) = machine(Format::Vtd, 65536);
+    // 3 * SLICE_VISITS mappings far from the range: the region counts let
+    // the walk skip the cell instead of visiting every slot.
+    map_all(&mut m, &e, 40000..40000 + 3 * SLICE_VISITS, Permissions::RW);
+    assert_eq!(m.track_dirty_vram(&e, GUEST, (0, 4096)), 1);
+    assert_eq!(notices(&mut m, &e), 0);
+}
+
+#[test]
+fn a_new_range_while_another_is_in_progress_starts_over_for_its_own() {
+    let (mut m, e) = machine(Format::Vtd, 4096);
+    map_all(&mut m, &e, 0..1200, Permissions::RW);
+    // The first range's revocation is left half-way (its device model
+    // asks for another range before continuing).
+    assert!(m.track_dirty_vram_once(&e, GUEST, (0, 1024)).is_err());
+    let n = m.track_dirty_vram(&e, GUEST, (512, 1200));
+    assert!(n >= 2);
+    // Everything of the second range is revoked; of the first, what its
+    // one slice took (the rest of it is still writable).
+    let left_writable = (0..512u64)
+        .filter(|&g| {
+            e.state()
+                .live_mappings(DomId::DOM0)
+                .any(|v| v.mapping.gfn.0 == g && v.mapping.perms.write)
+        })
+        .count() as u64;
+    assert_eq!(notices(&mut m, &e), (1200 - 512) + (512 - left_writable));
+    assert!(left_writable > 0);
+}
+
+/// An IOMMU that refuses an unmap, or a flush that fails, during the
+/// revocation: the enable is not done until every writable entry is out of
+/// the device's reach (a review of 2026-12-03: one walk then "done" left
+/// them writable, and the domctl answered success).
+#[test]
+fn the_revocation_is_not_done_while_an_unmap_or_flush_failed() {
+    // The simulator is deterministic: a first run counts the slices, a
+    // second makes the IOMMU fail in the last one.
+    let run = |fail_in_last: Option<(u32, u32)>, last: u32| {
+        let (mut m, e) = machine(Format::Vtd, 1024);
+        let rw = map_all(&mut m, &e, 0..600, Permissions::RW);
+        // Every page read through the IOTLB, so a failed flush leaves it.
+        for b in &rw {
+            m.dma_write(DomId::DOM0, ContextId::DEFAULT, b.0 << 12, b"y")
+                .unwrap();
+        }
+        m.set_log_dirty_mode(GUEST, true);
+        let mut cursor = 0;
+        let mut slices = 0;
+        loop {
+            slices += 1;
+            if let (Some((u, f)), true) = (fail_in_last, slices == last) {
+                m.fail_unmaps = u;
+                m.fail_flushes = f;
+            }
+            if e.revoke_writes(&mut m, GUEST, &mut cursor).is_ok() {
+                break;
+            }
+            assert!(slices < 100);
+        }
+        let writable = rw
+            .iter()
+            .filter(|b| {
+                m.dma_write(DomId::DOM0, ContextId::DEFAULT, b.0 << 12, b"x")
+                    .is_ok()
+            })
+            .count();
+        (slices, writable)
+    };
+    let (n, writable) = run(None, 0);
+    assert_eq!(writable, 0);
+    for fail in [(1, 0), (0, 1)] {
+        let (_, writable) = run(Some(fail), n);
+        assert_eq!(writable, 0, "{fail:?}: still writable after the enable");
+    }
+}

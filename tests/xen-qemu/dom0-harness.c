@@ -1204,6 +1204,29 @@ static int unmap_one(uint64_t bfn)
  * and again with nothing of the domain mapped: the difference is the hook's
  * revocations, done in one go.
  */
+/*
+ * The slices Xen's console reports for d's last log-dirty revocation
+ * ("pviommu: dN log-dirty: writable mappings revoked in N slices"), read
+ * from Xen's console ring (xl is not in dom0's PATH when this runs); -1 if
+ * none.
+ */
+static long console_log_dirty_slices(uint32_t domid)
+{
+    static char ring[1 << 20];
+    unsigned int size = sizeof(ring) - 1;
+    char key[64];
+    const char *p;
+    long slices = -1;
+
+    if ( xc_readconsolering(xch, ring, &size, 0, 0, NULL) )
+        return -1;
+    ring[size] = '\0';
+    snprintf(key, sizeof(key), "pviommu: d%u log-dirty: writable mappings revoked in ", domid);
+    for ( p = strstr(ring, key); p; p = strstr(p + 1, key) )
+        slices = strtol(p + strlen(key), NULL, 10);
+    return slices;
+}
+
 static int cmd_logdirty(unsigned long n)
 {
     xen_pfn_t *frames = calloc(n, sizeof(*frames));
@@ -1216,6 +1239,7 @@ static int cmd_logdirty(unsigned long n)
     uint64_t used0, revoked0, revoked1, ro_bfn, rw_bfn, ro_keep_bfn;
     int on_rc, ro_keep, rw_on, ro_on, ro_unmap, ro_keep_unmap, off_rc, rw_off, rw_unmap, on2_rc, off2_rc;
     int gone;
+    long slices;
     double t0, t1, t2, t3;
 
     if ( !frames || !bfns ) die("calloc");
@@ -1233,6 +1257,7 @@ static int cmd_logdirty(unsigned long n)
     t0 = now();
     on_rc = xc_shadow_control(xch, domid, XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY, NULL, 0) ? -errno : 0;
     t1 = now();
+    slices = console_log_dirty_slices(domid);
     query_caps(&c); revoked1 = c.revoked;
     rw_on = map_one(domid, frames[0], PVIOMMU_F_READ | PVIOMMU_F_WRITE, &rw_bfn);
     if ( rw_bfn ) unmap_one(rw_bfn);
@@ -1259,10 +1284,10 @@ static int cmd_logdirty(unsigned long n)
     gone = destroy_and_wait(domid, 500, &info) == 1;   /* up to 10 s */
     query_caps(&c);
 
-    printf("logdirty domid=%u pages=%lu mapped=%lu ro_kept=%d on_rc=%d revoked_in_enable=%" PRIu64
+    printf("logdirty domid=%u slices=%ld pages=%lu mapped=%lu ro_kept=%d on_rc=%d revoked_in_enable=%" PRIu64
            " rw_while_on=%d ro_while_on=%d ro_unmap=%d ro_kept_unmap=%d estale=%lu other=%lu off_rc=%d"
            " rw_after_off=%d rw_unmap=%d on2_rc=%d off2_rc=%d freed=%d used_back=%d\n",
-           domid, n, mapped, ro_keep, on_rc, revoked1 - revoked0, rw_on, ro_on, ro_unmap, ro_keep_unmap,
+           domid, slices, n, mapped, ro_keep, on_rc, revoked1 - revoked0, rw_on, ro_on, ro_unmap, ro_keep_unmap,
            estale, other, off_rc, rw_off, rw_unmap, on2_rc, off2_rc, gone, c.used == used0);
     printf("MEASURE logdirty_enable pages=%lu mapped=%lu seconds_mapped=%.4f seconds_nothing_mapped=%.4f\n",
            n, mapped, t1 - t0, t3 - t2);

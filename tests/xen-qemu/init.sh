@@ -270,14 +270,12 @@ fi
 # started. The enable is timed with the pages mapped and with nothing
 # mapped. The revocation is made in slices of at most 256, the shadow-op
 # domctl continuing itself in between (patch 0002b): Xen's console must say
-# so, with at least 4096 / 256 = 16 slices (one call, as before 2026-12-03,
-# held domctl_lock throughout).
+# so (the harness reads Xen's console ring), with at least 4096 / 256 = 16
+# slices (one call, as before 2026-12-03, held domctl_lock throughout).
 o=$(run $H logdirty 4096)
-ld_dom=$(field "$o" domid)
-ld_slices=$(xl dmesg 2>/dev/null | sed -n "s/.*pviommu: d${ld_dom} log-dirty: writable mappings revoked in \([0-9]*\) slices.*/\1/p" | tail -1)
-o="slices=${ld_slices:-none} $o"
+ld_slices=$(field "$o" slices)
 if [ "$(field "$o" mapped)" = 4096 ] && [ "$(field "$o" ro_kept)" = 0 ] && [ "$(field "$o" on_rc)" = 0 ] \
-   && [ -n "$ld_slices" ] && [ "$ld_slices" -ge 16 ] \
+   && [ "${ld_slices:--1}" -ge 16 ] \
    && [ "$(field "$o" revoked_in_enable)" = 4096 ] && [ "$(field "$o" rw_while_on)" = -13 ] \
    && [ "$(field "$o" ro_while_on)" = 0 ] && [ "$(field "$o" ro_unmap)" = 0 ] && [ "$(field "$o" ro_kept_unmap)" = 0 ] \
    && [ "$(field "$o" estale)" = 4096 ] && [ "$(field "$o" other)" = 0 ] && [ "$(field "$o" off_rc)" = 0 ] \

@@ -47,6 +47,26 @@ pub const SLICE_VISITS: u64 = 4096;
 /// Revocations (IOMMU unmaps) such a slice makes before it yields.
 pub const SLICE_REVOKES: u32 = 256;
 
+/// Every gfn: the range of a teardown and of [`Engine::revoke_writes`].
+const ALL_GFNS: (u64, u64) = (0, u64::MAX);
+/// Ranges of more regions than this are walked cell by cell without asking
+/// the region counts first.
+const SKIP_CHECK_REGIONS: u64 = 64;
+
+/// A revocation of device write access over a gfn range, made in slices
+/// by [`Engine::revoke_writes_in`] and kept by the caller between them
+/// (Xen: in `struct domain`). Idle when `first == last`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RangeSweep {
+    /// First gfn of the range in progress.
+    pub first: u64,
+    /// End (exclusive) of the range in progress.
+    pub last: u64,
+    /// Where its walk is.
+    pub cursor: u64,
+}
+
 /// Cursor layout of a teardown and of [`Engine::revoke_writes`]: phase in
 /// bits 62-63, driver cell (as a target) or context (as a driver) in
 /// 40-55, slot index in 0-39.
@@ -504,7 +524,7 @@ impl<L: RawMutex> Engine<L> {
         domid: DomId,
         c: &mut Cursor,
     ) -> Result<(), Restart> {
-        self.walk_cells_of_target(h, domid, GfnChange::Removed, c)?;
+        self.walk_cells_of_target(h, domid, GfnChange::Removed, ALL_GFNS, c)?;
         // Walked every cell. A cell keeps its bit in the gate while it holds
         // a page of the domain (a flush that failed, an unmap the IOMMU
         // refused): then the walk starts again, flushing again, until it
@@ -533,16 +553,20 @@ impl<L: RawMutex> Engine<L> {
 
     /// One slice of a walk over the cells `domid`'s gate names, from the
     /// cursor's cell and slot on, revoking the mappings of `domid`'s pages
-    /// that `how` takes away (every one, or the writable ones). `Ok` once
-    /// the walk has passed the last cell (the cursor then points past it);
-    /// `Err(Restart)` when the slice's budget ran out first. Each cell is
-    /// flushed before its lock is let go, so what a slice revoked is out of
-    /// the device's reach when it returns.
+    /// in gfns `[first, last)` that `how` takes away (every one, or the
+    /// writable ones). `Ok` once the walk has passed the last cell (the
+    /// cursor then points past it); `Err(Restart)` when the slice's budget
+    /// ran out first. Each cell is flushed before its lock is let go, so
+    /// what a slice revoked is out of the device's reach when it returns.
+    /// A cell whose region counts say it maps nothing of the range is
+    /// skipped for a probe per region (a range of up to
+    /// [`SKIP_CHECK_REGIONS`] regions).
     fn walk_cells_of_target(
         &self,
         h: &mut impl Hypervisor,
         domid: DomId,
         how: GfnChange,
+        (first, last): (u64, u64),
         c: &mut Cursor,
     ) -> Result<(), Restart> {
         let mask = self.target_drivers(domid);
@@ -564,7 +588,12 @@ impl<L: RawMutex> Engine<L> {
                 cell,
                 dd: lock.lock(),
             };
-            let n = d.dd.slots.len() as u64;
+            let n = if c.slot == 0 && !self.may_map_in_range(&d.dd, domid, (first, last)) {
+                visits += 1;
+                0
+            } else {
+                d.dd.slots.len() as u64
+            };
             while c.slot < n {
                 if visits >= SLICE_VISITS || revokes >= SLICE_REVOKES {
                     self.flush_and_release(&mut d, h);
@@ -574,7 +603,9 @@ impl<L: RawMutex> Engine<L> {
                 }
                 visits += 1;
                 if d.dd.live_at(c.slot).is_some_and(|m| {
-                    m.domid == domid && (how == GfnChange::Removed || m.perms.write)
+                    m.domid == domid
+                        && (first..last).contains(&m.gfn.0)
+                        && (how == GfnChange::Removed || m.perms.write)
                 }) {
                     self.revoke_slot(&mut d, h, c.slot);
                     revokes += 1;
@@ -591,6 +622,23 @@ impl<L: RawMutex> Engine<L> {
             };
         }
         Ok(())
+    }
+
+    /// Whether cell `dd` may map a page of `domid` in gfns `[first, last)`:
+    /// `false` only when its region counts are exact and name none of the
+    /// range's regions, checked for a range of at most
+    /// [`SKIP_CHECK_REGIONS`] regions (bounded: one probe a region).
+    fn may_map_in_range(&self, dd: &DriverDomain, domid: DomId, (first, last): (u64, u64)) -> bool {
+        if first >= last {
+            return false;
+        }
+        let (Some(r0), Some(r1)) = (region_of(first), region_of(last - 1)) else {
+            return true;
+        };
+        if !dd.regions_exact() || r1 - r0 >= SKIP_CHECK_REGIONS {
+            return true;
+        }
+        (r0..=r1).any(|r| dd.may_map_in(self.seed, domid, r))
     }
 
     /// One slice of taking device write access away from every page of
@@ -615,8 +663,45 @@ impl<L: RawMutex> Engine<L> {
         cursor: &mut u64,
     ) -> Result<(), Restart> {
         let mut c = Cursor::unpack(*cursor);
-        let result = self.revoke_writes_slice(h, domid, &mut c);
+        let result = self.revoke_writes_slice(h, domid, ALL_GFNS, &mut c);
         *cursor = c.pack();
+        result
+    }
+
+    /// One slice of taking device write access away from `domid`'s gfns
+    /// `[first, last)` (Xen: before VRAM dirty tracking moves to a new
+    /// range, `hap_track_dirty_vram`, whose `dm_op` continues itself until
+    /// this is done; the type change that follows makes its hook over the
+    /// range, which then finds only what was mapped meanwhile). `sweep` is
+    /// the caller's, kept between slices: a call for another range than
+    /// the one in progress starts over for its own; once done, it is idle
+    /// again, so the next call for any range starts a new revocation.
+    /// Bounded as [`revoke_writes`](Self::revoke_writes). Writable maps of
+    /// the range are not refused meanwhile (the p2m types change after):
+    /// this only moves the work out of the hook's lock hold.
+    pub fn revoke_writes_in(
+        &self,
+        h: &mut impl Hypervisor,
+        domid: DomId,
+        (first, last): (u64, u64),
+        sweep: &mut RangeSweep,
+    ) -> Result<(), Restart> {
+        if first >= last {
+            return Ok(());
+        }
+        if (sweep.first, sweep.last) != (first, last) {
+            *sweep = RangeSweep {
+                first,
+                last,
+                cursor: 0,
+            };
+        }
+        let mut c = Cursor::unpack(sweep.cursor);
+        let result = self.revoke_writes_slice(h, domid, (first, last), &mut c);
+        sweep.cursor = c.pack();
+        if result.is_ok() {
+            *sweep = RangeSweep::default();
+        }
         result
     }
 
@@ -624,6 +709,7 @@ impl<L: RawMutex> Engine<L> {
         &self,
         h: &mut impl Hypervisor,
         domid: DomId,
+        range: (u64, u64),
         c: &mut Cursor,
     ) -> Result<(), Restart> {
         if c.phase == PHASE_START {
@@ -645,7 +731,26 @@ impl<L: RawMutex> Engine<L> {
             };
         }
         if c.phase == PHASE_AS_TARGET {
-            self.walk_cells_of_target(h, domid, GfnChange::WriteLost, c)?;
+            self.walk_cells_of_target(h, domid, GfnChange::WriteLost, range, c)?;
+            // An unmap the IOMMU refused (the entry stays, writable) or a
+            // failed flush (the IOTLB may hold it) leaves a device able to
+            // write: walk again, retrying and flushing, until no cell that
+            // maps the target has such work left, as the teardown does.
+            // (A cell's flag also covers another target's stuck entries:
+            // then this waits for those too.)
+            let retry = cells_in(self.target_drivers(domid)).any(|cell| {
+                self.cell_state
+                    .get(cell)
+                    .is_some_and(|s| s.retry.load(Ordering::SeqCst))
+            });
+            if retry {
+                *c = Cursor {
+                    phase: PHASE_AS_TARGET,
+                    driver: 0,
+                    slot: 0,
+                };
+                return Err(Restart);
+            }
             *c = Cursor::DONE;
         }
         Ok(())

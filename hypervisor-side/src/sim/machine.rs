@@ -85,6 +85,11 @@ struct Domain {
     /// A `pviommu_abi::translation` code for this domain's IOMMU context.
     translation: u32,
     log_dirty: bool,
+    /// VRAM dirty tracking's range `[first, last)` (its gfns are of the
+    /// logdirty type: device-read-only), and the revocation in progress
+    /// before it moves (patch 0002b's `struct domain` fields).
+    vram: (u64, u64),
+    vram_sweep: crate::engine::RangeSweep,
     /// A FLASK-like policy refusal for this domain as a caller.
     xsm_denied: bool,
     /// Actions a FLASK-like policy refuses this domain (the others pass),
@@ -573,6 +578,8 @@ impl SimMachine {
                 dying: false,
                 translation: pviommu_abi::translation::TRANSLATES,
                 log_dirty: false,
+                vram: (0, 0),
+                vram_sweep: Default::default(),
                 xsm_denied: false,
                 xsm_denied_actions: Vec::new(),
             },
@@ -671,6 +678,94 @@ impl SimMachine {
             }
         }
         slices
+    }
+
+    /// One attempt of a device model's `XEN_DMOP_track_dirty_vram` moving
+    /// `domid`'s tracked VRAM to gfns `[first, last)`, as Xen's
+    /// `hap_track_dirty_vram` makes it with patch 0002b: while the range
+    /// changes, the writable device mappings of the new one are revoked
+    /// first, a slice per attempt (`Err(Restart)`: the dm_op continues);
+    /// then the old range's pages go back to rw, the new range's become
+    /// logdirty (device-read-only) and the engine's hook runs over it as
+    /// `p2m_change_type_range`'s does (over-covered to a power of two), in
+    /// the same call. An unchanged range is a peek: nothing here.
+    pub fn track_dirty_vram_once(
+        &mut self,
+        engine: &crate::Engine,
+        domid: DomId,
+        (first, last): (u64, u64),
+    ) -> Result<(), crate::engine::Restart> {
+        let Some(d) = self.domains.get_mut(&domid) else {
+            return Ok(());
+        };
+        if d.vram == (first, last) || first >= last {
+            return Ok(());
+        }
+        let mut sweep = d.vram_sweep;
+        let slice = engine.revoke_writes_in(self, domid, (first, last), &mut sweep);
+        if let Some(d) = self.domains.get_mut(&domid) {
+            d.vram_sweep = sweep;
+        }
+        slice?;
+        self.move_vram_range(engine, domid, (first, last));
+        Ok(())
+    }
+
+    /// VRAM dirty tracking's range moves to `[first, last)`: the p2m type
+    /// changes and the engine's hook over the new range, with nothing
+    /// revoked before (Xen's `hap_track_dirty_vram` without 0002b's
+    /// slices, for comparison).
+    pub fn move_vram_range(
+        &mut self,
+        engine: &crate::Engine,
+        domid: DomId,
+        (first, last): (u64, u64),
+    ) {
+        let Some(d) = self.domains.get_mut(&domid) else {
+            return;
+        };
+        let (old_first, old_last) = core::mem::replace(&mut d.vram, (first, last));
+        for g in old_first..old_last {
+            if let Some(P2mEntry::Ram { read_only, .. }) = d.p2m.get_mut(&Gfn(g)) {
+                *read_only = false;
+            }
+        }
+        for g in first..last {
+            if let Some(P2mEntry::Ram { read_only, .. }) = d.p2m.get_mut(&Gfn(g)) {
+                *read_only = true;
+            }
+        }
+        let n = last - first;
+        let order = if n > 1 {
+            64 - (n - 1).leading_zeros()
+        } else {
+            0
+        };
+        engine.gfn_changed(
+            self,
+            domid,
+            Gfn(first),
+            order,
+            crate::engine::GfnChange::WriteLost,
+        );
+    }
+
+    /// [`track_dirty_vram_once`](Self::track_dirty_vram_once) until it is
+    /// done, as the dm_op's continuations make it; the attempts it took.
+    pub fn track_dirty_vram(
+        &mut self,
+        engine: &crate::Engine,
+        domid: DomId,
+        range: (u64, u64),
+    ) -> u32 {
+        let mut attempts = 1;
+        while self.track_dirty_vram_once(engine, domid, range).is_err() {
+            attempts += 1;
+            if attempts > 1_000_000 {
+                break;
+            }
+        }
+        attempts
     }
 
     /// Mark a RAM gfn read-only and run the engine's hook after the change,
