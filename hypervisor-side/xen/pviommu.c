@@ -114,6 +114,34 @@ int pviommu_log_dirty_revoke(struct domain *d)
     return 0;
 }
 
+int pviommu_vram_revoke(struct domain *d, unsigned long first,
+                        unsigned long nr)
+{
+    int rc;
+
+    BUILD_BUG_ON(sizeof(d->pviommu_vram_sweep) !=
+                 sizeof(struct pviommu_range_sweep));
+
+    /*
+     * Nothing of d mapped or being mapped: nothing to move out of the
+     * hook. (Only a saving: the hook itself stays the rule.)
+     */
+    if ( !pviommu_ready || !pviommu_domain_in_use(d) )
+        return 0;
+
+    /* Another vCPU of the device model is at it: come back (dm_op). */
+    if ( test_and_set_bit(0, &d->pviommu_vram_busy) )
+        return -ERESTART;
+
+    rc = pviommu_engine_revoke_writes_in(
+             d->domain_id, first, nr,
+             (struct pviommu_range_sweep *)d->pviommu_vram_sweep);
+
+    clear_bit(0, &d->pviommu_vram_busy);
+
+    return rc == -ERESTART ? rc : 0;
+}
+
 /* ---- Reserved BFN regions and limits (built once at boot) ---- */
 
 /* RMRRs (VT-d) / IVMDs (AMD), through the vendor-neutral IOMMU op. */

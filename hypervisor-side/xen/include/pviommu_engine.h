@@ -88,6 +88,23 @@ int pviommu_engine_domain_teardown(uint16_t domid, uint64_t *cursor);
 int pviommu_engine_revoke_writes(uint16_t domid, uint64_t *cursor);
 
 /*
+ * VRAM dirty tracking is about to move to `domid`'s gfns [first, first +
+ * nr) (hap_track_dirty_vram): one slice of revoking the writable mappings
+ * of that range, bounded as above, so that the hook of the type change that
+ * follows (under the p2m lock, in one go) finds only what was mapped
+ * meanwhile. Writable maps of the range are not refused meanwhile.
+ * *sweep (three uint64_t: first, last, cursor; all zero when idle) is the
+ * caller's, kept between slices; a call for another range starts over for
+ * its own. Returns 0 when done, -ERESTART when the dm_op must continue.
+ */
+struct pviommu_range_sweep {
+    uint64_t first, last, cursor;
+};
+int pviommu_engine_revoke_writes_in(uint16_t domid, uint64_t first,
+                                    uint64_t nr,
+                                    struct pviommu_range_sweep *sweep);
+
+/*
  * The p2m of `domid` changed for gfns [gfn, gfn + (1 << order)): called
  * AFTER the change succeeded, possibly with `domid`'s p2m lock held.
  *   how = PVIOMMU_GFN_REMOVED:   the gfns no longer point at the frames they

@@ -17,7 +17,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use lock_api::RawMutex;
 use pviommu_hv::abi::feature;
 use pviommu_hv::config::Config;
-use pviommu_hv::engine::{cell_mask_of_words, cells_in, Engine, GfnChange};
+use pviommu_hv::engine::{cell_mask_of_words, cells_in, Engine, GfnChange, RangeSweep};
 use pviommu_hv::heap_budget::HeapBudget;
 use pviommu_hv::iommu::{
     BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend, OwnTables, TableFormat,
@@ -1442,6 +1442,31 @@ pub extern "C" fn pviommu_engine_revoke_writes(domid: u16, cursor: *mut u64) -> 
         return 0;
     };
     match e.revoke_writes(&mut Xen::new(), DomId(domid), cursor) {
+        Ok(()) => 0,
+        Err(_) => ERESTART,
+    }
+}
+
+/// One slice of revoking the writable mappings of `domid`'s gfns
+/// `[first, first + nr)` before VRAM dirty tracking moves there: 0 done,
+/// -ERESTART call again. `sweep` is the caller's (three u64s in struct
+/// domain: [`RangeSweep`]'s layout).
+// Called from C only, with a pointer into struct domain or NULL (checked).
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
+#[no_mangle]
+pub extern "C" fn pviommu_engine_revoke_writes_in(
+    domid: u16,
+    first: u64,
+    nr: u64,
+    sweep: *mut RangeSweep,
+) -> i32 {
+    const ERESTART: i32 = -85;
+    let Some(e) = engine() else { return 0 };
+    // SAFETY: the glue passes a pointer to the sweep in struct domain.
+    let Some(sweep) = (unsafe { sweep.as_mut() }) else {
+        return 0;
+    };
+    match e.revoke_writes_in(&mut Xen::new(), DomId(domid), (first, first.saturating_add(nr)), sweep) {
         Ok(()) => 0,
         Err(_) => ERESTART,
     }
