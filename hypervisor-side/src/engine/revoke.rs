@@ -67,14 +67,23 @@ pub struct RangeSweep {
     pub cursor: u64,
 }
 
+/// Walks [`Engine::revoke_writes`] makes again, at most, while a cell
+/// that maps the target has an unmap or flush to retry: a failing IOMMU
+/// must not keep the log-dirty domctl (and its preempt state) continuing
+/// for ever.
+const RETRY_PASSES: u8 = 8;
+
 /// Cursor layout of a teardown and of [`Engine::revoke_writes`]: phase in
-/// bits 62-63, driver cell (as a target) or context (as a driver) in
-/// 40-55, slot index in 0-39.
+/// bits 62-63, retry passes in 56-61, driver cell (as a target) or context
+/// (as a driver) in 40-55, slot index in 0-39.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Cursor {
     phase: u64,
     driver: u16,
     slot: u64,
+    /// Walks [`Engine::revoke_writes`] made again after work was left to
+    /// retry (bits 56-61; 0 for a teardown).
+    passes: u8,
 }
 
 const PHASE_START: u64 = 0;
@@ -88,16 +97,21 @@ impl Cursor {
         phase: PHASE_DONE,
         driver: 0,
         slot: 0,
+        passes: 0,
     };
     fn unpack(v: u64) -> Cursor {
         Cursor {
             phase: v >> 62,
             driver: (v >> 40) as u16,
             slot: v & ((1 << 40) - 1),
+            passes: ((v >> 56) & 0x3f) as u8,
         }
     }
     fn pack(self) -> u64 {
-        self.phase << 62 | (self.driver as u64) << 40 | (self.slot & ((1 << 40) - 1))
+        self.phase << 62
+            | ((self.passes & 0x3f) as u64) << 56
+            | (self.driver as u64) << 40
+            | (self.slot & ((1 << 40) - 1))
     }
 }
 
@@ -467,6 +481,7 @@ impl<L: RawMutex> Engine<L> {
                 phase: PHASE_AS_TARGET,
                 driver: 0,
                 slot: 0,
+                passes: 0,
             };
         }
         if c.phase == PHASE_AS_TARGET {
@@ -476,6 +491,7 @@ impl<L: RawMutex> Engine<L> {
                     phase: PHASE_AS_DRIVER,
                     driver: 0,
                     slot: 0,
+                    passes: 0,
                 };
             } else {
                 return self.teardown_as_target(h, domid, c);
@@ -547,6 +563,7 @@ impl<L: RawMutex> Engine<L> {
             phase,
             driver: 0,
             slot: 0,
+            passes: 0,
         };
         Err(Restart)
     }
@@ -577,6 +594,7 @@ impl<L: RawMutex> Engine<L> {
             if c.driver as usize != cell {
                 *c = Cursor {
                     phase: c.phase,
+                    passes: c.passes,
                     driver: cell as u16,
                     slot: 0,
                 };
@@ -617,6 +635,7 @@ impl<L: RawMutex> Engine<L> {
             self.put_driver(d);
             *c = Cursor {
                 phase: c.phase,
+                passes: c.passes,
                 driver: cell as u16 + 1,
                 slot: 0,
             };
@@ -663,7 +682,7 @@ impl<L: RawMutex> Engine<L> {
         cursor: &mut u64,
     ) -> Result<(), Restart> {
         let mut c = Cursor::unpack(*cursor);
-        let result = self.revoke_writes_slice(h, domid, ALL_GFNS, &mut c);
+        let result = self.revoke_writes_slice(h, domid, ALL_GFNS, true, &mut c);
         *cursor = c.pack();
         result
     }
@@ -697,7 +716,8 @@ impl<L: RawMutex> Engine<L> {
             };
         }
         let mut c = Cursor::unpack(sweep.cursor);
-        let result = self.revoke_writes_slice(h, domid, (first, last), &mut c);
+        // No walk again here: the hook that follows retries what is stuck.
+        let result = self.revoke_writes_slice(h, domid, (first, last), false, &mut c);
         sweep.cursor = c.pack();
         if result.is_ok() {
             *sweep = RangeSweep::default();
@@ -710,6 +730,7 @@ impl<L: RawMutex> Engine<L> {
         h: &mut impl Hypervisor,
         domid: DomId,
         range: (u64, u64),
+        walk_again_for_retries: bool,
         c: &mut Cursor,
     ) -> Result<(), Restart> {
         if c.phase == PHASE_START {
@@ -728,6 +749,7 @@ impl<L: RawMutex> Engine<L> {
                 phase: PHASE_AS_TARGET,
                 driver: 0,
                 slot: 0,
+                passes: 0,
             };
         }
         if c.phase == PHASE_AS_TARGET {
@@ -737,17 +759,22 @@ impl<L: RawMutex> Engine<L> {
             // write: walk again, retrying and flushing, until no cell that
             // maps the target has such work left, as the teardown does.
             // (A cell's flag also covers another target's stuck entries:
-            // then this waits for those too.)
-            let retry = cells_in(self.target_drivers(domid)).any(|cell| {
-                self.cell_state
-                    .get(cell)
-                    .is_some_and(|s| s.retry.load(Ordering::SeqCst))
-            });
+            // then this waits for those too.) At most `RETRY_PASSES` more
+            // walks: an IOMMU that keeps failing leaves its entries stuck,
+            // retried at every flush of the cell, as an explicit unmap's.
+            let retry = walk_again_for_retries
+                && c.passes < RETRY_PASSES
+                && cells_in(self.target_drivers(domid)).any(|cell| {
+                    self.cell_state
+                        .get(cell)
+                        .is_some_and(|s| s.retry.load(Ordering::SeqCst))
+                });
             if retry {
                 *c = Cursor {
                     phase: PHASE_AS_TARGET,
                     driver: 0,
                     slot: 0,
+                    passes: c.passes + 1,
                 };
                 return Err(Restart);
             }
@@ -774,6 +801,7 @@ impl<L: RawMutex> Engine<L> {
                     phase: PHASE_AS_DRIVER,
                     driver: c.driver + 1,
                     slot: 0,
+                    passes: 0,
                 };
                 continue;
             };
@@ -811,6 +839,7 @@ impl<L: RawMutex> Engine<L> {
                 phase: PHASE_AS_DRIVER,
                 driver: c.driver + 1,
                 slot: 0,
+                passes: 0,
             };
         }
         let Some(d) = self.lock_driver(domid) else {
@@ -937,6 +966,7 @@ mod tests {
             phase: PHASE_AS_TARGET,
             driver: 0x7fef,
             slot: (1 << 40) - 1,
+            passes: 0,
         };
         assert_eq!(Cursor::unpack(c.pack()), c);
     }
