@@ -98,9 +98,23 @@ int pviommu_log_dirty_revoke(struct domain *d)
     if ( rc == -ERESTART )
         return rc;
 
+    if ( rc == -EIO )
+    {
+        /*
+         * The IOMMU kept refusing: a device may still write d unseen, so
+         * the enable must not answer success (the migration would lose
+         * those writes). The stuck entries are retried at every flush.
+         */
+        printk(XENLOG_WARNING
+               "pviommu: %pd log-dirty: writable device mappings left after %u slices (IOMMU failures)\n",
+               d, d->pviommu_log_dirty_slices);
+        d->pviommu_log_dirty = PVIOMMU_TEARDOWN_DONE;
+        return rc;
+    }
+
     if ( rc )
     {
-        /* The engine promises 0 or -ERESTART. */
+        /* The engine promises 0, -ERESTART or -EIO. */
         printk(XENLOG_ERR "pviommu: %pd write revocation returned %d\n",
                d, rc);
         ASSERT_UNREACHABLE();

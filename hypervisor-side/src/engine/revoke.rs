@@ -778,9 +778,24 @@ impl<L: RawMutex> Engine<L> {
                 };
                 return Err(Restart);
             }
-            *c = Cursor::DONE;
+            // Done, or gave up with work still to retry: then the cursor
+            // says so ([`revoke_writes_gave_up`](Self::revoke_writes_gave_up)).
+            let gave_up = walk_again_for_retries && c.passes >= RETRY_PASSES;
+            *c = Cursor {
+                passes: if gave_up { RETRY_PASSES } else { 0 },
+                ..Cursor::DONE
+            };
         }
         Ok(())
+    }
+
+    /// Whether a [`revoke_writes`](Self::revoke_writes) that returned `Ok`
+    /// with this cursor gave up: an IOMMU kept refusing an unmap or a
+    /// flush through every walk, so a device may still write (Xen: the
+    /// enable fails with `-EIO` rather than answer success).
+    pub fn revoke_writes_gave_up(cursor: u64) -> bool {
+        let c = Cursor::unpack(cursor);
+        c.phase == PHASE_DONE && c.passes != 0
     }
 
     /// Take down everything the dying domain holds as a driver domain,

@@ -83,7 +83,9 @@ int pviommu_engine_domain_teardown(uint16_t domid, uint64_t *cursor);
  * *cursor starts at 0 (the glue keeps it in struct domain) and is the
  * engine's to update; PVIOMMU_TEARDOWN_DONE once finished. Returns 0 when
  * done, -ERESTART when the caller must come back (the domctl continues),
- * never anything else.
+ * -EIO when it gave up: the IOMMU kept refusing an unmap or a flush through
+ * 9 walks, so a device may still write (the entries stay stuck, retried at
+ * every flush); the enable must then fail. Nothing else.
  */
 int pviommu_engine_revoke_writes(uint16_t domid, uint64_t *cursor);
 

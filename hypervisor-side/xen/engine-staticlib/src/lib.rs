@@ -1441,7 +1441,9 @@ pub extern "C" fn pviommu_engine_revoke_writes(domid: u16, cursor: *mut u64) -> 
     let Some(cursor) = (unsafe { cursor.as_mut() }) else {
         return 0;
     };
+    const EIO: i32 = -5;
     match e.revoke_writes(&mut Xen::new(), DomId(domid), cursor) {
+        Ok(()) if XenEngine::revoke_writes_gave_up(*cursor) => EIO,
         Ok(()) => 0,
         Err(_) => ERESTART,
     }
