@@ -1468,7 +1468,12 @@ pub extern "C" fn pviommu_engine_revoke_writes_in(
     let Some(sweep) = (unsafe { sweep.as_mut() }) else {
         return 0;
     };
-    match e.revoke_writes_in(&mut Xen::new(), DomId(domid), (first, first.saturating_add(nr)), sweep) {
+    match e.revoke_writes_in(
+        &mut Xen::new(),
+        DomId(domid),
+        (first, first.saturating_add(nr)),
+        sweep,
+    ) {
         Ok(()) => 0,
         Err(_) => ERESTART,
     }
