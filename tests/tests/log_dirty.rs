@@ -351,3 +351,34 @@ fn an_iommu_that_keeps_failing_does_not_keep_the_revocation_going() {
     let attempts = m.track_dirty_vram(&e, GUEST, (0, 1024));
     assert!((3..10).contains(&attempts), "{attempts}");
 }
+
+/// However many walks an IOMMU's failures last, the revocation reports
+/// giving up exactly when a device may still write (a re-read of
+/// 2026-12-03: failures that ended in the last allowed walk were reported
+/// as giving up, failing an enable that had succeeded).
+#[test]
+fn giving_up_is_reported_exactly_when_a_mapping_stays_writable() {
+    for fails in 0..40u32 {
+        let (mut m, e) = machine(Format::Vtd, 64);
+        let rw = map_all(&mut m, &e, 0..8, Permissions::RW);
+        // Every page read through the IOTLB, so a failed flush leaves it.
+        for b in &rw {
+            m.dma_write(DomId::DOM0, ContextId::DEFAULT, b.0 << 12, b"y")
+                .unwrap();
+        }
+        m.set_log_dirty_mode(GUEST, true);
+        m.fail_flushes = fails;
+        let mut cursor = 0;
+        while e.revoke_writes(&mut m, GUEST, &mut cursor).is_err() {}
+        m.fail_flushes = 0;
+        let writable = rw.iter().any(|b| {
+            m.dma_write(DomId::DOM0, ContextId::DEFAULT, b.0 << 12, b"x")
+                .is_ok()
+        });
+        assert_eq!(
+            Engine::revoke_writes_gave_up(cursor),
+            writable,
+            "{fails} failed flushes"
+        );
+    }
+}

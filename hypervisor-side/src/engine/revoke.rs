@@ -762,14 +762,13 @@ impl<L: RawMutex> Engine<L> {
             // then this waits for those too.) At most `RETRY_PASSES` more
             // walks: an IOMMU that keeps failing leaves its entries stuck,
             // retried at every flush of the cell, as an explicit unmap's.
-            let retry = walk_again_for_retries
-                && c.passes < RETRY_PASSES
+            let pending = walk_again_for_retries
                 && cells_in(self.target_drivers(domid)).any(|cell| {
                     self.cell_state
                         .get(cell)
                         .is_some_and(|s| s.retry.load(Ordering::SeqCst))
                 });
-            if retry {
+            if pending && c.passes < RETRY_PASSES {
                 *c = Cursor {
                     phase: PHASE_AS_TARGET,
                     driver: 0,
@@ -780,9 +779,8 @@ impl<L: RawMutex> Engine<L> {
             }
             // Done, or gave up with work still to retry: then the cursor
             // says so ([`revoke_writes_gave_up`](Self::revoke_writes_gave_up)).
-            let gave_up = walk_again_for_retries && c.passes >= RETRY_PASSES;
             *c = Cursor {
-                passes: if gave_up { RETRY_PASSES } else { 0 },
+                passes: if pending { RETRY_PASSES } else { 0 },
                 ..Cursor::DONE
             };
         }
