@@ -93,12 +93,16 @@ const PHASE_DONE: u64 = 3;
 
 impl Cursor {
     /// Finished: packs to `PVIOMMU_TEARDOWN_DONE` (3 << 62).
-    const DONE: Cursor = Cursor {
-        phase: PHASE_DONE,
-        driver: 0,
-        slot: 0,
-        passes: 0,
-    };
+    const DONE: Cursor = Cursor::start_of(PHASE_DONE);
+    /// The start of `phase`: first cell or context, first slot, no pass.
+    const fn start_of(phase: u64) -> Cursor {
+        Cursor {
+            phase,
+            driver: 0,
+            slot: 0,
+            passes: 0,
+        }
+    }
     fn unpack(v: u64) -> Cursor {
         Cursor {
             phase: v >> 62,
@@ -477,22 +481,12 @@ impl<L: RawMutex> Engine<L> {
             if let Some(g) = self.gate(domid) {
                 g.seq.fetch_add(1, Ordering::SeqCst);
             }
-            *c = Cursor {
-                phase: PHASE_AS_TARGET,
-                driver: 0,
-                slot: 0,
-                passes: 0,
-            };
+            *c = Cursor::start_of(PHASE_AS_TARGET);
         }
         if c.phase == PHASE_AS_TARGET {
             if self.target_active(domid) == 0 {
                 self.clear_stale_gate_bits(domid);
-                *c = Cursor {
-                    phase: PHASE_AS_DRIVER,
-                    driver: 0,
-                    slot: 0,
-                    passes: 0,
-                };
+                *c = Cursor::start_of(PHASE_AS_DRIVER);
             } else {
                 return self.teardown_as_target(h, domid, c);
             }
@@ -559,12 +553,7 @@ impl<L: RawMutex> Engine<L> {
         } else {
             PHASE_AS_TARGET
         };
-        *c = Cursor {
-            phase,
-            driver: 0,
-            slot: 0,
-            passes: 0,
-        };
+        *c = Cursor::start_of(phase);
         Err(Restart)
     }
 
@@ -745,12 +734,7 @@ impl<L: RawMutex> Engine<L> {
                 return Ok(());
             }
             gate.seq.fetch_add(1, Ordering::SeqCst);
-            *c = Cursor {
-                phase: PHASE_AS_TARGET,
-                driver: 0,
-                slot: 0,
-                passes: 0,
-            };
+            *c = Cursor::start_of(PHASE_AS_TARGET);
         }
         if c.phase == PHASE_AS_TARGET {
             self.walk_cells_of_target(h, domid, GfnChange::WriteLost, range, c)?;
