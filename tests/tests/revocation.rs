@@ -536,3 +536,55 @@ fn a_stale_numbered_ack_of_a_bfn_being_revoked_again_is_enoent() {
     );
     assert_eq!(observable(&m, &e), before);
 }
+
+/// Review of the per-call bound: every flush retried every revocation the
+/// IOMMU had refused to unmap (the stuck list), so one hypercall's or one
+/// hook's work grew with the refusals, up to the quota. A flush retries
+/// at most `STUCK_RETRIES` now, oldest first, failures back at the tail:
+/// once the IOMMU unmaps again, each becomes a notice within
+/// `stuck / STUCK_RETRIES` flushes, none twice and none lost.
+#[test]
+fn a_flush_retries_a_bounded_number_of_stuck_revocations_in_turn() {
+    use pviommu_hv::engine::STUCK_RETRIES;
+    const N: u64 = 600;
+    let (mut m, e) = machine(Format::Vtd, N + 8);
+    let mut bfns: Vec<Bfn> = (1..=N)
+        .map(|g| map_one(&mut m, &e, DomId::DOM0, GUEST, g, Permissions::RW).unwrap())
+        .collect();
+    m.fail_unmaps = u32::MAX;
+    for g in 1..=N {
+        m.balloon_out(&e, GUEST, Gfn(g)).unwrap();
+    }
+    let stuck = |e: &pviommu_hv::Engine| e.driver_state(DomId::DOM0).unwrap().stuck();
+    assert_eq!(stuck(&e), N);
+    let before = m.fail_unmaps;
+    e.finish(&mut m, DomId::DOM0);
+    assert_eq!(
+        u64::from(before - m.fail_unmaps),
+        STUCK_RETRIES,
+        "IOMMU unmaps one flush tried"
+    );
+    assert_eq!(stuck(&e), N);
+    // The IOMMU unmaps again.
+    m.fail_unmaps = 0;
+    let mut flushes = 0;
+    while stuck(&e) > 0 {
+        e.finish(&mut m, DomId::DOM0);
+        flushes += 1;
+        assert!(
+            flushes <= N.div_ceil(STUCK_RETRIES),
+            "a stuck one was passed over"
+        );
+    }
+    let mut noticed = Vec::new();
+    while let Ok((bfn, _, number)) = e.revoked_next(DomId::DOM0) {
+        e.revoked_ack(DomId::DOM0, ContextId::DEFAULT, bfn, Some(number))
+            .unwrap();
+        noticed.push(bfn);
+        assert!(noticed.len() as u64 <= N, "a notice came twice");
+    }
+    noticed.sort();
+    bfns.sort();
+    assert_eq!(noticed, bfns);
+    assert_eq!(m.total_page_refs(), 0);
+}

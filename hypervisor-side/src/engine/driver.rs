@@ -511,7 +511,11 @@ pub struct DriverDomain {
     /// hook's work under the lock to its bound.
     pub(crate) range_work: (u64, u64),
     pub(crate) unmapping_head: u64,
+    /// Revocations the IOMMU refused to unmap, oldest first: each flush
+    /// retries a bounded number from the head and puts the failures back
+    /// at the tail, so every one is retried in turn.
     pub(crate) stuck_head: u64,
+    stuck_tail: u64,
     pub(crate) revoked_head: u64,
     pub(crate) revoked_tail: u64,
     /// Notices acknowledged so far (wraps): any removal from the notice
@@ -564,6 +568,7 @@ impl DriverDomain {
             range_work: (0, 0),
             unmapping_head: NONE,
             stuck_head: NONE,
+            stuck_tail: NONE,
             revoked_head: NONE,
             revoked_tail: NONE,
             revoked_acks: 0,
@@ -1187,13 +1192,37 @@ impl DriverDomain {
         Some((ContextId(r.context as u32), r.aux))
     }
 
-    /// The IOMMU refused to unmap a mapping being revoked.
+    /// The IOMMU refused to unmap a mapping being revoked: queued at the
+    /// tail of the stuck list.
     pub(crate) fn push_stuck(&mut self, idx: u64, mut mapping: Mapping) {
-        mapping.next_same_page = self.stuck_head;
-        if self.set_slot(idx, Slot::Stuck { mapping }) {
-            self.stuck_head = idx;
-            self.stuck += 1;
+        mapping.next_same_page = NONE;
+        if !self.set_slot(idx, Slot::Stuck { mapping }) {
+            return;
         }
+        let tail = self.stuck_tail;
+        match self.raw_mut(tail).filter(|r| r.state() == ST_STUCK) {
+            Some(r) => r.next = link32(idx),
+            None => self.stuck_head = idx,
+        }
+        self.stuck_tail = idx;
+        self.stuck += 1;
+    }
+
+    /// Take the oldest stuck revocation off the list: its slot and mapping.
+    pub(crate) fn pop_stuck(&mut self) -> Option<(u64, Mapping)> {
+        let idx = self.stuck_head;
+        let Some(Slot::Stuck { mapping }) = self.slot(idx) else {
+            // Empty (or a link to a slot that is not Stuck: the list ends).
+            self.stuck_head = NONE;
+            self.stuck_tail = NONE;
+            return None;
+        };
+        self.stuck_head = mapping.next_same_page;
+        if self.stuck_head == NONE {
+            self.stuck_tail = NONE;
+        }
+        self.stuck = self.stuck.saturating_sub(1);
+        Some((idx, mapping))
     }
 
     /// Queue a revocation notice at the tail.
@@ -1287,6 +1316,7 @@ impl DriverDomain {
         self.free = 0;
         self.unmapping_head = NONE;
         self.stuck_head = NONE;
+        self.stuck_tail = NONE;
         self.revoked_head = NONE;
         self.revoked_tail = NONE;
         self.revoked_cursor = (0, NONE, self.revoked_acks);

@@ -73,7 +73,7 @@ use lock_api::{Mutex, MutexGuard, RawMutex};
 
 pub use contexts::{LeafBits, MAX_DEVICES_PER_CONTEXT};
 pub use driver::{DriverDomain, DriverStats, Mapping, Notice, Slot, REGION_GFN_END};
-pub use revoke::{GfnChange, RangeSweep, Restart, SLICE_REVOKES, SLICE_VISITS};
+pub use revoke::{GfnChange, RangeSweep, Restart, SLICE_REVOKES, SLICE_VISITS, STUCK_RETRIES};
 
 use crate::bfn_alloc::{BfnSpace, BfnWindow};
 use crate::config::{Config, MAX_CONTEXTS, X86_MSI_WINDOW};

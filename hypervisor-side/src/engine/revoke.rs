@@ -46,6 +46,13 @@ pub struct Restart;
 pub const SLICE_VISITS: u64 = 4096;
 /// Revocations (IOMMU unmaps) such a slice makes before it yields.
 pub const SLICE_REVOKES: u32 = 256;
+/// Stuck revocations (unmaps the IOMMU refused before) one flush retries:
+/// a call's work stays bounded however many there are (as a slice's
+/// revocations are), and the oldest go first, so each is retried within
+/// `stuck / STUCK_RETRIES` flushes. (A log-dirty enable's walks, each of
+/// which flushes every cell it visits, so retry at least 9 x 256 of a
+/// cell's before they give up with `EIO`.)
+pub const STUCK_RETRIES: u64 = SLICE_REVOKES as u64;
 
 /// Every gfn: the range of a teardown and of [`Engine::revoke_writes`].
 const ALL_GFNS: (u64, u64) = (0, u64::MAX);
@@ -175,12 +182,15 @@ impl<L: RawMutex> Engine<L> {
         let space = &self.space;
         let dd = &mut *d.dd;
         let owner = dd.domid;
-        // Stuck revocations: take the list and rebuild it with the failures.
+        // Stuck revocations: at most `STUCK_RETRIES` of them, oldest first;
+        // a failure goes back to the tail. (Retrying the whole list made
+        // one call's work grow with every unmap the IOMMU had refused, up
+        // to the quota's million, on a hypercall or a hook.)
         let t0 = self.clock(h);
-        let mut at = core::mem::replace(&mut dd.stuck_head, NONE);
-        while let Some(Slot::Stuck { mapping }) = dd.slot(at) {
-            let next = mapping.next_same_page;
-            dd.stuck -= 1;
+        for _ in 0..dd.stuck().min(STUCK_RETRIES) {
+            let Some((at, mapping)) = dd.pop_stuck() else {
+                break;
+            };
             let unmapped = space
                 .bfn_of(at)
                 .is_some_and(|bfn| dd.iommu_unmap(h, mapping.context, bfn).is_ok());
@@ -189,7 +199,6 @@ impl<L: RawMutex> Engine<L> {
             } else {
                 dd.push_stuck(at, mapping);
             }
-            at = next;
         }
         dd.stats.ns_iommu_unmap += self.since(h, t0);
         let t1 = self.clock(h);
