@@ -103,7 +103,8 @@ int pviommu_log_dirty_revoke(struct domain *d)
         /*
          * The IOMMU kept refusing: a device may still write d unseen, so
          * the enable must not answer success (the migration would lose
-         * those writes). The stuck entries are retried at every flush.
+         * those writes). The stuck entries are retried in turn by the
+         * flushes.
          */
         printk(XENLOG_WARNING
                "pviommu: %pd log-dirty: writable device mappings left after %u slices (IOMMU failures)\n",

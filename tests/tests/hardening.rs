@@ -1492,12 +1492,14 @@ fn a_run_of_maps_checks_each_op_that_asks_something_else() {
         req(DomId(77), 4, wb, false),
         req(GUEST, 5, wb, false),
         req(GUEST, 6, MemAttr::Device, false),
-        req(GUEST, 7, wb, false),
+        // A refused op is never the one later ops are checked against.
+        req(GUEST, 7, MemAttr::Device, false),
+        req(GUEST, 8, wb, false),
     ];
     // (VT-d has no encoding for device memory: `ATTR_DEVICE` is not
     // offered.)
-    let mut out = [Err(Errno::Inval); 7];
-    assert_eq!(e.map_batch(&mut m, DomId::DOM0, &dom0, &reqs, &mut out), 7);
+    let mut out = [Err(Errno::Inval); 8];
+    assert_eq!(e.map_batch(&mut m, DomId::DOM0, &dom0, &reqs, &mut out), 8);
     let refused: Vec<Option<Errno>> = out.iter().map(|r| r.err()).collect();
     assert_eq!(
         refused,
@@ -1507,6 +1509,7 @@ fn a_run_of_maps_checks_each_op_that_asks_something_else() {
             None,
             Some(Errno::Srch),
             None,
+            Some(Errno::OpNotSupp),
             Some(Errno::OpNotSupp),
             None
         ]

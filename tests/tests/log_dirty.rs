@@ -391,3 +391,46 @@ fn giving_up_is_reported_exactly_when_a_mapping_stays_writable() {
     }
     assert_eq!(seen, (true, true), "both outcomes happen in the sweep");
 }
+
+/// Review of the flush's bound on stuck retries (`STUCK_RETRIES` a flush):
+/// the walks again were counted alone, and each flushes a cell once, so an
+/// IOMMU that refused more unmaps than 9 walks retry (2304 of a cell), and
+/// then recovered, made the enable give up (`EIO`) with nothing left
+/// writable once retried. Retries now go in slices of their own, a walk
+/// again spent only when a slice gets no further.
+#[test]
+fn a_long_stuck_list_of_an_iommu_that_recovered_is_retried_to_its_end() {
+    use pviommu_hv::engine::STUCK_RETRIES;
+    const N: u64 = 3000;
+    let (mut m, e) = machine(Format::Vtd, N + 8);
+    let rw = map_all(&mut m, &e, 0..N, Permissions::RW);
+    m.set_log_dirty_mode(GUEST, true);
+    // The IOMMU refuses every unmap through the first walk (N revocations,
+    // `SLICE_REVOKES` a slice), then recovers.
+    let first_walk = N.div_ceil(u64::from(SLICE_REVOKES));
+    m.fail_unmaps = u32::MAX;
+    let mut cursor = 0;
+    let mut slices = 0u64;
+    loop {
+        if slices == first_walk {
+            assert!(
+                e.driver_state(DomId::DOM0).unwrap().stuck() > 9 * STUCK_RETRIES,
+                "more stuck than the walks again retry"
+            );
+            m.fail_unmaps = 0;
+        }
+        slices += 1;
+        if e.revoke_writes(&mut m, GUEST, &mut cursor).is_ok() {
+            break;
+        }
+        assert!(slices < 1000, "no end");
+    }
+    assert!(
+        !Engine::revoke_writes_gave_up(cursor),
+        "gave up after {slices} slices"
+    );
+    assert_eq!(e.driver_state(DomId::DOM0).unwrap().stuck(), 0);
+    assert!(rw.iter().all(|b| m
+        .dma_write(DomId::DOM0, ContextId::DEFAULT, b.0 << 12, b"x")
+        .is_err()));
+}

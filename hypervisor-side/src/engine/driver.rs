@@ -231,8 +231,9 @@ pub enum Slot {
     },
     /// Being revoked, but the IOMMU refused the unmap (e.g. a superpage
     /// split without memory): the entry may still be live, so the page stays
-    /// referenced and the BFN poisoned; retried at every flush. The stuck
-    /// list is threaded through `mapping.next_same_page`.
+    /// referenced and the BFN poisoned; retried in turn by the flushes
+    /// (`STUCK_RETRIES` a flush, oldest first). The stuck list is threaded
+    /// through `mapping.next_same_page`.
     Stuck {
         /// The mapping being revoked.
         mapping: Mapping,
@@ -1212,9 +1213,13 @@ impl DriverDomain {
     pub(crate) fn pop_stuck(&mut self) -> Option<(u64, Mapping)> {
         let idx = self.stuck_head;
         let Some(Slot::Stuck { mapping }) = self.slot(idx) else {
-            // Empty (or a link to a slot that is not Stuck: the list ends).
+            // Empty, or a link to a slot that is not Stuck (never made):
+            // the list ends, and its count with it, so that a count left
+            // over cannot keep the cell's retry flag set for good.
+            debug_assert!(idx == NONE && self.stuck == 0, "stuck list broken");
             self.stuck_head = NONE;
             self.stuck_tail = NONE;
+            self.stuck = 0;
             return None;
         };
         self.stuck_head = mapping.next_same_page;

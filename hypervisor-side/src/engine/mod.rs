@@ -1924,8 +1924,8 @@ impl<L: RawMutex> Engine<L> {
     /// free a BFN the caller still holds), and one revoked, acknowledged and
     /// handed out again (to another vCPU of the caller) is someone else's
     /// mapping now. If the IOMMU refuses the unmap, the mapping is taken
-    /// down through the stuck list (retried at every flush, then a notice),
-    /// never left live and unreported.
+    /// down through the stuck list (retried in turn by the flushes, then a
+    /// notice), never left live and unreported.
     pub fn unmap_undo(
         &self,
         h: &mut impl Hypervisor,

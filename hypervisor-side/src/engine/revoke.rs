@@ -49,9 +49,8 @@ pub const SLICE_REVOKES: u32 = 256;
 /// Stuck revocations (unmaps the IOMMU refused before) one flush retries:
 /// a call's work stays bounded however many there are (as a slice's
 /// revocations are), and the oldest go first, so each is retried within
-/// `stuck / STUCK_RETRIES` flushes. (A log-dirty enable's walks, each of
-/// which flushes every cell it visits, so retry at least 9 x 256 of a
-/// cell's before they give up with `EIO`.)
+/// `stuck / STUCK_RETRIES` flushes. ([`Engine::revoke_writes`] retries
+/// in slices of its own while they get further: `RETRY_SLICES`.)
 pub const STUCK_RETRIES: u64 = SLICE_REVOKES as u64;
 
 /// Every gfn: the range of a teardown and of [`Engine::revoke_writes`].
@@ -79,6 +78,16 @@ pub struct RangeSweep {
 /// must not keep the log-dirty domctl (and its preempt state) continuing
 /// for ever.
 const RETRY_PASSES: u8 = 8;
+
+/// Slices of retries without a walk (each about [`STUCK_RETRIES`] unmaps)
+/// [`Engine::revoke_writes`] makes before a walk again, while they make
+/// progress: 1 Mi retried unmaps, a cell's whole stuck list at the default
+/// quota, per walk. (Counted in the cursor's slot bits, its driver past
+/// every cell.)
+const RETRY_SLICES: u64 = 4096;
+
+/// A cursor's driver past every cell: a walk from it visits none.
+const PAST_CELLS: u16 = u16::MAX;
 
 /// Cursor layout of a teardown and of [`Engine::revoke_writes`]: phase in
 /// bits 62-63, retry passes in 56-61, driver cell (as a target) or context
@@ -754,7 +763,7 @@ impl<L: RawMutex> Engine<L> {
             // (A cell's flag also covers another target's stuck entries:
             // then this waits for those too.) At most `RETRY_PASSES` more
             // walks: an IOMMU that keeps failing leaves its entries stuck,
-            // retried at every flush of the cell, as an explicit unmap's.
+            // retried in turn by the cell's flushes, as an explicit unmap's.
             let pending = walk_again_for_retries
                 && cells_in(self.target_drivers(domid)).any(|cell| {
                     self.cell_state
@@ -762,6 +771,21 @@ impl<L: RawMutex> Engine<L> {
                         .is_some_and(|s| s.retry.load(Ordering::SeqCst))
                 });
             if pending && c.passes < RETRY_PASSES {
+                // Retry what waits first, without a walk, a slice at a
+                // time: a walk again is spent only when such a slice
+                // made no progress. A flush retries at most
+                // `STUCK_RETRIES` of a cell's stuck entries, so counting
+                // walks alone gave up on a long stuck list of an IOMMU
+                // that had recovered (review).
+                if c.slot < RETRY_SLICES && self.retry_pending_of_target(h, domid) {
+                    *c = Cursor {
+                        phase: PHASE_AS_TARGET,
+                        passes: c.passes,
+                        driver: PAST_CELLS,
+                        slot: c.slot + 1,
+                    };
+                    return Err(Restart);
+                }
                 *c = Cursor {
                     phase: PHASE_AS_TARGET,
                     driver: 0,
@@ -778,6 +802,39 @@ impl<L: RawMutex> Engine<L> {
             };
         }
         Ok(())
+    }
+
+    /// One slice of retrying what the cells that map `domid` left to
+    /// retry (stuck unmaps, a failed flush), no walk: cells in turn until
+    /// about [`STUCK_RETRIES`] unmaps were tried. Whether any of them got
+    /// further (fewer stuck, or a flush that failed went through).
+    fn retry_pending_of_target(&self, h: &mut impl Hypervisor, domid: DomId) -> bool {
+        let mut progress = false;
+        let mut tried = 0u64;
+        for cell in cells_in(self.target_drivers(domid)) {
+            if tried >= STUCK_RETRIES {
+                break;
+            }
+            let waits = self
+                .cell_state
+                .get(cell)
+                .is_some_and(|s| s.retry.load(Ordering::SeqCst));
+            let (true, Some(lock)) = (waits, self.cells.get(cell)) else {
+                continue;
+            };
+            let mut d = Driver {
+                cell,
+                dd: lock.lock(),
+            };
+            let before = (d.dd.stuck(), d.dd.flush_failed);
+            self.flush_and_release(&mut d, h);
+            let after = (d.dd.stuck(), d.dd.flush_failed);
+            progress |= after.0 < before.0 || (before.1 && !after.1);
+            tried += before.0.min(STUCK_RETRIES) + 1;
+            self.clear_gate_bit_if_unused(cell, &d.dd, domid);
+            self.put_driver(d);
+        }
+        progress
     }
 
     /// Whether a [`revoke_writes`](Self::revoke_writes) that returned `Ok`
