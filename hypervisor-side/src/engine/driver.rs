@@ -1214,12 +1214,12 @@ impl DriverDomain {
         let idx = self.stuck_head;
         let Some(Slot::Stuck { mapping }) = self.slot(idx) else {
             // Empty, or a link to a slot that is not Stuck (never made):
-            // the list ends, and its count with it, so that a count left
-            // over cannot keep the cell's retry flag set for good.
+            // the list ends. Its count stays: were entries lost with the
+            // link, the cell's retry flag stays set (a log-dirty enable
+            // then answers `EIO` rather than success: fail closed).
             debug_assert!(idx == NONE && self.stuck == 0, "stuck list broken");
             self.stuck_head = NONE;
             self.stuck_tail = NONE;
-            self.stuck = 0;
             return None;
         };
         self.stuck_head = mapping.next_same_page;

@@ -777,12 +777,16 @@ impl<L: RawMutex> Engine<L> {
                 // `STUCK_RETRIES` of a cell's stuck entries, so counting
                 // walks alone gave up on a long stuck list of an IOMMU
                 // that had recovered (review).
-                if c.slot < RETRY_SLICES && self.retry_pending_of_target(h, domid) {
+                // (The slot counts retry slices only once the cursor is
+                // past every cell: a walk that ended because the cell it
+                // stood in stopped mapping the target leaves its slot.)
+                let retries = if c.driver == PAST_CELLS { c.slot } else { 0 };
+                if retries < RETRY_SLICES && self.retry_pending_of_target(h, domid, retries) {
                     *c = Cursor {
                         phase: PHASE_AS_TARGET,
                         passes: c.passes,
                         driver: PAST_CELLS,
-                        slot: c.slot + 1,
+                        slot: retries + 1,
                     };
                     return Err(Restart);
                 }
@@ -806,12 +810,21 @@ impl<L: RawMutex> Engine<L> {
 
     /// One slice of retrying what the cells that map `domid` left to
     /// retry (stuck unmaps, a failed flush), no walk: cells in turn until
-    /// about [`STUCK_RETRIES`] unmaps were tried. Whether any of them got
-    /// further (fewer stuck, or a flush that failed went through).
-    fn retry_pending_of_target(&self, h: &mut impl Hypervisor, domid: DomId) -> bool {
+    /// [`STUCK_RETRIES`] unmaps were tried (under twice that: the last
+    /// cell's flush may add as many), starting at the cell the slice's
+    /// number `n` names, so that every waiting cell comes first in turn
+    /// (one cell getting further in every slice never holds the others
+    /// off). Whether any of them got further (fewer stuck, or a flush
+    /// that failed went through).
+    fn retry_pending_of_target(&self, h: &mut impl Hypervisor, domid: DomId, n: u64) -> bool {
+        let mask = self.target_drivers(domid);
+        // The (n mod cells)-th cell of the target first.
+        let k = n % u64::from(mask.count_ones().max(1));
+        let from = cells_in(mask).nth(k as usize).unwrap_or(0);
         let mut progress = false;
         let mut tried = 0u64;
-        for cell in cells_in(self.target_drivers(domid)) {
+        let wrapped = cells_in(mask).filter(move |&c| c >= from);
+        for cell in wrapped.chain(cells_in(mask).filter(move |&c| c < from)) {
             if tried >= STUCK_RETRIES {
                 break;
             }
