@@ -434,3 +434,86 @@ fn a_long_stuck_list_of_an_iommu_that_recovered_is_retried_to_its_end() {
         .dma_write(DomId::DOM0, ContextId::DEFAULT, b.0 << 12, b"x")
         .is_err()));
 }
+
+/// Second review of the retry slices: each started at the lowest cell
+/// that had something to retry and stopped once `STUCK_RETRIES` unmaps
+/// were tried, so a cell whose IOMMU lets one unmap in 256 through (always
+/// some progress) took every slice, and another cell's stuck list, whose
+/// IOMMU had recovered, waited behind it. They start at the target's
+/// cells in turn now: the device model's list is through within a few
+/// slices, while dom0's still trickles.
+#[test]
+fn retry_slices_take_the_targets_cells_in_turn() {
+    const N: u64 = 600;
+    let (mut m, e) = machine(Format::Vtd, 2 * N + 8);
+    map_all(&mut m, &e, 0..N, Permissions::RW);
+    let mut ops: Vec<_> = (N..2 * N)
+        .map(|g| map_op(GUEST, g, Permissions::RW))
+        .collect();
+    m.guest_batch_all(&e, DEVICE_MODEL, &mut ops).unwrap();
+    assert!(ops.iter().all(|o| o.status == 0));
+    let stuck = |e: &Engine, who| e.driver_state(who).unwrap().stuck();
+    m.set_log_dirty_mode(GUEST, true);
+    // The first walk: every unmap refused.
+    m.fail_unmaps = u32::MAX;
+    let mut cursor = 0;
+    let mut slices = 0;
+    while stuck(&e, DomId::DOM0) < N || stuck(&e, DEVICE_MODEL) < N {
+        slices += 1;
+        assert!(slices < 100, "the first walk does not end");
+        assert!(e.revoke_writes(&mut m, GUEST, &mut cursor).is_err());
+    }
+    // Then dom0's IOMMU lets one unmap in 256 through; the device
+    // model's has recovered.
+    m.fail_unmaps = 0;
+    m.fail_unmaps_of = Some((DomId::DOM0, 256));
+    let mut slices = 0;
+    while stuck(&e, DEVICE_MODEL) > 0 {
+        slices += 1;
+        assert!(
+            slices <= 16,
+            "the device model's {} stuck entries wait behind dom0's {}",
+            stuck(&e, DEVICE_MODEL),
+            stuck(&e, DomId::DOM0)
+        );
+        assert!(e.revoke_writes(&mut m, GUEST, &mut cursor).is_err());
+    }
+    assert!(stuck(&e, DomId::DOM0) > N / 2, "dom0's still trickles");
+    // Both IOMMUs work again: it ends, having given up on nothing.
+    m.fail_unmaps_of = None;
+    while e.revoke_writes(&mut m, GUEST, &mut cursor).is_err() {
+        slices += 1;
+        assert!(slices < 10_000, "no end");
+    }
+    assert!(!Engine::revoke_writes_gave_up(cursor));
+    assert_eq!(stuck(&e, DomId::DOM0), 0);
+}
+
+/// Second review of the retry slices: the cursor's slot counts them only
+/// once the cursor is past every cell. A walk that ended because the cell
+/// it stood in stopped mapping the target (its bit gone between two
+/// slices) kept that cell's slot, which was read as a count of retry
+/// slices: from 4096 on, none was made. Here the cursor such a walk leaves
+/// (phase 1, as a target; cell 100, which maps nothing; slot 5000, as the
+/// layout in `revoke.rs` packs it) must still retry dom0's stuck entries.
+#[test]
+fn a_walk_that_ended_in_a_cell_gone_still_retries() {
+    use pviommu_hv::engine::STUCK_RETRIES;
+    const N: u64 = 600;
+    let (mut m, e) = machine(Format::Vtd, N + 8);
+    map_all(&mut m, &e, 0..N, Permissions::RW);
+    let stuck = |e: &Engine| e.driver_state(DomId::DOM0).unwrap().stuck();
+    m.set_log_dirty_mode(GUEST, true);
+    m.fail_unmaps = u32::MAX;
+    let mut cursor = 0;
+    let mut slices = 0;
+    while stuck(&e) < N {
+        slices += 1;
+        assert!(slices < 100, "the first walk does not end");
+        assert!(e.revoke_writes(&mut m, GUEST, &mut cursor).is_err());
+    }
+    m.fail_unmaps = 0;
+    let mut cursor = 1 << 62 | 100 << 40 | 5000;
+    assert!(e.revoke_writes(&mut m, GUEST, &mut cursor).is_err());
+    assert_eq!(stuck(&e), N - STUCK_RETRIES, "a retry slice");
+}

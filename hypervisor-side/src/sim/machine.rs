@@ -465,6 +465,13 @@ pub struct SimMachine {
     pub fail_unmaps: u32,
     /// The next this-many IOTLB flushes fail (failure injection).
     pub fail_flushes: u32,
+    /// Failure injection for one driver domain's IOMMU unmaps in its
+    /// default context (after `fail_unmaps`): `(owner, n)`, its unmaps
+    /// fail but every `n`-th (`n` = 0: all of them), as an IOMMU short of
+    /// memory that finds some now and then, while others' succeed.
+    pub fail_unmaps_of: Option<(DomId, u32)>,
+    /// Unmaps of `fail_unmaps_of`'s owner so far.
+    unmaps_of_seen: u32,
     /// Seed for the engine's hash tables.
     pub seed: u64,
     /// End of hot-pluggable memory (SRAT), in frames: RAM may grow to here.
@@ -522,6 +529,8 @@ impl SimMachine {
             flushes: 0,
             faults: Vec::new(),
             fail_unmaps: 0,
+            fail_unmaps_of: None,
+            unmaps_of_seen: 0,
             fail_flushes: 0,
             seed: 0x5eed_f00d_5113,
             hotplug_end: 0,
@@ -1657,6 +1666,12 @@ impl IommuBackend for SimMachine {
         if self.fail_unmaps > 0 {
             self.fail_unmaps -= 1;
             return Err(Errno::NoMem);
+        }
+        if let Some((_, n)) = self.fail_unmaps_of.filter(|&(who, _)| who == owner) {
+            self.unmaps_of_seen = self.unmaps_of_seen.wrapping_add(1);
+            if n == 0 || !self.unmaps_of_seen.is_multiple_of(n) {
+                return Err(Errno::NoMem);
+            }
         }
         let Some(c) = self.contexts.get_mut(&(owner, ctx)) else {
             return Err(Errno::NoEnt);
