@@ -1317,19 +1317,18 @@ impl<L: RawMutex> Engine<L> {
         }
         let mut steps = [Step::Pending; MAP_CHUNK];
         let mut ns_get_page = 0;
+        let caps = h.iommu_caps();
+        // 1. The checks of the whole run, before any page is looked up:
+        //    each op's target gate, or its error.
+        let mut gates: [Option<&TargetGate>; MAP_CHUNK] = [None; MAP_CHUNK];
         let mut checked: Option<DomId> = None;
         let mut passed: Option<(&MapRequest, &TargetGate)> = None;
-        let caps = h.iommu_caps();
-        // Ops of the run that have joined their target's gate but not yet
-        // used the share (see below).
-        let mut joined = 0u32;
-        for i in 0..n {
-            let (Some(req), Some(o)) = (reqs.get(i), out.get_mut(i)) else {
-                break;
-            };
-            let Some(step) = steps.get_mut(i) else {
-                break;
-            };
+        for ((req, o), (step, gate)) in reqs
+            .iter()
+            .zip(out.iter_mut())
+            .zip(steps.iter_mut().zip(gates.iter_mut()))
+            .take(n)
+        {
             // An op asking what the last one that passed asked (target,
             // context, attribute, grant: all `map_checks` reads of an op)
             // passes too: the mediator's usual run is checked once.
@@ -1340,7 +1339,7 @@ impl<L: RawMutex> Engine<L> {
                     && p.grant == req.grant
             });
             let checks = match same_as_passed {
-                Some((_, gate)) => Ok(gate),
+                Some((_, g)) => Ok(g),
                 None => self.map_checks(
                     h,
                     caller,
@@ -1350,39 +1349,50 @@ impl<L: RawMutex> Engine<L> {
                     checked == Some(req.domid),
                 ),
             };
-            let gate = match checks {
+            match checks {
                 Ok(g) => {
                     passed = Some((req, g));
-                    g
+                    checked = Some(req.domid);
+                    *gate = Some(g);
                 }
                 Err(e) => {
-                    // Its share, if an earlier op of the run joined one for
-                    // it, goes back.
-                    if joined > 0 {
-                        joined -= 1;
-                        self.gate_leave(req.domid);
-                    }
                     *o = Err(e);
                     *step = Step::Done;
-                    continue;
                 }
+            }
+        }
+        // 2. No lookup runs ahead of the checks under speculation: an op
+        //    skips checks its target passed for an earlier op, and a
+        //    mispredicted compare there must not look up another domain's
+        //    page (Xen fences its XSM decisions the same way,
+        //    `evaluate_nospec()`). One barrier for the run.
+        if gates.iter().any(Option::is_some) {
+            crate::nospec::block_speculation();
+        }
+        // 3. Join and look up. Consecutive ops of one target that passed
+        //    join its gate together, before the first of them looks its
+        //    page up: one atomic per run. A map refused at its checks
+        //    never raises the count (which decides whether a hook has
+        //    anything to do, and which any caller could otherwise hold up
+        //    with maps it may not make).
+        // Ops that have joined their target's gate but not yet used the
+        // share.
+        let mut joined = 0u32;
+        for i in 0..n {
+            let (Some(req), Some(o), Some(step), Some(&Some(gate))) =
+                (reqs.get(i), out.get_mut(i), steps.get_mut(i), gates.get(i))
+            else {
+                continue;
             };
-            // Consecutive ops of one target join its gate together, once the
-            // first of them passed its checks and before it looks its page
-            // up: one atomic per run. A map refused at its checks never
-            // raises the count (which decides whether a hook has anything
-            // to do, and which any caller could otherwise hold up with maps
-            // it may not make); a later op of the run refused gives its
-            // share back.
             if joined == 0 {
-                let same = reqs.get(i..n).map_or(1, |rest| {
-                    rest.iter().take_while(|r| r.domid == req.domid).count()
-                });
+                let same = (i..n)
+                    .take_while(|&j| reqs.get(j).is_some_and(|r| r.domid == req.domid))
+                    .filter(|&j| gates.get(j).is_some_and(Option::is_some))
+                    .count();
                 gate.active.fetch_add(same as u32, Ordering::SeqCst);
                 joined = same as u32;
             }
             joined -= 1;
-            checked = Some(req.domid);
             let (looked_up, ns) = self.look_up_joined(h, req, gate, &caps);
             ns_get_page += ns;
             *step = match looked_up {
