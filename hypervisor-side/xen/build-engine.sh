@@ -73,6 +73,16 @@ if grep -Eq 'endbr64|(call|jmp)[a-z]*[[:space:]]+\*' "$OUT/rust_engine.dis"; the
 fi
 echo "build-engine: no endbr64, no raw indirect branch"
 
+# A run of maps passes its checks, then one speculation barrier
+# (nospec::block_speculation, as Xen's evaluate_nospec() fences its XSM
+# decisions), then looks pages up: the barrier must be in the object.
+fences=$(grep -cE '[[:space:]]lfence' "$OUT/rust_engine.dis" || true)
+if [ "$fences" -lt 1 ]; then
+    echo "build-engine: FAIL: no lfence in rust_engine.o (the map run's speculation barrier)" >&2
+    exit 1
+fi
+echo "build-engine: speculation barrier present ($fences lfence)"
+
 nm "$OUT/rust_engine.o" > "$OUT/rust_engine.nm"
 for s in $ENTRIES; do
     grep -q " T $s\$" "$OUT/rust_engine.nm" || { echo "build-engine: FAIL: $s not defined" >&2; exit 1; }
