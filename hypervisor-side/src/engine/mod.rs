@@ -469,6 +469,10 @@ mod report {
 }
 use report::Reported;
 
+/// No domain: what a map refused at its checks may look a page up in
+/// (Xen's `DOMID_INVALID` range; no domain has it).
+const NO_DOMAIN: DomId = DomId(u16::MAX);
+
 /// The mapping a request asks for, over frame `mfn`.
 fn map_key(req: &MapRequest, mfn: Mfn) -> Mapping {
     Mapping {
@@ -1196,6 +1200,10 @@ impl<L: RawMutex> Engine<L> {
     ) -> Result<Mapped, Errno> {
         let caps = h.iommu_caps();
         let gate = self.map_checks(h, caller, caller_info, req, &caps, false)?;
+        // The checks are resolved before the lookup under speculation (see
+        // `map_batch`): the caller-and-target decision is a plain branch,
+        // fenced only by some XSM policies' own hooks.
+        crate::nospec::block_speculation();
         for _ in 0..MAP_RETRIES {
             let (looked_up, ns_get_page) = self.look_up_page(h, req, gate, &caps);
             let (mfn, seq) = looked_up?;
@@ -1319,14 +1327,17 @@ impl<L: RawMutex> Engine<L> {
         let mut ns_get_page = 0;
         let caps = h.iommu_caps();
         // 1. The checks of the whole run, before any page is looked up:
-        //    each op's target gate, or its error.
+        //    each op's target gate, or its error, and the domain each op
+        //    may look a page up in (`NO_DOMAIN` for an op refused).
         let mut gates: [Option<&TargetGate>; MAP_CHUNK] = [None; MAP_CHUNK];
+        let mut lookup_in = [NO_DOMAIN; MAP_CHUNK];
         let mut checked: Option<DomId> = None;
         let mut passed: Option<(&MapRequest, &TargetGate)> = None;
-        for ((req, o), (step, gate)) in reqs
+        for (((req, o), (step, gate)), lookup_in) in reqs
             .iter()
             .zip(out.iter_mut())
             .zip(steps.iter_mut().zip(gates.iter_mut()))
+            .zip(lookup_in.iter_mut())
             .take(n)
         {
             // An op asking what the last one that passed asked (target,
@@ -1354,6 +1365,7 @@ impl<L: RawMutex> Engine<L> {
                     passed = Some((req, g));
                     checked = Some(req.domid);
                     *gate = Some(g);
+                    *lookup_in = req.domid;
                 }
                 Err(e) => {
                     *o = Err(e);
@@ -1365,10 +1377,11 @@ impl<L: RawMutex> Engine<L> {
         //    skips checks its target passed for an earlier op, and a
         //    mispredicted compare there must not look up another domain's
         //    page (Xen fences its XSM decisions the same way,
-        //    `evaluate_nospec()`). One barrier for the run.
-        if gates.iter().any(Option::is_some) {
-            crate::nospec::block_speculation();
-        }
+        //    `evaluate_nospec()`). One barrier for the run. After it, the
+        //    domain a lookup goes to is data (`lookup_in`), not the
+        //    outcome of a branch: a mispredicted "this op passed" below
+        //    looks up nothing of any domain.
+        crate::nospec::block_speculation();
         // 3. Join and look up. Consecutive ops of one target that passed
         //    join its gate together, before the first of them looks its
         //    page up: one atomic per run. A map refused at its checks
@@ -1379,9 +1392,13 @@ impl<L: RawMutex> Engine<L> {
         // share.
         let mut joined = 0u32;
         for i in 0..n {
-            let (Some(req), Some(o), Some(step), Some(&Some(gate))) =
-                (reqs.get(i), out.get_mut(i), steps.get_mut(i), gates.get(i))
-            else {
+            let (Some(req), Some(o), Some(step), Some(&Some(gate)), Some(&domid)) = (
+                reqs.get(i),
+                out.get_mut(i),
+                steps.get_mut(i),
+                gates.get(i),
+                lookup_in.get(i),
+            ) else {
                 continue;
             };
             if joined == 0 {
@@ -1393,6 +1410,7 @@ impl<L: RawMutex> Engine<L> {
                 joined = same as u32;
             }
             joined -= 1;
+            let req = &MapRequest { domid, ..*req };
             let (looked_up, ns) = self.look_up_joined(h, req, gate, &caps);
             ns_get_page += ns;
             *step = match looked_up {

@@ -106,6 +106,24 @@ if [ -s "$OUT/fp-simd.txt" ]; then
 fi
 echo "build-engine-arm64: no FP/SIMD register or instruction"
 
+# A map's checks are resolved before its page lookup under speculation
+# (nospec::block_speculation: dsb nsh; isb): every function that calls
+# pvx_get_page has the barrier before its first call to it (in the text, as
+# build-engine.sh checks lfence on x86).
+"$OBJDUMP" -dr --no-show-raw-insn "$OUT/rust_engine.o" | awk '
+    /^[0-9a-f]+ <.*>:$/ { fn = $2; dsb = 0; fenced = 0; next }
+    /[[:space:]]dsb[[:space:]]+nsh/ { dsb = 1; next }
+    /[[:space:]]isb/ { if (dsb) { fenced = 1; fences++ } next }
+    /R_AARCH64_(CALL26|JUMP26)[[:space:]]+pvx_get_page/ {
+        calls++
+        if (!fenced) { print "build-engine-arm64: FAIL: " fn " looks a page up with no dsb nsh; isb before it" > "/dev/stderr"; bad = 1 }
+    }
+    END {
+        if (calls == 0) { print "build-engine-arm64: FAIL: no call to pvx_get_page found" > "/dev/stderr"; bad = 1 }
+        if (bad) exit 1
+        printf "build-engine-arm64: a speculation barrier before each function'"'"'s first page lookup (%d lookups, %d barriers)\n", calls, fences
+    }'
+
 "$NM" "$OUT/rust_engine.o" > "$OUT/rust_engine.nm"
 for s in $ENTRIES; do
     grep -q " T $s\$" "$OUT/rust_engine.nm" || { echo "build-engine-arm64: FAIL: $s not defined" >&2; exit 1; }
