@@ -59,6 +59,10 @@ refused_canary() {
 }
 # One infallible allocation on an entry path.
 refused_canary panic-canary 'FAIL: a panic path is reachable' "a reachable panic"
+# A page lookup with no speculation barrier before it (the map's checks
+# could be bypassed under speculation).
+refused_canary nospec-canary "looks a page up with no lfence before it" \
+  "a page lookup with no speculation barrier"
 # A cold function (in .text.unlikely.*) with a frame over the stack limit,
 # on an entry path: it has to be counted.
 refused_canary stack-canary "the stack use from an entry point is over the limit" \

@@ -100,16 +100,34 @@ fn index_mask_nospec(index: usize, size: usize) -> usize {
 /// has none there: it is cheap next to a run of page lookups).
 #[inline(always)]
 pub fn block_speculation() {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a fence; no memory is read or written, no register changed.
+    block_speculation_over::<u8>(&mut []);
+}
+
+/// [`block_speculation`], and `data` (what the checks recorded for the
+/// code after the barrier to use) is handed to the barrier, so the
+/// compiler must read it again after it: it cannot replace a value
+/// recorded there by one it knows from before the barrier (a guest's, whose
+/// use would then hang on a branch again).
+#[inline(always)]
+pub fn block_speculation_over<T>(data: &mut [T]) {
+    let at = data.as_mut_ptr();
+    // A canary for the build checks: an engine built with it has no
+    // barrier, and `build-engine.sh` must refuse it.
+    #[cfg(feature = "nospec-canary")]
+    let _ = at;
+    #[cfg(all(target_arch = "x86_64", not(feature = "nospec-canary")))]
+    // SAFETY: a fence; `at` is only named, no memory is read or written,
+    // no register changed.
     unsafe {
-        core::arch::asm!("lfence", options(nostack, preserves_flags));
+        core::arch::asm!("lfence /* {0} */", in(reg) at, options(nostack, preserves_flags));
     }
-    #[cfg(target_arch = "aarch64")]
-    // SAFETY: barriers only; no register changed.
+    #[cfg(all(target_arch = "aarch64", not(feature = "nospec-canary")))]
+    // SAFETY: barriers only; `at` is only named, no register changed.
     unsafe {
-        core::arch::asm!("dsb nsh", "isb", options(nostack, preserves_flags));
+        core::arch::asm!("dsb nsh", "isb /* {0} */", in(reg) at, options(nostack, preserves_flags));
     }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let _ = at;
 }
 
 #[cfg(test)]

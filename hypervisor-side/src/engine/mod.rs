@@ -470,8 +470,9 @@ mod report {
 use report::Reported;
 
 /// No domain: what a map refused at its checks may look a page up in
-/// (Xen's `DOMID_INVALID` range; no domain has it).
-const NO_DOMAIN: DomId = DomId(u16::MAX);
+/// (Xen's `DOMID_INVALID`, 0x7ff4: no domain has it, and a lookup by id
+/// finds none).
+const NO_DOMAIN: DomId = DomId(0x7ff4);
 
 /// The mapping a request asks for, over frame `mfn`.
 fn map_key(req: &MapRequest, mfn: Mfn) -> Mapping {
@@ -1381,7 +1382,7 @@ impl<L: RawMutex> Engine<L> {
         //    domain a lookup goes to is data (`lookup_in`), not the
         //    outcome of a branch: a mispredicted "this op passed" below
         //    looks up nothing of any domain.
-        crate::nospec::block_speculation();
+        crate::nospec::block_speculation_over(&mut lookup_in);
         // 3. Join and look up. Consecutive ops of one target that passed
         //    join its gate together, before the first of them looks its
         //    page up: one atomic per run. A map refused at its checks

@@ -111,10 +111,13 @@ echo "build-engine-arm64: no FP/SIMD register or instruction"
 # pvx_get_page has the barrier before its first call to it (in the text, as
 # build-engine.sh checks lfence on x86).
 "$OBJDUMP" -dr --no-show-raw-insn "$OUT/rust_engine.o" | awk '
+    /^Disassembly of section/ { fn = ""; dsb = 0; fenced = 0; next }
     /^[0-9a-f]+ <.*>:$/ { fn = $2; dsb = 0; fenced = 0; next }
-    /[[:space:]]dsb[[:space:]]+nsh/ { dsb = 1; next }
-    /[[:space:]]isb/ { if (dsb) { fenced = 1; fences++ } next }
-    /R_AARCH64_(CALL26|JUMP26)[[:space:]]+pvx_get_page/ {
+    /^ *[0-9a-f]+:[[:space:]]+dsb[[:space:]]+nsh/ { dsb = 1; next }
+    /^ *[0-9a-f]+:[[:space:]]+isb/ { if (dsb) { fenced = 1; fences++ } dsb = 0; next }
+    # (the isb must follow the dsb nsh directly)
+    /^ *[0-9a-f]+:/ { dsb = 0 }
+    /R_AARCH64_(CALL26|JUMP26)[[:space:]]+pvx_get_page$/ {
         calls++
         if (!fenced) { print "build-engine-arm64: FAIL: " fn " looks a page up with no dsb nsh; isb before it" > "/dev/stderr"; bad = 1 }
     }
