@@ -58,7 +58,7 @@ else
     PVIOMMU_ARM64_BUILD="$ARM64" "$HERE/build-engine-arm64.sh" "$REPO/hypervisor-side/xen/engine-staticlib" \
         "$ARM64/engine-arm64" > "$LOG/engine-arm64.log" 2>&1 \
         || { tail -20 "$LOG/engine-arm64.log" >&2; echo "build-xen-arm64-4.17: FAIL: engine, see $LOG/engine-arm64.log" >&2; exit 1; }
-    grep -E '^build-engine-arm64: (no FP|panic path|cargo took)' "$LOG/engine-arm64.log"
+    grep -E '^build-engine-arm64: (no FP|panic path|a speculation barrier|cargo took)' "$LOG/engine-arm64.log"
     ENGINE_OBJ="$ARM64/engine-arm64/rust_engine.o"
 fi
 install_if_changed "$ENGINE_OBJ" "$TREE/xen/common/rust_engine.o"
