@@ -91,7 +91,8 @@ const PAST_CELLS: u16 = u16::MAX;
 
 /// Cursor layout of a teardown and of [`Engine::revoke_writes`]: phase in
 /// bits 62-63, retry passes in 56-61, driver cell (as a target) or context
-/// (as a driver) in 40-55, slot index in 0-39.
+/// (as a driver) in 40-55, slot index in 0-39 (with the driver
+/// [`PAST_CELLS`], [`Engine::revoke_writes`]'s count of retry slices).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Cursor {
     phase: u64,
