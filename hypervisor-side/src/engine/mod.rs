@@ -1332,7 +1332,7 @@ impl<L: RawMutex> Engine<L> {
         //    may look a page up in (`NO_DOMAIN` for an op refused).
         let mut gates: [Option<&TargetGate>; MAP_CHUNK] = [None; MAP_CHUNK];
         let mut lookup_in = [NO_DOMAIN; MAP_CHUNK];
-        let mut checked: Option<DomId> = None;
+        // The last op that passed its checks, with its target's gate.
         let mut passed: Option<(&MapRequest, &TargetGate)> = None;
         for (((req, o), (step, gate)), lookup_in) in reqs
             .iter()
@@ -1343,7 +1343,9 @@ impl<L: RawMutex> Engine<L> {
         {
             // An op asking what the last one that passed asked (target,
             // context, attribute, grant: all `map_checks` reads of an op)
-            // passes too: the mediator's usual run is checked once.
+            // passes too: the mediator's usual run is checked once. One of
+            // the same target asking something else skips the target's part.
+            let target_checked = passed.is_some_and(|(p, _)| p.domid == req.domid);
             let same_as_passed = passed.filter(|(p, _)| {
                 p.domid == req.domid
                     && p.context == req.context
@@ -1352,19 +1354,11 @@ impl<L: RawMutex> Engine<L> {
             });
             let checks = match same_as_passed {
                 Some((_, g)) => Ok(g),
-                None => self.map_checks(
-                    h,
-                    caller,
-                    caller_info,
-                    req,
-                    &caps,
-                    checked == Some(req.domid),
-                ),
+                None => self.map_checks(h, caller, caller_info, req, &caps, target_checked),
             };
             match checks {
                 Ok(g) => {
                     passed = Some((req, g));
-                    checked = Some(req.domid);
                     *gate = Some(g);
                     *lookup_in = req.domid;
                 }
