@@ -826,13 +826,19 @@ impl<L: RawMutex> Engine<L> {
     /// one (checked again under the lock, as [`lock_driver`](Self::lock_driver)).
     pub(crate) fn lock_cell(&self, domid: DomId, context: ContextId) -> Option<Driver<'_, L>> {
         for _ in 0..MAP_RETRIES {
-            let cell = self.cell_number(domid, context)?;
-            let dd = self.cells.get(cell)?.lock();
-            if self.owner_is(cell, domid) && dd.domid == domid && dd.context == context {
-                return Some(Driver { cell, dd });
+            let d = self.lock_cell_number(self.cell_number(domid, context)?)?;
+            if self.owner_is(d.cell, domid) && d.dd.domid == domid && d.dd.context == context {
+                return Some(d);
             }
         }
         None
+    }
+
+    /// Lock cell number `cell` whoever holds it (the walks over the cells a
+    /// target's gate names); `None` past the last cell.
+    pub(crate) fn lock_cell_number(&self, cell: usize) -> Option<Driver<'_, L>> {
+        let dd = self.cells.get(cell)?.lock();
+        Some(Driver { cell, dd })
     }
 
     /// Which cell holds `domid`'s mappings into `context` (no lock: a hint

@@ -320,12 +320,8 @@ impl<L: RawMutex> Engine<L> {
         for cell in cells_in(mask) {
             // (Every bit names a cell: there are at most 128, checked at
             // build time.)
-            let Some(lock) = self.cells.get(cell) else {
+            let Some(mut d) = self.lock_cell_number(cell) else {
                 break;
-            };
-            let mut d = Driver {
-                cell,
-                dd: lock.lock(),
             };
             let revoked_before = d.dd.stats.revocations;
             if count == 1 {
@@ -536,11 +532,10 @@ impl<L: RawMutex> Engine<L> {
     /// lookup of a dying domain's page fails. At most one lock per cell.
     fn clear_stale_gate_bits(&self, domid: DomId) {
         for cell in cells_in(self.target_drivers(domid)) {
-            let Some(lock) = self.cells.get(cell) else {
+            let Some(d) = self.lock_cell_number(cell) else {
                 break;
             };
-            let dd = lock.lock();
-            self.set_gate_bit(cell, domid, dd.pages_of(self.seed, domid) != 0);
+            self.set_gate_bit(cell, domid, d.dd.pages_of(self.seed, domid) != 0);
         }
     }
 
@@ -607,12 +602,8 @@ impl<L: RawMutex> Engine<L> {
                     slot: 0,
                 };
             }
-            let Some(lock) = self.cells.get(cell) else {
+            let Some(mut d) = self.lock_cell_number(cell) else {
                 break;
-            };
-            let mut d = Driver {
-                cell,
-                dd: lock.lock(),
             };
             let n = if c.slot == 0 && !self.may_map_in_range(&d.dd, domid, (first, last)) {
                 visits += 1;
@@ -833,12 +824,11 @@ impl<L: RawMutex> Engine<L> {
                 .cell_state
                 .get(cell)
                 .is_some_and(|s| s.retry.load(Ordering::SeqCst));
-            let (true, Some(lock)) = (waits, self.cells.get(cell)) else {
+            if !waits {
                 continue;
-            };
-            let mut d = Driver {
-                cell,
-                dd: lock.lock(),
+            }
+            let Some(mut d) = self.lock_cell_number(cell) else {
+                continue;
             };
             let before = (d.dd.stuck(), d.dd.flush_failed);
             self.flush_and_release(&mut d, h);
