@@ -13,6 +13,8 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source-path=SCRIPTDIR source=lib/engine-symbols.sh
 . "$HERE/lib/engine-symbols.sh"
+# shellcheck source-path=SCRIPTDIR source=lib/engine-barrier.sh
+. "$HERE/lib/engine-barrier.sh"
 REPO="$(cd "$HERE/../.." && pwd)"
 BUILD="${PVIOMMU_BUILD_DIR:-$REPO/build}"
 CRATE="$(cd "${1:-${PVIOMMU_ENGINE_CRATE:-$HERE/engine-staticlib}}" && pwd)"
@@ -73,24 +75,10 @@ if grep -Eq 'endbr64|(call|jmp)[a-z]*[[:space:]]+\*' "$OUT/rust_engine.dis"; the
 fi
 echo "build-engine: no endbr64, no raw indirect branch"
 
-# A map passes its checks, then a speculation barrier
-# (nospec::block_speculation, as Xen's evaluate_nospec() fences its XSM
-# decisions), then looks its page up: every function that calls
-# pvx_get_page must have an lfence before its first call to it (in the
-# text: a weaker check than every path, but one a dropped barrier fails).
-objdump -dr --no-show-raw-insn "$OUT/rust_engine.o" | awk '
-    /^Disassembly of section/ { fn = ""; fenced = 0; next }
-    /^[0-9a-f]+ <.*>:$/ { fn = $2; fenced = 0; next }
-    /[[:space:]]lfence/ { fenced = 1; fences++ }
-    /R_X86_64_(PLT32|PC32)[[:space:]]+pvx_get_page([-+]|$)/ {
-        calls++
-        if (!fenced) { print "build-engine: FAIL: " fn " looks a page up with no lfence before it" > "/dev/stderr"; bad = 1 }
-    }
-    END {
-        if (calls == 0) { print "build-engine: FAIL: no call to pvx_get_page found" > "/dev/stderr"; bad = 1 }
-        if (bad) exit 1
-        printf "build-engine: an lfence before each function'"'"'s first page lookup (%d lookups, %d lfence)\n", calls, fences
-    }'
+# A speculation barrier before every page lookup (lib/engine-barrier.sh).
+objdump -dr --no-show-raw-insn "$OUT/rust_engine.o" > "$OUT/rust_engine.disr"
+check_barrier_before_lookups build-engine "$OUT/rust_engine.disr" lfence 'lfence' '' \
+    'R_X86_64_(PLT32|PC32)[[:space:]]+pvx_get_page([-+]|$)'
 
 nm "$OUT/rust_engine.o" > "$OUT/rust_engine.nm"
 for s in $ENTRIES; do

@@ -21,6 +21,8 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source-path=SCRIPTDIR source=../lib/engine-symbols.sh
 . "$HERE/../lib/engine-symbols.sh"
+# shellcheck source-path=SCRIPTDIR source=../lib/engine-barrier.sh
+. "$HERE/../lib/engine-barrier.sh"
 REPO="$(cd "$HERE/../../.." && pwd)"
 BUILD="${PVIOMMU_ARM64_BUILD:-/work/arm64-build}"
 CRATE="$(cd "${1:-$REPO/hypervisor-side/xen/engine-staticlib}" && pwd)"
@@ -106,26 +108,11 @@ if [ -s "$OUT/fp-simd.txt" ]; then
 fi
 echo "build-engine-arm64: no FP/SIMD register or instruction"
 
-# A map's checks are resolved before its page lookup under speculation
-# (nospec::block_speculation: dsb nsh; isb): every function that calls
-# pvx_get_page has the barrier before its first call to it (in the text, as
-# build-engine.sh checks lfence on x86).
-"$OBJDUMP" -dr --no-show-raw-insn "$OUT/rust_engine.o" | awk '
-    /^Disassembly of section/ { fn = ""; dsb = 0; fenced = 0; next }
-    /^[0-9a-f]+ <.*>:$/ { fn = $2; dsb = 0; fenced = 0; next }
-    /^ *[0-9a-f]+:[[:space:]]+dsb[[:space:]]+nsh/ { dsb = 1; next }
-    /^ *[0-9a-f]+:[[:space:]]+isb/ { if (dsb) { fenced = 1; fences++ } dsb = 0; next }
-    # (the isb must follow the dsb nsh directly)
-    /^ *[0-9a-f]+:/ { dsb = 0 }
-    /R_AARCH64_(CALL26|JUMP26)[[:space:]]+pvx_get_page$/ {
-        calls++
-        if (!fenced) { print "build-engine-arm64: FAIL: " fn " looks a page up with no dsb nsh; isb before it" > "/dev/stderr"; bad = 1 }
-    }
-    END {
-        if (calls == 0) { print "build-engine-arm64: FAIL: no call to pvx_get_page found" > "/dev/stderr"; bad = 1 }
-        if (bad) exit 1
-        printf "build-engine-arm64: a speculation barrier before each function'"'"'s first page lookup (%d lookups, %d barriers)\n", calls, fences
-    }'
+# A speculation barrier before every page lookup (../lib/engine-barrier.sh):
+# dsb nsh, then isb right after it.
+"$OBJDUMP" -dr --no-show-raw-insn "$OUT/rust_engine.o" > "$OUT/rust_engine.disr"
+check_barrier_before_lookups build-engine-arm64 "$OUT/rust_engine.disr" "dsb nsh; isb" \
+    'dsb[[:space:]]+nsh' 'isb' 'R_AARCH64_(CALL26|JUMP26)[[:space:]]+pvx_get_page$'
 
 "$NM" "$OUT/rust_engine.o" > "$OUT/rust_engine.nm"
 for s in $ENTRIES; do
