@@ -46,6 +46,32 @@ fn notices(m: &mut SimMachine, e: &Engine) -> u64 {
         .revoked
 }
 
+/// `who`'s revocations whose IOMMU unmap is still being retried.
+fn stuck(e: &Engine, who: DomId) -> u64 {
+    e.driver_state(who).unwrap().stuck()
+}
+
+/// Log-dirty on for the guest, and its revocation's slices run with every
+/// IOMMU unmap refused until `walked` (the first walk has left what it
+/// should stuck); then the IOMMU works again. The revocation's cursor.
+fn first_walk_with_unmaps_refused(
+    m: &mut SimMachine,
+    e: &Engine,
+    walked: impl Fn(&Engine) -> bool,
+) -> u64 {
+    m.set_log_dirty_mode(GUEST, true);
+    m.fail_unmaps = u32::MAX;
+    let mut cursor = 0;
+    let mut slices = 0;
+    while !walked(e) {
+        slices += 1;
+        assert!(slices < 100, "the first walk does not end");
+        assert!(e.revoke_writes(m, GUEST, &mut cursor).is_err());
+    }
+    m.fail_unmaps = 0;
+    cursor
+}
+
 #[test]
 fn writable_mappings_are_revoked_in_bounded_slices_and_read_only_ones_stay() {
     const RW: u64 = 1200;
@@ -414,7 +440,7 @@ fn a_long_stuck_list_of_an_iommu_that_recovered_is_retried_to_its_end() {
     loop {
         if slices == first_walk {
             assert!(
-                e.driver_state(DomId::DOM0).unwrap().stuck() > 9 * STUCK_RETRIES,
+                stuck(&e, DomId::DOM0) > 9 * STUCK_RETRIES,
                 "more stuck than the walks again retry"
             );
             m.fail_unmaps = 0;
@@ -429,7 +455,7 @@ fn a_long_stuck_list_of_an_iommu_that_recovered_is_retried_to_its_end() {
         !Engine::revoke_writes_gave_up(cursor),
         "gave up after {slices} slices"
     );
-    assert_eq!(e.driver_state(DomId::DOM0).unwrap().stuck(), 0);
+    assert_eq!(stuck(&e, DomId::DOM0), 0);
     assert!(rw.iter().all(|b| m
         .dma_write(DomId::DOM0, ContextId::DEFAULT, b.0 << 12, b"x")
         .is_err()));
@@ -452,20 +478,12 @@ fn retry_slices_take_the_targets_cells_in_turn() {
         .collect();
     m.guest_batch_all(&e, DEVICE_MODEL, &mut ops).unwrap();
     assert!(ops.iter().all(|o| o.status == 0));
-    let stuck = |e: &Engine, who| e.driver_state(who).unwrap().stuck();
-    m.set_log_dirty_mode(GUEST, true);
     // The first walk: every unmap refused.
-    m.fail_unmaps = u32::MAX;
-    let mut cursor = 0;
-    let mut slices = 0;
-    while stuck(&e, DomId::DOM0) < N || stuck(&e, DEVICE_MODEL) < N {
-        slices += 1;
-        assert!(slices < 100, "the first walk does not end");
-        assert!(e.revoke_writes(&mut m, GUEST, &mut cursor).is_err());
-    }
+    let mut cursor = first_walk_with_unmaps_refused(&mut m, &e, |e| {
+        stuck(e, DomId::DOM0) == N && stuck(e, DEVICE_MODEL) == N
+    });
     // Then dom0's IOMMU lets one unmap in 256 through; the device
     // model's has recovered.
-    m.fail_unmaps = 0;
     m.fail_unmaps_of = Some((DomId::DOM0, 256));
     let mut slices = 0;
     while stuck(&e, DEVICE_MODEL) > 0 {
@@ -502,18 +520,8 @@ fn a_walk_that_ended_in_a_cell_gone_still_retries() {
     const N: u64 = 600;
     let (mut m, e) = machine(Format::Vtd, N + 8);
     map_all(&mut m, &e, 0..N, Permissions::RW);
-    let stuck = |e: &Engine| e.driver_state(DomId::DOM0).unwrap().stuck();
-    m.set_log_dirty_mode(GUEST, true);
-    m.fail_unmaps = u32::MAX;
-    let mut cursor = 0;
-    let mut slices = 0;
-    while stuck(&e) < N {
-        slices += 1;
-        assert!(slices < 100, "the first walk does not end");
-        assert!(e.revoke_writes(&mut m, GUEST, &mut cursor).is_err());
-    }
-    m.fail_unmaps = 0;
+    first_walk_with_unmaps_refused(&mut m, &e, |e| stuck(e, DomId::DOM0) == N);
     let mut cursor = 1 << 62 | 100 << 40 | 5000;
     assert!(e.revoke_writes(&mut m, GUEST, &mut cursor).is_err());
-    assert_eq!(stuck(&e), N - STUCK_RETRIES, "a retry slice");
+    assert_eq!(stuck(&e, DomId::DOM0), N - STUCK_RETRIES, "a retry slice");
 }
