@@ -119,6 +119,18 @@ fi
 if [[ -x tests/xen-qemu-arm64/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
   step "Xen 4.17 arm64 in QEMU (fallback of issue 13)"
   tests/xen-qemu-arm64/run.sh
+  # The arm64 object's barrier check must be able to fail too: an engine
+  # with no dsb nsh; isb before its page lookups is refused (with the
+  # toolchain the build above installed).
+  canary_out="$BUILD/arm64-4.17/engine-arm64-nospec-canary"
+  if PVIOMMU_ENGINE_FEATURES=nospec-canary PVIOMMU_ARM64_BUILD="$BUILD/arm64-4.17" \
+       hypervisor-side/xen/arm64/build-engine-arm64.sh hypervisor-side/xen/engine-staticlib \
+       "$canary_out" > "$canary_out.log" 2>&1; then
+    echo "FAIL: build-engine-arm64.sh accepted an engine with no speculation barrier" >&2
+    exit 1
+  fi
+  grep -q "looks a page up with no dsb nsh; isb before it" "$canary_out.log"
+  echo "build-engine-arm64.sh refuses an engine with a page lookup with no speculation barrier (canary rejected)"
 fi
 
 # Last, as it rebuilds the x86 Xen above in debug mode: the same checks on a

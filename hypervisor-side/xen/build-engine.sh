@@ -77,7 +77,7 @@ echo "build-engine: no endbr64, no raw indirect branch"
 
 # A speculation barrier before every page lookup (lib/engine-barrier.sh).
 objdump -dr --no-show-raw-insn "$OUT/rust_engine.o" > "$OUT/rust_engine.disr"
-check_barrier_before_lookups build-engine "$OUT/rust_engine.disr" lfence 'lfence' '' \
+check_barrier_before_lookups build-engine "$OUT/rust_engine.disr" lfence 'lfence([[:space:]]|$)' '' \
     'R_X86_64_(PLT32|PC32)[[:space:]]+pvx_get_page([-+]|$)'
 
 nm "$OUT/rust_engine.o" > "$OUT/rust_engine.nm"

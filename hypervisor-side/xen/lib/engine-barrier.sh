@@ -25,9 +25,9 @@ check_barrier_before_lookups() {
         # An instruction line ("  addr:<TAB>insn"; relocations start with tabs).
         /^ *[0-9a-f]+:/ {
             insn = $0; sub(/^ *[0-9a-f]+:[[:space:]]+/, "", insn)
-            if (half && insn ~ ("^" second)) { fenced = 1; fences++; half = 0; next }
+            if (half && insn ~ ("^(" second ")")) { fenced = 1; fences++; half = 0; next }
             half = 0
-            if (insn ~ ("^" first)) {
+            if (insn ~ ("^(" first ")")) {
                 if (second == "") { fenced = 1; fences++ } else half = 1
             }
             next
