@@ -46,16 +46,20 @@ BUILD="${PVIOMMU_BUILD_DIR:-$PWD/build}"
 export PVIOMMU_ENGINE_TARGET_DIR="$BUILD/engine/target"
 hypervisor-side/xen/build-engine.sh hypervisor-side/xen/engine-staticlib "$BUILD/engine"
 # Each check must be able to fail: an engine built with canary FEATURE has
-# to be refused with MESSAGE in build-engine.sh's output.
+# to be refused with MESSAGE in the output of SCRIPT (build-engine.sh, or
+# the arm64 one), built into OUT.
 refused_canary() {
   local feature="$1" message="$2" what="$3"
-  if PVIOMMU_ENGINE_FEATURES="$feature" hypervisor-side/xen/build-engine.sh \
-       hypervisor-side/xen/engine-staticlib "$BUILD/engine-$feature" > "$BUILD/engine-$feature.log" 2>&1; then
-    echo "FAIL: build-engine.sh accepted an engine with $what" >&2
+  local script="${4:-hypervisor-side/xen/build-engine.sh}" out="${5:-$BUILD/engine-$1}"
+  local name
+  name="$(basename "$script")"
+  if PVIOMMU_ENGINE_FEATURES="$feature" "$script" \
+       hypervisor-side/xen/engine-staticlib "$out" > "$out.log" 2>&1; then
+    echo "FAIL: $name accepted an engine with $what" >&2
     exit 1
   fi
-  grep -q "$message" "$BUILD/engine-$feature.log"
-  echo "build-engine.sh refuses an engine with $what (canary rejected)"
+  grep -q "$message" "$out.log"
+  echo "$name refuses an engine with $what (canary rejected)"
 }
 # One infallible allocation on an entry path.
 refused_canary panic-canary 'FAIL: a panic path is reachable' "a reachable panic"
@@ -122,15 +126,9 @@ if [[ -x tests/xen-qemu-arm64/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
   # The arm64 object's barrier check must be able to fail too: an engine
   # with no dsb nsh; isb before its page lookups is refused (with the
   # toolchain the build above installed).
-  canary_out="$BUILD/arm64-4.17/engine-arm64-nospec-canary"
-  if PVIOMMU_ENGINE_FEATURES=nospec-canary PVIOMMU_ARM64_BUILD="$BUILD/arm64-4.17" \
-       hypervisor-side/xen/arm64/build-engine-arm64.sh hypervisor-side/xen/engine-staticlib \
-       "$canary_out" > "$canary_out.log" 2>&1; then
-    echo "FAIL: build-engine-arm64.sh accepted an engine with no speculation barrier" >&2
-    exit 1
-  fi
-  grep -q "looks a page up with no dsb nsh; isb before it" "$canary_out.log"
-  echo "build-engine-arm64.sh refuses an engine with a page lookup with no speculation barrier (canary rejected)"
+  PVIOMMU_ARM64_BUILD="$BUILD/arm64-4.17" refused_canary nospec-canary \
+    "looks a page up with no dsb nsh; isb before it" "a page lookup with no speculation barrier" \
+    hypervisor-side/xen/arm64/build-engine-arm64.sh "$BUILD/arm64-4.17/engine-arm64-nospec-canary"
 fi
 
 # Last, as it rebuilds the x86 Xen above in debug mode: the same checks on a

@@ -851,17 +851,21 @@ impl<L: RawMutex> Engine<L> {
             Err(e) => e.negated(),
         };
         if let Err(e) = h.copy_to_guest(addr, op.as_bytes()) {
-            // Undo what could not be reported.
-            match (request, outcome) {
-                (Ok(Request::ContextCreate), Ok(())) => {
-                    let _ = self.context_destroy(h, caller, ContextId(op.context));
-                }
+            // Undo what could not be reported. An undo that fails leaves the
+            // op acted on: counted as done, as a destroy or detach that
+            // acted (reissued, it would answer `EBUSY` for a context or an
+            // attach the caller made itself, and a created context would
+            // hold a cell under an id nobody was told).
+            let undone = match (request, outcome) {
+                (Ok(Request::ContextCreate), Ok(())) => self
+                    .context_destroy(h, caller, ContextId(op.context))
+                    .is_ok(),
                 (Ok(Request::ContextAttach { context, device }), Ok(())) => {
-                    let _ = self.context_detach(h, caller, context, device);
+                    self.context_detach(h, caller, context, device).is_ok()
                 }
-                _ => {}
-            }
-            return Err((false, e));
+                _ => true,
+            };
+            return Err((!undone, e));
         }
         let acted = match (request, outcome) {
             (Ok(Request::ContextDestroy { context }), Ok(())) => {

@@ -187,6 +187,9 @@ pub enum Service {
     GetPage,
     /// Right after the first domain lookup.
     DomainInfo,
+    /// Right after the first XSM check of this action (for `Map`, the
+    /// last of a map's checks, before its page lookup).
+    XsmCheck(XsmAction),
     /// Right before the domain lookup that follows the first n (another
     /// CPU acts between what the caller did after its n-th lookup and its
     /// next one).
@@ -332,7 +335,9 @@ impl Platform for Interposer<'_> {
         info
     }
     fn xsm_check(&self, c: DomId, t: Option<DomId>, a: XsmAction) -> Result<(), Errno> {
-        self.m.borrow().xsm_check(c, t, a)
+        let r = self.m.borrow().xsm_check(c, t, a);
+        let _ = self.after(Service::XsmCheck(a));
+        r
     }
     fn get_page(&mut self, d: DomId, g: Gfn, w: bool) -> Result<PageLookup, Errno> {
         let r = self.m.borrow_mut().get_page(d, g, w);

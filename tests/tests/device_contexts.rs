@@ -393,6 +393,53 @@ fn an_attach_whose_status_cannot_be_written_is_undone() {
     assert_eq!(observable(&m, &e), before);
 }
 
+/// The same, and the undo fails too (the detach's flush fails: the device
+/// stays on the context's tables). The op changed the state and nothing
+/// took it back: the batch must count it as done, or the caller, told
+/// nothing happened, would reissue it and get `EBUSY` for an attach it made
+/// itself. (Before the fix the undo's failure was ignored and `nr_done`
+/// stayed 0; the same for a create whose undo, its destroy, fails.)
+#[test]
+fn an_attach_whose_status_and_undo_both_fail_counts_as_done() {
+    use pviommu_hv::platform::Platform;
+    use zerocopy::IntoBytes;
+    let (mut m, e) = host(Format::Vtd);
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    let attach = Request::ContextAttach {
+        context: ctx1,
+        device: B,
+    };
+    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &[attach.encode()]);
+    m.fail_detaches = 1;
+    let r = {
+        let mut h = Interposer::new(&mut m, Service::CopyToGuestAt(ops_addr), Box::new(|_| {}));
+        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
+    };
+    assert_eq!(r, Errno::Fault.negated() as i64);
+    let mut hdr = pviommu_abi::PvIommuBatch::default();
+    m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
+    assert!(
+        m.device(B).unwrap().attached.is_some(),
+        "the undo failed: B stays attached"
+    );
+    assert_eq!(hdr.nr_done, 1, "the attach counts as done");
+    // A create whose status cannot be written and whose destroy fails.
+    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &[Request::ContextCreate.encode()]);
+    m.fail_flushes = 2;
+    let r = {
+        let mut h = Interposer::new(&mut m, Service::CopyToGuestAt(ops_addr), Box::new(|_| {}));
+        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
+    };
+    assert_eq!(r, Errno::Fault.negated() as i64);
+    m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
+    let contexts = e.state().cells_of(DomId::DOM0).count();
+    assert_eq!(
+        contexts, 3,
+        "the create was not undone: contexts 0, 1 and the new one"
+    );
+    assert_eq!(hdr.nr_done, 1, "the create counts as done");
+}
+
 #[test]
 fn driver_domain_death_detaches_before_freeing_the_tables() {
     let (mut m, e) = host(Format::Vtd);

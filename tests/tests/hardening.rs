@@ -1530,3 +1530,132 @@ fn a_run_of_maps_checks_each_op_that_asks_something_else() {
     assert_eq!(m.total_page_refs(), 0);
     assert_eq!(e.target_active(GUEST), 0);
 }
+
+/// Between a map's checks and its page lookup, the target dies and a new
+/// domain takes its domid, with a label the caller may not map (FLASK:
+/// dom0 kept from a protected domain). The checks passed for the old
+/// domain; the lookup, by domid, finds the new one. Before the fix the
+/// target's sequence number was read only after the checks, at the lookup:
+/// the old domain's teardown had already moved it, so nothing told the two
+/// apart and dom0 got a BFN of the protected domain's page, for runs and
+/// single maps alike. The number is now read before the checks, and a
+/// lookup that finds it moved maps again from the checks.
+#[test]
+fn a_target_replaced_between_the_checks_and_the_lookup_is_checked_again() {
+    use pviommu_hv::platform::XsmAction;
+    use pviommu_tests::Service;
+    let replace = replaced_by_a_protected_domain;
+    // A run of maps (the batch path).
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let statuses =
+        batch_of_three_maps_racing(&mut m, &e, Service::XsmCheck(XsmAction::Map), replace(&e));
+    assert_eq!(statuses, [EPERM; 3], "pages of the new domain");
+    assert_eq!(m.total_page_refs(), 0);
+    assert_eq!(e.usage(DomId::DOM0).1, 0, "no BFN in use");
+    // One map on its own.
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let got = single_map_racing_its_checks(&mut m, &e, replace(&e));
+    assert_eq!(got, Err(Errno::Perm));
+    assert_eq!(m.total_page_refs(), 0);
+}
+
+/// The same replacement one step later: after the page lookup, before
+/// the map takes its lock. The lookup found the old domain's page (it
+/// holds a reference, so the old domain cannot be freed, but its teardown
+/// runs and another domain may take the domid if it was freed meanwhile);
+/// the re-read of the sequence number under the lock sees the teardown's
+/// move, and the map starts again from the checks, which refuse the new
+/// domain. Nothing of either domain stays mapped or referenced.
+#[test]
+fn a_target_replaced_between_the_lookup_and_the_lock_is_checked_again() {
+    use pviommu_tests::Service;
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let race = replaced_by_a_protected_domain(&e);
+    let statuses = batch_of_three_maps_racing(&mut m, &e, Service::GetPage, race);
+    assert_eq!(statuses, [EPERM; 3]);
+    assert_eq!(m.total_page_refs(), 0);
+    assert_eq!(m.zombie_frames(), 0, "the old domain's pages all freed");
+    assert_eq!(e.usage(DomId::DOM0).1, 0, "no BFN in use");
+}
+
+/// The same race, with the new domain's pages paged out: nothing of the
+/// new domain is even looked up before its own checks (a lookup starts
+/// paging a page in, and in Xen may also allocate or unshare it). The
+/// first version of the fix compared the number only after the lookup and
+/// paged the new domain's pages in (review, 2026-12-03).
+#[test]
+fn a_replaced_target_sees_no_lookup_before_its_checks() {
+    use pviommu_hv::platform::XsmAction;
+    use pviommu_tests::Service;
+    fn paged_out_replacement(e: &Engine) -> pviommu_tests::Race<'_> {
+        Box::new(move |m: &mut SimMachine| {
+            replaced_by_a_protected_domain(e)(m);
+            for g in 0..16 {
+                m.set_paged_out(GUEST, Gfn(g));
+            }
+        })
+    }
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let race = paged_out_replacement(&e);
+    let statuses = batch_of_three_maps_racing(&mut m, &e, Service::XsmCheck(XsmAction::Map), race);
+    assert_eq!(statuses, [EPERM; 3]);
+    for g in 1..4 {
+        assert_eq!(m.mfn_of(GUEST, Gfn(g)), None, "gfn {g} paged in");
+    }
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let got = single_map_racing_its_checks(&mut m, &e, paged_out_replacement(&e));
+    assert_eq!(got, Err(Errno::Perm));
+    assert_eq!(m.mfn_of(GUEST, Gfn(1)), None, "gfn 1 paged in");
+}
+
+/// What another CPU does in the test above: [`GUEST`] dies and a domain
+/// dom0 may not map is created at its domid.
+fn replaced_by_a_protected_domain(e: &Engine) -> pviommu_tests::Race<'_> {
+    Box::new(move |m: &mut SimMachine| {
+        m.kill_domain(e, GUEST);
+        let spec = DomainSpec {
+            pages: 16,
+            privileged: false,
+            device_model_of: None,
+        };
+        m.create_domain(GUEST, spec).unwrap();
+        m.xsm_protect(GUEST);
+    })
+}
+
+/// dom0's map of [`GUEST`]'s gfn 1 on its own (`Engine::map`), with `race`
+/// run by another CPU right after the map's XSM check.
+fn single_map_racing_its_checks<'a>(
+    m: &'a mut SimMachine,
+    e: &'a Engine,
+    race: pviommu_tests::Race<'a>,
+) -> Result<Bfn, Errno> {
+    use pviommu_abi::{MapRequest, MemAttr};
+    use pviommu_hv::platform::XsmAction;
+    use pviommu_tests::{Interposer, Service};
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    let req = MapRequest {
+        context: ContextId::DEFAULT,
+        domid: GUEST,
+        gfn: Gfn(1),
+        perms: Permissions::RW,
+        attr: MemAttr::WriteBack,
+        grant: false,
+    };
+    let mut h = Interposer::new(m, Service::XsmCheck(XsmAction::Map), race);
+    e.map(&mut h, DomId::DOM0, &dom0, &req)
+}
+
+/// dom0's batch of three maps of [`GUEST`]'s gfns 1..4 (one run), with
+/// `race` run by another CPU at `at`: the ops' statuses.
+fn batch_of_three_maps_racing<'a>(
+    m: &'a mut SimMachine,
+    e: &'a Engine,
+    at: pviommu_tests::Service,
+    race: pviommu_tests::Race<'a>,
+) -> [i32; 3] {
+    let ops: Vec<_> = (1..4).map(|g| map_op(GUEST, g, Permissions::RW)).collect();
+    let (r, _, seen) = batch_on(m, e, &ops, |_| at, race);
+    assert_eq!(r, 0);
+    [seen[0].status, seen[1].status, seen[2].status]
+}

@@ -95,6 +95,8 @@ fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), TestCaseError>
     let mut held_refs = 0u64;
     for dd in st.drivers() {
         let owner = dd.domid();
+        // The page index never lost a live mapping.
+        prop_assert_eq!(dd.index_misses(), 0);
         for (idx, slot) in dd.slots() {
             let bfn = st.space().bfn_of(idx).unwrap();
             prop_assert!(bfn.0 >= e.window().start && bfn.0 < e.window().end);

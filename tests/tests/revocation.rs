@@ -588,3 +588,191 @@ fn a_flush_retries_a_bounded_number_of_stuck_revocations_in_turn() {
     assert_eq!(noticed, bfns);
     assert_eq!(m.total_page_refs(), 0);
 }
+
+/// Call `domid`'s teardown slice by slice, as Xen's toolstack does, until
+/// it is done or says it is stalled (at most `bound` slices): `Ok(slices)`
+/// once done, `Err(slices)` once stalled.
+fn teardown_until_done_or_stalled(
+    m: &mut pviommu_hv::sim::SimMachine,
+    e: &pviommu_hv::Engine,
+    domid: DomId,
+    cursor: &mut u64,
+    bound: u32,
+) -> Result<u32, u32> {
+    for slice in 1..=bound {
+        if e.domain_teardown(m, domid, cursor).is_ok() {
+            return Ok(slice);
+        }
+        if pviommu_hv::Engine::teardown_stalled(*cursor) {
+            return Err(slice);
+        }
+    }
+    panic!("neither done nor stalled after {bound} slices");
+}
+
+/// A target's teardown against an IOMMU that refuses every unmap of the
+/// driver domain that maps it: each walk over that cell releases nothing.
+/// After a few such walks it says so (Xen answers the toolstack `-EBUSY`,
+/// the domain stays dying) instead of restarting for ever (which Xen turns
+/// into a destroy the toolstack cannot leave). Called again once the
+/// IOMMU works, it resumes and finishes. Before the fix it never said so.
+/// The same for a dying driver domain whose own unmaps keep failing.
+#[test]
+fn a_teardown_that_releases_nothing_says_it_is_stalled_and_resumes_later() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    for g in 0..4 {
+        map_one(&mut m, &e, DomId::DOM0, GUEST, g, Permissions::RW).unwrap();
+    }
+    m.fail_unmaps_of = Some((DomId::DOM0, 0));
+    m.mark_dying(GUEST);
+    let mut cursor = 0;
+    let stalled = teardown_until_done_or_stalled(&mut m, &e, GUEST, &mut cursor, 100);
+    assert!(matches!(stalled, Err(n) if n <= 12), "{stalled:?}");
+    assert_eq!(m.total_page_refs(), 8, "nothing released under the device");
+    // Asked again (a later destroy), still failing: stalled again.
+    let again = teardown_until_done_or_stalled(&mut m, &e, GUEST, &mut cursor, 100);
+    assert!(again.is_err(), "{again:?}");
+    // The IOMMU works again: the next destroy finishes.
+    m.fail_unmaps_of = None;
+    let done = teardown_until_done_or_stalled(&mut m, &e, GUEST, &mut cursor, 100);
+    assert!(done.is_ok(), "{done:?}");
+    assert_eq!(m.total_page_refs(), 0);
+
+    // A driver domain whose own unmaps fail while it dies.
+    let (mut m, e) = machine(Format::Vtd, 16);
+    driver_domain(&mut m, 9);
+    for g in 0..4 {
+        map_one(&mut m, &e, DomId(9), GUEST, g, Permissions::RW).unwrap();
+    }
+    m.fail_unmaps_of = Some((DomId(9), 0));
+    m.mark_dying(DomId(9));
+    let mut cursor = 0;
+    let stalled = teardown_until_done_or_stalled(&mut m, &e, DomId(9), &mut cursor, 100);
+    assert!(matches!(stalled, Err(n) if n <= 12), "{stalled:?}");
+    m.fail_unmaps_of = None;
+    let done = teardown_until_done_or_stalled(&mut m, &e, DomId(9), &mut cursor, 100);
+    assert!(done.is_ok(), "{done:?}");
+    assert_eq!(m.total_page_refs(), 0);
+}
+
+/// Map `target`'s gfns `0..n` for `owner`, in batches.
+fn map_many(
+    m: &mut pviommu_hv::sim::SimMachine,
+    e: &pviommu_hv::Engine,
+    owner: DomId,
+    target: DomId,
+    n: u64,
+) {
+    let ops: Vec<PvIommuOp> = (0..n).map(|g| map_op(target, g, Permissions::RW)).collect();
+    for chunk in ops.chunks(100) {
+        let mut chunk = chunk.to_vec();
+        m.guest_batch_all(e, owner, &mut chunk).unwrap();
+        assert!(chunk.iter().all(|o| o.status == 0));
+    }
+}
+
+/// A dying driver domain's 3000 stuck unmaps, the IOMMU working again: each
+/// restart retries 256 of them and they go, so the teardown is moving and
+/// must not say it is stalled. The first version went by `used()` alone,
+/// which such a retry does not lower (the entry becomes a notice first),
+/// and said stalled after 8 restarts (2048 entries) although every one
+/// released pages (review, 2026-12-03).
+#[test]
+fn a_dying_drivers_long_stuck_list_that_now_unmaps_is_progress() {
+    let (mut m, e) = machine(Format::Vtd, 3000);
+    driver_domain(&mut m, 9);
+    map_many(&mut m, &e, DomId(9), GUEST, 3000);
+    m.fail_unmaps_of = Some((DomId(9), 0));
+    m.mark_dying(DomId(9));
+    let mut cursor = 0;
+    let stalled = teardown_until_done_or_stalled(&mut m, &e, DomId(9), &mut cursor, 1000);
+    assert!(stalled.is_err(), "{stalled:?}");
+    assert_eq!(e.state().driver(DomId(9)).unwrap().stuck(), 3000);
+    m.fail_unmaps_of = None;
+    let done = teardown_until_done_or_stalled(&mut m, &e, DomId(9), &mut cursor, 1000);
+    assert!(done.is_ok(), "{done:?}");
+    assert_eq!(m.total_page_refs(), 0);
+}
+
+/// A dying target's pages held by dom0's stuck entries, which only dom0's
+/// own flushes manage to unmap (the IOMMU fails the teardown's retries and
+/// recovers for dom0's calls in between): the teardown's walks release
+/// nothing themselves, yet the pages go, 256 a round. That is progress: the
+/// first version looked only within each slice and said stalled after 8
+/// walks with most of the pages still to go (review, 2026-12-03).
+#[test]
+fn pages_released_between_a_teardowns_slices_are_progress() {
+    let (mut m, e) = machine(Format::Vtd, 3000);
+    map_many(&mut m, &e, DomId::DOM0, GUEST, 3000);
+    m.fail_unmaps_of = Some((DomId::DOM0, 0));
+    m.mark_dying(GUEST);
+    let mut cursor = 0;
+    // The first walk revokes all 3000, each unmap refused: all stuck.
+    for _ in 0..12 {
+        assert!(e.domain_teardown(&mut m, GUEST, &mut cursor).is_err());
+    }
+    assert_eq!(e.state().driver(DomId::DOM0).unwrap().stuck(), 3000);
+    let mut done = false;
+    for _ in 0..100 {
+        m.fail_unmaps_of = Some((DomId::DOM0, 0));
+        let r = e.domain_teardown(&mut m, GUEST, &mut cursor);
+        assert!(
+            !pviommu_hv::Engine::teardown_stalled(cursor),
+            "stalled with {} page references left",
+            m.total_page_refs()
+        );
+        if r.is_ok() {
+            done = true;
+            break;
+        }
+        // dom0's own call in between: its flush retries 256 stuck entries.
+        m.fail_unmaps_of = None;
+        e.finish(&mut m, DomId::DOM0);
+    }
+    assert!(done);
+    assert_eq!(m.total_page_refs(), 0);
+}
+
+/// A dying target's stuck entries wait in dom0's cell behind 2400 stuck
+/// entries of another domain (a cell's stuck list is one queue, retried
+/// 256 a flush, oldest first). The IOMMU works again: each walk's flush
+/// retries the others' entries, releasing none of the dying domain's
+/// pages, but the queue moves towards them. That is progress: the first
+/// version counted only the dying domain's own pages released, and said
+/// stalled after 8 walks (2048 of the others' entries) (review, 2026-12-03).
+#[test]
+fn a_queue_of_others_stuck_entries_moving_is_progress() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    const OTHER: DomId = DomId(20);
+    m.create_domain(
+        OTHER,
+        DomainSpec {
+            pages: 2400,
+            privileged: false,
+            device_model_of: None,
+        },
+    )
+    .unwrap();
+    map_many(&mut m, &e, DomId::DOM0, OTHER, 2400);
+    for g in 0..10 {
+        map_one(&mut m, &e, DomId::DOM0, GUEST, g, Permissions::RW).unwrap();
+    }
+    m.fail_unmaps_of = Some((DomId::DOM0, 0));
+    // OTHER's pages leave (one hook over them): all 2400 stuck.
+    e.gfn_changed(
+        &mut m,
+        OTHER,
+        Gfn(0),
+        12,
+        pviommu_hv::engine::GfnChange::Removed,
+    );
+    m.mark_dying(GUEST);
+    let mut cursor = 0;
+    // The first walk: GUEST's 10 stuck too, at the queue's tail.
+    assert!(e.domain_teardown(&mut m, GUEST, &mut cursor).is_err());
+    assert_eq!(e.state().driver(DomId::DOM0).unwrap().stuck(), 2410);
+    m.fail_unmaps_of = None;
+    let done = teardown_until_done_or_stalled(&mut m, &e, GUEST, &mut cursor, 1000);
+    assert!(done.is_ok(), "{done:?}");
+    assert_eq!(e.target_active(GUEST), 0);
+}

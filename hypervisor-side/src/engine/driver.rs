@@ -547,6 +547,17 @@ pub struct DriverDomain {
     pub(crate) published_used: u64,
     /// The last flush failed: its unmapped pages wait for the next one.
     pub(crate) flush_failed: bool,
+    /// Live mappings taken out that the page index did not hold where it
+    /// should (an engine bug, or memory corrupted): each was still taken
+    /// down, its counts then no longer trusted. Tests require 0.
+    index_misses: u64,
+}
+
+#[cfg(test)]
+std::thread_local! {
+    /// Slots this thread decoded through [`DriverDomain::slots`]: the work
+    /// of passes over a cell's whole slot array, for tests that bound it.
+    pub(crate) static SLOTS_DECODED: core::cell::Cell<u64> = const { core::cell::Cell::new(0) };
 }
 
 impl DriverDomain {
@@ -567,6 +578,7 @@ impl DriverDomain {
             region_hint: 0,
             regions_exact: true,
             range_work: (0, 0),
+            index_misses: 0,
             unmapping_head: NONE,
             stuck_head: NONE,
             stuck_tail: NONE,
@@ -592,10 +604,28 @@ impl DriverDomain {
     /// when the cell is given back). Frees the tables; never allocates.
     pub(crate) fn reset_to_idle(&mut self) {
         let (next_gen, home, published) = (self.next_gen, self.home, self.published_used);
+        let index_misses = self.index_misses;
         *self = DriverDomain::new(self.domid);
         self.next_gen = next_gen;
         self.home = home;
         self.published_used = published;
+        // (A diagnostic of the cell: a miss stays seen.)
+        self.index_misses = index_misses;
+    }
+
+    /// Corrupt the page index as a bug would: page (domid, gfn) is no
+    /// longer in it, its mappings still Live.
+    #[cfg(test)]
+    pub(crate) fn lose_page_for_test(&mut self, seed: u64, domid: DomId, gfn: Gfn) {
+        if let Some(pos) = self.page_pos(page_hash(seed, domid, gfn), domid, gfn) {
+            self.pages.remove_at(pos);
+        }
+    }
+
+    /// Live mappings taken out that the page index did not hold where it
+    /// should have (0 unless the engine has a bug; see `unindex`).
+    pub fn index_misses(&self) -> u64 {
+        self.index_misses
     }
 
     /// The context whose mappings this state holds.
@@ -639,10 +669,11 @@ impl DriverDomain {
     }
     /// Every slot with its index, decoded.
     pub fn slots(&self) -> impl Iterator<Item = (u64, Slot)> + '_ {
-        self.slots
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (i as u64, s.decode()))
+        self.slots.iter().enumerate().map(|(i, s)| {
+            #[cfg(test)]
+            SLOTS_DECODED.with(|n| n.set(n.get() + 1));
+            (i as u64, s.decode())
+        })
     }
     /// Bytes of heap this driver domain holds.
     pub fn heap_bytes(&self) -> usize {
@@ -1085,6 +1116,10 @@ impl DriverDomain {
     /// Take a Live mapping out of its page's chain (the slot keeps it until
     /// the caller changes the slot's state), and say whether it was this
     /// domain's last page of its target. Bounded by [`CHAIN_BOUND`].
+    /// `None` only for a slot that is not Live: a Live one always comes
+    /// out, so its caller goes on to take its IOMMU entry down. A page the
+    /// index does not hold (a bug) is counted in `index_misses`, and the
+    /// region counts are no longer trusted (hooks then probe or pass).
     pub(crate) fn unindex(&mut self, seed: u64, idx: u64) -> Option<bool> {
         let r = self.raw(idx).filter(|r| r.state() == ST_LIVE)?;
         let (domid, gfn, after) = (DomId(r.domid), Gfn(r.gfn), link64(r.next));
@@ -1092,23 +1127,35 @@ impl DriverDomain {
         // `idx` is a live mapping of the page: a bucket naming it is the
         // page's (the common case, `idx` heading its chain, needs no
         // second read of a slot).
-        let (pos, head) = self.pages.find_at(page_hash(seed, domid, gfn), |v| {
+        let found = self.pages.find_at(page_hash(seed, domid, gfn), |v| {
             v == idx
                 || slots
                     .get(v as usize)
                     .is_some_and(|r| r.is_live_page(domid, gfn))
-        })?;
+        });
+        let Some((pos, head)) = found else {
+            // Fail closed: the mapping still goes (a revocation that
+            // stopped here left a device its access). The counts are left
+            // as they are, too high rather than too low: the page's count
+            // is one per page, not per mapping, and a count that reached 0
+            // early would clear the cell's gate bit while it still maps
+            // pages of the target. They are right again once the cell is
+            // empty, or has no live mapping left (below). (A pass over
+            // the slots, a range hook's or a walk's, the owner's unmap by
+            // BFN and its teardown find such a mapping; a hook for one gfn
+            // goes by the index and does not.)
+            self.index_misses += 1;
+            self.regions_exact = false;
+            self.live -= 1;
+            self.trust_counts_again_if_no_live_mapping();
+            return Some(false);
+        };
         let mut last_of_target = false;
         if head == idx {
             if after == NONE {
                 self.pages.remove_at(pos);
                 last_of_target = self.count_target(seed, domid, false) == Ok(0);
                 self.count_region(seed, domid, gfn, false);
-                if !self.regions_exact && self.pages.is_empty() {
-                    // Nothing left to count: exact again (an empty table).
-                    self.regions.clear();
-                    self.regions_exact = true;
-                }
             } else {
                 self.pages.set_at(pos, after);
             }
@@ -1129,12 +1176,27 @@ impl DriverDomain {
             }
             if !found {
                 // Not in its chain: a corrupted index. Tests catch it here;
-                // in Xen the slot is still taken down (below).
+                // in Xen the slot is still taken down (its caller unmaps it).
                 debug_assert!(false, "live mapping missing from its page chain");
+                self.index_misses += 1;
+                self.regions_exact = false;
             }
         }
         self.live -= 1;
+        self.trust_counts_again_if_no_live_mapping();
         Some(last_of_target)
+    }
+
+    /// Once counts are no longer trusted (a page that could not be counted,
+    /// or a mapping the index lost, which leaves them too high), they are
+    /// right again when no live mapping is left, indexed or not: empty.
+    #[inline]
+    fn trust_counts_again_if_no_live_mapping(&mut self) {
+        if !self.regions_exact && self.live == 0 && self.pages.is_empty() {
+            self.regions.clear();
+            self.targets.clear();
+            self.regions_exact = true;
+        }
     }
 
     /// The IOMMU entry of a former Live mapping is gone: wait for the flush.

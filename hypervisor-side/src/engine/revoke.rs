@@ -89,9 +89,30 @@ const RETRY_SLICES: u64 = 4096;
 /// A cursor's driver past every cell: a walk from it visits none.
 const PAST_CELLS: u16 = u16::MAX;
 
+/// A teardown's restarts that made no progress (a walk over the target's
+/// cells after which no fewer of its pages are held and whose flushes
+/// unmapped no stuck entry; a retry of the dying domain's own entries
+/// that got none of them further; a context whose device could not be
+/// moved off), in a row, before it says it is stalled
+/// ([`Engine::teardown_stalled`]): an IOMMU that keeps failing must not
+/// keep the toolstack's destroy continuing for ever (Xen turns
+/// `-ERESTART` into a continuation the caller cannot leave). Counted in
+/// the cursor's `passes` bits (0 otherwise in a teardown).
+const STALLED_RESTARTS: u8 = 8;
+/// `passes` of a teardown: restarts without progress in a row (bits 0-3).
+const STALL_COUNT: u8 = 0x0f;
+/// `passes` of a teardown: said stalled at the last call (cleared by the
+/// next, which tries again).
+const STALLED: u8 = 0x10;
+/// `passes` of a teardown: a flush of the walk under way unmapped a stuck
+/// entry at last (the target's own may wait behind others' in the cell's
+/// queue: the queue moving is progress towards them).
+const RETRIED_STUCK: u8 = 0x20;
+
 /// Cursor layout of a teardown and of [`Engine::revoke_writes`]: phase in
-/// bits 62-63, retry passes in 56-61, driver cell (as a target) or context
-/// (as a driver) in 40-55, slot index in 0-39 (with the driver
+/// bits 62-63, retry passes (a teardown: its stall count and flags) in
+/// 56-61, driver cell (as a target) or context (as a driver) in 40-55,
+/// slot index in 0-39 (with the driver
 /// [`PAST_CELLS`], [`Engine::revoke_writes`]'s count of retry slices).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Cursor {
@@ -187,8 +208,9 @@ impl<L: RawMutex> Engine<L> {
     /// Retry the IOMMU unmaps of stuck revocations, flush what driver `d`
     /// gathered, and after a successful flush release every unmapped page:
     /// explicit unmaps free their BFN, revocations become notices. A failed
-    /// flush releases nothing (retried next time).
-    pub(super) fn flush_and_release(&self, d: &mut Driver<'_, L>, h: &mut impl Hypervisor) {
+    /// flush releases nothing (retried next time). Returns how many stuck
+    /// entries the IOMMU unmapped at last (the retries that got further).
+    pub(super) fn flush_and_release(&self, d: &mut Driver<'_, L>, h: &mut impl Hypervisor) -> u64 {
         let space = &self.space;
         let dd = &mut *d.dd;
         let owner = dd.domid;
@@ -197,6 +219,7 @@ impl<L: RawMutex> Engine<L> {
         // one call's work grow with every unmap the IOMMU had refused, up
         // to the quota's million, on a hypercall or a hook.)
         let t0 = self.clock(h);
+        let mut unstuck = 0;
         for _ in 0..dd.stuck().min(STUCK_RETRIES) {
             let Some((at, mapping)) = dd.pop_stuck() else {
                 break;
@@ -206,6 +229,7 @@ impl<L: RawMutex> Engine<L> {
                 .is_some_and(|bfn| dd.iommu_unmap(h, mapping.context, bfn).is_ok());
             if unmapped {
                 dd.push_unmapping_at(at, true);
+                unstuck += 1;
             } else {
                 dd.push_stuck(at, mapping);
             }
@@ -218,7 +242,7 @@ impl<L: RawMutex> Engine<L> {
             dd.stats.flushes += 1;
             dd.flush_failed = flushed.is_err();
             if dd.flush_failed {
-                return;
+                return unstuck;
             }
             dd.gather.clear();
         }
@@ -276,6 +300,7 @@ impl<L: RawMutex> Engine<L> {
             // Once per flush, not per notice: the owner drains the queue.
             h.notify_revoked(owner);
         }
+        unstuck
     }
 
     /// `n` released pages of `domid` are out of the device's reach: their
@@ -472,6 +497,13 @@ impl<L: RawMutex> Engine<L> {
     /// maps it, the mappings of its pages (their owners get notices); drop
     /// everything it owned as a driver domain. Each slice visits at most
     /// [`SLICE_VISITS`] slots and unmaps at most [`SLICE_REVOKES`] pages.
+    ///
+    /// A teardown that keeps failing to make progress (an IOMMU refusing
+    /// its unmaps or flushes) restarts with
+    /// [`teardown_stalled`](Self::teardown_stalled) saying so after
+    /// [`STALLED_RESTARTS`] of them in a row; Xen then answers the
+    /// toolstack `-EBUSY` and leaves the domain dying. The next call
+    /// starts counting again.
     pub fn domain_teardown(
         &self,
         h: &mut impl Hypervisor,
@@ -479,9 +511,34 @@ impl<L: RawMutex> Engine<L> {
         cursor: &mut u64,
     ) -> Result<(), Restart> {
         let mut c = Cursor::unpack(*cursor);
+        if c.passes & STALLED != 0 {
+            c.passes = 0;
+        }
         let result = self.teardown_slice(h, domid, &mut c);
         *cursor = c.pack();
         result
+    }
+
+    /// Whether the teardown slice that left `cursor` restarted as stalled:
+    /// its last [`STALLED_RESTARTS`] restarts released nothing.
+    pub fn teardown_stalled(cursor: u64) -> bool {
+        let c = Cursor::unpack(cursor);
+        c.phase != PHASE_DONE && c.passes & STALLED != 0
+    }
+
+    /// A restart that made progress (`true`), or one more without: the
+    /// cursor's count, said stalled once it reaches [`STALLED_RESTARTS`].
+    fn count_restart(c: &mut Cursor, progress: bool) {
+        let stalled = if progress {
+            0
+        } else {
+            (c.passes & STALL_COUNT) + 1
+        };
+        c.passes = if stalled >= STALLED_RESTARTS {
+            STALLED
+        } else {
+            stalled
+        };
     }
 
     fn teardown_slice(
@@ -495,6 +552,8 @@ impl<L: RawMutex> Engine<L> {
             // dying retry, and then find it dying.
             if let Some(g) = self.gate(domid) {
                 g.seq.fetch_add(1, Ordering::SeqCst);
+                let active = g.active.load(Ordering::SeqCst);
+                g.teardown_active.store(active, Ordering::Relaxed);
             }
             *c = Cursor::start_of(PHASE_AS_TARGET);
         }
@@ -548,7 +607,13 @@ impl<L: RawMutex> Engine<L> {
         domid: DomId,
         c: &mut Cursor,
     ) -> Result<(), Restart> {
-        self.walk_cells_of_target(h, domid, GfnChange::Removed, ALL_GFNS, c)?;
+        let mut retried = false;
+        let walked =
+            self.walk_cells_of_target(h, domid, GfnChange::Removed, ALL_GFNS, c, &mut retried);
+        if retried {
+            c.passes |= RETRIED_STUCK;
+        }
+        walked?;
         // Walked every cell. A cell keeps its bit in the gate while it holds
         // a page of the domain (a flush that failed, an unmap the IOMMU
         // refused): then the walk starts again, flushing again, until it
@@ -562,12 +627,25 @@ impl<L: RawMutex> Engine<L> {
         // No map installs a page of the domain after the first slice moved
         // its sequence number; one in flight sets a bit only while it holds
         // the cell's lock, and clears it before letting go.
-        let phase = if self.target_drivers(domid) == 0 {
-            PHASE_AS_DRIVER
+        // Progress: fewer of its pages held than at the last walk's end,
+        // released by this walk or by anyone between its slices (the
+        // owners' own flushes, their retries of stuck entries).
+        let released = self.gate(domid).is_some_and(|g| {
+            let now = g.active.load(Ordering::SeqCst);
+            let before = g.teardown_active.swap(now, Ordering::Relaxed);
+            now < before
+        });
+        let progress = released || c.passes & RETRIED_STUCK != 0;
+        let passes = c.passes;
+        if self.target_drivers(domid) == 0 {
+            *c = Cursor::start_of(PHASE_AS_DRIVER);
         } else {
-            PHASE_AS_TARGET
-        };
-        *c = Cursor::start_of(phase);
+            *c = Cursor {
+                passes,
+                ..Cursor::start_of(PHASE_AS_TARGET)
+            };
+            Self::count_restart(c, progress);
+        }
         Err(Restart)
     }
 
@@ -588,7 +666,13 @@ impl<L: RawMutex> Engine<L> {
         how: GfnChange,
         (first, last): (u64, u64),
         c: &mut Cursor,
+        retried: &mut bool,
     ) -> Result<(), Restart> {
+        // Whether a cell's flush unmapped a stuck entry at last (of any
+        // target: a cell's stuck list is one queue, retried in turn).
+        let mut flush = |d: &mut Driver<'_, L>, h: &mut _| {
+            *retried |= self.flush_and_release(d, h) != 0;
+        };
         let mask = self.target_drivers(domid);
         let mut visits = 0u64;
         let mut revokes = 0u32;
@@ -613,7 +697,7 @@ impl<L: RawMutex> Engine<L> {
             };
             while c.slot < n {
                 if visits >= SLICE_VISITS || revokes >= SLICE_REVOKES {
-                    self.flush_and_release(&mut d, h);
+                    flush(&mut d, h);
                     self.clear_gate_bit_if_unused(cell, &d.dd, domid);
                     self.put_driver(d);
                     return Err(Restart);
@@ -629,7 +713,7 @@ impl<L: RawMutex> Engine<L> {
                 }
                 c.slot += 1;
             }
-            self.flush_and_release(&mut d, h);
+            flush(&mut d, h);
             self.clear_gate_bit_if_unused(cell, &d.dd, domid);
             self.put_driver(d);
             *c = Cursor {
@@ -747,7 +831,7 @@ impl<L: RawMutex> Engine<L> {
             *c = Cursor::start_of(PHASE_AS_TARGET);
         }
         if c.phase == PHASE_AS_TARGET {
-            self.walk_cells_of_target(h, domid, GfnChange::WriteLost, range, c)?;
+            self.walk_cells_of_target(h, domid, GfnChange::WriteLost, range, c, &mut false)?;
             // An unmap the IOMMU refused (the entry stays, writable) or a
             // failed flush (the IOTLB may hold it) leaves a device able to
             // write: walk again, retrying and flushing, until no cell that
@@ -830,11 +914,10 @@ impl<L: RawMutex> Engine<L> {
             let Some(mut d) = self.lock_cell_number(cell) else {
                 continue;
             };
-            let before = (d.dd.stuck(), d.dd.flush_failed);
-            self.flush_and_release(&mut d, h);
-            let after = (d.dd.stuck(), d.dd.flush_failed);
-            progress |= after.0 < before.0 || (before.1 && !after.1);
-            tried += before.0.min(STUCK_RETRIES) + 1;
+            let (stuck, flush_failed) = (d.dd.stuck(), d.dd.flush_failed);
+            let unstuck = self.flush_and_release(&mut d, h);
+            progress |= unstuck != 0 || (flush_failed && !d.dd.flush_failed);
+            tried += stuck.min(STUCK_RETRIES) + 1;
             self.clear_gate_bit_if_unused(cell, &d.dd, domid);
             self.put_driver(d);
         }
@@ -873,6 +956,7 @@ impl<L: RawMutex> Engine<L> {
                 continue;
             };
             let n = d.dd.slots.len() as u64;
+            let (used, flush_failed) = (d.dd.used(), d.dd.flush_failed);
             while c.slot < n {
                 if visits >= SLICE_VISITS || revokes >= SLICE_REVOKES {
                     self.flush_and_release(&mut d, h);
@@ -893,13 +977,20 @@ impl<L: RawMutex> Engine<L> {
                 }
                 c.slot += 1;
             }
-            self.flush_and_release(&mut d, h);
+            let unstuck = self.flush_and_release(&mut d, h);
             let pending = d.dd.stuck_head != NONE || d.dd.unmapping_head != NONE;
+            // (A stuck entry that unmaps at last becomes a notice, which
+            // still counts in `used()`: its retry is progress too.)
+            let progress = revokes != 0
+                || d.dd.used() < used
+                || unstuck != 0
+                || (flush_failed && !d.dd.flush_failed);
             self.put_driver(d);
             if pending {
                 // The IOMMU refused an unmap or the flush failed: the pages
                 // stay referenced; try again on the next call rather than
                 // leak them.
+                Self::count_restart(c, progress);
                 return Err(Restart);
             }
             *c = Cursor {
@@ -925,6 +1016,7 @@ impl<L: RawMutex> Engine<L> {
             if !done {
                 // A device is still on a context's tables: keep them, and
                 // the domain dying, until it can be moved off.
+                Self::count_restart(c, false);
                 return Err(Restart);
             }
             let Some(again) = self.lock_driver(domid) else {

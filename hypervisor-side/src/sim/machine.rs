@@ -95,6 +95,10 @@ struct Domain {
     /// Actions a FLASK-like policy refuses this domain (the others pass),
     /// each on any target or (`true`) only without one (host-wide).
     xsm_denied_actions: Vec<(XsmAction, bool)>,
+    /// A FLASK-like label no other domain may act on: every action with
+    /// this domain as its target is refused (a label belongs to the domain,
+    /// not its domid: one created later at the same domid starts without).
+    xsm_protected: bool,
 }
 
 /// A driver domain's default context: the host's own tables (Xen's).
@@ -591,6 +595,7 @@ impl SimMachine {
                 vram_sweep: Default::default(),
                 xsm_denied: false,
                 xsm_denied_actions: Vec::new(),
+                xsm_protected: false,
             },
         );
         Ok(())
@@ -643,6 +648,15 @@ impl SimMachine {
     pub fn xsm_deny_action(&mut self, domid: DomId, action: XsmAction) {
         if let Some(d) = self.domains.get_mut(&domid) {
             d.xsm_denied_actions.push((action, false));
+        }
+    }
+
+    /// A FLASK-like policy refuses every other domain any action on
+    /// `domid` (a label such as one the default policy keeps dom0 from
+    /// mapping). The label is the domain's: it goes with it.
+    pub fn xsm_protect(&mut self, domid: DomId) {
+        if let Some(d) = self.domains.get_mut(&domid) {
+            d.xsm_protected = true;
         }
     }
 
@@ -1458,8 +1472,12 @@ impl Platform for SimMachine {
                     .iter()
                     .any(|&(a, host_wide)| a == action && (!host_wide || target.is_none()))
         };
+        let protected = target
+            .filter(|&t| t != caller)
+            .and_then(|t| self.domains.get(&t))
+            .is_some_and(|t| t.xsm_protected);
         match self.domains.get(&caller) {
-            Some(d) if !denied(d) => Ok(()),
+            Some(d) if !denied(d) && !protected => Ok(()),
             _ => Err(Errno::Perm),
         }
     }

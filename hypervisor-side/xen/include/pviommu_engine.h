@@ -67,7 +67,9 @@ long pviommu_engine_op(uint16_t caller, unsigned int cmd, uint64_t arg);
  * as a driver domain, in bounded slices. *cursor starts at 0 (the glue keeps
  * it in struct domain) and is the engine's to update. Returns 0 when done,
  * -ERESTART when the caller must come back (the toolstack's destroydomain
- * continues), never anything else.
+ * continues), -EBUSY when its last restarts released nothing (an IOMMU
+ * that keeps failing: the toolstack gets its destroy back, the domain
+ * stays dying and a later destroy resumes), never anything else.
  */
 int pviommu_engine_domain_teardown(uint16_t domid, uint64_t *cursor);
 /* *cursor once the teardown finished: domain_kill() re-runs its dying stage

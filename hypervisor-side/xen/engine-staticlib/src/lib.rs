@@ -1412,7 +1412,8 @@ pub extern "C" fn pviommu_engine_op(caller: u16, cmd: u32, arg: u64) -> i64 {
     }
 }
 
-/// One slice of a dying domain's teardown: 0 done, -ERESTART call again.
+/// One slice of a dying domain's teardown: 0 done, -ERESTART call again,
+/// -EBUSY stalled (call again later).
 // Called from C only, with a pointer into struct domain or NULL (checked).
 #[allow(clippy::not_unsafe_ptr_arg_deref)]
 #[no_mangle]
@@ -1425,6 +1426,10 @@ pub extern "C" fn pviommu_engine_domain_teardown(domid: u16, cursor: *mut u64) -
     };
     match e.domain_teardown(&mut Xen::new(), DomId(domid), cursor) {
         Ok(()) => 0,
+        // Restarts that released nothing, in a row: the IOMMU keeps
+        // failing. The toolstack gets its destroy back (the domain stays
+        // dying, its cursor kept) rather than a continuation for ever.
+        Err(_) if XenEngine::teardown_stalled(*cursor) => Errno::Busy.negated(),
         Err(_) => ERESTART,
     }
 }
