@@ -34,7 +34,7 @@ const EINVAL: i32 = -22;
 const EIO: i32 = -5;
 /// Most pages one map call takes (the library builds a request per page):
 /// a wrong `n` from C fails cleanly instead of exhausting memory.
-const MAX_PAGES_PER_CALL: usize = 1 << 24;
+pub(crate) const MAX_PAGES_PER_CALL: usize = 1 << 24;
 
 thread_local! {
     /// The message of this thread's last failure (`pviommu_last_error`).
@@ -54,6 +54,68 @@ fn code(e: &Error) -> i32 {
 fn fail(e: &Error) -> i32 {
     set_last_error(&e.to_string());
     code(e)
+}
+
+/// `n` elements of an array C passed at `ptr`. `n == 0` is the empty
+/// slice whatever `ptr` is (C passes NULL for an empty array, which
+/// `slice::from_raw_parts` must never see); a NULL or misaligned `ptr`
+/// with `n > 0`, or more than [`MAX_PAGES_PER_CALL`] elements, is `Err`
+/// with the reason (`what` names the argument).
+///
+/// # Safety
+/// A non-NULL, aligned `ptr` points to `n` initialised elements that stay
+/// valid, and are not written through another pointer, for `'a`.
+pub(crate) unsafe fn c_array<'a, T>(
+    ptr: *const T,
+    n: usize,
+    what: &str,
+) -> Result<&'a [T], String> {
+    c_array_check(ptr, n, what)?;
+    if n == 0 {
+        return Ok(&[]);
+    }
+    // SAFETY: non-NULL and aligned (checked), `n` elements (the caller's
+    // promise), at most `MAX_PAGES_PER_CALL` of them (checked).
+    Ok(unsafe { std::slice::from_raw_parts(ptr, n) })
+}
+
+/// [`c_array`] for an array the call writes.
+///
+/// # Safety
+/// As for [`c_array`], and no other reference to the elements exists
+/// for `'a`.
+pub(crate) unsafe fn c_array_mut<'a, T>(
+    ptr: *mut T,
+    n: usize,
+    what: &str,
+) -> Result<&'a mut [T], String> {
+    c_array_check(ptr, n, what)?;
+    if n == 0 {
+        return Ok(&mut []);
+    }
+    // SAFETY: as in `c_array`, and the caller's exclusivity.
+    Ok(unsafe { std::slice::from_raw_parts_mut(ptr, n) })
+}
+
+fn c_array_check<T>(ptr: *const T, n: usize, what: &str) -> Result<(), String> {
+    if n == 0 {
+        return Ok(());
+    }
+    if n > MAX_PAGES_PER_CALL {
+        return Err(format!(
+            "{what}: {n} elements in one call; at most {MAX_PAGES_PER_CALL}"
+        ));
+    }
+    if ptr.is_null() {
+        return Err(format!("{what} is NULL with {n} elements"));
+    }
+    if !ptr.is_aligned() {
+        return Err(format!(
+            "{what} at {ptr:p} is not aligned to {} bytes",
+            std::mem::align_of::<T>()
+        ));
+    }
+    Ok(())
 }
 
 /// The client behind `c`, locked. `None` for NULL.
@@ -237,9 +299,6 @@ fn map_in(
     let Some(mut c) = lock(c) else {
         return EINVAL;
     };
-    if n > 0 && (gfns.is_null() || bfns.is_null() || status.is_null()) {
-        return EINVAL;
-    }
     // Bits this call does not know (above 16, or outside the ABI's mask)
     // and grant references (not offered through this call) are refused,
     // never silently dropped.
@@ -267,13 +326,19 @@ fn map_in(
         ));
         return EINVAL;
     };
-    // SAFETY: the caller passes arrays of `n` elements.
-    let (gfns, bfns, status) = unsafe {
+    // SAFETY: the caller passes three distinct arrays of `n` elements.
+    let arrays = unsafe {
         (
-            std::slice::from_raw_parts(gfns, n),
-            std::slice::from_raw_parts_mut(bfns, n),
-            std::slice::from_raw_parts_mut(status, n),
+            c_array(gfns, n, "map: gfns"),
+            c_array_mut(bfns, n, "map: bfns"),
+            c_array_mut(status, n, "map: status"),
         )
+    };
+    let (Ok(gfns), Ok(bfns), Ok(status)) = arrays else {
+        let (a, b, c) = arrays;
+        let why = [a.err(), b.err(), c.err()].into_iter().flatten().next();
+        set_last_error(&why.unwrap_or_default());
+        return EINVAL;
     };
     let gfns: Vec<Gfn> = gfns.iter().map(|g| Gfn(*g)).collect();
     let results = c.map_foreign(DomId(domid), &gfns, perms, attr, context);
@@ -330,21 +395,17 @@ fn unmap_in(
     let Some(mut c) = lock(c) else {
         return EINVAL;
     };
-    if n > 0 && (bfns.is_null() || status.is_null()) {
-        return EINVAL;
-    }
-    if n > MAX_PAGES_PER_CALL {
-        set_last_error(&format!(
-            "unmap: {n} BFNs in one call; at most {MAX_PAGES_PER_CALL}"
-        ));
-        return EINVAL;
-    }
-    // SAFETY: the caller passes arrays of `n` elements.
-    let (bfns, status) = unsafe {
+    // SAFETY: the caller passes two distinct arrays of `n` elements.
+    let arrays = unsafe {
         (
-            std::slice::from_raw_parts(bfns, n),
-            std::slice::from_raw_parts_mut(status, n),
+            c_array(bfns, n, "unmap: bfns"),
+            c_array_mut(status, n, "unmap: status"),
         )
+    };
+    let (Ok(bfns), Ok(status)) = arrays else {
+        let (a, b) = arrays;
+        set_last_error(&a.err().or(b.err()).unwrap_or_default());
+        return EINVAL;
     };
     let bfns: Vec<Bfn> = bfns.iter().map(|b| Bfn(*b)).collect();
     let mut ret = 0;

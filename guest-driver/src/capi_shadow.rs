@@ -12,6 +12,7 @@ use std::ffi::{c_char, CString};
 
 use pviommu_abi::{ContextId, DomId, Gfn};
 
+use crate::capi::c_array;
 use crate::shadow::{
     BuildReport, Gma, GuestTableReader, RevokedLeaf, SessionError, ShadowSession, SyncReport,
 };
@@ -35,6 +36,13 @@ impl CShadow {
     fn fail(&mut self, e: &SessionError) -> i32 {
         self.last_error = CString::new(e.to_string().replace('\0', " ")).unwrap_or_default();
         -e.errno()
+    }
+
+    /// An argument the call refuses before doing anything: -EINVAL, with
+    /// `why` as the handle's last error.
+    fn refuse(&mut self, why: &str) -> i32 {
+        self.last_error = CString::new(why.replace('\0', " ")).unwrap_or_default();
+        EINVAL
     }
 }
 
@@ -214,17 +222,15 @@ pub extern "C" fn pviommu_shadow_sync(
     let Some(s) = (unsafe { s.as_mut() }) else {
         return EINVAL;
     };
-    if n > 0 && changed.is_null() {
-        return EINVAL;
-    }
+    // SAFETY: the caller passes `n` frames.
+    let changed = match unsafe { c_array(changed, n, "shadow sync: changed") } {
+        Ok(changed) => changed,
+        Err(why) => return s.refuse(&why),
+    };
     let r = if n == 0 {
         s.session.sync_all()
     } else {
-        // SAFETY: the caller passes `n` frames.
-        let gfns: Vec<Gfn> = unsafe { std::slice::from_raw_parts(changed, n) }
-            .iter()
-            .map(|g| Gfn(*g))
-            .collect();
+        let gfns: Vec<Gfn> = changed.iter().map(|g| Gfn(*g)).collect();
         s.session.sync(&gfns)
     };
     match r {
@@ -333,11 +339,10 @@ pub extern "C" fn pviommu_shadow_sim_write(
     let Some(sim) = sim_of(s) else {
         return EINVAL;
     };
-    if buf.is_null() && len > 0 {
-        return EINVAL;
-    }
     // SAFETY: `buf` holds `len` bytes.
-    let data = unsafe { std::slice::from_raw_parts(buf, len) };
+    let Ok(data) = (unsafe { c_array(buf, len, "shadow sim write: buf") }) else {
+        return EINVAL;
+    };
     match sim.lock().0.write_guest(DomId(1), Gfn(gfn), offset, data) {
         Ok(()) => 0,
         Err(e) => e.negated(),

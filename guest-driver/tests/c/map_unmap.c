@@ -52,6 +52,20 @@ int main(void)
     CHECK(strstr(pviommu_last_error(c), "flags") != NULL, "flags message: %s", pviommu_last_error(c));
     /* NULL where an array is needed: -EINVAL, nothing touched. */
     CHECK(pviommu_map(c, 1, NULL, 1, PVIOMMU_F_READ, &bad_bfn, &bad_status) == -22, "NULL gfns");
+    CHECK(strstr(pviommu_last_error(c), "gfns is NULL") != NULL, "NULL gfns message: %s",
+          pviommu_last_error(c));
+    CHECK(pviommu_map(c, 1, &bad_gfn, 1, PVIOMMU_F_READ, &bad_bfn, NULL) == -22, "NULL status");
+    CHECK(strstr(pviommu_last_error(c), "status is NULL") != NULL, "NULL status message: %s",
+          pviommu_last_error(c));
+    /* A misaligned array is refused, not read. */
+    CHECK(pviommu_map(c, 1, (const uint64_t *)((const char *)gfns + 1), 1, PVIOMMU_F_READ,
+                      &bad_bfn, &bad_status) == -22, "misaligned gfns");
+    CHECK(strstr(pviommu_last_error(c), "not aligned") != NULL, "misaligned message: %s",
+          pviommu_last_error(c));
+    /* Empty arrays may be NULL (C's usual empty array): nothing to do. */
+    CHECK(pviommu_map(c, 1, NULL, 0, PVIOMMU_F_READ, NULL, NULL) == 0, "empty map with NULLs");
+    CHECK(pviommu_unmap(c, NULL, 0, NULL) == 0, "empty unmap with NULLs");
+    CHECK(pviommu_unmap(c, NULL, 1, &bad_status) == -22, "NULL bfns");
     CHECK(pviommu_map(NULL, 1, &bad_gfn, 1, PVIOMMU_F_READ, &bad_bfn, &bad_status) == -22, "NULL client");
     /* An open that fails says why, through the thread's last error. */
     CHECK(pviommu_open_remote("/nonexistent/pviommu.sock", 0) == NULL, "open nothing");

@@ -54,6 +54,11 @@ int main(void)
     CHECK(c.leaves_mapped == 0 && c.leaves_unmapped == 1 && c.leaves_present == 3 && c.pages_read == 1);
     CHECK(pviommu_shadow_sim_dma_read(s, old, buf, 7) == -EFAULT);
     CHECK(pviommu_shadow_sync(s, NULL, 1, &c) == -EINVAL);
+    CHECK(strstr(pviommu_shadow_last_error(s), "changed is NULL") != NULL);
+    /* A length no array has is refused before anything is read. */
+    CHECK(pviommu_shadow_sync(s, &changed, (size_t)-1, &c) == -EINVAL);
+    CHECK(strstr(pviommu_shadow_last_error(s), "at most") != NULL);
+    CHECK(pviommu_shadow_sim_write(s, 0x13, 0, NULL, 0) == 0);
 
     /* page 1 is ballooned out: its leaf goes non-present, reported */
     CHECK(pviommu_shadow_translate(s, 0x1000, &old) == 0);
