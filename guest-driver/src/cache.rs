@@ -24,7 +24,10 @@ pub struct CacheKey {
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     bfn: Bfn,
-    refs: u32,
+    /// 64 bits: one per map call's page, which no caller can wrap (a
+    /// `u32` did after 2^32 maps of one page, and one unmap then took the
+    /// BFN away from every holder).
+    refs: u64,
 }
 
 /// The cache.
@@ -71,7 +74,7 @@ impl MappingCache {
         self.by_bfn.get(&(context, bfn)).copied()
     }
     /// References held on a cached BFN.
-    pub fn refs(&self, context: ContextId, bfn: Bfn) -> u32 {
+    pub fn refs(&self, context: ContextId, bfn: Bfn) -> u64 {
         self.key_of(context, bfn)
             .and_then(|k| self.by_key.get(&k))
             .map_or(0, |e| e.refs)
@@ -85,7 +88,36 @@ impl MappingCache {
         self.by_key.is_empty()
     }
     /// Every cached mapping.
-    pub fn iter(&self) -> impl Iterator<Item = (&CacheKey, Bfn, u32)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&CacheKey, Bfn, u64)> {
         self.by_key.iter().map(|(k, e)| (k, e.bfn, e.refs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A page mapped 2^32 times (256 C calls of 16 Mi pages) keeps
+    /// counting: one release then leaves the others' references. A `u32`
+    /// count overflowed there (a debug build panicked, a release build
+    /// wrapped to 0 and the next release unmapped the BFN under every
+    /// holder).
+    #[test]
+    fn references_past_u32_max_do_not_wrap() {
+        let mut cache = MappingCache::default();
+        let key = CacheKey {
+            domid: DomId(1),
+            gfn: Gfn(5),
+            context: ContextId::DEFAULT,
+            perms: Permissions::RW,
+            attr: MemAttr::WriteBack,
+        };
+        cache.insert(key, Bfn(7));
+        if let Some(e) = cache.by_key.get_mut(&key) {
+            e.refs = u32::MAX.into();
+        }
+        assert_eq!(cache.get_ref(&key), Some(Bfn(7)));
+        assert_eq!(cache.release(ContextId::DEFAULT, Bfn(7)), Some(false));
+        assert_eq!(cache.refs(ContextId::DEFAULT, Bfn(7)), u64::from(u32::MAX));
     }
 }

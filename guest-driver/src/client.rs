@@ -115,7 +115,18 @@ impl<T: Transport> Client<T> {
     /// Run `ops` to completion: split into batches of `max_batch_ops`, each
     /// re-issued from `nr_done` while the hypervisor reports it incomplete.
     pub fn run_ops(&mut self, ops: &mut [PvIommuOp]) -> Result<(), Error> {
+        self.run_ops_settled(ops).1
+    }
+
+    /// [`run_ops`](Self::run_ops), and how many of `ops`, from the first,
+    /// ran: their statuses and outputs are the hypervisor's, also when a
+    /// later batch failed (the ops after them did not run, or, in a call
+    /// that failed, may have). A transport's `nr_done` that goes back,
+    /// passes the batch, or stops short of it in a call that succeeded is
+    /// [`Error::Unexpected`]: a status past it was never written.
+    pub fn run_ops_settled(&mut self, ops: &mut [PvIommuOp]) -> (usize, Result<(), Error>) {
         let max = self.caps.max_batch_ops.max(1) as usize;
+        let mut settled = 0;
         for chunk in ops.chunks_mut(max) {
             let span = info_span!(
                 "pviommu_batch",
@@ -123,30 +134,60 @@ impl<T: Transport> Client<T> {
                 ops = chunk.len()
             );
             let _g = span.enter();
-            let mut done = 0;
-            loop {
-                let call = self.transport.batch(chunk, done);
-                self.absorb_pushed_revocations();
-                let (ret, d) = call?;
-                self.stats.hypercalls += 1;
-                self.stats.ops += (d - done) as u64;
-                debug!(ret, nr_done = d, "batch call returned");
-                if ret == 0 {
-                    break;
-                }
-                if d <= done && ret == pviommu_abi::BATCH_INCOMPLETE {
-                    return Err(Error::Unexpected {
-                        what: "batch made no progress".into(),
-                        value: ret,
-                    });
-                }
-                if ret != pviommu_abi::BATCH_INCOMPLETE {
-                    return Err(Error::from_return("batch", ret));
-                }
-                done = d;
+            let (done, result) = self.run_batch(chunk);
+            settled += done;
+            if result.is_err() {
+                return (settled, result);
             }
         }
-        Ok(())
+        (settled, Ok(()))
+    }
+
+    /// One batch of [`run_ops_settled`](Self::run_ops_settled): how many
+    /// of `chunk` ran, and how the batch ended.
+    fn run_batch(&mut self, chunk: &mut [PvIommuOp]) -> (usize, Result<(), Error>) {
+        let mut done = 0usize;
+        loop {
+            let call = self.transport.batch(chunk, done as u32);
+            self.absorb_pushed_revocations();
+            let (ret, d) = match call {
+                Ok(r) => r,
+                Err(e) => return (done, Err(e)),
+            };
+            let d = d as usize;
+            let complete = ret == 0 && d != chunk.len();
+            if d < done || d > chunk.len() || complete {
+                return (
+                    done,
+                    Err(Error::Unexpected {
+                        what: format!(
+                            "batch of {} ops answered {ret} with nr_done {d} after {done}",
+                            chunk.len()
+                        ),
+                        value: ret,
+                    }),
+                );
+            }
+            self.stats.hypercalls += 1;
+            self.stats.ops += (d - done) as u64;
+            debug!(ret, nr_done = d, "batch call returned");
+            if ret == 0 {
+                return (d, Ok(()));
+            }
+            if ret != pviommu_abi::BATCH_INCOMPLETE {
+                return (d, Err(Error::from_return("batch", ret)));
+            }
+            if d == done {
+                return (
+                    done,
+                    Err(Error::Unexpected {
+                        what: "batch made no progress".into(),
+                        value: ret,
+                    }),
+                );
+            }
+            done = d;
+        }
     }
 
     /// Drop BFNs the transport was told are revoked (the daemon pushes
@@ -229,47 +270,59 @@ impl<T: Transport> Client<T> {
                 .encode(),
             );
         }
-        if let Err(e) = self.run_ops(&mut ops) {
-            // Whole call failed: ops that did complete keep their mapping in
-            // the cache only if they reported success.
-            let msg = e.to_string();
-            for (slot, (_, key)) in results.iter_mut().filter(|r| r.is_none()).zip(&pending) {
-                *slot = Some(Err(Error::Remote(format!(
-                    "map d{} gfn {:#x}: {msg}",
-                    key.domid.0, key.gfn.0
-                ))));
-            }
+        // Ops that ran are settled by their status (a later batch's failure
+        // does not undo them: their BFNs are live and cached); the rest
+        // fail with the call's error.
+        let (settled, call) = self.run_ops_settled(&mut ops);
+        let stopped = call.err().map(|e| e.to_string());
+        #[derive(Clone, Copy)]
+        enum FirstOp {
+            Ran(Result<Bfn, Errno>),
+            DidNotRun,
         }
-        let mut op_iter = ops.iter();
-        let mut first_result: std::collections::HashMap<CacheKey, Result<Bfn, Errno>> =
-            Default::default();
+        let mut next_op = 0usize;
+        let mut first_result: std::collections::HashMap<CacheKey, FirstOp> = Default::default();
         for (i, key) in pending {
             if results[i].is_some() {
                 continue;
             }
             let r = match first_result.get(&key) {
-                Some(Ok(b)) => {
+                Some(FirstOp::Ran(Ok(b))) => {
                     let b = *b;
                     self.cache.get_ref(&key);
-                    Ok(b)
+                    FirstOp::Ran(Ok(b))
                 }
-                Some(Err(e)) => Err(*e),
+                Some(first) => *first,
                 None => {
-                    let op = op_iter.next().copied().unwrap_or_default();
-                    let r = if op.status == 0 {
-                        self.cache.insert(key, Bfn(op.bfn));
-                        Ok(Bfn(op.bfn))
-                    } else {
-                        Err(Errno::from_code(op.status).unwrap_or(Errno::Inval))
+                    let k = next_op;
+                    next_op += 1;
+                    let r = match ops.get(k) {
+                        Some(op) if k < settled && op.status == 0 => {
+                            self.cache.insert(key, Bfn(op.bfn));
+                            FirstOp::Ran(Ok(Bfn(op.bfn)))
+                        }
+                        Some(op) if k < settled => {
+                            FirstOp::Ran(Err(Errno::from_code(op.status).unwrap_or(Errno::Inval)))
+                        }
+                        _ => FirstOp::DidNotRun,
                     };
                     first_result.insert(key, r);
                     r
                 }
             };
-            results[i] = Some(r.map_err(|errno| Error::Hypervisor {
-                what: format!("map d{} gfn {:#x}", key.domid.0, key.gfn.0),
-                errno,
-            }));
+            let what = || format!("map d{} gfn {:#x}", key.domid.0, key.gfn.0);
+            results[i] = Some(match r {
+                FirstOp::Ran(Ok(b)) => Ok(b),
+                FirstOp::Ran(Err(errno)) => Err(Error::Hypervisor {
+                    what: what(),
+                    errno,
+                }),
+                FirstOp::DidNotRun => Err(Error::Remote(format!(
+                    "{}: {}",
+                    what(),
+                    stopped.as_deref().unwrap_or("not run")
+                ))),
+            });
         }
         results
             .into_iter()
@@ -294,18 +347,24 @@ impl<T: Transport> Client<T> {
                 }
             }
         }
-        let call = self.run_ops(&mut ops);
-        for ((i, bfn), op) in sent.into_iter().zip(&ops) {
+        // Unmaps that ran are settled by their status, also when a later
+        // batch failed (reported failed, the caller would unmap them again:
+        // a BFN handed out anew meanwhile would go); the rest fail with the
+        // call's error.
+        let (settled, call) = self.run_ops_settled(&mut ops);
+        for (k, ((i, bfn), op)) in sent.into_iter().zip(&ops).enumerate() {
             results[i] = Some(match &call {
-                Err(e) => Err(Error::Remote(format!("unmap bfn {:#x}: {e}", bfn.0))),
-                Ok(()) if op.status == 0 => Ok(()),
+                Err(e) if k >= settled => {
+                    Err(Error::Remote(format!("unmap bfn {:#x}: {e}", bfn.0)))
+                }
+                _ if op.status == 0 => Ok(()),
                 // Revoked meanwhile: this unmap acknowledged it and the BFN
                 // is released, which is what the caller wanted.
-                Ok(()) if op.status == Errno::Stale.negated() => {
+                _ if op.status == Errno::Stale.negated() => {
                     self.stats.revocations += 1;
                     Ok(())
                 }
-                Ok(()) => Err(Error::Hypervisor {
+                _ => Err(Error::Hypervisor {
                     what: format!("unmap bfn {:#x}", bfn.0),
                     errno: Errno::from_code(op.status).unwrap_or(Errno::Inval),
                 }),
@@ -480,7 +539,7 @@ impl<T: Transport> Client<T> {
                 let acked = acks
                     .iter()
                     .any(|a| (a.context, a.bfn, a.notice) == (ack.context, ack.bfn, ack.notice));
-                let cached_refs = self.cache.refs(context, bfn);
+                let cached_refs = u32::try_from(self.cache.refs(context, bfn)).unwrap_or(u32::MAX);
                 self.cache.forget(context, bfn);
                 self.stats.revocations += 1;
                 let revocation = Revocation {

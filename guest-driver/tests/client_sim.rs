@@ -1010,3 +1010,116 @@ fn devices_attach_to_contexts_and_entries_read_back() {
     );
     c.context_destroy(ctx).unwrap();
 }
+
+/// A transport whose `nr_done` goes back, passes the batch, or stops
+/// short of it in a call that says it succeeded is an error for what it did
+/// not run: before, one going back panicked (an overflow in the op count),
+/// and one stopping short with 0 made every op it never ran "succeed" with
+/// BFN 0, cached (a hostile-input audit of the guest side).
+#[test]
+fn a_batch_whose_nr_done_goes_backwards_passes_or_stops_short_is_an_error() {
+    for (what, answers) in [
+        ("goes back", vec![(1, 3), (1, 1)]),
+        ("passes the batch", vec![(0, 9)]),
+        ("stops short of success", vec![(0, 0)]),
+        ("stops short, then succeeds short", vec![(1, 2), (0, 2)]),
+    ] {
+        let s = sim(30, Config::default());
+        let mut answers = answers.into_iter();
+        let batch = move |inner: &mut InProcess,
+                          ops: &mut [PvIommuOp],
+                          nr_done: u32|
+              -> Result<(i64, u32), pviommu_guest::Error> {
+            // The real batch runs (so what it mapped is there), then the
+            // transport's answer is replaced.
+            inner.batch(ops, nr_done)?;
+            Ok(answers.next().unwrap_or((0, ops.len() as u32)))
+        };
+        let mut c = Client::open(Shim {
+            inner: s.transport(DomId::DOM0),
+            caps: |c| c,
+            batch,
+        })
+        .unwrap();
+        let gfns: Vec<Gfn> = (0..4).map(Gfn).collect();
+        let r = c.map_foreign(
+            GUEST,
+            &gfns,
+            Permissions::RW,
+            MemAttr::WriteBack,
+            ContextId::DEFAULT,
+        );
+        assert!(r.iter().any(Result::is_err), "{what}: {r:?}");
+        for (g, r) in gfns.iter().zip(&r) {
+            if let Ok(b) = r {
+                assert_ne!(b.0, 0, "{what}: gfn {} got a BFN never written", g.0);
+            }
+        }
+        assert!(
+            c.cache().iter().all(|(_, b, _)| b.0 != 0),
+            "{what}: BFN 0 cached"
+        );
+    }
+}
+
+/// A map whose second batch fails keeps what its first batch mapped: the
+/// BFNs are live in the hypervisor, so they are reported and cached. Before,
+/// every page of the call was reported failed and none cached, and the
+/// first batch's BFNs leaked (a hostile-input audit of the guest side).
+#[test]
+fn a_map_failing_in_its_second_batch_keeps_what_the_first_mapped() {
+    let s = sim(30, Config::default());
+    let mut calls = 0;
+    let batch = move |inner: &mut InProcess, ops: &mut [PvIommuOp], nr_done: u32| {
+        calls += 1;
+        if calls == 2 {
+            return Err(pviommu_guest::Error::Remote("the daemon went away".into()));
+        }
+        inner.batch(ops, nr_done)
+    };
+    let mut c = Client::open(Shim {
+        inner: s.transport(DomId::DOM0),
+        caps: |mut c: PvIommuCaps| {
+            c.max_batch_ops = 2;
+            c
+        },
+        batch,
+    })
+    .unwrap();
+    let gfns: Vec<Gfn> = (0..4).map(Gfn).collect();
+    let r = c.map_foreign(
+        GUEST,
+        &gfns,
+        Permissions::RW,
+        MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    );
+    assert!(r[0].is_ok() && r[1].is_ok(), "{r:?}");
+    assert!(r[2].is_err() && r[3].is_err(), "{r:?}");
+    assert_eq!(c.cache().len(), 2);
+    let live = s.lock().1.state().driver(DomId::DOM0).unwrap().live();
+    assert_eq!(live, 2, "the hypervisor holds what the cache holds");
+    // Unmaps the same way: the first batch's are done, reported so.
+    let bfns: Vec<Bfn> = r.iter().flatten().copied().collect();
+    let mut calls = 0;
+    let batch = move |inner: &mut InProcess, ops: &mut [PvIommuOp], nr_done: u32| {
+        calls += 1;
+        if calls == 2 {
+            return Err(pviommu_guest::Error::Remote("the daemon went away".into()));
+        }
+        inner.batch(ops, nr_done)
+    };
+    let mut c2 = Client::open(Shim {
+        inner: s.transport(DomId::DOM0),
+        caps: |mut c: PvIommuCaps| {
+            c.max_batch_ops = 1;
+            c
+        },
+        batch,
+    })
+    .unwrap();
+    let u = c2.unmap(&bfns, ContextId::DEFAULT);
+    assert!(u[0].is_ok() && u[1].is_err(), "{u:?}");
+    let live = s.lock().1.state().driver(DomId::DOM0).unwrap().live();
+    assert_eq!(live, 1, "the first unmap ran");
+}
