@@ -60,6 +60,30 @@ pub struct ClientStats {
     pub revocations: u64,
 }
 
+/// The largest count a client takes from a hypervisor's (or a daemon's)
+/// answers (batch size, contexts, reserved regions): the hypervisor's own
+/// limits are far below it (`max_batch_ops` at most 65 536, 16 contexts,
+/// 128 regions), and a hostile peer's `u32::MAX` must not size a buffer
+/// or a loop.
+pub const MAX_SANE_COUNT: u32 = 1 << 16;
+
+/// Capabilities a client can work with: counts within [`MAX_SANE_COUNT`].
+fn check_caps(caps: &PvIommuCaps) -> Result<(), Error> {
+    for (what, n) in [
+        ("max_batch_ops", caps.max_batch_ops),
+        ("max_contexts", caps.max_contexts),
+        ("nr_reserved_regions", caps.nr_reserved_regions),
+    ] {
+        if n > MAX_SANE_COUNT {
+            return Err(Error::Unexpected {
+                what: format!("capabilities: {what} {n} (at most {MAX_SANE_COUNT})"),
+                value: i64::from(n),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A PV-IOMMU client.
 pub struct Client<T: Transport> {
     transport: T,
@@ -79,6 +103,7 @@ impl<T: Transport> Client<T> {
                 expected: INTERFACE_VERSION,
             });
         }
+        check_caps(&caps)?;
         Ok(Client {
             transport,
             caps,
@@ -96,7 +121,9 @@ impl<T: Transport> Client<T> {
     pub fn refresh_caps(&mut self) -> Result<PvIommuCaps, Error> {
         let caps = self.transport.query_caps();
         self.absorb_pushed_revocations();
-        self.caps = caps?;
+        let caps = caps?;
+        check_caps(&caps)?;
+        self.caps = caps;
         Ok(self.caps)
     }
     /// The transport.
@@ -631,6 +658,17 @@ impl<T: Transport> Client<T> {
             let (regions, total) = self.transport.reserved_regions(out.len() as u32, 64)?;
             self.stats.hypercalls += 1;
             let got = regions.len();
+            // A count past any host's, or more regions than asked for or
+            // than the total, is a peer's lie: no loop or buffer follows it.
+            if total > MAX_SANE_COUNT || got > 64 || out.len() + got > total as usize {
+                return Err(Error::Unexpected {
+                    what: format!(
+                        "reserved regions: {got} more after {} of a total of {total}",
+                        out.len()
+                    ),
+                    value: i64::from(total),
+                });
+            }
             out.extend(regions);
             if out.len() as u32 >= total || got == 0 {
                 return Ok(out);

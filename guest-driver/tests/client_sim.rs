@@ -1123,3 +1123,73 @@ fn a_map_failing_in_its_second_batch_keeps_what_the_first_mapped() {
     let live = s.lock().1.state().driver(DomId::DOM0).unwrap().live();
     assert_eq!(live, 1, "the first unmap ran");
 }
+
+/// A transport (a daemon on the other end of a socket) that claims counts
+/// no host has: the client refuses them with an error naming the count,
+/// instead of sizing a buffer or a loop by them. Before, a daemon claiming
+/// `u32::MAX` regions and answering each request with 64 of them kept the
+/// client asking (and its buffer growing) for 67 M round trips, and caps
+/// with `max_contexts = u32::MAX` made `pviommu list` allocate 4 G queries
+/// (a hostile-input audit of the guest side).
+#[test]
+fn hostile_counts_from_a_transport_are_refused() {
+    struct Regions(InProcess, u32);
+    impl pviommu_guest::transport::Transport for Regions {
+        fn name(&self) -> &'static str {
+            "hostile regions"
+        }
+        fn query_caps(&mut self) -> Result<PvIommuCaps, pviommu_guest::Error> {
+            self.0.query_caps()
+        }
+        fn batch(
+            &mut self,
+            ops: &mut [PvIommuOp],
+            nr_done: u32,
+        ) -> Result<(i64, u32), pviommu_guest::Error> {
+            self.0.batch(ops, nr_done)
+        }
+        fn reserved_regions(
+            &mut self,
+            _start: u32,
+            max: u32,
+        ) -> Result<(Vec<pviommu_abi::PvIommuRegion>, u32), pviommu_guest::Error> {
+            // (Bounded here, so that a client that believes it fails
+            // this test rather than running out of memory.)
+            self.1 += 1;
+            if self.1 > 1000 {
+                return Err(pviommu_guest::Error::Remote(
+                    "the client kept asking".into(),
+                ));
+            }
+            Ok((vec![Default::default(); max as usize], u32::MAX))
+        }
+        fn set_limits(&mut self, domid: DomId, quota: u64) -> Result<(), pviommu_guest::Error> {
+            self.0.set_limits(domid, quota)
+        }
+    }
+    let s = sim(30, Config::default());
+    let mut c = Client::open(Regions(s.transport(DomId::DOM0), 0)).unwrap();
+    let e = c.reserved_regions().unwrap_err().to_string();
+    assert!(e.contains("4294967295"), "{e}");
+
+    for field in ["max_contexts", "max_batch_ops", "nr_reserved_regions"] {
+        let caps = move |mut c: PvIommuCaps| {
+            match field {
+                "max_contexts" => c.max_contexts = u32::MAX,
+                "max_batch_ops" => c.max_batch_ops = u32::MAX,
+                _ => c.nr_reserved_regions = u32::MAX,
+            }
+            c
+        };
+        let shim = Shim {
+            inner: s.transport(DomId::DOM0),
+            caps,
+            batch: |i: &mut InProcess, ops: &mut [PvIommuOp], d: u32| i.batch(ops, d),
+        };
+        let e = Client::open(shim).err().map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|e| e.contains(field)),
+            "{field}: {e:?}"
+        );
+    }
+}
