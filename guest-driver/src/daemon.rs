@@ -691,7 +691,7 @@ fn execute(m: &mut SimMachine, e: &mut Engine, req: Request) -> Response {
             free_frames: m.free_frames() as u64,
             zombie_frames: m.zombie_frames() as u64,
             xen_frames: m.xen_frames() as u64,
-            faults: m.faults.len() as u64,
+            faults: m.faults_total,
             flushes: m.flushes,
         }),
     }

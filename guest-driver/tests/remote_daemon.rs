@@ -165,7 +165,7 @@ fn snapshot(d: &Daemon) -> (u64, usize, usize, usize, usize) {
         m.total_page_refs(),
         m.free_frames(),
         m.xen_frames(),
-        m.faults.len(),
+        m.faults_total as usize,
         mappings,
     )
 }

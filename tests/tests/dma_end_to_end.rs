@@ -242,3 +242,26 @@ fn reserved_regions_and_caps() {
         .iter()
         .any(|r| r.kind == pviommu_abi::region_kind::RMRR));
 }
+
+/// DMA that faults over and over (a device, or a daemon's client asking
+/// for DMA reads in a loop) does not grow the simulator: the newest
+/// `FAULTS_KEPT` faults are kept and the rest counted. Before, every fault
+/// was kept, so a client of the daemon could grow it without bound (a
+/// hostile-input audit of the guest side).
+#[test]
+fn faults_without_end_keep_a_bounded_log() {
+    let (mut m, _e) = machine(Format::Vtd, 16);
+    let n = pviommu_hv::sim::FAULTS_KEPT as u64 + 100;
+    for i in 0..n {
+        let at = (0x20_0000 + i) << 12;
+        assert!(m.dma_read(DomId::DOM0, ContextId::DEFAULT, at, 1).is_err());
+    }
+    assert_eq!(m.faults_total, n);
+    assert_eq!(m.faults.len(), pviommu_hv::sim::FAULTS_KEPT);
+    let newest = m.faults.back().map(|f| f.addr);
+    assert_eq!(
+        newest,
+        Some((0x20_0000 + n - 1) << 12),
+        "the newest is kept"
+    );
+}

@@ -447,6 +447,10 @@ enum DmaRoute {
     Untranslated,
 }
 
+/// DMA faults a [`SimMachine`] keeps (the newest; older ones are counted
+/// in `faults_total` only).
+pub const FAULTS_KEPT: usize = 1024;
+
 /// The simulated host.
 pub struct SimMachine {
     ram: Ram,
@@ -462,8 +466,12 @@ pub struct SimMachine {
     pub preempt_budget: Option<u32>,
     /// IOTLB flushes issued.
     pub flushes: u64,
-    /// DMA faults recorded, in order.
-    pub faults: Vec<DmaFault>,
+    /// The last [`FAULTS_KEPT`] DMA faults, oldest first (a device, or a
+    /// daemon's client asking for DMA in a loop, must not grow the
+    /// simulator without bound).
+    pub faults: VecDeque<DmaFault>,
+    /// DMA faults since the machine was made, kept or not.
+    pub faults_total: u64,
     /// The next this-many IOMMU unmaps fail with ENOMEM, as Xen's do when a
     /// superpage split finds no memory (failure injection).
     pub fail_unmaps: u32,
@@ -531,7 +539,8 @@ impl SimMachine {
             current: DomId::DOM0,
             preempt_budget: None,
             flushes: 0,
-            faults: Vec::new(),
+            faults: VecDeque::new(),
+            faults_total: 0,
             fail_unmaps: 0,
             fail_unmaps_of: None,
             unmaps_of_seen: 0,
@@ -1355,7 +1364,11 @@ impl SimMachine {
             write,
         );
         if let Err(f) = &r {
-            self.faults.push(*f);
+            if self.faults.len() >= FAULTS_KEPT {
+                self.faults.pop_front();
+            }
+            self.faults.push_back(*f);
+            self.faults_total += 1;
         }
         r
     }
