@@ -164,8 +164,8 @@ fn counts_of_build(r: &BuildReport, s: &CShadow) -> CShadowCounts {
         leaves_mapped: r.leaves_mapped,
         leaves_present: s.session.shadow().map_or(0, |x| x.mapped_leaves()),
         tables: r.tables as u64,
-        refused: r.refused.len() as u64,
-        anomalies: r.anomalies.len() as u64,
+        refused: r.refused_total,
+        anomalies: r.anomalies_total,
         ..Default::default()
     }
 }
@@ -177,8 +177,8 @@ fn counts_of_sync(r: &SyncReport, s: &CShadow) -> CShadowCounts {
         leaves_present: s.session.shadow().map_or(0, |x| x.mapped_leaves()),
         tables: s.session.shadow().map_or(0, |x| x.table_count() as u64),
         pages_read: r.pages_read,
-        refused: r.refused.len() as u64,
-        anomalies: r.anomalies.len() as u64,
+        refused: r.refused_total,
+        anomalies: r.anomalies_total,
     }
 }
 

@@ -372,6 +372,13 @@ impl<D: PrivcmdDevice + ?Sized> ForeignMemory<D> {
             }
         }
         let first = key * frames;
+        // A window past the last frame number (a gfn near u64::MAX with a
+        // window size that does not divide 2^64) names no frame a domain
+        // has: refused, as its last gfn would not fit in 64 bits.
+        if first.checked_add(frames - 1).is_none() {
+            cache.stats.errors += 1;
+            return Err(libc::EINVAL);
+        }
         let mut w = match Window::map(&self.device, self.domid, first, frames as usize) {
             Ok(w) => w,
             Err(e) => {
@@ -547,6 +554,27 @@ mod tests {
         assert_eq!(live(&dev), 1);
         drop(m);
         assert_eq!(live(&dev), 0, "dropping the reader unmaps its windows");
+    }
+
+    /// The last gfn with a window size that does not divide 2^64: its
+    /// window would end past u64::MAX. An error, not an overflow (a debug
+    /// build panicked computing the window's gfns; the gfn is the caller's,
+    /// e.g. a shadow root from `pviommu_shadow_build`). A hostile-input
+    /// audit of the guest side.
+    #[test]
+    fn the_last_gfn_with_an_odd_window_is_an_error_not_an_overflow() {
+        let dev = fake(64);
+        let m = ForeignMemory::with_device(dev.clone(), DomId(5), cfg(3, 4));
+        let mut buf = [0u64; 512];
+        assert_eq!(
+            m.read_page(Gfn(u64::MAX), &mut buf),
+            Err(ShadowError::GuestRead {
+                gfn: Gfn(u64::MAX),
+                errno: libc::EINVAL
+            })
+        );
+        assert_eq!(live(&dev), 0, "nothing mapped");
+        m.read_page(Gfn(4), &mut buf).unwrap();
     }
 
     #[test]

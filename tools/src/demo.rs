@@ -79,7 +79,7 @@ pub fn run() -> Result<(), String> {
         report.leaves_mapped,
         client.stats().hypercalls,
         report.tables,
-        report.refused.len()
+        report.refused_total
     );
 
     // 2. The GPU reads every page of every buffer through GMA.

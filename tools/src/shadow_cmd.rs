@@ -336,7 +336,9 @@ fn build_json(r: &BuildReport, domid: DomId, root: Gfn, took: Duration) -> Value
         "tables": r.tables,
         "map_calls": r.map_calls,
         "refused": refused_json(&r.refused),
+        "refused_total": r.refused_total,
         "anomalies": r.anomalies.iter().map(anomaly_json).collect::<Vec<_>>(),
+        "anomalies_total": r.anomalies_total,
         "elapsed_us": took.as_micros() as u64,
     })
 }
@@ -350,7 +352,9 @@ fn sync_json(r: &SyncReport, took: Duration) -> Value {
         "map_calls": r.map_calls,
         "unmap_calls": r.unmap_calls,
         "refused": refused_json(&r.refused),
+        "refused_total": r.refused_total,
         "anomalies": r.anomalies.iter().map(anomaly_json).collect::<Vec<_>>(),
+        "anomalies_total": r.anomalies_total,
         "ignored": r.ignored.iter().map(|g| g.0).collect::<Vec<_>>(),
         "elapsed_us": took.as_micros() as u64,
     })
@@ -374,8 +378,8 @@ fn build_text(r: &BuildReport, domid: DomId, root: Gfn) -> String {
         root.0,
         r.leaves_mapped,
         r.tables,
-        r.refused.len(),
-        r.anomalies.len()
+        r.refused_total,
+        r.anomalies_total
     );
     for l in &r.refused {
         s += &format!(
@@ -386,17 +390,18 @@ fn build_text(r: &BuildReport, domid: DomId, root: Gfn) -> String {
     for a in &r.anomalies {
         s += &format!("\n  anomaly: {a:?}");
     }
+    let unlisted = (r.refused_total + r.anomalies_total)
+        .saturating_sub((r.refused.len() + r.anomalies.len()) as u64);
+    if unlisted > 0 {
+        s += &format!("\n  ({unlisted} more counted, not listed)");
+    }
     s
 }
 
 fn sync_text(r: &SyncReport) -> String {
     format!(
         "sync: {} table pages read, {} entries changed, {} leaves mapped, {} unmapped, {} refused",
-        r.pages_read,
-        r.entries_changed,
-        r.leaves_mapped,
-        r.leaves_unmapped,
-        r.refused.len()
+        r.pages_read, r.entries_changed, r.leaves_mapped, r.leaves_unmapped, r.refused_total
     )
 }
 

@@ -96,7 +96,7 @@ impl ShadowGgtt {
                     for p in t.pages.drain(..) {
                         memory.free_table(p);
                     }
-                    report.anomalies.push(Anomaly::OutOfShadowMemory {
+                    report.note_anomaly(Anomaly::OutOfShadowMemory {
                         gma: Gma(first_entry.saturating_mul(fmt::ENTRY_SPAN)),
                     });
                     break;
@@ -118,7 +118,9 @@ impl ShadowGgtt {
             BuildReport {
                 leaves_mapped: report.leaves_mapped,
                 refused: report.refused,
+                refused_total: report.refused_total,
                 anomalies: report.anomalies,
+                anomalies_total: report.anomalies_total,
                 tables,
                 map_calls: report.map_calls,
             },
@@ -149,7 +151,7 @@ impl ShadowGgtt {
             }
             let rel = index.wrapping_sub(self.first_entry);
             if index < self.first_entry || rel >= self.guest.len() as u64 || self.pages.is_empty() {
-                report.anomalies.push(Anomaly::EntryOutOfRange { index });
+                report.note_anomaly(Anomaly::EntryOutOfRange { index });
                 continue;
             }
             let i = rel as usize;
@@ -202,7 +204,7 @@ impl ShadowGgtt {
             memory.write_entry(self.pages[i / 512], i % 512, 0);
             self.mapped -= 1;
             out.push(RevokedLeaf {
-                gma: Gma((self.first_entry + i as u64) * fmt::ENTRY_SPAN),
+                gma: self.gma_of(i),
                 domid: self.domid,
                 gfn: Gfn((self.guest[i] & fmt::ADDR_MASK) >> 12),
                 bfn,
@@ -238,6 +240,17 @@ impl ShadowGgtt {
     /// mediator to copy into (or point) the real GGTT.
     pub fn pages(&self) -> &[Bfn] {
         &self.pages
+    }
+
+    /// The GMA of shadowed entry `i`, saturated: `first_entry` is the
+    /// caller's, and one near 2^52 or above has no GMA (the product
+    /// overflowed, a panic in a debug build; a hostile-input audit of the
+    /// guest side).
+    fn gma_of(&self, i: usize) -> Gma {
+        Gma(self
+            .first_entry
+            .saturating_add(i as u64)
+            .saturating_mul(fmt::ENTRY_SPAN))
     }
 
     /// First shadowed entry index.
@@ -325,8 +338,8 @@ impl ShadowGgtt {
                 Some(Err(err)) => err.errno,
                 None => ERRNO_MAPPER_SHORT,
             };
-            report.refused.push(RefusedLeaf {
-                gma: Gma((self.first_entry + i as u64) * fmt::ENTRY_SPAN),
+            report.note_refused(RefusedLeaf {
+                gma: self.gma_of(i),
                 gfn: Gfn((e & fmt::ADDR_MASK) >> 12),
                 errno,
             });

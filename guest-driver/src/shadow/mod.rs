@@ -37,7 +37,7 @@ pub use gpu_walker::{gpu_translate, gpu_translate_ggtt, gpu_walk};
 pub use heap_memory::HeapShadowMemory;
 pub use ppgtt::ShadowPpgtt;
 pub use pviommu_abi::{Bfn, DomId, Gfn};
-pub use report::{Anomaly, BuildReport, RefusedLeaf, RevokedLeaf, SyncReport};
+pub use report::{Anomaly, BuildReport, RefusedLeaf, RevokedLeaf, SyncReport, REPORT_KEPT};
 pub use session::{RevocationReport, SessionError, ShadowSession};
 #[doc(hidden)]
 pub use table_pages::TablePages;

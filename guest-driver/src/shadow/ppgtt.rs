@@ -227,7 +227,9 @@ impl ShadowPpgtt {
         let report = BuildReport {
             leaves_mapped: t.mapped_leaves,
             refused: r.refused,
+            refused_total: r.refused_total,
             anomalies: r.anomalies,
+            anomalies_total: r.anomalies_total,
             tables: t.live_slots,
             map_calls: r.map_calls,
         };
@@ -431,7 +433,7 @@ impl ShadowPpgtt {
 
     /// Record an anomaly.
     pub(super) fn note(out: &mut Outcome, a: Anomaly) {
-        out.report.anomalies.push(a);
+        out.report.note_anomaly(a);
     }
 
     /// Read guest table `gfn` into slot `slot`'s snapshot (zeroes on error).

@@ -830,7 +830,7 @@ impl ShadowPpgtt {
         if scattered {
             self.release_replaced(env, &maps);
         }
-        let refused = &mut env.out.report.refused;
+        let report = &mut env.out.report;
         // Leaves are queued a table at a time: settle each run of one slot
         // with one look-up of the slot, its snapshot and its shadow table.
         for run in maps.chunk_by(|a, b| a.slot == b.slot && a.gen == b.gen) {
@@ -862,7 +862,7 @@ impl ShadowPpgtt {
                     None => ERRNO_MAPPER_SHORT,
                 };
                 if valid {
-                    refused.push(RefusedLeaf {
+                    report.note_refused(RefusedLeaf {
                         gma: Gma(base + (idx as u64) * Level::Pt.entry_span()),
                         gfn: Gfn((p.entry & fmt::ADDR_MASK) >> 12),
                         errno,

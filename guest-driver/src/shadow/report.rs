@@ -54,15 +54,27 @@ pub enum Anomaly {
     },
 }
 
+/// Records a report keeps of each kind (refused leaves, anomalies): the
+/// first ones; the rest are only counted (`refused_total`,
+/// `anomalies_total`). A guest's tables decide how many there are: 1 GiB
+/// pages outside its RAM under one table page made 33 M refused leaves
+/// within the table budget (about 800 MB of records, several GB as the
+/// tool's JSON).
+pub const REPORT_KEPT: usize = 4096;
+
 /// Result of a full build.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BuildReport {
     /// Leaves now present in the shadow.
     pub leaves_mapped: u64,
-    /// Leaves the mapper refused.
+    /// Leaves the mapper refused (the first [`REPORT_KEPT`]).
     pub refused: Vec<RefusedLeaf>,
-    /// Problems with the guest tables.
+    /// Leaves the mapper refused, kept or not.
+    pub refused_total: u64,
+    /// Problems with the guest tables (the first [`REPORT_KEPT`]).
     pub anomalies: Vec<Anomaly>,
+    /// Problems with the guest tables, kept or not.
+    pub anomalies_total: u64,
     /// Shadow table pages in use.
     pub tables: usize,
     /// Number of `FrameMapper::map` calls made.
@@ -80,16 +92,39 @@ pub struct SyncReport {
     pub leaves_mapped: u64,
     /// Leaves removed (BFN released).
     pub leaves_unmapped: u64,
-    /// Leaves the mapper refused.
+    /// Leaves the mapper refused (the first [`REPORT_KEPT`]).
     pub refused: Vec<RefusedLeaf>,
-    /// Problems with the guest tables.
+    /// Leaves the mapper refused, kept or not.
+    pub refused_total: u64,
+    /// Problems with the guest tables (the first [`REPORT_KEPT`]).
     pub anomalies: Vec<Anomaly>,
+    /// Problems with the guest tables, kept or not.
+    pub anomalies_total: u64,
     /// Frames in `changed_table_gfns` that are not shadowed tables (ignored).
     pub ignored: Vec<Gfn>,
     /// Number of `FrameMapper::map` calls made.
     pub map_calls: u64,
     /// Number of `FrameMapper::unmap` calls made.
     pub unmap_calls: u64,
+}
+
+impl SyncReport {
+    /// A leaf the mapper refused: counted, and kept among the first
+    /// [`REPORT_KEPT`].
+    pub(crate) fn note_refused(&mut self, leaf: RefusedLeaf) {
+        self.refused_total += 1;
+        if self.refused.len() < REPORT_KEPT {
+            self.refused.push(leaf);
+        }
+    }
+    /// A problem with the guest tables: counted, and kept among the first
+    /// [`REPORT_KEPT`].
+    pub(crate) fn note_anomaly(&mut self, anomaly: Anomaly) {
+        self.anomalies_total += 1;
+        if self.anomalies.len() < REPORT_KEPT {
+            self.anomalies.push(anomaly);
+        }
+    }
 }
 
 /// A shadow leaf made non-present because the hypervisor revoked its BFN

@@ -136,3 +136,22 @@ fn ggtt_revocation_clears_every_entry_of_the_bfn_and_only_those() {
     // Teardown unmaps what is present, not the revoked BFN.
     assert_eq!(s.teardown(&mut m, &mut mem), before - 1);
 }
+
+/// A first entry past any GMA (the caller's) with a leaf the mapper
+/// refuses: the refusal's GMA saturates instead of overflowing (a debug
+/// build panicked; a hostile-input audit of the guest side).
+#[test]
+fn a_first_entry_past_any_gma_saturates_its_report() {
+    let mut m = FakeMapper::refusing(&[(0x8001, 13)]);
+    let mut mem = HeapShadowMemory::new();
+    let (s, rep) = ShadowGgtt::build(
+        &mut m,
+        &mut mem,
+        DOM,
+        1 << 52,
+        &[(0x8001 << 12) | fmt::PRESENT],
+    );
+    assert_eq!(rep.refused.len(), 1);
+    assert_eq!(rep.refused[0].gma, Gma(u64::MAX));
+    s.teardown(&mut m, &mut mem);
+}

@@ -246,3 +246,24 @@ fn unreadable_table_and_misbehaving_mapper() {
     );
     assert_eq!(s.mapped_leaves(), 0);
 }
+
+/// A guest whose 1 GiB page the mapper refuses whole: every refusal is
+/// counted, the first `REPORT_KEPT` are listed. Before, each was kept, so
+/// 1 GiB pages outside the guest's RAM under one table page (128 of them
+/// within the table budget) made 33 M records (a hostile-input audit of
+/// the guest side).
+#[test]
+fn refusals_of_a_1gib_page_are_counted_and_the_first_kept() {
+    let mut g = FakeGuest::default();
+    g.set(ROOT, 0, (0x20 << 12) | fmt::PRESENT | fmt::RW);
+    g.set(Gfn(0x20), 2, 0x4000_0000 | fmt::PRESENT | fmt::PS);
+    let mut m = FakeMapper::default();
+    m.refuse = (0x40000..0x40000 + 262144).map(|g| (Gfn(g), 14)).collect();
+    let mut mem = HeapShadowMemory::new();
+    let (s, rep) = ShadowPpgtt::build(&g, &mut m, &mut mem, DOM, ROOT);
+    assert_eq!(rep.leaves_mapped, 0);
+    assert_eq!(rep.refused_total, 262144);
+    assert_eq!(rep.refused.len(), crate::shadow::REPORT_KEPT);
+    assert_eq!(rep.refused[0].gma, Gma(0x8000_0000), "the first are kept");
+    s.teardown(&mut m, &mut mem);
+}
