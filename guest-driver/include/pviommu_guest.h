@@ -201,6 +201,8 @@ pviommu_shadow *pviommu_shadow_open_xen(uint16_t domid);
 pviommu_shadow *pviommu_shadow_open_sim(uint64_t guest_pages);
 /* Tears the shadow down (BFNs unmapped) and frees the handle. */
 void pviommu_shadow_close(pviommu_shadow *s);
+/* Why the handle's last call failed; with NULL, why the last open on this
+ * thread failed. */
 const char *pviommu_shadow_last_error(const pviommu_shadow *s);
 
 /* Build from the guest's PML4 frame; -EBUSY if built, the reader's -errno

@@ -96,6 +96,18 @@ fn new_handle(
     }
 }
 
+/// A handle for C, or NULL with the reason as this thread's last error
+/// (`pviommu_shadow_last_error(NULL)`).
+fn opened(h: Result<CShadow, crate::Error>) -> *mut CShadow {
+    match h {
+        Ok(h) => Box::into_raw(Box::new(h)),
+        Err(e) => {
+            crate::capi::set_last_error(&format!("shadow open: {e}"));
+            std::ptr::null_mut()
+        }
+    }
+}
+
 /// A shadow of `domid`'s PPGTT on Xen: hypercalls and guest memory through
 /// `/dev/xen/privcmd`. NULL on failure (no Xen, no privilege).
 #[no_mangle]
@@ -105,7 +117,7 @@ pub extern "C" fn pviommu_shadow_open_xen(domid: u16) -> *mut CShadow {
         let reader = crate::guest_memory::ForeignMemory::open(DomId(domid))?;
         Ok(new_handle(Client::open(t)?, Box::new(reader), DomId(domid)))
     };
-    open().map_or(std::ptr::null_mut(), |h| Box::into_raw(Box::new(h)))
+    opened(open())
 }
 
 /// A shadow on an embedded simulated machine with dom0 and one zeroed guest
@@ -136,7 +148,7 @@ pub extern "C" fn pviommu_shadow_open_sim(guest_pages: u64) -> *mut CShadow {
         h.sim = Some(sim);
         Ok(h)
     };
-    open().map_or(std::ptr::null_mut(), |h| Box::into_raw(Box::new(h)))
+    opened(open())
 }
 
 /// Tear the shadow down (its BFNs unmapped) and free the handle. NULL is
@@ -155,7 +167,9 @@ pub extern "C" fn pviommu_shadow_last_error(s: *const CShadow) -> *const c_char 
     // SAFETY: `s` is NULL or a live handle.
     match unsafe { s.as_ref() } {
         Some(s) => s.last_error.as_ptr(),
-        None => c"no shadow".as_ptr(),
+        // Why the last open on this thread failed (its slot lives until
+        // the thread's next failure).
+        None => crate::capi::pviommu_last_error(std::ptr::null()),
     }
 }
 

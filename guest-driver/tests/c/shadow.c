@@ -23,6 +23,14 @@ int main(void)
     char buf[16];
     unsigned i;
     CHECK(s != NULL);
+    /* An open that fails (no Xen here) says why. */
+    {
+        pviommu_shadow *x = pviommu_shadow_open_xen(5);
+        if (x == NULL)
+            CHECK(strstr(pviommu_shadow_last_error(NULL), "shadow open") != NULL);
+        else
+            pviommu_shadow_close(x);
+    }
     /* an all-zero root is a valid, empty PPGTT */
     CHECK(pviommu_shadow_build(s, 0x10, &c) == 0 && c.leaves_mapped == 0 && c.tables == 1);
     pviommu_shadow_close(s);
