@@ -335,8 +335,9 @@ static void __init pvx_build_regions(void)
     pvx_ram_end = max_t(uint64_t, max_page, PFN_UP(mem_hotplug));
 
     /*
-     * The IOMMU driver knows how many address bits a context translates;
-     * 39 (3-level VT-d, the narrowest common width) when it does not say.
+     * The IOMMU driver knows how many address bits a context translates
+     * (VT-d and AMD-Vi say, patch 0003); 39 (3-level VT-d, the narrowest
+     * common width) for a driver that does not.
      */
     pvx_addr_bits = 39;
     if ( iommu_enabled && iommu_get_ops()->pviommu_address_bits )
@@ -464,8 +465,15 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn,
 
     if ( !d )
         return -ESRCH;
-    /* iommu_map() would succeed without mapping anything. */
-    if ( pvx_translation(d) != PVIOMMU_TRANSLATES )
+    /*
+     * iommu_map() would succeed without mapping anything; or, past the
+     * width the driver built the domain's tables for, fail in a way the
+     * driver may answer with domain_crash() (AMD-Vi: no PDE for the DFN).
+     * The engine's window already ends below 2^pvx_addr_bits.
+     */
+    if ( pvx_translation(d) != PVIOMMU_TRANSLATES ||
+         pvx_addr_bits < PAGE_SHIFT || pvx_addr_bits - PAGE_SHIFT >= 64 ||
+         (bfn >> (pvx_addr_bits - PAGE_SHIFT)) != 0 )
     {
         rcu_unlock_domain(d);
         return -EADDRNOTAVAIL;

@@ -93,6 +93,8 @@ fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), TestCaseError>
     let st = e.state();
     let reserved = e.window().reserved.clone();
     let mut held_refs = 0u64;
+    // No IOMMU map past the width the driver built the tables for.
+    prop_assert_eq!(m.maps_past_width, 0);
     for dd in st.drivers() {
         let owner = dd.domid();
         // The page index never lost a live mapping.

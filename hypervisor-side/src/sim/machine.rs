@@ -472,6 +472,10 @@ pub struct SimMachine {
     pub faults: VecDeque<DmaFault>,
     /// DMA faults since the machine was made, kept or not.
     pub faults_total: u64,
+    /// IOMMU maps asked for past the address width (see
+    /// [`set_address_bits`](Self::set_address_bits)): a domain crash on
+    /// Xen's AMD-Vi. The engine must never make one.
+    pub maps_past_width: u64,
     /// The next this-many IOMMU unmaps fail with ENOMEM, as Xen's do when a
     /// superpage split finds no memory (failure injection).
     pub fail_unmaps: u32,
@@ -541,6 +545,7 @@ impl SimMachine {
             flushes: 0,
             faults: VecDeque::new(),
             faults_total: 0,
+            maps_past_width: 0,
             fail_unmaps: 0,
             fail_unmaps_of: None,
             unmaps_of_seen: 0,
@@ -635,6 +640,15 @@ impl SimMachine {
     /// as a host out of memory would.
     pub fn fail_table_allocs(&mut self, n: Option<u64>) {
         self.ram.table_allocs_left = n;
+    }
+
+    /// The DMA address width the host's IOMMU driver reports for a
+    /// domain's own context (a boot fact: set it before the engine starts).
+    /// Xen's AMD-Vi driver gives a PV domain's tables only the levels its
+    /// host's frames need (30 bits on a host of 1 GiB), VT-d its units'
+    /// width. A map past it is refused and counted in `maps_past_width`.
+    pub fn set_address_bits(&mut self, bits: u32) {
+        self.address_bits = bits;
     }
 
     /// Set the IOMMU-mode fact Xen would report for `domid` (a
@@ -1675,6 +1689,14 @@ impl IommuBackend for SimMachine {
         gather: &mut FlushGather,
     ) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
+        // Past the width the driver built the tables for: Xen's AMD-Vi
+        // driver finds no table level and crashes the domain (the host,
+        // for the hardware domain). Counted, so tests can require none.
+        let width = self.address_bits.saturating_sub(12);
+        if width < 64 && bfn.0 >> width != 0 {
+            self.maps_past_width += 1;
+            return Err(Errno::Inval);
+        }
         let (c, ram) = self.context_mut_or_create(owner, ctx)?;
         // Xen's own tables: its VT-d code writes back each entry it stores.
         let mut mem = WriteThrough(ram);
