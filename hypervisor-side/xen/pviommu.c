@@ -174,12 +174,16 @@ static int __init cf_check pvx_rdm_region(xen_pfn_t start, xen_ulong_t nr,
  * and never reach the IOMMU. (32-bit ones lie in the hole below 4 GiB,
  * reserved as a whole.)
  */
+/* PCI class of a host bridge (drivers/passthrough/pci.c keeps it private). */
+#define PVX_CLASS_BRIDGE_HOST 0x0600
+
 static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
 {
     const pci_sbdf_t sbdf = pdev->sbdf;
     uint8_t type = pci_conf_read8(sbdf, PCI_HEADER_TYPE) & 0x7f;
     unsigned int i, nbars, pos;
     uint16_t cmd;
+    bool sized, has64;
 
     /*
      * Xen's own devices (serial console, debug port): sizing a BAR would
@@ -228,6 +232,43 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
     else
         return 0;
 
+    /*
+     * Xen's quirks list devices whose BAR registers are not BARs (a CSR at
+     * the offset, or junk: apply_quirks()); vPCI leaves them alone too.
+     */
+    if ( pdev->ignore_bars )
+        return 0;
+
+    /*
+     * Memory decode goes off only to size a 64-bit memory BAR (the window
+     * is above 4 GiB: 32-bit BARs are below its floor), and never on a host
+     * bridge (Linux's mmio_always_on: it may decode more than its BARs).
+     * A host bridge's BARs are taken from their addresses as a bridge's
+     * are (aligned to their size: [addr, addr + lowest set bit) covers it).
+     */
+    sized = pci_conf_read16(sbdf, PCI_CLASS_DEVICE) != PVX_CLASS_BRIDGE_HOST;
+    for ( i = 0, has64 = false; i < nbars; i++ )
+    {
+        uint32_t bar = pci_conf_read32(sbdf, PCI_BASE_ADDRESS_0 + i * 4);
+
+        if ( (bar & (PCI_BASE_ADDRESS_SPACE | PCI_BASE_ADDRESS_MEM_TYPE_MASK)) !=
+             PCI_BASE_ADDRESS_MEM_TYPE_64 )
+            continue;
+        has64 = true;
+        if ( !sized && i + 1 < nbars )
+        {
+            uint64_t addr = (bar & PCI_BASE_ADDRESS_MEM_MASK) |
+                            ((uint64_t)pci_conf_read32(
+                                 sbdf, PCI_BASE_ADDRESS_0 + (i + 1) * 4) << 32);
+
+            if ( addr )
+                pvx_add_range(addr, addr & -addr, PVIOMMU_REGION_MMIO);
+        }
+        i++; /* the upper half */
+    }
+    if ( !has64 || !sized )
+        goto vf_bars;
+
     /* Size with memory decode off, as vPCI does, then restore it. */
     cmd = pci_conf_read16(sbdf, PCI_COMMAND);
     if ( cmd & PCI_COMMAND_MEMORY )
@@ -254,6 +295,7 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
     if ( cmd & PCI_COMMAND_MEMORY )
         pci_conf_write16(sbdf, PCI_COMMAND, cmd);
 
+ vf_bars:
     /*
      * VF BARs, by the sizes pci_add_device() reads into vf_rlen. That runs
      * when dom0 reports the device (PHYSDEVOP_pci_device_add), after this
