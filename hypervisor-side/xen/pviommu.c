@@ -138,10 +138,14 @@ int pviommu_vram_revoke(struct domain *d, unsigned long first,
                  sizeof(struct pviommu_range_sweep));
 
     /*
-     * Nothing of d mapped or being mapped: nothing to move out of the
-     * hook. (Only a saving: the hook itself stays the rule.)
+     * No shortcut here for a domain nothing maps (the gfn hooks' one): the
+     * engine returns at once then, and a sweep left from an abandoned
+     * continuation goes with that call. Skipping the engine kept such a
+     * sweep, and the next call for the same range resumed past cells that
+     * had gained writable mappings meanwhile (left to the in-lock hook;
+     * a review, 2026-12-03). The simulator calls the engine the same way.
      */
-    if ( !pviommu_ready || !pviommu_domain_in_use(d) )
+    if ( !pviommu_ready )
         return 0;
 
     /* Another vCPU of the device model is at it: come back (dm_op). */
