@@ -142,16 +142,17 @@ impl<T: Transport> Client<T> {
     /// Run `ops` to completion: split into batches of `max_batch_ops`, each
     /// re-issued from `nr_done` while the hypervisor reports it incomplete.
     pub fn run_ops(&mut self, ops: &mut [PvIommuOp]) -> Result<(), Error> {
-        self.run_ops_settled(ops).1
+        self.run_ops_settled(ops).2
     }
 
-    /// [`run_ops`](Self::run_ops), and how many of `ops`, from the first,
-    /// ran: their statuses and outputs are the hypervisor's, also when a
-    /// later batch failed (the ops after them did not run, or, in a call
-    /// that failed, may have). A transport's `nr_done` that goes back,
-    /// passes the batch, or stops short of it in a call that succeeded is
+    /// [`run_ops`](Self::run_ops), and how far it got: the first `.0` of
+    /// `ops` ran (their statuses and outputs are the hypervisor's, also
+    /// when a later batch failed); on an error, those from `.0` up to `.1`
+    /// were in the call that failed and may have run, and those from `.1`
+    /// on did not. A transport's `nr_done` that goes back, passes the
+    /// batch, or stops short of it in a call that succeeded is
     /// [`Error::Unexpected`]: a status past it was never written.
-    pub fn run_ops_settled(&mut self, ops: &mut [PvIommuOp]) -> (usize, Result<(), Error>) {
+    pub fn run_ops_settled(&mut self, ops: &mut [PvIommuOp]) -> (usize, usize, Result<(), Error>) {
         let max = self.caps.max_batch_ops.max(1) as usize;
         let mut settled = 0;
         for chunk in ops.chunks_mut(max) {
@@ -161,13 +162,14 @@ impl<T: Transport> Client<T> {
                 ops = chunk.len()
             );
             let _g = span.enter();
+            let len = chunk.len();
             let (done, result) = self.run_batch(chunk);
-            settled += done;
             if result.is_err() {
-                return (settled, result);
+                return (settled + done, settled + len, result);
             }
+            settled += done;
         }
-        (settled, Ok(()))
+        (settled, settled, Ok(()))
     }
 
     /// One batch of [`run_ops_settled`](Self::run_ops_settled): how many
@@ -300,7 +302,7 @@ impl<T: Transport> Client<T> {
         // Ops that ran are settled by their status (a later batch's failure
         // does not undo them: their BFNs are live and cached); the rest
         // fail with the call's error.
-        let (settled, call) = self.run_ops_settled(&mut ops);
+        let (settled, _, call) = self.run_ops_settled(&mut ops);
         let stopped = call.err().map(|e| e.to_string());
         #[derive(Clone, Copy)]
         enum FirstOp {
@@ -364,12 +366,13 @@ impl<T: Transport> Client<T> {
         let mut ops = Vec::new();
         let mut sent = Vec::new();
         for (i, bfn) in bfns.iter().enumerate() {
+            let key = self.cache.key_of(context, *bfn);
             match self.cache.release(context, *bfn) {
                 Some(false) => results.push(Some(Ok(()))),
                 // The last cached reference, or a BFN the cache never saw.
                 Some(true) | None => {
                     results.push(None);
-                    sent.push((i, *bfn));
+                    sent.push((i, *bfn, key));
                     ops.push(Request::Unmap { context, bfn: *bfn }.encode());
                 }
             }
@@ -378,10 +381,16 @@ impl<T: Transport> Client<T> {
         // batch failed (reported failed, the caller would unmap them again:
         // a BFN handed out anew meanwhile would go); the rest fail with the
         // call's error.
-        let (settled, call) = self.run_ops_settled(&mut ops);
-        for (k, ((i, bfn), op)) in sent.into_iter().zip(&ops).enumerate() {
+        let (settled, tried, call) = self.run_ops_settled(&mut ops);
+        for (k, ((i, bfn, key), op)) in sent.into_iter().zip(&ops).enumerate() {
             results[i] = Some(match &call {
                 Err(e) if k >= settled => {
+                    // Never sent: the mapping is still there, and cached
+                    // again (state as before the call). One that may have
+                    // run is left out of the cache: its BFN may be gone.
+                    if let Some(key) = key.filter(|_| k >= tried) {
+                        self.cache.insert(key, bfn);
+                    }
                     Err(Error::Remote(format!("unmap bfn {:#x}: {e}", bfn.0)))
                 }
                 _ if op.status == 0 => Ok(()),

@@ -1193,3 +1193,61 @@ fn hostile_counts_from_a_transport_are_refused() {
         );
     }
 }
+
+/// An unmap call whose second batch fails: the first batch's unmap is done
+/// (reported so), the failing batch's is an error and left out of the
+/// cache (it may have run), and one never sent is an error and cached
+/// again, its mapping untouched: state as before for what did not run.
+#[test]
+fn an_unmap_never_sent_is_cached_again() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    let s = sim(30, Config::default());
+    let calls = Arc::new(AtomicU32::new(0));
+    let fail_at = Arc::new(AtomicU32::new(u32::MAX));
+    let (c_calls, c_fail) = (calls.clone(), fail_at.clone());
+    let batch = move |inner: &mut InProcess, ops: &mut [PvIommuOp], nr_done: u32| {
+        let n = c_calls.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == c_fail.load(Ordering::SeqCst) {
+            return Err(pviommu_guest::Error::Remote("the daemon went away".into()));
+        }
+        inner.batch(ops, nr_done)
+    };
+    let mut c = Client::open(Shim {
+        inner: s.transport(DomId::DOM0),
+        caps: |mut c: PvIommuCaps| {
+            c.max_batch_ops = 1;
+            c
+        },
+        batch,
+    })
+    .unwrap();
+    let gfns: Vec<Gfn> = (0..3).map(Gfn).collect();
+    let bfns: Vec<Bfn> = c
+        .map_foreign(
+            GUEST,
+            &gfns,
+            Permissions::RW,
+            MemAttr::WriteBack,
+            ContextId::DEFAULT,
+        )
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    fail_at.store(calls.load(Ordering::SeqCst) + 2, Ordering::SeqCst);
+    let u = c.unmap(&bfns, ContextId::DEFAULT);
+    assert!(u[0].is_ok() && u[1].is_err() && u[2].is_err(), "{u:?}");
+    assert_eq!(c.cache().refs(ContextId::DEFAULT, bfns[0]), 0, "unmapped");
+    assert_eq!(
+        c.cache().refs(ContextId::DEFAULT, bfns[1]),
+        0,
+        "may have run"
+    );
+    assert_eq!(c.cache().refs(ContextId::DEFAULT, bfns[2]), 1, "never sent");
+    let live = s.lock().1.state().driver(DomId::DOM0).unwrap().live();
+    assert_eq!(live, 2);
+    // The cached one unmaps as usual.
+    fail_at.store(u32::MAX, Ordering::SeqCst);
+    assert!(c.unmap(&bfns[2..], ContextId::DEFAULT)[0].is_ok());
+    assert_eq!(s.lock().1.state().driver(DomId::DOM0).unwrap().live(), 1);
+}
