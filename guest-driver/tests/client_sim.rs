@@ -1251,3 +1251,47 @@ fn an_unmap_never_sent_is_cached_again() {
     assert!(c.unmap(&bfns[2..], ContextId::DEFAULT)[0].is_ok());
     assert_eq!(s.lock().1.state().driver(DomId::DOM0).unwrap().live(), 1);
 }
+
+/// A call that fails part way (the hypervisor's `EFAULT` on op 2, with
+/// `nr_done` 2): the two ops before it ran, and are settled by their
+/// status, cached and reported mapped. Before, the transports dropped
+/// `nr_done` with a negative return, so the two BFNs were live in the
+/// hypervisor, reported failed and never cached (a review of the
+/// hostile-input fixes).
+#[test]
+fn ops_before_a_fault_part_way_through_a_call_are_settled() {
+    let s = sim(30, Config::default());
+    let batch = |inner: &mut InProcess,
+                 ops: &mut [PvIommuOp],
+                 nr_done: u32|
+     -> Result<(i64, u32), pviommu_guest::Error> {
+        let (_, d) = inner.batch(&mut ops[..2], nr_done)?;
+        Ok((Errno::Fault.negated().into(), d))
+    };
+    let mut c = Client::open(Shim {
+        inner: s.transport(DomId::DOM0),
+        caps: |c| c,
+        batch,
+    })
+    .unwrap();
+    let gfns: Vec<Gfn> = (0..4).map(Gfn).collect();
+    let r = c.map_foreign(
+        GUEST,
+        &gfns,
+        Permissions::RW,
+        MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    );
+    assert!(r[0].is_ok() && r[1].is_ok(), "{r:?}");
+    assert!(r[2].is_err() && r[3].is_err(), "{r:?}");
+    assert_eq!(c.cache().len(), 2);
+    assert_eq!(s.lock().1.state().driver(DomId::DOM0).unwrap().live(), 2);
+    // The transports hand a negative return back with the call's nr_done
+    // (here an nr_done past the batch: refused, nothing ran).
+    let mut t = s.transport(DomId::DOM0);
+    let mut ops = vec![PvIommuOp::default(); 2];
+    assert_eq!(
+        t.batch(&mut ops, 5).unwrap(),
+        (Errno::Inval.negated().into(), 5)
+    );
+}

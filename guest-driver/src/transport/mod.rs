@@ -27,9 +27,10 @@ pub trait Transport: Send {
 
     /// One `PVIOMMU_CMD_batch` call over `ops`, starting at `nr_done`.
     /// The ops come back with their statuses and outputs. Returns the
-    /// hypercall's return value (0, or 1 = incomplete: call again from the
-    /// returned `nr_done`) and the new `nr_done`. A negative return value is
-    /// reported as [`Error::Hypervisor`].
+    /// hypercall's return value (0; 1 = incomplete: call again from the
+    /// returned `nr_done`; or the hypervisor's -errno) and the new
+    /// `nr_done`: the ops before it ran, also in a call that failed (an
+    /// `EFAULT` part way). `Err` is for the transport's own failures.
     fn batch(&mut self, ops: &mut [PvIommuOp], nr_done: u32) -> Result<(i64, u32), Error>;
 
     /// `PVIOMMU_CMD_reserved_regions` from index `start`, at most `max`

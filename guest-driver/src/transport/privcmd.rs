@@ -226,9 +226,8 @@ impl Transport for Privcmd {
             .copy_from_slice(&b[OPS_OFFSET..OPS_OFFSET + ops_bytes]);
         let (out, _) = PvIommuBatch::read_from_prefix(b)
             .map_err(|_| Error::InvalidArgument("header".into()))?;
-        if ret < 0 {
-            return Err(Error::from_return("batch", ret));
-        }
+        // A negative return comes back as it is, with the header's nr_done
+        // (the ops before it ran: the caller settles them).
         Ok((ret, out.nr_done))
     }
 

@@ -675,9 +675,6 @@ impl Transport for Remote {
                 ops: out,
             } if out.len() == ops.len() => {
                 ops.copy_from_slice(&out);
-                if ret < 0 {
-                    return Err(Error::from_return("batch", ret));
-                }
                 Ok((ret, nr_done))
             }
             Response::Batch { ops: out, .. } => Err(remote_err(format!(
