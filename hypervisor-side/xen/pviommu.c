@@ -196,6 +196,13 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
     if ( pdev->domain == dom_xen )
         return 0;
 
+    /*
+     * Xen's quirks list devices whose BAR registers are not BARs (a CSR at
+     * the offset, or junk: apply_quirks()); vPCI leaves them alone too.
+     */
+    if ( pdev->ignore_bars )
+        return 0;
+
     if ( type == PCI_HEADER_TYPE_BRIDGE )
     {
         uint16_t base = pci_conf_read16(sbdf, PCI_PREF_MEMORY_BASE);
@@ -237,13 +244,6 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
         return 0;
 
     /*
-     * Xen's quirks list devices whose BAR registers are not BARs (a CSR at
-     * the offset, or junk: apply_quirks()); vPCI leaves them alone too.
-     */
-    if ( pdev->ignore_bars )
-        return 0;
-
-    /*
      * Memory decode goes off only to size a 64-bit memory BAR (the window
      * is above 4 GiB: 32-bit BARs are below its floor), and never on a host
      * bridge (Linux's mmio_always_on: it may decode more than its BARs).
@@ -258,8 +258,16 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
         if ( (bar & (PCI_BASE_ADDRESS_SPACE | PCI_BASE_ADDRESS_MEM_TYPE_MASK)) !=
              PCI_BASE_ADDRESS_MEM_TYPE_64 )
             continue;
+        /*
+         * A 64-bit BAR needs the next register for its upper half: one in
+         * the last slot is malformed, and pci_size_mem_bar() would write
+         * ~0 into it before refusing it (PCI_BAR_LAST) and never restore
+         * it. It is neither sized nor counted.
+         */
+        if ( i + 1 >= nbars )
+            break;
         has64 = true;
-        if ( !sized && i + 1 < nbars )
+        if ( !sized )
         {
             uint64_t addr = (bar & PCI_BASE_ADDRESS_MEM_MASK) |
                             ((uint64_t)pci_conf_read32(
@@ -291,8 +299,10 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
             i++;
             continue;
         }
-        i += pci_size_mem_bar(sbdf, reg, &addr, &size,
-                              i == nbars - 1 ? PCI_BAR_LAST : 0);
+        if ( i + 1 >= nbars )
+            break; /* malformed (above): never written */
+        addr = size = 0;
+        i += pci_size_mem_bar(sbdf, reg, &addr, &size, 0);
         pvx_add_range(addr, size, PVIOMMU_REGION_MMIO);
     }
 
