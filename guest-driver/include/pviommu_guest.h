@@ -56,6 +56,10 @@ const char *pviommu_last_error(const pviommu_client *c);
  * error" for anything the library never returns. Static. */
 const char *pviommu_strerror(int err);
 
+/* Arrays and out-pointers: NULL or misaligned gives -EINVAL (the reason in
+ * pviommu_last_error), except an array of n == 0 elements, which may be
+ * NULL. */
+
 /* Map n gfns of domid into context 0. flags: PVIOMMU_F_READ/WRITE and an
  * attribute (pviommu.h); any other bit, PVIOMMU_F_GRANT included, or n
  * above 16 Mi gives -EINVAL. Writes bfns[i] and status[i] (0 or -errno) for
@@ -201,15 +205,17 @@ pviommu_shadow *pviommu_shadow_open_xen(uint16_t domid);
 pviommu_shadow *pviommu_shadow_open_sim(uint64_t guest_pages);
 /* Tears the shadow down (BFNs unmapped) and frees the handle. */
 void pviommu_shadow_close(pviommu_shadow *s);
-/* Why the handle's last call failed; with NULL, why the last open on this
- * thread failed. */
+/* Why the handle's last call failed; with NULL, this thread's last error
+ * (pviommu_last_error: why the last open on this thread failed, among
+ * others). */
 const char *pviommu_shadow_last_error(const pviommu_shadow *s);
 
 /* Build from the guest's PML4 frame; -EBUSY if built, the reader's -errno
  * if the root cannot be read (nothing mapped then). counts may be NULL. */
 int pviommu_shadow_build(pviommu_shadow *s, uint64_t root_gfn,
                          struct pviommu_shadow_counts *counts);
-/* Re-read the n changed guest table pages (n == 0: all) and apply the diff. */
+/* Re-read the n changed guest table pages (n == 0: all; at most 16 Mi) and
+ * apply the diff. */
 int pviommu_shadow_sync(pviommu_shadow *s, const uint64_t *changed, size_t n,
                         struct pviommu_shadow_counts *counts);
 /* GMA -> BFN through the shadow; -ENOENT if not present. */

@@ -97,6 +97,29 @@ pub(crate) unsafe fn c_array_mut<'a, T>(
     Ok(unsafe { std::slice::from_raw_parts_mut(ptr, n) })
 }
 
+/// Whether an out-pointer from C can be written: not NULL, and aligned
+/// for `T` (a misaligned write is undefined behaviour).
+pub(crate) fn c_out_ok<T>(ptr: *const T) -> bool {
+    !ptr.is_null() && ptr.is_aligned()
+}
+
+/// An out-pointer C may leave NULL: `Ok(None)` for NULL, `Err` for a
+/// misaligned one.
+///
+/// # Safety
+/// A non-NULL, aligned `ptr` points to a `T` the call may write, with no
+/// other reference to it for `'a`.
+pub(crate) unsafe fn c_opt_out<'a, T>(ptr: *mut T) -> Result<Option<&'a mut T>, ()> {
+    if ptr.is_null() {
+        return Ok(None);
+    }
+    if !ptr.is_aligned() {
+        return Err(());
+    }
+    // SAFETY: non-NULL and aligned (checked); the caller's promise.
+    Ok(Some(unsafe { &mut *ptr }))
+}
+
 fn c_array_check<T>(ptr: *const T, n: usize, what: &str) -> Result<(), String> {
     if n == 0 {
         return Ok(());
@@ -432,7 +455,7 @@ pub extern "C" fn pviommu_lookup(
     let Some(mut c) = lock(c) else {
         return EINVAL;
     };
-    if domid.is_null() || gfn.is_null() || flags.is_null() {
+    if !c_out_ok(domid) || !c_out_ok(gfn) || !c_out_ok(flags) {
         return EINVAL;
     }
     match c.lookup(Bfn(bfn), ContextId::DEFAULT) {
@@ -456,7 +479,7 @@ pub extern "C" fn pviommu_context_create(c: *mut CClient, context: *mut u32) -> 
     let Some(mut c) = lock(c) else {
         return EINVAL;
     };
-    if context.is_null() {
+    if !c_out_ok(context) {
         return EINVAL;
     }
     match c.context_create() {
@@ -523,7 +546,7 @@ pub extern "C" fn pviommu_entry(
     let Some(mut c) = lock(c) else {
         return EINVAL;
     };
-    if level.is_null() || bits.is_null() {
+    if !c_out_ok(level) || !c_out_ok(bits) {
         return EINVAL;
     }
     match c.entry(DomId(domid), ContextId(context), Bfn(bfn)) {
@@ -584,7 +607,7 @@ fn drain_into(c: *mut CClient, only: Option<ContextId>, out: *mut CRevocation, m
     let Some(mut c) = lock(c) else {
         return EINVAL;
     };
-    if out.is_null() || max == 0 || max > i32::MAX as usize {
+    if !c_out_ok(out) || max == 0 || max > i32::MAX as usize {
         return EINVAL;
     }
     let drained = match only {
@@ -674,6 +697,12 @@ pub extern "C" fn pviommu_sim_dma_read(c: *mut CClient, bfn: u64, buf: *mut u8, 
     if buf.is_null() || len > 4096 {
         return EINVAL;
     }
+    // A BFN whose address does not fit 64 bits names no bus address (a
+    // shift would drop its top bits and read another page).
+    let Some(addr) = bfn.checked_mul(4096) else {
+        set_last_error(&format!("sim dma read: bfn {bfn:#x} past the bus"));
+        return EINVAL;
+    };
     let Some(sim) = c.transport().in_process() else {
         return EINVAL;
     };
@@ -681,7 +710,7 @@ pub extern "C" fn pviommu_sim_dma_read(c: *mut CClient, bfn: u64, buf: *mut u8, 
         .sim()
         .lock()
         .0
-        .dma_read(DomId::DOM0, ContextId::DEFAULT, bfn << 12, len);
+        .dma_read(DomId::DOM0, ContextId::DEFAULT, addr, len);
     match r {
         Ok(bytes) => {
             // SAFETY: `buf` holds `len` bytes.
@@ -719,7 +748,11 @@ pub extern "C" fn pviommu_sim_device_dma_read(
     if g.0.device(Sbdf(sbdf)).is_none() {
         return EINVAL;
     }
-    match g.0.device_dma_read(Sbdf(sbdf), bfn << 12, len) {
+    let Some(addr) = bfn.checked_mul(4096) else {
+        set_last_error(&format!("sim device dma read: bfn {bfn:#x} past the bus"));
+        return EINVAL;
+    };
+    match g.0.device_dma_read(Sbdf(sbdf), addr, len) {
         Ok(bytes) => {
             // SAFETY: `buf` holds `len` bytes.
             unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf, len) };

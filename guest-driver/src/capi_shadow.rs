@@ -12,7 +12,7 @@ use std::ffi::{c_char, CString};
 
 use pviommu_abi::{ContextId, DomId, Gfn};
 
-use crate::capi::c_array;
+use crate::capi::{c_array, c_opt_out, c_out_ok};
 use crate::shadow::{
     BuildReport, Gma, GuestTableReader, RevokedLeaf, SessionError, ShadowSession, SyncReport,
 };
@@ -210,11 +210,14 @@ pub extern "C" fn pviommu_shadow_build(
     let Some(s) = (unsafe { s.as_mut() }) else {
         return EINVAL;
     };
+    // SAFETY: `counts` is NULL or points to one struct.
+    let Ok(counts) = (unsafe { c_opt_out(counts) }) else {
+        return s.refuse("shadow build: counts is not aligned");
+    };
     match s.session.build(s.domid, Gfn(root_gfn)) {
         Ok(r) => {
             let c = counts_of_build(&r, s);
-            // SAFETY: `counts` is NULL or points to one struct.
-            if let Some(out) = unsafe { counts.as_mut() } {
+            if let Some(out) = counts {
                 *out = c;
             }
             0
@@ -241,6 +244,10 @@ pub extern "C" fn pviommu_shadow_sync(
         Ok(changed) => changed,
         Err(why) => return s.refuse(&why),
     };
+    // SAFETY: `counts` is NULL or points to one struct.
+    let Ok(counts) = (unsafe { c_opt_out(counts) }) else {
+        return s.refuse("shadow sync: counts is not aligned");
+    };
     let r = if n == 0 {
         s.session.sync_all()
     } else {
@@ -250,8 +257,7 @@ pub extern "C" fn pviommu_shadow_sync(
     match r {
         Ok(r) => {
             let c = counts_of_sync(&r, s);
-            // SAFETY: `counts` is NULL or points to one struct.
-            if let Some(out) = unsafe { counts.as_mut() } {
+            if let Some(out) = counts {
                 *out = c;
             }
             0
@@ -268,7 +274,7 @@ pub extern "C" fn pviommu_shadow_translate(s: *const CShadow, gma: u64, bfn: *mu
     let Some(s) = (unsafe { s.as_ref() }) else {
         return EINVAL;
     };
-    if bfn.is_null() {
+    if !c_out_ok(bfn) {
         return EINVAL;
     }
     match s.session.translate(Gma(gma)) {
@@ -295,7 +301,7 @@ pub extern "C" fn pviommu_shadow_revocations(
     let Some(s) = (unsafe { s.as_mut() }) else {
         return EINVAL;
     };
-    if out.is_null() || max == 0 || max > i32::MAX as usize {
+    if !c_out_ok(out) || max == 0 || max > i32::MAX as usize {
         return EINVAL;
     }
     match s.session.handle_revocations() {
@@ -354,8 +360,12 @@ pub extern "C" fn pviommu_shadow_sim_write(
         return EINVAL;
     };
     // SAFETY: `buf` holds `len` bytes.
-    let Ok(data) = (unsafe { c_array(buf, len, "shadow sim write: buf") }) else {
-        return EINVAL;
+    let data = match unsafe { c_array(buf, len, "shadow sim write: buf (bytes)") } {
+        Ok(data) => data,
+        Err(why) => {
+            crate::capi::set_last_error(&why);
+            return EINVAL;
+        }
     };
     match sim.lock().0.write_guest(DomId(1), Gfn(gfn), offset, data) {
         Ok(()) => 0,

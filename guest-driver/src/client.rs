@@ -67,8 +67,24 @@ pub struct ClientStats {
 /// or a loop.
 pub const MAX_SANE_COUNT: u32 = 1 << 16;
 
-/// Capabilities a client can work with: counts within [`MAX_SANE_COUNT`].
+/// The largest quota a client takes from a hypervisor's (or a daemon's)
+/// caps: the hypervisor's own limit (`MAX_QUOTA`, 16 Mi BFNs). A drain of
+/// revocations is bounded by the quota, so a peer's `u64::MAX` would leave
+/// it unbounded.
+pub const MAX_SANE_QUOTA: u64 = 1 << 24;
+
+/// Capabilities a client can work with: counts within [`MAX_SANE_COUNT`],
+/// the quota within [`MAX_SANE_QUOTA`].
 fn check_caps(caps: &PvIommuCaps) -> Result<(), Error> {
+    if caps.quota > MAX_SANE_QUOTA {
+        return Err(Error::Unexpected {
+            what: format!(
+                "capabilities: quota {} (at most {MAX_SANE_QUOTA})",
+                caps.quota
+            ),
+            value: i64::try_from(caps.quota).unwrap_or(i64::MAX),
+        });
+    }
     for (what, n) in [
         ("max_batch_ops", caps.max_batch_ops),
         ("max_contexts", caps.max_contexts),
@@ -153,7 +169,11 @@ impl<T: Transport> Client<T> {
     /// batch, or stops short of it in a call that succeeded is
     /// [`Error::Unexpected`]: a status past it was never written.
     pub fn run_ops_settled(&mut self, ops: &mut [PvIommuOp]) -> (usize, usize, Result<(), Error>) {
-        let max = self.caps.max_batch_ops.max(1) as usize;
+        let max = self
+            .caps
+            .max_batch_ops
+            .min(self.transport.max_batch_ops())
+            .max(1) as usize;
         let mut settled = 0;
         for chunk in ops.chunks_mut(max) {
             let span = info_span!(

@@ -360,6 +360,14 @@ impl<D: PrivcmdDevice + ?Sized> ForeignMemory<D> {
             }
             return r;
         }
+        let first = key * frames;
+        // A window past the last frame number (a gfn near u64::MAX with a
+        // window size that does not divide 2^64) names no frame a domain
+        // has: refused, as its last gfn would not fit in 64 bits.
+        if first.checked_add(frames - 1).is_none() {
+            cache.stats.errors += 1;
+            return Err(libc::EINVAL);
+        }
         if cache.windows.len() >= self.config.max_windows {
             if let Some(oldest) = cache
                 .windows
@@ -370,14 +378,6 @@ impl<D: PrivcmdDevice + ?Sized> ForeignMemory<D> {
                 cache.windows.remove(&oldest);
                 cache.stats.evictions += 1;
             }
-        }
-        let first = key * frames;
-        // A window past the last frame number (a gfn near u64::MAX with a
-        // window size that does not divide 2^64) names no frame a domain
-        // has: refused, as its last gfn would not fit in 64 bits.
-        if first.checked_add(frames - 1).is_none() {
-            cache.stats.errors += 1;
-            return Err(libc::EINVAL);
         }
         let mut w = match Window::map(&self.device, self.domid, first, frames as usize) {
             Ok(w) => w,

@@ -1172,11 +1172,17 @@ fn hostile_counts_from_a_transport_are_refused() {
     let e = c.reserved_regions().unwrap_err().to_string();
     assert!(e.contains("4294967295"), "{e}");
 
-    for field in ["max_contexts", "max_batch_ops", "nr_reserved_regions"] {
+    for field in [
+        "max_contexts",
+        "max_batch_ops",
+        "nr_reserved_regions",
+        "quota",
+    ] {
         let caps = move |mut c: PvIommuCaps| {
             match field {
                 "max_contexts" => c.max_contexts = u32::MAX,
                 "max_batch_ops" => c.max_batch_ops = u32::MAX,
+                "quota" => c.quota = u64::MAX,
                 _ => c.nr_reserved_regions = u32::MAX,
             }
             c
@@ -1294,4 +1300,111 @@ fn ops_before_a_fault_part_way_through_a_call_are_settled() {
         t.batch(&mut ops, 5).unwrap(),
         (Errno::Inval.negated().into(), 5)
     );
+}
+
+/// A transport whose buffer carries fewer ops than the hypervisor's batch
+/// (privcmd's page-sized buffer: 1536 ops, under `pviommu=batch:2048`)
+/// gets batches it can carry: before, the client split by the caps alone,
+/// and every call failed.
+#[test]
+fn batches_fit_the_transports_buffer() {
+    struct Small(InProcess, usize);
+    impl pviommu_guest::transport::Transport for Small {
+        fn name(&self) -> &'static str {
+            "small buffer"
+        }
+        fn max_batch_ops(&self) -> u32 {
+            3
+        }
+        fn query_caps(&mut self) -> Result<PvIommuCaps, pviommu_guest::Error> {
+            self.0.query_caps()
+        }
+        fn batch(
+            &mut self,
+            ops: &mut [PvIommuOp],
+            nr_done: u32,
+        ) -> Result<(i64, u32), pviommu_guest::Error> {
+            if ops.len() > 3 {
+                return Err(pviommu_guest::Error::InvalidArgument(format!(
+                    "{} ops exceed the buffer",
+                    ops.len()
+                )));
+            }
+            self.1 = self.1.max(ops.len());
+            self.0.batch(ops, nr_done)
+        }
+        fn reserved_regions(
+            &mut self,
+            start: u32,
+            max: u32,
+        ) -> Result<(Vec<pviommu_abi::PvIommuRegion>, u32), pviommu_guest::Error> {
+            self.0.reserved_regions(start, max)
+        }
+        fn set_limits(&mut self, domid: DomId, quota: u64) -> Result<(), pviommu_guest::Error> {
+            self.0.set_limits(domid, quota)
+        }
+    }
+    let s = sim(30, Config::default());
+    let mut c = Client::open(Small(s.transport(DomId::DOM0), 0)).unwrap();
+    let gfns: Vec<Gfn> = (0..10).map(Gfn).collect();
+    let r = c.map_foreign(
+        GUEST,
+        &gfns,
+        Permissions::RW,
+        MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    );
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+    assert_eq!(c.transport().1, 3);
+    // And the caps' quota is held to the hypervisor's own limit.
+    assert_eq!(
+        pviommu_guest::client::MAX_SANE_QUOTA,
+        pviommu_hv::config::MAX_QUOTA
+    );
+}
+
+/// A page asked for twice in a call whose second batch fails: a repeat of
+/// a page the first batch mapped shares its BFN (two references), a repeat
+/// of one the failing batch held fails with it.
+#[test]
+fn repeats_of_a_page_follow_their_first_op_when_a_later_batch_fails() {
+    for (gfns, want_ok, refs_of_first) in [
+        (vec![0u64, 1, 2, 0], vec![true, true, false, true], 2u64),
+        (vec![0u64, 1, 2, 2], vec![true, true, false, false], 1u64),
+    ] {
+        let s = sim(30, Config::default());
+        let mut calls = 0;
+        let batch = move |inner: &mut InProcess, ops: &mut [PvIommuOp], nr_done: u32| {
+            calls += 1;
+            if calls == 2 {
+                return Err(pviommu_guest::Error::Remote("the daemon went away".into()));
+            }
+            inner.batch(ops, nr_done)
+        };
+        let mut c = Client::open(Shim {
+            inner: s.transport(DomId::DOM0),
+            caps: |mut c: PvIommuCaps| {
+                c.max_batch_ops = 2;
+                c
+            },
+            batch,
+        })
+        .unwrap();
+        let g: Vec<Gfn> = gfns.iter().copied().map(Gfn).collect();
+        let r = c.map_foreign(
+            GUEST,
+            &g,
+            Permissions::RW,
+            MemAttr::WriteBack,
+            ContextId::DEFAULT,
+        );
+        let ok: Vec<bool> = r.iter().map(Result::is_ok).collect();
+        assert_eq!(ok, want_ok, "{gfns:?}: {r:?}");
+        let first = *r[0].as_ref().unwrap();
+        if want_ok[3] {
+            assert_eq!(r[3].as_ref().unwrap(), &first);
+        }
+        assert_eq!(c.cache().refs(ContextId::DEFAULT, first), refs_of_first);
+        assert_eq!(s.lock().1.state().driver(DomId::DOM0).unwrap().live(), 2);
+    }
 }

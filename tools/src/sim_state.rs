@@ -515,6 +515,9 @@ impl Transport for Journaled {
     fn query_caps(&mut self) -> Result<PvIommuCaps, pviommu_guest::Error> {
         self.inner.query_caps()
     }
+    fn max_batch_ops(&self) -> u32 {
+        self.inner.max_batch_ops()
+    }
     fn batch(
         &mut self,
         ops: &mut [PvIommuOp],

@@ -25,6 +25,14 @@ pub trait Transport: Send {
     /// `PVIOMMU_CMD_query_caps`.
     fn query_caps(&mut self) -> Result<PvIommuCaps, Error>;
 
+    /// The most ops one batch call of this transport can carry (its
+    /// buffer); the client splits batches at the smaller of this and the
+    /// caps' `max_batch_ops` (a hypervisor booted with a larger batch than
+    /// the transport's buffer must not make every call fail).
+    fn max_batch_ops(&self) -> u32 {
+        u32::MAX
+    }
+
     /// One `PVIOMMU_CMD_batch` call over `ops`, starting at `nr_done`.
     /// The ops come back with their statuses and outputs. Returns the
     /// hypercall's return value (0; 1 = incomplete: call again from the
@@ -95,6 +103,9 @@ impl Transport for Box<dyn Transport> {
     }
     fn query_caps(&mut self) -> Result<PvIommuCaps, Error> {
         (**self).query_caps()
+    }
+    fn max_batch_ops(&self) -> u32 {
+        (**self).max_batch_ops()
     }
     fn batch(&mut self, ops: &mut [PvIommuOp], nr_done: u32) -> Result<(i64, u32), Error> {
         (**self).batch(ops, nr_done)

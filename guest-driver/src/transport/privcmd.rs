@@ -201,6 +201,9 @@ impl Transport for Privcmd {
             .map_err(|_| Error::InvalidArgument("short caps".into()))
     }
 
+    fn max_batch_ops(&self) -> u32 {
+        ((BUF_LEN - OPS_OFFSET) / std::mem::size_of::<PvIommuOp>()) as u32
+    }
     fn batch(&mut self, ops: &mut [PvIommuOp], nr_done: u32) -> Result<(i64, u32), Error> {
         let ops_bytes = ops.as_bytes().len();
         if ops_bytes > BUF_LEN - OPS_OFFSET {

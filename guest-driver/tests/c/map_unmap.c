@@ -62,6 +62,20 @@ int main(void)
                       &bad_bfn, &bad_status) == -22, "misaligned gfns");
     CHECK(strstr(pviommu_last_error(c), "not aligned") != NULL, "misaligned message: %s",
           pviommu_last_error(c));
+    /* A misaligned out-pointer is refused, not written. */
+    {
+        uint64_t words[2];
+        uint16_t d16;
+        uint32_t f32;
+        CHECK(pviommu_lookup(c, bfns[0], &d16, (uint64_t *)((char *)words + 1), &f32) == -22,
+              "misaligned gfn out-pointer");
+    }
+    /* A BFN past the bus is refused, not truncated to another page. */
+    {
+        uint64_t word;
+        CHECK(pviommu_sim_dma_read(c, bfns[0] | (1ull << 52), &word, sizeof(word)) == -22,
+              "bfn past the bus");
+    }
     /* Empty arrays may be NULL (C's usual empty array): nothing to do. */
     CHECK(pviommu_map(c, 1, NULL, 0, PVIOMMU_F_READ, NULL, NULL) == 0, "empty map with NULLs");
     CHECK(pviommu_unmap(c, NULL, 0, NULL) == 0, "empty unmap with NULLs");
