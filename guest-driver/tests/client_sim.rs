@@ -1041,18 +1041,11 @@ fn a_batch_whose_nr_done_goes_backwards_passes_or_stops_short_is_an_error() {
             batch,
         })
         .unwrap();
-        let gfns: Vec<Gfn> = (0..4).map(Gfn).collect();
-        let r = c.map_foreign(
-            GUEST,
-            &gfns,
-            Permissions::RW,
-            MemAttr::WriteBack,
-            ContextId::DEFAULT,
-        );
+        let r = map_gfns(&mut c, 0..4);
         assert!(r.iter().any(Result::is_err), "{what}: {r:?}");
-        for (g, r) in gfns.iter().zip(&r) {
+        for (g, r) in r.iter().enumerate() {
             if let Ok(b) = r {
-                assert_ne!(b.0, 0, "{what}: gfn {} got a BFN never written", g.0);
+                assert_ne!(b.0, 0, "{what}: gfn {g} got a BFN never written");
             }
         }
         assert!(
@@ -1062,6 +1055,49 @@ fn a_batch_whose_nr_done_goes_backwards_passes_or_stops_short_is_an_error() {
     }
 }
 
+/// Map `gfns` of the guest into dom0's context 0, read-write: one result
+/// per gfn.
+fn map_gfns<T: pviommu_guest::transport::Transport>(
+    c: &mut Client<T>,
+    gfns: std::ops::Range<u64>,
+) -> Vec<Result<Bfn, pviommu_guest::Error>> {
+    let gfns: Vec<Gfn> = gfns.map(Gfn).collect();
+    c.map_foreign(
+        GUEST,
+        &gfns,
+        Permissions::RW,
+        MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    )
+}
+
+/// A client of dom0 whose transport carries at most `max_ops` ops a batch
+/// and whose call number `fail_at` (from 1) fails as a daemon that went
+/// away would (nothing of that call reaches the hypervisor).
+fn failing_at_call(
+    s: &SharedSim,
+    max_ops: u32,
+    fail_at: u32,
+) -> Client<impl pviommu_guest::transport::Transport> {
+    let mut calls = 0;
+    let batch = move |inner: &mut InProcess, ops: &mut [PvIommuOp], nr_done: u32| {
+        calls += 1;
+        if calls == fail_at {
+            return Err(pviommu_guest::Error::Remote("the daemon went away".into()));
+        }
+        inner.batch(ops, nr_done)
+    };
+    Client::open(Shim {
+        inner: s.transport(DomId::DOM0),
+        caps: move |mut c: PvIommuCaps| {
+            c.max_batch_ops = max_ops;
+            c
+        },
+        batch,
+    })
+    .unwrap()
+}
+
 /// A map whose second batch fails keeps what its first batch mapped: the
 /// BFNs are live in the hypervisor, so they are reported and cached. Before,
 /// every page of the call was reported failed and none cached, and the
@@ -1069,31 +1105,8 @@ fn a_batch_whose_nr_done_goes_backwards_passes_or_stops_short_is_an_error() {
 #[test]
 fn a_map_failing_in_its_second_batch_keeps_what_the_first_mapped() {
     let s = sim(30, Config::default());
-    let mut calls = 0;
-    let batch = move |inner: &mut InProcess, ops: &mut [PvIommuOp], nr_done: u32| {
-        calls += 1;
-        if calls == 2 {
-            return Err(pviommu_guest::Error::Remote("the daemon went away".into()));
-        }
-        inner.batch(ops, nr_done)
-    };
-    let mut c = Client::open(Shim {
-        inner: s.transport(DomId::DOM0),
-        caps: |mut c: PvIommuCaps| {
-            c.max_batch_ops = 2;
-            c
-        },
-        batch,
-    })
-    .unwrap();
-    let gfns: Vec<Gfn> = (0..4).map(Gfn).collect();
-    let r = c.map_foreign(
-        GUEST,
-        &gfns,
-        Permissions::RW,
-        MemAttr::WriteBack,
-        ContextId::DEFAULT,
-    );
+    let mut c = failing_at_call(&s, 2, 2);
+    let r = map_gfns(&mut c, 0..4);
     assert!(r[0].is_ok() && r[1].is_ok(), "{r:?}");
     assert!(r[2].is_err() && r[3].is_err(), "{r:?}");
     assert_eq!(c.cache().len(), 2);
@@ -1101,23 +1114,7 @@ fn a_map_failing_in_its_second_batch_keeps_what_the_first_mapped() {
     assert_eq!(live, 2, "the hypervisor holds what the cache holds");
     // Unmaps the same way: the first batch's are done, reported so.
     let bfns: Vec<Bfn> = r.iter().flatten().copied().collect();
-    let mut calls = 0;
-    let batch = move |inner: &mut InProcess, ops: &mut [PvIommuOp], nr_done: u32| {
-        calls += 1;
-        if calls == 2 {
-            return Err(pviommu_guest::Error::Remote("the daemon went away".into()));
-        }
-        inner.batch(ops, nr_done)
-    };
-    let mut c2 = Client::open(Shim {
-        inner: s.transport(DomId::DOM0),
-        caps: |mut c: PvIommuCaps| {
-            c.max_batch_ops = 1;
-            c
-        },
-        batch,
-    })
-    .unwrap();
+    let mut c2 = failing_at_call(&s, 1, 2);
     let u = c2.unmap(&bfns, ContextId::DEFAULT);
     assert!(u[0].is_ok() && u[1].is_err(), "{u:?}");
     let live = s.lock().1.state().driver(DomId::DOM0).unwrap().live();
@@ -1228,15 +1225,7 @@ fn an_unmap_never_sent_is_cached_again() {
         batch,
     })
     .unwrap();
-    let gfns: Vec<Gfn> = (0..3).map(Gfn).collect();
-    let bfns: Vec<Bfn> = c
-        .map_foreign(
-            GUEST,
-            &gfns,
-            Permissions::RW,
-            MemAttr::WriteBack,
-            ContextId::DEFAULT,
-        )
+    let bfns: Vec<Bfn> = map_gfns(&mut c, 0..3)
         .into_iter()
         .map(Result::unwrap)
         .collect();
@@ -1280,14 +1269,7 @@ fn ops_before_a_fault_part_way_through_a_call_are_settled() {
         batch,
     })
     .unwrap();
-    let gfns: Vec<Gfn> = (0..4).map(Gfn).collect();
-    let r = c.map_foreign(
-        GUEST,
-        &gfns,
-        Permissions::RW,
-        MemAttr::WriteBack,
-        ContextId::DEFAULT,
-    );
+    let r = map_gfns(&mut c, 0..4);
     assert!(r[0].is_ok() && r[1].is_ok(), "{r:?}");
     assert!(r[2].is_err() && r[3].is_err(), "{r:?}");
     assert_eq!(c.cache().len(), 2);
@@ -1346,14 +1328,7 @@ fn batches_fit_the_transports_buffer() {
     }
     let s = sim(30, Config::default());
     let mut c = Client::open(Small(s.transport(DomId::DOM0), 0)).unwrap();
-    let gfns: Vec<Gfn> = (0..10).map(Gfn).collect();
-    let r = c.map_foreign(
-        GUEST,
-        &gfns,
-        Permissions::RW,
-        MemAttr::WriteBack,
-        ContextId::DEFAULT,
-    );
+    let r = map_gfns(&mut c, 0..10);
     assert!(r.iter().all(Result::is_ok), "{r:?}");
     assert_eq!(c.transport().1, 3);
     // And the caps' quota is held to the hypervisor's own limit.
@@ -1373,23 +1348,7 @@ fn repeats_of_a_page_follow_their_first_op_when_a_later_batch_fails() {
         (vec![0u64, 1, 2, 2], vec![true, true, false, false], 1u64),
     ] {
         let s = sim(30, Config::default());
-        let mut calls = 0;
-        let batch = move |inner: &mut InProcess, ops: &mut [PvIommuOp], nr_done: u32| {
-            calls += 1;
-            if calls == 2 {
-                return Err(pviommu_guest::Error::Remote("the daemon went away".into()));
-            }
-            inner.batch(ops, nr_done)
-        };
-        let mut c = Client::open(Shim {
-            inner: s.transport(DomId::DOM0),
-            caps: |mut c: PvIommuCaps| {
-                c.max_batch_ops = 2;
-                c
-            },
-            batch,
-        })
-        .unwrap();
+        let mut c = failing_at_call(&s, 2, 2);
         let g: Vec<Gfn> = gfns.iter().copied().map(Gfn).collect();
         let r = c.map_foreign(
             GUEST,
