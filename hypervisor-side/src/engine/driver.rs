@@ -551,6 +551,8 @@ pub struct DriverDomain {
     /// should (an engine bug, or memory corrupted): each was still taken
     /// down, its counts then no longer trusted. Tests require 0.
     index_misses: u64,
+    /// `index_misses` as last added to the engine's host-wide count.
+    index_misses_published: u64,
 }
 
 #[cfg(test)]
@@ -579,6 +581,7 @@ impl DriverDomain {
             regions_exact: true,
             range_work: (0, 0),
             index_misses: 0,
+            index_misses_published: 0,
             unmapping_head: NONE,
             stuck_head: NONE,
             stuck_tail: NONE,
@@ -604,13 +607,14 @@ impl DriverDomain {
     /// when the cell is given back). Frees the tables; never allocates.
     pub(crate) fn reset_to_idle(&mut self) {
         let (next_gen, home, published) = (self.next_gen, self.home, self.published_used);
-        let index_misses = self.index_misses;
+        let misses = (self.index_misses, self.index_misses_published);
         *self = DriverDomain::new(self.domid);
         self.next_gen = next_gen;
         self.home = home;
         self.published_used = published;
-        // (A diagnostic of the cell: a miss stays seen.)
-        self.index_misses = index_misses;
+        // (A diagnostic of the cell: a miss stays seen, and is reported
+        // once.)
+        (self.index_misses, self.index_misses_published) = misses;
     }
 
     /// Corrupt the page index as a bug would: page (domid, gfn) is no
@@ -626,6 +630,14 @@ impl DriverDomain {
     /// should have (0 unless the engine has a bug; see `unindex`).
     pub fn index_misses(&self) -> u64 {
         self.index_misses
+    }
+
+    /// Index misses since the last call (for the engine's host-wide count).
+    #[inline]
+    pub(crate) fn take_new_index_misses(&mut self) -> u64 {
+        let new = self.index_misses.wrapping_sub(self.index_misses_published);
+        self.index_misses_published = self.index_misses;
+        new
     }
 
     /// The context whose mappings this state holds.

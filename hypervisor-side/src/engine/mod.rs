@@ -292,6 +292,10 @@ pub struct Engine<L: RawMutex> {
     cells: Vec<CacheLine<Mutex<L, DriverDomain>>>,
     /// Whether services are timed for the stats (`PVIOMMU_STATS_TIMING_*`).
     timing: AtomicBool,
+    /// Live mappings the page index had lost (an engine bug), found since
+    /// the host last asked ([`Engine::take_index_misses`]): added at each
+    /// unlock from the cell's own count.
+    index_misses: AtomicU64,
 }
 
 /// What `PVIOMMU_CMD_stats` reports about a driver domain.
@@ -597,6 +601,7 @@ impl<L: RawMutex> Engine<L> {
             cell_state,
             cells,
             timing: AtomicBool::new(false),
+            index_misses: AtomicU64::new(0),
         })
     }
 
@@ -1097,6 +1102,7 @@ impl<L: RawMutex> Engine<L> {
     /// gate still named may find it free, or someone else's.
     pub(crate) fn put_driver(&self, d: Driver<'_, L>) {
         let Driver { cell, mut dd } = d;
+        self.publish_index_misses(&mut dd);
         dd.compact_if_empty();
         self.publish_used(cell, &mut dd, false);
         // (A context's cell is never idle: its context is in `contexts`.)
@@ -1121,10 +1127,33 @@ impl<L: RawMutex> Engine<L> {
         }
     }
 
+    /// The cell's index misses since its last unlock go to the host-wide
+    /// count the host reports (one compare per unlock otherwise).
+    #[inline]
+    fn publish_index_misses(&self, dd: &mut DriverDomain) {
+        let new = dd.take_new_index_misses();
+        if new != 0 {
+            self.index_misses.fetch_add(new, Ordering::Relaxed);
+        }
+    }
+
+    /// Live mappings the page index had lost (an engine bug, or memory
+    /// corrupted) found since the last call, host-wide, and 0 from then on:
+    /// each was taken down all the same, and its cell's counts are no
+    /// longer trusted. The host reports them (Xen: a console warning after
+    /// the call that found them).
+    pub fn take_index_misses(&self) -> u64 {
+        if self.index_misses.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        self.index_misses.swap(0, Ordering::Relaxed)
+    }
+
     /// Give `domid`'s cell back after its teardown (dom0's too), its state
     /// reset to idle.
     pub(crate) fn release_driver(&self, d: Driver<'_, L>) {
         let Driver { cell, mut dd } = d;
+        self.publish_index_misses(&mut dd);
         self.publish_used(cell, &mut dd, true);
         let domid = dd.domid;
         if let Some(slot) = self.cell_of.get(domid.0 as usize) {
@@ -2707,6 +2736,9 @@ mod claim_race_tests {
         e.gfn_changed(&mut h, GUEST, Gfn(0), 9, GfnChange::Removed);
         e.finish(&mut h, DomId::DOM0);
         assert_eq!(contexts(&sim, b)[2], None, "the device kept the page");
+        // Reported to the host once (Xen warns on its console).
+        assert_eq!(e.take_index_misses(), 1);
+        assert_eq!(e.take_index_misses(), 0);
         let st = e.state();
         let dd = st.driver(DomId::DOM0).unwrap();
         assert_eq!(dd.index_misses(), 1);
@@ -2761,6 +2793,7 @@ mod claim_race_tests {
         assert_eq!(contexts(&sim, rw)[2], None);
         assert_eq!(contexts(&sim, ro)[2], None);
         assert_eq!(e.state().driver(DomId::DOM0).unwrap().index_misses(), 2);
+        assert_eq!(e.take_index_misses(), 2, "reported to the host");
         assert_ne!(e.target_drivers(GUEST) & 1, 0, "dom0's cell keeps its bit");
         // Gfn 40 goes: its hook must still reach dom0's cell.
         e.gfn_removed(&mut h, GUEST, Gfn(40));
