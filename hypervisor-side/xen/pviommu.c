@@ -196,13 +196,6 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
     if ( pdev->domain == dom_xen )
         return 0;
 
-    /*
-     * Xen's quirks list devices whose BAR registers are not BARs (a CSR at
-     * the offset, or junk: apply_quirks()); vPCI leaves them alone too.
-     */
-    if ( pdev->ignore_bars )
-        return 0;
-
     if ( type == PCI_HEADER_TYPE_BRIDGE )
     {
         uint16_t base = pci_conf_read16(sbdf, PCI_PREF_MEMORY_BASE);
@@ -224,7 +217,8 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
          * A BAR is aligned to its size, so [addr, addr + lowest set bit)
          * covers it (perhaps more, never less).
          */
-        if ( (pci_conf_read32(sbdf, PCI_BASE_ADDRESS_0) &
+        if ( !pdev->ignore_bars &&
+             (pci_conf_read32(sbdf, PCI_BASE_ADDRESS_0) &
               (PCI_BASE_ADDRESS_SPACE | PCI_BASE_ADDRESS_MEM_TYPE_MASK)) ==
              PCI_BASE_ADDRESS_MEM_TYPE_64 )
         {
@@ -241,6 +235,14 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
     else if ( type == PCI_HEADER_TYPE_NORMAL )
         nbars = 6;
     else
+        return 0;
+
+    /*
+     * Xen's quirks list devices whose BAR registers are not BARs (a CSR at
+     * the offset, or junk: apply_quirks()); vPCI leaves them alone too. (A
+     * bridge's window above is not a BAR: it stays reserved.)
+     */
+    if ( pdev->ignore_bars )
         return 0;
 
     /*
@@ -303,7 +305,8 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
             break; /* malformed (above): never written */
         addr = size = 0;
         i += pci_size_mem_bar(sbdf, reg, &addr, &size, 0);
-        pvx_add_range(addr, size, PVIOMMU_REGION_MMIO);
+        if ( addr ) /* an unassigned BAR decodes nothing */
+            pvx_add_range(addr, size, PVIOMMU_REGION_MMIO);
     }
 
     if ( cmd & PCI_COMMAND_MEMORY )

@@ -1130,7 +1130,7 @@ impl<L: RawMutex> Engine<L> {
     /// The cell's index misses since its last unlock go to the host-wide
     /// count the host reports (one compare per unlock otherwise).
     #[inline]
-    fn publish_index_misses(&self, dd: &mut DriverDomain) {
+    pub(crate) fn publish_index_misses(&self, dd: &mut DriverDomain) {
         let new = dd.take_new_index_misses();
         if new != 0 {
             self.index_misses.fetch_add(new, Ordering::Relaxed);

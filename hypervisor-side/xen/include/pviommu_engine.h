@@ -358,6 +358,9 @@ void pvx_free(void *ptr);
 
 /* printk a message of `len` bytes (not NUL-terminated). */
 void pvx_log(const char *msg, size_t len);
+/* The same at XENLOG_ERR, not rate-limited: an engine fault the host must
+ * see (at most one line per entry point that found one). */
+void pvx_log_error(const char *msg, size_t len);
 
 /*
  * Never called: the Rust panic handler and alloc-error handler refer to this

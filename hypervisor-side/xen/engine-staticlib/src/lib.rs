@@ -103,6 +103,7 @@ mod ffi {
         pub fn pvx_device_attach(sbdf: u32, tag: u16, root_mfn: u64) -> i32;
         pub fn pvx_device_detach(sbdf: u32, tag: u16) -> i32;
         pub fn pvx_log(msg: *const u8, len: usize);
+        pub fn pvx_log_error(msg: *const u8, len: usize);
         /// Defined nowhere: a reference to it from any entry point is a
         /// link error (build-engine.sh checks the symbol).
         #[cfg(not(test))]
@@ -1405,12 +1406,50 @@ pub extern "C" fn pviommu_engine_init(
 
 /// After an entry point: live mappings the call found missing from the
 /// page index (an engine bug; each was taken down all the same) go to
-/// Xen's console, once.
+/// Xen's console, with their number, at a level no guest's messages can
+/// rate-limit away (one line per call that found any; each miss takes a
+/// mapping down, so there are never more than mappings were made).
 #[inline]
 fn report_index_misses(e: &XenEngine) {
-    if e.take_index_misses() != 0 {
-        log("pviommu: live mappings were missing from the page index (an engine bug): taken down; their cell's counts are no longer trusted\n");
+    let n = e.take_index_misses();
+    if n != 0 {
+        report_index_misses_slow(n);
     }
+}
+
+#[cold]
+#[inline(never)]
+fn report_index_misses_slow(n: u64) {
+    let mut digits = [0u8; 20];
+    let parts: [&[u8]; 3] = [
+        b"pviommu: ",
+        decimal(n, &mut digits),
+        b" live mapping(s) were missing from the page index (an engine bug): \
+          taken down; their cells' counts are no longer trusted\n",
+    ];
+    let mut line = [0u8; 160];
+    let mut len = 0usize;
+    for (dst, src) in line.iter_mut().zip(parts.iter().flat_map(|p| p.iter())) {
+        *dst = *src;
+        len = len.saturating_add(1);
+    }
+    let line = line.get(..len).unwrap_or(&[]);
+    // SAFETY: `line` is valid for its length.
+    unsafe { ffi::pvx_log_error(line.as_ptr(), line.len()) }
+}
+
+/// `n` in decimal, at the end of `buf`: the digits (no panic path).
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut start = buf.len();
+    for slot in buf.iter_mut().rev() {
+        *slot = b'0' + (n % 10) as u8;
+        n /= 10;
+        start = start.saturating_sub(1);
+        if n == 0 {
+            break;
+        }
+    }
+    buf.get(start..).unwrap_or(&[])
 }
 
 /// The hypercall body (no lock held by the caller).

@@ -1108,3 +1108,21 @@ fn the_xen_allocator_keeps_the_last_quarter_of_its_cap_for_the_host() {
     assert_eq!(super::HEAP.used(), 0);
     super::HEAP.set_cap(usize::MAX);
 }
+
+/// Index misses reach Xen's console with their number (and numbers of any
+/// width are written without a panic path).
+#[test]
+fn index_misses_are_logged_with_their_number() {
+    let mut buf = [0u8; 20];
+    assert_eq!(super::decimal(0, &mut buf), b"0");
+    assert_eq!(super::decimal(42, &mut buf), b"42");
+    assert_eq!(super::decimal(u64::MAX, &mut buf), b"18446744073709551615");
+    super::report_index_misses_slow(3);
+    let line = model::LOGGED_ERROR.with(|l| l.borrow().clone());
+    let line = std::string::String::from_utf8(line).unwrap();
+    assert!(
+        line.starts_with("pviommu: 3 live mapping(s) were missing from the page index"),
+        "{line}"
+    );
+    assert!(line.ends_with("no longer trusted\n"), "{line}");
+}

@@ -627,6 +627,18 @@ pub extern "C" fn pvx_device_facts(_sbdf: u32, _owner: *mut u16, _flags: *mut u3
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn pvx_log(_msg: *const u8, _len: usize) {}
+std::thread_local! {
+    /// The last line this thread logged through `pvx_log_error`.
+    pub static LOGGED_ERROR: std::cell::RefCell<std::vec::Vec<u8>> =
+        const { std::cell::RefCell::new(std::vec::Vec::new()) };
+}
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn pvx_log_error(msg: *const u8, len: usize) {
+    // SAFETY: the engine passes a message valid for `len` bytes.
+    let line = unsafe { std::slice::from_raw_parts(msg, len) };
+    LOGGED_ERROR.with(|l| *l.borrow_mut() = line.to_vec());
+}
 
 // Xen's return and indirect-call thunks (plain `ret` and `jmp *%r11`, what
 // Xen patches them to on hardware that needs no mitigation), for a hosted
