@@ -341,7 +341,7 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
             if ( i + 1 < PCI_SRIOV_NUM_BARS )
                 addr |= (uint64_t)pci_conf_read32(
                             sbdf, pos + PCI_SRIOV_BAR + (i + 1) * 4) << 32;
-            if ( pdev->vf_rlen[i] && total )
+            if ( addr && pdev->vf_rlen[i] && total )
                 pvx_add_range(addr, pdev->vf_rlen[i] * total,
                               PVIOMMU_REGION_MMIO);
             i++; /* the upper half */

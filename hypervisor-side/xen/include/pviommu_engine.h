@@ -358,9 +358,10 @@ void pvx_free(void *ptr);
 
 /* printk a message of `len` bytes (not NUL-terminated). */
 void pvx_log(const char *msg, size_t len);
-/* The same at XENLOG_ERR, not rate-limited: an engine fault the host must
- * see (at most one line per entry point that found one). */
-void pvx_log_error(const char *msg, size_t len);
+/* The same at XENLOG_ERR, for an engine fault the host must see, with a
+ * rate limit of its own (a guest's messages cannot use it up): 1 printed,
+ * 0 held back (the engine reports it with the next line). */
+int pvx_log_error(const char *msg, size_t len);
 
 /*
  * Never called: the Rust panic handler and alloc-error handler refer to this

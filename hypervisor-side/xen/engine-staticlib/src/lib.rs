@@ -103,7 +103,7 @@ mod ffi {
         pub fn pvx_device_attach(sbdf: u32, tag: u16, root_mfn: u64) -> i32;
         pub fn pvx_device_detach(sbdf: u32, tag: u16) -> i32;
         pub fn pvx_log(msg: *const u8, len: usize);
-        pub fn pvx_log_error(msg: *const u8, len: usize);
+        pub fn pvx_log_error(msg: *const u8, len: usize) -> i32;
         /// Defined nowhere: a reference to it from any entry point is a
         /// link error (build-engine.sh checks the symbol).
         #[cfg(not(test))]
@@ -1404,22 +1404,22 @@ pub extern "C" fn pviommu_engine_init(
     }
 }
 
-/// After an entry point: live mappings the call found missing from the
-/// page index (an engine bug; each was taken down all the same) go to
-/// Xen's console, with their number, at a level no guest's messages can
-/// rate-limit away (one line per call that found any; each miss takes a
-/// mapping down, so there are never more than mappings were made).
+/// After an entry point: live mappings found missing from the page index
+/// (an engine bug; each was taken down all the same), by this call or
+/// another, go to Xen's console with their number. The line is at a level
+/// no guest's own messages can rate-limit away, with a limit of its own in
+/// the glue; what it holds back waits for the next line.
 #[inline]
 fn report_index_misses(e: &XenEngine) {
-    let n = e.take_index_misses();
+    let n = e.index_misses_unreported();
     if n != 0 {
-        report_index_misses_slow(n);
+        report_index_misses_slow(e, n);
     }
 }
 
 #[cold]
 #[inline(never)]
-fn report_index_misses_slow(n: u64) {
+fn report_index_misses_slow(e: &XenEngine, n: u64) {
     let mut digits = [0u8; 20];
     let parts: [&[u8]; 3] = [
         b"pviommu: ",
@@ -1435,7 +1435,9 @@ fn report_index_misses_slow(n: u64) {
     }
     let line = line.get(..len).unwrap_or(&[]);
     // SAFETY: `line` is valid for its length.
-    unsafe { ffi::pvx_log_error(line.as_ptr(), line.len()) }
+    if unsafe { ffi::pvx_log_error(line.as_ptr(), line.len()) } != 0 {
+        e.index_misses_reported(n);
+    }
 }
 
 /// `n` in decimal, at the end of `buf`: the digits (no panic path).

@@ -631,13 +631,19 @@ std::thread_local! {
     /// The last line this thread logged through `pvx_log_error`.
     pub static LOGGED_ERROR: std::cell::RefCell<std::vec::Vec<u8>> =
         const { std::cell::RefCell::new(std::vec::Vec::new()) };
+    /// Whether `pvx_log_error` prints (false: its rate limit holds it back).
+    pub static LOG_ERROR_ALLOWED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
 }
 #[no_mangle]
 #[inline(never)]
-pub extern "C" fn pvx_log_error(msg: *const u8, len: usize) {
+pub extern "C" fn pvx_log_error(msg: *const u8, len: usize) -> i32 {
+    if !LOG_ERROR_ALLOWED.with(|a| a.get()) {
+        return 0;
+    }
     // SAFETY: the engine passes a message valid for `len` bytes.
     let line = unsafe { std::slice::from_raw_parts(msg, len) };
     LOGGED_ERROR.with(|l| *l.borrow_mut() = line.to_vec());
+    1
 }
 
 // Xen's return and indirect-call thunks (plain `ret` and `jmp *%r11`, what
