@@ -293,7 +293,7 @@ pub struct Engine<L: RawMutex> {
     /// Whether services are timed for the stats (`PVIOMMU_STATS_TIMING_*`).
     timing: AtomicBool,
     /// Live mappings the page index had lost (an engine bug), found since
-    /// the host last reported them ([`Engine::index_misses_unreported`]):
+    /// the host last reported them ([`Engine::take_index_misses`]):
     /// added at each
     /// unlock from the cell's own count.
     index_misses: AtomicU64,
@@ -1139,19 +1139,24 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// Live mappings the page index had lost (an engine bug, or memory
-    /// corrupted) found and not yet reported, host-wide: each was taken
-    /// down all the same, and its cell's counts are no longer trusted. The
-    /// host reports them (Xen: a console line, rate-limited) and then
-    /// says so with [`index_misses_reported`](Self::index_misses_reported);
-    /// those found meanwhile, or not reported, wait for the next report.
-    pub fn index_misses_unreported(&self) -> u64 {
-        self.index_misses.load(Ordering::Relaxed)
+    /// corrupted) found and not yet reported, host-wide, claimed by the
+    /// caller (0 for whoever asks next): each was taken down all the same,
+    /// and its cell's counts are no longer trusted. The host reports them
+    /// (Xen: a console line, rate-limited), or gives back what it could not
+    /// report ([`give_back_index_misses`](Self::give_back_index_misses)).
+    /// Claimed, not read: two CPUs reporting at once never report one miss
+    /// twice.
+    pub fn take_index_misses(&self) -> u64 {
+        if self.index_misses.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        self.index_misses.swap(0, Ordering::Relaxed)
     }
 
-    /// `n` of [`index_misses_unreported`](Self::index_misses_unreported)
-    /// were reported.
-    pub fn index_misses_reported(&self, n: u64) {
-        self.index_misses.fetch_sub(n, Ordering::Relaxed);
+    /// `n` claimed index misses the host could not report yet: the next
+    /// report has them.
+    pub fn give_back_index_misses(&self, n: u64) {
+        self.index_misses.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Give `domid`'s cell back after its teardown (dom0's too), its state
@@ -2742,9 +2747,8 @@ mod claim_race_tests {
         e.finish(&mut h, DomId::DOM0);
         assert_eq!(contexts(&sim, b)[2], None, "the device kept the page");
         // Reported to the host once (Xen warns on its console).
-        assert_eq!(e.index_misses_unreported(), 1);
-        e.index_misses_reported(1);
-        assert_eq!(e.index_misses_unreported(), 0);
+        assert_eq!(e.take_index_misses(), 1);
+        assert_eq!(e.take_index_misses(), 0, "claimed once");
         let st = e.state();
         let dd = st.driver(DomId::DOM0).unwrap();
         assert_eq!(dd.index_misses(), 1);
@@ -2799,7 +2803,7 @@ mod claim_race_tests {
         assert_eq!(contexts(&sim, rw)[2], None);
         assert_eq!(contexts(&sim, ro)[2], None);
         assert_eq!(e.state().driver(DomId::DOM0).unwrap().index_misses(), 2);
-        assert_eq!(e.index_misses_unreported(), 2, "for the host to report");
+        assert_eq!(e.take_index_misses(), 2, "for the host to report");
         assert_ne!(e.target_drivers(GUEST) & 1, 0, "dom0's cell keeps its bit");
         // Gfn 40 goes: its hook must still reach dom0's cell.
         e.gfn_removed(&mut h, GUEST, Gfn(40));

@@ -1411,7 +1411,7 @@ pub extern "C" fn pviommu_engine_init(
 /// the glue; what it holds back waits for the next line.
 #[inline]
 fn report_index_misses(e: &XenEngine) {
-    let n = e.index_misses_unreported();
+    let n = e.take_index_misses();
     if n != 0 {
         report_index_misses_slow(e, n);
     }
@@ -1435,8 +1435,8 @@ fn report_index_misses_slow(e: &XenEngine, n: u64) {
     }
     let line = line.get(..len).unwrap_or(&[]);
     // SAFETY: `line` is valid for its length.
-    if unsafe { ffi::pvx_log_error(line.as_ptr(), line.len()) } != 0 {
-        e.index_misses_reported(n);
+    if unsafe { ffi::pvx_log_error(line.as_ptr(), line.len()) } == 0 {
+        e.give_back_index_misses(n);
     }
 }
 
