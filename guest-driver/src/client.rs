@@ -60,6 +60,20 @@ pub struct ClientStats {
     pub revocations: u64,
 }
 
+/// How far [`Client::run_ops_settled`] got through its ops.
+#[derive(Debug)]
+pub struct Settled {
+    /// The first `ran` ops ran: their statuses and outputs are the
+    /// hypervisor's, also when a later batch failed.
+    pub ran: usize,
+    /// On an error, the ops from `ran` up to `sent` were in the call that
+    /// failed (they may have run, where the failure is the transport's
+    /// own); those from `sent` on were never sent.
+    pub sent: usize,
+    /// How the run ended.
+    pub result: Result<(), Error>,
+}
+
 /// The largest count a client takes from a hypervisor's (or a daemon's)
 /// answers (batch size, contexts, reserved regions): the hypervisor's own
 /// limits are far below it (`max_batch_ops` at most 65 536, 16 contexts,
@@ -158,17 +172,14 @@ impl<T: Transport> Client<T> {
     /// Run `ops` to completion: split into batches of `max_batch_ops`, each
     /// re-issued from `nr_done` while the hypervisor reports it incomplete.
     pub fn run_ops(&mut self, ops: &mut [PvIommuOp]) -> Result<(), Error> {
-        self.run_ops_settled(ops).2
+        self.run_ops_settled(ops).result
     }
 
-    /// [`run_ops`](Self::run_ops), and how far it got: the first `.0` of
-    /// `ops` ran (their statuses and outputs are the hypervisor's, also
-    /// when a later batch failed); on an error, those from `.0` up to `.1`
-    /// were in the call that failed and may have run, and those from `.1`
-    /// on did not. A transport's `nr_done` that goes back, passes the
-    /// batch, or stops short of it in a call that succeeded is
-    /// [`Error::Unexpected`]: a status past it was never written.
-    pub fn run_ops_settled(&mut self, ops: &mut [PvIommuOp]) -> (usize, usize, Result<(), Error>) {
+    /// [`run_ops`](Self::run_ops), and how far it got ([`Settled`]). A
+    /// transport's `nr_done` that goes back, passes the batch, or stops
+    /// short of it in a call that succeeded is [`Error::Unexpected`]: a
+    /// status past it was never written.
+    pub fn run_ops_settled(&mut self, ops: &mut [PvIommuOp]) -> Settled {
         let max = self
             .caps
             .max_batch_ops
@@ -185,11 +196,19 @@ impl<T: Transport> Client<T> {
             let len = chunk.len();
             let (done, result) = self.run_batch(chunk);
             if result.is_err() {
-                return (settled + done, settled + len, result);
+                return Settled {
+                    ran: settled + done,
+                    sent: settled + len,
+                    result,
+                };
             }
             settled += done;
         }
-        (settled, settled, Ok(()))
+        Settled {
+            ran: settled,
+            sent: settled,
+            result: Ok(()),
+        }
     }
 
     /// One batch of [`run_ops_settled`](Self::run_ops_settled): how many
@@ -204,8 +223,8 @@ impl<T: Transport> Client<T> {
                 Err(e) => return (done, Err(e)),
             };
             let d = d as usize;
-            let complete = ret == 0 && d != chunk.len();
-            if d < done || d > chunk.len() || complete {
+            let short_success = ret == 0 && d != chunk.len();
+            if d < done || d > chunk.len() || short_success {
                 return (
                     done,
                     Err(Error::Unexpected {
@@ -322,7 +341,11 @@ impl<T: Transport> Client<T> {
         // Ops that ran are settled by their status (a later batch's failure
         // does not undo them: their BFNs are live and cached); the rest
         // fail with the call's error.
-        let (settled, _, call) = self.run_ops_settled(&mut ops);
+        let Settled {
+            ran: settled,
+            result: call,
+            ..
+        } = self.run_ops_settled(&mut ops);
         let stopped = call.err().map(|e| e.to_string());
         #[derive(Clone, Copy)]
         enum FirstOp {
@@ -401,7 +424,11 @@ impl<T: Transport> Client<T> {
         // batch failed (reported failed, the caller would unmap them again:
         // a BFN handed out anew meanwhile would go); the rest fail with the
         // call's error.
-        let (settled, tried, call) = self.run_ops_settled(&mut ops);
+        let Settled {
+            ran: settled,
+            sent: tried,
+            result: call,
+        } = self.run_ops_settled(&mut ops);
         for (k, ((i, bfn, key), op)) in sent.into_iter().zip(&ops).enumerate() {
             results[i] = Some(match &call {
                 Err(e) if k >= settled => {

@@ -31,6 +31,6 @@ pub mod shadow;
 pub mod transport;
 
 pub use cache::MappingCache;
-pub use client::{Client, ClientStats, LookupResult, Revocation};
+pub use client::{Client, ClientStats, LookupResult, Revocation, Settled};
 pub use entry::{IommuEntry, VtdEntry};
 pub use error::Error;
