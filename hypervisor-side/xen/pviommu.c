@@ -178,6 +178,20 @@ static int __init cf_check pvx_rdm_region(xen_pfn_t start, xen_ulong_t nr,
  * and never reach the IOMMU. (32-bit ones lie in the hole below 4 GiB,
  * reserved as a whole.)
  */
+/*
+ * The 64-bit memory BAR at config register `reg` (and `reg` + 4), not
+ * sized: a BAR is aligned to its size, so [addr, addr + lowest set bit)
+ * covers it (perhaps more, never less). Address 0: unassigned, nothing.
+ */
+static void __init pvx_add_unsized_bar(pci_sbdf_t sbdf, unsigned int reg)
+{
+    uint64_t addr = (pci_conf_read32(sbdf, reg) & PCI_BASE_ADDRESS_MEM_MASK) |
+                    ((uint64_t)pci_conf_read32(sbdf, reg + 4) << 32);
+
+    if ( addr )
+        pvx_add_range(addr, addr & -addr, PVIOMMU_REGION_MMIO);
+}
+
 /* PCI class of a host bridge (drivers/passthrough/pci.c keeps it private). */
 #define PVX_CLASS_BRIDGE_HOST 0x0600
 
@@ -214,22 +228,12 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
          * The window covers everything behind the bridge. Its own two BARs
          * are not sized: turning memory decode off on a bridge would cut
          * off every device behind it for a moment, Xen's console included.
-         * A BAR is aligned to its size, so [addr, addr + lowest set bit)
-         * covers it (perhaps more, never less).
          */
         if ( !pdev->ignore_bars &&
              (pci_conf_read32(sbdf, PCI_BASE_ADDRESS_0) &
               (PCI_BASE_ADDRESS_SPACE | PCI_BASE_ADDRESS_MEM_TYPE_MASK)) ==
              PCI_BASE_ADDRESS_MEM_TYPE_64 )
-        {
-            uint64_t addr = (pci_conf_read32(sbdf, PCI_BASE_ADDRESS_0) &
-                             PCI_BASE_ADDRESS_MEM_MASK) |
-                            ((uint64_t)pci_conf_read32(sbdf,
-                                                       PCI_BASE_ADDRESS_1) << 32);
-
-            if ( addr )
-                pvx_add_range(addr, addr & -addr, PVIOMMU_REGION_MMIO);
-        }
+            pvx_add_unsized_bar(sbdf, PCI_BASE_ADDRESS_0);
         return 0;
     }
     else if ( type == PCI_HEADER_TYPE_NORMAL )
@@ -249,8 +253,8 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
      * Memory decode goes off only to size a 64-bit memory BAR (the window
      * is above 4 GiB: 32-bit BARs are below its floor), and never on a host
      * bridge (Linux's mmio_always_on: it may decode more than its BARs).
-     * A host bridge's BARs are taken from their addresses as a bridge's
-     * are (aligned to their size: [addr, addr + lowest set bit) covers it).
+     * A host bridge's BARs are taken from their addresses, as a bridge's
+     * are (pvx_add_unsized_bar).
      */
     sized = pci_conf_read16(sbdf, PCI_CLASS_DEVICE) != PVX_CLASS_BRIDGE_HOST;
     for ( i = 0, has64 = false; i < nbars; i++ )
@@ -270,14 +274,7 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
             break;
         has64 = true;
         if ( !sized )
-        {
-            uint64_t addr = (bar & PCI_BASE_ADDRESS_MEM_MASK) |
-                            ((uint64_t)pci_conf_read32(
-                                 sbdf, PCI_BASE_ADDRESS_0 + (i + 1) * 4) << 32);
-
-            if ( addr )
-                pvx_add_range(addr, addr & -addr, PVIOMMU_REGION_MMIO);
-        }
+            pvx_add_unsized_bar(sbdf, PCI_BASE_ADDRESS_0 + i * 4);
         i++; /* the upper half */
     }
     if ( !has64 || !sized )
