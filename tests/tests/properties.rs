@@ -99,6 +99,8 @@ fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), TestCaseError>
         let owner = dd.domid();
         // The page index never lost a live mapping.
         prop_assert_eq!(dd.index_misses(), 0);
+        // The doubly linked free list holds every free slot, once.
+        prop_assert!(dd.free_list_is_whole(), "free list broken");
         for (idx, slot) in dd.slots() {
             let bfn = st.space().bfn_of(idx).unwrap();
             prop_assert!(bfn.0 >= e.window().start && bfn.0 < e.window().end);

@@ -352,6 +352,8 @@ impl RawSlot {
         match *s {
             Slot::Free { next } => RawSlot {
                 next: link32(next),
+                // (The free list's back link, set where a slot joins it.)
+                aux: link32(NONE),
                 bits: ST_FREE,
                 ..RawSlot::default()
             },
@@ -479,8 +481,17 @@ pub struct DriverDomain {
     /// devices). Empty in the home cell.
     pub(crate) own: Vec<super::contexts::OwnContext>,
     pub(crate) slots: ChunkedVec<RawSlot>,
+    /// The free list, doubly linked (a free slot's `aux` holds the
+    /// previous one), so that a map can take the slot it prefers from
+    /// anywhere in it ([`take_slot_near`](Self::take_slot_near)).
     pub(crate) free_head: u64,
     pub(crate) free: u64,
+    /// The last slot a map installed into, and its page: the next map of
+    /// the following gfn of that target asks for the slot after it, so a
+    /// run of consecutive gfns gets consecutive BFNs however the free list
+    /// was shuffled by unmaps ([`slot_wanted`](Self::slot_wanted)). A hint:
+    /// never trusted beyond the state of the slot it names.
+    pub(crate) run_hint: (DomId, Gfn, u64),
     /// Page index: (target domid, gfn) -> first Live slot of that page; the
     /// rest of the chain follows through `next_same_page`. Dedup walks the
     /// chain; revocation takes it whole.
@@ -573,6 +584,7 @@ impl DriverDomain {
             slots: ChunkedVec::new(),
             free_head: NONE,
             free: 0,
+            run_hint: (DomId(0), Gfn(u64::MAX), NONE),
             pages: ShardedIndex::new(),
             targets: IndexTable::new(),
             target_hint: 0,
@@ -660,6 +672,24 @@ impl DriverDomain {
     /// Revocations whose IOMMU unmap is still being retried.
     pub fn stuck(&self) -> u64 {
         self.stuck
+    }
+    /// Whether the free list holds together: from its head, `free` slots,
+    /// each Free and linked back to the one before, and no Free slot off
+    /// it. A check for tests (a walk of every slot), not for a hypercall.
+    pub fn free_list_is_whole(&self) -> bool {
+        let (mut at, mut prev, mut n) = (self.free_head, NONE, 0u64);
+        while at != NONE {
+            let Some(r) = self.raw(at).filter(|r| r.state() == ST_FREE) else {
+                return false;
+            };
+            if link64(r.aux) != prev || n >= self.slots.len() as u64 {
+                return false;
+            }
+            n += 1;
+            (prev, at) = (at, link64(r.next));
+        }
+        let free_slots = self.slots.iter().filter(|r| r.state() == ST_FREE).count();
+        n == self.free && free_slots as u64 == n
     }
     /// BFNs in use (counted against the quota): every slot not free.
     pub fn used(&self) -> u64 {
@@ -935,17 +965,27 @@ impl DriverDomain {
 
     /// Take a free slot (after [`reserve_slot`](Self::reserve_slot)). The
     /// slot holds `Free` until the caller stores into it.
-    #[inline]
+    #[cfg(test)]
     pub(crate) fn take_slot(&mut self) -> Result<u64, Errno> {
-        if let Some(next) = self
-            .raw(self.free_head)
-            .filter(|r| r.state() == ST_FREE)
-            .map(|r| link64(r.next))
-        {
-            let idx = self.free_head;
-            self.free_head = next;
-            self.free -= 1;
-            return Ok(idx);
+        self.take_slot_near(NONE)
+    }
+
+    /// [`take_slot`](Self::take_slot), taking slot `wanted` if it is free
+    /// (`NONE`, or a slot that is not: the free list's head, else a fresh
+    /// slot). O(1) either way: the free list is doubly linked.
+    #[inline]
+    pub(crate) fn take_slot_near(&mut self, wanted: u64) -> Result<u64, Errno> {
+        // (No free slot at all: no slot `wanted` names is free either.)
+        if self.free_head != NONE {
+            if let Some(w) = self.guest_slot(wanted) {
+                if self.unlink_free(w) {
+                    return Ok(w);
+                }
+            }
+            let head = self.free_head;
+            if self.unlink_free(head) {
+                return Ok(head);
+            }
         }
         let idx = self.slots.len() as u64;
         self.slots
@@ -954,18 +994,49 @@ impl DriverDomain {
         // (a fresh slot is in use at once: `free` is unchanged)
     }
 
-    /// Return a slot to the free list.
+    /// Take `idx` off the free list, wherever it is on it. False (and
+    /// nothing changed) unless `idx` and the neighbours its links name are
+    /// free slots, and the first has no back link only as the head: links
+    /// are only ever written into free slots (a live slot's fields are its
+    /// mapping's), whatever they hold.
+    #[inline]
+    fn unlink_free(&mut self, idx: u64) -> bool {
+        let Some(r) = self.raw(idx).filter(|r| r.state() == ST_FREE) else {
+            return false;
+        };
+        let (prev, next) = (link64(r.aux), link64(r.next));
+        let free_or_none =
+            |at: u64| at == NONE || self.raw(at).is_some_and(|n| n.state() == ST_FREE);
+        if (prev == NONE) != (self.free_head == idx) || !free_or_none(prev) || !free_or_none(next) {
+            return false;
+        }
+        match self.raw_mut(prev) {
+            Some(p) => p.next = link32(next),
+            None => self.free_head = next,
+        }
+        if let Some(n) = self.raw_mut(next) {
+            n.aux = link32(prev);
+        }
+        self.free -= 1;
+        true
+    }
+
+    /// Return a slot to the free list (at its head).
     #[inline]
     pub(crate) fn free_slot(&mut self, idx: u64) {
         let head = self.free_head;
         if let Some(r) = self.raw_mut(idx) {
             *r = RawSlot {
                 next: link32(head),
+                aux: link32(NONE),
                 bits: ST_FREE,
                 ..RawSlot::default()
             };
             self.free_head = idx;
             self.free += 1;
+            if let Some(h) = self.raw_mut(head) {
+                h.aux = link32(idx);
+            }
         }
     }
 
@@ -1393,6 +1464,7 @@ impl DriverDomain {
         self.regions_exact = true;
         self.free_head = NONE;
         self.free = 0;
+        self.run_hint = (DomId(0), Gfn(u64::MAX), NONE);
         self.unmapping_head = NONE;
         self.stuck_head = NONE;
         self.stuck_tail = NONE;
@@ -1516,6 +1588,93 @@ mod tests {
         let idx = install(dd, at, mapping(g));
         dd.push_revoked(idx, notice(g), number);
         idx
+    }
+
+    /// The free list, walked from its head: forward links, each checked
+    /// against the back link of the slot it names.
+    fn free_list(dd: &DriverDomain) -> Vec<u64> {
+        let mut out = Vec::new();
+        let (mut at, mut prev) = (dd.free_head, NONE);
+        while at != NONE {
+            let r = dd.raw(at).unwrap();
+            assert_eq!(r.state(), ST_FREE);
+            assert_eq!(link64(r.aux), prev, "back link of slot {at}");
+            out.push(at);
+            (prev, at) = (at, link64(r.next));
+            assert!(out.len() <= dd.slots.len(), "a cycle");
+        }
+        assert_eq!(out.len() as u64, dd.free);
+        out
+    }
+
+    /// Room for `n` more slots, as `reserve_slot` makes it one at a time.
+    fn room(dd: &mut DriverDomain, n: usize) {
+        for _ in 0..n {
+            dd.slots.try_reserve_one(1 << 20).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_free_slot_is_taken_from_anywhere_in_the_free_list_in_one_step() {
+        let mut dd = DriverDomain::new(DomId(0));
+        room(&mut dd, 8);
+        let slots: Vec<u64> = (0..6).map(|_| dd.take_slot().unwrap()).collect();
+        assert_eq!(slots, [0, 1, 2, 3, 4, 5]);
+        for i in [3, 0, 5, 1, 4] {
+            dd.free_slot(i);
+        }
+        assert_eq!(free_list(&dd), [4, 1, 5, 0, 3]);
+        // The middle, the tail, the head: each leaves a list that holds.
+        assert_eq!(dd.take_slot_near(5), Ok(5));
+        assert_eq!(free_list(&dd), [4, 1, 0, 3]);
+        assert_eq!(dd.take_slot_near(3), Ok(3));
+        assert_eq!(free_list(&dd), [4, 1, 0]);
+        assert_eq!(dd.take_slot_near(4), Ok(4));
+        assert_eq!(free_list(&dd), [1, 0]);
+        // A slot in use, one past the end, NONE: the head instead.
+        assert_eq!(dd.take_slot_near(2), Ok(1));
+        assert_eq!(dd.take_slot_near(99), Ok(0));
+        assert_eq!(free_list(&dd), []);
+        // The list empty: a fresh slot, whatever is asked for.
+        assert_eq!(dd.take_slot_near(2), Ok(6));
+        assert_eq!(dd.used(), 7);
+    }
+
+    #[test]
+    fn a_free_list_that_does_not_hold_together_is_never_followed() {
+        let mut dd = DriverDomain::new(DomId(0));
+        room(&mut dd, 8);
+        for _ in 0..4 {
+            dd.take_slot().unwrap();
+        }
+        for i in [0, 1, 2] {
+            dd.free_slot(i);
+        }
+        assert_eq!(free_list(&dd), [2, 1, 0]);
+        // Slot 3 in use (its fields are a mapping's).
+        if let Some(r) = dd.raw_mut(3) {
+            r.bits = ST_LIVE;
+        }
+        // Slot 1's back link names it: slot 1 is not taken (its unlink
+        // would write into slot 3), the head is, and that repairs slot 1.
+        if let Some(r) = dd.raw_mut(1) {
+            r.aux = link32(3);
+        }
+        assert_eq!(dd.take_slot_near(1), Ok(2));
+        assert_eq!(free_list(&dd), [1, 0]);
+        assert_eq!(dd.raw(3).map(|r| r.state()), Some(ST_LIVE));
+        // Slot 0's next names slot 3: slot 0 is not taken.
+        if let Some(r) = dd.raw_mut(0) {
+            r.next = link32(3);
+        }
+        assert_eq!(dd.take_slot_near(0), Ok(1));
+        // Nor, as the head now, for no slot in particular: a fresh slot is.
+        assert_eq!(dd.take_slot_near(NONE), Ok(4));
+        assert_eq!(dd.free, 1);
+        assert_eq!(
+            dd.raw(3).map(|r| (r.state(), r.aux)),
+            Some((ST_LIVE, link32(NONE)))
+        );
     }
 
     #[test]

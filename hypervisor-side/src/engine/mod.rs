@@ -1843,6 +1843,35 @@ impl<L: RawMutex> Engine<L> {
         Ok(Prepared::Install)
     }
 
+    /// The slot a new mapping would rather have (a preference: taken only
+    /// if free, in O(1); see [`DriverDomain::take_slot_near`]). A map of the
+    /// gfn after the last one installed here, of the same target, asks for
+    /// the slot after that one's: a mediator's run of consecutive gfns gets
+    /// consecutive BFNs however unmaps shuffled the free list, so its
+    /// entries share leaf tables (and the IOMMU's caches of them). A map
+    /// that starts a run asks for the slot, in the 2 MiB block of BFNs of
+    /// the free list's head, that sits where its frame sits in its own
+    /// 2 MiB block: if the run goes on over contiguous frames (a guest's
+    /// memory is mostly in 2 MiB extents), BFNs and frames are aligned
+    /// alike, as an IOMMU needs to map the block as one superpage (Xen's
+    /// VT-d code folds such a leaf table; so do the simulator's default
+    /// contexts). `NONE` when the free list is empty: a fresh slot is next.
+    #[inline]
+    fn slot_wanted(&self, dd: &DriverDomain, key: &Mapping) -> u64 {
+        let (domid, gfn, last) = dd.run_hint;
+        if last != NONE && domid == key.domid && gfn.0.wrapping_add(1) == key.gfn.0 {
+            return last + 1;
+        }
+        const BLOCK: u64 = (1 << 9) - 1;
+        self.space
+            .bfn_of(dd.free_head)
+            .and_then(|head| {
+                self.space
+                    .index_of(Bfn(head.0 & !BLOCK | key.mfn.0 & BLOCK))
+            })
+            .unwrap_or(NONE)
+    }
+
     /// Take a slot, write the IOMMU entry and index the mapping, the
     /// result written into `out`. Nothing allocates here. Once the IOMMU
     /// entry exists, every failure goes through the unmap-flush-release
@@ -1858,7 +1887,7 @@ impl<L: RawMutex> Engine<L> {
     ) -> Reported {
         let key = *key;
         let dd = &mut *d.dd;
-        let idx = match dd.take_slot() {
+        let idx = match dd.take_slot_near(self.slot_wanted(dd, &key)) {
             Ok(i) => i,
             Err(e) => return report::refused(out, e),
         };
@@ -1874,14 +1903,17 @@ impl<L: RawMutex> Engine<L> {
             return report::refused(out, e);
         }
         match dd.install_at(self.seed, at, idx, key) {
-            Ok(tag) => report::installed(
-                out,
-                Mapped {
-                    bfn,
-                    tag,
-                    cell: d.cell,
-                },
-            ),
+            Ok(tag) => {
+                dd.run_hint = (key.domid, key.gfn, idx);
+                report::installed(
+                    out,
+                    Mapped {
+                        bfn,
+                        tag,
+                        cell: d.cell,
+                    },
+                )
+            }
             Err(e) => {
                 // Unreachable (capacity reserved). The entry exists: take it
                 // down the way an unmap does, page released after the flush.

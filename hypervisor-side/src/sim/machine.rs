@@ -1285,6 +1285,17 @@ impl SimMachine {
         }
     }
 
+    /// The raw leaf entry that maps `bfn` in `owner`'s default context
+    /// (Xen's own tables) and its level: 1 for a 4 KiB page, 2 for a 2 MiB
+    /// superpage. What outside tools read to see whether a run of maps
+    /// became a superpage.
+    pub fn default_context_leaf(&self, owner: DomId, bfn: Bfn) -> Option<(u32, u64)> {
+        match self.contexts.get(&(owner, ContextId::DEFAULT))? {
+            Context::Vtd(t) => t.leaf(&self.ram, bfn),
+            Context::Lpae(t) => t.leaf(&self.ram, bfn),
+        }
+    }
+
     fn context_root(&self, owner: DomId, ctx: ContextId) -> Option<Mfn> {
         if ctx != ContextId::DEFAULT {
             return self
