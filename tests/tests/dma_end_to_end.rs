@@ -114,26 +114,37 @@ fn one_flush_per_batch() {
     assert!(unmaps.iter().all(|o| o.status == 0));
 }
 
-/// Issue 10: BFN allocation prefers contiguous runs for consecutive gfns,
-/// aligned with the frames, so the IOMMU can map them as superpages, also
-/// once unmaps in another order have shuffled the free list. Before the
-/// free list was doubly linked and a map asked for the slot after its
-/// run's last, a run mapped after a shuffled unmap got BFNs in the free
-/// list's order: no two consecutive, and no superpage.
-#[test]
-fn a_run_of_gfns_gets_a_contiguous_aligned_run_of_bfns_after_shuffled_unmaps() {
-    let (mut m, e) = machine(Format::Vtd, 4096);
+/// A guest of 4096 pages after `dom0_pages` of dom0's (its frame of gfn g
+/// is `dom0_pages + g`), each page starting with "gfn g"; two blocks' worth
+/// mapped by dom0 (the first from gfn 7: BFNs not aligned as a later run's
+/// gfns), the first unmapped in a shuffled order (a fixed permutation), the
+/// second kept live (so the cell is not emptied and its slots do not start
+/// over in order); then gfns `run` mapped: the machine, the engine and the
+/// run's BFNs.
+fn run_after_shuffled_unmaps(
+    dom0_pages: u64,
+    run: core::ops::Range<u64>,
+) -> (pviommu_hv::sim::SimMachine, pviommu_hv::Engine, Vec<u64>) {
+    let mut m = pviommu_hv::sim::SimMachine::new(8192, Format::Vtd, dom0_pages);
+    let spec = pviommu_hv::sim::DomainSpec {
+        pages: 4096,
+        privileged: false,
+        device_model_of: None,
+    };
+    m.create_domain(GUEST, spec).unwrap();
+    assert_eq!(m.mfn_of(GUEST, Gfn(0)).unwrap().0, dom0_pages);
+    for g in 0..4096 {
+        m.write_guest(GUEST, Gfn(g), 0, &pattern(g)).unwrap();
+    }
+    let e = pviommu_hv::Engine::new(Default::default(), &m).unwrap();
     let map = |m: &mut pviommu_hv::sim::SimMachine, gfns: core::ops::Range<u64>| {
         let mut ops: Vec<_> = gfns.map(|g| map_op(GUEST, g, Permissions::RW)).collect();
         m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
         assert!(ops.iter().all(|o| o.status == 0));
         ops.iter().map(|o| o.bfn).collect::<Vec<u64>>()
     };
-    // Two blocks' worth mapped, the first unmapped in a shuffled order
-    // (a fixed permutation), the second kept live (so the cell is not
-    // emptied and its slots start over in order).
-    let first = map(&mut m, 0..512);
-    let _kept = map(&mut m, 512..1024);
+    let first = map(&mut m, 7..519);
+    let _kept = map(&mut m, 519..1031);
     let mut shuffled = first.clone();
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     for i in (1..shuffled.len()).rev() {
@@ -148,15 +159,26 @@ fn a_run_of_gfns_gets_a_contiguous_aligned_run_of_bfns_after_shuffled_unmaps() {
         .collect();
     m.guest_batch_all(&e, DomId::DOM0, &mut unmaps).unwrap();
     assert!(unmaps.iter().all(|o| o.status == 0));
+    let bfns = map(&mut m, run);
+    (m, e, bfns)
+}
 
-    // A run of 512 gfns whose frames start a 2 MiB block.
-    let g0 = (1024..3584)
-        .find(|g| m.mfn_of(GUEST, Gfn(*g)).unwrap().0 % 512 == 0)
-        .unwrap();
-    let run = map(&mut m, g0..g0 + 512);
+/// Issue 10: BFN allocation prefers contiguous runs for consecutive gfns,
+/// aligned as the gfns are, so that over a guest's 2 MiB extents (gfns and
+/// frames aligned alike) the IOMMU can map a run as a superpage, also once
+/// unmaps in another order have shuffled the free list. Before the free
+/// list was doubly linked and a map asked for the slot after its run's
+/// last, a run mapped after a shuffled unmap got BFNs in the free list's
+/// order: no two consecutive, and no superpage.
+#[test]
+fn a_run_of_gfns_gets_a_contiguous_aligned_run_of_bfns_after_shuffled_unmaps() {
+    // A run of 512 gfns that starts a 2 MiB block of the guest, whose
+    // frames start one too (dom0's 512 pages first).
+    let g0 = 2048;
+    let (mut m, _e, run) = run_after_shuffled_unmaps(512, g0..g0 + 512);
     let consecutive = run.windows(2).filter(|w| w[1] == w[0] + 1).count();
     assert_eq!(consecutive, 511, "consecutive gfns, consecutive BFNs");
-    assert_eq!(run[0] % 512, 0, "aligned as the frames are");
+    assert_eq!(run[0] % 512, g0 % 512, "aligned as the gfns are");
     // The leaf table filled with contiguous, aligned entries: one 2 MiB
     // superpage maps the whole run.
     let (level, _) = m
@@ -169,6 +191,27 @@ fn a_run_of_gfns_gets_a_contiguous_aligned_run_of_bfns_after_shuffled_unmaps() {
                 .unwrap(),
             pattern(g0 + i as u64)
         );
+    }
+}
+
+/// The BFNs a driver domain is handed depend only on what it knows (its
+/// gfns, its own maps and unmaps), never on the machine frames behind them:
+/// the same calls over a guest whose frames sit elsewhere give the same
+/// BFNs (a BFN's low bits aligned as the frame would tell the caller the
+/// frame's low bits).
+#[test]
+fn the_bfns_handed_out_do_not_depend_on_the_machine_frames() {
+    for run in [2048..2560, 2100..2300, 1..2] {
+        let (_, _, aligned) = run_after_shuffled_unmaps(512, run.clone());
+        for dom0_pages in [64, 100, 511] {
+            let (_, _, elsewhere) = run_after_shuffled_unmaps(dom0_pages, run.clone());
+            assert!(
+                aligned == elsewhere,
+                "run {run:?}, frames from {dom0_pages}: BFNs from {:#x?} against {:#x?}",
+                aligned.first(),
+                elsewhere.first()
+            );
+        }
     }
 }
 

@@ -1850,12 +1850,15 @@ impl<L: RawMutex> Engine<L> {
     /// consecutive BFNs however unmaps shuffled the free list, so its
     /// entries share leaf tables (and the IOMMU's caches of them). A map
     /// that starts a run asks for the slot, in the 2 MiB block of BFNs of
-    /// the free list's head, that sits where its frame sits in its own
-    /// 2 MiB block: if the run goes on over contiguous frames (a guest's
-    /// memory is mostly in 2 MiB extents), BFNs and frames are aligned
-    /// alike, as an IOMMU needs to map the block as one superpage (Xen's
-    /// VT-d code folds such a leaf table; so do the simulator's default
-    /// contexts). `NONE` when the free list is empty: a fresh slot is next.
+    /// the free list's head, that sits where its gfn sits in its own 2 MiB
+    /// block: a guest's memory is mostly 2 MiB extents, gfns and frames
+    /// aligned alike, so a run over one gets BFNs aligned as its frames, as
+    /// an IOMMU needs to map the block as one superpage (Xen's VT-d code
+    /// folds such a leaf table; so do the simulator's default contexts).
+    /// Only what the caller already knows decides the BFN (its gfns, its
+    /// own maps and unmaps), never the frame: a BFN's low bits must not
+    /// tell a driver domain anything of a machine frame. `NONE` when the
+    /// free list is empty: a fresh slot is next.
     #[inline]
     fn slot_wanted(&self, dd: &DriverDomain, key: &Mapping) -> u64 {
         let (domid, gfn, last) = dd.run_hint;
@@ -1867,7 +1870,7 @@ impl<L: RawMutex> Engine<L> {
             .bfn_of(dd.free_head)
             .and_then(|head| {
                 self.space
-                    .index_of(Bfn(head.0 & !BLOCK | key.mfn.0 & BLOCK))
+                    .index_of(Bfn(head.0 & !BLOCK | key.gfn.0 & BLOCK))
             })
             .unwrap_or(NONE)
     }
