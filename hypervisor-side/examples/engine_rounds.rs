@@ -21,6 +21,10 @@
 //! engine writes its own VT-d tables; the host only looks pages up and
 //! references them), the context a mediator attaches its GPU to.
 //!
+//! With `PVIOMMU_KEEP_ONE` set, one more page stays mapped: the cell is
+//! never emptied, so each round's maps take the BFNs the last round's
+//! unmaps freed (in their order) rather than fresh slots.
+//!
 //! `engine_rounds 200 reference` runs the reference design
 //! ([`pviommu_hv::sim::reference::NaiveEngine`]) over the same host services
 //! as `context` (the criterion row `reference: naive engine + host`; it
@@ -118,6 +122,25 @@ fn main() -> ExitCode {
     let mut bfns: Vec<(ContextId, Bfn)> = Vec::with_capacity(BATCH as usize);
     let mut mapped = [Err(Errno::Inval); MAP_CHUNK];
     let mut unmapped = [Ok(()); MAP_CHUNK];
+    // `PVIOMMU_KEEP_ONE` set: one more page stays mapped throughout, so the
+    // cell is never emptied and every round's maps take their BFNs from
+    // the free list the round before left (a mediator's steady state)
+    // instead of fresh slots.
+    if std::env::var_os("PVIOMMU_KEEP_ONE").is_some() {
+        let keep = [MapRequest {
+            gfn: Gfn(BATCH + 1),
+            ..reqs[0]
+        }];
+        if let Some(Err(err)) = e
+            .map_batch(&mut m, DomId::DOM0, &dom0, &keep, &mut mapped)
+            .checked_sub(1)
+            .map(|_| mapped[0])
+        {
+            eprintln!("engine_rounds: cannot map the page kept: {err:?}");
+            return ExitCode::FAILURE;
+        }
+        e.finish(&mut m, DomId::DOM0);
+    }
     for round in 0..rounds {
         bfns.clear();
         let mut rest = &reqs[..];

@@ -971,50 +971,77 @@ impl DriverDomain {
     }
 
     /// [`take_slot`](Self::take_slot), taking slot `wanted` if it is free
-    /// (`NONE`, or a slot that is not: the free list's head, else a fresh
-    /// slot). O(1) either way: the free list is doubly linked.
+    /// (`NONE`, or a slot that is not: the free list's head; a fresh slot
+    /// when the list is empty). O(1) either way: the free list is doubly
+    /// linked. `Err(NoSpc)` for a free list that does not hold together
+    /// (an engine bug): nothing is handed out, and the slot array never
+    /// grows past what [`reserve_slot`](Self::reserve_slot) reserved (it
+    /// reserves room only when the list is empty).
     #[inline]
     pub(crate) fn take_slot_near(&mut self, wanted: u64) -> Result<u64, Errno> {
-        // (No free slot at all: no slot `wanted` names is free either.)
-        if self.free_head != NONE {
-            if let Some(w) = self.guest_slot(wanted) {
-                if self.unlink_free(w) {
-                    return Ok(w);
-                }
-            }
-            let head = self.free_head;
-            if self.unlink_free(head) {
-                return Ok(head);
+        if self.free_head == NONE {
+            let idx = self.slots.len() as u64;
+            self.slots
+                .try_push(RawSlot::encode(&Slot::Free { next: NONE }))?;
+            // (a fresh slot is in use at once: `free` is unchanged)
+            return Ok(idx);
+        }
+        if let Some(w) = self.guest_slot(wanted) {
+            if self.unlink_free(w) {
+                return Ok(w);
             }
         }
-        let idx = self.slots.len() as u64;
-        self.slots
-            .try_push(RawSlot::encode(&Slot::Free { next: NONE }))?;
-        Ok(idx)
-        // (a fresh slot is in use at once: `free` is unchanged)
+        let head = self.free_head;
+        if self.unlink_free(head) {
+            return Ok(head);
+        }
+        Err(Errno::NoSpc)
     }
 
     /// Take `idx` off the free list, wherever it is on it. False (and
-    /// nothing changed) unless `idx` and the neighbours its links name are
-    /// free slots, and the first has no back link only as the head: links
-    /// are only ever written into free slots (a live slot's fields are its
-    /// mapping's), whatever they hold.
-    #[inline]
+    /// nothing changed) unless `idx` is a free slot whose neighbours are
+    /// free slots that name it back (or it is the head, with no slot
+    /// before it): a list that does not hold together is never followed,
+    /// and links are only ever written into free slots (a live slot's
+    /// fields are its mapping's).
+    ///
+    /// The neighbours' numbers are clamped before they index anything:
+    /// under a mispredicted Free check, `aux` is a live slot's count of
+    /// references, which a caller can steer, and must not steer a load or
+    /// a store (Spectre v1).
+    #[inline(always)]
     fn unlink_free(&mut self, idx: u64) -> bool {
         let Some(r) = self.raw(idx).filter(|r| r.state() == ST_FREE) else {
             return false;
         };
         let (prev, next) = (link64(r.aux), link64(r.next));
-        let free_or_none =
-            |at: u64| at == NONE || self.raw(at).is_some_and(|n| n.state() == ST_FREE);
-        if (prev == NONE) != (self.free_head == idx) || !free_or_none(prev) || !free_or_none(next) {
+        let next_at = self.guest_slot(next);
+        // The next one first (read), then the previous one (read and, if
+        // all holds, written), then the next one (written): four slot
+        // accesses in all, nothing written unless everything holds.
+        if next != NONE
+            && !next_at
+                .and_then(|i| self.raw(i))
+                .is_some_and(|n| n.state() == ST_FREE && link64(n.aux) == idx)
+        {
             return false;
         }
-        match self.raw_mut(prev) {
-            Some(p) => p.next = link32(next),
-            None => self.free_head = next,
+        if prev == NONE {
+            if self.free_head != idx {
+                return false;
+            }
+            self.free_head = next;
+        } else {
+            let prev_at = self.guest_slot(prev);
+            match prev_at
+                .and_then(|i| self.raw_mut(i))
+                .filter(|p| p.state() == ST_FREE && link64(p.next) == idx)
+            {
+                Some(p) => p.next = link32(next),
+                None => return false,
+            }
         }
-        if let Some(n) = self.raw_mut(next) {
+        if let Some(n) = next_at.and_then(|i| self.raw_mut(i)) {
             n.aux = link32(prev);
         }
         self.free -= 1;
@@ -1034,7 +1061,11 @@ impl DriverDomain {
             };
             self.free_head = idx;
             self.free += 1;
-            if let Some(h) = self.raw_mut(head) {
+            // (Only into a free slot: a live slot's `aux` is its count of
+            // references.)
+            // (Only into a free slot: a live slot's `aux` is its count of
+            // references.)
+            if let Some(h) = self.raw_mut(head).filter(|h| h.state() == ST_FREE) {
                 h.aux = link32(idx);
             }
         }
@@ -1406,11 +1437,21 @@ impl DriverDomain {
         let Some(Slot::Revoked { notice, prev, next }) = self.slot(idx) else {
             return Err(Errno::NoEnt);
         };
-        match self.raw_mut(prev).filter(|r| r.state() == ST_REVOKED) {
+        // The links are clamped before they index anything: under a
+        // mispredicted Revoked match, they are a live slot's fields (its
+        // count of references), which a caller can steer (Spectre v1).
+        let (prev_at, next_at) = (self.guest_slot(prev), self.guest_slot(next));
+        match prev_at
+            .and_then(|i| self.raw_mut(i))
+            .filter(|r| r.state() == ST_REVOKED)
+        {
             Some(r) => r.next = link32(next),
             None => self.revoked_head = next,
         }
-        match self.raw_mut(next).filter(|r| r.state() == ST_REVOKED) {
+        match next_at
+            .and_then(|i| self.raw_mut(i))
+            .filter(|r| r.state() == ST_REVOKED)
+        {
             Some(r) => r.aux = link32(prev),
             None => self.revoked_tail = prev,
         }
@@ -1655,26 +1696,41 @@ mod tests {
         if let Some(r) = dd.raw_mut(3) {
             r.bits = ST_LIVE;
         }
-        // Slot 1's back link names it: slot 1 is not taken (its unlink
-        // would write into slot 3), the head is, and that repairs slot 1.
+        // Slot 1's back link names slot 3: slot 1 is not taken (its unlink
+        // would write into slot 3), nor the head (slot 1 does not name it
+        // back), nor a fresh slot (none was reserved): nothing is.
         if let Some(r) = dd.raw_mut(1) {
             r.aux = link32(3);
         }
-        assert_eq!(dd.take_slot_near(1), Ok(2));
-        assert_eq!(free_list(&dd), [1, 0]);
-        assert_eq!(dd.raw(3).map(|r| r.state()), Some(ST_LIVE));
-        // Slot 0's next names slot 3: slot 0 is not taken.
+        assert_eq!(dd.take_slot_near(1), Err(Errno::NoSpc));
+        assert_eq!((dd.free, dd.slots.len()), (3, 4));
+        // Mended, slot 1 is taken from the middle.
+        if let Some(r) = dd.raw_mut(1) {
+            r.aux = link32(2);
+        }
+        assert_eq!(dd.take_slot_near(1), Ok(1));
+        assert_eq!(free_list(&dd), [2, 0]);
+        // Slot 0's next names slot 3: slot 0 is not taken, the head is.
         if let Some(r) = dd.raw_mut(0) {
             r.next = link32(3);
         }
-        assert_eq!(dd.take_slot_near(0), Ok(1));
-        // Nor, as the head now, for no slot in particular: a fresh slot is.
-        assert_eq!(dd.take_slot_near(NONE), Ok(4));
+        assert_eq!(dd.take_slot_near(0), Ok(2));
+        // Nor, as the head now, for no slot in particular.
+        assert_eq!(dd.take_slot_near(NONE), Err(Errno::NoSpc));
         assert_eq!(dd.free, 1);
         assert_eq!(
             dd.raw(3).map(|r| (r.state(), r.aux)),
             Some((ST_LIVE, link32(NONE)))
         );
+        // A head that is a slot in use: freeing a slot in front of it
+        // writes no back link into it (a live slot's `aux` is its count of
+        // references).
+        if let Some(r) = dd.raw_mut(3) {
+            r.aux = 2;
+        }
+        dd.free_head = 3;
+        dd.free_slot(1);
+        assert_eq!(dd.raw(3).map(|r| (r.state(), r.aux)), Some((ST_LIVE, 2)));
     }
 
     #[test]
