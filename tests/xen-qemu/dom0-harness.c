@@ -27,6 +27,9 @@
  *   hc raw SUBOP FLAGS DOMID GFN BFN PAD RSVD [CONTEXT]
  *   drain-revoked               acknowledge every queued revocation (unmap -> ESTALE)
  *   measure N                   BFNs for N foreign pages: PV-IOMMU batches vs privcmd
+ *   run2m                       a PV domain of one 2 MiB extent, mapped whole into dom0's
+ *                               context 0 in one batch: its BFNs consecutive and aligned?
+ *   unmaprun BFN N              unmap [BFN, BFN + N) of dom0's context 0, in batches
  *   bigdestroy N                map N pages of a fresh domain, destroy it, time the
  *                               destroy, check it is gone and its memory is back
  *   fuzz N SEED [DOMID...]      N hostile hypercalls; leaves what they mapped, recorded
@@ -316,11 +319,11 @@ static uint32_t dom_ssidref(void)
     return sid;
 }
 
-static uint32_t make_domain(unsigned long n, xen_pfn_t *frames)
+/* An empty PV domain that may hold n pages. */
+static uint32_t create_pv_domain(unsigned long n)
 {
     struct xen_domctl_createdomain cfg;
     uint32_t domid = 0;
-    unsigned long i;
 
     memset(&cfg, 0, sizeof(cfg));
     cfg.max_vcpus = 1; cfg.max_evtchn_port = 1023;
@@ -329,6 +332,14 @@ static uint32_t make_domain(unsigned long n, xen_pfn_t *frames)
     cfg.ssidref = dom_ssidref();
     if ( xc_domain_create(xch, &domid, &cfg) ) die("xc_domain_create");
     if ( xc_domain_setmaxmem(xch, domid, (n + 64) * 4) ) die("setmaxmem");
+    return domid;
+}
+
+static uint32_t make_domain(unsigned long n, xen_pfn_t *frames)
+{
+    uint32_t domid = create_pv_domain(n);
+    unsigned long i;
+
     for ( i = 0; i < n; i++ ) frames[i] = i;
     if ( xc_domain_populate_physmap_exact(xch, domid, n, 0, 0, frames) ) die("populate");
     return domid;
@@ -804,6 +815,65 @@ static void pv_unmap_pages(uint32_t ctx, const uint64_t *bfns, unsigned long n, 
         if ( rc ) { printf("measure unmap batch rc=%ld\n", rc); break; }
         i += k;
     }
+}
+
+/*
+ * run2m: a PV domain given one 2 MiB extent (512 contiguous frames, 2 MiB
+ * aligned; a PV domain's gfns are its frames), with known bytes, mapped
+ * whole into dom0's context 0 in one batch. Prints the domid, the first
+ * gfn and BFN, how many BFNs follow the one before, and whether the BFNs
+ * are aligned as the gfns: if they are, Xen's own VT-d and AMD-Vi code
+ * (4.17: the contiguous markers of intel_iommu_map_page and
+ * amd_iommu_map_page) folds the leaf table into a 2 MiB superpage, which
+ * an unmap of one page must split again.
+ */
+static int cmd_run2m(void)
+{
+    xen_pfn_t start = 0, frames[512];
+    uint64_t bfns[512];
+    unsigned long i, consecutive = 0, bad = 0;
+    long calls = 0;
+    uint32_t domid = create_pv_domain(512);
+
+    if ( xc_domain_populate_physmap_exact(xch, domid, 1, 9, 0, &start) ) die("populate 2M");
+    for ( i = 0; i < 512; i++ ) frames[i] = start + i;
+    fill_domain(domid, 512, frames);
+    if ( pv_map_pages(0, domid, frames, 512, bfns, &calls, &bad) != 512 || bad )
+    {
+        printf("run2m domid=%u map failed bad=%lu\n", domid, bad);
+        return 1;
+    }
+    for ( i = 1; i < 512; i++ ) consecutive += bfns[i] == bfns[i - 1] + 1;
+    printf("run2m domid=%u gfn0=0x%lx bfn0=0x%" PRIx64 " consecutive=%lu aligned=%d\n", domid,
+           (unsigned long)start, bfns[0], consecutive, (bfns[0] & 511) == (start & 511));
+    return 0;
+}
+
+/* unmaprun BFN N: unmap BFNs [BFN, BFN + N) of dom0's context 0 in batches;
+ * prints how many were unmapped and how many were not mapped (ENOENT). */
+static int cmd_unmaprun(uint64_t bfn0, unsigned long n)
+{
+    unsigned long i, done = 0, absent = 0, other = 0;
+
+    op_bufs();
+    for ( i = 0; i < n; )
+    {
+        unsigned int k = n - i > max_ops ? max_ops : n - i, j;
+        long rc;
+        memset(ops, 0, k * sizeof(*ops));
+        for ( j = 0; j < k; j++ ) { ops[j].subop = PVIOMMU_OP_unmap; ops[j].bfn = bfn0 + i + j; }
+        rc = run_batch(k, NULL);
+        for ( j = 0; j < k; j++ )
+        {
+            if ( ops[j].status == 0 ) done++;
+            else if ( ops[j].status == -ENOENT ) absent++;
+            else other++;
+        }
+        if ( rc ) { printf("unmaprun rc=%ld\n", rc); return 1; }
+        i += k;
+    }
+    printf("unmaprun unmapped=%lu absent=%lu other=%lu\n", done, absent, other);
+    return 0;
 }
 
 /*
@@ -2022,6 +2092,8 @@ int main(int argc, char **argv)
     if ( !strcmp(c, "caps") ) return cmd_caps();
     if ( !strcmp(c, "xen-symbols") ) return cmd_xen_symbols();
     if ( !strcmp(c, "mkdom") && argc >= 3 ) return cmd_mkdom(strtoul(argv[2], NULL, 0), 0);
+    if ( !strcmp(c, "run2m") ) return cmd_run2m();
+    if ( !strcmp(c, "unmaprun") && argc >= 4 ) return cmd_unmaprun(strtoull(argv[2], NULL, 0), strtoul(argv[3], NULL, 0));
     if ( !strcmp(c, "mkhvm") && argc >= 3 ) return cmd_mkdom(strtoul(argv[2], NULL, 0), 1);
     if ( !strcmp(c, "settarget") && argc >= 4 ) return cmd_settarget(strtoul(argv[2], NULL, 0), strtoul(argv[3], NULL, 0));
     if ( !strcmp(c, "peek") && argc >= 4 ) return cmd_peek(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0), 0);
