@@ -973,3 +973,78 @@ fn a_device_whose_unit_does_not_translate_reaches_machine_addresses() {
     let status = attach(&mut m, &e, DomId::DOM0, ctx, UNTRANSLATED);
     assert_eq!(status, Errno::OpNotSupp.negated());
 }
+
+/// Issue 10: an engine context maps a run over a guest's 2 MiB extent as
+/// one superpage, as the default context does (with consecutive BFNs
+/// aligned as the gfns). Folded and split again within one batch (before
+/// its flush), the leaf table the IOMMU may still hold in its caches is
+/// never rewritten: it is linked back whole. Before, engine contexts made
+/// no superpages, because a fold zeroed the leaf table at once.
+fn a_run_over_a_2m_extent_is_one_superpage_in_an_engine_context(format: Format) {
+    // dom0's 512 pages first: gfns and frames aligned alike.
+    let mut m = SimMachine::new(8192, format, 512);
+    let spec = pviommu_hv::sim::DomainSpec {
+        pages: 1024,
+        privileged: false,
+        device_model_of: None,
+    };
+    m.create_domain(GUEST, spec).unwrap();
+    for g in 0..1024 {
+        m.write_guest(GUEST, pviommu_abi::Gfn(g), 0, &pattern(g))
+            .unwrap();
+    }
+    m.add_device(A, facts(DomId::DOM0));
+    let e = Engine::new(Default::default(), &m).unwrap();
+    let ctx = create(&mut m, &e, DomId::DOM0);
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx, A), 0);
+    // One batch: the run, then an unmap in its middle (a split before the
+    // batch's flush), then a map of that page again.
+    let maps: Vec<PvIommuOp> = (512..1024)
+        .map(|g| map_op_in(ctx, GUEST, g, Permissions::RW))
+        .collect();
+    let mut ops = maps.clone();
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert!(ops.iter().all(|o| o.status == 0));
+    let b0 = ops[0].bfn;
+    assert!(ops.windows(2).all(|w| w[1].bfn == w[0].bfn + 1));
+    assert_eq!(b0 % 512, 0);
+    let level = |m: &SimMachine, b: u64| m.context_leaf(DomId::DOM0, ctx, Bfn(b)).map(|l| l.0);
+    assert_eq!(level(&m, b0 + 7), Some(2), "one superpage");
+    for i in [0u64, 200, 511] {
+        assert_eq!(read(&mut m, A, Bfn(b0 + i)).unwrap(), pattern(512 + i));
+    }
+    // Split (after the run's flush: with the spare the folded table
+    // became), then, in one batch, folded again by refilling the hole and
+    // split again before that batch's flush (the folded table itself).
+    let mut ops = unmap_ops(ctx, &[b0 + 200]);
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!(ops[0].status, 0);
+    let mut ops = vec![map_op_in(ctx, GUEST, 712, Permissions::RW)];
+    ops.extend(unmap_ops(ctx, &[b0 + 300]));
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert!(ops.iter().all(|o| o.status == 0), "{ops:?}");
+    assert_eq!(ops[0].bfn, b0 + 200, "the hole refilled");
+    assert_eq!(level(&m, b0 + 7), Some(1), "split");
+    assert_eq!(read(&mut m, A, Bfn(b0 + 300)), Err(FaultReason::NotPresent));
+    for i in [0u64, 200, 299, 301, 511] {
+        assert_eq!(read(&mut m, A, Bfn(b0 + i)).unwrap(), pattern(512 + i));
+    }
+    assert_eq!(m.unlinked_tables_rewritten(), 0);
+    assert_eq!(m.tables_freed_before_flush(), 0);
+    let rest: Vec<u64> = (0..512).filter(|&i| i != 300).map(|i| b0 + i).collect();
+    let mut ops = unmap_ops(ctx, &rest);
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert!(ops.iter().all(|o| o.status == 0));
+    assert_eq!(m.total_page_refs(), 0);
+    assert_eq!(m.unlinked_tables_rewritten(), 0);
+}
+
+#[test]
+fn vtd_a_run_over_a_2m_extent_is_one_superpage_in_an_engine_context() {
+    a_run_over_a_2m_extent_is_one_superpage_in_an_engine_context(Format::Vtd);
+}
+
+#[test]
+fn lpae_a_run_over_a_2m_extent_is_one_superpage_in_an_engine_context() {
+    a_run_over_a_2m_extent_is_one_superpage_in_an_engine_context(Format::Lpae);
+}

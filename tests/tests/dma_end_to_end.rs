@@ -182,7 +182,7 @@ fn a_run_of_gfns_gets_a_contiguous_aligned_run_of_bfns_after_shuffled_unmaps() {
     // The leaf table filled with contiguous, aligned entries: one 2 MiB
     // superpage maps the whole run.
     let (level, _) = m
-        .default_context_leaf(DomId::DOM0, pviommu_abi::Bfn(run[0]))
+        .context_leaf(DomId::DOM0, ContextId::DEFAULT, pviommu_abi::Bfn(run[0]))
         .unwrap();
     assert_eq!(level, 2, "the run is one superpage");
     for (i, b) in run.iter().enumerate().step_by(101) {

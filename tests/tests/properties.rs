@@ -95,12 +95,17 @@ fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), TestCaseError>
     let mut held_refs = 0u64;
     // No IOMMU map past the width the driver built the tables for.
     prop_assert_eq!(m.maps_past_width, 0);
+    // No table the IOMMU may still walk from its caches was freed, reused
+    // or changed before its flush.
+    prop_assert_eq!(m.tables_freed_before_flush(), 0);
+    prop_assert_eq!(m.unlinked_tables_rewritten(), 0);
     for dd in st.drivers() {
         let owner = dd.domid();
         // The page index never lost a live mapping.
         prop_assert_eq!(dd.index_misses(), 0);
         // The doubly linked free list holds every free slot, once.
         prop_assert!(dd.free_list_is_whole(), "free list broken");
+        prop_assert_eq!(dd.free_list_breaks(), 0);
         for (idx, slot) in dd.slots() {
             let bfn = st.space().bfn_of(idx).unwrap();
             prop_assert!(bfn.0 >= e.window().start && bfn.0 < e.window().end);

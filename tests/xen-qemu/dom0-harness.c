@@ -27,9 +27,9 @@
  *   hc raw SUBOP FLAGS DOMID GFN BFN PAD RSVD [CONTEXT]
  *   drain-revoked               acknowledge every queued revocation (unmap -> ESTALE)
  *   measure N                   BFNs for N foreign pages: PV-IOMMU batches vs privcmd
- *   run2m                       a PV domain of one 2 MiB extent, mapped whole into dom0's
- *                               context 0 in one batch: its BFNs consecutive and aligned?
- *   unmaprun BFN N              unmap [BFN, BFN + N) of dom0's context 0, in batches
+ *   run2m [CTX]                 a PV domain of one 2 MiB extent, mapped whole into dom0's
+ *                               context CTX (0) in one batch: BFNs consecutive, aligned?
+ *   unmaprun BFN N [CTX]        unmap [BFN, BFN + N) of dom0's context CTX (0), in batches
  *   bigdestroy N                map N pages of a fresh domain, destroy it, time the
  *                               destroy, check it is gone and its memory is back
  *   fuzz N SEED [DOMID...]      N hostile hypercalls; leaves what they mapped, recorded
@@ -818,19 +818,20 @@ static void pv_unmap_pages(uint32_t ctx, const uint64_t *bfns, unsigned long n, 
 }
 
 /*
- * run2m: a PV domain given one 2 MiB extent (512 contiguous frames, 2 MiB
- * aligned; a PV domain's gfns are its frames), with known bytes, mapped
- * whole into dom0's context 0 in one batch. Prints the domid, the first
- * gfn and BFN, how many BFNs follow the one before, and whether the BFNs
- * are aligned as the gfns: if they are, Xen's own VT-d and AMD-Vi code
- * (4.17: the contiguous markers of intel_iommu_map_page and
- * amd_iommu_map_page) folds the leaf table into a 2 MiB superpage, which
- * an unmap of one page must split again.
+ * run2m [CTX]: a PV domain given one 2 MiB extent (512 contiguous frames,
+ * 2 MiB aligned; a PV domain's gfns are its frames), with known bytes,
+ * mapped whole into dom0's context CTX (default 0) in one batch. Prints the
+ * domid, the first gfn and BFN, how many BFNs follow the one before, and
+ * whether the BFNs are aligned as the gfns: if they are, the leaf table
+ * is folded into a 2 MiB superpage, which an unmap of one page must split
+ * again: in context 0 by Xen's own VT-d and AMD-Vi code (4.17: the
+ * contiguous markers of intel_iommu_map_page and amd_iommu_map_page), in
+ * an engine context by the engine.
  */
-static int cmd_run2m(void)
+static int cmd_run2m(uint32_t ctx)
 {
     xen_pfn_t start = 0, frames[512];
-    uint64_t bfns[512];
+    uint64_t bfns[512] = { 0 };
     unsigned long i, consecutive = 0, bad = 0;
     long calls = 0;
     uint32_t domid = create_pv_domain(512);
@@ -838,8 +839,14 @@ static int cmd_run2m(void)
     if ( xc_domain_populate_physmap_exact(xch, domid, 1, 9, 0, &start) ) die("populate 2M");
     for ( i = 0; i < 512; i++ ) frames[i] = start + i;
     fill_domain(domid, 512, frames);
-    if ( pv_map_pages(0, domid, frames, 512, bfns, &calls, &bad) != 512 || bad )
+    if ( pv_map_pages(ctx, domid, frames, 512, bfns, &calls, &bad) != 512 || bad )
     {
+        /* Leave nothing behind for the checks that follow. */
+        unsigned long k = 0;
+        for ( i = 0; i < 512; i++ )
+            if ( bfns[i] ) bfns[k++] = bfns[i];
+        pv_unmap_pages(ctx, bfns, k, &calls);
+        xc_domain_destroy(xch, domid);
         printf("run2m domid=%u map failed bad=%lu\n", domid, bad);
         return 1;
     }
@@ -849,9 +856,10 @@ static int cmd_run2m(void)
     return 0;
 }
 
-/* unmaprun BFN N: unmap BFNs [BFN, BFN + N) of dom0's context 0 in batches;
- * prints how many were unmapped and how many were not mapped (ENOENT). */
-static int cmd_unmaprun(uint64_t bfn0, unsigned long n)
+/* unmaprun BFN N [CTX]: unmap BFNs [BFN, BFN + N) of dom0's context CTX
+ * (default 0) in batches; prints how many were unmapped and how many were
+ * not mapped (ENOENT). */
+static int cmd_unmaprun(uint64_t bfn0, unsigned long n, uint32_t ctx)
 {
     unsigned long i, done = 0, absent = 0, other = 0;
 
@@ -861,7 +869,10 @@ static int cmd_unmaprun(uint64_t bfn0, unsigned long n)
         unsigned int k = n - i > max_ops ? max_ops : n - i, j;
         long rc;
         memset(ops, 0, k * sizeof(*ops));
-        for ( j = 0; j < k; j++ ) { ops[j].subop = PVIOMMU_OP_unmap; ops[j].bfn = bfn0 + i + j; }
+        for ( j = 0; j < k; j++ )
+        {
+            ops[j].subop = PVIOMMU_OP_unmap; ops[j].context = ctx; ops[j].bfn = bfn0 + i + j;
+        }
         rc = run_batch(k, NULL);
         for ( j = 0; j < k; j++ )
         {
@@ -2092,8 +2103,10 @@ int main(int argc, char **argv)
     if ( !strcmp(c, "caps") ) return cmd_caps();
     if ( !strcmp(c, "xen-symbols") ) return cmd_xen_symbols();
     if ( !strcmp(c, "mkdom") && argc >= 3 ) return cmd_mkdom(strtoul(argv[2], NULL, 0), 0);
-    if ( !strcmp(c, "run2m") ) return cmd_run2m();
-    if ( !strcmp(c, "unmaprun") && argc >= 4 ) return cmd_unmaprun(strtoull(argv[2], NULL, 0), strtoul(argv[3], NULL, 0));
+    if ( !strcmp(c, "run2m") ) return cmd_run2m(argc >= 3 ? strtoul(argv[2], NULL, 0) : 0);
+    if ( !strcmp(c, "unmaprun") && argc >= 4 )
+        return cmd_unmaprun(strtoull(argv[2], NULL, 0), strtoul(argv[3], NULL, 0),
+                            argc >= 5 ? strtoul(argv[4], NULL, 0) : 0);
     if ( !strcmp(c, "mkhvm") && argc >= 3 ) return cmd_mkdom(strtoul(argv[2], NULL, 0), 1);
     if ( !strcmp(c, "settarget") && argc >= 4 ) return cmd_settarget(strtoul(argv[2], NULL, 0), strtoul(argv[3], NULL, 0));
     if ( !strcmp(c, "peek") && argc >= 4 ) return cmd_peek(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0), 0);

@@ -140,12 +140,45 @@ o=$(run $H destroy $DC); case "$o" in *gone*) ok ctx_target_freed;; *) ko ctx_ta
 vtd_only ctx_caps ctx_create_attach ctx_one_buffer_in_both_contexts ctx_a_reads_at_default_bfn \
     ctx_b_reads_at_context_bfn ctx_b_never_reaches_default_only_page ctx_a_never_reaches_context_only_page \
     ctx_attr_entry_bits cli_entry ctx_destroy_attached_refused ctx_bad_input_refused \
-    ctx_unmap_leaves_other_context ctx_detach_back_to_default ctx_destroy
+    ctx_unmap_leaves_other_context ctx_detach_back_to_default ctx_destroy \
+    ctx_run_2m_one_superpage ctx_run_2m_superpage_split ctx_run_2m_unmapped_whole
 else # VT-d (not re-indented, to keep the diff small)
 if [ $((feat & 0x21)) = $((0x21)) ] && [ "$(field "$o" max_contexts)" -gt 1 ]; then ok ctx_caps; else ko ctx_caps "$o"; fi
 o=$(run $H hc ctx-create); C1=$(field "$o" context)
 a=$(run $H hc attach $C1 $EB)
 if succeeded "$o" && [ -n "$C1" ] && [ "$C1" != 0 ] && succeeded "$a"; then ok ctx_create_attach; else ko ctx_create_attach "$o / $a"; fi
+# The run over a 2 MiB extent again, into the new (empty) context: the
+# engine folds its own leaf table into a 2 MiB superpage (its entry reads
+# back at level 2), which QEMU's VT-d walks for edu B; unmapping one page
+# splits it (level 1 again; B never reads that page again, and reads its
+# neighbours and the ends).
+o=$(run $H run2m $C1); D3=$(field "$o" domid); G3=$(field "$o" gfn0); B3=$(field "$o" bfn0)
+e=$(run $H hc entry 0 $C1 $((B3 + 7)))
+if [ "$(field "$o" consecutive)" = 511 ] && [ "$(field "$o" aligned)" = 1 ] && [ "$(field "$e" level)" = 2 ]; then
+    ok ctx_run_2m_one_superpage; else ko ctx_run_2m_one_superpage "$o / $e"; fi
+if [ -n "$B3" ]; then
+    good=1
+    for i in 0 200 511; do
+        p=$(run $H peek $D3 $(printf '0x%x' $((G3 + i)))); q=$(dma_b $((B3 + i)))
+        [ -n "$(field "$p" sum)" ] && [ "$(field "$q" sum)" = "$(field "$p" sum)" ] || good=0
+    done
+    u=$(run $H hc unmap $((B3 + 200)) $C1)
+    p=$(run $H peek $D3 $(printf '0x%x' $((G3 + 200)))); q=$(dma_b $((B3 + 200)))
+    [ "$(field "$q" sum)" != "$(field "$p" sum)" ] || good=0
+    for i in 0 199 201 511; do
+        p=$(run $H peek $D3 $(printf '0x%x' $((G3 + i)))); q=$(dma_b $((B3 + i)))
+        [ -n "$(field "$p" sum)" ] && [ "$(field "$q" sum)" = "$(field "$p" sum)" ] || good=0
+    done
+    e=$(run $H hc entry 0 $C1 $((B3 + 7)))
+    if succeeded "$u" && [ $good = 1 ] && [ "$(field "$e" level)" = 1 ]; then
+        ok ctx_run_2m_superpage_split; else ko ctx_run_2m_superpage_split "$u / $e / good=$good"; fi
+    u=$(run $H unmaprun $B3 512 $C1); g=$(run $H destroy $D3)
+    if [ "$(field "$u" unmapped)" = 511 ] && [ "$(field "$u" absent)" = 1 ] &&
+       case "$g" in *gone*) true;; *) false;; esac; then
+        ok ctx_run_2m_unmapped_whole; else ko ctx_run_2m_unmapped_whole "$u / $g"; fi
+else
+    ko ctx_run_2m_superpage_split "no run"; ko ctx_run_2m_unmapped_whole "no run"
+fi
 mk=$(run $H mkdom 3); DC=$(echo "$mk" | sed -n 's/^domid=//p')
 set -- $(echo "$mk" | sed -n 's/^gfns=//p' | tr ',' ' '); CG0=$1; CG1=$2; CG2=$3
 o0=$(run $H hc map $DC $CG0 3); BA=$(field "$o0" bfn)

@@ -21,6 +21,10 @@ pub const ENTRIES: usize = 512;
 /// warm. At most 32 KiB held per context without mappings, given back
 /// when the context goes.
 pub const RECYCLED_TABLES: usize = 8;
+/// Leaf tables folded into superpages that one context keeps whole until
+/// its next flush (see [`IoPageTable::release_freed`]); past that many
+/// between two flushes, a full leaf table simply stays one.
+pub const FOLDED_BEFORE_FLUSH: usize = 8;
 /// Levels of the walk; level 1 holds 4 KiB leaves, level 2 superpages.
 pub const LEVELS: u32 = 4;
 /// The level at which 2 MiB superpages live.
@@ -141,11 +145,13 @@ pub struct TableOptions {
     /// IOMMU starts at never moves. BFNs beyond `levels` are refused.
     pub levels: u32,
     /// Fold a full, contiguous, aligned leaf table into a 2 MiB superpage
-    /// (only where the IOMMU has them: VT-d's SLLPS). The folded leaf table
-    /// is zeroed and kept as a spare at once, which is only right where
-    /// the IOMMU caches no paging structures (the simulator's default
-    /// contexts); tables a real IOMMU walks are made without it until the
-    /// retired leaf table can wait for the flush like an emptied one.
+    /// (only where the IOMMU has them: VT-d's SLLPS, which patch 0005
+    /// requires of every unit before it offers contexts; an SMMU's stage 2
+    /// with 4 KiB granules always has them). The folded leaf table is kept
+    /// whole until the context's next flush, since the IOMMU may still
+    /// walk it through its paging-structure caches: a split before then
+    /// links it back where it was, and after the flush it is zeroed and
+    /// kept as the spare its superpage's split will take.
     pub superpages: bool,
     /// Keep up to [`RECYCLED_TABLES`] emptied tables for reuse once
     /// flushed (otherwise every one goes back to the host, as Xen's own
@@ -166,15 +172,14 @@ impl Default for TableOptions {
 }
 
 impl TableOptions {
-    /// The options of a context of the engine's own (`levels` deep): no
-    /// superpages (not on tables a real IOMMU walks, see
-    /// [`superpages`](Self::superpages)), emptied tables kept for reuse.
+    /// The options of a context of the engine's own (`levels` deep):
+    /// superpages, emptied tables kept for reuse.
     /// Benches and examples that stand in for such a context take them
     /// from here, so they cannot drift from what the engine builds.
     pub fn engine_context(levels: u32) -> Self {
         TableOptions {
             levels,
-            superpages: false,
+            superpages: true,
             recycle: true,
         }
     }
@@ -210,8 +215,27 @@ pub struct IoPageTable<F: PageTableFormat> {
     /// The leaf table the last map or unmap went through, so a run of
     /// consecutive BFNs skips the walk above it (see [`LastLeaf`]).
     last_leaf: Option<LastLeaf>,
+    /// Leaf tables folded into superpages since the last flush, each still
+    /// holding the entries its superpage maps: the first `folded_len`.
+    folded: [Folded; FOLDED_BEFORE_FLUSH],
+    folded_len: usize,
     _format: core::marker::PhantomData<F>,
 }
+
+/// A leaf table folded into the superpage at entry `pidx` of `parent`, kept
+/// whole until the flush.
+#[derive(Clone, Copy, Debug)]
+struct Folded {
+    table: Mfn,
+    parent: Mfn,
+    pidx: usize,
+}
+
+const NO_FOLD: Folded = Folded {
+    table: Mfn(0),
+    parent: Mfn(0),
+    pidx: 0,
+};
 
 /// A leaf (level-1) table and where it hangs.
 ///
@@ -248,6 +272,8 @@ impl<F: PageTableFormat> IoPageTable<F> {
             recycled: [Mfn(0); RECYCLED_TABLES],
             recycled_len: 0,
             last_leaf: None,
+            folded: [NO_FOLD; FOLDED_BEFORE_FLUSH],
+            folded_len: 0,
             _format: core::marker::PhantomData,
         };
         // The pinned path: entry 0 down to the table the IOMMU starts at.
@@ -395,6 +421,10 @@ impl<F: PageTableFormat> IoPageTable<F> {
         pidx: usize,
         leaf_table: Mfn,
     ) {
+        // No room to keep it until the flush: it stays a leaf table.
+        let Some(slot) = self.folded.get_mut(self.folded_len) else {
+            return;
+        };
         let (first_mfn, perms, attr) = match F::decode(mem.read_entry(leaf_table, 0), 1) {
             Entry::Leaf { mfn, perms, attr } => (mfn, perms, attr),
             _ => return,
@@ -415,13 +445,56 @@ impl<F: PageTableFormat> IoPageTable<F> {
             pidx,
             F::leaf_entry(first_mfn, perms, attr, SUPERPAGE_LEVEL),
         );
-        // Keep the frame for the split that may follow.
-        for i in 1..ENTRIES {
-            mem.write_entry(leaf_table, i, 0);
+        // Kept whole until the flush: the IOMMU may still walk it.
+        *slot = Folded {
+            table: leaf_table,
+            parent,
+            pidx,
+        };
+        self.folded_len += 1;
+    }
+
+    /// After a flush: the folded leaf tables become spares, zeroed.
+    fn retire_folded(&mut self, mem: &mut impl TableMemory) {
+        let n = core::mem::take(&mut self.folded_len);
+        for i in 0..n {
+            let Some(f) = self.folded.get(i).copied() else {
+                break;
+            };
+            for e in 1..ENTRIES {
+                mem.write_entry(f.table, e, 0);
+            }
+            mem.write_entry(f.table, 0, chain_link(self.spares));
+            mem.set_present_count(f.table, 0);
+            self.spares = Some(f.table);
         }
-        mem.write_entry(leaf_table, 0, chain_link(self.spares));
-        mem.set_present_count(leaf_table, 0);
-        self.spares = Some(leaf_table);
+    }
+
+    /// The leaf table folded into the superpage at (`parent`, `pidx`) since
+    /// the last flush, taken off the list, if it still maps what the
+    /// superpage does (nothing changes inside a superpage: any change
+    /// splits it first).
+    fn take_folded(
+        &mut self,
+        mem: &impl TableMemory,
+        parent: Mfn,
+        pidx: usize,
+        want: Entry,
+    ) -> Option<Mfn> {
+        let n = self.folded_len;
+        let i = self
+            .folded
+            .get(..n)?
+            .iter()
+            .position(|f| f.parent == parent && f.pidx == pidx)?;
+        let f = *self.folded.get(i)?;
+        if F::decode(mem.read_entry(f.table, 0), 1) != want {
+            return None;
+        }
+        let last = *self.folded.get(n - 1)?;
+        *self.folded.get_mut(i)? = last;
+        self.folded_len = n - 1;
+        Some(f.table)
     }
 
     fn take_spare(&mut self, mem: &mut impl TableMemory) -> Option<Mfn> {
@@ -432,6 +505,11 @@ impl<F: PageTableFormat> IoPageTable<F> {
     /// yet split).
     pub fn spare_frames(&self, mem: &impl TableMemory) -> usize {
         count_frames(mem, self.spares)
+    }
+
+    /// Leaf tables folded into superpages since the last flush, kept whole.
+    pub fn folded_frames(&self) -> usize {
+        self.folded_len
     }
 
     /// Emptied tables waiting for an IOTLB flush before they are freed.
@@ -448,6 +526,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
     /// [`RECYCLED_TABLES`] of them for reuse (`options.recycle`). Call only
     /// once the IOMMU can no longer hold them in its caches.
     pub fn release_freed(&mut self, mem: &mut impl TableMemory) {
+        self.retire_folded(mem);
         while let Some(t) = self.freed {
             self.freed = chain_next(mem.read_entry(t, 0));
             let room = self
@@ -554,6 +633,13 @@ impl<F: PageTableFormat> IoPageTable<F> {
         perms: Permissions,
         attr: MemAttr,
     ) -> Result<Mfn, Errno> {
+        // Folded since the last flush: the same table, whole, back where it
+        // was (what the IOMMU may still have cached).
+        let want = Entry::Leaf { mfn, perms, attr };
+        if let Some(t) = self.take_folded(mem, parent, pidx, want) {
+            mem.write_entry(parent, pidx, F::table_entry(t));
+            return Ok(t);
+        }
         let t = match self.take_spare(mem) {
             Some(t) => t,
             None => mem.alloc_table()?,
@@ -584,20 +670,12 @@ impl<F: PageTableFormat> IoPageTable<F> {
         if !self.in_range(bfn) {
             return None;
         }
-        let mut table = self.root;
-        for level in (1..=LEVELS).rev() {
-            let raw = mem.read_entry(table, index(bfn, level));
-            match F::decode(raw, level) {
-                Entry::Table(t) if level > 1 => table = t,
-                Entry::Leaf { .. } => return Some((level, raw)),
-                _ => return None,
-            }
-        }
-        None
+        leaf_at::<F>(mem, self.root, bfn)
     }
 
     /// Free every table, the root included (the context goes away).
     pub fn destroy(mut self, mem: &mut impl TableMemory) {
+        self.retire_folded(mem);
         while let Some(t) = self.take_spare(mem) {
             mem.free_table(t);
         }
@@ -619,6 +697,25 @@ impl<F: PageTableFormat> IoPageTable<F> {
         }
         mem.free_table(table);
     }
+}
+
+/// The raw leaf entry of 4-level tables of format `F` rooted at `root`
+/// that maps `bfn`, and its level (1: 4 KiB, 2: 2 MiB), if any.
+pub fn leaf_at<F: PageTableFormat>(
+    mem: &impl TableMemory,
+    root: Mfn,
+    bfn: Bfn,
+) -> Option<(u32, u64)> {
+    let mut table = root;
+    for level in (1..=LEVELS).rev() {
+        let raw = mem.read_entry(table, index(bfn, level));
+        match F::decode(raw, level) {
+            Entry::Table(t) if level > 1 => table = t,
+            Entry::Leaf { .. } => return Some((level, raw)),
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// Software walk of 4-level tables of format `F` rooted at `root`: what
@@ -1010,7 +1107,7 @@ mod freed_list_tests {
             t.map(&mut mem, Bfn(0x200 + i), Mfn(0x400 + i), rw, wb)
                 .unwrap();
         }
-        assert_eq!(t.spare_frames(&mem), 1, "folded");
+        assert_eq!((t.folded_frames(), t.spare_frames(&mem)), (1, 0), "folded");
         assert_eq!(t.leaf(&mem, Bfn(0x201)).map(|l| l.0), Some(SUPERPAGE_LEVEL));
         assert_eq!(
             t.map(&mut mem, Bfn(0x203), Mfn(1), rw, wb),
@@ -1026,6 +1123,57 @@ mod freed_list_tests {
                 want
             );
         }
+        // (Split before any flush: the folded table itself went back.)
+        assert_eq!((t.folded_frames(), t.spare_frames(&mem)), (0, 0));
+    }
+
+    /// A leaf table folded into a superpage is left whole until the flush
+    /// (the IOMMU may still walk it through its paging-structure caches,
+    /// and must find the same translations there); a split before the flush
+    /// links that very table back, with nothing in it rewritten; after the
+    /// flush it is a spare, zeroed, which a later split takes. Before, the
+    /// fold zeroed it at once and a split refilled it as the spare.
+    #[test]
+    fn a_folded_leaf_table_stays_whole_until_the_flush() {
+        let mut mem = frames();
+        let mut t = IoPageTable::<Vtd>::new(&mut mem).unwrap();
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        let leaf_of = |t: &IoPageTable<Vtd>, mem: &Frames| {
+            let mut table = t.root();
+            for level in (2..=LEVELS).rev() {
+                match Vtd::decode(mem.read_entry(table, index(Bfn(0x200), level)), level) {
+                    Entry::Table(n) => table = n,
+                    _ => return None,
+                }
+            }
+            Some(table)
+        };
+        for i in 0..ENTRIES as u64 - 1 {
+            t.map(&mut mem, Bfn(0x200 + i), Mfn(0x400 + i), rw, wb)
+                .unwrap();
+        }
+        let leaf = leaf_of(&t, &mem).unwrap();
+        let before: Vec<u64> = (0..ENTRIES).map(|i| mem.read_entry(leaf, i)).collect();
+        t.map(&mut mem, Bfn(0x3ff), Mfn(0x5ff), rw, wb).unwrap();
+        let whole: Vec<u64> = (0..ENTRIES).map(|i| mem.read_entry(leaf, i)).collect();
+        assert_eq!(leaf_of(&t, &mem), None, "folded");
+        assert_eq!(&whole[..ENTRIES - 1], &before[..ENTRIES - 1], "left whole");
+        assert_ne!(whole[ENTRIES - 1], 0);
+        // A split before the flush: the same table, linked back.
+        t.unmap(&mut mem, Bfn(0x210)).unwrap();
+        assert_eq!(leaf_of(&t, &mem), Some(leaf));
+        assert_eq!(t.translate(&mem, Bfn(0x211)), Some((Mfn(0x411), rw, wb)));
+        // Folded again, then flushed: the table becomes a zeroed spare.
+        t.map(&mut mem, Bfn(0x210), Mfn(0x410), rw, wb).unwrap();
+        assert_eq!((t.folded_frames(), t.spare_frames(&mem)), (1, 0));
+        t.release_freed(&mut mem);
+        assert_eq!((t.folded_frames(), t.spare_frames(&mem)), (0, 1));
+        assert!((1..ENTRIES).all(|i| mem.read_entry(leaf, i) == 0));
+        // A split after the flush takes the spare.
+        t.unmap(&mut mem, Bfn(0x220)).unwrap();
+        assert_eq!(t.spare_frames(&mem), 0);
+        assert_eq!(t.translate(&mem, Bfn(0x3ff)), Some((Mfn(0x5ff), rw, wb)));
+        assert_eq!(t.translate(&mem, Bfn(0x220)), None);
     }
 
     #[test]

@@ -146,13 +146,19 @@ pub struct Ram {
     /// frame that is no longer a table.
     /// Each such frame with the root frame of the tree it hung in: only a
     /// flush of that context forgets it.
-    unlinked_tables: BTreeMap<u64, u64>,
+    unlinked_tables: BTreeMap<u64, Unlinked>,
     /// The table each linked table frame hangs from (child -> parent), to
     /// find the tree an unlinked one hung in.
     table_parent: BTreeMap<u64, u64>,
     /// Tables freed, or made tables again, while still possibly cached
     /// (see `unlinked_tables`).
     pub(super) tables_freed_before_flush: u64,
+    /// Present entries written into, or cleared in, a table while still
+    /// possibly cached and not linked back where it hung (see
+    /// `unlinked_tables`): a device walking it through the IOMMU's stale
+    /// paging-structure caches would see the change before the flush (a
+    /// fault where a mapping still stands, or a page another BFN maps).
+    pub(super) unlinked_tables_rewritten: u64,
     /// Pages whose cache lines were flushed because a device may have
     /// written them without snooping.
     pub(super) cache_flushes: u64,
@@ -170,6 +176,16 @@ pub struct Ram {
     pub(super) lines_synced: u64,
     /// Table frames allocated (each zeroed and written back whole).
     tables_allocated: u64,
+}
+
+/// Where an unlinked table frame hung (see `Ram::unlinked_tables`).
+#[derive(Clone, Copy, Debug)]
+struct Unlinked {
+    /// The root frame of the tree: only a flush of that context forgets it.
+    root: u64,
+    /// The table and entry that pointed at it.
+    parent: u64,
+    index: usize,
 }
 
 impl Ram {
@@ -191,6 +207,7 @@ impl Ram {
             unlinked_tables: Default::default(),
             table_parent: Default::default(),
             tables_freed_before_flush: 0,
+            unlinked_tables_rewritten: 0,
             cache_flushes: 0,
             non_coherent_tables: true,
             stale_lines: BTreeMap::new(),
@@ -399,17 +416,41 @@ impl Ram {
     /// Entry `index` of `table` is about to become `raw`. An entry that
     /// pointed at a table frame and stops: that table is unlinked until
     /// the next flush of the tree it hung in. An entry that starts to: the
-    /// frame hangs from `table`.
+    /// frame hangs from `table` (and is no longer unlinked if it hangs
+    /// again where it did: what the IOMMU may have cached agrees). A
+    /// present entry changed in an unlinked table is counted
+    /// (`unlinked_tables_rewritten`).
     fn note_unlink(&mut self, table: Mfn, index: usize, raw: u64) {
-        let old = self.table_target(self.read_u64(table, index * 8));
+        let old_raw = self.read_u64(table, index * 8);
+        if !self.unlinked_tables.is_empty()
+            && (old_raw & 3 != 0 || raw & 3 != 0)
+            && self.unlinked_tables.contains_key(&table.0)
+        {
+            self.unlinked_tables_rewritten += 1;
+        }
+        let old = self.table_target(old_raw);
         let new = self.table_target(raw);
         if let Some(child) = old.filter(|c| Some(*c) != new) {
             self.table_parent.remove(&child);
             let root = self.tree_root(table.0);
-            self.unlinked_tables.insert(child, root);
+            self.unlinked_tables.insert(
+                child,
+                Unlinked {
+                    root,
+                    parent: table.0,
+                    index,
+                },
+            );
         }
         if let Some(child) = new.filter(|c| Some(*c) != old) {
             self.table_parent.insert(child, table.0);
+            if self
+                .unlinked_tables
+                .get(&child)
+                .is_some_and(|u| u.parent == table.0 && u.index == index)
+            {
+                self.unlinked_tables.remove(&child);
+            }
         }
     }
     /// The root frame of the tree `table` hangs in (at most 4 levels up).
@@ -426,7 +467,7 @@ impl Ram {
     /// IOMMU caches none of its unlinked tables any more.
     fn forget_unlinked_under(&mut self, root: Option<Mfn>) {
         if let Some(root) = root {
-            self.unlinked_tables.retain(|_, r| *r != root.0);
+            self.unlinked_tables.retain(|_, u| u.root != root.0);
         }
     }
     /// Store an entry in the CPU's view of a table frame.
@@ -1218,6 +1259,13 @@ impl SimMachine {
         self.ram.tables_freed_before_flush
     }
 
+    /// Present entries changed in table frames the IOMMU could still walk
+    /// through its caches from where they were unlinked (not yet flushed):
+    /// each a translation a device could see change before the flush.
+    pub fn unlinked_tables_rewritten(&self) -> u64 {
+        self.ram.unlinked_tables_rewritten
+    }
+
     /// Pages flushed from the CPU caches when freed because a device may
     /// have written them without snooping.
     pub fn cache_flushes(&self) -> u64 {
@@ -1285,14 +1333,15 @@ impl SimMachine {
         }
     }
 
-    /// The raw leaf entry that maps `bfn` in `owner`'s default context
-    /// (Xen's own tables) and its level: 1 for a 4 KiB page, 2 for a 2 MiB
-    /// superpage. What outside tools read to see whether a run of maps
-    /// became a superpage.
-    pub fn default_context_leaf(&self, owner: DomId, bfn: Bfn) -> Option<(u32, u64)> {
-        match self.contexts.get(&(owner, ContextId::DEFAULT))? {
-            Context::Vtd(t) => t.leaf(&self.ram, bfn),
-            Context::Lpae(t) => t.leaf(&self.ram, bfn),
+    /// The raw leaf entry that maps `bfn` in `owner`'s context `ctx` (0:
+    /// Xen's own tables; others: the engine's) and its level: 1 for a 4 KiB
+    /// page, 2 for a 2 MiB superpage. What outside tools read to see
+    /// whether a run of maps became a superpage.
+    pub fn context_leaf(&self, owner: DomId, ctx: ContextId, bfn: Bfn) -> Option<(u32, u64)> {
+        let root = self.context_root(owner, ctx)?;
+        match self.format {
+            Format::Vtd => crate::pgtable::leaf_at::<Vtd>(&self.ram, root, bfn),
+            Format::Lpae => crate::pgtable::leaf_at::<Lpae>(&self.ram, root, bfn),
         }
     }
 
