@@ -119,7 +119,7 @@ impl ContextTables {
 /// A leaf entry as `PVIOMMU_CMD_entry` shows it: no machine address.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct LeafBits {
-    /// Level of the leaf (1: 4 KiB).
+    /// Level of the leaf (1: 4 KiB, 2: 2 MiB).
     pub level: u32,
     /// An [`entry_format`](pviommu_abi::entry_format) code.
     pub format: u16,
