@@ -976,11 +976,13 @@ fn a_device_whose_unit_does_not_translate_reaches_machine_addresses() {
 
 /// Issue 10: an engine context maps a run over a guest's 2 MiB extent as
 /// one superpage, as the default context does (with consecutive BFNs
-/// aligned as the gfns). Folded and split again within one batch (before
+/// aligned as the gfns): on VT-d; LPAE (an SMMU) keeps 4 KiB entries. Folded and split again within one batch (before
 /// its flush), the leaf table the IOMMU may still hold in its caches is
 /// never rewritten: it is linked back whole. Before, engine contexts made
 /// no superpages, because a fold zeroed the leaf table at once.
 fn a_run_over_a_2m_extent_is_one_superpage_in_an_engine_context(format: Format) {
+    // (Not on an SMMU: no break-before-make there, see ContextTables::new.)
+    let folds = format == Format::Vtd;
     // dom0's 512 pages first: gfns and frames aligned alike.
     let mut m = SimMachine::new(8192, format, 512);
     let spec = pviommu_hv::sim::DomainSpec {
@@ -1009,7 +1011,11 @@ fn a_run_over_a_2m_extent_is_one_superpage_in_an_engine_context(format: Format) 
     assert!(ops.windows(2).all(|w| w[1].bfn == w[0].bfn + 1));
     assert_eq!(b0 % 512, 0);
     let level = |m: &SimMachine, b: u64| m.context_leaf(DomId::DOM0, ctx, Bfn(b)).map(|l| l.0);
-    assert_eq!(level(&m, b0 + 7), Some(2), "one superpage");
+    assert_eq!(
+        level(&m, b0 + 7),
+        Some(if folds { 2 } else { 1 }),
+        "one superpage"
+    );
     for i in [0u64, 200, 511] {
         assert_eq!(read(&mut m, A, Bfn(b0 + i)).unwrap(), pattern(512 + i));
     }

@@ -65,7 +65,19 @@ impl ContextTables {
             TableFormat::Vtd {
                 snoop_control: false,
             } => ContextTables::VtdNoSnoop(IoPageTable::with_options(mem, options)?),
-            TableFormat::Lpae => ContextTables::Lpae(IoPageTable::with_options(mem, options)?),
+            // No superpages on an SMMU: changing a live table entry into a
+            // block and back needs break-before-make there, unless the SMMU
+            // has BBML 2 (SMMU_IDR3), which nothing reports yet; without it
+            // a device may take TLB-conflict aborts on pages that stay
+            // mapped (Linux's io-pgtable-arm stopped splitting blocks on
+            // unmap for the same reason).
+            TableFormat::Lpae => ContextTables::Lpae(IoPageTable::with_options(
+                mem,
+                TableOptions {
+                    superpages: false,
+                    ..options
+                },
+            )?),
         })
     }
     pub(crate) fn root(&self) -> Mfn {

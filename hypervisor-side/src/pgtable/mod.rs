@@ -101,6 +101,14 @@ pub trait TableMemory {
     fn table_is_clear(&self, table: Mfn) -> bool {
         self.present_count(table) == 0 && (0..ENTRIES).all(|i| self.read_entry(table, i) == 0)
     }
+    /// Put every store into `table` so far where the IOMMU reads it (a
+    /// non-coherent IOMMU reads memory, not the CPU's caches), ordered
+    /// before any store after: what a table that maps live pages needs
+    /// before an entry points at it (a split, as Xen's own code does with
+    /// `iommu_sync_cache` before it stores the parent entry). Nothing to do
+    /// where the IOMMU snoops the caches, or every store is written
+    /// through.
+    fn write_back_table(&mut self, _table: Mfn) {}
     /// Read entry `index` of `table`.
     fn read_entry(&self, table: Mfn, index: usize) -> u64;
     /// Write entry `index` of `table` (the one place a PTE is stored).
@@ -146,8 +154,8 @@ pub struct TableOptions {
     pub levels: u32,
     /// Fold a full, contiguous, aligned leaf table into a 2 MiB superpage
     /// (only where the IOMMU has them: VT-d's SLLPS, which patch 0005
-    /// requires of every unit before it offers contexts; an SMMU's stage 2
-    /// with 4 KiB granules always has them). The folded leaf table is kept
+    /// requires of every unit before it offers contexts; not on an SMMU,
+    /// see `ContextTables::new`). The folded leaf table is kept
     /// whole until the context's next flush, since the IOMMU may still
     /// walk it through its paging-structure caches: a split before then
     /// links it back where it was, and after the flush it is zeroed and
@@ -637,6 +645,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
         // was (what the IOMMU may still have cached).
         let want = Entry::Leaf { mfn, perms, attr };
         if let Some(t) = self.take_folded(mem, parent, pidx, want) {
+            mem.write_back_table(t);
             mem.write_entry(parent, pidx, F::table_entry(t));
             return Ok(t);
         }
@@ -648,6 +657,9 @@ impl<F: PageTableFormat> IoPageTable<F> {
             mem.write_entry(t, i, F::leaf_entry(Mfn(mfn.0 + i as u64), perms, attr, 1));
         }
         mem.set_present_count(t, ENTRIES as u16);
+        // The device may be using these pages: the table must be in memory
+        // before the entry that points at it.
+        mem.write_back_table(t);
         mem.write_entry(parent, pidx, F::table_entry(t));
         Ok(t)
     }
@@ -818,6 +830,8 @@ mod freed_list_tests {
         allocs: usize,
         /// `reuse_table` calls.
         reuses: usize,
+        /// Stores (`b'w'`) and write-backs (`b'b'`), by frame, in order.
+        events: Vec<(u8, u64)>,
     }
     const COUNT_SHIFT: u32 = 52;
     const COUNT_MASK: u64 = 0x3ff << COUNT_SHIFT;
@@ -853,8 +867,12 @@ mod freed_list_tests {
                 raw
             }
         }
+        fn write_back_table(&mut self, t: Mfn) {
+            self.events.push((b'b', t.0));
+        }
         fn write_entry(&mut self, t: Mfn, i: usize, raw: u64) {
             assert!(!self.free.contains(&t.0), "write to freed frame {t:?}");
+            self.events.push((b'w', t.0));
             let e = &mut self.tables[t.0 as usize][i];
             *e = if i == 0 {
                 (raw & !COUNT_MASK) | (*e & COUNT_MASK)
@@ -934,6 +952,7 @@ mod freed_list_tests {
             free: Vec::new(),
             allocs: 0,
             reuses: 0,
+            events: Vec::new(),
         }
     }
 
@@ -1174,6 +1193,50 @@ mod freed_list_tests {
         assert_eq!(t.spare_frames(&mem), 0);
         assert_eq!(t.translate(&mem, Bfn(0x3ff)), Some((Mfn(0x5ff), rw, wb)));
         assert_eq!(t.translate(&mem, Bfn(0x220)), None);
+    }
+
+    /// A split makes a table that maps pages a device may be using: every
+    /// store into it is written back before the entry that links it (Xen's
+    /// own split does `iommu_sync_cache` first), whether the table is the
+    /// one folded before the flush or a spare after it.
+    #[test]
+    fn a_split_writes_its_table_back_before_linking_it() {
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        for flush_between in [false, true] {
+            let mut mem = frames();
+            let mut t = IoPageTable::<Vtd>::new(&mut mem).unwrap();
+            for i in 0..ENTRIES as u64 {
+                t.map(&mut mem, Bfn(0x200 + i), Mfn(0x400 + i), rw, wb)
+                    .unwrap();
+            }
+            if flush_between {
+                t.release_freed(&mut mem);
+            }
+            // The level-2 table the superpage sits in.
+            let mut parent = t.root();
+            for level in [4, 3] {
+                match Vtd::decode(mem.read_entry(parent, index(Bfn(0x200), level)), level) {
+                    Entry::Table(n) => parent = n,
+                    other => panic!("{other:?}"),
+                }
+            }
+            mem.events.clear();
+            t.unmap(&mut mem, Bfn(0x210)).unwrap();
+            let Entry::Table(leaf) = Vtd::decode(mem.read_entry(parent, index(Bfn(0x200), 2)), 2)
+            else {
+                panic!("not split");
+            };
+            let at = |e: (u8, u64)| mem.events.iter().position(|x| *x == e);
+            let linked = at((b'w', parent.0)).expect("the parent entry was written");
+            let written_back = at((b'b', leaf.0)).expect("the table was written back");
+            let last_fill = mem
+                .events
+                .iter()
+                .take(linked)
+                .rposition(|x| *x == (b'w', leaf.0));
+            assert!(written_back < linked, "flush_between {flush_between}");
+            assert!(last_fill.is_none_or(|w| w < written_back));
+        }
     }
 
     #[test]

@@ -1701,6 +1701,9 @@ impl TableMemory for SimMachine {
         let _host = HostAllocations::begin();
         self.ram.write_entry(table, index, raw)
     }
+    fn write_back_table(&mut self, table: Mfn) {
+        self.ram.sync_lines(table, u64::MAX)
+    }
     fn present_count(&self, table: Mfn) -> u16 {
         self.ram.present_count(table)
     }

@@ -1042,6 +1042,15 @@ impl TableMemory for Xen {
         self.table_read(table, index) & !COUNT.bits_at(index)
     }
     #[inline(always)]
+    fn write_back_table(&mut self, table: Mfn) {
+        // A split's table, before the entry that links it (the IOMMU reads
+        // memory; Xen's own split does iommu_sync_cache first). Its lines
+        // may still be in the cell's dirty set: written back twice then,
+        // which costs a flush of lines already clean.
+        if !TABLES_COHERENT.load(Ordering::Relaxed) {
+            self.write_back(table, u64::MAX);
+        }
+    }
     fn write_entry(&mut self, table: Mfn, index: usize, raw: u64) {
         let count = COUNT.bits_at(index);
         let raw = if count != 0 {
