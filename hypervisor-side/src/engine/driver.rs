@@ -686,7 +686,8 @@ impl DriverDomain {
 
     /// Whether the free list holds together: from its head, `free` slots,
     /// each Free and linked back to the one before, and no Free slot off
-    /// it. A check for tests (a walk of every slot), not for a hypercall.
+    /// it. A check for tests (a walk of every slot), never built into Xen.
+    #[cfg(feature = "std")]
     pub fn free_list_is_whole(&self) -> bool {
         let (mut at, mut prev, mut n) = (self.free_head, NONE, 0u64);
         while at != NONE {

@@ -660,6 +660,14 @@ impl<F: PageTableFormat> IoPageTable<F> {
         // The device may be using these pages: the table must be in memory
         // before the entry that points at it.
         mem.write_back_table(t);
+        // A frame the host would not let the engine write (an engine bug:
+        // a wrong frame among the spares) reads back empty: it is never
+        // linked, and the superpage stays (nothing changed).
+        if mem.present_count(t) != ENTRIES as u16
+            || F::decode(mem.read_entry(t, 0), 1) != (Entry::Leaf { mfn, perms, attr })
+        {
+            return Err(Errno::NoMem);
+        }
         mem.write_entry(parent, pidx, F::table_entry(t));
         Ok(t)
     }
@@ -832,6 +840,10 @@ mod freed_list_tests {
         reuses: usize,
         /// Stores (`b'w'`) and write-backs (`b'b'`), by frame, in order.
         events: Vec<(u8, u64)>,
+        /// A frame the host will not let the engine write: stores into it
+        /// are dropped and it reads 0 (Xen's answer to a frame that is not
+        /// the engine's).
+        refused: Option<u64>,
     }
     const COUNT_SHIFT: u32 = 52;
     const COUNT_MASK: u64 = 0x3ff << COUNT_SHIFT;
@@ -860,6 +872,9 @@ mod freed_list_tests {
         }
         fn read_entry(&self, t: Mfn, i: usize) -> u64 {
             assert!(!self.free.contains(&t.0), "read of freed frame {t:?}");
+            if self.refused == Some(t.0) {
+                return 0;
+            }
             let raw = self.tables[t.0 as usize][i];
             if i == 0 {
                 raw & !COUNT_MASK
@@ -873,6 +888,9 @@ mod freed_list_tests {
         fn write_entry(&mut self, t: Mfn, i: usize, raw: u64) {
             assert!(!self.free.contains(&t.0), "write to freed frame {t:?}");
             self.events.push((b'w', t.0));
+            if self.refused == Some(t.0) {
+                return;
+            }
             let e = &mut self.tables[t.0 as usize][i];
             *e = if i == 0 {
                 (raw & !COUNT_MASK) | (*e & COUNT_MASK)
@@ -881,9 +899,15 @@ mod freed_list_tests {
             };
         }
         fn present_count(&self, t: Mfn) -> u16 {
+            if self.refused == Some(t.0) {
+                return 0;
+            }
             ((self.tables[t.0 as usize][0] & COUNT_MASK) >> COUNT_SHIFT) as u16
         }
         fn set_present_count(&mut self, t: Mfn, c: u16) {
+            if self.refused == Some(t.0) {
+                return;
+            }
             let e = &mut self.tables[t.0 as usize][0];
             *e = (*e & !COUNT_MASK) | (u64::from(c) << COUNT_SHIFT);
         }
@@ -953,6 +977,7 @@ mod freed_list_tests {
             allocs: 0,
             reuses: 0,
             events: Vec::new(),
+            refused: None,
         }
     }
 
@@ -1237,6 +1262,25 @@ mod freed_list_tests {
             assert!(written_back < linked, "flush_between {flush_between}");
             assert!(last_fill.is_none_or(|w| w < written_back));
         }
+    }
+
+    /// A spare the host will not let the engine write (an engine bug) is
+    /// never linked by a split: the unmap fails, the superpage stays.
+    #[test]
+    fn a_split_never_links_a_table_it_could_not_fill() {
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        let mut mem = frames();
+        let mut t = IoPageTable::<Vtd>::new(&mut mem).unwrap();
+        for i in 0..ENTRIES as u64 {
+            t.map(&mut mem, Bfn(0x200 + i), Mfn(0x400 + i), rw, wb)
+                .unwrap();
+        }
+        t.release_freed(&mut mem);
+        assert_eq!(t.spare_frames(&mem), 1);
+        mem.refused = t.spares.map(|m| m.0);
+        assert_eq!(t.unmap(&mut mem, Bfn(0x210)), Err(Errno::NoMem));
+        assert_eq!(t.leaf(&mem, Bfn(0x210)).map(|l| l.0), Some(SUPERPAGE_LEVEL));
+        assert_eq!(t.translate(&mem, Bfn(0x210)), Some((Mfn(0x410), rw, wb)));
     }
 
     #[test]

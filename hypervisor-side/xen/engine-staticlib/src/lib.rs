@@ -1041,7 +1041,6 @@ impl TableMemory for Xen {
     fn read_entry(&self, table: Mfn, index: usize) -> u64 {
         self.table_read(table, index) & !COUNT.bits_at(index)
     }
-    #[inline(always)]
     fn write_back_table(&mut self, table: Mfn) {
         // A split's table, before the entry that links it (the IOMMU reads
         // memory; Xen's own split does iommu_sync_cache first). Its lines
@@ -1051,6 +1050,7 @@ impl TableMemory for Xen {
             self.write_back(table, u64::MAX);
         }
     }
+    #[inline(always)]
     fn write_entry(&mut self, table: Mfn, index: usize, raw: u64) {
         let count = COUNT.bits_at(index);
         let raw = if count != 0 {
