@@ -43,24 +43,24 @@ if [ -n "$L" ] && [ "$L" -le 127 ] && [ "${E:-0}" -gt 0 ]; then ok xen_symbol_na
 # in the middle makes Xen split it again: the device faults there, and the
 # pages on either side and at the ends stay readable. Then everything goes
 # (the cell is empty again for what follows).
-o=$(run $H run2m); D2=$(field "$o" domid); G2=$(field "$o" gfn0); B2=$(field "$o" bfn0)
+o=$(run $H run2m); RD=$(field "$o" domid); RG=$(field "$o" gfn0); RB=$(field "$o" bfn0)
 if [ "$(field "$o" consecutive)" = 511 ] && [ "$(field "$o" aligned)" = 1 ]; then
     ok run_2m_consecutive_aligned_bfns; else ko run_2m_consecutive_aligned_bfns "$o"; fi
-if [ -n "$B2" ]; then
-    M=$((B2 + 200))
-    u=$(run $H hc unmap $M)
-    r=$(run $H dma-read $(printf '0x%x' $((M << 12))))
+if [ -n "$RB" ]; then
+    RM=$((RB + 200))
+    u=$(run $H hc unmap $RM)
+    r=$(run $H dma-read $(printf '0x%x' $((RM << 12))))
     good=1
     for i in 0 199 201 511; do
-        p=$(run $H peek $D2 $(printf '0x%x' $((G2 + i))))
-        q=$(run $H dma-read $(printf '0x%x' $(((B2 + i) << 12))))
+        p=$(run $H peek $RD $(printf '0x%x' $((RG + i))))
+        q=$(run $H dma-read $(printf '0x%x' $(((RB + i) << 12))))
         [ -n "$(field "$p" sum)" ] && [ "$(field "$q" sum)" = "$(field "$p" sum)" ] || good=0
     done
     if succeeded "$u" && [ "$(field "$r" zero)" = 1 ] && [ $good = 1 ]; then
         ok run_2m_split_keeps_neighbours; else ko run_2m_split_keeps_neighbours "$u / $r / good=$good"; fi
-    u=$(run $H unmaprun $B2 512)
-    q=$(run $H dma-read $(printf '0x%x' $(((B2 + 300) << 12))))
-    g=$(run $H destroy $D2)
+    u=$(run $H unmaprun $RB 512)
+    q=$(run $H dma-read $(printf '0x%x' $(((RB + 300) << 12))))
+    g=$(run $H destroy $RD)
     if [ "$(field "$u" unmapped)" = 511 ] && [ "$(field "$u" absent)" = 1 ] && [ "$(field "$q" zero)" = 1 ] &&
        case "$g" in *gone*) true;; *) false;; esac; then
         ok run_2m_unmapped_whole; else ko run_2m_unmapped_whole "$u / $q / $g"; fi
@@ -152,27 +152,27 @@ if succeeded "$o" && [ -n "$C1" ] && [ "$C1" != 0 ] && succeeded "$a"; then ok c
 # back at level 2), which QEMU's VT-d walks for edu B; unmapping one page
 # splits it (level 1 again; B never reads that page again, and reads its
 # neighbours and the ends).
-o=$(run $H run2m $C1); D3=$(field "$o" domid); G3=$(field "$o" gfn0); B3=$(field "$o" bfn0)
-e=$(run $H hc entry 0 $C1 $((B3 + 7)))
+o=$(run $H run2m $C1); CRD=$(field "$o" domid); CRG=$(field "$o" gfn0); CRB=$(field "$o" bfn0)
+e=$(run $H hc entry 0 $C1 $((CRB + 7)))
 if [ "$(field "$o" consecutive)" = 511 ] && [ "$(field "$o" aligned)" = 1 ] && [ "$(field "$e" level)" = 2 ]; then
     ok ctx_run_2m_one_superpage; else ko ctx_run_2m_one_superpage "$o / $e"; fi
-if [ -n "$B3" ]; then
+if [ -n "$CRB" ]; then
     good=1
     for i in 0 200 511; do
-        p=$(run $H peek $D3 $(printf '0x%x' $((G3 + i)))); q=$(dma_b $((B3 + i)))
+        p=$(run $H peek $CRD $(printf '0x%x' $((CRG + i)))); q=$(dma_b $((CRB + i)))
         [ -n "$(field "$p" sum)" ] && [ "$(field "$q" sum)" = "$(field "$p" sum)" ] || good=0
     done
-    u=$(run $H hc unmap $((B3 + 200)) $C1)
-    p=$(run $H peek $D3 $(printf '0x%x' $((G3 + 200)))); q=$(dma_b $((B3 + 200)))
+    u=$(run $H hc unmap $((CRB + 200)) $C1)
+    p=$(run $H peek $CRD $(printf '0x%x' $((CRG + 200)))); q=$(dma_b $((CRB + 200)))
     [ "$(field "$q" sum)" != "$(field "$p" sum)" ] || good=0
     for i in 0 199 201 511; do
-        p=$(run $H peek $D3 $(printf '0x%x' $((G3 + i)))); q=$(dma_b $((B3 + i)))
+        p=$(run $H peek $CRD $(printf '0x%x' $((CRG + i)))); q=$(dma_b $((CRB + i)))
         [ -n "$(field "$p" sum)" ] && [ "$(field "$q" sum)" = "$(field "$p" sum)" ] || good=0
     done
-    e=$(run $H hc entry 0 $C1 $((B3 + 7)))
+    e=$(run $H hc entry 0 $C1 $((CRB + 7)))
     if succeeded "$u" && [ $good = 1 ] && [ "$(field "$e" level)" = 1 ]; then
         ok ctx_run_2m_superpage_split; else ko ctx_run_2m_superpage_split "$u / $e / good=$good"; fi
-    u=$(run $H unmaprun $B3 512 $C1); g=$(run $H destroy $D3)
+    u=$(run $H unmaprun $CRB 512 $C1); g=$(run $H destroy $CRD)
     if [ "$(field "$u" unmapped)" = 511 ] && [ "$(field "$u" absent)" = 1 ] &&
        case "$g" in *gone*) true;; *) false;; esac; then
         ok ctx_run_2m_unmapped_whole; else ko ctx_run_2m_unmapped_whole "$u / $g"; fi
