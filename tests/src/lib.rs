@@ -23,7 +23,18 @@ pub const DEVICE_MODEL: DomId = DomId(3);
 /// A machine with dom0 (64 pages), a guest of `guest_pages` whose page g
 /// starts with the bytes "gfn g", a stranger and a device model.
 pub fn machine(format: Format, guest_pages: u64) -> (SimMachine, Engine) {
-    let mut m = SimMachine::new(4096 + guest_pages, format, 64);
+    machine_after_dom0(format, guest_pages, 64)
+}
+
+/// [`machine`] with `dom0_pages` for dom0, whose frames come first: the
+/// guest's frame of gfn g is `dom0_pages + g`, so with a multiple of 512
+/// its gfns and frames are aligned alike, as a guest's 2 MiB extents are.
+pub fn machine_after_dom0(
+    format: Format,
+    guest_pages: u64,
+    dom0_pages: u64,
+) -> (SimMachine, Engine) {
+    let mut m = SimMachine::new(4096 + guest_pages, format, dom0_pages);
     m.create_domain(
         GUEST,
         DomainSpec {

@@ -984,19 +984,8 @@ fn a_run_over_a_2m_extent_is_one_superpage_in_an_engine_context(format: Format) 
     // (Not on an SMMU: no break-before-make there, see ContextTables::new.)
     let folds = format == Format::Vtd;
     // dom0's 512 pages first: gfns and frames aligned alike.
-    let mut m = SimMachine::new(8192, format, 512);
-    let spec = pviommu_hv::sim::DomainSpec {
-        pages: 1024,
-        privileged: false,
-        device_model_of: None,
-    };
-    m.create_domain(GUEST, spec).unwrap();
-    for g in 0..1024 {
-        m.write_guest(GUEST, pviommu_abi::Gfn(g), 0, &pattern(g))
-            .unwrap();
-    }
+    let (mut m, e) = machine_after_dom0(format, 1024, 512);
     m.add_device(A, facts(DomId::DOM0));
-    let e = Engine::new(Default::default(), &m).unwrap();
     let ctx = create(&mut m, &e, DomId::DOM0);
     assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx, A), 0);
     // One batch: the run, then an unmap in its middle (a split before the

@@ -125,18 +125,8 @@ fn run_after_shuffled_unmaps(
     dom0_pages: u64,
     run: core::ops::Range<u64>,
 ) -> (pviommu_hv::sim::SimMachine, pviommu_hv::Engine, Vec<u64>) {
-    let mut m = pviommu_hv::sim::SimMachine::new(8192, Format::Vtd, dom0_pages);
-    let spec = pviommu_hv::sim::DomainSpec {
-        pages: 4096,
-        privileged: false,
-        device_model_of: None,
-    };
-    m.create_domain(GUEST, spec).unwrap();
+    let (mut m, e) = machine_after_dom0(Format::Vtd, 4096, dom0_pages);
     assert_eq!(m.mfn_of(GUEST, Gfn(0)).unwrap().0, dom0_pages);
-    for g in 0..4096 {
-        m.write_guest(GUEST, Gfn(g), 0, &pattern(g)).unwrap();
-    }
-    let e = pviommu_hv::Engine::new(Default::default(), &m).unwrap();
     let map = |m: &mut pviommu_hv::sim::SimMachine, gfns: core::ops::Range<u64>| {
         let mut ops: Vec<_> = gfns.map(|g| map_op(GUEST, g, Permissions::RW)).collect();
         m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
