@@ -131,12 +131,9 @@ fn main() -> ExitCode {
             gfn: Gfn(BATCH + 1),
             ..reqs[0]
         }];
-        if let Some(Err(err)) = e
-            .map_batch(&mut m, DomId::DOM0, &dom0, &keep, &mut mapped)
-            .checked_sub(1)
-            .map(|_| mapped[0])
-        {
-            eprintln!("engine_rounds: cannot map the page kept: {err:?}");
+        let n = e.map_batch(&mut m, DomId::DOM0, &dom0, &keep, &mut mapped);
+        if n != 1 || mapped[0].is_err() {
+            eprintln!("engine_rounds: cannot map the page kept: {:?}", mapped[0]);
             return ExitCode::FAILURE;
         }
         e.finish(&mut m, DomId::DOM0);

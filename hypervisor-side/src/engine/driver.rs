@@ -286,6 +286,9 @@ const THEN_REVOKED: u8 = 1 << 7;
 // u32::MAX, the stored "none".
 const _: () = assert!(crate::config::MAX_QUOTA < u32::MAX as u64);
 
+/// `DriverDomain::run_hint` with no install to follow (its slot NONE).
+const NO_RUN: (DomId, Gfn, u64) = (DomId(0), Gfn(u64::MAX), NONE);
+
 /// A slot link in 32 bits (slot counts are bounded by `MAX_QUOTA`).
 #[inline]
 fn link32(v: u64) -> u32 {
@@ -588,7 +591,7 @@ impl DriverDomain {
             slots: ChunkedVec::new(),
             free_head: NONE,
             free: 0,
-            run_hint: (DomId(0), Gfn(u64::MAX), NONE),
+            run_hint: NO_RUN,
             free_list_breaks: 0,
             pages: ShardedIndex::new(),
             targets: IndexTable::new(),
@@ -684,24 +687,31 @@ impl DriverDomain {
         self.free_list_breaks
     }
 
-    /// Whether the free list holds together: from its head, `free` slots,
-    /// each Free and linked back to the one before, and no Free slot off
-    /// it. A check for tests (a walk of every slot), never built into Xen.
-    #[cfg(feature = "std")]
-    pub fn free_list_is_whole(&self) -> bool {
-        let (mut at, mut prev, mut n) = (self.free_head, NONE, 0u64);
+    /// The free list from its head, if its links hold together: each slot
+    /// on it Free and linked back to the one before, `free` of them. For
+    /// tests (a walk), never built into Xen.
+    #[cfg(any(test, feature = "std"))]
+    pub fn free_list(&self) -> Option<Vec<u64>> {
+        let (mut at, mut prev) = (self.free_head, NONE);
+        let mut out = Vec::new();
         while at != NONE {
-            let Some(r) = self.raw(at).filter(|r| r.state() == ST_FREE) else {
-                return false;
-            };
-            if link64(r.aux) != prev || n >= self.slots.len() as u64 {
-                return false;
+            let r = self.raw(at).filter(|r| r.state() == ST_FREE)?;
+            if link64(r.aux) != prev || out.len() >= self.slots.len() {
+                return None;
             }
-            n += 1;
+            out.push(at);
             (prev, at) = (at, link64(r.next));
         }
+        (out.len() as u64 == self.free).then_some(out)
+    }
+
+    /// Whether the free list holds together ([`free_list`](Self::free_list))
+    /// and holds every Free slot. For tests (a walk of every slot), never
+    /// built into Xen.
+    #[cfg(feature = "std")]
+    pub fn free_list_is_whole(&self) -> bool {
         let free_slots = self.slots.iter().filter(|r| r.state() == ST_FREE).count();
-        n == self.free && free_slots as u64 == n
+        self.free_list().is_some_and(|l| l.len() == free_slots)
     }
     /// BFNs in use (counted against the quota): every slot not free.
     pub fn used(&self) -> u64 {
@@ -1519,7 +1529,7 @@ impl DriverDomain {
         self.regions_exact = true;
         self.free_head = NONE;
         self.free = 0;
-        self.run_hint = (DomId(0), Gfn(u64::MAX), NONE);
+        self.run_hint = NO_RUN;
         self.unmapping_head = NONE;
         self.stuck_head = NONE;
         self.stuck_tail = NONE;
@@ -1645,21 +1655,9 @@ mod tests {
         idx
     }
 
-    /// The free list, walked from its head: forward links, each checked
-    /// against the back link of the slot it names.
+    /// The free list from its head, which must hold together.
     fn free_list(dd: &DriverDomain) -> Vec<u64> {
-        let mut out = Vec::new();
-        let (mut at, mut prev) = (dd.free_head, NONE);
-        while at != NONE {
-            let r = dd.raw(at).unwrap();
-            assert_eq!(r.state(), ST_FREE);
-            assert_eq!(link64(r.aux), prev, "back link of slot {at}");
-            out.push(at);
-            (prev, at) = (at, link64(r.next));
-            assert!(out.len() <= dd.slots.len(), "a cycle");
-        }
-        assert_eq!(out.len() as u64, dd.free);
-        out
+        dd.free_list().expect("the free list holds together")
     }
 
     /// Room for `n` more slots, as `reserve_slot` makes it one at a time.

@@ -293,9 +293,8 @@ pub struct Engine<L: RawMutex> {
     /// Whether services are timed for the stats (`PVIOMMU_STATS_TIMING_*`).
     timing: AtomicBool,
     /// Live mappings the page index had lost (an engine bug), found since
-    /// the host last reported them ([`Engine::take_index_misses`]):
-    /// added at each
-    /// unlock from the cell's own count.
+    /// the host last reported them ([`Engine::take_index_misses`]): added
+    /// at each unlock from the cell's own count.
     index_misses: AtomicU64,
 }
 
@@ -1853,8 +1852,9 @@ impl<L: RawMutex> Engine<L> {
     /// the free list's head, that sits where its gfn sits in its own 2 MiB
     /// block: a guest's memory is mostly 2 MiB extents, gfns and frames
     /// aligned alike, so a run over one gets BFNs aligned as its frames, as
-    /// an IOMMU needs to map the block as one superpage (Xen's VT-d code
-    /// folds such a leaf table; so do the simulator's default contexts).
+    /// an IOMMU needs to map the block as one superpage (Xen's own VT-d and
+    /// AMD-Vi code folds such a leaf table; so do the engine's VT-d
+    /// contexts, see `pgtable::TableOptions::superpages`).
     /// Only what the caller already knows decides the BFN (its gfns, its
     /// own maps and unmaps), never the frame: a BFN's low bits must not
     /// tell a driver domain anything of a machine frame. `NONE` when the
@@ -1865,7 +1865,8 @@ impl<L: RawMutex> Engine<L> {
         if last != NONE && domid == key.domid && gfn.0.wrapping_add(1) == key.gfn.0 {
             return last + 1;
         }
-        const BLOCK: u64 = (1 << 9) - 1;
+        // BFNs of one 2 MiB block: those of one leaf table.
+        const BLOCK: u64 = crate::pgtable::ENTRIES as u64 - 1;
         self.space
             .bfn_of(dd.free_head)
             .and_then(|head| {

@@ -469,12 +469,10 @@ impl<F: PageTableFormat> IoPageTable<F> {
             let Some(f) = self.folded.get(i).copied() else {
                 break;
             };
-            for e in 1..ENTRIES {
+            for e in 0..ENTRIES {
                 mem.write_entry(f.table, e, 0);
             }
-            mem.write_entry(f.table, 0, chain_link(self.spares));
-            mem.set_present_count(f.table, 0);
-            self.spares = Some(f.table);
+            push_frame(mem, &mut self.spares, f.table);
         }
     }
 
@@ -496,13 +494,19 @@ impl<F: PageTableFormat> IoPageTable<F> {
             .iter()
             .position(|f| f.parent == parent && f.pidx == pidx)?;
         let f = *self.folded.get(i)?;
-        if F::decode(mem.read_entry(f.table, 0), 1) != want {
+        if !Self::starts_with(mem, f.table, want) {
             return None;
         }
         let last = *self.folded.get(n - 1)?;
         *self.folded.get_mut(i)? = last;
         self.folded_len = n - 1;
         Some(f.table)
+    }
+
+    /// Whether leaf table `t`'s first entry is `want` (what a superpage
+    /// splitting into it maps first).
+    fn starts_with(mem: &impl TableMemory, t: Mfn, want: Entry) -> bool {
+        F::decode(mem.read_entry(t, 0), 1) == want
     }
 
     fn take_spare(&mut self, mem: &mut impl TableMemory) -> Option<Mfn> {
@@ -663,9 +667,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
         // A frame the host would not let the engine write (an engine bug:
         // a wrong frame among the spares) reads back empty: it is never
         // linked, and the superpage stays (nothing changed).
-        if mem.present_count(t) != ENTRIES as u16
-            || F::decode(mem.read_entry(t, 0), 1) != (Entry::Leaf { mfn, perms, attr })
-        {
+        if mem.present_count(t) != ENTRIES as u16 || !Self::starts_with(mem, t, want) {
             return Err(Errno::NoMem);
         }
         mem.write_entry(parent, pidx, F::table_entry(t));
@@ -745,22 +747,17 @@ pub fn walk<F: PageTableFormat>(
     root: Mfn,
     bfn: Bfn,
 ) -> Option<(Mfn, Permissions, MemAttr)> {
-    let mut table = root;
-    for level in (1..=LEVELS).rev() {
-        match F::decode(mem.read_entry(table, index(bfn, level)), level) {
-            Entry::Table(t) if level > 1 => table = t,
-            Entry::Leaf { mfn, perms, attr } => {
-                let offset = bfn.0 & ((1u64 << (9 * (level - 1))) - 1);
-                return Some((Mfn(mfn.0 + offset), perms, attr));
-            }
-            _ => return None,
-        }
-    }
-    None
+    let (level, raw) = leaf_at::<F>(mem, root, bfn)?;
+    let Entry::Leaf { mfn, perms, attr } = F::decode(raw, level) else {
+        return None;
+    };
+    let offset = bfn.0 & ((1u64 << (9 * (level - 1))) - 1);
+    Some((Mfn(mfn.0 + offset), perms, attr))
 }
 
-/// Push `t`, a table an unmap just emptied (its present count reached 0,
-/// so every entry is clear), on a list of frames chained through entry 0.
+/// Push `t`, a table whose every entry is clear (an unmap emptied it: its
+/// present count reached 0; or a folded leaf table zeroed after its
+/// flush), on a list of frames chained through entry 0.
 ///
 /// A frame on a list may still be walked by the IOMMU (through its
 /// paging-structure caches, until the flush), so the link must read as not

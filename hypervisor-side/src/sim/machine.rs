@@ -178,6 +178,13 @@ pub struct Ram {
     tables_allocated: u64,
 }
 
+/// Whether a raw table entry is present, in either format (VT-d: R or W;
+/// LPAE: valid, with bit 1 the table/page bit beside it).
+#[inline]
+fn entry_present(raw: u64) -> bool {
+    raw & 3 != 0
+}
+
 /// Where an unlinked table frame hung (see `Ram::unlinked_tables`).
 #[derive(Clone, Copy, Debug)]
 struct Unlinked {
@@ -404,7 +411,7 @@ impl Ram {
     #[inline]
     fn table_target(&self, raw: u64) -> Option<u64> {
         // An empty entry (most writes clear or fill one) needs no lookup.
-        if raw & 3 == 0 {
+        if !entry_present(raw) {
             return None;
         }
         let target = (raw & 0x0000_FFFF_FFFF_F000) >> 12;
@@ -423,7 +430,7 @@ impl Ram {
     fn note_unlink(&mut self, table: Mfn, index: usize, raw: u64) {
         let old_raw = self.read_u64(table, index * 8);
         if !self.unlinked_tables.is_empty()
-            && (old_raw & 3 != 0 || raw & 3 != 0)
+            && (entry_present(old_raw) || entry_present(raw))
             && self.unlinked_tables.contains_key(&table.0)
         {
             self.unlinked_tables_rewritten += 1;
