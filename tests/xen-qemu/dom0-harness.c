@@ -800,21 +800,31 @@ static unsigned long pv_map_pages(uint32_t ctx, uint32_t domid, const xen_pfn_t 
     return done;
 }
 
-/* The unmap of bfns[0..n) from context ctx, in batches of max_ops. */
-static void pv_unmap_pages(uint32_t ctx, const uint64_t *bfns, unsigned long n, long *calls)
+/* The unmap of bfns[0..n) from context ctx, in batches of max_ops: how many
+ * were unmapped; *absent (if given) counts those that were not mapped
+ * (ENOENT). A failed batch ends it. */
+static unsigned long pv_unmap_pages(uint32_t ctx, const uint64_t *bfns, unsigned long n,
+                                    long *calls, unsigned long *absent)
 {
-    unsigned long i;
+    unsigned long i, done = 0;
     long rc;
 
+    op_bufs();
     for ( i = 0; i < n; )
     {
         unsigned int k = n - i > max_ops ? max_ops : n - i, j;
         memset(ops, 0, k * sizeof(*ops));
         for ( j = 0; j < k; j++ ) { ops[j].subop = PVIOMMU_OP_unmap; ops[j].context = ctx; ops[j].bfn = bfns[i + j]; }
         rc = run_batch(k, calls);
-        if ( rc ) { printf("measure unmap batch rc=%ld\n", rc); break; }
+        if ( rc ) { printf("unmap batch rc=%ld\n", rc); break; }
+        for ( j = 0; j < k; j++ )
+        {
+            if ( ops[j].status == 0 ) done++;
+            else if ( ops[j].status == -ENOENT && absent ) (*absent)++;
+        }
         i += k;
     }
+    return done;
 }
 
 /*
@@ -845,7 +855,7 @@ static int cmd_run2m(uint32_t ctx)
         unsigned long k = 0;
         for ( i = 0; i < 512; i++ )
             if ( bfns[i] ) bfns[k++] = bfns[i];
-        pv_unmap_pages(ctx, bfns, k, &calls);
+        pv_unmap_pages(ctx, bfns, k, &calls, NULL);
         xc_domain_destroy(xch, domid);
         printf("run2m domid=%u map failed bad=%lu\n", domid, bad);
         return 1;
@@ -861,29 +871,14 @@ static int cmd_run2m(uint32_t ctx)
  * not mapped (ENOENT). */
 static int cmd_unmaprun(uint64_t bfn0, unsigned long n, uint32_t ctx)
 {
-    unsigned long i, done = 0, absent = 0, other = 0;
+    uint64_t *bfns = calloc(n, sizeof(*bfns));
+    unsigned long i, done, absent = 0;
 
-    op_bufs();
-    for ( i = 0; i < n; )
-    {
-        unsigned int k = n - i > max_ops ? max_ops : n - i, j;
-        long rc;
-        memset(ops, 0, k * sizeof(*ops));
-        for ( j = 0; j < k; j++ )
-        {
-            ops[j].subop = PVIOMMU_OP_unmap; ops[j].context = ctx; ops[j].bfn = bfn0 + i + j;
-        }
-        rc = run_batch(k, NULL);
-        for ( j = 0; j < k; j++ )
-        {
-            if ( ops[j].status == 0 ) done++;
-            else if ( ops[j].status == -ENOENT ) absent++;
-            else other++;
-        }
-        if ( rc ) { printf("unmaprun rc=%ld\n", rc); return 1; }
-        i += k;
-    }
-    printf("unmaprun unmapped=%lu absent=%lu other=%lu\n", done, absent, other);
+    if ( !bfns ) die("calloc");
+    for ( i = 0; i < n; i++ ) bfns[i] = bfn0 + i;
+    done = pv_unmap_pages(ctx, bfns, n, NULL, &absent);
+    printf("unmaprun unmapped=%lu absent=%lu other=%lu\n", done, absent, n - done - absent);
+    free(bfns);
     return 0;
 }
 
@@ -923,7 +918,7 @@ static unsigned long pv_map_unmap(const char *tag, uint32_t ctx, uint32_t domid,
     if ( pv_stats(PVIOMMU_STATS_RESET, &sm) ) memset(&sm, 0, sizeof(sm));
     perfc_take(&p2);
     t2 = now();
-    pv_unmap_pages(ctx, bfns, done, &ucalls);
+    pv_unmap_pages(ctx, bfns, done, &ucalls, NULL);
     t3 = now();
     perfc_take(&p3);
     if ( pv_stats(PVIOMMU_STATS_RESET | PVIOMMU_STATS_TIMING_OFF, &su) ) memset(&su, 0, sizeof(su));
@@ -1015,7 +1010,7 @@ static void alternate_with_privcmd(uint32_t ctx, uint32_t domid, const xen_pfn_t
                 t0 = now();
                 done = pv_map_pages(ctx, domid, frames, n, bfns, NULL, &bad);
                 t1 = now();
-                pv_unmap_pages(ctx, bfns, done, NULL);
+                pv_unmap_pages(ctx, bfns, done, NULL, NULL);
                 t2 = now();
                 if ( done != n || bad ) ok = false;
                 vm[r] = t1 - t0; vu[r] = t2 - t1;

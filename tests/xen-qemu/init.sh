@@ -16,6 +16,21 @@ field() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p" | head -1; }
 errno_is() { [ "$(field "$1" rc)" = "$2" ] || [ "$(field "$1" status)" = "$2" ]; }
 # succeeded OUTPUT: the hypercall and the op both returned 0
 succeeded() { [ "$(field "$1" rc)" = 0 ] && [ "$(field "$1" status)" = 0 ]; }
+# The two edu devices: A (dma_a BFN) in dom0's default context, B (dma_b
+# BFN) attached to the engine context C1 once section 4b made it.
+EA=0000:00:06.0; EB=0000:00:07.0
+dma_a() { EDU=$EA run $H dma-read $(printf '0x%x' $(($1 << 12))); }
+dma_b() { EDU=$EB EDU_CTX=$C1 run $H dma-read $(printf '0x%x' $(($1 << 12))); }
+# reads_run DOMID GFN0 BFN0 READER I...: for each I, the device READER
+# (dma_a or dma_b) reads at BFN0 + I the bytes of DOMID's gfn GFN0 + I.
+reads_run() {
+    local dom=$1 gfn0=$2 bfn0=$3 reader=$4 i page dev
+    shift 4
+    for i in "$@"; do
+        page=$(run $H peek $dom $(printf '0x%x' $((gfn0 + i)))); dev=$($reader $((bfn0 + i)))
+        [ -n "$(field "$page" sum)" ] && [ "$(field "$dev" sum)" = "$(field "$page" sum)" ] || return 1
+    done
+}
 # run CMD...: log the command and its output to the console, print the output,
 # and return the command's own exit status (callers test $?)
 run() { out=$("$@" 2>&1); st=$?; echo "+ ${*#/bin/} -> $out" | sed 's/^/  /' >&2; echo "$out"; return $st; }
@@ -49,17 +64,13 @@ if [ "$(field "$o" consecutive)" = 511 ] && [ "$(field "$o" aligned)" = 1 ]; the
 if [ -n "$RB" ]; then
     RM=$((RB + 200))
     u=$(run $H hc unmap $RM)
-    r=$(run $H dma-read $(printf '0x%x' $((RM << 12))))
+    r=$(dma_a $RM)
     good=1
-    for i in 0 199 201 511; do
-        p=$(run $H peek $RD $(printf '0x%x' $((RG + i))))
-        q=$(run $H dma-read $(printf '0x%x' $(((RB + i) << 12))))
-        [ -n "$(field "$p" sum)" ] && [ "$(field "$q" sum)" = "$(field "$p" sum)" ] || good=0
-    done
+    reads_run $RD $RG $RB dma_a 0 199 201 511 || good=0
     if succeeded "$u" && [ "$(field "$r" zero)" = 1 ] && [ $good = 1 ]; then
         ok run_2m_split_keeps_neighbours; else ko run_2m_split_keeps_neighbours "$u / $r / good=$good"; fi
     u=$(run $H unmaprun $RB 512)
-    q=$(run $H dma-read $(printf '0x%x' $(((RB + 300) << 12))))
+    q=$(dma_a $((RB + 300)))
     g=$(run $H destroy $RD)
     if [ "$(field "$u" unmapped)" = 511 ] && [ "$(field "$u" absent)" = 1 ] && [ "$(field "$q" zero)" = 1 ] &&
        case "$g" in *gone*) true;; *) false;; esac; then
@@ -124,9 +135,6 @@ o=$(run $H hc cmd 99); if errno_is "$o" -95; then ok unknown_cmd_eopnotsupp; els
 # foreign buffer mapped in both, each device reaching it at the BFN of its
 # own context. Each context numbers its BFNs on its own (the two BFNs may
 # be equal), so isolation is checked as "never reaches the other's page".
-EA=0000:00:06.0; EB=0000:00:07.0
-dma_a() { EDU=$EA run $H dma-read $(printf '0x%x' $(($1 << 12))); }
-dma_b() { EDU=$EB EDU_CTX=$C1 run $H dma-read $(printf '0x%x' $(($1 << 12))); }
 o=$(run $H hc caps); feat=$(($(field "$o" features)))
 if [ "$IOMMU" = amd ]; then
 # AMD-Vi: no contexts offered (features 0x01|0x20 clear, max_contexts 1),
@@ -158,17 +166,11 @@ if [ "$(field "$o" consecutive)" = 511 ] && [ "$(field "$o" aligned)" = 1 ] && [
     ok ctx_run_2m_one_superpage; else ko ctx_run_2m_one_superpage "$o / $e"; fi
 if [ -n "$CRB" ]; then
     good=1
-    for i in 0 200 511; do
-        p=$(run $H peek $CRD $(printf '0x%x' $((CRG + i)))); q=$(dma_b $((CRB + i)))
-        [ -n "$(field "$p" sum)" ] && [ "$(field "$q" sum)" = "$(field "$p" sum)" ] || good=0
-    done
+    reads_run $CRD $CRG $CRB dma_b 0 200 511 || good=0
     u=$(run $H hc unmap $((CRB + 200)) $C1)
     p=$(run $H peek $CRD $(printf '0x%x' $((CRG + 200)))); q=$(dma_b $((CRB + 200)))
     [ "$(field "$q" sum)" != "$(field "$p" sum)" ] || good=0
-    for i in 0 199 201 511; do
-        p=$(run $H peek $CRD $(printf '0x%x' $((CRG + i)))); q=$(dma_b $((CRB + i)))
-        [ -n "$(field "$p" sum)" ] && [ "$(field "$q" sum)" = "$(field "$p" sum)" ] || good=0
-    done
+    reads_run $CRD $CRG $CRB dma_b 0 199 201 511 || good=0
     e=$(run $H hc entry 0 $C1 $((CRB + 7)))
     if succeeded "$u" && [ $good = 1 ] && [ "$(field "$e" level)" = 1 ]; then
         ok ctx_run_2m_superpage_split; else ko ctx_run_2m_superpage_split "$u / $e / good=$good"; fi
