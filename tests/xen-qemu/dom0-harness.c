@@ -802,12 +802,12 @@ static unsigned long pv_map_pages(uint32_t ctx, uint32_t domid, const xen_pfn_t 
 
 /* The unmap of bfns[0..n) from context ctx, in batches of max_ops: how many
  * were unmapped; *absent (if given) counts those that were not mapped
- * (ENOENT). A failed batch ends it. */
+ * (ENOENT). A failed batch ends it, its rc in *failed (if given; else 0). */
 static unsigned long pv_unmap_pages(uint32_t ctx, const uint64_t *bfns, unsigned long n,
-                                    long *calls, unsigned long *absent)
+                                    long *calls, unsigned long *absent, long *failed)
 {
     unsigned long i, done = 0;
-    long rc;
+    long rc = 0;
 
     op_bufs();
     for ( i = 0; i < n; )
@@ -824,6 +824,7 @@ static unsigned long pv_unmap_pages(uint32_t ctx, const uint64_t *bfns, unsigned
         }
         i += k;
     }
+    if ( failed ) *failed = rc;
     return done;
 }
 
@@ -855,7 +856,7 @@ static int cmd_run2m(uint32_t ctx)
         unsigned long k = 0;
         for ( i = 0; i < 512; i++ )
             if ( bfns[i] ) bfns[k++] = bfns[i];
-        pv_unmap_pages(ctx, bfns, k, &calls, NULL);
+        pv_unmap_pages(ctx, bfns, k, &calls, NULL, NULL);
         xc_domain_destroy(xch, domid);
         printf("run2m domid=%u map failed bad=%lu\n", domid, bad);
         return 1;
@@ -873,13 +874,15 @@ static int cmd_unmaprun(uint64_t bfn0, unsigned long n, uint32_t ctx)
 {
     uint64_t *bfns = calloc(n, sizeof(*bfns));
     unsigned long i, done, absent = 0;
+    long failed;
 
     if ( !bfns ) die("calloc");
     for ( i = 0; i < n; i++ ) bfns[i] = bfn0 + i;
-    done = pv_unmap_pages(ctx, bfns, n, NULL, &absent);
-    printf("unmaprun unmapped=%lu absent=%lu other=%lu\n", done, absent, n - done - absent);
+    done = pv_unmap_pages(ctx, bfns, n, NULL, &absent, &failed);
+    printf("unmaprun unmapped=%lu absent=%lu other=%lu rc=%ld\n", done, absent,
+           n - done - absent, failed);
     free(bfns);
-    return 0;
+    return failed ? 1 : 0;
 }
 
 /*
@@ -918,7 +921,7 @@ static unsigned long pv_map_unmap(const char *tag, uint32_t ctx, uint32_t domid,
     if ( pv_stats(PVIOMMU_STATS_RESET, &sm) ) memset(&sm, 0, sizeof(sm));
     perfc_take(&p2);
     t2 = now();
-    pv_unmap_pages(ctx, bfns, done, &ucalls, NULL);
+    pv_unmap_pages(ctx, bfns, done, &ucalls, NULL, NULL);
     t3 = now();
     perfc_take(&p3);
     if ( pv_stats(PVIOMMU_STATS_RESET | PVIOMMU_STATS_TIMING_OFF, &su) ) memset(&su, 0, sizeof(su));
@@ -1010,7 +1013,7 @@ static void alternate_with_privcmd(uint32_t ctx, uint32_t domid, const xen_pfn_t
                 t0 = now();
                 done = pv_map_pages(ctx, domid, frames, n, bfns, NULL, &bad);
                 t1 = now();
-                pv_unmap_pages(ctx, bfns, done, NULL, NULL);
+                pv_unmap_pages(ctx, bfns, done, NULL, NULL, NULL);
                 t2 = now();
                 if ( done != n || bad ) ok = false;
                 vm[r] = t1 - t0; vu[r] = t2 - t1;

@@ -66,7 +66,7 @@ if [ -n "$RB" ]; then
     u=$(run $H hc unmap $RM)
     r=$(dma_a $RM)
     good=1
-    reads_run $RD $RG $RB dma_a 0 199 201 511 || good=0
+    reads_run "$RD" "$RG" "$RB" dma_a 0 199 201 511 || good=0
     if succeeded "$u" && [ "$(field "$r" zero)" = 1 ] && [ $good = 1 ]; then
         ok run_2m_split_keeps_neighbours; else ko run_2m_split_keeps_neighbours "$u / $r / good=$good"; fi
     u=$(run $H unmaprun $RB 512)
@@ -166,11 +166,11 @@ if [ "$(field "$o" consecutive)" = 511 ] && [ "$(field "$o" aligned)" = 1 ] && [
     ok ctx_run_2m_one_superpage; else ko ctx_run_2m_one_superpage "$o / $e"; fi
 if [ -n "$CRB" ]; then
     good=1
-    reads_run $CRD $CRG $CRB dma_b 0 200 511 || good=0
+    reads_run "$CRD" "$CRG" "$CRB" dma_b 0 200 511 || good=0
     u=$(run $H hc unmap $((CRB + 200)) $C1)
     p=$(run $H peek $CRD $(printf '0x%x' $((CRG + 200)))); q=$(dma_b $((CRB + 200)))
     [ "$(field "$q" sum)" != "$(field "$p" sum)" ] || good=0
-    reads_run $CRD $CRG $CRB dma_b 0 199 201 511 || good=0
+    reads_run "$CRD" "$CRG" "$CRB" dma_b 0 199 201 511 || good=0
     e=$(run $H hc entry 0 $C1 $((CRB + 7)))
     if succeeded "$u" && [ $good = 1 ] && [ "$(field "$e" level)" = 1 ]; then
         ok ctx_run_2m_superpage_split; else ko ctx_run_2m_superpage_split "$u / $e / good=$good"; fi
