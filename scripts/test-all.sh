@@ -8,6 +8,16 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n=== %s ===\n' "$*"; }
 
+step "disk"
+# A whole run from nothing writes about 6 GiB (targets, Xen builds, QEMU
+# images). Say up front how much there is, so that a "No space left on
+# device" deep in a build is read for what it is; the run goes on either way.
+avail_kib="$(df -Pk . | awk 'NR==2 {print $4}')"
+echo "free here: $((avail_kib / 1048576)) GiB (a whole run from nothing writes about 6 GiB)"
+if [ "$avail_kib" -lt $((6 * 1048576)) ]; then
+  echo "WARNING: less than 6 GiB free; builds may fail with ENOSPC" >&2
+fi
+
 step "format"
 cargo fmt --all -- --check
 cargo fmt --manifest-path hypervisor-side/xen/engine-staticlib/Cargo.toml -- --check
