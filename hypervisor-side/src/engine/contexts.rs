@@ -449,7 +449,7 @@ impl<L: RawMutex> Engine<L> {
             );
         }
         dd.reset_to_idle();
-        self.publish_index_misses(&mut dd);
+        self.publish_bugs(&mut dd);
         // Whatever it still counted comes off its driver domain's count.
         self.publish_used(cell, &mut dd, true);
         if let Some(o) = self.owners.get(cell) {

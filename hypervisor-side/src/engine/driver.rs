@@ -28,6 +28,7 @@
 
 use alloc::vec::Vec;
 
+use super::EngineBug;
 use crate::iommu::FlushGather;
 use crate::nospec::array_index_nospec;
 use crate::storage::{hash64, ChunkedVec, IndexTable, ShardedIndex};
@@ -495,10 +496,6 @@ pub struct DriverDomain {
     /// was shuffled by unmaps ([`slot_wanted`](Self::slot_wanted)). A hint:
     /// never trusted beyond the state of the slot it names.
     pub(crate) run_hint: (DomId, Gfn, u64),
-    /// Maps refused because the free list did not hold together (an engine
-    /// bug: it is never followed then, and nothing is handed out). Tests
-    /// require 0.
-    free_list_breaks: u64,
     /// Page index: (target domid, gfn) -> first Live slot of that page; the
     /// rest of the chain follows through `next_same_page`. Dedup walks the
     /// chain; revocation takes it whole.
@@ -565,12 +562,14 @@ pub struct DriverDomain {
     pub(crate) published_used: u64,
     /// The last flush failed: its unmapped pages wait for the next one.
     pub(crate) flush_failed: bool,
-    /// Live mappings taken out that the page index did not hold where it
-    /// should (an engine bug, or memory corrupted): each was still taken
-    /// down, its counts then no longer trusted. Tests require 0.
-    index_misses: u64,
-    /// `index_misses` as last added to the engine's host-wide count.
-    index_misses_published: u64,
+    /// Engine bugs this cell survived, by [`EngineBug`] (tests require
+    /// 0 of each): live mappings taken out that the page index did not
+    /// hold where it should (each still taken down, the counts then no
+    /// longer trusted), and maps refused because the free list did not hold
+    /// together (never followed then, nothing handed out).
+    bugs: [u64; EngineBug::KINDS],
+    /// `bugs` as last added to the engine's host-wide counts.
+    bugs_published: [u64; EngineBug::KINDS],
 }
 
 #[cfg(test)]
@@ -592,7 +591,6 @@ impl DriverDomain {
             free_head: NONE,
             free: 0,
             run_hint: NO_RUN,
-            free_list_breaks: 0,
             pages: ShardedIndex::new(),
             targets: IndexTable::new(),
             target_hint: 0,
@@ -600,8 +598,8 @@ impl DriverDomain {
             region_hint: 0,
             regions_exact: true,
             range_work: (0, 0),
-            index_misses: 0,
-            index_misses_published: 0,
+            bugs: [0; EngineBug::KINDS],
+            bugs_published: [0; EngineBug::KINDS],
             unmapping_head: NONE,
             stuck_head: NONE,
             stuck_tail: NONE,
@@ -627,14 +625,14 @@ impl DriverDomain {
     /// when the cell is given back). Frees the tables; never allocates.
     pub(crate) fn reset_to_idle(&mut self) {
         let (next_gen, home, published) = (self.next_gen, self.home, self.published_used);
-        let misses = (self.index_misses, self.index_misses_published);
+        let bugs = (self.bugs, self.bugs_published);
         *self = DriverDomain::new(self.domid);
         self.next_gen = next_gen;
         self.home = home;
         self.published_used = published;
-        // (A diagnostic of the cell: a miss stays seen, and is reported
+        // (A diagnostic of the cell: a bug stays seen, and is reported
         // once.)
-        (self.index_misses, self.index_misses_published) = misses;
+        (self.bugs, self.bugs_published) = bugs;
     }
 
     /// Corrupt the page index as a bug would: page (domid, gfn) is no
@@ -649,15 +647,22 @@ impl DriverDomain {
     /// Live mappings taken out that the page index did not hold where it
     /// should have (0 unless the engine has a bug; see `unindex`).
     pub fn index_misses(&self) -> u64 {
-        self.index_misses
+        self.bugs[EngineBug::IndexMiss as usize]
     }
 
-    /// Index misses since the last call (for the engine's host-wide count).
+    /// Bugs of each kind since the last call, if any (for the engine's
+    /// host-wide counts).
     #[inline]
-    pub(crate) fn take_new_index_misses(&mut self) -> u64 {
-        let new = self.index_misses.wrapping_sub(self.index_misses_published);
-        self.index_misses_published = self.index_misses;
-        new
+    pub(crate) fn take_new_bugs(&mut self) -> Option<[u64; EngineBug::KINDS]> {
+        if self.bugs == self.bugs_published {
+            return None;
+        }
+        let mut new = [0; EngineBug::KINDS];
+        for ((n, seen), published) in new.iter_mut().zip(self.bugs).zip(&mut self.bugs_published) {
+            *n = seen.wrapping_sub(*published);
+            *published = seen;
+        }
+        Some(new)
     }
 
     /// The context whose mappings this state holds.
@@ -684,7 +689,7 @@ impl DriverDomain {
     /// Maps refused because the free list did not hold together (an
     /// engine bug). Tests require 0.
     pub fn free_list_breaks(&self) -> u64 {
-        self.free_list_breaks
+        self.bugs[EngineBug::FreeListBreak as usize]
     }
 
     /// The free list from its head, if its links hold together: each slot
@@ -1017,7 +1022,7 @@ impl DriverDomain {
         if self.unlink_free(head) {
             return Ok(head);
         }
-        self.free_list_breaks += 1;
+        self.bugs[EngineBug::FreeListBreak as usize] += 1;
         Err(Errno::NoSpc)
     }
 
@@ -1256,7 +1261,7 @@ impl DriverDomain {
     /// domain's last page of its target. Bounded by [`CHAIN_BOUND`].
     /// `None` only for a slot that is not Live: a Live one always comes
     /// out, so its caller goes on to take its IOMMU entry down. A page the
-    /// index does not hold (a bug) is counted in `index_misses`, and the
+    /// index does not hold (a bug) is counted in `bugs`, and the
     /// region counts are no longer trusted (hooks then probe or pass).
     pub(crate) fn unindex(&mut self, seed: u64, idx: u64) -> Option<bool> {
         let r = self.raw(idx).filter(|r| r.state() == ST_LIVE)?;
@@ -1282,7 +1287,7 @@ impl DriverDomain {
             // the slots, a range hook's or a walk's, the owner's unmap by
             // BFN and its teardown find such a mapping; a hook for one gfn
             // goes by the index and does not.)
-            self.index_misses += 1;
+            self.bugs[EngineBug::IndexMiss as usize] += 1;
             self.regions_exact = false;
             self.live -= 1;
             self.trust_counts_again_if_no_live_mapping();
@@ -1316,7 +1321,7 @@ impl DriverDomain {
                 // Not in its chain: a corrupted index. Tests catch it here;
                 // in Xen the slot is still taken down (its caller unmaps it).
                 debug_assert!(false, "live mapping missing from its page chain");
-                self.index_misses += 1;
+                self.bugs[EngineBug::IndexMiss as usize] += 1;
                 self.regions_exact = false;
             }
         }

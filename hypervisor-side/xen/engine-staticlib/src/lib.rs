@@ -17,7 +17,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use lock_api::RawMutex;
 use pviommu_hv::abi::feature;
 use pviommu_hv::config::Config;
-use pviommu_hv::engine::{cell_mask_of_words, cells_in, Engine, GfnChange, RangeSweep};
+use pviommu_hv::engine::{cell_mask_of_words, cells_in, Engine, EngineBug, GfnChange, RangeSweep};
 use pviommu_hv::heap_budget::HeapBudget;
 use pviommu_hv::iommu::{
     BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend, OwnTables, TableFormat,
@@ -1413,29 +1413,37 @@ pub extern "C" fn pviommu_engine_init(
     }
 }
 
-/// After an entry point: live mappings found missing from the page index
-/// (an engine bug; each was taken down all the same), by this call or
-/// another, go to Xen's console with their number. The line is at a level
-/// no guest's own messages can rate-limit away, with a limit of its own in
-/// the glue; what it holds back waits for the next line.
+/// After an entry point: the engine bugs it survived ([`EngineBug`]: live
+/// mappings found missing from the page index, each taken down all the
+/// same; maps refused because a free list did not hold together), by this
+/// call or another, go to Xen's console with their number. The line is at
+/// a level no guest's own messages can rate-limit away, with a limit of its
+/// own in the glue; what it holds back waits for the next line.
 #[inline]
-fn report_index_misses(e: &XenEngine) {
-    let n = e.take_index_misses();
-    if n != 0 {
-        report_index_misses_slow(e, n);
+fn report_engine_bugs(e: &XenEngine) {
+    for bug in EngineBug::ALL {
+        let n = e.take_unreported(bug);
+        if n != 0 {
+            report_engine_bug_slow(e, bug, n);
+        }
     }
 }
 
 #[cold]
 #[inline(never)]
-fn report_index_misses_slow(e: &XenEngine, n: u64) {
+fn report_engine_bug_slow(e: &XenEngine, bug: EngineBug, n: u64) {
+    let what: &[u8] = match bug {
+        EngineBug::IndexMiss => {
+            b" live mapping(s) were missing from the page index (an engine bug): \
+              taken down; their cells' counts are no longer trusted\n"
+        }
+        EngineBug::FreeListBreak => {
+            b" map(s) refused because a cell's list of free BFNs did not hold \
+              together (an engine bug): nothing was handed out\n"
+        }
+    };
     let mut digits = [0u8; 20];
-    let parts: [&[u8]; 3] = [
-        b"pviommu: ",
-        decimal(n, &mut digits),
-        b" live mapping(s) were missing from the page index (an engine bug): \
-          taken down; their cells' counts are no longer trusted\n",
-    ];
+    let parts: [&[u8]; 3] = [b"pviommu: ", decimal(n, &mut digits), what];
     let mut line = [0u8; 160];
     let mut len = 0usize;
     for (dst, src) in line.iter_mut().zip(parts.iter().flat_map(|p| p.iter())) {
@@ -1445,7 +1453,7 @@ fn report_index_misses_slow(e: &XenEngine, n: u64) {
     let line = line.get(..len).unwrap_or(&[]);
     // SAFETY: `line` is valid for its length.
     if unsafe { ffi::pvx_log_error(line.as_ptr(), line.len()) } == 0 {
-        e.give_back_index_misses(n);
+        e.give_back_unreported(bug, n);
     }
 }
 
@@ -1469,7 +1477,7 @@ pub extern "C" fn pviommu_engine_op(caller: u16, cmd: u32, arg: u64) -> i64 {
     match engine() {
         Some(e) => {
             let ret = e.hypercall(&mut Xen::new(), DomId(caller), cmd, arg);
-            report_index_misses(e);
+            report_engine_bugs(e);
             ret
         }
         None => Errno::OpNotSupp.negated() as i64,
@@ -1489,7 +1497,7 @@ pub extern "C" fn pviommu_engine_domain_teardown(domid: u16, cursor: *mut u64) -
         return 0;
     };
     let slice = e.domain_teardown(&mut Xen::new(), DomId(domid), cursor);
-    report_index_misses(e);
+    report_engine_bugs(e);
     match slice {
         Ok(()) => 0,
         // Restarts that released nothing, in a row: the IOMMU keeps
@@ -1514,7 +1522,7 @@ pub extern "C" fn pviommu_engine_revoke_writes(domid: u16, cursor: *mut u64) -> 
     };
     const EIO: i32 = -5;
     let slice = e.revoke_writes(&mut Xen::new(), DomId(domid), cursor);
-    report_index_misses(e);
+    report_engine_bugs(e);
     match slice {
         Ok(()) if XenEngine::revoke_writes_gave_up(*cursor) => EIO,
         Ok(()) => 0,
@@ -1547,7 +1555,7 @@ pub extern "C" fn pviommu_engine_revoke_writes_in(
         (first, first.saturating_add(nr)),
         sweep,
     );
-    report_index_misses(e);
+    report_engine_bugs(e);
     match slice {
         Ok(()) => 0,
         Err(_) => ERESTART,
@@ -1564,7 +1572,7 @@ pub extern "C" fn pviommu_engine_gfn_changed(domid: u16, gfn: u64, order: u32, h
         GfnChange::Removed
     };
     e.gfn_changed(&mut Xen::new(), DomId(domid), Gfn(gfn), order, how);
-    report_index_misses(e);
+    report_engine_bugs(e);
 }
 
 /// Xen is about to move device `sbdf` away from `owner` (pcidevs_lock held).
@@ -1572,5 +1580,5 @@ pub extern "C" fn pviommu_engine_gfn_changed(domid: u16, gfn: u64, order: u32, h
 pub extern "C" fn pviommu_engine_device_leaving(owner: u16, sbdf: u32) {
     let Some(e) = engine() else { return };
     e.device_leaving(&mut Xen::new(), DomId(owner), Sbdf(sbdf));
-    report_index_misses(e);
+    report_engine_bugs(e);
 }

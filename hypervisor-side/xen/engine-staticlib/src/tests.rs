@@ -6,6 +6,7 @@
 use std::vec::Vec;
 
 use lock_api::RawMutex;
+use pviommu_hv::engine::EngineBug;
 use pviommu_hv::iommu::{HwContext, IommuBackend};
 use pviommu_hv::pgtable::vtd::VtdNoSnoop;
 use pviommu_hv::pgtable::{Entry, IoPageTable, PageTableFormat, TableMemory, TableOptions};
@@ -1109,10 +1110,11 @@ fn the_xen_allocator_keeps_the_last_quarter_of_its_cap_for_the_host() {
     super::HEAP.set_cap(usize::MAX);
 }
 
-/// Index misses reach Xen's console with their number (and numbers of any
-/// width are written without a panic path).
+/// Engine bugs (index misses, free-list breaks) reach Xen's console with
+/// their number (and numbers of any width are written without a panic
+/// path, the line whole).
 #[test]
-fn index_misses_are_logged_with_their_number() {
+fn engine_bugs_are_logged_with_their_number() {
     let mut buf = [0u8; 20];
     assert_eq!(super::decimal(0, &mut buf), b"0");
     assert_eq!(super::decimal(42, &mut buf), b"42");
@@ -1126,21 +1128,37 @@ fn index_misses_are_logged_with_their_number() {
         super::XenLock { cell: cell as u32 }
     })
     .unwrap();
-    e.give_back_index_misses(3);
+    e.give_back_unreported(EngineBug::IndexMiss, 3);
     // Held back by the glue's rate limit: nothing logged, the count waits.
     model::LOGGED_ERROR.with(|l| l.borrow_mut().clear());
     model::LOG_ERROR_ALLOWED.with(|a| a.set(false));
-    super::report_index_misses(&e);
+    super::report_engine_bugs(&e);
     assert_eq!(line(), "", "held back");
     // Printed: the count goes, once (a second report finds nothing: two
     // CPUs reporting at once claim, never both print, the same misses).
     model::LOG_ERROR_ALLOWED.with(|a| a.set(true));
-    super::report_index_misses(&e);
-    assert_eq!(e.take_index_misses(), 0);
+    super::report_engine_bugs(&e);
+    assert_eq!(e.take_unreported(EngineBug::IndexMiss), 0);
     assert!(
         line().starts_with("pviommu: 3 live mapping(s) were missing from the page index"),
         "{}",
         line()
     );
+    assert!(line().ends_with("no longer trusted\n"), "{}", line());
+    // A free-list break, its number as wide as it gets: the line whole.
+    model::LOGGED_ERROR.with(|l| l.borrow_mut().clear());
+    e.give_back_unreported(EngineBug::FreeListBreak, u64::MAX);
+    super::report_engine_bugs(&e);
+    assert_eq!(e.take_unreported(EngineBug::FreeListBreak), 0);
+    assert!(
+        line().starts_with("pviommu: 18446744073709551615 map(s) refused because a cell's list"),
+        "{}",
+        line()
+    );
+    assert!(line().ends_with("nothing was handed out\n"), "{}", line());
+    // And the longest index-miss line is whole too.
+    model::LOGGED_ERROR.with(|l| l.borrow_mut().clear());
+    e.give_back_unreported(EngineBug::IndexMiss, u64::MAX);
+    super::report_engine_bugs(&e);
     assert!(line().ends_with("no longer trusted\n"), "{}", line());
 }
