@@ -2794,23 +2794,27 @@ mod claim_race_tests {
         let kept = map(&sim, &e, DomId::DOM0, GUEST, 5).unwrap();
         let gone = map(&sim, &e, DomId::DOM0, GUEST, 6).unwrap();
         let mut h = sim.handle(DomId::DOM0);
-        e.unmap(&mut h, DomId::DOM0, ContextId::DEFAULT, gone).unwrap();
+        e.unmap(&mut h, DomId::DOM0, ContextId::DEFAULT, gone)
+            .unwrap();
         e.finish(&mut h, DomId::DOM0);
         // The free list's head names the slot still in use.
         {
             let mut d = e.lock_driver(DomId::DOM0).unwrap();
-            let live = d
-                .dd
-                .slots()
-                .find(|(_, s)| matches!(s, Slot::Live(_)))
-                .map(|(i, _)| i)
-                .unwrap();
+            let live =
+                d.dd.slots()
+                    .find(|(_, s)| matches!(s, Slot::Live(_)))
+                    .map(|(i, _)| i)
+                    .unwrap();
             d.dd.free_head = live;
         }
         assert_eq!(e.take_unreported(EngineBug::FreeListBreak), 0);
         assert_eq!(map(&sim, &e, DomId::DOM0, GUEST, 7), Err(Errno::NoSpc));
         assert_eq!(e.take_unreported(EngineBug::FreeListBreak), 1);
-        assert_eq!(e.take_unreported(EngineBug::FreeListBreak), 0, "claimed once");
+        assert_eq!(
+            e.take_unreported(EngineBug::FreeListBreak),
+            0,
+            "claimed once"
+        );
         assert_eq!(e.take_unreported(EngineBug::IndexMiss), 0);
         // Nothing was handed out: the page kept is as it was.
         assert!(contexts(&sim, kept)[2].is_some());

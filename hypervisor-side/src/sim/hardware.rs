@@ -87,6 +87,9 @@ enum WalkFault {
     ReservedBit,
 }
 
+/// Levels of every table tree the simulated IOMMU walks (the root's).
+pub(super) const WALK_LEVELS: u32 = 4;
+
 /// Walk from `root` (level 4), or from the level-1 table `leaf_table` when
 /// the paging-structure cache holds it. Returns the translation and the
 /// level-1 table it went through, if it reached one.
@@ -100,7 +103,7 @@ fn walk(
 ) -> Result<(Translation, Option<Mfn>), WalkFault> {
     let (mut table, top) = match leaf_table {
         Some(t) => (t, 1),
-        None => (root, 4u32),
+        None => (root, WALK_LEVELS),
     };
     for level in (1..=top).rev() {
         let idx = ((bfn >> (9 * (level - 1))) & 0x1ff) as usize;

@@ -147,9 +147,10 @@ pub struct Ram {
     /// Each such frame with the root frame of the tree it hung in: only a
     /// flush of that context forgets it.
     unlinked_tables: BTreeMap<u64, Unlinked>,
-    /// The table each linked table frame hangs from (child -> parent), to
-    /// find the tree an unlinked one hung in.
-    table_parent: BTreeMap<u64, u64>,
+    /// The table and entry each linked table frame hangs from (child ->
+    /// (parent, index)), to find the tree an unlinked one hung in and the
+    /// BFNs it translated.
+    table_parent: BTreeMap<u64, (u64, usize)>,
     /// Tables freed, or made tables again, while still possibly cached
     /// (see `unlinked_tables`).
     pub(super) tables_freed_before_flush: u64,
@@ -193,6 +194,12 @@ struct Unlinked {
     /// The table and entry that pointed at it.
     parent: u64,
     index: usize,
+    /// The BFNs it translated (first, last): only a flush of a range that
+    /// meets them forgets it (a page-selective invalidation empties the
+    /// paging-structure caches used for its range, VT-d's PSI with IH=0 or
+    /// an SMMU's TLBI by address; it may do more, never less).
+    first: u64,
+    last: u64,
 }
 
 impl Ram {
@@ -439,18 +446,20 @@ impl Ram {
         let new = self.table_target(raw);
         if let Some(child) = old.filter(|c| Some(*c) != new) {
             self.table_parent.remove(&child);
-            let root = self.tree_root(table.0);
+            let (root, first, last) = self.place_of(table.0, index);
             self.unlinked_tables.insert(
                 child,
                 Unlinked {
                     root,
                     parent: table.0,
                     index,
+                    first,
+                    last,
                 },
             );
         }
         if let Some(child) = new.filter(|c| Some(*c) != old) {
-            self.table_parent.insert(child, table.0);
+            self.table_parent.insert(child, (table.0, index));
             if self
                 .unlinked_tables
                 .get(&child)
@@ -460,21 +469,50 @@ impl Ram {
             }
         }
     }
+    /// Where entry `index` of `table` is: the root frame of the tree
+    /// `table` hangs in, and the first and last BFN the entry translates
+    /// (the IOMMU walks every tree from a root of
+    /// [`WALK_LEVELS`](hardware::WALK_LEVELS)). A tree deeper than that (no
+    /// tree is) covers every BFN: any flush of its root forgets it.
+    fn place_of(&self, table: u64, index: usize) -> (u64, u64, u64) {
+        // Entry indices from `table`'s up to the root's.
+        let mut path = [index as u64; hardware::WALK_LEVELS as usize];
+        let (mut at, mut depth) = (table, 1usize);
+        while let Some(&(parent, i)) = self.table_parent.get(&at) {
+            if depth == path.len() {
+                return (self.tree_root(parent), 0, u64::MAX);
+            }
+            path[depth] = i as u64;
+            depth += 1;
+            at = parent;
+        }
+        // The entry is at level WALK_LEVELS + 1 - depth: it translates
+        // 512^(WALK_LEVELS - depth) pages.
+        let span_bits = 9 * (hardware::WALK_LEVELS as usize - depth);
+        let first = path[..depth]
+            .iter()
+            .rev()
+            .fold(0u64, |bfn, i| bfn << 9 | (i & 0x1ff))
+            << span_bits;
+        (at, first, first | ((1u64 << span_bits) - 1))
+    }
     /// The root frame of the tree `table` hangs in (at most 4 levels up).
     fn tree_root(&self, mut table: u64) -> u64 {
         for _ in 0..4 {
             match self.table_parent.get(&table) {
-                Some(p) => table = *p,
+                Some(&(p, _)) => table = p,
                 None => break,
             }
         }
         table
     }
-    /// A flush of the context whose tree is rooted at `root` came: the
-    /// IOMMU caches none of its unlinked tables any more.
-    fn forget_unlinked_under(&mut self, root: Option<Mfn>) {
+    /// A flush of BFNs `first..=last` of the context whose tree is rooted
+    /// at `root` came: the IOMMU caches none of the unlinked tables that
+    /// translated any of them any more.
+    fn forget_unlinked_under(&mut self, root: Option<Mfn>, first: u64, last: u64) {
         if let Some(root) = root {
-            self.unlinked_tables.retain(|_, u| u.root != root.0);
+            self.unlinked_tables
+                .retain(|_, u| u.root != root.0 || u.last < first || u.first > last);
         }
     }
     /// Store an entry in the CPU's view of a table frame.
@@ -1820,9 +1858,11 @@ impl IommuBackend for SimMachine {
             self.flushes += 1;
         }
         // It empties the paging-structure caches of the flushed context
-        // only (another context's unlinked tables wait for their own).
+        // only (another context's unlinked tables wait for their own), and
+        // of all its BFNs: Xen's own code frees a table only with a flush
+        // of the whole domain (`IOMMU_FLUSHF_all`, VT-d and AMD-Vi alike).
         let root = self.context_root(owner, ContextId::DEFAULT);
-        self.ram.forget_unlinked_under(root);
+        self.ram.forget_unlinked_under(root, 0, u64::MAX);
         if let Some(c) = self.contexts.get_mut(&(owner, ContextId::DEFAULT)) {
             match c {
                 Context::Vtd(t) => t.release_freed(&mut WriteThrough(&mut self.ram)),
@@ -1866,7 +1906,7 @@ impl IommuBackend for SimMachine {
         }
         if let Some(h) = self.hw_contexts.remove(&hw.0) {
             self.iotlb.invalidate_context(h.owner, h.ctx);
-            self.ram.forget_unlinked_under(Some(h.root));
+            self.ram.forget_unlinked_under(Some(h.root), 0, u64::MAX);
         }
         Ok(())
     }
@@ -1887,9 +1927,11 @@ impl IommuBackend for SimMachine {
         if self.speculative_refill {
             self.refill_after_invalidation(h, first, last);
         }
-        // This context's paging-structure caches only: another context's
-        // unlinked tables wait for their own flush.
-        self.ram.forget_unlinked_under(Some(h.root));
+        // This context's paging-structure caches for this range only:
+        // another context's unlinked tables, and this one's that translated
+        // none of the range, wait for a flush of their own.
+        self.ram
+            .forget_unlinked_under(Some(h.root), first.0, last.0);
         self.flushes += 1;
         Ok(())
     }
@@ -1953,5 +1995,62 @@ impl IommuBackend for SimMachine {
             self.iotlb.invalidate_context(h.owner, h.ctx);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgtable::vtd::Vtd;
+    use crate::pgtable::{Entry, PageTableFormat};
+
+    /// A table folded away is forgotten only by a flush of BFNs it
+    /// translated (a page-selective invalidation empties the
+    /// paging-structure caches of its range), not by any flush of its
+    /// context: before, a flush elsewhere hid a later store into it, which
+    /// a real IOMMU could walk through its stale cache.
+    #[test]
+    fn an_unlinked_table_is_forgotten_only_by_a_flush_of_its_range() {
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        let mut ram = Ram::new(64);
+        let mut t = IoPageTable::<Vtd>::new(&mut ram).unwrap();
+        let root = t.root();
+        // Pages 0x8000200..=0x80003ff (pointing at frames past the RAM,
+        // none a table): below the root's second entry, so the
+        // leaf table's place takes every level's index to work out.
+        let base = 1u64 << 27 | 0x200;
+        let leaf = |ram: &Ram| {
+            let mut table = root;
+            for level in [4u32, 3, 2] {
+                let i = ((base >> (9 * (level - 1))) & 0x1ff) as usize;
+                match Vtd::decode(ram.read_entry(table, i), level) {
+                    Entry::Table(n) => table = n,
+                    _ => return None,
+                }
+            }
+            Some(table)
+        };
+        for i in 0..511 {
+            t.map(&mut ram, Bfn(base + i), Mfn(0x1000 + i), rw, wb)
+                .unwrap();
+        }
+        let table = leaf(&ram).unwrap();
+        t.map(&mut ram, Bfn(base + 511), Mfn(0x11ff), rw, wb)
+            .unwrap();
+        assert_eq!(leaf(&ram), None, "folded");
+        let u = ram.unlinked_tables[&table.0];
+        assert_eq!((u.root, u.first, u.last), (root.0, base, base + 511));
+        // Flushes of other BFNs, and of another tree, leave it unlinked and
+        // possibly cached: a present entry changed in it is counted.
+        ram.forget_unlinked_under(Some(root), 0, base - 1);
+        ram.forget_unlinked_under(Some(root), base + 512, u64::MAX);
+        ram.forget_unlinked_under(Some(Mfn(root.0 + 1)), 0, u64::MAX);
+        ram.write_entry(table, 5, 0);
+        assert_eq!(ram.unlinked_tables_rewritten, 1);
+        // A flush of one page of its range forgets it.
+        ram.forget_unlinked_under(Some(root), base + 7, base + 7);
+        ram.write_entry(table, 6, 0);
+        assert_eq!(ram.unlinked_tables_rewritten, 1);
+        assert!(ram.unlinked_tables.is_empty());
     }
 }
