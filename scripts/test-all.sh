@@ -91,9 +91,20 @@ fi
 grep -q "expand past 127 bytes" "$BUILD/engine-symbols.log"
 echo "build-engine.sh refuses names too long for Xen's symbol table (canary rejected)"
 
+# Each x86 boot writes build/xen-qemu/serial.log afresh: keep a copy under
+# the boot's name (serial.NAME.log, its path printed), so a later boot does
+# not take away an earlier one's (profile/run-prof.sh and a reader after a
+# failure want the VT-d release boot's).
+keep_serial_log() {
+  local kept="$BUILD/xen-qemu/serial.$1.log"
+  cp "$BUILD/xen-qemu/serial.log" "$kept"
+  printf '%s\n' "$kept"
+}
+
 if [[ -x tests/xen-qemu/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
   step "Xen 4.17 in QEMU"
   tests/xen-qemu/run.sh
+  keep_serial_log vtd
 
   # The same Xen on QEMU's AMD IOMMU: the AMD-Vi side of the glue (patch
   # 0003's address width, maps and unmaps in Xen's AMD tables, device
@@ -103,6 +114,7 @@ if [[ -x tests/xen-qemu/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
   step "Xen 4.17 in QEMU with AMD-Vi (amd-iommu)"
   SKIP_XEN_BUILD=1 PVIOMMU_QEMU_IOMMU=amd \
     MEASURE_PAGES=4096 FUZZ_CALLS=20000 BIG_PAGES=16384 tests/xen-qemu/run.sh
+  keep_serial_log amd
 
   step "Xen 4.17 with XSM/FLASK: the pv_iommu class in the built-in policy"
   hypervisor-side/xen/build-xen-flask.sh
@@ -119,7 +131,7 @@ if [[ -x tests/xen-qemu/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
   step "Xen 4.17 with XSM/FLASK enforcing in QEMU"
   SKIP_XEN_BUILD=1 XEN_BIN="$BUILD/xen-flask-test.bin" XEN_EXTRA_ARGS="flask=enforcing" \
     MEASURE_PAGES=4096 FUZZ_CALLS=20000 BIG_PAGES=16384 tests/xen-qemu/run.sh
-  log="$BUILD/xen-qemu/serial.log"
+  log="$(keep_serial_log flask)"
   grep -aq "Flask:  Starting in enforcing mode" "$log" ||
     { echo "FAIL: the Xen booted for the FLASK checks is not enforcing" >&2; exit 1; }
   # xen/xsm/flask/avc.c prints a device as device=<sbdf in hex> (0x30: bus
@@ -160,7 +172,7 @@ if [[ -x tests/xen-qemu/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
   # Built here whatever SKIP_XEN_BUILD says: the release Xen above must not
   # stand in for it (its banner is checked below).
   SKIP_XEN_BUILD= PVIOMMU_XEN_DEBUG=1 tests/xen-qemu/run.sh
-  log="$BUILD/xen-qemu/serial.log"
+  log="$(keep_serial_log debug)"
   grep -aq "Xen version .* debug=y" "$log" ||
     { echo "FAIL: the Xen booted for the debug checks is not a debug build" >&2; exit 1; }
   # The boot that ran the checks, and a first boot that stalled if one did.
