@@ -697,6 +697,10 @@ impl<F: PageTableFormat> IoPageTable<F> {
 
     /// Free every table, the root included (the context goes away).
     pub fn destroy(mut self, mem: &mut impl TableMemory) {
+        // Folded tables are zeroed like any other table before they are
+        // freed, not freed as they are: they hold machine frame numbers,
+        // and Xen gives an anonymous page back to its heap unscrubbed
+        // (release builds), whence it may go to a guest.
         self.retire_folded(mem);
         while let Some(t) = self.take_spare(mem) {
             mem.free_table(t);

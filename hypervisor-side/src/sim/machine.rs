@@ -175,6 +175,10 @@ pub struct Ram {
     dirty: DirtyLines,
     /// Table cache lines written back.
     pub(super) lines_synced: u64,
+    /// Lines written back, clean or not, while table walks are not
+    /// coherent: what a non-coherent host pays (Xen writes back every line
+    /// asked for, `clflush` each).
+    line_writebacks: u64,
     /// Table frames allocated (each zeroed and written back whole).
     tables_allocated: u64,
 }
@@ -227,6 +231,7 @@ impl Ram {
             stale_lines: BTreeMap::new(),
             dirty: DirtyLines::new(),
             lines_synced: 0,
+            line_writebacks: 0,
             tables_allocated: 0,
         }
     }
@@ -293,6 +298,9 @@ impl Ram {
     /// Write back the lines of `table` in the bitmap `lines` (Xen:
     /// `iommu_sync_cache` on each).
     fn sync_lines(&mut self, table: Mfn, lines: u64) {
+        if self.non_coherent_tables {
+            self.line_writebacks += u64::from(lines.count_ones());
+        }
         for line in 0..64 {
             if lines & (1 << line) != 0 && self.stale_lines.remove(&(table.0, line)).is_some() {
                 self.lines_synced += 1;
@@ -1333,6 +1341,12 @@ impl SimMachine {
         (self.ram.lines_synced, self.ram.stale_lines.len())
     }
 
+    /// Table cache lines written back so far while table walks are not
+    /// coherent, clean or not (each one a `clflush` on Xen).
+    pub fn table_line_writebacks(&self) -> u64 {
+        self.ram.line_writebacks
+    }
+
     /// Frames the hypervisor holds for page tables and its own data.
     pub fn xen_frames(&self) -> usize {
         self.ram
@@ -1747,6 +1761,9 @@ impl TableMemory for SimMachine {
         self.ram.write_entry(table, index, raw)
     }
     fn write_back_table(&mut self, table: Mfn) {
+        // Whole: its record in the set of dirty lines goes (as on Xen),
+        // else the next flush writes the same lines back again.
+        self.ram.dirty.forget(table);
         self.ram.sync_lines(table, u64::MAX)
     }
     fn present_count(&self, table: Mfn) -> u16 {

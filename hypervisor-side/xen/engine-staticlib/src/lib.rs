@@ -512,6 +512,31 @@ impl Xen {
     }
 
     #[inline(never)]
+    /// Drop `table`'s record from the cells' sets of lines to write back
+    /// (it was written back whole, or is freed): the held cells', and any
+    /// other cell's with records pending, under that cell's lock.
+    fn forget_dirty_lines(&self, table: Mfn) {
+        let held = self.held_cells();
+        for cell in cells_in(if held != 0 { held } else { Cells::MAX }) {
+            let Some(c) = CELL_DIRTY.get(cell) else {
+                continue;
+            };
+            let locked = held & (1 << cell) != 0;
+            if !locked && !c.pending.load(Ordering::Acquire) {
+                continue;
+            }
+            if !locked {
+                // SAFETY: plain call; no cell held (not done by the engine).
+                unsafe { ffi::pvx_driver_lock(cell as u32) };
+            }
+            // SAFETY: this CPU holds the cell's lock.
+            unsafe { &mut *c.lines.get() }.forget(table);
+            if !locked {
+                // SAFETY: taken above.
+                unsafe { ffi::pvx_driver_unlock(cell as u32) };
+            }
+        }
+    }
     fn write_back(&self, table: Mfn, lines: u64) {
         // SAFETY: plain call; Xen refuses a frame not the engine's.
         if unsafe { ffi::pvx_table_sync(table.0, lines) } != 0 {
@@ -998,26 +1023,7 @@ impl TableMemory for Xen {
         // Nothing of it is needed in memory any more (the flush is done),
         // and it must not be mapped or written back once it is Xen's.
         self.unmap_table(table);
-        let held = self.held_cells();
-        for cell in cells_in(if held != 0 { held } else { Cells::MAX }) {
-            let Some(c) = CELL_DIRTY.get(cell) else {
-                continue;
-            };
-            let locked = held & (1 << cell) != 0;
-            if !locked && !c.pending.load(Ordering::Acquire) {
-                continue;
-            }
-            if !locked {
-                // SAFETY: plain call; no cell held (not done by the engine).
-                unsafe { ffi::pvx_driver_lock(cell as u32) };
-            }
-            // SAFETY: this CPU holds the cell's lock.
-            unsafe { &mut *c.lines.get() }.forget(table);
-            if !locked {
-                // SAFETY: taken above.
-                unsafe { ffi::pvx_driver_unlock(cell as u32) };
-            }
-        }
+        self.forget_dirty_lines(table);
         // SAFETY: plain call; Xen refuses a frame that is not one of the
         // engine's table frames (a double free among them).
         if unsafe { ffi::pvx_table_free(table.0) } != 0 {
@@ -1043,11 +1049,12 @@ impl TableMemory for Xen {
     }
     fn write_back_table(&mut self, table: Mfn) {
         // A split's table, before the entry that links it (the IOMMU reads
-        // memory; Xen's own split does iommu_sync_cache first). Its lines
-        // may still be in the cell's dirty set: written back twice then,
-        // which costs a flush of lines already clean.
+        // memory; Xen's own split does iommu_sync_cache first). Whole: so
+        // its record in the cell's set of dirty lines goes (it was written
+        // back a second time at the flush before).
         if !TABLES_COHERENT.load(Ordering::Relaxed) {
             self.write_back(table, u64::MAX);
+            self.forget_dirty_lines(table);
         }
     }
     #[inline(always)]
