@@ -12,11 +12,18 @@ step "disk"
 # A whole run from nothing writes about 6 GiB (targets, Xen builds, QEMU
 # images). Say up front how much there is, so that a "No space left on
 # device" deep in a build is read for what it is; the run goes on either way.
-avail_kib="$(df -Pk . | awk 'NR==2 {print $4}')"
-echo "free here: $((avail_kib / 1048576)) GiB (a whole run from nothing writes about 6 GiB)"
-if [ "$avail_kib" -lt $((6 * 1048576)) ]; then
-  echo "WARNING: less than 6 GiB free; builds may fail with ENOSPC" >&2
-fi
+# (The checkout holds the Rust targets; the Xen builds go to
+# PVIOMMU_BUILD_DIR, ./build by default.)
+build_dir="${PVIOMMU_BUILD_DIR:-$PWD/build}"
+for dir in . "$build_dir"; do
+  [ -d "$dir" ] || continue
+  avail_kib="$(df -Pk "$dir" 2>/dev/null | awk 'NR==2 {print $4}')"
+  avail_kib="${avail_kib:-0}"
+  echo "free at $dir: $((avail_kib / 1048576)) GiB (a whole run from nothing writes about 6 GiB)"
+  if [ "$avail_kib" -lt $((6 * 1048576)) ]; then
+    echo "WARNING: less than 6 GiB free at $dir; builds may fail with ENOSPC" >&2
+  fi
+done
 
 step "format"
 cargo fmt --all -- --check
@@ -98,6 +105,10 @@ echo "build-engine.sh refuses names too long for Xen's symbol table (canary reje
 keep_serial_log() {
   local kept="$BUILD/xen-qemu/serial.$1.log"
   cp "$BUILD/xen-qemu/serial.log" "$kept"
+  # A first boot that stalled and was retried left its log beside it.
+  if [ -f "$BUILD/xen-qemu/serial.stalled.log" ]; then
+    cp "$BUILD/xen-qemu/serial.stalled.log" "$BUILD/xen-qemu/serial.$1.stalled.log"
+  fi
   printf '%s\n' "$kept"
 }
 

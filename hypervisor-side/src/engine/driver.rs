@@ -645,7 +645,8 @@ impl DriverDomain {
     }
 
     /// Live mappings taken out that the page index did not hold where it
-    /// should have (0 unless the engine has a bug; see `unindex`).
+    /// should have (0 unless the engine has a bug; see `unindex`). Kept
+    /// when the cell is given back and taken again.
     pub fn index_misses(&self) -> u64 {
         self.bugs[EngineBug::IndexMiss as usize]
     }
@@ -687,7 +688,8 @@ impl DriverDomain {
         self.stuck
     }
     /// Maps refused because the free list did not hold together (an
-    /// engine bug). Tests require 0.
+    /// engine bug). Tests require 0. Kept when the cell is given back and
+    /// taken again (a diagnostic of the cell, as `index_misses`).
     pub fn free_list_breaks(&self) -> u64 {
         self.bugs[EngineBug::FreeListBreak as usize]
     }

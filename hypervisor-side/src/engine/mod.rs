@@ -317,6 +317,16 @@ impl EngineBug {
     pub const ALL: [EngineBug; Self::KINDS] = [EngineBug::IndexMiss, EngineBug::FreeListBreak];
 }
 
+// Each kind's number is its place in `ALL` (and below `KINDS`): the
+// counters are indexed by it, and a kind out of place would be dropped.
+const _: () = {
+    let mut i = 0;
+    while i < EngineBug::KINDS {
+        assert!(EngineBug::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
 /// What `PVIOMMU_CMD_stats` reports about a driver domain.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StatsReport {

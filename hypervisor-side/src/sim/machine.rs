@@ -481,7 +481,10 @@ impl Ram {
     /// `table` hangs in, and the first and last BFN the entry translates
     /// (the IOMMU walks every tree from a root of
     /// [`WALK_LEVELS`](hardware::WALK_LEVELS)). A tree deeper than that (no
-    /// tree is) covers every BFN: any flush of its root forgets it.
+    /// tree is) covers every BFN: any flush of its root forgets it. Under a
+    /// table that is itself unlinked, the walk stops at that table, which
+    /// no flush names as a root: the entry stays counted as possibly cached
+    /// until it is freed or linked back (stricter than a host, never less).
     fn place_of(&self, table: u64, index: usize) -> (u64, u64, u64) {
         // Entry indices from `table`'s up to the root's.
         let mut path = [index as u64; hardware::WALK_LEVELS as usize];
@@ -504,9 +507,10 @@ impl Ram {
             << span_bits;
         (at, first, first | ((1u64 << span_bits) - 1))
     }
-    /// The root frame of the tree `table` hangs in (at most 4 levels up).
+    /// The root frame of the tree `table` hangs in (at most
+    /// [`WALK_LEVELS`](hardware::WALK_LEVELS) up).
     fn tree_root(&self, mut table: u64) -> u64 {
-        for _ in 0..4 {
+        for _ in 0..hardware::WALK_LEVELS {
             match self.table_parent.get(&table) {
                 Some(&(p, _)) => table = p,
                 None => break,

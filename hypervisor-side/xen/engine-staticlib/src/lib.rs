@@ -511,11 +511,16 @@ impl Xen {
         }
     }
 
-    #[inline(never)]
     /// Drop `table`'s record from the cells' sets of lines to write back
-    /// (it was written back whole, or is freed): the held cells', and any
-    /// other cell's with records pending, under that cell's lock.
+    /// (it is about to be written back whole, or is freed): the held
+    /// cells', and any other cell's with records pending, under that cell's
+    /// lock. Not on an entry point that moved CPUs (this CPU's mask would
+    /// not say which cells it holds: taking one it holds would spin); the
+    /// record then stays, and its lines are written back once more.
     fn forget_dirty_lines(&self, table: Mfn) {
+        if self.moved_cpu() {
+            return;
+        }
         let held = self.held_cells();
         for cell in cells_in(if held != 0 { held } else { Cells::MAX }) {
             let Some(c) = CELL_DIRTY.get(cell) else {
@@ -537,6 +542,8 @@ impl Xen {
             }
         }
     }
+
+    #[inline(never)]
     fn write_back(&self, table: Mfn, lines: u64) {
         // SAFETY: plain call; Xen refuses a frame not the engine's.
         if unsafe { ffi::pvx_table_sync(table.0, lines) } != 0 {
@@ -1051,10 +1058,11 @@ impl TableMemory for Xen {
         // A split's table, before the entry that links it (the IOMMU reads
         // memory; Xen's own split does iommu_sync_cache first). Whole: so
         // its record in the cell's set of dirty lines goes (it was written
-        // back a second time at the flush before).
+        // back a second time at the flush before). The record first, then
+        // the write-back: a store noted in between is in memory either way.
         if !TABLES_COHERENT.load(Ordering::Relaxed) {
-            self.write_back(table, u64::MAX);
             self.forget_dirty_lines(table);
+            self.write_back(table, u64::MAX);
         }
     }
     #[inline(always)]
@@ -1426,32 +1434,53 @@ pub extern "C" fn pviommu_engine_init(
 /// call or another, go to Xen's console with their number. The line is at
 /// a level no guest's own messages can rate-limit away, with a limit of its
 /// own in the glue; what it holds back waits for the next line.
+/// The kinds take turns at the head of the report (the glue's rate limit
+/// lets one line a second through): one kind found every second never
+/// keeps another off the console.
 #[inline]
 fn report_engine_bugs(e: &XenEngine) {
-    for bug in EngineBug::ALL {
+    let first = REPORT_FIRST.load(Ordering::Relaxed) as usize;
+    for k in 0..EngineBug::KINDS {
+        let Some(&bug) = EngineBug::ALL.get((first + k) % EngineBug::KINDS) else {
+            continue;
+        };
         let n = e.take_unreported(bug);
-        if n != 0 {
-            report_engine_bug_slow(e, bug, n);
+        if n != 0 && report_engine_bug_slow(e, bug, n) {
+            REPORT_FIRST.store(
+                ((first + k + 1) % EngineBug::KINDS) as u32,
+                Ordering::Relaxed,
+            );
         }
     }
 }
 
+/// Which [`EngineBug`] kind the next report tries first.
+static REPORT_FIRST: AtomicU32 = AtomicU32::new(0);
+
+const BUG_LINE_START: &[u8] = b"pviommu: ";
+const INDEX_MISS_LINE: &[u8] =
+    b" live mapping(s) were missing from the page index (an engine bug): \
+    taken down; their cells' counts are no longer trusted\n";
+const FREE_LIST_BREAK_LINE: &[u8] =
+    b" map(s) refused because a cell's list of free BFNs did not hold \
+    together (an engine bug): nothing was handed out\n";
+/// A report line: the start, up to 20 digits, the kind's words.
+const BUG_LINE_BYTES: usize = 160;
+const _: () = assert!(BUG_LINE_START.len() + 20 + INDEX_MISS_LINE.len() <= BUG_LINE_BYTES);
+const _: () = assert!(BUG_LINE_START.len() + 20 + FREE_LIST_BREAK_LINE.len() <= BUG_LINE_BYTES);
+
+/// Whether the line went out (else the count is given back for the next
+/// report).
 #[cold]
 #[inline(never)]
-fn report_engine_bug_slow(e: &XenEngine, bug: EngineBug, n: u64) {
-    let what: &[u8] = match bug {
-        EngineBug::IndexMiss => {
-            b" live mapping(s) were missing from the page index (an engine bug): \
-              taken down; their cells' counts are no longer trusted\n"
-        }
-        EngineBug::FreeListBreak => {
-            b" map(s) refused because a cell's list of free BFNs did not hold \
-              together (an engine bug): nothing was handed out\n"
-        }
+fn report_engine_bug_slow(e: &XenEngine, bug: EngineBug, n: u64) -> bool {
+    let what = match bug {
+        EngineBug::IndexMiss => INDEX_MISS_LINE,
+        EngineBug::FreeListBreak => FREE_LIST_BREAK_LINE,
     };
     let mut digits = [0u8; 20];
-    let parts: [&[u8]; 3] = [b"pviommu: ", decimal(n, &mut digits), what];
-    let mut line = [0u8; 160];
+    let parts: [&[u8]; 3] = [BUG_LINE_START, decimal(n, &mut digits), what];
+    let mut line = [0u8; BUG_LINE_BYTES];
     let mut len = 0usize;
     for (dst, src) in line.iter_mut().zip(parts.iter().flat_map(|p| p.iter())) {
         *dst = *src;
@@ -1461,7 +1490,9 @@ fn report_engine_bug_slow(e: &XenEngine, bug: EngineBug, n: u64) {
     // SAFETY: `line` is valid for its length.
     if unsafe { ffi::pvx_log_error(line.as_ptr(), line.len()) } == 0 {
         e.give_back_unreported(bug, n);
+        return false;
     }
+    true
 }
 
 /// `n` in decimal, at the end of `buf`: the digits (no panic path).

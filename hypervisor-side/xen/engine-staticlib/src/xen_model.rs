@@ -633,12 +633,20 @@ std::thread_local! {
         const { std::cell::RefCell::new(std::vec::Vec::new()) };
     /// Whether `pvx_log_error` prints (false: its rate limit holds it back).
     pub static LOG_ERROR_ALLOWED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+    /// Lines `pvx_log_error` still prints before its rate limit holds the
+    /// rest back (`None`: no limit).
+    pub static LOG_ERROR_BUDGET: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
 }
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn pvx_log_error(msg: *const u8, len: usize) -> i32 {
     if !LOG_ERROR_ALLOWED.with(|a| a.get()) {
         return 0;
+    }
+    match LOG_ERROR_BUDGET.with(|b| b.get()) {
+        Some(0) => return 0,
+        Some(n) => LOG_ERROR_BUDGET.with(|b| b.set(Some(n - 1))),
+        None => {}
     }
     // SAFETY: the engine passes a message valid for `len` bytes.
     let line = unsafe { std::slice::from_raw_parts(msg, len) };
