@@ -317,14 +317,21 @@ impl EngineBug {
     pub const ALL: [EngineBug; Self::KINDS] = [EngineBug::IndexMiss, EngineBug::FreeListBreak];
 }
 
-// Each kind's number is its place in `ALL` (and below `KINDS`): the
-// counters are indexed by it, and a kind out of place would be dropped.
+// Each kind's number is its place in `ALL` (and below `KINDS`), and every
+// kind is in `ALL` (the match below is exhaustive): the counters are
+// indexed by it, and a kind out of place would be dropped.
 const _: () = {
     let mut i = 0;
     while i < EngineBug::KINDS {
         assert!(EngineBug::ALL[i] as usize == i);
         i += 1;
     }
+    const fn place(bug: EngineBug) -> usize {
+        match bug {
+            EngineBug::IndexMiss | EngineBug::FreeListBreak => bug as usize,
+        }
+    }
+    assert!(place(EngineBug::FreeListBreak) + 1 == EngineBug::KINDS);
 };
 
 /// What `PVIOMMU_CMD_stats` reports about a driver domain.

@@ -190,6 +190,9 @@ fn entry_present(raw: u64) -> bool {
     raw & 3 != 0
 }
 
+/// A root no flush names (see [`UnlinkedTables::insert`]).
+const NO_ROOT: u64 = u64::MAX;
+
 /// Where an unlinked table frame hung (see `Ram::unlinked_tables`).
 #[derive(Clone, Copy, Debug)]
 struct Unlinked {
@@ -226,10 +229,11 @@ impl UnlinkedTables {
     }
     #[inline]
     fn contains(&self, frame: u64) -> bool {
-        usize::try_from(frame)
-            .ok()
-            .and_then(|i| self.flag.get(i))
-            .is_some_and(|f| *f)
+        match usize::try_from(frame).ok().and_then(|i| self.flag.get(i)) {
+            Some(f) => *f,
+            // (No table frame is past the RAM; the map answers all the same.)
+            None => self.map.contains_key(&frame),
+        }
     }
     fn set_flag(&mut self, frame: u64, on: bool) {
         if let Some(f) = usize::try_from(frame)
@@ -239,7 +243,17 @@ impl UnlinkedTables {
             *f = on;
         }
     }
-    fn insert(&mut self, frame: u64, u: Unlinked) {
+    /// `frame` is unlinked from where `u` says. A frame unlinked again
+    /// from another place before a flush forgot it (linked elsewhere
+    /// meanwhile, which `reuse_table` counts already) may be cached at both
+    /// places: no flush forgets it then (only its free, counted, or a link
+    /// back where it last hung). Stricter than a host, never less.
+    fn insert(&mut self, frame: u64, mut u: Unlinked) {
+        if let Some(was) = self.map.get(&frame) {
+            if (was.root, was.parent, was.index) != (u.root, u.parent, u.index) {
+                u.root = NO_ROOT;
+            }
+        }
         self.map.insert(frame, u);
         self.set_flag(frame, true);
     }
@@ -2136,5 +2150,33 @@ mod tests {
         ram.write_entry(table, 6, 0);
         assert_eq!(ram.unlinked_tables_rewritten, 1);
         assert!(ram.unlinked_tables.is_empty());
+    }
+
+    /// A table unlinked from one place, linked at another before the flush
+    /// and unlinked there too may still be cached at the first: a flush of
+    /// the second place's range does not forget it. Before, the second
+    /// unlink's record replaced the first's, and that flush forgot it.
+    #[test]
+    fn a_table_unlinked_from_two_places_is_not_forgotten_by_one_flush() {
+        let mut ram = Ram::new(16);
+        let table = |t: Mfn| t.0 << 12 | 3;
+        let [root, a, b, c] = [(); 4].map(|()| ram.alloc_table().unwrap());
+        ram.write_entry(root, 1, table(a));
+        ram.write_entry(root, 2, table(b));
+        ram.write_entry(a, 3, table(c));
+        ram.write_entry(a, 3, 0);
+        // Linked elsewhere before the flush (a host defect of its own),
+        // then unlinked there.
+        ram.write_entry(b, 4, table(c));
+        ram.write_entry(b, 4, 0);
+        // A flush of the second place's range (root entry 2, entry 4).
+        let second = 2u64 << 27 | 4 << 18;
+        ram.forget_unlinked_under(Some(root), second, second + (1 << 18) - 1);
+        assert!(
+            ram.unlinked_tables.contains(c.0),
+            "still cached at the first"
+        );
+        ram.write_entry(c, 0, 0x5003);
+        assert_eq!(ram.unlinked_tables_rewritten, 1);
     }
 }

@@ -515,11 +515,12 @@ impl Xen {
     /// (it is about to be written back whole, or is freed): the held
     /// cells', and any other cell's with records pending, under that cell's
     /// lock. Not on an entry point that moved CPUs (this CPU's mask would
-    /// not say which cells it holds: taking one it holds would spin); the
-    /// record then stays, and its lines are written back once more.
-    fn forget_dirty_lines(&self, table: Mfn) {
+    /// not say which cells it holds: taking one it holds would spin): false,
+    /// and the record stays (its lines are written back once more; the
+    /// caller must not free the frame).
+    fn forget_dirty_lines(&self, table: Mfn) -> bool {
         if self.moved_cpu() {
-            return;
+            return false;
         }
         let held = self.held_cells();
         for cell in cells_in(if held != 0 { held } else { Cells::MAX }) {
@@ -541,6 +542,7 @@ impl Xen {
                 unsafe { ffi::pvx_driver_unlock(cell as u32) };
             }
         }
+        true
     }
 
     #[inline(never)]
@@ -652,6 +654,7 @@ fn reset_backend_state() {
     }
     ALL_FAULTED.store(false, Ordering::Relaxed);
     FAULT_LOGGED.store(false, Ordering::Relaxed);
+    REPORT_FIRST.store(0, Ordering::Relaxed);
     // SAFETY: plain call (the model).
     TABLES_COHERENT.store(
         unsafe { ffi::pvx_tables_coherent() } != 0,
@@ -1030,7 +1033,14 @@ impl TableMemory for Xen {
         // Nothing of it is needed in memory any more (the flush is done),
         // and it must not be mapped or written back once it is Xen's.
         self.unmap_table(table);
-        self.forget_dirty_lines(table);
+        if !self.forget_dirty_lines(table) {
+            // A record of it may stay in a cell's set, to be written back
+            // later: the frame is kept (never given back to Xen) rather
+            // than written back once it is someone else's. Only after an
+            // entry point moved CPUs, which has already refused flushes
+            // from then on.
+            return;
+        }
         // SAFETY: plain call; Xen refuses a frame that is not one of the
         // engine's table frames (a double free among them).
         if unsafe { ffi::pvx_table_free(table.0) } != 0 {
@@ -1061,7 +1071,8 @@ impl TableMemory for Xen {
         // back a second time at the flush before). The record first, then
         // the write-back: a store noted in between is in memory either way.
         if !TABLES_COHERENT.load(Ordering::Relaxed) {
-            self.forget_dirty_lines(table);
+            // (Should the record stay, it is written back once more.)
+            let _ = self.forget_dirty_lines(table);
             self.write_back(table, u64::MAX);
         }
     }
