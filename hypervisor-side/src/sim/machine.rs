@@ -246,8 +246,8 @@ impl UnlinkedTables {
     /// `frame` is unlinked from where `u` says. A frame unlinked again
     /// from another place before a flush forgot it (linked elsewhere
     /// meanwhile, which `reuse_table` counts already) may be cached at both
-    /// places: no flush forgets it then (only its free, counted, or a link
-    /// back where it last hung). Stricter than a host, never less.
+    /// places: no flush forgets it then, nor a link back at either place
+    /// (only its free, counted). Stricter than a host, never less.
     fn insert(&mut self, frame: u64, mut u: Unlinked) {
         if let Some(was) = self.map.get(&frame) {
             if (was.root, was.parent, was.index) != (u.root, u.parent, u.index) {
@@ -545,10 +545,12 @@ impl Ram {
         }
         if let Some(child) = new.filter(|c| Some(*c) != old) {
             self.table_parent.insert(child, (table.0, index));
+            // (One unlinked from two places stays: it may still be cached
+            // at the other.)
             if self
                 .unlinked_tables
                 .get(child)
-                .is_some_and(|u| u.parent == table.0 && u.index == index)
+                .is_some_and(|u| u.root != NO_ROOT && u.parent == table.0 && u.index == index)
             {
                 self.unlinked_tables.remove(child);
             }
@@ -2178,5 +2180,11 @@ mod tests {
         );
         ram.write_entry(c, 0, 0x5003);
         assert_eq!(ram.unlinked_tables_rewritten, 1);
+        // Nor does a link back at the second place.
+        ram.write_entry(b, 4, table(c));
+        assert!(
+            ram.unlinked_tables.contains(c.0),
+            "still cached at the first"
+        );
     }
 }

@@ -1033,7 +1033,8 @@ impl TableMemory for Xen {
         // Nothing of it is needed in memory any more (the flush is done),
         // and it must not be mapped or written back once it is Xen's.
         self.unmap_table(table);
-        if !self.forget_dirty_lines(table) {
+        // (A coherent IOMMU's tables have no records to forget.)
+        if !TABLES_COHERENT.load(Ordering::Relaxed) && !self.forget_dirty_lines(table) {
             // A record of it may stay in a cell's set, to be written back
             // later: the frame is kept (never given back to Xen) rather
             // than written back once it is someone else's. Only after an
