@@ -235,13 +235,9 @@ impl UnlinkedTables {
             None => self.map.contains_key(&frame),
         }
     }
-    fn set_flag(&mut self, frame: u64, on: bool) {
-        if let Some(f) = usize::try_from(frame)
-            .ok()
-            .and_then(|i| self.flag.get_mut(i))
-        {
-            *f = on;
-        }
+    /// `frame`'s flag, if the RAM has the frame.
+    fn flag_mut(flag: &mut [bool], frame: u64) -> Option<&mut bool> {
+        usize::try_from(frame).ok().and_then(|i| flag.get_mut(i))
     }
     /// `frame` is unlinked from where `u` says. A frame unlinked again
     /// from another place before a flush forgot it (linked elsewhere
@@ -255,11 +251,15 @@ impl UnlinkedTables {
             }
         }
         self.map.insert(frame, u);
-        self.set_flag(frame, true);
+        if let Some(f) = Self::flag_mut(&mut self.flag, frame) {
+            *f = true;
+        }
     }
     fn remove(&mut self, frame: u64) -> Option<Unlinked> {
         let u = self.map.remove(&frame)?;
-        self.set_flag(frame, false);
+        if let Some(f) = Self::flag_mut(&mut self.flag, frame) {
+            *f = false;
+        }
         Some(u)
     }
     fn get(&self, frame: u64) -> Option<&Unlinked> {
@@ -273,10 +273,8 @@ impl UnlinkedTables {
         let flag = &mut self.flag;
         self.map.retain(|frame, u| {
             let kept = keep(u);
-            if !kept {
-                if let Some(f) = usize::try_from(*frame).ok().and_then(|i| flag.get_mut(i)) {
-                    *f = false;
-                }
+            if let Some(f) = Self::flag_mut(flag, *frame).filter(|_| !kept) {
+                *f = false;
             }
             kept
         });
@@ -565,37 +563,33 @@ impl Ram {
     /// no flush names as a root: the entry stays counted as possibly cached
     /// until it is freed or linked back (stricter than a host, never less).
     fn place_of(&self, table: u64, index: usize) -> (u64, u64, u64) {
-        // Entry indices from `table`'s up to the root's.
-        let mut path = [index as u64; hardware::WALK_LEVELS as usize];
+        const LEVELS: usize = hardware::WALK_LEVELS as usize;
+        // Entry indices from `table`'s up to the root's (a walk bounded at
+        // twice the levels: a deeper tree, or a cycle, is no tree).
+        let mut path = [index as u64; LEVELS];
         let (mut at, mut depth) = (table, 1usize);
         while let Some(&(parent, i)) = self.table_parent.get(&at) {
-            if depth == path.len() {
-                return (self.tree_root(parent), 0, u64::MAX);
+            if depth == 2 * LEVELS {
+                break;
             }
-            path[depth] = i as u64;
+            if let Some(p) = path.get_mut(depth) {
+                *p = i as u64;
+            }
             depth += 1;
             at = parent;
         }
+        if depth > LEVELS {
+            return (at, 0, u64::MAX);
+        }
         // The entry is at level WALK_LEVELS + 1 - depth: it translates
         // 512^(WALK_LEVELS - depth) pages.
-        let span_bits = 9 * (hardware::WALK_LEVELS as usize - depth);
+        let span_bits = 9 * (LEVELS - depth);
         let first = path[..depth]
             .iter()
             .rev()
             .fold(0u64, |bfn, i| bfn << 9 | (i & 0x1ff))
             << span_bits;
         (at, first, first | ((1u64 << span_bits) - 1))
-    }
-    /// The root frame of the tree `table` hangs in (at most
-    /// [`WALK_LEVELS`](hardware::WALK_LEVELS) up).
-    fn tree_root(&self, mut table: u64) -> u64 {
-        for _ in 0..hardware::WALK_LEVELS {
-            match self.table_parent.get(&table) {
-                Some(&(p, _)) => table = p,
-                None => break,
-            }
-        }
-        table
     }
     /// A flush of BFNs `first..=last` of the context whose tree is rooted
     /// at `root` came: the IOMMU caches none of the unlinked tables that
