@@ -514,11 +514,15 @@ impl Xen {
     /// Drop `table`'s record from the cells' sets of lines to write back
     /// (it is about to be written back whole, or is freed): the held
     /// cells', and any other cell's with records pending, under that cell's
-    /// lock. Not on an entry point that moved CPUs (this CPU's mask would
+    /// lock. Nothing to do where the IOMMU is coherent (no records are
+    /// made). Not on an entry point that moved CPUs (this CPU's mask would
     /// not say which cells it holds: taking one it holds would spin): false,
     /// and the record stays (its lines are written back once more; the
     /// caller must not free the frame).
     fn forget_dirty_lines(&self, table: Mfn) -> bool {
+        if TABLES_COHERENT.load(Ordering::Relaxed) {
+            return true;
+        }
         if self.moved_cpu() {
             return false;
         }
@@ -1033,8 +1037,7 @@ impl TableMemory for Xen {
         // Nothing of it is needed in memory any more (the flush is done),
         // and it must not be mapped or written back once it is Xen's.
         self.unmap_table(table);
-        // (A coherent IOMMU's tables have no records to forget.)
-        if !TABLES_COHERENT.load(Ordering::Relaxed) && !self.forget_dirty_lines(table) {
+        if !self.forget_dirty_lines(table) {
             // A record of it may stay in a cell's set, to be written back
             // later: the frame is kept (never given back to Xen) rather
             // than written back once it is someone else's. Only after an

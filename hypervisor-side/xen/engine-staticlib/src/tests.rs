@@ -32,6 +32,20 @@ fn violations() -> Vec<std::string::String> {
     model::with(|m| m.violations.clone())
 }
 
+/// An engine over the model, as `pviommu_engine_init` makes one.
+fn engine() -> super::XenEngine {
+    super::XenEngine::with_locks(Default::default(), &super::Xen::new(), |cell| {
+        super::XenLock { cell: cell as u32 }
+    })
+    .unwrap()
+}
+
+/// The last line `pvx_log_error` printed on this thread.
+fn logged_error() -> std::string::String {
+    let l = model::LOGGED_ERROR.with(|l| l.borrow().clone());
+    std::string::String::from_utf8(l).unwrap()
+}
+
 fn syncs() -> Vec<model::Sync> {
     model::with(|m| m.syncs.clone())
 }
@@ -225,10 +239,7 @@ fn a_count_store_needs_no_write_back_but_the_entry_beside_it_does() {
 fn one_kind_of_engine_bug_never_keeps_another_off_the_console() {
     // (The report's turn is host-wide: no other report runs meanwhile.)
     let _s = model::serial();
-    let e = super::XenEngine::with_locks(Default::default(), &super::Xen::new(), |cell| {
-        super::XenLock { cell: cell as u32 }
-    })
-    .unwrap();
+    let e = engine();
     let mut printed = std::vec::Vec::new();
     for _ in 0..4 {
         e.give_back_unreported(EngineBug::IndexMiss, 1);
@@ -236,8 +247,7 @@ fn one_kind_of_engine_bug_never_keeps_another_off_the_console() {
         model::LOGGED_ERROR.with(|l| l.borrow_mut().clear());
         model::LOG_ERROR_BUDGET.with(|b| b.set(Some(1)));
         super::report_engine_bugs(&e);
-        let line = model::LOGGED_ERROR.with(|l| l.borrow().clone());
-        printed.push(line.windows(10).any(|w| w == b"page index"));
+        printed.push(logged_error().contains("page index"));
     }
     model::LOG_ERROR_BUDGET.with(|b| b.set(None));
     assert!(printed.contains(&true), "index misses printed: {printed:?}");
@@ -1224,15 +1234,9 @@ fn engine_bugs_are_logged_with_their_number() {
     assert_eq!(super::decimal(0, &mut buf), b"0");
     assert_eq!(super::decimal(42, &mut buf), b"42");
     assert_eq!(super::decimal(u64::MAX, &mut buf), b"18446744073709551615");
-    let line = || {
-        let l = model::LOGGED_ERROR.with(|l| l.borrow().clone());
-        std::string::String::from_utf8(l).unwrap()
-    };
+    let line = logged_error;
     // An engine with three misses counted, as its unlocks add them.
-    let e = super::XenEngine::with_locks(Default::default(), &super::Xen::new(), |cell| {
-        super::XenLock { cell: cell as u32 }
-    })
-    .unwrap();
+    let e = engine();
     e.give_back_unreported(EngineBug::IndexMiss, 3);
     // Held back by the glue's rate limit: nothing logged, the count waits.
     model::LOGGED_ERROR.with(|l| l.borrow_mut().clear());
