@@ -974,31 +974,37 @@ fn a_device_whose_unit_does_not_translate_reaches_machine_addresses() {
     assert_eq!(status, Errno::OpNotSupp.negated());
 }
 
-/// Issue 10: an engine context maps a run over a guest's 2 MiB extent as
-/// one superpage, as the default context does (with consecutive BFNs
-/// aligned as the gfns): on VT-d; LPAE (an SMMU) keeps 4 KiB entries. Folded and split again within one batch (before
-/// its flush), the leaf table the IOMMU may still hold in its caches is
-/// never rewritten: it is linked back whole. Before, engine contexts made
-/// no superpages, because a fold zeroed the leaf table at once.
-fn a_run_over_a_2m_extent_is_one_superpage_in_an_engine_context(format: Format) {
-    // (Not on an SMMU: no break-before-make there, see ContextTables::new.)
-    let folds = format == Format::Vtd;
-    // dom0's 512 pages first: gfns and frames aligned alike.
+/// Device A attached to a fresh context of dom0's, and GUEST's gfns
+/// 512..1024 (one 2 MiB extent, frames aligned alike: dom0's 512 pages come
+/// first) mapped into it in one batch: consecutive BFNs from `b0`, aligned.
+/// Returns the machine, the engine, the context and `b0`.
+fn a_2m_run_in_an_engine_context(format: Format) -> (SimMachine, Engine, ContextId, u64) {
     let (mut m, e) = machine_after_dom0(format, 1024, 512);
     m.add_device(A, facts(DomId::DOM0));
     let ctx = create(&mut m, &e, DomId::DOM0);
     assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx, A), 0);
-    // One batch: the run, then an unmap in its middle (a split before the
-    // batch's flush), then a map of that page again.
-    let maps: Vec<PvIommuOp> = (512..1024)
+    let mut ops: Vec<PvIommuOp> = (512..1024)
         .map(|g| map_op_in(ctx, GUEST, g, Permissions::RW))
         .collect();
-    let mut ops = maps.clone();
     m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
     assert!(ops.iter().all(|o| o.status == 0));
     let b0 = ops[0].bfn;
     assert!(ops.windows(2).all(|w| w[1].bfn == w[0].bfn + 1));
     assert_eq!(b0 % 512, 0);
+    (m, e, ctx, b0)
+}
+
+/// Issue 10: an engine context maps a run over a guest's 2 MiB extent as
+/// one superpage, as the default context does (with consecutive BFNs
+/// aligned as the gfns): on VT-d; LPAE (an SMMU) keeps 4 KiB entries.
+/// Folded and split again within one batch (before its flush), the leaf
+/// table the IOMMU may still hold in its caches is never rewritten: it is
+/// linked back whole. Before, engine contexts made
+/// no superpages, because a fold zeroed the leaf table at once.
+fn a_run_over_a_2m_extent_is_one_superpage_in_an_engine_context(format: Format) {
+    // (Not on an SMMU: no break-before-make there, see ContextTables::new.)
+    let folds = format == Format::Vtd;
+    let (mut m, e, ctx, b0) = a_2m_run_in_an_engine_context(format);
     let level = |m: &SimMachine, b: u64| m.context_leaf(DomId::DOM0, ctx, Bfn(b)).map(|l| l.0);
     assert_eq!(
         level(&m, b0 + 7),
@@ -1050,16 +1056,7 @@ fn lpae_a_run_over_a_2m_extent_is_one_superpage_in_an_engine_context() {
 /// in the host's set of dirty lines and the flush wrote all 64 back again.
 #[test]
 fn a_split_table_is_written_back_once() {
-    let (mut m, e) = machine_after_dom0(Format::Vtd, 1024, 512);
-    m.add_device(A, facts(DomId::DOM0));
-    let ctx = create(&mut m, &e, DomId::DOM0);
-    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx, A), 0);
-    let mut ops: Vec<PvIommuOp> = (512..1024)
-        .map(|g| map_op_in(ctx, GUEST, g, Permissions::RW))
-        .collect();
-    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
-    assert!(ops.iter().all(|o| o.status == 0));
-    let b0 = ops[0].bfn;
+    let (mut m, e, ctx, b0) = a_2m_run_in_an_engine_context(Format::Vtd);
     let level = |m: &SimMachine| m.context_leaf(DomId::DOM0, ctx, Bfn(b0)).map(|l| l.0);
     assert_eq!(level(&m), Some(2), "one superpage");
     // One unmap in the middle: a split, then the batch's flush.
