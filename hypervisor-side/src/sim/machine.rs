@@ -565,11 +565,11 @@ impl Ram {
     fn place_of(&self, table: u64, index: usize) -> (u64, u64, u64) {
         const LEVELS: usize = hardware::WALK_LEVELS as usize;
         // Entry indices from `table`'s up to the root's (a walk bounded at
-        // twice the levels: a deeper tree, or a cycle, is no tree).
+        // twice the levels up: a deeper tree, or a cycle, is no tree).
         let mut path = [index as u64; LEVELS];
         let (mut at, mut depth) = (table, 1usize);
         while let Some(&(parent, i)) = self.table_parent.get(&at) {
-            if depth == 2 * LEVELS {
+            if depth > 2 * LEVELS {
                 break;
             }
             if let Some(p) = path.get_mut(depth) {
@@ -2180,5 +2180,28 @@ mod tests {
             ram.unlinked_tables.contains(c.0),
             "still cached at the first"
         );
+    }
+
+    /// A chain of tables deeper than the walk's levels (no real tree is)
+    /// covers every BFN, and its place is found up to twice the levels
+    /// above the table: a flush of the root that far up forgets an entry
+    /// unlinked at its bottom.
+    #[test]
+    fn a_table_unlinked_under_a_deep_chain_is_placed_under_its_root() {
+        let mut ram = Ram::new(16);
+        let table = |t: Mfn| t.0 << 12 | 3;
+        // `chain[0]` holds the child; `chain[8]`, eight steps above it, is
+        // the root.
+        let chain: Vec<Mfn> = (0..9).map(|_| ram.alloc_table().unwrap()).collect();
+        for w in chain.windows(2) {
+            ram.write_entry(w[1], 1, table(w[0]));
+        }
+        let child = ram.alloc_table().unwrap();
+        ram.write_entry(chain[0], 2, table(child));
+        ram.write_entry(chain[0], 2, 0);
+        let u = *ram.unlinked_tables.get(child.0).unwrap();
+        assert_eq!((u.root, u.first, u.last), (chain[8].0, 0, u64::MAX));
+        ram.forget_unlinked_under(Some(chain[8]), 5, 5);
+        assert!(!ram.unlinked_tables.contains(child.0));
     }
 }
