@@ -148,6 +148,10 @@ impl FlushGather {
     }
 }
 
+/// The most pages the engine asks [`IommuBackend::iommu_unmap_run`] for
+/// at once (the Xen glue refuses more: `PVX_UNMAP_RUN_MAX`).
+pub const MAX_UNMAP_RUN: u64 = 1 << 16;
+
 /// An IOMMU: the host's default context of each driver domain, and what
 /// the engine needs for contexts of its own.
 ///
@@ -178,6 +182,30 @@ pub trait IommuBackend: TableMemory {
         bfn: Bfn,
         gather: &mut FlushGather,
     ) -> Result<(), Errno>;
+    /// Unmap the `count` 4 KiB pages from `bfn` of the default context,
+    /// as Xen's `iommu_unmap(d, bfn, count)` does: one call, which clears
+    /// a 2 MiB (or larger) aligned part of the run with one entry where
+    /// the IOMMU has that size, so it never splits a superpage there. A
+    /// page with no entry is no error. An `Err` may leave any page of the
+    /// run mapped: the engine then unmaps each on its own. This default
+    /// goes a page at a time.
+    fn iommu_unmap_run(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        bfn: Bfn,
+        count: u64,
+        gather: &mut FlushGather,
+    ) -> Result<(), Errno> {
+        for i in 0..count {
+            let page = bfn.0.checked_add(i).ok_or(Errno::Inval)?;
+            match self.iommu_unmap(owner, ctx, Bfn(page), gather) {
+                Ok(()) | Err(Errno::NoEnt) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
     /// Invalidate the IOTLB for what `gather` holds of the default
     /// context. Only after `Ok` may the page references of unmapped pages
     /// be dropped.

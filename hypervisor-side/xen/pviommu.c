@@ -545,23 +545,39 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn,
     return rc < 0 ? rc : 0;
 }
 
-int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, unsigned int *flush)
+int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
+                    unsigned int *flush)
 {
-    struct domain *d = rcu_lock_domain_by_id(owner);
+    struct domain *d;
     long rc;
 
+    /*
+     * The engine's runs are of its window's BFNs, all below
+     * 2^pvx_addr_bits (pvx_iommu_map() refuses any other), and no longer
+     * than its batches: anything else is a bug to refuse, not to unmap
+     * (it could reach the domain's own mappings below the window).
+     */
+    if ( !count || count > PVX_UNMAP_RUN_MAX || bfn + count < bfn ||
+         (pvx_addr_bits > PAGE_SHIFT && pvx_addr_bits - PAGE_SHIFT < 64 &&
+          ((bfn + count - 1) >> (pvx_addr_bits - PAGE_SHIFT)) != 0) )
+        return -EINVAL;
+    d = rcu_lock_domain_by_id(owner);
     if ( !d )
         return -ESRCH;
     /*
-     * PV-IOMMU only ever maps 4k entries, but Xen 4.17's VT-d code folds a
-     * full, contiguous 512-entry run into a superpage, and unmapping a page
-     * of it must split it again: that can fail with -ENOMEM. The engine
-     * then keeps the page referenced and the BFN poisoned and retries at
-     * its next flush. (For a driver domain other than the hardware domain,
-     * iommu_unmap() crashes the domain on failure; its teardown then
-     * releases everything.)
+     * PV-IOMMU maps 4k entries, but Xen 4.17's VT-d code folds a full,
+     * contiguous 512-entry run into a superpage, and unmapping one page of
+     * it must split it again: that can fail with -ENOMEM. A run that
+     * covers the whole aligned 2 MiB is cleared with one order-9 call
+     * (mapping_order()), which splits nothing. On failure the engine
+     * retries page by page, and keeps a page it still cannot unmap
+     * referenced, its BFN poisoned, retried at each flush. (For a driver
+     * domain other than the hardware domain, iommu_unmap() crashes the
+     * domain on failure; its teardown then releases everything.) Not
+     * preemptible: the engine's runs are bounded by its batches (its
+     * DEFER_LIMIT), as the page-at-a-time loop it replaces was.
      */
-    rc = iommu_unmap(d, _dfn(bfn), 1, 0, flush);
+    rc = iommu_unmap(d, _dfn(bfn), count, 0, flush);
     rcu_unlock_domain(d);
 
     return rc < 0 ? rc : 0;

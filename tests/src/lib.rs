@@ -407,6 +407,16 @@ impl IommuBackend for Interposer<'_> {
     ) -> Result<(), Errno> {
         self.m.borrow_mut().iommu_unmap(o, c, b, g)
     }
+    fn iommu_unmap_run(
+        &mut self,
+        o: DomId,
+        c: ContextId,
+        b: Bfn,
+        n: u64,
+        g: &mut FlushGather,
+    ) -> Result<(), Errno> {
+        self.m.borrow_mut().iommu_unmap_run(o, c, b, n, g)
+    }
     fn iommu_flush(&mut self, o: DomId, g: &FlushGather) -> Result<(), Errno> {
         self.m.borrow_mut().iommu_flush(o, g)
     }

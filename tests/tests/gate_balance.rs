@@ -34,7 +34,7 @@ fn check(e: &Engine, step: usize, what: &str) {
                 match s {
                     Slot::Live(m)
                     | Slot::Unmapping { mapping: m, .. }
-                    | Slot::Stuck { mapping: m }
+                    | Slot::Stuck { mapping: m, .. }
                         if m.domid == GUEST =>
                     {
                         n += 1;

@@ -227,7 +227,7 @@ fn killer(sim: SharedSim, e: Arc<Engine>, stop: Arc<AtomicBool>) -> u32 {
                 .filter(|(_, _, _, s)| match s {
                     Slot::Live(m)
                     | Slot::Unmapping { mapping: m, .. }
-                    | Slot::Stuck { mapping: m } => m.domid == T3,
+                    | Slot::Stuck { mapping: m, .. } => m.domid == T3,
                     _ => false,
                 })
                 .collect();
@@ -287,7 +287,7 @@ fn check(sim: &SharedSim, e: &Engine) {
                     assert_eq!(t, Some((mp.mfn, mp.perms)), "{:?} {bfn:?}", d.domid());
                     held += 1 + mp.perms.write as u64;
                 }
-                Slot::Unmapping { mapping, .. } | Slot::Stuck { mapping } => {
+                Slot::Unmapping { mapping, .. } | Slot::Stuck { mapping, .. } => {
                     held += 1 + mapping.perms.write as u64;
                 }
                 Slot::Revoked { notice, .. } => {

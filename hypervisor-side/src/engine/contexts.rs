@@ -250,6 +250,41 @@ impl super::DriverDomain {
         own.tables.unmap(h, bfn)
     }
 
+    /// Unmap the `count` BFNs from `bfn` of `ctx` (entries an owner's
+    /// unmaps left for the flush to clear), into the gather: the default
+    /// context in one call to the backend, which clears an aligned 2 MiB
+    /// with one entry; an engine context a page at a time. A page with no
+    /// entry (its context gone meanwhile) is no error. On `Err` any page
+    /// of the run may still be mapped.
+    pub(crate) fn iommu_unmap_run(
+        &mut self,
+        h: &mut impl IommuBackend,
+        ctx: ContextId,
+        bfn: Bfn,
+        count: u64,
+    ) -> Result<(), Errno> {
+        if ctx == ContextId::DEFAULT {
+            return h.iommu_unmap_run(self.domid, ctx, bfn, count, &mut self.gather);
+        }
+        let last = count
+            .checked_sub(1)
+            .and_then(|n| bfn.0.checked_add(n))
+            .ok_or(Errno::Inval)?;
+        let Some(own) = self.own.iter_mut().find(|c| c.id == ctx) else {
+            return Ok(());
+        };
+        // Gathered first, as a map is: the entries never go unflushed.
+        self.gather.add(ctx, bfn, 0)?;
+        self.gather.add(ctx, Bfn(last), 0)?;
+        for page in bfn.0..=last {
+            match own.tables.unmap(h, Bfn(page)) {
+                Ok(()) | Err(Errno::NoEnt) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Flush everything gathered: the default context through the backend,
     /// each of the engine's contexts by its tag, after which the tables
     /// its unmaps emptied are freed. On `Err` the gather is kept (flushing

@@ -195,6 +195,9 @@ pub(crate) struct Unmapped {
     pub(crate) page: Notice,
     /// Becomes a notice (true) or free (false).
     pub(crate) then_revoked: bool,
+    /// Its IOMMU entry is still to be cleared, by the flush's first step
+    /// (an owner's unmap: `Engine::clear_deferred_entries`).
+    pub(crate) entry_present: bool,
     /// Next slot on the unmapping list.
     pub(crate) next: u64,
 }
@@ -220,24 +223,32 @@ pub enum Slot {
     },
     /// Mapped in the IOMMU and current.
     Live(Mapping),
-    /// Unmapped in the IOMMU, waiting for the flush that makes the device
-    /// forget it; the page is still referenced. The unmapping list is
-    /// threaded through `mapping.next_same_page` (free once a mapping has
-    /// left the target index), which keeps a slot at 48 bytes.
+    /// Out of the books, waiting for the flush that makes the device
+    /// forget it; the page is still referenced. Its IOMMU entry is already
+    /// cleared (a revocation), or still present (`entry_present`: an
+    /// owner's unmap, whose entry the flush clears first, a run of BFNs at
+    /// a time). The unmapping list is threaded through
+    /// `mapping.next_same_page` (free once a mapping has left the target
+    /// index), which keeps a slot at 32 bytes.
     Unmapping {
         /// The former mapping.
         mapping: Mapping,
         /// Becomes Revoked (true) or Free (false) after the flush.
         then_revoked: bool,
+        /// Its IOMMU entry is still to be cleared.
+        entry_present: bool,
     },
-    /// Being revoked, but the IOMMU refused the unmap (e.g. a superpage
-    /// split without memory): the entry may still be live, so the page stays
+    /// Taken down, but the IOMMU refused the unmap (e.g. a superpage split
+    /// without memory): the entry may still be live, so the page stays
     /// referenced and the BFN poisoned; retried in turn by the flushes
     /// (`STUCK_RETRIES` a flush, oldest first). The stuck list is threaded
     /// through `mapping.next_same_page`.
     Stuck {
-        /// The mapping being revoked.
+        /// The mapping being taken down.
         mapping: Mapping,
+        /// Becomes Revoked (a revocation) or Free (an owner's unmap) once
+        /// unmapped and flushed.
+        then_revoked: bool,
     },
     /// Revoked and flushed; reserved until the owner acknowledges it.
     Revoked {
@@ -266,7 +277,7 @@ pub(crate) struct RawSlot {
     domid: u16,
     context: u8,
     /// State in bits 0-2, read in 3, write in 4, attribute in 5-6,
-    /// "then revoked" (Unmapping) in 7.
+    /// "then revoked" (Unmapping, Stuck) in 7.
     bits: u8,
     /// Live, Unmapping, Stuck: the mapping's install generation.
     gen: u32,
@@ -277,6 +288,8 @@ const ST_LIVE: u8 = 1;
 const ST_UNMAPPING: u8 = 2;
 const ST_STUCK: u8 = 3;
 const ST_REVOKED: u8 = 4;
+/// Unmapping, its IOMMU entry still present (decoded as `Unmapping`).
+const ST_UNMAPPING_ENTRY_PRESENT: u8 = 5;
 const STATE_MASK: u8 = 0b111;
 const READ: u8 = 1 << 3;
 const WRITE: u8 = 1 << 4;
@@ -365,12 +378,24 @@ impl RawSlot {
             Slot::Unmapping {
                 mapping,
                 then_revoked,
+                entry_present,
             } => RawSlot::from_mapping(
-                ST_UNMAPPING,
+                if entry_present {
+                    ST_UNMAPPING_ENTRY_PRESENT
+                } else {
+                    ST_UNMAPPING
+                },
                 &mapping,
                 if then_revoked { THEN_REVOKED } else { 0 },
             ),
-            Slot::Stuck { mapping } => RawSlot::from_mapping(ST_STUCK, &mapping, 0),
+            Slot::Stuck {
+                mapping,
+                then_revoked,
+            } => RawSlot::from_mapping(
+                ST_STUCK,
+                &mapping,
+                if then_revoked { THEN_REVOKED } else { 0 },
+            ),
             Slot::Revoked { notice, prev, next } => RawSlot {
                 gfn: notice.gfn.0,
                 // The notice's order (`push_revoked`) is written after.
@@ -389,12 +414,14 @@ impl RawSlot {
     pub(crate) fn decode(&self) -> Slot {
         match self.state() {
             ST_LIVE => Slot::Live(self.mapping()),
-            ST_UNMAPPING => Slot::Unmapping {
+            ST_UNMAPPING | ST_UNMAPPING_ENTRY_PRESENT => Slot::Unmapping {
                 mapping: self.mapping(),
                 then_revoked: self.bits & THEN_REVOKED != 0,
+                entry_present: self.state() == ST_UNMAPPING_ENTRY_PRESENT,
             },
             ST_STUCK => Slot::Stuck {
                 mapping: self.mapping(),
+                then_revoked: self.bits & THEN_REVOKED != 0,
             },
             ST_REVOKED => Slot::Revoked {
                 notice: Notice {
@@ -551,6 +578,11 @@ pub struct DriverDomain {
     pub(crate) live: u64,
     pub(crate) revoked: u64,
     pub(crate) stuck: u64,
+    /// Unmapping slots whose IOMMU entry an owner's unmap left, pushed
+    /// since the entries were last cleared: how far down the unmapping
+    /// list the next clearing pass looks (they are at its head). Were it
+    /// too low, an entry left behind is never released, only made stuck.
+    pub(crate) deferred_entries: u64,
     /// IOTLB invalidations not yet flushed.
     pub(crate) gather: FlushGather,
     /// Counters and times.
@@ -610,6 +642,7 @@ impl DriverDomain {
             live: 0,
             revoked: 0,
             stuck: 0,
+            deferred_entries: 0,
             gather: FlushGather::default(),
             stats: DriverStats::default(),
             next_gen: 0,
@@ -1351,6 +1384,7 @@ impl DriverDomain {
         let slot = Slot::Unmapping {
             mapping,
             then_revoked,
+            entry_present: false,
         };
         if self.set_slot(idx, slot) {
             self.unmapping_head = idx;
@@ -1359,9 +1393,10 @@ impl DriverDomain {
 
     /// [`push_unmapping`](Self::push_unmapping) of the mapping slot `idx`
     /// holds (a Live one already out of the index, or a Stuck one off its
-    /// list), changed in place.
+    /// list), changed in place. With `entry_present` its IOMMU entry is
+    /// still there, for the flush to clear first (an owner's unmap).
     #[inline]
-    pub(crate) fn push_unmapping_at(&mut self, idx: u64, then_revoked: bool) {
+    pub(crate) fn push_unmapping_at(&mut self, idx: u64, then_revoked: bool, entry_present: bool) {
         let head = self.unmapping_head;
         let Some(r) = self
             .raw_mut(idx)
@@ -1370,16 +1405,24 @@ impl DriverDomain {
             return;
         };
         let flag = if then_revoked { THEN_REVOKED } else { 0 };
-        r.bits = (r.bits & !(STATE_MASK | THEN_REVOKED)) | ST_UNMAPPING | flag;
+        let state = if entry_present {
+            ST_UNMAPPING_ENTRY_PRESENT
+        } else {
+            ST_UNMAPPING
+        };
+        r.bits = (r.bits & !(STATE_MASK | THEN_REVOKED)) | state | flag;
         r.next = link32(head);
         self.unmapping_head = idx;
+        self.deferred_entries += u64::from(entry_present);
     }
 
     /// What the flush needs of an Unmapping slot; `None` for any other
     /// state.
     #[inline]
     pub(crate) fn unmapping_at(&self, idx: u64) -> Option<Unmapped> {
-        let r = self.raw(idx).filter(|r| r.state() == ST_UNMAPPING)?;
+        let r = self
+            .raw(idx)
+            .filter(|r| matches!(r.state(), ST_UNMAPPING | ST_UNMAPPING_ENTRY_PRESENT))?;
         Some(Unmapped {
             mfn: Mfn(r.mfn),
             writable: r.bits & WRITE != 0,
@@ -1389,8 +1432,21 @@ impl DriverDomain {
                 context: ContextId(r.context as u32),
             },
             then_revoked: r.bits & THEN_REVOKED != 0,
+            entry_present: r.state() == ST_UNMAPPING_ENTRY_PRESENT,
             next: link64(r.next),
         })
+    }
+
+    /// The Unmapping slot `idx` no longer has an IOMMU entry (the flush
+    /// cleared it); any other slot is left alone.
+    #[inline]
+    pub(crate) fn entry_cleared(&mut self, idx: u64) {
+        if let Some(r) = self
+            .raw_mut(idx)
+            .filter(|r| r.state() == ST_UNMAPPING_ENTRY_PRESENT)
+        {
+            r.bits = (r.bits & !STATE_MASK) | ST_UNMAPPING;
+        }
     }
 
     /// The context of the live mapping in slot `idx`, and its references.
@@ -1400,11 +1456,16 @@ impl DriverDomain {
         Some((ContextId(r.context as u32), r.aux))
     }
 
-    /// The IOMMU refused to unmap a mapping being revoked: queued at the
-    /// tail of the stuck list.
-    pub(crate) fn push_stuck(&mut self, idx: u64, mut mapping: Mapping) {
+    /// The IOMMU refused to unmap a mapping being taken down: queued at
+    /// the tail of the stuck list. Once unmapped and flushed it becomes a
+    /// notice (`then_revoked`) or free.
+    pub(crate) fn push_stuck(&mut self, idx: u64, mut mapping: Mapping, then_revoked: bool) {
         mapping.next_same_page = NONE;
-        if !self.set_slot(idx, Slot::Stuck { mapping }) {
+        let stuck = Slot::Stuck {
+            mapping,
+            then_revoked,
+        };
+        if !self.set_slot(idx, stuck) {
             return;
         }
         let tail = self.stuck_tail;
@@ -1416,10 +1477,15 @@ impl DriverDomain {
         self.stuck += 1;
     }
 
-    /// Take the oldest stuck revocation off the list: its slot and mapping.
-    pub(crate) fn pop_stuck(&mut self) -> Option<(u64, Mapping)> {
+    /// Take the oldest stuck entry off the list: its slot, mapping, and
+    /// whether it then becomes a notice.
+    pub(crate) fn pop_stuck(&mut self) -> Option<(u64, Mapping, bool)> {
         let idx = self.stuck_head;
-        let Some(Slot::Stuck { mapping }) = self.slot(idx) else {
+        let Some(Slot::Stuck {
+            mapping,
+            then_revoked,
+        }) = self.slot(idx)
+        else {
             // Empty, or a link to a slot that is not Stuck (never made):
             // the list ends. Its count stays: were entries lost with the
             // link, the cell's retry flag stays set (a log-dirty enable
@@ -1434,7 +1500,7 @@ impl DriverDomain {
             self.stuck_tail = NONE;
         }
         self.stuck = self.stuck.saturating_sub(1);
-        Some((idx, mapping))
+        Some((idx, mapping, then_revoked))
     }
 
     /// Queue a revocation notice at the tail.
@@ -1538,6 +1604,7 @@ impl DriverDomain {
         self.free = 0;
         self.run_hint = NO_RUN;
         self.unmapping_head = NONE;
+        self.deferred_entries = 0;
         self.stuck_head = NONE;
         self.stuck_tail = NONE;
         self.revoked_head = NONE;
@@ -1854,7 +1921,7 @@ mod tests {
         // the index (a revocation on the way, as in `map_prepare`).
         let stale = dd.probe_page(SEED, DomId(7), Gfn(5));
         assert_eq!(dd.unindex(SEED, first), Some(true));
-        dd.push_unmapping_at(first, false);
+        dd.push_unmapping_at(first, false, false);
         let mut again = mapping(5);
         again.perms = Permissions::RO;
         let idx = install(&mut dd, stale, again);
@@ -1876,7 +1943,7 @@ mod tests {
 
     fn unmap_page(dd: &mut DriverDomain, idx: u64) -> bool {
         let last = dd.unindex(SEED, idx).unwrap();
-        dd.push_unmapping_at(idx, false);
+        dd.push_unmapping_at(idx, false, false);
         last
     }
 
@@ -2061,7 +2128,7 @@ mod tests {
                         last, !target_left,
                         "{k:?} (page still mapped: {still_mapped})"
                     );
-                    dd.push_unmapping_at(idx, false);
+                    dd.push_unmapping_at(idx, false, false);
                 };
             for step in 0..40_000u32 {
                 let r = next();

@@ -1276,7 +1276,7 @@ impl<L: RawMutex> Engine<L> {
             // target waits for a flush or is stuck.
             debug_assert!(
                 !dd.slots().any(|(_, s)| matches!(s,
-                    Slot::Unmapping { mapping: m, .. } | Slot::Stuck { mapping: m }
+                    Slot::Unmapping { mapping: m, .. } | Slot::Stuck { mapping: m, .. }
                         if m.domid == domid)),
                 "a bit taken back while an entry of d{} is pending",
                 domid.0
@@ -1970,7 +1970,7 @@ impl<L: RawMutex> Engine<L> {
                 // the slot, and the device was never given the BFN.
                 match dd.iommu_unmap(h, key.context, bfn) {
                     Ok(()) => dd.push_unmapping(idx, key, false),
-                    Err(_) => dd.push_stuck(idx, key),
+                    Err(_) => dd.push_stuck(idx, key, true),
                 }
                 report::consumed(out, e)
             }
@@ -2014,7 +2014,10 @@ impl<L: RawMutex> Engine<L> {
                     then_revoked: true,
                     ..
                 }
-                | Slot::Stuck { mapping, .. },
+                | Slot::Stuck {
+                    mapping,
+                    then_revoked: true,
+                },
             ) if mapping.context == context => Err(Errno::Busy),
             _ => Err(Errno::NoEnt),
         }
@@ -2022,7 +2025,9 @@ impl<L: RawMutex> Engine<L> {
 
     /// Drop one reference to `bfn`; the last one unmaps it. For a revoked
     /// BFN this acknowledges the revocation, releases the BFN and answers
-    /// `Err(Stale)`. The page is released at [`finish`](Self::finish).
+    /// `Err(Stale)`. The IOMMU entry is cleared and the page released at
+    /// [`finish`](Self::finish) (or here, once `DEFER_LIMIT`
+    /// entries wait).
     pub fn unmap(
         &self,
         h: &mut impl Hypervisor,
@@ -2032,7 +2037,10 @@ impl<L: RawMutex> Engine<L> {
     ) -> Result<(), Errno> {
         let idx = self.space.index_of(bfn).ok_or(Errno::NoEnt)?;
         let mut d = self.lock_cell(caller, context).ok_or(Errno::NoEnt)?;
-        let result = self.unmap_locked(&mut d, h, context, bfn, idx);
+        let result = self.unmap_locked(&mut d, context, idx);
+        if d.dd.deferred_entries >= revoke::DEFER_LIMIT {
+            self.clear_deferred_entries(&mut d.dd, h);
+        }
         self.put_driver(d);
         result
     }
@@ -2095,9 +2103,12 @@ impl<L: RawMutex> Engine<L> {
         };
         for (&(context, bfn), o) in reqs.iter().zip(out.iter_mut()).take(n) {
             *o = match self.space.index_of(bfn) {
-                Some(idx) => self.unmap_locked(&mut d, h, context, bfn, idx),
+                Some(idx) => self.unmap_locked(&mut d, context, idx),
                 None => Err(Errno::NoEnt),
             };
+        }
+        if d.dd.deferred_entries >= revoke::DEFER_LIMIT {
+            self.clear_deferred_entries(&mut d.dd, h);
         }
         self.put_driver(d);
         n
@@ -2106,9 +2117,7 @@ impl<L: RawMutex> Engine<L> {
     fn unmap_locked(
         &self,
         d: &mut Driver<'_, L>,
-        h: &mut impl Hypervisor,
         context: ContextId,
-        bfn: Bfn,
         idx: u64,
     ) -> Result<(), Errno> {
         let idx = d.dd.guest_slot(idx).ok_or(Errno::NoEnt)?;
@@ -2122,17 +2131,16 @@ impl<L: RawMutex> Engine<L> {
             dd.set_refs(idx, refs - 1);
             return Ok(());
         }
-        // Unmap first: if the IOMMU refuses (no memory to split a
-        // superpage), nothing has changed and the caller may retry.
-        let t0 = self.clock(h);
-        let unmapped = dd.iommu_unmap(h, context, bfn);
-        dd.stats.ns_iommu_unmap += self.since(h, t0);
-        unmapped?;
-        dd.stats.unmaps += 1;
+        // Out of the books now; its IOMMU entry is cleared by the flush
+        // that ends the batch, with the entries of the batch's other
+        // unmaps, a run of BFNs in one call (`clear_deferred_entries`).
+        // The device keeps its access until that flush either way (the
+        // IOTLB), and the page stays referenced until then.
         dd.unindex(self.seed, idx).ok_or(Errno::NoEnt)?;
+        dd.stats.unmaps += 1;
         // The target's gate share and bit stay until the flush
         // (`flush_and_release`): until then a hook must still find it.
-        dd.push_unmapping_at(idx, false);
+        dd.push_unmapping_at(idx, false, true);
         Ok(())
     }
 

@@ -17,7 +17,7 @@ use super::driver::{
 };
 use super::{cells_in, Driver, Engine, Hypervisor};
 use crate::config::MAX_CONTEXTS;
-use crate::{ContextId, DomId, Gfn};
+use crate::{Bfn, ContextId, DomId, Errno, Gfn};
 
 /// What one page-index probe of the gfn hook costs, in slots of a pass
 /// over the slot array: measured 41 against 1.6 ns with 1 Mi live
@@ -157,6 +157,50 @@ impl Cursor {
     }
 }
 
+/// Consecutive slots of the unmapping list whose entries an owner's
+/// unmaps left, of consecutive BFNs (in either order: the list runs from
+/// the last unmap back): cleared in one call.
+/// How many entries an owner's unmaps may leave for the flush before the
+/// batch clears them itself (between its preemption points): the flush's
+/// share of a batch's IOMMU work stays that of a default batch (1024
+/// pages, two 2 MiB runs), however long the batch.
+pub(super) const DEFER_LIMIT: u64 = 1024;
+
+struct DeferredRun {
+    context: ContextId,
+    /// Lowest BFN.
+    first: u64,
+    /// How many BFNs (and slots: each BFN has one slot).
+    pages: u64,
+    /// The run's first slot on the list.
+    head: u64,
+}
+
+impl DeferredRun {
+    fn new(context: ContextId, bfn: u64, head: u64) -> Self {
+        DeferredRun {
+            context,
+            first: bfn,
+            pages: 1,
+            head,
+        }
+    }
+
+    /// Take `bfn` of `context` in if it extends the run at either end.
+    fn grow(&mut self, context: ContextId, bfn: u64) -> bool {
+        if context != self.context || self.pages >= crate::iommu::MAX_UNMAP_RUN {
+            return false;
+        }
+        if bfn.checked_add(1) == Some(self.first) {
+            self.first = bfn;
+        } else if self.first.checked_add(self.pages) != Some(bfn) {
+            return false;
+        }
+        self.pages += 1;
+        true
+    }
+}
+
 impl<L: RawMutex> Engine<L> {
     /// Revoke the live mapping in slot `idx` of driver `d`: unmap it in the
     /// IOMMU and queue it for the flush (then it becomes a notice), or, if
@@ -198,40 +242,49 @@ impl<L: RawMutex> Engine<L> {
         }
         // Its gate share goes with the page, after the flush.
         if unmapped {
-            dd.push_unmapping_at(idx, then_revoked);
+            dd.push_unmapping_at(idx, then_revoked, false);
         } else {
-            dd.push_stuck(idx, m);
+            // (A notice once unmapped, whoever asked: as it always was.)
+            dd.push_stuck(idx, m, true);
         }
         Some((m.domid, last_of_target))
     }
 
-    /// Retry the IOMMU unmaps of stuck revocations, flush what driver `d`
+    /// Clear the IOMMU entries of the owner's unmaps since the last flush,
+    /// retry the IOMMU unmaps of stuck entries, flush what driver `d`
     /// gathered, and after a successful flush release every unmapped page:
     /// explicit unmaps free their BFN, revocations become notices. A failed
     /// flush releases nothing (retried next time). Returns how many stuck
     /// entries the IOMMU unmapped at last (the retries that got further).
+    ///
+    /// Every flush of a cell comes through here (the owner's `finish`, the
+    /// hooks, teardown slices), so no page is released while an entry an
+    /// unmap left still maps it.
     pub(super) fn flush_and_release(&self, d: &mut Driver<'_, L>, h: &mut impl Hypervisor) -> u64 {
         let space = &self.space;
         let dd = &mut *d.dd;
         let owner = dd.domid;
-        // Stuck revocations: at most `STUCK_RETRIES` of them, oldest first;
+        let t0 = self.clock(h);
+        if dd.deferred_entries != 0 {
+            self.clear_deferred_entries(dd, h);
+        }
+        // Stuck entries: at most `STUCK_RETRIES` of them, oldest first;
         // a failure goes back to the tail. (Retrying the whole list made
         // one call's work grow with every unmap the IOMMU had refused, up
         // to the quota's million, on a hypercall or a hook.)
-        let t0 = self.clock(h);
         let mut unstuck = 0;
         for _ in 0..dd.stuck().min(STUCK_RETRIES) {
-            let Some((at, mapping)) = dd.pop_stuck() else {
+            let Some((at, mapping, then_revoked)) = dd.pop_stuck() else {
                 break;
             };
             let unmapped = space
                 .bfn_of(at)
                 .is_some_and(|bfn| dd.iommu_unmap(h, mapping.context, bfn).is_ok());
             if unmapped {
-                dd.push_unmapping_at(at, true);
+                dd.push_unmapping_at(at, then_revoked, false);
                 unstuck += 1;
             } else {
-                dd.push_stuck(at, mapping);
+                dd.push_stuck(at, mapping, then_revoked);
             }
         }
         dd.stats.ns_iommu_unmap += self.since(h, t0);
@@ -264,6 +317,22 @@ impl<L: RawMutex> Engine<L> {
         let mut run: Option<(DomId, u32)> = None;
         while let Some(u) = dd.unmapping_at(at) {
             dd.unmapping_head = u.next;
+            if u.entry_present {
+                // The IOMMU refused to clear its entry (above): the page
+                // stays referenced, the BFN taken, and the unmap is retried
+                // as a stuck one is; once it goes, the slot is free (no
+                // notice: the owner unmapped it).
+                if let Some(Slot::Unmapping {
+                    mapping,
+                    then_revoked,
+                    ..
+                }) = dd.slot(at)
+                {
+                    dd.push_stuck(at, mapping, then_revoked);
+                }
+                at = u.next;
+                continue;
+            }
             h.put_page(u.mfn, u.writable);
             let domid = u.page.domid;
             run = match run {
@@ -301,6 +370,70 @@ impl<L: RawMutex> Engine<L> {
             h.notify_revoked(owner);
         }
         unstuck
+    }
+
+    /// The first step of every flush: clear the IOMMU entries the owner's
+    /// unmaps left (Unmapping slots with `entry_present`), a run of
+    /// consecutive BFNs in one call: on Xen one `iommu_unmap()`, which
+    /// clears an aligned 2 MiB with one entry and so never splits a
+    /// superpage there. A run the IOMMU refuses is cleared a page at a
+    /// time; a page it still refuses keeps its mark, and the release pass
+    /// moves it to the stuck list. Walks the head of the unmapping list
+    /// that holds the `deferred_entries` marked since the last pass (each
+    /// slot once, each run once more): bounded by the unmaps since then,
+    /// which an unmap batch keeps below [`DEFER_LIMIT`] plus a run.
+    pub(super) fn clear_deferred_entries(&self, dd: &mut DriverDomain, h: &mut impl Hypervisor) {
+        let mut left = core::mem::take(&mut dd.deferred_entries);
+        let mut run: Option<DeferredRun> = None;
+        let mut at = dd.unmapping_head;
+        // A list longer than the slots is a broken one: stop (what it
+        // left marked is never released, see above).
+        for _ in 0..dd.slots.len() {
+            if left == 0 {
+                break;
+            }
+            let Some(u) = dd.unmapping_at(at) else {
+                break;
+            };
+            let bfn = self.space.bfn_of(at).filter(|_| u.entry_present);
+            left -= u64::from(u.entry_present);
+            let grown = match (&mut run, bfn) {
+                (Some(r), Some(b)) => r.grow(u.page.context, b.0),
+                _ => false,
+            };
+            if !grown {
+                if let Some(r) = run.take() {
+                    self.clear_run(dd, h, r);
+                }
+                run = bfn.map(|b| DeferredRun::new(u.page.context, b.0, at));
+            }
+            at = u.next;
+        }
+        if let Some(r) = run {
+            self.clear_run(dd, h, r);
+        }
+    }
+
+    /// Clear the entries of `run`, and unmark its slots whose entry went.
+    fn clear_run(&self, dd: &mut DriverDomain, h: &mut impl Hypervisor, run: DeferredRun) {
+        let whole = dd.iommu_unmap_run(h, run.context, Bfn(run.first), run.pages);
+        let mut at = run.head;
+        for _ in 0..run.pages {
+            let Some(u) = dd.unmapping_at(at) else {
+                break;
+            };
+            let cleared = whole.is_ok()
+                || self.space.bfn_of(at).is_some_and(|bfn| {
+                    matches!(
+                        dd.iommu_unmap(h, u.page.context, bfn),
+                        Ok(()) | Err(Errno::NoEnt)
+                    )
+                });
+            if cleared {
+                dd.entry_cleared(at);
+            }
+            at = u.next;
+        }
     }
 
     /// `n` released pages of `domid` are out of the device's reach: their
@@ -1096,12 +1229,26 @@ mod tests {
             Slot::Unmapping {
                 mapping: m,
                 then_revoked: true,
+                entry_present: false,
             },
             Slot::Unmapping {
                 mapping: ro,
                 then_revoked: false,
+                entry_present: false,
             },
-            Slot::Stuck { mapping: m },
+            Slot::Unmapping {
+                mapping: m,
+                then_revoked: false,
+                entry_present: true,
+            },
+            Slot::Stuck {
+                mapping: m,
+                then_revoked: true,
+            },
+            Slot::Stuck {
+                mapping: ro,
+                then_revoked: false,
+            },
             Slot::Revoked {
                 notice: Notice {
                     domid: DomId(3),

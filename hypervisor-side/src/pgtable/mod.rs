@@ -606,12 +606,54 @@ impl<F: PageTableFormat> IoPageTable<F> {
             return Err(Errno::NoEnt);
         }
         mem.write_entry(leaf_table, idx, 0);
-        // Clear upward while tables become empty; the tables from the one
-        // the IOMMU starts at up to the root always stay.
+        self.clear_upward(mem, &path, 1, bfn);
+        Ok(())
+    }
+
+    /// Unmap the 2 MiB superpage that maps `bfn` (aligned) whole, as an
+    /// order-9 unmap does on Xen: its one entry cleared, nothing split, so
+    /// nothing allocated. `NoEnt` where no superpage maps it (the caller
+    /// unmaps page by page there).
+    pub fn unmap_superpage(&mut self, mem: &mut impl TableMemory, bfn: Bfn) -> Result<(), Errno> {
+        if !self.in_range(bfn) || bfn.0 & (ENTRIES as u64 - 1) != 0 {
+            return Err(Errno::NoEnt);
+        }
+        let mut path = [(Mfn(0), 0usize); LEVELS as usize];
+        let mut table = self.root;
+        for level in (SUPERPAGE_LEVEL..=LEVELS).rev() {
+            let idx = index(bfn, level);
+            if let Some(step) = path.get_mut((level - 1) as usize) {
+                *step = (table, idx);
+            }
+            let entry = F::decode(mem.read_entry(table, idx), level);
+            match entry {
+                Entry::Table(t) if level > SUPERPAGE_LEVEL => table = t,
+                Entry::Leaf { .. } if level == SUPERPAGE_LEVEL => {
+                    self.last_leaf = None;
+                    mem.write_entry(table, idx, 0);
+                    self.clear_upward(mem, &path, SUPERPAGE_LEVEL as usize, bfn);
+                    return Ok(());
+                }
+                _ => return Err(Errno::NoEnt),
+            }
+        }
+        Err(Errno::NoEnt)
+    }
+
+    /// After an entry of the level-`from` table on `path` was cleared:
+    /// count it out, and clear upward while tables become empty; the
+    /// tables from the one the IOMMU starts at up to the root always stay.
+    fn clear_upward(
+        &mut self,
+        mem: &mut impl TableMemory,
+        path: &[(Mfn, usize); LEVELS as usize],
+        from: usize,
+        bfn: Bfn,
+    ) {
         let levels = self.options.levels.clamp(2, LEVELS) as usize;
-        for level in 1..levels {
+        for level in from..levels {
             let (Some(&(t, _)), Some(&(pt, pidx))) = (path.get(level - 1), path.get(level)) else {
-                return Ok(());
+                return;
             };
             let count = mem.present_count(t).saturating_sub(1);
             mem.set_present_count(t, count);
@@ -625,7 +667,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
                         pidx,
                     });
                 }
-                return Ok(());
+                return;
             }
             mem.write_entry(pt, pidx, 0);
             push_frame(mem, &mut self.freed, t);
@@ -633,7 +675,6 @@ impl<F: PageTableFormat> IoPageTable<F> {
         if let Some(&(top, _)) = path.get(levels - 1) {
             mem.set_present_count(top, mem.present_count(top).saturating_sub(1));
         }
-        Ok(())
     }
 
     fn split(

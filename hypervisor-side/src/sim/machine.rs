@@ -647,6 +647,12 @@ pub struct SimMachine {
     /// [`set_address_bits`](Self::set_address_bits)): a domain crash on
     /// Xen's AMD-Vi. The engine must never make one.
     pub maps_past_width: u64,
+    /// Calls into the IOMMU driver's unmap of a default context, as Xen's
+    /// `iommu_unmap()` makes them: one a page, or one an aligned 2 MiB
+    /// part of a run (`superpage_unmaps` of those).
+    pub unmap_calls: u64,
+    /// Of `unmap_calls`, those that took 2 MiB at once.
+    pub superpage_unmaps: u64,
     /// The next this-many IOMMU unmaps fail with ENOMEM, as Xen's do when a
     /// superpage split finds no memory (failure injection).
     pub fail_unmaps: u32,
@@ -717,6 +723,8 @@ impl SimMachine {
             faults: VecDeque::new(),
             faults_total: 0,
             maps_past_width: 0,
+            unmap_calls: 0,
+            superpage_unmaps: 0,
             fail_unmaps: 0,
             fail_unmaps_of: None,
             unmaps_of_seen: 0,
@@ -1851,6 +1859,63 @@ impl TableMemory for SimMachine {
     }
 }
 
+impl SimMachine {
+    /// One call into the IOMMU driver's unmap of a default context, as
+    /// Xen's `unmap_page`: page `bfn`, or with `whole` the 2 MiB from it
+    /// (aligned), one entry where a superpage maps it, each 4 KiB entry of
+    /// the table there otherwise (Xen clears the directory entry and frees
+    /// the table: the same translations gone, nothing split). `NoEnt`: no
+    /// entry (a page) or nothing mapped (the default context not made).
+    fn unmap_page(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        bfn: Bfn,
+        whole: bool,
+    ) -> Result<(), Errno> {
+        self.unmap_calls += 1;
+        if self.fail_unmaps > 0 {
+            self.fail_unmaps -= 1;
+            return Err(Errno::NoMem);
+        }
+        if let Some((_, n)) = self.fail_unmaps_of.filter(|&(who, _)| who == owner) {
+            self.unmaps_of_seen = self.unmaps_of_seen.wrapping_add(1);
+            if n == 0 || !self.unmaps_of_seen.is_multiple_of(n) {
+                return Err(Errno::NoMem);
+            }
+        }
+        let Some(c) = self.contexts.get_mut(&(owner, ctx)) else {
+            return Err(Errno::NoEnt);
+        };
+        let mut mem = WriteThrough(&mut self.ram);
+        if !whole {
+            return match c {
+                Context::Vtd(t) => t.unmap(&mut mem, bfn),
+                Context::Lpae(t) => t.unmap(&mut mem, bfn),
+            };
+        }
+        let superpage = match c {
+            Context::Vtd(t) => t.unmap_superpage(&mut mem, bfn),
+            Context::Lpae(t) => t.unmap_superpage(&mut mem, bfn),
+        };
+        if superpage.is_ok() {
+            self.superpage_unmaps += 1;
+            return Ok(());
+        }
+        for page in bfn.0..bfn.0 + 0x200 {
+            let cleared = match c {
+                Context::Vtd(t) => t.unmap(&mut mem, Bfn(page)),
+                Context::Lpae(t) => t.unmap(&mut mem, Bfn(page)),
+            };
+            match cleared {
+                Ok(()) | Err(Errno::NoEnt) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
 impl IommuBackend for SimMachine {
     fn iommu_caps(&self) -> BackendCaps {
         let (attrs, format) = match self.format {
@@ -1918,25 +1983,46 @@ impl IommuBackend for SimMachine {
         gather: &mut FlushGather,
     ) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
-        if self.fail_unmaps > 0 {
-            self.fail_unmaps -= 1;
-            return Err(Errno::NoMem);
-        }
-        if let Some((_, n)) = self.fail_unmaps_of.filter(|&(who, _)| who == owner) {
-            self.unmaps_of_seen = self.unmaps_of_seen.wrapping_add(1);
-            if n == 0 || !self.unmaps_of_seen.is_multiple_of(n) {
-                return Err(Errno::NoMem);
-            }
-        }
-        let Some(c) = self.contexts.get_mut(&(owner, ctx)) else {
-            return Err(Errno::NoEnt);
-        };
-        let mut mem = WriteThrough(&mut self.ram);
-        match c {
-            Context::Vtd(t) => t.unmap(&mut mem, bfn)?,
-            Context::Lpae(t) => t.unmap(&mut mem, bfn)?,
-        };
+        self.unmap_page(owner, ctx, bfn, false)?;
         gather.add(ctx, bfn, 0)
+    }
+    fn iommu_unmap_run(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        bfn: Bfn,
+        count: u64,
+        gather: &mut FlushGather,
+    ) -> Result<(), Errno> {
+        let _host = HostAllocations::begin();
+        let Some(last) = count.checked_sub(1).and_then(|n| bfn.0.checked_add(n)) else {
+            return if count == 0 {
+                Ok(())
+            } else {
+                Err(Errno::Inval)
+            };
+        };
+        // Xen 4.17's `iommu_unmap()`: each call takes the largest size the
+        // IOMMU has (here 4 KiB and 2 MiB) that starts aligned and that the
+        // rest of the run covers (`mapping_order()`). A failed call does not
+        // stop it (the hardware domain's case: another domain is crashed);
+        // the first error is the answer.
+        let mut result = Ok(());
+        let mut at = bfn.0;
+        while at <= last {
+            let whole = at & 0x1ff == 0 && last - at >= 0x1ff;
+            match self.unmap_page(owner, ctx, Bfn(at), whole) {
+                Ok(()) | Err(Errno::NoEnt) => {}
+                Err(e) => result = result.and(Err(e)),
+            }
+            at = match at.checked_add(if whole { 0x200 } else { 1 }) {
+                Some(next) => next,
+                None => break,
+            };
+        }
+        gather.add(ctx, bfn, 0)?;
+        gather.add(ctx, Bfn(last), 0)?;
+        result
     }
     fn iommu_flush(&mut self, owner: DomId, gather: &FlushGather) -> Result<(), Errno> {
         let _host = HostAllocations::begin();

@@ -120,6 +120,16 @@ impl IommuBackend for SharedSim {
     ) -> Result<(), Errno> {
         self.with(|m| m.iommu_unmap(owner, ctx, bfn, gather))
     }
+    fn iommu_unmap_run(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        bfn: Bfn,
+        count: u64,
+        gather: &mut FlushGather,
+    ) -> Result<(), Errno> {
+        self.with(|m| m.iommu_unmap_run(owner, ctx, bfn, count, gather))
+    }
     fn iommu_flush(&mut self, owner: DomId, gather: &FlushGather) -> Result<(), Errno> {
         self.with(|m| m.iommu_flush(owner, gather))
     }

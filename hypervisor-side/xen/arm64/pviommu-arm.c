@@ -450,15 +450,31 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn,
     return tr == PVIOMMU_TRANSLATES ? -EOPNOTSUPP : -EADDRNOTAVAIL;
 }
 
-int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, unsigned int *flush)
+int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
+                    unsigned int *flush)
 {
-    struct domain *d = rcu_lock_domain_by_id(owner);
+    struct domain *d;
+    uint64_t i;
     int rc = -EOPNOTSUPP;
 
+    if ( !count || count > PVX_UNMAP_RUN_MAX || bfn + count < bfn )
+        return -EINVAL;
+    d = rcu_lock_domain_by_id(owner);
     if ( !d )
         return -ESRCH;
+    /*
+     * A page at a time: each page's p2m type is checked before it is
+     * cleared (only the engine's own entries go). The first failure is
+     * the answer; the engine then retries each page.
+     */
     if ( pvx_is_dom0_p2m(d) )
-        rc = pvx_dom0_p2m_unmap(d, bfn, flush);
+        for ( i = 0, rc = 0; i < count; i++ )
+        {
+            int err = pvx_dom0_p2m_unmap(d, bfn + i, flush);
+
+            if ( err && !rc )
+                rc = err;
+        }
     rcu_unlock_domain(d);
 
     return rc;

@@ -262,7 +262,16 @@ int pvx_reserved_region(unsigned int index, uint64_t *start_frame,
  */
 int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn,
                   unsigned int flags, unsigned int *flush);
-int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, unsigned int *flush);
+/*
+ * Unmap the count pages from bfn (count >= 1, at most PVX_UNMAP_RUN_MAX):
+ * one iommu_unmap(), which clears each aligned 2 MiB of the run with one
+ * entry (mapping_order()), so never splits a superpage there. A page with
+ * no entry is no error. On failure any page of the run may still be
+ * mapped; the engine then unmaps them one by one.
+ */
+#define PVX_UNMAP_RUN_MAX (1UL << 16)
+int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
+                    unsigned int *flush);
 int pvx_iommu_flush(uint16_t owner, uint64_t bfn, uint64_t count,
                     unsigned int flush);
 

@@ -74,7 +74,7 @@ mod ffi {
             kind: *mut u32,
         ) -> i32;
         pub fn pvx_iommu_map(owner: u16, bfn: u64, mfn: u64, flags: u32, flush: *mut u32) -> i32;
-        pub fn pvx_iommu_unmap(owner: u16, bfn: u64, flush: *mut u32) -> i32;
+        pub fn pvx_iommu_unmap(owner: u16, bfn: u64, count: u64, flush: *mut u32) -> i32;
         pub fn pvx_iommu_flush(owner: u16, bfn: u64, count: u64, flush: u32) -> i32;
         pub fn pvx_preempt_check() -> i32;
         pub fn pvx_random_seed() -> u64;
@@ -1213,11 +1213,33 @@ impl IommuBackend for Xen {
     ) -> Result<(), Errno> {
         let mut flush = 0u32;
         // SAFETY: out-pointer to a local.
-        let rc = unsafe { ffi::pvx_iommu_unmap(owner.0, bfn.0, &mut flush) };
+        let rc = unsafe { ffi::pvx_iommu_unmap(owner.0, bfn.0, 1, &mut flush) };
         if rc != 0 {
             return Err(errno_from(rc));
         }
         gather.add(ctx, bfn, flush)
+    }
+    fn iommu_unmap_run(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        bfn: Bfn,
+        count: u64,
+        gather: &mut FlushGather,
+    ) -> Result<(), Errno> {
+        let last = count
+            .checked_sub(1)
+            .and_then(|n| bfn.0.checked_add(n))
+            .ok_or(Errno::Inval)?;
+        let mut flush = 0u32;
+        // SAFETY: out-pointer to a local. One `iommu_unmap()` of the run:
+        // Xen clears each aligned 2 MiB of it with one entry.
+        let rc = unsafe { ffi::pvx_iommu_unmap(owner.0, bfn.0, count, &mut flush) };
+        if rc != 0 {
+            return Err(errno_from(rc));
+        }
+        gather.add(ctx, bfn, flush)?;
+        gather.add(ctx, Bfn(last), flush)
     }
     fn iommu_flush(&mut self, owner: DomId, gather: &FlushGather) -> Result<(), Errno> {
         let mut result = Ok(());

@@ -541,7 +541,7 @@ pub extern "C" fn pvx_iommu_map(
 }
 #[no_mangle]
 #[inline(never)]
-pub extern "C" fn pvx_iommu_unmap(_o: u16, _bfn: u64, _flush: *mut u32) -> i32 {
+pub extern "C" fn pvx_iommu_unmap(_o: u16, _bfn: u64, _count: u64, _flush: *mut u32) -> i32 {
     -95
 }
 #[no_mangle]

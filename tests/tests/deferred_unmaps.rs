@@ -1,0 +1,197 @@
+//! An owner's unmap takes its mapping out of the books at once and leaves
+//! the IOMMU entry for the flush that ends the batch, which clears the
+//! entries of consecutive BFNs in one call (on Xen one `iommu_unmap()` of
+//! the run: an aligned 2 MiB cleared with one entry, nothing split). Every
+//! flush clears those entries before it releases a page, and a page whose
+//! entry the IOMMU will not clear is never released.
+
+use pviommu_abi::{Bfn, ContextId, DomId, Gfn, Permissions};
+use pviommu_hv::engine::Slot;
+use pviommu_hv::sim::Format;
+use pviommu_tests::*;
+
+/// The state of dom0's context-0 slot for `bfn`.
+fn slot_of(e: &pviommu_hv::Engine, bfn: Bfn) -> Option<Slot> {
+    let st = e.state();
+    let slot = st
+        .driver(DomId::DOM0)?
+        .slots()
+        .find(|(i, _)| e.space().bfn_of(*i) == Some(bfn))
+        .map(|(_, s)| s);
+    slot
+}
+
+/// The BFN is free: its slot is, or the cell let its slots go (emptied).
+fn free(e: &pviommu_hv::Engine, bfn: Bfn) -> bool {
+    matches!(slot_of(e, bfn), None | Some(Slot::Free { .. }))
+}
+
+/// A mediator unmapping a guest's 2 MiB extent whole: before, 512 unmap
+/// calls, the first of which split the superpage the run had folded into
+/// (a table allocated, which Xen can fail and then crashes a driver domain
+/// that is not the hardware domain). Now one call, one entry cleared.
+#[test]
+fn an_aligned_2m_run_is_unmapped_in_one_call_without_a_split() {
+    let (mut m, e) = machine(Format::Vtd, 2048);
+    let g0 = (0..1024)
+        .find(|g| m.mfn_of(GUEST, Gfn(*g)).unwrap().0 % 512 == 0)
+        .unwrap();
+    let mut ops: Vec<_> = (g0..g0 + 512)
+        .map(|g| map_op(GUEST, g, Permissions::RW))
+        .collect();
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert!(ops.iter().all(|o| o.status == 0));
+    let first = Bfn(ops[0].bfn);
+    assert_eq!(first.0 % 512, 0);
+    let (level, _) = m
+        .context_leaf(DomId::DOM0, ContextId::DEFAULT, first)
+        .unwrap();
+    assert_eq!(level, 2, "the run folded into a superpage");
+
+    let (calls, superpages, frames) = (m.unmap_calls, m.superpage_unmaps, m.xen_frames());
+    let mut unmaps: Vec<_> = ops.iter().map(|o| unmap_op(Bfn(o.bfn))).collect();
+    m.guest_batch_all(&e, DomId::DOM0, &mut unmaps).unwrap();
+    assert!(unmaps.iter().all(|o| o.status == 0));
+    assert_eq!(m.unmap_calls - calls, 1, "one call for the run");
+    assert_eq!(m.superpage_unmaps - superpages, 1, "one entry cleared");
+    assert!(m.xen_frames() <= frames, "no table allocated (no split)");
+    for o in ops.iter().step_by(37) {
+        assert_eq!(
+            m.translate(DomId::DOM0, ContextId::DEFAULT, Bfn(o.bfn)),
+            None
+        );
+        assert!(free(&e, Bfn(o.bfn)));
+    }
+    assert_eq!(m.total_page_refs(), 0);
+}
+
+/// Unmaps in descending order, and runs broken by a BFN not unmapped, are
+/// coalesced too: each stretch of consecutive BFNs is one call.
+#[test]
+fn consecutive_bfns_unmapped_in_any_order_make_one_call_each_stretch() {
+    let (mut m, e) = machine(Format::Vtd, 64);
+    let mut ops: Vec<_> = (0..32).map(|g| map_op(GUEST, g, Permissions::RO)).collect();
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    let bfns: Vec<u64> = ops.iter().map(|o| o.bfn).collect();
+    assert!(bfns.windows(2).all(|w| w[1] == w[0] + 1));
+    let calls = m.unmap_calls;
+    // 31 down to 17, then 0 to 15: gfn 16 stays mapped between them.
+    let mut unmaps: Vec<_> = (17..32)
+        .rev()
+        .chain(0..16)
+        .map(|i| unmap_op(Bfn(bfns[i])))
+        .collect();
+    m.guest_batch_all(&e, DomId::DOM0, &mut unmaps).unwrap();
+    assert!(unmaps.iter().all(|o| o.status == 0));
+    // Neither stretch starts a 2 MiB block: Xen's mapping_order() takes
+    // them a page a call inside `iommu_unmap()`, as the simulator counts.
+    assert_eq!(m.unmap_calls - calls, 31);
+    for (i, &b) in bfns.iter().enumerate() {
+        let mapped = m
+            .translate(DomId::DOM0, ContextId::DEFAULT, Bfn(b))
+            .is_some();
+        assert_eq!(mapped, i == 16, "BFN of gfn {i}");
+    }
+    assert_eq!(e.usage(DomId::DOM0).1, 1);
+}
+
+/// An unmap whose entry the IOMMU will not clear (no memory to split a
+/// superpage) succeeds for its caller: the mapping is out of the books,
+/// and the entry is retried as a stuck one is. Until it goes, the page
+/// stays referenced and the BFN taken; then the BFN is free, with no
+/// notice (the owner unmapped it; nothing was revoked).
+#[test]
+fn an_unmap_the_iommu_refuses_keeps_its_page_until_the_retry_then_frees_the_bfn() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let bfn = map_one(&mut m, &e, DomId::DOM0, GUEST, 3, Permissions::RW).unwrap();
+    let refs = m.total_page_refs();
+    // The run's call, then the page's own.
+    m.fail_unmaps = 2;
+    let mut un = [unmap_op(bfn)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut un).unwrap();
+    assert_eq!(un[0].status, 0);
+    assert!(matches!(
+        slot_of(&e, bfn),
+        Some(Slot::Stuck {
+            then_revoked: false,
+            ..
+        })
+    ));
+    assert!(m.translate(DomId::DOM0, ContextId::DEFAULT, bfn).is_some());
+    assert_eq!(m.total_page_refs(), refs, "the page stays referenced");
+    // A second unmap of it finds nothing of the caller's.
+    let mut again = [unmap_op(bfn)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut again).unwrap();
+    assert_eq!(again[0].status, pviommu_abi::Errno::NoEnt.negated());
+
+    // The IOMMU behaves again: the next flush retries it.
+    e.finish(&mut m, DomId::DOM0);
+    assert!(free(&e, bfn));
+    assert_eq!(m.translate(DomId::DOM0, ContextId::DEFAULT, bfn), None);
+    assert_eq!(m.total_page_refs(), 0);
+    assert_eq!(e.usage(DomId::DOM0).2, 0, "no notice");
+}
+
+/// A hook that runs between an unmap and the batch's flush (another CPU
+/// ballooning the page out) flushes the cell, as it did before: and that
+/// flush clears the entry the unmap left before it releases the page.
+#[test]
+fn a_hook_before_the_flush_clears_the_entry_an_unmap_left() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let bfn = map_one(&mut m, &e, DomId::DOM0, GUEST, 5, Permissions::RW).unwrap();
+    e.unmap(&mut m, DomId::DOM0, ContextId::DEFAULT, bfn)
+        .unwrap();
+    assert!(
+        m.translate(DomId::DOM0, ContextId::DEFAULT, bfn).is_some(),
+        "the entry waits for the flush"
+    );
+    assert!(m.total_page_refs() > 0);
+    m.balloon_out(&e, GUEST, Gfn(5)).unwrap();
+    assert_eq!(m.translate(DomId::DOM0, ContextId::DEFAULT, bfn), None);
+    assert_eq!(
+        m.total_page_refs(),
+        0,
+        "released, and only after the entry went"
+    );
+    assert_eq!(e.usage(DomId::DOM0).2, 0, "no notice: it was unmapped");
+    assert!(free(&e, bfn));
+}
+
+/// However many unmaps come before a flush, no more than 1024 entries
+/// wait for it (`DEFER_LIMIT`): the unmap that reaches the limit clears
+/// them, between the batch's preemption points, and the flush that ends
+/// the batch is left no more IOMMU work than a default batch's. Their
+/// pages are still released only by that flush.
+#[test]
+fn at_most_1024_entries_wait_for_the_flush() {
+    let (mut m, e) = machine(Format::Vtd, 1100);
+    let mut ops: Vec<_> = (0..1100)
+        .map(|g| map_op(GUEST, g, Permissions::RO))
+        .collect();
+    for chunk in ops.chunks_mut(512) {
+        m.guest_batch_all(&e, DomId::DOM0, chunk).unwrap();
+    }
+    assert!(ops.iter().all(|o| o.status == 0));
+    let refs = m.total_page_refs();
+    for o in &ops[..1030] {
+        e.unmap(&mut m, DomId::DOM0, ContextId::DEFAULT, Bfn(o.bfn))
+            .unwrap();
+    }
+    let mapped = |m: &pviommu_hv::sim::SimMachine, o: &pviommu_abi::PvIommuOp| {
+        m.translate(DomId::DOM0, ContextId::DEFAULT, Bfn(o.bfn))
+            .is_some()
+    };
+    assert!(
+        ops[..1024].iter().all(|o| !mapped(&m, o)),
+        "cleared at 1024"
+    );
+    assert!(ops[1024..].iter().all(|o| mapped(&m, o)), "the rest wait");
+    assert_eq!(
+        m.total_page_refs(),
+        refs,
+        "nothing released before the flush"
+    );
+    e.finish(&mut m, DomId::DOM0);
+    assert!(ops[..1030].iter().all(|o| !mapped(&m, o)));
+    assert_eq!(e.usage(DomId::DOM0).1, 70);
+}
