@@ -1437,16 +1437,31 @@ impl DriverDomain {
         })
     }
 
-    /// The Unmapping slot `idx` no longer has an IOMMU entry (the flush
-    /// cleared it); any other slot is left alone.
+    /// What the clearing pass needs of Unmapping slot `idx`: whether its
+    /// entry is still present, its context, and the next slot on the
+    /// list; `None` for any other state.
     #[inline]
-    pub(crate) fn entry_cleared(&mut self, idx: u64) {
-        if let Some(r) = self
+    pub(crate) fn unmapping_link(&self, idx: u64) -> Option<(bool, ContextId, u64)> {
+        let r = self
+            .raw(idx)
+            .filter(|r| matches!(r.state(), ST_UNMAPPING | ST_UNMAPPING_ENTRY_PRESENT))?;
+        Some((
+            r.state() == ST_UNMAPPING_ENTRY_PRESENT,
+            ContextId(r.context as u32),
+            link64(r.next),
+        ))
+    }
+
+    /// The Unmapping slot `idx` no longer has an IOMMU entry (the flush
+    /// cleared it): the next slot on the list; `None` (and nothing
+    /// changed) for a slot in any other state.
+    #[inline]
+    pub(crate) fn entry_cleared(&mut self, idx: u64) -> Option<u64> {
+        let r = self
             .raw_mut(idx)
-            .filter(|r| r.state() == ST_UNMAPPING_ENTRY_PRESENT)
-        {
-            r.bits = (r.bits & !STATE_MASK) | ST_UNMAPPING;
-        }
+            .filter(|r| matches!(r.state(), ST_UNMAPPING | ST_UNMAPPING_ENTRY_PRESENT))?;
+        r.bits = (r.bits & !STATE_MASK) | ST_UNMAPPING;
+        Some(link64(r.next))
     }
 
     /// The context of the live mapping in slot `idx`, and its references.

@@ -392,22 +392,22 @@ impl<L: RawMutex> Engine<L> {
             if left == 0 {
                 break;
             }
-            let Some(u) = dd.unmapping_at(at) else {
+            let Some((present, context, next)) = dd.unmapping_link(at) else {
                 break;
             };
-            let bfn = self.space.bfn_of(at).filter(|_| u.entry_present);
-            left -= u64::from(u.entry_present);
+            let bfn = self.space.bfn_of(at).filter(|_| present);
+            left -= u64::from(present);
             let grown = match (&mut run, bfn) {
-                (Some(r), Some(b)) => r.grow(u.page.context, b.0),
+                (Some(r), Some(b)) => r.grow(context, b.0),
                 _ => false,
             };
             if !grown {
                 if let Some(r) = run.take() {
                     self.clear_run(dd, h, r);
                 }
-                run = bfn.map(|b| DeferredRun::new(u.page.context, b.0, at));
+                run = bfn.map(|b| DeferredRun::new(context, b.0, at));
             }
-            at = u.next;
+            at = next;
         }
         if let Some(r) = run {
             self.clear_run(dd, h, r);
@@ -419,20 +419,22 @@ impl<L: RawMutex> Engine<L> {
         let whole = dd.iommu_unmap_run(h, run.context, Bfn(run.first), run.pages);
         let mut at = run.head;
         for _ in 0..run.pages {
-            let Some(u) = dd.unmapping_at(at) else {
-                break;
-            };
             let cleared = whole.is_ok()
                 || self.space.bfn_of(at).is_some_and(|bfn| {
                     matches!(
-                        dd.iommu_unmap(h, u.page.context, bfn),
+                        dd.iommu_unmap(h, run.context, bfn),
                         Ok(()) | Err(Errno::NoEnt)
                     )
                 });
-            if cleared {
-                dd.entry_cleared(at);
-            }
-            at = u.next;
+            let next = if cleared {
+                dd.entry_cleared(at)
+            } else {
+                dd.unmapping_link(at).map(|(_, _, next)| next)
+            };
+            let Some(next) = next else {
+                break;
+            };
+            at = next;
         }
     }
 
