@@ -30,6 +30,8 @@
  *   run2m [CTX]                 a PV domain of one 2 MiB extent, mapped whole into dom0's
  *                               context CTX (0) in one batch: BFNs consecutive, aligned?
  *   unmaprun BFN N [CTX]        unmap [BFN, BFN + N) of dom0's context CTX (0), in batches
+ *   perfc                       Xen's IOMMU page-table perf counters now (superpages split
+ *                               and made by Xen's own VT-d/AMD-Vi code, context 0)
  *   bigdestroy N                map N pages of a fresh domain, destroy it, time the
  *                               destroy, check it is gone and its memory is back
  *   fuzz N SEED [DOMID...]      N hostile hypercalls; leaves what they mapped, recorded
@@ -632,6 +634,8 @@ static double now(void)
 struct perfc_snap {
     unsigned long hc[64];
     unsigned long mmu_update_calls, page_updates;
+    /* x86: superpages Xen's IOMMU code split (shatters) and made. */
+    unsigned long pt_shatters, pt_coalesces;
     int ok;
 };
 
@@ -658,6 +662,10 @@ static void perfc_take(struct perfc_snap *s)
                 for ( j = 0; j < pcd[i].nr_vals; j++ ) s->mmu_update_calls += v[j];
             else if ( !strcmp(pcd[i].name, "page updates") )
                 for ( j = 0; j < pcd[i].nr_vals; j++ ) s->page_updates += v[j];
+            else if ( !strcmp(pcd[i].name, "IOMMU page table shatters") )
+                for ( j = 0; j < pcd[i].nr_vals; j++ ) s->pt_shatters += v[j];
+            else if ( !strcmp(pcd[i].name, "IOMMU page table coalesces") )
+                for ( j = 0; j < pcd[i].nr_vals; j++ ) s->pt_coalesces += v[j];
         }
     }
     xc_hypercall_buffer_free(xch, pcd);
@@ -865,6 +873,17 @@ static int cmd_run2m(uint32_t ctx)
     printf("run2m domid=%u gfn0=0x%lx bfn0=0x%" PRIx64 " consecutive=%lu aligned=%d\n", domid,
            (unsigned long)start, bfns[0], consecutive, (bfns[0] & 511) == (start & 511));
     return 0;
+}
+
+/* perfc: "perfc ok=1 shatters=N coalesces=N", Xen's counts of IOMMU
+ * superpages split and made (ok=0: no perf counters in this build). */
+static int cmd_perfc(void)
+{
+    struct perfc_snap s;
+
+    perfc_take(&s);
+    printf("perfc ok=%d shatters=%lu coalesces=%lu\n", s.ok, s.pt_shatters, s.pt_coalesces);
+    return s.ok ? 0 : 1;
 }
 
 /* unmaprun BFN N [CTX]: unmap BFNs [BFN, BFN + N) of dom0's context CTX
@@ -2102,6 +2121,7 @@ int main(int argc, char **argv)
     if ( !strcmp(c, "xen-symbols") ) return cmd_xen_symbols();
     if ( !strcmp(c, "mkdom") && argc >= 3 ) return cmd_mkdom(strtoul(argv[2], NULL, 0), 0);
     if ( !strcmp(c, "run2m") ) return cmd_run2m(argc >= 3 ? strtoul(argv[2], NULL, 0) : 0);
+    if ( !strcmp(c, "perfc") ) return cmd_perfc();
     if ( !strcmp(c, "unmaprun") && argc >= 4 )
         return cmd_unmaprun(strtoull(argv[2], NULL, 0), strtoul(argv[3], NULL, 0),
                             argc >= 5 ? strtoul(argv[4], NULL, 0) : 0);
