@@ -149,8 +149,11 @@ impl FlushGather {
 }
 
 /// The most pages the engine asks [`IommuBackend::iommu_unmap_run`] for
-/// at once (the Xen glue refuses more: `PVX_UNMAP_RUN_MAX`).
-pub const MAX_UNMAP_RUN: u64 = 1 << 16;
+/// at once (the Xen glue refuses more: `PVX_UNMAP_RUN_MAX`): above the
+/// entries an owner's unmaps may leave waiting (`DEFER_LIMIT` plus a run
+/// of `MAP_CHUNK`), so a run is never cut short, and not far above, as
+/// Xen's loop over it is not preemptible.
+pub const MAX_UNMAP_RUN: u64 = 1 << 11;
 
 /// An IOMMU: the host's default context of each driver domain, and what
 /// the engine needs for contexts of its own.

@@ -552,14 +552,15 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
     long rc;
 
     /*
-     * The engine's runs are of its window's BFNs, all below
+     * The engine's runs are of its window's BFNs, above host RAM and below
      * 2^pvx_addr_bits (pvx_iommu_map() refuses any other), and no longer
-     * than its batches: anything else is a bug to refuse, not to unmap
-     * (it could reach the domain's own mappings below the window).
+     * than the entries it lets wait: anything else is a bug to refuse, not
+     * to unmap (it could reach the domain's own mappings below the window).
      */
     if ( !count || count > PVX_UNMAP_RUN_MAX || bfn + count < bfn ||
-         (pvx_addr_bits > PAGE_SHIFT && pvx_addr_bits - PAGE_SHIFT < 64 &&
-          ((bfn + count - 1) >> (pvx_addr_bits - PAGE_SHIFT)) != 0) )
+         bfn < pvx_ram_end || pvx_addr_bits < PAGE_SHIFT ||
+         pvx_addr_bits - PAGE_SHIFT >= 64 ||
+         ((bfn + count - 1) >> (pvx_addr_bits - PAGE_SHIFT)) != 0 )
         return -EINVAL;
     d = rcu_lock_domain_by_id(owner);
     if ( !d )
@@ -569,7 +570,8 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
      * contiguous 512-entry run into a superpage, and unmapping one page of
      * it must split it again: that can fail with -ENOMEM. A run that
      * covers the whole aligned 2 MiB is cleared with one order-9 call
-     * (mapping_order()), which splits nothing. On failure the engine
+     * (mapping_order(), where the IOMMU reports 2 MiB pages: VT-d's
+     * SLLPS, always on AMD-Vi), which splits nothing. On failure the engine
      * retries page by page, and keeps a page it still cannot unmap
      * referenced, its BFN poisoned, retried at each flush. (For a driver
      * domain other than the hardware domain, iommu_unmap() crashes the
@@ -579,6 +581,15 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
      */
     rc = iommu_unmap(d, _dfn(bfn), count, 0, flush);
     rcu_unlock_domain(d);
+    /*
+     * A failed run may have cleared some of its entries (for the hardware
+     * domain Xen goes on), then flushed everything itself and cleared the
+     * flags only if that flush worked. The engine's page-by-page retry
+     * finds those entries gone and releases their pages after its own
+     * flush, which must then not be skipped for want of a flag.
+     */
+    if ( rc )
+        *flush |= IOMMU_FLUSHF_modified;
 
     return rc < 0 ? rc : 0;
 }

@@ -157,15 +157,19 @@ impl Cursor {
     }
 }
 
-/// Consecutive slots of the unmapping list whose entries an owner's
-/// unmaps left, of consecutive BFNs (in either order: the list runs from
-/// the last unmap back): cleared in one call.
 /// How many entries an owner's unmaps may leave for the flush before the
 /// batch clears them itself (between its preemption points): the flush's
 /// share of a batch's IOMMU work stays that of a default batch (1024
 /// pages, two 2 MiB runs), however long the batch.
 pub(super) const DEFER_LIMIT: u64 = 1024;
 
+// Every run of waiting entries fits one backend call: an unmap batch's
+// run of `MAP_CHUNK` can take the count past the limit before it clears.
+const _: () = assert!(DEFER_LIMIT + super::MAP_CHUNK as u64 <= crate::iommu::MAX_UNMAP_RUN);
+
+/// Consecutive slots of the unmapping list whose entries an owner's
+/// unmaps left, of consecutive BFNs (in either order: the list runs from
+/// the last unmap back): cleared in one call.
 struct DeferredRun {
     context: ContextId,
     /// Lowest BFN.
@@ -244,7 +248,10 @@ impl<L: RawMutex> Engine<L> {
         if unmapped {
             dd.push_unmapping_at(idx, then_revoked, false);
         } else {
-            // (A notice once unmapped, whoever asked: as it always was.)
+            // A notice once unmapped, even for a caller that passed
+            // `then_revoked` false (a dying owner, an undone map): as it
+            // always was. Only an owner's unmap, whose entry the flush
+            // clears, is Stuck then free.
             dd.push_stuck(idx, m, true);
         }
         Some((m.domid, last_of_target))

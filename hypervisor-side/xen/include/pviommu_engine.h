@@ -269,7 +269,7 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn,
  * no entry is no error. On failure any page of the run may still be
  * mapped; the engine then unmaps them one by one.
  */
-#define PVX_UNMAP_RUN_MAX (1UL << 16)
+#define PVX_UNMAP_RUN_MAX (1UL << 11)
 int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
                     unsigned int *flush);
 int pvx_iommu_flush(uint16_t owner, uint64_t bfn, uint64_t count,

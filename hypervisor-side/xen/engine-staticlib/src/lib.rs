@@ -1235,11 +1235,17 @@ impl IommuBackend for Xen {
         // SAFETY: out-pointer to a local. One `iommu_unmap()` of the run:
         // Xen clears each aligned 2 MiB of it with one entry.
         let rc = unsafe { ffi::pvx_iommu_unmap(owner.0, bfn.0, count, &mut flush) };
+        // Gathered whatever the answer: a failed run may have cleared some
+        // of its entries (Xen goes on for the hardware domain), whose pages
+        // the engine releases once its page-by-page retry finds them gone;
+        // only a flush covering them may come first (the glue marks a
+        // failed run modified, so that flush is made).
+        gather.add(ctx, bfn, flush)?;
+        gather.add(ctx, Bfn(last), flush)?;
         if rc != 0 {
             return Err(errno_from(rc));
         }
-        gather.add(ctx, bfn, flush)?;
-        gather.add(ctx, Bfn(last), flush)
+        Ok(())
     }
     fn iommu_flush(&mut self, owner: DomId, gather: &FlushGather) -> Result<(), Errno> {
         let mut result = Ok(());

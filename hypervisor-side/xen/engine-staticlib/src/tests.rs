@@ -1282,8 +1282,40 @@ fn the_glue_takes_every_run_the_engine_unmaps() {
         .find(|l| l.starts_with("#define PVX_UNMAP_RUN_MAX"))
         .expect("PVX_UNMAP_RUN_MAX in pviommu_engine.h");
     assert_eq!(
-        line, "#define PVX_UNMAP_RUN_MAX (1UL << 16)",
+        line, "#define PVX_UNMAP_RUN_MAX (1UL << 11)",
         "update MAX_UNMAP_RUN with it"
     );
-    assert_eq!(pviommu_hv::iommu::MAX_UNMAP_RUN, 1 << 16);
+    assert_eq!(pviommu_hv::iommu::MAX_UNMAP_RUN, 1 << 11);
+}
+
+/// A run Xen's `iommu_unmap()` fails may still have cleared some of its
+/// entries (for the hardware domain Xen goes on), and the engine's retry
+/// page by page then finds those gone and releases their pages after its
+/// flush. So the failed run's range and the flags the glue set (modified)
+/// must reach the gather: before, an `Err` returned before gathering, and
+/// a flush with no flag is skipped (`pvx_iommu_flush`), so those pages
+/// could be released while the IOTLB still held them.
+#[test]
+fn a_failed_unmap_run_still_gathers_its_range_and_flags() {
+    use pviommu_hv::iommu::FlushGather;
+    use pviommu_hv::ContextId;
+    let mut x = Xen::new();
+    let mut gather = FlushGather::default();
+    model::UNMAP_ANSWER.with(|a| a.set((-12, 2)));
+    let r = x.iommu_unmap_run(
+        DomId(0),
+        ContextId::DEFAULT,
+        Bfn(0x10_0000),
+        512,
+        &mut gather,
+    );
+    model::UNMAP_ANSWER.with(|a| a.set((-95, 0)));
+    assert_eq!(r, Err(Errno::NoMem));
+    let ranges: Vec<_> = gather.ranges().copied().collect();
+    assert_eq!(ranges.len(), 1);
+    assert_eq!(
+        (ranges[0].first, ranges[0].last),
+        (Bfn(0x10_0000), Bfn(0x10_01ff))
+    );
+    assert_eq!(ranges[0].flags & 2, 2, "marked modified");
 }

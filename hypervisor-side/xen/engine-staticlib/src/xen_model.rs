@@ -541,8 +541,15 @@ pub extern "C" fn pvx_iommu_map(
 }
 #[no_mangle]
 #[inline(never)]
-pub extern "C" fn pvx_iommu_unmap(_o: u16, _bfn: u64, _count: u64, _flush: *mut u32) -> i32 {
-    -95
+pub extern "C" fn pvx_iommu_unmap(_o: u16, _bfn: u64, _count: u64, flush: *mut u32) -> i32 {
+    let (rc, flags) = UNMAP_ANSWER.with(|a| a.get());
+    // SAFETY: the glue passes a pointer to its local.
+    unsafe { *flush |= flags };
+    rc
+}
+std::thread_local! {
+    /// What `pvx_iommu_unmap` answers, and the flush flags it sets.
+    pub static UNMAP_ANSWER: std::cell::Cell<(i32, u32)> = const { std::cell::Cell::new((-95, 0)) };
 }
 #[no_mangle]
 #[inline(never)]
