@@ -148,12 +148,13 @@ impl FlushGather {
     }
 }
 
-/// The most pages the engine asks [`IommuBackend::iommu_unmap_run`] for
-/// at once (the Xen glue refuses more: `PVX_UNMAP_RUN_MAX`): above the
-/// entries an owner's unmaps may leave waiting (`DEFER_LIMIT` plus a run
-/// of `MAP_CHUNK`), so a run is never cut short, and not far above, as
-/// Xen's loop over it is not preemptible.
-pub const MAX_UNMAP_RUN: u64 = 1 << 11;
+/// The most pages the engine asks [`IommuBackend::iommu_unmap_run`] or
+/// [`IommuBackend::iommu_map_run`] for at once (the Xen glue refuses more:
+/// `PVX_IOMMU_RUN_MAX`): above the entries maps or unmaps may leave
+/// waiting (`DEFER_LIMIT` plus a run of `MAP_CHUNK`), so a run is never
+/// cut short, and not far above, as Xen's loop over it is not
+/// preemptible.
+pub const MAX_IOMMU_RUN: u64 = 1 << 11;
 
 /// An IOMMU: the host's default context of each driver domain, and what
 /// the engine needs for contexts of its own.
@@ -185,6 +186,37 @@ pub trait IommuBackend: TableMemory {
         bfn: Bfn,
         gather: &mut FlushGather,
     ) -> Result<(), Errno>;
+    /// Map the `count` 4 KiB pages from `bfn` to the frames from `mfn` in
+    /// the default context, as Xen's `iommu_map(d, bfn, mfn, count)` does:
+    /// one call, which maps each part of the run where both are aligned to
+    /// 2 MiB (or more) with one entry where the IOMMU has that size. On
+    /// `Err` none of the run is mapped (Xen unmaps what it mapped), but the
+    /// range goes into `gather` all the same. This default goes a page at
+    /// a time.
+    #[allow(clippy::too_many_arguments)]
+    fn iommu_map_run(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        bfn: Bfn,
+        mfn: Mfn,
+        count: u64,
+        perms: Permissions,
+        attr: MemAttr,
+        gather: &mut FlushGather,
+    ) -> Result<(), Errno> {
+        for i in 0..count {
+            let page = bfn.0.checked_add(i).ok_or(Errno::Inval)?;
+            let frame = mfn.0.checked_add(i).ok_or(Errno::Inval)?;
+            if let Err(e) = self.iommu_map(owner, ctx, Bfn(page), Mfn(frame), perms, attr, gather) {
+                for j in 0..i {
+                    let _ = self.iommu_unmap(owner, ctx, Bfn(bfn.0 + j), gather);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
     /// Unmap the `count` 4 KiB pages from `bfn` of the default context,
     /// as Xen's `iommu_unmap(d, bfn, count)` does: one call, which clears
     /// a 2 MiB (or larger) aligned part of the run with one entry where

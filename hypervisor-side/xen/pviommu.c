@@ -512,13 +512,21 @@ void pvx_page_non_coherent(uint64_t mfn)
     set_bit(_PGT_non_coherent, &mfn_to_page(_mfn(mfn))->u.inuse.type_info);
 }
 
-int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn,
+int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn, uint64_t count,
                   unsigned int flags, unsigned int *flush)
 {
-    struct domain *d = rcu_lock_domain_by_id(owner);
+    struct domain *d;
     unsigned int iflags = 0;
     long rc;
 
+    /*
+     * The engine's runs: its window's BFNs (above host RAM), frames it
+     * holds a reference to each of, at most the entries it lets wait.
+     */
+    if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn ||
+         mfn + count < mfn || bfn < pvx_ram_end )
+        return -EINVAL;
+    d = rcu_lock_domain_by_id(owner);
     if ( !d )
         return -ESRCH;
     /*
@@ -529,7 +537,7 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn,
      */
     if ( pvx_translation(d) != PVIOMMU_TRANSLATES ||
          pvx_addr_bits < PAGE_SHIFT || pvx_addr_bits - PAGE_SHIFT >= 64 ||
-         (bfn >> (pvx_addr_bits - PAGE_SHIFT)) != 0 )
+         ((bfn + count - 1) >> (pvx_addr_bits - PAGE_SHIFT)) != 0 )
     {
         rcu_unlock_domain(d);
         return -EADDRNOTAVAIL;
@@ -539,8 +547,18 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn,
     if ( flags & PVIOMMU_F_WRITE )
         iflags |= IOMMUF_writable;
 
-    rc = iommu_map(d, _dfn(bfn), _mfn(mfn), 1, iflags, flush);
+    /*
+     * One call for the run: each part aligned to 2 MiB in both BFN and
+     * frame is one order-9 map_page (mapping_order()). On failure Xen
+     * unmaps what the run mapped, flushes everything and, for a domain
+     * other than the hardware domain, crashes it (as for one page). Its
+     * flush may have failed: the engine's own then covers the run. Not
+     * preemptible: runs are bounded by the engine's DEFER_LIMIT.
+     */
+    rc = iommu_map(d, _dfn(bfn), _mfn(mfn), count, iflags, flush);
     rcu_unlock_domain(d);
+    if ( rc )
+        *flush |= IOMMU_FLUSHF_modified;
 
     return rc < 0 ? rc : 0;
 }
@@ -557,7 +575,7 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
      * than the entries it lets wait: anything else is a bug to refuse, not
      * to unmap (it could reach the domain's own mappings below the window).
      */
-    if ( !count || count > PVX_UNMAP_RUN_MAX || bfn + count < bfn ||
+    if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn ||
          bfn < pvx_ram_end || pvx_addr_bits < PAGE_SHIFT ||
          pvx_addr_bits - PAGE_SHIFT >= 64 ||
          ((bfn + count - 1) >> (pvx_addr_bits - PAGE_SHIFT)) != 0 )

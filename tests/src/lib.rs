@@ -407,6 +407,19 @@ impl IommuBackend for Interposer<'_> {
     ) -> Result<(), Errno> {
         self.m.borrow_mut().iommu_unmap(o, c, b, g)
     }
+    fn iommu_map_run(
+        &mut self,
+        o: DomId,
+        c: ContextId,
+        b: Bfn,
+        f: Mfn,
+        n: u64,
+        p: Permissions,
+        a: MemAttr,
+        g: &mut FlushGather,
+    ) -> Result<(), Errno> {
+        self.m.borrow_mut().iommu_map_run(o, c, b, f, n, p, a, g)
+    }
     fn iommu_unmap_run(
         &mut self,
         o: DomId,

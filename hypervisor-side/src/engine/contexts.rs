@@ -250,6 +250,32 @@ impl super::DriverDomain {
         own.tables.unmap(h, bfn)
     }
 
+    /// Map the `count` BFNs from `bfn` to the frames from `mfn` in the
+    /// default context (entries maps left for the flush to write), into
+    /// the gather: one call to the backend. On `Err` none of the run is
+    /// mapped.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn iommu_map_run(
+        &mut self,
+        h: &mut impl IommuBackend,
+        bfn: Bfn,
+        mfn: Mfn,
+        count: u64,
+        perms: Permissions,
+        attr: MemAttr,
+    ) -> Result<(), Errno> {
+        h.iommu_map_run(
+            self.domid,
+            ContextId::DEFAULT,
+            bfn,
+            mfn,
+            count,
+            perms,
+            attr,
+            &mut self.gather,
+        )
+    }
+
     /// Unmap the `count` BFNs from `bfn` of `ctx` (entries an owner's
     /// unmaps left for the flush to clear), into the gather: the default
     /// context in one call to the backend, which clears an aligned 2 MiB

@@ -583,6 +583,12 @@ pub struct DriverDomain {
     /// list the next clearing pass looks (they are at its head). Were it
     /// too low, an entry left behind is never released, only made stuck.
     pub(crate) deferred_entries: u64,
+    /// Slots of context-0 maps whose IOMMU entry is still to be written,
+    /// in map order: the flush's first step writes them, consecutive BFNs
+    /// and frames a run at a time (`Engine::write_pending_entries`). At
+    /// most `DEFER_LIMIT`; its capacity is reserved once, and a cell that
+    /// cannot reserve it maps at once.
+    pub(crate) pending_maps: Vec<u32>,
     /// IOTLB invalidations not yet flushed.
     pub(crate) gather: FlushGather,
     /// Counters and times.
@@ -643,6 +649,7 @@ impl DriverDomain {
             revoked: 0,
             stuck: 0,
             deferred_entries: 0,
+            pending_maps: Vec::new(),
             gather: FlushGather::default(),
             stats: DriverStats::default(),
             next_gen: 0,
@@ -1464,6 +1471,26 @@ impl DriverDomain {
         Some(link64(r.next))
     }
 
+    /// Room for `limit` maps in `pending_maps` (reserved once, with the
+    /// rest of a map's memory: `ENOMEM`, nothing changed, if it cannot be).
+    pub(crate) fn reserve_pending_maps(&mut self, limit: usize) -> Result<(), Errno> {
+        if self.pending_maps.capacity() < limit {
+            let want = limit.saturating_sub(self.pending_maps.len());
+            self.pending_maps
+                .try_reserve_exact(want)
+                .map_err(|_| Errno::NoMem)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a map may leave its entry for the flush: room reserved for
+    /// one more in `pending_maps`, below `limit`.
+    #[inline]
+    pub(crate) fn pending_map_room(&self, limit: usize) -> bool {
+        let n = self.pending_maps.len();
+        n < limit && n < self.pending_maps.capacity()
+    }
+
     /// The context of the live mapping in slot `idx`, and its references.
     #[inline]
     pub(crate) fn live_refs(&self, idx: u64) -> Option<(ContextId, u32)> {
@@ -1620,6 +1647,7 @@ impl DriverDomain {
         self.run_hint = NO_RUN;
         self.unmapping_head = NONE;
         self.deferred_entries = 0;
+        self.pending_maps.clear();
         self.stuck_head = NONE;
         self.stuck_tail = NONE;
         self.revoked_head = NONE;

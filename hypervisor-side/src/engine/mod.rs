@@ -1879,6 +1879,9 @@ impl<L: RawMutex> Engine<L> {
             return Err(Errno::NoSpc);
         }
         d.dd.reserve_slot(seed, quota.min(self.space.len()), at)?;
+        if key.context == ContextId::DEFAULT {
+            d.dd.reserve_pending_maps(revoke::DEFER_LIMIT as usize)?;
+        }
         // (`install_at` probes again if the revocation or the reservation
         // moved the page's bucket.)
         Ok(Prepared::Install)
@@ -1941,6 +1944,35 @@ impl<L: RawMutex> Engine<L> {
             dd.free_slot(idx);
             return report::refused(out, Errno::NoSpc);
         };
+        // Context 0 (the host's own tables, one backend call a run): the
+        // entry is written by the flush that ends the call, the run's
+        // entries together (`write_pending_entries`). No BFN reaches the
+        // caller's device before: the call returns after that flush.
+        if key.context == ContextId::DEFAULT && dd.pending_map_room(revoke::DEFER_LIMIT as usize) {
+            return match dd.install_at(self.seed, at, idx, key) {
+                Ok(tag) => {
+                    dd.run_hint = (key.domid, key.gfn, idx);
+                    // (Room checked above: never refused, nothing allocated.)
+                    let _ = crate::storage::try_push(&mut dd.pending_maps, idx as u32);
+                    if dd.pending_maps.len() >= revoke::DEFER_LIMIT as usize {
+                        self.write_pending_entries(d, h);
+                    }
+                    report::installed(
+                        out,
+                        Mapped {
+                            bfn,
+                            tag,
+                            cell: d.cell,
+                        },
+                    )
+                }
+                Err(e) => {
+                    // Unreachable (capacity reserved); no entry was written.
+                    dd.free_slot(idx);
+                    report::refused(out, e)
+                }
+            };
+        }
         let t0 = self.clock(h);
         let mapped = dd.iommu_map(h, key.context, bfn, key.mfn, key.perms, key.attr);
         dd.stats.ns_iommu_map += self.since(h, t0);

@@ -15,9 +15,10 @@ use lock_api::RawMutex;
 use super::driver::{
     region_of, DriverDomain, Slot, CHAIN_BOUND, NONE, REGION_GFN_END, REGION_SHIFT,
 };
+use super::Mapping;
 use super::{cells_in, Driver, Engine, Hypervisor};
 use crate::config::MAX_CONTEXTS;
-use crate::{Bfn, ContextId, DomId, Errno, Gfn};
+use crate::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions};
 
 /// What one page-index probe of the gfn hook costs, in slots of a pass
 /// over the slot array: measured 41 against 1.6 ns with 1 Mi live
@@ -165,7 +166,40 @@ pub(super) const DEFER_LIMIT: u64 = 1024;
 
 // Every run of waiting entries fits one backend call: an unmap batch's
 // run of `MAP_CHUNK` can take the count past the limit before it clears.
-const _: () = assert!(DEFER_LIMIT + super::MAP_CHUNK as u64 <= crate::iommu::MAX_UNMAP_RUN);
+const _: () = assert!(DEFER_LIMIT + super::MAP_CHUNK as u64 <= crate::iommu::MAX_IOMMU_RUN);
+
+/// Consecutive maps of `pending_maps` of consecutive BFNs and frames, one
+/// access and attribute: written in one call.
+struct PendingRun {
+    bfn: Bfn,
+    mfn: Mfn,
+    pages: u64,
+    perms: Permissions,
+    attr: MemAttr,
+}
+
+impl PendingRun {
+    fn new(bfn: Bfn, m: &Mapping) -> Self {
+        PendingRun {
+            bfn,
+            mfn: m.mfn,
+            pages: 1,
+            perms: m.perms,
+            attr: m.attr,
+        }
+    }
+
+    /// Take the next map `n` in if it continues the run.
+    fn grow(&mut self, n: &PendingRun) -> bool {
+        let continues = self.bfn.0.checked_add(self.pages) == Some(n.bfn.0)
+            && self.mfn.0.checked_add(self.pages) == Some(n.mfn.0)
+            && self.perms == n.perms
+            && self.attr == n.attr
+            && self.pages < crate::iommu::MAX_IOMMU_RUN;
+        self.pages += u64::from(continues);
+        continues
+    }
+}
 
 /// Consecutive slots of the unmapping list whose entries an owner's
 /// unmaps left, of consecutive BFNs (in either order: the list runs from
@@ -192,7 +226,7 @@ impl DeferredRun {
 
     /// Take `bfn` of `context` in if it extends the run at either end.
     fn grow(&mut self, context: ContextId, bfn: u64) -> bool {
-        if context != self.context || self.pages >= crate::iommu::MAX_UNMAP_RUN {
+        if context != self.context || self.pages >= crate::iommu::MAX_IOMMU_RUN {
             return false;
         }
         if bfn.checked_add(1) == Some(self.first) {
@@ -236,10 +270,14 @@ impl<L: RawMutex> Engine<L> {
         let m = dd.live_at(idx)?;
         let last_of_target = dd.unindex(self.seed, idx)?;
         let t0 = self.clock(h);
-        let unmapped = self
-            .space
-            .bfn_of(idx)
-            .is_some_and(|bfn| dd.iommu_unmap(h, m.context, bfn).is_ok());
+        // (No entry is none to clear: a map whose entry the flush was
+        // still to write.)
+        let unmapped = self.space.bfn_of(idx).is_some_and(|bfn| {
+            matches!(
+                dd.iommu_unmap(h, m.context, bfn),
+                Ok(()) | Err(Errno::NoEnt)
+            )
+        });
         dd.stats.ns_iommu_unmap += self.since(h, t0);
         if then_revoked {
             dd.stats.revocations += 1;
@@ -269,8 +307,11 @@ impl<L: RawMutex> Engine<L> {
     /// unmap left still maps it.
     pub(super) fn flush_and_release(&self, d: &mut Driver<'_, L>, h: &mut impl Hypervisor) -> u64 {
         let space = &self.space;
+        let owner = d.dd.domid;
+        if !d.dd.pending_maps.is_empty() {
+            self.write_pending_entries(d, h);
+        }
         let dd = &mut *d.dd;
-        let owner = dd.domid;
         let t0 = self.clock(h);
         if dd.deferred_entries != 0 {
             self.clear_deferred_entries(dd, h);
@@ -284,9 +325,12 @@ impl<L: RawMutex> Engine<L> {
             let Some((at, mapping, then_revoked)) = dd.pop_stuck() else {
                 break;
             };
-            let unmapped = space
-                .bfn_of(at)
-                .is_some_and(|bfn| dd.iommu_unmap(h, mapping.context, bfn).is_ok());
+            let unmapped = space.bfn_of(at).is_some_and(|bfn| {
+                matches!(
+                    dd.iommu_unmap(h, mapping.context, bfn),
+                    Ok(()) | Err(Errno::NoEnt)
+                )
+            });
             if unmapped {
                 dd.push_unmapping_at(at, then_revoked, false);
                 unstuck += 1;
@@ -377,6 +421,81 @@ impl<L: RawMutex> Engine<L> {
             h.notify_revoked(owner);
         }
         unstuck
+    }
+
+    /// The first step of every flush: write the context-0 entries maps
+    /// left (`pending_maps`, in map order), a run of consecutive BFNs and
+    /// frames of one access and attribute in one call: on Xen one
+    /// `iommu_map()`, which maps each part of the run aligned to 2 MiB in
+    /// both with one entry. A run the IOMMU refuses is mapped a page at a
+    /// time; a page it still refuses is revoked (its owner was handed the
+    /// BFN: it gets a notice, as if the page had gone). A slot no longer
+    /// live (unmapped or revoked meanwhile) is skipped. Bounded by
+    /// `DEFER_LIMIT` (a map that reaches it writes them at once).
+    pub(super) fn write_pending_entries(&self, d: &mut Driver<'_, L>, h: &mut impl Hypervisor) {
+        let pending = core::mem::take(&mut d.dd.pending_maps);
+        let t0 = self.clock(h);
+        let mut run: Option<(usize, PendingRun)> = None;
+        for (i, &idx) in pending.iter().enumerate() {
+            let next =
+                d.dd.live_at(u64::from(idx))
+                    .filter(|m| m.context == ContextId::DEFAULT)
+                    .zip(self.space.bfn_of(u64::from(idx)))
+                    .map(|(m, bfn)| PendingRun::new(bfn, &m));
+            let grown = match (&mut run, &next) {
+                (Some((_, r)), Some(n)) => r.grow(n),
+                _ => false,
+            };
+            if !grown {
+                if let Some((start, r)) = run.take() {
+                    self.write_run(d, h, &r, pending.get(start..i).unwrap_or(&[]));
+                }
+                run = next.map(|n| (i, n));
+            }
+        }
+        if let Some((start, r)) = run {
+            self.write_run(d, h, &r, pending.get(start..).unwrap_or(&[]));
+        }
+        d.dd.stats.ns_iommu_map += self.since(h, t0);
+        // The capacity stays for the next call's maps.
+        let mut pending = pending;
+        pending.clear();
+        d.dd.pending_maps = pending;
+    }
+
+    /// Write `run` (whose slots are `slots`, in its order); on refusal page
+    /// by page, revoking what the IOMMU still refuses.
+    fn write_run(
+        &self,
+        d: &mut Driver<'_, L>,
+        h: &mut impl Hypervisor,
+        run: &PendingRun,
+        slots: &[u32],
+    ) {
+        if d.dd
+            .iommu_map_run(h, run.bfn, run.mfn, run.pages, run.perms, run.attr)
+            .is_ok()
+        {
+            return;
+        }
+        for (i, &idx) in (0u64..).zip(slots.iter()) {
+            let (Some(bfn), Some(mfn)) = (run.bfn.0.checked_add(i), run.mfn.0.checked_add(i))
+            else {
+                break;
+            };
+            let mapped = d.dd.iommu_map(
+                h,
+                ContextId::DEFAULT,
+                Bfn(bfn),
+                Mfn(mfn),
+                run.perms,
+                run.attr,
+            );
+            if mapped.is_err() {
+                // The gate bit goes at this flush's release, with the page.
+                self.take_down_live(d, h, u64::from(idx), true);
+            }
+        }
     }
 
     /// The first step of every flush: clear the IOMMU entries the owner's

@@ -653,6 +653,12 @@ pub struct SimMachine {
     pub unmap_calls: u64,
     /// Of `unmap_calls`, those that took 2 MiB at once.
     pub superpage_unmaps: u64,
+    /// Calls into the IOMMU driver's map of a default context, as Xen's
+    /// `iommu_map()` makes them: one a page, or one an aligned 2 MiB of a
+    /// run (`superpage_maps` of those).
+    pub map_calls: u64,
+    /// Of `map_calls`, those that mapped 2 MiB at once.
+    pub superpage_maps: u64,
     /// The next this-many IOMMU unmaps fail with ENOMEM, as Xen's do when a
     /// superpage split finds no memory (failure injection).
     pub fail_unmaps: u32,
@@ -725,6 +731,8 @@ impl SimMachine {
             maps_past_width: 0,
             unmap_calls: 0,
             superpage_unmaps: 0,
+            map_calls: 0,
+            superpage_maps: 0,
             fail_unmaps: 0,
             fail_unmaps_of: None,
             unmaps_of_seen: 0,
@@ -1860,6 +1868,26 @@ impl TableMemory for SimMachine {
 }
 
 impl SimMachine {
+    /// One 4 KiB entry of a default context written (made on first use,
+    /// as Xen's tables are with the domain), as Xen's `map_page` writes it.
+    fn map_page(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        bfn: Bfn,
+        mfn: Mfn,
+        perms: Permissions,
+        attr: MemAttr,
+    ) -> Result<(), Errno> {
+        let (c, ram) = self.context_mut_or_create(owner, ctx)?;
+        // Xen's own tables: its VT-d code writes back each entry it stores.
+        let mut mem = WriteThrough(ram);
+        match c {
+            Context::Vtd(t) => t.map(&mut mem, bfn, mfn, perms, attr),
+            Context::Lpae(t) => t.map(&mut mem, bfn, mfn, perms, attr),
+        }
+    }
+
     /// One call into the IOMMU driver's unmap of a default context, as
     /// Xen's `unmap_page`: page `bfn`, or with `whole` the 2 MiB from it
     /// (aligned), one entry where a superpage maps it, each 4 KiB entry of
@@ -1964,16 +1992,66 @@ impl IommuBackend for SimMachine {
             self.maps_past_width += 1;
             return Err(Errno::Inval);
         }
-        let (c, ram) = self.context_mut_or_create(owner, ctx)?;
-        // Xen's own tables: its VT-d code writes back each entry it stores.
-        let mut mem = WriteThrough(ram);
-        match c {
-            Context::Vtd(t) => t.map(&mut mem, bfn, mfn, perms, attr)?,
-            Context::Lpae(t) => t.map(&mut mem, bfn, mfn, perms, attr)?,
-        };
+        self.map_calls += 1;
+        self.map_page(owner, ctx, bfn, mfn, perms, attr)?;
         // VT-d with caching mode off needs no flush for a non-present ->
         // present change; the simulator flushes anyway, like Xen does.
         gather.add(ctx, bfn, 0)
+    }
+    fn iommu_map_run(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        bfn: Bfn,
+        mfn: Mfn,
+        count: u64,
+        perms: Permissions,
+        attr: MemAttr,
+        gather: &mut FlushGather,
+    ) -> Result<(), Errno> {
+        let _host = HostAllocations::begin();
+        let Some(last) = count.checked_sub(1).and_then(|n| bfn.0.checked_add(n)) else {
+            return if count == 0 {
+                Ok(())
+            } else {
+                Err(Errno::Inval)
+            };
+        };
+        if mfn.0.checked_add(count).is_none() {
+            return Err(Errno::Inval);
+        }
+        let width = self.address_bits.saturating_sub(12);
+        if width < 64 && last >> width != 0 {
+            self.maps_past_width += 1;
+            return Err(Errno::Inval);
+        }
+        // Xen 4.17's `iommu_map()`: each call takes the largest size the
+        // IOMMU has (here 4 KiB and 2 MiB) where both the BFN and the frame
+        // start aligned and the rest of the run covers it
+        // (`mapping_order()`). At the first failure it unmaps what the run
+        // mapped, flushes, and answers the error.
+        let mut result = Ok(());
+        let mut done = 0u64;
+        while done < count {
+            let (b, f) = (bfn.0 + done, mfn.0 + done);
+            let whole = (b | f) & 0x1ff == 0 && count - done >= 0x200;
+            let pages = if whole { 0x200 } else { 1 };
+            self.map_calls += 1;
+            self.superpage_maps += u64::from(whole);
+            let mapped = (0..pages)
+                .try_for_each(|i| self.map_page(owner, ctx, Bfn(b + i), Mfn(f + i), perms, attr));
+            if let Err(e) = mapped {
+                for page in bfn.0..bfn.0 + done + pages {
+                    let _ = self.unmap_page(owner, ctx, Bfn(page), false);
+                }
+                result = Err(e);
+                break;
+            }
+            done += pages;
+        }
+        gather.add(ctx, bfn, 0)?;
+        gather.add(ctx, Bfn(last), 0)?;
+        result
     }
     fn iommu_unmap(
         &mut self,

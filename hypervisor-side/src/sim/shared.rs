@@ -120,6 +120,19 @@ impl IommuBackend for SharedSim {
     ) -> Result<(), Errno> {
         self.with(|m| m.iommu_unmap(owner, ctx, bfn, gather))
     }
+    fn iommu_map_run(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        bfn: Bfn,
+        mfn: Mfn,
+        count: u64,
+        perms: Permissions,
+        attr: MemAttr,
+        gather: &mut FlushGather,
+    ) -> Result<(), Errno> {
+        self.with(|m| m.iommu_map_run(owner, ctx, bfn, mfn, count, perms, attr, gather))
+    }
     fn iommu_unmap_run(
         &mut self,
         owner: DomId,

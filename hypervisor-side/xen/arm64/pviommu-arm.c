@@ -429,18 +429,32 @@ static int pvx_dom0_p2m_unmap(struct domain *d, uint64_t bfn,
     return rc;
 }
 
-int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn,
+int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn, uint64_t count,
                   unsigned int flags, unsigned int *flush)
 {
-    struct domain *d = rcu_lock_domain_by_id(owner);
+    struct domain *d;
     uint32_t tr;
-    int rc;
+    uint64_t i;
+    int rc = 0;
 
+    if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn ||
+         mfn + count < mfn )
+        return -EINVAL;
+    d = rcu_lock_domain_by_id(owner);
     if ( !d )
         return -ESRCH;
     if ( pvx_is_dom0_p2m(d) )
     {
-        rc = pvx_dom0_p2m_map(d, bfn, mfn, flags, flush);
+        /*
+         * A page at a time; on failure what the run mapped goes again
+         * (as Xen's multi-page iommu_map() does), so the engine sees
+         * nothing of it mapped.
+         */
+        for ( i = 0; i < count && !rc; i++ )
+            rc = pvx_dom0_p2m_map(d, bfn + i, mfn + i, flags, flush);
+        if ( rc )
+            while ( i-- > 0 )
+                pvx_dom0_p2m_unmap(d, bfn + i, flush);
         rcu_unlock_domain(d);
         return rc;
     }
@@ -457,7 +471,7 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
     uint64_t i;
     int rc = -EOPNOTSUPP;
 
-    if ( !count || count > PVX_UNMAP_RUN_MAX || bfn + count < bfn )
+    if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn )
         return -EINVAL;
     d = rcu_lock_domain_by_id(owner);
     if ( !d )

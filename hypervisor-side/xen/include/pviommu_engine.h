@@ -260,16 +260,22 @@ int pvx_reserved_region(unsigned int index, uint64_t *start_frame,
  * range and returns its result: a page reference is only dropped after a
  * flush covering it returned 0.
  */
-int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn,
+int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn, uint64_t count,
                   unsigned int flags, unsigned int *flush);
 /*
- * Unmap the count pages from bfn (count >= 1, at most PVX_UNMAP_RUN_MAX):
+ * pvx_iommu_map maps the count pages from bfn to the frames from mfn
+ * (count >= 1, at most PVX_IOMMU_RUN_MAX): one iommu_map(), which maps each
+ * part of the run aligned to 2 MiB in both with one entry. On failure
+ * nothing of the run stays mapped (Xen unmaps it again).
+ *
+ * pvx_iommu_unmap unmaps the count pages from bfn (count >= 1, at most
+ * PVX_IOMMU_RUN_MAX):
  * one iommu_unmap(), which clears each aligned 2 MiB of the run with one
  * entry (mapping_order()), so never splits a superpage there. A page with
  * no entry is no error. On failure any page of the run may still be
  * mapped; the engine then unmaps them one by one.
  */
-#define PVX_UNMAP_RUN_MAX (1UL << 11)
+#define PVX_IOMMU_RUN_MAX (1UL << 11)
 int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
                     unsigned int *flush);
 int pvx_iommu_flush(uint16_t owner, uint64_t bfn, uint64_t count,

@@ -73,7 +73,14 @@ mod ffi {
             nr: *mut u64,
             kind: *mut u32,
         ) -> i32;
-        pub fn pvx_iommu_map(owner: u16, bfn: u64, mfn: u64, flags: u32, flush: *mut u32) -> i32;
+        pub fn pvx_iommu_map(
+            owner: u16,
+            bfn: u64,
+            mfn: u64,
+            count: u64,
+            flags: u32,
+            flush: *mut u32,
+        ) -> i32;
         pub fn pvx_iommu_unmap(owner: u16, bfn: u64, count: u64, flush: *mut u32) -> i32;
         pub fn pvx_iommu_flush(owner: u16, bfn: u64, count: u64, flush: u32) -> i32;
         pub fn pvx_preempt_check() -> i32;
@@ -1197,12 +1204,61 @@ impl IommuBackend for Xen {
         let mut flush = 0u32;
         // SAFETY: out-pointer to a local.
         let rc = unsafe {
-            ffi::pvx_iommu_map(owner.0, bfn.0, mfn.0, perms.flag_bits() as u32, &mut flush)
+            ffi::pvx_iommu_map(
+                owner.0,
+                bfn.0,
+                mfn.0,
+                1,
+                perms.flag_bits() as u32,
+                &mut flush,
+            )
         };
         if rc != 0 {
             return Err(errno_from(rc));
         }
         gather.add(ctx, bfn, flush)
+    }
+    fn iommu_map_run(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        bfn: Bfn,
+        mfn: Mfn,
+        count: u64,
+        perms: Permissions,
+        _attr: MemAttr,
+        gather: &mut FlushGather,
+    ) -> Result<(), Errno> {
+        if ctx != ContextId::DEFAULT {
+            return Err(Errno::NoEnt);
+        }
+        let last = count
+            .checked_sub(1)
+            .and_then(|n| bfn.0.checked_add(n))
+            .ok_or(Errno::Inval)?;
+        let mut flush = 0u32;
+        // SAFETY: out-pointer to a local. One `iommu_map()` of the run: Xen
+        // maps each part aligned to 2 MiB in both BFN and frame with one
+        // entry.
+        let rc = unsafe {
+            ffi::pvx_iommu_map(
+                owner.0,
+                bfn.0,
+                mfn.0,
+                count,
+                perms.flag_bits() as u32,
+                &mut flush,
+            )
+        };
+        // Gathered whatever the answer: a failed run's entries existed
+        // until Xen unmapped them again, and Xen's own flush of them may
+        // have failed (the glue then marks the run modified).
+        gather.add(ctx, bfn, flush)?;
+        gather.add(ctx, Bfn(last), flush)?;
+        if rc != 0 {
+            return Err(errno_from(rc));
+        }
+        Ok(())
     }
     fn iommu_unmap(
         &mut self,

@@ -1272,20 +1272,20 @@ fn engine_bugs_are_logged_with_their_number() {
     assert!(line().ends_with("no longer trusted\n"), "{}", line());
 }
 
-/// The C glue refuses a run longer than `PVX_UNMAP_RUN_MAX`; the engine
-/// never asks for one longer than `MAX_UNMAP_RUN`: the two must agree.
+/// The C glue refuses a run longer than `PVX_IOMMU_RUN_MAX`; the engine
+/// never asks for one longer than `MAX_IOMMU_RUN`: the two must agree.
 #[test]
 fn the_glue_takes_every_run_the_engine_unmaps() {
     let header = include_str!("../../include/pviommu_engine.h");
     let line = header
         .lines()
-        .find(|l| l.starts_with("#define PVX_UNMAP_RUN_MAX"))
-        .expect("PVX_UNMAP_RUN_MAX in pviommu_engine.h");
+        .find(|l| l.starts_with("#define PVX_IOMMU_RUN_MAX"))
+        .expect("PVX_IOMMU_RUN_MAX in pviommu_engine.h");
     assert_eq!(
-        line, "#define PVX_UNMAP_RUN_MAX (1UL << 11)",
-        "update MAX_UNMAP_RUN with it"
+        line, "#define PVX_IOMMU_RUN_MAX (1UL << 11)",
+        "update MAX_IOMMU_RUN with it"
     );
-    assert_eq!(pviommu_hv::iommu::MAX_UNMAP_RUN, 1 << 11);
+    assert_eq!(pviommu_hv::iommu::MAX_IOMMU_RUN, 1 << 11);
 }
 
 /// A run Xen's `iommu_unmap()` fails may still have cleared some of its

@@ -534,6 +534,7 @@ pub extern "C" fn pvx_iommu_map(
     _o: u16,
     _bfn: u64,
     _mfn: u64,
+    _count: u64,
     _flags: u32,
     _flush: *mut u32,
 ) -> i32 {

@@ -1,12 +1,20 @@
+//! Context-0 IOMMU entries are written and cleared by the flush that ends
+//! a call, a run of consecutive BFNs in one backend call (on Xen one
+//! `iommu_map()` or `iommu_unmap()`: an aligned 2 MiB as one entry).
+//!
 //! An owner's unmap takes its mapping out of the books at once and leaves
-//! the IOMMU entry for the flush that ends the batch, which clears the
-//! entries of consecutive BFNs in one call (on Xen one `iommu_unmap()` of
-//! the run: an aligned 2 MiB cleared with one entry, nothing split). Every
-//! flush clears those entries before it releases a page, and a page whose
-//! entry the IOMMU will not clear is never released.
+//! the entry for that flush. Every flush clears those entries before it
+//! releases a page, and a page whose entry the IOMMU will not clear is
+//! never released.
+//!
+//! A map enters the books at once and hands its BFN out; the flush writes
+//! its entry before the call returns. An entry the IOMMU will not write is
+//! revoked (a notice), and a hook that takes a map down before the flush
+//! finds nothing to clear.
 
-use pviommu_abi::{Bfn, ContextId, DomId, Gfn, Permissions};
+use pviommu_abi::{Bfn, ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions};
 use pviommu_hv::engine::Slot;
+use pviommu_hv::platform::Platform;
 use pviommu_hv::sim::Format;
 use pviommu_tests::*;
 
@@ -194,4 +202,117 @@ fn at_most_1024_entries_wait_for_the_flush() {
     e.finish(&mut m, DomId::DOM0);
     assert!(ops[..1030].iter().all(|o| !mapped(&m, o)));
     assert_eq!(e.usage(DomId::DOM0).1, 70);
+}
+
+/// A mediator mapping a guest's 2 MiB extent (gfns and frames aligned
+/// alike): before, 512 calls into the IOMMU driver, whose last folded the
+/// leaf table into a superpage. Now one call, writing the superpage.
+#[test]
+fn a_2m_run_of_maps_is_written_in_one_call_at_the_flush() {
+    let (mut m, e) = machine(Format::Vtd, 2048);
+    let g0 = (0..1024)
+        .find(|g| m.mfn_of(GUEST, Gfn(*g)).unwrap().0 % 512 == 0)
+        .unwrap();
+    let mut ops: Vec<_> = (g0..g0 + 512)
+        .map(|g| map_op(GUEST, g, Permissions::RW))
+        .collect();
+    let (calls, superpages) = (m.map_calls, m.superpage_maps);
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert!(ops.iter().all(|o| o.status == 0));
+    assert_eq!(m.map_calls - calls, 1, "one call for the run");
+    assert_eq!(m.superpage_maps - superpages, 1);
+    let (level, _) = m
+        .context_leaf(DomId::DOM0, ContextId::DEFAULT, Bfn(ops[0].bfn))
+        .unwrap();
+    assert_eq!(level, 2);
+    for (i, o) in ops.iter().enumerate().step_by(97) {
+        assert_eq!(
+            m.dma_read(DomId::DOM0, ContextId::DEFAULT, o.bfn << 12, 64)
+                .unwrap(),
+            pattern(g0 + i as u64)
+        );
+    }
+}
+
+/// A map whose entry the IOMMU cannot write at the flush (no memory for a
+/// table) was handed its BFN already: the mapping is revoked, with a
+/// notice, as if the page had gone, and its page released. Before, the
+/// map failed at once with `ENOMEM`.
+#[test]
+fn a_map_whose_entry_cannot_be_written_is_revoked_with_a_notice() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    m.fail_table_allocs(Some(0));
+    let mut ops = [map_op(GUEST, 2, Permissions::RW)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    m.fail_table_allocs(None);
+    assert_eq!(ops[0].status, 0, "handed out before the flush");
+    let bfn = Bfn(ops[0].bfn);
+    assert_eq!(m.translate(DomId::DOM0, ContextId::DEFAULT, bfn), None);
+    assert!(m
+        .dma_read(DomId::DOM0, ContextId::DEFAULT, bfn.0 << 12, 8)
+        .is_err());
+    assert_eq!(e.usage(DomId::DOM0).2, 1, "a notice");
+    assert_eq!(m.total_page_refs(), 0);
+    // Acknowledged, the BFN is free.
+    let mut un = [unmap_op(bfn)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut un).unwrap();
+    assert_eq!(un[0].status, pviommu_abi::Errno::Stale.negated());
+    assert!(free(&e, bfn));
+}
+
+/// A hook that takes a map down before the flush wrote its entry (another
+/// CPU ballooning the page out mid-call) finds no entry to clear: the
+/// mapping is revoked at once, not left stuck retrying an unmap of
+/// nothing, and no entry is written for it afterwards.
+#[test]
+fn a_hook_before_the_flush_revokes_a_map_whose_entry_was_never_written() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    let req = MapRequest {
+        context: ContextId::DEFAULT,
+        domid: GUEST,
+        gfn: Gfn(4),
+        perms: Permissions::RW,
+        attr: MemAttr::WriteBack,
+        grant: false,
+    };
+    let bfn = e.map(&mut m, DomId::DOM0, &dom0, &req).unwrap();
+    assert_eq!(
+        m.translate(DomId::DOM0, ContextId::DEFAULT, bfn),
+        None,
+        "written by the flush"
+    );
+    m.balloon_out(&e, GUEST, Gfn(4)).unwrap();
+    assert!(matches!(slot_of(&e, bfn), Some(Slot::Revoked { .. })));
+    e.finish(&mut m, DomId::DOM0);
+    assert_eq!(m.translate(DomId::DOM0, ContextId::DEFAULT, bfn), None);
+    assert_eq!(m.total_page_refs(), 0);
+    assert_eq!(e.usage(DomId::DOM0).2, 1);
+}
+
+/// A map and an unmap of it in one call: no entry is ever written, none
+/// is left, the BFN is free and nothing stays stuck.
+#[test]
+fn a_map_unmapped_before_its_flush_leaves_nothing() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    let req = MapRequest {
+        context: ContextId::DEFAULT,
+        domid: GUEST,
+        gfn: Gfn(6),
+        perms: Permissions::RO,
+        attr: MemAttr::WriteBack,
+        grant: false,
+    };
+    let calls = m.map_calls;
+    let bfn = e.map(&mut m, DomId::DOM0, &dom0, &req).unwrap();
+    e.unmap(&mut m, DomId::DOM0, ContextId::DEFAULT, bfn)
+        .unwrap();
+    e.finish(&mut m, DomId::DOM0);
+    assert_eq!(m.map_calls, calls, "no entry written");
+    assert_eq!(m.translate(DomId::DOM0, ContextId::DEFAULT, bfn), None);
+    assert!(free(&e, bfn));
+    assert_eq!(m.total_page_refs(), 0);
+    let (_, used, revoked) = e.usage(DomId::DOM0);
+    assert_eq!((used, revoked), (0, 0));
 }
