@@ -888,18 +888,27 @@ static int cmd_perfc(void)
 
 /* unmaprun BFN N [CTX]: unmap BFNs [BFN, BFN + N) of dom0's context CTX
  * (default 0) in batches; prints how many were unmapped and how many were
- * not mapped (ENOENT). */
+ * not mapped (ENOENT), and what Xen's perf counters saw meanwhile (taken
+ * in this process right around the batches, so dom0's own page-type
+ * changes of a process start do not count): IOMMU superpages split
+ * (shatters) and tables freed or made superpages (coalesces), and
+ * hypercall 43 entries (a continuation enters again). */
 static int cmd_unmaprun(uint64_t bfn0, unsigned long n, uint32_t ctx)
 {
     uint64_t *bfns = calloc(n, sizeof(*bfns));
     unsigned long i, done, absent = 0;
     long failed;
+    struct perfc_snap a, b;
 
     if ( !bfns ) die("calloc");
     for ( i = 0; i < n; i++ ) bfns[i] = bfn0 + i;
+    perfc_take(&a);
     done = pv_unmap_pages(ctx, bfns, n, NULL, &absent, &failed);
-    printf("unmaprun unmapped=%lu absent=%lu other=%lu rc=%ld\n", done, absent,
-           n - done - absent, failed);
+    perfc_take(&b);
+    printf("unmaprun unmapped=%lu absent=%lu other=%lu rc=%ld perfc=%d shatters=%lu coalesces=%lu"
+           " entries=%lu\n", done, absent, n - done - absent, failed, a.ok && b.ok,
+           b.pt_shatters - a.pt_shatters, b.pt_coalesces - a.pt_coalesces,
+           b.hc[__HYPERVISOR_pv_iommu_op] - a.hc[__HYPERVISOR_pv_iommu_op]);
     free(bfns);
     return failed ? 1 : 0;
 }

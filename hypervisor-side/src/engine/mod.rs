@@ -1948,41 +1948,27 @@ impl<L: RawMutex> Engine<L> {
         // entry is written by the flush that ends the call, the run's
         // entries together (`write_pending_entries`). No BFN reaches the
         // caller's device before: the call returns after that flush.
-        if key.context == ContextId::DEFAULT && dd.pending_map_room(revoke::DEFER_LIMIT as usize) {
-            return match dd.install_at(self.seed, at, idx, key) {
-                Ok(tag) => {
-                    dd.run_hint = (key.domid, key.gfn, idx);
+        let deferred =
+            key.context == ContextId::DEFAULT && dd.pending_map_room(revoke::DEFER_LIMIT as usize);
+        if !deferred {
+            let t0 = self.clock(h);
+            let mapped = dd.iommu_map(h, key.context, bfn, key.mfn, key.perms, key.attr);
+            dd.stats.ns_iommu_map += self.since(h, t0);
+            if let Err(e) = mapped {
+                dd.free_slot(idx);
+                return report::refused(out, e);
+            }
+        }
+        match dd.install_at(self.seed, at, idx, key) {
+            Ok(tag) => {
+                dd.run_hint = (key.domid, key.gfn, idx);
+                if deferred {
                     // (Room checked above: never refused, nothing allocated.)
                     let _ = crate::storage::try_push(&mut dd.pending_maps, idx as u32);
                     if dd.pending_maps.len() >= revoke::DEFER_LIMIT as usize {
                         self.write_pending_entries(d, h);
                     }
-                    report::installed(
-                        out,
-                        Mapped {
-                            bfn,
-                            tag,
-                            cell: d.cell,
-                        },
-                    )
                 }
-                Err(e) => {
-                    // Unreachable (capacity reserved); no entry was written.
-                    dd.free_slot(idx);
-                    report::refused(out, e)
-                }
-            };
-        }
-        let t0 = self.clock(h);
-        let mapped = dd.iommu_map(h, key.context, bfn, key.mfn, key.perms, key.attr);
-        dd.stats.ns_iommu_map += self.since(h, t0);
-        if let Err(e) = mapped {
-            dd.free_slot(idx);
-            return report::refused(out, e);
-        }
-        match dd.install_at(self.seed, at, idx, key) {
-            Ok(tag) => {
-                dd.run_hint = (key.domid, key.gfn, idx);
                 report::installed(
                     out,
                     Mapped {
@@ -1991,6 +1977,11 @@ impl<L: RawMutex> Engine<L> {
                         cell: d.cell,
                     },
                 )
+            }
+            Err(e) if deferred => {
+                // Unreachable (capacity reserved); no entry was written.
+                dd.free_slot(idx);
+                report::refused(out, e)
             }
             Err(e) => {
                 // Unreachable (capacity reserved). The entry exists: take it
