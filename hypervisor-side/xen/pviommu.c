@@ -524,7 +524,8 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn, uint64_t count,
      * holds a reference to each of, at most the entries it lets wait.
      */
     if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn ||
-         mfn + count < mfn || bfn < pvx_ram_end )
+         mfn + count < mfn || bfn < pvx_ram_end ||
+         !mfn_valid(_mfn(mfn)) || !mfn_valid(_mfn(mfn + count - 1)) )
         return -EINVAL;
     d = rcu_lock_domain_by_id(owner);
     if ( !d )
@@ -550,7 +551,8 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn, uint64_t count,
     /*
      * One call for the run: each part aligned to 2 MiB in both BFN and
      * frame is one order-9 map_page (mapping_order()). On failure Xen
-     * unmaps what the run mapped, flushes everything and, for a domain
+     * unmaps what the run mapped as far as it can (an unmap that must
+     * split a superpage may fail), flushes everything and, for a domain
      * other than the hardware domain, crashes it (as for one page). Its
      * flush may have failed: the engine's own then covers the run. Not
      * preemptible: runs are bounded by the engine's DEFER_LIMIT.

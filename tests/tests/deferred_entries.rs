@@ -316,3 +316,32 @@ fn a_map_unmapped_before_its_flush_leaves_nothing() {
     let (_, used, revoked) = e.usage(DomId::DOM0);
     assert_eq!((used, revoked), (0, 0));
 }
+
+/// A hook for one target flushes the cells that map it, but leaves the
+/// maps of other targets pending there to the owner's call: a gfn hook,
+/// which runs under its target's p2m lock, never makes IOMMU entries of
+/// another domain (up to `DEFER_LIMIT` calls into the IOMMU, which can
+/// crash a driver domain that is not the hardware domain when they fail).
+#[test]
+fn a_hook_for_one_target_leaves_the_pending_maps_of_another_to_their_call() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    map_one(&mut m, &e, DomId::DOM0, STRANGER, 1, Permissions::RW).unwrap();
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    let req = MapRequest {
+        context: ContextId::DEFAULT,
+        domid: GUEST,
+        gfn: Gfn(7),
+        perms: Permissions::RW,
+        attr: MemAttr::WriteBack,
+        grant: false,
+    };
+    let calls = m.map_calls;
+    let bfn = e.map(&mut m, DomId::DOM0, &dom0, &req).unwrap();
+    m.balloon_out(&e, STRANGER, Gfn(1)).unwrap();
+    assert_eq!(e.usage(DomId::DOM0).2, 1, "the hook's revocation");
+    assert_eq!(m.map_calls, calls, "the guest's map still pending");
+    assert_eq!(m.translate(DomId::DOM0, ContextId::DEFAULT, bfn), None);
+    e.finish(&mut m, DomId::DOM0);
+    assert_eq!(m.map_calls, calls + 1);
+    assert!(m.translate(DomId::DOM0, ContextId::DEFAULT, bfn).is_some());
+}

@@ -1945,9 +1945,12 @@ impl<L: RawMutex> Engine<L> {
             return report::refused(out, Errno::NoSpc);
         };
         // Context 0 (the host's own tables, one backend call a run): the
-        // entry is written by the flush that ends the call, the run's
-        // entries together (`write_pending_entries`). No BFN reaches the
-        // caller's device before: the call returns after that flush.
+        // entry is written by the flush that ends the owner's call, the
+        // run's entries together (`write_pending_entries`). The BFN is in
+        // the caller's op array before that (copied out a run at a time):
+        // a device it is given before the call returns may fault (its own
+        // caller's device only; the ABI says a BFN is good once the call
+        // returned).
         let deferred =
             key.context == ContextId::DEFAULT && dd.pending_map_room(revoke::DEFER_LIMIT as usize);
         if !deferred {
@@ -2541,7 +2544,7 @@ impl<L: RawMutex> Engine<L> {
                 continue;
             }
             if let Some(mut d) = self.lock_cell(caller, context) {
-                self.flush_and_release(&mut d, h);
+                self.flush_and_release_as(&mut d, h, true);
                 self.put_driver(d);
             }
         }

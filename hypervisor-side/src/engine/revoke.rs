@@ -158,6 +158,20 @@ impl Cursor {
     }
 }
 
+/// Whether an unmap's answer means the entry is gone. `NoEnt` does only in
+/// context 0, whose tables are the host's: there it is a map whose entry
+/// the flush had still to write (Xen answers 0 for a missing entry; the
+/// simulator `NoEnt`). In an engine context the engine writes every entry
+/// at once, so `NoEnt` there means its books and tables disagree: the
+/// page stays referenced (fail closed).
+fn entry_gone(context: ContextId, answer: Result<(), Errno>) -> bool {
+    match answer {
+        Ok(()) => true,
+        Err(Errno::NoEnt) => context == ContextId::DEFAULT,
+        Err(_) => false,
+    }
+}
+
 /// How many entries an owner's unmaps may leave for the flush before the
 /// batch clears them itself (between its preemption points): the flush's
 /// share of a batch's IOMMU work stays that of a default batch (1024
@@ -270,14 +284,10 @@ impl<L: RawMutex> Engine<L> {
         let m = dd.live_at(idx)?;
         let last_of_target = dd.unindex(self.seed, idx)?;
         let t0 = self.clock(h);
-        // (No entry is none to clear: a map whose entry the flush was
-        // still to write.)
-        let unmapped = self.space.bfn_of(idx).is_some_and(|bfn| {
-            matches!(
-                dd.iommu_unmap(h, m.context, bfn),
-                Ok(()) | Err(Errno::NoEnt)
-            )
-        });
+        let unmapped = self
+            .space
+            .bfn_of(idx)
+            .is_some_and(|bfn| entry_gone(m.context, dd.iommu_unmap(h, m.context, bfn)));
         dd.stats.ns_iommu_unmap += self.since(h, t0);
         if then_revoked {
             dd.stats.revocations += 1;
@@ -306,9 +316,24 @@ impl<L: RawMutex> Engine<L> {
     /// hooks, teardown slices), so no page is released while an entry an
     /// unmap left still maps it.
     pub(super) fn flush_and_release(&self, d: &mut Driver<'_, L>, h: &mut impl Hypervisor) -> u64 {
+        self.flush_and_release_as(d, h, false)
+    }
+
+    /// [`flush_and_release`](Self::flush_and_release), for the owner's own
+    /// call (`owner_call`): then the maps' pending entries are written
+    /// first. A hook or a teardown leaves them to the owner's call, whose
+    /// end writes them (a pending map is Live with no entry: the device
+    /// reaches nothing through it, and a hook takes it down as any other),
+    /// so a hook of one target never makes IOMMU entries of another.
+    pub(super) fn flush_and_release_as(
+        &self,
+        d: &mut Driver<'_, L>,
+        h: &mut impl Hypervisor,
+        owner_call: bool,
+    ) -> u64 {
         let space = &self.space;
         let owner = d.dd.domid;
-        if !d.dd.pending_maps.is_empty() {
+        if owner_call && !d.dd.pending_maps.is_empty() {
             self.write_pending_entries(d, h);
         }
         let dd = &mut *d.dd;
@@ -326,10 +351,7 @@ impl<L: RawMutex> Engine<L> {
                 break;
             };
             let unmapped = space.bfn_of(at).is_some_and(|bfn| {
-                matches!(
-                    dd.iommu_unmap(h, mapping.context, bfn),
-                    Ok(()) | Err(Errno::NoEnt)
-                )
+                entry_gone(mapping.context, dd.iommu_unmap(h, mapping.context, bfn))
             });
             if unmapped {
                 dd.push_unmapping_at(at, then_revoked, false);

@@ -438,7 +438,7 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn, uint64_t count,
     int rc = 0;
 
     if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn ||
-         mfn + count < mfn )
+         mfn + count < mfn || bfn < pvx_ram_end )
         return -EINVAL;
     d = rcu_lock_domain_by_id(owner);
     if ( !d )
@@ -450,8 +450,13 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn, uint64_t count,
          * (as Xen's multi-page iommu_map() does), so the engine sees
          * nothing of it mapped.
          */
-        for ( i = 0; i < count && !rc; i++ )
+        for ( i = 0; i < count; i++ )
+        {
             rc = pvx_dom0_p2m_map(d, bfn + i, mfn + i, flags, flush);
+            if ( rc )
+                break;
+        }
+        /* Only the pages this call mapped, [bfn, bfn + i). */
         if ( rc )
             while ( i-- > 0 )
                 pvx_dom0_p2m_unmap(d, bfn + i, flush);
@@ -471,7 +476,8 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
     uint64_t i;
     int rc = -EOPNOTSUPP;
 
-    if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn )
+    if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn ||
+         bfn < pvx_ram_end )
         return -EINVAL;
     d = rcu_lock_domain_by_id(owner);
     if ( !d )

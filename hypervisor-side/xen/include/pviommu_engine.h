@@ -265,8 +265,12 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn, uint64_t count,
 /*
  * pvx_iommu_map maps the count pages from bfn to the frames from mfn
  * (count >= 1, at most PVX_IOMMU_RUN_MAX): one iommu_map(), which maps each
- * part of the run aligned to 2 MiB in both with one entry. On failure
- * nothing of the run stays mapped (Xen unmaps it again).
+ * part of the run aligned to 2 MiB in both with one entry. On failure Xen
+ * unmaps what the run mapped, as far as it can (an unmap that must split
+ * a superpage may fail, and is ignored for the hardware domain; another
+ * domain is crashed): the engine retries each page, which rewrites an
+ * entry left with the same values, and keeps any page it gives up on
+ * referenced until its revocation is flushed.
  *
  * pvx_iommu_unmap unmaps the count pages from bfn (count >= 1, at most
  * PVX_IOMMU_RUN_MAX):
