@@ -345,3 +345,35 @@ fn a_hook_for_one_target_leaves_the_pending_maps_of_another_to_their_call() {
     assert_eq!(m.map_calls, calls + 1);
     assert!(m.translate(DomId::DOM0, ContextId::DEFAULT, bfn).is_some());
 }
+
+/// A pending map taken down by a hook, its notice acknowledged and its
+/// slot installed again, all in one call: the slot is twice in the list of
+/// pending maps, and only the mapping it holds now gets an entry, once
+/// (each entry names the install it was made for).
+#[test]
+fn a_slot_installed_again_before_the_flush_gets_one_entry() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    let req = |gfn| MapRequest {
+        context: ContextId::DEFAULT,
+        domid: GUEST,
+        gfn: Gfn(gfn),
+        perms: Permissions::RW,
+        attr: MemAttr::WriteBack,
+        grant: false,
+    };
+    // Something else stays mapped: the cell is never empty (an empty
+    // cell drops its list).
+    map_one(&mut m, &e, DomId::DOM0, STRANGER, 1, Permissions::RO).unwrap();
+    let calls = m.map_calls;
+    let first = e.map(&mut m, DomId::DOM0, &dom0, &req(8)).unwrap();
+    m.balloon_out(&e, GUEST, Gfn(8)).unwrap();
+    e.revoked_ack(DomId::DOM0, ContextId::DEFAULT, first, None)
+        .unwrap();
+    let again = e.map(&mut m, DomId::DOM0, &dom0, &req(9)).unwrap();
+    assert_eq!(again, first, "the same slot");
+    e.finish(&mut m, DomId::DOM0);
+    assert_eq!(m.map_calls, calls + 1, "one entry written");
+    let (mfn, _, _) = m.translate(DomId::DOM0, ContextId::DEFAULT, again).unwrap();
+    assert_eq!(Some(mfn), m.mfn_of(GUEST, Gfn(9)));
+}

@@ -183,6 +183,14 @@ pub(crate) struct PageAt {
     gfn: Gfn,
 }
 
+/// A context-0 map whose IOMMU entry the owner's flush is still to write:
+/// its slot and the install generation it was made with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PendingMap {
+    pub(crate) slot: u32,
+    pub(crate) gen: u32,
+}
+
 /// An Unmapping slot, as the flush that ends it needs it
 /// ([`DriverDomain::unmapping_at`]).
 #[derive(Clone, Copy, Debug)]
@@ -583,12 +591,14 @@ pub struct DriverDomain {
     /// list the next clearing pass looks (they are at its head). Were it
     /// too low, an entry left behind is never released, only made stuck.
     pub(crate) deferred_entries: u64,
-    /// Slots of context-0 maps whose IOMMU entry is still to be written,
-    /// in map order: the flush's first step writes them, consecutive BFNs
-    /// and frames a run at a time (`Engine::write_pending_entries`). At
-    /// most `DEFER_LIMIT`; its capacity is reserved once, and a cell that
-    /// cannot reserve it maps at once.
-    pub(crate) pending_maps: Vec<u32>,
+    /// Context-0 maps whose IOMMU entry is still to be written, in map
+    /// order, each its slot and install generation ([`PendingMap`]): the
+    /// owner's flush writes them, consecutive BFNs and frames a run at a
+    /// time (`Engine::write_pending_entries`), only for a slot still Live
+    /// with that generation (a slot taken down, freed and installed again
+    /// meanwhile is written once, for its new mapping). At most
+    /// `DEFER_LIMIT`; its capacity is reserved with a map's memory.
+    pub(crate) pending_maps: Vec<PendingMap>,
     /// IOTLB invalidations not yet flushed.
     pub(crate) gather: FlushGather,
     /// Counters and times.

@@ -1967,7 +1967,11 @@ impl<L: RawMutex> Engine<L> {
                 dd.run_hint = (key.domid, key.gfn, idx);
                 if deferred {
                     // (Room checked above: never refused, nothing allocated.)
-                    let _ = crate::storage::try_push(&mut dd.pending_maps, idx as u32);
+                    let pending = driver::PendingMap {
+                        slot: idx as u32,
+                        gen: tag,
+                    };
+                    let _ = crate::storage::try_push(&mut dd.pending_maps, pending);
                     if dd.pending_maps.len() >= revoke::DEFER_LIMIT as usize {
                         self.write_pending_entries(d, h);
                     }

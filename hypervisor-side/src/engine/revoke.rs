@@ -13,7 +13,7 @@ use core::sync::atomic::Ordering;
 use lock_api::RawMutex;
 
 use super::driver::{
-    region_of, DriverDomain, Slot, CHAIN_BOUND, NONE, REGION_GFN_END, REGION_SHIFT,
+    region_of, DriverDomain, PendingMap, Slot, CHAIN_BOUND, NONE, REGION_GFN_END, REGION_SHIFT,
 };
 use super::Mapping;
 use super::{cells_in, Driver, Engine, Hypervisor};
@@ -452,17 +452,19 @@ impl<L: RawMutex> Engine<L> {
     /// both with one entry. A run the IOMMU refuses is mapped a page at a
     /// time; a page it still refuses is revoked (its owner was handed the
     /// BFN: it gets a notice, as if the page had gone). A slot no longer
-    /// live (unmapped or revoked meanwhile) is skipped. Bounded by
+    /// live with its generation (unmapped or revoked meanwhile, or installed
+    /// again: that install has its own entry in the list) is skipped. Bounded by
     /// `DEFER_LIMIT` (a map that reaches it writes them at once).
     pub(super) fn write_pending_entries(&self, d: &mut Driver<'_, L>, h: &mut impl Hypervisor) {
         let pending = core::mem::take(&mut d.dd.pending_maps);
         let t0 = self.clock(h);
         let mut run: Option<(usize, PendingRun)> = None;
-        for (i, &idx) in pending.iter().enumerate() {
+        for (i, p) in pending.iter().enumerate() {
+            let idx = u64::from(p.slot);
             let next =
-                d.dd.live_at(u64::from(idx))
-                    .filter(|m| m.context == ContextId::DEFAULT)
-                    .zip(self.space.bfn_of(u64::from(idx)))
+                d.dd.live_at(idx)
+                    .filter(|m| m.context == ContextId::DEFAULT && m.gen == p.gen)
+                    .zip(self.space.bfn_of(idx))
                     .map(|(m, bfn)| PendingRun::new(bfn, &m));
             let grown = match (&mut run, &next) {
                 (Some((_, r)), Some(n)) => r.grow(n),
@@ -492,7 +494,7 @@ impl<L: RawMutex> Engine<L> {
         d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
         run: &PendingRun,
-        slots: &[u32],
+        slots: &[PendingMap],
     ) {
         if d.dd
             .iommu_map_run(h, run.bfn, run.mfn, run.pages, run.perms, run.attr)
@@ -500,7 +502,7 @@ impl<L: RawMutex> Engine<L> {
         {
             return;
         }
-        for (i, &idx) in (0u64..).zip(slots.iter()) {
+        for (i, p) in (0u64..).zip(slots.iter()) {
             let (Some(bfn), Some(mfn)) = (run.bfn.0.checked_add(i), run.mfn.0.checked_add(i))
             else {
                 break;
@@ -515,7 +517,7 @@ impl<L: RawMutex> Engine<L> {
             );
             if mapped.is_err() {
                 // The gate bit goes at this flush's release, with the page.
-                self.take_down_live(d, h, u64::from(idx), true);
+                self.take_down_live(d, h, u64::from(p.slot), true);
             }
         }
     }
