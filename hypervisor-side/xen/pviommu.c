@@ -521,7 +521,9 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn, uint64_t count,
 
     /*
      * The engine's runs: its window's BFNs (above host RAM), frames it
-     * holds a reference to each of, at most the entries it lets wait.
+     * holds a reference to each of (so the first and last being valid
+     * frames is a check of the arithmetic, not of each frame), at most
+     * the entries it lets wait.
      */
     if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn ||
          mfn + count < mfn || bfn < pvx_ram_end ||

@@ -569,6 +569,9 @@ impl<L: RawMutex> Engine<L> {
         let whole = dd.iommu_unmap_run(h, run.context, Bfn(run.first), run.pages);
         let mut at = run.head;
         for _ in 0..run.pages {
+            // (`NoEnt` here, in any context, is an entry the failed run
+            // cleared before it stopped: unlike `entry_gone`'s, this slot's
+            // entry was known to exist until this run.)
             let cleared = whole.is_ok()
                 || self.space.bfn_of(at).is_some_and(|bfn| {
                     matches!(
