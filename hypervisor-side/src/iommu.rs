@@ -106,7 +106,30 @@ pub struct FlushGather {
     ranges: [Option<FlushRange>; MAX_CONTEXTS as usize],
 }
 
+/// The last BFN of the run of `count` from `first`: `None` for an empty
+/// run, or one that would go past the end of the BFN space.
+#[inline]
+pub fn run_last(first: Bfn, count: u64) -> Option<Bfn> {
+    count
+        .checked_sub(1)
+        .and_then(|n| first.0.checked_add(n))
+        .map(Bfn)
+}
+
 impl FlushGather {
+    /// Record that BFNs `first..=last` of `ctx` changed (a run).
+    #[inline]
+    pub fn add_range(
+        &mut self,
+        ctx: ContextId,
+        first: Bfn,
+        last: Bfn,
+        flags: u32,
+    ) -> Result<(), Errno> {
+        self.add(ctx, first, flags)?;
+        self.add(ctx, last, flags)
+    }
+
     /// Record that `bfn` of `ctx` changed; `flags` are backend-specific.
     #[inline]
     pub fn add(&mut self, ctx: ContextId, bfn: Bfn, flags: u32) -> Result<(), Errno> {

@@ -292,17 +292,13 @@ impl super::DriverDomain {
         if ctx == ContextId::DEFAULT {
             return h.iommu_unmap_run(self.domid, ctx, bfn, count, &mut self.gather);
         }
-        let last = count
-            .checked_sub(1)
-            .and_then(|n| bfn.0.checked_add(n))
-            .ok_or(Errno::Inval)?;
+        let last = crate::iommu::run_last(bfn, count).ok_or(Errno::Inval)?;
         let Some(own) = self.own.iter_mut().find(|c| c.id == ctx) else {
             return Ok(());
         };
         // Gathered first, as a map is: the entries never go unflushed.
-        self.gather.add(ctx, bfn, 0)?;
-        self.gather.add(ctx, Bfn(last), 0)?;
-        for page in bfn.0..=last {
+        self.gather.add_range(ctx, bfn, last, 0)?;
+        for page in bfn.0..=last.0 {
             match own.tables.unmap(h, Bfn(page)) {
                 Ok(()) | Err(Errno::NoEnt) => {}
                 Err(e) => return Err(e),

@@ -2010,7 +2010,7 @@ impl IommuBackend for SimMachine {
         gather: &mut FlushGather,
     ) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
-        let Some(last) = count.checked_sub(1).and_then(|n| bfn.0.checked_add(n)) else {
+        let Some(Bfn(last)) = crate::iommu::run_last(bfn, count) else {
             return if count == 0 {
                 Ok(())
             } else {
@@ -2049,8 +2049,7 @@ impl IommuBackend for SimMachine {
             }
             done += pages;
         }
-        gather.add(ctx, bfn, 0)?;
-        gather.add(ctx, Bfn(last), 0)?;
+        gather.add_range(ctx, bfn, Bfn(last), 0)?;
         result
     }
     fn iommu_unmap(
@@ -2073,7 +2072,7 @@ impl IommuBackend for SimMachine {
         gather: &mut FlushGather,
     ) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
-        let Some(last) = count.checked_sub(1).and_then(|n| bfn.0.checked_add(n)) else {
+        let Some(Bfn(last)) = crate::iommu::run_last(bfn, count) else {
             return if count == 0 {
                 Ok(())
             } else {
@@ -2098,8 +2097,7 @@ impl IommuBackend for SimMachine {
                 None => break,
             };
         }
-        gather.add(ctx, bfn, 0)?;
-        gather.add(ctx, Bfn(last), 0)?;
+        gather.add_range(ctx, bfn, Bfn(last), 0)?;
         result
     }
     fn iommu_flush(&mut self, owner: DomId, gather: &FlushGather) -> Result<(), Errno> {

@@ -1232,10 +1232,7 @@ impl IommuBackend for Xen {
         if ctx != ContextId::DEFAULT {
             return Err(Errno::NoEnt);
         }
-        let last = count
-            .checked_sub(1)
-            .and_then(|n| bfn.0.checked_add(n))
-            .ok_or(Errno::Inval)?;
+        let last = pviommu_hv::iommu::run_last(bfn, count).ok_or(Errno::Inval)?;
         let mut flush = 0u32;
         // SAFETY: out-pointer to a local. One `iommu_map()` of the run: Xen
         // maps each part aligned to 2 MiB in both BFN and frame with one
@@ -1253,8 +1250,7 @@ impl IommuBackend for Xen {
         // Gathered whatever the answer: a failed run's entries existed
         // until Xen unmapped them again, and Xen's own flush of them may
         // have failed (the glue then marks the run modified).
-        gather.add(ctx, bfn, flush)?;
-        gather.add(ctx, Bfn(last), flush)?;
+        gather.add_range(ctx, bfn, last, flush)?;
         if rc != 0 {
             return Err(errno_from(rc));
         }
@@ -1283,10 +1279,7 @@ impl IommuBackend for Xen {
         count: u64,
         gather: &mut FlushGather,
     ) -> Result<(), Errno> {
-        let last = count
-            .checked_sub(1)
-            .and_then(|n| bfn.0.checked_add(n))
-            .ok_or(Errno::Inval)?;
+        let last = pviommu_hv::iommu::run_last(bfn, count).ok_or(Errno::Inval)?;
         let mut flush = 0u32;
         // SAFETY: out-pointer to a local. One `iommu_unmap()` of the run:
         // Xen clears each aligned 2 MiB of it with one entry.
@@ -1296,8 +1289,7 @@ impl IommuBackend for Xen {
         // the engine releases once its page-by-page retry finds them gone;
         // only a flush covering them may come first (the glue marks a
         // failed run modified, so that flush is made).
-        gather.add(ctx, bfn, flush)?;
-        gather.add(ctx, Bfn(last), flush)?;
+        gather.add_range(ctx, bfn, last, flush)?;
         if rc != 0 {
             return Err(errno_from(rc));
         }
