@@ -29,6 +29,19 @@ fn slot_of(e: &pviommu_hv::Engine, bfn: Bfn) -> Option<Slot> {
     slot
 }
 
+/// Dom0's request to map the guest's `gfn` into context 0 (for the
+/// engine's own calls, which leave the flush to `finish`).
+fn guest_map(gfn: u64, perms: Permissions) -> MapRequest {
+    MapRequest {
+        context: ContextId::DEFAULT,
+        domid: GUEST,
+        gfn: Gfn(gfn),
+        perms,
+        attr: MemAttr::WriteBack,
+        grant: false,
+    }
+}
+
 /// The BFN is free: its slot is, or the cell let its slots go (emptied).
 fn free(e: &pviommu_hv::Engine, bfn: Bfn) -> bool {
     matches!(slot_of(e, bfn), None | Some(Slot::Free { .. }))
@@ -268,14 +281,7 @@ fn a_map_whose_entry_cannot_be_written_is_revoked_with_a_notice() {
 fn a_hook_before_the_flush_revokes_a_map_whose_entry_was_never_written() {
     let (mut m, e) = machine(Format::Vtd, 16);
     let dom0 = m.domain_info(DomId::DOM0).unwrap();
-    let req = MapRequest {
-        context: ContextId::DEFAULT,
-        domid: GUEST,
-        gfn: Gfn(4),
-        perms: Permissions::RW,
-        attr: MemAttr::WriteBack,
-        grant: false,
-    };
+    let req = guest_map(4, Permissions::RW);
     let bfn = e.map(&mut m, DomId::DOM0, &dom0, &req).unwrap();
     assert_eq!(
         m.translate(DomId::DOM0, ContextId::DEFAULT, bfn),
@@ -296,14 +302,7 @@ fn a_hook_before_the_flush_revokes_a_map_whose_entry_was_never_written() {
 fn a_map_unmapped_before_its_flush_leaves_nothing() {
     let (mut m, e) = machine(Format::Vtd, 16);
     let dom0 = m.domain_info(DomId::DOM0).unwrap();
-    let req = MapRequest {
-        context: ContextId::DEFAULT,
-        domid: GUEST,
-        gfn: Gfn(6),
-        perms: Permissions::RO,
-        attr: MemAttr::WriteBack,
-        grant: false,
-    };
+    let req = guest_map(6, Permissions::RO);
     let calls = m.map_calls;
     let bfn = e.map(&mut m, DomId::DOM0, &dom0, &req).unwrap();
     e.unmap(&mut m, DomId::DOM0, ContextId::DEFAULT, bfn)
@@ -327,14 +326,7 @@ fn a_hook_for_one_target_leaves_the_pending_maps_of_another_to_their_call() {
     let (mut m, e) = machine(Format::Vtd, 16);
     map_one(&mut m, &e, DomId::DOM0, STRANGER, 1, Permissions::RW).unwrap();
     let dom0 = m.domain_info(DomId::DOM0).unwrap();
-    let req = MapRequest {
-        context: ContextId::DEFAULT,
-        domid: GUEST,
-        gfn: Gfn(7),
-        perms: Permissions::RW,
-        attr: MemAttr::WriteBack,
-        grant: false,
-    };
+    let req = guest_map(7, Permissions::RW);
     let calls = m.map_calls;
     let bfn = e.map(&mut m, DomId::DOM0, &dom0, &req).unwrap();
     m.balloon_out(&e, STRANGER, Gfn(1)).unwrap();
@@ -354,14 +346,7 @@ fn a_hook_for_one_target_leaves_the_pending_maps_of_another_to_their_call() {
 fn a_slot_installed_again_before_the_flush_gets_one_entry() {
     let (mut m, e) = machine(Format::Vtd, 16);
     let dom0 = m.domain_info(DomId::DOM0).unwrap();
-    let req = |gfn| MapRequest {
-        context: ContextId::DEFAULT,
-        domid: GUEST,
-        gfn: Gfn(gfn),
-        perms: Permissions::RW,
-        attr: MemAttr::WriteBack,
-        grant: false,
-    };
+    let req = |gfn| guest_map(gfn, Permissions::RW);
     // Something else stays mapped: the cell is never empty (an empty
     // cell drops its list).
     map_one(&mut m, &e, DomId::DOM0, STRANGER, 1, Permissions::RO).unwrap();
