@@ -481,6 +481,18 @@ impl<L: RawMutex> Engine<L> {
         // The contexts the batch's ops named (bit n: context n).
         let mut touched = 0u32;
         let r = self.batch_timed(h, caller, ci, arg, &mut touched);
+        // One flush for the whole call (or the part of it done), then the
+        // page references of unmapped pages go: at its end, whatever that
+        // end is. An entry that stops for preemption leaves its entries to
+        // write and clear to the call's last entry, where runs cut at the
+        // preemption point join again (on Xen an aligned 2 MiB stays one
+        // superpage entry, mapped or cleared, rather than split by a flush
+        // of half of it). The cells they wait in are finished by that
+        // entry whichever contexts it names, and by any later batch of the
+        // caller's should the call never come back (`finish_contexts`).
+        if r != Ok(BATCH_INCOMPLETE) {
+            self.finish_contexts(h, caller, touched);
+        }
         if r.is_ok() {
             // Counted in the first context it named (its cell was just
             // used), not always the home cell, which another vCPU working
@@ -572,10 +584,8 @@ impl<L: RawMutex> Engine<L> {
             }
             hdr.nr_done += 1;
         }
-        // One flush for the whole batch (or the part of it done), then the
-        // page references of unmapped pages go. (A run of maps or unmaps is
-        // all of its first op's context.)
-        self.finish_contexts(h, caller, *touched);
+        // (The flush is the caller's, `batch`: a run of maps or unmaps is
+        // all of its first op's context, named in `touched`.)
         h.copy_to_guest(arg, hdr.as_bytes())?;
         result
     }

@@ -54,12 +54,7 @@ fn free(e: &pviommu_hv::Engine, bfn: Bfn) -> bool {
 #[test]
 fn an_aligned_2m_run_is_unmapped_in_one_call_without_a_split() {
     let (mut m, e) = machine(Format::Vtd, 2048);
-    let g0 = (0..1024)
-        .find(|g| m.mfn_of(GUEST, Gfn(*g)).unwrap().0 % 512 == 0)
-        .unwrap();
-    let mut ops: Vec<_> = (g0..g0 + 512)
-        .map(|g| map_op(GUEST, g, Permissions::RW))
-        .collect();
+    let (_, mut ops) = aligned_extent_ops(&m);
     m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
     assert!(ops.iter().all(|o| o.status == 0));
     let first = Bfn(ops[0].bfn);
@@ -223,12 +218,7 @@ fn at_most_1024_entries_wait_for_the_flush() {
 #[test]
 fn a_2m_run_of_maps_is_written_in_one_call_at_the_flush() {
     let (mut m, e) = machine(Format::Vtd, 2048);
-    let g0 = (0..1024)
-        .find(|g| m.mfn_of(GUEST, Gfn(*g)).unwrap().0 % 512 == 0)
-        .unwrap();
-    let mut ops: Vec<_> = (g0..g0 + 512)
-        .map(|g| map_op(GUEST, g, Permissions::RW))
-        .collect();
+    let (g0, mut ops) = aligned_extent_ops(&m);
     let (calls, superpages) = (m.map_calls, m.superpage_maps);
     m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
     assert!(ops.iter().all(|o| o.status == 0));
@@ -361,4 +351,141 @@ fn a_slot_installed_again_before_the_flush_gets_one_entry() {
     assert_eq!(m.map_calls, calls + 1, "one entry written");
     let (mfn, _, _) = m.translate(DomId::DOM0, ContextId::DEFAULT, again).unwrap();
     assert_eq!(Some(mfn), m.mfn_of(GUEST, Gfn(9)));
+}
+
+/// The guest's aligned 2 MiB extent, and dom0's ops mapping it whole.
+fn aligned_extent_ops(m: &pviommu_hv::sim::SimMachine) -> (u64, Vec<pviommu_abi::PvIommuOp>) {
+    let g0 = (0..1024)
+        .find(|g| m.mfn_of(GUEST, Gfn(*g)).unwrap().0.is_multiple_of(512))
+        .unwrap();
+    let ops = (g0..g0 + 512)
+        .map(|g| map_op(GUEST, g, Permissions::RW))
+        .collect();
+    (g0, ops)
+}
+
+/// A batch that Xen preempts every run (a busy CPU: `BATCH_INCOMPLETE`
+/// after each run of 8 ops) still maps an aligned 2 MiB in one call and
+/// unmaps it in one, without a split: each entry leaves its entries to the
+/// call's last, where the runs join again. Before, every entry's flush
+/// wrote and cleared its own 8 pages: 512 calls each way, and the first
+/// unmap split the superpage the maps had folded into (a table allocated,
+/// which Xen can fail).
+#[test]
+fn a_preempted_batch_maps_and_unmaps_an_aligned_2m_run_in_one_call_each() {
+    let (mut m, e) = machine(Format::Vtd, 2048);
+    let (g0, mut ops) = aligned_extent_ops(&m);
+    m.preempt_budget = Some(0);
+    let (calls, superpages) = (m.map_calls, m.superpage_maps);
+    let entries = m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!(entries, 64, "preempted after every run");
+    assert!(ops.iter().all(|o| o.status == 0));
+    assert_eq!(m.map_calls - calls, 1, "one call for the run");
+    assert_eq!(m.superpage_maps - superpages, 1);
+    for (i, o) in ops.iter().enumerate().step_by(97) {
+        assert_eq!(
+            m.dma_read(DomId::DOM0, ContextId::DEFAULT, o.bfn << 12, 64)
+                .unwrap(),
+            pattern(g0 + i as u64)
+        );
+    }
+
+    let (calls, superpages, frames) = (m.unmap_calls, m.superpage_unmaps, m.xen_frames());
+    let mut unmaps: Vec<_> = ops.iter().map(|o| unmap_op(Bfn(o.bfn))).collect();
+    let entries = m.guest_batch_all(&e, DomId::DOM0, &mut unmaps).unwrap();
+    assert_eq!(entries, 64);
+    assert!(unmaps.iter().all(|o| o.status == 0));
+    assert_eq!(m.unmap_calls - calls, 1, "one call for the run");
+    assert_eq!(m.superpage_unmaps - superpages, 1, "one entry cleared");
+    assert!(m.xen_frames() <= frames, "no table allocated (no split)");
+    for o in ops.iter().step_by(37) {
+        assert_eq!(
+            m.translate(DomId::DOM0, ContextId::DEFAULT, Bfn(o.bfn)),
+            None
+        );
+        assert!(free(&e, Bfn(o.bfn)));
+    }
+    assert_eq!(m.total_page_refs(), 0);
+}
+
+/// A preempted call whose continuation never comes (the caller went
+/// elsewhere) leaves its entries waiting, not lost: the caller's next
+/// batch writes and clears them, even one that names no context (here an
+/// empty one), and releases what its unmaps left.
+#[test]
+fn entries_a_call_left_at_preemption_are_finished_by_the_callers_next_batch() {
+    let (mut m, e) = machine(Format::Vtd, 64);
+    let mut keep: Vec<_> = (0..8).map(|g| map_op(GUEST, g, Permissions::RW)).collect();
+    m.guest_batch_all(&e, DomId::DOM0, &mut keep).unwrap();
+    let refs = m.total_page_refs();
+
+    // A batch that unmaps the 8 and maps 9 more, preempted after each
+    // run (the unmaps, then 8 of the maps), and never resumed.
+    let mut ops: Vec<_> = keep
+        .iter()
+        .map(|o| unmap_op(Bfn(o.bfn)))
+        .chain((8..17).map(|g| map_op(GUEST, g, Permissions::RW)))
+        .collect();
+    m.preempt_budget = Some(0);
+    let (ret, done) = m.guest_batch(&e, DomId::DOM0, &mut ops, 0).unwrap();
+    assert_eq!((ret, done), (1, 8), "stopped after the unmaps' run");
+    // The second entry maps, and is preempted again before its end.
+    let (ret, done) = m.guest_batch(&e, DomId::DOM0, &mut ops, done).unwrap();
+    assert_eq!((ret, done), (1, 16));
+    // The 8 pages unmapped are still held, beside the 8 mapped since.
+    assert_eq!(m.total_page_refs(), 2 * refs, "nothing released yet");
+    for o in &keep {
+        assert!(m
+            .translate(DomId::DOM0, ContextId::DEFAULT, Bfn(o.bfn))
+            .is_some());
+    }
+
+    // The caller's next call: an empty batch.
+    m.preempt_budget = None;
+    let (ret, _) = m.guest_batch(&e, DomId::DOM0, &mut [], 0).unwrap();
+    assert_eq!(ret, 0);
+    for o in &keep {
+        assert_eq!(
+            m.translate(DomId::DOM0, ContextId::DEFAULT, Bfn(o.bfn)),
+            None
+        );
+    }
+    for (i, o) in ops[8..16].iter().enumerate() {
+        assert_eq!(o.status, 0);
+        assert_eq!(
+            m.dma_read(DomId::DOM0, ContextId::DEFAULT, o.bfn << 12, 64)
+                .unwrap(),
+            pattern(8 + i as u64)
+        );
+    }
+    assert_eq!(m.total_page_refs(), refs, "the unmapped pages released");
+}
+
+/// A continuation that fails before any op (its batch header unreadable)
+/// still ends the call: what the earlier entries left is written before
+/// it returns its error, so no BFN an op was given outlives the call
+/// without its entry.
+#[test]
+fn a_continuation_that_fails_at_once_still_writes_what_earlier_entries_left() {
+    let (mut m, e) = machine(Format::Vtd, 64);
+    let mut ops: Vec<_> = (0..16).map(|g| map_op(GUEST, g, Permissions::RW)).collect();
+    m.preempt_budget = Some(0);
+    let (ret, done) = m.guest_batch(&e, DomId::DOM0, &mut ops, 0).unwrap();
+    assert_eq!((ret, done), (1, 8));
+    assert_eq!(
+        m.translate(DomId::DOM0, ContextId::DEFAULT, Bfn(ops[0].bfn)),
+        None,
+        "written by the call's last entry"
+    );
+    // The continuation's header is past the caller's memory.
+    m.preempt_budget = None;
+    let ret = m.hypercall(&e, DomId::DOM0, pviommu_abi::cmd::BATCH, u64::MAX - 4095);
+    assert_eq!(ret, pviommu_abi::Errno::Fault.negated() as i64);
+    for (i, o) in ops[..8].iter().enumerate() {
+        assert_eq!(
+            m.dma_read(DomId::DOM0, ContextId::DEFAULT, o.bfn << 12, 64)
+                .unwrap(),
+            pattern(i as u64)
+        );
+    }
 }

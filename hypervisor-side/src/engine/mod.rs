@@ -201,6 +201,12 @@ pub(crate) struct CellState {
     /// flush. A batch's end flushes such a cell even if the batch did not
     /// name its context, as before there were cells per context.
     retry: AtomicBool,
+    /// It has IOMMU entries still to write or clear (pending maps, entries
+    /// of unmaps), left there by a batch that was preempted: the flush
+    /// that ends the call, in a later entry, writes them whichever
+    /// contexts that entry names (and any later batch of the owner's
+    /// does, should the call never come back).
+    unfinished: AtomicBool,
 }
 
 /// `Engine::quotas` when no quota is set (the boot default applies).
@@ -1019,6 +1025,10 @@ impl<L: RawMutex> Engine<L> {
             let retry = dd.stuck() != 0 || dd.flush_failed;
             if c.retry.load(Ordering::Relaxed) != retry {
                 c.retry.store(retry, Ordering::SeqCst);
+            }
+            let unfinished = !dd.pending_maps.is_empty() || dd.deferred_entries != 0;
+            if c.unfinished.load(Ordering::Relaxed) != unfinished {
+                c.unfinished.store(unfinished, Ordering::SeqCst);
             }
         }
         let moved = used.abs_diff(dd.published_used);
@@ -2534,17 +2544,20 @@ impl<L: RawMutex> Engine<L> {
 
     /// [`finish`](Self::finish) in the contexts of `caller` whose bits are
     /// set in `contexts` (bit n: context n), and in any other that has
-    /// work to retry (a refused revocation, a failed flush): a batch that
-    /// touched only some contexts leaves the others' cells (and whoever
-    /// works in them) alone.
+    /// work to retry (a refused revocation, a failed flush) or entries a
+    /// preempted batch left to write or clear: a batch that touched only
+    /// some contexts leaves the others' cells (and whoever works in them)
+    /// alone.
     pub fn finish_contexts(&self, h: &mut impl Hypervisor, caller: DomId, contexts: u32) {
         for context in self.contexts_of(caller) {
-            let retry = || {
+            let waits = || {
                 self.cell_number(caller, context)
                     .and_then(|cell| self.cell_state.get(cell))
-                    .is_some_and(|c| c.retry.load(Ordering::SeqCst))
+                    .is_some_and(|c| {
+                        c.retry.load(Ordering::SeqCst) || c.unfinished.load(Ordering::SeqCst)
+                    })
             };
-            if contexts & (1 << context.0) == 0 && !retry() {
+            if contexts & (1 << context.0) == 0 && !waits() {
                 continue;
             }
             if let Some(mut d) = self.lock_cell(caller, context) {
