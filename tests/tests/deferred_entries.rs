@@ -489,3 +489,50 @@ fn a_continuation_that_fails_at_once_still_writes_what_earlier_entries_left() {
         );
     }
 }
+
+/// A caller can keep one call going for ever: between entries it rewrites
+/// the header (or, here, issues entries that each stop for preemption).
+/// What waits for the call's end stays bounded all the same: a cell
+/// holding `PREEMPT_RELEASE_LIMIT` unmapped pages is finished at the
+/// preemption point, so no flush is left a release pass over the quota.
+/// Before, the pages of every unmap of such a call waited (here 2400).
+#[test]
+fn a_call_that_never_ends_holds_at_most_the_limit_of_pages_for_release() {
+    use pviommu_hv::engine::PREEMPT_RELEASE_LIMIT;
+    let (mut m, e) = machine(Format::Vtd, 64);
+    let refs_per_page = {
+        let bfn = map_one(&mut m, &e, DomId::DOM0, GUEST, 40, Permissions::RW).unwrap();
+        let refs = m.total_page_refs();
+        let mut un = [unmap_op(bfn)];
+        m.guest_batch_all(&e, DomId::DOM0, &mut un).unwrap();
+        assert_eq!(m.total_page_refs(), 0);
+        refs
+    };
+    m.preempt_budget = Some(0);
+    let mut most = 0;
+    for _ in 0..300 {
+        // Nine maps, the ninth never reached; then nine unmaps of the
+        // eight, the same way.
+        let mut maps: Vec<_> = (0..9).map(|g| map_op(GUEST, g, Permissions::RW)).collect();
+        assert_eq!(
+            m.guest_batch(&e, DomId::DOM0, &mut maps, 0).unwrap(),
+            (1, 8)
+        );
+        let mut unmaps: Vec<_> = maps.iter().map(|o| unmap_op(Bfn(o.bfn))).collect();
+        assert_eq!(
+            m.guest_batch(&e, DomId::DOM0, &mut unmaps, 0).unwrap(),
+            (1, 8)
+        );
+        assert!(unmaps[..8].iter().all(|o| o.status == 0));
+        most = most.max(m.total_page_refs() / refs_per_page);
+    }
+    assert!(
+        most <= PREEMPT_RELEASE_LIMIT + 16,
+        "{most} pages held for release"
+    );
+    // The call's end releases them all.
+    m.preempt_budget = None;
+    assert_eq!(m.guest_batch(&e, DomId::DOM0, &mut [], 0).unwrap().0, 0);
+    assert_eq!(m.total_page_refs(), 0);
+    assert_eq!(e.usage(DomId::DOM0).1, 0);
+}

@@ -562,6 +562,10 @@ pub struct DriverDomain {
     /// hook's work under the lock to its bound.
     pub(crate) range_work: (u64, u64),
     pub(crate) unmapping_head: u64,
+    /// How many slots the unmapping list holds: what the next flush's
+    /// release pass walks (kept bounded across a preempted call's entries,
+    /// see [`Engine::pause_contexts`](crate::Engine::pause_contexts)).
+    pub(crate) unmapping_len: u64,
     /// Revocations the IOMMU refused to unmap, oldest first: each flush
     /// retries a bounded number from the head and puts the failures back
     /// at the tail, so every one is retried in turn.
@@ -649,6 +653,7 @@ impl DriverDomain {
             bugs: [0; EngineBug::KINDS],
             bugs_published: [0; EngineBug::KINDS],
             unmapping_head: NONE,
+            unmapping_len: 0,
             stuck_head: NONE,
             stuck_tail: NONE,
             revoked_head: NONE,
@@ -1405,6 +1410,7 @@ impl DriverDomain {
         };
         if self.set_slot(idx, slot) {
             self.unmapping_head = idx;
+            self.unmapping_len += 1;
         }
     }
 
@@ -1430,6 +1436,7 @@ impl DriverDomain {
         r.bits = (r.bits & !(STATE_MASK | THEN_REVOKED)) | state | flag;
         r.next = link32(head);
         self.unmapping_head = idx;
+        self.unmapping_len += 1;
         self.deferred_entries += u64::from(entry_present);
     }
 
@@ -1656,6 +1663,7 @@ impl DriverDomain {
         self.free = 0;
         self.run_hint = NO_RUN;
         self.unmapping_head = NONE;
+        self.unmapping_len = 0;
         self.deferred_entries = 0;
         self.pending_maps.clear();
         self.stuck_head = NONE;

@@ -73,7 +73,10 @@ use lock_api::{Mutex, MutexGuard, RawMutex};
 
 pub use contexts::{LeafBits, MAX_DEVICES_PER_CONTEXT};
 pub use driver::{DriverDomain, DriverStats, Mapping, Notice, Slot, REGION_GFN_END};
-pub use revoke::{GfnChange, RangeSweep, Restart, SLICE_REVOKES, SLICE_VISITS, STUCK_RETRIES};
+pub use revoke::{
+    GfnChange, RangeSweep, Restart, PREEMPT_RELEASE_LIMIT, SLICE_REVOKES, SLICE_VISITS,
+    STUCK_RETRIES,
+};
 
 use crate::bfn_alloc::{BfnSpace, BfnWindow};
 use crate::config::{Config, MAX_CONTEXTS, X86_MSI_WINDOW};
@@ -2540,6 +2543,27 @@ impl<L: RawMutex> Engine<L> {
     /// its contexts, one cell at a time.
     pub fn finish(&self, h: &mut impl Hypervisor, caller: DomId) {
         self.finish_contexts(h, caller, u32::MAX);
+    }
+
+    /// At a preemption point of `caller`'s batch (the call continues in a
+    /// later entry): the cells of the contexts in `contexts` keep what
+    /// waits for the flush (entries to write and clear, pages to release)
+    /// for the entry that ends the call, so runs cut here join again,
+    /// unless one holds [`PREEMPT_RELEASE_LIMIT`]
+    /// pages or more to release: that one is finished now. (Entries to
+    /// write and clear are bounded by `DEFER_LIMIT` each already.)
+    pub fn pause_contexts(&self, h: &mut impl Hypervisor, caller: DomId, contexts: u32) {
+        for context in self.contexts_of(caller) {
+            if contexts & (1 << context.0) == 0 {
+                continue;
+            }
+            if let Some(mut d) = self.lock_cell(caller, context) {
+                if d.dd.unmapping_len >= PREEMPT_RELEASE_LIMIT {
+                    self.flush_and_release_as(&mut d, h, true);
+                }
+                self.put_driver(d);
+            }
+        }
     }
 
     /// [`finish`](Self::finish) in the contexts of `caller` whose bits are

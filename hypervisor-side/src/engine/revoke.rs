@@ -178,6 +178,15 @@ fn entry_gone(context: ContextId, answer: Result<(), Errno>) -> bool {
 /// pages, two 2 MiB runs), however long the batch.
 pub(super) const DEFER_LIMIT: u64 = 1024;
 
+/// How many unmapped pages may wait for their release in a cell when its
+/// owner's batch is preempted, for the entry that ends the call to
+/// release: a cell holding more is finished at the preemption point
+/// ([`Engine::pause_contexts`]). The caller can keep one call going for
+/// ever (it rewrites `nr_done` in its header between entries), so without
+/// it a flush could be left a release pass over the whole quota; with it
+/// no flush releases more than this plus one entry's ops.
+pub const PREEMPT_RELEASE_LIMIT: u64 = 1024;
+
 // Every run of waiting entries fits one backend call: an unmap batch's
 // run of `MAP_CHUNK` can take the count past the limit before it clears.
 const _: () = assert!(DEFER_LIMIT + super::MAP_CHUNK as u64 <= crate::iommu::MAX_IOMMU_RUN);
@@ -390,6 +399,7 @@ impl<L: RawMutex> Engine<L> {
         let mut run: Option<(DomId, u32)> = None;
         while let Some(u) = dd.unmapping_at(at) {
             dd.unmapping_head = u.next;
+            dd.unmapping_len = dd.unmapping_len.saturating_sub(1);
             if u.entry_present {
                 // The IOMMU refused to clear its entry (above): the page
                 // stays referenced, the BFN taken, and the unmap is retried
@@ -434,6 +444,7 @@ impl<L: RawMutex> Engine<L> {
         }
         // (Already so, unless a link led to a slot that is not Unmapping.)
         dd.unmapping_head = NONE;
+        dd.unmapping_len = 0;
         if let Some((domid, n)) = run {
             self.end_release_run(cell, dd, domid, n);
         }
