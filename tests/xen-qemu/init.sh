@@ -589,6 +589,18 @@ if echo "$o" | grep -q "^stats_untimed maps=$N unmaps=$N ns_batches=0\$" \
 if [ "$IOMMU" = amd ]; then vtd_only alternating_rounds_map_every_page
 elif echo "$o" | grep -qE "^MEASURE alternate_summary rounds=11 ok=1 pages=$N "; then
     ok alternating_rounds_map_every_page; else ko alternating_rounds_map_every_page "$(echo "$o" | grep alternate)"; fi
+# The same number of pages of a domain given 2 MiB extents (context 0):
+# every page mapped and unmapped, and, the runs written and cleared whole
+# (one iommu_map() and one iommu_unmap() a run, however Xen preempted the
+# batches), no superpage Xen made was split again (its perf counter).
+m2=$(echo "$o" | grep '^MEASURE pviommu_2m_map ' | head -1)
+u2=$(echo "$o" | grep '^MEASURE pviommu_2m_unmap ' | head -1)
+if [ "$(field "$m2" ok)" = "$N" ] && [ "$(field "$m2" failed)" = 0 ] && [ "$(field "$u2" pages)" = "$N" ] &&
+   { [ "$(field "$u2" measured)" != 1 ] || [ "$(field "$u2" shatters)" = 0 ]; }; then
+    ok measure_2m_extents_mapped_and_unmapped_without_a_split
+else
+    ko measure_2m_extents_mapped_and_unmapped_without_a_split "$m2 / $u2 / $(echo "$o" | grep -E '^(populate|measure_2m)')"
+fi
 calls=$(field "$(echo "$o" | grep '^MEASURE pviommu_map ')" hypercalls)
 seen=$(field "$(echo "$o" | grep '^MEASURE pviommu_map ')" pv_iommu_op)
 if [ -n "$calls" ] && [ -n "$seen" ] && [ "$seen" -ge "$calls" ]; then
