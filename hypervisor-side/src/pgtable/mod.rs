@@ -167,6 +167,15 @@ pub struct TableOptions {
     /// and over; without it each cycle frees the leaf tables it emptied and
     /// allocates, zeroes and writes back new ones for the next.
     pub recycle: bool,
+    /// Split a superpage into its own folded table (before the flush) or
+    /// a spare (after it: each folded table, once flushed, is kept as the
+    /// spare its superpage's split takes), so that a split never needs
+    /// memory: the engine's own contexts. Without, every split allocates a
+    /// new table, and can fail for want of memory, and a folded table is
+    /// zeroed and freed after the flush: as Xen 4.17's own VT-d and AMD-Vi
+    /// code does (`iommu_queue_free_pgtable`), which the simulator's model
+    /// of a domain's own tables follows ([`TableOptions::xen_own`]).
+    pub split_from_spares: bool,
 }
 
 impl Default for TableOptions {
@@ -175,6 +184,7 @@ impl Default for TableOptions {
             levels: LEVELS,
             superpages: true,
             recycle: false,
+            split_from_spares: true,
         }
     }
 }
@@ -189,17 +199,34 @@ impl TableOptions {
             levels,
             superpages: true,
             recycle: true,
+            split_from_spares: true,
+        }
+    }
+
+    /// The options of a domain's own tables as Xen 4.17's VT-d and AMD-Vi
+    /// code keeps them (the simulator's context 0): a full, contiguous,
+    /// aligned leaf table folded into a superpage, each split a new table
+    /// (an allocation that can fail), every emptied or folded table freed
+    /// after the flush.
+    pub fn xen_own() -> Self {
+        TableOptions {
+            levels: LEVELS,
+            superpages: true,
+            recycle: false,
+            split_from_spares: false,
         }
     }
 }
 
 /// One translation context: a root table and its format.
 ///
-/// Unmapping never needs memory: every superpage made by folding a full
-/// leaf table keeps that table's frame on a spare list, and splitting a
-/// superpage takes its frame back from there. (Xen's own VT-d code can fail
-/// an unmap with `-ENOMEM` at exactly this point; the engine copes with that
-/// too, but its own tables never do it.)
+/// Unmapping never needs memory (with [`TableOptions::split_from_spares`],
+/// as the engine's own contexts have it): every superpage made by folding
+/// a full leaf table keeps that table's frame on a spare list, and
+/// splitting a superpage takes its frame back from there. (Xen's own VT-d
+/// code can fail an unmap with `-ENOMEM` at exactly this point, as the
+/// simulator's model of it, [`TableOptions::xen_own`], does; the engine
+/// copes with that too, but its own tables never do it.)
 ///
 /// A table emptied by an unmap is not freed at once: the IOMMU may still
 /// hold it in its paging-structure caches until the IOTLB is invalidated,
@@ -462,7 +489,8 @@ impl<F: PageTableFormat> IoPageTable<F> {
         self.folded_len += 1;
     }
 
-    /// After a flush: the folded leaf tables become spares, zeroed.
+    /// After a flush: the folded leaf tables become spares, zeroed (or are
+    /// freed, zeroed, without `split_from_spares`).
     fn retire_folded(&mut self, mem: &mut impl TableMemory) {
         let n = core::mem::take(&mut self.folded_len);
         for i in 0..n {
@@ -472,7 +500,11 @@ impl<F: PageTableFormat> IoPageTable<F> {
             for e in 0..ENTRIES {
                 mem.write_entry(f.table, e, 0);
             }
-            push_frame(mem, &mut self.spares, f.table);
+            if self.options.split_from_spares {
+                push_frame(mem, &mut self.spares, f.table);
+            } else {
+                mem.free_table(f.table);
+            }
         }
     }
 
@@ -689,12 +721,22 @@ impl<F: PageTableFormat> IoPageTable<F> {
         // Folded since the last flush: the same table, whole, back where it
         // was (what the IOMMU may still have cached).
         let want = Entry::Leaf { mfn, perms, attr };
-        if let Some(t) = self.take_folded(mem, parent, pidx, want) {
-            mem.write_back_table(t);
-            mem.write_entry(parent, pidx, F::table_entry(t));
-            return Ok(t);
+        // (Without `split_from_spares` the folded table stays on its list,
+        // to be freed after the flush, and the split allocates, as Xen's.)
+        let from_spares = self.options.split_from_spares;
+        if from_spares {
+            if let Some(t) = self.take_folded(mem, parent, pidx, want) {
+                mem.write_back_table(t);
+                mem.write_entry(parent, pidx, F::table_entry(t));
+                return Ok(t);
+            }
         }
-        let t = match self.take_spare(mem) {
+        let spare = if from_spares {
+            self.take_spare(mem)
+        } else {
+            None
+        };
+        let t = match spare {
             Some(t) => t,
             None => mem.alloc_table()?,
         };
@@ -964,6 +1006,7 @@ mod freed_list_tests {
             levels: 3,
             superpages: false,
             recycle: false,
+            split_from_spares: true,
         };
         let mut t = IoPageTable::<F>::with_options(&mut mem, options).unwrap();
         // Pages in distinct 2 MiB and 1 GiB regions: unmapping them frees
@@ -1033,6 +1076,7 @@ mod freed_list_tests {
             levels: 3,
             superpages: false,
             recycle: true,
+            split_from_spares: true,
         };
         let mut t = IoPageTable::<F>::with_options(&mut mem, options).unwrap();
         let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
@@ -1081,6 +1125,7 @@ mod freed_list_tests {
             levels: 3,
             superpages: false,
             recycle: true,
+            split_from_spares: true,
         };
         let mut t = IoPageTable::<Vtd>::with_options(&mut mem, options).unwrap();
         let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
@@ -1135,6 +1180,7 @@ mod freed_list_tests {
             levels: 3,
             superpages: false,
             recycle: false,
+            split_from_spares: true,
         };
         let mut t = IoPageTable::<Vtd>::with_options(&mut mem, options).unwrap();
         let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);

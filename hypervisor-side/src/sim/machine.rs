@@ -6,7 +6,7 @@ use crate::iommu::{
     BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend, OwnTables, TableFormat,
 };
 use crate::pgtable::sync::{DirtyLines, LINE_BYTES};
-use crate::pgtable::{lpae::Lpae, vtd::Vtd, IoPageTable, TableMemory};
+use crate::pgtable::{lpae::Lpae, vtd::Vtd, IoPageTable, TableMemory, TableOptions};
 use crate::platform::{DomainInfo, PageKind, PageLookup, Platform, ReservedRange, XsmAction};
 use crate::sim::hardware::{self, DmaFault, Iotlb};
 use crate::sim::p2m::P2m;
@@ -1621,8 +1621,14 @@ impl SimMachine {
 
     fn new_context(format: Format, ram: &mut Ram) -> Result<Context, Errno> {
         Ok(match format {
-            Format::Vtd => Context::Vtd(IoPageTable::new(&mut WriteThrough(ram))?),
-            Format::Lpae => Context::Lpae(IoPageTable::new(&mut WriteThrough(ram))?),
+            Format::Vtd => Context::Vtd(IoPageTable::with_options(
+                &mut WriteThrough(ram),
+                TableOptions::xen_own(),
+            )?),
+            Format::Lpae => Context::Lpae(IoPageTable::with_options(
+                &mut WriteThrough(ram),
+                TableOptions::xen_own(),
+            )?),
         })
     }
 
@@ -1944,6 +1950,54 @@ impl SimMachine {
     }
 }
 
+impl SimMachine {
+    /// Xen 4.17's `iommu_unmap()` of BFNs `first..=last` of a default
+    /// context: each call takes the largest size the IOMMU has (here 4 KiB
+    /// and 2 MiB) that starts aligned and that the rest of the run covers
+    /// (`mapping_order()`). A failed call does not stop it (the hardware
+    /// domain's case: another domain is crashed); the first error is the
+    /// answer.
+    fn xen_unmap_pages(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        first: u64,
+        last: u64,
+    ) -> Result<(), Errno> {
+        let mut result = Ok(());
+        let mut at = first;
+        while at <= last {
+            let whole = at & 0x1ff == 0 && last - at >= 0x1ff;
+            match self.unmap_page(owner, ctx, Bfn(at), whole) {
+                Ok(()) | Err(Errno::NoEnt) => {}
+                Err(e) => result = result.and(Err(e)),
+            }
+            at = match at.checked_add(if whole { 0x200 } else { 1 }) {
+                Some(next) => next,
+                None => break,
+            };
+        }
+        result
+    }
+
+    /// Clear the entries of `pages` BFNs from `first` that a failed call
+    /// into the IOMMU driver wrote before it failed (the simulator writes a
+    /// 2 MiB a page at a time; Xen's call writes nothing when it fails): no
+    /// call counted, no failure injected.
+    fn take_back_pages(&mut self, owner: DomId, ctx: ContextId, first: u64, pages: u64) {
+        let Some(c) = self.contexts.get_mut(&(owner, ctx)) else {
+            return;
+        };
+        let mut mem = WriteThrough(&mut self.ram);
+        for page in first..first.saturating_add(pages) {
+            let _ = match c {
+                Context::Vtd(t) => t.unmap(&mut mem, Bfn(page)),
+                Context::Lpae(t) => t.unmap(&mut mem, Bfn(page)),
+            };
+        }
+    }
+}
+
 impl IommuBackend for SimMachine {
     fn iommu_caps(&self) -> BackendCaps {
         let (attrs, format) = match self.format {
@@ -2028,8 +2082,9 @@ impl IommuBackend for SimMachine {
         // Xen 4.17's `iommu_map()`: each call takes the largest size the
         // IOMMU has (here 4 KiB and 2 MiB) where both the BFN and the frame
         // start aligned and the rest of the run covers it
-        // (`mapping_order()`). At the first failure it unmaps what the run
-        // mapped, flushes, and answers the error.
+        // (`mapping_order()`). At the first failure it unmaps what the
+        // calls before mapped (`iommu_unmap(d, dfn0, i)`, its own failure
+        // ignored), flushes, and answers the error.
         let mut result = Ok(());
         let mut done = 0u64;
         while done < count {
@@ -2041,8 +2096,14 @@ impl IommuBackend for SimMachine {
             let mapped = (0..pages)
                 .try_for_each(|i| self.map_page(owner, ctx, Bfn(b + i), Mfn(f + i), perms, attr));
             if let Err(e) = mapped {
-                for page in bfn.0..bfn.0 + done + pages {
-                    let _ = self.unmap_page(owner, ctx, Bfn(page), false);
+                // Xen's order-9 `map_page` fails whole (its table is
+                // allocated before any entry is written); here the pages
+                // went in one by one: those that did go, as part of the
+                // failed call (not one of Xen's unmaps, and not one a
+                // test's unmap failure is meant for).
+                self.take_back_pages(owner, ctx, b, pages);
+                if let Some(last_done) = done.checked_sub(1) {
+                    let _ = self.xen_unmap_pages(owner, ctx, bfn.0, bfn.0 + last_done);
                 }
                 result = Err(e);
                 break;
@@ -2079,24 +2140,7 @@ impl IommuBackend for SimMachine {
                 Err(Errno::Inval)
             };
         };
-        // Xen 4.17's `iommu_unmap()`: each call takes the largest size the
-        // IOMMU has (here 4 KiB and 2 MiB) that starts aligned and that the
-        // rest of the run covers (`mapping_order()`). A failed call does not
-        // stop it (the hardware domain's case: another domain is crashed);
-        // the first error is the answer.
-        let mut result = Ok(());
-        let mut at = bfn.0;
-        while at <= last {
-            let whole = at & 0x1ff == 0 && last - at >= 0x1ff;
-            match self.unmap_page(owner, ctx, Bfn(at), whole) {
-                Ok(()) | Err(Errno::NoEnt) => {}
-                Err(e) => result = result.and(Err(e)),
-            }
-            at = match at.checked_add(if whole { 0x200 } else { 1 }) {
-                Some(next) => next,
-                None => break,
-            };
-        }
+        let result = self.xen_unmap_pages(owner, ctx, bfn.0, last);
         gather.add_range(ctx, bfn, Bfn(last), 0)?;
         result
     }
@@ -2259,6 +2303,63 @@ mod tests {
     use super::*;
     use crate::pgtable::vtd::Vtd;
     use crate::pgtable::{Entry, PageTableFormat};
+
+    /// A map run that fails is undone as Xen's `iommu_map()` undoes it:
+    /// one `iommu_unmap()` of what the calls before the failed one mapped
+    /// (an aligned 2 MiB in one call), and nothing of the failed call,
+    /// which in Xen wrote nothing. Before, the simulator unmapped every
+    /// page up to the end of the failed call one by one, counting each as
+    /// a call of Xen's and using up the unmap failures a test had set up
+    /// for later.
+    #[test]
+    fn a_failed_map_run_is_taken_back_as_xen_takes_it_back() {
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        let base = 0x40000u64;
+        let run = |allocs: u64, fail_unmaps: u32| {
+            let mut m = SimMachine::new(4096, Format::Vtd, 64);
+            m.fail_table_allocs(Some(allocs));
+            m.fail_unmaps = fail_unmaps;
+            let mut gather = FlushGather::default();
+            let r = m.iommu_map_run(
+                DomId::DOM0,
+                ContextId::DEFAULT,
+                Bfn(base),
+                Mfn(0x400),
+                1024,
+                rw,
+                wb,
+                &mut gather,
+            );
+            m.fail_table_allocs(None);
+            let mapped = (base..base + 1024)
+                .filter(|&b| m.translate(DomId::DOM0, ContextId::DEFAULT, Bfn(b)).is_some())
+                .count();
+            (r, m, mapped)
+        };
+        let mut seen = [false; 2];
+        for allocs in 0..16 {
+            let (r, m, mapped) = run(allocs, 1);
+            if r.is_ok() {
+                break;
+            }
+            match m.map_calls {
+                // The first 2 MiB failed: nothing to take back, and the
+                // unmap failure waits for the unmap it was meant for.
+                1 => {
+                    seen[0] = true;
+                    assert_eq!((mapped, m.unmap_calls, m.fail_unmaps), (0, 0, 1));
+                }
+                // The second failed: the first goes in one call.
+                2 => {
+                    seen[1] = true;
+                    let (_, m, mapped) = run(allocs, 0);
+                    assert_eq!((mapped, m.unmap_calls, m.superpage_unmaps), (0, 1, 1));
+                }
+                calls => panic!("{calls} calls for two aligned 2 MiB"),
+            }
+        }
+        assert_eq!(seen, [true, true], "both failures reached");
+    }
 
     /// A table folded away is forgotten only by a flush of BFNs it
     /// translated (a page-selective invalidation empties the
