@@ -490,11 +490,12 @@ impl<L: RawMutex> Engine<L> {
         // of half of it). The cells they wait in are finished by that
         // entry whichever contexts it names, and by any later batch of the
         // caller's should the call never come back (`finish_contexts`).
-        // A cell with `PREEMPT_RELEASE_LIMIT` pages or more to release is
-        // finished at the preemption point all the same: the caller can
-        // keep one call going for ever, and the release pass is one loop.
+        // What the caller's cells hold for it stays under
+        // `PREEMPT_RELEASE_LIMIT` at each preemption point all the same
+        // (`pause_contexts`): the caller can keep one call going for ever,
+        // and the flushes that end it are not preemptible.
         if r == Ok(BATCH_INCOMPLETE) {
-            self.pause_contexts(h, caller, touched);
+            self.pause_contexts(h, caller);
         } else {
             self.finish_contexts(h, caller, touched);
         }

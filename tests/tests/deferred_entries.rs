@@ -536,3 +536,88 @@ fn a_call_that_never_ends_holds_at_most_the_limit_of_pages_for_release() {
     assert_eq!(m.total_page_refs(), 0);
     assert_eq!(e.usage(DomId::DOM0).1, 0);
 }
+
+/// A map into an engine context writes its entry at once and leaves only
+/// its invalidation for the flush (an IOMMU that caches non-present
+/// entries needs it before the device may use the BFN). A call preempted
+/// after such maps, whose last entry names another context (or none),
+/// still flushes it before it returns. Before, only cells with entries to
+/// write or clear counted as unfinished: the call returned its BFNs with
+/// the invalidation never issued.
+#[test]
+fn a_preempted_call_flushes_the_maps_of_an_engine_context_its_last_entry_does_not_name() {
+    let (mut m, e) = machine(Format::Vtd, 64);
+    let mut create = [pviommu_abi::Request::ContextCreate.encode()];
+    m.guest_batch_all(&e, DomId::DOM0, &mut create).unwrap();
+    assert_eq!(create[0].status, 0);
+    let ctx = ContextId(create[0].context);
+    let mut ops: Vec<_> = (0..9)
+        .map(|g| map_op_in(ctx, GUEST, g, Permissions::RW))
+        .collect();
+    m.preempt_budget = Some(0);
+    assert_eq!(m.guest_batch(&e, DomId::DOM0, &mut ops, 0).unwrap(), (1, 8));
+    m.preempt_budget = None;
+    let flushes = m.flushes;
+    // The call's last entry, rewritten to name nothing.
+    assert_eq!(m.guest_batch(&e, DomId::DOM0, &mut [], 0).unwrap().0, 0);
+    assert!(m.flushes > flushes, "the context's maps were flushed");
+}
+
+/// What a preempted call leaves waiting is bounded for its caller as a
+/// whole, not per context: spread over two contexts, each under the
+/// limit, the two together still stay under it (plus a run) at every
+/// preemption point. Before, each cell was held to the limit on its own,
+/// so a caller with 16 contexts left 16 times as much for the call's end.
+#[test]
+fn what_a_preempted_call_leaves_is_bounded_across_its_contexts() {
+    use pviommu_hv::engine::PREEMPT_RELEASE_LIMIT;
+    let (mut m, e) = machine(Format::Vtd, 1600);
+    let mut create = [pviommu_abi::Request::ContextCreate.encode()];
+    m.guest_batch_all(&e, DomId::DOM0, &mut create).unwrap();
+    let ctx = ContextId(create[0].context);
+    // 700 pages mapped in each of context 0 and `ctx`.
+    let mut maps: Vec<_> = (0..700)
+        .map(|g| map_op(GUEST, g, Permissions::RO))
+        .chain((700..1400).map(|g| map_op_in(ctx, GUEST, g, Permissions::RO)))
+        .collect();
+    for chunk in maps.chunks_mut(700) {
+        m.guest_batch_all(&e, DomId::DOM0, chunk).unwrap();
+    }
+    assert!(maps.iter().all(|o| o.status == 0));
+    let refs_per_page = m.total_page_refs() / 1400;
+    // One call that never ends (its caller rewrites its header): the
+    // unmaps of context 0, then those of `ctx`, one run an entry, every
+    // entry preempted. (Each batch ends in ops never reached.)
+    m.preempt_budget = Some(0);
+    let mut most = 0;
+    let mut unmapped = 0;
+    for half in maps.chunks(700) {
+        let mut unmaps: Vec<_> = half
+            .iter()
+            .map(|o| {
+                let mut u = unmap_op(Bfn(o.bfn));
+                u.context = o.context;
+                u
+            })
+            .chain((0..100).map(|_| unmap_op(Bfn(0))))
+            .collect();
+        let mut done = 0;
+        while done < 700 {
+            let (ret, d) = m.guest_batch(&e, DomId::DOM0, &mut unmaps, done).unwrap();
+            assert_eq!(ret, 1);
+            // (The last run of a half may reach into the ops never meant.)
+            unmapped += d.min(700) - done;
+            done = d.min(700);
+            let held = m.total_page_refs() / refs_per_page - (1400 - u64::from(unmapped));
+            most = most.max(held);
+        }
+        assert!(unmaps[..700].iter().all(|o| o.status == 0));
+    }
+    assert!(
+        most <= PREEMPT_RELEASE_LIMIT + 8,
+        "{most} pages held for release"
+    );
+    m.preempt_budget = None;
+    assert_eq!(m.guest_batch(&e, DomId::DOM0, &mut [], 0).unwrap().0, 0);
+    assert_eq!(m.total_page_refs(), 0);
+}

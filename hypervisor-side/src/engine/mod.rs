@@ -1029,7 +1029,13 @@ impl<L: RawMutex> Engine<L> {
             if c.retry.load(Ordering::Relaxed) != retry {
                 c.retry.store(retry, Ordering::SeqCst);
             }
-            let unfinished = !dd.pending_maps.is_empty() || dd.deferred_entries != 0;
+            // Anything the owner's flush would do: entries to write or
+            // clear, pages to release, invalidations gathered (a map into
+            // an engine context writes its entry at once and leaves only
+            // its invalidation; a map past `DEFER_LIMIT` too).
+            let unfinished = !dd.pending_maps.is_empty()
+                || dd.unmapping_head != driver::NONE
+                || !dd.gather.is_empty();
             if c.unfinished.load(Ordering::Relaxed) != unfinished {
                 c.unfinished.store(unfinished, Ordering::SeqCst);
             }
@@ -2546,20 +2552,23 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// At a preemption point of `caller`'s batch (the call continues in a
-    /// later entry): the cells of the contexts in `contexts` keep what
-    /// waits for the flush (entries to write and clear, pages to release)
-    /// for the entry that ends the call, so runs cut here join again,
-    /// unless one holds [`PREEMPT_RELEASE_LIMIT`]
-    /// pages or more to release: that one is finished now. (Entries to
-    /// write and clear are bounded by `DEFER_LIMIT` each already.)
-    pub fn pause_contexts(&self, h: &mut impl Hypervisor, caller: DomId, contexts: u32) {
+    /// later entry): its cells keep what waits for the flush (entries to
+    /// write and clear, pages to release) for the entry that ends the call,
+    /// so runs cut here join again, while all of its cells together hold
+    /// less than [`PREEMPT_RELEASE_LIMIT`]: a cell that would take the
+    /// total to it is finished now. So the flushes that end the call (one
+    /// per cell, none preemptible) are left that much plus one entry's ops,
+    /// however many entries the call has and however many contexts it
+    /// spreads its work over.
+    pub fn pause_contexts(&self, h: &mut impl Hypervisor, caller: DomId) {
+        let mut waiting = 0u64;
         for context in self.contexts_of(caller) {
-            if contexts & (1 << context.0) == 0 {
-                continue;
-            }
             if let Some(mut d) = self.lock_cell(caller, context) {
-                if d.dd.unmapping_len >= PREEMPT_RELEASE_LIMIT {
+                let here = d.dd.unmapping_len + d.dd.pending_maps.len() as u64;
+                if waiting + here >= PREEMPT_RELEASE_LIMIT {
                     self.flush_and_release_as(&mut d, h, true);
+                } else {
+                    waiting += here;
                 }
                 self.put_driver(d);
             }

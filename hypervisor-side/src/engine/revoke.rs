@@ -178,13 +178,14 @@ fn entry_gone(context: ContextId, answer: Result<(), Errno>) -> bool {
 /// pages, two 2 MiB runs), however long the batch.
 pub(super) const DEFER_LIMIT: u64 = 1024;
 
-/// How many unmapped pages may wait for their release in a cell when its
-/// owner's batch is preempted, for the entry that ends the call to
-/// release: a cell holding more is finished at the preemption point
-/// ([`Engine::pause_contexts`]). The caller can keep one call going for
-/// ever (it rewrites `nr_done` in its header between entries), so without
-/// it a flush could be left a release pass over the whole quota; with it
-/// no flush releases more than this plus one entry's ops.
+/// How many unmapped pages (and maps to write) may wait in a driver
+/// domain's cells together when its batch is preempted, for the entry
+/// that ends the call: a cell that would take the total to it is finished
+/// at the preemption point ([`Engine::pause_contexts`]). The caller can
+/// keep one call going for ever (it rewrites `nr_done` in its header
+/// between entries), so without it the flushes that end the call could be
+/// left release passes over its whole quota; with it they are left no
+/// more than this plus one entry's ops.
 pub const PREEMPT_RELEASE_LIMIT: u64 = 1024;
 
 // Every run of waiting entries fits one backend call: an unmap batch's

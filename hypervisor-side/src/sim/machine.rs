@@ -2332,7 +2332,10 @@ mod tests {
             );
             m.fail_table_allocs(None);
             let mapped = (base..base + 1024)
-                .filter(|&b| m.translate(DomId::DOM0, ContextId::DEFAULT, Bfn(b)).is_some())
+                .filter(|&b| {
+                    m.translate(DomId::DOM0, ContextId::DEFAULT, Bfn(b))
+                        .is_some()
+                })
                 .count();
             (r, m, mapped)
         };
