@@ -976,6 +976,7 @@ fn walker_over_the_backend(recycle: bool) {
         levels: 3,
         superpages: false,
         recycle,
+        split_from_spares: true,
     };
     let mut pt = IoPageTable::<VtdNoSnoop>::with_options(&mut x, opts).unwrap();
     let root = pt.root().0;
