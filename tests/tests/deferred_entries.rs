@@ -621,3 +621,71 @@ fn what_a_preempted_call_leaves_is_bounded_across_its_contexts() {
     assert_eq!(m.guest_batch(&e, DomId::DOM0, &mut [], 0).unwrap().0, 0);
     assert_eq!(m.total_page_refs(), 0);
 }
+
+/// A cell whose flush fails keeps its pages (none may go before a flush
+/// does), and counts, with all of them, towards what the caller may leave
+/// waiting: the caller's other cells are finished at each preemption
+/// point instead. Before, a cell whose flush failed counted for nothing,
+/// and the other cells piled up beside it as if it were empty.
+#[test]
+fn a_cell_whose_flush_fails_still_counts_towards_what_a_preempted_call_leaves() {
+    use pviommu_hv::engine::PREEMPT_RELEASE_LIMIT;
+    let (mut m, e) = machine(Format::Vtd, 1500);
+    let mut create = [pviommu_abi::Request::ContextCreate.encode()];
+    m.guest_batch_all(&e, DomId::DOM0, &mut create).unwrap();
+    let ctx = ContextId(create[0].context);
+    let mut maps: Vec<_> = (0..1100)
+        .map(|g| map_op(GUEST, g, Permissions::RO))
+        .chain((1100..1400).map(|g| map_op_in(ctx, GUEST, g, Permissions::RO)))
+        .collect();
+    for chunk in maps.chunks_mut(700) {
+        m.guest_batch_all(&e, DomId::DOM0, chunk).unwrap();
+    }
+    assert!(maps.iter().all(|o| o.status == 0));
+    let refs_per_page = m.total_page_refs() / 1400;
+    let unmaps_of = |ops: &[pviommu_abi::PvIommuOp]| -> Vec<pviommu_abi::PvIommuOp> {
+        ops.iter()
+            .map(|o| {
+                let mut u = unmap_op(Bfn(o.bfn));
+                u.context = o.context;
+                u
+            })
+            .chain((0..100).map(|_| unmap_op(Bfn(0))))
+            .collect()
+    };
+    // One call that never ends: context 0's 1100 unmaps, its flushes
+    // failing throughout, then `ctx`'s 300, the first flush of each
+    // preemption point failing (context 0's, which comes first).
+    m.preempt_budget = Some(0);
+    let mut held_in_ctx = 0;
+    // (Batches of at most 1024 ops: context 0's in two.)
+    for (part, of_ctx) in [
+        (&maps[..600], false),
+        (&maps[600..1100], false),
+        (&maps[1100..], true),
+    ] {
+        let mut unmaps = unmaps_of(part);
+        let n = part.len() as u32;
+        let mut done = 0;
+        while done < n {
+            m.fail_flushes = if of_ctx { 1 } else { 1000 };
+            let (ret, d) = m.guest_batch(&e, DomId::DOM0, &mut unmaps, done).unwrap();
+            assert_eq!(ret, 1);
+            done = d.min(n);
+            if of_ctx {
+                // Held beyond the live pages and context 0's 1100.
+                let live = u64::from(300 - done);
+                held_in_ctx = held_in_ctx.max(m.total_page_refs() / refs_per_page - live - 1100);
+            }
+        }
+    }
+    assert!(
+        held_in_ctx <= 8,
+        "{held_in_ctx} pages of the other context held beside {} waiting",
+        PREEMPT_RELEASE_LIMIT
+    );
+    m.fail_flushes = 0;
+    m.preempt_budget = None;
+    assert_eq!(m.guest_batch(&e, DomId::DOM0, &mut [], 0).unwrap().0, 0);
+    assert_eq!(m.total_page_refs(), 0);
+}

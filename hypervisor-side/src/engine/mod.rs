@@ -2556,20 +2556,23 @@ impl<L: RawMutex> Engine<L> {
     /// write and clear, pages to release) for the entry that ends the call,
     /// so runs cut here join again, while all of its cells together hold
     /// less than [`PREEMPT_RELEASE_LIMIT`]: a cell that would take the
-    /// total to it is finished now. So the flushes that end the call (one
-    /// per cell, none preemptible) are left that much plus one entry's ops,
-    /// however many entries the call has and however many contexts it
-    /// spreads its work over.
+    /// total to it is finished now. So, while flushes succeed, the flushes
+    /// that end the call (one per cell, none preemptible) are left that
+    /// much plus one entry's ops, however many entries the call has and
+    /// however many contexts it spreads its work over. (A cell whose flush
+    /// fails keeps its pages until one succeeds, as it does between calls.)
     pub fn pause_contexts(&self, h: &mut impl Hypervisor, caller: DomId) {
         let mut waiting = 0u64;
         for context in self.contexts_of(caller) {
             if let Some(mut d) = self.lock_cell(caller, context) {
-                let here = d.dd.unmapping_len + d.dd.pending_maps.len() as u64;
-                if waiting + here >= PREEMPT_RELEASE_LIMIT {
+                let held = |dd: &DriverDomain| dd.unmapping_len + dd.pending_maps.len() as u64;
+                if waiting + held(&d.dd) >= PREEMPT_RELEASE_LIMIT {
                     self.flush_and_release_as(&mut d, h, true);
-                } else {
-                    waiting += here;
                 }
+                // (All of it still, if the flush failed: its pages cannot
+                // go before a flush does, and the other cells are finished
+                // instead.)
+                waiting += held(&d.dd);
                 self.put_driver(d);
             }
         }

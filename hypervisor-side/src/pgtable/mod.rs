@@ -736,6 +736,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
         } else {
             None
         };
+        let fresh = spare.is_none();
         let t = match spare {
             Some(t) => t,
             None => mem.alloc_table()?,
@@ -751,6 +752,10 @@ impl<F: PageTableFormat> IoPageTable<F> {
         // a wrong frame among the spares) reads back empty: it is never
         // linked, and the superpage stays (nothing changed).
         if mem.present_count(t) != ENTRIES as u16 || !Self::starts_with(mem, t, want) {
+            if fresh {
+                // (Allocated here, never linked: it goes back.)
+                mem.free_table(t);
+            }
             return Err(Errno::NoMem);
         }
         mem.write_entry(parent, pidx, F::table_entry(t));
@@ -1369,6 +1374,35 @@ mod freed_list_tests {
         assert_eq!(t.unmap(&mut mem, Bfn(0x210)), Err(Errno::NoMem));
         assert_eq!(t.leaf(&mem, Bfn(0x210)).map(|l| l.0), Some(SUPERPAGE_LEVEL));
         assert_eq!(t.translate(&mem, Bfn(0x210)), Some((Mfn(0x410), rw, wb)));
+    }
+
+    /// Xen's own tables (no spares): a folded table is freed after the
+    /// flush, a split allocates, and a table it allocated but could not
+    /// fill goes back rather than leak. Before, that table was kept by no
+    /// one.
+    #[test]
+    fn a_split_gives_back_a_new_table_it_could_not_fill() {
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        let mut mem = frames();
+        let mut t = IoPageTable::<Vtd>::with_options(&mut mem, TableOptions::xen_own()).unwrap();
+        for i in 0..ENTRIES as u64 {
+            t.map(&mut mem, Bfn(0x200 + i), Mfn(0x400 + i), rw, wb)
+                .unwrap();
+        }
+        t.release_freed(&mut mem);
+        assert_eq!(t.spare_frames(&mem), 0, "no spare kept");
+        // The folded table, freed, is the frame the split will get.
+        let next = *mem.free.last().unwrap();
+        mem.refused = Some(next);
+        assert_eq!(t.unmap(&mut mem, Bfn(0x210)), Err(Errno::NoMem));
+        assert!(mem.free.contains(&next), "given back");
+        assert_eq!(t.translate(&mem, Bfn(0x210)), Some((Mfn(0x410), rw, wb)));
+        // With memory, the split takes a new table.
+        mem.refused = None;
+        let allocs = mem.allocs;
+        t.unmap(&mut mem, Bfn(0x210)).unwrap();
+        assert_eq!(mem.allocs, allocs + 1);
+        assert_eq!(t.translate(&mem, Bfn(0x211)), Some((Mfn(0x411), rw, wb)));
     }
 
     #[test]

@@ -1980,10 +1980,10 @@ impl SimMachine {
         result
     }
 
-    /// Clear the entries of `pages` BFNs from `first` that a failed call
-    /// into the IOMMU driver wrote before it failed (the simulator writes a
-    /// 2 MiB a page at a time; Xen's call writes nothing when it fails): no
-    /// call counted, no failure injected.
+    /// Clear the entries of the `pages` BFNs from `first` that a failed
+    /// call into the IOMMU driver wrote before it failed (the simulator
+    /// writes a 2 MiB a page at a time; Xen's call writes nothing when it
+    /// fails): no call counted, no failure injected.
     fn take_back_pages(&mut self, owner: DomId, ctx: ContextId, first: u64, pages: u64) {
         let Some(c) = self.contexts.get_mut(&(owner, ctx)) else {
             return;
@@ -2093,15 +2093,22 @@ impl IommuBackend for SimMachine {
             let pages = if whole { 0x200 } else { 1 };
             self.map_calls += 1;
             self.superpage_maps += u64::from(whole);
-            let mapped = (0..pages)
-                .try_for_each(|i| self.map_page(owner, ctx, Bfn(b + i), Mfn(f + i), perms, attr));
+            let mut written = 0;
+            let mut mapped = Ok(());
+            while written < pages {
+                mapped = self.map_page(owner, ctx, Bfn(b + written), Mfn(f + written), perms, attr);
+                if mapped.is_err() {
+                    break;
+                }
+                written += 1;
+            }
             if let Err(e) = mapped {
                 // Xen's order-9 `map_page` fails whole (its table is
                 // allocated before any entry is written); here the pages
-                // went in one by one: those that did go, as part of the
-                // failed call (not one of Xen's unmaps, and not one a
+                // went in one by one: those this call wrote go, as part of
+                // the failed call (not one of Xen's unmaps, and not one a
                 // test's unmap failure is meant for).
-                self.take_back_pages(owner, ctx, b, pages);
+                self.take_back_pages(owner, ctx, b, written);
                 if let Some(last_done) = done.checked_sub(1) {
                     let _ = self.xen_unmap_pages(owner, ctx, bfn.0, bfn.0 + last_done);
                 }
@@ -2362,6 +2369,48 @@ mod tests {
             }
         }
         assert_eq!(seen, [true, true], "both failures reached");
+    }
+
+    /// A failed call takes back only what it wrote itself: an entry that
+    /// was there before it (the cause of the failure here) stays. Before,
+    /// the whole of the failed call's range was cleared.
+    #[test]
+    fn a_failed_map_call_leaves_an_entry_it_did_not_write() {
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        let base = 0x40000u64;
+        let mut m = SimMachine::new(4096, Format::Vtd, 64);
+        let mut gather = FlushGather::default();
+        let there = (Bfn(base + 5), Mfn(0x905));
+        m.iommu_map_run(
+            DomId::DOM0,
+            ContextId::DEFAULT,
+            there.0,
+            there.1,
+            1,
+            rw,
+            wb,
+            &mut gather,
+        )
+        .unwrap();
+        let r = m.iommu_map_run(
+            DomId::DOM0,
+            ContextId::DEFAULT,
+            Bfn(base),
+            Mfn(0x400),
+            8,
+            rw,
+            wb,
+            &mut gather,
+        );
+        assert!(r.is_err());
+        let at = |b: u64| {
+            m.translate(DomId::DOM0, ContextId::DEFAULT, Bfn(b))
+                .map(|t| t.0)
+        };
+        assert_eq!(at(base + 5), Some(there.1), "the entry that was there");
+        for b in (base..base + 8).filter(|&b| b != base + 5) {
+            assert_eq!(at(b), None, "BFN {b:#x}");
+        }
     }
 
     /// A table folded away is forgotten only by a flush of BFNs it
