@@ -2566,7 +2566,12 @@ impl<L: RawMutex> Engine<L> {
         for context in self.contexts_of(caller) {
             if let Some(mut d) = self.lock_cell(caller, context) {
                 let held = |dd: &DriverDomain| dd.unmapping_len + dd.pending_maps.len() as u64;
-                if waiting + held(&d.dd) >= PREEMPT_RELEASE_LIMIT {
+                let here = held(&d.dd);
+                // (A cell with nothing waiting is left alone even past the
+                // limit: a cell whose flush failed can hold the total
+                // there, and finishing the others each entry then would
+                // only cut their runs.)
+                if here != 0 && waiting + here >= PREEMPT_RELEASE_LIMIT {
                     self.flush_and_release_as(&mut d, h, true);
                 }
                 // (All of it still, if the flush failed: its pages cannot

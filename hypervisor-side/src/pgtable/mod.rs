@@ -753,7 +753,15 @@ impl<F: PageTableFormat> IoPageTable<F> {
         // linked, and the superpage stays (nothing changed).
         if mem.present_count(t) != ENTRIES as u16 || !Self::starts_with(mem, t, want) {
             if fresh {
-                // (Allocated here, never linked: it goes back.)
+                // Allocated here and never linked: it goes back, zeroed
+                // first (it holds machine frame numbers, and Xen gives an
+                // anonymous page back to its heap unscrubbed). A spare
+                // that failed is kept off every list: a frame the host
+                // would not let the engine write is not used again.
+                for e in 0..ENTRIES {
+                    mem.write_entry(t, e, 0);
+                }
+                mem.set_present_count(t, 0);
                 mem.free_table(t);
             }
             return Err(Errno::NoMem);
@@ -1394,8 +1402,15 @@ mod freed_list_tests {
         // The folded table, freed, is the frame the split will get.
         let next = *mem.free.last().unwrap();
         mem.refused = Some(next);
+        let events = mem.events.len();
         assert_eq!(t.unmap(&mut mem, Bfn(0x210)), Err(Errno::NoMem));
         assert!(mem.free.contains(&next), "given back");
+        // Filled, then zeroed before it went back.
+        let writes = mem.events[events..]
+            .iter()
+            .filter(|&&e| e == (b'w', next))
+            .count();
+        assert_eq!(writes, 2 * ENTRIES, "zeroed before it went back");
         assert_eq!(t.translate(&mem, Bfn(0x210)), Some((Mfn(0x410), rw, wb)));
         // With memory, the split takes a new table.
         mem.refused = None;
