@@ -537,6 +537,28 @@ fn a_call_that_never_ends_holds_at_most_the_limit_of_pages_for_release() {
     assert_eq!(e.usage(DomId::DOM0).1, 0);
 }
 
+/// A context of dom0's own, made through the hypercall.
+fn engine_context(m: &mut pviommu_hv::sim::SimMachine, e: &pviommu_hv::Engine) -> ContextId {
+    let mut create = [pviommu_abi::Request::ContextCreate.encode()];
+    m.guest_batch_all(e, DomId::DOM0, &mut create).unwrap();
+    assert_eq!(create[0].status, 0);
+    ContextId(create[0].context)
+}
+
+/// Unmaps of the BFNs the map ops `maps` were given (each in its op's
+/// context), then 100 ops a batch preempted after every run never
+/// reaches: a call that stops at each preemption point never ends.
+fn unmaps_then_unreached(maps: &[pviommu_abi::PvIommuOp]) -> Vec<pviommu_abi::PvIommuOp> {
+    maps.iter()
+        .map(|o| {
+            let mut u = unmap_op(Bfn(o.bfn));
+            u.context = o.context;
+            u
+        })
+        .chain((0..100).map(|_| unmap_op(Bfn(0))))
+        .collect()
+}
+
 /// A map into an engine context writes its entry at once and leaves only
 /// its invalidation for the flush (an IOMMU that caches non-present
 /// entries needs it before the device may use the BFN). A call preempted
@@ -547,10 +569,7 @@ fn a_call_that_never_ends_holds_at_most_the_limit_of_pages_for_release() {
 #[test]
 fn a_preempted_call_flushes_the_maps_of_an_engine_context_its_last_entry_does_not_name() {
     let (mut m, e) = machine(Format::Vtd, 64);
-    let mut create = [pviommu_abi::Request::ContextCreate.encode()];
-    m.guest_batch_all(&e, DomId::DOM0, &mut create).unwrap();
-    assert_eq!(create[0].status, 0);
-    let ctx = ContextId(create[0].context);
+    let ctx = engine_context(&mut m, &e);
     let mut ops: Vec<_> = (0..9)
         .map(|g| map_op_in(ctx, GUEST, g, Permissions::RW))
         .collect();
@@ -572,9 +591,7 @@ fn a_preempted_call_flushes_the_maps_of_an_engine_context_its_last_entry_does_no
 fn what_a_preempted_call_leaves_is_bounded_across_its_contexts() {
     use pviommu_hv::engine::PREEMPT_RELEASE_LIMIT;
     let (mut m, e) = machine(Format::Vtd, 1600);
-    let mut create = [pviommu_abi::Request::ContextCreate.encode()];
-    m.guest_batch_all(&e, DomId::DOM0, &mut create).unwrap();
-    let ctx = ContextId(create[0].context);
+    let ctx = engine_context(&mut m, &e);
     // 700 pages mapped in each of context 0 and `ctx`.
     let mut maps: Vec<_> = (0..700)
         .map(|g| map_op(GUEST, g, Permissions::RO))
@@ -592,15 +609,7 @@ fn what_a_preempted_call_leaves_is_bounded_across_its_contexts() {
     let mut most = 0;
     let mut unmapped = 0;
     for half in maps.chunks(700) {
-        let mut unmaps: Vec<_> = half
-            .iter()
-            .map(|o| {
-                let mut u = unmap_op(Bfn(o.bfn));
-                u.context = o.context;
-                u
-            })
-            .chain((0..100).map(|_| unmap_op(Bfn(0))))
-            .collect();
+        let mut unmaps = unmaps_then_unreached(half);
         let mut done = 0;
         while done < 700 {
             let (ret, d) = m.guest_batch(&e, DomId::DOM0, &mut unmaps, done).unwrap();
@@ -631,9 +640,7 @@ fn what_a_preempted_call_leaves_is_bounded_across_its_contexts() {
 fn a_cell_whose_flush_fails_still_counts_towards_what_a_preempted_call_leaves() {
     use pviommu_hv::engine::PREEMPT_RELEASE_LIMIT;
     let (mut m, e) = machine(Format::Vtd, 1500);
-    let mut create = [pviommu_abi::Request::ContextCreate.encode()];
-    m.guest_batch_all(&e, DomId::DOM0, &mut create).unwrap();
-    let ctx = ContextId(create[0].context);
+    let ctx = engine_context(&mut m, &e);
     let mut maps: Vec<_> = (0..1100)
         .map(|g| map_op(GUEST, g, Permissions::RO))
         .chain((1100..1400).map(|g| map_op_in(ctx, GUEST, g, Permissions::RO)))
@@ -643,16 +650,6 @@ fn a_cell_whose_flush_fails_still_counts_towards_what_a_preempted_call_leaves() 
     }
     assert!(maps.iter().all(|o| o.status == 0));
     let refs_per_page = m.total_page_refs() / 1400;
-    let unmaps_of = |ops: &[pviommu_abi::PvIommuOp]| -> Vec<pviommu_abi::PvIommuOp> {
-        ops.iter()
-            .map(|o| {
-                let mut u = unmap_op(Bfn(o.bfn));
-                u.context = o.context;
-                u
-            })
-            .chain((0..100).map(|_| unmap_op(Bfn(0))))
-            .collect()
-    };
     // One call that never ends: context 0's 1100 unmaps, its flushes
     // failing throughout, then `ctx`'s 300, the first flush of each
     // preemption point failing (context 0's, which comes first).
@@ -664,7 +661,7 @@ fn a_cell_whose_flush_fails_still_counts_towards_what_a_preempted_call_leaves() 
         (&maps[600..1100], false),
         (&maps[1100..], true),
     ] {
-        let mut unmaps = unmaps_of(part);
+        let mut unmaps = unmaps_then_unreached(part);
         let n = part.len() as u32;
         let mut done = 0;
         while done < n {
