@@ -47,6 +47,33 @@ fn free(e: &pviommu_hv::Engine, bfn: Bfn) -> bool {
     matches!(slot_of(e, bfn), None | Some(Slot::Free { .. }))
 }
 
+/// Unmap the aligned 2 MiB run the map ops `ops` made, in one batch call,
+/// and check that Xen was called once for it, cleared one entry and
+/// allocated nothing (no split), and that every page went: the number of
+/// hypercall entries the call took.
+fn unmap_2m_run_whole(
+    m: &mut pviommu_hv::sim::SimMachine,
+    e: &pviommu_hv::Engine,
+    ops: &[pviommu_abi::PvIommuOp],
+) -> u32 {
+    let (calls, superpages, frames) = (m.unmap_calls, m.superpage_unmaps, m.xen_frames());
+    let mut unmaps: Vec<_> = ops.iter().map(|o| unmap_op(Bfn(o.bfn))).collect();
+    let entries = m.guest_batch_all(e, DomId::DOM0, &mut unmaps).unwrap();
+    assert!(unmaps.iter().all(|o| o.status == 0));
+    assert_eq!(m.unmap_calls - calls, 1, "one call for the run");
+    assert_eq!(m.superpage_unmaps - superpages, 1, "one entry cleared");
+    assert!(m.xen_frames() <= frames, "no table allocated (no split)");
+    for o in ops.iter().step_by(37) {
+        assert_eq!(
+            m.translate(DomId::DOM0, ContextId::DEFAULT, Bfn(o.bfn)),
+            None
+        );
+        assert!(free(e, Bfn(o.bfn)));
+    }
+    assert_eq!(m.total_page_refs(), 0);
+    entries
+}
+
 /// A mediator unmapping a guest's 2 MiB extent whole: before, 512 unmap
 /// calls, the first of which split the superpage the run had folded into
 /// (a table allocated, which Xen can fail and then crashes a driver domain
@@ -64,21 +91,7 @@ fn an_aligned_2m_run_is_unmapped_in_one_call_without_a_split() {
         .unwrap();
     assert_eq!(level, 2, "the run folded into a superpage");
 
-    let (calls, superpages, frames) = (m.unmap_calls, m.superpage_unmaps, m.xen_frames());
-    let mut unmaps: Vec<_> = ops.iter().map(|o| unmap_op(Bfn(o.bfn))).collect();
-    m.guest_batch_all(&e, DomId::DOM0, &mut unmaps).unwrap();
-    assert!(unmaps.iter().all(|o| o.status == 0));
-    assert_eq!(m.unmap_calls - calls, 1, "one call for the run");
-    assert_eq!(m.superpage_unmaps - superpages, 1, "one entry cleared");
-    assert!(m.xen_frames() <= frames, "no table allocated (no split)");
-    for o in ops.iter().step_by(37) {
-        assert_eq!(
-            m.translate(DomId::DOM0, ContextId::DEFAULT, Bfn(o.bfn)),
-            None
-        );
-        assert!(free(&e, Bfn(o.bfn)));
-    }
-    assert_eq!(m.total_page_refs(), 0);
+    assert_eq!(unmap_2m_run_whole(&mut m, &e, &ops), 1);
 }
 
 /// Unmaps in descending order, and runs broken by a BFN not unmapped, are
@@ -390,22 +403,11 @@ fn a_preempted_batch_maps_and_unmaps_an_aligned_2m_run_in_one_call_each() {
         );
     }
 
-    let (calls, superpages, frames) = (m.unmap_calls, m.superpage_unmaps, m.xen_frames());
-    let mut unmaps: Vec<_> = ops.iter().map(|o| unmap_op(Bfn(o.bfn))).collect();
-    let entries = m.guest_batch_all(&e, DomId::DOM0, &mut unmaps).unwrap();
-    assert_eq!(entries, 64);
-    assert!(unmaps.iter().all(|o| o.status == 0));
-    assert_eq!(m.unmap_calls - calls, 1, "one call for the run");
-    assert_eq!(m.superpage_unmaps - superpages, 1, "one entry cleared");
-    assert!(m.xen_frames() <= frames, "no table allocated (no split)");
-    for o in ops.iter().step_by(37) {
-        assert_eq!(
-            m.translate(DomId::DOM0, ContextId::DEFAULT, Bfn(o.bfn)),
-            None
-        );
-        assert!(free(&e, Bfn(o.bfn)));
-    }
-    assert_eq!(m.total_page_refs(), 0);
+    assert_eq!(
+        unmap_2m_run_whole(&mut m, &e, &ops),
+        64,
+        "preempted after every run"
+    );
 }
 
 /// A preempted call whose continuation never comes (the caller went
