@@ -561,6 +561,27 @@ fn unmaps_then_unreached(maps: &[pviommu_abi::PvIommuOp]) -> Vec<pviommu_abi::Pv
         .collect()
 }
 
+/// Dom0's maps of the guest's gfns 0..1400, read-only: the first
+/// `in_context_0` into context 0, the rest into an engine context of
+/// dom0's (made here). The ops, and the page references a mapped page
+/// holds.
+fn mapped_in_two_contexts(
+    m: &mut pviommu_hv::sim::SimMachine,
+    e: &pviommu_hv::Engine,
+    in_context_0: u64,
+) -> (Vec<pviommu_abi::PvIommuOp>, u64) {
+    let ctx = engine_context(m, e);
+    let mut maps: Vec<_> = (0..in_context_0)
+        .map(|g| map_op(GUEST, g, Permissions::RO))
+        .chain((in_context_0..1400).map(|g| map_op_in(ctx, GUEST, g, Permissions::RO)))
+        .collect();
+    for chunk in maps.chunks_mut(700) {
+        m.guest_batch_all(e, DomId::DOM0, chunk).unwrap();
+    }
+    assert!(maps.iter().all(|o| o.status == 0));
+    (maps, m.total_page_refs() / 1400)
+}
+
 /// A map into an engine context writes its entry at once and leaves only
 /// its invalidation for the flush (an IOMMU that caches non-present
 /// entries needs it before the device may use the BFN). A call preempted
@@ -593,17 +614,8 @@ fn a_preempted_call_flushes_the_maps_of_an_engine_context_its_last_entry_does_no
 fn what_a_preempted_call_leaves_is_bounded_across_its_contexts() {
     use pviommu_hv::engine::PREEMPT_RELEASE_LIMIT;
     let (mut m, e) = machine(Format::Vtd, 1600);
-    let ctx = engine_context(&mut m, &e);
-    // 700 pages mapped in each of context 0 and `ctx`.
-    let mut maps: Vec<_> = (0..700)
-        .map(|g| map_op(GUEST, g, Permissions::RO))
-        .chain((700..1400).map(|g| map_op_in(ctx, GUEST, g, Permissions::RO)))
-        .collect();
-    for chunk in maps.chunks_mut(700) {
-        m.guest_batch_all(&e, DomId::DOM0, chunk).unwrap();
-    }
-    assert!(maps.iter().all(|o| o.status == 0));
-    let refs_per_page = m.total_page_refs() / 1400;
+    // 700 pages mapped in each of context 0 and an engine context.
+    let (maps, refs_per_page) = mapped_in_two_contexts(&mut m, &e, 700);
     // One call that never ends (its caller rewrites its header): the
     // unmaps of context 0, then those of `ctx`, one run an entry, every
     // entry preempted. (Each batch ends in ops never reached.)
@@ -642,16 +654,7 @@ fn what_a_preempted_call_leaves_is_bounded_across_its_contexts() {
 fn a_cell_whose_flush_fails_still_counts_towards_what_a_preempted_call_leaves() {
     use pviommu_hv::engine::PREEMPT_RELEASE_LIMIT;
     let (mut m, e) = machine(Format::Vtd, 1500);
-    let ctx = engine_context(&mut m, &e);
-    let mut maps: Vec<_> = (0..1100)
-        .map(|g| map_op(GUEST, g, Permissions::RO))
-        .chain((1100..1400).map(|g| map_op_in(ctx, GUEST, g, Permissions::RO)))
-        .collect();
-    for chunk in maps.chunks_mut(700) {
-        m.guest_batch_all(&e, DomId::DOM0, chunk).unwrap();
-    }
-    assert!(maps.iter().all(|o| o.status == 0));
-    let refs_per_page = m.total_page_refs() / 1400;
+    let (maps, refs_per_page) = mapped_in_two_contexts(&mut m, &e, 1100);
     // One call that never ends: context 0's 1100 unmaps, its flushes
     // failing throughout, then `ctx`'s 300, the first flush of each
     // preemption point failing (context 0's, which comes first).
