@@ -647,6 +647,15 @@ pub struct SimMachine {
     /// [`set_address_bits`](Self::set_address_bits)): a domain crash on
     /// Xen's AMD-Vi. The engine must never make one.
     pub maps_past_width: u64,
+    /// Each `domain_crash()` Xen's own IOMMU code made, in order:
+    /// Xen 4.17's `iommu_map()` and `iommu_unmap()` crash a domain other
+    /// than the hardware domain when a call into the IOMMU driver fails for
+    /// its default context (the hardware domain goes on). A driver domain
+    /// that is not dom0 (a device-model stub domain) is so crashed when Xen
+    /// cannot allocate a table for its map or its split. Recorded only: the
+    /// simulated domain keeps running, so a test sees the crash and what the
+    /// engine did around it.
+    pub crashed: Vec<DomId>,
     /// Calls into the IOMMU driver's unmap of a default context, as Xen's
     /// `iommu_unmap()` makes them: one a page, or one an aligned 2 MiB
     /// part of a run (`superpage_unmaps` of those).
@@ -729,6 +738,7 @@ impl SimMachine {
             faults: VecDeque::new(),
             faults_total: 0,
             maps_past_width: 0,
+            crashed: Vec::new(),
             unmap_calls: 0,
             superpage_unmaps: 0,
             map_calls: 0,
@@ -1951,12 +1961,25 @@ impl SimMachine {
 }
 
 impl SimMachine {
+    /// What Xen 4.17's `iommu_map()` and `iommu_unmap()` do once a call
+    /// into the IOMMU driver failed: `domain_crash()` of a domain other
+    /// than the hardware domain (recorded in [`crashed`](Self::crashed)).
+    /// Whether it crashed it (Xen's loops stop there).
+    fn crash_unless_hardware_domain(&mut self, owner: DomId) -> bool {
+        if owner == DomId::DOM0 {
+            return false;
+        }
+        self.crashed.push(owner);
+        true
+    }
+
     /// Xen 4.17's `iommu_unmap()` of BFNs `first..=last` of a default
     /// context: each call takes the largest size the IOMMU has (here 4 KiB
     /// and 2 MiB) that starts aligned and that the rest of the run covers
-    /// (`mapping_order()`). A failed call does not stop it (the hardware
-    /// domain's case: another domain is crashed); the first error is the
-    /// answer.
+    /// (`mapping_order()`). A failed call does not stop it for the hardware
+    /// domain; any other domain is crashed and the loop stops. The first
+    /// error is the answer. (Nothing mapped is no error: Xen's drivers
+    /// answer 0.)
     fn xen_unmap_pages(
         &mut self,
         owner: DomId,
@@ -1970,7 +1993,12 @@ impl SimMachine {
             let whole = at & 0x1ff == 0 && last - at >= 0x1ff;
             match self.unmap_page(owner, ctx, Bfn(at), whole) {
                 Ok(()) | Err(Errno::NoEnt) => {}
-                Err(e) => result = result.and(Err(e)),
+                Err(e) => {
+                    result = result.and(Err(e));
+                    if self.crash_unless_hardware_domain(owner) {
+                        break;
+                    }
+                }
             }
             at = match at.checked_add(if whole { 0x200 } else { 1 }) {
                 Some(next) => next,
@@ -2047,7 +2075,10 @@ impl IommuBackend for SimMachine {
             return Err(Errno::Inval);
         }
         self.map_calls += 1;
-        self.map_page(owner, ctx, bfn, mfn, perms, attr)?;
+        if let Err(e) = self.map_page(owner, ctx, bfn, mfn, perms, attr) {
+            self.crash_unless_hardware_domain(owner);
+            return Err(e);
+        }
         // VT-d with caching mode off needs no flush for a non-present ->
         // present change; the simulator flushes anyway, like Xen does.
         gather.add(ctx, bfn, 0)
@@ -2112,6 +2143,9 @@ impl IommuBackend for SimMachine {
                 if let Some(last_done) = done.checked_sub(1) {
                     let _ = self.xen_unmap_pages(owner, ctx, bfn.0, bfn.0 + last_done);
                 }
+                // (After the unmap's own, should that have failed too: Xen
+                // calls `domain_crash()` in both.)
+                self.crash_unless_hardware_domain(owner);
                 result = Err(e);
                 break;
             }
@@ -2128,7 +2162,14 @@ impl IommuBackend for SimMachine {
         gather: &mut FlushGather,
     ) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
-        self.unmap_page(owner, ctx, bfn, false)?;
+        match self.unmap_page(owner, ctx, bfn, false) {
+            Err(Errno::NoEnt) => return Err(Errno::NoEnt),
+            Err(e) => {
+                self.crash_unless_hardware_domain(owner);
+                return Err(e);
+            }
+            Ok(()) => {}
+        }
         gather.add(ctx, bfn, 0)
     }
     fn iommu_unmap_run(
