@@ -213,9 +213,10 @@ pub trait IommuBackend: TableMemory {
     /// the default context, as Xen's `iommu_map(d, bfn, mfn, count)` does:
     /// one call, which maps each part of the run where both are aligned to
     /// 2 MiB (or more) with one entry where the IOMMU has that size. On
-    /// `Err` none of the run is mapped (Xen unmaps what it mapped), but the
-    /// range goes into `gather` all the same. This default goes a page at
-    /// a time.
+    /// `Err` what the run mapped is unmapped again as far as the IOMMU lets
+    /// it (an entry may stay: the caller's page-by-page retry finds it),
+    /// and the range goes into `gather` all the same. This default goes a
+    /// page at a time.
     #[allow(clippy::too_many_arguments)]
     fn iommu_map_run(
         &mut self,

@@ -512,6 +512,119 @@ void pvx_page_non_coherent(uint64_t mfn)
     set_bit(_PGT_non_coherent, &mfn_to_page(_mfn(mfn))->u.inuse.type_info);
 }
 
+/*
+ * Xen's mapping_order() (static in drivers/passthrough/iommu.c): the
+ * largest page size the IOMMU has at which dfn and mfn are both aligned and
+ * that the nr pages left cover. (ffsl() - 1 for 4.17's find_first_set_bit(),
+ * which 4.19 removed; 4.20's mapping_order() reads the same.)
+ */
+static unsigned int pvx_mapping_order(const struct domain_iommu *hd, dfn_t dfn,
+                                      mfn_t mfn, unsigned long nr)
+{
+    unsigned long res = dfn_x(dfn) | mfn_x(mfn);
+    unsigned long sizes = hd->platform_ops->page_sizes;
+    unsigned int bit = ffsl(sizes) - 1, order = 0;
+
+    ASSERT(bit == PAGE_SHIFT);
+
+    while ( (sizes = (sizes >> bit) & ~1) )
+    {
+        unsigned long mask;
+
+        bit = ffsl(sizes) - 1;
+        mask = (1UL << bit) - 1;
+        if ( nr <= mask || (res & mask) )
+            break;
+        order += bit;
+        nr >>= bit;
+        res >>= bit;
+    }
+
+    return order;
+}
+
+/*
+ * iommu_unmap() and iommu_map() of a run, the same calls into the IOMMU
+ * driver (one unmap_page or map_page per part, mapping_order()), without
+ * their domain_crash(): Xen 4.17 crashes a domain other than the hardware
+ * domain when a call fails (no memory for a table, or for a split), and a
+ * driver domain may be a device model's stub domain. Here the failure is
+ * the engine's to answer, as for dom0: a map it retries page by page and
+ * revokes (a notice), an unmap whose entry it keeps, the page referenced,
+ * and retries at its next flush. That is so on VT-d; AMD-Vi's own
+ * amd_iommu_map_page() and amd_iommu_unmap_page() still crash such a
+ * domain when they cannot allocate a table or split a superpage, and so
+ * does a failed IOTLB flush (iommu_iotlb_flush()) on either: the engine
+ * fails closed all the same, and the domain's teardown releases
+ * everything. Failures are logged, rate limited, as Xen's loops log them.
+ * The caller checked the run (window, width, frames) and that the
+ * domain's IOMMU is enabled. Not preemptible: runs are at most
+ * PVX_IOMMU_RUN_MAX pages.
+ */
+static int pvx_unmap_run(struct domain *d, dfn_t dfn0, unsigned long count,
+                         unsigned int *flush)
+{
+    const struct domain_iommu *hd = dom_iommu(d);
+    unsigned long i;
+    unsigned int order;
+    int rc = 0;
+
+    /* As Xen's for the hardware domain: every part is tried. */
+    for ( i = 0; i < count; i += 1UL << order )
+    {
+        dfn_t dfn = dfn_add(dfn0, i);
+        int err;
+
+        order = pvx_mapping_order(hd, dfn, _mfn(0), count - i);
+        err = iommu_call(hd->platform_ops, unmap_page, d, dfn,
+                         IOMMUF_order(order), flush);
+        if ( likely(!err) )
+            continue;
+        if ( printk_ratelimit() )
+            printk(XENLOG_G_WARNING
+                   "pviommu: d%d: IOMMU unmap of dfn %"PRI_dfn" order %u failed: %d\n",
+                   d->domain_id, dfn_x(dfn), order, err);
+        if ( !rc )
+            rc = err;
+    }
+
+    return rc;
+}
+
+static int pvx_map_run(struct domain *d, dfn_t dfn0, mfn_t mfn0,
+                       unsigned long count, unsigned int flags,
+                       unsigned int *flush)
+{
+    const struct domain_iommu *hd = dom_iommu(d);
+    unsigned long i;
+    unsigned int order;
+    int rc = 0;
+
+    for ( i = 0; i < count; i += 1UL << order )
+    {
+        dfn_t dfn = dfn_add(dfn0, i);
+        mfn_t mfn = mfn_add(mfn0, i);
+
+        order = pvx_mapping_order(hd, dfn, mfn, count - i);
+        rc = iommu_call(hd->platform_ops, map_page, d, dfn, mfn,
+                        flags | IOMMUF_order(order), flush);
+        if ( likely(!rc) )
+            continue;
+        if ( printk_ratelimit() )
+            printk(XENLOG_G_WARNING
+                   "pviommu: d%d: IOMMU map of dfn %"PRI_dfn" order %u failed: %d\n",
+                   d->domain_id, dfn_x(dfn), order, rc);
+        /*
+         * What the run mapped goes again (as Xen's iommu_map(): a failure
+         * there leaves entries the engine's page-by-page retry finds).
+         */
+        pvx_unmap_run(d, dfn0, i, flush);
+        break;
+    }
+
+    return rc;
+}
+
 int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn, uint64_t count,
                   unsigned int flags, unsigned int *flush)
 {
@@ -538,7 +651,7 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn, uint64_t count,
      * driver may answer with domain_crash() (AMD-Vi: no PDE for the DFN).
      * The engine's window already ends below 2^pvx_addr_bits.
      */
-    if ( pvx_translation(d) != PVIOMMU_TRANSLATES ||
+    if ( pvx_translation(d) != PVIOMMU_TRANSLATES || !is_iommu_enabled(d) ||
          pvx_addr_bits < PAGE_SHIFT || pvx_addr_bits - PAGE_SHIFT >= 64 ||
          ((bfn + count - 1) >> (pvx_addr_bits - PAGE_SHIFT)) != 0 )
     {
@@ -551,15 +664,15 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn, uint64_t count,
         iflags |= IOMMUF_writable;
 
     /*
-     * One call for the run: each part aligned to 2 MiB in both BFN and
-     * frame is one order-9 map_page (mapping_order()). On failure Xen
-     * unmaps what the run mapped as far as it can (an unmap that must
-     * split a superpage may fail), flushes everything and, for a domain
-     * other than the hardware domain, crashes it (as for one page). Its
-     * flush may have failed: the engine's own then covers the run. Not
-     * preemptible: runs are bounded by the engine's DEFER_LIMIT.
+     * Each part aligned to 2 MiB in both BFN and frame is one order-9
+     * map_page (mapping_order()). On failure what the run mapped is
+     * unmapped again as far as it can be (an unmap that must split a
+     * superpage may fail), and the run's range is marked for the engine's
+     * flush, which covers it. No domain_crash() here (AMD-Vi's driver
+     * still makes one): see pvx_map_run(). Not preemptible: runs are
+     * bounded by the engine's DEFER_LIMIT.
      */
-    rc = iommu_map(d, _dfn(bfn), _mfn(mfn), count, iflags, flush);
+    rc = pvx_map_run(d, _dfn(bfn), _mfn(mfn), count, iflags, flush);
     rcu_unlock_domain(d);
     if ( rc )
         *flush |= IOMMU_FLUSHF_modified;
@@ -587,6 +700,12 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
     d = rcu_lock_domain_by_id(owner);
     if ( !d )
         return -ESRCH;
+    if ( !is_iommu_enabled(d) )
+    {
+        /* (Nothing was mapped: pvx_iommu_map() refuses such a domain.) */
+        rcu_unlock_domain(d);
+        return 0;
+    }
     /*
      * PV-IOMMU maps 4k entries, but Xen 4.17's VT-d code folds a full,
      * contiguous 512-entry run into a superpage, and unmapping one page of
@@ -595,20 +714,20 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
      * (mapping_order(), where the IOMMU reports 2 MiB pages: VT-d's
      * SLLPS, always on AMD-Vi), which splits nothing. On failure the engine
      * retries page by page, and keeps a page it still cannot unmap
-     * referenced, its BFN poisoned, retried at each flush. (For a driver
-     * domain other than the hardware domain, iommu_unmap() crashes the
-     * domain on failure; its teardown then releases everything.) Not
-     * preemptible: the engine's runs are bounded by its batches (its
+     * referenced, its BFN poisoned, retried at each flush: for every
+     * driver domain, as for dom0 (no domain_crash() here; AMD-Vi's driver
+     * still makes one, see pvx_map_run()).
+     * Not preemptible: the engine's runs are bounded by its batches (its
      * DEFER_LIMIT), as the page-at-a-time loop it replaces was.
      */
-    rc = iommu_unmap(d, _dfn(bfn), count, 0, flush);
+    rc = pvx_unmap_run(d, _dfn(bfn), count, flush);
     rcu_unlock_domain(d);
     /*
-     * A failed run may have cleared some of its entries (for the hardware
-     * domain Xen goes on), then flushed everything itself and cleared the
-     * flags only if that flush worked. The engine's page-by-page retry
-     * finds those entries gone and releases their pages after its own
-     * flush, which must then not be skipped for want of a flag.
+     * A failed run may have cleared some of its entries (every part is
+     * tried), and the driver may not have set a flag for the part that
+     * failed. The engine's page-by-page retry finds those entries gone and
+     * releases their pages after its own flush, which must then not be
+     * skipped for want of a flag.
      */
     if ( rc )
         *flush |= IOMMU_FLUSHF_modified;

@@ -647,15 +647,19 @@ pub struct SimMachine {
     /// [`set_address_bits`](Self::set_address_bits)): a domain crash on
     /// Xen's AMD-Vi. The engine must never make one.
     pub maps_past_width: u64,
-    /// Each `domain_crash()` Xen's own IOMMU code made, in order:
-    /// Xen 4.17's `iommu_map()` and `iommu_unmap()` crash a domain other
-    /// than the hardware domain when a call into the IOMMU driver fails for
-    /// its default context (the hardware domain goes on). A driver domain
-    /// that is not dom0 (a device-model stub domain) is so crashed when Xen
-    /// cannot allocate a table for its map or its split. Recorded only: the
-    /// simulated domain keeps running, so a test sees the crash and what the
-    /// engine did around it.
+    /// Each `domain_crash()` Xen's IOMMU driver made, in order (see
+    /// [`driver_crashes_on_no_memory`](Self::driver_crashes_on_no_memory)).
+    /// Recorded only: the simulated domain keeps running, so a test sees the
+    /// crash and what the engine did around it.
     pub crashed: Vec<DomId>,
+    /// The IOMMU driver crashes a domain other than the hardware domain
+    /// when it cannot allocate a table for a map of its default context,
+    /// or split a superpage for an unmap: Xen 4.17's AMD-Vi driver
+    /// (`amd_iommu_map_page()`, `amd_iommu_unmap_page()`). VT-d's answers
+    /// `-ENOMEM`, which the glue leaves to the engine (it calls the driver
+    /// itself rather than `iommu_map()`/`iommu_unmap()`, which would crash
+    /// the domain for any failure). Off: the VT-d host the simulator is.
+    pub driver_crashes_on_no_memory: bool,
     /// Calls into the IOMMU driver's unmap of a default context, as Xen's
     /// `iommu_unmap()` makes them: one a page, or one an aligned 2 MiB
     /// part of a run (`superpage_unmaps` of those).
@@ -739,6 +743,7 @@ impl SimMachine {
             faults_total: 0,
             maps_past_width: 0,
             crashed: Vec::new(),
+            driver_crashes_on_no_memory: false,
             unmap_calls: 0,
             superpage_unmaps: 0,
             map_calls: 0,
@@ -1961,25 +1966,23 @@ impl SimMachine {
 }
 
 impl SimMachine {
-    /// What Xen 4.17's `iommu_map()` and `iommu_unmap()` do once a call
-    /// into the IOMMU driver failed: `domain_crash()` of a domain other
-    /// than the hardware domain (recorded in [`crashed`](Self::crashed)).
-    /// Whether it crashed it (Xen's loops stop there).
-    fn crash_unless_hardware_domain(&mut self, owner: DomId) -> bool {
-        if owner == DomId::DOM0 {
-            return false;
+    /// What an IOMMU driver that crashes domains does once a call into it
+    /// failed for want of memory
+    /// ([`driver_crashes_on_no_memory`](Self::driver_crashes_on_no_memory)):
+    /// `domain_crash()` of a domain other than the hardware domain
+    /// (recorded in [`crashed`](Self::crashed)).
+    fn crash_unless_hardware_domain(&mut self, owner: DomId, e: Errno) {
+        if self.driver_crashes_on_no_memory && e == Errno::NoMem && owner != DomId::DOM0 {
+            self.crashed.push(owner);
         }
-        self.crashed.push(owner);
-        true
     }
 
     /// Xen 4.17's `iommu_unmap()` of BFNs `first..=last` of a default
     /// context: each call takes the largest size the IOMMU has (here 4 KiB
     /// and 2 MiB) that starts aligned and that the rest of the run covers
-    /// (`mapping_order()`). A failed call does not stop it for the hardware
-    /// domain; any other domain is crashed and the loop stops. The first
-    /// error is the answer. (Nothing mapped is no error: Xen's drivers
-    /// answer 0.)
+    /// (`mapping_order()`), as the glue's `pvx_unmap_run()` makes them: a
+    /// failed call does not stop it. The first error is the answer.
+    /// (Nothing mapped is no error: Xen's drivers answer 0.)
     fn xen_unmap_pages(
         &mut self,
         owner: DomId,
@@ -1995,9 +1998,7 @@ impl SimMachine {
                 Ok(()) | Err(Errno::NoEnt) => {}
                 Err(e) => {
                     result = result.and(Err(e));
-                    if self.crash_unless_hardware_domain(owner) {
-                        break;
-                    }
+                    self.crash_unless_hardware_domain(owner, e);
                 }
             }
             at = match at.checked_add(if whole { 0x200 } else { 1 }) {
@@ -2076,7 +2077,7 @@ impl IommuBackend for SimMachine {
         }
         self.map_calls += 1;
         if let Err(e) = self.map_page(owner, ctx, bfn, mfn, perms, attr) {
-            self.crash_unless_hardware_domain(owner);
+            self.crash_unless_hardware_domain(owner, e);
             return Err(e);
         }
         // VT-d with caching mode off needs no flush for a non-present ->
@@ -2143,9 +2144,7 @@ impl IommuBackend for SimMachine {
                 if let Some(last_done) = done.checked_sub(1) {
                     let _ = self.xen_unmap_pages(owner, ctx, bfn.0, bfn.0 + last_done);
                 }
-                // (After the unmap's own, should that have failed too: Xen
-                // calls `domain_crash()` in both.)
-                self.crash_unless_hardware_domain(owner);
+                self.crash_unless_hardware_domain(owner, e);
                 result = Err(e);
                 break;
             }
@@ -2165,7 +2164,7 @@ impl IommuBackend for SimMachine {
         match self.unmap_page(owner, ctx, bfn, false) {
             Err(Errno::NoEnt) => return Err(Errno::NoEnt),
             Err(e) => {
-                self.crash_unless_hardware_domain(owner);
+                self.crash_unless_hardware_domain(owner, e);
                 return Err(e);
             }
             Ok(()) => {}

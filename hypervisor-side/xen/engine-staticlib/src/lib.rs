@@ -1234,9 +1234,9 @@ impl IommuBackend for Xen {
         }
         let last = pviommu_hv::iommu::run_last(bfn, count).ok_or(Errno::Inval)?;
         let mut flush = 0u32;
-        // SAFETY: out-pointer to a local. One `iommu_map()` of the run: Xen
-        // maps each part aligned to 2 MiB in both BFN and frame with one
-        // entry.
+        // SAFETY: out-pointer to a local. The run in the calls Xen's
+        // `iommu_map()` makes (`pvx_map_run()`): each part aligned to 2 MiB
+        // in both BFN and frame is one entry.
         let rc = unsafe {
             ffi::pvx_iommu_map(
                 owner.0,
@@ -1248,8 +1248,8 @@ impl IommuBackend for Xen {
             )
         };
         // Gathered whatever the answer: a failed run's entries existed
-        // until Xen unmapped them again, and Xen's own flush of them may
-        // have failed (the glue then marks the run modified).
+        // until the glue unmapped them again, and only this flush covers
+        // them (the glue marks a failed run modified).
         gather.add_range(ctx, bfn, last, flush)?;
         if rc != 0 {
             return Err(errno_from(rc));
@@ -1281,11 +1281,12 @@ impl IommuBackend for Xen {
     ) -> Result<(), Errno> {
         let last = pviommu_hv::iommu::run_last(bfn, count).ok_or(Errno::Inval)?;
         let mut flush = 0u32;
-        // SAFETY: out-pointer to a local. One `iommu_unmap()` of the run:
-        // Xen clears each aligned 2 MiB of it with one entry.
+        // SAFETY: out-pointer to a local. The run in the calls Xen's
+        // `iommu_unmap()` makes (`pvx_unmap_run()`): each aligned 2 MiB of it
+        // is one entry cleared.
         let rc = unsafe { ffi::pvx_iommu_unmap(owner.0, bfn.0, count, &mut flush) };
         // Gathered whatever the answer: a failed run may have cleared some
-        // of its entries (Xen goes on for the hardware domain), whose pages
+        // of its entries (the glue tries every part), whose pages
         // the engine releases once its page-by-page retry finds them gone;
         // only a flush covering them may come first (the glue marks a
         // failed run modified, so that flush is made).
