@@ -204,11 +204,11 @@ pub(crate) struct CellState {
     /// flush. A batch's end flushes such a cell even if the batch did not
     /// name its context, as before there were cells per context.
     retry: AtomicBool,
-    /// It has IOMMU entries still to write or clear (pending maps, entries
-    /// of unmaps), left there by a batch that was preempted: the flush
-    /// that ends the call, in a later entry, writes them whichever
-    /// contexts that entry names (and any later batch of the owner's
-    /// does, should the call never come back).
+    /// Its owner's flush has work waiting (entries to write or clear,
+    /// pages to release, invalidations gathered), as a batch that was
+    /// preempted leaves it: the flush that ends the call, in a later entry,
+    /// does it whichever contexts that entry names (and so does any later
+    /// batch of the owner's, should the call never come back).
     unfinished: AtomicBool,
 }
 
