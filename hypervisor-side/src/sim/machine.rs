@@ -107,6 +107,16 @@ enum Context {
     Lpae(IoPageTable<Lpae>),
 }
 
+impl Context {
+    /// Clear page `bfn` (`NoEnt` if nothing maps it), whichever the format.
+    fn unmap(&mut self, mem: &mut impl TableMemory, bfn: Bfn) -> Result<(), Errno> {
+        match self {
+            Context::Vtd(t) => t.unmap(mem, bfn),
+            Context::Lpae(t) => t.unmap(mem, bfn),
+        }
+    }
+}
+
 /// One of the engine's contexts as the IOMMU knows it: a tag and the
 /// tables a device attached to it walks.
 #[derive(Clone, Copy, Debug)]
@@ -1938,10 +1948,7 @@ impl SimMachine {
         };
         let mut mem = WriteThrough(&mut self.ram);
         if !whole {
-            return match c {
-                Context::Vtd(t) => t.unmap(&mut mem, bfn),
-                Context::Lpae(t) => t.unmap(&mut mem, bfn),
-            };
+            return c.unmap(&mut mem, bfn);
         }
         let superpage = match c {
             Context::Vtd(t) => t.unmap_superpage(&mut mem, bfn),
@@ -1952,11 +1959,7 @@ impl SimMachine {
             return Ok(());
         }
         for page in bfn.0..bfn.0 + 0x200 {
-            let cleared = match c {
-                Context::Vtd(t) => t.unmap(&mut mem, Bfn(page)),
-                Context::Lpae(t) => t.unmap(&mut mem, Bfn(page)),
-            };
-            match cleared {
+            match c.unmap(&mut mem, Bfn(page)) {
                 Ok(()) | Err(Errno::NoEnt) => {}
                 Err(e) => return Err(e),
             }
@@ -2019,10 +2022,7 @@ impl SimMachine {
         };
         let mut mem = WriteThrough(&mut self.ram);
         for page in first..first.saturating_add(pages) {
-            let _ = match c {
-                Context::Vtd(t) => t.unmap(&mut mem, Bfn(page)),
-                Context::Lpae(t) => t.unmap(&mut mem, Bfn(page)),
-            };
+            let _ = c.unmap(&mut mem, Bfn(page));
         }
     }
 }
