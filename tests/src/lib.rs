@@ -83,15 +83,25 @@ pub fn map_op(domid: DomId, gfn: u64, perms: Permissions) -> PvIommuOp {
 
 /// A map op into `context`.
 pub fn map_op_in(context: ContextId, domid: DomId, gfn: u64, perms: Permissions) -> PvIommuOp {
-    Request::Map(MapRequest {
+    Request::Map(map_request_in(context, domid, gfn, perms)).encode()
+}
+
+/// The request of [`map_op_in`], for the engine's own calls (which leave
+/// the flush to `finish`).
+pub fn map_request_in(
+    context: ContextId,
+    domid: DomId,
+    gfn: u64,
+    perms: Permissions,
+) -> MapRequest {
+    MapRequest {
         context,
         domid,
         gfn: Gfn(gfn),
         perms,
         attr: MemAttr::WriteBack,
         grant: false,
-    })
-    .encode()
+    }
 }
 
 /// An unmap op.

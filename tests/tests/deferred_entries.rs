@@ -12,7 +12,7 @@
 //! revoked (a notice), and a hook that takes a map down before the flush
 //! finds nothing to clear.
 
-use pviommu_abi::{Bfn, ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions};
+use pviommu_abi::{Bfn, ContextId, DomId, Gfn, MapRequest, Permissions};
 use pviommu_hv::engine::Slot;
 use pviommu_hv::platform::Platform;
 use pviommu_hv::sim::Format;
@@ -29,17 +29,9 @@ fn slot_of(e: &pviommu_hv::Engine, bfn: Bfn) -> Option<Slot> {
     slot
 }
 
-/// Dom0's request to map the guest's `gfn` into context 0 (for the
-/// engine's own calls, which leave the flush to `finish`).
+/// Dom0's request to map the guest's `gfn` into context 0.
 fn guest_map(gfn: u64, perms: Permissions) -> MapRequest {
-    MapRequest {
-        context: ContextId::DEFAULT,
-        domid: GUEST,
-        gfn: Gfn(gfn),
-        perms,
-        attr: MemAttr::WriteBack,
-        grant: false,
-    }
+    map_request_in(ContextId::DEFAULT, GUEST, gfn, perms)
 }
 
 /// The BFN is free: its slot is, or the cell let its slots go (emptied).
