@@ -27,7 +27,7 @@
 #define __HYPERVISOR_pv_iommu_op 43
 
 /* Major in the high 16 bits, minor in the low 16. Callers check the major. */
-#define PVIOMMU_INTERFACE_VERSION 0x00010005u
+#define PVIOMMU_INTERFACE_VERSION 0x00010006u
 
 /* ---- Commands (first hypercall argument) ---- */
 #define PVIOMMU_CMD_query_caps       1u /* arg: struct pv_iommu_caps (out)   */
@@ -63,7 +63,9 @@
                                            /* (ABI 1.4)                    */
 #define PVIOMMU_FEAT_REVOKED_NUMBERED (1u << 7) /* revoked_next/ack take  */
                                               /* PVIOMMU_REVOKED_NUMBERED */
-#define PVIOMMU_FEAT_ALL         0xffu
+#define PVIOMMU_FEAT_EXTENTS_2M  (1u << 8) /* map/unmap take PVIOMMU_F_EXTENT_2M */
+                                           /* (ABI 1.6)                    */
+#define PVIOMMU_FEAT_ALL         0x1ffu
 
 /* caps.translation: whether the caller's IOMMU context translates BFNs.
  * Anything but TRANSLATES makes maps into context 0 fail with EADDRNOTAVAIL
@@ -146,6 +148,18 @@ struct pv_iommu_caps {
 #define PVIOMMU_ATTR_DEVICE 2u      /* device memory (no speculation/merging)  */
 #define PVIOMMU_F_VALID_MASK (PVIOMMU_F_READ | PVIOMMU_F_WRITE | \
                               PVIOMMU_F_GRANT | PVIOMMU_ATTR_MASK)
+/* ABI 1.6 (PVIOMMU_FEAT_EXTENTS_2M). OP_map with this flag too maps the
+ * PVIOMMU_EXTENT_PAGES frames from gfn (a multiple of 512; not a grant;
+ * one run of machine frames, else EXDEV) at 512 consecutive BFNs from the
+ * bfn answered (a multiple of 512): all or nothing. Each page is a mapping
+ * of its own (its reference, its revocation). An extent whose pages are
+ * all mapped already (same target, context, permissions, attribute) at one
+ * such run shares it; one mapped in part, or elsewhere, answers EBUSY.
+ * OP_unmap with flags exactly this drops a reference to each of the 512
+ * BFNs from bfn (a multiple of 512): none unless each is a mapping of the
+ * context or a revoked BFN (acknowledged; the op then answers ESTALE). */
+#define PVIOMMU_F_EXTENT_2M (1u << 3)
+#define PVIOMMU_EXTENT_PAGES 512u
 
 struct pv_iommu_op {
     uint16_t subop;     /* PVIOMMU_OP_*                                         */

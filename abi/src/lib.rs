@@ -1,4 +1,4 @@
-//! The PV-IOMMU hypercall ABI, interface version 1.3.
+//! The PV-IOMMU hypercall ABI, interface version 1.6.
 //!
 //! A driver domain asks the hypervisor, through hypercall
 //! [`HYPERVISOR_PV_IOMMU_OP`], to map a foreign domain's guest frame into one
@@ -36,7 +36,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 pub const HYPERVISOR_PV_IOMMU_OP: u32 = 43;
 
 /// Interface version: major in the high 16 bits, minor in the low 16.
-pub const INTERFACE_VERSION: u32 = 0x0001_0005;
+pub const INTERFACE_VERSION: u32 = 0x0001_0006;
 
 /// Major part of a version word.
 pub const fn version_major(version: u32) -> u16 {
@@ -122,8 +122,13 @@ pub mod feature {
     /// [`subop::REVOKED_ACK`](crate::subop::REVOKED_ACK) with the same flag
     /// acknowledges only the notice of that number (ABI 1.5).
     pub const REVOKED_NUMBERED: u32 = 1 << 7;
+    /// [`subop::MAP`](crate::subop::MAP) and
+    /// [`subop::UNMAP`](crate::subop::UNMAP) take
+    /// [`op_flags::EXTENT_2M`](crate::op_flags::EXTENT_2M): a 2 MiB extent of
+    /// a target, at 512 consecutive BFNs aligned to 2 MiB, in one op (ABI 1.6).
+    pub const EXTENTS_2M: u32 = 1 << 8;
     /// Every bit defined by this version.
-    pub const ALL: u32 = 0xff;
+    pub const ALL: u32 = 0x1ff;
 }
 
 /// Why a caller's IOMMU context cannot use BFNs ([`PvIommuCaps::translation`]).
@@ -223,8 +228,30 @@ pub mod op_flags {
     pub const ATTR_SHIFT: u16 = 8;
     /// Mask of the memory-attribute field.
     pub const ATTR_MASK: u16 = 0x7 << ATTR_SHIFT;
-    /// Every bit a caller may set.
+    /// Every bit a caller may set in a map of one page.
     pub const VALID_MASK: u16 = READ | WRITE | GRANT | ATTR_MASK;
+    /// A map or unmap of a 2 MiB extent (ABI 1.6,
+    /// [`feature::EXTENTS_2M`](crate::feature::EXTENTS_2M)). A map maps the
+    /// [`EXTENT_PAGES`](crate::EXTENT_PAGES) frames from `gfn` (a multiple
+    /// of 512, not a grant), which must be one run of machine frames, at
+    /// 512 consecutive BFNs from the one answered (a multiple of 512): all
+    /// or nothing. Each page is a mapping of its own (its own reference,
+    /// revoked on its own). An unmap (flags exactly this) drops one
+    /// reference to each of the 512 BFNs from `bfn` (a multiple of 512):
+    /// all are checked first, and nothing is done unless each is a mapping
+    /// of the context or a revoked BFN (acknowledged, the op answering
+    /// `ESTALE`).
+    pub const EXTENT_2M: u16 = 1 << 3;
+}
+
+/// Pages of a [`op_flags::EXTENT_2M`] extent: 2 MiB of 4 KiB pages.
+pub const EXTENT_PAGES: u64 = 512;
+
+/// Whether frame number `frame` (a gfn or a BFN) starts a 2 MiB extent.
+/// (A mask, not `is_multiple_of`, which is newer than the Rust that
+/// builds the engine object for Xen.)
+pub const fn extent_aligned(frame: u64) -> bool {
+    frame & (EXTENT_PAGES - 1) == 0
 }
 
 /// Kinds of reserved region ([`PvIommuRegion::kind`]).

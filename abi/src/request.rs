@@ -2,8 +2,8 @@
 //! guest controls is validated here, once, before the engine touches state.
 
 use crate::{
-    op_flags, revoked_ack, revoked_next, subop, Bfn, ContextId, DomId, Errno, Gfn, MemAttr,
-    Permissions, PvIommuOp, Sbdf,
+    extent_aligned, op_flags, revoked_ack, revoked_next, subop, Bfn, ContextId, DomId, Errno, Gfn,
+    MemAttr, Permissions, PvIommuOp, Sbdf, EXTENT_PAGES,
 };
 
 /// What a map asks for.
@@ -30,6 +30,18 @@ pub struct MapRequest {
 pub enum Request {
     /// Map a foreign frame; answer the BFN.
     Map(MapRequest),
+    /// Map a 2 MiB extent of a foreign domain's frames at 512 consecutive
+    /// BFNs; answer the first ([`op_flags::EXTENT_2M`], ABI 1.6). `gfn` is
+    /// a multiple of [`EXTENT_PAGES`](crate::EXTENT_PAGES), never a grant.
+    MapExtent(MapRequest),
+    /// Drop a reference to each of the 512 BFNs from `bfn`, a multiple of
+    /// [`EXTENT_PAGES`](crate::EXTENT_PAGES) ([`op_flags::EXTENT_2M`]).
+    UnmapExtent {
+        /// Context holding the BFNs.
+        context: ContextId,
+        /// The first BFN.
+        bfn: Bfn,
+    },
     /// Drop a reference to a BFN.
     Unmap {
         /// Context holding the BFN.
@@ -116,7 +128,17 @@ impl Request {
             return Err(Errno::Inval);
         }
         match op.subop {
+            subop::MAP if op.flags & op_flags::EXTENT_2M != 0 => extent_fields(op),
             subop::MAP => map_fields(op).map(Request::Map),
+            subop::UNMAP if op.flags == op_flags::EXTENT_2M => {
+                if op.domid != 0 || op.gfn != 0 || !extent_aligned(op.bfn) {
+                    return Err(Errno::Inval);
+                }
+                Ok(Request::UnmapExtent {
+                    context,
+                    bfn: Bfn(op.bfn),
+                })
+            }
             subop::UNMAP | subop::LOOKUP | subop::REVOKED_ACK => {
                 if !bfn_op_fields_clear(op) {
                     return Err(Errno::Inval);
@@ -258,8 +280,18 @@ impl Request {
                 op.domid = m.domid.0;
                 op.gfn = m.gfn.0;
             }
+            Request::MapExtent(m) => {
+                op = Request::Map(m).encode();
+                op.flags |= op_flags::EXTENT_2M;
+            }
             Request::Unmap { context, bfn } => {
                 op.subop = subop::UNMAP;
+                op.context = context.0;
+                op.bfn = bfn.0;
+            }
+            Request::UnmapExtent { context, bfn } => {
+                op.subop = subop::UNMAP;
+                op.flags = op_flags::EXTENT_2M;
                 op.context = context.0;
                 op.bfn = bfn.0;
             }
@@ -329,6 +361,22 @@ fn bfn_op_fields_clear(op: &PvIommuOp) -> bool {
     op.flags == 0 && op.domid == 0 && op.gfn == 0
 }
 
+/// The fields of an extent map (its subop and padding checked, and its
+/// [`op_flags::EXTENT_2M`] set): those of a map of its first page, a
+/// first gfn on a 2 MiB boundary whose extent does not wrap, no grant
+/// (a grant reference names one page).
+#[inline]
+fn extent_fields(op: &PvIommuOp) -> Result<Request, Errno> {
+    let m = map_fields(&PvIommuOp {
+        flags: op.flags & !op_flags::EXTENT_2M,
+        ..*op
+    })?;
+    if m.grant || !extent_aligned(m.gfn.0) || m.gfn.0 > u64::MAX - EXTENT_PAGES {
+        return Err(Errno::Inval);
+    }
+    Ok(Request::MapExtent(m))
+}
+
 /// The fields of a map op (its subop and padding already checked).
 #[inline]
 fn map_fields(op: &PvIommuOp) -> Result<MapRequest, Errno> {
@@ -360,8 +408,11 @@ fn map_fields(op: &PvIommuOp) -> Result<MapRequest, Errno> {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use super::*;
     use proptest::prelude::*;
+    // (`prop_oneof!` of more than 10 arms builds a `vec!`.)
+    use std::vec;
 
     fn arb_request() -> impl Strategy<Value = Request> {
         prop_oneof![
@@ -384,9 +435,33 @@ mod tests {
                     attr: MemAttr::from_field(a).unwrap(),
                     grant,
                 })),
+            (
+                any::<u32>(),
+                0u16..DomId::FIRST_RESERVED,
+                0u64..=(u64::MAX / EXTENT_PAGES - 1),
+                1u8..4,
+                0u16..3,
+            )
+                .prop_map(|(c, d, e, p, a)| Request::MapExtent(MapRequest {
+                    context: ContextId(c),
+                    domid: DomId(d),
+                    gfn: Gfn(e * EXTENT_PAGES),
+                    perms: Permissions {
+                        read: p & 1 != 0,
+                        write: p & 2 != 0
+                    },
+                    attr: MemAttr::from_field(a).unwrap(),
+                    grant: false,
+                })),
             (any::<u32>(), any::<u64>()).prop_map(|(c, b)| Request::Unmap {
                 context: ContextId(c),
                 bfn: Bfn(b)
+            }),
+            (any::<u32>(), 0u64..=(u64::MAX / EXTENT_PAGES)).prop_map(|(c, e)| {
+                Request::UnmapExtent {
+                    context: ContextId(c),
+                    bfn: Bfn(e * EXTENT_PAGES),
+                }
             }),
             (any::<u32>(), any::<u64>()).prop_map(|(c, b)| Request::Lookup {
                 context: ContextId(c),
@@ -480,6 +555,81 @@ mod tests {
         fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 40)) {
             let op = <PvIommuOp as zerocopy::FromBytes>::read_from_bytes(&bytes).unwrap();
             let _ = Request::parse(&op);
+        }
+    }
+
+    /// An extent's first frame is on a 2 MiB boundary, its map is of
+    /// frames (no grant) whose extent does not wrap, its unmap names nothing
+    /// but the context and the first BFN; and neither is ever taken for a
+    /// map or an unmap of one page (which the batch's runs take).
+    #[test]
+    fn an_extent_op_is_aligned_and_never_a_page_op() {
+        let map = MapRequest {
+            context: ContextId(1),
+            domid: DomId(3),
+            gfn: Gfn(512 * 7),
+            perms: Permissions::RW,
+            attr: MemAttr::WriteBack,
+            grant: false,
+        };
+        let good = Request::MapExtent(map).encode();
+        assert_eq!(Request::parse(&good), Ok(Request::MapExtent(map)));
+        assert_eq!(Request::parse_map(&good), None);
+        let last = PvIommuOp {
+            gfn: u64::MAX - 2 * EXTENT_PAGES + 1,
+            ..good
+        };
+        assert!(matches!(Request::parse(&last), Ok(Request::MapExtent(_))));
+        for bad in [
+            PvIommuOp {
+                gfn: 512 * 7 + 1,
+                ..good
+            },
+            PvIommuOp { gfn: 256, ..good },
+            PvIommuOp {
+                gfn: u64::MAX - EXTENT_PAGES + 1,
+                ..good
+            },
+            PvIommuOp {
+                flags: good.flags | op_flags::GRANT,
+                ..good
+            },
+            PvIommuOp { bfn: 512, ..good },
+            PvIommuOp {
+                flags: op_flags::EXTENT_2M,
+                ..good
+            },
+        ] {
+            assert_eq!(Request::parse(&bad), Err(Errno::Inval), "{bad:?}");
+            assert_eq!(Request::parse_map(&bad), None);
+        }
+        let unmap = Request::UnmapExtent {
+            context: ContextId(1),
+            bfn: Bfn(1 << 30),
+        }
+        .encode();
+        assert_eq!(
+            Request::parse(&unmap),
+            Ok(Request::UnmapExtent {
+                context: ContextId(1),
+                bfn: Bfn(1 << 30)
+            })
+        );
+        assert_eq!(Request::parse_unmap(&unmap), None);
+        for bad in [
+            PvIommuOp {
+                bfn: (1 << 30) + 8,
+                ..unmap
+            },
+            PvIommuOp { domid: 1, ..unmap },
+            PvIommuOp { gfn: 1, ..unmap },
+            PvIommuOp {
+                flags: op_flags::EXTENT_2M | op_flags::READ,
+                ..unmap
+            },
+        ] {
+            assert_eq!(Request::parse(&bad), Err(Errno::Inval), "{bad:?}");
+            assert_eq!(Request::parse_unmap(&bad), None);
         }
     }
 

@@ -269,7 +269,8 @@ impl<L: RawMutex> Engine<L> {
             | if contexts > 1 { feature::CONTEXTS } else { 0 }
             | feature::REVOCATION_QUEUE
             | feature::REVOKED_IN_CONTEXT
-            | feature::REVOKED_NUMBERED;
+            | feature::REVOKED_NUMBERED
+            | feature::EXTENTS_2M;
         let (quota, used, revoked) = self.usage(caller);
         PvIommuCaps {
             version: INTERFACE_VERSION,
@@ -826,6 +827,8 @@ impl<L: RawMutex> Engine<L> {
         mut op: PvIommuOp,
     ) -> Result<(), (bool, Errno)> {
         let request = Request::parse(&op);
+        // An extent map's result, for its undo.
+        let mut extent = None;
         let outcome = match request {
             Err(e) => Err(e),
             // The batch loop hands every map, unmap, acknowledgement and
@@ -846,6 +849,14 @@ impl<L: RawMutex> Engine<L> {
             Ok(Request::RevokedNext { numbered }) => self
                 .revoked_next(caller)
                 .map(|found| write_notice(&mut op, found, numbered)),
+            // Undone if its result cannot be written (as a run's maps).
+            Ok(Request::MapExtent(req)) => self.map_extent(h, caller, ci, &req).map(|m| {
+                op.bfn = m.mapped.bfn.0;
+                extent = Some(m);
+            }),
+            Ok(Request::UnmapExtent { context, bfn }) => self
+                .unmap_extent_check(caller, context, bfn)
+                .and_then(|revoked| if revoked { Err(Errno::Stale) } else { Ok(()) }),
             // Destructive ops: validate, report the outcome, then act, so a
             // status that cannot be written leaves the state unchanged.
             Ok(Request::ContextDestroy { context }) => self.context_destroy_check(caller, context),
@@ -879,6 +890,12 @@ impl<L: RawMutex> Engine<L> {
                 (Ok(Request::ContextAttach { context, device }), Ok(())) => {
                     self.context_detach(h, caller, context, device).is_ok()
                 }
+                (Ok(Request::MapExtent(req)), Ok(())) => {
+                    if let Some(done) = extent {
+                        self.map_extent_undo(h, caller, &req, done);
+                    }
+                    true
+                }
                 _ => true,
             };
             return Err((!undone, e));
@@ -890,6 +907,11 @@ impl<L: RawMutex> Engine<L> {
             (Ok(Request::ContextDetach { context, device }), Ok(())) => {
                 Some(self.context_detach(h, caller, context, device))
             }
+            // Reported as checked: `ESTALE` (some BFNs revoked) or 0.
+            (Ok(Request::UnmapExtent { context, bfn }), Ok(()) | Err(Errno::Stale)) => Some(
+                self.unmap_extent(h, caller, context, bfn)
+                    .and_then(|revoked| if revoked { Err(Errno::Stale) } else { Ok(()) }),
+            ),
             _ => None,
         };
         // Checked above, but another CPU (a revocation) may have changed the
@@ -902,8 +924,12 @@ impl<L: RawMutex> Engine<L> {
             if status != op.status {
                 op.status = status;
                 // Nothing there (ENOENT) or kept as it was (EBUSY): the act
-                // changed nothing; anything else did.
-                let changed = !matches!(r, Err(Errno::NoEnt | Errno::Busy));
+                // changed nothing; anything else did. (An extent's unmap
+                // refused changed nothing: it checks all before any.)
+                let changed = match request {
+                    Ok(Request::UnmapExtent { .. }) => matches!(r, Ok(()) | Err(Errno::Stale)),
+                    _ => !matches!(r, Err(Errno::NoEnt | Errno::Busy)),
+                };
                 h.copy_to_guest(addr, op.as_bytes())
                     .map_err(|e| (changed, e))?;
             }

@@ -167,6 +167,102 @@ pub fn observable(m: &SimMachine, e: &Engine) -> String {
     s
 }
 
+/// `ensure!(cond, fmt...)`: return `Err` with the message unless `cond`.
+macro_rules! ensure {
+    ($cond:expr $(,)?) => {
+        if !$cond {
+            return Err(format!("{} failed", stringify!($cond)));
+        }
+    };
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!("{}: {}", stringify!($cond), format!($($msg)+)));
+        }
+    };
+}
+
+/// `ensure_eq!(a, b, fmt...)`: return `Err` unless `a == b`.
+macro_rules! ensure_eq {
+    ($a:expr, $b:expr $(,)?) => {{
+        let (a, b) = (&$a, &$b);
+        if a != b {
+            return Err(format!("{} == {}: {:?} != {:?}", stringify!($a), stringify!($b), a, b));
+        }
+    }};
+    ($a:expr, $b:expr, $($msg:tt)+) => {{
+        let (a, b) = (&$a, &$b);
+        if a != b {
+            return Err(format!("{:?} != {:?}: {}", a, b, format!($($msg)+)));
+        }
+    }};
+}
+
+/// The engine's books against the machine: every live mapping is what the
+/// IOMMU translates its BFN to and what its gfn still points at, writable
+/// only while the gfn is; revoked and free BFNs translate to nothing; no
+/// table was freed or rewritten before its flush; every BFN is in the
+/// window, above RAM and outside reserved ranges; the free lists hold
+/// together; and every page reference is held by a mapping.
+pub fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), String> {
+    let st = e.state();
+    let reserved = e.window().reserved.clone();
+    let mut held_refs = 0u64;
+    // No IOMMU map past the width the driver built the tables for.
+    ensure_eq!(m.maps_past_width, 0);
+    // No table the IOMMU may still walk from its caches was freed, reused
+    // or changed before its flush.
+    ensure_eq!(m.tables_freed_before_flush(), 0);
+    ensure_eq!(m.unlinked_tables_rewritten(), 0);
+    for dd in st.drivers() {
+        let owner = dd.domid();
+        // The page index never lost a live mapping.
+        ensure_eq!(dd.index_misses(), 0);
+        // The doubly linked free list holds every free slot, once.
+        ensure!(dd.free_list_is_whole(), "free list broken");
+        ensure_eq!(dd.free_list_breaks(), 0);
+        for (idx, slot) in dd.slots() {
+            let bfn = st.space().bfn_of(idx).unwrap();
+            ensure!(bfn.0 >= e.window().start && bfn.0 < e.window().end);
+            ensure!(bfn.0 >= m.ram_end_frame(), "BFN above RAM");
+            ensure!(!reserved
+                .iter()
+                .any(|r| bfn.0 >= r.start && bfn.0 < r.start + r.nr));
+            match slot {
+                Slot::Live(map) => {
+                    // The page-table walk agrees with the mapping table.
+                    let t = m.translate(owner, map.context, bfn);
+                    ensure_eq!(t.map(|(mfn, p, _)| (mfn, p)), Some((map.mfn, map.perms)));
+                    // And the gfn still points at the mapped frame.
+                    ensure_eq!(
+                        m.mfn_of(map.domid, map.gfn),
+                        Some(map.mfn),
+                        "stale live mapping"
+                    );
+                    // Writable only while the gfn is.
+                    ensure!(
+                        !map.perms.write || !m.is_read_only(map.domid, map.gfn),
+                        "writable mapping of a read-only gfn"
+                    );
+                    held_refs += 1 + map.perms.write as u64;
+                }
+                Slot::Revoked { notice, .. } => {
+                    // Reserved, and unmapped: the device reaches nothing.
+                    ensure_eq!(m.translate(owner, notice.context, bfn), None);
+                }
+                Slot::Unmapping { mapping, .. } | Slot::Stuck { mapping, .. } => {
+                    held_refs += 1 + mapping.perms.write as u64;
+                }
+                Slot::Free { .. } => {
+                    ensure_eq!(m.translate(owner, ContextId::DEFAULT, bfn), None);
+                }
+            }
+        }
+    }
+    // Every page reference is accounted for by a mapping that holds one.
+    ensure_eq!(m.total_page_refs(), held_refs);
+    Ok(())
+}
+
 /// `REVOKED_NEXT` as `caller`: the oldest notice (BFN, domid, gfn), or the
 /// op's status.
 pub fn revoked_next(

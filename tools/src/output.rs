@@ -205,7 +205,7 @@ fn translation_name(code: u32) -> &'static str {
     }
 }
 
-const FEATURE_NAMES: [(u32, &str); 8] = [
+const FEATURE_NAMES: [(u32, &str); 9] = [
     (feature::CONTEXTS, "contexts"),
     (feature::ATTR_UC, "attr-uncached"),
     (feature::ATTR_DEVICE, "attr-device"),
@@ -214,6 +214,7 @@ const FEATURE_NAMES: [(u32, &str); 8] = [
     (feature::DEVICE_ATTACH, "device-attach"),
     (feature::REVOKED_IN_CONTEXT, "revoked-in-context"),
     (feature::REVOKED_NUMBERED, "revoked-numbered"),
+    (feature::EXTENTS_2M, "extents-2m"),
 ];
 // Every feature bit has a name: `unknown_features` is what a newer
 // hypervisor offers that this tool does not know.

@@ -29,10 +29,12 @@
 use alloc::vec::Vec;
 
 use super::EngineBug;
+use crate::bfn_alloc::BfnSpace;
 use crate::iommu::FlushGather;
 use crate::nospec::array_index_nospec;
 use crate::storage::{hash64, ChunkedVec, IndexTable, ShardedIndex};
 use crate::{ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions};
+use pviommu_abi::{extent_aligned, EXTENT_PAGES};
 
 /// "No slot" in a slot link.
 pub(crate) const NONE: u64 = u64::MAX;
@@ -1037,6 +1039,14 @@ impl DriverDomain {
             self.slots
                 .try_reserve_one(usize::try_from(limit).unwrap_or(usize::MAX))?;
         }
+        self.reserve_index(seed, at)
+    }
+
+    /// Make sure one more mapping of the page `at` is a probe of needs no
+    /// memory in either index: [`reserve_slot`](Self::reserve_slot) but the
+    /// slot (an extent takes its slots together).
+    #[inline(always)]
+    pub(crate) fn reserve_index(&mut self, seed: u64, at: &PageAt) -> Result<(), Errno> {
         self.pages.reserve_one(at.hash)?;
         // (Past the bound, or no longer exact, the page is not counted.)
         if self.regions_exact && self.regions.len() < MAX_REGIONS {
@@ -1045,6 +1055,68 @@ impl DriverDomain {
         }
         self.targets
             .reserve_one(|v| target_hash(seed, count_domid(v)))
+    }
+
+    /// Take [`EXTENT_PAGES`] slots in a row for a 2 MiB extent: the first a
+    /// multiple of 512 whose BFNs `space` makes one run on a 2 MiB boundary.
+    /// The block of the free list's head if all of it is free (an unmapped
+    /// extent's, once released), else fresh slots from the next multiple of
+    /// 512 (those skipped go on the free list), never more than `limit`
+    /// slots. Each slot taken holds `Free` until the caller stores into it,
+    /// as [`take_slot_near`](Self::take_slot_near) leaves one; the caller
+    /// gives back those it does not use with [`free_slot`](Self::free_slot).
+    /// `Err(NoSpc)`: no such block (nothing changed); `Err(NoMem)`: the
+    /// slot array could not grow (what it grew by stays, free). Bounded: a
+    /// pass over one block, and at most `2 * 512 - 1` slots pushed.
+    pub(crate) fn take_extent_slots(&mut self, space: &BfnSpace, limit: u64) -> Result<u64, Errno> {
+        const LAST: u64 = EXTENT_PAGES - 1;
+        let one_run = |first: u64| match (space.bfn_of(first), space.bfn_of(first + LAST)) {
+            (Some(a), Some(z)) => extent_aligned(a.0) && z.0.checked_sub(a.0) == Some(LAST),
+            _ => false,
+        };
+        if self.free_head != NONE {
+            let first = self.free_head & !LAST;
+            let all_free =
+                (first..=first + LAST).all(|i| self.raw(i).is_some_and(|r| r.state() == ST_FREE));
+            if all_free && one_run(first) {
+                for i in first..=first + LAST {
+                    if !self.unlink_free(i) {
+                        // A list that does not hold together (an engine
+                        // bug): nothing is handed out.
+                        for j in first..i {
+                            self.free_slot(j);
+                        }
+                        self.bugs[EngineBug::FreeListBreak as usize] += 1;
+                        return Err(Errno::NoSpc);
+                    }
+                }
+                return Ok(first);
+            }
+        }
+        let len = self.slots.len() as u64;
+        let first = (len + LAST) & !LAST;
+        if first + EXTENT_PAGES > limit || !one_run(first) {
+            return Err(Errno::NoSpc);
+        }
+        let most = usize::try_from(limit).unwrap_or(usize::MAX);
+        while (self.slots.len() as u64) < first + EXTENT_PAGES {
+            let pushed = self.slots.try_reserve_one(most).and_then(|()| {
+                self.slots
+                    .try_push(RawSlot::encode(&Slot::Free { next: NONE }))
+            });
+            if let Err(e) = pushed {
+                for j in len..self.slots.len() as u64 {
+                    self.free_slot(j);
+                }
+                return Err(e);
+            }
+        }
+        // (Fresh slots are in use at once, `free` unchanged; the ones
+        // skipped are free.)
+        for j in len..first {
+            self.free_slot(j);
+        }
+        Ok(first)
     }
 
     /// Take a free slot (after [`reserve_slot`](Self::reserve_slot)). The

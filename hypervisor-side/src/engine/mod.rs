@@ -64,6 +64,7 @@
 
 mod contexts;
 mod driver;
+mod extent;
 mod revoke;
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -73,6 +74,7 @@ use lock_api::{Mutex, MutexGuard, RawMutex};
 
 pub use contexts::{LeafBits, MAX_DEVICES_PER_CONTEXT};
 pub use driver::{DriverDomain, DriverStats, Mapping, Notice, Slot, REGION_GFN_END};
+pub use extent::ExtentMapped;
 pub use revoke::{
     GfnChange, RangeSweep, Restart, PREEMPT_RELEASE_LIMIT, SLICE_REVOKES, SLICE_VISITS,
     STUCK_RETRIES,
@@ -967,8 +969,16 @@ impl<L: RawMutex> Engine<L> {
     /// counted as of its last unlock. So maps into other contexts running
     /// at that very moment can exceed the quota by at most one run
     /// ([`MAP_CHUNK`]) each.
+    #[inline]
     fn over_quota(&self, d: &Driver<'_, L>, quota: u64) -> bool {
-        let own = d.dd.used();
+        self.over_quota_by(d, quota, 1)
+    }
+
+    /// Whether `more` BFNs (at least 1) would take the driver domain of the
+    /// locked cell `d` past its quota, as [`over_quota`](Self::over_quota)
+    /// tells for one.
+    fn over_quota_by(&self, d: &Driver<'_, L>, quota: u64, more: u64) -> bool {
+        let own = d.dd.used().saturating_add(more.saturating_sub(1));
         if d.dd.context == ContextId::DEFAULT && d.dd.contexts == 1 {
             return own >= quota;
         }

@@ -56,7 +56,7 @@
 #if defined(__XEN__) || defined(__XEN_TOOLS__)
 
 /* Major in the high 16 bits, minor in the low 16. Callers check the major. */
-#define PVIOMMU_INTERFACE_VERSION 0x00010005U
+#define PVIOMMU_INTERFACE_VERSION 0x00010006U
 
 /* ---- Commands (first hypercall argument) ---- */
 #define PVIOMMU_CMD_query_caps       1U /* arg: struct pv_iommu_caps          */
@@ -85,7 +85,8 @@
                                                 /* REVOKED_IN_CONTEXT       */
 #define PVIOMMU_FEAT_REVOKED_NUMBERED (1U << 7) /* revoked_next/ack take */
                                                 /* REVOKED_NUMBERED        */
-#define PVIOMMU_FEAT_ALL              0xffU
+#define PVIOMMU_FEAT_EXTENTS_2M       (1U << 8) /* PVIOMMU_F_EXTENT_2M     */
+#define PVIOMMU_FEAT_ALL              0x1ffU
 
 /* caps.translation: does the caller's IOMMU context translate BFNs? */
 #define PVIOMMU_TRANSLATES  0U /* yes: maps are accepted                    */
@@ -172,6 +173,11 @@ DEFINE_XEN_GUEST_HANDLE(pv_iommu_caps_t);
 #define PVIOMMU_ATTR_DEVICE 2U        /* device memory                       */
 #define PVIOMMU_F_VALID_MASK (PVIOMMU_F_READ | PVIOMMU_F_WRITE | \
                               PVIOMMU_F_GRANT | PVIOMMU_ATTR_MASK)
+/* OP_map: the 512 frames from gfn (2 MiB aligned, one machine run) at 512
+ * BFNs from the answered bfn (2 MiB aligned); OP_unmap with flags exactly
+ * this: a reference to each of the 512 BFNs from bfn (ABI 1.6). */
+#define PVIOMMU_F_EXTENT_2M (1U << 3)
+#define PVIOMMU_EXTENT_PAGES 512U
 
 struct pv_iommu_op {
     uint16_t subop;         /* IN: PVIOMMU_OP_*                              */

@@ -1,0 +1,528 @@
+//! Maps and unmaps of 2 MiB extents (ABI 1.6, [`op_flags::EXTENT_2M`]).
+//!
+//! A mediator that shadows a guest's 2 MiB GPU page wants one run of BFNs
+//! it can write as one 2 MiB shadow entry: 512 in a row, on a 2 MiB
+//! boundary. 512 page maps get that only as a preference (a run's BFNs
+//! follow each other when the slots are free, `Engine::slot_wanted`); an
+//! extent map gets it or fails, with nothing changed.
+//!
+//! Each page of an extent is a mapping of its own (its slot, its entry in
+//! the page index, its reference, its revocation), so everything after the
+//! map (an unmap of one of its BFNs, the gfn hooks, a teardown, the flush)
+//! is what it is for page maps. What an extent saves is the per-op work of
+//! 512 maps: the checks, the gate, the lock, the quota and the
+//! reservations are made once, and its IOMMU entries go to the host as one
+//! run (in context 0 one superpage entry where Xen folds it).
+//!
+//! The frames must be one run of machine frames, as Linux's GVT-g asks of
+//! a 2 MiB DMA map (`gvt_pin_guest_page()`): only then can the IOMMU map
+//! the 512 entries as one superpage, and only then does the map carry one
+//! frame number, not 512, from the page lookups (made with no engine lock
+//! held: a target's p2m lock comes before a cell's) to the install. A
+//! caller learns from `EXDEV` that an extent of a domain it may map is not
+//! one machine run, never which frames it has.
+//!
+//! [`op_flags::EXTENT_2M`]: pviommu_abi::op_flags::EXTENT_2M
+
+use core::sync::atomic::Ordering;
+
+use lock_api::RawMutex;
+use pviommu_abi::{extent_aligned, Gfn, MapRequest, EXTENT_PAGES};
+
+use super::driver::{PendingMap, NONE};
+use super::revoke::DEFER_LIMIT;
+use super::{map_key, Driver, Engine, Hypervisor, LookedUp, Mapped, TargetGate, UnmapKind};
+use super::{DriverDomain, Mapping, MAP_RETRIES};
+use crate::platform::DomainInfo;
+use crate::{Bfn, ContextId, DomId, Errno, Mfn};
+
+/// The last page of an extent, from its first.
+const LAST: u64 = EXTENT_PAGES - 1;
+
+/// An extent map's result: the first BFN with its install's tag (the
+/// first page's; the others' follow it), and whether the extent was
+/// mapped already and shared, for [`Engine::map_extent_undo`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct ExtentMapped {
+    /// The first BFN (on a 2 MiB boundary) and the first page's tag.
+    pub mapped: Mapped,
+    /// The extent's pages were mapped already, at these BFNs: each got a
+    /// reference more.
+    pub shared: bool,
+}
+
+/// Page `i` of the extent `req` asks for.
+#[inline(always)]
+fn page_of(req: &MapRequest, i: u64) -> MapRequest {
+    MapRequest {
+        gfn: Gfn(req.gfn.0 + i),
+        ..*req
+    }
+}
+
+impl<L: RawMutex> Engine<L> {
+    /// Map the 2 MiB extent of `req.domid` from `req.gfn` (a multiple of
+    /// 512, no grant) into `req.context` at 512 consecutive BFNs from the
+    /// one answered, a multiple of 512: all of it, or nothing (but a stale
+    /// mapping found on the way, revoked as a page map would). `EXDEV`:
+    /// its frames are not one machine run; `EBUSY`: some of its pages are
+    /// mapped in the context already, not as this extent; `ENOSPC`: over
+    /// the quota, or no free aligned run of 512 BFNs.
+    ///
+    /// The protocol is a page map's ([`map`](Self::map)), for 512 pages
+    /// at once: checks, the gate joined for all of them, the lookups with
+    /// no lock held, the cell's lock, the target's number read again, and
+    /// the install, which writes the books first and the IOMMU entries
+    /// last.
+    pub fn map_extent(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        caller_info: &DomainInfo,
+        req: &MapRequest,
+    ) -> Result<ExtentMapped, Errno> {
+        if !extent_aligned(req.gfn.0) || req.gfn.0 > u64::MAX - EXTENT_PAGES || req.grant {
+            return Err(Errno::Inval);
+        }
+        let caps = h.iommu_caps();
+        for _ in 0..MAP_RETRIES {
+            let checked_seq = self.checked_seq(req.domid);
+            let gate = self.map_checks(h, caller, caller_info, req, &caps, false)?;
+            // As for a page map: the checks are resolved before any lookup.
+            crate::nospec::block_speculation();
+            gate.active.fetch_add(EXTENT_PAGES as u32, Ordering::SeqCst);
+            let (first_mfn, ns) = match self.look_up_extent(h, req, gate, &caps, checked_seq) {
+                (LookedUp::Page(mfn), ns) => (mfn, ns),
+                // (Nothing held.)
+                (LookedUp::Moved, _) => continue,
+                (LookedUp::Refused(e), _) => return Err(e),
+            };
+            let mut d = match self.lock_for_map(caller, req.context) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.give_back_extent(h, req, first_mfn, 0);
+                    return Err(e);
+                }
+            };
+            d.dd.stats.ns_get_page += ns;
+            // Mark, then re-read the target's number (see `map`).
+            let newly = self.set_gate_bit(d.cell, req.domid, true);
+            let locked = (gate.seq.load(Ordering::SeqCst) == checked_seq)
+                .then(|| self.map_extent_locked(&mut d, h, req, first_mfn));
+            // What the map kept of the lookups' references and shares.
+            let (result, kept) = match locked {
+                Some(Ok(m)) => {
+                    // (A stale mapping revoked on the way may have been the
+                    // cell's last page of the target: the bit stays.)
+                    self.set_gate_bit(d.cell, req.domid, true);
+                    if m.shared {
+                        d.dd.stats.shared += EXTENT_PAGES;
+                        (Some(Ok(m)), 0)
+                    } else {
+                        d.dd.stats.maps += EXTENT_PAGES;
+                        (Some(Ok(m)), EXTENT_PAGES)
+                    }
+                }
+                Some(Err((e, 0))) => {
+                    self.undo_gate_bit(d.cell, &d.dd, req.domid, newly);
+                    (Some(Err(e)), 0)
+                }
+                // Failed once some entries existed: those wait for the
+                // flush, entries of the target.
+                Some(Err((e, consumed))) => {
+                    self.clear_gate_bit_if_unused(d.cell, &d.dd, req.domid);
+                    (Some(Err(e)), consumed)
+                }
+                None => {
+                    self.undo_gate_bit(d.cell, &d.dd, req.domid, newly);
+                    (None, 0)
+                }
+            };
+            self.put_driver(d);
+            self.give_back_extent(h, req, first_mfn, kept);
+            if let Some(result) = result {
+                return result;
+            }
+        }
+        Err(Errno::Again)
+    }
+
+    /// Look up the extent's 512 pages, its gate's shares joined for all
+    /// of them, each as [`look_up_joined`](Self::look_up_joined) looks up a
+    /// page: the first page's frame when every page is referenced and
+    /// their frames are one run; otherwise what stopped it, with nothing
+    /// held. Bounded: 512 lookups.
+    fn look_up_extent(
+        &self,
+        h: &mut impl Hypervisor,
+        req: &MapRequest,
+        gate: &TargetGate,
+        caps: &crate::iommu::BackendCaps,
+        checked_seq: u32,
+    ) -> (LookedUp, u64) {
+        let mut ns = 0;
+        let mut first = Mfn(0);
+        for i in 0..EXTENT_PAGES {
+            let (looked_up, t) = self.look_up_joined(h, &page_of(req, i), gate, caps, checked_seq);
+            ns += t;
+            // (Unless it found the page, the lookup gave its share back.)
+            let stop = match looked_up {
+                LookedUp::Page(mfn) if i == 0 => {
+                    first = mfn;
+                    continue;
+                }
+                LookedUp::Page(mfn) if first.0.checked_add(i) == Some(mfn.0) => continue,
+                LookedUp::Page(mfn) => {
+                    h.put_page(mfn, req.perms.write);
+                    self.gate_leave_many(req.domid, 1);
+                    LookedUp::Refused(Errno::XDev)
+                }
+                other => other,
+            };
+            // Pages before `i` are referenced; the shares of those and of
+            // the pages after `i` are still joined.
+            for j in 0..i {
+                h.put_page(Mfn(first.0 + j), req.perms.write);
+            }
+            self.gate_leave_many(req.domid, LAST);
+            return (stop, ns);
+        }
+        (LookedUp::Page(first), ns)
+    }
+
+    /// Give back the lookups' page references and gate shares of the
+    /// extent's pages from `from` on (those before it the map kept).
+    fn give_back_extent(&self, h: &mut impl Hypervisor, req: &MapRequest, first: Mfn, from: u64) {
+        for i in from..EXTENT_PAGES {
+            h.put_page(Mfn(first.0 + i), req.perms.write);
+        }
+        self.gate_leave_many(req.domid, EXTENT_PAGES - from);
+    }
+
+    /// Leave `domid`'s gate `n` times at once.
+    pub(crate) fn gate_leave_many(&self, domid: DomId, n: u64) {
+        if let Some(g) = self.gate(domid) {
+            g.active.fetch_sub(n as u32, Ordering::SeqCst);
+        }
+    }
+
+    /// The locked part of an extent map, its pages referenced from frame
+    /// `first_mfn` on: share the extent if the context maps all of it
+    /// there already, else install it whole. `Err((error, n))`: refused;
+    /// the first `n` pages' entries existed and wait for the flush, which
+    /// releases their references and shares (`n` is 0 but for an IOMMU
+    /// that refused an entry of one of the engine's own contexts).
+    fn map_extent_locked(
+        &self,
+        d: &mut Driver<'_, L>,
+        h: &mut impl Hypervisor,
+        req: &MapRequest,
+        first_mfn: Mfn,
+    ) -> Result<ExtentMapped, (Errno, u64)> {
+        if d.dd.context != req.context || !d.dd.has_context(req.context) {
+            return Err((Errno::NoEnt, 0));
+        }
+        let seed = self.seed;
+        // 1. What the context maps of the extent already (each page as a
+        //    page map dedups it: same target, gfn, context, access and
+        //    attribute). A mapping of a frame the gfn no longer has is a
+        //    removal whose hook has not run yet: revoked now.
+        let mut found = 0u64;
+        let mut first_slot = NONE;
+        let mut in_place = true;
+        for i in 0..EXTENT_PAGES {
+            let page = page_of(req, i);
+            let key = map_key(&page, Mfn(first_mfn.0 + i));
+            let at = d.dd.probe_page(seed, page.domid, page.gfn);
+            let found_here = d.dd.find_key_at(&at, &key);
+            let Some((idx, m)) = found_here.and_then(|i| d.dd.live_at(i).map(|m| (i, m))) else {
+                continue;
+            };
+            if m.mfn != key.mfn {
+                self.revoke_slot(d, h, idx);
+                continue;
+            }
+            if found == 0 {
+                first_slot = idx.wrapping_sub(i);
+            }
+            found += 1;
+            in_place &= idx == first_slot.wrapping_add(i) && m.refs < u32::MAX;
+        }
+        if found == EXTENT_PAGES && in_place {
+            return self.share_extent(d, first_slot).ok_or((Errno::Busy, 0));
+        }
+        if found > 0 {
+            return Err((Errno::Busy, 0));
+        }
+        // 2. Everything the install needs, before anything changes: the
+        //    quota, room for the run's maps to wait (context 0), the slots.
+        let quota = self.quota_of(d);
+        if self.over_quota_by(d, quota, EXTENT_PAGES) {
+            return Err((Errno::NoSpc, 0));
+        }
+        let deferred = req.context == ContextId::DEFAULT;
+        if deferred {
+            d.dd.reserve_pending_maps(DEFER_LIMIT as usize)
+                .map_err(|e| (e, 0))?;
+            // The run's maps wait together: those waiting are written
+            // first if the run would take the list past its limit.
+            if d.dd.pending_maps.len() as u64 + EXTENT_PAGES > DEFER_LIMIT {
+                self.write_pending_entries(d, h);
+            }
+        }
+        // The slot array may hold up to 511 free slots more than the
+        // quota: those an extent skipped to start on a 2 MiB boundary
+        // (the quota counts the BFNs in use, checked above).
+        let limit = quota.saturating_add(LAST).min(self.space.len());
+        let first =
+            d.dd.take_extent_slots(&self.space, limit)
+                .map_err(|e| (e, 0))?;
+        let Some(first_bfn) = self.space.bfn_of(first) else {
+            // Unreachable: the slots are a run of the space's BFNs.
+            for i in 0..EXTENT_PAGES {
+                d.dd.free_slot(first + i);
+            }
+            return Err((Errno::NoSpc, 0));
+        };
+        // 3. The books: each page indexed in its slot, the room for it
+        //    made just before. A failure takes back books only.
+        let mut tag = 0;
+        for i in 0..EXTENT_PAGES {
+            let page = page_of(req, i);
+            let at = d.dd.probe_page(seed, page.domid, page.gfn);
+            let key = map_key(&page, Mfn(first_mfn.0 + i));
+            let installed =
+                d.dd.reserve_index(seed, &at)
+                    .and_then(|()| d.dd.install_at(seed, &at, first + i, key));
+            match installed {
+                Ok(gen) if i == 0 => tag = gen,
+                Ok(_) => {}
+                Err(e) => {
+                    for j in 0..i {
+                        let _ = d.dd.unindex(seed, first + j);
+                    }
+                    for j in 0..EXTENT_PAGES {
+                        d.dd.free_slot(first + j);
+                    }
+                    return Err((e, 0));
+                }
+            }
+        }
+        d.dd.run_hint = (req.domid, Gfn(req.gfn.0 + LAST), first + LAST);
+        // 4. The IOMMU entries: in context 0 written together by the
+        //    flush that ends the call (one run, `write_pending_entries`);
+        //    in the engine's own tables now.
+        if deferred {
+            for i in 0..EXTENT_PAGES {
+                let pending = PendingMap {
+                    slot: (first + i) as u32,
+                    gen: tag.wrapping_add(i as u32),
+                };
+                // (Room made above: never refused, nothing allocated.)
+                let _ = crate::storage::try_push(&mut d.dd.pending_maps, pending);
+            }
+            if d.dd.pending_maps.len() as u64 >= DEFER_LIMIT {
+                self.write_pending_entries(d, h);
+            }
+        } else {
+            for i in 0..EXTENT_PAGES {
+                let t0 = self.clock(h);
+                let mapped = d.dd.iommu_map(
+                    h,
+                    req.context,
+                    Bfn(first_bfn.0 + i),
+                    Mfn(first_mfn.0 + i),
+                    req.perms,
+                    req.attr,
+                );
+                d.dd.stats.ns_iommu_map += self.since(h, t0);
+                if let Err(e) = mapped {
+                    self.take_back_extent(d, h, first, i);
+                    return Err((e, i));
+                }
+            }
+        }
+        Ok(ExtentMapped {
+            mapped: Mapped {
+                bfn: first_bfn,
+                tag,
+                cell: d.cell,
+            },
+            shared: false,
+        })
+    }
+
+    /// One more reference to each page of the extent mapped in the 512
+    /// slots from `first` (each checked live, below its bound): `None` if
+    /// those slots are not one aligned run of BFNs.
+    fn share_extent(&self, d: &mut Driver<'_, L>, first: u64) -> Option<ExtentMapped> {
+        let bfn = self.space.bfn_of(first).filter(|b| extent_aligned(b.0))?;
+        if self.space.bfn_of(first.checked_add(LAST)?) != Some(Bfn(bfn.0 + LAST)) {
+            return None;
+        }
+        let mut tag = 0;
+        for i in 0..EXTENT_PAGES {
+            let idx = first + i;
+            if let Some(m) = d.dd.live_at(idx) {
+                d.dd.set_refs(idx, m.refs.saturating_add(1));
+                if i == 0 {
+                    tag = m.gen;
+                }
+            }
+        }
+        Some(ExtentMapped {
+            mapped: Mapped {
+                bfn,
+                tag,
+                cell: d.cell,
+            },
+            shared: true,
+        })
+    }
+
+    /// An engine context's IOMMU refused the entry of page `failed` of an
+    /// extent installed from slot `first`: the pages before it have
+    /// entries, and go as unmaps go (cleared and released after the
+    /// flush); the rest never had one, and leave the books and their slots.
+    fn take_back_extent(
+        &self,
+        d: &mut Driver<'_, L>,
+        h: &mut impl Hypervisor,
+        first: u64,
+        failed: u64,
+    ) {
+        let seed = self.seed;
+        if d.dd.deferred_entries + failed > DEFER_LIMIT {
+            self.clear_deferred_entries(&mut d.dd, h);
+        }
+        for i in 0..EXTENT_PAGES {
+            let idx = first + i;
+            let _ = d.dd.unindex(seed, idx);
+            if i < failed {
+                d.dd.push_unmapping_at(idx, false, true);
+            } else {
+                d.dd.free_slot(idx);
+            }
+        }
+    }
+
+    /// Undo an extent map whose result could not be reported to the
+    /// caller: drop the reference it took to each of its pages, if that
+    /// page's mapping is still the one it made (installed: the tag of its
+    /// install, which follow each other) or shared (the same page of the
+    /// same request, the first page by its tag). Anything else is left
+    /// alone, as [`unmap_undo`](Self::unmap_undo) leaves it.
+    pub fn map_extent_undo(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        req: &MapRequest,
+        done: ExtentMapped,
+    ) {
+        let Some(first) = self.space.index_of(done.mapped.bfn) else {
+            return;
+        };
+        let Some(mut d) = self.lock_cell(caller, req.context) else {
+            return;
+        };
+        if d.cell != done.mapped.cell {
+            self.put_driver(d);
+            return;
+        }
+        for i in 0..EXTENT_PAGES {
+            let Some(idx) = first.checked_add(i).and_then(|i| d.dd.guest_slot(i)) else {
+                break;
+            };
+            let tag = done.mapped.tag.wrapping_add(i as u32);
+            let ours = |m: &Mapping| {
+                m.context == req.context
+                    && if done.shared {
+                        m.domid == req.domid
+                            && m.gfn.0 == req.gfn.0 + i
+                            && m.perms == req.perms
+                            && m.attr == req.attr
+                            && (i > 0 || m.gen == tag)
+                    } else {
+                        m.gen == tag
+                    }
+            };
+            if let Some(m) = d.dd.live_at(idx).filter(ours) {
+                if m.refs > 1 {
+                    d.dd.set_refs(idx, m.refs - 1);
+                } else {
+                    // The gate bit goes at the flush (the batch's `finish`).
+                    self.take_down_live(&mut d, h, idx, false);
+                }
+            }
+        }
+        self.put_driver(d);
+    }
+
+    /// The first slot of the extent of BFNs from `bfn` in `context`, and
+    /// whether any of them is revoked: `Err` unless every one is a mapping
+    /// of the context or a revoked BFN of it (as an unmap checks one).
+    fn extent_to_unmap(
+        &self,
+        dd: &DriverDomain,
+        context: ContextId,
+        bfn: Bfn,
+    ) -> Result<(u64, bool), Errno> {
+        if !extent_aligned(bfn.0) {
+            return Err(Errno::Inval);
+        }
+        let first = self.space.index_of(bfn).ok_or(Errno::NoEnt)?;
+        let last = bfn.0.checked_add(LAST).map(Bfn);
+        if first.checked_add(LAST).and_then(|l| self.space.bfn_of(l)) != last {
+            return Err(Errno::NoEnt);
+        }
+        let mut revoked = false;
+        for i in 0..EXTENT_PAGES {
+            let idx = dd.guest_slot(first + i).ok_or(Errno::NoEnt)?;
+            revoked |= matches!(Self::unmap_kind(dd, context, idx)?, UnmapKind::Revoked);
+        }
+        Ok((first, revoked))
+    }
+
+    /// [`unmap_extent`](Self::unmap_extent)'s check, changing nothing:
+    /// whether it would answer `ESTALE` (`Ok(true)`), or its error.
+    pub fn unmap_extent_check(
+        &self,
+        caller: DomId,
+        context: ContextId,
+        bfn: Bfn,
+    ) -> Result<bool, Errno> {
+        let d = self.lock_cell(caller, context).ok_or(Errno::NoEnt)?;
+        self.extent_to_unmap(&d.dd, context, bfn).map(|(_, r)| r)
+    }
+
+    /// Drop a reference to each of the 512 BFNs from `bfn` (a multiple of
+    /// 512) in `context`, as 512 unmaps under one lock, after checking
+    /// them all: nothing is done unless each is a mapping of the context
+    /// or a revoked BFN (acknowledged here: `Ok(true)`, which the op
+    /// reports as `ESTALE`). The BFNs need not be one extent map's.
+    pub fn unmap_extent(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        context: ContextId,
+        bfn: Bfn,
+    ) -> Result<bool, Errno> {
+        let mut d = self.lock_cell(caller, context).ok_or(Errno::NoEnt)?;
+        let result = self.extent_to_unmap(&d.dd, context, bfn);
+        if let Ok((first, _)) = result {
+            // The entries left for the flush stay within `DEFER_LIMIT`.
+            if d.dd.deferred_entries + EXTENT_PAGES > DEFER_LIMIT {
+                self.clear_deferred_entries(&mut d.dd, h);
+            }
+            for i in 0..EXTENT_PAGES {
+                // (Checked under this lock: unmapped, or acknowledged.)
+                let _ = self.unmap_locked(&mut d, context, first + i);
+            }
+        }
+        if d.dd.deferred_entries >= DEFER_LIMIT {
+            self.clear_deferred_entries(&mut d.dd, h);
+        }
+        self.put_driver(d);
+        result.map(|(_, revoked)| revoked)
+    }
+}

@@ -1,0 +1,471 @@
+//! 2 MiB extents (ABI 1.6, `op_flags::EXTENT_2M`): a map of 512 frames of a
+//! target at 512 BFNs in a row on a 2 MiB boundary, all or nothing; an
+//! unmap of 512 BFNs, all checked first. Each page is a mapping of its own
+//! afterwards: hooks revoke it, single unmaps drop it.
+
+use pviommu_abi::{
+    feature, op_flags, Bfn, ContextId, DomId, Errno, Gfn, MapRequest, Permissions, PvIommuOp,
+    Request, EXTENT_PAGES,
+};
+use pviommu_hv::sim::{Format, SimMachine};
+use pviommu_hv::Engine;
+use pviommu_tests::*;
+
+/// The guest's first aligned extent past dom0's frames: gfn 512 is frame
+/// 1024 (dom0 has 512 pages), so its 512 frames are one aligned run.
+const EXTENT: u64 = 512;
+
+fn host() -> (SimMachine, Engine) {
+    machine_after_dom0(Format::Vtd, 2048, 512)
+}
+
+fn extent_map(context: ContextId, gfn: u64, perms: Permissions) -> PvIommuOp {
+    Request::MapExtent(map_request_in(context, GUEST, gfn, perms)).encode()
+}
+
+fn extent_unmap(context: ContextId, bfn: Bfn) -> PvIommuOp {
+    Request::UnmapExtent { context, bfn }.encode()
+}
+
+/// Run one op as dom0: its status and the op as returned.
+fn run(m: &mut SimMachine, e: &Engine, op: PvIommuOp) -> (i32, PvIommuOp) {
+    let mut ops = [op];
+    m.guest_batch_all(e, DomId::DOM0, &mut ops).unwrap();
+    (ops[0].status, ops[0])
+}
+
+fn create_context(m: &mut SimMachine, e: &Engine) -> ContextId {
+    let (status, out) = run(m, e, Request::ContextCreate.encode());
+    assert_eq!(status, 0);
+    ContextId(out.context)
+}
+
+/// Every page of the extent from `gfn` at `bfn` translates to its frame in
+/// `context`, and the device reads the guest's bytes there.
+fn assert_mapped(m: &mut SimMachine, context: ContextId, bfn: Bfn, gfn: u64) {
+    for i in (0..EXTENT_PAGES).step_by(73).chain([EXTENT_PAGES - 1]) {
+        let at = Bfn(bfn.0 + i);
+        assert_eq!(
+            m.translate(DomId::DOM0, context, at).map(|t| t.0),
+            m.mfn_of(GUEST, Gfn(gfn + i)),
+            "page {i}"
+        );
+        assert_eq!(
+            m.dma_read(DomId::DOM0, context, at.0 << 12, 64).unwrap(),
+            pattern(gfn + i)
+        );
+    }
+}
+
+fn assert_unmapped(m: &SimMachine, context: ContextId, bfn: Bfn) {
+    for i in 0..EXTENT_PAGES {
+        assert_eq!(m.translate(DomId::DOM0, context, Bfn(bfn.0 + i)), None);
+    }
+}
+
+#[test]
+fn caps_offer_extents() {
+    let (mut m, e) = host();
+    let ci = pviommu_hv::platform::Platform::domain_info(&m, DomId::DOM0).unwrap();
+    let caps = e.caps(&m, DomId::DOM0, &ci);
+    assert_ne!(caps.features & feature::EXTENTS_2M, 0);
+    let _ = &mut m;
+}
+
+/// In context 0 an extent is one Xen call, one superpage entry; its BFNs
+/// are 512 in a row from a multiple of 512, each the page's; one unmap op
+/// clears it in one call, and every reference goes with the flush.
+#[test]
+fn an_extent_maps_at_one_aligned_run_in_one_call_and_unmaps_in_one() {
+    let (mut m, e) = host();
+    let refs = m.total_page_refs();
+    let (calls, superpages) = (m.map_calls, m.superpage_maps);
+    let (status, out) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW),
+    );
+    assert_eq!(status, 0);
+    let bfn = Bfn(out.bfn);
+    assert_eq!(bfn.0 % EXTENT_PAGES, 0, "on a 2 MiB boundary");
+    assert_eq!(m.map_calls - calls, 1, "one call");
+    assert_eq!(m.superpage_maps - superpages, 1, "one superpage entry");
+    assert_mapped(&mut m, ContextId::DEFAULT, bfn, EXTENT);
+    assert_eq!(m.total_page_refs(), refs + 2 * EXTENT_PAGES);
+    check_invariants(&mut m, &e).unwrap();
+    // Each BFN is a page of its own.
+    let (status, look) = run(
+        &mut m,
+        &e,
+        Request::Lookup {
+            context: ContextId::DEFAULT,
+            bfn: Bfn(bfn.0 + 7),
+        }
+        .encode(),
+    );
+    assert_eq!((status, look.domid, look.gfn), (0, GUEST.0, EXTENT + 7));
+
+    let (calls, superpages) = (m.unmap_calls, m.superpage_unmaps);
+    let (status, _) = run(&mut m, &e, extent_unmap(ContextId::DEFAULT, bfn));
+    assert_eq!(status, 0);
+    assert_eq!(m.unmap_calls - calls, 1);
+    assert_eq!(m.superpage_unmaps - superpages, 1);
+    assert_unmapped(&m, ContextId::DEFAULT, bfn);
+    assert_eq!(m.total_page_refs(), refs);
+    assert_eq!(e.target_active(GUEST), 0);
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// The same into a context of the engine's own tables, and the extent's
+/// BFNs are taken again by the next extent once released.
+#[test]
+fn an_extent_maps_into_an_engine_context_and_its_bfns_come_back() {
+    let (mut m, e) = host();
+    let ctx = create_context(&mut m, &e);
+    let refs = m.total_page_refs();
+    let (status, out) = run(&mut m, &e, extent_map(ctx, EXTENT, Permissions::RO));
+    assert_eq!(status, 0);
+    let bfn = Bfn(out.bfn);
+    assert_eq!(bfn.0 % EXTENT_PAGES, 0);
+    assert_mapped(&mut m, ctx, bfn, EXTENT);
+    check_invariants(&mut m, &e).unwrap();
+    assert_eq!(run(&mut m, &e, extent_unmap(ctx, bfn)).0, 0);
+    assert_unmapped(&m, ctx, bfn);
+    assert_eq!(m.total_page_refs(), refs);
+    let (status, again) = run(&mut m, &e, extent_map(ctx, 2 * EXTENT, Permissions::RO));
+    assert_eq!(status, 0);
+    assert_eq!(again.bfn, bfn.0, "the released block is taken again");
+    assert_mapped(&mut m, ctx, Bfn(again.bfn), 2 * EXTENT);
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// After page maps took BFNs at random places, an extent still gets an
+/// aligned run (fresh slots from the next multiple of 512; those skipped
+/// stay free for page maps).
+#[test]
+fn an_extent_after_page_maps_still_gets_an_aligned_run() {
+    let (mut m, e) = host();
+    for g in [3, 40, 41, 1500] {
+        map_one(&mut m, &e, DomId::DOM0, GUEST, g, Permissions::RW).unwrap();
+    }
+    let (status, out) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW),
+    );
+    assert_eq!(status, 0);
+    assert_eq!(out.bfn % EXTENT_PAGES, 0);
+    assert_mapped(&mut m, ContextId::DEFAULT, Bfn(out.bfn), EXTENT);
+    // A page map after it takes a skipped slot, below the extent.
+    let b = map_one(&mut m, &e, DomId::DOM0, GUEST, 7, Permissions::RW).unwrap();
+    assert!(b.0 < out.bfn, "{b:?}");
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// Refused with nothing changed: frames that are not one machine run
+/// (`EXDEV`), a page that is not the guest's RAM, another domain's guest
+/// the caller may not map, an unaligned or grant extent, or one past the
+/// frame numbers (`EINVAL`, at parsing).
+#[test]
+fn a_refused_extent_changes_nothing() {
+    let (mut m, e) = host();
+    // Gfn 600's frame replaced: the extent from 512 is no machine run.
+    m.replace_page(&e, GUEST, Gfn(600)).unwrap();
+    let before = observable(&m, &e);
+    let active = e.target_active(GUEST);
+    let (status, _) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW),
+    );
+    assert_eq!(status, Errno::XDev.negated());
+    assert_eq!(observable(&m, &e), before);
+    assert_eq!(e.target_active(GUEST), active);
+    // Past the guest's RAM (it has 2048 pages).
+    let (status, _) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, 2048, Permissions::RW),
+    );
+    assert_eq!(
+        status,
+        Errno::Nxio.negated(),
+        "as a page map of a gfn with no RAM"
+    );
+    assert_eq!(observable(&m, &e), before);
+    // A stranger may not call at all; the guest's device model may not
+    // map the stranger.
+    let mut ops = [extent_map(ContextId::DEFAULT, EXTENT * 2, Permissions::RW)];
+    assert_eq!(m.guest_batch_all(&e, STRANGER, &mut ops), Err(Errno::Perm));
+    let mut ops = [Request::MapExtent(map_request_in(
+        ContextId::DEFAULT,
+        STRANGER,
+        0,
+        Permissions::RW,
+    ))
+    .encode()];
+    m.guest_batch_all(&e, DEVICE_MODEL, &mut ops).unwrap();
+    assert_eq!(ops[0].status, Errno::Perm.negated());
+    assert_eq!(observable(&m, &e), before);
+    let good = extent_map(ContextId::DEFAULT, EXTENT * 2, Permissions::RW);
+    for bad in [
+        PvIommuOp {
+            gfn: EXTENT * 2 + 8,
+            ..good
+        },
+        PvIommuOp {
+            flags: good.flags | op_flags::GRANT,
+            ..good
+        },
+        PvIommuOp {
+            gfn: u64::MAX - EXTENT_PAGES + 1,
+            ..good
+        },
+        PvIommuOp { bfn: 512, ..good },
+    ] {
+        assert_eq!(run(&mut m, &e, bad).0, Errno::Inval.negated(), "{bad:?}");
+    }
+    assert_eq!(observable(&m, &e), before);
+    assert_eq!(e.target_active(GUEST), active);
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// The engine's own entry point checks what parsing checks.
+#[test]
+fn the_engine_refuses_an_unaligned_extent_itself() {
+    let (mut m, e) = host();
+    let ci = pviommu_hv::platform::Platform::domain_info(&m, DomId::DOM0).unwrap();
+    for gfn in [EXTENT + 1, u64::MAX - 511] {
+        let req = MapRequest {
+            gfn: Gfn(gfn),
+            ..map_request_in(ContextId::DEFAULT, GUEST, 0, Permissions::RW)
+        };
+        assert_eq!(
+            e.map_extent(&mut m, DomId::DOM0, &ci, &req),
+            Err(Errno::Inval)
+        );
+    }
+}
+
+/// An extent the context maps in part (a page map of one of its pages) is
+/// `EBUSY`; one it maps whole at the same run is shared (each page one
+/// reference more), and goes with its last unmap.
+#[test]
+fn an_extent_mapped_in_part_is_busy_and_whole_is_shared() {
+    let (mut m, e) = host();
+    let page = map_one(&mut m, &e, DomId::DOM0, GUEST, EXTENT + 9, Permissions::RW).unwrap();
+    let before = observable(&m, &e);
+    let (status, _) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW),
+    );
+    assert_eq!(status, Errno::Busy.negated());
+    assert_eq!(observable(&m, &e), before);
+    // Another access is another mapping: not in the way.
+    let (status, ro) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RO),
+    );
+    assert_eq!(status, 0);
+    assert_eq!(run(&mut m, &e, unmap_op(page)).0, 0);
+
+    let (status, first) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RO),
+    );
+    assert_eq!((status, first.bfn), (0, ro.bfn), "shared");
+    let refs = m.total_page_refs();
+    assert_eq!(
+        run(&mut m, &e, extent_unmap(ContextId::DEFAULT, Bfn(ro.bfn))).0,
+        0
+    );
+    assert_mapped(&mut m, ContextId::DEFAULT, Bfn(ro.bfn), EXTENT);
+    assert_eq!(m.total_page_refs(), refs, "one reference each left");
+    assert_eq!(
+        run(&mut m, &e, extent_unmap(ContextId::DEFAULT, Bfn(ro.bfn))).0,
+        0
+    );
+    assert_unmapped(&m, ContextId::DEFAULT, Bfn(ro.bfn));
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// An extent unmap checks every BFN before it drops any: one already
+/// unmapped on its own, or not the caller's, refuses the op whole.
+#[test]
+fn an_extent_unmap_checks_every_bfn_first() {
+    let (mut m, e) = host();
+    let (_, out) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW),
+    );
+    let bfn = Bfn(out.bfn);
+    assert_eq!(run(&mut m, &e, unmap_op(Bfn(bfn.0 + 300))).0, 0);
+    let before = observable(&m, &e);
+    let (status, _) = run(&mut m, &e, extent_unmap(ContextId::DEFAULT, bfn));
+    assert_eq!(status, Errno::NoEnt.negated());
+    assert_eq!(observable(&m, &e), before);
+    // Not an extent's first BFN, past the window, in a context not made.
+    for bad in [
+        extent_unmap(ContextId::DEFAULT, Bfn(bfn.0 + 8)),
+        extent_unmap(
+            ContextId::DEFAULT,
+            Bfn(e.window().end & !(EXTENT_PAGES - 1)),
+        ),
+        extent_unmap(ContextId::DEFAULT, Bfn(!(EXTENT_PAGES - 1))),
+        extent_unmap(ContextId(3), bfn),
+    ] {
+        assert_ne!(run(&mut m, &e, bad).0, 0);
+    }
+    assert_eq!(observable(&m, &e), before);
+    // Another driver domain cannot unmap it.
+    let mut ops = [extent_unmap(ContextId::DEFAULT, bfn)];
+    m.guest_batch_all(&e, DEVICE_MODEL, &mut ops).unwrap();
+    assert_eq!(ops[0].status, Errno::NoEnt.negated());
+    assert_eq!(observable(&m, &e), before);
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// A page of an extent the guest gives up is revoked on its own (a
+/// notice for its BFN); the extent's unmap then drops the rest and
+/// acknowledges it (`ESTALE`), leaving no notice.
+#[test]
+fn a_revoked_page_of_an_extent_is_acknowledged_by_its_unmap() {
+    let (mut m, e) = host();
+    let refs = m.total_page_refs();
+    let (_, out) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW),
+    );
+    let bfn = Bfn(out.bfn);
+    m.balloon_out(&e, GUEST, Gfn(EXTENT + 88)).unwrap();
+    m.current = DomId::DOM0;
+    assert_eq!(
+        revoked_next(&mut m, &e, DomId::DOM0),
+        Ok((Bfn(bfn.0 + 88), GUEST, Gfn(EXTENT + 88)))
+    );
+    assert_eq!(
+        m.translate(DomId::DOM0, ContextId::DEFAULT, Bfn(bfn.0 + 88)),
+        None
+    );
+    check_invariants(&mut m, &e).unwrap();
+    let (status, _) = run(&mut m, &e, extent_unmap(ContextId::DEFAULT, bfn));
+    assert_eq!(status, Errno::Stale.negated());
+    assert_unmapped(&m, ContextId::DEFAULT, bfn);
+    assert_eq!(
+        revoked_next(&mut m, &e, DomId::DOM0),
+        Err(Errno::NoEnt.negated())
+    );
+    // The ballooned page's frame is gone; the rest are released.
+    assert_eq!(m.total_page_refs(), refs);
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// An extent counts 512 against the quota: refused whole past it.
+#[test]
+fn an_extent_over_the_quota_is_refused_whole() {
+    let (mut m, e) = host();
+    e.set_quota(&mut m, DomId::DOM0, Some(600)).unwrap();
+    for g in 0..100 {
+        map_one(&mut m, &e, DomId::DOM0, GUEST, g, Permissions::RW).unwrap();
+    }
+    let before = observable(&m, &e);
+    let (status, _) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW),
+    );
+    assert_eq!(status, Errno::NoSpc.negated());
+    assert_eq!(observable(&m, &e), before);
+    e.set_quota(&mut m, DomId::DOM0, Some(612)).unwrap();
+    let (status, _) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW),
+    );
+    assert_eq!(status, 0, "100 + 512 fit a quota of 612");
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// A context of the engine's own whose table cannot be allocated refuses
+/// the extent with nothing changed (the page references and gate shares
+/// of its 512 lookups given back).
+#[test]
+fn an_extent_whose_table_cannot_be_allocated_is_refused_whole() {
+    let (mut m, e) = host();
+    let ctx = create_context(&mut m, &e);
+    let refs = m.total_page_refs();
+    m.fail_table_allocs(Some(0));
+    let (status, _) = run(&mut m, &e, extent_map(ctx, EXTENT, Permissions::RW));
+    m.fail_table_allocs(None);
+    assert_eq!(status, Errno::NoMem.negated());
+    assert_eq!(m.total_page_refs(), refs);
+    assert_eq!(e.target_active(GUEST), 0);
+    assert_eq!(e.context_state(DomId::DOM0, ctx).unwrap().used(), 0);
+    check_invariants(&mut m, &e).unwrap();
+    let (status, _) = run(&mut m, &e, extent_map(ctx, EXTENT, Permissions::RW));
+    assert_eq!(status, 0);
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// An extent map whose result cannot be copied out is undone: its 512
+/// references go, and a page the caller had mapped before keeps its own.
+#[test]
+fn an_extent_map_that_cannot_be_reported_is_undone() {
+    let (mut m, e) = host();
+    let refs = m.total_page_refs();
+    let (base, ops_addr) = stage_batch(
+        &mut m,
+        DomId::DOM0,
+        &[extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW)],
+    );
+    let ret = {
+        let mut h = Interposer::new(
+            &mut m,
+            Service::CopyToGuestAt(ops_addr),
+            Box::new(|_: &mut SimMachine| {}),
+        );
+        e.hypercall(&mut h, DomId::DOM0, pviommu_abi::cmd::BATCH, base)
+    };
+    assert_eq!(ret, Errno::Fault.negated() as i64);
+    e.finish(&mut m, DomId::DOM0);
+    assert_eq!(m.total_page_refs(), refs);
+    assert_eq!(e.target_active(GUEST), 0);
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// A shared extent's failed report drops only the reference it added.
+#[test]
+fn a_shared_extent_map_that_cannot_be_reported_drops_one_reference() {
+    let (mut m, e) = host();
+    let (_, out) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW),
+    );
+    let refs = m.total_page_refs();
+    let before = observable(&m, &e);
+    let (base, ops_addr) = stage_batch(
+        &mut m,
+        DomId::DOM0,
+        &[extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW)],
+    );
+    let ret = {
+        let mut h = Interposer::new(
+            &mut m,
+            Service::CopyToGuestAt(ops_addr),
+            Box::new(|_: &mut SimMachine| {}),
+        );
+        e.hypercall(&mut h, DomId::DOM0, pviommu_abi::cmd::BATCH, base)
+    };
+    assert_eq!(ret, Errno::Fault.negated() as i64);
+    e.finish(&mut m, DomId::DOM0);
+    assert_eq!(m.total_page_refs(), refs);
+    assert_eq!(observable(&m, &e), before);
+    assert_mapped(&mut m, ContextId::DEFAULT, Bfn(out.bfn), EXTENT);
+    check_invariants(&mut m, &e).unwrap();
+}
