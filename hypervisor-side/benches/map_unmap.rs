@@ -45,7 +45,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use pviommu_abi::{
-    Bfn, ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions, PvIommuOp, Request,
+    Bfn, ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions, PvIommuOp, Request, EXTENT_PAGES,
 };
 use pviommu_hv::config::Config;
 use pviommu_hv::engine::MAP_CHUNK;
@@ -62,7 +62,19 @@ fn setup(pages: u64, format: Format) -> (SimMachine, Engine) {
 }
 
 fn setup_with(pages: u64, format: Format, config: Config) -> (SimMachine, Engine) {
-    let mut m = SimMachine::new(pages + 4096, format, 64);
+    setup_after_dom0(pages, format, config, 64)
+}
+
+/// [`setup_with`] with `dom0_pages` for dom0, whose frames come first: with
+/// a multiple of 512 the guest's gfns and frames are 2 MiB-aligned alike,
+/// as a guest's 2 MiB extents are (its p2m superpages).
+fn setup_after_dom0(
+    pages: u64,
+    format: Format,
+    config: Config,
+    dom0_pages: u64,
+) -> (SimMachine, Engine) {
+    let mut m = SimMachine::new(pages + 4096, format, dom0_pages);
     m.create_domain(
         GUEST,
         DomainSpec {
@@ -136,6 +148,28 @@ fn engine_round_single(
     e.finish(m, DomId::DOM0);
     for (ctx, bfn) in bfns.iter() {
         e.unmap(m, DomId::DOM0, *ctx, *bfn).unwrap();
+    }
+    e.finish(m, DomId::DOM0);
+}
+
+/// The engine path by 2 MiB extents (ABI 1.6): each of `reqs` maps 512
+/// pages in one op, and one unmap op each drops them.
+fn extent_round(
+    e: &Engine,
+    m: &mut SimMachine,
+    dom0: &DomainInfo,
+    reqs: &[MapRequest],
+    bfns: &mut Vec<(ContextId, Bfn)>,
+) {
+    bfns.clear();
+    for r in reqs {
+        let done = e.map_extent(m, DomId::DOM0, dom0, r).unwrap();
+        bfns.push((r.context, done.mapped.bfn));
+    }
+    e.finish(m, DomId::DOM0);
+    for &(ctx, bfn) in bfns.iter() {
+        let revoked = e.unmap_extent(m, DomId::DOM0, ctx, bfn).unwrap();
+        debug_assert!(!revoked);
     }
     e.finish(m, DomId::DOM0);
 }
@@ -228,8 +262,77 @@ fn bench(c: &mut Criterion) {
             &batch,
             |b, _| b.iter(|| engine_round(&e, &mut m, &dom0, &reqs, &mut bfns)),
         );
+        if batch % EXTENT_PAGES == 0 {
+            extent_rows(&mut group, batch);
+        }
     }
     group.finish();
+}
+
+/// The same pages by 2 MiB extents (ABI 1.6: an op maps or unmaps 512
+/// pages), from gfn 0, over frames aligned alike (a guest's 2 MiB extents
+/// are its p2m superpages): through the hypercall into context 0, the
+/// engine into context 0, and the engine into a context of its own.
+fn extent_rows(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    batch: u64,
+) {
+    let extents = |context| -> Vec<MapRequest> {
+        (0..batch / EXTENT_PAGES)
+            .map(|x| MapRequest {
+                context,
+                ..map_req(x * EXTENT_PAGES)
+            })
+            .collect()
+    };
+    let aligned = || setup_after_dom0(batch + 8, Format::Vtd, Config::default(), EXTENT_PAGES);
+    let (mut m, e) = aligned();
+    let maps: Vec<PvIommuOp> = extents(ContextId::DEFAULT)
+        .into_iter()
+        .map(|r| Request::MapExtent(r).encode())
+        .collect();
+    group.bench_with_input(
+        BenchmarkId::new("hypercall, 2 MiB extents", batch),
+        &batch,
+        |b, _| {
+            b.iter(|| {
+                let mut ops = maps.clone();
+                m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+                let mut unmaps: Vec<PvIommuOp> = ops
+                    .iter()
+                    .map(|o| {
+                        Request::UnmapExtent {
+                            context: ContextId::DEFAULT,
+                            bfn: Bfn(o.bfn),
+                        }
+                        .encode()
+                    })
+                    .collect();
+                m.guest_batch_all(&e, DomId::DOM0, &mut unmaps).unwrap();
+                debug_assert!(unmaps.iter().all(|o| o.status == 0));
+            })
+        },
+    );
+    let (mut m, e) = aligned();
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    let reqs = extents(ContextId::DEFAULT);
+    let mut bfns = Vec::new();
+    group.bench_with_input(
+        BenchmarkId::new("engine, 2 MiB extents", batch),
+        &batch,
+        |b, _| b.iter(|| extent_round(&e, &mut m, &dom0, &reqs, &mut bfns)),
+    );
+    let (mut m, e) = aligned();
+    m.speculative_refill = false;
+    m.set_coherent_table_walks(true);
+    let ctx = e.context_create(&mut m, DomId::DOM0).unwrap();
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    let reqs = extents(ctx);
+    group.bench_with_input(
+        BenchmarkId::new("engine, own context, 2 MiB extents", batch),
+        &batch,
+        |b, _| b.iter(|| extent_round(&e, &mut m, &dom0, &reqs, &mut bfns)),
+    );
 }
 
 /// The floor: the same VT-d entries written and cleared straight through

@@ -25,6 +25,10 @@
 //! never emptied, so each round's maps take the BFNs the last round's
 //! unmaps freed (in their order) rather than fresh slots.
 //!
+//! `engine_rounds 200 extent` maps and unmaps the same 512 pages into
+//! the `context` path's context as one 2 MiB extent (ABI 1.6): one op
+//! each way.
+//!
 //! `engine_rounds 200 reference` runs the issue's reference design
 //! ([`pviommu_hv::sim::reference::NaiveEngine`]) over the same host services
 //! as `context` (the criterion row `reference: naive engine + host`; it
@@ -52,15 +56,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (hypercall, own_context, reference) = match std::env::args().nth(2).as_deref() {
+    let path = std::env::args().nth(2);
+    let extents = path.as_deref() == Some("extent");
+    let (hypercall, own_context, reference) = match path.as_deref() {
         None | Some("engine") => (false, false, false),
         Some("hypercall") => (true, false, false),
-        Some("context") => (false, true, false),
+        Some("context" | "extent") => (false, true, false),
         Some("reference") => (false, false, true),
         Some(other) => {
             eprintln!(
-                "engine_rounds: the path is `engine`, `hypercall`, `context` or `reference`, \
-                 not `{other}`"
+                "engine_rounds: the path is `engine`, `hypercall`, `context`, `extent` or \
+                 `reference`, not `{other}`"
             );
             return ExitCode::FAILURE;
         }
@@ -119,6 +125,9 @@ fn main() -> ExitCode {
     if hypercall {
         return hypercall_rounds(&mut m, &e, &reqs, rounds);
     }
+    if extents {
+        return extent_rounds(&mut m, &e, &dom0, context, rounds);
+    }
     let mut bfns: Vec<(ContextId, Bfn)> = Vec::with_capacity(BATCH as usize);
     let mut mapped = [Err(Errno::Inval); MAP_CHUNK];
     let mut unmapped = [Ok(()); MAP_CHUNK];
@@ -167,6 +176,42 @@ fn main() -> ExitCode {
         e.finish(&mut m, DomId::DOM0);
     }
     println!("{rounds} rounds of {BATCH} pages mapped and unmapped");
+    ExitCode::SUCCESS
+}
+
+/// The rounds by one 2 MiB extent (ABI 1.6) into `context`: gfns 0-511,
+/// whose frames are one run, mapped in one op and unmapped in one.
+fn extent_rounds(
+    m: &mut SimMachine,
+    e: &Engine,
+    dom0: &pviommu_hv::platform::DomainInfo,
+    context: ContextId,
+    rounds: u64,
+) -> ExitCode {
+    let req = MapRequest {
+        context,
+        domid: GUEST,
+        gfn: Gfn(0),
+        perms: Permissions::RW,
+        attr: MemAttr::WriteBack,
+        grant: false,
+    };
+    for round in 0..rounds {
+        let bfn = match e.map_extent(m, DomId::DOM0, dom0, &req) {
+            Ok(done) => done.mapped.bfn,
+            Err(err) => {
+                eprintln!("engine_rounds: round {round}: extent map failed: {err:?}");
+                return ExitCode::FAILURE;
+            }
+        };
+        e.finish(m, DomId::DOM0);
+        if let Err(err) = e.unmap_extent(m, DomId::DOM0, context, bfn) {
+            eprintln!("engine_rounds: round {round}: extent unmap failed: {err:?}");
+            return ExitCode::FAILURE;
+        }
+        e.finish(m, DomId::DOM0);
+    }
+    println!("{rounds} rounds of a 2 MiB extent mapped and unmapped");
     ExitCode::SUCCESS
 }
 

@@ -837,6 +837,71 @@ static unsigned long pv_map_pages(uint32_t ctx, uint32_t domid, const xen_pfn_t 
     return done;
 }
 
+/* The map of frames[0..n) (n a multiple of 512, each 512 one aligned
+ * machine run, as make_domain_2m gives) by 2 MiB extents (ABI 1.6): one
+ * op a 512 pages, in batches of max_ops ops. bfns[] gets each page's BFN
+ * (the extent's first plus its place); *bad counts the pages of extents
+ * refused, *unaligned the extents answered at a BFN not 2 MiB aligned. */
+static unsigned long pv_map_extents(uint32_t ctx, uint32_t domid, const xen_pfn_t *frames,
+                                    unsigned long n, uint64_t *bfns, long *calls,
+                                    unsigned long *bad, unsigned long *unaligned)
+{
+    unsigned long extents = n / PVIOMMU_EXTENT_PAGES, done = 0, x, j;
+    long rc;
+
+    op_bufs();
+    while ( done < extents )
+    {
+        unsigned int k = extents - done > max_ops ? max_ops : extents - done, i;
+        memset(ops, 0, k * sizeof(*ops));
+        for ( i = 0; i < k; i++ )
+        {
+            ops[i].subop = PVIOMMU_OP_map;
+            ops[i].flags = PVIOMMU_F_READ | PVIOMMU_F_WRITE | PVIOMMU_F_EXTENT_2M;
+            ops[i].context = ctx; ops[i].domid = domid;
+            ops[i].gfn = frames[(done + i) * PVIOMMU_EXTENT_PAGES];
+        }
+        rc = run_batch(k, calls);
+        for ( i = 0; i < k; i++ )
+        {
+            x = done + i;
+            for ( j = 0; j < PVIOMMU_EXTENT_PAGES; j++ )
+                bfns[x * PVIOMMU_EXTENT_PAGES + j] = ops[i].status ? 0 : ops[i].bfn + j;
+            if ( ops[i].status ) *bad += PVIOMMU_EXTENT_PAGES;
+            else if ( ops[i].bfn % PVIOMMU_EXTENT_PAGES ) (*unaligned)++;
+        }
+        if ( rc ) { printf("measure extent batch rc=%ld at %lu\n", rc, done); break; }
+        done += k;
+    }
+    return done * PVIOMMU_EXTENT_PAGES - *bad;
+}
+
+/* The unmap of the extents whose pages' BFNs are bfns[0..n) (n a multiple
+ * of 512): one op an extent, its first BFN. How many pages were unmapped. */
+static unsigned long pv_unmap_extents(uint32_t ctx, const uint64_t *bfns, unsigned long n,
+                                      long *calls)
+{
+    unsigned long extents = n / PVIOMMU_EXTENT_PAGES, done = 0, i = 0;
+    long rc;
+
+    op_bufs();
+    while ( i < extents )
+    {
+        unsigned int k = extents - i > max_ops ? max_ops : extents - i, j;
+        memset(ops, 0, k * sizeof(*ops));
+        for ( j = 0; j < k; j++ )
+        {
+            ops[j].subop = PVIOMMU_OP_unmap; ops[j].flags = PVIOMMU_F_EXTENT_2M;
+            ops[j].context = ctx; ops[j].bfn = bfns[(i + j) * PVIOMMU_EXTENT_PAGES];
+        }
+        rc = run_batch(k, calls);
+        if ( rc ) { printf("extent unmap batch rc=%ld\n", rc); break; }
+        for ( j = 0; j < k; j++ ) if ( ops[j].status == 0 ) done += PVIOMMU_EXTENT_PAGES;
+        i += k;
+    }
+    return done;
+}
+
 /* The unmap of bfns[0..n) from context ctx, in batches of max_ops: how many
  * were unmapped; *absent (if given) counts those that were not mapped
  * (ENOENT). A failed batch ends it, its rc in *failed (if given; else 0). */
@@ -961,7 +1026,9 @@ static unsigned long pv_map_unmap(const char *tag, uint32_t ctx, uint32_t domid,
 {
     struct pv_iommu_stats sm, su;
     struct perfc_snap p0, p1, p2, p3;
-    unsigned long done, bad = 0;
+    unsigned long done, bad = 0, unaligned = 0, unmapped;
+    /* "pviommu_2mx": the pages by 2 MiB extents, one op each (ABI 1.6). */
+    bool extents = !strcmp(tag, "pviommu_2mx");
     long calls = 0, ucalls = 0, rc;
     double t0, t1, t2, t3;
     /* The breakdown lines' prefix: "" for "pviommu", "ctx_" for
@@ -976,21 +1043,24 @@ static unsigned long pv_map_unmap(const char *tag, uint32_t ctx, uint32_t domid,
 
     perfc_take(&p0);
     t0 = now();
-    done = pv_map_pages(ctx, domid, frames, n, bfns, &calls, &bad);
+    done = extents ? pv_map_extents(ctx, domid, frames, n, bfns, &calls, &bad, &unaligned)
+                   : pv_map_pages(ctx, domid, frames, n, bfns, &calls, &bad);
     t1 = now();
     perfc_take(&p1);
     if ( pv_stats(PVIOMMU_STATS_RESET, &sm) ) memset(&sm, 0, sizeof(sm));
     perfc_take(&p2);
     t2 = now();
-    pv_unmap_pages(ctx, bfns, done, &ucalls, NULL, NULL);
+    unmapped = extents ? pv_unmap_extents(ctx, bfns, done, &ucalls)
+                       : pv_unmap_pages(ctx, bfns, done, &ucalls, NULL, NULL);
     t3 = now();
     perfc_take(&p3);
     if ( pv_stats(PVIOMMU_STATS_RESET | PVIOMMU_STATS_TIMING_OFF, &su) ) memset(&su, 0, sizeof(su));
     printf("MEASURE %s%s_map pages=%lu ok=%lu failed=%lu seconds=%.4f hypercalls=%ld batch=%u",
            tag, timed ? "_timed" : "", n, done, bad, t1 - t0, calls, max_ops);
     perfc_print(&p0, &p1);
-    printf("\nMEASURE %s%s_unmap pages=%lu seconds=%.4f hypercalls=%ld", tag, timed ? "_timed" : "",
-           done, t3 - t2, ucalls);
+    if ( extents ) printf(" extents=%lu unaligned=%lu", n / PVIOMMU_EXTENT_PAGES, unaligned);
+    printf("\nMEASURE %s%s_unmap pages=%lu seconds=%.4f hypercalls=%ld unmapped=%lu", tag,
+           timed ? "_timed" : "", done, t3 - t2, ucalls, unmapped);
     perfc_print(&p2, &p3);
     printf("\n");
     /* The counters see every map and unmap either way; the times only
@@ -1131,6 +1201,9 @@ static int cmd_measure(unsigned long n)
             printf("measure_2m domid=%u pages=%lu first_frame=0x%lx\n", d2, n, (unsigned long)f2[0]);
             pv_map_unmap("pviommu_2m", 0, d2, f2, n, bfns, false);
             pv_map_unmap("pviommu_2m", 0, d2, f2, n, bfns, true);
+            /* The same extents, one op each (ABI 1.6). */
+            pv_map_unmap("pviommu_2mx", 0, d2, f2, n, bfns, false);
+            pv_map_unmap("pviommu_2mx", 0, d2, f2, n, bfns, true);
             xc_domain_destroy(xch, d2);
         }
         free(f2);

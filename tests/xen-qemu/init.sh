@@ -601,6 +601,18 @@ if [ "$(field "$m2" ok)" = "$N" ] && [ "$(field "$m2" failed)" = 0 ] && [ "$(fie
 else
     ko measure_2m_extents_mapped_and_unmapped_without_a_split "$m2 / $u2 / $(echo "$o" | grep -E '^(populate|measure_2m)')"
 fi
+# The same extents by one op each (ABI 1.6, PVIOMMU_F_EXTENT_2M): every
+# page mapped, each extent at a 2 MiB-aligned run of BFNs, every page
+# unmapped by one op an extent, and no superpage Xen made split again.
+mx=$(echo "$o" | grep '^MEASURE pviommu_2mx_map ' | head -1)
+ux=$(echo "$o" | grep '^MEASURE pviommu_2mx_unmap ' | head -1)
+if [ "$(field "$mx" ok)" = "$N" ] && [ "$(field "$mx" failed)" = 0 ] && [ "$(field "$mx" extents)" = $((N / 512)) ] &&
+   [ "$(field "$mx" unaligned)" = 0 ] && [ "$(field "$ux" unmapped)" = "$N" ] &&
+   { [ "$(field "$ux" measured)" != 1 ] || [ "$(field "$ux" shatters)" = 0 ]; }; then
+    ok extent_ops_map_and_unmap_2m_at_aligned_bfns
+else
+    ko extent_ops_map_and_unmap_2m_at_aligned_bfns "$mx / $ux / $(echo "$o" | grep -E '^(populate|measure_2m|measure extent|extent unmap)')"
+fi
 calls=$(field "$(echo "$o" | grep '^MEASURE pviommu_map ')" hypercalls)
 seen=$(field "$(echo "$o" | grep '^MEASURE pviommu_map ')" pv_iommu_op)
 if [ -n "$calls" ] && [ -n "$seen" ] && [ "$seen" -ge "$calls" ]; then
