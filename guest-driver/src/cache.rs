@@ -44,6 +44,10 @@ impl MappingCache {
         e.refs += 1;
         Some(e.bfn)
     }
+    /// The BFN for `key`, if cached (no reference taken).
+    pub fn bfn_of(&self, key: &CacheKey) -> Option<Bfn> {
+        self.by_key.get(key).map(|e| e.bfn)
+    }
     /// Record a fresh mapping with one reference.
     pub fn insert(&mut self, key: CacheKey, bfn: Bfn) {
         self.by_key.insert(key, Entry { bfn, refs: 1 });

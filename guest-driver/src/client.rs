@@ -4,7 +4,7 @@
 
 use pviommu_abi::{
     feature, version_major, Bfn, ContextId, DomId, Errno, Gfn, MapRequest, MemAttr, Permissions,
-    PvIommuCaps, PvIommuOp, PvIommuRegion, Request, Sbdf, INTERFACE_VERSION,
+    PvIommuCaps, PvIommuOp, PvIommuRegion, Request, Sbdf, EXTENT_PAGES, INTERFACE_VERSION,
 };
 use tracing::{debug, info_span, warn};
 
@@ -400,6 +400,167 @@ impl<T: Transport> Client<T> {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(Error::InvalidArgument("lost result".into()))))
             .collect()
+    }
+
+    /// Map the 2 MiB extent of `domid` from `gfn` (a multiple of 512) into
+    /// `context` at 512 consecutive BFNs, the first (answered) a multiple of
+    /// 512 (ABI 1.6, `PVIOMMU_F_EXTENT_2M`): what a mediator needs to shadow
+    /// a guest's 2 MiB GPU page with one 2 MiB entry. All or nothing; the
+    /// frames must be one machine run (`EXDEV` otherwise: shadow the page
+    /// as 4 KiB entries then, as GVT-g splits a 2 MiB entry it cannot map).
+    ///
+    /// Each page is cached as a mapping of its own, with one reference: a
+    /// later [`map_foreign`](Self::map_foreign) of one of them costs no
+    /// hypercall, and [`unmap_extent`](Self::unmap_extent) (or 512
+    /// [`unmap`](Self::unmap)s) releases them. An extent cached whole at
+    /// one aligned run takes a reference on each page, no hypercall; one
+    /// cached in part goes to the hypervisor, which answers `EBUSY` unless
+    /// it maps the rest at the same run.
+    pub fn map_extent(
+        &mut self,
+        domid: DomId,
+        gfn: Gfn,
+        perms: Permissions,
+        attr: MemAttr,
+        context: ContextId,
+    ) -> Result<Bfn, Error> {
+        if self.caps.features & feature::EXTENTS_2M == 0 {
+            return Err(Error::InvalidArgument(
+                "the hypervisor offers no 2 MiB extents (ABI 1.6)".into(),
+            ));
+        }
+        if !pviommu_abi::extent_aligned(gfn.0) || gfn.0 > u64::MAX - EXTENT_PAGES {
+            return Err(Error::InvalidArgument(format!(
+                "extent gfn {:#x}: not a multiple of 512",
+                gfn.0
+            )));
+        }
+        let key = |i: u64| CacheKey {
+            domid,
+            gfn: Gfn(gfn.0 + i),
+            context,
+            perms,
+            attr,
+        };
+        // Cached whole, in place: one reference more on each page.
+        let first = self.cache.bfn_of(&key(0));
+        let in_place = first.is_some_and(|b| {
+            pviommu_abi::extent_aligned(b.0)
+                && (1..EXTENT_PAGES).all(|i| self.cache.bfn_of(&key(i)) == Some(Bfn(b.0 + i)))
+        });
+        if let (true, Some(bfn)) = (in_place, first) {
+            for i in 0..EXTENT_PAGES {
+                self.cache.get_ref(&key(i));
+            }
+            self.stats.cache_hits += EXTENT_PAGES;
+            return Ok(bfn);
+        }
+        let mut ops = [Request::MapExtent(MapRequest {
+            context,
+            domid,
+            gfn,
+            perms,
+            attr,
+            grant: false,
+        })
+        .encode()];
+        self.run_ops(&mut ops)?;
+        let [op] = ops;
+        if op.status != 0 {
+            return Err(Error::Hypervisor {
+                what: format!("map extent d{} gfn {:#x}", domid.0, gfn.0),
+                errno: Errno::from_code(op.status).unwrap_or(Errno::Inval),
+            });
+        }
+        let bfn = Bfn(op.bfn);
+        if !pviommu_abi::extent_aligned(bfn.0) {
+            return Err(Error::Unexpected {
+                what: "map extent: first BFN not a multiple of 512".into(),
+                value: bfn.0 as i64,
+            });
+        }
+        // Shared by the hypervisor (each page one hypervisor reference
+        // more): a page the cache holds already keeps the one it has, and
+        // the extra one goes back.
+        let mut extra = Vec::new();
+        for i in 0..EXTENT_PAGES {
+            let at = Bfn(bfn.0 + i);
+            match self.cache.bfn_of(&key(i)) {
+                Some(cached) if cached == at => {
+                    self.cache.get_ref(&key(i));
+                    extra.push(Request::Unmap { context, bfn: at }.encode());
+                }
+                // Cached at another BFN: a revoked one not drained yet (a
+                // live one would have made the hypervisor answer EBUSY).
+                // The drain still acknowledges it.
+                Some(stale) => {
+                    self.cache.forget(context, stale);
+                    self.cache.insert(key(i), at);
+                }
+                None => self.cache.insert(key(i), at),
+            }
+        }
+        if !extra.is_empty() {
+            // (Each drops the reference this call added; the page stays
+            // mapped by the one the cache already held.)
+            self.run_ops(&mut extra)?;
+        }
+        Ok(bfn)
+    }
+
+    /// Release one reference on each page of the extent from `bfn` (a
+    /// multiple of 512) in `context`, as [`unmap`](Self::unmap) of its 512
+    /// BFNs does, in one op when the cache held the last reference of every
+    /// page (or none of them; ABI 1.6), else one op per page it must drop.
+    pub fn unmap_extent(&mut self, bfn: Bfn, context: ContextId) -> Result<(), Error> {
+        if !pviommu_abi::extent_aligned(bfn.0) || bfn.0 > u64::MAX - EXTENT_PAGES {
+            return Err(Error::InvalidArgument(format!(
+                "extent bfn {:#x}: not a multiple of 512",
+                bfn.0
+            )));
+        }
+        let whole = self.caps.features & feature::EXTENTS_2M != 0
+            && (0..EXTENT_PAGES).all(|i| self.cache.refs(context, Bfn(bfn.0 + i)) <= 1);
+        if !whole {
+            let bfns: Vec<Bfn> = (0..EXTENT_PAGES).map(|i| Bfn(bfn.0 + i)).collect();
+            return self.unmap(&bfns, context).into_iter().collect();
+        }
+        let keys: Vec<Option<CacheKey>> = (0..EXTENT_PAGES)
+            .map(|i| self.cache.forget(context, Bfn(bfn.0 + i)))
+            .collect();
+        let mut ops = [Request::UnmapExtent { context, bfn }.encode()];
+        let ran = self.run_ops(&mut ops);
+        let [op] = ops;
+        match ran {
+            Err(e) => {
+                // Perhaps not run: cached again (a BFN that did go is
+                // answered ENOENT by a later unmap, never another's page:
+                // revoked BFNs stay reserved until acknowledged).
+                for (i, k) in (0u64..).zip(keys) {
+                    if let Some(k) = k {
+                        self.cache.insert(k, Bfn(bfn.0 + i));
+                    }
+                }
+                Err(e)
+            }
+            Ok(()) if op.status == 0 => Ok(()),
+            Ok(()) if op.status == Errno::Stale.negated() => {
+                self.stats.revocations += 1;
+                Ok(())
+            }
+            Ok(()) => {
+                // Refused whole (nothing was done): cached again.
+                for (i, k) in (0u64..).zip(keys) {
+                    if let Some(k) = k {
+                        self.cache.insert(k, Bfn(bfn.0 + i));
+                    }
+                }
+                Err(Error::Hypervisor {
+                    what: format!("unmap extent bfn {:#x}", bfn.0),
+                    errno: Errno::from_code(op.status).unwrap_or(Errno::Inval),
+                })
+            }
+        }
     }
 
     /// Release one reference per BFN; the last reference unmaps it. BFNs the

@@ -1367,3 +1367,119 @@ fn repeats_of_a_page_follow_their_first_op_when_a_later_batch_fails() {
         assert_eq!(s.lock().1.state().driver(DomId::DOM0).unwrap().live(), 2);
     }
 }
+
+/// A 2 MiB extent (ABI 1.6): one op maps 512 pages at an aligned run of
+/// BFNs, every page cached as its own mapping; a page map of one of them
+/// is a cache hit; the extent's unmap goes as one op when the cache held
+/// every page's last reference, page by page otherwise.
+#[test]
+fn an_extent_is_one_op_and_its_pages_are_cached() {
+    // dom0 has 64 pages, so the guest's frames are one run but not 2 MiB
+    // aligned: no matter for an extent.
+    let s = sim(1024, Config::default());
+    let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
+    let calls = c.stats().hypercalls;
+    let bfn = c
+        .map_extent(
+            GUEST,
+            Gfn(512),
+            Permissions::RW,
+            MemAttr::WriteBack,
+            ContextId::DEFAULT,
+        )
+        .unwrap();
+    assert_eq!(bfn.0 % 512, 0);
+    assert_eq!(c.stats().hypercalls - calls, 1);
+    assert_eq!(c.cache().len(), 512);
+    for i in [0u64, 5, 511] {
+        let bytes = s
+            .lock()
+            .0
+            .dma_read(DomId::DOM0, ContextId::DEFAULT, (bfn.0 + i) << 12, 8)
+            .unwrap();
+        assert_eq!(bytes, (512 + i).to_le_bytes());
+    }
+    // A page of it: from the cache.
+    assert_eq!(rw(&mut c, &[Gfn(517)]), [Bfn(bfn.0 + 5)]);
+    // The same extent again: from the cache, every page one reference more.
+    let again = c
+        .map_extent(
+            GUEST,
+            Gfn(512),
+            Permissions::RW,
+            MemAttr::WriteBack,
+            ContextId::DEFAULT,
+        )
+        .unwrap();
+    assert_eq!(again, bfn);
+    assert_eq!(c.stats().hypercalls - calls, 1);
+    // Released twice: the cache's references only, then page 5's other
+    // holder keeps it while the rest go in 511 unmap ops.
+    c.unmap_extent(bfn, ContextId::DEFAULT).unwrap();
+    assert_eq!(c.stats().hypercalls - calls, 1);
+    c.unmap_extent(bfn, ContextId::DEFAULT).unwrap();
+    assert_eq!(c.cache().len(), 1);
+    let refs = s.lock().0.total_page_refs();
+    assert_eq!(refs, 2, "page 5 mapped writable");
+    assert!(c.unmap(&[Bfn(bfn.0 + 5)], ContextId::DEFAULT)[0].is_ok());
+    // Mapped and released whole: one op each way.
+    let calls = c.stats().hypercalls;
+    let bfn = c
+        .map_extent(
+            GUEST,
+            Gfn(0),
+            Permissions::RO,
+            MemAttr::WriteBack,
+            ContextId::DEFAULT,
+        )
+        .unwrap();
+    c.unmap_extent(bfn, ContextId::DEFAULT).unwrap();
+    assert_eq!(c.stats().hypercalls - calls, 2);
+    assert!(c.cache().is_empty());
+    assert_eq!(s.lock().0.total_page_refs(), 0);
+}
+
+/// Refused extents: not a multiple of 512 (before any hypercall), frames
+/// that are not one machine run (`EXDEV`); the cache is left as it was.
+#[test]
+fn a_refused_extent_leaves_the_cache_alone() {
+    let s = sim(1024, Config::default());
+    let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
+    let calls = c.stats().hypercalls;
+    let e = c.map_extent(
+        GUEST,
+        Gfn(100),
+        Permissions::RW,
+        MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    );
+    assert!(
+        matches!(e, Err(pviommu_guest::Error::InvalidArgument(_))),
+        "{e:?}"
+    );
+    assert_eq!(c.stats().hypercalls, calls);
+    {
+        let mut g = s.lock();
+        let (m, e) = &mut *g;
+        m.replace_page(e, GUEST, Gfn(700)).unwrap();
+    }
+    let e = c.map_extent(
+        GUEST,
+        Gfn(512),
+        Permissions::RW,
+        MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    );
+    assert!(
+        matches!(
+            e,
+            Err(pviommu_guest::Error::Hypervisor {
+                errno: Errno::XDev,
+                ..
+            })
+        ),
+        "{e:?}"
+    );
+    assert!(c.cache().is_empty());
+    assert_eq!(s.lock().0.total_page_refs(), 0);
+}
