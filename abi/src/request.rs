@@ -268,22 +268,13 @@ impl Request {
     }
 
     /// Encode back into a raw op (status 0): what a guest-side client sends.
+    /// (Inlined across crates: a client builds one per op.)
+    #[inline]
     pub fn encode(&self) -> PvIommuOp {
         let mut op = PvIommuOp::default();
         match *self {
-            Request::Map(m) => {
-                op.subop = subop::MAP;
-                op.flags = m.perms.flag_bits()
-                    | (m.attr.field() << op_flags::ATTR_SHIFT)
-                    | if m.grant { op_flags::GRANT } else { 0 };
-                op.context = m.context.0;
-                op.domid = m.domid.0;
-                op.gfn = m.gfn.0;
-            }
-            Request::MapExtent(m) => {
-                op = Request::Map(m).encode();
-                op.flags |= op_flags::EXTENT_2M;
-            }
+            Request::Map(m) => encode_map(&mut op, &m, 0),
+            Request::MapExtent(m) => encode_map(&mut op, &m, op_flags::EXTENT_2M),
             Request::Unmap { context, bfn } => {
                 op.subop = subop::UNMAP;
                 op.context = context.0;
@@ -346,6 +337,19 @@ impl Request {
         }
         op
     }
+}
+
+/// A map's fields into `op`, with `extra` flags.
+#[inline(always)]
+fn encode_map(op: &mut PvIommuOp, m: &MapRequest, extra: u16) {
+    op.subop = subop::MAP;
+    op.flags = m.perms.flag_bits()
+        | (m.attr.field() << op_flags::ATTR_SHIFT)
+        | if m.grant { op_flags::GRANT } else { 0 }
+        | extra;
+    op.context = m.context.0;
+    op.domid = m.domid.0;
+    op.gfn = m.gfn.0;
 }
 
 /// Every op: the padding and reserved fields are zero.
