@@ -151,7 +151,10 @@ impl<L: RawMutex> Engine<L> {
     /// of them, each as [`look_up_joined`](Self::look_up_joined) looks up a
     /// page: the first page's frame when every page is referenced and
     /// their frames are one run; otherwise what stopped it, with nothing
-    /// held. Bounded: 512 lookups.
+    /// held. Bounded: 512 lookups. Always inlined: the object's check
+    /// wants the speculation barrier before a function's first lookup in
+    /// that function's own text (`lib/engine-barrier.sh`).
+    #[inline(always)]
     fn look_up_extent(
         &self,
         h: &mut impl Hypervisor,
