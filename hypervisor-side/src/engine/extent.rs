@@ -29,7 +29,7 @@ use core::sync::atomic::Ordering;
 use lock_api::RawMutex;
 use pviommu_abi::{extent_aligned, Gfn, MapRequest, EXTENT_PAGES};
 
-use super::driver::{PendingMap, NONE};
+use super::driver::PendingMap;
 use super::revoke::DEFER_LIMIT;
 use super::{map_key, Driver, Engine, Hypervisor, LookedUp, Mapped, TargetGate, UnmapKind};
 use super::{DriverDomain, Mapping, MAP_RETRIES};
@@ -226,36 +226,20 @@ impl<L: RawMutex> Engine<L> {
             return Err((Errno::NoEnt, 0));
         }
         let seed = self.seed;
-        // 1. What the context maps of the extent already (each page as a
-        //    page map dedups it: same target, gfn, context, access and
-        //    attribute). A mapping of a frame the gfn no longer has is a
-        //    removal whose hook has not run yet: revoked now.
-        let mut found = 0u64;
-        let mut first_slot = NONE;
-        let mut in_place = true;
-        for i in 0..EXTENT_PAGES {
-            let page = page_of(req, i);
-            let key = map_key(&page, Mfn(first_mfn.0 + i));
-            let at = d.dd.probe_page(seed, page.domid, page.gfn);
-            let found_here = d.dd.find_key_at(&at, &key);
-            let Some((idx, m)) = found_here.and_then(|i| d.dd.live_at(i).map(|m| (i, m))) else {
-                continue;
-            };
-            if m.mfn != key.mfn {
-                self.revoke_slot(d, h, idx);
-                continue;
+        // 1. Dedup, as a page map dedups each page (same target, gfn,
+        //    context, access and attribute): an extent whose first page the
+        //    context maps already can only be shared whole (at one run) or
+        //    refused. A mapping of a frame the gfn no longer has is a
+        //    removal whose hook has not run yet: revoked now, as a page map
+        //    revokes it. The other pages are looked at as they are
+        //    installed (3.).
+        if let Some((idx, m)) = self.mapped_page(d, req, first_mfn, 0) {
+            if m.mfn == first_mfn {
+                return self
+                    .share_extent(d, req, first_mfn, idx)
+                    .ok_or((Errno::Busy, 0));
             }
-            if found == 0 {
-                first_slot = idx.wrapping_sub(i);
-            }
-            found += 1;
-            in_place &= idx == first_slot.wrapping_add(i) && m.refs < u32::MAX;
-        }
-        if found == EXTENT_PAGES && in_place {
-            return self.share_extent(d, first_slot).ok_or((Errno::Busy, 0));
-        }
-        if found > 0 {
-            return Err((Errno::Busy, 0));
+            self.revoke_slot(d, h, idx);
         }
         // 2. Everything the install needs, before anything changes: the
         //    quota, room for the run's maps to wait (context 0), the slots.
@@ -288,15 +272,24 @@ impl<L: RawMutex> Engine<L> {
             return Err((Errno::NoSpc, 0));
         };
         // 3. The books: each page indexed in its slot, the room for it
-        //    made just before. A failure takes back books only.
+        //    made just before. A page the context maps already refuses the
+        //    extent (one mapping a stale frame is revoked on the way, as a
+        //    page map revokes it), and any failure takes back books only.
         let mut tag = 0;
         for i in 0..EXTENT_PAGES {
             let page = page_of(req, i);
-            let at = d.dd.probe_page(seed, page.domid, page.gfn);
             let key = map_key(&page, Mfn(first_mfn.0 + i));
-            let installed =
-                d.dd.reserve_index(seed, &at)
-                    .and_then(|()| d.dd.install_at(seed, &at, first + i, key));
+            let installed = match self.mapped_page(d, req, first_mfn, i) {
+                Some((_, m)) if m.mfn == key.mfn => Err(Errno::Busy),
+                mapped => {
+                    if let Some((stale, _)) = mapped {
+                        self.revoke_slot(d, h, stale);
+                    }
+                    let at = d.dd.probe_page(seed, page.domid, page.gfn);
+                    d.dd.reserve_index(seed, &at)
+                        .and_then(|()| d.dd.install_at(seed, &at, first + i, key))
+                }
+            };
             match installed {
                 Ok(gen) if i == 0 => tag = gen,
                 Ok(_) => {}
@@ -355,19 +348,49 @@ impl<L: RawMutex> Engine<L> {
         })
     }
 
-    /// One more reference to each page of the extent mapped in the 512
-    /// slots from `first` (each checked live, below its bound): `None` if
-    /// those slots are not one aligned run of BFNs.
-    fn share_extent(&self, d: &mut Driver<'_, L>, first: u64) -> Option<ExtentMapped> {
+    /// The live mapping, in the locked cell `d`, with the dedup key of page
+    /// `i` of the extent `req` asks for (over its frame, `first_mfn` + `i`).
+    #[inline(always)]
+    fn mapped_page(
+        &self,
+        d: &Driver<'_, L>,
+        req: &MapRequest,
+        first_mfn: Mfn,
+        i: u64,
+    ) -> Option<(u64, Mapping)> {
+        let page = page_of(req, i);
+        let key = map_key(&page, Mfn(first_mfn.0 + i));
+        let at = d.dd.probe_page(self.seed, page.domid, page.gfn);
+        let idx = d.dd.find_key_at(&at, &key)?;
+        Some((idx, d.dd.live_at(idx)?))
+    }
+
+    /// One more reference to each page of the extent, if the context maps
+    /// all of it, over its current frames, at one aligned run of BFNs from
+    /// slot `first` (its first page's); `None` (nothing changed) otherwise.
+    /// Bounded: 512 probes.
+    fn share_extent(
+        &self,
+        d: &mut Driver<'_, L>,
+        req: &MapRequest,
+        first_mfn: Mfn,
+        first: u64,
+    ) -> Option<ExtentMapped> {
         let bfn = self.space.bfn_of(first).filter(|b| extent_aligned(b.0))?;
         if self.space.bfn_of(first.checked_add(LAST)?) != Some(Bfn(bfn.0 + LAST)) {
             return None;
+        }
+        for i in 0..EXTENT_PAGES {
+            let (idx, m) = self.mapped_page(d, req, first_mfn, i)?;
+            if idx != first + i || m.mfn.0 != first_mfn.0 + i || m.refs == u32::MAX {
+                return None;
+            }
         }
         let mut tag = 0;
         for i in 0..EXTENT_PAGES {
             let idx = first + i;
             if let Some(m) = d.dd.live_at(idx) {
-                d.dd.set_refs(idx, m.refs.saturating_add(1));
+                d.dd.set_refs(idx, m.refs + 1);
                 if i == 0 {
                     tag = m.gen;
                 }
