@@ -109,6 +109,20 @@ int pviommu_map_in_context(pviommu_client *c, uint32_t context, uint16_t domid,
                            int32_t *status);
 int pviommu_unmap_in_context(pviommu_client *c, uint32_t context, const uint64_t *bfns,
                              size_t n, int32_t *status);
+/* ABI 1.6 (PVIOMMU_FEAT_EXTENTS_2M): map the 2 MiB extent of domid from gfn
+ * (a multiple of PVIOMMU_EXTENT_PAGES) into context at 512 consecutive BFNs
+ * from *bfn, a multiple of 512: all or nothing. flags as for pviommu_map.
+ * -EXDEV: its frames are not one machine run (shadow it as 4 KiB pages);
+ * -EBUSY: some of its pages are mapped already, not as this extent;
+ * -EINVAL: gfn not a multiple of 512, bad flags, or no extents offered.
+ * Each page is then a mapping of its own (pviommu_map of one of them is
+ * answered from the cache). */
+int pviommu_map_extent(pviommu_client *c, uint32_t context, uint16_t domid, uint64_t gfn,
+                       uint32_t flags, uint64_t *bfn);
+/* Release one reference to each of the 512 BFNs from bfn (a multiple of
+ * 512) of context, as pviommu_unmap_in_context of them: one op when every
+ * page's last reference goes, else a page at a time. */
+int pviommu_unmap_extent(pviommu_client *c, uint32_t context, uint64_t bfn);
 /* Control domain only (PVIOMMU_CMD_entry): the leaf entry a device attached
  * to driver domain domid's context (not 0) finds for bfn, address bits
  * zeroed, in the IOMMU's format (VT-d: R bit 0, W 1, EMT 5:3, IPAT 6, PS 7,

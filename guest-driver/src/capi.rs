@@ -47,7 +47,11 @@ pub(crate) fn set_last_error(message: &str) {
 }
 
 fn code(e: &Error) -> i32 {
-    e.errno().map_or(EIO, |x| x.negated())
+    match e {
+        // Bad input the client refused before any hypercall.
+        Error::InvalidArgument(_) => EINVAL,
+        _ => e.errno().map_or(EIO, |x| x.negated()),
+    }
 }
 
 /// Record `e` as this thread's last failure and return its -errno.
@@ -308,6 +312,32 @@ pub extern "C" fn pviommu_map_in_context(
     map_in(c, ContextId(context), domid, gfns, n, flags, bfns, status)
 }
 
+/// The access and attribute a map's C `flags` ask for; `None` (the last
+/// error set, for `what`) for bits this API does not know (above 16, or
+/// outside the ABI's mask) or a grant reference (not offered here): refused,
+/// never silently dropped.
+fn page_flags(flags: u32, what: &str) -> Option<(Permissions, MemAttr)> {
+    let Some(flags) = u16::try_from(flags)
+        .ok()
+        .filter(|f| f & !op_flags::VALID_MASK == 0 && f & op_flags::GRANT == 0)
+    else {
+        set_last_error(&format!("{what}: flags {flags:#x} not valid here"));
+        return None;
+    };
+    let perms = Permissions {
+        read: flags & op_flags::READ != 0,
+        write: flags & op_flags::WRITE != 0,
+    };
+    let Some(attr) = MemAttr::from_field((flags & op_flags::ATTR_MASK) >> op_flags::ATTR_SHIFT)
+    else {
+        set_last_error(&format!(
+            "{what}: unknown memory attribute in flags {flags:#x}"
+        ));
+        return None;
+    };
+    Some((perms, attr))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn map_in(
     c: *mut CClient,
@@ -322,14 +352,7 @@ fn map_in(
     let Some(mut c) = lock(c) else {
         return EINVAL;
     };
-    // Bits this call does not know (above 16, or outside the ABI's mask)
-    // and grant references (not offered through this call) are refused,
-    // never silently dropped.
-    let Some(flags) = u16::try_from(flags)
-        .ok()
-        .filter(|f| f & !op_flags::VALID_MASK == 0 && f & op_flags::GRANT == 0)
-    else {
-        set_last_error(&format!("map: flags {flags:#x} not valid here"));
+    let Some((perms, attr)) = page_flags(flags, "map") else {
         return EINVAL;
     };
     if n > MAX_PAGES_PER_CALL {
@@ -338,17 +361,6 @@ fn map_in(
         ));
         return EINVAL;
     }
-    let perms = Permissions {
-        read: flags & op_flags::READ != 0,
-        write: flags & op_flags::WRITE != 0,
-    };
-    let Some(attr) = MemAttr::from_field((flags & op_flags::ATTR_MASK) >> op_flags::ATTR_SHIFT)
-    else {
-        set_last_error(&format!(
-            "map: unknown memory attribute in flags {flags:#x}"
-        ));
-        return EINVAL;
-    };
     // SAFETY: the caller passes three distinct arrays of `n` elements.
     let arrays = unsafe {
         (
@@ -441,6 +453,50 @@ fn unmap_in(
         }
     }
     ret
+}
+
+/// Map the 2 MiB extent of `domid` from `gfn` into `context` (ABI 1.6):
+/// `*bfn` gets its first BFN, a multiple of 512. `flags` as for
+/// [`pviommu_map`] (no grant). 0 or -errno.
+#[no_mangle]
+pub extern "C" fn pviommu_map_extent(
+    c: *mut CClient,
+    context: u32,
+    domid: u16,
+    gfn: u64,
+    flags: u32,
+    bfn: *mut u64,
+) -> i32 {
+    let Some(mut c) = lock(c) else {
+        return EINVAL;
+    };
+    if !c_out_ok(bfn) {
+        return EINVAL;
+    }
+    let Some((perms, attr)) = page_flags(flags, "map extent") else {
+        return EINVAL;
+    };
+    match c.map_extent(DomId(domid), Gfn(gfn), perms, attr, ContextId(context)) {
+        Ok(b) => {
+            // SAFETY: checked non-NULL and aligned by `c_out_ok`.
+            unsafe { *bfn = b.0 };
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// Release one reference to each of the 512 BFNs from `bfn` of `context`
+/// (ABI 1.6). 0 or -errno.
+#[no_mangle]
+pub extern "C" fn pviommu_unmap_extent(c: *mut CClient, context: u32, bfn: u64) -> i32 {
+    let Some(mut c) = lock(c) else {
+        return EINVAL;
+    };
+    match c.unmap_extent(Bfn(bfn), ContextId(context)) {
+        Ok(()) => 0,
+        Err(e) => fail(&e),
+    }
 }
 
 /// Look up a BFN: fills `*domid`, `*gfn`, `*flags`.

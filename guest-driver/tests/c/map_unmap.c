@@ -121,6 +121,34 @@ int main(void)
     uint64_t word;
     CHECK(pviommu_sim_dma_read(c, bfns[0], &word, sizeof(word)) == -14, "DMA after unmap must fault");
     pviommu_close(c);
+
+    /* A 2 MiB extent (ABI 1.6): 512 pages at 512 BFNs from a multiple of
+     * 512, each readable by the device; a page of it from the cache; one
+     * unmap of it all. Bad input: an unaligned gfn, grant flags, NULL. */
+    {
+        pviommu_client *x = pviommu_open_sim(1024);
+        uint64_t first = 0, one = 0, page[1] = { 512 + 77 };
+        int32_t st[1];
+        CHECK(x, "open_sim 1024");
+        rc = pviommu_map_extent(x, 0, 1, 512, PVIOMMU_F_READ, &first);
+        CHECK(rc == 0, "map extent: %d %s", rc, pviommu_last_error(x));
+        CHECK(first % PVIOMMU_EXTENT_PAGES == 0, "extent at %llx", (unsigned long long)first);
+        CHECK(pviommu_sim_dma_read(x, first + 77, &word, sizeof(word)) == 0, "dma extent");
+        CHECK(word == (0x5049564f00000000ull | (512 + 77)), "extent bytes: %llx",
+              (unsigned long long)word);
+        CHECK(pviommu_map(x, 1, page, 1, PVIOMMU_F_READ, &one, st) == 0 && one == first + 77,
+              "page of the extent from the cache");
+        CHECK(pviommu_unmap(x, &one, 1, st) == 0, "its page's reference");
+        CHECK(pviommu_map_extent(x, 0, 1, 513, PVIOMMU_F_READ, &first) == -22, "unaligned gfn");
+        CHECK(pviommu_map_extent(x, 0, 1, 0, PVIOMMU_F_READ | PVIOMMU_F_GRANT, &one) == -22,
+              "grant extent");
+        CHECK(pviommu_map_extent(x, 0, 1, 0, PVIOMMU_F_READ, NULL) == -22, "NULL bfn");
+        CHECK(pviommu_unmap_extent(x, 0, first + 8) == -22, "unaligned bfn");
+        CHECK(pviommu_unmap_extent(x, 0, first) == 0, "unmap extent: %s", pviommu_last_error(x));
+        CHECK(pviommu_sim_dma_read(x, first + 77, &word, sizeof(word)) == -14,
+              "DMA after the extent's unmap must fault");
+        pviommu_close(x);
+    }
     printf("C mediator: mapped, read, looked up, heard of a revocation, unmapped %d pages: OK\n", N);
     return 0;
 }
