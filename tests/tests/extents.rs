@@ -469,3 +469,73 @@ fn a_shared_extent_map_that_cannot_be_reported_drops_one_reference() {
     assert_mapped(&mut m, ContextId::DEFAULT, Bfn(out.bfn), EXTENT);
     check_invariants(&mut m, &e).unwrap();
 }
+
+/// Security review of ABI 1.6 (S1): the undo of a *shared* extent whose
+/// report failed must leave alone a mapping made since at one of its BFNs.
+/// Between the share and the failed copy-out the guest's page 5 of the
+/// extent is replaced (its mapping revoked), another vCPU of the mediator
+/// acknowledges the notice and maps the page's new frame, which the free
+/// list puts in the same slot. Before, the undo matched that mapping by its
+/// key and took it down: a BFN another vCPU was told, unmapped and freed
+/// without a notice.
+#[test]
+fn a_shared_extents_undo_leaves_a_mapping_made_since_at_its_bfns() {
+    let (mut m, e) = host();
+    let (_, out) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW),
+    );
+    let first = Bfn(out.bfn);
+    let (base, ops_addr) = stage_batch(
+        &mut m,
+        DomId::DOM0,
+        &[extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW)],
+    );
+    let again = std::cell::Cell::new(None);
+    let ret = {
+        let race = Box::new(|m: &mut SimMachine| {
+            m.replace_page(&e, GUEST, Gfn(EXTENT + 5)).unwrap();
+            m.current = DomId::DOM0;
+            e.finish(m, DomId::DOM0);
+            let (b, _, _) = revoked_next(m, &e, DomId::DOM0).unwrap();
+            let mut ack = [Request::RevokedAck {
+                context: ContextId::DEFAULT,
+                bfn: b,
+                notice: None,
+            }
+            .encode()];
+            m.guest_batch_all(&e, DomId::DOM0, &mut ack).unwrap();
+            assert_eq!(ack[0].status, 0);
+            again.set(Some(
+                map_one(m, &e, DomId::DOM0, GUEST, EXTENT + 5, Permissions::RW).unwrap(),
+            ));
+            m.current = DomId::DOM0;
+        });
+        let mut h = Interposer::new(&mut m, Service::CopyToGuestAt(ops_addr), race);
+        e.hypercall(&mut h, DomId::DOM0, pviommu_abi::cmd::BATCH, base)
+    };
+    assert_eq!(ret, Errno::Fault.negated() as i64);
+    e.finish(&mut m, DomId::DOM0);
+    let b = again.get().expect("the race ran");
+    assert_eq!(b, Bfn(first.0 + 5), "the other vCPU was given the same BFN");
+    assert_eq!(
+        m.translate(DomId::DOM0, ContextId::DEFAULT, b).map(|t| t.0),
+        m.mfn_of(GUEST, Gfn(EXTENT + 5)),
+        "the undo took down a mapping another vCPU was told about"
+    );
+    // The other pages are back to the first map's one reference each.
+    let st = e.state();
+    let dd = st.driver(DomId::DOM0).unwrap();
+    let refs: Vec<u32> = dd
+        .slots()
+        .filter_map(|(_, s)| match s {
+            pviommu_hv::engine::Slot::Live(m) => Some(m.refs),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refs.len(), 512);
+    assert!(refs.iter().all(|&r| r == 1), "{refs:?}");
+    drop(st);
+    check_invariants(&mut m, &e).unwrap();
+}

@@ -309,6 +309,9 @@ const THEN_REVOKED: u8 = 1 << 7;
 // Slot counts are bounded by MAX_QUOTA, so no real slot index reaches
 // u32::MAX, the stored "none".
 const _: () = assert!(crate::config::MAX_QUOTA < u32::MAX as u64);
+// An extent may leave up to 511 free slots past the quota
+// (`take_extent_slots`): slot numbers still fit a link.
+const _: () = assert!(crate::config::MAX_QUOTA + EXTENT_PAGES < u32::MAX as u64);
 
 /// `DriverDomain::run_hint` with no install to follow (its slot NONE).
 const NO_RUN: (DomId, Gfn, u64) = (DomId(0), Gfn(u64::MAX), NONE);

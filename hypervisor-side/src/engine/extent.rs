@@ -46,9 +46,11 @@ const LAST: u64 = EXTENT_PAGES - 1;
 pub struct ExtentMapped {
     /// The first BFN (on a 2 MiB boundary) and the first page's tag.
     pub mapped: Mapped,
-    /// The extent's pages were mapped already, at these BFNs: each got a
-    /// reference more.
-    pub shared: bool,
+    /// `Some(last)`: the extent's pages were mapped already, at these BFNs,
+    /// and each got a reference more; `last` is the generation of the
+    /// cell's last install then, so the undo tells the mappings it shared
+    /// (installed no later) from ones made since at the same BFNs.
+    pub shared: Option<u32>,
 }
 
 /// Page `i` of the extent `req` asks for.
@@ -115,7 +117,7 @@ impl<L: RawMutex> Engine<L> {
                     // (A stale mapping revoked on the way may have been the
                     // cell's last page of the target: the bit stays.)
                     self.set_gate_bit(d.cell, req.domid, true);
-                    if m.shared {
+                    if m.shared.is_some() {
                         d.dd.stats.shared += EXTENT_PAGES;
                         (Some(Ok(m)), 0)
                     } else {
@@ -344,7 +346,7 @@ impl<L: RawMutex> Engine<L> {
                 tag,
                 cell: d.cell,
             },
-            shared: false,
+            shared: None,
         })
     }
 
@@ -402,7 +404,7 @@ impl<L: RawMutex> Engine<L> {
                 tag,
                 cell: d.cell,
             },
-            shared: true,
+            shared: Some(d.dd.next_gen),
         })
     }
 
@@ -434,10 +436,17 @@ impl<L: RawMutex> Engine<L> {
 
     /// Undo an extent map whose result could not be reported to the
     /// caller: drop the reference it took to each of its pages, if that
-    /// page's mapping is still the one it made (installed: the tag of its
-    /// install, which follow each other) or shared (the same page of the
-    /// same request, the first page by its tag). Anything else is left
-    /// alone, as [`unmap_undo`](Self::unmap_undo) leaves it.
+    /// page's mapping is still the one it made or shared. Installed: the
+    /// mapping of its install (their tags follow each other). Shared: the
+    /// mapping of the same page and request installed no later than the
+    /// share (the first page's by its tag): one made since at the same BFN
+    /// (the page revoked, acknowledged and mapped again by another vCPU
+    /// of the caller, which the free list hands the same slot) is someone
+    /// else's. Anything else is left alone, as
+    /// [`unmap_undo`](Self::unmap_undo) leaves it. A reference dropped is
+    /// an unmap ([`unmap_locked`](Self::unmap_locked)): the entries of the
+    /// last ones are cleared by the flush that ends the call, a run at a
+    /// time (no split of a superpage the maps made).
     pub fn map_extent_undo(
         &self,
         h: &mut impl Hypervisor,
@@ -455,6 +464,10 @@ impl<L: RawMutex> Engine<L> {
             self.put_driver(d);
             return;
         }
+        if d.dd.deferred_entries + EXTENT_PAGES > DEFER_LIMIT {
+            self.clear_deferred_entries(&mut d.dd, h);
+        }
+        let now = d.dd.next_gen;
         for i in 0..EXTENT_PAGES {
             let Some(idx) = first.checked_add(i).and_then(|i| d.dd.guest_slot(i)) else {
                 break;
@@ -462,24 +475,27 @@ impl<L: RawMutex> Engine<L> {
             let tag = done.mapped.tag.wrapping_add(i as u32);
             let ours = |m: &Mapping| {
                 m.context == req.context
-                    && if done.shared {
-                        m.domid == req.domid
-                            && m.gfn.0 == req.gfn.0 + i
-                            && m.perms == req.perms
-                            && m.attr == req.attr
-                            && (i > 0 || m.gen == tag)
-                    } else {
-                        m.gen == tag
+                    && match done.shared {
+                        None => m.gen == tag,
+                        // Installed at or before `last`: no later than the
+                        // share (wrap-safe while fewer than 2^32 installs
+                        // come between the share and this undo).
+                        Some(last) => {
+                            m.domid == req.domid
+                                && m.gfn.0 == req.gfn.0 + i
+                                && m.perms == req.perms
+                                && m.attr == req.attr
+                                && now.wrapping_sub(m.gen) >= now.wrapping_sub(last)
+                                && (i > 0 || m.gen == tag)
+                        }
                     }
             };
-            if let Some(m) = d.dd.live_at(idx).filter(ours) {
-                if m.refs > 1 {
-                    d.dd.set_refs(idx, m.refs - 1);
-                } else {
-                    // The gate bit goes at the flush (the batch's `finish`).
-                    self.take_down_live(&mut d, h, idx, false);
-                }
+            if d.dd.live_at(idx).is_some_and(|m| ours(&m)) {
+                let _ = self.unmap_locked(&mut d, req.context, idx);
             }
+        }
+        if d.dd.deferred_entries >= DEFER_LIMIT {
+            self.clear_deferred_entries(&mut d.dd, h);
         }
         self.put_driver(d);
     }

@@ -224,8 +224,15 @@ const _: () = assert!(crate::config::MAX_QUOTA < NO_QUOTA as u64);
 const PUBLISH_SLACK: u64 = 32;
 /// More than a driver domain's cells can hold together beyond its count:
 /// each cell's change is added at an unlock once it reaches the slack, and
-/// one lock hold adds at most one run of maps.
-const UNPUBLISHED_BOUND: u64 = MAX_CONTEXTS as u64 * (PUBLISH_SLACK + MAP_CHUNK as u64);
+/// one lock hold adds at most one run of maps or one 2 MiB extent.
+const UNPUBLISHED_BOUND: u64 = MAX_CONTEXTS as u64 * (PUBLISH_SLACK + MOST_IN_ONE_HOLD);
+/// The most BFNs one lock hold of a cell takes: a run of maps, or an
+/// extent.
+const MOST_IN_ONE_HOLD: u64 = if (MAP_CHUNK as u64) > pviommu_abi::EXTENT_PAGES {
+    MAP_CHUNK as u64
+} else {
+    pviommu_abi::EXTENT_PAGES
+};
 
 /// Per-target-domid atomics read without any lock (see the module docs).
 #[derive(Debug, Default)]
@@ -968,7 +975,7 @@ impl<L: RawMutex> Engine<L> {
     /// than the other cells can hide; near the quota each other cell is
     /// counted as of its last unlock. So maps into other contexts running
     /// at that very moment can exceed the quota by at most one run
-    /// ([`MAP_CHUNK`]) each.
+    /// ([`MAP_CHUNK`]) or one 2 MiB extent (512) each.
     #[inline(always)]
     fn over_quota(&self, d: &Driver<'_, L>, quota: u64) -> bool {
         self.over_quota_by(d, quota, 1)
