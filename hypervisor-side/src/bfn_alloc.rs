@@ -157,6 +157,28 @@ impl BfnSpace {
         self.total
     }
 
+    /// The lowest slot index at or after `from` whose BFN starts a run of
+    /// `run` BFNs (a power of two) in one segment, the first a multiple of
+    /// `run`: where a naturally aligned block of BFNs can be numbered from.
+    /// Reserved ranges of any size shift later indices against their BFNs,
+    /// so an aligned index need not name an aligned BFN. O(segments).
+    pub fn aligned_run_from(&self, from: u64, run: u64) -> Option<u64> {
+        if !run.is_power_of_two() {
+            return None;
+        }
+        self.segments.iter().find_map(|s| {
+            let end = s.first_index.checked_add(s.len)?;
+            let at = from.max(s.first_index);
+            if at >= end {
+                return None;
+            }
+            let bfn = s.start.checked_add(at - s.first_index)?;
+            let aligned = bfn.checked_add(run - 1)? & !(run - 1);
+            let first = s.first_index.checked_add(aligned - s.start)?;
+            (first.checked_add(run)? <= end).then_some(first)
+        })
+    }
+
     /// Whether no BFN is usable.
     pub fn is_empty(&self) -> bool {
         self.total == 0
@@ -232,6 +254,34 @@ mod tests {
         assert_eq!(all, [12, 13, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28]);
         assert_eq!(s.bfn_of(s.len()), None);
     }
+    /// An aligned run is numbered where its BFN is aligned, in a segment
+    /// long enough, whatever the reserved ranges did to the indices.
+    #[test]
+    fn aligned_runs_are_found_by_bfn_not_by_index() {
+        let r = |start, nr| ReservedRange { start, nr, kind: 2 };
+        let w = BfnWindow {
+            start: 16,
+            end: 64,
+            reserved: alloc::vec![r(19, 3), r(34, 4)],
+        };
+        // Segments: BFNs 16-18 (indices 0-2), 22-33 (3-14), 38-63 (15-40).
+        let s = BfnSpace::new(&w).unwrap();
+        let at = |from, run| {
+            s.aligned_run_from(from, run)
+                .map(|i| s.bfn_of(i).unwrap().0)
+        };
+        assert_eq!(at(0, 8), Some(24), "the first segment is too short");
+        assert_eq!(at(0, 2), Some(16));
+        assert_eq!(at(2, 2), Some(22), "BFN 18's run would cross the hole");
+        assert_eq!(at(6, 8), Some(40), "24-31 is behind index 6");
+        assert_eq!(at(0, 16), Some(48));
+        assert_eq!(at(0, 32), None, "no segment holds 32 aligned");
+        assert_eq!(at(40, 1), Some(63));
+        assert_eq!(at(41, 1), None, "past the last index");
+        assert_eq!(s.aligned_run_from(0, 3), None, "not a power of two");
+        assert_eq!(s.aligned_run_from(u64::MAX, 1), None);
+    }
+
     /// The first-segment shortcut of `bfn_of` / `index_of` agrees with a
     /// plain enumeration of the usable BFNs, on windows whose reserved
     /// ranges cut the first segment short, start it late or leave it empty.

@@ -539,3 +539,89 @@ fn a_shared_extents_undo_leaves_a_mapping_made_since_at_its_bfns() {
     drop(st);
     check_invariants(&mut m, &e).unwrap();
 }
+
+/// Second security review of ABI 1.6: a page of the extent whose gfn now
+/// has another frame (its hook not run yet) is revoked on the way, as a
+/// page map revokes it; a later page mapped already then refuses the
+/// extent, and the books go back: the pages installed before it leave the
+/// index, their slots go free, and nothing but that revocation is left.
+#[test]
+fn an_extent_refused_after_revoking_a_stale_page_leaves_only_that_revocation() {
+    let (mut m, e) = host();
+    // Page 3 mapped while its gfn had another frame, which then came back:
+    // the mapping is of a frame the gfn no longer has, the extent is one
+    // machine run again.
+    m.swap_frames(GUEST, Gfn(EXTENT + 3), Gfn(1800)).unwrap();
+    let stale = map_one(&mut m, &e, DomId::DOM0, GUEST, EXTENT + 3, Permissions::RW).unwrap();
+    m.swap_frames(GUEST, Gfn(EXTENT + 3), Gfn(1800)).unwrap();
+    let kept = map_one(&mut m, &e, DomId::DOM0, GUEST, EXTENT + 9, Permissions::RW).unwrap();
+    let active = e.target_active(GUEST);
+    let (status, _) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW),
+    );
+    assert_eq!(status, Errno::Busy.negated());
+    // The stale mapping went (its page's reference with the flush), the
+    // other stayed, nothing of the extent is left.
+    assert_eq!(m.translate(DomId::DOM0, ContextId::DEFAULT, stale), None);
+    assert!(m.translate(DomId::DOM0, ContextId::DEFAULT, kept).is_some());
+    assert_eq!(e.target_active(GUEST), active - 1);
+    let st = e.state();
+    let dd = st.driver(DomId::DOM0).unwrap();
+    assert_eq!(dd.live(), 1);
+    drop(st);
+    e.gfn_removed(&mut m, GUEST, Gfn(EXTENT + 3));
+    m.current = DomId::DOM0;
+    check_invariants(&mut m, &e).unwrap();
+    assert_eq!(
+        revoked_next(&mut m, &e, DomId::DOM0),
+        Ok((stale, GUEST, Gfn(EXTENT + 3)))
+    );
+    let mut ack = [Request::RevokedAck {
+        context: ContextId::DEFAULT,
+        bfn: stale,
+        notice: None,
+    }
+    .encode()];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ack).unwrap();
+    assert_eq!(ack[0].status, 0);
+    assert_eq!(
+        revoked_next(&mut m, &e, DomId::DOM0),
+        Err(Errno::NoEnt.negated())
+    );
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// Second security review of ABI 1.6: a reserved range of the window
+/// whose size is not a multiple of 512 shifts every later slot index
+/// against its BFN. Fresh extent slots are taken where the BFN is aligned,
+/// not the index: before, every extent past such a range was refused
+/// (ENOSPC) whatever the quota.
+#[test]
+fn extents_past_a_reserved_range_of_odd_size_still_get_aligned_bfns() {
+    let (mut m, probe) = host();
+    let start = probe.window().start;
+    drop(probe);
+    m.add_reserved(pviommu_hv::platform::ReservedRange {
+        start: start + 512,
+        nr: 100,
+        kind: pviommu_abi::region_kind::MMIO,
+    });
+    let e = Engine::new(pviommu_hv::config::Config::default(), &m).unwrap();
+    let mut bfns = Vec::new();
+    for gfn in [EXTENT, 2 * EXTENT] {
+        let (status, out) = run(
+            &mut m,
+            &e,
+            extent_map(ContextId::DEFAULT, gfn, Permissions::RW),
+        );
+        assert_eq!(status, 0, "extent from gfn {gfn:#x}");
+        assert_eq!(out.bfn % EXTENT_PAGES, 0);
+        assert!(out.bfn + EXTENT_PAGES <= start + 512 || out.bfn >= start + 612);
+        assert_mapped(&mut m, ContextId::DEFAULT, Bfn(out.bfn), gfn);
+        bfns.push(out.bfn);
+    }
+    assert_eq!(bfns, [start, start + 1024]);
+    check_invariants(&mut m, &e).unwrap();
+}

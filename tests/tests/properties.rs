@@ -44,7 +44,18 @@ enum Step {
     UnmapExtent(usize),
     /// A page of the extent given up by the guest (its hook runs).
     RemoveExtentPage(u64),
+    /// A page of the extent mapped while its gfn had another frame, which
+    /// then came back, and the extent mapped before the hooks of those
+    /// changes run: the extent map meets a mapping of a frame its gfn no
+    /// longer has (revoked on the way, as a page map revokes it).
+    ExtentOverStalePage {
+        k: u64,
+        dm: bool,
+    },
 }
+
+/// A guest gfn no other step maps, whose frame the stale-page step lends.
+const LENDER_GFN: u64 = 300;
 
 /// The guest's 2 MiB extent the extent steps map.
 const EXTENT_GFN: u64 = 512;
@@ -66,6 +77,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (any::<bool>(), any::<bool>()).prop_map(|(dm, write)| Step::MapExtent { dm, write }),
         1 => any::<usize>().prop_map(Step::UnmapExtent),
         1 => (0u64..512).prop_map(Step::RemoveExtentPage),
+        1 => (0u64..512, any::<bool>()).prop_map(|(k, dm)| Step::ExtentOverStalePage { k, dm }),
     ]
 }
 
@@ -297,6 +309,27 @@ proptest! {
                 Step::UnmapExtent(_) => {}
                 Step::RemoveExtentPage(k) => {
                     let _ = m.balloon_out(&e, GUEST, pviommu_abi::Gfn(EXTENT_GFN + k));
+                }
+                Step::ExtentOverStalePage { k, dm } => {
+                    let caller = if dm { DEVICE_MODEL } else { DomId::DOM0 };
+                    let (page, lender) = (pviommu_abi::Gfn(EXTENT_GFN + k), pviommu_abi::Gfn(LENDER_GFN));
+                    settle(&mut m, &e, caller);
+                    if m.swap_frames(GUEST, page, lender).is_ok() {
+                        if let Ok(b) = map_one(&mut m, &e, caller, GUEST, page.0, Permissions::RW) {
+                            live.push((caller, b));
+                        }
+                        m.swap_frames(GUEST, page, lender).unwrap();
+                        let req = map_request_in(ContextId::DEFAULT, GUEST, EXTENT_GFN, Permissions::RW);
+                        let mut ops = [pviommu_abi::Request::MapExtent(req).encode()];
+                        m.guest_batch_all(&e, caller, &mut ops).unwrap();
+                        if ops[0].status == 0 {
+                            prop_assert_eq!(ops[0].bfn % 512, 0);
+                            extents.push((caller, Bfn(ops[0].bfn)));
+                        }
+                        // The hooks of the two changes, as Xen runs them.
+                        e.gfn_removed(&mut m, GUEST, page);
+                        e.gfn_removed(&mut m, GUEST, lender);
+                    }
                 }
                 Step::FailUnmaps(n) => m.fail_unmaps = n,
                 Step::FailFlush => m.fail_flushes = 1,

@@ -969,8 +969,19 @@ fn map_by_extents_gives_aligned_runs_and_is_all_or_nothing() {
         assert_eq!(e["errno"], "EINVAL", "{bad}");
     }
     // The guest has 16384 pages: the extent from 0x4000 has no RAM.
-    let e = env.json_err(&["map", "--domid", "1", "--gfn", "0x3e00..0x41ff", "--extents"]);
+    let e = env.json_err(&[
+        "map",
+        "--domid",
+        "1",
+        "--gfn",
+        "0x3e00..0x41ff",
+        "--extents",
+    ]);
     assert_eq!(e["errno"], "ENXIO");
     assert_eq!(e["items"][0]["gfn"], 0x4000);
-    assert_eq!(env.json(&["stats"])["used"], 1024, "the extent before it taken back");
+    assert_eq!(
+        env.json(&["stats"])["used"],
+        1024,
+        "the extent before it taken back"
+    );
 }

@@ -33,7 +33,7 @@ use crate::bfn_alloc::BfnSpace;
 use crate::iommu::FlushGather;
 use crate::nospec::array_index_nospec;
 use crate::storage::{hash64, ChunkedVec, IndexTable, ShardedIndex};
-use crate::{ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions};
+use crate::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions};
 use pviommu_abi::{extent_aligned, EXTENT_PAGES};
 
 /// "No slot" in a slot link.
@@ -1061,28 +1061,31 @@ impl DriverDomain {
             .reserve_one(|v| target_hash(seed, count_domid(v)))
     }
 
-    /// Take [`EXTENT_PAGES`] slots in a row for a 2 MiB extent: the first a
-    /// multiple of 512 whose BFNs `space` makes one run on a 2 MiB boundary.
-    /// The block of the free list's head if all of it is free (an unmapped
-    /// extent's, once released), else fresh slots from the next multiple of
-    /// 512 (those skipped go on the free list), never more than `limit`
-    /// slots. Each slot taken holds `Free` until the caller stores into it,
+    /// Take [`EXTENT_PAGES`] slots in a row for a 2 MiB extent, whose BFNs
+    /// `space` makes one run from a 2 MiB boundary: the block of the free
+    /// list's head's BFN if all of it is free (an unmapped extent's, once
+    /// released), else fresh slots from the first such run after the
+    /// array's end (those skipped go on the free list), never more than
+    /// `limit` slots. Each slot taken holds `Free` until the caller stores into it,
     /// as [`take_slot_near`](Self::take_slot_near) leaves one; the caller
     /// gives back those it does not use with [`free_slot`](Self::free_slot).
     /// `Err(NoSpc)`: no such block (nothing changed); `Err(NoMem)`: the
     /// slot array could not grow (what it grew by stays, free). Bounded: a
-    /// pass over one block, and at most `2 * 512 - 1` slots pushed.
+    /// pass over one block, and fewer than `3 * 512` slots pushed.
     pub(crate) fn take_extent_slots(&mut self, space: &BfnSpace, limit: u64) -> Result<u64, Errno> {
         const LAST: u64 = EXTENT_PAGES - 1;
         let one_run = |first: u64| match (space.bfn_of(first), space.bfn_of(first + LAST)) {
             (Some(a), Some(z)) => extent_aligned(a.0) && z.0.checked_sub(a.0) == Some(LAST),
             _ => false,
         };
-        if self.free_head != NONE {
-            let first = self.free_head & !LAST;
+        let head_block = space
+            .bfn_of(self.free_head)
+            .and_then(|b| space.index_of(Bfn(b.0 & !LAST)))
+            .filter(|&first| one_run(first));
+        if let Some(first) = head_block {
             let all_free =
                 (first..=first + LAST).all(|i| self.raw(i).is_some_and(|r| r.state() == ST_FREE));
-            if all_free && one_run(first) {
+            if all_free {
                 for i in first..=first + LAST {
                     if !self.unlink_free(i) {
                         // A list that does not hold together (an engine
@@ -1097,8 +1100,16 @@ impl DriverDomain {
                 return Ok(first);
             }
         }
+        // Fresh slots from the first index at or after the array's end
+        // whose BFN starts an aligned run in one segment (a reserved range
+        // shifts indices against BFNs), skipping at most two extents' worth
+        // (the work, and the slots pushed, of one op stay bounded; past a
+        // layout that would skip more, extents get ENOSPC).
         let len = self.slots.len() as u64;
-        let first = (len + LAST) & !LAST;
+        let first = match space.aligned_run_from(len, EXTENT_PAGES) {
+            Some(first) if first - len < 2 * EXTENT_PAGES => first,
+            _ => return Err(Errno::NoSpc),
+        };
         if first + EXTENT_PAGES > limit || !one_run(first) {
             return Err(Errno::NoSpc);
         }

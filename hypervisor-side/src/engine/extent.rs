@@ -479,7 +479,10 @@ impl<L: RawMutex> Engine<L> {
                         None => m.gen == tag,
                         // Installed at or before `last`: no later than the
                         // share (wrap-safe while fewer than 2^32 installs
-                        // come between the share and this undo).
+                        // come between the share and this undo; one shared
+                        // more than 2^32 installs before may fail it, and
+                        // keeps a reference too many: the caller's own page,
+                        // within its quota).
                         Some(last) => {
                             m.domid == req.domid
                                 && m.gfn.0 == req.gfn.0 + i

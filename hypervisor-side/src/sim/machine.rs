@@ -1080,6 +1080,21 @@ impl SimMachine {
         Ok(())
     }
 
+    /// Swap the frames behind two gfns of a domain (as an exchange of its
+    /// memory would) without telling the engine: the caller runs the hooks
+    /// afterwards, as Xen's p2m code does once the change succeeded. A test
+    /// uses it to leave a mapping of a frame its gfn no longer has while
+    /// the gfn's extent stays one machine run.
+    pub fn swap_frames(&mut self, domid: DomId, a: Gfn, b: Gfn) -> Result<(), Errno> {
+        let d = self.domains.get_mut(&domid).ok_or(Errno::Srch)?;
+        let (Some(&ea), Some(&eb)) = (d.p2m.get(&a), d.p2m.get(&b)) else {
+            return Err(Errno::Nxio);
+        };
+        d.p2m.insert(a, eb);
+        d.p2m.insert(b, ea);
+        Ok(())
+    }
+
     /// Destroy a domain the way Xen's `domain_kill` does: mark it dying, run
     /// the engine's restartable teardown to the end (one slice per call, as
     /// the toolstack's continuations do), then relinquish its memory.
