@@ -1368,6 +1368,21 @@ fn repeats_of_a_page_follow_their_first_op_when_a_later_batch_fails() {
     }
 }
 
+/// `c` maps the guest's 2 MiB extent from `gfn` into context 0.
+fn extent(
+    c: &mut Client<impl pviommu_guest::transport::Transport>,
+    gfn: u64,
+    perms: Permissions,
+) -> Result<Bfn, pviommu_guest::Error> {
+    c.map_extent(
+        GUEST,
+        Gfn(gfn),
+        perms,
+        MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    )
+}
+
 /// A 2 MiB extent (ABI 1.6): one op maps 512 pages at an aligned run of
 /// BFNs, every page cached as its own mapping; a page map of one of them
 /// is a cache hit; the extent's unmap goes as one op when the cache held
@@ -1379,15 +1394,7 @@ fn an_extent_is_one_op_and_its_pages_are_cached() {
     let s = sim(1024, Config::default());
     let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
     let calls = c.stats().hypercalls;
-    let bfn = c
-        .map_extent(
-            GUEST,
-            Gfn(512),
-            Permissions::RW,
-            MemAttr::WriteBack,
-            ContextId::DEFAULT,
-        )
-        .unwrap();
+    let bfn = extent(&mut c, 512, Permissions::RW).unwrap();
     assert_eq!(bfn.0 % 512, 0);
     assert_eq!(c.stats().hypercalls - calls, 1);
     assert_eq!(c.cache().len(), 512);
@@ -1402,15 +1409,7 @@ fn an_extent_is_one_op_and_its_pages_are_cached() {
     // A page of it: from the cache.
     assert_eq!(rw(&mut c, &[Gfn(517)]), [Bfn(bfn.0 + 5)]);
     // The same extent again: from the cache, every page one reference more.
-    let again = c
-        .map_extent(
-            GUEST,
-            Gfn(512),
-            Permissions::RW,
-            MemAttr::WriteBack,
-            ContextId::DEFAULT,
-        )
-        .unwrap();
+    let again = extent(&mut c, 512, Permissions::RW).unwrap();
     assert_eq!(again, bfn);
     assert_eq!(c.stats().hypercalls - calls, 1);
     // Released twice: the cache's references only, then page 5's other
@@ -1424,15 +1423,7 @@ fn an_extent_is_one_op_and_its_pages_are_cached() {
     assert!(c.unmap(&[Bfn(bfn.0 + 5)], ContextId::DEFAULT)[0].is_ok());
     // Mapped and released whole: one op each way.
     let calls = c.stats().hypercalls;
-    let bfn = c
-        .map_extent(
-            GUEST,
-            Gfn(0),
-            Permissions::RO,
-            MemAttr::WriteBack,
-            ContextId::DEFAULT,
-        )
-        .unwrap();
+    let bfn = extent(&mut c, 0, Permissions::RO).unwrap();
     c.unmap_extent(bfn, ContextId::DEFAULT).unwrap();
     assert_eq!(c.stats().hypercalls - calls, 2);
     assert!(c.cache().is_empty());
@@ -1446,13 +1437,7 @@ fn a_refused_extent_leaves_the_cache_alone() {
     let s = sim(1024, Config::default());
     let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
     let calls = c.stats().hypercalls;
-    let e = c.map_extent(
-        GUEST,
-        Gfn(100),
-        Permissions::RW,
-        MemAttr::WriteBack,
-        ContextId::DEFAULT,
-    );
+    let e = extent(&mut c, 100, Permissions::RW);
     assert!(
         matches!(e, Err(pviommu_guest::Error::InvalidArgument(_))),
         "{e:?}"
@@ -1463,13 +1448,7 @@ fn a_refused_extent_leaves_the_cache_alone() {
         let (m, e) = &mut *g;
         m.replace_page(e, GUEST, Gfn(700)).unwrap();
     }
-    let e = c.map_extent(
-        GUEST,
-        Gfn(512),
-        Permissions::RW,
-        MemAttr::WriteBack,
-        ContextId::DEFAULT,
-    );
+    let e = extent(&mut c, 512, Permissions::RW);
     assert!(
         matches!(
             e,

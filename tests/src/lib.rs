@@ -263,6 +263,19 @@ pub fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), String> {
     Ok(())
 }
 
+/// `REVOKED_ACK` (unnumbered) of `bfn` in context 0 as `caller`: the op's
+/// status.
+pub fn ack_revoked(m: &mut SimMachine, e: &Engine, caller: DomId, bfn: Bfn) -> i32 {
+    let mut ack = [Request::RevokedAck {
+        context: ContextId::DEFAULT,
+        bfn,
+        notice: None,
+    }
+    .encode()];
+    m.guest_batch_all(e, caller, &mut ack).unwrap();
+    ack[0].status
+}
+
 /// `REVOKED_NEXT` as `caller`: the oldest notice (BFN, domid, gfn), or the
 /// op's status.
 pub fn revoked_next(

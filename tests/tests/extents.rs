@@ -40,6 +40,20 @@ fn create_context(m: &mut SimMachine, e: &Engine) -> ContextId {
     ContextId(out.context)
 }
 
+/// Dom0 maps the guest's extent from [`EXTENT`] in one batch whose result
+/// cannot be copied out (`EFAULT`), `race` running at that moment (another
+/// CPU): the hypercall's answer.
+fn extent_map_with_failing_copy_out<'a>(
+    m: &'a mut SimMachine,
+    e: &'a Engine,
+    race: Race<'a>,
+) -> i64 {
+    let op = extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW);
+    let (base, ops_addr) = stage_batch(m, DomId::DOM0, &[op]);
+    let mut h = Interposer::new(m, Service::CopyToGuestAt(ops_addr), race);
+    e.hypercall(&mut h, DomId::DOM0, pviommu_abi::cmd::BATCH, base)
+}
+
 /// Every page of the extent from `gfn` at `bfn` translates to its frame in
 /// `context`, and the device reads the guest's bytes there.
 fn assert_mapped(m: &mut SimMachine, context: ContextId, bfn: Bfn, gfn: u64) {
@@ -418,19 +432,7 @@ fn an_extent_whose_table_cannot_be_allocated_is_refused_whole() {
 fn an_extent_map_that_cannot_be_reported_is_undone() {
     let (mut m, e) = host();
     let refs = m.total_page_refs();
-    let (base, ops_addr) = stage_batch(
-        &mut m,
-        DomId::DOM0,
-        &[extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW)],
-    );
-    let ret = {
-        let mut h = Interposer::new(
-            &mut m,
-            Service::CopyToGuestAt(ops_addr),
-            Box::new(|_: &mut SimMachine| {}),
-        );
-        e.hypercall(&mut h, DomId::DOM0, pviommu_abi::cmd::BATCH, base)
-    };
+    let ret = extent_map_with_failing_copy_out(&mut m, &e, Box::new(|_: &mut SimMachine| {}));
     assert_eq!(ret, Errno::Fault.negated() as i64);
     e.finish(&mut m, DomId::DOM0);
     assert_eq!(m.total_page_refs(), refs);
@@ -449,19 +451,7 @@ fn a_shared_extent_map_that_cannot_be_reported_drops_one_reference() {
     );
     let refs = m.total_page_refs();
     let before = observable(&m, &e);
-    let (base, ops_addr) = stage_batch(
-        &mut m,
-        DomId::DOM0,
-        &[extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW)],
-    );
-    let ret = {
-        let mut h = Interposer::new(
-            &mut m,
-            Service::CopyToGuestAt(ops_addr),
-            Box::new(|_: &mut SimMachine| {}),
-        );
-        e.hypercall(&mut h, DomId::DOM0, pviommu_abi::cmd::BATCH, base)
-    };
+    let ret = extent_map_with_failing_copy_out(&mut m, &e, Box::new(|_: &mut SimMachine| {}));
     assert_eq!(ret, Errno::Fault.negated() as i64);
     e.finish(&mut m, DomId::DOM0);
     assert_eq!(m.total_page_refs(), refs);
@@ -487,34 +477,22 @@ fn a_shared_extents_undo_leaves_a_mapping_made_since_at_its_bfns() {
         extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW),
     );
     let first = Bfn(out.bfn);
-    let (base, ops_addr) = stage_batch(
-        &mut m,
-        DomId::DOM0,
-        &[extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW)],
-    );
     let again = std::cell::Cell::new(None);
-    let ret = {
-        let race = Box::new(|m: &mut SimMachine| {
+    let ret = extent_map_with_failing_copy_out(
+        &mut m,
+        &e,
+        Box::new(|m: &mut SimMachine| {
             m.replace_page(&e, GUEST, Gfn(EXTENT + 5)).unwrap();
             m.current = DomId::DOM0;
             e.finish(m, DomId::DOM0);
             let (b, _, _) = revoked_next(m, &e, DomId::DOM0).unwrap();
-            let mut ack = [Request::RevokedAck {
-                context: ContextId::DEFAULT,
-                bfn: b,
-                notice: None,
-            }
-            .encode()];
-            m.guest_batch_all(&e, DomId::DOM0, &mut ack).unwrap();
-            assert_eq!(ack[0].status, 0);
+            assert_eq!(ack_revoked(m, &e, DomId::DOM0, b), 0);
             again.set(Some(
                 map_one(m, &e, DomId::DOM0, GUEST, EXTENT + 5, Permissions::RW).unwrap(),
             ));
             m.current = DomId::DOM0;
-        });
-        let mut h = Interposer::new(&mut m, Service::CopyToGuestAt(ops_addr), race);
-        e.hypercall(&mut h, DomId::DOM0, pviommu_abi::cmd::BATCH, base)
-    };
+        }),
+    );
     assert_eq!(ret, Errno::Fault.negated() as i64);
     e.finish(&mut m, DomId::DOM0);
     let b = again.get().expect("the race ran");
@@ -578,14 +556,7 @@ fn an_extent_refused_after_revoking_a_stale_page_leaves_only_that_revocation() {
         revoked_next(&mut m, &e, DomId::DOM0),
         Ok((stale, GUEST, Gfn(EXTENT + 3)))
     );
-    let mut ack = [Request::RevokedAck {
-        context: ContextId::DEFAULT,
-        bfn: stale,
-        notice: None,
-    }
-    .encode()];
-    m.guest_batch_all(&e, DomId::DOM0, &mut ack).unwrap();
-    assert_eq!(ack[0].status, 0);
+    assert_eq!(ack_revoked(&mut m, &e, DomId::DOM0, stale), 0);
     assert_eq!(
         revoked_next(&mut m, &e, DomId::DOM0),
         Err(Errno::NoEnt.negated())

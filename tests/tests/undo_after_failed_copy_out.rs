@@ -15,7 +15,7 @@
 
 use std::cell::Cell;
 
-use pviommu_abi::{cmd, Bfn, ContextId, DomId, Gfn, Permissions, Request};
+use pviommu_abi::{cmd, Bfn, ContextId, DomId, Gfn, Permissions};
 use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
 use pviommu_hv::Engine;
 use pviommu_tests::*;
@@ -88,14 +88,7 @@ fn undo_does_not_take_down_a_reused_bfn() {
         Box::new(|m: &mut SimMachine| {
             m.balloon_out(&e, GUEST, Gfn(5)).unwrap();
             let (b, _, _) = revoked_next(m, &e, DomId::DOM0).unwrap();
-            let mut ack = [Request::RevokedAck {
-                context: ContextId::DEFAULT,
-                bfn: b,
-                notice: None,
-            }
-            .encode()];
-            m.guest_batch_all(&e, DomId::DOM0, &mut ack).unwrap();
-            assert_eq!(ack[0].status, 0);
+            assert_eq!(ack_revoked(m, &e, DomId::DOM0, b), 0);
             let other = map_one(m, &e, DomId::DOM0, OTHER, 7, Permissions::RW).unwrap();
             reused.set(Some((b, other)));
             m.current = DomId::DOM0;
