@@ -179,6 +179,15 @@ impl BfnSpace {
         })
     }
 
+    /// The BFN of slot index `first` if it starts such a run (as
+    /// [`aligned_run_from`](Self::aligned_run_from) would find it there).
+    pub fn aligned_run_at(&self, first: u64, run: u64) -> Option<Bfn> {
+        if self.aligned_run_from(first, run) != Some(first) {
+            return None;
+        }
+        self.bfn_of(first)
+    }
+
     /// Whether no BFN is usable.
     pub fn is_empty(&self) -> bool {
         self.total == 0
@@ -280,6 +289,13 @@ mod tests {
         assert_eq!(at(41, 1), None, "past the last index");
         assert_eq!(s.aligned_run_from(0, 3), None, "not a power of two");
         assert_eq!(s.aligned_run_from(u64::MAX, 1), None);
+        // Index 3 (BFN 22) starts a run of 2, not of 4; index 5 (BFN 24)
+        // one of 8; index 1 (BFN 17) none.
+        assert_eq!(s.aligned_run_at(3, 2), Some(Bfn(22)));
+        assert_eq!(s.aligned_run_at(3, 4), None);
+        assert_eq!(s.aligned_run_at(5, 8), Some(Bfn(24)));
+        assert_eq!(s.aligned_run_at(1, 1), Some(Bfn(17)));
+        assert_eq!(s.aligned_run_at(1, 2), None);
     }
 
     /// The first-segment shortcut of `bfn_of` / `index_of` agrees with a

@@ -224,6 +224,16 @@ fn run_checked<H: Hypervisor, T: Copy>(
     }
 }
 
+/// An unmap's answer as its op reports it: a revoked BFN it acknowledged
+/// is `ESTALE`.
+fn stale_if_revoked(r: Result<bool, Errno>) -> Result<(), Errno> {
+    match r {
+        Ok(true) => Err(Errno::Stale),
+        Ok(false) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 fn check_version(v: u32) -> Result<(), Errno> {
     if version_major(v) == version_major(INTERFACE_VERSION) {
         Ok(())
@@ -854,9 +864,9 @@ impl<L: RawMutex> Engine<L> {
                 op.bfn = m.mapped.bfn.0;
                 extent = Some(m);
             }),
-            Ok(Request::UnmapExtent { context, bfn }) => self
-                .unmap_extent_check(caller, context, bfn)
-                .and_then(|revoked| if revoked { Err(Errno::Stale) } else { Ok(()) }),
+            Ok(Request::UnmapExtent { context, bfn }) => {
+                stale_if_revoked(self.unmap_extent_check(caller, context, bfn))
+            }
             // Destructive ops: validate, report the outcome, then act, so a
             // status that cannot be written leaves the state unchanged.
             Ok(Request::ContextDestroy { context }) => self.context_destroy_check(caller, context),
@@ -908,10 +918,9 @@ impl<L: RawMutex> Engine<L> {
                 Some(self.context_detach(h, caller, context, device))
             }
             // Reported as checked: `ESTALE` (some BFNs revoked) or 0.
-            (Ok(Request::UnmapExtent { context, bfn }), Ok(()) | Err(Errno::Stale)) => Some(
-                self.unmap_extent(h, caller, context, bfn)
-                    .and_then(|revoked| if revoked { Err(Errno::Stale) } else { Ok(()) }),
-            ),
+            (Ok(Request::UnmapExtent { context, bfn }), Ok(()) | Err(Errno::Stale)) => {
+                Some(stale_if_revoked(self.unmap_extent(h, caller, context, bfn)))
+            }
             _ => None,
         };
         // Checked above, but another CPU (a revocation) may have changed the

@@ -34,7 +34,7 @@ use crate::iommu::FlushGather;
 use crate::nospec::array_index_nospec;
 use crate::storage::{hash64, ChunkedVec, IndexTable, ShardedIndex};
 use crate::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions};
-use pviommu_abi::{extent_aligned, EXTENT_PAGES};
+use pviommu_abi::EXTENT_PAGES;
 
 /// "No slot" in a slot link.
 pub(crate) const NONE: u64 = u64::MAX;
@@ -1069,20 +1069,21 @@ impl DriverDomain {
     /// `limit` slots. Each slot taken holds `Free` until the caller stores into it,
     /// as [`take_slot_near`](Self::take_slot_near) leaves one; the caller
     /// gives back those it does not use with [`free_slot`](Self::free_slot).
-    /// `Err(NoSpc)`: no such block (nothing changed); `Err(NoMem)`: the
-    /// slot array could not grow (what it grew by stays, free). Bounded: a
-    /// pass over one block, and fewer than `3 * 512` slots pushed.
-    pub(crate) fn take_extent_slots(&mut self, space: &BfnSpace, limit: u64) -> Result<u64, Errno> {
+    /// Returns the first slot and its BFN. `Err(NoSpc)`: no such block
+    /// (nothing changed); `Err(NoMem)`: the slot array could not grow (what
+    /// it grew by stays, free). Bounded: a pass over one block, and fewer
+    /// than `3 * 512` slots pushed.
+    pub(crate) fn take_extent_slots(
+        &mut self,
+        space: &BfnSpace,
+        limit: u64,
+    ) -> Result<(u64, Bfn), Errno> {
         const LAST: u64 = EXTENT_PAGES - 1;
-        let one_run = |first: u64| match (space.bfn_of(first), space.bfn_of(first + LAST)) {
-            (Some(a), Some(z)) => extent_aligned(a.0) && z.0.checked_sub(a.0) == Some(LAST),
-            _ => false,
-        };
         let head_block = space
             .bfn_of(self.free_head)
             .and_then(|b| space.index_of(Bfn(b.0 & !LAST)))
-            .filter(|&first| one_run(first));
-        if let Some(first) = head_block {
+            .and_then(|first| Some((first, space.aligned_run_at(first, EXTENT_PAGES)?)));
+        if let Some((first, bfn)) = head_block {
             let all_free =
                 (first..=first + LAST).all(|i| self.raw(i).is_some_and(|r| r.state() == ST_FREE));
             if all_free {
@@ -1097,7 +1098,7 @@ impl DriverDomain {
                         return Err(Errno::NoSpc);
                     }
                 }
-                return Ok(first);
+                return Ok((first, bfn));
             }
         }
         // Fresh slots from the first index at or after the array's end
@@ -1110,7 +1111,8 @@ impl DriverDomain {
             Some(first) if first - len < 2 * EXTENT_PAGES => first,
             _ => return Err(Errno::NoSpc),
         };
-        if first + EXTENT_PAGES > limit || !one_run(first) {
+        let bfn = space.bfn_of(first).ok_or(Errno::NoSpc)?;
+        if first + EXTENT_PAGES > limit {
             return Err(Errno::NoSpc);
         }
         let most = usize::try_from(limit).unwrap_or(usize::MAX);
@@ -1131,7 +1133,7 @@ impl DriverDomain {
         for j in len..first {
             self.free_slot(j);
         }
-        Ok(first)
+        Ok((first, bfn))
     }
 
     /// Take a free slot (after [`reserve_slot`](Self::reserve_slot)). The

@@ -62,6 +62,14 @@ fn page_of(req: &MapRequest, i: u64) -> MapRequest {
     }
 }
 
+/// Page `i` of the extent `req` asks for, and its mapping's key over its
+/// frame (`first_mfn` + `i`).
+#[inline(always)]
+fn page_key(req: &MapRequest, first_mfn: Mfn, i: u64) -> (MapRequest, Mapping) {
+    let page = page_of(req, i);
+    (page, map_key(&page, Mfn(first_mfn.0 + i)))
+}
+
 impl<L: RawMutex> Engine<L> {
     /// Map the 2 MiB extent of `req.domid` from `req.gfn` (a multiple of
     /// 512, no grant) into `req.context` at 512 consecutive BFNs from the
@@ -263,31 +271,27 @@ impl<L: RawMutex> Engine<L> {
         // quota: those an extent skipped to start on a 2 MiB boundary
         // (the quota counts the BFNs in use, checked above).
         let limit = quota.saturating_add(LAST).min(self.space.len());
-        let first =
+        let (first, first_bfn) =
             d.dd.take_extent_slots(&self.space, limit)
                 .map_err(|e| (e, 0))?;
-        let Some(first_bfn) = self.space.bfn_of(first) else {
-            // Unreachable: the slots are a run of the space's BFNs.
-            for i in 0..EXTENT_PAGES {
-                d.dd.free_slot(first + i);
-            }
-            return Err((Errno::NoSpc, 0));
-        };
         // 3. The books: each page indexed in its slot, the room for it
         //    made just before. A page the context maps already refuses the
         //    extent (one mapping a stale frame is revoked on the way, as a
         //    page map revokes it), and any failure takes back books only.
         let mut tag = 0;
         for i in 0..EXTENT_PAGES {
-            let page = page_of(req, i);
-            let key = map_key(&page, Mfn(first_mfn.0 + i));
-            let installed = match self.mapped_page(d, req, first_mfn, i) {
-                Some((_, m)) if m.mfn == key.mfn => Err(Errno::Busy),
+            let (page, key) = page_key(req, first_mfn, i);
+            let mut at = d.dd.probe_page(seed, page.domid, page.gfn);
+            let installed = match d.dd.find_key_at(&at, &key).and_then(|idx| {
+                let m = d.dd.live_at(idx)?;
+                Some((idx, m.mfn == key.mfn))
+            }) {
+                Some((_, true)) => Err(Errno::Busy),
                 mapped => {
                     if let Some((stale, _)) = mapped {
                         self.revoke_slot(d, h, stale);
+                        at = d.dd.probe_page(seed, page.domid, page.gfn);
                     }
-                    let at = d.dd.probe_page(seed, page.domid, page.gfn);
                     d.dd.reserve_index(seed, &at)
                         .and_then(|()| d.dd.install_at(seed, &at, first + i, key))
                 }
@@ -360,8 +364,7 @@ impl<L: RawMutex> Engine<L> {
         first_mfn: Mfn,
         i: u64,
     ) -> Option<(u64, Mapping)> {
-        let page = page_of(req, i);
-        let key = map_key(&page, Mfn(first_mfn.0 + i));
+        let (page, key) = page_key(req, first_mfn, i);
         let at = d.dd.probe_page(self.seed, page.domid, page.gfn);
         let idx = d.dd.find_key_at(&at, &key)?;
         Some((idx, d.dd.live_at(idx)?))
@@ -378,10 +381,7 @@ impl<L: RawMutex> Engine<L> {
         first_mfn: Mfn,
         first: u64,
     ) -> Option<ExtentMapped> {
-        let bfn = self.space.bfn_of(first).filter(|b| extent_aligned(b.0))?;
-        if self.space.bfn_of(first.checked_add(LAST)?) != Some(Bfn(bfn.0 + LAST)) {
-            return None;
-        }
+        let bfn = self.space.aligned_run_at(first, EXTENT_PAGES)?;
         for i in 0..EXTENT_PAGES {
             let (idx, m) = self.mapped_page(d, req, first_mfn, i)?;
             if idx != first + i || m.mfn.0 != first_mfn.0 + i || m.refs == u32::MAX {
@@ -516,8 +516,7 @@ impl<L: RawMutex> Engine<L> {
             return Err(Errno::Inval);
         }
         let first = self.space.index_of(bfn).ok_or(Errno::NoEnt)?;
-        let last = bfn.0.checked_add(LAST).map(Bfn);
-        if first.checked_add(LAST).and_then(|l| self.space.bfn_of(l)) != last {
+        if self.space.aligned_run_at(first, EXTENT_PAGES) != Some(bfn) {
             return Err(Errno::NoEnt);
         }
         let mut revoked = false;
