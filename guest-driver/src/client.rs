@@ -531,36 +531,29 @@ impl<T: Transport> Client<T> {
         let mut ops = [Request::UnmapExtent { context, bfn }.encode()];
         let ran = self.run_ops(&mut ops);
         let [op] = ops;
-        match ran {
-            Err(e) => {
-                // Perhaps not run: cached again (a BFN that did go is
-                // answered ENOENT by a later unmap, never another's page:
-                // revoked BFNs stay reserved until acknowledged).
-                for (i, k) in (0u64..).zip(keys) {
-                    if let Some(k) = k {
-                        self.cache.insert(k, Bfn(bfn.0 + i));
-                    }
-                }
-                Err(e)
-            }
-            Ok(()) if op.status == 0 => Ok(()),
+        let failed = match ran {
+            Ok(()) if op.status == 0 => return Ok(()),
             Ok(()) if op.status == Errno::Stale.negated() => {
                 self.stats.revocations += 1;
-                Ok(())
+                return Ok(());
             }
-            Ok(()) => {
-                // Refused whole (nothing was done): cached again.
-                for (i, k) in (0u64..).zip(keys) {
-                    if let Some(k) = k {
-                        self.cache.insert(k, Bfn(bfn.0 + i));
-                    }
-                }
-                Err(Error::Hypervisor {
-                    what: format!("unmap extent bfn {:#x}", bfn.0),
-                    errno: Errno::from_code(op.status).unwrap_or(Errno::Inval),
-                })
+            // Refused whole (nothing was done).
+            Ok(()) => Error::Hypervisor {
+                what: format!("unmap extent bfn {:#x}", bfn.0),
+                errno: Errno::from_code(op.status).unwrap_or(Errno::Inval),
+            },
+            // Perhaps not run (a BFN that did go is answered ENOENT by a
+            // later unmap, never another's page: revoked BFNs stay
+            // reserved until acknowledged).
+            Err(e) => e,
+        };
+        // Cached again, as before the call.
+        for (i, k) in (0u64..).zip(keys) {
+            if let Some(k) = k {
+                self.cache.insert(k, Bfn(bfn.0 + i));
             }
         }
+        Err(failed)
     }
 
     /// Release one reference per BFN; the last reference unmaps it. BFNs the

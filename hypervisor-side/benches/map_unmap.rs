@@ -140,6 +140,34 @@ fn engine_round_single(
     e.finish(m, DomId::DOM0);
 }
 
+/// The hypercall path: one batch of `maps`, then one batch of the unmap
+/// `unmap` makes of each BFN answered, both through dom0's memory.
+fn hypercall_round(
+    m: &mut SimMachine,
+    e: &Engine,
+    maps: &[PvIommuOp],
+    unmap: impl Fn(Bfn) -> Request,
+) {
+    let mut ops = maps.to_vec();
+    m.guest_batch_all(e, DomId::DOM0, &mut ops).unwrap();
+    let mut unmaps: Vec<PvIommuOp> = ops.iter().map(|o| unmap(Bfn(o.bfn)).encode()).collect();
+    m.guest_batch_all(e, DomId::DOM0, &mut unmaps).unwrap();
+    debug_assert!(unmaps.iter().all(|o| o.status == 0));
+}
+
+/// A host with a guest of `pages` and a context of dom0's own: the engine
+/// writes its own tables, the host only looks pages up and references them
+/// (what a mediator's GPU context does on Xen). The simulated IOMMU's own
+/// work (its refill after each flush) is left out, and its table walks
+/// snoop the caches, as most hosts' do.
+fn own_context_engine(pages: u64) -> (SimMachine, Engine, ContextId) {
+    let (mut m, e) = setup(pages, Format::Vtd);
+    m.speculative_refill = false;
+    m.set_coherent_table_walks(true);
+    let ctx = e.context_create(&mut m, DomId::DOM0).unwrap();
+    (m, e, ctx)
+}
+
 /// The engine path by 2 MiB extents (ABI 1.6): each of `reqs` maps 512
 /// pages in one op, and one unmap op each drops them.
 fn extent_round(
@@ -199,20 +227,10 @@ fn bench(c: &mut Criterion) {
             .collect();
         group.bench_with_input(BenchmarkId::new("hypercall", batch), &batch, |b, _| {
             b.iter(|| {
-                let mut ops = maps.clone();
-                m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
-                let mut unmaps: Vec<PvIommuOp> = ops
-                    .iter()
-                    .map(|o| {
-                        Request::Unmap {
-                            context: ContextId::DEFAULT,
-                            bfn: Bfn(o.bfn),
-                        }
-                        .encode()
-                    })
-                    .collect();
-                m.guest_batch_all(&e, DomId::DOM0, &mut unmaps).unwrap();
-                debug_assert!(unmaps.iter().all(|o| o.status == 0));
+                hypercall_round(&mut m, &e, &maps, |bfn| Request::Unmap {
+                    context: ContextId::DEFAULT,
+                    bfn,
+                })
             })
         });
         let (mut m, e) = setup(batch + 8, Format::Vtd);
@@ -229,15 +247,8 @@ fn bench(c: &mut Criterion) {
                 |b, _| b.iter(|| engine_round_single(&e, &mut m, &dom0, &reqs, &mut bfns)),
             );
         }
-        // Into a context of dom0's own: the engine writes its own tables,
-        // the host only looks pages up and references them (what a
-        // mediator's GPU context does on Xen). The simulated IOMMU's own
-        // work (its refill after each flush) is left out, and its table
-        // walks snoop the caches, as most hosts' do.
-        let (mut m, e) = setup(batch + 8, Format::Vtd);
-        m.speculative_refill = false;
-        m.set_coherent_table_walks(true);
-        let ctx = e.context_create(&mut m, DomId::DOM0).unwrap();
+        // Into a context of dom0's own (`own_context_engine`).
+        let (mut m, e, ctx) = own_context_engine(batch + 8);
         let reqs: Vec<MapRequest> = (1..=batch)
             .map(|g| MapRequest {
                 context: ctx,
@@ -285,20 +296,10 @@ fn extent_rows(
         &batch,
         |b, _| {
             b.iter(|| {
-                let mut ops = maps.clone();
-                m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
-                let mut unmaps: Vec<PvIommuOp> = ops
-                    .iter()
-                    .map(|o| {
-                        Request::UnmapExtent {
-                            context: ContextId::DEFAULT,
-                            bfn: Bfn(o.bfn),
-                        }
-                        .encode()
-                    })
-                    .collect();
-                m.guest_batch_all(&e, DomId::DOM0, &mut unmaps).unwrap();
-                debug_assert!(unmaps.iter().all(|o| o.status == 0));
+                hypercall_round(&mut m, &e, &maps, |bfn| Request::UnmapExtent {
+                    context: ContextId::DEFAULT,
+                    bfn,
+                })
             })
         },
     );
@@ -311,10 +312,7 @@ fn extent_rows(
         &batch,
         |b, _| b.iter(|| extent_round(&e, &mut m, &dom0, &reqs, &mut bfns)),
     );
-    let (mut m, e) = setup(batch + 8, Format::Vtd);
-    m.speculative_refill = false;
-    m.set_coherent_table_walks(true);
-    let ctx = e.context_create(&mut m, DomId::DOM0).unwrap();
+    let (mut m, e, ctx) = own_context_engine(batch + 8);
     let dom0 = m.domain_info(DomId::DOM0).unwrap();
     let reqs = extents(ctx);
     group.bench_with_input(

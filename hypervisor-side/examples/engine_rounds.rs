@@ -126,7 +126,11 @@ fn main() -> ExitCode {
         return hypercall_rounds(&mut m, &e, &reqs, rounds);
     }
     if extents {
-        return extent_rounds(&mut m, &e, &dom0, context, rounds);
+        let extent = MapRequest {
+            gfn: Gfn(0),
+            ..reqs[0]
+        };
+        return extent_rounds(&mut m, &e, &dom0, &extent, rounds);
     }
     let mut bfns: Vec<(ContextId, Bfn)> = Vec::with_capacity(BATCH as usize);
     let mut mapped = [Err(Errno::Inval); MAP_CHUNK];
@@ -179,25 +183,17 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The rounds by one 2 MiB extent (ABI 1.6) into `context`: gfns 0-511,
-/// whose frames are one run, mapped in one op and unmapped in one.
+/// The rounds by one 2 MiB extent (ABI 1.6) `req` asks for (gfns 0-511,
+/// whose frames are one run), mapped in one op and unmapped in one.
 fn extent_rounds(
     m: &mut SimMachine,
     e: &Engine,
     dom0: &pviommu_hv::platform::DomainInfo,
-    context: ContextId,
+    req: &MapRequest,
     rounds: u64,
 ) -> ExitCode {
-    let req = MapRequest {
-        context,
-        domid: GUEST,
-        gfn: Gfn(0),
-        perms: Permissions::RW,
-        attr: MemAttr::WriteBack,
-        grant: false,
-    };
     for round in 0..rounds {
-        let bfn = match e.map_extent(m, DomId::DOM0, dom0, &req) {
+        let bfn = match e.map_extent(m, DomId::DOM0, dom0, req) {
             Ok(done) => done.mapped.bfn,
             Err(err) => {
                 eprintln!("engine_rounds: round {round}: extent map failed: {err:?}");
@@ -205,7 +201,7 @@ fn extent_rounds(
             }
         };
         e.finish(m, DomId::DOM0);
-        if let Err(err) = e.unmap_extent(m, DomId::DOM0, context, bfn) {
+        if let Err(err) = e.unmap_extent(m, DomId::DOM0, req.context, bfn) {
             eprintln!("engine_rounds: round {round}: extent unmap failed: {err:?}");
             return ExitCode::FAILURE;
         }
