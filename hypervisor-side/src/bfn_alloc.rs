@@ -117,7 +117,9 @@ impl BfnSpace {
         // `reserved` is sorted by start; overlapping ranges are fine.
         for r in window.reserved.iter() {
             let r_end = r.start.saturating_add(r.nr);
-            if r_end <= at || r.start >= window.end {
+            // An empty range reserves nothing, and splits no segment (Xen's
+            // glue drops such a range before it gets here).
+            if r.nr == 0 || r_end <= at || r.start >= window.end {
                 continue;
             }
             if r.start > at {
@@ -296,6 +298,25 @@ mod tests {
         assert_eq!(s.aligned_run_at(5, 8), Some(Bfn(24)));
         assert_eq!(s.aligned_run_at(1, 1), Some(Bfn(17)));
         assert_eq!(s.aligned_run_at(1, 2), None);
+    }
+
+    /// An empty reserved range splits no segment: a run across where it
+    /// sits is still one run (the simulator may report such a range; Xen's
+    /// glue drops it). Found by a review of the re-read, where the run
+    /// check became "within one segment".
+    #[test]
+    fn an_empty_reserved_range_splits_no_run() {
+        let r = |start, nr| ReservedRange { start, nr, kind: 2 };
+        let w = BfnWindow {
+            start: 0,
+            end: 73,
+            reserved: alloc::vec![r(21, 1), r(32, 3), r(47, 0)],
+        };
+        let s = BfnSpace::new(&w).unwrap();
+        // BFN 40 (index 36) starts 40-47, across BFN 47's empty range.
+        assert_eq!(s.index_of(Bfn(40)), Some(36));
+        assert_eq!(s.aligned_run_at(36, 8), Some(Bfn(40)));
+        assert_eq!(s.bfn_of(s.index_of(Bfn(47)).unwrap()), Some(Bfn(47)));
     }
 
     /// The first-segment shortcut of `bfn_of` / `index_of` agrees with a
