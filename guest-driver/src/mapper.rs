@@ -26,9 +26,7 @@ impl<T: Transport> FrameMapper for Client<T> {
             };
             let rs = self.map_foreign(domid, &sel, perms, MemAttr::WriteBack, ContextId::DEFAULT);
             for (i, r) in idx.into_iter().zip(rs) {
-                out[i] = Some(r.map_err(|e| {
-                    MapError::new(e.errno().map_or(5 /* EIO */, |x| x.code()), e.to_string())
-                }));
+                out[i] = Some(r.map_err(map_error));
             }
         }
         out.into_iter()
@@ -43,4 +41,35 @@ impl<T: Transport> FrameMapper for Client<T> {
             }
         }
     }
+
+    /// One extent op (ABI 1.6), or the cache's pages: refused without a
+    /// hypercall when the hypervisor offers no extents.
+    fn map_extent(&mut self, domid: DomId, gfn: Gfn, writable: bool) -> Result<Bfn, MapError> {
+        let perms = if writable {
+            Permissions::RW
+        } else {
+            Permissions::RO
+        };
+        Client::map_extent(
+            self,
+            domid,
+            gfn,
+            perms,
+            MemAttr::WriteBack,
+            ContextId::DEFAULT,
+        )
+        .map_err(map_error)
+    }
+
+    fn unmap_extent(&mut self, first: Bfn) {
+        if let Err(e) = Client::unmap_extent(self, first, ContextId::DEFAULT) {
+            tracing::warn!(error = %e, "shadow extent unmap refused");
+        }
+    }
+}
+
+/// A client error as the shadow reports a refusal: its errno (`EIO` when
+/// it has none) and its text.
+fn map_error(e: crate::Error) -> MapError {
+    MapError::new(e.errno().map_or(5 /* EIO */, |x| x.code()), e.to_string())
 }

@@ -335,6 +335,7 @@ fn build_json(r: &BuildReport, domid: DomId, root: Gfn, took: Duration) -> Value
         "leaves_mapped": r.leaves_mapped,
         "tables": r.tables,
         "map_calls": r.map_calls,
+        "extents_mapped": r.extents_mapped,
         "refused": refused_json(&r.refused),
         "refused_total": r.refused_total,
         "anomalies": r.anomalies.iter().map(anomaly_json).collect::<Vec<_>>(),
@@ -351,6 +352,8 @@ fn sync_json(r: &SyncReport, took: Duration) -> Value {
         "leaves_unmapped": r.leaves_unmapped,
         "map_calls": r.map_calls,
         "unmap_calls": r.unmap_calls,
+        "extents_mapped": r.extents_mapped,
+        "extents_unmapped": r.extents_unmapped,
         "refused": refused_json(&r.refused),
         "refused_total": r.refused_total,
         "anomalies": r.anomalies.iter().map(anomaly_json).collect::<Vec<_>>(),
@@ -373,10 +376,11 @@ fn revocations_json(r: &RevocationReport) -> Value {
 
 fn build_text(r: &BuildReport, domid: DomId, root: Gfn) -> String {
     let mut s = format!(
-        "shadow of d{} PPGTT at gfn {:#x}: {} leaves mapped, {} table pages, {} refused, {} anomalies",
+        "shadow of d{} PPGTT at gfn {:#x}: {} leaves mapped ({} 2 MiB entries), {} table pages, {} refused, {} anomalies",
         domid.0,
         root.0,
         r.leaves_mapped,
+        r.extents_mapped,
         r.tables,
         r.refused_total,
         r.anomalies_total

@@ -8,6 +8,8 @@ use pviommu_abi::Gfn;
 pub const ERRNO_BFN_TOO_WIDE: i32 = 22;
 /// Errno used when the mapper returned fewer results than requested (EIO).
 pub const ERRNO_MAPPER_SHORT: i32 = 5;
+/// Errno of a mapper that maps no 2 MiB extents (EOPNOTSUPP).
+pub const ERRNO_NO_EXTENTS: i32 = 95;
 
 /// Failure of a reader or of shadow memory.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -123,6 +123,8 @@ impl ShadowGgtt {
                 anomalies_total: report.anomalies_total,
                 tables,
                 map_calls: report.map_calls,
+                // (The GGTT has no large pages.)
+                extents_mapped: 0,
             },
         )
     }

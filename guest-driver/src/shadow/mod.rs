@@ -30,7 +30,7 @@ mod traits;
 mod tests;
 
 pub use config::ShadowConfig;
-pub use error::{MapError, ShadowError, ERRNO_BFN_TOO_WIDE, ERRNO_MAPPER_SHORT};
+pub use error::{MapError, ShadowError, ERRNO_BFN_TOO_WIDE, ERRNO_MAPPER_SHORT, ERRNO_NO_EXTENTS};
 pub use ggtt::ShadowGgtt;
 pub use gma::Gma;
 pub use gpu_walker::{gpu_translate, gpu_translate_ggtt, gpu_walk};

@@ -63,6 +63,13 @@ pub(super) struct SlotInfo {
     pub(super) dying: bool,
     /// Its entries have been acted on (false while queued for population).
     pub(super) populated: bool,
+    /// A shadow-only PT of a guest 2 MiB page mapped as one extent: its
+    /// first BFN (a multiple of 512). While set, the parent's shadow entry
+    /// is a 2 MiB page at that BFN and all 512 leaves of this table are
+    /// present, leaf i at BFN + i (kept for the split: a revocation points
+    /// the parent back at this table, which needs no allocation, and clears
+    /// this). See `ShadowPpgtt::shadow_extent`.
+    pub(super) extent: Option<Bfn>,
 }
 
 /// A leaf waiting in the current map batch.
@@ -124,6 +131,9 @@ pub struct ShadowPpgtt {
     pub(super) map_gfns: Vec<Gfn>,
     pub(super) map_writable: Vec<bool>,
     pub(super) unmaps: Vec<Bfn>,
+    /// First BFNs of extents to unmap whole (`FrameMapper::unmap_extent`),
+    /// flushed with `unmaps`.
+    pub(super) extent_unmaps: Vec<Bfn>,
     /// Scratch of `release_replaced`: BFNs of replaced leaves.
     pub(super) released: Vec<Bfn>,
     pub(super) subtree: Vec<u32>,
@@ -202,6 +212,7 @@ impl ShadowPpgtt {
             maps_scattered: false,
             map_gfns: Vec::with_capacity(config.batch),
             map_writable: Vec::with_capacity(config.batch),
+            extent_unmaps: Vec::new(),
             unmaps: Vec::with_capacity(config.batch),
             released: Vec::new(),
             subtree: Vec::new(),
@@ -232,6 +243,7 @@ impl ShadowPpgtt {
             anomalies_total: r.anomalies_total,
             tables: t.live_slots,
             map_calls: r.map_calls,
+            extents_mapped: r.extents_mapped,
         };
         (t, report)
     }

@@ -139,6 +139,7 @@ impl ShadowPpgtt {
             live: true,
             dying: false,
             populated: false,
+            extent: None,
         };
         let slot = if let Some(s) = self.free_slots.pop() {
             let i = s as usize;
@@ -347,6 +348,11 @@ impl ShadowPpgtt {
                 for (i, v) in snap.iter_mut().enumerate() {
                     *v = fmt::split_large(plevel, e, i);
                 }
+                if let EntryKind::Page2M(frame) = kind {
+                    if self.shadow_extent(env, parent, s, e, Gfn(frame)) {
+                        return;
+                    }
+                }
                 s
             }
             EntryKind::NotPresent | EntryKind::Leaf4K(_) => return,
@@ -367,6 +373,71 @@ impl ShadowPpgtt {
         } else {
             self.work.push((child, self.slots[child as usize].gen));
         }
+    }
+
+    /// Shadow the guest's 2 MiB page `e` (frames from `frame`, a multiple
+    /// of 512), whose entry is `parent`, as the GPU would have it: one
+    /// 2 MiB shadow entry, over 512 BFNs in a row on a 2 MiB boundary from
+    /// one `map_extent` (GVT-g's shadow of a 2 MiB guest page, whose DMA
+    /// map must be one 2 MiB run). The 512 leaves also go into `slot`, the
+    /// shadow-only PT made for the page, which the parent does not point
+    /// at: a revocation of one of them points it back there
+    /// ([`split_extent`](Self::split_extent)) without allocating. Returns
+    /// false, with nothing mapped or written, when the mapper refuses (its
+    /// frames are not one machine run, some of them are mapped in part
+    /// already, no extents): the caller then shadows it page by page.
+    fn shadow_extent<R, M, S>(
+        &mut self,
+        env: &mut Env<'_, R, M, S>,
+        parent: EntryRef,
+        slot: u32,
+        e: u64,
+        frame: Gfn,
+    ) -> bool
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let Ok(first) = env.mapper.map_extent(self.domid, frame, e & fmt::RW != 0) else {
+            return false;
+        };
+        let pages = pviommu_abi::EXTENT_PAGES;
+        let fits = pviommu_abi::extent_aligned(first.0)
+            && first
+                .0
+                .checked_add(pages - 1)
+                .is_some_and(|last| last <= fmt::MAX_FRAME);
+        if !fits {
+            // A mapper that broke its contract: give the BFNs back as
+            // pages (an extent unmap would refuse an unaligned BFN).
+            for i in 0..pages {
+                if let Some(b) = first.0.checked_add(i) {
+                    self.push_unmap(env, Bfn(b));
+                }
+            }
+            return false;
+        }
+        let i = slot as usize;
+        let (page, snap) = (self.slots[i].page, &self.guest[i]);
+        let leaf = |idx: usize| fmt::leaf_entry(snap[idx], first.0 + idx as u64);
+        match env.mem.table_mut(page) {
+            Some(t) => t.iter_mut().enumerate().for_each(|(idx, v)| *v = leaf(idx)),
+            None => (0..ENTRIES).for_each(|idx| env.mem.write_entry(page, idx, leaf(idx))),
+        }
+        let info = &mut self.slots[i];
+        info.populated = true;
+        info.extent = Some(first);
+        self.mapped_leaves += pages;
+        env.out.report.leaves_mapped += pages;
+        env.out.report.extents_mapped += 1;
+        let (p, idx) = (parent.slot as usize, parent.idx as usize);
+        if let Some(c) = &mut self.children[p] {
+            c[idx] = slot;
+        }
+        env.mem
+            .write_entry(self.slots[p].page, idx, fmt::large_entry_2m(e, first.0));
+        true
     }
 
     /// Undo the shadowing of guest entry `old`, formerly at `slot[idx]`.
@@ -454,7 +525,10 @@ impl ShadowPpgtt {
         for &s in &list {
             let i = s as usize;
             let level = self.slots[i].level;
-            if level == Level::Pt {
+            if let (Level::Pt, Some(first)) = (level, self.slots[i].extent) {
+                // Every leaf present, leaf i at first + i: one unmap.
+                self.queue_extent_unmap(env, first);
+            } else if level == Level::Pt {
                 let page = self.slots[i].page;
                 for idx in 0..ENTRIES {
                     let v = match env.mem.table(page) {
@@ -780,6 +854,23 @@ impl ShadowPpgtt {
         self.push_unmap(env, bfn);
     }
 
+    /// Queue the unmap of a whole extent's 512 leaves, from `first`.
+    fn queue_extent_unmap<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, first: Bfn)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let pages = pviommu_abi::EXTENT_PAGES;
+        self.mapped_leaves -= pages;
+        env.out.report.leaves_unmapped += pages;
+        env.out.report.extents_unmapped += 1;
+        self.extent_unmaps.push(first);
+        if self.extent_unmaps.len() * pages as usize >= self.config.batch {
+            self.flush_unmaps(env);
+        }
+    }
+
     #[inline]
     fn push_unmap<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, bfn: Bfn)
     where
@@ -974,6 +1065,10 @@ impl ShadowPpgtt {
         M: FrameMapper + ?Sized,
         S: ShadowMemory + ?Sized,
     {
+        for first in self.extent_unmaps.drain(..) {
+            env.mapper.unmap_extent(first);
+            env.out.report.unmap_calls += 1;
+        }
         if self.unmaps.is_empty() {
             return;
         }

@@ -122,6 +122,14 @@ pub const fn leaf_entry(guest_pte: u64, frame: u64) -> u64 {
     (guest_pte & !ADDR_MASK) | ((frame << 12) & ADDR_MASK)
 }
 
+/// Shadow 2 MiB page: the guest PD entry's flags (PS, RW, PWT, PCD, the
+/// large-page PAT bit, ...) with the address replaced by `frame`, a
+/// multiple of 512. Bits 20:13 of the guest's entry, reserved in a 2 MiB
+/// entry, are not copied.
+pub const fn large_entry_2m(guest_pde: u64, frame: u64) -> u64 {
+    (guest_pde & !ADDR_MASK) | (guest_pde & LARGE_PAT) | ((frame << 12) & ADDR_MASK_2M)
+}
+
 /// The `i`-th piece of a large-page entry one level down, as the guest would
 /// have written it had it used the smaller size: a 1 GiB entry yields 2 MiB
 /// entries (PS kept), a 2 MiB entry yields 4 KiB PT entries (PAT moved from

@@ -43,8 +43,13 @@ impl ShadowPpgtt {
             if !info.live || v & fmt::PRESENT == 0 || (v & fmt::ADDR_MASK) >> 12 != bfn.0 {
                 continue;
             }
-            memory.write_entry(info.page, idx, 0);
+            let page = info.page;
+            // A leaf of a 2 MiB shadow entry: the GPU reaches it through
+            // that entry, not this table, until the entry is split.
+            self.split_extent(memory, r.slot);
+            memory.write_entry(page, idx, 0);
             self.mapped_leaves -= 1;
+            let info = &self.slots[r.slot as usize];
             let guest = self.guest[r.slot as usize][idx];
             out.push(RevokedLeaf {
                 gma: Gma(info.gma + idx as u64 * Level::Pt.entry_span()),
@@ -55,6 +60,22 @@ impl ShadowPpgtt {
         }
         self.leaf_index = Some(index);
         out
+    }
+
+    /// Split the 2 MiB shadow entry of extent PT `slot`, if it has one:
+    /// point its parent entry at the table, whose 512 leaves are kept
+    /// present for this (`SlotInfo::extent`), as a page-by-page shadow of
+    /// the guest's page would have it. Its leaves are unmapped one by one
+    /// from then on.
+    fn split_extent<S: ShadowMemory + ?Sized>(&mut self, memory: &mut S, slot: u32) {
+        let info = &mut self.slots[slot as usize];
+        let (Some(_), Some(p)) = (info.extent.take(), info.parent) else {
+            return;
+        };
+        let page = info.page;
+        let (ps, pidx) = (p.slot as usize, p.idx as usize);
+        let value = fmt::table_entry(self.guest[ps][pidx], page.0);
+        memory.write_entry(self.slots[ps].page, pidx, value);
     }
 
     /// Every present leaf as (GMA of its 4 KiB page, BFN), in GMA order.

@@ -79,6 +79,10 @@ pub struct BuildReport {
     pub tables: usize,
     /// Number of `FrameMapper::map` calls made.
     pub map_calls: u64,
+    /// Guest 2 MiB pages shadowed by one 2 MiB entry over an extent of
+    /// BFNs (`FrameMapper::map_extent`); their 512 leaves are counted in
+    /// `leaves_mapped`.
+    pub extents_mapped: u64,
 }
 
 /// Result of an incremental sync.
@@ -106,6 +110,12 @@ pub struct SyncReport {
     pub map_calls: u64,
     /// Number of `FrameMapper::unmap` calls made.
     pub unmap_calls: u64,
+    /// Guest 2 MiB pages newly shadowed by one 2 MiB entry
+    /// (`FrameMapper::map_extent`; their leaves are in `leaves_mapped`).
+    pub extents_mapped: u64,
+    /// 2 MiB shadow entries removed with one `FrameMapper::unmap_extent`
+    /// (their leaves are in `leaves_unmapped`).
+    pub extents_unmapped: u64,
 }
 
 impl SyncReport {

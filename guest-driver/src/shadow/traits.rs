@@ -1,7 +1,7 @@
 //! The three interfaces the shadowing code needs from its environment.
 
-use super::error::{MapError, ShadowError};
-use pviommu_abi::{Bfn, DomId, Gfn};
+use super::error::{MapError, ShadowError, ERRNO_NO_EXTENTS};
+use pviommu_abi::{Bfn, DomId, Gfn, EXTENT_PAGES};
 
 /// Reads guest table pages (a foreign mapping of the guest's memory in the
 /// real mediator).
@@ -64,4 +64,24 @@ pub trait FrameMapper {
     fn map(&mut self, domid: DomId, gfns: &[Gfn], writable: &[bool]) -> Vec<Result<Bfn, MapError>>;
     /// Drop one reference to each of `bfns`.
     fn unmap(&mut self, bfns: &[Bfn]);
+    /// Map the 2 MiB extent of `domid` from `gfn` (a multiple of 512): the
+    /// 512 frames at 512 consecutive BFNs from the one returned, a multiple
+    /// of 512, so that one 2 MiB shadow entry can hold them (PV-IOMMU ABI
+    /// 1.6, `PVIOMMU_F_EXTENT_2M`). All or nothing: on `Err` nothing is
+    /// mapped and the shadow maps the pages one by one instead. The default
+    /// refuses (`EOPNOTSUPP`), for mappers without extents.
+    fn map_extent(&mut self, domid: DomId, gfn: Gfn, writable: bool) -> Result<Bfn, MapError> {
+        let _ = (domid, gfn, writable);
+        Err(MapError::new(
+            ERRNO_NO_EXTENTS,
+            "the mapper maps no 2 MiB extents",
+        ))
+    }
+    /// Drop one reference to each of the 512 BFNs from `first`, which a
+    /// [`map_extent`](Self::map_extent) returned and none of which was
+    /// revoked. The default unmaps them as pages.
+    fn unmap_extent(&mut self, first: Bfn) {
+        let bfns: Vec<Bfn> = (0..EXTENT_PAGES).map(|i| Bfn(first.0 + i)).collect();
+        self.unmap(&bfns);
+    }
 }

@@ -71,9 +71,16 @@ impl FakeGuest {
 }
 
 /// Mapper with deterministic BFNs (0x100000 + counter), per-gfn reference
-/// counts, and refusals by gfn.
+/// counts, and refusals by gfn. With `extents`, it maps 2 MiB extents as
+/// the engine does: a fresh aligned run of 512 BFNs when none of the pages
+/// is mapped, the same run again when all are mapped at one aligned run,
+/// `EBUSY` when some are, `EXDEV` (not one machine run) when a page is
+/// refused.
 #[derive(Default)]
 pub struct FakeMapper {
+    pub extents: bool,
+    pub extent_maps: u64,
+    pub extent_unmaps: u64,
     next: u64,
     by_gfn: HashMap<Gfn, (Bfn, u32)>,
     by_bfn: HashMap<Bfn, Gfn>,
@@ -107,6 +114,53 @@ impl FrameMapper for FakeMapper {
             .collect()
     }
 
+    fn map_extent(&mut self, domid: DomId, gfn: Gfn, _writable: bool) -> Result<Bfn, MapError> {
+        assert_eq!(domid, DomId(7));
+        assert_eq!(gfn.0 % 512, 0, "an extent's gfn is a multiple of 512");
+        if !self.extents {
+            return Err(MapError::new(ERRNO_NO_EXTENTS, "no extents"));
+        }
+        let pages = (0..512).map(|i| Gfn(gfn.0 + i));
+        if pages.clone().any(|g| self.refuse.contains_key(&g)) {
+            return Err(MapError::new(18, "not one machine run"));
+        }
+        let mapped: Vec<Option<Bfn>> = pages
+            .clone()
+            .map(|g| self.by_gfn.get(&g).map(|e| e.0))
+            .collect();
+        let first = match mapped[0] {
+            None if mapped.iter().all(Option::is_none) => {
+                let b = Bfn(0x100000 + self.next.next_multiple_of(512));
+                self.next = b.0 - 0x100000 + 512;
+                b
+            }
+            Some(b)
+                if b.0 % 512 == 0
+                    && mapped
+                        .iter()
+                        .enumerate()
+                        .all(|(i, m)| *m == Some(Bfn(b.0 + i as u64))) =>
+            {
+                b
+            }
+            _ => return Err(MapError::new(16, "mapped in part")),
+        };
+        self.extent_maps += 1;
+        for (i, g) in pages.enumerate() {
+            let b = Bfn(first.0 + i as u64);
+            self.by_gfn.entry(g).or_insert((b, 0)).1 += 1;
+            self.by_bfn.insert(b, g);
+        }
+        Ok(first)
+    }
+
+    fn unmap_extent(&mut self, first: Bfn) {
+        assert_eq!(first.0 % 512, 0);
+        self.extent_unmaps += 1;
+        let bfns: Vec<Bfn> = (0..512).map(|i| Bfn(first.0 + i)).collect();
+        self.unmap(&bfns);
+    }
+
     fn unmap(&mut self, bfns: &[Bfn]) {
         self.unmap_calls += 1;
         for &b in bfns {
@@ -126,6 +180,13 @@ impl FrameMapper for FakeMapper {
 }
 
 impl FakeMapper {
+    /// A mapper that maps 2 MiB extents.
+    pub fn with_extents() -> Self {
+        FakeMapper {
+            extents: true,
+            ..Self::default()
+        }
+    }
     pub fn refusing(list: &[(u64, i32)]) -> Self {
         FakeMapper {
             refuse: list.iter().map(|&(g, e)| (Gfn(g), e)).collect(),
@@ -176,8 +237,23 @@ fn walk<S: ShadowMemory>(
                 .gfn_of(Bfn(frame))
                 .expect("shadow leaf points at a live BFN");
             assert!(out.insert(gma, (g, e & !0x0000_FFFF_FFFF_F000)).is_none());
+        } else if level == 2 && e & 0x80 != 0 {
+            // A 2 MiB shadow page (an extent): 512 4 KiB leaves, the PAT
+            // bit moved down as the guest's walk moves it.
+            let frame = (e & 0x0000_FFFF_FFE0_0000) >> 12;
+            assert_eq!(e & 0x1f_e000, 0, "reserved bits of a 2 MiB entry clear");
+            let mut flags = e & !0x0000_FFFF_FFFF_F000 & !0x80;
+            if e & (1 << 12) != 0 {
+                flags |= 0x80;
+            }
+            for k in 0..512u64 {
+                let g = mapper
+                    .gfn_of(Bfn(frame + k))
+                    .expect("a 2 MiB shadow page points at live BFNs");
+                assert!(out.insert(gma + (k << 12), (g, flags)).is_none());
+            }
         } else {
-            assert_eq!(e & 0x80, 0, "the shadow never uses large pages");
+            assert_eq!(e & 0x80, 0, "the shadow's only large pages are 2 MiB ones");
             walk(mem, Bfn(frame), level - 1, gma, mapper, out);
         }
     }

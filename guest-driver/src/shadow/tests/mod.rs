@@ -5,6 +5,7 @@ mod fakes;
 mod ggtt_tests;
 mod ppgtt_build_tests;
 mod ppgtt_dup_tests;
+mod ppgtt_extent_tests;
 mod ppgtt_prop_tests;
 mod ppgtt_revoke_tests;
 mod ppgtt_sync_tests;

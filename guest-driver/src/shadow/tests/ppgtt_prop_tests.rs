@@ -23,13 +23,25 @@ enum Edit {
     Pd(usize, usize, usize),
     /// PD[idx] -> 2 MiB page.
     Big(usize, usize, u64),
-    /// PT[idx] -> 4 KiB leaf with some flags (never bit 7).
+    /// PT[idx] -> 4 KiB leaf of frame `leaf_frame(f)` with some flags
+    /// (never bit 7).
     Leaf(usize, usize, u64, u64),
     /// Clear an entry of any pool page.
     Clear(usize, usize),
     /// Point an entry of any pool page at the root, a PDP or a PT page
     /// (loops, cross-level use).
     Wild(usize, usize, usize),
+}
+
+/// Leaf frame `f` (0..6): frames no 2 MiB page holds, and one (f = 5)
+/// inside the first 2 MiB page, so that an extent of it can be mapped in
+/// part already.
+fn leaf_frame(f: u64) -> u64 {
+    if f == 5 {
+        0x401
+    } else {
+        0x5000 + f
+    }
 }
 
 fn all_tables() -> Vec<Gfn> {
@@ -69,7 +81,7 @@ fn apply(g: &mut FakeGuest, e: &Edit) -> (Gfn, usize, u64) {
         ),
         Edit::Leaf(a, i, f, fl) => {
             let flags = [fmt::RW, 0, fmt::PCD, fmt::PWT | fmt::RW][fl as usize];
-            (Gfn(PTS[a]), i, ((0x5000 + f) << 12) | fmt::PRESENT | flags)
+            (Gfn(PTS[a]), i, (leaf_frame(f) << 12) | fmt::PRESENT | flags)
         }
         Edit::Clear(t, i) => (tables[t], i, 0),
         Edit::Wild(t, i, w) => {
@@ -95,6 +107,7 @@ proptest! {
         rounds in prop::collection::vec(prop::collection::vec(edit(), 1..8), 1..5),
         batch in 1usize..40,
         refuse in prop::option::of(0u64..6),
+        extents in any::<bool>(),
     ) {
         let mut g = FakeGuest::default();
         for t in all_tables() {
@@ -103,9 +116,14 @@ proptest! {
         for e in &initial {
             apply(&mut g, e);
         }
+        // With extents, 2 MiB pages get 2 MiB shadow entries where they
+        // can (a refused frame in one, or one of its pages mapped already,
+        // and it is shadowed page by page); the fresh build they are
+        // compared with has none.
         let mut m = FakeMapper::default();
+        m.extents = extents;
         if let Some(f) = refuse {
-            m.refuse.insert(Gfn(0x5000 + f), 1);
+            m.refuse.insert(Gfn(leaf_frame(f)), 1);
         }
         let mut mem = HeapShadowMemory::new();
         let cfg = ShadowConfig { batch, ..ShadowConfig::default() };
