@@ -357,3 +357,94 @@ fn the_reader_lets_go_of_the_guest_when_its_memory_changes() {
     s.teardown().unwrap();
     assert_eq!(n(&s), 3);
 }
+
+/// `world()` with a 2 MiB guest page at GMA 2 MiB (PD entry 1): gfns
+/// 0x200.. (512 frames in one machine run), page i starting "big i".
+fn world_with_2m_page() -> SharedSim {
+    let sim = world();
+    {
+        let mut g = sim.lock();
+        put(
+            &mut g.0,
+            PD,
+            1,
+            (0x200 << 12) | PRESENT | RW | crate::shadow::ppgtt_format::PS,
+        );
+        for i in [0u64, 5, 6, 511] {
+            g.0.write_guest(GUEST, Gfn(0x200 + i), 0, format!("big {i:<3}").as_bytes())
+                .unwrap();
+        }
+    }
+    sim
+}
+
+#[test]
+fn a_2m_guest_page_is_one_extent_op_and_one_2m_shadow_entry() {
+    let sim = world_with_2m_page();
+    let mut s = session(&sim);
+    let r = s.build(GUEST, Gfn(ROOT)).unwrap();
+    assert_eq!((r.leaves_mapped, r.extents_mapped), (8 + 512, 1));
+    let first = s.translate(Gma(2 << 20)).unwrap();
+    assert_eq!(first.0 % 512, 0, "on a 2 MiB boundary");
+    for i in [0u64, 5, 6, 511] {
+        let gma = Gma((2 << 20) + (i << 12));
+        assert_eq!(s.translate(gma), Some(Bfn(first.0 + i)));
+        assert_eq!(
+            dma(&sim, Bfn(first.0 + i)).unwrap(),
+            format!("big {i:<3}").as_bytes()[..6]
+        );
+    }
+    let stats = s.client().stats();
+    assert_eq!(
+        stats.hypercalls, 2,
+        "one extent op, one batch of the 8 leaves"
+    );
+    // The guest drops the page: one extent unmap.
+    {
+        let mut g = sim.lock();
+        put(&mut g.0, PD, 1, 0);
+    }
+    let r = s.sync(&[Gfn(PD)]).unwrap();
+    assert_eq!((r.leaves_unmapped, r.extents_unmapped), (512, 1));
+    assert_eq!(dma(&sim, first), None);
+    assert_eq!(s.client().refresh_caps().unwrap().used, 8);
+    assert_eq!(s.teardown().unwrap(), 8);
+}
+
+#[test]
+fn a_ballooned_page_of_an_extent_splits_the_2m_shadow_entry() {
+    let sim = world_with_2m_page();
+    let mut s = session(&sim);
+    s.build(GUEST, Gfn(ROOT)).unwrap();
+    let first = s.translate(Gma(2 << 20)).unwrap();
+    {
+        let mut g = sim.lock();
+        let (m, e) = &mut *g;
+        m.balloon_out(e, GUEST, Gfn(0x205)).unwrap();
+    }
+    let r = s.handle_revocations().unwrap();
+    assert_eq!(
+        r.leaves,
+        vec![RevokedLeaf {
+            gma: Gma((2 << 20) + (5 << 12)),
+            domid: GUEST,
+            gfn: Gfn(0x205),
+            bfn: Bfn(first.0 + 5)
+        }]
+    );
+    // The GPU no longer reaches the revoked BFN; its neighbours it does.
+    assert_eq!(s.translate(Gma((2 << 20) + (5 << 12))), None);
+    assert_eq!(
+        s.translate(Gma((2 << 20) + (6 << 12))),
+        Some(Bfn(first.0 + 6))
+    );
+    assert_eq!(dma(&sim, Bfn(first.0 + 6)).unwrap(), b"big 6 ");
+    assert_eq!(
+        s.client().refresh_caps().unwrap().revoked,
+        0,
+        "acknowledged"
+    );
+    // The other 511 and the 8 go page by page.
+    assert_eq!(s.teardown().unwrap(), 8 + 511);
+    assert_eq!(s.client().refresh_caps().unwrap().used, 0);
+}
