@@ -2100,7 +2100,11 @@ static int cmd_unpopulate(uint32_t domid, xen_pfn_t gfn)
  * bits 47:12 the guest frame; for a PV guest the frame is its MFN).
  * Frame i of the domain is f[i]: f0 PML4, f1 PDP, f2 PD, f3 PT for GMA
  * 0-2 MiB, f4 PT for 2-4 MiB, f5.. PTs of the big buffer at 16 MiB;
- * buffers from f32. ppgtt-edit then edits it as the guest would.
+ * buffers from f32. Past them, a 2 MiB extent of the domain (populated
+ * with order 9: one aligned machine run) mapped as one 2 MiB page at GMA
+ * 8 MiB (PD entry 4, bit 7 set), texture 'E', the way a guest driver uses
+ * 2 MiB GPU pages: "ext_pages=512", or "ext_pages=0" when Xen has no
+ * such extent to give. ppgtt-edit then edits it as the guest would.
  */
 #define PG_STATE "/tmp/ppgtt.state"
 #define PG_PTE_P 1ULL
@@ -2110,6 +2114,8 @@ static int cmd_unpopulate(uint32_t domid, xen_pfn_t gfn)
 #define PG_BIG_GMA 0x1000000ULL
 #define PG_MAX_BIG_PTS 27
 #define PG_BAD_FRAME 0x7ffff00ULL   /* ~512 GiB: beyond the 2 GiB of host RAM */
+#define PG_EXT_GMA 0x800000ULL       /* the 2 MiB page: PD entry 4 */
+#define PG_PDE_PS 0x80ULL
 struct pg_buf { char tag; uint64_t gma; unsigned int first, pages; };
 static const struct pg_buf pg_bufs[] = {
     { 'A', 0x000000, 32, 2 },   /* ring */
@@ -2154,14 +2160,18 @@ static int cmd_ppgtt_setup(unsigned long big)
 {
     unsigned long nbigpt = (big + 511) / 512, n = PG_BIG_FIRST + big, i;
     unsigned int b, k;
-    xen_pfn_t *f;
+    xen_pfn_t *f, ext = 0;
     uint32_t domid;
     uint8_t *m;
-    int *errs;
+    int *errs, have_ext;
     FILE *st;
     if ( nbigpt > PG_MAX_BIG_PTS ) { fprintf(stderr, "BIG too large\n"); return 2; }
-    f = calloc(n, sizeof(*f)); errs = calloc(n, sizeof(int));
-    domid = make_domain(n, f);
+    f = calloc(n, sizeof(*f)); errs = calloc(n > 512 ? n : 512, sizeof(int));
+    domid = create_pv_domain(n + 512);
+    for ( i = 0; i < n; i++ ) f[i] = i;
+    if ( xc_domain_populate_physmap_exact(xch, domid, n, 0, 0, f) ) die("populate");
+    have_ext = !xc_domain_populate_physmap_exact(xch, domid, 1, 9, 0, &ext);
+    if ( !have_ext ) printf("populate 2M extent: errno=%d\n", errno);
     m = xenforeignmemory_map(fmem, domid, PROT_READ | PROT_WRITE, n, f, errs);
     if ( !m ) die("xenforeignmemory_map ppgtt");
     memset(m, 0, n * PAGE);
@@ -2202,6 +2212,24 @@ static int cmd_ppgtt_setup(unsigned long big)
     }
     printf("leaves=%lu tables=%lu\n", 10 + big, 5 + nbigpt);
     xenforeignmemory_unmap(fmem, m, n);
+    if ( have_ext )
+    {
+        xen_pfn_t ef[512];
+        uint8_t *em, *pd;
+        uint64_t pde = (ext << 12) | PG_PTE_P | PG_PTE_RW | PG_PDE_PS;
+        for ( k = 0; k < 512; k++ ) ef[k] = ext + k;
+        em = xenforeignmemory_map(fmem, domid, PROT_READ | PROT_WRITE, 512, ef, errs);
+        if ( !em ) die("xenforeignmemory_map 2M page");
+        for ( k = 0; k < 512; k++ ) pg_fill(em + (size_t)k * PAGE, 'E', k, 0);
+        pg_print('E', 0, PG_EXT_GMA, ext, em);
+        pg_print('E', 511, PG_EXT_GMA + 511 * PAGE, ext + 511, em + 511 * PAGE);
+        xenforeignmemory_unmap(fmem, em, 512);
+        pd = xenforeignmemory_map(fmem, domid, PROT_READ | PROT_WRITE, 1, &f[2], errs);
+        if ( !pd ) die("xenforeignmemory_map PD");
+        pg_entry(pd, 0, (unsigned int)(PG_EXT_GMA >> 21), pde);
+        xenforeignmemory_unmap(fmem, pd, 1);
+    }
+    printf("ext_pages=%d\n", have_ext ? 512 : 0);
     if ( !(st = fopen(PG_STATE, "w")) ) die(PG_STATE);
     fprintf(st, "%u %lu\n", domid, n);
     for ( i = 0; i < n; i++ ) fprintf(st, "%lx\n", (unsigned long)f[i]);

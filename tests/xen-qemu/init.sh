@@ -425,13 +425,16 @@ BIGP=2048
 o=$(run $H ppgtt-setup $BIGP)
 PD=$(echo "$o" | sed -n 's/^domid=//p'); PROOT=$(echo "$o" | sed -n 's/^root=//p')
 PAGES=$(echo "$o" | grep '^page ')
+# The guest's 2 MiB page (one extent of its memory): 512 leaves more, two
+# page lines (E0, E511); none when Xen had no 2 MiB extent to give.
+EXT=$(echo "$o" | sed -n 's/^ext_pages=//p'); EXT=${EXT:-0}
 bad=""
 for l in $(echo "$PAGES" | sed 's/ /,/g'); do
     l=$(echo "$l" | tr ',' ' ')
     p=$(run $H peek $PD "$(field "$l" gfn)")
     [ "$(field "$p" sum)" = "$(field "$l" sum)" ] || bad="$bad $(field "$l" tag)$(field "$l" i)"
 done
-if [ -n "$PD" ] && [ "$(echo "$PAGES" | wc -l)" = 12 ] && [ -z "$bad" ]; then
+if [ -n "$PD" ] && [ "$(echo "$PAGES" | wc -l)" = $((12 + EXT / 256)) ] && [ -z "$bad" ]; then
     ok ppgtt_guest_layout; else ko ppgtt_guest_layout "domain ${PD:-none}, pages with wrong bytes:$bad / $(echo $o | cut -c1-200)"; fi
 tick 'layout checked'
 rm -f /tmp/shadow.in /tmp/shadow.out; mkfifo /tmp/shadow.in; : > /tmp/shadow.out
@@ -459,8 +462,16 @@ for l in $(echo "$PAGES" | sed 's/ /,/g'); do
     dma_is "$B" "$(field "$l" sum)" || bad="$bad $(field "$l" tag)$(field "$l" i)(bfn ${B:-none})"
     case "$(field "$l" tag)$(field "$l" i)" in A1) BA1=$B;; B0) BB0=$B;; B1) BB1=$B;; B2) BB2=$B;; esac
 done
-if [ "$(jnum "$b" leaves_mapped)" = $((10 + BIGP)) ] && [ -z "$bad" ]; then
+if [ "$(jnum "$b" leaves_mapped)" = $((10 + BIGP + EXT)) ] && [ -z "$bad" ]; then
     ok shadow_build_dma_reads_buffers; else ko shadow_build_dma_reads_buffers "build: $(echo $b | cut -c1-300) / wrong DMA:$bad / $(cat /tmp/shadow.err)"; fi
+# The guest's 2 MiB page is shadowed by one 2 MiB entry over one extent of
+# BFNs (ABI 1.6): one extent map, its first BFN on a 2 MiB boundary, its
+# last 511 after it (the walk above read both pages' bytes by DMA).
+LE0=$(echo "$PAGES" | grep 'tag=E i=0 '); LE511=$(echo "$PAGES" | grep 'tag=E i=511 ')
+BE0=$(bfn_of "$(field "$LE0" gma)"); BE511=$(bfn_of "$(field "$LE511" gma)")
+if [ "$EXT" = 512 ] && [ "$(jnum "$b" extents_mapped)" = 1 ] && [ -n "$BE0" ] && [ $((BE0 % 512)) = 0 ] \
+   && [ "$BE511" = $((BE0 + 511)) ]; then
+    ok shadow_2m_guest_page_one_extent_entry; else ko shadow_2m_guest_page_one_extent_entry "ext_pages=$EXT extents_mapped=$(jnum "$b" extents_mapped) bfns ${BE0:-none} ${BE511:-none} / $(echo "$o" | grep -i extent)"; fi
 # The guest's two bad entries (a table and a leaf beyond RAM): the privcmd
 # reader's per-frame error and the hypervisor's refusal are reported, the
 # entries stay non-present, nothing else is affected.
@@ -503,8 +514,8 @@ if [ -x /bin/shadow-c ]; then
     done
     dma_is "$(bfn_of "$(field "$LA0" gma)")" "$(field "$LA0" sum)" || bad="$bad watch-bfn-lost"
     b1=$(echo "$c" | grep '^build ')
-    if [ $cs = 0 ] && [ "$(field "$b1" leaves)" = $((10 + BIGP)) ] && [ "$(field "$b1" refused)" = 1 ] \
-       && [ "$(field "$b1" anomalies)" = 1 ] && echo "$c" | grep -q "^teardown=$((10 + BIGP))\$" \
+    if [ $cs = 0 ] && [ "$(field "$b1" leaves)" = $((10 + BIGP + EXT)) ] && [ "$(field "$b1" refused)" = 1 ] \
+       && [ "$(field "$b1" anomalies)" = 1 ] && echo "$c" | grep -q "^teardown=$((10 + BIGP + EXT))\$" \
        && [ -z "$bad" ] && [ "$uc0" = "$uc1" ]; then
         ok c_api_shadow_xen; else ko c_api_shadow_xen "$(echo $c) / differs:$bad / used $uc0 -> $uc1"; fi
 else
@@ -566,7 +577,7 @@ c=$(run $H hc caps)
 # A drain takes a call per round of up to 128 notices, not one per notice
 # (ABI 1.4): at most one call per 8 notices even when the teardown hands
 # them over a few at a time.
-if [ "$n" = "$L" ] && [ "$L" = $((10 + BIGP - 2)) ] && echo "$d" | grep -q gone && [ "$(jnum "$st" leaves)" = 0 ] \
+if [ "$n" = "$L" ] && [ "$L" = $((10 + BIGP + EXT - 2)) ] && echo "$d" | grep -q gone && [ "$(jnum "$st" leaves)" = 0 ] \
    && [ -n "$hc" ] && [ $((hc * 8)) -le "$n" ] \
    && [ $sw = 0 ] && [ "$(jnum "$q" leaves_unmapped)" = 0 ] && [ "$(field "$c" used)" = "$used0" ]; then
     ok shadow_guest_death_revokes_all; else ko shadow_guest_death_revokes_all "leaves $L revoked $n in $hc calls / $d / $st / exit $sw $q / $c / $(cat /tmp/shadow.err)"; fi

@@ -4,7 +4,7 @@
 //! GPU buffers, and d2, an unprivileged domain.
 
 use pviommu_abi::{DomId, Gfn};
-use pviommu_guest::shadow::ppgtt_format::{PRESENT, RW};
+use pviommu_guest::shadow::ppgtt_format::{PRESENT, PS, RW};
 use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
 
 /// The guest.
@@ -36,6 +36,9 @@ pub struct Buffer {
     pub gfn: u64,
     /// Pages.
     pub pages: u64,
+    /// Mapped by one 2 MiB GPU page (512 pages from a 2 MiB-aligned GMA
+    /// and a gfn that is a multiple of 512), not by 4 KiB leaves.
+    pub page_2m: bool,
 }
 
 /// The buffers the demo guest's PPGTT maps.
@@ -45,36 +48,44 @@ pub const BUFFERS: [Buffer; 6] = [
         gma: 0x0000_0000,
         gfn: BUFFER_BASE,
         pages: 4,
+        page_2m: false,
     },
     Buffer {
         name: "batch",
         gma: 0x0010_0000,
         gfn: BUFFER_BASE + 0x10,
         pages: 16,
+        page_2m: false,
     },
     Buffer {
         name: "vertex",
         gma: 0x0040_0000,
         gfn: BUFFER_BASE + 0x40,
         pages: 64,
+        page_2m: false,
     },
     Buffer {
         name: "texture",
         gma: 0x0080_0000,
         gfn: BUFFER_BASE + 0x100,
         pages: 512,
+        // A 2 MiB GPU page, as a guest driver lays out a big texture: the
+        // mediator shadows it with one 2 MiB entry over one extent.
+        page_2m: true,
     },
     Buffer {
         name: "framebuffer",
         gma: 0x0100_0000,
         gfn: BUFFER_BASE + 0x400,
         pages: 2048,
+        page_2m: false,
     },
     Buffer {
         name: "cursor",
         gma: 0x0400_0000,
         gfn: BUFFER_BASE + 0x1000,
         pages: 1,
+        page_2m: false,
     },
 ];
 
@@ -133,7 +144,17 @@ pub fn build() -> SimMachine {
         for i in 0..b.pages {
             m.write_guest(GUEST, Gfn(b.gfn + i), 0, page_tag(b, i).as_bytes())
                 .expect("buffer frame");
-            set_leaf(&mut m, b.gma + i * 4096, Some(b.gfn + i));
+            if !b.page_2m {
+                set_leaf(&mut m, b.gma + i * 4096, Some(b.gfn + i));
+            }
+        }
+        if b.page_2m {
+            write_entry(
+                &mut m,
+                PD,
+                (b.gma >> 21) & 0x1ff,
+                (b.gfn << 12) | PRESENT | RW | PS,
+            );
         }
     }
     m
