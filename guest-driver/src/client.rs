@@ -424,88 +424,141 @@ impl<T: Transport> Client<T> {
         attr: MemAttr,
         context: ContextId,
     ) -> Result<Bfn, Error> {
+        self.map_extents(domid, &[gfn], perms, attr, context)
+            .pop()
+            .unwrap_or_else(|| Err(Error::InvalidArgument("lost result".into())))
+    }
+
+    /// [`map_extent`](Self::map_extent) of each of `gfns`, in as few
+    /// batches as the advertised maximum allows; one result per extent, in
+    /// order. Ops that ran are settled by their status, also when a later
+    /// batch failed.
+    pub fn map_extents(
+        &mut self,
+        domid: DomId,
+        gfns: &[Gfn],
+        perms: Permissions,
+        attr: MemAttr,
+        context: ContextId,
+    ) -> Vec<Result<Bfn, Error>> {
         if self.caps.features & feature::EXTENTS_2M == 0 {
-            return Err(Error::InvalidArgument(
-                "the hypervisor offers no 2 MiB extents (ABI 1.6)".into(),
-            ));
+            let no = || {
+                Error::InvalidArgument("the hypervisor offers no 2 MiB extents (ABI 1.6)".into())
+            };
+            return gfns.iter().map(|_| Err(no())).collect();
         }
-        if !pviommu_abi::extent_aligned(gfn.0) || gfn.0 > u64::MAX - EXTENT_PAGES {
-            return Err(Error::InvalidArgument(format!(
-                "extent gfn {:#x}: not a multiple of 512",
-                gfn.0
-            )));
-        }
-        let key = |i: u64| CacheKey {
+        let key = |gfn: Gfn, i: u64| CacheKey {
             domid,
             gfn: Gfn(gfn.0 + i),
             context,
             perms,
             attr,
         };
-        // Cached whole, in place: one reference more on each page.
-        let first = self.cache.bfn_of(&key(0));
-        let in_place = first.is_some_and(|b| {
-            pviommu_abi::extent_aligned(b.0)
-                && (1..EXTENT_PAGES).all(|i| self.cache.bfn_of(&key(i)) == Some(Bfn(b.0 + i)))
-        });
-        if let (true, Some(bfn)) = (in_place, first) {
-            for i in 0..EXTENT_PAGES {
-                self.cache.get_ref(&key(i));
+        let mut results: Vec<Option<Result<Bfn, Error>>> = Vec::with_capacity(gfns.len());
+        let mut ops = Vec::new();
+        let mut sent = Vec::new();
+        for (i, &gfn) in gfns.iter().enumerate() {
+            if !pviommu_abi::extent_aligned(gfn.0) || gfn.0 > u64::MAX - EXTENT_PAGES {
+                results.push(Some(Err(Error::InvalidArgument(format!(
+                    "extent gfn {:#x}: not a multiple of 512",
+                    gfn.0
+                )))));
+                continue;
             }
-            self.stats.cache_hits += EXTENT_PAGES;
-            return Ok(bfn);
-        }
-        let mut ops = [Request::MapExtent(MapRequest {
-            context,
-            domid,
-            gfn,
-            perms,
-            attr,
-            grant: false,
-        })
-        .encode()];
-        self.run_ops(&mut ops)?;
-        let [op] = ops;
-        if op.status != 0 {
-            return Err(Error::Hypervisor {
-                what: format!("map extent d{} gfn {:#x}", domid.0, gfn.0),
-                errno: Errno::from_code(op.status).unwrap_or(Errno::Inval),
+            // Cached whole, in place: one reference more on each page.
+            let first = self.cache.bfn_of(&key(gfn, 0));
+            let in_place = first.is_some_and(|b| {
+                pviommu_abi::extent_aligned(b.0)
+                    && (1..EXTENT_PAGES)
+                        .all(|p| self.cache.bfn_of(&key(gfn, p)) == Some(Bfn(b.0 + p)))
             });
+            if let (true, Some(bfn)) = (in_place, first) {
+                for p in 0..EXTENT_PAGES {
+                    self.cache.get_ref(&key(gfn, p));
+                }
+                self.stats.cache_hits += EXTENT_PAGES;
+                results.push(Some(Ok(bfn)));
+                continue;
+            }
+            // (The same extent twice in one call: the hypervisor shares the
+            // first one's mapping with the second, settled below as any
+            // share.)
+            results.push(None);
+            sent.push((i, gfn));
+            ops.push(
+                Request::MapExtent(MapRequest {
+                    context,
+                    domid,
+                    gfn,
+                    perms,
+                    attr,
+                    grant: false,
+                })
+                .encode(),
+            );
         }
-        let bfn = Bfn(op.bfn);
-        if !pviommu_abi::extent_aligned(bfn.0) {
-            return Err(Error::Unexpected {
-                what: "map extent: first BFN not a multiple of 512".into(),
-                value: bfn.0 as i64,
-            });
-        }
-        // Shared by the hypervisor (each page one hypervisor reference
-        // more): a page the cache holds already keeps the one it has, and
-        // the extra one goes back.
+        let Settled {
+            ran, result: call, ..
+        } = self.run_ops_settled(&mut ops);
+        let stopped = call.err().map(|e| e.to_string());
+        // Unmaps of the references a share added to pages the cache holds.
         let mut extra = Vec::new();
-        for i in 0..EXTENT_PAGES {
-            let at = Bfn(bfn.0 + i);
-            match self.cache.bfn_of(&key(i)) {
-                Some(cached) if cached == at => {
-                    self.cache.get_ref(&key(i));
-                    extra.push(Request::Unmap { context, bfn: at }.encode());
+        for (k, ((i, gfn), op)) in sent.into_iter().zip(&ops).enumerate() {
+            let what = || format!("map extent d{} gfn {:#x}", domid.0, gfn.0);
+            results[i] = Some(if k >= ran {
+                Err(Error::Remote(format!(
+                    "{}: {}",
+                    what(),
+                    stopped.as_deref().unwrap_or("not run")
+                )))
+            } else if op.status != 0 {
+                Err(Error::Hypervisor {
+                    what: what(),
+                    errno: Errno::from_code(op.status).unwrap_or(Errno::Inval),
+                })
+            } else if !pviommu_abi::extent_aligned(op.bfn) {
+                Err(Error::Unexpected {
+                    what: "map extent: first BFN not a multiple of 512".into(),
+                    value: op.bfn as i64,
+                })
+            } else {
+                let bfn = Bfn(op.bfn);
+                // Shared by the hypervisor (each page one hypervisor
+                // reference more): a page the cache holds already keeps
+                // the one it has, and the extra one goes back.
+                for p in 0..EXTENT_PAGES {
+                    let at = Bfn(bfn.0 + p);
+                    match self.cache.bfn_of(&key(gfn, p)) {
+                        Some(cached) if cached == at => {
+                            self.cache.get_ref(&key(gfn, p));
+                            extra.push(Request::Unmap { context, bfn: at }.encode());
+                        }
+                        // Cached at another BFN: a revoked one not drained
+                        // yet (a live one would have made the hypervisor
+                        // answer EBUSY). The drain still acknowledges it.
+                        Some(stale) => {
+                            self.cache.forget(context, stale);
+                            self.cache.insert(key(gfn, p), at);
+                        }
+                        None => self.cache.insert(key(gfn, p), at),
+                    }
                 }
-                // Cached at another BFN: a revoked one not drained yet (a
-                // live one would have made the hypervisor answer EBUSY).
-                // The drain still acknowledges it.
-                Some(stale) => {
-                    self.cache.forget(context, stale);
-                    self.cache.insert(key(i), at);
-                }
-                None => self.cache.insert(key(i), at),
-            }
+                Ok(bfn)
+            });
         }
         if !extra.is_empty() {
-            // (Each drops the reference this call added; the page stays
-            // mapped by the one the cache already held.)
-            self.run_ops(&mut extra)?;
+            // (Each drops the reference a share added; the page stays
+            // mapped by the one the cache already held.) Should that fail,
+            // the hypervisor keeps a reference more on those pages than
+            // the cache counts: released with the domain, or the driver's.
+            if let Err(e) = self.run_ops(&mut extra) {
+                tracing::warn!(error = %e, "returning the extra references of a shared extent");
+            }
         }
-        Ok(bfn)
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::InvalidArgument("lost result".into()))))
+            .collect()
     }
 
     /// Release one reference on each page of the extent from `bfn` (a
@@ -513,47 +566,95 @@ impl<T: Transport> Client<T> {
     /// BFNs does, in one op when the cache held the last reference of every
     /// page (or none of them; ABI 1.6), else one op per page it must drop.
     pub fn unmap_extent(&mut self, bfn: Bfn, context: ContextId) -> Result<(), Error> {
-        if !pviommu_abi::extent_aligned(bfn.0) || bfn.0 > u64::MAX - EXTENT_PAGES {
-            return Err(Error::InvalidArgument(format!(
-                "extent bfn {:#x}: not a multiple of 512",
-                bfn.0
-            )));
-        }
-        let whole = self.caps.features & feature::EXTENTS_2M != 0
-            && (0..EXTENT_PAGES).all(|i| self.cache.refs(context, Bfn(bfn.0 + i)) <= 1);
-        if !whole {
-            let bfns: Vec<Bfn> = (0..EXTENT_PAGES).map(|i| Bfn(bfn.0 + i)).collect();
-            return self.unmap(&bfns, context).into_iter().collect();
-        }
-        let keys: Vec<Option<CacheKey>> = (0..EXTENT_PAGES)
-            .map(|i| self.cache.forget(context, Bfn(bfn.0 + i)))
-            .collect();
-        let mut ops = [Request::UnmapExtent { context, bfn }.encode()];
-        let ran = self.run_ops(&mut ops);
-        let [op] = ops;
-        let failed = match ran {
-            Ok(()) if op.status == 0 => return Ok(()),
-            Ok(()) if op.status == Errno::Stale.negated() => {
-                self.stats.revocations += 1;
-                return Ok(());
+        self.unmap_extents(&[bfn], context)
+            .pop()
+            .unwrap_or_else(|| Err(Error::InvalidArgument("lost result".into())))
+    }
+
+    /// [`unmap_extent`](Self::unmap_extent) of each of `firsts`, the
+    /// extent ops in as few batches as the advertised maximum allows; one
+    /// result per extent, in order.
+    pub fn unmap_extents(&mut self, firsts: &[Bfn], context: ContextId) -> Vec<Result<(), Error>> {
+        let extents = self.caps.features & feature::EXTENTS_2M != 0;
+        let mut results: Vec<Option<Result<(), Error>>> = Vec::with_capacity(firsts.len());
+        let mut ops = Vec::new();
+        let mut sent = Vec::new();
+        for (i, &bfn) in firsts.iter().enumerate() {
+            if !pviommu_abi::extent_aligned(bfn.0) || bfn.0 > u64::MAX - EXTENT_PAGES {
+                results.push(Some(Err(Error::InvalidArgument(format!(
+                    "extent bfn {:#x}: not a multiple of 512",
+                    bfn.0
+                )))));
+                continue;
             }
-            // Refused whole (nothing was done).
-            Ok(()) => Error::Hypervisor {
-                what: format!("unmap extent bfn {:#x}", bfn.0),
-                errno: Errno::from_code(op.status).unwrap_or(Errno::Inval),
-            },
-            // Perhaps not run (a BFN that did go is answered ENOENT by a
-            // later unmap, never another's page: revoked BFNs stay
-            // reserved until acknowledged).
-            Err(e) => e,
-        };
-        // Cached again, as before the call.
-        for (i, k) in (0u64..).zip(keys) {
+            let whole =
+                extents && (0..EXTENT_PAGES).all(|p| self.cache.refs(context, Bfn(bfn.0 + p)) <= 1);
+            if !whole {
+                let bfns: Vec<Bfn> = (0..EXTENT_PAGES).map(|p| Bfn(bfn.0 + p)).collect();
+                results.push(Some(self.unmap(&bfns, context).into_iter().collect()));
+                continue;
+            }
+            let keys: Vec<Option<CacheKey>> = (0..EXTENT_PAGES)
+                .map(|p| self.cache.forget(context, Bfn(bfn.0 + p)))
+                .collect();
+            results.push(None);
+            sent.push((i, bfn, keys));
+            ops.push(Request::UnmapExtent { context, bfn }.encode());
+        }
+        let Settled {
+            ran,
+            sent: tried,
+            result: call,
+        } = self.run_ops_settled(&mut ops);
+        for (k, ((i, bfn, keys), op)) in sent.into_iter().zip(&ops).enumerate() {
+            let failed = match &call {
+                Err(e) if k >= ran => {
+                    // Never sent: still mapped, cached again (state as
+                    // before the call). One that may have run is left out
+                    // of the cache: its BFNs may be gone (a later unmap of
+                    // one is answered ENOENT, never another's page:
+                    // revoked BFNs stay reserved until acknowledged).
+                    if k >= tried {
+                        self.recache_extent(bfn, keys);
+                    }
+                    results[i] = Some(Err(Error::Remote(format!(
+                        "unmap extent bfn {:#x}: {e}",
+                        bfn.0
+                    ))));
+                    continue;
+                }
+                _ if op.status == 0 => None,
+                _ if op.status == Errno::Stale.negated() => {
+                    self.stats.revocations += 1;
+                    None
+                }
+                // Refused whole (nothing was done).
+                _ => Some(Error::Hypervisor {
+                    what: format!("unmap extent bfn {:#x}", bfn.0),
+                    errno: Errno::from_code(op.status).unwrap_or(Errno::Inval),
+                }),
+            };
+            results[i] = Some(match failed {
+                None => Ok(()),
+                Some(e) => {
+                    self.recache_extent(bfn, keys);
+                    Err(e)
+                }
+            });
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::InvalidArgument("lost result".into()))))
+            .collect()
+    }
+
+    /// Cache again the pages of the extent from `first` an unmap forgot.
+    fn recache_extent(&mut self, first: Bfn, keys: Vec<Option<CacheKey>>) {
+        for (p, k) in (0u64..).zip(keys) {
             if let Some(k) = k {
-                self.cache.insert(k, Bfn(bfn.0 + i));
+                self.cache.insert(k, Bfn(first.0 + p));
             }
         }
-        Err(failed)
     }
 
     /// Release one reference per BFN; the last reference unmaps it. BFNs the

@@ -42,28 +42,55 @@ impl<T: Transport> FrameMapper for Client<T> {
         }
     }
 
-    /// One extent op (ABI 1.6), or the cache's pages: refused without a
-    /// hypercall when the hypervisor offers no extents.
-    fn map_extent(&mut self, domid: DomId, gfn: Gfn, writable: bool) -> Result<Bfn, MapError> {
-        let perms = if writable {
-            Permissions::RW
-        } else {
-            Permissions::RO
-        };
-        Client::map_extent(
-            self,
-            domid,
-            gfn,
-            perms,
-            MemAttr::WriteBack,
-            ContextId::DEFAULT,
-        )
-        .map_err(map_error)
+    fn maps_extents(&self) -> bool {
+        self.caps().features & pviommu_abi::feature::EXTENTS_2M != 0
     }
 
-    fn unmap_extent(&mut self, first: Bfn) {
-        if let Err(e) = Client::unmap_extent(self, first, ContextId::DEFAULT) {
-            tracing::warn!(error = %e, "shadow extent unmap refused");
+    /// Extent ops (ABI 1.6) in as few batches as the hypervisor takes, or
+    /// the cache's pages; as [`map`](FrameMapper::map), one call for the
+    /// read-only extents and one for the writable ones.
+    fn map_extents(
+        &mut self,
+        domid: DomId,
+        gfns: &[Gfn],
+        writable: &[bool],
+    ) -> Vec<Result<Bfn, MapError>> {
+        let mut out: Vec<Option<Result<Bfn, MapError>>> = vec![None; gfns.len()];
+        for write in [false, true] {
+            let idx: Vec<usize> = (0..gfns.len())
+                .filter(|i| writable.get(*i).copied().unwrap_or(false) == write)
+                .collect();
+            if idx.is_empty() {
+                continue;
+            }
+            let sel: Vec<Gfn> = idx.iter().map(|i| gfns[*i]).collect();
+            let perms = if write {
+                Permissions::RW
+            } else {
+                Permissions::RO
+            };
+            let rs = Client::map_extents(
+                self,
+                domid,
+                &sel,
+                perms,
+                MemAttr::WriteBack,
+                ContextId::DEFAULT,
+            );
+            for (i, r) in idx.into_iter().zip(rs) {
+                out[i] = Some(r.map_err(map_error));
+            }
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(MapError::new(5, "no result".to_string()))))
+            .collect()
+    }
+
+    fn unmap_extents(&mut self, firsts: &[Bfn]) {
+        for r in Client::unmap_extents(self, firsts, ContextId::DEFAULT) {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "shadow extent unmap refused");
+            }
         }
     }
 }

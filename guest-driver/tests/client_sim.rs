@@ -1462,3 +1462,43 @@ fn a_refused_extent_leaves_the_cache_alone() {
     assert!(c.cache().is_empty());
     assert_eq!(s.lock().0.total_page_refs(), 0);
 }
+
+/// Extents in batches: one hypercall maps the guest's three 2 MiB extents
+/// (one twice: the second shares the first's BFNs) and an unaligned one
+/// is refused alone before it; one hypercall unmaps them.
+#[test]
+fn extents_map_and_unmap_in_one_batch_each() {
+    let s = sim(2048, Config::default());
+    let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
+    let calls = c.stats().hypercalls;
+    let gfns = [Gfn(0), Gfn(100), Gfn(512), Gfn(1024), Gfn(512)];
+    let r = c.map_extents(
+        GUEST,
+        &gfns,
+        Permissions::RW,
+        MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    );
+    // One call for the four extent ops; one more returns the extra
+    // hypervisor references of the share (the cache holds one a page).
+    assert_eq!(c.stats().hypercalls - calls, 2, "{r:?}");
+    assert!(matches!(
+        r[1],
+        Err(pviommu_guest::Error::InvalidArgument(_))
+    ));
+    let firsts: Vec<Bfn> = [0, 2, 3].iter().map(|&i| *r[i].as_ref().unwrap()).collect();
+    assert!(firsts.iter().all(|b| b.0 % 512 == 0));
+    assert_eq!(r[4].as_ref().unwrap(), &firsts[1], "shared");
+    assert_eq!(c.cache().refs(ContextId::DEFAULT, firsts[1]), 2);
+    assert_eq!(
+        s.lock().1.state().driver(DomId::DOM0).unwrap().live(),
+        3 * 512
+    );
+    let calls = c.stats().hypercalls;
+    let all = [firsts[0], firsts[1], firsts[2], firsts[1]];
+    let r = c.unmap_extents(&all, ContextId::DEFAULT);
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+    assert_eq!(c.stats().hypercalls - calls, 1);
+    assert!(c.cache().is_empty());
+    assert_eq!(s.lock().0.total_page_refs(), 0);
+}

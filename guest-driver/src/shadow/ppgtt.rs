@@ -68,7 +68,7 @@ pub(super) struct SlotInfo {
     /// is a 2 MiB page at that BFN and all 512 leaves of this table are
     /// present, leaf i at BFN + i (kept for the split: a revocation points
     /// the parent back at this table, which needs no allocation, and clears
-    /// this). See `ShadowPpgtt::shadow_extent`.
+    /// this). See `ShadowPpgtt::settle_extent`.
     pub(super) extent: Option<Bfn>,
 }
 
@@ -82,6 +82,14 @@ pub(super) struct PendingMap {
     /// The shadow leaf may still hold the BFN of the entry this one
     /// replaces: `release_replaced` releases it before the batch settles.
     pub(super) replace: bool,
+}
+
+/// A guest 2 MiB page waiting in the current extent batch: its
+/// shadow-only PT's slot and that slot's generation when queued.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct PendingExtent {
+    pub(super) slot: u32,
+    pub(super) gen: u32,
 }
 
 /// Per-call counters and findings.
@@ -131,9 +139,14 @@ pub struct ShadowPpgtt {
     pub(super) map_gfns: Vec<Gfn>,
     pub(super) map_writable: Vec<bool>,
     pub(super) unmaps: Vec<Bfn>,
-    /// First BFNs of extents to unmap whole (`FrameMapper::unmap_extent`),
+    /// First BFNs of extents to unmap whole (`FrameMapper::unmap_extents`),
     /// flushed with `unmaps`.
     pub(super) extent_unmaps: Vec<Bfn>,
+    /// Guest 2 MiB pages to map as extents (`FrameMapper::map_extents`),
+    /// with their frames and access, in step.
+    pub(super) extent_maps: Vec<PendingExtent>,
+    pub(super) extent_gfns: Vec<Gfn>,
+    pub(super) extent_writable: Vec<bool>,
     /// Scratch of `release_replaced`: BFNs of replaced leaves.
     pub(super) released: Vec<Bfn>,
     pub(super) subtree: Vec<u32>,
@@ -213,6 +226,9 @@ impl ShadowPpgtt {
             map_gfns: Vec::with_capacity(config.batch),
             map_writable: Vec::with_capacity(config.batch),
             extent_unmaps: Vec::new(),
+            extent_maps: Vec::new(),
+            extent_gfns: Vec::new(),
+            extent_writable: Vec::new(),
             unmaps: Vec::with_capacity(config.batch),
             released: Vec::new(),
             subtree: Vec::new(),

@@ -2,12 +2,22 @@
 
 use super::error::{ShadowError, ERRNO_BFN_TOO_WIDE, ERRNO_MAPPER_SHORT};
 use super::gma::Gma;
-use super::ppgtt::{EntryRef, Outcome, PendingMap, ShadowPpgtt, SlotInfo, NO_CHILD};
+use super::ppgtt::{EntryRef, Outcome, PendingExtent, PendingMap, ShadowPpgtt, SlotInfo, NO_CHILD};
 use super::ppgtt_format::{self as fmt, EntryKind, Level, ENTRIES};
 use super::report::{Anomaly, RefusedLeaf};
 use super::traits::{FrameMapper, GuestTableReader, ShadowMemory};
 use pviommu_abi::{Bfn, Gfn};
 use std::cmp::Reverse;
+
+/// Whether a 2 MiB shadow entry can hold the extent from `first`: on a
+/// 2 MiB boundary, its last frame within the format's address field.
+fn extent_fits(first: Bfn) -> bool {
+    pviommu_abi::extent_aligned(first.0)
+        && first
+            .0
+            .checked_add(pviommu_abi::EXTENT_PAGES - 1)
+            .is_some_and(|last| last <= fmt::MAX_FRAME)
+}
 
 /// The environment of one build/sync/teardown call.
 pub(super) struct Env<'a, R: ?Sized, M: ?Sized, S: ?Sized> {
@@ -180,6 +190,8 @@ impl ShadowPpgtt {
                 break;
             }
         }
+        // (A refused extent's table queues its leaves here.)
+        self.flush_extents(env);
         self.flush_maps(env);
         self.flush_unmaps(env);
         // Leaves moved: the revocation index is stale.
@@ -348,11 +360,6 @@ impl ShadowPpgtt {
                 for (i, v) in snap.iter_mut().enumerate() {
                     *v = fmt::split_large(plevel, e, i);
                 }
-                if let EntryKind::Page2M(frame) = kind {
-                    if self.shadow_extent(env, parent, s, e, Gfn(frame)) {
-                        return;
-                    }
-                }
                 s
             }
             EntryKind::NotPresent | EntryKind::Leaf4K(_) => return,
@@ -364,7 +371,11 @@ impl ShadowPpgtt {
         let page = self.slots[child as usize].page;
         let value = fmt::table_entry(e, page.0);
         env.mem.write_entry(self.slots[p].page, idx, value);
-        if clevel == Level::Pt {
+        if let (EntryKind::Page2M(frame), true) = (kind, env.mapper.maps_extents()) {
+            // One extent for the page, at the next flush; its table is
+            // populated page by page only if the extent is refused.
+            self.queue_extent(env, child, Gfn(frame), e & fmt::RW != 0);
+        } else if clevel == Level::Pt {
             // A PT only queues its leaves (it attaches nothing), so it can
             // be populated at once, while its snapshot, just read, and its
             // shadow page, just allocated, are still in the cache. Queued,
@@ -375,49 +386,110 @@ impl ShadowPpgtt {
         }
     }
 
-    /// Shadow the guest's 2 MiB page `e` (frames from `frame`, a multiple
-    /// of 512), whose entry is `parent`, as the GPU would have it: one
-    /// 2 MiB shadow entry, over 512 BFNs in a row on a 2 MiB boundary from
-    /// one `map_extent` (GVT-g's shadow of a 2 MiB guest page, whose DMA
-    /// map must be one 2 MiB run). The 512 leaves also go into `slot`, the
-    /// shadow-only PT made for the page, which the parent does not point
-    /// at: a revocation of one of them points it back there
-    /// ([`split_extent`](Self::split_extent)) without allocating. Returns
-    /// false, with nothing mapped or written, when the mapper refuses (its
-    /// frames are not one machine run, some of them are mapped in part
-    /// already, no extents): the caller then shadows it page by page.
-    fn shadow_extent<R, M, S>(
+    /// Queue the extent that shadows the guest's 2 MiB page of frames
+    /// from `frame` (a multiple of 512), whose shadow-only PT is `slot`,
+    /// for the next [`flush_extents`](Self::flush_extents).
+    fn queue_extent<R, M, S>(
         &mut self,
         env: &mut Env<'_, R, M, S>,
-        parent: EntryRef,
         slot: u32,
-        e: u64,
         frame: Gfn,
-    ) -> bool
+        writable: bool,
+    ) where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        let gen = self.slots[slot as usize].gen;
+        self.extent_maps.push(PendingExtent { slot, gen });
+        self.extent_gfns.push(frame);
+        self.extent_writable.push(writable);
+        if self.extent_maps.len() >= self.config.batch {
+            self.flush_extents(env);
+        }
+    }
+
+    /// Map the queued extents with one mapper call and settle each: a
+    /// 2 MiB shadow entry where it was mapped and is still wanted (its
+    /// table's slot unchanged since it was queued), its table populated
+    /// page by page where it was refused, its BFNs given back where the
+    /// slot went meanwhile.
+    pub(super) fn flush_extents<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>)
     where
         R: GuestTableReader + ?Sized,
         M: FrameMapper + ?Sized,
         S: ShadowMemory + ?Sized,
     {
-        let Ok(first) = env.mapper.map_extent(self.domid, frame, e & fmt::RW != 0) else {
-            return false;
-        };
-        let pages = pviommu_abi::EXTENT_PAGES;
-        let fits = pviommu_abi::extent_aligned(first.0)
-            && first
-                .0
-                .checked_add(pages - 1)
-                .is_some_and(|last| last <= fmt::MAX_FRAME);
-        if !fits {
-            // A mapper that broke its contract: give the BFNs back as
-            // pages (an extent unmap would refuse an unaligned BFN).
-            for i in 0..pages {
-                if let Some(b) = first.0.checked_add(i) {
-                    self.push_unmap(env, Bfn(b));
-                }
-            }
-            return false;
+        if self.extent_maps.is_empty() {
+            return;
         }
+        let results = env
+            .mapper
+            .map_extents(self.domid, &self.extent_gfns, &self.extent_writable);
+        env.out.report.map_calls += 1;
+        let pending = std::mem::take(&mut self.extent_maps);
+        self.extent_gfns.clear();
+        self.extent_writable.clear();
+        let mut results = results.into_iter();
+        for pe in &pending {
+            let info = &self.slots[pe.slot as usize];
+            let wanted = info.live && info.gen == pe.gen;
+            match results.next() {
+                Some(Ok(first)) if !extent_fits(first) => {
+                    // A mapper that broke its contract: its BFNs back as
+                    // pages (an extent unmap would refuse them).
+                    self.give_back_pages(env, first);
+                    if wanted {
+                        self.populate(env, pe.slot);
+                    }
+                }
+                Some(Ok(first)) if wanted => self.settle_extent(env, pe.slot, first),
+                Some(Ok(first)) => self.extent_unmaps.push(first),
+                // Refused (or no answer): page by page.
+                _ if wanted => self.populate(env, pe.slot),
+                _ => {}
+            }
+        }
+        // Surplus results (a misbehaving mapper) must not leak.
+        for first in results.flatten() {
+            if extent_fits(first) {
+                self.extent_unmaps.push(first);
+            } else {
+                self.give_back_pages(env, first);
+            }
+        }
+        self.extent_maps = pending;
+        self.extent_maps.clear();
+    }
+
+    /// Unmap, as pages, the 512 BFNs from `first` a mapper answered an
+    /// extent with but no 2 MiB entry can hold.
+    fn give_back_pages<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, first: Bfn)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
+        for i in 0..pviommu_abi::EXTENT_PAGES {
+            if let Some(b) = first.0.checked_add(i) {
+                self.push_unmap(env, Bfn(b));
+            }
+        }
+    }
+
+    /// Shadow the guest's 2 MiB page whose shadow-only PT is `slot` as the
+    /// GPU would have it (GVT-g's shadow of a 2 MiB guest page, whose DMA
+    /// map must be one 2 MiB run): one 2 MiB shadow entry at the extent
+    /// from `first` (aligned, fitting the format), in its parent's entry.
+    /// The 512 leaves also go into `slot`, which the parent then no longer
+    /// points at: a revocation of one of them points it back there
+    /// ([`split_extent`](Self::split_extent)) without allocating.
+    fn settle_extent<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>, slot: u32, first: Bfn)
+    where
+        R: GuestTableReader + ?Sized,
+        M: FrameMapper + ?Sized,
+        S: ShadowMemory + ?Sized,
+    {
         let i = slot as usize;
         let (page, snap) = (self.slots[i].page, &self.guest[i]);
         let leaf = |idx: usize| fmt::leaf_entry(snap[idx], first.0 + idx as u64);
@@ -428,16 +500,17 @@ impl ShadowPpgtt {
         let info = &mut self.slots[i];
         info.populated = true;
         info.extent = Some(first);
+        let pages = pviommu_abi::EXTENT_PAGES;
         self.mapped_leaves += pages;
         env.out.report.leaves_mapped += pages;
         env.out.report.extents_mapped += 1;
-        let (p, idx) = (parent.slot as usize, parent.idx as usize);
-        if let Some(c) = &mut self.children[p] {
-            c[idx] = slot;
+        // The parent is live: a change of its entry would have torn this
+        // table down (and changed its slot's generation).
+        if let Some(p) = self.slots[i].parent {
+            let (ps, pidx) = (p.slot as usize, p.idx as usize);
+            let value = fmt::large_entry_2m(self.guest[ps][pidx], first.0);
+            env.mem.write_entry(self.slots[ps].page, pidx, value);
         }
-        env.mem
-            .write_entry(self.slots[p].page, idx, fmt::large_entry_2m(e, first.0));
-        true
     }
 
     /// Undo the shadowing of guest entry `old`, formerly at `slot[idx]`.
@@ -866,7 +939,7 @@ impl ShadowPpgtt {
         env.out.report.leaves_unmapped += pages;
         env.out.report.extents_unmapped += 1;
         self.extent_unmaps.push(first);
-        if self.extent_unmaps.len() * pages as usize >= self.config.batch {
+        if self.extent_unmaps.len() >= self.config.batch {
             self.flush_unmaps(env);
         }
     }
@@ -1065,9 +1138,10 @@ impl ShadowPpgtt {
         M: FrameMapper + ?Sized,
         S: ShadowMemory + ?Sized,
     {
-        for first in self.extent_unmaps.drain(..) {
-            env.mapper.unmap_extent(first);
+        if !self.extent_unmaps.is_empty() {
+            env.mapper.unmap_extents(&self.extent_unmaps);
             env.out.report.unmap_calls += 1;
+            self.extent_unmaps.clear();
         }
         if self.unmaps.is_empty() {
             return;

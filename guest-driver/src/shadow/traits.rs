@@ -64,24 +64,37 @@ pub trait FrameMapper {
     fn map(&mut self, domid: DomId, gfns: &[Gfn], writable: &[bool]) -> Vec<Result<Bfn, MapError>>;
     /// Drop one reference to each of `bfns`.
     fn unmap(&mut self, bfns: &[Bfn]);
-    /// Map the 2 MiB extent of `domid` from `gfn` (a multiple of 512): the
-    /// 512 frames at 512 consecutive BFNs from the one returned, a multiple
-    /// of 512, so that one 2 MiB shadow entry can hold them (PV-IOMMU ABI
-    /// 1.6, `PVIOMMU_F_EXTENT_2M`). All or nothing: on `Err` nothing is
-    /// mapped and the shadow maps the pages one by one instead. The default
-    /// refuses (`EOPNOTSUPP`), for mappers without extents.
-    fn map_extent(&mut self, domid: DomId, gfn: Gfn, writable: bool) -> Result<Bfn, MapError> {
-        let _ = (domid, gfn, writable);
-        Err(MapError::new(
-            ERRNO_NO_EXTENTS,
-            "the mapper maps no 2 MiB extents",
-        ))
+    /// Whether [`map_extents`](Self::map_extents) may map anything: the
+    /// shadow then shadows a guest's 2 MiB page with one 2 MiB entry where
+    /// it can. The default: no.
+    fn maps_extents(&self) -> bool {
+        false
     }
-    /// Drop one reference to each of the 512 BFNs from `first`, which a
-    /// [`map_extent`](Self::map_extent) returned and none of which was
-    /// revoked. The default unmaps them as pages.
-    fn unmap_extent(&mut self, first: Bfn) {
-        let bfns: Vec<Bfn> = (0..EXTENT_PAGES).map(|i| Bfn(first.0 + i)).collect();
-        self.unmap(&bfns);
+    /// Map the 2 MiB extent of `domid` from each of `gfns` (multiples of
+    /// 512), writable if `writable[i]`: the 512 frames at 512 consecutive
+    /// BFNs from the one returned, a multiple of 512, so that one 2 MiB
+    /// shadow entry can hold them (PV-IOMMU ABI 1.6,
+    /// `PVIOMMU_F_EXTENT_2M`). One result per extent, in order; each all
+    /// or nothing: on `Err` nothing of it is mapped, and the shadow maps
+    /// its pages one by one instead. Called with up to the configured
+    /// batch size of extents. The default refuses each (`EOPNOTSUPP`).
+    fn map_extents(
+        &mut self,
+        domid: DomId,
+        gfns: &[Gfn],
+        writable: &[bool],
+    ) -> Vec<Result<Bfn, MapError>> {
+        let _ = (domid, writable);
+        let no = || MapError::new(ERRNO_NO_EXTENTS, "the mapper maps no 2 MiB extents");
+        gfns.iter().map(|_| Err(no())).collect()
+    }
+    /// Drop one reference to each of the 512 BFNs from each of `firsts`,
+    /// which [`map_extents`](Self::map_extents) returned and none of which
+    /// was revoked. The default unmaps them as pages.
+    fn unmap_extents(&mut self, firsts: &[Bfn]) {
+        for first in firsts {
+            let bfns: Vec<Bfn> = (0..EXTENT_PAGES).map(|i| Bfn(first.0 + i)).collect();
+            self.unmap(&bfns);
+        }
     }
 }

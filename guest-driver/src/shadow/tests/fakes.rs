@@ -79,6 +79,7 @@ impl FakeGuest {
 #[derive(Default)]
 pub struct FakeMapper {
     pub extents: bool,
+    pub extent_calls: u64,
     pub extent_maps: u64,
     pub extent_unmaps: u64,
     next: u64,
@@ -114,7 +115,52 @@ impl FrameMapper for FakeMapper {
             .collect()
     }
 
-    fn map_extent(&mut self, domid: DomId, gfn: Gfn, _writable: bool) -> Result<Bfn, MapError> {
+    fn unmap(&mut self, bfns: &[Bfn]) {
+        self.unmap_calls += 1;
+        for &b in bfns {
+            self.unmapped.push(b);
+            let g = *self
+                .by_bfn
+                .get(&b)
+                .expect("unmap of a BFN that is not mapped");
+            let e = self.by_gfn.get_mut(&g).unwrap();
+            e.1 -= 1;
+            if e.1 == 0 {
+                self.by_gfn.remove(&g);
+                self.by_bfn.remove(&b);
+            }
+        }
+    }
+
+    fn maps_extents(&self) -> bool {
+        self.extents
+    }
+
+    fn map_extents(
+        &mut self,
+        domid: DomId,
+        gfns: &[Gfn],
+        writable: &[bool],
+    ) -> Vec<Result<Bfn, MapError>> {
+        assert_eq!(gfns.len(), writable.len());
+        self.extent_calls += 1;
+        gfns.iter()
+            .map(|&g| self.map_one_extent(domid, g))
+            .collect()
+    }
+
+    fn unmap_extents(&mut self, firsts: &[Bfn]) {
+        for &first in firsts {
+            assert_eq!(first.0 % 512, 0);
+            self.extent_unmaps += 1;
+            let bfns: Vec<Bfn> = (0..512).map(|i| Bfn(first.0 + i)).collect();
+            self.unmap(&bfns);
+        }
+    }
+}
+
+impl FakeMapper {
+    fn map_one_extent(&mut self, domid: DomId, gfn: Gfn) -> Result<Bfn, MapError> {
         assert_eq!(domid, DomId(7));
         assert_eq!(gfn.0 % 512, 0, "an extent's gfn is a multiple of 512");
         if !self.extents {
@@ -154,32 +200,6 @@ impl FrameMapper for FakeMapper {
         Ok(first)
     }
 
-    fn unmap_extent(&mut self, first: Bfn) {
-        assert_eq!(first.0 % 512, 0);
-        self.extent_unmaps += 1;
-        let bfns: Vec<Bfn> = (0..512).map(|i| Bfn(first.0 + i)).collect();
-        self.unmap(&bfns);
-    }
-
-    fn unmap(&mut self, bfns: &[Bfn]) {
-        self.unmap_calls += 1;
-        for &b in bfns {
-            self.unmapped.push(b);
-            let g = *self
-                .by_bfn
-                .get(&b)
-                .expect("unmap of a BFN that is not mapped");
-            let e = self.by_gfn.get_mut(&g).unwrap();
-            e.1 -= 1;
-            if e.1 == 0 {
-                self.by_gfn.remove(&g);
-                self.by_bfn.remove(&b);
-            }
-        }
-    }
-}
-
-impl FakeMapper {
     /// A mapper that maps 2 MiB extents.
     pub fn with_extents() -> Self {
         FakeMapper {

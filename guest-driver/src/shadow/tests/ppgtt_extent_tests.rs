@@ -232,8 +232,11 @@ impl FrameMapper for MisalignedExtents {
             }
         }
     }
-    fn map_extent(&mut self, _: DomId, _: Gfn, _: bool) -> Result<Bfn, MapError> {
-        Ok(Bfn(0x900_0001))
+    fn maps_extents(&self) -> bool {
+        true
+    }
+    fn map_extents(&mut self, _: DomId, gfns: &[Gfn], _: &[bool]) -> Vec<Result<Bfn, MapError>> {
+        gfns.iter().map(|_| Ok(Bfn(0x900_0001))).collect()
     }
 }
 
@@ -250,4 +253,63 @@ fn an_extent_off_a_2m_boundary_is_given_back_and_the_page_shadowed_page_by_page(
     m.given_back.sort();
     assert_eq!(m.given_back, want);
     assert_same_as_fresh(&g, &s, &m.inner, &mem);
+}
+
+/// A guest of `n` 2 MiB pages at GMA k * 2 MiB, frames 0x1000 + 512 k.
+fn guest_of_2m_pages(n: u64) -> (FakeGuest, Gfn) {
+    let mut g = FakeGuest::default();
+    let mut next = 0x20;
+    let pd = g.pd_for(ROOT, &mut next, 0);
+    for k in 0..n {
+        g.set(
+            pd,
+            k as usize,
+            ((0x1000 + 512 * k) << 12) | fmt::PRESENT | fmt::PS,
+        );
+    }
+    (g, pd)
+}
+
+#[test]
+fn extents_go_to_the_mapper_in_batches() {
+    let (mut g, pd) = guest_of_2m_pages(64);
+    let mut m = FakeMapper::with_extents();
+    let mut mem = HeapShadowMemory::new();
+    let (mut s, r) = ShadowPpgtt::build(&g, &mut m, &mut mem, DOM, ROOT);
+    assert_eq!((r.extents_mapped, r.map_calls), (64, 1));
+    assert_eq!((m.extent_calls, m.map_calls), (1, 0));
+    for k in 0..64 {
+        g.set(pd, k, 0);
+    }
+    let r = s.sync(&g, &mut m, &mut mem, &[pd]);
+    assert_eq!((r.extents_unmapped, r.unmap_calls), (64, 1));
+    assert!(m.live().is_empty());
+    // Batches of 10: 7 calls for 64 extents.
+    let (g, _) = guest_of_2m_pages(64);
+    let mut m = FakeMapper::with_extents();
+    let cfg = ShadowConfig {
+        batch: 10,
+        ..ShadowConfig::default()
+    };
+    let (_, r) = ShadowPpgtt::build_with(cfg, &g, &mut m, &mut mem, DOM, ROOT);
+    assert_eq!((r.extents_mapped, m.extent_calls), (64, 7));
+}
+
+#[test]
+fn an_extent_whose_page_went_before_its_batch_was_sent_is_given_back() {
+    // The guest writes the 2 MiB page, then clears it, in one batch of
+    // trapped writes: the extent queued for the first write is mapped
+    // with the batch, and unmapped, nothing left.
+    let (mut g, pd) = guest_of_2m_pages(0);
+    let mut m = FakeMapper::with_extents();
+    let mut mem = HeapShadowMemory::new();
+    let (mut s, _) = ShadowPpgtt::build(&g, &mut m, &mut mem, DOM, ROOT);
+    let big = (0x1000 << 12) | fmt::PRESENT | fmt::PS;
+    g.set(pd, 0, 0);
+    let r = s.sync_writes(&g, &mut m, &mut mem, &[(pd, 0, big), (pd, 0, 0)]);
+    assert_eq!(r.leaves_mapped, 0, "{r:?}");
+    assert_eq!(s.mapped_leaves(), 0);
+    assert!(m.live().is_empty(), "given back: {:?}", m.live().len());
+    assert_eq!((m.extent_maps, m.extent_unmaps), (1, 1));
+    assert_same_as_fresh(&g, &s, &m, &mem);
 }
