@@ -3,7 +3,8 @@
 /// Tunables of a shadow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShadowConfig {
-    /// Most frames per `FrameMapper::map` / `unmap` call (at least 1).
+    /// Most frames per `FrameMapper::map` / `unmap` call, and most extents
+    /// per `map_extents` / `unmap_extents` call (at least 1).
     pub batch: usize,
     /// Most shadow table pages one PPGTT shadow may use. Bounds the work a
     /// hostile guest can cause (e.g. with 1 GiB pages, each costing 513

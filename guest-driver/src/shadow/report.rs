@@ -77,7 +77,7 @@ pub struct BuildReport {
     pub anomalies_total: u64,
     /// Shadow table pages in use.
     pub tables: usize,
-    /// Number of `FrameMapper::map` calls made.
+    /// Number of `FrameMapper::map` and `map_extents` calls made.
     pub map_calls: u64,
     /// Guest 2 MiB pages shadowed by one 2 MiB entry over an extent of
     /// BFNs (`FrameMapper::map_extent`); their 512 leaves are counted in
@@ -106,9 +106,9 @@ pub struct SyncReport {
     pub anomalies_total: u64,
     /// Frames in `changed_table_gfns` that are not shadowed tables (ignored).
     pub ignored: Vec<Gfn>,
-    /// Number of `FrameMapper::map` calls made.
+    /// Number of `FrameMapper::map` and `map_extents` calls made.
     pub map_calls: u64,
-    /// Number of `FrameMapper::unmap` calls made.
+    /// Number of `FrameMapper::unmap` and `unmap_extents` calls made.
     pub unmap_calls: u64,
     /// Guest 2 MiB pages newly shadowed by one 2 MiB entry
     /// (`FrameMapper::map_extent`; their leaves are in `leaves_mapped`).
