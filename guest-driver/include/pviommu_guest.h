@@ -123,6 +123,16 @@ int pviommu_map_extent(pviommu_client *c, uint32_t context, uint16_t domid, uint
  * 512) of context, as pviommu_unmap_in_context of them: one op when every
  * page's last reference goes, else a page at a time. */
 int pviommu_unmap_extent(pviommu_client *c, uint32_t context, uint64_t bfn);
+/* pviommu_map_extent of each of n gfns (at most 32 Ki), as many extent ops
+ * in one hypercall as the hypervisor takes: bfns[i] and status[i] (0 or
+ * -errno) for each; returns 0 if all mapped, else the first failure. */
+int pviommu_map_extents(pviommu_client *c, uint32_t context, uint16_t domid,
+                        const uint64_t *gfns, size_t n, uint32_t flags, uint64_t *bfns,
+                        int32_t *status);
+/* pviommu_unmap_extent of each of n first BFNs (at most 32 Ki), batched as
+ * pviommu_map_extents; status[i] for each; 0 or the first failure. */
+int pviommu_unmap_extents(pviommu_client *c, uint32_t context, const uint64_t *bfns, size_t n,
+                          int32_t *status);
 /* Control domain only (PVIOMMU_CMD_entry): the leaf entry a device attached
  * to driver domain domid's context (not 0) finds for bfn, address bits
  * zeroed, in the IOMMU's format (VT-d: R bit 0, W 1, EMT 5:3, IPAT 6, PS 7,

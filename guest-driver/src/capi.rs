@@ -349,24 +349,57 @@ fn map_in(
     bfns: *mut u64,
     status: *mut i32,
 ) -> i32 {
+    let map = |c: &mut Client<Box<dyn Transport>>, gfns: &[Gfn], perms, attr| {
+        c.map_foreign(DomId(domid), gfns, perms, attr, context)
+    };
+    map_with(
+        c,
+        "map",
+        MAX_PAGES_PER_CALL,
+        gfns,
+        n,
+        flags,
+        bfns,
+        status,
+        map,
+    )
+}
+
+/// A C map call of `n` gfns (pages or extents, at most `most`) through
+/// `map`: the checks of its flags and arrays, then one result a gfn.
+#[allow(clippy::too_many_arguments)]
+fn map_with(
+    c: *mut CClient,
+    what: &str,
+    most: usize,
+    gfns: *const u64,
+    n: usize,
+    flags: u32,
+    bfns: *mut u64,
+    status: *mut i32,
+    map: impl FnOnce(
+        &mut Client<Box<dyn Transport>>,
+        &[Gfn],
+        Permissions,
+        MemAttr,
+    ) -> Vec<Result<Bfn, crate::Error>>,
+) -> i32 {
     let Some(mut c) = lock(c) else {
         return EINVAL;
     };
-    let Some((perms, attr)) = page_flags(flags, "map") else {
+    let Some((perms, attr)) = page_flags(flags, what) else {
         return EINVAL;
     };
-    if n > MAX_PAGES_PER_CALL {
-        set_last_error(&format!(
-            "map: {n} pages in one call; at most {MAX_PAGES_PER_CALL}"
-        ));
+    if n > most {
+        set_last_error(&format!("{what}: {n} in one call; at most {most}"));
         return EINVAL;
     }
     // SAFETY: the caller passes three distinct arrays of `n` elements.
     let arrays = unsafe {
         (
-            c_array(gfns, n, "map: gfns"),
-            c_array_mut(bfns, n, "map: bfns"),
-            c_array_mut(status, n, "map: status"),
+            c_array(gfns, n, &format!("{what}: gfns")),
+            c_array_mut(bfns, n, &format!("{what}: bfns")),
+            c_array_mut(status, n, &format!("{what}: status")),
         )
     };
     let (Ok(gfns), Ok(bfns), Ok(status)) = arrays else {
@@ -376,7 +409,7 @@ fn map_in(
         return EINVAL;
     };
     let gfns: Vec<Gfn> = gfns.iter().map(|g| Gfn(*g)).collect();
-    let results = c.map_foreign(DomId(domid), &gfns, perms, attr, context);
+    let results = map(&mut c, &gfns, perms, attr);
     let mut ret = 0;
     for (i, r) in results.iter().enumerate() {
         match r {
@@ -427,14 +460,33 @@ fn unmap_in(
     n: usize,
     status: *mut i32,
 ) -> i32 {
+    let unmap = |c: &mut Client<Box<dyn Transport>>, bfns: &[Bfn]| c.unmap(bfns, context);
+    unmap_with(c, "unmap", MAX_PAGES_PER_CALL, bfns, n, status, unmap)
+}
+
+/// A C unmap call of `n` BFNs (pages or extents' first, at most `most`)
+/// through `unmap`: the checks of its arrays, then one result a BFN.
+fn unmap_with(
+    c: *mut CClient,
+    what: &str,
+    most: usize,
+    bfns: *const u64,
+    n: usize,
+    status: *mut i32,
+    unmap: impl FnOnce(&mut Client<Box<dyn Transport>>, &[Bfn]) -> Vec<Result<(), crate::Error>>,
+) -> i32 {
     let Some(mut c) = lock(c) else {
         return EINVAL;
     };
+    if n > most {
+        set_last_error(&format!("{what}: {n} in one call; at most {most}"));
+        return EINVAL;
+    }
     // SAFETY: the caller passes two distinct arrays of `n` elements.
     let arrays = unsafe {
         (
-            c_array(bfns, n, "unmap: bfns"),
-            c_array_mut(status, n, "unmap: status"),
+            c_array(bfns, n, &format!("{what}: bfns")),
+            c_array_mut(status, n, &format!("{what}: status")),
         )
     };
     let (Ok(bfns), Ok(status)) = arrays else {
@@ -444,7 +496,7 @@ fn unmap_in(
     };
     let bfns: Vec<Bfn> = bfns.iter().map(|b| Bfn(*b)).collect();
     let mut ret = 0;
-    for (i, r) in c.unmap(&bfns, context).iter().enumerate() {
+    for (i, r) in unmap(&mut c, &bfns).iter().enumerate() {
         status[i] = r.as_ref().map_or_else(code, |_| 0);
         if let Err(e) = r {
             if ret == 0 {
@@ -497,6 +549,47 @@ pub extern "C" fn pviommu_unmap_extent(c: *mut CClient, context: u32, bfn: u64) 
         Ok(()) => 0,
         Err(e) => fail(&e),
     }
+}
+
+/// [`pviommu_map_extent`] of each of `n` gfns (at most 32 Ki: 64 GiB), in
+/// as few hypercalls as the hypervisor takes: `bfns[i]` and `status[i]`
+/// for each, as [`pviommu_map`] writes them; 0 if all mapped, else the
+/// first failure.
+#[allow(clippy::too_many_arguments)]
+#[no_mangle]
+pub extern "C" fn pviommu_map_extents(
+    c: *mut CClient,
+    context: u32,
+    domid: u16,
+    gfns: *const u64,
+    n: usize,
+    flags: u32,
+    bfns: *mut u64,
+    status: *mut i32,
+) -> i32 {
+    let map = |c: &mut Client<Box<dyn Transport>>, gfns: &[Gfn], perms, attr| {
+        c.map_extents(DomId(domid), gfns, perms, attr, ContextId(context))
+    };
+    let most = MAX_PAGES_PER_CALL / pviommu_abi::EXTENT_PAGES as usize;
+    map_with(c, "map extents", most, gfns, n, flags, bfns, status, map)
+}
+
+/// [`pviommu_unmap_extent`] of each of `n` first BFNs (at most 32 Ki), the
+/// extent ops in as few hypercalls as the hypervisor takes; `status[i]`
+/// for each; 0 if all went, else the first failure.
+#[no_mangle]
+pub extern "C" fn pviommu_unmap_extents(
+    c: *mut CClient,
+    context: u32,
+    bfns: *const u64,
+    n: usize,
+    status: *mut i32,
+) -> i32 {
+    let unmap = |c: &mut Client<Box<dyn Transport>>, bfns: &[Bfn]| {
+        c.unmap_extents(bfns, ContextId(context))
+    };
+    let most = MAX_PAGES_PER_CALL / pviommu_abi::EXTENT_PAGES as usize;
+    unmap_with(c, "unmap extents", most, bfns, n, status, unmap)
 }
 
 /// Look up a BFN: fills `*domid`, `*gfn`, `*flags`.

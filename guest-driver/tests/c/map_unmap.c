@@ -149,6 +149,34 @@ int main(void)
               "DMA after the extent's unmap must fault");
         pviommu_close(x);
     }
+    /* Extents in batches: two extents and an unaligned gfn in one call
+     * (the bad one refused alone), then both unmapped in one call; a NULL
+     * array or too many refused. */
+    {
+        pviommu_client *x = pviommu_open_sim(2048);
+        uint64_t gfns[3] = { 0, 513, 1024 }, firsts[3] = { 0 }, two[2];
+        int32_t st[3];
+        CHECK(x, "open_sim 2048");
+        rc = pviommu_map_extents(x, 0, 1, gfns, 3, PVIOMMU_F_READ, firsts, st);
+        CHECK(rc == -22 && st[0] == 0 && st[1] == -22 && st[2] == 0, "map extents: %d %d %d %d",
+              rc, st[0], st[1], st[2]);
+        CHECK(firsts[0] % 512 == 0 && firsts[2] % 512 == 0 && firsts[0] != firsts[2],
+              "extents at %llx %llx", (unsigned long long)firsts[0],
+              (unsigned long long)firsts[2]);
+        CHECK(pviommu_sim_dma_read(x, firsts[2] + 5, &word, sizeof(word)) == 0
+              && word == (0x5049564f00000000ull | (1024 + 5)), "second extent's bytes");
+        CHECK(pviommu_map_extents(x, 0, 1, NULL, 1, PVIOMMU_F_READ, firsts, st) == -22,
+              "NULL gfns");
+        CHECK(pviommu_map_extents(x, 0, 1, gfns, (size_t)1 << 16, PVIOMMU_F_READ, firsts, st)
+              == -22, "too many extents");
+        two[0] = firsts[0]; two[1] = firsts[2];
+        rc = pviommu_unmap_extents(x, 0, two, 2, st);
+        CHECK(rc == 0 && st[0] == 0 && st[1] == 0, "unmap extents: %d %s", rc,
+              pviommu_last_error(x));
+        CHECK(pviommu_sim_dma_read(x, firsts[2] + 5, &word, sizeof(word)) == -14,
+              "DMA after the extents' unmap must fault");
+        pviommu_close(x);
+    }
     printf("C mediator: mapped, read, looked up, heard of a revocation, unmapped %d pages: OK\n", N);
     return 0;
 }
