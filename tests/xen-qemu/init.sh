@@ -558,6 +558,27 @@ if succeeded "$m" && [ -n "$BC2" ] && [ $((BE)) != $((BC2)) ] && dma_faults $BC2
     ok shadow_balloon_revokes_leaf; else ko shadow_balloon_revokes_leaf "old bfn $BC2, other map $m / $u / $(echo $r | cut -c1-300) / $t / $c"; fi
 run $H hc unmap $BE >/dev/null; run $H destroy $E >/dev/null
 tick 'balloon check done'
+# 6c') a page inside the guest's 2 MiB page (E5) is ballooned out: Xen
+# revokes its BFN; the watch points the 2 MiB shadow entry back at its
+# 4 KiB table (the split) and clears the leaf before it acknowledges; the
+# revoked BFN faults, E5's GMA translates to nothing, the page's other
+# BFNs (E511) still read.
+E_GONE=0
+if [ "$EXT" = 512 ] && [ -n "$BE0" ]; then
+    GE5=$(( $(field "$LE0" gfn) + 5 )); GMAE5=$(printf '0x%x' $(( $(field "$LE0" gma) + 5 * 4096 )))
+    u=$(run $H unpopulate $PD $(printf '0x%x' $GE5))
+    r=$(ask revocations 10)
+    t=$(ask translate $GMAE5)
+    B511=$(bfn_of "$(field "$LE511" gma)")
+    c=$(run $H hc caps)
+    if dma_faults $((BE0 + 5)) && echo "$t" | grep -q '"bfn":null' \
+       && echo "$r" | grep -q "\"leaves\":\[{\"bfn\":$((BE0 + 5)),\"domid\":$PD,\"gfn\":$GE5,\"gma\":$((GMAE5))}\]" \
+       && [ "$B511" = $((BE0 + 511)) ] && dma_is "$B511" "$(field "$LE511" sum)" && [ "$(field "$c" revoked)" = 0 ]; then
+        ok shadow_2m_page_split_on_revocation; else ko shadow_2m_page_split_on_revocation "bfn $BE0+5 / $u / $(echo $r | cut -c1-300) / $t / E511 at ${B511:-none} / $c"; fi
+    E_GONE=1
+else
+    ko shadow_2m_page_split_on_revocation "no 2 MiB page in the guest (ext_pages=$EXT)"
+fi
 # 6d) the guest dies with the shadow live: every leaf is revoked and
 # reported, the watch lets go of the guest's memory, the domain is freed.
 L=$(jnum "$(ask stats)" leaves)
@@ -577,7 +598,7 @@ c=$(run $H hc caps)
 # A drain takes a call per round of up to 128 notices, not one per notice
 # (ABI 1.4): at most one call per 8 notices even when the teardown hands
 # them over a few at a time.
-if [ "$n" = "$L" ] && [ "$L" = $((10 + BIGP + EXT - 2)) ] && echo "$d" | grep -q gone && [ "$(jnum "$st" leaves)" = 0 ] \
+if [ "$n" = "$L" ] && [ "$L" = $((10 + BIGP + EXT - 2 - E_GONE)) ] && echo "$d" | grep -q gone && [ "$(jnum "$st" leaves)" = 0 ] \
    && [ -n "$hc" ] && [ $((hc * 8)) -le "$n" ] \
    && [ $sw = 0 ] && [ "$(jnum "$q" leaves_unmapped)" = 0 ] && [ "$(field "$c" used)" = "$used0" ]; then
     ok shadow_guest_death_revokes_all; else ko shadow_guest_death_revokes_all "leaves $L revoked $n in $hc calls / $d / $st / exit $sw $q / $c / $(cat /tmp/shadow.err)"; fi
