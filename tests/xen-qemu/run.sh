@@ -13,7 +13,8 @@
 #   MEASURE_PAGES         pages for the MEASURE step (default 16384)
 #   FUZZ_CALLS            hostile hypercalls from dom0 and from the domU (default 100000)
 #   BIG_PAGES             mapped pages of the domain destroyed in one go (default 65536)
-#   QEMU_TIMEOUT          seconds per boot (default 600)
+#   QEMU_TIMEOUT          seconds per boot (default 900: a VT-d boot whose 2 cores
+#                         another job shared ran past 600, 2026-12-04)
 #   BOOT_STALL_S          no first test line this long after QEMU start: the boot
 #                         stalled (seen under TCG); retried once (default 150)
 #   PVIOMMU_TOOL_BIN      prebuilt static `pviommu` binary (default: cargo build)
@@ -147,7 +148,7 @@ fi
 . "$REPO/tests/lib/xen-qemu-boot.sh"
 LOG="$OUT/serial.log"
 N="${MEASURE_PAGES:-16384}"
-TMO="${QEMU_TIMEOUT:-600}"
+TMO="${QEMU_TIMEOUT:-900}"
 STALL="${BOOT_STALL_S:-150}"
 START_LINE='=== pviommu dom0 test start ==='
 END_LINE='=== pviommu dom0 test end ==='
