@@ -35,6 +35,13 @@ struct Entry {
 pub struct MappingCache {
     by_key: HashMap<CacheKey, Entry>,
     by_bfn: HashMap<(ContextId, Bfn), CacheKey>,
+    /// BFNs whose revocation was pushed ([`mark_revoked`](Self::mark_revoked))
+    /// before the caller drained its notice: the references their holders
+    /// still have. No map is answered with them; the last release is the
+    /// one that goes to the hypervisor (an unmap of a revoked BFN
+    /// acknowledges its notice), so the notice stays until no holder uses
+    /// the BFN or the drain hands it over.
+    revoked: HashMap<(ContextId, Bfn), u64>,
 }
 
 impl MappingCache {
@@ -56,6 +63,14 @@ impl MappingCache {
     /// Drop one reference; `Some(true)` when it was the last (the caller
     /// unmaps), `Some(false)` when others remain, `None` if unknown.
     pub fn release(&mut self, context: ContextId, bfn: Bfn) -> Option<bool> {
+        if let Some(refs) = self.revoked.get_mut(&(context, bfn)) {
+            *refs = refs.saturating_sub(1);
+            if *refs == 0 {
+                self.revoked.remove(&(context, bfn));
+                return Some(true);
+            }
+            return Some(false);
+        }
         let key = *self.by_bfn.get(&(context, bfn))?;
         let e = self.by_key.get_mut(&key)?;
         e.refs -= 1;
@@ -67,18 +82,34 @@ impl MappingCache {
             Some(false)
         }
     }
-    /// Forget a BFN whatever its references (the hypervisor revoked it).
+    /// Forget a BFN whatever its references (the hypervisor revoked it,
+    /// and its notice was handed over: no holder uses it any more).
     pub fn forget(&mut self, context: ContextId, bfn: Bfn) -> Option<CacheKey> {
+        self.revoked.remove(&(context, bfn));
         let key = self.by_bfn.remove(&(context, bfn))?;
         self.by_key.remove(&key);
+        Some(key)
+    }
+    /// The hypervisor revoked a cached BFN, and its notice is still to be
+    /// drained: no map gets it any more, but its holders' releases are
+    /// still counted, so that an unmap of it (which acknowledges the
+    /// notice) is sent only with the last one. Returns its key, if cached.
+    pub fn mark_revoked(&mut self, context: ContextId, bfn: Bfn) -> Option<CacheKey> {
+        let key = self.by_bfn.remove(&(context, bfn))?;
+        if let Some(e) = self.by_key.remove(&key) {
+            self.revoked.insert((context, bfn), e.refs);
+        }
         Some(key)
     }
     /// The key of a cached BFN.
     pub fn key_of(&self, context: ContextId, bfn: Bfn) -> Option<CacheKey> {
         self.by_bfn.get(&(context, bfn)).copied()
     }
-    /// References held on a cached BFN.
+    /// References held on a cached BFN (revoked or not).
     pub fn refs(&self, context: ContextId, bfn: Bfn) -> u64 {
+        if let Some(&refs) = self.revoked.get(&(context, bfn)) {
+            return refs;
+        }
         self.key_of(context, bfn)
             .and_then(|k| self.by_key.get(&k))
             .map_or(0, |e| e.refs)

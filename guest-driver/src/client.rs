@@ -263,7 +263,10 @@ impl<T: Transport> Client<T> {
     /// still reported and acknowledged by `drain_revocations`.
     fn absorb_pushed_revocations(&mut self) {
         for (context, bfn) in self.transport.take_revocations() {
-            if self.cache.forget(context, bfn).is_some() {
+            // Not forgotten: a holder's unmap of it would acknowledge the
+            // notice while others still use the BFN (and the drain would
+            // never hand it to the caller). See `MappingCache::revoked`.
+            if self.cache.mark_revoked(context, bfn).is_some() {
                 debug!(bfn = bfn.0, context = context.0, "pushed revocation");
             }
             self.pushed_revocations += 1;
@@ -480,6 +483,22 @@ impl<T: Transport> Client<T> {
                 results.push(Some(Ok(bfn)));
                 continue;
             }
+            // Cached in part: the hypervisor would answer EBUSY for a live
+            // page, or revoke a stale one and map it anew, and the cache
+            // would then have to drop a BFN its other holders (shadow
+            // leaves) still use: their unmap would acknowledge the notice
+            // before they heard of it. Refused here, with nothing sent;
+            // the caller maps the pages one by one, from the cache.
+            if (0..EXTENT_PAGES).any(|p| self.cache.bfn_of(&key(gfn, p)).is_some()) {
+                results.push(Some(Err(Error::Hypervisor {
+                    what: format!(
+                        "map extent d{} gfn {:#x}: pages of it are mapped already, not as it",
+                        domid.0, gfn.0
+                    ),
+                    errno: Errno::Busy,
+                })));
+                continue;
+            }
             // (The same extent twice in one call: the hypervisor shares the
             // first one's mapping with the second, settled below as any
             // share.)
@@ -523,27 +542,40 @@ impl<T: Transport> Client<T> {
                 })
             } else {
                 let bfn = Bfn(op.bfn);
-                // Shared by the hypervisor (each page one hypervisor
-                // reference more): a page the cache holds already keeps
-                // the one it has, and the extra one goes back.
-                for p in 0..EXTENT_PAGES {
-                    let at = Bfn(bfn.0 + p);
-                    match self.cache.bfn_of(&key(gfn, p)) {
-                        Some(cached) if cached == at => {
-                            self.cache.get_ref(&key(gfn, p));
-                            extra.push(Request::Unmap { context, bfn: at }.encode());
+                let at = |p: u64| Bfn(bfn.0 + p);
+                // Pages the cache holds are in place: cached since the
+                // check above only by an earlier op of this call for the
+                // same extent (which the hypervisor then shared). One
+                // cached elsewhere cannot be, the check having refused
+                // it; were it so, the extent goes back whole (one
+                // reference less on each page) and is refused.
+                let elsewhere = (0..EXTENT_PAGES)
+                    .any(|p| self.cache.bfn_of(&key(gfn, p)).is_some_and(|b| b != at(p)));
+                if elsewhere {
+                    extra.push(Request::UnmapExtent { context, bfn }.encode());
+                    Err(Error::Unexpected {
+                        what: "map extent: pages of it cached at other BFNs".into(),
+                        value: op.bfn as i64,
+                    })
+                } else {
+                    // Shared by the hypervisor (each page one hypervisor
+                    // reference more): a page the cache holds already
+                    // keeps the one it has, and the extra one goes back.
+                    for p in 0..EXTENT_PAGES {
+                        if self.cache.get_ref(&key(gfn, p)).is_some() {
+                            extra.push(
+                                Request::Unmap {
+                                    context,
+                                    bfn: at(p),
+                                }
+                                .encode(),
+                            );
+                        } else {
+                            self.cache.insert(key(gfn, p), at(p));
                         }
-                        // Cached at another BFN: a revoked one not drained
-                        // yet (a live one would have made the hypervisor
-                        // answer EBUSY). The drain still acknowledges it.
-                        Some(stale) => {
-                            self.cache.forget(context, stale);
-                            self.cache.insert(key(gfn, p), at);
-                        }
-                        None => self.cache.insert(key(gfn, p), at),
                     }
+                    Ok(bfn)
                 }
-                Ok(bfn)
             });
         }
         if !extra.is_empty() {

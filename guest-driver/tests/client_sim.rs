@@ -1502,3 +1502,72 @@ fn extents_map_and_unmap_in_one_batch_each() {
     assert!(c.cache().is_empty());
     assert_eq!(s.lock().0.total_page_refs(), 0);
 }
+
+/// Extent batches cut by a failed call (two extent ops a call): maps that
+/// ran are kept and cached, the rest fail with the call's error; an unmap
+/// call that failed leaves its extents out of the cache (they may have
+/// gone), and the extents never sent cached as before.
+#[test]
+fn extent_batches_cut_by_a_failed_call_settle_what_ran() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    let s = sim(4096, Config::default());
+    let fail_at = Arc::new(AtomicU32::new(u32::MAX));
+    let calls = Arc::new(AtomicU32::new(0));
+    let (fail_at2, calls2) = (fail_at.clone(), calls.clone());
+    let batch = move |inner: &mut InProcess, ops: &mut [PvIommuOp], nr_done: u32| {
+        let n = calls2.fetch_add(1, Ordering::SeqCst);
+        if n == fail_at2.load(Ordering::SeqCst) {
+            return Err(pviommu_guest::Error::NoXen("gone for a moment".into()));
+        }
+        inner.batch(ops, nr_done)
+    };
+    let mut c = Client::open(Shim {
+        inner: s.transport(DomId::DOM0),
+        caps: |mut c: PvIommuCaps| {
+            c.max_batch_ops = 2;
+            c
+        },
+        batch,
+    })
+    .unwrap();
+    // The map: the second call of two fails.
+    fail_at.store(calls.load(Ordering::SeqCst) + 1, Ordering::SeqCst);
+    let gfns = [Gfn(0), Gfn(512), Gfn(1024), Gfn(1536)];
+    let r = c.map_extents(
+        GUEST,
+        &gfns,
+        Permissions::RW,
+        MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    );
+    let ok: Vec<bool> = r.iter().map(Result::is_ok).collect();
+    assert_eq!(ok, [true, true, false, false], "{r:?}");
+    assert!(matches!(r[2], Err(pviommu_guest::Error::Remote(_))));
+    assert_eq!(c.cache().len(), 1024);
+    assert_eq!(s.lock().1.state().driver(DomId::DOM0).unwrap().live(), 1024);
+    let mapped: Vec<Bfn> = r[..2].iter().map(|r| *r.as_ref().unwrap()).collect();
+    // Two more, then an unmap of all four whose first call fails.
+    let more = c.map_extents(
+        GUEST,
+        &gfns[2..],
+        Permissions::RW,
+        MemAttr::WriteBack,
+        ContextId::DEFAULT,
+    );
+    let mut all = mapped.clone();
+    all.extend(more.iter().map(|r| *r.as_ref().unwrap()));
+    fail_at.store(calls.load(Ordering::SeqCst), Ordering::SeqCst);
+    let r = c.unmap_extents(&all, ContextId::DEFAULT);
+    assert!(r.iter().all(Result::is_err), "{r:?}");
+    // The first call's two may have gone: out of the cache; the second
+    // call's two were never sent: cached as before.
+    assert_eq!(c.cache().len(), 1024);
+    assert_eq!(c.cache().refs(ContextId::DEFAULT, all[0]), 0);
+    assert_eq!(c.cache().refs(ContextId::DEFAULT, all[2]), 1);
+    // They all go now: the two the cache forgot as extents it never saw.
+    let r = c.unmap_extents(&all, ContextId::DEFAULT);
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+    assert!(c.cache().is_empty());
+    assert_eq!(s.lock().0.total_page_refs(), 0);
+}

@@ -1,11 +1,14 @@
 //! Shadow of a guest Gen8+ 4-level PPGTT: public face.
 //!
 //! The guest tables map GMA -> guest frame; the shadow tables, in the same
-//! format, map GMA -> bus frame obtained from a [`FrameMapper`]. Guest large
-//! pages (2 MiB in a PD, 1 GiB in a PDP) are shadowed as 4 KiB leaves: each of
-//! their 512 / 262144 frames is mapped individually (the BFNs need not be
-//! contiguous) under shadow-only PT (and PD) pages, with the PAT bit moved
-//! from bit 12 to bit 7.
+//! format, map GMA -> bus frame obtained from a [`FrameMapper`]. A guest 2 MiB
+//! page is shadowed by one 2 MiB entry over one extent of 512 BFNs where the
+//! mapper maps it as one ([`FrameMapper::map_extents`]), its 512 leaves also
+//! kept in a shadow-only PT for the split a revocation makes; otherwise, and
+//! after such a split, as 4 KiB leaves: each of its frames mapped on its own
+//! (the BFNs need not be contiguous) under that PT, with the PAT bit moved
+//! from bit 12 to bit 7. A 1 GiB page is split into 2 MiB ones under a
+//! shadow-only PD.
 //!
 //! Every guest table page is copied into a snapshot when first walked;
 //! [`ShadowPpgtt::sync`] re-reads only the pages it is told about and acts on

@@ -423,6 +423,10 @@ impl ShadowPpgtt {
         if self.extent_maps.is_empty() {
             return;
         }
+        // Leaves removed so far go first: one of a page inside an extent
+        // (a table replaced by a 2 MiB page in one sync) would make the
+        // extent be refused as mapped in part.
+        self.flush_unmaps(env);
         let results = env
             .mapper
             .map_extents(self.domid, &self.extent_gfns, &self.extent_writable);
@@ -1131,23 +1135,26 @@ impl ShadowPpgtt {
         self.released = released;
     }
 
-    /// Unmap the queued BFNs with one mapper call.
+    /// Unmap the queued BFNs with one mapper call, and the queued extents
+    /// with one more.
     pub(super) fn flush_unmaps<R, M, S>(&mut self, env: &mut Env<'_, R, M, S>)
     where
         R: GuestTableReader + ?Sized,
         M: FrameMapper + ?Sized,
         S: ShadowMemory + ?Sized,
     {
+        // Pages first: a leaf of a page inside an extent, removed in the
+        // same call, then leaves the extent's page with one reference, so
+        // the extent goes as one op.
+        if !self.unmaps.is_empty() {
+            env.mapper.unmap(&self.unmaps);
+            env.out.report.unmap_calls += 1;
+            self.unmaps.clear();
+        }
         if !self.extent_unmaps.is_empty() {
             env.mapper.unmap_extents(&self.extent_unmaps);
             env.out.report.unmap_calls += 1;
             self.extent_unmaps.clear();
         }
-        if self.unmaps.is_empty() {
-            return;
-        }
-        env.mapper.unmap(&self.unmaps);
-        env.out.report.unmap_calls += 1;
-        self.unmaps.clear();
     }
 }

@@ -80,7 +80,7 @@ pub struct BuildReport {
     /// Number of `FrameMapper::map` and `map_extents` calls made.
     pub map_calls: u64,
     /// Guest 2 MiB pages shadowed by one 2 MiB entry over an extent of
-    /// BFNs (`FrameMapper::map_extent`); their 512 leaves are counted in
+    /// BFNs (`FrameMapper::map_extents`); their 512 leaves are counted in
     /// `leaves_mapped`.
     pub extents_mapped: u64,
 }
@@ -111,9 +111,9 @@ pub struct SyncReport {
     /// Number of `FrameMapper::unmap` and `unmap_extents` calls made.
     pub unmap_calls: u64,
     /// Guest 2 MiB pages newly shadowed by one 2 MiB entry
-    /// (`FrameMapper::map_extent`; their leaves are in `leaves_mapped`).
+    /// (`FrameMapper::map_extents`; their leaves are in `leaves_mapped`).
     pub extents_mapped: u64,
-    /// 2 MiB shadow entries removed with one `FrameMapper::unmap_extent`
+    /// 2 MiB shadow entries removed with `FrameMapper::unmap_extents`
     /// (their leaves are in `leaves_unmapped`).
     pub extents_unmapped: u64,
 }

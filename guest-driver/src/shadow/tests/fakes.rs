@@ -200,6 +200,13 @@ impl FakeMapper {
         Ok(first)
     }
 
+    /// The hypervisor revokes `b`: every reference to it gone (the shadow
+    /// then must not unmap it).
+    pub fn revoke_bfn(&mut self, b: Bfn) {
+        if let Some(g) = self.by_bfn.remove(&b) {
+            self.by_gfn.remove(&g);
+        }
+    }
     /// A mapper that maps 2 MiB extents.
     pub fn with_extents() -> Self {
         FakeMapper {

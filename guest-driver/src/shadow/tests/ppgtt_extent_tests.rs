@@ -313,3 +313,77 @@ fn an_extent_whose_page_went_before_its_batch_was_sent_is_given_back() {
     assert_eq!((m.extent_maps, m.extent_unmaps), (1, 1));
     assert_same_as_fresh(&g, &s, &m, &mem);
 }
+
+#[test]
+fn a_table_replaced_by_a_2m_page_in_one_sync_gets_its_extent() {
+    // A PT whose one leaf maps a frame inside the 2 MiB page that replaces
+    // it: the leaf's unmap goes before the extent, which would otherwise
+    // be refused as mapped in part (and the page shadowed page by page for
+    // good, where a fresh build maps one extent).
+    let mut g = FakeGuest::default();
+    let mut next = 0x20;
+    g.map_4k(ROOT, &mut next, BIG_GMA + 3 * 4096, BIG_FRAME + 3, fmt::RW);
+    let pd = g.pd_for(ROOT, &mut next, BIG_GMA);
+    let mut m = FakeMapper::with_extents();
+    let mut mem = HeapShadowMemory::new();
+    let (mut s, _) = ShadowPpgtt::build(&g, &mut m, &mut mem, DOM, ROOT);
+    g.set(pd, 1, big_entry());
+    let r = s.sync(&g, &mut m, &mut mem, &[pd]);
+    assert_eq!((r.extents_mapped, r.leaves_unmapped), (1, 1), "{r:?}");
+    assert_eq!(shadow_pde(&mem, &s) & fmt::PS, fmt::PS);
+    assert_same_as_fresh(&g, &s, &m, &mem);
+}
+
+/// A mapper whose extent answers are one short (mode 0) or one too many
+/// (mode 1).
+struct OddAnswers {
+    inner: FakeMapper,
+    surplus: bool,
+}
+
+impl FrameMapper for OddAnswers {
+    fn map(&mut self, d: DomId, g: &[Gfn], w: &[bool]) -> Vec<Result<Bfn, MapError>> {
+        self.inner.map(d, g, w)
+    }
+    fn unmap(&mut self, b: &[Bfn]) {
+        self.inner.unmap(b)
+    }
+    fn maps_extents(&self) -> bool {
+        true
+    }
+    fn map_extents(&mut self, d: DomId, g: &[Gfn], w: &[bool]) -> Vec<Result<Bfn, MapError>> {
+        if self.surplus {
+            let mut r = self.inner.map_extents(d, g, w);
+            r.extend(self.inner.map_extents(d, &[Gfn(0x80000)], &[true]));
+            r
+        } else {
+            let n = g.len() - 1;
+            self.inner.map_extents(d, &g[..n], &w[..n])
+        }
+    }
+    fn unmap_extents(&mut self, f: &[Bfn]) {
+        self.inner.unmap_extents(f)
+    }
+}
+
+#[test]
+fn short_and_surplus_extent_answers_leak_nothing() {
+    for surplus in [false, true] {
+        let (g, _) = guest_of_2m_pages(2);
+        let mut m = OddAnswers {
+            inner: FakeMapper::with_extents(),
+            surplus,
+        };
+        let mut mem = HeapShadowMemory::new();
+        let (s, r) = ShadowPpgtt::build(&g, &mut m, &mut mem, DOM, ROOT);
+        // Short: the last page unanswered is shadowed page by page.
+        assert_eq!(r.leaves_mapped, 1024, "surplus {surplus}");
+        assert_eq!(r.extents_mapped, if surplus { 2 } else { 1 });
+        assert_eq!(s.teardown(&mut m, &mut mem), 1024);
+        assert!(
+            m.inner.live().is_empty(),
+            "surplus {surplus}: {:?}",
+            m.inner.live().len()
+        );
+    }
+}

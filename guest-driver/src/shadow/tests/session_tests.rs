@@ -448,3 +448,82 @@ fn a_ballooned_page_of_an_extent_splits_the_2m_shadow_entry() {
     assert_eq!(s.teardown().unwrap(), 8 + 511);
     assert_eq!(s.client().refresh_caps().unwrap().used, 0);
 }
+
+#[test]
+fn a_leaf_and_the_2m_page_of_its_frame_removed_together_go_as_one_extent_op() {
+    // GMA page 10 maps gfn 0x203, a page of the 2 MiB page: the build maps
+    // the extent, then the leaf from the cache (two references on the
+    // page). Both go in one sync: the leaf's release first, so the
+    // extent's last references go in one extent op, not 512 page ops.
+    let sim = world_with_2m_page();
+    {
+        let mut g = sim.lock();
+        put(&mut g.0, PT, 10, (0x203 << 12) | PRESENT | RW);
+    }
+    let mut s = session(&sim);
+    let r = s.build(GUEST, Gfn(ROOT)).unwrap();
+    assert_eq!((r.extents_mapped, r.leaves_mapped), (1, 8 + 1 + 512));
+    let first = s.translate(Gma(2 << 20)).unwrap();
+    assert_eq!(s.translate(Gma(10 << 12)), Some(Bfn(first.0 + 3)));
+    {
+        let mut g = sim.lock();
+        put(&mut g.0, PT, 10, 0);
+        put(&mut g.0, PD, 1, 0);
+    }
+    let ops = s.client().stats().ops;
+    let r = s.sync(&[Gfn(PT), Gfn(PD)]).unwrap();
+    assert_eq!((r.leaves_unmapped, r.extents_unmapped), (513, 1), "{r:?}");
+    assert_eq!(s.client().stats().ops - ops, 1, "one extent op");
+    assert_eq!(s.client().refresh_caps().unwrap().used, 8);
+}
+
+#[test]
+fn a_stale_cached_page_inside_a_2m_page_keeps_its_bfn_until_its_notice() {
+    // Two leaves share the BFN of gfn 0x203 while it has another frame;
+    // the frame comes back with its hook not yet run, and the guest maps
+    // the 2 MiB page 0x200..: the client refuses the extent (a page of it
+    // is cached) and the page is shadowed page by page from the cache, so
+    // the stale BFN stays counted for both leaves; dropping one leaf then
+    // cannot acknowledge the notice behind the other's back.
+    let sim = world();
+    {
+        let mut g = sim.lock();
+        g.0.swap_frames(GUEST, Gfn(0x203), Gfn(0x180)).unwrap();
+        put(&mut g.0, PT, 8, (0x203 << 12) | PRESENT | RW);
+        put(&mut g.0, PT, 9, (0x203 << 12) | PRESENT | RW);
+    }
+    let mut s = session(&sim);
+    s.build(GUEST, Gfn(ROOT)).unwrap();
+    let stale = s.translate(Gma(8 << 12)).unwrap();
+    assert_eq!(s.translate(Gma(9 << 12)), Some(stale));
+    {
+        let mut g = sim.lock();
+        g.0.swap_frames(GUEST, Gfn(0x203), Gfn(0x180)).unwrap();
+        put(
+            &mut g.0,
+            PD,
+            1,
+            (0x200 << 12) | PRESENT | RW | crate::shadow::ppgtt_format::PS,
+        );
+    }
+    let r = s.sync(&[Gfn(PD)]).unwrap();
+    {
+        let mut g = sim.lock();
+        put(&mut g.0, PT, 8, 0);
+    }
+    s.sync(&[Gfn(PT)]).unwrap();
+    s.handle_revocations().unwrap();
+    // Another page is mapped: it must not get a BFN a leaf still holds.
+    {
+        let mut g = sim.lock();
+        g.0.write_guest(GUEST, Gfn(0x8), 0, b"other ").unwrap();
+        put(&mut g.0, PT, 10, (0x8 << 12) | PRESENT | RW);
+    }
+    s.sync(&[Gfn(PT)]).unwrap();
+    if let Some(b) = s.translate(Gma(9 << 12)) {
+        let l = s.client().lookup(b, ContextId::DEFAULT).ok().map(|l| l.gfn);
+        assert_eq!(l, Some(Gfn(0x203)), "GMA page 9 reaches BFN {b:?} of {l:?}");
+    }
+    assert_ne!(s.translate(Gma(10 << 12)), s.translate(Gma(9 << 12)));
+    assert_eq!((r.extents_mapped, r.leaves_mapped), (0, 512), "{r:?}");
+}
