@@ -57,6 +57,9 @@ impl MappingCache {
     }
     /// Record a fresh mapping with one reference.
     pub fn insert(&mut self, key: CacheKey, bfn: Bfn) {
+        // The hypervisor handed the BFN out again: its notice is gone, and
+        // with it any holder a mark still counted.
+        self.revoked.remove(&(key.context, bfn));
         self.by_key.insert(key, Entry { bfn, refs: 1 });
         self.by_bfn.insert((key.context, bfn), key);
     }

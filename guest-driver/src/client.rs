@@ -417,8 +417,8 @@ impl<T: Transport> Client<T> {
     /// hypercall, and [`unmap_extent`](Self::unmap_extent) (or 512
     /// [`unmap`](Self::unmap)s) releases them. An extent cached whole at
     /// one aligned run takes a reference on each page, no hypercall; one
-    /// cached in part goes to the hypervisor, which answers `EBUSY` unless
-    /// it maps the rest at the same run.
+    /// cached in part is refused `EBUSY` with nothing sent (map its pages
+    /// one by one: they come from the cache).
     pub fn map_extent(
         &mut self,
         domid: DomId,
@@ -459,7 +459,8 @@ impl<T: Transport> Client<T> {
         };
         let mut results: Vec<Option<Result<Bfn, Error>>> = Vec::with_capacity(gfns.len());
         let mut ops = Vec::new();
-        let mut sent = Vec::new();
+        let mut sent: Vec<(usize, Gfn)> = Vec::new();
+        let mut dups: Vec<(usize, Gfn)> = Vec::new();
         for (i, &gfn) in gfns.iter().enumerate() {
             if !pviommu_abi::extent_aligned(gfn.0) || gfn.0 > u64::MAX - EXTENT_PAGES {
                 results.push(Some(Err(Error::InvalidArgument(format!(
@@ -499,9 +500,17 @@ impl<T: Transport> Client<T> {
                 })));
                 continue;
             }
-            // (The same extent twice in one call: the hypervisor shares the
-            // first one's mapping with the second, settled below as any
-            // share.)
+            // The same extent twice in one call: sent once, the later ones
+            // take references on what it got. (Sent twice, the hypervisor
+            // shared the first with the second, and giving the share's
+            // extra references back took 512 page unmaps in a call of
+            // their own, any of which acknowledged a revocation that came
+            // in between, with both holders still using the BFN.)
+            if sent.iter().any(|&(_, g)| g == gfn) {
+                results.push(None);
+                dups.push((i, gfn));
+                continue;
+            }
             results.push(None);
             sent.push((i, gfn));
             ops.push(
@@ -522,6 +531,7 @@ impl<T: Transport> Client<T> {
         let stopped = call.err().map(|e| e.to_string());
         // Unmaps of the references a share added to pages the cache holds.
         let mut extra = Vec::new();
+        let firsts = sent.clone();
         for (k, ((i, gfn), op)) in sent.into_iter().zip(&ops).enumerate() {
             let what = || format!("map extent d{} gfn {:#x}", domid.0, gfn.0);
             results[i] = Some(if k >= ran {
@@ -576,6 +586,27 @@ impl<T: Transport> Client<T> {
                     }
                     Ok(bfn)
                 }
+            });
+        }
+        for (i, gfn) in dups {
+            let first = firsts.iter().find(|&&(_, g)| g == gfn).map(|&(j, _)| j);
+            let answer = first.and_then(|j| results.get(j)).and_then(|r| match r {
+                Some(Ok(b)) => Some(Ok(*b)),
+                Some(Err(e)) => Some(Err(e.to_string())),
+                None => None,
+            });
+            results[i] = Some(match answer {
+                Some(Ok(b)) => {
+                    for p in 0..EXTENT_PAGES {
+                        self.cache.get_ref(&key(gfn, p));
+                    }
+                    Ok(b)
+                }
+                Some(Err(e)) => Err(Error::Remote(format!(
+                    "map extent d{} gfn {:#x}: {e}",
+                    domid.0, gfn.0
+                ))),
+                None => Err(Error::InvalidArgument("lost result".into())),
             });
         }
         if !extra.is_empty() {

@@ -423,17 +423,48 @@ impl ShadowPpgtt {
         if self.extent_maps.is_empty() {
             return;
         }
-        // Leaves removed so far go first: one of a page inside an extent
-        // (a table replaced by a 2 MiB page in one sync) would make the
-        // extent be refused as mapped in part.
-        self.flush_unmaps(env);
-        let results = env
-            .mapper
-            .map_extents(self.domid, &self.extent_gfns, &self.extent_writable);
-        env.out.report.map_calls += 1;
         let pending = std::mem::take(&mut self.extent_maps);
-        self.extent_gfns.clear();
-        self.extent_writable.clear();
+        let gfns = std::mem::take(&mut self.extent_gfns);
+        let writable = std::mem::take(&mut self.extent_writable);
+        let mut results = env.mapper.map_extents(self.domid, &gfns, &writable);
+        env.out.report.map_calls += 1;
+        // Refused ones while leaves removed in this call still wait for
+        // their unmap: a leaf of a page inside the extent (a table
+        // replaced by a 2 MiB page in one sync) makes it refused as mapped
+        // in part. Those unmaps go, and the refused extents are asked once
+        // more. (Unmapping first always would unmap and map again what a
+        // sync moves, which the cache otherwise answers with no op.)
+        let refused: Vec<usize> = (0..pending.len())
+            .filter(|&k| !matches!(results.get(k), Some(Ok(_))))
+            .collect();
+        let unmaps_waiting = !self.unmaps.is_empty() || !self.extent_unmaps.is_empty();
+        if !refused.is_empty() && unmaps_waiting {
+            self.flush_unmaps(env);
+            let again_gfns: Vec<Gfn> = refused.iter().map(|&k| gfns[k]).collect();
+            let again_writable: Vec<bool> = refused.iter().map(|&k| writable[k]).collect();
+            let again = env
+                .mapper
+                .map_extents(self.domid, &again_gfns, &again_writable);
+            env.out.report.map_calls += 1;
+            let mut again = again.into_iter();
+            for &k in &refused {
+                let answer = again.next();
+                match results.get_mut(k) {
+                    Some(slot) => {
+                        if let Some(a) = answer {
+                            *slot = a;
+                        }
+                    }
+                    None => {
+                        if let Some(a) = answer {
+                            results.push(a);
+                        }
+                    }
+                }
+            }
+            // Surplus answers of the second call go with the first's.
+            results.extend(again);
+        }
         let mut results = results.into_iter();
         for pe in &pending {
             let info = &self.slots[pe.slot as usize];
@@ -464,6 +495,10 @@ impl ShadowPpgtt {
         }
         self.extent_maps = pending;
         self.extent_maps.clear();
+        self.extent_gfns = gfns;
+        self.extent_gfns.clear();
+        self.extent_writable = writable;
+        self.extent_writable.clear();
     }
 
     /// Unmap, as pages, the 512 BFNs from `first` a mapper answered an

@@ -527,3 +527,31 @@ fn a_stale_cached_page_inside_a_2m_page_keeps_its_bfn_until_its_notice() {
     assert_ne!(s.translate(Gma(10 << 12)), s.translate(Gma(9 << 12)));
     assert_eq!((r.extents_mapped, r.leaves_mapped), (0, 512), "{r:?}");
 }
+
+#[test]
+fn a_2m_page_moved_in_one_sync_keeps_its_extent_with_no_op() {
+    // The guest moves its 2 MiB PDE from index 1 to 2 in one sync: the
+    // cache answers the extent whole (the old entry's unmap waits for the
+    // flush), so nothing is unmapped and mapped again (a review: flushing
+    // unmaps before every extent batch cost 2 ops here).
+    let sim = world_with_2m_page();
+    let mut s = session(&sim);
+    s.build(GUEST, Gfn(ROOT)).unwrap();
+    let first = s.translate(Gma(2 << 20)).unwrap();
+    {
+        let mut g = sim.lock();
+        put(&mut g.0, PD, 1, 0);
+        put(
+            &mut g.0,
+            PD,
+            2,
+            (0x200 << 12) | PRESENT | RW | crate::shadow::ppgtt_format::PS,
+        );
+    }
+    let ops = s.client().stats().ops;
+    let r = s.sync(&[Gfn(PD)]).unwrap();
+    assert_eq!((r.extents_mapped, r.extents_unmapped), (1, 1), "{r:?}");
+    assert_eq!(s.client().stats().ops - ops, 0);
+    assert_eq!(s.translate(Gma(4 << 20)), Some(first));
+    assert_eq!(s.translate(Gma(2 << 20)), None);
+}
