@@ -9,37 +9,16 @@ use crate::Client;
 
 impl<T: Transport> FrameMapper for Client<T> {
     fn map(&mut self, domid: DomId, gfns: &[Gfn], writable: &[bool]) -> Vec<Result<Bfn, MapError>> {
-        // Two calls at most: read-only leaves and writable leaves.
-        let mut out: Vec<Option<Result<Bfn, MapError>>> = vec![None; gfns.len()];
-        for write in [false, true] {
-            let idx: Vec<usize> = (0..gfns.len())
-                .filter(|i| writable.get(*i).copied().unwrap_or(false) == write)
-                .collect();
-            if idx.is_empty() {
-                continue;
-            }
-            let sel: Vec<Gfn> = idx.iter().map(|i| gfns[*i]).collect();
-            let perms = if write {
-                Permissions::RW
-            } else {
-                Permissions::RO
-            };
-            let rs = self.map_foreign(domid, &sel, perms, MemAttr::WriteBack, ContextId::DEFAULT);
-            for (i, r) in idx.into_iter().zip(rs) {
-                out[i] = Some(r.map_err(map_error));
-            }
-        }
-        out.into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(MapError::new(5, "no result".to_string()))))
-            .collect()
+        by_access(gfns, writable, |gfns, perms| {
+            self.map_foreign(domid, gfns, perms, MemAttr::WriteBack, ContextId::DEFAULT)
+        })
     }
 
     fn unmap(&mut self, bfns: &[Bfn]) {
-        for r in Client::unmap(self, bfns, ContextId::DEFAULT) {
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "shadow unmap refused");
-            }
-        }
+        warn_refused(
+            Client::unmap(self, bfns, ContextId::DEFAULT),
+            "shadow unmap refused",
+        );
     }
 
     fn maps_extents(&self) -> bool {
@@ -55,43 +34,59 @@ impl<T: Transport> FrameMapper for Client<T> {
         gfns: &[Gfn],
         writable: &[bool],
     ) -> Vec<Result<Bfn, MapError>> {
-        let mut out: Vec<Option<Result<Bfn, MapError>>> = vec![None; gfns.len()];
-        for write in [false, true] {
-            let idx: Vec<usize> = (0..gfns.len())
-                .filter(|i| writable.get(*i).copied().unwrap_or(false) == write)
-                .collect();
-            if idx.is_empty() {
-                continue;
-            }
-            let sel: Vec<Gfn> = idx.iter().map(|i| gfns[*i]).collect();
-            let perms = if write {
-                Permissions::RW
-            } else {
-                Permissions::RO
-            };
-            let rs = Client::map_extents(
+        by_access(gfns, writable, |gfns, perms| {
+            Client::map_extents(
                 self,
                 domid,
-                &sel,
+                gfns,
                 perms,
                 MemAttr::WriteBack,
                 ContextId::DEFAULT,
-            );
-            for (i, r) in idx.into_iter().zip(rs) {
-                out[i] = Some(r.map_err(map_error));
-            }
-        }
-        out.into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(MapError::new(5, "no result".to_string()))))
-            .collect()
+            )
+        })
     }
 
     fn unmap_extents(&mut self, firsts: &[Bfn]) {
-        for r in Client::unmap_extents(self, firsts, ContextId::DEFAULT) {
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "shadow extent unmap refused");
-            }
+        let results = Client::unmap_extents(self, firsts, ContextId::DEFAULT);
+        warn_refused(results, "shadow extent unmap refused");
+    }
+}
+
+/// Map `gfns` with `map` in two calls at most, the read-only ones and the
+/// writable ones (`writable[i]`); one result per gfn, in order.
+fn by_access(
+    gfns: &[Gfn],
+    writable: &[bool],
+    mut map: impl FnMut(&[Gfn], Permissions) -> Vec<Result<Bfn, crate::Error>>,
+) -> Vec<Result<Bfn, MapError>> {
+    let mut out: Vec<Option<Result<Bfn, MapError>>> = vec![None; gfns.len()];
+    for write in [false, true] {
+        let idx: Vec<usize> = (0..gfns.len())
+            .filter(|i| writable.get(*i).copied().unwrap_or(false) == write)
+            .collect();
+        if idx.is_empty() {
+            continue;
         }
+        let sel: Vec<Gfn> = idx.iter().map(|i| gfns[*i]).collect();
+        let perms = if write {
+            Permissions::RW
+        } else {
+            Permissions::RO
+        };
+        for (i, r) in idx.into_iter().zip(map(&sel, perms)) {
+            out[i] = Some(r.map_err(map_error));
+        }
+    }
+    out.into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(MapError::new(5, "no result".to_string()))))
+        .collect()
+}
+
+/// Log the unmaps the client refused (the shadow's unmaps have no caller
+/// to report to).
+fn warn_refused(results: Vec<Result<(), crate::Error>>, what: &str) {
+    for e in results.into_iter().filter_map(Result::err) {
+        tracing::warn!(error = %e, "{what}");
     }
 }
 
