@@ -596,3 +596,143 @@ fn extents_past_a_reserved_range_of_odd_size_still_get_aligned_bfns() {
     assert_eq!(bfns, [start, start + 1024]);
     check_invariants(&mut m, &e).unwrap();
 }
+
+/// The cell's count of extent records and of mapped pages.
+fn records(e: &Engine) -> (usize, usize) {
+    let st = e.state();
+    st.driver(DomId::DOM0)
+        .map_or((0, 0), |d| (d.extent_records(), d.mapped_pages()))
+}
+
+/// An extent is one record in the index, not 512 page entries; a lookup by
+/// gfn still finds each of its pages: a page map of the same access shares
+/// the page's BFN, and the record goes with its last page.
+#[test]
+fn an_extent_is_one_record_whose_pages_a_page_map_shares() {
+    let (mut m, e) = host();
+    let (status, out) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW),
+    );
+    assert_eq!(status, 0);
+    assert_eq!(records(&e), (1, EXTENT_PAGES as usize));
+    let shared = map_one(&mut m, &e, DomId::DOM0, GUEST, EXTENT + 5, Permissions::RW).unwrap();
+    assert_eq!(shared, Bfn(out.bfn + 5), "the extent's page, shared");
+    // Another access is a mapping of its own, in the page index.
+    let ro = map_one(&mut m, &e, DomId::DOM0, GUEST, EXTENT + 5, Permissions::RO).unwrap();
+    assert_ne!(ro.0 / EXTENT_PAGES, out.bfn / EXTENT_PAGES);
+    assert_eq!(records(&e), (1, EXTENT_PAGES as usize + 1));
+    check_invariants(&mut m, &e).unwrap();
+    assert_eq!(run(&mut m, &e, unmap_op(ro)).0, 0);
+    assert_eq!(run(&mut m, &e, unmap_op(shared)).0, 0);
+    assert_mapped(&mut m, ContextId::DEFAULT, Bfn(out.bfn), EXTENT);
+    assert_eq!(
+        run(&mut m, &e, extent_unmap(ContextId::DEFAULT, Bfn(out.bfn))).0,
+        0
+    );
+    assert_eq!(records(&e), (0, 0));
+    assert_eq!(e.target_active(GUEST), 0);
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// Two extents of the same guest range with other access are two records
+/// of one chain: a removed page is revoked in both, and either record can
+/// go first (the chain's second, then its head) with the other still found.
+#[test]
+fn two_records_of_one_extent_are_chained_and_each_is_revoked() {
+    let (mut m, e) = host();
+    let (_, rw) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW),
+    );
+    let (status, ro) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RO),
+    );
+    assert_eq!(status, 0);
+    assert_eq!(records(&e).0, 2);
+    m.balloon_out(&e, GUEST, Gfn(EXTENT + 3)).unwrap();
+    m.current = DomId::DOM0;
+    for bfn in [rw.bfn + 3, ro.bfn + 3] {
+        assert_eq!(m.translate(DomId::DOM0, ContextId::DEFAULT, Bfn(bfn)), None);
+    }
+    // Their other pages are still mapped.
+    assert_mapped(&mut m, ContextId::DEFAULT, Bfn(rw.bfn), EXTENT);
+    assert_mapped(&mut m, ContextId::DEFAULT, Bfn(ro.bfn), EXTENT);
+    check_invariants(&mut m, &e).unwrap();
+    // The first record (the chain's second) goes; the head is still found.
+    assert_eq!(
+        run(&mut m, &e, extent_unmap(ContextId::DEFAULT, Bfn(rw.bfn))).0,
+        Errno::Stale.negated()
+    );
+    assert_eq!(records(&e).0, 1);
+    m.balloon_out(&e, GUEST, Gfn(EXTENT + 4)).unwrap();
+    m.current = DomId::DOM0;
+    assert_eq!(
+        m.translate(DomId::DOM0, ContextId::DEFAULT, Bfn(ro.bfn + 4)),
+        None
+    );
+    assert_eq!(
+        revoked_next(&mut m, &e, DomId::DOM0).map(|n| n.0),
+        Ok(Bfn(ro.bfn + 3))
+    );
+    check_invariants(&mut m, &e).unwrap();
+    assert_eq!(
+        run(&mut m, &e, extent_unmap(ContextId::DEFAULT, Bfn(ro.bfn))).0,
+        Errno::Stale.negated()
+    );
+    // Both of its notices acknowledged by that unmap.
+    assert_eq!(
+        revoked_next(&mut m, &e, DomId::DOM0),
+        Err(Errno::NoEnt.negated())
+    );
+    assert_eq!(records(&e), (0, 0));
+    assert_eq!(e.target_active(GUEST), 0);
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// A page of an extent unmapped on its own frees its slot, which a page
+/// map may take: that slot is then the new page's, never the extent's (a
+/// lookup through the record checks the slot still is its page), so a
+/// hook of the extent's page finds nothing and one of the new page
+/// revokes it.
+#[test]
+fn a_slot_an_extent_gave_up_is_the_next_page_maps_not_the_extents() {
+    let (mut m, e) = host();
+    let (_, out) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW),
+    );
+    let hole = Bfn(out.bfn + 10);
+    assert_eq!(run(&mut m, &e, unmap_op(hole)).0, 0);
+    assert_eq!(records(&e), (1, EXTENT_PAGES as usize - 1));
+    // A page of another guest range takes the freed slot.
+    let other = 40;
+    let bfn = map_one(&mut m, &e, DomId::DOM0, GUEST, other, Permissions::RW).unwrap();
+    assert_eq!(bfn, hole, "the freed slot, from the free list's head");
+    check_invariants(&mut m, &e).unwrap();
+    // The extent's old page: nothing of it is mapped any more.
+    m.balloon_out(&e, GUEST, Gfn(EXTENT + 10)).unwrap();
+    m.current = DomId::DOM0;
+    assert_eq!(
+        revoked_next(&mut m, &e, DomId::DOM0),
+        Err(Errno::NoEnt.negated())
+    );
+    assert_eq!(
+        m.translate(DomId::DOM0, ContextId::DEFAULT, hole)
+            .map(|t| t.0),
+        m.mfn_of(GUEST, Gfn(other))
+    );
+    // The new page's removal revokes it at that BFN.
+    m.balloon_out(&e, GUEST, Gfn(other)).unwrap();
+    m.current = DomId::DOM0;
+    assert_eq!(
+        revoked_next(&mut m, &e, DomId::DOM0),
+        Ok((hole, GUEST, Gfn(other)))
+    );
+    check_invariants(&mut m, &e).unwrap();
+}

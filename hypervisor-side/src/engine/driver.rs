@@ -88,6 +88,13 @@ fn target_hash(seed: u64, domid: DomId) -> u64 {
     hash64(seed, domid.0 as u64, 0x7a72_6765_7473)
 }
 
+/// Hash of a 2 MiB extent record (target domid, first gfn) in the extent
+/// index: apart from the page index's, so a page probe never meets one.
+#[inline]
+fn extent_hash(seed: u64, domid: DomId, head: u64) -> u64 {
+    hash64(seed, head, 0x6578_7465_6e74_0000 | domid.0 as u64)
+}
+
 /// A per-target count packs the domid above the count.
 const COUNT_BITS: u32 = 40;
 fn count_pack(domid: DomId, n: u64) -> u64 {
@@ -191,6 +198,44 @@ pub(crate) struct PageAt {
 pub(crate) struct PendingMap {
     pub(crate) slot: u32,
     pub(crate) gen: u32,
+}
+
+/// A 2 MiB extent mapped by one op (`Engine::map_extent`), as the page
+/// index knows it: one entry in the extent index instead of 512 in the
+/// page index. Each of its pages is still a mapping of its own, in its own
+/// slot (Live, [`MEMBER`], `next` this record's number): its reference,
+/// its unmap, its revocation and its flush are a page map's. Only the way
+/// a lookup by (target, gfn) finds it differs: through the record of the
+/// gfn's 2 MiB extent, at slot `first` + (gfn - `head_gfn`), a slot taken
+/// as the member only while it says so (Live, `MEMBER`, this record, this
+/// page). A record lives while any of its pages is Live; a page that
+/// leaves frees its slot as any unmap does (a later map may take it).
+///
+/// Records of the same extent (other access or attribute) are chained
+/// through `next`, the extent index holding the first; a free record's
+/// `next` threads the free list.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+pub(crate) struct ExtentRecord {
+    head_gfn: u64,
+    /// The slot of the extent's first page.
+    first: u32,
+    /// Pages still Live as members; 0: the record is free.
+    live: u32,
+    next: u32,
+    domid: u16,
+    /// Access and attribute, as a slot's `bits` holds them.
+    bits: u8,
+}
+
+/// The access and attribute bits of a slot or record.
+const KEY_BITS: u8 = READ | WRITE | 0b11 << ATTR_SHIFT;
+
+impl ExtentRecord {
+    #[inline]
+    fn is_of(&self, domid: DomId, head: u64) -> bool {
+        self.live != 0 && self.domid == domid.0 && self.head_gfn == head
+    }
 }
 
 /// An Unmapping slot, as the flush that ends it needs it
@@ -305,6 +350,10 @@ const READ: u8 = 1 << 3;
 const WRITE: u8 = 1 << 4;
 const ATTR_SHIFT: u8 = 5;
 const THEN_REVOKED: u8 = 1 << 7;
+/// Live: a page of an extent record (the bit Unmapping and Stuck use for
+/// "then revoked"; it goes when the slot leaves Live). Its `next` is then
+/// the record's number, not a page chain's link.
+const MEMBER: u8 = 1 << 7;
 
 // Slot counts are bounded by MAX_QUOTA, so no real slot index reaches
 // u32::MAX, the stored "none".
@@ -540,9 +589,23 @@ pub struct DriverDomain {
     /// rest of the chain follows through `next_same_page`. Dedup walks the
     /// chain; revocation takes it whole.
     pub(crate) pages: ShardedIndex,
-    /// Target domid -> distinct pages of it in `pages` (packed with the
-    /// domid): says when this domain stops mapping a target, so the
-    /// target's gate can stop sending its hooks here.
+    /// 2 MiB extent records ([`ExtentRecord`]) by number; a free one's
+    /// `next` threads the free list from `extent_free`. A live record owns
+    /// an aligned block of 512 slots no other record can take (an extent
+    /// takes only a block that is all free), so there are never more live
+    /// records than blocks of slots.
+    pub(crate) extents: ChunkedVec<ExtentRecord>,
+    extent_free: u64,
+    /// Extent index: (target domid, first gfn) -> first record of that
+    /// extent's chain. With the page index, what a lookup by page
+    /// searches; both empty when nothing is Live.
+    extent_index: IndexTable,
+    /// Pages Live as members of a record.
+    member_pages: u64,
+    /// Target domid -> entries of it in `pages` and `extent_index`
+    /// (packed with the domid; a record counts once, however many of its
+    /// pages are Live): says when this domain stops mapping a target, so
+    /// the target's gate can stop sending its hooks here.
     pub(crate) targets: IndexTable,
     /// The bucket of `targets` the last count change found: a hint,
     /// trusted only while that bucket holds the same target's count (each
@@ -649,6 +712,10 @@ impl DriverDomain {
             free: 0,
             run_hint: NO_RUN,
             pages: ShardedIndex::new(),
+            extents: ChunkedVec::new(),
+            extent_free: NONE,
+            extent_index: IndexTable::new(),
+            member_pages: 0,
             targets: IndexTable::new(),
             target_hint: 0,
             regions: IndexTable::new(),
@@ -810,14 +877,70 @@ impl DriverDomain {
     pub fn heap_bytes(&self) -> usize {
         self.slots.heap_bytes()
             + self.pages.heap_bytes()
+            + self.extents.heap_bytes()
+            + self.extent_index.heap_bytes()
             + self.targets.heap_bytes()
             + self.regions.heap_bytes()
     }
-    /// Distinct (target domid, gfn) pages this domain maps.
+    /// (Target domid, gfn) pages this domain maps: those of the page index
+    /// and the Live pages of its extent records (a page mapped both ways,
+    /// with different access, is counted twice).
     pub fn mapped_pages(&self) -> usize {
-        self.pages.len()
+        self.pages.len() + self.member_pages as usize
     }
-    /// Distinct pages of target `domid` this domain maps.
+    /// Live mappings a lookup of their page by their dedup key does not
+    /// find at their own slot (0 unless an index lost one). A pass over
+    /// every slot: for tests and checkers, not for the engine's paths.
+    pub fn live_mappings_not_found(&self, seed: u64) -> u64 {
+        let mut missed = 0;
+        for (idx, r) in self.slots.iter().enumerate() {
+            if r.state() != ST_LIVE {
+                continue;
+            }
+            let m = r.mapping();
+            let at = self.probe_page(seed, m.domid, m.gfn);
+            if self.find_key_at(seed, &at, &m) != Some(idx as u64) {
+                missed += 1;
+            }
+        }
+        missed
+    }
+    /// Extent records whose count of Live pages is not the number of
+    /// their slots that say so, plus one if the cell's count of member
+    /// pages is not their sum (0 unless the records went wrong). For tests.
+    pub fn extent_records_miscounted(&self) -> u64 {
+        let mut wrong = 0;
+        let mut members = 0;
+        for (rec, r) in self.extents.iter().enumerate() {
+            if r.live == 0 {
+                continue;
+            }
+            let held = (0..EXTENT_PAGES)
+                .filter(|&i| {
+                    self.raw(r.first as u64 + i).is_some_and(|s| {
+                        s.is_live_page(DomId(r.domid), Gfn(r.head_gfn + i))
+                            && s.bits & MEMBER != 0
+                            && link64(s.next) == rec as u64
+                    })
+                })
+                .count() as u64;
+            wrong += u64::from(held != r.live as u64);
+            members += r.live as u64;
+        }
+        // Every Live member is some record's.
+        let member_slots = self
+            .slots
+            .iter()
+            .filter(|s| s.state() == ST_LIVE && s.bits & MEMBER != 0)
+            .count() as u64;
+        wrong + u64::from(members != self.member_pages || member_slots != members)
+    }
+    /// Extent records Live in this cell (each of 1 to 512 pages).
+    pub fn extent_records(&self) -> usize {
+        self.extents.iter().filter(|r| r.live != 0).count()
+    }
+    /// Page-index and extent-index entries of target `domid` (0: this
+    /// cell maps no page of it).
     pub fn pages_of(&self, seed: u64, domid: DomId) -> u64 {
         self.targets
             .find(target_hash(seed, domid), |v| count_domid(v) == domid)
@@ -979,7 +1102,7 @@ impl DriverDomain {
     /// The Live slot with `key`'s dedup key (same page, context, perms, attr).
     #[cfg(test)]
     pub(crate) fn find_key(&self, seed: u64, key: &Mapping) -> Option<u64> {
-        self.find_key_at(&self.probe_page(seed, key.domid, key.gfn), key)
+        self.find_key_at(seed, &self.probe_page(seed, key.domid, key.gfn), key)
     }
 
     /// Where page (domid, gfn) is in the page index: a map looks once and
@@ -998,13 +1121,87 @@ impl DriverDomain {
 
     /// The Live slot with `key`'s dedup key (same page, context, perms,
     /// attr), from a fresh [`probe_page`](Self::probe_page) of the key's page.
-    #[inline]
-    pub(crate) fn find_key_at(&self, at: &PageAt, key: &Mapping) -> Option<u64> {
+    /// attr), from a fresh [`probe_page`](Self::probe_page) of the key's
+    /// page: in the page's chain, else among its extent's records.
+    /// (Always inlined, the records' walk kept out of line: as a call,
+    /// or with the walk inlined, it cost each page map 20 instructions.)
+    #[inline(always)]
+    pub(crate) fn find_key_at(&self, seed: u64, at: &PageAt, key: &Mapping) -> Option<u64> {
         // A page not indexed (every first map of it) has no chain to walk.
-        let head = self.pages.value_at(at.pos?)?;
-        self.chain_from(Some(head))
-            .find(|(_, m)| m.same_key(key))
-            .map(|(i, _)| i)
+        if let Some(head) = at.pos.and_then(|p| self.pages.value_at(p)) {
+            if let Some((idx, _)) = self.chain_from(Some(head)).find(|(_, m)| m.same_key(key)) {
+                return Some(idx);
+            }
+        }
+        // (No record in the cell: one test, the page maps' usual case.)
+        if self.extent_index.is_empty() {
+            return None;
+        }
+        self.member_with_key(seed, key)
+    }
+
+    /// The first record of the extent of `domid` from gfn `head` (a
+    /// multiple of 512) in this cell: its bucket and number.
+    #[inline]
+    fn extent_chain(&self, seed: u64, domid: DomId, head: u64) -> Option<(usize, u64)> {
+        if self.extent_index.is_empty() {
+            return None;
+        }
+        let records = &self.extents;
+        self.extent_index
+            .find_at(extent_hash(seed, domid, head), |v| {
+                records
+                    .get(v as usize)
+                    .is_some_and(|r| r.is_of(domid, head))
+            })
+    }
+
+    /// Record `rec` if it is one of (domid, head): the next record of its
+    /// chain, and the slot of page (domid, gfn) if that still is its
+    /// member. `None` ends a walk (a link that leads anywhere else).
+    #[inline]
+    pub(crate) fn extent_step(
+        &self,
+        rec: u64,
+        domid: DomId,
+        gfn: Gfn,
+    ) -> Option<(Option<u64>, Option<u64>)> {
+        let head = gfn.0 & !(EXTENT_PAGES - 1);
+        let r = self.extents.get(usize::try_from(rec).ok()?)?;
+        if !r.is_of(domid, head) {
+            return None;
+        }
+        let next = link64(r.next);
+        let idx = r.first as u64 + (gfn.0 - head);
+        let member = self
+            .raw(idx)
+            .filter(|s| s.is_live_page(domid, gfn) && s.bits & MEMBER != 0 && link64(s.next) == rec)
+            .map(|_| idx);
+        Some(((next != NONE).then_some(next), member))
+    }
+
+    /// The first record of page (domid, gfn)'s extent in this cell (walk
+    /// on with [`extent_step`](Self::extent_step)).
+    #[inline]
+    pub(crate) fn extent_first(&self, seed: u64, domid: DomId, gfn: Gfn) -> Option<u64> {
+        self.extent_chain(seed, domid, gfn.0 & !(EXTENT_PAGES - 1))
+            .map(|(_, rec)| rec)
+    }
+
+    /// The Live member with `key`'s dedup key, through the records of its
+    /// page's extent. Bounded by [`CHAIN_BOUND`].
+    #[inline(always)]
+    fn member_with_key(&self, seed: u64, key: &Mapping) -> Option<u64> {
+        let mut rec = self.extent_first(seed, key.domid, key.gfn);
+        for _ in 0..CHAIN_BOUND {
+            let (next, member) = self.extent_step(rec?, key.domid, key.gfn)?;
+            if let Some(idx) = member.filter(|&i| self.live_at(i).is_some_and(|m| m.same_key(key)))
+            {
+                return Some(idx);
+            }
+            rec = next;
+        }
+        None
     }
 
     /// Where `at`'s page is now: `at`'s position if it still holds;
@@ -1134,6 +1331,213 @@ impl DriverDomain {
             self.free_slot(j);
         }
         Ok((first, bfn))
+    }
+
+    /// Make sure one more extent record needs no memory: a free record (or
+    /// room for one, never more than `limit` records), and room in the
+    /// extent index and both counts.
+    pub(crate) fn reserve_extent(&mut self, seed: u64, limit: u64) -> Result<(), Errno> {
+        if self.extent_free == NONE {
+            self.extents
+                .try_reserve_one(usize::try_from(limit).unwrap_or(usize::MAX))?;
+        }
+        let records = &self.extents;
+        // (Every value in the index names a Live record.)
+        self.extent_index.reserve_one(|v| {
+            records
+                .get(v as usize)
+                .map_or(0, |r| extent_hash(seed, DomId(r.domid), r.head_gfn))
+        })?;
+        if self.regions_exact && self.regions.len() < MAX_REGIONS {
+            self.regions
+                .reserve_one(|v| region_hash(seed, region_key_of(v)))?;
+        }
+        self.targets
+            .reserve_one(|v| target_hash(seed, count_domid(v)))
+    }
+
+    /// Store the 512 pages of the extent whose first page is `key` (its
+    /// gfn a multiple of 512, its frame the first of a run) as Live members
+    /// of a new record, in the slots from `first` that
+    /// [`take_extent_slots`](Self::take_extent_slots) took, with the room
+    /// [`reserve_extent`](Self::reserve_extent) made: one entry in the
+    /// extent index and one count of the target and of its region, for
+    /// the 512 pages. Returns the first page's generation (page `i`'s is
+    /// that plus `i`). Fails only without that room, and then changes
+    /// nothing.
+    pub(crate) fn install_extent(
+        &mut self,
+        seed: u64,
+        first: u64,
+        key: &Mapping,
+    ) -> Result<u32, Errno> {
+        let (domid, head) = (key.domid, key.gfn.0);
+        let first32 = u32::try_from(first).map_err(|_| Errno::NoSpc)?;
+        if (self.slots.len() as u64) < first.saturating_add(EXTENT_PAGES)
+            || head & (EXTENT_PAGES - 1) != 0
+        {
+            return Err(Errno::Inval);
+        }
+        // The record: a free one, or a new one into the room reserved.
+        let rec = if self.extent_free != NONE {
+            self.extent_free
+        } else {
+            let rec = self.extents.len() as u64;
+            self.extents.try_push(ExtentRecord::default())?;
+            self.free_record(rec);
+            rec
+        };
+        let bits = RawSlot::from_mapping(ST_LIVE, key, 0).bits & KEY_BITS;
+        // Counted first (taking a count back never allocates), as a page.
+        self.count_target(seed, domid, true)?;
+        let next = match self.extent_chain(seed, domid, head) {
+            Some((pos, chain)) => {
+                self.extent_index.set_at(pos, rec);
+                chain
+            }
+            None => {
+                if let Err(e) = self
+                    .extent_index
+                    .insert(extent_hash(seed, domid, head), rec)
+                {
+                    self.uncount_target(seed, domid);
+                    return Err(e);
+                }
+                NONE
+            }
+        };
+        let Some(r) = self.extents.get_mut(rec as usize) else {
+            return Err(Errno::Inval);
+        };
+        self.extent_free = link64(r.next);
+        *r = ExtentRecord {
+            head_gfn: head,
+            first: first32,
+            live: EXTENT_PAGES as u32,
+            next: link32(next),
+            domid: domid.0,
+            bits,
+        };
+        // Never fails: a page it cannot count ends the counting.
+        self.count_region(seed, domid, key.gfn, true);
+        let tag = self.next_gen.wrapping_add(1);
+        for i in 0..EXTENT_PAGES {
+            self.next_gen = self.next_gen.wrapping_add(1);
+            let m = Mapping {
+                gfn: Gfn(head + i),
+                mfn: Mfn(key.mfn.0 + i),
+                next_same_page: rec,
+                gen: self.next_gen,
+                ..*key
+            };
+            if let Some(s) = self.raw_mut(first + i) {
+                *s = RawSlot::from_mapping(ST_LIVE, &m, MEMBER);
+            }
+        }
+        self.live += EXTENT_PAGES;
+        self.member_pages += EXTENT_PAGES;
+        Ok(tag)
+    }
+
+    /// Put record `rec` (not in the index) on the free list.
+    fn free_record(&mut self, rec: u64) {
+        let head = self.extent_free;
+        if let Some(r) = self.extents.get_mut(rec as usize) {
+            *r = ExtentRecord {
+                next: link32(head),
+                ..ExtentRecord::default()
+            };
+            self.extent_free = rec;
+        }
+    }
+
+    /// A Live member of record `rec` leaves it (the caller changes the
+    /// slot's state next): the record's count down, and the record out of
+    /// the index with its last page. Whether that was this domain's last
+    /// entry of the target. A record that does not hold the slot (a bug)
+    /// is counted in `bugs` as an index miss, the slot still goes. (Out of
+    /// line: inlined, it cost every page unmap 7 instructions.)
+    #[inline(never)]
+    fn unindex_member(&mut self, seed: u64, idx: u64, domid: DomId, rec: u64) -> bool {
+        self.live -= 1;
+        let holds = |r: &ExtentRecord| {
+            r.live != 0
+                && r.domid == domid.0
+                && idx
+                    .checked_sub(r.first as u64)
+                    .is_some_and(|o| o < EXTENT_PAGES)
+        };
+        let Some(r) = self.extents.get_mut(rec as usize).filter(|r| holds(r)) else {
+            self.bugs[EngineBug::IndexMiss as usize] += 1;
+            self.regions_exact = false;
+            self.trust_counts_again_if_no_live_mapping();
+            return false;
+        };
+        r.live -= 1;
+        self.member_pages -= 1;
+        let last_of_target = if r.live == 0 {
+            let (head, next) = (r.head_gfn, link64(r.next));
+            self.remove_record(seed, rec, domid, head, next)
+        } else {
+            false
+        };
+        self.trust_counts_again_if_no_live_mapping();
+        last_of_target
+    }
+
+    /// Take record `rec` (its last page gone, `next` its chain's link) out
+    /// of the extent index and free it; whether that was this domain's
+    /// last entry of the target. Bounded by [`CHAIN_BOUND`].
+    fn remove_record(&mut self, seed: u64, rec: u64, domid: DomId, head: u64, next: u64) -> bool {
+        let records = &self.extents;
+        let found = self
+            .extent_index
+            .find_at(extent_hash(seed, domid, head), |v| {
+                v == rec
+                    || records
+                        .get(v as usize)
+                        .is_some_and(|r| r.is_of(domid, head))
+            });
+        let unlinked = match found {
+            Some((pos, first)) if first == rec => {
+                if next == NONE {
+                    self.extent_index.remove_at(pos, |v| {
+                        records
+                            .get(v as usize)
+                            .map_or(0, |r| extent_hash(seed, DomId(r.domid), r.head_gfn))
+                    });
+                } else {
+                    self.extent_index.set_at(pos, next);
+                }
+                true
+            }
+            Some((_, mut at)) => {
+                let mut done = false;
+                for _ in 0..CHAIN_BOUND {
+                    let Some(r) = self.extents.get_mut(at as usize).filter(|r| r.live != 0) else {
+                        break;
+                    };
+                    if link64(r.next) == rec {
+                        r.next = link32(next);
+                        done = true;
+                        break;
+                    }
+                    at = link64(r.next);
+                }
+                done
+            }
+            None => false,
+        };
+        if !unlinked {
+            // Not in its chain: a corrupted index (tests catch it here).
+            debug_assert!(false, "extent record missing from its chain");
+            self.bugs[EngineBug::IndexMiss as usize] += 1;
+            self.regions_exact = false;
+        }
+        self.free_record(rec);
+        let last_of_target = self.count_target(seed, domid, false) == Ok(0);
+        self.count_region(seed, domid, Gfn(head), false);
+        last_of_target
     }
 
     /// Take a free slot (after [`reserve_slot`](Self::reserve_slot)). The
@@ -1412,6 +1816,9 @@ impl DriverDomain {
     pub(crate) fn unindex(&mut self, seed: u64, idx: u64) -> Option<bool> {
         let r = self.raw(idx).filter(|r| r.state() == ST_LIVE)?;
         let (domid, gfn, after) = (DomId(r.domid), Gfn(r.gfn), link64(r.next));
+        if r.bits & MEMBER != 0 {
+            return Some(self.unindex_member(seed, idx, domid, after));
+        }
         let slots = &self.slots;
         // `idx` is a live mapping of the page: a bucket naming it is the
         // page's (the common case, `idx` heading its chain, needs no
@@ -1481,7 +1888,11 @@ impl DriverDomain {
     /// right again when no live mapping is left, indexed or not: empty.
     #[inline]
     fn trust_counts_again_if_no_live_mapping(&mut self) {
-        if !self.regions_exact && self.live == 0 && self.pages.is_empty() {
+        if !self.regions_exact
+            && self.live == 0
+            && self.pages.is_empty()
+            && self.extent_index.is_empty()
+        {
             self.regions.clear();
             self.targets.clear();
             self.regions_exact = true;
@@ -1739,15 +2150,21 @@ impl DriverDomain {
         if self.slots.capacity() <= keep {
             self.slots.clear();
             self.pages.clear();
+            self.extents.clear();
+            self.extent_index.clear();
             self.targets.clear();
             self.regions.clear();
         } else {
             self.slots.release();
             self.pages.release();
+            self.extents.release();
+            self.extent_index.release();
             self.targets.release();
             self.regions.release();
         }
         self.regions_exact = true;
+        self.extent_free = NONE;
+        self.member_pages = 0;
         self.free_head = NONE;
         self.free = 0;
         self.run_hint = NO_RUN;
@@ -2286,7 +2703,7 @@ mod tests {
                 if (r >> 24) % 100 < 55 {
                     let m = key(k);
                     let at = dd.probe_page(SEED, m.domid, m.gfn);
-                    let found = dd.find_key_at(&at, &m);
+                    let found = dd.find_key_at(SEED, &at, &m);
                     assert_eq!(found, live.get(&k).copied(), "step {step}");
                     if found.is_none() {
                         if (r >> 40).is_multiple_of(4) && !live.is_empty() {

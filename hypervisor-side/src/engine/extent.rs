@@ -29,6 +29,7 @@ use core::sync::atomic::Ordering;
 use lock_api::RawMutex;
 use pviommu_abi::{extent_aligned, Gfn, MapRequest, EXTENT_PAGES};
 
+use super::driver::region_of;
 use super::driver::PendingMap;
 use super::revoke::DEFER_LIMIT;
 use super::{map_key, Driver, Engine, Hypervisor, LookedUp, Mapped, TargetGate, UnmapKind};
@@ -269,49 +270,45 @@ impl<L: RawMutex> Engine<L> {
         }
         // The slot array may hold up to 511 free slots more than the
         // quota: those an extent skipped to start on a 2 MiB boundary
-        // (the quota counts the BFNs in use, checked above).
+        // (the quota counts the BFNs in use, checked above). A Live record
+        // owns a block of those slots.
         let limit = quota.saturating_add(LAST).min(self.space.len());
-        let (first, first_bfn) =
-            d.dd.take_extent_slots(&self.space, limit)
-                .map_err(|e| (e, 0))?;
-        // 3. The books: each page indexed in its slot, the room for it
-        //    made just before. A page the context maps already refuses the
-        //    extent (one mapping a stale frame is revoked on the way, as a
-        //    page map revokes it), and any failure takes back books only.
-        let mut tag = 0;
-        for i in 0..EXTENT_PAGES {
-            let (page, key) = page_key(req, first_mfn, i);
-            let mut at = d.dd.probe_page(seed, page.domid, page.gfn);
-            let installed = match d.dd.find_key_at(&at, &key).and_then(|idx| {
-                let m = d.dd.live_at(idx)?;
-                Some((idx, m.mfn == key.mfn))
-            }) {
-                Some((_, true)) => Err(Errno::Busy),
-                mapped => {
-                    if let Some((stale, _)) = mapped {
-                        self.revoke_slot(d, h, stale);
-                        at = d.dd.probe_page(seed, page.domid, page.gfn);
+        d.dd.reserve_extent(seed, limit / EXTENT_PAGES + 1)
+            .map_err(|e| (e, 0))?;
+        // 3. No other page of the extent may be mapped in the context
+        //    already (page 0 was looked at in 1.): one over its current
+        //    frame refuses the extent, one over a stale frame is revoked,
+        //    as a page map revokes it. Skipped when the region counts say
+        //    the cell maps nothing of the target in the extent's 64 MiB.
+        let may_map = region_of(req.gfn.0).is_none_or(|r| d.dd.may_map_in(seed, req.domid, r));
+        if may_map {
+            for i in 1..EXTENT_PAGES {
+                if let Some((idx, m)) = self.mapped_page(d, req, first_mfn, i) {
+                    if m.mfn.0 == first_mfn.0 + i {
+                        return Err((Errno::Busy, 0));
                     }
-                    d.dd.reserve_index(seed, &at)
-                        .and_then(|()| d.dd.install_at(seed, &at, first + i, key))
-                }
-            };
-            match installed {
-                Ok(gen) if i == 0 => tag = gen,
-                Ok(_) => {}
-                Err(e) => {
-                    for j in 0..i {
-                        let _ = d.dd.unindex(seed, first + j);
-                    }
-                    for j in 0..EXTENT_PAGES {
-                        d.dd.free_slot(first + j);
-                    }
-                    return Err((e, 0));
+                    self.revoke_slot(d, h, idx);
                 }
             }
         }
+        // 4. The books: one extent record, its 512 pages Live in one
+        //    aligned block of slots (no page-index entry each). Nothing
+        //    changes on a failure.
+        let (first, first_bfn) =
+            d.dd.take_extent_slots(&self.space, limit)
+                .map_err(|e| (e, 0))?;
+        let (_, key) = page_key(req, first_mfn, 0);
+        let tag = match d.dd.install_extent(seed, first, &key) {
+            Ok(tag) => tag,
+            Err(e) => {
+                for j in 0..EXTENT_PAGES {
+                    d.dd.free_slot(first + j);
+                }
+                return Err((e, 0));
+            }
+        };
         d.dd.run_hint = (req.domid, Gfn(req.gfn.0 + LAST), first + LAST);
-        // 4. The IOMMU entries: in context 0 written together by the
+        // 5. The IOMMU entries: in context 0 written together by the
         //    flush that ends the call (one run, `write_pending_entries`);
         //    in the engine's own tables now.
         if deferred {
@@ -366,7 +363,7 @@ impl<L: RawMutex> Engine<L> {
     ) -> Option<(u64, Mapping)> {
         let (page, key) = page_key(req, first_mfn, i);
         let at = d.dd.probe_page(self.seed, page.domid, page.gfn);
-        let idx = d.dd.find_key_at(&at, &key)?;
+        let idx = d.dd.find_key_at(self.seed, &at, &key)?;
         Some((idx, d.dd.live_at(idx)?))
     }
 

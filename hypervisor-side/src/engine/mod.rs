@@ -390,6 +390,8 @@ pub struct MappingView {
 /// simulator's tools): see [`Engine::state`].
 pub struct StateView<'a, L: RawMutex> {
     space: &'a BfnSpace,
+    /// The engine's hash seed, for lookups as the engine makes them.
+    seed: u64,
     /// Every cell, with whether a driver domain owns it.
     guards: [Option<(bool, MutexGuard<'a, L, DriverDomain>)>; MAX_DRIVER_DOMAINS],
 }
@@ -432,6 +434,18 @@ impl<L: RawMutex> StateView<'_, L> {
                 }),
                 _ => None,
             })
+        })
+    }
+    /// Live mappings that a lookup of their page (by their dedup key, as a
+    /// map or a gfn hook looks) does not find, in every cell, and extent
+    /// records whose count of pages is not what their slots hold: 0 and 0
+    /// unless the indices lost something.
+    pub fn index_faults(&self) -> (u64, u64) {
+        self.drivers().fold((0, 0), |(a, b), d| {
+            (
+                a + d.live_mappings_not_found(self.seed),
+                b + d.extent_records_miscounted(),
+            )
         })
     }
     /// Distinct (driver domain, target domid, gfn) pages mapped.
@@ -828,6 +842,7 @@ impl<L: RawMutex> Engine<L> {
     pub fn state(&self) -> StateView<'_, L> {
         StateView {
             space: &self.space,
+            seed: self.seed,
             guards: core::array::from_fn(|i| {
                 let cell = self.cells.get(i)?;
                 let g = loop {
@@ -1894,7 +1909,7 @@ impl<L: RawMutex> Engine<L> {
     ) -> Result<Prepared, Errno> {
         let seed = self.seed;
         let mfn = key.mfn;
-        if let Some(idx) = d.dd.find_key_at(at, key) {
+        if let Some(idx) = d.dd.find_key_at(seed, at, key) {
             let bfn = self.space.bfn_of(idx).ok_or(Errno::Inval)?;
             let m = d.dd.live_at(idx).ok_or(Errno::Inval)?;
             if m.mfn == mfn {

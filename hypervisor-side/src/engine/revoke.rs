@@ -773,12 +773,28 @@ impl<L: RawMutex> Engine<L> {
         let mut at = d.dd.page_head(self.seed, domid, gfn);
         for _ in 0..CHAIN_BOUND {
             let Some(idx) = at else {
-                return;
+                break;
             };
             let Some(m) = d.dd.live_at(idx) else {
-                return;
+                break;
             };
             at = (m.next_same_page != NONE).then_some(m.next_same_page);
+            if how == GfnChange::Removed || m.perms.write {
+                self.revoke_slot(d, h, idx);
+            }
+        }
+        // Then the page as a member of its extent's records (2 MiB
+        // extents), walked the same way: revoking the last page of a
+        // record frees it, so the next link is read first.
+        let mut rec = d.dd.extent_first(self.seed, domid, gfn);
+        for _ in 0..CHAIN_BOUND {
+            let Some((next, member)) = rec.and_then(|r| d.dd.extent_step(r, domid, gfn)) else {
+                return;
+            };
+            rec = next;
+            let Some((idx, m)) = member.and_then(|i| Some((i, d.dd.live_at(i)?))) else {
+                continue;
+            };
             if how == GfnChange::Removed || m.perms.write {
                 self.revoke_slot(d, h, idx);
             }
