@@ -736,3 +736,42 @@ fn a_slot_an_extent_gave_up_is_the_next_page_maps_not_the_extents() {
     );
     check_invariants(&mut m, &e).unwrap();
 }
+
+/// An extent unmap of a record one of whose pages has a second reference
+/// (a page map shared it) goes page by page: that page stays mapped, the
+/// record with it, until its last reference goes.
+#[test]
+fn an_extent_unmap_leaves_a_page_shared_since_and_its_record() {
+    let (mut m, e) = host();
+    let (_, out) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW),
+    );
+    let shared = map_one(&mut m, &e, DomId::DOM0, GUEST, EXTENT + 5, Permissions::RW).unwrap();
+    assert_eq!(
+        run(&mut m, &e, extent_unmap(ContextId::DEFAULT, Bfn(out.bfn))).0,
+        0
+    );
+    assert_eq!(records(&e), (1, 1));
+    assert_eq!(
+        m.translate(DomId::DOM0, ContextId::DEFAULT, shared)
+            .map(|t| t.0),
+        m.mfn_of(GUEST, Gfn(EXTENT + 5))
+    );
+    assert_eq!(
+        m.translate(DomId::DOM0, ContextId::DEFAULT, Bfn(out.bfn + 6)),
+        None
+    );
+    check_invariants(&mut m, &e).unwrap();
+    // Its page is still found by gfn: a removal revokes it.
+    m.balloon_out(&e, GUEST, Gfn(EXTENT + 5)).unwrap();
+    m.current = DomId::DOM0;
+    assert_eq!(
+        revoked_next(&mut m, &e, DomId::DOM0),
+        Ok((shared, GUEST, Gfn(EXTENT + 5)))
+    );
+    assert_eq!(records(&e), (0, 0));
+    assert_eq!(run(&mut m, &e, unmap_op(shared)).0, Errno::Stale.negated());
+    check_invariants(&mut m, &e).unwrap();
+}

@@ -228,6 +228,9 @@ pub(crate) struct ExtentRecord {
     bits: u8,
 }
 
+// A 512th of a slot's size per page of an extent.
+const _: () = assert!(core::mem::size_of::<ExtentRecord>() == 24);
+
 /// The access and attribute bits of a slot or record.
 const KEY_BITS: u8 = READ | WRITE | 0b11 << ATTR_SHIFT;
 
@@ -1483,6 +1486,47 @@ impl DriverDomain {
         };
         self.trust_counts_again_if_no_live_mapping();
         last_of_target
+    }
+
+    /// Unmap the extent whose first page is in slot `first` whole, when
+    /// its record holds all 512 pages with one reference each: the record
+    /// out of the index once, and each page onto the unmapping list with
+    /// its entry still present, as 512 owner's unmaps
+    /// (`Engine::unmap_locked`) would leave them. `false`, with nothing
+    /// changed, otherwise (the caller then unmaps page by page). The
+    /// caller checked each slot is a mapping of its context.
+    pub(crate) fn unmap_whole_extent(&mut self, seed: u64, first: u64) -> bool {
+        let Some(rec) = self
+            .raw(first)
+            .filter(|s| s.state() == ST_LIVE && s.bits & MEMBER != 0)
+            .map(|s| link64(s.next))
+        else {
+            return false;
+        };
+        let whole = |r: &ExtentRecord| r.live == EXTENT_PAGES as u32 && r.first as u64 == first;
+        let Some(&r) = self.extents.get(rec as usize).filter(|r| whole(r)) else {
+            return false;
+        };
+        let once = (0..EXTENT_PAGES).all(|i| {
+            self.raw(first + i).is_some_and(|s| {
+                s.state() == ST_LIVE && s.bits & MEMBER != 0 && link64(s.next) == rec && s.aux == 1
+            })
+        });
+        if !once {
+            return false;
+        }
+        if let Some(x) = self.extents.get_mut(rec as usize) {
+            x.live = 0;
+        }
+        self.remove_record(seed, rec, DomId(r.domid), r.head_gfn, link64(r.next));
+        self.live -= EXTENT_PAGES;
+        self.member_pages -= EXTENT_PAGES;
+        for i in 0..EXTENT_PAGES {
+            self.push_unmapping_at(first + i, false, true);
+        }
+        self.stats.unmaps += EXTENT_PAGES;
+        self.trust_counts_again_if_no_live_mapping();
+        true
     }
 
     /// Take record `rec` (its last page gone, `next` its chain's link) out

@@ -555,9 +555,13 @@ impl<L: RawMutex> Engine<L> {
             if d.dd.deferred_entries + EXTENT_PAGES > DEFER_LIMIT {
                 self.clear_deferred_entries(&mut d.dd, h);
             }
-            for i in 0..EXTENT_PAGES {
-                // (Checked under this lock: unmapped, or acknowledged.)
-                let _ = self.unmap_locked(&mut d, context, first + i);
+            // The usual case, one extent map's record unmapped whole, in
+            // one step; anything else page by page.
+            if !d.dd.unmap_whole_extent(self.seed, first) {
+                for i in 0..EXTENT_PAGES {
+                    // (Checked under this lock: unmapped, or acknowledged.)
+                    let _ = self.unmap_locked(&mut d, context, first + i);
+                }
             }
         }
         if d.dd.deferred_entries >= DEFER_LIMIT {
