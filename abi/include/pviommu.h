@@ -227,7 +227,7 @@ struct pv_iommu_stats {
     uint64_t revoked;        /* out: notices not yet acknowledged               */
     uint64_t used;           /* out: BFNs counted against the quota             */
     uint64_t quota;          /* out: the quota                                  */
-    uint64_t mapped_pages;   /* out: distinct foreign pages mapped              */
+    uint64_t mapped_pages;   /* out: foreign pages mapped, in each context      */
     uint64_t maps;           /* out: maps that installed an IOMMU entry         */
     uint64_t shared;         /* out: maps answered with an existing BFN         */
     uint64_t unmaps;         /* out: unmaps that removed an IOMMU entry         */

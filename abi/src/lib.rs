@@ -409,7 +409,9 @@ pub struct PvIommuStats {
     pub used: u64,
     /// Out: the quota.
     pub quota: u64,
-    /// Out: distinct foreign pages mapped.
+    /// Out: foreign pages mapped, in each context (a page mapped in two
+    /// contexts, or in one as a page of a 2 MiB extent and with other
+    /// access, counts for each).
     pub mapped_pages: u64,
     /// Out: maps that installed a new IOMMU entry.
     pub maps: u64,

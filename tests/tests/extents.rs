@@ -775,3 +775,40 @@ fn an_extent_unmap_leaves_a_page_shared_since_and_its_record() {
     assert_eq!(run(&mut m, &e, unmap_op(shared)).0, Errno::Stale.negated());
     check_invariants(&mut m, &e).unwrap();
 }
+
+/// A range hook over part of an extent mapped with two accesses (two
+/// records of one chain) revokes the writable pages in the range, and only
+/// those, with one look at the extent index for the range's 2 MiB block.
+#[test]
+fn a_range_hook_over_part_of_an_extent_revokes_its_pages_in_both_records() {
+    let (mut m, e) = host();
+    let (_, rw) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW),
+    );
+    let (_, ro) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RO),
+    );
+    let work = |e: &Engine| e.state().driver(DomId::DOM0).unwrap().range_work().0;
+    let before = work(&e);
+    // Gfns 64..68 of the extent lose write access (order 2: probed).
+    e.gfn_changed(
+        &mut m,
+        GUEST,
+        Gfn(EXTENT + 64),
+        2,
+        pviommu_hv::engine::GfnChange::WriteLost,
+    );
+    e.finish(&mut m, DomId::DOM0);
+    for i in [63, 64, 66, 67, 68] {
+        let revoked = (64..68).contains(&i);
+        let at = |bfn: u64| m.translate(DomId::DOM0, ContextId::DEFAULT, Bfn(bfn + i));
+        assert_eq!(at(rw.bfn).is_none(), revoked, "RW page {i}");
+        assert!(at(ro.bfn).is_some(), "RO page {i} kept");
+    }
+    // One region probe, 4 page probes, one extent-index probe.
+    assert_eq!(work(&e) - before, 1 + 4 + 1);
+}

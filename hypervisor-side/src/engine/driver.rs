@@ -120,6 +120,10 @@ fn count_of(v: u64) -> u64 {
 pub(crate) const REGION_SHIFT: u32 = 14;
 /// A region's count needs `REGION_SHIFT + 1` bits (up to 16 Ki pages).
 const REGION_COUNT_BITS: u32 = REGION_SHIFT + 1;
+/// The most a region's count may hold: its pages (2^`REGION_SHIFT`) in the
+/// page index and the records of its 32 extents (a few per extent, one per
+/// access and attribute) fit well below.
+const REGION_COUNT_MAX: u64 = (1 << REGION_COUNT_BITS) - 1;
 /// The region number fits what is left beside the domid and the count.
 const REGION_NUMBER_BITS: u32 = 64 - 16 - REGION_COUNT_BITS;
 /// Gfns from here up have no region number: a cell that maps one stops
@@ -224,15 +228,10 @@ pub(crate) struct ExtentRecord {
     live: u32,
     next: u32,
     domid: u16,
-    /// Access and attribute, as a slot's `bits` holds them.
-    bits: u8,
 }
 
 // A 512th of a slot's size per page of an extent.
 const _: () = assert!(core::mem::size_of::<ExtentRecord>() == 24);
-
-/// The access and attribute bits of a slot or record.
-const KEY_BITS: u8 = READ | WRITE | 0b11 << ATTR_SHIFT;
 
 impl ExtentRecord {
     #[inline]
@@ -605,7 +604,7 @@ pub struct DriverDomain {
     extent_index: IndexTable,
     /// Pages Live as members of a record.
     member_pages: u64,
-    /// Target domid -> entries of it in `pages` and `extent_index`
+    /// Target domid -> pages of it in `pages` and its extent records
     /// (packed with the domid; a record counts once, however many of its
     /// pages are Live): says when this domain stops mapping a target, so
     /// the target's gate can stop sending its hooks here.
@@ -616,8 +615,9 @@ pub struct DriverDomain {
     /// hash and the probe for runs of pages of one target.
     target_hint: usize,
     /// Region counts (see [`REGION_SHIFT`]): (target, region) -> distinct
-    /// pages of it in `pages`, packed with the key. Exact while
-    /// `regions_exact`; changed exactly where `pages` gains or loses a page.
+    /// pages of it in `pages` and extent records, packed with the key.
+    /// Exact while `regions_exact`; changed exactly where `pages` gains or
+    /// loses a page and where a record is made or goes.
     regions: IndexTable,
     /// The bucket of `regions` the last change found (as `target_hint`).
     region_hint: usize,
@@ -885,15 +885,16 @@ impl DriverDomain {
             + self.targets.heap_bytes()
             + self.regions.heap_bytes()
     }
-    /// (Target domid, gfn) pages this domain maps: those of the page index
+    /// (Target domid, gfn) pages this cell maps: those of the page index
     /// and the Live pages of its extent records (a page mapped both ways,
-    /// with different access, is counted twice).
+    /// with other access, counts twice).
     pub fn mapped_pages(&self) -> usize {
         self.pages.len() + self.member_pages as usize
     }
     /// Live mappings a lookup of their page by their dedup key does not
     /// find at their own slot (0 unless an index lost one). A pass over
-    /// every slot: for tests and checkers, not for the engine's paths.
+    /// every slot: for tests and checkers, not built into Xen.
+    #[cfg(any(test, feature = "sim"))]
     pub fn live_mappings_not_found(&self, seed: u64) -> u64 {
         let mut missed = 0;
         for (idx, r) in self.slots.iter().enumerate() {
@@ -910,7 +911,9 @@ impl DriverDomain {
     }
     /// Extent records whose count of Live pages is not the number of
     /// their slots that say so, plus one if the cell's count of member
-    /// pages is not their sum (0 unless the records went wrong). For tests.
+    /// pages is not their sum (0 unless the records went wrong). For tests
+    /// and checkers, not built into Xen.
+    #[cfg(any(test, feature = "sim"))]
     pub fn extent_records_miscounted(&self) -> u64 {
         let mut wrong = 0;
         let mut members = 0;
@@ -1123,7 +1126,6 @@ impl DriverDomain {
     }
 
     /// The Live slot with `key`'s dedup key (same page, context, perms,
-    /// attr), from a fresh [`probe_page`](Self::probe_page) of the key's page.
     /// attr), from a fresh [`probe_page`](Self::probe_page) of the key's
     /// page: in the page's chain, else among its extent's records.
     /// (Always inlined, the records' walk kept out of line: as a call,
@@ -1181,6 +1183,12 @@ impl DriverDomain {
             .filter(|s| s.is_live_page(domid, gfn) && s.bits & MEMBER != 0 && link64(s.next) == rec)
             .map(|_| idx);
         Some(((next != NONE).then_some(next), member))
+    }
+
+    /// Whether this cell holds any extent record.
+    #[inline]
+    pub(crate) fn has_extent_records(&self) -> bool {
+        !self.extent_index.is_empty()
     }
 
     /// The first record of page (domid, gfn)'s extent in this cell (walk
@@ -1381,46 +1389,52 @@ impl DriverDomain {
         {
             return Err(Errno::Inval);
         }
-        // The record: a free one, or a new one into the room reserved.
+        // The record: a free one, or a new one into the room reserved,
+        // taken before anything changes (a free list that does not hold a
+        // free record is an engine bug: refused, nothing changed).
         let rec = if self.extent_free != NONE {
-            self.extent_free
+            let rec = self.extent_free;
+            if self.extents.get(rec as usize).is_none_or(|r| r.live != 0) {
+                self.bugs[EngineBug::FreeListBreak as usize] += 1;
+                return Err(Errno::NoSpc);
+            }
+            rec
         } else {
             let rec = self.extents.len() as u64;
             self.extents.try_push(ExtentRecord::default())?;
             self.free_record(rec);
             rec
         };
-        let bits = RawSlot::from_mapping(ST_LIVE, key, 0).bits & KEY_BITS;
         // Counted first (taking a count back never allocates), as a page.
         self.count_target(seed, domid, true)?;
-        let next = match self.extent_chain(seed, domid, head) {
-            Some((pos, chain)) => {
+        let chain = self.extent_chain(seed, domid, head);
+        if chain.is_none() {
+            if let Err(e) = self
+                .extent_index
+                .insert(extent_hash(seed, domid, head), rec)
+            {
+                self.uncount_target(seed, domid);
+                return Err(e);
+            }
+        }
+        // (The record exists: checked above.)
+        let next = match chain {
+            Some((pos, first)) => {
                 self.extent_index.set_at(pos, rec);
-                chain
+                first
             }
-            None => {
-                if let Err(e) = self
-                    .extent_index
-                    .insert(extent_hash(seed, domid, head), rec)
-                {
-                    self.uncount_target(seed, domid);
-                    return Err(e);
-                }
-                NONE
-            }
+            None => NONE,
         };
-        let Some(r) = self.extents.get_mut(rec as usize) else {
-            return Err(Errno::Inval);
-        };
-        self.extent_free = link64(r.next);
-        *r = ExtentRecord {
-            head_gfn: head,
-            first: first32,
-            live: EXTENT_PAGES as u32,
-            next: link32(next),
-            domid: domid.0,
-            bits,
-        };
+        if let Some(r) = self.extents.get_mut(rec as usize) {
+            self.extent_free = link64(r.next);
+            *r = ExtentRecord {
+                head_gfn: head,
+                first: first32,
+                live: EXTENT_PAGES as u32,
+                next: link32(next),
+                domid: domid.0,
+            };
+        }
         // Never fails: a page it cannot count ends the counting.
         self.count_region(seed, domid, key.gfn, true);
         let tag = self.next_gen.wrapping_add(1);
@@ -1572,13 +1586,18 @@ impl DriverDomain {
             }
             None => false,
         };
-        if !unlinked {
+        if unlinked {
+            self.free_record(rec);
+        } else {
             // Not in its chain: a corrupted index (tests catch it here).
-            debug_assert!(false, "extent record missing from its chain");
+            // The record is not reused (a link may still name it; 24
+            // bytes lost), and the cell's gfn hooks pass over its slots
+            // from now on (`Engine::revoke_gfn`), so no page an index
+            // lost stays mapped. (Tests require no miss:
+            // `check_invariants`.)
             self.bugs[EngineBug::IndexMiss as usize] += 1;
             self.regions_exact = false;
         }
-        self.free_record(rec);
         let last_of_target = self.count_target(seed, domid, false) == Ok(0);
         self.count_region(seed, domid, Gfn(head), false);
         last_of_target
@@ -1815,10 +1834,11 @@ impl DriverDomain {
             Some((pos, v)) => {
                 self.region_hint = pos;
                 match (up, region_count_of(v)) {
-                    // A count past the region's size, or a page leaving a
-                    // region counted empty, is no count: stop trusting
-                    // them all.
-                    (true, n) if n >= 1 << REGION_SHIFT => self.regions_exact = false,
+                    // A count past what its field holds (a region's pages
+                    // and its extents' records: at most 2^14 + 32 * 12),
+                    // or a page leaving a region counted empty, is no
+                    // count: stop trusting them all.
+                    (true, n) if n >= REGION_COUNT_MAX => self.regions_exact = false,
                     (false, 0) => self.regions_exact = false,
                     (true, _) => self.regions.set_at(pos, v + 1),
                     (false, 1) => self
@@ -2826,5 +2846,85 @@ mod tests {
         assert!(unmap_page(&mut dd, a), "d7's count is back to one page");
         assert!(unmap_page(&mut dd, b));
         assert_eq!(dd.targets.len(), 0);
+    }
+
+    /// `n` slots taken (Free until stored into), and an extent of
+    /// domid 7 from gfn 0 (access `perms`) installed as a record in the 512
+    /// from `first`: the record's first page's mapping.
+    fn extent_at(dd: &mut DriverDomain, first: u64, perms: Permissions) -> Mapping {
+        while (dd.slots.len() as u64) < first + EXTENT_PAGES {
+            dd.slots.try_reserve_one(1 << 20).unwrap();
+            dd.take_slot().unwrap();
+        }
+        let key = Mapping {
+            perms,
+            ..mapping(0)
+        };
+        dd.reserve_extent(SEED, 16).unwrap();
+        dd.install_extent(SEED, first, &key).unwrap();
+        key
+    }
+
+    /// Page `i`'s key of the extent whose first page is `key`.
+    fn page_of_extent(key: &Mapping, i: u64) -> Mapping {
+        Mapping {
+            gfn: Gfn(key.gfn.0 + i),
+            mfn: Mfn(key.mfn.0 + i),
+            ..*key
+        }
+    }
+
+    /// An extent install whose free list names no free record (an engine
+    /// bug) is refused before it changes anything. The first version
+    /// counted the target and made the missing record the head of the
+    /// extent's chain first, so the records already there (other access)
+    /// were no longer found by gfn (review, 2026-12-04).
+    #[test]
+    fn an_extent_install_without_a_free_record_changes_nothing() {
+        let mut dd = DriverDomain::new(DomId(0));
+        let rw = extent_at(&mut dd, 0, Permissions::RW);
+        while (dd.slots.len() as u64) < 2 * EXTENT_PAGES {
+            dd.slots.try_reserve_one(1 << 20).unwrap();
+            dd.take_slot().unwrap();
+        }
+        dd.reserve_extent(SEED, 16).unwrap();
+        // Record 0 is live: a free list naming it is broken, as is one
+        // naming a record that does not exist.
+        for broken in [0, 7] {
+            dd.extent_free = broken;
+            let ro = Mapping {
+                perms: Permissions::RO,
+                ..rw
+            };
+            assert!(dd.install_extent(SEED, EXTENT_PAGES, &ro).is_err());
+            assert_eq!(dd.pages_of(SEED, DomId(7)), 1, "count unchanged");
+            let page = page_of_extent(&rw, 3);
+            assert_eq!(
+                dd.find_key(SEED, &page),
+                Some(3),
+                "the RW record still found"
+            );
+            assert_eq!(dd.extent_records(), 1);
+        }
+    }
+
+    /// A record its chain no longer holds (a corrupted index) is counted
+    /// as an index miss when its last page goes, and is not reused: a link
+    /// may still name it. The first version put it back on the free list.
+    #[test]
+    fn a_record_missing_from_its_chain_is_not_reused() {
+        let mut dd = DriverDomain::new(DomId(0));
+        let rw = extent_at(&mut dd, 0, Permissions::RW);
+        let _ro = extent_at(&mut dd, EXTENT_PAGES, Permissions::RO);
+        // The chain is index -> record 1 (RO) -> record 0 (RW): drop 0.
+        dd.extents.get_mut(1).unwrap().next = link32(NONE);
+        assert_eq!(dd.find_key(SEED, &page_of_extent(&rw, 3)), None);
+        for i in 0..EXTENT_PAGES {
+            assert_eq!(dd.unindex(SEED, i), Some(false));
+            dd.push_unmapping_at(i, false, true);
+        }
+        assert_eq!(dd.index_misses(), 1);
+        assert_ne!(dd.extent_free, 0, "record 0 is not free for reuse");
+        assert_eq!(dd.extent_records(), 1);
     }
 }

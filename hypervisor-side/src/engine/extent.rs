@@ -6,13 +6,15 @@
 //! follow each other when the slots are free, `Engine::slot_wanted`); an
 //! extent map gets it or fails, with nothing changed.
 //!
-//! Each page of an extent is a mapping of its own (its slot, its entry in
-//! the page index, its reference, its revocation), so everything after the
-//! map (an unmap of one of its BFNs, the gfn hooks, a teardown, the flush)
-//! is what it is for page maps. What an extent saves is the per-op work of
-//! 512 maps: the checks, the gate, the lock, the quota and the
-//! reservations are made once, and its IOMMU entries go to the host as one
-//! run (in context 0 one superpage entry where Xen folds it).
+//! Each page of an extent is a mapping of its own (its slot, its
+//! reference, its revocation), so everything after the map (an unmap of
+//! one of its BFNs, the gfn hooks, a teardown, the flush) is what it is for
+//! page maps. What an extent saves is the per-op work of 512 maps: the
+//! checks, the gate, the lock, the quota and the reservations are made
+//! once, its books are one extent record instead of 512 page-index
+//! entries (`driver::ExtentRecord`: a lookup by gfn finds its pages
+//! through it), and its IOMMU entries go to the host as one run (in
+//! context 0 one superpage entry where Xen folds it).
 //!
 //! The frames must be one run of machine frames, as Linux's GVT-g asks of
 //! a 2 MiB DMA map (`gvt_pin_guest_page()`): only then can the IOMMU map
@@ -242,8 +244,7 @@ impl<L: RawMutex> Engine<L> {
         //    context maps already can only be shared whole (at one run) or
         //    refused. A mapping of a frame the gfn no longer has is a
         //    removal whose hook has not run yet: revoked now, as a page map
-        //    revokes it. The other pages are looked at as they are
-        //    installed (3.).
+        //    revokes it. The other pages are looked at in 3.
         if let Some((idx, m)) = self.mapped_page(d, req, first_mfn, 0) {
             if m.mfn == first_mfn {
                 return self
