@@ -242,6 +242,11 @@ int pviommu_shadow_build(pviommu_shadow *s, uint64_t root_gfn,
  * apply the diff. */
 int pviommu_shadow_sync(pviommu_shadow *s, const uint64_t *changed, size_t n,
                         struct pviommu_shadow_counts *counts);
+/* The guest's 2 MiB GPU pages the last build or sync shadowed with one 2 MiB
+ * entry over one PV-IOMMU extent (ABI 1.6), and those whose extent it
+ * unmapped; 0 and 0 after a failed call. Either pointer may be NULL. */
+int pviommu_shadow_last_extents(const pviommu_shadow *s, uint64_t *mapped,
+                                uint64_t *unmapped);
 /* GMA -> BFN through the shadow; -ENOENT if not present. */
 int pviommu_shadow_translate(const pviommu_shadow *s, uint64_t gma, uint64_t *bfn);
 /* Drain Xen's revocation notices: affected leaves go non-present, then the

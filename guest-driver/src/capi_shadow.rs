@@ -27,6 +27,11 @@ pub struct CShadow {
     domid: DomId,
     /// Revoked leaves not yet handed to C (more than its array held).
     undelivered: Vec<RevokedLeaf>,
+    /// The 2 MiB shadow entries (extent ops) the last build or sync
+    /// mapped and unmapped: (0, 0) after a failed one. Apart from
+    /// `pviommu_shadow_counts`, whose size C callers compiled against
+    /// the header before extents rely on.
+    last_extents: (u64, u64),
     last_error: CString,
     #[cfg(feature = "sim")]
     sim: Option<crate::transport::in_process::SharedSim>,
@@ -90,6 +95,7 @@ fn new_handle(
         session: ShadowSession::new(client, reader),
         domid,
         undelivered: Vec::new(),
+        last_extents: (0, 0),
         last_error: CString::default(),
         #[cfg(feature = "sim")]
         sim: None,
@@ -214,8 +220,10 @@ pub extern "C" fn pviommu_shadow_build(
     let Ok(counts) = (unsafe { c_opt_out(counts) }) else {
         return s.refuse("shadow build: counts is not aligned");
     };
+    s.last_extents = (0, 0);
     match s.session.build(s.domid, Gfn(root_gfn)) {
         Ok(r) => {
+            s.last_extents = (r.extents_mapped, 0);
             let c = counts_of_build(&r, s);
             if let Some(out) = counts {
                 *out = c;
@@ -254,8 +262,10 @@ pub extern "C" fn pviommu_shadow_sync(
         let gfns: Vec<Gfn> = changed.iter().map(|g| Gfn(*g)).collect();
         s.session.sync(&gfns)
     };
+    s.last_extents = (0, 0);
     match r {
         Ok(r) => {
+            s.last_extents = (r.extents_mapped, r.extents_unmapped);
             let c = counts_of_sync(&r, s);
             if let Some(out) = counts {
                 *out = c;
@@ -264,6 +274,35 @@ pub extern "C" fn pviommu_shadow_sync(
         }
         Err(e) => s.fail(&e),
     }
+}
+
+/// The guest's 2 MiB GPU pages the handle's last build or sync shadowed
+/// with one 2 MiB entry over one extent (one extent op each; ABI 1.6), and
+/// those whose extent it unmapped: 0, with `*mapped` and `*unmapped` (either
+/// may be NULL); both 0 after a failed call. -EINVAL for a NULL handle or
+/// a pointer not aligned for a `uint64_t`.
+#[no_mangle]
+pub extern "C" fn pviommu_shadow_last_extents(
+    s: *const CShadow,
+    mapped: *mut u64,
+    unmapped: *mut u64,
+) -> i32 {
+    // SAFETY: `s` is NULL or a live handle.
+    let Some(s) = (unsafe { s.as_ref() }) else {
+        return EINVAL;
+    };
+    // SAFETY: each is NULL or points to one `u64`.
+    let (Ok(mapped), Ok(unmapped)) = (unsafe { c_opt_out(mapped) }, unsafe { c_opt_out(unmapped) })
+    else {
+        return EINVAL;
+    };
+    if let Some(m) = mapped {
+        *m = s.last_extents.0;
+    }
+    if let Some(u) = unmapped {
+        *u = s.last_extents.1;
+    }
+    0
 }
 
 /// The BFN the GPU reaches for `gma` through the shadow: 0 and `*bfn`, or

@@ -81,6 +81,33 @@ int main(void)
     CHECK(pviommu_shadow_teardown(s) == -ENOENT);
     pviommu_shadow_close(s);
     pviommu_shadow_close(NULL);
+
+    /* A 2 MiB GPU page (PD[1], PS, at gfns 0x200..0x3ff): one extent op,
+     * one 2 MiB shadow entry; gone again in one. */
+    {
+        uint64_t mapped = 9, unmapped = 9, base;
+        changed = 0x12;
+        s = pviommu_shadow_open_sim(1024);
+        CHECK(s != NULL);
+        CHECK(put(s, 0x10, 0, (0x11ULL << 12) | 3) == 0);
+        CHECK(put(s, 0x11, 0, (0x12ULL << 12) | 3) == 0);
+        CHECK(put(s, 0x12, 1, (0x200ULL << 12) | 0x80 | 3) == 0);
+        CHECK(pviommu_shadow_sim_write(s, 0x203, 0, "big 3", 6) == 0);
+        CHECK(pviommu_shadow_build(s, 0x10, &c) == 0 && c.leaves_mapped == 512);
+        CHECK(pviommu_shadow_last_extents(s, &mapped, &unmapped) == 0);
+        CHECK(mapped == 1 && unmapped == 0);
+        CHECK(pviommu_shadow_translate(s, 0x200000, &base) == 0 && base % 512 == 0);
+        CHECK(pviommu_shadow_translate(s, 0x203000, &bfn) == 0 && bfn == base + 3);
+        CHECK(pviommu_shadow_sim_dma_read(s, bfn, buf, 6) == 0 && memcmp(buf, "big 3", 6) == 0);
+        CHECK(put(s, 0x12, 1, 0) == 0);
+        CHECK(pviommu_shadow_sync(s, &changed, 1, &c) == 0 && c.leaves_unmapped == 512);
+        CHECK(pviommu_shadow_last_extents(s, &mapped, NULL) == 0 && mapped == 0);
+        CHECK(pviommu_shadow_last_extents(s, NULL, &unmapped) == 0 && unmapped == 1);
+        CHECK(pviommu_shadow_sim_dma_read(s, bfn, buf, 6) == -EFAULT);
+        CHECK(pviommu_shadow_last_extents(NULL, &mapped, &unmapped) == -EINVAL);
+        CHECK(pviommu_shadow_last_extents(s, (uint64_t *)((char *)&mapped + 1), NULL) == -EINVAL);
+        pviommu_shadow_close(s);
+    }
     CHECK(pviommu_shadow_build(NULL, 0x10, &c) == -EINVAL);
     printf("OK\n");
     return 0;
