@@ -812,3 +812,35 @@ fn a_range_hook_over_part_of_an_extent_revokes_its_pages_in_both_records() {
     // One region probe, 4 page probes, one extent-index probe.
     assert_eq!(work(&e) - before, 1 + 4 + 1);
 }
+
+/// The engine's heap per page mapped by extents, at 16 Ki pages: a slot
+/// each and a 512th of a record and of its index bucket, no page-index
+/// entry (page maps: about 56 bytes, `hardening.rs` `d14_*`).
+#[test]
+fn an_extent_page_costs_its_slot_and_little_more() {
+    let extents = 32u64;
+    let (mut m, e) = machine_after_dom0(Format::Vtd, (extents + 1) * EXTENT_PAGES, 512);
+    let mut ops: Vec<_> = (0..extents)
+        .map(|i| {
+            extent_map(
+                ContextId::DEFAULT,
+                EXTENT + i * EXTENT_PAGES,
+                Permissions::RW,
+            )
+        })
+        .collect();
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert!(ops.iter().all(|o| o.status == 0));
+    let pages = extents * EXTENT_PAGES;
+    let st = e.state();
+    let per = st.heap_bytes() as f64 / pages as f64;
+    eprintln!(
+        "engine heap: {} bytes for {pages} extent pages = {per:.1} B/page",
+        st.heap_bytes()
+    );
+    assert!(per <= 36.0, "{per} bytes per page");
+    assert_eq!(
+        st.driver(DomId::DOM0).unwrap().extent_records(),
+        extents as usize
+    );
+}
