@@ -691,6 +691,11 @@ pub struct DriverDomain {
     /// longer trusted), and maps refused because the free list did not hold
     /// together (never followed then, nothing handed out).
     bugs: [u64; EngineBug::KINDS],
+    /// An index lost a mapping (a bug) since the cell last had no live
+    /// mapping: its gfn hooks pass over the slots instead of trusting the
+    /// indices (`Engine::revoke_gfn`). Cleared with the counts' distrust,
+    /// once nothing is Live (nothing can be lost then).
+    indices_suspect: bool,
     /// `bugs` as last added to the engine's host-wide counts.
     bugs_published: [u64; EngineBug::KINDS],
 }
@@ -727,6 +732,7 @@ impl DriverDomain {
             range_work: (0, 0),
             bugs: [0; EngineBug::KINDS],
             bugs_published: [0; EngineBug::KINDS],
+            indices_suspect: false,
             unmapping_head: NONE,
             unmapping_len: 0,
             stuck_head: NONE,
@@ -774,9 +780,23 @@ impl DriverDomain {
         }
     }
 
-    /// Live mappings taken out that the page index did not hold where it
-    /// should have (0 unless the engine has a bug; see `unindex`). Kept
-    /// when the cell is given back and taken again.
+    /// Whether an index lost a mapping since the cell last had none Live.
+    #[inline]
+    pub(crate) fn indices_suspect(&self) -> bool {
+        self.indices_suspect
+    }
+
+    /// An index lost a live mapping (an engine bug): counted, and the
+    /// indices are not trusted while anything is Live.
+    #[cold]
+    fn note_index_miss(&mut self) {
+        self.bugs[EngineBug::IndexMiss as usize] += 1;
+        self.indices_suspect = true;
+    }
+
+    /// Live mappings taken out that an index (pages or extent records) did
+    /// not hold where it should have (0 unless the engine has a bug; see
+    /// `unindex`). Kept when the cell is given back and taken again.
     pub fn index_misses(&self) -> u64 {
         self.bugs[EngineBug::IndexMiss as usize]
     }
@@ -1375,7 +1395,8 @@ impl DriverDomain {
     /// extent index and one count of the target and of its region, for
     /// the 512 pages. Returns the first page's generation (page `i`'s is
     /// that plus `i`). Fails only without that room, and then changes
-    /// nothing.
+    /// nothing the books hold (a record pushed stays free; a free list
+    /// that names no free record, an engine bug, is dropped).
     pub(crate) fn install_extent(
         &mut self,
         seed: u64,
@@ -1395,6 +1416,8 @@ impl DriverDomain {
         let rec = if self.extent_free != NONE {
             let rec = self.extent_free;
             if self.extents.get(rec as usize).is_none_or(|r| r.live != 0) {
+                // Not followed again: the next records are pushed anew.
+                self.extent_free = NONE;
                 self.bugs[EngineBug::FreeListBreak as usize] += 1;
                 return Err(Errno::NoSpc);
             }
@@ -1419,9 +1442,9 @@ impl DriverDomain {
         }
         // (The record exists: checked above.)
         let next = match chain {
-            Some((pos, first)) => {
+            Some((pos, old_head)) => {
                 self.extent_index.set_at(pos, rec);
-                first
+                old_head
             }
             None => NONE,
         };
@@ -1485,7 +1508,7 @@ impl DriverDomain {
                     .is_some_and(|o| o < EXTENT_PAGES)
         };
         let Some(r) = self.extents.get_mut(rec as usize).filter(|r| holds(r)) else {
-            self.bugs[EngineBug::IndexMiss as usize] += 1;
+            self.note_index_miss();
             self.regions_exact = false;
             self.trust_counts_again_if_no_live_mapping();
             return false;
@@ -1510,6 +1533,15 @@ impl DriverDomain {
     /// changed, otherwise (the caller then unmaps page by page). The
     /// caller checked each slot is a mapping of its context.
     pub(crate) fn unmap_whole_extent(&mut self, seed: u64, first: u64) -> bool {
+        // `first` comes from a guest's BFN: it and every page's index are
+        // clamped under speculation before they index anything.
+        let len = self.slots.len() as u64;
+        let Some(first) = self
+            .guest_slot(first)
+            .filter(|f| f.checked_add(EXTENT_PAGES).is_some_and(|end| end <= len))
+        else {
+            return false;
+        };
         let Some(rec) = self
             .raw(first)
             .filter(|s| s.state() == ST_LIVE && s.bits & MEMBER != 0)
@@ -1522,7 +1554,8 @@ impl DriverDomain {
             return false;
         };
         let once = (0..EXTENT_PAGES).all(|i| {
-            self.raw(first + i).is_some_and(|s| {
+            let idx = self.guest_slot(first + i);
+            idx.and_then(|i| self.raw(i)).is_some_and(|s| {
                 s.state() == ST_LIVE && s.bits & MEMBER != 0 && link64(s.next) == rec && s.aux == 1
             })
         });
@@ -1595,7 +1628,7 @@ impl DriverDomain {
             // from now on (`Engine::revoke_gfn`), so no page an index
             // lost stays mapped. (Tests require no miss:
             // `check_invariants`.)
-            self.bugs[EngineBug::IndexMiss as usize] += 1;
+            self.note_index_miss();
             self.regions_exact = false;
         }
         let last_of_target = self.count_target(seed, domid, false) == Ok(0);
@@ -1904,7 +1937,7 @@ impl DriverDomain {
             // the slots, a range hook's or a walk's, the owner's unmap by
             // BFN and its teardown find such a mapping; a hook for one gfn
             // goes by the index and does not.)
-            self.bugs[EngineBug::IndexMiss as usize] += 1;
+            self.note_index_miss();
             self.regions_exact = false;
             self.live -= 1;
             self.trust_counts_again_if_no_live_mapping();
@@ -1938,7 +1971,7 @@ impl DriverDomain {
                 // Not in its chain: a corrupted index. Tests catch it here;
                 // in Xen the slot is still taken down (its caller unmaps it).
                 debug_assert!(false, "live mapping missing from its page chain");
-                self.bugs[EngineBug::IndexMiss as usize] += 1;
+                self.note_index_miss();
                 self.regions_exact = false;
             }
         }
@@ -1952,6 +1985,9 @@ impl DriverDomain {
     /// right again when no live mapping is left, indexed or not: empty.
     #[inline]
     fn trust_counts_again_if_no_live_mapping(&mut self) {
+        if self.live == 0 {
+            self.indices_suspect = false;
+        }
         if !self.regions_exact
             && self.live == 0
             && self.pages.is_empty()

@@ -517,6 +517,9 @@ impl<L: RawMutex> Engine<L> {
         if self.space.aligned_run_at(first, EXTENT_PAGES) != Some(bfn) {
             return Err(Errno::NoEnt);
         }
+        // The guest's index, clamped under speculation like each page's:
+        // what is returned indexes slots (`unmap_whole_extent`).
+        let first = dd.guest_slot(first).ok_or(Errno::NoEnt)?;
         let mut revoked = false;
         for i in 0..EXTENT_PAGES {
             let idx = dd.guest_slot(first + i).ok_or(Errno::NoEnt)?;

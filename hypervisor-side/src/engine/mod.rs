@@ -393,6 +393,7 @@ pub struct MappingView {
 pub struct StateView<'a, L: RawMutex> {
     space: &'a BfnSpace,
     /// The engine's hash seed, for lookups as the engine makes them.
+    #[cfg(feature = "sim")]
     seed: u64,
     /// Every cell, with whether a driver domain owns it.
     guards: [Option<(bool, MutexGuard<'a, L, DriverDomain>)>; MAX_DRIVER_DOMAINS],
@@ -845,6 +846,7 @@ impl<L: RawMutex> Engine<L> {
     pub fn state(&self) -> StateView<'_, L> {
         StateView {
             space: &self.space,
+            #[cfg(feature = "sim")]
             seed: self.seed,
             guards: core::array::from_fn(|i| {
                 let cell = self.cells.get(i)?;
@@ -3093,6 +3095,52 @@ mod claim_race_tests {
             None,
             "the device kept gfn 20"
         );
+    }
+
+    /// After an index miss a range hook makes one pass over the cell at
+    /// most, whatever the region counts say. The first fallback passed
+    /// once per region the counts named (they are trusted again once the
+    /// cell has no live mapping, while the miss stayed counted): a pass per
+    /// region under the lock instead of one (second review, 2026-12-04).
+    #[test]
+    fn after_an_index_miss_a_range_hook_makes_one_pass() {
+        let mut m = SimMachine::new(16_600 + 4096, Format::Vtd, 64);
+        let spec = DomainSpec {
+            pages: 16_600,
+            privileged: false,
+            device_model_of: None,
+        };
+        m.create_domain(GUEST, spec).unwrap();
+        let e = crate::Engine::new(Default::default(), &m).unwrap();
+        let sim = SharedSim::new(m);
+        // 200 slots: a budget of 12 probes.
+        for g in 0..200 {
+            map(&sim, &e, DomId::DOM0, GUEST, g).unwrap();
+        }
+        e.lock_driver(DomId::DOM0)
+            .unwrap()
+            .dd
+            .lose_page_for_test(e.seed, GUEST, Gfn(5));
+        let mut h = sim.handle(DomId::DOM0);
+        // Every page goes (a pass finds gfn 5: the miss is counted); the
+        // cell has no live mapping left, so its counts are trusted again.
+        e.gfn_changed(&mut h, GUEST, Gfn(0), 8, GfnChange::Removed);
+        e.finish(&mut h, DomId::DOM0);
+        assert_eq!(e.state().driver(DomId::DOM0).unwrap().index_misses(), 1);
+        assert!(e.state().driver(DomId::DOM0).unwrap().regions_exact());
+        // A page each side of a region boundary, and a hook over both.
+        for g in [16_380, 16_386] {
+            map(&sim, &e, DomId::DOM0, GUEST, g).unwrap();
+        }
+        let passes = |e: &crate::Engine| e.state().driver(DomId::DOM0).unwrap().range_work().1;
+        let before = passes(&e);
+        let mut h = sim.handle(DomId::DOM0);
+        e.gfn_changed(&mut h, GUEST, Gfn(16_380), 3, GfnChange::Removed);
+        e.finish(&mut h, DomId::DOM0);
+        // (No pass at all: nothing was Live after the miss, so nothing
+        // could be lost, and the indices are trusted again.)
+        assert!(passes(&e) - before <= 1, "one pass over the cell at most");
+        assert!(e.state().live_mappings(DomId::DOM0).next().is_none());
     }
 
     /// Once a lost mapping has made the region counts untrusted, they are

@@ -692,6 +692,11 @@ impl<L: RawMutex> Engine<L> {
         (first, last): (u64, u64),
         how: GfnChange,
     ) {
+        // After an index miss the indices are not trusted (see
+        // `revoke_gfn`): one pass, whatever the counts say.
+        if d.dd.indices_suspect() {
+            return self.pass_over_range(d, h, domid, (first, last), how);
+        }
         let budget = d.dd.slots.len() as u64 / PROBE_COST_IN_SLOTS;
         if d.dd.regions_exact() {
             // Exact counts: no page at or beyond the numbered regions.
@@ -733,7 +738,7 @@ impl<L: RawMutex> Engine<L> {
         (first, last): (u64, u64),
         how: GfnChange,
     ) {
-        if d.dd.index_misses() != 0 {
+        if d.dd.indices_suspect() {
             // (After an engine bug: see `revoke_gfn`.)
             return self.pass_over_range(d, h, domid, (first, last), how);
         }
@@ -779,7 +784,8 @@ impl<L: RawMutex> Engine<L> {
     /// page's chain, then its pages in the records of its 2 MiB extent.
     /// After an engine bug that lost a mapping from an index (counted in
     /// `index_misses`) a pass over the slots finds it instead: the cell's
-    /// hooks cost a pass each from then on, and no lost page stays mapped.
+    /// hooks cost a pass each until it has no live mapping left, and no
+    /// lost page stays mapped.
     fn revoke_gfn(
         &self,
         d: &mut Driver<'_, L>,
@@ -788,7 +794,7 @@ impl<L: RawMutex> Engine<L> {
         gfn: Gfn,
         how: GfnChange,
     ) {
-        if d.dd.index_misses() != 0 {
+        if d.dd.indices_suspect() {
             return self.pass_over_range(d, h, domid, (gfn.0, gfn.0.saturating_add(1)), how);
         }
         self.revoke_page_chain(d, h, domid, gfn, how);
