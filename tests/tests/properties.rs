@@ -62,13 +62,13 @@ const EXTENT_GFN: u64 = 512;
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        6 => (any::<bool>(), 0u64..40, any::<bool>()).prop_map(|(dm, gfn, write)| Step::Map { dm, gfn, write }),
+        6 => (any::<bool>(), 0u64..44, any::<bool>()).prop_map(|(dm, gfn, write)| Step::Map { dm, gfn, write }),
         4 => any::<usize>().prop_map(Step::UnmapLive),
         1 => any::<u64>().prop_map(Step::UnmapRandom),
-        1 => (0u64..40).prop_map(Step::RemoveGfn),
+        1 => (0u64..44).prop_map(Step::RemoveGfn),
         1 => (0u64..40).prop_map(Step::ReplacePage),
-        1 => (0u64..40).prop_map(Step::MakeReadOnly),
-        3 => (0u64..40, prop_oneof![3 => 0u32..5, 1 => 5u32..16, 1 => Just(63)], any::<bool>())
+        1 => (0u64..44).prop_map(Step::MakeReadOnly),
+        3 => (0u64..44, prop_oneof![3 => 0u32..5, 1 => 5u32..16, 1 => Just(63)], any::<bool>())
             .prop_map(|(at, order, removed)| Step::ChangeRange { at, order, removed }),
         1 => (any::<bool>(), any::<bool>()).prop_map(|(dm, batched)| Step::Drain { dm, batched }),
         1 => (1u32..3).prop_map(Step::FailUnmaps),
@@ -84,16 +84,22 @@ fn step() -> impl Strategy<Value = Step> {
 /// A domain dom0 maps pages of that no step changes.
 const BYSTANDER: DomId = DomId(20);
 
-/// The guest gfn the steps' gfn number `i` (0..40) stands for: the
+/// The guest gfn the steps' gfn number `i` (0..44) stands for: the
 /// guest's first RAM pages, then pages either side of a region edge of the
 /// engine's region counts (64 MiB), then pages spread over a far region
-/// and into the next, so range hooks meet regions mapped and empty.
+/// and into the next, so range hooks meet regions mapped and empty; last,
+/// pages of the extent the extent steps map (first, second, middle, last),
+/// so page maps share an extent's pages, take the slots its unmapped pages
+/// gave up, or map them with other access beside its records. (Not for
+/// `ReplacePage`: an extent map over such a page's stale mapping revokes
+/// it on the way, which a refused map may leave.)
 fn guest_gfn(i: u64) -> u64 {
     const REGION: u64 = 1 << 14;
     match i {
         0..24 => i,
         24..32 => 3 * REGION - 4 + (i - 24),
-        _ => 300 * REGION + (i - 32) * 2400,
+        32..40 => 300 * REGION + (i - 32) * 2400,
+        _ => EXTENT_GFN + [0, 1, 255, 511][(i - 40) as usize % 4],
     }
 }
 
