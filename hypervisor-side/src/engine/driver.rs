@@ -1936,7 +1936,9 @@ impl DriverDomain {
             // empty, or has no live mapping left (below). (A pass over
             // the slots, a range hook's or a walk's, the owner's unmap by
             // BFN and its teardown find such a mapping; a hook for one gfn
-            // goes by the index and does not.)
+            // goes by the index until a miss like this one is noted, and
+            // passes over the slots from then on while anything is Live:
+            // `indices_suspect`.)
             self.note_index_miss();
             self.regions_exact = false;
             self.live -= 1;
