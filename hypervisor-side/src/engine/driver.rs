@@ -773,6 +773,13 @@ impl DriverDomain {
 
     /// Corrupt the page index as a bug would: page (domid, gfn) is no
     /// longer in it, its mappings still Live.
+    /// Corrupt a page chain as a bug would: the Live slot `idx`'s link
+    /// names `next`.
+    #[cfg(test)]
+    pub(crate) fn set_chain_link_for_test(&mut self, idx: u64, next: u64) {
+        self.set_next_live(idx, next);
+    }
+
     #[cfg(test)]
     pub(crate) fn lose_page_for_test(&mut self, seed: u64, domid: DomId, gfn: Gfn) {
         if let Some(pos) = self.page_pos(page_hash(seed, domid, gfn), domid, gfn) {
@@ -789,7 +796,7 @@ impl DriverDomain {
     /// An index lost a live mapping (an engine bug): counted, and the
     /// indices are not trusted while anything is Live.
     #[cold]
-    fn note_index_miss(&mut self) {
+    pub(crate) fn note_index_miss(&mut self) {
         self.bugs[EngineBug::IndexMiss as usize] += 1;
         self.indices_suspect = true;
     }
@@ -1192,7 +1199,7 @@ impl DriverDomain {
         gfn: Gfn,
     ) -> Option<(Option<u64>, Option<u64>)> {
         let head = gfn.0 & !(EXTENT_PAGES - 1);
-        let r = self.extents.get(usize::try_from(rec).ok()?)?;
+        let r = self.record(rec)?;
         if !r.is_of(domid, head) {
             return None;
         }
@@ -1203,6 +1210,23 @@ impl DriverDomain {
             .filter(|s| s.is_live_page(domid, gfn) && s.bits & MEMBER != 0 && link64(s.next) == rec)
             .map(|_| idx);
         Some(((next != NONE).then_some(next), member))
+    }
+
+    /// Record `rec`, its number clamped under speculation: numbers come
+    /// from slot links, which under a mispredicted state check may be any
+    /// link a driver domain's own maps arranged (as `unlink_free` clamps
+    /// its neighbours' numbers).
+    #[inline(always)]
+    fn record(&self, rec: u64) -> Option<&ExtentRecord> {
+        let len = self.extents.len();
+        let i = usize::try_from(rec).ok().filter(|&i| i < len)?;
+        self.extents.get(array_index_nospec(i, len))
+    }
+    #[inline(always)]
+    fn record_mut(&mut self, rec: u64) -> Option<&mut ExtentRecord> {
+        let len = self.extents.len();
+        let i = usize::try_from(rec).ok().filter(|&i| i < len)?;
+        self.extents.get_mut(array_index_nospec(i, len))
     }
 
     /// Whether this cell holds any extent record.
@@ -1507,20 +1531,18 @@ impl DriverDomain {
                     .checked_sub(r.first as u64)
                     .is_some_and(|o| o < EXTENT_PAGES)
         };
-        let Some(r) = self.extents.get_mut(rec as usize).filter(|r| holds(r)) else {
+        let Some(r) = self.record_mut(rec).filter(|r| holds(r)) else {
+            // (The slot was a Live member: it leaves the count with it.)
+            self.member_pages = self.member_pages.saturating_sub(1);
             self.note_index_miss();
             self.regions_exact = false;
             self.trust_counts_again_if_no_live_mapping();
             return false;
         };
         r.live -= 1;
+        let (left, head, next) = (r.live, r.head_gfn, link64(r.next));
         self.member_pages -= 1;
-        let last_of_target = if r.live == 0 {
-            let (head, next) = (r.head_gfn, link64(r.next));
-            self.remove_record(seed, rec, domid, head, next)
-        } else {
-            false
-        };
+        let last_of_target = left == 0 && self.remove_record(seed, rec, domid, head, next);
         self.trust_counts_again_if_no_live_mapping();
         last_of_target
     }
@@ -1550,7 +1572,7 @@ impl DriverDomain {
             return false;
         };
         let whole = |r: &ExtentRecord| r.live == EXTENT_PAGES as u32 && r.first as u64 == first;
-        let Some(&r) = self.extents.get(rec as usize).filter(|r| whole(r)) else {
+        let Some(&r) = self.record(rec).filter(|r| whole(r)) else {
             return false;
         };
         let once = (0..EXTENT_PAGES).all(|i| {
@@ -1562,14 +1584,16 @@ impl DriverDomain {
         if !once {
             return false;
         }
-        if let Some(x) = self.extents.get_mut(rec as usize) {
+        if let Some(x) = self.record_mut(rec) {
             x.live = 0;
         }
         self.remove_record(seed, rec, DomId(r.domid), r.head_gfn, link64(r.next));
         self.live -= EXTENT_PAGES;
         self.member_pages -= EXTENT_PAGES;
         for i in 0..EXTENT_PAGES {
-            self.push_unmapping_at(first + i, false, true);
+            if let Some(idx) = self.guest_slot(first + i) {
+                self.push_unmapping_at(idx, false, true);
+            }
         }
         self.stats.unmaps += EXTENT_PAGES;
         self.trust_counts_again_if_no_live_mapping();
@@ -1987,7 +2011,16 @@ impl DriverDomain {
     /// right again when no live mapping is left, indexed or not: empty.
     #[inline]
     fn trust_counts_again_if_no_live_mapping(&mut self) {
-        if self.live == 0 {
+        if self.live == 0 && self.indices_suspect {
+            // Nothing is Live: whatever the indices still hold after a
+            // miss names nothing (slots that left Live lost their member
+            // bit; pending maps name slots, not records), and goes. The
+            // records a broken list leaked come back with it.
+            self.pages.clear();
+            self.extent_index.clear();
+            self.extents.clear();
+            self.extent_free = NONE;
+            self.member_pages = 0;
             self.indices_suspect = false;
         }
         if !self.regions_exact

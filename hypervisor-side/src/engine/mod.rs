@@ -3143,6 +3143,71 @@ mod claim_race_tests {
         assert!(e.state().live_mappings(DomId::DOM0).next().is_none());
     }
 
+    /// A hook that meets a broken page chain (a link to a slot that is not
+    /// Live: an engine bug) notes the miss and passes over the cell for
+    /// what the chain no longer leads to, for one gfn or a range. The
+    /// first version stopped at the break quietly, and the mapping past it
+    /// kept its entry (third review, 2026-12-04).
+    #[test]
+    fn a_hook_that_meets_a_broken_chain_still_revokes_past_it() {
+        for range in [false, true] {
+            let mut m = SimMachine::new(16_600 + 4096, Format::Vtd, 64);
+            let spec = DomainSpec {
+                pages: 16_600,
+                privileged: false,
+                device_model_of: None,
+            };
+            m.create_domain(GUEST, spec).unwrap();
+            let e = crate::Engine::new(Default::default(), &m).unwrap();
+            let sim = SharedSim::new(m);
+            // 200 slots besides: a range of 8 is probed, not passed.
+            for g in 100..300 {
+                map(&sim, &e, DomId::DOM0, GUEST, g).unwrap();
+            }
+            let rw = map(&sim, &e, DomId::DOM0, GUEST, 5).unwrap();
+            let ro = {
+                let mut h = sim.handle(DomId::DOM0);
+                let info = h.domain_info(DomId::DOM0).unwrap();
+                let req = MapRequest {
+                    context: ContextId::DEFAULT,
+                    domid: GUEST,
+                    gfn: Gfn(5),
+                    perms: Permissions::RO,
+                    attr: MemAttr::WriteBack,
+                    grant: false,
+                };
+                let bfn = e.map(&mut h, DomId::DOM0, &info, &req).unwrap();
+                e.finish(&mut h, DomId::DOM0);
+                bfn
+            };
+            {
+                let mut d = e.lock_driver(DomId::DOM0).unwrap();
+                let head = d.dd.page_head(e.seed, GUEST, Gfn(5)).unwrap();
+                // The chain's head (the RO map, the later) names no slot.
+                d.dd.set_chain_link_for_test(head, 10_000);
+            }
+            let passes = |e: &crate::Engine| e.state().driver(DomId::DOM0).unwrap().range_work().1;
+            let before = passes(&e);
+            let mut h = sim.handle(DomId::DOM0);
+            if range {
+                e.gfn_changed(&mut h, GUEST, Gfn(0), 3, GfnChange::Removed);
+            } else {
+                e.gfn_removed(&mut h, GUEST, Gfn(5));
+            }
+            e.finish(&mut h, DomId::DOM0);
+            assert_eq!(contexts(&sim, ro)[2], None, "range {range}");
+            assert_eq!(
+                contexts(&sim, rw)[2],
+                None,
+                "range {range}: the device kept gfn 5"
+            );
+            // (Noted at the break, and again when the pass takes out the
+            // mapping the index no longer holds.)
+            assert_ne!(e.state().driver(DomId::DOM0).unwrap().index_misses(), 0);
+            assert_eq!(passes(&e) - before, 1, "range {range}: one pass");
+        }
+    }
+
     /// Once a lost mapping has made the region counts untrusted, they are
     /// trusted again only when no live mapping is left: the first version
     /// went by the index alone, so the owner's unmap of the last page the

@@ -718,11 +718,19 @@ impl<L: RawMutex> Engine<L> {
                     };
                     left = after_gfns;
                     self.probe_each_gfn(d, h, domid, (at, end), how);
+                    // A broken index met on the way: one pass over the
+                    // whole range (gfns probed before it included).
+                    if d.dd.indices_suspect() {
+                        return self.pass_over_range(d, h, domid, (first, last), how);
+                    }
                 }
                 at = end;
             }
         } else if last - first <= budget {
             self.probe_each_gfn(d, h, domid, (first, last), how);
+            if d.dd.indices_suspect() {
+                self.pass_over_range(d, h, domid, (first, last), how);
+            }
         } else {
             self.pass_over_range(d, h, domid, (first, last), how);
         }
@@ -738,10 +746,6 @@ impl<L: RawMutex> Engine<L> {
         (first, last): (u64, u64),
         how: GfnChange,
     ) {
-        if d.dd.indices_suspect() {
-            // (After an engine bug: see `revoke_gfn`.)
-            return self.pass_over_range(d, h, domid, (first, last), how);
-        }
         d.dd.range_work.0 += last - first;
         for g in first..last {
             self.revoke_page_chain(d, h, domid, Gfn(g), how);
@@ -799,6 +803,11 @@ impl<L: RawMutex> Engine<L> {
         }
         self.revoke_page_chain(d, h, domid, gfn, how);
         self.revoke_extent_pages(d, h, domid, (gfn.0, gfn.0.saturating_add(1)), how);
+        // A broken chain met on the way (noted): what it no longer leads
+        // to is found by a pass.
+        if d.dd.indices_suspect() {
+            self.pass_over_range(d, h, domid, (gfn.0, gfn.0.saturating_add(1)), how);
+        }
     }
 
     /// Revoke the mappings in the page index's chain of (domid, gfn).
@@ -819,12 +828,19 @@ impl<L: RawMutex> Engine<L> {
                 return;
             };
             let Some(m) = d.dd.live_at(idx) else {
+                // A chain holds Live slots only (a slot leaves it before
+                // it leaves Live): a link to any other is a broken index.
+                d.dd.note_index_miss();
                 return;
             };
             at = (m.next_same_page != NONE).then_some(m.next_same_page);
             if how == GfnChange::Removed || m.perms.write {
                 self.revoke_slot(d, h, idx);
             }
+        }
+        if at.is_some() {
+            // Longer than any chain can be: broken.
+            d.dd.note_index_miss();
         }
     }
 
@@ -849,6 +865,10 @@ impl<L: RawMutex> Engine<L> {
             };
             // The next record, read before any page of this one goes.
             let Some((next, _)) = d.dd.extent_step(r, domid, Gfn(first)) else {
+                // The first record is the index's (checked); a link to a
+                // record of another extent, or a free one, is a broken
+                // chain (only the record walked can go during the walk).
+                d.dd.note_index_miss();
                 return;
             };
             rec = next;
@@ -861,6 +881,10 @@ impl<L: RawMutex> Engine<L> {
                     self.revoke_slot(d, h, idx);
                 }
             }
+        }
+        if rec.is_some() {
+            // Longer than any chain can be: broken.
+            d.dd.note_index_miss();
         }
     }
 
