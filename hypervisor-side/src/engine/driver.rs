@@ -95,6 +95,15 @@ fn extent_hash(seed: u64, domid: DomId, head: u64) -> u64 {
     hash64(seed, head, 0x6578_7465_6e74_0000 | domid.0 as u64)
 }
 
+/// The hash of the record an extent-index value names, for the index's
+/// rebuilds and removals (every value in the index names a Live record).
+#[inline]
+fn record_hash(records: &ChunkedVec<ExtentRecord>, seed: u64, v: u64) -> u64 {
+    records
+        .get(v as usize)
+        .map_or(0, |r| extent_hash(seed, DomId(r.domid), r.head_gfn))
+}
+
 /// A per-target count packs the domid above the count.
 const COUNT_BITS: u32 = 40;
 fn count_pack(domid: DomId, n: u64) -> u64 {
@@ -1304,7 +1313,14 @@ impl DriverDomain {
     #[inline(always)]
     pub(crate) fn reserve_index(&mut self, seed: u64, at: &PageAt) -> Result<(), Errno> {
         self.pages.reserve_one(at.hash)?;
-        // (Past the bound, or no longer exact, the page is not counted.)
+        self.reserve_counts(seed)
+    }
+
+    /// Room for one more entry in the target and region counts (a page in
+    /// the page index, or an extent record).
+    #[inline(always)]
+    fn reserve_counts(&mut self, seed: u64) -> Result<(), Errno> {
+        // (Past the bound, or no longer exact, the entry is not counted.)
         if self.regions_exact && self.regions.len() < MAX_REGIONS {
             self.regions
                 .reserve_one(|v| region_hash(seed, region_key_of(v)))?;
@@ -1397,18 +1413,9 @@ impl DriverDomain {
                 .try_reserve_one(usize::try_from(limit).unwrap_or(usize::MAX))?;
         }
         let records = &self.extents;
-        // (Every value in the index names a Live record.)
-        self.extent_index.reserve_one(|v| {
-            records
-                .get(v as usize)
-                .map_or(0, |r| extent_hash(seed, DomId(r.domid), r.head_gfn))
-        })?;
-        if self.regions_exact && self.regions.len() < MAX_REGIONS {
-            self.regions
-                .reserve_one(|v| region_hash(seed, region_key_of(v)))?;
-        }
-        self.targets
-            .reserve_one(|v| target_hash(seed, count_domid(v)))
+        self.extent_index
+            .reserve_one(|v| record_hash(records, seed, v))?;
+        self.reserve_counts(seed)
     }
 
     /// Store the 512 pages of the extent whose first page is `key` (its
@@ -1616,11 +1623,8 @@ impl DriverDomain {
         let unlinked = match found {
             Some((pos, first)) if first == rec => {
                 if next == NONE {
-                    self.extent_index.remove_at(pos, |v| {
-                        records
-                            .get(v as usize)
-                            .map_or(0, |r| extent_hash(seed, DomId(r.domid), r.head_gfn))
-                    });
+                    self.extent_index
+                        .remove_at(pos, |v| record_hash(records, seed, v));
                 } else {
                     self.extent_index.set_at(pos, next);
                 }

@@ -2837,6 +2837,20 @@ mod claim_race_tests {
         (SharedSim::new(m), e)
     }
 
+    /// A guest of 16 600 pages (gfns past the first 64 MiB region) and
+    /// nothing else.
+    fn host_past_a_region() -> (SharedSim, crate::Engine) {
+        let mut m = SimMachine::new(16_600 + 4096, Format::Vtd, 64);
+        let spec = DomainSpec {
+            pages: 16_600,
+            privileged: false,
+            device_model_of: None,
+        };
+        m.create_domain(GUEST, spec).unwrap();
+        let e = crate::Engine::new(Default::default(), &m).unwrap();
+        (SharedSim::new(m), e)
+    }
+
     fn map(
         sim: &SharedSim,
         e: &crate::Engine,
@@ -2844,13 +2858,24 @@ mod claim_race_tests {
         target: DomId,
         gfn: u64,
     ) -> Result<Bfn, Errno> {
+        map_with(sim, e, caller, target, gfn, Permissions::RW)
+    }
+
+    fn map_with(
+        sim: &SharedSim,
+        e: &crate::Engine,
+        caller: DomId,
+        target: DomId,
+        gfn: u64,
+        perms: Permissions,
+    ) -> Result<Bfn, Errno> {
         let mut h = sim.handle(caller);
         let info = h.domain_info(caller).unwrap();
         let req = MapRequest {
             context: ContextId::DEFAULT,
             domid: target,
             gfn: Gfn(gfn),
-            perms: Permissions::RW,
+            perms,
             attr: MemAttr::WriteBack,
             grant: false,
         };
@@ -3104,15 +3129,7 @@ mod claim_race_tests {
     /// region under the lock instead of one (second review, 2026-12-04).
     #[test]
     fn after_an_index_miss_a_range_hook_makes_one_pass() {
-        let mut m = SimMachine::new(16_600 + 4096, Format::Vtd, 64);
-        let spec = DomainSpec {
-            pages: 16_600,
-            privileged: false,
-            device_model_of: None,
-        };
-        m.create_domain(GUEST, spec).unwrap();
-        let e = crate::Engine::new(Default::default(), &m).unwrap();
-        let sim = SharedSim::new(m);
+        let (sim, e) = host_past_a_region();
         // 200 slots: a budget of 12 probes.
         for g in 0..200 {
             map(&sim, &e, DomId::DOM0, GUEST, g).unwrap();
@@ -3151,35 +3168,13 @@ mod claim_race_tests {
     #[test]
     fn a_hook_that_meets_a_broken_chain_still_revokes_past_it() {
         for range in [false, true] {
-            let mut m = SimMachine::new(16_600 + 4096, Format::Vtd, 64);
-            let spec = DomainSpec {
-                pages: 16_600,
-                privileged: false,
-                device_model_of: None,
-            };
-            m.create_domain(GUEST, spec).unwrap();
-            let e = crate::Engine::new(Default::default(), &m).unwrap();
-            let sim = SharedSim::new(m);
+            let (sim, e) = host_past_a_region();
             // 200 slots besides: a range of 8 is probed, not passed.
             for g in 100..300 {
                 map(&sim, &e, DomId::DOM0, GUEST, g).unwrap();
             }
             let rw = map(&sim, &e, DomId::DOM0, GUEST, 5).unwrap();
-            let ro = {
-                let mut h = sim.handle(DomId::DOM0);
-                let info = h.domain_info(DomId::DOM0).unwrap();
-                let req = MapRequest {
-                    context: ContextId::DEFAULT,
-                    domid: GUEST,
-                    gfn: Gfn(5),
-                    perms: Permissions::RO,
-                    attr: MemAttr::WriteBack,
-                    grant: false,
-                };
-                let bfn = e.map(&mut h, DomId::DOM0, &info, &req).unwrap();
-                e.finish(&mut h, DomId::DOM0);
-                bfn
-            };
+            let ro = map_with(&sim, &e, DomId::DOM0, GUEST, 5, Permissions::RO).unwrap();
             {
                 let mut d = e.lock_driver(DomId::DOM0).unwrap();
                 let head = d.dd.page_head(e.seed, GUEST, Gfn(5)).unwrap();
