@@ -218,6 +218,10 @@ pub fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), String> {
     ensure_eq!(st.index_faults(), (0, 0));
     for dd in st.drivers() {
         let owner = dd.domid();
+        // The context of this cell's slots (each context's BFNs are its
+        // cell's): a free BFN is mapped nowhere there (a superpage left
+        // behind, say, over pages unmapped one by one).
+        let context = dd.context();
         // The page index never lost a live mapping.
         ensure_eq!(dd.index_misses(), 0);
         // The doubly linked free list holds every free slot, once.
@@ -256,7 +260,11 @@ pub fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), String> {
                     held_refs += 1 + mapping.perms.write as u64;
                 }
                 Slot::Free { .. } => {
-                    ensure_eq!(m.translate(owner, ContextId::DEFAULT, bfn), None);
+                    ensure_eq!(
+                        m.translate(owner, context, bfn),
+                        None,
+                        "free BFN in {context:?}"
+                    );
                 }
             }
         }

@@ -844,3 +844,145 @@ fn an_extent_page_costs_its_slot_and_little_more() {
         extents as usize
     );
 }
+
+/// The level of the entry that maps `bfn` in dom0's `context` (2: a 2 MiB
+/// superpage entry).
+fn leaf_level(m: &SimMachine, context: ContextId, bfn: Bfn) -> Option<u32> {
+    m.context_leaf(DomId::DOM0, context, bfn)
+        .map(|(level, _)| level)
+}
+
+/// In a context of the engine's own, an extent of one aligned machine run
+/// is one superpage entry. A page of it the guest gives up is revoked
+/// with no memory to spare (the split takes the spare the map kept), the
+/// other pages staying where they were; an owner's unmap of one page
+/// splits the same way; the extent's unmap then drops the rest.
+#[test]
+fn an_aligned_extent_is_one_superpage_entry_in_an_engine_context() {
+    let (mut m, e) = host();
+    let ctx = create_context(&mut m, &e);
+    let refs = m.total_page_refs();
+    let (status, out) = run(&mut m, &e, extent_map(ctx, EXTENT, Permissions::RW));
+    assert_eq!(status, 0);
+    let bfn = Bfn(out.bfn);
+    for i in [0, 300, EXTENT_PAGES - 1] {
+        assert_eq!(leaf_level(&m, ctx, Bfn(bfn.0 + i)), Some(2), "page {i}");
+    }
+    assert_mapped(&mut m, ctx, bfn, EXTENT);
+    check_invariants(&mut m, &e).unwrap();
+    // Revoked with no table to be had.
+    m.fail_table_allocs(Some(0));
+    m.balloon_out(&e, GUEST, Gfn(EXTENT + 300)).unwrap();
+    m.fail_table_allocs(None);
+    m.current = DomId::DOM0;
+    assert_eq!(m.translate(DomId::DOM0, ctx, Bfn(bfn.0 + 300)), None);
+    assert_eq!(leaf_level(&m, ctx, Bfn(bfn.0 + 301)), Some(1), "split");
+    for i in [0, 299, 301, EXTENT_PAGES - 1] {
+        assert_eq!(
+            m.translate(DomId::DOM0, ctx, Bfn(bfn.0 + i)).map(|t| t.0),
+            m.mfn_of(GUEST, Gfn(EXTENT + i)),
+            "page {i}"
+        );
+    }
+    assert_eq!(
+        m.dma_read(DomId::DOM0, ctx, (bfn.0 + 301) << 12, 64)
+            .unwrap(),
+        pattern(EXTENT + 301)
+    );
+    check_invariants(&mut m, &e).unwrap();
+    // A second extent, one of whose pages its owner unmaps alone.
+    let (status, two) = run(&mut m, &e, extent_map(ctx, 2 * EXTENT, Permissions::RO));
+    assert_eq!(status, 0);
+    let two = Bfn(two.bfn);
+    assert_eq!(leaf_level(&m, ctx, two), Some(2));
+    m.fail_table_allocs(Some(0));
+    let mut ops = [Request::Unmap {
+        context: ctx,
+        bfn: Bfn(two.0 + 5),
+    }
+    .encode()];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    m.fail_table_allocs(None);
+    assert_eq!(ops[0].status, 0);
+    assert_eq!(m.translate(DomId::DOM0, ctx, Bfn(two.0 + 5)), None);
+    assert_eq!(leaf_level(&m, ctx, Bfn(two.0 + 6)), Some(1));
+    check_invariants(&mut m, &e).unwrap();
+    // The first extent's unmap: the rest dropped, the revoked page
+    // acknowledged.
+    let (status, _) = run(&mut m, &e, extent_unmap(ctx, bfn));
+    assert_eq!(status, Errno::Stale.negated());
+    assert_unmapped(&m, ctx, bfn);
+    // The second's pages one by one (its unmap op is refused: page 5 is
+    // no mapping any more).
+    assert_eq!(
+        run(&mut m, &e, extent_unmap(ctx, two)).0,
+        Errno::NoEnt.negated()
+    );
+    let mut ops: Vec<_> = (0..EXTENT_PAGES)
+        .filter(|&i| i != 5)
+        .map(|i| {
+            Request::Unmap {
+                context: ctx,
+                bfn: Bfn(two.0 + i),
+            }
+            .encode()
+        })
+        .collect();
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert!(ops.iter().all(|o| o.status == 0));
+    assert_unmapped(&m, ctx, two);
+    assert_eq!(m.total_page_refs(), refs);
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// A mediator's cycle in its GPU context, by extents or by 512 page maps
+/// that fold into a superpage: each unmap clears the superpage entry
+/// whole, and the context's table frames stay as many cycle after cycle
+/// (the spare a superpage keeps for its split goes with it: before, every
+/// fold that was unmapped whole left one more behind).
+#[test]
+fn superpage_cycles_in_an_engine_context_keep_its_frames_flat() {
+    let (mut m, e) = host();
+    let ctx = create_context(&mut m, &e);
+    let pages: Vec<_> = (0..EXTENT_PAGES)
+        .map(|i| map_op_in(ctx, GUEST, EXTENT + i, Permissions::RW))
+        .collect();
+    let mut frames = Vec::new();
+    for cycle in 0..8 {
+        let bfn = if cycle % 2 == 0 {
+            let (status, out) = run(&mut m, &e, extent_map(ctx, EXTENT, Permissions::RW));
+            assert_eq!(status, 0);
+            Bfn(out.bfn)
+        } else {
+            let mut ops = pages.clone();
+            m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+            assert!(ops.iter().all(|o| o.status == 0));
+            Bfn(ops[0].bfn)
+        };
+        assert_eq!(
+            leaf_level(&m, ctx, Bfn(bfn.0 + 9)),
+            Some(2),
+            "cycle {cycle}"
+        );
+        assert_mapped(&mut m, ctx, bfn, EXTENT);
+        check_invariants(&mut m, &e).unwrap();
+        let mut ops: Vec<_> = (0..EXTENT_PAGES)
+            .map(|i| {
+                Request::Unmap {
+                    context: ctx,
+                    bfn: Bfn(bfn.0 + i),
+                }
+                .encode()
+            })
+            .collect();
+        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+        assert!(ops.iter().all(|o| o.status == 0));
+        assert_unmapped(&m, ctx, bfn);
+        check_invariants(&mut m, &e).unwrap();
+        frames.push(m.xen_frames());
+    }
+    assert!(
+        frames.windows(2).skip(1).all(|w| w[0] == w[1]),
+        "table frames by cycle: {frames:?}"
+    );
+}

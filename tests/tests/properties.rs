@@ -35,10 +35,13 @@ enum Step {
     FailFlush,
     KillGuest,
     /// A 2 MiB extent of the guest's (from [`EXTENT_GFN`]) mapped in one
-    /// op (ABI 1.6).
+    /// op (ABI 1.6); `own`: by dom0 into a context of its own, whose tables
+    /// the engine writes (one superpage entry where the guest's frames are
+    /// 2 MiB aligned).
     MapExtent {
         dm: bool,
         write: bool,
+        own: bool,
     },
     /// One of the extents mapped, unmapped in one op.
     UnmapExtent(usize),
@@ -74,7 +77,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (1u32..3).prop_map(Step::FailUnmaps),
         1 => Just(Step::FailFlush),
         1 => Just(Step::KillGuest),
-        2 => (any::<bool>(), any::<bool>()).prop_map(|(dm, write)| Step::MapExtent { dm, write }),
+        2 => (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(dm, write, own)| Step::MapExtent { dm, write, own }),
         1 => any::<usize>().prop_map(Step::UnmapExtent),
         1 => (0u64..512).prop_map(Step::RemoveExtentPage),
         1 => (0u64..512, any::<bool>()).prop_map(|(k, dm)| Step::ExtentOverStalePage { k, dm }),
@@ -136,9 +139,18 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
-    fn random_op_sequences_keep_invariants(steps in proptest::collection::vec(step(), 1..60), lpae in any::<bool>()) {
-        // (1024 pages: the extent steps map gfns 512-1023.)
-        let (mut m, e) = machine(if lpae { Format::Lpae } else { Format::Vtd }, 1024);
+    fn random_op_sequences_keep_invariants(steps in proptest::collection::vec(step(), 1..60), lpae in any::<bool>(), aligned in any::<bool>()) {
+        // (1024 pages: the extent steps map gfns 512-1023; `aligned`: dom0
+        // has 512 pages, so the guest's extent is a 2 MiB-aligned run of
+        // frames, which an engine context maps with one superpage entry.)
+        let format = if lpae { Format::Lpae } else { Format::Vtd };
+        let (mut m, e) = machine_after_dom0(format, 1024, if aligned { 512 } else { 64 });
+        let own_context = {
+            let mut ops = [pviommu_abi::Request::ContextCreate.encode()];
+            m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+            prop_assert_eq!(ops[0].status, 0);
+            ContextId(ops[0].context)
+        };
         for i in 24..40 {
             m.put_new_frame(GUEST, pviommu_abi::Gfn(guest_gfn(i))).unwrap();
         }
@@ -152,7 +164,7 @@ proptest! {
         m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
         prop_assert!(ops.iter().all(|op| op.status == 0));
         let mut live: Vec<(DomId, Bfn)> = Vec::new();
-        let mut extents: Vec<(DomId, Bfn)> = Vec::new();
+        let mut extents: Vec<(DomId, ContextId, Bfn)> = Vec::new();
         for s in steps {
             match s {
                 Step::Map { dm, gfn, write } => {
@@ -281,24 +293,25 @@ proptest! {
                         live.retain(|l| *l != (caller, Bfn(next[0].bfn)));
                     }
                 }
-                Step::MapExtent { dm, write } => {
+                Step::MapExtent { dm, write, own } => {
                     let caller = if dm { DEVICE_MODEL } else { DomId::DOM0 };
+                    let context = if own && !dm { own_context } else { ContextId::DEFAULT };
                     let perms = if write { Permissions::RW } else { Permissions::RO };
                     settle(&mut m, &e, caller);
                     let before = observable(&m, &e);
-                    let req = map_request_in(ContextId::DEFAULT, GUEST, EXTENT_GFN, perms);
+                    let req = map_request_in(context, GUEST, EXTENT_GFN, perms);
                     let mut ops = [pviommu_abi::Request::MapExtent(req).encode()];
                     m.guest_batch_all(&e, caller, &mut ops).unwrap();
                     if ops[0].status == 0 {
                         prop_assert_eq!(ops[0].bfn % 512, 0);
-                        extents.push((caller, Bfn(ops[0].bfn)));
+                        extents.push((caller, context, Bfn(ops[0].bfn)));
                     } else {
                         prop_assert_eq!(observable(&m, &e), before, "refused extent map changed state");
                     }
                 }
                 Step::UnmapExtent(i) if !extents.is_empty() => {
-                    let (caller, bfn) = extents.remove(i % extents.len());
-                    let op = pviommu_abi::Request::UnmapExtent { context: ContextId::DEFAULT, bfn };
+                    let (caller, context, bfn) = extents.remove(i % extents.len());
+                    let op = pviommu_abi::Request::UnmapExtent { context, bfn };
                     settle(&mut m, &e, caller);
                     let before = observable(&m, &e);
                     let mut ops = [op.encode()];
@@ -330,7 +343,7 @@ proptest! {
                         m.guest_batch_all(&e, caller, &mut ops).unwrap();
                         if ops[0].status == 0 {
                             prop_assert_eq!(ops[0].bfn % 512, 0);
-                            extents.push((caller, Bfn(ops[0].bfn)));
+                            extents.push((caller, ContextId::DEFAULT, Bfn(ops[0].bfn)));
                         }
                         // The hooks of the two changes, as Xen runs them.
                         e.gfn_removed(&mut m, GUEST, page);
@@ -368,23 +381,23 @@ proptest! {
         }
         // Unmapping everything (and acknowledging every revocation)
         // balances every reference to zero and frees every BFN.
-        let all: Vec<(DomId, Bfn, u32)> = {
+        let all: Vec<(DomId, ContextId, Bfn, u32)> = {
             let st = e.state();
             let space = st.space().clone();
             st.drivers()
                 .flat_map(|dd| {
                     let space = space.clone();
                     dd.slots().filter_map(move |(i, s)| match s {
-                        Slot::Live(mp) => Some((dd.domid(), space.bfn_of(i).unwrap(), mp.refs)),
-                        Slot::Revoked { .. } => Some((dd.domid(), space.bfn_of(i).unwrap(), 1)),
+                        Slot::Live(mp) => Some((dd.domid(), mp.context, space.bfn_of(i).unwrap(), mp.refs)),
+                        Slot::Revoked { notice, .. } => Some((dd.domid(), notice.context, space.bfn_of(i).unwrap(), 1)),
                         _ => None,
                     })
                 })
                 .collect()
         };
-        for (caller, bfn, refs) in all {
+        for (caller, context, bfn, refs) in all {
             for _ in 0..refs {
-                let mut ops = [unmap_op(bfn)];
+                let mut ops = [pviommu_abi::Request::Unmap { context, bfn }.encode()];
                 m.guest_batch_all(&e, caller, &mut ops).unwrap();
                 prop_assert!(ops[0].status == 0 || ops[0].status == -116, "status {}", ops[0].status);
             }

@@ -311,7 +311,8 @@ impl<L: RawMutex> Engine<L> {
         d.dd.run_hint = (req.domid, Gfn(req.gfn.0 + LAST), first + LAST);
         // 5. The IOMMU entries: in context 0 written together by the
         //    flush that ends the call (one run, `write_pending_entries`);
-        //    in the engine's own tables now.
+        //    in the engine's own tables now: one superpage entry where the
+        //    frames are on a 2 MiB boundary, else 512 entries.
         if deferred {
             for i in 0..EXTENT_PAGES {
                 let pending = PendingMap {
@@ -325,21 +326,19 @@ impl<L: RawMutex> Engine<L> {
                 self.write_pending_entries(d, h);
             }
         } else {
-            for i in 0..EXTENT_PAGES {
-                let t0 = self.clock(h);
-                let mapped = d.dd.iommu_map(
-                    h,
-                    req.context,
-                    Bfn(first_bfn.0 + i),
-                    Mfn(first_mfn.0 + i),
-                    req.perms,
-                    req.attr,
-                );
-                d.dd.stats.ns_iommu_map += self.since(h, t0);
-                if let Err(e) = mapped {
-                    self.take_back_extent(d, h, first, i);
-                    return Err((e, i));
+            let t0 = self.clock(h);
+            let whole =
+                d.dd.iommu_map_extent(h, req.context, first_bfn, first_mfn, req.perms, req.attr);
+            d.dd.stats.ns_iommu_map += self.since(h, t0);
+            let by_pages = match whole {
+                Ok(done) => !done,
+                Err(e) => {
+                    self.take_back_extent(d, h, first, 0);
+                    return Err((e, 0));
                 }
+            };
+            if by_pages {
+                self.map_extent_pages(d, h, req, (first, first_bfn), first_mfn)?;
             }
         }
         Ok(ExtentMapped {
@@ -350,6 +349,38 @@ impl<L: RawMutex> Engine<L> {
             },
             shared: None,
         })
+    }
+
+    /// The entries of an extent installed from slot `first` at `first_bfn`,
+    /// in one of the engine's own contexts that could not take it as one
+    /// superpage entry: page by page. `Err((error, n))`: the IOMMU refused
+    /// page `n`; the extent is taken back (the first `n` entries wait for
+    /// the flush).
+    fn map_extent_pages(
+        &self,
+        d: &mut Driver<'_, L>,
+        h: &mut impl Hypervisor,
+        req: &MapRequest,
+        (first, first_bfn): (u64, Bfn),
+        first_mfn: Mfn,
+    ) -> Result<(), (Errno, u64)> {
+        for i in 0..EXTENT_PAGES {
+            let t0 = self.clock(h);
+            let mapped = d.dd.iommu_map(
+                h,
+                req.context,
+                Bfn(first_bfn.0 + i),
+                Mfn(first_mfn.0 + i),
+                req.perms,
+                req.attr,
+            );
+            d.dd.stats.ns_iommu_map += self.since(h, t0);
+            if let Err(e) = mapped {
+                self.take_back_extent(d, h, first, i);
+                return Err((e, i));
+            }
+        }
+        Ok(())
     }
 
     /// The live mapping, in the locked cell `d`, with the dedup key of page

@@ -121,7 +121,7 @@ pub trait TableMemory {
     /// [`present_count`](TableMemory::present_count) of `table` together
     /// (what every map and unmap asks of its leaf table first), with one
     /// mapping of the frame where the backend has to map it.
-    #[inline]
+    #[inline(always)]
     fn read_entry_and_count(&self, table: Mfn, index: usize) -> (u64, u16) {
         (self.read_entry(table, index), self.present_count(table))
     }
@@ -130,7 +130,7 @@ pub trait TableMemory {
     /// the store of every map and unmap with its bookkeeping, which a
     /// backend that has to map the frame first may do with one mapping
     /// (Xen's: three mapping look-ups and two bounds checks fewer a store).
-    #[inline]
+    #[inline(always)]
     fn write_entry_counted(&mut self, table: Mfn, index: usize, raw: u64, count: u16) {
         self.write_entry(table, index, raw);
         self.set_present_count(table, count);
@@ -237,9 +237,13 @@ impl TableOptions {
 pub struct IoPageTable<F: PageTableFormat> {
     root: Mfn,
     options: TableOptions,
-    /// Spare table frames, one per superpage; entry 0 of each holds the
-    /// next spare's frame + 1 (0 ends the list).
+    /// Spare table frames for splits; entry 0 of each holds the next
+    /// spare's frame + 1 (0 ends the list). See [`IoPageTable::spares_owed`].
     spares: Option<Mfn>,
+    /// Frames on `spares`.
+    spares_len: usize,
+    /// Level-2 leaves (superpages) in the tree, folded or mapped whole.
+    superpages: usize,
     /// Emptied tables waiting for the flush; chained the same way.
     freed: Option<Mfn>,
     /// Emptied tables whose flush came, kept for reuse: the first
@@ -254,6 +258,8 @@ pub struct IoPageTable<F: PageTableFormat> {
     /// holding the entries its superpage maps: the first `folded_len`.
     folded: [Folded; FOLDED_BEFORE_FLUSH],
     folded_len: usize,
+    /// Of those, the ones whose superpage is still in the tree.
+    folded_live: usize,
     _format: core::marker::PhantomData<F>,
 }
 
@@ -264,12 +270,15 @@ struct Folded {
     table: Mfn,
     parent: Mfn,
     pidx: usize,
+    /// Its superpage is still in the tree (not unmapped whole since).
+    live: bool,
 }
 
 const NO_FOLD: Folded = Folded {
     table: Mfn(0),
     parent: Mfn(0),
     pidx: 0,
+    live: false,
 };
 
 /// A leaf (level-1) table and where it hangs.
@@ -303,12 +312,15 @@ impl<F: PageTableFormat> IoPageTable<F> {
             root: mem.alloc_table()?,
             options,
             spares: None,
+            spares_len: 0,
+            superpages: 0,
             freed: None,
             recycled: [Mfn(0); RECYCLED_TABLES],
             recycled_len: 0,
             last_leaf: None,
             folded: [NO_FOLD; FOLDED_BEFORE_FLUSH],
             folded_len: 0,
+            folded_live: 0,
             _format: core::marker::PhantomData,
         };
         // The pinned path: entry 0 down to the table the IOMMU starts at.
@@ -416,6 +428,73 @@ impl<F: PageTableFormat> IoPageTable<F> {
         Ok(())
     }
 
+    /// Map the 2 MiB from `bfn` to the frames from `mfn` (both on a 2 MiB
+    /// boundary) with one level-2 leaf where that entry is empty: one store
+    /// to map an aligned machine run and one to clear it
+    /// ([`unmap_superpage`](Self::unmap_superpage)), where a page map
+    /// makes 512 (and a fold, then 512 more to zero its table after the
+    /// flush). Its split, should one page go, still needs no memory: a
+    /// spare frame is taken for it first, as a fold keeps its leaf table.
+    ///
+    /// `Ok(false)`, nothing changed: not done, map the pages one by one (a
+    /// context without superpages, or whose splits allocate; a BFN or
+    /// frame off a boundary; a leaf table there). `Err(Inval)`: out of
+    /// range, or a superpage there already; `Err(NoMem)`: no frame for a
+    /// table or the spare. On `Err` nothing is mapped (a table or spare
+    /// taken on the way stays, empty, as [`map`](Self::map) leaves one).
+    pub fn map_superpage(
+        &mut self,
+        mem: &mut impl TableMemory,
+        bfn: Bfn,
+        mfn: Mfn,
+        perms: Permissions,
+        attr: MemAttr,
+    ) -> Result<bool, Errno> {
+        if !self.in_range(bfn) {
+            return Err(Errno::Inval);
+        }
+        let off_boundary = |frame: u64| frame & (ENTRIES as u64 - 1) != 0;
+        if !(self.options.superpages && self.options.split_from_spares)
+            || off_boundary(bfn.0)
+            || off_boundary(mfn.0)
+        {
+            return Ok(false);
+        }
+        let mut table = self.root;
+        for level in (SUPERPAGE_LEVEL + 1..=LEVELS).rev() {
+            let idx = index(bfn, level);
+            table = match F::decode(mem.read_entry(table, idx), level) {
+                Entry::Table(t) => t,
+                Entry::Empty => {
+                    let t = self.new_table(mem)?;
+                    mem.write_entry(table, idx, F::table_entry(t));
+                    mem.set_present_count(table, mem.present_count(table) + 1);
+                    t
+                }
+                Entry::Leaf { .. } => return Err(Errno::Inval),
+            };
+        }
+        let idx = index(bfn, SUPERPAGE_LEVEL);
+        let (entry, count) = mem.read_entry_and_count(table, idx);
+        match F::decode(entry, SUPERPAGE_LEVEL) {
+            Entry::Empty => {}
+            // (Never an empty one: an unmap that empties a leaf table
+            // unlinks it.)
+            Entry::Table(_) => return Ok(false),
+            Entry::Leaf { .. } => return Err(Errno::Inval),
+        }
+        // Its spare before its entry: nothing is mapped before its split
+        // is sure.
+        if self.spares_len <= self.spares_owed() {
+            let t = self.new_table(mem)?;
+            self.add_spare(mem, t);
+        }
+        let leaf = F::leaf_entry(mfn, perms, attr, SUPERPAGE_LEVEL);
+        mem.write_entry_counted(table, idx, leaf, count + 1);
+        self.superpages += 1;
+        Ok(true)
+    }
+
     /// A table frame: a recycled one if any (flushed; zero once its list
     /// link in entry 0 is cleared), else a new one.
     ///
@@ -485,14 +564,18 @@ impl<F: PageTableFormat> IoPageTable<F> {
             table: leaf_table,
             parent,
             pidx,
+            live: true,
         };
         self.folded_len += 1;
+        self.folded_live += 1;
+        self.superpages += 1;
     }
 
     /// After a flush: the folded leaf tables become spares, zeroed (or are
     /// freed, zeroed, without `split_from_spares`).
     fn retire_folded(&mut self, mem: &mut impl TableMemory) {
         let n = core::mem::take(&mut self.folded_len);
+        self.folded_live = 0;
         for i in 0..n {
             let Some(f) = self.folded.get(i).copied() else {
                 break;
@@ -501,7 +584,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
                 mem.write_entry(f.table, e, 0);
             }
             if self.options.split_from_spares {
-                push_frame(mem, &mut self.spares, f.table);
+                self.add_spare(mem, f.table);
             } else {
                 mem.free_table(f.table);
             }
@@ -524,7 +607,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
             .folded
             .get(..n)?
             .iter()
-            .position(|f| f.parent == parent && f.pidx == pidx)?;
+            .position(|f| f.live && f.parent == parent && f.pidx == pidx)?;
         let f = *self.folded.get(i)?;
         if !Self::starts_with(mem, f.table, want) {
             return None;
@@ -532,6 +615,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
         let last = *self.folded.get(n - 1)?;
         *self.folded.get_mut(i)? = last;
         self.folded_len = n - 1;
+        self.folded_live = self.folded_live.saturating_sub(1);
         Some(f.table)
     }
 
@@ -542,13 +626,86 @@ impl<F: PageTableFormat> IoPageTable<F> {
     }
 
     fn take_spare(&mut self, mem: &mut impl TableMemory) -> Option<Mfn> {
-        pop_frame(mem, &mut self.spares)
+        let t = pop_frame(mem, &mut self.spares)?;
+        self.spares_len = self.spares_len.saturating_sub(1);
+        Some(t)
     }
 
-    /// Spare frames held for splits (one per superpage ever folded and not
-    /// yet split).
+    fn add_spare(&mut self, mem: &mut impl TableMemory, t: Mfn) {
+        push_frame(mem, &mut self.spares, t);
+        self.spares_len += 1;
+    }
+
+    /// The spares the superpages are owed: one for each superpage whose
+    /// split cannot link its own folded table back, which is every one but
+    /// those folded since the last flush and still in the tree (`live` on
+    /// `folded`).
+    ///
+    /// With `split_from_spares` the walker keeps `spares_len >=
+    /// spares_owed()`, so a split never allocates. A fold brings its own table; a superpage
+    /// mapped whole ([`map_superpage`](Self::map_superpage)) takes a spare
+    /// first; a split takes its folded table or a spare; a superpage
+    /// unmapped whole gives one back ([`trim_spares`](Self::trim_spares)).
+    fn spares_owed(&self) -> usize {
+        self.superpages.saturating_sub(self.folded_live)
+    }
+
+    /// Spares past what the superpages are owed go: kept for reuse as
+    /// emptied tables are (`options.recycle`, up to [`RECYCLED_TABLES`]),
+    /// or given back. Every spare is reusable at once: it is a folded
+    /// table zeroed after its flush, or a frame taken for a superpage
+    /// mapped whole, never linked since. At most one goes per superpage
+    /// unmapped whole (and one a failed [`map_superpage`](Self::map_superpage)
+    /// may have left, whose spare came but not its entry).
+    fn trim_spares(&mut self, mem: &mut impl TableMemory) {
+        while self.spares_len > self.spares_owed() {
+            let Some(t) = self.take_spare(mem) else {
+                // (The count was wrong: an empty list owes nothing more.)
+                self.spares_len = 0;
+                return;
+            };
+            let room = self
+                .recycled
+                .get_mut(self.recycled_len)
+                .filter(|_| self.options.recycle);
+            match room {
+                Some(at) => {
+                    *at = t;
+                    self.recycled_len += 1;
+                }
+                None => mem.free_table(t),
+            }
+        }
+    }
+
+    /// The superpage at (`parent`, `pidx`) was unmapped whole: if it was
+    /// folded since the last flush, its table stays on the folded list,
+    /// whole (the IOMMU may still walk it until the flush, which makes it
+    /// a spare like the others), but no split takes it back, and it no
+    /// longer stands for a spare (see [`spares_owed`](Self::spares_owed)).
+    fn drop_folded(&mut self, parent: Mfn, pidx: usize) {
+        let n = self.folded_len;
+        let found = self.folded.get_mut(..n).and_then(|f| {
+            f.iter_mut()
+                .find(|f| f.live && f.parent == parent && f.pidx == pidx)
+        });
+        if let Some(f) = found {
+            f.live = false;
+            self.folded_live = self.folded_live.saturating_sub(1);
+        }
+    }
+
+    /// Spare frames held for splits: as many as the superpages are owed
+    /// (one for each superpage but those folded since the last flush),
+    /// and at most one more.
     pub fn spare_frames(&self, mem: &impl TableMemory) -> usize {
         count_frames(mem, self.spares)
+    }
+
+    /// Level-2 leaves (2 MiB superpages) in the tree, folded or mapped
+    /// whole.
+    pub fn superpage_count(&self) -> usize {
+        self.superpages
     }
 
     /// Leaf tables folded into superpages since the last flush, kept whole.
@@ -571,6 +728,10 @@ impl<F: PageTableFormat> IoPageTable<F> {
     /// once the IOMMU can no longer hold them in its caches.
     pub fn release_freed(&mut self, mem: &mut impl TableMemory) {
         self.retire_folded(mem);
+        if self.options.split_from_spares {
+            // (The tables of superpages unmapped whole since they folded.)
+            self.trim_spares(mem);
+        }
         while let Some(t) = self.freed {
             self.freed = chain_next(mem.read_entry(t, 0));
             let room = self
@@ -663,7 +824,12 @@ impl<F: PageTableFormat> IoPageTable<F> {
                 Entry::Leaf { .. } if level == SUPERPAGE_LEVEL => {
                     self.last_leaf = None;
                     mem.write_entry(table, idx, 0);
+                    self.superpages = self.superpages.saturating_sub(1);
+                    self.drop_folded(table, idx);
                     self.clear_upward(mem, &path, SUPERPAGE_LEVEL as usize, bfn);
+                    if self.options.split_from_spares {
+                        self.trim_spares(mem);
+                    }
                     return Ok(());
                 }
                 _ => return Err(Errno::NoEnt),
@@ -728,6 +894,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
             if let Some(t) = self.take_folded(mem, parent, pidx, want) {
                 mem.write_back_table(t);
                 mem.write_entry(parent, pidx, F::table_entry(t));
+                self.superpages = self.superpages.saturating_sub(1);
                 return Ok(t);
             }
         }
@@ -767,6 +934,10 @@ impl<F: PageTableFormat> IoPageTable<F> {
             return Err(Errno::NoMem);
         }
         mem.write_entry(parent, pidx, F::table_entry(t));
+        self.superpages = self.superpages.saturating_sub(1);
+        // (A folded table left for this superpage that no longer maps what
+        // it did, an engine bug, stands for no spare any more.)
+        self.drop_folded(parent, pidx);
         Ok(t)
     }
 
@@ -1418,6 +1589,172 @@ mod freed_list_tests {
         t.unmap(&mut mem, Bfn(0x210)).unwrap();
         assert_eq!(mem.allocs, allocs + 1);
         assert_eq!(t.translate(&mem, Bfn(0x211)), Some((Mfn(0x411), rw, wb)));
+    }
+
+    fn engine_tables(mem: &mut Frames) -> IoPageTable<Vtd> {
+        IoPageTable::<Vtd>::with_options(mem, TableOptions::engine_context(4)).unwrap()
+    }
+
+    /// An aligned machine run mapped whole is one level-2 leaf, and the
+    /// spare for its split is taken with it: a page unmapped out of it (a
+    /// revocation) allocates nothing; unmapped whole it is one entry
+    /// cleared, and its spare is kept for reuse.
+    #[test]
+    fn a_superpage_mapped_whole_is_one_entry_and_splits_without_memory() {
+        let mut mem = frames();
+        let mut t = engine_tables(&mut mem);
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        let stores = mem.events.len();
+        assert_eq!(
+            t.map_superpage(&mut mem, Bfn(0x200), Mfn(0x400), rw, wb),
+            Ok(true)
+        );
+        assert_eq!(t.leaf(&mem, Bfn(0x3ff)).map(|l| l.0), Some(SUPERPAGE_LEVEL));
+        assert_eq!(t.translate(&mem, Bfn(0x3ff)), Some((Mfn(0x5ff), rw, wb)));
+        assert_eq!((t.superpage_count(), t.spare_frames(&mem)), (1, 1));
+        // Two tables on the way, the spare's link, the leaf: no 512.
+        assert!(
+            mem.events.len() - stores < 12,
+            "{:?}",
+            &mem.events[stores..]
+        );
+        // Mapped already: refused, by page or whole.
+        assert_eq!(
+            t.map(&mut mem, Bfn(0x201), Mfn(1), rw, wb),
+            Err(Errno::Inval)
+        );
+        assert_eq!(
+            t.map_superpage(&mut mem, Bfn(0x200), Mfn(0x400), rw, wb),
+            Err(Errno::Inval)
+        );
+        // A page goes: split from the spare, nothing allocated.
+        let allocs = mem.allocs;
+        t.unmap(&mut mem, Bfn(0x210)).unwrap();
+        assert_eq!(mem.allocs, allocs);
+        assert_eq!((t.superpage_count(), t.spare_frames(&mem)), (0, 0));
+        for i in 0..ENTRIES as u64 {
+            let want = (i != 0x10).then_some((Mfn(0x400 + i), rw, wb));
+            assert_eq!(t.translate(&mem, Bfn(0x200 + i)), want);
+        }
+        // Unmapped whole: one entry, and the spare kept for reuse.
+        assert_eq!(
+            t.map_superpage(&mut mem, Bfn(0x400), Mfn(0x800), rw, wb),
+            Ok(true)
+        );
+        assert_eq!((t.superpage_count(), t.spare_frames(&mem)), (1, 1));
+        t.unmap_superpage(&mut mem, Bfn(0x400)).unwrap();
+        assert_eq!(t.translate(&mem, Bfn(0x400)), None);
+        assert_eq!((t.superpage_count(), t.spare_frames(&mem)), (0, 0));
+        assert_eq!(t.recycled_frames(), 1);
+    }
+
+    /// Only where its split is free and its frames are on a 2 MiB
+    /// boundary is a run mapped whole; elsewhere nothing changes and the
+    /// caller maps it page by page.
+    #[test]
+    fn a_superpage_is_mapped_whole_only_where_it_can_be() {
+        let mut mem = frames();
+        let mut t = engine_tables(&mut mem);
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        let whole = |t: &mut IoPageTable<Vtd>, mem: &mut Frames, bfn: u64, mfn: u64| {
+            t.map_superpage(mem, Bfn(bfn), Mfn(mfn), rw, wb)
+        };
+        assert_eq!(whole(&mut t, &mut mem, 0x200, 0x401), Ok(false));
+        assert_eq!(whole(&mut t, &mut mem, 0x201, 0x400), Ok(false));
+        t.map(&mut mem, Bfn(0x3ff), Mfn(7), rw, wb).unwrap();
+        assert_eq!(
+            whole(&mut t, &mut mem, 0x200, 0x400),
+            Ok(false),
+            "leaf table"
+        );
+        assert_eq!(t.translate(&mem, Bfn(0x200)), None);
+        assert_eq!(t.translate(&mem, Bfn(0x3ff)), Some((Mfn(7), rw, wb)));
+        assert_eq!(whole(&mut t, &mut mem, 1 << 36, 0x400), Err(Errno::Inval));
+        assert_eq!(t.superpage_count(), 0);
+        // No superpages (an SMMU without BBML), or splits that allocate
+        // (Xen's own tables).
+        let no_superpages = TableOptions {
+            superpages: false,
+            ..TableOptions::engine_context(4)
+        };
+        for options in [no_superpages, TableOptions::xen_own()] {
+            let mut t = IoPageTable::<Vtd>::with_options(&mut mem, options).unwrap();
+            assert_eq!(whole(&mut t, &mut mem, 0x200, 0x400), Ok(false));
+            assert_eq!(t.translate(&mem, Bfn(0x200)), None);
+            assert_eq!(t.spare_frames(&mem), 0);
+        }
+    }
+
+    /// A superpage that folds and is then unmapped whole, flushed before or
+    /// after, over and over, leaves no spare behind. Before, each cycle's
+    /// folded table stayed a spare: a context's frames grew with every
+    /// cycle until the context went.
+    #[test]
+    fn superpages_unmapped_whole_give_their_spares_back() {
+        let mut mem = frames();
+        let mut t = engine_tables(&mut mem);
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        for cycle in 0..12u64 {
+            for i in 0..ENTRIES as u64 {
+                t.map(&mut mem, Bfn(0x200 + i), Mfn(0x400 + i), rw, wb)
+                    .unwrap();
+            }
+            assert_eq!(t.superpage_count(), 1, "cycle {cycle}: folded");
+            if cycle % 2 == 0 {
+                t.release_freed(&mut mem);
+            }
+            t.unmap_superpage(&mut mem, Bfn(0x200)).unwrap();
+            t.release_freed(&mut mem);
+            assert_eq!(
+                (t.superpage_count(), t.spare_frames(&mem)),
+                (0, 0),
+                "cycle {cycle}"
+            );
+            assert_eq!(
+                whole_then_unmapped(&mut t, &mut mem),
+                (0, 0),
+                "cycle {cycle}"
+            );
+        }
+        fn whole_then_unmapped(t: &mut IoPageTable<Vtd>, mem: &mut Frames) -> (usize, usize) {
+            let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+            assert_eq!(
+                t.map_superpage(mem, Bfn(0x200), Mfn(0x400), rw, wb),
+                Ok(true)
+            );
+            t.unmap_superpage(mem, Bfn(0x200)).unwrap();
+            t.release_freed(mem);
+            (t.superpage_count(), t.spare_frames(mem))
+        }
+    }
+
+    /// A superpage folded and unmapped whole before the flush leaves its
+    /// table waiting, whole, for the flush; no split may take it, so a
+    /// superpage mapped whole meanwhile takes a spare of its own and
+    /// still splits without memory.
+    #[test]
+    fn a_folded_table_unmapped_whole_before_the_flush_stands_for_no_spare() {
+        let mut mem = frames();
+        let mut t = engine_tables(&mut mem);
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        for i in 0..ENTRIES as u64 {
+            t.map(&mut mem, Bfn(0x200 + i), Mfn(0x400 + i), rw, wb)
+                .unwrap();
+        }
+        t.unmap_superpage(&mut mem, Bfn(0x200)).unwrap();
+        assert_eq!((t.superpage_count(), t.folded_frames()), (0, 1));
+        assert_eq!(
+            t.map_superpage(&mut mem, Bfn(0x400), Mfn(0x800), rw, wb),
+            Ok(true)
+        );
+        assert_eq!(t.spare_frames(&mem), 1);
+        let allocs = mem.allocs;
+        t.unmap(&mut mem, Bfn(0x401)).unwrap();
+        assert_eq!(mem.allocs, allocs, "split from the spare");
+        assert_eq!(t.translate(&mem, Bfn(0x402)), Some((Mfn(0x802), rw, wb)));
+        // The flush: the folded table is a spare nothing is owed.
+        t.release_freed(&mut mem);
+        assert_eq!((t.folded_frames(), t.spare_frames(&mem)), (0, 0));
     }
 
     #[test]

@@ -322,12 +322,33 @@ impl Ram {
     }
     fn alloc(&mut self, owner: Owner) -> Result<Mfn, Errno> {
         let mfn = self.free.pop_front().ok_or(Errno::NoMem)?;
+        self.take(mfn, owner);
+        Ok(mfn)
+    }
+    /// The first free run of `n` frames (a power of two) whose first is a
+    /// multiple of `n`, allocated to `owner`: what Xen's buddy allocator
+    /// gives an order-9 request. `NoMem` where no such run is free.
+    fn alloc_aligned(&mut self, owner: Owner, n: u64) -> Result<Mfn, Errno> {
+        let free = |info: &[FrameInfo], first: u64| {
+            (first..first + n).all(|f| info.get(f as usize).is_some_and(|i| i.owner == Owner::Free))
+        };
+        let first = (0..self.info.len() as u64)
+            .step_by(n as usize)
+            .find(|&f| free(&self.info, f))
+            .ok_or(Errno::NoMem)?;
+        self.free.retain(|m| !(first..first + n).contains(&m.0));
+        for f in first..first + n {
+            self.take(Mfn(f), owner);
+        }
+        Ok(Mfn(first))
+    }
+    /// Free frame `mfn` becomes `owner`'s, zeroed.
+    fn take(&mut self, mfn: Mfn, owner: Owner) {
         let i = mfn.0 as usize;
         self.present[i] = true;
         self.bytes[i * 4096..(i + 1) * 4096].fill(0);
         self.info[i].owner = owner;
         self.info[i].pt_count = 0;
-        Ok(mfn)
     }
     fn release(&mut self, mfn: Mfn) {
         let i = mfn.0 as usize;
@@ -790,6 +811,28 @@ impl SimMachine {
 
     /// Create a domain with `spec.pages` RAM pages, each zeroed.
     pub fn create_domain(&mut self, domid: DomId, spec: DomainSpec) -> Result<(), Errno> {
+        self.create_domain_with(domid, spec, false)
+    }
+
+    /// Create a domain with `spec.pages` RAM pages, each zeroed, each whole
+    /// 2 MiB of its gfns backed by a 2 MiB-aligned run of machine frames:
+    /// as Xen populates an HVM guest's RAM where it can (order-9 extents,
+    /// mapped by 2 MiB p2m entries), and what a 2 MiB IOMMU entry needs.
+    /// `NoMem` (nothing made) where the free frames hold no such runs.
+    pub fn create_domain_in_superpages(
+        &mut self,
+        domid: DomId,
+        spec: DomainSpec,
+    ) -> Result<(), Errno> {
+        self.create_domain_with(domid, spec, true)
+    }
+
+    fn create_domain_with(
+        &mut self,
+        domid: DomId,
+        spec: DomainSpec,
+        superpages: bool,
+    ) -> Result<(), Errno> {
         if self.domains.contains_key(&domid) || !domid.is_valid() {
             return Err(Errno::Inval);
         }
@@ -797,8 +840,36 @@ impl SimMachine {
             return Err(Errno::NoMem);
         }
         let mut p2m = P2m::with_dense(spec.pages);
+        let whole = pviommu_abi::EXTENT_PAGES;
+        // Every frame taken, to give back should a run not be found.
+        let mut taken = Vec::new();
+        let mut run = Mfn(0);
         for g in 0..spec.pages {
-            let mfn = self.ram.alloc(Owner::Domain(domid))?;
+            let in_superpage = superpages && g / whole < spec.pages / whole;
+            let allocated = if !in_superpage {
+                self.ram.alloc(Owner::Domain(domid))
+            } else if g % whole == 0 {
+                self.ram
+                    .alloc_aligned(Owner::Domain(domid), whole)
+                    .inspect(|&first| {
+                        run = first;
+                    })
+            } else {
+                // (In the run taken at the 2 MiB's first gfn.)
+                Ok(Mfn(run.0 + g % whole))
+            };
+            let mfn = match allocated {
+                Ok(mfn) => mfn,
+                Err(e) => {
+                    for mfn in taken {
+                        self.ram.release(mfn);
+                    }
+                    return Err(e);
+                }
+            };
+            if !in_superpage || g % whole == 0 {
+                taken.extend((0..if in_superpage { whole } else { 1 }).map(|i| Mfn(mfn.0 + i)));
+            }
             p2m.insert(
                 Gfn(g),
                 P2mEntry::Ram {
