@@ -27,8 +27,9 @@
  *   hc raw SUBOP FLAGS DOMID GFN BFN PAD RSVD [CONTEXT]
  *   drain-revoked               acknowledge every queued revocation (unmap -> ESTALE)
  *   measure N                   BFNs for N foreign pages: PV-IOMMU batches vs privcmd
- *   run2m [CTX]                 a PV domain of one 2 MiB extent, mapped whole into dom0's
- *                               context CTX (0) in one batch: BFNs consecutive, aligned?
+ *   run2m [CTX] [extent]        a PV domain of one 2 MiB extent, mapped whole into dom0's
+ *                               context CTX (0) in one batch (with "extent": by one
+ *                               extent op, ABI 1.6): BFNs consecutive, aligned?
  *   unmaprun BFN N [CTX]        unmap [BFN, BFN + N) of dom0's context CTX (0), in batches
  *   perfc                       Xen's IOMMU page-table perf counters now (superpages split
  *                               and made by Xen's own VT-d/AMD-Vi code, context 0)
@@ -939,20 +940,23 @@ static unsigned long pv_unmap_pages(uint32_t ctx, const uint64_t *bfns, unsigned
  * is folded into a 2 MiB superpage, which an unmap of one page must split
  * again: in context 0 by Xen's own VT-d and AMD-Vi code (4.17: the
  * contiguous markers of intel_iommu_map_page and amd_iommu_map_page), in
- * an engine context by the engine.
+ * an engine context by the engine. By one extent op (`extent`), the engine
+ * writes its own context's superpage entry whole, with no fold.
  */
-static int cmd_run2m(uint32_t ctx)
+static int cmd_run2m(uint32_t ctx, bool extent)
 {
     xen_pfn_t start = 0, frames[512];
     uint64_t bfns[512] = { 0 };
-    unsigned long i, consecutive = 0, bad = 0;
+    unsigned long i, consecutive = 0, bad = 0, unaligned = 0, mapped;
     long calls = 0;
     uint32_t domid = create_pv_domain(512);
 
     if ( xc_domain_populate_physmap_exact(xch, domid, 1, 9, 0, &start) ) die("populate 2M");
     for ( i = 0; i < 512; i++ ) frames[i] = start + i;
     fill_domain(domid, 512, frames);
-    if ( pv_map_pages(ctx, domid, frames, 512, bfns, &calls, &bad) != 512 || bad )
+    mapped = extent ? pv_map_extents(ctx, domid, frames, 512, bfns, &calls, &bad, &unaligned)
+                    : pv_map_pages(ctx, domid, frames, 512, bfns, &calls, &bad);
+    if ( mapped != 512 || bad )
     {
         /* Leave nothing behind for the checks that follow. */
         unsigned long k = 0;
@@ -1027,12 +1031,13 @@ static unsigned long pv_map_unmap(const char *tag, uint32_t ctx, uint32_t domid,
     struct pv_iommu_stats sm, su;
     struct perfc_snap p0, p1, p2, p3;
     unsigned long done, bad = 0, unaligned = 0, unmapped;
-    /* "pviommu_2mx": the pages by 2 MiB extents, one op each (ABI 1.6). */
-    bool extents = !strcmp(tag, "pviommu_2mx");
+    /* "pviommu_2mx", "pviommu_ctx2mx": the pages by 2 MiB extents, one op
+     * each (ABI 1.6), into context 0 or one of the engine's. */
+    bool extents = strstr(tag, "2mx") != NULL;
     long calls = 0, ucalls = 0, rc;
     double t0, t1, t2, t3;
     /* The breakdown lines' prefix: "" for "pviommu", "ctx_" for
-     * "pviommu_ctx", "2m_" for "pviommu_2m". */
+     * "pviommu_ctx", "2m_" for "pviommu_2m" and so on. */
     char bd[16];
     snprintf(bd, sizeof(bd), "%s%s", tag[7] == '_' ? tag + 8 : "", tag[7] == '_' ? "_" : "");
 
@@ -1204,6 +1209,19 @@ static int cmd_measure(unsigned long n)
             /* The same extents, one op each (ABI 1.6). */
             pv_map_unmap("pviommu_2mx", 0, d2, f2, n, bfns, false);
             pv_map_unmap("pviommu_2mx", 0, d2, f2, n, bfns, true);
+            /* And into a context of the engine's own, where it writes one
+             * superpage entry an extent itself. */
+            memset(&o, 0, sizeof(o));
+            o.subop = PVIOMMU_OP_context_create;
+            if ( c.max_contexts > 1 && one_op(&o) == 0 && o.status == 0 )
+            {
+                uint32_t ctx = o.context;
+                pv_map_unmap("pviommu_ctx2mx", ctx, d2, f2, n, bfns, false);
+                pv_map_unmap("pviommu_ctx2mx", ctx, d2, f2, n, bfns, true);
+                memset(&o, 0, sizeof(o));
+                o.subop = PVIOMMU_OP_context_destroy; o.context = ctx;
+                one_op(&o);
+            }
             xc_domain_destroy(xch, d2);
         }
         free(f2);
@@ -2280,7 +2298,9 @@ int main(int argc, char **argv)
     if ( !strcmp(c, "caps") ) return cmd_caps();
     if ( !strcmp(c, "xen-symbols") ) return cmd_xen_symbols();
     if ( !strcmp(c, "mkdom") && argc >= 3 ) return cmd_mkdom(strtoul(argv[2], NULL, 0), 0);
-    if ( !strcmp(c, "run2m") ) return cmd_run2m(argc >= 3 ? strtoul(argv[2], NULL, 0) : 0);
+    if ( !strcmp(c, "run2m") )
+        return cmd_run2m(argc >= 3 ? strtoul(argv[2], NULL, 0) : 0,
+                         argc >= 4 && !strcmp(argv[3], "extent"));
     if ( !strcmp(c, "perfc") ) return cmd_perfc();
     if ( !strcmp(c, "unmaprun") && argc >= 4 )
         return cmd_unmaprun(strtoull(argv[2], NULL, 0), strtoul(argv[3], NULL, 0),

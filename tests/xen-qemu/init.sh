@@ -185,7 +185,8 @@ vtd_only ctx_caps ctx_create_attach ctx_one_buffer_in_both_contexts ctx_a_reads_
     ctx_b_reads_at_context_bfn ctx_b_never_reaches_default_only_page ctx_a_never_reaches_context_only_page \
     ctx_attr_entry_bits cli_entry ctx_destroy_attached_refused ctx_bad_input_refused \
     ctx_unmap_leaves_other_context ctx_detach_back_to_default ctx_destroy \
-    ctx_run_2m_one_superpage ctx_run_2m_superpage_split ctx_run_2m_unmapped_whole
+    ctx_run_2m_one_superpage ctx_run_2m_superpage_split ctx_run_2m_unmapped_whole \
+    ctx_extent_2m_one_entry ctx_extent_2m_page_unmap_splits ctx_extent_2m_cleared_whole
 else # VT-d (not re-indented, to keep the diff small)
 if [ $((feat & 0x21)) = $((0x21)) ] && [ "$(field "$o" max_contexts)" -gt 1 ]; then ok ctx_caps; else ko ctx_caps "$o"; fi
 o=$(run $H hc ctx-create); C1=$(field "$o" context)
@@ -216,6 +217,37 @@ if [ -n "$CRB" ]; then
         ok ctx_run_2m_unmapped_whole; else ko ctx_run_2m_unmapped_whole "$u / $g"; fi
 else
     ko ctx_run_2m_superpage_split "no run"; ko ctx_run_2m_unmapped_whole "no run"
+fi
+# The same 2 MiB by one extent op (ABI 1.6): the engine writes its
+# superpage entry whole (level 2 at once, no leaf table folded), with the
+# spare its split will take. One page unmapped alone splits it (level 1;
+# B never reads that page again, and reads its neighbours); a second
+# extent unmapped by a run of its 512 BFNs is cleared whole.
+o=$(run $H run2m $C1 extent); XD=$(field "$o" domid); XG=$(field "$o" gfn0); XB=$(field "$o" bfn0)
+e=$(run $H hc entry 0 $C1 $((XB + 7)))
+if [ "$(field "$o" consecutive)" = 511 ] && [ "$(field "$o" aligned)" = 1 ] && [ "$(field "$e" level)" = 2 ] &&
+   reads_run "$XD" "$XG" "$XB" dma_b 0 200 511; then
+    ok ctx_extent_2m_one_entry; else ko ctx_extent_2m_one_entry "$o / $e"; fi
+if [ -n "$XB" ]; then
+    u=$(run $H hc unmap $((XB + 200)) $C1)
+    p=$(run $H peek $XD $(printf '0x%x' $((XG + 200)))); q=$(dma_b $((XB + 200)))
+    e=$(run $H hc entry 0 $C1 $((XB + 7)))
+    if succeeded "$u" && [ "$(field "$q" sum)" != "$(field "$p" sum)" ] && [ "$(field "$e" level)" = 1 ] &&
+       reads_run "$XD" "$XG" "$XB" dma_b 0 199 201 511; then
+        ok ctx_extent_2m_page_unmap_splits; else ko ctx_extent_2m_page_unmap_splits "$u / $q vs $p / $e"; fi
+    u=$(run $H unmaprun $XB 512 $C1); g=$(run $H destroy $XD)
+    o=$(run $H run2m $C1 extent); YD=$(field "$o" domid); YB=$(field "$o" bfn0)
+    e=$(run $H hc entry 0 $C1 $((YB + 7)))
+    v=$(run $H unmaprun $YB 512 $C1); f=$(run $H hc entry 0 $C1 $((YB + 7))); r=$(dma_b $((YB + 7)))
+    p=$(run $H peek $YD $(printf '0x%x' $(( $(field "$o" gfn0) + 7 ))))
+    h=$(run $H destroy $YD)
+    if [ "$(field "$u" unmapped)" = 511 ] && [ "$(field "$u" absent)" = 1 ] && [ "$(field "$e" level)" = 2 ] &&
+       [ "$(field "$v" unmapped)" = 512 ] && [ "$(field "$v" absent)" = 0 ] && [ "$(field "$f" level)" != 1 ] &&
+       [ "$(field "$f" level)" != 2 ] && [ "$(field "$r" sum)" != "$(field "$p" sum)" ] &&
+       case "$g$h" in *gone*gone*) true;; *) false;; esac; then
+        ok ctx_extent_2m_cleared_whole; else ko ctx_extent_2m_cleared_whole "$u / $e / $v / $f / $r vs $p / $g / $h"; fi
+else
+    ko ctx_extent_2m_page_unmap_splits "no extent"; ko ctx_extent_2m_cleared_whole "no extent"
 fi
 mk=$(run $H mkdom 3); DC=$(echo "$mk" | sed -n 's/^domid=//p')
 set -- $(echo "$mk" | sed -n 's/^gfns=//p' | tr ',' ' '); CG0=$1; CG1=$2; CG2=$3
@@ -644,6 +676,20 @@ if [ "$(field "$mx" ok)" = "$N" ] && [ "$(field "$mx" failed)" = 0 ] && [ "$(fie
     ok extent_ops_map_and_unmap_2m_at_aligned_bfns
 else
     ko extent_ops_map_and_unmap_2m_at_aligned_bfns "$mx / $ux / $(echo "$o" | grep -E '^(populate|measure_2m|measure extent|extent unmap)')"
+fi
+# The same extents into a context of the engine's own (VT-d only), where
+# the engine writes and clears one superpage entry an extent itself.
+if [ "$IOMMU" = amd ]; then
+    vtd_only ctx_extent_ops_map_and_unmap_2m
+else
+    cx=$(echo "$o" | grep '^MEASURE pviommu_ctx2mx_map ' | head -1)
+    cu=$(echo "$o" | grep '^MEASURE pviommu_ctx2mx_unmap ' | head -1)
+    if [ "$(field "$cx" ok)" = "$N" ] && [ "$(field "$cx" failed)" = 0 ] && [ "$(field "$cx" extents)" = $((N / 512)) ] &&
+       [ "$(field "$cx" unaligned)" = 0 ] && [ "$(field "$cu" unmapped)" = "$N" ]; then
+        ok ctx_extent_ops_map_and_unmap_2m
+    else
+        ko ctx_extent_ops_map_and_unmap_2m "$cx / $cu"
+    fi
 fi
 calls=$(field "$(echo "$o" | grep '^MEASURE pviommu_map ')" hypercalls)
 seen=$(field "$(echo "$o" | grep '^MEASURE pviommu_map ')" pv_iommu_op)
