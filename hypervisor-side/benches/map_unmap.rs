@@ -7,6 +7,9 @@
 //! * `engine, own context`: the same into a context of dom0's own, whose
 //!   tables the engine writes itself (the host's IOMMU model does no work
 //!   of its own there: no refill after a flush, coherent table walks);
+//! * `..., 2 MiB extents` (batches of 512 and 1024): the same pages by
+//!   extents, an op each 512 (`extent_rows`); `aligned frames`: over a
+//!   guest whose frames are 2 MiB-aligned runs, one superpage entry each;
 //! * `floor-pte-store`: the same VT-d entries written and cleared through
 //!   the page-table walker in plain memory, nothing else;
 //! * `floor-platform`: what the simulated host does for the engine path's
@@ -168,6 +171,24 @@ fn own_context_engine(pages: u64) -> (SimMachine, Engine, ContextId) {
     (m, e, ctx)
 }
 
+/// [`own_context_engine`] over a guest whose RAM is 2 MiB-aligned runs of
+/// machine frames (as Xen populates an HVM guest where it can): an
+/// extent there is one superpage entry in the engine's tables.
+fn own_context_engine_in_superpages(pages: u64) -> (SimMachine, Engine, ContextId) {
+    let mut m = SimMachine::new(pages + 4096, Format::Vtd, 64);
+    let spec = DomainSpec {
+        pages,
+        privileged: false,
+        device_model_of: None,
+    };
+    m.create_domain_in_superpages(GUEST, spec).unwrap();
+    let e = Engine::new(Config::default(), &m).unwrap();
+    m.speculative_refill = false;
+    m.set_coherent_table_walks(true);
+    let ctx = e.context_create(&mut m, DomId::DOM0).unwrap();
+    (m, e, ctx)
+}
+
 /// The engine path by 2 MiB extents (ABI 1.6): each of `reqs` maps 512
 /// pages in one op, and one unmap op each drops them.
 fn extent_round(
@@ -272,8 +293,10 @@ fn bench(c: &mut Criterion) {
 /// pages), from gfn 0, on the page rows' host (the guest's frames one run,
 /// not 2 MiB aligned: no superpage, so the rows compare the ops and not the
 /// entries): through the hypercall into context 0, the engine into context
-/// 0, and the engine into a context of its own. The Xen-in-QEMU measure
-/// times extents over aligned frames (one superpage entry each).
+/// 0, and the engine into a context of its own; last, the engine into a
+/// context of its own over 2 MiB-aligned frames, one superpage entry an
+/// extent (`aligned frames`). The Xen-in-QEMU measure times extents over
+/// aligned frames (one superpage entry each).
 fn extent_rows(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     batch: u64,
@@ -317,6 +340,14 @@ fn extent_rows(
     let reqs = extents(ctx);
     group.bench_with_input(
         BenchmarkId::new("engine, own context, 2 MiB extents", batch),
+        &batch,
+        |b, _| b.iter(|| extent_round(&e, &mut m, &dom0, &reqs, &mut bfns)),
+    );
+    let (mut m, e, ctx) = own_context_engine_in_superpages(batch + 8);
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    let reqs = extents(ctx);
+    group.bench_with_input(
+        BenchmarkId::new("engine, own context, 2 MiB extents, aligned frames", batch),
         &batch,
         |b, _| b.iter(|| extent_round(&e, &mut m, &dom0, &reqs, &mut bfns)),
     );

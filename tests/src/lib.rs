@@ -213,6 +213,9 @@ pub fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), String> {
     // or changed before its flush.
     ensure_eq!(m.tables_freed_before_flush(), 0);
     ensure_eq!(m.unlinked_tables_rewritten(), 0);
+    // No table was linked while memory still held a present entry of it
+    // the CPU had cleared (a recycled frame not written back).
+    ensure_eq!(m.tables_linked_over_stale_entries(), 0);
     // A lookup finds every live mapping, and every extent record counts
     // the pages it holds.
     ensure_eq!(st.index_faults(), (0, 0));

@@ -334,6 +334,10 @@ impl super::DriverDomain {
             return h.iommu_unmap_run(self.domid, ctx, bfn, count, &mut self.gather);
         }
         let last = crate::iommu::run_last(bfn, count).ok_or(Errno::Inval)?;
+        // (The deferred runs never pass it: as for the host's own run.)
+        if count > crate::iommu::MAX_IOMMU_RUN {
+            return Err(Errno::Inval);
+        }
         let Some(own) = self.own.iter_mut().find(|c| c.id == ctx) else {
             return Ok(());
         };
@@ -346,7 +350,13 @@ impl super::DriverDomain {
         loop {
             let block_last = page | (pviommu_abi::EXTENT_PAGES - 1);
             let whole = pviommu_abi::extent_aligned(page) && block_last <= last.0;
-            if !(whole && own.tables.unmap_superpage(h, Bfn(page)).is_ok()) {
+            let cleared = match whole.then(|| own.tables.unmap_superpage(h, Bfn(page))) {
+                Some(Ok(())) => true,
+                // No superpage there: a leaf table, or nothing.
+                Some(Err(Errno::NoEnt)) | None => false,
+                Some(Err(e)) => return Err(e),
+            };
+            if !cleared {
                 for p in page..=block_last.min(last.0) {
                     match own.tables.unmap(h, Bfn(p)) {
                         Ok(()) | Err(Errno::NoEnt) => {}

@@ -3,9 +3,10 @@
 //!
 //! A [`PageTableFormat`] says how entries are encoded; [`IoPageTable`] is the
 //! one walker that writes them: 4 levels of 512 64-bit entries, 4 KiB leaves,
-//! 2 MiB superpages made when a full, contiguous, aligned leaf table appears,
-//! split again on a partial unmap, and empty tables freed on unmap. Tables
-//! live in frames provided by a [`TableMemory`].
+//! 2 MiB superpages made when a full, contiguous, aligned leaf table appears
+//! or mapped whole ([`IoPageTable::map_superpage`]), split again on a
+//! partial unmap, and empty tables freed on unmap. Tables live in frames
+//! provided by a [`TableMemory`].
 
 pub mod lpae;
 pub mod sync;
@@ -222,8 +223,9 @@ impl TableOptions {
 ///
 /// Unmapping never needs memory (with [`TableOptions::split_from_spares`],
 /// as the engine's own contexts have it): every superpage made by folding
-/// a full leaf table keeps that table's frame on a spare list, and
-/// splitting a superpage takes its frame back from there. (Xen's own VT-d
+/// a full leaf table keeps that table's frame on a spare list, one mapped
+/// whole takes a spare frame first, and splitting a superpage takes its
+/// frame back from there (see `spares_owed`). (Xen's own VT-d
 /// code can fail an unmap with `-ENOMEM` at exactly this point, as the
 /// simulator's model of it, [`TableOptions::xen_own`], does; the engine
 /// copes with that too, but its own tables never do it.)
@@ -657,6 +659,13 @@ impl<F: PageTableFormat> IoPageTable<F> {
     /// mapped whole, never linked since. At most one goes per superpage
     /// unmapped whole (and one a failed [`map_superpage`](Self::map_superpage)
     /// may have left, whose spare came but not its entry).
+    ///
+    /// One kept for reuse is written back first: a folded table was zeroed
+    /// after its flush, and an IOMMU that does not snoop the CPU caches
+    /// would still find in memory the entries of the pages it mapped,
+    /// since released, once a table made from it is linked (the link's
+    /// line may reach memory first). A split writes its table back before
+    /// it links it; a recycled table is linked as it is.
     fn trim_spares(&mut self, mem: &mut impl TableMemory) {
         while self.spares_len > self.spares_owed() {
             let Some(t) = self.take_spare(mem) else {
@@ -670,6 +679,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
                 .filter(|_| self.options.recycle);
             match room {
                 Some(at) => {
+                    mem.write_back_table(t);
                     *at = t;
                     self.recycled_len += 1;
                 }
@@ -1755,6 +1765,27 @@ mod freed_list_tests {
         // The flush: the folded table is a spare nothing is owed.
         t.release_freed(&mut mem);
         assert_eq!((t.folded_frames(), t.spare_frames(&mem)), (0, 0));
+    }
+
+    /// A folded table whose superpage went whole is zeroed after the
+    /// flush and kept for reuse: written back after its last store, before
+    /// it can hang anywhere again (a recycled table is linked as it is).
+    #[test]
+    fn a_spare_kept_for_reuse_is_written_back_first() {
+        let mut mem = frames();
+        let mut t = engine_tables(&mut mem);
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        for i in 0..ENTRIES as u64 {
+            t.map(&mut mem, Bfn(0x200 + i), Mfn(0x400 + i), rw, wb)
+                .unwrap();
+        }
+        let folded = t.folded[0].table;
+        assert_eq!(t.folded_frames(), 1);
+        t.unmap_superpage(&mut mem, Bfn(0x200)).unwrap();
+        t.release_freed(&mut mem);
+        assert!(t.recycled[..t.recycled_len].contains(&folded), "kept");
+        let last = mem.events.iter().rev().find(|e| e.1 == folded.0);
+        assert_eq!(last, Some(&(b'b', folded.0)), "kept dirty");
     }
 
     #[test]

@@ -170,6 +170,14 @@ pub struct Ram {
     /// paging-structure caches would see the change before the flush (a
     /// fault where a mapping still stands, or a page another BFN maps).
     pub(super) unlinked_tables_rewritten: u64,
+    /// Table frames linked (an entry made to point at them) while their
+    /// memory, not yet written back, still held a present entry the CPU
+    /// had cleared: the link may reach memory first (a cache line evicted
+    /// early), and a device walking it then reaches what the stale entry
+    /// maps. A table is written back whole before it is linked
+    /// (`write_back_table`) unless all its stores since were clears of
+    /// lines written back already.
+    pub(super) tables_linked_over_stale_entries: u64,
     /// Pages whose cache lines were flushed because a device may have
     /// written them without snooping.
     pub(super) cache_flushes: u64,
@@ -311,6 +319,7 @@ impl Ram {
             table_parent: Default::default(),
             tables_freed_before_flush: 0,
             unlinked_tables_rewritten: 0,
+            tables_linked_over_stale_entries: 0,
             cache_flushes: 0,
             non_coherent_tables: true,
             stale_lines: BTreeMap::new(),
@@ -400,6 +409,17 @@ impl Ram {
             }
             None => self.read_u64(mfn, off),
         }
+    }
+    /// Whether memory still holds a present entry of `table` that the
+    /// CPU's stores have not replaced there yet (a line not written back).
+    fn holds_stale_present_entry(&self, table: u64) -> bool {
+        self.stale_lines
+            .range((table, 0)..=(table, usize::MAX))
+            .any(|(_, bytes)| {
+                bytes
+                    .chunks_exact(8)
+                    .any(|e| entry_present(u64::from_le_bytes(e.try_into().unwrap_or([0; 8]))))
+            })
     }
     /// Write back the lines of `table` in the bitmap `lines` (Xen:
     /// `iommu_sync_cache` on each).
@@ -573,6 +593,9 @@ impl Ram {
             );
         }
         if let Some(child) = new.filter(|c| Some(*c) != old) {
+            if self.holds_stale_present_entry(child) {
+                self.tables_linked_over_stale_entries += 1;
+            }
             self.table_parent.insert(child, (table.0, index));
             // (One unlinked from two places stays: it may still be cached
             // at the other.)
@@ -1521,6 +1544,13 @@ impl SimMachine {
     /// each a translation a device could see change before the flush.
     pub fn unlinked_tables_rewritten(&self) -> u64 {
         self.ram.unlinked_tables_rewritten
+    }
+
+    /// Table frames linked while memory still held a present entry of
+    /// theirs the CPU had cleared (not written back): each a window in
+    /// which a device could walk the stale entry through the new link.
+    pub fn tables_linked_over_stale_entries(&self) -> u64 {
+        self.ram.tables_linked_over_stale_entries
     }
 
     /// Pages flushed from the CPU caches when freed because a device may
