@@ -650,10 +650,10 @@ impl<F: PageTableFormat> IoPageTable<F> {
     /// `folded`).
     ///
     /// With `split_from_spares` the walker keeps `spares_len >=
-    /// spares_owed()`, so a split never allocates. A fold brings its own table; a superpage
-    /// mapped whole ([`map_superpage`](Self::map_superpage)) takes a spare
-    /// first; a split takes its folded table or a spare; a superpage
-    /// unmapped whole gives one back ([`trim_spares`](Self::trim_spares)).
+    /// spares_owed()`, so a split never allocates: a fold brings its own
+    /// table; a superpage mapped whole ([`map_superpage`](Self::map_superpage))
+    /// takes a spare first; a split takes its folded table or a spare; a
+    /// superpage unmapped whole gives one back ([`trim_spares`](Self::trim_spares)).
     fn spares_owed(&self) -> usize {
         self.superpages.saturating_sub(self.folded_live)
     }
@@ -717,8 +717,8 @@ impl<F: PageTableFormat> IoPageTable<F> {
     }
 
     /// Spare frames held for splits: as many as the superpages are owed
-    /// (one for each superpage but those folded since the last flush),
-    /// and at most one more.
+    /// (one for each superpage but those folded since the last flush and
+    /// still in the tree).
     pub fn spare_frames(&self, mem: &impl TableMemory) -> usize {
         count_frames(mem, self.spares)
     }
