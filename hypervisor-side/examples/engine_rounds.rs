@@ -30,7 +30,10 @@
 //! each way. The guest's RAM is in 2 MiB-aligned machine runs, as Xen
 //! backs it where it can, so the extent is one superpage entry;
 //! `extent-unaligned` maps the same extent over frames off a 2 MiB
-//! boundary: 512 entries each way, as before superpage entries.
+//! boundary: 512 entries each way, as before superpage entries. With
+//! `PVIOMMU_KEEP_EXTENT` set, another extent of the guest (gfns 512-1023)
+//! stays mapped throughout, so each round's extent shares its 64 MiB
+//! region with a record, as a mediator's many extents of one guest do.
 //!
 //! `engine_rounds 200 reference` runs the reference design
 //! ([`pviommu_hv::sim::reference::NaiveEngine`]) over the same host services
@@ -74,9 +77,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut m = SimMachine::new(BATCH + 8 + 4096, Format::Vtd, 64);
+    let keep_extent = extents && std::env::var_os("PVIOMMU_KEEP_EXTENT").is_some();
+    let guest_pages = if keep_extent { 2 * BATCH } else { BATCH + 8 };
+    let mut m = SimMachine::new(guest_pages + 4096, Format::Vtd, 64);
     let spec = DomainSpec {
-        pages: BATCH + 8,
+        pages: guest_pages,
         privileged: false,
         device_model_of: None,
     };
@@ -138,6 +143,17 @@ fn main() -> ExitCode {
             gfn: Gfn(0),
             ..reqs[0]
         };
+        if keep_extent {
+            let kept = MapRequest {
+                gfn: Gfn(BATCH),
+                ..extent
+            };
+            if let Err(err) = e.map_extent(&mut m, DomId::DOM0, &dom0, &kept) {
+                eprintln!("engine_rounds: cannot map the extent kept: {err:?}");
+                return ExitCode::FAILURE;
+            }
+            e.finish(&mut m, DomId::DOM0);
+        }
         return extent_rounds(&mut m, &e, &dom0, &extent, rounds);
     }
     let mut bfns: Vec<(ContextId, Bfn)> = Vec::with_capacity(BATCH as usize);

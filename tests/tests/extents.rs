@@ -1027,3 +1027,56 @@ fn a_folded_table_given_back_is_written_back_before_it_is_a_table_again() {
     }
     check_invariants(&mut m, &e).unwrap();
 }
+
+/// Beside a record of another extent in the same 64 MiB region (a
+/// mediator maps a guest's 2 MiB pages one extent after another), an
+/// extent map skips the check of its other 511 pages only while the cell
+/// maps no page of the target there on its own: a page mapped alone with
+/// the extent's access still makes it busy, one over a stale frame is
+/// still revoked on the way, one with other access is no conflict.
+#[test]
+fn an_extent_beside_another_extents_record_still_finds_its_pages_mapped_alone() {
+    let (mut m, e) = host();
+    let next = EXTENT + EXTENT_PAGES;
+    let (status, _) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, next, Permissions::RW),
+    );
+    assert_eq!(status, 0, "the other extent, same region");
+    // Its page 7 mapped alone, as the extent would map it: busy.
+    let alone = map_one(&mut m, &e, DomId::DOM0, GUEST, EXTENT + 7, Permissions::RW).unwrap();
+    let (status, _) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW),
+    );
+    assert_eq!(status, Errno::Busy.negated());
+    check_invariants(&mut m, &e).unwrap();
+    let mut op = [unmap_op(alone)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut op).unwrap();
+    assert_eq!(op[0].status, 0);
+    // Read-only alone: another mapping, no conflict.
+    map_one(&mut m, &e, DomId::DOM0, GUEST, EXTENT + 7, Permissions::RO).unwrap();
+    // Page 9 mapped alone while its gfn had another frame, which then
+    // came back before the hooks ran: the extent map revokes it.
+    let (page, lender) = (Gfn(EXTENT + 9), Gfn(3));
+    m.swap_frames(GUEST, page, lender).unwrap();
+    let stale = map_one(&mut m, &e, DomId::DOM0, GUEST, page.0, Permissions::RW).unwrap();
+    m.swap_frames(GUEST, page, lender).unwrap();
+    let (status, out) = run(
+        &mut m,
+        &e,
+        extent_map(ContextId::DEFAULT, EXTENT, Permissions::RW),
+    );
+    assert_eq!(status, 0);
+    assert_eq!(
+        m.translate(DomId::DOM0, ContextId::DEFAULT, stale),
+        None,
+        "revoked"
+    );
+    assert_mapped(&mut m, ContextId::DEFAULT, Bfn(out.bfn), EXTENT);
+    e.gfn_removed(&mut m, GUEST, page);
+    e.gfn_removed(&mut m, GUEST, lender);
+    check_invariants(&mut m, &e).unwrap();
+}

@@ -43,6 +43,16 @@ enum Step {
         write: bool,
         own: bool,
     },
+    /// The guest's first 2 MiB (gfns 0-511, where the page steps' first
+    /// gfns are, in the region of [`EXTENT_GFN`]) mapped as an extent: its
+    /// check of pages mapped alone beside another extent's record. (A
+    /// refused one may have revoked a stale page on the way: not checked
+    /// for no change.)
+    MapLowExtent {
+        dm: bool,
+        write: bool,
+        own: bool,
+    },
     /// One of the extents mapped, unmapped in one op.
     UnmapExtent(usize),
     /// A page of the extent given up by the guest (its hook runs).
@@ -78,6 +88,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => Just(Step::FailFlush),
         1 => Just(Step::KillGuest),
         2 => (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(dm, write, own)| Step::MapExtent { dm, write, own }),
+        1 => (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(dm, write, own)| Step::MapLowExtent { dm, write, own }),
         1 => any::<usize>().prop_map(Step::UnmapExtent),
         1 => (0u64..512).prop_map(Step::RemoveExtentPage),
         1 => (0u64..512, any::<bool>()).prop_map(|(k, dm)| Step::ExtentOverStalePage { k, dm }),
@@ -307,6 +318,18 @@ proptest! {
                         extents.push((caller, context, Bfn(ops[0].bfn)));
                     } else {
                         prop_assert_eq!(observable(&m, &e), before, "refused extent map changed state");
+                    }
+                }
+                Step::MapLowExtent { dm, write, own } => {
+                    let caller = if dm { DEVICE_MODEL } else { DomId::DOM0 };
+                    let context = if own && !dm { own_context } else { ContextId::DEFAULT };
+                    let perms = if write { Permissions::RW } else { Permissions::RO };
+                    let req = map_request_in(context, GUEST, 0, perms);
+                    let mut ops = [pviommu_abi::Request::MapExtent(req).encode()];
+                    m.guest_batch_all(&e, caller, &mut ops).unwrap();
+                    if ops[0].status == 0 {
+                        prop_assert_eq!(ops[0].bfn % 512, 0);
+                        extents.push((caller, context, Bfn(ops[0].bfn)));
                     }
                 }
                 Step::UnmapExtent(i) if !extents.is_empty() => {

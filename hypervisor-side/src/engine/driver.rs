@@ -1002,6 +1002,58 @@ impl DriverDomain {
             .find(region_hash(seed, key), |v| region_key_of(v) == key)
             .is_some()
     }
+    /// Whether this cell may map a page of `domid` in `region` on its own
+    /// (in the page index, not as a member of an extent record): `false`
+    /// only when the region's exact count is all records, counted by one
+    /// probe of the extent index for each of the region's 32 extents (a
+    /// record counts once in its region, and a chain holds only records
+    /// of its own extent, `install_extent`). What an extent map's check of
+    /// its other pages asks: records of other extents hold other gfns.
+    /// While the cell distrusts its indices, or a chain does not end
+    /// within its bound, always `true`.
+    pub(crate) fn may_map_pages_in(&self, seed: u64, domid: DomId, region: u64) -> bool {
+        if !self.regions_exact || self.indices_suspect {
+            return true;
+        }
+        let key = region_key(domid, region);
+        let Some(count) = self
+            .regions
+            .find(region_hash(seed, key), |v| region_key_of(v) == key)
+            .map(region_count_of)
+        else {
+            return false;
+        };
+        let first = region << REGION_SHIFT;
+        let mut records = 0u64;
+        for head in (first..first + (1 << REGION_SHIFT)).step_by(EXTENT_PAGES as usize) {
+            match self.records_at(seed, domid, head) {
+                Some(n) => records += n,
+                None => return true,
+            }
+            if records > count {
+                return true;
+            }
+        }
+        records != count
+    }
+
+    /// How many records `domid`'s extent at `head` has in this cell (the
+    /// length of its chain); `None` for a chain that does not end within
+    /// [`CHAIN_BOUND`] (a broken one: trusted for nothing).
+    fn records_at(&self, seed: u64, domid: DomId, head: u64) -> Option<u64> {
+        let mut rec = self.extent_chain(seed, domid, head).map(|(_, rec)| rec);
+        for n in 0..CHAIN_BOUND as u64 {
+            let Some(r) = rec
+                .and_then(|at| self.record(at))
+                .filter(|r| r.is_of(domid, head))
+            else {
+                return Some(n);
+            };
+            rec = Some(link64(r.next)).filter(|&next| next != NONE);
+        }
+        rec.is_none().then_some(CHAIN_BOUND as u64)
+    }
+
     /// Whether the region counts are exact, so a hook over a range may
     /// skip the 64 MiB regions this cell maps nothing of (see
     /// [`REGION_SHIFT`]).

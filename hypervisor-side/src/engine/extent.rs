@@ -279,9 +279,13 @@ impl<L: RawMutex> Engine<L> {
         // 3. No other page of the extent may be mapped in the context
         //    already (page 0 was looked at in 1.): one over its current
         //    frame refuses the extent, one over a stale frame is revoked,
-        //    as a page map revokes it. Skipped when the region counts say
-        //    the cell maps nothing of the target in the extent's 64 MiB.
-        let may_map = region_of(req.gfn.0).is_none_or(|r| d.dd.may_map_in(seed, req.domid, r));
+        //    as a page map revokes it. Skipped when the cell has no record
+        //    of this extent and the region counts say it maps no page of
+        //    the target on its own in the extent's 64 MiB (only records of
+        //    other extents, say: a mediator maps a guest's 2 MiB pages one
+        //    extent after another).
+        let may_map = d.dd.extent_first(seed, req.domid, req.gfn).is_some()
+            || region_of(req.gfn.0).is_none_or(|r| d.dd.may_map_pages_in(seed, req.domid, r));
         if may_map {
             for i in 1..EXTENT_PAGES {
                 if let Some((idx, m)) = self.mapped_page(d, req, first_mfn, i) {
