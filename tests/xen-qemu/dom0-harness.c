@@ -1175,13 +1175,33 @@ static void alternate_with_privcmd(uint32_t ctx, uint32_t domid, const xen_pfn_t
            vu[rounds / 2]);
 }
 
+/* A context of dom0's own where the IOMMU offers them (caps `c`): its
+ * number, or 0 (none, or refused). */
+static uint32_t own_context_create(const struct pv_iommu_caps *c)
+{
+    struct pv_iommu_op o;
+
+    memset(&o, 0, sizeof(o));
+    o.subop = PVIOMMU_OP_context_create;
+    return c->max_contexts > 1 && one_op(&o) == 0 && o.status == 0 ? o.context : 0;
+}
+
+static void own_context_destroy(uint32_t ctx)
+{
+    struct pv_iommu_op o;
+
+    memset(&o, 0, sizeof(o));
+    o.subop = PVIOMMU_OP_context_destroy;
+    o.context = ctx;
+    one_op(&o);
+}
+
 static int cmd_measure(unsigned long n)
 {
     xen_pfn_t *frames = calloc(n, sizeof(*frames));
     uint64_t *bfns = calloc(n, sizeof(*bfns));
     int *errs = calloc(n, sizeof(int));
     struct pv_iommu_caps c;
-    struct pv_iommu_op o;
     struct perfc_snap p4, p5;
     uint32_t domid;
     unsigned long i, bad;
@@ -1211,16 +1231,12 @@ static int cmd_measure(unsigned long n)
             pv_map_unmap("pviommu_2mx", 0, d2, f2, n, bfns, true);
             /* And into a context of the engine's own, where it writes one
              * superpage entry an extent itself. */
-            memset(&o, 0, sizeof(o));
-            o.subop = PVIOMMU_OP_context_create;
-            if ( c.max_contexts > 1 && one_op(&o) == 0 && o.status == 0 )
+            uint32_t ctx = own_context_create(&c);
+            if ( ctx )
             {
-                uint32_t ctx = o.context;
                 pv_map_unmap("pviommu_ctx2mx", ctx, d2, f2, n, bfns, false);
                 pv_map_unmap("pviommu_ctx2mx", ctx, d2, f2, n, bfns, true);
-                memset(&o, 0, sizeof(o));
-                o.subop = PVIOMMU_OP_context_destroy; o.context = ctx;
-                one_op(&o);
+                own_context_destroy(ctx);
             }
             xc_domain_destroy(xch, d2);
         }
@@ -1228,17 +1244,13 @@ static int cmd_measure(unsigned long n)
     }
     /* The same pages into a context of the engine's own (its VT-d tables,
      * its flush) where the IOMMU offers one. */
-    memset(&o, 0, sizeof(o));
-    o.subop = PVIOMMU_OP_context_create;
-    if ( c.max_contexts > 1 && one_op(&o) == 0 && o.status == 0 )
+    uint32_t ctx = own_context_create(&c);
+    if ( ctx )
     {
-        uint32_t ctx = o.context;
         pv_map_unmap("pviommu_ctx", ctx, domid, frames, n, bfns, false);
         pv_map_unmap("pviommu_ctx", ctx, domid, frames, n, bfns, true);
         alternate_with_privcmd(ctx, domid, frames, n, bfns, errs, 11);
-        memset(&o, 0, sizeof(o));
-        o.subop = PVIOMMU_OP_context_destroy; o.context = ctx;
-        one_op(&o);
+        own_context_destroy(ctx);
     }
 
     /* The stock way: privcmd foreign mapping of the same frames (PV dom0:

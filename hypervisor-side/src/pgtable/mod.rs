@@ -390,16 +390,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
                 let mut parent = None;
                 for level in (2..=LEVELS).rev() {
                     let idx = index(bfn, level);
-                    let next = match F::decode(mem.read_entry(table, idx), level) {
-                        Entry::Table(t) => t,
-                        Entry::Empty => {
-                            let t = self.new_table(mem)?;
-                            mem.write_entry(table, idx, F::table_entry(t));
-                            mem.set_present_count(table, mem.present_count(table) + 1);
-                            t
-                        }
-                        Entry::Leaf { .. } => return Err(Errno::Inval),
-                    };
+                    let next = self.table_below(mem, table, idx, level)?;
                     parent = Some((table, idx));
                     table = next;
                 }
@@ -469,17 +460,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
         }
         let mut table = self.root;
         for level in (SUPERPAGE_LEVEL + 1..=LEVELS).rev() {
-            let idx = index(bfn, level);
-            table = match F::decode(mem.read_entry(table, idx), level) {
-                Entry::Table(t) => t,
-                Entry::Empty => {
-                    let t = self.new_table(mem)?;
-                    mem.write_entry(table, idx, F::table_entry(t));
-                    mem.set_present_count(table, mem.present_count(table) + 1);
-                    t
-                }
-                Entry::Leaf { .. } => return Err(Errno::Inval),
-            };
+            table = self.table_below(mem, table, index(bfn, level), level)?;
         }
         let idx = index(bfn, SUPERPAGE_LEVEL);
         let (entry, count) = mem.read_entry_and_count(table, idx);
@@ -501,6 +482,29 @@ impl<F: PageTableFormat> IoPageTable<F> {
         mem.write_entry_counted(table, idx, leaf, count + 1);
         self.superpages += 1;
         Ok(true)
+    }
+
+    /// The table entry `idx` of `table` (at `level`) points at, made (empty,
+    /// linked and counted) where there is none; `Err(Inval)` for a leaf
+    /// there. A step of every walk that maps.
+    #[inline(always)]
+    fn table_below(
+        &mut self,
+        mem: &mut impl TableMemory,
+        table: Mfn,
+        idx: usize,
+        level: u32,
+    ) -> Result<Mfn, Errno> {
+        match F::decode(mem.read_entry(table, idx), level) {
+            Entry::Table(t) => Ok(t),
+            Entry::Empty => {
+                let t = self.new_table(mem)?;
+                mem.write_entry(table, idx, F::table_entry(t));
+                mem.set_present_count(table, mem.present_count(table) + 1);
+                Ok(t)
+            }
+            Entry::Leaf { .. } => Err(Errno::Inval),
+        }
     }
 
     /// A table frame: a recycled one if any (flushed; zero once its list
