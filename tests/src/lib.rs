@@ -104,13 +104,14 @@ pub fn map_request_in(
     }
 }
 
-/// An unmap op.
+/// An unmap op of the default context.
 pub fn unmap_op(bfn: Bfn) -> PvIommuOp {
-    Request::Unmap {
-        context: ContextId::DEFAULT,
-        bfn,
-    }
-    .encode()
+    unmap_op_in(ContextId::DEFAULT, bfn)
+}
+
+/// An unmap op of `context`.
+pub fn unmap_op_in(context: ContextId, bfn: Bfn) -> PvIommuOp {
+    Request::Unmap { context, bfn }.encode()
 }
 
 /// Map one page as `caller`; the op's status (or the hypercall's error) as

@@ -896,11 +896,7 @@ fn an_aligned_extent_is_one_superpage_entry_in_an_engine_context() {
     let two = Bfn(two.bfn);
     assert_eq!(leaf_level(&m, ctx, two), Some(2));
     m.fail_table_allocs(Some(0));
-    let mut ops = [Request::Unmap {
-        context: ctx,
-        bfn: Bfn(two.0 + 5),
-    }
-    .encode()];
+    let mut ops = [unmap_op_in(ctx, Bfn(two.0 + 5))];
     m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
     m.fail_table_allocs(None);
     assert_eq!(ops[0].status, 0);
@@ -920,13 +916,7 @@ fn an_aligned_extent_is_one_superpage_entry_in_an_engine_context() {
     );
     let mut ops: Vec<_> = (0..EXTENT_PAGES)
         .filter(|&i| i != 5)
-        .map(|i| {
-            Request::Unmap {
-                context: ctx,
-                bfn: Bfn(two.0 + i),
-            }
-            .encode()
-        })
+        .map(|i| unmap_op_in(ctx, Bfn(two.0 + i)))
         .collect();
     m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
     assert!(ops.iter().all(|o| o.status == 0));
@@ -967,13 +957,7 @@ fn superpage_cycles_in_an_engine_context_keep_its_frames_flat() {
         assert_mapped(&mut m, ctx, bfn, EXTENT);
         check_invariants(&mut m, &e).unwrap();
         let mut ops: Vec<_> = (0..EXTENT_PAGES)
-            .map(|i| {
-                Request::Unmap {
-                    context: ctx,
-                    bfn: Bfn(bfn.0 + i),
-                }
-                .encode()
-            })
+            .map(|i| unmap_op_in(ctx, Bfn(bfn.0 + i)))
             .collect();
         m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
         assert!(ops.iter().all(|o| o.status == 0));
@@ -1004,13 +988,7 @@ fn a_folded_table_given_back_is_written_back_before_it_is_a_table_again() {
     assert_eq!(first % EXTENT_PAGES, 0);
     let mut ops: Vec<_> = (0..EXTENT_PAGES)
         .map(|i| map_op_in(ctx, GUEST, EXTENT + i, Permissions::RW))
-        .chain((0..EXTENT_PAGES).map(|i| {
-            Request::Unmap {
-                context: ctx,
-                bfn: Bfn(first + i),
-            }
-            .encode()
-        }))
+        .chain((0..EXTENT_PAGES).map(|i| unmap_op_in(ctx, Bfn(first + i))))
         .collect();
     m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
     assert!(ops.iter().all(|o| o.status == 0));

@@ -420,7 +420,7 @@ proptest! {
         };
         for (caller, context, bfn, refs) in all {
             for _ in 0..refs {
-                let mut ops = [pviommu_abi::Request::Unmap { context, bfn }.encode()];
+                let mut ops = [unmap_op_in(context, bfn)];
                 m.guest_batch_all(&e, caller, &mut ops).unwrap();
                 prop_assert!(ops[0].status == 0 || ops[0].status == -116, "status {}", ops[0].status);
             }

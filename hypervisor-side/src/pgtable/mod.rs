@@ -683,22 +683,19 @@ impl<F: PageTableFormat> IoPageTable<F> {
                 self.spares_len = 0;
                 return;
             };
+            // (Written back given back to the host too: what memory holds
+            // of a frame given back should not be frame numbers.)
+            mem.write_back_table(t);
             let room = self
                 .recycled
                 .get_mut(self.recycled_len)
                 .filter(|_| self.options.recycle);
             match room {
                 Some(at) => {
-                    mem.write_back_table(t);
                     *at = t;
                     self.recycled_len += 1;
                 }
-                // (Written back too: what memory holds of a frame given
-                // back should not be frame numbers.)
-                None => {
-                    mem.write_back_table(t);
-                    mem.free_table(t);
-                }
+                None => mem.free_table(t),
             }
         }
     }
@@ -1264,6 +1261,15 @@ mod freed_list_tests {
         assert_eq!(mem.free.len(), freed.len());
     }
 
+    /// Map BFNs 0x200.. to frames 0x400.. (read-write, write-back): a whole
+    /// leaf table of one aligned run, which folds into a superpage.
+    fn map_foldable_run(t: &mut IoPageTable<Vtd>, mem: &mut Frames) {
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        for i in 0..ENTRIES as u64 {
+            t.map(mem, Bfn(0x200 + i), Mfn(0x400 + i), rw, wb).unwrap();
+        }
+    }
+
     fn frames() -> Frames {
         Frames {
             tables: vec![[0; ENTRIES]],
@@ -1444,10 +1450,7 @@ mod freed_list_tests {
         let mut mem = frames();
         let mut t = IoPageTable::<Vtd>::new(&mut mem).unwrap();
         let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
-        for i in 0..ENTRIES as u64 {
-            t.map(&mut mem, Bfn(0x200 + i), Mfn(0x400 + i), rw, wb)
-                .unwrap();
-        }
+        map_foldable_run(&mut t, &mut mem);
         assert_eq!((t.folded_frames(), t.spare_frames(&mem)), (1, 0), "folded");
         assert_eq!(t.leaf(&mem, Bfn(0x201)).map(|l| l.0), Some(SUPERPAGE_LEVEL));
         assert_eq!(
@@ -1523,14 +1526,10 @@ mod freed_list_tests {
     /// one folded before the flush or a spare after it.
     #[test]
     fn a_split_writes_its_table_back_before_linking_it() {
-        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
         for flush_between in [false, true] {
             let mut mem = frames();
             let mut t = IoPageTable::<Vtd>::new(&mut mem).unwrap();
-            for i in 0..ENTRIES as u64 {
-                t.map(&mut mem, Bfn(0x200 + i), Mfn(0x400 + i), rw, wb)
-                    .unwrap();
-            }
+            map_foldable_run(&mut t, &mut mem);
             if flush_between {
                 t.release_freed(&mut mem);
             }
@@ -1568,10 +1567,7 @@ mod freed_list_tests {
         let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
         let mut mem = frames();
         let mut t = IoPageTable::<Vtd>::new(&mut mem).unwrap();
-        for i in 0..ENTRIES as u64 {
-            t.map(&mut mem, Bfn(0x200 + i), Mfn(0x400 + i), rw, wb)
-                .unwrap();
-        }
+        map_foldable_run(&mut t, &mut mem);
         t.release_freed(&mut mem);
         assert_eq!(t.spare_frames(&mem), 1);
         mem.refused = t.spares.map(|m| m.0);
@@ -1589,10 +1585,7 @@ mod freed_list_tests {
         let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
         let mut mem = frames();
         let mut t = IoPageTable::<Vtd>::with_options(&mut mem, TableOptions::xen_own()).unwrap();
-        for i in 0..ENTRIES as u64 {
-            t.map(&mut mem, Bfn(0x200 + i), Mfn(0x400 + i), rw, wb)
-                .unwrap();
-        }
+        map_foldable_run(&mut t, &mut mem);
         t.release_freed(&mut mem);
         assert_eq!(t.spare_frames(&mem), 0, "no spare kept");
         // The folded table, freed, is the frame the split will get.
@@ -1727,12 +1720,8 @@ mod freed_list_tests {
     fn superpages_unmapped_whole_give_their_spares_back() {
         let mut mem = frames();
         let mut t = engine_tables(&mut mem);
-        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
         for cycle in 0..12u64 {
-            for i in 0..ENTRIES as u64 {
-                t.map(&mut mem, Bfn(0x200 + i), Mfn(0x400 + i), rw, wb)
-                    .unwrap();
-            }
+            map_foldable_run(&mut t, &mut mem);
             assert_eq!(t.superpage_count(), 1, "cycle {cycle}: folded");
             if cycle % 2 == 0 {
                 t.release_freed(&mut mem);
@@ -1771,10 +1760,7 @@ mod freed_list_tests {
         let mut mem = frames();
         let mut t = engine_tables(&mut mem);
         let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
-        for i in 0..ENTRIES as u64 {
-            t.map(&mut mem, Bfn(0x200 + i), Mfn(0x400 + i), rw, wb)
-                .unwrap();
-        }
+        map_foldable_run(&mut t, &mut mem);
         t.unmap_superpage(&mut mem, Bfn(0x200)).unwrap();
         assert_eq!((t.superpage_count(), t.folded_frames()), (0, 1));
         assert_eq!(
@@ -1798,11 +1784,7 @@ mod freed_list_tests {
     fn a_spare_kept_for_reuse_is_written_back_first() {
         let mut mem = frames();
         let mut t = engine_tables(&mut mem);
-        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
-        for i in 0..ENTRIES as u64 {
-            t.map(&mut mem, Bfn(0x200 + i), Mfn(0x400 + i), rw, wb)
-                .unwrap();
-        }
+        map_foldable_run(&mut t, &mut mem);
         let folded = t.folded[0].table;
         assert_eq!(t.folded_frames(), 1);
         t.unmap_superpage(&mut mem, Bfn(0x200)).unwrap();
