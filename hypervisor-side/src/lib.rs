@@ -53,5 +53,8 @@ pub use pviommu_abi::{self as abi, Bfn, ContextId, DomId, Errno, Gfn, MemAttr, P
 
 /// Machine frame number. Only the hypervisor side knows these: nothing in
 /// this crate converts an `Mfn` into a value a guest sees.
+/// (`repr(transparent)`: a slice of them is the array of frame numbers
+/// Xen's glue fills, `pvx_get_pages`.)
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+#[repr(transparent)]
 pub struct Mfn(pub u64);

@@ -114,6 +114,18 @@ pub trait Platform {
     /// Never called with the engine lock held: it takes the target's p2m
     /// lock.
     fn get_page(&mut self, domid: DomId, gfn: Gfn, want_write: bool) -> Result<PageLookup, Errno>;
+    /// [`get_page`](Self::get_page) for a run of gfns, `gfn` and those
+    /// after it, at most `mfns.len()`: how many pages, from the first, it
+    /// referenced as `get_page` references usable RAM for `want_write`
+    /// (read-write RAM; read-only RAM too when `!want_write`), their
+    /// frames in `mfns[..n]`. It may stop anywhere, and stops before any
+    /// page it does not reference, leaving nothing of that page held: the
+    /// caller looks that one up with `get_page`, which says why. (Xen: one
+    /// domain lookup for the run, and one p2m walk for the pages one p2m
+    /// entry maps.) Never called with the engine lock held.
+    fn get_pages(&mut self, domid: DomId, gfn: Gfn, want_write: bool, mfns: &mut [Mfn]) -> usize {
+        get_pages_one_by_one(self, domid, gfn, want_write, mfns)
+    }
     /// Release what `get_page` took.
     fn put_page(&mut self, mfn: Mfn, writable: bool);
     /// One past the highest RAM machine frame.
@@ -139,4 +151,37 @@ pub trait Platform {
     fn now_ns(&self) -> u64 {
         0
     }
+}
+
+/// [`Platform::get_pages`] by [`Platform::get_page`], a page at a time:
+/// the default, for a host with nothing faster.
+pub fn get_pages_one_by_one<P: Platform + ?Sized>(
+    host: &mut P,
+    domid: DomId,
+    gfn: Gfn,
+    want_write: bool,
+    mfns: &mut [Mfn],
+) -> usize {
+    for (i, slot) in mfns.iter_mut().enumerate() {
+        let Some(g) = gfn.0.checked_add(i as u64) else {
+            return i;
+        };
+        match host.get_page(domid, Gfn(g), want_write) {
+            Ok(PageLookup {
+                kind: PageKind::RamRw,
+                mfn: Some(mfn),
+            }) => *slot = mfn,
+            Ok(PageLookup {
+                kind: PageKind::RamRo,
+                mfn: Some(mfn),
+            }) if !want_write => *slot = mfn,
+            // Referenced, but not as a run's page: given back.
+            Ok(PageLookup { mfn: Some(mfn), .. }) => {
+                host.put_page(mfn, want_write);
+                return i;
+            }
+            _ => return i,
+        }
+    }
+    mfns.len()
 }

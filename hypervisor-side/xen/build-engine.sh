@@ -78,7 +78,7 @@ echo "build-engine: no endbr64, no raw indirect branch"
 # A speculation barrier before every page lookup (lib/engine-barrier.sh).
 objdump -dr --no-show-raw-insn "$OUT/rust_engine.o" > "$OUT/rust_engine.disr"
 check_barrier_before_lookups build-engine "$OUT/rust_engine.disr" lfence 'lfence([[:space:]]|$)' '' \
-    'R_X86_64_(PLT32|PC32)[[:space:]]+pvx_get_page([-+]|$)'
+    'R_X86_64_(PLT32|PC32)[[:space:]]+pvx_get_pages?([-+]|$)'
 
 nm "$OUT/rust_engine.o" > "$OUT/rust_engine.nm"
 for s in $ENTRIES; do
@@ -139,7 +139,7 @@ SLEEP_STACK_LIMIT="${PVIOMMU_ENGINE_SLEEP_STACK_LIMIT:-2560}"
 objdump -dr --no-show-raw-insn "$OUT/rust_engine.o" | awk -v entries="$ENTRIES" -v limit="$STACK_LIMIT" \
     -v sleep_limit="$SLEEP_STACK_LIMIT" -v map="$MAP" '
     BEGIN { while ((getline l < map) > 0) { split(l, a, " "); short[a[1]] = a[2] }
-            sleeper["pvx_copy_from_guest"] = 1; sleeper["pvx_copy_to_guest"] = 1; sleeper["pvx_get_page"] = 1 }
+            sleeper["pvx_copy_from_guest"] = 1; sleeper["pvx_copy_to_guest"] = 1; sleeper["pvx_get_page"] = 1; sleeper["pvx_get_pages"] = 1 }
     /^[0-9a-f]+ <.*>:$/ { f = substr($2, 2, length($2) - 3); frame[f] = 8; sub_max[f] = 0; next }
     f == "" { next }
     /sub +\$0x[0-9a-f]+,%rsp/ {

@@ -499,6 +499,16 @@ static struct page_info *pvx_lookup_page(struct domain *d, uint64_t gfn,
     return NULL;
 }
 
+/* For pvx_get_pages(): the pages after gfn its p2m entry maps (patch 0006). */
+static uint32_t pvx_page_run(struct domain *d, uint64_t gfn, mfn_t mfn,
+                             p2m_type_t t, uint32_t nr)
+{
+    /* PV: no p2m; each page's own lookup is a frame check. */
+    if ( !paging_mode_translate(d) )
+        return 0;
+    return p2m_get_page_run(p2m_get_hostp2m(d), _gfn(gfn), mfn, t, nr);
+}
+
 void pvx_page_non_coherent(uint64_t mfn)
 {
     /*

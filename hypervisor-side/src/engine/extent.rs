@@ -42,6 +42,11 @@ use crate::{Bfn, ContextId, DomId, Errno, Mfn};
 /// The last page of an extent, from its first.
 const LAST: u64 = EXTENT_PAGES - 1;
 
+/// Pages an extent's lookup asks the host for in one call
+/// ([`Platform::get_pages`](crate::platform::Platform::get_pages)): their
+/// frames wait on the engine's stack, which is small in Xen.
+const EXTENT_RUN_LOOKUP: usize = 16;
+
 /// An extent map's result: the first BFN with its install's tag (the
 /// first page's; the others' follow it), and whether the extent was
 /// mapped already and shared, for [`Engine::map_extent_undo`].
@@ -178,32 +183,74 @@ impl<L: RawMutex> Engine<L> {
     ) -> (LookedUp, u64) {
         let mut ns = 0;
         let mut first = Mfn(0);
-        for i in 0..EXTENT_PAGES {
-            let (looked_up, t) = self.look_up_joined(h, &page_of(req, i), gate, caps, checked_seq);
-            ns += t;
-            // (Unless it found the page, the lookup gave its share back.)
-            let stop = match looked_up {
-                LookedUp::Page(mfn) if i == 0 => {
-                    first = mfn;
-                    continue;
-                }
-                LookedUp::Page(mfn) if first.0.checked_add(i) == Some(mfn.0) => continue,
-                LookedUp::Page(mfn) => {
-                    h.put_page(mfn, req.perms.write);
-                    self.gate_leave_many(req.domid, 1);
-                    LookedUp::Refused(Errno::XDev)
-                }
-                other => other,
-            };
-            // Pages before `i` are referenced; the shares of those and of
-            // the pages after `i` are still joined.
-            for j in 0..i {
-                h.put_page(Mfn(first.0 + j), req.perms.write);
+        let mut run = [Mfn(0); EXTENT_RUN_LOOKUP];
+        // Pages before `i` are referenced, from frame `first` on.
+        let mut i = 0;
+        // (Bounded: each round takes at least one page, or stops.)
+        let stop = loop {
+            if i >= EXTENT_PAGES {
+                return (LookedUp::Page(first), ns);
             }
-            self.gate_leave_many(req.domid, LAST);
-            return (stop, ns);
+            // The pages from `i` on by runs, as many as the host takes in
+            // one call; a page a run does not reference goes alone, and
+            // its own lookup says why (or finds it after all).
+            let want = (EXTENT_PAGES - i).min(EXTENT_RUN_LOOKUP as u64) as usize;
+            let page = page_of(req, i);
+            let (got, t) = match run.get_mut(..want) {
+                Some(mfns) => self.look_up_run(h, &page, gate, checked_seq, mfns),
+                None => (0, 0),
+            };
+            ns += t;
+            if got == 0 {
+                let (looked_up, t) = self.look_up_joined(h, &page, gate, caps, checked_seq);
+                ns += t;
+                match looked_up {
+                    LookedUp::Page(mfn) if i == 0 || first.0.checked_add(i) == Some(mfn.0) => {
+                        first = if i == 0 { mfn } else { first };
+                        i += 1;
+                        continue;
+                    }
+                    LookedUp::Page(mfn) => {
+                        h.put_page(mfn, req.perms.write);
+                        self.gate_leave_many(req.domid, 1);
+                        break LookedUp::Refused(Errno::XDev);
+                    }
+                    // (Its share given back.)
+                    other => break other,
+                }
+            }
+            if i == 0 {
+                first = run[0];
+            }
+            // A frame off the run from `first`: those from it on go back.
+            let off = run
+                .iter()
+                .take(got)
+                .enumerate()
+                .position(|(k, mfn)| first.0.checked_add(i + k as u64) != Some(mfn.0));
+            let kept = off.unwrap_or(got);
+            for &mfn in run.iter().take(got).skip(kept) {
+                h.put_page(mfn, req.perms.write);
+            }
+            if req.perms.write && !Self::snooped(caps, req) {
+                for &mfn in run.iter().take(kept) {
+                    h.note_non_coherent_write(mfn);
+                }
+            }
+            i += kept as u64;
+            if off.is_some() {
+                // The share of the page at `i` (the one off the run).
+                self.gate_leave_many(req.domid, 1);
+                break LookedUp::Refused(Errno::XDev);
+            }
+        };
+        // Pages before `i` are referenced; the shares of those and of the
+        // pages after `i` are still joined.
+        for j in 0..i {
+            h.put_page(Mfn(first.0 + j), req.perms.write);
         }
-        (LookedUp::Page(first), ns)
+        self.gate_leave_many(req.domid, LAST);
+        (stop, ns)
     }
 
     /// Give back the lookups' page references and gate shares of the

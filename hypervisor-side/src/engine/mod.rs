@@ -1513,6 +1513,8 @@ impl<L: RawMutex> Engine<L> {
             Again,
         }
         let mut steps = [Step::Pending; MAP_CHUNK];
+        // The frames of a run of ops' pages, looked up together (step 3).
+        let mut run_mfns = [Mfn(0); MAP_CHUNK];
         let mut ns_get_page = 0;
         let caps = h.iommu_caps();
         // 1. The checks of the whole run, before any page is looked up:
@@ -1587,11 +1589,12 @@ impl<L: RawMutex> Engine<L> {
         // Ops that have joined their target's gate but not yet used the
         // share.
         let mut joined = 0u32;
+        // Whether a run's lookup came back empty in this batch: the ops
+        // after it go one by one (each op costs at most one lookup more).
+        let mut runs_failed = false;
         for i in 0..n {
-            let (Some(req), Some(o), Some(step), Some(&Some(gate)), Some(&domid), Some(&checked)) = (
+            let (Some(req), Some(&Some(gate)), Some(&domid), Some(&checked)) = (
                 reqs.get(i),
-                out.get_mut(i),
-                steps.get_mut(i),
                 gates.get(i),
                 lookup_in.get(i),
                 checked_seqs.get(i),
@@ -1608,6 +1611,51 @@ impl<L: RawMutex> Engine<L> {
             }
             joined -= 1;
             let req = &MapRequest { domid, ..*req };
+            // Its page came with an earlier op's run (below).
+            if matches!(steps.get(i), Some(Step::Locked(_))) {
+                continue;
+            }
+            // The ops from this one on that ask for the pages after its
+            // own, of the same target and access, each past its checks
+            // (and joined: the run stays within this target's ops): their
+            // pages in one call to the host.
+            let run = (1..n - i)
+                .take_while(|&k| {
+                    reqs.get(i + k).is_some_and(|r| {
+                        lookup_in.get(i + k) == Some(&domid)
+                            && r.perms.write == req.perms.write
+                            && req.gfn.0.checked_add(k as u64) == Some(r.gfn.0)
+                    })
+                })
+                .count()
+                + 1;
+            if run > 1 && !runs_failed {
+                let (got, ns) = match run_mfns.get_mut(..run) {
+                    Some(mfns) => self.look_up_run(h, req, gate, checked, mfns),
+                    None => (0, 0),
+                };
+                ns_get_page += ns;
+                runs_failed = got == 0;
+                for (k, &mfn) in run_mfns.iter().enumerate().take(got) {
+                    let (Some(step), Some(r)) = (steps.get_mut(i + k), reqs.get(i + k)) else {
+                        // (Unreachable: `got` is at most `run`.) Not
+                        // kept, so given back.
+                        h.put_page(mfn, req.perms.write);
+                        self.gate_leave(domid);
+                        continue;
+                    };
+                    if r.perms.write && !Self::snooped(&caps, r) {
+                        h.note_non_coherent_write(mfn);
+                    }
+                    *step = Step::Locked(mfn);
+                }
+                if got > 0 {
+                    continue;
+                }
+            }
+            let (Some(o), Some(step)) = (out.get_mut(i), steps.get_mut(i)) else {
+                continue;
+            };
             let (looked_up, ns) = self.look_up_joined(h, req, gate, &caps, checked);
             ns_get_page += ns;
             *step = match looked_up {
@@ -1856,6 +1904,36 @@ impl<L: RawMutex> Engine<L> {
             Err(e) => LookedUp::Refused(e),
         };
         (looked_up, ns)
+    }
+
+    /// [`look_up_joined`](Self::look_up_joined) for the pages of a run of
+    /// ops, `req`'s gfn and the `mfns.len() - 1` after it, their shares
+    /// joined: how many the host referenced, from the first (their frames
+    /// in `mfns`), and the time it took. Nothing is looked up, and nothing
+    /// given back, if the target moved since the checks: the ops then go
+    /// one by one, and the first finds it moved. The pages it did not
+    /// reference hold nothing (each op looks its own up then). Inlined, as
+    /// `look_up_joined`: the object's check finds the speculation barrier
+    /// before the host's lookup in each function that calls it.
+    #[inline(always)]
+    fn look_up_run(
+        &self,
+        h: &mut impl Hypervisor,
+        req: &MapRequest,
+        gate: &TargetGate,
+        checked_seq: u32,
+        mfns: &mut [Mfn],
+    ) -> (usize, u64) {
+        // As in `look_up_joined`: SeqCst, between the join and the lookup.
+        if gate.seq.load(Ordering::SeqCst) != checked_seq {
+            return (0, 0);
+        }
+        let t0 = self.clock(h);
+        let got = h.get_pages(req.domid, req.gfn, req.perms.write, mfns);
+        let ns = self.since(h, t0);
+        // (A host answering more than it was asked for: those are not
+        // frames it wrote.)
+        (got.min(mfns.len()), ns)
     }
 
     /// Whether the device's writes through `req`'s mapping are forced to

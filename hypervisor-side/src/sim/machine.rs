@@ -772,6 +772,14 @@ pub struct SimMachine {
     /// rule tests need). Benchmarks of the engine turn it off: the refill
     /// models hardware, it is no work of the engine's.
     pub speculative_refill: bool,
+    /// Calls of `get_page` so far (a run's own lookups not counted).
+    pub page_lookups: u64,
+    /// Calls of `get_pages` (runs of pages looked up together) so far.
+    pub page_runs: u64,
+    /// A run lookup takes at most this many pages (`None`: all it is
+    /// asked for), as a host may stop a run anywhere: Xen's at the end of
+    /// a p2m entry, and then goes on with a lookup of its own.
+    pub page_run_limit: Option<usize>,
 }
 
 impl SimMachine {
@@ -801,6 +809,9 @@ impl SimMachine {
             unmap_calls: 0,
             superpage_unmaps: 0,
             map_calls: 0,
+            page_lookups: 0,
+            page_runs: 0,
+            page_run_limit: None,
             superpage_maps: 0,
             fail_unmaps: 0,
             fail_unmaps_of: None,
@@ -1870,6 +1881,7 @@ impl Platform for SimMachine {
     fn get_page(&mut self, domid: DomId, gfn: Gfn, want_write: bool) -> Result<PageLookup, Errno> {
         let _host = HostAllocations::begin();
         crate::lock_check::note_service("get_page (takes the target's p2m lock)");
+        self.page_lookups += 1;
         let d = self.domains.get(&domid).ok_or(Errno::Srch)?;
         if d.dying {
             return Err(Errno::Srch);
@@ -1927,6 +1939,20 @@ impl Platform for SimMachine {
             }
         }
         Ok(PageLookup { kind, mfn })
+    }
+    fn get_pages(&mut self, domid: DomId, gfn: Gfn, want_write: bool, mfns: &mut [Mfn]) -> usize {
+        self.page_runs += 1;
+        let limit = self.page_run_limit.unwrap_or(usize::MAX).min(mfns.len());
+        // Page by page, as Arm's glue (x86's walks a p2m entry once): the
+        // same pages, the same references. Its lookups are the run's, not
+        // counted as the engine's own (`page_lookups`).
+        let engine_lookups = self.page_lookups;
+        let got = match mfns.get_mut(..limit) {
+            Some(run) => crate::platform::get_pages_one_by_one(self, domid, gfn, want_write, run),
+            None => 0,
+        };
+        self.page_lookups = engine_lookups;
+        got
     }
     fn put_page(&mut self, mfn: Mfn, writable: bool) {
         let _host = HostAllocations::begin();

@@ -69,6 +69,9 @@ impl Platform for SharedSim {
     fn get_page(&mut self, domid: DomId, gfn: Gfn, want_write: bool) -> Result<PageLookup, Errno> {
         self.with(|m| m.get_page(domid, gfn, want_write))
     }
+    fn get_pages(&mut self, domid: DomId, gfn: Gfn, want_write: bool, mfns: &mut [Mfn]) -> usize {
+        self.with(|m| m.get_pages(domid, gfn, want_write, mfns))
+    }
     fn put_page(&mut self, mfn: Mfn, writable: bool) {
         self.with(|m| m.put_page(mfn, writable))
     }

@@ -113,7 +113,7 @@ echo "build-engine-arm64: no FP/SIMD register or instruction"
 "$OBJDUMP" -dr --no-show-raw-insn "$OUT/rust_engine.o" > "$OUT/rust_engine.disr"
 check_barrier_before_lookups build-engine-arm64 "$OUT/rust_engine.disr" "dsb nsh; isb" \
     'dsb[[:space:]]+nsh([[:space:]]|$)' 'isb([[:space:]]|$)' \
-    'R_AARCH64_(CALL26|JUMP26)[[:space:]]+pvx_get_page$'
+    'R_AARCH64_(CALL26|JUMP26)[[:space:]]+pvx_get_pages?$'
 
 "$NM" "$OUT/rust_engine.o" > "$OUT/rust_engine.nm"
 for s in $ENTRIES; do

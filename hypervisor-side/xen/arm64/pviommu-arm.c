@@ -242,6 +242,17 @@ static bool pvx_type_readable(p2m_type_t t)
 }
 
 /*
+ * For pvx_get_pages(): no walk for a run here (Arm's p2m lookups answer a
+ * page at a time); each page after the first is looked up on its own,
+ * under the one domain lookup of the run.
+ */
+static uint32_t pvx_page_run(struct domain *d, uint64_t gfn, mfn_t mfn,
+                             p2m_type_t t, uint32_t nr)
+{
+    return 0;
+}
+
+/*
  * For pvx_get_page(): the lookup on Arm's p2m types (asm/p2m.h); Arm has no
  * paging, sharing, PoD, log-dirty.
  */

@@ -6,7 +6,7 @@
 # A map passes its checks, then a speculation barrier
 # (nospec::block_speculation, as Xen's evaluate_nospec() fences its XSM
 # decisions), then looks its page up. Every function of the object that
-# calls pvx_get_page must have the barrier before its first call to it (in
+# calls pvx_get_page or pvx_get_pages must have the barrier before its first call to one (in
 # the text: a weaker check than every path, but one a dropped barrier
 # fails; scripts/test-all.sh builds the nospec-canary engine to show it).
 
@@ -17,7 +17,7 @@
 #   FIRST        ERE of the barrier's (first) instruction
 #   SECOND       ERE of the instruction that must follow FIRST directly,
 #                or empty for a one-instruction barrier
-#   CALL         ERE of a relocation calling pvx_get_page
+#   CALL         ERE of a relocation calling pvx_get_page or pvx_get_pages
 check_barrier_before_lookups() {
     awk -v tag="$1" -v barrier="$3" -v first="$4" -v second="$5" -v call="$6" '
         /^Disassembly of section/ { fn = ""; half = 0; fenced = 0; next }
@@ -37,7 +37,7 @@ check_barrier_before_lookups() {
             if (!fenced) { print tag ": FAIL: " fn " looks a page up with no " barrier " before it" > "/dev/stderr"; bad = 1 }
         }
         END {
-            if (calls == 0) { print tag ": FAIL: no call to pvx_get_page found" > "/dev/stderr"; bad = 1 }
+            if (calls == 0) { print tag ": FAIL: no call to pvx_get_page(s) found" > "/dev/stderr"; bad = 1 }
             if (bad) exit 1
             printf "%s: a speculation barrier (%s) before each function'"'"'s first page lookup (%d lookups, %d barriers)\n", tag, barrier, calls, fences
         }' "$2"

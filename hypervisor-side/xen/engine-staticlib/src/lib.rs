@@ -64,6 +64,8 @@ mod ffi {
             mfn: *mut u64,
             kind: *mut u32,
         ) -> i32;
+        pub fn pvx_get_pages(domid: u16, gfn: u64, nr: u32, want_write: i32, mfns: *mut u64)
+            -> u32;
         pub fn pvx_put_page(mfn: u64, writable: i32);
         pub fn pvx_ram_end_mfn() -> u64;
         pub fn pvx_iommu_address_bits() -> u32;
@@ -755,6 +757,21 @@ impl Platform for Xen {
             kind,
             mfn: referenced.then_some(Mfn(mfn)),
         })
+    }
+    fn get_pages(&mut self, domid: DomId, gfn: Gfn, want_write: bool, mfns: &mut [Mfn]) -> usize {
+        let nr = u32::try_from(mfns.len()).unwrap_or(u32::MAX);
+        // SAFETY: `mfns` is `nr` (or more) writable frame numbers (`Mfn` is
+        // a transparent u64); the glue writes at most `nr` of them.
+        let got = unsafe {
+            ffi::pvx_get_pages(
+                domid.0,
+                gfn.0,
+                nr,
+                want_write as i32,
+                mfns.as_mut_ptr().cast::<u64>(),
+            )
+        };
+        (got as usize).min(mfns.len())
     }
     fn put_page(&mut self, mfn: Mfn, writable: bool) {
         // SAFETY: releases a reference pvx_get_page took.

@@ -1,0 +1,232 @@
+//! Runs of pages looked up together (`Platform::get_pages`): a batch's
+//! maps of consecutive gfns of one target, and an extent's 512 pages, ask
+//! the host for their pages in one call (on Xen: one domain lookup, and one
+//! p2m walk for the pages one p2m entry maps). A host may stop a run
+//! anywhere; the engine then looks the rest up itself, and what it maps,
+//! refuses and holds is the same as page by page.
+
+use pviommu_abi::{ContextId, DomId, Errno, Gfn, Permissions, PvIommuOp, Request};
+use pviommu_hv::platform::Platform;
+use pviommu_hv::sim::{Format, SimMachine};
+use pviommu_hv::Engine;
+use pviommu_tests::*;
+use zerocopy::IntoBytes;
+
+/// References a page mapped writable holds (`total_page_refs`): the
+/// page's and its writable type's.
+const WRITABLE: u64 = 2;
+
+fn host() -> (SimMachine, Engine) {
+    machine_after_dom0(Format::Vtd, 2048, 512)
+}
+
+/// Map gfns `gfns` of the guest as dom0, one batch: each op's status and
+/// BFN.
+fn map_all(m: &mut SimMachine, e: &Engine, gfns: &[u64], perms: Permissions) -> Vec<(i32, u64)> {
+    let mut ops: Vec<PvIommuOp> = gfns.iter().map(|&g| map_op(GUEST, g, perms)).collect();
+    m.guest_batch_all(e, DomId::DOM0, &mut ops).unwrap();
+    ops.iter().map(|o| (o.status, o.bfn)).collect()
+}
+
+/// Every op's page is mapped at its BFN, and the device reads the guest's
+/// bytes there.
+fn assert_mapped(m: &mut SimMachine, gfns: &[u64], results: &[(i32, u64)]) {
+    for (&g, &(status, bfn)) in gfns.iter().zip(results) {
+        assert_eq!(status, 0, "gfn {g:#x}");
+        assert_eq!(
+            m.translate(DomId::DOM0, ContextId::DEFAULT, pviommu_abi::Bfn(bfn))
+                .map(|t| t.0),
+            m.mfn_of(GUEST, Gfn(g)),
+            "gfn {g:#x}"
+        );
+        assert_eq!(
+            m.dma_read(DomId::DOM0, ContextId::DEFAULT, bfn << 12, 64)
+                .unwrap(),
+            pattern(g)
+        );
+    }
+}
+
+#[test]
+fn consecutive_gfns_are_looked_up_a_run_at_a_time() {
+    let (mut m, e) = host();
+    let gfns: Vec<u64> = (100..164).collect();
+    let results = map_all(&mut m, &e, &gfns, Permissions::RW);
+    assert_mapped(&mut m, &gfns, &results);
+    // 64 pages, 8 ops a lock (`MAP_CHUNK`): one run each, no page alone.
+    assert_eq!(m.page_runs, 64 / pviommu_hv::engine::MAP_CHUNK as u64);
+    assert_eq!(m.page_lookups, 0);
+    check_invariants(&mut m, &e).unwrap();
+}
+
+#[test]
+fn scattered_gfns_are_looked_up_one_by_one() {
+    let (mut m, e) = host();
+    let gfns: Vec<u64> = (0..16).map(|i| 100 + 3 * i).collect();
+    let results = map_all(&mut m, &e, &gfns, Permissions::RW);
+    assert_mapped(&mut m, &gfns, &results);
+    assert_eq!((m.page_runs, m.page_lookups), (0, 16));
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// A host that stops every run after `limit` pages (Xen's stops at the end
+/// of a p2m entry): the ops past it look their pages up again, and all are
+/// mapped as page by page.
+#[test]
+fn runs_cut_short_by_the_host_map_the_same() {
+    for limit in [0, 1, 3, 7] {
+        let (mut m, e) = host();
+        m.page_run_limit = Some(limit);
+        let gfns: Vec<u64> = (200..232).collect();
+        let results = map_all(&mut m, &e, &gfns, Permissions::RW);
+        assert_mapped(&mut m, &gfns, &results);
+        assert_eq!(m.total_page_refs(), WRITABLE * 32, "limit {limit}");
+        check_invariants(&mut m, &e).unwrap();
+        // And all go again: nothing is held but the mappings' own.
+        let mut unmaps: Vec<PvIommuOp> = results
+            .iter()
+            .map(|&(_, b)| unmap_op(pviommu_abi::Bfn(b)))
+            .collect();
+        m.guest_batch_all(&e, DomId::DOM0, &mut unmaps).unwrap();
+        assert!(unmaps.iter().all(|o| o.status == 0));
+        assert_eq!(m.total_page_refs(), 0, "limit {limit}");
+        check_invariants(&mut m, &e).unwrap();
+    }
+}
+
+/// A page in the middle of a run that cannot be mapped (each kind the host
+/// refuses) fails alone, with its own error; the pages around it map, and
+/// no reference is left over.
+#[test]
+fn a_page_a_run_stops_at_fails_alone_with_its_own_error() {
+    type Spoil = fn(&mut SimMachine, Gfn);
+    let cases: [(&str, Spoil, Errno); 5] = [
+        (
+            "removed",
+            |m, g| {
+                m.remove_gfn(GUEST, g).unwrap();
+            },
+            Errno::Nxio,
+        ),
+        ("mmio", |m, g| m.set_mmio(GUEST, g), Errno::NoDev),
+        ("grant", |m, g| m.set_grant(GUEST, g), Errno::XDev),
+        ("read-only", |m, g| m.set_read_only(GUEST, g), Errno::Acces),
+        ("xen-owned", |m, g| m.set_xen_owned(GUEST, g), Errno::XDev),
+    ];
+    for (what, spoil, errno) in cases {
+        let (mut m, e) = host();
+        spoil(&mut m, Gfn(303));
+        let gfns: Vec<u64> = (300..308).collect();
+        let results = map_all(&mut m, &e, &gfns, Permissions::RW);
+        for (&g, &(status, _)) in gfns.iter().zip(&results) {
+            if g == 303 {
+                assert_eq!(status, errno.negated(), "{what}");
+            } else {
+                assert_eq!(status, 0, "{what}: gfn {g}");
+            }
+        }
+        let ok: Vec<(u64, (i32, u64))> = gfns
+            .iter()
+            .copied()
+            .zip(results.iter().copied())
+            .filter(|(g, _)| *g != 303)
+            .collect();
+        let (g, r): (Vec<u64>, Vec<(i32, u64)>) = ok.into_iter().unzip();
+        assert_mapped(&mut m, &g, &r);
+        assert_eq!(m.total_page_refs(), WRITABLE * 7, "{what}");
+        check_invariants(&mut m, &e).unwrap();
+    }
+}
+
+/// Read-only pages may be a run's for a read-only map, not for a
+/// writable one (which then fails page by page, each with `EACCES`).
+#[test]
+fn read_only_pages_run_for_read_only_maps_only() {
+    let (mut m, e) = host();
+    for g in 400..408 {
+        m.set_read_only(GUEST, Gfn(g));
+    }
+    let gfns: Vec<u64> = (400..408).collect();
+    let ro = map_all(&mut m, &e, &gfns, Permissions::RO);
+    assert!(ro.iter().all(|&(s, _)| s == 0));
+    assert_eq!((m.page_runs, m.page_lookups), (1, 0));
+    let rw = map_all(&mut m, &e, &gfns, Permissions::RW);
+    assert!(rw.iter().all(|&(s, _)| s == Errno::Acces.negated()));
+    assert_eq!(m.total_page_refs(), 8);
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// The target's p2m changes while a run's pages are held (another CPU,
+/// right after the run's first lookup): the ops see the target moved and
+/// look their pages up again; the page removed is not mapped.
+#[test]
+fn a_p2m_change_during_a_run_is_seen_by_its_ops() {
+    let (mut m, e) = host();
+    let gfns: Vec<u64> = (500..508).collect();
+    let ops: Vec<PvIommuOp> = gfns
+        .iter()
+        .map(|&g| map_op(GUEST, g, Permissions::RW))
+        .collect();
+    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &ops);
+    {
+        // (Ballooned out: the hook runs, as Xen's after the p2m change.)
+        let race: Race = Box::new(|m: &mut SimMachine| {
+            m.balloon_out(&e, GUEST, Gfn(505)).unwrap();
+        });
+        let mut h = Interposer::new(&mut m, Service::GetPage, race);
+        assert_eq!(
+            e.hypercall(&mut h, DomId::DOM0, pviommu_abi::cmd::BATCH, base),
+            0
+        );
+    }
+    let mut out = ops.clone();
+    m.copy_from_guest(ops_addr, out.as_mut_bytes()).unwrap();
+    for (&g, o) in gfns.iter().zip(&out) {
+        let want = if g == 505 { Errno::Nxio.negated() } else { 0 };
+        assert_eq!(o.status, want, "gfn {g}");
+    }
+    assert_eq!(m.total_page_refs(), WRITABLE * 7);
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// An extent's 512 pages come in runs too; a run that stops (here: every
+/// few pages) changes nothing of the all-or-nothing map, and a page that
+/// cannot be mapped fails the extent with nothing held.
+#[test]
+fn an_extent_looks_its_pages_up_in_runs() {
+    for limit in [None, Some(5)] {
+        let (mut m, e) = host();
+        m.page_run_limit = limit;
+        let op = Request::MapExtent(map_request_in(
+            ContextId::DEFAULT,
+            GUEST,
+            512,
+            Permissions::RW,
+        ))
+        .encode();
+        let mut ops = [op];
+        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+        assert_eq!(ops[0].status, 0, "{limit:?}");
+        assert_eq!(m.total_page_refs(), WRITABLE * 512);
+        if limit.is_none() {
+            // 16 pages a run (`EXTENT_RUN_LOOKUP`), none alone.
+            assert_eq!((m.page_runs, m.page_lookups), (32, 0));
+        }
+        check_invariants(&mut m, &e).unwrap();
+
+        // The next extent with a hole: refused, nothing held for it.
+        m.remove_gfn(GUEST, Gfn(1024 + 300)).unwrap();
+        let op = Request::MapExtent(map_request_in(
+            ContextId::DEFAULT,
+            GUEST,
+            1024,
+            Permissions::RW,
+        ))
+        .encode();
+        let mut ops = [op];
+        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+        assert_eq!(ops[0].status, Errno::Nxio.negated(), "{limit:?}");
+        assert_eq!(m.total_page_refs(), WRITABLE * 512, "{limit:?}");
+        check_invariants(&mut m, &e).unwrap();
+    }
+}
