@@ -499,14 +499,17 @@ static struct page_info *pvx_lookup_page(struct domain *d, uint64_t gfn,
     return NULL;
 }
 
-/* For pvx_get_pages(): the pages after gfn its p2m entry maps (patch 0006). */
-static uint32_t pvx_page_run(struct domain *d, uint64_t gfn, mfn_t mfn,
-                             p2m_type_t t, uint32_t nr)
+/* For pvx_get_pages(): the pages gfn's p2m entry maps (patch 0006). */
+static uint32_t pvx_page_run(struct domain *d, uint64_t gfn, uint32_t nr,
+                             int want_write, p2m_type_t *t, mfn_t *mfn)
 {
-    /* PV: no p2m; each page's own lookup is a frame check. */
-    if ( !paging_mode_translate(d) )
+    /*
+     * PV: no p2m (each page's own lookup is a frame check). Log-dirty:
+     * pvx_lookup_page() refuses writable maps, and says so.
+     */
+    if ( !paging_mode_translate(d) || (want_write && paging_mode_log_dirty(d)) )
         return 0;
-    return p2m_get_page_run(p2m_get_hostp2m(d), _gfn(gfn), mfn, t, nr);
+    return p2m_get_page_run(p2m_get_hostp2m(d), _gfn(gfn), nr, t, mfn);
 }
 
 void pvx_page_non_coherent(uint64_t mfn)

@@ -243,11 +243,11 @@ static bool pvx_type_readable(p2m_type_t t)
 
 /*
  * For pvx_get_pages(): no walk for a run here (Arm's p2m lookups answer a
- * page at a time); each page after the first is looked up on its own,
- * under the one domain lookup of the run.
+ * page at a time): each page is looked up on its own, under the one
+ * domain lookup of the run.
  */
-static uint32_t pvx_page_run(struct domain *d, uint64_t gfn, mfn_t mfn,
-                             p2m_type_t t, uint32_t nr)
+static uint32_t pvx_page_run(struct domain *d, uint64_t gfn, uint32_t nr,
+                             int want_write, p2m_type_t *t, mfn_t *mfn)
 {
     return 0;
 }
