@@ -417,6 +417,44 @@ static uint32_t make_hvm_domain(unsigned long n, xen_pfn_t *frames)
     return domid;
 }
 
+/*
+ * An n-page HVM domain (n a multiple of 512) given its RAM in 2 MiB
+ * extents at gfns 0, 512, ...: Xen maps each with one 2 MiB p2m entry, as
+ * it populates a GPU guest's RAM where it can (PV-IOMMU takes a run of
+ * pages one entry maps with one p2m walk, patch 0006). frames[i] = gfn i.
+ * (uint32_t)-1 if Xen has no such extents to give.
+ */
+static uint32_t make_hvm_domain_2m(unsigned long n, xen_pfn_t *frames)
+{
+    struct xen_domctl_createdomain cfg;
+    unsigned long extents = n / 512, i;
+    xen_pfn_t *starts = calloc(extents ? extents : 1, sizeof(*starts));
+    uint32_t domid = 0;
+
+    if ( !starts ) die("calloc");
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.flags = XEN_DOMCTL_CDF_hvm;
+    cfg.arch.emulation_flags = XEN_X86_EMU_LAPIC;
+    cfg.max_vcpus = 1; cfg.max_evtchn_port = 1023;
+    cfg.max_grant_frames = -1; cfg.max_maptrack_frames = -1;
+    cfg.grant_opts = XEN_DOMCTL_GRANT_version(1);
+    cfg.ssidref = dom_ssidref();
+    if ( xc_domain_create(xch, &domid, &cfg) ) die("xc_domain_create hvm");
+    if ( xc_set_paging_mempool_size(xch, domid, 4 << 20) ) die("paging mempool");
+    if ( xc_domain_setmaxmem(xch, domid, (n + 64) * 4) ) die("setmaxmem");
+    for ( i = 0; i < extents; i++ ) starts[i] = i * 512;
+    if ( !extents || n % 512 || xc_domain_populate_physmap_exact(xch, domid, extents, 9, 0, starts) )
+    {
+        printf("populate hvm 2M extents: n=%lu errno=%d\n", n, errno);
+        xc_domain_destroy(xch, domid);
+        free(starts);
+        return (uint32_t)-1;
+    }
+    for ( i = 0; i < n; i++ ) frames[i] = i;
+    free(starts);
+    return domid;
+}
+
 /* mkdom / mkhvm: an n-page PV or HVM domain with known bytes; prints its
  * domid and gfns. */
 static int cmd_mkdom(unsigned long n, int hvm)
@@ -973,6 +1011,41 @@ static int cmd_run2m(uint32_t ctx, bool extent)
     return 0;
 }
 
+/*
+ * hvmrun: an HVM domain of two 2 MiB p2m entries (gfns 0-1023), a hole
+ * punched at gfn 515 (Xen splits that entry), then gfns 508-523 mapped into
+ * dom0's context 0 in one batch: runs of pages the engine asks Xen for
+ * together (pvx_get_pages: 508-511 with one p2m walk, the rest of the run
+ * stopping at the hole, which is looked up alone). Prints the domain, the
+ * hole's status and each page's BFN (0 where refused), for the device to
+ * read back and the test to unmap.
+ */
+#define HVMRUN_GFN0 508
+#define HVMRUN_HOLE 515
+#define HVMRUN_PAGES 16
+static int cmd_hvmrun(void)
+{
+    xen_pfn_t frames[1024], gfns[HVMRUN_PAGES], hole = HVMRUN_HOLE;
+    uint64_t bfns[HVMRUN_PAGES] = { 0 };
+    unsigned long i, bad = 0, mapped;
+    long calls = 0;
+    int hole_status = 0;
+    uint32_t domid = make_hvm_domain_2m(1024, frames);
+
+    if ( domid == (uint32_t)-1 ) { printf("hvmrun no 2M extents\n"); return 1; }
+    fill_domain(domid, 1024, frames);
+    if ( xc_domain_decrease_reservation_exact(xch, domid, 1, 0, &hole) ) die("hvmrun hole");
+    for ( i = 0; i < HVMRUN_PAGES; i++ ) gfns[i] = HVMRUN_GFN0 + i;
+    mapped = pv_map_pages(0, domid, gfns, HVMRUN_PAGES, bfns, &calls, &bad);
+    hole_status = ops[HVMRUN_HOLE - HVMRUN_GFN0].status;
+    printf("hvmrun domid=%u gfn0=0x%x ops=%lu refused=%lu hole_status=%d bfns=", domid, HVMRUN_GFN0,
+           mapped, bad, hole_status);
+    for ( i = 0; i < HVMRUN_PAGES; i++ )
+        printf("%s0x%" PRIx64, i ? "," : "", ops[i].status ? 0 : bfns[i]);
+    printf("\n");
+    return 0;
+}
+
 /* perfc: "perfc ok=1 shatters=N coalesces=N", Xen's counts of IOMMU
  * superpages split and made (ok=0: no perf counters in this build). */
 static int cmd_perfc(void)
@@ -1196,17 +1269,46 @@ static void own_context_destroy(uint32_t ctx)
     one_op(&o);
 }
 
+/* privcmd's foreign map of frames[0..n) of domid and its unmap, timed:
+ * "MEASURE <tag>_map" and "<tag>_unmap" with Xen's perf counters. */
+static void privcmd_map_unmap(const char *tag, uint32_t domid, xen_pfn_t *frames,
+                              unsigned long n, int *errs)
+{
+    struct perfc_snap p4, p5;
+    unsigned long i, bad;
+    double t2, t3, t4;
+    void *m;
+
+    perfc_take(&p4);
+    t2 = now();
+    m = xenforeignmemory_map(fmem, domid, PROT_READ | PROT_WRITE, n, frames, errs);
+    t3 = now();
+    perfc_take(&p5);
+    for ( i = 0, bad = 0; i < n; i++ ) if ( errs[i] ) bad++;
+    printf("MEASURE %s_map pages=%lu ok=%d failed=%lu seconds=%.4f ioctls=1",
+           tag, n, m != NULL, bad, t3 - t2);
+    perfc_print(&p4, &p5);
+    printf("\n");
+    if ( m )
+    {
+        perfc_take(&p4);
+        t3 = now();
+        xenforeignmemory_unmap(fmem, m, n);
+        t4 = now();
+        perfc_take(&p5);
+        printf("MEASURE %s_unmap pages=%lu seconds=%.4f", tag, n, t4 - t3);
+        perfc_print(&p4, &p5);
+        printf("\n");
+    }
+}
+
 static int cmd_measure(unsigned long n)
 {
     xen_pfn_t *frames = calloc(n, sizeof(*frames));
     uint64_t *bfns = calloc(n, sizeof(*bfns));
     int *errs = calloc(n, sizeof(int));
     struct pv_iommu_caps c;
-    struct perfc_snap p4, p5;
     uint32_t domid;
-    unsigned long i, bad;
-    double t2, t3, t4;
-    void *m;
 
     if ( query_caps(&c) == 0 && c.max_batch_ops ) max_ops = c.max_batch_ops < OPS_CAP ? c.max_batch_ops : OPS_CAP;
     domid = make_domain(n, frames);
@@ -1255,28 +1357,26 @@ static int cmd_measure(unsigned long n)
 
     /* The stock way: privcmd foreign mapping of the same frames (PV dom0:
      * mmu_update hypercalls from the kernel, counted by Xen). */
-    perfc_take(&p4);
-    t2 = now();
-    m = xenforeignmemory_map(fmem, domid, PROT_READ | PROT_WRITE, n, frames, errs);
-    t3 = now();
-    perfc_take(&p5);
-    for ( i = 0, bad = 0; i < n; i++ ) if ( errs[i] ) bad++;
-    printf("MEASURE privcmd_foreign_map pages=%lu ok=%d failed=%lu seconds=%.4f ioctls=1",
-           n, m != NULL, bad, t3 - t2);
-    perfc_print(&p4, &p5);
-    printf("\n");
-    if ( m )
-    {
-        perfc_take(&p4);
-        t3 = now();
-        xenforeignmemory_unmap(fmem, m, n);
-        t4 = now();
-        perfc_take(&p5);
-        printf("MEASURE privcmd_foreign_unmap pages=%lu seconds=%.4f", n, t4 - t3);
-        perfc_print(&p4, &p5);
-        printf("\n");
-    }
+    privcmd_map_unmap("privcmd_foreign", domid, frames, n, errs);
     grant_measure(domid, n, frames);
+
+    /* A GPU guest is an HVM guest: the same number of pages of an HVM
+     * domain whose RAM is 2 MiB p2m entries, page ops into context 0
+     * (runs of pages one p2m walk finds, patch 0006), beside privcmd's
+     * map of the same gfns. */
+    {
+        xen_pfn_t *fh = calloc(n, sizeof(*fh));
+        uint32_t dh = fh ? make_hvm_domain_2m(n, fh) : (uint32_t)-1;
+        if ( dh != (uint32_t)-1 )
+        {
+            printf("measure_hvm domid=%u pages=%lu\n", dh, n);
+            pv_map_unmap("pviommu_hvm", 0, dh, fh, n, bfns, false);
+            pv_map_unmap("pviommu_hvm", 0, dh, fh, n, bfns, true);
+            privcmd_map_unmap("privcmd_hvm", dh, fh, n, errs);
+            xc_domain_destroy(xch, dh);
+        }
+        free(fh);
+    }
     cmd_destroy(domid, 100);
     return 0;
 }
@@ -2313,6 +2413,7 @@ int main(int argc, char **argv)
     if ( !strcmp(c, "run2m") )
         return cmd_run2m(argc >= 3 ? strtoul(argv[2], NULL, 0) : 0,
                          argc >= 4 && !strcmp(argv[3], "extent"));
+    if ( !strcmp(c, "hvmrun") ) return cmd_hvmrun();
     if ( !strcmp(c, "perfc") ) return cmd_perfc();
     if ( !strcmp(c, "unmaprun") && argc >= 4 )
         return cmd_unmaprun(strtoull(argv[2], NULL, 0), strtoul(argv[3], NULL, 0),

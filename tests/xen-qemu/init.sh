@@ -115,6 +115,39 @@ case "$r1c" in
     *) ko run_2m_unmapped_in_one_call_without_a_split "${r1c#ko:}";;
 esac
 
+# 1d) A run of an HVM guest's pages (pvx_get_pages, patch 0006): gfns
+# 508-523 of a domain whose RAM is two 2 MiB p2m entries, with a hole
+# punched at gfn 515 (Xen splits that entry), mapped in one batch. The
+# engine asks Xen for each run of consecutive gfns in one call: 508-511
+# come from one p2m walk, the run stops at the hole, which is looked up
+# alone and refused (ENXIO); every other page maps, and the device reads
+# each one's own bytes at its BFN (across the entry boundary at 512, and
+# after the hole). Then all go, and the domain.
+o=$(run $H hvmrun); HRD=$(field "$o" domid); HRB=$(field "$o" bfns)
+if [ -z "$HRB" ]; then
+    ko hvm_run_maps_around_a_hole "$o"
+else
+    good=1; i=0
+    for b in $(echo "$HRB" | tr ',' ' '); do
+        g=$((508 + i))
+        if [ $g = 515 ]; then
+            [ "$b" = 0x0 ] || good=0
+        elif [ "$b" = 0x0 ]; then
+            good=0
+        else
+            case " 508 511 512 514 516 523 " in *" $g "*)
+                page=$(run $H peek $HRD $(printf '0x%x' $g)); dev=$(dma_a $((b)))
+                [ -n "$(field "$page" sum)" ] && [ "$(field "$dev" sum)" = "$(field "$page" sum)" ] || good=0;;
+            esac
+        fi
+        i=$((i + 1))
+    done
+    if [ $i = 16 ] && [ $good = 1 ] && [ "$(field "$o" refused)" = 1 ] && [ "$(field "$o" hole_status)" = -6 ]; then
+        ok hvm_run_maps_around_a_hole; else ko hvm_run_maps_around_a_hole "good=$good pages=$i: $o"; fi
+    for b in $(echo "$HRB" | tr ',' ' '); do [ "$b" = 0x0 ] || run $H hc unmap $b >/dev/null; done
+    run $H destroy $HRD >/dev/null
+fi
+
 # 2) map + DMA read/write
 mk=$(run $H mkdom 4)
 D=$(echo "$mk" | sed -n 's/^domid=//p')
