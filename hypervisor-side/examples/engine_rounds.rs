@@ -295,20 +295,26 @@ fn reference_rounds(m: &mut SimMachine, base: u64, rounds: u64) -> ExitCode {
     let mut bfns = Vec::with_capacity(BATCH as usize);
     for round in 0..rounds {
         bfns.clear();
-        for g in 1..=BATCH {
-            let mapped = m
-                .get_page(GUEST, Gfn(g), true)
-                .ok()
-                .and_then(|page| page.mfn)
-                .and_then(|mfn| naive.map(m, &mut pt, base, (GUEST, Gfn(g), mfn)));
-            match mapped {
-                Some(bfn) => bfns.push(bfn),
-                None => {
-                    eprintln!(
-                        "engine_rounds: round {round}: the reference's map of gfn {g} failed"
-                    );
-                    return ExitCode::FAILURE;
+        // The pages looked up as the engine looks a batch's up: a run of
+        // `MAP_CHUNK` consecutive gfns in one call to the host.
+        let mut frames = [pviommu_hv::Mfn(0); pviommu_hv::engine::MAP_CHUNK];
+        for first in (1..=BATCH).step_by(frames.len()) {
+            let len = ((BATCH + 1 - first) as usize).min(frames.len());
+            let got = m.get_pages(GUEST, Gfn(first), true, &mut frames[..len]);
+            for (g, &mfn) in (first..).zip(&frames[..got]) {
+                match naive.map(m, &mut pt, base, (GUEST, Gfn(g), mfn)) {
+                    Some(bfn) => bfns.push(bfn),
+                    None => {
+                        eprintln!(
+                            "engine_rounds: round {round}: the reference's map of gfn {g} failed"
+                        );
+                        return ExitCode::FAILURE;
+                    }
                 }
+            }
+            if got != len {
+                eprintln!("engine_rounds: round {round}: the host looked up {got} of {len} pages");
+                return ExitCode::FAILURE;
             }
         }
         for &bfn in &bfns {

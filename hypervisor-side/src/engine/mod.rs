@@ -1624,12 +1624,13 @@ impl<L: RawMutex> Engine<L> {
                     reqs.get(i + k).is_some_and(|r| {
                         lookup_in.get(i + k) == Some(&domid)
                             && r.perms.write == req.perms.write
+                            && !r.grant
                             && req.gfn.0.checked_add(k as u64) == Some(r.gfn.0)
                     })
                 })
                 .count()
                 + 1;
-            if run > 1 && !runs_failed {
+            if run > 1 && !runs_failed && !req.grant {
                 let (got, ns) = match run_mfns.get_mut(..run) {
                     Some(mfns) => self.look_up_run(h, req, gate, checked, mfns),
                     None => (0, 0),

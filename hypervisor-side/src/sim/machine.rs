@@ -72,6 +72,35 @@ enum P2mEntry {
     Xen,
 }
 
+/// What a page lookup for `want_write` finds at `entry` (Xen's glue:
+/// `pvx_lookup_page` and `pvx_accept_page`), and the frame it references:
+/// RAM, read-only RAM only for a read-only map, no writable map while the
+/// domain is in log-dirty mode. Paged-out pages reference nothing (the
+/// lookup's paging in is `get_page`'s own). The one rule of `get_page`
+/// and `get_pages`.
+fn classify_entry(
+    entry: Option<&P2mEntry>,
+    want_write: bool,
+    log_dirty: bool,
+) -> (PageKind, Option<Mfn>) {
+    match entry {
+        Some(P2mEntry::Ram { .. }) if log_dirty && want_write => (PageKind::LogDirty, None),
+        None => (PageKind::NotPresent, None),
+        Some(P2mEntry::Mmio) => (PageKind::Mmio, None),
+        Some(P2mEntry::PagedOut) => (PageKind::PagedOut, None),
+        Some(P2mEntry::Grant) => (PageKind::Grant, None),
+        Some(P2mEntry::Xen) => (PageKind::XenOwned, None),
+        Some(&P2mEntry::Ram {
+            mfn,
+            read_only: true,
+        }) => (PageKind::RamRo, (!want_write).then_some(mfn)),
+        Some(&P2mEntry::Ram {
+            mfn,
+            read_only: false,
+        }) => (PageKind::RamRw, Some(mfn)),
+    }
+}
+
 #[derive(Debug)]
 struct Domain {
     p2m: P2m<P2mEntry>,
@@ -1886,11 +1915,7 @@ impl Platform for SimMachine {
         if d.dying {
             return Err(Errno::Srch);
         }
-        let log_dirty = d.log_dirty && want_write;
         let (kind, mfn) = match d.p2m.get(&gfn) {
-            Some(P2mEntry::Ram { .. }) if log_dirty => (PageKind::LogDirty, None),
-            None => (PageKind::NotPresent, None),
-            Some(P2mEntry::Mmio) => (PageKind::Mmio, None),
             // The caller's own page: Xen's glue does not start paging it
             // in (that may sleep for the pager's ring with the lookup's
             // locks held, xen/pviommu.c); the domain pages it in by
@@ -1920,16 +1945,7 @@ impl Platform for SimMachine {
                     mfn: None,
                 });
             }
-            Some(P2mEntry::Grant) => (PageKind::Grant, None),
-            Some(P2mEntry::Xen) => (PageKind::XenOwned, None),
-            Some(P2mEntry::Ram {
-                mfn,
-                read_only: true,
-            }) => (PageKind::RamRo, (!want_write).then_some(*mfn)),
-            Some(P2mEntry::Ram {
-                mfn,
-                read_only: false,
-            }) => (PageKind::RamRw, Some(*mfn)),
+            entry => classify_entry(entry, want_write, d.log_dirty),
         };
         if let Some(m) = mfn {
             let info = &mut self.ram.info[m.0 as usize];
@@ -1941,18 +1957,38 @@ impl Platform for SimMachine {
         Ok(PageLookup { kind, mfn })
     }
     fn get_pages(&mut self, domid: DomId, gfn: Gfn, want_write: bool, mfns: &mut [Mfn]) -> usize {
+        let _host = HostAllocations::begin();
+        crate::lock_check::note_service("get_pages (takes the target's p2m lock)");
         self.page_runs += 1;
+        // One domain lookup for the run, as Xen's glue (whose x86 side
+        // also walks a p2m entry once for the pages it maps); each page
+        // referenced by the rule `get_page` follows. A page it does not
+        // reference ends the run (paged out too: paging it in is the
+        // engine's own lookup's doing, as on Xen).
         let limit = self.page_run_limit.unwrap_or(usize::MAX).min(mfns.len());
-        // Page by page, as Arm's glue (x86's walks a p2m entry once): the
-        // same pages, the same references. Its lookups are the run's, not
-        // counted as the engine's own (`page_lookups`).
-        let engine_lookups = self.page_lookups;
-        let got = match mfns.get_mut(..limit) {
-            Some(run) => crate::platform::get_pages_one_by_one(self, domid, gfn, want_write, run),
-            None => 0,
+        let Some(d) = self.domains.get(&domid).filter(|d| !d.dying) else {
+            return 0;
         };
-        self.page_lookups = engine_lookups;
-        got
+        let mut n = 0;
+        for (i, slot) in mfns.iter_mut().enumerate().take(limit) {
+            let Some(g) = gfn.0.checked_add(i as u64) else {
+                break;
+            };
+            match classify_entry(d.p2m.get(&Gfn(g)), want_write, d.log_dirty) {
+                (_, Some(mfn)) => *slot = mfn,
+                (_, None) => break,
+            }
+            n = i + 1;
+        }
+        for mfn in mfns.iter().take(n) {
+            if let Some(info) = self.ram.info.get_mut(mfn.0 as usize) {
+                info.refs += 1;
+                if want_write {
+                    info.writable_refs += 1;
+                }
+            }
+        }
+        n
     }
     fn put_page(&mut self, mfn: Mfn, writable: bool) {
         let _host = HostAllocations::begin();
