@@ -230,3 +230,48 @@ fn an_extent_looks_its_pages_up_in_runs() {
         check_invariants(&mut m, &e).unwrap();
     }
 }
+
+/// A run of writable maps a device writes without snooping (uncached,
+/// into a context of the engine's own) marks every page of the run for a
+/// cache flush before reuse (XSA-402 class), as a page looked up alone is;
+/// a read-only run marks none.
+#[test]
+fn every_page_of_an_uncached_writable_run_is_marked_non_coherent() {
+    use pviommu_abi::{op_flags, MemAttr};
+    let (mut m, e) = host();
+    let mut create = [Request::ContextCreate.encode()];
+    m.guest_batch_all(&e, DomId::DOM0, &mut create).unwrap();
+    let ctx = ContextId(create[0].context);
+    let uncached = |g: u64, perms| {
+        let mut o = map_op_in(ctx, GUEST, g, perms);
+        o.flags |= MemAttr::Uncached.field() << op_flags::ATTR_SHIFT;
+        o
+    };
+    let mut ops: Vec<PvIommuOp> = (600..608)
+        .map(|g| uncached(g, Permissions::RW))
+        .chain((700..708).map(|g| uncached(g, Permissions::RO)))
+        .collect();
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert!(ops.iter().all(|o| o.status == 0));
+    assert_eq!((m.page_runs, m.page_lookups), (2, 0));
+    let marked = |m: &SimMachine, g| {
+        let mfn = m.mfn_of(GUEST, Gfn(g)).unwrap();
+        m.frame_info(mfn).unwrap().non_coherent
+    };
+    for g in 600..608 {
+        assert!(marked(&m, g), "writable gfn {g}");
+    }
+    for g in 700..708 {
+        assert!(!marked(&m, g), "read-only gfn {g}");
+    }
+    // An extent's pages, looked up 16 at a time, likewise.
+    let mut ext = Request::MapExtent(map_request_in(ctx, GUEST, 1024, Permissions::RW)).encode();
+    ext.flags |= MemAttr::Uncached.field() << op_flags::ATTR_SHIFT;
+    let mut ops = [ext];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!(ops[0].status, 0);
+    for g in 1024..1536 {
+        assert!(marked(&m, g), "extent gfn {g}");
+    }
+    check_invariants(&mut m, &e).unwrap();
+}
