@@ -1610,11 +1610,11 @@ impl<L: RawMutex> Engine<L> {
                 joined = same as u32;
             }
             joined -= 1;
-            let req = &MapRequest { domid, ..*req };
             // Its page came with an earlier op's run (below).
             if matches!(steps.get(i), Some(Step::Locked(_))) {
                 continue;
             }
+            let req = &MapRequest { domid, ..*req };
             // The ops from this one on that ask for the pages after its
             // own, of the same target and access, each past its checks
             // (and joined: the run stays within this target's ops): their
