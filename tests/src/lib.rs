@@ -328,8 +328,12 @@ fn revoked_next_op(
 /// Which hypervisor service an [`Interposer`] races.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Service {
-    /// Right after the first page lookup.
+    /// Right after the first page lookup (of a page alone, or of a run's
+    /// page looked up one by one).
     GetPage,
+    /// Right after the first run of pages looked up together
+    /// (`get_pages`, the simulator's own: the run's pages are held).
+    GetPages,
     /// Right after the first domain lookup.
     DomainInfo,
     /// Right after the first XSM check of this action (for `Map`, the
@@ -488,6 +492,17 @@ impl Platform for Interposer<'_> {
         let r = self.m.borrow_mut().get_page(d, g, w);
         let _ = self.after(Service::GetPage);
         r
+    }
+    fn get_pages(&mut self, d: DomId, g: Gfn, w: bool, mfns: &mut [Mfn]) -> usize {
+        // Pages looked up one by one (each raced as `GetPage`), unless the
+        // run is the one raced: then the simulator's run, and the race
+        // after it, with the run's pages held.
+        if self.at != Service::GetPages {
+            return pviommu_hv::platform::get_pages_one_by_one(self, d, g, w, mfns);
+        }
+        let got = self.m.borrow_mut().get_pages(d, g, w, mfns);
+        let _ = self.after(Service::GetPages);
+        got
     }
     fn put_page(&mut self, mfn: Mfn, w: bool) {
         if self.at == Service::PutPage(self.puts) {

@@ -157,8 +157,9 @@ fn read_only_pages_run_for_read_only_maps_only() {
 }
 
 /// The target's p2m changes while a run's pages are held (another CPU,
-/// right after the run's first lookup): the ops see the target moved and
-/// look their pages up again; the page removed is not mapped.
+/// right after the run's lookup, before the engine takes its lock): the
+/// ops see the target moved under the lock and look their pages up again;
+/// the page removed, which the run held, is not mapped.
 #[test]
 fn a_p2m_change_during_a_run_is_seen_by_its_ops() {
     let (mut m, e) = host();
@@ -173,7 +174,7 @@ fn a_p2m_change_during_a_run_is_seen_by_its_ops() {
         let race: Race = Box::new(|m: &mut SimMachine| {
             m.balloon_out(&e, GUEST, Gfn(505)).unwrap();
         });
-        let mut h = Interposer::new(&mut m, Service::GetPage, race);
+        let mut h = Interposer::new(&mut m, Service::GetPages, race);
         assert_eq!(
             e.hypercall(&mut h, DomId::DOM0, pviommu_abi::cmd::BATCH, base),
             0

@@ -1372,6 +1372,21 @@ static int cmd_measure(unsigned long n)
             printf("measure_hvm domid=%u pages=%lu\n", dh, n);
             pv_map_unmap("pviommu_hvm", 0, dh, fh, n, bfns, false);
             pv_map_unmap("pviommu_hvm", 0, dh, fh, n, bfns, true);
+            /* The same pages in descending gfn order: no two ops ask for
+             * consecutive gfns, so each page is looked up alone (the
+             * breakdown's get_page against the runs' above). */
+            {
+                xen_pfn_t *rev = calloc(n, sizeof(*rev));
+                unsigned long k;
+
+                if ( rev )
+                {
+                    for ( k = 0; k < n; k++ ) rev[k] = fh[n - 1 - k];
+                    pv_map_unmap("pviommu_hvm_desc", 0, dh, rev, n, bfns, false);
+                    pv_map_unmap("pviommu_hvm_desc", 0, dh, rev, n, bfns, true);
+                    free(rev);
+                }
+            }
             privcmd_map_unmap("privcmd_hvm", dh, fh, n, errs);
             xc_domain_destroy(xch, dh);
         }

@@ -169,7 +169,9 @@ impl<L: RawMutex> Engine<L> {
     /// of them, each as [`look_up_joined`](Self::look_up_joined) looks up a
     /// page: the first page's frame when every page is referenced and
     /// their frames are one run; otherwise what stopped it, with nothing
-    /// held. Bounded: 512 lookups. Always inlined: the object's check
+    /// held. Bounded: at most 512 runs of pages looked up together and 512
+    /// pages looked up alone (each round takes a page, or stops); 32 runs
+    /// where the host takes each run whole. Always inlined: the object's check
     /// wants the speculation barrier before a function's first lookup in
     /// that function's own text (`lib/engine-barrier.sh`).
     #[inline(always)]

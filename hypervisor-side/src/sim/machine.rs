@@ -1963,8 +1963,9 @@ impl Platform for SimMachine {
         // One domain lookup for the run, as Xen's glue (whose x86 side
         // also walks a p2m entry once for the pages it maps); each page
         // referenced by the rule `get_page` follows. A page it does not
-        // reference ends the run (paged out too: paging it in is the
-        // engine's own lookup's doing, as on Xen).
+        // reference ends the run (paged out too: the engine's own lookup
+        // of it then starts paging it in; Xen's run starts it first, and
+        // the engine's lookup asks again, which changes nothing).
         let limit = self.page_run_limit.unwrap_or(usize::MAX).min(mfns.len());
         let Some(d) = self.domains.get(&domid).filter(|d| !d.dying) else {
             return 0;
