@@ -276,3 +276,27 @@ fn every_page_of_an_uncached_writable_run_is_marked_non_coherent() {
     }
     check_invariants(&mut m, &e).unwrap();
 }
+
+/// Consecutive gfns asked for with different access are two runs: a
+/// writable map's page is looked up for writing (its writable type
+/// reference taken), never as part of a read-only run.
+#[test]
+fn a_run_never_mixes_read_only_and_writable_maps() {
+    let (mut m, e) = host();
+    let mut ops: Vec<PvIommuOp> = (800..808)
+        .map(|g| {
+            let perms = if g < 804 {
+                Permissions::RO
+            } else {
+                Permissions::RW
+            };
+            map_op(GUEST, g, perms)
+        })
+        .collect();
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert!(ops.iter().all(|o| o.status == 0));
+    assert_eq!((m.page_runs, m.page_lookups), (2, 0));
+    // Four read-only (a reference each), four writable (two each).
+    assert_eq!(m.total_page_refs(), 4 + WRITABLE * 4);
+    check_invariants(&mut m, &e).unwrap();
+}

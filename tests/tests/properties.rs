@@ -476,12 +476,20 @@ proptest! {
     /// and leaves the state that mapping the same requests one by one does:
     /// repeats of a page within a run, pages of a domain that does not
     /// exist, gfns beyond the guest's memory, read-only and writable maps,
-    /// a target's page replaced in between. Every result slot of the run
-    /// is written (the caller's array may hold an earlier run's results).
+    /// a target's page replaced in between, a read-only page. Every result
+    /// slot of the run is written (the caller's array may hold an earlier
+    /// run's results). Half the ops ask for the gfn after the op before's,
+    /// so runs of pages are looked up together (`get_pages`), and the
+    /// host may cut its runs short anywhere (`page_run_limit`).
     #[test]
     fn a_run_of_maps_equals_the_maps_one_by_one(
-        reqs in proptest::collection::vec((0u64..70, any::<bool>(), 0u8..8, 0u8..4), 1..40),
+        reqs in proptest::collection::vec(
+            (0u64..70, any::<bool>(), 0u8..8, 0u8..4, any::<bool>()),
+            1..40,
+        ),
         replace in proptest::option::of(0u64..48),
+        read_only in proptest::option::of(0u64..48),
+        run_limit in proptest::option::of(0usize..9),
     ) {
         use pviommu_abi::{Gfn, MapRequest, MemAttr};
         use pviommu_hv::platform::Platform;
@@ -497,13 +505,30 @@ proptest! {
             attr: MemAttr::WriteBack,
             grant: false,
         };
-        let reqs: Vec<MapRequest> = reqs.iter().map(to_req).collect();
+        // An op that follows asks for the gfn after the op before's.
+        let mut prev = None;
+        let reqs: Vec<MapRequest> = reqs
+            .iter()
+            .map(|&(gfn, write, who, ctx, follow)| {
+                let gfn = match prev {
+                    Some(p) if follow => p + 1,
+                    _ => gfn,
+                };
+                prev = Some(gfn);
+                to_req(&(gfn, write, who, ctx))
+            })
+            .collect();
         let (mut m1, e1) = machine(Format::Vtd, 48);
         let (mut m2, e2) = machine(Format::Vtd, 48);
+        m2.page_run_limit = run_limit;
         if let Some(g) = replace {
             // A page that moved before the run (its hook has not run).
             m1.put_new_frame(GUEST, Gfn(g)).unwrap();
             m2.put_new_frame(GUEST, Gfn(g)).unwrap();
+        }
+        if let Some(g) = read_only {
+            m1.set_read_only(GUEST, Gfn(g));
+            m2.set_read_only(GUEST, Gfn(g));
         }
         let info = m1.domain_info(DomId::DOM0).unwrap();
         let one_by_one: Vec<_> = reqs
