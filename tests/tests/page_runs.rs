@@ -190,6 +190,15 @@ fn a_p2m_change_during_a_run_is_seen_by_its_ops() {
     check_invariants(&mut m, &e).unwrap();
 }
 
+/// Dom0 maps the guest's writable extent from `gfn` into context 0: the
+/// op's status.
+fn map_extent(m: &mut SimMachine, e: &Engine, gfn: u64) -> i32 {
+    let req = map_request_in(ContextId::DEFAULT, GUEST, gfn, Permissions::RW);
+    let mut ops = [Request::MapExtent(req).encode()];
+    m.guest_batch_all(e, DomId::DOM0, &mut ops).unwrap();
+    ops[0].status
+}
+
 /// An extent's 512 pages come in runs too; a run that stops (here: every
 /// few pages) changes nothing of the all-or-nothing map, and a page that
 /// cannot be mapped fails the extent with nothing held.
@@ -198,16 +207,7 @@ fn an_extent_looks_its_pages_up_in_runs() {
     for limit in [None, Some(5)] {
         let (mut m, e) = host();
         m.page_run_limit = limit;
-        let op = Request::MapExtent(map_request_in(
-            ContextId::DEFAULT,
-            GUEST,
-            512,
-            Permissions::RW,
-        ))
-        .encode();
-        let mut ops = [op];
-        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
-        assert_eq!(ops[0].status, 0, "{limit:?}");
+        assert_eq!(map_extent(&mut m, &e, 512), 0, "{limit:?}");
         assert_eq!(m.total_page_refs(), WRITABLE * 512);
         if limit.is_none() {
             // 16 pages a run (`EXTENT_RUN_LOOKUP`), none alone.
@@ -217,16 +217,11 @@ fn an_extent_looks_its_pages_up_in_runs() {
 
         // The next extent with a hole: refused, nothing held for it.
         m.remove_gfn(GUEST, Gfn(1024 + 300)).unwrap();
-        let op = Request::MapExtent(map_request_in(
-            ContextId::DEFAULT,
-            GUEST,
-            1024,
-            Permissions::RW,
-        ))
-        .encode();
-        let mut ops = [op];
-        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
-        assert_eq!(ops[0].status, Errno::Nxio.negated(), "{limit:?}");
+        assert_eq!(
+            map_extent(&mut m, &e, 1024),
+            Errno::Nxio.negated(),
+            "{limit:?}"
+        );
         assert_eq!(m.total_page_refs(), WRITABLE * 512, "{limit:?}");
         check_invariants(&mut m, &e).unwrap();
     }

@@ -388,6 +388,26 @@ static void fill_domain(uint32_t domid, unsigned long n, xen_pfn_t *frames)
 }
 
 
+/* An HVM domain (PVH-style: no device model needed) with room for n pages
+ * and its p2m's pool, nothing populated yet. */
+static uint32_t create_hvm_domain(unsigned long n)
+{
+    struct xen_domctl_createdomain cfg;
+    uint32_t domid = 0;
+
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.flags = XEN_DOMCTL_CDF_hvm;
+    cfg.arch.emulation_flags = XEN_X86_EMU_LAPIC;
+    cfg.max_vcpus = 1; cfg.max_evtchn_port = 1023;
+    cfg.max_grant_frames = -1; cfg.max_maptrack_frames = -1;
+    cfg.grant_opts = XEN_DOMCTL_GRANT_version(1);
+    cfg.ssidref = dom_ssidref();
+    if ( xc_domain_create(xch, &domid, &cfg) ) die("xc_domain_create hvm");
+    if ( xc_set_paging_mempool_size(xch, domid, 4 << 20) ) die("paging mempool");
+    if ( xc_domain_setmaxmem(xch, domid, (n + 64) * 4) ) die("setmaxmem");
+    return domid;
+}
+
 /*
  * An HVM domain, for the two things a PV domain cannot be: the target of a
  * device model (XEN_DOMCTL_set_target refuses a non-HVM target) and the
@@ -398,20 +418,9 @@ static void fill_domain(uint32_t domid, unsigned long n, xen_pfn_t *frames)
  */
 static uint32_t make_hvm_domain(unsigned long n, xen_pfn_t *frames)
 {
-    struct xen_domctl_createdomain cfg;
-    uint32_t domid = 0;
+    uint32_t domid = create_hvm_domain(n);
     unsigned long i;
 
-    memset(&cfg, 0, sizeof(cfg));
-    cfg.flags = XEN_DOMCTL_CDF_hvm;
-    cfg.arch.emulation_flags = XEN_X86_EMU_LAPIC;   /* PVH-style, no device model needed */
-    cfg.max_vcpus = 1; cfg.max_evtchn_port = 1023;
-    cfg.max_grant_frames = -1; cfg.max_maptrack_frames = -1;
-    cfg.grant_opts = XEN_DOMCTL_GRANT_version(1);
-    cfg.ssidref = dom_ssidref();
-    if ( xc_domain_create(xch, &domid, &cfg) ) die("xc_domain_create hvm");
-    if ( xc_set_paging_mempool_size(xch, domid, 4 << 20) ) die("paging mempool");
-    if ( xc_domain_setmaxmem(xch, domid, (n + 64) * 4) ) die("setmaxmem");
     for ( i = 0; i < n; i++ ) frames[i] = i;
     if ( xc_domain_populate_physmap_exact(xch, domid, n, 0, 0, frames) ) die("populate hvm");
     return domid;
@@ -426,22 +435,12 @@ static uint32_t make_hvm_domain(unsigned long n, xen_pfn_t *frames)
  */
 static uint32_t make_hvm_domain_2m(unsigned long n, xen_pfn_t *frames)
 {
-    struct xen_domctl_createdomain cfg;
     unsigned long extents = n / 512, i;
     xen_pfn_t *starts = calloc(extents ? extents : 1, sizeof(*starts));
-    uint32_t domid = 0;
+    uint32_t domid;
 
     if ( !starts ) die("calloc");
-    memset(&cfg, 0, sizeof(cfg));
-    cfg.flags = XEN_DOMCTL_CDF_hvm;
-    cfg.arch.emulation_flags = XEN_X86_EMU_LAPIC;
-    cfg.max_vcpus = 1; cfg.max_evtchn_port = 1023;
-    cfg.max_grant_frames = -1; cfg.max_maptrack_frames = -1;
-    cfg.grant_opts = XEN_DOMCTL_GRANT_version(1);
-    cfg.ssidref = dom_ssidref();
-    if ( xc_domain_create(xch, &domid, &cfg) ) die("xc_domain_create hvm");
-    if ( xc_set_paging_mempool_size(xch, domid, 4 << 20) ) die("paging mempool");
-    if ( xc_domain_setmaxmem(xch, domid, (n + 64) * 4) ) die("setmaxmem");
+    domid = create_hvm_domain(n);
     for ( i = 0; i < extents; i++ ) starts[i] = i * 512;
     if ( !extents || n % 512 || xc_domain_populate_physmap_exact(xch, domid, extents, 9, 0, starts) )
     {
