@@ -449,19 +449,13 @@ fn floor(c: &mut Criterion) {
     group.finish();
 }
 
-/// Look the guest's gfns `1..=n` up, referenced, into `mfns` as the
-/// engine looks a batch's pages up: runs of `MAP_CHUNK` consecutive gfns in
-/// one call to the host (`Platform::get_pages`). The floor and reference
-/// rows use it, so every row pays the same host services.
+/// The guest's gfns `1..=n` looked up into `mfns` as the engine looks a
+/// batch's pages up (`reference::look_up_pages`: runs of `MAP_CHUNK`). The
+/// floor and reference rows use it, so every row pays the same host
+/// services.
 fn look_up_pages(m: &mut SimMachine, n: u64, mfns: &mut Vec<Mfn>) {
-    let mut run = [Mfn(0); pviommu_hv::engine::MAP_CHUNK];
-    mfns.clear();
-    for first in (1..=n).step_by(run.len()) {
-        let len = ((n + 1 - first) as usize).min(run.len());
-        let got = m.get_pages(GUEST, Gfn(first), true, &mut run[..len]);
-        assert_eq!(got, len, "the host looked up {got} of {len} pages");
-        mfns.extend_from_slice(&run[..got]);
-    }
+    let got = pviommu_hv::sim::reference::look_up_pages(m, GUEST, Gfn(1), n, mfns);
+    assert_eq!(got as u64, n, "the host looked up {got} of {n} pages");
 }
 
 /// The simulated host's own services for each page the engine path maps

@@ -281,7 +281,7 @@ fn hypercall_rounds(m: &mut SimMachine, e: &Engine, reqs: &[MapRequest], rounds:
 /// host's (coherent) table memory, cleared, the reference dropped.
 fn reference_rounds(m: &mut SimMachine, base: u64, rounds: u64) -> ExitCode {
     use pviommu_hv::pgtable::{vtd::Vtd, IoPageTable, TableOptions};
-    use pviommu_hv::sim::reference::NaiveEngine;
+    use pviommu_hv::sim::reference::{look_up_pages, NaiveEngine};
     m.speculative_refill = false;
     m.set_coherent_table_walks(std::env::var_os("PVIOMMU_NONCOHERENT").is_none());
     let mut pt = match IoPageTable::<Vtd>::with_options(m, TableOptions::engine_context(4)) {
@@ -293,28 +293,25 @@ fn reference_rounds(m: &mut SimMachine, base: u64, rounds: u64) -> ExitCode {
     };
     let mut naive = NaiveEngine::new(BATCH as u32 + 8);
     let mut bfns = Vec::with_capacity(BATCH as usize);
+    let mut mfns = Vec::with_capacity(BATCH as usize);
     for round in 0..rounds {
         bfns.clear();
         // The pages looked up as the engine looks a batch's up: a run of
         // `MAP_CHUNK` consecutive gfns in one call to the host.
-        let mut frames = [pviommu_hv::Mfn(0); pviommu_hv::engine::MAP_CHUNK];
-        for first in (1..=BATCH).step_by(frames.len()) {
-            let len = ((BATCH + 1 - first) as usize).min(frames.len());
-            let got = m.get_pages(GUEST, Gfn(first), true, &mut frames[..len]);
-            for (g, &mfn) in (first..).zip(&frames[..got]) {
-                match naive.map(m, &mut pt, base, (GUEST, Gfn(g), mfn)) {
-                    Some(bfn) => bfns.push(bfn),
-                    None => {
-                        eprintln!(
-                            "engine_rounds: round {round}: the reference's map of gfn {g} failed"
-                        );
-                        return ExitCode::FAILURE;
-                    }
+        let got = look_up_pages(m, GUEST, Gfn(1), BATCH, &mut mfns);
+        if got as u64 != BATCH {
+            eprintln!("engine_rounds: round {round}: the host looked up {got} of {BATCH} pages");
+            return ExitCode::FAILURE;
+        }
+        for (g, &mfn) in (1..).zip(&mfns) {
+            match naive.map(m, &mut pt, base, (GUEST, Gfn(g), mfn)) {
+                Some(bfn) => bfns.push(bfn),
+                None => {
+                    eprintln!(
+                        "engine_rounds: round {round}: the reference's map of gfn {g} failed"
+                    );
+                    return ExitCode::FAILURE;
                 }
-            }
-            if got != len {
-                eprintln!("engine_rounds: round {round}: the host looked up {got} of {len} pages");
-                return ExitCode::FAILURE;
             }
         }
         for &bfn in &bfns {

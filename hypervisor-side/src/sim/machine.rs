@@ -329,6 +329,17 @@ impl UnlinkedTables {
 }
 
 impl Ram {
+    /// A page lookup's references on `mfn`: the page's, and with
+    /// `writable` its writable type's (`get_page`, each page of
+    /// `get_pages`; `put_page` drops them).
+    fn reference(&mut self, mfn: Mfn, writable: bool) {
+        if let Some(info) = self.info.get_mut(mfn.0 as usize) {
+            info.refs += 1;
+            if writable {
+                info.writable_refs += 1;
+            }
+        }
+    }
     fn new(frames: u64) -> Ram {
         Ram {
             bytes: vec![0; frames as usize * 4096],
@@ -1948,11 +1959,7 @@ impl Platform for SimMachine {
             entry => classify_entry(entry, want_write, d.log_dirty),
         };
         if let Some(m) = mfn {
-            let info = &mut self.ram.info[m.0 as usize];
-            info.refs += 1;
-            if want_write {
-                info.writable_refs += 1;
-            }
+            self.ram.reference(m, want_write);
         }
         Ok(PageLookup { kind, mfn })
     }
@@ -1981,13 +1988,8 @@ impl Platform for SimMachine {
             }
             n = i + 1;
         }
-        for mfn in mfns.iter().take(n) {
-            if let Some(info) = self.ram.info.get_mut(mfn.0 as usize) {
-                info.refs += 1;
-                if want_write {
-                    info.writable_refs += 1;
-                }
-            }
+        for &mfn in mfns.iter().take(n) {
+            self.ram.reference(mfn, want_write);
         }
         n
     }

@@ -8,8 +8,35 @@
 //! a flush; its reverse index is kept but never read.
 
 use crate::pgtable::{vtd::Vtd, IoPageTable, TableMemory};
+use crate::platform::Platform;
 use crate::Mfn;
 use pviommu_abi::{Bfn, DomId, Gfn, MemAttr, Permissions};
+
+/// Look `domid`'s gfns `first..first + n` up, writable and referenced, into
+/// `mfns` (cleared first) as the engine looks a batch's pages up: runs of
+/// [`MAP_CHUNK`](crate::engine::MAP_CHUNK) consecutive gfns in one call to
+/// the host ([`Platform::get_pages`]). Stops at the first run the host
+/// cuts short: how many pages it referenced. The reference design's page
+/// lookups, and the floor's, so they pay the engine's host services.
+pub fn look_up_pages(
+    host: &mut impl Platform,
+    domid: DomId,
+    first: Gfn,
+    n: u64,
+    mfns: &mut Vec<Mfn>,
+) -> usize {
+    let mut run = [Mfn(0); crate::engine::MAP_CHUNK];
+    mfns.clear();
+    for start in (0..n).step_by(run.len()) {
+        let len = ((n - start) as usize).min(run.len());
+        let got = host.get_pages(domid, Gfn(first.0 + start), true, &mut run[..len]);
+        mfns.extend_from_slice(&run[..got]);
+        if got != len {
+            break;
+        }
+    }
+    mfns.len()
+}
 
 /// The reference design, on the same page-table format: a flat
 /// table of mappings indexed by BFN offset, a hash reverse index by (domain,
