@@ -131,6 +131,13 @@ pub fn check_page(kind: PageKind, perms: Permissions) -> Result<(), Errno> {
     }
 }
 
+/// The error of a page the host looked up and did not reference: its
+/// kind's, or `EXDEV` for a kind [`check_page`] passes (as a lookup that
+/// classified a page usable but took no reference on it answers).
+pub fn refusal(kind: PageKind, perms: Permissions) -> Errno {
+    check_page(kind, perms).err().unwrap_or(Errno::XDev)
+}
+
 /// May `caller` point `device` at one of its contexts? Only a device
 /// assigned to the caller (`EPERM` otherwise: it is someone else's DMA),
 /// and only one the engine's context can fully describe (`EOPNOTSUPP`): its

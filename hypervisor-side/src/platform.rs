@@ -78,6 +78,21 @@ pub struct PageLookup {
     pub mfn: Option<Mfn>,
 }
 
+/// What [`Platform::get_pages`] came to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct PageRun {
+    /// The pages referenced, from the first (their frames in the caller's
+    /// `mfns[..taken]`).
+    pub taken: usize,
+    /// Why the page after them was refused, when the host looked it up by
+    /// [`Platform::get_page`]'s rule and it was not usable RAM for the
+    /// access asked: what `get_page` would have answered, with nothing held.
+    /// `None` when the run stopped without an answer for it (its end, a
+    /// domain gone or dying, or anywhere the host chose to stop): the
+    /// caller looks that page up alone.
+    pub refused: Option<PageKind>,
+}
+
 /// A BFN range no mapping may use.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct ReservedRange {
@@ -118,12 +133,15 @@ pub trait Platform {
     /// after it, at most `mfns.len()`: how many pages, from the first, it
     /// referenced as `get_page` references usable RAM for `want_write`
     /// (read-write RAM; read-only RAM too when `!want_write`), their
-    /// frames in `mfns[..n]`. It may stop anywhere, and stops before any
-    /// page it does not reference, leaving nothing of that page held: the
-    /// caller looks that one up with `get_page`, which says why. (Xen: one
-    /// domain lookup for the run, and one p2m walk for the pages one p2m
-    /// entry maps.) Never called with the engine lock held.
-    fn get_pages(&mut self, domid: DomId, gfn: Gfn, want_write: bool, mfns: &mut [Mfn]) -> usize {
+    /// frames in `mfns[..taken]`. It may stop anywhere, and stops before
+    /// any page it does not reference, leaving nothing of that page held.
+    /// If it looked that page up and refused it, it says why
+    /// ([`PageRun::refused`]), and the caller does not look it up again (a
+    /// lookup's side effects, paging in or populating, happen once a page);
+    /// otherwise the caller looks it up with `get_page`. (Xen: one domain
+    /// lookup for the run, and one p2m walk for the pages one p2m entry
+    /// maps.) Never called with the engine lock held.
+    fn get_pages(&mut self, domid: DomId, gfn: Gfn, want_write: bool, mfns: &mut [Mfn]) -> PageRun {
         get_pages_one_by_one(self, domid, gfn, want_write, mfns)
     }
     /// Release what `get_page` took.
@@ -161,10 +179,11 @@ pub fn get_pages_one_by_one<P: Platform + ?Sized>(
     gfn: Gfn,
     want_write: bool,
     mfns: &mut [Mfn],
-) -> usize {
+) -> PageRun {
     for (i, slot) in mfns.iter_mut().enumerate() {
+        let stop = |refused| PageRun { taken: i, refused };
         let Some(g) = gfn.0.checked_add(i as u64) else {
-            return i;
+            return stop(None);
         };
         match host.get_page(domid, Gfn(g), want_write) {
             Ok(PageLookup {
@@ -175,13 +194,19 @@ pub fn get_pages_one_by_one<P: Platform + ?Sized>(
                 kind: PageKind::RamRo,
                 mfn: Some(mfn),
             }) if !want_write => *slot = mfn,
-            // Referenced, but not as a run's page: given back.
+            // Referenced, but not as a run's page: given back, and the
+            // caller's own lookup decides (it may still map it).
             Ok(PageLookup { mfn: Some(mfn), .. }) => {
                 host.put_page(mfn, want_write);
-                return i;
+                return stop(None);
             }
-            _ => return i,
+            Ok(PageLookup { kind, mfn: None }) => return stop(Some(kind)),
+            // (No such domain, or dying: nothing was looked up.)
+            Err(_) => return stop(None),
         }
     }
-    mfns.len()
+    PageRun {
+        taken: mfns.len(),
+        refused: None,
+    }
 }

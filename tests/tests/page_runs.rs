@@ -96,11 +96,13 @@ fn runs_cut_short_by_the_host_map_the_same() {
 
 /// A page in the middle of a run that cannot be mapped (each kind the host
 /// refuses) fails alone, with its own error; the pages around it map, and
-/// no reference is left over.
+/// no reference is left over. The run's lookup of it is its only one (a
+/// lookup may page in, populate or unshare: once a page, as Xen's glue
+/// answers for the page its run stops at).
 #[test]
 fn a_page_a_run_stops_at_fails_alone_with_its_own_error() {
     type Spoil = fn(&mut SimMachine, Gfn);
-    let cases: [(&str, Spoil, Errno); 5] = [
+    let cases: [(&str, Spoil, Errno); 6] = [
         (
             "removed",
             |m, g| {
@@ -112,6 +114,7 @@ fn a_page_a_run_stops_at_fails_alone_with_its_own_error() {
         ("grant", |m, g| m.set_grant(GUEST, g), Errno::XDev),
         ("read-only", |m, g| m.set_read_only(GUEST, g), Errno::Acces),
         ("xen-owned", |m, g| m.set_xen_owned(GUEST, g), Errno::XDev),
+        ("paged-out", |m, g| m.set_paged_out(GUEST, g), Errno::Again),
     ];
     for (what, spoil, errno) in cases {
         let (mut m, e) = host();
@@ -134,8 +137,28 @@ fn a_page_a_run_stops_at_fails_alone_with_its_own_error() {
         let (g, r): (Vec<u64>, Vec<(i32, u64)>) = ok.into_iter().unzip();
         assert_mapped(&mut m, &g, &r);
         assert_eq!(m.total_page_refs(), WRITABLE * 7, "{what}");
+        // 300-302 by a run that stops at 303 and answers for it, 304-307
+        // by the next: no page looked up alone, the pager asked once.
+        assert_eq!((m.page_runs, m.page_lookups), (2, 0), "{what}");
+        let paged = u64::from(what == "paged-out");
+        assert_eq!(m.paging_requests, paged, "{what}");
         check_invariants(&mut m, &e).unwrap();
     }
+}
+
+/// A run whose first page is refused answers for it, and the ops after it
+/// still go by runs (a refusal is an answer, not a host without runs).
+#[test]
+fn a_run_refused_at_its_first_page_answers_it_and_runs_on() {
+    let (mut m, e) = host();
+    m.set_paged_out(GUEST, Gfn(600));
+    let gfns: Vec<u64> = (600..608).collect();
+    let results = map_all(&mut m, &e, &gfns, Permissions::RW);
+    assert_eq!(results[0].0, Errno::Again.negated());
+    assert_mapped(&mut m, &gfns[1..], &results[1..]);
+    assert_eq!((m.page_runs, m.page_lookups, m.paging_requests), (2, 0, 1));
+    assert_eq!(m.total_page_refs(), WRITABLE * 7);
+    check_invariants(&mut m, &e).unwrap();
 }
 
 /// Read-only pages may be a run's for a read-only map, not for a
@@ -222,6 +245,23 @@ fn an_extent_looks_its_pages_up_in_runs() {
             Errno::Nxio.negated(),
             "{limit:?}"
         );
+        assert_eq!(m.total_page_refs(), WRITABLE * 512, "{limit:?}");
+        check_invariants(&mut m, &e).unwrap();
+
+        // One with a page paged out: refused (`EAGAIN`), the pager asked
+        // once, by the run that stopped at it (or, where runs are cut
+        // before it, by its own lookup), never twice.
+        m.set_paged_out(GUEST, Gfn(1536 + 300));
+        let lookups = m.page_lookups;
+        assert_eq!(
+            map_extent(&mut m, &e, 1536),
+            Errno::Again.negated(),
+            "{limit:?}"
+        );
+        assert_eq!(m.paging_requests, 1, "{limit:?}");
+        if limit.is_none() {
+            assert_eq!(m.page_lookups, lookups, "{limit:?}");
+        }
         assert_eq!(m.total_page_refs(), WRITABLE * 512, "{limit:?}");
         check_invariants(&mut m, &e).unwrap();
     }

@@ -1015,7 +1015,7 @@ static int cmd_run2m(uint32_t ctx, bool extent)
  * punched at gfn 515 (Xen splits that entry), then gfns 508-523 mapped into
  * dom0's context 0 in one batch: runs of pages the engine asks Xen for
  * together (pvx_get_pages: 508-511 with one p2m walk, the rest of the run
- * stopping at the hole, which is looked up alone). Prints the domain, the
+ * stopping at the hole, whose refusal it answers). Prints the domain, the
  * hole's status and each page's BFN (0 where refused), for the device to
  * read back and the test to unmap.
  */

@@ -119,8 +119,9 @@ esac
 # 508-523 of a domain whose RAM is two 2 MiB p2m entries, with a hole
 # punched at gfn 515 (Xen splits that entry), mapped in one batch. The
 # engine asks Xen for each run of consecutive gfns in one call: 508-511
-# come from one p2m walk, the run stops at the hole, which is looked up
-# alone and refused (ENXIO); every other page maps, and the device reads
+# come from one p2m walk, the run stops at the hole, looks it up and
+# answers for it (refused, ENXIO: not looked up again); every other page
+# maps, and the device reads
 # each one's own bytes at its BFN (across the entry boundary at 512, and
 # after the hole). Then all go, and the domain.
 o=$(run $H hvmrun); HRD=$(field "$o" domid); HRB=$(field "$o" bfns)

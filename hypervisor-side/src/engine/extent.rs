@@ -194,15 +194,22 @@ impl<L: RawMutex> Engine<L> {
                 return (LookedUp::Page(first), ns);
             }
             // The pages from `i` on by runs, as many as the host takes in
-            // one call; a page a run does not reference goes alone, and
-            // its own lookup says why (or finds it after all).
+            // one call. A page a run stops at is refused if the run looked
+            // it up; else it goes alone, and its own lookup says why (or
+            // finds it after all).
             let want = (EXTENT_PAGES - i).min(EXTENT_RUN_LOOKUP as u64) as usize;
             let page = page_of(req, i);
-            let (got, t) = match run.get_mut(..want) {
+            let (got, refused, t) = match run.get_mut(..want) {
                 Some(mfns) => self.look_up_run(h, &page, gate, checked_seq, mfns),
-                None => (0, 0),
+                None => (0, None, 0),
             };
             ns += t;
+            if let (0, Some(e)) = (got, refused) {
+                // Refused by the run's own lookup of it: not looked up
+                // again. (The share of the page at `i`.)
+                self.gate_leave_many(req.domid, 1);
+                break LookedUp::Refused(e);
+            }
             if got == 0 {
                 let (looked_up, t) = self.look_up_joined(h, &page, gate, caps, checked_seq);
                 ns += t;
@@ -244,6 +251,11 @@ impl<L: RawMutex> Engine<L> {
                 // The share of the page at `i` (the one off the run).
                 self.gate_leave_many(req.domid, 1);
                 break LookedUp::Refused(Errno::XDev);
+            }
+            if let Some(e) = refused {
+                // The page at `i`, after the run's, refused by its lookup.
+                self.gate_leave_many(req.domid, 1);
+                break LookedUp::Refused(e);
             }
         };
         // Pages before `i` are referenced; the shares of those and of the

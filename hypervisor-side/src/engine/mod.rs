@@ -84,7 +84,7 @@ use crate::bfn_alloc::{BfnSpace, BfnWindow};
 use crate::config::{Config, MAX_CONTEXTS, X86_MSI_WINDOW};
 use crate::iommu::IommuBackend;
 use crate::nospec::get_nospec;
-use crate::permission::{check_map_again, check_page};
+use crate::permission::{check_map_again, check_page, refusal};
 use crate::platform::{DomainInfo, Platform, ReservedRange};
 use crate::storage::{try_from_fn, try_push};
 use crate::{Bfn, ContextId, DomId, Errno, Mfn};
@@ -1610,8 +1610,9 @@ impl<L: RawMutex> Engine<L> {
                 joined = same as u32;
             }
             joined -= 1;
-            // Its page came with an earlier op's run (below).
-            if matches!(steps.get(i), Some(Step::Locked(_))) {
+            // Its page came with an earlier op's run, or the run's lookup
+            // refused it (below).
+            if matches!(steps.get(i), Some(Step::Locked(_) | Step::Done)) {
                 continue;
             }
             let req = &MapRequest { domid, ..*req };
@@ -1631,12 +1632,12 @@ impl<L: RawMutex> Engine<L> {
                 .count()
                 + 1;
             if run > 1 && !runs_failed && !req.grant {
-                let (got, ns) = match run_mfns.get_mut(..run) {
+                let (got, refused, ns) = match run_mfns.get_mut(..run) {
                     Some(mfns) => self.look_up_run(h, req, gate, checked, mfns),
-                    None => (0, 0),
+                    None => (0, None, 0),
                 };
                 ns_get_page += ns;
-                runs_failed = got == 0;
+                runs_failed = got == 0 && refused.is_none();
                 for (k, &mfn) in run_mfns.iter().enumerate().take(got) {
                     let (Some(step), Some(r)) = (steps.get_mut(i + k), reqs.get(i + k)) else {
                         // (Unreachable: `got` is at most `run`.) Not
@@ -1650,7 +1651,16 @@ impl<L: RawMutex> Engine<L> {
                     }
                     *step = Step::Locked(mfn);
                 }
-                if got > 0 {
+                // The op after them, whose page the run's lookup refused:
+                // answered, never looked up twice (a lookup may page in).
+                if let (Some(e), Some(o), Some(step)) =
+                    (refused, out.get_mut(i + got), steps.get_mut(i + got))
+                {
+                    *o = Err(e);
+                    *step = Step::Done;
+                    self.gate_leave(domid);
+                }
+                if got > 0 || refused.is_some() {
                     continue;
                 }
             }
@@ -1910,12 +1920,15 @@ impl<L: RawMutex> Engine<L> {
     /// [`look_up_joined`](Self::look_up_joined) for the pages of a run of
     /// ops, `req`'s gfn and the `mfns.len() - 1` after it, their shares
     /// joined: how many the host referenced, from the first (their frames
-    /// in `mfns`), and the time it took. Nothing is looked up, and nothing
-    /// given back, if the target moved since the checks: the ops then go
-    /// one by one, and the first finds it moved. The pages it did not
-    /// reference hold nothing (each op looks its own up then). Inlined, as
-    /// `look_up_joined`: the object's check finds the speculation barrier
-    /// before the host's lookup in each function that calls it.
+    /// in `mfns`); the error of the page after them if the host looked it
+    /// up and refused it (`None`: not looked up); and the time it took.
+    /// Nothing is looked up, and nothing given back, if the target moved
+    /// since the checks: the ops then go one by one, and the first finds
+    /// it moved. The pages it did not reference hold nothing; an op whose
+    /// page it refused has its error (its share still joined), the others
+    /// look their own up. Inlined, as `look_up_joined`: the object's check
+    /// finds the speculation barrier before the host's lookup in each
+    /// function that calls it.
     #[inline(always)]
     fn look_up_run(
         &self,
@@ -1924,17 +1937,22 @@ impl<L: RawMutex> Engine<L> {
         gate: &TargetGate,
         checked_seq: u32,
         mfns: &mut [Mfn],
-    ) -> (usize, u64) {
+    ) -> (usize, Option<Errno>, u64) {
         // As in `look_up_joined`: SeqCst, between the join and the lookup.
         if gate.seq.load(Ordering::SeqCst) != checked_seq {
-            return (0, 0);
+            return (0, None, 0);
         }
         let t0 = self.clock(h);
-        let got = h.get_pages(req.domid, req.gfn, req.perms.write, mfns);
+        let run = h.get_pages(req.domid, req.gfn, req.perms.write, mfns);
         let ns = self.since(h, t0);
         // (A host answering more than it was asked for: those are not
-        // frames it wrote.)
-        (got.min(mfns.len()), ns)
+        // frames it wrote, and there is no page after them to refuse.)
+        let taken = run.taken.min(mfns.len());
+        let refused = run
+            .refused
+            .filter(|_| taken < mfns.len())
+            .map(|kind| refusal(kind, req.perms));
+        (taken, refused, ns)
     }
 
     /// Whether the device's writes through `req`'s mapping are forced to

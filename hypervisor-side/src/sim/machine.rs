@@ -7,7 +7,9 @@ use crate::iommu::{
 };
 use crate::pgtable::sync::{DirtyLines, LINE_BYTES};
 use crate::pgtable::{lpae::Lpae, vtd::Vtd, IoPageTable, TableMemory, TableOptions};
-use crate::platform::{DomainInfo, PageKind, PageLookup, Platform, ReservedRange, XsmAction};
+use crate::platform::{
+    DomainInfo, PageKind, PageLookup, PageRun, Platform, ReservedRange, XsmAction,
+};
 use crate::sim::hardware::{self, DmaFault, Iotlb};
 use crate::sim::p2m::P2m;
 use crate::sim::HostAllocations;
@@ -76,8 +78,8 @@ enum P2mEntry {
 /// `pvx_lookup_page` and `pvx_accept_page`), and the frame it references:
 /// RAM, read-only RAM only for a read-only map, no writable map while the
 /// domain is in log-dirty mode. Paged-out pages reference nothing (the
-/// lookup's paging in is `get_page`'s own). The one rule of `get_page`
-/// and `get_pages`.
+/// lookup's paging in is `look_up_page`'s: `get_page`'s, and that of the
+/// page a run stops at). The one rule of `get_page` and `get_pages`.
 fn classify_entry(
     entry: Option<&P2mEntry>,
     want_write: bool,
@@ -814,6 +816,9 @@ pub struct SimMachine {
     pub speculative_refill: bool,
     /// Calls of `get_page` so far (a run's own lookups not counted).
     pub page_lookups: u64,
+    /// Paging-ins started by page lookups (Xen's `p2m_mem_paging_populate`:
+    /// a request on the pager's ring), a run's included.
+    pub paging_requests: u64,
     /// Calls of `get_pages` (runs of pages looked up together) so far.
     pub page_runs: u64,
     /// A run lookup takes at most this many pages (`None`: all it is
@@ -850,6 +855,7 @@ impl SimMachine {
             superpage_unmaps: 0,
             map_calls: 0,
             page_lookups: 0,
+            paging_requests: 0,
             page_runs: 0,
             page_run_limit: None,
             superpage_maps: 0,
@@ -1922,76 +1928,51 @@ impl Platform for SimMachine {
         let _host = HostAllocations::begin();
         crate::lock_check::note_service("get_page (takes the target's p2m lock)");
         self.page_lookups += 1;
-        let d = self.domains.get(&domid).ok_or(Errno::Srch)?;
-        if d.dying {
-            return Err(Errno::Srch);
-        }
-        let (kind, mfn) = match d.p2m.get(&gfn) {
-            // The caller's own page: Xen's glue does not start paging it
-            // in (that may sleep for the pager's ring with the lookup's
-            // locks held, xen/pviommu.c); the domain pages it in by
-            // touching it.
-            Some(P2mEntry::PagedOut) if domid == self.current => {
-                return Ok(PageLookup {
-                    kind: PageKind::PagedOut,
-                    mfn: None,
-                });
-            }
-            // Xen starts paging the frame in and answers EAGAIN; the
-            // simulator's pager finishes at once, so a retry finds it.
-            Some(P2mEntry::PagedOut) => {
-                if let Ok(mfn) = self.ram.alloc(Owner::Domain(domid)) {
-                    if let Some(d) = self.domains.get_mut(&domid) {
-                        d.p2m.insert(
-                            gfn,
-                            P2mEntry::Ram {
-                                mfn,
-                                read_only: false,
-                            },
-                        );
-                    }
-                }
-                return Ok(PageLookup {
-                    kind: PageKind::PagedOut,
-                    mfn: None,
-                });
-            }
-            entry => classify_entry(entry, want_write, d.log_dirty),
-        };
-        if let Some(m) = mfn {
-            self.ram.reference(m, want_write);
-        }
-        Ok(PageLookup { kind, mfn })
+        self.look_up_page(domid, gfn, want_write)
     }
-    fn get_pages(&mut self, domid: DomId, gfn: Gfn, want_write: bool, mfns: &mut [Mfn]) -> usize {
+    fn get_pages(&mut self, domid: DomId, gfn: Gfn, want_write: bool, mfns: &mut [Mfn]) -> PageRun {
         let _host = HostAllocations::begin();
         crate::lock_check::note_service("get_pages (takes the target's p2m lock)");
         self.page_runs += 1;
         // One domain lookup for the run, as Xen's glue (whose x86 side
         // also walks a p2m entry once for the pages it maps); each page
-        // referenced by the rule `get_page` follows. A page it does not
-        // reference ends the run (paged out too: the engine's own lookup
-        // of it then starts paging it in; Xen's run starts it first, and
-        // the engine's lookup asks again, which changes nothing).
+        // referenced by the rule `get_page` follows.
         let limit = self.page_run_limit.unwrap_or(usize::MAX).min(mfns.len());
         let Some(d) = self.domains.get(&domid).filter(|d| !d.dying) else {
-            return 0;
+            return PageRun::default();
         };
-        let mut n = 0;
+        let (mut n, mut stopped) = (0, false);
         for (i, slot) in mfns.iter_mut().enumerate().take(limit) {
             let Some(g) = gfn.0.checked_add(i as u64) else {
                 break;
             };
             match classify_entry(d.p2m.get(&Gfn(g)), want_write, d.log_dirty) {
                 (_, Some(mfn)) => *slot = mfn,
-                (_, None) => break,
+                (_, None) => {
+                    stopped = true;
+                    break;
+                }
             }
             n = i + 1;
         }
         for &mfn in mfns.iter().take(n) {
             self.ram.reference(mfn, want_write);
         }
-        n
+        // The page it stopped at, looked up as `get_page` looks one up
+        // (Xen's glue: `pvx_lookup_page()`, side effects and all: paging
+        // in), with the run's pages held: its refusal is the run's answer.
+        // A run cut at `page_run_limit` stops without looking.
+        let refused =
+            match stopped.then(|| self.look_up_page(domid, Gfn(gfn.0 + n as u64), want_write)) {
+                Some(Ok(PageLookup { kind, mfn: None })) => Some(kind),
+                // (Never: the same rule referenced nothing a moment ago.)
+                Some(Ok(PageLookup { mfn: Some(mfn), .. })) => {
+                    self.put_page(mfn, want_write);
+                    None
+                }
+                Some(Err(_)) | None => None,
+            };
+        PageRun { taken: n, refused }
     }
     fn put_page(&mut self, mfn: Mfn, writable: bool) {
         let _host = HostAllocations::begin();
@@ -2080,6 +2061,59 @@ impl TableMemory for SimMachine {
 }
 
 impl SimMachine {
+    /// A page lookup by `get_page`'s rule, the one of `get_page` and of the
+    /// page a run stops at (Xen's `pvx_lookup_page()` and
+    /// `pvx_accept_page()`): the page referenced if usable, else why not;
+    /// another domain's paged-out page starts paging in.
+    fn look_up_page(
+        &mut self,
+        domid: DomId,
+        gfn: Gfn,
+        want_write: bool,
+    ) -> Result<PageLookup, Errno> {
+        let d = self.domains.get(&domid).ok_or(Errno::Srch)?;
+        if d.dying {
+            return Err(Errno::Srch);
+        }
+        let (kind, mfn) = match d.p2m.get(&gfn) {
+            // The caller's own page: Xen's glue does not start paging it
+            // in (that may sleep for the pager's ring with the lookup's
+            // locks held, xen/pviommu.c); the domain pages it in by
+            // touching it.
+            Some(P2mEntry::PagedOut) if domid == self.current => {
+                return Ok(PageLookup {
+                    kind: PageKind::PagedOut,
+                    mfn: None,
+                });
+            }
+            // Xen starts paging the frame in and answers EAGAIN; the
+            // simulator's pager finishes at once, so a retry finds it.
+            Some(P2mEntry::PagedOut) => {
+                self.paging_requests += 1;
+                if let Ok(mfn) = self.ram.alloc(Owner::Domain(domid)) {
+                    if let Some(d) = self.domains.get_mut(&domid) {
+                        d.p2m.insert(
+                            gfn,
+                            P2mEntry::Ram {
+                                mfn,
+                                read_only: false,
+                            },
+                        );
+                    }
+                }
+                return Ok(PageLookup {
+                    kind: PageKind::PagedOut,
+                    mfn: None,
+                });
+            }
+            entry => classify_entry(entry, want_write, d.log_dirty),
+        };
+        if let Some(m) = mfn {
+            self.ram.reference(m, want_write);
+        }
+        Ok(PageLookup { kind, mfn })
+    }
+
     /// One 4 KiB entry of a default context written (made on first use,
     /// as Xen's tables are with the domain), as Xen's `map_page` writes it.
     fn map_page(

@@ -29,7 +29,9 @@ pub fn look_up_pages(
     mfns.clear();
     for start in (0..n).step_by(run.len()) {
         let len = ((n - start) as usize).min(run.len());
-        let got = host.get_pages(domid, Gfn(first.0 + start), true, &mut run[..len]);
+        let got = host
+            .get_pages(domid, Gfn(first.0 + start), true, &mut run[..len])
+            .taken;
         mfns.extend_from_slice(&run[..got]);
         if got != len {
             break;

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::SimMachine;
 use crate::iommu::{BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend};
 use crate::pgtable::TableMemory;
-use crate::platform::{DomainInfo, PageLookup, Platform, ReservedRange, XsmAction};
+use crate::platform::{DomainInfo, PageLookup, PageRun, Platform, ReservedRange, XsmAction};
 use crate::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions, Sbdf};
 
 /// A per-thread handle on a shared [`SimMachine`].
@@ -69,7 +69,7 @@ impl Platform for SharedSim {
     fn get_page(&mut self, domid: DomId, gfn: Gfn, want_write: bool) -> Result<PageLookup, Errno> {
         self.with(|m| m.get_page(domid, gfn, want_write))
     }
-    fn get_pages(&mut self, domid: DomId, gfn: Gfn, want_write: bool, mfns: &mut [Mfn]) -> usize {
+    fn get_pages(&mut self, domid: DomId, gfn: Gfn, want_write: bool, mfns: &mut [Mfn]) -> PageRun {
         self.with(|m| m.get_pages(domid, gfn, want_write, mfns))
     }
     fn put_page(&mut self, mfn: Mfn, writable: bool) {

@@ -222,6 +222,8 @@ int pvx_xsm_attach(uint16_t caller, uint32_t sbdf);
                               /* started where possible; retry (-EAGAIN)          */
 #define PVX_PAGE_XEN        6 /* Xen-owned, special, or not owned by the domain   */
 #define PVX_PAGE_LOG_DIRTY  7 /* target in log-dirty mode and want_write: refused */
+/* pvx_get_pages(): the page after its run was not looked up (no answer). */
+#define PVX_PAGE_NONE       0xffffffffU
 
 /*
  * [unlocked] Classify target `domid`'s `gfn` and, when it is RAM usable with
@@ -239,14 +241,17 @@ int pvx_get_page(uint16_t domid, uint64_t gfn, int want_write,
  * [unlocked] pvx_get_page() for gfn, gfn + 1, ..., at most nr pages, in
  * order, stopping before the first that would not come back referenced
  * as RAM_RW (or RAM_RO with !want_write): returns how many were (their
- * MFNs in mfns[0..n)), holding nothing of the page it stopped at (the
- * engine's own pvx_get_page() of that one says why). May stop anywhere;
- * 0 if the domain is gone or dying. One domain lookup for the run and, on
- * x86 HVM, one p2m walk for the pages one p2m entry maps (read lock held
- * across their references, as get_page_from_gfn()'s fast path).
+ * MFNs in mfns[0..n)), holding nothing of the page it stopped at. If it
+ * looked that page up (with pvx_get_page()'s side effects: PoD populate,
+ * unsharing, paging in), *refused is pvx_get_page()'s kind for it and the
+ * engine does not look it up again; else PVX_PAGE_NONE, and the engine's
+ * own pvx_get_page() of it says why. May stop anywhere; 0 if the domain
+ * is gone or dying. One domain lookup for the run and, on x86 HVM, one p2m
+ * walk for the pages one p2m entry maps (read lock held across their
+ * references, as get_page_from_gfn()'s fast path).
  */
 uint32_t pvx_get_pages(uint16_t domid, uint64_t gfn, uint32_t nr,
-                       int want_write, uint64_t *mfns);
+                       int want_write, uint64_t *mfns, uint32_t *refused);
 /* [unlocked] A device may write `mfn` (writable type reference held by
  * pvx_get_page) without snooping the CPU caches: mark it _PGT_non_coherent,
  * so Xen flushes it before any other type or the free (XSA-402). */

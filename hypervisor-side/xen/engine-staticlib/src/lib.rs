@@ -24,7 +24,9 @@ use pviommu_hv::iommu::{
 };
 use pviommu_hv::pgtable::sync::DirtyLines;
 use pviommu_hv::pgtable::{TableMemory, ENTRIES};
-use pviommu_hv::platform::{DomainInfo, PageKind, PageLookup, Platform, ReservedRange, XsmAction};
+use pviommu_hv::platform::{
+    DomainInfo, PageKind, PageLookup, PageRun, Platform, ReservedRange, XsmAction,
+};
 use pviommu_hv::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions, Sbdf};
 
 #[cfg(test)]
@@ -64,8 +66,14 @@ mod ffi {
             mfn: *mut u64,
             kind: *mut u32,
         ) -> i32;
-        pub fn pvx_get_pages(domid: u16, gfn: u64, nr: u32, want_write: i32, mfns: *mut u64)
-            -> u32;
+        pub fn pvx_get_pages(
+            domid: u16,
+            gfn: u64,
+            nr: u32,
+            want_write: i32,
+            mfns: *mut u64,
+            refused: *mut u32,
+        ) -> u32;
         pub fn pvx_put_page(mfn: u64, writable: i32);
         pub fn pvx_ram_end_mfn() -> u64;
         pub fn pvx_iommu_address_bits() -> u32;
@@ -223,6 +231,25 @@ type XenEngine = Engine<XenLock>;
 const _: () = assert!(pviommu_hv::engine::MAX_DRIVER_DOMAINS == 128);
 
 const DOMID_NONE: u16 = 0xffff;
+
+/// `PVX_PAGE_NONE` (pviommu_engine.h): `pvx_get_pages()` stopped without an
+/// answer for the page after its run.
+const PVX_PAGE_NONE: u32 = u32::MAX;
+
+/// A `PVX_PAGE_*` kind (pviommu_engine.h). A code it does not know is
+/// Xen-owned: never mapped.
+fn page_kind(kind: u32) -> PageKind {
+    match kind {
+        0 => PageKind::RamRw,
+        1 => PageKind::RamRo,
+        2 => PageKind::Grant,
+        3 => PageKind::Mmio,
+        4 => PageKind::NotPresent,
+        5 => PageKind::PagedOut,
+        7 => PageKind::LogDirty,
+        _ => PageKind::XenOwned,
+    }
+}
 
 /// The hypervisor as the engine sees it: every method is one `pvx_*` call,
 /// but for table entries, which the engine reads and writes directly in
@@ -744,16 +771,7 @@ impl Platform for Xen {
         if rc != 0 {
             return Err(errno_from(rc));
         }
-        let kind = match kind {
-            0 => PageKind::RamRw,
-            1 => PageKind::RamRo,
-            2 => PageKind::Grant,
-            3 => PageKind::Mmio,
-            4 => PageKind::NotPresent,
-            5 => PageKind::PagedOut,
-            7 => PageKind::LogDirty,
-            _ => PageKind::XenOwned,
-        };
+        let kind = page_kind(kind);
         let referenced =
             matches!(kind, PageKind::RamRw) || (kind == PageKind::RamRo && !want_write);
         Ok(PageLookup {
@@ -764,10 +782,12 @@ impl Platform for Xen {
     // Inlined, as `get_page`: the build's check finds the speculation
     // barrier in the engine function that calls the glue.
     #[inline(always)]
-    fn get_pages(&mut self, domid: DomId, gfn: Gfn, want_write: bool, mfns: &mut [Mfn]) -> usize {
+    fn get_pages(&mut self, domid: DomId, gfn: Gfn, want_write: bool, mfns: &mut [Mfn]) -> PageRun {
         let nr = u32::try_from(mfns.len()).unwrap_or(u32::MAX);
+        let mut refused = PVX_PAGE_NONE;
         // SAFETY: `mfns` is `nr` (or more) writable frame numbers (`Mfn` is
-        // a transparent u64); the glue writes at most `nr` of them.
+        // a transparent u64); the glue writes at most `nr` of them. The
+        // other out-pointer is to a local.
         let got = unsafe {
             ffi::pvx_get_pages(
                 domid.0,
@@ -775,11 +795,15 @@ impl Platform for Xen {
                 nr,
                 want_write as i32,
                 mfns.as_mut_ptr().cast::<u64>(),
+                &mut refused,
             )
         };
         // (The glue writes and references at most `nr`.)
         debug_assert!(got as usize <= mfns.len());
-        (got as usize).min(mfns.len())
+        PageRun {
+            taken: (got as usize).min(mfns.len()),
+            refused: (refused != PVX_PAGE_NONE).then(|| page_kind(refused)),
+        }
     }
     fn put_page(&mut self, mfn: Mfn, writable: bool) {
         // SAFETY: releases a reference pvx_get_page took.
