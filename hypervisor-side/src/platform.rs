@@ -78,11 +78,40 @@ pub struct PageLookup {
     pub mfn: Option<Mfn>,
 }
 
+/// One page of a [`Platform::get_pages`] call, in and out, as the extent
+/// arrays of Xen's memory ops are: the gfn asked for going in, the frame
+/// referenced coming out, for each page the host took. A frame number's
+/// eight bytes, so a call's slots are one array of frame numbers to Xen's
+/// glue (nothing but the two to keep on the engine's stack).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[repr(transparent)]
+pub struct PageSlot(u64);
+
+impl PageSlot {
+    /// A slot asking for `gfn`.
+    pub const fn asking(gfn: Gfn) -> PageSlot {
+        PageSlot(gfn.0)
+    }
+    /// The gfn asked for: before the call, or in a slot the host did not
+    /// take.
+    pub const fn gfn(self) -> Gfn {
+        Gfn(self.0)
+    }
+    /// The frame the host referenced: only in a slot it took.
+    pub const fn mfn(self) -> Mfn {
+        Mfn(self.0)
+    }
+    /// The host took the page: its frame replaces the gfn.
+    pub fn take(&mut self, mfn: Mfn) {
+        self.0 = mfn.0;
+    }
+}
+
 /// What [`Platform::get_pages`] came to.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct PageRun {
     /// The pages referenced, from the first (their frames in the caller's
-    /// `mfns[..taken]`).
+    /// `pages[..taken]`).
     pub taken: usize,
     /// Why the page after them was refused, when the host looked it up by
     /// [`Platform::get_page`]'s rule and it was not usable RAM for the
@@ -129,20 +158,21 @@ pub trait Platform {
     /// Never called with the engine lock held: it takes the target's p2m
     /// lock.
     fn get_page(&mut self, domid: DomId, gfn: Gfn, want_write: bool) -> Result<PageLookup, Errno>;
-    /// [`get_page`](Self::get_page) for a run of gfns, `gfn` and those
-    /// after it, at most `mfns.len()`: how many pages, from the first, it
-    /// referenced as `get_page` references usable RAM for `want_write`
-    /// (read-write RAM; read-only RAM too when `!want_write`), their
-    /// frames in `mfns[..taken]`. It may stop anywhere, and stops before
-    /// any page it does not reference, leaving nothing of that page held.
-    /// If it looked that page up and refused it, it says why
-    /// ([`PageRun::refused`]), and the caller does not look it up again (a
-    /// lookup's side effects, paging in or populating, happen once a page);
-    /// otherwise the caller looks it up with `get_page`. (Xen: one domain
-    /// lookup for the run, and one p2m walk for the pages one p2m entry
-    /// maps.) Never called with the engine lock held.
-    fn get_pages(&mut self, domid: DomId, gfn: Gfn, want_write: bool, mfns: &mut [Mfn]) -> PageRun {
-        get_pages_one_by_one(self, domid, gfn, want_write, mfns)
+    /// [`get_page`](Self::get_page) for several pages of one target, the
+    /// gfns in `pages` (any order; a map run's ops'): how many pages, from
+    /// the first, it referenced as `get_page` references usable RAM for
+    /// `want_write` (read-write RAM; read-only RAM too when `!want_write`),
+    /// each one's frame written over its gfn ([`PageSlot`]). It may stop
+    /// anywhere, and stops before any page it does not reference, leaving
+    /// nothing of that page held. If it looked that page up and refused it,
+    /// it says why ([`PageRun::refused`]), and the caller does not look it
+    /// up again (a lookup's side effects, paging in or populating, happen
+    /// once a page); otherwise the caller looks it up with `get_page`.
+    /// (Xen: one domain lookup for them all, and one p2m walk for
+    /// consecutive gfns one p2m entry maps.) Never called with the engine
+    /// lock held.
+    fn get_pages(&mut self, domid: DomId, want_write: bool, pages: &mut [PageSlot]) -> PageRun {
+        get_pages_one_by_one(self, domid, want_write, pages)
     }
     /// Release what `get_page` took.
     fn put_page(&mut self, mfn: Mfn, writable: bool);
@@ -176,24 +206,20 @@ pub trait Platform {
 pub fn get_pages_one_by_one<P: Platform + ?Sized>(
     host: &mut P,
     domid: DomId,
-    gfn: Gfn,
     want_write: bool,
-    mfns: &mut [Mfn],
+    pages: &mut [PageSlot],
 ) -> PageRun {
-    for (i, slot) in mfns.iter_mut().enumerate() {
+    for (i, slot) in pages.iter_mut().enumerate() {
         let stop = |refused| PageRun { taken: i, refused };
-        let Some(g) = gfn.0.checked_add(i as u64) else {
-            return stop(None);
-        };
-        match host.get_page(domid, Gfn(g), want_write) {
+        match host.get_page(domid, slot.gfn(), want_write) {
             Ok(PageLookup {
                 kind: PageKind::RamRw,
                 mfn: Some(mfn),
-            }) => *slot = mfn,
+            }) => slot.take(mfn),
             Ok(PageLookup {
                 kind: PageKind::RamRo,
                 mfn: Some(mfn),
-            }) if !want_write => *slot = mfn,
+            }) if !want_write => slot.take(mfn),
             // Referenced, but not as a run's page: given back, and the
             // caller's own lookup decides (it may still map it).
             Ok(PageLookup { mfn: Some(mfn), .. }) => {
@@ -206,7 +232,7 @@ pub fn get_pages_one_by_one<P: Platform + ?Sized>(
         }
     }
     PageRun {
-        taken: mfns.len(),
+        taken: pages.len(),
         refused: None,
     }
 }

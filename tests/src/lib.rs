@@ -9,7 +9,9 @@ use pviommu_hv::config::Config;
 use pviommu_hv::engine::Slot;
 use pviommu_hv::iommu::{BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend};
 use pviommu_hv::pgtable::TableMemory;
-use pviommu_hv::platform::{DomainInfo, PageLookup, PageRun, Platform, ReservedRange, XsmAction};
+use pviommu_hv::platform::{
+    DomainInfo, PageLookup, PageRun, PageSlot, Platform, ReservedRange, XsmAction,
+};
 use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
 use pviommu_hv::{Engine, Errno, Mfn};
 
@@ -493,14 +495,14 @@ impl Platform for Interposer<'_> {
         let _ = self.after(Service::GetPage);
         r
     }
-    fn get_pages(&mut self, d: DomId, g: Gfn, w: bool, mfns: &mut [Mfn]) -> PageRun {
+    fn get_pages(&mut self, d: DomId, w: bool, pages: &mut [PageSlot]) -> PageRun {
         // Pages looked up one by one (each raced as `GetPage`), unless the
         // run is the one raced: then the simulator's run, and the race
         // after it, with the run's pages held.
         if self.at != Service::GetPages {
-            return pviommu_hv::platform::get_pages_one_by_one(self, d, g, w, mfns);
+            return pviommu_hv::platform::get_pages_one_by_one(self, d, w, pages);
         }
-        let run = self.m.borrow_mut().get_pages(d, g, w, mfns);
+        let run = self.m.borrow_mut().get_pages(d, w, pages);
         let _ = self.after(Service::GetPages);
         run
     }

@@ -1,9 +1,9 @@
 //! Runs of pages looked up together (`Platform::get_pages`): a batch's
-//! maps of consecutive gfns of one target, and an extent's 512 pages, ask
-//! the host for their pages in one call (on Xen: one domain lookup, and one
-//! p2m walk for the pages one p2m entry maps). A host may stop a run
-//! anywhere; the engine then looks the rest up itself, and what it maps,
-//! refuses and holds is the same as page by page.
+//! maps of one target and access, whatever their gfns, and an extent's 512
+//! pages, ask the host for their pages in one call (on Xen: one domain
+//! lookup, and one p2m walk for consecutive gfns one p2m entry maps). A
+//! host may stop a run anywhere; the engine then looks the rest up itself,
+//! and what it maps, refuses and holds is the same as page by page.
 
 use pviommu_abi::{ContextId, DomId, Errno, Gfn, Permissions, PvIommuOp, Request};
 use pviommu_hv::platform::Platform;
@@ -59,13 +59,43 @@ fn consecutive_gfns_are_looked_up_a_run_at_a_time() {
     check_invariants(&mut m, &e).unwrap();
 }
 
+/// A mediator's maps are as often scattered, or falling, as rising: a
+/// batch's ops of one target go to the host together whatever their gfns.
 #[test]
-fn scattered_gfns_are_looked_up_one_by_one() {
+fn scattered_and_falling_gfns_are_looked_up_together_too() {
+    let scattered: Vec<u64> = (0..16).map(|i| 100 + 3 * i).collect();
+    let falling: Vec<u64> = (0..16).map(|i| 700 - i).collect();
+    for gfns in [scattered, falling] {
+        let (mut m, e) = host();
+        let results = map_all(&mut m, &e, &gfns, Permissions::RW);
+        assert_mapped(&mut m, &gfns, &results);
+        assert_eq!((m.page_runs, m.page_lookups), (2, 0), "{gfns:?}");
+        check_invariants(&mut m, &e).unwrap();
+    }
+}
+
+/// Ops of two targets in turn make no run (each run stays within one
+/// target's ops): each page is looked up alone.
+#[test]
+fn ops_of_targets_in_turn_are_looked_up_one_by_one() {
     let (mut m, e) = host();
-    let gfns: Vec<u64> = (0..16).map(|i| 100 + 3 * i).collect();
-    let results = map_all(&mut m, &e, &gfns, Permissions::RW);
-    assert_mapped(&mut m, &gfns, &results);
-    assert_eq!((m.page_runs, m.page_lookups), (0, 16));
+    let target = |i: usize| ([GUEST, STRANGER][i % 2], Gfn(10 + i as u64));
+    let mut ops: Vec<PvIommuOp> = (0..8)
+        .map(|i| map_op(target(i).0, target(i).1 .0, Permissions::RW))
+        .collect();
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    for (i, o) in ops.iter().enumerate() {
+        let (domid, gfn) = target(i);
+        assert_eq!(o.status, 0, "op {i}");
+        // Each op's own target's page, never the other's.
+        assert_eq!(
+            m.translate(DomId::DOM0, ContextId::DEFAULT, pviommu_abi::Bfn(o.bfn))
+                .map(|t| t.0),
+            m.mfn_of(domid, gfn),
+            "op {i}"
+        );
+    }
+    assert_eq!((m.page_runs, m.page_lookups), (0, 8));
     check_invariants(&mut m, &e).unwrap();
 }
 

@@ -1372,8 +1372,9 @@ static int cmd_measure(unsigned long n)
             pv_map_unmap("pviommu_hvm", 0, dh, fh, n, bfns, false);
             pv_map_unmap("pviommu_hvm", 0, dh, fh, n, bfns, true);
             /* The same pages in descending gfn order: no two ops ask for
-             * consecutive gfns, so each page is looked up alone (the
-             * breakdown's get_page against the runs' above). */
+             * consecutive gfns, so each page has a p2m walk of its own
+             * (under its run's one domain lookup: the breakdown's
+             * get_page against the rising runs' above). */
             {
                 xen_pfn_t *rev = calloc(n, sizeof(*rev));
                 unsigned long k;

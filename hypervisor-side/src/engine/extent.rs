@@ -36,7 +36,7 @@ use super::driver::PendingMap;
 use super::revoke::DEFER_LIMIT;
 use super::{map_key, Driver, Engine, Hypervisor, LookedUp, Mapped, TargetGate, UnmapKind};
 use super::{DriverDomain, Mapping, MAP_RETRIES};
-use crate::platform::DomainInfo;
+use crate::platform::{DomainInfo, PageSlot};
 use crate::{Bfn, ContextId, DomId, Errno, Mfn};
 
 /// The last page of an extent, from its first.
@@ -185,7 +185,7 @@ impl<L: RawMutex> Engine<L> {
     ) -> (LookedUp, u64) {
         let mut ns = 0;
         let mut first = Mfn(0);
-        let mut run = [Mfn(0); EXTENT_RUN_LOOKUP];
+        let mut run = [PageSlot::default(); EXTENT_RUN_LOOKUP];
         // Pages before `i` are referenced, from frame `first` on.
         let mut i = 0;
         // (Bounded: each round takes at least one page, or stops.)
@@ -200,7 +200,12 @@ impl<L: RawMutex> Engine<L> {
             let want = (EXTENT_PAGES - i).min(EXTENT_RUN_LOOKUP as u64) as usize;
             let page = page_of(req, i);
             let (got, refused, t) = match run.get_mut(..want) {
-                Some(mfns) => self.look_up_run(h, &page, gate, checked_seq, mfns),
+                Some(pages) => {
+                    for (k, slot) in (0..).zip(pages.iter_mut()) {
+                        *slot = PageSlot::asking(Gfn(page.gfn.0 + k));
+                    }
+                    self.look_up_run(h, &page, gate, checked_seq, pages)
+                }
                 None => (0, None, 0),
             };
             ns += t;
@@ -228,21 +233,21 @@ impl<L: RawMutex> Engine<L> {
                     other => break other,
                 }
             }
+            let taken = run.iter().take(got).map(|p| p.mfn());
             if i == 0 {
-                first = run[0];
+                first = run[0].mfn();
             }
             // A frame off the run from `first`: those from it on go back.
-            let off = run
-                .iter()
-                .take(got)
+            let off = taken
+                .clone()
                 .enumerate()
                 .position(|(k, mfn)| first.0.checked_add(i + k as u64) != Some(mfn.0));
             let kept = off.unwrap_or(got);
-            for &mfn in run.iter().take(got).skip(kept) {
+            for mfn in taken.clone().skip(kept) {
                 h.put_page(mfn, req.perms.write);
             }
             if req.perms.write && !Self::snooped(caps, req) {
-                for &mfn in run.iter().take(kept) {
+                for mfn in taken.take(kept) {
                     h.note_non_coherent_write(mfn);
                 }
             }

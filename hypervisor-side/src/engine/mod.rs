@@ -85,7 +85,7 @@ use crate::config::{Config, MAX_CONTEXTS, X86_MSI_WINDOW};
 use crate::iommu::IommuBackend;
 use crate::nospec::get_nospec;
 use crate::permission::{check_map_again, check_page, refusal};
-use crate::platform::{DomainInfo, Platform, ReservedRange};
+use crate::platform::{DomainInfo, PageSlot, Platform, ReservedRange};
 use crate::storage::{try_from_fn, try_push};
 use crate::{Bfn, ContextId, DomId, Errno, Mfn};
 use driver::{PageAt, NONE};
@@ -1513,8 +1513,9 @@ impl<L: RawMutex> Engine<L> {
             Again,
         }
         let mut steps = [Step::Pending; MAP_CHUNK];
-        // The frames of a run of ops' pages, looked up together (step 3).
-        let mut run_mfns = [Mfn(0); MAP_CHUNK];
+        // A run of ops' pages, looked up together (step 3): their gfns in,
+        // their frames out.
+        let mut run_pages = [PageSlot::default(); MAP_CHUNK];
         let mut ns_get_page = 0;
         let caps = h.iommu_caps();
         // 1. The checks of the whole run, before any page is looked up:
@@ -1616,29 +1617,34 @@ impl<L: RawMutex> Engine<L> {
                 continue;
             }
             let req = &MapRequest { domid, ..*req };
-            // The ops from this one on that ask for the pages after its
-            // own, of the same target and access, each past its checks
-            // (and joined: the run stays within this target's ops): their
-            // pages in one call to the host.
-            let run = (1..n - i)
-                .take_while(|&k| {
-                    reqs.get(i + k).is_some_and(|r| {
-                        lookup_in.get(i + k) == Some(&domid)
-                            && r.perms.write == req.perms.write
-                            && !r.grant
-                            && req.gfn.0.checked_add(k as u64) == Some(r.gfn.0)
-                    })
-                })
-                .count()
-                + 1;
+            // The ops from this one on of the same target and access, each
+            // past its checks (and joined: the run stays within this
+            // target's ops), whatever their gfns: their pages in one call
+            // to the host (on Xen one domain lookup, and one p2m walk for
+            // consecutive gfns one p2m entry maps).
+            let mut run = 0;
+            for (k, slot) in run_pages.iter_mut().enumerate().take(n - i) {
+                match reqs.get(i + k) {
+                    Some(r)
+                        if k == 0
+                            || (lookup_in.get(i + k) == Some(&domid)
+                                && r.perms.write == req.perms.write
+                                && !r.grant) =>
+                    {
+                        *slot = PageSlot::asking(r.gfn);
+                        run += 1;
+                    }
+                    _ => break,
+                }
+            }
             if run > 1 && !runs_failed && !req.grant {
-                let (got, refused, ns) = match run_mfns.get_mut(..run) {
-                    Some(mfns) => self.look_up_run(h, req, gate, checked, mfns),
+                let (got, refused, ns) = match run_pages.get_mut(..run) {
+                    Some(pages) => self.look_up_run(h, req, gate, checked, pages),
                     None => (0, None, 0),
                 };
                 ns_get_page += ns;
                 runs_failed = got == 0 && refused.is_none();
-                for (k, &mfn) in run_mfns.iter().enumerate().take(got) {
+                for (k, mfn) in run_pages.iter().map(|p| p.mfn()).enumerate().take(got) {
                     let (Some(step), Some(r)) = (steps.get_mut(i + k), reqs.get(i + k)) else {
                         // (Unreachable: `got` is at most `run`.) Not
                         // kept, so given back.
@@ -1918,10 +1924,11 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// [`look_up_joined`](Self::look_up_joined) for the pages of a run of
-    /// ops, `req`'s gfn and the `mfns.len() - 1` after it, their shares
-    /// joined: how many the host referenced, from the first (their frames
-    /// in `mfns`); the error of the page after them if the host looked it
-    /// up and refused it (`None`: not looked up); and the time it took.
+    /// ops of `req`'s target and access, the gfns in `pages` (`req`'s
+    /// first), their shares joined: how many the host referenced, from the
+    /// first (their frames in `pages`); the error of the page after them if
+    /// the host looked it up and refused it (`None`: not looked up); and
+    /// the time it took.
     /// Nothing is looked up, and nothing given back, if the target moved
     /// since the checks: the ops then go one by one, and the first finds
     /// it moved. The pages it did not reference hold nothing; an op whose
@@ -1936,21 +1943,21 @@ impl<L: RawMutex> Engine<L> {
         req: &MapRequest,
         gate: &TargetGate,
         checked_seq: u32,
-        mfns: &mut [Mfn],
+        pages: &mut [PageSlot],
     ) -> (usize, Option<Errno>, u64) {
         // As in `look_up_joined`: SeqCst, between the join and the lookup.
         if gate.seq.load(Ordering::SeqCst) != checked_seq {
             return (0, None, 0);
         }
         let t0 = self.clock(h);
-        let run = h.get_pages(req.domid, req.gfn, req.perms.write, mfns);
+        let run = h.get_pages(req.domid, req.perms.write, pages);
         let ns = self.since(h, t0);
         // (A host answering more than it was asked for: those are not
         // frames it wrote, and there is no page after them to refuse.)
-        let taken = run.taken.min(mfns.len());
+        let taken = run.taken.min(pages.len());
         let refused = run
             .refused
-            .filter(|_| taken < mfns.len())
+            .filter(|_| taken < pages.len())
             .map(|kind| refusal(kind, req.perms));
         (taken, refused, ns)
     }

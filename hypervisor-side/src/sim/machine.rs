@@ -8,7 +8,7 @@ use crate::iommu::{
 use crate::pgtable::sync::{DirtyLines, LINE_BYTES};
 use crate::pgtable::{lpae::Lpae, vtd::Vtd, IoPageTable, TableMemory, TableOptions};
 use crate::platform::{
-    DomainInfo, PageKind, PageLookup, PageRun, Platform, ReservedRange, XsmAction,
+    DomainInfo, PageKind, PageLookup, PageRun, PageSlot, Platform, ReservedRange, XsmAction,
 };
 use crate::sim::hardware::{self, DmaFault, Iotlb};
 use crate::sim::p2m::P2m;
@@ -1930,49 +1930,45 @@ impl Platform for SimMachine {
         self.page_lookups += 1;
         self.look_up_page(domid, gfn, want_write)
     }
-    fn get_pages(&mut self, domid: DomId, gfn: Gfn, want_write: bool, mfns: &mut [Mfn]) -> PageRun {
+    fn get_pages(&mut self, domid: DomId, want_write: bool, pages: &mut [PageSlot]) -> PageRun {
         let _host = HostAllocations::begin();
         crate::lock_check::note_service("get_pages (takes the target's p2m lock)");
         self.page_runs += 1;
-        // One domain lookup for the run, as Xen's glue (whose x86 side
-        // also walks a p2m entry once for the pages it maps); each page
-        // referenced by the rule `get_page` follows.
-        let limit = self.page_run_limit.unwrap_or(usize::MAX).min(mfns.len());
+        // One domain lookup for them all, as Xen's glue (whose x86 side
+        // also walks a p2m entry once for the consecutive gfns it maps);
+        // each page referenced by the rule `get_page` follows.
+        let limit = self.page_run_limit.unwrap_or(usize::MAX).min(pages.len());
         let Some(d) = self.domains.get(&domid).filter(|d| !d.dying) else {
             return PageRun::default();
         };
-        let (mut n, mut stopped) = (0, false);
-        for (i, slot) in mfns.iter_mut().enumerate().take(limit) {
-            let Some(g) = gfn.0.checked_add(i as u64) else {
-                break;
-            };
-            match classify_entry(d.p2m.get(&Gfn(g)), want_write, d.log_dirty) {
-                (_, Some(mfn)) => *slot = mfn,
+        let mut stop = None;
+        for (i, slot) in pages.iter_mut().enumerate().take(limit) {
+            match classify_entry(d.p2m.get(&slot.gfn()), want_write, d.log_dirty) {
+                (_, Some(mfn)) => slot.take(mfn),
                 (_, None) => {
-                    stopped = true;
+                    stop = Some((i, slot.gfn()));
                     break;
                 }
             }
-            n = i + 1;
         }
-        for &mfn in mfns.iter().take(n) {
-            self.ram.reference(mfn, want_write);
+        let taken = stop.map_or(limit, |(i, _)| i);
+        for slot in pages.iter().take(taken) {
+            self.ram.reference(slot.mfn(), want_write);
         }
         // The page it stopped at, looked up as `get_page` looks one up
         // (Xen's glue: `pvx_lookup_page()`, side effects and all: paging
         // in), with the run's pages held: its refusal is the run's answer.
         // A run cut at `page_run_limit` stops without looking.
-        let refused =
-            match stopped.then(|| self.look_up_page(domid, Gfn(gfn.0 + n as u64), want_write)) {
-                Some(Ok(PageLookup { kind, mfn: None })) => Some(kind),
-                // (Never: the same rule referenced nothing a moment ago.)
-                Some(Ok(PageLookup { mfn: Some(mfn), .. })) => {
-                    self.put_page(mfn, want_write);
-                    None
-                }
-                Some(Err(_)) | None => None,
-            };
-        PageRun { taken: n, refused }
+        let refused = match stop.map(|(_, gfn)| self.look_up_page(domid, gfn, want_write)) {
+            Some(Ok(PageLookup { kind, mfn: None })) => Some(kind),
+            // (Never: the same rule referenced nothing a moment ago.)
+            Some(Ok(PageLookup { mfn: Some(mfn), .. })) => {
+                self.put_page(mfn, want_write);
+                None
+            }
+            Some(Err(_)) | None => None,
+        };
+        PageRun { taken, refused }
     }
     fn put_page(&mut self, mfn: Mfn, writable: bool) {
         let _host = HostAllocations::begin();

@@ -8,7 +8,7 @@
 //! a flush; its reverse index is kept but never read.
 
 use crate::pgtable::{vtd::Vtd, IoPageTable, TableMemory};
-use crate::platform::Platform;
+use crate::platform::{PageSlot, Platform};
 use crate::Mfn;
 use pviommu_abi::{Bfn, DomId, Gfn, MemAttr, Permissions};
 
@@ -25,14 +25,16 @@ pub fn look_up_pages(
     n: u64,
     mfns: &mut Vec<Mfn>,
 ) -> usize {
-    let mut run = [Mfn(0); crate::engine::MAP_CHUNK];
+    let mut run = [PageSlot::default(); crate::engine::MAP_CHUNK];
     mfns.clear();
     for start in (0..n).step_by(run.len()) {
         let len = ((n - start) as usize).min(run.len());
-        let got = host
-            .get_pages(domid, Gfn(first.0 + start), true, &mut run[..len])
-            .taken;
-        mfns.extend_from_slice(&run[..got]);
+        let pages = &mut run[..len];
+        for (k, slot) in (start..).zip(pages.iter_mut()) {
+            *slot = PageSlot::asking(Gfn(first.0 + k));
+        }
+        let got = host.get_pages(domid, true, pages).taken.min(len);
+        mfns.extend(pages.iter().take(got).map(|p| p.mfn()));
         if got != len {
             break;
         }

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::SimMachine;
 use crate::iommu::{BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend};
 use crate::pgtable::TableMemory;
-use crate::platform::{DomainInfo, PageLookup, PageRun, Platform, ReservedRange, XsmAction};
+use crate::platform::{
+    DomainInfo, PageLookup, PageRun, PageSlot, Platform, ReservedRange, XsmAction,
+};
 use crate::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions, Sbdf};
 
 /// A per-thread handle on a shared [`SimMachine`].
@@ -69,8 +71,8 @@ impl Platform for SharedSim {
     fn get_page(&mut self, domid: DomId, gfn: Gfn, want_write: bool) -> Result<PageLookup, Errno> {
         self.with(|m| m.get_page(domid, gfn, want_write))
     }
-    fn get_pages(&mut self, domid: DomId, gfn: Gfn, want_write: bool, mfns: &mut [Mfn]) -> PageRun {
-        self.with(|m| m.get_pages(domid, gfn, want_write, mfns))
+    fn get_pages(&mut self, domid: DomId, want_write: bool, pages: &mut [PageSlot]) -> PageRun {
+        self.with(|m| m.get_pages(domid, want_write, pages))
     }
     fn put_page(&mut self, mfn: Mfn, writable: bool) {
         self.with(|m| m.put_page(mfn, writable))

@@ -238,20 +238,22 @@ int pvx_xsm_attach(uint16_t caller, uint32_t sbdf);
 int pvx_get_page(uint16_t domid, uint64_t gfn, int want_write,
                  uint64_t *mfn, uint32_t *kind);
 /*
- * [unlocked] pvx_get_page() for gfn, gfn + 1, ..., at most nr pages, in
- * order, stopping before the first that would not come back referenced
- * as RAM_RW (or RAM_RO with !want_write): returns how many were (their
- * MFNs in mfns[0..n)), holding nothing of the page it stopped at. If it
+ * [unlocked] pvx_get_page() for nr pages of domid (nr at most 64 taken),
+ * their gfns in frames[0..nr) (any order), in order, stopping before the
+ * first that would not come back referenced as RAM_RW (or RAM_RO with
+ * !want_write): returns how many were, each one's MFN written over its
+ * gfn in frames[] (IN: gfns, OUT: MFNs, as XENMEM extent arrays), holding
+ * nothing of the page it stopped at (whose slot keeps its gfn). If it
  * looked that page up (with pvx_get_page()'s side effects: PoD populate,
  * unsharing, paging in), *refused is pvx_get_page()'s kind for it and the
  * engine does not look it up again; else PVX_PAGE_NONE, and the engine's
  * own pvx_get_page() of it says why. May stop anywhere; 0 if the domain
- * is gone or dying. One domain lookup for the run and, on x86 HVM, one p2m
- * walk for the pages one p2m entry maps (read lock held across their
- * references, as get_page_from_gfn()'s fast path).
+ * is gone or dying. One domain lookup for them all and, on x86 HVM, one
+ * p2m walk for consecutive gfns one p2m entry maps (read lock held across
+ * their references, as get_page_from_gfn()'s fast path).
  */
-uint32_t pvx_get_pages(uint16_t domid, uint64_t gfn, uint32_t nr,
-                       int want_write, uint64_t *mfns, uint32_t *refused);
+uint32_t pvx_get_pages(uint16_t domid, uint32_t nr, int want_write,
+                       uint64_t *frames, uint32_t *refused);
 /* [unlocked] A device may write `mfn` (writable type reference held by
  * pvx_get_page) without snooping the CPU caches: mark it _PGT_non_coherent,
  * so Xen flushes it before any other type or the free (XSA-402). */

@@ -25,7 +25,7 @@ use pviommu_hv::iommu::{
 use pviommu_hv::pgtable::sync::DirtyLines;
 use pviommu_hv::pgtable::{TableMemory, ENTRIES};
 use pviommu_hv::platform::{
-    DomainInfo, PageKind, PageLookup, PageRun, Platform, ReservedRange, XsmAction,
+    DomainInfo, PageKind, PageLookup, PageRun, PageSlot, Platform, ReservedRange, XsmAction,
 };
 use pviommu_hv::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions, Sbdf};
 
@@ -68,10 +68,9 @@ mod ffi {
         ) -> i32;
         pub fn pvx_get_pages(
             domid: u16,
-            gfn: u64,
             nr: u32,
             want_write: i32,
-            mfns: *mut u64,
+            frames: *mut u64,
             refused: *mut u32,
         ) -> u32;
         pub fn pvx_put_page(mfn: u64, writable: i32);
@@ -782,26 +781,25 @@ impl Platform for Xen {
     // Inlined, as `get_page`: the build's check finds the speculation
     // barrier in the engine function that calls the glue.
     #[inline(always)]
-    fn get_pages(&mut self, domid: DomId, gfn: Gfn, want_write: bool, mfns: &mut [Mfn]) -> PageRun {
-        let nr = u32::try_from(mfns.len()).unwrap_or(u32::MAX);
+    fn get_pages(&mut self, domid: DomId, want_write: bool, pages: &mut [PageSlot]) -> PageRun {
+        let nr = u32::try_from(pages.len()).unwrap_or(u32::MAX);
         let mut refused = PVX_PAGE_NONE;
-        // SAFETY: `mfns` is `nr` (or more) writable frame numbers (`Mfn` is
-        // a transparent u64); the glue writes at most `nr` of them. The
-        // other out-pointer is to a local.
+        // SAFETY: `pages` is `nr` (or more) frame numbers (`PageSlot` is a
+        // transparent u64), gfns in; the glue writes at most `nr` frames
+        // over them. The other out-pointer is to a local.
         let got = unsafe {
             ffi::pvx_get_pages(
                 domid.0,
-                gfn.0,
                 nr,
                 want_write as i32,
-                mfns.as_mut_ptr().cast::<u64>(),
+                pages.as_mut_ptr().cast::<u64>(),
                 &mut refused,
             )
         };
         // (The glue writes and references at most `nr`.)
-        debug_assert!(got as usize <= mfns.len());
+        debug_assert!(got as usize <= pages.len());
         PageRun {
-            taken: (got as usize).min(mfns.len()),
+            taken: (got as usize).min(pages.len()),
             refused: (refused != PVX_PAGE_NONE).then(|| page_kind(refused)),
         }
     }

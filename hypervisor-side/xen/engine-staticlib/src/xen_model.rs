@@ -514,25 +514,24 @@ pub extern "C" fn pvx_get_page(
 #[inline(never)]
 pub extern "C" fn pvx_get_pages(
     domid: u16,
-    gfn: u64,
     nr: u32,
     w: i32,
-    mfns: *mut u64,
+    frames: *mut u64,
     refused: *mut u32,
 ) -> u32 {
     let mut kind = 0u32;
     // SAFETY: a pointer to the caller's local.
     unsafe { *refused = u32::MAX };
     for i in 0..nr {
-        let Some(g) = gfn.checked_add(u64::from(i)) else {
-            return i;
-        };
-        // SAFETY: the engine passes `nr` frame numbers.
-        let slot = unsafe { &mut *mfns.add(i as usize) };
-        if pvx_get_page(domid, g, w, slot, &mut kind) != 0 {
+        // SAFETY: the engine passes `nr` frame numbers, gfns in.
+        let slot = unsafe { &mut *frames.add(i as usize) };
+        let gfn = *slot;
+        if pvx_get_page(domid, gfn, w, slot, &mut kind) != 0 {
+            *slot = gfn;
             return i;
         }
         if kind != 0 {
+            *slot = gfn;
             // SAFETY: as above.
             unsafe { *refused = kind };
             return i;
