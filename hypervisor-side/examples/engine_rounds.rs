@@ -21,6 +21,10 @@
 //! engine writes its own VT-d tables; the host only looks pages up and
 //! references them), the context a mediator attaches its GPU to.
 //!
+//! With `PVIOMMU_FALLING` set, the page paths (`engine`, `hypercall`,
+//! `context`) ask for the gfns in descending order: no two ops of a run
+//! ask for consecutive gfns.
+//!
 //! With `PVIOMMU_KEEP_ONE` set, one more page stays mapped: the cell is
 //! never emptied, so each round's maps take the BFNs the last round's
 //! unmaps freed (in their order) rather than fresh slots.
@@ -124,8 +128,12 @@ fn main() -> ExitCode {
     } else {
         ContextId::DEFAULT
     };
-    // Gfns 1..: not superpage-aligned, as in the criterion bench.
+    // Gfns 1..: not superpage-aligned, as in the criterion bench. With
+    // `PVIOMMU_FALLING` set, in descending order (a PV guest's frames as
+    // Xen hands them out; no two ops ask for consecutive gfns).
+    let falling = std::env::var_os("PVIOMMU_FALLING").is_some();
     let reqs: Vec<MapRequest> = (1..=BATCH)
+        .map(|g| if falling { BATCH + 1 - g } else { g })
         .map(|g| MapRequest {
             context,
             domid: GUEST,

@@ -233,22 +233,22 @@ impl<L: RawMutex> Engine<L> {
                     other => break other,
                 }
             }
-            let taken = run.iter().take(got).map(|p| p.mfn());
+            let taken = run.get(..got).unwrap_or_default();
             if i == 0 {
-                first = run[0].mfn();
+                first = taken.first().map_or(first, |p| p.mfn());
             }
             // A frame off the run from `first`: those from it on go back.
             let off = taken
-                .clone()
+                .iter()
                 .enumerate()
-                .position(|(k, mfn)| first.0.checked_add(i + k as u64) != Some(mfn.0));
+                .position(|(k, p)| first.0.checked_add(i + k as u64) != Some(p.mfn().0));
             let kept = off.unwrap_or(got);
-            for mfn in taken.clone().skip(kept) {
-                h.put_page(mfn, req.perms.write);
+            for p in taken.iter().skip(kept) {
+                h.put_page(p.mfn(), req.perms.write);
             }
             if req.perms.write && !Self::snooped(caps, req) {
-                for mfn in taken.take(kept) {
-                    h.note_non_coherent_write(mfn);
+                for p in taken.iter().take(kept) {
+                    h.note_non_coherent_write(p.mfn());
                 }
             }
             i += kept as u64;
