@@ -220,8 +220,10 @@ pub fn get_pages_one_by_one<P: Platform + ?Sized>(
                 kind: PageKind::RamRo,
                 mfn: Some(mfn),
             }) if !want_write => slot.take(mfn),
-            // Referenced, but not as a run's page: given back, and the
-            // caller's own lookup decides (it may still map it).
+            // Referenced, but not as a run's page (a host breaking
+            // `get_page`'s contract): given back with no answer, and the
+            // caller's own lookup decides (a kind `check_page` passes would
+            // map there, so an answer could not say what that lookup will).
             Ok(PageLookup { mfn: Some(mfn), .. }) => {
                 host.put_page(mfn, want_write);
                 return stop(None);

@@ -521,7 +521,17 @@ void pvx_page_non_coherent(uint64_t mfn)
      * freed. Unlike the CPU's WC case, the CPU's self-snoop does not help:
      * a device's no-snoop write never snoops the CPU caches, so always.
      * Its writable type reference is held by the caller.
+     *
+     * mfn_valid() (its bound is evaluate_nospec()) as pvx_put_page(): the
+     * engine's run slots past the pages taken hold the guest's gfns, and
+     * a mispredicted loop bound there must not reach page_info at a
+     * guest-chosen index, not even speculatively.
      */
+    if ( !mfn_valid(_mfn(mfn)) )
+    {
+        ASSERT_UNREACHABLE();
+        return;
+    }
     set_bit(_PGT_non_coherent, &mfn_to_page(_mfn(mfn))->u.inuse.type_info);
 }
 

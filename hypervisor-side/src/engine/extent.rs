@@ -242,7 +242,7 @@ impl<L: RawMutex> Engine<L> {
                 .iter()
                 .enumerate()
                 .position(|(k, p)| first.0.checked_add(i + k as u64) != Some(p.mfn().0));
-            let kept = off.unwrap_or(got);
+            let kept = off.unwrap_or(taken.len());
             for p in taken.iter().skip(kept) {
                 h.put_page(p.mfn(), req.perms.write);
             }

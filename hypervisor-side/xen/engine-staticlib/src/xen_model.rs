@@ -530,7 +530,9 @@ pub extern "C" fn pvx_get_pages(
             *slot = gfn;
             return i;
         }
-        if kind != 0 {
+        // (Taken as the glue takes it: read-write RAM, or read-only RAM
+        // for a read-only map; this model answers read-write RAM only.)
+        if kind != 0 && !(kind == 1 && w == 0) {
             *slot = gfn;
             // SAFETY: as above.
             unsafe { *refused = kind };
