@@ -117,17 +117,35 @@ impl MappingCache {
             .and_then(|k| self.by_key.get(&k))
             .map_or(0, |e| e.refs)
     }
-    /// Distinct cached BFNs.
+    /// Distinct cached BFNs a map can be answered with. A BFN revoked but
+    /// still held is not one of them ([`revoked_held`](Self::revoked_held)).
     pub fn len(&self) -> usize {
         self.by_key.len()
     }
-    /// Whether nothing is cached.
+    /// Whether no map can be answered from the cache (revoked BFNs may
+    /// still be held: [`holds_nothing`](Self::holds_nothing)).
     pub fn is_empty(&self) -> bool {
         self.by_key.is_empty()
     }
-    /// Every cached mapping.
+    /// Every cached mapping a map can be answered with.
     pub fn iter(&self) -> impl Iterator<Item = (&CacheKey, Bfn, u64)> {
         self.by_key.iter().map(|(k, e)| (k, e.bfn, e.refs))
+    }
+    /// The BFNs the hypervisor revoked whose holders have not all released
+    /// them yet, with the references still held: each stays counted
+    /// against the driver domain's quota until its last release (which
+    /// acknowledges the notice) or the drain that hands it over.
+    pub fn revoked_held(&self) -> impl Iterator<Item = (ContextId, Bfn, u64)> + '_ {
+        self.revoked.iter().map(|(&(c, b), &refs)| (c, b, refs))
+    }
+    /// Distinct BFNs held through the cache: those [`len`](Self::len)
+    /// counts, and those revoked but still held.
+    pub fn held(&self) -> usize {
+        self.by_key.len() + self.revoked.len()
+    }
+    /// Whether the cache holds no BFN at all, revoked or not.
+    pub fn holds_nothing(&self) -> bool {
+        self.by_key.is_empty() && self.revoked.is_empty()
     }
 }
 
@@ -157,5 +175,32 @@ mod tests {
         assert_eq!(cache.get_ref(&key), Some(Bfn(7)));
         assert_eq!(cache.release(ContextId::DEFAULT, Bfn(7)), Some(false));
         assert_eq!(cache.refs(ContextId::DEFAULT, Bfn(7)), u64::from(u32::MAX));
+    }
+
+    /// A BFN revoked while held leaves what maps are answered with, but
+    /// stays counted as held, with its references, until its last release.
+    #[test]
+    fn revoked_bfns_still_held_are_counted_as_held() {
+        let mut cache = MappingCache::default();
+        let key = |gfn| CacheKey {
+            domid: DomId(1),
+            gfn: Gfn(gfn),
+            context: ContextId::DEFAULT,
+            perms: Permissions::RW,
+            attr: MemAttr::WriteBack,
+        };
+        cache.insert(key(5), Bfn(7));
+        cache.insert(key(6), Bfn(8));
+        assert_eq!(cache.get_ref(&key(5)), Some(Bfn(7)));
+        assert_eq!(cache.mark_revoked(ContextId::DEFAULT, Bfn(7)), Some(key(5)));
+        assert_eq!((cache.len(), cache.held()), (1, 2));
+        let revoked: Vec<_> = cache.revoked_held().collect();
+        assert_eq!(revoked, [(ContextId::DEFAULT, Bfn(7), 2)]);
+        assert_eq!(cache.release(ContextId::DEFAULT, Bfn(7)), Some(false));
+        assert_eq!(cache.release(ContextId::DEFAULT, Bfn(7)), Some(true));
+        assert_eq!((cache.len(), cache.held()), (1, 1));
+        assert_eq!(cache.release(ContextId::DEFAULT, Bfn(8)), Some(true));
+        assert!(cache.is_empty() && cache.holds_nothing());
+        assert_eq!(cache.revoked_held().count(), 0);
     }
 }
