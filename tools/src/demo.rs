@@ -156,11 +156,11 @@ pub fn run() -> Result<(), String> {
     );
 
     // 4. Tear down: every BFN released, no page reference left.
-    let live_before = client.cache().len();
+    let held_before = client.cache().held();
     let released = shadow.teardown(&mut client, &mut mem);
     let g = sim.lock();
     println!(
-        "\n4. teardown: {released} leaves released ({live_before} BFNs live before); page references held now: {}",
+        "\n4. teardown: {released} leaves released ({held_before} BFNs held before); page references held now: {}",
         g.0.total_page_refs()
     );
     println!(
