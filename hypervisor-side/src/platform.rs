@@ -92,8 +92,8 @@ impl PageSlot {
     pub const fn asking(gfn: Gfn) -> PageSlot {
         PageSlot(gfn.0)
     }
-    /// The gfn asked for: before the call, or in a slot the host did not
-    /// take.
+    /// The gfn asked for, before the call (after it, a slot the host did
+    /// not take holds no defined value).
     pub const fn gfn(self) -> Gfn {
         Gfn(self.0)
     }
@@ -168,9 +168,9 @@ pub trait Platform {
     /// it says why ([`PageRun::refused`]), and the caller does not look it
     /// up again (a lookup's side effects, paging in or populating, happen
     /// once a page); otherwise the caller looks it up with `get_page`.
-    /// (Xen: one domain lookup for them all, and one p2m walk for
-    /// consecutive gfns one p2m entry maps.) Never called with the engine
-    /// lock held.
+    /// (Xen: one domain lookup for them all, and one p2m walk for the
+    /// pages one p2m entry maps, in any order.) Never called with the
+    /// engine lock held.
     fn get_pages(&mut self, domid: DomId, want_write: bool, pages: &mut [PageSlot]) -> PageRun {
         get_pages_one_by_one(self, domid, want_write, pages)
     }

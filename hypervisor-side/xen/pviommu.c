@@ -499,9 +499,9 @@ static struct page_info *pvx_lookup_page(struct domain *d, uint64_t gfn,
     return NULL;
 }
 
-/* For pvx_get_pages(): the pages gfn's p2m entry maps (patch 0006). */
-static uint32_t pvx_page_run(struct domain *d, uint64_t gfn, uint32_t nr,
-                             int want_write, p2m_type_t *t, mfn_t *mfn)
+/* For pvx_get_pages(): the run's pages frames[0]'s p2m entry maps (patch 0006). */
+static uint32_t pvx_page_run(struct domain *d, uint64_t *frames, uint32_t nr,
+                             int want_write, p2m_type_t *t)
 {
     /*
      * PV: no p2m (each page's own lookup is a frame check). Log-dirty:
@@ -509,7 +509,7 @@ static uint32_t pvx_page_run(struct domain *d, uint64_t gfn, uint32_t nr,
      */
     if ( !paging_mode_translate(d) || (want_write && paging_mode_log_dirty(d)) )
         return 0;
-    return p2m_get_page_run(p2m_get_hostp2m(d), _gfn(gfn), nr, t, mfn);
+    return p2m_get_entry_pages(p2m_get_hostp2m(d), frames, nr, t);
 }
 
 void pvx_page_non_coherent(uint64_t mfn)

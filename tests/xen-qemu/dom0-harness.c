@@ -1011,18 +1011,20 @@ static int cmd_run2m(uint32_t ctx, bool extent)
 }
 
 /*
- * hvmrun: an HVM domain of two 2 MiB p2m entries (gfns 0-1023), a hole
+ * hvmrun [falling]: an HVM domain of two 2 MiB p2m entries (gfns 0-1023), a hole
  * punched at gfn 515 (Xen splits that entry), then gfns 508-523 mapped into
  * dom0's context 0 in one batch: runs of pages the engine asks Xen for
  * together (pvx_get_pages: 508-511 with one p2m walk, the rest of the run
- * stopping at the hole, whose refusal it answers). Prints the domain, the
- * hole's status and each page's BFN (0 where refused), for the device to
- * read back and the test to unmap.
+ * stopping at the hole, whose refusal it answers). `falling`: the same
+ * gfns in descending order (523 first; 511-508 still one walk, patch
+ * 0006 takes a run's pages of one p2m entry in any order). Prints the
+ * domain, the hole's status and each page's BFN in gfn order (0 where
+ * refused), for the device to read back and the test to unmap.
  */
 #define HVMRUN_GFN0 508
 #define HVMRUN_HOLE 515
 #define HVMRUN_PAGES 16
-static int cmd_hvmrun(void)
+static int cmd_hvmrun(bool falling)
 {
     xen_pfn_t frames[1024], gfns[HVMRUN_PAGES], hole = HVMRUN_HOLE;
     uint64_t bfns[HVMRUN_PAGES] = { 0 };
@@ -1030,18 +1032,22 @@ static int cmd_hvmrun(void)
     long calls = 0;
     int hole_status = 0;
     uint32_t domid = make_hvm_domain_2m(1024, frames);
+    /* The op of the i-th gfn from HVMRUN_GFN0 (the ops' order). */
+#define HVMRUN_OP(i) (falling ? HVMRUN_PAGES - 1 - (i) : (i))
 
     if ( domid == (uint32_t)-1 ) { printf("hvmrun no 2M extents\n"); return 1; }
     fill_domain(domid, 1024, frames);
     if ( xc_domain_decrease_reservation_exact(xch, domid, 1, 0, &hole) ) die("hvmrun hole");
-    for ( i = 0; i < HVMRUN_PAGES; i++ ) gfns[i] = HVMRUN_GFN0 + i;
+    for ( i = 0; i < HVMRUN_PAGES; i++ ) gfns[HVMRUN_OP(i)] = HVMRUN_GFN0 + i;
     mapped = pv_map_pages(0, domid, gfns, HVMRUN_PAGES, bfns, &calls, &bad);
-    hole_status = ops[HVMRUN_HOLE - HVMRUN_GFN0].status;
+    hole_status = ops[HVMRUN_OP(HVMRUN_HOLE - HVMRUN_GFN0)].status;
     printf("hvmrun domid=%u gfn0=0x%x ops=%lu refused=%lu hole_status=%d bfns=", domid, HVMRUN_GFN0,
            mapped, bad, hole_status);
+    /* In gfn order, whatever the ops' order. */
     for ( i = 0; i < HVMRUN_PAGES; i++ )
-        printf("%s0x%" PRIx64, i ? "," : "", ops[i].status ? 0 : bfns[i]);
+        printf("%s0x%" PRIx64, i ? "," : "", ops[HVMRUN_OP(i)].status ? 0 : bfns[HVMRUN_OP(i)]);
     printf("\n");
+#undef HVMRUN_OP
     return 0;
 }
 
@@ -1372,8 +1378,8 @@ static int cmd_measure(unsigned long n)
             pv_map_unmap("pviommu_hvm", 0, dh, fh, n, bfns, false);
             pv_map_unmap("pviommu_hvm", 0, dh, fh, n, bfns, true);
             /* The same pages in descending gfn order: no two ops ask for
-             * consecutive gfns, so each page has a p2m walk of its own
-             * (under its run's one domain lookup: the breakdown's
+             * consecutive gfns, but a run's pages of one p2m entry still
+             * share its walk (patch 0006: in any order; the breakdown's
              * get_page against the rising runs' above). */
             {
                 xen_pfn_t *rev = calloc(n, sizeof(*rev));
@@ -2428,7 +2434,7 @@ int main(int argc, char **argv)
     if ( !strcmp(c, "run2m") )
         return cmd_run2m(argc >= 3 ? strtoul(argv[2], NULL, 0) : 0,
                          argc >= 4 && !strcmp(argv[3], "extent"));
-    if ( !strcmp(c, "hvmrun") ) return cmd_hvmrun();
+    if ( !strcmp(c, "hvmrun") ) return cmd_hvmrun(argc > 2 && !strcmp(argv[2], "falling"));
     if ( !strcmp(c, "perfc") ) return cmd_perfc();
     if ( !strcmp(c, "unmaprun") && argc >= 4 )
         return cmd_unmaprun(strtoull(argv[2], NULL, 0), strtoul(argv[3], NULL, 0),

@@ -118,16 +118,21 @@ esac
 # 1d) A run of an HVM guest's pages (pvx_get_pages, patch 0006): gfns
 # 508-523 of a domain whose RAM is two 2 MiB p2m entries, with a hole
 # punched at gfn 515 (Xen splits that entry), mapped in one batch. The
-# engine asks Xen for each run of consecutive gfns in one call: 508-511
-# come from one p2m walk, the run stops at the hole, looks it up and
-# answers for it (refused, ENXIO: not looked up again); every other page
-# maps, and the device reads
-# each one's own bytes at its BFN (across the entry boundary at 512, and
-# after the hole). Then all go, and the domain.
-o=$(run $H hvmrun); HRD=$(field "$o" domid); HRB=$(field "$o" bfns)
-if [ -z "$HRB" ]; then
-    ko hvm_run_maps_around_a_hole "$o"
-else
+# engine asks Xen for a run's pages in one call: 508-511 come from one
+# p2m walk, the run stops at the hole, looks it up and answers for it
+# (refused, ENXIO: not looked up again); every other page maps, and the
+# device reads each one's own bytes at its BFN (across the entry boundary
+# at 512, and after the hole). Then all go, and the domain. The same with
+# the gfns falling (523 first): a run's pages of one p2m entry are taken
+# by one walk in any order (511-508 here), each its own frame.
+for order in rising falling; do
+    name=hvm_run_maps_around_a_hole
+    [ $order = rising ] || name=hvm_run_falling_maps_around_a_hole
+    o=$(run $H hvmrun $order); HRD=$(field "$o" domid); HRB=$(field "$o" bfns)
+    if [ -z "$HRB" ]; then
+        ko $name "$o"
+        continue
+    fi
     good=1; i=0
     for b in $(echo "$HRB" | tr ',' ' '); do
         g=$((508 + i))
@@ -136,7 +141,7 @@ else
         elif [ "$b" = 0x0 ]; then
             good=0
         else
-            case " 508 511 512 514 516 523 " in *" $g "*)
+            case " 508 509 511 512 514 516 523 " in *" $g "*)
                 page=$(run $H peek $HRD $(printf '0x%x' $g)); dev=$(dma_a $((b)))
                 [ -n "$(field "$page" sum)" ] && [ "$(field "$dev" sum)" = "$(field "$page" sum)" ] || good=0;;
             esac
@@ -144,10 +149,10 @@ else
         i=$((i + 1))
     done
     if [ $i = 16 ] && [ $good = 1 ] && [ "$(field "$o" refused)" = 1 ] && [ "$(field "$o" hole_status)" = -6 ]; then
-        ok hvm_run_maps_around_a_hole; else ko hvm_run_maps_around_a_hole "good=$good pages=$i: $o"; fi
+        ok $name; else ko $name "good=$good pages=$i: $o"; fi
     for b in $(echo "$HRB" | tr ',' ' '); do [ "$b" = 0x0 ] || run $H hc unmap $b >/dev/null; done
     run $H destroy $HRD >/dev/null
-fi
+done
 
 # 2) map + DMA read/write
 mk=$(run $H mkdom 4)

@@ -1621,7 +1621,7 @@ impl<L: RawMutex> Engine<L> {
             // past its checks (and joined: the run stays within this
             // target's ops), whatever their gfns: their pages in one call
             // to the host (on Xen one domain lookup, and one p2m walk for
-            // consecutive gfns one p2m entry maps).
+            // the pages one p2m entry maps, in any order).
             let mut run = 0;
             for (k, slot) in run_pages.iter_mut().enumerate().take(n - i) {
                 match reqs.get(i + k) {

@@ -246,8 +246,8 @@ static bool pvx_type_readable(p2m_type_t t)
  * page at a time): each page is looked up on its own, under the one
  * domain lookup of the run.
  */
-static uint32_t pvx_page_run(struct domain *d, uint64_t gfn, uint32_t nr,
-                             int want_write, p2m_type_t *t, mfn_t *mfn)
+static uint32_t pvx_page_run(struct domain *d, uint64_t *frames, uint32_t nr,
+                             int want_write, p2m_type_t *t)
 {
     return 0;
 }
