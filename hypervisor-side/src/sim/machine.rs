@@ -1935,7 +1935,7 @@ impl Platform for SimMachine {
         crate::lock_check::note_service("get_pages (takes the target's p2m lock)");
         self.page_runs += 1;
         // One domain lookup for them all, as Xen's glue (whose x86 side
-        // also walks a p2m entry once for the consecutive gfns it maps);
+        // also walks a p2m entry once for the pages it maps, in any order);
         // each page referenced by the rule `get_page` follows.
         let limit = self.page_run_limit.unwrap_or(usize::MAX).min(pages.len());
         let Some(d) = self.domains.get(&domid).filter(|d| !d.dying) else {
