@@ -1928,14 +1928,13 @@ impl<L: RawMutex> Engine<L> {
     /// first), their shares joined: how many the host referenced, from the
     /// first (their frames in `pages`); the error of the page after them if
     /// the host looked it up and refused it (`None`: not looked up); and
-    /// the time it took.
-    /// Nothing is looked up, and nothing given back, if the target moved
-    /// since the checks: the ops then go one by one, and the first finds
-    /// it moved. The pages it did not reference hold nothing; an op whose
-    /// page it refused has its error (its share still joined), the others
-    /// look their own up. Inlined, as `look_up_joined`: the object's check
-    /// finds the speculation barrier before the host's lookup in each
-    /// function that calls it.
+    /// the time it took. Nothing is looked up, and nothing given back, if
+    /// the target moved since the checks: the ops then go one by one, and
+    /// the first finds it moved. The pages it did not reference hold
+    /// nothing; an op whose page it refused has its error (its share still
+    /// joined), the others look their own up. Inlined, as
+    /// `look_up_joined`: the object's check finds the speculation barrier
+    /// before the host's lookup in each function that calls it.
     #[inline(always)]
     fn look_up_run(
         &self,
