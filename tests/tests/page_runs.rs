@@ -1,7 +1,7 @@
 //! Runs of pages looked up together (`Platform::get_pages`): a batch's
 //! maps of one target and access, whatever their gfns, and an extent's 512
 //! pages, ask the host for their pages in one call (on Xen: one domain
-//! lookup, and one p2m walk for consecutive gfns one p2m entry maps). A
+//! lookup, and one p2m walk for the pages one p2m entry maps). A
 //! host may stop a run anywhere; the engine then looks the rest up itself,
 //! and what it maps, refuses and holds is the same as page by page.
 

@@ -478,9 +478,10 @@ proptest! {
     /// exist, gfns beyond the guest's memory, read-only and writable maps,
     /// a target's page replaced in between, a read-only page. Every result
     /// slot of the run is written (the caller's array may hold an earlier
-    /// run's results). Half the ops ask for the gfn after the op before's,
-    /// so runs of pages are looked up together (`get_pages`), and the
-    /// host may cut its runs short anywhere (`page_run_limit`).
+    /// run's results). Half the ops ask for the gfn after the op before's
+    /// (a mediator's rising runs; the ops of one target and access go to
+    /// the host together, `get_pages`, whatever their gfns), and the host
+    /// may cut its runs short anywhere (`page_run_limit`).
     #[test]
     fn a_run_of_maps_equals_the_maps_one_by_one(
         reqs in proptest::collection::vec(

@@ -209,13 +209,8 @@ impl<L: RawMutex> Engine<L> {
                 None => (0, None, 0),
             };
             ns += t;
-            if let (0, Some(e)) = (got, refused) {
-                // Refused by the run's own lookup of it: not looked up
-                // again. (The share of the page at `i`.)
-                self.gate_leave_many(req.domid, 1);
-                break LookedUp::Refused(e);
-            }
-            if got == 0 {
+            // (A page the run refused is not looked up again: below.)
+            if got == 0 && refused.is_none() {
                 let (looked_up, t) = self.look_up_joined(h, &page, gate, caps, checked_seq);
                 ns += t;
                 match looked_up {
@@ -258,7 +253,9 @@ impl<L: RawMutex> Engine<L> {
                 break LookedUp::Refused(Errno::XDev);
             }
             if let Some(e) = refused {
-                // The page at `i`, after the run's, refused by its lookup.
+                // The page at `i`, after the run's (or the run's first),
+                // refused by the run's own lookup: not looked up again.
+                // (The share of the page at `i`.)
                 self.gate_leave_many(req.domid, 1);
                 break LookedUp::Refused(e);
             }
