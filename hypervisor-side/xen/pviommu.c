@@ -523,9 +523,9 @@ void pvx_page_non_coherent(uint64_t mfn)
      * Its writable type reference is held by the caller.
      *
      * mfn_valid() (its bound is evaluate_nospec()) as pvx_put_page(): the
-     * engine's run slots past the pages taken hold the guest's gfns, and
-     * a mispredicted loop bound there must not reach page_info at a
-     * guest-chosen index, not even speculatively.
+     * frame_table index stays in bounds, even under speculation. (The
+     * engine passes only frames it was given; its run slots past those
+     * hold the guest's gfns, which this bound keeps inside frame_table.)
      */
     if ( !mfn_valid(_mfn(mfn)) )
     {

@@ -228,7 +228,12 @@ impl<L: RawMutex> Engine<L> {
                     other => break other,
                 }
             }
-            let taken = run.get(..got).unwrap_or_default();
+            // (Always `Some`: `look_up_run` caps `got` at the slots asked
+            // for. Were it not, the round would take nothing: it stops.)
+            let Some(taken) = run.get(..got) else {
+                self.gate_leave_many(req.domid, 1);
+                break LookedUp::Refused(Errno::XDev);
+            };
             if i == 0 {
                 first = taken.first().map_or(first, |p| p.mfn());
             }

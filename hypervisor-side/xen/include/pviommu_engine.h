@@ -247,11 +247,11 @@ int pvx_get_page(uint16_t domid, uint64_t gfn, int want_write,
  * defined value). If it looked that page up (with pvx_get_page()'s side
  * effects: PoD populate, unsharing, paging in), *refused is
  * pvx_get_page()'s kind for it and the engine does not look it up again;
- * else PVX_PAGE_NONE, and the engine's own pvx_get_page() of it says why. May stop anywhere; 0 if the domain
- * is gone or dying. One domain lookup for them all and, on x86 HVM, one
- * p2m walk for the pages of the run one p2m entry maps, in any order
- * (read lock held across their references, as get_page_from_gfn()'s fast
- * path).
+ * else PVX_PAGE_NONE, and the engine's own pvx_get_page() of it says why.
+ * May stop anywhere; 0 if the domain is gone or dying. One domain lookup
+ * for them all and, on x86 HVM, one p2m walk for the pages of the run one
+ * p2m entry maps, in any order (read lock held across their references,
+ * as get_page_from_gfn()'s fast path).
  */
 uint32_t pvx_get_pages(uint16_t domid, uint32_t nr, int want_write,
                        uint64_t *frames, uint32_t *refused);
