@@ -706,15 +706,34 @@ impl<T: Copy> ChunkedVec<T> {
     /// `Err(NoSpc)` at the limit.
     #[inline]
     pub fn try_reserve_one(&mut self, limit: usize) -> Result<(), Errno> {
-        if self.room().is_some() {
+        if self.room_mut().is_some() {
             return Ok(());
         }
         self.grow(limit)
     }
 
+    /// How many values can be pushed without allocating: the room left
+    /// in the block the next push goes to (a push past it needs
+    /// [`try_reserve_one`](Self::try_reserve_one)).
+    #[inline]
+    pub fn room(&self) -> usize {
+        let off = self.len % CHUNK_LEN;
+        self.chunks
+            .get(self.len / CHUNK_LEN)
+            .map_or(0, |c| c.capacity().min(CHUNK_LEN).saturating_sub(off))
+    }
+
+    /// Grow the room of the block the next push goes to (see
+    /// [`try_reserve_one`](Self::try_reserve_one)), whether or not it has
+    /// some: `Err(NoSpc)` once it holds what it may (a whole block, or up
+    /// to `limit`).
+    pub fn try_grow(&mut self, limit: usize) -> Result<(), Errno> {
+        self.grow(limit)
+    }
+
     /// The block the next push goes to, if it has room.
     #[inline]
-    fn room(&mut self) -> Option<&mut Vec<T>> {
+    fn room_mut(&mut self) -> Option<&mut Vec<T>> {
         let off = self.len % CHUNK_LEN;
         self.chunks
             .get_mut(self.len / CHUNK_LEN)
@@ -758,7 +777,7 @@ impl<T: Copy> ChunkedVec<T> {
     /// `Err(NoMem)` rather than allocate.
     #[inline]
     pub fn try_push(&mut self, value: T) -> Result<(), Errno> {
-        let chunk = self.room().ok_or(Errno::NoMem)?;
+        let chunk = self.room_mut().ok_or(Errno::NoMem)?;
         // Within capacity (`room`): no allocation.
         try_push(chunk, value)?;
         self.len += 1;

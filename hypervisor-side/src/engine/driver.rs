@@ -1103,6 +1103,11 @@ impl DriverDomain {
     fn raw_mut(&mut self, idx: u64) -> Option<&mut RawSlot> {
         self.slots.get_mut(usize::try_from(idx).ok()?)
     }
+    /// Whether slot `idx` is a free one (taking it needs no fallback).
+    #[inline]
+    pub(crate) fn is_free_slot(&self, idx: u64) -> bool {
+        self.raw(idx).is_some_and(|r| r.state() == ST_FREE)
+    }
     /// Slot `idx`, decoded.
     #[inline]
     pub(crate) fn slot(&self, idx: u64) -> Option<Slot> {
@@ -1720,7 +1725,7 @@ impl DriverDomain {
     /// slot holds `Free` until the caller stores into it.
     #[cfg(test)]
     pub(crate) fn take_slot(&mut self) -> Result<u64, Errno> {
-        self.take_slot_near(NONE)
+        self.take_slot_near(NONE, NONE)
     }
 
     /// [`take_slot`](Self::take_slot), taking slot `wanted` if it is free
@@ -1731,9 +1736,12 @@ impl DriverDomain {
     /// grows past what [`reserve_slot`](Self::reserve_slot) reserved (it
     /// reserves room only when the list is empty).
     #[inline]
-    pub(crate) fn take_slot_near(&mut self, wanted: u64) -> Result<u64, Errno> {
+    pub(crate) fn take_slot_near(&mut self, wanted: u64, limit: u64) -> Result<u64, Errno> {
         if self.free_head == NONE {
             let idx = self.slots.len() as u64;
+            if wanted > idx && wanted != NONE {
+                return self.take_fresh_ahead(wanted, limit);
+            }
             self.slots
                 .try_push(RawSlot::encode(&Slot::Free { next: NONE }))?;
             // (a fresh slot is in use at once: `free` is unchanged)
@@ -1750,6 +1758,55 @@ impl DriverDomain {
         }
         self.bugs[EngineBug::FreeListBreak as usize] += 1;
         Err(Errno::NoSpc)
+    }
+
+    /// A fresh slot for [`take_slot_near`](Self::take_slot_near) with no
+    /// free slot, when the one wanted is ahead of the next fresh one (a
+    /// falling run's in context 0, see `Engine::slot_wanted`): `wanted`,
+    /// if it is within a 2 MiB block of the next, the slots skipped going
+    /// on the free list for the run to fall into; else the next fresh one.
+    /// The room for them is asked for here, best effort, and never past
+    /// `limit` slots: a failure only changes which fresh slot the map
+    /// takes (before its entry exists). The array may so hold up to 511
+    /// free slots more than the quota, as after an extent's skip.
+    #[cold]
+    #[inline(never)]
+    fn take_fresh_ahead(&mut self, wanted: u64, limit: u64) -> Result<u64, Errno> {
+        let mut idx = self.slots.len() as u64;
+        let skip = wanted.wrapping_sub(idx);
+        if skip < EXTENT_PAGES && self.make_room(skip + 1, limit) {
+            for _ in 0..skip {
+                self.slots
+                    .try_push(RawSlot::encode(&Slot::Free { next: NONE }))?;
+                self.free_slot(idx);
+                idx += 1;
+            }
+        }
+        self.slots
+            .try_push(RawSlot::encode(&Slot::Free { next: NONE }))?;
+        // (a fresh slot is in use at once: `free` is unchanged)
+        Ok(idx)
+    }
+
+    /// Whether the slot array has, or could be given, room for `need`
+    /// more slots without another allocation, within `limit` slots: a few
+    /// doublings of its block at most.
+    fn make_room(&mut self, need: u64, limit: u64) -> bool {
+        let len = self.slots.len() as u64;
+        if len.saturating_add(need) > limit {
+            return false;
+        }
+        let most = usize::try_from(limit).unwrap_or(usize::MAX);
+        for _ in 0..16 {
+            let room = self.slots.room();
+            if room as u64 >= need {
+                return true;
+            }
+            if self.slots.try_grow(most).is_err() || self.slots.room() == room {
+                return false;
+            }
+        }
+        false
     }
 
     /// Take `idx` off the free list, wherever it is on it. False (and
@@ -2510,18 +2567,18 @@ mod tests {
         }
         assert_eq!(free_list(&dd), [4, 1, 5, 0, 3]);
         // The middle, the tail, the head: each leaves a list that holds.
-        assert_eq!(dd.take_slot_near(5), Ok(5));
+        assert_eq!(dd.take_slot_near(5, NONE), Ok(5));
         assert_eq!(free_list(&dd), [4, 1, 0, 3]);
-        assert_eq!(dd.take_slot_near(3), Ok(3));
+        assert_eq!(dd.take_slot_near(3, NONE), Ok(3));
         assert_eq!(free_list(&dd), [4, 1, 0]);
-        assert_eq!(dd.take_slot_near(4), Ok(4));
+        assert_eq!(dd.take_slot_near(4, NONE), Ok(4));
         assert_eq!(free_list(&dd), [1, 0]);
         // A slot in use, one past the end, NONE: the head instead.
-        assert_eq!(dd.take_slot_near(2), Ok(1));
-        assert_eq!(dd.take_slot_near(99), Ok(0));
+        assert_eq!(dd.take_slot_near(2, NONE), Ok(1));
+        assert_eq!(dd.take_slot_near(99, NONE), Ok(0));
         assert_eq!(free_list(&dd), []);
         // The list empty: a fresh slot, whatever is asked for.
-        assert_eq!(dd.take_slot_near(2), Ok(6));
+        assert_eq!(dd.take_slot_near(2, NONE), Ok(6));
         assert_eq!(dd.used(), 7);
     }
 
@@ -2546,21 +2603,21 @@ mod tests {
         if let Some(r) = dd.raw_mut(1) {
             r.aux = link32(3);
         }
-        assert_eq!(dd.take_slot_near(1), Err(Errno::NoSpc));
+        assert_eq!(dd.take_slot_near(1, NONE), Err(Errno::NoSpc));
         assert_eq!((dd.free, dd.slots.len()), (3, 4));
         // Mended, slot 1 is taken from the middle.
         if let Some(r) = dd.raw_mut(1) {
             r.aux = link32(2);
         }
-        assert_eq!(dd.take_slot_near(1), Ok(1));
+        assert_eq!(dd.take_slot_near(1, NONE), Ok(1));
         assert_eq!(free_list(&dd), [2, 0]);
         // Slot 0's next names slot 3: slot 0 is not taken, the head is.
         if let Some(r) = dd.raw_mut(0) {
             r.next = link32(3);
         }
-        assert_eq!(dd.take_slot_near(0), Ok(2));
+        assert_eq!(dd.take_slot_near(0, NONE), Ok(2));
         // Nor, as the head now, for no slot in particular.
-        assert_eq!(dd.take_slot_near(NONE), Err(Errno::NoSpc));
+        assert_eq!(dd.take_slot_near(NONE, NONE), Err(Errno::NoSpc));
         assert_eq!(dd.free, 1);
         assert_eq!(
             dd.raw(3).map(|r| (r.state(), r.aux)),
@@ -2584,7 +2641,7 @@ mod tests {
         if let Some(r) = dd.raw_mut(0) {
             (r.next, r.aux) = (link32(0), link32(0));
         }
-        assert_eq!(dd.take_slot_near(0), Err(Errno::NoSpc));
+        assert_eq!(dd.take_slot_near(0, NONE), Err(Errno::NoSpc));
         assert_eq!((dd.free_head, dd.free), (0, 1));
     }
 

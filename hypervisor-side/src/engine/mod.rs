@@ -2060,6 +2060,18 @@ impl<L: RawMutex> Engine<L> {
     /// an IOMMU needs to map the block as one superpage (Xen's own VT-d and
     /// AMD-Vi code folds such a leaf table; so do the engine's VT-d
     /// contexts, see `pgtable::TableOptions::superpages`).
+    ///
+    /// In context 0 a falling run (the gfn before the last one's) asks for
+    /// the slot before the last one's, if free; with no free slot at all,
+    /// for the slot of the next fresh ones' block where its gfn sits
+    /// ([`DriverDomain::take_slot_near`] makes the slots below it free).
+    /// Its BFNs then fall with its gfns (where fresh slots would rise
+    /// against them), and the flush writes the run in one call
+    /// (`revoke::PendingRun`): on Xen one `iommu_map()` where each falling
+    /// page was a call of its own, a table walk from the root. Not in the
+    /// engine's own contexts, whose entries are written one at a time:
+    /// there the free list's work would buy nothing.
+    ///
     /// Only what the caller already knows decides the BFN (its gfns, its
     /// own maps and unmaps), never the frame: a BFN's low bits must not
     /// tell a driver domain anything of a machine frame. `NONE` when the
@@ -2067,17 +2079,26 @@ impl<L: RawMutex> Engine<L> {
     #[inline]
     fn slot_wanted(&self, dd: &DriverDomain, key: &Mapping) -> u64 {
         let (domid, gfn, last) = dd.run_hint;
-        if last != NONE && domid == key.domid && gfn.0.wrapping_add(1) == key.gfn.0 {
+        let after_last = last != NONE && domid == key.domid;
+        if after_last && gfn.0.wrapping_add(1) == key.gfn.0 {
             return last + 1;
+        }
+        // (Context 0's: see above.)
+        let falling =
+            after_last && dd.context == ContextId::DEFAULT && key.gfn.0.wrapping_add(1) == gfn.0;
+        if falling && last > 0 && dd.is_free_slot(last - 1) {
+            return last - 1;
         }
         // BFNs of one 2 MiB block: those of one leaf table.
         const BLOCK: u64 = crate::pgtable::ENTRIES as u64 - 1;
+        let near = if dd.free_head == NONE && falling {
+            dd.slots.len() as u64
+        } else {
+            dd.free_head
+        };
         self.space
-            .bfn_of(dd.free_head)
-            .and_then(|head| {
-                self.space
-                    .index_of(Bfn(head.0 & !BLOCK | key.gfn.0 & BLOCK))
-            })
+            .bfn_of(near)
+            .and_then(|b| self.space.index_of(Bfn(b.0 & !BLOCK | key.gfn.0 & BLOCK)))
             .unwrap_or(NONE)
     }
 
@@ -2096,7 +2117,7 @@ impl<L: RawMutex> Engine<L> {
     ) -> Reported {
         let key = *key;
         let dd = &mut *d.dd;
-        let idx = match dd.take_slot_near(self.slot_wanted(dd, &key)) {
+        let idx = match dd.take_slot_near(self.slot_wanted(dd, &key), self.space.len()) {
             Ok(i) => i,
             Err(e) => return report::refused(out, e),
         };

@@ -768,6 +768,10 @@ pub struct SimMachine {
     pub map_calls: u64,
     /// Of `map_calls`, those that mapped 2 MiB at once.
     pub superpage_maps: u64,
+    /// Runs the engine asked to map into a default context
+    /// (`iommu_map_run`): on Xen one `iommu_map()` call each, whose cost a
+    /// call (a table walk from the root) is paid again by each run.
+    pub map_runs: u64,
     /// The next this-many IOMMU unmaps fail with ENOMEM, as Xen's do when a
     /// superpage split finds no memory (failure injection).
     pub fail_unmaps: u32,
@@ -852,6 +856,7 @@ impl SimMachine {
             crashed: Vec::new(),
             driver_crashes_on_no_memory: false,
             unmap_calls: 0,
+            map_runs: 0,
             superpage_unmaps: 0,
             map_calls: 0,
             page_lookups: 0,
@@ -2307,6 +2312,7 @@ impl IommuBackend for SimMachine {
         gather: &mut FlushGather,
     ) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
+        self.map_runs += 1;
         let Some(Bfn(last)) = crate::iommu::run_last(bfn, count) else {
             return if count == 0 {
                 Ok(())
