@@ -1,5 +1,5 @@
 #!/bin/bash
-# build-xen.sh -- build Xen 4.17.5 (Debian source) with the PV-IOMMU:
+# build-xen.sh -- build Xen 4.17.5 (Debian source; 4.20 from build-xen-4.20.sh) with the PV-IOMMU:
 # fetch the source, apply patches/*.patch to a fresh copy (they add
 # CONFIG_PV_IOMMU, opt-in and switched on here, and its Makefile line), install the public
 # header (public/pv-iommu.h), the C glue and the Rust engine object, then
@@ -29,11 +29,27 @@ t0=$(date +%s)
 . "$HERE/lib/build.sh"
 
 # ---- fresh patched copy (redone whenever the patch series changes) ----
-stamp="$(cat "$HERE"/patches/*.patch | sha256sum | cut -d' ' -f1)"
-patched_tree build-xen "$SRC" "$WORK" .pviommu-patches "$stamp" "" "$HERE"/patches/*.patch
+# The source's version (its xen/Makefile) picks the series: patches/ for
+# 4.17, patches-4.20/series for 4.20 or later (build-xen-4.20.sh), whose
+# glue also gets "#define PVIOMMU_X86_XEN 420" (pviommu.c says why).
+xen_version="$(awk '/^export XEN_VERSION /{v=$NF} /^export XEN_SUBVERSION /{s=$NF} END{print v*100+s}' "$SRC/xen/Makefile")"
+patches=()
+if [ "$xen_version" -ge 420 ]; then
+    series_patches "$HERE/patches-4.20"
+else
+    patches=("$HERE"/patches/*.patch)
+fi
+stamp="$(cat "${patches[@]}" | sha256sum | cut -d' ' -f1)"
+patched_tree build-xen "$SRC" "$WORK" .pviommu-patches "$stamp" "" "${patches[@]}"
 
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
-install_pviommu_sources "$WORK" "$HERE/pviommu.c" "$tmp"
+if [ "$xen_version" -ge 420 ]; then
+    { echo "#define PVIOMMU_X86_XEN 420 /* build-xen.sh: Xen source $xen_version */"
+      cat "$HERE/pviommu.c"; } > "$tmp/pviommu-$xen_version.c"
+    install_pviommu_sources "$WORK" "$tmp/pviommu-$xen_version.c" "$tmp"
+else
+    install_pviommu_sources "$WORK" "$HERE/pviommu.c" "$tmp"
+fi
 
 # ---- Rust engine object ----
 t1=$(date +%s)
@@ -103,7 +119,7 @@ if ! make -C "$WORK/xen" -j"$JOBS" > "$BUILD/xen-build.log" 2>&1; then
     echo "build-xen: FAIL: make failed, see $BUILD/xen-build.log" >&2
     exit 1
 fi
-grep -iE 'warning' "$BUILD/xen-build.log" || echo "build-xen: no warnings"
+grep -E 'warning:' "$BUILD/xen-build.log" || echo "build-xen: no warnings"
 t3=$(date +%s)
 nm "$WORK/xen/xen-syms" > "$BUILD/xen-syms.nm"
 syms_present build-xen "$BUILD/xen-syms.nm" do_pv_iommu_op pviommu_engine_op

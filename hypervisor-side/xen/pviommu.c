@@ -39,6 +39,22 @@
 
 #include "pviommu_engine.h"
 
+/*
+ * PVIOMMU_X86_XEN: the Xen version this file is built into, 417 (default)
+ * or 420 (build-xen.sh puts "#define PVIOMMU_X86_XEN 420" in front of the
+ * installed copy when the tree is 4.20). 4.20 takes an sbdf in
+ * pci_find_ext_capability() and keeps a PF's VF BAR sizes in
+ * pdev->physfn.vf_rlen.
+ */
+#ifndef PVIOMMU_X86_XEN
+#define PVIOMMU_X86_XEN 417
+#endif
+#if PVIOMMU_X86_XEN >= 420
+#define PVX_VF_RLEN(pdev) ((pdev)->physfn.vf_rlen)
+#else
+#define PVX_VF_RLEN(pdev) ((pdev)->vf_rlen)
+#endif
+
 /* Xen 4.17's VIRQ_PV_IOMMU is global (patches/). */
 #define pvx_send_revoked_virq(d) send_guest_global_virq(d, VIRQ_PV_IOMMU)
 #include "pviommu-common.inc"
@@ -321,8 +337,12 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
      * pci_add_device does (VFE clear only) is left, untested without an
      * SR-IOV device under QEMU 7.2.
      */
+#if PVIOMMU_X86_XEN >= 420
+    pos = pci_find_ext_capability(sbdf, PCI_EXT_CAP_ID_SRIOV);
+#else
     pos = pci_find_ext_capability(sbdf.seg, sbdf.bus, sbdf.devfn,
                                   PCI_EXT_CAP_ID_SRIOV);
+#endif
     if ( pos && !pdev->info.is_virtfn )
     {
         uint16_t total = pci_conf_read16(sbdf, pos + PCI_SRIOV_TOTAL_VF);
@@ -338,8 +358,8 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
             if ( i + 1 < PCI_SRIOV_NUM_BARS )
                 addr |= (uint64_t)pci_conf_read32(
                             sbdf, pos + PCI_SRIOV_BAR + (i + 1) * 4) << 32;
-            if ( addr && pdev->vf_rlen[i] && total )
-                pvx_add_range(addr, pdev->vf_rlen[i] * total,
+            if ( addr && PVX_VF_RLEN(pdev)[i] && total )
+                pvx_add_range(addr, PVX_VF_RLEN(pdev)[i] * total,
                               PVIOMMU_REGION_MMIO);
             i++; /* the upper half */
         }
