@@ -41,8 +41,8 @@
 
 /*
  * PVIOMMU_X86_XEN: the Xen version this file is built into, 417 (default)
- * or 420 (build-xen.sh puts "#define PVIOMMU_X86_XEN 420" in front of the
- * installed copy when the tree is 4.20). 4.20 takes an sbdf in
+ * or 420 (build-xen.sh puts "#define PVIOMMU_X86_XEN 420" after the SPDX
+ * line of the installed copy when the tree is 4.20). 4.20 takes an sbdf in
  * pci_find_ext_capability() and keeps a PF's VF BAR sizes in
  * pdev->physfn.vf_rlen.
  */

@@ -311,6 +311,96 @@ fn a_falling_run_of_maps_in_a_fresh_cell_falls_into_its_block() {
     );
 }
 
+/// The room a falling run's skip asks for stays within the quota and a
+/// block less one, in memory as in length (as an extent's skip): before,
+/// the array's block doubled up to the window's size (a review measured
+/// room for about 4000 slots under a quota of 2000).
+#[test]
+fn a_falling_runs_room_stays_within_the_quota_and_a_block() {
+    let (mut m, _) = machine(Format::Vtd, 4096);
+    let quota = 2000;
+    let e = pviommu_hv::Engine::new(
+        pviommu_hv::config::Config {
+            quota,
+            ..Default::default()
+        },
+        &m,
+    )
+    .unwrap();
+    // 1998 rising maps (the free list stays empty), then a falling pair.
+    let mut ops: Vec<_> = (0..1998)
+        .map(|g| map_op(GUEST, g, Permissions::RO))
+        .collect();
+    for chunk in ops.chunks_mut(512) {
+        m.guest_batch_all(&e, DomId::DOM0, chunk).unwrap();
+    }
+    // (Gfn 3070 sits at 510 in its block: ahead of the next fresh slot,
+    // 1999 at 463 in its own.)
+    let mut falling = [
+        map_op(GUEST, 3071, Permissions::RO),
+        map_op(GUEST, 3070, Permissions::RO),
+    ];
+    m.guest_batch_all(&e, DomId::DOM0, &mut falling).unwrap();
+    assert!(ops.iter().chain(&falling).all(|o| o.status == 0));
+    let st = e.state();
+    let dd = st.driver(DomId::DOM0).unwrap();
+    assert!(
+        dd.slot_capacity() as u64 <= quota + 511,
+        "room for {} slots under a quota of {quota}",
+        dd.slot_capacity()
+    );
+    assert!(dd.slots().count() as u64 <= quota + 511);
+    assert_eq!(falling[1].bfn % 512, 510, "the skip was taken");
+}
+
+/// Falling runs whose one-call write the IOMMU refuses (no memory for a
+/// table, at budgets from none up) are written page by page: each page
+/// that gets an entry maps its own frame, and the rest are revoked, the
+/// books holding together. (A review's test, 2026-12-05. Here a refused
+/// run's pages fail alike, its BFNs being in one leaf table; the offsets
+/// of a falling run's pages are `revoke`'s unit test's.)
+#[test]
+fn a_refused_falling_run_maps_each_page_to_its_own_frame() {
+    let mut fell_back = false;
+    for budget in 0..16u64 {
+        // Frames off a 2 MiB boundary (no superpage), or aligned alike.
+        let (mut m, e) = if budget % 2 == 0 {
+            machine_after_dom0(Format::Vtd, 4096, 67)
+        } else {
+            machine_after_dom0(Format::Vtd, 4096, 512)
+        };
+        map_one(&mut m, &e, DomId::DOM0, STRANGER, 1, Permissions::RO).unwrap();
+        let mut ops: Vec<_> = (5..1105)
+            .rev()
+            .map(|g| map_op(GUEST, g, Permissions::RW))
+            .collect();
+        m.fail_table_allocs(Some(budget));
+        for chunk in ops.chunks_mut(100) {
+            m.guest_batch_all(&e, DomId::DOM0, chunk).unwrap();
+        }
+        m.fail_table_allocs(None);
+        let mut live = 0;
+        for o in ops.iter().filter(|o| o.status == 0) {
+            if m.translate(DomId::DOM0, ContextId::DEFAULT, Bfn(o.bfn))
+                .is_some()
+            {
+                live += 1;
+                assert_eq!(
+                    m.dma_read(DomId::DOM0, ContextId::DEFAULT, o.bfn << 12, 64)
+                        .unwrap(),
+                    pattern(o.gfn),
+                    "budget {budget}: gfn {} at BFN {:#x}",
+                    o.gfn,
+                    o.bfn
+                );
+            }
+        }
+        fell_back |= live > 1 && live < ops.len();
+        check_invariants(&mut m, &e).unwrap_or_else(|err| panic!("budget {budget}: {err}"));
+    }
+    assert!(fell_back, "no budget made a run fall back page by page");
+}
+
 /// Falling maps whose frames do not follow their BFNs (here every other
 /// page of a run) are each written alone, and each maps its own frame: a
 /// run never takes a page it does not continue.

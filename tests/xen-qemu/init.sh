@@ -794,8 +794,10 @@ alive alive_after_dom0_fuzz
 # "tgt" (PVH: set_target needs an HVM target; xl cannot give a PVH domU an
 # IOMMU context) gets a device model S (set_target(S, tgt)): mapping S's page
 # must be refused (EPERM, or EADDRNOTAVAIL which the engine checks first).
-if [ -x /usr/lib/xen-4.17/bin/xl ]; then
-    export PATH=$PATH:/usr/lib/xen-4.17/bin
+# Debian's xen-utils-4.17 keeps the toolstack in /usr/lib/xen-4.17/bin; an
+# upstream install (run.sh's PVIOMMU_XEN_TOOLS) in /usr/sbin and /usr/lib/xen/bin.
+if [ -x /usr/lib/xen-4.17/bin/xl ] || [ -x /usr/sbin/xl ]; then
+    export PATH=$PATH:/usr/lib/xen-4.17/bin:/usr/sbin:/usr/lib/xen/bin
     mkdir -p /dev/pts /run /var/run /proc/xen
     mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /var/run
     mount -t xenfs xenfs /proc/xen

@@ -24,6 +24,14 @@
 #   PVIOMMU_QEMU_IOMMU    intel (default: intel-iommu, VT-d) or amd (amd-iommu,
 #                         AMD-Vi: no engine-own contexts, init.sh checks they
 #                         are refused and skips the VT-d-only checks)
+#   PVIOMMU_XEN_TOOLS     an upstream toolstack installed under this root
+#                         (`make install-tools DESTDIR=...`, --prefix=/usr), to
+#                         go with a hypervisor of its version (build-xen-4.20.sh):
+#                         the harness links its static libraries, dom0 runs its
+#                         xl, xenstored, ... at their installed paths. Default:
+#                         the host's libxen-dev and Debian's xen-utils-4.17 (a
+#                         toolstack only drives a hypervisor of its own version:
+#                         the domctl interface version must match)
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
@@ -38,7 +46,13 @@ missing=""
 for pair in qemu-system-x86_64:qemu-system-x86 busybox:busybox-static cpio:cpio; do
     command -v "${pair%%:*}" >/dev/null || missing="$missing ${pair#*:}"
 done
-[ -e /usr/lib/x86_64-linux-gnu/libxenctrl.a ] || missing="$missing libxen-dev"
+XT="${PVIOMMU_XEN_TOOLS:-}"
+if [ -n "$XT" ]; then
+    XT="$(cd "$XT" && pwd)"
+    [ -e "$XT/usr/lib/libxenctrl.a" ] || { echo "run: no $XT/usr/lib/libxenctrl.a (PVIOMMU_XEN_TOOLS)"; exit 1; }
+else
+    [ -e /usr/lib/x86_64-linux-gnu/libxenctrl.a ] || missing="$missing libxen-dev"
+fi
 [ -e /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q dynamic && missing="$missing busybox-static"
 if [ -n "$missing" ]; then
     apt-get update -q
@@ -65,7 +79,7 @@ XEN="${XEN_BIN:-$BUILD/xen}"
 T2=$(date +%s)
 
 # ---- dom0 binaries ----
-gcc -O2 -Wall -static -I "$REPO/abi/include" -o "$OUT/dom0-harness" "$HERE/dom0-harness.c" \
+gcc -O2 -Wall -static ${XT:+-I "$XT/usr/include" -L "$XT/usr/lib"} -I "$REPO/abi/include" -o "$OUT/dom0-harness" "$HERE/dom0-harness.c" \
     -lxenforeignmemory -lxenctrl -lxenstore -lxencall -lxengnttab -lxenevtchn -lxendevicemodel \
     -lxentoolcore -lxentoollog -lpthread 2> "$OUT/harness-build.log" \
     || { cat "$OUT/harness-build.log"; exit 1; }
@@ -109,20 +123,30 @@ install -m 755 "$HERE/init.sh" "$R/init"
 # Toolstack + the domUs of the EPERM, fuzz and device-model checks (skipped if
 # NO_DOMU=1). xen-utils is extracted, not installed; libraries come from
 # the host (libxen-dev pulls them in) through each binary's ldd closure.
+# With PVIOMMU_XEN_TOOLS, the binaries and Xen's own libraries come from
+# that tree (same paths in dom0: libxl runs its helpers from where it was
+# configured to find them), the other libraries from the host.
 if [ "${NO_DOMU:-0}" != 1 ]; then
-    XU="$BUILD/debs/xenutils"
-    if [ ! -x "$XU/usr/lib/xen-4.17/bin/xl" ]; then
-        ( cd "$BUILD/debs" && apt-get download xen-utils-4.17 )
-        dpkg-deb -x "$BUILD/debs"/xen-utils-4.17_*.deb "$XU"
+    if [ -n "$XT" ]; then
+        XU="$XT"
+        BINS="usr/sbin/xl usr/sbin/xenstored usr/sbin/xenconsoled usr/lib/xen/bin/xen-init-dom0 usr/lib/xen/bin/libxl-save-helper"
+    else
+        XU="$BUILD/debs/xenutils"
+        if [ ! -x "$XU/usr/lib/xen-4.17/bin/xl" ]; then
+            ( cd "$BUILD/debs" && apt-get download xen-utils-4.17 )
+            dpkg-deb -x "$BUILD/debs"/xen-utils-4.17_*.deb "$XU"
+        fi
+        BINS=""
+        for b in xl xenstored xen-init-dom0 xenconsoled libxl-save-helper; do BINS="$BINS usr/lib/xen-4.17/bin/$b"; done
     fi
-    mkdir -p "$R/usr/lib/xen-4.17/bin"
-    for b in xl xenstored xen-init-dom0 xenconsoled libxl-save-helper; do
-        cp "$XU/usr/lib/xen-4.17/bin/$b" "$R/usr/lib/xen-4.17/bin/"
-        ldd "$XU/usr/lib/xen-4.17/bin/$b" | awk '/=> \//{print $3} /^\t\/lib/{print $1}'
+    for b in $BINS; do
+        mkdir -p "$R/$(dirname "$b")"; cp "$XU/$b" "$R/$b"
+        ( [ -z "$XT" ] || export LD_LIBRARY_PATH="$XT/usr/lib"; ldd "$XU/$b" ) | awk '/=> \//{print $3} /^\t\/lib/{print $1}'
     done | sort -u > "$OUT/libs.txt"
     echo /lib/x86_64-linux-gnu/libgcc_s.so.1 >> "$OUT/libs.txt"
     while read -r l; do
-        mkdir -p "$R$(dirname "$l")"; cp -L "$l" "$R$l"
+        d="${l#"$XU"}"   # a library of the PVIOMMU_XEN_TOOLS tree goes to its installed path
+        mkdir -p "$R$(dirname "$d")"; cp -L "$l" "$R$d"
     done < "$OUT/libs.txt"
     mkdir -p "$R/lib64"; cp -L /lib64/ld-linux-x86-64.so.2 "$R/lib64/"
     for m in xen-gntdev xen-gntalloc xenfs; do

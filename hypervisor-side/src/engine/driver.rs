@@ -590,6 +590,12 @@ pub struct DriverDomain {
     /// anywhere in it ([`take_slot_near`](Self::take_slot_near)).
     pub(crate) free_head: u64,
     pub(crate) free: u64,
+    /// The slots the array may hold by [`reserve_slot`](Self::reserve_slot)'s
+    /// last reservation with no free slot (the quota's, at most the
+    /// window's): with a block less one more, the bound of a falling run's
+    /// skip ([`take_fresh_ahead`](Self::take_fresh_ahead)), as of an
+    /// extent's. Set at each such reservation, the only time it is read.
+    fresh_limit: u64,
     /// The last slot a map installed into, and its page: the next map of
     /// the following gfn of that target asks for the slot after it, so a
     /// run of consecutive gfns gets consecutive BFNs however the free list
@@ -728,6 +734,7 @@ impl DriverDomain {
             free_head: NONE,
             free: 0,
             run_hint: NO_RUN,
+            fresh_limit: 0,
             pages: ShardedIndex::new(),
             extents: ChunkedVec::new(),
             extent_free: NONE,
@@ -911,6 +918,11 @@ impl DriverDomain {
             SLOTS_DECODED.with(|n| n.set(n.get() + 1));
             (i as u64, s.decode())
         })
+    }
+    /// Slots the slot array can hold without allocating (its memory, in
+    /// slots; at most the quota and a block less one).
+    pub fn slot_capacity(&self) -> usize {
+        self.slots.capacity()
     }
     /// Bytes of heap this driver domain holds.
     pub fn heap_bytes(&self) -> usize {
@@ -1358,6 +1370,7 @@ impl DriverDomain {
             if self.slots.len() as u64 >= limit {
                 return Err(Errno::NoSpc);
             }
+            self.fresh_limit = limit;
             self.slots
                 .try_reserve_one(usize::try_from(limit).unwrap_or(usize::MAX))?;
         }
@@ -1725,22 +1738,25 @@ impl DriverDomain {
     /// slot holds `Free` until the caller stores into it.
     #[cfg(test)]
     pub(crate) fn take_slot(&mut self) -> Result<u64, Errno> {
-        self.take_slot_near(NONE, NONE)
+        self.take_slot_near(NONE)
     }
 
     /// [`take_slot`](Self::take_slot), taking slot `wanted` if it is free
     /// (`NONE`, or a slot that is not: the free list's head; a fresh slot
-    /// when the list is empty). O(1) either way: the free list is doubly
-    /// linked. `Err(NoSpc)` for a free list that does not hold together
-    /// (an engine bug): nothing is handed out, and the slot array never
-    /// grows past what [`reserve_slot`](Self::reserve_slot) reserved (it
-    /// reserves room only when the list is empty).
+    /// when the list is empty, or `wanted` itself if it is ahead of the
+    /// next fresh one: [`take_fresh_ahead`](Self::take_fresh_ahead)). O(1)
+    /// but for that one, whose skip is bounded by a block. `Err(NoSpc)` for
+    /// a free list that does not hold together (an engine bug): nothing is
+    /// handed out. The slot array grows past what
+    /// [`reserve_slot`](Self::reserve_slot) reserved (it reserves room only
+    /// when the list is empty) only by `take_fresh_ahead`'s skip, within
+    /// the quota and a block.
     #[inline]
-    pub(crate) fn take_slot_near(&mut self, wanted: u64, limit: u64) -> Result<u64, Errno> {
+    pub(crate) fn take_slot_near(&mut self, wanted: u64) -> Result<u64, Errno> {
         if self.free_head == NONE {
             let idx = self.slots.len() as u64;
             if wanted > idx && wanted != NONE {
-                return self.take_fresh_ahead(wanted, limit);
+                return self.take_fresh_ahead(wanted);
             }
             self.slots
                 .try_push(RawSlot::encode(&Slot::Free { next: NONE }))?;
@@ -1765,15 +1781,17 @@ impl DriverDomain {
     /// falling run's in context 0, see `Engine::slot_wanted`): `wanted`,
     /// if it is within a 2 MiB block of the next, the slots skipped going
     /// on the free list for the run to fall into; else the next fresh one.
-    /// The room for them is asked for here, best effort, and never past
-    /// `limit` slots: a failure only changes which fresh slot the map
-    /// takes (before its entry exists). The array may so hold up to 511
-    /// free slots more than the quota, as after an extent's skip.
+    /// The room for them is asked for here, best effort, never for more
+    /// than `fresh_limit` and a block less one slots in all (the array's
+    /// length and its memory alike: up to 511 free slots more than the
+    /// quota, as after an extent's skip): a failure only changes which
+    /// fresh slot the map takes (before its entry exists).
     #[cold]
     #[inline(never)]
-    fn take_fresh_ahead(&mut self, wanted: u64, limit: u64) -> Result<u64, Errno> {
+    fn take_fresh_ahead(&mut self, wanted: u64) -> Result<u64, Errno> {
         let mut idx = self.slots.len() as u64;
         let skip = wanted.wrapping_sub(idx);
+        let limit = self.fresh_limit.saturating_add(EXTENT_PAGES - 1);
         if skip < EXTENT_PAGES && self.make_room(skip + 1, limit) {
             for _ in 0..skip {
                 self.slots
@@ -2567,18 +2585,18 @@ mod tests {
         }
         assert_eq!(free_list(&dd), [4, 1, 5, 0, 3]);
         // The middle, the tail, the head: each leaves a list that holds.
-        assert_eq!(dd.take_slot_near(5, NONE), Ok(5));
+        assert_eq!(dd.take_slot_near(5), Ok(5));
         assert_eq!(free_list(&dd), [4, 1, 0, 3]);
-        assert_eq!(dd.take_slot_near(3, NONE), Ok(3));
+        assert_eq!(dd.take_slot_near(3), Ok(3));
         assert_eq!(free_list(&dd), [4, 1, 0]);
-        assert_eq!(dd.take_slot_near(4, NONE), Ok(4));
+        assert_eq!(dd.take_slot_near(4), Ok(4));
         assert_eq!(free_list(&dd), [1, 0]);
         // A slot in use, one past the end, NONE: the head instead.
-        assert_eq!(dd.take_slot_near(2, NONE), Ok(1));
-        assert_eq!(dd.take_slot_near(99, NONE), Ok(0));
+        assert_eq!(dd.take_slot_near(2), Ok(1));
+        assert_eq!(dd.take_slot_near(99), Ok(0));
         assert_eq!(free_list(&dd), []);
         // The list empty: a fresh slot, whatever is asked for.
-        assert_eq!(dd.take_slot_near(2, NONE), Ok(6));
+        assert_eq!(dd.take_slot_near(2), Ok(6));
         assert_eq!(dd.used(), 7);
     }
 
@@ -2603,21 +2621,21 @@ mod tests {
         if let Some(r) = dd.raw_mut(1) {
             r.aux = link32(3);
         }
-        assert_eq!(dd.take_slot_near(1, NONE), Err(Errno::NoSpc));
+        assert_eq!(dd.take_slot_near(1), Err(Errno::NoSpc));
         assert_eq!((dd.free, dd.slots.len()), (3, 4));
         // Mended, slot 1 is taken from the middle.
         if let Some(r) = dd.raw_mut(1) {
             r.aux = link32(2);
         }
-        assert_eq!(dd.take_slot_near(1, NONE), Ok(1));
+        assert_eq!(dd.take_slot_near(1), Ok(1));
         assert_eq!(free_list(&dd), [2, 0]);
         // Slot 0's next names slot 3: slot 0 is not taken, the head is.
         if let Some(r) = dd.raw_mut(0) {
             r.next = link32(3);
         }
-        assert_eq!(dd.take_slot_near(0, NONE), Ok(2));
+        assert_eq!(dd.take_slot_near(0), Ok(2));
         // Nor, as the head now, for no slot in particular.
-        assert_eq!(dd.take_slot_near(NONE, NONE), Err(Errno::NoSpc));
+        assert_eq!(dd.take_slot_near(NONE), Err(Errno::NoSpc));
         assert_eq!(dd.free, 1);
         assert_eq!(
             dd.raw(3).map(|r| (r.state(), r.aux)),
@@ -2641,7 +2659,7 @@ mod tests {
         if let Some(r) = dd.raw_mut(0) {
             (r.next, r.aux) = (link32(0), link32(0));
         }
-        assert_eq!(dd.take_slot_near(0, NONE), Err(Errno::NoSpc));
+        assert_eq!(dd.take_slot_near(0), Err(Errno::NoSpc));
         assert_eq!((dd.free_head, dd.free), (0, 1));
     }
 

@@ -2074,8 +2074,10 @@ impl<L: RawMutex> Engine<L> {
     ///
     /// Only what the caller already knows decides the BFN (its gfns, its
     /// own maps and unmaps), never the frame: a BFN's low bits must not
-    /// tell a driver domain anything of a machine frame. `NONE` when the
-    /// free list is empty: a fresh slot is next.
+    /// tell a driver domain anything of a machine frame. (Whether the host
+    /// gave the room a falling run's skip asks for also decides it: no
+    /// frame's bits, and no more than the ENOMEM the caller may see
+    /// anyway.) `NONE` when the free list is empty: a fresh slot is next.
     #[inline]
     fn slot_wanted(&self, dd: &DriverDomain, key: &Mapping) -> u64 {
         let (domid, gfn, last) = dd.run_hint;
@@ -2103,7 +2105,9 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// Take a slot, write the IOMMU entry and index the mapping, the
-    /// result written into `out`. Nothing allocates here. Once the IOMMU
+    /// result written into `out`. Nothing allocates here but a falling
+    /// run's room ahead of the fresh slots, best effort and before the
+    /// entry exists (`DriverDomain::take_fresh_ahead`). Once the IOMMU
     /// entry exists, every failure goes through the unmap-flush-release
     /// path (`Consumed`): the page reference is never dropped while the
     /// device may still reach the page.
@@ -2117,7 +2121,7 @@ impl<L: RawMutex> Engine<L> {
     ) -> Reported {
         let key = *key;
         let dd = &mut *d.dd;
-        let idx = match dd.take_slot_near(self.slot_wanted(dd, &key), self.space.len()) {
+        let idx = match dd.take_slot_near(self.slot_wanted(dd, &key)) {
             Ok(i) => i,
             Err(e) => return report::refused(out, e),
         };
