@@ -590,11 +590,12 @@ pub struct DriverDomain {
     /// anywhere in it ([`take_slot_near`](Self::take_slot_near)).
     pub(crate) free_head: u64,
     pub(crate) free: u64,
-    /// The slots the array may hold by [`reserve_slot`](Self::reserve_slot)'s
-    /// last reservation with no free slot (the quota's, at most the
-    /// window's): with a block less one more, the bound of a falling run's
-    /// skip ([`take_fresh_ahead`](Self::take_fresh_ahead)), as of an
-    /// extent's. Set at each such reservation, the only time it is read.
+    /// The `limit` of [`reserve_slot`](Self::reserve_slot)'s last
+    /// reservation with no free slot (`quota.min(window)`): with a block
+    /// less one more, the bound of a falling run's skip
+    /// ([`take_fresh_ahead`](Self::take_fresh_ahead)), as of an extent's.
+    /// Set by each such reservation, in the same locked map that reads it;
+    /// 0 (no skip) once the cell empties.
     fresh_limit: u64,
     /// The last slot a map installed into, and its page: the next map of
     /// the following gfn of that target asks for the slot after it, so a
@@ -2434,6 +2435,7 @@ impl DriverDomain {
         self.free_head = NONE;
         self.free = 0;
         self.run_hint = NO_RUN;
+        self.fresh_limit = 0;
         self.unmapping_head = NONE;
         self.unmapping_len = 0;
         self.deferred_entries = 0;
