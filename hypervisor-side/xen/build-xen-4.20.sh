@@ -46,15 +46,9 @@ else
         mv "$src_dir" "$tmp/src"
         echo "debian $DEBIAN_VERSION" > "$tmp/src/.origin"
     else
-        GIT="${PVIOMMU_XEN_GIT:-/work/.mirror/xen-project+xen/repo}"
         echo "build-xen-4.20: apt-get source xen=$DEBIAN_VERSION failed" \
-             "($(grep -m1 -E '^E: ' "$PVIOMMU_BUILD_DIR/apt-source-xen.log" || echo 'see apt-source-xen.log'));" \
-             "using $UPSTREAM_TAG from $GIT" >&2
-        git --git-dir="$GIT" rev-parse -q --verify "$UPSTREAM_TAG^{commit}" >/dev/null ||
-            { echo "build-xen-4.20: no $UPSTREAM_TAG in $GIT (set PVIOMMU_XEN_GIT)" >&2; exit 1; }
-        mkdir -p "$tmp/src"
-        git --git-dir="$GIT" archive "$UPSTREAM_TAG" | tar -x -C "$tmp/src"
-        echo "upstream $UPSTREAM_TAG $(git --git-dir="$GIT" rev-parse "$UPSTREAM_TAG^{commit}")" > "$tmp/src/.origin"
+             "($(grep -m1 -E '^E: ' "$PVIOMMU_BUILD_DIR/apt-source-xen.log" || echo 'see apt-source-xen.log'))" >&2
+        export_xen_tag build-xen-4.20 "$UPSTREAM_TAG" "$tmp"
     fi
     rm -rf "$SRC"
     mv "$tmp/src" "$SRC"

@@ -242,6 +242,23 @@ fn a_2m_run_of_maps_is_written_in_one_call_at_the_flush() {
     }
 }
 
+/// The device reads each op's own page through its BFN (context 0).
+fn reads_own_pages<'a>(
+    m: &mut pviommu_hv::sim::SimMachine,
+    ops: impl IntoIterator<Item = &'a pviommu_abi::PvIommuOp>,
+) {
+    for o in ops {
+        assert_eq!(
+            m.dma_read(DomId::DOM0, ContextId::DEFAULT, o.bfn << 12, 64)
+                .unwrap(),
+            pattern(o.gfn),
+            "gfn {} at BFN {:#x}",
+            o.gfn,
+            o.bfn
+        );
+    }
+}
+
 /// The guest's 512 gfns from `g0`, highest first, mapped in one batch of
 /// context 0; the backend's run calls they took.
 fn map_falling(
@@ -256,16 +273,7 @@ fn map_falling(
     let runs = m.map_runs;
     m.guest_batch_all(e, DomId::DOM0, &mut ops).unwrap();
     assert!(ops.iter().all(|o| o.status == 0));
-    for o in ops.iter().step_by(37) {
-        assert_eq!(
-            m.dma_read(DomId::DOM0, ContextId::DEFAULT, o.bfn << 12, 64)
-                .unwrap(),
-            pattern(o.gfn),
-            "gfn {} at BFN {:#x}",
-            o.gfn,
-            o.bfn
-        );
-    }
+    reads_own_pages(m, ops.iter().step_by(37));
     (ops, m.map_runs - runs)
 }
 
@@ -414,16 +422,7 @@ fn falling_maps_of_scattered_frames_each_map_their_own_frame() {
         .collect();
     m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
     assert!(ops.iter().all(|o| o.status == 0));
-    for o in &ops {
-        assert_eq!(
-            m.dma_read(DomId::DOM0, ContextId::DEFAULT, o.bfn << 12, 64)
-                .unwrap(),
-            pattern(o.gfn),
-            "gfn {} at BFN {:#x}",
-            o.gfn,
-            o.bfn
-        );
-    }
+    reads_own_pages(&mut m, &ops);
 }
 
 /// A map whose entry the IOMMU cannot write at the flush (no memory for a

@@ -59,13 +59,8 @@ else
         # Fall back to upstream's RELEASE-4.20.4 tag from a local git
         # mirror (Debian's +63 are stable-4.20 commits after that tag).
         grep -E '^E:' "$BUILD/apt-source-xen.log" >&2 || true
-        GIT="${PVIOMMU_XEN_GIT:-/work/.mirror/xen-project+xen/repo}"
-        echo "fetch-xen-4.20: apt-get source failed; using $UPSTREAM_TAG from $GIT" >&2
-        git --git-dir="$GIT" rev-parse -q --verify "$UPSTREAM_TAG^{commit}" >/dev/null \
-            || { echo "fetch-xen-4.20: no $UPSTREAM_TAG in $GIT (set PVIOMMU_XEN_GIT)" >&2; exit 1; }
-        mkdir -p "$tmp/src"
-        git --git-dir="$GIT" archive "$UPSTREAM_TAG" | tar -x -C "$tmp/src"
-        echo "upstream $UPSTREAM_TAG $(git --git-dir="$GIT" rev-parse "$UPSTREAM_TAG^{commit}")" > "$tmp/src/.origin"
+        echo "fetch-xen-4.20: apt-get source failed" >&2
+        export_xen_tag fetch-xen-4.20 "$UPSTREAM_TAG" "$tmp"
     fi
     rm -rf "$SRC"
     mv "$tmp/src" "$SRC"

@@ -129,3 +129,19 @@ fetch_arm64_dom0() {
     touch "$d0/.fetched"
     echo "$name: dom0 kernel $kpkg and busybox-static in $d0"
 }
+
+# export_xen_tag NAME TAG DEST: upstream Xen's TAG exported from a local git
+# mirror of xen.git ($PVIOMMU_XEN_GIT, default the tool library's mirror)
+# into DEST/src, with DEST/src/.origin naming the tag and its commit: the
+# fallback of the scripts that fetch a Xen source Debian does not serve.
+# NAME: the caller, for its messages.
+export_xen_tag() {
+    local name="$1" tag="$2" dest="$3"
+    local git="${PVIOMMU_XEN_GIT:-/work/.mirror/xen-project+xen/repo}"
+    echo "$name: using $tag from $git" >&2
+    git --git-dir="$git" rev-parse -q --verify "$tag^{commit}" >/dev/null ||
+        { echo "$name: no $tag in $git (set PVIOMMU_XEN_GIT)" >&2; return 1; }
+    mkdir -p "$dest/src"
+    git --git-dir="$git" archive "$tag" | tar -x -C "$dest/src"
+    echo "upstream $tag $(git --git-dir="$git" rev-parse "$tag^{commit}")" > "$dest/src/.origin"
+}
