@@ -5,12 +5,13 @@
 #
 #  1. Host tools: the aarch64 cross toolchain, qemu-system-arm (for
 #     qemu-system-aarch64), Xen's hypervisor build deps, cpio.
-#  2. Xen 4.20 source from Debian 13 (trixie): a deb-src entry for trixie
-#     main (signed by the Debian archive keyring, which has the trixie keys),
-#     `apt-get update`, `apt-get source xen=$XEN_VERSION`, unpacked into
-#     $BUILD/xen-4.20-src. If the mirror does not serve the source files
-#     (it answered 404 on 2026-11-30), upstream's RELEASE-4.20.4 tag is
-#     exported from a local git mirror instead ($PVIOMMU_XEN_GIT).
+#  2. Xen 4.20 source from Debian 13 (trixie), unpacked into
+#     $BUILD/xen-4.20-src (../lib/fetch.sh's fetch_xen_4_20: apt-get source
+#     in a private apt configuration under $BUILD/apt-trixie-src, signed by
+#     the Debian archive keyring, which has the trixie keys). If the mirror
+#     does not serve the source files (it answered 404 on 2026-11-30),
+#     upstream's RELEASE-4.20.4 tag is exported from a local git mirror
+#     instead ($PVIOMMU_XEN_GIT).
 #  3. dom0 pieces for arm64 (not installed on the host): the Debian arm64
 #     kernel and busybox-static, downloaded with a private apt configuration
 #     under $BUILD/apt-arm64 (APT::Architecture=arm64), so the host's dpkg
@@ -23,8 +24,6 @@
 #   PVIOMMU_DOM0_SUITE   suite for the dom0 kernel/busybox (default trixie)
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
-XEN_VERSION="4.20.4+63-g7abfd2bce2-0+deb13u1"
-UPSTREAM_TAG="RELEASE-4.20.4"
 BUILD="${PVIOMMU_ARM64_BUILD:-/work/arm64-build}"
 DOM0_SUITE="${PVIOMMU_DOM0_SUITE:-trixie}"
 SRC="$BUILD/xen-4.20-src"
@@ -38,36 +37,8 @@ export DEBIAN_FRONTEND=noninteractive
 # 1. host tools
 install_arm64_host_tools fetch-xen-4.20
 
-# 2. Xen 4.20 source
-if [ -f "$SRC/.fetched" ]; then
-    echo "fetch-xen-4.20: $SRC already present"
-else
-    LIST=/etc/apt/sources.list.d/pviommu-trixie-src.sources
-    if [ ! -f "$LIST" ]; then
-        echo "fetch-xen-4.20: adding deb-src entry for trixie main ($LIST)"
-        write_deb_src "$LIST" trixie
-        apt-get update -q
-    fi
-    tmp="$BUILD/xen-4.20-src.tmp"
-    rm -rf "$tmp"; mkdir -p "$tmp"
-    if apt_source_xen "$XEN_VERSION" "$tmp" > "$BUILD/apt-source-xen.log" 2>&1; then
-        echo "debian $XEN_VERSION" > "$tmp/src/.origin"
-    else
-        # Observed 2026-11-30: the mirror has trixie's indices and binaries
-        # but answers 404 for xen_4.20.4+63-g7abfd2bce2-0+deb13u1.dsc,
-        # .orig.tar.xz and .debian.tar.xz (and for forky's 4.20.4+39 too).
-        # Fall back to upstream's RELEASE-4.20.4 tag from a local git
-        # mirror (Debian's +63 are stable-4.20 commits after that tag).
-        grep -E '^E:' "$BUILD/apt-source-xen.log" >&2 || true
-        echo "fetch-xen-4.20: apt-get source failed" >&2
-        export_xen_tag fetch-xen-4.20 "$UPSTREAM_TAG" "$tmp"
-    fi
-    rm -rf "$SRC"
-    mv "$tmp/src" "$SRC"
-    rm -rf "$tmp"
-    touch "$SRC/.fetched"
-    echo "fetch-xen-4.20: Xen source ($(cat "$SRC/.origin")) in $SRC"
-fi
+# 2. Xen 4.20 source (shared with the x86 build-xen-4.20.sh)
+fetch_xen_4_20 fetch-xen-4.20 "$SRC" "$BUILD"
 
 # 3. arm64 dom0 kernel and busybox (private apt root, arm64 only), and
 #    xen-hypervisor-4.20-arm64: Debian's stock build, for comparison

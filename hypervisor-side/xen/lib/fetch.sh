@@ -67,17 +67,18 @@ apt_source_xen() {
     ( cd "$2" && dpkg-source --no-check -x xen_*.dsc src >/dev/null )
 }
 
-# private_apt_root DIR SUITE ARCH STATUS: an apt configuration of its own
-# under DIR (package lists, cache, DIR/debs for downloads) that sees only
-# Debian SUITE main for ARCH, and takes STATUS as dpkg's status file; use
+# private_apt_root DIR SUITE ARCH STATUS [TYPES]: an apt configuration of
+# its own under DIR (package lists, cache, DIR/debs for downloads) that sees
+# only Debian SUITE main for ARCH (TYPES: deb, the default, or deb-src for
+# sources), and takes STATUS as dpkg's status file; use
 # it with APT_CONFIG=DIR/apt.conf. The host's apt setup and dpkg are left
 # alone (ARCH arm64: the host's dpkg gets no foreign architecture).
 private_apt_root() {
-    local d="$1" suite="$2" arch="$3" status="$4"
+    local d="$1" suite="$2" arch="$3" status="$4" types="${5:-deb}"
     mkdir -p "$d/etc/sources.list.d" "$d/etc/preferences.d" "$d/state/lists/partial" \
              "$d/cache/archives/partial" "$d/debs"
     cat > "$d/etc/sources.list.d/debian.sources" <<SRCS
-Types: deb
+Types: $types
 URIs: http://deb.debian.org/debian
 Suites: $suite
 Components: main
@@ -144,4 +145,38 @@ export_xen_tag() {
     mkdir -p "$dest/src"
     git --git-dir="$git" archive "$tag" | tar -x -C "$dest/src"
     echo "upstream $tag $(git --git-dir="$git" rev-parse "$tag^{commit}")" > "$dest/src/.origin"
+}
+
+# fetch_xen_4_20 NAME SRC WORK: Xen 4.20's source in SRC, for the x86 build
+# (../build-xen-4.20.sh) and the arm64 bring-up (../arm64/fetch-xen-4.20.sh)
+# alike. Debian 13's (apt_source_xen in a private apt configuration under
+# WORK/apt-trixie-src: nothing added to the host's apt setup), or, when the
+# mirror does not serve it (404 for the .dsc and tarballs, seen 2026-11-30
+# and 2026-12-05), upstream's RELEASE-4.20.4 tag (export_xen_tag; Debian's
+# +63 are stable-4.20 commits after it). SRC/.origin says which. Nothing
+# done if SRC/.fetched exists. NAME: the caller, for its messages.
+XEN_4_20_DEBIAN="4.20.4+63-g7abfd2bce2-0+deb13u1"
+XEN_4_20_TAG="RELEASE-4.20.4"
+fetch_xen_4_20() {
+    local name="$1" src="$2" work="$3"
+    local tmp="$3/xen-4.20-src.tmp" apt="$3/apt-trixie-src" log="$3/apt-source-xen.log"
+    if [ -f "$src/.fetched" ]; then
+        echo "$name: $src ($(cat "$src/.origin")) already present"
+        return 0
+    fi
+    rm -rf "$tmp"; mkdir -p "$tmp"
+    private_apt_root "$apt" trixie amd64 /var/lib/dpkg/status deb-src
+    if ( export APT_CONFIG="$apt/apt.conf"
+         apt-get update -q && apt_source_xen "$XEN_4_20_DEBIAN" "$tmp" ) > "$log" 2>&1; then
+        echo "debian $XEN_4_20_DEBIAN" > "$tmp/src/.origin"
+    else
+        echo "$name: apt-get source xen=$XEN_4_20_DEBIAN failed" \
+             "($(grep -m1 -E '^E: ' "$log" || echo "see $log"))" >&2
+        export_xen_tag "$name" "$XEN_4_20_TAG" "$tmp" || return 1
+    fi
+    rm -rf "$src"
+    mv "$tmp/src" "$src"
+    rm -rf "$tmp"
+    touch "$src/.fetched"
+    echo "$name: Xen source ($(cat "$src/.origin")) in $src"
 }
