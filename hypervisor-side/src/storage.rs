@@ -712,23 +712,39 @@ impl<T: Copy> ChunkedVec<T> {
         self.grow(limit)
     }
 
+    /// Make sure `need` more values can be pushed without allocating, all
+    /// into the block the next push goes to, never holding room for more
+    /// than `limit` values: that block grows as for
+    /// [`try_reserve_one`](Self::try_reserve_one), a few doublings at most.
+    /// False when `need` more would pass `limit` values, the block cannot
+    /// hold them (a whole block), or the host refuses the memory; what it
+    /// grew by stays.
+    pub fn try_reserve_in_block(&mut self, need: usize, limit: usize) -> bool {
+        if self.len.saturating_add(need) > limit {
+            return false;
+        }
+        // (Each round grows the block or stops; it is whole, 4096 values,
+        // after at most 9 doublings from 16.)
+        for _ in 0..16 {
+            let room = self.room();
+            if room >= need {
+                return true;
+            }
+            if self.grow(limit).is_err() || self.room() == room {
+                return false;
+            }
+        }
+        false
+    }
+
     /// How many values can be pushed without allocating: the room left
-    /// in the block the next push goes to (a push past it needs
-    /// [`try_reserve_one`](Self::try_reserve_one)).
+    /// in the block the next push goes to.
     #[inline]
-    pub fn room(&self) -> usize {
+    fn room(&self) -> usize {
         let off = self.len % CHUNK_LEN;
         self.chunks
             .get(self.len / CHUNK_LEN)
             .map_or(0, |c| c.capacity().min(CHUNK_LEN).saturating_sub(off))
-    }
-
-    /// Grow the room of the block the next push goes to (see
-    /// [`try_reserve_one`](Self::try_reserve_one)), whether or not it has
-    /// some: `Err(NoSpc)` once it holds what it may (a whole block, or up
-    /// to `limit`).
-    pub fn try_grow(&mut self, limit: usize) -> Result<(), Errno> {
-        self.grow(limit)
     }
 
     /// The block the next push goes to, if it has room.

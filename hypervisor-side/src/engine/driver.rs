@@ -1423,8 +1423,7 @@ impl DriverDomain {
             .and_then(|b| space.index_of(Bfn(b.0 & !LAST)))
             .and_then(|first| Some((first, space.aligned_run_at(first, EXTENT_PAGES)?)));
         if let Some((first, bfn)) = head_block {
-            let all_free =
-                (first..=first + LAST).all(|i| self.raw(i).is_some_and(|r| r.state() == ST_FREE));
+            let all_free = (first..=first + LAST).all(|i| self.is_free_slot(i));
             if all_free {
                 for i in first..=first + LAST {
                     if !self.unlink_free(i) {
@@ -1793,7 +1792,8 @@ impl DriverDomain {
         let mut idx = self.slots.len() as u64;
         let skip = wanted.wrapping_sub(idx);
         let limit = self.fresh_limit.saturating_add(EXTENT_PAGES - 1);
-        if skip < EXTENT_PAGES && self.make_room(skip + 1, limit) {
+        let most = usize::try_from(limit).unwrap_or(usize::MAX);
+        if skip < EXTENT_PAGES && self.slots.try_reserve_in_block(skip as usize + 1, most) {
             for _ in 0..skip {
                 self.slots
                     .try_push(RawSlot::encode(&Slot::Free { next: NONE }))?;
@@ -1805,27 +1805,6 @@ impl DriverDomain {
             .try_push(RawSlot::encode(&Slot::Free { next: NONE }))?;
         // (a fresh slot is in use at once: `free` is unchanged)
         Ok(idx)
-    }
-
-    /// Whether the slot array has, or could be given, room for `need`
-    /// more slots without another allocation, within `limit` slots: a few
-    /// doublings of its block at most.
-    fn make_room(&mut self, need: u64, limit: u64) -> bool {
-        let len = self.slots.len() as u64;
-        if len.saturating_add(need) > limit {
-            return false;
-        }
-        let most = usize::try_from(limit).unwrap_or(usize::MAX);
-        for _ in 0..16 {
-            let room = self.slots.room();
-            if room as u64 >= need {
-                return true;
-            }
-            if self.slots.try_grow(most).is_err() || self.slots.room() == room {
-                return false;
-            }
-        }
-        false
     }
 
     /// Take `idx` off the free list, wherever it is on it. False (and
