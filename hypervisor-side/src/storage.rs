@@ -724,7 +724,7 @@ impl<T: Copy> ChunkedVec<T> {
             return false;
         }
         // (Each round grows the block or stops; it is whole, 4096 values,
-        // after at most 9 doublings from 16.)
+        // after its creation at 16 and 8 doublings.)
         for _ in 0..16 {
             let room = self.room();
             if room >= need {
