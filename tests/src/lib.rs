@@ -366,6 +366,10 @@ pub enum Service {
     /// Right before the page release (`put_page`) after the first n: what
     /// another CPU sees while a flush's releases are under way.
     PutPage(u32),
+    /// Right before the first entry written into a table: another CPU acts
+    /// while the caller holds its cell's lock, past its checks (run it on
+    /// a thread of its own: this one holds an engine lock).
+    TableWrite,
 }
 
 /// Write a batch of `ops` into `caller`'s scratch memory, as a guest
@@ -625,6 +629,7 @@ impl TableMemory for Interposer<'_> {
         self.m.borrow().read_entry(t, i)
     }
     fn write_entry(&mut self, t: Mfn, i: usize, raw: u64) {
+        let _ = self.after(Service::TableWrite);
         self.m.borrow_mut().write_entry(t, i, raw)
     }
     fn present_count(&self, t: Mfn) -> u16 {

@@ -521,3 +521,57 @@ fn sixty_four_device_models_map_at_once_and_a_hook_reaches_each() {
     // Room for the rest of the pool: 112 cells for device models in all.
     assert_eq!(MAX_DRIVER_DOMAINS - DOM0_CELLS, 112);
 }
+
+#[test]
+fn page_maps_into_two_contexts_at_once_stay_within_the_quota() {
+    // As `extents_into_two_contexts_at_once_stay_within_the_quota`, for
+    // single pages: one BFN left under the quota, and two vCPUs map a page
+    // each into a context of its own, the second while the first holds its
+    // cell's lock past its quota check. One is refused (before, both were
+    // mapped: a run of page maps passed the quota by up to 8 a context).
+    use pviommu_tests::{machine_after_dom0, map_request_in, Interposer, Service};
+    let (mut m, e) = machine_after_dom0(Format::Vtd, 64, 64);
+    let (c1, c2) = (
+        e.context_create(&mut m, DomId::DOM0).unwrap(),
+        e.context_create(&mut m, DomId::DOM0).unwrap(),
+    );
+    e.set_quota(&mut m, DomId::DOM0, Some(10)).unwrap();
+    let info = Platform::domain_info(&m, DomId::DOM0).unwrap();
+    for gfn in 0..9 {
+        let req = map_request_in(c1, GUEST, gfn, Permissions::RW);
+        e.map(&mut m, DomId::DOM0, &info, &req).unwrap();
+    }
+    let second = std::cell::RefCell::new(None);
+    let first = {
+        let (e, second) = (&e, &second);
+        let mut h = Interposer::new(
+            &mut m,
+            Service::TableWrite,
+            Box::new(move |m: &mut SimMachine| {
+                let r = std::thread::scope(|s| {
+                    s.spawn(move || {
+                        let req = map_request_in(c2, GUEST, 20, Permissions::RW);
+                        e.map(m, DomId::DOM0, &info, &req)
+                    })
+                    .join()
+                    .unwrap()
+                });
+                *second.borrow_mut() = Some(r);
+            }),
+        );
+        let req = map_request_in(c1, GUEST, 10, Permissions::RW);
+        e.map(&mut h, DomId::DOM0, &info, &req)
+    };
+    let second = second
+        .into_inner()
+        .expect("the second map ran inside the first");
+    assert!(
+        matches!(
+            (&first, &second),
+            (Ok(_), Err(Errno::NoSpc)) | (Err(Errno::NoSpc), Ok(_))
+        ),
+        "one page mapped, one refused: {first:?}, {second:?}"
+    );
+    assert_eq!(e.usage(DomId::DOM0).1, 10);
+    assert_eq!(pviommu_hv::lock_check::violations(), 0);
+}

@@ -1058,3 +1058,53 @@ fn an_extent_beside_another_extents_record_still_finds_its_pages_mapped_alone() 
     e.gfn_removed(&mut m, GUEST, lender);
     check_invariants(&mut m, &e).unwrap();
 }
+
+#[test]
+fn extents_into_two_contexts_at_once_stay_within_the_quota() {
+    // Two vCPUs of dom0 map an extent each into a context of its own near
+    // the quota: the second checks its quota while the first holds its
+    // cell's lock past its own check, its 512 BFNs not yet counted in its
+    // cell's line. Together they would take 1024 of a quota of 1000: one
+    // must be refused (before, both were mapped: the quota counted the
+    // other cells as of their last unlock).
+    let (mut m, e) = host();
+    let (c1, c2) = (create_context(&mut m, &e), create_context(&mut m, &e));
+    e.set_quota(&mut m, DomId::DOM0, Some(1000)).unwrap();
+    let info = pviommu_hv::platform::Platform::domain_info(&m, DomId::DOM0).unwrap();
+    let second = std::cell::RefCell::new(None);
+    let first = {
+        let e = &e;
+        let second = &second;
+        let mut h = Interposer::new(
+            &mut m,
+            Service::TableWrite,
+            Box::new(move |m: &mut SimMachine| {
+                let r = std::thread::scope(|s| {
+                    s.spawn(move || {
+                        let req = map_request_in(c2, GUEST, 2 * EXTENT, Permissions::RW);
+                        e.map_extent(m, DomId::DOM0, &info, &req)
+                            .map(|x| x.mapped.bfn)
+                    })
+                    .join()
+                    .unwrap()
+                });
+                *second.borrow_mut() = Some(r);
+            }),
+        );
+        let req = map_request_in(c1, GUEST, EXTENT, Permissions::RW);
+        e.map_extent(&mut h, DomId::DOM0, &info, &req)
+            .map(|x| x.mapped.bfn)
+    };
+    let second = second
+        .into_inner()
+        .expect("the second map ran inside the first");
+    assert!(
+        matches!(
+            (&first, &second),
+            (Ok(_), Err(Errno::NoSpc)) | (Err(Errno::NoSpc), Ok(_))
+        ),
+        "one extent mapped, one refused: {first:?}, {second:?}"
+    );
+    assert_eq!(e.usage(DomId::DOM0).1, EXTENT_PAGES);
+    assert_eq!(pviommu_hv::lock_check::violations(), 0);
+}

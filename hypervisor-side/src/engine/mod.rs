@@ -992,10 +992,8 @@ impl<L: RawMutex> Engine<L> {
     /// BFNs (or more), across its cells. With no context but 0 its home
     /// cell is all there is. Otherwise its rough count ([`DriverShared::used`],
     /// with `d`'s part current) answers when it is below the quota by more
-    /// than the other cells can hide; near the quota each other cell is
-    /// counted as of its last unlock. So maps into other contexts running
-    /// at that very moment can exceed the quota by at most one run
-    /// ([`MAP_CHUNK`]) or one 2 MiB extent (512) each.
+    /// than the other cells can hide. Near the quota the count is exact:
+    /// see [`over_quota_by`](Self::over_quota_by).
     #[inline(always)]
     fn over_quota(&self, d: &Driver<'_, L>, quota: u64) -> bool {
         self.over_quota_by(d, quota, 1)
@@ -1004,6 +1002,18 @@ impl<L: RawMutex> Engine<L> {
     /// Whether `more` BFNs (at least 1) would take the driver domain of the
     /// locked cell `d` past its quota, as [`over_quota`](Self::over_quota)
     /// tells for one.
+    ///
+    /// Near the quota, the cell first claims the BFNs in its own line
+    /// (`CellState::used`, what it will hold once they are installed),
+    /// then counts every other cell's line. Of two cells doing so at once
+    /// (each holding its own lock: maps into two contexts on two vCPUs),
+    /// at least one sees the other's claim (sequentially consistent store
+    /// before loads, on both sides), so the two never pass together what
+    /// one alone would not: the quota holds across contexts exactly. (A
+    /// line counted as of its last unlock let an extent in each context
+    /// pass it by 512.) A refused claim is taken back; one whose install
+    /// fails later stays until the cell's unlock writes what it holds
+    /// (`publish_used`), refusing others a little early meanwhile.
     #[inline(always)]
     fn over_quota_by(&self, d: &Driver<'_, L>, quota: u64, more: u64) -> bool {
         let own = d.dd.used().saturating_add(more.saturating_sub(1));
@@ -1019,6 +1029,18 @@ impl<L: RawMutex> Engine<L> {
         if rough.saturating_add(UNPUBLISHED_BOUND) < quota {
             return false;
         }
+        self.over_quota_near(d, quota, own)
+    }
+
+    /// [`over_quota_by`](Self::over_quota_by) near the quota: claim, then
+    /// count every cell. `own` is what the cell would hold, less one.
+    #[cold]
+    #[inline(never)]
+    fn over_quota_near(&self, d: &Driver<'_, L>, quota: u64, own: u64) -> bool {
+        let mine = self.cell_state.get(d.cell);
+        if let Some(c) = mine {
+            c.used.store(own.saturating_add(1), Ordering::SeqCst);
+        }
         let domid = d.dd.domid;
         let others: u64 = (0..MAX_CONTEXTS)
             .map(ContextId)
@@ -1027,7 +1049,13 @@ impl<L: RawMutex> Engine<L> {
             .filter_map(|cell| self.cell_state.get(cell))
             .map(|c| c.used.load(Ordering::SeqCst))
             .fold(0u64, u64::saturating_add);
-        own.saturating_add(others) >= quota
+        let over = own.saturating_add(others) >= quota;
+        if over {
+            if let Some(c) = mine {
+                c.used.store(d.dd.used(), Ordering::SeqCst);
+            }
+        }
+        over
     }
 
     /// The quota of the driver domain locked cell `d` belongs to.
