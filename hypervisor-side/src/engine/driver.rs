@@ -1423,6 +1423,11 @@ impl DriverDomain {
             .and_then(|b| space.index_of(Bfn(b.0 & !LAST)))
             .and_then(|first| Some((first, space.aligned_run_at(first, EXTENT_PAGES)?)));
         if let Some((first, bfn)) = head_block {
+            // A block an extent's unmap freed is one stretch of the list,
+            // its slots in order: taken off it whole.
+            if self.splice_free_block(first, EXTENT_PAGES) {
+                return Ok((first, bfn));
+            }
             let all_free = (first..=first + LAST).all(|i| self.is_free_slot(i));
             if all_free {
                 for i in first..=first + LAST {
@@ -1857,6 +1862,76 @@ impl DriverDomain {
             n.aux = link32(prev);
         }
         self.free -= 1;
+        true
+    }
+
+    /// Take the `n` slots from `first` off the free list at once, if they
+    /// are one stretch of it in index order, falling (as an extent's unmap
+    /// frees them, each pushed at the head) or rising: one pass of reads
+    /// and two links written, where [`unlink_free`](Self::unlink_free) of
+    /// each wrote four slots a slot. False, and nothing changed, if they
+    /// are not (some slot not free, the list in another order), or if the
+    /// stretch's ends do not hold together with the list as `unlink_free`
+    /// requires of one slot: its caller then goes slot by slot.
+    fn splice_free_block(&mut self, first: u64, n: u64) -> bool {
+        let Some(last) = n.checked_sub(1).and_then(|k| first.checked_add(k)) else {
+            return false;
+        };
+        let linked = |s: &Self, i: u64, next: u64| {
+            s.raw(i)
+                .is_some_and(|r| r.state() == ST_FREE && link64(r.next) == next)
+        };
+        // (Top: the stretch's first slot on the list; bottom: its last.)
+        let (top, bottom) = if (first + 1..=last).all(|i| linked(self, i, i - 1)) {
+            (last, first)
+        } else if (first..last).all(|i| linked(self, i, i + 1)) {
+            (first, last)
+        } else {
+            return false;
+        };
+        let (Some(t), Some(b)) = (self.raw(top), self.raw(bottom)) else {
+            return false;
+        };
+        if t.state() != ST_FREE || b.state() != ST_FREE {
+            return false;
+        }
+        let (prev, next) = (link64(t.aux), link64(b.next));
+        let inside = |i: u64| (first..=last).contains(&i);
+        if inside(prev) || inside(next) {
+            return false;
+        }
+        // The ends' neighbours, clamped before they index anything (see
+        // `unlink_free`), checked before anything is written.
+        let next_at = self.guest_slot(next);
+        if next != NONE
+            && !next_at
+                .and_then(|i| self.raw(i))
+                .is_some_and(|r| r.state() == ST_FREE && link64(r.aux) == bottom)
+        {
+            return false;
+        }
+        if prev == NONE {
+            if self.free_head != top {
+                return false;
+            }
+            self.free_head = next;
+        } else if self.free_head == top {
+            // The head has no slot before it.
+            return false;
+        } else {
+            let prev_at = self.guest_slot(prev);
+            match prev_at
+                .and_then(|i| self.raw_mut(i))
+                .filter(|p| p.state() == ST_FREE && link64(p.next) == top)
+            {
+                Some(p) => p.next = link32(next),
+                None => return false,
+            }
+        }
+        if let Some(r) = next_at.and_then(|i| self.raw_mut(i)) {
+            r.aux = link32(prev);
+        }
+        self.free -= n;
         true
     }
 
@@ -2579,6 +2654,78 @@ mod tests {
         // The list empty: a fresh slot, whatever is asked for.
         assert_eq!(dd.take_slot_near(2), Ok(6));
         assert_eq!(dd.used(), 7);
+    }
+
+    #[test]
+    fn a_block_that_is_one_stretch_of_the_free_list_is_taken_off_it_whole() {
+        // Slots 0..12 in use; 4..8 freed in each order, between 1 and 10
+        // (the list: 10, block, 1 as the block is freed after 1 and before
+        // 10), or at the head.
+        fn cell(order: &[u64]) -> DriverDomain {
+            let mut dd = DriverDomain::new(DomId(0));
+            room(&mut dd, 12);
+            for _ in 0..12 {
+                dd.take_slot().unwrap();
+            }
+            for &i in order {
+                dd.free_slot(i);
+            }
+            dd
+        }
+        let falling = [1, 4, 5, 6, 7, 10];
+        let rising = [1, 7, 6, 5, 4, 10];
+        for order in [&falling, &rising] {
+            let mut dd = cell(order);
+            assert!(dd.splice_free_block(4, 4), "{order:?}");
+            // (`free_list` checks the count and every back link; the
+            // slots taken are their taker's to fill, as after
+            // `unlink_free`.)
+            assert_eq!(free_list(&dd), [10, 1]);
+            // At the head, and at the tail.
+            let mut dd = cell(&order[1..5]);
+            assert!(dd.splice_free_block(4, 4));
+            assert_eq!(free_list(&dd), []);
+            let mut dd = cell(&order[1..]);
+            assert!(dd.splice_free_block(4, 4));
+            assert_eq!(free_list(&dd), [10]);
+        }
+        // Not one stretch in order (the list 10, 7, 1, 6, 5, 4), a slot
+        // of it in use, a block past the array, none: nothing changes.
+        for (order, first, n) in [
+            (&[4, 5, 6, 1, 7, 10][..], 4, 4),
+            (&[4, 5, 6, 10][..], 4, 4),
+            (&[10, 11][..], 10, 4),
+            (&[4, 5, 6, 7][..], 4, 0),
+        ] {
+            let mut dd = cell(order);
+            let before = free_list(&dd);
+            assert!(!dd.splice_free_block(first, n), "{order:?} {first} {n}");
+            assert_eq!(free_list(&dd), before);
+        }
+        // The stretch's ends must hold together with the list, as one
+        // slot's unlink requires: the slot after it naming another back,
+        // the slot before it not naming it, a stretch at the head that the
+        // head is not.
+        let mut dd = cell(&falling);
+        if let Some(r) = dd.raw_mut(1) {
+            r.aux = link32(10);
+        }
+        assert!(!dd.splice_free_block(4, 4));
+        let mut dd = cell(&falling);
+        if let Some(r) = dd.raw_mut(10) {
+            r.next = link32(1);
+        }
+        assert!(!dd.splice_free_block(4, 4));
+        let mut dd = cell(&falling[..5]);
+        dd.free_head = 10;
+        assert!(!dd.splice_free_block(4, 4));
+        // A back link into the stretch itself (a cycle) is no end.
+        let mut dd = cell(&falling);
+        if let Some(r) = dd.raw_mut(7) {
+            r.aux = link32(5);
+        }
+        assert!(!dd.splice_free_block(4, 4));
+        assert_eq!(dd.free, 6);
     }
 
     #[test]
