@@ -625,6 +625,17 @@ impl TableMemory for Interposer<'_> {
     fn free_table(&mut self, t: Mfn) {
         self.m.borrow_mut().free_table(t)
     }
+    // (Each forwarded: the simulator's own checks of reuse and write-back
+    // order stay in a raced call.)
+    fn reuse_table(&mut self, t: Mfn) {
+        self.m.borrow_mut().reuse_table(t)
+    }
+    fn table_is_clear(&self, t: Mfn) -> bool {
+        self.m.borrow().table_is_clear(t)
+    }
+    fn write_back_table(&mut self, t: Mfn) {
+        self.m.borrow_mut().write_back_table(t)
+    }
     fn read_entry(&self, t: Mfn, i: usize) -> u64 {
         self.m.borrow().read_entry(t, i)
     }

@@ -100,6 +100,9 @@ impl ContextTables {
     fn unmap(&mut self, mem: &mut impl TableMemory, bfn: Bfn) -> Result<(), Errno> {
         each_format!(self, t => t.unmap(mem, bfn))
     }
+    fn take_split(&mut self) -> bool {
+        each_format!(self, t => t.take_split())
+    }
     fn map_superpage(
         &mut self,
         mem: &mut impl TableMemory,
@@ -180,6 +183,28 @@ impl OwnContext {
     fn attached(&self) -> impl Iterator<Item = Sbdf> + '_ {
         self.devices.iter().flatten().copied()
     }
+}
+
+/// Unmap `bfn` from `own`'s tables, its page already in `gather`. An
+/// unmap that split a superpage widens the gather to the superpage's whole
+/// 2 MiB, so the flush drops the IOTLB's 2 MiB entry before the page is
+/// released ([`IoPageTable::take_split`](crate::pgtable::IoPageTable::take_split)).
+/// The one way a page leaves an engine context's tables on its own (a
+/// superpage cleared whole is gathered whole by its caller).
+fn unmap_own_page(
+    own: &mut OwnContext,
+    gather: &mut FlushGather,
+    h: &mut impl IommuBackend,
+    ctx: ContextId,
+    bfn: Bfn,
+) -> Result<(), Errno> {
+    let unmapped = own.tables.unmap(h, bfn);
+    if own.tables.take_split() {
+        // (Never refused: the context's range is in the gather already.)
+        const BLOCK: u64 = pviommu_abi::EXTENT_PAGES - 1;
+        gather.add_range(ctx, Bfn(bfn.0 & !BLOCK), Bfn(bfn.0 | BLOCK), 0)?;
+    }
+    unmapped
 }
 
 /// The engine's contexts of one driver domain, and the way every IOMMU
@@ -264,7 +289,7 @@ impl super::DriverDomain {
             .ok_or(Errno::NoEnt)?;
         // Gathered first, as a map is: the entry never goes unflushed.
         self.gather.add(ctx, bfn, 0)?;
-        own.tables.unmap(h, bfn)
+        unmap_own_page(own, &mut self.gather, h, ctx, bfn)
     }
 
     /// Map the 2 MiB extent of BFNs from `bfn` to the frames from `mfn` in
@@ -359,7 +384,7 @@ impl super::DriverDomain {
             };
             if !cleared {
                 for p in page..=block_last.min(last.0) {
-                    match own.tables.unmap(h, Bfn(p)) {
+                    match unmap_own_page(own, &mut self.gather, h, ctx, Bfn(p)) {
                         Ok(()) | Err(Errno::NoEnt) => {}
                         Err(e) => return Err(e),
                     }
@@ -382,8 +407,17 @@ impl super::DriverDomain {
         let mut default = FlushGather::default();
         for r in self.gather.ranges() {
             if r.context == ContextId::DEFAULT {
-                default.add(r.context, r.first, r.flags)?;
-                default.add(r.context, r.last, r.flags)?;
+                // The whole 2 MiB blocks around the range: the host may
+                // have split a superpage of its own tables to unmap a page
+                // (Xen's VT-d and AMD-Vi code fold a full leaf table into
+                // one), and says nothing of it; its flush invalidates what
+                // it is asked to, and an IOTLB drops a superpage's entry
+                // only for an invalidation covering all of it (see
+                // `IoPageTable::take_split`). One page-selective
+                // invalidation of 2 MiB where there was one of a page.
+                const BLOCK: u64 = pviommu_abi::EXTENT_PAGES - 1;
+                default.add(r.context, Bfn(r.first.0 & !BLOCK), r.flags)?;
+                default.add(r.context, Bfn(r.last.0 | BLOCK), r.flags)?;
             } else if let Some(own) = self.own.iter().find(|c| c.id == r.context) {
                 if let Err(e) = h.hw_flush(own.hw, r.first, r.last) {
                     result = Err(e);

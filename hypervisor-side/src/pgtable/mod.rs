@@ -262,6 +262,9 @@ pub struct IoPageTable<F: PageTableFormat> {
     folded_len: usize,
     /// Of those, the ones whose superpage is still in the tree.
     folded_live: usize,
+    /// A superpage was split since [`take_split`](Self::take_split) last
+    /// said so: its whole 2 MiB needs invalidating, not only the page.
+    split: bool,
     _format: core::marker::PhantomData<F>,
 }
 
@@ -323,6 +326,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
             folded: [NO_FOLD; FOLDED_BEFORE_FLUSH],
             folded_len: 0,
             folded_live: 0,
+            split: false,
             _format: core::marker::PhantomData,
         };
         // The pinned path: entry 0 down to the table the IOMMU starts at.
@@ -346,6 +350,30 @@ impl<F: PageTableFormat> IoPageTable<F> {
     /// given; see [`TableOptions::levels`]).
     pub fn root(&self) -> Mfn {
         self.root
+    }
+
+    /// Whether a leaf of `mfn` with `perms` says what was asked: an entry
+    /// with neither R nor W would read as empty (counted, but never found
+    /// to unmap), and a frame past the format's address bits would map
+    /// another frame (its number cut to the bits). The ABI and the host
+    /// refuse both before; the format does not rely on that.
+    #[inline(always)]
+    fn encodable(mfn: Mfn, perms: Permissions) -> bool {
+        (perms.read || perms.write) && mfn.0 <= F::ADDRESS_MASK >> 12
+    }
+
+    /// Whether an [`unmap`](Self::unmap) split a superpage since the last
+    /// call. The flush after it must then cover the superpage's whole
+    /// 2 MiB: an IOTLB caches a superpage as one entry, which VT-d drops
+    /// only for a page-selective invalidation whose address mask covers it
+    /// ("When invalidating mappings for super-pages, software must specify
+    /// the appropriate mask value": 9 or more for 2 MiB). Invalidated at
+    /// the page alone, the device would keep the whole old translation,
+    /// the page released after the flush among it. (A fold needs no more
+    /// than its page: it translates as before, and an invalidation there
+    /// drops the cached pointer to the folded table, kept until the flush.)
+    pub fn take_split(&mut self) -> bool {
+        core::mem::take(&mut self.split)
     }
 
     /// The table the IOMMU starts its walk at.
@@ -380,7 +408,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
         perms: Permissions,
         attr: MemAttr,
     ) -> Result<(), Errno> {
-        if !self.in_range(bfn) {
+        if !self.in_range(bfn) || !Self::encodable(mfn, perms) {
             return Err(Errno::Inval);
         }
         let (table, parent) = match self.cached_leaf(bfn) {
@@ -443,12 +471,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
         perms: Permissions,
         attr: MemAttr,
     ) -> Result<bool, Errno> {
-        if !self.in_range(bfn) {
-            return Err(Errno::Inval);
-        }
-        // An entry with neither R nor W would read as empty: counted, but
-        // never found to unmap. (The ABI refuses such a map before.)
-        if !perms.read && !perms.write {
+        if !self.in_range(bfn) || !Self::encodable(mfn, perms) {
             return Err(Errno::Inval);
         }
         let off_boundary = |frame: u64| frame & (ENTRIES as u64 - 1) != 0;
@@ -916,6 +939,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
             if let Some(t) = self.take_folded(mem, parent, pidx, want) {
                 mem.write_back_table(t);
                 mem.write_entry(parent, pidx, F::table_entry(t));
+                self.split = true;
                 self.superpages = self.superpages.saturating_sub(1);
                 return Ok(t);
             }
@@ -956,6 +980,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
             return Err(Errno::NoMem);
         }
         mem.write_entry(parent, pidx, F::table_entry(t));
+        self.split = true;
         self.superpages = self.superpages.saturating_sub(1);
         // (A folded table left for this superpage that no longer maps what
         // it did, an engine bug, stands for no spare any more.)
@@ -1010,6 +1035,17 @@ impl<F: PageTableFormat> IoPageTable<F> {
                 }
             }
         }
+        // Zeroed before it goes, as every table the engine frees: Xen gives
+        // an anonymous page back to its heap unscrubbed (release builds),
+        // and the pinned path of a table walked from below the root (fewer
+        // than 4 levels), or a context destroyed with entries left, holds
+        // machine frame numbers.
+        for i in 0..ENTRIES {
+            if mem.read_entry(table, i) != 0 {
+                mem.write_entry(table, i, 0);
+            }
+        }
+        mem.set_present_count(table, 0);
         mem.free_table(table);
     }
 }
@@ -1267,6 +1303,72 @@ mod freed_list_tests {
         let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
         for i in 0..ENTRIES as u64 {
             t.map(mem, Bfn(0x200 + i), Mfn(0x400 + i), rw, wb).unwrap();
+        }
+    }
+
+    fn refuses_what_its_entries_cannot_say<F: PageTableFormat>() {
+        let mut mem = frames();
+        let mut t =
+            IoPageTable::<F>::with_options(&mut mem, TableOptions::engine_context(4)).unwrap();
+        let none = Permissions {
+            read: false,
+            write: false,
+        };
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        let past = Mfn((F::ADDRESS_MASK >> 12) + 1);
+        assert_eq!(
+            t.map(&mut mem, Bfn(0x200), Mfn(0x777), none, wb),
+            Err(Errno::Inval)
+        );
+        assert_eq!(t.map(&mut mem, Bfn(0x200), past, rw, wb), Err(Errno::Inval));
+        assert_eq!(
+            t.map_superpage(&mut mem, Bfn(0x200), Mfn(past.0 & !0x1ff), rw, wb),
+            Err(Errno::Inval)
+        );
+        assert_eq!(t.translate(&mem, Bfn(0x200)), None);
+        // The last frame the format holds is mapped as asked.
+        let last = Mfn(F::ADDRESS_MASK >> 12);
+        t.map(&mut mem, Bfn(0x200), last, rw, wb).unwrap();
+        assert_eq!(t.translate(&mem, Bfn(0x200)).map(|e| e.0), Some(last));
+    }
+
+    #[test]
+    fn refuses_what_its_entries_cannot_say_vtd() {
+        refuses_what_its_entries_cannot_say::<Vtd>();
+    }
+
+    #[test]
+    fn refuses_what_its_entries_cannot_say_lpae() {
+        refuses_what_its_entries_cannot_say::<Lpae>();
+    }
+
+    #[test]
+    fn a_destroyed_context_gives_back_only_zeroed_frames() {
+        // (A security review's finding.) With fewer than 4 levels the
+        // pinned path from the root down to the table the IOMMU walks from
+        // stays linked to the end: destroyed, the root went back holding a
+        // table entry (a machine frame number). So would the tables of a
+        // context destroyed with an entry left.
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        for (levels, unmap) in [(4, true), (3, true), (2, true), (4, false), (3, false)] {
+            let mut mem = frames();
+            let options = TableOptions::engine_context(levels);
+            let mut t = IoPageTable::<Vtd>::with_options(&mut mem, options).unwrap();
+            t.map(&mut mem, Bfn(0x1234), Mfn(0x777), rw, wb).unwrap();
+            if unmap {
+                t.unmap(&mut mem, Bfn(0x1234)).unwrap();
+                t.release_freed(&mut mem);
+            }
+            t.destroy(&mut mem);
+            assert!(!mem.free.is_empty());
+            for &f in &mem.free {
+                let raw = mem.tables[f as usize];
+                assert!(
+                    raw.iter().all(|&e| e == 0),
+                    "levels {levels}, unmapped {unmap}: frame {f} freed holding {:#x?}",
+                    raw.iter().filter(|&&e| e != 0).collect::<Vec<_>>()
+                );
+            }
         }
     }
 

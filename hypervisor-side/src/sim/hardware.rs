@@ -50,6 +50,14 @@ pub struct DmaFault {
 pub struct Iotlb {
     entries: BTreeMap<(DomId, ContextId, u64), (Mfn, bool, bool)>,
     leaf_tables: BTreeMap<(DomId, ContextId, u64), Mfn>,
+    /// 2 MiB translations, one entry per superpage as VT-d caches them:
+    /// (owner, ctx, bfn >> 9) -> (first frame, read, write). An
+    /// invalidation drops one only when its range covers the whole
+    /// superpage (VT-d: "When invalidating mappings for super-pages,
+    /// software must specify the appropriate mask value", at least 9 for
+    /// 2 MiB): a split flushed at the page alone leaves the device its
+    /// old 2 MiB translation.
+    superpages: BTreeMap<(DomId, ContextId, u64), (Mfn, bool, bool)>,
 }
 
 impl Iotlb {
@@ -71,6 +79,32 @@ impl Iotlb {
         for k in keys {
             self.leaf_tables.remove(&k);
         }
+        // 2 MiB entries: only blocks the range covers whole (a flush the
+        // caller widened to 2 MiB, or a domain-wide one).
+        let keys: Vec<_> = self
+            .superpages
+            .range((owner, ctx, first >> 9)..=(owner, ctx, last >> 9))
+            .map(|(k, _)| *k)
+            .filter(|k| k.2 << 9 >= first && (k.2 << 9 | 0x1ff) <= last)
+            .collect();
+        for k in keys {
+            self.superpages.remove(&k);
+        }
+    }
+    /// What one VT-d page-selective invalidation of `first..=last`
+    /// reaches, as patch 0005's `intel_iommu_pviommu_ctx_flush` issues it:
+    /// the naturally aligned block of 2^order pages holding the range
+    /// (ADDR, AM = order); domain-wide past order 36.
+    pub fn invalidate_psi(&mut self, owner: DomId, ctx: ContextId, first: u64, last: u64) {
+        let mut order = 0;
+        while order < 36 && (first >> order) != (last >> order) {
+            order += 1;
+        }
+        if (first >> order) != (last >> order) {
+            return self.invalidate_context(owner, ctx);
+        }
+        let start = first & !((1u64 << order) - 1);
+        self.invalidate(owner, ctx, start, start | ((1u64 << order) - 1));
     }
     /// Drop everything cached for a context.
     pub fn invalidate_context(&mut self, owner: DomId, ctx: ContextId) {
@@ -91,8 +125,9 @@ enum WalkFault {
 pub(super) const WALK_LEVELS: u32 = 4;
 
 /// Walk from `root` (level 4), or from the level-1 table `leaf_table` when
-/// the paging-structure cache holds it. Returns the translation and the
-/// level-1 table it went through, if it reached one.
+/// the paging-structure cache holds it. Returns the translation, the
+/// level-1 table it went through, if it reached one, and the level of the
+/// leaf it ended at (2 for a superpage).
 fn walk(
     ram: &Ram,
     format: Format,
@@ -100,7 +135,7 @@ fn walk(
     root: Mfn,
     leaf_table: Option<Mfn>,
     bfn: u64,
-) -> Result<(Translation, Option<Mfn>), WalkFault> {
+) -> Result<(Translation, Option<Mfn>, u32), WalkFault> {
     let (mut table, top) = match leaf_table {
         Some(t) => (t, 1),
         None => (root, WALK_LEVELS),
@@ -146,7 +181,7 @@ fn walk(
             }
             let offset = bfn & ((1u64 << (9 * (level - 1))) - 1);
             let through = (level == 1).then_some(table);
-            return Ok(((Mfn(addr + offset), r, w), through));
+            return Ok(((Mfn(addr + offset), r, w), through, level));
         }
         table = Mfn(addr);
     }
@@ -177,19 +212,30 @@ pub fn translate(
     if bfn >> 36 != 0 {
         return Err(fault(FaultReason::AddressWidth));
     }
-    let (mfn, r, w) = match iotlb.entries.get(&(owner, ctx, bfn)) {
-        Some(t) => *t,
+    let sp = iotlb
+        .superpages
+        .get(&(owner, ctx, bfn >> 9))
+        .map(|&(m, r, w)| (Mfn(m.0 + (bfn & 0x1ff)), r, w));
+    let (mfn, r, w) = match iotlb.entries.get(&(owner, ctx, bfn)).copied().or(sp) {
+        Some(t) => t,
         None => {
             let root = root.ok_or(fault(FaultReason::NoContext))?;
             let cached = iotlb.leaf_tables.get(&(owner, ctx, bfn >> 9)).copied();
-            let (t, through) =
+            let (t, through, level) =
                 walk(ram, format, snoop_control, root, cached, bfn).map_err(|f| {
                     fault(match f {
                         WalkFault::NotPresent => FaultReason::NotPresent,
                         WalkFault::ReservedBit => FaultReason::ReservedBit,
                     })
                 })?;
-            iotlb.entries.insert((owner, ctx, bfn), t);
+            if level == 2 {
+                iotlb.superpages.insert(
+                    (owner, ctx, bfn >> 9),
+                    (Mfn(t.0 .0 - (bfn & 0x1ff)), t.1, t.2),
+                );
+            } else {
+                iotlb.entries.insert((owner, ctx, bfn), t);
+            }
             if let Some(leaf) = through {
                 iotlb.leaf_tables.insert((owner, ctx, bfn >> 9), leaf);
             }

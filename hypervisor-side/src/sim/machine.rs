@@ -2415,10 +2415,19 @@ impl IommuBackend for SimMachine {
             return Err(Errno::Inval);
         }
         for r in gather.ranges() {
-            // A superpage split or merge changes translations around the
-            // page itself: widen to the enclosing 2 MiB.
-            self.iotlb
-                .invalidate(owner, r.context, r.first.0 & !0x1ff, r.last.0 | 0x1ff);
+            // As Xen's VT-d `iommu_flush_iotlb()` invalidates what it is
+            // asked to: a page-selective invalidation of the range where it
+            // is a power-of-two count of pages on its own boundary, else the
+            // whole domain. Xen does not widen it for a superpage its unmap
+            // split (`addr_to_dma_page_maddr()` shatters it, flagging only
+            // `IOMMU_FLUSHF_modified`): whoever asks must cover the 2 MiB.
+            let count = r.last.0.wrapping_sub(r.first.0).wrapping_add(1);
+            if count.is_power_of_two() && r.first.0 % count == 0 {
+                self.iotlb
+                    .invalidate_psi(owner, r.context, r.first.0, r.last.0);
+            } else {
+                self.iotlb.invalidate_context(owner, r.context);
+            }
             self.flushes += 1;
         }
         // It empties the paging-structure caches of the flushed context
@@ -2487,7 +2496,7 @@ impl IommuBackend for SimMachine {
             return Err(Errno::Inval);
         }
         let h = *self.hw_contexts.get(&hw.0).ok_or(Errno::NoEnt)?;
-        self.iotlb.invalidate(h.owner, h.ctx, first.0, last.0);
+        self.iotlb.invalidate_psi(h.owner, h.ctx, first.0, last.0);
         if self.speculative_refill {
             self.refill_after_invalidation(h, first, last);
         }
