@@ -100,8 +100,8 @@ impl ContextTables {
     fn unmap(&mut self, mem: &mut impl TableMemory, bfn: Bfn) -> Result<(), Errno> {
         each_format!(self, t => t.unmap(mem, bfn))
     }
-    fn take_split(&mut self) -> bool {
-        each_format!(self, t => t.take_split())
+    fn superpage_count(&self) -> usize {
+        each_format!(self, t => t.superpage_count())
     }
     fn map_superpage(
         &mut self,
@@ -185,12 +185,20 @@ impl OwnContext {
     }
 }
 
-/// Unmap `bfn` from `own`'s tables, its page already in `gather`. An
-/// unmap that split a superpage widens the gather to the superpage's whole
-/// 2 MiB, so the flush drops the IOTLB's 2 MiB entry before the page is
-/// released ([`IoPageTable::take_split`](crate::pgtable::IoPageTable::take_split)).
-/// The one way a page leaves an engine context's tables on its own (a
-/// superpage cleared whole is gathered whole by its caller).
+/// Unmap `bfn` from `own`'s tables, its page already in `gather`. While
+/// the tables hold a superpage (an extent mapped whole, or a fold), the
+/// unmap may split it, so the gather takes the whole 2 MiB around the page
+/// first: an IOTLB caches a superpage as one entry, which VT-d drops only
+/// for a page-selective invalidation whose address mask covers it ("When
+/// invalidating mappings for super-pages, software must specify the
+/// appropriate mask value": 9 or more for 2 MiB). Flushed at the page
+/// alone, the device kept the superpage's whole translation, the page
+/// released after the flush among it. (A fold needs no more than its page:
+/// it translates as before, and the invalidation there drops the cached
+/// pointer to the folded table, kept whole until the flush.) The one way a
+/// page leaves an engine context's tables on its own (a superpage cleared
+/// whole is gathered whole by its caller).
+#[inline(always)]
 fn unmap_own_page(
     own: &mut OwnContext,
     gather: &mut FlushGather,
@@ -198,13 +206,12 @@ fn unmap_own_page(
     ctx: ContextId,
     bfn: Bfn,
 ) -> Result<(), Errno> {
-    let unmapped = own.tables.unmap(h, bfn);
-    if own.tables.take_split() {
+    if own.tables.superpage_count() != 0 {
         // (Never refused: the context's range is in the gather already.)
         const BLOCK: u64 = pviommu_abi::EXTENT_PAGES - 1;
         gather.add_range(ctx, Bfn(bfn.0 & !BLOCK), Bfn(bfn.0 | BLOCK), 0)?;
     }
-    unmapped
+    own.tables.unmap(h, bfn)
 }
 
 /// The engine's contexts of one driver domain, and the way every IOMMU

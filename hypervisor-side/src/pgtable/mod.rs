@@ -262,9 +262,6 @@ pub struct IoPageTable<F: PageTableFormat> {
     folded_len: usize,
     /// Of those, the ones whose superpage is still in the tree.
     folded_live: usize,
-    /// A superpage was split since [`take_split`](Self::take_split) last
-    /// said so: its whole 2 MiB needs invalidating, not only the page.
-    split: bool,
     _format: core::marker::PhantomData<F>,
 }
 
@@ -326,7 +323,6 @@ impl<F: PageTableFormat> IoPageTable<F> {
             folded: [NO_FOLD; FOLDED_BEFORE_FLUSH],
             folded_len: 0,
             folded_live: 0,
-            split: false,
             _format: core::marker::PhantomData,
         };
         // The pinned path: entry 0 down to the table the IOMMU starts at.
@@ -360,20 +356,6 @@ impl<F: PageTableFormat> IoPageTable<F> {
     #[inline(always)]
     fn encodable(mfn: Mfn, perms: Permissions) -> bool {
         (perms.read || perms.write) && mfn.0 <= F::ADDRESS_MASK >> 12
-    }
-
-    /// Whether an [`unmap`](Self::unmap) split a superpage since the last
-    /// call. The flush after it must then cover the superpage's whole
-    /// 2 MiB: an IOTLB caches a superpage as one entry, which VT-d drops
-    /// only for a page-selective invalidation whose address mask covers it
-    /// ("When invalidating mappings for super-pages, software must specify
-    /// the appropriate mask value": 9 or more for 2 MiB). Invalidated at
-    /// the page alone, the device would keep the whole old translation,
-    /// the page released after the flush among it. (A fold needs no more
-    /// than its page: it translates as before, and an invalidation there
-    /// drops the cached pointer to the folded table, kept until the flush.)
-    pub fn take_split(&mut self) -> bool {
-        core::mem::take(&mut self.split)
     }
 
     /// The table the IOMMU starts its walk at.
@@ -748,7 +730,10 @@ impl<F: PageTableFormat> IoPageTable<F> {
     }
 
     /// Level-2 leaves (2 MiB superpages) in the tree, folded or mapped
-    /// whole.
+    /// whole. While there is one, an [`unmap`](Self::unmap) may split it:
+    /// its caller's flush must then cover the whole 2 MiB around the page
+    /// (an IOTLB caches a superpage as one entry, which VT-d drops only for
+    /// a page-selective invalidation whose address mask covers it).
     pub fn superpage_count(&self) -> usize {
         self.superpages
     }
@@ -939,7 +924,6 @@ impl<F: PageTableFormat> IoPageTable<F> {
             if let Some(t) = self.take_folded(mem, parent, pidx, want) {
                 mem.write_back_table(t);
                 mem.write_entry(parent, pidx, F::table_entry(t));
-                self.split = true;
                 self.superpages = self.superpages.saturating_sub(1);
                 return Ok(t);
             }
@@ -980,7 +964,6 @@ impl<F: PageTableFormat> IoPageTable<F> {
             return Err(Errno::NoMem);
         }
         mem.write_entry(parent, pidx, F::table_entry(t));
-        self.split = true;
         self.superpages = self.superpages.saturating_sub(1);
         // (A folded table left for this superpage that no longer maps what
         // it did, an engine bug, stands for no spare any more.)
