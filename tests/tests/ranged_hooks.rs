@@ -6,7 +6,7 @@
 //! the range for a lost write permission, every one in the range for a
 //! removal; and none may do more than a pass's worth of probes and a pass.
 
-use pviommu_abi::{DomId, Gfn, Permissions};
+use pviommu_abi::{ContextId, DomId, Errno, Gfn, Permissions};
 use pviommu_hv::engine::{GfnChange, Slot};
 use pviommu_hv::sim::Format;
 use pviommu_tests::*;
@@ -276,4 +276,42 @@ fn a_ranged_hook_does_at_most_a_pass_worth_of_probes_then_one_pass() {
     // A range of more regions than the budget: the pass after the budget.
     let (probes, passes) = hook(&mut m, 1 << 30, 30);
     assert_eq!((probes, passes), (budget, 1));
+}
+
+#[test]
+fn the_top_gfn_is_never_mapped_so_every_range_covers_what_is() {
+    // (A security review's finding.) A hook's range is [gfn, gfn + n) with
+    // its end saturated at u64::MAX, and a dying target's is [0, u64::MAX):
+    // a mapping of gfn u64::MAX survived a removal over the top, a
+    // read-only change and the target's death (whose teardown then never
+    // finished). That gfn is Xen's INVALID_GFN, no page of any p2m: a map
+    // of it is refused, by the single op and in a batch, nothing changed.
+    use pviommu_hv::platform::Platform;
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let top = Gfn(u64::MAX);
+    m.put_new_frame(GUEST, top).unwrap();
+    m.put_new_frame(GUEST, Gfn(u64::MAX - 1)).unwrap();
+    let before = m.total_page_refs();
+    assert_eq!(
+        map_one(&mut m, &e, DomId::DOM0, GUEST, top.0, Permissions::RW),
+        Err(Errno::Inval.negated())
+    );
+    let info = m.domain_info(DomId::DOM0).unwrap();
+    let req = map_request_in(ContextId::DEFAULT, GUEST, top.0, Permissions::RW);
+    assert_eq!(e.map(&mut m, DomId::DOM0, &info, &req), Err(Errno::Inval));
+    assert_eq!((m.total_page_refs(), e.usage(DomId::DOM0).1), (before, 0));
+    // The gfn below it is mapped, and a hook over the top revokes it.
+    let bfn = map_one(
+        &mut m,
+        &e,
+        DomId::DOM0,
+        GUEST,
+        u64::MAX - 1,
+        Permissions::RW,
+    )
+    .unwrap();
+    m.put_new_frame(GUEST, Gfn(u64::MAX - 1)).unwrap();
+    e.gfn_changed(&mut m, GUEST, Gfn(u64::MAX - 1), 4, GfnChange::Removed);
+    assert_eq!(m.translate(DomId::DOM0, ContextId::DEFAULT, bfn), None);
+    check_invariants(&mut m, &e).unwrap();
 }

@@ -392,7 +392,10 @@ impl<L: RawMutex> Engine<L> {
                     gen: tag.wrapping_add(i as u32),
                 };
                 // (Room made above: never refused, nothing allocated.)
-                let _ = crate::storage::try_push(&mut d.dd.pending_maps, pending);
+                let pushed = crate::storage::try_push(&mut d.dd.pending_maps, pending);
+                // (Were it refused, the page would be mapped nowhere: a
+                // device given the BFN faults, it reaches nothing.)
+                debug_assert!(pushed.is_ok(), "room for an extent's waiting maps");
             }
             if d.dd.pending_maps.len() as u64 >= DEFER_LIMIT {
                 self.write_pending_entries(d, h);

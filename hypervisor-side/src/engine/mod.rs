@@ -261,6 +261,14 @@ const _: () = assert!(
     core::mem::size_of::<TargetGate>() == 32,
     "two gates a cache line"
 );
+// `active` never wraps: each cell holds at most its driver domain's quota
+// of a target's pages, plus one extent (or run) in flight and an extent's
+// take-back. A wrap would send the target's hooks down the "nobody maps
+// it" path.
+const _: () = assert!(
+    (MAX_DRIVER_DOMAINS as u64) * (crate::config::MAX_QUOTA + 2 * pviommu_abi::EXTENT_PAGES)
+        < u32::MAX as u64
+);
 
 impl TargetGate {
     /// The cells named (each word read on its own, `SeqCst`).
@@ -1402,6 +1410,10 @@ impl<L: RawMutex> Engine<L> {
         caller_info: &DomainInfo,
         req: &MapRequest,
     ) -> Result<Mapped, Errno> {
+        // (Xen's INVALID_GFN: see `map_batch`.)
+        if req.gfn.0 == u64::MAX {
+            return Err(Errno::Inval);
+        }
         let caps = h.iommu_caps();
         for _ in 0..MAP_RETRIES {
             // The target's number before its checks: a lookup that finds
@@ -1577,6 +1589,14 @@ impl<L: RawMutex> Engine<L> {
                     && p.attr == req.attr
                     && p.grant == req.grant
             });
+            // Xen's INVALID_GFN (~0) is no page of any p2m: refused, so a
+            // hook's range, its end saturated at the top, and a dying
+            // target's whole range cover every gfn a mapping can have.
+            if req.gfn.0 == u64::MAX {
+                *o = Err(Errno::Inval);
+                *step = Step::Done;
+                continue;
+            }
             let seq = match target_checked {
                 Some((_, _, seq)) => seq,
                 None => self.checked_seq(req.domid),
@@ -2184,7 +2204,10 @@ impl<L: RawMutex> Engine<L> {
                         slot: idx as u32,
                         gen: tag,
                     };
-                    let _ = crate::storage::try_push(&mut dd.pending_maps, pending);
+                    let pushed = crate::storage::try_push(&mut dd.pending_maps, pending);
+                    // (Were it refused, the page would be mapped nowhere:
+                    // a device given the BFN faults, it reaches nothing.)
+                    debug_assert!(pushed.is_ok(), "room for a waiting map");
                     if dd.pending_maps.len() >= revoke::DEFER_LIMIT as usize {
                         self.write_pending_entries(d, h);
                     }
