@@ -293,6 +293,7 @@ impl IommuBackend for ThreadHost {
                 levels: 4,
             }),
             default_context_attrs: false,
+            default_context_snooped: true,
         }
     }
     fn iommu_map(

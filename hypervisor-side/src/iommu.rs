@@ -82,6 +82,12 @@ pub struct BackendCaps {
     /// The default context honours memory attributes other than
     /// write-back (Xen's `iommu_map` takes none: false there).
     pub default_context_attrs: bool,
+    /// A device's writes through a write-back map of the default context
+    /// snoop the CPU caches (Xen's VT-d tables only when every unit has
+    /// snoop control; AMD-Vi's always). Where they do not, a writable
+    /// map's page is marked for a cache flush before the host trusts its
+    /// contents as a page table (`Platform::note_non_coherent_write`).
+    pub default_context_snooped: bool,
 }
 
 /// One context's pending invalidation: a BFN range and backend flags.

@@ -594,23 +594,31 @@ static unsigned int pvx_mapping_order(const struct domain_iommu *hd, dfn_t dfn,
  * driver domain may be a device model's stub domain. Here the failure is
  * the engine's to answer, as for dom0: a map it retries page by page and
  * revokes (a notice), an unmap whose entry it keeps, the page referenced,
- * and retries at its next flush. That is so on VT-d; AMD-Vi's own
- * amd_iommu_map_page() and amd_iommu_unmap_page() still crash such a
- * domain when they cannot allocate a table or split a superpage, and so
- * does a failed IOTLB flush (iommu_iotlb_flush()) on either: the engine
- * fails closed all the same, and the domain's teardown releases
- * everything. Failures are logged, rate limited, as Xen's loops log them.
+ * and retries at its next flush. VT-d's driver answers -ENOMEM; AMD-Vi's
+ * amd_iommu_map_page() and amd_iommu_unmap_page() crashed any domain,
+ * the hardware domain (the host) included, when they could not allocate a
+ * table or split a superpage, and do not while pviommu_driver_call is set
+ * on this CPU (patches/0007; these loops set it, and neither sleep nor run
+ * from an interrupt). A failed IOTLB flush (iommu_iotlb_flush()) still
+ * crashes a domain other than the hardware domain: the engine fails closed
+ * all the same, and that domain's teardown releases everything. Failures
+ * are logged, rate limited, as Xen's loops log them.
  * The caller checked the run (window, width, frames) and that the
  * domain's IOMMU is enabled. Not preemptible: runs are at most
  * PVX_IOMMU_RUN_MAX pages.
  */
+DEFINE_PER_CPU(bool, pviommu_driver_call);
+
 static int pvx_unmap_run(struct domain *d, dfn_t dfn0, unsigned long count,
                          unsigned int *flush)
 {
     const struct domain_iommu *hd = dom_iommu(d);
+    bool outer = this_cpu(pviommu_driver_call);
     unsigned long i;
     unsigned int order;
     int rc = 0;
+
+    this_cpu(pviommu_driver_call) = true;
 
     /* As Xen's for the hardware domain: every part is tried. */
     for ( i = 0; i < count; i += 1UL << order )
@@ -630,6 +638,7 @@ static int pvx_unmap_run(struct domain *d, dfn_t dfn0, unsigned long count,
         if ( !rc )
             rc = err;
     }
+    this_cpu(pviommu_driver_call) = outer;
 
     return rc;
 }
@@ -639,10 +648,12 @@ static int pvx_map_run(struct domain *d, dfn_t dfn0, mfn_t mfn0,
                        unsigned int *flush)
 {
     const struct domain_iommu *hd = dom_iommu(d);
+    bool outer = this_cpu(pviommu_driver_call);
     unsigned long i;
     unsigned int order;
     int rc = 0;
 
+    this_cpu(pviommu_driver_call) = true;
     for ( i = 0; i < count; i += 1UL << order )
     {
         dfn_t dfn = dfn_add(dfn0, i);
@@ -664,6 +675,7 @@ static int pvx_map_run(struct domain *d, dfn_t dfn0, mfn_t mfn0,
         pvx_unmap_run(d, dfn0, i, flush);
         break;
     }
+    this_cpu(pviommu_driver_call) = outer;
 
     return rc;
 }
@@ -787,6 +799,18 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
 int pvx_tables_coherent(void)
 {
     return !iommu_non_coherent;
+}
+
+/*
+ * Does a device's write through a write-back map of a driver domain's own
+ * tables snoop the CPU caches? VT-d sets SNP on leaves only when every unit
+ * has snoop control (iommu_snoop, cleared by the VT-d setup otherwise; a
+ * client platform's graphics unit often lacks it); AMD-Vi sets FC on every
+ * leaf, and iommu_snoop, VT-d's, stays set there. Boot only.
+ */
+int pvx_default_context_snooped(void)
+{
+    return iommu_snoop;
 }
 
 /* How a table store reaches memory the IOMMU reads (ECAP.C clear). */

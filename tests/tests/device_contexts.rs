@@ -854,7 +854,9 @@ fn second_review_regressions() {
         m.frame_info(mfn).unwrap().non_coherent
     };
     assert!(marked(&m, 4), "engine context without snoop control");
-    assert!(!marked(&m, 5), "the host's own tables: its policy");
+    // (Xen's own VT-d tables set SNP only with snoop control too: see
+    // `a_writable_map_into_context_0_without_snoop_control_marks_the_page`.)
+    assert!(marked(&m, 5), "the host's own tables without snoop control");
 
     // (b) A context whose last flush fails keeps its tag and its tables.
     let (mut m, e) = host(Format::Vtd);
@@ -1072,4 +1074,35 @@ fn a_split_table_is_written_back_once() {
     assert_eq!(lines, 64 + 2, "{lines} lines written back");
     assert_eq!(read(&mut m, A, Bfn(b0 + 200)), Err(FaultReason::NotPresent));
     assert_eq!(read(&mut m, A, Bfn(b0 + 201)).unwrap(), pattern(713));
+}
+
+#[test]
+fn a_writable_map_into_context_0_without_snoop_control_marks_the_page() {
+    // (A security review's finding, XSA-402 class.) Xen's own VT-d tables
+    // set SNP only when every unit has snoop control; without it a
+    // device's write-back map into context 0 does not force snooping, as
+    // in the engine's own tables. The engine took context 0 as always
+    // snooped and left such a page unmarked: Xen could validate a later
+    // page-table type from stale cache lines while the device's data sat
+    // in memory.
+    for snoop_control in [true, false] {
+        let (mut m, e) = host(Format::Vtd);
+        m.snoop_control = snoop_control;
+        let rw = map_in(&mut m, &e, ContextId::DEFAULT, 8, MemAttr::WriteBack);
+        let mut ops = [map_op_in(ContextId::DEFAULT, GUEST, 9, Permissions::RO)];
+        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+        assert_eq!(ops[0].status, 0);
+        let marked = |m: &SimMachine, g| {
+            let mfn = m.mfn_of(GUEST, pviommu_abi::Gfn(g)).unwrap();
+            m.frame_info(mfn).unwrap().non_coherent
+        };
+        assert_eq!(marked(&m, 8), !snoop_control, "writable");
+        assert!(!marked(&m, 9), "read-only");
+        // Unmapped and freed: without snooping, the flush comes on the way
+        // back to the heap.
+        assert_eq!(unmap_in(&mut m, &e, ContextId::DEFAULT, rw), 0);
+        let before = m.cache_flushes();
+        m.balloon_out(&e, GUEST, pviommu_abi::Gfn(8)).unwrap();
+        assert_eq!(m.cache_flushes(), before + u64::from(!snoop_control));
+    }
 }

@@ -2010,20 +2010,23 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// Whether the device's writes through `req`'s mapping are forced to
-    /// snoop the CPU caches: write-back into the host's own tables (its
-    /// policy), or into the engine's VT-d tables with snoop control (SNP).
-    /// Arm LPAE stage 2 with Normal write-back counts as coherent.
+    /// snoop the CPU caches: write-back into the host's own tables where
+    /// the host says they snoop (Xen's VT-d: only with snoop control on
+    /// every unit), or into the engine's VT-d tables with snoop control
+    /// (SNP). Arm LPAE stage 2 with Normal write-back counts as coherent.
     fn snooped(caps: &crate::iommu::BackendCaps, req: &MapRequest) -> bool {
         use crate::iommu::TableFormat;
         if req.attr != crate::MemAttr::WriteBack {
             return false;
         }
-        req.context == ContextId::DEFAULT
-            || match caps.own_tables.map(|t| t.format) {
-                Some(TableFormat::Vtd { snoop_control }) => snoop_control,
-                Some(TableFormat::Lpae) => true,
-                None => false,
-            }
+        if req.context == ContextId::DEFAULT {
+            return caps.default_context_snooped;
+        }
+        match caps.own_tables.map(|t| t.format) {
+            Some(TableFormat::Vtd { snoop_control }) => snoop_control,
+            Some(TableFormat::Lpae) => true,
+            None => false,
+        }
     }
 
     /// The locked part of a map: dedup or install, the result written

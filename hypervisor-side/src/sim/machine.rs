@@ -743,19 +743,6 @@ pub struct SimMachine {
     /// [`set_address_bits`](Self::set_address_bits)): a domain crash on
     /// Xen's AMD-Vi. The engine must never make one.
     pub maps_past_width: u64,
-    /// Each `domain_crash()` Xen's IOMMU driver made, in order (see
-    /// [`driver_crashes_on_no_memory`](Self::driver_crashes_on_no_memory)).
-    /// Recorded only: the simulated domain keeps running, so a test sees the
-    /// crash and what the engine did around it.
-    pub crashed: Vec<DomId>,
-    /// The IOMMU driver crashes a domain other than the hardware domain
-    /// when it cannot allocate a table for a map of its default context,
-    /// or split a superpage for an unmap: Xen 4.17's AMD-Vi driver
-    /// (`amd_iommu_map_page()`, `amd_iommu_unmap_page()`). VT-d's answers
-    /// `-ENOMEM`, which the glue leaves to the engine (it calls the driver
-    /// itself rather than `iommu_map()`/`iommu_unmap()`, which would crash
-    /// the domain for any failure). Off: the VT-d host the simulator is.
-    pub driver_crashes_on_no_memory: bool,
     /// Calls into the IOMMU driver's unmap of a default context, as Xen's
     /// `iommu_unmap()` makes them: one a page, or one an aligned 2 MiB
     /// part of a run (`superpage_unmaps` of those).
@@ -853,8 +840,6 @@ impl SimMachine {
             faults: VecDeque::new(),
             faults_total: 0,
             maps_past_width: 0,
-            crashed: Vec::new(),
-            driver_crashes_on_no_memory: false,
             unmap_calls: 0,
             map_runs: 0,
             superpage_unmaps: 0,
@@ -2185,17 +2170,6 @@ impl SimMachine {
 }
 
 impl SimMachine {
-    /// What an IOMMU driver that crashes domains does once a call into it
-    /// failed for want of memory
-    /// ([`driver_crashes_on_no_memory`](Self::driver_crashes_on_no_memory)):
-    /// `domain_crash()` of a domain other than the hardware domain
-    /// (recorded in [`crashed`](Self::crashed)).
-    fn crash_unless_hardware_domain(&mut self, owner: DomId, e: Errno) {
-        if self.driver_crashes_on_no_memory && e == Errno::NoMem && owner != DomId::DOM0 {
-            self.crashed.push(owner);
-        }
-    }
-
     /// Xen 4.17's `iommu_unmap()` of BFNs `first..=last` of a default
     /// context: each call takes the largest size the IOMMU has (here 4 KiB
     /// and 2 MiB) that starts aligned and that the rest of the run covers
@@ -2215,10 +2189,7 @@ impl SimMachine {
             let whole = at & 0x1ff == 0 && last - at >= 0x1ff;
             match self.unmap_page(owner, ctx, Bfn(at), whole) {
                 Ok(()) | Err(Errno::NoEnt) => {}
-                Err(e) => {
-                    result = result.and(Err(e));
-                    self.crash_unless_hardware_domain(owner, e);
-                }
+                Err(e) => result = result.and(Err(e)),
             }
             at = match at.checked_add(if whole { 0x200 } else { 1 }) {
                 Some(next) => next,
@@ -2270,6 +2241,12 @@ impl IommuBackend for SimMachine {
                 levels: self.address_bits.saturating_sub(12).div_ceil(9).clamp(2, 4),
             }),
             default_context_attrs: true,
+            // Xen's VT-d tables set SNP only with snoop control on every
+            // unit, as the engine's own do.
+            default_context_snooped: match self.format {
+                Format::Vtd => self.snoop_control,
+                Format::Lpae => true,
+            },
         }
     }
     fn iommu_map(
@@ -2292,10 +2269,9 @@ impl IommuBackend for SimMachine {
             return Err(Errno::Inval);
         }
         self.map_calls += 1;
-        if let Err(e) = self.map_page(owner, ctx, bfn, mfn, perms, attr) {
-            self.crash_unless_hardware_domain(owner, e);
-            return Err(e);
-        }
+        // (A failure is the engine's to answer, on VT-d as on AMD-Vi with
+        // patch 0007: the driver crashes no domain for it.)
+        self.map_page(owner, ctx, bfn, mfn, perms, attr)?;
         // VT-d with caching mode off needs no flush for a non-present ->
         // present change; the simulator flushes anyway, like Xen does.
         gather.add(ctx, bfn, 0)
@@ -2361,7 +2337,6 @@ impl IommuBackend for SimMachine {
                 if let Some(last_done) = done.checked_sub(1) {
                     let _ = self.xen_unmap_pages(owner, ctx, bfn.0, bfn.0 + last_done);
                 }
-                self.crash_unless_hardware_domain(owner, e);
                 result = Err(e);
                 break;
             }
@@ -2380,10 +2355,7 @@ impl IommuBackend for SimMachine {
         let _host = HostAllocations::begin();
         match self.unmap_page(owner, ctx, bfn, false) {
             Err(Errno::NoEnt) => return Err(Errno::NoEnt),
-            Err(e) => {
-                self.crash_unless_hardware_domain(owner, e);
-                return Err(e);
-            }
+            Err(e) => return Err(e),
             Ok(()) => {}
         }
         gather.add(ctx, bfn, 0)

@@ -673,6 +673,16 @@ int pvx_tables_coherent(void)
     return 0;
 }
 
+/*
+ * A write-back map of a driver domain's own tables: Normal write-back
+ * memory at stage 2, which the engine counts as coherent (as in its own
+ * LPAE contexts).
+ */
+int pvx_default_context_snooped(void)
+{
+    return 1;
+}
+
 /* How a table store reaches memory the SMMU reads. */
 #define PVX_TABLE_WRITEBACK(va, len) clean_dcache_va_range(va, len)
 #include "pviommu-tables.inc"

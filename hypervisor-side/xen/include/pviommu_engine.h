@@ -340,6 +340,12 @@ int pvx_table_sync(uint64_t mfn, uint64_t lines);
  * caches (VT-d ECAP.C), so the engine need not note or write back its
  * table stores at all; 0 otherwise. */
 int pvx_tables_coherent(void);
+/* Boot only: 1 if a device's writes through a write-back map of a driver
+ * domain's own IOMMU tables (context 0) snoop the CPU caches (VT-d: SNP set
+ * on every leaf, iommu_snoop; AMD-Vi: FC on every leaf); 0 otherwise, and
+ * the engine marks such a page for a cache flush before Xen reads it as a
+ * page table (pvx_page_non_coherent, as for its own contexts). */
+int pvx_default_context_snooped(void);
 /* [devices locked, locked] A context's tag (a pseudo domid); [locked] its
  * IOTLB invalidation (page-selective for [bfn, bfn + count) where it can). */
 int pvx_ctx_alloc(uint16_t *tag);

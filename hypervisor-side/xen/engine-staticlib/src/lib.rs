@@ -108,6 +108,7 @@ mod ffi {
         pub fn pvx_table_unmap(table: *const u64);
         pub fn pvx_table_sync(mfn: u64, lines: u64) -> i32;
         pub fn pvx_tables_coherent() -> i32;
+        pub fn pvx_default_context_snooped() -> i32;
         pub fn pvx_ctx_alloc(tag: *mut u16) -> i32;
         pub fn pvx_ctx_free(tag: u16) -> i32;
         pub fn pvx_domain_has_devices(domid: u16) -> i32;
@@ -706,6 +707,11 @@ fn reset_backend_state() {
 /// back.
 static TABLES_COHERENT: AtomicBool = AtomicBool::new(false);
 
+/// A device's writes through a write-back map of a driver domain's own
+/// tables snoop the CPU caches (`pvx_default_context_snooped` at boot;
+/// false until then, which only costs cache flushes).
+static DEFAULT_CONTEXT_SNOOPED: AtomicBool = AtomicBool::new(false);
+
 impl Platform for Xen {
     fn copy_from_guest(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
         // SAFETY: `buf` is valid for writes of its length.
@@ -1233,6 +1239,7 @@ impl IommuBackend for Xen {
                 levels,
             }),
             default_context_attrs: false,
+            default_context_snooped: DEFAULT_CONTEXT_SNOOPED.load(Ordering::Relaxed),
         }
     }
     fn iommu_map(
@@ -1544,6 +1551,11 @@ pub extern "C" fn pviommu_engine_init(
     // SAFETY: plain call.
     TABLES_COHERENT.store(
         unsafe { ffi::pvx_tables_coherent() } != 0,
+        Ordering::Relaxed,
+    );
+    // SAFETY: plain call.
+    DEFAULT_CONTEXT_SNOOPED.store(
+        unsafe { ffi::pvx_default_context_snooped() } != 0,
         Ordering::Relaxed,
     );
     let mut config = Config::default();

@@ -385,6 +385,12 @@ pub extern "C" fn pvx_tables_coherent() -> i32 {
 
 #[no_mangle]
 #[inline(never)]
+pub extern "C" fn pvx_default_context_snooped() -> i32 {
+    1
+}
+
+#[no_mangle]
+#[inline(never)]
 pub extern "C" fn pvx_ctx_caps(levels: *mut u32, snoop_control: *mut i32) -> i32 {
     let l = with(|m| m.ctx_levels);
     if l == 0 {
