@@ -1410,7 +1410,7 @@ impl<L: RawMutex> Engine<L> {
         caller_info: &DomainInfo,
         req: &MapRequest,
     ) -> Result<Mapped, Errno> {
-        // (Xen's INVALID_GFN: see `map_batch`.)
+        // (Xen's INVALID_GFN: see `map_locked`.)
         if req.gfn.0 == u64::MAX {
             return Err(Errno::Inval);
         }
@@ -1589,14 +1589,6 @@ impl<L: RawMutex> Engine<L> {
                     && p.attr == req.attr
                     && p.grant == req.grant
             });
-            // Xen's INVALID_GFN (~0) is no page of any p2m: refused, so a
-            // hook's range, its end saturated at the top, and a dying
-            // target's whole range cover every gfn a mapping can have.
-            if req.gfn.0 == u64::MAX {
-                *o = Err(Errno::Inval);
-                *step = Step::Done;
-                continue;
-            }
             let seq = match target_checked {
                 Some((_, _, seq)) => seq,
                 None => self.checked_seq(req.domid),
@@ -2041,6 +2033,14 @@ impl<L: RawMutex> Engine<L> {
     ) -> Reported {
         if d.dd.context != req.context || !d.dd.has_context(req.context) {
             return report::refused(out, Errno::NoEnt);
+        }
+        // Xen's INVALID_GFN (~0) is no page of any p2m (a lookup of it
+        // finds none there): refused, so a hook's range, its end saturated
+        // at the top, and a dying target's whole range cover every gfn a
+        // mapping can have. (Here, not at the checks: there it cost every
+        // op of a run 27 instructions in the loop's code.)
+        if req.gfn.0 == u64::MAX {
+            return report::refused(out, Errno::Inval);
         }
         // The page's probe and the mapping's key are made once, here, and
         // go by reference: copied whole, the probe was reloaded wider than
