@@ -7,6 +7,7 @@ use pviommu_abi::{
     feature, op_flags, Bfn, ContextId, DomId, Errno, Gfn, MapRequest, Permissions, PvIommuOp,
     Request, EXTENT_PAGES,
 };
+use pviommu_hv::engine::GfnChange;
 use pviommu_hv::sim::{Format, SimMachine};
 use pviommu_hv::Engine;
 use pviommu_tests::*;
@@ -1225,4 +1226,84 @@ fn a_page_unmapped_out_of_a_superpage_in_context_0_is_unreachable_after_the_flus
         m.dma_read(DomId::DOM0, ctx, page.0 << 12, 8).is_err(),
         "the device still reads a page the engine released"
     );
+}
+
+/// A device model's aligned extent in its context 0: one 2 MiB entry in
+/// the host's tables (Xen writes the run as one superpage).
+fn device_models_extent_in_context_0(m: &mut SimMachine, e: &Engine) -> Bfn {
+    let req = map_request_in(ContextId::DEFAULT, GUEST, EXTENT, Permissions::RO);
+    let mut ops = [Request::MapExtent(req).encode()];
+    m.guest_batch_all(e, DEVICE_MODEL, &mut ops).unwrap();
+    assert_eq!(ops[0].status, 0);
+    assert_eq!(m.superpage_maps, 1, "one 2 MiB entry in the host's tables");
+    Bfn(ops[0].bfn)
+}
+
+#[test]
+fn an_extent_in_context_0_goes_without_table_memory_whoever_takes_it_down() {
+    // (A security review's hardening point.) The owner's extent unmap
+    // clears the block with one 2 MiB call, which splits nothing. A
+    // revocation of the whole block (the guest gives its 2 MiB page back)
+    // and a dying device model's teardown took it down a page at a time,
+    // the first page's unmap splitting the host's superpage, which needs
+    // a table: short of memory the pages went Stuck, the device kept
+    // reaching the frames the guest gave back, and the teardown stalled.
+    // Now they leave the entries to the flush that follows, which clears
+    // them in runs, as it does the owner's.
+    let (mut m, e) = host();
+    let bfn = device_models_extent_in_context_0(&mut m, &e);
+    m.fail_table_allocs(Some(0));
+    let mut ops = [extent_unmap(ContextId::DEFAULT, bfn)];
+    m.guest_batch_all(&e, DEVICE_MODEL, &mut ops).unwrap();
+    assert_eq!(ops[0].status, 0);
+    assert_eq!(m.total_page_refs(), 0, "the owner's unmap");
+    m.fail_table_allocs(None);
+
+    // A hook over the whole block.
+    let (mut m, e) = host();
+    let bfn = device_models_extent_in_context_0(&mut m, &e);
+    for g in EXTENT..EXTENT + EXTENT_PAGES {
+        m.put_new_frame(GUEST, Gfn(g)).unwrap();
+    }
+    m.fail_table_allocs(Some(0));
+    e.gfn_changed(&mut m, GUEST, Gfn(EXTENT), 9, GfnChange::Removed);
+    assert!(
+        m.dma_read(DEVICE_MODEL, ContextId::DEFAULT, bfn.0 << 12, 8)
+            .is_err(),
+        "the device still reaches the frames the guest gave back"
+    );
+    assert_eq!(m.total_page_refs(), 0, "a hook");
+    assert_eq!(e.usage(DEVICE_MODEL).2, EXTENT_PAGES, "each page a notice");
+    m.fail_table_allocs(None);
+
+    // A dying device model.
+    let (mut m, e) = host();
+    device_models_extent_in_context_0(&mut m, &e);
+    m.fail_table_allocs(Some(0));
+    m.mark_dying(DEVICE_MODEL);
+    let (mut cursor, mut slices) = (0, 0);
+    while e
+        .domain_teardown(&mut m, DEVICE_MODEL, &mut cursor)
+        .is_err()
+    {
+        slices += 1;
+        assert!(
+            !Engine::teardown_stalled(cursor) && slices < 10_000,
+            "stalled"
+        );
+    }
+    assert_eq!(m.total_page_refs(), 0, "a teardown");
+    m.fail_table_allocs(None);
+
+    // A dying target (its slices end on 2 MiB boundaries of the BFNs, so
+    // each flush clears whole blocks).
+    let (mut m, e) = host();
+    let bfn = device_models_extent_in_context_0(&mut m, &e);
+    m.fail_table_allocs(Some(0));
+    let slices = m.kill_domain(&e, GUEST);
+    assert!(slices < 10_000, "stalled");
+    assert_eq!(m.total_page_refs(), 0, "the target's teardown");
+    assert!(m
+        .dma_read(DEVICE_MODEL, ContextId::DEFAULT, bfn.0 << 12, 8)
+        .is_err());
 }

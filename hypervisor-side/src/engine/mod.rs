@@ -76,8 +76,8 @@ pub use contexts::{LeafBits, MAX_DEVICES_PER_CONTEXT};
 pub use driver::{DriverDomain, DriverStats, Mapping, Notice, Slot, REGION_GFN_END};
 pub use extent::ExtentMapped;
 pub use revoke::{
-    GfnChange, RangeSweep, Restart, PREEMPT_RELEASE_LIMIT, SLICE_REVOKES, SLICE_VISITS,
-    STUCK_RETRIES,
+    GfnChange, RangeSweep, Restart, PREEMPT_RELEASE_LIMIT, SLICE_REVOKES, SLICE_REVOKES_MOST,
+    SLICE_VISITS, STUCK_RETRIES,
 };
 
 use crate::bfn_alloc::{BfnSpace, BfnWindow};

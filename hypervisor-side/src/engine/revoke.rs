@@ -44,10 +44,14 @@ pub enum GfnChange {
 pub struct Restart;
 
 /// Slots a slice of a teardown or of [`Engine::revoke_writes`] visits
-/// before it yields.
+/// before it yields (at the next slot that starts a 2 MiB block of BFNs:
+/// at most 511 more, see [`Engine::slice_may_end_at`]).
 pub const SLICE_VISITS: u64 = 4096;
-/// Revocations (IOMMU unmaps) such a slice makes before it yields.
+/// Revocations (IOMMU unmaps) such a slice makes before it yields (as
+/// many as 511 more, likewise: [`SLICE_REVOKES_MOST`]).
 pub const SLICE_REVOKES: u32 = 256;
+/// The most revocations one slice makes: it ends at a 2 MiB block of BFNs.
+pub const SLICE_REVOKES_MOST: u32 = SLICE_REVOKES + pviommu_abi::EXTENT_PAGES as u32 - 1;
 /// Stuck revocations (unmaps the IOMMU refused before) one flush retries:
 /// a call's work stays bounded however many there are (as a slice's
 /// revocations are), and the oldest go first, so each is retried within
@@ -320,6 +324,20 @@ impl<L: RawMutex> Engine<L> {
     /// unmap the IOMMU refuses leaves it stuck, page referenced. Returns
     /// the target and whether this was `d`'s last page of it.
     ///
+    /// In context 0 (the host's tables) the entry is left for the flush
+    /// that follows, as an owner's unmap leaves it: that flush clears the
+    /// entries it finds in runs (`clear_deferred_entries`), a whole 2 MiB
+    /// with one call, which splits nothing. Cleared here page by page, a
+    /// revocation of a whole block the host folded into a superpage (a
+    /// guest giving back a 2 MiB page, a target's or a driver domain's
+    /// death) split it first, which needs a table: short of memory the
+    /// 512 pages went Stuck, the device kept reaching frames the guest had
+    /// given back, and a dying domain's teardown stalled, where the owner's
+    /// own unmap of the same block needed nothing. Every caller flushes
+    /// before the device may lose the page (a hook and a teardown slice
+    /// before they unlock, a map's or an undo's the owner's call at its
+    /// end), and the page stays referenced until that flush succeeded.
+    ///
     /// It leaves the target's gate bit alone: a map that revokes a stale
     /// mapping and then installs the current frame must not clear its own
     /// bit in between (a hook reading the bits then would skip the cell).
@@ -333,15 +351,21 @@ impl<L: RawMutex> Engine<L> {
         let dd = &mut *d.dd;
         let m = dd.live_at(idx)?;
         let last_of_target = dd.unindex(self.seed, idx)?;
+        if then_revoked {
+            dd.stats.revocations += 1;
+        }
+        if m.context == ContextId::DEFAULT {
+            // (A map whose entry the flush had still to write is cleared
+            // all the same: the host answers a missing entry with 0.)
+            dd.push_unmapping_at(idx, then_revoked, true);
+            return Some((m.domid, last_of_target));
+        }
         let t0 = self.clock(h);
         let unmapped = self
             .space
             .bfn_of(idx)
             .is_some_and(|bfn| entry_gone(m.context, dd.iommu_unmap(h, m.context, bfn)));
         dd.stats.ns_iommu_unmap += self.since(h, t0);
-        if then_revoked {
-            dd.stats.revocations += 1;
-        }
         // Its gate share goes with the page, after the flush.
         if unmapped {
             dd.push_unmapping_at(idx, then_revoked, false);
@@ -353,6 +377,17 @@ impl<L: RawMutex> Engine<L> {
             dd.push_stuck(idx, m, true);
         }
         Some((m.domid, last_of_target))
+    }
+
+    /// Whether a slice of a walk over a cell's slots may end before slot
+    /// `slot`: where its BFN starts a 2 MiB block (or it has none). The
+    /// slice's flush then clears whole blocks of context 0 the walk took
+    /// down, each with one call, never a part of one the host mapped as a
+    /// superpage, whose split would need a table (see `take_down_live`).
+    /// A slice runs at most 511 slots past its bounds.
+    pub(super) fn slice_may_end_at(&self, slot: u64) -> bool {
+        const BLOCK: u64 = pviommu_abi::EXTENT_PAGES - 1;
+        self.space.bfn_of(slot).is_none_or(|b| b.0 & BLOCK == 0)
     }
 
     /// Clear the IOMMU entries of the owner's unmaps since the last flush,
@@ -1141,7 +1176,9 @@ impl<L: RawMutex> Engine<L> {
                 d.dd.slots.len() as u64
             };
             while c.slot < n {
-                if visits >= SLICE_VISITS || revokes >= SLICE_REVOKES {
+                if (visits >= SLICE_VISITS || revokes >= SLICE_REVOKES)
+                    && self.slice_may_end_at(c.slot)
+                {
                     flush(&mut d, h);
                     self.clear_gate_bit_if_unused(cell, &d.dd, domid);
                     self.put_driver(d);
@@ -1403,7 +1440,9 @@ impl<L: RawMutex> Engine<L> {
             let n = d.dd.slots.len() as u64;
             let (used, flush_failed) = (d.dd.used(), d.dd.flush_failed);
             while c.slot < n {
-                if visits >= SLICE_VISITS || revokes >= SLICE_REVOKES {
+                if (visits >= SLICE_VISITS || revokes >= SLICE_REVOKES)
+                    && self.slice_may_end_at(c.slot)
+                {
                     self.flush_and_release(&mut d, h);
                     self.put_driver(d);
                     return Err(Restart);

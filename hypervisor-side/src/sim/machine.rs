@@ -1899,6 +1899,9 @@ impl Platform for SimMachine {
         target: Option<DomId>,
         action: XsmAction,
     ) -> Result<(), Errno> {
+        // (Xen's pvx_xsm_check() asserts no engine lock is held: FLASK's
+        // checks may take the AVC's locks.)
+        crate::lock_check::note_service("xsm_check (FLASK: the AVC's locks)");
         let denied = |d: &Domain| {
             d.xsm_denied
                 || d.xsm_denied_actions
