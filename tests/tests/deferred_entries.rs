@@ -918,3 +918,53 @@ fn an_unmap_whose_split_the_iommu_cannot_make_waits_for_a_later_flush() {
         None
     );
 }
+
+/// (A security review's finding.) A map batch writes its waiting entries
+/// in the middle of the call once `DEFER_LIMIT` wait; Xen may then free a
+/// table of its own (a leaf table folded into a superpage, here the one
+/// the first page's map made), queued for a tasklet that runs as soon as
+/// the CPU processes softirqs: on the way back to the guest when the call
+/// is preempted, or in a guest copy that waits. The flush waited for the
+/// call's end, so the IOMMU could still walk the freed table through its
+/// caches. Now a flush follows each such write at once.
+#[test]
+fn a_preempted_batch_flushes_the_entries_it_wrote_before_xen_frees_a_table() {
+    // Guest gfn g is frame 512 + g: gfns from 512 are 2 MiB-aligned runs.
+    let (mut m, e) = machine_after_dom0(Format::Vtd, 2048, 512);
+    // The first page of an aligned 2 MiB: a leaf table in dom0's context 0.
+    let mut first = [map_op(GUEST, 512, Permissions::RW)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut first).unwrap();
+    assert_eq!(first[0].status, 0);
+    // The rest of that 2 MiB (600 maps, waiting), then an extent, whose
+    // 512 would take the waiting maps past DEFER_LIMIT: they are written
+    // first (the leaf table folds into a superpage, and Xen queues it to
+    // be freed), and the call is preempted at the check after the extent.
+    let mut ops: Vec<_> = (513..1113)
+        .map(|g| map_op(GUEST, g, Permissions::RW))
+        .collect();
+    let extent = map_request_in(ContextId::DEFAULT, GUEST, 1536, Permissions::RW);
+    ops.push(pviommu_abi::Request::MapExtent(extent).encode());
+    ops.extend((1113..1121).map(|g| map_op(GUEST, g, Permissions::RW)));
+    m.preempt_budget = Some(75);
+    let (rc, done) = m.guest_batch(&e, DomId::DOM0, &mut ops, 0).unwrap();
+    m.preempt_budget = None;
+    assert_eq!((rc, done), (1, 601), "preempted after the extent");
+    assert_eq!(ops[600].status, 0);
+    assert_eq!(
+        m.context_leaf(DomId::DOM0, ContextId::DEFAULT, Bfn(first[0].bfn))
+            .map(|l| l.0),
+        Some(2),
+        "folded"
+    );
+    assert_eq!(
+        m.tables_freed_before_flush(),
+        0,
+        "a table freed before its flush"
+    );
+    let mut done = done;
+    while let Ok((1, d)) = m.guest_batch(&e, DomId::DOM0, &mut ops, done) {
+        done = d;
+    }
+    assert!(ops.iter().all(|o| o.status == 0));
+    assert_eq!(m.tables_freed_before_flush(), 0);
+}

@@ -334,7 +334,7 @@ impl<L: RawMutex> Engine<L> {
             // The run's maps wait together: those waiting are written
             // first if the run would take the list past its limit.
             if d.dd.pending_maps.len() as u64 + EXTENT_PAGES > DEFER_LIMIT {
-                self.write_pending_entries(d, h);
+                self.write_pending_entries_mid_call(d, h);
             }
         }
         // The slot array may hold up to 511 free slots more than the
@@ -398,7 +398,7 @@ impl<L: RawMutex> Engine<L> {
                 debug_assert!(pushed.is_ok(), "room for an extent's waiting maps");
             }
             if d.dd.pending_maps.len() as u64 >= DEFER_LIMIT {
-                self.write_pending_entries(d, h);
+                self.write_pending_entries_mid_call(d, h);
             }
         } else {
             let t0 = self.clock(h);
@@ -525,7 +525,7 @@ impl<L: RawMutex> Engine<L> {
     ) {
         let seed = self.seed;
         if d.dd.deferred_entries + failed > DEFER_LIMIT {
-            self.clear_deferred_entries(&mut d.dd, h);
+            self.clear_deferred_entries_mid_call(&mut d.dd, h);
         }
         for i in 0..EXTENT_PAGES {
             let idx = first + i;
@@ -569,7 +569,7 @@ impl<L: RawMutex> Engine<L> {
             return;
         }
         if d.dd.deferred_entries + EXTENT_PAGES > DEFER_LIMIT {
-            self.clear_deferred_entries(&mut d.dd, h);
+            self.clear_deferred_entries_mid_call(&mut d.dd, h);
         }
         let now = d.dd.next_gen;
         for i in 0..EXTENT_PAGES {
@@ -602,7 +602,7 @@ impl<L: RawMutex> Engine<L> {
             }
         }
         if d.dd.deferred_entries >= DEFER_LIMIT {
-            self.clear_deferred_entries(&mut d.dd, h);
+            self.clear_deferred_entries_mid_call(&mut d.dd, h);
         }
         self.put_driver(d);
     }
@@ -663,7 +663,7 @@ impl<L: RawMutex> Engine<L> {
         if let Ok((first, _)) = result {
             // The entries left for the flush stay within `DEFER_LIMIT`.
             if d.dd.deferred_entries + EXTENT_PAGES > DEFER_LIMIT {
-                self.clear_deferred_entries(&mut d.dd, h);
+                self.clear_deferred_entries_mid_call(&mut d.dd, h);
             }
             // The usual case, one extent map's record unmapped whole, in
             // one step; anything else page by page.
@@ -675,7 +675,7 @@ impl<L: RawMutex> Engine<L> {
             }
         }
         if d.dd.deferred_entries >= DEFER_LIMIT {
-            self.clear_deferred_entries(&mut d.dd, h);
+            self.clear_deferred_entries_mid_call(&mut d.dd, h);
         }
         self.put_driver(d);
         result.map(|(_, revoked)| revoked)

@@ -2212,7 +2212,7 @@ impl<L: RawMutex> Engine<L> {
                     // a device given the BFN faults, it reaches nothing.)
                     debug_assert!(pushed.is_ok(), "room for a waiting map");
                     if dd.pending_maps.len() >= revoke::DEFER_LIMIT as usize {
-                        self.write_pending_entries(d, h);
+                        self.write_pending_entries_mid_call(d, h);
                     }
                 }
                 report::installed(
@@ -2308,7 +2308,7 @@ impl<L: RawMutex> Engine<L> {
         let mut d = self.lock_cell(caller, context).ok_or(Errno::NoEnt)?;
         let result = self.unmap_locked(&mut d, context, idx);
         if d.dd.deferred_entries >= revoke::DEFER_LIMIT {
-            self.clear_deferred_entries(&mut d.dd, h);
+            self.clear_deferred_entries_mid_call(&mut d.dd, h);
         }
         self.put_driver(d);
         result
@@ -2377,7 +2377,7 @@ impl<L: RawMutex> Engine<L> {
             };
         }
         if d.dd.deferred_entries >= revoke::DEFER_LIMIT {
-            self.clear_deferred_entries(&mut d.dd, h);
+            self.clear_deferred_entries_mid_call(&mut d.dd, h);
         }
         self.put_driver(d);
         n

@@ -542,6 +542,56 @@ impl<L: RawMutex> Engine<L> {
     /// live with its generation (unmapped or revoked meanwhile, or installed
     /// again: that install has its own entry in the list) is skipped. Bounded by
     /// `DEFER_LIMIT` (a map that reaches it writes them at once).
+    /// [`write_pending_entries`](Self::write_pending_entries) in the
+    /// middle of a call (`DEFER_LIMIT` reached), and the IOTLB flush at
+    /// once: see [`flush_mid_call`](Self::flush_mid_call).
+    pub(super) fn write_pending_entries_mid_call(
+        &self,
+        d: &mut Driver<'_, L>,
+        h: &mut impl Hypervisor,
+    ) {
+        self.write_pending_entries(d, h);
+        self.flush_mid_call(&mut d.dd, h);
+    }
+
+    /// [`clear_deferred_entries`](Self::clear_deferred_entries) in the
+    /// middle of a call, and the IOTLB flush at once (see
+    /// [`flush_mid_call`](Self::flush_mid_call)); the pages still wait
+    /// for the call's end.
+    pub(super) fn clear_deferred_entries_mid_call(
+        &self,
+        dd: &mut DriverDomain,
+        h: &mut impl Hypervisor,
+    ) {
+        self.clear_deferred_entries(dd, h);
+        self.flush_mid_call(dd, h);
+    }
+
+    /// Flush what `dd` gathered, releasing nothing, after context-0 entries
+    /// were written or cleared in the middle of a call. Xen may have taken
+    /// a table of its own down on the way (a leaf table folded into a
+    /// superpage, one an order-9 map or unmap replaced) and queued it for a
+    /// tasklet that frees it as soon as this CPU processes softirqs: on the
+    /// way back to the guest when the call is preempted, or in a guest copy
+    /// or page lookup that waits. Until the IOTLB flush the IOMMU may still
+    /// walk it through its caches, and a freed frame may be anyone's by
+    /// then (Xen's own batches flush before they can get there too). The
+    /// flush covers everything gathered so far, so the release pass at the
+    /// call's end may go by it; a failed one is kept, as at the end.
+    fn flush_mid_call(&self, dd: &mut DriverDomain, h: &mut impl Hypervisor) {
+        if dd.gather.is_empty() {
+            return;
+        }
+        let t0 = self.clock(h);
+        let flushed = dd.iommu_flush(h);
+        dd.stats.ns_iommu_flush += self.since(h, t0);
+        dd.stats.flushes += 1;
+        dd.flush_failed = flushed.is_err();
+        if !dd.flush_failed {
+            dd.gather.clear();
+        }
+    }
+
     pub(super) fn write_pending_entries(&self, d: &mut Driver<'_, L>, h: &mut impl Hypervisor) {
         let pending = core::mem::take(&mut d.dd.pending_maps);
         let t0 = self.clock(h);

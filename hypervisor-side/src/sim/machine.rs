@@ -1,6 +1,6 @@
 //! Host RAM, domains and the platform/IOMMU services the engine calls.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::iommu::{
     BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend, OwnTables, TableFormat,
@@ -764,6 +764,9 @@ pub struct SimMachine {
     pub fail_unmaps: u32,
     /// The next this-many IOTLB flushes fail (failure injection).
     pub fail_flushes: u32,
+    /// Owners whose last flush of their context 0 failed (see
+    /// [`run_softirqs`](Self::run_softirqs)).
+    flush_failed_for: BTreeSet<DomId>,
     /// Failure injection for one driver domain's IOMMU unmaps in its
     /// default context (after `fail_unmaps`): `(owner, n)`, its unmaps
     /// fail but every `n`-th (`n` = 0: all of them), as an IOMMU short of
@@ -853,6 +856,7 @@ impl SimMachine {
             fail_unmaps_of: None,
             unmaps_of_seen: 0,
             fail_flushes: 0,
+            flush_failed_for: BTreeSet::new(),
             seed: 0x5eed_f00d_5113,
             hotplug_end: 0,
             revocation_wakeups: BTreeMap::new(),
@@ -1829,7 +1833,39 @@ impl SimMachine {
             .domain_info(caller)
             .is_some_and(|d| d.control || d.hardware);
         let _caller = super::CallerGuard::enter(is_host);
-        engine.hypercall(self, caller, cmd, arg)
+        let rc = engine.hypercall(self, caller, cmd, arg);
+        self.run_softirqs();
+        rc
+    }
+
+    /// What runs as this CPU processes softirqs, on the way back to the
+    /// guest (a call that returns, or is preempted to continue later) or
+    /// in a wait: Xen's `free_pgt_tasklet`, which frees the tables its
+    /// IOMMU code queued (`iommu_queue_free_pgtable()`: a leaf table
+    /// folded into a superpage, one an order-9 map or unmap took down),
+    /// flushed or not. Xen's own batches flush before they get there; a
+    /// table the engine's calls had Xen unlink and left unflushed is
+    /// counted in [`tables_freed_before_flush`](Self::tables_freed_before_flush)
+    /// as it goes. (Until this model the simulator freed them at the
+    /// flush, and hid a batch preempted between a mid-call write of its
+    /// entries and its flush.)
+    ///
+    /// Not for an owner whose last flush of its context 0 failed: what Xen
+    /// frees then is Xen's own failure (a queued invalidation that times
+    /// out panics VT-d's Xen), out of the engine's hands, and the
+    /// simulator's injected failures test what the engine does about its
+    /// own pages.
+    pub fn run_softirqs(&mut self) {
+        for (&(owner, _), c) in self.contexts.iter_mut() {
+            if self.flush_failed_for.contains(&owner) {
+                continue;
+            }
+            let mut mem = WriteThrough(&mut self.ram);
+            match c {
+                Context::Vtd(t) => t.release_freed(&mut mem),
+                Context::Lpae(t) => t.release_freed(&mut mem),
+            }
+        }
     }
 
     /// Visit the calling domain's RAM behind guest-physical `addr..addr+len`
@@ -2387,8 +2423,10 @@ impl IommuBackend for SimMachine {
         let _host = HostAllocations::begin();
         if self.fail_flushes > 0 {
             self.fail_flushes -= 1;
+            self.flush_failed_for.insert(owner);
             return Err(Errno::Inval);
         }
+        self.flush_failed_for.remove(&owner);
         for r in gather.ranges() {
             // As Xen's VT-d `iommu_flush_iotlb()` invalidates what it is
             // asked to: a page-selective invalidation of the range where it
