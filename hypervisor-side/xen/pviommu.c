@@ -618,6 +618,7 @@ static int pvx_unmap_run(struct domain *d, dfn_t dfn0, unsigned long count,
     unsigned int order;
     int rc = 0;
 
+    ASSERT(!in_irq());
     this_cpu(pviommu_driver_call) = true;
 
     /* As Xen's for the hardware domain: every part is tried. */
@@ -653,6 +654,7 @@ static int pvx_map_run(struct domain *d, dfn_t dfn0, mfn_t mfn0,
     unsigned int order;
     int rc = 0;
 
+    ASSERT(!in_irq());
     this_cpu(pviommu_driver_call) = true;
     for ( i = 0; i < count; i += 1UL << order )
     {
@@ -723,8 +725,8 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn, uint64_t count,
      * map_page (mapping_order()). On failure what the run mapped is
      * unmapped again as far as it can be (an unmap that must split a
      * superpage may fail), and the run's range is marked for the engine's
-     * flush, which covers it. No domain_crash() here (AMD-Vi's driver
-     * still makes one): see pvx_map_run(). Not preemptible: runs are
+     * flush, which covers it. No domain_crash() here, nor in AMD-Vi's
+     * driver (patches/0007): see pvx_map_run(). Not preemptible: runs are
      * bounded by the engine's DEFER_LIMIT.
      */
     rc = pvx_map_run(d, _dfn(bfn), _mfn(mfn), count, iflags, flush);
@@ -770,8 +772,8 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
      * SLLPS, always on AMD-Vi), which splits nothing. On failure the engine
      * retries page by page, and keeps a page it still cannot unmap
      * referenced, its BFN poisoned, retried at each flush: for every
-     * driver domain, as for dom0 (no domain_crash() here; AMD-Vi's driver
-     * still makes one, see pvx_map_run()).
+     * driver domain, as for dom0 (no domain_crash() here, nor in AMD-Vi's
+     * driver with patches/0007, see pvx_map_run()).
      * Not preemptible: the engine's runs are bounded by its batches (its
      * DEFER_LIMIT), as the page-at-a-time loop it replaces was.
      */

@@ -1712,3 +1712,44 @@ fn the_window_stays_inside_the_iommus_address_width() {
     assert!(past.is_err());
     assert_eq!(m.maps_past_width, 1);
 }
+
+/// (A security review's finding.) A teardown's slices end where a 2 MiB
+/// block of BFNs starts, so each slice's flush clears whole blocks; a
+/// reserved range inside the window over a block's first BFN took that
+/// place away, and a slice ran up to 1023 slots on, past the bound its
+/// callers are promised. It also ends where a new segment of BFNs starts.
+#[test]
+fn a_reserved_block_start_keeps_a_teardown_slice_within_its_bound() {
+    use pviommu_hv::platform::ReservedRange;
+    let pages = 4096u64;
+    let (mut m, probe) = machine(Format::Vtd, pages);
+    let start = probe.window().start;
+    drop(probe);
+    m.add_reserved(ReservedRange {
+        start: start + 512,
+        nr: 1,
+        kind: pviommu_abi::region_kind::MMIO,
+    });
+    let e = Engine::new(Default::default(), &m).unwrap();
+    let mut ops: Vec<_> = (0..pages)
+        .map(|g| map_op(GUEST, g, Permissions::RW))
+        .collect();
+    for chunk in ops.chunks_mut(1024) {
+        m.guest_batch_all(&e, DomId::DOM0, chunk).unwrap();
+    }
+    assert!(ops.iter().all(|o| o.status == 0));
+    m.mark_dying(GUEST);
+    let most = u64::from(pviommu_hv::engine::SLICE_REVOKES_MOST);
+    let (mut cursor, mut worst) = (0, 0);
+    loop {
+        let before = e.state().driver(DomId::DOM0).unwrap().live();
+        let done = e.domain_teardown(&mut m, GUEST, &mut cursor).is_ok();
+        let after = e.state().driver(DomId::DOM0).unwrap().live();
+        worst = worst.max(before - after);
+        if done {
+            break;
+        }
+    }
+    assert!(worst <= most, "a slice revoked {worst} (bound {most})");
+    assert_eq!(m.total_page_refs(), 0);
+}

@@ -414,15 +414,18 @@ impl super::DriverDomain {
         let mut default = FlushGather::default();
         for r in self.gather.ranges() {
             if r.context == ContextId::DEFAULT {
-                // The whole 2 MiB blocks around the range: the host may
+                // The whole 1 GiB blocks around the range: the host may
                 // have split a superpage of its own tables to unmap a page
-                // (Xen's VT-d and AMD-Vi code fold a full leaf table into
-                // one), and says nothing of it; its flush invalidates what
-                // it is asked to, and an IOTLB drops a superpage's entry
-                // only for an invalidation covering all of it (see
-                // `IoPageTable::take_split`). One page-selective
-                // invalidation of 2 MiB where there was one of a page.
-                const BLOCK: u64 = pviommu_abi::EXTENT_PAGES - 1;
+                // (Xen's VT-d and AMD-Vi code fold a full table into a 2
+                // MiB entry, and on to 1 GiB where the IOMMU has those:
+                // AMD-Vi always, VT-d with SPS 1 GiB), and says nothing of
+                // it; its flush invalidates what it is asked to, and an
+                // IOTLB drops a superpage's entry only for an invalidation
+                // covering all of it (VT-d: an address mask of 18 for 1
+                // GiB). One page-selective invalidation of 1 GiB where
+                // there was one of a page (or the domain's, where a unit
+                // takes no mask that wide).
+                const BLOCK: u64 = (1 << 18) - 1;
                 default.add(r.context, Bfn(r.first.0 & !BLOCK), r.flags)?;
                 default.add(r.context, Bfn(r.last.0 | BLOCK), r.flags)?;
             } else if let Some(own) = self.own.iter().find(|c| c.id == r.context) {

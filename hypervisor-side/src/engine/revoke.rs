@@ -327,7 +327,8 @@ impl<L: RawMutex> Engine<L> {
     /// In context 0 (the host's tables) the entry is left for the flush
     /// that follows, as an owner's unmap leaves it: that flush clears the
     /// entries it finds in runs (`clear_deferred_entries`), a whole 2 MiB
-    /// with one call, which splits nothing. Cleared here page by page, a
+    /// with one call, which splits nothing (but a 1 GiB entry Xen folded
+    /// them into, see `design/architecture.md`). Cleared here page by page, a
     /// revocation of a whole block the host folded into a superpage (a
     /// guest giving back a 2 MiB page, a target's or a driver domain's
     /// death) split it first, which needs a table: short of memory the
@@ -385,9 +386,33 @@ impl<L: RawMutex> Engine<L> {
     /// down, each with one call, never a part of one the host mapped as a
     /// superpage, whose split would need a table (see `take_down_live`).
     /// A slice runs at most 511 slots past its bounds.
+    ///
+    /// Also where a new segment of BFNs starts (a reserved range skipped:
+    /// the block start may lie inside it, and a block holding a reserved
+    /// BFN is no superpage of the host's), so the next place to end is
+    /// never more than 511 slots on.
     pub(super) fn slice_may_end_at(&self, slot: u64) -> bool {
         const BLOCK: u64 = pviommu_abi::EXTENT_PAGES - 1;
-        self.space.bfn_of(slot).is_none_or(|b| b.0 & BLOCK == 0)
+        let Some(bfn) = self.space.bfn_of(slot) else {
+            return true;
+        };
+        let segment_start = slot
+            .checked_sub(1)
+            .and_then(|s| self.space.bfn_of(s))
+            .is_none_or(|before| before.0.checked_add(1) != Some(bfn.0));
+        bfn.0 & BLOCK == 0 || segment_start
+    }
+
+    /// Whether a slice of a walk that has made `visits` visits and
+    /// `revokes` revocations ends before slot `slot`: past its bounds, at
+    /// a place [`slice_may_end_at`](Self::slice_may_end_at) allows, and
+    /// in any case at the most a slice may make (a backstop).
+    pub(super) fn slice_ends(&self, visits: u64, revokes: u32, slot: u64) -> bool {
+        const PAST: u64 = pviommu_abi::EXTENT_PAGES - 1;
+        (visits >= SLICE_VISITS || revokes >= SLICE_REVOKES)
+            && (self.slice_may_end_at(slot)
+                || visits >= SLICE_VISITS + PAST
+                || revokes >= SLICE_REVOKES_MOST)
     }
 
     /// Clear the IOMMU entries of the owner's unmaps since the last flush,
@@ -1226,9 +1251,7 @@ impl<L: RawMutex> Engine<L> {
                 d.dd.slots.len() as u64
             };
             while c.slot < n {
-                if (visits >= SLICE_VISITS || revokes >= SLICE_REVOKES)
-                    && self.slice_may_end_at(c.slot)
-                {
+                if self.slice_ends(visits, revokes, c.slot) {
                     flush(&mut d, h);
                     self.clear_gate_bit_if_unused(cell, &d.dd, domid);
                     self.put_driver(d);
@@ -1490,9 +1513,7 @@ impl<L: RawMutex> Engine<L> {
             let n = d.dd.slots.len() as u64;
             let (used, flush_failed) = (d.dd.used(), d.dd.flush_failed);
             while c.slot < n {
-                if (visits >= SLICE_VISITS || revokes >= SLICE_REVOKES)
-                    && self.slice_may_end_at(c.slot)
-                {
+                if self.slice_ends(visits, revokes, c.slot) {
                     self.flush_and_release(&mut d, h);
                     self.put_driver(d);
                     return Err(Restart);

@@ -674,9 +674,11 @@ int pvx_tables_coherent(void)
 }
 
 /*
- * A write-back map of a driver domain's own tables: Normal write-back
- * memory at stage 2, which the engine counts as coherent (as in its own
- * LPAE contexts).
+ * Arm has no PV page tables, so a page a device wrote without snooping
+ * needs no flush before Xen trusts it as one (pvx_page_non_coherent() is
+ * unreachable here, and asserts so): answer snooped. (Not because stage 2
+ * Normal write-back makes a non-coherent device's writes coherent: it
+ * does not.)
  */
 int pvx_default_context_snooped(void)
 {
