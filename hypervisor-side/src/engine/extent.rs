@@ -156,6 +156,11 @@ impl<L: RawMutex> Engine<L> {
                     (None, 0)
                 }
             };
+            // (Stale mappings revoked on the way, up to 512: as in
+            // `map_batch`.)
+            if d.dd.deferred_entries >= DEFER_LIMIT {
+                self.clear_deferred_entries_mid_call(&mut d.dd, h);
+            }
             self.put_driver(d);
             self.give_back_extent(h, req, first_mfn, kept);
             if let Some(result) = result {

@@ -1810,6 +1810,12 @@ impl<L: RawMutex> Engine<L> {
                         let kept = of_target().any(|(_, (_, &e))| e);
                         self.undo_gate_bit(d.cell, &d.dd, req.domid, set_here && !kept);
                     }
+                    // Stale mappings revoked on the way leave their entries
+                    // for the flush: no more than `DEFER_LIMIT` wait, as
+                    // for unmaps.
+                    if d.dd.deferred_entries >= revoke::DEFER_LIMIT {
+                        self.clear_deferred_entries_mid_call(&mut d.dd, h);
+                    }
                     self.put_driver(d);
                 }
             }
@@ -2424,8 +2430,11 @@ impl<L: RawMutex> Engine<L> {
     /// free a BFN the caller still holds), and one revoked, acknowledged and
     /// handed out again (to another vCPU of the caller) is someone else's
     /// mapping now. If the IOMMU refuses the unmap, the mapping is taken
-    /// down through the stuck list (retried in turn by the flushes, then a
-    /// notice), never left live and unreported.
+    /// down through the stuck list (retried in turn by the flushes), never
+    /// left live and unreported: in one of the engine's contexts a notice
+    /// follows; in context 0, whose entry the flush clears (as an owner's
+    /// unmap's), the BFN is freed without one, as the caller was never
+    /// given it.
     pub fn unmap_undo(
         &self,
         h: &mut impl Hypervisor,

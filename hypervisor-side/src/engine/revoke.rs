@@ -372,9 +372,10 @@ impl<L: RawMutex> Engine<L> {
             dd.push_unmapping_at(idx, then_revoked, false);
         } else {
             // A notice once unmapped, even for a caller that passed
-            // `then_revoked` false (a dying owner, an undone map): as it
-            // always was. Only an owner's unmap, whose entry the flush
-            // clears, is Stuck then free.
+            // `then_revoked` false (a dying owner, an undone map), in the
+            // engine's own contexts. In context 0 the flush clears the
+            // entry, and one it cannot clear is Stuck then free for those
+            // callers, as an owner's unmap is (the release pass).
             dd.push_stuck(idx, m, true);
         }
         Some((m.domid, last_of_target))
