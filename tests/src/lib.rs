@@ -675,3 +675,25 @@ pub fn within_10s<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> 
     });
     rx.recv_timeout(std::time::Duration::from_secs(10)).ok()
 }
+
+/// Run `first` on the host and, at the first entry it writes into a table
+/// (its cell's lock held, past its checks: [`Service::TableWrite`]),
+/// `second` to its end on a thread of its own (another vCPU at that
+/// moment). `first`'s result, and `second`'s if it ran.
+pub fn racing_at_first_table_write<'a, T, U: Send + 'a>(
+    m: &'a mut SimMachine,
+    first: impl FnOnce(&mut Interposer<'_>) -> T,
+    second: impl FnOnce(&mut SimMachine) -> U + Send + 'a,
+) -> (T, Option<U>) {
+    let out = RefCell::new(None);
+    let t = {
+        let out = &out;
+        let race: Race<'_> = Box::new(move |m: &mut SimMachine| {
+            let u = std::thread::scope(|s| s.spawn(move || second(m)).join().unwrap());
+            *out.borrow_mut() = Some(u);
+        });
+        let mut h = Interposer::new(m, Service::TableWrite, race);
+        first(&mut h)
+    };
+    (t, out.into_inner())
+}

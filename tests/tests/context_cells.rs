@@ -529,7 +529,7 @@ fn page_maps_into_two_contexts_at_once_stay_within_the_quota() {
     // each into a context of its own, the second while the first holds its
     // cell's lock past its quota check. One is refused (before, both were
     // mapped: a run of page maps passed the quota by up to 8 a context).
-    use pviommu_tests::{machine_after_dom0, map_request_in, Interposer, Service};
+    use pviommu_tests::{machine_after_dom0, map_request_in, racing_at_first_table_write};
     let (mut m, e) = machine_after_dom0(Format::Vtd, 64, 64);
     let (c1, c2) = (
         e.context_create(&mut m, DomId::DOM0).unwrap(),
@@ -541,30 +541,13 @@ fn page_maps_into_two_contexts_at_once_stay_within_the_quota() {
         let req = map_request_in(c1, GUEST, gfn, Permissions::RW);
         e.map(&mut m, DomId::DOM0, &info, &req).unwrap();
     }
-    let second = std::cell::RefCell::new(None);
-    let first = {
-        let (e, second) = (&e, &second);
-        let mut h = Interposer::new(
-            &mut m,
-            Service::TableWrite,
-            Box::new(move |m: &mut SimMachine| {
-                let r = std::thread::scope(|s| {
-                    s.spawn(move || {
-                        let req = map_request_in(c2, GUEST, 20, Permissions::RW);
-                        e.map(m, DomId::DOM0, &info, &req)
-                    })
-                    .join()
-                    .unwrap()
-                });
-                *second.borrow_mut() = Some(r);
-            }),
-        );
-        let req = map_request_in(c1, GUEST, 10, Permissions::RW);
-        e.map(&mut h, DomId::DOM0, &info, &req)
-    };
-    let second = second
-        .into_inner()
-        .expect("the second map ran inside the first");
+    let page = |c, gfn| map_request_in(c, GUEST, gfn, Permissions::RW);
+    let (first, second) = racing_at_first_table_write(
+        &mut m,
+        |h| e.map(h, DomId::DOM0, &info, &page(c1, 10)),
+        |m| e.map(m, DomId::DOM0, &info, &page(c2, 20)),
+    );
+    let second = second.expect("the second map ran inside the first");
     assert!(
         matches!(
             (&first, &second),

@@ -1829,39 +1829,52 @@ impl DriverDomain {
             return false;
         };
         let (prev, next) = (link64(r.aux), link64(r.next));
+        self.unlink_stretch((prev, idx), (idx, next), 1)
+    }
+
+    /// Take the stretch of `n` free slots from `top` to `bottom` (in list
+    /// order) off the free list, `prev` the slot before it and `next` the
+    /// one after: [`unlink_free`](Self::unlink_free)'s checks and writes
+    /// at its two ends. The next one first (read), then the previous one
+    /// (read and, if all holds, written), then the next one (written):
+    /// four slot accesses in all, nothing written unless everything holds.
+    #[inline(always)]
+    fn unlink_stretch(
+        &mut self,
+        (prev, top): (u64, u64),
+        (bottom, next): (u64, u64),
+        n: u64,
+    ) -> bool {
         let next_at = self.guest_slot(next);
-        // The next one first (read), then the previous one (read and, if
-        // all holds, written), then the next one (written): four slot
-        // accesses in all, nothing written unless everything holds.
         if next != NONE
             && !next_at
                 .and_then(|i| self.raw(i))
-                .is_some_and(|n| n.state() == ST_FREE && link64(n.aux) == idx)
+                .is_some_and(|r| r.state() == ST_FREE && link64(r.aux) == bottom)
         {
             return false;
         }
         if prev == NONE {
-            if self.free_head != idx {
+            if self.free_head != top {
                 return false;
             }
             self.free_head = next;
-        } else if self.free_head == idx {
+        } else if self.free_head == top {
             // The head has no slot before it.
             return false;
         } else {
             let prev_at = self.guest_slot(prev);
             match prev_at
                 .and_then(|i| self.raw_mut(i))
-                .filter(|p| p.state() == ST_FREE && link64(p.next) == idx)
+                .filter(|p| p.state() == ST_FREE && link64(p.next) == top)
             {
                 Some(p) => p.next = link32(next),
                 None => return false,
             }
         }
-        if let Some(n) = next_at.and_then(|i| self.raw_mut(i)) {
-            n.aux = link32(prev);
+        if let Some(r) = next_at.and_then(|i| self.raw_mut(i)) {
+            r.aux = link32(prev);
         }
-        self.free -= 1;
+        self.free -= n;
         true
     }
 
@@ -1900,39 +1913,9 @@ impl DriverDomain {
         if inside(prev) || inside(next) {
             return false;
         }
-        // The ends' neighbours, clamped before they index anything (see
-        // `unlink_free`), checked before anything is written.
-        let next_at = self.guest_slot(next);
-        if next != NONE
-            && !next_at
-                .and_then(|i| self.raw(i))
-                .is_some_and(|r| r.state() == ST_FREE && link64(r.aux) == bottom)
-        {
-            return false;
-        }
-        if prev == NONE {
-            if self.free_head != top {
-                return false;
-            }
-            self.free_head = next;
-        } else if self.free_head == top {
-            // The head has no slot before it.
-            return false;
-        } else {
-            let prev_at = self.guest_slot(prev);
-            match prev_at
-                .and_then(|i| self.raw_mut(i))
-                .filter(|p| p.state() == ST_FREE && link64(p.next) == top)
-            {
-                Some(p) => p.next = link32(next),
-                None => return false,
-            }
-        }
-        if let Some(r) = next_at.and_then(|i| self.raw_mut(i)) {
-            r.aux = link32(prev);
-        }
-        self.free -= n;
-        true
+        // (The ends' neighbours are clamped before they index anything,
+        // and checked before anything is written, as for one slot.)
+        self.unlink_stretch((prev, top), (bottom, next), n)
     }
 
     /// Return a slot to the free list (at its head).
