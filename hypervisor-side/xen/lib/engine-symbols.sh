@@ -64,8 +64,11 @@ engine_short_symbols() {
         { n = $8; len = length(n); if ($5 == "LOCAL" && f != "") len += length(f) + 1
           if (len > max) print len, n }')
     if [ -n "$long" ]; then
-        echo "$long" | head -5 >&2
-        echo "$name: FAIL: $(echo "$long" | wc -l) symbol names expand past $ENGINE_SYM_MAX bytes in Xen's symbol table" >&2
+        # (From a here-string, not a pipe: `echo | head` under pipefail
+        # fails the script with SIGPIPE once the list outgrows echo's
+        # buffer, before the verdict below is printed.)
+        head -5 <<< "$long" >&2
+        echo "$name: FAIL: $(wc -l <<< "$long") symbol names expand past $ENGINE_SYM_MAX bytes in Xen's symbol table" >&2
         return 1
     fi
     echo "$name: renamed $(wc -l < "$map") file and long symbols; every name within $ENGINE_SYM_MAX bytes in Xen's symbol table"
