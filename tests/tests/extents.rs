@@ -1279,3 +1279,65 @@ fn an_extent_in_context_0_goes_without_table_memory_whoever_takes_it_down() {
         .dma_read(DEVICE_MODEL, ContextId::DEFAULT, bfn.0 << 12, 8)
         .is_err());
 }
+
+#[test]
+fn a_revocation_longer_than_a_backend_run_is_cut_between_superpages() {
+    // (A review's hardening point.) A flush clears the entries it finds in
+    // runs of at most MAX_IOMMU_RUN (2048) BFNs. A hook that revokes more,
+    // starting inside a 2 MiB block, had its run cut inside a block the
+    // host mapped as one superpage: clearing part of it splits it, which
+    // needs a table. Now a run that nears the bound ends where a block
+    // starts.
+    let (mut m, e) = machine_after_dom0(Format::Vtd, 4096, 512);
+    // Gfn g is frame 512 + g, and the maps from gfn 512 get BFNs from a
+    // block's start: every whole 2 MiB of them one superpage in dom0's
+    // tables, but the first, where gfn 600 is mapped read-only.
+    let mut bfns = Vec::new();
+    for chunk in (512..3328u64).collect::<Vec<_>>().chunks(1024) {
+        let mut ops: Vec<_> = chunk
+            .iter()
+            .map(|&g| {
+                let perms = if g == 600 {
+                    Permissions::RO
+                } else {
+                    Permissions::RW
+                };
+                map_op(GUEST, g, perms)
+            })
+            .collect();
+        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+        assert!(ops.iter().all(|o| o.status == 0));
+        bfns.extend(ops.iter().map(|o| o.bfn));
+    }
+    assert!(bfns.windows(2).all(|w| w[1] == w[0] + 1), "one run of BFNs");
+    let superpages = bfns
+        .iter()
+        .filter(|&&b| b & 511 == 0)
+        .filter(|&&b| {
+            m.context_leaf(DomId::DOM0, ContextId::DEFAULT, Bfn(b))
+                .map(|l| l.0)
+                == Some(2)
+        })
+        .count();
+    assert_eq!(superpages, 4, "gfns 1024-3071");
+    assert_eq!(
+        m.context_leaf(DomId::DOM0, ContextId::DEFAULT, Bfn(bfns[0]))
+            .map(|l| l.0),
+        Some(1),
+        "gfns 512-1023: a leaf table"
+    );
+    // The guest gives gfns 768-3327 back at once (2560 pages, from the
+    // middle of a leaf table); the host has no table to spare.
+    for g in 768..3328 {
+        m.put_new_frame(GUEST, Gfn(g)).unwrap();
+    }
+    m.fail_table_allocs(Some(0));
+    e.gfn_changed(&mut m, GUEST, Gfn(768), 12, GfnChange::Removed);
+    m.fail_table_allocs(None);
+    assert_eq!(
+        e.driver_state(DomId::DOM0).unwrap().stuck(),
+        0,
+        "none stuck"
+    );
+    assert_eq!(e.usage(DomId::DOM0).2, 2560, "each a notice");
+}

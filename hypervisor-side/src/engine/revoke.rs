@@ -292,15 +292,32 @@ impl DeferredRun {
         }
     }
 
-    /// Take `bfn` of `context` in if it extends the run at either end.
+    /// Take `bfn` of `context` in if it extends the run at either end, and
+    /// the run stays within what one backend call takes
+    /// ([`MAX_IOMMU_RUN`](crate::iommu::MAX_IOMMU_RUN)). Near that bound it
+    /// ends where a 2 MiB block of BFNs starts, never inside one: a run cut
+    /// inside a block the host mapped as one superpage clears part of it,
+    /// a split that needs a table.
     fn grow(&mut self, context: ContextId, bfn: u64) -> bool {
-        if context != self.context || self.pages >= crate::iommu::MAX_IOMMU_RUN {
+        const BLOCK: u64 = pviommu_abi::EXTENT_PAGES - 1;
+        if context != self.context {
             return false;
         }
-        if bfn.checked_add(1) == Some(self.first) {
-            self.first = bfn;
-        } else if self.first.checked_add(self.pages) != Some(bfn) {
+        let falling = bfn.checked_add(1) == Some(self.first);
+        if !falling && self.first.checked_add(self.pages) != Some(bfn) {
             return false;
+        }
+        let starts_block = if falling {
+            bfn & BLOCK == BLOCK
+        } else {
+            bfn & BLOCK == 0
+        };
+        let room = crate::iommu::MAX_IOMMU_RUN.saturating_sub(self.pages);
+        if room == 0 || (starts_block && room < pviommu_abi::EXTENT_PAGES) {
+            return false;
+        }
+        if falling {
+            self.first = bfn;
         }
         self.pages += 1;
         true
@@ -558,16 +575,6 @@ impl<L: RawMutex> Engine<L> {
         unstuck
     }
 
-    /// The first step of every flush: write the context-0 entries maps
-    /// left (`pending_maps`, in map order), a run of consecutive BFNs and
-    /// frames of one access and attribute in one call: on Xen one
-    /// `iommu_map()`, which maps each part of the run aligned to 2 MiB in
-    /// both with one entry. A run the IOMMU refuses is mapped a page at a
-    /// time; a page it still refuses is revoked (its owner was handed the
-    /// BFN: it gets a notice, as if the page had gone). A slot no longer
-    /// live with its generation (unmapped or revoked meanwhile, or installed
-    /// again: that install has its own entry in the list) is skipped. Bounded by
-    /// `DEFER_LIMIT` (a map that reaches it writes them at once).
     /// [`write_pending_entries`](Self::write_pending_entries) in the
     /// middle of a call (`DEFER_LIMIT` reached), and the IOTLB flush at
     /// once: see [`flush_mid_call`](Self::flush_mid_call).
@@ -618,6 +625,16 @@ impl<L: RawMutex> Engine<L> {
         }
     }
 
+    /// The first step of every flush: write the context-0 entries maps
+    /// left (`pending_maps`, in map order), a run of consecutive BFNs and
+    /// frames of one access and attribute in one call: on Xen one
+    /// `iommu_map()`, which maps each part of the run aligned to 2 MiB in
+    /// both with one entry. A run the IOMMU refuses is mapped a page at a
+    /// time; a page it still refuses is revoked (its owner was handed the
+    /// BFN: it gets a notice, as if the page had gone). A slot no longer
+    /// live with its generation (unmapped or revoked meanwhile, or installed
+    /// again: that install has its own entry in the list) is skipped. Bounded by
+    /// `DEFER_LIMIT` (a map that reaches it writes them at once).
     pub(super) fn write_pending_entries(&self, d: &mut Driver<'_, L>, h: &mut impl Hypervisor) {
         let pending = core::mem::take(&mut d.dd.pending_maps);
         let t0 = self.clock(h);

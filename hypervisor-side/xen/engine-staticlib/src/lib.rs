@@ -1267,10 +1267,13 @@ impl IommuBackend for Xen {
                 &mut flush,
             )
         };
+        // Gathered whatever the answer, as a run is: a failed call may
+        // still have changed an entry (the glue marks it modified).
+        gather.add(ctx, bfn, flush)?;
         if rc != 0 {
             return Err(errno_from(rc));
         }
-        gather.add(ctx, bfn, flush)
+        Ok(())
     }
     fn iommu_map_run(
         &mut self,
@@ -1320,10 +1323,12 @@ impl IommuBackend for Xen {
         let mut flush = 0u32;
         // SAFETY: out-pointer to a local.
         let rc = unsafe { ffi::pvx_iommu_unmap(owner.0, bfn.0, 1, &mut flush) };
+        // (Gathered whatever the answer, as for a map.)
+        gather.add(ctx, bfn, flush)?;
         if rc != 0 {
             return Err(errno_from(rc));
         }
-        gather.add(ctx, bfn, flush)
+        Ok(())
     }
     fn iommu_unmap_run(
         &mut self,
