@@ -45,7 +45,7 @@ pub struct Restart;
 
 /// Slots a slice of a teardown or of [`Engine::revoke_writes`] visits
 /// before it yields (at the next slot that starts a 2 MiB block of BFNs:
-/// at most 511 more, see [`Engine::slice_may_end_at`]).
+/// at most 511 more, see `Engine::slice_may_end_at`).
 pub const SLICE_VISITS: u64 = 4096;
 /// Revocations (IOMMU unmaps) such a slice makes before it yields (as
 /// many as 511 more, likewise: [`SLICE_REVOKES_MOST`]).
