@@ -1070,8 +1070,8 @@ impl<L: RawMutex> Engine<L> {
     /// maps it, the mappings of its pages (their owners get notices); drop
     /// everything it owned as a driver domain. Each slice visits at most
     /// [`SLICE_VISITS`] slots and unmaps at most [`SLICE_REVOKES`] pages,
-    /// and on to where a 2 MiB block of BFNs starts (at most
-    /// [`SLICE_REVOKES_MOST`]).
+    /// and on to where a 2 MiB block of BFNs starts (at most 511 slots
+    /// more: [`SLICE_REVOKES_MOST`] unmaps).
     ///
     /// A teardown that keeps failing to make progress (an IOMMU refusing
     /// its unmaps or flushes) restarts with
@@ -1323,8 +1323,9 @@ impl<L: RawMutex> Engine<L> {
     /// turned it on continues until this is done). `cursor` starts at 0 and
     /// is the caller's to keep between slices; `Err(Restart)` means call
     /// again. Each slice visits at most [`SLICE_VISITS`] slots and revokes
-    /// at most [`SLICE_REVOKES`] mappings (and on to where a 2 MiB block of
-    /// BFNs starts: [`SLICE_REVOKES_MOST`]), so no call holds its CPU (or the
+    /// at most [`SLICE_REVOKES`] mappings, and on to where a 2 MiB block of
+    /// BFNs starts (at most 511 slots more: [`SLICE_REVOKES_MOST`]
+    /// revocations), so no call holds its CPU (or the
     /// caller's locks) for long, however much of the domain is mapped.
     ///
     /// The caller has already made new writable maps of `domid` fail (Xen:

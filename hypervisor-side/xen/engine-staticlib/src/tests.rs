@@ -1297,6 +1297,27 @@ fn the_glue_takes_every_run_the_engine_unmaps() {
 /// a flush with no flag is skipped (`pvx_iommu_flush`), so those pages
 /// could be released while the IOTLB still held them.
 #[test]
+fn a_failed_unmap_of_one_page_still_gathers_it_and_its_flags() {
+    // As a run does (a review's hardening point, 2026-12-05): the glue may
+    // have changed the entry before it failed, and marked it modified.
+    use pviommu_hv::iommu::{FlushGather, IommuBackend};
+    use pviommu_hv::ContextId;
+    let mut x = Xen::new();
+    let mut gather = FlushGather::default();
+    model::UNMAP_ANSWER.with(|a| a.set((-12, 2)));
+    let r = x.iommu_unmap(DomId(0), ContextId::DEFAULT, Bfn(0x10_0005), &mut gather);
+    model::UNMAP_ANSWER.with(|a| a.set((-95, 0)));
+    assert_eq!(r, Err(Errno::NoMem));
+    let ranges: Vec<_> = gather.ranges().copied().collect();
+    assert_eq!(ranges.len(), 1);
+    assert_eq!(
+        (ranges[0].first, ranges[0].last),
+        (Bfn(0x10_0005), Bfn(0x10_0005))
+    );
+    assert_eq!(ranges[0].flags & 2, 2, "marked modified");
+}
+
+#[test]
 fn a_failed_unmap_run_still_gathers_its_range_and_flags() {
     use pviommu_hv::iommu::FlushGather;
     use pviommu_hv::ContextId;
