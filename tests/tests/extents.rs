@@ -1099,7 +1099,15 @@ fn extents_into_two_contexts_at_once_stay_within_the_quota() {
 fn superpage_in_use() -> (SimMachine, Engine, ContextId, Bfn) {
     let (mut m, e) = host();
     let ctx = create_context(&mut m, &e);
-    let (status, out) = run(&mut m, &e, extent_map(ctx, EXTENT, Permissions::RW));
+    let bfn = superpage_read_in(&mut m, &e, ctx);
+    (m, e, ctx, bfn)
+}
+
+/// Dom0 maps the guest's aligned extent from [`EXTENT`] into `ctx`, where
+/// it is one superpage entry (the engine's, or Xen's in context 0), and a
+/// device reads one of its pages: its BFN.
+fn superpage_read_in(m: &mut SimMachine, e: &Engine, ctx: ContextId) -> Bfn {
+    let (status, out) = run(m, e, extent_map(ctx, EXTENT, Permissions::RW));
     assert_eq!(status, 0);
     let bfn = Bfn(out.bfn);
     assert_eq!(
@@ -1111,7 +1119,7 @@ fn superpage_in_use() -> (SimMachine, Engine, ContextId, Bfn) {
         m.dma_read(DomId::DOM0, ctx, (bfn.0 + 1) << 12, 8).unwrap(),
         pattern(EXTENT + 1)[..8]
     );
-    (m, e, ctx, bfn)
+    bfn
 }
 
 /// Dom0 unmaps page 5 of the superpage at `bfn` of `ctx`: it is gone from
@@ -1185,18 +1193,7 @@ fn a_page_unmapped_out_of_a_superpage_in_context_0_is_unreachable_after_the_flus
     // engine asks for the whole 2 MiB around what it unmapped.
     let (mut m, e) = host();
     let ctx = ContextId::DEFAULT;
-    let (status, out) = run(&mut m, &e, extent_map(ctx, EXTENT, Permissions::RW));
-    assert_eq!(status, 0);
-    let bfn = Bfn(out.bfn);
-    assert_eq!(
-        m.context_leaf(DomId::DOM0, ctx, bfn).map(|l| l.0),
-        Some(2),
-        "Xen maps the run as one superpage"
-    );
-    assert_eq!(
-        m.dma_read(DomId::DOM0, ctx, (bfn.0 + 1) << 12, 8).unwrap(),
-        pattern(EXTENT + 1)[..8]
-    );
+    let bfn = superpage_read_in(&mut m, &e, ctx);
     unmap_a_page_of_the_superpage(&mut m, &e, ctx, bfn);
 }
 

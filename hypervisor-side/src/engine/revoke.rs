@@ -489,16 +489,8 @@ impl<L: RawMutex> Engine<L> {
             }
         }
         dd.stats.ns_iommu_unmap += self.since(h, t0);
-        let t1 = self.clock(h);
-        if !dd.gather.is_empty() {
-            let flushed = dd.iommu_flush(h);
-            dd.stats.ns_iommu_flush += self.since(h, t1);
-            dd.stats.flushes += 1;
-            dd.flush_failed = flushed.is_err();
-            if dd.flush_failed {
-                return unstuck;
-            }
-            dd.gather.clear();
+        if !self.flush_gathered(dd, h) {
+            return unstuck;
         }
         let t2 = self.clock(h);
         let cell = d.cell;
@@ -577,19 +569,19 @@ impl<L: RawMutex> Engine<L> {
 
     /// [`write_pending_entries`](Self::write_pending_entries) in the
     /// middle of a call (`DEFER_LIMIT` reached), and the IOTLB flush at
-    /// once: see [`flush_mid_call`](Self::flush_mid_call).
+    /// once: see [`flush_gathered`](Self::flush_gathered).
     pub(super) fn write_pending_entries_mid_call(
         &self,
         d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
     ) {
         self.write_pending_entries(d, h);
-        self.flush_mid_call(&mut d.dd, h);
+        self.flush_gathered(&mut d.dd, h);
     }
 
     /// [`clear_deferred_entries`](Self::clear_deferred_entries) in the
     /// middle of a call, and the IOTLB flush at once (see
-    /// [`flush_mid_call`](Self::flush_mid_call)); the pages still wait
+    /// [`flush_gathered`](Self::flush_gathered)); the pages still wait
     /// for the call's end.
     pub(super) fn clear_deferred_entries_mid_call(
         &self,
@@ -597,11 +589,13 @@ impl<L: RawMutex> Engine<L> {
         h: &mut impl Hypervisor,
     ) {
         self.clear_deferred_entries(dd, h);
-        self.flush_mid_call(dd, h);
+        self.flush_gathered(dd, h);
     }
 
-    /// Flush what `dd` gathered, releasing nothing, after context-0 entries
-    /// were written or cleared in the middle of a call. Xen may have taken
+    /// Flush what `dd` gathered, if anything, releasing nothing: false if
+    /// the flush failed (the gather kept, `flush_failed` set). Every flush
+    /// of a cell's gather: `flush_and_release`'s, and the one at once after
+    /// context-0 entries were written or cleared in the middle of a call. Xen may have taken
     /// a table of its own down on the way (a leaf table folded into a
     /// superpage, one an order-9 map or unmap replaced) and queued it for a
     /// tasklet that frees it as soon as this CPU processes softirqs: on the
@@ -611,9 +605,9 @@ impl<L: RawMutex> Engine<L> {
     /// then (Xen's own batches flush before they can get there too). The
     /// flush covers everything gathered so far, so the release pass at the
     /// call's end may go by it; a failed one is kept, as at the end.
-    fn flush_mid_call(&self, dd: &mut DriverDomain, h: &mut impl Hypervisor) {
+    fn flush_gathered(&self, dd: &mut DriverDomain, h: &mut impl Hypervisor) -> bool {
         if dd.gather.is_empty() {
-            return;
+            return true;
         }
         let t0 = self.clock(h);
         let flushed = dd.iommu_flush(h);
@@ -623,6 +617,7 @@ impl<L: RawMutex> Engine<L> {
         if !dd.flush_failed {
             dd.gather.clear();
         }
+        !dd.flush_failed
     }
 
     /// The first step of every flush: write the context-0 entries maps

@@ -1296,48 +1296,45 @@ fn the_glue_takes_every_run_the_engine_unmaps() {
 /// must reach the gather: before, an `Err` returned before gathering, and
 /// a flush with no flag is skipped (`pvx_iommu_flush`), so those pages
 /// could be released while the IOTLB still held them.
-#[test]
-fn a_failed_unmap_of_one_page_still_gathers_it_and_its_flags() {
-    // As a run does (a review's hardening point, 2026-12-05): the glue may
-    // have changed the entry before it failed, and marked it modified.
-    use pviommu_hv::iommu::{FlushGather, IommuBackend};
-    use pviommu_hv::ContextId;
+/// A failed unmap of the Xen backend (the glue answering ENOMEM with the
+/// modified flag) still gathers what it asked for, `first` to `last`, and
+/// the glue's flags: the glue may have cleared some of it before it failed.
+fn a_failed_unmap_gathers(
+    unmap: impl FnOnce(&mut Xen, &mut pviommu_hv::iommu::FlushGather) -> Result<(), Errno>,
+    first: Bfn,
+    last: Bfn,
+) {
     let mut x = Xen::new();
-    let mut gather = FlushGather::default();
+    let mut gather = pviommu_hv::iommu::FlushGather::default();
     model::UNMAP_ANSWER.with(|a| a.set((-12, 2)));
-    let r = x.iommu_unmap(DomId(0), ContextId::DEFAULT, Bfn(0x10_0005), &mut gather);
+    let r = unmap(&mut x, &mut gather);
     model::UNMAP_ANSWER.with(|a| a.set((-95, 0)));
     assert_eq!(r, Err(Errno::NoMem));
     let ranges: Vec<_> = gather.ranges().copied().collect();
     assert_eq!(ranges.len(), 1);
-    assert_eq!(
-        (ranges[0].first, ranges[0].last),
-        (Bfn(0x10_0005), Bfn(0x10_0005))
-    );
+    assert_eq!((ranges[0].first, ranges[0].last), (first, last));
     assert_eq!(ranges[0].flags & 2, 2, "marked modified");
 }
 
 #[test]
-fn a_failed_unmap_run_still_gathers_its_range_and_flags() {
-    use pviommu_hv::iommu::FlushGather;
+fn a_failed_unmap_of_one_page_still_gathers_it_and_its_flags() {
+    // As a run does (a review's hardening point, 2026-12-05).
+    use pviommu_hv::iommu::IommuBackend;
     use pviommu_hv::ContextId;
-    let mut x = Xen::new();
-    let mut gather = FlushGather::default();
-    model::UNMAP_ANSWER.with(|a| a.set((-12, 2)));
-    let r = x.iommu_unmap_run(
-        DomId(0),
-        ContextId::DEFAULT,
+    let bfn = Bfn(0x10_0005);
+    a_failed_unmap_gathers(
+        |x, g| x.iommu_unmap(DomId(0), ContextId::DEFAULT, bfn, g),
+        bfn,
+        bfn,
+    );
+}
+
+#[test]
+fn a_failed_unmap_run_still_gathers_its_range_and_flags() {
+    use pviommu_hv::ContextId;
+    a_failed_unmap_gathers(
+        |x, g| x.iommu_unmap_run(DomId(0), ContextId::DEFAULT, Bfn(0x10_0000), 512, g),
         Bfn(0x10_0000),
-        512,
-        &mut gather,
+        Bfn(0x10_01ff),
     );
-    model::UNMAP_ANSWER.with(|a| a.set((-95, 0)));
-    assert_eq!(r, Err(Errno::NoMem));
-    let ranges: Vec<_> = gather.ranges().copied().collect();
-    assert_eq!(ranges.len(), 1);
-    assert_eq!(
-        (ranges[0].first, ranges[0].last),
-        (Bfn(0x10_0000), Bfn(0x10_01ff))
-    );
-    assert_eq!(ranges[0].flags & 2, 2, "marked modified");
 }
