@@ -4,7 +4,8 @@
 # (../shared notes: xen-rust-build.md), and check it has no SSE/AVX.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [[ ! -x /usr/bin/rustc || ! -d /usr/lib/rustlib/src/rust ]]; then
+if [[ ! -x /usr/bin/rustc || ! -d /usr/lib/rustlib/src/rust ]] \
+   || ! /usr/bin/rustc --version | grep -q '^rustc 1\.9[6-9]'; then
   echo "installing Debian's rustc-web, cargo-web, rust-web-src"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rustc-web cargo-web rust-web-src binutils >/dev/null

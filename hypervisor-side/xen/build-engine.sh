@@ -23,11 +23,19 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"  # absolute: cargo runs from the crate directory
 TARGET_DIR="${PVIOMMU_ENGINE_TARGET_DIR:-$OUT/target}"
 
-if ! /usr/bin/rustc --version 2>/dev/null | grep -q '^rustc 1\.9[6-9]' \
-   || [ ! -e /usr/lib/rustlib/src/rust/library/core ] || [ ! -x /usr/bin/cargo ]; then
+have_toolchain() {
+    /usr/bin/rustc --version 2>/dev/null | grep -q '^rustc 1\.9[6-9]' \
+        && [ -e /usr/lib/rustlib/src/rust/library/core ] && [ -x /usr/bin/cargo ]
+}
+if ! have_toolchain; then
+    # The index first: a machine's stale one offers an older rustc-web
+    # (1.85 seen), which installs fine and then cannot build the engine.
     echo "build-engine: installing rustc-web cargo-web rust-web-src"
+    apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
         rustc-web cargo-web rust-web-src
+    have_toolchain || { echo "build-engine: Debian's rustc-web is" \
+        "'$(/usr/bin/rustc --version 2>&1)', 1.96 or later needed" >&2; exit 1; }
 fi
 
 export RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR="$TARGET_DIR"

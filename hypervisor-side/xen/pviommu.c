@@ -376,6 +376,21 @@ static void __init pvx_build_regions(void)
     /* The interrupt (MSI) window. */
     pvx_add_region(PFN_DOWN(0xfee00000UL), 0x100, PVIOMMU_REGION_MSI);
 
+    /*
+     * AMD and Hygon hosts: the HyperTransport range, the 12 GiB below
+     * 1 TiB (0xfd00000000-0xffffffffff). A DMA there is never a
+     * translated memory access: the IOMMU handles its parts as interrupt,
+     * system-management, EOI or legacy requests, or aborts it (the AMD
+     * IOMMU specification's special address ranges). Linux reserves it in
+     * every AMD-Vi domain (amd_iommu_get_resv_regions()) and QEMU moves a
+     * guest's RAM past it on AMD CPUs. A BFN window that reaches it (RAM
+     * ending within a quota of 1 TiB) must skip it, or a device's DMA to
+     * such a BFN raises an interrupt request instead of reaching the page.
+     */
+    if ( boot_cpu_data.x86_vendor & (X86_VENDOR_AMD | X86_VENDOR_HYGON) )
+        pvx_add_range(0xfd00000000UL, 0x10000000000UL - 0xfd00000000UL,
+                      PVIOMMU_REGION_PLATFORM);
+
     /* The hole below 4 GiB: low MMIO, 32-bit BARs and bridge windows. */
     for ( i = 0; i < e820.nr_map; i++ )
     {

@@ -38,10 +38,13 @@ command -v "$LD" >/dev/null || "$HERE/fetch-xen-4.20.sh"
 if ! /usr/bin/rustc --version 2>/dev/null | grep -q '^rustc 1\.9[6-9]' \
    || [ ! -e /usr/lib/rustlib/src/rust/library/core ] || [ ! -x /usr/bin/cargo ]; then
     echo "build-engine-arm64: installing rustc-web cargo-web rust-web-src"
+    # The index first: a stale one offers an older rustc-web (1.85 seen).
+    apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        rustc-web cargo-web rust-web-src \
-    || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-             --no-install-recommends rustc-web cargo-web rust-web-src; }
+        rustc-web cargo-web rust-web-src
+    /usr/bin/rustc --version 2>/dev/null | grep -q '^rustc 1\.9[6-9]' || {
+        echo "build-engine-arm64: Debian's rustc-web is" \
+            "'$(/usr/bin/rustc --version 2>&1)', 1.96 or later needed" >&2; exit 1; }
 fi
 
 export RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR="$TARGET_DIR"
