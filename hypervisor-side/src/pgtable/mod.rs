@@ -30,6 +30,9 @@ pub const FOLDED_BEFORE_FLUSH: usize = 8;
 pub const LEVELS: u32 = 4;
 /// The level at which 2 MiB superpages live.
 pub const SUPERPAGE_LEVEL: u32 = 2;
+/// The level at which 1 GiB superpages live (only in a domain's own
+/// tables as Xen keeps them: [`TableOptions::gigapages`]).
+pub const GIGAPAGE_LEVEL: u32 = 3;
 
 /// A decoded entry.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -177,6 +180,18 @@ pub struct TableOptions {
     /// code does (`iommu_queue_free_pgtable`), which the simulator's model
     /// of a domain's own tables follows ([`TableOptions::xen_own`]).
     pub split_from_spares: bool,
+    /// Fold a level-2 table whose 512 entries are 2 MiB superpages of one
+    /// contiguous, 1 GiB-aligned machine run, with one access and
+    /// attribute, into a 1 GiB superpage (a level-3 leaf), and split it
+    /// again on a partial unmap into a new level-2 table of 512 such
+    /// superpages (an allocation that can fail, then the 2 MiB split
+    /// below it another): as Xen 4.17's own code does on AMD-Vi, and on
+    /// VT-d where every unit has 1 GiB pages (`cap_sps_1gb`, which QEMU's
+    /// intel-iommu offers). The folded level-2 table is kept whole until
+    /// the flush, then zeroed and freed, as a folded leaf table is. Only
+    /// with `superpages` and without `split_from_spares`: the engine's own
+    /// contexts fold no further than 2 MiB.
+    pub gigapages: bool,
 }
 
 impl Default for TableOptions {
@@ -186,6 +201,7 @@ impl Default for TableOptions {
             superpages: true,
             recycle: false,
             split_from_spares: true,
+            gigapages: false,
         }
     }
 }
@@ -201,13 +217,15 @@ impl TableOptions {
             superpages: true,
             recycle: true,
             split_from_spares: true,
+            gigapages: false,
         }
     }
 
     /// The options of a domain's own tables as Xen 4.17's VT-d and AMD-Vi
     /// code keeps them (the simulator's context 0): a full, contiguous,
-    /// aligned leaf table folded into a superpage, each split a new table
-    /// (an allocation that can fail), every emptied or folded table freed
+    /// aligned leaf table folded into a superpage, and a level-2 table of
+    /// such superpages on into a 1 GiB one, each split a new table (an
+    /// allocation that can fail), every emptied or folded table freed
     /// after the flush.
     pub fn xen_own() -> Self {
         TableOptions {
@@ -215,6 +233,7 @@ impl TableOptions {
             superpages: true,
             recycle: false,
             split_from_spares: false,
+            gigapages: true,
         }
     }
 }
@@ -274,6 +293,10 @@ struct Folded {
     pidx: usize,
     /// Its superpage is still in the tree (not unmapped whole since).
     live: bool,
+    /// A level-2 table folded into a 1 GiB superpage
+    /// ([`TableOptions::gigapages`]): kept whole until the flush like a
+    /// leaf table, never taken back by a split, never a spare.
+    giga: bool,
 }
 
 const NO_FOLD: Folded = Folded {
@@ -281,6 +304,7 @@ const NO_FOLD: Folded = Folded {
     parent: Mfn(0),
     pidx: 0,
     live: false,
+    giga: false,
 };
 
 /// A leaf (level-1) table and where it hangs.
@@ -422,10 +446,13 @@ impl<F: PageTableFormat> IoPageTable<F> {
         }
         let count = count + 1;
         mem.write_entry_counted(table, idx, F::leaf_entry(mfn, perms, attr, 1), count);
-        // A leaf table that just became full may fold into a superpage.
+        // A leaf table that just became full may fold into a superpage,
+        // and its level-2 table then on into a 1 GiB one.
         if count as usize == ENTRIES && self.options.superpages {
             if let Some((pt, pidx)) = parent {
-                self.try_promote(mem, pt, pidx, table);
+                if self.try_promote(mem, pt, pidx, table) && self.options.gigapages {
+                    self.try_promote_giga(mem, bfn, pt);
+                }
             }
         }
         Ok(())
@@ -545,28 +572,31 @@ impl<F: PageTableFormat> IoPageTable<F> {
         self.last_leaf.filter(|c| c.region == bfn.0 >> 9)
     }
 
+    /// Fold `leaf_table`, full, into a superpage at entry `pidx` of
+    /// `parent` if it maps one aligned, contiguous run with one access
+    /// and attribute; whether it did.
     fn try_promote(
         &mut self,
         mem: &mut impl TableMemory,
         parent: Mfn,
         pidx: usize,
         leaf_table: Mfn,
-    ) {
+    ) -> bool {
         // No room to keep it until the flush: it stays a leaf table.
         let Some(slot) = self.folded.get_mut(self.folded_len) else {
-            return;
+            return false;
         };
         let (first_mfn, perms, attr) = match F::decode(mem.read_entry(leaf_table, 0), 1) {
             Entry::Leaf { mfn, perms, attr } => (mfn, perms, attr),
-            _ => return,
+            _ => return false,
         };
         if first_mfn.0 % ENTRIES as u64 != 0 {
-            return;
+            return false;
         }
         for i in 1..ENTRIES {
             let want = F::leaf_entry(Mfn(first_mfn.0 + i as u64), perms, attr, 1);
             if mem.read_entry(leaf_table, i) != want {
-                return;
+                return false;
             }
         }
         // The leaf table stops being one.
@@ -582,10 +612,78 @@ impl<F: PageTableFormat> IoPageTable<F> {
             parent,
             pidx,
             live: true,
+            giga: false,
         };
         self.folded_len += 1;
         self.folded_live += 1;
         self.superpages += 1;
+        true
+    }
+
+    /// Fold `l2`, the level-2 table holding `bfn`'s superpage, into a
+    /// 1 GiB superpage if its 512 entries are 2 MiB superpages of one
+    /// 1 GiB-aligned, contiguous run with one access and attribute (Xen's
+    /// own tables, [`TableOptions::gigapages`]). The walk from the root
+    /// finds where it hangs: this runs once per fold, not per map.
+    fn try_promote_giga(&mut self, mem: &mut impl TableMemory, bfn: Bfn, l2: Mfn) {
+        if mem.present_count(l2) as usize != ENTRIES {
+            return;
+        }
+        // No room to keep it until the flush: it stays a table.
+        if self.folded_len >= FOLDED_BEFORE_FLUSH {
+            return;
+        }
+        let mut table = self.root;
+        for level in (GIGAPAGE_LEVEL + 1..=LEVELS).rev() {
+            match F::decode(mem.read_entry(table, index(bfn, level)), level) {
+                Entry::Table(t) => table = t,
+                _ => return,
+            }
+        }
+        let gidx = index(bfn, GIGAPAGE_LEVEL);
+        if F::decode(mem.read_entry(table, gidx), GIGAPAGE_LEVEL) != Entry::Table(l2) {
+            return;
+        }
+        let (first_mfn, perms, attr) = match F::decode(mem.read_entry(l2, 0), SUPERPAGE_LEVEL) {
+            Entry::Leaf { mfn, perms, attr } => (mfn, perms, attr),
+            _ => return,
+        };
+        let block = (ENTRIES * ENTRIES) as u64;
+        if first_mfn.0 % block != 0 {
+            return;
+        }
+        for i in 1..ENTRIES {
+            let mfn = Mfn(first_mfn.0 + (i * ENTRIES) as u64);
+            if mem.read_entry(l2, i) != F::leaf_entry(mfn, perms, attr, SUPERPAGE_LEVEL) {
+                return;
+            }
+        }
+        self.last_leaf = None;
+        mem.write_entry(
+            table,
+            gidx,
+            F::leaf_entry(first_mfn, perms, attr, GIGAPAGE_LEVEL),
+        );
+        // Its 2 MiB superpages are no longer in the tree: a leaf table
+        // folded into one since the last flush is taken back by no split.
+        let n = self.folded_len;
+        if let Some(folded) = self.folded.get_mut(..n) {
+            for f in folded.iter_mut().filter(|f| f.live && f.parent == l2) {
+                f.live = false;
+                self.folded_live = self.folded_live.saturating_sub(1);
+            }
+        }
+        if let Some(slot) = self.folded.get_mut(n) {
+            *slot = Folded {
+                table: l2,
+                parent: table,
+                pidx: gidx,
+                live: false,
+                giga: true,
+            };
+            self.folded_len += 1;
+        }
+        self.superpages = self.superpages.saturating_sub(ENTRIES);
     }
 
     /// After a flush: the folded leaf tables become spares, zeroed (or are
@@ -600,9 +698,10 @@ impl<F: PageTableFormat> IoPageTable<F> {
             for e in 0..ENTRIES {
                 mem.write_entry(f.table, e, 0);
             }
-            if self.options.split_from_spares {
+            if self.options.split_from_spares && !f.giga {
                 self.add_spare(mem, f.table);
             } else {
+                mem.set_present_count(f.table, 0);
                 mem.free_table(f.table);
             }
         }
@@ -624,7 +723,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
             .folded
             .get(..n)?
             .iter()
-            .position(|f| f.live && f.parent == parent && f.pidx == pidx)?;
+            .position(|f| f.live && !f.giga && f.parent == parent && f.pidx == pidx)?;
         let f = *self.folded.get(i)?;
         if !Self::starts_with(mem, f.table, want) {
             return None;
@@ -714,7 +813,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
         let n = self.folded_len;
         let found = self.folded.get_mut(..n).and_then(|f| {
             f.iter_mut()
-                .find(|f| f.live && f.parent == parent && f.pidx == pidx)
+                .find(|f| f.live && !f.giga && f.parent == parent && f.pidx == pidx)
         });
         if let Some(f) = found {
             f.live = false;
@@ -821,6 +920,11 @@ impl<F: PageTableFormat> IoPageTable<F> {
                 Entry::Leaf { mfn, perms, attr } if level == SUPERPAGE_LEVEL => {
                     table = self.split(mem, table, idx, mfn, perms, attr)?;
                 }
+                Entry::Leaf { mfn, perms, attr }
+                    if level == GIGAPAGE_LEVEL && self.options.gigapages =>
+                {
+                    table = self.split_giga(mem, table, idx, mfn, perms, attr)?;
+                }
                 Entry::Leaf { .. } => return Err(Errno::NoEnt),
             }
         }
@@ -851,6 +955,13 @@ impl<F: PageTableFormat> IoPageTable<F> {
             let entry = F::decode(mem.read_entry(table, idx), level);
             match entry {
                 Entry::Table(t) if level > SUPERPAGE_LEVEL => table = t,
+                // Xen's order-9 unmap splits a 1 GiB superpage first (a
+                // table: it can fail), then clears the 2 MiB entry.
+                Entry::Leaf { mfn, perms, attr }
+                    if level == GIGAPAGE_LEVEL && self.options.gigapages =>
+                {
+                    table = self.split_giga(mem, table, idx, mfn, perms, attr)?;
+                }
                 Entry::Leaf { .. } if level == SUPERPAGE_LEVEL => {
                     self.last_leaf = None;
                     mem.write_entry(table, idx, 0);
@@ -968,6 +1079,45 @@ impl<F: PageTableFormat> IoPageTable<F> {
         // (A folded table left for this superpage that no longer maps what
         // it did, an engine bug, stands for no spare any more.)
         self.drop_folded(parent, pidx);
+        Ok(t)
+    }
+
+    /// Split the 1 GiB superpage at entry `pidx` of `parent` (mapping
+    /// from `mfn`) into a new level-2 table of 512 2 MiB superpages, as
+    /// Xen's own code does: a table allocated (`Err(NoMem)`, nothing
+    /// changed, when there is none), filled, written back, then linked.
+    /// The same translations before and after; the caller's flush must
+    /// cover the whole 1 GiB (an IOTLB caches it as one entry).
+    fn split_giga(
+        &mut self,
+        mem: &mut impl TableMemory,
+        parent: Mfn,
+        pidx: usize,
+        mfn: Mfn,
+        perms: Permissions,
+        attr: MemAttr,
+    ) -> Result<Mfn, Errno> {
+        let t = mem.alloc_table()?;
+        for i in 0..ENTRIES {
+            let first = Mfn(mfn.0 + (i * ENTRIES) as u64);
+            mem.write_entry(t, i, F::leaf_entry(first, perms, attr, SUPERPAGE_LEVEL));
+        }
+        mem.set_present_count(t, ENTRIES as u16);
+        mem.write_back_table(t);
+        let want = Entry::Leaf { mfn, perms, attr };
+        if mem.present_count(t) != ENTRIES as u16
+            || F::decode(mem.read_entry(t, 0), SUPERPAGE_LEVEL) != want
+        {
+            for e in 0..ENTRIES {
+                mem.write_entry(t, e, 0);
+            }
+            mem.set_present_count(t, 0);
+            mem.free_table(t);
+            return Err(Errno::NoMem);
+        }
+        mem.write_entry(parent, pidx, F::table_entry(t));
+        self.last_leaf = None;
+        self.superpages += ENTRIES;
         Ok(t)
     }
 
@@ -1232,6 +1382,7 @@ mod freed_list_tests {
             superpages: false,
             recycle: false,
             split_from_spares: true,
+            gigapages: false,
         };
         let mut t = IoPageTable::<F>::with_options(&mut mem, options).unwrap();
         // Pages in distinct 2 MiB and 1 GiB regions: unmapping them frees
@@ -1377,6 +1528,7 @@ mod freed_list_tests {
             superpages: false,
             recycle: true,
             split_from_spares: true,
+            gigapages: false,
         };
         let mut t = IoPageTable::<F>::with_options(&mut mem, options).unwrap();
         let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
@@ -1426,6 +1578,7 @@ mod freed_list_tests {
             superpages: false,
             recycle: true,
             split_from_spares: true,
+            gigapages: false,
         };
         let mut t = IoPageTable::<Vtd>::with_options(&mut mem, options).unwrap();
         let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
@@ -1481,6 +1634,7 @@ mod freed_list_tests {
             superpages: false,
             recycle: false,
             split_from_spares: true,
+            gigapages: false,
         };
         let mut t = IoPageTable::<Vtd>::with_options(&mut mem, options).unwrap();
         let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
@@ -1887,5 +2041,109 @@ mod freed_list_tests {
     #[test]
     fn lpae_tables_waiting_for_the_flush_map_nothing() {
         freed_frames_read_as_empty::<Lpae>();
+    }
+
+    /// Map 1 GiB from BFN `GIGA` to frames from `mfn0` in tables shaped by
+    /// `options`, the folded tables released ("flushed") after each 2 MiB
+    /// but the last, as the simulator's host does at each call's flush.
+    fn gigabyte_mapped<F: PageTableFormat>(
+        mem: &mut Frames,
+        options: TableOptions,
+        mfn0: u64,
+    ) -> IoPageTable<F> {
+        let mut t = IoPageTable::<F>::with_options(mem, options).unwrap();
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        for i in 0..GIGA {
+            t.map(mem, Bfn(GIGA + i), Mfn(mfn0 + i), rw, wb).unwrap();
+            if i % ENTRIES as u64 == ENTRIES as u64 - 1 && i + 1 < GIGA {
+                t.release_freed(mem);
+            }
+        }
+        t
+    }
+    const GIGA: u64 = 1 << 18;
+
+    fn xen_own_tables_fold_a_gigabyte_and_split_it_with_new_tables<F: PageTableFormat>() {
+        let mut mem = frames();
+        let xen = TableOptions::xen_own();
+        let level = |t: &IoPageTable<F>, mem: &Frames, b: u64| t.leaf(mem, Bfn(b)).map(|l| l.0);
+        let mut t = gigabyte_mapped::<F>(&mut mem, xen, 3 * GIGA);
+        assert_eq!(
+            level(&t, &mem, GIGA),
+            Some(3),
+            "{}: one 1 GiB entry",
+            F::NAME
+        );
+        assert_eq!(t.superpage_count(), 0);
+        // The last leaf table and the level-2 table, kept until the flush.
+        assert_eq!(t.folded_frames(), 2);
+        let in_use = mem.tables.len() - mem.free.len();
+        t.release_freed(&mut mem);
+        assert_eq!(t.folded_frames(), 0);
+        assert_eq!(
+            mem.tables.len() - mem.free.len(),
+            in_use - 2,
+            "freed after it"
+        );
+        for b in [0, 1, 511, 512, GIGA - 1] {
+            assert_eq!(
+                t.translate(&mem, Bfn(GIGA + b)).unwrap().0,
+                Mfn(3 * GIGA + b)
+            );
+        }
+        // A page goes: two new tables (the 1 GiB split into 2 MiB entries,
+        // then its 2 MiB into pages), the translations around it unchanged.
+        let allocs = mem.allocs;
+        t.unmap(&mut mem, Bfn(GIGA + 5)).unwrap();
+        assert_eq!(mem.allocs - allocs, 2);
+        assert_eq!(t.translate(&mem, Bfn(GIGA + 5)), None);
+        assert_eq!(level(&t, &mem, GIGA + 6), Some(1));
+        assert_eq!(level(&t, &mem, GIGA + 512), Some(2));
+        assert_eq!(t.superpage_count(), ENTRIES - 1);
+        for b in [4, 6, 512, GIGA - 1] {
+            assert_eq!(
+                t.translate(&mem, Bfn(GIGA + b)).unwrap().0,
+                Mfn(3 * GIGA + b)
+            );
+        }
+        t.destroy(&mut mem);
+        // An order-9 unmap of a 2 MiB of a 1 GiB entry: the entry split
+        // (one table), the 2 MiB cleared, nothing split below it.
+        let mut t = gigabyte_mapped::<F>(&mut mem, xen, 3 * GIGA);
+        t.release_freed(&mut mem);
+        let allocs = mem.allocs;
+        t.unmap_superpage(&mut mem, Bfn(GIGA + 1024)).unwrap();
+        assert_eq!(mem.allocs - allocs, 1);
+        assert_eq!(level(&t, &mem, GIGA + 1024), None);
+        assert_eq!(level(&t, &mem, GIGA + 1536), Some(2));
+        t.destroy(&mut mem);
+        // A frame run off a 1 GiB boundary stays in 2 MiB entries.
+        let t = gigabyte_mapped::<F>(&mut mem, xen, 3 * GIGA + 512);
+        assert_eq!(
+            level(&t, &mem, GIGA),
+            Some(2),
+            "{}: off a boundary",
+            F::NAME
+        );
+        t.destroy(&mut mem);
+        // The engine's own contexts fold no further than 2 MiB.
+        let t = gigabyte_mapped::<F>(&mut mem, TableOptions::engine_context(4), 3 * GIGA);
+        assert_eq!(
+            level(&t, &mem, GIGA),
+            Some(2),
+            "{}: engine context",
+            F::NAME
+        );
+        t.destroy(&mut mem);
+    }
+
+    #[test]
+    fn vtd_xen_own_tables_fold_a_gigabyte_and_split_it_with_new_tables() {
+        xen_own_tables_fold_a_gigabyte_and_split_it_with_new_tables::<Vtd>();
+    }
+
+    #[test]
+    fn lpae_xen_own_tables_fold_a_gigabyte_and_split_it_with_new_tables() {
+        xen_own_tables_fold_a_gigabyte_and_split_it_with_new_tables::<Lpae>();
     }
 }

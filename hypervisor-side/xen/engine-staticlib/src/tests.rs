@@ -977,6 +977,7 @@ fn walker_over_the_backend(recycle: bool) {
         superpages: false,
         recycle,
         split_from_spares: true,
+        gigapages: false,
     };
     let mut pt = IoPageTable::<VtdNoSnoop>::with_options(&mut x, opts).unwrap();
     let root = pt.root().0;
