@@ -5,10 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ ! -x /usr/bin/rustc || ! -d /usr/lib/rustlib/src/rust ]] \
-   || ! /usr/bin/rustc --version | grep -q '^rustc 1\.9[6-9]'; then
+   || ! /usr/bin/rustc --version | grep -Eq '^rustc 1\.(9[6-9]|[1-9][0-9]{2,})\.'; then
   echo "installing Debian's rustc-web, cargo-web, rust-web-src"
-  apt-get update -qq
+  apt-get update -qq || true
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rustc-web cargo-web rust-web-src binutils >/dev/null
+  /usr/bin/rustc --version | grep -Eq '^rustc 1\.(9[6-9]|[1-9][0-9]{2,})\.' || {
+    echo "Debian's rustc-web is '$(/usr/bin/rustc --version 2>&1)', 1.96 or later needed" >&2; exit 1; }
 fi
 export RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR=target/xen
 export RUSTFLAGS="-C relocation-model=pie -Z default-visibility=hidden -Z plt=yes -Z retpoline-external-thunk -Z function-return=thunk-extern"

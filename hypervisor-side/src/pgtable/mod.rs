@@ -189,8 +189,14 @@ pub struct TableOptions {
     /// VT-d where every unit has 1 GiB pages (`cap_sps_1gb`, which QEMU's
     /// intel-iommu offers). The folded level-2 table is kept whole until
     /// the flush, then zeroed and freed, as a folded leaf table is. Only
-    /// with `superpages` and without `split_from_spares`: the engine's own
-    /// contexts fold no further than 2 MiB.
+    /// with `superpages`, 4 levels and without `split_from_spares`
+    /// ([`IoPageTable::with_options`] refuses the rest), and only in the
+    /// simulator's builds (feature `sim`, and tests): the engine's own
+    /// contexts fold no further than 2 MiB, and the Xen object carries
+    /// none of this code (its stack has no room to spare). The model folds
+    /// wherever Xen could: more often than a given host (AMD-Vi folds only
+    /// below its tables' top level, VT-d only with 1 GiB pages on every
+    /// unit, Arm's p2m not at all), never less.
     pub gigapages: bool,
 }
 
@@ -334,6 +340,16 @@ impl<F: PageTableFormat> IoPageTable<F> {
         if !(2..=LEVELS).contains(&options.levels) {
             return Err(Errno::Inval);
         }
+        // 1 GiB folds: Xen's own tables as the simulator models them, whose
+        // splits allocate; never an engine context's (whose unmaps must
+        // not need memory), nor a tree whose pinned path a fold would take.
+        let gigapages_allowed = cfg!(any(test, feature = "sim"))
+            && options.superpages
+            && !options.split_from_spares
+            && options.levels == LEVELS;
+        if options.gigapages && !gigapages_allowed {
+            return Err(Errno::Inval);
+        }
         let t = IoPageTable {
             root: mem.alloc_table()?,
             options,
@@ -450,7 +466,10 @@ impl<F: PageTableFormat> IoPageTable<F> {
         // and its level-2 table then on into a 1 GiB one.
         if count as usize == ENTRIES && self.options.superpages {
             if let Some((pt, pidx)) = parent {
-                if self.try_promote(mem, pt, pidx, table) && self.options.gigapages {
+                #[cfg_attr(not(any(test, feature = "sim")), allow(unused_variables))]
+                let folded = self.try_promote(mem, pt, pidx, table);
+                #[cfg(any(test, feature = "sim"))]
+                if folded && self.options.gigapages {
                     self.try_promote_giga(mem, bfn, pt);
                 }
             }
@@ -625,6 +644,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
     /// 1 GiB-aligned, contiguous run with one access and attribute (Xen's
     /// own tables, [`TableOptions::gigapages`]). The walk from the root
     /// finds where it hangs: this runs once per fold, not per map.
+    #[cfg(any(test, feature = "sim"))]
     fn try_promote_giga(&mut self, mem: &mut impl TableMemory, bfn: Bfn, l2: Mfn) {
         if mem.present_count(l2) as usize != ENTRIES {
             return;
@@ -920,6 +940,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
                 Entry::Leaf { mfn, perms, attr } if level == SUPERPAGE_LEVEL => {
                     table = self.split(mem, table, idx, mfn, perms, attr)?;
                 }
+                #[cfg(any(test, feature = "sim"))]
                 Entry::Leaf { mfn, perms, attr }
                     if level == GIGAPAGE_LEVEL && self.options.gigapages =>
                 {
@@ -957,6 +978,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
                 Entry::Table(t) if level > SUPERPAGE_LEVEL => table = t,
                 // Xen's order-9 unmap splits a 1 GiB superpage first (a
                 // table: it can fail), then clears the 2 MiB entry.
+                #[cfg(any(test, feature = "sim"))]
                 Entry::Leaf { mfn, perms, attr }
                     if level == GIGAPAGE_LEVEL && self.options.gigapages =>
                 {
@@ -1088,6 +1110,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
     /// changed, when there is none), filled, written back, then linked.
     /// The same translations before and after; the caller's flush must
     /// cover the whole 1 GiB (an IOTLB caches it as one entry).
+    #[cfg(any(test, feature = "sim"))]
     fn split_giga(
         &mut self,
         mem: &mut impl TableMemory,
@@ -2117,6 +2140,45 @@ mod freed_list_tests {
         assert_eq!(level(&t, &mem, GIGA + 1024), None);
         assert_eq!(level(&t, &mem, GIGA + 1536), Some(2));
         t.destroy(&mut mem);
+        // One 2 MiB of another access among them: no 1 GiB entry.
+        let mut t = IoPageTable::<F>::with_options(&mut mem, xen).unwrap();
+        for i in 0..GIGA {
+            let perms = if i >> 9 == 7 {
+                Permissions::RO
+            } else {
+                Permissions::RW
+            };
+            t.map(
+                &mut mem,
+                Bfn(GIGA + i),
+                Mfn(3 * GIGA + i),
+                perms,
+                MemAttr::WriteBack,
+            )
+            .unwrap();
+            if i % ENTRIES as u64 == ENTRIES as u64 - 1 {
+                t.release_freed(&mut mem);
+            }
+        }
+        assert_eq!(level(&t, &mem, GIGA), Some(2), "{}: mixed access", F::NAME);
+        t.destroy(&mut mem);
+        // Only Xen's own tables as modelled fold to 1 GiB.
+        for refused in [
+            TableOptions {
+                gigapages: true,
+                ..TableOptions::engine_context(4)
+            },
+            TableOptions { levels: 3, ..xen },
+            TableOptions {
+                superpages: false,
+                ..xen
+            },
+        ] {
+            assert!(matches!(
+                IoPageTable::<F>::with_options(&mut mem, refused),
+                Err(Errno::Inval)
+            ));
+        }
         // A frame run off a 1 GiB boundary stays in 2 MiB entries.
         let t = gigabyte_mapped::<F>(&mut mem, xen, 3 * GIGA + 512);
         assert_eq!(

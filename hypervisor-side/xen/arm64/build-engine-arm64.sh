@@ -39,10 +39,11 @@ if ! /usr/bin/rustc --version 2>/dev/null | grep -q '^rustc 1\.9[6-9]' \
    || [ ! -e /usr/lib/rustlib/src/rust/library/core ] || [ ! -x /usr/bin/cargo ]; then
     echo "build-engine-arm64: installing rustc-web cargo-web rust-web-src"
     # The index first: a stale one offers an older rustc-web (1.85 seen).
-    apt-get update -q
+    apt-get update -q || true
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
         rustc-web cargo-web rust-web-src
-    /usr/bin/rustc --version 2>/dev/null | grep -q '^rustc 1\.9[6-9]' || {
+    { /usr/bin/rustc --version 2>/dev/null | grep -Eq '^rustc 1\.(9[6-9]|[1-9][0-9]{2,})\.' \
+        && [ -e /usr/lib/rustlib/src/rust/library/core ] && [ -x /usr/bin/cargo ]; } || {
         echo "build-engine-arm64: Debian's rustc-web is" \
             "'$(/usr/bin/rustc --version 2>&1)', 1.96 or later needed" >&2; exit 1; }
 fi
