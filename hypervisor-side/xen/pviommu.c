@@ -386,6 +386,10 @@ static void __init pvx_build_regions(void)
      * guest's RAM past it on AMD CPUs. A BFN window that reaches it (RAM
      * ending within a quota of 1 TiB) must skip it, or a device's DMA to
      * such a BFN raises an interrupt request instead of reaching the page.
+     * (This is the bus-address range the IOMMU decodes, fixed below 1 TiB;
+     * the CPU-side range Xen keeps out of a domain's physical map moved to
+     * the top of the physical address space on family 17h and later, which
+     * matters to the CPU's accesses, not to a device's.)
      */
     if ( boot_cpu_data.x86_vendor & (X86_VENDOR_AMD | X86_VENDOR_HYGON) )
         pvx_add_range(0xfd00000000UL, 0x10000000000UL - 0xfd00000000UL,
