@@ -382,18 +382,23 @@ static void __init pvx_build_regions(void)
      * translated memory access: the IOMMU handles its parts as interrupt,
      * system-management, EOI or legacy requests, or aborts it (the AMD
      * IOMMU specification's special address ranges). Linux reserves it in
-     * every AMD-Vi domain (amd_iommu_get_resv_regions()) and QEMU moves a
-     * guest's RAM past it on AMD CPUs. A BFN window that reaches it (RAM
-     * ending within a quota of 1 TiB) must skip it, or a device's DMA to
-     * such a BFN raises an interrupt request instead of reaching the page.
-     * (This is the bus-address range the IOMMU decodes, fixed below 1 TiB;
-     * the CPU-side range Xen keeps out of a domain's physical map moved to
-     * the top of the physical address space on family 17h and later, which
-     * matters to the CPU's accesses, not to a device's.)
+     * every AMD-Vi domain on every family (amd_iommu_get_resv_regions()),
+     * and QEMU moves a guest's RAM past it on AMD CPUs. A BFN window that
+     * reaches it (RAM ending within a quota of 1 TiB) must skip it, or a
+     * device's DMA to such a BFN raises an interrupt request instead of
+     * reaching the page. On family 17h and later the CPU's own range moved
+     * to the top 12 GiB of the physical address space, which Xen keeps
+     * out of dom0's reach (dom0_build.c, the same test): reserved too, so
+     * a window at most as wide never hands out a BFN that is either.
      */
     if ( boot_cpu_data.x86_vendor & (X86_VENDOR_AMD | X86_VENDOR_HYGON) )
+    {
         pvx_add_range(0xfd00000000UL, 0x10000000000UL - 0xfd00000000UL,
                       PVIOMMU_REGION_PLATFORM);
+        if ( boot_cpu_data.x86 >= 0x17 )
+            pvx_add_range((1UL << paddr_bits) - (3UL << 32), 3UL << 32,
+                          PVIOMMU_REGION_PLATFORM);
+    }
 
     /* The hole below 4 GiB: low MMIO, 32-bit BARs and bridge windows. */
     for ( i = 0; i < e820.nr_map; i++ )
