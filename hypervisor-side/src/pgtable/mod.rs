@@ -24,7 +24,9 @@ pub const ENTRIES: usize = 512;
 pub const RECYCLED_TABLES: usize = 8;
 /// Leaf tables folded into superpages that one context keeps whole until
 /// its next flush (see [`IoPageTable::release_freed`]); past that many
-/// between two flushes, a full leaf table simply stays one.
+/// between two flushes, a full leaf table simply stays one. (Not in the
+/// simulator's model of Xen's own tables, which folds every one, as Xen
+/// does.)
 pub const FOLDED_BEFORE_FLUSH: usize = 8;
 /// Levels of the walk; level 1 holds 4 KiB leaves, level 2 superpages.
 pub const LEVELS: u32 = 4;
@@ -287,6 +289,13 @@ pub struct IoPageTable<F: PageTableFormat> {
     folded_len: usize,
     /// Of those, the ones whose superpage is still in the tree.
     folded_live: usize,
+    /// Tables Xen's own tables as modelled (no `split_from_spares`) folded
+    /// past the `FOLDED_BEFORE_FLUSH` the array holds: Xen queues every
+    /// one it folds (`iommu_queue_free_pgtable`, no limit), so the model
+    /// folds every one too. Kept whole until the flush, never taken back
+    /// by a split. The simulator's builds only.
+    #[cfg(any(test, feature = "sim"))]
+    folded_more: alloc::vec::Vec<Mfn>,
     _format: core::marker::PhantomData<F>,
 }
 
@@ -363,6 +372,8 @@ impl<F: PageTableFormat> IoPageTable<F> {
             folded: [NO_FOLD; FOLDED_BEFORE_FLUSH],
             folded_len: 0,
             folded_live: 0,
+            #[cfg(any(test, feature = "sim"))]
+            folded_more: alloc::vec::Vec::new(),
             _format: core::marker::PhantomData,
         };
         // The pinned path: entry 0 down to the table the IOMMU starts at.
@@ -602,9 +613,9 @@ impl<F: PageTableFormat> IoPageTable<F> {
         leaf_table: Mfn,
     ) -> bool {
         // No room to keep it until the flush: it stays a leaf table.
-        let Some(slot) = self.folded.get_mut(self.folded_len) else {
+        if !self.room_to_fold() {
             return false;
-        };
+        }
         let (first_mfn, perms, attr) = match F::decode(mem.read_entry(leaf_table, 0), 1) {
             Entry::Leaf { mfn, perms, attr } => (mfn, perms, attr),
             _ => return false,
@@ -626,17 +637,46 @@ impl<F: PageTableFormat> IoPageTable<F> {
             F::leaf_entry(first_mfn, perms, attr, SUPERPAGE_LEVEL),
         );
         // Kept whole until the flush: the IOMMU may still walk it.
-        *slot = Folded {
+        self.keep_folded(Folded {
             table: leaf_table,
             parent,
             pidx,
             live: true,
             giga: false,
-        };
-        self.folded_len += 1;
-        self.folded_live += 1;
+        });
         self.superpages += 1;
         true
+    }
+
+    /// Whether a table folded now can be kept until the flush: a free
+    /// slot, or (Xen's own tables as the simulator models them) room
+    /// reserved past the slots.
+    fn room_to_fold(&mut self) -> bool {
+        if self.folded_len < FOLDED_BEFORE_FLUSH {
+            return true;
+        }
+        #[cfg(any(test, feature = "sim"))]
+        if !self.options.split_from_spares {
+            return self.folded_more.try_reserve(1).is_ok();
+        }
+        false
+    }
+
+    /// Keep `f`, just folded, until the flush, where
+    /// [`room_to_fold`](Self::room_to_fold) found room.
+    fn keep_folded(&mut self, f: Folded) {
+        if let Some(slot) = self.folded.get_mut(self.folded_len) {
+            *slot = f;
+            self.folded_len += 1;
+            if f.live {
+                self.folded_live += 1;
+            }
+            return;
+        }
+        // (Past the slots, only the simulator's model of Xen's tables:
+        // never taken back by a split, so kept as frames alone.)
+        #[cfg(any(test, feature = "sim"))]
+        self.folded_more.push(f.table);
     }
 
     /// Fold `l2`, the level-2 table holding `bfn`'s superpage, into a
@@ -650,7 +690,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
             return;
         }
         // No room to keep it until the flush: it stays a table.
-        if self.folded_len >= FOLDED_BEFORE_FLUSH {
+        if !self.room_to_fold() {
             return;
         }
         let mut table = self.root;
@@ -693,16 +733,13 @@ impl<F: PageTableFormat> IoPageTable<F> {
                 self.folded_live = self.folded_live.saturating_sub(1);
             }
         }
-        if let Some(slot) = self.folded.get_mut(n) {
-            *slot = Folded {
-                table: l2,
-                parent: table,
-                pidx: gidx,
-                live: false,
-                giga: true,
-            };
-            self.folded_len += 1;
-        }
+        self.keep_folded(Folded {
+            table: l2,
+            parent: table,
+            pidx: gidx,
+            live: false,
+            giga: true,
+        });
         self.superpages = self.superpages.saturating_sub(ENTRIES);
     }
 
@@ -724,6 +761,14 @@ impl<F: PageTableFormat> IoPageTable<F> {
                 mem.set_present_count(f.table, 0);
                 mem.free_table(f.table);
             }
+        }
+        #[cfg(any(test, feature = "sim"))]
+        for t in core::mem::take(&mut self.folded_more) {
+            for e in 0..ENTRIES {
+                mem.write_entry(t, e, 0);
+            }
+            mem.set_present_count(t, 0);
+            mem.free_table(t);
         }
     }
 
@@ -859,6 +904,9 @@ impl<F: PageTableFormat> IoPageTable<F> {
 
     /// Leaf tables folded into superpages since the last flush, kept whole.
     pub fn folded_frames(&self) -> usize {
+        #[cfg(any(test, feature = "sim"))]
+        return self.folded_len + self.folded_more.len();
+        #[cfg(not(any(test, feature = "sim")))]
         self.folded_len
     }
 
@@ -2090,6 +2138,23 @@ mod freed_list_tests {
         let mut mem = frames();
         let xen = TableOptions::xen_own();
         let level = |t: &IoPageTable<F>, mem: &Frames, b: u64| t.leaf(mem, Bfn(b)).map(|l| l.0);
+        // Xen folds every full table between two flushes (it queues each
+        // for freeing, no limit): 512 leaf tables and the level-2 table.
+        // (Frames of its own: the fresh pool's reads stay cheap below.)
+        let mut mem0 = frames();
+        let mut t = IoPageTable::<F>::with_options(&mut mem0, xen).unwrap();
+        for i in 0..GIGA {
+            let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+            t.map(&mut mem0, Bfn(GIGA + i), Mfn(3 * GIGA + i), rw, wb)
+                .unwrap();
+        }
+        assert_eq!(level(&t, &mem0, GIGA), Some(3), "{}: no flush", F::NAME);
+        assert_eq!(t.folded_frames(), ENTRIES + 1);
+        let in_use = mem0.tables.len() - mem0.free.len();
+        t.release_freed(&mut mem0);
+        assert_eq!(t.folded_frames(), 0);
+        assert_eq!(mem0.tables.len() - mem0.free.len(), in_use - ENTRIES - 1);
+        t.destroy(&mut mem0);
         let mut t = gigabyte_mapped::<F>(&mut mem, xen, 3 * GIGA);
         assert_eq!(
             level(&t, &mem, GIGA),
