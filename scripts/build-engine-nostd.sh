@@ -9,7 +9,8 @@ if [[ ! -x /usr/bin/rustc || ! -d /usr/lib/rustlib/src/rust ]] \
   echo "installing Debian's rustc-web, cargo-web, rust-web-src"
   apt-get update -qq || true
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rustc-web cargo-web rust-web-src binutils >/dev/null
-  /usr/bin/rustc --version | grep -Eq '^rustc 1\.(9[6-9]|[1-9][0-9]{2,})\.' || {
+  { /usr/bin/rustc --version | grep -Eq '^rustc 1\.(9[6-9]|[1-9][0-9]{2,})\.' \
+      && [ -d /usr/lib/rustlib/src/rust ] && [ -x /usr/bin/cargo ]; } || {
     echo "Debian's rustc-web is '$(/usr/bin/rustc --version 2>&1)', 1.96 or later needed" >&2; exit 1; }
 fi
 export RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR=target/xen

@@ -386,10 +386,12 @@ static void __init pvx_build_regions(void)
      * and QEMU moves a guest's RAM past it on AMD CPUs. A BFN window that
      * reaches it (RAM ending within a quota of 1 TiB) must skip it, or a
      * device's DMA to such a BFN raises an interrupt request instead of
-     * reaching the page. On family 17h and later the CPU's own range moved
+     * reaching the page. On family 17h and later the CPU-side range moved
      * to the top 12 GiB of the physical address space, which Xen keeps
-     * out of dom0's reach (dom0_build.c, the same test): reserved too, so
-     * a window at most as wide never hands out a BFN that is either.
+     * out of dom0's reach (dom0_build.c, the same test). The IOMMU does
+     * not decode that one specially (Linux reserves only the first); it
+     * is reserved as a precaution that follows Xen's own choice, at the
+     * cost of 12 GiB of BFNs far above any window a host's RAM needs.
      */
     if ( boot_cpu_data.x86_vendor & (X86_VENDOR_AMD | X86_VENDOR_HYGON) )
     {

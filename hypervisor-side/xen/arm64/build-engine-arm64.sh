@@ -35,7 +35,7 @@ OBJDUMP=aarch64-linux-gnu-objdump; LD=aarch64-linux-gnu-ld
 NM=aarch64-linux-gnu-nm; OBJCOPY=aarch64-linux-gnu-objcopy; READELF=aarch64-linux-gnu-readelf
 command -v "$LD" >/dev/null || "$HERE/fetch-xen-4.20.sh"
 
-if ! /usr/bin/rustc --version 2>/dev/null | grep -q '^rustc 1\.9[6-9]' \
+if ! /usr/bin/rustc --version 2>/dev/null | grep -Eq '^rustc 1\.(9[6-9]|[1-9][0-9]{2,})\.' \
    || [ ! -e /usr/lib/rustlib/src/rust/library/core ] || [ ! -x /usr/bin/cargo ]; then
     echo "build-engine-arm64: installing rustc-web cargo-web rust-web-src"
     # The index first: a stale one offers an older rustc-web (1.85 seen).
