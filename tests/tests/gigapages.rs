@@ -75,6 +75,7 @@ fn guest_in_one_gigapage() -> (SimMachine, Engine, Bfn) {
         Some(3),
         "one 1 GiB entry in Xen's tables"
     );
+    check_invariants(&mut m, &e).unwrap();
     assert_eq!(
         m.dma_read(DomId::DOM0, ContextId::DEFAULT, (bfn.0 + 5) << 12, 8)
             .unwrap(),
