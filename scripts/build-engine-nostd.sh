@@ -4,13 +4,15 @@
 # (../shared notes: xen-rust-build.md), and check it has no SSE/AVX.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [[ ! -x /usr/bin/rustc || ! -d /usr/lib/rustlib/src/rust ]] \
-   || ! /usr/bin/rustc --version | grep -Eq '^rustc 1\.(9[6-9]|[1-9][0-9]{2,})\.'; then
+have_toolchain() {
+  /usr/bin/rustc --version 2>/dev/null | grep -Eq '^rustc 1\.(9[6-9]|[1-9][0-9]{2,})\.' \
+    && [[ -e /usr/lib/rustlib/src/rust/library/core && -x /usr/bin/cargo ]]
+}
+if ! have_toolchain; then
   echo "installing Debian's rustc-web, cargo-web, rust-web-src"
   apt-get update -qq || true
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rustc-web cargo-web rust-web-src binutils >/dev/null
-  { /usr/bin/rustc --version | grep -Eq '^rustc 1\.(9[6-9]|[1-9][0-9]{2,})\.' \
-      && [ -d /usr/lib/rustlib/src/rust ] && [ -x /usr/bin/cargo ]; } || {
+  have_toolchain || {
     echo "Debian's rustc-web is '$(/usr/bin/rustc --version 2>&1)', 1.96 or later needed" >&2; exit 1; }
 fi
 export RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR=target/xen

@@ -383,6 +383,8 @@ static void __init pvx_build_regions(void)
      * system-management, EOI or legacy requests, or aborts it (the AMD
      * IOMMU specification's special address ranges). Linux reserves it in
      * every AMD-Vi domain on every family (amd_iommu_get_resv_regions()),
+     * unless the IOMMU says it ignores the range (EFR2 HT-range-ignore;
+     * reserving it there too costs only those BFNs),
      * and QEMU moves a guest's RAM past it on AMD CPUs. A BFN window that
      * reaches it (RAM ending within a quota of 1 TiB) must skip it, or a
      * device's DMA to such a BFN raises an interrupt request instead of
