@@ -1161,7 +1161,9 @@ impl<F: PageTableFormat> IoPageTable<F> {
     /// Xen's own code does: a table allocated (`Err(NoMem)`, nothing
     /// changed, when there is none), filled, written back, then linked.
     /// The same translations before and after; the caller's flush must
-    /// cover the whole 1 GiB (an IOTLB caches it as one entry).
+    /// cover the whole 1 GiB (an IOTLB caches it as one entry). (Shaped as
+    /// [`split`](Self::split)'s allocating path, but kept apart: `split`
+    /// is on the Xen object's deepest stack, this only in the simulator.)
     #[cfg(any(test, feature = "sim"))]
     fn split_giga(
         &mut self,

@@ -84,26 +84,10 @@ impl Iotlb {
         for k in keys {
             self.leaf_tables.remove(&k);
         }
-        // 2 MiB entries: only blocks the range covers whole (a flush the
-        // caller widened to 2 MiB, or a domain-wide one).
-        let keys: Vec<_> = self
-            .superpages
-            .range((owner, ctx, first >> 9)..=(owner, ctx, last >> 9))
-            .map(|(k, _)| *k)
-            .filter(|k| k.2 << 9 >= first && (k.2 << 9 | 0x1ff) <= last)
-            .collect();
-        for k in keys {
-            self.superpages.remove(&k);
-        }
-        let keys: Vec<_> = self
-            .gigapages
-            .range((owner, ctx, first >> 18)..=(owner, ctx, last >> 18))
-            .map(|(k, _)| *k)
-            .filter(|k| k.2 << 18 >= first && (k.2 << 18 | 0x3ffff) <= last)
-            .collect();
-        for k in keys {
-            self.gigapages.remove(&k);
-        }
+        // 2 MiB and 1 GiB entries: only blocks the range covers whole (a
+        // flush the caller widened to the block, or a domain-wide one).
+        drop_covered_blocks(&mut self.superpages, owner, ctx, first, last, 9);
+        drop_covered_blocks(&mut self.gigapages, owner, ctx, first, last, 18);
     }
     /// What one VT-d page-selective invalidation of `first..=last`
     /// reaches, as patch 0005's `intel_iommu_pviommu_ctx_flush` issues it:
@@ -123,6 +107,27 @@ impl Iotlb {
     /// Drop everything cached for a context.
     pub fn invalidate_context(&mut self, owner: DomId, ctx: ContextId) {
         self.invalidate(owner, ctx, 0, u64::MAX);
+    }
+}
+
+/// Drop the entries of `blocks` (keyed by (owner, ctx, bfn >> `shift`))
+/// whose whole block of 2^`shift` pages lies in `first..=last`.
+fn drop_covered_blocks(
+    blocks: &mut BTreeMap<(DomId, ContextId, u64), (Mfn, bool, bool)>,
+    owner: DomId,
+    ctx: ContextId,
+    first: u64,
+    last: u64,
+    shift: u32,
+) {
+    let mask = (1u64 << shift) - 1;
+    let keys: Vec<_> = blocks
+        .range((owner, ctx, first >> shift)..=(owner, ctx, last >> shift))
+        .map(|(k, _)| *k)
+        .filter(|k| k.2 << shift >= first && (k.2 << shift | mask) <= last)
+        .collect();
+    for k in keys {
+        blocks.remove(&k);
     }
 }
 
