@@ -60,6 +60,21 @@ if [ $ht_expected = 0 ]; then skip amd_ht_range_reserved "CPU vendor $VENDOR"; e
         [ $((hs)) -le $((0xfd00000)) ] && [ $((hs + hn)) -ge $((0x10000000)) ] && ht=1
     done
     if [ $ht = 1 ]; then ok amd_ht_range_reserved; else ko amd_ht_range_reserved "$o"; fi
+    # Family 17h and later: the top 12 GiB of the physical address space
+    # too (what Xen keeps from dom0 there). QEMU's qemu64 is family 15: run
+    # a boot with QEMU_EXTRA="-cpu EPYC,phys-bits=48" to check it.
+    FAMILY=$(sed -n 's/^cpu family[[:space:]]*: *//p' /proc/cpuinfo | head -1)
+    PBITS=$(sed -n 's/^address sizes[[:space:]]*: *\([0-9]*\) bits physical.*/\1/p' /proc/cpuinfo | head -1)
+    if [ "${FAMILY:-0}" -lt 23 ] || [ "${PBITS:-0}" -le 40 ] || [ "${PBITS:-0}" -gt 52 ]; then
+        skip amd_top_range_reserved "CPU family ${FAMILY:-?}, ${PBITS:-?} physical address bits"
+    else
+        top=$(( 1 << (PBITS - 12) )); ht=0
+        for r in $(echo "$o" | sed -n 's/^region start=\(0x[0-9a-f]*\) nr=\(0x[0-9a-f]*\) .*/\1:\2/p'); do
+            hs=${r%:*}; hn=${r#*:}
+            [ $((hs)) -le $((top - 0x300000)) ] && [ $((hs + hn)) -ge $top ] && ht=1
+        done
+        if [ $ht = 1 ]; then ok amd_top_range_reserved; else ko amd_top_range_reserved "family $FAMILY, $PBITS bits: $o"; fi
+    fi
 fi
 # Xen's symbol table, as dom0 reads it (XENPF_get_symbol): Xen expands every
 # name into a 128-byte buffer without a bound (here and in each stack trace
