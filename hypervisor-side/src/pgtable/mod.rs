@@ -755,23 +755,18 @@ impl<F: PageTableFormat> IoPageTable<F> {
             let Some(f) = self.folded.get(i).copied() else {
                 break;
             };
-            for e in 0..ENTRIES {
-                mem.write_entry(f.table, e, 0);
-            }
             if self.options.split_from_spares && !f.giga {
+                for e in 0..ENTRIES {
+                    mem.write_entry(f.table, e, 0);
+                }
                 self.add_spare(mem, f.table);
             } else {
-                mem.set_present_count(f.table, 0);
-                mem.free_table(f.table);
+                Self::zero_and_free(mem, f.table);
             }
         }
         #[cfg(any(test, feature = "sim"))]
         for t in core::mem::take(&mut self.folded_more) {
-            for e in 0..ENTRIES {
-                mem.write_entry(t, e, 0);
-            }
-            mem.set_present_count(t, 0);
-            mem.free_table(t);
+            Self::zero_and_free(mem, t);
         }
     }
 
@@ -1123,28 +1118,16 @@ impl<F: PageTableFormat> IoPageTable<F> {
             Some(t) => t,
             None => mem.alloc_table()?,
         };
-        for i in 0..ENTRIES {
-            mem.write_entry(t, i, F::leaf_entry(Mfn(mfn.0 + i as u64), perms, attr, 1));
-        }
-        mem.set_present_count(t, ENTRIES as u16);
-        // The device may be using these pages: the table must be in memory
-        // before the entry that points at it.
-        mem.write_back_table(t);
         // A frame the host would not let the engine write (an engine bug:
         // a wrong frame among the spares) reads back empty: it is never
         // linked, and the superpage stays (nothing changed).
-        if mem.present_count(t) != ENTRIES as u16 || !Self::starts_with(mem, t, want) {
+        if !Self::fill_split(mem, t, want, 1) {
             if fresh {
                 // Allocated here and never linked: it goes back, zeroed
-                // first (it holds machine frame numbers, and Xen gives an
-                // anonymous page back to its heap unscrubbed). A spare
-                // that failed is kept off every list: a frame the host
-                // would not let the engine write is not used again.
-                for e in 0..ENTRIES {
-                    mem.write_entry(t, e, 0);
-                }
-                mem.set_present_count(t, 0);
-                mem.free_table(t);
+                // first. A spare that failed is kept off every list: a
+                // frame the host would not let the engine write is not
+                // used again.
+                Self::zero_and_free(mem, t);
             }
             return Err(Errno::NoMem);
         }
@@ -1156,14 +1139,47 @@ impl<F: PageTableFormat> IoPageTable<F> {
         Ok(t)
     }
 
+    /// Fill `t` with the 512 leaves at `level` that a superpage of the
+    /// level above, `whole` (a leaf), splits into, count them and write
+    /// the table back (a device may be using these pages: the table must
+    /// be in memory before the entry that points at it). Whether it reads
+    /// back so (a frame the host would not let the engine write reads 0).
+    #[inline(always)]
+    fn fill_split(mem: &mut impl TableMemory, t: Mfn, whole: Entry, level: u32) -> bool {
+        let Entry::Leaf { mfn, perms, attr } = whole else {
+            return false;
+        };
+        let step = 1u64 << (9 * (level - 1));
+        for i in 0..ENTRIES {
+            let first = Mfn(mfn.0 + i as u64 * step);
+            mem.write_entry(t, i, F::leaf_entry(first, perms, attr, level));
+        }
+        mem.set_present_count(t, ENTRIES as u16);
+        mem.write_back_table(t);
+        mem.present_count(t) == ENTRIES as u16 && F::decode(mem.read_entry(t, 0), level) == whole
+    }
+
+    /// Give back `t`, a table never linked or unlinked and flushed, zeroed
+    /// first, its count too: it holds machine frame numbers, and Xen gives
+    /// an anonymous page back to its heap unscrubbed (release builds),
+    /// whence it may go to a guest.
+    #[inline(always)]
+    fn zero_and_free(mem: &mut impl TableMemory, t: Mfn) {
+        for e in 0..ENTRIES {
+            mem.write_entry(t, e, 0);
+        }
+        mem.set_present_count(t, 0);
+        mem.free_table(t);
+    }
+
     /// Split the 1 GiB superpage at entry `pidx` of `parent` (mapping
     /// from `mfn`) into a new level-2 table of 512 2 MiB superpages, as
     /// Xen's own code does: a table allocated (`Err(NoMem)`, nothing
     /// changed, when there is none), filled, written back, then linked.
     /// The same translations before and after; the caller's flush must
-    /// cover the whole 1 GiB (an IOTLB caches it as one entry). (Shaped as
-    /// [`split`](Self::split)'s allocating path, but kept apart: `split`
-    /// is on the Xen object's deepest stack, this only in the simulator.)
+    /// cover the whole 1 GiB (an IOTLB caches it as one entry). (Apart
+    /// from [`split`](Self::split), which is on the Xen object's deepest
+    /// stack: this is built only for the simulator.)
     #[cfg(any(test, feature = "sim"))]
     fn split_giga(
         &mut self,
@@ -1175,21 +1191,8 @@ impl<F: PageTableFormat> IoPageTable<F> {
         attr: MemAttr,
     ) -> Result<Mfn, Errno> {
         let t = mem.alloc_table()?;
-        for i in 0..ENTRIES {
-            let first = Mfn(mfn.0 + (i * ENTRIES) as u64);
-            mem.write_entry(t, i, F::leaf_entry(first, perms, attr, SUPERPAGE_LEVEL));
-        }
-        mem.set_present_count(t, ENTRIES as u16);
-        mem.write_back_table(t);
-        let want = Entry::Leaf { mfn, perms, attr };
-        if mem.present_count(t) != ENTRIES as u16
-            || F::decode(mem.read_entry(t, 0), SUPERPAGE_LEVEL) != want
-        {
-            for e in 0..ENTRIES {
-                mem.write_entry(t, e, 0);
-            }
-            mem.set_present_count(t, 0);
-            mem.free_table(t);
+        if !Self::fill_split(mem, t, Entry::Leaf { mfn, perms, attr }, SUPERPAGE_LEVEL) {
+            Self::zero_and_free(mem, t);
             return Err(Errno::NoMem);
         }
         mem.write_entry(parent, pidx, F::table_entry(t));
