@@ -1149,6 +1149,8 @@ impl<F: PageTableFormat> IoPageTable<F> {
         let Entry::Leaf { mfn, perms, attr } = whole else {
             return false;
         };
+        // (Its callers pass constants: 4 KiB and 2 MiB leaves.)
+        debug_assert!((1..=SUPERPAGE_LEVEL).contains(&level));
         let step = 1u64 << (9 * (level - 1));
         for i in 0..ENTRIES {
             let first = Mfn(mfn.0 + i as u64 * step);
