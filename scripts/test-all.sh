@@ -55,6 +55,9 @@ cargo test -q --manifest-path hypervisor-side/xen/engine-staticlib/Cargo.toml --
 step "Xen glue: the pviommu= boot option parser, with Xen's number parsing"
 hypervisor-side/xen/tests/parse-option.sh
 
+step "Xen glue: an IOMMU run outside the engine's window is refused"
+hypervisor-side/xen/tests/run-window.sh
+
 step "engine for x86_64-unknown-none (Xen's target)"
 scripts/build-engine-nostd.sh
 

@@ -63,6 +63,43 @@ impl BfnWindow {
     pub fn allows(&self, bfn: u64) -> bool {
         bfn >= self.start && bfn < self.end && self.reserved_at(bfn).is_none()
     }
+
+    /// Whether every BFN of `first .. first + count` may be handed out
+    /// ([`run_is_clear`] of this window).
+    pub fn holds_run(&self, first: u64, count: u64) -> bool {
+        run_is_clear(first, count, self.start, self.end, &self.reserved)
+    }
+}
+
+/// Whether BFNs `first .. first + count` (at least one) all lie at or above
+/// `floor`, below `end`, and outside every range of `reserved` (in any
+/// order; empty ranges reserve nothing).
+///
+/// The rule of where an IOMMU run of the engine may go, as the host checks
+/// it before the run reaches its IOMMU driver: Xen's glue refuses any other
+/// run into a domain's own tables (`pvx_run_in_window()` in
+/// `xen/pviommu-common.inc`, this rule in C, with host RAM's end and
+/// [`WINDOW_FLOOR`] for `floor`), and so does the simulator's model of it.
+/// The engine hands out no BFN outside its window, whose floor is at
+/// least that one; a run elsewhere is an engine bug, and could replace a
+/// mapping the host's own devices use (an RMRR's identity mapping), or sit
+/// in the MSI window or a device's BAR, where a DMA never reaches the page.
+pub fn run_is_clear(
+    first: u64,
+    count: u64,
+    floor: u64,
+    end: u64,
+    reserved: &[ReservedRange],
+) -> bool {
+    let Some(past) = first.checked_add(count) else {
+        return false;
+    };
+    count != 0
+        && first >= floor
+        && past <= end
+        && !reserved
+            .iter()
+            .any(|r| r.nr != 0 && r.start < past && first < r.start.saturating_add(r.nr))
 }
 
 /// `ranges` sorted by start, by selection (a handful of ranges, at boot):
@@ -250,6 +287,43 @@ mod tests {
         assert_eq!(s.index_of(Bfn(0x100003)), None);
         assert_eq!(s.index_of(Bfn(0x1000)), None);
         assert_eq!(s.len(), (1 << 27) - 0x100000 - 3);
+    }
+
+    /// The cases `xen/tests/run-window.sh` puts to the glue's C copy of
+    /// the rule (`pvx_run_in_window()`), with the same answers: ranges
+    /// unsorted and overlapping, one long range that starts before a
+    /// shorter one and reaches past it, runs touching a range's either end.
+    #[test]
+    fn a_run_is_clear_only_above_the_floor_and_outside_every_range() {
+        let r = |start, nr| ReservedRange { start, nr, kind: 2 };
+        // (Empty ranges reserve nothing; the glue never records one.)
+        let reserved = [r(0x300, 0x10), r(0x100, 0x180), r(0x120, 4), r(0x500, 0)];
+        let clear = |first, count| run_is_clear(first, count, 0x80, u64::MAX, &reserved);
+        assert!(clear(0x80, 0x80), "up to the first range");
+        assert!(!clear(0x7f, 1), "below the floor");
+        assert!(!clear(0x80, 0x81), "its last page on the first range");
+        assert!(
+            !clear(0x200, 1),
+            "inside the long range, past the short one"
+        );
+        assert!(!clear(0x27f, 1), "the long range's last page");
+        assert!(clear(0x280, 0x80), "between two ranges, touching both");
+        assert!(!clear(0x2ff, 2), "over the next one's first page");
+        assert!(!clear(0x30f, 1), "its last page");
+        assert!(clear(0x310, 0x1000), "past every range (and the empty one)");
+        assert!(!clear(0x310, 0), "no run");
+        assert!(!clear(u64::MAX, 2), "a run that wraps");
+        assert!(
+            !run_is_clear(0x310, 0x10, 0x80, 0x31f, &reserved),
+            "past the end"
+        );
+        // A window's own rule: the BFNs of its space, and no others.
+        let w = BfnWindow::new(0x8_0000, 39, alloc::vec![r(0x100010, 0x20)]).unwrap();
+        let s = BfnSpace::new(&w).unwrap();
+        assert!(w.holds_run(s.bfn_of(0).unwrap().0, 0x10));
+        assert!(!w.holds_run(s.bfn_of(0).unwrap().0, 0x11));
+        assert!(w.holds_run(s.bfn_of(0x10).unwrap().0, 0x1000));
+        assert!(!w.holds_run(w.start - 1, 1));
     }
 
     #[test]

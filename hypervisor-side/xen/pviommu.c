@@ -724,7 +724,7 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn, uint64_t count,
      * the entries it lets wait.
      */
     if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn ||
-         mfn + count < mfn || bfn < pvx_ram_end ||
+         mfn + count < mfn || pvx_run_refused("map", bfn, count) ||
          !mfn_valid(_mfn(mfn)) || !mfn_valid(_mfn(mfn + count - 1)) )
         return -EINVAL;
     d = rcu_lock_domain_by_id(owner);
@@ -778,7 +778,7 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
      * to unmap (it could reach the domain's own mappings below the window).
      */
     if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn ||
-         bfn < pvx_ram_end || pvx_addr_bits < PAGE_SHIFT ||
+         pvx_run_refused("unmap", bfn, count) || pvx_addr_bits < PAGE_SHIFT ||
          pvx_addr_bits - PAGE_SHIFT >= 64 ||
          ((bfn + count - 1) >> (pvx_addr_bits - PAGE_SHIFT)) != 0 )
         return -EINVAL;

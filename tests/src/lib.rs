@@ -212,6 +212,8 @@ pub fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), String> {
     let mut held_refs = 0u64;
     // No IOMMU map past the width the driver built the tables for.
     ensure_eq!(m.maps_past_width, 0);
+    // No IOMMU run outside the window (which Xen's glue refuses).
+    ensure_eq!(m.runs_outside_window, 0);
     // No table the IOMMU may still walk from its caches was freed, reused
     // or changed before its flush.
     ensure_eq!(m.tables_freed_before_flush(), 0);

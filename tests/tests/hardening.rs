@@ -1713,6 +1713,74 @@ fn the_window_stays_inside_the_iommus_address_width() {
     assert_eq!(m.maps_past_width, 1);
 }
 
+/// (A review suggestion, taken.) Xen's glue checked an engine's IOMMU run
+/// against host RAM's end only: on a host whose RAM ends below 4 GiB, a run
+/// into the MSI window or the hole below 4 GiB, or one over a reserved
+/// range above (an RMRR, a device's BAR), reached the IOMMU driver, where
+/// it could replace a mapping the host's own devices use. The engine never
+/// makes one; the glue and the simulator now refuse one whatever the
+/// engine asks (`bfn_alloc::run_is_clear`), and count it here. Before, the
+/// simulator mapped all four.
+#[test]
+fn the_host_refuses_iommu_runs_outside_the_engines_window() {
+    use pviommu_hv::iommu::{FlushGather, IommuBackend};
+    let (mut m, _) = machine(Format::Vtd, 64);
+    assert!(
+        m.ram_end().0 < 0x10_0000,
+        "a host whose RAM ends below 4 GiB"
+    );
+    let rmrr = ReservedRange {
+        start: 0x10_0400,
+        nr: 0x10,
+        kind: pviommu_abi::region_kind::RMRR,
+    };
+    m.add_reserved(rmrr);
+    let frame = pviommu_hv::Mfn(m.ram_end().0 - 1);
+    let map = |m: &mut SimMachine, bfn: u64, count: u64| {
+        m.iommu_map_run(
+            DomId::DOM0,
+            ContextId::DEFAULT,
+            Bfn(bfn),
+            pviommu_hv::Mfn(frame.0 - count + 1),
+            count,
+            Permissions::RW,
+            pviommu_abi::MemAttr::WriteBack,
+            &mut FlushGather::default(),
+        )
+    };
+    // The MSI window, the hole below 4 GiB, a run that ends on the RMRR
+    // and one that starts inside it.
+    for (bfn, count) in [
+        (0xfee00, 1),
+        (0xfffff, 2),
+        (0x10_03f0, 0x11),
+        (0x10_040f, 4),
+    ] {
+        assert_eq!(
+            map(&mut m, bfn, count),
+            Err(Errno::Inval),
+            "run at {bfn:#x}"
+        );
+        assert_eq!(m.translate(DomId::DOM0, ContextId::DEFAULT, Bfn(bfn)), None);
+    }
+    assert_eq!(m.runs_outside_window, 4);
+    let unmapped = m.iommu_unmap_run(
+        DomId::DOM0,
+        ContextId::DEFAULT,
+        Bfn(rmrr.start),
+        1,
+        &mut FlushGather::default(),
+    );
+    assert_eq!(unmapped, Err(Errno::Inval));
+    assert_eq!(m.runs_outside_window, 5);
+    // Beside them, in the window: mapped.
+    assert_eq!(map(&mut m, 0x10_0410, 2), Ok(()));
+    assert!(m
+        .translate(DomId::DOM0, ContextId::DEFAULT, Bfn(0x10_0411))
+        .is_some());
+    assert_eq!(m.runs_outside_window, 5);
+}
+
 /// (A security review's finding.) A teardown's slices end where a 2 MiB
 /// block of BFNs starts, so each slice's flush clears whole blocks; a
 /// reserved range inside the window over a block's first BFN took that

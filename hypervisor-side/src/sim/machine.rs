@@ -743,6 +743,12 @@ pub struct SimMachine {
     /// [`set_address_bits`](Self::set_address_bits)): a domain crash on
     /// Xen's AMD-Vi. The engine must never make one.
     pub maps_past_width: u64,
+    /// IOMMU maps and unmaps asked for outside the engine's window (below
+    /// host RAM's end or 4 GiB, or over a reserved range), which Xen's glue
+    /// refuses before they reach the driver (`pvx_run_in_window()`; the
+    /// rule is [`crate::bfn_alloc::run_is_clear`]). The engine must never
+    /// make one.
+    pub runs_outside_window: u64,
     /// Calls into the IOMMU driver's unmap of a default context, as Xen's
     /// `iommu_unmap()` makes them: one a page, or one an aligned 2 MiB
     /// part of a run (`superpage_unmaps` of those).
@@ -843,6 +849,7 @@ impl SimMachine {
             faults: VecDeque::new(),
             faults_total: 0,
             maps_past_width: 0,
+            runs_outside_window: 0,
             unmap_calls: 0,
             map_runs: 0,
             superpage_unmaps: 0,
@@ -1023,6 +1030,20 @@ impl SimMachine {
     /// width. A map past it is refused and counted in `maps_past_width`.
     pub fn set_address_bits(&mut self, bits: u32) {
         self.address_bits = bits;
+    }
+
+    /// Xen's glue, before an IOMMU run reaches the driver: only BFNs the
+    /// engine's window can hold, at or above host RAM's end and 4 GiB and
+    /// outside every reserved range (`pvx_run_in_window()`). Anything else
+    /// is refused and counted in `runs_outside_window`.
+    fn glue_admits(&mut self, first: u64, count: u64) -> bool {
+        let floor = self.ram_end().0.max(crate::config::WINDOW_FLOOR);
+        let admitted =
+            crate::bfn_alloc::run_is_clear(first, count, floor, u64::MAX, &self.reserved);
+        if !admitted {
+            self.runs_outside_window += 1;
+        }
+        admitted
     }
 
     /// Set the IOMMU-mode fact Xen would report for `domid` (a
@@ -2324,6 +2345,9 @@ impl IommuBackend for SimMachine {
             self.maps_past_width += 1;
             return Err(Errno::Inval);
         }
+        if !self.glue_admits(bfn.0, 1) {
+            return Err(Errno::Inval);
+        }
         self.map_calls += 1;
         // (A failure is the engine's to answer, on VT-d as on AMD-Vi with
         // patch 0007: the driver crashes no domain for it.)
@@ -2358,6 +2382,9 @@ impl IommuBackend for SimMachine {
         let width = self.address_bits.saturating_sub(12);
         if width < 64 && last >> width != 0 {
             self.maps_past_width += 1;
+            return Err(Errno::Inval);
+        }
+        if !self.glue_admits(bfn.0, count) {
             return Err(Errno::Inval);
         }
         // Xen 4.17's `iommu_map()`: each call takes the largest size the
@@ -2409,6 +2436,9 @@ impl IommuBackend for SimMachine {
         gather: &mut FlushGather,
     ) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
+        if !self.glue_admits(bfn.0, 1) {
+            return Err(Errno::Inval);
+        }
         match self.unmap_page(owner, ctx, bfn, false) {
             Err(Errno::NoEnt) => return Err(Errno::NoEnt),
             Err(e) => return Err(e),
@@ -2432,6 +2462,9 @@ impl IommuBackend for SimMachine {
                 Err(Errno::Inval)
             };
         };
+        if !self.glue_admits(bfn.0, count) {
+            return Err(Errno::Inval);
+        }
         let result = self.xen_unmap_pages(owner, ctx, bfn.0, last);
         gather.add_range(ctx, bfn, Bfn(last), 0)?;
         result
@@ -2617,7 +2650,7 @@ mod tests {
     #[test]
     fn a_failed_map_run_is_taken_back_as_xen_takes_it_back() {
         let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
-        let base = 0x40000u64;
+        let base = 0x10_0000u64; // (the floor of the window, 4 GiB)
         let run = |allocs: u64, fail_unmaps: u32| {
             let mut m = SimMachine::new(4096, Format::Vtd, 64);
             m.fail_table_allocs(Some(allocs));
@@ -2673,7 +2706,7 @@ mod tests {
     #[test]
     fn a_failed_map_call_leaves_an_entry_it_did_not_write() {
         let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
-        let base = 0x40000u64;
+        let base = 0x10_0000u64;
         let mut m = SimMachine::new(4096, Format::Vtd, 64);
         let mut gather = FlushGather::default();
         let there = (Bfn(base + 5), Mfn(0x905));

@@ -449,7 +449,7 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn, uint64_t count,
     int rc = 0;
 
     if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn ||
-         mfn + count < mfn || bfn < pvx_ram_end )
+         mfn + count < mfn || pvx_run_refused("map", bfn, count) )
         return -EINVAL;
     d = rcu_lock_domain_by_id(owner);
     if ( !d )
@@ -488,7 +488,7 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
     int rc = -EOPNOTSUPP;
 
     if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn ||
-         bfn < pvx_ram_end )
+         pvx_run_refused("unmap", bfn, count) )
         return -EINVAL;
     d = rcu_lock_domain_by_id(owner);
     if ( !d )

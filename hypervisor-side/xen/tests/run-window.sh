@@ -1,0 +1,156 @@
+#!/bin/bash
+# The glue's check of each IOMMU run the engine asks for (pviommu-common.inc:
+# the reserved-region table, pvx_sort_regions() and pvx_run_in_window()),
+# compiled on the host and put the cases of the engine's own rule
+# (bfn_alloc.rs, a_run_is_clear_only_above_the_floor_and_outside_every_range),
+# plus the table's own shapes: regions added unsorted and overlapping, a
+# long region that starts before shorter ones and reaches past them, runs
+# touching a region's either end, a host whose RAM ends below 4 GiB (the
+# check the glue made before, bfn >= RAM's end, let the MSI window and the
+# hole below 4 GiB through there), and one whose RAM ends above it. Exits
+# non-zero on a wrong answer.
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+
+# From the table's definition to the end of pvx_run_refused(), as in the glue.
+sed -n '/^#define PVX_MAX_REGIONS/,/^static int __init cf_check pviommu_init/{/^static int __init cf_check pviommu_init/!p}' \
+    "$HERE/pviommu-common.inc" > "$WORK/regions.inc"
+grep -q 'pvx_run_in_window' "$WORK/regions.inc" || { echo "run-window: pvx_run_in_window not found" >&2; exit 1; }
+grep -q 'pvx_run_refused' "$WORK/regions.inc" || { echo "run-window: pvx_run_refused not found" >&2; exit 1; }
+
+cat > "$WORK/test.c" <<'C'
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#define __init
+#define __ro_after_init
+#define XENLOG_WARNING ""
+#define XENLOG_ERR ""
+#define PAGE_SHIFT 12
+#define PFN_DOWN(x) ((x) >> PAGE_SHIFT)
+#define PFN_UP(x) (((x) + (1UL << PAGE_SHIFT) - 1) >> PAGE_SHIFT)
+/* Xen's max()/min() (type-checked there), max_t(). */
+#define max(a, b) ((a) > (b) ? (a) : (b))
+#define min(a, b) ((a) < (b) ? (a) : (b))
+#define max_t(t, a, b) ((t)(a) > (t)(b) ? (t)(a) : (t)(b))
+#define printk printf
+static int printk_ratelimit(void) { return 1; }
+
+#include "regions.inc"
+
+static int failures;
+
+static void reset(uint64_t ram_end)
+{
+    pvx_nr_regions = 0;
+    pvx_ram_end = ram_end;
+}
+
+static void expect(uint64_t bfn, uint64_t count, bool want, const char *what)
+{
+    bool got = pvx_run_in_window(bfn, count);
+
+    if ( got != want )
+    {
+        printf("FAIL %s: %#" PRIx64 "+%" PRIu64 " in window: %d, want %d\n", what, bfn, count,
+               got, want);
+        failures++;
+    }
+    else
+        printf("ok   %s\n", what);
+}
+
+int main(void)
+{
+    /*
+     * The engine's cases (bfn_alloc.rs), the floor 0x80 standing for the
+     * window's: these frames are shifted above 4 GiB here (the glue's floor
+     * is at least that), by BASE.
+     */
+    const uint64_t BASE = PVX_WINDOW_FLOOR - 0x80;
+
+    reset(0);
+    pvx_add_region(BASE + 0x300, 0x10, 1);
+    pvx_add_region(BASE + 0x100, 0x180, 2);
+    pvx_add_region(BASE + 0x120, 4, 3);
+    pvx_add_region(BASE + 0x500, 0, 1); /* empty: never recorded */
+    pvx_sort_regions();
+    expect(BASE + 0x80, 0x80, true, "up to the first region");
+    expect(BASE + 0x7f, 1, false, "below the floor (4 GiB)");
+    expect(BASE + 0x80, 0x81, false, "its last page on the first region");
+    expect(BASE + 0x200, 1, false, "inside the long region, past the short one");
+    expect(BASE + 0x27f, 1, false, "the long region's last page");
+    expect(BASE + 0x280, 0x80, true, "between two regions, touching both");
+    expect(BASE + 0x2ff, 2, false, "over the next one's first page");
+    expect(BASE + 0x30f, 1, false, "its last page");
+    expect(BASE + 0x310, 0x1000, true, "past every region (and the empty one)");
+
+    /* A host whose RAM ends at 2 GiB, with the regions x86's glue adds. */
+    reset(0x80000);
+    pvx_add_region(PFN_DOWN(0xfee00000UL), 0x100, 1);           /* MSI */
+    pvx_add_region(0x80000, PFN_DOWN(1UL << 32) - 0x80000, 2);   /* hole below 4 GiB */
+    pvx_add_region(0x100400, 0x10, 3);                          /* an RMRR above */
+    pvx_sort_regions();
+    expect(0xfee00, 1, false, "2 GiB host: the MSI window");
+    expect(0x80000, 1, false, "2 GiB host: RAM's end");
+    expect(0xfffff, 2, false, "2 GiB host: across 4 GiB");
+    expect(0x100000, 0x400, true, "2 GiB host: from 4 GiB to the RMRR");
+    expect(0x1003f0, 0x11, false, "2 GiB host: a run ending on the RMRR");
+    expect(0x10040f, 4, false, "2 GiB host: a run starting inside it");
+    expect(0x100410, 2, true, "2 GiB host: right after it");
+
+    /*
+     * A host whose RAM ends at 16 GiB: the floor is RAM's end. With the
+     * AMD HyperTransport range, added as the glue adds it (bytes).
+     */
+    reset(0x400000);
+    pvx_add_range(0xfd00000000UL, 0x10000000000UL - 0xfd00000000UL, 4);
+    pvx_sort_regions();
+    expect(0x3fffff, 1, false, "16 GiB host: RAM's last frame");
+    expect(0x400000, 512, true, "16 GiB host: RAM's end");
+    expect(0xfcfffff, 1, true, "16 GiB host: below the HT range");
+    expect(0xfcfffff, 2, false, "16 GiB host: into the HT range");
+    expect(0x10000000, 1, true, "16 GiB host: above it (1 TiB)");
+    (void)pvx_addr_bits;
+
+    /* A full table, sorted from the last region down. */
+    reset(0);
+    for ( unsigned int i = 0; i < PVX_MAX_REGIONS; i++ )
+        pvx_add_region(PVX_WINDOW_FLOOR + 0x1000 * (PVX_MAX_REGIONS - i), 0x10, i & 1);
+    pvx_sort_regions();
+    for ( unsigned int i = 1; i <= PVX_MAX_REGIONS; i++ )
+    {
+        uint64_t r = PVX_WINDOW_FLOOR + 0x1000 * i;
+
+        if ( pvx_run_in_window(r + 0xf, 1) || !pvx_run_in_window(r + 0x10, 0xff0) ||
+             pvx_run_in_window(r - 1, 2) )
+        {
+            printf("FAIL full table: region %u\n", i);
+            failures++;
+        }
+    }
+    printf("ok   full table\n");
+
+    /* What the glue's map and unmap call: refuses, and says so. */
+    if ( !pvx_run_refused("map", PVX_WINDOW_FLOOR + 0x1005, 1) ||
+         pvx_run_refused("map", PVX_WINDOW_FLOOR + 0x1010, 1) )
+    {
+        printf("FAIL pvx_run_refused\n");
+        failures++;
+    }
+
+    if ( failures )
+    {
+        printf("run-window: %d wrong answers\n", failures);
+        return 1;
+    }
+    printf("run-window: all answers right\n");
+    return 0;
+}
+C
+cc -std=gnu11 -Wall -Wextra -Werror -O1 -I"$WORK" -o "$WORK/test" "$WORK/test.c"
+"$WORK/test"
