@@ -33,8 +33,10 @@ use pviommu_abi::{extent_aligned, Gfn, MapRequest, EXTENT_PAGES};
 
 use super::driver::region_of;
 use super::driver::PendingMap;
+use super::map::{map_key, LookedUp};
 use super::revoke::DEFER_LIMIT;
-use super::{map_key, Driver, Engine, Hypervisor, LookedUp, Mapped, TargetGate, UnmapKind};
+use super::unmap::UnmapKind;
+use super::{Driver, Engine, Hypervisor, Mapped, TargetGate};
 use super::{DriverDomain, Mapping, MAP_RETRIES};
 use crate::platform::{DomainInfo, PageSlot};
 use crate::{Bfn, ContextId, DomId, Errno, Mfn};

@@ -1,0 +1,1001 @@
+//! The map path: a run of maps checked, its pages looked up without a
+//! lock, then installed under the cell's lock ([`Engine::map_batch`]), and
+//! the single map it falls back on ([`Engine::map_tagged`]). Who may map
+//! what is decided in [`crate::permission`] (called from `map_checks`);
+//! the BFN is chosen in [`Engine::slot_wanted`] and the slot allocator
+//! (`driver.rs`); the IOMMU entry is written by `contexts.rs` (an engine
+//! context) or, for context 0, by the flush that ends the call
+//! (`revoke.rs`, `write_pending_entries`). Locks: see the module above.
+
+use core::sync::atomic::Ordering;
+
+use lock_api::RawMutex;
+
+use pviommu_abi::MapRequest;
+
+use super::driver::{self, DriverDomain, Mapping, PageAt, NONE};
+use super::{revoke, Driver, Engine, Hypervisor, Mapped, TargetGate, MAP_CHUNK, MAP_RETRIES};
+use crate::config::MAX_CONTEXTS;
+use crate::permission::{check_map_again, check_page, refusal};
+use crate::platform::{DomainInfo, PageSlot};
+use crate::{Bfn, ContextId, DomId, Errno, Mfn};
+
+/// What a map's page lookup came to ([`Engine::look_up_page`]).
+pub(super) enum LookedUp {
+    /// The page, referenced, and the gate's share kept.
+    Page(Mfn),
+    /// The target's sequence number moved since the map's checks: not
+    /// looked up, the share given back.
+    Moved,
+    /// Refused; nothing held.
+    Refused(Errno),
+}
+
+/// What the locked part of a map did with the attempt's page reference
+/// and its share of the target gate. The result the caller is told is
+/// written into its slot by the locked part itself: built there field by
+/// field, not carried back in this enum (a `Mapped` inside it went through
+/// a stack temporary whose overlapping reload stalled store forwarding,
+/// about 6 % of a map's time).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MapOutcome {
+    /// A new mapping holds both; the result is `Ok`.
+    Installed,
+    /// An existing mapping of the same frame got one more reference: the
+    /// attempt's page reference and gate share are returned by the caller.
+    /// The result is `Ok`.
+    Shared,
+    /// Nothing happened: the caller returns both. The result is `Err`.
+    Refused,
+    /// Failed after the IOMMU entry existed: the engine took both over and
+    /// releases them after the flush. The caller must not touch them. The
+    /// result is `Err`.
+    Consumed,
+}
+
+/// What the locked map returns: its [`MapOutcome`], which only the
+/// functions here give out, each together with the result it writes into
+/// the caller's slot. So no path of the locked map can return an outcome
+/// and leave the slot as it was (in `map_batch` a slot may still hold an
+/// earlier op's result), and an `Ok` always goes with `Installed` or
+/// `Shared`, an `Err` with `Refused` or `Consumed`.
+mod report {
+    use super::{Errno, MapOutcome, Mapped};
+
+    /// An outcome whose result is written.
+    #[must_use]
+    pub(super) struct Reported(MapOutcome);
+
+    impl Reported {
+        pub(super) fn outcome(self) -> MapOutcome {
+            self.0
+        }
+    }
+
+    #[inline(always)]
+    pub(super) fn installed(out: &mut Result<Mapped, Errno>, m: Mapped) -> Reported {
+        *out = Ok(m);
+        Reported(MapOutcome::Installed)
+    }
+
+    #[inline(always)]
+    pub(super) fn shared(out: &mut Result<Mapped, Errno>, m: Mapped) -> Reported {
+        *out = Ok(m);
+        Reported(MapOutcome::Shared)
+    }
+
+    #[inline(always)]
+    pub(super) fn refused(out: &mut Result<Mapped, Errno>, e: Errno) -> Reported {
+        *out = Err(e);
+        Reported(MapOutcome::Refused)
+    }
+
+    #[inline(always)]
+    pub(super) fn consumed(out: &mut Result<Mapped, Errno>, e: Errno) -> Reported {
+        *out = Err(e);
+        Reported(MapOutcome::Consumed)
+    }
+}
+use report::Reported;
+
+/// No domain: what a map refused at its checks may look a page up in
+/// (Xen's `DOMID_INVALID`, 0x7ff4: no domain has it, and a lookup by id
+/// finds none).
+const NO_DOMAIN: DomId = DomId(0x7ff4);
+
+/// The mapping a request asks for, over frame `mfn`.
+pub(super) fn map_key(req: &MapRequest, mfn: Mfn) -> Mapping {
+    Mapping {
+        gfn: req.gfn,
+        mfn,
+        next_same_page: NONE,
+        refs: 1,
+        domid: req.domid,
+        context: req.context,
+        perms: req.perms,
+        attr: req.attr,
+        gen: 0,
+    }
+}
+
+/// What [`Engine::map_prepare`] found.
+enum Prepared {
+    /// Deduplicated onto an existing mapping (the result written).
+    Shared(Reported),
+    /// Reserved: install, at the page's probe.
+    Install,
+}
+
+impl<L: RawMutex> Engine<L> {
+    /// Map a foreign frame for `caller` (whose facts are `caller_info`).
+    /// The same (domid, gfn, context, perms, attr) mapped again returns the
+    /// same BFN with one more reference, after checking that the gfn still
+    /// points at the mapped frame.
+    ///
+    /// The page is looked up *without* any engine lock (that takes the
+    /// target's p2m lock, which a gfn hook may hold while waiting for a
+    /// driver lock). A removal of the same page in between is caught by the
+    /// target's sequence number and the map is retried: the map marks its
+    /// cell in the target's gate, then reads `seq`; the hook bumps `seq`,
+    /// then reads the marks. One of the two sees the other.
+    pub fn map(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        caller_info: &DomainInfo,
+        req: &MapRequest,
+    ) -> Result<Bfn, Errno> {
+        self.map_tagged(h, caller, caller_info, req).map(|m| m.bfn)
+    }
+
+    /// [`map`](Self::map), with the install's tag for
+    /// [`unmap_undo`](Self::unmap_undo).
+    pub fn map_tagged(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        caller_info: &DomainInfo,
+        req: &MapRequest,
+    ) -> Result<Mapped, Errno> {
+        // (Xen's INVALID_GFN: see `map_locked`.)
+        if req.gfn.0 == u64::MAX {
+            return Err(Errno::Inval);
+        }
+        let caps = h.iommu_caps();
+        for _ in 0..MAP_RETRIES {
+            // The target's number before its checks: a lookup that finds
+            // it moved may have found another domain at the same domid
+            // (see `map_batch`), so every attempt starts at the checks.
+            let checked_seq = self.checked_seq(req.domid);
+            let gate = self.map_checks(h, caller, caller_info, req, &caps, false)?;
+            // The checks are resolved before the lookup under speculation
+            // (see `map_batch`): the caller-and-target decision is a plain
+            // branch, fenced only by some XSM policies' own hooks.
+            crate::nospec::block_speculation();
+            let (looked_up, ns_get_page) = self.look_up_page(h, req, gate, &caps, checked_seq);
+            let mfn = match looked_up {
+                LookedUp::Page(mfn) => mfn,
+                // (Nothing held: the share was given back.)
+                LookedUp::Moved => continue,
+                LookedUp::Refused(e) => return Err(e),
+            };
+            let mut result = Err(Errno::Inval);
+            let outcome = match self.lock_for_map(caller, req.context) {
+                Err(e) => {
+                    result = Err(e);
+                    Some(MapOutcome::Refused)
+                }
+                Ok(mut d) => {
+                    // Mark, then re-read seq (see above). An already set
+                    // bit cannot be cleared while this lock is held.
+                    let newly = self.set_gate_bit(d.cell, req.domid, true);
+                    let out = (gate.seq.load(Ordering::SeqCst) == checked_seq)
+                        .then(|| self.map_locked(&mut d, h, req, mfn, &mut result).outcome());
+                    d.dd.stats.ns_get_page += ns_get_page;
+                    match out {
+                        // Mapped: the bit must stay (a stale mapping revoked
+                        // on the way may have been the last one).
+                        Some(MapOutcome::Installed) => {
+                            d.dd.stats.maps += 1;
+                            self.set_gate_bit(d.cell, req.domid, true);
+                        }
+                        Some(MapOutcome::Shared) => {
+                            d.dd.stats.shared += 1;
+                            self.set_gate_bit(d.cell, req.domid, true);
+                        }
+                        // Failed once its entry existed: it waits for the
+                        // flush, an entry of the target.
+                        Some(MapOutcome::Consumed) => {
+                            self.clear_gate_bit_if_unused(d.cell, &d.dd, req.domid)
+                        }
+                        Some(MapOutcome::Refused) | None => {
+                            self.undo_gate_bit(d.cell, &d.dd, req.domid, newly)
+                        }
+                    }
+                    self.put_driver(d);
+                    out
+                }
+            };
+            let done = match outcome {
+                // Installed: the mapping keeps the page reference and its
+                // share of `active`. Consumed (failed after the IOMMU entry
+                // existed): the engine released, or will release after the
+                // flush, what this attempt took.
+                Some(MapOutcome::Installed | MapOutcome::Consumed) => return result,
+                Some(MapOutcome::Shared | MapOutcome::Refused) => Some(result),
+                // The target's p2m changed under us: look the page up again.
+                None => None,
+            };
+            // Deduplicated, refused or retried: give back what this attempt
+            // took.
+            h.put_page(mfn, req.perms.write);
+            self.gate_leave(req.domid);
+            if let Some(result) = done {
+                return result;
+            }
+        }
+        Err(Errno::Again)
+    }
+
+    /// Maps of a batch taken under one lock: [`map`](Self::map) for the
+    /// first of `reqs` (at most [`MAP_CHUNK`]), with `out[i]` the result of
+    /// `reqs[i]`; returns how many were done. The run ends before an op
+    /// that repeats an earlier op's page (dedup needs the earlier one
+    /// installed): that one starts the next run. The pages are looked up
+    /// first without a lock, then the caller's driver lock is taken once
+    /// for all of them. Results and state are those of mapping them one by
+    /// one in order, except that an op whose target's p2m moved meanwhile
+    /// is mapped again on its own after the others. A run is of one
+    /// context (the one cell it locks): it also ends before an op of
+    /// another context.
+    pub fn map_batch(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        caller_info: &DomainInfo,
+        reqs: &[MapRequest],
+        out: &mut [Result<Mapped, Errno>],
+    ) -> usize {
+        let mut n = reqs.len().min(out.len()).min(MAP_CHUNK);
+        let Some(context) = reqs.first().map(|r| r.context) else {
+            return 0;
+        };
+        // The run ends before the first repeat of a page, or the first op
+        // of another context. While the gfns rise (a mediator's usual run),
+        // an op above the one before it repeats none: no scan.
+        let mut rising = true;
+        for i in 1..n {
+            let (Some(req), Some(earlier)) = (reqs.get(i), reqs.get(..i)) else {
+                break;
+            };
+            rising = rising && earlier.last().is_some_and(|last| req.gfn > last.gfn);
+            if req.context != context
+                || (!rising
+                    && earlier
+                        .iter()
+                        .any(|r| r.domid == req.domid && r.gfn == req.gfn))
+            {
+                n = i;
+                break;
+            }
+        }
+        // Where each op stands; `out[i]` holds its result once it has one.
+        #[derive(Clone, Copy)]
+        enum Step {
+            /// Not reached yet (no result).
+            Pending,
+            /// Has its result, and nothing of the attempt to give back.
+            Done,
+            /// Looked up: page `mfn` referenced, the gate joined, its
+            /// number still the one read before the checks (`checked_seqs`).
+            Locked(Mfn),
+            /// Has its result (shared, or refused under the lock); the
+            /// lookup's page reference and gate share go back.
+            GiveBack(Mfn),
+            /// The target's p2m moved since the lookup: give back, then
+            /// map it again on its own.
+            Moved(Mfn),
+            /// The target's p2m moved between its checks and the lookup
+            /// (which did not run; nothing held): map it again on its own.
+            Again,
+        }
+        let mut steps = [Step::Pending; MAP_CHUNK];
+        // A run of ops' pages, looked up together (step 3): their gfns in,
+        // their frames out.
+        let mut run_pages = [PageSlot::default(); MAP_CHUNK];
+        let mut ns_get_page = 0;
+        let caps = h.iommu_caps();
+        // 1. The checks of the whole run, before any page is looked up:
+        //    each op's target gate, or its error, and the domain each op
+        //    may look a page up in (`NO_DOMAIN` for an op refused).
+        let mut gates: [Option<&TargetGate>; MAP_CHUNK] = [None; MAP_CHUNK];
+        let mut lookup_in = [NO_DOMAIN; MAP_CHUNK];
+        // Each op's target's sequence number as read before its target's
+        // checks: a lookup that finds it moved is mapped again from the
+        // checks (the target may have died meanwhile and another domain
+        // taken its domid, one the checks never saw).
+        let mut checked_seqs = [0u32; MAP_CHUNK];
+        // The last op that passed its checks, with its target's gate and
+        // number.
+        let mut passed: Option<(&MapRequest, &TargetGate, u32)> = None;
+        for (((req, o), (step, gate)), (lookup_in, checked_seq)) in reqs
+            .iter()
+            .zip(out.iter_mut())
+            .zip(steps.iter_mut().zip(gates.iter_mut()))
+            .zip(lookup_in.iter_mut().zip(checked_seqs.iter_mut()))
+            .take(n)
+        {
+            // An op asking what the last one that passed asked (target,
+            // context, attribute, grant: all `map_checks` reads of an op)
+            // passes too: the mediator's usual run is checked once. One of
+            // the same target asking something else skips the target's part.
+            let target_checked = passed.filter(|(p, _, _)| p.domid == req.domid);
+            let same_as_passed = passed.filter(|(p, _, _)| {
+                p.domid == req.domid
+                    && p.context == req.context
+                    && p.attr == req.attr
+                    && p.grant == req.grant
+            });
+            let seq = match target_checked {
+                Some((_, _, seq)) => seq,
+                None => self.checked_seq(req.domid),
+            };
+            let checks = match same_as_passed {
+                Some((_, g, _)) => Ok(g),
+                None => {
+                    self.map_checks(h, caller, caller_info, req, &caps, target_checked.is_some())
+                }
+            };
+            match checks {
+                Ok(g) => {
+                    passed = Some((req, g, seq));
+                    *gate = Some(g);
+                    *lookup_in = req.domid;
+                    *checked_seq = seq;
+                }
+                Err(e) => {
+                    *o = Err(e);
+                    *step = Step::Done;
+                }
+            }
+        }
+        // 2. No lookup runs ahead of the checks under speculation: an op
+        //    skips checks its target passed for an earlier op, and a
+        //    mispredicted compare there must not look up another domain's
+        //    page (Xen fences its XSM decisions the same way,
+        //    `evaluate_nospec()`). One barrier for the run. After it, the
+        //    domain a lookup goes to is data (`lookup_in`), not the
+        //    outcome of a branch: a mispredicted "this op passed" below
+        //    looks up nothing of any domain.
+        crate::nospec::block_speculation_over(&mut lookup_in);
+        // 3. Join and look up. Consecutive ops of one target that passed
+        //    join its gate together, before the first of them looks its
+        //    page up: one atomic per run. A map refused at its checks
+        //    never raises the count (which decides whether a hook has
+        //    anything to do, and which any caller could otherwise hold up
+        //    with maps it may not make).
+        // Ops that have joined their target's gate but not yet used the
+        // share.
+        let mut joined = 0u32;
+        // Whether a run's lookup came back empty in this batch: the ops
+        // after it go one by one (each op costs at most one lookup more).
+        let mut runs_failed = false;
+        for i in 0..n {
+            let (Some(req), Some(&Some(gate)), Some(&domid), Some(&checked)) = (
+                reqs.get(i),
+                gates.get(i),
+                lookup_in.get(i),
+                checked_seqs.get(i),
+            ) else {
+                continue;
+            };
+            if joined == 0 {
+                let same = (i..n)
+                    .take_while(|&j| reqs.get(j).is_some_and(|r| r.domid == req.domid))
+                    .filter(|&j| gates.get(j).is_some_and(Option::is_some))
+                    .count();
+                gate.active.fetch_add(same as u32, Ordering::SeqCst);
+                joined = same as u32;
+            }
+            joined -= 1;
+            // Its page came with an earlier op's run, or the run's lookup
+            // refused it (below).
+            if matches!(steps.get(i), Some(Step::Locked(_) | Step::Done)) {
+                continue;
+            }
+            let req = &MapRequest { domid, ..*req };
+            // The ops from this one on of the same target and access, each
+            // past its checks (and joined: the run stays within this
+            // target's ops), whatever their gfns: their pages in one call
+            // to the host (on Xen one domain lookup, and one p2m walk for
+            // the pages one p2m entry maps, in any order).
+            let mut run = 0;
+            for (k, slot) in run_pages.iter_mut().enumerate().take(n - i) {
+                match reqs.get(i + k) {
+                    Some(r)
+                        if k == 0
+                            || (lookup_in.get(i + k) == Some(&domid)
+                                && r.perms.write == req.perms.write
+                                && !r.grant) =>
+                    {
+                        *slot = PageSlot::asking(r.gfn);
+                        run += 1;
+                    }
+                    _ => break,
+                }
+            }
+            if run > 1 && !runs_failed && !req.grant {
+                let (got, refused, ns) = match run_pages.get_mut(..run) {
+                    Some(pages) => self.look_up_run(h, req, gate, checked, pages),
+                    None => (0, None, 0),
+                };
+                ns_get_page += ns;
+                runs_failed = got == 0 && refused.is_none();
+                for (k, mfn) in run_pages.iter().map(|p| p.mfn()).enumerate().take(got) {
+                    let (Some(step), Some(r)) = (steps.get_mut(i + k), reqs.get(i + k)) else {
+                        // (Unreachable: `got` is at most `run`.) Not
+                        // kept, so given back.
+                        h.put_page(mfn, req.perms.write);
+                        self.gate_leave(domid);
+                        continue;
+                    };
+                    if r.perms.write && !Self::snooped(&caps, r) {
+                        h.note_non_coherent_write(mfn);
+                    }
+                    *step = Step::Locked(mfn);
+                }
+                // The op after them, whose page the run's lookup refused:
+                // answered, never looked up twice (a lookup may page in).
+                if let (Some(e), Some(o), Some(step)) =
+                    (refused, out.get_mut(i + got), steps.get_mut(i + got))
+                {
+                    *o = Err(e);
+                    *step = Step::Done;
+                    self.gate_leave(domid);
+                }
+                if got > 0 || refused.is_some() {
+                    continue;
+                }
+            }
+            let (Some(o), Some(step)) = (out.get_mut(i), steps.get_mut(i)) else {
+                continue;
+            };
+            let (looked_up, ns) = self.look_up_joined(h, req, gate, &caps, checked);
+            ns_get_page += ns;
+            *step = match looked_up {
+                LookedUp::Page(mfn) => Step::Locked(mfn),
+                // Moved since the checks: mapped again from them, below.
+                LookedUp::Moved => Step::Again,
+                LookedUp::Refused(e) => {
+                    *o = Err(e);
+                    Step::Done
+                }
+            };
+        }
+
+        // Every share joined went to an op of the run (a share left over
+        // would never be given back).
+        debug_assert_eq!(joined, 0);
+        if steps.iter().any(|s| matches!(s, Step::Locked(..))) {
+            match self.lock_for_map(caller, context) {
+                Err(e) => {
+                    for (s, o) in steps.iter_mut().zip(out.iter_mut()) {
+                        if let Step::Locked(mfn) = *s {
+                            *o = Err(e);
+                            *s = Step::GiveBack(mfn);
+                        }
+                    }
+                }
+                Ok(mut d) => {
+                    d.dd.stats.ns_get_page += ns_get_page;
+                    // Mark the cell in every target's gate, then re-read
+                    // each op's seq (the protocol of `map`). Which ops set
+                    // their target's bit (the first of each target). Once
+                    // per run of one target: the bits of this cell change
+                    // only under its lock, which is held, so a later op of
+                    // the target would find the bit set and set nothing.
+                    let mut newly = [false; MAP_CHUNK];
+                    let mut marked = None;
+                    for ((req, s), newly) in reqs.iter().zip(steps.iter()).zip(newly.iter_mut()) {
+                        if matches!(s, Step::Locked(..)) && marked != Some(req.domid) {
+                            *newly = self.set_gate_bit(d.cell, req.domid, true);
+                            marked = Some(req.domid);
+                        }
+                    }
+                    // Which ops left an entry of their target in the cell
+                    // (installed, shared, or failed once the entry existed).
+                    let mut entered = [false; MAP_CHUNK];
+                    for ((((req, step), o), entered), (gate, &checked)) in reqs
+                        .iter()
+                        .zip(steps.iter_mut())
+                        .zip(out.iter_mut())
+                        .zip(entered.iter_mut())
+                        .zip(gates.iter().zip(checked_seqs.iter()))
+                    {
+                        let Step::Locked(mfn) = *step else {
+                            continue;
+                        };
+                        let moved = gate.is_none_or(|g| g.seq.load(Ordering::SeqCst) != checked);
+                        if moved {
+                            *step = Step::Moved(mfn);
+                            continue;
+                        }
+                        let outcome = self.map_locked(&mut d, h, req, mfn, o).outcome();
+                        *entered = !matches!(outcome, MapOutcome::Refused);
+                        *step = match outcome {
+                            MapOutcome::Installed => {
+                                d.dd.stats.maps += 1;
+                                Step::Done
+                            }
+                            // The engine took the page and share over.
+                            MapOutcome::Consumed => Step::Done,
+                            MapOutcome::Shared => {
+                                d.dd.stats.shared += 1;
+                                Step::GiveBack(mfn)
+                            }
+                            MapOutcome::Refused => Step::GiveBack(mfn),
+                        };
+                    }
+                    // A target left with no page here loses the cell's bit:
+                    // at once if this run set it and installed nothing of
+                    // the target (no op of it done or shared).
+                    for ((req, step), o) in reqs.iter().zip(steps.iter()).zip(out.iter()) {
+                        let failed = match step {
+                            Step::Moved(_) | Step::Again => true,
+                            Step::GiveBack(_) => o.is_err(),
+                            _ => false,
+                        };
+                        if !failed {
+                            continue;
+                        }
+                        let of_target = || {
+                            reqs.iter()
+                                .zip(newly.iter().zip(entered.iter()))
+                                .filter(|(r, _)| r.domid == req.domid)
+                        };
+                        let set_here = of_target().any(|(_, (&n, _))| n);
+                        let kept = of_target().any(|(_, (_, &e))| e);
+                        self.undo_gate_bit(d.cell, &d.dd, req.domid, set_here && !kept);
+                    }
+                    // Stale mappings revoked on the way leave their entries
+                    // for the flush: no more than `DEFER_LIMIT` wait, as
+                    // for unmaps.
+                    if d.dd.deferred_entries >= revoke::DEFER_LIMIT {
+                        self.clear_deferred_entries_mid_call(&mut d.dd, h);
+                    }
+                    self.put_driver(d);
+                }
+            }
+        }
+
+        for ((req, step), o) in reqs.iter().zip(steps.iter()).zip(out.iter_mut()).take(n) {
+            match *step {
+                Step::Done => {}
+                // Unreachable: every op of the run was reached above. Were
+                // one not, it gets an error rather than whatever its slot
+                // held.
+                Step::Pending => *o = Err(Errno::Inval),
+                Step::Locked(mfn) | Step::GiveBack(mfn) => {
+                    h.put_page(mfn, req.perms.write);
+                    self.gate_leave(req.domid);
+                    // Unreachable: every looked-up op got an outcome above.
+                    // Were one left, its slot gets an error of its own (it
+                    // may hold an earlier op's result: `out` is the caller's).
+                    if let Step::Locked(..) = *step {
+                        *o = Err(Errno::Inval);
+                    }
+                }
+                Step::Moved(mfn) => {
+                    h.put_page(mfn, req.perms.write);
+                    self.gate_leave(req.domid);
+                    *o = self.map_tagged(h, caller, caller_info, req);
+                }
+                Step::Again => *o = self.map_tagged(h, caller, caller_info, req),
+            }
+        }
+        n
+    }
+
+    /// What every map checks before looking its page up: who may map
+    /// whose pages into which context (the caller-and-target part, and
+    /// whether the context exists, skipped when `target_checked`: an
+    /// earlier op of the same run, of the same context, passed them for
+    /// the same target; the context's attribute part never), what the
+    /// backend can do, and the target's gate.
+    #[inline(always)]
+    pub(super) fn map_checks(
+        &self,
+        h: &impl Hypervisor,
+        caller: DomId,
+        caller_info: &DomainInfo,
+        req: &MapRequest,
+        caps: &crate::iommu::BackendCaps,
+        target_checked: bool,
+    ) -> Result<&TargetGate, Errno> {
+        check_map_again(
+            h,
+            caller,
+            caller_info,
+            req.domid,
+            req.context,
+            target_checked,
+        )?;
+        if req.grant {
+            // Designed in the ABI; no backend offers PVIOMMU_FEAT_GRANT yet.
+            return Err(Errno::OpNotSupp);
+        }
+        if caps.features & req.attr.required_feature() != req.attr.required_feature()
+            || req.context.0 >= MAX_CONTEXTS
+            || (req.context == ContextId::DEFAULT
+                && req.attr != crate::MemAttr::WriteBack
+                && !caps.default_context_attrs)
+        {
+            return Err(Errno::OpNotSupp);
+        }
+        // No such context of the caller's: refused before the page is
+        // looked up (a lookup may start paging a page in). Asked once per
+        // run and target, like the target's checks; `lock_for_map` is the
+        // authority, this only spares the lookup.
+        if !target_checked
+            && req.context != ContextId::DEFAULT
+            && self.cell_number(caller, req.context).is_none()
+        {
+            return Err(Errno::NoEnt);
+        }
+        self.gate(req.domid).ok_or(Errno::Srch)
+    }
+
+    /// Join the target's gate, check that its sequence number is still
+    /// `checked_seq` (read before the map's checks), and take a reference
+    /// on the page (no engine lock held): what it came to, and the ns the
+    /// lookup took. Unless it is a page, the reference and the gate share
+    /// are already given back.
+    fn look_up_page(
+        &self,
+        h: &mut impl Hypervisor,
+        req: &MapRequest,
+        gate: &TargetGate,
+        caps: &crate::iommu::BackendCaps,
+        checked_seq: u32,
+    ) -> (LookedUp, u64) {
+        gate.active.fetch_add(1, Ordering::SeqCst);
+        self.look_up_joined(h, req, gate, caps, checked_seq)
+    }
+
+    /// [`look_up_page`](Self::look_up_page) for a map whose share of the
+    /// gate was joined already.
+    #[inline(always)]
+    pub(super) fn look_up_joined(
+        &self,
+        h: &mut impl Hypervisor,
+        req: &MapRequest,
+        gate: &TargetGate,
+        caps: &crate::iommu::BackendCaps,
+        checked_seq: u32,
+    ) -> (LookedUp, u64) {
+        // This load, between the join and the lookup, is what orders them
+        // on arm64 without LSE atomics: the join is an `ldaxr`/`stlxr` loop
+        // with no barrier after it, and the `ldar` of a SeqCst load keeps
+        // the lookup's reads (the domain's `is_dying`, its p2m) after the
+        // join. A hook or teardown that bumps `seq` after its change is
+        // seen here, or sees the join. Keep it SeqCst, and before the
+        // lookup.
+        if gate.seq.load(Ordering::SeqCst) != checked_seq {
+            // Moved since the checks: the domid may name another domain
+            // now, which must not see so much as a lookup (it may allocate,
+            // unshare or page in) before its own checks.
+            self.gate_leave(req.domid);
+            return (LookedUp::Moved, 0);
+        }
+        let t0 = self.clock(h);
+        let looked_up = h.get_page(req.domid, req.gfn, req.perms.write);
+        let ns = self.since(h, t0);
+        let checked = looked_up.and_then(|page| {
+            check_page(page.kind, req.perms)
+                .and_then(|()| page.mfn.ok_or(Errno::XDev))
+                .inspect_err(|_| {
+                    if let Some(mfn) = page.mfn {
+                        h.put_page(mfn, req.perms.write);
+                    }
+                })
+        });
+        match checked {
+            // A device writing past the CPU caches (no snoop) could leave
+            // stale lines behind: the host must flush them before the page
+            // becomes anything but plain writable memory (XSA-402).
+            Ok(mfn) if req.perms.write && !Self::snooped(caps, req) => {
+                h.note_non_coherent_write(mfn)
+            }
+            Ok(_) => {}
+            Err(_) => self.gate_leave(req.domid),
+        }
+        let looked_up = match checked {
+            Ok(mfn) => LookedUp::Page(mfn),
+            Err(e) => LookedUp::Refused(e),
+        };
+        (looked_up, ns)
+    }
+
+    /// [`look_up_joined`](Self::look_up_joined) for the pages of a run of
+    /// ops of `req`'s target and access, the gfns in `pages` (`req`'s
+    /// first), their shares joined: how many the host referenced, from the
+    /// first (their frames in `pages`); the error of the page after them if
+    /// the host looked it up and refused it (`None`: not looked up); and
+    /// the time it took. Nothing is looked up, and nothing given back, if
+    /// the target moved since the checks: the ops then go one by one, and
+    /// the first finds it moved. The pages it did not reference hold
+    /// nothing; an op whose page it refused has its error (its share still
+    /// joined), the others look their own up. Inlined, as
+    /// `look_up_joined`: the object's check finds the speculation barrier
+    /// before the host's lookup in each function that calls it.
+    #[inline(always)]
+    pub(super) fn look_up_run(
+        &self,
+        h: &mut impl Hypervisor,
+        req: &MapRequest,
+        gate: &TargetGate,
+        checked_seq: u32,
+        pages: &mut [PageSlot],
+    ) -> (usize, Option<Errno>, u64) {
+        // As in `look_up_joined`: SeqCst, between the join and the lookup.
+        if gate.seq.load(Ordering::SeqCst) != checked_seq {
+            return (0, None, 0);
+        }
+        let t0 = self.clock(h);
+        let run = h.get_pages(req.domid, req.perms.write, pages);
+        let ns = self.since(h, t0);
+        // (A host answering more than it was asked for: those are not
+        // frames it wrote, and there is no page after them to refuse.)
+        let taken = run.taken.min(pages.len());
+        let refused = run
+            .refused
+            .filter(|_| taken < pages.len())
+            .map(|kind| refusal(kind, req.perms));
+        (taken, refused, ns)
+    }
+
+    /// Whether the device's writes through `req`'s mapping are forced to
+    /// snoop the CPU caches: write-back into the host's own tables where
+    /// the host says they snoop (Xen's VT-d: only with snoop control on
+    /// every unit), or into the engine's VT-d tables with snoop control
+    /// (SNP). Arm LPAE stage 2 with Normal write-back counts as coherent.
+    pub(super) fn snooped(caps: &crate::iommu::BackendCaps, req: &MapRequest) -> bool {
+        use crate::iommu::TableFormat;
+        if req.attr != crate::MemAttr::WriteBack {
+            return false;
+        }
+        if req.context == ContextId::DEFAULT {
+            return caps.default_context_snooped;
+        }
+        match caps.own_tables.map(|t| t.format) {
+            Some(TableFormat::Vtd { snoop_control }) => snoop_control,
+            Some(TableFormat::Lpae) => true,
+            None => false,
+        }
+    }
+
+    /// The locked part of a map: dedup or install, the result written
+    /// into `out`.
+    fn map_locked(
+        &self,
+        d: &mut Driver<'_, L>,
+        h: &mut impl Hypervisor,
+        req: &MapRequest,
+        mfn: Mfn,
+        out: &mut Result<Mapped, Errno>,
+    ) -> Reported {
+        if d.dd.context != req.context || !d.dd.has_context(req.context) {
+            return report::refused(out, Errno::NoEnt);
+        }
+        // Xen's INVALID_GFN (~0) is no page of any p2m (a lookup of it
+        // finds none there): refused, so a hook's range, its end saturated
+        // at the top, and a dying target's whole range cover every gfn a
+        // mapping can have. (Here, not at the checks: there it cost every
+        // op of a run 27 instructions in the loop's code.)
+        if req.gfn.0 == u64::MAX {
+            return report::refused(out, Errno::Inval);
+        }
+        // The page's probe and the mapping's key are made once, here, and
+        // go by reference: copied whole, the probe was reloaded wider than
+        // it was stored, which stalls store forwarding.
+        let at = d.dd.probe_page(self.seed, req.domid, req.gfn);
+        let key = map_key(req, mfn);
+        match self.map_prepare(d, h, &key, &at, out) {
+            Ok(Prepared::Shared(reported)) => reported,
+            Ok(Prepared::Install) => self.map_install(d, h, &key, &at, out),
+            Err(e) => report::refused(out, e),
+        }
+    }
+
+    /// Dedup (`Shared`, its result written into `out`), or check the quota
+    /// and reserve every byte the install needs (`Install`). `key` is the
+    /// mapping asked for ([`map_key`]), `at` its page's probe. On `Err`
+    /// nothing changed (but a stale mapping found on the way).
+    fn map_prepare(
+        &self,
+        d: &mut Driver<'_, L>,
+        h: &mut impl Hypervisor,
+        key: &Mapping,
+        at: &PageAt,
+        out: &mut Result<Mapped, Errno>,
+    ) -> Result<Prepared, Errno> {
+        let seed = self.seed;
+        let mfn = key.mfn;
+        if let Some(idx) = d.dd.find_key_at(seed, at, key) {
+            let bfn = self.space.bfn_of(idx).ok_or(Errno::Inval)?;
+            let m = d.dd.live_at(idx).ok_or(Errno::Inval)?;
+            if m.mfn == mfn {
+                d.dd.set_refs(idx, m.refs.checked_add(1).ok_or(Errno::NoSpc)?);
+                let m = Mapped {
+                    bfn,
+                    tag: m.gen,
+                    cell: d.cell,
+                };
+                return Ok(Prepared::Shared(report::shared(out, m)));
+            }
+            // The gfn no longer points at the mapped frame: a removal
+            // whose hook has not run yet. Revoke the stale mapping now
+            // and map the current frame.
+            self.revoke_slot(d, h, idx);
+        }
+        let quota = self.quota_of(d);
+        if self.over_quota(d, quota) {
+            return Err(Errno::NoSpc);
+        }
+        d.dd.reserve_slot(seed, quota.min(self.space.len()), at)?;
+        if key.context == ContextId::DEFAULT {
+            d.dd.reserve_pending_maps(revoke::DEFER_LIMIT as usize)?;
+        }
+        // (`install_at` probes again if the revocation or the reservation
+        // moved the page's bucket.)
+        Ok(Prepared::Install)
+    }
+
+    /// The slot a new mapping would rather have (a preference: taken only
+    /// if free, in O(1); see [`DriverDomain::take_slot_near`]). A map of the
+    /// gfn after the last one installed here, of the same target, asks for
+    /// the slot after that one's: a mediator's run of consecutive gfns gets
+    /// consecutive BFNs however unmaps shuffled the free list, so its
+    /// entries share leaf tables (and the IOMMU's caches of them). A map
+    /// that starts a run asks for the slot, in the 2 MiB block of BFNs of
+    /// the free list's head, that sits where its gfn sits in its own 2 MiB
+    /// block: a guest's memory is mostly 2 MiB extents, gfns and frames
+    /// aligned alike, so a run over one gets BFNs aligned as its frames, as
+    /// an IOMMU needs to map the block as one superpage (Xen's own VT-d and
+    /// AMD-Vi code folds such a leaf table; so do the engine's VT-d
+    /// contexts, see `pgtable::TableOptions::superpages`).
+    ///
+    /// In context 0 a falling run (the gfn before the last one's) asks for
+    /// the slot before the last one's, if free; with no free slot at all,
+    /// for the slot of the next fresh ones' block where its gfn sits
+    /// ([`DriverDomain::take_slot_near`] makes the slots below it free).
+    /// Its BFNs then fall with its gfns (where fresh slots would rise
+    /// against them), and the flush writes the run in one call
+    /// (`revoke::PendingRun`): on Xen one `iommu_map()` where each falling
+    /// page was a call of its own, a table walk from the root. Not in the
+    /// engine's own contexts, whose entries are written one at a time:
+    /// there the free list's work would buy nothing.
+    ///
+    /// Only what the caller already knows decides the BFN (its gfns, its
+    /// own maps and unmaps), never the frame: a BFN's low bits must not
+    /// tell a driver domain anything of a machine frame. (Whether the host
+    /// gave the room a falling run's skip asks for also decides it: no
+    /// frame's bits, and no more than the ENOMEM the caller may see
+    /// anyway.) `NONE` when the free list is empty: a fresh slot is next.
+    #[inline]
+    fn slot_wanted(&self, dd: &DriverDomain, key: &Mapping) -> u64 {
+        let (domid, gfn, last) = dd.run_hint;
+        let after_last = last != NONE && domid == key.domid;
+        if after_last && gfn.0.wrapping_add(1) == key.gfn.0 {
+            return last + 1;
+        }
+        // (Context 0's: see above.)
+        let falling =
+            after_last && dd.context == ContextId::DEFAULT && key.gfn.0.wrapping_add(1) == gfn.0;
+        if falling && last > 0 && dd.is_free_slot(last - 1) {
+            return last - 1;
+        }
+        // BFNs of one 2 MiB block: those of one leaf table.
+        const BLOCK: u64 = crate::pgtable::ENTRIES as u64 - 1;
+        let near = if dd.free_head == NONE && falling {
+            dd.slots.len() as u64
+        } else {
+            dd.free_head
+        };
+        self.space
+            .bfn_of(near)
+            .and_then(|b| self.space.index_of(Bfn(b.0 & !BLOCK | key.gfn.0 & BLOCK)))
+            .unwrap_or(NONE)
+    }
+
+    /// Take a slot, write the IOMMU entry and index the mapping, the
+    /// result written into `out`. Nothing allocates here but a falling
+    /// run's room ahead of the fresh slots, best effort and before the
+    /// entry exists (`DriverDomain::take_fresh_ahead`). Once the IOMMU
+    /// entry exists, every failure goes through the unmap-flush-release
+    /// path (`Consumed`): the page reference is never dropped while the
+    /// device may still reach the page.
+    fn map_install(
+        &self,
+        d: &mut Driver<'_, L>,
+        h: &mut impl Hypervisor,
+        key: &Mapping,
+        at: &PageAt,
+        out: &mut Result<Mapped, Errno>,
+    ) -> Reported {
+        let key = *key;
+        let dd = &mut *d.dd;
+        let idx = match dd.take_slot_near(self.slot_wanted(dd, &key)) {
+            Ok(i) => i,
+            Err(e) => return report::refused(out, e),
+        };
+        let Some(bfn) = self.space.bfn_of(idx) else {
+            dd.free_slot(idx);
+            return report::refused(out, Errno::NoSpc);
+        };
+        // Context 0 (the host's own tables, one backend call a run): the
+        // entry is written by the flush that ends the owner's call, the
+        // run's entries together (`write_pending_entries`). The BFN is in
+        // the caller's op array before that (copied out a run at a time):
+        // a device it is given before the call returns may fault (its own
+        // caller's device only; the ABI says a BFN is good once the call
+        // returned).
+        let deferred =
+            key.context == ContextId::DEFAULT && dd.pending_map_room(revoke::DEFER_LIMIT as usize);
+        if !deferred {
+            let t0 = self.clock(h);
+            let mapped = dd.iommu_map(h, key.context, bfn, key.mfn, key.perms, key.attr);
+            dd.stats.ns_iommu_map += self.since(h, t0);
+            if let Err(e) = mapped {
+                dd.free_slot(idx);
+                return report::refused(out, e);
+            }
+        }
+        match dd.install_at(self.seed, at, idx, key) {
+            Ok(tag) => {
+                dd.run_hint = (key.domid, key.gfn, idx);
+                if deferred {
+                    // (Room checked above: never refused, nothing allocated.)
+                    let pending = driver::PendingMap {
+                        slot: idx as u32,
+                        gen: tag,
+                    };
+                    let pushed = crate::storage::try_push(&mut dd.pending_maps, pending);
+                    // (Were it refused, the page would be mapped nowhere:
+                    // a device given the BFN faults, it reaches nothing.)
+                    debug_assert!(pushed.is_ok(), "room for a waiting map");
+                    if dd.pending_maps.len() >= revoke::DEFER_LIMIT as usize {
+                        self.write_pending_entries_mid_call(d, h);
+                    }
+                }
+                report::installed(
+                    out,
+                    Mapped {
+                        bfn,
+                        tag,
+                        cell: d.cell,
+                    },
+                )
+            }
+            Err(e) if deferred => {
+                // Unreachable (capacity reserved); no entry was written.
+                dd.free_slot(idx);
+                report::refused(out, e)
+            }
+            Err(e) => {
+                // Unreachable (capacity reserved). The entry exists: take it
+                // down the way an unmap does, page released after the flush.
+                // Its gate share goes with the page, after the flush. Should
+                // the IOMMU refuse that unmap too, the slot is Stuck, and
+                // its retry files a revocation notice for a BFN the caller
+                // was told failed: acknowledged like any other, it frees
+                // the slot, and the device was never given the BFN.
+                match dd.iommu_unmap(h, key.context, bfn) {
+                    Ok(()) => dd.push_unmapping(idx, key, false),
+                    Err(_) => dd.push_stuck(idx, key, true),
+                }
+                report::consumed(out, e)
+            }
+        }
+    }
+}
