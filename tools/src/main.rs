@@ -5,6 +5,7 @@
 //! `/dev/xen/privcmd` in dom0).
 
 mod demo;
+mod host_windows;
 mod output;
 mod progress;
 mod scan;
@@ -12,7 +13,7 @@ mod shadow_cmd;
 mod sim_state;
 mod world;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
@@ -129,6 +130,17 @@ enum Command {
     },
     /// The reserved BFN regions.
     Regions,
+    /// Check the PCI host bridges' memory windows (the driver domain's
+    /// /proc/iomem, which Linux reads from ACPI) against the BFN window:
+    /// a device placed in a window later (hot-plug, SR-IOV VFs, a moved
+    /// BAR) takes addresses a DMA to a BFN would reach instead of the page,
+    /// unless the window is reserved. Lists the windows that are not and
+    /// prints the Xen option that reserves them; exit status 1 if any.
+    HostWindows {
+        /// The listing to read (root sees its addresses).
+        #[arg(long, default_value = "/proc/iomem")]
+        iomem: PathBuf,
+    },
     /// Mappings per foreign domain and context, quota use and pending
     /// revocations of the calling domain.
     Stats {
@@ -516,6 +528,7 @@ fn command(cli: &Cli, c: &mut AnyClient, state: Option<&SimState>) -> Result<(),
                     .join("\n")
             });
         }
+        Command::HostWindows { iomem } => host_windows(cli, c, iomem)?,
         Command::Stats { scan_limit } => stats(cli, c, *scan_limit)?,
         Command::Limits { domid, quota } => {
             c.set_limits(pviommu_abi::DomId(*domid), *quota)?;
@@ -765,6 +778,78 @@ fn unmap(cli: &Cli, c: &mut AnyClient, bfn: &str, context: ContextId) -> Result<
 }
 
 /// `pviommu stats`.
+/// Set by a check that found something to fix (`host-windows`): the
+/// command printed its report, and the process exits with status 1.
+static CHECK_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn host_windows(cli: &Cli, c: &mut AnyClient, iomem: &Path) -> Result<(), CliError> {
+    let text = std::fs::read_to_string(iomem)
+        .map_err(|e| CliError::os(format!("read {}", iomem.display()), &e))?;
+    let windows = host_windows::parse_iomem(&text)
+        .map_err(|m| CliError::invalid(format!("{}: {m}", iomem.display())))?;
+    let caps = c.refresh_caps()?;
+    let (start, end) = (caps.bfn_window_start, caps.bfn_window_end);
+    let regions = c.reserved_regions()?;
+    let checked: Vec<_> = windows
+        .iter()
+        .map(|w| (w, host_windows::unreserved_bfns(w, start, end, &regions)))
+        .collect();
+    let open: Vec<&host_windows::HostWindow> = checked
+        .iter()
+        .filter(|(_, left)| !left.is_empty())
+        .map(|(w, _)| *w)
+        .collect();
+    let option = (!open.is_empty()).then(|| host_windows::option_for(&open));
+    let doc = serde_json::json!({
+        "bfn_window": { "start": start, "end": end },
+        "windows": checked.iter().map(|(w, left)| serde_json::json!({
+            "first": w.first,
+            "last": w.last,
+            "name": w.name,
+            "unreserved": left.iter().map(|(s, e)| serde_json::json!({ "start": s, "end": e })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "option": option,
+    });
+    emit(cli.json, &doc, || {
+        let mut t =
+            format!("PCI host-bridge windows against the BFN window {start:#x}..{end:#x}:\n");
+        for (w, left) in &checked {
+            let state = if left.is_empty() {
+                "reserved, or outside the BFN window".to_string()
+            } else {
+                let runs: Vec<String> = left
+                    .iter()
+                    .map(|(s, e)| format!("{s:#x}..{e:#x}"))
+                    .collect();
+                format!("NOT RESERVED: BFNs {}", runs.join(", "))
+            };
+            t += &format!("{:#x}-{:#x} {}: {state}\n", w.first, w.last, w.name);
+        }
+        match &option {
+            None => t + "every window is reserved where it meets the BFN window",
+            Some(o) => {
+                t += &format!(
+                    "{} window(s) not reserved: a device placed there later (hot-plug, SR-IOV VFs, a moved BAR) \
+                     would take addresses the hypervisor hands out as BFNs.\n\
+                     Add to Xen's command line (into an existing pviommu= list): {o}",
+                    open.len()
+                );
+                if open.len() > host_windows::MAX_RESERVE_ITEMS {
+                    t += &format!(
+                        "\n(Xen takes {} reserve: items; merge neighbouring windows into one.)",
+                        host_windows::MAX_RESERVE_ITEMS
+                    );
+                }
+                t
+            }
+        }
+    });
+    if option.is_some() {
+        CHECK_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(())
+}
+
 fn stats(cli: &Cli, c: &mut AnyClient, scan_limit: u64) -> Result<(), CliError> {
     let caps = c.refresh_caps()?;
     let live = caps.used.saturating_sub(caps.revoked);
@@ -1074,6 +1159,7 @@ fn main() -> ExitCode {
     };
     let json = cli.json;
     match run(cli) {
+        Ok(()) if CHECK_FAILED.load(std::sync::atomic::Ordering::Relaxed) => ExitCode::FAILURE,
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if json => {
             println!(

@@ -112,6 +112,38 @@ static void expect(const char *opt, int rc_want, unsigned long long batch, unsig
     expect_all(opt, rc_want, true, batch, quota, PVX_DEFAULT_HEAP_MIB);
 }
 
+/*
+ * reserve:: parse `opt` with no range recorded before; want rc, and on
+ * success the `n` ranges given (first, last pairs), nothing else changed.
+ */
+static void expect_reserve(const char *opt, int rc_want, unsigned int n, const uint64_t *ranges)
+{
+    opt_pviommu = true;
+    opt_pviommu_batch = 0;
+    opt_pviommu_quota = 0;
+    opt_pviommu_nr_reserve = 0;
+    int rc = parse_pviommu(opt);
+    bool ok = rc == rc_want;
+    if ( ok && rc == 0 )
+    {
+        ok = opt_pviommu_nr_reserve == n;
+        for ( unsigned int i = 0; ok && i < n; i++ )
+            ok = opt_pviommu_reserve[i].first == ranges[2 * i] &&
+                 opt_pviommu_reserve[i].last == ranges[2 * i + 1];
+    }
+    /* A refused item records nothing of itself. */
+    if ( ok && rc != 0 )
+        ok = opt_pviommu_nr_reserve <= n;
+    if ( !ok )
+    {
+        printf("FAIL pviommu=%s: rc=%d, %u ranges (want rc=%d, %u)\n", opt, rc,
+               opt_pviommu_nr_reserve, rc_want, n);
+        failures++;
+    }
+    else
+        printf("ok   pviommu=%s\n", opt);
+}
+
 int main(void)
 {
     expect("on", 0, 0, 0);
@@ -137,6 +169,34 @@ int main(void)
     expect("quota:0x10000000000000001", -EINVAL, 0, 0);
     expect("heap:0x100000000000000001", -EINVAL, 0, 0);
     expect("nonsense", -EINVAL, 0, 0);
+
+    /* reserve:<first>-<last>: bytes, both ends included. */
+    const uint64_t qemu[] = { 0x100000000ULL, 0x8ffffffffULL };
+    expect_reserve("reserve:0x100000000-0x8ffffffff", 0, 1, qemu);
+    const uint64_t two[] = { 0x100000000ULL, 0x8ffffffffULL, 0x3800000000ULL, 0x3fffffffffULL };
+    expect_reserve("reserve:0x100000000-0x8ffffffff,batch:8,reserve:0x3800000000-0x3fffffffff", 0, 2, two);
+    const uint64_t one_byte[] = { 4096, 4096 };
+    expect_reserve("reserve:4096-4096", 0, 1, one_byte);
+    const uint64_t top[] = { 0xfffffffffffffULL, 0xfffffffffffffULL };
+    expect_reserve("reserve:0xfffffffffffff-0xfffffffffffff", 0, 1, top);
+    expect_reserve("reserve:0x10000000000000-0x10000000000000", -EINVAL, 0, NULL); /* 2^52 */
+    expect_reserve("reserve:0x8ffffffff-0x100000000", -EINVAL, 0, NULL);           /* last < first */
+    expect_reserve("reserve:0x100000000", -EINVAL, 0, NULL);
+    expect_reserve("reserve:0x100000000-", -EINVAL, 0, NULL);
+    expect_reserve("reserve:-0x100000000", -EINVAL, 0, NULL);
+    expect_reserve("reserve:", -EINVAL, 0, NULL);
+    expect_reserve("reserve:0x1000-0x2000x", -EINVAL, 0, NULL);
+    expect_reserve("reserve:0x1000+0x2000", -EINVAL, 0, NULL);
+    expect_reserve("reserve:0x1000--0x2000", -EINVAL, 0, NULL);
+    /* 2^64 + 0x1000 wraps to 0x1000 in simple_strtoull: refused by length. */
+    expect_reserve("reserve:0x10000000000001000-0x10000000000002000", -EINVAL, 0, NULL);
+    expect_reserve("reserve:0x00000000000000001000-0x2000", -EINVAL, 0, NULL);
+    /* Eight are kept; a ninth is refused, the eight stay. */
+    const uint64_t eight[] = { 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8 };
+    expect_reserve("reserve:1-1,reserve:2-2,reserve:3-3,reserve:4-4,"
+                   "reserve:5-5,reserve:6-6,reserve:7-7,reserve:8-8", 0, 8, eight);
+    expect_reserve("reserve:1-1,reserve:2-2,reserve:3-3,reserve:4-4,"
+                   "reserve:5-5,reserve:6-6,reserve:7-7,reserve:8-8,reserve:9-9", -EINVAL, 8, eight);
     if ( failures )
         printf("parse-option: %d wrong\n", failures);
     return failures != 0;
