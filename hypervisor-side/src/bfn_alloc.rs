@@ -32,6 +32,21 @@ impl BfnWindow {
         address_bits: u32,
         mut reserved: Vec<ReservedRange>,
     ) -> Result<Self, Errno> {
+        let (start, end) = Self::bounds(ram_end, address_bits)?;
+        Ok(BfnWindow {
+            start,
+            end,
+            reserved: sorted_by_start(&mut reserved)?,
+        })
+    }
+
+    /// The window's first BFN and the one past its last, for a host whose
+    /// RAM ends at frame `ram_end` and an IOMMU of `address_bits`: above
+    /// RAM and 4 GiB, aligned for 2 MiB superpages, below the width.
+    /// `NoSpc` when that leaves nothing. (The simulator's model of Xen's
+    /// glue checks runs against the same bounds; on Xen the glue asks the
+    /// engine for them.)
+    pub fn bounds(ram_end: u64, address_bits: u32) -> Result<(u64, u64), Errno> {
         let floor = ram_end.max(WINDOW_FLOOR);
         let start = floor
             .checked_next_multiple_of(WINDOW_ALIGN)
@@ -44,11 +59,7 @@ impl BfnWindow {
         if start >= end {
             return Err(Errno::NoSpc);
         }
-        Ok(BfnWindow {
-            start,
-            end,
-            reserved: sorted_by_start(&mut reserved)?,
-        })
+        Ok((start, end))
     }
 
     /// The reserved range containing `bfn`, if any.
@@ -78,12 +89,12 @@ impl BfnWindow {
 /// The rule of where an IOMMU run of the engine may go, as the host checks
 /// it before the run reaches its IOMMU driver: Xen's glue refuses any other
 /// run into a domain's own tables (`pvx_run_in_window()` in
-/// `xen/pviommu-common.inc`, this rule in C, with host RAM's end and
-/// [`WINDOW_FLOOR`] for `floor`), and so does the simulator's model of it.
-/// The engine hands out no BFN outside its window, whose floor is at
-/// least that one; a run elsewhere is an engine bug, and could replace a
-/// mapping the host's own devices use (an RMRR's identity mapping), or sit
-/// in the MSI window or a device's BAR, where a DMA never reaches the page.
+/// `xen/pviommu-common.inc`, this rule in C, with the engine's window
+/// for `floor` and `end`), and so does the simulator's model of it
+/// ([`BfnWindow::bounds`]). The engine hands out no BFN outside its
+/// window; a run elsewhere is an engine bug, and could replace a mapping
+/// the host's own devices use (an RMRR's identity mapping), or sit in the
+/// MSI window or a device's BAR, where a DMA never reaches the page.
 pub fn run_is_clear(
     first: u64,
     count: u64,

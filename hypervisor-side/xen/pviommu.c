@@ -778,10 +778,17 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
      * to unmap (it could reach the domain's own mappings below the window).
      */
     if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn ||
-         pvx_run_refused("unmap", bfn, count) || pvx_addr_bits < PAGE_SHIFT ||
-         pvx_addr_bits - PAGE_SHIFT >= 64 ||
+         pvx_addr_bits < PAGE_SHIFT || pvx_addr_bits - PAGE_SHIFT >= 64 ||
          ((bfn + count - 1) >> (pvx_addr_bits - PAGE_SHIFT)) != 0 )
         return -EINVAL;
+    /*
+     * Outside the window no entry of the engine's can be (pvx_iommu_map()
+     * refuses such a run): nothing to clear, and nothing of the domain's
+     * own there is touched. -ENOENT, as for a missing entry, so that the
+     * engine releases its slot rather than keep the page for good.
+     */
+    if ( pvx_run_refused("unmap", bfn, count) )
+        return -ENOENT;
     d = rcu_lock_domain_by_id(owner);
     if ( !d )
         return -ESRCH;

@@ -233,14 +233,23 @@ static int cmd_hc(int argc, char **argv)
     {
         struct pv_iommu_regions *r = locked_buf(PAGE);
         struct pv_iommu_region *e = locked_buf(PAGE);
-        unsigned int i;
-        r->version = PVIOMMU_INTERFACE_VERSION; r->start = 0; r->nr = 64;
-        r->regions = (uint64_t)(uintptr_t)e;
-        rc = hcall(PVIOMMU_CMD_reserved_regions, r);
-        printf("rc=%ld nr=%u total=%u\n", rc, r->nr, r->total);
-        for ( i = 0; rc == 0 && i < r->nr && i < 64; i++ )
-            printf("region start=0x%" PRIx64 " nr=0x%" PRIx64 " kind=%u\n",
-                   e[i].start_bfn, e[i].nr_frames, e[i].kind);
+        unsigned int i, listed = 0, total = 0, got;
+
+        /* Every region, 64 a call (the glue's table holds 128). */
+        do {
+            r->version = PVIOMMU_INTERFACE_VERSION; r->start = listed; r->nr = 64;
+            r->regions = (uint64_t)(uintptr_t)e;
+            rc = hcall(PVIOMMU_CMD_reserved_regions, r);
+            if ( rc )
+                break;
+            total = r->total;
+            got = r->nr < 64 ? r->nr : 64;
+            for ( i = 0; i < got; i++ )
+                printf("region start=0x%" PRIx64 " nr=0x%" PRIx64 " kind=%u\n",
+                       e[i].start_bfn, e[i].nr_frames, e[i].kind);
+            listed += got;
+        } while ( got && listed < total && listed < 4096 );
+        printf("rc=%ld nr=%u total=%u\n", rc, listed, total);
         return 0;
     }
     if ( !strcmp(argv[0], "entry") && argc >= 4 )

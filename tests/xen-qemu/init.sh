@@ -50,7 +50,7 @@ o=$(run $H hc regions)
 # AuthenticAMD, so every x86 boot here): the HyperTransport range below
 # 1 TiB (frames 0xfd00000-0xfffffff) is a reserved region (a DMA there is an
 # interrupt or system request, never a translated access): a BFN window that
-# reaches it skips it. (The harness lists the first 64 regions.)
+# reaches it skips it. (The harness lists every region, 64 a call.)
 # region_covers REGIONS FIRST END: a region listed in REGIONS (`hc regions`
 # output) covers frames FIRST..END-1.
 region_covers() {

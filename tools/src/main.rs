@@ -777,7 +777,6 @@ fn unmap(cli: &Cli, c: &mut AnyClient, bfn: &str, context: ContextId) -> Result<
     Ok(())
 }
 
-/// `pviommu stats`.
 /// Set by a check that found something to fix (`host-windows`): the
 /// command printed its report, and the process exits with status 1.
 static CHECK_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -850,6 +849,7 @@ fn host_windows(cli: &Cli, c: &mut AnyClient, iomem: &Path) -> Result<(), CliErr
     Ok(())
 }
 
+/// `pviommu stats`.
 fn stats(cli: &Cli, c: &mut AnyClient, scan_limit: u64) -> Result<(), CliError> {
     let caps = c.refresh_caps()?;
     let live = caps.used.saturating_sub(caps.revoked);

@@ -1032,14 +1032,17 @@ impl SimMachine {
         self.address_bits = bits;
     }
 
-    /// Xen's glue, before an IOMMU run reaches the driver: only BFNs the
-    /// engine's window can hold, at or above host RAM's end and 4 GiB and
-    /// outside every reserved range (`pvx_run_in_window()`). Anything else
-    /// is refused and counted in `runs_outside_window`.
+    /// Xen's glue, before an IOMMU run reaches the driver: only BFNs of the
+    /// engine's window, outside every reserved range
+    /// (`pvx_run_in_window()`). Anything else is refused and counted in
+    /// `runs_outside_window`: a map with `Inval`, an unmap with `NoEnt`
+    /// (no entry of the engine's can be there, its map having been
+    /// refused: so the engine releases the slot rather than keep it stuck).
     fn glue_admits(&mut self, first: u64, count: u64) -> bool {
-        let floor = self.ram_end().0.max(crate::config::WINDOW_FLOOR);
-        let admitted =
-            crate::bfn_alloc::run_is_clear(first, count, floor, u64::MAX, &self.reserved);
+        let admitted = crate::bfn_alloc::BfnWindow::bounds(self.ram_end().0, self.address_bits)
+            .is_ok_and(|(start, end)| {
+                crate::bfn_alloc::run_is_clear(first, count, start, end, &self.reserved)
+            });
         if !admitted {
             self.runs_outside_window += 1;
         }
@@ -2369,12 +2372,9 @@ impl IommuBackend for SimMachine {
     ) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
         self.map_runs += 1;
+        // (An empty run too, as Xen's glue answers one.)
         let Some(Bfn(last)) = crate::iommu::run_last(bfn, count) else {
-            return if count == 0 {
-                Ok(())
-            } else {
-                Err(Errno::Inval)
-            };
+            return Err(Errno::Inval);
         };
         if mfn.0.checked_add(count).is_none() {
             return Err(Errno::Inval);
@@ -2437,7 +2437,7 @@ impl IommuBackend for SimMachine {
     ) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
         if !self.glue_admits(bfn.0, 1) {
-            return Err(Errno::Inval);
+            return Err(Errno::NoEnt);
         }
         match self.unmap_page(owner, ctx, bfn, false) {
             Err(Errno::NoEnt) => return Err(Errno::NoEnt),
@@ -2455,15 +2455,12 @@ impl IommuBackend for SimMachine {
         gather: &mut FlushGather,
     ) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
+        // (An empty run too, as Xen's glue answers one.)
         let Some(Bfn(last)) = crate::iommu::run_last(bfn, count) else {
-            return if count == 0 {
-                Ok(())
-            } else {
-                Err(Errno::Inval)
-            };
+            return Err(Errno::Inval);
         };
         if !self.glue_admits(bfn.0, count) {
-            return Err(Errno::Inval);
+            return Err(Errno::NoEnt);
         }
         let result = self.xen_unmap_pages(owner, ctx, bfn.0, last);
         gather.add_range(ctx, bfn, Bfn(last), 0)?;

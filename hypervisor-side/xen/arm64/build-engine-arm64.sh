@@ -69,7 +69,7 @@ echo "build-engine-arm64: cargo took $(( $(date +%s) - start )) s"
 LIB="$(ls -t "$TARGET_DIR/$TARGET"/release/lib*.a | head -1)"
 echo "build-engine-arm64: staticlib $LIB"
 RAW="$OUT/rust_engine.raw.o"
-ENTRIES="pviommu_engine_init pviommu_engine_op pviommu_engine_domain_teardown pviommu_engine_gfn_changed pviommu_engine_device_leaving"
+ENTRIES="pviommu_engine_init pviommu_engine_op pviommu_engine_domain_teardown pviommu_engine_gfn_changed pviommu_engine_device_leaving pviommu_engine_window"
 # One .text: rustc puts every function in a .text.<name> section, and Xen's
 # Arm linker script only collects .text.* with CONFIG_CC_SPLIT_SECTIONS (off
 # on Arm without LIVEPATCH). Left as they are, they become orphan sections

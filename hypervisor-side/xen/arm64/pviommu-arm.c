@@ -487,9 +487,11 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
     uint64_t i;
     int rc = -EOPNOTSUPP;
 
-    if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn ||
-         pvx_run_refused("unmap", bfn, count) )
+    if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn )
         return -EINVAL;
+    /* As on x86: no entry of the engine's can be outside the window. */
+    if ( pvx_run_refused("unmap", bfn, count) )
+        return -ENOENT;
     d = rcu_lock_domain_by_id(owner);
     if ( !d )
         return -ESRCH;

@@ -61,6 +61,13 @@ int pviommu_engine_init(uint64_t quota, uint32_t max_batch,
 long pviommu_engine_op(uint16_t caller, unsigned int cmd, uint64_t arg);
 
 /*
+ * The engine's BFN window, once pviommu_engine_init() succeeded: its first
+ * BFN and the one past its last. 0, or -EINVAL. The glue refuses any IOMMU
+ * run outside it (pvx_run_in_window()).
+ */
+int pviommu_engine_window(uint64_t *start, uint64_t *end);
+
+/*
  * Domain teardown, from domain_kill() (restartable, like
  * domain_relinquish_resources): revoke every mapping that points at
  * `domid`'s pages (in all driver domains) and drop everything `domid` owns

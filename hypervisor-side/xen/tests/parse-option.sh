@@ -170,12 +170,17 @@ int main(void)
     expect("heap:0x100000000000000001", -EINVAL, 0, 0);
     expect("nonsense", -EINVAL, 0, 0);
 
-    /* reserve:<first>-<last>: bytes, both ends included. */
+    /* reserve:<first>-<last>: bytes, both ends included, hexadecimal as
+     * /proc/iomem prints them, 0x or not. */
     const uint64_t qemu[] = { 0x100000000ULL, 0x8ffffffffULL };
     expect_reserve("reserve:0x100000000-0x8ffffffff", 0, 1, qemu);
+    expect_reserve("reserve:100000000-8ffffffff", 0, 1, qemu);
+    expect_reserve("reserve:0X100000000-8FFFFFFFF", 0, 1, qemu);
+    expect_reserve("reserve:0x-0x10", -EINVAL, 0, NULL);
+    expect_reserve("reserve:12g-13", -EINVAL, 0, NULL);
     const uint64_t two[] = { 0x100000000ULL, 0x8ffffffffULL, 0x3800000000ULL, 0x3fffffffffULL };
     expect_reserve("reserve:0x100000000-0x8ffffffff,batch:8,reserve:0x3800000000-0x3fffffffff", 0, 2, two);
-    const uint64_t one_byte[] = { 4096, 4096 };
+    const uint64_t one_byte[] = { 0x4096, 0x4096 };
     expect_reserve("reserve:4096-4096", 0, 1, one_byte);
     const uint64_t top[] = { 0xfffffffffffffULL, 0xfffffffffffffULL };
     expect_reserve("reserve:0xfffffffffffff-0xfffffffffffff", 0, 1, top);
@@ -191,6 +196,7 @@ int main(void)
     /* 2^64 + 0x1000 wraps to 0x1000 in simple_strtoull: refused by length. */
     expect_reserve("reserve:0x10000000000001000-0x10000000000002000", -EINVAL, 0, NULL);
     expect_reserve("reserve:0x00000000000000001000-0x2000", -EINVAL, 0, NULL);
+    expect_reserve("reserve:10000000000001000-10000000000002000", -EINVAL, 0, NULL);
     /* Eight are kept; a ninth is refused, the eight stay. */
     const uint64_t eight[] = { 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8 };
     expect_reserve("reserve:1-1,reserve:2-2,reserve:3-3,reserve:4-4,"

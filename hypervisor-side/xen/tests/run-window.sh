@@ -38,16 +38,20 @@ cat > "$WORK/test.c" <<'C'
 #define min(a, b) ((a) < (b) ? (a) : (b))
 #define max_t(t, a, b) ((t)(a) > (t)(b) ? (t)(a) : (t)(b))
 #define printk printf
-static int printk_ratelimit(void) { return 1; }
+typedef struct { int counter; } atomic_t;
+#define ATOMIC_INIT(i) { (i) }
+static int atomic_inc_return(atomic_t *v) { return ++v->counter; }
 
 #include "regions.inc"
 
 static int failures;
 
-static void reset(uint64_t ram_end)
+/* An empty table, and the engine's window [start, end) as it reports it. */
+static void reset(uint64_t start, uint64_t end)
 {
     pvx_nr_regions = 0;
-    pvx_ram_end = ram_end;
+    pvx_window_start = start;
+    pvx_window_end = end;
 }
 
 static void expect(uint64_t bfn, uint64_t count, bool want, const char *what)
@@ -67,13 +71,13 @@ static void expect(uint64_t bfn, uint64_t count, bool want, const char *what)
 int main(void)
 {
     /*
-     * The engine's cases (bfn_alloc.rs), the floor 0x80 standing for the
-     * window's: these frames are shifted above 4 GiB here (the glue's floor
-     * is at least that), by BASE.
+     * The engine's cases (bfn_alloc.rs), its floor 0x80 and end 2^64 - 1
+     * standing for the window's, shifted above 4 GiB here by BASE.
      */
-    const uint64_t BASE = PVX_WINDOW_FLOOR - 0x80;
+    const uint64_t FLOOR = 0x100000, BASE = FLOOR - 0x80;
 
-    reset(0);
+    (void)pvx_ram_end;
+    reset(FLOOR, UINT64_MAX);
     pvx_add_region(BASE + 0x300, 0x10, 1);
     pvx_add_region(BASE + 0x100, 0x180, 2);
     pvx_add_region(BASE + 0x120, 4, 3);
@@ -89,8 +93,13 @@ int main(void)
     expect(BASE + 0x30f, 1, false, "its last page");
     expect(BASE + 0x310, 0x1000, true, "past every region (and the empty one)");
 
-    /* A host whose RAM ends at 2 GiB, with the regions x86's glue adds. */
-    reset(0x80000);
+    /*
+     * A host whose RAM ends at 2 GiB, with the regions x86's glue adds:
+     * the engine's window starts at 4 GiB and ends at its 39 bits. (The
+     * glue's old check, a BFN at or above RAM's end, let the MSI window
+     * and the hole below 4 GiB through here.)
+     */
+    reset(FLOOR, 1ULL << 27);
     pvx_add_region(PFN_DOWN(0xfee00000UL), 0x100, 1);           /* MSI */
     pvx_add_region(0x80000, PFN_DOWN(1UL << 32) - 0x80000, 2);   /* hole below 4 GiB */
     pvx_add_region(0x100400, 0x10, 3);                          /* an RMRR above */
@@ -102,12 +111,15 @@ int main(void)
     expect(0x1003f0, 0x11, false, "2 GiB host: a run ending on the RMRR");
     expect(0x10040f, 4, false, "2 GiB host: a run starting inside it");
     expect(0x100410, 2, true, "2 GiB host: right after it");
+    expect((1ULL << 27) - 2, 2, true, "2 GiB host: up to the window's end");
+    expect((1ULL << 27) - 2, 3, false, "2 GiB host: past the window's end");
+    expect(1ULL << 27, 1, false, "2 GiB host: beyond the window");
 
     /*
      * A host whose RAM ends at 16 GiB: the floor is RAM's end. With the
      * AMD HyperTransport range, added as the glue adds it (bytes).
      */
-    reset(0x400000);
+    reset(0x400000, 1ULL << 36);
     pvx_add_range(0xfd00000000UL, 0x10000000000UL - 0xfd00000000UL, 4);
     pvx_sort_regions();
     expect(0x3fffff, 1, false, "16 GiB host: RAM's last frame");
@@ -118,13 +130,14 @@ int main(void)
     (void)pvx_addr_bits;
 
     /* A full table, sorted from the last region down. */
-    reset(0);
+    reset(FLOOR, UINT64_MAX);
     for ( unsigned int i = 0; i < PVX_MAX_REGIONS; i++ )
-        pvx_add_region(PVX_WINDOW_FLOOR + 0x1000 * (PVX_MAX_REGIONS - i), 0x10, i & 1);
+        pvx_add_region(FLOOR + 0x1000 * (PVX_MAX_REGIONS - i), 0x10, i & 1);
     pvx_sort_regions();
+    int before = failures;
     for ( unsigned int i = 1; i <= PVX_MAX_REGIONS; i++ )
     {
-        uint64_t r = PVX_WINDOW_FLOOR + 0x1000 * i;
+        uint64_t r = FLOOR + 0x1000 * i;
 
         if ( pvx_run_in_window(r + 0xf, 1) || !pvx_run_in_window(r + 0x10, 0xff0) ||
              pvx_run_in_window(r - 1, 2) )
@@ -133,15 +146,31 @@ int main(void)
             failures++;
         }
     }
-    printf("ok   full table\n");
+    if ( failures == before )
+        printf("ok   full table\n");
 
-    /* What the glue's map and unmap call: refuses, and says so. */
-    if ( !pvx_run_refused("map", PVX_WINDOW_FLOOR + 0x1005, 1) ||
-         pvx_run_refused("map", PVX_WINDOW_FLOOR + 0x1010, 1) )
+    /* Before the engine reported its window, nothing passes. */
+    reset(0, 0);
+    expect(FLOOR, 1, false, "no window yet");
+
+    /*
+     * What the glue's map and unmap call: refuses, and says so at the 1st,
+     * 2nd, 4th... refusal (10 refusals: 4 lines, counted by the caller).
+     */
+    reset(FLOOR, UINT64_MAX);
+    pvx_add_region(FLOOR + 0x1000, 0x10, 1);
+    pvx_sort_regions();
+    if ( pvx_run_refused("map", FLOOR + 0x1010, 1) )
     {
-        printf("FAIL pvx_run_refused\n");
+        printf("FAIL pvx_run_refused: a run in the window\n");
         failures++;
     }
+    for ( unsigned int i = 0; i < 10; i++ )
+        if ( !pvx_run_refused("map", FLOOR + 0x1005, 1) )
+        {
+            printf("FAIL pvx_run_refused: a run on a region\n");
+            failures++;
+        }
 
     if ( failures )
     {
@@ -153,4 +182,6 @@ int main(void)
 }
 C
 cc -std=gnu11 -Wall -Wextra -Werror -O1 -I"$WORK" -o "$WORK/test" "$WORK/test.c"
-"$WORK/test"
+"$WORK/test" | tee "$WORK/out"
+lines=$(grep -c "outside the window, refused" "$WORK/out" || true)
+[ "$lines" = 4 ] || { echo "run-window: $lines refusal lines for 10 refusals, want 4 (1st, 2nd, 4th, 8th)" >&2; exit 1; }

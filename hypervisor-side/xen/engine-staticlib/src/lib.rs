@@ -1769,6 +1769,28 @@ pub extern "C" fn pviommu_engine_gfn_changed(domid: u16, gfn: u64, order: u32, h
     report_engine_bugs(e);
 }
 
+/// The engine's BFN window, its first BFN and the one past its last, for
+/// the glue's check of every IOMMU run (`pvx_run_in_window()`): written
+/// into `*start` and `*end`. 0, or -EINVAL before the engine exists (or for
+/// a null pointer).
+// Called from C only, with pointers to the glue's variables or NULL
+// (checked).
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
+#[no_mangle]
+pub extern "C" fn pviommu_engine_window(start: *mut u64, end: *mut u64) -> i32 {
+    let Some(e) = engine() else {
+        return Errno::Inval.negated();
+    };
+    // SAFETY: the glue passes pointers to its own two variables.
+    let (Some(start), Some(end)) = (unsafe { start.as_mut() }, unsafe { end.as_mut() }) else {
+        return Errno::Inval.negated();
+    };
+    let w = e.window();
+    *start = w.start;
+    *end = w.end;
+    0
+}
+
 /// Xen is about to move device `sbdf` away from `owner` (pcidevs_lock held).
 #[no_mangle]
 pub extern "C" fn pviommu_engine_device_leaving(owner: u16, sbdf: u32) {
