@@ -251,8 +251,9 @@ pub trait IommuBackend: TableMemory {
     /// as Xen's `iommu_unmap(d, bfn, count)` does: one call, which clears
     /// a 2 MiB (or larger) aligned part of the run with one entry where
     /// the IOMMU has that size, so it never splits a superpage there. A
-    /// page with no entry is no error. An `Err` may leave any page of the
-    /// run mapped: the engine then unmaps each on its own. This default
+    /// page with no entry is no error. An `Err`, whatever its errno
+    /// (`NoEnt` included), may leave any page of the run mapped: the
+    /// engine then unmaps each on its own. This default
     /// goes a page at a time.
     fn iommu_unmap_run(
         &mut self,

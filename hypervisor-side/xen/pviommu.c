@@ -777,18 +777,22 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
      * than the entries it lets wait: anything else is a bug to refuse, not
      * to unmap (it could reach the domain's own mappings below the window).
      */
-    if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn ||
-         pvx_addr_bits < PAGE_SHIFT || pvx_addr_bits - PAGE_SHIFT >= 64 ||
-         ((bfn + count - 1) >> (pvx_addr_bits - PAGE_SHIFT)) != 0 )
+    if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn )
         return -EINVAL;
     /*
      * Outside the window no entry of the engine's can be (pvx_iommu_map()
      * refuses such a run): nothing to clear, and nothing of the domain's
-     * own there is touched. -ENOENT, as for a missing entry, so that the
-     * engine releases its slot rather than keep the page for good.
+     * own there is touched. For one page -ENOENT, as for a missing entry,
+     * so that the engine releases its slot rather than keep the page for
+     * good; for a run -EINVAL (some of its pages may be in the window and
+     * mapped): the engine then unmaps it page by page and hears of each.
+     * (Before the width checks: the window ends below the width.)
      */
     if ( pvx_run_refused("unmap", bfn, count) )
-        return -ENOENT;
+        return count == 1 ? -ENOENT : -EINVAL;
+    if ( pvx_addr_bits < PAGE_SHIFT || pvx_addr_bits - PAGE_SHIFT >= 64 ||
+         ((bfn + count - 1) >> (pvx_addr_bits - PAGE_SHIFT)) != 0 )
+        return -EINVAL;
     d = rcu_lock_domain_by_id(owner);
     if ( !d )
         return -ESRCH;

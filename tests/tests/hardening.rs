@@ -1775,12 +1775,23 @@ fn the_host_refuses_iommu_runs_outside_the_engines_window() {
     // refused. So the engine may release such a slot.)
     assert_eq!(unmapped, Err(Errno::NoEnt));
     assert_eq!(m.runs_outside_window, 5);
+    // A run answers Inval (its other pages may be mapped: the engine then
+    // unmaps each on its own and hears of each).
+    let unmapped = m.iommu_unmap_run(
+        DomId::DOM0,
+        ContextId::DEFAULT,
+        Bfn(rmrr.start - 1),
+        2,
+        &mut FlushGather::default(),
+    );
+    assert_eq!(unmapped, Err(Errno::Inval));
+    assert_eq!(m.runs_outside_window, 6);
     // Beside them, in the window: mapped.
     assert_eq!(map(&mut m, 0x10_0410, 2), Ok(()));
     assert!(m
         .translate(DomId::DOM0, ContextId::DEFAULT, Bfn(0x10_0411))
         .is_some());
-    assert_eq!(m.runs_outside_window, 5);
+    assert_eq!(m.runs_outside_window, 6);
 }
 
 /// (Review of the glue's window check.) Were the engine to ask for a run

@@ -1035,9 +1035,10 @@ impl SimMachine {
     /// Xen's glue, before an IOMMU run reaches the driver: only BFNs of the
     /// engine's window, outside every reserved range
     /// (`pvx_run_in_window()`). Anything else is refused and counted in
-    /// `runs_outside_window`: a map with `Inval`, an unmap with `NoEnt`
-    /// (no entry of the engine's can be there, its map having been
-    /// refused: so the engine releases the slot rather than keep it stuck).
+    /// `runs_outside_window`: a map with `Inval`, an unmap of one page
+    /// with `NoEnt` (no entry of the engine's can be there, its map having
+    /// been refused: so the engine releases the slot rather than keep it
+    /// stuck), of a run with `Inval` (its other pages may be mapped).
     fn glue_admits(&mut self, first: u64, count: u64) -> bool {
         let admitted = crate::bfn_alloc::BfnWindow::bounds(self.ram_end().0, self.address_bits)
             .is_ok_and(|(start, end)| {
@@ -2460,7 +2461,13 @@ impl IommuBackend for SimMachine {
             return Err(Errno::Inval);
         };
         if !self.glue_admits(bfn.0, count) {
-            return Err(Errno::NoEnt);
+            // (A run's other pages may be mapped: the engine unmaps them
+            // one by one then.)
+            return Err(if count == 1 {
+                Errno::NoEnt
+            } else {
+                Errno::Inval
+            });
         }
         let result = self.xen_unmap_pages(owner, ctx, bfn.0, last);
         gather.add_range(ctx, bfn, Bfn(last), 0)?;

@@ -489,9 +489,13 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
 
     if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn )
         return -EINVAL;
-    /* As on x86: no entry of the engine's can be outside the window. */
+    /*
+     * As on x86: no entry of the engine's can be outside the window
+     * (-ENOENT for one page, -EINVAL for a run the engine then retries
+     * page by page).
+     */
     if ( pvx_run_refused("unmap", bfn, count) )
-        return -ENOENT;
+        return count == 1 ? -ENOENT : -EINVAL;
     d = rcu_lock_domain_by_id(owner);
     if ( !d )
         return -ESRCH;

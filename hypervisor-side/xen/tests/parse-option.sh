@@ -43,7 +43,7 @@ static int parse_bool(const char *s, const char *e)
 }
 
 /* Xen 4.17's simple_strtoull (common/vsprintf.c): base 0 takes 0x and 0
- * prefixes; no overflow check. */
+ * prefixes, base 16 skips a 0x; no overflow check. */
 static unsigned long long simple_strtoull(const char *cp, const char **endp, unsigned int base)
 {
     unsigned long long result = 0, value;
@@ -63,6 +63,8 @@ static unsigned long long simple_strtoull(const char *cp, const char **endp, uns
             }
         }
     }
+    else if ( base == 16 && cp[0] == '0' && (cp[1] == 'x' || cp[1] == 'X') )
+        cp += 2;
     for ( ;; cp++ )
     {
         if ( *cp >= '0' && *cp <= '9' ) value = *cp - '0';
@@ -177,6 +179,11 @@ int main(void)
     expect_reserve("reserve:100000000-8ffffffff", 0, 1, qemu);
     expect_reserve("reserve:0X100000000-8FFFFFFFF", 0, 1, qemu);
     expect_reserve("reserve:0x-0x10", -EINVAL, 0, NULL);
+    /* simple_strtoull with base 16 skips a 0x itself: a second is refused. */
+    expect_reserve("reserve:0x0x10-0x20", -EINVAL, 0, NULL);
+    expect_reserve("reserve:0x0x-0x0x", -EINVAL, 0, NULL);
+    expect_reserve("reserve:0x10-0x0x20", -EINVAL, 0, NULL);
+    expect_reserve("reserve:0x10-0X0X20", -EINVAL, 0, NULL);
     expect_reserve("reserve:12g-13", -EINVAL, 0, NULL);
     const uint64_t two[] = { 0x100000000ULL, 0x8ffffffffULL, 0x3800000000ULL, 0x3fffffffffULL };
     expect_reserve("reserve:0x100000000-0x8ffffffff,batch:8,reserve:0x3800000000-0x3fffffffff", 0, 2, two);

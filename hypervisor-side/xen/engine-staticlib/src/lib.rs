@@ -1781,13 +1781,16 @@ pub extern "C" fn pviommu_engine_window(start: *mut u64, end: *mut u64) -> i32 {
     let Some(e) = engine() else {
         return Errno::Inval.negated();
     };
-    // SAFETY: the glue passes pointers to its own two variables.
-    let (Some(start), Some(end)) = (unsafe { start.as_mut() }, unsafe { end.as_mut() }) else {
+    if start.is_null() || end.is_null() {
         return Errno::Inval.negated();
-    };
+    }
     let w = e.window();
-    *start = w.start;
-    *end = w.end;
+    // SAFETY: non-null pointers the glue passes to two variables of its
+    // own; written, no reference made (the two may not alias then either).
+    unsafe {
+        start.write(w.start);
+        end.write(w.end);
+    }
     0
 }
 
