@@ -65,9 +65,9 @@ case "$VENDOR" in
 AuthenticAMD|HygonGenuine)
     if region_covers "$o" 0xfd00000 0x10000000; then ok amd_ht_range_reserved; else ko amd_ht_range_reserved "$o"; fi
     # Family 17h and later: the top 12 GiB of the physical address space
-    # too (what Xen keeps from dom0 there). QEMU's qemu64 is family 15: run
-    # a boot with QEMU_EXTRA="-cpu qemu64,family=23,phys-bits=48" to check
-    # it (-cpu EPYC does not boot under TCG).
+    # too (what Xen keeps from dom0 there). QEMU's qemu64 is family 15; CI's
+    # release AMD-Vi boot runs with QEMU_EXTRA="-cpu qemu64,family=23,phys-bits=48"
+    # to check it (-cpu EPYC does not boot under TCG).
     FAMILY=$(sed -n 's/^cpu family[[:space:]]*: *//p' /proc/cpuinfo | head -1)
     PBITS=$(sed -n 's/^address sizes[[:space:]]*: *\([0-9]*\) bits physical.*/\1/p' /proc/cpuinfo | head -1)
     if [ "${FAMILY:-0}" -lt 23 ] || [ "${PBITS:-0}" -le 40 ] || [ "${PBITS:-0}" -gt 52 ]; then
