@@ -126,14 +126,16 @@ pub fn unreserved_bfns(
     out
 }
 
-/// The `pviommu=` option that reserves `windows` whole (comma-separated
-/// items of one option: add them to a `pviommu=` the host already has).
+/// The Xen command-line options that reserve `windows` whole: one
+/// `pviommu=reserve:` option a window, space-separated (Xen cuts each
+/// option at 127 characters, which a list of items could pass; the items
+/// of repeated `pviommu=` options add up).
 pub fn option_for(windows: &[&HostWindow]) -> String {
-    let items: Vec<String> = windows
+    let options: Vec<String> = windows
         .iter()
-        .map(|w| format!("reserve:{:#x}-{:#x}", w.first, w.last))
+        .map(|w| format!("pviommu=reserve:{:#x}-{:#x}", w.first, w.last))
         .collect();
-    format!("pviommu={}", items.join(","))
+    options.join(" ")
 }
 
 #[cfg(test)]
@@ -238,7 +240,14 @@ fee00000-fee00fff : Local APIC
         );
         assert_eq!(
             option_for(&[&w[1], &w[3]]),
-            "pviommu=reserve:0x80000000-0xafffffff,reserve:0x100000000-0x8ffffffff"
+            "pviommu=reserve:0x80000000-0xafffffff pviommu=reserve:0x100000000-0x8ffffffff"
         );
+        // Each option fits Xen's 127 characters, whatever the addresses.
+        let widest = HostWindow {
+            first: 0xf_ffff_ffff_f000,
+            last: 0xf_ffff_ffff_ffff,
+            name: "PCI Bus ffff:ff".into(),
+        };
+        assert!(option_for(&[&widest]).len() < 128);
     }
 }

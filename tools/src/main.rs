@@ -830,7 +830,7 @@ fn host_windows(cli: &Cli, c: &mut AnyClient, iomem: &Path) -> Result<(), CliErr
                 t += &format!(
                     "{} window(s) not reserved: a device placed there later (hot-plug, SR-IOV VFs, a moved BAR) \
                      would take addresses the hypervisor hands out as BFNs.\n\
-                     Add to Xen's command line (into an existing pviommu= list): {o}",
+                     Add to Xen's command line: {o}",
                     open.len()
                 );
                 if open.len() > host_windows::MAX_RESERVE_ITEMS {

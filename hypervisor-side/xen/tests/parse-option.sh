@@ -124,8 +124,11 @@ static void expect_reserve(const char *opt, int rc_want, unsigned int n, const u
     opt_pviommu_batch = 0;
     opt_pviommu_quota = 0;
     opt_pviommu_nr_reserve = 0;
+    opt_pviommu_reserve_refused = false;
     int rc = parse_pviommu(opt);
     bool ok = rc == rc_want;
+    /* Any refused item turns PV-IOMMU off (fail closed); none, not. */
+    ok = ok && opt_pviommu_reserve_refused == (rc != 0);
     if ( ok && rc == 0 )
     {
         ok = opt_pviommu_nr_reserve == n;
@@ -204,7 +207,14 @@ int main(void)
     expect_reserve("reserve:0x10000000000001000-0x10000000000002000", -EINVAL, 0, NULL);
     expect_reserve("reserve:0x00000000000000001000-0x2000", -EINVAL, 0, NULL);
     expect_reserve("reserve:10000000000001000-10000000000002000", -EINVAL, 0, NULL);
-    /* Eight are kept; a ninth is refused, the eight stay. */
+    /*
+     * Xen cuts each option at 127 characters: what is left of an item
+     * ("reser", "reserve:0x1") is refused, so PV-IOMMU stays off.
+     */
+    expect_reserve("reserve:0x100000000-0x8ffffffff,reser", -EINVAL, 1, qemu);
+    expect_reserve("reserve:0x100000000-0x8ffffffff,reserve:0x1", -EINVAL, 1, qemu);
+    expect_reserve("reserve:0x100000000-0x8ffffffff,r", -EINVAL, 1, qemu);
+    /* Eight are kept; a ninth is refused (and PV-IOMMU off). */
     const uint64_t eight[] = { 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8 };
     expect_reserve("reserve:1-1,reserve:2-2,reserve:3-3,reserve:4-4,"
                    "reserve:5-5,reserve:6-6,reserve:7-7,reserve:8-8", 0, 8, eight);
