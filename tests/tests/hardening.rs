@@ -1802,7 +1802,10 @@ fn the_host_refuses_iommu_runs_outside_the_engines_window() {
 /// an entry into answers that nothing is there, so the flush releases the
 /// page and the owner hears of it. Before, the host refused that unmap too
 /// (EINVAL): the slot stayed Stuck, the page referenced, and the owner's
-/// teardown could not end.
+/// teardown could not end. (A range reserved after the engine started
+/// models a map the host refuses; it would not model an unmap of an entry
+/// mapped before it: on Xen the table is fixed at boot, so a run the host
+/// let in is never refused on the way out.)
 #[test]
 fn a_run_the_host_refuses_as_outside_the_window_leaves_nothing_stuck() {
     let (mut m, e) = machine(Format::Vtd, 64);
