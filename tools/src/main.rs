@@ -135,7 +135,8 @@ enum Command {
     /// a device placed in a window later (hot-plug, SR-IOV VFs, a moved
     /// BAR) takes addresses a DMA to a BFN would reach instead of the page,
     /// unless the window is reserved. Lists the windows that are not and
-    /// prints the Xen option that reserves them; exit status 1 if any.
+    /// prints the Xen options that reserve them (one a window); exit
+    /// status 1 if any.
     HostWindows {
         /// The listing to read (root sees its addresses).
         #[arg(long, default_value = "/proc/iomem")]
