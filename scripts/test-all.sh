@@ -115,10 +115,11 @@ keep_serial_log() {
   printf '%s\n' "$kept"
 }
 
-# The boot whose kept serial log is LOG passed each CHECK named after it
-# (each boot runs the host-window checks that fit its options and skips the
-# others: this makes sure the one meant to run there did).
-host_window_checks() {
+# The boot whose kept serial log is LOG passed each CHECK named after it:
+# a check init.sh skips where it does not fit (the host-window checks by
+# the boot's options, amd_top_range_reserved by its CPU) must have run in
+# the boot meant for it.
+boot_passed() {
   local log="$1" c
   shift
   for c in "$@"; do
@@ -150,7 +151,7 @@ if [[ -x tests/xen-qemu/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
   # the window and the option (init.sh).
   step "Xen 4.17 in QEMU"
   XEN_EXTRA_ARGS="pviommu=reserve:0x100000000-0x8ffffffff" tests/xen-qemu/run.sh
-  host_window_checks "$(keep_serial_log vtd)" host_window_reserved host_window_skipped_by_bfns
+  boot_passed "$(keep_serial_log vtd)" host_window_reserved host_window_skipped_by_bfns
 
   # The same Xen on QEMU's AMD IOMMU: the AMD-Vi side of the glue (patch
   # 0003's address width, maps and unmaps in Xen's AMD tables, device
@@ -164,7 +165,7 @@ if [[ -x tests/xen-qemu/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
   step "Xen 4.17 in QEMU with AMD-Vi (amd-iommu), a family-17h CPU"
   SKIP_XEN_BUILD=1 PVIOMMU_QEMU_IOMMU=amd QEMU_EXTRA="-cpu qemu64,family=23,phys-bits=48" \
     MEASURE_PAGES=4096 FUZZ_CALLS=20000 BIG_PAGES=16384 tests/xen-qemu/run.sh
-  host_window_checks "$(keep_serial_log amd)" host_window_reported amd_top_range_reserved
+  boot_passed "$(keep_serial_log amd)" host_window_reported amd_top_range_reserved
 
   step "Xen 4.17 with XSM/FLASK: the pv_iommu class in the built-in policy"
   hypervisor-side/xen/build-xen-flask.sh

@@ -74,12 +74,6 @@ impl BfnWindow {
     pub fn allows(&self, bfn: u64) -> bool {
         bfn >= self.start && bfn < self.end && self.reserved_at(bfn).is_none()
     }
-
-    /// Whether every BFN of `first .. first + count` may be handed out
-    /// ([`run_is_clear`] of this window).
-    pub fn holds_run(&self, first: u64, count: u64) -> bool {
-        run_is_clear(first, count, self.start, self.end, &self.reserved)
-    }
 }
 
 /// Whether BFNs `first .. first + count` (at least one) all lie at or above
@@ -331,10 +325,11 @@ mod tests {
         // A window's own rule: the BFNs of its space, and no others.
         let w = BfnWindow::new(0x8_0000, 39, alloc::vec![r(0x100010, 0x20)]).unwrap();
         let s = BfnSpace::new(&w).unwrap();
-        assert!(w.holds_run(s.bfn_of(0).unwrap().0, 0x10));
-        assert!(!w.holds_run(s.bfn_of(0).unwrap().0, 0x11));
-        assert!(w.holds_run(s.bfn_of(0x10).unwrap().0, 0x1000));
-        assert!(!w.holds_run(w.start - 1, 1));
+        let holds = |first, count| run_is_clear(first, count, w.start, w.end, &w.reserved);
+        assert!(holds(s.bfn_of(0).unwrap().0, 0x10));
+        assert!(!holds(s.bfn_of(0).unwrap().0, 0x11));
+        assert!(holds(s.bfn_of(0x10).unwrap().0, 0x1000));
+        assert!(!holds(w.start - 1, 1));
     }
 
     #[test]

@@ -15,10 +15,9 @@
 //! bytes, both ends included, as /proc/iomem prints them).
 
 use pviommu_abi::PvIommuRegion;
-use serde::Serialize;
 
 /// One host bridge's memory window, in bytes (both ends included).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostWindow {
     /// First byte.
     pub first: u64,
