@@ -118,6 +118,32 @@ pub(super) fn map_key(req: &MapRequest, mfn: Mfn) -> Mapping {
     }
 }
 
+/// Whether every op of `run` asks what its first asks of the same target
+/// (context, access, attribute; no grant): what [`Engine::map_alike`]
+/// takes.
+fn asks_alike(run: &[MapRequest]) -> bool {
+    let Some(first) = run.first() else {
+        return false;
+    };
+    !first.grant
+        && run.iter().all(|r| {
+            r.domid == first.domid
+                && r.context == first.context
+                && r.perms == first.perms
+                && r.attr == first.attr
+                && !r.grant
+        })
+}
+
+/// What a path of [`Engine::map_batch`] did with a run: it answered its
+/// first `n` ops, but those whose bit is set in `again` (op `k`, bit `k`),
+/// whose target moved after their checks: nothing of theirs held, they
+/// are mapped again on their own.
+struct Answered {
+    n: usize,
+    again: u32,
+}
+
 /// What [`Engine::map_prepare`] found.
 enum Prepared {
     /// Deduplicated onto an existing mapping (the result written).
@@ -279,6 +305,48 @@ impl<L: RawMutex> Engine<L> {
                 break;
             }
         }
+        let Some(run) = reqs.get(..n) else {
+            return 0;
+        };
+        // The mediator's usual run asks the same of one target, op after
+        // op: it takes the straight path, unless that path hands it back.
+        // (Each path is a call of its own: their frames never add up on
+        // Xen's stack.)
+        let alike = (run.len() > 1 && asks_alike(run))
+            .then(|| self.map_alike(h, caller, caller_info, run, out))
+            .flatten();
+        let answered = alike.unwrap_or_else(|| self.map_run(h, caller, caller_info, run, out));
+        // The ops whose target moved after their checks, mapped again on
+        // their own. Here, not in either path: the lookup of a page is then
+        // no deeper in Xen's stack than a single map's.
+        for (req, o) in run
+            .iter()
+            .zip(out.iter_mut())
+            .enumerate()
+            .filter(|(k, _)| answered.again & (1 << k) != 0)
+            .map(|(_, pair)| pair)
+        {
+            *o = self.map_tagged(h, caller, caller_info, req);
+        }
+        answered.n
+    }
+
+    /// [`map_batch`](Self::map_batch)'s path for any run: `reqs` is the
+    /// run, already cut (one context, no page twice), at most
+    /// [`MAP_CHUNK`] ops. Answers all of them.
+    #[inline(never)]
+    fn map_run(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        caller_info: &DomainInfo,
+        reqs: &[MapRequest],
+        out: &mut [Result<Mapped, Errno>],
+    ) -> Answered {
+        let n = reqs.len().min(out.len()).min(MAP_CHUNK);
+        let Some(context) = reqs.first().map(|r| r.context) else {
+            return Answered { n: 0, again: 0 };
+        };
         // Where each op stands; `out[i]` holds its result once it has one.
         #[derive(Clone, Copy)]
         enum Step {
@@ -568,7 +636,14 @@ impl<L: RawMutex> Engine<L> {
             }
         }
 
-        for ((req, step), o) in reqs.iter().zip(steps.iter()).zip(out.iter_mut()).take(n) {
+        let mut again = 0u32;
+        for (i, ((req, step), o)) in reqs
+            .iter()
+            .zip(steps.iter())
+            .zip(out.iter_mut())
+            .enumerate()
+            .take(n)
+        {
             match *step {
                 Step::Done => {}
                 // Unreachable: every op of the run was reached above. Were
@@ -588,12 +663,157 @@ impl<L: RawMutex> Engine<L> {
                 Step::Moved(mfn) => {
                     h.put_page(mfn, req.perms.write);
                     self.gate_leave(req.domid);
-                    *o = self.map_tagged(h, caller, caller_info, req);
+                    again |= 1 << i;
                 }
-                Step::Again => *o = self.map_tagged(h, caller, caller_info, req),
+                Step::Again => again |= 1 << i,
             }
         }
-        n
+        Answered { n, again }
+    }
+
+    /// [`map_batch`](Self::map_batch)'s straight path for a run whose ops
+    /// ask the same of one target ([`asks_alike`]): the checks, the join of
+    /// the gate, the re-read of its number and the cell's bit once for the
+    /// run, its pages in one lookup, no per-op bookkeeping but the locked
+    /// map. Returns how many ops it answered, from the first (the rest go
+    /// in the caller's next run), or `None` with nothing done, nothing held
+    /// and no result written: the checks refused the target (the general
+    /// path answers each op), or the run's lookup took no page and refused
+    /// none (moved since the checks, or a host that looks pages up one by
+    /// one). Results and state are those of the general path: an op whose
+    /// target moved after its lookup is mapped again on its own.
+    #[inline(never)]
+    fn map_alike(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        caller_info: &DomainInfo,
+        reqs: &[MapRequest],
+        out: &mut [Result<Mapped, Errno>],
+    ) -> Option<Answered> {
+        let first = reqs.first()?;
+        let n = reqs.len().min(out.len()).min(MAP_CHUNK);
+        let write = first.perms.write;
+        // As in `map_tagged`: the number before the checks, one barrier
+        // between the checks and the lookup. (The backend's facts are
+        // gone before the run's frames are there: Xen's stack at the
+        // lookup holds one or the other.)
+        let checked_seq = self.checked_seq(first.domid);
+        let (gate, not_snooped) = {
+            let caps = h.iommu_caps();
+            let gate = self
+                .map_checks(h, caller, caller_info, first, &caps, false)
+                .ok()?;
+            (gate, write && !Self::snooped(&caps, first))
+        };
+        crate::nospec::block_speculation();
+        // Every op joins before the first lookup; the shares of the ops
+        // not answered here go back below.
+        gate.active.fetch_add(n as u32, Ordering::SeqCst);
+        let mut pages = [PageSlot::asking(first.gfn); MAP_CHUNK];
+        for (slot, r) in pages.iter_mut().zip(reqs).take(n) {
+            *slot = PageSlot::asking(r.gfn);
+        }
+        let (got, refused, ns_get_page) = match pages.get_mut(..n) {
+            Some(run) => self.look_up_run(h, first, gate, checked_seq, run),
+            None => (0, None, 0),
+        };
+        // The op after the pages taken, when the lookup refused its page:
+        // answered here (a lookup may page in: never looked up twice).
+        let answered = got + usize::from(refused.is_some());
+        if let (Some(e), Some(o)) = (refused, out.get_mut(got)) {
+            *o = Err(e);
+        }
+        self.gate_leave_many(first.domid, (n - got) as u64);
+        match (got, answered) {
+            (_, 0) => return None,
+            // Its first page refused: nothing to lock for.
+            (0, _) => {
+                return Some(Answered {
+                    n: answered,
+                    again: 0,
+                })
+            }
+            _ => {}
+        }
+        if not_snooped {
+            for p in pages.iter().take(got) {
+                h.note_non_coherent_write(p.mfn());
+            }
+        }
+        // Which pages go back after the lock: bit k for op k (shared, or
+        // refused under the lock: `MAP_CHUNK` ops fit).
+        let mut give_back = 0u32;
+        match self.lock_for_map(caller, first.context) {
+            Err(e) => {
+                for o in out.iter_mut().take(got) {
+                    *o = Err(e);
+                }
+                give_back = (1u32 << got) - 1;
+            }
+            Ok(mut d) => {
+                d.dd.stats.ns_get_page += ns_get_page;
+                // Mark, then re-read the number (the protocol of `map`).
+                let newly = self.set_gate_bit(d.cell, first.domid, true);
+                if gate.seq.load(Ordering::SeqCst) != checked_seq {
+                    // Moved since the lookup: nothing installed; each op
+                    // is mapped again on its own, after the lock.
+                    self.undo_gate_bit(d.cell, &d.dd, first.domid, newly);
+                    self.put_driver(d);
+                    for p in pages.iter().take(got) {
+                        h.put_page(p.mfn(), write);
+                    }
+                    self.gate_leave_many(first.domid, got as u64);
+                    return Some(Answered {
+                        n: answered,
+                        again: (1 << got) - 1,
+                    });
+                }
+                let (mut entered, mut failed) = (false, false);
+                for (k, ((req, o), p)) in reqs
+                    .iter()
+                    .zip(out.iter_mut())
+                    .zip(&pages)
+                    .enumerate()
+                    .take(got)
+                {
+                    let outcome = self.map_locked(&mut d, h, req, p.mfn(), o).outcome();
+                    match outcome {
+                        MapOutcome::Installed => d.dd.stats.maps += 1,
+                        // The engine took the page and share over.
+                        MapOutcome::Consumed => {}
+                        MapOutcome::Shared => {
+                            d.dd.stats.shared += 1;
+                            give_back |= 1 << k;
+                        }
+                        MapOutcome::Refused => {
+                            failed = true;
+                            give_back |= 1 << k;
+                        }
+                    }
+                    entered |= outcome != MapOutcome::Refused;
+                }
+                // A bit this run set goes again if it left no entry of the
+                // target (the rule of `map_batch`).
+                if failed {
+                    self.undo_gate_bit(d.cell, &d.dd, first.domid, newly && !entered);
+                }
+                if d.dd.deferred_entries >= revoke::DEFER_LIMIT {
+                    self.clear_deferred_entries_mid_call(&mut d.dd, h);
+                }
+                self.put_driver(d);
+            }
+        }
+        for (k, p) in pages.iter().enumerate().take(got) {
+            if give_back & (1 << k) != 0 {
+                h.put_page(p.mfn(), write);
+                self.gate_leave(first.domid);
+            }
+        }
+        Some(Answered {
+            n: answered,
+            again: 0,
+        })
     }
 
     /// What every map checks before looking its page up: who may map
