@@ -311,7 +311,7 @@ impl<L: RawMutex> Engine<L> {
         ci: &DomainInfo,
         arg: u64,
     ) -> Result<i64, Errno> {
-        h.xsm_check(caller, None, XsmAction::Query)?;
+        crate::permission::xsm_allows(h, caller, None, XsmAction::Query)?;
         let caps = self.caps(h, caller, ci);
         h.copy_to_guest(arg, caps.as_bytes())?;
         Ok(0)
@@ -323,7 +323,7 @@ impl<L: RawMutex> Engine<L> {
         caller: DomId,
         arg: u64,
     ) -> Result<i64, Errno> {
-        h.xsm_check(caller, None, XsmAction::Query)?;
+        crate::permission::xsm_allows(h, caller, None, XsmAction::Query)?;
         let mut hdr: PvIommuRegions = copy_in(h, arg)?;
         check_version(hdr.version)?;
         // The window is fixed after boot and lives outside the lock.
@@ -369,7 +369,7 @@ impl<L: RawMutex> Engine<L> {
         if req._pad0 != 0 || !domid.is_valid() {
             return Err(Errno::Inval);
         }
-        h.xsm_check(caller, Some(domid), XsmAction::Control)?;
+        crate::permission::xsm_allows(h, caller, Some(domid), XsmAction::Control)?;
         self.set_quota(h, domid, (req.quota != 0).then_some(req.quota))?;
         Ok(0)
     }
@@ -393,13 +393,13 @@ impl<L: RawMutex> Engine<L> {
         if req.flags & !stats_flag::ALL != 0 || req.flags & both == both || !domid.is_valid() {
             return Err(Errno::Inval);
         }
-        h.xsm_check(caller, Some(domid), XsmAction::Control)?;
+        crate::permission::xsm_allows(h, caller, Some(domid), XsmAction::Control)?;
         // The timing and the heap figure are the engine's, host-wide, not
         // `domid`'s: asked of the host itself (FLASK: `control` on
         // `xen_t`), so control over one domain does not carry them. Without
         // it the timing flags are refused and `heap_bytes` reads 0 (nor are
         // all cells locked to sum it).
-        let host_wide = h.xsm_check(caller, None, XsmAction::Control);
+        let host_wide = crate::permission::xsm_allows(h, caller, None, XsmAction::Control);
         if req.flags & both != 0 {
             host_wide?;
         }
@@ -468,7 +468,7 @@ impl<L: RawMutex> Engine<L> {
         {
             return Err(Errno::Inval);
         }
-        h.xsm_check(caller, Some(domid), XsmAction::Control)?;
+        crate::permission::xsm_allows(h, caller, Some(domid), XsmAction::Control)?;
         let leaf = self.entry_bits(h, domid, ContextId(req.context), crate::Bfn(req.bfn))?;
         let out = PvIommuEntry {
             version: INTERFACE_VERSION,
@@ -528,7 +528,7 @@ impl<L: RawMutex> Engine<L> {
         arg: u64,
         touched: &mut u32,
     ) -> Result<i64, Errno> {
-        h.xsm_check(caller, None, XsmAction::Manage)?;
+        crate::permission::xsm_allows(h, caller, None, XsmAction::Manage)?;
         let mut hdr: PvIommuBatch = copy_in(h, arg)?;
         check_version(hdr.version)?;
         if hdr.flags != 0 || hdr.nr_done > hdr.nr_ops {

@@ -104,7 +104,27 @@ pub fn check_map_again(
     if target_checked {
         return Ok(());
     }
-    p.xsm_check(caller_id, Some(target), XsmAction::Map)
+    xsm_allows(p, caller_id, Some(target), XsmAction::Map)
+}
+
+/// The host's security module's answer ([`Platform::xsm_check`]) in the
+/// ABI's terms, the one rule every caller of the engine goes through: a
+/// refusal is `EPERM` ("no privilege over the target or device"),
+/// whatever the module said. Xen's FLASK answers `-EACCES`, which the ABI
+/// gives to a read-only page or a guest in log-dirty mode: passed on, a
+/// policy's denial would read as a migration. Passed on as they are:
+/// `ENOMEM` (the policy could not be asked) and `ESRCH` (the caller or
+/// target is gone).
+pub(crate) fn xsm_allows(
+    p: &impl Platform,
+    caller: DomId,
+    target: Option<DomId>,
+    action: XsmAction,
+) -> Result<(), Errno> {
+    p.xsm_check(caller, target, action).map_err(|e| match e {
+        Errno::NoMem | Errno::Srch => e,
+        _ => Errno::Perm,
+    })
 }
 
 /// May this caller read the host's reserved-region layout (RMRRs, PCI

@@ -789,7 +789,8 @@ impl<L: RawMutex> Engine<L> {
         // (asked under the devices lock, and again below): the policy is
         // asked only about the caller's own devices, so its answers (and
         // the denials FLASK logs) say nothing of anyone else's. A refusal
-        // is EPERM; ENOMEM (FLASK making the device's SID) is passed on.
+        // is EPERM; ENOMEM (FLASK making the device's SID) is passed on
+        // (`xsm_allows`).
         if !self.has_own_context(caller, context) {
             return Err(Errno::NoEnt);
         }
@@ -797,11 +798,7 @@ impl<L: RawMutex> Engine<L> {
         let own = its_own(h);
         h.devices_unlock();
         own?;
-        h.xsm_check(caller, None, XsmAction::Attach(device))
-            .map_err(|e| match e {
-                Errno::NoMem => Errno::NoMem,
-                _ => Errno::Perm,
-            })?;
+        crate::permission::xsm_allows(h, caller, None, XsmAction::Attach(device))?;
         self.devices_then_cell(h, caller, context, checks, |d, h| {
             let own = d.dd.own_mut(context).ok_or(Errno::NoEnt)?;
             let free = own

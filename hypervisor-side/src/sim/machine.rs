@@ -1990,9 +1990,12 @@ impl Platform for SimMachine {
             .filter(|&t| t != caller)
             .and_then(|t| self.domains.get(&t))
             .is_some_and(|t| t.xsm_protected);
+        // A refusal is FLASK's errno (`avc_has_perm()`: `-EACCES`), which
+        // the ABI gives to a read-only page: the engine answers the caller
+        // `EPERM` whatever the policy said (`permission::xsm_allows`).
         match self.domains.get(&caller) {
             Some(d) if !denied(d) && !protected => Ok(()),
-            _ => Err(Errno::Perm),
+            _ => Err(Errno::Acces),
         }
     }
     fn get_page(&mut self, domid: DomId, gfn: Gfn, want_write: bool) -> Result<PageLookup, Errno> {
