@@ -210,21 +210,16 @@ static void __init pvx_add_unsized_bar(pci_sbdf_t sbdf, unsigned int reg)
 
 /* PCI class of a host bridge (drivers/passthrough/pci.c keeps it private). */
 #define PVX_CLASS_BRIDGE_HOST 0x0600
+/* PCI base class of a display controller (no Xen header names it). */
+#define PVX_BASE_CLASS_DISPLAY 0x03
 
 static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
 {
     const pci_sbdf_t sbdf = pdev->sbdf;
     uint8_t type = pci_conf_read8(sbdf, PCI_HEADER_TYPE) & 0x7f;
     unsigned int i, nbars, pos;
-    uint16_t cmd;
+    uint16_t cmd, class;
     bool sized, has64;
-
-    /*
-     * Xen's own devices (serial console, debug port): sizing a BAR would
-     * cut Xen's console off for a moment; they do not do DMA for guests.
-     */
-    if ( pdev->domain == dom_xen )
-        return 0;
 
     if ( type == PCI_HEADER_TYPE_BRIDGE )
     {
@@ -267,12 +262,21 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
 
     /*
      * Memory decode goes off only to size a 64-bit memory BAR (the window
-     * is above 4 GiB: 32-bit BARs are below its floor), and never on a host
-     * bridge (Linux's mmio_always_on: it may decode more than its BARs).
-     * A host bridge's BARs are taken from their addresses, as a bridge's
-     * are (pvx_add_unsized_bar).
+     * is above 4 GiB: 32-bit BARs are below its floor), and never on:
+     * - a host bridge (Linux's mmio_always_on: it may decode more than its
+     *   BARs);
+     * - one of Xen's own devices (dom_xen's: its serial console, debug
+     *   port or xHCI DbC), which would cut Xen's console off for a moment.
+     *   Their BARs are reserved all the same (a review of 2026-12-05: they
+     *   were skipped, and one above RAM's end was a BFN the engine could
+     *   hand out, a peer's DMA to it reaching Xen's debug controller);
+     * - a display controller, whose framebuffer may be Xen's console.
+     * Their BARs are taken from their addresses, as a bridge's are
+     * (pvx_add_unsized_bar: perhaps more than the BAR, never less).
      */
-    sized = pci_conf_read16(sbdf, PCI_CLASS_DEVICE) != PVX_CLASS_BRIDGE_HOST;
+    class = pci_conf_read16(sbdf, PCI_CLASS_DEVICE);
+    sized = pdev->domain != dom_xen && class != PVX_CLASS_BRIDGE_HOST &&
+            (class >> 8) != PVX_BASE_CLASS_DISPLAY;
     for ( i = 0, has64 = false; i < nbars; i++ )
     {
         uint32_t bar = pci_conf_read32(sbdf, PCI_BASE_ADDRESS_0 + i * 4);
@@ -358,8 +362,11 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
             if ( i + 1 < PCI_SRIOV_NUM_BARS )
                 addr |= (uint64_t)pci_conf_read32(
                             sbdf, pos + PCI_SRIOV_BAR + (i + 1) * 4) << 32;
+            /* (A product past 64 bits reserves to the top.) */
             if ( addr && PVX_VF_RLEN(pdev)[i] && total )
-                pvx_add_range(addr, PVX_VF_RLEN(pdev)[i] * total,
+                pvx_add_range(addr,
+                              PVX_VF_RLEN(pdev)[i] > ~(uint64_t)0 / total
+                              ? ~(uint64_t)0 : PVX_VF_RLEN(pdev)[i] * total,
                               PVIOMMU_REGION_MMIO);
             i++; /* the upper half */
         }

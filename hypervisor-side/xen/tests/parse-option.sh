@@ -26,6 +26,7 @@ cat > "$WORK/test.c" <<'EOF'
 #define __init
 #define __initdata
 #define cf_check
+#define MAX_PARAM_SIZE 128
 
 /* Xen 4.17's parse_bool (common/kernel.c). */
 static int parse_bool(const char *s, const char *e)
@@ -220,6 +221,36 @@ int main(void)
                    "reserve:5-5,reserve:6-6,reserve:7-7,reserve:8-8", 0, 8, eight);
     expect_reserve("reserve:1-1,reserve:2-2,reserve:3-3,reserve:4-4,"
                    "reserve:5-5,reserve:6-6,reserve:7-7,reserve:8-8,reserve:9-9", -EINVAL, 8, eight);
+
+    /*
+     * What Xen's cut of an option at 127 characters (parse_params(),
+     * MAX_PARAM_SIZE) leaves of longer ones: cut right after a comma,
+     * inside the last number (a window cut short, accepted before), and
+     * inside an item. Each keeps PV-IOMMU off.
+     */
+    {
+        static const char *full[] = {
+            "pviommu=on,quota:0x00100000,heap:0x0400,batch:0x00001000,reserve:0x100000000-0x8ffffffff,reserve:0x380000000000-0x3807ffffffff,reserve:0x4000000000-0x7fffffffff",
+            "pviommu=on,quota:0x00100000,heap:0x0400,batch:0x00001000,reserve:0x380000000000-0x3807ffffffff,reserve:0x100000000-0x3fffffffffff",
+            "pviommu=on,quota:0x00100000,heap:0x0400,batch:0x0000100,reserve:0x100000000-0x8ffffffff,reserve:0x380000000000-0x3807ffffffff,reserve:0x4000000000-0x7fffffffff",
+        };
+        for ( unsigned int k = 0; k < 3; k++ )
+        {
+            char opt[128];
+            snprintf(opt, sizeof(opt), "%s", full[k]);   /* Xen's cut */
+            opt_pviommu = true; opt_pviommu_nr_reserve = 0;
+            opt_pviommu_reserve_refused = false;
+            int rc = parse_pviommu(opt + 8);
+            printf("%s cut: value \"%s\" rc=%d refused=%d items=%u",
+                   opt_pviommu_reserve_refused ? "ok  " : "FAIL", opt + 8, rc,
+                   opt_pviommu_reserve_refused, opt_pviommu_nr_reserve);
+            for ( unsigned int i = 0; i < opt_pviommu_nr_reserve; i++ )
+                printf(" [%#llx-%#llx]", (unsigned long long)opt_pviommu_reserve[i].first,
+                       (unsigned long long)opt_pviommu_reserve[i].last);
+            printf("\n");
+            if ( !opt_pviommu_reserve_refused ) failures++;
+        }
+    }
     if ( failures )
         printf("parse-option: %d wrong\n", failures);
     return failures != 0;

@@ -127,6 +127,18 @@ int main(void)
     expect(0xfcfffff, 1, true, "16 GiB host: below the HT range");
     expect(0xfcfffff, 2, false, "16 GiB host: into the HT range");
     expect(0x10000000, 1, true, "16 GiB host: above it (1 TiB)");
+
+    /*
+     * A range whose size runs past the top of the address space (a VF
+     * BAR's size times the VFs, wrapped): reserved up to the top, never
+     * dropped (it was, before a review of 2026-12-05).
+     */
+    reset(0x400000, 1ULL << 36);
+    pvx_add_range(0x800000000UL, ~0ULL - 0xfffUL, 3);
+    pvx_sort_regions();
+    expect(0x7fffff, 1, true, "a wrapping range: the frame below it");
+    expect(0x800000, 1, false, "a wrapping range: its first frame");
+    expect((1ULL << 36) - 1, 1, false, "a wrapping range: the window's last frame");
     (void)pvx_addr_bits;
 
     /* A full table, sorted from the last region down. */
