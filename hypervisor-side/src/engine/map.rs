@@ -677,11 +677,13 @@ impl<L: RawMutex> Engine<L> {
     /// run, its pages in one lookup, no per-op bookkeeping but the locked
     /// map. Returns how many ops it answered, from the first (the rest go
     /// in the caller's next run), or `None` with nothing done, nothing held
-    /// and no result written: the checks refused the target (the general
-    /// path answers each op), or the run's lookup took no page and refused
+    /// and no result written: the run's lookup took no page and refused
     /// none (moved since the checks, or a host that looks pages up one by
-    /// one). Results and state are those of the general path: an op whose
-    /// target moved after its lookup is mapped again on its own.
+    /// one). Refused at its checks, every op of the run has their error:
+    /// they read nothing the first op's did not (the security policy is
+    /// asked once, and FLASK logs one denial, not one an op). Results and
+    /// state are those of the general path: an op whose target moved after
+    /// its lookup is mapped again on its own.
     #[inline(never)]
     fn map_alike(
         &self,
@@ -701,10 +703,15 @@ impl<L: RawMutex> Engine<L> {
         let checked_seq = self.checked_seq(first.domid);
         let (gate, not_snooped) = {
             let caps = h.iommu_caps();
-            let gate = self
-                .map_checks(h, caller, caller_info, first, &caps, false)
-                .ok()?;
-            (gate, write && !Self::snooped(&caps, first))
+            match self.map_checks(h, caller, caller_info, first, &caps, false) {
+                Ok(gate) => (gate, write && !Self::snooped(&caps, first)),
+                Err(e) => {
+                    for o in out.iter_mut().take(n) {
+                        *o = Err(e);
+                    }
+                    return Some(Answered { n, again: 0 });
+                }
+            }
         };
         crate::nospec::block_speculation();
         // Every op joins before the first lookup; the shares of the ops

@@ -482,6 +482,9 @@ impl<L: RawMutex> StateView<'_, L> {
 /// the deepest hypercall path from about 2.7 to 4.5 KiB of Xen's 8 KiB
 /// stack.
 pub const MAP_CHUNK: usize = 8;
+// The map paths keep a bit per op of a run in a `u32` (`Answered::again`,
+// `map_alike`'s give-back mask).
+const _: () = assert!(MAP_CHUNK < 32);
 
 /// A map's result: the BFN, and a tag naming this install of it, for
 /// [`Engine::unmap_undo`].

@@ -749,6 +749,9 @@ pub struct SimMachine {
     /// rule is [`crate::bfn_alloc::run_is_clear`]). The engine must never
     /// make one.
     pub runs_outside_window: u64,
+    /// Questions put to the security policy (`Platform::xsm_check`), as
+    /// FLASK would log a denial of each.
+    pub xsm_checks: core::sync::atomic::AtomicU64,
     /// Calls into the IOMMU driver's unmap of a default context, as Xen's
     /// `iommu_unmap()` makes them: one a page, or one an aligned 2 MiB
     /// part of a run (`superpage_unmaps` of those).
@@ -850,6 +853,7 @@ impl SimMachine {
             faults_total: 0,
             maps_past_width: 0,
             runs_outside_window: 0,
+            xsm_checks: core::sync::atomic::AtomicU64::new(0),
             unmap_calls: 0,
             map_runs: 0,
             superpage_unmaps: 0,
@@ -1980,6 +1984,8 @@ impl Platform for SimMachine {
         // (Xen's pvx_xsm_check() asserts no engine lock is held: FLASK's
         // checks may take the AVC's locks.)
         crate::lock_check::note_service("xsm_check (FLASK: the AVC's locks)");
+        self.xsm_checks
+            .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
         let denied = |d: &Domain| {
             d.xsm_denied
                 || d.xsm_denied_actions

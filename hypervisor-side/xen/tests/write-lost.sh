@@ -17,6 +17,13 @@ for patch in "$HERE/patches/0002-pviommu-kconfig-and-hooks.patch" \
     sed -n '/^+static bool pviommu_write_lost/,/^+}/s/^+//p' "$patch" > "$WORK/rule.inc"
     grep -q 'pviommu_write_lost' "$WORK/rule.inc" ||
         { echo "write-lost: no pviommu_write_lost in $(basename "$patch")" >&2; exit 1; }
+    # And both hooks decide by it: p2m_set_entry's (pviommu_p2m_change) and
+    # p2m_change_type_range's.
+    calls=$(grep -c '^+.*if ( pviommu_write_lost(ot, nt)' "$patch" || true)
+    if [ "$calls" != 2 ]; then
+        echo "write-lost: $(basename "$patch"): $calls hooks decide by the rule, want 2" >&2
+        failures=$((failures + 1))
+    fi
     cat > "$WORK/test.c" <<'C'
 #include <stdbool.h>
 #include <stdio.h>

@@ -1,0 +1,122 @@
+//! The map path's straight path for a run whose ops ask the same of one
+//! target (`Engine::map_alike`): the branches the general tests reach
+//! rarely or not at all, each checked to fail when its part is broken (a
+//! review of 2026-12-05 broke them and found every other test still
+//! passing).
+
+use std::sync::atomic::Ordering;
+
+use pviommu_abi::{ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions};
+use pviommu_hv::engine::{DOM0_CELLS, MAX_DRIVER_DOMAINS};
+use pviommu_hv::platform::{Platform, XsmAction};
+use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
+use pviommu_hv::{Engine, Errno};
+
+const GUEST: DomId = DomId(1);
+const STRANGER: DomId = DomId(2);
+const FIRST_DM: DomId = DomId(3);
+
+fn req(domid: DomId, gfn: u64) -> MapRequest {
+    MapRequest {
+        context: ContextId::DEFAULT,
+        domid,
+        gfn: Gfn(gfn),
+        perms: Permissions::RW,
+        attr: MemAttr::WriteBack,
+        grant: false,
+    }
+}
+
+fn domain(pages: u64, device_model_of: Option<DomId>) -> DomainSpec {
+    DomainSpec {
+        pages,
+        privileged: false,
+        device_model_of,
+    }
+}
+
+/// A run whose cell lock cannot be had (every cell a device model may
+/// take is taken) gives back every page reference and gate share its
+/// lookup took, and leaves the target's gate bits as they were.
+#[test]
+fn an_alike_run_whose_lock_fails_gives_back_everything_it_took() {
+    let others = (MAX_DRIVER_DOMAINS - DOM0_CELLS) as u16;
+    let mut m = SimMachine::new(8192, Format::Vtd, 64);
+    m.create_domain(GUEST, domain(64, None)).unwrap();
+    for i in 0..=others {
+        m.create_domain(DomId(FIRST_DM.0 + i), domain(4, Some(GUEST)))
+            .unwrap();
+    }
+    let e = Engine::new(Default::default(), &m).unwrap();
+    // Every cell but dom0's taken by a device model's one page.
+    for i in 0..others {
+        let dm = DomId(FIRST_DM.0 + i);
+        let info = m.domain_info(dm).unwrap();
+        e.map(&mut m, dm, &info, &req(GUEST, 1)).unwrap();
+        e.finish(&mut m, dm);
+    }
+    let (refs, active, bits) = (
+        m.total_page_refs(),
+        e.target_active(GUEST),
+        e.target_drivers(GUEST),
+    );
+    let last = DomId(FIRST_DM.0 + others);
+    let info = m.domain_info(last).unwrap();
+    let reqs = [
+        req(GUEST, 10),
+        req(GUEST, 11),
+        req(GUEST, 12),
+        req(GUEST, 13),
+    ];
+    let mut out = [Err(Errno::Inval); 4];
+    assert_eq!(e.map_batch(&mut m, last, &info, &reqs, &mut out), 4);
+    assert!(out.iter().all(|o| *o == Err(Errno::NoSpc)), "{out:?}");
+    assert_eq!(m.total_page_refs(), refs, "page references kept");
+    assert_eq!(e.target_active(GUEST), active, "gate shares kept");
+    assert_eq!(e.target_drivers(GUEST), bits);
+}
+
+/// A run every op of which the locked map refuses (no quota left) takes
+/// back the cell's bit in the target's gate it set: nothing of the target
+/// is in the cell, and a bit left would send the target's hooks there.
+#[test]
+fn an_alike_run_refused_whole_under_the_lock_takes_its_gate_bit_back() {
+    let mut m = SimMachine::new(4096, Format::Vtd, 64);
+    m.create_domain(GUEST, domain(64, None)).unwrap();
+    m.create_domain(STRANGER, domain(32, None)).unwrap();
+    let e = Engine::new(Default::default(), &m).unwrap();
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    // dom0 holds one page of another domain, and may hold one.
+    e.map(&mut m, DomId::DOM0, &dom0, &req(STRANGER, 1))
+        .unwrap();
+    e.finish(&mut m, DomId::DOM0);
+    e.set_quota(&mut m, DomId::DOM0, Some(1)).unwrap();
+    assert_eq!(e.target_drivers(GUEST), 0);
+    let reqs = [req(GUEST, 2), req(GUEST, 3), req(GUEST, 4)];
+    let mut out = [Err(Errno::Inval); 3];
+    assert_eq!(e.map_batch(&mut m, DomId::DOM0, &dom0, &reqs, &mut out), 3);
+    e.finish(&mut m, DomId::DOM0);
+    assert!(out.iter().all(|o| *o == Err(Errno::NoSpc)), "{out:?}");
+    assert_eq!(e.target_active(GUEST), 0);
+    assert_eq!(e.target_drivers(GUEST), 0, "the run's bit left set");
+}
+
+/// A run the security policy refuses is asked about once, and every op
+/// gets the refusal (`EPERM`, whatever the policy answered): one denial
+/// in FLASK's log a run, where the general path asked once an op.
+#[test]
+fn an_alike_run_the_policy_refuses_asks_it_once() {
+    let mut m = SimMachine::new(4096, Format::Vtd, 64);
+    m.create_domain(GUEST, domain(64, None)).unwrap();
+    let e = Engine::new(Default::default(), &m).unwrap();
+    m.xsm_deny_action(DomId::DOM0, XsmAction::Map);
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    let reqs: Vec<MapRequest> = (1..=8).map(|g| req(GUEST, g)).collect();
+    let mut out = [Err(Errno::Inval); 8];
+    let before = m.xsm_checks.load(Ordering::Relaxed);
+    assert_eq!(e.map_batch(&mut m, DomId::DOM0, &dom0, &reqs, &mut out), 8);
+    assert!(out.iter().all(|o| *o == Err(Errno::Perm)), "{out:?}");
+    assert_eq!(m.xsm_checks.load(Ordering::Relaxed) - before, 1);
+    assert_eq!(e.target_active(GUEST), 0);
+    assert_eq!(m.total_page_refs(), 0);
+}
