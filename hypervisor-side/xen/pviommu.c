@@ -542,10 +542,13 @@ static struct page_info *pvx_lookup_page(struct domain *d, uint64_t gfn,
         *kind = PVX_PAGE_MMIO;
         goto drop;
     }
-    /* PV: the frame exists but is not d's (Xen's or another domain's). */
-    if ( !pg && !paging_mode_translate(d) && mfn_valid(_mfn(gfn)) )
-        *kind = PVX_PAGE_XEN;
-
+    /*
+     * PV: the "gfn" is a machine frame, and one that is not d's (Xen's,
+     * another domain's, or none) is simply not present in d: answering
+     * EXDEV for a frame that exists, ENXIO for one that does not, told a
+     * device model of a PV guest which machine frames exist (a review of
+     * 2026-12-05). The caller's initial NOT_PRESENT stands.
+     */
     return pg;
 
  drop:
