@@ -272,6 +272,7 @@ struct pv_iommu_entry {
 /* EFAULT    14  a guest buffer could not be read or written                 */
 /* EBUSY     16  in use: context with mappings/devices, device attached      */
 /* EXDEV     18  frame not owned by the target (Xen-owned, granted, foreign) */
+/*               behind a translated target's gfn (PV target: ENXIO)         */
 /* ENODEV    19  frame is MMIO, not RAM; or no such PCI device               */
 /* EINVAL    22  malformed argument (flags, padding, version, context 0 ...) */
 /* ENOSPC    28  quota, context table or BFN window exhausted                */

@@ -79,6 +79,11 @@ fn an_alike_run_whose_lock_fails_gives_back_everything_it_took() {
 /// A run every op of which the locked map refuses (no quota left) takes
 /// back the cell's bit in the target's gate it set: nothing of the target
 /// is in the cell, and a bit left would send the target's hooks there.
+/// With an unmap of another target waiting for its flush in the cell, so
+/// that only the run's own undo (the bit was clear, the run set it) can
+/// take the bit back: the rule for a bit found set keeps it while the cell
+/// has work pending, and such a bit could outlive a target that dies
+/// meanwhile.
 #[test]
 fn an_alike_run_refused_whole_under_the_lock_takes_its_gate_bit_back() {
     let mut m = SimMachine::new(4096, Format::Vtd, 64);
@@ -86,19 +91,26 @@ fn an_alike_run_refused_whole_under_the_lock_takes_its_gate_bit_back() {
     m.create_domain(STRANGER, domain(32, None)).unwrap();
     let e = Engine::new(Default::default(), &m).unwrap();
     let dom0 = m.domain_info(DomId::DOM0).unwrap();
-    // dom0 holds one page of another domain, and may hold one.
+    // dom0 holds one page of another domain, and has unmapped a second
+    // one whose entry waits for the flush; it may hold one.
     e.map(&mut m, DomId::DOM0, &dom0, &req(STRANGER, 1))
         .unwrap();
+    let second = e
+        .map(&mut m, DomId::DOM0, &dom0, &req(STRANGER, 2))
+        .unwrap();
     e.finish(&mut m, DomId::DOM0);
+    e.unmap(&mut m, DomId::DOM0, ContextId::DEFAULT, second)
+        .unwrap();
     e.set_quota(&mut m, DomId::DOM0, Some(1)).unwrap();
     assert_eq!(e.target_drivers(GUEST), 0);
-    let reqs = [req(GUEST, 2), req(GUEST, 3), req(GUEST, 4)];
+    let reqs = [req(GUEST, 3), req(GUEST, 4), req(GUEST, 5)];
     let mut out = [Err(Errno::Inval); 3];
     assert_eq!(e.map_batch(&mut m, DomId::DOM0, &dom0, &reqs, &mut out), 3);
-    e.finish(&mut m, DomId::DOM0);
     assert!(out.iter().all(|o| *o == Err(Errno::NoSpc)), "{out:?}");
     assert_eq!(e.target_active(GUEST), 0);
     assert_eq!(e.target_drivers(GUEST), 0, "the run's bit left set");
+    e.finish(&mut m, DomId::DOM0);
+    assert_eq!(e.target_drivers(GUEST), 0);
 }
 
 /// A run the security policy refuses is asked about once, and every op

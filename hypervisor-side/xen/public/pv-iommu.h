@@ -307,7 +307,8 @@ DEFINE_XEN_GUEST_HANDLE(pv_iommu_entry_t);
  *   EFAULT         a guest buffer could not be read or written
  *   EBUSY          context still has live mappings
  *   EXDEV          frame not owned by the target (Xen-owned, special,
- *                  granted, foreign)
+ *                  granted, foreign) behind a translated target's gfn
+ *                  (a PV target's frame not its own: ENXIO)
  *   ENODEV         frame is MMIO, not RAM
  *   EINVAL         malformed argument
  *   ENOSPC         quota, context table or BFN window exhausted
