@@ -749,8 +749,12 @@ impl<L: RawMutex> Engine<L> {
             }
         }
         // Which pages go back after the lock: bit k for op k (shared, or
-        // refused under the lock: `MAP_CHUNK` ops fit).
+        // refused under the lock, or to be mapped again: `MAP_CHUNK` ops
+        // fit).
         let mut give_back = 0u32;
+        // Which ops are mapped again on their own (the target moved after
+        // the lookup).
+        let mut again = 0u32;
         match self.lock_for_map(caller, first.context) {
             Err(e) => {
                 for o in out.iter_mut().take(got) {
@@ -766,47 +770,41 @@ impl<L: RawMutex> Engine<L> {
                     // Moved since the lookup: nothing installed; each op
                     // is mapped again on its own, after the lock.
                     self.undo_gate_bit(d.cell, &d.dd, first.domid, newly);
-                    self.put_driver(d);
-                    for p in pages.iter().take(got) {
-                        h.put_page(p.mfn(), write);
-                    }
-                    self.gate_leave_many(first.domid, got as u64);
-                    return Some(Answered {
-                        n: answered,
-                        again: (1 << got) - 1,
-                    });
-                }
-                let (mut entered, mut failed) = (false, false);
-                for (k, ((req, o), p)) in reqs
-                    .iter()
-                    .zip(out.iter_mut())
-                    .zip(&pages)
-                    .enumerate()
-                    .take(got)
-                {
-                    let outcome = self.map_locked(&mut d, h, req, p.mfn(), o).outcome();
-                    match outcome {
-                        MapOutcome::Installed => d.dd.stats.maps += 1,
-                        // The engine took the page and share over.
-                        MapOutcome::Consumed => {}
-                        MapOutcome::Shared => {
-                            d.dd.stats.shared += 1;
-                            give_back |= 1 << k;
+                    again = (1u32 << got) - 1;
+                    give_back = again;
+                } else {
+                    let (mut entered, mut failed) = (false, false);
+                    for (k, ((req, o), p)) in reqs
+                        .iter()
+                        .zip(out.iter_mut())
+                        .zip(&pages)
+                        .enumerate()
+                        .take(got)
+                    {
+                        let outcome = self.map_locked(&mut d, h, req, p.mfn(), o).outcome();
+                        match outcome {
+                            MapOutcome::Installed => d.dd.stats.maps += 1,
+                            // The engine took the page and share over.
+                            MapOutcome::Consumed => {}
+                            MapOutcome::Shared => {
+                                d.dd.stats.shared += 1;
+                                give_back |= 1 << k;
+                            }
+                            MapOutcome::Refused => {
+                                failed = true;
+                                give_back |= 1 << k;
+                            }
                         }
-                        MapOutcome::Refused => {
-                            failed = true;
-                            give_back |= 1 << k;
-                        }
+                        entered |= outcome != MapOutcome::Refused;
                     }
-                    entered |= outcome != MapOutcome::Refused;
-                }
-                // A bit this run set goes again if it left no entry of the
-                // target (the rule of `map_batch`).
-                if failed {
-                    self.undo_gate_bit(d.cell, &d.dd, first.domid, newly && !entered);
-                }
-                if d.dd.deferred_entries >= revoke::DEFER_LIMIT {
-                    self.clear_deferred_entries_mid_call(&mut d.dd, h);
+                    // A bit this run set goes again if it left no entry of
+                    // the target (the rule of `map_batch`).
+                    if failed {
+                        self.undo_gate_bit(d.cell, &d.dd, first.domid, newly && !entered);
+                    }
+                    if d.dd.deferred_entries >= revoke::DEFER_LIMIT {
+                        self.clear_deferred_entries_mid_call(&mut d.dd, h);
+                    }
                 }
                 self.put_driver(d);
             }
@@ -817,10 +815,7 @@ impl<L: RawMutex> Engine<L> {
                 self.gate_leave(first.domid);
             }
         }
-        Some(Answered {
-            n: answered,
-            again: 0,
-        })
+        Some(Answered { n: answered, again })
     }
 
     /// What every map checks before looking its page up: who may map
