@@ -780,6 +780,7 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
 {
     struct domain *d;
     long rc;
+    int refused;
 
     /*
      * The engine's runs are of its window's BFNs, above host RAM and below
@@ -789,17 +790,10 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
      */
     if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn )
         return -EINVAL;
-    /*
-     * Outside the window no entry of the engine's can be (pvx_iommu_map()
-     * refuses such a run): nothing to clear, and nothing of the domain's
-     * own there is touched. For one page -ENOENT, as for a missing entry,
-     * so that the engine releases its slot rather than keep the page for
-     * good; for a run -EINVAL (some of its pages may be in the window and
-     * mapped): the engine then unmaps it page by page and hears of each.
-     * (Before the width checks: the window ends below the width.)
-     */
-    if ( pvx_run_refused("unmap", bfn, count) )
-        return count == 1 ? -ENOENT : -EINVAL;
+    /* (Before the width checks: the window ends below the width.) */
+    refused = pvx_unmap_refused(bfn, count);
+    if ( refused )
+        return refused;
     if ( pvx_addr_bits < PAGE_SHIFT || pvx_addr_bits - PAGE_SHIFT >= 64 ||
          ((bfn + count - 1) >> (pvx_addr_bits - PAGE_SHIFT)) != 0 )
         return -EINVAL;

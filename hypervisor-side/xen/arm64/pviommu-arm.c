@@ -485,17 +485,13 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
 {
     struct domain *d;
     uint64_t i;
-    int rc = -EOPNOTSUPP;
+    int rc = -EOPNOTSUPP, refused;
 
     if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn )
         return -EINVAL;
-    /*
-     * As on x86: no entry of the engine's can be outside the window
-     * (-ENOENT for one page, -EINVAL for a run the engine then retries
-     * page by page).
-     */
-    if ( pvx_run_refused("unmap", bfn, count) )
-        return count == 1 ? -ENOENT : -EINVAL;
+    refused = pvx_unmap_refused(bfn, count);
+    if ( refused )
+        return refused;
     d = rcu_lock_domain_by_id(owner);
     if ( !d )
         return -ESRCH;

@@ -7,8 +7,9 @@
 # long region that starts before shorter ones and reaches past them, runs
 # touching a region's either end, a host whose RAM ends below 4 GiB (the
 # check the glue made before, bfn >= RAM's end, let the MSI window and the
-# hole below 4 GiB through there), and one whose RAM ends above it. Exits
-# non-zero on a wrong answer.
+# hole below 4 GiB through there), and one whose RAM ends above it; and
+# what the glue's unmap answers the engine for a run outside the window
+# (pvx_unmap_refused(), x86's and Arm's). Exits non-zero on a wrong answer.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="$(mktemp -d)"
@@ -21,6 +22,7 @@ grep -q 'pvx_run_in_window' "$WORK/regions.inc" || { echo "run-window: pvx_run_i
 grep -q 'pvx_run_refused' "$WORK/regions.inc" || { echo "run-window: pvx_run_refused not found" >&2; exit 1; }
 
 cat > "$WORK/test.c" <<'C'
+#include <errno.h>
 #include <inttypes.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -183,6 +185,19 @@ int main(void)
             printf("FAIL pvx_run_refused: a run on a region\n");
             failures++;
         }
+    /*
+     * What the glue's unmap answers the engine (3 more refusals, no line):
+     * nothing in the window; -ENOENT for one page outside it (the engine
+     * releases the slot), -EINVAL for a run (it retries page by page).
+     */
+    if ( pvx_unmap_refused(FLOOR + 0x1010, 4) != 0 ||
+         pvx_unmap_refused(FLOOR + 0x1005, 1) != -ENOENT ||
+         pvx_unmap_refused(FLOOR + 0x100e, 4) != -EINVAL ||
+         pvx_unmap_refused(FLOOR - 1, 1) != -ENOENT )
+    {
+        printf("FAIL pvx_unmap_refused\n");
+        failures++;
+    }
 
     if ( failures )
     {
