@@ -13,6 +13,10 @@
 //!   whose keys live elsewhere (in the engine's slot arrays), so an entry
 //!   costs 8 bytes. Capacity is reserved *before* any state changes
 //!   ([`IndexTable::reserve_one`]); an insert after that cannot fail;
+//! * [`CountTable`]: an [`IndexTable`] of counts by key (a driver
+//!   domain's pages of each target, of each region) whose last-changed
+//!   count is held beside the table, so a run of changes to one key does
+//!   not touch the table;
 //! * [`ShardedIndex`]: an [`IndexTable`] that splits into 256 once large,
 //!   so no growth rehashes more than a 256th of it (a driver domain's page
 //!   index);
@@ -227,6 +231,13 @@ impl IndexTable {
     /// [`reserve_one`](Self::reserve_one); without one it refuses with
     /// `Err(NoMem)` rather than allocate.
     pub fn insert(&mut self, hash: u64, value: u64) -> Result<(), Errno> {
+        self.insert_at(hash, value).map(|_| ())
+    }
+
+    /// [`insert`](Self::insert), answering the bucket the value went to
+    /// (valid until the table next changes).
+    #[inline]
+    pub fn insert_at(&mut self, hash: u64, value: u64) -> Result<usize, Errno> {
         if self.buckets.is_empty() || (self.live + 1) * 2 > self.buckets.len() {
             return Err(Errno::NoMem);
         }
@@ -237,7 +248,7 @@ impl IndexTable {
                 Some(b) if *b == EMPTY => {
                     *b = value;
                     self.live += 1;
-                    return Ok(());
+                    return Ok(i);
                 }
                 _ => i = (i + 1) & mask,
             }
@@ -353,6 +364,200 @@ impl IndexTable {
     /// Every stored value.
     pub fn values(&self) -> impl Iterator<Item = u64> + '_ {
         self.buckets.iter().copied().filter(|v| *v != EMPTY)
+    }
+}
+
+/// No key is `NO_KEY`: keys are what is left of a `u64` beside a count
+/// of at least one bit.
+const NO_KEY: u64 = u64::MAX;
+
+/// Counts by key: an [`IndexTable`] of values `key << BITS | count`, with
+/// the count last changed held beside the table ("hot").
+///
+/// Why: a driver domain counts its pages of each target (whose last page
+/// clears the cell's bit in the target's gate) and of each 64 MiB region
+/// (which lets a hook skip a range it maps nothing of), on every first map
+/// and last unmap of a page. A mediator's run is pages of one target and
+/// mostly one region, so the hot count makes each of those changes a
+/// compare and an add; the table is written only when another key's
+/// count changes, a count comes or goes, or the table is rebuilt (which
+/// write the hot count back first).
+///
+/// A count of 0 is never stored: a count that reaches 0 leaves the table.
+/// So whether a key has an entry in the table never depends on the hot
+/// count; its value does, and every read goes through [`get`](Self::get)
+/// or [`values`](Self::values), which answer the true count wherever it
+/// is held. `BITS` is at least 1 and below 64.
+#[derive(Debug)]
+pub struct CountTable<const BITS: u32> {
+    table: IndexTable,
+    /// The hot count's key, `NO_KEY` for none. Its entry in `table`, at
+    /// `hot_pos`, holds the same key with a stale count.
+    hot_key: u64,
+    hot_pos: usize,
+    hot_count: u64,
+}
+
+impl<const BITS: u32> Default for CountTable<BITS> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const BITS: u32> CountTable<BITS> {
+    const COUNT_MASK: u64 = (1 << BITS) - 1;
+
+    /// An empty table that owns no memory.
+    pub const fn new() -> Self {
+        CountTable {
+            table: IndexTable::new(),
+            hot_key: NO_KEY,
+            hot_pos: 0,
+            hot_count: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn key_of(v: u64) -> u64 {
+        v >> BITS
+    }
+
+    #[inline(always)]
+    fn pack(key: u64, count: u64) -> u64 {
+        key << BITS | count & Self::COUNT_MASK
+    }
+
+    /// Keys with a count.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Whether no key has a count.
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// Bytes of memory held.
+    pub fn heap_bytes(&self) -> usize {
+        self.table.heap_bytes()
+    }
+
+    /// Whether one more key fits without a rebuild.
+    #[inline]
+    pub fn has_room(&self) -> bool {
+        self.table.has_room()
+    }
+
+    /// Make sure one more key needs no memory (`rehash(value)` gives a
+    /// stored value's hash). A rebuild moves every entry: the hot count is
+    /// written back first. On `Err(NoMem)` nothing changed but that.
+    #[inline]
+    pub fn reserve_one(&mut self, rehash: impl Fn(u64) -> u64) -> Result<(), Errno> {
+        if self.table.has_room() {
+            return Ok(());
+        }
+        self.write_back();
+        self.table.reserve_one(rehash)
+    }
+
+    /// The count of `key` (whose hash is `hash`), if it has one.
+    pub fn get(&self, hash: u64, key: u64) -> Option<u64> {
+        if let Some(n) = self.hot(key) {
+            return Some(n);
+        }
+        self.table
+            .find(hash, |v| Self::key_of(v) == key)
+            .map(|v| v & Self::COUNT_MASK)
+    }
+
+    /// The count of `key` if it is the hot one.
+    #[inline(always)]
+    pub fn hot(&self, key: u64) -> Option<u64> {
+        (self.hot_key == key).then_some(self.hot_count)
+    }
+
+    /// Make `key`'s count the hot one (the one before written back) and
+    /// answer it; `None`, nothing hot, if `key` has no count.
+    #[inline]
+    pub fn heat(&mut self, hash: u64, key: u64) -> Option<u64> {
+        self.write_back();
+        let (pos, v) = self.table.find_at(hash, |v| Self::key_of(v) == key)?;
+        self.hot_key = key;
+        self.hot_pos = pos;
+        self.hot_count = v & Self::COUNT_MASK;
+        Some(self.hot_count)
+    }
+
+    /// Set the hot count to `n` (at least 1, within `BITS`).
+    #[inline(always)]
+    pub fn set_hot(&mut self, n: u64) {
+        self.hot_count = n;
+    }
+
+    /// The hot count reached 0: its key leaves the table (which may move
+    /// other entries back, see [`IndexTable::remove_at`]).
+    #[inline]
+    pub fn remove_hot(&mut self, rehash: impl Fn(u64) -> u64) {
+        if self.hot_key == NO_KEY {
+            return;
+        }
+        self.hot_key = NO_KEY;
+        self.table.remove_at(self.hot_pos, rehash);
+    }
+
+    /// Give `key`, which has no count, the count `n` (at least 1), hot.
+    /// Needs a prior [`reserve_one`](Self::reserve_one); without one it
+    /// refuses with `Err(NoMem)` rather than allocate, the hot count
+    /// written back.
+    pub fn insert(&mut self, hash: u64, key: u64, n: u64) -> Result<(), Errno> {
+        self.write_back();
+        let pos = self.table.insert_at(hash, Self::pack(key, n))?;
+        self.hot_key = key;
+        self.hot_pos = pos;
+        self.hot_count = n;
+        Ok(())
+    }
+
+    /// Store the hot count into its entry; nothing is hot after.
+    #[inline]
+    fn write_back(&mut self) {
+        if self.hot_key != NO_KEY {
+            self.table
+                .set_at(self.hot_pos, Self::pack(self.hot_key, self.hot_count));
+            self.hot_key = NO_KEY;
+        }
+    }
+
+    /// Remove every count, keeping the buckets (no allocation).
+    pub fn clear(&mut self) {
+        self.hot_key = NO_KEY;
+        self.table.clear();
+    }
+
+    /// Remove every count and give the buckets back.
+    pub fn release(&mut self) {
+        self.hot_key = NO_KEY;
+        self.table.release();
+    }
+
+    /// The hot count's bucket, if one is hot.
+    #[cfg(test)]
+    pub(crate) fn hot_bucket(&self) -> Option<usize> {
+        (self.hot_key != NO_KEY).then_some(self.hot_pos)
+    }
+
+    /// The key stored in bucket `pos`, if any.
+    #[cfg(test)]
+    pub(crate) fn key_at(&self, pos: usize) -> Option<u64> {
+        self.table.value_at(pos).map(Self::key_of)
+    }
+
+    /// Every (key, count).
+    pub fn counts(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.table.values().map(|v| {
+            let key = Self::key_of(v);
+            (key, self.hot(key).unwrap_or(v & Self::COUNT_MASK))
+        })
     }
 }
 
@@ -856,6 +1061,80 @@ mod tests {
         let mut all: alloc::vec::Vec<u64> = t.values().collect();
         all.sort();
         assert_eq!(all, model.iter().copied().collect::<alloc::vec::Vec<_>>());
+    }
+
+    /// A count held hot must be the one every read answers, and come back
+    /// to the table before anything moves entries: rebuilds (it is
+    /// written back first), other keys' removals and inserts (it is
+    /// written back when another key heats). Keys crowd into few buckets
+    /// so removals shift clusters often; the table starts empty so it is
+    /// rebuilt while counts are hot.
+    #[test]
+    fn counts_with_a_hot_one_match_a_btreemap_under_churn() {
+        const BITS: u32 = 16;
+        // Five hashes, whose buckets differ with the table's size (so a
+        // rebuild moves entries).
+        let h = |key: u64| (key % 5).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let rehash = |v: u64| h(v >> BITS);
+        let mut t = CountTable::<BITS>::new();
+        let mut model = alloc::collections::BTreeMap::<u64, u64>::new();
+        let mut x = 3u64;
+        for step in 0..30_000u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // Runs of one key, as a mediator's pages of one target.
+            // Enough keys for rebuilds past the first allocation.
+            let key = (x >> 33) % 100 + 1;
+            for _ in 0..(x >> 20) % 4 + 1 {
+                let up = (x >> 40) % 5 < 3;
+                // Room is made before each change, as a map reserves
+                // before it counts: often while another count is hot.
+                t.reserve_one(rehash).unwrap();
+                // A key known to have no count may go straight to its
+                // insert, past the heat that writes the hot one back.
+                let absent = !model.contains_key(&key) && (x >> 50).is_multiple_of(2);
+                let n = match t.hot(key) {
+                    Some(n) => Some(n),
+                    None if absent => None,
+                    None => t.heat(h(key), key),
+                };
+                match (n, up) {
+                    (None, true) => t.insert(h(key), key, 1).unwrap(),
+                    (None, false) => {}
+                    (Some(1), false) => t.remove_hot(rehash),
+                    (Some(n), false) => t.set_hot(n - 1),
+                    (Some(n), true) => t.set_hot(n + 1),
+                }
+                let m = model.entry(key).or_insert(0);
+                match up {
+                    true => *m += 1,
+                    false => *m = m.saturating_sub(1),
+                }
+                if *m == 0 {
+                    model.remove(&key);
+                }
+            }
+            assert_eq!(t.len(), model.len(), "step {step}");
+            if step.is_multiple_of(64) {
+                for k in 0..102 {
+                    assert_eq!(
+                        t.get(h(k), k),
+                        model.get(&k).copied(),
+                        "step {step} key {k}"
+                    );
+                }
+                let mut all: alloc::vec::Vec<(u64, u64)> = t.counts().collect();
+                all.sort();
+                let want: alloc::vec::Vec<(u64, u64)> =
+                    model.iter().map(|(k, n)| (*k, *n)).collect();
+                assert_eq!(all, want, "step {step}");
+            }
+        }
+        assert!(
+            t.table.layout() > 2,
+            "the table was not rebuilt while counts were hot"
+        );
     }
 
     #[test]

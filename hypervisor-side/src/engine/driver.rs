@@ -32,7 +32,7 @@ use super::EngineBug;
 use crate::bfn_alloc::BfnSpace;
 use crate::iommu::FlushGather;
 use crate::nospec::array_index_nospec;
-use crate::storage::{hash64, ChunkedVec, IndexTable, ShardedIndex};
+use crate::storage::{hash64, ChunkedVec, CountTable, IndexTable, ShardedIndex};
 use crate::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions};
 use pviommu_abi::EXTENT_PAGES;
 
@@ -106,14 +106,8 @@ fn record_hash(records: &ChunkedVec<ExtentRecord>, seed: u64, v: u64) -> u64 {
 
 /// A per-target count packs the domid above the count.
 const COUNT_BITS: u32 = 40;
-fn count_pack(domid: DomId, n: u64) -> u64 {
-    (domid.0 as u64) << COUNT_BITS | n
-}
 fn count_domid(v: u64) -> DomId {
     DomId((v >> COUNT_BITS) as u16)
-}
-fn count_of(v: u64) -> u64 {
-    v & ((1 << COUNT_BITS) - 1)
 }
 
 /// Region counts: per (target, region of 2^[`REGION_SHIFT`] gfns), the
@@ -158,10 +152,6 @@ fn region_key(domid: DomId, region: u64) -> u64 {
 #[inline]
 fn region_key_of(v: u64) -> u64 {
     v >> REGION_COUNT_BITS
-}
-#[inline]
-fn region_count_of(v: u64) -> u64 {
-    v & ((1 << REGION_COUNT_BITS) - 1)
 }
 /// Hash of a region key in the region counts.
 #[inline]
@@ -623,20 +613,16 @@ pub struct DriverDomain {
     /// Target domid -> pages of it in `pages` and its extent records
     /// (packed with the domid; a record counts once, however many of its
     /// pages are Live): says when this domain stops mapping a target, so
-    /// the target's gate can stop sending its hooks here.
-    pub(crate) targets: IndexTable,
-    /// The bucket of `targets` the last count change found: a hint,
-    /// trusted only while that bucket holds the same target's count (each
-    /// target has one entry, so it then is that entry), which saves the
-    /// hash and the probe for runs of pages of one target.
-    target_hint: usize,
+    /// the target's gate can stop sending its hooks here. The count last
+    /// changed is held hot ([`CountTable`]): a run of pages of one target
+    /// changes it without the hash or the table.
+    pub(crate) targets: CountTable<COUNT_BITS>,
     /// Region counts (see [`REGION_SHIFT`]): (target, region) -> distinct
     /// pages of it in `pages` and extent records, packed with the key.
     /// Exact while `regions_exact`; changed exactly where `pages` gains or
     /// loses a page and where a record is made or goes.
-    regions: IndexTable,
-    /// The bucket of `regions` the last change found (as `target_hint`).
-    region_hint: usize,
+    /// Its count last changed is held hot, as `targets`'.
+    regions: CountTable<REGION_COUNT_BITS>,
     /// Every page in `pages` is counted in `regions`. Cleared when a page
     /// cannot be (a gfn without a region number, [`MAX_REGIONS`] reached):
     /// hooks then probe or pass as if there were no counts, until the
@@ -741,10 +727,8 @@ impl DriverDomain {
             extent_free: NONE,
             extent_index: IndexTable::new(),
             member_pages: 0,
-            targets: IndexTable::new(),
-            target_hint: 0,
-            regions: IndexTable::new(),
-            region_hint: 0,
+            targets: CountTable::new(),
+            regions: CountTable::new(),
             regions_exact: true,
             range_work: (0, 0),
             bugs: [0; EngineBug::KINDS],
@@ -998,8 +982,8 @@ impl DriverDomain {
     /// cell maps no page of it).
     pub fn pages_of(&self, seed: u64, domid: DomId) -> u64 {
         self.targets
-            .find(target_hash(seed, domid), |v| count_domid(v) == domid)
-            .map_or(0, count_of)
+            .get(target_hash(seed, domid), u64::from(domid.0))
+            .unwrap_or(0)
     }
 
     /// Whether this cell may map a page of `domid` in `region`: `false`
@@ -1011,9 +995,7 @@ impl DriverDomain {
             return true;
         }
         let key = region_key(domid, region);
-        self.regions
-            .find(region_hash(seed, key), |v| region_key_of(v) == key)
-            .is_some()
+        self.regions.get(region_hash(seed, key), key).is_some()
     }
     /// Whether this cell may map a page of `domid` in `region` on its own
     /// (in the page index, not as a member of an extent record): `false`
@@ -1029,11 +1011,7 @@ impl DriverDomain {
             return true;
         }
         let key = region_key(domid, region);
-        let Some(count) = self
-            .regions
-            .find(region_hash(seed, key), |v| region_key_of(v) == key)
-            .map(region_count_of)
-        else {
+        let Some(count) = self.regions.get(region_hash(seed, key), key) else {
             return false;
         };
         let first = region << REGION_SHIFT;
@@ -1082,13 +1060,12 @@ impl DriverDomain {
     pub(crate) fn region_counts(&self) -> Vec<(u16, u64, u64)> {
         let mut v: Vec<_> = self
             .regions
-            .values()
-            .map(|v| {
-                let key = region_key_of(v);
+            .counts()
+            .map(|(key, count)| {
                 (
                     (key >> REGION_NUMBER_BITS) as u16,
                     key & ((1 << REGION_NUMBER_BITS) - 1),
-                    region_count_of(v),
+                    count,
                 )
             })
             .collect();
@@ -2000,34 +1977,29 @@ impl DriverDomain {
     /// page, and a call costs more than its hinted path.
     #[inline(always)]
     fn count_target(&mut self, seed: u64, domid: DomId, up: bool) -> Result<u64, Errno> {
-        let found = self
-            .targets
-            .value_at(self.target_hint)
-            .filter(|v| count_domid(*v) == domid)
-            .map(|v| (self.target_hint, v))
-            .or_else(|| {
-                self.targets
-                    .find_at(target_hash(seed, domid), |v| count_domid(v) == domid)
-            });
-        match found {
-            None if up => self
-                .targets
-                .insert(target_hash(seed, domid), count_pack(domid, 1))
-                .map(|()| 1),
-            None => Ok(0),
-            Some((pos, v)) => {
-                self.target_hint = pos;
-                let n = count_of(v);
-                let n = if up { n + 1 } else { n.saturating_sub(1) };
-                if n == 0 {
-                    self.targets
-                        .remove_at(pos, |v| target_hash(seed, count_domid(v)));
-                } else {
-                    self.targets.set_at(pos, count_pack(domid, n));
+        let key = u64::from(domid.0);
+        let n = match self.targets.hot(key) {
+            Some(n) => n,
+            None => match self.targets.heat(target_hash(seed, domid), key) {
+                Some(n) => n,
+                None if up => {
+                    return self
+                        .targets
+                        .insert(target_hash(seed, domid), key, 1)
+                        .map(|()| 1)
                 }
-                Ok(n)
-            }
+                None => return Ok(0),
+            },
+        };
+        // (A stored count is at least 1.)
+        let n = if up { n + 1 } else { n.saturating_sub(1) };
+        if n == 0 {
+            self.targets
+                .remove_hot(|v| target_hash(seed, count_domid(v)));
+        } else {
+            self.targets.set_hot(n);
         }
+        Ok(n)
     }
 
     /// One more (`up`) or one fewer distinct page of `domid` in `gfn`'s
@@ -2035,7 +2007,7 @@ impl DriverDomain {
     /// (room for a new region is reserved with the slot, so a map that
     /// cannot get memory for it is refused before it changes anything):
     /// where a page cannot be counted, the counts stop being exact
-    /// (hooks then do without them). Always inlined for its hinted path, as
+    /// (hooks then do without them). Always inlined for its hot path, as
     /// [`count_target`](Self::count_target).
     #[inline(always)]
     fn count_region(&mut self, seed: u64, domid: DomId, gfn: Gfn, up: bool) {
@@ -2046,33 +2018,23 @@ impl DriverDomain {
             return;
         };
         let key = region_key(domid, region);
-        // The hint first, as a plain match: written with `Option::or_else`
-        // as `count_target` is, it cost a map and an unmap 74 more
-        // instructions (the same change to `count_target` cost 17).
-        let hint = self.region_hint;
-        let found = match self.regions.value_at(hint) {
-            Some(v) if region_key_of(v) == key => Some((hint, v)),
-            _ => self
-                .regions
-                .find_at(region_hash(seed, key), |v| region_key_of(v) == key),
+        let found = match self.regions.hot(key) {
+            Some(n) => Some(n),
+            None => self.regions.heat(region_hash(seed, key), key),
         };
         match found {
-            Some((pos, v)) => {
-                self.region_hint = pos;
-                match (up, region_count_of(v)) {
-                    // A count past what its field holds (a region's pages
-                    // and its extents' records: at most 2^14 + 32 * 12),
-                    // or a page leaving a region counted empty, is no
-                    // count: stop trusting them all.
-                    (true, n) if n >= REGION_COUNT_MAX => self.regions_exact = false,
-                    (false, 0) => self.regions_exact = false,
-                    (true, _) => self.regions.set_at(pos, v + 1),
-                    (false, 1) => self
-                        .regions
-                        .remove_at(pos, |v| region_hash(seed, region_key_of(v))),
-                    (false, _) => self.regions.set_at(pos, v - 1),
-                }
-            }
+            // A count past what its field holds (a region's pages and its
+            // extents' records: at most 2^14 + 32 * 12), or a page leaving
+            // a region counted empty, is no count: stop trusting them all.
+            Some(n) => match (up, n) {
+                (true, n) if n >= REGION_COUNT_MAX => self.regions_exact = false,
+                (false, 0) => self.regions_exact = false,
+                (true, n) => self.regions.set_hot(n + 1),
+                (false, 1) => self
+                    .regions
+                    .remove_hot(|v| region_hash(seed, region_key_of(v))),
+                (false, n) => self.regions.set_hot(n - 1),
+            },
             None if up => self.add_region(seed, key),
             // A page leaving a region counted empty: not one, as above.
             None => self.regions_exact = false,
@@ -2087,10 +2049,7 @@ impl DriverDomain {
         // room means the bound was reached.
         let counted = self.regions.len() < MAX_REGIONS
             && self.regions.has_room()
-            && self
-                .regions
-                .insert(region_hash(seed, key), key << REGION_COUNT_BITS | 1)
-                .is_ok();
+            && self.regions.insert(region_hash(seed, key), key, 1).is_ok();
         if !counted {
             self.regions_exact = false;
         }
@@ -2997,34 +2956,33 @@ mod tests {
     }
 
     #[test]
-    fn a_target_count_hint_left_on_a_bucket_another_target_shifted_into_counts_that_target() {
+    fn a_hot_target_count_that_leaves_the_table_leaves_nothing_hot_on_its_bucket() {
         // Find a target B whose count moves into target A's bucket when A's
-        // count goes (the removal shifts its cluster back): the hint then
-        // names a bucket holding B, and must serve B and never A.
+        // hot count goes (the removal shifts its cluster back): nothing may
+        // be hot on that bucket then, and B's count must stay B's.
         let a = 1;
         let mut found = false;
         for b in 2..4096 {
             let mut dd = DriverDomain::new(DomId(0));
             let a1 = map_page(&mut dd, page_of(a, 1));
             map_page(&mut dd, page_of(b, 1));
-            let a2 = map_page(&mut dd, page_of(a, 2)); // hint: A's bucket
-            let hinted = dd.target_hint;
+            map_page(&mut dd, page_of(b, 3));
+            let a2 = map_page(&mut dd, page_of(a, 2)); // hot: A's bucket
+            let hot = dd.targets.hot_bucket().expect("A's count is hot");
             assert!(!unmap_page(&mut dd, a1));
             assert!(unmap_page(&mut dd, a2)); // A's count leaves the table
-            let shifted = dd
-                .targets
-                .value_at(hinted)
-                .is_some_and(|v| count_domid(v) == DomId(b));
-            if !shifted {
+            assert_eq!(dd.targets.hot_bucket(), None);
+            if dd.targets.key_at(hot) != Some(u64::from(b)) {
                 continue;
             }
             found = true;
-            map_page(&mut dd, page_of(b, 2));
             assert_eq!(dd.pages_of(SEED, DomId(b)), 2);
+            map_page(&mut dd, page_of(b, 2));
+            assert_eq!(dd.pages_of(SEED, DomId(b)), 3);
             assert_eq!(dd.pages_of(SEED, DomId(a)), 0);
             map_page(&mut dd, page_of(a, 3));
             assert_eq!(dd.pages_of(SEED, DomId(a)), 1);
-            assert_eq!(dd.pages_of(SEED, DomId(b)), 2);
+            assert_eq!(dd.pages_of(SEED, DomId(b)), 3);
             assert_eq!(dd.targets.len(), 2);
             break;
         }
