@@ -118,21 +118,12 @@ pub(super) fn map_key(req: &MapRequest, mfn: Mfn) -> Mapping {
     }
 }
 
-/// Whether every op of `run` asks what its first asks of the same target
-/// (context, access, attribute; no grant): what [`Engine::map_alike`]
-/// takes.
-fn asks_alike(run: &[MapRequest]) -> bool {
-    let Some(first) = run.first() else {
-        return false;
-    };
-    !first.grant
-        && run.iter().all(|r| {
-            r.domid == first.domid
-                && r.context == first.context
-                && r.perms == first.perms
-                && r.attr == first.attr
-                && !r.grant
-        })
+/// Whether `r` asks what `first`, of the same context, asks of the same
+/// target (access, attribute; no grant): a run whose every op does is
+/// what [`Engine::map_alike`] takes.
+#[inline(always)]
+fn asks_as(r: &MapRequest, first: &MapRequest) -> bool {
+    r.domid == first.domid && r.perms == first.perms && r.attr == first.attr && !r.grant
 }
 
 /// What a path of [`Engine::map_batch`] did with a run: it answered its
@@ -283,13 +274,16 @@ impl<L: RawMutex> Engine<L> {
         out: &mut [Result<Mapped, Errno>],
     ) -> usize {
         let mut n = reqs.len().min(out.len()).min(MAP_CHUNK);
-        let Some(context) = reqs.first().map(|r| r.context) else {
+        let Some(first) = reqs.first() else {
             return 0;
         };
+        let context = first.context;
         // The run ends before the first repeat of a page, or the first op
         // of another context. While the gfns rise (a mediator's usual run),
-        // an op above the one before it repeats none: no scan.
+        // an op above the one before it repeats none: no scan. The same
+        // pass tells whether its ops all ask alike (`asks_as`).
         let mut rising = true;
+        let mut alike = !first.grant;
         for i in 1..n {
             let (Some(req), Some(earlier)) = (reqs.get(i), reqs.get(..i)) else {
                 break;
@@ -304,6 +298,7 @@ impl<L: RawMutex> Engine<L> {
                 n = i;
                 break;
             }
+            alike = alike && asks_as(req, first);
         }
         let Some(run) = reqs.get(..n) else {
             return 0;
@@ -312,7 +307,7 @@ impl<L: RawMutex> Engine<L> {
         // op: it takes the straight path, unless that path hands it back.
         // (Each path is a call of its own: their frames never add up on
         // Xen's stack.)
-        let alike = (run.len() > 1 && asks_alike(run))
+        let alike = (alike && run.len() > 1)
             .then(|| self.map_alike(h, caller, caller_info, run, out))
             .flatten();
         let answered = alike.unwrap_or_else(|| self.map_run(h, caller, caller_info, run, out));
@@ -672,7 +667,7 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// [`map_batch`](Self::map_batch)'s straight path for a run whose ops
-    /// ask the same of one target ([`asks_alike`]): the checks, the join of
+    /// ask the same of one target ([`asks_as`]): the checks, the join of
     /// the gate, the re-read of its number and the cell's bit once for the
     /// run, its pages in one lookup, no per-op bookkeeping but the locked
     /// map. Returns how many ops it answered, from the first (the rest go
