@@ -130,6 +130,47 @@ struct Domain {
     /// this domain as its target is refused (a label belongs to the domain,
     /// not its domid: one created later at the same domid starts without).
     xsm_protected: bool,
+    /// A PV guest (Xen: a domain without `paging_mode_translate`): what it
+    /// and its device model call a gfn is a machine frame, and a lookup of
+    /// one is a check of that frame ([`classify_pv_frame`]). Its p2m here
+    /// still lists its frames (Xen's M2P), for tests to learn them.
+    pv: bool,
+    /// Frames of a PV guest typed as page tables or descriptor tables
+    /// (pinned): Xen's `get_page_type(PGT_writable_page)` fails on them, so
+    /// a device never gets to write one.
+    pv_typed: BTreeSet<u64>,
+}
+
+/// What a page lookup of PV guest `domid`'s "gfn" `frame` finds (Xen's
+/// glue: `pvx_lookup_page()`, whose `get_page_from_gfn()` is a frame
+/// check for a domain without `paging_mode_translate`, then
+/// `pvx_accept_page()`). Write access is refused in log-dirty mode (asked
+/// first, as the glue asks) and to a frame typed as a page table. A frame
+/// that is not the guest's own (Xen's, another domain's, free, or no frame
+/// at all) is not present in it, and all of those answer alike: which
+/// machine frames exist, and whose, is not a device model's to learn.
+fn classify_pv_frame(
+    ram: &Ram,
+    domid: DomId,
+    d: &Domain,
+    frame: u64,
+    want_write: bool,
+) -> (PageKind, Option<Mfn>) {
+    if want_write && d.log_dirty {
+        return (PageKind::LogDirty, None);
+    }
+    let own = usize::try_from(frame)
+        .ok()
+        .and_then(|i| ram.info.get(i))
+        .is_some_and(|f| f.owner == Owner::Domain(domid))
+        && ram.is_present(Mfn(frame));
+    if !own {
+        return (PageKind::NotPresent, None);
+    }
+    if want_write && d.pv_typed.contains(&frame) {
+        return (PageKind::RamRo, None);
+    }
+    (PageKind::RamRw, Some(Mfn(frame)))
 }
 
 /// A driver domain's default context: the host's own tables (Xen's).
@@ -995,6 +1036,8 @@ impl SimMachine {
                 xsm_denied: false,
                 xsm_denied_actions: Vec::new(),
                 xsm_protected: false,
+                pv: false,
+                pv_typed: BTreeSet::new(),
             },
         );
         Ok(())
@@ -1111,6 +1154,28 @@ impl SimMachine {
         }
     }
 
+    /// Make `domid` a PV guest: from now on a lookup of one of its "gfns"
+    /// is one of the machine frame of that number ([`classify_pv_frame`]).
+    /// Its frames are those [`mfn_of`](Self::mfn_of) lists.
+    pub fn make_pv(&mut self, domid: DomId) {
+        if let Some(d) = self.domains.get_mut(&domid) {
+            d.pv = true;
+        }
+    }
+
+    /// Type frame `frame` of PV guest `domid` as a page table (`on`, as a
+    /// pin does), or take the type off: a typed frame is never mapped
+    /// writable.
+    pub fn set_pv_page_table(&mut self, domid: DomId, frame: Mfn, on: bool) {
+        if let Some(d) = self.domains.get_mut(&domid) {
+            if on {
+                d.pv_typed.insert(frame.0);
+            } else {
+                d.pv_typed.remove(&frame.0);
+            }
+        }
+    }
+
     /// Turn log-dirty mode on for `domid` as Xen's shadow-op domctl does:
     /// the mode, then every writable mapping of its pages revoked in
     /// slices ([`Engine::revoke_writes`](crate::Engine::revoke_writes)),
@@ -1222,12 +1287,29 @@ impl SimMachine {
 
     /// Balloon a gfn out (`guest_remove_page`) and run the engine's hook
     /// after the removal succeeded, as Xen does.
+    ///
+    /// For a PV guest `gfn` is the machine frame, as its `gmfn` is to Xen's
+    /// `decrease_reservation`, and the hook is told that frame.
     pub fn balloon_out(
         &mut self,
         engine: &crate::Engine,
         domid: DomId,
         gfn: Gfn,
     ) -> Result<(), Errno> {
+        if let Some(d) = self.domains.get(&domid).filter(|d| d.pv) {
+            let listed = d.p2m.iter().find_map(|(g, e)| match e {
+                P2mEntry::Ram { mfn, .. } if mfn.0 == gfn.0 => Some(g),
+                _ => None,
+            });
+            return match listed {
+                Some(listed) => {
+                    self.remove_gfn(domid, listed);
+                    engine.gfn_removed(self, domid, gfn);
+                    Ok(())
+                }
+                None => Err(Errno::Inval),
+            };
+        }
         match self.mfn_of(domid, gfn) {
             Some(_) => {
                 self.remove_gfn(domid, gfn);
@@ -2023,7 +2105,12 @@ impl Platform for SimMachine {
         };
         let mut stop = None;
         for (i, slot) in pages.iter_mut().enumerate().take(limit) {
-            match classify_entry(d.p2m.get(&slot.gfn()), want_write, d.log_dirty) {
+            let found = if d.pv {
+                classify_pv_frame(&self.ram, domid, d, slot.gfn().0, want_write)
+            } else {
+                classify_entry(d.p2m.get(&slot.gfn()), want_write, d.log_dirty)
+            };
+            match found {
                 (_, Some(mfn)) => slot.take(mfn),
                 (_, None) => {
                     stop = Some((i, slot.gfn()));
@@ -2150,6 +2237,13 @@ impl SimMachine {
         let d = self.domains.get(&domid).ok_or(Errno::Srch)?;
         if d.dying {
             return Err(Errno::Srch);
+        }
+        if d.pv {
+            let (kind, mfn) = classify_pv_frame(&self.ram, domid, d, gfn.0, want_write);
+            if let Some(m) = mfn {
+                self.ram.reference(m, want_write);
+            }
+            return Ok(PageLookup { kind, mfn });
         }
         let (kind, mfn) = match d.p2m.get(&gfn) {
             // The caller's own page: Xen's glue does not start paging it

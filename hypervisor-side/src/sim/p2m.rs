@@ -66,6 +66,14 @@ impl<E: Copy> P2m<E> {
     pub(super) fn values(&self) -> impl Iterator<Item = &E> + '_ {
         self.dense.iter().flatten().chain(self.sparse.values())
     }
+
+    /// Every (gfn, entry), in gfn order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (Gfn, &E)> + '_ {
+        let dense = self.dense.iter().enumerate();
+        dense
+            .filter_map(|(i, e)| Some((Gfn(i as u64), e.as_ref()?)))
+            .chain(self.sparse.iter().map(|(g, e)| (*g, e)))
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,166 @@
+//! PV targets: a guest without `paging_mode_translate`, whose "gfns" are
+//! machine frames (the simulator's `SimMachine::make_pv`, Xen's
+//! `get_page_from_gfn()` for such a domain, then `pvx_accept_page()`).
+//!
+//! The rule the Xen-in-QEMU check `pv_foreign_frame_enxio` found broken on
+//! Xen (a review of 2026-12-05): a frame that is not the target's own
+//! answers `ENXIO` whoever holds it (Xen, another guest) and whether or not
+//! it exists, so a device model of a PV guest learns nothing of the host's
+//! machine frames. Until the simulator modelled PV targets it could not
+//! show that defect; with the old rule (`EXDEV` for a frame that exists)
+//! `foreign_and_missing_frames_all_answer_enxio_and_change_nothing` fails.
+
+use pviommu_abi::{Bfn, ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions};
+use pviommu_hv::platform::Platform;
+use pviommu_hv::sim::{DomainSpec, Format, Owner, SimMachine};
+use pviommu_hv::{Engine, Errno, Mfn};
+
+const PV_GUEST: DomId = DomId(1);
+const OTHER: DomId = DomId(2);
+
+fn req(frame: u64, perms: Permissions) -> MapRequest {
+    MapRequest {
+        context: ContextId::DEFAULT,
+        domid: PV_GUEST,
+        gfn: Gfn(frame),
+        perms,
+        attr: MemAttr::WriteBack,
+        grant: false,
+    }
+}
+
+fn spec(pages: u64) -> DomainSpec {
+    DomainSpec {
+        pages,
+        privileged: false,
+        device_model_of: None,
+    }
+}
+
+/// A host with a PV guest and an HVM one, dom0 already mapping a page of
+/// the HVM guest (so Xen holds table frames).
+fn host() -> (SimMachine, Engine) {
+    let mut m = SimMachine::new(8192, Format::Vtd, 64);
+    m.create_domain(PV_GUEST, spec(16)).unwrap();
+    m.create_domain(OTHER, spec(16)).unwrap();
+    m.make_pv(PV_GUEST);
+    let e = Engine::new(Default::default(), &m).unwrap();
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    let hvm = MapRequest {
+        domid: OTHER,
+        ..req(3, Permissions::RW)
+    };
+    e.map(&mut m, DomId::DOM0, &dom0, &hvm).unwrap();
+    e.finish(&mut m, DomId::DOM0);
+    (m, e)
+}
+
+/// Map one op for dom0, the call finished.
+fn map(m: &mut SimMachine, e: &Engine, r: &MapRequest) -> Result<Bfn, Errno> {
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    let out = e.map(m, DomId::DOM0, &dom0, r);
+    e.finish(m, DomId::DOM0);
+    out
+}
+
+/// A frame of the PV guest's own is mapped as asked, and the device
+/// reaches that very frame.
+#[test]
+fn an_own_frame_of_a_pv_guest_is_mapped_at_its_machine_frame() {
+    let (mut m, e) = host();
+    let frame = m.mfn_of(PV_GUEST, Gfn(5)).unwrap();
+    let bfn = map(&mut m, &e, &req(frame.0, Permissions::RW)).unwrap();
+    let (mfn, perms, _) = m.translate(DomId::DOM0, ContextId::DEFAULT, bfn).unwrap();
+    assert_eq!(mfn, frame);
+    assert_eq!(perms, Permissions::RW);
+    // The gfn of the HVM numbering (5) is no frame of the guest's.
+    assert_eq!(map(&mut m, &e, &req(5, Permissions::RO)), Err(Errno::Nxio));
+}
+
+/// Xen's frame, another guest's frame, a free frame and a frame past the
+/// end of RAM: one answer for all, `ENXIO`, and nothing held or changed.
+#[test]
+fn foreign_and_missing_frames_all_answer_enxio_and_change_nothing() {
+    let (mut m, e) = host();
+    let xen = (0..8192u64)
+        .find(|&f| m.frame_info(Mfn(f)).is_some_and(|i| i.owner == Owner::Xen))
+        .expect("Xen holds a table frame");
+    let others = m.mfn_of(OTHER, Gfn(7)).unwrap().0;
+    let free = (0..8192u64)
+        .rev()
+        .find(|&f| m.frame_info(Mfn(f)).is_some_and(|i| i.owner == Owner::Free))
+        .expect("a free frame");
+    let refs = m.total_page_refs();
+    let live = e.state().live_mappings(DomId::DOM0).count();
+    for frame in [xen, others, free, 8192, 1 << 40, u64::MAX - 1] {
+        for perms in [Permissions::RO, Permissions::RW] {
+            assert_eq!(
+                map(&mut m, &e, &req(frame, perms)),
+                Err(Errno::Nxio),
+                "frame {frame:#x}, {perms:?}"
+            );
+        }
+    }
+    // The same through a batch (one page lookup for the run).
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    let reqs = [
+        req(others, Permissions::RW),
+        req(others + 1, Permissions::RW),
+    ];
+    let mut out = [Err(Errno::Inval); 2];
+    let n = e.map_batch(&mut m, DomId::DOM0, &dom0, &reqs, &mut out);
+    e.finish(&mut m, DomId::DOM0);
+    assert!(n >= 1);
+    assert_eq!(out[0].map(|m| m.bfn), Err(Errno::Nxio));
+    assert_eq!(m.total_page_refs(), refs, "no reference kept");
+    assert_eq!(e.state().live_mappings(DomId::DOM0).count(), live);
+}
+
+/// A frame typed as a page table is never device-writable (Xen's
+/// `get_page_type(PGT_writable_page)` fails on it), but may be read; in
+/// log-dirty mode no frame is mapped writable.
+#[test]
+fn page_table_frames_and_log_dirty_refuse_write_access_only() {
+    let (mut m, e) = host();
+    let table = m.mfn_of(PV_GUEST, Gfn(2)).unwrap();
+    m.set_pv_page_table(PV_GUEST, table, true);
+    let refs = m.total_page_refs();
+    assert_eq!(
+        map(&mut m, &e, &req(table.0, Permissions::RW)),
+        Err(Errno::Acces)
+    );
+    assert_eq!(m.total_page_refs(), refs);
+    map(&mut m, &e, &req(table.0, Permissions::RO)).unwrap();
+    m.set_pv_page_table(PV_GUEST, table, false);
+    map(&mut m, &e, &req(table.0, Permissions::RW)).unwrap();
+
+    let page = m.mfn_of(PV_GUEST, Gfn(9)).unwrap();
+    m.set_log_dirty_mode(PV_GUEST, true);
+    assert_eq!(
+        map(&mut m, &e, &req(page.0, Permissions::RW)),
+        Err(Errno::Acces)
+    );
+    map(&mut m, &e, &req(page.0, Permissions::RO)).unwrap();
+}
+
+/// A PV guest's page ballooned out (`decrease_reservation` names the
+/// machine frame) loses its mapping: the hook is told that frame, and the
+/// frame, no longer the guest's, cannot be mapped again.
+#[test]
+fn a_ballooned_out_pv_frame_is_revoked_and_no_longer_maps() {
+    let (mut m, e) = host();
+    let frame = m.mfn_of(PV_GUEST, Gfn(4)).unwrap();
+    let bfn = map(&mut m, &e, &req(frame.0, Permissions::RW)).unwrap();
+    m.balloon_out(&e, PV_GUEST, Gfn(frame.0)).unwrap();
+    assert_eq!(m.translate(DomId::DOM0, ContextId::DEFAULT, bfn), None);
+    assert!(e
+        .state()
+        .live_mappings(DomId::DOM0)
+        .all(|v| v.bfn != bfn && v.mapping.domid != PV_GUEST));
+    assert_eq!(
+        map(&mut m, &e, &req(frame.0, Permissions::RO)),
+        Err(Errno::Nxio)
+    );
+    // A frame it does not have is no removal at all.
+    assert_eq!(m.balloon_out(&e, PV_GUEST, Gfn(frame.0)), Err(Errno::Inval));
+}
