@@ -186,14 +186,20 @@ int main(void)
             failures++;
         }
     /*
-     * What the glue's unmap answers the engine (3 more refusals, no line):
-     * nothing in the window; -ENOENT for one page outside it (the engine
-     * releases the slot), -EINVAL for a run (it retries page by page).
+     * What the glue's unmap answers the engine (5 more refusals, no line:
+     * the 16th would print one): nothing in the window; -ENOENT for one
+     * page outside it (the engine releases the slot), -EINVAL for a run
+     * (it retries page by page). At the region's edges: a run that ends
+     * right below it passes, one whose last page is its first does not,
+     * nor its last page.
      */
     if ( pvx_unmap_refused(FLOOR + 0x1010, 4) != 0 ||
          pvx_unmap_refused(FLOOR + 0x1005, 1) != -ENOENT ||
          pvx_unmap_refused(FLOOR + 0x100e, 4) != -EINVAL ||
-         pvx_unmap_refused(FLOOR - 1, 1) != -ENOENT )
+         pvx_unmap_refused(FLOOR - 1, 1) != -ENOENT ||
+         pvx_unmap_refused(FLOOR + 0x1000 - 4, 4) != 0 ||
+         pvx_unmap_refused(FLOOR + 0x1000 - 3, 4) != -EINVAL ||
+         pvx_unmap_refused(FLOOR + 0x100f, 1) != -ENOENT )
     {
         printf("FAIL pvx_unmap_refused\n");
         failures++;
