@@ -141,6 +141,23 @@ struct Domain {
     pv_typed: BTreeSet<u64>,
 }
 
+/// Take the frames `classify` gives the first `limit` of `pages`, up to
+/// the first it refuses: that one's index and gfn, if any.
+#[inline(always)]
+fn take_until_refused(
+    pages: &mut [PageSlot],
+    limit: usize,
+    classify: impl Fn(Gfn) -> (PageKind, Option<Mfn>),
+) -> Option<(usize, Gfn)> {
+    for (i, slot) in pages.iter_mut().enumerate().take(limit) {
+        match classify(slot.gfn()) {
+            (_, Some(mfn)) => slot.take(mfn),
+            (_, None) => return Some((i, slot.gfn())),
+        }
+    }
+    None
+}
+
 /// What a page lookup of PV guest `domid`'s "gfn" `frame` finds (Xen's
 /// glue: `pvx_lookup_page()`, whose `get_page_from_gfn()` is a frame
 /// check for a domain without `paging_mode_translate`, then
@@ -2103,21 +2120,16 @@ impl Platform for SimMachine {
         let Some(d) = self.domains.get(&domid).filter(|d| !d.dying) else {
             return PageRun::default();
         };
-        let mut stop = None;
-        for (i, slot) in pages.iter_mut().enumerate().take(limit) {
-            let found = if d.pv {
-                classify_pv_frame(&self.ram, domid, d, slot.gfn().0, want_write)
-            } else {
-                classify_entry(d.p2m.get(&slot.gfn()), want_write, d.log_dirty)
-            };
-            match found {
-                (_, Some(mfn)) => slot.take(mfn),
-                (_, None) => {
-                    stop = Some((i, slot.gfn()));
-                    break;
-                }
-            }
-        }
+        // (A loop each for PV and p2m guests: no test of which a page.)
+        let stop = if d.pv {
+            take_until_refused(pages, limit, |gfn| {
+                classify_pv_frame(&self.ram, domid, d, gfn.0, want_write)
+            })
+        } else {
+            take_until_refused(pages, limit, |gfn| {
+                classify_entry(d.p2m.get(&gfn), want_write, d.log_dirty)
+            })
+        };
         let taken = stop.map_or(limit, |(i, _)| i);
         for slot in pages.iter().take(taken) {
             self.ram.reference(slot.mfn(), want_write);
