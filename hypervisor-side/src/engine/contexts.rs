@@ -100,6 +100,9 @@ impl ContextTables {
     fn unmap(&mut self, mem: &mut impl TableMemory, bfn: Bfn) -> Result<(), Errno> {
         each_format!(self, t => t.unmap(mem, bfn))
     }
+    fn unmap_in_cached_leaf(&mut self, mem: &mut impl TableMemory, first: Bfn, count: u64) -> u64 {
+        each_format!(self, t => t.unmap_in_cached_leaf(mem, first, count))
+    }
     fn superpage_count(&self) -> usize {
         each_format!(self, t => t.superpage_count())
     }
@@ -390,7 +393,13 @@ impl super::DriverDomain {
                 Some(Err(e)) => return Err(e),
             };
             if !cleared {
-                for p in page..=block_last.min(last.0) {
+                // What the cached leaf table holds at once, the rest (the
+                // table's last entry, or a run the cache misses) one by one.
+                let end = block_last.min(last.0);
+                let done = own
+                    .tables
+                    .unmap_in_cached_leaf(h, Bfn(page), end - page + 1);
+                for p in page.saturating_add(done)..=end {
                     match unmap_own_page(own, &mut self.gather, h, ctx, Bfn(p)) {
                         Ok(()) | Err(Errno::NoEnt) => {}
                         Err(e) => return Err(e),
