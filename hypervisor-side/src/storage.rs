@@ -488,9 +488,11 @@ impl<const BITS: u32> CountTable<BITS> {
         Some(self.hot_count)
     }
 
-    /// Set the hot count to `n` (at least 1, within `BITS`).
+    /// Set the hot count to `n` (at least 1, within `BITS`: the callers'
+    /// bounds, checked where they are made).
     #[inline(always)]
     pub fn set_hot(&mut self, n: u64) {
+        debug_assert!(n != 0 && n <= Self::COUNT_MASK, "count {n} out of its field");
         self.hot_count = n;
     }
 

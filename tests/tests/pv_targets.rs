@@ -77,8 +77,10 @@ fn an_own_frame_of_a_pv_guest_is_mapped_at_its_machine_frame() {
     assert_eq!(map(&mut m, &e, &req(5, Permissions::RO)), Err(Errno::Nxio));
 }
 
-/// Xen's frame, another guest's frame, a free frame and a frame past the
-/// end of RAM: one answer for all, `ENXIO`, and nothing held or changed.
+/// Xen's frame, one Xen shares with the guest (its shared_info: `EXDEV`
+/// on Xen before a review of 2026-12-05), another guest's frame, a free
+/// frame and a frame past the end of RAM: one answer for all, `ENXIO`,
+/// and nothing held or changed.
 #[test]
 fn foreign_and_missing_frames_all_answer_enxio_and_change_nothing() {
     let (mut m, e) = host();
@@ -90,9 +92,10 @@ fn foreign_and_missing_frames_all_answer_enxio_and_change_nothing() {
         .rev()
         .find(|&f| m.frame_info(Mfn(f)).is_some_and(|i| i.owner == Owner::Free))
         .expect("a free frame");
+    let shared = m.share_xen_frame(PV_GUEST).unwrap();
     let refs = m.total_page_refs();
     let live = e.state().live_mappings(DomId::DOM0).count();
-    for frame in [xen, others, free, 8192, 1 << 40, u64::MAX - 1] {
+    for frame in [xen, shared.0, others, free, 8192, 1 << 40, u64::MAX - 1] {
         for perms in [Permissions::RO, Permissions::RW] {
             assert_eq!(
                 map(&mut m, &e, &req(frame, perms)),
@@ -123,7 +126,7 @@ fn foreign_and_missing_frames_all_answer_enxio_and_change_nothing() {
 fn page_table_frames_and_log_dirty_refuse_write_access_only() {
     let (mut m, e) = host();
     let table = m.mfn_of(PV_GUEST, Gfn(2)).unwrap();
-    m.set_pv_page_table(PV_GUEST, table, true);
+    m.set_pv_page_table(PV_GUEST, table, true).unwrap();
     let refs = m.total_page_refs();
     assert_eq!(
         map(&mut m, &e, &req(table.0, Permissions::RW)),
@@ -131,8 +134,20 @@ fn page_table_frames_and_log_dirty_refuse_write_access_only() {
     );
     assert_eq!(m.total_page_refs(), refs);
     map(&mut m, &e, &req(table.0, Permissions::RO)).unwrap();
-    m.set_pv_page_table(PV_GUEST, table, false);
-    map(&mut m, &e, &req(table.0, Permissions::RW)).unwrap();
+    m.set_pv_page_table(PV_GUEST, table, false).unwrap();
+    let bfn = map(&mut m, &e, &req(table.0, Permissions::RW)).unwrap();
+    // A frame a device may write cannot become a page table (Xen's type
+    // count), until the unmap's flush released the writable reference.
+    assert_eq!(m.set_pv_page_table(PV_GUEST, table, true), Err(Errno::Busy));
+    e.unmap(&mut m, DomId::DOM0, ContextId::DEFAULT, bfn)
+        .unwrap();
+    assert_eq!(
+        m.set_pv_page_table(PV_GUEST, table, true),
+        Err(Errno::Busy),
+        "released only by the flush"
+    );
+    e.finish(&mut m, DomId::DOM0);
+    m.set_pv_page_table(PV_GUEST, table, true).unwrap();
 
     let page = m.mfn_of(PV_GUEST, Gfn(9)).unwrap();
     m.set_log_dirty_mode(PV_GUEST, true);
@@ -161,6 +176,8 @@ fn a_ballooned_out_pv_frame_is_revoked_and_no_longer_maps() {
         map(&mut m, &e, &req(frame.0, Permissions::RO)),
         Err(Errno::Nxio)
     );
-    // A frame it does not have is no removal at all.
-    assert_eq!(m.balloon_out(&e, PV_GUEST, Gfn(frame.0)), Err(Errno::Inval));
+    // A frame it no longer has is no removal at all: ENXIO for a frame
+    // that exists, EINVAL for one that does not (`guest_remove_page`).
+    assert_eq!(m.balloon_out(&e, PV_GUEST, Gfn(frame.0)), Err(Errno::Nxio));
+    assert_eq!(m.balloon_out(&e, PV_GUEST, Gfn(1 << 40)), Err(Errno::Inval));
 }

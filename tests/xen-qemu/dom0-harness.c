@@ -470,10 +470,14 @@ static int cmd_mkdom(unsigned long n, int hvm)
     xen_pfn_t *frames = calloc(n, sizeof(*frames));
     uint32_t domid = hvm ? make_hvm_domain(n, frames) : make_domain(n, frames);
     unsigned long i;
+    xc_domaininfo_t info;
     fill_domain(domid, n, frames);
     printf("domid=%u\ngfns=", domid);
     for ( i = 0; i < n; i++ ) printf("%s0x%lx", i ? "," : "", (unsigned long)frames[i]);
     printf("\n");
+    /* A PV domain's shared_info frame: a machine frame Xen shares with it. */
+    if ( !hvm && xc_domain_getinfolist(xch, domid, 1, &info) == 1 && info.domain == domid )
+        printf("shared_info=0x%" PRIx64 "\n", (uint64_t)info.shared_info_frame);
     free(frames);
     return 0;
 }

@@ -276,14 +276,18 @@ o=$(run $H hc raw 1 1 $D $G0 0 1 0); if errno_is "$o" -22; then ok nonzero_paddi
 o=$(run $H hc raw 1 1 $D $G0 0 0 1); if errno_is "$o" -22; then ok nonzero_reserved_einval; else ko nonzero_reserved_einval "$o"; fi
 o=$(run $H hc map 4000 $G0 1); if errno_is "$o" -3; then ok unknown_domid_esrch; else ko unknown_domid_esrch "$o"; fi
 # A PV target's "gfn" is a machine frame: one that is not the target's
-# answers as one that does not exist (ENXIO all), so a caller learns
-# nothing of which machine frames exist. Frame 1 (the BIOS area, dom_io's)
-# and a frame of another guest exist; frame 2^40 does not.
+# own RAM answers as one that does not exist (ENXIO all), so a caller
+# learns nothing of which machine frames exist. Frame 1 (the BIOS area,
+# dom_io's), a frame of another guest and the target's shared_info (Xen's
+# heap, the guest its owner: EXDEV before a review of 2026-12-05) exist;
+# frame 2^40 does not.
 mk2=$(run $H mkdom 1); D2=$(echo "$mk2" | sed -n 's/^domid=//p'); G2F=$(echo "$mk2" | sed -n 's/^gfns=//p')
+SI=$(echo "$mk" | sed -n 's/^shared_info=//p')
 o=$(run $H hc map $D 1 1); o2=$(run $H hc map $D 0x10000000000 1); o3=$(run $H hc map $D "$G2F" 1)
+o4=$(run $H hc map $D "${SI:-none}" 1)
 [ -n "$D2" ] && run $H destroy $D2 >/dev/null
-if errno_is "$o" -6 && errno_is "$o2" -6 && [ -n "$G2F" ] && errno_is "$o3" -6; then
-    ok pv_foreign_frame_enxio; else ko pv_foreign_frame_enxio "$o / $o2 / $o3 ($mk2)"; fi
+if errno_is "$o" -6 && errno_is "$o2" -6 && [ -n "$G2F" ] && errno_is "$o3" -6 && [ -n "$SI" ] && errno_is "$o4" -6; then
+    ok pv_foreign_frame_enxio; else ko pv_foreign_frame_enxio "$o / $o2 / $o3 / shared_info $SI: $o4 ($mk2)"; fi
 o=$(run $H hc cmd 99); if errno_is "$o" -95; then ok unknown_cmd_eopnotsupp; else ko unknown_cmd_eopnotsupp "$o"; fi
 # 4b) contexts of the engine's own (ABI 1.3): two edu devices of dom0, A
 # (0000:00:06.0) in the default context (Xen's own tables) and B

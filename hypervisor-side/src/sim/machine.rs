@@ -139,6 +139,9 @@ struct Domain {
     /// (pinned): Xen's `get_page_type(PGT_writable_page)` fails on them, so
     /// a device never gets to write one.
     pv_typed: BTreeSet<u64>,
+    /// Frames Xen shares with a PV guest (Xen's heap, the guest their
+    /// owner: its shared_info, its grant-table frames), not its RAM.
+    pv_xen_shared: BTreeSet<u64>,
 }
 
 /// Take the frames `classify` gives the first `limit` of `pages`, up to
@@ -163,9 +166,10 @@ fn take_until_refused(
 /// check for a domain without `paging_mode_translate`, then
 /// `pvx_accept_page()`). Write access is refused in log-dirty mode (asked
 /// first, as the glue asks) and to a frame typed as a page table. A frame
-/// that is not the guest's own (Xen's, another domain's, free, or no frame
-/// at all) is not present in it, and all of those answer alike: which
-/// machine frames exist, and whose, is not a device model's to learn.
+/// that is not the guest's own RAM (Xen's, one Xen shares with the guest,
+/// another domain's, free, or no frame at all) is not present in it, and
+/// all of those answer alike: which machine frames exist, and whose, is
+/// not a device model's to learn.
 fn classify_pv_frame(
     ram: &Ram,
     domid: DomId,
@@ -180,7 +184,8 @@ fn classify_pv_frame(
         .ok()
         .and_then(|i| ram.info.get(i))
         .is_some_and(|f| f.owner == Owner::Domain(domid))
-        && ram.is_present(Mfn(frame));
+        && ram.is_present(Mfn(frame))
+        && !d.pv_xen_shared.contains(&frame);
     if !own {
         return (PageKind::NotPresent, None);
     }
@@ -1055,6 +1060,7 @@ impl SimMachine {
                 xsm_protected: false,
                 pv: false,
                 pv_typed: BTreeSet::new(),
+                pv_xen_shared: BTreeSet::new(),
             },
         );
         Ok(())
@@ -1182,15 +1188,40 @@ impl SimMachine {
 
     /// Type frame `frame` of PV guest `domid` as a page table (`on`, as a
     /// pin does), or take the type off: a typed frame is never mapped
-    /// writable.
-    pub fn set_pv_page_table(&mut self, domid: DomId, frame: Mfn, on: bool) {
-        if let Some(d) = self.domains.get_mut(&domid) {
-            if on {
-                d.pv_typed.insert(frame.0);
-            } else {
-                d.pv_typed.remove(&frame.0);
+    /// writable. As Xen's `get_page_type(PGT_l1_page_table)`, typing fails
+    /// (`Busy`) while anything holds a writable reference to the frame (a
+    /// device mapping it writable, until its unmap's flush releases it).
+    pub fn set_pv_page_table(&mut self, domid: DomId, frame: Mfn, on: bool) -> Result<(), Errno> {
+        let writable = self
+            .ram
+            .info
+            .get(frame.0 as usize)
+            .map_or(0, |f| f.writable_refs);
+        let d = self.domains.get_mut(&domid).ok_or(Errno::Srch)?;
+        if on {
+            if writable != 0 {
+                return Err(Errno::Busy);
             }
+            d.pv_typed.insert(frame.0);
+        } else {
+            d.pv_typed.remove(&frame.0);
         }
+        Ok(())
+    }
+
+    /// A frame Xen shares with PV guest `domid` (as its shared_info or a
+    /// grant-table frame: Xen's heap, the guest its owner), not in its
+    /// RAM. A lookup of it answers as every frame that is not the guest's
+    /// own RAM does: not present.
+    pub fn share_xen_frame(&mut self, domid: DomId) -> Result<Mfn, Errno> {
+        if !self.domains.contains_key(&domid) {
+            return Err(Errno::Srch);
+        }
+        let mfn = self.ram.alloc(Owner::Domain(domid))?;
+        if let Some(d) = self.domains.get_mut(&domid) {
+            d.pv_xen_shared.insert(mfn.0);
+        }
+        Ok(mfn)
     }
 
     /// Turn log-dirty mode on for `domid` as Xen's shadow-op domctl does:
@@ -1321,9 +1352,16 @@ impl SimMachine {
             return match listed {
                 Some(listed) => {
                     self.remove_gfn(domid, listed);
+                    // A freed page loses its type.
+                    if let Some(d) = self.domains.get_mut(&domid) {
+                        d.pv_typed.remove(&gfn.0);
+                    }
                     engine.gfn_removed(self, domid, gfn);
                     Ok(())
                 }
+                // As `guest_remove_page`: EINVAL for no frame at all,
+                // ENXIO ("bad page free") for a frame not the guest's.
+                None if gfn.0 < self.ram.info.len() as u64 => Err(Errno::Nxio),
                 None => Err(Errno::Inval),
             };
         }

@@ -308,7 +308,8 @@ DEFINE_XEN_GUEST_HANDLE(pv_iommu_entry_t);
  *   EBUSY          context still has live mappings
  *   EXDEV          frame not owned by the target (Xen-owned, special,
  *                  granted, foreign) behind a translated target's gfn
- *                  (a PV target's frame not its own: ENXIO)
+ *                  (a PV target's frame not its own RAM, Xen's
+ *                  shared ones included: ENXIO)
  *   ENODEV         frame is MMIO, not RAM
  *   EINVAL         malformed argument
  *   ENOSPC         quota, context table or BFN window exhausted
