@@ -492,7 +492,10 @@ impl<const BITS: u32> CountTable<BITS> {
     /// bounds, checked where they are made).
     #[inline(always)]
     pub fn set_hot(&mut self, n: u64) {
-        debug_assert!(n != 0 && n <= Self::COUNT_MASK, "count {n} out of its field");
+        debug_assert!(
+            n != 0 && n <= Self::COUNT_MASK,
+            "count {n} out of its field"
+        );
         self.hot_count = n;
     }
 

@@ -137,13 +137,17 @@ fn page_table_frames_and_log_dirty_refuse_write_access_only() {
     m.set_pv_page_table(PV_GUEST, table, false).unwrap();
     let bfn = map(&mut m, &e, &req(table.0, Permissions::RW)).unwrap();
     // A frame a device may write cannot become a page table (Xen's type
-    // count), until the unmap's flush released the writable reference.
-    assert_eq!(m.set_pv_page_table(PV_GUEST, table, true), Err(Errno::Busy));
+    // count: the pin answers EINVAL), until the unmap's flush released the
+    // writable reference.
+    assert_eq!(
+        m.set_pv_page_table(PV_GUEST, table, true),
+        Err(Errno::Inval)
+    );
     e.unmap(&mut m, DomId::DOM0, ContextId::DEFAULT, bfn)
         .unwrap();
     assert_eq!(
         m.set_pv_page_table(PV_GUEST, table, true),
-        Err(Errno::Busy),
+        Err(Errno::Inval),
         "released only by the flush"
     );
     e.finish(&mut m, DomId::DOM0);
@@ -180,4 +184,31 @@ fn a_ballooned_out_pv_frame_is_revoked_and_no_longer_maps() {
     // that exists, EINVAL for one that does not (`guest_remove_page`).
     assert_eq!(m.balloon_out(&e, PV_GUEST, Gfn(frame.0)), Err(Errno::Nxio));
     assert_eq!(m.balloon_out(&e, PV_GUEST, Gfn(1 << 40)), Err(Errno::Inval));
+}
+
+/// A frame Xen shares with a PV guest (its shared_info): never typed as a
+/// page table (Xen pins it writable); ballooned out it is Xen's answer,
+/// success, and still no frame of the guest's; it goes with the guest, so
+/// a later guest at the same domid never gets it as its own RAM (a review
+/// of 2026-12-05 found it kept).
+#[test]
+fn a_frame_xen_shares_is_never_the_guests_ram() {
+    let (mut m, e) = host();
+    let shared = m.share_xen_frame(PV_GUEST).unwrap();
+    assert_eq!(
+        m.set_pv_page_table(PV_GUEST, shared, true),
+        Err(Errno::Inval)
+    );
+    assert_eq!(m.balloon_out(&e, PV_GUEST, Gfn(shared.0)), Ok(()));
+    assert_eq!(
+        map(&mut m, &e, &req(shared.0, Permissions::RO)),
+        Err(Errno::Nxio)
+    );
+    m.destroy_domain(PV_GUEST);
+    m.create_domain(PV_GUEST, spec(16)).unwrap();
+    m.make_pv(PV_GUEST);
+    assert_eq!(
+        map(&mut m, &e, &req(shared.0, Permissions::RO)),
+        Err(Errno::Nxio)
+    );
 }

@@ -107,9 +107,12 @@ fn record_hash(records: &ChunkedVec<ExtentRecord>, seed: u64, v: u64) -> u64 {
 /// A per-target count packs the domid above the count.
 const COUNT_BITS: u32 = 40;
 // A target's count (its pages in the index and its records, at most the
-// slots, so the quota) never reaches what the field holds: a count the
-// packing cut to 0 would read as no page of the target.
-const _: () = assert!((crate::config::MAX_QUOTA as u128) < (1u128 << COUNT_BITS));
+// slots: the quota, and an extent's slots past it) never reaches what the
+// field holds: a count the packing cut to 0 would read as no page of the
+// target.
+const _: () = assert!(
+    (crate::config::MAX_QUOTA as u128) + 2 * (EXTENT_PAGES as u128) < (1u128 << COUNT_BITS)
+);
 fn count_domid(v: u64) -> DomId {
     DomId((v >> COUNT_BITS) as u16)
 }

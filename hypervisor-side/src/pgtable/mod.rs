@@ -1975,6 +1975,120 @@ mod freed_list_tests {
         IoPageTable::<Vtd>::with_options(mem, TableOptions::engine_context(4)).unwrap()
     }
 
+    /// As below, after a fold and a split: a full leaf table folds into a
+    /// superpage, a page unmapped out of it splits it (from the spare, or
+    /// the folded table taken back), more pages go through the cache, and
+    /// flushes come between; then a run is unmapped through the cache on
+    /// one table and page by page on the other. The two agree in what they
+    /// translate, their freed and spare tables, and, remapped whole, in
+    /// every map's answer and their superpages (so the counts agree too).
+    /// Both formats, 3 and 4 levels (a review of 2026-12-05).
+    fn a_run_after_a_fold_and_a_split_unmaps_as_page_by_page<F: PageTableFormat>(levels: u32) {
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        let base = 0x400u64;
+        let mut x = 5u64;
+        for case in 0..300u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let (mut ma, mut mb) = (frames(), frames());
+            let options = TableOptions::engine_context(levels);
+            let mut a = IoPageTable::<F>::with_options(&mut ma, options).unwrap();
+            let mut b = IoPageTable::<F>::with_options(&mut mb, options).unwrap();
+            let both = |a: &mut IoPageTable<F>,
+                        ma: &mut Frames,
+                        b: &mut IoPageTable<F>,
+                        mb: &mut Frames,
+                        bfn: u64| {
+                let _ = a.unmap(ma, Bfn(bfn));
+                let _ = b.unmap(mb, Bfn(bfn));
+            };
+            for i in 0..512u64 {
+                a.map(&mut ma, Bfn(base + i), Mfn(0x1000 + i), rw, wb)
+                    .unwrap();
+                b.map(&mut mb, Bfn(base + i), Mfn(0x1000 + i), rw, wb)
+                    .unwrap();
+            }
+            assert_eq!(a.superpage_count(), 1, "case {case}: folded");
+            if case.is_multiple_of(3) {
+                a.release_freed(&mut ma);
+                b.release_freed(&mut mb);
+            }
+            both(&mut a, &mut ma, &mut b, &mut mb, base + (x >> 7) % 512);
+            for k in 0..(x >> 30) % 40 {
+                let page = base + (x.rotate_left(k as u32) >> 3) % 512;
+                both(&mut a, &mut ma, &mut b, &mut mb, page);
+            }
+            if case.is_multiple_of(5) {
+                a.release_freed(&mut ma);
+                b.release_freed(&mut mb);
+            }
+            let first = base + (x >> 20) % 512;
+            let count = match case % 4 {
+                1 => base + 512 - first,
+                _ => 1 + (x >> 40) % (base + 512 - first),
+            };
+            let done = a.unmap_in_cached_leaf(&mut ma, Bfn(first), count);
+            for page in first + done..first + count {
+                let _ = a.unmap(&mut ma, Bfn(page));
+            }
+            for page in first..first + count {
+                let _ = b.unmap(&mut mb, Bfn(page));
+            }
+            for bfn in 0..0x1000u64 {
+                assert_eq!(
+                    a.translate(&ma, Bfn(bfn)),
+                    b.translate(&mb, Bfn(bfn)),
+                    "case {case}: BFN {bfn:#x}"
+                );
+            }
+            assert_eq!(a.freed_frames(&ma), b.freed_frames(&mb), "case {case}");
+            assert_eq!(a.spare_frames(&ma), b.spare_frames(&mb), "case {case}");
+            a.release_freed(&mut ma);
+            b.release_freed(&mut mb);
+            for i in 0..512u64 {
+                let ra = a.map(&mut ma, Bfn(base + i), Mfn(0x1000 + i), rw, wb);
+                let rb = b.map(&mut mb, Bfn(base + i), Mfn(0x1000 + i), rw, wb);
+                assert_eq!(ra, rb, "case {case}: remap of {:#x}", base + i);
+            }
+            assert_eq!(a.superpage_count(), b.superpage_count(), "case {case}");
+        }
+    }
+
+    #[test]
+    fn a_run_after_a_fold_and_a_split_unmaps_as_page_by_page_vtd() {
+        a_run_after_a_fold_and_a_split_unmaps_as_page_by_page::<Vtd>(4);
+        a_run_after_a_fold_and_a_split_unmaps_as_page_by_page::<Vtd>(3);
+    }
+
+    #[test]
+    fn a_run_after_a_fold_and_a_split_unmaps_as_page_by_page_lpae() {
+        a_run_after_a_fold_and_a_split_unmaps_as_page_by_page::<Lpae>(4);
+        a_run_after_a_fold_and_a_split_unmaps_as_page_by_page::<Lpae>(3);
+    }
+
+    /// A run the cache cannot take whole does nothing: no pages, one past
+    /// the tables' range, one whose count wraps, one that crosses into the
+    /// next leaf table; one it can stops before the table's last entry.
+    #[test]
+    fn a_run_the_cached_leaf_cannot_take_does_nothing() {
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        let mut m = frames();
+        let mut t =
+            IoPageTable::<Vtd>::with_options(&mut m, TableOptions::engine_context(3)).unwrap();
+        let top = 1u64 << 27;
+        t.map(&mut m, Bfn(top - 2), Mfn(5), rw, wb).unwrap();
+        t.map(&mut m, Bfn(top - 3), Mfn(6), rw, wb).unwrap();
+        assert_eq!(t.unmap_in_cached_leaf(&mut m, Bfn(top - 3), 0), 0);
+        assert_eq!(t.unmap_in_cached_leaf(&mut m, Bfn(top - 1), 2), 0);
+        assert_eq!(t.unmap_in_cached_leaf(&mut m, Bfn(u64::MAX), 2), 0);
+        assert_eq!(t.unmap_in_cached_leaf(&mut m, Bfn(top - 600), 200), 0);
+        // BFN top - 3 cleared; top - 2, the table's last entry, left.
+        assert_eq!(t.unmap_in_cached_leaf(&mut m, Bfn(top - 3), 3), 1);
+        assert!(t.translate(&m, Bfn(top - 3)).is_none());
+        assert!(t.translate(&m, Bfn(top - 2)).is_some());
+    }
+
     /// A run unmapped through the cached leaf table, the rest page by page
     /// (as a flush's clearing pass does), leaves the tables as unmapping
     /// every page did: the same translations, counts and freed tables,

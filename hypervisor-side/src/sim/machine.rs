@@ -1189,8 +1189,10 @@ impl SimMachine {
     /// Type frame `frame` of PV guest `domid` as a page table (`on`, as a
     /// pin does), or take the type off: a typed frame is never mapped
     /// writable. As Xen's `get_page_type(PGT_l1_page_table)`, typing fails
-    /// (`Busy`) while anything holds a writable reference to the frame (a
-    /// device mapping it writable, until its unmap's flush releases it).
+    /// (`Inval`, what the pin answers) while anything holds a writable
+    /// reference to the frame (a device mapping it writable, until its
+    /// unmap's flush releases it), and for a frame Xen shares with the
+    /// guest (pinned writable by Xen).
     pub fn set_pv_page_table(&mut self, domid: DomId, frame: Mfn, on: bool) -> Result<(), Errno> {
         let writable = self
             .ram
@@ -1199,8 +1201,8 @@ impl SimMachine {
             .map_or(0, |f| f.writable_refs);
         let d = self.domains.get_mut(&domid).ok_or(Errno::Srch)?;
         if on {
-            if writable != 0 {
-                return Err(Errno::Busy);
+            if writable != 0 || d.pv_xen_shared.contains(&frame.0) {
+                return Err(Errno::Inval);
             }
             d.pv_typed.insert(frame.0);
         } else {
@@ -1345,6 +1347,13 @@ impl SimMachine {
         gfn: Gfn,
     ) -> Result<(), Errno> {
         if let Some(d) = self.domains.get(&domid).filter(|d| d.pv) {
+            // A frame Xen shares with it: Xen's `guest_remove_page` takes
+            // the guest's allocation reference and succeeds; the frame stays
+            // Xen's heap, never the guest's RAM.
+            if d.pv_xen_shared.contains(&gfn.0) {
+                engine.gfn_removed(self, domid, gfn);
+                return Ok(());
+            }
             let listed = d.p2m.iter().find_map(|(g, e)| match e {
                 P2mEntry::Ram { mfn, .. } if mfn.0 == gfn.0 => Some(g),
                 _ => None,
@@ -1352,7 +1361,10 @@ impl SimMachine {
             return match listed {
                 Some(listed) => {
                     self.remove_gfn(domid, listed);
-                    // A freed page loses its type.
+                    // Its type goes with it (Xen 4.17 keeps a pinned page
+                    // allocated until it is unpinned; the simulator frees
+                    // it: either way it is no longer the guest's RAM, and
+                    // a lookup answers not present).
                     if let Some(d) = self.domains.get_mut(&domid) {
                         d.pv_typed.remove(&gfn.0);
                     }
@@ -1534,6 +1546,11 @@ impl SimMachine {
                 if let P2mEntry::Ram { mfn, .. } = *e {
                     self.free_domain_frame(mfn);
                 }
+            }
+            // Xen frees the pages it shared with the domain with it
+            // (`xenpage_list`): none stays the domid's for its next domain.
+            for &frame in &d.pv_xen_shared {
+                self.free_domain_frame(Mfn(frame));
             }
         }
     }
