@@ -1981,7 +1981,7 @@ impl DriverDomain {
 
     /// One more (`up`) or one fewer distinct page of `domid`; the count
     /// after. Always inlined: it is on every first map and last unmap of a
-    /// page, and a call costs more than its hinted path.
+    /// page, and a call costs more than its hot path.
     #[inline(always)]
     fn count_target(&mut self, seed: u64, domid: DomId, up: bool) -> Result<u64, Errno> {
         let key = u64::from(domid.0);
