@@ -545,7 +545,7 @@ proptest! {
             let stale = pviommu_hv::engine::Mapped {
                 bfn: Bfn(0xdead_beef),
                 tag: u32::MAX,
-                cell: usize::MAX,
+                cell: u8::MAX,
             };
             let mut out = vec![Ok(stale); pviommu_hv::engine::MAP_CHUNK];
             let done = e2.map_batch(&mut m2, DomId::DOM0, &info, &reqs[at..], &mut out);

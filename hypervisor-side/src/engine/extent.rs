@@ -424,11 +424,7 @@ impl<L: RawMutex> Engine<L> {
             }
         }
         Ok(ExtentMapped {
-            mapped: Mapped {
-                bfn: first_bfn,
-                tag,
-                cell: d.cell,
-            },
+            mapped: Mapped::new(first_bfn, tag, d.cell),
             shared: None,
         })
     }
@@ -510,11 +506,7 @@ impl<L: RawMutex> Engine<L> {
             }
         }
         Some(ExtentMapped {
-            mapped: Mapped {
-                bfn,
-                tag,
-                cell: d.cell,
-            },
+            mapped: Mapped::new(bfn, tag, d.cell),
             shared: Some(d.dd.next_gen),
         })
     }
@@ -571,7 +563,7 @@ impl<L: RawMutex> Engine<L> {
         let Some(mut d) = self.lock_cell(caller, req.context) else {
             return;
         };
-        if d.cell != done.mapped.cell {
+        if !done.mapped.made_in(d.cell) {
             self.put_driver(d);
             return;
         }

@@ -1043,11 +1043,7 @@ impl<L: RawMutex> Engine<L> {
             let m = d.dd.live_at(idx).ok_or(Errno::Inval)?;
             if m.mfn == mfn {
                 d.dd.set_refs(idx, m.refs.checked_add(1).ok_or(Errno::NoSpc)?);
-                let m = Mapped {
-                    bfn,
-                    tag: m.gen,
-                    cell: d.cell,
-                };
+                let m = Mapped::new(bfn, m.gen, d.cell);
                 return Ok(Prepared::Shared(report::shared(out, m)));
             }
             // The gfn no longer points at the mapped frame: a removal
@@ -1185,14 +1181,7 @@ impl<L: RawMutex> Engine<L> {
                         self.write_pending_entries_mid_call(d, h);
                     }
                 }
-                report::installed(
-                    out,
-                    Mapped {
-                        bfn,
-                        tag,
-                        cell: d.cell,
-                    },
-                )
+                report::installed(out, Mapped::new(bfn, tag, d.cell))
             }
             Err(e) if deferred => {
                 // Unreachable (capacity reserved); no entry was written.

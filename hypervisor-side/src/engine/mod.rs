@@ -495,8 +495,30 @@ pub struct Mapped {
     /// The mapping's install generation in its cell.
     pub tag: u32,
     /// The driver cell it was made in (a driver domain that went idle may
-    /// come back in another cell, whose generations are its own).
-    pub cell: usize,
+    /// come back in another cell, whose generations are its own). A byte:
+    /// every cell number fits (checked below), and the results of a map
+    /// run sit on Xen's stack, 8 of them, where each byte counts.
+    pub cell: u8,
+}
+
+// Every cell's number fits `Mapped::cell`.
+const _: () = assert!(MAX_DRIVER_DOMAINS <= 1 << u8::BITS);
+
+impl Mapped {
+    /// The result of a map made in `cell` (a cell number: below
+    /// `MAX_DRIVER_DOMAINS`, so it fits a byte).
+    pub(crate) fn new(bfn: Bfn, tag: u32, cell: usize) -> Self {
+        Mapped {
+            bfn,
+            tag,
+            cell: cell as u8,
+        }
+    }
+
+    /// Whether it was made in `cell`.
+    pub(crate) fn made_in(&self, cell: usize) -> bool {
+        usize::from(self.cell) == cell
+    }
 }
 
 /// A driver domain's locked state and the cell it lives in.

@@ -217,7 +217,7 @@ impl<L: RawMutex> Engine<L> {
         let Some(mut d) = self.lock_cell(caller, context) else {
             return;
         };
-        if d.cell != mapped.cell {
+        if !mapped.made_in(d.cell) {
             // The domain went idle and came back elsewhere: not that install.
             self.put_driver(d);
             return;
