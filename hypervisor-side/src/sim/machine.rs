@@ -2305,45 +2305,43 @@ impl SimMachine {
         if d.dying {
             return Err(Errno::Srch);
         }
-        if d.pv {
-            let (kind, mfn) = classify_pv_frame(&self.ram, domid, d, gfn.0, want_write);
-            if let Some(m) = mfn {
-                self.ram.reference(m, want_write);
-            }
-            return Ok(PageLookup { kind, mfn });
-        }
-        let (kind, mfn) = match d.p2m.get(&gfn) {
-            // The caller's own page: Xen's glue does not start paging it
-            // in (that may sleep for the pager's ring with the lookup's
-            // locks held, xen/pviommu.c); the domain pages it in by
-            // touching it.
-            Some(P2mEntry::PagedOut) if domid == self.current => {
-                return Ok(PageLookup {
-                    kind: PageKind::PagedOut,
-                    mfn: None,
-                });
-            }
-            // Xen starts paging the frame in and answers EAGAIN; the
-            // simulator's pager finishes at once, so a retry finds it.
-            Some(P2mEntry::PagedOut) => {
-                self.paging_requests += 1;
-                if let Ok(mfn) = self.ram.alloc(Owner::Domain(domid)) {
-                    if let Some(d) = self.domains.get_mut(&domid) {
-                        d.p2m.insert(
-                            gfn,
-                            P2mEntry::Ram {
-                                mfn,
-                                read_only: false,
-                            },
-                        );
-                    }
+        // A PV guest's "gfn" is a machine frame: no p2m, no pager.
+        let (kind, mfn) = if d.pv {
+            classify_pv_frame(&self.ram, domid, d, gfn.0, want_write)
+        } else {
+            match d.p2m.get(&gfn) {
+                // The caller's own page: Xen's glue does not start paging it
+                // in (that may sleep for the pager's ring with the lookup's
+                // locks held, xen/pviommu.c); the domain pages it in by
+                // touching it.
+                Some(P2mEntry::PagedOut) if domid == self.current => {
+                    return Ok(PageLookup {
+                        kind: PageKind::PagedOut,
+                        mfn: None,
+                    });
                 }
-                return Ok(PageLookup {
-                    kind: PageKind::PagedOut,
-                    mfn: None,
-                });
+                // Xen starts paging the frame in and answers EAGAIN; the
+                // simulator's pager finishes at once, so a retry finds it.
+                Some(P2mEntry::PagedOut) => {
+                    self.paging_requests += 1;
+                    if let Ok(mfn) = self.ram.alloc(Owner::Domain(domid)) {
+                        if let Some(d) = self.domains.get_mut(&domid) {
+                            d.p2m.insert(
+                                gfn,
+                                P2mEntry::Ram {
+                                    mfn,
+                                    read_only: false,
+                                },
+                            );
+                        }
+                    }
+                    return Ok(PageLookup {
+                        kind: PageKind::PagedOut,
+                        mfn: None,
+                    });
+                }
+                entry => classify_entry(entry, want_write, d.log_dirty),
             }
-            entry => classify_entry(entry, want_write, d.log_dirty),
         };
         if let Some(m) = mfn {
             self.ram.reference(m, want_write);
