@@ -476,6 +476,17 @@ impl<const BITS: u32> CountTable<BITS> {
         (self.hot_key == key).then_some(self.hot_count)
     }
 
+    /// The count of `key`, made the hot one (the one before written back)
+    /// if it was not; `None`, nothing hot, if `key` has no count. `hash`
+    /// gives `key`'s hash, asked only when `key` is not hot already.
+    #[inline(always)]
+    pub fn heated(&mut self, key: u64, hash: impl FnOnce() -> u64) -> Option<u64> {
+        match self.hot(key) {
+            Some(n) => Some(n),
+            None => self.heat(hash(), key),
+        }
+    }
+
     /// Make `key`'s count the hot one (the one before written back) and
     /// answer it; `None`, nothing hot, if `key` has no count.
     #[inline]

@@ -1985,18 +1985,15 @@ impl DriverDomain {
     #[inline(always)]
     fn count_target(&mut self, seed: u64, domid: DomId, up: bool) -> Result<u64, Errno> {
         let key = u64::from(domid.0);
-        let n = match self.targets.hot(key) {
+        let n = match self.targets.heated(key, || target_hash(seed, domid)) {
             Some(n) => n,
-            None => match self.targets.heat(target_hash(seed, domid), key) {
-                Some(n) => n,
-                None if up => {
-                    return self
-                        .targets
-                        .insert(target_hash(seed, domid), key, 1)
-                        .map(|()| 1)
-                }
-                None => return Ok(0),
-            },
+            None if up => {
+                return self
+                    .targets
+                    .insert(target_hash(seed, domid), key, 1)
+                    .map(|()| 1)
+            }
+            None => return Ok(0),
         };
         // (A stored count is at least 1.)
         let n = if up { n + 1 } else { n.saturating_sub(1) };
@@ -2025,11 +2022,7 @@ impl DriverDomain {
             return;
         };
         let key = region_key(domid, region);
-        let found = match self.regions.hot(key) {
-            Some(n) => Some(n),
-            None => self.regions.heat(region_hash(seed, key), key),
-        };
-        match found {
+        match self.regions.heated(key, || region_hash(seed, key)) {
             // A count past what its field holds (a region's pages and its
             // extents' records: at most 2^14 + 32 * 12), or a page leaving
             // a region counted empty, is no count: stop trusting them all.
