@@ -508,6 +508,7 @@ impl Mapped {
     /// The result of a map made in `cell` (a cell number: below
     /// `MAX_DRIVER_DOMAINS`, so it fits a byte).
     pub(crate) fn new(bfn: Bfn, tag: u32, cell: usize) -> Self {
+        debug_assert!(cell < MAX_DRIVER_DOMAINS, "cell {cell} is no cell");
         Mapped {
             bfn,
             tag,
