@@ -551,10 +551,16 @@ fn command(cli: &Cli, c: &mut AnyClient, state: Option<&SimState>) -> Result<(),
                     }
                     // The daemon pushes notices to its subscribed clients.
                     Backend::Remote => {
-                        let deadline = std::time::Instant::now() + timeout;
+                        // A wait past what the clock can count (`--wait`
+                        // near u64::MAX seconds) has no deadline: it ends
+                        // with a notice, as a wait of centuries would.
+                        let deadline = std::time::Instant::now().checked_add(timeout);
+                        let slice = std::time::Duration::from_secs(60);
                         loop {
-                            let left = deadline.saturating_duration_since(std::time::Instant::now());
-                            if c.wait_revocations(left.min(std::time::Duration::from_secs(60)))? {
+                            let left = deadline.map_or(slice, |d| {
+                                d.saturating_duration_since(std::time::Instant::now())
+                            });
+                            if c.wait_revocations(left.min(slice))? {
                                 break true;
                             }
                             if left.is_zero() {

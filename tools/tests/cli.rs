@@ -940,6 +940,50 @@ fn the_daemon_attaches_devices_too() {
     remote(&["context", "destroy", "--context", "1"], true);
 }
 
+/// `revocations --wait` with more seconds than the clock can count (a
+/// typo, a script's u64::MAX) waits without a deadline: a notice already
+/// pending is drained at once. It panicked adding the wait to the clock
+/// (review), before even looking for one.
+#[test]
+fn a_wait_past_what_the_clock_counts_is_no_panic() {
+    let env = Env::new();
+    let socket = env.dir.path().join("sim.sock");
+    let _daemon = KillOnDrop(
+        env.cmd(&["sim", "serve", "--socket", socket.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(std::time::Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let sock = socket.to_str().unwrap();
+    let remote = |args: &[&str]| {
+        let mut a = vec!["--backend", "remote", "--socket", sock];
+        a.extend_from_slice(args);
+        env.json(&a)
+    };
+    let map = remote(&["map", "--domid", "1", "--gfn", "0x101"]);
+    let bfn = map["mappings"][0]["bfn"].clone();
+    remote(&["sim", "balloon-out", "--domid", "1", "--gfn", "0x101"]);
+    let (ok, out, err) = env.run(&[
+        "--backend",
+        "remote",
+        "--socket",
+        sock,
+        "--json",
+        "revocations",
+        "--wait",
+        "18446744073709551615",
+    ]);
+    assert!(ok && !err.contains("panicked"), "{out}{err}");
+    let revs: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(revs["revocations"][0]["bfn"], bfn, "{revs}");
+}
+
 /// A child process killed and reaped when dropped.
 struct KillOnDrop(std::process::Child);
 
