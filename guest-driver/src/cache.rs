@@ -55,13 +55,37 @@ impl MappingCache {
     pub fn bfn_of(&self, key: &CacheKey) -> Option<Bfn> {
         self.by_key.get(key).map(|e| e.bfn)
     }
-    /// Record a fresh mapping with one reference.
-    pub fn insert(&mut self, key: CacheKey, bfn: Bfn) {
+    /// Record a fresh mapping with one reference. Returns the key the
+    /// cache filed under `bfn` before, if another: a stale one, now
+    /// forgotten.
+    ///
+    /// The hypervisor hands a BFN out again only once its mapping went
+    /// and the notice was acknowledged. A key still filed under it is one
+    /// whose revocation another client of the same driver domain drained
+    /// (a second process draining all contexts, or sharing context 0):
+    /// kept, a map of its page would be answered with a BFN that now
+    /// reaches another page.
+    pub fn insert(&mut self, key: CacheKey, bfn: Bfn) -> Option<CacheKey> {
         // The hypervisor handed the BFN out again: its notice is gone, and
         // with it any holder a mark still counted.
         self.revoked.remove(&(key.context, bfn));
-        self.by_key.insert(key, Entry { bfn, refs: 1 });
-        self.by_bfn.insert((key.context, bfn), key);
+        let stale = self
+            .by_bfn
+            .insert((key.context, bfn), key)
+            .filter(|old| *old != key);
+        if let Some(old) = stale {
+            self.by_key.remove(&old);
+        }
+        // A key cached at another BFN (a map answers a cached key from the
+        // cache, so only a hypervisor that forgot it gets here): the new
+        // answer is the mapping; the old BFN no longer names the key.
+        let before = self.by_key.insert(key, Entry { bfn, refs: 1 });
+        if let Some(prev) = before.filter(|e| e.bfn != bfn) {
+            if self.by_bfn.get(&(key.context, prev.bfn)) == Some(&key) {
+                self.by_bfn.remove(&(key.context, prev.bfn));
+            }
+        }
+        stale
     }
     /// Drop one reference; `Some(true)` when it was the last (the caller
     /// unmaps), `Some(false)` when others remain, `None` if unknown.
@@ -175,6 +199,35 @@ mod tests {
         assert_eq!(cache.get_ref(&key), Some(Bfn(7)));
         assert_eq!(cache.release(ContextId::DEFAULT, Bfn(7)), Some(false));
         assert_eq!(cache.refs(ContextId::DEFAULT, Bfn(7)), u64::from(u32::MAX));
+    }
+
+    /// A BFN handed out again for another page (its notice drained and
+    /// acknowledged by another client) replaces the key filed under it:
+    /// the old page is no longer answered with it, and a release of the
+    /// BFN counts against the new page only (review: the old key stayed,
+    /// answering its page with a BFN that reached the new one).
+    #[test]
+    fn a_bfn_handed_out_again_forgets_its_stale_key() {
+        let mut cache = MappingCache::default();
+        let key = |gfn| CacheKey {
+            domid: DomId(1),
+            gfn: Gfn(gfn),
+            context: ContextId::DEFAULT,
+            perms: Permissions::RW,
+            attr: MemAttr::WriteBack,
+        };
+        assert_eq!(cache.insert(key(5), Bfn(7)), None);
+        assert_eq!(cache.insert(key(6), Bfn(7)), Some(key(5)));
+        assert_eq!(cache.bfn_of(&key(5)), None);
+        assert_eq!(cache.key_of(ContextId::DEFAULT, Bfn(7)), Some(key(6)));
+        assert_eq!(cache.len(), 1);
+        // The same key answered at another BFN: the old one names nothing.
+        assert_eq!(cache.insert(key(6), Bfn(9)), None);
+        assert_eq!(cache.key_of(ContextId::DEFAULT, Bfn(7)), None);
+        assert_eq!(cache.bfn_of(&key(6)), Some(Bfn(9)));
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.release(ContextId::DEFAULT, Bfn(9)), Some(true));
+        assert!(cache.holds_nothing());
     }
 
     /// A BFN revoked while held leaves what maps are answered with, but

@@ -218,6 +218,7 @@ pub extern "C" fn pviommu_open_sim(guest_pages: u64) -> *mut CClient {
 #[no_mangle]
 pub extern "C" fn pviommu_open_remote(socket: *const c_char, caller: u16) -> *mut CClient {
     if socket.is_null() {
+        set_last_error("open remote: the socket path is NULL");
         return std::ptr::null_mut();
     }
     // SAFETY: the caller passes a NUL-terminated string.

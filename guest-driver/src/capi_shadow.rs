@@ -444,12 +444,16 @@ pub extern "C" fn pviommu_shadow_sim_dma_read(
     if buf.is_null() || len > 4096 {
         return EINVAL;
     }
-    let r = sim.lock().0.dma_read(
-        DomId::DOM0,
-        ContextId::DEFAULT,
-        bfn.saturating_mul(4096),
-        len,
-    );
+    // As `pviommu_sim_dma_read`: a BFN past the bus names no address (a
+    // saturated one read the top page instead).
+    let Some(addr) = bfn.checked_mul(4096) else {
+        crate::capi::set_last_error(&format!("sim dma read: bfn {bfn:#x} past the bus"));
+        return EINVAL;
+    };
+    let r = sim
+        .lock()
+        .0
+        .dma_read(DomId::DOM0, ContextId::DEFAULT, addr, len);
     match r {
         Ok(bytes) => {
             // SAFETY: `buf` holds `len` bytes.

@@ -58,6 +58,13 @@ pub struct ClientStats {
     pub cache_hits: u64,
     /// Revocations received and acknowledged.
     pub revocations: u64,
+    /// Cached pages found stale: their BFN was handed out again for
+    /// another page, its revocation drained by another client of the
+    /// same driver domain.
+    pub stale_keys: u64,
+    /// Map answers refused: a BFN outside the advertised window (sent
+    /// back to the hypervisor as an unmap).
+    pub bad_answers: u64,
 }
 
 /// How far [`Client::run_ops_settled`] got through its ops.
@@ -308,6 +315,10 @@ impl<T: Transport> Client<T> {
         let mut results: Vec<Option<Result<Bfn, Error>>> = Vec::with_capacity(gfns.len());
         let mut ops = Vec::new();
         let mut pending = Vec::new();
+        // The new pages asked for so far: a repeat is found in O(1) (a
+        // scan of `pending` made a call of n new gfns cost n^2 / 2
+        // compares, with the client's lock held).
+        let mut asked = std::collections::HashSet::new();
         for (i, gfn) in gfns.iter().enumerate() {
             let key = CacheKey {
                 domid,
@@ -322,7 +333,7 @@ impl<T: Transport> Client<T> {
                 continue;
             }
             // The same new page twice in one call: map once, reference twice.
-            if pending.iter().any(|(_, k): &(usize, CacheKey)| *k == key) {
+            if !asked.insert(key) {
                 results.push(None);
                 pending.push((i, key));
                 continue;
@@ -353,8 +364,12 @@ impl<T: Transport> Client<T> {
         #[derive(Clone, Copy)]
         enum FirstOp {
             Ran(Result<Bfn, Errno>),
+            /// Answered with a BFN outside the window: refused, and sent
+            /// back.
+            OutOfWindow(u64),
             DidNotRun,
         }
+        let mut give_back = Vec::new();
         let mut next_op = 0usize;
         let mut first_result: std::collections::HashMap<CacheKey, FirstOp> = Default::default();
         for (i, key) in pending {
@@ -372,8 +387,19 @@ impl<T: Transport> Client<T> {
                     let k = next_op;
                     next_op += 1;
                     let r = match ops.get(k) {
+                        Some(op) if k < settled && op.status == 0 && !self.in_window(op.bfn, 1) => {
+                            self.stats.bad_answers += 1;
+                            give_back.push(
+                                Request::Unmap {
+                                    context,
+                                    bfn: Bfn(op.bfn),
+                                }
+                                .encode(),
+                            );
+                            FirstOp::OutOfWindow(op.bfn)
+                        }
                         Some(op) if k < settled && op.status == 0 => {
-                            self.cache.insert(key, Bfn(op.bfn));
+                            self.cache_fresh(key, Bfn(op.bfn));
                             FirstOp::Ran(Ok(Bfn(op.bfn)))
                         }
                         Some(op) if k < settled => {
@@ -392,6 +418,10 @@ impl<T: Transport> Client<T> {
                     what: what(),
                     errno,
                 }),
+                FirstOp::OutOfWindow(bfn) => Err(Error::Unexpected {
+                    what: format!("{}: BFN outside the window", what()),
+                    value: bfn as i64,
+                }),
                 FirstOp::DidNotRun => Err(Error::Remote(format!(
                     "{}: {}",
                     what(),
@@ -399,10 +429,48 @@ impl<T: Transport> Client<T> {
                 ))),
             });
         }
+        self.give_back(give_back);
         results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(Error::InvalidArgument("lost result".into()))))
             .collect()
+    }
+
+    /// Whether the `pages` BFNs from `bfn` lie in the window the caps
+    /// advertise: a BFN the hypervisor answers outside it is no mapping
+    /// a device may be given (a broken or hostile peer's answer).
+    fn in_window(&self, bfn: u64, pages: u64) -> bool {
+        bfn >= self.caps.bfn_window_start
+            && bfn
+                .checked_add(pages)
+                .is_some_and(|end| end <= self.caps.bfn_window_end)
+    }
+
+    /// File a mapping the hypervisor just made; a key filed under its BFN
+    /// before is stale ([`MappingCache::insert`]): counted and logged.
+    fn cache_fresh(&mut self, key: CacheKey, bfn: Bfn) {
+        if let Some(old) = self.cache.insert(key, bfn) {
+            self.stats.stale_keys += 1;
+            tracing::warn!(
+                bfn = bfn.0,
+                domid = old.domid.0,
+                gfn = old.gfn.0,
+                "cached page stale: its BFN was handed out again (its revocation drained elsewhere)"
+            );
+        }
+    }
+
+    /// Send back what the hypervisor answered but the client refused (a
+    /// map's BFN outside the window, an extent's misaligned first BFN):
+    /// the references it says it took go back. Best effort: should that
+    /// fail too, they stay until the driver domain's teardown.
+    fn give_back(&mut self, mut ops: Vec<PvIommuOp>) {
+        if ops.is_empty() {
+            return;
+        }
+        if let Err(e) = self.run_ops(&mut ops) {
+            tracing::warn!(error = %e, "giving back refused map answers");
+        }
     }
 
     /// Map the 2 MiB extent of `domid` from `gfn` (a multiple of 512) into
@@ -531,6 +599,7 @@ impl<T: Transport> Client<T> {
         let stopped = call.err().map(|e| e.to_string());
         // Unmaps of the references a share added to pages the cache holds.
         let mut extra = Vec::new();
+        let mut give_back = Vec::new();
         let firsts = sent.clone();
         for (k, ((i, gfn), op)) in sent.into_iter().zip(&ops).enumerate() {
             let what = || format!("map extent d{} gfn {:#x}", domid.0, gfn.0);
@@ -545,9 +614,21 @@ impl<T: Transport> Client<T> {
                     what: what(),
                     errno: Errno::from_code(op.status).unwrap_or(Errno::Inval),
                 })
-            } else if !pviommu_abi::extent_aligned(op.bfn) {
+            } else if !pviommu_abi::extent_aligned(op.bfn) || !self.in_window(op.bfn, EXTENT_PAGES)
+            {
+                // No extent a device may be given: its pages go back one
+                // by one (an extent unmap refuses a misaligned BFN).
+                self.stats.bad_answers += 1;
+                let first = op.bfn;
+                give_back.extend((0..EXTENT_PAGES).map(|p| {
+                    Request::Unmap {
+                        context,
+                        bfn: Bfn(first.wrapping_add(p)),
+                    }
+                    .encode()
+                }));
                 Err(Error::Unexpected {
-                    what: "map extent: first BFN not a multiple of 512".into(),
+                    what: "map extent: first BFN not a multiple of 512 in the window".into(),
                     value: op.bfn as i64,
                 })
             } else {
@@ -581,7 +662,7 @@ impl<T: Transport> Client<T> {
                                 .encode(),
                             );
                         } else {
-                            self.cache.insert(key(gfn, p), at(p));
+                            self.cache_fresh(key(gfn, p), at(p));
                         }
                     }
                     Ok(bfn)
@@ -609,6 +690,7 @@ impl<T: Transport> Client<T> {
                 None => Err(Error::InvalidArgument("lost result".into())),
             });
         }
+        self.give_back(give_back);
         if !extra.is_empty() {
             // (Each drops the reference a share added; the page stays
             // mapped by the one the cache already held.) Should that fail,

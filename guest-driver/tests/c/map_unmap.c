@@ -12,6 +12,10 @@
 
 int main(void)
 {
+    /* No socket path: NULL, and the thread's last error says why. */
+    CHECK(pviommu_open_remote(NULL, 0) == NULL, "open_remote NULL");
+    CHECK(strstr(pviommu_last_error(NULL), "NULL") != NULL, "open_remote NULL message: '%s'",
+          pviommu_last_error(NULL));
     pviommu_client *c = pviommu_open_sim(64);
     CHECK(c, "open_sim");
     uint64_t gfns[N], bfns[N];

@@ -61,6 +61,8 @@ int main(void)
     CHECK(pviommu_shadow_sync(s, &changed, 1, &c) == 0);
     CHECK(c.leaves_mapped == 0 && c.leaves_unmapped == 1 && c.leaves_present == 3 && c.pages_read == 1);
     CHECK(pviommu_shadow_sim_dma_read(s, old, buf, 7) == -EFAULT);
+    /* A BFN past the bus names no address: refused, not read at the top. */
+    CHECK(pviommu_shadow_sim_dma_read(s, UINT64_MAX, buf, 7) == -EINVAL);
     CHECK(pviommu_shadow_sync(s, NULL, 1, &c) == -EINVAL);
     CHECK(strstr(pviommu_shadow_last_error(s), "changed is NULL") != NULL);
     /* A length no array has is refused before anything is read. */
