@@ -582,9 +582,11 @@ void pvx_page_non_coherent(uint64_t mfn)
      *
      * mfn_valid() (its bound is evaluate_nospec()) as pvx_put_page(): the
      * frame_table index stays in bounds, even under speculation. (The
-     * engine passes only frames it was given; its run slots past those
-     * hold the guest's gfns, which this bound keeps inside frame_table.)
+     * engine passes only frames it was given and still holds; a run's
+     * slots past those hold gfns, or frames already handed back after a
+     * refusal mid-run, and are never passed.)
      */
+    ASSERT_NOT_IN_ATOMIC();
     if ( !mfn_valid(_mfn(mfn)) )
     {
         ASSERT_UNREACHABLE();

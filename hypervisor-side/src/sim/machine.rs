@@ -2248,6 +2248,8 @@ impl Platform for SimMachine {
         *self.revocation_wakeups.entry(owner).or_insert(0) += 1;
     }
     fn note_non_coherent_write(&mut self, mfn: Mfn) {
+        // [unlocked] on Xen (the glue's pvx_page_non_coherent asserts it).
+        crate::lock_check::note_service("note_non_coherent_write (unlocked on Xen)");
         if let Some(f) = self.ram.info.get_mut(mfn.0 as usize) {
             f.non_coherent = true;
         }
@@ -2719,6 +2721,8 @@ impl IommuBackend for SimMachine {
         Ok(())
     }
     fn owns_devices(&self, domid: DomId) -> bool {
+        // [unlocked] on Xen (an RCU domain lookup; the glue asserts it).
+        crate::lock_check::note_service("owns_devices (RCU domain lookup)");
         self.devices.values().any(|d| d.facts.owner == domid)
     }
     fn hw_flush(&mut self, hw: HwContext, first: Bfn, last: Bfn) -> Result<(), Errno> {

@@ -59,7 +59,6 @@
 #define PVX_BOOT_MEM() bootinfo_get_mem()
 typedef struct membanks pvx_membanks_t;
 #define pvx_send_revoked_virq(d) send_guest_domain_virq(d, VIRQ_PV_IOMMU)
-#define PVX_CTX_FREE_VOID /* patches-4.21/0009's op returns nothing */
 #else
 #include <asm/setup.h>
 #define PVX_BOOT_MEM() (&bootinfo.mem)
