@@ -229,6 +229,11 @@ impl<L: RawMutex> Engine<L> {
                             self.undo_gate_bit(d.cell, &d.dd, req.domid, newly)
                         }
                     }
+                    // A stale mapping revoked on the way left its entry for
+                    // the flush: bounded as the runs' are.
+                    if d.dd.deferred_entries >= revoke::DEFER_LIMIT {
+                        self.clear_deferred_entries_mid_call(&mut d.dd, h);
+                    }
                     self.put_driver(d);
                     out
                 }

@@ -242,7 +242,11 @@ pub struct TargetGate {
     /// or unmapped but not yet flushed), plus maps of them in flight.
     active: AtomicU32,
     /// Bumped whenever the domain's p2m loses a page the engine may have
-    /// looked up, and when the domain starts dying.
+    /// looked up, and when the domain starts dying. 32 bits: a map reads it
+    /// twice around its page lookup, with no lock but the target's p2m's
+    /// and none at all between, so a wrap would need 2^32 hooks inside one
+    /// map's window, each a p2m change of the target: not reachable (a
+    /// review's note; the gate stays 32 bytes, 4 to a cache line).
     seq: AtomicU32,
     /// Bit n (of word n / 64): driver cell n maps pages of this domain (or
     /// is mapping one right now). Changed only under cell n's lock. Each

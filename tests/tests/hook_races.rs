@@ -1,0 +1,352 @@
+//! Map runs (map_alike, map_run), extents and single maps racing
+//! gfn hooks (removal, write loss, ranges) and a target's teardown, on
+//! real threads. After every write-loss hook returns, no cell may hold a
+//! writable Live mapping of that gfn; after every removal hook, no Live
+//! mapping of the old frame. At the end the usual invariants.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use pviommu_abi::{ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions};
+use pviommu_hv::engine::{GfnChange, Slot};
+use pviommu_hv::lock_check;
+use pviommu_hv::platform::Platform;
+use pviommu_hv::sim::{DomainSpec, Format, SharedSim, SimMachine};
+use pviommu_hv::{Engine, Errno};
+use pviommu_tests::Rng;
+
+const PAGES: u64 = 2048;
+const T1: DomId = DomId(1);
+const T2: DomId = DomId(2);
+const DM1: DomId = DomId(11);
+
+fn host() -> (SharedSim, Arc<Engine>) {
+    let mut m = SimMachine::new(4 * PAGES + 16384, Format::Vtd, 64);
+    for t in [T1, T2] {
+        m.create_domain_in_superpages(
+            t,
+            DomainSpec {
+                pages: PAGES,
+                privileged: false,
+                device_model_of: None,
+            },
+        )
+        .unwrap();
+    }
+    m.create_domain(
+        DM1,
+        DomainSpec {
+            pages: 32,
+            privileged: false,
+            device_model_of: Some(T1),
+        },
+    )
+    .unwrap();
+    let e = Engine::new(Default::default(), &m).unwrap();
+    (SharedSim::new(m), Arc::new(e))
+}
+
+fn req(ctx: ContextId, t: DomId, gfn: u64, write: bool) -> MapRequest {
+    MapRequest {
+        context: ctx,
+        domid: t,
+        gfn: Gfn(gfn),
+        perms: if write {
+            Permissions::RW
+        } else {
+            Permissions::RO
+        },
+        attr: MemAttr::WriteBack,
+        grant: false,
+    }
+}
+
+fn ok_map_err(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::Nxio
+            | Errno::Again
+            | Errno::Srch
+            | Errno::Acces
+            | Errno::XDev
+            | Errno::Busy
+            | Errno::NoSpc
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mapper(
+    sim: SharedSim,
+    e: Arc<Engine>,
+    caller: DomId,
+    targets: Vec<DomId>,
+    ctx: ContextId,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) -> u64 {
+    let mut h = sim.handle(caller);
+    let info = h.domain_info(caller).unwrap();
+    let mut rng = Rng(seed);
+    let mut mine: Vec<pviommu_abi::Bfn> = vec![];
+    let mut extents: Vec<pviommu_abi::Bfn> = vec![];
+    let mut done = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let t = targets[(rng.next() % targets.len() as u64) as usize];
+        let write = rng.next() % 2 == 0;
+        let pick = if mine.len() > 1500 {
+            9
+        } else {
+            rng.next() % 10
+        };
+        match pick {
+            // A run of one target, one access: map_alike.
+            0..=2 => {
+                let g0 = rng.next() % (PAGES - 8);
+                let reqs: Vec<_> = (0..8).map(|k| req(ctx, t, g0 + k, write)).collect();
+                let mut out = [Err(Errno::Inval); 8];
+                let mut at = 0;
+                while at < reqs.len() {
+                    let n = e.map_batch(&mut h, caller, &info, &reqs[at..], &mut out[at..]);
+                    assert!(n > 0);
+                    at += n;
+                }
+                for o in out {
+                    match o {
+                        Ok(m) => mine.push(m.bfn),
+                        Err(x) => assert!(ok_map_err(x), "{x:?}"),
+                    }
+                }
+            }
+            // A mixed run: map_run.
+            3..=4 => {
+                let reqs: Vec<_> = (0..8)
+                    .map(|_| {
+                        let t = targets[(rng.next() % targets.len() as u64) as usize];
+                        req(ctx, t, rng.next() % PAGES, rng.next() % 2 == 0)
+                    })
+                    .collect();
+                let mut out = [Err(Errno::Inval); 8];
+                let mut at = 0;
+                while at < reqs.len() {
+                    let n = e.map_batch(&mut h, caller, &info, &reqs[at..], &mut out[at..]);
+                    assert!(n > 0);
+                    at += n;
+                }
+                for o in out {
+                    match o {
+                        Ok(m) => mine.push(m.bfn),
+                        Err(x) => assert!(ok_map_err(x), "{x:?}"),
+                    }
+                }
+            }
+            5 => {
+                let g0 = (rng.next() % (PAGES / 512)) * 512;
+                match e.map_extent(&mut h, caller, &info, &req(ctx, t, g0, write)) {
+                    Ok(m) => {
+                        extents.push(m.mapped.bfn);
+                        if extents.len() > 4 {
+                            let b = extents.remove(0);
+                            let _ = e.unmap_extent(&mut h, caller, ctx, b);
+                        }
+                    }
+                    Err(x) => assert!(ok_map_err(x), "{x:?}"),
+                }
+            }
+            6 => {
+                if let Some(b) = extents.pop() {
+                    match e.unmap_extent(&mut h, caller, ctx, b) {
+                        Ok(_) => {}
+                        Err(Errno::NoEnt | Errno::Busy) => {}
+                        Err(x) => panic!("{x:?}"),
+                    }
+                }
+            }
+            _ => {
+                for _ in 0..16 {
+                    if mine.is_empty() {
+                        break;
+                    }
+                    let b = mine.swap_remove((rng.next() % mine.len() as u64) as usize);
+                    match e.unmap(&mut h, caller, ctx, b) {
+                        Ok(()) | Err(Errno::Stale) | Err(Errno::NoEnt | Errno::Busy) => {}
+                        Err(x) => panic!("{x:?}"),
+                    }
+                }
+            }
+        }
+        if rng.next() % 3 == 0 {
+            e.finish(&mut h, caller);
+        }
+        done += 1;
+    }
+    e.finish(&mut h, caller);
+    done
+}
+
+/// No Live mapping of (t, g) with write access anywhere; none of the old
+/// frame.
+fn check_after_hook(e: &Engine, t: DomId, g: u64, old: Option<pviommu_hv::Mfn>, write_lost: bool) {
+    let st = e.state();
+    for d in st.drivers() {
+        for (idx, s) in d.slots() {
+            if let Slot::Live(m) = s {
+                if m.domid != t || m.gfn.0 != g {
+                    continue;
+                }
+                if write_lost {
+                    assert!(
+                        !m.perms.write,
+                        "writable Live mapping of d{} gfn {g} after its write-lost hook: slot {idx} of cell d{} ctx {:?}",
+                        t.0,
+                        d.domid().0,
+                        d.context()
+                    );
+                }
+                if let Some(old) = old {
+                    assert_ne!(
+                        m.mfn, old,
+                        "Live mapping of d{} gfn {g}'s old frame after its removal hook",
+                        t.0
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn revoker(sim: SharedSim, e: Arc<Engine>, seed: u64, stop: Arc<AtomicBool>) -> u64 {
+    let mut h = sim.handle(DomId::DOM0);
+    let mut rng = Rng(seed);
+    let mut n = 0;
+    // Each revoker has its own blocks of 8 gfns (bit 3 of the gfn): a page
+    // another revoker made writable again between a hook and its check
+    // could be mapped writable anew, legitimately.
+    let lane = seed & 1;
+    while !stop.load(Ordering::SeqCst) {
+        let t = if rng.next() % 2 == 0 { T1 } else { T2 };
+        let g = (rng.next() % PAGES) & !8 | lane << 3;
+        match rng.next() % 4 {
+            0 => {
+                // Removal of one gfn.
+                let old = sim.lock().mfn_of(t, Gfn(g));
+                let changed = sim.lock().put_new_frame(t, Gfn(g)).is_ok();
+                if changed {
+                    e.gfn_removed(&mut h, t, Gfn(g));
+                    check_after_hook(&e, t, g, old, false);
+                }
+            }
+            1 | 2 => {
+                // Write loss; then the page is replaced (writable again).
+                sim.lock().set_read_only(t, Gfn(g));
+                e.gfn_changed(&mut h, t, Gfn(g), 0, GfnChange::WriteLost);
+                check_after_hook(&e, t, g, None, true);
+                std::thread::yield_now();
+                check_after_hook(&e, t, g, None, true);
+                let old = sim.lock().mfn_of(t, Gfn(g));
+                if sim.lock().put_new_frame(t, Gfn(g)).is_ok() {
+                    e.gfn_removed(&mut h, t, Gfn(g));
+                    check_after_hook(&e, t, g, old, false);
+                }
+            }
+            _ => {
+                // A range removal (order 3).
+                let g0 = g & !7;
+                let olds: Vec<_> = (g0..g0 + 8).map(|x| sim.lock().mfn_of(t, Gfn(x))).collect();
+                {
+                    let mut m = sim.lock();
+                    for x in g0..g0 + 8 {
+                        let _ = m.put_new_frame(t, Gfn(x));
+                    }
+                }
+                e.gfn_changed(&mut h, t, Gfn(g0), 3, GfnChange::Removed);
+                for (k, old) in olds.into_iter().enumerate() {
+                    check_after_hook(&e, t, g0 + k as u64, old, false);
+                }
+            }
+        }
+        n += 1;
+    }
+    n
+}
+
+fn check_invariants(sim: &SharedSim, e: &Engine) {
+    let m = sim.lock();
+    let st = e.state();
+    let mut held = 0u64;
+    for d in st.drivers() {
+        for (idx, s) in d.slots() {
+            let bfn = st.space().bfn_of(idx).unwrap();
+            match s {
+                Slot::Live(mp) => {
+                    assert_eq!(m.mfn_of(mp.domid, mp.gfn), Some(mp.mfn), "stale {mp:?}");
+                    let t = m
+                        .translate(d.domid(), mp.context, bfn)
+                        .map(|(f, p, _)| (f, p));
+                    assert_eq!(t, Some((mp.mfn, mp.perms)), "{mp:?}");
+                    held += 1 + mp.perms.write as u64;
+                }
+                Slot::Revoked { notice, .. } => {
+                    assert_eq!(m.translate(d.domid(), notice.context, bfn), None);
+                }
+                Slot::Unmapping { mapping, .. } | Slot::Stuck { mapping, .. } => {
+                    held += 1 + mapping.perms.write as u64;
+                }
+                Slot::Free { .. } => {}
+            }
+        }
+    }
+    assert_eq!(m.total_page_refs(), held, "page references out of balance");
+}
+
+#[test]
+fn runs_and_extents_racing_hooks_leave_no_access_past_a_hook() {
+    let (sim, e) = host();
+    let mut h0 = sim.handle(DomId::DOM0);
+    let ctx1 = e.context_create(&mut h0, DomId::DOM0).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let plans: Vec<(DomId, Vec<DomId>, ContextId)> = vec![
+        (DomId::DOM0, vec![T1, T2], ContextId::DEFAULT),
+        (DomId::DOM0, vec![T1, T2], ctx1),
+        (DM1, vec![T1], ContextId::DEFAULT),
+        (DomId::DOM0, vec![T1], ContextId::DEFAULT),
+    ];
+    let mut workers = vec![];
+    for (i, (caller, targets, ctx)) in plans.into_iter().enumerate() {
+        let (sim, e, stop) = (sim.clone(), e.clone(), stop.clone());
+        workers.push(std::thread::spawn(move || {
+            mapper(sim, e, caller, targets, ctx, 0x1234_5678 + i as u64, stop)
+        }));
+    }
+    let mut revokers = vec![];
+    for i in 0..2 {
+        let (sim, e, stop) = (sim.clone(), e.clone(), stop.clone());
+        revokers.push(std::thread::spawn(move || {
+            revoker(sim, e, 0xfeed + i, stop)
+        }));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(
+        std::env::var("PVIOMMU_RACE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3),
+    ));
+    stop.store(true, Ordering::SeqCst);
+    let ops: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    let hooks: u64 = revokers.into_iter().map(|r| r.join().unwrap()).sum();
+    eprintln!("{ops} mapper steps, {hooks} hooks");
+    check_invariants(&sim, &e);
+    assert_eq!(lock_check::violations(), 0);
+    for t in [T1, T2] {
+        let mut h = sim.handle(DomId::DOM0);
+        sim.lock().mark_dying(t);
+        e.domain_dying(&mut h, t);
+        sim.lock().destroy_domain(t);
+    }
+    for d in [DomId::DOM0, DM1] {
+        let mut h = sim.handle(d);
+        e.domain_dying(&mut h, d);
+    }
+    let m = sim.lock();
+    assert_eq!(m.total_page_refs(), 0);
+    assert_eq!(m.zombie_frames(), 0);
+}
