@@ -92,7 +92,7 @@ fn mapper(
     let mut done = 0u64;
     while !stop.load(Ordering::SeqCst) {
         let t = targets[(rng.next() % targets.len() as u64) as usize];
-        let write = rng.next() % 2 == 0;
+        let write = rng.next().is_multiple_of(2);
         let pick = if mine.len() > 1500 {
             9
         } else {
@@ -122,7 +122,7 @@ fn mapper(
                 let reqs: Vec<_> = (0..8)
                     .map(|_| {
                         let t = targets[(rng.next() % targets.len() as u64) as usize];
-                        req(ctx, t, rng.next() % PAGES, rng.next() % 2 == 0)
+                        req(ctx, t, rng.next() % PAGES, rng.next().is_multiple_of(2))
                     })
                     .collect();
                 let mut out = [Err(Errno::Inval); 8];
@@ -174,7 +174,7 @@ fn mapper(
                 }
             }
         }
-        if rng.next() % 3 == 0 {
+        if rng.next().is_multiple_of(3) {
             e.finish(&mut h, caller);
         }
         done += 1;
@@ -223,7 +223,7 @@ fn revoker(sim: SharedSim, e: Arc<Engine>, seed: u64, stop: Arc<AtomicBool>) -> 
     // could be mapped writable anew, legitimately.
     let lane = seed & 1;
     while !stop.load(Ordering::SeqCst) {
-        let t = if rng.next() % 2 == 0 { T1 } else { T2 };
+        let t = if rng.next().is_multiple_of(2) { T1 } else { T2 };
         let g = (rng.next() % PAGES) & !8 | lane << 3;
         match rng.next() % 4 {
             0 => {
