@@ -528,6 +528,9 @@ impl<T: Transport> Client<T> {
         let mut results: Vec<Option<Result<Bfn, Error>>> = Vec::with_capacity(gfns.len());
         let mut ops = Vec::new();
         let mut sent: Vec<(usize, Gfn)> = Vec::new();
+        // Each extent sent, by its gfn: the op's index in `gfns` (a repeat
+        // is found in O(1), as `map_foreign`'s).
+        let mut first_of: std::collections::HashMap<Gfn, usize> = Default::default();
         let mut dups: Vec<(usize, Gfn)> = Vec::new();
         for (i, &gfn) in gfns.iter().enumerate() {
             if !pviommu_abi::extent_aligned(gfn.0) || gfn.0 > u64::MAX - EXTENT_PAGES {
@@ -574,12 +577,13 @@ impl<T: Transport> Client<T> {
             // extra references back took 512 page unmaps in a call of
             // their own, any of which acknowledged a revocation that came
             // in between, with both holders still using the BFN.)
-            if sent.iter().any(|&(_, g)| g == gfn) {
+            if first_of.contains_key(&gfn) {
                 results.push(None);
                 dups.push((i, gfn));
                 continue;
             }
             results.push(None);
+            first_of.insert(gfn, i);
             sent.push((i, gfn));
             ops.push(
                 Request::MapExtent(MapRequest {
@@ -600,7 +604,6 @@ impl<T: Transport> Client<T> {
         // Unmaps of the references a share added to pages the cache holds.
         let mut extra = Vec::new();
         let mut give_back = Vec::new();
-        let firsts = sent.clone();
         for (k, ((i, gfn), op)) in sent.into_iter().zip(&ops).enumerate() {
             let what = || format!("map extent d{} gfn {:#x}", domid.0, gfn.0);
             results[i] = Some(if k >= ran {
@@ -670,7 +673,7 @@ impl<T: Transport> Client<T> {
             });
         }
         for (i, gfn) in dups {
-            let first = firsts.iter().find(|&&(_, g)| g == gfn).map(|&(j, _)| j);
+            let first = first_of.get(&gfn).copied();
             let answer = first.and_then(|j| results.get(j)).and_then(|r| match r {
                 Some(Ok(b)) => Some(Ok(*b)),
                 Some(Err(e)) => Some(Err(e.to_string())),
