@@ -37,6 +37,14 @@ pub fn note_service(name: &str) {
     }
 }
 
+/// Record a service called under a host lock it must not be called under
+/// (an `[unlocked]` service with the devices lock held: Xen's
+/// `ASSERT_NOT_IN_ATOMIC()` fires under pcidevs_lock, a spinlock).
+pub fn note_violation(what: &str) {
+    VIOLATIONS.fetch_add(1, Ordering::SeqCst);
+    eprintln!("lock order violation: {what}");
+}
+
 /// Lock-order violations recorded by this process so far.
 pub fn violations() -> u64 {
     VIOLATIONS.load(Ordering::SeqCst)

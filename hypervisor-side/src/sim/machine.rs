@@ -2249,7 +2249,7 @@ impl Platform for SimMachine {
     }
     fn note_non_coherent_write(&mut self, mfn: Mfn) {
         // [unlocked] on Xen (the glue's pvx_page_non_coherent asserts it).
-        crate::lock_check::note_service("note_non_coherent_write (unlocked on Xen)");
+        self.note_unlocked_service("note_non_coherent_write");
         if let Some(f) = self.ram.info.get_mut(mfn.0 as usize) {
             f.non_coherent = true;
         }
@@ -2293,6 +2293,18 @@ impl TableMemory for SimMachine {
 }
 
 impl SimMachine {
+    /// An `[unlocked]` service of the engine boundary was called: neither
+    /// an engine lock nor the devices lock may be held (the glue asserts
+    /// `ASSERT_NOT_IN_ATOMIC()`, which pcidevs_lock, a spinlock, trips too).
+    fn note_unlocked_service(&self, name: &str) {
+        crate::lock_check::note_service(name);
+        if self.devices_lock_depth > 0 {
+            crate::lock_check::note_violation(&alloc::format!(
+                "{name} called with the devices lock held"
+            ));
+        }
+    }
+
     /// A page lookup by `get_page`'s rule, the one of `get_page` and of the
     /// page a run stops at (Xen's `pvx_lookup_page()` and
     /// `pvx_accept_page()`): the page referenced if usable, else why not;
@@ -2722,7 +2734,7 @@ impl IommuBackend for SimMachine {
     }
     fn owns_devices(&self, domid: DomId) -> bool {
         // [unlocked] on Xen (an RCU domain lookup; the glue asserts it).
-        crate::lock_check::note_service("owns_devices (RCU domain lookup)");
+        self.note_unlocked_service("owns_devices");
         self.devices.values().any(|d| d.facts.owner == domid)
     }
     fn hw_flush(&mut self, hw: HwContext, first: Bfn, last: Bfn) -> Result<(), Errno> {
