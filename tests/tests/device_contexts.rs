@@ -478,7 +478,7 @@ fn xen_reassigning_an_attached_device_detaches_it_first() {
     // `xl pci-assignable-add` / deassignment: Xen's reassign code runs the
     // engine's hook with pcidevs_lock held (the simulator panics if the
     // device were still in an engine context when Xen rewrites it).
-    m.reassign_device(&e, B, DEVICE_MODEL);
+    m.reassign_device(&e, B, DEVICE_MODEL).unwrap();
     assert!(m.device(B).unwrap().attached.is_none());
     assert_eq!(m.device(B).unwrap().facts.owner, DEVICE_MODEL);
     // The context no longer names it: it can be destroyed, and dom0 can no
@@ -490,6 +490,34 @@ fn xen_reassigning_an_attached_device_detaches_it_first() {
         attach(&mut m, &e, DomId::DOM0, ctx, B),
         Errno::Perm.negated()
     );
+    assert_eq!(pviommu_hv::lock_check::violations(), 0);
+}
+
+/// A device whose detach the IOMMU refuses (a failed flush or sync: it
+/// may still walk the context's tables) is not moved: the engine's hook
+/// answers `EBUSY`, Xen's assignment fails with it, and the device stays
+/// on the context, counted, its tables kept; moved, it could reach the
+/// context's mappings from its new owner through what the IOMMU still
+/// caches (review of the SMMUv3 contexts: the hook could not refuse, the
+/// engine forgot the device, and the simulator stopped on Xen's ESRCH).
+#[test]
+fn a_device_the_iommu_will_not_let_go_of_is_not_moved() {
+    let (mut m, e) = host(Format::Vtd);
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx1, B), 0);
+    m.fail_detaches = 1;
+    m.fail_detaches_with = Errno::Busy;
+    assert_eq!(m.reassign_device(&e, B, DEVICE_MODEL), Err(Errno::Busy));
+    let dev = m.device(B).unwrap();
+    assert_eq!(dev.facts.owner, DomId::DOM0, "moved all the same");
+    assert!(dev.attached.is_some(), "taken off a context it is still on");
+    assert_eq!(e.device_context(DomId::DOM0, B), Some(ctx1));
+    // Its context cannot go while it is there; once the IOMMU lets go,
+    // the move goes through.
+    m.reassign_device(&e, B, DEVICE_MODEL).unwrap();
+    assert!(m.device(B).unwrap().attached.is_none());
+    assert_eq!(m.device(B).unwrap().facts.owner, DEVICE_MODEL);
+    assert_eq!(destroy(&mut m, &e, DomId::DOM0, ctx1), 0);
     assert_eq!(pviommu_hv::lock_check::violations(), 0);
 }
 

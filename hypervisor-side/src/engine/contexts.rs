@@ -886,8 +886,19 @@ impl<L: RawMutex> Engine<L> {
     /// Xen is about to move `device` away from `owner` (deassignment,
     /// hot-unplug): if it is attached to one of `owner`'s contexts, put it
     /// back in the default context first, so Xen finds the device where it
-    /// left it. Called with the devices lock held.
-    pub fn device_leaving(&self, h: &mut impl Hypervisor, owner: DomId, device: Sbdf) {
+    /// left it. Called with the devices lock held. `Err(Busy)`: the IOMMU
+    /// could not be made to forget the context's entry for it (a failed
+    /// flush or sync); the device stays counted on the context, whose
+    /// tables stay, and Xen must not move it (the glue's hook fails the
+    /// assignment): moved, it could reach the context's mappings from its
+    /// new owner through what the IOMMU still caches.
+    pub fn device_leaving(
+        &self,
+        h: &mut impl Hypervisor,
+        owner: DomId,
+        device: Sbdf,
+    ) -> Result<(), Errno> {
+        let mut result = Ok(());
         for context in self.contexts_of(owner) {
             if context == ContextId::DEFAULT {
                 continue;
@@ -896,10 +907,14 @@ impl<L: RawMutex> Engine<L> {
                 continue;
             };
             if d.dd.device_context(device).is_some() {
-                let _ = Self::detach_locked(&mut d, h, context, device);
+                // (Any other error cleared its entry: its DMA is blocked.)
+                if let Err(Errno::Busy) = Self::detach_locked(&mut d, h, context, device) {
+                    result = Err(Errno::Busy);
+                }
             }
             self.put_driver(d);
         }
+        result
     }
 
     /// The last step of a driver domain's teardown: its contexts go, their

@@ -1698,12 +1698,24 @@ impl SimMachine {
     /// `reassign_device_ownership` does: the engine hears of it first
     /// ([`crate::Engine::device_leaving`], with the devices lock held), then
     /// the device's context entry is pointed at the new owner's tables.
-    pub fn reassign_device(&mut self, engine: &crate::Engine, device: Sbdf, new_owner: DomId) {
-        let Some(old) = self.devices.get(&device).map(|d| d.facts.owner) else {
-            return;
-        };
+    /// Refused, nothing moved, when the engine could not take the device
+    /// off its context (the glue's hook fails Xen's assignment so).
+    pub fn reassign_device(
+        &mut self,
+        engine: &crate::Engine,
+        device: Sbdf,
+        new_owner: DomId,
+    ) -> Result<(), Errno> {
+        let old = self
+            .devices
+            .get(&device)
+            .map(|d| d.facts.owner)
+            .ok_or(Errno::NoDev)?;
         self.devices_lock();
-        engine.device_leaving(self, old, device);
+        if let Err(e) = engine.device_leaving(self, old, device) {
+            self.devices_unlock();
+            return Err(e);
+        }
         if let Some(d) = self.devices.get_mut(&device) {
             // Xen's reassign finds the context entry naming a domain it
             // knows; one still naming an engine tag would fail (ESRCH).
@@ -1715,6 +1727,7 @@ impl SimMachine {
             d.blocked = false;
         }
         self.devices_unlock();
+        Ok(())
     }
 
     /// Where a device's DMA goes now: through the context its context

@@ -143,9 +143,11 @@ void pviommu_engine_gfn_changed(uint16_t domid, uint64_t gfn,
  * Xen is about to move PCI device `sbdf` away from `owner` (reassignment or
  * removal), with pcidevs_lock held: if it is attached to one of owner's
  * contexts, the engine points it back at owner's own tables (through
- * pvx_device_detach) before returning. Takes one driver lock.
+ * pvx_device_detach) before returning. Takes one driver lock. 0, or
+ * -EBUSY when the detach answered -EBUSY (the IOMMU may still cache the
+ * context's entry for it: it stays on the context, and must not be moved).
  */
-void pviommu_engine_device_leaving(uint16_t owner, uint32_t sbdf);
+int pviommu_engine_device_leaving(uint16_t owner, uint32_t sbdf);
 
 /* ======== Implemented by the C glue ======== */
 

@@ -1794,10 +1794,16 @@ pub extern "C" fn pviommu_engine_window(start: *mut u64, end: *mut u64) -> i32 {
     0
 }
 
-/// Xen is about to move device `sbdf` away from `owner` (pcidevs_lock held).
+/// Xen is about to move device `sbdf` away from `owner` (pcidevs_lock
+/// held): 0, or -EBUSY when the device could not be taken off a context
+/// (Xen must not move it then).
 #[no_mangle]
-pub extern "C" fn pviommu_engine_device_leaving(owner: u16, sbdf: u32) {
-    let Some(e) = engine() else { return };
-    e.device_leaving(&mut Xen::new(), DomId(owner), Sbdf(sbdf));
+pub extern "C" fn pviommu_engine_device_leaving(owner: u16, sbdf: u32) -> i32 {
+    let Some(e) = engine() else { return 0 };
+    let r = e.device_leaving(&mut Xen::new(), DomId(owner), Sbdf(sbdf));
     report_engine_bugs(e);
+    match r {
+        Ok(()) => 0,
+        Err(err) => err.negated(),
+    }
 }
