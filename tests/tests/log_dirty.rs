@@ -527,3 +527,68 @@ fn a_walk_that_ended_in_a_cell_gone_still_retries() {
     assert!(e.revoke_writes(&mut m, GUEST, &mut cursor).is_err());
     assert_eq!(stuck(&e, DomId::DOM0), N - STUCK_RETRIES, "a retry slice");
 }
+
+/// In log-dirty mode a writable map is refused (`EACCES`) whatever the gfn
+/// holds, before the p2m is looked at, as the glue's `pvx_lookup_page()`
+/// refuses: no paging-in started for a paged-out gfn, no `ENODEV` for an
+/// MMIO one, no `ENXIO` for a hole; read-only maps are looked up as ever.
+/// (The simulator answered by the p2m entry first: a paged-out gfn got
+/// `EAGAIN` and a paging request, an MMIO one `ENODEV`; a review's
+/// comparison with the glue.)
+#[test]
+fn log_dirty_refuses_a_writable_map_before_looking_the_gfn_up() {
+    let (mut m, e) = machine(Format::Vtd, 64);
+    m.set_paged_out(GUEST, pviommu_abi::Gfn(5));
+    m.set_mmio(GUEST, pviommu_abi::Gfn(6));
+    m.set_log_dirty_mode(GUEST, true);
+    let before = m.paging_requests;
+    let mut ops = vec![
+        map_op(GUEST, 5, Permissions::RW),
+        map_op(GUEST, 6, Permissions::RW),
+        map_op(GUEST, 1000, Permissions::RW),
+        map_op(GUEST, 7, Permissions::RW),
+    ];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    let statuses: Vec<i32> = ops.iter().map(|o| o.status).collect();
+    assert_eq!(statuses, [EACCES; 4]);
+    assert_eq!(m.paging_requests, before, "a refused write paged a gfn in");
+    // Read-only maps still look the gfn up: the paged-out one starts
+    // paging in (EAGAIN), the MMIO one is no RAM.
+    let mut ops = vec![
+        map_op(GUEST, 5, Permissions::RO),
+        map_op(GUEST, 6, Permissions::RO),
+    ];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!(ops[0].status, Errno::Again.negated());
+    assert_eq!(ops[1].status, Errno::NoDev.negated());
+    assert_eq!(m.paging_requests, before + 1);
+    assert_eq!(lock_check::violations(), 0);
+}
+
+/// Moving VRAM tracking's range gives write access back only to what the
+/// tracking took it from: Xen's `hap_track_dirty_vram` changes the old
+/// range's p2m_ram_logdirty pages back to p2m_ram_rw, and a p2m_ram_ro page
+/// there (read-only before the tracking, or made so during it) stays
+/// read-only. (The simulator made every RAM page of the old range
+/// writable: a read-only page could then be mapped writable; a review's
+/// comparison with Xen.)
+#[test]
+fn moving_vram_tracking_leaves_read_only_pages_read_only() {
+    let (mut m, e) = machine(Format::Vtd, 256);
+    m.set_read_only(GUEST, pviommu_abi::Gfn(5));
+    assert_eq!(m.track_dirty_vram(&e, GUEST, (0, 16)), 1);
+    // Read-only during the tracking too.
+    m.make_read_only(&e, GUEST, pviommu_abi::Gfn(9));
+    assert_eq!(m.track_dirty_vram(&e, GUEST, (100, 116)), 1);
+    let mut ops = vec![
+        map_op(GUEST, 5, Permissions::RW),
+        map_op(GUEST, 9, Permissions::RW),
+        map_op(GUEST, 6, Permissions::RW),
+        map_op(GUEST, 100, Permissions::RW),
+    ];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    let statuses: Vec<i32> = ops.iter().map(|o| o.status).collect();
+    // 5 and 9 stay read-only, 6 is rw again, 100 is tracked now.
+    assert_eq!(statuses, [EACCES, EACCES, 0, EACCES]);
+    assert_eq!(lock_check::violations(), 0);
+}

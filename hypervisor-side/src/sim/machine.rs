@@ -85,8 +85,13 @@ fn classify_entry(
     want_write: bool,
     log_dirty: bool,
 ) -> (PageKind, Option<Mfn>) {
+    // Log-dirty first, whatever the gfn holds, as the glue's
+    // pvx_lookup_page() refuses before it looks the p2m up (no paging-in,
+    // no populate, no unshare for a write it refuses anyway).
+    if log_dirty && want_write {
+        return (PageKind::LogDirty, None);
+    }
     match entry {
-        Some(P2mEntry::Ram { .. }) if log_dirty && want_write => (PageKind::LogDirty, None),
         None => (PageKind::NotPresent, None),
         Some(P2mEntry::Mmio) => (PageKind::Mmio, None),
         Some(P2mEntry::PagedOut) => (PageKind::PagedOut, None),
@@ -121,6 +126,11 @@ struct Domain {
     /// before it moves (patch 0002b's `struct domain` fields).
     vram: (u64, u64),
     vram_sweep: crate::engine::RangeSweep,
+    /// The gfns of the VRAM range that tracking turned from rw to its
+    /// logdirty type: the only ones a move of the range makes rw again
+    /// (Xen's `hap_track_dirty_vram` changes p2m_ram_logdirty back to
+    /// p2m_ram_rw; a p2m_ram_ro page of the range stays read-only).
+    vram_logdirty: BTreeSet<u64>,
     /// A FLASK-like policy refusal for this domain as a caller.
     xsm_denied: bool,
     /// Actions a FLASK-like policy refuses this domain (the others pass),
@@ -1055,6 +1065,7 @@ impl SimMachine {
                 log_dirty: false,
                 vram: (0, 0),
                 vram_sweep: Default::default(),
+                vram_logdirty: BTreeSet::new(),
                 xsm_denied: false,
                 xsm_denied_actions: Vec::new(),
                 xsm_protected: false,
@@ -1286,15 +1297,20 @@ impl SimMachine {
         let Some(d) = self.domains.get_mut(&domid) else {
             return;
         };
-        let (old_first, old_last) = core::mem::replace(&mut d.vram, (first, last));
-        for g in old_first..old_last {
+        d.vram = (first, last);
+        // Back to rw: only what tracking made logdirty (a page read-only
+        // before, or made so since, stays so).
+        for g in core::mem::take(&mut d.vram_logdirty) {
             if let Some(P2mEntry::Ram { read_only, .. }) = d.p2m.get_mut(&Gfn(g)) {
                 *read_only = false;
             }
         }
         for g in first..last {
             if let Some(P2mEntry::Ram { read_only, .. }) = d.p2m.get_mut(&Gfn(g)) {
-                *read_only = true;
+                if !*read_only {
+                    *read_only = true;
+                    d.vram_logdirty.insert(g);
+                }
             }
         }
         let n = last - first;
@@ -1485,6 +1501,10 @@ impl SimMachine {
         if let Some(P2mEntry::Ram { read_only, .. }) = self.p2m_entry_mut(domid, gfn) {
             *read_only = true;
         }
+        // p2m_ram_ro now, not logdirty: a move of the VRAM range leaves it.
+        if let Some(d) = self.domains.get_mut(&domid) {
+            d.vram_logdirty.remove(&gfn.0);
+        }
     }
     /// Put an MMIO entry at `gfn`.
     pub fn set_mmio(&mut self, domid: DomId, gfn: Gfn) {
@@ -1513,6 +1533,8 @@ impl SimMachine {
         let Some(d) = self.domains.get_mut(&domid) else {
             return;
         };
+        // (A new entry has its own type.)
+        d.vram_logdirty.remove(&gfn.0);
         if let Some(P2mEntry::Ram { mfn, .. }) = d.p2m.insert(gfn, entry) {
             self.free_domain_frame(mfn);
         }
@@ -1533,6 +1555,7 @@ impl SimMachine {
     /// be told through [`crate::engine::Engine::gfn_removed`]; [`Self::balloon_out`] does both, in Xen's order.
     pub fn remove_gfn(&mut self, domid: DomId, gfn: Gfn) -> Option<()> {
         let d = self.domains.get_mut(&domid)?;
+        d.vram_logdirty.remove(&gfn.0);
         if let Some(P2mEntry::Ram { mfn, .. }) = d.p2m.remove(&gfn) {
             self.free_domain_frame(mfn);
         }
@@ -2335,6 +2358,9 @@ impl SimMachine {
         // A PV guest's "gfn" is a machine frame: no p2m, no pager.
         let (kind, mfn) = if d.pv {
             classify_pv_frame(&self.ram, domid, d, gfn.0, want_write)
+        } else if want_write && d.log_dirty {
+            // (Before the pager: see `classify_entry`.)
+            classify_entry(None, want_write, true)
         } else {
             match d.p2m.get(&gfn) {
                 // The caller's own page: Xen's glue does not start paging it

@@ -23,7 +23,8 @@
  *
  * The p2m-change hook is patches-4.21/0008 (arch/arm/mmu/p2m.c
  * p2m_set_entry()); Arm has no log-dirty mode. pviommu_device_leaving() is
- * called by the SMMUv3 driver's reassign_device (0009).
+ * called by the SMMUv3 driver's reassign_device and assign_device (0009),
+ * which fail the move when it answers -EBUSY.
  */
 #include <xen/init.h>
 #include <xen/lib.h>
