@@ -976,6 +976,14 @@ fn a_detach_that_acted_counts_as_done_when_its_status_cannot_be_written() {
     assert_eq!(r, Errno::Fault.negated() as i64);
     assert_eq!(hdr.nr_done, 1, "the detach acted, and would be run again");
     assert_eq!(m.device(A).unwrap().attached, None);
+    // Its entry cleared, its DMA is blocked: Xen's attach refuses such a
+    // device (its entry names no owner) until Xen assigns it again.
+    assert!(m.device(A).unwrap().blocked);
+    assert_eq!(
+        attach(&mut m, &e, DomId::DOM0, ctx, A),
+        Errno::Busy.negated()
+    );
+    m.reassign_device(&e, A, DomId::DOM0).unwrap();
     // A detach refused without a change (EBUSY) is still not counted.
     assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx, A), 0);
     let (r, hdr) = detach_failing_after_its_report(&mut m, &e, &ops, Errno::Busy);

@@ -2826,6 +2826,12 @@ impl IommuBackend for SimMachine {
         }
         let h = *self.hw_contexts.get(&hw.0).ok_or(Errno::NoEnt)?;
         let d = self.devices.get_mut(&device).ok_or(Errno::NoDev)?;
+        // Only from the owner's own tables (0005: an entry naming anything
+        // else, or none, is EBUSY; the SMMUv3's the same): a device whose
+        // entry a failed detach cleared stays blocked until reassigned.
+        if d.blocked || d.attached.is_some() {
+            return Err(Errno::Busy);
+        }
         d.attached = Some(hw);
         d.blocked = false;
         // Context-cache and IOTLB invalidation of the old and new tag.
@@ -2846,7 +2852,10 @@ impl IommuBackend for SimMachine {
         if self.fail_detaches > 0 {
             self.fail_detaches -= 1;
             if self.fail_detaches_with != Errno::Busy {
+                // Its context entry cleared (0005's detach unmaps it when
+                // the move back failed): DMA blocked until Xen reassigns it.
                 d.attached = None;
+                d.blocked = true;
                 if let Some(h) = self.hw_contexts.get(&hw.0) {
                     self.iotlb.invalidate_context(h.owner, h.ctx);
                 }
