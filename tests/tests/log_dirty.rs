@@ -590,5 +590,14 @@ fn moving_vram_tracking_leaves_read_only_pages_read_only() {
     let statuses: Vec<i32> = ops.iter().map(|o| o.status).collect();
     // 5 and 9 stay read-only, 6 is rw again, 100 is tracked now.
     assert_eq!(statuses, [EACCES, EACCES, 0, EACCES]);
+    // Tracking stops: the tracked range is rw again, 5 and 9 still not.
+    m.track_dirty_vram(&e, GUEST, (0, 0));
+    let mut ops = vec![
+        map_op(GUEST, 101, Permissions::RW),
+        map_op(GUEST, 5, Permissions::RW),
+    ];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    let statuses: Vec<i32> = ops.iter().map(|o| o.status).collect();
+    assert_eq!(statuses, [0, EACCES]);
     assert_eq!(lock_check::violations(), 0);
 }

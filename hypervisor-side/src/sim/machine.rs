@@ -1271,7 +1271,19 @@ impl SimMachine {
         let Some(d) = self.domains.get_mut(&domid) else {
             return Ok(());
         };
-        if d.vram == (first, last) || first >= last {
+        if d.vram == (first, last) {
+            return Ok(());
+        }
+        if first >= last {
+            // Tracking stops (Xen's nr_frames == 0): the old range's
+            // logdirty pages are rw again; nothing is newly read-only, so
+            // nothing to revoke and no hook.
+            for g in core::mem::take(&mut d.vram_logdirty) {
+                if let Some(P2mEntry::Ram { read_only, .. }) = d.p2m.get_mut(&Gfn(g)) {
+                    *read_only = false;
+                }
+            }
+            d.vram = (0, 0);
             return Ok(());
         }
         let mut sweep = d.vram_sweep;
@@ -2839,8 +2851,10 @@ impl IommuBackend for SimMachine {
         let h = *self.hw_contexts.get(&hw.0).ok_or(Errno::NoEnt)?;
         let d = self.devices.get_mut(&device).ok_or(Errno::NoDev)?;
         // Only from the owner's own tables (0005: an entry naming anything
-        // else, or none, is EBUSY; the SMMUv3's the same): a device whose
-        // entry a failed detach cleared stays blocked until reassigned.
+        // else, or none, is EBUSY): a device whose entry a failed detach
+        // cleared stays blocked until reassigned. (The SMMUv3's attach
+        // takes a device whose STEs abort; its detach never answers other
+        // than 0 or EBUSY, so none is left so.)
         if d.blocked || d.attached.is_some() {
             return Err(Errno::Busy);
         }
