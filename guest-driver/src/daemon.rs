@@ -668,8 +668,13 @@ fn execute(m: &mut SimMachine, e: &mut Engine, req: Request) -> Response {
                 return errno_error(&format!("destroy d{domid}"), pviommu_abi::Errno::Srch);
             }
             // As Xen's domain_kill: dying first, the engine's restartable
-            // teardown, then the memory goes.
+            // teardown, then the memory goes. A teardown that stalls (the
+            // IOMMU refusing) leaves the domain dying: EBUSY, as Xen answers
+            // the toolstack; a later destroy goes on.
             m.kill_domain(e, d);
+            if m.has_domain(d) {
+                return errno_error(&format!("destroy d{domid}"), pviommu_abi::Errno::Busy);
+            }
             Response::Done
         }
         Request::SetLimits {

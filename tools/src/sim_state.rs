@@ -352,6 +352,10 @@ fn apply(sim: &SharedSim, rec: &Record) -> Result<(), String> {
                 return Err(format!("no domain d{domid} to destroy"));
             }
             m.kill_domain(e, DomId(*domid));
+            // (A stalled teardown leaves it dying, as Xen's EBUSY does.)
+            if m.has_domain(DomId(*domid)) {
+                return Err(format!("destroy d{domid}: EBUSY, its teardown stalled"));
+            }
         }
     }
     Ok(())
