@@ -1619,17 +1619,33 @@ impl<L: RawMutex> Engine<L> {
     /// Run a domain's teardown to the end, as Xen's toolstack does through
     /// continuations; returns the number of slices it took.
     pub fn domain_dying(&self, h: &mut impl Hypervisor, domid: DomId) -> u32 {
+        self.run_teardown(h, domid, false).0
+    }
+
+    /// Run `domid`'s teardown slice by slice from its start: the slices
+    /// called, and whether it is done. With `until_stalled` it also ends
+    /// once the teardown says it is stalled (Xen then answers the toolstack
+    /// `-EBUSY` and the domain stays dying). Bounded by the number of slots
+    /// (each slice makes progress) unless the IOMMU keeps refusing: it
+    /// gives up after a generous bound then.
+    pub fn run_teardown(
+        &self,
+        h: &mut impl Hypervisor,
+        domid: DomId,
+        until_stalled: bool,
+    ) -> (u32, bool) {
         let mut cursor = 0;
         let mut slices = 1;
-        // Bounded by the number of slots (each slice makes progress) unless
-        // the IOMMU keeps refusing; give up after a generous bound then.
         while self.domain_teardown(h, domid, &mut cursor).is_err() {
+            if until_stalled && Self::teardown_stalled(cursor) {
+                return (slices, false);
+            }
             slices += 1;
             if slices > 1_000_000 {
-                break;
+                return (slices, false);
             }
         }
-        slices
+        (slices, true)
     }
 }
 

@@ -154,6 +154,19 @@ struct Domain {
     pv_xen_shared: BTreeSet<u64>,
 }
 
+impl Domain {
+    /// VRAM tracking leaves its range (it moves, or stops): the pages it
+    /// made logdirty are rw again, and only those (Xen's
+    /// `hap_track_dirty_vram` turns p2m_ram_logdirty back to p2m_ram_rw).
+    fn end_vram_logdirty(&mut self) {
+        for g in core::mem::take(&mut self.vram_logdirty) {
+            if let Some(P2mEntry::Ram { read_only, .. }) = self.p2m.get_mut(&Gfn(g)) {
+                *read_only = false;
+            }
+        }
+    }
+}
+
 /// Take the frames `classify` gives the first `limit` of `pages`, up to
 /// the first it refuses: that one's index and gfn, if any.
 #[inline(always)]
@@ -1275,14 +1288,9 @@ impl SimMachine {
             return Ok(());
         }
         if first >= last {
-            // Tracking stops (Xen's nr_frames == 0): the old range's
-            // logdirty pages are rw again; nothing is newly read-only, so
-            // nothing to revoke and no hook.
-            for g in core::mem::take(&mut d.vram_logdirty) {
-                if let Some(P2mEntry::Ram { read_only, .. }) = d.p2m.get_mut(&Gfn(g)) {
-                    *read_only = false;
-                }
-            }
+            // Tracking stops (Xen's nr_frames == 0): nothing is newly
+            // read-only, so nothing to revoke and no hook.
+            d.end_vram_logdirty();
             d.vram = (0, 0);
             return Ok(());
         }
@@ -1310,13 +1318,8 @@ impl SimMachine {
             return;
         };
         d.vram = (first, last);
-        // Back to rw: only what tracking made logdirty (a page read-only
-        // before, or made so since, stays so).
-        for g in core::mem::take(&mut d.vram_logdirty) {
-            if let Some(P2mEntry::Ram { read_only, .. }) = d.p2m.get_mut(&Gfn(g)) {
-                *read_only = false;
-            }
-        }
+        // (A page read-only before the tracking, or made so since, stays so.)
+        d.end_vram_logdirty();
         for g in first..last {
             if let Some(P2mEntry::Ram { read_only, .. }) = d.p2m.get_mut(&Gfn(g)) {
                 if !*read_only {
@@ -1474,17 +1477,10 @@ impl SimMachine {
         if let Some(d) = self.domains.get_mut(&domid) {
             d.dying = true;
         }
-        let mut cursor = 0;
-        let mut slices = 1;
-        while engine.domain_teardown(self, domid, &mut cursor).is_err() {
-            // (Each slice makes progress or counts towards the stall; the
-            // bound is for a broken engine, which the caller's checks see.)
-            if crate::Engine::teardown_stalled(cursor) || slices >= 1_000_000 {
-                return slices;
-            }
-            slices += 1;
+        let (slices, done) = engine.run_teardown(self, domid, true);
+        if done {
+            self.destroy_domain(domid);
         }
-        self.destroy_domain(domid);
         slices
     }
 
