@@ -9,12 +9,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use pviommu_abi::{ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions};
-use pviommu_hv::engine::Slot;
 use pviommu_hv::lock_check;
 use pviommu_hv::platform::Platform;
 use pviommu_hv::sim::{DomainSpec, Format, SharedSim, SimMachine};
 use pviommu_hv::{Engine, Errno};
-use pviommu_tests::Rng;
+use pviommu_tests::{check_invariants, Rng};
 
 const PAGES: u64 = 64;
 const TARGETS: [DomId; 3] = [DomId(1), DomId(2), DomId(3)];
@@ -121,43 +120,6 @@ fn revoker(sim: SharedSim, e: Arc<Engine>, seed: u64, stop: Arc<AtomicBool>) {
     }
 }
 
-fn check_invariants(sim: &SharedSim, e: &Engine) {
-    let m = sim.lock();
-    let st = e.state();
-    let mut held = 0u64;
-    for d in st.drivers() {
-        for (idx, s) in d.slots() {
-            let bfn = st.space().bfn_of(idx).unwrap();
-            match s {
-                Slot::Live(mp) => {
-                    assert_eq!(
-                        m.mfn_of(mp.domid, mp.gfn),
-                        Some(mp.mfn),
-                        "stale live mapping {mp:?}"
-                    );
-                    let t = m
-                        .translate(d.domid(), mp.context, bfn)
-                        .map(|(f, p, _)| (f, p));
-                    assert_eq!(t, Some((mp.mfn, mp.perms)));
-                    held += 1 + mp.perms.write as u64;
-                }
-                Slot::Revoked { notice, .. } => {
-                    assert_eq!(
-                        m.translate(d.domid(), notice.context, bfn),
-                        None,
-                        "revoked BFN still mapped"
-                    );
-                }
-                Slot::Unmapping { mapping, .. } | Slot::Stuck { mapping, .. } => {
-                    held += 1 + mapping.perms.write as u64;
-                }
-                Slot::Free { .. } => {}
-            }
-        }
-    }
-    assert_eq!(m.total_page_refs(), held, "page references out of balance");
-}
-
 #[test]
 fn ten_threads_map_unmap_and_revoke_with_invariants() {
     let (sim, e) = host();
@@ -205,7 +167,8 @@ fn ten_threads_map_unmap_and_revoke_with_invariants() {
     for r in revokers {
         r.join().unwrap();
     }
-    check_invariants(&sim, &e);
+    // (The suite's whole check, with every thread stopped.)
+    check_invariants(&mut sim.lock(), &e).unwrap();
     assert_eq!(lock_check::violations(), 0);
     let revoked: u64 = e.state().drivers().map(|d| d.revoked()).sum();
     eprintln!("{revoked} revocations pending acknowledgement");

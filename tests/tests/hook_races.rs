@@ -13,7 +13,7 @@ use pviommu_hv::lock_check;
 use pviommu_hv::platform::Platform;
 use pviommu_hv::sim::{DomainSpec, Format, SharedSim, SimMachine};
 use pviommu_hv::{Engine, Errno};
-use pviommu_tests::Rng;
+use pviommu_tests::{check_invariants, Rng};
 
 const PAGES: u64 = 2048;
 const T1: DomId = DomId(1);
@@ -99,32 +99,20 @@ fn mapper(
             rng.next() % 10
         };
         match pick {
-            // A run of one target, one access: map_alike.
-            0..=2 => {
-                let g0 = rng.next() % (PAGES - 8);
-                let reqs: Vec<_> = (0..8).map(|k| req(ctx, t, g0 + k, write)).collect();
-                let mut out = [Err(Errno::Inval); 8];
-                let mut at = 0;
-                while at < reqs.len() {
-                    let n = e.map_batch(&mut h, caller, &info, &reqs[at..], &mut out[at..]);
-                    assert!(n > 0);
-                    at += n;
-                }
-                for o in out {
-                    match o {
-                        Ok(m) => mine.push(m.bfn),
-                        Err(x) => assert!(ok_map_err(x), "{x:?}"),
-                    }
-                }
-            }
-            // A mixed run: map_run.
-            3..=4 => {
-                let reqs: Vec<_> = (0..8)
-                    .map(|_| {
-                        let t = targets[(rng.next() % targets.len() as u64) as usize];
-                        req(ctx, t, rng.next() % PAGES, rng.next().is_multiple_of(2))
-                    })
-                    .collect();
+            // A run of one target, one access (map_alike), or a mixed run
+            // (map_run).
+            0..=4 => {
+                let reqs: Vec<_> = if pick <= 2 {
+                    let g0 = rng.next() % (PAGES - 8);
+                    (0..8).map(|k| req(ctx, t, g0 + k, write)).collect()
+                } else {
+                    (0..8)
+                        .map(|_| {
+                            let t = targets[(rng.next() % targets.len() as u64) as usize];
+                            req(ctx, t, rng.next() % PAGES, rng.next().is_multiple_of(2))
+                        })
+                        .collect()
+                };
                 let mut out = [Err(Errno::Inval); 8];
                 let mut at = 0;
                 while at < reqs.len() {
@@ -269,35 +257,6 @@ fn revoker(sim: SharedSim, e: Arc<Engine>, seed: u64, stop: Arc<AtomicBool>) -> 
     n
 }
 
-fn check_invariants(sim: &SharedSim, e: &Engine) {
-    let m = sim.lock();
-    let st = e.state();
-    let mut held = 0u64;
-    for d in st.drivers() {
-        for (idx, s) in d.slots() {
-            let bfn = st.space().bfn_of(idx).unwrap();
-            match s {
-                Slot::Live(mp) => {
-                    assert_eq!(m.mfn_of(mp.domid, mp.gfn), Some(mp.mfn), "stale {mp:?}");
-                    let t = m
-                        .translate(d.domid(), mp.context, bfn)
-                        .map(|(f, p, _)| (f, p));
-                    assert_eq!(t, Some((mp.mfn, mp.perms)), "{mp:?}");
-                    held += 1 + mp.perms.write as u64;
-                }
-                Slot::Revoked { notice, .. } => {
-                    assert_eq!(m.translate(d.domid(), notice.context, bfn), None);
-                }
-                Slot::Unmapping { mapping, .. } | Slot::Stuck { mapping, .. } => {
-                    held += 1 + mapping.perms.write as u64;
-                }
-                Slot::Free { .. } => {}
-            }
-        }
-    }
-    assert_eq!(m.total_page_refs(), held, "page references out of balance");
-}
-
 #[test]
 fn runs_and_extents_racing_hooks_leave_no_access_past_a_hook() {
     let (sim, e) = host();
@@ -334,7 +293,8 @@ fn runs_and_extents_racing_hooks_leave_no_access_past_a_hook() {
     let ops: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
     let hooks: u64 = revokers.into_iter().map(|r| r.join().unwrap()).sum();
     eprintln!("{ops} mapper steps, {hooks} hooks");
-    check_invariants(&sim, &e);
+    // (The suite's whole check, with every thread stopped.)
+    check_invariants(&mut sim.lock(), &e).unwrap();
     assert_eq!(lock_check::violations(), 0);
     for t in [T1, T2] {
         let mut h = sim.handle(DomId::DOM0);
