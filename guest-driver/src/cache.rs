@@ -177,6 +177,17 @@ impl MappingCache {
 mod tests {
     use super::*;
 
+    /// Domain 1's page `gfn`, read-write, write-back, in context 0.
+    fn key(gfn: u64) -> CacheKey {
+        CacheKey {
+            domid: DomId(1),
+            gfn: Gfn(gfn),
+            context: ContextId::DEFAULT,
+            perms: Permissions::RW,
+            attr: MemAttr::WriteBack,
+        }
+    }
+
     /// A page mapped 2^32 times (256 C calls of 16 Mi pages) keeps
     /// counting: one release then leaves the others' references. A `u32`
     /// count overflowed there (a debug build panicked, a release build
@@ -185,13 +196,7 @@ mod tests {
     #[test]
     fn references_past_u32_max_do_not_wrap() {
         let mut cache = MappingCache::default();
-        let key = CacheKey {
-            domid: DomId(1),
-            gfn: Gfn(5),
-            context: ContextId::DEFAULT,
-            perms: Permissions::RW,
-            attr: MemAttr::WriteBack,
-        };
+        let key = key(5);
         cache.insert(key, Bfn(7));
         if let Some(e) = cache.by_key.get_mut(&key) {
             e.refs = u32::MAX.into();
@@ -209,13 +214,6 @@ mod tests {
     #[test]
     fn a_bfn_handed_out_again_forgets_its_stale_key() {
         let mut cache = MappingCache::default();
-        let key = |gfn| CacheKey {
-            domid: DomId(1),
-            gfn: Gfn(gfn),
-            context: ContextId::DEFAULT,
-            perms: Permissions::RW,
-            attr: MemAttr::WriteBack,
-        };
         assert_eq!(cache.insert(key(5), Bfn(7)), None);
         assert_eq!(cache.insert(key(6), Bfn(7)), Some(key(5)));
         assert_eq!(cache.bfn_of(&key(5)), None);
@@ -235,13 +233,6 @@ mod tests {
     #[test]
     fn revoked_bfns_still_held_are_counted_as_held() {
         let mut cache = MappingCache::default();
-        let key = |gfn| CacheKey {
-            domid: DomId(1),
-            gfn: Gfn(gfn),
-            context: ContextId::DEFAULT,
-            perms: Permissions::RW,
-            attr: MemAttr::WriteBack,
-        };
         cache.insert(key(5), Bfn(7));
         cache.insert(key(6), Bfn(8));
         assert_eq!(cache.get_ref(&key(5)), Some(Bfn(7)));

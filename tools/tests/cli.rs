@@ -885,20 +885,7 @@ fn bad_context_and_device_input_fails_clearly_and_changes_nothing() {
 #[test]
 fn the_daemon_attaches_devices_too() {
     let env = Env::new();
-    let socket = env.dir.path().join("sim.sock");
-    // Killed when the test ends, failed or not.
-    let _daemon = KillOnDrop(
-        env.cmd(&["sim", "serve", "--socket", socket.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(std::time::Instant::now() < deadline, "daemon did not start");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let (socket, _daemon) = serve(&env);
     let sock = socket.to_str().unwrap();
     // With --json: the document on success, the error object on failure.
     let remote = |args: &[&str], ok: bool| {
@@ -947,19 +934,7 @@ fn the_daemon_attaches_devices_too() {
 #[test]
 fn a_wait_past_what_the_clock_counts_is_no_panic() {
     let env = Env::new();
-    let socket = env.dir.path().join("sim.sock");
-    let _daemon = KillOnDrop(
-        env.cmd(&["sim", "serve", "--socket", socket.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(std::time::Instant::now() < deadline, "daemon did not start");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let (socket, _daemon) = serve(&env);
     let sock = socket.to_str().unwrap();
     let remote = |args: &[&str]| {
         let mut a = vec!["--backend", "remote", "--socket", sock];
@@ -982,6 +957,26 @@ fn a_wait_past_what_the_clock_counts_is_no_panic() {
     assert!(ok && !err.contains("panicked"), "{out}{err}");
     let revs: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(revs["revocations"][0]["bfn"], bfn, "{revs}");
+}
+
+/// `pviommu sim serve` on a socket in `env`'s directory, up and accepting:
+/// the socket's path, and the daemon (killed when the test ends, failed or
+/// not).
+fn serve(env: &Env) -> (std::path::PathBuf, KillOnDrop) {
+    let socket = env.dir.path().join("sim.sock");
+    let daemon = KillOnDrop(
+        env.cmd(&["sim", "serve", "--socket", socket.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(std::time::Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    (socket, daemon)
 }
 
 /// A child process killed and reaped when dropped.
