@@ -204,7 +204,8 @@ macro_rules! ensure_eq {
 /// IOMMU translates its BFN to and what its gfn still points at, writable
 /// only while the gfn is; revoked and free BFNs translate to nothing; no
 /// table was freed or rewritten before its flush; every BFN is in the
-/// window, above RAM and outside reserved ranges; the free lists hold
+/// window, above RAM and outside reserved ranges, and none was mapped over
+/// a present entry; the free lists hold
 /// together; and every page reference is held by a mapping.
 pub fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), String> {
     let st = e.state();
@@ -214,6 +215,9 @@ pub fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), String> {
     ensure_eq!(m.maps_past_width, 0);
     // No IOMMU run outside the window (which Xen's glue refuses).
     ensure_eq!(m.runs_outside_window, 0);
+    // No map over a present entry of a default context (which Xen's
+    // drivers overwrite).
+    ensure_eq!(m.maps_over_present, 0);
     // No table the IOMMU may still walk from its caches was freed, reused
     // or changed before its flush.
     ensure_eq!(m.tables_freed_before_flush(), 0);

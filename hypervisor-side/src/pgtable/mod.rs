@@ -909,6 +909,49 @@ impl<F: PageTableFormat> IoPageTable<F> {
         self.folded_len + more
     }
 
+    /// A value that changes whenever a table is queued to be freed after
+    /// the next flush (emptied by an unmap, or folded into a superpage),
+    /// read in O(1): the simulator's model of Xen's own tables compares it
+    /// around a call to know when Xen's driver would have set
+    /// `IOMMU_FLUSHF_all` (it queues such a table with
+    /// `iommu_queue_free_pgtable()` and asks for a flush of everything).
+    #[cfg(any(test, feature = "sim"))]
+    pub fn queued_tables_marker(&self) -> (Option<Mfn>, usize) {
+        (self.freed, self.folded_frames())
+    }
+
+    /// Rewrite the present 4 KiB entry that maps `bfn` in place, as Xen's
+    /// own drivers do for a map over one (the simulator's model of a
+    /// domain's own tables): `Inval` where no 4 KiB entry maps it (nothing,
+    /// or a superpage, which the caller splits first), or `mfn` and
+    /// `perms` have no encoding. The table and its count stay as they are.
+    #[cfg(any(test, feature = "sim"))]
+    pub fn overwrite_leaf(
+        &mut self,
+        mem: &mut impl TableMemory,
+        bfn: Bfn,
+        mfn: Mfn,
+        perms: Permissions,
+        attr: MemAttr,
+    ) -> Result<(), Errno> {
+        if !self.in_range(bfn) || !Self::encodable(mfn, perms) {
+            return Err(Errno::Inval);
+        }
+        let mut table = self.root;
+        for level in (2..=LEVELS).rev() {
+            match F::decode(mem.read_entry(table, index(bfn, level)), level) {
+                Entry::Table(t) => table = t,
+                _ => return Err(Errno::Inval),
+            }
+        }
+        let idx = index(bfn, 1);
+        if F::decode(mem.read_entry(table, idx), 1) == Entry::Empty {
+            return Err(Errno::Inval);
+        }
+        mem.write_entry(table, idx, F::leaf_entry(mfn, perms, attr, 1));
+        Ok(())
+    }
+
     /// Emptied tables waiting for an IOTLB flush before they are freed.
     pub fn freed_frames(&self, mem: &impl TableMemory) -> usize {
         count_frames(mem, self.freed)
