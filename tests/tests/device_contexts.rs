@@ -577,6 +577,39 @@ fn attributes_are_entry_bits_of_the_engines_tables() {
     assert_eq!(ops[0].status, Errno::OpNotSupp.negated());
 }
 
+/// The default context is Xen's own tables, whose `iommu_map()` takes no
+/// memory type: an uncached or device map there is refused, as it is by
+/// the Xen object (`default_context_attrs` false), and nothing changes;
+/// the engine's contexts take it. Before, the simulator said its default
+/// context honoured attributes, and mapped it.
+#[test]
+fn the_default_context_takes_write_back_only_as_xens_tables_do() {
+    for format in [Format::Vtd, Format::Lpae] {
+        let (mut m, e) = host(format);
+        for attr in [MemAttr::Uncached, MemAttr::Device] {
+            let mut o = map_op(GUEST, 7, Permissions::RW);
+            o.flags |= attr.field() << pviommu_abi::op_flags::ATTR_SHIFT;
+            let mut ops = [o];
+            m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+            assert_eq!(
+                ops[0].status,
+                Errno::OpNotSupp.negated(),
+                "{format:?} {attr:?}"
+            );
+        }
+        assert!(
+            e.state().live_mappings(DomId::DOM0).next().is_none(),
+            "{format:?}"
+        );
+        check_invariants(&mut m, &e).unwrap();
+        // The engine's own context takes what the IOMMU can encode.
+        let ctx1 = create(&mut m, &e, DomId::DOM0);
+        assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx1, B), 0);
+        let uc = map_in(&mut m, &e, ctx1, 7, MemAttr::Uncached);
+        assert_eq!(read(&mut m, B, uc), Ok(pattern(7)), "{format:?}");
+    }
+}
+
 #[test]
 fn the_simulated_iommu_faults_on_snp_without_snoop_control() {
     // The fidelity the test above relies on: a table written for an IOMMU

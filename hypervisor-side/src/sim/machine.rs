@@ -2679,7 +2679,9 @@ impl IommuBackend for SimMachine {
                 format,
                 levels: self.address_bits.saturating_sub(12).div_ceil(9).clamp(2, 4),
             }),
-            default_context_attrs: true,
+            // Xen's `iommu_map()` takes no memory type (the Xen object
+            // says false too): the default context maps write-back only.
+            default_context_attrs: false,
             // Xen's VT-d tables set SNP only with snoop control on every
             // unit, as the engine's own do.
             default_context_snooped: match self.format {
