@@ -218,6 +218,8 @@ pub fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), String> {
     // No map over a present entry of a default context (which Xen's
     // drivers overwrite).
     ensure_eq!(m.maps_over_present, 0);
+    // No IOMMU run longer than the glue takes.
+    ensure_eq!(m.runs_too_long, 0);
     // No table the IOMMU may still walk from its caches was freed, reused
     // or changed before its flush.
     ensure_eq!(m.tables_freed_before_flush(), 0);

@@ -577,6 +577,34 @@ fn attributes_are_entry_bits_of_the_engines_tables() {
     assert_eq!(ops[0].status, Errno::OpNotSupp.negated());
 }
 
+/// The IOMMU refuses a new context's tag (Xen's pool of VT-d pseudo
+/// domain ids, or SMMUv3 VMIDs, spent; or the tag's first flush failed):
+/// the create answers its errno, its tables are freed, its id and cell are
+/// given back (the next create gets the same id), and nothing else
+/// changes. Before, the simulator could not refuse a tag, so this path of
+/// the engine ran only inside Xen.
+#[test]
+fn a_context_whose_tag_the_iommu_refuses_is_not_made() {
+    for format in [Format::Vtd, Format::Lpae] {
+        let (mut m, e) = host(format);
+        let frames = m.free_frames();
+        for errno in [Errno::NoSpc, Errno::Busy] {
+            m.fail_context_creates = (1, errno);
+            let (status, _) = op(&mut m, &e, DomId::DOM0, Request::ContextCreate);
+            assert_eq!(status, errno.negated(), "{format:?}");
+            assert_eq!(m.free_frames(), frames, "{format:?}: the tables freed");
+            assert_eq!(e.state().cells_of(DomId::DOM0).count(), 1, "{format:?}");
+            check_invariants(&mut m, &e).unwrap();
+        }
+        let ctx = create(&mut m, &e, DomId::DOM0);
+        assert_eq!(ctx, ContextId(1), "{format:?}: the id given back");
+        assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx, B), 0);
+        let bfn = map_in(&mut m, &e, ctx, 7, MemAttr::WriteBack);
+        assert_eq!(read(&mut m, B, bfn), Ok(pattern(7)), "{format:?}");
+        check_invariants(&mut m, &e).unwrap();
+    }
+}
+
 /// The default context is Xen's own tables, whose `iommu_map()` takes no
 /// memory type: an uncached or device map there is refused, as it is by
 /// the Xen object (`default_context_attrs` false), and nothing changes;

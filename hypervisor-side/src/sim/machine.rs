@@ -891,6 +891,11 @@ pub struct SimMachine {
     /// drivers overwrite (taking the BFN from whatever it mapped) and the
     /// simulator does too. The engine must never make one.
     pub maps_over_present: u64,
+    /// IOMMU runs asked for longer than [`crate::iommu::MAX_IOMMU_RUN`]
+    /// pages, which Xen's glue refuses (`PVX_IOMMU_RUN_MAX`: its loop over
+    /// a run is not preemptible) and the simulator too. The engine must
+    /// never make one.
+    pub runs_too_long: u64,
     /// IOMMU maps and unmaps asked for outside the engine's window (below
     /// host RAM's end or 4 GiB, or over a reserved range), which Xen's glue
     /// refuses before they reach the driver (`pvx_run_in_window()`; the
@@ -953,6 +958,11 @@ pub struct SimMachine {
     pub devices_lock_taken: u64,
     /// The next this-many device attaches fail (failure injection).
     pub fail_attaches: u32,
+    /// The next this-many tags for a new context of the engine's are
+    /// refused, with this errno (failure injection: Xen's VT-d has a
+    /// bounded pool of pseudo domain ids, the SMMUv3 of VMIDs, and
+    /// `ctx_alloc` fails when it is spent or its first flush does).
+    pub fail_context_creates: (u32, Errno),
     /// The next this-many device detaches fail with the device still on
     /// the engine's tables (failure injection: a flush that fails twice).
     pub fail_detaches: u32,
@@ -1001,6 +1011,7 @@ impl SimMachine {
             faults_total: 0,
             maps_past_width: 0,
             maps_over_present: 0,
+            runs_too_long: 0,
             runs_outside_window: 0,
             xsm_checks: core::sync::atomic::AtomicU64::new(0),
             unmap_calls: 0,
@@ -1027,6 +1038,7 @@ impl SimMachine {
             devices_lock_depth: 0,
             devices_lock_taken: 0,
             fail_attaches: 0,
+            fail_context_creates: (0, Errno::NoSpc),
             fail_detaches: 0,
             fail_detaches_with: Errno::Busy,
             speculative_refill: true,
@@ -2741,6 +2753,10 @@ impl IommuBackend for SimMachine {
         let Some(Bfn(last)) = crate::iommu::run_last(bfn, count) else {
             return Err(Errno::Inval);
         };
+        if count > crate::iommu::MAX_IOMMU_RUN {
+            self.runs_too_long += 1;
+            return Err(Errno::Inval);
+        }
         if mfn.0.checked_add(count).is_none() {
             return Err(Errno::Inval);
         }
@@ -2834,6 +2850,10 @@ impl IommuBackend for SimMachine {
         let Some(Bfn(last)) = crate::iommu::run_last(bfn, count) else {
             return Err(Errno::Inval);
         };
+        if count > crate::iommu::MAX_IOMMU_RUN {
+            self.runs_too_long += 1;
+            return Err(Errno::Inval);
+        }
         if !self.glue_admits(bfn.0, count) {
             // (A run's other pages may be mapped: the engine unmaps them
             // one by one then.)
@@ -2925,6 +2945,10 @@ impl IommuBackend for SimMachine {
         );
         // The engine's tables go to memory before the IOMMU knows them.
         self.ram.sync_tables();
+        if self.fail_context_creates.0 > 0 {
+            self.fail_context_creates.0 -= 1;
+            return Err(self.fail_context_creates.1);
+        }
         let id = self.next_hw_context;
         self.next_hw_context = id.checked_add(1).ok_or(Errno::NoSpc)?;
         self.hw_contexts.insert(id, HwCtx { owner, ctx, root });
@@ -3169,6 +3193,51 @@ mod tests {
         let range = gather.ranges().next().copied().unwrap();
         assert_eq!((range.first, range.last), (Bfn(first), Bfn(first + 7)));
         assert_ne!(range.flags & flushf::MODIFIED, 0);
+    }
+
+    /// A run longer than the glue takes (`PVX_IOMMU_RUN_MAX`, whose loop
+    /// is not preemptible) is refused, mapping or unmapping nothing, and
+    /// counted; the longest it takes is mapped. Before, the simulator took
+    /// a run of any length.
+    #[test]
+    fn a_run_longer_than_the_glue_takes_is_refused() {
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        let max = crate::iommu::MAX_IOMMU_RUN;
+        let base = Bfn(0x10_0000);
+        let mut m = SimMachine::new(8192, Format::Vtd, 64);
+        let mut gather = FlushGather::default();
+        let r = m.iommu_map_run(
+            DomId::DOM0,
+            ContextId::DEFAULT,
+            base,
+            Mfn(0x400),
+            max + 1,
+            rw,
+            wb,
+            &mut gather,
+        );
+        assert_eq!(r, Err(Errno::Inval));
+        assert_eq!(m.translate(DomId::DOM0, ContextId::DEFAULT, base), None);
+        assert_eq!(m.runs_too_long, 1);
+        m.iommu_map_run(
+            DomId::DOM0,
+            ContextId::DEFAULT,
+            base,
+            Mfn(0x400),
+            max,
+            rw,
+            wb,
+            &mut gather,
+        )
+        .unwrap();
+        let r = m.iommu_unmap_run(DomId::DOM0, ContextId::DEFAULT, base, max + 1, &mut gather);
+        assert_eq!(r, Err(Errno::Inval));
+        assert_eq!(m.runs_too_long, 2);
+        for b in [base.0, base.0 + max - 1] {
+            assert!(m
+                .translate(DomId::DOM0, ContextId::DEFAULT, Bfn(b))
+                .is_some());
+        }
     }
 
     /// Over a present entry Xen's drivers overwrite (`MODIFIED` for the
