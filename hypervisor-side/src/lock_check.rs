@@ -29,6 +29,13 @@ pub fn engine_lock_held() -> bool {
     HELD.with(|h| h.get()) != 0
 }
 
+/// How many engine locks this thread holds now (the engine holds one cell
+/// at a time on every path that reaches the host; only
+/// [`crate::engine::Engine::state`] holds several).
+pub fn engine_locks_held() -> u32 {
+    HELD.with(|h| h.get())
+}
+
 /// Record a service called with the engine lock held (see module docs).
 pub fn note_service(name: &str) {
     if engine_lock_held() {

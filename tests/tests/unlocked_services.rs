@@ -5,7 +5,7 @@
 //! lock-order violation, as it does one under an engine lock. (In a test
 //! binary of its own: the violation count is the process's.)
 
-use pviommu_abi::DomId;
+use pviommu_abi::{ContextId, DomId, Errno};
 use pviommu_hv::iommu::IommuBackend;
 use pviommu_hv::lock_check;
 use pviommu_hv::platform::Platform;
@@ -27,4 +27,17 @@ fn unlocked_services_under_the_devices_lock_are_violations() {
     m.devices_unlock();
     m.owns_devices(DomId::DOM0);
     assert_eq!(lock_check::violations(), 2);
+
+    // A context's tag is asked for with its one cell held, as the Xen
+    // object requires (it counts the context on that cell, and refuses
+    // otherwise): without one, refused and recorded. Before, the
+    // simulator gave a tag to a caller holding no cell.
+    m.devices_lock();
+    let root = Mfn(2);
+    assert_eq!(
+        m.hw_context_create(DomId::DOM0, ContextId(1), root),
+        Err(Errno::Inval)
+    );
+    m.devices_unlock();
+    assert_eq!(lock_check::violations(), 3, "a tag with no cell held");
 }

@@ -2945,6 +2945,16 @@ impl IommuBackend for SimMachine {
             self.devices_lock_depth > 0,
             "hw_context_create without the devices lock"
         );
+        // The Xen object counts a context on the one cell the CPU holds
+        // (a fault in that cell must fail the context's flushes) and
+        // refuses a creation without exactly one held (fail closed): so
+        // does the simulator, recording it as the engine's defect.
+        if crate::lock_check::engine_locks_held() != 1 {
+            crate::lock_check::note_violation(
+                "hw_context_create without exactly one driver cell held",
+            );
+            return Err(Errno::Inval);
+        }
         // The engine's tables go to memory before the IOMMU knows them.
         self.ram.sync_tables();
         if self.fail_context_creates.0 > 0 {
