@@ -211,6 +211,9 @@ pub fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), String> {
     let st = e.state();
     let reserved = e.window().reserved.clone();
     let mut held_refs = 0u64;
+    // (Owner, context, BFN) of each page unmapped and still held (waiting
+    // for a flush, or stuck): its frame and access.
+    let mut held_unmapped = std::collections::HashMap::new();
     // No IOMMU map past the width the driver built the tables for.
     ensure_eq!(m.maps_past_width, 0);
     // No IOMMU run outside the window (which Xen's glue refuses).
@@ -272,6 +275,8 @@ pub fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), String> {
                 }
                 Slot::Unmapping { mapping, .. } | Slot::Stuck { mapping, .. } => {
                     held_refs += 1 + mapping.perms.write as u64;
+                    held_unmapped
+                        .insert((owner, mapping.context, bfn), (mapping.mfn, mapping.perms));
                 }
                 Slot::Free { .. } => {
                     ensure_eq!(
@@ -285,6 +290,19 @@ pub fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), String> {
     }
     // Every page reference is accounted for by a mapping that holds one.
     ensure_eq!(m.total_page_refs(), held_refs);
+    // A page the IOTLB still translates other than the tables (no flush
+    // yet, or one that invalidated less than it should: a flag lost, a
+    // range too short) is one the engine still holds, with at least the
+    // access the device has to it.
+    for t in m.stale_iotlb_pages() {
+        let held = held_unmapped.get(&(t.owner, t.context, t.bfn));
+        ensure!(
+            held.is_some_and(|&(mfn, p)| mfn == t.mfn
+                && (p.read || !t.read)
+                && (p.write || !t.write)),
+            "the IOTLB reaches {t:?}, which the engine no longer holds"
+        );
+    }
     Ok(())
 }
 

@@ -108,6 +108,25 @@ impl Iotlb {
     pub fn invalidate_context(&mut self, owner: DomId, ctx: ContextId) {
         self.invalidate(owner, ctx, 0, u64::MAX);
     }
+    /// Every cached translation, a block at a time: (owner, context, first
+    /// BFN, pages, first frame, read, write); a page, 2 MiB or 1 GiB.
+    pub fn translations(
+        &self,
+    ) -> impl Iterator<Item = (DomId, ContextId, u64, u64, Mfn, bool, bool)> + '_ {
+        let pages = self
+            .entries
+            .iter()
+            .map(|(&(o, c, b), &(m, r, w))| (o, c, b, 1, m, r, w));
+        let superpages = self
+            .superpages
+            .iter()
+            .map(|(&(o, c, k), &(m, r, w))| (o, c, k << 9, 1 << 9, m, r, w));
+        let gigapages = self
+            .gigapages
+            .iter()
+            .map(|(&(o, c, k), &(m, r, w))| (o, c, k << 18, 1 << 18, m, r, w));
+        pages.chain(superpages).chain(gigapages)
+    }
 }
 
 /// Drop the entries of `blocks` (keyed by (owner, ctx, bfn >> `shift`))

@@ -301,6 +301,24 @@ struct HwCtx {
     root: Mfn,
 }
 
+/// A page the IOTLB still translates other than the tables do
+/// ([`SimMachine::stale_iotlb_pages`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct StaleTranslation {
+    /// The context's owner.
+    pub owner: DomId,
+    /// The context.
+    pub context: ContextId,
+    /// The page's BFN.
+    pub bfn: Bfn,
+    /// The frame the IOTLB reaches there.
+    pub mfn: Mfn,
+    /// The IOTLB lets the device read it.
+    pub read: bool,
+    /// The IOTLB lets the device write it.
+    pub write: bool,
+}
+
 /// A PCI device behind the simulated IOMMU.
 #[derive(Clone, Copy, Debug)]
 pub struct SimDevice {
@@ -1914,6 +1932,47 @@ impl SimMachine {
         self.ram.frame(mfn)
     }
 
+    /// The pages the IOMMU's IOTLB translates other than the tables do now
+    /// (another frame, or an access the tables no longer give): what a
+    /// device can still reach because a flush has not come, or never
+    /// will. Each is safe only while whoever unmapped it still holds the
+    /// page it reaches (the engine: until its flush), so a test checks
+    /// them against the pages the engine holds; one it does not hold is a
+    /// device reaching memory the host may have given to someone else.
+    pub fn stale_iotlb_pages(&self) -> Vec<StaleTranslation> {
+        let mut stale = Vec::new();
+        for (owner, context, first, pages, mfn, read, write) in self.iotlb.translations() {
+            let grants = |t: Option<(Mfn, Permissions, MemAttr)>, frame: Mfn| {
+                t.is_some_and(|(m, p, _)| m == frame && (p.read || !read) && (p.write || !write))
+            };
+            // A block the tables still map whole, as cached: one look.
+            if pages > 1
+                && self
+                    .context_leaf(owner, context, Bfn(first))
+                    .is_some_and(|(level, _)| {
+                        u64::from(level) == 1 + u64::from(pages.trailing_zeros()) / 9
+                    })
+                && grants(self.translate(owner, context, Bfn(first)), mfn)
+            {
+                continue;
+            }
+            for i in 0..pages {
+                let (bfn, frame) = (Bfn(first + i), Mfn(mfn.0 + i));
+                if !grants(self.translate(owner, context, bfn), frame) {
+                    stale.push(StaleTranslation {
+                        owner,
+                        context,
+                        bfn,
+                        mfn: frame,
+                        read,
+                        write,
+                    });
+                }
+            }
+        }
+        stale
+    }
+
     /// Page-table frames freed, or reused as tables, while the IOMMU could
     /// still have cached them (unlinked, not yet flushed): each one a
     /// use-after-free a real IOMMU could walk into.
@@ -3205,6 +3264,61 @@ mod tests {
         let range = gather.ranges().next().copied().unwrap();
         assert_eq!((range.first, range.last), (Bfn(first), Bfn(first + 7)));
         assert_ne!(range.flags & flushf::MODIFIED, 0);
+    }
+
+    /// What the IOTLB still translates other than the tables is listed, a
+    /// page at a time, until a flush that covers it: a page unmapped
+    /// before its flush; a page unmapped out of a cached superpage and
+    /// flushed on its own (the superpage's entry stays, and only that page
+    /// now differs from the tables).
+    #[test]
+    fn stale_iotlb_pages_lists_what_a_flush_has_not_reached() {
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        let dom0 = DomId::DOM0;
+        let ctx = ContextId::DEFAULT;
+        let mut m = SimMachine::new(8192, Format::Vtd, 64);
+        let mut gather = FlushGather::default();
+        let (bfn, mfn) = (Bfn(0x10_0005), Mfn(0x905));
+        m.iommu_map(dom0, ctx, bfn, mfn, rw, wb, &mut gather)
+            .unwrap();
+        m.iommu_map(dom0, ctx, Bfn(bfn.0 + 1), Mfn(0x906), rw, wb, &mut gather)
+            .unwrap();
+        m.iommu_flush(dom0, &gather).unwrap();
+        m.dma_read(dom0, ctx, bfn.0 << 12, 8).unwrap();
+        assert!(m.stale_iotlb_pages().is_empty());
+        let mut unmapped = FlushGather::default();
+        m.iommu_unmap(dom0, ctx, bfn, &mut unmapped).unwrap();
+        let stale = StaleTranslation {
+            owner: dom0,
+            context: ctx,
+            bfn,
+            mfn,
+            read: true,
+            write: true,
+        };
+        assert_eq!(m.stale_iotlb_pages(), [stale]);
+        m.iommu_flush(dom0, &unmapped).unwrap();
+        assert!(m.stale_iotlb_pages().is_empty());
+
+        // A 2 MiB superpage, cached whole; one page unmapped (split) and
+        // flushed alone.
+        let base = Bfn(0x10_0200);
+        let mut gather = FlushGather::default();
+        m.iommu_map_run(dom0, ctx, base, Mfn(0x1000), 512, rw, wb, &mut gather)
+            .unwrap();
+        m.iommu_flush(dom0, &gather).unwrap();
+        assert_eq!(m.context_leaf(dom0, ctx, base).map(|l| l.0), Some(2));
+        m.dma_read(dom0, ctx, (base.0 + 9) << 12, 8).unwrap();
+        assert!(m.stale_iotlb_pages().is_empty());
+        let page = Bfn(base.0 + 7);
+        m.iommu_unmap(dom0, ctx, page, &mut FlushGather::default())
+            .unwrap();
+        let mut narrow = FlushGather::default();
+        narrow.add(ctx, page, flushf::MODIFIED).unwrap();
+        m.iommu_flush(dom0, &narrow).unwrap();
+        let stale = m.stale_iotlb_pages();
+        assert_eq!(stale.len(), 1);
+        assert_eq!((stale[0].bfn, stale[0].mfn), (page, Mfn(0x1007)));
     }
 
     /// A run longer than the glue takes (`PVX_IOMMU_RUN_MAX`, whose loop

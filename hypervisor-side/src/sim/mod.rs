@@ -14,7 +14,9 @@ mod p2m;
 pub mod reference;
 
 pub use hardware::{DmaFault, FaultReason};
-pub use machine::{DomainSpec, Format, FrameInfo, Owner, SimMachine, FAULTS_KEPT};
+pub use machine::{
+    DomainSpec, Format, FrameInfo, Owner, SimMachine, StaleTranslation, FAULTS_KEPT,
+};
 pub mod shared;
 pub use shared::SharedSim;
 
