@@ -165,9 +165,10 @@ impl Cursor {
 
 /// Whether an unmap's answer means the entry is gone. `NoEnt` does only in
 /// context 0, whose tables are the host's: there it is the glue's refusal
-/// of a page outside the window, which no map of the engine's reached
-/// (for a missing entry Xen's drivers answer 0, and so does the
-/// simulator). In an engine context the engine writes every entry
+/// of a page outside the window, which no map of the engine's reached.
+/// (A missing entry there, a map the flush had still to write, Xen's
+/// drivers answer with 0, as the simulator does.) In an engine context
+/// the engine writes every entry
 /// at once, so `NoEnt` there means its books and tables disagree: the
 /// page stays referenced (fail closed).
 fn entry_gone(context: ContextId, answer: Result<(), Errno>) -> bool {
