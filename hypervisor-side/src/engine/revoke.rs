@@ -168,9 +168,8 @@ impl Cursor {
 /// of a page outside the window, which no map of the engine's reached.
 /// (A missing entry there, a map the flush had still to write, Xen's
 /// drivers answer with 0, as the simulator does.) In an engine context
-/// the engine writes every entry
-/// at once, so `NoEnt` there means its books and tables disagree: the
-/// page stays referenced (fail closed).
+/// the engine writes every entry at once, so `NoEnt` there means its
+/// books and tables disagree: the page stays referenced (fail closed).
 fn entry_gone(context: ContextId, answer: Result<(), Errno>) -> bool {
     match answer {
         Ok(()) => true,
