@@ -922,9 +922,10 @@ impl<F: PageTableFormat> IoPageTable<F> {
 
     /// Rewrite the present 4 KiB entry that maps `bfn` in place, as Xen's
     /// own drivers do for a map over one (the simulator's model of a
-    /// domain's own tables): `Inval` where no 4 KiB entry maps it (nothing,
-    /// or a superpage, which the caller splits first), or `mfn` and
-    /// `perms` have no encoding. The table and its count stay as they are.
+    /// domain's own tables). `Inval`: `bfn` out of range, or `mfn` and
+    /// `perms` have no encoding (nothing changed either way); `NoEnt`: no
+    /// 4 KiB entry maps it (nothing does, or a superpage, which the caller
+    /// splits first). The table and its count stay as they are.
     #[cfg(any(test, feature = "sim"))]
     pub fn overwrite_leaf(
         &mut self,
@@ -941,15 +942,33 @@ impl<F: PageTableFormat> IoPageTable<F> {
         for level in (2..=LEVELS).rev() {
             match F::decode(mem.read_entry(table, index(bfn, level)), level) {
                 Entry::Table(t) => table = t,
-                _ => return Err(Errno::Inval),
+                _ => return Err(Errno::NoEnt),
             }
         }
         let idx = index(bfn, 1);
         if F::decode(mem.read_entry(table, idx), 1) == Entry::Empty {
-            return Err(Errno::Inval);
+            return Err(Errno::NoEnt);
         }
         mem.write_entry(table, idx, F::leaf_entry(mfn, perms, attr, 1));
         Ok(())
+    }
+
+    /// The level-2 entry over `bfn` (what one 2 MiB entry would replace):
+    /// `Empty` too where a level above has none.
+    #[cfg(any(test, feature = "sim"))]
+    pub fn level2_entry(&self, mem: &impl TableMemory, bfn: Bfn) -> Entry {
+        if !self.in_range(bfn) {
+            return Entry::Empty;
+        }
+        let mut table = self.root;
+        for level in (3..=LEVELS).rev() {
+            match F::decode(mem.read_entry(table, index(bfn, level)), level) {
+                Entry::Table(t) => table = t,
+                // (A 1 GiB leaf maps the 2 MiB too.)
+                other => return other,
+            }
+        }
+        F::decode(mem.read_entry(table, index(bfn, 2)), 2)
     }
 
     /// Emptied tables waiting for an IOTLB flush before they are freed.

@@ -93,39 +93,30 @@ impl Iotlb {
     /// reaches, as patch 0005's `intel_iommu_pviommu_ctx_flush` issues it:
     /// the naturally aligned block of 2^order pages holding the range
     /// (ADDR, AM = order); domain-wide past order 36.
-    pub fn invalidate_psi(&mut self, owner: DomId, ctx: ContextId, first: u64, last: u64) {
+    /// Returns the BFNs it reached, first and last.
+    pub fn invalidate_psi(
+        &mut self,
+        owner: DomId,
+        ctx: ContextId,
+        first: u64,
+        last: u64,
+    ) -> (u64, u64) {
         let mut order = 0;
         while order < 36 && (first >> order) != (last >> order) {
             order += 1;
         }
         if (first >> order) != (last >> order) {
-            return self.invalidate_context(owner, ctx);
+            self.invalidate_context(owner, ctx);
+            return (0, u64::MAX);
         }
         let start = first & !((1u64 << order) - 1);
-        self.invalidate(owner, ctx, start, start | ((1u64 << order) - 1));
+        let end = start | ((1u64 << order) - 1);
+        self.invalidate(owner, ctx, start, end);
+        (start, end)
     }
     /// Drop everything cached for a context.
     pub fn invalidate_context(&mut self, owner: DomId, ctx: ContextId) {
         self.invalidate(owner, ctx, 0, u64::MAX);
-    }
-    /// Every cached translation, a block at a time: (owner, context, first
-    /// BFN, pages, first frame, read, write); a page, 2 MiB or 1 GiB.
-    pub fn translations(
-        &self,
-    ) -> impl Iterator<Item = (DomId, ContextId, u64, u64, Mfn, bool, bool)> + '_ {
-        let pages = self
-            .entries
-            .iter()
-            .map(|(&(o, c, b), &(m, r, w))| (o, c, b, 1, m, r, w));
-        let superpages = self
-            .superpages
-            .iter()
-            .map(|(&(o, c, k), &(m, r, w))| (o, c, k << 9, 1 << 9, m, r, w));
-        let gigapages = self
-            .gigapages
-            .iter()
-            .map(|(&(o, c, k), &(m, r, w))| (o, c, k << 18, 1 << 18, m, r, w));
-        pages.chain(superpages).chain(gigapages)
     }
 }
 
@@ -151,7 +142,7 @@ fn drop_covered_blocks(
 }
 
 /// A translation: frame, read, write.
-type Translation = (Mfn, bool, bool);
+pub type Translation = (Mfn, bool, bool);
 
 /// Why a walk found nothing usable.
 enum WalkFault {
@@ -161,6 +152,52 @@ enum WalkFault {
 
 /// Levels of every table tree the simulated IOMMU walks (the root's).
 pub(super) const WALK_LEVELS: u32 = 4;
+
+/// One entry at `level` as the IOMMU reads it: (present, a leaf, the
+/// frame it names, read, write).
+fn decode(format: Format, e: u64, level: u32) -> (bool, bool, u64, bool, bool) {
+    match format {
+        Format::Vtd => {
+            let present = e & 0b11 != 0;
+            let leaf = level == 1 || (level <= 3 && e & (1 << 7) != 0);
+            (
+                present,
+                leaf,
+                (e & 0x000F_FFFF_FFFF_F000) >> 12,
+                e & 1 != 0,
+                e & 2 != 0,
+            )
+        }
+        Format::Lpae => {
+            let valid = e & 1 != 0;
+            let table_bit = e & 2 != 0;
+            let present = valid && (level != 1 || table_bit);
+            let leaf = if level == 1 { table_bit } else { !table_bit };
+            (
+                present,
+                leaf,
+                (e & 0x0000_FFFF_FFFF_F000) >> 12,
+                e & (1 << 6) != 0,
+                e & (1 << 7) != 0,
+            )
+        }
+    }
+}
+
+/// The level-1 table linked at the 2 MiB of `bfn` in the tree at `root`,
+/// where the device's walk would find it (memory, not the CPU's cache).
+fn linked_leaf_table(ram: &Ram, format: Format, root: Mfn, bfn: u64) -> Option<Mfn> {
+    let mut table = root;
+    for level in (2..=WALK_LEVELS).rev() {
+        let idx = ((bfn >> (9 * (level - 1))) & 0x1ff) as usize;
+        let (present, leaf, addr, ..) = decode(format, ram.device_read_u64(table, idx * 8), level);
+        if !present || leaf {
+            return None;
+        }
+        table = Mfn(addr);
+    }
+    Some(table)
+}
 
 /// Walk from `root` (level 4), or from the level-1 table `leaf_table` when
 /// the paging-structure cache holds it. Returns the translation, the
@@ -182,32 +219,7 @@ fn walk(
         let idx = ((bfn >> (9 * (level - 1))) & 0x1ff) as usize;
         // Memory, not the CPU cache (Ram::device_read_u64).
         let e = ram.device_read_u64(table, idx * 8);
-        let (present, leaf, addr, r, w) = match format {
-            Format::Vtd => {
-                let present = e & 0b11 != 0;
-                let leaf = level == 1 || (level <= 3 && e & (1 << 7) != 0);
-                (
-                    present,
-                    leaf,
-                    (e & 0x000F_FFFF_FFFF_F000) >> 12,
-                    e & 1 != 0,
-                    e & 2 != 0,
-                )
-            }
-            Format::Lpae => {
-                let valid = e & 1 != 0;
-                let table_bit = e & 2 != 0;
-                let present = valid && (level != 1 || table_bit);
-                let leaf = if level == 1 { table_bit } else { !table_bit };
-                (
-                    present,
-                    leaf,
-                    (e & 0x0000_FFFF_FFFF_F000) >> 12,
-                    e & (1 << 6) != 0,
-                    e & (1 << 7) != 0,
-                )
-            }
-        };
+        let (present, leaf, addr, r, w) = decode(format, e, level);
         if !present {
             return Err(WalkFault::NotPresent);
         }
@@ -224,6 +236,68 @@ fn walk(
         table = Mfn(addr);
     }
     Err(WalkFault::NotPresent)
+}
+
+/// What a lookup of one page found: a translation the IOTLB held, or one
+/// walked (from the cached leaf table where the paging-structure cache
+/// held one) with the level-1 table it went through and its level.
+enum LookedUp {
+    Cached(Translation),
+    Walked(Translation, Option<Mfn>, u32),
+}
+
+/// The lookup of page `bfn` for the device of (`owner`, `ctx`), as the
+/// IOMMU makes it, changing nothing: the IOTLB's page entry first, then
+/// its 2 MiB and 1 GiB entries, then a walk.
+#[allow(clippy::too_many_arguments)]
+fn look_up(
+    ram: &Ram,
+    iotlb: &Iotlb,
+    format: Format,
+    snoop_control: bool,
+    owner: DomId,
+    ctx: ContextId,
+    root: Option<Mfn>,
+    bfn: u64,
+) -> Result<LookedUp, FaultReason> {
+    let sp = iotlb
+        .superpages
+        .get(&(owner, ctx, bfn >> 9))
+        .map(|&(m, r, w)| (Mfn(m.0 + (bfn & 0x1ff)), r, w));
+    let gp = iotlb
+        .gigapages
+        .get(&(owner, ctx, bfn >> 18))
+        .map(|&(m, r, w)| (Mfn(m.0 + (bfn & 0x3ffff)), r, w));
+    if let Some(t) = iotlb.entries.get(&(owner, ctx, bfn)).copied().or(sp).or(gp) {
+        return Ok(LookedUp::Cached(t));
+    }
+    let root = root.ok_or(FaultReason::NoContext)?;
+    let cached = iotlb.leaf_tables.get(&(owner, ctx, bfn >> 9)).copied();
+    let (t, through, level) =
+        walk(ram, format, snoop_control, root, cached, bfn).map_err(|f| match f {
+            WalkFault::NotPresent => FaultReason::NotPresent,
+            WalkFault::ReservedBit => FaultReason::ReservedBit,
+        })?;
+    Ok(LookedUp::Walked(t, through, level))
+}
+
+/// What the device of (`owner`, `ctx`) would reach at page `bfn` now,
+/// through the IOTLB and the paging-structure cache as they are, changing
+/// neither: the frame and its access, or `None` where it would fault.
+#[allow(clippy::too_many_arguments)]
+pub fn peek(
+    ram: &Ram,
+    iotlb: &Iotlb,
+    format: Format,
+    snoop_control: bool,
+    owner: DomId,
+    ctx: ContextId,
+    root: Option<Mfn>,
+    bfn: u64,
+) -> Option<Translation> {
+    match look_up(ram, iotlb, format, snoop_control, owner, ctx, root, bfn).ok()? {
+        LookedUp::Cached(t) | LookedUp::Walked(t, ..) => Some(t),
+    }
 }
 
 /// Translate bus address `addr` for the device of (`owner`, `ctx`).
@@ -250,26 +324,10 @@ pub fn translate(
     if bfn >> 36 != 0 {
         return Err(fault(FaultReason::AddressWidth));
     }
-    let sp = iotlb
-        .superpages
-        .get(&(owner, ctx, bfn >> 9))
-        .map(|&(m, r, w)| (Mfn(m.0 + (bfn & 0x1ff)), r, w));
-    let gp = iotlb
-        .gigapages
-        .get(&(owner, ctx, bfn >> 18))
-        .map(|&(m, r, w)| (Mfn(m.0 + (bfn & 0x3ffff)), r, w));
-    let (mfn, r, w) = match iotlb.entries.get(&(owner, ctx, bfn)).copied().or(sp).or(gp) {
-        Some(t) => t,
-        None => {
-            let root = root.ok_or(fault(FaultReason::NoContext))?;
-            let cached = iotlb.leaf_tables.get(&(owner, ctx, bfn >> 9)).copied();
-            let (t, through, level) =
-                walk(ram, format, snoop_control, root, cached, bfn).map_err(|f| {
-                    fault(match f {
-                        WalkFault::NotPresent => FaultReason::NotPresent,
-                        WalkFault::ReservedBit => FaultReason::ReservedBit,
-                    })
-                })?;
+    let looked_up = look_up(ram, iotlb, format, snoop_control, owner, ctx, root, bfn);
+    let (mfn, r, w) = match looked_up.map_err(fault)? {
+        LookedUp::Cached(t) => t,
+        LookedUp::Walked(t, through, level) => {
             if level == 2 {
                 iotlb.superpages.insert(
                     (owner, ctx, bfn >> 9),
@@ -294,4 +352,76 @@ pub fn translate(
         (true, _, false) => Err(fault(FaultReason::WriteDenied)),
         _ => Ok(mfn),
     }
+}
+
+/// The pages whose lookup through the IOTLB and the paging-structure cache
+/// as they are now reaches something the tables (`tables_leaf`: the leaf's
+/// level and the translation there, as the CPU sees them) do not give: a
+/// frame they do not map there, or an access they no longer allow. Only
+/// pages something cached can change are looked up, and a cached block
+/// the tables still map the same way is passed whole. `root_of`: each
+/// context's root.
+pub fn stale_pages(
+    ram: &Ram,
+    iotlb: &Iotlb,
+    format: Format,
+    snoop_control: bool,
+    root_of: impl Fn(DomId, ContextId) -> Option<Mfn>,
+    tables_leaf: impl Fn(DomId, ContextId, u64) -> Option<(u32, Translation)>,
+) -> Vec<(DomId, ContextId, u64, Translation)> {
+    let grants = |tables: Option<Translation>, got: Translation| {
+        tables.is_some_and(|(m, r, w)| m == got.0 && (r || !got.1) && (w || !got.2))
+    };
+    let mut stale = Vec::new();
+    let mut check = |owner, ctx, first: u64, pages: u64| {
+        let root = root_of(owner, ctx);
+        for bfn in first..first + pages {
+            if let Some(got) = peek(ram, iotlb, format, snoop_control, owner, ctx, root, bfn) {
+                if !grants(tables_leaf(owner, ctx, bfn).map(|l| l.1), got) {
+                    stale.push((owner, ctx, bfn, got));
+                }
+            }
+        }
+    };
+    // A block cached whole, which the tables still map whole (level) at
+    // least as the cache does: every page of it the lookup reaches through
+    // that entry agrees (pages with entries of their own are checked as
+    // such).
+    let same_block = |owner, ctx, first: u64, level: u32, cached: Translation| {
+        tables_leaf(owner, ctx, first).is_some_and(|(l, t)| l == level && grants(Some(t), cached))
+    };
+    for &(owner, ctx, bfn) in iotlb.entries.keys() {
+        check(owner, ctx, bfn, 1);
+    }
+    for (&(owner, ctx, k), &t) in &iotlb.superpages {
+        if !same_block(owner, ctx, k << 9, 2, t) {
+            check(owner, ctx, k << 9, 1 << 9);
+        }
+    }
+    for (&(owner, ctx, k), &(m, r, w)) in &iotlb.gigapages {
+        if same_block(owner, ctx, k << 18, 3, (m, r, w)) {
+            continue;
+        }
+        // By 2 MiB: one a cached superpage shadows is that entry's; one
+        // the tables map whole, as this entry does there, agrees.
+        for sub in 0..1u64 << 9 {
+            let first = k << 18 | sub << 9;
+            let here = (Mfn(m.0 + (sub << 9)), r, w);
+            if !iotlb.superpages.contains_key(&(owner, ctx, first >> 9))
+                && !same_block(owner, ctx, first, 2, here)
+            {
+                check(owner, ctx, first, 1 << 9);
+            }
+        }
+    }
+    // A cached leaf-table pointer to the table still linked there walks as
+    // a fresh walk does; one to any other table, page by page.
+    for (&(owner, ctx, region), &table) in &iotlb.leaf_tables {
+        let linked =
+            root_of(owner, ctx).and_then(|root| linked_leaf_table(ram, format, root, region << 9));
+        if linked != Some(table) {
+            check(owner, ctx, region << 9, 1 << 9);
+        }
+    }
+    stale
 }

@@ -6,7 +6,7 @@ use crate::iommu::{
     BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend, OwnTables, TableFormat,
 };
 use crate::pgtable::sync::{DirtyLines, LINE_BYTES};
-use crate::pgtable::{lpae::Lpae, vtd::Vtd, IoPageTable, TableMemory, TableOptions};
+use crate::pgtable::{lpae::Lpae, vtd::Vtd, Entry, IoPageTable, TableMemory, TableOptions};
 use crate::platform::{
     DomainInfo, PageKind, PageLookup, PageRun, PageSlot, Platform, ReservedRange, XsmAction,
 };
@@ -265,6 +265,13 @@ impl Context {
         match self {
             Context::Vtd(t) => t.overwrite_leaf(mem, bfn, mfn, perms, attr),
             Context::Lpae(t) => t.overwrite_leaf(mem, bfn, mfn, perms, attr),
+        }
+    }
+    /// See [`IoPageTable::level2_entry`].
+    fn level2_entry(&self, mem: &impl TableMemory, bfn: Bfn) -> Entry {
+        match self {
+            Context::Vtd(t) => t.level2_entry(mem, bfn),
+            Context::Lpae(t) => t.level2_entry(mem, bfn),
         }
     }
     /// See [`IoPageTable::queued_tables_marker`].
@@ -1932,44 +1939,43 @@ impl SimMachine {
         self.ram.frame(mfn)
     }
 
-    /// The pages the IOMMU's IOTLB translates other than the tables do now
-    /// (another frame, or an access the tables no longer give): what a
-    /// device can still reach because a flush has not come, or never
-    /// will. Each is safe only while whoever unmapped it still holds the
+    /// The pages a device reaches, through the IOTLB and the
+    /// paging-structure cache as they are, other than the tables map them
+    /// now (another frame, or an access the tables no longer give; a
+    /// cached pointer to a leaf table since unlinked reaches what that
+    /// table still holds): what a device can still reach because a flush
+    /// has not come, or never will. Each is safe only while whoever unmapped it still holds the
     /// page it reaches (the engine: until its flush), so a test checks
     /// them against the pages the engine holds; one it does not hold is a
     /// device reaching memory the host may have given to someone else.
     pub fn stale_iotlb_pages(&self) -> Vec<StaleTranslation> {
-        let mut stale = Vec::new();
-        for (owner, context, first, pages, mfn, read, write) in self.iotlb.translations() {
-            let grants = |t: Option<(Mfn, Permissions, MemAttr)>, frame: Mfn| {
-                t.is_some_and(|(m, p, _)| m == frame && (p.read || !read) && (p.write || !write))
-            };
-            // A block the tables still map whole, as cached: one look.
-            if pages > 1
-                && self
-                    .context_leaf(owner, context, Bfn(first))
-                    .is_some_and(|(level, _)| {
-                        u64::from(level) == 1 + u64::from(pages.trailing_zeros()) / 9
-                    })
-                && grants(self.translate(owner, context, Bfn(first)), mfn)
-            {
-                continue;
-            }
-            for i in 0..pages {
-                let (bfn, frame) = (Bfn(first + i), Mfn(mfn.0 + i));
-                if !grants(self.translate(owner, context, bfn), frame) {
-                    stale.push(StaleTranslation {
-                        owner,
-                        context,
-                        bfn,
-                        mfn: frame,
-                        read,
-                        write,
-                    });
-                }
-            }
-        }
+        let tables_leaf = |owner, ctx, bfn| {
+            let (level, _) = self.context_leaf(owner, ctx, Bfn(bfn))?;
+            let (mfn, p, _) = self.translate(owner, ctx, Bfn(bfn))?;
+            Some((level, (mfn, p.read, p.write)))
+        };
+        let mut stale: Vec<_> = super::hardware::stale_pages(
+            &self.ram,
+            &self.iotlb,
+            self.format,
+            self.snoop_control,
+            |owner, ctx| self.context_root(owner, ctx),
+            tables_leaf,
+        )
+        .into_iter()
+        .map(
+            |(owner, context, bfn, (mfn, read, write))| StaleTranslation {
+                owner,
+                context,
+                bfn: Bfn(bfn),
+                mfn,
+                read,
+                write,
+            },
+        )
+        .collect();
+        stale.sort_by_key(|t| (t.owner, t.context, t.bfn.0));
+        stale.dedup();
         stale
     }
 
@@ -2578,36 +2584,92 @@ impl SimMachine {
         // Xen's own tables: its VT-d code writes back each entry it stores.
         let mut mem = WriteThrough(ram);
         let before = c.queued_tables_marker();
-        let mut flags = flushf::ADDED;
         let mut overwrote = false;
-        match c.map(&mut mem, bfn, mfn, perms, attr) {
-            Ok(()) => {}
-            Err(Errno::Inval) => {
+        let written = match c.map(&mut mem, bfn, mfn, perms, attr) {
+            Ok(()) => Ok(flushf::ADDED),
+            Err(Errno::Inval) => match c.translate(&mem, bfn) {
                 // (`Inval` is also a frame or BFN the format cannot hold:
                 // then nothing maps `bfn` here and the answer stands.)
-                let Some(old) = c.translate(&mem, bfn) else {
-                    return Err(Errno::Inval);
-                };
-                if old == (mfn, perms, attr) {
-                    return Ok(0);
+                None => Err(Errno::Inval),
+                Some(old) if old == (mfn, perms, attr) => Ok(0),
+                Some(_) => {
+                    // Counted whether or not the overwrite then succeeds:
+                    // the engine asked for it.
+                    overwrote = true;
+                    // A 4 KiB entry is rewritten in place; a superpage over
+                    // it is split first (the page's unmap), with the
+                    // allocation Xen's walk makes there, which can fail
+                    // (nothing changed then). An encoding the format lacks
+                    // is refused before anything changes.
+                    match c.overwrite_leaf(&mut mem, bfn, mfn, perms, attr) {
+                        Err(Errno::NoEnt) => c
+                            .unmap(&mut mem, bfn)
+                            .and_then(|()| c.map(&mut mem, bfn, mfn, perms, attr)),
+                        other => other,
+                    }
+                    .map(|()| flushf::ADDED | flushf::MODIFIED)
                 }
-                // A 4 KiB entry is rewritten in place; a superpage over
-                // it is split first (the page's unmap), with the
-                // allocation Xen's walk makes there, which can fail.
-                if c.overwrite_leaf(&mut mem, bfn, mfn, perms, attr).is_err() {
-                    c.unmap(&mut mem, bfn)?;
-                    c.map(&mut mem, bfn, mfn, perms, attr)?;
-                }
-                flags |= flushf::MODIFIED;
-                overwrote = true;
-            }
-            Err(e) => return Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        let folded_or_freed = c.queued_tables_marker() != before;
+        self.maps_over_present += u64::from(overwrote);
+        let flags = written?;
+        Ok(if folded_or_freed {
+            flags | flushf::MODIFIED | flushf::ALL
+        } else {
+            flags
+        })
+    }
+
+    /// What [`whole_map_flags`](Self::whole_map_flags) needs from before a
+    /// 2 MiB call at `bfn`: the level-2 entry it replaces, and the marker
+    /// of tables queued to be freed.
+    fn before_whole_map(
+        &self,
+        owner: DomId,
+        ctx: ContextId,
+        bfn: Bfn,
+    ) -> (Entry, (Option<Mfn>, usize)) {
+        match self.contexts.get(&(owner, ctx)) {
+            Some(c) => (c.level2_entry(&self.ram, bfn), c.queued_tables_marker()),
+            None => (Entry::Empty, (None, 0)),
         }
-        if c.queued_tables_marker() != before {
+    }
+
+    /// The [`flushf`] flags of one 2 MiB call (Xen's order-9 `map_page`)
+    /// that the simulator made of 512 page writes: Xen writes one entry,
+    /// so the leaf table the simulator built and folded on the way is not
+    /// Xen's. `ADDED`; `MODIFIED` where the entry it replaced was present
+    /// (a table Xen then frees with `queue_free_pt()`, or a superpage);
+    /// `MODIFIED | ALL` where more folded (into 1 GiB) or was freed; none
+    /// for the same superpage again (Xen returns early).
+    fn whole_map_flags(
+        &self,
+        owner: DomId,
+        ctx: ContextId,
+        (replaced, (freed, folded)): (Entry, (Option<Mfn>, usize)),
+        mfn: Mfn,
+        perms: Permissions,
+        attr: MemAttr,
+    ) -> u32 {
+        if replaced == (Entry::Leaf { mfn, perms, attr }) {
+            return 0;
+        }
+        let mut flags = flushf::ADDED;
+        if replaced != Entry::Empty {
+            flags |= flushf::MODIFIED;
+        }
+        let (freed_now, folded_now) = match self.contexts.get(&(owner, ctx)) {
+            Some(c) => c.queued_tables_marker(),
+            None => (freed, folded),
+        };
+        // (The one fold expected: the simulator's own leaf table, or the
+        // table it replaced.)
+        if freed_now != freed || folded_now > folded + 1 {
             flags |= flushf::MODIFIED | flushf::ALL;
         }
-        self.maps_over_present += u64::from(overwrote);
-        Ok(flags)
+        flags
     }
 
     /// One call into the IOMMU driver's unmap of a default context, as
@@ -2844,18 +2906,42 @@ impl IommuBackend for SimMachine {
             let pages = if whole { 0x200 } else { 1 };
             self.map_calls += 1;
             self.superpage_maps += u64::from(whole);
+            // What a 2 MiB call's flags depend on: what it replaces, and
+            // the tables queued before it.
+            let before = whole.then(|| self.before_whole_map(owner, ctx, Bfn(b)));
             let mut written = 0;
+            let mut page_flags = 0;
             let mut mapped = Ok(());
+            // The leaf table the simulator builds for a 2 MiB call into an
+            // empty slot, and folds by its last page: never Xen's (its call
+            // writes the one entry), never seen by a device (no DMA runs
+            // within the call), so not one the IOMMU may have cached.
+            let mut scaffold = None;
             while written < pages {
                 match self.map_page(owner, ctx, Bfn(b + written), Mfn(f + written), perms, attr) {
-                    Ok(set) => flags |= set,
+                    Ok(set) => page_flags |= set,
                     Err(e) => {
                         mapped = Err(e);
                         break;
                     }
                 }
+                if written == 0 && matches!(before, Some((Entry::Empty, _))) {
+                    scaffold = match self.before_whole_map(owner, ctx, Bfn(b)).0 {
+                        Entry::Table(t) => Some(t),
+                        _ => None,
+                    };
+                }
                 written += 1;
             }
+            if let (Some(t), Ok(())) = (scaffold, &mapped) {
+                self.ram.unlinked_tables.remove(t.0);
+            }
+            flags |= match before {
+                Some(before) if mapped.is_ok() => {
+                    self.whole_map_flags(owner, ctx, before, Mfn(f), perms, attr)
+                }
+                _ => page_flags,
+            };
             if let Err(e) = mapped {
                 // Xen's order-9 `map_page` fails whole (its table is
                 // allocated before any entry is written); here the pages
@@ -2943,7 +3029,7 @@ impl IommuBackend for SimMachine {
             return Err(Errno::Inval);
         }
         self.flush_failed_for.remove(&owner);
-        let mut invalidated = false;
+        let root = self.context_root(owner, ContextId::DEFAULT);
         for r in gather.ranges() {
             // No flag, no call: the glue's `pvx_iommu_flush()` returns
             // before Xen's `iommu_iotlb_flush()` for a range whose calls
@@ -2952,6 +3038,19 @@ impl IommuBackend for SimMachine {
                 continue;
             }
             self.flushes += 1;
+            // Only entries added: nothing to invalidate. AMD-Vi's driver
+            // makes no invalidation without `IOMMU_FLUSHF_modified`
+            // (`amd_iommu_flush_iotlb_pages()`, before it looks at
+            // `_all`); VT-d's makes a page-selective one of non-present
+            // entries, which a unit without caching mode skips
+            // (`flush_iotlb_qi()`'s `flush_non_present_entry`; QEMU's
+            // intel-iommu has it off unless asked). The simulated IOTLB
+            // caches no non-present entry, so nothing stale is left; and
+            // never invalidating more than either driver would, the
+            // simulator hides no lost flag.
+            if r.flags & flushf::MODIFIED == 0 {
+                continue;
+            }
             // As Xen's VT-d `iommu_flush_iotlb()` invalidates what it is
             // asked to: a page-selective invalidation of the range where it
             // is a power-of-two count of pages on its own boundary, else the
@@ -2960,33 +3059,25 @@ impl IommuBackend for SimMachine {
             // shatters it, flagging only `IOMMU_FLUSHF_modified`): whoever
             // asks must cover the 2 MiB.
             let count = r.last.0.wrapping_sub(r.first.0).wrapping_add(1);
-            if r.flags & flushf::ALL != 0 || !(count.is_power_of_two() && r.first.0 % count == 0) {
+            let (first, last) = if r.flags & flushf::ALL != 0
+                || !(count.is_power_of_two() && r.first.0 % count == 0)
+            {
                 self.iotlb.invalidate_context(owner, r.context);
-            } else if r.flags & flushf::MODIFIED != 0 {
-                self.iotlb
-                    .invalidate_psi(owner, r.context, r.first.0, r.last.0);
+                (0, u64::MAX)
             } else {
-                // Only entries added: a page-selective invalidation of
-                // non-present entries, which a VT-d unit without caching
-                // mode skips (`flush_iotlb_qi()`'s
-                // `flush_non_present_entry`; QEMU's intel-iommu has it
-                // off unless asked), and which AMD-Vi's driver does not
-                // make (`amd_iommu_flush_iotlb_pages()` wants
-                // `IOMMU_FLUSHF_modified`). The simulated IOTLB caches no
-                // non-present entry, so nothing stale is left.
-                continue;
-            }
-            invalidated = true;
+                self.iotlb
+                    .invalidate_psi(owner, r.context, r.first.0, r.last.0)
+            };
+            // The paging-structure caches of what it reached only: a table
+            // unlinked elsewhere may still be cached (Xen's own code
+            // unlinks a table with `IOMMU_FLUSHF_all`, for a flush of the
+            // whole domain, or clears 2 MiB whose flush covers it).
+            self.ram.forget_unlinked_under(root, first, last);
         }
-        if !invalidated {
-            return Ok(());
-        }
-        // It empties the paging-structure caches of the flushed context
-        // only (another context's unlinked tables wait for their own), and
-        // of all its BFNs: Xen's own code frees a table only with a flush
-        // of the whole domain (`IOMMU_FLUSHF_all`, VT-d and AMD-Vi alike).
-        let root = self.context_root(owner, ContextId::DEFAULT);
-        self.ram.forget_unlinked_under(root, 0, u64::MAX);
+        // The tables its unmaps emptied or its maps folded go now (Xen's
+        // `free_queued_pgtables()` runs on its own, whatever was flushed);
+        // one the IOMMU may still walk from its caches (no invalidation
+        // reached its range) is counted in `tables_freed_before_flush`.
         if let Some(c) = self.contexts.get_mut(&(owner, ContextId::DEFAULT)) {
             match c {
                 Context::Vtd(t) => t.release_freed(&mut WriteThrough(&mut self.ram)),
@@ -3323,6 +3414,147 @@ mod tests {
         assert_eq!((stale[0].bfn, stale[0].mfn), (page, Mfn(0x1007)));
     }
 
+    /// A 2 MiB call into an empty slot is one entry written on Xen
+    /// (`ADDED` only); the simulator's own 512 writes, and the leaf table
+    /// it folds on the way, must not add `MODIFIED | ALL`, or its flush
+    /// would invalidate the whole context and cover an unmap whose
+    /// `MODIFIED` the engine lost. Before, the fold set them.
+    #[test]
+    fn a_2mib_map_into_an_empty_slot_is_added_only() {
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        let (dom0, ctx) = (DomId::DOM0, ContextId::DEFAULT);
+        let mut m = SimMachine::new(8192, Format::Vtd, 64);
+        let mut gather = FlushGather::default();
+        // A page elsewhere, read by the device, then unmapped.
+        let page = Bfn(0x10_0005);
+        m.iommu_map(dom0, ctx, page, Mfn(0x905), rw, wb, &mut gather)
+            .unwrap();
+        m.iommu_map(dom0, ctx, Bfn(page.0 + 1), Mfn(0x906), rw, wb, &mut gather)
+            .unwrap();
+        m.iommu_flush(dom0, &gather).unwrap();
+        m.dma_read(dom0, ctx, page.0 << 12, 8).unwrap();
+        let mut unmapped = FlushGather::default();
+        m.iommu_unmap(dom0, ctx, page, &mut unmapped).unwrap();
+        // An aligned 2 MiB run mapped in the same batch.
+        let mut run = FlushGather::default();
+        m.iommu_map_run(
+            dom0,
+            ctx,
+            Bfn(0x10_0200),
+            Mfn(0x1000),
+            512,
+            rw,
+            wb,
+            &mut run,
+        )
+        .unwrap();
+        assert_eq!(run.ranges().next().unwrap().flags, flushf::ADDED);
+        assert_eq!(
+            m.context_leaf(dom0, ctx, Bfn(0x10_0200)).map(|l| l.0),
+            Some(2)
+        );
+        // The engine's gather with the unmap's MODIFIED lost: the run's
+        // flags flush nothing, and the device still reaches the page.
+        let mut lost = FlushGather::default();
+        lost.add(ctx, page, flushf::ADDED).unwrap();
+        lost.add(ctx, Bfn(0x10_0200), flushf::ADDED).unwrap();
+        lost.add(ctx, Bfn(0x10_03ff), flushf::ADDED).unwrap();
+        m.iommu_flush(dom0, &lost).unwrap();
+        assert!(
+            m.dma_read(dom0, ctx, page.0 << 12, 8).is_ok(),
+            "still cached"
+        );
+        assert_eq!(m.stale_iotlb_pages().len(), 1);
+        assert_eq!(
+            m.tables_freed_before_flush(),
+            0,
+            "the scaffold was never Xen's"
+        );
+        m.iommu_flush(dom0, &unmapped).unwrap();
+        assert!(m.stale_iotlb_pages().is_empty());
+    }
+
+    /// A map over a present entry is counted even when the overwrite then
+    /// fails (the split of a superpage over it, for want of a table): the
+    /// engine asked for it; and the entry there stays. Before, the failure
+    /// returned before the count.
+    #[test]
+    fn a_failed_map_over_a_present_entry_is_still_counted() {
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        let (dom0, ctx) = (DomId::DOM0, ContextId::DEFAULT);
+        let mut m = SimMachine::new(8192, Format::Vtd, 64);
+        let mut gather = FlushGather::default();
+        let base = Bfn(0x10_0200);
+        m.iommu_map_run(dom0, ctx, base, Mfn(0x1000), 512, rw, wb, &mut gather)
+            .unwrap();
+        m.iommu_flush(dom0, &gather).unwrap();
+        m.fail_table_allocs(Some(0));
+        let r = m.iommu_map(dom0, ctx, Bfn(base.0 + 3), Mfn(0x905), rw, wb, &mut gather);
+        assert_eq!(r, Err(Errno::NoMem));
+        assert_eq!(m.maps_over_present, 1);
+        assert_eq!(
+            m.translate(dom0, ctx, Bfn(base.0 + 3)).map(|t| t.0),
+            Some(Mfn(0x1003))
+        );
+    }
+
+    /// A cached pointer to a leaf table that is no longer linked (folded
+    /// into a superpage, then the superpage unmapped, no flush yet) still
+    /// reaches what the table holds: `stale_iotlb_pages` lists those pages
+    /// too, not only the IOTLB's own entries. Before, it listed only the
+    /// entries.
+    #[test]
+    fn stale_iotlb_pages_follows_a_cached_leaf_table() {
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        let (dom0, ctx) = (DomId::DOM0, ContextId::DEFAULT);
+        let mut m = SimMachine::new(8192, Format::Vtd, 64);
+        let base = Bfn(0x10_0200);
+        let mut gather = FlushGather::default();
+        for i in 0..511 {
+            m.iommu_map(
+                dom0,
+                ctx,
+                Bfn(base.0 + i),
+                Mfn(0x1000 + i),
+                rw,
+                wb,
+                &mut gather,
+            )
+            .unwrap();
+        }
+        m.iommu_flush(dom0, &gather).unwrap();
+        // The device walks through the leaf table (caching a pointer to it
+        // and page 3's translation).
+        m.dma_read(dom0, ctx, (base.0 + 3) << 12, 8).unwrap();
+        // The last page folds the table into a superpage (kept whole until
+        // a flush), and the superpage is then cleared: no flush yet.
+        let mut changes = FlushGather::default();
+        m.iommu_map(
+            dom0,
+            ctx,
+            Bfn(base.0 + 511),
+            Mfn(0x11ff),
+            rw,
+            wb,
+            &mut changes,
+        )
+        .unwrap();
+        assert_eq!(m.context_leaf(dom0, ctx, base).map(|l| l.0), Some(2));
+        m.iommu_unmap_run(dom0, ctx, base, 512, &mut changes)
+            .unwrap();
+        let stale = m.stale_iotlb_pages();
+        assert_eq!(
+            stale.len(),
+            512,
+            "page 3 by its entry, the rest by the table"
+        );
+        assert!(stale
+            .iter()
+            .any(|t| t.bfn == Bfn(base.0 + 5) && t.mfn == Mfn(0x1005)));
+        m.iommu_flush(dom0, &changes).unwrap();
+        assert!(m.stale_iotlb_pages().is_empty());
+    }
+
     /// A run longer than the glue takes (`PVX_IOMMU_RUN_MAX`, whose loop
     /// is not preemptible) is refused, mapping or unmapping nothing, and
     /// counted; the longest it takes is mapped. Before, the simulator took
@@ -3474,10 +3706,13 @@ mod tests {
             .unwrap();
         let r = *unmapped.ranges().next().unwrap();
         assert_eq!(r.flags, flushf::MODIFIED);
-        // The flags lost, or only `ADDED` kept: the old translation stays.
-        for flags in [0, flushf::ADDED] {
+        // The flags lost, or only `ADDED` kept (over a range of a power of
+        // two, and over one of three pages, which VT-d would invalidate
+        // domain-wide but AMD-Vi not at all): the old translation stays.
+        for (flags, pages) in [(0, 1), (flushf::ADDED, 1), (flushf::ADDED, 3)] {
             let mut lost = FlushGather::default();
-            lost.add(r.context, r.first, flags).unwrap();
+            lost.add_range(r.context, r.first, Bfn(r.first.0 + pages - 1), flags)
+                .unwrap();
             m.iommu_flush(DomId::DOM0, &lost).unwrap();
             assert!(
                 m.dma_read(DomId::DOM0, ContextId::DEFAULT, addr, 8).is_ok(),
@@ -3486,7 +3721,7 @@ mod tests {
         }
         assert_eq!(
             m.flushes,
-            flushes + 1,
+            flushes + 2,
             "the flag-less range reached no flush"
         );
         m.iommu_flush(DomId::DOM0, &unmapped).unwrap();
