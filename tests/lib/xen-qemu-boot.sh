@@ -20,6 +20,13 @@
 #                  dom0 print after it (default 3)
 #   PANIC_GRACE_S  seconds QEMU runs on after a panic line, for the rest of
 #                  the backtrace (default 0)
+#   HANG_KEYS      Xen debug keys typed on the serial console when the boot
+#                  times out after its first test line, before QEMU is
+#                  stopped, so the log says where it hung (default none:
+#                  nothing typed). QEMU's serial input is a FIFO the
+#                  watchdog holds open; three CTRL-a switch Xen's serial
+#                  input from dom0 to Xen first.
+#   HANG_DUMP_S    seconds given to the dump (default 20)
 
 # qemu_boot CMD...: boots CMD (QEMU and its arguments) into $LOG; when the
 # boot stalls before START_LINE, keeps its log and boots once more. Sets
@@ -42,9 +49,13 @@ qemu_boot() {
 qemu_boot_once() {
     : > "$LOG"
     verdict=""; first_line_s=""
-    local t0 el qpid
+    local t0 el qpid input="${LOG%.log}.input"
     t0=$(date +%s)
-    "$@" < /dev/null > "$LOG" 2>&1 &
+    # The serial input: a FIFO held open read-write here (so QEMU never
+    # reads end-of-file), written only to type HANG_KEYS.
+    rm -f "$input"; mkfifo "$input"
+    exec 9<>"$input"
+    "$@" < "$input" > "$LOG" 2>&1 &
     qpid=$!
     while kill -0 "$qpid" 2>/dev/null; do
         sleep 1
@@ -63,8 +74,18 @@ qemu_boot_once() {
         if [ "$el" -ge "$TMO" ]; then verdict="timeout"; break; fi
         if grep -aqF "$END_LINE" "$LOG"; then sleep "${END_GRACE_S:-3}"; break; fi
     done
+    if [ "$verdict" = timeout ] && [ -n "$first_line_s" ] && [ -n "${HANG_KEYS:-}" ] &&
+       kill -0 "$qpid" 2>/dev/null; then
+        echo "run: timed out after the first test line: typing Xen debug keys '$HANG_KEYS' (their dump is in $LOG)"
+        printf '\001\001\001' >&9; sleep 2
+        local k
+        for k in $(echo "$HANG_KEYS" | fold -w1); do printf '%s' "$k" >&9; sleep 2; done
+        sleep "${HANG_DUMP_S:-20}"
+    fi
     if kill -0 "$qpid" 2>/dev/null; then kill "$qpid"; sleep 1; fi
     wait "$qpid" 2>/dev/null || true
+    exec 9>&-
+    rm -f "$input"
 }
 
 # Result counting: pass/fail print a result line and count it; a script
