@@ -34,6 +34,16 @@ reads_run() {
 # run CMD...: log the command and its output to the console, print the output,
 # and return the command's own exit status (callers test $?)
 run() { out=$("$@" 2>&1); st=$?; echo "+ ${*#/bin/} -> $out" | sed 's/^/  /' >&2; echo "$out"; return $st; }
+# bounded SECONDS NAME CMD...: CMD under a time limit. A hang (a daemon
+# that never comes up, an `xl create` that never returns) is a failure
+# named NAME, with the command, and the test goes on: before, it held the
+# boot until QEMU's watchdog, whose log then said nothing of where.
+bounded() {
+    b_s=$1; b_n=$2; shift 2
+    timeout "$b_s" "$@"; b_r=$?
+    case $b_r in 124|143) ko "$b_n" "timed out after ${b_s}s: $*" ;; esac
+    return $b_r
+}
 
 echo "=== pviommu dom0 test start ==="
 # The IOMMU QEMU emulates (run.sh: pviommu_iommu=intel|amd). Contexts of the
@@ -889,9 +899,9 @@ if [ -x /usr/lib/xen-4.17/bin/xl ] || [ -x /usr/sbin/xl ]; then
     mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /var/run
     mount -t xenfs xenfs /proc/xen
     mkdir -p /var/run/xen /var/lib/xen /var/log/xen/console /etc/xen; touch /etc/xen/xl.conf
-    xenstored --pid-file /var/run/xen/xenstored.pid
-    xen-init-dom0 >/dev/null 2>&1
-    xenconsoled --pid-file=/var/run/xen/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console
+    bounded 120 domu_setup_xenstored xenstored --pid-file /var/run/xen/xenstored.pid
+    bounded 120 domu_setup_init_dom0 xen-init-dom0 >/dev/null 2>&1
+    bounded 120 domu_setup_xenconsoled xenconsoled --pid-file=/var/run/xen/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console
     # domu_cfg NAME TYPE ROLE EXTRA-LINE
     domu_cfg() {
         cat <<EOC
@@ -923,8 +933,10 @@ $DM_LABEL" > /tmp/dm.cfg
     domu_cfg tgt pvh target "hap = 0
 $TGT_LABEL" > /tmp/tgt.cfg
     LD=/var/log/xen/console/guest-dm.log; LT=/var/log/xen/console/guest-tgt.log
-    xl create /tmp/dm.cfg 2>&1 | tail -2
-    xl create /tmp/tgt.cfg 2>&1 | tail -2
+    for c in dm tgt; do
+        bounded 300 "domu_setup_create_$c" xl create "/tmp/$c.cfg" > "/tmp/xl-create-$c.out" 2>&1
+        tail -2 "/tmp/xl-create-$c.out"
+    done
     U=$(xl domid dm 2>/dev/null); UT=$(xl domid tgt 2>/dev/null)
     # S serves the guest as a device model does (its target): dm_dom_t.
     mk=$(export MKDOM_LABEL=system_u:system_r:dm_dom_t; run $H mkdom 1); S=$(echo "$mk" | sed -n 's/^domid=//p'); SG=$(echo "$mk" | sed -n 's/^gfns=//p')
