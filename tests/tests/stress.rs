@@ -21,7 +21,7 @@ use pviommu_hv::iommu::DeviceFacts;
 use pviommu_hv::lock_check;
 use pviommu_hv::platform::Platform;
 use pviommu_hv::sim::{DomainSpec, Format, SharedSim, SimMachine};
-use pviommu_hv::{Engine, Errno};
+use pviommu_hv::{Engine, Errno, Mfn};
 use pviommu_tests::Rng;
 
 const PAGES: u64 = 64;
@@ -269,6 +269,7 @@ fn check(sim: &SharedSim, e: &Engine) {
     let st = e.state();
     let mut held = 0u64;
     let mut nonlive = vec![];
+    let mut unmapped_held = std::collections::HashMap::new();
     for d in st.drivers() {
         for (idx, s) in d.slots() {
             let bfn = st.space().bfn_of(idx).unwrap();
@@ -289,6 +290,10 @@ fn check(sim: &SharedSim, e: &Engine) {
                 }
                 Slot::Unmapping { mapping, .. } | Slot::Stuck { mapping, .. } => {
                     held += 1 + mapping.perms.write as u64;
+                    unmapped_held.insert(
+                        (d.domid(), mapping.context, bfn),
+                        (mapping.mfn, mapping.perms),
+                    );
                 }
                 Slot::Revoked { notice, .. } => {
                     assert_eq!(m.translate(d.domid(), notice.context, bfn), None);
@@ -305,6 +310,20 @@ fn check(sim: &SharedSim, e: &Engine) {
         }
     }
     assert_eq!(m.total_page_refs(), held, "page references out of balance");
+    // As the suite's `check_invariants`: no map over a present entry of a
+    // default context, no run longer than the glue takes, and whatever a
+    // device still reaches other than the tables is a page the engine
+    // holds, waiting for its flush.
+    assert_eq!((m.maps_over_present, m.runs_too_long), (0, 0));
+    for t in m.stale_iotlb_pages() {
+        let held = unmapped_held.get(&(t.owner, t.context, t.bfn));
+        assert!(
+            held.is_some_and(|&(mfn, p): &(Mfn, Permissions)| mfn == t.mfn
+                && (p.read || !t.read)
+                && (p.write || !t.write)),
+            "the IOTLB reaches {t:?}, which the engine no longer holds"
+        );
+    }
     drop(st);
     for (owner, ctx, bfn) in nonlive {
         assert!(

@@ -3051,22 +3051,36 @@ impl IommuBackend for SimMachine {
             if r.flags & flushf::MODIFIED == 0 {
                 continue;
             }
-            // As Xen's VT-d `iommu_flush_iotlb()` invalidates what it is
-            // asked to: a page-selective invalidation of the range where it
-            // is a power-of-two count of pages on its own boundary, else the
-            // whole domain, as with `IOMMU_FLUSHF_all`. Xen does not widen
-            // it for a superpage its unmap split (`addr_to_dma_page_maddr()`
-            // shatters it, flagging only `IOMMU_FLUSHF_modified`): whoever
-            // asks must cover the 2 MiB.
+            // What both drivers invalidate for the range, never more than
+            // either: everything with `IOMMU_FLUSHF_all` (both); the range
+            // itself where it is a power-of-two count of pages on its own
+            // boundary (VT-d's page-selective invalidation; AMD-Vi's
+            // covers at least that); else the smallest of the 2 MiB and
+            // 1 GiB blocks holding it, or everything (AMD-Vi's
+            // `amd_iommu_flush_iotlb_pages()`; VT-d's is domain-wide
+            // then). Neither widens it for a superpage its unmap split
+            // (`addr_to_dma_page_maddr()` shatters it, flagging only
+            // `IOMMU_FLUSHF_modified`): whoever asks must cover the 2 MiB.
             let count = r.last.0.wrapping_sub(r.first.0).wrapping_add(1);
-            let (first, last) = if r.flags & flushf::ALL != 0
-                || !(count.is_power_of_two() && r.first.0 % count == 0)
-            {
-                self.iotlb.invalidate_context(owner, r.context);
-                (0, u64::MAX)
+            let reach = if r.flags & flushf::ALL != 0 {
+                None
+            } else if count.is_power_of_two() && r.first.0 % count == 0 {
+                Some((r.first.0, r.last.0))
             } else {
-                self.iotlb
-                    .invalidate_psi(owner, r.context, r.first.0, r.last.0)
+                [9u32, 18]
+                    .into_iter()
+                    .find(|&shift| r.first.0 >> shift == r.last.0 >> shift)
+                    .map(|shift| {
+                        let start = r.first.0 >> shift << shift;
+                        (start, start | ((1u64 << shift) - 1))
+                    })
+            };
+            let (first, last) = match reach {
+                Some((first, last)) => self.iotlb.invalidate_psi(owner, r.context, first, last),
+                None => {
+                    self.iotlb.invalidate_context(owner, r.context);
+                    (0, u64::MAX)
+                }
             };
             // The paging-structure caches of what it reached only: a table
             // unlinked elsewhere may still be cached (Xen's own code
@@ -3412,6 +3426,43 @@ mod tests {
         let stale = m.stale_iotlb_pages();
         assert_eq!(stale.len(), 1);
         assert_eq!((stale[0].bfn, stale[0].mfn), (page, Mfn(0x1007)));
+    }
+
+    /// A flush whose range misses an unmapped page (too short, or a page
+    /// left out of the gather) leaves the device that page, however wide
+    /// the range's own block: a range that is no aligned power of two
+    /// reaches the 2 MiB (or 1 GiB) block holding it, as AMD-Vi's flush
+    /// does, not the whole context as VT-d's would. Before, any such range
+    /// invalidated the whole context and hid the miss.
+    #[test]
+    fn a_flush_that_misses_a_page_leaves_it_cached() {
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        let (dom0, ctx) = (DomId::DOM0, ContextId::DEFAULT);
+        let mut m = SimMachine::new(8192, Format::Vtd, 64);
+        let mut gather = FlushGather::default();
+        for (b, f) in [(0x10_0005, 0x905), (0x10_0006, 0x906), (0x10_0601, 0x1601)] {
+            m.iommu_map(dom0, ctx, Bfn(b), Mfn(f), rw, wb, &mut gather)
+                .unwrap();
+        }
+        m.iommu_flush(dom0, &gather).unwrap();
+        for b in [0x10_0005u64, 0x10_0601] {
+            m.dma_read(dom0, ctx, b << 12, 8).unwrap();
+        }
+        m.iommu_unmap(dom0, ctx, Bfn(0x10_0005), &mut FlushGather::default())
+            .unwrap();
+        m.iommu_unmap(dom0, ctx, Bfn(0x10_0601), &mut FlushGather::default())
+            .unwrap();
+        // Three pages around the second unmap, flagged modified.
+        let mut short = FlushGather::default();
+        short
+            .add_range(ctx, Bfn(0x10_0601), Bfn(0x10_0603), flushf::MODIFIED)
+            .unwrap();
+        m.iommu_flush(dom0, &short).unwrap();
+        assert!(m.dma_read(dom0, ctx, 0x10_0601 << 12, 8).is_err());
+        assert!(m.dma_read(dom0, ctx, 0x10_0005 << 12, 8).is_ok(), "missed");
+        let stale = m.stale_iotlb_pages();
+        assert_eq!(stale.len(), 1);
+        assert_eq!(stale[0].bfn, Bfn(0x10_0005));
     }
 
     /// A 2 MiB call into an empty slot is one entry written on Xen
