@@ -224,13 +224,21 @@ enum Context {
     Lpae(IoPageTable<Lpae>),
 }
 
+/// `$body` with `$t` bound to a default context's tables, whichever their
+/// format.
+macro_rules! either_format {
+    ($context:expr, $t:ident => $body:expr) => {
+        match $context {
+            Context::Vtd($t) => $body,
+            Context::Lpae($t) => $body,
+        }
+    };
+}
+
 impl Context {
     /// Clear page `bfn` (`NoEnt` if nothing maps it), whichever the format.
     fn unmap(&mut self, mem: &mut impl TableMemory, bfn: Bfn) -> Result<(), Errno> {
-        match self {
-            Context::Vtd(t) => t.unmap(mem, bfn),
-            Context::Lpae(t) => t.unmap(mem, bfn),
-        }
+        either_format!(self, t => t.unmap(mem, bfn))
     }
     /// Map page `bfn` (`Inval` over a present entry), whichever the format.
     fn map(
@@ -241,17 +249,11 @@ impl Context {
         perms: Permissions,
         attr: MemAttr,
     ) -> Result<(), Errno> {
-        match self {
-            Context::Vtd(t) => t.map(mem, bfn, mfn, perms, attr),
-            Context::Lpae(t) => t.map(mem, bfn, mfn, perms, attr),
-        }
+        either_format!(self, t => t.map(mem, bfn, mfn, perms, attr))
     }
     /// What the tables map at `bfn`, whichever the format.
     fn translate(&self, mem: &impl TableMemory, bfn: Bfn) -> Option<(Mfn, Permissions, MemAttr)> {
-        match self {
-            Context::Vtd(t) => t.translate(mem, bfn),
-            Context::Lpae(t) => t.translate(mem, bfn),
-        }
+        either_format!(self, t => t.translate(mem, bfn))
     }
     /// See [`IoPageTable::overwrite_leaf`].
     fn overwrite_leaf(
@@ -262,24 +264,15 @@ impl Context {
         perms: Permissions,
         attr: MemAttr,
     ) -> Result<(), Errno> {
-        match self {
-            Context::Vtd(t) => t.overwrite_leaf(mem, bfn, mfn, perms, attr),
-            Context::Lpae(t) => t.overwrite_leaf(mem, bfn, mfn, perms, attr),
-        }
+        either_format!(self, t => t.overwrite_leaf(mem, bfn, mfn, perms, attr))
     }
     /// See [`IoPageTable::level2_entry`].
     fn level2_entry(&self, mem: &impl TableMemory, bfn: Bfn) -> Entry {
-        match self {
-            Context::Vtd(t) => t.level2_entry(mem, bfn),
-            Context::Lpae(t) => t.level2_entry(mem, bfn),
-        }
+        either_format!(self, t => t.level2_entry(mem, bfn))
     }
     /// See [`IoPageTable::queued_tables_marker`].
     fn queued_tables_marker(&self) -> (Option<Mfn>, usize) {
-        match self {
-            Context::Vtd(t) => t.queued_tables_marker(),
-            Context::Lpae(t) => t.queued_tables_marker(),
-        }
+        either_format!(self, t => t.queued_tables_marker())
     }
 }
 
@@ -1807,10 +1800,7 @@ impl SimMachine {
             .contexts
             .iter()
             .map(|(&(d, c), ctx)| {
-                let root = match ctx {
-                    Context::Vtd(t) => t.root(),
-                    Context::Lpae(t) => t.root(),
-                };
+                let root = either_format!(ctx, t => t.root());
                 (d, c, root)
             })
             .chain(self.hw_contexts.values().map(|h| (h.owner, h.ctx, h.root)))
@@ -2067,10 +2057,7 @@ impl SimMachine {
                 Format::Lpae => crate::pgtable::walk::<Lpae>(&self.ram, root, bfn),
             };
         }
-        match self.contexts.get(&(owner, ctx))? {
-            Context::Vtd(t) => t.translate(&self.ram, bfn),
-            Context::Lpae(t) => t.translate(&self.ram, bfn),
-        }
+        either_format!(self.contexts.get(&(owner, ctx))?, t => t.translate(&self.ram, bfn))
     }
 
     /// The raw leaf entry that maps `bfn` in `owner`'s context `ctx` (0:
@@ -2093,10 +2080,7 @@ impl SimMachine {
                 .find(|h| h.owner == owner && h.ctx == ctx)
                 .map(|h| h.root);
         }
-        Some(match self.contexts.get(&(owner, ctx))? {
-            Context::Vtd(t) => t.root(),
-            Context::Lpae(t) => t.root(),
-        })
+        Some(either_format!(self.contexts.get(&(owner, ctx))?, t => t.root()))
     }
 
     /// The DMA device of `owner` (attached to context `ctx`) reads `len`
@@ -2257,10 +2241,7 @@ impl SimMachine {
                 continue;
             }
             let mut mem = WriteThrough(&mut self.ram);
-            match c {
-                Context::Vtd(t) => t.release_freed(&mut mem),
-                Context::Lpae(t) => t.release_freed(&mut mem),
-            }
+            either_format!(c, t => t.release_freed(&mut mem))
         }
     }
 
@@ -2713,10 +2694,7 @@ impl SimMachine {
                 flushf::MODIFIED
             });
         }
-        let superpage = match c {
-            Context::Vtd(t) => t.unmap_superpage(&mut mem, bfn),
-            Context::Lpae(t) => t.unmap_superpage(&mut mem, bfn),
-        };
+        let superpage = either_format!(c, t => t.unmap_superpage(&mut mem, bfn));
         if superpage.is_ok() {
             self.superpage_unmaps += 1;
             return Ok(flushf::MODIFIED);
@@ -3093,10 +3071,7 @@ impl IommuBackend for SimMachine {
         // one the IOMMU may still walk from its caches (no invalidation
         // reached its range) is counted in `tables_freed_before_flush`.
         if let Some(c) = self.contexts.get_mut(&(owner, ContextId::DEFAULT)) {
-            match c {
-                Context::Vtd(t) => t.release_freed(&mut WriteThrough(&mut self.ram)),
-                Context::Lpae(t) => t.release_freed(&mut WriteThrough(&mut self.ram)),
-            }
+            either_format!(c, t => t.release_freed(&mut WriteThrough(&mut self.ram)))
         }
         Ok(())
     }
@@ -3320,6 +3295,25 @@ mod tests {
         assert_eq!(seen, [true, true], "both failures reached");
     }
 
+    /// Map `bfn` to `mfn` read-write, write-back, in dom0's default
+    /// context, gathering the change in `gather`.
+    fn map_rw(
+        m: &mut SimMachine,
+        bfn: Bfn,
+        mfn: Mfn,
+        gather: &mut FlushGather,
+    ) -> Result<(), Errno> {
+        m.iommu_map(
+            DomId::DOM0,
+            ContextId::DEFAULT,
+            bfn,
+            mfn,
+            Permissions::RW,
+            MemAttr::WriteBack,
+            gather,
+        )
+    }
+
     /// A failed run takes back the pages its calls mapped, and only those:
     /// the entry before it stays, and the run's range is marked modified
     /// for the flush (as the glue marks a failed run). The failure: the
@@ -3386,10 +3380,8 @@ mod tests {
         let mut m = SimMachine::new(8192, Format::Vtd, 64);
         let mut gather = FlushGather::default();
         let (bfn, mfn) = (Bfn(0x10_0005), Mfn(0x905));
-        m.iommu_map(dom0, ctx, bfn, mfn, rw, wb, &mut gather)
-            .unwrap();
-        m.iommu_map(dom0, ctx, Bfn(bfn.0 + 1), Mfn(0x906), rw, wb, &mut gather)
-            .unwrap();
+        map_rw(&mut m, bfn, mfn, &mut gather).unwrap();
+        map_rw(&mut m, Bfn(bfn.0 + 1), Mfn(0x906), &mut gather).unwrap();
         m.iommu_flush(dom0, &gather).unwrap();
         m.dma_read(dom0, ctx, bfn.0 << 12, 8).unwrap();
         assert!(m.stale_iotlb_pages().is_empty());
@@ -3436,13 +3428,11 @@ mod tests {
     /// invalidated the whole context and hid the miss.
     #[test]
     fn a_flush_that_misses_a_page_leaves_it_cached() {
-        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
         let (dom0, ctx) = (DomId::DOM0, ContextId::DEFAULT);
         let mut m = SimMachine::new(8192, Format::Vtd, 64);
         let mut gather = FlushGather::default();
         for (b, f) in [(0x10_0005, 0x905), (0x10_0006, 0x906), (0x10_0601, 0x1601)] {
-            m.iommu_map(dom0, ctx, Bfn(b), Mfn(f), rw, wb, &mut gather)
-                .unwrap();
+            map_rw(&mut m, Bfn(b), Mfn(f), &mut gather).unwrap();
         }
         m.iommu_flush(dom0, &gather).unwrap();
         for b in [0x10_0005u64, 0x10_0601] {
@@ -3478,10 +3468,8 @@ mod tests {
         let mut gather = FlushGather::default();
         // A page elsewhere, read by the device, then unmapped.
         let page = Bfn(0x10_0005);
-        m.iommu_map(dom0, ctx, page, Mfn(0x905), rw, wb, &mut gather)
-            .unwrap();
-        m.iommu_map(dom0, ctx, Bfn(page.0 + 1), Mfn(0x906), rw, wb, &mut gather)
-            .unwrap();
+        map_rw(&mut m, page, Mfn(0x905), &mut gather).unwrap();
+        map_rw(&mut m, Bfn(page.0 + 1), Mfn(0x906), &mut gather).unwrap();
         m.iommu_flush(dom0, &gather).unwrap();
         m.dma_read(dom0, ctx, page.0 << 12, 8).unwrap();
         let mut unmapped = FlushGather::default();
@@ -3540,7 +3528,7 @@ mod tests {
             .unwrap();
         m.iommu_flush(dom0, &gather).unwrap();
         m.fail_table_allocs(Some(0));
-        let r = m.iommu_map(dom0, ctx, Bfn(base.0 + 3), Mfn(0x905), rw, wb, &mut gather);
+        let r = map_rw(&mut m, Bfn(base.0 + 3), Mfn(0x905), &mut gather);
         assert_eq!(r, Err(Errno::NoMem));
         assert_eq!(m.maps_over_present, 1);
         assert_eq!(
@@ -3659,47 +3647,19 @@ mod tests {
     /// silently have taken the BFN from the page it mapped.
     #[test]
     fn a_map_over_a_present_entry_overwrites_it_as_xen_does() {
-        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
         let bfn = Bfn(0x10_0005);
         let mut m = SimMachine::new(4096, Format::Vtd, 64);
         let mut gather = FlushGather::default();
-        m.iommu_map(
-            DomId::DOM0,
-            ContextId::DEFAULT,
-            bfn,
-            Mfn(0x905),
-            rw,
-            wb,
-            &mut gather,
-        )
-        .unwrap();
+        map_rw(&mut m, bfn, Mfn(0x905), &mut gather).unwrap();
         assert_eq!(gather.ranges().next().unwrap().flags, flushf::ADDED);
         // The same entry again: nothing written, no flag, not counted.
         gather.clear();
-        m.iommu_map(
-            DomId::DOM0,
-            ContextId::DEFAULT,
-            bfn,
-            Mfn(0x905),
-            rw,
-            wb,
-            &mut gather,
-        )
-        .unwrap();
+        map_rw(&mut m, bfn, Mfn(0x905), &mut gather).unwrap();
         assert_eq!(gather.ranges().next().unwrap().flags, 0);
         assert_eq!(m.maps_over_present, 0);
         // Another frame: overwritten, modified, counted.
         gather.clear();
-        m.iommu_map(
-            DomId::DOM0,
-            ContextId::DEFAULT,
-            bfn,
-            Mfn(0x906),
-            rw,
-            wb,
-            &mut gather,
-        )
-        .unwrap();
+        map_rw(&mut m, bfn, Mfn(0x906), &mut gather).unwrap();
         assert_eq!(
             gather.ranges().next().unwrap().flags,
             flushf::ADDED | flushf::MODIFIED
@@ -3720,33 +3680,14 @@ mod tests {
     /// range was invalidated whatever its flags.
     #[test]
     fn a_flush_invalidates_only_what_its_flags_ask_for() {
-        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
         let bfn = Bfn(0x10_0005);
         let addr = bfn.0 << 12;
         let mut m = SimMachine::new(4096, Format::Vtd, 64);
         let mut gather = FlushGather::default();
-        m.iommu_map(
-            DomId::DOM0,
-            ContextId::DEFAULT,
-            bfn,
-            Mfn(0x905),
-            rw,
-            wb,
-            &mut gather,
-        )
-        .unwrap();
+        map_rw(&mut m, bfn, Mfn(0x905), &mut gather).unwrap();
         // (A neighbour, so the unmap empties no table: no `ALL`.)
         let next = Bfn(bfn.0 + 1);
-        m.iommu_map(
-            DomId::DOM0,
-            ContextId::DEFAULT,
-            next,
-            Mfn(0x906),
-            rw,
-            wb,
-            &mut gather,
-        )
-        .unwrap();
+        map_rw(&mut m, next, Mfn(0x906), &mut gather).unwrap();
         m.iommu_flush(DomId::DOM0, &gather).unwrap();
         // The device's read caches the translation.
         m.dma_read(DomId::DOM0, ContextId::DEFAULT, addr, 8)
