@@ -3594,6 +3594,31 @@ mod tests {
         assert!(m.stale_iotlb_pages().is_empty());
     }
 
+    /// A page unmap of a missing entry is answered 0 with no flag, as Xen's
+    /// drivers answer it (VT-d's `dma_pte_clear_one` finds nothing present;
+    /// AMD-Vi's `clear_iommu_pte_present` nothing to clear). Before, the
+    /// simulator answered `ENOENT`, which on Xen comes only from the glue's
+    /// refusal of a page outside the window.
+    #[test]
+    fn a_page_unmap_of_a_missing_entry_is_answered_0() {
+        let mut m = SimMachine::new(4096, Format::Vtd, 64);
+        let mut gather = FlushGather::default();
+        map_rw(&mut m, Bfn(0x10_0005), Mfn(0x905), &mut gather).unwrap();
+        let mut unmapped = FlushGather::default();
+        let r = m.iommu_unmap(
+            DomId::DOM0,
+            ContextId::DEFAULT,
+            Bfn(0x10_0009),
+            &mut unmapped,
+        );
+        assert_eq!(r, Ok(()));
+        assert!(unmapped.ranges().all(|r| r.flags == 0));
+        // Outside the window: the glue's refusal.
+        let r = m.iommu_unmap(DomId::DOM0, ContextId::DEFAULT, Bfn(0x5), &mut unmapped);
+        assert_eq!(r, Err(Errno::NoEnt));
+        m.runs_outside_window = 0;
+    }
+
     /// A run longer than the glue takes (`PVX_IOMMU_RUN_MAX`, whose loop
     /// is not preemptible) is refused, mapping or unmapping nothing, and
     /// counted; the longest it takes is mapped. Before, the simulator took
