@@ -297,9 +297,7 @@ pub fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), String> {
     for t in m.stale_iotlb_pages() {
         let held = held_unmapped.get(&(t.owner, t.context, t.bfn));
         ensure!(
-            held.is_some_and(|&(mfn, p)| mfn == t.mfn
-                && (p.read || !t.read)
-                && (p.write || !t.write)),
+            held.is_some_and(|&(mfn, p)| t.held_as(mfn, p)),
             "the IOTLB reaches {t:?}, which the engine no longer holds"
         );
     }

@@ -281,25 +281,6 @@ fn look_up(
     Ok(LookedUp::Walked(t, through, level))
 }
 
-/// What the device of (`owner`, `ctx`) would reach at page `bfn` now,
-/// through the IOTLB and the paging-structure cache as they are, changing
-/// neither: the frame and its access, or `None` where it would fault.
-#[allow(clippy::too_many_arguments)]
-pub fn peek(
-    ram: &Ram,
-    iotlb: &Iotlb,
-    format: Format,
-    snoop_control: bool,
-    owner: DomId,
-    ctx: ContextId,
-    root: Option<Mfn>,
-    bfn: u64,
-) -> Option<Translation> {
-    match look_up(ram, iotlb, format, snoop_control, owner, ctx, root, bfn).ok()? {
-        LookedUp::Cached(t) | LookedUp::Walked(t, ..) => Some(t),
-    }
-}
-
 /// Translate bus address `addr` for the device of (`owner`, `ctx`).
 #[allow(clippy::too_many_arguments)]
 pub fn translate(
@@ -376,7 +357,9 @@ pub fn stale_pages(
     let mut check = |owner, ctx, first: u64, pages: u64| {
         let root = root_of(owner, ctx);
         for bfn in first..first + pages {
-            if let Some(got) = peek(ram, iotlb, format, snoop_control, owner, ctx, root, bfn) {
+            // (Where the device's lookup would fault, it reaches nothing.)
+            let looked_up = look_up(ram, iotlb, format, snoop_control, owner, ctx, root, bfn);
+            if let Ok(LookedUp::Cached(got) | LookedUp::Walked(got, ..)) = looked_up {
                 if !grants(tables_leaf(owner, ctx, bfn).map(|l| l.1), got) {
                     stale.push((owner, ctx, bfn, got));
                 }

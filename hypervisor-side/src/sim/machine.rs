@@ -274,6 +274,17 @@ impl Context {
     fn queued_tables_marker(&self) -> (Option<Mfn>, usize) {
         either_format!(self, t => t.queued_tables_marker())
     }
+    /// The [`flushf`] flags Xen's driver adds for a call that unlinked a
+    /// table (folded it into a superpage, or emptied it), queueing it to be
+    /// freed: `MODIFIED | ALL` if a table was queued since `before` (a
+    /// [`queued_tables_marker`](Self::queued_tables_marker)), else none.
+    fn unlinked_since(&self, before: (Option<Mfn>, usize)) -> u32 {
+        if self.queued_tables_marker() != before {
+            flushf::MODIFIED | flushf::ALL
+        } else {
+            0
+        }
+    }
 }
 
 /// Xen's `IOMMU_FLUSHF_*` (xen/include/xen/iommu.h): what a call into the
@@ -317,6 +328,15 @@ pub struct StaleTranslation {
     pub read: bool,
     /// The IOTLB lets the device write it.
     pub write: bool,
+}
+
+impl StaleTranslation {
+    /// Whether a page held as `mfn` with `perms` (an unmapped mapping still
+    /// waiting for its flush) covers what the device reaches here: the same
+    /// frame, and at least the device's access.
+    pub fn held_as(&self, mfn: Mfn, perms: Permissions) -> bool {
+        mfn == self.mfn && (perms.read || !self.read) && (perms.write || !self.write)
+    }
 }
 
 /// A PCI device behind the simulated IOMMU.
@@ -1934,10 +1954,11 @@ impl SimMachine {
     /// now (another frame, or an access the tables no longer give; a
     /// cached pointer to a leaf table since unlinked reaches what that
     /// table still holds): what a device can still reach because a flush
-    /// has not come, or never will. Each is safe only while whoever unmapped it still holds the
-    /// page it reaches (the engine: until its flush), so a test checks
-    /// them against the pages the engine holds; one it does not hold is a
-    /// device reaching memory the host may have given to someone else.
+    /// has not come, or never will. Each is safe only while whoever
+    /// unmapped it still holds the page it reaches (the engine: until its
+    /// flush), so a test checks them against the pages the engine holds
+    /// ([`StaleTranslation::held_as`]); one it does not hold is a device
+    /// reaching memory the host may have given to someone else.
     pub fn stale_iotlb_pages(&self) -> Vec<StaleTranslation> {
         let tables_leaf = |owner, ctx, bfn| {
             let (level, _) = self.context_leaf(owner, ctx, Bfn(bfn))?;
@@ -2593,14 +2614,9 @@ impl SimMachine {
             },
             Err(e) => Err(e),
         };
-        let folded_or_freed = c.queued_tables_marker() != before;
+        let unlinked = c.unlinked_since(before);
         self.maps_over_present += u64::from(overwrote);
-        let flags = written?;
-        Ok(if folded_or_freed {
-            flags | flushf::MODIFIED | flushf::ALL
-        } else {
-            flags
-        })
+        Ok(written? | unlinked)
     }
 
     /// What [`whole_map_flags`](Self::whole_map_flags) needs from before a
@@ -2612,10 +2628,22 @@ impl SimMachine {
         ctx: ContextId,
         bfn: Bfn,
     ) -> (Entry, (Option<Mfn>, usize)) {
-        match self.contexts.get(&(owner, ctx)) {
-            Some(c) => (c.level2_entry(&self.ram, bfn), c.queued_tables_marker()),
-            None => (Entry::Empty, (None, 0)),
-        }
+        let marker = self
+            .contexts
+            .get(&(owner, ctx))
+            .map(Context::queued_tables_marker);
+        (
+            self.level2_entry_at(owner, ctx, bfn),
+            marker.unwrap_or((None, 0)),
+        )
+    }
+
+    /// The level-2 entry over `bfn` in `owner`'s default context (`Empty`
+    /// before the context is made).
+    fn level2_entry_at(&self, owner: DomId, ctx: ContextId, bfn: Bfn) -> Entry {
+        self.contexts
+            .get(&(owner, ctx))
+            .map_or(Entry::Empty, |c| c.level2_entry(&self.ram, bfn))
     }
 
     /// The [`flushf`] flags of one 2 MiB call (Xen's order-9 `map_page`)
@@ -2688,11 +2716,7 @@ impl SimMachine {
         if !whole {
             let before = c.queued_tables_marker();
             c.unmap(&mut mem, bfn)?;
-            return Ok(if c.queued_tables_marker() != before {
-                flushf::MODIFIED | flushf::ALL
-            } else {
-                flushf::MODIFIED
-            });
+            return Ok(flushf::MODIFIED | c.unlinked_since(before));
         }
         let superpage = either_format!(c, t => t.unmap_superpage(&mut mem, bfn));
         if superpage.is_ok() {
@@ -2904,7 +2928,7 @@ impl IommuBackend for SimMachine {
                     }
                 }
                 if written == 0 && matches!(before, Some((Entry::Empty, _))) {
-                    scaffold = match self.before_whole_map(owner, ctx, Bfn(b)).0 {
+                    scaffold = match self.level2_entry_at(owner, ctx, Bfn(b)) {
                         Entry::Table(t) => Some(t),
                         _ => None,
                     };
