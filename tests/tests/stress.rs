@@ -21,7 +21,7 @@ use pviommu_hv::iommu::DeviceFacts;
 use pviommu_hv::lock_check;
 use pviommu_hv::platform::Platform;
 use pviommu_hv::sim::{DomainSpec, Format, SharedSim, SimMachine};
-use pviommu_hv::{Engine, Errno, Mfn};
+use pviommu_hv::{Engine, Errno};
 use pviommu_tests::Rng;
 
 const PAGES: u64 = 64;
@@ -266,66 +266,19 @@ fn check(sim: &SharedSim, e: &Engine) {
     let mut m = sim.lock();
     m.fail_unmaps = 0;
     m.fail_flushes = 0;
+    pviommu_tests::check_invariants(&mut m, e).unwrap();
+    // And a device reaches no revoked BFN.
     let st = e.state();
-    let mut held = 0u64;
-    let mut nonlive = vec![];
-    let mut unmapped_held = std::collections::HashMap::new();
+    let mut revoked = vec![];
     for d in st.drivers() {
         for (idx, s) in d.slots() {
-            let bfn = st.space().bfn_of(idx).unwrap();
-            match s {
-                Slot::Live(mp) => {
-                    assert_eq!(m.mfn_of(mp.domid, mp.gfn), Some(mp.mfn), "stale {mp:?}");
-                    if mp.perms.write {
-                        assert!(
-                            !m.is_read_only(mp.domid, mp.gfn),
-                            "writable mapping of a read-only page {mp:?}"
-                        );
-                    }
-                    let t = m
-                        .translate(d.domid(), mp.context, bfn)
-                        .map(|(f, p, _)| (f, p));
-                    assert_eq!(t, Some((mp.mfn, mp.perms)), "{:?} {bfn:?}", d.domid());
-                    held += 1 + mp.perms.write as u64;
-                }
-                Slot::Unmapping { mapping, .. } | Slot::Stuck { mapping, .. } => {
-                    held += 1 + mapping.perms.write as u64;
-                    unmapped_held.insert(
-                        (d.domid(), mapping.context, bfn),
-                        (mapping.mfn, mapping.perms),
-                    );
-                }
-                Slot::Revoked { notice, .. } => {
-                    assert_eq!(m.translate(d.domid(), notice.context, bfn), None);
-                    nonlive.push((d.domid(), notice.context, bfn));
-                }
-                Slot::Free { .. } => {
-                    assert_eq!(
-                        m.translate(d.domid(), d.context(), bfn),
-                        None,
-                        "free BFN mapped"
-                    );
-                }
+            if let Slot::Revoked { notice, .. } = s {
+                revoked.push((d.domid(), notice.context, st.space().bfn_of(idx).unwrap()));
             }
         }
     }
-    assert_eq!(m.total_page_refs(), held, "page references out of balance");
-    // As the suite's `check_invariants`: no map over a present entry of a
-    // default context, no run longer than the glue takes, and whatever a
-    // device still reaches other than the tables is a page the engine
-    // holds, waiting for its flush.
-    assert_eq!((m.maps_over_present, m.runs_too_long), (0, 0));
-    for t in m.stale_iotlb_pages() {
-        let held = unmapped_held.get(&(t.owner, t.context, t.bfn));
-        assert!(
-            held.is_some_and(|&(mfn, p): &(Mfn, Permissions)| mfn == t.mfn
-                && (p.read || !t.read)
-                && (p.write || !t.write)),
-            "the IOTLB reaches {t:?}, which the engine no longer holds"
-        );
-    }
     drop(st);
-    for (owner, ctx, bfn) in nonlive {
+    for (owner, ctx, bfn) in revoked {
         assert!(
             m.dma_read(owner, ctx, bfn.0 << 12, 8).is_err(),
             "DMA reaches revoked {bfn:?}"
