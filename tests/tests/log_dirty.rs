@@ -40,6 +40,17 @@ fn map_all(
         .collect()
 }
 
+/// Map each of `gfns` of the guest writable as dom0, in one batch: each
+/// map's status.
+fn writable_map_statuses(m: &mut SimMachine, e: &Engine, gfns: &[u64]) -> Vec<i32> {
+    let mut ops: Vec<_> = gfns
+        .iter()
+        .map(|&g| map_op(GUEST, g, Permissions::RW))
+        .collect();
+    m.guest_batch_all(e, DomId::DOM0, &mut ops).unwrap();
+    ops.iter().map(|o| o.status).collect()
+}
+
 fn notices(m: &mut SimMachine, e: &Engine) -> u64 {
     m.guest_stats(e, DomId::DOM0, DomId::DOM0, 0)
         .unwrap()
@@ -542,14 +553,7 @@ fn log_dirty_refuses_a_writable_map_before_looking_the_gfn_up() {
     m.set_mmio(GUEST, pviommu_abi::Gfn(6));
     m.set_log_dirty_mode(GUEST, true);
     let before = m.paging_requests;
-    let mut ops = vec![
-        map_op(GUEST, 5, Permissions::RW),
-        map_op(GUEST, 6, Permissions::RW),
-        map_op(GUEST, 1000, Permissions::RW),
-        map_op(GUEST, 7, Permissions::RW),
-    ];
-    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
-    let statuses: Vec<i32> = ops.iter().map(|o| o.status).collect();
+    let statuses = writable_map_statuses(&mut m, &e, &[5, 6, 1000, 7]);
     assert_eq!(statuses, [EACCES; 4]);
     assert_eq!(m.paging_requests, before, "a refused write paged a gfn in");
     // Read-only maps still look the gfn up: the paged-out one starts
@@ -580,24 +584,12 @@ fn moving_vram_tracking_leaves_read_only_pages_read_only() {
     // Read-only during the tracking too.
     m.make_read_only(&e, GUEST, pviommu_abi::Gfn(9));
     assert_eq!(m.track_dirty_vram(&e, GUEST, (100, 116)), 1);
-    let mut ops = vec![
-        map_op(GUEST, 5, Permissions::RW),
-        map_op(GUEST, 9, Permissions::RW),
-        map_op(GUEST, 6, Permissions::RW),
-        map_op(GUEST, 100, Permissions::RW),
-    ];
-    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
-    let statuses: Vec<i32> = ops.iter().map(|o| o.status).collect();
+    let statuses = writable_map_statuses(&mut m, &e, &[5, 9, 6, 100]);
     // 5 and 9 stay read-only, 6 is rw again, 100 is tracked now.
     assert_eq!(statuses, [EACCES, EACCES, 0, EACCES]);
     // Tracking stops: the tracked range is rw again, 5 and 9 still not.
     m.track_dirty_vram(&e, GUEST, (0, 0));
-    let mut ops = vec![
-        map_op(GUEST, 101, Permissions::RW),
-        map_op(GUEST, 5, Permissions::RW),
-    ];
-    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
-    let statuses: Vec<i32> = ops.iter().map(|o| o.status).collect();
+    let statuses = writable_map_statuses(&mut m, &e, &[101, 5]);
     assert_eq!(statuses, [0, EACCES]);
     assert_eq!(lock_check::violations(), 0);
 }
