@@ -540,6 +540,15 @@ impl<L: RawMutex> Engine<L> {
         if hdr.ops.checked_add(hdr.nr_ops as u64 * OP_SIZE).is_none() {
             return Err(Errno::Fault);
         }
+        // The header's `nr_done` is the only record of what this entry
+        // does: it must be writable before any op acts, or a header in
+        // memory the caller cannot write (read-only, unmapped after the
+        // read) would have its ops run and never reported (the caller,
+        // told `EFAULT`, would take them as not run: maps leaked, unmaps
+        // believed undone). Written as read; only the caller changing its
+        // own memory during the call can still lose it (design/abi.md).
+        let nr_done_at = arg.wrapping_add(core::mem::offset_of!(PvIommuBatch, nr_done) as u64);
+        h.copy_to_guest(nr_done_at, hdr.nr_done.as_bytes())?;
         let first = hdr.nr_done;
         let mut result = Ok(0);
         // The op at `nr_done` when a run of maps already copied it in.

@@ -12,13 +12,21 @@
 //!   and get it again for another guest's page; the undo took that new
 //!   mapping down. Each map now carries a tag (cell and install
 //!   generation).
+//!
+//! And the batch header, whose `nr_done` is the only record of what a call
+//! did: one the caller cannot write used to have its ops run and the call
+//! answer `EFAULT` with `nr_done` as sent, so the caller took ops that had
+//! acted as never run. Its `nr_done` is now written (as read) before any op
+//! acts.
 
 use std::cell::Cell;
 
-use pviommu_abi::{cmd, Bfn, ContextId, DomId, Gfn, Permissions};
+use pviommu_abi::{cmd, Bfn, ContextId, DomId, Gfn, Permissions, PvIommuBatch, PvIommuOp};
+use pviommu_hv::platform::Platform;
 use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
 use pviommu_hv::Engine;
 use pviommu_tests::*;
+use zerocopy::{FromZeros, IntoBytes};
 
 /// A domain besides the guest, whose page another map may get.
 const OTHER: DomId = DomId(5);
@@ -101,4 +109,71 @@ fn undo_does_not_take_down_a_reused_bfn() {
         e.lookup(DomId::DOM0, ContextId::DEFAULT, other).is_ok(),
         "the undo took down a mapping another vCPU was told about"
     );
+}
+
+/// Where a batch header's `nr_done` is, from the header's address.
+fn nr_done_at(base: u64) -> u64 {
+    base + core::mem::offset_of!(PvIommuBatch, nr_done) as u64
+}
+
+/// dom0's unmaps of three BFNs it holds, staged as one batch: the batch's
+/// header address, the ops' address, the BFNs.
+fn stage_three_unmaps(m: &mut SimMachine, e: &Engine) -> (u64, u64, Vec<Bfn>) {
+    let bfns: Vec<Bfn> = (0..3)
+        .map(|g| map_one(m, e, DomId::DOM0, GUEST, g, Permissions::RW).unwrap())
+        .collect();
+    let unmaps: Vec<PvIommuOp> = bfns.iter().map(|b| unmap_op(*b)).collect();
+    let (base, ops_addr) = stage_batch(m, DomId::DOM0, &unmaps);
+    (base, ops_addr, bfns)
+}
+
+#[test]
+fn a_header_the_caller_cannot_write_runs_no_op() {
+    let (mut m, e) = host();
+    let (base, _, bfns) = stage_three_unmaps(&mut m, &e);
+    let before = observable(&m, &e);
+    let ret = {
+        let mut h = Interposer::new(
+            &mut m,
+            Service::CopyToGuestAt(nr_done_at(base)),
+            Box::new(|_| {}),
+        );
+        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
+    };
+    assert_eq!(ret, -14, "EFAULT");
+    // Before the fix all three unmaps acted, unreported.
+    assert_eq!(observable(&m, &e), before, "an op acted");
+    for b in bfns {
+        assert!(e.lookup(DomId::DOM0, ContextId::DEFAULT, b).is_ok());
+    }
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// What is left: the header lost while the call runs (the caller unmaps
+/// its own buffer meanwhile). The ops act and each status is written, as
+/// design/abi.md says; only `nr_done` is as sent.
+#[test]
+fn a_header_lost_during_the_call_leaves_the_statuses_written() {
+    let (mut m, e) = host();
+    let (base, ops_addr, bfns) = stage_three_unmaps(&mut m, &e);
+    // Statuses the call must overwrite (answers are 0 or -errno).
+    let mut ops = [PvIommuOp::new_zeroed(); 3];
+    m.copy_from_guest(ops_addr, ops.as_mut_bytes()).unwrap();
+    ops.iter_mut().for_each(|op| op.status = 1);
+    m.copy_to_guest(ops_addr, ops.as_bytes()).unwrap();
+    let ret = {
+        let written_once = Service::CopyToGuestAtAfter(nr_done_at(base), 1);
+        let mut h = Interposer::new(&mut m, written_once, Box::new(|_| {}));
+        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
+    };
+    assert_eq!(ret, -14, "EFAULT");
+    let mut hdr = PvIommuBatch::new_zeroed();
+    m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
+    assert_eq!(hdr.nr_done, 0, "the header's nr_done is as sent");
+    m.copy_from_guest(ops_addr, ops.as_mut_bytes()).unwrap();
+    assert_eq!(ops.iter().map(|o| o.status).collect::<Vec<_>>(), [0, 0, 0]);
+    for b in bfns {
+        assert!(e.lookup(DomId::DOM0, ContextId::DEFAULT, b).is_err());
+    }
+    check_invariants(&mut m, &e).unwrap();
 }
