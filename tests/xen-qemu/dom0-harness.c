@@ -16,6 +16,7 @@
  *   logdirty N                  HVM domain of N pages mapped writable; log-dirty on
  *                               revokes them all (timed), RW refused / RO ok while on
  *   hc caps | hc cmd N | hc map DOMID GFN FLAGS [CTX] | hc unmap BFN [CTX] | hc lookup BFN
+ *   hc map-rohdr DOMID GFN      a map whose batch header is read-only, then writable
  *   hc revoked-next | hc revoked-ack BFN
  *   hc ctx-create | hc ctx-destroy CTX | hc attach CTX SBDF | hc detach CTX SBDF
  *   hc entry DOMID CTX BFN      leaf entry of a BFN in DOMID's context CTX (address zeroed)
@@ -216,6 +217,35 @@ static int cmd_hc(int argc, char **argv)
         void *b = locked_buf(PAGE);
         rc = hcall(strtoul(argv[1], NULL, 0), b);
         printf("rc=%ld\n", rc);
+        return 0;
+    }
+    if ( !strcmp(argv[0], "map-rohdr") && argc >= 3 )
+    {
+        /*
+         * A map of (domid, gfn) whose batch header is in a read-only page:
+         * Xen cannot write its nr_done, so it must answer EFAULT before
+         * the op acts (caps.used unchanged), not map and leave the caller
+         * no record of it. Then, the page writable again, the same map.
+         */
+        struct pv_iommu_caps c0, c1;
+        struct pv_iommu_batch *h = locked_buf(PAGE);
+        struct pv_iommu_op *op = locked_buf(PAGE);
+        long rc2;
+        int status_ro;
+        op->subop = PVIOMMU_OP_map; op->flags = PVIOMMU_F_READ;
+        op->domid = strtoul(argv[1], NULL, 0); op->gfn = strtoull(argv[2], NULL, 0);
+        h->version = PVIOMMU_INTERFACE_VERSION; h->nr_ops = 1;
+        h->ops = (uint64_t)(uintptr_t)op;
+        if ( query_caps(&c0) ) die("caps");
+        if ( mprotect(h, PAGE, PROT_READ) ) die("mprotect");
+        rc = hcall(PVIOMMU_CMD_batch, h);
+        if ( mprotect(h, PAGE, PROT_READ | PROT_WRITE) ) die("mprotect");
+        if ( query_caps(&c1) ) die("caps");
+        status_ro = op->status;
+        rc2 = hcall(PVIOMMU_CMD_batch, h);
+        printf("rc=%ld used_before=%" PRIu64 " used_after=%" PRIu64 " status_ro=%d"
+               " rc_writable=%ld nr_done=%u status=%d bfn=0x%" PRIx64 "\n",
+               rc, c0.used, c1.used, status_ro, rc2, h->nr_done, op->status, op->bfn);
         return 0;
     }
     if ( !strcmp(argv[0], "limits") && argc >= 3 )

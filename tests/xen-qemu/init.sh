@@ -858,6 +858,18 @@ alive() {
         ok "$1"; else ko "$1" "$o / $r vs $p / $u / $d"; fi
 }
 
+# A batch header dom0 cannot write: Xen could not record the op as done,
+# so it must answer EFAULT before the op acts (caps.used unchanged), not
+# map and leave dom0 no record of it; writable again, the same batch maps.
+mk=$(run $H mkdom 1); RD=$(echo "$mk" | sed -n 's/^domid=//p'); RG=$(echo "$mk" | sed -n 's/^gfns=//p')
+o=$(run $H hc map-rohdr $RD $RG)
+u=$(run $H hc unmap "$(field "$o" bfn)"); d=$(run $H destroy $RD)
+if [ "$(field "$o" rc)" = -14 ] && [ -n "$(field "$o" used_before)" ] \
+   && [ "$(field "$o" used_after)" = "$(field "$o" used_before)" ] \
+   && [ "$(field "$o" rc_writable)" = 0 ] && [ "$(field "$o" nr_done)" = 1 ] \
+   && [ "$(field "$o" status)" = 0 ] && succeeded "$u"; then
+    ok batch_header_readonly_no_op; else ko batch_header_readonly_no_op "$o / $u / $d"; fi
+
 # 8) hostile input from dom0: FUZZ random hypercalls against a domain of the
 # fuzzer's own. Every answer an ABI errno; what it mapped is what lookups,
 # caps.used and `pviommu list` show; unmapping that leaves nothing behind.
