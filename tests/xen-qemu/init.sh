@@ -40,6 +40,9 @@ run() { out=$("$@" 2>&1); st=$?; echo "+ ${*#/bin/} -> $out" | sed 's/^/  /' >&2
 # boot until QEMU's watchdog, whose log then said nothing of where.
 bounded() {
     b_s=$1; b_n=$2; shift 2
+    # (Named on the console first: a hang of the kernel or Xen here, which
+    # the limit cannot end, shows in the log as its last step.)
+    echo "  . $b_n" >&2
     timeout "$b_s" "$@"; b_r=$?
     case $b_r in 124|143) ko "$b_n" "timed out after ${b_s}s: $*" ;; esac
     return $b_r
@@ -907,6 +910,7 @@ alive alive_after_dom0_fuzz
 # upstream install (run.sh's PVIOMMU_XEN_TOOLS) in /usr/sbin and /usr/lib/xen/bin.
 if [ -x /usr/lib/xen-4.17/bin/xl ] || [ -x /usr/sbin/xl ]; then
     export PATH=$PATH:/usr/lib/xen-4.17/bin:/usr/sbin:/usr/lib/xen/bin
+    echo "  . domu_setup_mounts" >&2
     mkdir -p /dev/pts /run /var/run /proc/xen
     mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /var/run
     mount -t xenfs xenfs /proc/xen
