@@ -545,7 +545,8 @@ impl<L: RawMutex> Engine<L> {
         // memory the caller cannot write (read-only, unmapped after the
         // read) would have its ops run and never reported (the caller,
         // told `EFAULT`, would take them as not run: maps leaked, unmaps
-        // believed undone). Written as read; only the caller changing its
+        // believed undone). Written as read, and the entry's end writes
+        // the same 4 bytes and no others; only the caller changing its
         // own memory during the call can still lose it (design/abi.md).
         let nr_done_at = arg.wrapping_add(core::mem::offset_of!(PvIommuBatch, nr_done) as u64);
         h.copy_to_guest(nr_done_at, hdr.nr_done.as_bytes())?;
@@ -611,8 +612,12 @@ impl<L: RawMutex> Engine<L> {
             hdr.nr_done += 1;
         }
         // (The flush is the caller's, `batch`: a run of maps or unmaps is
-        // all of its first op's context, named in `touched`.)
-        h.copy_to_guest(arg, hdr.as_bytes())?;
+        // all of its first op's context, named in `touched`.) Only
+        // `nr_done` goes back, to the bytes written before the ops: the
+        // other fields are the caller's (a header across a page boundary
+        // whose other page cannot be written would otherwise fail here,
+        // after the ops, with nothing reported).
+        h.copy_to_guest(nr_done_at, hdr.nr_done.as_bytes())?;
         result
     }
 

@@ -175,8 +175,8 @@ fn mapper(
     done
 }
 
-/// The cells the mappers map in: (driver domain, context).
-type Cells = [(DomId, ContextId); 3];
+/// The cells the mappers map in: (driver domain, context), each once.
+type Cells = Vec<(DomId, ContextId)>;
 
 /// No Live mapping of t's gfns `g0..` with write access in any cell
 /// (`write_lost`); none of the old frames (`olds[k]` of gfn `g0 + k`). Each
@@ -187,7 +187,7 @@ type Cells = [(DomId, ContextId); 3];
 /// the hooks in a 3 s run).
 fn check_after_hook(
     e: &Engine,
-    cells: &Cells,
+    cells: &[(DomId, ContextId)],
     t: DomId,
     g0: u64,
     olds: &[Option<pviommu_hv::Mfn>],
@@ -291,11 +291,12 @@ fn runs_and_extents_racing_hooks_leave_no_access_past_a_hook() {
         (DM1, vec![T1], ContextId::DEFAULT),
         (DomId::DOM0, vec![T1], ContextId::DEFAULT),
     ];
-    let cells: Cells = [
-        (DomId::DOM0, ContextId::DEFAULT),
-        (DomId::DOM0, ctx1),
-        (DM1, ContextId::DEFAULT),
-    ];
+    let mut cells: Cells = plans
+        .iter()
+        .map(|(caller, _, ctx)| (*caller, *ctx))
+        .collect();
+    cells.sort_by_key(|(d, c)| (d.0, c.0));
+    cells.dedup();
     let mut workers = vec![];
     for (i, (caller, targets, ctx)) in plans.into_iter().enumerate() {
         let (sim, e, stop) = (sim.clone(), e.clone(), stop.clone());
@@ -305,7 +306,7 @@ fn runs_and_extents_racing_hooks_leave_no_access_past_a_hook() {
     }
     let mut revokers = vec![];
     for i in 0..2 {
-        let (sim, e, stop) = (sim.clone(), e.clone(), stop.clone());
+        let (sim, e, stop, cells) = (sim.clone(), e.clone(), stop.clone(), cells.clone());
         revokers.push(std::thread::spawn(move || {
             revoker(sim, e, cells, 0xfeed + i, stop)
         }));

@@ -177,3 +177,31 @@ fn a_header_lost_during_the_call_leaves_the_statuses_written() {
     }
     check_invariants(&mut m, &e).unwrap();
 }
+
+/// A header across a page boundary whose first page (`version`, `nr_ops`)
+/// the caller cannot write, `nr_done` on a writable one: the call writes
+/// back `nr_done` alone, so it runs and reports. (When the end of an entry
+/// wrote the whole header, the ops ran and the call answered `EFAULT` with
+/// `nr_done` as sent, the check before the ops having passed.)
+#[test]
+fn a_header_across_pages_writes_back_nr_done_alone() {
+    let (mut m, e) = host();
+    let (base, _, bfns) = stage_three_unmaps(&mut m, &e);
+    let mut hdr = PvIommuBatch::new_zeroed();
+    m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
+    let hdr_at = base + 4096 - 8; // `version`, `nr_ops` on one page, the rest on the next
+    assert!(nr_done_at(hdr_at) >= base + 4096);
+    m.copy_to_guest(hdr_at, hdr.as_bytes()).unwrap();
+    let ret = {
+        let mut h = Interposer::new(&mut m, Service::CopyToGuestAt(hdr_at), Box::new(|_| {}));
+        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, hdr_at)
+    };
+    assert_eq!(ret, 0);
+    let mut after = PvIommuBatch::new_zeroed();
+    m.copy_from_guest(hdr_at, after.as_mut_bytes()).unwrap();
+    assert_eq!(after.nr_done, 3);
+    for b in bfns {
+        assert!(e.lookup(DomId::DOM0, ContextId::DEFAULT, b).is_err());
+    }
+    check_invariants(&mut m, &e).unwrap();
+}
