@@ -104,6 +104,14 @@ fn copy_in_run<T>(
     (copied, None)
 }
 
+/// Write back the `nr_done` of `hdr`, the batch header read whole from
+/// `arg` (so the 4 bytes lie within what was read), and nothing else of it.
+fn write_nr_done(h: &mut impl Hypervisor, arg: u64, hdr: &PvIommuBatch) -> Result<(), Errno> {
+    const AT: usize = core::mem::offset_of!(PvIommuBatch, nr_done);
+    let bytes = hdr.as_bytes().get(AT..AT + 4).ok_or(Errno::Fault)?;
+    h.copy_to_guest(arg.wrapping_add(AT as u64), bytes)
+}
+
 /// Write `ops` back to the guest at `addr`, in one copy if it can be done;
 /// otherwise op by op, to find the first that cannot be written:
 /// `Err((its index, error))` (the ones before it are written).
@@ -548,8 +556,7 @@ impl<L: RawMutex> Engine<L> {
         // believed undone). Written as read, and the entry's end writes
         // the same 4 bytes and no others; only the caller changing its
         // own memory during the call can still lose it (design/abi.md).
-        let nr_done_at = arg.wrapping_add(core::mem::offset_of!(PvIommuBatch, nr_done) as u64);
-        h.copy_to_guest(nr_done_at, hdr.nr_done.as_bytes())?;
+        write_nr_done(h, arg, &hdr)?;
         let first = hdr.nr_done;
         let mut result = Ok(0);
         // The op at `nr_done` when a run of maps already copied it in.
@@ -617,7 +624,7 @@ impl<L: RawMutex> Engine<L> {
         // other fields are the caller's (a header across a page boundary
         // whose other page cannot be written would otherwise fail here,
         // after the ops, with nothing reported).
-        h.copy_to_guest(nr_done_at, hdr.nr_done.as_bytes())?;
+        write_nr_done(h, arg, &hdr)?;
         result
     }
 
