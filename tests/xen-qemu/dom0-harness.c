@@ -17,6 +17,7 @@
  *                               revokes them all (timed), RW refused / RO ok while on
  *   hc caps | hc cmd N | hc map DOMID GFN FLAGS [CTX] | hc unmap BFN [CTX] | hc lookup BFN
  *   hc map-rohdr DOMID GFN      a map whose batch header is read-only, then writable
+ *   hc map-xhdr DOMID GFN       a map whose header's first page only is read-only
  *   hc revoked-next | hc revoked-ack BFN
  *   hc ctx-create | hc ctx-destroy CTX | hc attach CTX SBDF | hc detach CTX SBDF
  *   hc entry DOMID CTX BFN      leaf entry of a BFN in DOMID's context CTX (address zeroed)
@@ -246,6 +247,32 @@ static int cmd_hc(int argc, char **argv)
         printf("rc=%ld used_before=%" PRIu64 " used_after=%" PRIu64 " status_ro=%d"
                " rc_writable=%ld nr_done=%u status=%d bfn=0x%" PRIx64 "\n",
                rc, c0.used, c1.used, status_ro, rc2, h->nr_done, op->status, op->bfn);
+        return 0;
+    }
+    if ( !strcmp(argv[0], "map-xhdr") && argc >= 3 )
+    {
+        /*
+         * A map whose batch header crosses a page boundary: version and
+         * nr_ops on a page dom0 made read-only, nr_done and the rest on a
+         * writable one. Xen writes back nr_done alone, so the call runs
+         * and reports (before, the whole header was written back at the
+         * end: EFAULT after the op had acted).
+         */
+        struct pv_iommu_caps c0, c1;
+        char *two = locked_buf(2 * PAGE);
+        struct pv_iommu_batch *h = (struct pv_iommu_batch *)(two + PAGE - 8);
+        struct pv_iommu_op *op = locked_buf(PAGE);
+        op->subop = PVIOMMU_OP_map; op->flags = PVIOMMU_F_READ;
+        op->domid = strtoul(argv[1], NULL, 0); op->gfn = strtoull(argv[2], NULL, 0);
+        h->version = PVIOMMU_INTERFACE_VERSION; h->nr_ops = 1;
+        h->ops = (uint64_t)(uintptr_t)op;
+        if ( query_caps(&c0) ) die("caps");
+        if ( mprotect(two, PAGE, PROT_READ) ) die("mprotect");
+        rc = hcall(PVIOMMU_CMD_batch, h);
+        if ( mprotect(two, PAGE, PROT_READ | PROT_WRITE) ) die("mprotect");
+        if ( query_caps(&c1) ) die("caps");
+        printf("rc=%ld used_before=%" PRIu64 " used_after=%" PRIu64 " nr_done=%u status=%d"
+               " bfn=0x%" PRIx64 "\n", rc, c0.used, c1.used, h->nr_done, op->status, op->bfn);
         return 0;
     }
     if ( !strcmp(argv[0], "limits") && argc >= 3 )
