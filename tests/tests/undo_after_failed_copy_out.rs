@@ -116,6 +116,13 @@ fn nr_done_at(base: u64) -> u64 {
     base + core::mem::offset_of!(PvIommuBatch, nr_done) as u64
 }
 
+/// dom0's batch with its header at `header`, on a host whose copies to
+/// dom0 fail as `failing` says: the hypercall's answer.
+fn dom0_batch_failing(m: &mut SimMachine, e: &Engine, header: u64, failing: Service) -> i64 {
+    let mut h = Interposer::new(m, failing, Box::new(|_| {}));
+    e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, header)
+}
+
 /// dom0's unmaps of three BFNs it holds, staged as one batch: the batch's
 /// header address, the ops' address, the BFNs.
 fn stage_three_unmaps(m: &mut SimMachine, e: &Engine) -> (u64, u64, Vec<Bfn>) {
@@ -132,14 +139,7 @@ fn a_header_the_caller_cannot_write_runs_no_op() {
     let (mut m, e) = host();
     let (base, _, bfns) = stage_three_unmaps(&mut m, &e);
     let before = observable(&m, &e);
-    let ret = {
-        let mut h = Interposer::new(
-            &mut m,
-            Service::CopyToGuestAt(nr_done_at(base)),
-            Box::new(|_| {}),
-        );
-        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
-    };
+    let ret = dom0_batch_failing(&mut m, &e, base, Service::CopyToGuestAt(nr_done_at(base)));
     assert_eq!(ret, -14, "EFAULT");
     // Before the fix all three unmaps acted, unreported.
     assert_eq!(observable(&m, &e), before, "an op acted");
@@ -161,11 +161,8 @@ fn a_header_lost_during_the_call_leaves_the_statuses_written() {
     m.copy_from_guest(ops_addr, ops.as_mut_bytes()).unwrap();
     ops.iter_mut().for_each(|op| op.status = 1);
     m.copy_to_guest(ops_addr, ops.as_bytes()).unwrap();
-    let ret = {
-        let written_once = Service::CopyToGuestAtAfter(nr_done_at(base), 1);
-        let mut h = Interposer::new(&mut m, written_once, Box::new(|_| {}));
-        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
-    };
+    let written_once = Service::CopyToGuestAtAfter(nr_done_at(base), 1);
+    let ret = dom0_batch_failing(&mut m, &e, base, written_once);
     assert_eq!(ret, -14, "EFAULT");
     let mut hdr = PvIommuBatch::new_zeroed();
     m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
@@ -192,10 +189,7 @@ fn a_header_across_pages_writes_back_nr_done_alone() {
     let hdr_at = base + 4096 - 8; // `version`, `nr_ops` on one page, the rest on the next
     assert!(nr_done_at(hdr_at) >= base + 4096);
     m.copy_to_guest(hdr_at, hdr.as_bytes()).unwrap();
-    let ret = {
-        let mut h = Interposer::new(&mut m, Service::CopyToGuestAt(hdr_at), Box::new(|_| {}));
-        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, hdr_at)
-    };
+    let ret = dom0_batch_failing(&mut m, &e, hdr_at, Service::CopyToGuestAt(hdr_at));
     assert_eq!(ret, 0);
     let mut after = PvIommuBatch::new_zeroed();
     m.copy_from_guest(hdr_at, after.as_mut_bytes()).unwrap();

@@ -185,6 +185,27 @@ static int query_caps(struct pv_iommu_caps *out)
     return rc;
 }
 
+/*
+ * One map of (domid, gfn) read from argv[1..2], with header `h` (ops in
+ * `op`), run while dom0's page `ro` is read-only: the call's answer, and
+ * caps.used before and after it in *c0, *c1. `ro` is writable again after.
+ */
+static long map_with_page_ro(struct pv_iommu_batch *h, void *ro, struct pv_iommu_op *op,
+                             char **argv, struct pv_iommu_caps *c0, struct pv_iommu_caps *c1)
+{
+    long rc;
+    op->subop = PVIOMMU_OP_map; op->flags = PVIOMMU_F_READ;
+    op->domid = strtoul(argv[1], NULL, 0); op->gfn = strtoull(argv[2], NULL, 0);
+    h->version = PVIOMMU_INTERFACE_VERSION; h->nr_ops = 1;
+    h->ops = (uint64_t)(uintptr_t)op;
+    if ( query_caps(c0) ) die("caps");
+    if ( mprotect(ro, PAGE, PROT_READ) ) die("mprotect");
+    rc = hcall(PVIOMMU_CMD_batch, h);
+    if ( mprotect(ro, PAGE, PROT_READ | PROT_WRITE) ) die("mprotect");
+    if ( query_caps(c1) ) die("caps");
+    return rc;
+}
+
 static int cmd_hc(int argc, char **argv)
 {
     struct pv_iommu_op o;
@@ -233,15 +254,7 @@ static int cmd_hc(int argc, char **argv)
         struct pv_iommu_op *op = locked_buf(PAGE);
         long rc2;
         int status_ro;
-        op->subop = PVIOMMU_OP_map; op->flags = PVIOMMU_F_READ;
-        op->domid = strtoul(argv[1], NULL, 0); op->gfn = strtoull(argv[2], NULL, 0);
-        h->version = PVIOMMU_INTERFACE_VERSION; h->nr_ops = 1;
-        h->ops = (uint64_t)(uintptr_t)op;
-        if ( query_caps(&c0) ) die("caps");
-        if ( mprotect(h, PAGE, PROT_READ) ) die("mprotect");
-        rc = hcall(PVIOMMU_CMD_batch, h);
-        if ( mprotect(h, PAGE, PROT_READ | PROT_WRITE) ) die("mprotect");
-        if ( query_caps(&c1) ) die("caps");
+        rc = map_with_page_ro(h, h, op, argv, &c0, &c1);
         status_ro = op->status;
         rc2 = hcall(PVIOMMU_CMD_batch, h);
         printf("rc=%ld used_before=%" PRIu64 " used_after=%" PRIu64 " status_ro=%d"
@@ -262,15 +275,7 @@ static int cmd_hc(int argc, char **argv)
         char *two = locked_buf(2 * PAGE);
         struct pv_iommu_batch *h = (struct pv_iommu_batch *)(two + PAGE - 8);
         struct pv_iommu_op *op = locked_buf(PAGE);
-        op->subop = PVIOMMU_OP_map; op->flags = PVIOMMU_F_READ;
-        op->domid = strtoul(argv[1], NULL, 0); op->gfn = strtoull(argv[2], NULL, 0);
-        h->version = PVIOMMU_INTERFACE_VERSION; h->nr_ops = 1;
-        h->ops = (uint64_t)(uintptr_t)op;
-        if ( query_caps(&c0) ) die("caps");
-        if ( mprotect(two, PAGE, PROT_READ) ) die("mprotect");
-        rc = hcall(PVIOMMU_CMD_batch, h);
-        if ( mprotect(two, PAGE, PROT_READ | PROT_WRITE) ) die("mprotect");
-        if ( query_caps(&c1) ) die("caps");
+        rc = map_with_page_ro(h, two, op, argv, &c0, &c1);
         printf("rc=%ld used_before=%" PRIu64 " used_after=%" PRIu64 " nr_done=%u status=%d"
                " bfn=0x%" PRIx64 "\n", rc, c0.used, c1.used, h->nr_done, op->status, op->bfn);
         return 0;
