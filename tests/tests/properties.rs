@@ -152,7 +152,10 @@ fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), TestCaseError>
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    // 256 cases: this file runs in about 13 s in the suite's debug build. A campaign of
+    // 100 000 (design/performance.md, 2026-12-05) found one bound of this
+    // test's own too tight, and nothing in the engine.
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn random_op_sequences_keep_invariants(steps in proptest::collection::vec(step(), 1..60), lpae in any::<bool>(), aligned in any::<bool>()) {
