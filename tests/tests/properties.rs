@@ -152,9 +152,9 @@ fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), TestCaseError>
 }
 
 proptest! {
-    // 256 cases: this file runs in about 13 s in the suite's debug build. A campaign of
-    // 100 000 (design/performance.md, 2026-12-05) found one bound of this
-    // test's own too tight, and nothing in the engine.
+    // 256 cases: this file runs in about 13 s in the suite's debug build.
+    // Two runs of 40 000 and 60 000 (design/performance.md, 2026-12-05)
+    // found one bound of this test's own too tight, nothing in the engine.
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
