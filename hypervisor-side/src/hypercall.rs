@@ -107,9 +107,8 @@ fn copy_in_run<T>(
 /// Write back the `nr_done` of `hdr`, the batch header read whole from
 /// `arg` (so the 4 bytes lie within what was read), and nothing else of it.
 fn write_nr_done(h: &mut impl Hypervisor, arg: u64, hdr: &PvIommuBatch) -> Result<(), Errno> {
-    const AT: usize = core::mem::offset_of!(PvIommuBatch, nr_done);
-    let bytes = hdr.as_bytes().get(AT..AT + 4).ok_or(Errno::Fault)?;
-    h.copy_to_guest(arg.wrapping_add(AT as u64), bytes)
+    let at = core::mem::offset_of!(PvIommuBatch, nr_done) as u64;
+    h.copy_to_guest(arg.wrapping_add(at), hdr.nr_done.as_bytes())
 }
 
 /// Write `ops` back to the guest at `addr`, in one copy if it can be done;
