@@ -1773,3 +1773,56 @@ fn answers_outside_the_window_or_misaligned_are_refused_and_given_back() {
     assert_eq!(sent.len(), 512, "the extent's pages go back");
     assert_eq!((sent[0], sent[511]), (0x10_0007, 0x10_0007 + 511));
 }
+
+/// A call whose end has a backlog to release (unmapped pages that failed
+/// flushes left, let go `RELEASE_BUDGET` at a time) answers
+/// `BATCH_INCOMPLETE` with every op done until it is released: the client
+/// re-issues it, and the call's ops are settled as usual.
+#[test]
+fn a_call_that_ends_releasing_a_backlog_continues_with_every_op_done() {
+    let n = 2 * pviommu_hv::engine::RELEASE_BUDGET + 100;
+    let s = sim(n + 1, Config::default());
+    let mut c = Client::open(s.transport(DomId::DOM0)).unwrap();
+    let gfns: Vec<Gfn> = (0..n).map(Gfn).collect();
+    let bfns = rw(&mut c, &gfns);
+    s.lock().0.fail_flushes = u32::MAX;
+    assert!(c.unmap(&bfns, ContextId::DEFAULT).iter().all(|r| r.is_ok()));
+    // (A writable page holds a reference and a type reference.)
+    assert_eq!(s.lock().0.total_page_refs(), 2 * n);
+    s.lock().0.fail_flushes = 0;
+    let before = c.stats().hypercalls;
+    let one = rw(&mut c, &[Gfn(n)]);
+    assert_eq!(one.len(), 1);
+    assert_eq!(c.stats().hypercalls - before, 3, "the call continued twice");
+    assert_eq!(s.lock().0.total_page_refs(), 2);
+}
+
+/// A transport that keeps answering `BATCH_INCOMPLETE` with every op done
+/// is followed a bounded number of entries, not for ever; the op it did
+/// (below `nr_done`) keeps its result.
+#[test]
+fn a_call_that_never_ends_is_left_after_a_bounded_number_of_entries() {
+    let s = sim(4, Config::default());
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = calls.clone();
+    let batch = move |inner: &mut InProcess,
+                      ops: &mut [PvIommuOp],
+                      nr_done: u32|
+          -> Result<(i64, u32), pviommu_guest::Error> {
+        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if nr_done == 0 {
+            inner.batch(ops, nr_done)?;
+        }
+        Ok((pviommu_abi::BATCH_INCOMPLETE, ops.len() as u32))
+    };
+    let mut c = Client::open(Shim {
+        inner: s.transport(DomId::DOM0),
+        caps: |c| c,
+        batch,
+    })
+    .unwrap();
+    let r = map_gfns(&mut c, 0..1);
+    assert!(matches!(r[..], [Ok(_)]), "{r:?}");
+    let calls = calls.load(std::sync::atomic::Ordering::Relaxed);
+    assert!((2..=(1 << 16) + 1).contains(&calls), "{calls} calls");
+}

@@ -225,6 +225,15 @@ fn run_checked<H: Hypervisor, T: Copy>(
     } else {
         after
     };
+    // Every op reported as passing its check must have been acted on
+    // (today each act step acts on all it is given): one that was not
+    // would count in `nr_done` with a success written, an unmap believed
+    // done while its BFN stays mapped. Fail closed: `nr_done` stops before
+    // it (its status, and the later ones', are then undefined, as after
+    // any failure), and the batch ends.
+    if let Some(&first_not_acted) = which.get(acted).filter(|_| acted < m) {
+        return Err((u32::from(first_not_acted), Errno::Inval));
+    }
     match failure {
         Some(e) => Err((reported as u32, e)),
         None => Ok((checked as u32, after)),
@@ -512,10 +521,16 @@ impl<L: RawMutex> Engine<L> {
         // `PREEMPT_RELEASE_LIMIT` at each preemption point all the same
         // (`pause_contexts`): the caller can keep one call going for ever,
         // and the flushes that end it are not preemptible.
+        // A flush that ends the call lets go of at most `RELEASE_BUDGET`
+        // pages a cell (a failed flush can have left the quota waiting):
+        // what is left continues the call, as a preemption does, with
+        // every op done. Its next entry runs no op and finishes the cells
+        // again (they say they are unfinished), until they are done.
+        let mut r = r;
         if r == Ok(BATCH_INCOMPLETE) {
             self.pause_contexts(h, caller);
-        } else {
-            self.finish_contexts(h, caller, touched);
+        } else if self.finish_contexts(h, caller, touched) && r == Ok(0) {
+            r = Ok(BATCH_INCOMPLETE);
         }
         if r.is_ok() {
             // Counted in the first context it named (its cell was just
@@ -890,8 +905,10 @@ impl<L: RawMutex> Engine<L> {
             // Destructive ops: validate, report the outcome, then act, so a
             // status that cannot be written leaves the state unchanged.
             Ok(Request::ContextDestroy { context }) => self.context_destroy_check(caller, context),
+            // Unusable (its ops answer `ENOENT`) until its id is written,
+            // so that an undo always succeeds.
             Ok(Request::ContextCreate) => may_use_contexts(ci, || h.owns_devices(caller))
-                .and_then(|()| self.context_create(h, caller))
+                .and_then(|()| self.context_create_unreported(h, caller))
                 .map(|c| op.context = c.0),
             // Undone (detached) if its status cannot be written.
             Ok(Request::ContextAttach { context, device }) => {
@@ -915,7 +932,7 @@ impl<L: RawMutex> Engine<L> {
             // hold a cell under an id nobody was told).
             let undone = match (request, outcome) {
                 (Ok(Request::ContextCreate), Ok(())) => self
-                    .context_destroy(h, caller, ContextId(op.context))
+                    .context_create_undo(h, caller, ContextId(op.context))
                     .is_ok(),
                 (Ok(Request::ContextAttach { context, device }), Ok(())) => {
                     self.context_detach(h, caller, context, device).is_ok()
@@ -931,6 +948,10 @@ impl<L: RawMutex> Engine<L> {
             return Err((!undone, e));
         }
         let acted = match (request, outcome) {
+            (Ok(Request::ContextCreate), Ok(())) => {
+                self.context_reported(caller, ContextId(op.context));
+                None
+            }
             (Ok(Request::ContextDestroy { context }), Ok(())) => {
                 Some(self.context_destroy(h, caller, context))
             }
@@ -964,5 +985,45 @@ impl<L: RawMutex> Engine<L> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(all(test, feature = "sim"))]
+mod tests {
+    use super::*;
+    use crate::platform::Platform;
+    use crate::sim::{Format, SimMachine};
+
+    /// A run whose act step acts on fewer ops than passed their check
+    /// (no step does so today) stops `nr_done` before the first one left:
+    /// before, the run counted every op it reported, the ones never acted
+    /// on among them (security review).
+    #[test]
+    fn a_run_acted_on_short_stops_before_the_first_op_left() {
+        let mut m = SimMachine::new(64, Format::Vtd, 32);
+        let base = m.scratch_addr(DomId::DOM0).unwrap();
+        m.current = DomId::DOM0;
+        let ops = [PvIommuOp::default(); 3];
+        m.copy_to_guest(base, ops.as_bytes()).unwrap();
+        let hdr = PvIommuBatch {
+            nr_ops: 3,
+            ops: base,
+            ..PvIommuBatch::default()
+        };
+        // All three pass their check; the act step acts on the first one,
+        // the second failed its check, so it acts on op 0 alone of ops 0
+        // and 2.
+        let step = |_: &mut SimMachine, reqs: &[()], act: bool, out: &mut [(i32, bool)]| {
+            for (k, o) in out.iter_mut().enumerate().take(reqs.len()) {
+                *o = (0, k != 1);
+            }
+            if act {
+                1
+            } else {
+                reqs.len()
+            }
+        };
+        let r = run_checked(&mut m, &hdr, PvIommuOp::default(), (), |_| Some(()), step);
+        assert_eq!(r, Err((2, Errno::Inval)));
     }
 }

@@ -440,6 +440,69 @@ fn an_attach_whose_status_and_undo_both_fail_counts_as_done() {
     assert_eq!(hdr.nr_done, 1, "the create counts as done");
 }
 
+/// A create whose id cannot be written is undone, whatever the caller's
+/// other vCPUs do meanwhile: until its id is written, the new context is
+/// nobody's to use, so a map into it (the caller guessing the lowest free
+/// id) is refused and the undo's destroy cannot meet a mapping. Before,
+/// the map went in, the destroy answered `EBUSY`, and `nr_done` passed an
+/// op whose status and id were never written, the context held under an
+/// id nobody was told (security review).
+#[test]
+fn a_create_whose_id_cannot_be_written_is_nobodys_until_undone() {
+    use pviommu_abi::PvIommuBatch;
+    use pviommu_hv::platform::Platform;
+    use zerocopy::{FromZeros, IntoBytes};
+    let (mut m, e) = host(Format::Vtd);
+    let mut create_op = Request::ContextCreate.encode();
+    create_op.status = 1; // never an answer
+    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &[create_op]);
+    let e2 = &e;
+    let raced = std::cell::Cell::new(None);
+    let raced2 = &raced;
+    // Another vCPU of dom0 maps into context 1 (the id the create took),
+    // and tries to attach a device to it, while the create's result is
+    // being copied out (which faults).
+    let race: Race = Box::new(move |m: &mut SimMachine| {
+        let mut ops = [map_op_in(ContextId(1), GUEST, 3, Permissions::RW)];
+        let _ = m.guest_batch_all(e2, DomId::DOM0, &mut ops);
+        let (attached, _) = op(
+            m,
+            e2,
+            DomId::DOM0,
+            Request::ContextAttach {
+                context: ContextId(1),
+                device: A,
+            },
+        );
+        raced2.set(Some((ops[0].status, attached)));
+    });
+    let ret = {
+        let mut h = Interposer::new(&mut m, Service::CopyToGuestAt(ops_addr), race);
+        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
+    };
+    let enoent = Errno::NoEnt.negated();
+    assert_eq!(
+        raced.get(),
+        Some((enoent, enoent)),
+        "the context was usable"
+    );
+    assert_eq!(ret, Errno::Fault.negated() as i64);
+    m.current = DomId::DOM0;
+    let mut hdr = PvIommuBatch::new_zeroed();
+    m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
+    assert_eq!(hdr.nr_done, 0, "the create was undone");
+    assert!(e.context_state(DomId::DOM0, ContextId(1)).is_none());
+    assert_eq!(e.state().cells_of(DomId::DOM0).count(), 1);
+    assert!(m.device(A).unwrap().attached.is_none());
+    // Created again, reported: usable at once.
+    let ctx = create(&mut m, &e, DomId::DOM0);
+    assert_eq!(ctx, ContextId(1));
+    let mut ops = [map_op_in(ctx, GUEST, 3, Permissions::RW)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!(ops[0].status, 0);
+    check_invariants(&mut m, &e).unwrap();
+}
+
 #[test]
 fn driver_domain_death_detaches_before_freeing_the_tables() {
     let (mut m, e) = host(Format::Vtd);

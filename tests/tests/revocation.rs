@@ -805,3 +805,78 @@ fn a_kill_whose_teardown_stalls_leaves_the_domain_dying() {
     assert_eq!(m.total_page_refs(), 0);
     assert_eq!(m.zombie_frames(), 0);
 }
+
+/// Pages a cell could not release while its flushes failed: `n` mapped
+/// writable by dom0 (in batches of 500), then unmapped while every flush
+/// fails, then flushes succeed again. Returns the page references held
+/// before the maps.
+fn backlog_of_failed_flushes(
+    m: &mut pviommu_hv::sim::SimMachine,
+    e: &pviommu_hv::Engine,
+    n: u64,
+) -> u64 {
+    let base = m.total_page_refs();
+    let mut bfns = Vec::new();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let mut ops: Vec<_> = chunk
+            .iter()
+            .map(|&g| map_op(GUEST, g, Permissions::RW))
+            .collect();
+        m.guest_batch_all(e, DomId::DOM0, &mut ops).unwrap();
+        bfns.extend(ops.iter().map(|o| {
+            assert_eq!(o.status, 0);
+            Bfn(o.bfn)
+        }));
+    }
+    m.fail_flushes = u32::MAX;
+    for chunk in bfns.chunks(500) {
+        let mut ops: Vec<_> = chunk.iter().map(|&b| unmap_op(b)).collect();
+        let _ = m.guest_batch_all(e, DomId::DOM0, &mut ops);
+    }
+    assert_eq!(
+        m.total_page_refs(),
+        base + 2 * n,
+        "nothing released while flushes fail"
+    );
+    m.fail_flushes = 0;
+    base
+}
+
+/// A hook is bounded whatever a cell holds: a backlog that failed flushes
+/// left (up to the quota) is released `RELEASE_BUDGET` pages a flush, not
+/// all at once by the first hook of any target the cell maps (on Xen
+/// under that target's p2m lock, at a time the target chooses). The rest
+/// stays referenced, and the hooks after it go on with it.
+#[test]
+fn a_hook_releases_a_failed_flushes_backlog_a_budget_at_a_time() {
+    use pviommu_hv::engine::{GfnChange, RELEASE_BUDGET};
+    let n = RELEASE_BUDGET + RELEASE_BUDGET / 2;
+    let (mut m, e) = machine(Format::Vtd, n + 16);
+    let base = backlog_of_failed_flushes(&mut m, &e, n);
+    // The guest balloons out a page nobody maps.
+    let held = m.total_page_refs();
+    e.gfn_changed(&mut m, GUEST, Gfn(n + 1), 0, GfnChange::Removed);
+    // (A writable page holds a reference and a type reference.)
+    assert_eq!(held - m.total_page_refs(), 2 * RELEASE_BUDGET);
+    check_invariants(&mut m, &e).unwrap();
+    e.gfn_changed(&mut m, GUEST, Gfn(n + 2), 0, GfnChange::Removed);
+    assert_eq!(m.total_page_refs(), base);
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// The owner's call that ends with such a backlog continues
+/// (`BATCH_INCOMPLETE`, with every op done) until it is released: when
+/// the call returns, every page it unmapped is let go, as with no backlog.
+#[test]
+fn the_owners_call_continues_until_a_backlog_is_released() {
+    use pviommu_hv::engine::RELEASE_BUDGET;
+    let n = 2 * RELEASE_BUDGET + 100;
+    let (mut m, e) = machine(Format::Vtd, n + 16);
+    let base = backlog_of_failed_flushes(&mut m, &e, n);
+    let mut ops = vec![map_op(GUEST, n + 1, Permissions::RO)];
+    let calls = m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!(ops[0].status, 0);
+    assert_eq!(calls, 3, "each entry lets go of a budget's worth");
+    assert_eq!(m.total_page_refs(), base + 1);
+    check_invariants(&mut m, &e).unwrap();
+}

@@ -474,6 +474,26 @@ impl<L: RawMutex> Engine<L> {
         h: &mut impl Hypervisor,
         caller: DomId,
     ) -> Result<ContextId, Errno> {
+        let id = self.context_create_unreported(h, caller)?;
+        self.context_reported(caller, id);
+        Ok(id)
+    }
+
+    /// [`context_create`](Self::context_create) for a hypercall, which
+    /// must write the new id into the caller's op before anyone may use
+    /// it: the context exists, but no op of the caller's finds it (maps,
+    /// attaches, destroys answer `ENOENT`) until
+    /// [`context_reported`](Self::context_reported). So if the id cannot
+    /// be written, [`context_create_undo`](Self::context_create_undo)
+    /// always succeeds: no other vCPU of the caller's, guessing the id,
+    /// can have mapped into it or attached a device meanwhile (which made
+    /// the undo's destroy `EBUSY`, and the op counted as done with its
+    /// status never written: review).
+    pub fn context_create_unreported(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+    ) -> Result<ContextId, Errno> {
         let caps = h.iommu_caps();
         let max = self.max_contexts_for(caps.max_contexts, caller);
         let Some(own_tables) = caps.own_tables.filter(|_| max > 1) else {
@@ -555,7 +575,9 @@ impl<L: RawMutex> Engine<L> {
         dd.domid = caller;
         dd.context = id;
         dd.home = home_cell as u8;
-        dd.contexts = 1 << id.0;
+        // Not the caller's to use until its id is reported
+        // (`context_reported`).
+        dd.contexts = 0;
         dd.stats = super::DriverStats::default();
         let mut d = Driver { cell, dd };
         let r = Self::set_up_context(&mut d, h, id, own_tables);
@@ -650,13 +672,61 @@ impl<L: RawMutex> Engine<L> {
         .map(|_| ())
     }
 
+    /// The id of `caller`'s context `id`, created by
+    /// [`context_create_unreported`](Self::context_create_unreported), is
+    /// in the caller's hands: its ops may use it from now on.
+    pub fn context_reported(&self, caller: DomId, id: ContextId) {
+        if let Some(mut d) = self.lock_cell(caller, id) {
+            if d.dd.own(id).is_some() {
+                d.dd.contexts = 1 << id.0;
+            }
+            self.put_driver(d);
+        }
+    }
+
+    /// Take back context `id` of `caller`, created by
+    /// [`context_create_unreported`](Self::context_create_unreported),
+    /// whose id could not be reported. Nothing can be in it (no op of the
+    /// caller's finds it), so only the backend can refuse (its flush or
+    /// tag release failing, `EBUSY`): then it stays, unreported, until the
+    /// caller's teardown.
+    pub fn context_create_undo(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        id: ContextId,
+    ) -> Result<(), Errno> {
+        h.devices_lock();
+        let r = match self.lock_cell(caller, id) {
+            None => Err(Errno::NoEnt),
+            // Reported (not by this call): the caller's to destroy.
+            Some(d) if d.dd.has_context(id) => {
+                self.put_driver(d);
+                Err(Errno::Busy)
+            }
+            Some(mut d) => match Self::drop_context(&mut d, h, id) {
+                Ok(()) => {
+                    self.release_context_cell(d);
+                    self.forget_context(caller, id);
+                    Ok(())
+                }
+                Err(e) => {
+                    self.put_driver(d);
+                    Err(e)
+                }
+            },
+        };
+        h.devices_unlock();
+        r
+    }
+
     /// Whether `context` is one of the engine's contexts of `caller` (not
-    /// context 0), asked under its cell's lock alone.
+    /// context 0) whose id was reported, asked under its cell's lock alone.
     fn has_own_context(&self, caller: DomId, context: ContextId) -> bool {
         context != ContextId::DEFAULT
             && self
                 .lock_cell(caller, context)
-                .is_some_and(|d| d.dd.own(context).is_some())
+                .is_some_and(|d| d.dd.has_context(context) && d.dd.own(context).is_some())
     }
 
     /// Run `f` on the cell of `caller`'s `context` (one of the engine's)

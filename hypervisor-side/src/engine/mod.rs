@@ -78,8 +78,8 @@ pub use contexts::{LeafBits, MAX_DEVICES_PER_CONTEXT};
 pub use driver::{DriverDomain, DriverStats, Mapping, Notice, Slot, REGION_GFN_END};
 pub use extent::ExtentMapped;
 pub use revoke::{
-    GfnChange, RangeSweep, Restart, PREEMPT_RELEASE_LIMIT, SLICE_REVOKES, SLICE_REVOKES_MOST,
-    SLICE_VISITS, STUCK_RETRIES,
+    GfnChange, RangeSweep, Restart, PREEMPT_RELEASE_LIMIT, RELEASE_BUDGET, SLICE_REVOKES,
+    SLICE_REVOKES_MOST, SLICE_VISITS, STUCK_RETRIES,
 };
 
 use crate::bfn_alloc::{BfnSpace, BfnWindow};
@@ -1405,9 +1405,14 @@ impl<L: RawMutex> Engine<L> {
     /// Flush the IOTLB for everything `caller` has gathered, then release
     /// the page references of unmapped pages (the device cannot reach them
     /// any more) and retry revocations the IOMMU refused before: in each of
-    /// its contexts, one cell at a time.
+    /// its contexts, one cell at a time. All of them: for a caller of the
+    /// engine's own (a test, the simulator's tools), each round lets go of
+    /// up to [`RELEASE_BUDGET`](revoke::RELEASE_BUDGET) pages a cell and
+    /// the next goes on (a hypercall instead continues:
+    /// [`finish_contexts`](Self::finish_contexts)). Bounded: each round
+    /// but the last releases pages.
     pub fn finish(&self, h: &mut impl Hypervisor, caller: DomId) {
-        self.finish_contexts(h, caller, u32::MAX);
+        while self.finish_contexts(h, caller, u32::MAX) {}
     }
 
     /// At a preemption point of `caller`'s batch (the call continues in a
@@ -1447,8 +1452,11 @@ impl<L: RawMutex> Engine<L> {
     /// work to retry (a refused revocation, a failed flush) or entries a
     /// preempted batch left to write or clear: a batch that touched only
     /// some contexts leaves the others' cells (and whoever works in them)
-    /// alone.
-    pub fn finish_contexts(&self, h: &mut impl Hypervisor, caller: DomId, contexts: u32) {
+    /// alone. Whether a cell's flush succeeded and left pages to release
+    /// ([`RELEASE_BUDGET`](revoke::RELEASE_BUDGET)): the call then
+    /// continues, as a preempted one (its cells say they are unfinished).
+    pub fn finish_contexts(&self, h: &mut impl Hypervisor, caller: DomId, contexts: u32) -> bool {
+        let mut left = false;
         for context in self.contexts_of(caller) {
             let waits = || {
                 self.cell_number(caller, context)
@@ -1461,10 +1469,11 @@ impl<L: RawMutex> Engine<L> {
                 continue;
             }
             if let Some(mut d) = self.lock_cell(caller, context) {
-                self.flush_and_release_as(&mut d, h, true);
+                left |= self.flush_and_release_as(&mut d, h, true).left;
                 self.put_driver(d);
             }
         }
+        left
     }
 }
 

@@ -111,8 +111,9 @@ const STALL_COUNT: u8 = 0x0f;
 /// next, which tries again).
 const STALLED: u8 = 0x10;
 /// `passes` of a teardown: a flush of the walk under way unmapped a stuck
-/// entry at last (the target's own may wait behind others' in the cell's
-/// queue: the queue moving is progress towards them).
+/// entry at last, or released unmapped pages (the target's own may wait
+/// behind others' in the cell's queues: a queue moving is progress
+/// towards them).
 const RETRIED_STUCK: u8 = 0x20;
 
 /// Cursor layout of a teardown and of [`Engine::revoke_writes`]: phase in
@@ -193,6 +194,37 @@ pub(super) const DEFER_LIMIT: u64 = 1024;
 /// left release passes over its whole quota; with it they are left no
 /// more than this plus one entry's ops.
 pub const PREEMPT_RELEASE_LIMIT: u64 = 1024;
+
+/// How many entries of a cell's unmapping list one flush lets go at most
+/// (each a page put, or a move to the stuck list): the rest stay on the
+/// list, still referenced and flushed, for the cell's next flush. While
+/// flushes succeed, what waits at a call's end is at most
+/// [`PREEMPT_RELEASE_LIMIT`] and one entry's ops (at most
+/// [`MAX_BATCH_OPS`](crate::config::MAX_BATCH_OPS) by default): released
+/// whole, as before. But while an IOMMU's flushes fail, the owner's
+/// unmaps pile up to its quota (nothing may go before a flush succeeds),
+/// and once they succeeded again, the cell's first flush, a hook of any
+/// target it maps (on Xen under that target's p2m lock, at a time the
+/// target chooses), released the whole pile at once (review). Now a hook
+/// or a teardown slice lets go of this many and leaves the rest to the
+/// next flush, and the owner's call continues (`BATCH_INCOMPLETE`) until
+/// they are gone.
+pub const RELEASE_BUDGET: u64 = 4096;
+const _: () =
+    assert!(RELEASE_BUDGET >= PREEMPT_RELEASE_LIMIT + crate::config::MAX_BATCH_OPS as u64);
+
+/// What one [`Engine::flush_and_release`] did.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Released {
+    /// Stuck entries the IOMMU unmapped at last (retries that got further).
+    pub unstuck: u64,
+    /// Entries of the unmapping list let go (released, or moved to the
+    /// stuck list).
+    pub released: u64,
+    /// The flush succeeded, and [`RELEASE_BUDGET`] left entries on the
+    /// list: the cell's next flush goes on with them.
+    pub left: bool,
+}
 
 // Every run of waiting entries fits one backend call: an unmap batch's
 // run of `MAP_CHUNK` can take the count past the limit before it clears.
@@ -438,13 +470,18 @@ impl<L: RawMutex> Engine<L> {
     /// retry the IOMMU unmaps of stuck entries, flush what driver `d`
     /// gathered, and after a successful flush release every unmapped page:
     /// explicit unmaps free their BFN, revocations become notices. A failed
-    /// flush releases nothing (retried next time). Returns how many stuck
-    /// entries the IOMMU unmapped at last (the retries that got further).
+    /// flush releases nothing (retried next time). At most
+    /// [`RELEASE_BUDGET`] entries of the list go: a hook or a teardown
+    /// slice may run it, and what a failed flush left can be the quota.
     ///
     /// Every flush of a cell comes through here (the owner's `finish`, the
     /// hooks, teardown slices), so no page is released while an entry an
     /// unmap left still maps it.
-    pub(super) fn flush_and_release(&self, d: &mut Driver<'_, L>, h: &mut impl Hypervisor) -> u64 {
+    pub(super) fn flush_and_release(
+        &self,
+        d: &mut Driver<'_, L>,
+        h: &mut impl Hypervisor,
+    ) -> Released {
         self.flush_and_release_as(d, h, false)
     }
 
@@ -459,7 +496,7 @@ impl<L: RawMutex> Engine<L> {
         d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
         owner_call: bool,
-    ) -> u64 {
+    ) -> Released {
         let space = &self.space;
         let owner = d.dd.domid;
         if owner_call && !d.dd.pending_maps.is_empty() {
@@ -491,7 +528,10 @@ impl<L: RawMutex> Engine<L> {
         }
         dd.stats.ns_iommu_unmap += self.since(h, t0);
         if !self.flush_gathered(dd, h) {
-            return unstuck;
+            return Released {
+                unstuck,
+                ..Released::default()
+            };
         }
         let t2 = self.clock(h);
         let cell = d.cell;
@@ -509,7 +549,12 @@ impl<L: RawMutex> Engine<L> {
         // page's release is safe: a share held longer only sends a hook
         // through the locks it would have skipped.
         let mut run: Option<(DomId, u32)> = None;
+        let mut released = 0;
         while let Some(u) = dd.unmapping_at(at) {
+            if released == RELEASE_BUDGET {
+                break;
+            }
+            released += 1;
             dd.unmapping_head = u.next;
             dd.unmapping_len = dd.unmapping_len.saturating_sub(1);
             if u.entry_present {
@@ -554,9 +599,13 @@ impl<L: RawMutex> Engine<L> {
             }
             at = u.next;
         }
-        // (Already so, unless a link led to a slot that is not Unmapping.)
-        dd.unmapping_head = NONE;
-        dd.unmapping_len = 0;
+        // The list's end reached: empty (already so, unless a link led to
+        // a slot that is not Unmapping). Else the budget left `at` on.
+        let left = released == RELEASE_BUDGET && dd.unmapping_at(at).is_some();
+        if !left {
+            dd.unmapping_head = NONE;
+            dd.unmapping_len = 0;
+        }
         if let Some((domid, n)) = run {
             self.end_release_run(cell, dd, domid, n);
         }
@@ -565,7 +614,11 @@ impl<L: RawMutex> Engine<L> {
             // Once per flush, not per notice: the owner drains the queue.
             h.notify_revoked(owner);
         }
-        unstuck
+        Released {
+            unstuck,
+            released,
+            left,
+        }
     }
 
     /// [`write_pending_entries`](Self::write_pending_entries) in the
@@ -1239,10 +1292,13 @@ impl<L: RawMutex> Engine<L> {
         c: &mut Cursor,
         retried: &mut bool,
     ) -> Result<(), Restart> {
-        // Whether a cell's flush unmapped a stuck entry at last (of any
-        // target: a cell's stuck list is one queue, retried in turn).
+        // Whether a cell's flush unmapped a stuck entry at last, or let go
+        // of unmapped pages (of any target: a cell's stuck list is one
+        // queue, retried in turn, and its unmapping list another, released
+        // [`RELEASE_BUDGET`] at a time).
         let mut flush = |d: &mut Driver<'_, L>, h: &mut _| {
-            *retried |= self.flush_and_release(d, h) != 0;
+            let r = self.flush_and_release(d, h);
+            *retried |= r.unstuck != 0 || r.released != 0;
         };
         let mask = self.target_drivers(domid);
         let mut visits = 0u64;
@@ -1488,7 +1544,7 @@ impl<L: RawMutex> Engine<L> {
                 continue;
             };
             let (stuck, flush_failed) = (d.dd.stuck(), d.dd.flush_failed);
-            let unstuck = self.flush_and_release(&mut d, h);
+            let unstuck = self.flush_and_release(&mut d, h).unstuck;
             progress |= unstuck != 0 || (flush_failed && !d.dd.flush_failed);
             tried += stuck.min(STUCK_RETRIES) + 1;
             self.clear_gate_bit_if_unused(cell, &d.dd, domid);
@@ -1550,7 +1606,7 @@ impl<L: RawMutex> Engine<L> {
                 }
                 c.slot += 1;
             }
-            let unstuck = self.flush_and_release(&mut d, h);
+            let flushed = self.flush_and_release(&mut d, h);
             // Anything not yet flushed and released keeps the teardown
             // going, not only the lists: a gather or a failed flush the
             // reset below would throw away (today they come with entries
@@ -1560,13 +1616,14 @@ impl<L: RawMutex> Engine<L> {
             // still counts in `used()`: its retry is progress too.)
             let progress = revokes != 0
                 || d.dd.used() < used
-                || unstuck != 0
+                || flushed.unstuck != 0
+                || flushed.released != 0
                 || (flush_failed && !d.dd.flush_failed);
             self.put_driver(d);
             if pending {
-                // The IOMMU refused an unmap or the flush failed: the pages
-                // stay referenced; try again on the next call rather than
-                // leak them.
+                // The IOMMU refused an unmap or the flush failed, or the
+                // release budget left pages: they stay referenced; try
+                // again on the next call rather than leak them.
                 Self::count_restart(c, progress);
                 return Err(Restart);
             }
