@@ -274,6 +274,18 @@ const _: () = assert!(
         < u32::MAX as u64
 );
 
+// Xen keeps its own count of the same references, per target
+// (`d->pviommu_pages`, which its p2m hook reads before calling the
+// engine): an `atomic_t`, a signed int, so the bound is `i32::MAX` there.
+// A quota is a driver domain's across its cells, and there are at most
+// dom0 and one driver domain per cell of the shared pool (review: with
+// the bound above alone, 128 quotas would pass `i32::MAX`).
+const _: () = assert!(
+    ((MAX_DRIVER_DOMAINS - DOM0_CELLS + 1) as u64) * crate::config::MAX_QUOTA
+        + (MAX_DRIVER_DOMAINS as u64) * 2 * pviommu_abi::EXTENT_PAGES
+        <= i32::MAX as u64
+);
+
 impl TargetGate {
     /// The cells named (each word read on its own, `SeqCst`).
     pub(crate) fn drivers(&self) -> CellMask {
