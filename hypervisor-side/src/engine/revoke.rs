@@ -549,12 +549,12 @@ impl<L: RawMutex> Engine<L> {
         // page's release is safe: a share held longer only sends a hook
         // through the locks it would have skipped.
         let mut run: Option<(DomId, u32)> = None;
-        let mut released = 0;
-        while let Some(u) = dd.unmapping_at(at) {
-            if released == RELEASE_BUDGET {
+        let mut budget = RELEASE_BUDGET;
+        while budget != 0 {
+            let Some(u) = dd.unmapping_at(at) else {
                 break;
-            }
-            released += 1;
+            };
+            budget -= 1;
             dd.unmapping_head = u.next;
             dd.unmapping_len = dd.unmapping_len.saturating_sub(1);
             if u.entry_present {
@@ -601,7 +601,8 @@ impl<L: RawMutex> Engine<L> {
         }
         // The list's end reached: empty (already so, unless a link led to
         // a slot that is not Unmapping). Else the budget left `at` on.
-        let left = released == RELEASE_BUDGET && dd.unmapping_at(at).is_some();
+        let released = RELEASE_BUDGET - budget;
+        let left = budget == 0 && dd.unmapping_at(at).is_some();
         if !left {
             dd.unmapping_head = NONE;
             dd.unmapping_len = 0;
