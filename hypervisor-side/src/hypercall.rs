@@ -232,7 +232,7 @@ fn run_checked<H: Hypervisor, T: Copy>(
     // it (its status, and the later ones', are then undefined, as after
     // any failure), and the batch ends.
     if let Some(&first_not_acted) = which.get(acted).filter(|_| acted < m) {
-        return Err((u32::from(first_not_acted), Errno::Inval));
+        return Err((u32::from(first_not_acted), failure.unwrap_or(Errno::Inval)));
     }
     match failure {
         Some(e) => Err((reported as u32, e)),
@@ -931,9 +931,17 @@ impl<L: RawMutex> Engine<L> {
             // attach the caller made itself, and a created context would
             // hold a cell under an id nobody was told).
             let undone = match (request, outcome) {
-                (Ok(Request::ContextCreate), Ok(())) => self
-                    .context_create_undo(h, caller, ContextId(op.context))
-                    .is_ok(),
+                (Ok(Request::ContextCreate), Ok(())) => {
+                    let id = ContextId(op.context);
+                    let undone = self.context_create_undo(h, caller, id).is_ok();
+                    if !undone {
+                        // Kept (the host's IOMMU refused the undo's flush):
+                        // the caller's to find (`stats`) and destroy, as any
+                        // context it made, not hidden for good (review).
+                        self.context_reported(caller, id);
+                    }
+                    undone
+                }
                 (Ok(Request::ContextAttach { context, device }), Ok(())) => {
                     self.context_detach(h, caller, context, device).is_ok()
                 }

@@ -722,38 +722,6 @@ static int pvx_map_run(struct domain *d, dfn_t dfn0, mfn_t mfn0,
     return rc;
 }
 
-/*
- * Debug builds: each frame of a run is one a domain owns and holds a
- * reference on (the engine's), no Xen heap or special page. This is the
- * one place a machine frame becomes reachable by a device, and the checks
- * below look at the run's ends only (defence in depth against an engine
- * bug, as pvx_table_page() for table frames; count <= PVX_IOMMU_RUN_MAX).
- */
-static bool pvx_run_frames_held(uint64_t mfn, uint64_t count)
-{
-#ifdef CONFIG_DEBUG
-    uint64_t i;
-
-    for ( i = 0; i < count; i++ )
-    {
-        const struct page_info *pg;
-
-        if ( !mfn_valid(_mfn(mfn + i)) )
-            return false;
-        pg = mfn_to_page(_mfn(mfn + i));
-        if ( !(pg->count_info & PGC_count_mask) || !page_get_owner(pg) ||
-             is_xen_heap_page(pg) || is_special_page(pg) )
-        {
-            printk(XENLOG_G_ERR
-                   "pviommu: engine bug: map of mfn %"PRI_mfn" (count_info %#lx)\n",
-                   mfn + i, pg->count_info);
-            return false;
-        }
-    }
-#endif
-    return true;
-}
-
 int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn, uint64_t count,
                   unsigned int flags, unsigned int *flush)
 {

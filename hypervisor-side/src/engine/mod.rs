@@ -1439,6 +1439,7 @@ impl<L: RawMutex> Engine<L> {
     /// fails keeps its pages until one succeeds, as it does between calls.)
     pub fn pause_contexts(&self, h: &mut impl Hypervisor, caller: DomId) {
         let mut waiting = 0u64;
+        let mut budget = revoke::RELEASE_BUDGET;
         for context in self.contexts_of(caller) {
             if let Some(mut d) = self.lock_cell(caller, context) {
                 let held = |dd: &DriverDomain| dd.unmapping_len + dd.pending_maps.len() as u64;
@@ -1448,7 +1449,7 @@ impl<L: RawMutex> Engine<L> {
                 // there, and finishing the others each entry then would
                 // only cut their runs.)
                 if here != 0 && waiting + here >= PREEMPT_RELEASE_LIMIT {
-                    self.flush_and_release_as(&mut d, h, true);
+                    self.flush_and_release_as(&mut d, h, true, &mut budget);
                 }
                 // (All of it still, if the flush failed: its pages cannot
                 // go before a flush does, and the other cells are finished
@@ -1469,6 +1470,8 @@ impl<L: RawMutex> Engine<L> {
     /// continues, as a preempted one (its cells say they are unfinished).
     pub fn finish_contexts(&self, h: &mut impl Hypervisor, caller: DomId, contexts: u32) -> bool {
         let mut left = false;
+        // (Shared by the cells: an entry releases at most this many.)
+        let mut budget = revoke::RELEASE_BUDGET;
         for context in self.contexts_of(caller) {
             let waits = || {
                 self.cell_number(caller, context)
@@ -1481,7 +1484,7 @@ impl<L: RawMutex> Engine<L> {
                 continue;
             }
             if let Some(mut d) = self.lock_cell(caller, context) {
-                left |= self.flush_and_release_as(&mut d, h, true).left;
+                left |= self.flush_and_release_as(&mut d, h, true, &mut budget).left;
                 self.put_driver(d);
             }
         }

@@ -195,21 +195,25 @@ pub(super) const DEFER_LIMIT: u64 = 1024;
 /// more than this plus one entry's ops.
 pub const PREEMPT_RELEASE_LIMIT: u64 = 1024;
 
-/// How many entries of a cell's unmapping list one flush lets go at most
-/// (each a page put, or a move to the stuck list): the rest stay on the
-/// list, still referenced and flushed, for the cell's next flush. While
-/// flushes succeed, what waits at a call's end is at most
-/// [`PREEMPT_RELEASE_LIMIT`] and one entry's ops (at most
-/// [`MAX_BATCH_OPS`](crate::config::MAX_BATCH_OPS) by default): released
-/// whole, as before. But while an IOMMU's flushes fail, the owner's
-/// unmaps pile up to its quota (nothing may go before a flush succeeds),
-/// and once they succeeded again, the cell's first flush, a hook of any
-/// target it maps (on Xen under that target's p2m lock, at a time the
-/// target chooses), released the whole pile at once (review). Now a hook
-/// or a teardown slice lets go of this many and leaves the rest to the
-/// next flush, and the owner's call continues (`BATCH_INCOMPLETE`) until
-/// they are gone.
+/// How many entries of unmapping lists (each a page put, or a move to the
+/// stuck list) one hook, one teardown slice or one entry of an owner's
+/// call lets go at most, over all the cells it flushes (a hook: beyond
+/// what it revoked itself). The rest stay on their lists, flushed and
+/// still referenced, for the cells' next flushes. While flushes succeed,
+/// what waits at a call's end is at most [`PREEMPT_RELEASE_LIMIT`] and one
+/// entry's ops: with a default batch of page unmaps
+/// ([`MAX_BATCH_OPS`](crate::config::MAX_BATCH_OPS)) it is released whole,
+/// as before; extent unmaps (512 pages an op) or a larger batch set at
+/// boot can leave more, and the call then continues. But while an IOMMU's
+/// flushes fail, the owner's unmaps pile up to its quota in each cell
+/// (nothing may go before a flush succeeds), and once they succeeded
+/// again, a cell's first flush, a hook of any target it maps (on Xen under
+/// that target's p2m lock, at a time the target chooses), released the
+/// whole pile at once (review). Now a hook or a teardown slice lets go of
+/// this many and leaves the rest to the next flush, and the owner's call
+/// continues (`BATCH_INCOMPLETE`) until they are gone.
 pub const RELEASE_BUDGET: u64 = 4096;
+// A default batch of page unmaps ends with one entry's release.
 const _: () =
     assert!(RELEASE_BUDGET >= PREEMPT_RELEASE_LIMIT + crate::config::MAX_BATCH_OPS as u64);
 
@@ -470,9 +474,13 @@ impl<L: RawMutex> Engine<L> {
     /// retry the IOMMU unmaps of stuck entries, flush what driver `d`
     /// gathered, and after a successful flush release every unmapped page:
     /// explicit unmaps free their BFN, revocations become notices. A failed
-    /// flush releases nothing (retried next time). At most
-    /// [`RELEASE_BUDGET`] entries of the list go: a hook or a teardown
-    /// slice may run it, and what a failed flush left can be the quota.
+    /// flush releases nothing (retried next time). At most `budget`
+    /// entries of the list go, taken off it: the caller's budget, shared by
+    /// every cell it flushes (a hook, a teardown slice and the end of an
+    /// owner's call each start from [`RELEASE_BUDGET`]), as what failed
+    /// flushes left can be the quota in every cell. With none left the
+    /// flush still runs (what the caller revoked must be out of the
+    /// device's reach when it returns) and nothing is released.
     ///
     /// Every flush of a cell comes through here (the owner's `finish`, the
     /// hooks, teardown slices), so no page is released while an entry an
@@ -481,8 +489,9 @@ impl<L: RawMutex> Engine<L> {
         &self,
         d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
+        budget: &mut u64,
     ) -> Released {
-        self.flush_and_release_as(d, h, false)
+        self.flush_and_release_as(d, h, false, budget)
     }
 
     /// [`flush_and_release`](Self::flush_and_release), for the owner's own
@@ -496,6 +505,7 @@ impl<L: RawMutex> Engine<L> {
         d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
         owner_call: bool,
+        budget: &mut u64,
     ) -> Released {
         let space = &self.space;
         let owner = d.dd.domid;
@@ -549,12 +559,12 @@ impl<L: RawMutex> Engine<L> {
         // page's release is safe: a share held longer only sends a hook
         // through the locks it would have skipped.
         let mut run: Option<(DomId, u32)> = None;
-        let mut budget = RELEASE_BUDGET;
-        while budget != 0 {
+        let before = *budget;
+        while *budget != 0 {
             let Some(u) = dd.unmapping_at(at) else {
                 break;
             };
-            budget -= 1;
+            *budget -= 1;
             dd.unmapping_head = u.next;
             dd.unmapping_len = dd.unmapping_len.saturating_sub(1);
             if u.entry_present {
@@ -601,8 +611,8 @@ impl<L: RawMutex> Engine<L> {
         }
         // The list's end reached: empty (already so, unless a link led to
         // a slot that is not Unmapping). Else the budget left `at` on.
-        let released = RELEASE_BUDGET - budget;
-        let left = budget == 0 && dd.unmapping_at(at).is_some();
+        let released = before - *budget;
+        let left = *budget == 0 && dd.unmapping_at(at).is_some();
         if !left {
             dd.unmapping_head = NONE;
             dd.unmapping_len = 0;
@@ -841,8 +851,11 @@ impl<L: RawMutex> Engine<L> {
     /// When nothing maps `domid` and no map of it is in flight this takes no
     /// lock. Otherwise it visits only the driver domains whose cells the
     /// target's gate names, one lock at a time, and every affected mapping
-    /// is revoked, flushed and released before returning; in-flight maps of
-    /// `domid` see the sequence number move and look their page up again.
+    /// is revoked and flushed (out of the device's reach) before returning,
+    /// and released too, unless failed flushes left a cell more pages
+    /// waiting than the hook's budget (see `budget` below): those stay
+    /// referenced until the cell's next flush. In-flight maps of `domid`
+    /// see the sequence number move and look their page up again.
     pub fn gfn_changed(
         &self,
         h: &mut impl Hypervisor,
@@ -863,6 +876,11 @@ impl<L: RawMutex> Engine<L> {
         // The cells whose bit is set, lowest first: a hook's cost follows
         // the driver domains that map the target, not the number of cells
         // (testing every bit was half of a hook for an unmapped gfn).
+        // What the hook releases: what it revoked itself, and at most
+        // `RELEASE_BUDGET` more of what waited, over all its cells (a
+        // cell's list is released oldest first, so its own pages may be
+        // among those left, flushed but still referenced).
+        let mut budget = RELEASE_BUDGET;
         for cell in cells_in(mask) {
             // (Every bit names a cell: there are at most 128, checked at
             // build time.)
@@ -881,8 +899,11 @@ impl<L: RawMutex> Engine<L> {
             // page stays reachable through the IOTLB after the hook. The
             // bit is cleared if the cell no longer needs it (never set: a
             // teardown may have cleared it since this hook read the gate).
-            if d.dd.stats.revocations != revoked_before || d.dd.has_pending() {
-                self.flush_and_release(&mut d, h);
+            let revoked = d.dd.stats.revocations.wrapping_sub(revoked_before);
+            if revoked != 0 || d.dd.has_pending() {
+                let mut here = budget.saturating_add(revoked);
+                self.flush_and_release(&mut d, h, &mut here);
+                budget = budget.min(here);
             }
             self.clear_gate_bit_if_unused(cell, &d.dd, domid);
             self.put_driver(d);
@@ -1297,8 +1318,9 @@ impl<L: RawMutex> Engine<L> {
         // of unmapped pages (of any target: a cell's stuck list is one
         // queue, retried in turn, and its unmapping list another, released
         // [`RELEASE_BUDGET`] at a time).
+        let mut budget = RELEASE_BUDGET;
         let mut flush = |d: &mut Driver<'_, L>, h: &mut _| {
-            let r = self.flush_and_release(d, h);
+            let r = self.flush_and_release(d, h, &mut budget);
             *retried |= r.unstuck != 0 || r.released != 0;
         };
         let mask = self.target_drivers(domid);
@@ -1528,6 +1550,7 @@ impl<L: RawMutex> Engine<L> {
         let k = n % u64::from(mask.count_ones().max(1));
         let from = cells_in(mask).nth(k as usize).unwrap_or(0);
         let mut progress = false;
+        let mut budget = RELEASE_BUDGET;
         let mut tried = 0u64;
         let wrapped = cells_in(mask).filter(move |&c| c >= from);
         for cell in wrapped.chain(cells_in(mask).filter(move |&c| c < from)) {
@@ -1545,7 +1568,7 @@ impl<L: RawMutex> Engine<L> {
                 continue;
             };
             let (stuck, flush_failed) = (d.dd.stuck(), d.dd.flush_failed);
-            let unstuck = self.flush_and_release(&mut d, h).unstuck;
+            let unstuck = self.flush_and_release(&mut d, h, &mut budget).unstuck;
             progress |= unstuck != 0 || (flush_failed && !d.dd.flush_failed);
             tried += stuck.min(STUCK_RETRIES) + 1;
             self.clear_gate_bit_if_unused(cell, &d.dd, domid);
@@ -1574,6 +1597,7 @@ impl<L: RawMutex> Engine<L> {
     ) -> Result<(), Restart> {
         let mut visits = 0u64;
         let mut revokes = 0u32;
+        let mut budget = RELEASE_BUDGET;
         while (c.driver as u32) < MAX_CONTEXTS {
             let context = ContextId(c.driver as u32);
             let Some(mut d) = self.lock_cell(domid, context) else {
@@ -1589,7 +1613,7 @@ impl<L: RawMutex> Engine<L> {
             let (used, flush_failed) = (d.dd.used(), d.dd.flush_failed);
             while c.slot < n {
                 if self.slice_ends(visits, revokes, c.slot) {
-                    self.flush_and_release(&mut d, h);
+                    self.flush_and_release(&mut d, h, &mut budget);
                     self.put_driver(d);
                     return Err(Restart);
                 }
@@ -1607,7 +1631,7 @@ impl<L: RawMutex> Engine<L> {
                 }
                 c.slot += 1;
             }
-            let flushed = self.flush_and_release(&mut d, h);
+            let flushed = self.flush_and_release(&mut d, h, &mut budget);
             // Anything not yet flushed and released keeps the teardown
             // going, not only the lists: a gather or a failed flush the
             // reset below would throw away (today they come with entries

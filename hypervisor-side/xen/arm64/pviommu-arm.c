@@ -449,7 +449,8 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn, uint64_t count,
     int rc = 0;
 
     if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn ||
-         mfn + count < mfn || pvx_run_refused("map", bfn, count) )
+         mfn + count < mfn || pvx_run_refused("map", bfn, count) ||
+         !pvx_run_frames_held(mfn, count) )
         return -EINVAL;
     d = rcu_lock_domain_by_id(owner);
     if ( !d )
