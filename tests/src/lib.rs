@@ -223,6 +223,9 @@ pub fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), String> {
     ensure_eq!(m.maps_over_present, 0);
     // No IOMMU run longer than the glue takes.
     ensure_eq!(m.runs_too_long, 0);
+    // No hook called a service that takes a p2m lock (Xen runs hooks with
+    // the target's p2m lock held: its mm-lock order).
+    ensure_eq!(m.services_under_p2m_lock, 0);
     // No table the IOMMU may still walk from its caches was freed, reused
     // or changed before its flush.
     ensure_eq!(m.tables_freed_before_flush(), 0);

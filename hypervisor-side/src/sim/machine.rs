@@ -929,6 +929,16 @@ pub struct SimMachine {
     /// drivers overwrite (taking the BFN from whatever it mapped) and the
     /// simulator does too. The engine must never make one.
     pub maps_over_present: u64,
+    /// The domain whose p2m lock a hook the simulator is running holds (Xen
+    /// runs gfn hooks inside `p2m_set_entry`, `guest_remove_page` and the
+    /// like, that lock held): `None` outside hooks.
+    p2m_locked: Option<DomId>,
+    /// Services that take a p2m lock (page lookups, guest copies) called
+    /// from a hook: Xen's mm-lock order puts the p2m lock first, and a
+    /// second p2m lock, or the same one again from the engine's locks,
+    /// breaks it (Xen's `mm_lock` checks `BUG()` on it in debug builds).
+    /// The engine's hook paths must take none.
+    pub services_under_p2m_lock: u64,
     /// IOMMU runs asked for longer than [`crate::iommu::MAX_IOMMU_RUN`]
     /// pages, which Xen's glue refuses (`PVX_IOMMU_RUN_MAX`: its loop over
     /// a run is not preemptible) and the simulator too. The engine must
@@ -1049,6 +1059,8 @@ impl SimMachine {
             faults_total: 0,
             maps_past_width: 0,
             maps_over_present: 0,
+            p2m_locked: None,
+            services_under_p2m_lock: 0,
             runs_too_long: 0,
             runs_outside_window: 0,
             xsm_checks: core::sync::atomic::AtomicU64::new(0),
@@ -1447,13 +1459,15 @@ impl SimMachine {
         } else {
             0
         };
-        engine.gfn_changed(
-            self,
-            domid,
-            Gfn(first),
-            order,
-            crate::engine::GfnChange::WriteLost,
-        );
+        self.under_p2m_lock(domid, |m| {
+            engine.gfn_changed(
+                m,
+                domid,
+                Gfn(first),
+                order,
+                crate::engine::GfnChange::WriteLost,
+            )
+        });
     }
 
     /// [`track_dirty_vram_once`](Self::track_dirty_vram_once) until it is
@@ -1476,7 +1490,9 @@ impl SimMachine {
     /// as Xen's p2m type-change hook does.
     pub fn make_read_only(&mut self, engine: &crate::Engine, domid: DomId, gfn: Gfn) {
         self.set_read_only(domid, gfn);
-        engine.gfn_changed(self, domid, gfn, 0, crate::engine::GfnChange::WriteLost);
+        self.under_p2m_lock(domid, |m| {
+            engine.gfn_changed(m, domid, gfn, 0, crate::engine::GfnChange::WriteLost)
+        });
     }
 
     /// Balloon a gfn out (`guest_remove_page`) and run the engine's hook
@@ -1495,7 +1511,7 @@ impl SimMachine {
             // the guest's allocation reference and succeeds; the frame stays
             // Xen's heap, never the guest's RAM.
             if d.pv_xen_shared.contains(&gfn.0) {
-                engine.gfn_removed(self, domid, gfn);
+                self.under_p2m_lock(domid, |m| engine.gfn_removed(m, domid, gfn));
                 return Ok(());
             }
             let listed = d.p2m.iter().find_map(|(g, e)| match e {
@@ -1512,7 +1528,7 @@ impl SimMachine {
                     if let Some(d) = self.domains.get_mut(&domid) {
                         d.pv_typed.remove(&gfn.0);
                     }
-                    engine.gfn_removed(self, domid, gfn);
+                    self.under_p2m_lock(domid, |m| engine.gfn_removed(m, domid, gfn));
                     Ok(())
                 }
                 // As `guest_remove_page`: EINVAL for no frame at all,
@@ -1524,7 +1540,7 @@ impl SimMachine {
         match self.mfn_of(domid, gfn) {
             Some(_) => {
                 self.remove_gfn(domid, gfn);
-                engine.gfn_removed(self, domid, gfn);
+                self.under_p2m_lock(domid, |m| engine.gfn_removed(m, domid, gfn));
                 Ok(())
             }
             // Nothing there: the removal fails and no hook runs.
@@ -1541,7 +1557,7 @@ impl SimMachine {
         gfn: Gfn,
     ) -> Result<(), Errno> {
         self.put_new_frame(domid, gfn)?;
-        engine.gfn_removed(self, domid, gfn);
+        self.under_p2m_lock(domid, |m| engine.gfn_removed(m, domid, gfn));
         Ok(())
     }
 
@@ -2296,10 +2312,32 @@ impl SimMachine {
     }
 }
 
+impl SimMachine {
+    /// Run hook `f` of `domid`'s p2m as Xen does, that p2m's lock held
+    /// ([`services_under_p2m_lock`](Self::services_under_p2m_lock) counts
+    /// what it must not call meanwhile).
+    fn under_p2m_lock<R>(&mut self, domid: DomId, f: impl FnOnce(&mut Self) -> R) -> R {
+        let outer = self.p2m_locked.replace(domid);
+        let r = f(self);
+        self.p2m_locked = outer;
+        r
+    }
+    fn note_p2m_lock_taken(&mut self) {
+        if let Some(held) = self.p2m_locked {
+            self.services_under_p2m_lock += 1;
+            eprintln!(
+                "lock order: a service taking a p2m lock called from a hook of d{}",
+                held.0
+            );
+        }
+    }
+}
+
 impl Platform for SimMachine {
     fn copy_from_guest(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
         crate::lock_check::note_service("copy_from_guest (takes the caller's p2m lock)");
+        self.note_p2m_lock_taken();
         self.for_guest_span(addr, buf.len(), |ram, mfn, off, done, n| {
             let f = ram.frame(mfn).ok_or(Errno::Fault)?;
             buf[done..done + n].copy_from_slice(&f[off..off + n]);
@@ -2309,6 +2347,7 @@ impl Platform for SimMachine {
     fn copy_to_guest(&mut self, addr: u64, buf: &[u8]) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
         crate::lock_check::note_service("copy_to_guest (takes the caller's p2m lock)");
+        self.note_p2m_lock_taken();
         self.for_guest_span(addr, buf.len(), |ram, mfn, off, done, n| {
             let f = ram.frame_mut(mfn).ok_or(Errno::Fault)?;
             f[off..off + n].copy_from_slice(&buf[done..done + n]);
@@ -2359,12 +2398,14 @@ impl Platform for SimMachine {
     fn get_page(&mut self, domid: DomId, gfn: Gfn, want_write: bool) -> Result<PageLookup, Errno> {
         let _host = HostAllocations::begin();
         crate::lock_check::note_service("get_page (takes the target's p2m lock)");
+        self.note_p2m_lock_taken();
         self.page_lookups += 1;
         self.look_up_page(domid, gfn, want_write)
     }
     fn get_pages(&mut self, domid: DomId, want_write: bool, pages: &mut [PageSlot]) -> PageRun {
         let _host = HostAllocations::begin();
         crate::lock_check::note_service("get_pages (takes the target's p2m lock)");
+        self.note_p2m_lock_taken();
         self.page_runs += 1;
         // One domain lookup for them all, as Xen's glue (whose x86 side
         // also walks a p2m entry once for the pages it maps, in any order);
@@ -3258,6 +3299,29 @@ mod tests {
     use super::*;
     use crate::pgtable::vtd::Vtd;
     use crate::pgtable::{Entry, PageTableFormat};
+
+    /// A hook runs with its target's p2m lock held, as on Xen: a page
+    /// lookup or a guest copy from it is counted (the invariants then
+    /// fail), as is none outside a hook, and the lock goes with the hook.
+    #[test]
+    fn a_service_taking_a_p2m_lock_from_a_hook_is_counted() {
+        let mut m = SimMachine::new(4096, Format::Vtd, 64);
+        let spec = DomainSpec {
+            pages: 16,
+            privileged: false,
+            device_model_of: None,
+        };
+        m.create_domain(DomId(1), spec).unwrap();
+        let _ = m.get_page(DomId(1), Gfn(3), false);
+        assert_eq!(m.services_under_p2m_lock, 0);
+        m.under_p2m_lock(DomId(1), |m| {
+            let _ = m.get_page(DomId(1), Gfn(3), false);
+            let mut buf = [0u8; 8];
+            let _ = m.copy_from_guest(0, &mut buf);
+        });
+        assert_eq!(m.services_under_p2m_lock, 2);
+        assert_eq!(m.p2m_locked, None);
+    }
 
     /// A map run that fails is undone as Xen's `iommu_map()` undoes it:
     /// one `iommu_unmap()` of what the calls before the failed one mapped
