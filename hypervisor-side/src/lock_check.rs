@@ -20,6 +20,34 @@ use lock_api::{GuardSend, RawMutex};
 
 thread_local! {
     static HELD: Cell<u32> = const { Cell::new(0) };
+    static P2M_HOOK: Cell<Option<u16>> = const { Cell::new(None) };
+}
+
+/// The engine's gfn hook of a domain is running on this thread. Xen calls
+/// it with that domain's p2m lock held (from `p2m_set_entry`,
+/// `guest_remove_page` and the like), and its mm-lock order puts that lock
+/// before every other: a page lookup or guest copy from the hook would take
+/// a p2m lock again under it. The engine marks its hooks (hosted builds
+/// only), whoever calls them, and the simulated services count such a call
+/// (`SimMachine::services_under_p2m_lock`).
+pub struct P2mHook(Option<u16>);
+
+impl P2mHook {
+    /// Mark a hook of `domid`'s p2m running until the guard goes.
+    pub fn enter(domid: crate::DomId) -> Self {
+        Self(P2M_HOOK.with(|h| h.replace(Some(domid.0))))
+    }
+}
+
+impl Drop for P2mHook {
+    fn drop(&mut self) {
+        P2M_HOOK.with(|h| h.set(self.0));
+    }
+}
+
+/// The domain whose p2m hook this thread runs, if any.
+pub fn p2m_hook_of() -> Option<crate::DomId> {
+    P2M_HOOK.with(|h| h.get()).map(crate::DomId)
 }
 
 static VIOLATIONS: AtomicU64 = AtomicU64::new(0);

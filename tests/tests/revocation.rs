@@ -1060,3 +1060,44 @@ fn a_dying_target_behind_another_targets_backlog_is_torn_down() {
     assert_eq!(e.target_active(dying), 0);
     check_invariants(&mut m, &e).unwrap();
 }
+
+/// References held on guest page `g` (and its type's).
+fn refs_of(m: &pviommu_hv::sim::SimMachine, g: u64) -> u32 {
+    let mfn = m.mfn_of(GUEST, Gfn(g)).unwrap();
+    let i = m.frame_info(mfn).unwrap();
+    i.refs + i.writable_refs
+}
+
+/// With the hook's budget used up by an earlier cell (dom0's backlog),
+/// the later cell's flush still releases the hook's own revocation there,
+/// although that flush first unmaps stuck entries at last, which go on the
+/// list ahead of it: the hook's allowance has room for them too (before,
+/// they took it, and the hook returned with its own page referenced: a
+/// third review).
+#[test]
+fn a_hooks_own_page_is_released_behind_entries_unstuck_by_its_flush() {
+    use pviommu_hv::engine::{GfnChange, RELEASE_BUDGET};
+    let n = RELEASE_BUDGET + 64;
+    let x = n + 200;
+    let (mut m, e) = machine(Format::Vtd, n + 300);
+    let dom0 = (DomId::DOM0, ContextId::DEFAULT);
+    let dm = (DEVICE_MODEL, ContextId::DEFAULT);
+    let b0 = map_range(&mut m, &e, dom0, GUEST, 0..n);
+    let stuck_bfns = map_range(&mut m, &e, dm, GUEST, n..n + 20);
+    let bx = map_range(&mut m, &e, dm, GUEST, x..x + 1)[0];
+    // The device model's unmaps: the IOMMU refuses to clear the entries,
+    // so they stay stuck (referenced).
+    m.fail_unmaps_of = Some((DEVICE_MODEL, 0));
+    unmap_range(&mut m, &e, dm, &stuck_bfns);
+    m.fail_unmaps_of = None;
+    assert!((n..n + 20).all(|g| refs_of(&m, g) != 0));
+    m.fail_flushes = u32::MAX;
+    unmap_range(&mut m, &e, dom0, &b0);
+    m.fail_flushes = 0;
+    e.gfn_changed(&mut m, GUEST, Gfn(x), 0, GfnChange::Removed);
+    assert!(m
+        .dma_read(DEVICE_MODEL, ContextId::DEFAULT, bx.0 << 12, 8)
+        .is_err());
+    assert_eq!(refs_of(&m, x), 0, "the hook's own page is released");
+    check_invariants(&mut m, &e).unwrap();
+}

@@ -864,6 +864,11 @@ impl<L: RawMutex> Engine<L> {
         order: u32,
         how: GfnChange,
     ) {
+        // (Hosted builds: Xen holds `domid`'s p2m lock for the hook, which
+        // the simulated services check no page lookup or guest copy takes
+        // again.)
+        #[cfg(feature = "std")]
+        let _p2m = crate::lock_check::P2mHook::enter(domid);
         let Some(gate) = self.gate(domid) else {
             return;
         };
@@ -876,10 +881,12 @@ impl<L: RawMutex> Engine<L> {
         // The cells whose bit is set, lowest first: a hook's cost follows
         // the driver domains that map the target, not the number of cells
         // (testing every bit was half of a hook for an unmapped gfn).
-        // What the hook releases: what it revoked itself, and at most
-        // `RELEASE_BUDGET` more of what waited, over all its cells (a
-        // cell's list is released oldest first, so its own pages may be
-        // among those left, flushed but still referenced).
+        // What the hook releases: as many as it revoked itself and as the
+        // flush may retry stuck entries (which go on the list ahead of
+        // them, newest first, if the IOMMU unmaps them at last), and at
+        // most `RELEASE_BUDGET` more of what waited, over all its cells.
+        // A cell's list is released newest first: the hook's own pages go
+        // first, the oldest of a backlog last.
         let mut budget = RELEASE_BUDGET;
         for cell in cells_in(mask) {
             // (Every bit names a cell: there are at most 128, checked at
@@ -901,7 +908,8 @@ impl<L: RawMutex> Engine<L> {
             // teardown may have cleared it since this hook read the gate).
             let revoked = d.dd.stats.revocations.wrapping_sub(revoked_before);
             if revoked != 0 || d.dd.has_pending() {
-                let mut here = budget.saturating_add(revoked);
+                let retried = d.dd.stuck().min(STUCK_RETRIES);
+                let mut here = budget.saturating_add(revoked).saturating_add(retried);
                 self.flush_and_release(&mut d, h, &mut here);
                 budget = budget.min(here);
             }

@@ -929,15 +929,12 @@ pub struct SimMachine {
     /// drivers overwrite (taking the BFN from whatever it mapped) and the
     /// simulator does too. The engine must never make one.
     pub maps_over_present: u64,
-    /// The domain whose p2m lock a hook the simulator is running holds (Xen
-    /// runs gfn hooks inside `p2m_set_entry`, `guest_remove_page` and the
-    /// like, that lock held): `None` outside hooks.
-    p2m_locked: Option<DomId>,
     /// Services that take a p2m lock (page lookups, guest copies) called
-    /// from a hook: Xen's mm-lock order puts the p2m lock first, and a
-    /// second p2m lock, or the same one again from the engine's locks,
-    /// breaks it (Xen's `mm_lock` checks `BUG()` on it in debug builds).
-    /// The engine's hook paths must take none.
+    /// from the engine's gfn hook ([`crate::lock_check::P2mHook`]), which
+    /// Xen runs with the target's p2m lock held: its mm-lock order puts
+    /// that lock first, and a second p2m lock, or the same one again from
+    /// under the engine's locks, breaks it (Xen's `mm_lock` checks `BUG()`
+    /// on it in debug builds). The engine's hook paths must take none.
     pub services_under_p2m_lock: u64,
     /// IOMMU runs asked for longer than [`crate::iommu::MAX_IOMMU_RUN`]
     /// pages, which Xen's glue refuses (`PVX_IOMMU_RUN_MAX`: its loop over
@@ -1059,7 +1056,6 @@ impl SimMachine {
             faults_total: 0,
             maps_past_width: 0,
             maps_over_present: 0,
-            p2m_locked: None,
             services_under_p2m_lock: 0,
             runs_too_long: 0,
             runs_outside_window: 0,
@@ -1459,15 +1455,13 @@ impl SimMachine {
         } else {
             0
         };
-        self.under_p2m_lock(domid, |m| {
-            engine.gfn_changed(
-                m,
-                domid,
-                Gfn(first),
-                order,
-                crate::engine::GfnChange::WriteLost,
-            )
-        });
+        engine.gfn_changed(
+            self,
+            domid,
+            Gfn(first),
+            order,
+            crate::engine::GfnChange::WriteLost,
+        );
     }
 
     /// [`track_dirty_vram_once`](Self::track_dirty_vram_once) until it is
@@ -1490,9 +1484,7 @@ impl SimMachine {
     /// as Xen's p2m type-change hook does.
     pub fn make_read_only(&mut self, engine: &crate::Engine, domid: DomId, gfn: Gfn) {
         self.set_read_only(domid, gfn);
-        self.under_p2m_lock(domid, |m| {
-            engine.gfn_changed(m, domid, gfn, 0, crate::engine::GfnChange::WriteLost)
-        });
+        engine.gfn_changed(self, domid, gfn, 0, crate::engine::GfnChange::WriteLost);
     }
 
     /// Balloon a gfn out (`guest_remove_page`) and run the engine's hook
@@ -1511,7 +1503,7 @@ impl SimMachine {
             // the guest's allocation reference and succeeds; the frame stays
             // Xen's heap, never the guest's RAM.
             if d.pv_xen_shared.contains(&gfn.0) {
-                self.under_p2m_lock(domid, |m| engine.gfn_removed(m, domid, gfn));
+                engine.gfn_removed(self, domid, gfn);
                 return Ok(());
             }
             let listed = d.p2m.iter().find_map(|(g, e)| match e {
@@ -1528,7 +1520,7 @@ impl SimMachine {
                     if let Some(d) = self.domains.get_mut(&domid) {
                         d.pv_typed.remove(&gfn.0);
                     }
-                    self.under_p2m_lock(domid, |m| engine.gfn_removed(m, domid, gfn));
+                    engine.gfn_removed(self, domid, gfn);
                     Ok(())
                 }
                 // As `guest_remove_page`: EINVAL for no frame at all,
@@ -1540,7 +1532,7 @@ impl SimMachine {
         match self.mfn_of(domid, gfn) {
             Some(_) => {
                 self.remove_gfn(domid, gfn);
-                self.under_p2m_lock(domid, |m| engine.gfn_removed(m, domid, gfn));
+                engine.gfn_removed(self, domid, gfn);
                 Ok(())
             }
             // Nothing there: the removal fails and no hook runs.
@@ -1557,7 +1549,7 @@ impl SimMachine {
         gfn: Gfn,
     ) -> Result<(), Errno> {
         self.put_new_frame(domid, gfn)?;
-        self.under_p2m_lock(domid, |m| engine.gfn_removed(m, domid, gfn));
+        engine.gfn_removed(self, domid, gfn);
         Ok(())
     }
 
@@ -2313,17 +2305,8 @@ impl SimMachine {
 }
 
 impl SimMachine {
-    /// Run hook `f` of `domid`'s p2m as Xen does, that p2m's lock held
-    /// ([`services_under_p2m_lock`](Self::services_under_p2m_lock) counts
-    /// what it must not call meanwhile).
-    fn under_p2m_lock<R>(&mut self, domid: DomId, f: impl FnOnce(&mut Self) -> R) -> R {
-        let outer = self.p2m_locked.replace(domid);
-        let r = f(self);
-        self.p2m_locked = outer;
-        r
-    }
     fn note_p2m_lock_taken(&mut self) {
-        if let Some(held) = self.p2m_locked {
+        if let Some(held) = crate::lock_check::p2m_hook_of() {
             self.services_under_p2m_lock += 1;
             eprintln!(
                 "lock order: a service taking a p2m lock called from a hook of d{}",
@@ -3300,9 +3283,9 @@ mod tests {
     use crate::pgtable::vtd::Vtd;
     use crate::pgtable::{Entry, PageTableFormat};
 
-    /// A hook runs with its target's p2m lock held, as on Xen: a page
-    /// lookup or a guest copy from it is counted (the invariants then
-    /// fail), as is none outside a hook, and the lock goes with the hook.
+    /// While the engine's hook runs (its target's p2m lock held, as on
+    /// Xen) a page lookup or a guest copy is counted (the invariants then
+    /// fail); none is outside a hook, and the mark goes with the hook.
     #[test]
     fn a_service_taking_a_p2m_lock_from_a_hook_is_counted() {
         let mut m = SimMachine::new(4096, Format::Vtd, 64);
@@ -3314,13 +3297,16 @@ mod tests {
         m.create_domain(DomId(1), spec).unwrap();
         let _ = m.get_page(DomId(1), Gfn(3), false);
         assert_eq!(m.services_under_p2m_lock, 0);
-        m.under_p2m_lock(DomId(1), |m| {
+        {
+            let _hook = crate::lock_check::P2mHook::enter(DomId(1));
             let _ = m.get_page(DomId(1), Gfn(3), false);
             let mut buf = [0u8; 8];
             let _ = m.copy_from_guest(0, &mut buf);
-        });
+        }
         assert_eq!(m.services_under_p2m_lock, 2);
-        assert_eq!(m.p2m_locked, None);
+        assert_eq!(crate::lock_check::p2m_hook_of(), None);
+        let _ = m.get_page(DomId(1), Gfn(3), false);
+        assert_eq!(m.services_under_p2m_lock, 2);
     }
 
     /// A map run that fails is undone as Xen's `iommu_map()` undoes it:
