@@ -74,6 +74,23 @@ fn op(m: &mut SimMachine, e: &Engine, caller: DomId, req: Request) -> (i32, PvIo
     (ops[0].status, ops[0])
 }
 
+/// Run `op` as dom0's one-op batch whose result cannot be copied out (the
+/// op array faults on the way back): the call must answer `EFAULT`. Its
+/// header's `nr_done`.
+fn one_op_failing_copy_out(m: &mut SimMachine, e: &Engine, op: PvIommuOp) -> u32 {
+    use pviommu_hv::platform::Platform;
+    use zerocopy::IntoBytes;
+    let (base, ops_addr) = stage_batch(m, DomId::DOM0, &[op]);
+    let r = {
+        let mut h = Interposer::new(m, Service::CopyToGuestAt(ops_addr), Box::new(|_| {}));
+        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
+    };
+    assert_eq!(r, Errno::Fault.negated() as i64);
+    let mut hdr = pviommu_abi::PvIommuBatch::default();
+    m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
+    hdr.nr_done
+}
+
 fn create(m: &mut SimMachine, e: &Engine, caller: DomId) -> ContextId {
     let (status, out) = op(m, e, caller, Request::ContextCreate);
     assert_eq!(status, 0);
@@ -380,12 +397,7 @@ fn an_attach_whose_status_cannot_be_written_is_undone() {
         context: ctx1,
         device: B,
     };
-    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &[attach.encode()]);
-    let r = {
-        let mut h = Interposer::new(&mut m, Service::CopyToGuestAt(ops_addr), Box::new(|_| {}));
-        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
-    };
-    assert_eq!(r, Errno::Fault.negated() as i64);
+    assert_eq!(one_op_failing_copy_out(&mut m, &e, attach.encode()), 0);
     assert!(
         m.device(B).unwrap().attached.is_none(),
         "undone: B is back in the default context"
@@ -401,43 +413,28 @@ fn an_attach_whose_status_cannot_be_written_is_undone() {
 /// stayed 0; the same for a create whose undo, its destroy, fails.)
 #[test]
 fn an_attach_whose_status_and_undo_both_fail_counts_as_done() {
-    use pviommu_hv::platform::Platform;
-    use zerocopy::IntoBytes;
     let (mut m, e) = host(Format::Vtd);
     let ctx1 = create(&mut m, &e, DomId::DOM0);
     let attach = Request::ContextAttach {
         context: ctx1,
         device: B,
     };
-    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &[attach.encode()]);
     m.fail_detaches = 1;
-    let r = {
-        let mut h = Interposer::new(&mut m, Service::CopyToGuestAt(ops_addr), Box::new(|_| {}));
-        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
-    };
-    assert_eq!(r, Errno::Fault.negated() as i64);
-    let mut hdr = pviommu_abi::PvIommuBatch::default();
-    m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
+    let nr_done = one_op_failing_copy_out(&mut m, &e, attach.encode());
     assert!(
         m.device(B).unwrap().attached.is_some(),
         "the undo failed: B stays attached"
     );
-    assert_eq!(hdr.nr_done, 1, "the attach counts as done");
+    assert_eq!(nr_done, 1, "the attach counts as done");
     // A create whose status cannot be written and whose destroy fails.
-    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &[Request::ContextCreate.encode()]);
     m.fail_flushes = 2;
-    let r = {
-        let mut h = Interposer::new(&mut m, Service::CopyToGuestAt(ops_addr), Box::new(|_| {}));
-        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
-    };
-    assert_eq!(r, Errno::Fault.negated() as i64);
-    m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
+    let nr_done = one_op_failing_copy_out(&mut m, &e, Request::ContextCreate.encode());
     let contexts = e.state().cells_of(DomId::DOM0).count();
     assert_eq!(
         contexts, 3,
         "the create was not undone: contexts 0, 1 and the new one"
     );
-    assert_eq!(hdr.nr_done, 1, "the create counts as done");
+    assert_eq!(nr_done, 1, "the create counts as done");
 }
 
 /// A create whose id cannot be written is undone, whatever the caller's
@@ -510,19 +507,10 @@ fn a_create_whose_id_cannot_be_written_is_nobodys_until_undone() {
 /// context and a cell until the caller died: a second review.)
 #[test]
 fn a_create_whose_undo_fails_is_the_callers_to_destroy() {
-    use pviommu_hv::platform::Platform;
-    use zerocopy::IntoBytes;
     let (mut m, e) = host(Format::Vtd);
-    let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &[Request::ContextCreate.encode()]);
     m.fail_flushes = 1;
-    let r = {
-        let mut h = Interposer::new(&mut m, Service::CopyToGuestAt(ops_addr), Box::new(|_| {}));
-        e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
-    };
-    assert_eq!(r, Errno::Fault.negated() as i64);
-    let mut hdr = pviommu_abi::PvIommuBatch::default();
-    m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
-    assert_eq!(hdr.nr_done, 1, "the create counts as done");
+    let nr_done = one_op_failing_copy_out(&mut m, &e, Request::ContextCreate.encode());
+    assert_eq!(nr_done, 1, "the create counts as done");
     let (status, _) = op(
         &mut m,
         &e,
