@@ -688,8 +688,8 @@ impl<L: RawMutex> Engine<L> {
     /// [`context_create_unreported`](Self::context_create_unreported),
     /// whose id could not be reported. Nothing can be in it (no op of the
     /// caller's finds it), so only the backend can refuse (its flush or
-    /// tag release failing, `EBUSY`): then it stays, unreported, until the
-    /// caller's teardown.
+    /// tag release failing, `EBUSY`): the hypercall then reports it
+    /// (`context_reported`), the caller's to find and destroy.
     pub fn context_create_undo(
         &self,
         h: &mut impl Hypervisor,

@@ -1419,8 +1419,8 @@ impl<L: RawMutex> Engine<L> {
     /// any more) and retry revocations the IOMMU refused before: in each of
     /// its contexts, one cell at a time. All of them: for a caller of the
     /// engine's own (a test, the simulator's tools), each round lets go of
-    /// up to [`RELEASE_BUDGET`](revoke::RELEASE_BUDGET) pages a cell and
-    /// the next goes on (a hypercall instead continues:
+    /// up to [`RELEASE_BUDGET`](revoke::RELEASE_BUDGET) pages over the
+    /// cells and the next goes on (a hypercall instead continues:
     /// [`finish_contexts`](Self::finish_contexts)). Bounded: each round
     /// but the last releases pages.
     pub fn finish(&self, h: &mut impl Hypervisor, caller: DomId) {

@@ -225,8 +225,8 @@ pub(crate) struct Released {
     /// Entries of the unmapping list let go (released, or moved to the
     /// stuck list).
     pub released: u64,
-    /// The flush succeeded, and [`RELEASE_BUDGET`] left entries on the
-    /// list: the cell's next flush goes on with them.
+    /// The flush succeeded, and the budget ran out with entries left on
+    /// the list: the cell's next flush goes on with them.
     pub left: bool,
 }
 
