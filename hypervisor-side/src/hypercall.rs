@@ -521,8 +521,9 @@ impl<L: RawMutex> Engine<L> {
         // `PREEMPT_RELEASE_LIMIT` at each preemption point all the same
         // (`pause_contexts`): the caller can keep one call going for ever,
         // and the flushes that end it are not preemptible.
-        // A flush that ends the call lets go of at most `RELEASE_BUDGET`
-        // pages a cell (a failed flush can have left the quota waiting):
+        // The flushes that end the call let go of at most `RELEASE_BUDGET`
+        // pages over the caller's cells (failed flushes can have left the
+        // quota waiting in each):
         // what is left continues the call, as a preemption does, with
         // every op done. Its next entry runs no op and finishes the cells
         // again (they say they are unfinished), until they are done.
@@ -1018,9 +1019,8 @@ mod tests {
             ops: base,
             ..PvIommuBatch::default()
         };
-        // All three pass their check; the act step acts on the first one,
-        // the second failed its check, so it acts on op 0 alone of ops 0
-        // and 2.
+        // Ops 0 and 2 pass their check, op 1 fails it; the act step, given
+        // ops 0 and 2, acts on op 0 alone.
         let step = |_: &mut SimMachine, reqs: &[()], act: bool, out: &mut [(i32, bool)]| {
             for (k, o) in out.iter_mut().enumerate().take(reqs.len()) {
                 *o = (0, k != 1);
