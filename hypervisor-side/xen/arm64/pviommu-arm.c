@@ -448,8 +448,10 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn, uint64_t count,
     uint64_t i;
     int rc = 0;
 
+    /* As on x86: the run's ends are frames (a check of the arithmetic). */
     if ( !count || count > PVX_IOMMU_RUN_MAX || bfn + count < bfn ||
          mfn + count < mfn || pvx_run_refused("map", bfn, count) ||
+         !mfn_valid(_mfn(mfn)) || !mfn_valid(_mfn(mfn + count - 1)) ||
          !pvx_run_frames_held(mfn, count) )
         return -EINVAL;
     d = rcu_lock_domain_by_id(owner);
