@@ -22,6 +22,29 @@ pub const STRANGER: DomId = DomId(2);
 /// The device model of [`GUEST`].
 pub const DEVICE_MODEL: DomId = DomId(3);
 
+/// A knob of a longer campaign than CI's: environment variable `name` as a
+/// number, `default` when unset or not a number (CI sets none).
+pub fn knob(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The cases of a property test: `PROPTEST_CASES` if set (proptest's own
+/// variable, which a config naming its cases would ignore), else `ci`.
+pub fn cases(ci: u32) -> u32 {
+    knob("PROPTEST_CASES", u64::from(ci))
+        .try_into()
+        .unwrap_or(ci)
+}
+
+/// A thread's seed of a randomized test, moved by `PVIOMMU_SEED` (0, CI's
+/// seeds, when unset), so that a campaign can run other interleavings.
+pub fn seed(base: u64) -> u64 {
+    base ^ knob("PVIOMMU_SEED", 0).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 /// A machine with dom0 (64 pages), a guest of `guest_pages` whose page g
 /// starts with the bytes "gfn g", a stranger and a device model.
 pub fn machine(format: Format, guest_pages: u64) -> (SimMachine, Engine) {

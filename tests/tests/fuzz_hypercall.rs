@@ -37,7 +37,7 @@ fn arb_op() -> impl Strategy<Value = PvIommuOp> {
 proptest! {
     // 2048 cases each: this file runs in about 12 s in the suite's debug build (a campaign of
     // 400 000 each is recorded in design/performance.md, 2026-12-05).
-    #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: pviommu_tests::cases(2048), ..ProptestConfig::default() })]
 
     #[test]
     fn raw_bytes_never_panic_and_refusals_change_nothing(

@@ -13,7 +13,7 @@ use pviommu_hv::lock_check;
 use pviommu_hv::platform::Platform;
 use pviommu_hv::sim::{DomainSpec, Format, SharedSim, SimMachine};
 use pviommu_hv::{Engine, Errno};
-use pviommu_tests::{check_invariants, Rng};
+use pviommu_tests::{check_invariants, seed, Rng};
 
 const PAGES: u64 = 2048;
 const T1: DomId = DomId(1);
@@ -301,14 +301,22 @@ fn runs_and_extents_racing_hooks_leave_no_access_past_a_hook() {
     for (i, (caller, targets, ctx)) in plans.into_iter().enumerate() {
         let (sim, e, stop) = (sim.clone(), e.clone(), stop.clone());
         workers.push(std::thread::spawn(move || {
-            mapper(sim, e, caller, targets, ctx, 0x1234_5678 + i as u64, stop)
+            mapper(
+                sim,
+                e,
+                caller,
+                targets,
+                ctx,
+                seed(0x1234_5678 + i as u64),
+                stop,
+            )
         }));
     }
     let mut revokers = vec![];
     for i in 0..2 {
         let (sim, e, stop, cells) = (sim.clone(), e.clone(), stop.clone(), cells.clone());
         revokers.push(std::thread::spawn(move || {
-            revoker(sim, e, cells, 0xfeed + i, stop)
+            revoker(sim, e, cells, seed(0xfeed + i), stop)
         }));
     }
     std::thread::sleep(std::time::Duration::from_secs(

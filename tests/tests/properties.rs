@@ -155,7 +155,7 @@ proptest! {
     // 256 cases: this file runs in about 13 s in the suite's debug build.
     // Two runs of 40 000 and 60 000 (design/performance.md, 2026-12-05)
     // found one bound of this test's own too tight, nothing in the engine.
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: pviommu_tests::cases(256), ..ProptestConfig::default() })]
 
     #[test]
     fn random_op_sequences_keep_invariants(steps in proptest::collection::vec(step(), 1..60), lpae in any::<bool>(), aligned in any::<bool>()) {
@@ -488,7 +488,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(pviommu_tests::cases(64)))]
 
     /// `Engine::map_batch` (a run of maps under one lock) gives the results
     /// and leaves the state that mapping the same requests one by one does:
@@ -581,7 +581,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(pviommu_tests::cases(64)))]
 
     /// A batch of unmaps (runs checked, reported and acted on under one
     /// lock each) gives the statuses and leaves the state that the same

@@ -11,6 +11,9 @@
 //! freed or reused before its flush.
 //!
 //! `PVIOMMU_STRESS_SECS` (default 2) sets how long the threads run.
+//! A campaign's knobs: `PVIOMMU_SEED` moves every thread's seed, and
+//! `PVIOMMU_STRESS_BURST` makes an injected failure last up to that many
+//! calls (backlogs of failed flushes; CI's is 1).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,7 +25,7 @@ use pviommu_hv::lock_check;
 use pviommu_hv::platform::Platform;
 use pviommu_hv::sim::{DomainSpec, Format, SharedSim, SimMachine};
 use pviommu_hv::{Engine, Errno};
-use pviommu_tests::Rng;
+use pviommu_tests::{knob, seed, Rng};
 
 const PAGES: u64 = 64;
 const T1: DomId = DomId(1);
@@ -249,14 +252,21 @@ fn killer(sim: SharedSim, e: Arc<Engine>, stop: Arc<AtomicBool>) -> u32 {
     kills
 }
 
+/// How many calls in a row an injected failure lasts: 1, or up to
+/// `PVIOMMU_STRESS_BURST` in a campaign (backlogs of failed flushes).
+fn burst(rng: &mut Rng) -> u32 {
+    let most = knob("PVIOMMU_STRESS_BURST", 1).max(1);
+    u32::try_from(1 + rng.next() % most).unwrap_or(u32::MAX)
+}
+
 fn injector(sim: SharedSim, seed: u64, stop: Arc<AtomicBool>) {
     let mut rng = Rng(seed);
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(std::time::Duration::from_millis(1));
         let mut m = sim.lock();
         match rng.next() % 4 {
-            0 => m.fail_unmaps = 1,
-            1 => m.fail_flushes = 1,
+            0 => m.fail_unmaps = burst(&mut rng),
+            1 => m.fail_flushes = burst(&mut rng),
             _ => {}
         }
     }
@@ -308,19 +318,27 @@ fn maps_hooks_target_deaths_and_iommu_failures_keep_every_invariant() {
     for (i, (caller, targets, ctx)) in plans.into_iter().enumerate() {
         let (sim, e, stop) = (sim.clone(), e.clone(), stop.clone());
         workers.push(std::thread::spawn(move || {
-            mapper(sim, e, caller, targets, ctx, 0x1234_5678 + i as u64, stop)
+            mapper(
+                sim,
+                e,
+                caller,
+                targets,
+                ctx,
+                seed(0x1234_5678 + i as u64),
+                stop,
+            )
         }));
     }
     let mut others = vec![];
     for i in 0..2 {
         let (sim, e, stop) = (sim.clone(), e.clone(), stop.clone());
         others.push(std::thread::spawn(move || {
-            p2m_changer(sim, e, 0xfeed + i, stop)
+            p2m_changer(sim, e, seed(0xfeed + i), stop)
         }));
     }
     {
         let (sim, stop) = (sim.clone(), stop.clone());
-        others.push(std::thread::spawn(move || injector(sim, 0xabc, stop)));
+        others.push(std::thread::spawn(move || injector(sim, seed(0xabc), stop)));
     }
     let k = {
         let (sim, e, stop) = (sim.clone(), e.clone(), stop.clone());
