@@ -523,10 +523,10 @@ impl<L: RawMutex> Engine<L> {
         // and the flushes that end it are not preemptible.
         // The flushes that end the call let go of at most `RELEASE_BUDGET`
         // pages over the caller's cells (failed flushes can have left the
-        // quota waiting in each):
-        // what is left continues the call, as a preemption does, with
-        // every op done. Its next entry runs no op and finishes the cells
-        // again (they say they are unfinished), until they are done.
+        // quota waiting in each): what is left continues the call, as a
+        // preemption does, with every op done. Its next entry runs no op
+        // and finishes the cells again (they say they are unfinished),
+        // until they are done.
         let mut r = r;
         if r == Ok(BATCH_INCOMPLETE) {
             self.pause_contexts(h, caller);

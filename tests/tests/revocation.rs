@@ -816,23 +816,10 @@ fn backlog_of_failed_flushes(
     n: u64,
 ) -> u64 {
     let base = m.total_page_refs();
-    let mut bfns = Vec::new();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
-        let mut ops: Vec<_> = chunk
-            .iter()
-            .map(|&g| map_op(GUEST, g, Permissions::RW))
-            .collect();
-        m.guest_batch_all(e, DomId::DOM0, &mut ops).unwrap();
-        bfns.extend(ops.iter().map(|o| {
-            assert_eq!(o.status, 0);
-            Bfn(o.bfn)
-        }));
-    }
+    let dom0 = (DomId::DOM0, ContextId::DEFAULT);
+    let bfns = map_range(m, e, dom0, GUEST, 0..n);
     m.fail_flushes = u32::MAX;
-    for chunk in bfns.chunks(500) {
-        let mut ops: Vec<_> = chunk.iter().map(|&b| unmap_op(b)).collect();
-        let _ = m.guest_batch_all(e, DomId::DOM0, &mut ops);
-    }
+    unmap_range(m, e, dom0, &bfns);
     assert_eq!(
         m.total_page_refs(),
         base + 2 * n,

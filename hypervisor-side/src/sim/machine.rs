@@ -2302,16 +2302,15 @@ impl SimMachine {
         }
         Ok(())
     }
-}
 
-impl SimMachine {
-    fn note_p2m_lock_taken(&mut self) {
+    /// Service `name`, which takes a p2m lock, is called: a violation
+    /// under an engine lock ([`crate::lock_check::note_service`]), and
+    /// counted from the engine's gfn hook (`services_under_p2m_lock`).
+    fn note_p2m_service(&mut self, name: &str) {
+        crate::lock_check::note_service(name);
         if let Some(held) = crate::lock_check::p2m_hook_of() {
             self.services_under_p2m_lock += 1;
-            eprintln!(
-                "lock order: a service taking a p2m lock called from a hook of d{}",
-                held.0
-            );
+            eprintln!("lock order: {name} called from a hook of d{}", held.0);
         }
     }
 }
@@ -2319,8 +2318,7 @@ impl SimMachine {
 impl Platform for SimMachine {
     fn copy_from_guest(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
-        crate::lock_check::note_service("copy_from_guest (takes the caller's p2m lock)");
-        self.note_p2m_lock_taken();
+        self.note_p2m_service("copy_from_guest (takes the caller's p2m lock)");
         self.for_guest_span(addr, buf.len(), |ram, mfn, off, done, n| {
             let f = ram.frame(mfn).ok_or(Errno::Fault)?;
             buf[done..done + n].copy_from_slice(&f[off..off + n]);
@@ -2329,8 +2327,7 @@ impl Platform for SimMachine {
     }
     fn copy_to_guest(&mut self, addr: u64, buf: &[u8]) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
-        crate::lock_check::note_service("copy_to_guest (takes the caller's p2m lock)");
-        self.note_p2m_lock_taken();
+        self.note_p2m_service("copy_to_guest (takes the caller's p2m lock)");
         self.for_guest_span(addr, buf.len(), |ram, mfn, off, done, n| {
             let f = ram.frame_mut(mfn).ok_or(Errno::Fault)?;
             f[off..off + n].copy_from_slice(&buf[done..done + n]);
@@ -2380,15 +2377,13 @@ impl Platform for SimMachine {
     }
     fn get_page(&mut self, domid: DomId, gfn: Gfn, want_write: bool) -> Result<PageLookup, Errno> {
         let _host = HostAllocations::begin();
-        crate::lock_check::note_service("get_page (takes the target's p2m lock)");
-        self.note_p2m_lock_taken();
+        self.note_p2m_service("get_page (takes the target's p2m lock)");
         self.page_lookups += 1;
         self.look_up_page(domid, gfn, want_write)
     }
     fn get_pages(&mut self, domid: DomId, want_write: bool, pages: &mut [PageSlot]) -> PageRun {
         let _host = HostAllocations::begin();
-        crate::lock_check::note_service("get_pages (takes the target's p2m lock)");
-        self.note_p2m_lock_taken();
+        self.note_p2m_service("get_pages (takes the target's p2m lock)");
         self.page_runs += 1;
         // One domain lookup for them all, as Xen's glue (whose x86 side
         // also walks a p2m entry once for the pages it maps, in any order);
