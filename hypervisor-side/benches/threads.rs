@@ -23,7 +23,9 @@ use pviommu_hv::iommu::{
     BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend, OwnTables, TableFormat,
 };
 use pviommu_hv::pgtable::TableMemory;
-use pviommu_hv::platform::{DomainInfo, PageKind, PageLookup, Platform, ReservedRange, XsmAction};
+use pviommu_hv::platform::{
+    CheckedTarget, DomainInfo, PageKind, PageLookup, Platform, ReservedRange, XsmAction,
+};
 use pviommu_hv::sim::{DomainSpec, Format, SharedSim, SimMachine};
 use pviommu_hv::{Bfn, Engine, Errno, Mfn};
 
@@ -254,7 +256,17 @@ impl Platform for ThreadHost {
     fn xsm_check(&self, _: DomId, _: Option<DomId>, _: XsmAction) -> Result<(), Errno> {
         Ok(())
     }
-    fn get_page(&mut self, domid: DomId, gfn: Gfn, _: bool) -> Result<PageLookup, Errno> {
+    fn get_page(
+        &mut self,
+        domid: DomId,
+        gfn: Gfn,
+        _: bool,
+        target: CheckedTarget<'_>,
+    ) -> Result<PageLookup, Errno> {
+        // (Never moved here: no domain dies. The check is the contract's.)
+        if !target.still_checked() {
+            return Err(Errno::Srch);
+        }
         self.refs += 1;
         Ok(PageLookup {
             kind: PageKind::RamRw,

@@ -2,6 +2,8 @@
 //! guest memory, reserved ranges and preemption. Xen implements this in
 //! `xen/pviommu.c` (the `pvx_*` functions); the simulator in [`crate::sim`].
 
+use core::sync::atomic::{AtomicU32, Ordering};
+
 use crate::{DomId, Errno, Gfn, Mfn, Sbdf};
 
 /// How the target's p2m classifies a frame.
@@ -107,6 +109,40 @@ impl PageSlot {
     }
 }
 
+/// The target of a page lookup as a map's checks passed it: its sequence
+/// number as the map read it before them (the engine's gate of the domid).
+/// A target's teardown moves the number first, and ends without waiting
+/// for maps in flight; after that Xen may destroy the domain and give its
+/// id to a new one, which no check of the map's has seen. A domain the
+/// host finds at the domid that is not the checked one was put there
+/// after that move, so the host, once it holds the domain it found (Xen:
+/// `rcu_lock_domain_by_id()`), reads the number again: moved, it answers
+/// as for a domain gone, with nothing looked up (no paging in, populating
+/// or unsharing in a domain the caller may not map), and the engine maps
+/// again from the checks.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckedTarget<'a> {
+    seq: &'a AtomicU32,
+    checked: u32,
+}
+
+impl<'a> CheckedTarget<'a> {
+    /// The target whose sequence number `seq` was `checked` at the checks.
+    pub fn new(seq: &'a AtomicU32, checked: u32) -> Self {
+        CheckedTarget { seq, checked }
+    }
+    /// Whether the number is still the one the checks saw. SeqCst: read
+    /// after the host's hold of the domain (in Xen, after the full barrier
+    /// that follows raising its `pviommu_pages`).
+    pub fn still_checked(&self) -> bool {
+        self.seq.load(Ordering::SeqCst) == self.checked
+    }
+    /// For a host in C: the number's address and the value the checks saw.
+    pub fn raw_parts(&self) -> (*const u32, u32) {
+        (self.seq.as_ptr().cast_const(), self.checked)
+    }
+}
+
 /// What [`Platform::get_pages`] came to.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct PageRun {
@@ -156,8 +192,16 @@ pub trait Platform {
     /// [`PageKind::PagedOut`], and start paging in unless `domid` is the
     /// calling domain (asking the pager for one's own page may sleep).
     /// Never called with the engine lock held: it takes the target's p2m
-    /// lock.
-    fn get_page(&mut self, domid: DomId, gfn: Gfn, want_write: bool) -> Result<PageLookup, Errno>;
+    /// lock. Looks nothing up, answering `Err(Srch)` as for a domain gone,
+    /// unless `target`'s number is still the checked one once the host
+    /// holds the domain ([`CheckedTarget`]).
+    fn get_page(
+        &mut self,
+        domid: DomId,
+        gfn: Gfn,
+        want_write: bool,
+        target: CheckedTarget<'_>,
+    ) -> Result<PageLookup, Errno>;
     /// [`get_page`](Self::get_page) for several pages of one target, the
     /// gfns in `pages` (any order; a map run's ops'): how many pages, from
     /// the first, it referenced as `get_page` references usable RAM for
@@ -170,9 +214,16 @@ pub trait Platform {
     /// once a page); otherwise the caller looks it up with `get_page`.
     /// (Xen: one domain lookup for them all, and one p2m walk for the
     /// pages one p2m entry maps, in any order.) Never called with the
-    /// engine lock held.
-    fn get_pages(&mut self, domid: DomId, want_write: bool, pages: &mut [PageSlot]) -> PageRun {
-        get_pages_one_by_one(self, domid, want_write, pages)
+    /// engine lock held. Takes nothing, with no answer, where `get_page`
+    /// would look nothing up for `target`.
+    fn get_pages(
+        &mut self,
+        domid: DomId,
+        want_write: bool,
+        pages: &mut [PageSlot],
+        target: CheckedTarget<'_>,
+    ) -> PageRun {
+        get_pages_one_by_one(self, domid, want_write, pages, target)
     }
     /// Release what `get_page` took.
     fn put_page(&mut self, mfn: Mfn, writable: bool);
@@ -208,10 +259,11 @@ pub fn get_pages_one_by_one<P: Platform + ?Sized>(
     domid: DomId,
     want_write: bool,
     pages: &mut [PageSlot],
+    target: CheckedTarget<'_>,
 ) -> PageRun {
     for (i, slot) in pages.iter_mut().enumerate() {
         let stop = |refused| PageRun { taken: i, refused };
-        match host.get_page(domid, slot.gfn(), want_write) {
+        match host.get_page(domid, slot.gfn(), want_write, target) {
             Ok(PageLookup {
                 kind: PageKind::RamRw,
                 mfn: Some(mfn),
@@ -229,7 +281,8 @@ pub fn get_pages_one_by_one<P: Platform + ?Sized>(
                 return stop(None);
             }
             Ok(PageLookup { kind, mfn: None }) => return stop(Some(kind)),
-            // (No such domain, or dying: nothing was looked up.)
+            // (No such domain, dying, or not the one checked: nothing was
+            // looked up.)
             Err(_) => return stop(None),
         }
     }

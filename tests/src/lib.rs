@@ -10,7 +10,7 @@ use pviommu_hv::engine::Slot;
 use pviommu_hv::iommu::{BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend};
 use pviommu_hv::pgtable::TableMemory;
 use pviommu_hv::platform::{
-    DomainInfo, PageLookup, PageRun, PageSlot, Platform, ReservedRange, XsmAction,
+    CheckedTarget, DomainInfo, PageLookup, PageRun, PageSlot, Platform, ReservedRange, XsmAction,
 };
 use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
 use pviommu_hv::{Engine, Errno, Mfn};
@@ -383,6 +383,10 @@ pub enum Service {
     /// Right after the first page lookup (of a page alone, or of a run's
     /// page looked up one by one).
     GetPage,
+    /// Right before the first page lookup (of a page alone, or of a run's
+    /// pages together): after the map's last check of its target's
+    /// sequence number, before the host looks the domain up by its id.
+    BeforeGetPage,
     /// Right after the first run of pages looked up together
     /// (`get_pages`, the simulator's own: the run's pages are held).
     GetPages,
@@ -544,19 +548,33 @@ impl Platform for Interposer<'_> {
         let _ = self.after(Service::XsmCheck(a));
         r
     }
-    fn get_page(&mut self, d: DomId, g: Gfn, w: bool) -> Result<PageLookup, Errno> {
-        let r = self.m.borrow_mut().get_page(d, g, w);
+    fn get_page(
+        &mut self,
+        d: DomId,
+        g: Gfn,
+        w: bool,
+        t: CheckedTarget<'_>,
+    ) -> Result<PageLookup, Errno> {
+        let _ = self.after(Service::BeforeGetPage);
+        let r = self.m.borrow_mut().get_page(d, g, w, t);
         let _ = self.after(Service::GetPage);
         r
     }
-    fn get_pages(&mut self, d: DomId, w: bool, pages: &mut [PageSlot]) -> PageRun {
+    fn get_pages(
+        &mut self,
+        d: DomId,
+        w: bool,
+        pages: &mut [PageSlot],
+        t: CheckedTarget<'_>,
+    ) -> PageRun {
         // Pages looked up one by one (each raced as `GetPage`), unless the
         // run is the one raced: then the simulator's run, and the race
         // after it, with the run's pages held.
-        if self.at != Service::GetPages {
-            return pviommu_hv::platform::get_pages_one_by_one(self, d, w, pages);
+        if !matches!(self.at, Service::GetPages | Service::BeforeGetPage) {
+            return pviommu_hv::platform::get_pages_one_by_one(self, d, w, pages, t);
         }
-        let run = self.m.borrow_mut().get_pages(d, w, pages);
+        let _ = self.after(Service::BeforeGetPage);
+        let run = self.m.borrow_mut().get_pages(d, w, pages, t);
         let _ = self.after(Service::GetPages);
         run
     }

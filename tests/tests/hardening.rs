@@ -1617,6 +1617,69 @@ fn a_replaced_target_sees_no_lookup_before_its_checks() {
     assert_eq!(m.mfn_of(GUEST, Gfn(1)), None, "gfn 1 paged in");
 }
 
+/// The last window of the same race: after the map's last check of the
+/// target's sequence number, before the host looks the domain up by its
+/// id (Xen's glue: `rcu_lock_domain_by_id()` in `pvx_get_page(s)`). A
+/// teardown does not wait for maps in flight, so the old domain can be
+/// gone by then and a new one, with its pages paged out, at its domid.
+/// The host reads the number again once it holds the domain, finds it
+/// moved and looks nothing up; the map starts again from the checks,
+/// which refuse the new domain. Before, the host looked the page up in
+/// whatever domain it found, and paged the new domain's page in before
+/// any check of it (a gap the 37th session's review wrote down).
+#[test]
+fn a_target_replaced_after_the_last_check_sees_no_lookup() {
+    use pviommu_tests::Service;
+    fn paged_out_replacement(e: &Engine) -> pviommu_tests::Race<'_> {
+        Box::new(move |m: &mut SimMachine| {
+            replaced_by_a_protected_domain(e)(m);
+            for g in 0..16 {
+                m.set_paged_out(GUEST, Gfn(g));
+            }
+        })
+    }
+    // A run of maps (one lookup for the run's pages), then one map alone.
+    for single in [false, true] {
+        let (mut m, e) = machine(Format::Vtd, 16);
+        let race = paged_out_replacement(&e);
+        let statuses = if single {
+            let dom0 = m.domain_info(DomId::DOM0).unwrap();
+            let req = pviommu_abi::MapRequest {
+                context: ContextId::DEFAULT,
+                domid: GUEST,
+                gfn: Gfn(1),
+                perms: Permissions::RW,
+                attr: pviommu_abi::MemAttr::WriteBack,
+                grant: false,
+            };
+            let mut h = pviommu_tests::Interposer::new(&mut m, Service::BeforeGetPage, race);
+            let got = e.map(&mut h, DomId::DOM0, &dom0, &req);
+            vec![got.map_or_else(|e| -(e as i32), |_| 0)]
+        } else {
+            batch_of_three_maps_racing(&mut m, &e, Service::BeforeGetPage, race).to_vec()
+        };
+        assert!(
+            statuses.iter().all(|&s| s == EPERM),
+            "single {single}: {statuses:?}"
+        );
+        assert_eq!(
+            m.paging_requests, 0,
+            "single {single}: the new domain paged in"
+        );
+        for g in 0..16 {
+            assert_eq!(
+                m.mfn_of(GUEST, Gfn(g)),
+                None,
+                "single {single}: gfn {g} paged in"
+            );
+        }
+        assert!(m.lookups_of_moved_targets > 0, "single {single}");
+        assert_eq!(m.total_page_refs(), 0, "single {single}");
+        assert_eq!(e.usage(DomId::DOM0).1, 0, "single {single}: no BFN in use");
+        assert_eq!(m.zombie_frames(), 0, "single {single}");
+    }
+}
+
 /// What another CPU does in the test above: [`GUEST`] dies and a domain
 /// dom0 may not map is created at its domid.
 fn replaced_by_a_protected_domain(e: &Engine) -> pviommu_tests::Race<'_> {

@@ -17,7 +17,7 @@ use super::driver::{self, DriverDomain, Mapping, PageAt, NONE};
 use super::{revoke, Driver, Engine, Hypervisor, Mapped, TargetGate, MAP_CHUNK, MAP_RETRIES};
 use crate::config::MAX_CONTEXTS;
 use crate::permission::{check_map_again, check_page, refusal};
-use crate::platform::{DomainInfo, PageSlot};
+use crate::platform::{CheckedTarget, DomainInfo, PageSlot};
 use crate::{Bfn, ContextId, DomId, Errno, Mfn};
 
 /// What a map's page lookup came to ([`Engine::look_up_page`]).
@@ -910,8 +910,16 @@ impl<L: RawMutex> Engine<L> {
             return (LookedUp::Moved, 0);
         }
         let t0 = self.clock(h);
-        let looked_up = h.get_page(req.domid, req.gfn, req.perms.write);
+        let target = CheckedTarget::new(&gate.seq, checked_seq);
+        let looked_up = h.get_page(req.domid, req.gfn, req.perms.write, target);
         let ns = self.since(h, t0);
+        // Not looked up: the host found the number moved once it held the
+        // domain (which may be a new one at the domid), or no domain. If it
+        // moved, the map starts again from the checks.
+        if looked_up.is_err() && !target.still_checked() {
+            self.gate_leave(req.domid);
+            return (LookedUp::Moved, ns);
+        }
         let checked = looked_up.and_then(|page| {
             check_page(page.kind, req.perms)
                 .and_then(|()| page.mfn.ok_or(Errno::XDev))
@@ -964,7 +972,11 @@ impl<L: RawMutex> Engine<L> {
             return (0, None, 0);
         }
         let t0 = self.clock(h);
-        let run = h.get_pages(req.domid, req.perms.write, pages);
+        // (A host that finds the number moved once it holds the domain
+        // takes nothing and gives no answer: the ops then go one by one,
+        // and the first finds it moved.)
+        let target = CheckedTarget::new(&gate.seq, checked_seq);
+        let run = h.get_pages(req.domid, req.perms.write, pages, target);
         let ns = self.since(h, t0);
         // (A host answering more than it was asked for: those are not
         // frames it wrote, and there is no page after them to refuse.)

@@ -8,7 +8,8 @@ use crate::iommu::{
 use crate::pgtable::sync::{DirtyLines, LINE_BYTES};
 use crate::pgtable::{lpae::Lpae, vtd::Vtd, Entry, IoPageTable, TableMemory, TableOptions};
 use crate::platform::{
-    DomainInfo, PageKind, PageLookup, PageRun, PageSlot, Platform, ReservedRange, XsmAction,
+    CheckedTarget, DomainInfo, PageKind, PageLookup, PageRun, PageSlot, Platform, ReservedRange,
+    XsmAction,
 };
 use crate::sim::hardware::{self, DmaFault, Iotlb};
 use crate::sim::p2m::P2m;
@@ -1027,6 +1028,11 @@ pub struct SimMachine {
     pub paging_requests: u64,
     /// Calls of `get_pages` (runs of pages looked up together) so far.
     pub page_runs: u64,
+    /// Lookups (of a page or a run) that found the target's sequence
+    /// number moved once they held the domain, and so looked nothing up:
+    /// the domain at the domid may not be the one the map checked
+    /// ([`CheckedTarget`]).
+    pub lookups_of_moved_targets: u64,
     /// A run lookup takes at most this many pages (`None`: all it is
     /// asked for), as a host may stop a run anywhere: Xen's at the end of
     /// a p2m entry, and then goes on with a lookup of its own.
@@ -1067,6 +1073,7 @@ impl SimMachine {
             page_lookups: 0,
             paging_requests: 0,
             page_runs: 0,
+            lookups_of_moved_targets: 0,
             page_run_limit: None,
             superpage_maps: 0,
             fail_unmaps: 0,
@@ -2375,13 +2382,28 @@ impl Platform for SimMachine {
             _ => Err(Errno::Acces),
         }
     }
-    fn get_page(&mut self, domid: DomId, gfn: Gfn, want_write: bool) -> Result<PageLookup, Errno> {
+    fn get_page(
+        &mut self,
+        domid: DomId,
+        gfn: Gfn,
+        want_write: bool,
+        target: CheckedTarget<'_>,
+    ) -> Result<PageLookup, Errno> {
         let _host = HostAllocations::begin();
         self.note_p2m_service("get_page (takes the target's p2m lock)");
         self.page_lookups += 1;
+        if !self.holds_checked(domid, target) {
+            return Err(Errno::Srch);
+        }
         self.look_up_page(domid, gfn, want_write)
     }
-    fn get_pages(&mut self, domid: DomId, want_write: bool, pages: &mut [PageSlot]) -> PageRun {
+    fn get_pages(
+        &mut self,
+        domid: DomId,
+        want_write: bool,
+        pages: &mut [PageSlot],
+        target: CheckedTarget<'_>,
+    ) -> PageRun {
         let _host = HostAllocations::begin();
         self.note_p2m_service("get_pages (takes the target's p2m lock)");
         self.page_runs += 1;
@@ -2389,6 +2411,9 @@ impl Platform for SimMachine {
         // also walks a p2m entry once for the pages it maps, in any order);
         // each page referenced by the rule `get_page` follows.
         let limit = self.page_run_limit.unwrap_or(usize::MAX).min(pages.len());
+        if !self.holds_checked(domid, target) {
+            return PageRun::default();
+        }
         let Some(d) = self.domains.get(&domid).filter(|d| !d.dying) else {
             return PageRun::default();
         };
@@ -2520,6 +2545,22 @@ impl SimMachine {
                 "{name} called with the devices lock held"
             ));
         }
+    }
+
+    /// Whether `domid` is a domain here and `target`'s number is still the
+    /// one the map checked, read once this call holds the domain (Xen's
+    /// glue: after `rcu_lock_domain_by_id()` and the barrier after raising
+    /// the domain's `pviommu_pages`). A domain at the domid other than the
+    /// checked one came there after the checked one's kill ended, whose
+    /// teardown moved the number first: read after the hold, the number
+    /// tells. A moved one is counted (`lookups_of_moved_targets`).
+    fn holds_checked(&mut self, domid: DomId, target: CheckedTarget<'_>) -> bool {
+        if !self.domains.contains_key(&domid) {
+            return false;
+        }
+        let checked = target.still_checked();
+        self.lookups_of_moved_targets += u64::from(!checked);
+        checked
     }
 
     /// A page lookup by `get_page`'s rule, the one of `get_page` and of the
@@ -3290,17 +3331,19 @@ mod tests {
             device_model_of: None,
         };
         m.create_domain(DomId(1), spec).unwrap();
-        let _ = m.get_page(DomId(1), Gfn(3), false);
+        let seq = core::sync::atomic::AtomicU32::new(0);
+        let target = CheckedTarget::new(&seq, 0);
+        let _ = m.get_page(DomId(1), Gfn(3), false, target);
         assert_eq!(m.services_under_p2m_lock, 0);
         {
             let _hook = crate::lock_check::P2mHook::enter(DomId(1));
-            let _ = m.get_page(DomId(1), Gfn(3), false);
+            let _ = m.get_page(DomId(1), Gfn(3), false, target);
             let mut buf = [0u8; 8];
             let _ = m.copy_from_guest(0, &mut buf);
         }
         assert_eq!(m.services_under_p2m_lock, 2);
         assert_eq!(crate::lock_check::p2m_hook_of(), None);
-        let _ = m.get_page(DomId(1), Gfn(3), false);
+        let _ = m.get_page(DomId(1), Gfn(3), false, target);
         assert_eq!(m.services_under_p2m_lock, 2);
     }
 

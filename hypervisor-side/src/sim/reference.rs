@@ -8,7 +8,7 @@
 //! a flush; its reverse index is kept but never read.
 
 use crate::pgtable::{vtd::Vtd, IoPageTable, TableMemory};
-use crate::platform::{PageSlot, Platform};
+use crate::platform::{CheckedTarget, PageSlot, Platform};
 use crate::Mfn;
 use pviommu_abi::{Bfn, DomId, Gfn, MemAttr, Permissions};
 
@@ -26,6 +26,9 @@ pub fn look_up_pages(
     mfns: &mut Vec<Mfn>,
 ) -> usize {
     let mut run = [PageSlot::default(); crate::engine::MAP_CHUNK];
+    // (No checks here to outlive: a number nothing moves.)
+    let seq = core::sync::atomic::AtomicU32::new(0);
+    let target = CheckedTarget::new(&seq, 0);
     mfns.clear();
     for start in (0..n).step_by(run.len()) {
         let len = ((n - start) as usize).min(run.len());
@@ -33,7 +36,7 @@ pub fn look_up_pages(
         for (k, slot) in (start..).zip(pages.iter_mut()) {
             *slot = PageSlot::asking(Gfn(first.0 + k));
         }
-        let got = host.get_pages(domid, true, pages).taken.min(len);
+        let got = host.get_pages(domid, true, pages, target).taken.min(len);
         mfns.extend(pages.iter().take(got).map(|p| p.mfn()));
         if got != len {
             break;

@@ -11,7 +11,7 @@ use super::SimMachine;
 use crate::iommu::{BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend};
 use crate::pgtable::TableMemory;
 use crate::platform::{
-    DomainInfo, PageLookup, PageRun, PageSlot, Platform, ReservedRange, XsmAction,
+    CheckedTarget, DomainInfo, PageLookup, PageRun, PageSlot, Platform, ReservedRange, XsmAction,
 };
 use crate::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions, Sbdf};
 
@@ -68,11 +68,23 @@ impl Platform for SharedSim {
     ) -> Result<(), Errno> {
         self.with(|m| m.xsm_check(caller, target, action))
     }
-    fn get_page(&mut self, domid: DomId, gfn: Gfn, want_write: bool) -> Result<PageLookup, Errno> {
-        self.with(|m| m.get_page(domid, gfn, want_write))
+    fn get_page(
+        &mut self,
+        domid: DomId,
+        gfn: Gfn,
+        want_write: bool,
+        target: CheckedTarget<'_>,
+    ) -> Result<PageLookup, Errno> {
+        self.with(|m| m.get_page(domid, gfn, want_write, target))
     }
-    fn get_pages(&mut self, domid: DomId, want_write: bool, pages: &mut [PageSlot]) -> PageRun {
-        self.with(|m| m.get_pages(domid, want_write, pages))
+    fn get_pages(
+        &mut self,
+        domid: DomId,
+        want_write: bool,
+        pages: &mut [PageSlot],
+        target: CheckedTarget<'_>,
+    ) -> PageRun {
+        self.with(|m| m.get_pages(domid, want_write, pages, target))
     }
     fn put_page(&mut self, mfn: Mfn, writable: bool) {
         self.with(|m| m.put_page(mfn, writable))

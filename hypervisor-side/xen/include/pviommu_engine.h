@@ -243,8 +243,17 @@ int pvx_xsm_attach(uint16_t caller, uint32_t sbdf);
  * Returns 0 with *kind set (a reference is held iff *kind is
  * RAM_RW, or RAM_RO with !want_write), or -ESRCH if the domain is gone or
  * dying. Takes (and drops) the target's p2m lock.
+ *
+ * `seq` is the engine's sequence number of domid, `seq_checked` its value
+ * before the map's checks. The engine's teardown of a domain moves it
+ * first and does not wait for maps in flight, so by the time of this call
+ * the checked domain may be destroyed and another created at domid. Once
+ * the domain is held (and its pviommu_pages raised, with a full barrier),
+ * a number other than seq_checked answers -ESRCH with nothing looked up:
+ * no paging in, populating or unsharing in a domain no check has seen.
  */
 int pvx_get_page(uint16_t domid, uint64_t gfn, int want_write,
+                 const uint32_t *seq, uint32_t seq_checked,
                  uint64_t *mfn, uint32_t *kind);
 /*
  * [unlocked] pvx_get_page() for nr pages of domid (nr at most 64 taken),
@@ -257,12 +266,14 @@ int pvx_get_page(uint16_t domid, uint64_t gfn, int want_write,
  * effects: PoD populate, unsharing, paging in), *refused is
  * pvx_get_page()'s kind for it and the engine does not look it up again;
  * else PVX_PAGE_NONE, and the engine's own pvx_get_page() of it says why.
- * May stop anywhere; 0 if the domain is gone or dying. One domain lookup
+ * May stop anywhere; 0 if the domain is gone or dying, or if seq is not
+ * seq_checked once it is held (as pvx_get_page()). One domain lookup
  * for them all and, on x86 HVM, one p2m walk for the pages of the run one
  * p2m entry maps, in any order (read lock held across their references,
  * as get_page_from_gfn()'s fast path).
  */
 uint32_t pvx_get_pages(uint16_t domid, uint32_t nr, int want_write,
+                       const uint32_t *seq, uint32_t seq_checked,
                        uint64_t *frames, uint32_t *refused);
 /* [unlocked] A device may write `mfn` (writable type reference held by
  * pvx_get_page) without snooping the CPU caches: mark it _PGT_non_coherent,

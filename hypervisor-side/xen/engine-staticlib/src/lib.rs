@@ -25,7 +25,8 @@ use pviommu_hv::iommu::{
 use pviommu_hv::pgtable::sync::DirtyLines;
 use pviommu_hv::pgtable::{TableMemory, ENTRIES};
 use pviommu_hv::platform::{
-    DomainInfo, PageKind, PageLookup, PageRun, PageSlot, Platform, ReservedRange, XsmAction,
+    CheckedTarget, DomainInfo, PageKind, PageLookup, PageRun, PageSlot, Platform, ReservedRange,
+    XsmAction,
 };
 use pviommu_hv::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions, Sbdf};
 
@@ -63,6 +64,8 @@ mod ffi {
             domid: u16,
             gfn: u64,
             want_write: i32,
+            seq: *const u32,
+            seq_checked: u32,
             mfn: *mut u64,
             kind: *mut u32,
         ) -> i32;
@@ -70,6 +73,8 @@ mod ffi {
             domid: u16,
             nr: u32,
             want_write: i32,
+            seq: *const u32,
+            seq_checked: u32,
             frames: *mut u64,
             refused: *mut u32,
         ) -> u32;
@@ -767,12 +772,29 @@ impl Platform for Xen {
     // Inlined: the build's check finds the speculation barrier in the
     // engine function that calls the glue.
     #[inline(always)]
-    fn get_page(&mut self, domid: DomId, gfn: Gfn, want_write: bool) -> Result<PageLookup, Errno> {
+    fn get_page(
+        &mut self,
+        domid: DomId,
+        gfn: Gfn,
+        want_write: bool,
+        target: CheckedTarget<'_>,
+    ) -> Result<PageLookup, Errno> {
         let mut mfn = 0u64;
         let mut kind = 0u32;
-        // SAFETY: out-pointers to locals.
-        let rc =
-            unsafe { ffi::pvx_get_page(domid.0, gfn.0, want_write as i32, &mut mfn, &mut kind) };
+        let (seq, seq_checked) = target.raw_parts();
+        // SAFETY: out-pointers to locals; `seq` is the engine's number,
+        // which outlives the call (the glue only reads it).
+        let rc = unsafe {
+            ffi::pvx_get_page(
+                domid.0,
+                gfn.0,
+                want_write as i32,
+                seq,
+                seq_checked,
+                &mut mfn,
+                &mut kind,
+            )
+        };
         if rc != 0 {
             return Err(errno_from(rc));
         }
@@ -787,17 +809,27 @@ impl Platform for Xen {
     // Inlined, as `get_page`: the build's check finds the speculation
     // barrier in the engine function that calls the glue.
     #[inline(always)]
-    fn get_pages(&mut self, domid: DomId, want_write: bool, pages: &mut [PageSlot]) -> PageRun {
+    fn get_pages(
+        &mut self,
+        domid: DomId,
+        want_write: bool,
+        pages: &mut [PageSlot],
+        target: CheckedTarget<'_>,
+    ) -> PageRun {
         let nr = u32::try_from(pages.len()).unwrap_or(u32::MAX);
         let mut refused = PVX_PAGE_NONE;
+        let (seq, seq_checked) = target.raw_parts();
         // SAFETY: `pages` is `nr` (or more) frame numbers (`PageSlot` is a
         // transparent u64), gfns in; the glue writes at most `nr` frames
-        // over them. The other out-pointer is to a local.
+        // over them. The other out-pointer is to a local; `seq` is the
+        // engine's number, which outlives the call (only read).
         let got = unsafe {
             ffi::pvx_get_pages(
                 domid.0,
                 nr,
                 want_write as i32,
+                seq,
+                seq_checked,
                 pages.as_mut_ptr().cast::<u64>(),
                 &mut refused,
             )

@@ -503,11 +503,18 @@ pub extern "C" fn pvx_get_page(
     domid: u16,
     gfn: u64,
     _w: i32,
+    seq: *const u32,
+    seq_checked: u32,
     mfn: *mut u64,
     kind: *mut u32,
 ) -> i32 {
     if domid != 1 || gfn >= 0x1000 {
         return -22;
+    }
+    // As the glue: the number read again with the domain held.
+    // SAFETY: the engine's number, alive across the call.
+    if unsafe { core::ptr::read_volatile(seq) } != seq_checked {
+        return -3; // -ESRCH
     }
     // SAFETY: pointers to the caller's locals.
     unsafe {
@@ -522,6 +529,8 @@ pub extern "C" fn pvx_get_pages(
     domid: u16,
     nr: u32,
     w: i32,
+    seq: *const u32,
+    seq_checked: u32,
     frames: *mut u64,
     refused: *mut u32,
 ) -> u32 {
@@ -532,7 +541,7 @@ pub extern "C" fn pvx_get_pages(
         // SAFETY: the engine passes `nr` frame numbers, gfns in.
         let slot = unsafe { &mut *frames.add(i as usize) };
         let gfn = *slot;
-        if pvx_get_page(domid, gfn, w, slot, &mut kind) != 0 {
+        if pvx_get_page(domid, gfn, w, seq, seq_checked, slot, &mut kind) != 0 {
             *slot = gfn;
             return i;
         }
