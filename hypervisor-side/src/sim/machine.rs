@@ -2547,7 +2547,7 @@ impl SimMachine {
         }
     }
 
-    /// Whether `domid` is a domain here and `target`'s number is still the
+    /// Whether `domid` is a live domain here and `target`'s number is still the
     /// one the map checked, read once this call holds the domain (Xen's
     /// glue: after `rcu_lock_domain_by_id()` and the barrier after raising
     /// the domain's `pviommu_pages`). A domain at the domid other than the
@@ -2555,7 +2555,8 @@ impl SimMachine {
     /// teardown moved the number first: read after the hold, the number
     /// tells. A moved one is counted (`lookups_of_moved_targets`).
     fn holds_checked(&mut self, domid: DomId, target: CheckedTarget<'_>) -> bool {
-        if !self.domains.contains_key(&domid) {
+        // (Gone or dying: refused before the number is read, as the glue.)
+        if self.domains.get(&domid).is_none_or(|d| d.dying) {
             return false;
         }
         let checked = target.still_checked();

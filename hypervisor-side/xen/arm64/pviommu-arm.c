@@ -30,6 +30,7 @@
 #include <xen/lib.h>
 #include <xen/param.h>
 #include <xen/sched.h>
+#include <xen/nospec.h>
 #include <xen/spinlock.h>
 #include <xen/event.h>
 #include <xen/guest_access.h>

@@ -221,6 +221,22 @@ int pvx_xsm_check(uint16_t caller, uint16_t target, unsigned int action);
  */
 int pvx_xsm_attach(uint16_t caller, uint32_t sbdf);
 
+/*
+ * The target of a page lookup as the map's checks passed it: the engine's
+ * sequence number of its domid (`seq`) and its value before the checks
+ * (`checked`). The engine's teardown of a domain moves the number first
+ * and does not wait for maps in flight, so by the time of a lookup the
+ * checked domain may be destroyed and another created at the domid. Once
+ * pvx_get_page(s) hold the domain they found (and have raised its
+ * pviommu_pages), a number other than `checked` means nothing is looked
+ * up: no paging in, populating or unsharing in a domain no check has
+ * seen. (One pointer, not two arguments: the calls keep to six.)
+ */
+struct pvx_checked_target {
+    const uint32_t *seq;
+    uint32_t checked;
+};
+
 /* Page kinds reported by pvx_get_page. */
 #define PVX_PAGE_RAM_RW     0 /* reference (and writable type ref if asked) taken */
 #define PVX_PAGE_RAM_RO     1 /* reference taken only if !want_write              */
@@ -242,18 +258,11 @@ int pvx_xsm_attach(uint16_t caller, uint32_t sbdf);
  * paged-out pages start paging in (never the caller's own: that may sleep).
  * Returns 0 with *kind set (a reference is held iff *kind is
  * RAM_RW, or RAM_RO with !want_write), or -ESRCH if the domain is gone or
- * dying. Takes (and drops) the target's p2m lock.
- *
- * `seq` is the engine's sequence number of domid, `seq_checked` its value
- * before the map's checks. The engine's teardown of a domain moves it
- * first and does not wait for maps in flight, so by the time of this call
- * the checked domain may be destroyed and another created at domid. Once
- * the domain is held (and its pviommu_pages raised, with a full barrier),
- * a number other than seq_checked answers -ESRCH with nothing looked up:
- * no paging in, populating or unsharing in a domain no check has seen.
+ * dying, or is maybe not the one the map checked (`target`, below). Takes
+ * (and drops) the target's p2m lock.
  */
 int pvx_get_page(uint16_t domid, uint64_t gfn, int want_write,
-                 const uint32_t *seq, uint32_t seq_checked,
+                 const struct pvx_checked_target *target,
                  uint64_t *mfn, uint32_t *kind);
 /*
  * [unlocked] pvx_get_page() for nr pages of domid (nr at most 64 taken),
@@ -266,14 +275,14 @@ int pvx_get_page(uint16_t domid, uint64_t gfn, int want_write,
  * effects: PoD populate, unsharing, paging in), *refused is
  * pvx_get_page()'s kind for it and the engine does not look it up again;
  * else PVX_PAGE_NONE, and the engine's own pvx_get_page() of it says why.
- * May stop anywhere; 0 if the domain is gone or dying, or if seq is not
- * seq_checked once it is held (as pvx_get_page()). One domain lookup
+ * May stop anywhere; 0 if the domain is gone or dying, or maybe not the
+ * one checked (`target`, as pvx_get_page()). One domain lookup
  * for them all and, on x86 HVM, one p2m walk for the pages of the run one
  * p2m entry maps, in any order (read lock held across their references,
  * as get_page_from_gfn()'s fast path).
  */
 uint32_t pvx_get_pages(uint16_t domid, uint32_t nr, int want_write,
-                       const uint32_t *seq, uint32_t seq_checked,
+                       const struct pvx_checked_target *target,
                        uint64_t *frames, uint32_t *refused);
 /* [unlocked] A device may write `mfn` (writable type reference held by
  * pvx_get_page) without snooping the CPU caches: mark it _PGT_non_coherent,

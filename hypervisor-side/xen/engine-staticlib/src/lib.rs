@@ -36,6 +36,21 @@ mod tests;
 mod xen_model;
 
 mod ffi {
+    /// `struct pvx_checked_target` in pviommu_engine.h: the target's
+    /// sequence number and its value at the map's checks.
+    #[repr(C)]
+    pub struct PvxCheckedTarget {
+        pub seq: *const u32,
+        pub checked: u32,
+    }
+
+    impl From<pviommu_hv::platform::CheckedTarget<'_>> for PvxCheckedTarget {
+        fn from(t: pviommu_hv::platform::CheckedTarget<'_>) -> Self {
+            let (seq, checked) = t.raw_parts();
+            PvxCheckedTarget { seq, checked }
+        }
+    }
+
     /// `struct pvx_domain_info` in pviommu_engine.h.
     #[repr(C)]
     #[derive(Default)]
@@ -64,8 +79,7 @@ mod ffi {
             domid: u16,
             gfn: u64,
             want_write: i32,
-            seq: *const u32,
-            seq_checked: u32,
+            target: *const PvxCheckedTarget,
             mfn: *mut u64,
             kind: *mut u32,
         ) -> i32;
@@ -73,8 +87,7 @@ mod ffi {
             domid: u16,
             nr: u32,
             want_write: i32,
-            seq: *const u32,
-            seq_checked: u32,
+            target: *const PvxCheckedTarget,
             frames: *mut u64,
             refused: *mut u32,
         ) -> u32;
@@ -781,16 +794,15 @@ impl Platform for Xen {
     ) -> Result<PageLookup, Errno> {
         let mut mfn = 0u64;
         let mut kind = 0u32;
-        let (seq, seq_checked) = target.raw_parts();
-        // SAFETY: out-pointers to locals; `seq` is the engine's number,
-        // which outlives the call (the glue only reads it).
+        let target = ffi::PvxCheckedTarget::from(target);
+        // SAFETY: pointers to locals; the number `target` points at is the
+        // engine's, which outlives the call (the glue only reads it).
         let rc = unsafe {
             ffi::pvx_get_page(
                 domid.0,
                 gfn.0,
                 want_write as i32,
-                seq,
-                seq_checked,
+                &target,
                 &mut mfn,
                 &mut kind,
             )
@@ -818,18 +830,17 @@ impl Platform for Xen {
     ) -> PageRun {
         let nr = u32::try_from(pages.len()).unwrap_or(u32::MAX);
         let mut refused = PVX_PAGE_NONE;
-        let (seq, seq_checked) = target.raw_parts();
+        let target = ffi::PvxCheckedTarget::from(target);
         // SAFETY: `pages` is `nr` (or more) frame numbers (`PageSlot` is a
         // transparent u64), gfns in; the glue writes at most `nr` frames
-        // over them. The other out-pointer is to a local; `seq` is the
-        // engine's number, which outlives the call (only read).
+        // over them. The other pointers are to locals; the number `target`
+        // points at is the engine's, which outlives the call (only read).
         let got = unsafe {
             ffi::pvx_get_pages(
                 domid.0,
                 nr,
                 want_write as i32,
-                seq,
-                seq_checked,
+                &target,
                 pages.as_mut_ptr().cast::<u64>(),
                 &mut refused,
             )

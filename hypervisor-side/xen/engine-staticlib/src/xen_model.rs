@@ -34,7 +34,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use std::vec::Vec;
 
-use super::ffi::PvxDomainInfo;
+use super::ffi::{PvxCheckedTarget, PvxDomainInfo};
 
 const CELLS: usize = pviommu_hv::engine::MAX_DRIVER_DOMAINS;
 
@@ -503,8 +503,7 @@ pub extern "C" fn pvx_get_page(
     domid: u16,
     gfn: u64,
     _w: i32,
-    seq: *const u32,
-    seq_checked: u32,
+    target: *const PvxCheckedTarget,
     mfn: *mut u64,
     kind: *mut u32,
 ) -> i32 {
@@ -512,8 +511,9 @@ pub extern "C" fn pvx_get_page(
         return -22;
     }
     // As the glue: the number read again with the domain held.
-    // SAFETY: the engine's number, alive across the call.
-    if unsafe { core::ptr::read_volatile(seq) } != seq_checked {
+    // SAFETY: the caller's local, pointing at the engine's number (alive
+    // across the call).
+    if unsafe { core::ptr::read_volatile((*target).seq) != (*target).checked } {
         return -3; // -ESRCH
     }
     // SAFETY: pointers to the caller's locals.
@@ -529,8 +529,7 @@ pub extern "C" fn pvx_get_pages(
     domid: u16,
     nr: u32,
     w: i32,
-    seq: *const u32,
-    seq_checked: u32,
+    target: *const PvxCheckedTarget,
     frames: *mut u64,
     refused: *mut u32,
 ) -> u32 {
@@ -541,7 +540,7 @@ pub extern "C" fn pvx_get_pages(
         // SAFETY: the engine passes `nr` frame numbers, gfns in.
         let slot = unsafe { &mut *frames.add(i as usize) };
         let gfn = *slot;
-        if pvx_get_page(domid, gfn, w, seq, seq_checked, slot, &mut kind) != 0 {
+        if pvx_get_page(domid, gfn, w, target, slot, &mut kind) != 0 {
             *slot = gfn;
             return i;
         }
