@@ -23,7 +23,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use lock_api::RawMutex;
 
 use crate::config::{MAX_CONTEXTS, MAX_REGIONS_PER_CALL};
-use crate::engine::{Engine, Hypervisor, Notice, MAP_CHUNK};
+use crate::engine::{Engine, Hypervisor, Notice, MAP_CHUNK, MAP_RETRIES};
 use crate::permission::{device_refusal, may_call, may_read_regions, may_use_contexts};
 use crate::platform::{DomainInfo, XsmAction};
 use crate::{Bfn, ContextId, DomId, Errno};
@@ -369,6 +369,9 @@ impl<L: RawMutex> Engine<L> {
 
     /// `SET_LIMITS`: the toolstack (the control domain) sets a driver
     /// domain's quota.
+    // Not inlined: the control domain's commands keep their frames out
+    // of the batch path's (Xen's stack at a page lookup).
+    #[inline(never)]
     fn set_limits(
         &self,
         h: &mut impl Hypervisor,
@@ -385,13 +388,49 @@ impl<L: RawMutex> Engine<L> {
         if req._pad0 != 0 || !domid.is_valid() {
             return Err(Errno::Inval);
         }
-        crate::permission::xsm_allows(h, caller, Some(domid), XsmAction::Control)?;
-        self.set_quota(h, domid, (req.quota != 0).then_some(req.quota))?;
+        let quota = (req.quota != 0).then_some(req.quota);
+        self.on_checked_domain(h, caller, domid, |e, h, life| {
+            e.set_quota_of_life(h, domid, quota, life)
+        })?;
         Ok(0)
+    }
+
+    /// The checks of an op on another domain's PV-IOMMU state (`SET_LIMITS`,
+    /// `STATS`, `ENTRY`), then `act` on it, as a map checks its target:
+    /// `domid`'s life number ([`Engine::life_of`]) is read first, then the
+    /// domain must be there (`ESRCH`; a dying one too: the counters of a
+    /// teardown that stalls are what a toolstack reads), and XSM must allow
+    /// `control` over it. `act` gets the number and acts only on what is
+    /// still of that life; it answers `Again` when the number moved (the
+    /// checked domain started dying or ended, and a later one, whose label
+    /// no check saw, may hold the domid), and the op starts again from the
+    /// checks (`EAGAIN` after [`MAP_RETRIES`]).
+    fn on_checked_domain<H: Hypervisor, T>(
+        &self,
+        h: &mut H,
+        caller: DomId,
+        domid: DomId,
+        mut act: impl FnMut(&Self, &mut H, u32) -> Result<T, Errno>,
+    ) -> Result<T, Errno> {
+        for _ in 0..MAP_RETRIES {
+            let life = self.life_of(domid);
+            if h.domain_info(domid).is_none() {
+                return Err(Errno::Srch);
+            }
+            crate::permission::xsm_allows(h, caller, Some(domid), XsmAction::Control)?;
+            match act(self, h, life) {
+                Err(Errno::Again) => continue,
+                r => return r,
+            }
+        }
+        Err(Errno::Again)
     }
 
     /// `STATS`: a driver domain's counters and the time breakdown, for the
     /// control domain (they say how busy other domains are).
+    // Not inlined: the control domain's commands keep their frames out
+    // of the batch path's (Xen's stack at a page lookup).
+    #[inline(never)]
     fn stats_cmd(
         &self,
         h: &mut impl Hypervisor,
@@ -409,7 +448,16 @@ impl<L: RawMutex> Engine<L> {
         if req.flags & !stats_flag::ALL != 0 || req.flags & both == both || !domid.is_valid() {
             return Err(Errno::Inval);
         }
-        crate::permission::xsm_allows(h, caller, Some(domid), XsmAction::Control)?;
+        // The counters of the domain the checks passed, read while its life
+        // number is still the one read before them (`on_checked_domain`):
+        // a later domain's at the domid are not read, nor reset below.
+        let (r, life) = self.on_checked_domain(h, caller, domid, |e, _, life| {
+            let r = e.stats_with(domid, false);
+            if e.life_of(domid) != life {
+                return Err(Errno::Again);
+            }
+            Ok((r, life))
+        })?;
         // The timing and the heap figure are the engine's, host-wide, not
         // `domid`'s: asked of the host itself (FLASK: `control` on
         // `xen_t`), so control over one domain does not carry them. Without
@@ -419,7 +467,11 @@ impl<L: RawMutex> Engine<L> {
         if req.flags & both != 0 {
             host_wide?;
         }
-        let r = self.stats_with(domid, host_wide.is_ok());
+        let heap_bytes = if host_wide.is_ok() {
+            self.heap_bytes_host()
+        } else {
+            0
+        };
         let c = r.counters;
         let out = PvIommuStats {
             version: INTERFACE_VERSION,
@@ -442,13 +494,13 @@ impl<L: RawMutex> Engine<L> {
             ns_iommu_map: c.ns_iommu_map,
             ns_iommu_unmap: c.ns_iommu_unmap,
             ns_iommu_flush: c.ns_iommu_flush,
-            heap_bytes: r.heap_bytes,
+            heap_bytes,
         };
         // Changes only once the caller has the numbers: a failed copy-out
         // leaves everything as it was.
         h.copy_to_guest(arg, out.as_bytes())?;
         if req.flags & stats_flag::RESET != 0 {
-            self.stats_consumed(domid, &c);
+            self.stats_consumed_of_life(domid, &c, life);
         }
         if req.flags & stats_flag::TIMING_ON != 0 {
             self.set_timing(true);
@@ -462,6 +514,9 @@ impl<L: RawMutex> Engine<L> {
     /// `ENTRY`: a leaf entry of one of a driver domain's own contexts,
     /// address field zeroed (control domain only: it shows another
     /// domain's device mappings).
+    // Not inlined: the control domain's commands keep their frames out
+    // of the batch path's (Xen's stack at a page lookup).
+    #[inline(never)]
     fn entry_cmd(
         &self,
         h: &mut impl Hypervisor,
@@ -484,8 +539,14 @@ impl<L: RawMutex> Engine<L> {
         {
             return Err(Errno::Inval);
         }
-        crate::permission::xsm_allows(h, caller, Some(domid), XsmAction::Control)?;
-        let leaf = self.entry_bits(h, domid, ContextId(req.context), crate::Bfn(req.bfn))?;
+        // The entry of the domain the checks passed (`on_checked_domain`).
+        let leaf = self.on_checked_domain(h, caller, domid, |e, h, life| {
+            let leaf = e.entry_bits(h, domid, ContextId(req.context), crate::Bfn(req.bfn));
+            if e.life_of(domid) != life {
+                return Err(Errno::Again);
+            }
+            leaf
+        })?;
         let out = PvIommuEntry {
             version: INTERFACE_VERSION,
             level: u16::try_from(leaf.level).unwrap_or(u16::MAX),

@@ -1339,44 +1339,51 @@ fn a_revocation_longer_than_a_backend_run_is_cut_between_superpages() {
     assert_eq!(e.usage(DomId::DOM0).2, 2560, "each a notice");
 }
 
-/// An extent's lookup after the map's last check of the target's number,
-/// the target replaced meanwhile by a domain dom0 may not map, its pages
-/// paged out: the host finds the number moved once it holds the new
-/// domain and looks nothing up (one lookup of 512 pages, as for a run of
-/// page maps: `hardening.rs::a_target_replaced_after_the_last_check_sees_no_lookup`),
-/// and the extent's checks, made again, refuse it. Without the host's
-/// check the new domain's first page was paged in and the extent answered
+/// An extent of a target replaced, by a domain dom0 may not map with its
+/// pages paged out, right after the map's XSM check or right before its
+/// lookup (after the map's last check of the target's number): the engine
+/// or the host finds the number moved and looks nothing up (the host once
+/// it holds the new domain: one lookup of 512 pages, as for a run of page
+/// maps, `hardening.rs::a_target_replaced_after_the_last_check_sees_no_lookup`),
+/// and the extent's checks, made again, refuse it. Without the host's check
+/// the new domain's first page was paged in and the extent answered
 /// `EAGAIN`.
 #[test]
-fn an_extent_of_a_target_replaced_after_the_last_check_sees_no_lookup() {
-    use pviommu_hv::platform::Platform;
+fn an_extent_of_a_target_replaced_after_its_checks_sees_no_lookup() {
+    use pviommu_hv::platform::{Platform, XsmAction};
     use pviommu_hv::sim::DomainSpec;
-    let (mut m, e) = host();
-    let pages = m.domain_ram_pages(GUEST).unwrap();
-    let race: Race<'_> = Box::new(|m: &mut SimMachine| {
-        m.kill_domain(&e, GUEST);
-        let spec = DomainSpec {
-            pages,
-            privileged: false,
-            device_model_of: None,
+    for at in [Service::XsmCheck(XsmAction::Map), Service::BeforeGetPage] {
+        let (mut m, e) = host();
+        let pages = m.domain_ram_pages(GUEST).unwrap();
+        let race: Race<'_> = Box::new(|m: &mut SimMachine| {
+            m.kill_domain(&e, GUEST);
+            let spec = DomainSpec {
+                pages,
+                privileged: false,
+                device_model_of: None,
+            };
+            m.create_domain(GUEST, spec).unwrap();
+            m.xsm_protect(GUEST);
+            for g in EXTENT..EXTENT + EXTENT_PAGES {
+                m.set_paged_out(GUEST, Gfn(g));
+            }
+        });
+        let dom0 = m.domain_info(DomId::DOM0).unwrap();
+        let req = map_request_in(ContextId::DEFAULT, GUEST, EXTENT, Permissions::RW);
+        let got = {
+            let mut h = Interposer::new(&mut m, at, race);
+            e.map_extent(&mut h, DomId::DOM0, &dom0, &req)
         };
-        m.create_domain(GUEST, spec).unwrap();
-        m.xsm_protect(GUEST);
-        for g in EXTENT..EXTENT + EXTENT_PAGES {
-            m.set_paged_out(GUEST, Gfn(g));
-        }
-    });
-    let dom0 = m.domain_info(DomId::DOM0).unwrap();
-    let req = map_request_in(ContextId::DEFAULT, GUEST, EXTENT, Permissions::RW);
-    let got = {
-        let mut h = Interposer::new(&mut m, Service::BeforeGetPage, race);
-        e.map_extent(&mut h, DomId::DOM0, &dom0, &req)
-    };
-    assert_eq!(got.err(), Some(Errno::Perm));
-    assert_eq!(m.paging_requests, 0, "the new domain paged in");
-    assert!(m.lookups_of_moved_targets > 0);
-    assert_eq!(m.total_page_refs(), 0);
-    assert_eq!(e.target_active(GUEST), 0);
-    assert_eq!(e.usage(DomId::DOM0).1, 0, "no BFN in use");
-    check_invariants(&mut m, &e).unwrap();
+        assert_eq!(got.err(), Some(Errno::Perm), "{at:?}");
+        assert_eq!(m.paging_requests, 0, "{at:?}: the new domain paged in");
+        assert_eq!(
+            m.lookups_of_moved_targets > 0,
+            at == Service::BeforeGetPage,
+            "{at:?}: who saw the number moved"
+        );
+        assert_eq!(m.total_page_refs(), 0, "{at:?}");
+        assert_eq!(e.target_active(GUEST), 0, "{at:?}");
+        assert_eq!(e.usage(DomId::DOM0).1, 0, "{at:?}: no BFN in use");
+        check_invariants(&mut m, &e).unwrap();
+    }
 }

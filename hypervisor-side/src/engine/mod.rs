@@ -96,7 +96,7 @@ pub trait Hypervisor: Platform + IommuBackend {}
 impl<T: Platform + IommuBackend> Hypervisor for T {}
 
 /// How often a map retries when the target's p2m changed under it.
-const MAP_RETRIES: u32 = 4;
+pub(crate) const MAP_RETRIES: u32 = 4;
 
 /// Cells of driver state (one bit each in a target gate's `drivers` mask):
 /// a driver domain takes one, plus one per context it creates. Cells 0 to
@@ -259,6 +259,18 @@ pub struct TargetGate {
     /// released nothing, by the walk or anyone else meanwhile. Written by
     /// the teardown only (one slice at a time; in the gate's padding).
     teardown_active: AtomicU32,
+    /// Which life of the domid this is: bumped by a domain's teardown in
+    /// its first slice (after the domain was marked dying) and again as it
+    /// ends (after the domain's state here is gone, before Xen can destroy
+    /// the domain and give its id to another), and by nothing else. An op
+    /// on another domain's state (`SET_LIMITS`, `STATS`, `ENTRY`) reads it
+    /// before its checks and again where it acts: the same number there
+    /// means the state it acts on is the checked domain's, not a later
+    /// domain's at the same domid, which can only exist once the checked
+    /// one's teardown has ended ([`Engine::life_of`]). (Not `seq`: that
+    /// also moves at every hook of a mapped domain.) The gate's last 4
+    /// bytes.
+    lives: AtomicU32,
 }
 
 const _: () = assert!(
@@ -663,13 +675,7 @@ impl<L: RawMutex> Engine<L> {
     /// [`stats`](Self::stats), with the host-wide part (`heap_bytes`, which
     /// takes every cell's lock in turn) only when `host_wide`; 0 otherwise.
     pub fn stats_with(&self, domid: DomId, host_wide: bool) -> StatsReport {
-        let mut heap = 0;
-        if host_wide {
-            heap = self.boot_bytes() as u64;
-            for cell in self.cells.iter() {
-                heap += cell.lock().heap_bytes() as u64;
-            }
-        }
+        let heap = if host_wide { self.heap_bytes_host() } else { 0 };
         let mut r = StatsReport {
             quota: self.quota_of_domain(domid),
             heap_bytes: heap,
@@ -697,15 +703,32 @@ impl<L: RawMutex> Engine<L> {
         r
     }
 
+    /// The engine's heap in use, host-wide (takes every cell's lock in
+    /// turn).
+    pub(crate) fn heap_bytes_host(&self) -> u64 {
+        let mut heap = self.boot_bytes() as u64;
+        for cell in self.cells.iter() {
+            heap += cell.lock().heap_bytes() as u64;
+        }
+        heap
+    }
+
     /// Take `seen` (read by [`stats`](Self::stats) and delivered) off
     /// `domid`'s counters: a reset that loses nothing counted in between.
     /// Each counter is taken off its cells in context order, as much as
     /// each holds: counters only grow between the read and this, so the
     /// whole of `seen` comes off.
     pub fn stats_consumed(&self, domid: DomId, seen: &DriverStats) {
+        self.stats_consumed_of_life(domid, seen, self.life_of(domid))
+    }
+
+    /// [`stats_consumed`](Self::stats_consumed) for a caller that read
+    /// `seen` from the domain of `domid`'s life `life`: nothing is taken
+    /// off a cell found once the number moved (a later domain's, perhaps).
+    pub(crate) fn stats_consumed_of_life(&self, domid: DomId, seen: &DriverStats, life: u32) {
         let mut left = *seen;
         for context in self.contexts_of(domid) {
-            let Some(mut d) = self.lock_cell(domid, context) else {
+            let Some(mut d) = self.lock_cell_of_life(domid, context, life) else {
                 continue;
             };
             for (have, took) in
@@ -847,6 +870,33 @@ impl<L: RawMutex> Engine<L> {
     /// come after it.
     fn checked_seq(&self, domid: DomId) -> u32 {
         self.gate(domid).map_or(0, |g| g.seq.load(Ordering::SeqCst))
+    }
+
+    /// `domid`'s life number ([`TargetGate::lives`]; 0 for a domid with no
+    /// gate). SeqCst: read before the checks of an op on the domain's
+    /// state, and again under the lock of each cell it acts on (a later
+    /// domain's cell is claimed after the earlier domain's teardown moved
+    /// the number, and the lock orders the two).
+    pub(crate) fn life_of(&self, domid: DomId) -> u32 {
+        self.gate(domid)
+            .map_or(0, |g| g.lives.load(Ordering::SeqCst))
+    }
+
+    /// [`lock_cell`](Self::lock_cell) for an op on `domid`'s state checked
+    /// while its life number was `life`: `None` as well if the number has
+    /// moved (the cell may be a later domain's at the domid).
+    pub(crate) fn lock_cell_of_life(
+        &self,
+        domid: DomId,
+        context: ContextId,
+        life: u32,
+    ) -> Option<Driver<'_, L>> {
+        let d = self.lock_cell(domid, context)?;
+        if self.life_of(domid) != life {
+            self.put_driver(d);
+            return None;
+        }
+        Some(d)
     }
 
     /// Mappings holding a page of `domid` (live, or unmapped and not yet
@@ -1314,6 +1364,11 @@ impl<L: RawMutex> Engine<L> {
     /// of notices (a later domain with its id numbers from 1 again) and its
     /// quota (a later domain with its id starts with the boot default).
     pub(crate) fn forget_domid(&self, domid: DomId) {
+        // The domid's life ends here: an op on this domain's state checked
+        // before acts on nothing of a later domain's (`TargetGate::lives`).
+        if let Some(g) = self.gate(domid) {
+            g.lives.fetch_add(1, Ordering::SeqCst);
+        }
         if let Some(n) = self.notice_counts.get(domid.0 as usize) {
             n.store(0, Ordering::SeqCst);
         }
@@ -1359,6 +1414,33 @@ impl<L: RawMutex> Engine<L> {
         domid: DomId,
         quota: Option<u64>,
     ) -> Result<(), Errno> {
+        // (A move means the domain started dying: the next round finds it
+        // dying or gone, or a later domain, alive, whose own quota it is.)
+        for _ in 0..MAP_RETRIES {
+            let life = self.life_of(domid);
+            match self.set_quota_of_life(h, domid, quota, life) {
+                Err(Errno::Again) => continue,
+                r => return r,
+            }
+        }
+        Err(Errno::Again)
+    }
+
+    /// [`set_quota`](Self::set_quota) for a caller whose checks of `domid`
+    /// came after it read the domid's life number `life`
+    /// ([`life_of`](Self::life_of)): `Err(Again)`, the store taken back, if
+    /// the number moved by the time the quota is stored (the checked domain
+    /// started dying, and a later one may hold the domid now: its label was
+    /// never checked); the caller checks again. Otherwise the domain stored
+    /// for is the one checked, alive: its teardown, which moves the number
+    /// first, forgets the quota at its end.
+    pub(crate) fn set_quota_of_life(
+        &self,
+        h: &mut impl Hypervisor,
+        domid: DomId,
+        quota: Option<u64>,
+        life: u32,
+    ) -> Result<(), Errno> {
         let value = match quota {
             None => NO_QUOTA,
             Some(q) if q <= crate::config::MAX_QUOTA => {
@@ -1373,12 +1455,13 @@ impl<L: RawMutex> Engine<L> {
         }
         slot.store(value, Ordering::SeqCst);
         // The store before the second lookup's read of the domain's state
-        // (a full barrier on Arm too, where a later plain load could
-        // otherwise pass the store).
+        // and the number (a full barrier on Arm too, where a later plain
+        // load could otherwise pass the store).
         core::sync::atomic::fence(Ordering::SeqCst);
-        if !alive(h) {
+        let moved = self.life_of(domid) != life;
+        if moved || !alive(h) {
             let _ = slot.compare_exchange(value, NO_QUOTA, Ordering::SeqCst, Ordering::SeqCst);
-            return Err(Errno::Srch);
+            return Err(if moved { Errno::Again } else { Errno::Srch });
         }
         Ok(())
     }

@@ -2364,6 +2364,17 @@ impl Platform for SimMachine {
         crate::lock_check::note_service("xsm_check (FLASK: the AVC's locks)");
         self.xsm_checks
             .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        // As Xen's glue (`pvx_xsm_check()`): no caller or no target domain
+        // is `ESRCH`, a map with no target `EPERM`, before any policy.
+        // (The simulator allowed a missing target before: the engine's
+        // ops on another domain's state then read as zeros what Xen
+        // refused.)
+        match target {
+            _ if !self.domains.contains_key(&caller) => return Err(Errno::Srch),
+            Some(t) if !self.domains.contains_key(&t) => return Err(Errno::Srch),
+            None if action == XsmAction::Map => return Err(Errno::Perm),
+            _ => {}
+        }
         let denied = |d: &Domain| {
             d.xsm_denied
                 || d.xsm_denied_actions

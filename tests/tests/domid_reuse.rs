@@ -1,0 +1,210 @@
+//! Review (domid reuse, 2026-12-06): the control domain's ops on another
+//! domain's PV-IOMMU state (`SET_LIMITS`, `STATS`, `ENTRY`) ask XSM
+//! `control` about the domain at a domid, then act on whatever state the
+//! engine keeps for that domid. Between the two the checked domain can be
+//! destroyed and a new one created at its domid (a label the caller may not
+//! control): its quota is set, its counters read and reset, its entries
+//! read, on a decision about another domain. Each test replaces the domain
+//! right after the op's XSM check and fails before the fix.
+
+use pviommu_abi::{
+    cmd, stats_flag, Bfn, ContextId, DomId, Permissions, PvIommuEntry, PvIommuLimits, PvIommuStats,
+    INTERFACE_VERSION,
+};
+use pviommu_hv::platform::{Platform, XsmAction};
+use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
+use pviommu_hv::Engine;
+use pviommu_tests::*;
+use zerocopy::{FromZeros, IntoBytes};
+
+const EPERM: i64 = -1;
+
+/// Another CPU (the toolstack): kill the device model, create a new one
+/// at its domid that the caller's policy keeps out of reach (FLASK: a
+/// label dom0 may not `control`), and let the new one map `pages` of
+/// [`GUEST`] (in `context`, created first, if not the default). dom0's
+/// call goes on as dom0.
+fn replaced_device_model(e: &Engine, context: ContextId, pages: u64) -> pviommu_tests::Race<'_> {
+    Box::new(move |m: &mut SimMachine| {
+        m.kill_domain(e, DEVICE_MODEL);
+        assert!(!m.has_domain(DEVICE_MODEL));
+        protected_device_model(m, e, context, pages);
+    })
+}
+
+/// A new device model at [`DEVICE_MODEL`]'s domid (gone), that dom0's
+/// policy keeps out of reach, mapping `pages` of [`GUEST`] in `context`.
+fn protected_device_model(m: &mut SimMachine, e: &Engine, context: ContextId, pages: u64) {
+    {
+        let spec = DomainSpec {
+            pages: 32,
+            privileged: false,
+            device_model_of: Some(GUEST),
+        };
+        m.create_domain(DEVICE_MODEL, spec).unwrap();
+        m.xsm_protect(DEVICE_MODEL);
+        if context != ContextId::DEFAULT {
+            assert_eq!(e.context_create(m, DEVICE_MODEL), Ok(context));
+        }
+        for g in 1..=pages {
+            let mut ops = [map_op_in(context, GUEST, g, Permissions::RW)];
+            m.guest_batch_all(e, DEVICE_MODEL, &mut ops).unwrap();
+            assert_eq!(ops[0].status, 0);
+        }
+        m.current = DomId::DOM0;
+    }
+}
+
+/// dom0's call `command` with `req` in its scratch memory, `race` run
+/// right after the op's XSM `control` check: the call's answer and what
+/// it wrote back.
+fn control_call_racing<'a, T: IntoBytes + FromZeros + zerocopy::FromBytes + zerocopy::Immutable>(
+    m: &'a mut SimMachine,
+    e: &'a Engine,
+    command: u32,
+    req: &T,
+    race: pviommu_tests::Race<'a>,
+) -> (i64, T) {
+    let base = m.scratch_addr(DomId::DOM0).unwrap();
+    m.current = DomId::DOM0;
+    m.copy_to_guest(base, req.as_bytes()).unwrap();
+    let rc = {
+        let mut h = Interposer::new(m, Service::XsmCheck(XsmAction::Control), race);
+        e.hypercall(&mut h, DomId::DOM0, command, base)
+    };
+    let mut out = T::new_zeroed();
+    m.current = DomId::DOM0;
+    m.copy_from_guest(base, out.as_mut_bytes()).unwrap();
+    (rc, out)
+}
+
+/// `STATS` (with `RESET`) of the device model, which dies and is replaced
+/// right after the XSM check. Before the fix dom0 read the new domain's
+/// counters (3 live mappings, 3 maps) and reset them, with `control`
+/// decided on the old domain.
+#[test]
+fn stats_of_a_domain_replaced_after_its_check_read_nothing_of_the_new_one() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let req = PvIommuStats {
+        version: INTERFACE_VERSION,
+        domid: DEVICE_MODEL.0,
+        flags: stats_flag::RESET,
+        ..PvIommuStats::default()
+    };
+    let race = replaced_device_model(&e, ContextId::DEFAULT, 3);
+    let (rc, out) = control_call_racing(&mut m, &e, cmd::STATS, &req, race);
+    assert_eq!(e.stats(DEVICE_MODEL).live, 3, "the new domain maps 3 pages");
+    assert_eq!(
+        e.stats(DEVICE_MODEL).counters.maps,
+        3,
+        "the new domain's counters were reset by a call checked on the old one"
+    );
+    assert_eq!(out.live, 0, "the new domain's counters were read");
+    assert_eq!(rc, EPERM, "answered for a domain it may not control");
+}
+
+/// `ENTRY` of the device model's context 1, the domain replaced right
+/// after the XSM check by one whose context 1 maps a page at that BFN.
+/// Before the fix dom0 read the new domain's leaf entry.
+#[test]
+fn entry_of_a_domain_replaced_after_its_check_reads_nothing_of_the_new_one() {
+    // Where the new domain's first map lands, learnt on a twin machine.
+    let bfn = {
+        let (mut m, e) = machine(Format::Vtd, 16);
+        replaced_device_model(&e, ContextId(1), 1)(&mut m);
+        let st = e.state();
+        let view = st.live_mappings(DEVICE_MODEL).next().expect("mapped");
+        assert_eq!(view.mapping.context, ContextId(1));
+        view.bfn
+    };
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let req = PvIommuEntry {
+        version: INTERFACE_VERSION,
+        domid: DEVICE_MODEL.0,
+        context: 1,
+        bfn: bfn.0,
+        ..PvIommuEntry::default()
+    };
+    let race = replaced_device_model(&e, ContextId(1), 1);
+    let (rc, out) = control_call_racing(&mut m, &e, cmd::ENTRY, &req, race);
+    assert!(
+        e.entry_bits(&mut m, DEVICE_MODEL, ContextId(1), Bfn(bfn.0))
+            .is_ok(),
+        "the new domain maps that BFN"
+    );
+    assert_eq!(out.bits, 0, "the new domain's entry was read");
+    assert_eq!(rc, EPERM, "answered for a domain it may not control");
+}
+
+/// `SET_LIMITS` of the device model, replaced right after the XSM check:
+/// before the fix the new domain got the quota (`design/xen-integration.md`
+/// "Known gaps" wrote it down).
+#[test]
+fn a_quota_set_for_a_domain_replaced_after_its_check_is_not_the_new_ones() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let default_quota = e.stats(DEVICE_MODEL).quota;
+    let req = PvIommuLimits {
+        version: INTERFACE_VERSION,
+        domid: DEVICE_MODEL.0,
+        _pad0: 0,
+        quota: 7,
+    };
+    let race = replaced_device_model(&e, ContextId::DEFAULT, 0);
+    let (rc, _) = control_call_racing(&mut m, &e, cmd::SET_LIMITS, &req, race);
+    assert_eq!(
+        e.stats(DEVICE_MODEL).quota,
+        default_quota,
+        "the new domain got a quota its checks never saw"
+    );
+    assert_eq!(rc, EPERM, "answered for a domain it may not control");
+}
+
+/// `STATS` of a device model that is dying when dom0 asks (its teardown
+/// started, not ended: the counters of a teardown that stalls are what a
+/// toolstack wants to read). Read while it is still that domain's, the
+/// answer is its own. Its teardown ending right after the XSM check, and a
+/// new domain taking the domid, moves the number a second time: the call
+/// starts again from its checks and reads nothing of the new domain.
+#[test]
+fn stats_of_a_dying_domain_are_its_own_and_never_its_successors() {
+    use std::cell::Cell;
+    const PAGES: u64 = 10_000;
+    let (mut m, e) = machine(Format::Vtd, PAGES);
+    // Enough mappings that the teardown takes more than one slice.
+    for first in (0..PAGES).step_by(100) {
+        let mut ops: Vec<_> = (first..first + 100)
+            .map(|g| map_op(GUEST, g, Permissions::RW))
+            .collect();
+        m.guest_batch_all(&e, DEVICE_MODEL, &mut ops).unwrap();
+        assert!(ops.iter().all(|op| op.status == 0));
+    }
+    m.current = DomId::DOM0;
+    m.mark_dying(DEVICE_MODEL);
+    let cursor = Cell::new(0u64);
+    let mut c = 0;
+    assert!(
+        e.domain_teardown(&mut m, DEVICE_MODEL, &mut c).is_err(),
+        "one slice, not the end"
+    );
+    cursor.set(c);
+    let req = PvIommuStats {
+        version: INTERFACE_VERSION,
+        domid: DEVICE_MODEL.0,
+        ..PvIommuStats::default()
+    };
+    // Dying, read whole: its own counters.
+    let (rc, out) = control_call_racing(&mut m, &e, cmd::STATS, &req, Box::new(|_| {}));
+    assert_eq!(rc, 0);
+    assert_eq!(out.maps, PAGES, "the dying domain's own counters");
+    // Its teardown ends after the check, and a new domain maps 3 pages.
+    let race: pviommu_tests::Race<'_> = Box::new(|m: &mut SimMachine| {
+        let mut c = cursor.get();
+        while e.domain_teardown(m, DEVICE_MODEL, &mut c).is_err() {}
+        m.destroy_domain(DEVICE_MODEL);
+        protected_device_model(m, &e, ContextId::DEFAULT, 3);
+    });
+    let (rc, out) = control_call_racing(&mut m, &e, cmd::STATS, &req, race);
+    assert_eq!(rc, EPERM, "answered for a domain it may not control");
+    assert_eq!(out.maps, 0, "the new domain's counters were read");
+    assert_eq!(e.stats(DEVICE_MODEL).counters.maps, 3);
+}
