@@ -123,7 +123,9 @@ impl Errno {
             Errno::Nxio => "frame not present in the target's p2m",
             Errno::NoExec => "32-bit caller: the interface is 64-bit only",
             Errno::TooBig => "batch larger than max_batch_ops",
-            Errno::Again => "frame paged out or shared; retry later",
+            Errno::Again => {
+                "frame paged out or shared, or the target changed under the call; retry later"
+            }
             Errno::NoMem => "hypervisor out of memory",
             Errno::Acces => "write access asked for a read-only page",
             Errno::Fault => "guest buffer not accessible",

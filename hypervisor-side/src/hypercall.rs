@@ -23,7 +23,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use lock_api::RawMutex;
 
 use crate::config::{MAX_CONTEXTS, MAX_REGIONS_PER_CALL};
-use crate::engine::{Engine, Hypervisor, Notice, MAP_CHUNK, MAP_RETRIES};
+use crate::engine::{Engine, Hypervisor, Notice, CONTROL_RETRIES, MAP_CHUNK};
 use crate::permission::{device_refusal, may_call, may_read_regions, may_use_contexts};
 use crate::platform::{DomainInfo, XsmAction};
 use crate::{Bfn, ContextId, DomId, Errno};
@@ -402,9 +402,9 @@ impl<L: RawMutex> Engine<L> {
     /// teardown that stalls are what a toolstack reads), and XSM must allow
     /// `control` over it. `act` gets the number and acts only on what is
     /// still of that life; it answers `Again` when the number moved (the
-    /// checked domain started dying or ended, and a later one, whose label
-    /// no check saw, may hold the domid), and the op starts again from the
-    /// checks (`EAGAIN` after [`MAP_RETRIES`]).
+    /// checked domain's teardown ended, and a later domain, whose label no
+    /// check saw, may hold the domid), and the op starts again from the
+    /// checks (`EAGAIN` after [`CONTROL_RETRIES`]).
     fn on_checked_domain<H: Hypervisor, T>(
         &self,
         h: &mut H,
@@ -412,7 +412,7 @@ impl<L: RawMutex> Engine<L> {
         domid: DomId,
         mut act: impl FnMut(&Self, &mut H, u32) -> Result<T, Errno>,
     ) -> Result<T, Errno> {
-        for _ in 0..MAP_RETRIES {
+        for _ in 0..CONTROL_RETRIES {
             let life = self.life_of(domid);
             if h.domain_info(domid).is_none() {
                 return Err(Errno::Srch);

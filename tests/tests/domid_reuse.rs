@@ -65,11 +65,34 @@ fn control_call_racing<'a, T: IntoBytes + FromZeros + zerocopy::FromBytes + zero
     req: &T,
     race: pviommu_tests::Race<'a>,
 ) -> (i64, T) {
+    control_call_racing_at(
+        m,
+        e,
+        command,
+        req,
+        |_| Service::XsmCheck(XsmAction::Control),
+        race,
+    )
+}
+
+/// [`control_call_racing`] with `race` run at `at(address of the
+/// argument)`.
+fn control_call_racing_at<
+    'a,
+    T: IntoBytes + FromZeros + zerocopy::FromBytes + zerocopy::Immutable,
+>(
+    m: &'a mut SimMachine,
+    e: &'a Engine,
+    command: u32,
+    req: &T,
+    at: impl FnOnce(u64) -> Service,
+    race: pviommu_tests::Race<'a>,
+) -> (i64, T) {
     let base = m.scratch_addr(DomId::DOM0).unwrap();
     m.current = DomId::DOM0;
     m.copy_to_guest(base, req.as_bytes()).unwrap();
     let rc = {
-        let mut h = Interposer::new(m, Service::XsmCheck(XsmAction::Control), race);
+        let mut h = Interposer::new(m, at(base), race);
         e.hypercall(&mut h, DomId::DOM0, command, base)
     };
     let mut out = T::new_zeroed();
@@ -168,25 +191,8 @@ fn a_quota_set_for_a_domain_replaced_after_its_check_is_not_the_new_ones() {
 #[test]
 fn stats_of_a_dying_domain_are_its_own_and_never_its_successors() {
     use std::cell::Cell;
-    const PAGES: u64 = 10_000;
     let (mut m, e) = machine(Format::Vtd, PAGES);
-    // Enough mappings that the teardown takes more than one slice.
-    for first in (0..PAGES).step_by(100) {
-        let mut ops: Vec<_> = (first..first + 100)
-            .map(|g| map_op(GUEST, g, Permissions::RW))
-            .collect();
-        m.guest_batch_all(&e, DEVICE_MODEL, &mut ops).unwrap();
-        assert!(ops.iter().all(|op| op.status == 0));
-    }
-    m.current = DomId::DOM0;
-    m.mark_dying(DEVICE_MODEL);
-    let cursor = Cell::new(0u64);
-    let mut c = 0;
-    assert!(
-        e.domain_teardown(&mut m, DEVICE_MODEL, &mut c).is_err(),
-        "one slice, not the end"
-    );
-    cursor.set(c);
+    let cursor = Cell::new(dying_device_model(&mut m, &e, ContextId::DEFAULT));
     let req = PvIommuStats {
         version: INTERFACE_VERSION,
         domid: DEVICE_MODEL.0,
@@ -207,4 +213,117 @@ fn stats_of_a_dying_domain_are_its_own_and_never_its_successors() {
     assert_eq!(rc, EPERM, "answered for a domain it may not control");
     assert_eq!(out.maps, 0, "the new domain's counters were read");
     assert_eq!(e.stats(DEVICE_MODEL).counters.maps, 3);
+}
+
+/// Pages [`dying_device_model`] maps: enough that its teardown takes more
+/// than one slice.
+const PAGES: u64 = 10_000;
+
+/// [`DEVICE_MODEL`] maps [`PAGES`] of [`GUEST`] in `context` (created
+/// first, if not the default), is marked dying and its teardown runs one
+/// slice, not the end: the teardown's cursor.
+fn dying_device_model(m: &mut SimMachine, e: &Engine, context: ContextId) -> u64 {
+    if context != ContextId::DEFAULT {
+        assert_eq!(e.context_create(m, DEVICE_MODEL), Ok(context));
+    }
+    for first in (0..PAGES).step_by(100) {
+        let mut ops: Vec<_> = (first..first + 100)
+            .map(|g| map_op_in(context, GUEST, g, Permissions::RW))
+            .collect();
+        m.guest_batch_all(e, DEVICE_MODEL, &mut ops).unwrap();
+        assert!(ops.iter().all(|op| op.status == 0));
+    }
+    m.current = DomId::DOM0;
+    m.mark_dying(DEVICE_MODEL);
+    let mut cursor = 0;
+    assert!(
+        e.domain_teardown(m, DEVICE_MODEL, &mut cursor).is_err(),
+        "one slice, not the end"
+    );
+    cursor
+}
+
+/// A `STATS` reset of a device model that starts dying between the read
+/// and the reset (another CPU's first teardown slice, right before the
+/// copy-out): still the domain checked, whose counters it read, so the
+/// reset takes them off. (With the life number moved at the teardown's
+/// start too, as it first was, the reset found every cell of another life
+/// and took nothing off, yet answered 0: a review's finding.)
+#[test]
+fn a_stats_reset_of_a_domain_starting_to_die_still_resets() {
+    let (mut m, e) = machine(Format::Vtd, PAGES);
+    for first in (0..PAGES).step_by(100) {
+        let mut ops: Vec<_> = (first..first + 100)
+            .map(|g| map_op(GUEST, g, Permissions::RW))
+            .collect();
+        m.guest_batch_all(&e, DEVICE_MODEL, &mut ops).unwrap();
+    }
+    m.current = DomId::DOM0;
+    let req = PvIommuStats {
+        version: INTERFACE_VERSION,
+        domid: DEVICE_MODEL.0,
+        flags: stats_flag::RESET,
+        ..PvIommuStats::default()
+    };
+    let race: pviommu_tests::Race<'_> = Box::new(|m: &mut SimMachine| {
+        m.mark_dying(DEVICE_MODEL);
+        let mut cursor = 0;
+        assert!(e.domain_teardown(m, DEVICE_MODEL, &mut cursor).is_err());
+    });
+    let (rc, out) = control_call_racing_at(
+        &mut m,
+        &e,
+        cmd::STATS,
+        &req,
+        Service::CopyToGuestRacing,
+        race,
+    );
+    assert_eq!(rc, 0);
+    assert_eq!(out.maps, PAGES);
+    assert_eq!(
+        e.stats(DEVICE_MODEL).counters.maps,
+        0,
+        "reported, then not reset"
+    );
+}
+
+/// `ENTRY` of a dying device model's context 1, its teardown ending right
+/// after the XSM check and a new device model, out of dom0's reach,
+/// mapping a page at that BFN of its own context 1: the call starts again
+/// from its checks and reads nothing of the new domain. (Without the life
+/// number's move at the teardown's end, the new domain's entry is read.)
+#[test]
+fn entry_of_a_dying_domain_is_never_its_successors() {
+    use std::cell::Cell;
+    // Where the new domain's first map lands, learnt on a twin machine.
+    let bfn = {
+        let (mut m, e) = machine(Format::Vtd, 16);
+        replaced_device_model(&e, ContextId(1), 1)(&mut m);
+        let st = e.state();
+        let view = st.live_mappings(DEVICE_MODEL).next().expect("mapped");
+        view.bfn
+    };
+    let (mut m, e) = machine(Format::Vtd, PAGES);
+    let cursor = Cell::new(dying_device_model(&mut m, &e, ContextId(1)));
+    let req = PvIommuEntry {
+        version: INTERFACE_VERSION,
+        domid: DEVICE_MODEL.0,
+        context: 1,
+        bfn: bfn.0,
+        ..PvIommuEntry::default()
+    };
+    let race: pviommu_tests::Race<'_> = Box::new(|m: &mut SimMachine| {
+        let mut c = cursor.get();
+        while e.domain_teardown(m, DEVICE_MODEL, &mut c).is_err() {}
+        m.destroy_domain(DEVICE_MODEL);
+        protected_device_model(m, &e, ContextId(1), 1);
+    });
+    let (rc, out) = control_call_racing(&mut m, &e, cmd::ENTRY, &req, race);
+    assert!(
+        e.entry_bits(&mut m, DEVICE_MODEL, ContextId(1), Bfn(bfn.0))
+            .is_ok(),
+        "the new domain maps that BFN"
+    );
+    assert_eq!(out.bits, 0, "the new domain's entry was read");
+    assert_eq!(rc, EPERM, "answered for a domain it may not control");
 }

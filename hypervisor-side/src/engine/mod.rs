@@ -96,7 +96,12 @@ pub trait Hypervisor: Platform + IommuBackend {}
 impl<T: Platform + IommuBackend> Hypervisor for T {}
 
 /// How often a map retries when the target's p2m changed under it.
-pub(crate) const MAP_RETRIES: u32 = 4;
+const MAP_RETRIES: u32 = 4;
+
+/// How often an op on another domain's state (`SET_LIMITS`, `STATS`,
+/// `ENTRY`) starts again from its checks when the domid changed hands
+/// meanwhile (`TargetGate::lives`); then `EAGAIN`.
+pub(crate) const CONTROL_RETRIES: u32 = 4;
 
 /// Cells of driver state (one bit each in a target gate's `drivers` mask):
 /// a driver domain takes one, plus one per context it creates. Cells 0 to
@@ -259,17 +264,18 @@ pub struct TargetGate {
     /// released nothing, by the walk or anyone else meanwhile. Written by
     /// the teardown only (one slice at a time; in the gate's padding).
     teardown_active: AtomicU32,
-    /// Which life of the domid this is: bumped by a domain's teardown in
-    /// its first slice (after the domain was marked dying) and again as it
-    /// ends (after the domain's state here is gone, before Xen can destroy
-    /// the domain and give its id to another), and by nothing else. An op
-    /// on another domain's state (`SET_LIMITS`, `STATS`, `ENTRY`) reads it
+    /// Which life of the domid this is: bumped as a domain's teardown ends
+    /// (after the domain's state here is gone, before Xen can destroy the
+    /// domain and give its id to another), and by nothing else. An op on
+    /// another domain's state (`SET_LIMITS`, `STATS`, `ENTRY`) reads it
     /// before its checks and again where it acts: the same number there
     /// means the state it acts on is the checked domain's, not a later
     /// domain's at the same domid, which can only exist once the checked
-    /// one's teardown has ended ([`Engine::life_of`]). (Not `seq`: that
-    /// also moves at every hook of a mapped domain.) The gate's last 4
-    /// bytes.
+    /// one's teardown has ended ([`Engine::life_of`]). A domain that only
+    /// starts dying meanwhile is still the one checked: its counters are
+    /// still read and reset (`SET_LIMITS` refuses it on its own). (Not
+    /// `seq`: that also moves at every hook of a mapped domain.) The
+    /// gate's last 4 bytes.
     lives: AtomicU32,
 }
 
@@ -717,7 +723,9 @@ impl<L: RawMutex> Engine<L> {
     /// `domid`'s counters: a reset that loses nothing counted in between.
     /// Each counter is taken off its cells in context order, as much as
     /// each holds: counters only grow between the read and this, so the
-    /// whole of `seen` comes off.
+    /// whole of `seen` comes off. (For a caller that knows the domid has
+    /// not changed hands since it read `seen`; the `STATS` command checks
+    /// that itself, `stats_consumed_of_life`.)
     pub fn stats_consumed(&self, domid: DomId, seen: &DriverStats) {
         self.stats_consumed_of_life(domid, seen, self.life_of(domid))
     }
@@ -1414,9 +1422,9 @@ impl<L: RawMutex> Engine<L> {
         domid: DomId,
         quota: Option<u64>,
     ) -> Result<(), Errno> {
-        // (A move means the domain started dying: the next round finds it
-        // dying or gone, or a later domain, alive, whose own quota it is.)
-        for _ in 0..MAP_RETRIES {
+        // (A move means the domain's teardown ended: the next round finds it
+        // gone, or a later domain, alive, whose own quota it is.)
+        for _ in 0..CONTROL_RETRIES {
             let life = self.life_of(domid);
             match self.set_quota_of_life(h, domid, quota, life) {
                 Err(Errno::Again) => continue,
@@ -1428,12 +1436,13 @@ impl<L: RawMutex> Engine<L> {
 
     /// [`set_quota`](Self::set_quota) for a caller whose checks of `domid`
     /// came after it read the domid's life number `life`
-    /// ([`life_of`](Self::life_of)): `Err(Again)`, the store taken back, if
-    /// the number moved by the time the quota is stored (the checked domain
-    /// started dying, and a later one may hold the domid now: its label was
-    /// never checked); the caller checks again. Otherwise the domain stored
-    /// for is the one checked, alive: its teardown, which moves the number
-    /// first, forgets the quota at its end.
+    /// ([`life_of`](Self::life_of)): `Err(Again)`, nothing stored or the
+    /// store taken back, if the number moved by the time the quota is
+    /// stored (the checked domain's teardown ended, and a later domain may
+    /// hold the domid now: its label was never checked); the caller checks
+    /// again. Otherwise the domain stored for is the one checked, alive
+    /// (`Srch`, the store taken back, if it is dying): its teardown forgets
+    /// the quota at its end.
     pub(crate) fn set_quota_of_life(
         &self,
         h: &mut impl Hypervisor,
@@ -1452,6 +1461,14 @@ impl<L: RawMutex> Engine<L> {
         let alive = |h: &mut _| matches!(Platform::domain_info(h, domid), Some(d) if !d.dying);
         if !alive(h) {
             return Err(Errno::Srch);
+        }
+        // The number again just before the store: none is made for a domain
+        // whose teardown ended since the checks. (What is left: the checked
+        // domain destroyed, a later one created and its quota set, all
+        // between this load and the store; see xen-integration.md, "Known
+        // gaps".)
+        if self.life_of(domid) != life {
+            return Err(Errno::Again);
         }
         slot.store(value, Ordering::SeqCst);
         // The store before the second lookup's read of the domain's state

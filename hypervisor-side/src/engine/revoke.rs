@@ -1205,10 +1205,6 @@ impl<L: RawMutex> Engine<L> {
             // Maps of this domain that looked a page up before it started
             // dying retry, and then find it dying.
             if let Some(g) = self.gate(domid) {
-                // The domid's life moves here and at the end
-                // (`forget_domid`): an op on this domain's state checked
-                // before finds it moved (`TargetGate::lives`).
-                g.lives.fetch_add(1, Ordering::SeqCst);
                 g.seq.fetch_add(1, Ordering::SeqCst);
                 let active = g.active.load(Ordering::SeqCst);
                 g.teardown_active.store(active, Ordering::Relaxed);

@@ -2403,10 +2403,7 @@ impl Platform for SimMachine {
         let _host = HostAllocations::begin();
         self.note_p2m_service("get_page (takes the target's p2m lock)");
         self.page_lookups += 1;
-        if !self.holds_checked(domid, target) {
-            return Err(Errno::Srch);
-        }
-        self.look_up_page(domid, gfn, want_write)
+        self.look_up_page(domid, gfn, want_write, target)
     }
     fn get_pages(
         &mut self,
@@ -2422,12 +2419,14 @@ impl Platform for SimMachine {
         // also walks a p2m entry once for the pages it maps, in any order);
         // each page referenced by the rule `get_page` follows.
         let limit = self.page_run_limit.unwrap_or(usize::MAX).min(pages.len());
-        if !self.holds_checked(domid, target) {
-            return PageRun::default();
-        }
         let Some(d) = self.domains.get(&domid).filter(|d| !d.dying) else {
             return PageRun::default();
         };
+        // As Xen's glue: the number read again once the domain is held.
+        if !target.still_checked() {
+            self.lookups_of_moved_targets += 1;
+            return PageRun::default();
+        }
         // (A loop each for PV and p2m guests: no test of which a page.)
         let stop = if d.pv {
             take_until_refused(pages, limit, |gfn| {
@@ -2446,7 +2445,7 @@ impl Platform for SimMachine {
         // (Xen's glue: `pvx_lookup_page()`, side effects and all: paging
         // in), with the run's pages held: its refusal is the run's answer.
         // A run cut at `page_run_limit` stops without looking.
-        let refused = match stop.map(|(_, gfn)| self.look_up_page(domid, gfn, want_write)) {
+        let refused = match stop.map(|(_, gfn)| self.look_up_page(domid, gfn, want_write, target)) {
             Some(Ok(PageLookup { kind, mfn: None })) => Some(kind),
             // (Never: the same rule referenced nothing a moment ago.)
             Some(Ok(PageLookup { mfn: Some(mfn), .. })) => {
@@ -2558,35 +2557,30 @@ impl SimMachine {
         }
     }
 
-    /// Whether `domid` is a live domain here and `target`'s number is still the
-    /// one the map checked, read once this call holds the domain (Xen's
-    /// glue: after `rcu_lock_domain_by_id()` and the barrier after raising
-    /// the domain's `pviommu_pages`). A domain at the domid other than the
-    /// checked one came there after the checked one's kill ended, whose
-    /// teardown moved the number first: read after the hold, the number
-    /// tells. A moved one is counted (`lookups_of_moved_targets`).
-    fn holds_checked(&mut self, domid: DomId, target: CheckedTarget<'_>) -> bool {
-        // (Gone or dying: refused before the number is read, as the glue.)
-        if self.domains.get(&domid).is_none_or(|d| d.dying) {
-            return false;
-        }
-        let checked = target.still_checked();
-        self.lookups_of_moved_targets += u64::from(!checked);
-        checked
-    }
-
     /// A page lookup by `get_page`'s rule, the one of `get_page` and of the
     /// page a run stops at (Xen's `pvx_lookup_page()` and
     /// `pvx_accept_page()`): the page referenced if usable, else why not;
-    /// another domain's paged-out page starts paging in.
+    /// another domain's paged-out page starts paging in. Nothing is looked
+    /// up unless `target`'s number is still the one the map checked, read
+    /// once the domain is found (Xen's glue: after `rcu_lock_domain_by_id()`
+    /// and the barrier after raising the domain's `pviommu_pages`). A domain
+    /// at the domid other than the checked one came there after the checked
+    /// one's kill ended, whose teardown moved the number first: read after
+    /// the hold, the number tells. A moved one is counted
+    /// (`lookups_of_moved_targets`).
     fn look_up_page(
         &mut self,
         domid: DomId,
         gfn: Gfn,
         want_write: bool,
+        target: CheckedTarget<'_>,
     ) -> Result<PageLookup, Errno> {
         let d = self.domains.get(&domid).ok_or(Errno::Srch)?;
         if d.dying {
+            return Err(Errno::Srch);
+        }
+        if !target.still_checked() {
+            self.lookups_of_moved_targets += 1;
             return Err(Errno::Srch);
         }
         // A PV guest's "gfn" is a machine frame: no p2m, no pager.

@@ -299,8 +299,10 @@ DEFINE_XEN_GUEST_HANDLE(pv_iommu_entry_t);
  *   ENXIO          gfn not present in the target's p2m
  *   ENOEXEC        32-bit caller (PV32, or HVM/PVH vCPU not in 64-bit mode)
  *   E2BIG          batch larger than max_batch_ops
- *   EAGAIN         gfn paged out or shared: paging-in/unsharing started,
- *                  retry later
+ *   EAGAIN         retry later: gfn paged out or shared (paging-in or
+ *                  unsharing started), or the target changed under the
+ *                  call 4 times running (a map: its p2m; set_limits,
+ *                  stats, entry: the domain at its domid)
  *   ENOMEM         hypervisor out of memory (state unchanged)
  *   EACCES         write access asked for a page that is not device-writable
  *                  (read-only, ioreq-server, log-dirty mode)
