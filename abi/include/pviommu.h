@@ -267,8 +267,9 @@ struct pv_iommu_entry {
 /* ENOEXEC    8  32-bit caller: the interface is 64-bit only                 */
 /* E2BIG      7  batch larger than max_batch_ops                             */
 /* EAGAIN    11  retry later: gfn paged out or being shared, or the target  */
-/*               changed under the call 4 times running (a map: its p2m;   */
-/*               set_limits, stats, entry: the domain at its domid)        */
+/*               changed under the call 4 times running (a map: its p2m or */
+/*               its domain; set_limits, stats, entry: the domain at its   */
+/*               domid)                                                    */
 /* ENOMEM    12  hypervisor out of memory                                    */
 /* EACCES    13  write access asked for a read-only page                     */
 /* EFAULT    14  a guest buffer could not be read or written                 */

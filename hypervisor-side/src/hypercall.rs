@@ -24,6 +24,7 @@ use lock_api::RawMutex;
 
 use crate::config::{MAX_CONTEXTS, MAX_REGIONS_PER_CALL};
 use crate::engine::{Engine, Hypervisor, Notice, CONTROL_RETRIES, MAP_CHUNK};
+use crate::nospec::get_nospec;
 use crate::permission::{device_refusal, may_call, may_read_regions, may_use_contexts};
 use crate::platform::{DomainInfo, XsmAction};
 use crate::{Bfn, ContextId, DomId, Errno};
@@ -340,6 +341,9 @@ impl<L: RawMutex> Engine<L> {
         arg: u64,
     ) -> Result<i64, Errno> {
         crate::permission::xsm_allows(h, caller, None, XsmAction::Query)?;
+        // (The caller's control check, `may_read_regions`, resolved first,
+        // as for the other control commands.)
+        crate::nospec::block_speculation();
         let mut hdr: PvIommuRegions = copy_in(h, arg)?;
         check_version(hdr.version)?;
         // The window is fixed after boot and lives outside the lock.
@@ -347,7 +351,10 @@ impl<L: RawMutex> Engine<L> {
         let total = reserved.len() as u32;
         let want = hdr.nr.min(MAX_REGIONS_PER_CALL);
         let mut written = 0u32;
-        for r in reserved.iter().skip(hdr.start as usize).take(want as usize) {
+        // The guest's `start` clamped under speculation where it meets the
+        // array (it was an iterator's skip: a bounds check and an offset).
+        let first = hdr.start as usize;
+        for r in (0..want as usize).map_while(|k| get_nospec(reserved, first.saturating_add(k))) {
             let region = PvIommuRegion {
                 start_bfn: r.start,
                 nr_frames: r.nr,
@@ -382,6 +389,10 @@ impl<L: RawMutex> Engine<L> {
         if !ci.control {
             return Err(Errno::Perm);
         }
+        // The control check resolved before what it guards runs, even
+        // speculatively (other domains' cells and tables): a plain branch,
+        // fenced only by some XSM policies' hooks and only on x86.
+        crate::nospec::block_speculation();
         let req: PvIommuLimits = copy_in(h, arg)?;
         check_version(req.version)?;
         let domid = DomId(req.domid);
@@ -398,13 +409,21 @@ impl<L: RawMutex> Engine<L> {
     /// The checks of an op on another domain's PV-IOMMU state (`SET_LIMITS`,
     /// `STATS`, `ENTRY`), then `act` on it, as a map checks its target:
     /// `domid`'s life number ([`Engine::life_of`]) is read first, then the
-    /// domain must be there (`ESRCH`; a dying one too: the counters of a
-    /// teardown that stalls are what a toolstack reads), and XSM must allow
+    /// domain must be there and alive (`ESRCH`), and XSM must allow
     /// `control` over it. `act` gets the number and acts only on what is
     /// still of that life; it answers `Again` when the number moved (the
     /// checked domain's teardown ended, and a later domain, whose label no
     /// check saw, may hold the domid), and the op starts again from the
     /// checks (`EAGAIN` after [`CONTROL_RETRIES`]).
+    ///
+    /// Alive, because the number moves as the domain's PV-IOMMU teardown
+    /// ends, which is early in Xen's `domain_kill()`: a dying domain may
+    /// be past it, a zombie held in the domain hash for as long as
+    /// references keep it there, and its destruction and a new domain's
+    /// creation at its domid then move nothing. A domain alive at the
+    /// checks has not begun that teardown, so nothing can replace it
+    /// without moving the number. (A review found the first form, which
+    /// took a dying domain, acting on the next domain at a zombie's domid.)
     fn on_checked_domain<H: Hypervisor, T>(
         &self,
         h: &mut H,
@@ -414,7 +433,7 @@ impl<L: RawMutex> Engine<L> {
     ) -> Result<T, Errno> {
         for _ in 0..CONTROL_RETRIES {
             let life = self.life_of(domid);
-            if h.domain_info(domid).is_none() {
+            if h.domain_info(domid).is_none_or(|d| d.dying) {
                 return Err(Errno::Srch);
             }
             crate::permission::xsm_allows(h, caller, Some(domid), XsmAction::Control)?;
@@ -441,6 +460,10 @@ impl<L: RawMutex> Engine<L> {
         if !ci.control {
             return Err(Errno::Perm);
         }
+        // The control check resolved before what it guards runs, even
+        // speculatively (other domains' cells and tables): a plain branch,
+        // fenced only by some XSM policies' hooks and only on x86.
+        crate::nospec::block_speculation();
         let req: PvIommuStats = copy_in(h, arg)?;
         check_version(req.version)?;
         let domid = DomId(req.domid);
@@ -527,6 +550,10 @@ impl<L: RawMutex> Engine<L> {
         if !ci.control {
             return Err(Errno::Perm);
         }
+        // The control check resolved before what it guards runs, even
+        // speculatively (other domains' cells and tables): a plain branch,
+        // fenced only by some XSM policies' hooks and only on x86.
+        crate::nospec::block_speculation();
         let req: PvIommuEntry = copy_in(h, arg)?;
         check_version(req.version)?;
         let domid = DomId(req.domid);

@@ -27,6 +27,8 @@ t0=$(date +%s)
 # patched tree, PV-IOMMU sources, symbol check: shared with the arm64 builds
 # shellcheck source-path=SCRIPTDIR source=lib/build.sh
 . "$HERE/lib/build.sh"
+# shellcheck source-path=SCRIPTDIR source=lib/engine-barrier.sh
+. "$HERE/lib/engine-barrier.sh"
 
 # ---- fresh patched copy (redone whenever the patch series changes) ----
 # The source's version (its xen/Makefile) picks the series: patches/ for
@@ -138,6 +140,9 @@ t3=$(date +%s)
 nm "$WORK/xen/xen-syms" > "$BUILD/xen-syms.nm"
 syms_present build-xen "$BUILD/xen-syms.nm" do_pv_iommu_op pviommu_engine_op
 symbol_names_fit build-xen "$WORK/xen"
+# The glue's own speculation barrier (lib/engine-barrier.sh).
+objdump -d --no-show-raw-insn "$WORK/xen/common/pviommu.o" > "$BUILD/pviommu-glue.dis"
+check_glue_barrier build-xen "$BUILD/pviommu-glue.dis" lfence 'lfence([[:space:]]|$)' ''
 cp "$WORK/xen/xen" "$BUILD/xen"
 cp "$WORK/xen/xen-syms" "$BUILD/xen-syms"
 echo "build-xen: engine $((t2-t1)) s, hypervisor $((t3-t2)) s, total $((t3-t0)) s"

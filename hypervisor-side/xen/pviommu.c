@@ -58,6 +58,8 @@
 
 /* Xen 4.17's VIRQ_PV_IOMMU is global (patches/). */
 #define pvx_send_revoked_virq(d) send_guest_global_virq(d, VIRQ_PV_IOMMU)
+/* lfence (unless the CPU needs none: Xen's alternative patches it out). */
+#define pvx_block_speculation() block_speculation()
 #include "pviommu-common.inc"
 
 /* ---------------------------------------------------------------- */

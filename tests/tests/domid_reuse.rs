@@ -18,6 +18,7 @@ use pviommu_tests::*;
 use zerocopy::{FromZeros, IntoBytes};
 
 const EPERM: i64 = -1;
+const ESRCH: i64 = -3;
 
 /// Another CPU (the toolstack): kill the device model, create a new one
 /// at its domid that the caller's policy keeps out of reach (FLASK: a
@@ -182,66 +183,99 @@ fn a_quota_set_for_a_domain_replaced_after_its_check_is_not_the_new_ones() {
     assert_eq!(rc, EPERM, "answered for a domain it may not control");
 }
 
-/// `STATS` of a device model that is dying when dom0 asks (its teardown
-/// started, not ended: the counters of a teardown that stalls are what a
-/// toolstack wants to read). Read while it is still that domain's, the
-/// answer is its own. Its teardown ending right after the XSM check, and a
-/// new domain taking the domid, moves the number a second time: the call
-/// starts again from its checks and reads nothing of the new domain.
+/// A device model whose PV-IOMMU teardown has ended but which Xen has not
+/// destroyed yet (a zombie: the teardown is early in `domain_kill()`, and
+/// references can keep the domain in the hash for long after), replaced
+/// right after the XSM check of a control op by a new device model, out
+/// of dom0's reach, that maps a page in its context 1. The ops refuse a
+/// dying domain at their checks (`ESRCH`), so none acts on the new one.
+/// Before, they took a dying domain, and the life number, moved at the
+/// zombie's teardown end, did not move again: dom0 read and reset the new
+/// domain's counters, set its quota and read its entry (a review's
+/// finding).
 #[test]
-fn stats_of_a_dying_domain_are_its_own_and_never_its_successors() {
+fn control_ops_never_act_on_the_successor_of_a_zombie() {
     use std::cell::Cell;
-    let (mut m, e) = machine(Format::Vtd, PAGES);
-    let cursor = Cell::new(dying_device_model(&mut m, &e, ContextId::DEFAULT));
-    let req = PvIommuStats {
+    // Where the new domain's first map lands, learnt on a twin machine.
+    let bfn = {
+        let (mut m, e) = machine(Format::Vtd, 16);
+        replaced_device_model(&e, ContextId(1), 1)(&mut m);
+        let st = e.state();
+        let view = st.live_mappings(DEVICE_MODEL).next().expect("mapped");
+        view.bfn
+    };
+    let stats = PvIommuStats {
         version: INTERFACE_VERSION,
         domid: DEVICE_MODEL.0,
+        flags: stats_flag::RESET,
         ..PvIommuStats::default()
     };
-    // Dying, read whole: its own counters.
-    let (rc, out) = control_call_racing(&mut m, &e, cmd::STATS, &req, Box::new(|_| {}));
-    assert_eq!(rc, 0);
-    assert_eq!(out.maps, PAGES, "the dying domain's own counters");
-    // Its teardown ends after the check, and a new domain maps 3 pages.
-    let race: pviommu_tests::Race<'_> = Box::new(|m: &mut SimMachine| {
-        let mut c = cursor.get();
-        while e.domain_teardown(m, DEVICE_MODEL, &mut c).is_err() {}
-        m.destroy_domain(DEVICE_MODEL);
-        protected_device_model(m, &e, ContextId::DEFAULT, 3);
-    });
-    let (rc, out) = control_call_racing(&mut m, &e, cmd::STATS, &req, race);
-    assert_eq!(rc, EPERM, "answered for a domain it may not control");
-    assert_eq!(out.maps, 0, "the new domain's counters were read");
-    assert_eq!(e.stats(DEVICE_MODEL).counters.maps, 3);
+    let entry = PvIommuEntry {
+        version: INTERFACE_VERSION,
+        domid: DEVICE_MODEL.0,
+        context: 1,
+        bfn: bfn.0,
+        ..PvIommuEntry::default()
+    };
+    let limits = PvIommuLimits {
+        version: INTERFACE_VERSION,
+        domid: DEVICE_MODEL.0,
+        _pad0: 0,
+        quota: 7,
+    };
+    for command in [cmd::STATS, cmd::ENTRY, cmd::SET_LIMITS] {
+        let (mut m, e) = machine(Format::Vtd, 16);
+        let default_quota = e.stats(DEVICE_MODEL).quota;
+        zombie_device_model(&mut m, &e);
+        let raced = Cell::new(false);
+        let race: pviommu_tests::Race<'_> = Box::new(|m: &mut SimMachine| {
+            raced.set(true);
+            m.destroy_domain(DEVICE_MODEL);
+            protected_device_model(m, &e, ContextId(1), 1);
+        });
+        let (rc, read) = match command {
+            cmd::STATS => {
+                let (rc, out) = control_call_racing(&mut m, &e, command, &stats, race);
+                (rc, out.live)
+            }
+            cmd::ENTRY => {
+                let (rc, out) = control_call_racing(&mut m, &e, command, &entry, race);
+                (rc, out.bits)
+            }
+            _ => (control_call_racing(&mut m, &e, command, &limits, race).0, 0),
+        };
+        assert_eq!(rc, ESRCH, "command {command}: a dying domain refused");
+        assert!(
+            !raced.get(),
+            "command {command}: past the checks of a zombie"
+        );
+        assert_eq!(read, 0, "command {command}: the new domain's state read");
+        // Had the race run, the new domain's state would be as it left it.
+        if m.has_domain(DEVICE_MODEL) && !m.domain_info(DEVICE_MODEL).unwrap().dying {
+            assert_eq!(e.stats(DEVICE_MODEL).counters.maps, 1);
+            assert_eq!(e.stats(DEVICE_MODEL).quota, default_quota);
+        }
+    }
 }
 
-/// Pages [`dying_device_model`] maps: enough that its teardown takes more
-/// than one slice.
-const PAGES: u64 = 10_000;
-
-/// [`DEVICE_MODEL`] maps [`PAGES`] of [`GUEST`] in `context` (created
-/// first, if not the default), is marked dying and its teardown runs one
-/// slice, not the end: the teardown's cursor.
-fn dying_device_model(m: &mut SimMachine, e: &Engine, context: ContextId) -> u64 {
-    if context != ContextId::DEFAULT {
-        assert_eq!(e.context_create(m, DEVICE_MODEL), Ok(context));
-    }
-    for first in (0..PAGES).step_by(100) {
-        let mut ops: Vec<_> = (first..first + 100)
-            .map(|g| map_op_in(context, GUEST, g, Permissions::RW))
-            .collect();
-        m.guest_batch_all(e, DEVICE_MODEL, &mut ops).unwrap();
-        assert!(ops.iter().all(|op| op.status == 0));
-    }
+/// [`DEVICE_MODEL`] maps a page of [`GUEST`] in its context 1, is marked
+/// dying and its PV-IOMMU teardown runs to its end; Xen has not destroyed
+/// it (it stays in the simulator's domains, dying).
+fn zombie_device_model(m: &mut SimMachine, e: &Engine) {
+    assert_eq!(e.context_create(m, DEVICE_MODEL), Ok(ContextId(1)));
+    let mut ops = [map_op_in(ContextId(1), GUEST, 1, Permissions::RW)];
+    m.guest_batch_all(e, DEVICE_MODEL, &mut ops).unwrap();
+    assert_eq!(ops[0].status, 0);
     m.current = DomId::DOM0;
     m.mark_dying(DEVICE_MODEL);
     let mut cursor = 0;
-    assert!(
-        e.domain_teardown(m, DEVICE_MODEL, &mut cursor).is_err(),
-        "one slice, not the end"
-    );
-    cursor
+    while e.domain_teardown(m, DEVICE_MODEL, &mut cursor).is_err() {}
+    assert!(m.has_domain(DEVICE_MODEL));
 }
+
+/// Pages the test below maps: enough that its first teardown slice is not
+/// the end.
+const PAGES: u64 = 10_000;
 
 /// A `STATS` reset of a device model that starts dying between the read
 /// and the reset (another CPU's first teardown slice, right before the
@@ -285,45 +319,4 @@ fn a_stats_reset_of_a_domain_starting_to_die_still_resets() {
         0,
         "reported, then not reset"
     );
-}
-
-/// `ENTRY` of a dying device model's context 1, its teardown ending right
-/// after the XSM check and a new device model, out of dom0's reach,
-/// mapping a page at that BFN of its own context 1: the call starts again
-/// from its checks and reads nothing of the new domain. (Without the life
-/// number's move at the teardown's end, the new domain's entry is read.)
-#[test]
-fn entry_of_a_dying_domain_is_never_its_successors() {
-    use std::cell::Cell;
-    // Where the new domain's first map lands, learnt on a twin machine.
-    let bfn = {
-        let (mut m, e) = machine(Format::Vtd, 16);
-        replaced_device_model(&e, ContextId(1), 1)(&mut m);
-        let st = e.state();
-        let view = st.live_mappings(DEVICE_MODEL).next().expect("mapped");
-        view.bfn
-    };
-    let (mut m, e) = machine(Format::Vtd, PAGES);
-    let cursor = Cell::new(dying_device_model(&mut m, &e, ContextId(1)));
-    let req = PvIommuEntry {
-        version: INTERFACE_VERSION,
-        domid: DEVICE_MODEL.0,
-        context: 1,
-        bfn: bfn.0,
-        ..PvIommuEntry::default()
-    };
-    let race: pviommu_tests::Race<'_> = Box::new(|m: &mut SimMachine| {
-        let mut c = cursor.get();
-        while e.domain_teardown(m, DEVICE_MODEL, &mut c).is_err() {}
-        m.destroy_domain(DEVICE_MODEL);
-        protected_device_model(m, &e, ContextId(1), 1);
-    });
-    let (rc, out) = control_call_racing(&mut m, &e, cmd::ENTRY, &req, race);
-    assert!(
-        e.entry_bits(&mut m, DEVICE_MODEL, ContextId(1), Bfn(bfn.0))
-            .is_ok(),
-        "the new domain maps that BFN"
-    );
-    assert_eq!(out.bits, 0, "the new domain's entry was read");
-    assert_eq!(rc, EPERM, "answered for a domain it may not control");
 }

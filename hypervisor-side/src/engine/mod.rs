@@ -271,11 +271,12 @@ pub struct TargetGate {
     /// before its checks and again where it acts: the same number there
     /// means the state it acts on is the checked domain's, not a later
     /// domain's at the same domid, which can only exist once the checked
-    /// one's teardown has ended ([`Engine::life_of`]). A domain that only
-    /// starts dying meanwhile is still the one checked: its counters are
-    /// still read and reset (`SET_LIMITS` refuses it on its own). (Not
-    /// `seq`: that also moves at every hook of a mapped domain.) The
-    /// gate's last 4 bytes.
+    /// one's teardown has ended ([`Engine::life_of`]). The ops take only a
+    /// domain alive at their checks (a dying one may be past its teardown
+    /// already, and then nothing moves the number when it goes), and one
+    /// that only starts dying meanwhile is still the one checked: its
+    /// counters are still read and reset. (Not `seq`: that also moves at
+    /// every hook of a mapped domain.) The gate's last 4 bytes.
     lives: AtomicU32,
 }
 

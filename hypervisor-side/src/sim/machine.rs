@@ -2403,7 +2403,7 @@ impl Platform for SimMachine {
         let _host = HostAllocations::begin();
         self.note_p2m_service("get_page (takes the target's p2m lock)");
         self.page_lookups += 1;
-        self.look_up_page(domid, gfn, want_write, target)
+        self.look_up_page(domid, gfn, want_write, Some(target))
     }
     fn get_pages(
         &mut self,
@@ -2445,7 +2445,9 @@ impl Platform for SimMachine {
         // (Xen's glue: `pvx_lookup_page()`, side effects and all: paging
         // in), with the run's pages held: its refusal is the run's answer.
         // A run cut at `page_run_limit` stops without looking.
-        let refused = match stop.map(|(_, gfn)| self.look_up_page(domid, gfn, want_write, target)) {
+        // (Its number not read again: the glue checks it once a run, with
+        // the domain held throughout.)
+        let refused = match stop.map(|(_, gfn)| self.look_up_page(domid, gfn, want_write, None)) {
             Some(Ok(PageLookup { kind, mfn: None })) => Some(kind),
             // (Never: the same rule referenced nothing a moment ago.)
             Some(Ok(PageLookup { mfn: Some(mfn), .. })) => {
@@ -2561,8 +2563,9 @@ impl SimMachine {
     /// page a run stops at (Xen's `pvx_lookup_page()` and
     /// `pvx_accept_page()`): the page referenced if usable, else why not;
     /// another domain's paged-out page starts paging in. Nothing is looked
-    /// up unless `target`'s number is still the one the map checked, read
-    /// once the domain is found (Xen's glue: after `rcu_lock_domain_by_id()`
+    /// up unless `target`'s number is still the one the map checked (`None`:
+    /// checked already in this hold of the domain), read once the domain
+    /// is found (Xen's glue: after `rcu_lock_domain_by_id()`
     /// and the barrier after raising the domain's `pviommu_pages`). A domain
     /// at the domid other than the checked one came there after the checked
     /// one's kill ended, whose teardown moved the number first: read after
@@ -2573,13 +2576,13 @@ impl SimMachine {
         domid: DomId,
         gfn: Gfn,
         want_write: bool,
-        target: CheckedTarget<'_>,
+        target: Option<CheckedTarget<'_>>,
     ) -> Result<PageLookup, Errno> {
         let d = self.domains.get(&domid).ok_or(Errno::Srch)?;
         if d.dying {
             return Err(Errno::Srch);
         }
-        if !target.still_checked() {
+        if target.is_some_and(|t| !t.still_checked()) {
             self.lookups_of_moved_targets += 1;
             return Err(Errno::Srch);
         }

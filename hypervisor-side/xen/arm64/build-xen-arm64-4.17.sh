@@ -39,6 +39,8 @@ t0=$(date +%s)
 # and build-xen-arm64.sh
 # shellcheck source-path=SCRIPTDIR source=../lib/build.sh
 . "$HERE/../lib/build.sh"
+# shellcheck source-path=SCRIPTDIR source=../lib/engine-barrier.sh
+. "$HERE/../lib/engine-barrier.sh"
 
 # ---- patched copy, redone when the series or a patch changes ----
 patches=()
@@ -93,6 +95,11 @@ aarch64-linux-gnu-nm "$TREE/xen/xen-syms" > "$LOG/xen-syms.nm"
 syms_present build-xen-arm64-4.17 "$LOG/xen-syms.nm" \
     do_pv_iommu_op pviommu_engine_op pviommu_engine_init pvx_dump_dom0_p2m
 symbol_names_fit build-xen-arm64-4.17 "$TREE/xen"
+# The glue's own speculation barrier (../lib/engine-barrier.sh): Xen's
+# evaluate_nospec() is empty on Arm, so the glue has the engine's.
+aarch64-linux-gnu-objdump -d --no-show-raw-insn "$TREE/xen/common/pviommu.o" > "$LOG/pviommu-glue.dis"
+check_glue_barrier build-xen-arm64-4.17 "$LOG/pviommu-glue.dis" "dsb nsh; isb" \
+    'dsb[[:space:]]+nsh([[:space:]]|$)' 'isb([[:space:]]|$)'
 echo "build-xen-arm64-4.17: xen-syms has do_pv_iommu_op, the engine ($(grep -c ' pviommu_rs_\| pviommu_engine_' "$LOG/xen-syms.nm") engine symbols) and the debug key"
 echo "build-xen-arm64-4.17: fetch $((t1 - t0)) s, engine $((t2 - t1)) s, hypervisor $((t3 - t2)) s (make -j$JOBS, nice 19)"
 # (file(1) may be missing on a clean CI machine)

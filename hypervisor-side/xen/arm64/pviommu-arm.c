@@ -88,6 +88,11 @@ typedef struct meminfo pvx_membanks_t;
  */
 #define PVX_DOM0_P2M
 static bool __ro_after_init pvx_dom0_p2m;
+/*
+ * Xen's block_speculation() and evaluate_nospec() are empty on Arm: the
+ * barrier the engine puts before its page lookups (dsb nsh; isb).
+ */
+#define pvx_block_speculation() do { dsb(nsh); isb(); } while ( 0 )
 static bool pvx_is_dom0_p2m(const struct domain *d);
 /* ../pviommu-common.inc, installed next to this file */
 #include "pviommu-common.inc"

@@ -42,3 +42,43 @@ check_barrier_before_lookups() {
             printf "%s: a speculation barrier (%s) before each function'"'"'s first page lookup (%d lookups, %d barriers)\n", tag, barrier, calls, fences
         }' "$2"
 }
+
+# check_glue_barrier TAG DISASSEMBLY BARRIER FIRST SECOND
+#   The glue's own barrier: pvx_get_page and pvx_get_pages, once they hold
+#   the domain they found by domid, check it is the one the map checked
+#   (pvx_still_checked()) and fence that compare before any p2m walk (on
+#   Arm, where Xen's evaluate_nospec() is empty, with the engine's dsb nsh;
+#   isb). Each of the two must contain the barrier (FIRST, then SECOND
+#   right after it, or FIRST alone if SECOND is empty): weaker than "before
+#   every p2m walk", but one a dropped barrier fails (on Arm nothing else
+#   in them has one).
+#   DISASSEMBLY: `objdump -d --no-show-raw-insn` of the glue's object.
+check_glue_barrier() {
+    awk -v tag="$1" -v barrier="$3" -v first="$4" -v second="$5" '
+        /^[0-9a-f]+ <.*>:$/ {
+            fn = $2; gsub(/[<>:]/, "", fn)
+            mine = (fn == "pvx_get_page" || fn == "pvx_get_pages")
+            if (mine) seen[fn] = 1
+            half = 0
+            next
+        }
+        !mine { next }
+        /^ *[0-9a-f]+:/ {
+            insn = $0; sub(/^ *[0-9a-f]+:[[:space:]]+/, "", insn)
+            if (half && insn ~ ("^(" second ")")) { fenced[fn] = 1; half = 0; next }
+            half = 0
+            if (insn ~ ("^(" first ")")) {
+                if (second == "") fenced[fn] = 1; else half = 1
+            }
+        }
+        END {
+            n = split("pvx_get_page pvx_get_pages", want, " ")
+            for (i = 1; i <= n; i++) {
+                f = want[i]
+                if (!(f in seen)) { print tag ": FAIL: " f " not in the glue object" > "/dev/stderr"; bad = 1 }
+                else if (!(f in fenced)) { print tag ": FAIL: " f " has no " barrier " (its domain re-check is not fenced)" > "/dev/stderr"; bad = 1 }
+            }
+            if (bad) exit 1
+            printf "%s: the glue fences its domain re-check (%s in pvx_get_page and pvx_get_pages)\n", tag, barrier
+        }' "$2"
+}

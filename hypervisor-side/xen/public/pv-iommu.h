@@ -301,8 +301,9 @@ DEFINE_XEN_GUEST_HANDLE(pv_iommu_entry_t);
  *   E2BIG          batch larger than max_batch_ops
  *   EAGAIN         retry later: gfn paged out or shared (paging-in or
  *                  unsharing started), or the target changed under the
- *                  call 4 times running (a map: its p2m; set_limits,
- *                  stats, entry: the domain at its domid)
+ *                  call 4 times running (a map: its p2m or the domain
+ *                  at its domid; set_limits, stats, entry: the domain at
+ *                  its domid)
  *   ENOMEM         hypervisor out of memory (state unchanged)
  *   EACCES         write access asked for a page that is not device-writable
  *                  (read-only, ioreq-server, log-dirty mode)
