@@ -262,7 +262,7 @@ struct pv_iommu_entry {
 /* ---- Errors (negative Xen errno values; one meaning each in this ABI) ---- */
 /* EPERM      1  caller has no privilege over the target domain or device    */
 /* ENOENT     2  no such mapping (BFN) or context; device not attached there */
-/* ESRCH      3  no such domain                                              */
+/* ESRCH      3  no such domain, or a dying one                              */
 /* ENXIO      6  gfn not present in the target's p2m                         */
 /* ENOEXEC    8  32-bit caller: the interface is 64-bit only                 */
 /* E2BIG      7  batch larger than max_batch_ops                             */

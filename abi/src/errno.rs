@@ -119,7 +119,7 @@ impl Errno {
         match self {
             Errno::Perm => "caller has no privilege over the target domain or device",
             Errno::NoEnt => "no such mapping or context, or device not attached to it",
-            Errno::Srch => "no such domain",
+            Errno::Srch => "no such domain, or a dying one",
             Errno::Nxio => "frame not present in the target's p2m",
             Errno::NoExec => "32-bit caller: the interface is 64-bit only",
             Errno::TooBig => "batch larger than max_batch_ops",

@@ -187,14 +187,14 @@ fn a_quota_set_for_a_domain_replaced_after_its_check_is_not_the_new_ones() {
 /// destroyed yet (a zombie: the teardown is early in `domain_kill()`, and
 /// references can keep the domain in the hash for long after), replaced
 /// right after the XSM check of a control op by a new device model, out
-/// of dom0's reach, that maps a page in its context 1. The ops refuse a
-/// dying domain at their checks (`ESRCH`), so none acts on the new one.
-/// Before, they took a dying domain, and the life number, moved at the
-/// zombie's teardown end, did not move again: dom0 read and reset the new
-/// domain's counters, set its quota and read its entry (a review's
-/// finding).
-#[test]
-fn control_ops_never_act_on_the_successor_of_a_zombie() {
+/// of dom0's reach, that maps a page in its context 1: the op's answer and
+/// what it wrote back (`read`: the counters' `live`, the entry's bits, 0
+/// for limits). The ops refuse a dying domain at their checks (`ESRCH`),
+/// so none acts on the new one. Before, they took a dying domain, and the
+/// life number, moved at the zombie's teardown end, did not move again:
+/// dom0 read and reset the new domain's counters, read its entry and set
+/// its quota (a review's finding; each test below failed).
+fn control_op_on_a_replaced_zombie(command: u32) -> (i64, u64) {
     use std::cell::Cell;
     // Where the new domain's first map lands, learnt on a twin machine.
     let bfn = {
@@ -204,58 +204,66 @@ fn control_ops_never_act_on_the_successor_of_a_zombie() {
         let view = st.live_mappings(DEVICE_MODEL).next().expect("mapped");
         view.bfn
     };
-    let stats = PvIommuStats {
-        version: INTERFACE_VERSION,
-        domid: DEVICE_MODEL.0,
-        flags: stats_flag::RESET,
-        ..PvIommuStats::default()
-    };
-    let entry = PvIommuEntry {
-        version: INTERFACE_VERSION,
-        domid: DEVICE_MODEL.0,
-        context: 1,
-        bfn: bfn.0,
-        ..PvIommuEntry::default()
-    };
-    let limits = PvIommuLimits {
-        version: INTERFACE_VERSION,
-        domid: DEVICE_MODEL.0,
-        _pad0: 0,
-        quota: 7,
-    };
-    for command in [cmd::STATS, cmd::ENTRY, cmd::SET_LIMITS] {
-        let (mut m, e) = machine(Format::Vtd, 16);
-        let default_quota = e.stats(DEVICE_MODEL).quota;
-        zombie_device_model(&mut m, &e);
-        let raced = Cell::new(false);
-        let race: pviommu_tests::Race<'_> = Box::new(|m: &mut SimMachine| {
-            raced.set(true);
-            m.destroy_domain(DEVICE_MODEL);
-            protected_device_model(m, &e, ContextId(1), 1);
-        });
-        let (rc, read) = match command {
-            cmd::STATS => {
-                let (rc, out) = control_call_racing(&mut m, &e, command, &stats, race);
-                (rc, out.live)
-            }
-            cmd::ENTRY => {
-                let (rc, out) = control_call_racing(&mut m, &e, command, &entry, race);
-                (rc, out.bits)
-            }
-            _ => (control_call_racing(&mut m, &e, command, &limits, race).0, 0),
-        };
-        assert_eq!(rc, ESRCH, "command {command}: a dying domain refused");
-        assert!(
-            !raced.get(),
-            "command {command}: past the checks of a zombie"
-        );
-        assert_eq!(read, 0, "command {command}: the new domain's state read");
-        // Had the race run, the new domain's state would be as it left it.
-        if m.has_domain(DEVICE_MODEL) && !m.domain_info(DEVICE_MODEL).unwrap().dying {
-            assert_eq!(e.stats(DEVICE_MODEL).counters.maps, 1);
-            assert_eq!(e.stats(DEVICE_MODEL).quota, default_quota);
+    let (mut m, e) = machine(Format::Vtd, 16);
+    zombie_device_model(&mut m, &e);
+    let raced = Cell::new(false);
+    let race: pviommu_tests::Race<'_> = Box::new(|m: &mut SimMachine| {
+        raced.set(true);
+        m.destroy_domain(DEVICE_MODEL);
+        protected_device_model(m, &e, ContextId(1), 1);
+    });
+    let (rc, read) = match command {
+        cmd::STATS => {
+            let req = PvIommuStats {
+                version: INTERFACE_VERSION,
+                domid: DEVICE_MODEL.0,
+                flags: stats_flag::RESET,
+                ..PvIommuStats::default()
+            };
+            let (rc, out) = control_call_racing(&mut m, &e, command, &req, race);
+            (rc, out.live)
         }
-    }
+        cmd::ENTRY => {
+            let req = PvIommuEntry {
+                version: INTERFACE_VERSION,
+                domid: DEVICE_MODEL.0,
+                context: 1,
+                bfn: bfn.0,
+                ..PvIommuEntry::default()
+            };
+            let (rc, out) = control_call_racing(&mut m, &e, command, &req, race);
+            (rc, out.bits)
+        }
+        _ => {
+            let req = PvIommuLimits {
+                version: INTERFACE_VERSION,
+                domid: DEVICE_MODEL.0,
+                _pad0: 0,
+                quota: 7,
+            };
+            (control_call_racing(&mut m, &e, command, &req, race).0, 0)
+        }
+    };
+    assert!(
+        !raced.get(),
+        "command {command}: past the checks of a zombie"
+    );
+    (rc, read)
+}
+
+#[test]
+fn stats_never_reads_the_successor_of_a_zombie() {
+    assert_eq!(control_op_on_a_replaced_zombie(cmd::STATS), (ESRCH, 0));
+}
+
+#[test]
+fn entry_never_reads_the_successor_of_a_zombie() {
+    assert_eq!(control_op_on_a_replaced_zombie(cmd::ENTRY), (ESRCH, 0));
+}
+
+#[test]
+fn set_limits_never_sets_the_successors_quota_of_a_zombie() {
+    assert_eq!(control_op_on_a_replaced_zombie(cmd::SET_LIMITS), (ESRCH, 0));
 }
 
 /// [`DEVICE_MODEL`] maps a page of [`GUEST`] in its context 1, is marked

@@ -97,7 +97,7 @@ syms_present build-xen-arm64-4.17 "$LOG/xen-syms.nm" \
 symbol_names_fit build-xen-arm64-4.17 "$TREE/xen"
 # The glue's own speculation barrier (../lib/engine-barrier.sh): Xen's
 # evaluate_nospec() is empty on Arm, so the glue has the engine's.
-aarch64-linux-gnu-objdump -d --no-show-raw-insn "$TREE/xen/common/pviommu.o" > "$LOG/pviommu-glue.dis"
+aarch64-linux-gnu-objdump -dr --no-show-raw-insn "$TREE/xen/common/pviommu.o" > "$LOG/pviommu-glue.dis"
 check_glue_barrier build-xen-arm64-4.17 "$LOG/pviommu-glue.dis" "dsb nsh; isb" \
     'dsb[[:space:]]+nsh([[:space:]]|$)' 'isb([[:space:]]|$)'
 echo "build-xen-arm64-4.17: xen-syms has do_pv_iommu_op, the engine ($(grep -c ' pviommu_rs_\| pviommu_engine_' "$LOG/xen-syms.nm") engine symbols) and the debug key"

@@ -295,7 +295,7 @@ DEFINE_XEN_GUEST_HANDLE(pv_iommu_entry_t);
  * Errors (negative; one meaning each):
  *   EPERM          caller may not use PV-IOMMU on the target (incl. XSM)
  *   ENOENT         no such mapping (BFN), context, or pending revocation
- *   ESRCH          no such domain
+ *   ESRCH          no such domain, or a dying one
  *   ENXIO          gfn not present in the target's p2m
  *   ENOEXEC        32-bit caller (PV32, or HVM/PVH vCPU not in 64-bit mode)
  *   E2BIG          batch larger than max_batch_ops
