@@ -56,6 +56,28 @@ fn protected_device_model(m: &mut SimMachine, e: &Engine, context: ContextId, pa
     }
 }
 
+/// Where a new device model's first map into its context 1 lands (the
+/// BFN [`replaced_device_model`] maps at), learnt on a twin machine.
+fn successors_first_bfn() -> Bfn {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    replaced_device_model(&e, ContextId(1), 1)(&mut m);
+    let st = e.state();
+    let view = st.live_mappings(DEVICE_MODEL).next().expect("mapped");
+    assert_eq!(view.mapping.context, ContextId(1));
+    view.bfn
+}
+
+/// An `ENTRY` request for [`DEVICE_MODEL`]'s context 1 at `bfn`.
+fn entry_of_context_1(bfn: Bfn) -> PvIommuEntry {
+    PvIommuEntry {
+        version: INTERFACE_VERSION,
+        domid: DEVICE_MODEL.0,
+        context: 1,
+        bfn: bfn.0,
+        ..PvIommuEntry::default()
+    }
+}
+
 /// dom0's call `command` with `req` in its scratch memory, `race` run
 /// right after the op's XSM `control` check: the call's answer and what
 /// it wrote back.
@@ -132,23 +154,9 @@ fn stats_of_a_domain_replaced_after_its_check_read_nothing_of_the_new_one() {
 /// Before the fix dom0 read the new domain's leaf entry.
 #[test]
 fn entry_of_a_domain_replaced_after_its_check_reads_nothing_of_the_new_one() {
-    // Where the new domain's first map lands, learnt on a twin machine.
-    let bfn = {
-        let (mut m, e) = machine(Format::Vtd, 16);
-        replaced_device_model(&e, ContextId(1), 1)(&mut m);
-        let st = e.state();
-        let view = st.live_mappings(DEVICE_MODEL).next().expect("mapped");
-        assert_eq!(view.mapping.context, ContextId(1));
-        view.bfn
-    };
+    let bfn = successors_first_bfn();
     let (mut m, e) = machine(Format::Vtd, 16);
-    let req = PvIommuEntry {
-        version: INTERFACE_VERSION,
-        domid: DEVICE_MODEL.0,
-        context: 1,
-        bfn: bfn.0,
-        ..PvIommuEntry::default()
-    };
+    let req = entry_of_context_1(bfn);
     let race = replaced_device_model(&e, ContextId(1), 1);
     let (rc, out) = control_call_racing(&mut m, &e, cmd::ENTRY, &req, race);
     assert!(
@@ -196,14 +204,7 @@ fn a_quota_set_for_a_domain_replaced_after_its_check_is_not_the_new_ones() {
 /// its quota (a review's finding; each test below failed).
 fn control_op_on_a_replaced_zombie(command: u32) -> (i64, u64) {
     use std::cell::Cell;
-    // Where the new domain's first map lands, learnt on a twin machine.
-    let bfn = {
-        let (mut m, e) = machine(Format::Vtd, 16);
-        replaced_device_model(&e, ContextId(1), 1)(&mut m);
-        let st = e.state();
-        let view = st.live_mappings(DEVICE_MODEL).next().expect("mapped");
-        view.bfn
-    };
+    let bfn = successors_first_bfn();
     let (mut m, e) = machine(Format::Vtd, 16);
     zombie_device_model(&mut m, &e);
     let raced = Cell::new(false);
@@ -224,13 +225,7 @@ fn control_op_on_a_replaced_zombie(command: u32) -> (i64, u64) {
             (rc, out.live)
         }
         cmd::ENTRY => {
-            let req = PvIommuEntry {
-                version: INTERFACE_VERSION,
-                domid: DEVICE_MODEL.0,
-                context: 1,
-                bfn: bfn.0,
-                ..PvIommuEntry::default()
-            };
+            let req = entry_of_context_1(bfn);
             let (rc, out) = control_call_racing(&mut m, &e, command, &req, race);
             (rc, out.bits)
         }

@@ -1596,14 +1596,6 @@ fn a_target_replaced_between_the_lookup_and_the_lock_is_checked_again() {
 fn a_replaced_target_sees_no_lookup_before_its_checks() {
     use pviommu_hv::platform::XsmAction;
     use pviommu_tests::Service;
-    fn paged_out_replacement(e: &Engine) -> pviommu_tests::Race<'_> {
-        Box::new(move |m: &mut SimMachine| {
-            replaced_by_a_protected_domain(e)(m);
-            for g in 0..16 {
-                m.set_paged_out(GUEST, Gfn(g));
-            }
-        })
-    }
     let (mut m, e) = machine(Format::Vtd, 16);
     let race = paged_out_replacement(&e);
     let statuses = batch_of_three_maps_racing(&mut m, &e, Service::XsmCheck(XsmAction::Map), race);
@@ -1630,14 +1622,6 @@ fn a_replaced_target_sees_no_lookup_before_its_checks() {
 #[test]
 fn a_target_replaced_after_the_last_check_sees_no_lookup() {
     use pviommu_tests::Service;
-    fn paged_out_replacement(e: &Engine) -> pviommu_tests::Race<'_> {
-        Box::new(move |m: &mut SimMachine| {
-            replaced_by_a_protected_domain(e)(m);
-            for g in 0..16 {
-                m.set_paged_out(GUEST, Gfn(g));
-            }
-        })
-    }
     // A run of maps (one lookup for the run's pages), then one map alone.
     for single in [false, true] {
         let (mut m, e) = machine(Format::Vtd, 16);
@@ -1678,6 +1662,17 @@ fn a_target_replaced_after_the_last_check_sees_no_lookup() {
         assert_eq!(e.usage(DomId::DOM0).1, 0, "single {single}: no BFN in use");
         assert_eq!(m.zombie_frames(), 0, "single {single}");
     }
+}
+
+/// [`replaced_by_a_protected_domain`], the new domain's pages paged out
+/// (a lookup of one starts paging it in).
+fn paged_out_replacement(e: &Engine) -> pviommu_tests::Race<'_> {
+    Box::new(move |m: &mut SimMachine| {
+        replaced_by_a_protected_domain(e)(m);
+        for g in 0..16 {
+            m.set_paged_out(GUEST, Gfn(g));
+        }
+    })
 }
 
 /// What another CPU does in the test above: [`GUEST`] dies and a domain
