@@ -62,6 +62,8 @@ echo "build-xen-arm64: source $(cat "$SRC/.origin")"
 # and build-xen-arm64-4.17.sh
 # shellcheck source-path=SCRIPTDIR source=../lib/build.sh
 . "$HERE/../lib/build.sh"
+# shellcheck source-path=SCRIPTDIR source=../lib/engine-barrier.sh
+. "$HERE/../lib/engine-barrier.sh"
 
 # patched copy, redone when the patch set or the PCI choice changes
 patches=()
@@ -126,6 +128,10 @@ if [ "$PVI" = 1 ]; then
     aarch64-linux-gnu-nm "$TREE/xen/xen-syms" > "$LOG/xen-syms-pviommu.nm"
     syms_present build-xen-arm64 "$LOG/xen-syms-pviommu.nm" do_pv_iommu_op pviommu_engine_op pviommu_engine_init
     symbol_names_fit build-xen-arm64 "$TREE/xen"
+    # The glue's own speculation barrier, as build-xen-arm64-4.17.sh checks.
+    aarch64-linux-gnu-objdump -dr --no-show-raw-insn "$TREE/xen/common/pviommu.o" > "$LOG/pviommu-glue.dis"
+    check_glue_barrier build-xen-arm64 "$LOG/pviommu-glue.dis" "dsb nsh; isb" \
+        'dsb[[:space:]]+nsh([[:space:]]|$)' 'isb([[:space:]]|$)'
     echo "build-xen-arm64: xen-syms has do_pv_iommu_op and the engine ($(grep -c ' pviommu_rs_\| pviommu_engine_' "$LOG/xen-syms-pviommu.nm") engine symbols)"
     if grep -qiE 'warning:|orphan' "$LOG/xen-arm64-build.log"; then grep -iE 'warning:|orphan' "$LOG/xen-arm64-build.log" | head -5
     else echo "build-xen-arm64: no compiler/linker warnings"; fi
