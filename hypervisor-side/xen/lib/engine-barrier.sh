@@ -50,7 +50,8 @@ check_barrier_before_lookups() {
 #   Arm, where Xen's evaluate_nospec() is empty, with the engine's dsb nsh;
 #   isb). In each of the two, in address order, the barrier (FIRST, then
 #   SECOND right after it, or FIRST alone if SECOND is empty) must come
-#   before any call but the domain lookup's (rcu_lock_domain_by_id): the
+#   before any call but the domain lookup's (rcu_lock_domain_by_id) and,
+#   in a debug build, ASSERT_NOT_IN_ATOMIC's: the
 #   p2m lookups (pvx_lookup_page, p2m_get_entry_pages) are calls in both
 #   builds. (An inlined p2m access ahead of the barrier would pass: what
 #   the text can show without knowing the p2m's code.)
@@ -69,7 +70,7 @@ check_glue_barrier() {
         /^[[:space:]]+[0-9a-f]+: R_/ {
             if (calling) {
                 target = $NF; sub(/[-+]0x[0-9a-f]+$/, "", target); sub(/^\.text\./, "", target)
-                if (target != "rcu_lock_domain_by_id" && !(fn in fenced) && !(fn in early)) {
+                if (target !~ /^(rcu_lock_domain_by_id|ASSERT_NOT_IN_ATOMIC)$/ && !(fn in fenced) && !(fn in early)) {
                     early[fn] = target
                 }
             }
