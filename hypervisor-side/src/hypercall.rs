@@ -25,7 +25,9 @@ use lock_api::RawMutex;
 use crate::config::{MAX_CONTEXTS, MAX_REGIONS_PER_CALL};
 use crate::engine::{Engine, Hypervisor, Notice, CONTROL_RETRIES, MAP_CHUNK};
 use crate::nospec::get_nospec;
-use crate::permission::{device_refusal, may_call, may_read_regions, may_use_contexts};
+use crate::permission::{
+    device_refusal, may_call, may_control, may_read_regions, may_use_contexts,
+};
 use crate::platform::{DomainInfo, XsmAction};
 use crate::{Bfn, ContextId, DomId, Errno};
 
@@ -341,9 +343,6 @@ impl<L: RawMutex> Engine<L> {
         arg: u64,
     ) -> Result<i64, Errno> {
         crate::permission::xsm_allows(h, caller, None, XsmAction::Query)?;
-        // (The caller's control check, `may_read_regions`, resolved first,
-        // as for the other control commands.)
-        crate::nospec::block_speculation();
         let mut hdr: PvIommuRegions = copy_in(h, arg)?;
         check_version(hdr.version)?;
         // The window is fixed after boot and lives outside the lock.
@@ -386,13 +385,7 @@ impl<L: RawMutex> Engine<L> {
         ci: &DomainInfo,
         arg: u64,
     ) -> Result<i64, Errno> {
-        if !ci.control {
-            return Err(Errno::Perm);
-        }
-        // The control check resolved before what it guards runs, even
-        // speculatively (other domains' cells and tables): a plain branch,
-        // fenced only by some XSM policies' hooks and only on x86.
-        crate::nospec::block_speculation();
+        may_control(ci)?;
         let req: PvIommuLimits = copy_in(h, arg)?;
         check_version(req.version)?;
         let domid = DomId(req.domid);
@@ -457,13 +450,7 @@ impl<L: RawMutex> Engine<L> {
         ci: &DomainInfo,
         arg: u64,
     ) -> Result<i64, Errno> {
-        if !ci.control {
-            return Err(Errno::Perm);
-        }
-        // The control check resolved before what it guards runs, even
-        // speculatively (other domains' cells and tables): a plain branch,
-        // fenced only by some XSM policies' hooks and only on x86.
-        crate::nospec::block_speculation();
+        may_control(ci)?;
         let req: PvIommuStats = copy_in(h, arg)?;
         check_version(req.version)?;
         let domid = DomId(req.domid);
@@ -547,13 +534,7 @@ impl<L: RawMutex> Engine<L> {
         ci: &DomainInfo,
         arg: u64,
     ) -> Result<i64, Errno> {
-        if !ci.control {
-            return Err(Errno::Perm);
-        }
-        // The control check resolved before what it guards runs, even
-        // speculatively (other domains' cells and tables): a plain branch,
-        // fenced only by some XSM policies' hooks and only on x86.
-        crate::nospec::block_speculation();
+        may_control(ci)?;
         let req: PvIommuEntry = copy_in(h, arg)?;
         check_version(req.version)?;
         let domid = DomId(req.domid);

@@ -131,11 +131,19 @@ pub(crate) fn xsm_allows(
 /// windows, RAM holes)? The control domain only: a device model needs the
 /// BFN window's bounds (in the capabilities), not the host's physical map.
 pub fn may_read_regions(caller: &DomainInfo) -> Result<(), Errno> {
-    if caller.control {
-        Ok(())
-    } else {
-        Err(Errno::Perm)
+    may_control(caller)
+}
+
+/// The control domain's commands (the host's layout, other domains'
+/// quotas, counters and entries): the control domain only, the check
+/// resolved under speculation before what it guards runs (it is a plain
+/// branch, fenced by some XSM policies' hooks, and only on x86).
+pub fn may_control(caller: &DomainInfo) -> Result<(), Errno> {
+    if !caller.control {
+        return Err(Errno::Perm);
     }
+    crate::nospec::block_speculation();
+    Ok(())
 }
 
 /// May a page of this kind be mapped with these permissions?
