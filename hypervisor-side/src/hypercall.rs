@@ -462,11 +462,7 @@ impl<L: RawMutex> Engine<L> {
         // number is still the one read before them (`on_checked_domain`):
         // a later domain's at the domid are not read, nor reset below.
         let (r, life) = self.on_checked_domain(h, caller, domid, |e, _, life| {
-            let r = e.stats_with(domid, false);
-            if e.life_of(domid) != life {
-                return Err(Errno::Again);
-            }
-            Ok((r, life))
+            e.read_of_life(domid, life, (e.stats_of_domain(domid), life))
         })?;
         // The timing and the heap figure are the engine's, host-wide, not
         // `domid`'s: asked of the host itself (FLASK: `control` on
@@ -550,10 +546,7 @@ impl<L: RawMutex> Engine<L> {
         // The entry of the domain the checks passed (`on_checked_domain`).
         let leaf = self.on_checked_domain(h, caller, domid, |e, h, life| {
             let leaf = e.entry_bits(h, domid, ContextId(req.context), crate::Bfn(req.bfn));
-            if e.life_of(domid) != life {
-                return Err(Errno::Again);
-            }
-            leaf
+            e.read_of_life(domid, life, leaf)?
         })?;
         let out = PvIommuEntry {
             version: INTERFACE_VERSION,

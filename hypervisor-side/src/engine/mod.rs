@@ -676,16 +676,19 @@ impl<L: RawMutex> Engine<L> {
 
     /// `domid`'s counters and usage, and the host's engine heap.
     pub fn stats(&self, domid: DomId) -> StatsReport {
-        self.stats_with(domid, true)
+        StatsReport {
+            heap_bytes: self.heap_bytes_host(),
+            ..self.stats_of_domain(domid)
+        }
     }
 
-    /// [`stats`](Self::stats), with the host-wide part (`heap_bytes`, which
-    /// takes every cell's lock in turn) only when `host_wide`; 0 otherwise.
-    pub fn stats_with(&self, domid: DomId, host_wide: bool) -> StatsReport {
-        let heap = if host_wide { self.heap_bytes_host() } else { 0 };
+    /// [`stats`](Self::stats) without the host-wide part: `heap_bytes`
+    /// (which takes every cell's lock in turn, [`heap_bytes_host`]) reads 0.
+    ///
+    /// [`heap_bytes_host`]: Self::heap_bytes_host
+    pub fn stats_of_domain(&self, domid: DomId) -> StatsReport {
         let mut r = StatsReport {
             quota: self.quota_of_domain(domid),
-            heap_bytes: heap,
             ..StatsReport::default()
         };
         for context in self.contexts_of(domid) {
@@ -724,15 +727,8 @@ impl<L: RawMutex> Engine<L> {
     /// `domid`'s counters: a reset that loses nothing counted in between.
     /// Each counter is taken off its cells in context order, as much as
     /// each holds: counters only grow between the read and this, so the
-    /// whole of `seen` comes off. (For a caller that knows the domid has
-    /// not changed hands since it read `seen`; the `STATS` command checks
-    /// that itself, `stats_consumed_of_life`.)
-    pub fn stats_consumed(&self, domid: DomId, seen: &DriverStats) {
-        self.stats_consumed_of_life(domid, seen, self.life_of(domid))
-    }
-
-    /// [`stats_consumed`](Self::stats_consumed) for a caller that read
-    /// `seen` from the domain of `domid`'s life `life`: nothing is taken
+    /// whole of `seen` comes off. `seen` was read from the domain of
+    /// `domid`'s life `life` ([`life_of`](Self::life_of)): nothing is taken
     /// off a cell found once the number moved (a later domain's, perhaps).
     pub(crate) fn stats_consumed_of_life(&self, domid: DomId, seen: &DriverStats, life: u32) {
         let mut left = *seen;
@@ -889,6 +885,16 @@ impl<L: RawMutex> Engine<L> {
     pub(crate) fn life_of(&self, domid: DomId) -> u32 {
         self.gate(domid)
             .map_or(0, |g| g.lives.load(Ordering::SeqCst))
+    }
+
+    /// `read`, something read of `domid`'s state, if `domid`'s life number
+    /// is still `life` (the number read before the read's checks); else
+    /// `Err(Again)`: it may be a later domain's at the domid.
+    pub(crate) fn read_of_life<T>(&self, domid: DomId, life: u32, read: T) -> Result<T, Errno> {
+        if self.life_of(domid) != life {
+            return Err(Errno::Again);
+        }
+        Ok(read)
     }
 
     /// [`lock_cell`](Self::lock_cell) for an op on `domid`'s state checked
