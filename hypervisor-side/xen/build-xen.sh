@@ -144,8 +144,7 @@ symbol_names_fit build-xen "$WORK/xen"
 # block_speculation(), an lfence unless branch hardening is configured out
 # (then Xen's own checks have none either).
 if grep -q '^CONFIG_SPECULATIVE_HARDEN_BRANCH=y' "$WORK/xen/.config"; then
-    objdump -dr --no-show-raw-insn "$WORK/xen/common/pviommu.o" > "$BUILD/pviommu-glue.dis"
-    check_glue_barrier build-xen "$BUILD/pviommu-glue.dis" lfence 'lfence([[:space:]]|$)' ''
+    check_glue_object_barrier build-xen x86 "$WORK/xen/common/pviommu.o" "$BUILD/pviommu-glue.dis"
 else
     echo "build-xen: CONFIG_SPECULATIVE_HARDEN_BRANCH unset: the glue's barrier is empty, as Xen's own"
 fi

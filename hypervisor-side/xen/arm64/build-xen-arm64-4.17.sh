@@ -97,9 +97,7 @@ syms_present build-xen-arm64-4.17 "$LOG/xen-syms.nm" \
 symbol_names_fit build-xen-arm64-4.17 "$TREE/xen"
 # The glue's own speculation barrier (../lib/engine-barrier.sh): Xen's
 # evaluate_nospec() is empty on Arm, so the glue has the engine's.
-aarch64-linux-gnu-objdump -dr --no-show-raw-insn "$TREE/xen/common/pviommu.o" > "$LOG/pviommu-glue.dis"
-check_glue_barrier build-xen-arm64-4.17 "$LOG/pviommu-glue.dis" "dsb nsh; isb" \
-    'dsb[[:space:]]+nsh([[:space:]]|$)' 'isb([[:space:]]|$)'
+check_glue_object_barrier build-xen-arm64-4.17 arm64 "$TREE/xen/common/pviommu.o" "$LOG/pviommu-glue.dis"
 echo "build-xen-arm64-4.17: xen-syms has do_pv_iommu_op, the engine ($(grep -c ' pviommu_rs_\| pviommu_engine_' "$LOG/xen-syms.nm") engine symbols) and the debug key"
 echo "build-xen-arm64-4.17: fetch $((t1 - t0)) s, engine $((t2 - t1)) s, hypervisor $((t3 - t2)) s (make -j$JOBS, nice 19)"
 # (file(1) may be missing on a clean CI machine)

@@ -129,9 +129,7 @@ if [ "$PVI" = 1 ]; then
     syms_present build-xen-arm64 "$LOG/xen-syms-pviommu.nm" do_pv_iommu_op pviommu_engine_op pviommu_engine_init
     symbol_names_fit build-xen-arm64 "$TREE/xen"
     # The glue's own speculation barrier, as build-xen-arm64-4.17.sh checks.
-    aarch64-linux-gnu-objdump -dr --no-show-raw-insn "$TREE/xen/common/pviommu.o" > "$LOG/pviommu-glue.dis"
-    check_glue_barrier build-xen-arm64 "$LOG/pviommu-glue.dis" "dsb nsh; isb" \
-        'dsb[[:space:]]+nsh([[:space:]]|$)' 'isb([[:space:]]|$)'
+    check_glue_object_barrier build-xen-arm64 arm64 "$TREE/xen/common/pviommu.o" "$LOG/pviommu-glue.dis"
     echo "build-xen-arm64: xen-syms has do_pv_iommu_op and the engine ($(grep -c ' pviommu_rs_\| pviommu_engine_' "$LOG/xen-syms-pviommu.nm") engine symbols)"
     if grep -qiE 'warning:|orphan' "$LOG/xen-arm64-build.log"; then grep -iE 'warning:|orphan' "$LOG/xen-arm64-build.log" | head -5
     else echo "build-xen-arm64: no compiler/linker warnings"; fi

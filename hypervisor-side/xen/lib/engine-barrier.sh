@@ -98,3 +98,21 @@ check_glue_barrier() {
             printf "%s: the glue fences its domain re-check (%s in pvx_get_page and pvx_get_pages, before their p2m lookups)\n", tag, barrier
         }' "$2"
 }
+
+# check_glue_object_barrier TAG ARCH OBJECT DISASSEMBLY
+#   check_glue_barrier on the glue's object OBJECT (disassembled into
+#   DISASSEMBLY) with ARCH's barrier: x86 (Xen's block_speculation(), an
+#   lfence) or arm64 (dsb nsh; isb). The one place the builds name them.
+check_glue_object_barrier() {
+    local tag="$1" arch="$2" obj="$3" dis="$4"
+    case "$arch" in
+        x86)
+            objdump -dr --no-show-raw-insn "$obj" > "$dis"
+            check_glue_barrier "$tag" "$dis" lfence 'lfence([[:space:]]|$)' '' ;;
+        arm64)
+            aarch64-linux-gnu-objdump -dr --no-show-raw-insn "$obj" > "$dis"
+            check_glue_barrier "$tag" "$dis" "dsb nsh; isb" \
+                'dsb[[:space:]]+nsh([[:space:]]|$)' 'isb([[:space:]]|$)' ;;
+        *) echo "$tag: FAIL: no glue barrier known for $arch" >&2; return 1 ;;
+    esac
+}
