@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * pviommu.h -- the PV-IOMMU hypercall ABI (interface version 1.1).
+ * pviommu.h -- the PV-IOMMU hypercall ABI (interface version 1.6).
  *
  * A driver domain (dom0's GPU mediator) asks the hypervisor to map a foreign
  * domain's guest frame into one of the driver domain's IOMMU contexts; the

@@ -702,6 +702,23 @@ impl<L: RawMutex> Engine<L> {
         // whose other page cannot be written would otherwise fail here,
         // after the ops, with nothing reported).
         write_nr_done(h, arg, &hdr)?;
+        // Read back when it moved: an HVM or PVH caller's writes into
+        // memory its p2m makes read-only (p2m_ram_ro) are dropped by Xen
+        // without a fault, and a header there would keep the `nr_done` it
+        // was sent with; a continuation (`BATCH_INCOMPLETE`) would then run
+        // this entry's ops again, each map taking one more reference, each
+        // create one more context, for as long as the host preempts it
+        // (a review, 2026-12-06). Answered as a header that cannot be
+        // written: `EFAULT`, ops acted (design/abi.md). The write before
+        // the ops cannot tell (it writes what was read).
+        if hdr.nr_done != first {
+            let mut now = 0u32;
+            let at = core::mem::offset_of!(PvIommuBatch, nr_done) as u64;
+            h.copy_from_guest(arg.wrapping_add(at), now.as_mut_bytes())?;
+            if now != hdr.nr_done {
+                return Err(Errno::Fault);
+            }
+        }
         result
     }
 

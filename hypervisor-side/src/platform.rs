@@ -250,6 +250,20 @@ pub trait Platform {
     fn now_ns(&self) -> u64 {
         0
     }
+    /// A point in the engine's own code where another CPU may act between
+    /// two steps that make no host call between them: a test host acts
+    /// there ([`RacePoint`]). Simulated builds only; nothing on Xen.
+    #[cfg(feature = "sim")]
+    fn race_point(&mut self, _at: RacePoint) {}
+}
+
+/// Where [`Platform::race_point`] is called.
+#[cfg(feature = "sim")]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RacePoint {
+    /// `SET_LIMITS`, after its last check that the domid's life is the
+    /// checked one, before its quota is stored.
+    BeforeQuotaStore,
 }
 
 /// [`Platform::get_pages`] by [`Platform::get_page`], a page at a time:

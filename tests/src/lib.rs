@@ -10,7 +10,8 @@ use pviommu_hv::engine::Slot;
 use pviommu_hv::iommu::{BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend};
 use pviommu_hv::pgtable::TableMemory;
 use pviommu_hv::platform::{
-    CheckedTarget, DomainInfo, PageLookup, PageRun, PageSlot, Platform, ReservedRange, XsmAction,
+    CheckedTarget, DomainInfo, PageLookup, PageRun, PageSlot, Platform, RacePoint, ReservedRange,
+    XsmAction,
 };
 use pviommu_hv::sim::{DomainSpec, Format, SimMachine};
 use pviommu_hv::{Engine, Errno, Mfn};
@@ -424,6 +425,8 @@ pub enum Service {
     /// while the caller holds its cell's lock, past its checks (run it on
     /// a thread of its own: this one holds an engine lock).
     TableWrite,
+    /// At one of the engine's own [`RacePoint`]s (no host call there).
+    At(RacePoint),
 }
 
 /// Write a batch of `ops` into `caller`'s scratch memory, as a guest
@@ -596,6 +599,9 @@ impl Platform for Interposer<'_> {
     }
     fn random_seed(&self) -> u64 {
         self.m.borrow().random_seed()
+    }
+    fn race_point(&mut self, at: RacePoint) {
+        let _ = self.after(Service::At(at));
     }
     fn notify_revoked(&mut self, owner: DomId) {
         self.m.borrow_mut().notify_revoked(owner)

@@ -586,16 +586,20 @@ fn d14_set_limits_racing_a_domain_death_leaves_nothing_behind() {
 /// target died between its store and its second look at the domain took
 /// the store back to the quota it replaced, which the teardown had just
 /// forgotten: the old quota then outlived the domain and applied to the
-/// next one with its id. A store is now only ever taken back to the default.
+/// next one with its id. A store was then only ever taken back to the
+/// default; since the quota is stored into the checked life or not at all
+/// (`DomidLife`, 2026-12-06), nothing is taken back: the death here lands
+/// right before the store, which then finds the life ended.
 #[test]
 fn a_quota_reset_racing_a_domain_death_leaves_nothing_behind() {
+    use pviommu_hv::platform::RacePoint;
     let (mut m, e) = machine(Format::Vtd, 16);
     m.guest_set_limits(&e, DomId::DOM0, DEVICE_MODEL, 7)
         .unwrap();
     let got = {
         let mut racer = Interposer::new(
             &mut m,
-            Service::BeforeDomainInfo(1),
+            Service::At(RacePoint::BeforeQuotaStore),
             Box::new(|m: &mut SimMachine| {
                 m.mark_dying(DEVICE_MODEL);
                 e.domain_dying(m, DEVICE_MODEL);
@@ -1934,4 +1938,51 @@ fn a_reserved_block_start_keeps_a_teardown_slice_within_its_bound() {
     }
     assert!(worst <= most, "a slice revoked {worst} (bound {most})");
     assert_eq!(m.total_page_refs(), 0);
+}
+
+/// A batch header in memory an HVM or PVH caller's p2m makes read-only
+/// (p2m_ram_ro): Xen drops a copy's writes there without a fault
+/// (`__hvm_copy()`), so the header keeps the `nr_done` it was sent with.
+/// An entry the host preempted was continued (the same call entered
+/// again, as after Xen's `hypercall_create_continuation()`), read that
+/// `nr_done` and ran the first entry's ops again: each answered `EINVAL`
+/// (its outputs, written, are no longer zero) over the status of the map
+/// it had made, which stayed live, and was counted done; the call went on
+/// that way for as long as the host kept preempting it (review,
+/// 2026-12-06). The entry's end now reads `nr_done` back and answers
+/// `EFAULT` (ops acted) instead of continuing. The simulator dropped no
+/// write before; with its drop and without the read-back the call was
+/// still being continued after 4 entries.
+#[test]
+fn a_batch_whose_nr_done_write_is_dropped_is_not_continued() {
+    const EFAULT: i64 = -14;
+    let (mut m, e) = machine(Format::Vtd, 64);
+    let ops: Vec<_> = (1..=16)
+        .map(|g| map_op(GUEST, g, Permissions::RW))
+        .collect();
+    let (base, ops_addr) = stage_batch(&mut m, DEVICE_MODEL, &ops);
+    m.set_read_only(DEVICE_MODEL, Gfn(base >> 12));
+    m.preempt_budget = Some(0);
+    let (mut rc, mut entries) = (1, 0);
+    while rc == 1 && entries < 4 {
+        m.current = DEVICE_MODEL;
+        rc = e.hypercall(&mut m, DEVICE_MODEL, cmd::BATCH, base);
+        entries += 1;
+    }
+    assert_eq!((rc, entries), (EFAULT, 1));
+    // The first run's maps acted, each reported once.
+    let mut out = ops.clone();
+    m.current = DEVICE_MODEL;
+    m.copy_from_guest(ops_addr, zerocopy::IntoBytes::as_mut_bytes(&mut out[..]))
+        .unwrap();
+    let st = e.state();
+    let live: Vec<_> = st.live_mappings(DEVICE_MODEL).collect();
+    assert!(!live.is_empty());
+    for v in &live {
+        assert_eq!(v.mapping.refs, 1);
+        let op = &out[v.mapping.gfn.0 as usize - 1];
+        assert_eq!((op.status, op.bfn), (0, v.bfn.0), "a live map's status");
+    }
+    drop(st);
+    assert_eq!(lock_check::violations(), 0);
 }

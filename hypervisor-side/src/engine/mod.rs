@@ -27,13 +27,15 @@
 //!   target's gate names, one at a time.
 //! * **Per driver domain, shared by its cells** (`DriverShared`, atomics
 //!   in its home cell's slot): BFNs in use across its cells, for the quota.
-//! * **Per domid** (`notice_counts`, `quotas`, atomics): a driver domain's
+//! * **Per domid** (`notice_counts`, `lives`, atomics): a driver domain's
 //!   count of notices, which orders them across its cells and numbers them
-//!   (ABI 1.5), and the quota the toolstack set for it. Kept by domid, not
-//!   in a cell, so that the numbers never repeat in a domain's life however
+//!   (ABI 1.5), and the domid's life number with the quota the toolstack
+//!   set for that life ([`DomidLife`], one word). Kept by domid, not in a
+//!   cell, so that the numbers never repeat in a domain's life however
 //!   often its cells are released and claimed, a cell's next owner does not
 //!   inherit them, and setting a quota takes no cell (the pool of cells is
-//!   for domains that map); both forgotten when the domain's teardown ends.
+//!   for domains that map); the count and quota forgotten, and the life
+//!   moved, when the domain's teardown ends.
 //!
 //! * **The backend's devices lock** (Xen's `pcidevs_lock`): taken before a
 //!   driver lock by everything that points devices at contexts or takes
@@ -100,7 +102,7 @@ const MAP_RETRIES: u32 = 4;
 
 /// How often an op on another domain's state (`SET_LIMITS`, `STATS`,
 /// `ENTRY`) starts again from its checks when the domid changed hands
-/// meanwhile (`TargetGate::lives`); then `EAGAIN`.
+/// meanwhile ([`DomidLife`]); then `EAGAIN`.
 pub(crate) const CONTROL_RETRIES: u32 = 4;
 
 /// Cells of driver state (one bit each in a target gate's `drivers` mask):
@@ -219,10 +221,81 @@ pub(crate) struct CellState {
     unfinished: AtomicBool,
 }
 
-/// `Engine::quotas` when no quota is set (the boot default applies).
+/// A [`DomidLife`]'s quota when none is set (the boot default applies).
 const NO_QUOTA: u32 = u32::MAX;
 // Every quota the toolstack may set fits below it.
 const _: () = assert!(crate::config::MAX_QUOTA < NO_QUOTA as u64);
+
+/// Per domid: which life of the domid this is (high 32 bits), and the BFN
+/// quota the toolstack set for the domain of that life (`SET_LIMITS`), or
+/// [`NO_QUOTA`] (low 32 bits). One word, so that a quota is stored only
+/// into the life its checks saw (a compare-exchange on both), and a map
+/// reads its quota with one load.
+///
+/// The life is moved as a domain's teardown ends (after the domain's
+/// state here is gone, before Xen can destroy the domain and give its id
+/// to another), and by nothing else. An op on another domain's state
+/// (`SET_LIMITS`, `STATS`, `ENTRY`) reads it before its checks and again
+/// where it acts: the same life there means the state it acts on is the
+/// checked domain's, not a later domain's at the same domid, which can
+/// only exist once the checked one's teardown has ended
+/// ([`Engine::life_of`]). The ops take only a domain alive at their checks
+/// (a dying one may be past its teardown already, and then nothing moves
+/// the life when it goes), and one that only starts dying meanwhile is
+/// still the one checked: its counters are still read and reset. (Not the
+/// gate's `seq`: that also moves at every hook of a mapped domain.)
+///
+/// (The life was the gate's own word, the quota this one's, until a
+/// `SET_LIMITS` whose store came just after its last read of the life
+/// could overwrite the quota of a domain created meanwhile.)
+#[derive(Debug)]
+pub(crate) struct DomidLife(AtomicU64);
+
+impl DomidLife {
+    /// The first life, with no quota set.
+    const fn new() -> Self {
+        DomidLife(AtomicU64::new(NO_QUOTA as u64))
+    }
+
+    /// Both halves, read together (`SeqCst`).
+    fn word(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn life_in(word: u64) -> u32 {
+        (word >> 32) as u32
+    }
+
+    /// The life (`SeqCst`).
+    fn life(&self) -> u32 {
+        Self::life_in(self.word())
+    }
+
+    /// The quota set for this life, or [`NO_QUOTA`] (`SeqCst`).
+    fn quota(&self) -> u32 {
+        self.word() as u32
+    }
+
+    /// Replace `seen` (a [`word`](Self::word) read) by `quota` in the same
+    /// life: `false`, nothing stored, if the word changed since (the life
+    /// ended, or another call set a quota).
+    fn replace_quota(&self, seen: u64, quota: u32) -> bool {
+        let new = (seen & !u64::from(u32::MAX)) | u64::from(quota);
+        self.0
+            .compare_exchange(seen, new, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    /// End the life: the next one starts with no quota. No loop: the life
+    /// moves first, so no store of the ending life's can land after it, and
+    /// none of the next life's is made before the domain is destroyed (its
+    /// checks find it dying), which waits for this call's teardown to
+    /// return. (The life wraps after 2^32 lives of one domid.)
+    fn end(&self) {
+        self.0.fetch_add(1 << 32, Ordering::SeqCst);
+        self.0.fetch_or(u64::from(NO_QUOTA), Ordering::SeqCst);
+    }
+}
 
 /// How far a cell's BFNs in use move before it adds the change to its
 /// driver domain's count ([`DriverShared::used`]).
@@ -264,20 +337,6 @@ pub struct TargetGate {
     /// released nothing, by the walk or anyone else meanwhile. Written by
     /// the teardown only (one slice at a time; in the gate's padding).
     teardown_active: AtomicU32,
-    /// Which life of the domid this is: bumped as a domain's teardown ends
-    /// (after the domain's state here is gone, before Xen can destroy the
-    /// domain and give its id to another), and by nothing else. An op on
-    /// another domain's state (`SET_LIMITS`, `STATS`, `ENTRY`) reads it
-    /// before its checks and again where it acts: the same number there
-    /// means the state it acts on is the checked domain's, not a later
-    /// domain's at the same domid, which can only exist once the checked
-    /// one's teardown has ended ([`Engine::life_of`]). The ops take only a
-    /// domain alive at their checks (a dying one may be past its teardown
-    /// already, and then nothing moves the number when it goes), and one
-    /// that only starts dying meanwhile is still the one checked: its
-    /// counters are still read and reset. (Not `seq`: that also moves at
-    /// every hook of a mapped domain.) The gate's last 4 bytes.
-    lives: AtomicU32,
 }
 
 const _: () = assert!(
@@ -334,9 +393,10 @@ pub struct Engine<L: RawMutex> {
     /// creation: each notice's number (from 1) and the order
     /// `revoked_next` reports them in.
     notice_counts: Vec<AtomicU64>,
-    /// Domid -> the BFN quota the toolstack set for it (`SET_LIMITS`), or
-    /// [`NO_QUOTA`]. Set without any lock; reset when its teardown ends.
-    quotas: Vec<AtomicU32>,
+    /// Domid -> its life and the BFN quota the toolstack set for it
+    /// (`SET_LIMITS`). Set without any lock; the life moved and the quota
+    /// reset when its teardown ends.
+    lives: Vec<DomidLife>,
     /// Domid -> the cell holding its driver state, or [`NO_CELL`].
     cell_of: Vec<AtomicU8>,
     /// Cell -> the domid it belongs to, or [`FREE_CELL`].
@@ -600,7 +660,7 @@ impl<L: RawMutex> Engine<L> {
         let domids = DomId::FIRST_RESERVED as usize;
         let gates = try_from_fn(domids, |_| TargetGate::default())?;
         let notice_counts = try_from_fn(domids, |_| AtomicU64::new(0))?;
-        let quotas = try_from_fn(domids, |_| AtomicU32::new(NO_QUOTA))?;
+        let lives = try_from_fn(domids, |_| DomidLife::new())?;
         let cell_of = try_from_fn(domids, |_| AtomicU8::new(NO_CELL))?;
         let owners = try_from_fn(MAX_DRIVER_DOMAINS, |_| CacheLine(AtomicU32::new(FREE_CELL)))?;
         let ctx_cells = try_from_fn(MAX_DRIVER_DOMAINS, |_| {
@@ -622,7 +682,7 @@ impl<L: RawMutex> Engine<L> {
             seed: h.random_seed(),
             gates,
             notice_counts,
-            quotas,
+            lives,
             cell_of,
             owners,
             ctx_cells,
@@ -795,7 +855,7 @@ impl<L: RawMutex> Engine<L> {
     pub fn boot_bytes(&self) -> usize {
         self.gates.capacity() * core::mem::size_of::<TargetGate>()
             + self.notice_counts.capacity() * core::mem::size_of::<AtomicU64>()
-            + self.quotas.capacity() * core::mem::size_of::<AtomicU32>()
+            + self.lives.capacity() * core::mem::size_of::<DomidLife>()
             + self.cell_of.capacity()
             + self.owners.capacity() * core::mem::size_of::<CacheLine<AtomicU32>>()
             + self.ctx_cells.capacity() * MAX_CONTEXTS as usize
@@ -877,14 +937,14 @@ impl<L: RawMutex> Engine<L> {
         self.gate(domid).map_or(0, |g| g.seq.load(Ordering::SeqCst))
     }
 
-    /// `domid`'s life number ([`TargetGate::lives`]; 0 for a domid with no
-    /// gate). SeqCst: read before the checks of an op on the domain's
+    /// `domid`'s life number ([`DomidLife`]; 0 for a domid past the
+    /// table). SeqCst: read before the checks of an op on the domain's
     /// state, and again under the lock of each cell it acts on (a later
     /// domain's cell is claimed after the earlier domain's teardown moved
     /// the number, and the lock orders the two).
     pub(crate) fn life_of(&self, domid: DomId) -> u32 {
-        self.gate(domid)
-            .map_or(0, |g| g.lives.load(Ordering::SeqCst))
+        // (The domid is a guest's: clamped under speculation.)
+        get_nospec(&self.lives, domid.0 as usize).map_or(0, DomidLife::life)
     }
 
     /// `read`, something read of `domid`'s state, if `domid`'s life number
@@ -1067,18 +1127,18 @@ impl<L: RawMutex> Engine<L> {
     /// no clamp under speculation on the map path.
     #[inline]
     fn quota_of(&self, d: &Driver<'_, L>) -> u64 {
-        self.quota_from(self.quotas.get(d.dd.domid.0 as usize))
+        self.quota_from(self.lives.get(d.dd.domid.0 as usize))
     }
 
     /// `domid`'s quota (a domid a caller chose: clamped under speculation).
     fn quota_of_domain(&self, domid: DomId) -> u64 {
-        self.quota_from(get_nospec(&self.quotas, domid.0 as usize))
+        self.quota_from(get_nospec(&self.lives, domid.0 as usize))
     }
 
-    /// The quota a `quotas` entry says: the toolstack's, or the boot default.
+    /// The quota a `lives` entry says: the toolstack's, or the boot default.
     #[inline]
-    fn quota_from(&self, slot: Option<&AtomicU32>) -> u64 {
-        match slot.map(|q| q.load(Ordering::SeqCst)) {
+    fn quota_from(&self, slot: Option<&DomidLife>) -> u64 {
+        match slot.map(DomidLife::quota) {
             Some(q) if q != NO_QUOTA => u64::from(q),
             _ => self.config.quota,
         }
@@ -1379,16 +1439,14 @@ impl<L: RawMutex> Engine<L> {
     /// of notices (a later domain with its id numbers from 1 again) and its
     /// quota (a later domain with its id starts with the boot default).
     pub(crate) fn forget_domid(&self, domid: DomId) {
-        // The domid's life ends here: an op on this domain's state checked
-        // before acts on nothing of a later domain's (`TargetGate::lives`).
-        if let Some(g) = self.gate(domid) {
-            g.lives.fetch_add(1, Ordering::SeqCst);
+        // The domid's life ends here, and its quota with it: an op on this
+        // domain's state checked before acts on nothing of a later
+        // domain's ([`DomidLife`]).
+        if let Some(l) = self.lives.get(domid.0 as usize) {
+            l.end();
         }
         if let Some(n) = self.notice_counts.get(domid.0 as usize) {
             n.store(0, Ordering::SeqCst);
-        }
-        if let Some(q) = self.quotas.get(domid.0 as usize) {
-            q.store(NO_QUOTA, Ordering::SeqCst);
         }
     }
 
@@ -1409,20 +1467,13 @@ impl<L: RawMutex> Engine<L> {
     /// default). Lowering it below what the domain holds refuses its new
     /// maps until it is back under; nothing is revoked. The caller has been
     /// checked to be the control domain. The quota is kept by domid
-    /// (`quotas`): it takes no cell, so quotas set for domains that never
-    /// map cannot fill the pool of cells.
+    /// ([`DomidLife`]): it takes no cell, so quotas set for domains that
+    /// never map cannot fill the pool of cells.
     ///
     /// The domain is looked up without any engine lock, so its death could
-    /// land in between, and its whole teardown (which forgets its quota at
-    /// its end, [`forget_domid`](Self::forget_domid)) run before the store,
-    /// leaving the quota to a later domain with the same id. So the domain
-    /// is looked up again after the store: found alive, its teardown has not
-    /// begun (a domain is marked dying before its teardown starts) and will
-    /// forget the quota; found dying or gone, the store is taken back (to
-    /// the default, never to what it replaced: that may be what the
-    /// teardown just forgot). A domain that died and was replaced by a new
-    /// one with the same id between the two lookups gets the quota, as it
-    /// would from a call made just after.
+    /// land in between, its whole teardown run, and a later domain take its
+    /// id: the quota is stored only into the life read before the lookup
+    /// (`EAGAIN` if each of [`CONTROL_RETRIES`] rounds finds it moved).
     pub fn set_quota(
         &self,
         h: &mut impl Hypervisor,
@@ -1443,13 +1494,14 @@ impl<L: RawMutex> Engine<L> {
 
     /// [`set_quota`](Self::set_quota) for a caller whose checks of `domid`
     /// came after it read the domid's life number `life`
-    /// ([`life_of`](Self::life_of)): `Err(Again)`, nothing stored or the
-    /// store taken back, if the number moved by the time the quota is
-    /// stored (the checked domain's teardown ended, and a later domain may
-    /// hold the domid now: its label was never checked); the caller checks
-    /// again. Otherwise the domain stored for is the one checked, alive
-    /// (`Srch`, the store taken back, if it is dying): its teardown forgets
-    /// the quota at its end.
+    /// ([`life_of`](Self::life_of)): `Err(Again)`, nothing stored, if the
+    /// life is another by the time the quota is stored (the checked
+    /// domain's teardown ended, and a later domain may hold the domid now:
+    /// its label was never checked), or another call stored a quota
+    /// meanwhile; the caller checks again. Otherwise the quota is stored in
+    /// the checked domain's life, as one compare-exchange of the life and
+    /// the quota together, and the end of that life (its teardown's)
+    /// forgets it, whenever it comes. `Srch` if the domain is not alive.
     pub(crate) fn set_quota_of_life(
         &self,
         h: &mut impl Hypervisor,
@@ -1464,28 +1516,20 @@ impl<L: RawMutex> Engine<L> {
             }
             Some(_) => return Err(Errno::Inval),
         };
-        let slot = get_nospec(&self.quotas, domid.0 as usize).ok_or(Errno::Srch)?;
-        let alive = |h: &mut _| matches!(Platform::domain_info(h, domid), Some(d) if !d.dying);
-        if !alive(h) {
+        let slot = get_nospec(&self.lives, domid.0 as usize).ok_or(Errno::Srch)?;
+        // Alive after `life` was read: a domain of that life (a dying one
+        // may be a zombie past its teardown, whose end moves nothing).
+        if !matches!(Platform::domain_info(h, domid), Some(d) if !d.dying) {
             return Err(Errno::Srch);
         }
-        // The number again just before the store: none is made for a domain
-        // whose teardown ended since the checks. (What is left: the checked
-        // domain destroyed, a later one created and its quota set, all
-        // between this load and the store; see xen-integration.md, "Known
-        // gaps".)
-        if self.life_of(domid) != life {
+        let seen = slot.word();
+        if DomidLife::life_in(seen) != life {
             return Err(Errno::Again);
         }
-        slot.store(value, Ordering::SeqCst);
-        // The store before the second lookup's read of the domain's state
-        // and the number (a full barrier on Arm too, where a later plain
-        // load could otherwise pass the store).
-        core::sync::atomic::fence(Ordering::SeqCst);
-        let moved = self.life_of(domid) != life;
-        if moved || !alive(h) {
-            let _ = slot.compare_exchange(value, NO_QUOTA, Ordering::SeqCst, Ordering::SeqCst);
-            return Err(if moved { Errno::Again } else { Errno::Srch });
+        #[cfg(feature = "sim")]
+        h.race_point(crate::platform::RacePoint::BeforeQuotaStore);
+        if !slot.replace_quota(seen, value) {
+            return Err(Errno::Again);
         }
         Ok(())
     }

@@ -2283,11 +2283,17 @@ impl SimMachine {
 
     /// Visit the calling domain's RAM behind guest-physical `addr..addr+len`
     /// page by page: `f(mfn, offset in frame, offset in buffer, length)`.
+    /// Run `f(ram, frame, offset in it, bytes done, bytes here, writable)`
+    /// over each page of the calling guest's `[addr, addr + len)`, in
+    /// order; `writable` is false where Xen drops a copy's writes without
+    /// a fault: an HVM or PVH caller's p2m_ram_ro page (`__hvm_copy()`'s
+    /// `p2m_is_discard_write()`; the VRAM range's logdirty pages are
+    /// written, and marked dirty).
     fn for_guest_span(
         &mut self,
         addr: u64,
         len: usize,
-        mut f: impl FnMut(&mut Ram, Mfn, usize, usize, usize) -> Result<(), Errno>,
+        mut f: impl FnMut(&mut Ram, Mfn, usize, usize, usize, bool) -> Result<(), Errno>,
     ) -> Result<(), Errno> {
         let d = self.domains.get(&self.current).ok_or(Errno::Fault)?;
         addr.checked_add(len as u64).ok_or(Errno::Fault)?;
@@ -2298,12 +2304,13 @@ impl SimMachine {
         let mut done = 0;
         let mut a = addr;
         while done < len {
-            let Some(P2mEntry::Ram { mfn, .. }) = d.p2m.get(&Gfn(a >> 12)) else {
+            let Some(&P2mEntry::Ram { mfn, read_only }) = d.p2m.get(&Gfn(a >> 12)) else {
                 return Err(Errno::Fault);
             };
+            let discards = read_only && !d.pv && !d.vram_logdirty.contains(&(a >> 12));
             let off = (a & 0xfff) as usize;
             let n = (4096 - off).min(len - done);
-            f(&mut self.ram, *mfn, off, done, n)?;
+            f(&mut self.ram, mfn, off, done, n, !discards)?;
             done += n;
             a += n as u64;
         }
@@ -2326,7 +2333,7 @@ impl Platform for SimMachine {
     fn copy_from_guest(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
         self.note_p2m_service("copy_from_guest (takes the caller's p2m lock)");
-        self.for_guest_span(addr, buf.len(), |ram, mfn, off, done, n| {
+        self.for_guest_span(addr, buf.len(), |ram, mfn, off, done, n, _| {
             let f = ram.frame(mfn).ok_or(Errno::Fault)?;
             buf[done..done + n].copy_from_slice(&f[off..off + n]);
             Ok(())
@@ -2335,9 +2342,11 @@ impl Platform for SimMachine {
     fn copy_to_guest(&mut self, addr: u64, buf: &[u8]) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
         self.note_p2m_service("copy_to_guest (takes the caller's p2m lock)");
-        self.for_guest_span(addr, buf.len(), |ram, mfn, off, done, n| {
+        self.for_guest_span(addr, buf.len(), |ram, mfn, off, done, n, writable| {
             let f = ram.frame_mut(mfn).ok_or(Errno::Fault)?;
-            f[off..off + n].copy_from_slice(&buf[done..done + n]);
+            if writable {
+                f[off..off + n].copy_from_slice(&buf[done..done + n]);
+            }
             Ok(())
         })
     }

@@ -3,7 +3,8 @@
  * pv-iommu.h
  *
  * PV-IOMMU: a paravirtual IOMMU interface for driver domains (hypercall 43,
- * __HYPERVISOR_pv_iommu_op), interface version 1.1.
+ * __HYPERVISOR_pv_iommu_op), interface version 1.6
+ * (PVIOMMU_INTERFACE_VERSION).
  *
  * A driver domain (e.g. the hardware domain's GPU mediator), or the device
  * model of a guest, asks Xen to map a foreign domain's guest frame into the
@@ -21,6 +22,13 @@
  *   arg  the command's structure
  * Returns 0, a negative errno (see the list at the end), or
  * PVIOMMU_BATCH_INCOMPLETE (PVIOMMU_CMD_batch only): re-issue the same call.
+ * Xen continues a batch it preempts itself (a hypercall continuation), so a
+ * guest sees PVIOMMU_BATCH_INCOMPLETE only from a transport without one.
+ * Either way the batch's progress is its header's nr_done, written back at
+ * each entry's end and read again at the next: a header whose nr_done does
+ * not read back as written (memory the caller's p2m makes read-only, where
+ * Xen drops writes without a fault) ends the call with -EFAULT, its ops
+ * acted, never a continuation that would run them again.
  *
  * Only 64-bit callers are supported: a 32-bit PV guest, or an HVM/PVH vCPU
  * not executing in 64-bit mode, gets -ENOEXEC.
