@@ -968,3 +968,44 @@ fn a_preempted_batch_flushes_the_entries_it_wrote_before_xen_frees_a_table() {
     assert!(ops.iter().all(|o| o.status == 0));
     assert_eq!(m.tables_freed_before_flush(), 0);
 }
+
+/// A call of dom0's preempted while it holds pending context-0 maps and
+/// deferred unmaps of [`GUEST`]; the guest is killed (with 0, 1, 3 and 20
+/// failed flushes on the way) and the call never comes back; then dom0 is
+/// torn down. Each reference the call took is given back once: the guest
+/// goes, no frame is left a zombie, nothing stays referenced (a review's
+/// probe of the paths no other test reaches, 2026-12-06).
+#[test]
+fn a_target_killed_while_its_mappers_call_is_suspended_leaves_nothing_held() {
+    for failed_flushes in [0u32, 1, 3, 20] {
+        let (mut m, e) = machine(Format::Vtd, 256);
+        let mut kept: Vec<_> = (0..40).map(|g| map_op(GUEST, g, Permissions::RW)).collect();
+        m.guest_batch_all(&e, DomId::DOM0, &mut kept).unwrap();
+        let mut ops: Vec<_> = kept
+            .iter()
+            .take(16)
+            .map(|o| unmap_op(Bfn(o.bfn)))
+            .chain((100..140).map(|g| map_op(GUEST, g, Permissions::RW)))
+            .collect();
+        m.preempt_budget = Some(0);
+        let (ret, done) = m.guest_batch(&e, DomId::DOM0, &mut ops, 0).unwrap();
+        assert_eq!(ret, 1, "preempted");
+        let (ret, _) = m.guest_batch(&e, DomId::DOM0, &mut ops, done).unwrap();
+        assert_eq!(ret, 1, "preempted again, and never continued");
+        m.preempt_budget = None;
+        m.fail_flushes = failed_flushes;
+        m.kill_domain(&e, GUEST);
+        m.fail_flushes = 0;
+        if m.has_domain(GUEST) {
+            m.kill_domain(&e, GUEST);
+        }
+        assert!(
+            !m.has_domain(GUEST),
+            "{failed_flushes}: the guest is still dying"
+        );
+        check_invariants(&mut m, &e).unwrap();
+        assert_eq!(m.zombie_frames(), 0, "{failed_flushes}");
+        e.domain_dying(&mut m, DomId::DOM0);
+        assert_eq!(m.total_page_refs(), 0, "{failed_flushes}");
+    }
+}

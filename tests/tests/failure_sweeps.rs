@@ -130,3 +130,41 @@ fn recover_and_tear_down(m: &mut pviommu_hv::sim::SimMachine, e: &pviommu_hv::En
     assert_eq!(m.total_page_refs(), 0, "{tag}");
     assert_eq!(m.zombie_frames(), 0, "{tag}");
 }
+
+/// Extents in one of the engine's own contexts over frames off a 2 MiB
+/// boundary (mapped page by page), a table allocation failing part way
+/// (0, 1, 2, 3, 6 allowed), then balloon hooks over the extents' gfns with
+/// unmaps failing (0, 2, 600), then both teardowns: the books hold after
+/// each step and every reference goes (a review's probe of the extent
+/// take-back and the teardowns after it, 2026-12-06).
+#[test]
+fn own_context_extents_taken_back_then_torn_down_leave_nothing_held() {
+    use pviommu_abi::{ContextId, Request};
+    for allocs in [0u64, 1, 2, 3, 6] {
+        for failed_unmaps in [0u32, 2, 600] {
+            // dom0 of 100 pages: the guest's frames are off a 2 MiB boundary.
+            let (mut m, e) = machine_after_dom0(Format::Vtd, 2048, 100);
+            let mut create = [Request::ContextCreate.encode()];
+            m.guest_batch_all(&e, DomId::DOM0, &mut create).unwrap();
+            let ctx = ContextId(create[0].context);
+            m.fail_table_allocs(Some(allocs));
+            let mut ops = [512, 1024].map(|g| {
+                Request::MapExtent(map_request_in(ctx, GUEST, g, Permissions::RW)).encode()
+            });
+            let _ = m.guest_batch_all(&e, DomId::DOM0, &mut ops);
+            m.fail_table_allocs(None);
+            check_invariants(&mut m, &e).unwrap();
+            m.fail_unmaps = failed_unmaps;
+            for g in (512..1536).step_by(37) {
+                let _ = m.balloon_out(&e, GUEST, Gfn(g));
+            }
+            check_invariants(&mut m, &e).unwrap();
+            m.fail_unmaps = 0;
+            e.domain_dying(&mut m, DomId::DOM0);
+            m.kill_domain(&e, GUEST);
+            let case = format!("allocs {allocs}, failed unmaps {failed_unmaps}");
+            assert_eq!(m.total_page_refs(), 0, "{case}");
+            assert_eq!(m.zombie_frames(), 0, "{case}");
+        }
+    }
+}

@@ -21,7 +21,7 @@ use core::sync::atomic::Ordering;
 
 use lock_api::RawMutex;
 
-use super::{Driver, Engine, Hypervisor};
+use super::{Driver, Engine, EngineBug, Hypervisor};
 use crate::iommu::{FlushGather, HwContext, IommuBackend, OwnTables, TableFormat};
 use crate::nospec::get_nospec;
 use crate::permission::may_attach;
@@ -458,6 +458,18 @@ impl super::DriverDomain {
         }
         Ok(())
     }
+}
+
+/// What [`Engine::teardown_contexts`] left, if anything.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum ContextsLeft {
+    /// Nothing: every context is gone, its cell given back.
+    None,
+    /// A context whose device could not be moved off its tables (kept).
+    DeviceOn,
+    /// A context's cell that still held a page (an engine bug, counted:
+    /// kept, for the teardown's walk to take the page down).
+    HoldingPages,
 }
 
 impl<L: RawMutex> Engine<L> {
@@ -989,10 +1001,9 @@ impl<L: RawMutex> Engine<L> {
 
     /// The last step of a driver domain's teardown: its contexts go, their
     /// devices back to the default context first, and their cells back.
-    /// The caller holds the devices lock (and no cell's). `false` if a
-    /// device could not be moved off a context's tables: the teardown is
-    /// retried.
-    pub(crate) fn teardown_contexts(&self, h: &mut impl Hypervisor, domid: DomId) -> bool {
+    /// The caller holds the devices lock (and no cell's). What stopped it,
+    /// if anything: the teardown is retried.
+    pub(crate) fn teardown_contexts(&self, h: &mut impl Hypervisor, domid: DomId) -> ContextsLeft {
         for context in self.contexts_of(domid) {
             if context == ContextId::DEFAULT {
                 continue;
@@ -1000,13 +1011,20 @@ impl<L: RawMutex> Engine<L> {
             let Some(mut d) = self.lock_cell(domid, context) else {
                 continue;
             };
+            // (Its tables and cell go next: never with a page held, which
+            // the teardown's walk should have left none of.)
+            if d.dd.holds_pages() {
+                d.dd.note_bug(EngineBug::HeldAtReset);
+                self.put_driver(d);
+                return ContextsLeft::HoldingPages;
+            }
             if Self::drop_context(&mut d, h, context).is_err() {
                 self.put_driver(d);
-                return false;
+                return ContextsLeft::DeviceOn;
             }
             self.release_context_cell(d);
             self.forget_context(domid, context);
         }
-        true
+        ContextsLeft::None
     }
 }

@@ -1629,7 +1629,9 @@ pub extern "C" fn pviommu_engine_init(
 
 /// After an entry point: the engine bugs it survived ([`EngineBug`]: live
 /// mappings found missing from the page index, each taken down all the
-/// same; maps refused because a free list did not hold together), by this
+/// same; maps refused because a free list did not hold together; a dying
+/// driver domain's cell holding a page at its reset; a page reference
+/// lost on the way to a flush list), by this
 /// call or another, go to Xen's console with their number. The line is at
 /// a level no guest's own messages can rate-limit away, with a limit of its
 /// own in the glue; what it holds back waits for the next line.
@@ -1663,10 +1665,18 @@ const INDEX_MISS_LINE: &[u8] =
 const FREE_LIST_BREAK_LINE: &[u8] =
     b" map(s) refused because a cell's list of free BFNs did not hold \
     together (an engine bug): nothing was handed out\n";
+const HELD_AT_RESET_LINE: &[u8] =
+    b" time(s) a dying driver domain's cell still held a page at its reset \
+    (an engine bug): kept, and its teardown walks again\n";
+const REFERENCE_LOST_LINE: &[u8] =
+    b" page reference(s) lost moving a mapping to a flush list (an engine \
+    bug): those pages are never freed\n";
 /// A report line: the start, up to 20 digits, the kind's words.
 const BUG_LINE_BYTES: usize = 160;
 const _: () = assert!(BUG_LINE_START.len() + 20 + INDEX_MISS_LINE.len() <= BUG_LINE_BYTES);
 const _: () = assert!(BUG_LINE_START.len() + 20 + FREE_LIST_BREAK_LINE.len() <= BUG_LINE_BYTES);
+const _: () = assert!(BUG_LINE_START.len() + 20 + HELD_AT_RESET_LINE.len() <= BUG_LINE_BYTES);
+const _: () = assert!(BUG_LINE_START.len() + 20 + REFERENCE_LOST_LINE.len() <= BUG_LINE_BYTES);
 
 /// Whether the line went out (else the count is given back for the next
 /// report).
@@ -1676,6 +1686,8 @@ fn report_engine_bug_slow(e: &XenEngine, bug: EngineBug, n: u64) -> bool {
     let what = match bug {
         EngineBug::IndexMiss => INDEX_MISS_LINE,
         EngineBug::FreeListBreak => FREE_LIST_BREAK_LINE,
+        EngineBug::HeldAtReset => HELD_AT_RESET_LINE,
+        EngineBug::ReferenceLost => REFERENCE_LOST_LINE,
     };
     let mut digits = [0u8; 20];
     let parts: [&[u8]; 3] = [BUG_LINE_START, decimal(n, &mut digits), what];
