@@ -506,6 +506,13 @@ impl<L: RawMutex> Engine<L> {
         // leaves everything as it was.
         h.copy_to_guest(arg, out.as_bytes())?;
         if req.flags & stats_flag::RESET != 0 {
+            // Reset only what the caller has: a copy Xen dropped without a
+            // fault (an HVM or PVH caller's p2m_ram_ro page) does not read
+            // back (a review: the counters went, unseen).
+            let back: PvIommuStats = copy_in(h, arg)?;
+            if back.as_bytes() != out.as_bytes() {
+                return Err(Errno::Fault);
+            }
             self.stats_consumed_of_life(domid, &c, life);
         }
         if req.flags & stats_flag::TIMING_ON != 0 {

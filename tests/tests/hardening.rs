@@ -1458,6 +1458,31 @@ fn the_stats_timing_is_a_host_wide_action() {
     assert!(!e.timing());
 }
 
+/// A `STATS` reset whose copy-out Xen drops without a fault (the control
+/// domain's buffer in memory its p2m makes read-only, p2m_ram_ro): the
+/// counters went, never seen (a review, 2026-12-06). The reset now acts
+/// only on a copy that reads back: `EFAULT`, counters kept.
+#[test]
+fn a_stats_reset_whose_copy_out_is_dropped_resets_nothing() {
+    use pviommu_abi::{stats_flag, PvIommuStats, INTERFACE_VERSION};
+    use zerocopy::IntoBytes;
+    const EFAULT: i64 = -14;
+    let (mut m, e) = machine(Format::Vtd, 16);
+    map_one(&mut m, &e, DomId::DOM0, GUEST, 1, Permissions::RW).unwrap();
+    let req = PvIommuStats {
+        version: INTERFACE_VERSION,
+        domid: DomId::DOM0.0,
+        flags: stats_flag::RESET,
+        ..PvIommuStats::default()
+    };
+    let base = m.scratch_addr(DomId::DOM0).unwrap();
+    m.current = DomId::DOM0;
+    m.copy_to_guest(base, req.as_bytes()).unwrap();
+    m.set_read_only(DomId::DOM0, Gfn(base >> 12));
+    assert_eq!(e.hypercall(&mut m, DomId::DOM0, cmd::STATS, base), EFAULT);
+    assert_eq!(e.stats(DomId::DOM0).counters.maps, 1, "reset unseen");
+}
+
 /// Guest copies go page by page on the simulated host as on Xen
 /// (`hvm_copy_*`, a PV copy until its first fault): a copy that meets a
 /// page the caller does not have faults, and the pages before it are
@@ -1985,4 +2010,22 @@ fn a_batch_whose_nr_done_write_is_dropped_is_not_continued() {
     }
     drop(st);
     assert_eq!(lock_check::violations(), 0);
+}
+
+/// On Arm, Xen's copy to a page stage 2 makes read-only faults
+/// (`get_page_from_gva()` with `GV2M_WRITE`) where x86 drops the write:
+/// a batch header there answers `EFAULT` at its first write, before any
+/// op acts. The simulator dropped the write on both (a review's point on
+/// the previous test's model, 2026-12-06).
+#[test]
+fn on_arm_a_read_only_batch_header_faults_before_any_op() {
+    const EFAULT: i64 = -14;
+    let (mut m, e) = machine(Format::Lpae, 64);
+    let ops: Vec<_> = (1..=4).map(|g| map_op(GUEST, g, Permissions::RW)).collect();
+    let (base, _) = stage_batch(&mut m, DEVICE_MODEL, &ops);
+    m.set_read_only(DEVICE_MODEL, Gfn(base >> 12));
+    m.current = DEVICE_MODEL;
+    assert_eq!(e.hypercall(&mut m, DEVICE_MODEL, cmd::BATCH, base), EFAULT);
+    assert_eq!(e.state().live_mappings(DEVICE_MODEL).count(), 0);
+    assert_eq!(m.total_page_refs(), 0);
 }

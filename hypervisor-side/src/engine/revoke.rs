@@ -1614,7 +1614,7 @@ impl<L: RawMutex> Engine<L> {
                     phase: PHASE_AS_DRIVER,
                     driver: c.driver + 1,
                     slot: 0,
-                    passes: 0,
+                    passes: c.passes & STALL_COUNT,
                 };
                 continue;
             };
@@ -1661,11 +1661,16 @@ impl<L: RawMutex> Engine<L> {
                 Self::count_restart(c, progress);
                 return Err(Restart);
             }
+            // On to the next context. The count of restarts without
+            // progress goes only with progress: a walk made again because
+            // a cell still held a page at its reset (`walk_again`) must
+            // reach the stall, not start counting afresh at each context
+            // (a review: the toolstack's destroy was continued for ever).
             *c = Cursor {
                 phase: PHASE_AS_DRIVER,
                 driver: c.driver + 1,
                 slot: 0,
-                passes: 0,
+                passes: if progress { 0 } else { c.passes & STALL_COUNT },
             };
         }
         let Some(d) = self.lock_driver(domid) else {

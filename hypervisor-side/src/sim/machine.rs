@@ -2286,13 +2286,16 @@ impl SimMachine {
     /// Run `f(ram, frame, offset in it, bytes done, bytes here, writable)`
     /// over each page of the calling guest's `[addr, addr + len)`, in
     /// order; `writable` is false where Xen drops a copy's writes without
-    /// a fault: an HVM or PVH caller's p2m_ram_ro page (`__hvm_copy()`'s
-    /// `p2m_is_discard_write()`; the VRAM range's logdirty pages are
-    /// written, and marked dirty).
+    /// a fault: an HVM or PVH caller's p2m_ram_ro page on x86
+    /// (`__hvm_copy()`'s `p2m_is_discard_write()`; the VRAM range's
+    /// logdirty pages are written, and marked dirty). On Arm (the LPAE
+    /// machine) a copy to the guest (`writes`) faults there instead:
+    /// `get_page_from_gva()` with `GV2M_WRITE` finds stage 2 read-only.
     fn for_guest_span(
         &mut self,
         addr: u64,
         len: usize,
+        writes: bool,
         mut f: impl FnMut(&mut Ram, Mfn, usize, usize, usize, bool) -> Result<(), Errno>,
     ) -> Result<(), Errno> {
         let d = self.domains.get(&self.current).ok_or(Errno::Fault)?;
@@ -2308,6 +2311,9 @@ impl SimMachine {
                 return Err(Errno::Fault);
             };
             let discards = read_only && !d.pv && !d.vram_logdirty.contains(&(a >> 12));
+            if discards && writes && self.format == Format::Lpae {
+                return Err(Errno::Fault);
+            }
             let off = (a & 0xfff) as usize;
             let n = (4096 - off).min(len - done);
             f(&mut self.ram, mfn, off, done, n, !discards)?;
@@ -2333,7 +2339,7 @@ impl Platform for SimMachine {
     fn copy_from_guest(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
         self.note_p2m_service("copy_from_guest (takes the caller's p2m lock)");
-        self.for_guest_span(addr, buf.len(), |ram, mfn, off, done, n, _| {
+        self.for_guest_span(addr, buf.len(), false, |ram, mfn, off, done, n, _| {
             let f = ram.frame(mfn).ok_or(Errno::Fault)?;
             buf[done..done + n].copy_from_slice(&f[off..off + n]);
             Ok(())
@@ -2342,7 +2348,7 @@ impl Platform for SimMachine {
     fn copy_to_guest(&mut self, addr: u64, buf: &[u8]) -> Result<(), Errno> {
         let _host = HostAllocations::begin();
         self.note_p2m_service("copy_to_guest (takes the caller's p2m lock)");
-        self.for_guest_span(addr, buf.len(), |ram, mfn, off, done, n, writable| {
+        self.for_guest_span(addr, buf.len(), true, |ram, mfn, off, done, n, writable| {
             let f = ram.frame_mut(mfn).ok_or(Errno::Fault)?;
             if writable {
                 f[off..off + n].copy_from_slice(&buf[done..done + n]);
