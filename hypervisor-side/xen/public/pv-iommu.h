@@ -315,7 +315,9 @@ DEFINE_XEN_GUEST_HANDLE(pv_iommu_entry_t);
  *   ENOMEM         hypervisor out of memory (state unchanged)
  *   EACCES         write access asked for a page that is not device-writable
  *                  (read-only, ioreq-server, log-dirty mode)
- *   EFAULT         a guest buffer could not be read or written
+ *   EFAULT         a guest buffer could not be read or written (or, for
+ *                  a batch header's nr_done or a stats reset's copy-out,
+ *                  did not read back as written: Xen dropped the write)
  *   EBUSY          context still has live mappings
  *   EXDEV          frame not owned by the target (Xen-owned, special,
  *                  granted, foreign) behind a translated target's gfn
