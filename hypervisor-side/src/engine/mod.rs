@@ -1830,6 +1830,70 @@ mod review_tests {
         }
     }
 
+    /// A review of the re-walk's stall count (2026-12-06): the count of a
+    /// teardown's restarts without progress went on across contexts
+    /// whatever the walk was. A context whose failed flush another path
+    /// retried between slices (here the target's write revocation) then
+    /// passed its count of 5 on, and the teardown said it was stalled
+    /// after 3 more failures (a flaky IOMMU's `-EBUSY` too early). Only a
+    /// walk made again for a page held at a reset carries it now.
+    #[test]
+    fn a_context_finished_by_another_path_passes_no_stall_count_on() {
+        const DM: DomId = DomId(3);
+        let mut m = SimMachine::new(4096, Format::Vtd, 64);
+        let guest = DomainSpec {
+            pages: 16,
+            privileged: false,
+            device_model_of: None,
+        };
+        m.create_domain(GUEST, guest).unwrap();
+        let dm = DomainSpec {
+            pages: 4,
+            privileged: false,
+            device_model_of: Some(GUEST),
+        };
+        m.create_domain(DM, dm).unwrap();
+        let e = crate::Engine::new(Default::default(), &m).unwrap();
+        assert_eq!(e.context_create(&mut m, DM), Ok(ContextId(1)));
+        let info = m.domain_info(DM).unwrap();
+        let req = MapRequest {
+            context: ContextId::DEFAULT,
+            domid: GUEST,
+            gfn: Gfn(1),
+            perms: Permissions::RW,
+            attr: MemAttr::WriteBack,
+            grant: false,
+        };
+        e.map(&mut m, DM, &info, &req).unwrap();
+        e.finish(&mut m, DM);
+        m.mark_dying(DM);
+        m.fail_flushes = 1000;
+        let mut cursor = 0;
+        for _ in 0..6 {
+            assert!(e.domain_teardown(&mut m, DM, &mut cursor).is_err());
+        }
+        assert!(!crate::Engine::teardown_stalled(cursor));
+        // Another path retries context 0's flush, which now succeeds.
+        m.fail_flushes = 0;
+        let mut revoking = 0;
+        for _ in 0..50 {
+            if e.revoke_writes(&mut m, GUEST, &mut revoking).is_ok() {
+                break;
+            }
+        }
+        m.fail_flushes = 1000;
+        let mut slices = 0;
+        while !crate::Engine::teardown_stalled(cursor) {
+            assert!(e.domain_teardown(&mut m, DM, &mut cursor).is_err());
+            slices += 1;
+            assert!(slices < 32);
+        }
+        assert!(
+            slices >= 8,
+            "said stalled after {slices} slices failing afresh (STALLED_RESTARTS is 8)"
+        );
+    }
+
     fn teardown_with_a_hidden_page(context: ContextId) {
         const DM: DomId = DomId(3);
         let mut m = SimMachine::new(4096, Format::Vtd, 64);

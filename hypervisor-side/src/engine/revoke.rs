@@ -116,6 +116,15 @@ const STALLED: u8 = 0x10;
 /// behind others' in the cell's queues: a queue moving is progress
 /// towards them).
 const RETRIED_STUCK: u8 = 0x20;
+/// `passes` of a teardown's driver phase (the bit is the target phase's
+/// `RETRIED_STUCK`): the walk is being made again because a cell still
+/// held a page at its reset (`walk_again`). Only then does the count of
+/// restarts without progress go on across contexts, so that the re-walk
+/// reaches the stall; otherwise each context starts it afresh (a context
+/// whose pending work another path finished between slices sees no
+/// progress of its own: carrying its count stalled a flaky IOMMU early,
+/// a review's finding).
+const REWALKING: u8 = 0x20;
 
 /// Cursor layout of a teardown and of [`Engine::revoke_writes`]: phase in
 /// bits 62-63, retry passes (a teardown: its stall count and flags) in
@@ -1614,7 +1623,7 @@ impl<L: RawMutex> Engine<L> {
                     phase: PHASE_AS_DRIVER,
                     driver: c.driver + 1,
                     slot: 0,
-                    passes: c.passes & STALL_COUNT,
+                    passes: Self::passes_on_advance(c.passes, false),
                 };
                 continue;
             };
@@ -1661,16 +1670,11 @@ impl<L: RawMutex> Engine<L> {
                 Self::count_restart(c, progress);
                 return Err(Restart);
             }
-            // On to the next context. The count of restarts without
-            // progress goes only with progress: a walk made again because
-            // a cell still held a page at its reset (`walk_again`) must
-            // reach the stall, not start counting afresh at each context
-            // (a review: the toolstack's destroy was continued for ever).
             *c = Cursor {
                 phase: PHASE_AS_DRIVER,
                 driver: c.driver + 1,
                 slot: 0,
-                passes: if progress { 0 } else { c.passes & STALL_COUNT },
+                passes: Self::passes_on_advance(c.passes, progress),
             };
         }
         let Some(d) = self.lock_driver(domid) else {
@@ -1725,7 +1729,8 @@ impl<L: RawMutex> Engine<L> {
 
     /// A driver domain's teardown found a cell holding a page where its
     /// walk should have left none: start the walk again from its first
-    /// context (counted as a slice that made no progress).
+    /// context (counted as a slice that made no progress, and marked
+    /// [`REWALKING`] so that the count survives the walk's advances).
     #[cold]
     fn walk_again(c: &mut Cursor) -> Restart {
         *c = Cursor {
@@ -1735,7 +1740,23 @@ impl<L: RawMutex> Engine<L> {
             passes: c.passes,
         };
         Self::count_restart(c, false);
+        if c.passes & STALLED == 0 {
+            c.passes |= REWALKING;
+        }
         Restart
+    }
+
+    /// The driver phase's `passes` as its walk moves on to the next
+    /// context: afresh, unless the walk is being made again
+    /// ([`REWALKING`]) and this context's made no progress (a re-walk
+    /// that keeps finding the page must reach the stall: a review found
+    /// the toolstack's destroy continued for ever).
+    fn passes_on_advance(passes: u8, progress: bool) -> u8 {
+        if !progress && passes & REWALKING != 0 {
+            passes & (STALL_COUNT | REWALKING)
+        } else {
+            0
+        }
     }
 
     /// Run a domain's teardown to the end, as Xen's toolstack does through

@@ -2310,10 +2310,10 @@ impl SimMachine {
             let Some(&P2mEntry::Ram { mfn, read_only }) = d.p2m.get(&Gfn(a >> 12)) else {
                 return Err(Errno::Fault);
             };
-            let discards = read_only && !d.pv && !d.vram_logdirty.contains(&(a >> 12));
-            if discards && writes && self.format == Format::Lpae {
+            if read_only && writes && self.format == Format::Lpae {
                 return Err(Errno::Fault);
             }
+            let discards = read_only && !d.pv && !d.vram_logdirty.contains(&(a >> 12));
             let off = (a & 0xfff) as usize;
             let n = (4096 - off).min(len - done);
             f(&mut self.ram, mfn, off, done, n, !discards)?;
