@@ -18,7 +18,7 @@ use pviommu_abi::{
     PvIommuLimits, PvIommuOp, PvIommuRegion, PvIommuRegions, PvIommuStats, Request,
     BATCH_INCOMPLETE, INTERFACE_VERSION,
 };
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use lock_api::RawMutex;
 
@@ -107,11 +107,35 @@ fn copy_in_run<T>(
     (copied, None)
 }
 
+/// The address of `nr_done` in the batch header at `arg`.
+fn nr_done_at(arg: u64) -> u64 {
+    arg.wrapping_add(core::mem::offset_of!(PvIommuBatch, nr_done) as u64)
+}
+
 /// Write back the `nr_done` of `hdr`, the batch header read whole from
 /// `arg` (so the 4 bytes lie within what was read), and nothing else of it.
 fn write_nr_done(h: &mut impl Hypervisor, arg: u64, hdr: &PvIommuBatch) -> Result<(), Errno> {
-    let at = core::mem::offset_of!(PvIommuBatch, nr_done) as u64;
-    h.copy_to_guest(arg.wrapping_add(at), hdr.nr_done.as_bytes())
+    h.copy_to_guest(nr_done_at(arg), hdr.nr_done.as_bytes())
+}
+
+/// `Err(Fault)` unless `written`, just copied to the guest at `addr`, reads
+/// back as written. Xen drops an HVM or PVH caller's writes into memory
+/// its p2m makes read-only (p2m_ram_ro: `__hvm_copy()`) without a fault;
+/// where acting on a write the caller never got would lose something (a
+/// batch continued from the `nr_done` it was sent with, a `STATS` reset
+/// of counters never seen), the write is read back first (a review,
+/// 2026-12-06).
+fn reads_back<T: FromBytes + IntoBytes + Immutable>(
+    h: &mut impl Hypervisor,
+    addr: u64,
+    written: &T,
+) -> Result<(), Errno> {
+    let back: T = copy_in(h, addr)?;
+    if back.as_bytes() == written.as_bytes() {
+        Ok(())
+    } else {
+        Err(Errno::Fault)
+    }
 }
 
 /// Write `ops` back to the guest at `addr`, in one copy if it can be done;
@@ -506,13 +530,9 @@ impl<L: RawMutex> Engine<L> {
         // leaves everything as it was.
         h.copy_to_guest(arg, out.as_bytes())?;
         if req.flags & stats_flag::RESET != 0 {
-            // Reset only what the caller has: a copy Xen dropped without a
-            // fault (an HVM or PVH caller's p2m_ram_ro page) does not read
-            // back (a review: the counters went, unseen).
-            let back: PvIommuStats = copy_in(h, arg)?;
-            if back.as_bytes() != out.as_bytes() {
-                return Err(Errno::Fault);
-            }
+            // Reset only what the caller has (a copy Xen dropped does not
+            // read back).
+            reads_back(h, arg, &out)?;
             self.stats_consumed_of_life(domid, &c, life);
         }
         if req.flags & stats_flag::TIMING_ON != 0 {
@@ -709,22 +729,15 @@ impl<L: RawMutex> Engine<L> {
         // whose other page cannot be written would otherwise fail here,
         // after the ops, with nothing reported).
         write_nr_done(h, arg, &hdr)?;
-        // Read back when it moved: an HVM or PVH caller's writes into
-        // memory its p2m makes read-only (p2m_ram_ro) are dropped by Xen
-        // without a fault, and a header there would keep the `nr_done` it
-        // was sent with; a continuation (`BATCH_INCOMPLETE`) would then run
-        // this entry's ops again, each map taking one more reference, each
-        // create one more context, for as long as the host preempts it
-        // (a review, 2026-12-06). Answered as a header that cannot be
-        // written: `EFAULT`, ops acted (design/abi.md). The write before
-        // the ops cannot tell (it writes what was read).
+        // Read back when it moved: a header whose writes Xen drops keeps
+        // the `nr_done` it was sent with, and a continuation
+        // (`BATCH_INCOMPLETE`) would run this entry's ops again, each over
+        // the status of what it did, for as long as the host preempts it.
+        // Answered as a header that cannot be written: `EFAULT`, ops acted
+        // (design/abi.md). The write before the ops cannot tell (it writes
+        // what was read).
         if hdr.nr_done != first {
-            let mut now = 0u32;
-            let at = core::mem::offset_of!(PvIommuBatch, nr_done) as u64;
-            h.copy_from_guest(arg.wrapping_add(at), now.as_mut_bytes())?;
-            if now != hdr.nr_done {
-                return Err(Errno::Fault);
-            }
+            reads_back(h, nr_done_at(arg), &hdr.nr_done)?;
         }
         result
     }
