@@ -1498,10 +1498,20 @@ impl<L: RawMutex> Engine<L> {
         domid: DomId,
         quota: Option<u64>,
     ) -> Result<(), Errno> {
+        // (Refused before any lookup: a malformed quota is `Inval` whatever
+        // the domain.)
+        Self::quota_value(quota)?;
         // (A move means the domain's teardown ended: the next round finds it
         // gone, or a later domain, alive, whose own quota it is.)
         for _ in 0..CONTROL_RETRIES {
             let life = self.life_of(domid);
+            // Alive after `life` was read: a domain of that life (a dying
+            // one may be a zombie past its teardown, whose end moves
+            // nothing). The hypercall's checks make the same one
+            // (`on_checked_domain`).
+            if !matches!(Platform::domain_info(h, domid), Some(d) if !d.dying) {
+                return Err(Errno::Srch);
+            }
             match self.set_quota_of_life(h, domid, quota, life) {
                 Err(Errno::Again) => continue,
                 r => return r,
@@ -1512,14 +1522,25 @@ impl<L: RawMutex> Engine<L> {
 
     /// [`set_quota`](Self::set_quota) for a caller whose checks of `domid`
     /// came after it read the domid's life number `life`
-    /// ([`life_of`](Self::life_of)): `Err(Again)`, nothing stored, if the
+    /// ([`life_of`](Self::life_of)), and found the domain alive:
+    /// `Err(Again)`, nothing stored, if the
     /// life is another by the time the quota is stored (the checked
     /// domain's teardown ended, and a later domain may hold the domid now:
     /// its label was never checked), or another call stored a quota
     /// meanwhile; the caller checks again. Otherwise the quota is stored in
     /// the checked domain's life, as one compare-exchange of the life and
     /// the quota together, and the end of that life (its teardown's)
-    /// forgets it, whenever it comes. `Srch` if the domain is not alive.
+    /// forgets it, whenever it comes.
+    /// The word a quota is kept as (`None`: [`NO_QUOTA`]); `Inval` past
+    /// [`MAX_QUOTA`](crate::config::MAX_QUOTA).
+    fn quota_value(quota: Option<u64>) -> Result<u32, Errno> {
+        match quota {
+            None => Ok(NO_QUOTA),
+            Some(q) if q <= crate::config::MAX_QUOTA => u32::try_from(q).map_err(|_| Errno::Inval),
+            Some(_) => Err(Errno::Inval),
+        }
+    }
+
     pub(crate) fn set_quota_of_life(
         &self,
         h: &mut impl Hypervisor,
@@ -1527,25 +1548,17 @@ impl<L: RawMutex> Engine<L> {
         quota: Option<u64>,
         life: u32,
     ) -> Result<(), Errno> {
-        let value = match quota {
-            None => NO_QUOTA,
-            Some(q) if q <= crate::config::MAX_QUOTA => {
-                u32::try_from(q).map_err(|_| Errno::Inval)?
-            }
-            Some(_) => return Err(Errno::Inval),
-        };
+        let value = Self::quota_value(quota)?;
         let slot = get_nospec(&self.lives, domid.0 as usize).ok_or(Errno::Srch)?;
-        // Alive after `life` was read: a domain of that life (a dying one
-        // may be a zombie past its teardown, whose end moves nothing).
-        if !matches!(Platform::domain_info(h, domid), Some(d) if !d.dying) {
-            return Err(Errno::Srch);
-        }
         let seen = slot.word();
         if DomidLife::life_in(seen) != life {
             return Err(Errno::Again);
         }
+        // (Only the simulated host has a race point here.)
         #[cfg(feature = "sim")]
         h.race_point(crate::platform::RacePoint::BeforeQuotaStore);
+        #[cfg(not(feature = "sim"))]
+        let _ = h;
         if !slot.replace_quota(seen, value) {
             return Err(Errno::Again);
         }
@@ -1695,6 +1708,8 @@ mod review_tests {
     use pviommu_abi::MapRequest;
 
     const GUEST: DomId = DomId(1);
+    /// A device model of [`GUEST`] (`device_model_mapping`).
+    const DM: DomId = DomId(3);
 
     /// Review of the gate bits: a bit a cell keeps for a target it no
     /// longer holds anything of (kept while the cell has work pending for
@@ -1839,33 +1854,7 @@ mod review_tests {
     /// walk made again for a page held at a reset carries it now.
     #[test]
     fn a_context_finished_by_another_path_passes_no_stall_count_on() {
-        const DM: DomId = DomId(3);
-        let mut m = SimMachine::new(4096, Format::Vtd, 64);
-        let guest = DomainSpec {
-            pages: 16,
-            privileged: false,
-            device_model_of: None,
-        };
-        m.create_domain(GUEST, guest).unwrap();
-        let dm = DomainSpec {
-            pages: 4,
-            privileged: false,
-            device_model_of: Some(GUEST),
-        };
-        m.create_domain(DM, dm).unwrap();
-        let e = crate::Engine::new(Default::default(), &m).unwrap();
-        assert_eq!(e.context_create(&mut m, DM), Ok(ContextId(1)));
-        let info = m.domain_info(DM).unwrap();
-        let req = MapRequest {
-            context: ContextId::DEFAULT,
-            domid: GUEST,
-            gfn: Gfn(1),
-            perms: Permissions::RW,
-            attr: MemAttr::WriteBack,
-            grant: false,
-        };
-        e.map(&mut m, DM, &info, &req).unwrap();
-        e.finish(&mut m, DM);
+        let (mut m, e) = device_model_mapping(ContextId(1), ContextId::DEFAULT, &[1]);
         m.mark_dying(DM);
         m.fail_flushes = 1000;
         let mut cursor = 0;
@@ -1894,8 +1883,14 @@ mod review_tests {
         );
     }
 
-    fn teardown_with_a_hidden_page(context: ContextId) {
-        const DM: DomId = DomId(3);
+    /// [`DM`], a device model of [`GUEST`] (16 pages), with its contexts
+    /// up to `last` (none but 0 for the default), having mapped `gfns` of
+    /// the guest into `into`, the call's flush done.
+    fn device_model_mapping(
+        last: ContextId,
+        into: ContextId,
+        gfns: &[u64],
+    ) -> (SimMachine, crate::Engine) {
         let mut m = SimMachine::new(4096, Format::Vtd, 64);
         let guest = DomainSpec {
             pages: 16,
@@ -1910,13 +1905,13 @@ mod review_tests {
         };
         m.create_domain(DM, dm).unwrap();
         let e = crate::Engine::new(Default::default(), &m).unwrap();
-        if context != ContextId::DEFAULT {
-            assert_eq!(e.context_create(&mut m, DM), Ok(context));
+        for id in 1..=last.0 {
+            assert_eq!(e.context_create(&mut m, DM), Ok(ContextId(id)));
         }
         let info = m.domain_info(DM).unwrap();
-        for gfn in [1, 2] {
+        for &gfn in gfns {
             let req = MapRequest {
-                context,
+                context: into,
                 domid: GUEST,
                 gfn: Gfn(gfn),
                 perms: Permissions::RW,
@@ -1926,6 +1921,11 @@ mod review_tests {
             e.map(&mut m, DM, &info, &req).unwrap();
         }
         e.finish(&mut m, DM);
+        (m, e)
+    }
+
+    fn teardown_with_a_hidden_page(context: ContextId) {
+        let (mut m, e) = device_model_mapping(context, context, &[1, 2]);
         let (idx, bits) = {
             let mut d = e.lock_cell(DM, context).unwrap();
             let idx =
