@@ -1520,17 +1520,6 @@ impl<L: RawMutex> Engine<L> {
         Err(Errno::Again)
     }
 
-    /// [`set_quota`](Self::set_quota) for a caller whose checks of `domid`
-    /// came after it read the domid's life number `life`
-    /// ([`life_of`](Self::life_of)), and found the domain alive:
-    /// `Err(Again)`, nothing stored, if the
-    /// life is another by the time the quota is stored (the checked
-    /// domain's teardown ended, and a later domain may hold the domid now:
-    /// its label was never checked), or another call stored a quota
-    /// meanwhile; the caller checks again. Otherwise the quota is stored in
-    /// the checked domain's life, as one compare-exchange of the life and
-    /// the quota together, and the end of that life (its teardown's)
-    /// forgets it, whenever it comes.
     /// The word a quota is kept as (`None`: [`NO_QUOTA`]); `Inval` past
     /// [`MAX_QUOTA`](crate::config::MAX_QUOTA).
     fn quota_value(quota: Option<u64>) -> Result<u32, Errno> {
@@ -1541,6 +1530,16 @@ impl<L: RawMutex> Engine<L> {
         }
     }
 
+    /// [`set_quota`](Self::set_quota) for a caller whose checks of `domid`
+    /// came after it read the domid's life number `life`
+    /// ([`life_of`](Self::life_of)), and found the domain alive:
+    /// `Err(Again)`, nothing stored, if the life is another by the time
+    /// the quota is stored (the checked domain's teardown ended, and a
+    /// later domain may hold the domid now: its label was never checked),
+    /// or another call stored a quota meanwhile; the caller checks again.
+    /// Otherwise the quota is stored in the checked domain's life, as one
+    /// compare-exchange of the life and the quota together, and the end of
+    /// that life (its teardown's) forgets it, whenever it comes.
     pub(crate) fn set_quota_of_life(
         &self,
         h: &mut impl Hypervisor,
