@@ -58,6 +58,9 @@ hypervisor-side/xen/tests/parse-option.sh
 step "Xen glue: an IOMMU run outside the engine's window is refused"
 hypervisor-side/xen/tests/run-window.sh
 
+step "Arm glue: PCI host bridge windows reserved at CPU and bus addresses, or PV-IOMMU off"
+hypervisor-side/xen/tests/bridge-windows.sh
+
 step "Xen p2m hook: which type changes take device write access away"
 hypervisor-side/xen/tests/write-lost.sh
 

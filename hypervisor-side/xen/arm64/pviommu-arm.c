@@ -117,14 +117,85 @@ static bool pvx_caller_not_64bit(struct vcpu *v)
 
 /* ---- Reserved BFN regions and limits (built once at boot) ---- */
 
-/* The host device tree's view of what is not RAM. */
+/* A PCI bus node, as Xen's device-tree code matches them ("pci", "pciex"). */
+static bool __init pvx_dt_is_pci(const struct dt_device_node *np)
+{
+    return dt_device_type_is_equal(np, "pci") ||
+           dt_device_type_is_equal(np, "pciex");
+}
+
+/*
+ * A PCI-PCI bridge's node (under a host bridge): its windows lie within
+ * its host bridge's, reserved there; its own `ranges` (often empty) adds
+ * nothing.
+ */
+static bool __init pvx_pci_below_bridge(const struct dt_device_node *np)
+{
+    const struct dt_device_node *parent = dt_get_parent(np);
+
+    return parent && pvx_dt_is_pci(parent);
+}
+
+/* A host bridge window at its CPU address (dt_for_each_range()). */
 static int __init cf_check pvx_dt_range(const struct dt_device_node *dev,
                                         uint64_t addr, uint64_t len,
                                         void *data)
 {
+    /* (Xen's DT_BAD_ADDR, private to device-tree.c.) */
+    if ( addr == ~(uint64_t)0 )
+    {
+        printk(XENLOG_ERR "pviommu: %s: a window's CPU address does not translate\n",
+               dt_node_full_name(dev));
+        pvx_regions_incomplete = true;
+        return 0;
+    }
     pvx_add_range(addr, len, PVIOMMU_REGION_MMIO);
 
     return 0;
+}
+
+/*
+ * A PCI host bridge's memory windows at their bus addresses: the child
+ * side of its `ranges`, where its devices' DMA meets them. Where the
+ * bridge translates (bus != CPU address), dt_for_each_range() gives only
+ * the CPU side; a BFN at a peer device's bus address would reach that
+ * BAR, routed by the bridge, not the page behind the IOMMU. Each entry:
+ * the PCI address (3 cells: space code in bits 25:24 of the first, the
+ * address in the other two), the CPU address (the parent's
+ * #address-cells), the size (2 cells). I/O and config space are no DMA
+ * target. false (nothing is known of this bridge's windows) if `ranges`
+ * is missing or cannot be read.
+ */
+static bool __init pvx_pci_bus_windows(const struct dt_device_node *np)
+{
+    enum { PCI_ADDR_CELLS = 3, PCI_SIZE_CELLS = 2 };
+    const __be32 *cells;
+    uint32_t len, na = 0, ns = 0;
+    int pna = dt_n_addr_cells(np);
+    unsigned int one, left;
+
+    cells = dt_get_property(np, "ranges", &len);
+    if ( !cells ||
+         !dt_property_read_u32(np, "#address-cells", &na) ||
+         !dt_property_read_u32(np, "#size-cells", &ns) ||
+         na != PCI_ADDR_CELLS || ns != PCI_SIZE_CELLS || pna < 1 || pna > 2 )
+        return false;
+    one = PCI_ADDR_CELLS + pna + PCI_SIZE_CELLS;
+    if ( len % (4 * one) )
+        return false;
+    for ( left = len / 4; left >= one; left -= one, cells += one )
+    {
+        unsigned int space = (be32_to_cpu(cells[0]) >> 24) & 3;
+
+        /* 2: 32-bit memory, 3: 64-bit memory. */
+        if ( space >= 2 )
+            pvx_add_range(dt_read_number(cells + 1, 2),
+                          dt_read_number(cells + PCI_ADDR_CELLS + pna,
+                                         PCI_SIZE_CELLS),
+                          PVIOMMU_REGION_MMIO);
+    }
+
+    return true;
 }
 
 /*
@@ -132,8 +203,10 @@ static int __init cf_check pvx_dt_range(const struct dt_device_node *dev,
  *  - below the first RAM bank and between banks: MMIO (GIC, GICv3 ITS
  *    doorbells, UARTs, the low PCI windows of QEMU's virt machine);
  *  - GICv3 ITS translation registers (MSI doorbells) wherever they are;
- *  - every PCI host bridge's config space (reg) and windows (ranges), the
- *    high ones above RAM included;
+ *  - every PCI host bridge's config space (reg) and memory windows
+ *    (ranges), at their CPU and at their bus addresses, the high ones
+ *    above RAM included; a bridge whose windows cannot be read leaves
+ *    PV-IOMMU off (pvx_regions_incomplete), never a window unreserved;
  *  - any other device-tree reg above RAM (platform).
  * RAM ends at max_page. Arm's dom0 adds PCI devices after boot (PHYSDEVOP),
  * so no device walk here: the bridge windows cover their BARs.
@@ -170,7 +243,7 @@ static void __init pvx_build_regions(void)
     {
         unsigned int naddr = dt_number_of_address(np);
         bool its = dt_device_is_compatible(np, "arm,gic-v3-its");
-        bool pci = dt_device_type_is_equal(np, "pci");
+        bool pci = pvx_dt_is_pci(np);
 
         if ( dt_device_type_is_equal(np, "memory") )
             continue;
@@ -187,8 +260,14 @@ static void __init pvx_build_regions(void)
             else if ( addr + size > pfn_to_paddr(max_page) )
                 pvx_add_range(addr, size, PVIOMMU_REGION_PLATFORM);
         }
-        if ( pci )
-            dt_for_each_range(np, pvx_dt_range, NULL);
+        if ( pci && !pvx_pci_below_bridge(np) &&
+             (dt_for_each_range(np, pvx_dt_range, NULL) ||
+              !pvx_pci_bus_windows(np)) )
+        {
+            printk(XENLOG_ERR "pviommu: %s: its `ranges` cannot be read\n",
+                   dt_node_full_name(np));
+            pvx_regions_incomplete = true;
+        }
     }
 
     pvx_ram_end = max_page;
