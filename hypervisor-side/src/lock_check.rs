@@ -21,6 +21,41 @@ use lock_api::{GuardSend, RawMutex};
 thread_local! {
     static HELD: Cell<u32> = const { Cell::new(0) };
     static P2M_HOOK: Cell<Option<u16>> = const { Cell::new(None) };
+    static HOST_ATOMIC: Cell<Option<&'static str>> = const { Cell::new(None) };
+}
+
+/// The engine runs where Xen holds a spinlock of its own around it: a
+/// domctl's slice under `domctl_lock` (a domain's teardown, the log-dirty
+/// enable's revocation). A gfn hook (under a p2m lock, [`P2mHook`]) is one
+/// too. The glue's `[unlocked]` services assert `ASSERT_NOT_IN_ATOMIC()`,
+/// which fires there (a debug Xen crashes); the simulated ones record such
+/// a call as a violation ([`note_unlocked`]). The engine marks these
+/// entry points (hosted builds only), whoever calls them.
+pub struct HostAtomic(Option<&'static str>);
+
+impl HostAtomic {
+    /// Mark the engine as running under Xen's lock `what` until the guard goes.
+    pub fn enter(what: &'static str) -> Self {
+        Self(HOST_ATOMIC.with(|h| h.replace(Some(what))))
+    }
+}
+
+impl Drop for HostAtomic {
+    fn drop(&mut self) {
+        HOST_ATOMIC.with(|h| h.set(self.0));
+    }
+}
+
+/// Record an `[unlocked]` service called where Xen holds a spinlock around
+/// the engine ([`HostAtomic`], [`P2mHook`]): a violation. (Under an engine
+/// lock or the devices lock is checked as well, by [`note_service`] and
+/// the simulator.)
+pub fn note_unlocked(name: &str) {
+    if let Some(what) = HOST_ATOMIC.with(|h| h.get()) {
+        note_violation(&std::format!("{name} called under {what}"));
+    } else if let Some(d) = p2m_hook_of() {
+        note_violation(&std::format!("{name} called from a p2m hook of d{}", d.0));
+    }
 }
 
 /// The engine's gfn hook of a domain is running on this thread. Xen calls

@@ -475,6 +475,24 @@ static bool pvx_type_readable(p2m_type_t t)
            t == p2m_ioreq_server;
 }
 
+/*
+ * Whether gfn is in the VRAM range whose device write access is being
+ * revoked (pviommu_vram_revoke(), between hap_track_dirty_vram()'s
+ * continuations; the engine writes the range before its first slice moves
+ * the target's sequence number, which a map checks again after its
+ * lookup). Writable maps of it are refused meanwhile: what the walk had
+ * passed would otherwise be left to the type change's hook, which revokes
+ * it all in one hold of the p2m lock (a review of 2026-12-06). The
+ * engine's RangeSweep::freezes_writes_to(), which the simulator asks.
+ */
+static bool pvx_vram_sweeping(const struct domain *d, uint64_t gfn)
+{
+    const struct pviommu_range_sweep *s =
+        (const struct pviommu_range_sweep *)d->pviommu_vram_sweep;
+
+    return ACCESS_ONCE(s->first) <= gfn && gfn < ACCESS_ONCE(s->last);
+}
+
 /* For pvx_get_page(): the lookup on x86's p2m types, PV and HVM. */
 static struct page_info *pvx_lookup_page(struct domain *d, uint64_t gfn,
                                          int want_write, p2m_type_t *t,
@@ -482,8 +500,12 @@ static struct page_info *pvx_lookup_page(struct domain *d, uint64_t gfn,
 {
     struct page_info *pg;
 
-    /* Device writes would escape dirty logging (migration). */
-    if ( want_write && paging_mode_log_dirty(d) )
+    /*
+     * Device writes would escape dirty logging (migration); and a VRAM
+     * range being revoked is refused them as log-dirty is.
+     */
+    if ( want_write &&
+         (paging_mode_log_dirty(d) || pvx_vram_sweeping(d, gfn)) )
     {
         *kind = PVX_PAGE_LOG_DIRTY;
         return NULL;
@@ -564,11 +586,17 @@ static struct page_info *pvx_lookup_page(struct domain *d, uint64_t gfn,
 static uint32_t pvx_page_run(struct domain *d, uint64_t *frames, uint32_t nr,
                              int want_write, p2m_type_t *t)
 {
+    const struct pviommu_range_sweep *s =
+        (const struct pviommu_range_sweep *)d->pviommu_vram_sweep;
+
     /*
-     * PV: no p2m (each page's own lookup is a frame check). Log-dirty:
-     * pvx_lookup_page() refuses writable maps, and says so.
+     * PV: no p2m (each page's own lookup is a frame check). Log-dirty, or
+     * a VRAM range being revoked (pvx_vram_sweeping()): pvx_lookup_page()
+     * refuses writable maps page by page, and says so.
      */
-    if ( !paging_mode_translate(d) || (want_write && paging_mode_log_dirty(d)) )
+    if ( !paging_mode_translate(d) ||
+         (want_write && (paging_mode_log_dirty(d) ||
+                         ACCESS_ONCE(s->first) < ACCESS_ONCE(s->last))) )
         return 0;
     return p2m_get_entry_pages(p2m_get_hostp2m(d), frames, nr, t);
 }

@@ -593,3 +593,71 @@ fn moving_vram_tracking_leaves_read_only_pages_read_only() {
     assert_eq!(statuses, [0, EACCES]);
     assert_eq!(lock_check::violations(), 0);
 }
+
+/// `who`'s revocation notices so far.
+fn revoked_of(m: &mut SimMachine, e: &Engine, who: DomId) -> u64 {
+    m.guest_stats(e, DomId::DOM0, who, 0).unwrap().revoked
+}
+
+/// Writable maps of a VRAM range are refused while its revocation is under
+/// way (between the slices the device model's continuations make; Xen's
+/// `pvx_vram_sweeping()`), read-only ones are not, and so no attempt, the
+/// last with the type change's hook included, revokes more than a slice's
+/// bound. Before (a review of 2026-12-06), dom0's 2000 maps made after the
+/// first slice, in a cell the walk had passed, all went to the hook, which
+/// revoked them in its one hold of the p2m lock: the last attempt here
+/// revoked 2000, and the maps succeeded.
+#[test]
+fn writable_maps_of_a_vram_range_are_refused_while_its_revocation_is_under_way() {
+    const DM_PAGES: u64 = 20_000;
+    let (mut m, e) = machine(Format::Vtd, 65536);
+    // The device model maps enough of the range that its revocation takes
+    // slices; its cell comes after dom0's in the walk.
+    let mut ops: Vec<_> = (40_000..40_000 + DM_PAGES)
+        .map(|g| map_op(GUEST, g, Permissions::RW))
+        .collect();
+    for chunk in ops.chunks_mut(1024) {
+        m.guest_batch_all(&e, DEVICE_MODEL, chunk).unwrap();
+    }
+    assert!(ops.iter().all(|o| o.status == 0));
+    let range = (0, 65536);
+    let total =
+        |m: &mut SimMachine| revoked_of(m, &e, DomId::DOM0) + revoked_of(m, &e, DEVICE_MODEL);
+    assert!(m.track_dirty_vram_once(&e, GUEST, range).is_err());
+    // Between the slices: dom0's writable maps of the range are refused
+    // (as in log-dirty mode), its read-only ones and writable ones
+    // outside the range are not.
+    for first in [1, 1001] {
+        let gfns: Vec<u64> = (first..first + 1000).collect();
+        assert!(writable_map_statuses(&mut m, &e, &gfns)
+            .iter()
+            .all(|&s| s == EACCES));
+    }
+    assert_eq!(
+        map_one(&mut m, &e, DomId::DOM0, GUEST, 3, Permissions::RO).map(|_| ()),
+        Ok(())
+    );
+    let mut attempts = 1;
+    loop {
+        let before = total(&mut m);
+        let r = m.track_dirty_vram_once(&e, GUEST, range);
+        attempts += 1;
+        assert!(
+            total(&mut m) - before <= SLICE_REVOKES_MOST as u64,
+            "attempt {attempts} revoked {}",
+            total(&mut m) - before
+        );
+        if r.is_ok() {
+            break;
+        }
+        assert!(attempts < 1000, "no progress");
+    }
+    assert_eq!(total(&mut m), DM_PAGES);
+    // Done: the range is device-read-only by its type now, and nothing is
+    // refused by the sweep any more.
+    assert_eq!(
+        map_one(&mut m, &e, DomId::DOM0, GUEST, 5, Permissions::RW).map(|_| ()),
+        Err(EACCES)
+    );
+    assert_eq!(lock_check::violations(), 0);
+}

@@ -9,6 +9,10 @@
 //! machine frames. Until the simulator modelled PV targets it could not
 //! show that defect; with the old rule (`EXDEV` for a frame that exists)
 //! `foreign_and_missing_frames_all_answer_enxio_and_change_nothing` fails.
+//!
+//! Also here, since the page rule is the same for both: a frame Xen took
+//! out of service (a memory error) is refused behind a PV "gfn" and
+//! behind a p2m entry alike (`SimMachine::mark_frame_broken`).
 
 use pviommu_abi::{Bfn, ContextId, DomId, Gfn, MapRequest, MemAttr, Permissions};
 use pviommu_hv::platform::Platform;
@@ -210,5 +214,76 @@ fn a_frame_xen_shares_is_never_the_guests_ram() {
     assert_eq!(
         map(&mut m, &e, &req(shared.0, Permissions::RO)),
         Err(Errno::Nxio)
+    );
+}
+
+/// A memory error in a frame of a PV guest: Xen marks it broken and
+/// crashes the guest, which is not destroyed (`on_crash=preserve`, or
+/// until the toolstack gets to it), and changes no mapping. Its device
+/// model gets no new device access to the frame, read or write, alone or
+/// in a batch after a good one; what mapped it before stays (Xen's rule:
+/// nothing revokes for a PV guest). On Xen before a review of 2026-12-06
+/// `pvx_accept_page()` looked at neither `PGC_broken` nor offlining, and
+/// the simulator had no such frame: both maps here succeeded.
+#[test]
+fn a_broken_frame_of_a_crashed_pv_guest_is_refused() {
+    let (mut m, e) = host();
+    let good = m.mfn_of(PV_GUEST, Gfn(5)).unwrap();
+    let broken = m.mfn_of(PV_GUEST, Gfn(6)).unwrap();
+    let before = map(&mut m, &e, &req(broken.0, Permissions::RO)).unwrap();
+    assert_eq!(m.mark_frame_broken(PV_GUEST, Gfn(broken.0)), Ok(broken));
+    let refs = m.total_page_refs();
+    for perms in [Permissions::RO, Permissions::RW] {
+        assert_eq!(
+            map(&mut m, &e, &req(broken.0, perms)),
+            Err(Errno::Nxio),
+            "{perms:?}"
+        );
+    }
+    assert_eq!(m.total_page_refs(), refs, "nothing held for a refusal");
+    // In a batch, after a frame that maps (one page lookup for the run).
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    let reqs = [req(good.0, Permissions::RW), req(broken.0, Permissions::RW)];
+    let mut out = [Err(Errno::Inval); 2];
+    assert_eq!(e.map_batch(&mut m, DomId::DOM0, &dom0, &reqs, &mut out), 2);
+    e.finish(&mut m, DomId::DOM0);
+    assert!(out[0].is_ok());
+    assert_eq!(out[1].map(|m| m.bfn), Err(Errno::Nxio));
+    // The mapping made before the error is left as it was.
+    assert_eq!(
+        m.translate(DomId::DOM0, ContextId::DEFAULT, before)
+            .map(|t| t.0),
+        Some(broken)
+    );
+}
+
+/// The same for an HVM guest whose p2m Xen does not change on the error
+/// (a shadow-paged guest is crashed; the hardware domain keeps the page):
+/// the page is refused by its frame, whatever its p2m entry says. (A HAP
+/// guest's entry becomes `p2m_ram_broken`, an entry's removal to the hook:
+/// `remove_gfn`.)
+#[test]
+fn a_broken_frame_behind_a_p2m_entry_is_refused() {
+    let (mut m, e) = host();
+    let hvm = |gfn, perms| MapRequest {
+        domid: OTHER,
+        ..req(gfn, perms)
+    };
+    let frame = m.mark_frame_broken(OTHER, Gfn(9)).unwrap();
+    assert_eq!(m.mfn_of(OTHER, Gfn(9)), Some(frame), "the p2m unchanged");
+    for perms in [Permissions::RO, Permissions::RW] {
+        assert_eq!(
+            map(&mut m, &e, &hvm(9, perms)),
+            Err(Errno::Nxio),
+            "{perms:?}"
+        );
+    }
+    // Its neighbour is not affected.
+    assert!(map(&mut m, &e, &hvm(10, Permissions::RW)).is_ok());
+    // Only frames a domain owns can be marked by it.
+    assert_eq!(m.mark_frame_broken(OTHER, Gfn(1 << 40)), Err(Errno::NoEnt));
+    assert_eq!(
+        m.mark_frame_broken(PV_GUEST, Gfn(frame.0)),
+        Err(Errno::NoEnt)
     );
 }

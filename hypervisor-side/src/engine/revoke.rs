@@ -80,6 +80,19 @@ pub struct RangeSweep {
     pub cursor: u64,
 }
 
+impl RangeSweep {
+    /// Whether a writable map of `gfn` is refused now: a gfn of the range
+    /// whose revocation is in progress, between the slices its caller's
+    /// continuations make. Without it, what was mapped writable meanwhile
+    /// behind the walk was left to the type change's hook, which revoked
+    /// it all in one hold of the p2m lock, as much as the quota allowed (a
+    /// review of 2026-12-06). The rule of the page lookups: the glue's
+    /// `pvx_vram_sweeping()` on Xen, the simulator's `get_page(s)`.
+    pub fn freezes_writes_to(&self, gfn: u64) -> bool {
+        self.first <= gfn && gfn < self.last
+    }
+}
+
 /// Walks [`Engine::revoke_writes`] makes again, at most, while a cell
 /// that maps the target has an unmap or flush to retry: a failing IOMMU
 /// must not keep the log-dirty domctl (and its preempt state) continuing
@@ -1174,6 +1187,10 @@ impl<L: RawMutex> Engine<L> {
         domid: DomId,
         cursor: &mut u64,
     ) -> Result<(), Restart> {
+        // (Hosted builds: Xen runs each slice under `domctl_lock`, a
+        // spinlock: no `[unlocked]` service may be called from it.)
+        #[cfg(feature = "std")]
+        let _atomic = crate::lock_check::HostAtomic::enter("domctl_lock (a teardown slice)");
         let mut c = Cursor::unpack(*cursor);
         if c.passes & STALLED != 0 {
             c.passes = 0;
@@ -1434,6 +1451,10 @@ impl<L: RawMutex> Engine<L> {
         domid: DomId,
         cursor: &mut u64,
     ) -> Result<(), Restart> {
+        // (Hosted builds: under `domctl_lock`, as a teardown slice.)
+        #[cfg(feature = "std")]
+        let _atomic =
+            crate::lock_check::HostAtomic::enter("domctl_lock (a log-dirty revocation slice)");
         let mut c = Cursor::unpack(*cursor);
         let result = self.revoke_writes_slice(h, domid, ALL_GFNS, true, &mut c);
         *cursor = c.pack();
@@ -1449,8 +1470,13 @@ impl<L: RawMutex> Engine<L> {
     /// the one in progress starts over for its own; once done, it is idle
     /// again, so the next call for any range starts a new revocation.
     /// Bounded as [`revoke_writes`](Self::revoke_writes). Writable maps of
-    /// the range are not refused meanwhile (the p2m types change after):
-    /// this only moves the work out of the hook's lock hold.
+    /// the range are refused meanwhile by the page lookups
+    /// ([`RangeSweep::freezes_writes_to`]; the range is in `sweep` before
+    /// the first slice moves the target's sequence number, so a map that
+    /// looked its page up before installs nothing and looks again): the
+    /// hook after the type change finds only what raced the last slice.
+    /// An abandoned continuation leaves its range refused until the next
+    /// call for any range, or the end of the tracking.
     pub fn revoke_writes_in(
         &self,
         h: &mut impl Hypervisor,

@@ -43,6 +43,11 @@ pub struct FrameInfo {
     /// be flushed before it is freed or used as anything but writable
     /// memory (Xen's `_PGT_non_coherent`).
     pub non_coherent: bool,
+    /// Taken out of service while its owner may still hold it: Xen's
+    /// `PGC_broken` (a memory error) or `PGC_state_offlining`. No new
+    /// device access is given to it (the glue's `pvx_accept_page()`); once
+    /// freed it is never handed out again (Xen offlines it).
+    pub retired: bool,
 }
 
 /// IOMMU page-table format of the simulated IOMMU.
@@ -82,6 +87,7 @@ enum P2mEntry {
 /// lookup's paging in is `look_up_page`'s: `get_page`'s, and that of the
 /// page a run stops at). The one rule of `get_page` and `get_pages`.
 fn classify_entry(
+    ram: &Ram,
     entry: Option<&P2mEntry>,
     want_write: bool,
     log_dirty: bool,
@@ -98,6 +104,9 @@ fn classify_entry(
         Some(P2mEntry::PagedOut) => (PageKind::PagedOut, None),
         Some(P2mEntry::Grant) => (PageKind::Grant, None),
         Some(P2mEntry::Xen) => (PageKind::XenOwned, None),
+        // A frame taken out of service: not present (the glue's
+        // `pvx_accept_page()`, after the type).
+        Some(&P2mEntry::Ram { mfn, .. }) if ram.is_retired(mfn) => (PageKind::NotPresent, None),
         Some(&P2mEntry::Ram {
             mfn,
             read_only: true,
@@ -209,7 +218,8 @@ fn classify_pv_frame(
         .and_then(|i| ram.info.get(i))
         .is_some_and(|f| f.owner == Owner::Domain(domid))
         && ram.is_present(Mfn(frame))
-        && !d.pv_xen_shared.contains(&frame);
+        && !d.pv_xen_shared.contains(&frame)
+        && !ram.is_retired(Mfn(frame));
     if !own {
         return (PageKind::NotPresent, None);
     }
@@ -536,6 +546,7 @@ impl Ram {
                     writable_refs: 0,
                     pt_count: 0,
                     non_coherent: false,
+                    retired: false,
                 })
                 .collect(),
             free: (0..frames).map(Mfn).collect(),
@@ -593,7 +604,17 @@ impl Ram {
         }
         self.present[i] = false;
         self.info[i].owner = Owner::Free;
-        self.free.push_back(mfn);
+        // A retired frame is offlined once free: never allocated again.
+        if !self.info[i].retired {
+            self.free.push_back(mfn);
+        }
+    }
+    /// Whether frame `mfn` was taken out of service ([`FrameInfo::retired`]).
+    fn is_retired(&self, mfn: Mfn) -> bool {
+        usize::try_from(mfn.0)
+            .ok()
+            .and_then(|i| self.info.get(i))
+            .is_some_and(|f| f.retired)
     }
     /// The bytes of a frame (`None` for an unallocated one).
     pub fn frame(&self, mfn: Mfn) -> Option<&[u8; 4096]> {
@@ -1375,6 +1396,34 @@ impl SimMachine {
         if let Some(d) = self.domains.get_mut(&domid) {
             d.pv_xen_shared.insert(mfn.0);
         }
+        Ok(mfn)
+    }
+
+    /// A memory error in the frame behind `domid`'s `gfn` (a PV guest's
+    /// "gfn" is the frame), as Xen's machine-check handler marks it
+    /// (`offline_page(mfn, broken)`: `PGC_broken`, and offlining until it
+    /// is freed). Nothing else changes: Xen changes the p2m of HAP guests
+    /// only (`p2m_ram_broken`, which is an entry's removal to the hook; a
+    /// test makes that with [`remove_gfn`](Self::remove_gfn)), crashes a
+    /// PV guest without destroying it, and leaves the hardware domain's
+    /// page where it is. No new device access is given to the frame; what
+    /// maps it already stays until revoked or unmapped.
+    pub fn mark_frame_broken(&mut self, domid: DomId, gfn: Gfn) -> Result<Mfn, Errno> {
+        let d = self.domains.get(&domid).ok_or(Errno::Srch)?;
+        let mfn = if d.pv {
+            Mfn(gfn.0)
+        } else {
+            match d.p2m.get(&gfn) {
+                Some(&P2mEntry::Ram { mfn, .. }) => mfn,
+                _ => return Err(Errno::NoEnt),
+            }
+        };
+        let info = usize::try_from(mfn.0)
+            .ok()
+            .and_then(|i| self.ram.info.get_mut(i))
+            .filter(|f| f.owner == Owner::Domain(domid))
+            .ok_or(Errno::NoEnt)?;
+        info.retired = true;
         Ok(mfn)
     }
 
@@ -2359,6 +2408,7 @@ impl Platform for SimMachine {
     fn domain_info(&self, domid: DomId) -> Option<DomainInfo> {
         let _host = HostAllocations::begin();
         crate::lock_check::note_service("domain_info (RCU domain lookup)");
+        crate::lock_check::note_unlocked("domain_info");
         let d = self.domains.get(&domid)?;
         Some(DomainInfo {
             dying: d.dying,
@@ -2377,6 +2427,7 @@ impl Platform for SimMachine {
         // (Xen's pvx_xsm_check() asserts no engine lock is held: FLASK's
         // checks may take the AVC's locks.)
         crate::lock_check::note_service("xsm_check (FLASK: the AVC's locks)");
+        crate::lock_check::note_unlocked("xsm_check");
         self.xsm_checks
             .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
         // As Xen's glue (`pvx_xsm_check()`): no caller or no target domain
@@ -2449,7 +2500,9 @@ impl Platform for SimMachine {
             })
         } else {
             take_until_refused(pages, limit, |gfn| {
-                classify_entry(d.p2m.get(&gfn), want_write, d.log_dirty)
+                // (A VRAM range being revoked is refused writes as log-dirty is.)
+                let log_dirty = d.log_dirty || d.vram_sweep.freezes_writes_to(gfn.0);
+                classify_entry(&self.ram, d.p2m.get(&gfn), want_write, log_dirty)
             })
         };
         let taken = stop.map_or(limit, |(i, _)| i);
@@ -2567,6 +2620,7 @@ impl SimMachine {
     /// `ASSERT_NOT_IN_ATOMIC()`, which pcidevs_lock, a spinlock, trips too).
     fn note_unlocked_service(&self, name: &str) {
         crate::lock_check::note_service(name);
+        crate::lock_check::note_unlocked(name);
         if self.devices_lock_depth > 0 {
             crate::lock_check::note_violation(&alloc::format!(
                 "{name} called with the devices lock held"
@@ -2604,9 +2658,10 @@ impl SimMachine {
         // A PV guest's "gfn" is a machine frame: no p2m, no pager.
         let (kind, mfn) = if d.pv {
             classify_pv_frame(&self.ram, domid, d, gfn.0, want_write)
-        } else if want_write && d.log_dirty {
-            // (Before the pager: see `classify_entry`.)
-            classify_entry(None, want_write, true)
+        } else if want_write && (d.log_dirty || d.vram_sweep.freezes_writes_to(gfn.0)) {
+            // (Before the pager: see `classify_entry`. A VRAM range being
+            // revoked: `RangeSweep::freezes_writes_to`.)
+            classify_entry(&self.ram, None, want_write, true)
         } else {
             match d.p2m.get(&gfn) {
                 // The caller's own page: Xen's glue does not start paging it
@@ -2639,7 +2694,7 @@ impl SimMachine {
                         mfn: None,
                     });
                 }
-                entry => classify_entry(entry, want_write, d.log_dirty),
+                entry => classify_entry(&self.ram, entry, want_write, d.log_dirty),
             }
         };
         if let Some(m) = mfn {

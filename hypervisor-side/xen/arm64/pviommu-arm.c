@@ -67,6 +67,7 @@ typedef struct membanks pvx_membanks_t;
 typedef struct meminfo pvx_membanks_t;
 #define pvx_send_revoked_virq(d) send_guest_global_virq(d, VIRQ_PV_IOMMU)
 #endif
+#include <xen/acpi.h>
 #include <xen/device_tree.h>
 #include <xen/domain_page.h>
 #include <xsm/xsm.h>
@@ -208,6 +209,7 @@ static bool __init pvx_pci_bus_windows(const struct dt_device_node *np)
  *    above RAM included; a bridge whose windows cannot be read leaves
  *    PV-IOMMU off (pvx_regions_incomplete), never a window unreserved;
  *  - any other device-tree reg above RAM (platform).
+ * Only from the device tree: a host booted with ACPI leaves PV-IOMMU off.
  * RAM ends at max_page. Arm's dom0 adds PCI devices after boot (PHYSDEVOP),
  * so no device walk here: the bridge windows cover their BARs.
  */
@@ -217,6 +219,20 @@ static void __init pvx_build_regions(void)
     const struct dt_device_node *np;
     uint64_t prev_end = 0;
     unsigned int i, j;
+
+    /*
+     * A host booted with ACPI describes its MSI doorbells and PCI windows
+     * in the MADT and IORT, which this walk of the device tree does not
+     * read: off, rather than BFNs over them (a review of 2026-12-06; 4.21's
+     * SMMUv3 driver does not probe from ACPI anyway).
+     */
+    if ( !acpi_disabled )
+    {
+        printk(XENLOG_ERR
+               "pviommu: booted with ACPI, whose device addresses the Arm glue does not read\n");
+        pvx_regions_incomplete = true;
+        return;
+    }
 
     /* RAM banks, in address order (boot only, small). */
     for ( i = 0; i < mem->nr_banks; i++ )

@@ -103,7 +103,9 @@ int pviommu_engine_revoke_writes(uint16_t domid, uint64_t *cursor);
  * nr) (hap_track_dirty_vram): one slice of revoking the writable mappings
  * of that range, bounded as above, so that the hook of the type change that
  * follows (under the p2m lock, in one go) finds only what was mapped
- * meanwhile. Writable maps of the range are not refused meanwhile.
+ * meanwhile. Writable maps of the range are refused while *sweep holds it
+ * (the glue's page lookups: pvx_vram_sweeping()); the range is stored there
+ * before the first slice moves the target's sequence number.
  * *sweep (three uint64_t: first, last, cursor; all zero when idle) is the
  * caller's, kept between slices; a call for another range starts over for
  * its own. Returns 0 when done, -ERESTART when the dm_op must continue.

@@ -13,7 +13,9 @@
 #    nothing of its own, and no refusal;
 #  - a host bridge whose `ranges` is missing, cut short, has other cell
 #    counts, or whose CPU address does not translate: PV-IOMMU stays off
-#    (pvx_regions_incomplete), where before its windows went unreserved.
+#    (pvx_regions_incomplete), where before its windows went unreserved;
+#  - a host booted with ACPI (its MSI doorbells and windows are in the
+#    MADT/IORT, not the device tree): off.
 # Exits non-zero on a wrong answer.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
@@ -155,6 +157,7 @@ static struct membanks test_mem = { 1, { { 0x40000000, 0x80000000 } } };
 static unsigned long max_page = (0x40000000 + 0x80000000) >> PAGE_SHIFT;
 #define pfn_to_paddr(pfn) ((uint64_t)(pfn) << PAGE_SHIFT)
 static unsigned int p2m_ipa_bits = 44;
+static bool acpi_disabled = true;
 
 #include "regions.inc"
 #include "build.inc"
@@ -276,6 +279,14 @@ int main(void)
     a.allnext = &c;
     build(&a);
     expect(pvx_regions_incomplete, true, "the second bridge of two unreadable: off");
+
+    /* A host booted with ACPI: its addresses are not in the device tree. */
+    a = host_bridge("/pcie@10000000", "pci");
+    range(&a, 2, 0x10000000, 0x10000000, 0x2eff0000);
+    acpi_disabled = false;
+    build(&a);
+    acpi_disabled = true;
+    expect(pvx_regions_incomplete, true, "booted with ACPI: off");
 
     if ( failures )
         printf("bridge-windows: %d FAILED\n", failures);
