@@ -5,8 +5,8 @@
 //! `unlocked_services.rs`: the violation count is the process's.)
 
 use pviommu_abi::DomId;
-use pviommu_hv::lock_check;
 use pviommu_hv::iommu::IommuBackend;
+use pviommu_hv::lock_check;
 use pviommu_hv::platform::Platform;
 use pviommu_hv::sim::{Format, SimMachine};
 use pviommu_hv::Mfn;

@@ -2499,9 +2499,10 @@ impl Platform for SimMachine {
                 classify_pv_frame(&self.ram, domid, d, gfn.0, want_write)
             })
         } else {
+            // (A VRAM range being revoked is refused writes as log-dirty is.)
+            let sweeping = want_write && d.vram_sweep != Default::default();
             take_until_refused(pages, limit, |gfn| {
-                // (A VRAM range being revoked is refused writes as log-dirty is.)
-                let log_dirty = d.log_dirty || d.vram_sweep.freezes_writes_to(gfn.0);
+                let log_dirty = d.log_dirty || (sweeping && d.vram_sweep.freezes_writes_to(gfn.0));
                 classify_entry(&self.ram, d.p2m.get(&gfn), want_write, log_dirty)
             })
         };
