@@ -426,10 +426,14 @@ static void __init pvx_build_regions(void)
     pvx_add_region(PFN_UP(low_end), PFN_DOWN(GB(4)) - PFN_UP(low_end),
                    PVIOMMU_REGION_MMIO);
 
-    /* Anything firmware reserves above 4 GiB (e.g. MMCONFIG). */
+    /*
+     * Anything firmware reserves above 4 GiB (e.g. MMCONFIG). (Its end
+     * compared without the sum, which a range ending at 2^64 wraps.)
+     */
     for ( i = 0; i < e820.nr_map; i++ )
         if ( e820.map[i].type != E820_RAM &&
-             e820.map[i].addr + e820.map[i].size > GB(4) )
+             (e820.map[i].addr >= GB(4) ||
+              e820.map[i].size > GB(4) - e820.map[i].addr) )
             pvx_add_range(e820.map[i].addr, e820.map[i].size,
                           PVIOMMU_REGION_PLATFORM);
 

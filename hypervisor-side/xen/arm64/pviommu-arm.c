@@ -273,7 +273,9 @@ static void __init pvx_build_regions(void)
                 pvx_add_range(addr, size, PVIOMMU_REGION_MSI);
             else if ( pci )
                 pvx_add_range(addr, size, PVIOMMU_REGION_MMIO);
-            else if ( addr + size > pfn_to_paddr(max_page) )
+            /* (Without the sum, which a range ending at 2^64 wraps.) */
+            else if ( addr >= pfn_to_paddr(max_page) ||
+                      size > pfn_to_paddr(max_page) - addr )
                 pvx_add_range(addr, size, PVIOMMU_REGION_PLATFORM);
         }
         if ( pci && !pvx_pci_below_bridge(np) &&

@@ -15,7 +15,8 @@
 #    counts, or whose CPU address does not translate: PV-IOMMU stays off
 #    (pvx_regions_incomplete), where before its windows went unreserved;
 #  - a host booted with ACPI (its MSI doorbells and windows are in the
-#    MADT/IORT, not the device tree): off.
+#    MADT/IORT, not the device tree): off;
+#  - a device's reg ending at the top of the address space: reserved.
 # Exits non-zero on a wrong answer.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
@@ -279,6 +280,15 @@ int main(void)
     a.allnext = &c;
     build(&a);
     expect(pvx_regions_incomplete, true, "the second bridge of two unreadable: off");
+
+    /*
+     * A device's reg that ends at the top of the address space: reserved
+     * (its end was a sum, which wrapped to 0, "below RAM's end").
+     */
+    c = (struct dt_device_node){ .full_name = "/soc/top", .reg = { { 0xfffffffffff00000ULL, 0x100000 } }, .nreg = 1 };
+    build(&c);
+    expect(reserved(0xfffffffffff00000ULL) && reserved(0xffffffffffffffffULL), true,
+           "a reg ending at 2^64 reserved");
 
     /* A host booted with ACPI: its addresses are not in the device tree. */
     a = host_bridge("/pcie@10000000", "pci");

@@ -208,7 +208,14 @@ fn log(msg: &str) {
     unsafe { ffi::pvx_log(msg.as_ptr(), msg.len()) }
 }
 
+/// A glue call's failure: its negative errno; anything else (a positive
+/// value no glue function returns, an errno the ABI does not know) is
+/// `EINVAL`, never read as a success or as another errno (`from_code`
+/// alone took 1 for `-EPERM`).
 fn errno_from(rc: i32) -> Errno {
+    if rc >= 0 {
+        return Errno::Inval;
+    }
     Errno::from_code(rc).unwrap_or(Errno::Inval)
 }
 
@@ -254,20 +261,54 @@ const DOMID_NONE: u16 = 0xffff;
 /// answer for the page after its run.
 const PVX_PAGE_NONE: u32 = u32::MAX;
 
+// The `PVX_PAGE_*` kinds of pviommu_engine.h (`tests.rs` reads the header
+// and checks each of these constants against it).
+const PVX_PAGE_RAM_RW: u32 = 0;
+const PVX_PAGE_RAM_RO: u32 = 1;
+const PVX_PAGE_GRANT: u32 = 2;
+const PVX_PAGE_MMIO: u32 = 3;
+const PVX_PAGE_NOT_PRESENT: u32 = 4;
+const PVX_PAGE_PAGED_OUT: u32 = 5;
+const PVX_PAGE_XEN: u32 = 6;
+const PVX_PAGE_LOG_DIRTY: u32 = 7;
+
 /// A `PVX_PAGE_*` kind (pviommu_engine.h). A code it does not know is
 /// Xen-owned: never mapped.
 fn page_kind(kind: u32) -> PageKind {
     match kind {
-        0 => PageKind::RamRw,
-        1 => PageKind::RamRo,
-        2 => PageKind::Grant,
-        3 => PageKind::Mmio,
-        4 => PageKind::NotPresent,
-        5 => PageKind::PagedOut,
-        7 => PageKind::LogDirty,
+        PVX_PAGE_RAM_RW => PageKind::RamRw,
+        PVX_PAGE_RAM_RO => PageKind::RamRo,
+        PVX_PAGE_GRANT => PageKind::Grant,
+        PVX_PAGE_MMIO => PageKind::Mmio,
+        PVX_PAGE_NOT_PRESENT => PageKind::NotPresent,
+        PVX_PAGE_PAGED_OUT => PageKind::PagedOut,
+        PVX_PAGE_LOG_DIRTY => PageKind::LogDirty,
+        PVX_PAGE_XEN => PageKind::XenOwned,
         _ => PageKind::XenOwned,
     }
 }
+
+// The `PVX_XSM_*` actions and `PVIOMMU_GFN_*` changes of pviommu_engine.h
+// (checked against it as the page kinds are).
+const PVX_XSM_QUERY: u32 = 0;
+const PVX_XSM_MAP: u32 = 1;
+const PVX_XSM_MANAGE: u32 = 2;
+const PVX_XSM_CONTROL: u32 = 3;
+#[cfg_attr(not(test), allow(dead_code))] // (any other value reads as it)
+const PVIOMMU_GFN_REMOVED: u32 = 0;
+const PVIOMMU_GFN_WRITE_LOST: u32 = 1;
+
+// The structs shared with pviommu_engine.h, as its BUILD_BUG_ON()s in the
+// glue see them (LP64: x86_64 and arm64, the only targets).
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(size_of::<ffi::PvxDomainInfo>() == 16);
+    assert!(offset_of!(ffi::PvxDomainInfo, target) == 4);
+    assert!(offset_of!(ffi::PvxDomainInfo, translation) == 8);
+    assert!(size_of::<ffi::PvxCheckedTarget>() == 16);
+    assert!(offset_of!(ffi::PvxCheckedTarget, checked) == 8);
+    assert!(size_of::<pviommu_hv::engine::RangeSweep>() == 24);
+};
 
 /// The hypervisor as the engine sees it: every method is one `pvx_*` call,
 /// but for table entries, which the engine reads and writes directly in
@@ -764,10 +805,10 @@ impl Platform for Xen {
         action: XsmAction,
     ) -> Result<(), Errno> {
         let action = match action {
-            XsmAction::Query => 0,
-            XsmAction::Map => 1,
-            XsmAction::Manage => 2,
-            XsmAction::Control => 3,
+            XsmAction::Query => PVX_XSM_QUERY,
+            XsmAction::Map => PVX_XSM_MAP,
+            XsmAction::Manage => PVX_XSM_MANAGE,
+            XsmAction::Control => PVX_XSM_CONTROL,
             XsmAction::Attach(device) => {
                 // SAFETY: plain value call.
                 return match unsafe { ffi::pvx_xsm_attach(caller.0, device.0) } {
@@ -792,8 +833,11 @@ impl Platform for Xen {
         want_write: bool,
         target: CheckedTarget<'_>,
     ) -> Result<PageLookup, Errno> {
-        let mut mfn = 0u64;
-        let mut kind = 0u32;
+        // What the glue must write over: unwritten, no page (kind 0 is
+        // `PVX_PAGE_RAM_RW`, mfn 0 a frame: a glue that returned 0 without
+        // writing them would have had frame 0 mapped writable).
+        let mut mfn = u64::MAX;
+        let mut kind = PVX_PAGE_NONE;
         let target = ffi::PvxCheckedTarget::from(target);
         // SAFETY: pointers to locals; the number `target` points at is the
         // engine's, which outlives the call (the glue only reads it).
@@ -1495,7 +1539,8 @@ impl IommuBackend for Xen {
         unsafe { ffi::pvx_devices_unlock() }
     }
     fn device_facts(&self, device: Sbdf) -> Option<DeviceFacts> {
-        let (mut owner, mut flags) = (0u16, 0u32);
+        // Unwritten: no owner (0 would be dom0) and no facts.
+        let (mut owner, mut flags) = (DOMID_NONE, 0u32);
         // SAFETY: out-pointers to locals.
         if unsafe { ffi::pvx_device_facts(device.0, &mut owner, &mut flags) } != 0 {
             return None;
@@ -1815,10 +1860,10 @@ pub extern "C" fn pviommu_engine_revoke_writes_in(
 #[no_mangle]
 pub extern "C" fn pviommu_engine_gfn_changed(domid: u16, gfn: u64, order: u32, how: u32) {
     let Some(e) = engine() else { return };
-    let how = if how == 1 {
-        GfnChange::WriteLost
-    } else {
-        GfnChange::Removed
+    // (Anything but the two: a removal, the stronger.)
+    let how = match how {
+        PVIOMMU_GFN_WRITE_LOST => GfnChange::WriteLost,
+        _ => GfnChange::Removed,
     };
     e.gfn_changed(&mut Xen::new(), DomId(domid), Gfn(gfn), order, how);
     report_engine_bugs(e);

@@ -1339,3 +1339,122 @@ fn a_failed_unmap_run_still_gathers_its_range_and_flags() {
         Bfn(0x10_01ff),
     );
 }
+
+/// What the engine assumes of a glue answer it was not given: a
+/// `pvx_get_page()` that returned 0 and wrote neither frame nor kind is no
+/// page (the locals start as "none", `PVX_PAGE_NONE` a kind that is never
+/// mapped), and a positive return of any glue call is `EINVAL`, not read
+/// as an errno. Before (a review of 2026-12-06) the locals started at
+/// kind 0 and frame 0: `PVX_PAGE_RAM_RW` of machine frame 0, referenced
+/// and mapped writable; and a return of 1 read as `EPERM`.
+#[test]
+fn a_glue_answer_with_nothing_written_maps_nothing() {
+    use pviommu_hv::platform::{CheckedTarget, Platform};
+    use pviommu_hv::Gfn;
+    let _s = model::serial();
+    let seq = core::sync::atomic::AtomicU32::new(0);
+    let mut x = Xen::new();
+    model::GET_PAGE_WRITES_NOTHING.store(true, core::sync::atomic::Ordering::SeqCst);
+    let got = x.get_page(DomId(1), Gfn(5), true, CheckedTarget::new(&seq, 0));
+    model::GET_PAGE_WRITES_NOTHING.store(false, core::sync::atomic::Ordering::SeqCst);
+    let lookup = got.expect("rc 0");
+    assert_eq!(lookup.mfn, None, "a frame nobody named was taken");
+    assert_ne!(lookup.kind, pviommu_hv::platform::PageKind::RamRw);
+    // The model's answer when it writes them: the page.
+    let lookup = x
+        .get_page(DomId(1), Gfn(5), true, CheckedTarget::new(&seq, 0))
+        .unwrap();
+    assert!(lookup.mfn.is_some());
+    x.put_page(lookup.mfn.unwrap(), true);
+    assert_eq!(super::errno_from(1), Errno::Inval);
+    assert_eq!(super::errno_from(-1), Errno::Perm);
+    assert_eq!(super::errno_from(0), Errno::Inval);
+}
+
+/// The value of a `#define` of pviommu_engine.h: a number (decimal or hex,
+/// with C's integer suffixes), or `(A << B)` of two.
+fn header_value(text: &str) -> Option<u64> {
+    let number = |t: &str| {
+        let t = t.trim().trim_end_matches(['u', 'U', 'l', 'L']);
+        match t.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => t.parse().ok(),
+        }
+    };
+    let t = text.trim();
+    match t.strip_prefix('(').and_then(|t| t.strip_suffix(')')) {
+        Some(shift) => {
+            let (a, b) = shift.split_once("<<")?;
+            number(a)?.checked_shl(u32::try_from(number(b)?).ok()?)
+        }
+        None => number(t),
+    }
+}
+
+/// Every constant of the engine boundary header is the one the Rust side
+/// uses, and the header has none the Rust side does not check: a value
+/// changed on one side only (a page kind, an XSM action, a flag) would
+/// otherwise build and link, and e.g. swapped RAM_RO and RAM_RW kinds
+/// would map read-only pages writable. (A review of 2026-12-06: only three
+/// of them were checked.)
+#[test]
+fn the_engine_header_defines_what_the_rust_side_uses() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../include/pviommu_engine.h");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let rust: &[(&str, u64)] = &[
+        (
+            "PVIOMMU_ENGINE_PREEMPTED",
+            pviommu_hv::abi::BATCH_INCOMPLETE as u64,
+        ),
+        ("PVIOMMU_TEARDOWN_DONE", 3 << 62),
+        ("PVIOMMU_GFN_REMOVED", super::PVIOMMU_GFN_REMOVED.into()),
+        (
+            "PVIOMMU_GFN_WRITE_LOST",
+            super::PVIOMMU_GFN_WRITE_LOST.into(),
+        ),
+        (
+            "PVX_DRIVER_CELLS",
+            pviommu_hv::engine::MAX_DRIVER_DOMAINS as u64,
+        ),
+        ("PVX_DOMID_NONE", super::DOMID_NONE.into()),
+        ("PVX_XSM_QUERY", super::PVX_XSM_QUERY.into()),
+        ("PVX_XSM_MAP", super::PVX_XSM_MAP.into()),
+        ("PVX_XSM_MANAGE", super::PVX_XSM_MANAGE.into()),
+        ("PVX_XSM_CONTROL", super::PVX_XSM_CONTROL.into()),
+        ("PVX_PAGE_RAM_RW", super::PVX_PAGE_RAM_RW.into()),
+        ("PVX_PAGE_RAM_RO", super::PVX_PAGE_RAM_RO.into()),
+        ("PVX_PAGE_GRANT", super::PVX_PAGE_GRANT.into()),
+        ("PVX_PAGE_MMIO", super::PVX_PAGE_MMIO.into()),
+        ("PVX_PAGE_NOT_PRESENT", super::PVX_PAGE_NOT_PRESENT.into()),
+        ("PVX_PAGE_PAGED_OUT", super::PVX_PAGE_PAGED_OUT.into()),
+        ("PVX_PAGE_XEN", super::PVX_PAGE_XEN.into()),
+        ("PVX_PAGE_LOG_DIRTY", super::PVX_PAGE_LOG_DIRTY.into()),
+        ("PVX_PAGE_NONE", super::PVX_PAGE_NONE.into()),
+        ("PVX_IOMMU_RUN_MAX", pviommu_hv::iommu::MAX_IOMMU_RUN),
+        ("PVX_DEV_OWN_RID", super::PVX_DEV_OWN_RID.into()),
+        ("PVX_DEV_RMRR", super::PVX_DEV_RMRR.into()),
+        ("PVX_DEV_ATS", super::PVX_DEV_ATS.into()),
+        ("PVX_DEV_UNTRANSLATED", super::PVX_DEV_UNTRANSLATED.into()),
+    ];
+    let mut seen = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.trim_start().strip_prefix("#define ") else {
+            continue;
+        };
+        let (name, value) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+        if name == "PVIOMMU_ENGINE_H" {
+            continue;
+        }
+        // (Up to a trailing comment.)
+        let value = value.split("/*").next().unwrap_or("");
+        let want = rust
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("{name}: no Rust counterpart checked here"));
+        assert_eq!(header_value(value), Some(want.1), "{name}: {value}");
+        seen.push(name);
+    }
+    for (name, _) in rust {
+        assert!(seen.contains(name), "{name} is not in the header");
+    }
+}

@@ -497,6 +497,10 @@ pub extern "C" fn pvx_xsm_attach(caller: u16, sbdf: u32) -> i32 {
         0
     }
 }
+/// A glue that answers `pvx_get_page()` with 0 and writes neither the
+/// frame nor the kind (no glue does: a review's what-if of 2026-12-06).
+pub static GET_PAGE_WRITES_NOTHING: AtomicBool = AtomicBool::new(false);
+
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn pvx_get_page(
@@ -515,6 +519,9 @@ pub extern "C" fn pvx_get_page(
     // across the call).
     if unsafe { core::ptr::read_volatile((*target).seq) != (*target).checked } {
         return -3; // -ESRCH
+    }
+    if GET_PAGE_WRITES_NOTHING.load(Ordering::SeqCst) {
+        return 0;
     }
     // SAFETY: pointers to the caller's locals.
     unsafe {
