@@ -46,6 +46,11 @@ impl Drop for HostAtomic {
     }
 }
 
+/// The Xen lock the engine runs under on this thread ([`HostAtomic`]), if any.
+pub fn host_atomic() -> Option<&'static str> {
+    HOST_ATOMIC.with(|h| h.get())
+}
+
 /// Record an `[unlocked]` service called where Xen holds a spinlock around
 /// the engine ([`HostAtomic`], [`P2mHook`]): a violation. (Under an engine
 /// lock or the devices lock is checked as well, by [`note_service`] and

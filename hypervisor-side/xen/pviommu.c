@@ -167,6 +167,27 @@ int pviommu_vram_revoke(struct domain *d, unsigned long first,
     if ( !pviommu_ready )
         return 0;
 
+    /*
+     * nr == 0: hap_track_dirty_vram() ends other than by continuing (the
+     * type change made, a peek, tracking stopped, a failure): the range a
+     * revocation refuses writable maps of is lifted (pvx_vram_sweeping()),
+     * one an abandoned continuation left included. Skipped while another
+     * vCPU's call is in the engine: that call's own end lifts it.
+     */
+    if ( !nr )
+    {
+        struct pviommu_range_sweep *s =
+            (struct pviommu_range_sweep *)d->pviommu_vram_sweep;
+
+        if ( test_and_set_bit(0, &d->pviommu_vram_busy) )
+            return 0;
+        write_atomic(&s->first, 0);
+        write_atomic(&s->last, 0);
+        write_atomic(&s->cursor, 0);
+        clear_bit(0, &d->pviommu_vram_busy);
+        return 0;
+    }
+
     /* Another vCPU of the device model is at it: come back (dm_op). */
     if ( test_and_set_bit(0, &d->pviommu_vram_busy) )
         return -ERESTART;

@@ -4,12 +4,13 @@
 //! under a p2m lock. (In a test binary of its own, as
 //! `unlocked_services.rs`: the violation count is the process's.)
 
-use pviommu_abi::DomId;
+use pviommu_abi::{DomId, Permissions};
 use pviommu_hv::iommu::IommuBackend;
 use pviommu_hv::lock_check;
 use pviommu_hv::platform::Platform;
 use pviommu_hv::sim::{Format, SimMachine};
 use pviommu_hv::Mfn;
+use pviommu_tests::*;
 
 /// Where Xen holds a spinlock of its own around the engine (a domctl's
 /// slice under `domctl_lock`, a gfn hook under a p2m lock), the glue's
@@ -37,4 +38,32 @@ fn unlocked_services_where_xen_holds_a_spinlock_are_violations() {
     m.owns_devices(DomId::DOM0);
     let _ = m.domain_info(DomId::DOM0);
     assert_eq!(lock_check::violations(), before + 3);
+}
+
+/// The engine marks the slices Xen runs under `domctl_lock` (a target's
+/// teardown, a log-dirty revocation), whoever calls them: the wake-ups
+/// they send are seen under the mark. (Without the marks the check above
+/// would guard nothing: a review of 2026-12-06.)
+#[test]
+fn the_engine_marks_its_domctl_slices() {
+    let (mut m, e) = machine(Format::Vtd, 64);
+    let mut ops: Vec<_> = (0..8).map(|g| map_op(GUEST, g, Permissions::RW)).collect();
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!(m.wakeups_under_domctl_lock, 0);
+    // Log-dirty on: the revocation's slices send dom0 its wake-up.
+    m.set_log_dirty_mode(GUEST, true);
+    let mut cursor = 0;
+    while e.revoke_writes(&mut m, GUEST, &mut cursor).is_err() {}
+    assert!(m.wakeups_under_domctl_lock > 0, "log-dirty slices unmarked");
+    let after_log_dirty = m.wakeups_under_domctl_lock;
+    // Read-only maps left: the guest's teardown revokes them.
+    m.set_log_dirty_mode(GUEST, false);
+    let mut ops: Vec<_> = (8..16).map(|g| map_op(GUEST, g, Permissions::RO)).collect();
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    m.kill_domain(&e, GUEST);
+    assert!(
+        m.wakeups_under_domctl_lock > after_log_dirty,
+        "teardown slices unmarked"
+    );
+    assert_eq!(lock_check::host_atomic(), None, "a mark outlived its slice");
 }

@@ -661,3 +661,54 @@ fn writable_maps_of_a_vram_range_are_refused_while_its_revocation_is_under_way()
     );
     assert_eq!(lock_check::violations(), 0);
 }
+
+/// A VRAM revocation's freeze ends with the call that finishes it, not
+/// before: done, the engine keeps the range refused (its cursor done, a
+/// call for the same range answers at once) until the caller lifts it after
+/// the type change, so nothing mapped between the last slice and the type
+/// change is left to the hook's lock hold. And every end of a later call
+/// but a continuation lifts a freeze an abandoned continuation left: the
+/// device model going back to its old range (a peek), or stopping. Before
+/// (a review of 2026-12-06) the engine went idle when done, and nothing
+/// lifted an abandoned range: writable maps of it were refused until the
+/// domain died.
+#[test]
+fn a_vram_freeze_lasts_until_the_type_change_and_no_longer() {
+    let (mut m, e) = machine(Format::Vtd, 4096);
+    map_all(&mut m, &e, 0..1200, Permissions::RW);
+    // The engine's contract: done, the range is still refused.
+    let mut sweep = pviommu_hv::engine::RangeSweep::default();
+    let mut slices = 0;
+    while e
+        .revoke_writes_in(&mut m, GUEST, (0, 2048), &mut sweep)
+        .is_err()
+    {
+        slices += 1;
+        assert!(slices < 100);
+    }
+    assert!(sweep.freezes_writes_to(0) && sweep.freezes_writes_to(2047));
+    assert!(!sweep.freezes_writes_to(2048));
+    // A call for the same range finds it done: nothing more to revoke.
+    let before = notices(&mut m, &e);
+    assert!(e
+        .revoke_writes_in(&mut m, GUEST, (0, 2048), &mut sweep)
+        .is_ok());
+    assert_eq!(notices(&mut m, &e), before);
+
+    // Through the device model's calls: tracking on (2048, 3072), then a
+    // move to (0, 2048) abandoned after its first slice.
+    let (mut m, e) = machine(Format::Vtd, 4096);
+    m.track_dirty_vram(&e, GUEST, (2048, 3072));
+    map_all(&mut m, &e, 0..1200, Permissions::RW);
+    assert!(m.track_dirty_vram_once(&e, GUEST, (0, 2048)).is_err());
+    assert_eq!(writable_map_statuses(&mut m, &e, &[1500]), [EACCES]);
+    // It goes back to its old range (a peek): the freeze is lifted.
+    assert!(m.track_dirty_vram_once(&e, GUEST, (2048, 3072)).is_ok());
+    assert_eq!(writable_map_statuses(&mut m, &e, &[1500]), [0]);
+    // Abandoned again, then tracking stops: lifted too.
+    assert!(m.track_dirty_vram_once(&e, GUEST, (0, 2048)).is_err());
+    assert_eq!(writable_map_statuses(&mut m, &e, &[1501]), [EACCES]);
+    assert!(m.track_dirty_vram_once(&e, GUEST, (0, 0)).is_ok());
+    assert_eq!(writable_map_statuses(&mut m, &e, &[1501]), [0]);
+    assert_eq!(lock_check::violations(), 0);
+}

@@ -68,7 +68,9 @@ const SKIP_CHECK_REGIONS: u64 = 64;
 
 /// A revocation of device write access over a gfn range, made in slices
 /// by [`Engine::revoke_writes_in`] and kept by the caller between them
-/// (Xen: in `struct domain`). Idle when `first == last`.
+/// (Xen: in `struct domain`). Idle when `first == last`; from its first
+/// slice until the caller lifts it (resets it to idle) writable maps of
+/// the range are refused ([`RangeSweep::freezes_writes_to`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RangeSweep {
@@ -1467,16 +1469,19 @@ impl<L: RawMutex> Engine<L> {
     /// this is done; the type change that follows makes its hook over the
     /// range, which then finds only what was mapped meanwhile). `sweep` is
     /// the caller's, kept between slices: a call for another range than
-    /// the one in progress starts over for its own; once done, it is idle
-    /// again, so the next call for any range starts a new revocation.
-    /// Bounded as [`revoke_writes`](Self::revoke_writes). Writable maps of
-    /// the range are refused meanwhile by the page lookups
+    /// the one in progress starts over for its own. Bounded as
+    /// [`revoke_writes`](Self::revoke_writes). Writable maps of the range
+    /// are refused by the page lookups from the first slice
     /// ([`RangeSweep::freezes_writes_to`]; the range is in `sweep` before
-    /// the first slice moves the target's sequence number, so a map that
-    /// looked its page up before installs nothing and looks again): the
-    /// hook after the type change finds only what raced the last slice.
-    /// An abandoned continuation leaves its range refused until the next
-    /// call for any range, or the end of the tracking.
+    /// that slice moves the target's sequence number, so a map that looked
+    /// its page up before installs nothing and looks again) until the
+    /// caller lifts it, resetting `sweep` to idle: after the type change,
+    /// or at any other end of its call but a continuation (Xen:
+    /// `hap_track_dirty_vram()`'s exit, `pviommu_vram_revoke(d, first,
+    /// 0)`). Done, it stays set (its cursor done, a call for the same range
+    /// answers at once), so the type change's hook finds nothing mapped
+    /// since (a review of 2026-12-06: it went idle when done, and maps
+    /// made before the type change went to the hook).
     pub fn revoke_writes_in(
         &self,
         h: &mut impl Hypervisor,
@@ -1497,10 +1502,9 @@ impl<L: RawMutex> Engine<L> {
         let mut c = Cursor::unpack(sweep.cursor);
         // No walk again here: the hook that follows retries what is stuck.
         let result = self.revoke_writes_slice(h, domid, (first, last), false, &mut c);
+        // (Done: the cursor says so, and the range stays refused until
+        // the caller lifts it.)
         sweep.cursor = c.pack();
-        if result.is_ok() {
-            *sweep = RangeSweep::default();
-        }
         result
     }
 

@@ -958,6 +958,10 @@ pub struct SimMachine {
     /// under the engine's locks, breaks it (Xen's `mm_lock` checks `BUG()`
     /// on it in debug builds). The engine's hook paths must take none.
     pub services_under_p2m_lock: u64,
+    /// Revocation wake-ups sent from a slice the engine ran under Xen's
+    /// `domctl_lock` (a teardown's, a log-dirty revocation's): they show
+    /// that the engine marks those slices ([`crate::lock_check::HostAtomic`]).
+    pub wakeups_under_domctl_lock: u64,
     /// IOMMU runs asked for longer than [`crate::iommu::MAX_IOMMU_RUN`]
     /// pages, which Xen's glue refuses (`PVX_IOMMU_RUN_MAX`: its loop over
     /// a run is not preemptible) and the simulator too. The engine must
@@ -1084,6 +1088,7 @@ impl SimMachine {
             maps_past_width: 0,
             maps_over_present: 0,
             services_under_p2m_lock: 0,
+            wakeups_under_domctl_lock: 0,
             runs_too_long: 0,
             runs_outside_window: 0,
             xsm_checks: core::sync::atomic::AtomicU64::new(0),
@@ -1461,7 +1466,11 @@ impl SimMachine {
         let Some(d) = self.domains.get_mut(&domid) else {
             return Ok(());
         };
+        // Every end of the call but a continuation lifts the freeze of a
+        // revocation (Xen: `out:` of `hap_track_dirty_vram()`), one left
+        // by an abandoned continuation included.
         if d.vram == (first, last) {
+            d.vram_sweep = Default::default();
             return Ok(());
         }
         if first >= last {
@@ -1469,6 +1478,7 @@ impl SimMachine {
             // read-only, so nothing to revoke and no hook.
             d.end_vram_logdirty();
             d.vram = (0, 0);
+            d.vram_sweep = Default::default();
             return Ok(());
         }
         let mut sweep = d.vram_sweep;
@@ -1477,7 +1487,11 @@ impl SimMachine {
             d.vram_sweep = sweep;
         }
         slice?;
+        // The range stays refused writes until its type has changed.
         self.move_vram_range(engine, domid, (first, last));
+        if let Some(d) = self.domains.get_mut(&domid) {
+            d.vram_sweep = Default::default();
+        }
         Ok(())
     }
 
@@ -2569,6 +2583,11 @@ impl Platform for SimMachine {
     fn notify_revoked(&mut self, owner: DomId) {
         let _host = HostAllocations::begin();
         *self.revocation_wakeups.entry(owner).or_insert(0) += 1;
+        // (That the engine marks its domctl slices: what the checks of
+        // `[unlocked]` services under them rest on.)
+        if crate::lock_check::host_atomic().is_some() {
+            self.wakeups_under_domctl_lock += 1;
+        }
     }
     fn note_non_coherent_write(&mut self, mfn: Mfn) {
         // [unlocked] on Xen (the glue's pvx_page_non_coherent asserts it).

@@ -118,11 +118,19 @@ static bool pvx_caller_not_64bit(struct vcpu *v)
 
 /* ---- Reserved BFN regions and limits (built once at boot) ---- */
 
-/* A PCI bus node, as Xen's device-tree code matches them ("pci", "pciex"). */
+/*
+ * A PCI bus node, as Xen's device-tree code matches them (dt_bus_pci_match()):
+ * device_type "pci" or "pciex", or, with no device_type, a node named "pci"
+ * or "pcie" (Xen warns, then drives it as a PCI bus all the same: missing
+ * it left such a bridge's windows unreserved, a review of 2026-12-06).
+ */
 static bool __init pvx_dt_is_pci(const struct dt_device_node *np)
 {
+    const char *name = dt_node_name(np);
+
     return dt_device_type_is_equal(np, "pci") ||
-           dt_device_type_is_equal(np, "pciex");
+           dt_device_type_is_equal(np, "pciex") ||
+           (name && (!strcmp(name, "pci") || !strcmp(name, "pcie")));
 }
 
 /*
@@ -165,7 +173,7 @@ static int __init cf_check pvx_dt_range(const struct dt_device_node *dev,
  * address in the other two), the CPU address (the parent's
  * #address-cells), the size (2 cells). I/O and config space are no DMA
  * target. false (nothing is known of this bridge's windows) if `ranges`
- * is missing or cannot be read.
+ * is missing, empty or cannot be read.
  */
 static bool __init pvx_pci_bus_windows(const struct dt_device_node *np)
 {
@@ -175,8 +183,12 @@ static bool __init pvx_pci_bus_windows(const struct dt_device_node *np)
     int pna = dt_n_addr_cells(np);
     unsigned int one, left;
 
+    /*
+     * (An empty `ranges` on a host bridge names no window: nothing known
+     * of where its BARs go.)
+     */
     cells = dt_get_property(np, "ranges", &len);
-    if ( !cells ||
+    if ( !cells || !len ||
          !dt_property_read_u32(np, "#address-cells", &na) ||
          !dt_property_read_u32(np, "#size-cells", &ns) ||
          na != PCI_ADDR_CELLS || ns != PCI_SIZE_CELLS || pna < 1 || pna > 2 )

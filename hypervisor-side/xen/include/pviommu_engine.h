@@ -105,7 +105,10 @@ int pviommu_engine_revoke_writes(uint16_t domid, uint64_t *cursor);
  * follows (under the p2m lock, in one go) finds only what was mapped
  * meanwhile. Writable maps of the range are refused while *sweep holds it
  * (the glue's page lookups: pvx_vram_sweeping()); the range is stored there
- * before the first slice moves the target's sequence number.
+ * (word by word, atomically) before the first slice moves the target's
+ * sequence number, and stays when done (cursor done) until the caller lifts
+ * it, zeroing *sweep, after the type change or at any other end of its call
+ * but a continuation (pviommu_vram_revoke(d, first, 0)).
  * *sweep (three uint64_t: first, last, cursor; all zero when idle) is the
  * caller's, kept between slices; a call for another range starts over for
  * its own. Returns 0 when done, -ERESTART when the dm_op must continue.

@@ -16,7 +16,9 @@
 #    (pvx_regions_incomplete), where before its windows went unreserved;
 #  - a host booted with ACPI (its MSI doorbells and windows are in the
 #    MADT/IORT, not the device tree): off;
-#  - a device's reg ending at the top of the address space: reserved.
+#  - a device's reg ending at the top of the address space: reserved;
+#  - a bridge with no device_type named "pcie" (Xen drives it as PCI):
+#    read as one; a host bridge with an empty `ranges`: off.
 # Exits non-zero on a wrong answer.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
@@ -73,7 +75,7 @@ static uint64_t dt_read_number(const __be32 *cell, int size)
 }
 
 struct dt_device_node {
-    const char *full_name, *type, *compatible;
+    const char *full_name, *name, *type, *compatible;
     struct dt_device_node *parent, *allnext;
     /* Properties, big-endian cells; has_* false: absent. */
     bool has_ranges, has_cells;
@@ -88,6 +90,7 @@ static struct dt_device_node *dt_host;
 #define dt_for_each_device_node(dt, dn) for ( (dn) = (dt); (dn); (dn) = (dn)->allnext )
 
 static const char *dt_node_full_name(const struct dt_device_node *np) { return np->full_name; }
+static const char *dt_node_name(const struct dt_device_node *np) { return np->name; }
 static bool dt_device_type_is_equal(const struct dt_device_node *np, const char *t)
 {
     return np->type && !strcmp(np->type, t);
@@ -289,6 +292,26 @@ int main(void)
     build(&c);
     expect(reserved(0xfffffffffff00000ULL) && reserved(0xffffffffffffffffULL), true,
            "a reg ending at 2^64 reserved");
+
+    /*
+     * A bridge with no device_type, named "pcie" (Xen drives it as PCI,
+     * dt_bus_pci_match()): read as one. Before, not a PCI node to the glue:
+     * its windows went unreserved and PV-IOMMU on.
+     */
+    a = host_bridge("/pcie@4010000000", NULL);
+    a.name = "pcie";
+    range(&a, 3, 0x400000000, 0x8000000000, 0x400000000);
+    build(&a);
+    expect(pvx_regions_incomplete, false, "no device_type, named pcie: read");
+    expect(reserved(0x8000000000) && reserved(0x400000000), true,
+           "no device_type, named pcie: its window at both addresses");
+
+    /* A host bridge with an empty `ranges`: nothing known of its windows. */
+    a = host_bridge("/pcie@4010000000", "pci");
+    a.has_ranges = true;
+    a.ranges_len = 0;
+    build(&a);
+    expect(pvx_regions_incomplete, true, "an empty ranges on a host bridge: off");
 
     /* A host booted with ACPI: its addresses are not in the device tree. */
     a = host_bridge("/pcie@10000000", "pci");

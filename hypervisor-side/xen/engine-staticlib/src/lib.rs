@@ -12,7 +12,7 @@ extern crate alloc;
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::{Cell, UnsafeCell};
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use lock_api::RawMutex;
 use pviommu_hv::abi::feature;
@@ -1827,8 +1827,14 @@ pub extern "C" fn pviommu_engine_revoke_writes(domid: u16, cursor: *mut u64) -> 
 /// One slice of revoking the writable mappings of `domid`'s gfns
 /// `[first, first + nr)` before VRAM dirty tracking moves there: 0 done,
 /// -ERESTART call again. `sweep` is the caller's (three u64s in struct
-/// domain: [`RangeSweep`]'s layout).
-// Called from C only, with a pointer into struct domain or NULL (checked).
+/// domain: [`RangeSweep`]'s layout), which other CPUs' page lookups read
+/// (`pvx_vram_sweeping()`, with `ACCESS_ONCE`) while this runs: it is
+/// read and written here word by word, atomically, never through a Rust
+/// reference, and a new range is in it before the slice moves the
+/// target's sequence number (the SeqCst read-modify-write orders these
+/// stores before it).
+// Called from C only, with a pointer into struct domain or NULL (checked),
+// under the caller's `pviommu_vram_busy` bit (one call at a time).
 #[allow(clippy::not_unsafe_ptr_arg_deref)]
 #[no_mangle]
 pub extern "C" fn pviommu_engine_revoke_writes_in(
@@ -1839,16 +1845,41 @@ pub extern "C" fn pviommu_engine_revoke_writes_in(
 ) -> i32 {
     const ERESTART: i32 = -85;
     let Some(e) = engine() else { return 0 };
-    // SAFETY: the glue passes a pointer to the sweep in struct domain.
-    let Some(sweep) = (unsafe { sweep.as_mut() }) else {
+    if sweep.is_null() || !sweep.cast::<AtomicU64>().is_aligned() {
         return 0;
+    }
+    // SAFETY: three u64 words in struct domain (RangeSweep is repr(C),
+    // 24 bytes: asserted), aligned (checked), alive for the call; the
+    // other CPUs only read them, each word atomically.
+    let words = unsafe {
+        [
+            AtomicU64::from_ptr(core::ptr::addr_of_mut!((*sweep).first)),
+            AtomicU64::from_ptr(core::ptr::addr_of_mut!((*sweep).last)),
+            AtomicU64::from_ptr(core::ptr::addr_of_mut!((*sweep).cursor)),
+        ]
     };
-    let slice = e.revoke_writes_in(
-        &mut Xen::new(),
-        DomId(domid),
-        (first, first.saturating_add(nr)),
-        sweep,
-    );
+    let range = (first, first.saturating_add(nr));
+    let mut local = RangeSweep {
+        first: words[0].load(Ordering::SeqCst),
+        last: words[1].load(Ordering::SeqCst),
+        cursor: words[2].load(Ordering::SeqCst),
+    };
+    // A new range: published (what the engine's call would make of it)
+    // before the engine can move the sequence number.
+    if first < range.1 && (local.first, local.last) != range {
+        local = RangeSweep {
+            first: range.0,
+            last: range.1,
+            cursor: 0,
+        };
+        words[2].store(0, Ordering::SeqCst);
+        words[0].store(local.first, Ordering::SeqCst);
+        words[1].store(local.last, Ordering::SeqCst);
+    }
+    let slice = e.revoke_writes_in(&mut Xen::new(), DomId(domid), range, &mut local);
+    words[0].store(local.first, Ordering::SeqCst);
+    words[1].store(local.last, Ordering::SeqCst);
+    words[2].store(local.cursor, Ordering::SeqCst);
     report_engine_bugs(e);
     match slice {
         Ok(()) => 0,

@@ -1458,3 +1458,43 @@ fn the_engine_header_defines_what_the_rust_side_uses() {
         assert!(seen.contains(name), "{name} is not in the header");
     }
 }
+
+/// The VRAM revocation's range in struct domain, as the glue's lookups on
+/// other CPUs read it: written there before the engine runs a slice, and
+/// left there (cursor done) when the revocation is done, for the caller to
+/// lift after the type change; a NULL or misaligned pointer is refused.
+/// Before (a review of 2026-12-06) the engine worked through a Rust
+/// reference into struct domain and went idle when done.
+#[test]
+fn a_vram_revocations_range_stays_published_until_lifted() {
+    use pviommu_hv::engine::RangeSweep;
+    let _s = model::serial();
+    if super::engine().is_none() {
+        assert_eq!(super::pviommu_engine_init(0, 0, 0, super::CELLS as u32), 0);
+    }
+    let mut sweep = RangeSweep::default();
+    // Nothing of d1 mapped: done in one call, the range kept.
+    assert_eq!(
+        super::pviommu_engine_revoke_writes_in(1, 0x100, 0x10, &mut sweep),
+        0
+    );
+    assert_eq!((sweep.first, sweep.last), (0x100, 0x110));
+    assert!(sweep.freezes_writes_to(0x10f) && !sweep.freezes_writes_to(0x110));
+    // The same range again: done at once, unchanged.
+    let done = sweep;
+    assert_eq!(
+        super::pviommu_engine_revoke_writes_in(1, 0x100, 0x10, &mut sweep),
+        0
+    );
+    assert_eq!(sweep, done);
+    // Another range starts over for its own.
+    assert_eq!(
+        super::pviommu_engine_revoke_writes_in(1, 0x400, 0x20, &mut sweep),
+        0
+    );
+    assert_eq!((sweep.first, sweep.last), (0x400, 0x420));
+    assert_eq!(
+        super::pviommu_engine_revoke_writes_in(1, 0, 1, core::ptr::null_mut()),
+        0
+    );
+}
