@@ -181,8 +181,9 @@ int pviommu_vram_revoke(struct domain *d, unsigned long first,
 
         if ( test_and_set_bit(0, &d->pviommu_vram_busy) )
             return 0;
-        write_atomic(&s->first, 0);
+        /* last first: a lookup meanwhile sees an empty range, no other. */
         write_atomic(&s->last, 0);
+        write_atomic(&s->first, 0);
         write_atomic(&s->cursor, 0);
         clear_bit(0, &d->pviommu_vram_busy);
         return 0;

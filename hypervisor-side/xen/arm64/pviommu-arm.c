@@ -120,9 +120,10 @@ static bool pvx_caller_not_64bit(struct vcpu *v)
 
 /*
  * A PCI bus node, as Xen's device-tree code matches them (dt_bus_pci_match()):
- * device_type "pci" or "pciex", or, with no device_type, a node named "pci"
- * or "pcie" (Xen warns, then drives it as a PCI bus all the same: missing
- * it left such a bridge's windows unreserved, a review of 2026-12-06).
+ * device_type "pci" or "pciex", or a node named "pci" or "pcie" whatever its
+ * device_type (Xen warns of a missing one, then drives it as a PCI bus all
+ * the same: missing it left such a bridge's windows unreserved, a review of
+ * 2026-12-06). A disabled one counts too: more reserved, or off, never less.
  */
 static bool __init pvx_dt_is_pci(const struct dt_device_node *np)
 {

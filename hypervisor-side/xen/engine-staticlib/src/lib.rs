@@ -1872,13 +1872,16 @@ pub extern "C" fn pviommu_engine_revoke_writes_in(
             last: range.1,
             cursor: 0,
         };
+        // `last` emptied first: a reader between the stores sees an
+        // empty range, never one that is neither the old nor the new (a
+        // map it lets through is the walk's, which starts after these).
+        words[1].store(0, Ordering::SeqCst);
         words[2].store(0, Ordering::SeqCst);
         words[0].store(local.first, Ordering::SeqCst);
         words[1].store(local.last, Ordering::SeqCst);
     }
     let slice = e.revoke_writes_in(&mut Xen::new(), DomId(domid), range, &mut local);
-    words[0].store(local.first, Ordering::SeqCst);
-    words[1].store(local.last, Ordering::SeqCst);
+    // (The range is the one published above: only the cursor moved.)
     words[2].store(local.cursor, Ordering::SeqCst);
     report_engine_bugs(e);
     match slice {

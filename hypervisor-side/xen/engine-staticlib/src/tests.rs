@@ -1459,12 +1459,13 @@ fn the_engine_header_defines_what_the_rust_side_uses() {
     }
 }
 
-/// The VRAM revocation's range in struct domain, as the glue's lookups on
-/// other CPUs read it: written there before the engine runs a slice, and
-/// left there (cursor done) when the revocation is done, for the caller to
-/// lift after the type change; a NULL or misaligned pointer is refused.
-/// Before (a review of 2026-12-06) the engine worked through a Rust
-/// reference into struct domain and went idle when done.
+/// The VRAM revocation's range in struct domain, as the glue's lookups
+/// read it: there when the engine has run a slice, and left there (cursor
+/// done) when the revocation is done, for the caller to lift after the
+/// type change; a NULL pointer does nothing. Before (a review of
+/// 2026-12-06) the engine went idle when done. (That the words are written
+/// atomically, before the sequence number moves, is read in the code, not
+/// tested: the model has no second CPU.)
 #[test]
 fn a_vram_revocations_range_stays_published_until_lifted() {
     use pviommu_hv::engine::RangeSweep;
