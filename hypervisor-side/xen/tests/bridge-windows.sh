@@ -26,37 +26,18 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
 # The region table (as run-window.sh takes it) and the Arm builder.
-sed -n '/^#define PVX_MAX_REGIONS/,/^static int __init cf_check pviommu_init/{/^static int __init cf_check pviommu_init/!p}' \
-    "$HERE/pviommu-common.inc" > "$WORK/regions.inc"
+# shellcheck source=glue-regions.sh
+. "$HERE/tests/glue-regions.sh"
+glue_regions bridge-windows "$WORK"
 sed -n '/^\/\* ---- Reserved BFN regions and limits/,/^static void cf_check pvx_dump_dom0_p2m/{/^static void cf_check pvx_dump_dom0_p2m/!p}' \
     "$HERE/arm64/pviommu-arm.c" > "$WORK/build.inc"
 grep -q 'pvx_build_regions(void)' "$WORK/build.inc" || { echo "bridge-windows: pvx_build_regions not found" >&2; exit 1; }
-grep -q 'pvx_regions_incomplete' "$WORK/regions.inc" || { echo "bridge-windows: pvx_regions_incomplete not found" >&2; exit 1; }
 
 cat > "$WORK/test.c" <<'C'
-#include <errno.h>
-#include <inttypes.h>
-#include <stdbool.h>
-#include <stdint.h>
-#include <stdio.h>
 #include <string.h>
+#include "glue-host.h"
 
-#define __init
-#define __initdata
-#define __ro_after_init
 #define cf_check
-#define XENLOG_WARNING ""
-#define XENLOG_ERR ""
-#define PAGE_SHIFT 12
-#define PFN_DOWN(x) ((x) >> PAGE_SHIFT)
-#define PFN_UP(x) (((x) + (1UL << PAGE_SHIFT) - 1) >> PAGE_SHIFT)
-#define max(a, b) ((a) > (b) ? (a) : (b))
-#define min(a, b) ((a) < (b) ? (a) : (b))
-#define max_t(t, a, b) ((t)(a) > (t)(b) ? (t)(a) : (t)(b))
-#define printk printf
-typedef struct { int counter; } atomic_t;
-#define ATOMIC_INIT(i) { (i) }
-static int atomic_inc_return(atomic_t *v) { return ++v->counter; }
 #define PVIOMMU_REGION_MMIO 1
 #define PVIOMMU_REGION_MSI 2
 #define PVIOMMU_REGION_PLATFORM 3
@@ -329,5 +310,5 @@ int main(void)
 }
 C
 cc -std=gnu11 -Wall -Wextra -Wno-unused-function -Wno-unused-parameter -Werror \
-    -I"$WORK" -o "$WORK/test" "$WORK/test.c"
+    -I"$WORK" -I"$HERE/tests" -o "$WORK/test" "$WORK/test.c"
 "$WORK/test"

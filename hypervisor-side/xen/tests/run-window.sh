@@ -15,36 +15,12 @@ HERE="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
-# From the table's definition to the end of pvx_run_refused(), as in the glue.
-sed -n '/^#define PVX_MAX_REGIONS/,/^static int __init cf_check pviommu_init/{/^static int __init cf_check pviommu_init/!p}' \
-    "$HERE/pviommu-common.inc" > "$WORK/regions.inc"
-grep -q 'pvx_run_in_window' "$WORK/regions.inc" || { echo "run-window: pvx_run_in_window not found" >&2; exit 1; }
-grep -q 'pvx_run_refused' "$WORK/regions.inc" || { echo "run-window: pvx_run_refused not found" >&2; exit 1; }
+# shellcheck source=glue-regions.sh
+. "$HERE/tests/glue-regions.sh"
+glue_regions run-window "$WORK"
 
 cat > "$WORK/test.c" <<'C'
-#include <errno.h>
-#include <inttypes.h>
-#include <stdbool.h>
-#include <stdint.h>
-#include <stdio.h>
-
-#define __init
-#define __ro_after_init
-#define __initdata
-#define XENLOG_WARNING ""
-#define XENLOG_ERR ""
-#define PAGE_SHIFT 12
-#define PFN_DOWN(x) ((x) >> PAGE_SHIFT)
-#define PFN_UP(x) (((x) + (1UL << PAGE_SHIFT) - 1) >> PAGE_SHIFT)
-/* Xen's max()/min() (type-checked there), max_t(). */
-#define max(a, b) ((a) > (b) ? (a) : (b))
-#define min(a, b) ((a) < (b) ? (a) : (b))
-#define max_t(t, a, b) ((t)(a) > (t)(b) ? (t)(a) : (t)(b))
-#define printk printf
-typedef struct { int counter; } atomic_t;
-#define ATOMIC_INIT(i) { (i) }
-static int atomic_inc_return(atomic_t *v) { return ++v->counter; }
-
+#include "glue-host.h"
 #include "regions.inc"
 
 static int failures;
@@ -218,7 +194,7 @@ int main(void)
     return 0;
 }
 C
-cc -std=gnu11 -Wall -Wextra -Werror -O1 -I"$WORK" -o "$WORK/test" "$WORK/test.c"
+cc -std=gnu11 -Wall -Wextra -Werror -O1 -I"$WORK" -I"$HERE/tests" -o "$WORK/test" "$WORK/test.c"
 "$WORK/test" | tee "$WORK/out"
 lines=$(grep -c "outside the window, refused" "$WORK/out" || true)
 [ "$lines" = 4 ] || { echo "run-window: $lines refusal lines for 10 refusals, want 4 (1st, 2nd, 4th, 8th)" >&2; exit 1; }
