@@ -93,6 +93,28 @@ impl RangeSweep {
     pub fn freezes_writes_to(&self, gfn: u64) -> bool {
         self.first <= gfn && gfn < self.last
     }
+
+    /// Whether it freezes nothing: no range (the glue's `pvx_page_run()`
+    /// asks the same, `first < last`, for its fast path).
+    pub fn is_idle(&self) -> bool {
+        self.first >= self.last
+    }
+
+    /// Make it the revocation of `range`: one of another range (or none)
+    /// starts over for it, from its first cell; whether it did. The one
+    /// rule of [`Engine::revoke_writes_in`] and of the Xen object, which
+    /// publishes such a start before the engine's first slice.
+    pub fn aim_at(&mut self, (first, last): (u64, u64)) -> bool {
+        let new = (self.first, self.last) != (first, last);
+        if new {
+            *self = RangeSweep {
+                first,
+                last,
+                cursor: 0,
+            };
+        }
+        new
+    }
 }
 
 /// Walks [`Engine::revoke_writes`] makes again, at most, while a cell
@@ -1492,13 +1514,7 @@ impl<L: RawMutex> Engine<L> {
         if first >= last {
             return Ok(());
         }
-        if (sweep.first, sweep.last) != (first, last) {
-            *sweep = RangeSweep {
-                first,
-                last,
-                cursor: 0,
-            };
-        }
+        sweep.aim_at((first, last));
         let mut c = Cursor::unpack(sweep.cursor);
         // No walk again here: the hook that follows retries what is stuck.
         let result = self.revoke_writes_slice(h, domid, (first, last), false, &mut c);

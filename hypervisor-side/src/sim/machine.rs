@@ -1461,16 +1461,32 @@ impl SimMachine {
         &mut self,
         engine: &crate::Engine,
         domid: DomId,
+        range: (u64, u64),
+    ) -> Result<(), crate::engine::Restart> {
+        let call = self.track_dirty_vram_call(engine, domid, range);
+        // Every end of the call but a continuation lifts the freeze of a
+        // revocation (Xen: `out:` of `hap_track_dirty_vram()`), one left
+        // by an abandoned continuation included.
+        if call.is_ok() {
+            if let Some(d) = self.domains.get_mut(&domid) {
+                d.vram_sweep = Default::default();
+            }
+        }
+        call
+    }
+
+    /// [`track_dirty_vram_once`](Self::track_dirty_vram_once) up to its
+    /// end (Xen's `out:`).
+    fn track_dirty_vram_call(
+        &mut self,
+        engine: &crate::Engine,
+        domid: DomId,
         (first, last): (u64, u64),
     ) -> Result<(), crate::engine::Restart> {
         let Some(d) = self.domains.get_mut(&domid) else {
             return Ok(());
         };
-        // Every end of the call but a continuation lifts the freeze of a
-        // revocation (Xen: `out:` of `hap_track_dirty_vram()`), one left
-        // by an abandoned continuation included.
         if d.vram == (first, last) {
-            d.vram_sweep = Default::default();
             return Ok(());
         }
         if first >= last {
@@ -1478,7 +1494,6 @@ impl SimMachine {
             // read-only, so nothing to revoke and no hook.
             d.end_vram_logdirty();
             d.vram = (0, 0);
-            d.vram_sweep = Default::default();
             return Ok(());
         }
         let mut sweep = d.vram_sweep;
@@ -1487,11 +1502,8 @@ impl SimMachine {
             d.vram_sweep = sweep;
         }
         slice?;
-        // The range stays refused writes until its type has changed.
+        // (The range stays refused writes until its type has changed.)
         self.move_vram_range(engine, domid, (first, last));
-        if let Some(d) = self.domains.get_mut(&domid) {
-            d.vram_sweep = Default::default();
-        }
         Ok(())
     }
 
@@ -2514,7 +2526,7 @@ impl Platform for SimMachine {
             })
         } else {
             // (A VRAM range being revoked is refused writes as log-dirty is.)
-            let sweeping = want_write && d.vram_sweep != Default::default();
+            let sweeping = want_write && !d.vram_sweep.is_idle();
             take_until_refused(pages, limit, |gfn| {
                 let log_dirty = d.log_dirty || (sweeping && d.vram_sweep.freezes_writes_to(gfn.0));
                 classify_entry(&self.ram, d.p2m.get(&gfn), want_write, log_dirty)

@@ -1864,14 +1864,9 @@ pub extern "C" fn pviommu_engine_revoke_writes_in(
         last: words[1].load(Ordering::SeqCst),
         cursor: words[2].load(Ordering::SeqCst),
     };
-    // A new range: published (what the engine's call would make of it)
-    // before the engine can move the sequence number.
-    if first < range.1 && (local.first, local.last) != range {
-        local = RangeSweep {
-            first: range.0,
-            last: range.1,
-            cursor: 0,
-        };
+    // A new range: published (what the engine's call makes of it,
+    // `RangeSweep::aim_at`) before the engine can move the sequence number.
+    if first < range.1 && local.aim_at(range) {
         // `last` emptied first: a reader between the stores sees an
         // empty range, never one that is neither the old nor the new (a
         // map it lets through is the walk's, which starts after these).
