@@ -61,6 +61,9 @@ hypervisor-side/xen/tests/run-window.sh
 step "Arm glue: PCI host bridge windows reserved at CPU and bus addresses, or PV-IOMMU off"
 hypervisor-side/xen/tests/bridge-windows.sh
 
+step "x86 glue: no BFN below an SRAT memory block, hot-pluggable or not"
+hypervisor-side/xen/tests/srat-end.sh
+
 step "Xen p2m hook: which type changes take device write access away"
 hypervisor-side/xen/tests/write-lost.sh
 

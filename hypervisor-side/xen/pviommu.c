@@ -27,6 +27,7 @@
 #include <xen/hypercall.h>
 #include <xen/iommu.h>
 #include <xen/mm.h>
+#include <xen/numa.h>
 #include <xen/paging.h>
 #include <xen/pci.h>
 #include <xen/pci_regs.h>
@@ -400,9 +401,25 @@ static int __init cf_check pvx_pdev_windows(struct pci_dev *pdev, void *arg)
     return 0;
 }
 
+/*
+ * The frame below which RAM may be hot-added later. memory_add() takes a
+ * hot-add inside any SRAT memory block, hot-pluggable or not
+ * (valid_numa_range()), so the end of the highest block bounds it
+ * (numa_memblks_end(), patch 0003), not only mem_hotplug (the end of the
+ * hot-pluggable ones, which was all the glue reserved before 2026-12-06).
+ * Rounded up to a frame without wrapping, whatever the firmware says.
+ * (Tested on the host: tests/srat-end.sh.)
+ */
+static uint64_t __init pvx_hotadd_end_pfn(void)
+{
+    uint64_t end = max_t(uint64_t, mem_hotplug, numa_memblks_end());
+
+    return end ? PFN_DOWN(end - 1) + 1 : 0;
+}
+
 static void __init pvx_build_regions(void)
 {
-    uint64_t low_end = 0;
+    uint64_t low_end = 0, hotadd_pfn;
     unsigned int i;
 
     /* The interrupt (MSI) window. */
@@ -459,9 +476,10 @@ static void __init pvx_build_regions(void)
             pvx_add_range(e820.map[i].addr, e820.map[i].size,
                           PVIOMMU_REGION_PLATFORM);
 
-    /* SRAT hot-pluggable memory: RAM may appear there later. */
-    if ( PFN_UP(mem_hotplug) > max_page )
-        pvx_add_region(max_page, PFN_UP(mem_hotplug) - max_page,
+    /* SRAT memory blocks: RAM may appear there later. */
+    hotadd_pfn = pvx_hotadd_end_pfn();
+    if ( hotadd_pfn > max_page )
+        pvx_add_region(max_page, hotadd_pfn - max_page,
                        PVIOMMU_REGION_PLATFORM);
 
     if ( iommu_get_reserved_device_memory(pvx_rdm_region, NULL) < 0 )
@@ -471,8 +489,8 @@ static void __init pvx_build_regions(void)
     pci_for_each_pdev(pvx_pdev_windows, NULL);
     pcidevs_unlock();
 
-    /* RAM, including SRAT hot-pluggable ranges, ends here. */
-    pvx_ram_end = max_t(uint64_t, max_page, PFN_UP(mem_hotplug));
+    /* RAM, including what may be hot-added later, ends here. */
+    pvx_ram_end = max_t(uint64_t, max_page, hotadd_pfn);
 
     /*
      * The IOMMU driver knows how many address bits a context translates
