@@ -828,6 +828,26 @@ impl ShardedIndex {
         self.rebuilds = self.rebuilds.wrapping_add(1);
     }
 
+    /// Give back the memory of every empty shard (a split index only: one
+    /// table stays as it is). Frees only; never allocates. Bounded by
+    /// [`SHARDS`]. Returns the shards released.
+    pub fn release_empty_shards(&mut self) -> usize {
+        if self.shards.len() != SHARDS {
+            return 0;
+        }
+        let mut released = 0;
+        for t in self.shards.iter_mut() {
+            if t.is_empty() && t.heap_bytes() != 0 {
+                t.release();
+                released += 1;
+            }
+        }
+        if released != 0 {
+            self.rebuilds = self.rebuilds.wrapping_add(1);
+        }
+        released
+    }
+
     /// Every stored value.
     pub fn values(&self) -> impl Iterator<Item = u64> + '_ {
         self.shards
@@ -1036,6 +1056,23 @@ impl<T: Copy> ChunkedVec<T> {
         self.len = 0;
     }
 
+    /// Drop the values of the last block and give its memory back, unless
+    /// it is the first: the length becomes that block's start. False (and
+    /// nothing changed) for an array of one block or none. Frees only.
+    pub fn pop_last_block(&mut self) -> bool {
+        let Some(last) = self.len.checked_sub(1) else {
+            return false;
+        };
+        let start = last - last % CHUNK_LEN;
+        if start == 0 {
+            return false;
+        }
+        // (A block reserved past the values, if any, goes too.)
+        self.chunks.truncate(start / CHUNK_LEN);
+        self.len = start;
+        true
+    }
+
     /// Every value, in order.
     pub fn iter(&self) -> impl Iterator<Item = &T> + '_ {
         self.chunks.iter().flat_map(|c| c.iter())
@@ -1046,6 +1083,57 @@ impl<T: Copy> ChunkedVec<T> {
 mod tests {
     use super::*;
     use alloc::collections::BTreeSet;
+
+    #[test]
+    fn a_last_block_is_popped_whole_never_the_first() {
+        let mut v = ChunkedVec::<u64>::new();
+        assert!(!v.pop_last_block(), "empty");
+        for i in 0..(2 * CHUNK_LEN + 3) as u64 {
+            v.try_reserve_one(usize::MAX).unwrap();
+            v.try_push(i).unwrap();
+        }
+        assert!(v.pop_last_block());
+        assert_eq!((v.len(), v.capacity()), (2 * CHUNK_LEN, 2 * CHUNK_LEN));
+        // A block reserved past the values goes with the last one.
+        v.try_reserve_one(usize::MAX).unwrap();
+        assert_eq!(v.capacity(), 3 * CHUNK_LEN);
+        assert!(v.pop_last_block());
+        assert_eq!((v.len(), v.capacity()), (CHUNK_LEN, CHUNK_LEN));
+        assert_eq!(v.get(CHUNK_LEN - 1), Some(&(CHUNK_LEN as u64 - 1)));
+        assert!(!v.pop_last_block(), "the first block stays");
+        assert_eq!(v.len(), CHUNK_LEN);
+    }
+
+    #[test]
+    fn only_empty_shards_are_released() {
+        let h = |k: u64| k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut ix = ShardedIndex::new();
+        let keys: alloc::vec::Vec<u64> = (0..(SPLIT_AT as u64 * 4)).collect();
+        for &k in &keys {
+            ix.reserve_one(h(k)).unwrap();
+            ix.insert(h(k), k).unwrap();
+        }
+        assert_eq!(ix.shards.len(), SHARDS);
+        assert_eq!(ix.release_empty_shards(), 0, "none empty");
+        // Keep one key; empty every other shard.
+        for &k in &keys[1..] {
+            let pos = ix.position(h(k), |v| v == k).unwrap();
+            ix.remove_at(pos);
+        }
+        let layout = ix.layout();
+        let before = ix.heap_bytes();
+        assert_eq!(ix.release_empty_shards(), SHARDS - 1);
+        assert!(ix.heap_bytes() < before / 8);
+        assert_ne!(ix.layout(), layout, "positions from before are void");
+        assert_eq!(
+            ix.position(h(0), |v| v == 0).map(|p| ix.value_at(p)),
+            Some(Some(0))
+        );
+        // A released shard takes values again.
+        ix.reserve_one(h(7)).unwrap();
+        ix.insert(h(7), 7).unwrap();
+        assert!(ix.position(h(7), |v| v == 7).is_some());
+    }
 
     #[test]
     fn table_matches_a_btreemap_under_churn() {

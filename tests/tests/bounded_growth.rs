@@ -13,7 +13,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use pviommu_abi::{DomId, Permissions, PvIommuOp};
+use pviommu_abi::{Bfn, ContextId, DomId, Permissions, PvIommuOp};
 use pviommu_hv::sim::{Format, HostAllocations};
 use pviommu_tests::*;
 
@@ -72,4 +72,110 @@ fn no_map_allocates_more_than_one_block_however_many_mappings_are_live() {
         largest <= BLOCK,
         "a map allocated {largest} bytes at once (one block is {BLOCK})"
     );
+}
+
+/// Map `pages` pages of the guest into dom0 in batches of 512: their BFNs,
+/// in gfn order.
+fn map_all(m: &mut pviommu_hv::sim::SimMachine, e: &pviommu_hv::Engine, pages: u64) -> Vec<Bfn> {
+    let mut bfns = Vec::new();
+    for first in (0..pages).step_by(512) {
+        let mut ops: Vec<PvIommuOp> = (first..(first + 512).min(pages))
+            .map(|g| map_op(GUEST, g, Permissions::RW))
+            .collect();
+        m.guest_batch_all(e, DomId::DOM0, &mut ops).unwrap();
+        assert!(ops.iter().all(|op| op.status == 0), "map refused");
+        bfns.extend(ops.iter().map(|op| Bfn(op.bfn)));
+    }
+    bfns
+}
+
+fn unmap_all(m: &mut pviommu_hv::sim::SimMachine, e: &pviommu_hv::Engine, bfns: &[Bfn]) {
+    for chunk in bfns.chunks(512) {
+        let mut ops: Vec<PvIommuOp> = chunk.iter().map(|&b| unmap_op(b)).collect();
+        m.guest_batch_all(e, DomId::DOM0, &mut ops).unwrap();
+        assert!(ops.iter().all(|op| op.status == 0), "unmap refused");
+    }
+}
+
+fn dom0_heap(e: &pviommu_hv::Engine) -> (usize, usize) {
+    let d = e.driver_state(DomId::DOM0).unwrap();
+    (d.heap_bytes(), d.slot_capacity())
+}
+
+/// A review of 2026-12-06: a cell gave its slot array and page index back
+/// only once empty, so a driver domain that mapped 16 Ki pages and kept
+/// one kept the memory of all 16 Ki (a device model with 4 cells, about 4
+/// quotas' worth). Now the blocks above its highest slot in use go, one
+/// an unlock, and the page index's empty shards with them; the BFN kept
+/// still reaches its page, and the cell maps as before.
+#[test]
+fn a_cell_that_keeps_one_bfn_gives_back_the_blocks_above_it() {
+    const PAGES: u64 = 16 * 1024;
+    let (mut m, e) = machine(Format::Vtd, PAGES + 8);
+    let bfns = map_all(&mut m, &e, PAGES);
+    let (peak, peak_slots) = dom0_heap(&e);
+    assert_eq!(peak_slots, PAGES as usize);
+    // Keep the lowest; unmap the rest (32 calls, each unlock may trim).
+    unmap_all(&mut m, &e, &bfns[1..]);
+    let (kept, kept_slots) = dom0_heap(&e);
+    eprintln!("dom0's cell: {peak} bytes with {PAGES} mapped, {kept} with one");
+    // Before: 16 Ki slots and every shard, as at the peak. Now the first
+    // block, and the free one above it that a trim always leaves.
+    assert_eq!(kept_slots, 2 * BLOCK / 32, "two blocks of four kept");
+    // And of the page index, the one shard in use and the shards' table.
+    assert!(kept <= 2 * BLOCK + 16 * 1024, "{kept} bytes kept of {peak}");
+    assert!(e.driver_state(DomId::DOM0).unwrap().free_list_is_whole());
+    check_invariants(&mut m, &e).unwrap();
+    let gfn0 = m.translate(DomId::DOM0, ContextId::DEFAULT, bfns[0]);
+    assert!(gfn0.is_some(), "the BFN kept still reaches its page");
+    // The cell maps again, as many as before, and empties as before.
+    let again = map_all(&mut m, &e, PAGES);
+    check_invariants(&mut m, &e).unwrap();
+    unmap_all(&mut m, &e, &again);
+    unmap_all(&mut m, &e, &bfns[..1]);
+    check_invariants(&mut m, &e).unwrap();
+    assert!(dom0_heap(&e).0 <= BLOCK + 64 * 1024);
+    assert_eq!(pviommu_hv::lock_check::violations(), 0);
+}
+
+/// A BFN never moves: one held in the last block keeps every block below
+/// it, and only its unmap lets the cell's memory go.
+#[test]
+fn a_bfn_held_in_the_last_block_keeps_the_blocks_below_it() {
+    const PAGES: u64 = 16 * 1024;
+    let (mut m, e) = machine(Format::Vtd, PAGES + 8);
+    let bfns = map_all(&mut m, &e, PAGES);
+    let last = bfns.len() - 1;
+    unmap_all(&mut m, &e, &bfns[..last]);
+    assert_eq!(dom0_heap(&e).1, PAGES as usize);
+    assert!(m
+        .translate(DomId::DOM0, ContextId::DEFAULT, bfns[last])
+        .is_some());
+    check_invariants(&mut m, &e).unwrap();
+    unmap_all(&mut m, &e, &bfns[last..]);
+    assert!(dom0_heap(&e).1 <= BLOCK / 32);
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// The free block kept below a trimmed one is the hysteresis: a working
+/// set that swings by a block over 8 Ki pages kept mapped neither gives
+/// memory back nor asks for it again, round after round.
+#[test]
+fn a_working_set_that_swings_by_a_block_keeps_its_memory() {
+    let (mut m, e) = machine(Format::Vtd, 16 * 1024);
+    let _kept = map_all(&mut m, &e, 8 * 1024);
+    let mut before = None;
+    for _ in 0..4 {
+        let mut ops: Vec<PvIommuOp> = (8 * 1024..12 * 1024)
+            .map(|g| map_op(GUEST, g, Permissions::RW))
+            .collect();
+        for chunk in ops.chunks_mut(512) {
+            m.guest_batch_all(&e, DomId::DOM0, chunk).unwrap();
+        }
+        let swing: Vec<Bfn> = ops.iter().map(|op| Bfn(op.bfn)).collect();
+        unmap_all(&mut m, &e, &swing);
+        let now = dom0_heap(&e);
+        assert_eq!(*before.get_or_insert(now), now, "the memory moved");
+    }
+    check_invariants(&mut m, &e).unwrap();
 }

@@ -32,12 +32,20 @@ use super::EngineBug;
 use crate::bfn_alloc::BfnSpace;
 use crate::iommu::FlushGather;
 use crate::nospec::array_index_nospec;
-use crate::storage::{hash64, ChunkedVec, CountTable, IndexTable, ShardedIndex};
+use crate::storage::{hash64, ChunkedVec, CountTable, IndexTable, ShardedIndex, CHUNK_LEN};
 use crate::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions};
 use pviommu_abi::EXTENT_PAGES;
 
 /// "No slot" in a slot link.
 pub(crate) const NONE: u64 = u64::MAX;
+/// [`DriverDomain::trim_free_tail`]'s mark of a free list it found broken.
+const TRIM_OFF: u64 = u64::MAX - 1;
+
+/// Blocks of slots a call of its owner may give back
+/// ([`DriverDomain::trim_free_tail`]): 16 Ki slots taken off the free list
+/// at most, about what 512 unmaps cost; a cell emptied from the top in
+/// batches of 512 frees 4 blocks a call, as fast as they empty.
+pub(crate) const TRIM_BLOCKS_PER_CALL: usize = 4;
 
 /// One live BFN.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -587,6 +595,11 @@ pub struct DriverDomain {
     /// anywhere in it ([`take_slot_near`](Self::take_slot_near)).
     pub(crate) free_head: u64,
     pub(crate) free: u64,
+    /// A slot of the slot array's last block that the last look found in
+    /// use ([`trim_free_tail`](Self::trim_free_tail)): while it still is,
+    /// the block is not looked at again. `NONE`: look; [`TRIM_OFF`]: the
+    /// free list did not hold together, no trim until the cell empties.
+    trim_blocker: u64,
     /// The `limit` of [`reserve_slot`](Self::reserve_slot)'s last
     /// reservation with no free slot (`quota.min(window)`): with a block
     /// less one more, the bound of a falling run's skip
@@ -727,6 +740,7 @@ impl DriverDomain {
             slots: ChunkedVec::new(),
             free_head: NONE,
             free: 0,
+            trim_blocker: NONE,
             run_hint: NO_RUN,
             fresh_limit: 0,
             pages: ShardedIndex::new(),
@@ -2470,6 +2484,7 @@ impl DriverDomain {
         self.member_pages = 0;
         self.free_head = NONE;
         self.free = 0;
+        self.trim_blocker = NONE;
         self.run_hint = NO_RUN;
         self.fresh_limit = 0;
         self.unmapping_head = NONE;
@@ -2481,6 +2496,68 @@ impl DriverDomain {
         self.revoked_head = NONE;
         self.revoked_tail = NONE;
         self.revoked_cursor = (0, NONE, self.revoked_acks);
+    }
+
+    /// Give the slot array's last block back (128 KiB) once every slot in
+    /// it is free and at least a block's worth of free slots stays below
+    /// it, and with it the page index's empty shards. A cell used to keep
+    /// its peak's memory for as long as it held any BFN (a review of
+    /// 2026-12-06: a device model with 4 cells could hold about 4 quotas'
+    /// worth with one BFN in each); now what it keeps follows its highest
+    /// slot in use. The block stays while any slot of it is in use (a BFN
+    /// never moves), and the free block below it is the hysteresis: a
+    /// working set that swings within a block neither frees nor grows.
+    ///
+    /// Called where the owner's own call ends, after its flush
+    /// ([`Engine::finish_contexts`](super::Engine::finish_contexts)): a
+    /// hook or a teardown slice never pays for it. Bounded: O(1) unless
+    /// the block may be free; then one pass over it (4096 slots), after
+    /// which the slot found in use is remembered and the pass made again
+    /// only once that slot is free; taking the block's slots off the free
+    /// list (four slot accesses each, those outside the block scattered
+    /// over the array where unmaps freed slots in no order) and the
+    /// shards' pass ([`ShardedIndex::release_empty_shards`]) only when a
+    /// block goes. Whether one went. Frees only; never allocates.
+    pub(crate) fn trim_free_tail(&mut self) -> bool {
+        const BLOCK: u64 = CHUNK_LEN as u64;
+        let len = self.slots.len() as u64;
+        // (An empty cell gives everything back: `compact_if_empty`.)
+        if len <= BLOCK || self.used() == 0 || self.trim_blocker == TRIM_OFF {
+            return false;
+        }
+        let start = (len - 1) / BLOCK * BLOCK;
+        if self.free < (len - start).saturating_add(BLOCK) {
+            return false;
+        }
+        if self.trim_blocker >= start
+            && self
+                .raw(self.trim_blocker)
+                .is_some_and(|r| r.state() != ST_FREE)
+        {
+            return false;
+        }
+        let start_at = start as usize;
+        if let Some(busy) = self.slots.position_from(start_at, |r| r.state() != ST_FREE) {
+            self.trim_blocker = busy as u64;
+            return false;
+        }
+        for idx in start..len {
+            if !self.unlink_free(idx) {
+                // The list does not hold together (an engine bug): the
+                // slots taken off go back on it, and no trim is tried
+                // again until the cell empties.
+                for back in start..idx {
+                    self.free_slot(back);
+                }
+                self.bugs[EngineBug::FreeListBreak as usize] += 1;
+                self.trim_blocker = TRIM_OFF;
+                return false;
+            }
+        }
+        self.slots.pop_last_block();
+        self.trim_blocker = NONE;
+        self.pages.release_empty_shards();
+        true
     }
 
     /// This cell's notice after the `skip` oldest (at most
@@ -2726,6 +2803,69 @@ mod tests {
         }
         assert!(!dd.splice_free_block(4, 4));
         assert_eq!(dd.free, 6);
+    }
+
+    /// A cell of three blocks of slots, slot 0 and `busy` in use (Live
+    /// bits), every other slot free.
+    fn three_blocks(busy: &[u64]) -> DriverDomain {
+        let mut dd = DriverDomain::new(DomId(0));
+        for _ in 0..3 * CHUNK_LEN {
+            room(&mut dd, 1);
+            dd.take_slot().unwrap();
+        }
+        for i in 0..3 * CHUNK_LEN as u64 {
+            if i == 0 || busy.contains(&i) {
+                if let Some(r) = dd.raw_mut(i) {
+                    r.bits = ST_LIVE;
+                }
+            } else {
+                dd.free_slot(i);
+            }
+        }
+        dd
+    }
+
+    /// `trim_free_tail` (a review of 2026-12-06: a cell kept its peak's
+    /// memory while it held any BFN): the last block goes once all of it
+    /// is free, its slots taken off the free list, which stays whole; a
+    /// slot in use keeps it; the free block below it stays.
+    #[test]
+    fn a_last_block_all_free_is_given_back_and_one_in_use_kept() {
+        const B: u64 = CHUNK_LEN as u64;
+        let mut dd = three_blocks(&[2 * B + 5]);
+        dd.trim_free_tail();
+        assert_eq!((dd.slots.len() as u64, dd.trim_blocker), (3 * B, 2 * B + 5));
+        dd.free_slot(2 * B + 5);
+        dd.trim_free_tail();
+        assert_eq!(dd.slots.len() as u64, 2 * B);
+        assert_eq!((dd.used(), dd.free), (1, 2 * B - 1));
+        let list = free_list(&dd);
+        assert!(list.iter().all(|&i| i < 2 * B) && list.len() as u64 == dd.free);
+        // The free block below stays: a working set that swings by one
+        // neither frees nor grows.
+        dd.trim_free_tail();
+        assert_eq!(dd.slots.len() as u64, 2 * B);
+        assert_eq!(dd.free_list_breaks(), 0);
+    }
+
+    /// A free list that does not hold together in the last block: what was
+    /// taken off goes back, nothing is given back, the bug is counted once
+    /// and no trim is tried again until the cell empties.
+    #[test]
+    fn a_trim_over_a_broken_free_list_gives_nothing_back() {
+        const B: u64 = CHUNK_LEN as u64;
+        let mut dd = three_blocks(&[]);
+        // Slot 2B + 10's back link names slot 3 (which does not name it).
+        if let Some(r) = dd.raw_mut(2 * B + 10) {
+            r.aux = link32(3);
+        }
+        let free = dd.free;
+        dd.trim_free_tail();
+        assert_eq!((dd.slots.len() as u64, dd.free), (3 * B, free));
+        assert_eq!(dd.free_list_breaks(), 1);
+        dd.trim_free_tail();
+        assert_eq!(dd.free_list_breaks(), 1, "not tried again");
+        assert_eq!(dd.trim_blocker, TRIM_OFF);
     }
 
     #[test]

@@ -1674,6 +1674,13 @@ impl<L: RawMutex> Engine<L> {
             }
             if let Some(mut d) = self.lock_cell(caller, context) {
                 left |= self.flush_and_release_as(&mut d, h, true, &mut budget).left;
+                // The owner's own call gives back a block its unmaps freed
+                // (no hook or teardown slice pays for that pass).
+                for _ in 0..driver::TRIM_BLOCKS_PER_CALL {
+                    if !d.dd.trim_free_tail() {
+                        break;
+                    }
+                }
                 self.put_driver(d);
             }
         }
