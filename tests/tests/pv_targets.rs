@@ -287,3 +287,57 @@ fn a_broken_frame_behind_a_p2m_entry_is_refused() {
         Err(Errno::NoEnt)
     );
 }
+
+/// A review of 2026-12-06 (the glue's `pvx_put_page()`): a gfn hook run
+/// inside a batch of a translated guest's own p2m changes
+/// (`XENMAPSPACE_gmfn_range`, which suppresses this CPU's IOTLB flushes
+/// for that batch) releases what waits in the mediator's cell, and that
+/// may be the last reference to a page a PV guest with a device gave
+/// back. Freeing the page unmaps the guest's own identity entry for it,
+/// which must be flushed all the same: before the glue suspended the
+/// suppression around its put, the guest's device could still reach the
+/// freed page through its IOTLB. The simulator models Xen's side since
+/// (`SimMachine::give_pv_guest_a_device`, `add_to_physmap_range`); with
+/// the suspension taken out of its `put_page`, this test fails.
+#[test]
+fn a_page_freed_by_a_hook_inside_another_domains_batch_leaves_no_stale_identity_entry() {
+    let (mut m, e) = host();
+    m.give_pv_guest_a_device(PV_GUEST).unwrap();
+    let frame = m.mfn_of(PV_GUEST, Gfn(5)).unwrap();
+    map(&mut m, &e, &req(frame.0, Permissions::RO)).unwrap();
+    // The guest's device reads its own page: its IOTLB holds the identity
+    // translation.
+    assert!(m
+        .dma_read(PV_GUEST, ContextId::DEFAULT, frame.0 << 12, 8)
+        .is_ok());
+    // The guest gives the page back. The hook revokes dom0's mapping but
+    // cannot flush: the page waits in dom0's cell, referenced, and the
+    // guest's identity entry stays with it.
+    m.fail_flushes = 1;
+    m.balloon_out(&e, PV_GUEST, Gfn(frame.0)).unwrap();
+    assert!(m
+        .frame_info(frame)
+        .is_some_and(|f| f.refs > 0 && f.owner == Owner::Free));
+    assert!(m
+        .dma_read(PV_GUEST, ContextId::DEFAULT, frame.0 << 12, 8)
+        .is_ok());
+    // The HVM guest moves gfn 3, which dom0 maps, in one batch: its hook
+    // flushes dom0's cell and releases what waits there, the page's last
+    // reference among it.
+    m.add_to_physmap_range(&e, OTHER, Gfn(3), Gfn(12), 1)
+        .unwrap();
+    assert!(
+        m.frame_info(frame).is_some_and(|f| f.refs == 0),
+        "the page was released inside the batch"
+    );
+    assert_eq!(
+        m.identity_unmaps_unflushed, 0,
+        "an identity unmap went unflushed"
+    );
+    assert!(
+        m.dma_read(PV_GUEST, ContextId::DEFAULT, frame.0 << 12, 8)
+            .is_err(),
+        "the guest's device still reaches the freed page"
+    );
+    pviommu_tests::check_invariants(&mut m, &e).unwrap();
+}

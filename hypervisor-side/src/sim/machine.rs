@@ -997,6 +997,21 @@ pub struct SimMachine {
     pub fail_unmaps: u32,
     /// The next this-many IOTLB flushes fail (failure injection).
     pub fail_flushes: u32,
+    /// Xen's per-CPU `iommu_dont_flush_iotlb`: set while a batch of a
+    /// domain's own p2m changes runs (`xenmem_add_to_physmap()` of a
+    /// `XENMAPSPACE_gmfn_range`, [`add_to_physmap_range`](Self::add_to_physmap_range)),
+    /// whose gfn hooks run with it. `iommu_legacy_unmap()` skips its flush
+    /// while it is set: the batch flushes its own domain's entries at its
+    /// end, no other domain's.
+    pub dont_flush_iotlb: bool,
+    /// Frames in a PV guest's own IOMMU context (Xen's identity map of a
+    /// PV domain with a device, `need_iommu_pt_sync()`): frame -> guest.
+    /// Freeing one unmaps it there ([`release_frame`](Self::release_frame)).
+    pv_identity: BTreeMap<u64, DomId>,
+    /// Identity entries unmapped with no flush (`dont_flush_iotlb` set):
+    /// the guest's device may still reach the freed frame through its
+    /// IOTLB. Tests require none.
+    pub identity_unmaps_unflushed: u64,
     /// Owners whose last flush of their context 0 failed (see
     /// [`run_softirqs`](Self::run_softirqs)).
     flush_failed_for: BTreeSet<DomId>,
@@ -1106,6 +1121,9 @@ impl SimMachine {
             fail_unmaps_of: None,
             unmaps_of_seen: 0,
             fail_flushes: 0,
+            dont_flush_iotlb: false,
+            pv_identity: BTreeMap::new(),
+            identity_unmaps_unflushed: 0,
             flush_failed_for: BTreeSet::new(),
             seed: 0x5eed_f00d_5113,
             hotplug_end: 0,
@@ -1362,6 +1380,72 @@ impl SimMachine {
         if let Some(d) = self.domains.get_mut(&domid) {
             d.pv = true;
         }
+    }
+
+    /// Give PV guest `domid` a device: Xen then keeps the guest's own
+    /// IOMMU context (its context 0 here) as an identity map of its
+    /// writable frames, bus address = machine address
+    /// (`need_iommu_pt_sync()`, `arch_iommu_hwdom_init()` for dom0 and
+    /// `_get_page_type()` for any PV domain with a device), and a frame
+    /// freed at last leaves it (`cleanup_page_mappings()`). The frames it
+    /// has now are mapped; its typed frames are not (a page table is not
+    /// writable).
+    pub fn give_pv_guest_a_device(&mut self, domid: DomId) -> Result<(), Errno> {
+        let d = self
+            .domains
+            .get(&domid)
+            .filter(|d| d.pv)
+            .ok_or(Errno::Inval)?;
+        let frames: Vec<u64> = d
+            .p2m
+            .values()
+            .filter_map(|e| match e {
+                P2mEntry::Ram {
+                    mfn,
+                    read_only: false,
+                } if !d.pv_typed.contains(&mfn.0) => Some(mfn.0),
+                _ => None,
+            })
+            .collect();
+        for f in frames {
+            self.map_page(
+                domid,
+                ContextId::DEFAULT,
+                Bfn(f),
+                Mfn(f),
+                Permissions::RW,
+                MemAttr::WriteBack,
+            )?;
+            self.pv_identity.insert(f, domid);
+        }
+        Ok(())
+    }
+
+    /// A domain frame is freed, nothing referencing it any more (Xen's
+    /// `put_page()` at the last reference): a PV owner's own IOMMU entry
+    /// for it goes first (`cleanup_page_mappings()`), its IOTLB flushed
+    /// unless this CPU suppresses flushes (`iommu_legacy_unmap()`). An
+    /// unmap that fails leaks the frame, as Xen's "Leaking mfn".
+    fn release_frame(&mut self, mfn: Mfn) {
+        if let Some(&owner) = self.pv_identity.get(&mfn.0) {
+            let mut gather = FlushGather::default();
+            match self.unmap_page(owner, ContextId::DEFAULT, Bfn(mfn.0), false) {
+                Ok(flags) => {
+                    let _ = gather.add(ContextId::DEFAULT, Bfn(mfn.0), flags);
+                }
+                Err(Errno::NoEnt) => {}
+                Err(_) => return,
+            }
+            self.pv_identity.remove(&mfn.0);
+            if self.dont_flush_iotlb {
+                self.identity_unmaps_unflushed += 1;
+            } else {
+                // (A failed flush crashes a domain that is not the
+                // hardware domain in Xen; here it stays counted.)
+                let _ = self.iommu_flush(owner, &gather);
+            }
+        }
+        self.ram.release(mfn);
     }
 
     /// Type frame `frame` of PV guest `domid` as a page table (`on`, as a
@@ -1635,6 +1719,46 @@ impl SimMachine {
         Ok(())
     }
 
+    /// Xen's `XENMEM_add_to_physmap` of a `XENMAPSPACE_gmfn_range` by
+    /// `domid` (a translated guest moving its own pages): page by page,
+    /// the frame at `idx + i` moves to `gpfn + i` (what was there goes),
+    /// the gfn hooks running for both, all with this CPU's IOTLB flushes
+    /// suppressed (`this_cpu(iommu_dont_flush_iotlb)`), which the batch
+    /// lifts at its end and then flushes its own domain's entries only.
+    /// (The simulator keeps no IOMMU context of a translated guest: that
+    /// flush has nothing to reach.) `Inval` at the first gfn that holds no
+    /// RAM, the pages before it moved.
+    pub fn add_to_physmap_range(
+        &mut self,
+        engine: &crate::Engine,
+        domid: DomId,
+        idx: Gfn,
+        gpfn: Gfn,
+        size: u64,
+    ) -> Result<(), Errno> {
+        let before = core::mem::replace(&mut self.dont_flush_iotlb, true);
+        let mut r = Ok(());
+        for i in 0..size {
+            let (from, to) = (Gfn(idx.0 + i), Gfn(gpfn.0 + i));
+            let entry = self.domains.get_mut(&domid).and_then(|d| {
+                if !matches!(d.p2m.get(&from), Some(P2mEntry::Ram { .. })) {
+                    return None;
+                }
+                d.vram_logdirty.remove(&from.0);
+                d.p2m.remove(&from)
+            });
+            let Some(entry) = entry else {
+                r = Err(Errno::Inval);
+                break;
+            };
+            self.replace_p2m(domid, to, entry);
+            engine.gfn_removed(self, domid, from);
+            engine.gfn_removed(self, domid, to);
+        }
+        self.dont_flush_iotlb = before;
+        r
+    }
+
     /// Put a fresh frame behind `gfn` (whatever was there goes) without
     /// telling the engine: the caller runs the hook afterwards, as Xen's
     /// p2m code does once the change succeeded.
@@ -1768,7 +1892,7 @@ impl SimMachine {
         let info = &mut self.ram.info[mfn.0 as usize];
         info.owner = Owner::Free;
         if info.refs == 0 {
-            self.ram.release(mfn);
+            self.release_frame(mfn);
         }
         // Otherwise it lingers as a "zombie" frame until the last put_page,
         // exactly what a leaked reference looks like in Xen.
@@ -2561,7 +2685,14 @@ impl Platform for SimMachine {
             info.writable_refs = info.writable_refs.saturating_sub(1);
         }
         if info.refs == 0 && info.owner == Owner::Free && self.ram.is_present(mfn) {
-            self.ram.release(mfn);
+            // The glue suspends this CPU's flush suppression around its
+            // put (`pvx_put_page()`, as `guest_remove_page()` does): the
+            // put may free another domain's frame, whose own IOMMU entry
+            // goes with it, inside a hook that a batch of the suppressing
+            // domain's p2m changes runs (a review of 2026-12-06).
+            let dont_flush = core::mem::replace(&mut self.dont_flush_iotlb, false);
+            self.release_frame(mfn);
+            self.dont_flush_iotlb = dont_flush;
         }
     }
     fn ram_end(&self) -> Mfn {
