@@ -135,10 +135,16 @@ int pviommu_log_dirty_revoke(struct domain *d)
 
     if ( rc )
     {
-        /* The engine promises 0, -ERESTART or -EIO. */
+        /*
+         * The engine promises 0, -ERESTART or -EIO. Anything else fails
+         * closed as -EIO does: the enable must not answer success with
+         * writable device mappings possibly left (a review of 2026-12-06).
+         */
         printk(XENLOG_ERR "pviommu: %pd write revocation returned %d\n",
                d, rc);
         ASSERT_UNREACHABLE();
+        d->pviommu_log_dirty = PVIOMMU_TEARDOWN_DONE;
+        return -EIO;
     }
     else if ( d->pviommu_log_dirty_slices > 1 )
         printk(XENLOG_INFO
@@ -200,7 +206,24 @@ int pviommu_vram_revoke(struct domain *d, unsigned long first,
 
     clear_bit(0, &d->pviommu_vram_busy);
 
-    return rc == -ERESTART ? rc : 0;
+    if ( rc == -EIO )
+        /*
+         * The IOMMU kept refusing: a device may still write the range, so
+         * tracking must not move there (the type change's hook cannot
+         * fail). The stuck entries are retried in turn by the flushes.
+         */
+        printk(XENLOG_G_WARNING
+               "pviommu: %pd VRAM %#lx+%#lx: writable device mappings left (IOMMU failures)\n",
+               d, first, nr);
+    else if ( rc && rc != -ERESTART )
+    {
+        /* The engine promises 0, -ERESTART or -EIO: fail closed. */
+        printk(XENLOG_ERR "pviommu: %pd VRAM revocation returned %d\n", d, rc);
+        ASSERT_UNREACHABLE();
+        rc = -EIO;
+    }
+
+    return rc;
 }
 
 /* ---- Reserved BFN regions and limits (built once at boot) ---- */
@@ -850,7 +873,8 @@ int pvx_iommu_map(uint16_t owner, uint64_t bfn, uint64_t mfn, uint64_t count,
     if ( rc )
         *flush |= IOMMU_FLUSHF_modified;
 
-    return rc < 0 ? rc : 0;
+    /* (Any non-zero answer is a failure: a positive one too, never 0.) */
+    return rc;
 }
 
 int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
@@ -910,7 +934,8 @@ int pvx_iommu_unmap(uint16_t owner, uint64_t bfn, uint64_t count,
     if ( rc )
         *flush |= IOMMU_FLUSHF_modified;
 
-    return rc < 0 ? rc : 0;
+    /* (Any non-zero answer is a failure: a positive one too, never 0.) */
+    return rc;
 }
 
 /*

@@ -15,7 +15,7 @@ use pviommu_abi::{Bfn, ContextId, DomId, Permissions, Request};
 use pviommu_hv::engine::{SLICE_REVOKES, SLICE_REVOKES_MOST, SLICE_VISITS};
 use pviommu_hv::lock_check;
 use pviommu_hv::platform::Platform;
-use pviommu_hv::sim::{Format, SimMachine};
+use pviommu_hv::sim::{CallEnd, Format, SimMachine};
 use pviommu_hv::{Engine, Errno};
 use pviommu_tests::*;
 
@@ -366,8 +366,10 @@ fn the_revocation_is_not_done_while_an_unmap_or_flush_failed() {
 /// An IOMMU that keeps refusing: the enable ends after a bounded number of
 /// walks (a review of 2026-12-03: it continued for ever, holding the
 /// domain's paging preempt state, so the toolstack could not even turn
-/// log-dirty off), and a VRAM range's revocation makes one walk (the hook
-/// that follows retries).
+/// log-dirty off), and a VRAM range's revocation as well: it walks again
+/// as the enable does and then fails, tracking left where it was (a review
+/// of 2026-12-06: it made one walk and moved tracking whatever that walk
+/// left stuck and writable, since the type change's hook cannot fail).
 #[test]
 fn an_iommu_that_keeps_failing_does_not_keep_the_revocation_going() {
     let (mut m, e) = machine(Format::Vtd, 1024);
@@ -386,9 +388,19 @@ fn an_iommu_that_keeps_failing_does_not_keep_the_revocation_going() {
     let (mut m, e) = machine(Format::Vtd, 1024);
     map_all(&mut m, &e, 0..600, Permissions::RW);
     m.fail_flushes = u32::MAX;
-    let attempts = m.track_dirty_vram(&e, GUEST, (0, 1024));
-    // (One walk of 600 mappings: slices of 256 and on to a block's end.)
-    assert!((2..10).contains(&attempts), "{attempts}");
+    let mut attempts = 1;
+    let end = loop {
+        match m.track_dirty_vram_once(&e, GUEST, (0, 1024)) {
+            Err(CallEnd::Continues) => attempts += 1,
+            end => break end,
+        }
+        assert!(attempts < 20_000, "no end");
+    };
+    // (Walks of 600 mappings, slices of 256 and on to a block's end, and
+    // retries between them.)
+    assert!(attempts >= 2, "{attempts}");
+    assert_eq!(end, Err(CallEnd::GaveUp));
+    assert_eq!(m.vram_range(GUEST), Some((0, 0)), "tracking moved");
 }
 
 /// However many walks an IOMMU's failures last, the revocation reports
@@ -710,5 +722,44 @@ fn a_vram_freeze_lasts_until_the_type_change_and_no_longer() {
     assert_eq!(writable_map_statuses(&mut m, &e, &[1501]), [EACCES]);
     assert!(m.track_dirty_vram_once(&e, GUEST, (0, 0)).is_ok());
     assert_eq!(writable_map_statuses(&mut m, &e, &[1501]), [0]);
+    assert_eq!(lock_check::violations(), 0);
+}
+
+/// A review of 2026-12-06: moving VRAM tracking on to a range whose
+/// writable device mappings the IOMMU would not unmap (stuck: Xen's heap
+/// exhausted, a folded superpage that cannot split) answered success, the
+/// type change following, while the device could still write every page
+/// of the range: writes the device model was told are tracked went
+/// unseen. The log-dirty enable answers `-EIO` there; now the move does
+/// too, before the type change, tracking left where it was and its freeze
+/// lifted. Once the IOMMU recovers, the same move succeeds and leaves no
+/// page device-writable.
+#[test]
+fn a_vram_move_the_iommu_will_not_revoke_fails_before_the_type_change() {
+    let (mut m, e) = machine(Format::Vtd, 4096);
+    let rw = map_all(&mut m, &e, 0..64, Permissions::RW);
+    m.fail_unmaps = u32::MAX;
+    let mut attempts = 1;
+    let end = loop {
+        match m.track_dirty_vram_once(&e, GUEST, (0, 2048)) {
+            Err(CallEnd::Continues) => attempts += 1,
+            end => break end,
+        }
+        assert!(attempts < 20_000, "no end");
+    };
+    assert_eq!(end, Err(CallEnd::GaveUp), "moved with pages still writable");
+    assert_eq!(m.vram_range(GUEST), Some((0, 0)));
+    // The freeze went with the call: writable maps of the range again.
+    assert!(map_one(&mut m, &e, DomId::DOM0, GUEST, 100, Permissions::RW).is_ok());
+    // The IOMMU recovers: the move succeeds, and no device writes the range.
+    m.fail_unmaps = 0;
+    m.track_dirty_vram(&e, GUEST, (0, 2048));
+    assert_eq!(m.vram_range(GUEST), Some((0, 2048)));
+    for b in &rw {
+        assert!(m
+            .dma_write(DomId::DOM0, ContextId::DEFAULT, b.0 << 12, b"z")
+            .is_err());
+    }
+    check_invariants(&mut m, &e).unwrap();
     assert_eq!(lock_check::violations(), 0);
 }

@@ -1516,8 +1516,14 @@ impl<L: RawMutex> Engine<L> {
         }
         sweep.aim_at((first, last));
         let mut c = Cursor::unpack(sweep.cursor);
-        // No walk again here: the hook that follows retries what is stuck.
-        let result = self.revoke_writes_slice(h, domid, (first, last), false, &mut c);
+        // Walks again while the IOMMU refuses, as the log-dirty enable's:
+        // the type change's hook cannot fail, so a stuck writable entry
+        // left to it stayed writable under a range the device model was
+        // told is tracked (a review of 2026-12-06: the walk ended done
+        // whatever it left stuck). Given up, the cursor says so
+        // ([`revoke_writes_gave_up`](Self::revoke_writes_gave_up)) and the
+        // caller fails its call before the type change (Xen: `-EIO`).
+        let result = self.revoke_writes_slice(h, domid, (first, last), true, &mut c);
         // (Done: the cursor says so, and the range stays refused until
         // the caller lifts it.)
         sweep.cursor = c.pack();
@@ -1641,10 +1647,12 @@ impl<L: RawMutex> Engine<L> {
         progress
     }
 
-    /// Whether a [`revoke_writes`](Self::revoke_writes) that returned `Ok`
-    /// with this cursor gave up: an IOMMU kept refusing an unmap or a
-    /// flush through every walk, so a device may still write (Xen: the
-    /// enable fails with `-EIO` rather than answer success).
+    /// Whether a [`revoke_writes`](Self::revoke_writes) (or a
+    /// [`revoke_writes_in`](Self::revoke_writes_in), its sweep's cursor)
+    /// that returned `Ok` with this cursor gave up: an IOMMU kept refusing
+    /// an unmap or a flush through every walk, so a device may still write
+    /// (Xen: the enable, or the move of VRAM tracking, fails with `-EIO`
+    /// rather than answer success).
     pub fn revoke_writes_gave_up(cursor: u64) -> bool {
         let c = Cursor::unpack(cursor);
         c.phase == PHASE_DONE && c.passes != 0

@@ -71,6 +71,17 @@ pub struct DomainSpec {
     pub device_model_of: Option<DomId>,
 }
 
+/// How a call the simulator makes as a guest's hypercall would (one
+/// entry of it) ends short of done.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum CallEnd {
+    /// It continues (Xen: `-ERESTART`, a continuation): call again.
+    Continues,
+    /// The IOMMU kept refusing what the call needed undone (Xen: `-EIO`):
+    /// nothing moved.
+    GaveUp,
+}
+
 #[derive(Clone, Copy, Debug)]
 enum P2mEntry {
     Ram { mfn: Mfn, read_only: bool },
@@ -1546,12 +1557,12 @@ impl SimMachine {
         engine: &crate::Engine,
         domid: DomId,
         range: (u64, u64),
-    ) -> Result<(), crate::engine::Restart> {
+    ) -> Result<(), CallEnd> {
         let call = self.track_dirty_vram_call(engine, domid, range);
         // Every end of the call but a continuation lifts the freeze of a
         // revocation (Xen: `out:` of `hap_track_dirty_vram()`), one left
         // by an abandoned continuation included.
-        if call.is_ok() {
+        if call != Err(CallEnd::Continues) {
             if let Some(d) = self.domains.get_mut(&domid) {
                 d.vram_sweep = Default::default();
             }
@@ -1566,7 +1577,7 @@ impl SimMachine {
         engine: &crate::Engine,
         domid: DomId,
         (first, last): (u64, u64),
-    ) -> Result<(), crate::engine::Restart> {
+    ) -> Result<(), CallEnd> {
         let Some(d) = self.domains.get_mut(&domid) else {
             return Ok(());
         };
@@ -1585,10 +1596,21 @@ impl SimMachine {
         if let Some(d) = self.domains.get_mut(&domid) {
             d.vram_sweep = sweep;
         }
-        slice?;
+        slice.map_err(|_| CallEnd::Continues)?;
+        // The IOMMU kept refusing: a device may still write the range, and
+        // the type change's hook cannot fail, so the call fails first
+        // (0002b: `-EIO`, tracking where it was).
+        if crate::Engine::revoke_writes_gave_up(sweep.cursor) {
+            return Err(CallEnd::GaveUp);
+        }
         // (The range stays refused writes until its type has changed.)
         self.move_vram_range(engine, domid, (first, last));
         Ok(())
+    }
+
+    /// The gfns `[first, last)` of `domid`'s tracked VRAM (empty: none).
+    pub fn vram_range(&self, domid: DomId) -> Option<(u64, u64)> {
+        self.domains.get(&domid).map(|d| d.vram)
     }
 
     /// VRAM dirty tracking's range moves to `[first, last)`: the p2m type
@@ -1630,8 +1652,9 @@ impl SimMachine {
         );
     }
 
-    /// [`track_dirty_vram_once`](Self::track_dirty_vram_once) until it is
-    /// done, as the dm_op's continuations make it; the attempts it took.
+    /// [`track_dirty_vram_once`](Self::track_dirty_vram_once) until it
+    /// ends, as the dm_op's continuations make it; the attempts it took
+    /// (whether it failed: the range it tracks, [`vram_range`](Self::vram_range)).
     pub fn track_dirty_vram(
         &mut self,
         engine: &crate::Engine,
@@ -1639,7 +1662,7 @@ impl SimMachine {
         range: (u64, u64),
     ) -> u32 {
         let mut attempts = 1;
-        while self.track_dirty_vram_once(engine, domid, range).is_err() {
+        while self.track_dirty_vram_once(engine, domid, range) == Err(CallEnd::Continues) {
             attempts += 1;
             assert!(attempts < 1_000_000, "the revocation makes no progress");
         }

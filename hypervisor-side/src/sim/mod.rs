@@ -15,7 +15,7 @@ pub mod reference;
 
 pub use hardware::{DmaFault, FaultReason};
 pub use machine::{
-    DomainSpec, Format, FrameInfo, Owner, SimMachine, StaleTranslation, FAULTS_KEPT,
+    CallEnd, DomainSpec, Format, FrameInfo, Owner, SimMachine, StaleTranslation, FAULTS_KEPT,
 };
 pub mod shared;
 pub use shared::SharedSim;

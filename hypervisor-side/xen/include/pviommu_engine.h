@@ -111,7 +111,9 @@ int pviommu_engine_revoke_writes(uint16_t domid, uint64_t *cursor);
  * but a continuation (pviommu_vram_revoke(d, first, 0)).
  * *sweep (three uint64_t: first, last, cursor; all zero when idle) is the
  * caller's, kept between slices; a call for another range starts over for
- * its own. Returns 0 when done, -ERESTART when the dm_op must continue.
+ * its own. Returns 0 when done, -ERESTART when the dm_op must continue,
+ * -EIO when it gave up as pviommu_engine_revoke_writes() does (tracking must
+ * then not move there: the type change's hook cannot fail).
  */
 struct pviommu_range_sweep {
     uint64_t first, last, cursor;

@@ -1826,7 +1826,8 @@ pub extern "C" fn pviommu_engine_revoke_writes(domid: u16, cursor: *mut u64) -> 
 
 /// One slice of revoking the writable mappings of `domid`'s gfns
 /// `[first, first + nr)` before VRAM dirty tracking moves there: 0 done,
-/// -ERESTART call again. `sweep` is the caller's (three u64s in struct
+/// -ERESTART call again, -EIO gave up (the IOMMU kept refusing: a device
+/// may still write the range). `sweep` is the caller's (three u64s in struct
 /// domain: [`RangeSweep`]'s layout), which other CPUs' page lookups read
 /// (`pvx_vram_sweeping()`, with `ACCESS_ONCE`) while this runs: it is
 /// read and written here word by word, atomically, never through a Rust
@@ -1844,6 +1845,7 @@ pub extern "C" fn pviommu_engine_revoke_writes_in(
     sweep: *mut RangeSweep,
 ) -> i32 {
     const ERESTART: i32 = -85;
+    const EIO: i32 = -5;
     let Some(e) = engine() else { return 0 };
     if sweep.is_null() || !sweep.cast::<AtomicU64>().is_aligned() {
         return 0;
@@ -1880,6 +1882,7 @@ pub extern "C" fn pviommu_engine_revoke_writes_in(
     words[2].store(local.cursor, Ordering::SeqCst);
     report_engine_bugs(e);
     match slice {
+        Ok(()) if XenEngine::revoke_writes_gave_up(local.cursor) => EIO,
         Ok(()) => 0,
         Err(_) => ERESTART,
     }
