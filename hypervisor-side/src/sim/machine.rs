@@ -3530,7 +3530,7 @@ impl IommuBackend for SimMachine {
             self.fail_attaches -= 1;
             return Err(Errno::NoMem);
         }
-        let h = *self.hw_contexts.get(&hw.0).ok_or(Errno::NoEnt)?;
+        self.hw_contexts.get(&hw.0).ok_or(Errno::NoEnt)?;
         let d = self.devices.get_mut(&device).ok_or(Errno::NoDev)?;
         // Only from the owner's own tables (0005: an entry naming anything
         // else, or none, is EBUSY): a device whose entry a failed detach
@@ -3542,10 +3542,18 @@ impl IommuBackend for SimMachine {
         }
         d.attached = Some(hw);
         d.blocked = false;
-        // Context-cache and IOTLB invalidation of the old and new tag.
+        // What the driver invalidates, and never more: the simulator would
+        // hide a page released before its flush. VT-d (0005, through
+        // domain_context_mapping_one()) flushes the context cache and IOTLB
+        // of the device's previous domain id, its owner's, not the tag's
+        // (whose DID may already cache the context's entries for another
+        // device); SMMUv3 (0009) writes the device's STEs with CFGI_STE and
+        // invalidates no TLB. (Before a review of 2026-12-06 the simulator
+        // also forgot everything cached under the tag here.)
         let owner = d.facts.owner;
-        self.iotlb.invalidate_context(owner, ContextId::DEFAULT);
-        self.iotlb.invalidate_context(h.owner, h.ctx);
+        if self.format == Format::Vtd {
+            self.iotlb.invalidate_context(owner, ContextId::DEFAULT);
+        }
         Ok(())
     }
     fn device_detach(&mut self, device: Sbdf, hw: HwContext) -> Result<(), Errno> {
@@ -3571,8 +3579,13 @@ impl IommuBackend for SimMachine {
             return Err(self.fail_detaches_with);
         }
         d.attached = None;
-        if let Some(h) = self.hw_contexts.get(&hw.0) {
-            self.iotlb.invalidate_context(h.owner, h.ctx);
+        // VT-d's move back to the owner flushes the tag's domain id (the
+        // device's previous one); SMMUv3's STE rewrite invalidates no TLB,
+        // so what the tag's VMID caches stays for the devices still on it.
+        if self.format == Format::Vtd {
+            if let Some(h) = self.hw_contexts.get(&hw.0) {
+                self.iotlb.invalidate_context(h.owner, h.ctx);
+            }
         }
         Ok(())
     }
