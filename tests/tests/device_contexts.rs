@@ -1346,3 +1346,33 @@ fn an_smmu_detach_keeps_what_the_vmid_caches_for_the_other_device() {
         "detaching B dropped what A can still reach under the VMID"
     );
 }
+
+/// An attach whose status cannot be written and whose undo, the detach,
+/// fails in a way that changed state (any error but EBUSY: the device's
+/// entry cleared, its DMA blocked): neither the state before the op nor
+/// the one it reported, so the op counts as done (it acted), the device
+/// on no context and blocked until Xen assigns it again (a review of
+/// 2026-12-06 found this corner untested).
+#[test]
+fn an_attach_whose_undo_blocks_the_device_counts_as_done() {
+    let (mut m, e) = host(Format::Vtd);
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    let attach_op = Request::ContextAttach {
+        context: ctx1,
+        device: B,
+    };
+    m.fail_detaches = 1;
+    m.fail_detaches_with = Errno::NoDev;
+    let nr_done = one_op_failing_copy_out(&mut m, &e, attach_op.encode());
+    assert_eq!(nr_done, 1, "the attach acted");
+    let b = m.device(B).unwrap();
+    assert_eq!((b.attached, b.blocked), (None, true));
+    // Blocked: attach refuses it until Xen assigns it again.
+    assert_eq!(
+        attach(&mut m, &e, DomId::DOM0, ctx1, B),
+        Errno::Busy.negated()
+    );
+    m.reassign_device(&e, B, DomId::DOM0).unwrap();
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx1, B), 0);
+    check_invariants(&mut m, &e).unwrap();
+}
