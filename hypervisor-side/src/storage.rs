@@ -166,6 +166,35 @@ impl IndexTable {
             .max(MIN_BUCKETS / 2)
             .checked_mul(2)
             .ok_or(Errno::NoMem)?;
+        self.rebuild(want, rehash)
+    }
+
+    /// Rebuild at a quarter of the size or less when at most a sixteenth
+    /// of the buckets hold a value (to a load of at most 1/4, never under
+    /// [`MIN_BUCKETS`]): what a table that grew for a peak keeps once most
+    /// of its values left. Whether it shrank; on `Err(NoMem)` nothing
+    /// changed. One rebuild: bounded by the table's size.
+    pub fn shrink_if_sparse(&mut self, rehash: impl Fn(u64) -> u64) -> Result<bool, Errno> {
+        let len = self.buckets.len();
+        if len <= MIN_BUCKETS || self.live.saturating_mul(16) > len {
+            return Ok(false);
+        }
+        let want = self
+            .live
+            .saturating_mul(4)
+            .max(MIN_BUCKETS)
+            .checked_next_power_of_two()
+            .ok_or(Errno::NoMem)?;
+        if want.saturating_mul(4) > len {
+            return Ok(false);
+        }
+        self.rebuild(want, rehash)?;
+        Ok(true)
+    }
+
+    /// Move every value into `want` buckets (a power of two holding them
+    /// at a load of at most 1/2).
+    fn rebuild(&mut self, want: usize, rehash: impl Fn(u64) -> u64) -> Result<(), Errno> {
         let mut fresh = try_filled(want, EMPTY)?;
         let mask = want - 1;
         for &v in self.buckets.iter() {
@@ -828,6 +857,35 @@ impl ShardedIndex {
         self.rebuilds = self.rebuilds.wrapping_add(1);
     }
 
+    /// Shrink the sparse ones ([`IndexTable::shrink_if_sparse`]) of `n`
+    /// shards of a split index from `*next` on (wrapping; `*next` moves
+    /// past them), so that
+    /// calls in turn look at every shard at a bounded cost each. Allocates
+    /// (fallibly: a shard the host has no memory for stays as it is):
+    /// for its owner's own calls, never a hook. Returns the shards shrunk.
+    pub fn shrink_sparse_shards(&mut self, next: &mut usize, n: usize) -> usize {
+        // (A split index only: one table is a small cell's, or an empty
+        // one's kept for its next batch, which would only grow it again.)
+        let count = self.shards.len();
+        if count != SHARDS {
+            return 0;
+        }
+        let mut shrunk = 0;
+        for _ in 0..n.min(count) {
+            let at = *next % count;
+            *next = (at + 1) % count;
+            if let Some(t) = self.shards.get_mut(at) {
+                if t.shrink_if_sparse(packed_hash) == Ok(true) {
+                    shrunk += 1;
+                }
+            }
+        }
+        if shrunk != 0 {
+            self.rebuilds = self.rebuilds.wrapping_add(1);
+        }
+        shrunk
+    }
+
     /// Give back the memory of every empty shard (a split index only: one
     /// table stays as it is). Frees only; never allocates. Bounded by
     /// [`SHARDS`]. Returns the shards released.
@@ -1102,6 +1160,36 @@ mod tests {
         assert_eq!(v.get(CHUNK_LEN - 1), Some(&(CHUNK_LEN as u64 - 1)));
         assert!(!v.pop_last_block(), "the first block stays");
         assert_eq!(v.len(), CHUNK_LEN);
+    }
+
+    #[test]
+    fn a_sparse_table_shrinks_keeping_its_values_and_a_busy_one_does_not() {
+        let h = |k: u64| k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut t = IndexTable::new();
+        for k in 0..1000u64 {
+            t.reserve_one(h).unwrap();
+            t.insert(h(k), k).unwrap();
+        }
+        let peak = t.heap_bytes();
+        assert_eq!(t.shrink_if_sparse(h), Ok(false), "half full");
+        // Down to 100 of its 2048 buckets: under a sixteenth.
+        for k in 100..1000u64 {
+            assert!(t.remove(h(k), |v| v == k, h));
+        }
+        assert_eq!(t.heap_bytes(), peak);
+        assert_eq!(t.shrink_if_sparse(h), Ok(true));
+        assert!(t.heap_bytes() <= peak / 4);
+        for k in 0..1000u64 {
+            assert_eq!(t.find(h(k), |v| v == k).is_some(), k < 100, "{k}");
+        }
+        // At a load of 1/4 or more it stays (no rebuild back and forth).
+        assert_eq!(t.shrink_if_sparse(h), Ok(false));
+        // It grows again as before.
+        for k in 100..1000u64 {
+            t.reserve_one(h).unwrap();
+            t.insert(h(k), k).unwrap();
+        }
+        assert_eq!(t.len(), 1000);
     }
 
     #[test]

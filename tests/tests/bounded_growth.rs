@@ -13,7 +13,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use pviommu_abi::{Bfn, ContextId, DomId, Permissions, PvIommuOp};
+use pviommu_abi::{Bfn, ContextId, DomId, Permissions, PvIommuOp, Request};
 use pviommu_hv::sim::{Format, HostAllocations};
 use pviommu_tests::*;
 
@@ -115,8 +115,15 @@ fn a_cell_that_keeps_one_bfn_gives_back_the_blocks_above_it() {
     let bfns = map_all(&mut m, &e, PAGES);
     let (peak, peak_slots) = dom0_heap(&e);
     assert_eq!(peak_slots, PAGES as usize);
-    // Keep the lowest; unmap the rest (32 calls, each unlock may trim).
+    // Keep the lowest; unmap the rest (32 calls: the blocks empty from
+    // the top in the last 8), then one more call of dom0's: a block each.
     unmap_all(&mut m, &e, &bfns[1..]);
+    assert_eq!(
+        dom0_heap(&e).1,
+        3 * BLOCK / 32,
+        "the last call gave one block back"
+    );
+    e.finish(&mut m, DomId::DOM0);
     let (kept, kept_slots) = dom0_heap(&e);
     eprintln!("dom0's cell: {peak} bytes with {PAGES} mapped, {kept} with one");
     // Before: 16 Ki slots and every shard, as at the peak. Now the first
@@ -177,5 +184,108 @@ fn a_working_set_that_swings_by_a_block_keeps_its_memory() {
         let now = dom0_heap(&e);
         assert_eq!(*before.get_or_insert(now), now, "the memory moved");
     }
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// The page index's shards grew for a peak of 16 Ki pages; with one page
+/// in 64 kept (scattered over every shard, and the highest slot still in
+/// use, so no block of slots goes), each shard holds a value or two in
+/// buckets sized for 64. The owner's own calls rebuild the sparse ones
+/// smaller, four shards a call (before, a shard kept its peak's size for
+/// as long as it held a value).
+#[test]
+fn a_page_index_that_grew_for_a_peak_shrinks_once_most_pages_go() {
+    const PAGES: u64 = 16 * 1024;
+    let (mut m, e) = machine(Format::Vtd, PAGES + 8);
+    let bfns = map_all(&mut m, &e, PAGES);
+    let gone: Vec<Bfn> = (0..bfns.len())
+        .filter(|i| i % 64 != 63)
+        .map(|i| bfns[i])
+        .collect();
+    unmap_all(&mut m, &e, &gone);
+    for _ in 0..64 {
+        e.finish(&mut m, DomId::DOM0);
+    }
+    let (after, slots) = dom0_heap(&e);
+    assert_eq!(slots, PAGES as usize, "the highest slot is in use");
+    let slot_bytes = slots * 32;
+    // 256 shards of 16 buckets (32 KiB) and the shards' table, where the
+    // peak's shards held 64 or more buckets each (128 KiB and up).
+    assert!(
+        after - slot_bytes <= 48 * 1024,
+        "the index kept {} bytes for {} pages",
+        after - slot_bytes,
+        PAGES / 64
+    );
+    check_invariants(&mut m, &e).unwrap();
+    // The kept BFNs still reach their pages, and the index still finds
+    // them: a map of the same page shares the BFN.
+    let kept = bfns[63];
+    assert!(m.translate(DomId::DOM0, ContextId::DEFAULT, kept).is_some());
+    let mut op = [map_op(GUEST, 63, Permissions::RW)];
+    m.guest_batch_all(&e, DomId::DOM0, &mut op).unwrap();
+    assert_eq!(Bfn(op[0].bfn), kept);
+}
+
+/// A review of 2026-12-06: the bound on what a call gives back was per
+/// cell, so one call that ended in 4 cells gave back 12 blocks (49 152
+/// slots taken off scattered free lists, in a call end that is not
+/// preemptible; dom0 has up to 16 cells). Now it is one block a call over
+/// all of the caller's cells.
+#[test]
+fn a_call_gives_back_one_block_over_all_its_cells() {
+    const PAGES: u64 = 5 * 4096;
+    let (mut m, e) = machine(Format::Vtd, PAGES + 8);
+    let mut contexts = vec![ContextId::DEFAULT];
+    for _ in 0..3 {
+        let mut ops = [Request::ContextCreate.encode()];
+        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+        assert_eq!(ops[0].status, 0);
+        contexts.push(ContextId(ops[0].context));
+    }
+    let unmaps = |ctx: ContextId, bfns: &[Bfn]| -> Vec<PvIommuOp> {
+        bfns.iter()
+            .map(|&bfn| Request::Unmap { context: ctx, bfn }.encode())
+            .collect()
+    };
+    // Each context: 5 blocks mapped, all but the lowest and the highest
+    // BFN unmapped (the highest keeps the blocks below it).
+    let mut tops = Vec::new();
+    for &ctx in &contexts {
+        let mut bfns = Vec::new();
+        for first in (0..PAGES).step_by(512) {
+            let mut ops: Vec<PvIommuOp> = (first..first + 512)
+                .map(|g| map_op_in(ctx, GUEST, g, Permissions::RW))
+                .collect();
+            m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+            assert!(ops.iter().all(|o| o.status == 0));
+            bfns.extend(ops.iter().map(|o| Bfn(o.bfn)));
+        }
+        let last = bfns.len() - 1;
+        for chunk in bfns[1..last].chunks(512) {
+            let mut ops = unmaps(ctx, chunk);
+            m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+            assert!(ops.iter().all(|o| o.status == 0));
+        }
+        tops.push((ctx, bfns[last]));
+    }
+    let slots = |e: &pviommu_hv::Engine| -> usize {
+        contexts
+            .iter()
+            .map(|&c| e.context_state(DomId::DOM0, c).unwrap().slot_capacity())
+            .sum()
+    };
+    let before = slots(&e);
+    // One call unmaps the highest BFN of each: every cell could give back
+    // 3 blocks.
+    let mut ops: Vec<PvIommuOp> = tops.iter().flat_map(|&(c, b)| unmaps(c, &[b])).collect();
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    let given = (before - slots(&e)) / (BLOCK / 32);
+    assert_eq!(given, 1, "{given} blocks given back in one call");
+    // The next calls go on, a block each, until each cell keeps two.
+    for _ in 0..11 {
+        e.finish(&mut m, DomId::DOM0);
+    }
+    assert_eq!(slots(&e), 4 * 2 * BLOCK / 32);
     check_invariants(&mut m, &e).unwrap();
 }

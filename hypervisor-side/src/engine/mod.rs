@@ -1659,8 +1659,10 @@ impl<L: RawMutex> Engine<L> {
     /// continues, as a preempted one (its cells say they are unfinished).
     pub fn finish_contexts(&self, h: &mut impl Hypervisor, caller: DomId, contexts: u32) -> bool {
         let mut left = false;
-        // (Shared by the cells: an entry releases at most this many.)
+        // (Shared by the cells: an entry releases at most this many, and
+        // gives back at most this many blocks of slots.)
         let mut budget = revoke::RELEASE_BUDGET;
+        let mut trims = driver::TRIM_BLOCKS_PER_CALL;
         for context in self.contexts_of(caller) {
             let waits = || {
                 self.cell_number(caller, context)
@@ -1676,11 +1678,10 @@ impl<L: RawMutex> Engine<L> {
                 left |= self.flush_and_release_as(&mut d, h, true, &mut budget).left;
                 // The owner's own call gives back a block its unmaps freed
                 // (no hook or teardown slice pays for that pass).
-                for _ in 0..driver::TRIM_BLOCKS_PER_CALL {
-                    if !d.dd.trim_free_tail() {
-                        break;
-                    }
+                while trims != 0 && d.dd.trim_free_tail() {
+                    trims -= 1;
                 }
+                d.dd.shrink_index();
                 self.put_driver(d);
             }
         }
