@@ -857,9 +857,9 @@ impl ShardedIndex {
         self.rebuilds = self.rebuilds.wrapping_add(1);
     }
 
-    /// Shrink the sparse ones ([`IndexTable::shrink_if_sparse`]) of `n`
-    /// shards of a split index from `*next` on (wrapping; `*next` moves
-    /// past them), so that
+    /// Shrink the first sparse one ([`IndexTable::shrink_if_sparse`]) of
+    /// `n` shards of a split index from `*next` on (wrapping; `*next`
+    /// moves past those looked at), so that
     /// calls in turn look at every shard at a bounded cost each. Allocates
     /// (fallibly: a shard the host has no memory for stays as it is):
     /// for its owner's own calls, never a hook. Returns the shards shrunk.
@@ -877,6 +877,9 @@ impl ShardedIndex {
             if let Some(t) = self.shards.get_mut(at) {
                 if t.shrink_if_sparse(packed_hash) == Ok(true) {
                     shrunk += 1;
+                    // (One rebuild a call: a shard of the largest quota
+                    // is 256 Ki buckets to read.)
+                    break;
                 }
             }
         }

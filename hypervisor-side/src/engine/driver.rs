@@ -2570,24 +2570,29 @@ impl DriverDomain {
 
     /// Rebuild at a quarter of their size or less the page index shards
     /// that a peak grew and that now hold at most a sixteenth of their
-    /// buckets: [`SHRINK_SHARDS_PER_CALL`] of them a call, in turn, so
-    /// every shard is looked at within 64 calls (a split index only: a
+    /// buckets: the first of [`SHRINK_SHARDS_PER_CALL`] looked at in turn,
+    /// so every shard is looked at within 64 calls; one shard a call over
+    /// all the caller's cells (`Engine::finish_contexts`; a split index
+    /// only: a
     /// cell that held 4096 pages at once). Where the owner's own call
     /// ends, as [`trim_free_tail`](Self::trim_free_tail): it allocates the
     /// smaller table (fallibly; a shard the host has no memory for stays
-    /// as it is), which no hook does. Bounded: one rebuild of a shard,
-    /// at most a quarter of the quota's buckets / 256, per shard looked at.
+    /// as it is), which no hook does. Bounded: one rebuild of a shard a
+    /// call, reading its buckets (at most 256 Ki, at the largest quota).
     ///
     /// A cell no larger than what it keeps when empty
     /// ([`compact_if_empty`](Self::compact_if_empty)) keeps its index too,
     /// for the next fill: shrinking it while it empties would only grow
     /// it again then.
-    pub(crate) fn shrink_index(&mut self) {
+    ///
+    /// Whether a shard was rebuilt.
+    pub(crate) fn shrink_index(&mut self) -> bool {
         if self.slots.capacity() <= self.keep_when_empty() {
-            return;
+            return false;
         }
         self.pages
-            .shrink_sparse_shards(&mut self.shrink_cursor, SHRINK_SHARDS_PER_CALL);
+            .shrink_sparse_shards(&mut self.shrink_cursor, SHRINK_SHARDS_PER_CALL)
+            != 0
     }
 
     /// Slots (and their index) a cell keeps when it empties: more in an

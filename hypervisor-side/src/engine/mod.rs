@@ -1663,6 +1663,7 @@ impl<L: RawMutex> Engine<L> {
         // gives back at most this many blocks of slots.)
         let mut budget = revoke::RELEASE_BUDGET;
         let mut trims = driver::TRIM_BLOCKS_PER_CALL;
+        let mut shrinks = 1;
         for context in self.contexts_of(caller) {
             let waits = || {
                 self.cell_number(caller, context)
@@ -1681,7 +1682,9 @@ impl<L: RawMutex> Engine<L> {
                 while trims != 0 && d.dd.trim_free_tail() {
                     trims -= 1;
                 }
-                d.dd.shrink_index();
+                if shrinks != 0 && d.dd.shrink_index() {
+                    shrinks -= 1;
+                }
                 self.put_driver(d);
             }
         }
