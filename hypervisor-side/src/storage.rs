@@ -171,13 +171,19 @@ impl IndexTable {
 
     /// Rebuild at a quarter of the size or less when at most a sixteenth
     /// of the buckets hold a value (to a load of at most 1/4, never under
-    /// [`MIN_BUCKETS`]): what a table that grew for a peak keeps once most
-    /// of its values left. Whether it shrank; on `Err(NoMem)` nothing
-    /// changed. One rebuild: bounded by the table's size.
+    /// [`MIN_BUCKETS`]), or give the memory back if it holds none: what a
+    /// table that grew for a peak keeps once most of its values left.
+    /// Whether it shrank; on `Err(NoMem)` nothing changed. One rebuild:
+    /// bounded by the table's size.
     pub fn shrink_if_sparse(&mut self, rehash: impl Fn(u64) -> u64) -> Result<bool, Errno> {
         let len = self.buckets.len();
         if len <= MIN_BUCKETS || self.live.saturating_mul(16) > len {
             return Ok(false);
+        }
+        // (Empty: given back, no smaller table asked for.)
+        if self.live == 0 {
+            self.release();
+            return Ok(true);
         }
         let want = self
             .live

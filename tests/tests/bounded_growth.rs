@@ -290,3 +290,59 @@ fn a_call_gives_back_one_block_over_all_its_cells() {
     assert_eq!(slots(&e), 4 * 2 * BLOCK / 32);
     check_invariants(&mut m, &e).unwrap();
 }
+
+/// A re-review of 2026-12-06: a context cell trimmed under its
+/// keep-when-empty size (16 Ki slots) stopped shrinking its index, since
+/// both decided by the slot array's size, and once emptied kept the
+/// peak's index (1 647 232 bytes for a cell that had held 64 Ki pages).
+/// Now the index's own size decides.
+#[test]
+fn a_trimmed_context_cell_gives_its_peak_index_back() {
+    const PAGES: u64 = 64 * 1024;
+    let (mut m, e) = machine(Format::Vtd, PAGES + 8);
+    let mut ops = [Request::ContextCreate.encode()];
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    let ctx = ContextId(ops[0].context);
+    let mut bfns = Vec::new();
+    for first in (0..PAGES).step_by(512) {
+        let mut ops: Vec<PvIommuOp> = (first..first + 512)
+            .map(|g| map_op_in(ctx, GUEST, g, Permissions::RW))
+            .collect();
+        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+        assert!(ops.iter().all(|o| o.status == 0));
+        bfns.extend(ops.iter().map(|o| Bfn(o.bfn)));
+    }
+    let heap = |e: &pviommu_hv::Engine| {
+        let d = e.context_state(DomId::DOM0, ctx).unwrap();
+        (d.heap_bytes(), d.slot_capacity(), d.live())
+    };
+    // Unmap from the top down, keeping the lowest 1024.
+    let rest: Vec<Bfn> = bfns[1024..].iter().rev().copied().collect();
+    for chunk in rest.chunks(512) {
+        let mut ops: Vec<PvIommuOp> = chunk
+            .iter()
+            .map(|&bfn| Request::Unmap { context: ctx, bfn }.encode())
+            .collect();
+        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+        assert!(ops.iter().all(|o| o.status == 0));
+    }
+    for _ in 0..1000 {
+        e.finish_contexts(&mut m, DomId::DOM0, 1 << ctx.0);
+    }
+    let (kept, _, live) = heap(&e);
+    assert_eq!(live, 1024);
+    // Two blocks of slots (256 KiB) and an index no larger than what the
+    // context's cell keeps when empty (512 KiB); 1 778 304 bytes before.
+    assert!(kept <= 800 * 1024, "{kept} bytes for 1024 pages");
+    for chunk in bfns[..1024].chunks(512) {
+        let mut ops: Vec<PvIommuOp> = chunk
+            .iter()
+            .map(|&bfn| Request::Unmap { context: ctx, bfn }.encode())
+            .collect();
+        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    }
+    let (h, _, l) = heap(&e);
+    assert_eq!(l, 0);
+    assert!(h <= 1024 * 1024, "emptied context cell keeps {h} bytes");
+    check_invariants(&mut m, &e).unwrap();
+}

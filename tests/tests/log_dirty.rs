@@ -763,3 +763,48 @@ fn a_vram_move_the_iommu_will_not_revoke_fails_before_the_type_change() {
     check_invariants(&mut m, &e).unwrap();
     assert_eq!(lock_check::violations(), 0);
 }
+
+/// A review of 2026-12-06: whether a VRAM move gave up was decided by the
+/// retry flags of the cells that map the guest, which a stuck entry of
+/// any page sets: one page of a folded 2 MiB run outside the range whose
+/// unmap could not split (Xen's heap short) failed the move of a range
+/// whose writable mappings had all gone. Now the revocation looks at the
+/// stuck entries themselves (`writes_may_remain`).
+#[test]
+fn a_stuck_entry_outside_the_vram_range_does_not_fail_its_move() {
+    let (mut m, e) = pviommu_tests::machine_after_dom0(Format::Vtd, 4096, 512);
+    // An aligned 2 MiB of the guest outside the range, folded in dom0's
+    // context 0.
+    let mut big: Vec<_> = (2560..3072)
+        .map(|g| map_op(GUEST, g, Permissions::RW))
+        .collect();
+    m.guest_batch_all(&e, DomId::DOM0, &mut big).unwrap();
+    assert!(big.iter().all(|o| o.status == 0));
+    // Writable pages in the range.
+    let vram = map_all(&mut m, &e, 0..64, Permissions::RW);
+    // Heap short: the unmap of one page of the folded run cannot split.
+    m.fail_table_allocs(Some(0));
+    let mut un = [unmap_op(Bfn(big[40].bfn))];
+    m.guest_batch_all(&e, DomId::DOM0, &mut un).unwrap();
+    assert_eq!(e.driver_state(DomId::DOM0).unwrap().stuck(), 1);
+    let mut attempts = 1;
+    let end = loop {
+        match m.track_dirty_vram_once(&e, GUEST, (0, 2048)) {
+            Err(CallEnd::Continues) => attempts += 1,
+            end => break end,
+        }
+        assert!(attempts < 20_000, "no end");
+    };
+    assert_eq!(end, Ok(()), "refused for a stuck entry outside the range");
+    assert_eq!(m.vram_range(GUEST), Some((0, 2048)));
+    for b in &vram {
+        assert!(m
+            .dma_write(DomId::DOM0, ContextId::DEFAULT, b.0 << 12, b"z")
+            .is_err());
+    }
+    // The log-dirty enable, over the whole guest, still fails for it.
+    let mut cursor = 0;
+    m.set_log_dirty_mode(GUEST, true);
+    while e.revoke_writes(&mut m, GUEST, &mut cursor).is_err() {}
+    assert!(Engine::revoke_writes_gave_up(cursor));
+}

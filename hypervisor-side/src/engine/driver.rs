@@ -2345,6 +2345,36 @@ impl DriverDomain {
         self.stuck += 1;
     }
 
+    /// Whether the stuck list holds a writable entry of `domid`'s gfns in
+    /// `[first, last)`, looking at most `*looks` entries (counted down):
+    /// past them, or at a link that does not lead to a stuck entry while
+    /// the count says more are there, it answers yes (fail closed).
+    pub(crate) fn stuck_write_in(
+        &self,
+        domid: DomId,
+        (first, last): (u64, u64),
+        looks: &mut u64,
+    ) -> bool {
+        let mut idx = self.stuck_head;
+        for _ in 0..self.stuck {
+            if *looks == 0 {
+                return true;
+            }
+            *looks -= 1;
+            let Some(Slot::Stuck { mapping, .. }) = self.slot(idx) else {
+                return true;
+            };
+            if mapping.domid == domid
+                && mapping.perms.write
+                && (first..last).contains(&mapping.gfn.0)
+            {
+                return true;
+            }
+            idx = mapping.next_same_page;
+        }
+        false
+    }
+
     /// Take the oldest stuck entry off the list: its slot, mapping, and
     /// whether it then becomes a notice.
     pub(crate) fn pop_stuck(&mut self) -> Option<(u64, Mapping, bool)> {
@@ -2473,7 +2503,11 @@ impl DriverDomain {
         }
         if self.slots.capacity() <= self.keep_when_empty() {
             self.slots.clear();
-            self.pages.clear();
+            if self.pages.heap_bytes() <= self.index_kept_bytes() {
+                self.pages.clear();
+            } else {
+                self.pages.release();
+            }
             self.extents.clear();
             self.extent_index.clear();
             self.targets.clear();
@@ -2570,8 +2604,8 @@ impl DriverDomain {
 
     /// Rebuild at a quarter of their size or less the page index shards
     /// that a peak grew and that now hold at most a sixteenth of their
-    /// buckets: the first of [`SHRINK_SHARDS_PER_CALL`] looked at in turn,
-    /// so every shard is looked at within 64 calls; one shard a call over
+    /// buckets: the first of [`SHRINK_SHARDS_PER_CALL`] looked at in turn
+    /// (every shard within 64 calls that rebuild nothing); one shard a call over
     /// all the caller's cells (`Engine::finish_contexts`; a split index
     /// only: a
     /// cell that held 4096 pages at once). Where the owner's own call
@@ -2580,19 +2614,32 @@ impl DriverDomain {
     /// as it is), which no hook does. Bounded: one rebuild of a shard a
     /// call, reading its buckets (at most 256 Ki, at the largest quota).
     ///
-    /// A cell no larger than what it keeps when empty
-    /// ([`compact_if_empty`](Self::compact_if_empty)) keeps its index too,
-    /// for the next fill: shrinking it while it empties would only grow
+    /// An index no larger than a cell keeps when empty
+    /// ([`compact_if_empty`](Self::compact_if_empty),
+    /// [`index_kept_bytes`](Self::index_kept_bytes)) is kept as it is, for
+    /// the next fill: shrinking it while the cell empties would only grow
     /// it again then.
     ///
     /// Whether a shard was rebuilt.
     pub(crate) fn shrink_index(&mut self) -> bool {
-        if self.slots.capacity() <= self.keep_when_empty() {
+        if self.pages.heap_bytes() <= self.index_kept_bytes() {
             return false;
         }
         self.pages
             .shrink_sparse_shards(&mut self.shrink_cursor, SHRINK_SHARDS_PER_CALL)
             != 0
+    }
+
+    /// The most page index memory a cell keeps when it empties, or
+    /// shrinks no further ([`shrink_index`](Self::shrink_index)): what the
+    /// slots it keeps take (32 bytes each), about what an index of that
+    /// many pages takes (8-byte buckets at a load of 1/4 to 1/2). Decided
+    /// by the index's own size, not the slot array's: a trimmed cell's
+    /// slots no longer say how large its index grew (a re-review of
+    /// 2026-12-06: a context cell trimmed under its keep size kept its
+    /// peak's index, 1.6 MB once empty).
+    fn index_kept_bytes(&self) -> usize {
+        self.keep_when_empty().saturating_mul(32)
     }
 
     /// Slots (and their index) a cell keeps when it empties: more in an
@@ -2848,6 +2895,43 @@ mod tests {
         }
         assert!(!dd.splice_free_block(4, 4));
         assert_eq!(dd.free, 6);
+    }
+
+    /// `stuck_write_in` (a review of 2026-12-06): a stuck writable entry
+    /// of the domain's range is found, a read-only one, one outside the
+    /// range or another domain's is not, and past the entries it may look
+    /// at it answers yes.
+    #[test]
+    fn a_stuck_write_is_found_in_its_range_and_assumed_past_the_looks() {
+        let mut dd = DriverDomain::new(DomId(0));
+        for _ in 0..3 {
+            room(&mut dd, 1);
+            dd.take_slot().unwrap();
+        }
+        dd.push_stuck(0, mapping(10), false);
+        let read_only = Mapping {
+            perms: Permissions::RO,
+            ..mapping(20)
+        };
+        dd.push_stuck(1, read_only, false);
+        dd.push_stuck(2, mapping(30), true);
+        let mut looks = 100;
+        assert!(
+            !dd.stuck_write_in(DomId(7), (0, 10), &mut looks),
+            "its end excluded"
+        );
+        assert!(
+            !dd.stuck_write_in(DomId(7), (15, 25), &mut looks),
+            "read-only"
+        );
+        assert!(dd.stuck_write_in(DomId(7), (25, 35), &mut looks));
+        assert!(!dd.stuck_write_in(DomId(8), (0, 100), &mut looks));
+        assert_eq!(looks, 100 - 3 - 3 - 3 - 3);
+        let mut two = 2;
+        assert!(
+            dd.stuck_write_in(DomId(8), (0, 100), &mut two),
+            "past the looks"
+        );
     }
 
     /// A cell of three blocks of slots, slot 0 and `busy` in use (Live

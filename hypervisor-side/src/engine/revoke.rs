@@ -60,6 +60,11 @@ pub const SLICE_REVOKES_MOST: u32 = SLICE_REVOKES + pviommu_abi::EXTENT_PAGES as
 /// in slices of its own while they get further: `RETRY_SLICES`.)
 pub const STUCK_RETRIES: u64 = SLICE_REVOKES as u64;
 
+/// Stuck entries a write revocation looks at, over all the cells, to tell
+/// whether one of them still lets a device write its range
+/// (`Engine::writes_may_remain`): past them it assumes so.
+const STUCK_LOOKS: u64 = 1024;
+
 /// Every gfn: the range of a teardown and of [`Engine::revoke_writes`].
 const ALL_GFNS: (u64, u64) = (0, u64::MAX);
 /// Ranges of more regions than this are walked cell by cell without asking
@@ -1557,17 +1562,11 @@ impl<L: RawMutex> Engine<L> {
             // An unmap the IOMMU refused (the entry stays, writable) or a
             // failed flush (the IOTLB may hold it) leaves a device able to
             // write: walk again, retrying and flushing, until no cell that
-            // maps the target has such work left, as the teardown does.
-            // (A cell's flag also covers another target's stuck entries:
-            // then this waits for those too.) At most `RETRY_PASSES` more
+            // maps the target has such work left for the range, as the
+            // teardown does (`writes_may_remain`). At most `RETRY_PASSES` more
             // walks: an IOMMU that keeps failing leaves its entries stuck,
             // retried in turn by the cell's flushes, as an explicit unmap's.
-            let pending = walk_again_for_retries
-                && cells_in(self.target_drivers(domid)).any(|cell| {
-                    self.cell_state
-                        .get(cell)
-                        .is_some_and(|s| s.retry.load(Ordering::SeqCst))
-                });
+            let pending = walk_again_for_retries && self.writes_may_remain(domid, range);
             if pending && c.passes < RETRY_PASSES {
                 // Retry what waits first, without a walk, a slice at a
                 // time: a walk again is spent only when such a slice
@@ -1604,6 +1603,38 @@ impl<L: RawMutex> Engine<L> {
             };
         }
         Ok(())
+    }
+
+    /// Whether a device may still write one of `domid`'s gfns in
+    /// `[first, last)` through a cell that maps it: the cell's last flush
+    /// failed (its IOTLB may hold any of its entries), or its stuck list
+    /// holds a writable entry of that range (the IOMMU refused its unmap).
+    /// Looks at most [`STUCK_LOOKS`] stuck entries over all the cells,
+    /// only of cells whose retry flag is set; past that it answers yes
+    /// (fail closed). Before (a review of 2026-12-06) any cell's retry
+    /// flag answered yes, so another target's stuck entry in dom0's cell
+    /// failed a guest's VRAM move that had nothing of its own left
+    /// writable.
+    fn writes_may_remain(&self, domid: DomId, (first, last): (u64, u64)) -> bool {
+        let mut looks = STUCK_LOOKS;
+        for cell in cells_in(self.target_drivers(domid)) {
+            let waits = self
+                .cell_state
+                .get(cell)
+                .is_some_and(|s| s.retry.load(Ordering::SeqCst));
+            if !waits {
+                continue;
+            }
+            let Some(d) = self.lock_cell_number(cell) else {
+                return true;
+            };
+            let may = d.dd.flush_failed || d.dd.stuck_write_in(domid, (first, last), &mut looks);
+            self.put_driver(d);
+            if may {
+                return true;
+            }
+        }
+        false
     }
 
     /// One slice of retrying what the cells that map `domid` left to
