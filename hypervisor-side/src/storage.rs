@@ -731,6 +731,11 @@ impl ShardedIndex {
         self.live == 0
     }
 
+    /// Whether it is split into [`SHARDS`] tables.
+    pub fn is_split(&self) -> bool {
+        self.shards.len() == SHARDS
+    }
+
     /// Bytes of memory held.
     pub fn heap_bytes(&self) -> usize {
         self.shards.capacity() * core::mem::size_of::<IndexTable>()

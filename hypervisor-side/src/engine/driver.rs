@@ -2622,7 +2622,8 @@ impl DriverDomain {
     ///
     /// Whether a shard was rebuilt.
     pub(crate) fn shrink_index(&mut self) -> bool {
-        if self.pages.heap_bytes() <= self.index_kept_bytes() {
+        // (Split first: the size of a split index is a pass over its shards.)
+        if !self.pages.is_split() || self.pages.heap_bytes() <= self.index_kept_bytes() {
             return false;
         }
         self.pages
