@@ -11,7 +11,7 @@
 //! mapped. These tests fail with that shape (the first: one call revoked
 //! every mapping).
 
-use pviommu_abi::{Bfn, ContextId, DomId, Permissions, Request};
+use pviommu_abi::{Bfn, ContextId, DomId, Gfn, Permissions, Request};
 use pviommu_hv::engine::{SLICE_REVOKES, SLICE_REVOKES_MOST, SLICE_VISITS};
 use pviommu_hv::lock_check;
 use pviommu_hv::platform::Platform;
@@ -766,23 +766,36 @@ fn a_vram_move_the_iommu_will_not_revoke_fails_before_the_type_change() {
 
 /// A review of 2026-12-06: whether a VRAM move gave up was decided by the
 /// retry flags of the cells that map the guest, which a stuck entry of
-/// any page sets: one page of a folded 2 MiB run outside the range whose
-/// unmap could not split (Xen's heap short) failed the move of a range
-/// whose writable mappings had all gone. Now the revocation looks at the
-/// stuck entries themselves (`writes_may_remain`).
+/// any domain's page sets: one page of another guest's folded 2 MiB run
+/// whose unmap could not split (Xen's heap short) failed the move of a
+/// range whose writable mappings had all gone. Now the revocation looks at
+/// the stuck entries themselves (`writes_may_remain`): the guest's own
+/// writable ones count, wherever they are (a re-review: their gfn may no
+/// longer be their frame's), another domain's do not.
 #[test]
-fn a_stuck_entry_outside_the_vram_range_does_not_fail_its_move() {
-    let (mut m, e) = pviommu_tests::machine_after_dom0(Format::Vtd, 4096, 512);
-    // An aligned 2 MiB of the guest outside the range, folded in dom0's
-    // context 0.
-    let mut big: Vec<_> = (2560..3072)
-        .map(|g| map_op(GUEST, g, Permissions::RW))
+fn another_domains_stuck_entry_does_not_fail_a_vram_move() {
+    use pviommu_hv::sim::DomainSpec;
+    const OTHER: DomId = DomId(4);
+    // dom0's 512 frames, the guest's 4096, then the other guest's 512:
+    // each 2 MiB aligned in gfns and frames alike.
+    let mut m = SimMachine::new(8192, Format::Vtd, 512);
+    for (d, pages) in [(GUEST, 4096), (OTHER, 512)] {
+        let spec = DomainSpec {
+            pages,
+            privileged: false,
+            device_model_of: None,
+        };
+        m.create_domain(d, spec).unwrap();
+    }
+    let e = Engine::new(Default::default(), &m).unwrap();
+    let mut big: Vec<_> = (0..512)
+        .map(|g| map_op(OTHER, g, Permissions::RW))
         .collect();
     m.guest_batch_all(&e, DomId::DOM0, &mut big).unwrap();
     assert!(big.iter().all(|o| o.status == 0));
-    // Writable pages in the range.
     let vram = map_all(&mut m, &e, 0..64, Permissions::RW);
-    // Heap short: the unmap of one page of the folded run cannot split.
+    // Heap short: the unmap of one page of the other's folded run cannot
+    // split.
     m.fail_table_allocs(Some(0));
     let mut un = [unmap_op(Bfn(big[40].bfn))];
     m.guest_batch_all(&e, DomId::DOM0, &mut un).unwrap();
@@ -795,16 +808,109 @@ fn a_stuck_entry_outside_the_vram_range_does_not_fail_its_move() {
         }
         assert!(attempts < 20_000, "no end");
     };
-    assert_eq!(end, Ok(()), "refused for a stuck entry outside the range");
+    assert_eq!(end, Ok(()), "refused for another domain's stuck entry");
     assert_eq!(m.vram_range(GUEST), Some((0, 2048)));
     for b in &vram {
         assert!(m
             .dma_write(DomId::DOM0, ContextId::DEFAULT, b.0 << 12, b"z")
             .is_err());
     }
-    // The log-dirty enable, over the whole guest, still fails for it.
+    // The other guest's log-dirty enable still fails for it.
     let mut cursor = 0;
-    m.set_log_dirty_mode(GUEST, true);
-    while e.revoke_writes(&mut m, GUEST, &mut cursor).is_err() {}
+    m.set_log_dirty_mode(OTHER, true);
+    while e.revoke_writes(&mut m, OTHER, &mut cursor).is_err() {}
     assert!(Engine::revoke_writes_gave_up(cursor));
+}
+
+/// A re-review of 2026-12-06: a stuck writable entry recorded under a gfn
+/// outside the new VRAM range, whose frame the guest has since moved into
+/// the range (`XENMEM_add_to_physmap`: the hook of its old gfn made it
+/// stuck), still lets the device write a page of the tracked range. The
+/// first form of `writes_may_remain` matched the entry's recorded gfn and
+/// let the move succeed; now any writable stuck entry of the guest's
+/// fails it.
+#[test]
+fn a_stuck_entry_whose_page_moved_into_the_vram_range_fails_its_move() {
+    let (mut m, e) = machine(Format::Vtd, 4096);
+    let [b] = map_all(&mut m, &e, 3000..3001, Permissions::RW)[..] else {
+        unreachable!()
+    };
+    let frame = m.mfn_of(GUEST, Gfn(3000)).unwrap();
+    m.fail_unmaps = u32::MAX;
+    m.add_to_physmap_range(&e, GUEST, Gfn(3000), Gfn(100), 1)
+        .unwrap();
+    assert_eq!(m.mfn_of(GUEST, Gfn(100)), Some(frame));
+    assert_eq!(e.driver_state(DomId::DOM0).unwrap().stuck(), 1);
+    let mut attempts = 1;
+    let end = loop {
+        match m.track_dirty_vram_once(&e, GUEST, (0, 2048)) {
+            Err(CallEnd::Continues) => attempts += 1,
+            end => break end,
+        }
+        assert!(attempts < 20_000, "no end");
+    };
+    assert!(m
+        .dma_write(DomId::DOM0, ContextId::DEFAULT, b.0 << 12, b"dirty")
+        .is_ok());
+    assert_eq!(
+        end,
+        Err(CallEnd::GaveUp),
+        "tracked while its frame stays writable"
+    );
+}
+
+/// The same re-review: an owner's unmap whose clear the IOMMU refused
+/// stays an Unmapping slot marked present (not on the stuck list, no
+/// longer counted as deferred) until a release pass reaches it; with more
+/// than a release budget of newer entries ahead of it, the sweep's flush
+/// did not reach it, the retry flag was clear, and the move succeeded
+/// while the page stayed device-writable. Refused clears are counted now
+/// (`refused_clears`, in the retry flag); the log-dirty enable, whose
+/// slices flush until the list drains, agreed with the device either way.
+#[test]
+fn a_refused_clear_deep_in_the_unmapping_list_fails_a_vram_move_while_it_lasts() {
+    const FAR: u64 = 16 * 1024;
+    const MANY: u64 = 8 * 1024 + 512;
+    for log_dirty in [false, true] {
+        let (mut m, e) = machine(Format::Vtd, FAR + MANY);
+        let [b] = map_all(&mut m, &e, 100..101, Permissions::RW)[..] else {
+            unreachable!()
+        };
+        let others = map_all(&mut m, &e, FAR..FAR + MANY, Permissions::RW);
+        m.fail_flushes = u32::MAX;
+        // The run's clear and the page's own both refused.
+        m.fail_unmaps = 2;
+        let mut un = [unmap_op(b)];
+        m.guest_batch_all(&e, DomId::DOM0, &mut un).unwrap();
+        m.fail_unmaps = 0;
+        for chunk in others.chunks(512) {
+            let mut ops: Vec<_> = chunk.iter().map(|&b| unmap_op(b)).collect();
+            m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+        }
+        m.fail_flushes = 0;
+        let done = if log_dirty {
+            m.set_log_dirty_mode(GUEST, true);
+            let mut cursor = 0;
+            while e.revoke_writes(&mut m, GUEST, &mut cursor).is_err() {}
+            !Engine::revoke_writes_gave_up(cursor)
+        } else {
+            let mut attempts = 1;
+            let end = loop {
+                match m.track_dirty_vram_once(&e, GUEST, (0, 2048)) {
+                    Err(CallEnd::Continues) => attempts += 1,
+                    end => break end,
+                }
+                assert!(attempts < 20_000, "no end");
+            };
+            end == Ok(())
+        };
+        let writable = m
+            .dma_write(DomId::DOM0, ContextId::DEFAULT, b.0 << 12, b"dirty")
+            .is_ok();
+        assert!(
+            !(done && writable),
+            "log-dirty {log_dirty}: done while gfn 100 stays device-writable"
+        );
+        check_invariants(&mut m, &e).unwrap();
+    }
 }

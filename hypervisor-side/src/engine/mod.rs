@@ -1180,7 +1180,7 @@ impl<L: RawMutex> Engine<L> {
             if c.used.load(Ordering::Relaxed) != used {
                 c.used.store(used, Ordering::SeqCst);
             }
-            let retry = dd.stuck() != 0 || dd.flush_failed;
+            let retry = dd.stuck() != 0 || dd.refused_clears != 0 || dd.flush_failed;
             if c.retry.load(Ordering::Relaxed) != retry {
                 c.retry.store(retry, Ordering::SeqCst);
             }

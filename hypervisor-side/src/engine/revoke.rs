@@ -624,6 +624,7 @@ impl<L: RawMutex> Engine<L> {
                 // stays referenced, the BFN taken, and the unmap is retried
                 // as a stuck one is; once it goes, the slot is free (no
                 // notice: the owner unmapped it).
+                dd.refused_clears = dd.refused_clears.saturating_sub(1);
                 if let Some(Slot::Unmapping {
                     mapping,
                     then_revoked,
@@ -877,6 +878,9 @@ impl<L: RawMutex> Engine<L> {
             let next = if cleared {
                 dd.entry_cleared(at)
             } else {
+                // Still marked: the release pass moves it to the stuck
+                // list; until then the retry flag counts it.
+                dd.refused_clears += 1;
                 dd.unmapping_link(at).map(|(_, _, next)| next)
             };
             let Some(next) = next else {
@@ -1566,7 +1570,7 @@ impl<L: RawMutex> Engine<L> {
             // teardown does (`writes_may_remain`). At most `RETRY_PASSES` more
             // walks: an IOMMU that keeps failing leaves its entries stuck,
             // retried in turn by the cell's flushes, as an explicit unmap's.
-            let pending = walk_again_for_retries && self.writes_may_remain(domid, range);
+            let pending = walk_again_for_retries && self.writes_may_remain(domid);
             if pending && c.passes < RETRY_PASSES {
                 // Retry what waits first, without a walk, a slice at a
                 // time: a walk again is spent only when such a slice
@@ -1605,17 +1609,18 @@ impl<L: RawMutex> Engine<L> {
         Ok(())
     }
 
-    /// Whether a device may still write one of `domid`'s gfns in
-    /// `[first, last)` through a cell that maps it: the cell's last flush
-    /// failed (its IOTLB may hold any of its entries), or its stuck list
-    /// holds a writable entry of that range (the IOMMU refused its unmap).
-    /// Looks at most [`STUCK_LOOKS`] stuck entries over all the cells,
-    /// only of cells whose retry flag is set; past that it answers yes
-    /// (fail closed). Before (a review of 2026-12-06) any cell's retry
-    /// flag answered yes, so another target's stuck entry in dom0's cell
-    /// failed a guest's VRAM move that had nothing of its own left
-    /// writable.
-    fn writes_may_remain(&self, domid: DomId, (first, last): (u64, u64)) -> bool {
+    /// Whether a device may still write a page of `domid` through a cell
+    /// that maps it: the cell's last flush failed (its IOTLB may hold any
+    /// of its entries), the IOMMU refused to clear an owner's unmap there
+    /// (`refused_clears`), or its stuck list holds a writable entry of
+    /// `domid`'s, whatever its gfn (the page may have moved since it was
+    /// mapped: a re-review of 2026-12-06). Looks at most [`STUCK_LOOKS`]
+    /// stuck entries over all the cells, only of cells whose retry flag is
+    /// set; past that it answers yes (fail closed). Before (a review of
+    /// 2026-12-06) any cell's retry flag answered yes, so another target's
+    /// stuck entry in dom0's cell failed a guest's VRAM move that had
+    /// nothing of its own left writable.
+    fn writes_may_remain(&self, domid: DomId) -> bool {
         let mut looks = STUCK_LOOKS;
         for cell in cells_in(self.target_drivers(domid)) {
             let waits = self
@@ -1628,7 +1633,9 @@ impl<L: RawMutex> Engine<L> {
             let Some(d) = self.lock_cell_number(cell) else {
                 return true;
             };
-            let may = d.dd.flush_failed || d.dd.stuck_write_in(domid, (first, last), &mut looks);
+            let may = d.dd.flush_failed
+                || d.dd.refused_clears != 0
+                || d.dd.stuck_write_of(domid, &mut looks);
             self.put_driver(d);
             if may {
                 return true;
