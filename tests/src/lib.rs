@@ -270,6 +270,26 @@ pub fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), String> {
         ensure_eq!(dd.index_misses(), 0);
         // The doubly linked free list holds every free slot, once.
         ensure!(dd.free_list_is_whole(), "free list broken");
+        // Every Unmapping slot whose entry is still present is counted,
+        // once: marked since the last clearing pass, or refused by the
+        // IOMMU (a write revocation's "gave up?" reads the latter).
+        let present = dd
+            .slots()
+            .filter(|(_, s)| {
+                matches!(
+                    s,
+                    Slot::Unmapping {
+                        entry_present: true,
+                        ..
+                    }
+                )
+            })
+            .count() as u64;
+        let (deferred, refused) = dd.entries_to_clear();
+        ensure!(
+            present == deferred + refused,
+            "{present} entries to clear, counted {deferred} deferred + {refused} refused"
+        );
         ensure_eq!(dd.free_list_breaks(), 0);
         for (idx, slot) in dd.slots() {
             let bfn = st.space().bfn_of(idx).unwrap();

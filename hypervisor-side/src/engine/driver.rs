@@ -858,6 +858,13 @@ impl DriverDomain {
         self.indices_suspect = true;
     }
 
+    /// Unmapping slots whose entry is still to be cleared, as counted:
+    /// marked since the last clearing pass (`deferred_entries`), and
+    /// refused by the IOMMU (`refused_clears`). Their sum is the number of
+    /// such slots (`check_invariants`).
+    pub fn entries_to_clear(&self) -> (u64, u64) {
+        (self.deferred_entries, self.refused_clears)
+    }
     /// Live mappings taken out that an index (pages or extent records) did
     /// not hold where it should have (0 unless the engine has a bug; see
     /// `unindex`). Kept when the cell is given back and taken again.

@@ -624,6 +624,10 @@ impl<L: RawMutex> Engine<L> {
                 // stays referenced, the BFN taken, and the unmap is retried
                 // as a stuck one is; once it goes, the slot is free (no
                 // notice: the owner unmapped it).
+                // (Every marked slot a release pass meets was tried by
+                // the clearing pass before it: `check_invariants` holds
+                // the count to the slots.)
+                debug_assert!(dd.refused_clears != 0, "a marked slot no clear tried");
                 dd.refused_clears = dd.refused_clears.saturating_sub(1);
                 if let Some(Slot::Unmapping {
                     mapping,
