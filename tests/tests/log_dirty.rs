@@ -388,14 +388,7 @@ fn an_iommu_that_keeps_failing_does_not_keep_the_revocation_going() {
     let (mut m, e) = machine(Format::Vtd, 1024);
     map_all(&mut m, &e, 0..600, Permissions::RW);
     m.fail_flushes = u32::MAX;
-    let mut attempts = 1;
-    let end = loop {
-        match m.track_dirty_vram_once(&e, GUEST, (0, 1024)) {
-            Err(CallEnd::Continues) => attempts += 1,
-            end => break end,
-        }
-        assert!(attempts < 20_000, "no end");
-    };
+    let (end, attempts) = m.track_dirty_vram_to_end(&e, GUEST, (0, 1024));
     // (Walks of 600 mappings, slices of 256 and on to a block's end, and
     // retries between them.)
     assert!(attempts >= 2, "{attempts}");
@@ -739,14 +732,7 @@ fn a_vram_move_the_iommu_will_not_revoke_fails_before_the_type_change() {
     let (mut m, e) = machine(Format::Vtd, 4096);
     let rw = map_all(&mut m, &e, 0..64, Permissions::RW);
     m.fail_unmaps = u32::MAX;
-    let mut attempts = 1;
-    let end = loop {
-        match m.track_dirty_vram_once(&e, GUEST, (0, 2048)) {
-            Err(CallEnd::Continues) => attempts += 1,
-            end => break end,
-        }
-        assert!(attempts < 20_000, "no end");
-    };
+    let (end, _) = m.track_dirty_vram_to_end(&e, GUEST, (0, 2048));
     assert_eq!(end, Err(CallEnd::GaveUp), "moved with pages still writable");
     assert_eq!(m.vram_range(GUEST), Some((0, 0)));
     // The freeze went with the call: writable maps of the range again.
@@ -800,14 +786,7 @@ fn another_domains_stuck_entry_does_not_fail_a_vram_move() {
     let mut un = [unmap_op(Bfn(big[40].bfn))];
     m.guest_batch_all(&e, DomId::DOM0, &mut un).unwrap();
     assert_eq!(e.driver_state(DomId::DOM0).unwrap().stuck(), 1);
-    let mut attempts = 1;
-    let end = loop {
-        match m.track_dirty_vram_once(&e, GUEST, (0, 2048)) {
-            Err(CallEnd::Continues) => attempts += 1,
-            end => break end,
-        }
-        assert!(attempts < 20_000, "no end");
-    };
+    let (end, _) = m.track_dirty_vram_to_end(&e, GUEST, (0, 2048));
     assert_eq!(end, Ok(()), "refused for another domain's stuck entry");
     assert_eq!(m.vram_range(GUEST), Some((0, 2048)));
     for b in &vram {
@@ -841,14 +820,7 @@ fn a_stuck_entry_whose_page_moved_into_the_vram_range_fails_its_move() {
         .unwrap();
     assert_eq!(m.mfn_of(GUEST, Gfn(100)), Some(frame));
     assert_eq!(e.driver_state(DomId::DOM0).unwrap().stuck(), 1);
-    let mut attempts = 1;
-    let end = loop {
-        match m.track_dirty_vram_once(&e, GUEST, (0, 2048)) {
-            Err(CallEnd::Continues) => attempts += 1,
-            end => break end,
-        }
-        assert!(attempts < 20_000, "no end");
-    };
+    let (end, _) = m.track_dirty_vram_to_end(&e, GUEST, (0, 2048));
     assert!(m
         .dma_write(DomId::DOM0, ContextId::DEFAULT, b.0 << 12, b"dirty")
         .is_ok());
@@ -894,14 +866,7 @@ fn a_refused_clear_deep_in_the_unmapping_list_fails_a_vram_move_while_it_lasts()
             while e.revoke_writes(&mut m, GUEST, &mut cursor).is_err() {}
             !Engine::revoke_writes_gave_up(cursor)
         } else {
-            let mut attempts = 1;
-            let end = loop {
-                match m.track_dirty_vram_once(&e, GUEST, (0, 2048)) {
-                    Err(CallEnd::Continues) => attempts += 1,
-                    end => break end,
-                }
-                assert!(attempts < 20_000, "no end");
-            };
+            let (end, _) = m.track_dirty_vram_to_end(&e, GUEST, (0, 2048));
             end == Ok(())
         };
         let writable = m

@@ -1613,6 +1613,15 @@ impl<L: RawMutex> Engine<L> {
         Ok(())
     }
 
+    /// Whether cell `cell` has work to retry (its retry flag: stuck
+    /// entries, refused clears, a failed flush), as its last unlock
+    /// published it.
+    fn cell_retries(&self, cell: usize) -> bool {
+        self.cell_state
+            .get(cell)
+            .is_some_and(|s| s.retry.load(Ordering::SeqCst))
+    }
+
     /// Whether a device may still write a page of `domid` through a cell
     /// that maps it: the cell's last flush failed (its IOTLB may hold any
     /// of its entries), the IOMMU refused to clear an owner's unmap there
@@ -1627,11 +1636,7 @@ impl<L: RawMutex> Engine<L> {
     fn writes_may_remain(&self, domid: DomId) -> bool {
         let mut looks = STUCK_LOOKS;
         for cell in cells_in(self.target_drivers(domid)) {
-            let waits = self
-                .cell_state
-                .get(cell)
-                .is_some_and(|s| s.retry.load(Ordering::SeqCst));
-            if !waits {
+            if !self.cell_retries(cell) {
                 continue;
             }
             let Some(d) = self.lock_cell_number(cell) else {
@@ -1669,11 +1674,7 @@ impl<L: RawMutex> Engine<L> {
             if tried >= STUCK_RETRIES {
                 break;
             }
-            let waits = self
-                .cell_state
-                .get(cell)
-                .is_some_and(|s| s.retry.load(Ordering::SeqCst));
-            if !waits {
+            if !self.cell_retries(cell) {
                 continue;
             }
             let Some(mut d) = self.lock_cell_number(cell) else {

@@ -1662,12 +1662,25 @@ impl SimMachine {
         domid: DomId,
         range: (u64, u64),
     ) -> u32 {
+        self.track_dirty_vram_to_end(engine, domid, range).1
+    }
+
+    /// [`track_dirty_vram`](Self::track_dirty_vram), with how the call
+    /// ended (done, or gave up) beside the attempts.
+    pub fn track_dirty_vram_to_end(
+        &mut self,
+        engine: &crate::Engine,
+        domid: DomId,
+        range: (u64, u64),
+    ) -> (Result<(), CallEnd>, u32) {
         let mut attempts = 1;
-        while self.track_dirty_vram_once(engine, domid, range) == Err(CallEnd::Continues) {
-            attempts += 1;
+        loop {
+            match self.track_dirty_vram_once(engine, domid, range) {
+                Err(CallEnd::Continues) => attempts += 1,
+                end => return (end, attempts),
+            }
             assert!(attempts < 1_000_000, "the revocation makes no progress");
         }
-        attempts
     }
 
     /// Mark a RAM gfn read-only and run the engine's hook after the change,
