@@ -74,13 +74,18 @@ fn no_map_allocates_more_than_one_block_however_many_mappings_are_live() {
     );
 }
 
-/// Map `pages` pages of the guest into dom0 in batches of 512: their BFNs,
-/// in gfn order.
-fn map_all(m: &mut pviommu_hv::sim::SimMachine, e: &pviommu_hv::Engine, pages: u64) -> Vec<Bfn> {
+/// Map `pages` pages of the guest into dom0's `ctx` in batches of 512:
+/// their BFNs, in gfn order.
+fn map_all_in(
+    m: &mut pviommu_hv::sim::SimMachine,
+    e: &pviommu_hv::Engine,
+    ctx: ContextId,
+    pages: u64,
+) -> Vec<Bfn> {
     let mut bfns = Vec::new();
     for first in (0..pages).step_by(512) {
         let mut ops: Vec<PvIommuOp> = (first..(first + 512).min(pages))
-            .map(|g| map_op(GUEST, g, Permissions::RW))
+            .map(|g| map_op_in(ctx, GUEST, g, Permissions::RW))
             .collect();
         m.guest_batch_all(e, DomId::DOM0, &mut ops).unwrap();
         assert!(ops.iter().all(|op| op.status == 0), "map refused");
@@ -89,12 +94,36 @@ fn map_all(m: &mut pviommu_hv::sim::SimMachine, e: &pviommu_hv::Engine, pages: u
     bfns
 }
 
-fn unmap_all(m: &mut pviommu_hv::sim::SimMachine, e: &pviommu_hv::Engine, bfns: &[Bfn]) {
+/// [`map_all_in`] dom0's default context.
+fn map_all(m: &mut pviommu_hv::sim::SimMachine, e: &pviommu_hv::Engine, pages: u64) -> Vec<Bfn> {
+    map_all_in(m, e, ContextId::DEFAULT, pages)
+}
+
+/// Unmap `bfns` of dom0's `ctx` in batches of 512.
+fn unmap_all_in(
+    m: &mut pviommu_hv::sim::SimMachine,
+    e: &pviommu_hv::Engine,
+    ctx: ContextId,
+    bfns: &[Bfn],
+) {
     for chunk in bfns.chunks(512) {
-        let mut ops: Vec<PvIommuOp> = chunk.iter().map(|&b| unmap_op(b)).collect();
+        let mut ops: Vec<PvIommuOp> = chunk.iter().map(|&b| unmap_op_in(ctx, b)).collect();
         m.guest_batch_all(e, DomId::DOM0, &mut ops).unwrap();
         assert!(ops.iter().all(|op| op.status == 0), "unmap refused");
     }
+}
+
+/// [`unmap_all_in`] dom0's default context.
+fn unmap_all(m: &mut pviommu_hv::sim::SimMachine, e: &pviommu_hv::Engine, bfns: &[Bfn]) {
+    unmap_all_in(m, e, ContextId::DEFAULT, bfns)
+}
+
+/// A context of dom0's, created by a batch.
+fn create_context(m: &mut pviommu_hv::sim::SimMachine, e: &pviommu_hv::Engine) -> ContextId {
+    let mut ops = [Request::ContextCreate.encode()];
+    m.guest_batch_all(e, DomId::DOM0, &mut ops).unwrap();
+    assert_eq!(ops[0].status, 0);
+    ContextId(ops[0].context)
 }
 
 fn dom0_heap(e: &pviommu_hv::Engine) -> (usize, usize) {
@@ -239,35 +268,15 @@ fn a_call_gives_back_one_block_over_all_its_cells() {
     let (mut m, e) = machine(Format::Vtd, PAGES + 8);
     let mut contexts = vec![ContextId::DEFAULT];
     for _ in 0..3 {
-        let mut ops = [Request::ContextCreate.encode()];
-        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
-        assert_eq!(ops[0].status, 0);
-        contexts.push(ContextId(ops[0].context));
+        contexts.push(create_context(&mut m, &e));
     }
-    let unmaps = |ctx: ContextId, bfns: &[Bfn]| -> Vec<PvIommuOp> {
-        bfns.iter()
-            .map(|&bfn| Request::Unmap { context: ctx, bfn }.encode())
-            .collect()
-    };
     // Each context: 5 blocks mapped, all but the lowest and the highest
     // BFN unmapped (the highest keeps the blocks below it).
     let mut tops = Vec::new();
     for &ctx in &contexts {
-        let mut bfns = Vec::new();
-        for first in (0..PAGES).step_by(512) {
-            let mut ops: Vec<PvIommuOp> = (first..first + 512)
-                .map(|g| map_op_in(ctx, GUEST, g, Permissions::RW))
-                .collect();
-            m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
-            assert!(ops.iter().all(|o| o.status == 0));
-            bfns.extend(ops.iter().map(|o| Bfn(o.bfn)));
-        }
+        let bfns = map_all_in(&mut m, &e, ctx, PAGES);
         let last = bfns.len() - 1;
-        for chunk in bfns[1..last].chunks(512) {
-            let mut ops = unmaps(ctx, chunk);
-            m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
-            assert!(ops.iter().all(|o| o.status == 0));
-        }
+        unmap_all_in(&mut m, &e, ctx, &bfns[1..last]);
         tops.push((ctx, bfns[last]));
     }
     let slots = |e: &pviommu_hv::Engine| -> usize {
@@ -279,8 +288,9 @@ fn a_call_gives_back_one_block_over_all_its_cells() {
     let before = slots(&e);
     // One call unmaps the highest BFN of each: every cell could give back
     // 3 blocks.
-    let mut ops: Vec<PvIommuOp> = tops.iter().flat_map(|&(c, b)| unmaps(c, &[b])).collect();
+    let mut ops: Vec<PvIommuOp> = tops.iter().map(|&(c, b)| unmap_op_in(c, b)).collect();
     m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    assert!(ops.iter().all(|o| o.status == 0));
     let given = (before - slots(&e)) / (BLOCK / 32);
     assert_eq!(given, 1, "{given} blocks given back in one call");
     // The next calls go on, a block each, until each cell keeps two.
@@ -300,32 +310,15 @@ fn a_call_gives_back_one_block_over_all_its_cells() {
 fn a_trimmed_context_cell_gives_its_peak_index_back() {
     const PAGES: u64 = 64 * 1024;
     let (mut m, e) = machine(Format::Vtd, PAGES + 8);
-    let mut ops = [Request::ContextCreate.encode()];
-    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
-    let ctx = ContextId(ops[0].context);
-    let mut bfns = Vec::new();
-    for first in (0..PAGES).step_by(512) {
-        let mut ops: Vec<PvIommuOp> = (first..first + 512)
-            .map(|g| map_op_in(ctx, GUEST, g, Permissions::RW))
-            .collect();
-        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
-        assert!(ops.iter().all(|o| o.status == 0));
-        bfns.extend(ops.iter().map(|o| Bfn(o.bfn)));
-    }
+    let ctx = create_context(&mut m, &e);
+    let bfns = map_all_in(&mut m, &e, ctx, PAGES);
     let heap = |e: &pviommu_hv::Engine| {
         let d = e.context_state(DomId::DOM0, ctx).unwrap();
         (d.heap_bytes(), d.slot_capacity(), d.live())
     };
     // Unmap from the top down, keeping the lowest 1024.
     let rest: Vec<Bfn> = bfns[1024..].iter().rev().copied().collect();
-    for chunk in rest.chunks(512) {
-        let mut ops: Vec<PvIommuOp> = chunk
-            .iter()
-            .map(|&bfn| Request::Unmap { context: ctx, bfn }.encode())
-            .collect();
-        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
-        assert!(ops.iter().all(|o| o.status == 0));
-    }
+    unmap_all_in(&mut m, &e, ctx, &rest);
     for _ in 0..1000 {
         e.finish_contexts(&mut m, DomId::DOM0, 1 << ctx.0);
     }
@@ -334,13 +327,7 @@ fn a_trimmed_context_cell_gives_its_peak_index_back() {
     // Two blocks of slots (256 KiB) and an index no larger than what the
     // context's cell keeps when empty (512 KiB); 1 778 304 bytes before.
     assert!(kept <= 800 * 1024, "{kept} bytes for 1024 pages");
-    for chunk in bfns[..1024].chunks(512) {
-        let mut ops: Vec<PvIommuOp> = chunk
-            .iter()
-            .map(|&bfn| Request::Unmap { context: ctx, bfn }.encode())
-            .collect();
-        m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
-    }
+    unmap_all_in(&mut m, &e, ctx, &bfns[..1024]);
     let (h, _, l) = heap(&e);
     assert_eq!(l, 0);
     assert!(h <= 1024 * 1024, "emptied context cell keeps {h} bytes");

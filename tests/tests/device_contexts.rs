@@ -1288,32 +1288,43 @@ fn a_writable_map_into_context_0_without_snoop_control_marks_the_page() {
     }
 }
 
-/// A review of 2026-12-06: an attach must not make the simulated IOTLB forget what the
-/// tag's DID (VT-d) / VMID (SMMUv3) still caches. VT-d's attach flushes
-/// only the *previous* DID (the owner's) and the device's context entry;
-/// SMMUv3's writes STEs with CFGI_STE and no TLBI. A stale translation of
-/// the context, left by a failed flush (page still held), survives a
-/// second device's attach on real hardware. (Before, the simulator forgot
-/// it there, so a page an engine released before its flush would have
-/// gone unseen in a batch that also attached a device.)
-fn attach_keeps_the_contexts_stale_translations(format: Format) {
+/// A context of dom0's with `devices` attached, and the BFN of a page whose
+/// translation the IOTLB keeps after its unmap: device A read through it,
+/// then the unmap's flush failed (entry gone, page still held). Every
+/// flush fails from here on.
+fn a_stale_translation_in_a_context(
+    format: Format,
+    devices: &[Sbdf],
+) -> (SimMachine, Engine, ContextId, Bfn) {
     let (mut m, e) = host(format);
     let ctx = create(&mut m, &e, DomId::DOM0);
-    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx, A), 0);
+    for &d in devices {
+        assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx, d), 0);
+    }
     let bfn = map_in(&mut m, &e, ctx, 3, MemAttr::WriteBack);
     assert!(read(&mut m, A, bfn).is_ok(), "A reads through the context");
-    // The unmap's flush fails: entry gone, IOTLB keeps it, page held.
     m.fail_flushes = 1_000;
     let _ = unmap_in(&mut m, &e, ctx, bfn);
-    let before = m.stale_iotlb_pages();
     assert!(
-        before.iter().any(|t| t.bfn == bfn),
+        m.stale_iotlb_pages().iter().any(|t| t.bfn == bfn),
         "the failed flush left {bfn:?} cached"
     );
+    (m, e, ctx, bfn)
+}
+
+/// A review of 2026-12-06: an attach must not make the simulated IOTLB
+/// forget what the tag's DID (VT-d) / VMID (SMMUv3) still caches. VT-d's
+/// attach flushes only the *previous* DID (the owner's) and the device's
+/// context entry; SMMUv3's writes STEs with CFGI_STE and no TLBI. A stale
+/// translation of the context, left by a failed flush (page still held),
+/// survives a second device's attach on real hardware. (Before, the
+/// simulator forgot it there, so a page an engine released before its
+/// flush would have gone unseen in a batch that also attached a device.)
+fn attach_keeps_the_contexts_stale_translations(format: Format) {
+    let (mut m, e, ctx, bfn) = a_stale_translation_in_a_context(format, &[A]);
     assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx, B), 0);
-    let after = m.stale_iotlb_pages();
     assert!(
-        after.iter().any(|t| t.bfn == bfn),
+        m.stale_iotlb_pages().iter().any(|t| t.bfn == bfn),
         "attaching B dropped the context's cached {bfn:?}: no VT-d or SMMUv3 attach invalidates the tag"
     );
 }
@@ -1331,15 +1342,7 @@ fn an_smmu_attach_keeps_what_the_tag_caches() {
 /// TLBI) leaves the VMID's TLB entries for the devices still on it.
 #[test]
 fn an_smmu_detach_keeps_what_the_vmid_caches_for_the_other_device() {
-    let (mut m, e) = host(Format::Lpae);
-    let ctx = create(&mut m, &e, DomId::DOM0);
-    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx, A), 0);
-    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx, B), 0);
-    let bfn = map_in(&mut m, &e, ctx, 3, MemAttr::WriteBack);
-    assert!(read(&mut m, A, bfn).is_ok());
-    m.fail_flushes = 1_000;
-    let _ = unmap_in(&mut m, &e, ctx, bfn);
-    assert!(m.stale_iotlb_pages().iter().any(|t| t.bfn == bfn));
+    let (mut m, e, ctx, bfn) = a_stale_translation_in_a_context(Format::Lpae, &[A, B]);
     assert_eq!(detach(&mut m, &e, DomId::DOM0, ctx, B), 0);
     assert!(
         m.stale_iotlb_pages().iter().any(|t| t.bfn == bfn),
