@@ -870,34 +870,30 @@ impl ShardedIndex {
 
     /// Shrink the first sparse one ([`IndexTable::shrink_if_sparse`]) of
     /// `n` shards of a split index from `*next` on (wrapping; `*next`
-    /// moves past those looked at), so that
-    /// calls in turn look at every shard at a bounded cost each. Allocates
-    /// (fallibly: a shard the host has no memory for stays as it is):
-    /// for its owner's own calls, never a hook. Returns the shards shrunk.
-    pub fn shrink_sparse_shards(&mut self, next: &mut usize, n: usize) -> usize {
+    /// moves past those looked at), so that calls in turn look at every
+    /// shard at a bounded cost each: one rebuild at most (a shard of the
+    /// largest quota is 256 Ki buckets to read). Allocates (fallibly: a
+    /// shard the host has no memory for stays as it is): for its owner's
+    /// own calls, never a hook. Whether a shard shrank.
+    pub fn shrink_sparse_shards(&mut self, next: &mut usize, n: usize) -> bool {
         // (A split index only: one table is a small cell's, or an empty
         // one's kept for its next batch, which would only grow it again.)
-        let count = self.shards.len();
-        if count != SHARDS {
-            return 0;
+        if !self.is_split() {
+            return false;
         }
-        let mut shrunk = 0;
-        for _ in 0..n.min(count) {
-            let at = *next % count;
-            *next = (at + 1) % count;
-            if let Some(t) = self.shards.get_mut(at) {
-                if t.shrink_if_sparse(packed_hash) == Ok(true) {
-                    shrunk += 1;
-                    // (One rebuild a call: a shard of the largest quota
-                    // is 256 Ki buckets to read.)
-                    break;
-                }
+        for _ in 0..n.min(SHARDS) {
+            let at = *next % SHARDS;
+            *next = (at + 1) % SHARDS;
+            let shrunk = self
+                .shards
+                .get_mut(at)
+                .is_some_and(|t| t.shrink_if_sparse(packed_hash) == Ok(true));
+            if shrunk {
+                self.rebuilds = self.rebuilds.wrapping_add(1);
+                return true;
             }
         }
-        if shrunk != 0 {
-            self.rebuilds = self.rebuilds.wrapping_add(1);
-        }
-        shrunk
+        false
     }
 
     /// Give back the memory of every empty shard (a split index only: one

@@ -2615,10 +2615,9 @@ impl DriverDomain {
     /// Rebuild at a quarter of their size or less the page index shards
     /// that a peak grew and that now hold at most a sixteenth of their
     /// buckets: the first of [`SHRINK_SHARDS_PER_CALL`] looked at in turn
-    /// (every shard within 64 calls that rebuild nothing); one shard a call over
-    /// all the caller's cells (`Engine::finish_contexts`; a split index
-    /// only: a
-    /// cell that held 4096 pages at once). Where the owner's own call
+    /// (every shard within 64 calls that rebuild nothing); one shard a call
+    /// over all the caller's cells (`Engine::finish_contexts`; a split
+    /// index only: a cell that held 4096 pages at once). Where the owner's own call
     /// ends, as [`trim_free_tail`](Self::trim_free_tail): it allocates the
     /// smaller table (fallibly; a shard the host has no memory for stays
     /// as it is), which no hook does. Bounded: one rebuild of a shard a
@@ -2638,7 +2637,6 @@ impl DriverDomain {
         }
         self.pages
             .shrink_sparse_shards(&mut self.shrink_cursor, SHRINK_SHARDS_PER_CALL)
-            != 0
     }
 
     /// The most page index memory a cell keeps when it empties, or
