@@ -26,7 +26,7 @@ use crate::config::{MAX_CONTEXTS, MAX_REGIONS_PER_CALL};
 use crate::engine::{Engine, Hypervisor, Notice, CONTROL_RETRIES, MAP_CHUNK};
 use crate::nospec::get_nospec;
 use crate::permission::{
-    device_refusal, may_call, may_control, may_read_regions, may_use_contexts,
+    device_refusal, may_call, may_control, may_read_regions, may_use_contexts, PolicyRefusals,
 };
 use crate::platform::{DomainInfo, XsmAction};
 use crate::{Bfn, ContextId, DomId, Errno};
@@ -662,6 +662,8 @@ impl<L: RawMutex> Engine<L> {
         // own memory during the call can still lose it (design/abi.md).
         write_nr_done(h, arg, &hdr)?;
         let first = hdr.nr_done;
+        // What the policy refused in this entry, not asked about again in it.
+        let refusals = PolicyRefusals::default();
         let mut result = Ok(0);
         // The op at `nr_done` when a run of maps already copied it in.
         let mut peeked: Option<PvIommuOp> = None;
@@ -689,7 +691,7 @@ impl<L: RawMutex> Engine<L> {
             // here: the four kinds' parsed ops grew this frame in the Xen
             // object by 150 bytes, on the way to a guest copy.)
             let run = if Request::parse_map(&op).is_some() {
-                Some(self.run_maps(h, caller, ci, &hdr, op))
+                Some(self.run_maps(h, caller, ci, &refusals, &hdr, op))
             } else if Request::parse_unmap(&op).is_some() {
                 Some(self.run_unmaps(h, caller, &hdr, op))
             } else if Request::parse_revoked_ack(&op).is_some() {
@@ -712,7 +714,7 @@ impl<L: RawMutex> Engine<L> {
                 }
                 None => {}
             }
-            if let Err((acted, e)) = self.run_op(h, caller, ci, addr, op) {
+            if let Err((acted, e)) = self.run_op(h, caller, ci, &refusals, addr, op) {
                 // (An op that acted counts as done even when its final
                 // status could not be written: reissued, it would be run
                 // again and answer for a state it made itself.)
@@ -756,6 +758,7 @@ impl<L: RawMutex> Engine<L> {
         h: &mut impl Hypervisor,
         caller: DomId,
         ci: &DomainInfo,
+        refusals: &PolicyRefusals,
         hdr: &PvIommuBatch,
         first: PvIommuOp,
     ) -> Result<(u32, Option<PvIommuOp>), (u32, Errno)> {
@@ -783,7 +786,8 @@ impl<L: RawMutex> Engine<L> {
             |op: &PvIommuOp| Request::parse_map(op).filter(|m| m.context == head.context);
         let (n, mut after) = copy_in_run(h, hdr, first, head, &mut ops, &mut reqs, same_context);
         let mut results = [Err(Errno::Inval); MAP_CHUNK];
-        let done = self.map_batch(h, caller, ci, reqs.get(..n).unwrap_or(&[]), &mut results);
+        let run = reqs.get(..n).unwrap_or(&[]);
+        let done = self.map_batch_in(h, caller, ci, run, &mut results, refusals);
         if done == 0 {
             // Unreachable (a run's first op is never a repeat); never loop
             // on it.
@@ -968,6 +972,7 @@ impl<L: RawMutex> Engine<L> {
         h: &mut impl Hypervisor,
         caller: DomId,
         ci: &DomainInfo,
+        refusals: &PolicyRefusals,
         addr: u64,
         mut op: PvIommuOp,
     ) -> Result<(), (bool, Errno)> {
@@ -995,10 +1000,12 @@ impl<L: RawMutex> Engine<L> {
                 .revoked_next(caller)
                 .map(|found| write_notice(&mut op, found, numbered)),
             // Undone if its result cannot be written (as a run's maps).
-            Ok(Request::MapExtent(req)) => self.map_extent(h, caller, ci, &req).map(|m| {
-                op.bfn = m.mapped.bfn.0;
-                extent = Some(m);
-            }),
+            Ok(Request::MapExtent(req)) => {
+                self.map_extent_in(h, caller, ci, &req, refusals).map(|m| {
+                    op.bfn = m.mapped.bfn.0;
+                    extent = Some(m);
+                })
+            }
             Ok(Request::UnmapExtent { context, bfn }) => {
                 stale_if_revoked(self.unmap_extent_check(caller, context, bfn))
             }
@@ -1013,7 +1020,7 @@ impl<L: RawMutex> Engine<L> {
             // Undone (detached) if its status cannot be written.
             Ok(Request::ContextAttach { context, device }) => {
                 may_use_contexts(ci, || h.owns_devices(caller))
-                    .and_then(|()| self.context_attach(h, caller, context, device))
+                    .and_then(|()| self.context_attach_in(h, caller, context, device, refusals))
                     .map_err(|e| device_refusal(ci, e))
             }
             Ok(Request::ContextDetach { context, device }) => {

@@ -11,9 +11,11 @@
 //! platform's XSM hook ([`Platform::xsm_check`]) runs after this and can
 //! only refuse more (a FLASK policy).
 
+use core::cell::Cell;
+
 use crate::iommu::DeviceFacts;
 use crate::platform::{DomainInfo, PageKind, Platform, XsmAction};
-use crate::{ContextId, DomId, Errno, Permissions};
+use crate::{ContextId, DomId, Errno, Permissions, Sbdf};
 use pviommu_abi::translation;
 
 /// The caller's relation to the target that allows mapping.
@@ -64,7 +66,8 @@ pub fn check_map(
     target: DomId,
     context: ContextId,
 ) -> Result<(), Errno> {
-    check_map_again(p, caller_id, caller, target, context, false)
+    let refusals = PolicyRefusals::default();
+    check_map_again(p, caller_id, caller, target, context, false, &refusals)
 }
 
 /// [`check_map`], for an op of a run whose earlier op of the same
@@ -79,6 +82,7 @@ pub fn check_map_again(
     target: DomId,
     context: ContextId,
     target_checked: bool,
+    refusals: &PolicyRefusals,
 ) -> Result<(), Errno> {
     if context == ContextId::DEFAULT && caller.translation != translation::TRANSLATES {
         return Err(Errno::AddrNotAvail);
@@ -104,7 +108,55 @@ pub fn check_map_again(
     if target_checked {
         return Ok(());
     }
-    xsm_allows(p, caller_id, Some(target), XsmAction::Map)
+    refusals.xsm_allows(p, caller_id, Some(target), XsmAction::Map)
+}
+
+/// What the security policy refused during one hypercall, so that the
+/// call's other ops asking the same are refused (`EPERM`) without asking
+/// again: the policy would answer the same, and FLASK audits every denial
+/// on Xen's console with no rate limit, so a batch of 1024 maps of a
+/// target the policy refuses (alternating access, so that no two ops
+/// share a run's check) logged 1024 lines a call, and as many attaches of
+/// a device it refuses as many more (an audit of 2026-12-06). Xen's own
+/// batched foreign maps ask once a call (`XENMEM_add_to_physmap_batch`,
+/// `xsm_map_gmfn_foreign`). One target and one device are remembered,
+/// the last refused: a device model may map one target only (any other
+/// is `EPERM` by the rule, before the policy is asked), and its devices
+/// are its own. Only a refusal is remembered (`ENOMEM`, `ESRCH` are asked
+/// again); a remembered refusal under speculation is a refusal.
+#[derive(Default)]
+pub struct PolicyRefusals {
+    map_of: Cell<Option<DomId>>,
+    attach_of: Cell<Option<Sbdf>>,
+}
+
+impl PolicyRefusals {
+    /// [`xsm_allows`], unless the call was refused the same already.
+    pub(crate) fn xsm_allows(
+        &self,
+        p: &impl Platform,
+        caller: DomId,
+        target: Option<DomId>,
+        action: XsmAction,
+    ) -> Result<(), Errno> {
+        let refused_already = match action {
+            XsmAction::Map => target.is_some() && self.map_of.get() == target,
+            XsmAction::Attach(device) => self.attach_of.get() == Some(device),
+            _ => false,
+        };
+        if refused_already {
+            return Err(Errno::Perm);
+        }
+        let answer = xsm_allows(p, caller, target, action);
+        if answer == Err(Errno::Perm) {
+            match action {
+                XsmAction::Map => self.map_of.set(target),
+                XsmAction::Attach(device) => self.attach_of.set(Some(device)),
+                _ => {}
+            }
+        }
+        answer
+    }
 }
 
 /// The host's security module's answer ([`Platform::xsm_check`]) in the

@@ -1379,3 +1379,42 @@ fn an_attach_whose_undo_blocks_the_device_counts_as_done() {
     assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx1, B), 0);
     check_invariants(&mut m, &e).unwrap();
 }
+
+/// A batch of attaches of one device the policy refuses asks the policy
+/// once: FLASK audits every denial on Xen's console with no rate limit,
+/// and each attach op asked again, so a driver domain could log one line
+/// an op, `max_batch_ops` a call, at will (an audit of 2026-12-06; 64
+/// questions for 64 ops before). Every op is still refused, and another
+/// device of the same batch is asked about on its own.
+#[test]
+fn a_batch_of_attaches_the_policy_refuses_asks_it_once() {
+    use std::sync::atomic::Ordering;
+    let (mut m, e) = host(Format::Vtd);
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    m.xsm_deny_action(DomId::DOM0, XsmAction::Attach(B));
+    let mut ops: Vec<_> = (0..64)
+        .map(|_| {
+            Request::ContextAttach {
+                context: ctx1,
+                device: B,
+            }
+            .encode()
+        })
+        .collect();
+    ops.push(
+        Request::ContextAttach {
+            context: ctx1,
+            device: A,
+        }
+        .encode(),
+    );
+    let before = m.xsm_checks.load(Ordering::Relaxed);
+    m.guest_batch_all(&e, DomId::DOM0, &mut ops).unwrap();
+    // The batch's `manage`, B's attach once, A's attach.
+    assert_eq!(m.xsm_checks.load(Ordering::Relaxed) - before, 3);
+    let (last, refused) = ops.split_last().unwrap();
+    assert!(refused.iter().all(|o| o.status == Errno::Perm.negated()));
+    assert_eq!(last.status, 0);
+    assert!(m.device(B).unwrap().attached.is_none());
+    check_invariants(&mut m, &e).unwrap();
+}

@@ -24,7 +24,7 @@ use lock_api::RawMutex;
 use super::{Driver, Engine, EngineBug, Hypervisor};
 use crate::iommu::{FlushGather, HwContext, IommuBackend, OwnTables, TableFormat};
 use crate::nospec::get_nospec;
-use crate::permission::may_attach;
+use crate::permission::{may_attach, PolicyRefusals};
 use crate::pgtable::lpae::Lpae;
 use crate::pgtable::vtd::{Vtd, VtdNoSnoop};
 use crate::pgtable::{IoPageTable, PageTableFormat, TableMemory, TableOptions};
@@ -857,6 +857,21 @@ impl<L: RawMutex> Engine<L> {
         context: ContextId,
         device: Sbdf,
     ) -> Result<(), Errno> {
+        let refusals = PolicyRefusals::default();
+        self.context_attach_in(h, caller, context, device, &refusals)
+    }
+
+    /// [`context_attach`](Self::context_attach) as an op of a call whose
+    /// policy refusals so far are `refusals` (a device the policy refused
+    /// is not asked about again in the call).
+    pub(crate) fn context_attach_in<H: Hypervisor>(
+        &self,
+        h: &mut H,
+        caller: DomId,
+        context: ContextId,
+        device: Sbdf,
+        refusals: &PolicyRefusals,
+    ) -> Result<(), Errno> {
         // Whether the device may be the caller's to attach (under the
         // devices lock).
         let its_own = |h: &mut H| {
@@ -889,7 +904,7 @@ impl<L: RawMutex> Engine<L> {
         let own = its_own(h);
         h.devices_unlock();
         own?;
-        crate::permission::xsm_allows(h, caller, None, XsmAction::Attach(device))?;
+        refusals.xsm_allows(h, caller, None, XsmAction::Attach(device))?;
         self.devices_then_cell(h, caller, context, checks, |d, h| {
             let own = d.dd.own_mut(context).ok_or(Errno::NoEnt)?;
             let free = own

@@ -38,6 +38,7 @@ use super::revoke::DEFER_LIMIT;
 use super::unmap::UnmapKind;
 use super::{Driver, Engine, Hypervisor, Mapped, TargetGate};
 use super::{DriverDomain, Mapping, MAP_RETRIES};
+use crate::permission::PolicyRefusals;
 use crate::platform::{DomainInfo, PageSlot};
 use crate::{Bfn, ContextId, DomId, Errno, Mfn};
 
@@ -101,13 +102,27 @@ impl<L: RawMutex> Engine<L> {
         caller_info: &DomainInfo,
         req: &MapRequest,
     ) -> Result<ExtentMapped, Errno> {
+        let refusals = PolicyRefusals::default();
+        self.map_extent_in(h, caller, caller_info, req, &refusals)
+    }
+
+    /// [`map_extent`](Self::map_extent) as an op of a call whose policy
+    /// refusals so far are `refusals`.
+    pub(crate) fn map_extent_in(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        caller_info: &DomainInfo,
+        req: &MapRequest,
+        refusals: &PolicyRefusals,
+    ) -> Result<ExtentMapped, Errno> {
         if !extent_aligned(req.gfn.0) || req.gfn.0 > u64::MAX - EXTENT_PAGES || req.grant {
             return Err(Errno::Inval);
         }
         let caps = h.iommu_caps();
         for _ in 0..MAP_RETRIES {
             let checked_seq = self.checked_seq(req.domid);
-            let gate = self.map_checks(h, caller, caller_info, req, &caps, false)?;
+            let gate = self.map_checks(h, caller, caller_info, req, &caps, false, refusals)?;
             // As for a page map: the checks are resolved before any lookup.
             crate::nospec::block_speculation();
             gate.active.fetch_add(EXTENT_PAGES as u32, Ordering::SeqCst);

@@ -16,7 +16,7 @@ use pviommu_abi::MapRequest;
 use super::driver::{self, DriverDomain, Mapping, PageAt, NONE};
 use super::{revoke, Driver, Engine, Hypervisor, Mapped, TargetGate, MAP_CHUNK, MAP_RETRIES};
 use crate::config::MAX_CONTEXTS;
-use crate::permission::{check_map_again, check_page, refusal};
+use crate::permission::{check_map_again, check_page, refusal, PolicyRefusals};
 use crate::platform::{CheckedTarget, DomainInfo, PageSlot};
 use crate::{Bfn, ContextId, DomId, Errno, Mfn};
 
@@ -174,6 +174,19 @@ impl<L: RawMutex> Engine<L> {
         caller_info: &DomainInfo,
         req: &MapRequest,
     ) -> Result<Mapped, Errno> {
+        self.map_tagged_in(h, caller, caller_info, req, &PolicyRefusals::default())
+    }
+
+    /// [`map_tagged`](Self::map_tagged) as an op of a call whose policy
+    /// refusals so far are `refusals`.
+    pub(crate) fn map_tagged_in(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        caller_info: &DomainInfo,
+        req: &MapRequest,
+        refusals: &PolicyRefusals,
+    ) -> Result<Mapped, Errno> {
         // (Xen's INVALID_GFN: see `map_locked`.)
         if req.gfn.0 == u64::MAX {
             return Err(Errno::Inval);
@@ -184,7 +197,7 @@ impl<L: RawMutex> Engine<L> {
             // it moved may have found another domain at the same domid
             // (see `map_batch`), so every attempt starts at the checks.
             let checked_seq = self.checked_seq(req.domid);
-            let gate = self.map_checks(h, caller, caller_info, req, &caps, false)?;
+            let gate = self.map_checks(h, caller, caller_info, req, &caps, false, refusals)?;
             // The checks are resolved before the lookup under speculation
             // (see `map_batch`): the caller-and-target decision is a plain
             // branch, fenced only by some XSM policies' own hooks.
@@ -278,6 +291,22 @@ impl<L: RawMutex> Engine<L> {
         reqs: &[MapRequest],
         out: &mut [Result<Mapped, Errno>],
     ) -> usize {
+        let refusals = PolicyRefusals::default();
+        self.map_batch_in(h, caller, caller_info, reqs, out, &refusals)
+    }
+
+    /// [`map_batch`](Self::map_batch) for a run of a call whose policy
+    /// refusals so far are `refusals` (the hypercall's batch: a target
+    /// the policy refused a map of is not asked about again in the call).
+    pub(crate) fn map_batch_in(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        caller_info: &DomainInfo,
+        reqs: &[MapRequest],
+        out: &mut [Result<Mapped, Errno>],
+        refusals: &PolicyRefusals,
+    ) -> usize {
         let mut n = reqs.len().min(out.len()).min(MAP_CHUNK);
         let Some(first) = reqs.first() else {
             return 0;
@@ -313,9 +342,10 @@ impl<L: RawMutex> Engine<L> {
         // (Each path is a call of its own: their frames never add up on
         // Xen's stack.)
         let alike = (alike && run.len() > 1)
-            .then(|| self.map_alike(h, caller, caller_info, run, out))
+            .then(|| self.map_alike(h, caller, caller_info, run, out, refusals))
             .flatten();
-        let answered = alike.unwrap_or_else(|| self.map_run(h, caller, caller_info, run, out));
+        let answered =
+            alike.unwrap_or_else(|| self.map_run(h, caller, caller_info, run, out, refusals));
         // The ops whose target moved after their checks, mapped again on
         // their own. Here, not in either path: the lookup of a page is then
         // no deeper in Xen's stack than a single map's.
@@ -326,7 +356,7 @@ impl<L: RawMutex> Engine<L> {
             .filter(|(k, _)| answered.again & (1 << k) != 0)
             .map(|(_, pair)| pair)
         {
-            *o = self.map_tagged(h, caller, caller_info, req);
+            *o = self.map_tagged_in(h, caller, caller_info, req, refusals);
         }
         answered.n
     }
@@ -342,6 +372,7 @@ impl<L: RawMutex> Engine<L> {
         caller_info: &DomainInfo,
         reqs: &[MapRequest],
         out: &mut [Result<Mapped, Errno>],
+        refusals: &PolicyRefusals,
     ) -> Answered {
         let n = reqs.len().min(out.len()).min(MAP_CHUNK);
         let Some(context) = reqs.first().map(|r| r.context) else {
@@ -411,7 +442,8 @@ impl<L: RawMutex> Engine<L> {
             let checks = match same_as_passed {
                 Some((_, g, _)) => Ok(g),
                 None => {
-                    self.map_checks(h, caller, caller_info, req, &caps, target_checked.is_some())
+                    let checked = target_checked.is_some();
+                    self.map_checks(h, caller, caller_info, req, &caps, checked, refusals)
                 }
             };
             match checks {
@@ -692,6 +724,7 @@ impl<L: RawMutex> Engine<L> {
         caller_info: &DomainInfo,
         reqs: &[MapRequest],
         out: &mut [Result<Mapped, Errno>],
+        refusals: &PolicyRefusals,
     ) -> Option<Answered> {
         let first = reqs.first()?;
         let n = reqs.len().min(out.len()).min(MAP_CHUNK);
@@ -703,7 +736,7 @@ impl<L: RawMutex> Engine<L> {
         let checked_seq = self.checked_seq(first.domid);
         let (gate, not_snooped) = {
             let caps = h.iommu_caps();
-            match self.map_checks(h, caller, caller_info, first, &caps, false) {
+            match self.map_checks(h, caller, caller_info, first, &caps, false, refusals) {
                 Ok(gate) => (gate, write && !Self::snooped(&caps, first)),
                 Err(e) => {
                     for o in out.iter_mut().take(n) {
@@ -825,6 +858,9 @@ impl<L: RawMutex> Engine<L> {
     /// the same target; the context's attribute part never), what the
     /// backend can do, and the target's gate.
     #[inline(always)]
+    // (The caller's facts, the op, the backend's and what the call knows
+    // already: each from a different place, none worth a struct of its own.)
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn map_checks(
         &self,
         h: &impl Hypervisor,
@@ -833,6 +869,7 @@ impl<L: RawMutex> Engine<L> {
         req: &MapRequest,
         caps: &crate::iommu::BackendCaps,
         target_checked: bool,
+        refusals: &PolicyRefusals,
     ) -> Result<&TargetGate, Errno> {
         check_map_again(
             h,
@@ -841,6 +878,7 @@ impl<L: RawMutex> Engine<L> {
             req.domid,
             req.context,
             target_checked,
+            refusals,
         )?;
         if req.grant {
             // Designed in the ABI; no backend offers PVIOMMU_FEAT_GRANT yet.
