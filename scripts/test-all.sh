@@ -67,6 +67,9 @@ hypervisor-side/xen/tests/srat-end.sh
 step "Xen p2m hook: which type changes take device write access away"
 hypervisor-side/xen/tests/write-lost.sh
 
+step "x86 glue: a VRAM range read while the engine writes it is the old, the new or none"
+hypervisor-side/xen/tests/vram-range.sh
+
 step "engine for x86_64-unknown-none (Xen's target)"
 scripts/build-engine-nostd.sh
 

@@ -543,6 +543,37 @@ static bool pvx_type_readable(p2m_type_t t)
 }
 
 /*
+ * The VRAM range the engine published for its revocation
+ * (pviommu_vram_revoke()), [*first, *last): the one published, or empty.
+ * The engine writes it with no lock, a word at a time: last = 0, then
+ * first, then last (a lift: last = 0, then first = 0). Two loads, first
+ * then last, could see first from before and last from after a new range
+ * was written, a range neither old nor new (an audit of 2026-12-06: a map
+ * outside both refused for a moment, or one inside the new range let
+ * past the freeze to the walk). Reading last on both sides of first and
+ * answering empty unless the two agree gives the old range, the new one,
+ * or empty, as the engine's comment says (empty: a map let through is the
+ * walk's, which starts after these stores). Only a lift and a second new
+ * range that end on the same last, both inside the three loads, could
+ * still mix them. tests/vram-range.sh tries every interleaving.
+ */
+static void pvx_vram_range(const struct domain *d, uint64_t *first,
+                           uint64_t *last)
+{
+    const struct pviommu_range_sweep *s =
+        (const struct pviommu_range_sweep *)d->pviommu_vram_sweep;
+    uint64_t l = ACCESS_ONCE(s->last), f;
+
+    smp_rmb();
+    f = ACCESS_ONCE(s->first);
+    smp_rmb();
+    if ( ACCESS_ONCE(s->last) != l )
+        l = f = 0;
+    *first = f;
+    *last = l;
+}
+
+/*
  * Whether gfn is in the VRAM range whose device write access is being
  * revoked (pviommu_vram_revoke(), between hap_track_dirty_vram()'s
  * continuations; the engine writes the range before its first slice moves
@@ -554,10 +585,10 @@ static bool pvx_type_readable(p2m_type_t t)
  */
 static bool pvx_vram_sweeping(const struct domain *d, uint64_t gfn)
 {
-    const struct pviommu_range_sweep *s =
-        (const struct pviommu_range_sweep *)d->pviommu_vram_sweep;
+    uint64_t first, last;
 
-    return ACCESS_ONCE(s->first) <= gfn && gfn < ACCESS_ONCE(s->last);
+    pvx_vram_range(d, &first, &last);
+    return first <= gfn && gfn < last;
 }
 
 /* For pvx_get_page(): the lookup on x86's p2m types, PV and HVM. */
@@ -653,18 +684,23 @@ static struct page_info *pvx_lookup_page(struct domain *d, uint64_t gfn,
 static uint32_t pvx_page_run(struct domain *d, uint64_t *frames, uint32_t nr,
                              int want_write, p2m_type_t *t)
 {
-    const struct pviommu_range_sweep *s =
-        (const struct pviommu_range_sweep *)d->pviommu_vram_sweep;
+    uint64_t first, last;
 
     /*
      * PV: no p2m (each page's own lookup is a frame check). Log-dirty, or
      * a VRAM range being revoked (pvx_vram_sweeping()): pvx_lookup_page()
      * refuses writable maps page by page, and says so.
      */
-    if ( !paging_mode_translate(d) ||
-         (want_write && (paging_mode_log_dirty(d) ||
-                         ACCESS_ONCE(s->first) < ACCESS_ONCE(s->last))) )
+    if ( !paging_mode_translate(d) )
         return 0;
+    if ( want_write )
+    {
+        if ( paging_mode_log_dirty(d) )
+            return 0;
+        pvx_vram_range(d, &first, &last);
+        if ( first < last )
+            return 0;
+    }
     return p2m_get_entry_pages(p2m_get_hostp2m(d), frames, nr, t);
 }
 
@@ -770,10 +806,10 @@ static int pvx_unmap_run(struct domain *d, dfn_t dfn0, unsigned long count,
                          IOMMUF_order(order), flush);
         if ( likely(!err) )
             continue;
-        if ( printk_ratelimit() )
-            printk(XENLOG_G_WARNING
-                   "pviommu: d%d: IOMMU unmap of dfn %"PRI_dfn" order %u failed: %d\n",
-                   d->domain_id, dfn_x(dfn), order, err);
+        /* The guest class is rate limited: one token, not two. */
+        printk(XENLOG_G_WARNING
+               "pviommu: d%d: IOMMU unmap of dfn %"PRI_dfn" order %u failed: %d\n",
+               d->domain_id, dfn_x(dfn), order, err);
         if ( !rc )
             rc = err;
     }
@@ -804,10 +840,10 @@ static int pvx_map_run(struct domain *d, dfn_t dfn0, mfn_t mfn0,
                         flags | IOMMUF_order(order), flush);
         if ( likely(!rc) )
             continue;
-        if ( printk_ratelimit() )
-            printk(XENLOG_G_WARNING
-                   "pviommu: d%d: IOMMU map of dfn %"PRI_dfn" order %u failed: %d\n",
-                   d->domain_id, dfn_x(dfn), order, rc);
+        /* The guest class is rate limited: one token, not two. */
+        printk(XENLOG_G_WARNING
+               "pviommu: d%d: IOMMU map of dfn %"PRI_dfn" order %u failed: %d\n",
+               d->domain_id, dfn_x(dfn), order, rc);
         /*
          * What the run mapped goes again (as Xen's iommu_map(): a failure
          * there leaves entries the engine's page-by-page retry finds).

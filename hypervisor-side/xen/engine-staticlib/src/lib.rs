@@ -424,9 +424,7 @@ impl Xen {
         }
         self.fault.set(true);
         ALL_FAULTED.store(true, Ordering::Release);
-        if !FAULT_LOGGED.swap(true, Ordering::Relaxed) {
-            log("pviommu: an engine entry point moved CPUs; flushes refused from now on\n");
-        }
+        say_fault(FAULT_MOVED_CPU);
         true
     }
 
@@ -518,9 +516,7 @@ impl Xen {
                 c.faulted.store(true, Ordering::Release);
             }
         }
-        if !FAULT_LOGGED.swap(true, Ordering::Relaxed) {
-            log("pviommu: an engine table frame was refused; its contexts flush no more\n");
-        }
+        say_fault(FAULT_TABLE_REFUSED);
     }
 
     /// `Err(Fault)` if a table frame was refused in this entry point, in a
@@ -536,6 +532,8 @@ impl Xen {
                     .is_none_or(|c| c.faulted.load(Ordering::Acquire))
             });
         if faulted {
+            // A fault whose line the log's limit held back is said now.
+            say_faults_unsaid();
             Err(Errno::Fault)
         } else {
             Ok(())
@@ -739,7 +737,53 @@ static CELL_DIRTY: [CellDirty; CELLS] = [const { CellDirty::new() }; CELLS];
 /// A table frame was refused with no cell held: every cell's contexts fail
 /// their flushes from then on.
 static ALL_FAULTED: AtomicBool = AtomicBool::new(false);
-static FAULT_LOGGED: AtomicBool = AtomicBool::new(false);
+/// The faults after which the host needs a reboot, each a bit: seen
+/// (`FAULTS_SEEN`) and said on Xen's console (`FAULTS_SAID`).
+static FAULTS_SEEN: AtomicU32 = AtomicU32::new(0);
+static FAULTS_SAID: AtomicU32 = AtomicU32::new(0);
+/// An entry point moved CPUs ([`Xen::moved_cpu`]).
+const FAULT_MOVED_CPU: u32 = 1 << 0;
+/// A table frame was refused ([`Xen::refused`]).
+const FAULT_TABLE_REFUSED: u32 = 1 << 1;
+
+/// Note fault `which` and say it once, through `pvx_log_error`: not the
+/// guest class, whose host-wide rate limit a guest's own messages can use
+/// up (an audit of 2026-12-06: these went through `pvx_log`, and one flag
+/// for both was set whether or not the line was printed, so the only word
+/// that the engine stopped releasing pages could be lost, and the second
+/// fault was never said). Held back by that log's own limit (a line a
+/// second), it is said at the next sighting of a fault
+/// ([`Xen::tables_ok`], every flush of a faulted cell).
+fn say_fault(which: u32) {
+    FAULTS_SEEN.fetch_or(which, Ordering::Relaxed);
+    say_faults_unsaid();
+}
+
+fn say_faults_unsaid() {
+    let unsaid = FAULTS_SEEN.load(Ordering::Relaxed) & !FAULTS_SAID.load(Ordering::Relaxed);
+    for (which, line) in [
+        (
+            FAULT_MOVED_CPU,
+            "pviommu: an engine entry point moved CPUs; flushes refused from now on\n",
+        ),
+        (
+            FAULT_TABLE_REFUSED,
+            "pviommu: an engine table frame was refused; its contexts flush no more\n",
+        ),
+    ] {
+        if unsaid & which == 0 {
+            continue;
+        }
+        // Claimed first (one CPU says it), given back if not printed.
+        if FAULTS_SAID.fetch_or(which, Ordering::Relaxed) & which != 0 {
+            continue;
+        }
+        // SAFETY: `line` is valid for its length.
+        if unsafe { ffi::pvx_log_error(line.as_ptr(), line.len()) } == 0 {
+            FAULTS_SAID.fetch_and(!which, Ordering::Relaxed);
+        }
+    }
+}
 /// Back to the state at boot, for the next hosted test (the model's
 /// `serial()` calls it with no cell lock held and no `Xen` alive).
 #[cfg(test)]
@@ -752,7 +796,8 @@ fn reset_backend_state() {
         c.contexts.store(0, Ordering::Relaxed);
     }
     ALL_FAULTED.store(false, Ordering::Relaxed);
-    FAULT_LOGGED.store(false, Ordering::Relaxed);
+    FAULTS_SEEN.store(0, Ordering::Relaxed);
+    FAULTS_SAID.store(0, Ordering::Relaxed);
     REPORT_FIRST.store(0, Ordering::Relaxed);
     // SAFETY: plain call (the model).
     TABLES_COHERENT.store(
@@ -1628,7 +1673,10 @@ pub extern "C" fn pviommu_engine_init(
         core::hint::black_box(&v);
     }
     if cells as usize != CELLS {
-        log("pviommu: the glue's PVX_DRIVER_CELLS is not the engine's cell count\n");
+        // (At boot: no guest's messages can have used the log's limit.)
+        let line = "pviommu: the glue's PVX_DRIVER_CELLS is not the engine's cell count\n";
+        // SAFETY: `line` is valid for its length.
+        unsafe { ffi::pvx_log_error(line.as_ptr(), line.len()) };
         return Errno::Inval.negated();
     }
     // SAFETY: plain call (set by the glue at boot, before this).
@@ -1871,7 +1919,12 @@ pub extern "C" fn pviommu_engine_revoke_writes_in(
     if first < range.1 && local.aim_at(range) {
         // `last` emptied first: a reader between the stores sees an
         // empty range, never one that is neither the old nor the new (a
-        // map it lets through is the walk's, which starts after these).
+        // map it lets through is the walk's, which starts after these),
+        // as long as it reads `last` on both sides of `first` and takes
+        // the range only when they agree (`pvx_vram_range()` in
+        // pviommu.c; two loads, `first` then `last`, could see `first`
+        // from before these stores and `last` from after: an audit of
+        // 2026-12-06).
         words[1].store(0, Ordering::SeqCst);
         words[2].store(0, Ordering::SeqCst);
         words[0].store(local.first, Ordering::SeqCst);

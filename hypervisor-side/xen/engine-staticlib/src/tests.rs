@@ -711,6 +711,33 @@ fn a_refused_table_frame_fails_every_later_flush_of_its_driver_domain() {
     unlock(&l);
 }
 
+/// The word that a table frame was refused (the host needs a reboot) is
+/// said on the error log, and not lost to its rate limit: held back, it is
+/// said at the next flush of a faulted cell. Before (an audit of
+/// 2026-12-06) it went through the guest class, whose limit any guest can
+/// use up, and was marked said whether or not it was printed.
+#[test]
+fn a_refused_table_frame_is_said_once_even_when_the_log_held_it_back() {
+    let _s = model::serial();
+    model::LOGGED_ERROR.with(|l| l.borrow_mut().clear());
+    model::LOG_ERROR_ALLOWED.with(|a| a.set(false));
+    let l = lock(9);
+    let mut x = Xen::new();
+    x.write_entry(Mfn(0xdead_beef), 1, 0x4003);
+    assert_eq!(x.hw_flush(HW, Bfn(0), Bfn(0)), Err(Errno::Fault));
+    assert_eq!(logged_error(), "");
+    model::LOG_ERROR_ALLOWED.with(|a| a.set(true));
+    assert_eq!(x.hw_flush(HW, Bfn(0), Bfn(0)), Err(Errno::Fault));
+    assert_eq!(
+        logged_error(),
+        "pviommu: an engine table frame was refused; its contexts flush no more\n"
+    );
+    model::LOGGED_ERROR.with(|l| l.borrow_mut().clear());
+    assert_eq!(x.hw_flush(HW, Bfn(0), Bfn(0)), Err(Errno::Fault));
+    assert_eq!(logged_error(), "", "said twice");
+    unlock(&l);
+}
+
 /// The one-mapping stores and reads on a frame Xen refuses behave as the
 /// calls they stand for: nothing stored, read as empty with no count, the
 /// refusal reported, and the next flush fails.
