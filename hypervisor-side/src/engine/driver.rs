@@ -55,6 +55,12 @@ pub(crate) const TRIM_BLOCKS_PER_CALL: usize = 1;
 /// ([`DriverDomain::shrink_index`]).
 pub(crate) const SHRINK_SHARDS_PER_CALL: usize = 4;
 
+/// Page index shards a call of its owner rebuilds smaller, over all its
+/// cells ([`DriverDomain::shrink_index`]): a rebuild reads the shard's
+/// buckets (at most 256 Ki at the largest quota) and allocates its
+/// smaller table, about one block trim's cost.
+pub(crate) const SHARD_REBUILDS_PER_CALL: usize = 1;
+
 /// One live BFN.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct Mapping {

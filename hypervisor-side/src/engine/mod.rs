@@ -1663,7 +1663,7 @@ impl<L: RawMutex> Engine<L> {
         // gives back at most this many blocks of slots.)
         let mut budget = revoke::RELEASE_BUDGET;
         let mut trims = driver::TRIM_BLOCKS_PER_CALL;
-        let mut shrinks = 1;
+        let mut shrinks = driver::SHARD_REBUILDS_PER_CALL;
         for context in self.contexts_of(caller) {
             let waits = || {
                 self.cell_number(caller, context)

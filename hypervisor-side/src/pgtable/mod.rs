@@ -1265,9 +1265,9 @@ impl<F: PageTableFormat> IoPageTable<F> {
     }
 
     /// Give back `t`, a table never linked or unlinked and flushed, zeroed
-    /// first, its count too: it holds machine frame numbers, and Xen gives
-    /// an anonymous page back to its heap unscrubbed (release builds),
-    /// whence it may go to a guest.
+    /// first, its count too: it holds machine frame numbers. (Xen 4.17 and
+    /// 4.20 also scrub an anonymous page they free; the engine does not
+    /// rely on it: see [`destroy`](Self::destroy).)
     #[inline(always)]
     fn zero_and_free(mem: &mut impl TableMemory, t: Mfn) {
         for e in 0..ENTRIES {
@@ -1330,9 +1330,11 @@ impl<F: PageTableFormat> IoPageTable<F> {
     /// Free every table, the root included (the context goes away).
     pub fn destroy(mut self, mem: &mut impl TableMemory) {
         // Folded tables are zeroed like any other table before they are
-        // freed, not freed as they are: they hold machine frame numbers,
-        // and Xen gives an anonymous page back to its heap unscrubbed
-        // (release builds), whence it may go to a guest.
+        // freed, not freed as they are: they hold machine frame numbers.
+        // Xen 4.17 and 4.20 scrub an anonymous page when it is freed
+        // (`free_domheap_pages()`: `scrub = 1` with no owner), so this is
+        // defence in depth: no table the engine frees depends on the
+        // host's allocator to keep its frame numbers from the next user.
         self.retire_folded(mem);
         while let Some(t) = self.take_spare(mem) {
             mem.free_table(t);
@@ -1353,11 +1355,10 @@ impl<F: PageTableFormat> IoPageTable<F> {
                 }
             }
         }
-        // Zeroed before it goes, as every table the engine frees: Xen gives
-        // an anonymous page back to its heap unscrubbed (release builds),
-        // and the pinned path of a table walked from below the root (fewer
-        // than 4 levels), or a context destroyed with entries left, holds
-        // machine frame numbers.
+        // Zeroed before it goes, as every table the engine frees (not
+        // relying on the host's scrub, see `destroy`): the pinned path of a
+        // table walked from below the root (fewer than 4 levels), or a
+        // context destroyed with entries left, holds machine frame numbers.
         for i in 0..ENTRIES {
             if mem.read_entry(table, i) != 0 {
                 mem.write_entry(table, i, 0);
