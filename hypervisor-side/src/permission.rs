@@ -15,7 +15,7 @@ use core::cell::Cell;
 
 use crate::iommu::DeviceFacts;
 use crate::platform::{DomainInfo, PageKind, Platform, XsmAction};
-use crate::{ContextId, DomId, Errno, Permissions, Sbdf};
+use crate::{ContextId, DomId, Errno, Permissions};
 use pviommu_abi::translation;
 
 /// The caller's relation to the target that allows mapping.
@@ -113,21 +113,41 @@ pub fn check_map_again(
 
 /// What the security policy refused during one hypercall, so that the
 /// call's other ops asking the same are refused (`EPERM`) without asking
-/// again: the policy would answer the same, and FLASK audits every denial
-/// on Xen's console with no rate limit, so a batch of 1024 maps of a
-/// target the policy refuses (alternating access, so that no two ops
-/// share a run's check) logged 1024 lines a call, and as many attaches of
-/// a device it refuses as many more (an audit of 2026-12-06). Xen's own
-/// batched foreign maps ask once a call (`XENMEM_add_to_physmap_batch`,
-/// `xsm_map_gmfn_foreign`). One target and one device are remembered,
-/// the last refused: a device model may map one target only (any other
-/// is `EPERM` by the rule, before the policy is asked), and its devices
-/// are its own. Only a refusal is remembered (`ENOMEM`, `ESRCH` are asked
-/// again); a remembered refusal under speculation is a refusal.
+/// again. FLASK audits every denial on Xen's console with no rate limit,
+/// and a run's ops share their target's check only while they ask alike,
+/// so a batch of 1024 maps of a target the policy refuses (alternating
+/// access) logged 1024 lines a call, and a batch of attaches of a device
+/// it refuses as many (an audit of 2026-12-06). The answer cannot change
+/// within the call: the map hook reads only the caller and the target,
+/// the attach hook the caller and the device (a policy reloaded during
+/// the call is the next call's). The last [`REMEMBERED`] refusals are
+/// kept, maps' targets and attaches' devices alike: a device model may
+/// map one target only (any other is `EPERM` by the rule, before the
+/// policy is asked), and a caller alternating more refused devices than
+/// that still asks once an op (a review of the change: with one kept,
+/// two alternating devices were enough). Only a refusal is kept
+/// (`ENOMEM`, `ESRCH` are asked again); a kept refusal mispredicted is a
+/// question asked, and one predicted where there is none is a refusal.
 #[derive(Default)]
 pub struct PolicyRefusals {
-    map_of: Cell<Option<DomId>>,
-    attach_of: Cell<Option<Sbdf>>,
+    /// Keys of refused questions ([`refusal_key`]); 0: none.
+    refused: Cell<[u64; REMEMBERED]>,
+    /// Where the next refusal goes (the oldest is overwritten).
+    next: Cell<u8>,
+}
+
+/// Refusals a call keeps ([`PolicyRefusals`]): 40 bytes on the stack of
+/// the batch's entry, under the deepest path's budget.
+pub const REMEMBERED: usize = 4;
+
+/// The key of a question the policy refused: what it was asked about,
+/// tagged by kind (never 0).
+fn refusal_key(target: Option<DomId>, action: XsmAction) -> Option<u64> {
+    match action {
+        XsmAction::Map => target.map(|t| 1 << 32 | u64::from(t.0)),
+        XsmAction::Attach(device) => Some(2 << 32 | u64::from(device.0)),
+        _ => None,
+    }
 }
 
 impl PolicyRefusals {
@@ -139,21 +159,21 @@ impl PolicyRefusals {
         target: Option<DomId>,
         action: XsmAction,
     ) -> Result<(), Errno> {
-        let refused_already = match action {
-            XsmAction::Map => target.is_some() && self.map_of.get() == target,
-            XsmAction::Attach(device) => self.attach_of.get() == Some(device),
-            _ => false,
-        };
-        if refused_already {
-            return Err(Errno::Perm);
+        let key = refusal_key(target, action);
+        if let Some(k) = key {
+            if self.refused.get().contains(&k) {
+                return Err(Errno::Perm);
+            }
         }
         let answer = xsm_allows(p, caller, target, action);
-        if answer == Err(Errno::Perm) {
-            match action {
-                XsmAction::Map => self.map_of.set(target),
-                XsmAction::Attach(device) => self.attach_of.set(Some(device)),
-                _ => {}
+        if let (Some(k), Err(Errno::Perm)) = (key, answer) {
+            let mut refused = self.refused.get();
+            let at = usize::from(self.next.get()) % REMEMBERED;
+            if let Some(slot) = refused.get_mut(at) {
+                *slot = k;
             }
+            self.refused.set(refused);
+            self.next.set(((at + 1) % REMEMBERED) as u8);
         }
         answer
     }

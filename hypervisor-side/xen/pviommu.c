@@ -553,9 +553,16 @@ static bool pvx_type_readable(p2m_type_t t)
  * past the freeze to the walk). Reading last on both sides of first and
  * answering empty unless the two agree gives the old range, the new one,
  * or empty, as the engine's comment says (empty: a map let through is the
- * walk's, which starts after these stores). Only a lift and a second new
- * range that end on the same last, both inside the three loads, could
- * still mix them. tests/vram-range.sh tries every interleaving.
+ * walk's, which starts after these stores), for a reader that one
+ * publication overlaps. Two or more inside the three loads (A, then B,
+ * then C whose last is A's, lifts between them or not) can still give
+ * B's first with C's last: a stall across two dm_ops. That is harmless
+ * as an empty answer is: the freeze only bounds the work left to the type
+ * change's hook, and a map let through meets the moved sequence number
+ * or the walk (a lift between two ranges ending on the same last is such
+ * a pair: old last, the lift's first 0, new last). tests/vram-range.sh
+ * tries every interleaving of the loads with one publication, from a
+ * range or from a lifted one.
  */
 static void pvx_vram_range(const struct domain *d, uint64_t *first,
                            uint64_t *last)

@@ -3,12 +3,15 @@
 # (pviommu_vram_revoke_in in the staticlib: last = 0, cursor = 0, first,
 # last, one word at a time, no lock) as a page lookup on another CPU reads
 # it: pvx_vram_range() (pviommu.c), compiled on the host and run against
-# every interleaving of its loads with the engine's stores. Each read must
-# give the old range, the new one, or an empty one (the engine's comment:
+# every interleaving of its loads with one publication's stores (from a
+# range, or from a lifted one: [0, 0)). Each read must give the old
+# range, the new one, or an empty one (the engine's comment:
 # a map an empty range lets through is the walk's, which starts after the
 # stores). The same enumeration run on the two-load reader the glue had
 # before (first, then last) must find a range that is neither, or this
-# test could not fail. Exits non-zero on a wrong answer.
+# test could not fail. Two publications inside one read (a stall across
+# two dm_ops) can still mix them; pvx_vram_range()'s comment says why
+# that is harmless. Exits non-zero on a wrong answer.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="$(mktemp -d)"

@@ -753,14 +753,20 @@ const FAULT_TABLE_REFUSED: u32 = 1 << 1;
 /// that the engine stopped releasing pages could be lost, and the second
 /// fault was never said). Held back by that log's own limit (a line a
 /// second), it is said at the next sighting of a fault
-/// ([`Xen::tables_ok`], every flush of a faulted cell).
+/// ([`Xen::tables_ok`], every flush of a faulted cell) or at the end of
+/// the next entry point (`report_engine_bugs`), whichever comes first.
 fn say_fault(which: u32) {
     FAULTS_SEEN.fetch_or(which, Ordering::Relaxed);
     say_faults_unsaid();
 }
 
+#[cold]
+#[inline(never)]
 fn say_faults_unsaid() {
     let unsaid = FAULTS_SEEN.load(Ordering::Relaxed) & !FAULTS_SAID.load(Ordering::Relaxed);
+    if unsaid == 0 {
+        return;
+    }
     for (which, line) in [
         (
             FAULT_MOVED_CPU,
@@ -1733,6 +1739,11 @@ pub extern "C" fn pviommu_engine_init(
 /// keeps another off the console.
 #[inline]
 fn report_engine_bugs(e: &XenEngine) {
+    // A fault whose line the log's limit held back, said now: the faulted
+    // cell may never flush again (a review of 2026-12-06).
+    if FAULTS_SEEN.load(Ordering::Relaxed) != 0 {
+        say_faults_unsaid();
+    }
     let first = REPORT_FIRST.load(Ordering::Relaxed) as usize;
     for k in 0..EngineBug::KINDS {
         let Some(&bug) = EngineBug::ALL.get((first + k) % EngineBug::KINDS) else {

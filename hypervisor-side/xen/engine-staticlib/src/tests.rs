@@ -738,6 +738,29 @@ fn a_refused_table_frame_is_said_once_even_when_the_log_held_it_back() {
     unlock(&l);
 }
 
+/// The same word, held back, is said at the end of the next entry point
+/// even when no faulted cell flushes again (its owner idle or gone): a
+/// review of 2026-12-06 found it retried at flushes only.
+#[test]
+fn a_held_back_fault_is_said_at_the_next_entry_points_end() {
+    let _s = model::serial();
+    let e = engine();
+    model::LOGGED_ERROR.with(|l| l.borrow_mut().clear());
+    model::LOG_ERROR_ALLOWED.with(|a| a.set(false));
+    let l = lock(9);
+    let mut x = Xen::new();
+    x.write_entry(Mfn(0xdead_beef), 1, 0x4003);
+    unlock(&l);
+    drop(x);
+    assert_eq!(logged_error(), "");
+    model::LOG_ERROR_ALLOWED.with(|a| a.set(true));
+    super::report_engine_bugs(&e);
+    assert_eq!(
+        logged_error(),
+        "pviommu: an engine table frame was refused; its contexts flush no more\n"
+    );
+}
+
 /// The one-mapping stores and reads on a frame Xen refuses behave as the
 /// calls they stand for: nothing stored, read as empty with no count, the
 /// refusal reported, and the next flush fails.
