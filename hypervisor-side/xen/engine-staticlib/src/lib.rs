@@ -1741,7 +1741,7 @@ pub extern "C" fn pviommu_engine_init(
 fn report_engine_bugs(e: &XenEngine) {
     // A fault whose line the log's limit held back, said now: the faulted
     // cell may never flush again (a review of 2026-12-06).
-    if FAULTS_SEEN.load(Ordering::Relaxed) != 0 {
+    if FAULTS_SEEN.load(Ordering::Relaxed) & !FAULTS_SAID.load(Ordering::Relaxed) != 0 {
         say_faults_unsaid();
     }
     let first = REPORT_FIRST.load(Ordering::Relaxed) as usize;
