@@ -253,6 +253,9 @@ pub fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), String> {
     // No table the IOMMU may still walk from its caches was freed, reused
     // or changed before its flush.
     ensure_eq!(m.tables_freed_before_flush(), 0);
+    // No table went back to the host with frame numbers in memory the CPU
+    // had cleared (not written back on a non-coherent IOMMU).
+    ensure_eq!(m.tables_freed_stale(), 0);
     ensure_eq!(m.unlinked_tables_rewritten(), 0);
     // No table was linked while memory still held a present entry of it
     // the CPU had cleared (a recycled frame not written back).

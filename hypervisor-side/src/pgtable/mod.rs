@@ -585,7 +585,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
                 mem.reuse_table(t);
                 return Ok(t);
             }
-            mem.free_table(t);
+            Self::zero_and_free(mem, t);
         }
         mem.alloc_table()
     }
@@ -862,7 +862,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
                     *at = t;
                     self.recycled_len += 1;
                 }
-                None => mem.free_table(t),
+                None => mem.free_table(t), // (written back above)
             }
         }
     }
@@ -1274,7 +1274,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
             mem.write_entry(t, e, 0);
         }
         mem.set_present_count(t, 0);
-        mem.free_table(t);
+        free_written_back(mem, t);
     }
 
     /// Split the 1 GiB superpage at entry `pidx` of `parent` (mapping
@@ -1337,7 +1337,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
         // host's allocator to keep its frame numbers from the next user.
         self.retire_folded(mem);
         while let Some(t) = self.take_spare(mem) {
-            mem.free_table(t);
+            free_written_back(mem, t);
         }
         while let Some(t) = self.take_recycled() {
             give_back(mem, t);
@@ -1365,7 +1365,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
             }
         }
         mem.set_present_count(table, 0);
-        mem.free_table(table);
+        free_written_back(mem, table);
     }
 }
 
@@ -1435,6 +1435,19 @@ fn pop_frame(mem: &mut impl TableMemory, head: &mut Option<Mfn>) -> Option<Mfn> 
 /// (the rest of it is clear already).
 fn give_back(mem: &mut impl TableMemory, t: Mfn) {
     mem.write_entry(t, 0, 0);
+    free_written_back(mem, t);
+}
+
+/// Give table frame `t` back to the host with every store into it written
+/// back first, the zeroing ones the engine made before it gave it back
+/// among them: on an IOMMU that does not snoop the caches, memory would
+/// otherwise keep what those stores cleared (frame numbers) for the
+/// frame's next owner, until the lines are evicted (a review of
+/// 2026-12-06: the Xen backend forgot such lines unwritten; a 3-level
+/// context's root went back with its pinned link in memory). Every table
+/// the walker frees goes through here.
+fn free_written_back(mem: &mut impl TableMemory, t: Mfn) {
+    mem.write_back_table(t);
     mem.free_table(t);
 }
 

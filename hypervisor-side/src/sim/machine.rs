@@ -399,6 +399,12 @@ pub struct Ram {
     /// Tables freed, or made tables again, while still possibly cached
     /// (see `unlinked_tables`).
     pub(super) tables_freed_before_flush: u64,
+    /// Tables given back to the host while memory (a non-coherent IOMMU's
+    /// view) still held a present entry the CPU had cleared: machine frame
+    /// numbers left in a frame that goes to its next owner (Xen's scrub of
+    /// a debug build writes through the cache, so memory keeps them until
+    /// the lines are evicted, for a device reading without snooping).
+    pub(super) tables_freed_stale: u64,
     /// Present entries written into, or cleared in, a table while still
     /// possibly cached and not linked back where it hung (see
     /// `unlinked_tables`): a device walking it through the IOMMU's stale
@@ -565,6 +571,7 @@ impl Ram {
             unlinked_tables: UnlinkedTables::new(frames),
             table_parent: Default::default(),
             tables_freed_before_flush: 0,
+            tables_freed_stale: 0,
             unlinked_tables_rewritten: 0,
             tables_linked_over_stale_entries: 0,
             cache_flushes: 0,
@@ -717,9 +724,14 @@ impl TableMemory for Ram {
             self.tables_freed_before_flush += 1;
         }
         self.table_parent.remove(&table.0);
-        // Its lines need no writing back: no IOMMU walks it any more (freed
-        // after the flush), and a table made of it again is zeroed and
-        // written back whole.
+        // No IOMMU walks it any more (freed after the flush), but memory
+        // may still hold frame numbers the CPU cleared: the frame's next
+        // owner would find them there. (A review of 2026-12-06: the
+        // simulator dropped those lines here as if written back, and the
+        // Xen backend forgot them unwritten.)
+        if self.holds_stale_present_entry(table.0) {
+            self.tables_freed_stale += 1;
+        }
         self.dirty.forget(table);
         for line in 0..4096 / LINE_BYTES {
             self.stale_lines.remove(&(table.0, line));
@@ -2246,6 +2258,14 @@ impl SimMachine {
     /// use-after-free a real IOMMU could walk into.
     pub fn tables_freed_before_flush(&self) -> u64 {
         self.ram.tables_freed_before_flush
+    }
+
+    /// Page-table frames given back to the host while memory still held a
+    /// present entry the CPU had cleared (a store not written back on a
+    /// non-coherent IOMMU): machine frame numbers left for the frame's next
+    /// owner.
+    pub fn tables_freed_stale(&self) -> u64 {
+        self.ram.tables_freed_stale
     }
 
     /// Present entries changed in table frames the IOMMU could still walk
