@@ -1451,12 +1451,13 @@ fn a_refused_map_of_a_target_refuses_no_attach_of_a_device_numbered_alike() {
 
 /// A table frame goes back to the host with no frame numbers in memory:
 /// on an IOMMU that does not snoop the caches (VT-d without coherency),
-/// the zeroing stores the engine makes before it frees a table are
-/// written back first. The leaf table a superpage folded, kept as the
-/// spare for its split, held the 512 entries of the run when the context
-/// went, and was freed with them still in memory (a review of 2026-12-06;
-/// the simulator dropped the frame's unwritten lines at the free, as if
-/// written back, and the Xen backend forgot them unwritten).
+/// the stores the engine makes into a table before it frees it are
+/// written back first. A superpage's run unmapped page by page, then its
+/// context destroyed: the spare the split took and the emptied leaf go
+/// back clean. (This one passed before the fix too, as a review found:
+/// the split writes its table back, and an emptied leaf holds only a
+/// chain link; the three-level test below failed. Kept as a guard on the
+/// split and recycling paths.)
 #[test]
 fn a_table_goes_back_to_the_host_with_no_frame_numbers_in_memory() {
     let (mut m, e, ctx, b0) = a_2m_run_in_an_engine_context(Format::Vtd);

@@ -129,6 +129,10 @@ fn recover_and_tear_down(m: &mut pviommu_hv::sim::SimMachine, e: &pviommu_hv::En
     e.domain_dying(m, DomId::DOM0);
     assert_eq!(m.total_page_refs(), 0, "{tag}");
     assert_eq!(m.zombie_frames(), 0, "{tag}");
+    // Nor a table frame given back with frame numbers in memory (the
+    // teardown frees its contexts' tables: a review of 2026-12-06 saw
+    // these sweeps free such frames before the walker wrote them back).
+    assert_eq!(m.tables_freed_stale(), 0, "{tag}");
 }
 
 /// Extents in one of the engine's own contexts over frames off a 2 MiB
