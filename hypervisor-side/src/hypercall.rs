@@ -595,8 +595,9 @@ impl<L: RawMutex> Engine<L> {
     ) -> Result<i64, Errno> {
         let t0 = self.clock(h);
         // The contexts the batch's ops named (bit n: context n).
-        let mut touched = 0u32;
-        let r = self.batch_timed(h, caller, ci, arg, &mut touched);
+        let mut end = CallEnd::default();
+        let r = self.batch_timed(h, caller, ci, arg, &mut end);
+        let touched = end.touched;
         // One flush for the whole call (or the part of it done), then the
         // page references of unmapped pages go: at its end, whatever that
         // end is. An entry that stops for preemption leaves its entries to
@@ -616,8 +617,11 @@ impl<L: RawMutex> Engine<L> {
         // preemption does, with every op done. Its next entry runs no op
         // and finishes the cells again (they say they are unfinished),
         // until they are done.
+        // An op that waits for its cell's flush (a destroy whose emptied
+        // tables go a budget at a time) continues the call, but its cells
+        // are finished now: that is what it waits for.
         let mut r = r;
-        if r == Ok(BATCH_INCOMPLETE) {
+        if r == Ok(BATCH_INCOMPLETE) && !end.op_waits {
             self.pause_contexts(h, caller);
         } else if self.finish_contexts(h, caller, touched) && r == Ok(0) {
             r = Ok(BATCH_INCOMPLETE);
@@ -638,7 +642,7 @@ impl<L: RawMutex> Engine<L> {
         caller: DomId,
         ci: &DomainInfo,
         arg: u64,
-        touched: &mut u32,
+        end: &mut CallEnd,
     ) -> Result<i64, Errno> {
         crate::permission::xsm_allows(h, caller, None, XsmAction::Manage)?;
         let mut hdr: PvIommuBatch = copy_in(h, arg)?;
@@ -684,7 +688,7 @@ impl<L: RawMutex> Engine<L> {
                 },
             };
             // Only the cells of the contexts named are flushed at the end.
-            *touched |= 1u32.checked_shl(op.context).unwrap_or(0);
+            end.touched |= 1u32.checked_shl(op.context).unwrap_or(0);
             // Maps, unmaps, acknowledgements and one context's notices go
             // in runs, each under one lock of the caller's cell. (Each run
             // parses its first op again rather than take it parsed from
@@ -714,15 +718,25 @@ impl<L: RawMutex> Engine<L> {
                 }
                 None => {}
             }
-            if let Err((acted, e)) = self.run_op(h, caller, ci, &refusals, addr, op) {
-                // (An op that acted counts as done even when its final
-                // status could not be written: reissued, it would be run
-                // again and answer for a state it made itself.)
-                hdr.nr_done += u32::from(acted);
-                result = Err(e);
-                break;
+            match self.run_op(h, caller, ci, &refusals, addr, op) {
+                Ok(OpDone::Yes) => hdr.nr_done += 1,
+                // Work left in the op itself (a destroy whose tables go a
+                // budget at a time): the call continues with it, as a
+                // preempted one does.
+                Ok(OpDone::NotYet) => {
+                    end.op_waits = true;
+                    result = Ok(BATCH_INCOMPLETE);
+                    break;
+                }
+                Err((acted, e)) => {
+                    // (An op that acted counts as done even when its final
+                    // status could not be written: reissued, it would be
+                    // run again and answer for a state it made itself.)
+                    hdr.nr_done += u32::from(acted);
+                    result = Err(e);
+                    break;
+                }
             }
-            hdr.nr_done += 1;
         }
         // (The flush is the caller's, `batch`: a run of maps or unmaps is
         // all of its first op's context, named in `touched`.) Only
@@ -965,8 +979,10 @@ impl<L: RawMutex> Engine<L> {
     /// back. `Err` only when the guest's op array itself is inaccessible:
     /// then the op has no effect, except when it says it acted (`true`: a
     /// destroy or detach whose act changed state, and whose changed status
-    /// could not be written). No engine lock is held across the guest
-    /// copies.
+    /// could not be written). `Ok(NotYet)`: the op did part of its work
+    /// and runs again in the call's next entry (its status, written as
+    /// checked, is written again then). No engine lock is held across the
+    /// guest copies.
     fn run_op(
         &self,
         h: &mut impl Hypervisor,
@@ -975,7 +991,7 @@ impl<L: RawMutex> Engine<L> {
         refusals: &PolicyRefusals,
         addr: u64,
         mut op: PvIommuOp,
-    ) -> Result<(), (bool, Errno)> {
+    ) -> Result<OpDone, (bool, Errno)> {
         let request = Request::parse(&op);
         // An extent map's result, for its undo.
         let mut extent = None;
@@ -1068,7 +1084,11 @@ impl<L: RawMutex> Engine<L> {
                 None
             }
             (Ok(Request::ContextDestroy { context }), Ok(())) => {
-                Some(self.context_destroy(h, caller, context))
+                match self.context_destroy_some(h, caller, context) {
+                    // Tables freed, more left: the same op again, next entry.
+                    Err(Errno::Again) => return Ok(OpDone::NotYet),
+                    r => Some(r),
+                }
             }
             (Ok(Request::ContextDetach { context, device }), Ok(())) => {
                 Some(self.context_detach(h, caller, context, device))
@@ -1099,8 +1119,28 @@ impl<L: RawMutex> Engine<L> {
                     .map_err(|e| (changed, e))?;
             }
         }
-        Ok(())
+        Ok(OpDone::Yes)
     }
+}
+
+/// What a batch's entry leaves for the flushes that end it.
+#[derive(Clone, Copy, Default, Debug)]
+struct CallEnd {
+    /// The contexts its ops named (bit n: context n).
+    touched: u32,
+    /// It stopped at an op that waits for its cells' flushes
+    /// ([`OpDone::NotYet`]): they are finished, not paused.
+    op_waits: bool,
+}
+
+/// Whether [`Engine::run_op`] finished its op.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum OpDone {
+    /// Done: `nr_done` moves past it.
+    Yes,
+    /// Part of its work done, the rest in the call's next entry (a destroy
+    /// whose emptied tables go a budget at a time).
+    NotYet,
 }
 
 #[cfg(all(test, feature = "sim"))]

@@ -1495,3 +1495,148 @@ fn a_three_level_contexts_root_goes_back_with_no_frame_numbers_in_memory() {
     assert_eq!(m.tables_freed_stale(), 0);
     check_invariants(&mut m, &e).unwrap();
 }
+
+/// A context of dom0's whose unmaps emptied `tables` leaf tables while
+/// the IOMMU's flushes failed: the tables (and the pages) wait for a
+/// flush. Flushes succeed again from here on.
+fn tables_emptied_while_flushes_failed(tables: u64) -> (SimMachine, Engine, ContextId) {
+    let pages = tables * 512;
+    let (mut m, e) = machine(Format::Vtd, pages);
+    m.add_device(A, facts(DomId::DOM0));
+    let ctx = create(&mut m, &e, DomId::DOM0);
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx, A), 0);
+    let mut bfns = Vec::new();
+    for first in (0..pages).step_by(512) {
+        let mut maps: Vec<PvIommuOp> = (first..first + 512)
+            .map(|g| map_op_in(ctx, GUEST, g, Permissions::RW))
+            .collect();
+        m.guest_batch_all(&e, DomId::DOM0, &mut maps).unwrap();
+        assert!(maps.iter().all(|o| o.status == 0));
+        bfns.extend(maps.iter().map(|o| o.bfn));
+    }
+    let blocks: std::collections::BTreeSet<u64> = bfns.iter().map(|b| b >> 9).collect();
+    assert_eq!(blocks.len() as u64, tables, "whole leaf tables");
+    m.fail_flushes = u32::MAX;
+    for chunk in bfns.chunks(512) {
+        let mut unmaps = unmap_ops(ctx, chunk);
+        m.guest_batch_all(&e, DomId::DOM0, &mut unmaps).unwrap();
+        assert!(unmaps.iter().all(|o| o.status == 0));
+    }
+    m.fail_flushes = 0;
+    (m, e, ctx)
+}
+
+/// Dom0's next entries, one op each, until the call ends; each frees at
+/// most `most` tables. How many entries it took.
+fn entries_freeing_at_most(
+    m: &mut SimMachine,
+    e: &Engine,
+    op: PvIommuOp,
+    most: u64,
+) -> (u32, PvIommuOp) {
+    let mut ops = [op];
+    for entries in 1..=64 {
+        let before = m.tables_freed();
+        let (ret, done) = m.guest_batch(e, DomId::DOM0, &mut ops, 0).unwrap();
+        let freed = m.tables_freed() - before;
+        assert!(
+            freed <= most,
+            "an entry freed {freed} tables (at most {most})"
+        );
+        if ret == 0 {
+            assert_eq!(done, 1);
+            return (entries, ops[0]);
+        }
+        assert_eq!(ret, pviommu_abi::BATCH_INCOMPLETE);
+    }
+    panic!("no end in 64 entries");
+}
+
+/// A review of 2026-12-06: the tables a context's unmaps emptied while its
+/// flushes failed were all freed by the first flush that succeeded, with
+/// no budget (a table per 512 BFNs of the quota, each written back first
+/// on a non-coherent IOMMU): in a hook, under the target's p2m lock. Now a
+/// call frees at most `TABLE_FREES_PER_CALL`, with what its page releases
+/// left of the budget, and the owner's call goes on (`BATCH_INCOMPLETE`)
+/// until they are gone.
+#[test]
+fn tables_emptied_while_flushes_failed_go_a_budget_at_a_time() {
+    use pviommu_hv::engine::TABLE_FREES_PER_CALL;
+    let most = TABLE_FREES_PER_CALL as u64;
+    let tables = most + 32;
+    let (mut m, e, ctx) = tables_emptied_while_flushes_failed(tables);
+    // A hook of the target flushes the cell: its first successful flush.
+    let before = m.tables_freed();
+    m.balloon_out(&e, GUEST, pviommu_abi::Gfn(tables * 512 - 1))
+        .unwrap();
+    let by_hook = m.tables_freed() - before;
+    assert!(
+        by_hook <= most,
+        "a hook freed {by_hook} tables (at most {most})"
+    );
+    // The owner's next call, an entry at a time, each within the budget.
+    let lookup = Request::Lookup {
+        context: ctx,
+        bfn: Bfn(0),
+    }
+    .encode();
+    let (entries, _) = entries_freeing_at_most(&mut m, &e, lookup, most);
+    assert!(entries >= 2, "the pages and tables took {entries} entries");
+    check_invariants(&mut m, &e).unwrap();
+    // Nothing is left to free: the context goes in one entry.
+    assert_eq!(detach(&mut m, &e, DomId::DOM0, ctx, A), 0);
+    let destroy = Request::ContextDestroy { context: ctx }.encode();
+    // (The context's own: its root, the path, the tables kept for reuse.)
+    let own = pviommu_hv::pgtable::RECYCLED_TABLES as u64 + 4;
+    let (entries, op) = entries_freeing_at_most(&mut m, &e, destroy, own);
+    assert_eq!((entries, op.status), (1, 0));
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// The same pile met by a context's destroy once the pages went (each
+/// entry's releases used its budget): the destroy waits for its tables
+/// (`EAGAIN` inside, the op run again in the next entry, its device
+/// detached), each entry's end frees at most `TABLE_FREES_PER_CALL` of
+/// them, and the context goes in the last.
+#[test]
+fn a_context_destroy_frees_its_emptied_tables_a_budget_an_entry() {
+    use pviommu_hv::engine::{RELEASE_BUDGET, TABLE_FREES_PER_CALL};
+    let most = TABLE_FREES_PER_CALL as u64;
+    let tables = most + 32;
+    assert_eq!(
+        tables * 512 % RELEASE_BUDGET,
+        0,
+        "the pages' last entry frees no table"
+    );
+    let (mut m, e, ctx) = tables_emptied_while_flushes_failed(tables);
+    // The pages go, an entry's budget at a time.
+    let detach_a = Request::ContextDetach {
+        context: ctx,
+        device: A,
+    }
+    .encode();
+    let mut ops = [detach_a];
+    assert_eq!(m.guest_batch(&e, DomId::DOM0, &mut ops, 0).unwrap().1, 1);
+    assert_eq!(ops[0].status, 0);
+    for _ in 1..tables * 512 / RELEASE_BUDGET {
+        let mut ops = [Request::Lookup {
+            context: ctx,
+            bfn: Bfn(0),
+        }
+        .encode()];
+        let (ret, _) = m.guest_batch(&e, DomId::DOM0, &mut ops, 0).unwrap();
+        assert_eq!(ret, pviommu_abi::BATCH_INCOMPLETE, "pages or tables left");
+    }
+    let destroy = Request::ContextDestroy { context: ctx }.encode();
+    let own = pviommu_hv::pgtable::RECYCLED_TABLES as u64 + 4;
+    let (entries, op) = entries_freeing_at_most(&mut m, &e, destroy, most + own);
+    assert_eq!(op.status, 0);
+    assert!(entries >= 3, "the destroy took {entries} entries");
+    assert!(
+        !m.context_roots()
+            .iter()
+            .any(|&(d, c, _)| d == DomId::DOM0 && c == ctx),
+        "the context is gone"
+    );
+    check_invariants(&mut m, &e).unwrap();
+}

@@ -119,8 +119,14 @@ impl ContextTables {
     fn unmap_superpage(&mut self, mem: &mut impl TableMemory, bfn: Bfn) -> Result<(), Errno> {
         each_format!(self, t => t.unmap_superpage(mem, bfn))
     }
-    fn release_freed(&mut self, mem: &mut impl TableMemory) {
-        each_format!(self, t => t.release_freed(mem))
+    fn flush_came(&mut self, mem: &mut impl TableMemory) {
+        each_format!(self, t => t.flush_came(mem))
+    }
+    fn free_flushed(&mut self, mem: &mut impl TableMemory, budget: &mut usize) -> bool {
+        each_format!(self, t => t.free_flushed(mem, budget))
+    }
+    fn has_flushed(&self) -> bool {
+        each_format!(self, t => t.has_flushed())
     }
     fn destroy(self, mem: &mut impl TableMemory) {
         each_format!(self, t => t.destroy(mem))
@@ -416,8 +422,10 @@ impl super::DriverDomain {
 
     /// Flush everything gathered: the default context through the backend,
     /// each of the engine's contexts by its tag, after which the tables
-    /// its unmaps emptied are freed. On `Err` the gather is kept (flushing
-    /// twice is harmless) and no page may be released.
+    /// its unmaps emptied may go (a budget at a time:
+    /// [`free_flushed_tables`](Self::free_flushed_tables)). On `Err` the
+    /// gather is kept (flushing twice is harmless) and no page may be
+    /// released.
     pub(crate) fn iommu_flush(&mut self, h: &mut impl IommuBackend) -> Result<(), Errno> {
         let mut result = Ok(());
         let mut default = FlushGather::default();
@@ -454,9 +462,29 @@ impl super::DriverDomain {
         }
         result?;
         for own in self.own.iter_mut() {
-            own.tables.release_freed(h);
+            own.tables.flush_came(h);
         }
         Ok(())
+    }
+
+    /// Free up to `budget` of the tables whose flush came, over this cell's
+    /// contexts (each counted off it). Whether any is left.
+    pub(crate) fn free_flushed_tables(
+        &mut self,
+        h: &mut impl IommuBackend,
+        budget: &mut usize,
+    ) -> bool {
+        let mut left = false;
+        for own in self.own.iter_mut() {
+            left |= own.tables.free_flushed(h, budget);
+        }
+        left
+    }
+
+    /// Whether tables whose flush came wait to be freed
+    /// ([`free_flushed_tables`](Self::free_flushed_tables)).
+    pub(crate) fn has_flushed_tables(&self) -> bool {
+        self.own.iter().any(|c| c.tables.has_flushed())
     }
 }
 
@@ -470,6 +498,9 @@ pub(crate) enum ContextsLeft {
     /// A context's cell that still held a page (an engine bug, counted:
     /// kept, for the teardown's walk to take the page down).
     HoldingPages,
+    /// A context whose emptied tables did not all go in this call (some
+    /// did: progress); the next slice goes on.
+    TablesLeft,
 }
 
 impl<L: RawMutex> Engine<L> {
@@ -668,8 +699,33 @@ impl<L: RawMutex> Engine<L> {
         drop(dd);
     }
 
-    /// Destroy an empty context (no BFN in any state, no device attached).
+    /// Destroy an empty context (no BFN in any state, no device attached),
+    /// for a caller of the engine's own: [`context_destroy_some`](Self::context_destroy_some)
+    /// until it is done (each round frees tables).
     pub fn context_destroy(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        context: ContextId,
+    ) -> Result<(), Errno> {
+        loop {
+            match self.context_destroy_some(h, caller, context) {
+                // (Each round frees tables: the pile goes.)
+                Err(Errno::Again) => {
+                    self.finish_contexts(h, caller, 1 << context.0);
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Destroy an empty context if no table its unmaps emptied waits to be
+    /// freed: else `Err(Again)`, its devices detached (the tables failed
+    /// flushes left, more than one call frees, go a budget at a time:
+    /// [`TABLE_FREES_PER_CALL`](super::revoke::TABLE_FREES_PER_CALL) at
+    /// the end of each call, [`finish_contexts`](Self::finish_contexts)).
+    /// A hypercall continues with the same op.
+    pub fn context_destroy_some(
         &self,
         h: &mut impl Hypervisor,
         caller: DomId,
@@ -782,8 +838,13 @@ impl<L: RawMutex> Engine<L> {
 
     /// Take `context` down: detach its devices, flush, free the tables and
     /// the tag. Devices lock and the context cell's lock held. `Err(Busy)`
-    /// when a device could not be moved off the tables: then nothing is
-    /// freed (the caller retries; a device never walks freed tables).
+    /// when a device could not be moved off the tables or the flush
+    /// failed: then nothing is freed (the caller retries; a device never
+    /// walks freed tables). `Err(Again)` while tables its unmaps emptied
+    /// wait to be freed (failed flushes left more than a call frees,
+    /// [`TABLE_FREES_PER_CALL`](super::revoke::TABLE_FREES_PER_CALL)): the
+    /// context stays, with no device; call again after the cell's flush
+    /// freed some ([`DriverDomain::free_flushed_tables`]).
     fn drop_context(
         d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
@@ -806,14 +867,34 @@ impl<L: RawMutex> Engine<L> {
         // flush may still be cached under the tag: flush, and give the tag
         // back, before anything is freed; if either fails, keep it all.
         let hw = own.hw;
-        if h.hw_flush(hw, Bfn(0), Bfn(u64::MAX >> 12)).is_err() || h.hw_context_destroy(hw).is_err()
-        {
+        if h.hw_flush(hw, Bfn(0), Bfn(u64::MAX >> 12)).is_err() {
             return Err(Errno::Busy);
         }
+        // The tables its unmaps emptied go a budget at a time, as after
+        // any flush (failed flushes can have left one per 512 BFNs of the
+        // quota), by the cell's flushes, not here: `Again` (the context
+        // kept, its devices detached) while any waits. A hypercall's end
+        // frees a budget of them, and the call continues with this op.
+        own.tables.flush_came(h);
+        if own.tables.has_flushed() {
+            return Err(Errno::Again);
+        }
+        if h.hw_context_destroy(hw).is_err() {
+            return Err(Errno::Busy);
+        }
+        // `swap_remove` by hand: its bound check, out of line, was a panic
+        // path in the Xen object (build-engine.sh refuses one).
         let Some(pos) = d.dd.own.iter().position(|c| c.id == context) else {
             return Err(Errno::NoEnt);
         };
-        let own = d.dd.own.swap_remove(pos);
+        let Some(last) = d.dd.own.pop() else {
+            return Err(Errno::NoEnt);
+        };
+        let own = match d.dd.own.get_mut(pos) {
+            Some(slot) => core::mem::replace(slot, last),
+            // (It was the last.)
+            None => last,
+        };
         // The whole-context flush above covers what the gather held of it.
         d.dd.gather.forget(context);
         own.tables.destroy(h);
@@ -1033,9 +1114,20 @@ impl<L: RawMutex> Engine<L> {
                 self.put_driver(d);
                 return ContextsLeft::HoldingPages;
             }
-            if Self::drop_context(&mut d, h, context).is_err() {
-                self.put_driver(d);
-                return ContextsLeft::DeviceOn;
+            match Self::drop_context(&mut d, h, context) {
+                Ok(()) => {}
+                Err(Errno::Again) => {
+                    // (The teardown's walk freed them before it came here;
+                    // a slice frees a budget of what is left, if anything.)
+                    let mut tables = super::revoke::TABLE_FREES_PER_CALL;
+                    d.dd.free_flushed_tables(h, &mut tables);
+                    self.put_driver(d);
+                    return ContextsLeft::TablesLeft;
+                }
+                Err(_) => {
+                    self.put_driver(d);
+                    return ContextsLeft::DeviceOn;
+                }
             }
             self.release_context_cell(d);
             self.forget_context(domid, context);

@@ -81,7 +81,7 @@ pub use driver::{DriverDomain, DriverStats, Mapping, Notice, Slot, REGION_GFN_EN
 pub use extent::ExtentMapped;
 pub use revoke::{
     GfnChange, RangeSweep, Restart, PREEMPT_RELEASE_LIMIT, RELEASE_BUDGET, SLICE_REVOKES,
-    SLICE_REVOKES_MOST, SLICE_VISITS, STUCK_RETRIES,
+    SLICE_REVOKES_MOST, SLICE_VISITS, STUCK_RETRIES, TABLE_FREES_PER_CALL, TABLE_FREE_COST,
 };
 
 use crate::bfn_alloc::{BfnSpace, BfnWindow};
@@ -1187,10 +1187,12 @@ impl<L: RawMutex> Engine<L> {
             // Anything the owner's flush would do: entries to write or
             // clear, pages to release, invalidations gathered (a map into
             // an engine context writes its entry at once and leaves only
-            // its invalidation; a map past `DEFER_LIMIT` too).
+            // its invalidation; a map past `DEFER_LIMIT` too), emptied
+            // tables to free.
             let unfinished = !dd.pending_maps.is_empty()
                 || dd.unmapping_head != driver::NONE
-                || !dd.gather.is_empty();
+                || !dd.gather.is_empty()
+                || dd.has_flushed_tables();
             if c.unfinished.load(Ordering::Relaxed) != unfinished {
                 c.unfinished.store(unfinished, Ordering::SeqCst);
             }

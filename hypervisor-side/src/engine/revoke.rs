@@ -269,6 +269,22 @@ pub const RELEASE_BUDGET: u64 = 4096;
 const _: () =
     assert!(RELEASE_BUDGET >= PREEMPT_RELEASE_LIMIT + crate::config::MAX_BATCH_OPS as u64);
 
+/// What freeing a table an unmap emptied costs of [`RELEASE_BUDGET`], in
+/// page releases: it writes back its 64 cache lines first on an IOMMU
+/// that does not snoop the CPU caches (a `clflush` each on Xen), and
+/// gives a frame back to the host's heap, where a release puts a page
+/// reference. Tables go after the
+/// pages, with what the budget has left (a review of 2026-12-06: while
+/// flushes failed, the emptied tables piled up, a table per 512 BFNs of
+/// the quota, and the first flush to succeed freed them all).
+pub const TABLE_FREE_COST: u64 = 64;
+/// The tables one call frees at most: a hook, a teardown slice, the end of
+/// an owner's call, a context's destroy.
+pub const TABLE_FREES_PER_CALL: usize = (RELEASE_BUDGET / TABLE_FREE_COST) as usize;
+// Every table an owner's call empties in its batch (a leaf table per 512
+// of its ops, and what hangs above) goes at the call's end.
+const _: () = assert!(TABLE_FREES_PER_CALL >= 16);
+
 /// What one [`Engine::flush_and_release`] did.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Released {
@@ -277,8 +293,12 @@ pub(crate) struct Released {
     /// Entries of the unmapping list let go (released, or moved to the
     /// stuck list).
     pub released: u64,
+    /// Emptied tables freed (after the pages, with what the budget had
+    /// left: [`TABLE_FREE_COST`] each).
+    pub tables_freed: u64,
     /// The flush succeeded, and the budget ran out with entries left on
-    /// the list: the cell's next flush goes on with them.
+    /// the list, or tables its flushes emptied: the cell's next flush goes
+    /// on with them.
     pub left: bool,
 }
 
@@ -669,11 +689,18 @@ impl<L: RawMutex> Engine<L> {
         // The list's end reached: empty (already so, unless a link led to
         // a slot that is not Unmapping). Else the budget left `at` on.
         let released = before - *budget;
-        let left = *budget == 0 && dd.unmapping_at(at).is_some();
-        if !left {
+        let pages_left = *budget == 0 && dd.unmapping_at(at).is_some();
+        if !pages_left {
             dd.unmapping_head = NONE;
             dd.unmapping_len = 0;
         }
+        // Then the tables the flushes emptied, with what is left.
+        let mut tables = usize::try_from(*budget / TABLE_FREE_COST).unwrap_or(usize::MAX);
+        let tables_before = tables;
+        let tables_left = dd.free_flushed_tables(h, &mut tables);
+        let tables_freed = tables_before.saturating_sub(tables) as u64;
+        *budget = budget.saturating_sub(tables_freed.saturating_mul(TABLE_FREE_COST));
+        let left = pages_left || tables_left;
         if let Some((domid, n)) = run {
             self.end_release_run(cell, dd, domid, n);
         }
@@ -685,6 +712,7 @@ impl<L: RawMutex> Engine<L> {
         Released {
             unstuck,
             released,
+            tables_freed,
             left,
         }
     }
@@ -1751,13 +1779,14 @@ impl<L: RawMutex> Engine<L> {
             // going, not only the lists: a gather or a failed flush the
             // reset below would throw away (today they come with entries
             // on the lists; the test no longer rests on that).
-            let pending = d.dd.has_pending() || d.dd.flush_failed;
+            let pending = d.dd.has_pending() || d.dd.flush_failed || d.dd.has_flushed_tables();
             // (A stuck entry that unmaps at last becomes a notice, which
             // still counts in `used()`: its retry is progress too.)
             let progress = revokes != 0
                 || d.dd.used() < used
                 || flushed.unstuck != 0
                 || flushed.released != 0
+                || flushed.tables_freed != 0
                 || (flush_failed && !d.dd.flush_failed);
             self.put_driver(d);
             if pending {
@@ -1796,6 +1825,10 @@ impl<L: RawMutex> Engine<L> {
                     return Err(Restart);
                 }
                 ContextsLeft::HoldingPages => return Err(Self::walk_again(c)),
+                ContextsLeft::TablesLeft => {
+                    Self::count_restart(c, true);
+                    return Err(Restart);
+                }
             }
             let Some(again) = self.lock_driver(domid) else {
                 *c = Cursor::DONE;

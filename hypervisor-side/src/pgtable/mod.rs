@@ -275,6 +275,14 @@ pub struct IoPageTable<F: PageTableFormat> {
     superpages: usize,
     /// Emptied tables waiting for the flush; chained the same way.
     freed: Option<Mfn>,
+    /// The last frame on `freed` (its link ends the list), so that a flush
+    /// moves the whole list on to `flushed` in O(1).
+    freed_last: Option<Mfn>,
+    /// Emptied tables whose flush came: no IOMMU walks them any more, and
+    /// they go a budget at a time ([`IoPageTable::free_flushed`]), not all
+    /// at once at the flush: while flushes fail, `freed` grows to a table
+    /// per 512 BFNs of the quota.
+    flushed: Option<Mfn>,
     /// Emptied tables whose flush came, kept for reuse: the first
     /// `recycled_len`. Held here, not chained through the frames, so
     /// keeping one stores nothing into table memory after the flush.
@@ -366,6 +374,8 @@ impl<F: PageTableFormat> IoPageTable<F> {
             spares_len: 0,
             superpages: 0,
             freed: None,
+            freed_last: None,
+            flushed: None,
             recycled: [Mfn(0); RECYCLED_TABLES],
             recycled_len: 0,
             last_leaf: None,
@@ -981,17 +991,69 @@ impl<F: PageTableFormat> IoPageTable<F> {
         self.recycled_len
     }
 
+    /// Emptied tables whose flush came, waiting to be freed
+    /// ([`free_flushed`](Self::free_flushed)).
+    pub fn flushed_frames(&self, mem: &impl TableMemory) -> usize {
+        count_frames(mem, self.flushed)
+    }
+
+    /// Whether emptied tables whose flush came wait to be freed.
+    pub fn has_flushed(&self) -> bool {
+        self.flushed.is_some()
+    }
+
     /// Free the tables emptied before the last IOTLB flush, or keep up to
-    /// [`RECYCLED_TABLES`] of them for reuse (`options.recycle`). Call only
-    /// once the IOMMU can no longer hold them in its caches.
+    /// [`RECYCLED_TABLES`] of them for reuse (`options.recycle`), all of
+    /// them: [`flush_came`](Self::flush_came), then
+    /// [`free_flushed`](Self::free_flushed) with no budget. Call only once
+    /// the IOMMU can no longer hold them in its caches. (The simulator's
+    /// model of Xen's own tables, whose tasklet frees every table it
+    /// queued; the engine's contexts free a budget at a time.)
     pub fn release_freed(&mut self, mem: &mut impl TableMemory) {
+        self.flush_came(mem);
+        let mut all = usize::MAX;
+        self.free_flushed(mem, &mut all);
+    }
+
+    /// The IOTLB flush came: the tables emptied before it can go. The
+    /// folded leaf tables become spares (at most [`FOLDED_BEFORE_FLUSH`]),
+    /// the spares past what the superpages are owed go (as many), and the
+    /// emptied tables join those [`free_flushed`](Self::free_flushed)
+    /// frees, in O(1): however many failed flushes left waiting, a flush
+    /// frees no more than its caller's budget (a review of 2026-12-06: the
+    /// first flush to succeed after failed ones freed them all, up to a
+    /// table per 512 BFNs of the quota, each written back first, in a hook
+    /// under the target's p2m lock). Call only once the IOMMU can no longer
+    /// hold them in its caches.
+    pub fn flush_came(&mut self, mem: &mut impl TableMemory) {
         self.retire_folded(mem);
         if self.options.split_from_spares {
             // (The tables of superpages unmapped whole since they folded.)
             self.trim_spares(mem);
         }
-        while let Some(t) = self.freed {
-            self.freed = chain_next(mem.read_entry(t, 0));
+        if let Some(last) = self.freed_last.take() {
+            // Its link ends the list (0): joined on to what earlier flushes
+            // left only if anything is left, the only store after the flush
+            // into a frame on these lists (a link, not present in any
+            // format; such a frame is freed written back, or zeroed before
+            // it is a table again).
+            if self.flushed.is_some() {
+                mem.write_entry(last, 0, chain_link(self.flushed));
+            }
+            self.flushed = self.freed.take();
+        }
+    }
+
+    /// Free up to `budget` of the tables whose flush came (each counted
+    /// off it), or keep up to [`RECYCLED_TABLES`] of them for reuse
+    /// (`options.recycle`). Whether any is left.
+    pub fn free_flushed(&mut self, mem: &mut impl TableMemory, budget: &mut usize) -> bool {
+        while *budget != 0 {
+            let Some(t) = self.flushed else {
+                break;
+            };
+            *budget -= 1;
+            self.flushed = chain_next(mem.read_entry(t, 0));
             let room = self
                 .recycled
                 .get_mut(self.recycled_len)
@@ -1006,6 +1068,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
                 None => give_back(mem, t),
             }
         }
+        self.flushed.is_some()
     }
 
     /// Unmap `bfn`. `Err(NoEnt)` if it is not mapped; `Err(NoMem)` if a
@@ -1181,6 +1244,9 @@ impl<F: PageTableFormat> IoPageTable<F> {
                 return;
             }
             mem.write_entry(pt, pidx, 0);
+            if self.freed.is_none() {
+                self.freed_last = Some(t);
+            }
             push_frame(mem, &mut self.freed, t);
         }
         if let Some(&(top, _)) = path.get(levels - 1) {
@@ -1762,6 +1828,57 @@ mod freed_list_tests {
         t.release_freed(&mut mem);
         assert_eq!(t.recycled_frames(), RECYCLED_TABLES);
         // A context that goes gives back every frame it ever had.
+        t.destroy(&mut mem);
+        assert_eq!(mem.free.len(), mem.tables.len() - 1);
+    }
+
+    /// Tables emptied before a flush go after it a budget at a time
+    /// (`free_flushed`), never before it: what a flush leaves joins the
+    /// next flush's list whole, and every frame goes once.
+    #[test]
+    fn flushed_tables_go_a_budget_at_a_time() {
+        let mut mem = frames();
+        let options = TableOptions {
+            levels: 3,
+            superpages: false,
+            recycle: false,
+            split_from_spares: true,
+            gigapages: false,
+        };
+        let mut t = IoPageTable::<Vtd>::with_options(&mut mem, options).unwrap();
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        // Pages in distinct 1 GiB regions: a leaf and a level-2 table each.
+        let round = |t: &mut IoPageTable<Vtd>, mem: &mut Frames, first: u64| {
+            for i in first..first + 5 {
+                let b = Bfn(i * 0x4_0000 + 7);
+                t.map(mem, b, Mfn(0x100 + i), rw, wb).unwrap();
+                t.unmap(mem, b).unwrap();
+            }
+        };
+        round(&mut t, &mut mem, 1);
+        assert_eq!(t.freed_frames(&mem), 10);
+        t.flush_came(&mut mem);
+        assert_eq!((t.freed_frames(&mem), t.flushed_frames(&mem)), (0, 10));
+        let mut budget = 3;
+        assert!(t.free_flushed(&mut mem, &mut budget), "seven left");
+        assert_eq!((budget, mem.free.len(), t.flushed_frames(&mem)), (0, 3, 7));
+        // More emptied, not yet flushed: none of them goes.
+        round(&mut t, &mut mem, 6);
+        let mut budget = 100;
+        assert!(!t.free_flushed(&mut mem, &mut budget));
+        assert_eq!((budget, t.freed_frames(&mem)), (93, 10));
+        // Their flush: joined on to what is left (nothing), then all go.
+        round(&mut t, &mut mem, 11);
+        t.flush_came(&mut mem);
+        let mut budget = 5;
+        t.free_flushed(&mut mem, &mut budget);
+        round(&mut t, &mut mem, 16);
+        t.flush_came(&mut mem);
+        assert_eq!(t.flushed_frames(&mem), 25, "two lists joined");
+        let free = mem.free.len();
+        let mut budget = usize::MAX;
+        assert!(!t.free_flushed(&mut mem, &mut budget));
+        assert_eq!(mem.free.len() - free, 25);
         t.destroy(&mut mem);
         assert_eq!(mem.free.len(), mem.tables.len() - 1);
     }

@@ -440,6 +440,8 @@ pub struct Ram {
     line_writebacks: u64,
     /// Table frames allocated (each zeroed and written back whole).
     tables_allocated: u64,
+    /// Table frames given back to the host.
+    tables_freed: u64,
 }
 
 /// Whether a raw table entry is present, in either format (VT-d: R or W;
@@ -581,6 +583,7 @@ impl Ram {
             lines_synced: 0,
             line_writebacks: 0,
             tables_allocated: 0,
+            tables_freed: 0,
         }
     }
     fn alloc(&mut self, owner: Owner) -> Result<Mfn, Errno> {
@@ -736,6 +739,7 @@ impl TableMemory for Ram {
         for line in 0..4096 / LINE_BYTES {
             self.stale_lines.remove(&(table.0, line));
         }
+        self.tables_freed += 1;
         self.release(table)
     }
     fn reuse_table(&mut self, table: Mfn) {
@@ -2322,6 +2326,12 @@ impl SimMachine {
     /// Table frames allocated so far, for Xen's tables and the engine's.
     pub fn tables_allocated(&self) -> u64 {
         self.ram.tables_allocated
+    }
+
+    /// Table frames given back to the host so far, Xen's tables' and the
+    /// engine's: a call's work of freeing tables, read around it.
+    pub fn tables_freed(&self) -> u64 {
+        self.ram.tables_freed
     }
 
     /// Free RAM frames.
