@@ -70,6 +70,9 @@ hypervisor-side/xen/tests/write-lost.sh
 step "x86 glue: a VRAM range read while the engine writes it is the old, the new or none"
 hypervisor-side/xen/tests/vram-range.sh
 
+step "glue: whether a map into context 0 isolates anything, by the caller's IOMMU set-up"
+hypervisor-side/xen/tests/translation.sh
+
 step "engine for x86_64-unknown-none (Xen's target)"
 scripts/build-engine-nostd.sh
 

@@ -68,7 +68,7 @@ if [ -f "$conf" ]; then
     # Whitespace-tolerant: m4 keeps the rules' text, not necessarily its spacing.
     s='[[:space:]]'
     for rule in "allow$s+dom0_t$s+xen_t:pv_iommu$s*\\{$s*query$s+manage$s+control$s*\\};" \
-                "allow$s+dom0_t$s+\\{$s*domain_type$s+-nomigrate_t$s+-prot_domU_t$s*\\}:pv_iommu$s*\\{$s*map$s+control$s*\\};" \
+                "allow$s+dom0_t$s+\\{$s*domain_type$s+-nomigrate_t$s+-nomigrate_t_building$s+-prot_domU_t$s*\\}:pv_iommu$s*\\{$s*map$s+control$s*\\};" \
                 "allow$s+dom0_t$s+device_t:pv_iommu$s+attach;" \
                 "allow$s+dom0_t$s+nic_dev_t:pv_iommu$s+attach;"; do
         grep -qE "$rule" "$conf" || { echo "build-xen-flask: FAIL: '$rule' not in $conf" >&2; fail=1; }

@@ -430,7 +430,9 @@ uint64_t pvx_random_seed(void);
  * stats' timing is on (PVIOMMU_STATS_TIMING_ON). */
 uint64_t pvx_now_ns(void);
 
-/* [either] 1 when the hypercall should stop and be continued. */
+/* [either] 1 when the hypercall should stop and be continued. Only on a
+ * vCPU's own work (a hypercall, a teardown slice, a sweep), never from a
+ * hook: a hook can run in softirq context with the idle vCPU current. */
 int pvx_preempt_check(void);
 
 /* Xen's allocator (_xmalloc/xfree); NULL on failure. [either] */
