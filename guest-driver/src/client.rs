@@ -222,10 +222,12 @@ impl<T: Transport> Client<T> {
     /// of `chunk` ran, and how the batch ended.
     fn run_batch(&mut self, chunk: &mut [PvIommuOp]) -> (usize, Result<(), Error>) {
         let mut done = 0usize;
-        // Entries answered with every op done: the hypervisor's end of the
-        // call letting go of unmapped pages a bounded number at a time
-        // (design/abi.md, "Batches"). Each releases some; a hypervisor that
-        // never ends is refused after this many.
+        // Entries that moved no op: the hypervisor's end of the call
+        // letting go of unmapped pages (and emptied tables) a bounded
+        // number at a time, with every op done, or a `context_destroy`
+        // waiting for its tables to go, with `nr_done` at it (design/abi.md,
+        // "Batches"). Each frees some; a hypervisor that never ends is
+        // refused after this many.
         const MAX_ENDING_ENTRIES: u32 = 1 << 16;
         let mut ending = 0u32;
         loop {
@@ -258,10 +260,10 @@ impl<T: Transport> Client<T> {
             if ret != pviommu_abi::BATCH_INCOMPLETE {
                 return (d, Err(Error::from_return("batch", ret)));
             }
-            if d == chunk.len() {
+            if d == chunk.len() || d == done {
                 ending += 1;
             }
-            if d == done && (d < chunk.len() || ending > MAX_ENDING_ENTRIES) {
+            if d == done && ending > MAX_ENDING_ENTRIES {
                 return (
                     done,
                     Err(Error::Unexpected {

@@ -595,9 +595,8 @@ impl<L: RawMutex> Engine<L> {
     ) -> Result<i64, Errno> {
         let t0 = self.clock(h);
         // The contexts the batch's ops named (bit n: context n).
-        let mut end = CallEnd::default();
-        let r = self.batch_timed(h, caller, ci, arg, &mut end);
-        let touched = end.touched;
+        let mut touched = 0u32;
+        let r = self.batch_timed(h, caller, ci, arg, &mut touched);
         // One flush for the whole call (or the part of it done), then the
         // page references of unmapped pages go: at its end, whatever that
         // end is. An entry that stops for preemption leaves its entries to
@@ -617,11 +616,8 @@ impl<L: RawMutex> Engine<L> {
         // preemption does, with every op done. Its next entry runs no op
         // and finishes the cells again (they say they are unfinished),
         // until they are done.
-        // An op that waits for its cell's flush (a destroy whose emptied
-        // tables go a budget at a time) continues the call, but its cells
-        // are finished now: that is what it waits for.
         let mut r = r;
-        if r == Ok(BATCH_INCOMPLETE) && !end.op_waits {
+        if r == Ok(BATCH_INCOMPLETE) {
             self.pause_contexts(h, caller);
         } else if self.finish_contexts(h, caller, touched) && r == Ok(0) {
             r = Ok(BATCH_INCOMPLETE);
@@ -642,7 +638,7 @@ impl<L: RawMutex> Engine<L> {
         caller: DomId,
         ci: &DomainInfo,
         arg: u64,
-        end: &mut CallEnd,
+        touched: &mut u32,
     ) -> Result<i64, Errno> {
         crate::permission::xsm_allows(h, caller, None, XsmAction::Manage)?;
         let mut hdr: PvIommuBatch = copy_in(h, arg)?;
@@ -688,7 +684,7 @@ impl<L: RawMutex> Engine<L> {
                 },
             };
             // Only the cells of the contexts named are flushed at the end.
-            end.touched |= 1u32.checked_shl(op.context).unwrap_or(0);
+            *touched |= 1u32.checked_shl(op.context).unwrap_or(0);
             // Maps, unmaps, acknowledgements and one context's notices go
             // in runs, each under one lock of the caller's cell. (Each run
             // parses its first op again rather than take it parsed from
@@ -724,7 +720,6 @@ impl<L: RawMutex> Engine<L> {
                 // budget at a time): the call continues with it, as a
                 // preempted one does.
                 Ok(OpDone::NotYet) => {
-                    end.op_waits = true;
                     result = Ok(BATCH_INCOMPLETE);
                     break;
                 }
@@ -1121,16 +1116,6 @@ impl<L: RawMutex> Engine<L> {
         }
         Ok(OpDone::Yes)
     }
-}
-
-/// What a batch's entry leaves for the flushes that end it.
-#[derive(Clone, Copy, Default, Debug)]
-struct CallEnd {
-    /// The contexts its ops named (bit n: context n).
-    touched: u32,
-    /// It stopped at an op that waits for its cells' flushes
-    /// ([`OpDone::NotYet`]): they are finished, not paused.
-    op_waits: bool,
 }
 
 /// Whether [`Engine::run_op`] finished its op.

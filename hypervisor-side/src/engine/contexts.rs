@@ -710,21 +710,19 @@ impl<L: RawMutex> Engine<L> {
     ) -> Result<(), Errno> {
         loop {
             match self.context_destroy_some(h, caller, context) {
-                // (Each round frees tables: the pile goes.)
-                Err(Errno::Again) => {
-                    self.finish_contexts(h, caller, 1 << context.0);
-                }
+                // (Each round frees a budget of tables, or fails: the
+                // pile goes.)
+                Err(Errno::Again) => {}
                 r => return r,
             }
         }
     }
 
-    /// Destroy an empty context if no table its unmaps emptied waits to be
-    /// freed: else `Err(Again)`, its devices detached (the tables failed
-    /// flushes left, more than one call frees, go a budget at a time:
-    /// [`TABLE_FREES_PER_CALL`](super::revoke::TABLE_FREES_PER_CALL) at
-    /// the end of each call, [`finish_contexts`](Self::finish_contexts)).
-    /// A hypercall continues with the same op.
+    /// Destroy an empty context, as much of it as one call may do:
+    /// `Err(Again)` when the tables its unmaps emptied were more than one
+    /// call frees ([`TABLE_FREES_PER_CALL`](super::revoke::TABLE_FREES_PER_CALL),
+    /// left by failed flushes); that many went, and its devices are
+    /// detached. A hypercall continues with the same op.
     pub fn context_destroy_some(
         &self,
         h: &mut impl Hypervisor,
@@ -840,11 +838,10 @@ impl<L: RawMutex> Engine<L> {
     /// the tag. Devices lock and the context cell's lock held. `Err(Busy)`
     /// when a device could not be moved off the tables or the flush
     /// failed: then nothing is freed (the caller retries; a device never
-    /// walks freed tables). `Err(Again)` while tables its unmaps emptied
-    /// wait to be freed (failed flushes left more than a call frees,
-    /// [`TABLE_FREES_PER_CALL`](super::revoke::TABLE_FREES_PER_CALL)): the
-    /// context stays, with no device; call again after the cell's flush
-    /// freed some ([`DriverDomain::free_flushed_tables`]).
+    /// walks freed tables). `Err(Again)` when more tables its unmaps
+    /// emptied waited than one call frees (failed flushes left them,
+    /// [`TABLE_FREES_PER_CALL`](super::revoke::TABLE_FREES_PER_CALL)):
+    /// that many went, the context stays with no device; call again.
     fn drop_context(
         d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
@@ -872,11 +869,15 @@ impl<L: RawMutex> Engine<L> {
         }
         // The tables its unmaps emptied go a budget at a time, as after
         // any flush (failed flushes can have left one per 512 BFNs of the
-        // quota), by the cell's flushes, not here: `Again` (the context
-        // kept, its devices detached) while any waits. A hypercall's end
-        // frees a budget of them, and the call continues with this op.
+        // quota): `Again` (the context kept, its devices detached) while
+        // any is left. The flush above covered them all, so each call
+        // frees a budget whatever its other cells' flushes do (a review of
+        // 2026-12-06: left to the call's end, a failing flush of the
+        // cell's gather or another context's pages could take every
+        // entry's budget).
         own.tables.flush_came(h);
-        if own.tables.has_flushed() {
+        let mut tables = super::revoke::TABLE_FREES_PER_CALL;
+        if own.tables.free_flushed(h, &mut tables) {
             return Err(Errno::Again);
         }
         if h.hw_context_destroy(hw).is_err() {
@@ -1117,10 +1118,8 @@ impl<L: RawMutex> Engine<L> {
             match Self::drop_context(&mut d, h, context) {
                 Ok(()) => {}
                 Err(Errno::Again) => {
-                    // (The teardown's walk freed them before it came here;
-                    // a slice frees a budget of what is left, if anything.)
-                    let mut tables = super::revoke::TABLE_FREES_PER_CALL;
-                    d.dd.free_flushed_tables(h, &mut tables);
+                    // (The teardown's walk freed them before it came here:
+                    // not reached while flushes succeed. A budget went.)
                     self.put_driver(d);
                     return ContextsLeft::TablesLeft;
                 }

@@ -281,8 +281,9 @@ pub const TABLE_FREE_COST: u64 = 64;
 /// The tables one call frees at most: a hook, a teardown slice, the end of
 /// an owner's call, a context's destroy.
 pub const TABLE_FREES_PER_CALL: usize = (RELEASE_BUDGET / TABLE_FREE_COST) as usize;
-// Every table an owner's call empties in its batch (a leaf table per 512
-// of its ops, and what hangs above) goes at the call's end.
+// A default batch of page unmaps empties a few tables (a leaf table per
+// 512 of its ops, and what hangs above): they go at the call's end. (More,
+// from extent unmaps or failed flushes, continue the call.)
 const _: () = assert!(TABLE_FREES_PER_CALL >= 16);
 
 /// What one [`Engine::flush_and_release`] did.
@@ -296,9 +297,9 @@ pub(crate) struct Released {
     /// Emptied tables freed (after the pages, with what the budget had
     /// left: [`TABLE_FREE_COST`] each).
     pub tables_freed: u64,
-    /// The flush succeeded, and the budget ran out with entries left on
-    /// the list, or tables its flushes emptied: the cell's next flush goes
-    /// on with them.
+    /// The budget ran out with entries left on the list (the flush
+    /// succeeded), or with tables earlier flushes emptied (whether this
+    /// one succeeded or not): the cell's next flush goes on with them.
     pub left: bool,
 }
 
@@ -610,8 +611,13 @@ impl<L: RawMutex> Engine<L> {
         }
         dd.stats.ns_iommu_unmap += self.since(h, t0);
         if !self.flush_gathered(dd, h) {
+            // Nothing waits for this flush but the tables an earlier one
+            // covered: a budget of them goes all the same.
+            let (tables_freed, left) = Self::free_tables(dd, h, budget);
             return Released {
                 unstuck,
+                tables_freed,
+                left,
                 ..Released::default()
             };
         }
@@ -695,11 +701,7 @@ impl<L: RawMutex> Engine<L> {
             dd.unmapping_len = 0;
         }
         // Then the tables the flushes emptied, with what is left.
-        let mut tables = usize::try_from(*budget / TABLE_FREE_COST).unwrap_or(usize::MAX);
-        let tables_before = tables;
-        let tables_left = dd.free_flushed_tables(h, &mut tables);
-        let tables_freed = tables_before.saturating_sub(tables) as u64;
-        *budget = budget.saturating_sub(tables_freed.saturating_mul(TABLE_FREE_COST));
+        let (tables_freed, tables_left) = Self::free_tables(dd, h, budget);
         let left = pages_left || tables_left;
         if let Some((domid, n)) = run {
             self.end_release_run(cell, dd, domid, n);
@@ -715,6 +717,22 @@ impl<L: RawMutex> Engine<L> {
             tables_freed,
             left,
         }
+    }
+
+    /// Free the tables `dd`'s flushes emptied, [`TABLE_FREE_COST`] of
+    /// `budget` each, while it lasts: how many went, and whether any is
+    /// left.
+    fn free_tables(
+        dd: &mut DriverDomain,
+        h: &mut impl Hypervisor,
+        budget: &mut u64,
+    ) -> (u64, bool) {
+        let mut tables = usize::try_from(*budget / TABLE_FREE_COST).unwrap_or(usize::MAX);
+        let before = tables;
+        let left = dd.free_flushed_tables(h, &mut tables);
+        let freed = before.saturating_sub(tables) as u64;
+        *budget = budget.saturating_sub(freed.saturating_mul(TABLE_FREE_COST));
+        (freed, left)
     }
 
     /// [`write_pending_entries`](Self::write_pending_entries) in the

@@ -218,4 +218,60 @@ impl TableMemory for SharedSim {
     fn set_present_count(&mut self, table: Mfn, count: u16) {
         self.with(|m| m.set_present_count(table, count))
     }
+    // Every service the machine implements, the defaulted ones too: a
+    // write-back dropped here left the shared machine's lines unwritten,
+    // so threaded tests could not see what a non-coherent IOMMU reads (a
+    // review of 2026-12-06), and a reuse check skipped was one the
+    // simulator could not count.
+    fn reuse_table(&mut self, table: Mfn) {
+        self.with(|m| m.reuse_table(table))
+    }
+    fn table_is_clear(&self, table: Mfn) -> bool {
+        self.with(|m| m.table_is_clear(table))
+    }
+    fn write_back_table(&mut self, table: Mfn) {
+        self.with(|m| m.write_back_table(table))
+    }
+    fn read_entry_and_count(&self, table: Mfn, index: usize) -> (u64, u16) {
+        self.with(|m| m.read_entry_and_count(table, index))
+    }
+    fn write_entry_counted(&mut self, table: Mfn, index: usize, raw: u64, count: u16) {
+        self.with(|m| m.write_entry_counted(table, index, raw, count))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::Format;
+
+    /// A review of 2026-12-06: the shared machine dropped the walker's
+    /// write-backs (the trait's default did nothing), so a threaded test's
+    /// table stores stayed in the CPU's caches as far as a non-coherent
+    /// IOMMU was concerned, until the next flush wrote every line back.
+    /// Every table service reaches the machine now.
+    #[test]
+    fn a_write_back_through_a_handle_reaches_the_machine() {
+        let shared = SharedSim::new(SimMachine::new(4096, Format::Vtd, 64));
+        let mut h = shared.handle(DomId::DOM0);
+        let t = h.alloc_table().unwrap();
+        h.write_entry_counted(t, 7, 0x1003, 1);
+        assert_eq!(h.read_entry_and_count(t, 7), (0x1003, 1));
+        assert_ne!(
+            shared.lock().table_lines().1,
+            0,
+            "a store not yet in memory"
+        );
+        h.write_back_table(t);
+        assert_eq!(
+            shared.lock().table_lines().1,
+            0,
+            "the write-back was dropped"
+        );
+        h.write_entry_counted(t, 7, 0, 0);
+        h.write_back_table(t);
+        assert!(h.table_is_clear(t));
+        h.free_table(t);
+        assert_eq!(shared.lock().tables_freed_stale(), 0);
+    }
 }
