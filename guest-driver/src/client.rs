@@ -260,10 +260,18 @@ impl<T: Transport> Client<T> {
             if ret != pviommu_abi::BATCH_INCOMPLETE {
                 return (d, Err(Error::from_return("batch", ret)));
             }
-            if d == chunk.len() || d == done {
+            // Only a destroy may keep `nr_done` where it was.
+            let waits_at_destroy = chunk.get(d).is_some_and(|op| {
+                matches!(
+                    pviommu_abi::Request::parse(op),
+                    Ok(pviommu_abi::Request::ContextDestroy { .. })
+                )
+            });
+            if d == chunk.len() || (d == done && waits_at_destroy) {
                 ending += 1;
             }
-            if d == done && ending > MAX_ENDING_ENTRIES {
+            if d == done && ((d < chunk.len() && !waits_at_destroy) || ending > MAX_ENDING_ENTRIES)
+            {
                 return (
                     done,
                     Err(Error::Unexpected {

@@ -26,7 +26,7 @@ use crate::config::{MAX_CONTEXTS, MAX_REGIONS_PER_CALL};
 use crate::engine::{Engine, Hypervisor, Notice, CONTROL_RETRIES, MAP_CHUNK};
 use crate::nospec::get_nospec;
 use crate::permission::{
-    device_refusal, may_call, may_control, may_read_regions, may_use_contexts, PolicyRefusals,
+    device_refusal, may_call, may_control, may_read_regions, may_use_contexts, Caller,
 };
 use crate::platform::{DomainInfo, XsmAction};
 use crate::{Bfn, ContextId, DomId, Errno};
@@ -662,8 +662,9 @@ impl<L: RawMutex> Engine<L> {
         // own memory during the call can still lose it (design/abi.md).
         write_nr_done(h, arg, &hdr)?;
         let first = hdr.nr_done;
-        // What the policy refused in this entry, not asked about again in it.
-        let refusals = PolicyRefusals::default();
+        // The caller, with what the policy refused in this entry (not asked
+        // about again in it).
+        let me = Caller::new(caller, ci);
         let mut result = Ok(0);
         // The op at `nr_done` when a run of maps already copied it in.
         let mut peeked: Option<PvIommuOp> = None;
@@ -691,7 +692,7 @@ impl<L: RawMutex> Engine<L> {
             // here: the four kinds' parsed ops grew this frame in the Xen
             // object by 150 bytes, on the way to a guest copy.)
             let run = if Request::parse_map(&op).is_some() {
-                Some(self.run_maps(h, caller, ci, &refusals, &hdr, op))
+                Some(self.run_maps(h, &me, &hdr, op))
             } else if Request::parse_unmap(&op).is_some() {
                 Some(self.run_unmaps(h, caller, &hdr, op))
             } else if Request::parse_revoked_ack(&op).is_some() {
@@ -714,7 +715,7 @@ impl<L: RawMutex> Engine<L> {
                 }
                 None => {}
             }
-            match self.run_op(h, caller, ci, &refusals, addr, op) {
+            match self.run_op(h, &me, addr, op) {
                 Ok(OpDone::Yes) => hdr.nr_done += 1,
                 // Work left in the op itself (a destroy whose tables go a
                 // budget at a time): the call continues with it, as a
@@ -765,9 +766,7 @@ impl<L: RawMutex> Engine<L> {
     fn run_maps(
         &self,
         h: &mut impl Hypervisor,
-        caller: DomId,
-        ci: &DomainInfo,
-        refusals: &PolicyRefusals,
+        caller: &Caller<'_>,
         hdr: &PvIommuBatch,
         first: PvIommuOp,
     ) -> Result<(u32, Option<PvIommuOp>), (u32, Errno)> {
@@ -796,7 +795,7 @@ impl<L: RawMutex> Engine<L> {
         let (n, mut after) = copy_in_run(h, hdr, first, head, &mut ops, &mut reqs, same_context);
         let mut results = [Err(Errno::Inval); MAP_CHUNK];
         let run = reqs.get(..n).unwrap_or(&[]);
-        let done = self.map_batch_in(h, caller, ci, run, &mut results, refusals);
+        let done = self.map_batch_in(h, caller, run, &mut results);
         if done == 0 {
             // Unreachable (a run's first op is never a repeat); never loop
             // on it.
@@ -821,7 +820,7 @@ impl<L: RawMutex> Engine<L> {
             let undo = reqs.iter().zip(results.iter()).take(done).skip(k);
             for (req, result) in undo {
                 if let Ok(m) = result {
-                    self.unmap_undo(h, caller, req.context, *m);
+                    self.unmap_undo(h, caller.id, req.context, *m);
                 }
             }
             return Err((k as u32, e));
@@ -981,12 +980,11 @@ impl<L: RawMutex> Engine<L> {
     fn run_op(
         &self,
         h: &mut impl Hypervisor,
-        caller: DomId,
-        ci: &DomainInfo,
-        refusals: &PolicyRefusals,
+        me: &Caller<'_>,
         addr: u64,
         mut op: PvIommuOp,
     ) -> Result<OpDone, (bool, Errno)> {
+        let (caller, ci) = (me.id, me.info);
         let request = Request::parse(&op);
         // An extent map's result, for its undo.
         let mut extent = None;
@@ -1011,12 +1009,10 @@ impl<L: RawMutex> Engine<L> {
                 .revoked_next(caller)
                 .map(|found| write_notice(&mut op, found, numbered)),
             // Undone if its result cannot be written (as a run's maps).
-            Ok(Request::MapExtent(req)) => {
-                self.map_extent_in(h, caller, ci, &req, refusals).map(|m| {
-                    op.bfn = m.mapped.bfn.0;
-                    extent = Some(m);
-                })
-            }
+            Ok(Request::MapExtent(req)) => self.map_extent_in(h, me, &req).map(|m| {
+                op.bfn = m.mapped.bfn.0;
+                extent = Some(m);
+            }),
             Ok(Request::UnmapExtent { context, bfn }) => {
                 stale_if_revoked(self.unmap_extent_check(caller, context, bfn))
             }
@@ -1031,7 +1027,7 @@ impl<L: RawMutex> Engine<L> {
             // Undone (detached) if its status cannot be written.
             Ok(Request::ContextAttach { context, device }) => {
                 may_use_contexts(ci, || h.owns_devices(caller))
-                    .and_then(|()| self.context_attach_in(h, caller, context, device, refusals))
+                    .and_then(|()| self.context_attach_in(h, caller, context, device, &me.refusals))
                     .map_err(|e| device_refusal(ci, e))
             }
             Ok(Request::ContextDetach { context, device }) => {

@@ -66,8 +66,7 @@ pub fn check_map(
     target: DomId,
     context: ContextId,
 ) -> Result<(), Errno> {
-    let refusals = PolicyRefusals::default();
-    check_map_again(p, caller_id, caller, target, context, false, &refusals)
+    check_map_again(p, &Caller::new(caller_id, caller), target, context, false)
 }
 
 /// [`check_map`], for an op of a run whose earlier op of the same
@@ -77,13 +76,14 @@ pub fn check_map(
 /// context always are. Same errors, in the same order, as `check_map`.
 pub fn check_map_again(
     p: &impl Platform,
-    caller_id: DomId,
-    caller: &DomainInfo,
+    caller: &Caller<'_>,
     target: DomId,
     context: ContextId,
     target_checked: bool,
-    refusals: &PolicyRefusals,
 ) -> Result<(), Errno> {
+    let caller_id = caller.id;
+    let refusals = &caller.refusals;
+    let caller = caller.info;
     if context == ContextId::DEFAULT && caller.translation != translation::TRANSLATES {
         return Err(Errno::AddrNotAvail);
     }
@@ -109,6 +109,30 @@ pub fn check_map_again(
         return Ok(());
     }
     refusals.xsm_allows(p, caller_id, Some(target), XsmAction::Map)
+}
+
+/// The caller of one call: who it is, the facts the call read of it once,
+/// and what the security policy refused it so far in the call. One is made
+/// per call (the hypercall's batch) and lent to each op, so the ops share
+/// the refusals; an engine entry point called on its own makes a fresh one.
+pub struct Caller<'a> {
+    /// The calling domain.
+    pub id: DomId,
+    /// Its facts, read at the call's start.
+    pub info: &'a DomainInfo,
+    /// What the policy refused it in this call.
+    pub(crate) refusals: PolicyRefusals,
+}
+
+impl<'a> Caller<'a> {
+    /// A call of `id`'s, whose facts are `info`, with nothing refused yet.
+    pub fn new(id: DomId, info: &'a DomainInfo) -> Self {
+        Caller {
+            id,
+            info,
+            refusals: PolicyRefusals::default(),
+        }
+    }
 }
 
 /// What the security policy refused during one hypercall, so that the

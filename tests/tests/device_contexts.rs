@@ -1657,3 +1657,33 @@ fn a_context_destroy_frees_its_emptied_tables_a_budget_an_entry() {
     );
     check_invariants(&mut m, &e).unwrap();
 }
+
+/// A review of 2026-12-06: tables an earlier flush covered are free to go
+/// whatever later flushes do, and go in a call whose own flush fails (a
+/// budget of them), not only after one that succeeds.
+#[test]
+fn tables_an_earlier_flush_covered_go_while_flushes_fail() {
+    use pviommu_hv::engine::TABLE_FREES_PER_CALL;
+    let most = TABLE_FREES_PER_CALL as u64;
+    let (mut m, e, ctx) = tables_emptied_while_flushes_failed(most * 2 + 32, true);
+    // One flush succeeds (a hook's), and the owner's next call's: the
+    // pages go, and two budgets of tables.
+    m.balloon_out(&e, GUEST, pviommu_abi::Gfn(0)).unwrap();
+    // (One entry of the call: the rest of it would free them all.)
+    let mut ops = [map_op_in(ctx, GUEST, 1, Permissions::RW)];
+    let (ret, _) = m.guest_batch(&e, DomId::DOM0, &mut ops, 0).unwrap();
+    assert_eq!((ret, ops[0].status), (pviommu_abi::BATCH_INCOMPLETE, 0));
+    let bfn = Bfn(ops[0].bfn);
+    // Every flush fails from here on: an unmap's call still frees the rest.
+    m.fail_flushes = u32::MAX;
+    let before = m.tables_freed();
+    let mut ops = unmap_ops(ctx, &[bfn.0]);
+    m.guest_batch(&e, DomId::DOM0, &mut ops, 0).unwrap();
+    assert_eq!(ops[0].status, 0);
+    let freed = m.tables_freed() - before;
+    assert!(
+        (1..=most).contains(&freed),
+        "a call whose flush failed freed {freed} tables"
+    );
+    check_invariants(&mut m, &e).unwrap();
+}

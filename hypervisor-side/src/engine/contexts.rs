@@ -498,9 +498,10 @@ pub(crate) enum ContextsLeft {
     /// A context's cell that still held a page (an engine bug, counted:
     /// kept, for the teardown's walk to take the page down).
     HoldingPages,
-    /// A context whose emptied tables did not all go in this call (some
-    /// did: progress); the next slice goes on.
-    TablesLeft,
+    /// A context whose emptied tables wait to be freed: the caller frees
+    /// a budget of them (the devices lock dropped), and the next slice
+    /// goes on.
+    TablesLeft(ContextId),
 }
 
 impl<L: RawMutex> Engine<L> {
@@ -718,6 +719,25 @@ impl<L: RawMutex> Engine<L> {
         }
     }
 
+    /// Free up to [`TABLE_FREES_PER_CALL`](super::revoke::TABLE_FREES_PER_CALL)
+    /// of the tables `context`'s flushes emptied, under its cell's lock
+    /// alone (not under the devices lock, Xen's `pcidevs_lock`: a review
+    /// of 2026-12-06). Whether any is left.
+    pub(crate) fn free_tables_of(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        context: ContextId,
+    ) -> bool {
+        let Some(mut d) = self.lock_cell(caller, context) else {
+            return false;
+        };
+        let mut tables = super::revoke::TABLE_FREES_PER_CALL;
+        let left = d.dd.free_flushed_tables(h, &mut tables);
+        self.put_driver(d);
+        left
+    }
+
     /// Destroy an empty context, as much of it as one call may do:
     /// `Err(Again)` when the tables its unmaps emptied were more than one
     /// call frees ([`TABLE_FREES_PER_CALL`](super::revoke::TABLE_FREES_PER_CALL),
@@ -730,12 +750,20 @@ impl<L: RawMutex> Engine<L> {
         context: ContextId,
     ) -> Result<(), Errno> {
         let nothing_first = |_: &mut _| Ok(());
-        self.devices_then_cell(h, caller, context, nothing_first, |d, h| {
+        let r = self.devices_then_cell(h, caller, context, nothing_first, |d, h| {
             Self::destroy_check_locked(&d.dd, context)?;
             Self::drop_context(d, h, context)?;
             Ok(true)
-        })
-        .map(|_| ())
+        });
+        match r {
+            // A budget of them goes now, the devices lock dropped; once the
+            // last went, the next call destroys the context.
+            Err(Errno::Again) => {
+                self.free_tables_of(h, caller, context);
+                Err(Errno::Again)
+            }
+            r => r.map(|_| ()),
+        }
     }
 
     /// The id of `caller`'s context `id`, created by
@@ -838,10 +866,10 @@ impl<L: RawMutex> Engine<L> {
     /// the tag. Devices lock and the context cell's lock held. `Err(Busy)`
     /// when a device could not be moved off the tables or the flush
     /// failed: then nothing is freed (the caller retries; a device never
-    /// walks freed tables). `Err(Again)` when more tables its unmaps
-    /// emptied waited than one call frees (failed flushes left them,
-    /// [`TABLE_FREES_PER_CALL`](super::revoke::TABLE_FREES_PER_CALL)):
-    /// that many went, the context stays with no device; call again.
+    /// walks freed tables). `Err(Again)` when tables its unmaps emptied
+    /// are still to be freed (failed flushes left them): the context
+    /// stays with no device; the caller frees a budget of them
+    /// ([`free_tables_of`](Self::free_tables_of)) and calls again.
     fn drop_context(
         d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
@@ -870,14 +898,14 @@ impl<L: RawMutex> Engine<L> {
         // The tables its unmaps emptied go a budget at a time, as after
         // any flush (failed flushes can have left one per 512 BFNs of the
         // quota): `Again` (the context kept, its devices detached) while
-        // any is left. The flush above covered them all, so each call
-        // frees a budget whatever its other cells' flushes do (a review of
-        // 2026-12-06: left to the call's end, a failing flush of the
-        // cell's gather or another context's pages could take every
-        // entry's budget).
+        // any is left, for the caller to free a budget of them with the
+        // devices lock dropped ([`free_tables_of`](Self::free_tables_of)).
+        // The flush above covered them all, so each call frees a budget
+        // whatever its other cells' flushes do (a review of 2026-12-06:
+        // left to the call's end, a failing flush of the cell's gather or
+        // another context's pages could take every entry's budget).
         own.tables.flush_came(h);
-        let mut tables = super::revoke::TABLE_FREES_PER_CALL;
-        if own.tables.free_flushed(h, &mut tables) {
+        if own.tables.has_flushed() {
             return Err(Errno::Again);
         }
         if h.hw_context_destroy(hw).is_err() {
@@ -1119,9 +1147,9 @@ impl<L: RawMutex> Engine<L> {
                 Ok(()) => {}
                 Err(Errno::Again) => {
                     // (The teardown's walk freed them before it came here:
-                    // not reached while flushes succeed. A budget went.)
+                    // not reached while flushes succeed.)
                     self.put_driver(d);
-                    return ContextsLeft::TablesLeft;
+                    return ContextsLeft::TablesLeft(context);
                 }
                 Err(_) => {
                     self.put_driver(d);

@@ -38,7 +38,7 @@ use super::revoke::DEFER_LIMIT;
 use super::unmap::UnmapKind;
 use super::{Driver, Engine, Hypervisor, Mapped, TargetGate};
 use super::{DriverDomain, Mapping, MAP_RETRIES};
-use crate::permission::PolicyRefusals;
+use crate::permission::Caller;
 use crate::platform::{DomainInfo, PageSlot};
 use crate::{Bfn, ContextId, DomId, Errno, Mfn};
 
@@ -102,19 +102,16 @@ impl<L: RawMutex> Engine<L> {
         caller_info: &DomainInfo,
         req: &MapRequest,
     ) -> Result<ExtentMapped, Errno> {
-        let refusals = PolicyRefusals::default();
-        self.map_extent_in(h, caller, caller_info, req, &refusals)
+        self.map_extent_in(h, &Caller::new(caller, caller_info), req)
     }
 
-    /// [`map_extent`](Self::map_extent) as an op of a call whose policy
-    /// refusals so far are `refusals`.
+    /// [`map_extent`](Self::map_extent) as an op of `caller`'s call (the
+    /// policy's refusals so far in it are not asked again).
     pub(crate) fn map_extent_in(
         &self,
         h: &mut impl Hypervisor,
-        caller: DomId,
-        caller_info: &DomainInfo,
+        caller: &Caller<'_>,
         req: &MapRequest,
-        refusals: &PolicyRefusals,
     ) -> Result<ExtentMapped, Errno> {
         if !extent_aligned(req.gfn.0) || req.gfn.0 > u64::MAX - EXTENT_PAGES || req.grant {
             return Err(Errno::Inval);
@@ -122,7 +119,7 @@ impl<L: RawMutex> Engine<L> {
         let caps = h.iommu_caps();
         for _ in 0..MAP_RETRIES {
             let checked_seq = self.checked_seq(req.domid);
-            let gate = self.map_checks(h, caller, caller_info, req, &caps, false, refusals)?;
+            let gate = self.map_checks(h, caller, req, &caps, false)?;
             // As for a page map: the checks are resolved before any lookup.
             crate::nospec::block_speculation();
             gate.active.fetch_add(EXTENT_PAGES as u32, Ordering::SeqCst);
@@ -132,7 +129,7 @@ impl<L: RawMutex> Engine<L> {
                 (LookedUp::Moved, _) => continue,
                 (LookedUp::Refused(e), _) => return Err(e),
             };
-            let mut d = match self.lock_for_map(caller, req.context) {
+            let mut d = match self.lock_for_map(caller.id, req.context) {
                 Ok(d) => d,
                 Err(e) => {
                     self.give_back_extent(h, req, first_mfn, 0);

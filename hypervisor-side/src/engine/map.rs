@@ -16,7 +16,7 @@ use pviommu_abi::MapRequest;
 use super::driver::{self, DriverDomain, Mapping, PageAt, NONE};
 use super::{revoke, Driver, Engine, Hypervisor, Mapped, TargetGate, MAP_CHUNK, MAP_RETRIES};
 use crate::config::MAX_CONTEXTS;
-use crate::permission::{check_map_again, check_page, refusal, PolicyRefusals};
+use crate::permission::{check_map_again, check_page, refusal, Caller};
 use crate::platform::{CheckedTarget, DomainInfo, PageSlot};
 use crate::{Bfn, ContextId, DomId, Errno, Mfn};
 
@@ -174,18 +174,16 @@ impl<L: RawMutex> Engine<L> {
         caller_info: &DomainInfo,
         req: &MapRequest,
     ) -> Result<Mapped, Errno> {
-        self.map_tagged_in(h, caller, caller_info, req, &PolicyRefusals::default())
+        self.map_tagged_in(h, &Caller::new(caller, caller_info), req)
     }
 
-    /// [`map_tagged`](Self::map_tagged) as an op of a call whose policy
-    /// refusals so far are `refusals`.
+    /// [`map_tagged`](Self::map_tagged) as an op of `caller`'s call (the
+    /// policy's refusals so far in it are not asked again).
     pub(crate) fn map_tagged_in(
         &self,
         h: &mut impl Hypervisor,
-        caller: DomId,
-        caller_info: &DomainInfo,
+        caller: &Caller<'_>,
         req: &MapRequest,
-        refusals: &PolicyRefusals,
     ) -> Result<Mapped, Errno> {
         // (Xen's INVALID_GFN: see `map_locked`.)
         if req.gfn.0 == u64::MAX {
@@ -197,7 +195,7 @@ impl<L: RawMutex> Engine<L> {
             // it moved may have found another domain at the same domid
             // (see `map_batch`), so every attempt starts at the checks.
             let checked_seq = self.checked_seq(req.domid);
-            let gate = self.map_checks(h, caller, caller_info, req, &caps, false, refusals)?;
+            let gate = self.map_checks(h, caller, req, &caps, false)?;
             // The checks are resolved before the lookup under speculation
             // (see `map_batch`): the caller-and-target decision is a plain
             // branch, fenced only by some XSM policies' own hooks.
@@ -210,7 +208,7 @@ impl<L: RawMutex> Engine<L> {
                 LookedUp::Refused(e) => return Err(e),
             };
             let mut result = Err(Errno::Inval);
-            let outcome = match self.lock_for_map(caller, req.context) {
+            let outcome = match self.lock_for_map(caller.id, req.context) {
                 Err(e) => {
                     result = Err(e);
                     Some(MapOutcome::Refused)
@@ -291,21 +289,18 @@ impl<L: RawMutex> Engine<L> {
         reqs: &[MapRequest],
         out: &mut [Result<Mapped, Errno>],
     ) -> usize {
-        let refusals = PolicyRefusals::default();
-        self.map_batch_in(h, caller, caller_info, reqs, out, &refusals)
+        self.map_batch_in(h, &Caller::new(caller, caller_info), reqs, out)
     }
 
-    /// [`map_batch`](Self::map_batch) for a run of a call whose policy
-    /// refusals so far are `refusals` (the hypercall's batch: a target
-    /// the policy refused a map of is not asked about again in the call).
+    /// [`map_batch`](Self::map_batch) for a run of `caller`'s call (the
+    /// hypercall's batch: a target the policy refused a map of is not
+    /// asked about again in the call).
     pub(crate) fn map_batch_in(
         &self,
         h: &mut impl Hypervisor,
-        caller: DomId,
-        caller_info: &DomainInfo,
+        caller: &Caller<'_>,
         reqs: &[MapRequest],
         out: &mut [Result<Mapped, Errno>],
-        refusals: &PolicyRefusals,
     ) -> usize {
         let mut n = reqs.len().min(out.len()).min(MAP_CHUNK);
         let Some(first) = reqs.first() else {
@@ -342,10 +337,9 @@ impl<L: RawMutex> Engine<L> {
         // (Each path is a call of its own: their frames never add up on
         // Xen's stack.)
         let alike = (alike && run.len() > 1)
-            .then(|| self.map_alike(h, caller, caller_info, run, out, refusals))
+            .then(|| self.map_alike(h, caller, run, out))
             .flatten();
-        let answered =
-            alike.unwrap_or_else(|| self.map_run(h, caller, caller_info, run, out, refusals));
+        let answered = alike.unwrap_or_else(|| self.map_run(h, caller, run, out));
         // The ops whose target moved after their checks, mapped again on
         // their own. Here, not in either path: the lookup of a page is then
         // no deeper in Xen's stack than a single map's.
@@ -356,7 +350,7 @@ impl<L: RawMutex> Engine<L> {
             .filter(|(k, _)| answered.again & (1 << k) != 0)
             .map(|(_, pair)| pair)
         {
-            *o = self.map_tagged_in(h, caller, caller_info, req, refusals);
+            *o = self.map_tagged_in(h, caller, req);
         }
         answered.n
     }
@@ -368,11 +362,9 @@ impl<L: RawMutex> Engine<L> {
     fn map_run(
         &self,
         h: &mut impl Hypervisor,
-        caller: DomId,
-        caller_info: &DomainInfo,
+        caller: &Caller<'_>,
         reqs: &[MapRequest],
         out: &mut [Result<Mapped, Errno>],
-        refusals: &PolicyRefusals,
     ) -> Answered {
         let n = reqs.len().min(out.len()).min(MAP_CHUNK);
         let Some(context) = reqs.first().map(|r| r.context) else {
@@ -443,7 +435,7 @@ impl<L: RawMutex> Engine<L> {
                 Some((_, g, _)) => Ok(g),
                 None => {
                     let checked = target_checked.is_some();
-                    self.map_checks(h, caller, caller_info, req, &caps, checked, refusals)
+                    self.map_checks(h, caller, req, &caps, checked)
                 }
             };
             match checks {
@@ -577,7 +569,7 @@ impl<L: RawMutex> Engine<L> {
         // would never be given back).
         debug_assert_eq!(joined, 0);
         if steps.iter().any(|s| matches!(s, Step::Locked(..))) {
-            match self.lock_for_map(caller, context) {
+            match self.lock_for_map(caller.id, context) {
                 Err(e) => {
                     for (s, o) in steps.iter_mut().zip(out.iter_mut()) {
                         if let Step::Locked(mfn) = *s {
@@ -720,11 +712,9 @@ impl<L: RawMutex> Engine<L> {
     fn map_alike(
         &self,
         h: &mut impl Hypervisor,
-        caller: DomId,
-        caller_info: &DomainInfo,
+        caller: &Caller<'_>,
         reqs: &[MapRequest],
         out: &mut [Result<Mapped, Errno>],
-        refusals: &PolicyRefusals,
     ) -> Option<Answered> {
         let first = reqs.first()?;
         let n = reqs.len().min(out.len()).min(MAP_CHUNK);
@@ -736,7 +726,7 @@ impl<L: RawMutex> Engine<L> {
         let checked_seq = self.checked_seq(first.domid);
         let (gate, not_snooped) = {
             let caps = h.iommu_caps();
-            match self.map_checks(h, caller, caller_info, first, &caps, false, refusals) {
+            match self.map_checks(h, caller, first, &caps, false) {
                 Ok(gate) => (gate, write && !Self::snooped(&caps, first)),
                 Err(e) => {
                     for o in out.iter_mut().take(n) {
@@ -788,7 +778,7 @@ impl<L: RawMutex> Engine<L> {
         // Which ops are mapped again on their own (the target moved after
         // the lookup).
         let mut again = 0u32;
-        match self.lock_for_map(caller, first.context) {
+        match self.lock_for_map(caller.id, first.context) {
             Err(e) => {
                 for o in out.iter_mut().take(got) {
                     *o = Err(e);
@@ -858,28 +848,15 @@ impl<L: RawMutex> Engine<L> {
     /// the same target; the context's attribute part never), what the
     /// backend can do, and the target's gate.
     #[inline(always)]
-    // (The caller's facts, the op, the backend's and what the call knows
-    // already: each from a different place, none worth a struct of its own.)
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn map_checks(
         &self,
         h: &impl Hypervisor,
-        caller: DomId,
-        caller_info: &DomainInfo,
+        caller: &Caller<'_>,
         req: &MapRequest,
         caps: &crate::iommu::BackendCaps,
         target_checked: bool,
-        refusals: &PolicyRefusals,
     ) -> Result<&TargetGate, Errno> {
-        check_map_again(
-            h,
-            caller,
-            caller_info,
-            req.domid,
-            req.context,
-            target_checked,
-            refusals,
-        )?;
+        check_map_again(h, caller, req.domid, req.context, target_checked)?;
         if req.grant {
             // Designed in the ABI; no backend offers PVIOMMU_FEAT_GRANT yet.
             return Err(Errno::OpNotSupp);
@@ -898,7 +875,7 @@ impl<L: RawMutex> Engine<L> {
         // authority, this only spares the lookup.
         if !target_checked
             && req.context != ContextId::DEFAULT
-            && self.cell_number(caller, req.context).is_none()
+            && self.cell_number(caller.id, req.context).is_none()
         {
             return Err(Errno::NoEnt);
         }

@@ -720,14 +720,17 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// Free the tables `dd`'s flushes emptied, [`TABLE_FREE_COST`] of
-    /// `budget` each, while it lasts: how many went, and whether any is
-    /// left.
+    /// `budget` each, while it lasts and at most [`TABLE_FREES_PER_CALL`]
+    /// (a hook's budget grows with what it revoked: a review of
+    /// 2026-12-06): how many went, and whether any is left.
     fn free_tables(
         dd: &mut DriverDomain,
         h: &mut impl Hypervisor,
         budget: &mut u64,
     ) -> (u64, bool) {
-        let mut tables = usize::try_from(*budget / TABLE_FREE_COST).unwrap_or(usize::MAX);
+        let mut tables = usize::try_from(*budget / TABLE_FREE_COST)
+            .unwrap_or(usize::MAX)
+            .min(TABLE_FREES_PER_CALL);
         let before = tables;
         let left = dd.free_flushed_tables(h, &mut tables);
         let freed = before.saturating_sub(tables) as u64;
@@ -1851,7 +1854,8 @@ impl<L: RawMutex> Engine<L> {
                     return Err(Restart);
                 }
                 ContextsLeft::HoldingPages => return Err(Self::walk_again(c)),
-                ContextsLeft::TablesLeft => {
+                ContextsLeft::TablesLeft(context) => {
+                    self.free_tables_of(h, domid, context);
                     Self::count_restart(c, true);
                     return Err(Restart);
                 }

@@ -20,10 +20,8 @@
 #  - a bridge with no device_type named "pcie" (Xen drives it as PCI):
 #    read as one; a host bridge with an empty `ranges`: off.
 # Exits non-zero on a wrong answer.
-set -euo pipefail
-HERE="$(cd "$(dirname "$0")/.." && pwd)"
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
+# shellcheck source=prelude.sh
+. "$(dirname "$0")/prelude.sh"
 
 # The region table (as run-window.sh takes it) and the Arm builder.
 # shellcheck source=glue-regions.sh

@@ -5,10 +5,8 @@
 # saturating like the C library's strtoull), and run against good and
 # hostile values. Exits non-zero on a wrong answer. (The Arm glue's extra
 # `dom0-p2m` option, under PVX_DOM0_P2M, is not compiled here.)
-set -euo pipefail
-HERE="$(cd "$(dirname "$0")/.." && pwd)"
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
+# shellcheck source=prelude.sh
+. "$(dirname "$0")/prelude.sh"
 
 # The option's variables and parser, as they are in the glue.
 sed -n '/^#define PVX_MAX_QUOTA/,/^static int __init cf_check parse_pviommu/{/^static int __init cf_check parse_pviommu/!p}' \

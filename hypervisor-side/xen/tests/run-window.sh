@@ -10,10 +10,8 @@
 # hole below 4 GiB through there), and one whose RAM ends above it; and
 # what the glue's unmap answers the engine for a run outside the window
 # (pvx_unmap_refused(), x86's and Arm's). Exits non-zero on a wrong answer.
-set -euo pipefail
-HERE="$(cd "$(dirname "$0")/.." && pwd)"
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
+# shellcheck source=prelude.sh
+. "$(dirname "$0")/prelude.sh"
 
 # shellcheck source=glue-regions.sh
 . "$HERE/tests/glue-regions.sh"

@@ -8,10 +8,8 @@
 # glue reserved up to mem_hotplug only (the hot-pluggable blocks' end), so
 # a block that is not hot-pluggable past all of e820's RAM was left to
 # BFNs. Exits non-zero on a wrong answer.
-set -euo pipefail
-HERE="$(cd "$(dirname "$0")/.." && pwd)"
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
+# shellcheck source=prelude.sh
+. "$(dirname "$0")/prelude.sh"
 
 sed -n '/^static uint64_t __init pvx_hotadd_end_pfn/,/^}/p' "$HERE/pviommu.c" > "$WORK/glue.inc"
 grep -q 'numa_memblks_end()' "$WORK/glue.inc" ||

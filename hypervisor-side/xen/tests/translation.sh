@@ -7,10 +7,8 @@
 # keeps that set-up, so it must not be told TRANSLATES. The function with
 # the fix cut out must get that case wrong, or this test could not fail.
 # Exits non-zero on a wrong answer.
-set -euo pipefail
-HERE="$(cd "$(dirname "$0")/.." && pwd)"
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
+# shellcheck source=prelude.sh
+. "$(dirname "$0")/prelude.sh"
 
 sed -n '/^static uint32_t pvx_translation(/,/^}/p' "$HERE/pviommu-common.inc" > "$WORK/fixed.inc"
 grep -q 'need_iommu_pt_sync(d)' "$WORK/fixed.inc" ||

@@ -12,10 +12,8 @@
 # test could not fail. Two publications inside one read (a stall across
 # two dm_ops) can still mix them; pvx_vram_range()'s comment says why
 # that is harmless. Exits non-zero on a wrong answer.
-set -euo pipefail
-HERE="$(cd "$(dirname "$0")/.." && pwd)"
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
+# shellcheck source=prelude.sh
+. "$(dirname "$0")/prelude.sh"
 
 sed -n '/^static void pvx_vram_range(/,/^}/p' "$HERE/pviommu.c" > "$WORK/reader.inc"
 grep -q 'ACCESS_ONCE(s->last)' "$WORK/reader.inc" ||

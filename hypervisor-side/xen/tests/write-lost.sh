@@ -7,10 +7,8 @@
 # writable device mappings made before log-dirty mode stay until its
 # sliced revocation reaches them (a review of 2026-12-05; the rule was
 # "from rw" only). Exits non-zero on a wrong answer.
-set -euo pipefail
-HERE="$(cd "$(dirname "$0")/.." && pwd)"
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
+# shellcheck source=prelude.sh
+. "$(dirname "$0")/prelude.sh"
 failures=0
 for patch in "$HERE/patches/0002-pviommu-kconfig-and-hooks.patch" \
              "$HERE/patches-4.20/0002-pviommu-kconfig-and-hooks-xen4.20.patch"; do
