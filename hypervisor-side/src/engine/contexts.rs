@@ -739,10 +739,10 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// Destroy an empty context, as much of it as one call may do:
-    /// `Err(Again)` when the tables its unmaps emptied were more than one
-    /// call frees ([`TABLE_FREES_PER_CALL`](super::revoke::TABLE_FREES_PER_CALL),
-    /// left by failed flushes); that many went, and its devices are
-    /// detached. A hypercall continues with the same op.
+    /// `Err(Again)` when tables its unmaps emptied were still to be freed
+    /// (left by failed flushes): up to [`TABLE_FREES_PER_CALL`](super::revoke::TABLE_FREES_PER_CALL)
+    /// of them went, under the context's cell lock alone, and its devices
+    /// are detached. A hypercall continues with the same op.
     pub fn context_destroy_some(
         &self,
         h: &mut impl Hypervisor,

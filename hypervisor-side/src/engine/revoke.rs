@@ -278,8 +278,10 @@ const _: () =
 /// flushes failed, the emptied tables piled up, a table per 512 BFNs of
 /// the quota, and the first flush to succeed freed them all).
 pub const TABLE_FREE_COST: u64 = 64;
-/// The tables one call frees at most: a hook, a teardown slice, the end of
-/// an owner's call, a context's destroy.
+/// The tables one cell's flush frees at most (the end of an owner's call,
+/// a teardown slice, a context's destroy), each from the call's budget: a
+/// hook's budget, shared by the cells it visits, grows with what it
+/// revoked, so a hook frees more only in proportion to its own work.
 pub const TABLE_FREES_PER_CALL: usize = (RELEASE_BUDGET / TABLE_FREE_COST) as usize;
 // A default batch of page unmaps empties a few tables (a leaf table per
 // 512 of its ops, and what hangs above): they go at the call's end. (More,
