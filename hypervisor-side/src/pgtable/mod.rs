@@ -1637,18 +1637,25 @@ mod freed_list_tests {
         }
     }
 
+    /// The tables these tests build: 3 levels, no superpages, splits from
+    /// spares (as the engine's own contexts), emptied tables kept for
+    /// reuse or not.
+    fn three_levels(recycle: bool) -> TableOptions {
+        TableOptions {
+            levels: 3,
+            superpages: false,
+            recycle,
+            split_from_spares: true,
+            gigapages: false,
+        }
+    }
+
     /// Every entry of every frame on the freed list, as the hardware sees
     /// it (the raw word, count bits included), decodes as not present at
     /// every level.
     fn freed_frames_read_as_empty<F: PageTableFormat>() {
         let mut mem = frames();
-        let options = TableOptions {
-            levels: 3,
-            superpages: false,
-            recycle: false,
-            split_from_spares: true,
-            gigapages: false,
-        };
+        let options = three_levels(/* recycle: */ false);
         let mut t = IoPageTable::<F>::with_options(&mut mem, options).unwrap();
         // Pages in distinct 2 MiB and 1 GiB regions: unmapping them frees
         // leaf and level-2 tables, several of them chained.
@@ -1788,13 +1795,7 @@ mod freed_list_tests {
     /// context.
     fn emptied_tables_are_reused_after_the_flush_up_to_the_bound<F: PageTableFormat>() {
         let mut mem = frames();
-        let options = TableOptions {
-            levels: 3,
-            superpages: false,
-            recycle: true,
-            split_from_spares: true,
-            gigapages: false,
-        };
+        let options = three_levels(/* recycle: */ true);
         let mut t = IoPageTable::<F>::with_options(&mut mem, options).unwrap();
         let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
         // Five pages in distinct 1 GiB regions: a leaf and a level-2 table
@@ -1838,13 +1839,7 @@ mod freed_list_tests {
     #[test]
     fn flushed_tables_go_a_budget_at_a_time() {
         let mut mem = frames();
-        let options = TableOptions {
-            levels: 3,
-            superpages: false,
-            recycle: false,
-            split_from_spares: true,
-            gigapages: false,
-        };
+        let options = three_levels(/* recycle: */ false);
         let mut t = IoPageTable::<Vtd>::with_options(&mut mem, options).unwrap();
         let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
         // Pages in distinct 1 GiB regions: a leaf and a level-2 table each.
@@ -1889,13 +1884,7 @@ mod freed_list_tests {
     #[test]
     fn a_kept_table_that_is_not_clear_is_never_reused() {
         let mut mem = frames();
-        let options = TableOptions {
-            levels: 3,
-            superpages: false,
-            recycle: true,
-            split_from_spares: true,
-            gigapages: false,
-        };
+        let options = three_levels(/* recycle: */ true);
         let mut t = IoPageTable::<Vtd>::with_options(&mut mem, options).unwrap();
         let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
         t.map(&mut mem, Bfn(0x4_0001), Mfn(0x100), rw, wb).unwrap();
@@ -1945,13 +1934,7 @@ mod freed_list_tests {
     #[test]
     fn the_cached_leaf_table_is_dropped_when_the_table_is_freed() {
         let mut mem = frames();
-        let options = TableOptions {
-            levels: 3,
-            superpages: false,
-            recycle: false,
-            split_from_spares: true,
-            gigapages: false,
-        };
+        let options = three_levels(/* recycle: */ false);
         let mut t = IoPageTable::<Vtd>::with_options(&mut mem, options).unwrap();
         let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
         for i in 0..3 {
