@@ -81,14 +81,11 @@ pub fn check_map_again(
     context: ContextId,
     target_checked: bool,
 ) -> Result<(), Errno> {
-    let caller_id = caller.id;
-    let refusals = &caller.refusals;
-    let caller = caller.info;
-    if context == ContextId::DEFAULT && caller.translation != translation::TRANSLATES {
+    if context == ContextId::DEFAULT && caller.info.translation != translation::TRANSLATES {
         return Err(Errno::AddrNotAvail);
     }
     if !target_checked {
-        match caller_kind(caller, target) {
+        match caller_kind(caller.info, target) {
             CallerKind::Privileged | CallerKind::DeviceModel => {}
             CallerKind::Unrelated => return Err(Errno::Perm),
         }
@@ -97,7 +94,7 @@ pub fn check_map_again(
             _ => return Err(Errno::Srch),
         }
     }
-    if target == caller_id && context == ContextId::DEFAULT {
+    if target == caller.id && context == ContextId::DEFAULT {
         // A domain's own pages are already in its default context (strict
         // mode maps them 1:1); handing out a second address for them is
         // refused. Its other contexts start empty: a device attached to one
@@ -108,7 +105,9 @@ pub fn check_map_again(
     if target_checked {
         return Ok(());
     }
-    refusals.xsm_allows(p, caller_id, Some(target), XsmAction::Map)
+    caller
+        .refusals
+        .xsm_allows(p, caller.id, Some(target), XsmAction::Map)
 }
 
 /// The caller of one call: who it is, the facts the call read of it once,

@@ -732,8 +732,9 @@ impl<L: RawMutex> Engine<L> {
         let Some(mut d) = self.lock_cell(caller, context) else {
             return false;
         };
-        let mut tables = super::revoke::TABLE_FREES_PER_CALL;
-        let left = d.dd.free_flushed_tables(h, &mut tables);
+        // A whole release's budget: `TABLE_FREES_PER_CALL` of them.
+        let mut budget = super::revoke::RELEASE_BUDGET;
+        let (_, left) = Self::free_tables(&mut d.dd, h, &mut budget);
         self.put_driver(d);
         left
     }

@@ -724,8 +724,9 @@ impl<L: RawMutex> Engine<L> {
     /// Free the tables `dd`'s flushes emptied, [`TABLE_FREE_COST`] of
     /// `budget` each, while it lasts and at most [`TABLE_FREES_PER_CALL`]
     /// (a hook's budget grows with what it revoked: a review of
-    /// 2026-12-06): how many went, and whether any is left.
-    fn free_tables(
+    /// 2026-12-06): how many went, and whether any is left. The one way
+    /// the engine frees them outside a context's destroy.
+    pub(super) fn free_tables(
         dd: &mut DriverDomain,
         h: &mut impl Hypervisor,
         budget: &mut u64,

@@ -1069,6 +1069,10 @@ pub struct SimMachine {
     /// Times the devices lock was taken (a hostile caller must not be able
     /// to keep Xen's `pcidevs_lock` busy for free).
     pub devices_lock_taken: u64,
+    /// Table frames freed with the devices lock held: each is written back
+    /// first on a non-coherent IOMMU, so a pile of them holds Xen's global
+    /// `pcidevs_lock` that long (read by tests around a call).
+    tables_freed_under_devices_lock: u64,
     /// The next this-many device attaches fail (failure injection).
     pub fail_attaches: u32,
     /// The next this-many tags for a new context of the engine's are
@@ -1161,6 +1165,7 @@ impl SimMachine {
             devices: BTreeMap::new(),
             devices_lock_depth: 0,
             devices_lock_taken: 0,
+            tables_freed_under_devices_lock: 0,
             fail_attaches: 0,
             fail_context_creates: (0, Errno::NoSpc),
             fail_detaches: 0,
@@ -2334,6 +2339,12 @@ impl SimMachine {
         self.ram.tables_freed
     }
 
+    /// Of [`tables_freed`](Self::tables_freed), those freed with the
+    /// devices lock (Xen's `pcidevs_lock`) held.
+    pub fn tables_freed_under_devices_lock(&self) -> u64 {
+        self.tables_freed_under_devices_lock
+    }
+
     /// Free RAM frames.
     pub fn free_frames(&self) -> usize {
         self.ram.free.len()
@@ -2815,6 +2826,9 @@ impl TableMemory for SimMachine {
     }
     fn free_table(&mut self, table: Mfn) {
         let _host = HostAllocations::begin();
+        if self.devices_lock_depth > 0 {
+            self.tables_freed_under_devices_lock += 1;
+        }
         self.ram.free_table(table)
     }
     fn reuse_table(&mut self, table: Mfn) {
