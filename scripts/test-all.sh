@@ -73,6 +73,9 @@ hypervisor-side/xen/tests/vram-range.sh
 step "glue: whether a map into context 0 isolates anything, by the caller's IOMMU set-up"
 hypervisor-side/xen/tests/translation.sh
 
+step "x86 glue: a PV target's foreign frames and typed pages refused without a log line"
+hypervisor-side/xen/tests/pv-frames.sh
+
 step "engine for x86_64-unknown-none (Xen's target)"
 scripts/build-engine-nostd.sh
 

@@ -212,9 +212,9 @@ int pviommu_vram_revoke(struct domain *d, unsigned long first,
          * tracking must not move there (the type change's hook cannot
          * fail). The stuck entries are retried in turn by the flushes.
          */
-        printk(XENLOG_G_WARNING
-               "pviommu: %pd VRAM %#lx+%#lx: writable device mappings left (IOMMU failures)\n",
-               d, first, nr);
+        pvx_printk_limited(
+            "pviommu: %pd VRAM %#lx+%#lx: writable device mappings left (IOMMU failures)\n",
+            d, first, nr);
     else if ( rc && rc != -ERESTART )
     {
         /* The engine promises 0, -ERESTART or -EIO: fail closed. */
@@ -598,6 +598,47 @@ static bool pvx_vram_sweeping(const struct domain *d, uint64_t gfn)
     return first <= gfn && gfn < last;
 }
 
+/*
+ * A PV domain's "gfn" is a machine frame its caller chose: the frame
+ * referenced if d owns it, else NULL with nothing taken. get_page() without
+ * its log line, which get_page_from_gfn() would print (the frame's owner
+ * and counts) for every frame that is not d's, with no rate limit on a
+ * debug build or with guest_loglvl=all: a line a map op, 1024 a call, at
+ * the caller's will (a review of 2026-12-07).
+ */
+static struct page_info *pvx_pv_frame_page(const struct domain *d,
+                                           uint64_t mfn)
+{
+    struct page_info *pg;
+    const struct domain *owner;
+
+    /* (mfn_valid() resolves its bound under speculation.) */
+    if ( !mfn_valid(_mfn(mfn)) )
+        return NULL;
+    pg = mfn_to_page(_mfn(mfn));
+    owner = page_get_owner_and_reference(pg);
+    if ( likely(owner == d) )
+        return pg;
+    if ( owner )
+        put_page(pg);
+
+    return NULL;
+}
+
+/*
+ * Whether get_page_type(pg, PGT_writable_page) would fail for a type in use
+ * other than writable (a PV page table or descriptor page): asked first,
+ * because _get_page_type() logs that failure on a debug build, a line a map
+ * op at the caller's will (the same review). A type taken after this look
+ * still fails there, logged once: the guest's own race.
+ */
+static bool pvx_writable_type_refused(const struct page_info *pg)
+{
+    unsigned long x = ACCESS_ONCE(pg->u.inuse.type_info);
+
+    return (x & PGT_count_mask) && (x & PGT_type_mask) != PGT_writable_page;
+}
+
 /* For pvx_get_page(): the lookup on x86's p2m types, PV and HVM. */
 static struct page_info *pvx_lookup_page(struct domain *d, uint64_t gfn,
                                          int want_write, p2m_type_t *t,
@@ -614,6 +655,20 @@ static struct page_info *pvx_lookup_page(struct domain *d, uint64_t gfn,
     {
         *kind = PVX_PAGE_LOG_DIRTY;
         return NULL;
+    }
+
+    /*
+     * PV: no p2m, so no paging, sharing or PoD. The "gfn" is a machine
+     * frame, and one that is not d's (Xen's, another domain's, or none) is
+     * simply not present in d: answering EXDEV for a frame that exists,
+     * ENXIO for one that does not, told a device model of a PV guest which
+     * machine frames exist (a review of 2026-12-05). The caller's initial
+     * NOT_PRESENT stands.
+     */
+    if ( !paging_mode_translate(d) )
+    {
+        *t = p2m_ram_rw;
+        return pvx_pv_frame_page(d, gfn);
     }
 
     /*
@@ -672,13 +727,6 @@ static struct page_info *pvx_lookup_page(struct domain *d, uint64_t gfn,
         *kind = PVX_PAGE_MMIO;
         goto drop;
     }
-    /*
-     * PV: the "gfn" is a machine frame, and one that is not d's (Xen's,
-     * another domain's, or none) is simply not present in d: answering
-     * EXDEV for a frame that exists, ENXIO for one that does not, told a
-     * device model of a PV guest which machine frames exist (a review of
-     * 2026-12-05). The caller's initial NOT_PRESENT stands.
-     */
     return pg;
 
  drop:
@@ -813,10 +861,9 @@ static int pvx_unmap_run(struct domain *d, dfn_t dfn0, unsigned long count,
                          IOMMUF_order(order), flush);
         if ( likely(!err) )
             continue;
-        /* The guest class is rate limited: one token, not two. */
-        printk(XENLOG_G_WARNING
-               "pviommu: d%d: IOMMU unmap of dfn %"PRI_dfn" order %u failed: %d\n",
-               d->domain_id, dfn_x(dfn), order, err);
+        pvx_printk_limited(
+            "pviommu: d%d: IOMMU unmap of dfn %"PRI_dfn" order %u failed: %d\n",
+            d->domain_id, dfn_x(dfn), order, err);
         if ( !rc )
             rc = err;
     }
@@ -847,10 +894,9 @@ static int pvx_map_run(struct domain *d, dfn_t dfn0, mfn_t mfn0,
                         flags | IOMMUF_order(order), flush);
         if ( likely(!rc) )
             continue;
-        /* The guest class is rate limited: one token, not two. */
-        printk(XENLOG_G_WARNING
-               "pviommu: d%d: IOMMU map of dfn %"PRI_dfn" order %u failed: %d\n",
-               d->domain_id, dfn_x(dfn), order, rc);
+        pvx_printk_limited(
+            "pviommu: d%d: IOMMU map of dfn %"PRI_dfn" order %u failed: %d\n",
+            d->domain_id, dfn_x(dfn), order, rc);
         /*
          * What the run mapped goes again (as Xen's iommu_map(): a failure
          * there leaves entries the engine's page-by-page retry finds).

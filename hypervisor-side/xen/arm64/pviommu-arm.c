@@ -357,6 +357,12 @@ static bool pvx_type_readable(p2m_type_t t)
     return t == p2m_ram_rw || t == p2m_ram_ro;
 }
 
+/* Arm keeps no type counts: get_page_type() always succeeds, silently. */
+static bool pvx_writable_type_refused(const struct page_info *pg)
+{
+    return false;
+}
+
 /*
  * For pvx_get_pages(): no walk for a run here (Arm's p2m lookups answer a
  * page at a time): each page is looked up on its own, under the one
