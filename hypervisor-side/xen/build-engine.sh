@@ -59,7 +59,7 @@ LIB="$(ls -t "$TARGET_DIR"/x86_64-unknown-none/release/lib*.a | head -1)"
 echo "build-engine: staticlib $LIB"
 
 RAW="$OUT/rust_engine.raw.o"
-ENTRIES="pviommu_engine_init pviommu_engine_op pviommu_engine_domain_teardown pviommu_engine_revoke_writes pviommu_engine_revoke_writes_in pviommu_engine_gfn_changed pviommu_engine_device_leaving pviommu_engine_window"
+ENTRIES="pviommu_engine_init pviommu_engine_op pviommu_engine_domain_teardown pviommu_engine_revoke_writes pviommu_engine_revoke_writes_in pviommu_engine_gfn_changed pviommu_engine_device_leaving pviommu_engine_fault_expected pviommu_engine_window"
 ld -r --gc-sections $(for s in $ENTRIES; do printf -- '-u %s ' "$s"; done) \
    -o "$RAW" "$LIB"
 

@@ -639,6 +639,39 @@ static bool pvx_writable_type_refused(const struct page_info *pg)
     return (x & PGT_count_mask) && (x & PGT_type_mask) != PGT_writable_page;
 }
 
+/*
+ * Patch 0008 (xen/pviommu.h): an IOMMU fault of seg:bdf at DMA address
+ * addr, from VT-d's or AMD-Vi's fault tasklet, is one a revocation made.
+ */
+bool pviommu_fault_expected(uint16_t seg, uint16_t bdf, uint64_t addr)
+{
+    static s_time_t last;
+    pci_sbdf_t sbdf = PCI_SBDF(seg, bdf);
+    s_time_t now, prev;
+    bool expected;
+
+    ASSERT(!in_irq());
+    if ( !pviommu_ready )
+        return false;
+
+    expected = pviommu_engine_fault_expected(sbdf.sbdf, addr >> PAGE_SHIFT);
+
+    /*
+     * Why Xen left the device on, said a line a second at most host-wide:
+     * a limit of its own, since the faults' own lines spend
+     * printk_ratelimit()'s.
+     */
+    now = NOW();
+    prev = read_atomic(&last);
+    if ( expected && (!prev || now - prev >= SECONDS(1)) &&
+         cmpxchg(&last, prev, now) == prev )
+        printk(XENLOG_INFO
+               "pviommu: %pp DMA fault at BFN %#"PRIx64" after its revocation: not counted against the device\n",
+               &sbdf, addr >> PAGE_SHIFT);
+
+    return expected;
+}
+
 /* For pvx_get_page(): the lookup on x86's p2m types, PV and HVM. */
 static struct page_info *pvx_lookup_page(struct domain *d, uint64_t gfn,
                                          int want_write, p2m_type_t *t,

@@ -1767,3 +1767,77 @@ fn a_dying_driver_domains_pile_of_tables_goes_a_budget_a_slice() {
     m.destroy_domain(DEVICE_MODEL);
     check_invariants(&mut m, &e).unwrap();
 }
+
+/// `device` writes its BFN `bfn` `n` times back to back (1 µs apart on
+/// the machine's DMA clock), each a fault; then Xen's fault tasklet runs.
+/// How many devices it turned off.
+fn faults_at(m: &mut SimMachine, e: &Engine, device: Sbdf, bfn: Bfn, n: u32) -> u32 {
+    for _ in 0..n {
+        let r = m.device_dma_write(device, bfn.0 << 12, &[0xee; 8]);
+        assert!(r.is_err(), "{device} wrote {bfn:?}");
+    }
+    m.process_device_faults(e)
+}
+
+/// An audit of 2026-12-07: Xen counts every IOMMU fault against the
+/// device that made it and turns its bus mastering off at the tenth in
+/// quick succession (`pci_check_disable_device()`), whoever owns it. A
+/// revocation makes faults the device's owner did not choose: the target
+/// guest gave its page back while a mediator's device (serving other
+/// guests, and the host) was writing it. Such faults, until the owner
+/// acknowledges the notice, are not counted (patch 0008); any other still
+/// is. In dom0's default context and in a context of the engine's own.
+fn a_revocation_does_not_turn_the_device_off(context_of_its_own: bool) {
+    use pviommu_hv::sim::hardware::PT_FAULT_THRESHOLD;
+    let (mut m, e) = host(Format::Vtd);
+    let ctx = if context_of_its_own {
+        let ctx = create(&mut m, &e, DomId::DOM0);
+        assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx, A), 0);
+        ctx
+    } else {
+        ContextId::DEFAULT
+    };
+    let bfn = map_in(&mut m, &e, ctx, 3, MemAttr::WriteBack);
+    assert!(m.device_dma_write(A, bfn.0 << 12, &[1; 8]).is_ok());
+    // The guest gives the page back while A writes it.
+    m.balloon_out(&e, GUEST, pviommu_abi::Gfn(3)).unwrap();
+    let n = 2 * PT_FAULT_THRESHOLD;
+    assert_eq!(faults_at(&mut m, &e, A, bfn, n), 0, "A turned off");
+    assert!(!m.device(A).unwrap().bus_master_off);
+    assert_eq!(m.faults_expected, u64::from(n));
+    // A BFN never mapped: the device's own doing, counted as before.
+    let never = Bfn(bfn.0 + 100);
+    let (ret, _) = op(
+        &mut m,
+        &e,
+        DomId::DOM0,
+        Request::Unmap {
+            context: ctx,
+            bfn: never,
+        },
+    );
+    assert_eq!(ret, Errno::NoEnt.negated());
+    assert_eq!(
+        faults_at(&mut m, &e, A, never, PT_FAULT_THRESHOLD),
+        1,
+        "the rule still holds"
+    );
+    assert!(m.device(A).unwrap().bus_master_off);
+    assert!(m.device_dma_read(A, 0, 8).is_err(), "no DMA once off");
+    // Acknowledged, the revoked BFN's faults count too.
+    m.set_bus_master(A, true);
+    m.dma_clock_ns += 1_000_000_000;
+    assert_eq!(unmap_in(&mut m, &e, ctx, bfn), Errno::Stale.negated());
+    assert_eq!(faults_at(&mut m, &e, A, bfn, PT_FAULT_THRESHOLD), 1);
+    check_invariants(&mut m, &e).unwrap();
+}
+
+#[test]
+fn a_revocation_in_the_default_context_does_not_turn_the_device_off() {
+    a_revocation_does_not_turn_the_device_off(false);
+}
+
+#[test]
+fn a_revocation_in_an_engine_context_does_not_turn_the_device_off() {
+    a_revocation_does_not_turn_the_device_off(true);
+}

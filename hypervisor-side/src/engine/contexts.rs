@@ -1091,6 +1091,66 @@ impl<L: RawMutex> Engine<L> {
         }
     }
 
+    /// Whether a DMA fault of `device` at `bfn` is one a revocation made:
+    /// in the context the device walks (the one of its owner's it is
+    /// attached to, else its owner's default context), `bfn` is revoked
+    /// and its notice not yet acknowledged, or is being revoked. Xen then
+    /// does not count the fault toward turning the device's bus mastering
+    /// off (patch 0008; `pci_check_disable_device()`: 10 faults at most
+    /// 10 ms apart): the target guest decided when its page went, not the
+    /// device's owner, and a mediator's device serving other guests and
+    /// the host must not stop for it (an audit of 2026-12-07). Every other
+    /// fault counts, as before: the owner answers for its device's DMA to
+    /// BFNs it unmapped itself, acknowledged, or never mapped.
+    ///
+    /// From Xen's fault tasklet (softirq context, no lock held): takes the
+    /// devices lock, then at most one cell at a time, as an attach does.
+    pub fn fault_expected(&self, h: &mut impl Hypervisor, device: Sbdf, bfn: Bfn) -> bool {
+        let Some(idx) = self.space.index_of(bfn) else {
+            return false;
+        };
+        h.devices_lock();
+        let expected = h
+            .device_facts(device)
+            .is_some_and(|facts| self.revoked_where_walked(facts.owner, device, idx));
+        h.devices_unlock();
+        expected
+    }
+
+    /// [`fault_expected`](Self::fault_expected) once the device's owner is
+    /// known (the devices lock held: the owner and the attachment stay).
+    fn revoked_where_walked(&self, owner: DomId, device: Sbdf, idx: u64) -> bool {
+        let mut context = ContextId::DEFAULT;
+        for c in self.contexts_of(owner) {
+            if c == ContextId::DEFAULT {
+                continue;
+            }
+            let Some(d) = self.lock_cell(owner, c) else {
+                continue;
+            };
+            let on = d.dd.attached_devices(c).any(|a| a == device);
+            self.put_driver(d);
+            if on {
+                context = c;
+                break;
+            }
+        }
+        let Some(d) = self.lock_cell(owner, context) else {
+            return false;
+        };
+        // A revoked BFN is reserved (never handed out again) until its
+        // owner acknowledges it; one being revoked answers `EBUSY` to an
+        // unmap, and becomes revoked at its flush.
+        let revoked = d.dd.guest_slot(idx).is_some_and(|i| {
+            matches!(
+                Self::unmap_kind(&d.dd, context, i),
+                Ok(super::unmap::UnmapKind::Revoked) | Err(Errno::Busy)
+            )
+        });
+        self.put_driver(d);
+        revoked
+    }
+
     /// Xen is about to move `device` away from `owner` (deassignment,
     /// hot-unplug): if it is attached to one of `owner`'s contexts, put it
     /// back in the default context first, so Xen finds the device where it

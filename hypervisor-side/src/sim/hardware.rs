@@ -24,7 +24,19 @@ pub enum FaultReason {
     /// An entry on the walk has a reserved bit set (VT-d: SNP on an IOMMU
     /// without Snoop Control).
     ReservedBit,
+    /// The device's bus mastering is off (Xen turned it off after
+    /// [`PT_FAULT_THRESHOLD`] faults): its DMA never reaches the IOMMU, and
+    /// nothing is recorded.
+    BusMasterOff,
 }
+
+/// Xen's `PT_FAULT_THRESHOLD` (xen/pci.h): the faults, each at most
+/// [`FAULT_DECAY_NS`] after the one before, after which
+/// `pci_check_disable_device()` turns a device's bus mastering off.
+pub const PT_FAULT_THRESHOLD: u32 = 10;
+/// A gap longer than this between two faults halves the device's count
+/// (Xen: `MILLISECS(10)`).
+pub const FAULT_DECAY_NS: u64 = 10_000_000;
 
 /// A recorded IOMMU fault.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

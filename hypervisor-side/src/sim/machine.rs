@@ -371,6 +371,17 @@ pub struct SimDevice {
     pub attached: Option<HwContext>,
     /// Its context entry was cleared (a failed detach): DMA is blocked.
     pub blocked: bool,
+    /// Xen turned its bus mastering off (`pci_check_disable_device()`,
+    /// [`hardware::PT_FAULT_THRESHOLD`] faults close together): its DMA
+    /// reaches nothing until its owner's driver turns it on again
+    /// ([`SimMachine::set_bus_master`]).
+    pub bus_master_off: bool,
+    /// Xen's `pdev->fault.count`: faults counted against the device, halved
+    /// after a gap of more than [`hardware::FAULT_DECAY_NS`].
+    pub fault_count: u32,
+    /// Xen's `pdev->fault.time`: when the last one was counted (the
+    /// machine's DMA clock, [`SimMachine::dma_clock_ns`]).
+    pub fault_time_ns: u64,
 }
 
 /// RAM frames and their metadata: the [`TableMemory`] the IOMMU tables live in.
@@ -970,6 +981,18 @@ pub struct SimMachine {
     pub faults: VecDeque<DmaFault>,
     /// DMA faults since the machine was made, kept or not.
     pub faults_total: u64,
+    /// Faults of devices the IOMMU recorded for Xen's fault tasklet (VT-d's
+    /// fault recording registers, AMD-Vi's event log), oldest first, with
+    /// their time: [`process_device_faults`](Self::process_device_faults)
+    /// takes them. At most [`FAULTS_KEPT`]: a full log drops the newest,
+    /// as the hardware's overflow does.
+    device_faults: VecDeque<(Sbdf, u64, DmaFault)>,
+    /// The DMA clock, in ns: each device access takes 1 µs of it; a test
+    /// advances it for a gap between accesses.
+    pub dma_clock_ns: u64,
+    /// Faults Xen's fault tasklet did not count against their device: a
+    /// revocation made them ([`crate::Engine::fault_expected`]).
+    pub faults_expected: u64,
     /// IOMMU maps asked for past the address width (see
     /// [`set_address_bits`](Self::set_address_bits)): a domain crash on
     /// Xen's AMD-Vi. The engine must never make one.
@@ -1131,6 +1154,9 @@ impl SimMachine {
             flushes: 0,
             faults: VecDeque::new(),
             faults_total: 0,
+            device_faults: VecDeque::new(),
+            dma_clock_ns: 0,
+            faults_expected: 0,
             maps_past_width: 0,
             maps_over_present: 0,
             services_under_p2m_lock: 0,
@@ -2110,6 +2136,9 @@ impl SimMachine {
                 facts,
                 attached: None,
                 blocked: false,
+                bus_master_off: false,
+                fault_count: 0,
+                fault_time_ns: 0,
             },
         );
     }
@@ -2201,8 +2230,11 @@ impl SimMachine {
         addr: u64,
         len: usize,
     ) -> Result<Vec<u8>, DmaFault> {
+        self.device_access(device, addr, false)?;
         let route = self.dma_route(device);
-        self.dma_read_via(route, addr, len)
+        let r = self.dma_read_via(route, addr, len);
+        self.note_device_fault(device, &r);
+        r
     }
 
     /// `device` writes `data` at bus address `addr`.
@@ -2212,8 +2244,75 @@ impl SimMachine {
         addr: u64,
         data: &[u8],
     ) -> Result<(), DmaFault> {
+        self.device_access(device, addr, true)?;
         let route = self.dma_route(device);
-        self.dma_write_via(route, addr, data)
+        let r = self.dma_write_via(route, addr, data);
+        self.note_device_fault(device, &r);
+        r
+    }
+
+    /// A device access starts: 1 µs of the DMA clock; none at all from a
+    /// device whose bus mastering Xen turned off.
+    fn device_access(&mut self, device: Sbdf, addr: u64, write: bool) -> Result<(), DmaFault> {
+        self.dma_clock_ns += 1_000;
+        match self.devices.get(&device) {
+            Some(d) if d.bus_master_off => Err(DmaFault {
+                owner: d.facts.owner,
+                context: ContextId::DEFAULT,
+                addr,
+                write,
+                reason: hardware::FaultReason::BusMasterOff,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// A device's fault goes to Xen's fault tasklet.
+    fn note_device_fault<T>(&mut self, device: Sbdf, r: &Result<T, DmaFault>) {
+        if let Err(f) = r {
+            if self.device_faults.len() < FAULTS_KEPT {
+                self.device_faults
+                    .push_back((device, self.dma_clock_ns, *f));
+            }
+        }
+    }
+
+    /// Xen's IOMMU fault tasklet (VT-d `__do_iommu_page_fault()`, AMD-Vi
+    /// `parse_event_log_entry()`), over the faults recorded since it last
+    /// ran: each is counted against its device by
+    /// `pci_check_disable_device()`, which turns the device's bus mastering
+    /// off at the [`hardware::PT_FAULT_THRESHOLD`]th fault close together,
+    /// unless the engine says a revocation made it (patch 0008,
+    /// [`crate::Engine::fault_expected`]). How many devices it turned off.
+    pub fn process_device_faults(&mut self, engine: &crate::Engine) -> u32 {
+        let mut turned_off = 0;
+        while let Some((device, at, f)) = self.device_faults.pop_front() {
+            if engine.fault_expected(self, device, Bfn(f.addr >> 12)) {
+                self.faults_expected += 1;
+                continue;
+            }
+            let Some(d) = self.devices.get_mut(&device) else {
+                continue;
+            };
+            if at < d.fault_time_ns || at - d.fault_time_ns > hardware::FAULT_DECAY_NS {
+                d.fault_count >>= 1;
+            }
+            d.fault_time_ns = at;
+            d.fault_count += 1;
+            if d.fault_count >= hardware::PT_FAULT_THRESHOLD && !d.bus_master_off {
+                d.bus_master_off = true;
+                turned_off += 1;
+            }
+        }
+        turned_off
+    }
+
+    /// The device's owner turns its bus mastering on (or off) again: its
+    /// PCI command register.
+    pub fn set_bus_master(&mut self, device: Sbdf, on: bool) {
+        if let Some(d) = self.devices.get_mut(&device) {
+            d.bus_master_off = !on;
+        }
     }
 
     /// The raw bytes of a machine frame, if allocated.
