@@ -76,6 +76,9 @@ hypervisor-side/xen/tests/translation.sh
 step "x86 glue: a PV target's foreign frames and typed pages refused without a log line"
 hypervisor-side/xen/tests/pv-frames.sh
 
+step "x86 glue: PV-IOMMU stays off with no IOMMU in use"
+hypervisor-side/xen/tests/init-off.sh
+
 step "engine for x86_64-unknown-none (Xen's target)"
 scripts/build-engine-nostd.sh
 

@@ -525,6 +525,22 @@ static void __init pvx_build_regions(void)
         pvx_addr_bits = iommu_call(iommu_get_ops(), pviommu_address_bits);
 }
 
+/*
+ * An IOMMU in use. With iommu=off, no DMAR or IVRS table, or an IOMMU
+ * set-up that failed (iommu_setup() ran before the initcalls), nothing
+ * could ever translate a BFN: every map would answer EADDRNOTAVAIL and
+ * every context op EOPNOTSUPP. The hypercall and the hooks stay off rather
+ * than serve nothing, and the engine's boot tables are not made (a review
+ * of 2026-12-07).
+ */
+static bool __init pvx_arch_wanted(void)
+{
+    if ( iommu_enabled )
+        return true;
+    printk(XENLOG_INFO "pviommu: no IOMMU in use: off\n");
+    return false;
+}
+
 static void __init pvx_arch_ready(void)
 {
     printk(XENLOG_INFO

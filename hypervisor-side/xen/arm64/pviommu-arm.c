@@ -323,6 +323,16 @@ static void cf_check pvx_dump_dom0_p2m(unsigned char key);
  */
 #define PVX_DUMP_KEY 'B'
 
+/*
+ * Always: pviommu=dom0-p2m serves a dom0 whose device DMA goes through no
+ * IOMMU at all, and otherwise each domain's IOMMU set-up is asked per call
+ * (pvx_translation()).
+ */
+static bool __init pvx_arch_wanted(void)
+{
+    return true;
+}
+
 static void __init pvx_arch_ready(void)
 {
     unsigned int i;
