@@ -482,12 +482,22 @@ impl<L: RawMutex> Engine<L> {
         if req.flags & !stats_flag::ALL != 0 || req.flags & both == both || !domid.is_valid() {
             return Err(Errno::Inval);
         }
-        // The counters of the domain the checks passed, read while its life
-        // number is still the one read before them (`on_checked_domain`):
-        // a later domain's at the domid are not read, nor reset below.
+        // The counters of the domain the checks passed, read (and, for a
+        // reset, taken) in its cells of the life number read before them
+        // (`on_checked_domain`): a later domain's at the domid are neither
+        // read nor reset. Taken cell by cell in the hold that reads them,
+        // so a reset takes exactly what it reports; given back if the call
+        // then fails.
+        let reset = req.flags & stats_flag::RESET != 0;
         let (r, life) = self.on_checked_domain(h, caller, domid, |e, _, life| {
-            e.read_of_life(domid, life, (e.stats_of_domain(domid), life))
+            e.read_of_life(domid, life, (e.stats_of_life(domid, life, reset), life))
         })?;
+        let give_back = |e: Errno| {
+            if reset {
+                self.stats_give_back_of_life(domid, &r.counters, life);
+            }
+            e
+        };
         // The timing and the heap figure are the engine's, host-wide, not
         // `domid`'s: asked of the host itself (FLASK: `control` on
         // `xen_t`), so control over one domain does not carry them. Without
@@ -495,7 +505,7 @@ impl<L: RawMutex> Engine<L> {
         // all cells locked to sum it).
         let host_wide = crate::permission::xsm_allows(h, caller, None, XsmAction::Control);
         if req.flags & both != 0 {
-            host_wide?;
+            host_wide.map_err(give_back)?;
         }
         let heap_bytes = if host_wide.is_ok() {
             self.heap_bytes_host()
@@ -526,15 +536,17 @@ impl<L: RawMutex> Engine<L> {
             ns_iommu_flush: c.ns_iommu_flush,
             heap_bytes,
         };
-        // Changes only once the caller has the numbers: a failed copy-out
-        // leaves everything as it was.
-        h.copy_to_guest(arg, out.as_bytes())?;
-        if req.flags & stats_flag::RESET != 0 {
-            // Reset only what the caller has (a copy Xen dropped does not
-            // read back).
-            reads_back(h, arg, &out)?;
-            self.stats_consumed_of_life(domid, &c, life);
-        }
+        // A reset keeps only what the caller has: a failed copy-out, or
+        // one Xen dropped (it does not read back), gives the counts back.
+        h.copy_to_guest(arg, out.as_bytes())
+            .and_then(|()| {
+                if reset {
+                    reads_back(h, arg, &out)
+                } else {
+                    Ok(())
+                }
+            })
+            .map_err(give_back)?;
         if req.flags & stats_flag::TIMING_ON != 0 {
             self.set_timing(true);
         }

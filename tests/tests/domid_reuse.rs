@@ -361,3 +361,77 @@ fn a_stats_reset_of_a_domain_starting_to_die_still_resets() {
         "reported, then not reset"
     );
 }
+
+/// The device model's maps of the guest's gfns `gfns`, every one
+/// succeeding: their BFNs.
+fn device_model_maps(m: &mut SimMachine, e: &Engine, gfns: std::ops::Range<u64>) -> Vec<Bfn> {
+    let mut ops: Vec<_> = gfns.map(|g| map_op(GUEST, g, Permissions::RW)).collect();
+    m.guest_batch_all(e, DEVICE_MODEL, &mut ops).unwrap();
+    assert!(ops.iter().all(|o| o.status == 0));
+    ops.iter().map(|o| Bfn(o.bfn)).collect()
+}
+
+/// A review of 2026-12-07: a STATS reset takes exactly what it reports.
+/// The device model made 4 maps; dom0's reset reads them, and `race` runs
+/// before its copy-out; then the device model's maps counted since. Before,
+/// the reset took the values it read off the cells it found afterwards, so
+/// a second reset in between took the same 4 again, and a cell given back
+/// and claimed again in between had 4 of its own new counts taken unseen.
+fn maps_counted_after_a_reset_raced_by(race: impl FnOnce(&mut SimMachine, &Engine, &[Bfn])) -> u64 {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let bfns = device_model_maps(&mut m, &e, 0..4);
+    let req = PvIommuStats {
+        version: INTERFACE_VERSION,
+        domid: DEVICE_MODEL.0,
+        flags: stats_flag::RESET,
+        ..PvIommuStats::default()
+    };
+    let e2 = &e;
+    let bfns2 = &bfns;
+    let race: pviommu_tests::Race<'_> = Box::new(move |m: &mut SimMachine| {
+        race(m, e2, bfns2);
+        // (The reset's copy-out is dom0's.)
+        m.current = DomId::DOM0;
+    });
+    let (rc, out) = control_call_racing_at(
+        &mut m,
+        &e,
+        cmd::STATS,
+        &req,
+        Service::CopyToGuestRacing,
+        race,
+    );
+    assert_eq!((rc, out.maps), (0, 4));
+    e.stats(DEVICE_MODEL).counters.maps
+}
+
+#[test]
+fn two_stats_resets_at_once_take_each_count_once() {
+    let maps = maps_counted_after_a_reset_raced_by(|m, e, _| {
+        let other = m.scratch_addr(DomId::DOM0).unwrap() + 0x800;
+        let req = PvIommuStats {
+            version: INTERFACE_VERSION,
+            domid: DEVICE_MODEL.0,
+            flags: stats_flag::RESET,
+            ..PvIommuStats::default()
+        };
+        m.current = DomId::DOM0;
+        m.copy_to_guest(other, req.as_bytes()).unwrap();
+        assert_eq!(e.hypercall(m, DomId::DOM0, cmd::STATS, other), 0);
+        device_model_maps(m, e, 4..9);
+    });
+    assert_eq!(maps, 5, "maps made after both resets were taken");
+}
+
+#[test]
+fn a_stats_reset_takes_nothing_of_a_cell_claimed_since_its_read() {
+    let maps = maps_counted_after_a_reset_raced_by(|m, e, bfns| {
+        let mut ops: Vec<_> = bfns.iter().map(|&b| unmap_op(b)).collect();
+        m.guest_batch_all(e, DEVICE_MODEL, &mut ops).unwrap();
+        assert!(ops.iter().all(|o| o.status == 0));
+        e.finish(m, DEVICE_MODEL);
+        assert_eq!(e.stats(DEVICE_MODEL).counters.maps, 0, "the cell went idle");
+        device_model_maps(m, e, 4..9);
+    });
+    assert_eq!(maps, 5, "maps of the cell claimed since were taken");
+}

@@ -773,26 +773,48 @@ impl<L: RawMutex> Engine<L> {
     ///
     /// [`heap_bytes_host`]: Self::heap_bytes_host
     pub fn stats_of_domain(&self, domid: DomId) -> StatsReport {
+        self.stats_of_cells(domid, None, false)
+    }
+
+    /// [`stats_of_domain`](Self::stats_of_domain) over the cells of
+    /// `domid`'s life `life` only, each read under its lock and, with
+    /// `take`, its counters zeroed in the same hold: a reset takes exactly
+    /// what it reports, once, however many resets run at once and whatever
+    /// cells come and go meanwhile (a review of 2026-12-07: the reset took
+    /// the values read off the cells found afterwards, so two resets took
+    /// the same counts twice, and a cell claimed in between lost counts
+    /// nobody was told).
+    pub(crate) fn stats_of_life(&self, domid: DomId, life: u32, take: bool) -> StatsReport {
+        self.stats_of_cells(domid, Some(life), take)
+    }
+
+    fn stats_of_cells(&self, domid: DomId, life: Option<u32>, take: bool) -> StatsReport {
         let mut r = StatsReport {
             quota: self.quota_of_domain(domid),
             ..StatsReport::default()
         };
         for context in self.contexts_of(domid) {
-            let Some(d) = self.lock_cell(domid, context) else {
+            let cell = match life {
+                None => self.lock_cell(domid, context),
+                Some(life) => self.lock_cell_of_life(domid, context, life),
+            };
+            let Some(mut d) = cell else {
                 continue;
             };
             r.live += d.dd.live();
             r.revoked += d.dd.revoked();
             r.used += d.dd.used();
             r.mapped_pages += d.dd.mapped_pages() as u64;
-            let mut cell_stats = d.dd.stats;
-            for (sum, add) in r
+            for (sum, have) in r
                 .counters
                 .counters_mut()
                 .into_iter()
-                .zip(cell_stats.counters_mut())
+                .zip(d.dd.stats.counters_mut())
             {
-                *sum = sum.saturating_add(*add);
+                *sum = sum.saturating_add(*have);
+                if take {
+                    *have = 0;
+                }
             }
             self.put_driver(d);
         }
@@ -809,30 +831,27 @@ impl<L: RawMutex> Engine<L> {
         heap
     }
 
-    /// Take `seen` (read by [`stats`](Self::stats) and delivered) off
-    /// `domid`'s counters: a reset that loses nothing counted in between.
-    /// Each counter is taken off its cells in context order, as much as
-    /// each holds: counters only grow between the read and this, so the
-    /// whole of `seen` comes off. `seen` was read from the domain of
-    /// `domid`'s life `life` ([`life_of`](Self::life_of)): nothing is taken
-    /// off a cell found once the number moved (a later domain's, perhaps).
-    pub(crate) fn stats_consumed_of_life(&self, domid: DomId, seen: &DriverStats, life: u32) {
-        let mut left = *seen;
+    /// Give back `taken`, counts a reset took
+    /// ([`stats_of_life`](Self::stats_of_life)) and could not deliver (the
+    /// copy-out failed): added to the first cell of `domid`'s life `life`
+    /// (counters are summed over the cells). Lost only if the domain has
+    /// no cell left, as a cell's counts are when it goes idle.
+    pub(crate) fn stats_give_back_of_life(&self, domid: DomId, taken: &DriverStats, life: u32) {
+        let mut taken = *taken;
         for context in self.contexts_of(domid) {
             let Some(mut d) = self.lock_cell_of_life(domid, context, life) else {
                 continue;
             };
-            for (have, took) in
+            for (have, back) in
                 d.dd.stats
                     .counters_mut()
                     .into_iter()
-                    .zip(left.counters_mut())
+                    .zip(taken.counters_mut())
             {
-                let off = (*have).min(*took);
-                *have -= off;
-                *took -= off;
+                *have = have.saturating_add(*back);
             }
             self.put_driver(d);
+            return;
         }
     }
 
