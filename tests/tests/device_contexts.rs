@@ -1841,3 +1841,73 @@ fn a_revocation_in_the_default_context_does_not_turn_the_device_off() {
 fn a_revocation_in_an_engine_context_does_not_turn_the_device_off() {
     a_revocation_does_not_turn_the_device_off(true);
 }
+
+/// Dom0's entries still to clear, over its cells.
+fn dom0_entries_to_clear(e: &Engine) -> u64 {
+    let st = e.state();
+    let sum = st
+        .drivers()
+        .filter(|d| d.domid() == DomId::DOM0)
+        .map(|d| d.entries_to_clear().0)
+        .sum();
+    sum
+}
+
+/// A review of 2026-12-07: the writes and clears that end a call (none
+/// preemptible) are bounded per entry, also when other vCPUs of the caller
+/// are filling other contexts' cells right then. Here contexts 1 and 2
+/// each hold 1000 unmaps another vCPU made (their call not ended), and a
+/// call of 1000 unmaps in context 3 ends: before, its one entry cleared all
+/// 3000 entries; now at most `PREEMPT_RELEASE_LIMIT` plus a batch's ops,
+/// its own cell first, and the call continues for the rest.
+#[test]
+fn a_calls_end_clears_a_bounded_number_of_other_vcpus_entries() {
+    use pviommu_hv::config::MAX_BATCH_OPS;
+    use pviommu_hv::engine::PREEMPT_RELEASE_LIMIT;
+    const EACH: u64 = 1000;
+    let (mut m, e) = machine(Format::Vtd, 3 * EACH);
+    m.guest_set_limits(&e, DomId::DOM0, DomId::DOM0, 4 * EACH)
+        .unwrap();
+    m.add_device(A, facts(DomId::DOM0));
+    let mut bfns = Vec::new();
+    let mut ctxs = Vec::new();
+    for k in 0..3 {
+        let ctx = create(&mut m, &e, DomId::DOM0);
+        let mut maps: Vec<PvIommuOp> = (k * EACH..(k + 1) * EACH)
+            .map(|g| map_op_in(ctx, GUEST, g, Permissions::RW))
+            .collect();
+        m.guest_batch_all(&e, DomId::DOM0, &mut maps).unwrap();
+        assert!(maps.iter().all(|o| o.status == 0));
+        bfns.push(maps.iter().map(|o| o.bfn).collect::<Vec<_>>());
+        ctxs.push(ctx);
+    }
+    // Other vCPUs' unmaps in contexts 1 and 2, their calls not ended.
+    for k in 0..2 {
+        for &b in &bfns[k] {
+            e.unmap(&mut m, DomId::DOM0, ctxs[k], Bfn(b)).unwrap();
+        }
+    }
+    assert_eq!(dom0_entries_to_clear(&e), 2 * EACH);
+    let mut ops = unmap_ops(ctxs[2], &bfns[2]);
+    let (ret, done) = m.guest_batch(&e, DomId::DOM0, &mut ops, 0).unwrap();
+    assert_eq!(done as u64, EACH);
+    let cleared = 3 * EACH - dom0_entries_to_clear(&e);
+    let most = PREEMPT_RELEASE_LIMIT + u64::from(MAX_BATCH_OPS);
+    assert!(
+        cleared <= most,
+        "one entry cleared {cleared} entries (at most {most})"
+    );
+    assert_eq!(
+        ret,
+        pviommu_abi::BATCH_INCOMPLETE,
+        "the rest in the next entry"
+    );
+    let mut entries = 1;
+    while m.guest_batch(&e, DomId::DOM0, &mut ops, done).unwrap().0 != 0 {
+        entries += 1;
+        assert!(entries < 10, "the call does not end");
+    }
+    assert!(ops.iter().all(|o| o.status == 0));
+    assert_eq!(dom0_entries_to_clear(&e), 0);
+    check_invariants(&mut m, &e).unwrap();
+}

@@ -1675,9 +1675,20 @@ impl<L: RawMutex> Engine<L> {
     /// work to retry (a refused revocation, a failed flush) or entries a
     /// preempted batch left to write or clear: a batch that touched only
     /// some contexts leaves the others' cells (and whoever works in them)
-    /// alone. Whether a cell's flush succeeded and left pages to release
-    /// ([`RELEASE_BUDGET`](revoke::RELEASE_BUDGET)): the call then
-    /// continues, as a preempted one (its cells say they are unfinished).
+    /// alone. Whether the call must continue, as a preempted one (its cells
+    /// say they are unfinished): a cell's flush succeeded and left pages to
+    /// release ([`RELEASE_BUDGET`](revoke::RELEASE_BUDGET)), or a cell was
+    /// left for the entry's budget of entry writes and clears (below).
+    ///
+    /// The writes and clears before the flushes are not preemptible: an
+    /// entry makes at most [`PREEMPT_RELEASE_LIMIT`] plus one batch's ops
+    /// of them, and always all of at least one cell's (so the call goes
+    /// on). The named cells come first. With one vCPU they fit in that
+    /// ([`pause_contexts`](Self::pause_contexts) keeps the rest below the
+    /// limit); the bound is for the cells other vCPUs of the caller are
+    /// filling meanwhile, which an entry finishes when it meets them
+    /// unfinished (a review of 2026-12-07: k vCPUs in k contexts left the
+    /// first call to end k times `DEFER_LIMIT` clears).
     pub fn finish_contexts(&self, h: &mut impl Hypervisor, caller: DomId, contexts: u32) -> bool {
         let mut left = false;
         // (Shared by the cells: an entry releases at most this many, and
@@ -1685,18 +1696,37 @@ impl<L: RawMutex> Engine<L> {
         let mut budget = revoke::RELEASE_BUDGET;
         let mut trims = driver::TRIM_BLOCKS_PER_CALL;
         let mut shrinks = driver::SHARD_REBUILDS_PER_CALL;
-        for context in self.contexts_of(caller) {
-            let waits = || {
-                self.cell_number(caller, context)
-                    .and_then(|cell| self.cell_state.get(cell))
-                    .is_some_and(|c| {
-                        c.retry.load(Ordering::SeqCst) || c.unfinished.load(Ordering::SeqCst)
-                    })
-            };
-            if contexts & (1 << context.0) == 0 && !waits() {
-                continue;
-            }
-            if let Some(mut d) = self.lock_cell(caller, context) {
+        let mut entry_work = PREEMPT_RELEASE_LIMIT + u64::from(self.config.max_batch_ops);
+        let mut finished_any = false;
+        let named = |context: ContextId| contexts & (1 << context.0) != 0;
+        for named_pass in [true, false] {
+            for context in self.contexts_of(caller) {
+                if named(context) != named_pass {
+                    continue;
+                }
+                let waits = || {
+                    self.cell_number(caller, context)
+                        .and_then(|cell| self.cell_state.get(cell))
+                        .is_some_and(|c| {
+                            c.retry.load(Ordering::SeqCst) || c.unfinished.load(Ordering::SeqCst)
+                        })
+                };
+                if !named_pass && !waits() {
+                    continue;
+                }
+                let Some(mut d) = self.lock_cell(caller, context) else {
+                    continue;
+                };
+                let work = d.dd.pending_maps.len() as u64 + d.dd.deferred_entries;
+                if finished_any && work > entry_work {
+                    // Its writes and clears wait for the next entry (it
+                    // stays unfinished).
+                    self.put_driver(d);
+                    left = true;
+                    continue;
+                }
+                entry_work = entry_work.saturating_sub(work);
+                finished_any = true;
                 left |= self.flush_and_release_as(&mut d, h, true, &mut budget).left;
                 // The owner's own call gives back a block its unmaps freed
                 // (no hook or teardown slice pays for that pass).
