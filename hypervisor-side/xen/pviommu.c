@@ -658,19 +658,36 @@ static bool pvx_writable_type_refused(const struct page_info *pg)
 /*
  * Patch 0008 (xen/pviommu.h): an IOMMU fault of seg:bdf at DMA address
  * addr, from VT-d's or AMD-Vi's fault tasklet, is one a revocation made.
+ * The device is the real one behind a phantom function, as
+ * pci_check_disable_device() counts it; its owner comes from Xen's own
+ * books (no vendor op: AMD-Vi has none of PV-IOMMU's, a review of
+ * 2026-12-07). Never for an owner dying or shut down (crashed, or kept
+ * with on_crash=preserve): it will acknowledge nothing, and Xen's rule
+ * stands as for any device.
  */
 bool pviommu_fault_expected(uint16_t seg, uint16_t bdf, uint64_t addr)
 {
     static s_time_t last;
+    const struct pci_dev *pdev;
+    const struct domain *owner;
     pci_sbdf_t sbdf = PCI_SBDF(seg, bdf);
     s_time_t now, prev;
-    bool expected;
+    bool expected = false;
 
     ASSERT(!in_irq());
     if ( !pviommu_ready )
         return false;
 
-    expected = pviommu_engine_fault_expected(sbdf.sbdf, addr >> PAGE_SHIFT);
+    pcidevs_lock();
+    pdev = pci_get_real_pdev(sbdf);
+    owner = pdev ? pdev->domain : NULL;
+    if ( owner && !owner->is_dying && !owner->is_shutting_down )
+    {
+        sbdf = pdev->sbdf;
+        expected = pviommu_engine_fault_expected(owner->domain_id, sbdf.sbdf,
+                                                 addr >> PAGE_SHIFT);
+    }
+    pcidevs_unlock();
 
     /*
      * Why Xen left the device on, said a line a second at most host-wide:

@@ -1911,3 +1911,37 @@ fn a_calls_end_clears_a_bounded_number_of_other_vcpus_entries() {
     assert_eq!(dom0_entries_to_clear(&e), 0);
     check_invariants(&mut m, &e).unwrap();
 }
+
+/// A review of the fix: the exemption has a bound. A device that keeps
+/// faulting at a revoked BFN its owner never acknowledges (a device model
+/// that revoked its own guest's page on purpose) is turned off all the
+/// same, one such fault in `EXPECTED_FAULTS_PER_COUNTED` counting; and
+/// none is exempt once the owner is dying (it will acknowledge nothing).
+#[test]
+fn faults_at_a_revoked_bfn_still_turn_a_storming_device_off() {
+    use pviommu_hv::engine::EXPECTED_FAULTS_PER_COUNTED;
+    use pviommu_hv::sim::hardware::PT_FAULT_THRESHOLD;
+    let (mut m, e) = host(Format::Vtd);
+    let bfn = map_in(&mut m, &e, ContextId::DEFAULT, 3, MemAttr::WriteBack);
+    m.balloon_out(&e, GUEST, pviommu_abi::Gfn(3)).unwrap();
+    let storm = EXPECTED_FAULTS_PER_COUNTED * PT_FAULT_THRESHOLD;
+    assert_eq!(faults_at(&mut m, &e, A, bfn, storm - 1), 0);
+    assert_eq!(
+        faults_at(&mut m, &e, A, bfn, 1),
+        1,
+        "turned off at the storm's end"
+    );
+
+    // The device model's device, its owner dying: counted at once.
+    let (mut m, e) = host(Format::Vtd);
+    let mut ops = [map_op(GUEST, 4, Permissions::RW)];
+    m.guest_batch_all(&e, DEVICE_MODEL, &mut ops).unwrap();
+    assert_eq!(ops[0].status, 0);
+    let bfn = Bfn(ops[0].bfn);
+    m.balloon_out(&e, GUEST, pviommu_abi::Gfn(4)).unwrap();
+    assert_eq!(faults_at(&mut m, &e, FOREIGN, bfn, 2), 0);
+    assert_eq!(m.faults_expected, 2, "exempt while its owner lives");
+    m.mark_dying(DEVICE_MODEL);
+    assert_eq!(faults_at(&mut m, &e, FOREIGN, bfn, PT_FAULT_THRESHOLD), 1);
+    assert_eq!(m.faults_expected, 2);
+}

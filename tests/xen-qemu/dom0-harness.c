@@ -1683,6 +1683,24 @@ static long console_log_dirty_slices(uint32_t domid)
     return slices;
 }
 
+/*
+ * xen-log: Xen's console ring (what `xl dmesg` prints; xl is not in dom0's
+ * PATH for most of init.sh), up to its last MiB, on stdout.
+ */
+static int cmd_xen_log(void)
+{
+    static char ring[1 << 20];
+    unsigned int size = sizeof(ring) - 1;
+
+    if ( xc_readconsolering(xch, ring, &size, 0, 0, NULL) )
+    {
+        printf("error=%d\n", -errno);
+        return 1;
+    }
+    fwrite(ring, 1, size, stdout);
+    return 0;
+}
+
 static int cmd_logdirty(unsigned long n)
 {
     xen_pfn_t *frames = calloc(n, sizeof(*frames));
@@ -2520,6 +2538,7 @@ int main(int argc, char **argv)
     if ( !strcmp(c, "match") && argc >= 4 ) return cmd_peek(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0), 1);
     if ( !strcmp(c, "unpopulate") && argc >= 4 ) return cmd_unpopulate(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0));
     if ( !strcmp(c, "logdirty") && argc >= 3 ) return cmd_logdirty(strtoul(argv[2], NULL, 0));
+    if ( !strcmp(c, "xen-log") ) return cmd_xen_log();
     if ( !strcmp(c, "rmphysmap") && argc >= 4 ) return cmd_rmphysmap(strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0));
     if ( !strcmp(c, "destroy") && argc >= 3 ) return cmd_destroy(strtoul(argv[2], NULL, 0), argc >= 4 ? atoi(argv[3]) : 100);
     if ( !strcmp(c, "ppgtt-setup") && argc >= 3 ) return cmd_ppgtt_setup(strtoul(argv[2], NULL, 0));

@@ -488,6 +488,12 @@ impl super::DriverDomain {
     }
 }
 
+/// Of the faults at a revoked BFN ([`Engine::fault_expected`]), one in
+/// this many per cell counts against the device all the same: Xen's rule
+/// (10 faults at most 10 ms apart turn a device off) then stops a device
+/// that keeps faulting there at 64 times the rate it stops any other.
+pub const EXPECTED_FAULTS_PER_COUNTED: u32 = 64;
+
 /// What [`Engine::teardown_contexts`] left, if anything.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum ContextsLeft {
@@ -1091,35 +1097,41 @@ impl<L: RawMutex> Engine<L> {
         }
     }
 
-    /// Whether a DMA fault of `device` at `bfn` is one a revocation made:
-    /// in the context the device walks (the one of its owner's it is
-    /// attached to, else its owner's default context), `bfn` is revoked
-    /// and its notice not yet acknowledged, or is being revoked. Xen then
-    /// does not count the fault toward turning the device's bus mastering
-    /// off (patch 0008; `pci_check_disable_device()`: 10 faults at most
-    /// 10 ms apart): the target guest decided when its page went, not the
-    /// device's owner, and a mediator's device serving other guests and
-    /// the host must not stop for it (an audit of 2026-12-07). Every other
-    /// fault counts, as before: the owner answers for its device's DMA to
-    /// BFNs it unmapped itself, acknowledged, or never mapped.
+    /// Whether a DMA fault of `device` (owned by `owner`) at `bfn` is one a
+    /// revocation made: in the context the device walks (the one of its
+    /// owner's it is attached to, else its owner's default context), `bfn`
+    /// is revoked and its notice not yet acknowledged, or is being revoked.
+    /// Xen then does not count the fault toward turning the device's bus
+    /// mastering off (patch 0008; `pci_check_disable_device()`: 10 faults
+    /// at most 10 ms apart): the target guest decided when its page went,
+    /// not the device's owner, and a mediator's device serving other
+    /// guests and the host must not stop for it (an audit of 2026-12-07).
+    /// Every other fault counts, as before: the owner answers for its
+    /// device's DMA to BFNs it unmapped itself, acknowledged, or never
+    /// mapped.
     ///
-    /// From Xen's fault tasklet (softirq context, no lock held): takes the
-    /// devices lock, then at most one cell at a time, as an attach does.
-    pub fn fault_expected(&self, h: &mut impl Hypervisor, device: Sbdf, bfn: Bfn) -> bool {
+    /// Not without bound: one such fault in [`EXPECTED_FAULTS_PER_COUNTED`]
+    /// (per cell) is answered "not expected" all the same, so a device that
+    /// keeps faulting at a revoked BFN its owner never acknowledges (a
+    /// device model that revoked its own guest's page on purpose) is turned
+    /// off as Xen turns off any device that storms, only later (a review of
+    /// the fix). The caller decides for a dying or crashed owner (Xen: never
+    /// expected, it acknowledges nothing).
+    ///
+    /// From Xen's fault tasklet (softirq context) with the devices lock
+    /// held (so the device's owner and attachment stay): one cell at a
+    /// time.
+    pub fn fault_expected(
+        &self,
+        h: &mut impl Hypervisor,
+        owner: DomId,
+        device: Sbdf,
+        bfn: Bfn,
+    ) -> bool {
+        let _ = h;
         let Some(idx) = self.space.index_of(bfn) else {
             return false;
         };
-        h.devices_lock();
-        let expected = h
-            .device_facts(device)
-            .is_some_and(|facts| self.revoked_where_walked(facts.owner, device, idx));
-        h.devices_unlock();
-        expected
-    }
-
-    /// [`fault_expected`](Self::fault_expected) once the device's owner is
-    /// known (the devices lock held: the owner and the attachment stay).
-    fn revoked_where_walked(&self, owner: DomId, device: Sbdf, idx: u64) -> bool {
         let mut context = ContextId::DEFAULT;
         for c in self.contexts_of(owner) {
             if c == ContextId::DEFAULT {
@@ -1135,7 +1147,7 @@ impl<L: RawMutex> Engine<L> {
                 break;
             }
         }
-        let Some(d) = self.lock_cell(owner, context) else {
+        let Some(mut d) = self.lock_cell(owner, context) else {
             return false;
         };
         // A revoked BFN is reserved (never handed out again) until its
@@ -1147,8 +1159,12 @@ impl<L: RawMutex> Engine<L> {
                 Ok(super::unmap::UnmapKind::Revoked) | Err(Errno::Busy)
             )
         });
+        let expected = revoked && {
+            d.dd.expected_faults = d.dd.expected_faults.wrapping_add(1);
+            d.dd.expected_faults % EXPECTED_FAULTS_PER_COUNTED != 0
+        };
         self.put_driver(d);
-        revoked
+        expected
     }
 
     /// Xen is about to move `device` away from `owner` (deassignment,

@@ -705,6 +705,10 @@ pub struct DriverDomain {
     /// list the next clearing pass looks (they are at its head). Were it
     /// too low, an entry left behind is never released, only made stuck.
     pub(crate) deferred_entries: u64,
+    /// Device faults at BFNs revoked here, answered "expected"
+    /// (`Engine::fault_expected`): every `EXPECTED_FAULTS_PER_COUNTED`th
+    /// is counted against the device all the same.
+    pub(crate) expected_faults: u32,
     /// Unmapping slots whose entry the IOMMU refused to clear
     /// (`Engine::clear_run`), still marked until a release pass moves them
     /// to the stuck list: a device may write through them, and neither
@@ -791,6 +795,7 @@ impl DriverDomain {
             revoked: 0,
             stuck: 0,
             deferred_entries: 0,
+            expected_faults: 0,
             refused_clears: 0,
             pending_maps: Vec::new(),
             gather: FlushGather::default(),

@@ -76,7 +76,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use alloc::vec::Vec;
 use lock_api::{Mutex, MutexGuard, RawMutex};
 
-pub use contexts::{LeafBits, MAX_DEVICES_PER_CONTEXT};
+pub use contexts::{LeafBits, EXPECTED_FAULTS_PER_COUNTED, MAX_DEVICES_PER_CONTEXT};
 pub use driver::{DriverDomain, DriverStats, Mapping, Notice, Slot, REGION_GFN_END};
 pub use extent::ExtentMapped;
 pub use revoke::{

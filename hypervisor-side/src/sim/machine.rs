@@ -2287,7 +2287,17 @@ impl SimMachine {
     pub fn process_device_faults(&mut self, engine: &crate::Engine) -> u32 {
         let mut turned_off = 0;
         while let Some((device, at, f)) = self.device_faults.pop_front() {
-            if engine.fault_expected(self, device, Bfn(f.addr >> 12)) {
+            let Some(owner) = self.devices.get(&device).map(|d| d.facts.owner) else {
+                continue;
+            };
+            // The glue asks under `pcidevs_lock`, for an owner neither
+            // dying nor shut down (crashed): one that will never
+            // acknowledge a notice gets Xen's rule as it stands.
+            let alive = self.domains.get(&owner).is_some_and(|d| !d.dying);
+            self.devices_lock();
+            let expected = alive && engine.fault_expected(self, owner, device, Bfn(f.addr >> 12));
+            self.devices_unlock();
+            if expected {
                 self.faults_expected += 1;
                 continue;
             }

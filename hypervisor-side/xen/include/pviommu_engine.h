@@ -157,13 +157,14 @@ void pviommu_engine_gfn_changed(uint16_t domid, uint64_t gfn,
 int pviommu_engine_device_leaving(uint16_t owner, uint32_t sbdf);
 
 /*
- * Patch 0008: whether an IOMMU fault of device sbdf at BFN bfn is one a
- * revocation made (the BFN revoked in the context the device walks, its
- * notice not yet acknowledged): 1, and Xen does not count it against the
- * device; else 0. From the IOMMU's fault tasklet: takes pcidevs_lock, then
- * driver locks one at a time.
+ * Patch 0008: whether an IOMMU fault of device sbdf, owned by owner, at BFN
+ * bfn is one a revocation made (the BFN revoked in the context the device
+ * walks, its notice not yet acknowledged; one such fault in 64 a cell is
+ * answered 0 all the same): 1, and Xen does not count it against the
+ * device; else 0. From the IOMMU's fault tasklet, with pcidevs_lock held:
+ * takes driver locks one at a time.
  */
-int pviommu_engine_fault_expected(uint32_t sbdf, uint64_t bfn);
+int pviommu_engine_fault_expected(uint16_t owner, uint32_t sbdf, uint64_t bfn);
 
 /* ======== Implemented by the C glue ======== */
 

@@ -1990,13 +1990,13 @@ pub extern "C" fn pviommu_engine_window(start: *mut u64, end: *mut u64) -> i32 {
     0
 }
 
-/// Patch 0008: 1 if an IOMMU fault of device `sbdf` at `bfn` is one a
-/// revocation made (Xen then does not count it against the device), else
-/// 0. From the IOMMU's fault tasklet, no lock held.
+/// Patch 0008: 1 if an IOMMU fault of device `sbdf`, owned by `owner`, at
+/// `bfn` is one a revocation made (Xen then does not count it against the
+/// device), else 0. From the IOMMU's fault tasklet, pcidevs_lock held.
 #[no_mangle]
-pub extern "C" fn pviommu_engine_fault_expected(sbdf: u32, bfn: u64) -> i32 {
+pub extern "C" fn pviommu_engine_fault_expected(owner: u16, sbdf: u32, bfn: u64) -> i32 {
     let Some(e) = engine() else { return 0 };
-    let expected = e.fault_expected(&mut Xen::new(), Sbdf(sbdf), Bfn(bfn));
+    let expected = e.fault_expected(&mut Xen::new(), DomId(owner), Sbdf(sbdf), Bfn(bfn));
     report_engine_bugs(e);
     i32::from(expected)
 }
