@@ -1121,14 +1121,7 @@ impl<L: RawMutex> Engine<L> {
     /// From Xen's fault tasklet (softirq context) with the devices lock
     /// held (so the device's owner and attachment stay): one cell at a
     /// time.
-    pub fn fault_expected(
-        &self,
-        h: &mut impl Hypervisor,
-        owner: DomId,
-        device: Sbdf,
-        bfn: Bfn,
-    ) -> bool {
-        let _ = h;
+    pub fn fault_expected(&self, owner: DomId, device: Sbdf, bfn: Bfn) -> bool {
         let Some(idx) = self.space.index_of(bfn) else {
             return false;
         };

@@ -2295,7 +2295,7 @@ impl SimMachine {
             // acknowledge a notice gets Xen's rule as it stands.
             let alive = self.domains.get(&owner).is_some_and(|d| !d.dying);
             self.devices_lock();
-            let expected = alive && engine.fault_expected(self, owner, device, Bfn(f.addr >> 12));
+            let expected = alive && engine.fault_expected(owner, device, Bfn(f.addr >> 12));
             self.devices_unlock();
             if expected {
                 self.faults_expected += 1;
