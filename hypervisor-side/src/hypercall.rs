@@ -631,7 +631,7 @@ impl<L: RawMutex> Engine<L> {
         let mut r = r;
         if r == Ok(BATCH_INCOMPLETE) {
             self.pause_contexts(h, caller);
-        } else if self.finish_contexts(h, caller, touched) && r == Ok(0) {
+        } else if self.finish_contexts(h, caller, touched, r == Ok(0)) && r == Ok(0) {
             r = Ok(BATCH_INCOMPLETE);
         }
         if r.is_ok() {

@@ -675,10 +675,11 @@ bool pviommu_fault_expected(uint16_t seg, uint16_t bdf, uint64_t addr)
     bool expected = false;
 
     ASSERT(!in_irq());
-    if ( !pviommu_ready )
+    /* No BFN outside the window: asked before the global lock. */
+    if ( !pviommu_ready || !pvx_run_in_window(addr >> PAGE_SHIFT, 1) )
         return false;
 
-    pcidevs_lock();
+    pvx_devices_lock();
     pdev = pci_get_real_pdev(sbdf);
     owner = pdev ? pdev->domain : NULL;
     if ( owner && !owner->is_dying && !owner->is_shutting_down )
@@ -687,7 +688,7 @@ bool pviommu_fault_expected(uint16_t seg, uint16_t bdf, uint64_t addr)
         expected = pviommu_engine_fault_expected(owner->domain_id, sbdf.sbdf,
                                                  addr >> PAGE_SHIFT);
     }
-    pcidevs_unlock();
+    pvx_devices_unlock();
 
     /*
      * Why Xen left the device on, said a line a second at most host-wide:

@@ -488,11 +488,18 @@ impl super::DriverDomain {
     }
 }
 
-/// Of the faults at a revoked BFN ([`Engine::fault_expected`]), one in
-/// this many per cell counts against the device all the same: Xen's rule
-/// (10 faults at most 10 ms apart turn a device off) then stops a device
-/// that keeps faulting there at 64 times the rate it stops any other.
+/// Of the faults at a revoked BFN ([`Engine::fault_expected`]) past the
+/// grace, one in this many per cell counts against the device all the
+/// same: Xen's rule (10 faults at most 10 ms apart turn a device off) then
+/// stops a device that keeps faulting there at 64 times the rate it stops
+/// any other.
 pub const EXPECTED_FAULTS_PER_COUNTED: u32 = 64;
+
+/// For this long after a cell's last revocation notice, every fault at a
+/// BFN revoked there is exempt ([`Engine::fault_expected`]): time for the
+/// owner to hear of it and stop its device (which it must before it
+/// acknowledges the notice).
+pub const REVOKED_FAULT_GRACE_NS: u64 = 1_000_000_000;
 
 /// What [`Engine::teardown_contexts`] left, if anything.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -1097,31 +1104,35 @@ impl<L: RawMutex> Engine<L> {
         }
     }
 
-    /// Whether a DMA fault of `device` (owned by `owner`) at `bfn` is one a
-    /// revocation made: in the context the device walks (the one of its
-    /// owner's it is attached to, else its owner's default context), `bfn`
-    /// is revoked and its notice not yet acknowledged, or is being revoked.
-    /// Xen then does not count the fault toward turning the device's bus
-    /// mastering off (patch 0008; `pci_check_disable_device()`: 10 faults
-    /// at most 10 ms apart): the target guest decided when its page went,
-    /// not the device's owner, and a mediator's device serving other
-    /// guests and the host must not stop for it (an audit of 2026-12-07).
-    /// Every other fault counts, as before: the owner answers for its
-    /// device's DMA to BFNs it unmapped itself, acknowledged, or never
-    /// mapped.
+    /// Whether a DMA fault of `device` (owned by `owner`) at `bfn`, at time
+    /// `now_ns` (the host's clock, [`Platform::now_ns`](crate::platform::Platform::now_ns)),
+    /// is one a revocation made: in the context the device walks (the one
+    /// of its owner's it is attached to, else its owner's default context),
+    /// `bfn` is being revoked, or is revoked and its notice not yet
+    /// acknowledged. Xen then does not count the fault toward turning the
+    /// device's bus mastering off (patch 0008; `pci_check_disable_device()`:
+    /// 10 faults at most 10 ms apart): the target guest decided when its
+    /// page went, not the device's owner, and a mediator's device serving
+    /// other guests and the host must not stop for it (an audit of
+    /// 2026-12-07). Every other fault counts, as before: the owner answers
+    /// for its device's DMA to BFNs it unmapped itself, acknowledged, or
+    /// never mapped.
     ///
-    /// Not without bound: one such fault in [`EXPECTED_FAULTS_PER_COUNTED`]
-    /// (per cell) is answered "not expected" all the same, so a device that
-    /// keeps faulting at a revoked BFN its owner never acknowledges (a
-    /// device model that revoked its own guest's page on purpose) is turned
-    /// off as Xen turns off any device that storms, only later (a review of
-    /// the fix). The caller decides for a dying or crashed owner (Xen: never
+    /// For [`REVOKED_FAULT_GRACE_NS`] after the cell's last notice every
+    /// such fault is exempt: a device streaming into a revoked buffer
+    /// faults thousands of times before its owner hears of it and stops
+    /// it. After that, one in [`EXPECTED_FAULTS_PER_COUNTED`] (per cell)
+    /// counts all the same, so a device that keeps faulting at a BFN its
+    /// owner never acknowledges is turned off as any device that storms
+    /// is, later (reviews of the fix: unbounded at first, then bounded by
+    /// count, which a fast legitimate burst reached in about a millisecond).
+    /// The caller decides for a dying or crashed owner (Xen: never
     /// expected, it acknowledges nothing).
     ///
     /// From Xen's fault tasklet (softirq context) with the devices lock
     /// held (so the device's owner and attachment stay): one cell at a
     /// time.
-    pub fn fault_expected(&self, owner: DomId, device: Sbdf, bfn: Bfn) -> bool {
+    pub fn fault_expected(&self, owner: DomId, device: Sbdf, bfn: Bfn, now_ns: u64) -> bool {
         let Some(idx) = self.space.index_of(bfn) else {
             return false;
         };
@@ -1146,15 +1157,18 @@ impl<L: RawMutex> Engine<L> {
         // A revoked BFN is reserved (never handed out again) until its
         // owner acknowledges it; one being revoked answers `EBUSY` to an
         // unmap, and becomes revoked at its flush.
-        let revoked = d.dd.guest_slot(idx).is_some_and(|i| {
-            matches!(
-                Self::unmap_kind(&d.dd, context, i),
-                Ok(super::unmap::UnmapKind::Revoked) | Err(Errno::Busy)
-            )
-        });
-        let expected = revoked && {
-            d.dd.expected_faults = d.dd.expected_faults.wrapping_add(1);
-            d.dd.expected_faults % EXPECTED_FAULTS_PER_COUNTED != 0
+        let kind =
+            d.dd.guest_slot(idx)
+                .map(|i| Self::unmap_kind(&d.dd, context, i));
+        let expected = match kind {
+            Some(Err(Errno::Busy)) => true,
+            Some(Ok(super::unmap::UnmapKind::Revoked)) => {
+                now_ns.saturating_sub(d.dd.last_notice_ns) < REVOKED_FAULT_GRACE_NS || {
+                    d.dd.expected_faults = d.dd.expected_faults.wrapping_add(1);
+                    d.dd.expected_faults % EXPECTED_FAULTS_PER_COUNTED != 0
+                }
+            }
+            _ => false,
         };
         self.put_driver(d);
         expected

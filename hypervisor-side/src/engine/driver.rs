@@ -709,6 +709,9 @@ pub struct DriverDomain {
     /// (`Engine::fault_expected`): every `EXPECTED_FAULTS_PER_COUNTED`th
     /// is counted against the device all the same.
     pub(crate) expected_faults: u32,
+    /// When (the host's clock) the last revocation notice was queued here:
+    /// faults at revoked BFNs are all exempt for a grace after it.
+    pub(crate) last_notice_ns: u64,
     /// Unmapping slots whose entry the IOMMU refused to clear
     /// (`Engine::clear_run`), still marked until a release pass moves them
     /// to the stuck list: a device may write through them, and neither
@@ -796,6 +799,7 @@ impl DriverDomain {
             stuck: 0,
             deferred_entries: 0,
             expected_faults: 0,
+            last_notice_ns: 0,
             refused_clears: 0,
             pending_maps: Vec::new(),
             gather: FlushGather::default(),

@@ -76,7 +76,9 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use alloc::vec::Vec;
 use lock_api::{Mutex, MutexGuard, RawMutex};
 
-pub use contexts::{LeafBits, EXPECTED_FAULTS_PER_COUNTED, MAX_DEVICES_PER_CONTEXT};
+pub use contexts::{
+    LeafBits, EXPECTED_FAULTS_PER_COUNTED, MAX_DEVICES_PER_CONTEXT, REVOKED_FAULT_GRACE_NS,
+};
 pub use driver::{DriverDomain, DriverStats, Mapping, Notice, Slot, REGION_GFN_END};
 pub use extent::ExtentMapped;
 pub use revoke::{
@@ -1634,7 +1636,7 @@ impl<L: RawMutex> Engine<L> {
     /// [`finish_contexts`](Self::finish_contexts)). Bounded: each round
     /// but the last releases pages.
     pub fn finish(&self, h: &mut impl Hypervisor, caller: DomId) {
-        while self.finish_contexts(h, caller, u32::MAX) {}
+        while self.finish_contexts(h, caller, u32::MAX, true) {}
     }
 
     /// At a preemption point of `caller`'s batch (the call continues in a
@@ -1681,15 +1683,24 @@ impl<L: RawMutex> Engine<L> {
     /// left for the entry's budget of entry writes and clears (below).
     ///
     /// The writes and clears before the flushes are not preemptible: an
-    /// entry makes at most [`PREEMPT_RELEASE_LIMIT`] plus one batch's ops
-    /// of them, and always all of at least one cell's (so the call goes
-    /// on). The named cells come first. With one vCPU they fit in that
+    /// entry that can continue (`can_continue`) makes at most
+    /// [`PREEMPT_RELEASE_LIMIT`] plus one batch's ops of them, and always
+    /// all of at least one cell's (so the call goes on). The named cells
+    /// come first. One that cannot (the call ends in an error) makes them
+    /// all: an op it reported done would otherwise have its entry unwritten
+    /// or still present (a review of 2026-12-07). With one vCPU they fit in that
     /// ([`pause_contexts`](Self::pause_contexts) keeps the rest below the
     /// limit); the bound is for the cells other vCPUs of the caller are
     /// filling meanwhile, which an entry finishes when it meets them
     /// unfinished (a review of 2026-12-07: k vCPUs in k contexts left the
     /// first call to end k times `DEFER_LIMIT` clears).
-    pub fn finish_contexts(&self, h: &mut impl Hypervisor, caller: DomId, contexts: u32) -> bool {
+    pub fn finish_contexts(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        contexts: u32,
+        can_continue: bool,
+    ) -> bool {
         let mut left = false;
         // (Shared by the cells: an entry releases at most this many, and
         // gives back at most this many blocks of slots.)
@@ -1718,7 +1729,7 @@ impl<L: RawMutex> Engine<L> {
                     continue;
                 };
                 let work = d.dd.pending_maps.len() as u64 + d.dd.deferred_entries;
-                if finished_any && work > entry_work {
+                if can_continue && finished_any && work > entry_work {
                     // Its writes and clears wait for the next entry (it
                     // stays unfinished).
                     self.put_driver(d);

@@ -993,6 +993,9 @@ pub struct SimMachine {
     /// Faults Xen's fault tasklet did not count against their device: a
     /// revocation made them ([`crate::Engine::fault_expected`]).
     pub faults_expected: u64,
+    /// Added to the host's clock ([`Platform::now_ns`]): a test moves time
+    /// on past a grace without waiting for it.
+    pub clock_ahead_ns: u64,
     /// IOMMU maps asked for past the address width (see
     /// [`set_address_bits`](Self::set_address_bits)): a domain crash on
     /// Xen's AMD-Vi. The engine must never make one.
@@ -1157,6 +1160,7 @@ impl SimMachine {
             device_faults: VecDeque::new(),
             dma_clock_ns: 0,
             faults_expected: 0,
+            clock_ahead_ns: 0,
             maps_past_width: 0,
             maps_over_present: 0,
             services_under_p2m_lock: 0,
@@ -2295,7 +2299,8 @@ impl SimMachine {
             // acknowledge a notice gets Xen's rule as it stands.
             let alive = self.domains.get(&owner).is_some_and(|d| !d.dying);
             self.devices_lock();
-            let expected = alive && engine.fault_expected(owner, device, Bfn(f.addr >> 12));
+            let now = self.now_ns();
+            let expected = alive && engine.fault_expected(owner, device, Bfn(f.addr >> 12), now);
             self.devices_unlock();
             if expected {
                 self.faults_expected += 1;
@@ -2909,6 +2914,7 @@ impl Platform for SimMachine {
         u64::try_from(start.elapsed().as_nanos())
             .unwrap_or(u64::MAX)
             .saturating_add(1)
+            .saturating_add(self.clock_ahead_ns)
     }
     fn notify_revoked(&mut self, owner: DomId) {
         let _host = HostAllocations::begin();

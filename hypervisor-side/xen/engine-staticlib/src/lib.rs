@@ -1996,7 +1996,7 @@ pub extern "C" fn pviommu_engine_window(start: *mut u64, end: *mut u64) -> i32 {
 #[no_mangle]
 pub extern "C" fn pviommu_engine_fault_expected(owner: u16, sbdf: u32, bfn: u64) -> i32 {
     let Some(e) = engine() else { return 0 };
-    let expected = e.fault_expected(DomId(owner), Sbdf(sbdf), Bfn(bfn));
+    let expected = e.fault_expected(DomId(owner), Sbdf(sbdf), Bfn(bfn), Xen::new().now_ns());
     report_engine_bugs(e);
     i32::from(expected)
 }
