@@ -488,18 +488,18 @@ impl super::DriverDomain {
     }
 }
 
-/// Of the faults at a revoked BFN ([`Engine::fault_expected`]) past the
-/// grace, one in this many per cell counts against the device all the
-/// same: Xen's rule (10 faults at most 10 ms apart turn a device off) then
-/// stops a device that keeps faulting there at 64 times the rate it stops
-/// any other.
-pub const EXPECTED_FAULTS_PER_COUNTED: u32 = 64;
+/// Faults at revoked BFNs ([`Engine::fault_expected`]) a cell may have
+/// exempt at once: a burst of a device streaming into a revoked buffer,
+/// thousands of faults before its owner can stop it (at the few µs Xen
+/// takes a fault, about 80 ms of them).
+pub const REVOKED_FAULT_BURST: u64 = 16_384;
 
-/// For this long after a cell's last revocation notice, every fault at a
-/// BFN revoked there is exempt ([`Engine::fault_expected`]): time for the
-/// owner to hear of it and stop its device (which it must before it
-/// acknowledges the notice).
-pub const REVOKED_FAULT_GRACE_NS: u64 = 1_000_000_000;
+/// How many more a cell may have exempt each second, up to
+/// [`REVOKED_FAULT_BURST`]: stock Xen's own allowance (a fault every
+/// 10 ms never turns a device off). Past it every fault counts, so a
+/// device that keeps faulting at revoked BFNs is turned off as any device
+/// that storms is, whatever its owner revokes meanwhile.
+pub const REVOKED_FAULTS_PER_SECOND: u64 = 100;
 
 /// What [`Engine::teardown_contexts`] left, if anything.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -1105,7 +1105,8 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// Whether a DMA fault of `device` (owned by `owner`) at `bfn`, at time
-    /// `now_ns` (the host's clock, [`Platform::now_ns`](crate::platform::Platform::now_ns)),
+    /// `now_ns` (the host's clock, [`Platform::now_ns`](crate::platform::Platform::now_ns):
+    /// Xen's `NOW()` as its fault tasklet handles the fault),
     /// is one a revocation made: in the context the device walks (the one
     /// of its owner's it is attached to, else its owner's default context),
     /// `bfn` is being revoked, or is revoked and its notice not yet
@@ -1118,14 +1119,14 @@ impl<L: RawMutex> Engine<L> {
     /// for its device's DMA to BFNs it unmapped itself, acknowledged, or
     /// never mapped.
     ///
-    /// For [`REVOKED_FAULT_GRACE_NS`] after the cell's last notice every
-    /// such fault is exempt: a device streaming into a revoked buffer
-    /// faults thousands of times before its owner hears of it and stops
-    /// it. After that, one in [`EXPECTED_FAULTS_PER_COUNTED`] (per cell)
-    /// counts all the same, so a device that keeps faulting at a BFN its
-    /// owner never acknowledges is turned off as any device that storms
-    /// is, later (reviews of the fix: unbounded at first, then bounded by
-    /// count, which a fast legitimate burst reached in about a millisecond).
+    /// Bounded by a token bucket per cell: [`REVOKED_FAULT_BURST`] faults
+    /// at once, [`REVOKED_FAULTS_PER_SECOND`] a second sustained; past it
+    /// every fault counts. Reviews of the fix shaped it: with no bound a
+    /// device model could revoke its own guest's page on purpose, never
+    /// acknowledge it and have its device fault for ever; bounded by count
+    /// (one in 64), a device streaming into a revoked buffer was stopped
+    /// in about a millisecond; a grace after each notice, renewed by the
+    /// device model's own revocations, held the storm up for ever.
     /// The caller decides for a dying or crashed owner (Xen: never
     /// expected, it acknowledges nothing).
     ///
@@ -1160,16 +1161,11 @@ impl<L: RawMutex> Engine<L> {
         let kind =
             d.dd.guest_slot(idx)
                 .map(|i| Self::unmap_kind(&d.dd, context, i));
-        let expected = match kind {
-            Some(Err(Errno::Busy)) => true,
-            Some(Ok(super::unmap::UnmapKind::Revoked)) => {
-                now_ns.saturating_sub(d.dd.last_notice_ns) < REVOKED_FAULT_GRACE_NS || {
-                    d.dd.expected_faults = d.dd.expected_faults.wrapping_add(1);
-                    d.dd.expected_faults % EXPECTED_FAULTS_PER_COUNTED != 0
-                }
-            }
-            _ => false,
-        };
+        let revoked = matches!(
+            kind,
+            Some(Ok(super::unmap::UnmapKind::Revoked) | Err(Errno::Busy))
+        );
+        let expected = revoked && d.dd.revoked_faults.take(now_ns);
         self.put_driver(d);
         expected
     }

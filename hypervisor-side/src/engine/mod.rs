@@ -77,7 +77,7 @@ use alloc::vec::Vec;
 use lock_api::{Mutex, MutexGuard, RawMutex};
 
 pub use contexts::{
-    LeafBits, EXPECTED_FAULTS_PER_COUNTED, MAX_DEVICES_PER_CONTEXT, REVOKED_FAULT_GRACE_NS,
+    LeafBits, MAX_DEVICES_PER_CONTEXT, REVOKED_FAULTS_PER_SECOND, REVOKED_FAULT_BURST,
 };
 pub use driver::{DriverDomain, DriverStats, Mapping, Notice, Slot, REGION_GFN_END};
 pub use extent::ExtentMapped;

@@ -712,9 +712,6 @@ impl<L: RawMutex> Engine<L> {
         if notices {
             // Once per flush, not per notice: the owner drains the queue.
             h.notify_revoked(owner);
-            // Its device's faults at them are exempt for a grace from now
-            // (`Engine::fault_expected`).
-            dd.last_notice_ns = h.now_ns();
         }
         Released {
             unstuck,

@@ -993,9 +993,6 @@ pub struct SimMachine {
     /// Faults Xen's fault tasklet did not count against their device: a
     /// revocation made them ([`crate::Engine::fault_expected`]).
     pub faults_expected: u64,
-    /// Added to the host's clock ([`Platform::now_ns`]): a test moves time
-    /// on past a grace without waiting for it.
-    pub clock_ahead_ns: u64,
     /// IOMMU maps asked for past the address width (see
     /// [`set_address_bits`](Self::set_address_bits)): a domain crash on
     /// Xen's AMD-Vi. The engine must never make one.
@@ -1160,7 +1157,6 @@ impl SimMachine {
             device_faults: VecDeque::new(),
             dma_clock_ns: 0,
             faults_expected: 0,
-            clock_ahead_ns: 0,
             maps_past_width: 0,
             maps_over_present: 0,
             services_under_p2m_lock: 0,
@@ -2298,9 +2294,10 @@ impl SimMachine {
             // dying nor shut down (crashed): one that will never
             // acknowledge a notice gets Xen's rule as it stands.
             let alive = self.domains.get(&owner).is_some_and(|d| !d.dying);
+            // One clock for both, as Xen's tasklet reads `NOW()` for both:
+            // the machine's DMA clock at the fault.
             self.devices_lock();
-            let now = self.now_ns();
-            let expected = alive && engine.fault_expected(owner, device, Bfn(f.addr >> 12), now);
+            let expected = alive && engine.fault_expected(owner, device, Bfn(f.addr >> 12), at);
             self.devices_unlock();
             if expected {
                 self.faults_expected += 1;
@@ -2914,7 +2911,6 @@ impl Platform for SimMachine {
         u64::try_from(start.elapsed().as_nanos())
             .unwrap_or(u64::MAX)
             .saturating_add(1)
-            .saturating_add(self.clock_ahead_ns)
     }
     fn notify_revoked(&mut self, owner: DomId) {
         let _host = HostAllocations::begin();
