@@ -1917,43 +1917,56 @@ fn a_calls_end_clears_a_bounded_number_of_other_vcpus_entries() {
     check_invariants(&mut m, &e).unwrap();
 }
 
+/// `device`'s faults at `bfn`, back to back, until Xen turns it off: how
+/// many it took (at most `most`).
+fn faults_until_off(m: &mut SimMachine, e: &Engine, device: Sbdf, bfn: Bfn, most: u32) -> u32 {
+    for n in 1..=most {
+        if faults_at(m, e, device, bfn, 1) == 1 {
+            return n;
+        }
+    }
+    panic!("{device} still on after {most} faults at {bfn:?}");
+}
+
 /// Reviews of the fix: the exemption has a bound, a token bucket per
-/// cell. A burst of a device streaming into a revoked buffer (5000 faults
+/// owner. A burst of a device streaming into a revoked buffer (5000 faults
 /// 1 µs apart) is exempt; a device that keeps faulting there (its owner
 /// never acknowledging, on purpose) is turned off once the bucket is
 /// empty, whatever its owner revokes meanwhile (a grace renewed by each
-/// notice, the fix's second version, let it storm for ever); one that
-/// faults no faster than the refill never is, as in stock Xen. None is
-/// exempt once the owner is dying (it will acknowledge nothing).
+/// notice let it storm for ever); one that faults no faster than the
+/// refill never is, though stock Xen would stop it at that rate (ten
+/// counted faults 1 ms apart). None is exempt once the owner is dying (it
+/// will acknowledge nothing).
 #[test]
 fn faults_at_a_revoked_bfn_still_turn_a_storming_device_off() {
     use pviommu_hv::engine::{REVOKED_FAULTS_PER_SECOND, REVOKED_FAULT_BURST};
     use pviommu_hv::sim::hardware::PT_FAULT_THRESHOLD;
+    let burst = REVOKED_FAULT_BURST as u32;
     let (mut m, e) = machine(Format::Vtd, 64);
     m.add_device(A, facts(DomId::DOM0));
     let bfn = map_in(&mut m, &e, ContextId::DEFAULT, 3, MemAttr::WriteBack);
     let later = map_in(&mut m, &e, ContextId::DEFAULT, 4, MemAttr::WriteBack);
     m.balloon_out(&e, GUEST, pviommu_abi::Gfn(3)).unwrap();
     assert_eq!(faults_at(&mut m, &e, A, bfn, 5000), 0, "a burst");
-    // A new notice renews nothing.
+    // A new notice renews nothing: off a little past the burst (the ms
+    // the storm takes refill a token each).
     m.balloon_out(&e, GUEST, pviommu_abi::Gfn(4)).unwrap();
-    let left = REVOKED_FAULT_BURST as u32 - 5000;
-    assert_eq!(faults_at(&mut m, &e, A, bfn, left), 0);
-    // (The 16 ms the burst took refilled a token.)
-    assert_eq!(
-        faults_at(&mut m, &e, A, later, PT_FAULT_THRESHOLD + 1),
-        1,
-        "the bucket empty"
-    );
+    let n = faults_until_off(&mut m, &e, A, later, burst);
+    assert!(5000 + n < burst + 100, "off after {} faults", 5000 + n);
 
-    // No faster than the refill: never off.
+    // No faster than the refill: never off, though every fault would
+    // count were nothing refilled.
     let (mut m, e) = machine(Format::Vtd, 64);
     m.add_device(A, facts(DomId::DOM0));
     let bfn = map_in(&mut m, &e, ContextId::DEFAULT, 3, MemAttr::WriteBack);
     m.balloon_out(&e, GUEST, pviommu_abi::Gfn(3)).unwrap();
-    assert_eq!(faults_at(&mut m, &e, A, bfn, REVOKED_FAULT_BURST as u32), 0);
-    for _ in 0..1000 {
-        m.dma_clock_ns += 1_000_000_000 / REVOKED_FAULTS_PER_SECOND;
+    m.dma_clock_ns = 1_000_000_000;
+    while m.faults_expected < u64::from(burst) {
+        assert_eq!(faults_at(&mut m, &e, A, bfn, 1), 0);
+    }
+    let token_ns = 1_000_000_000 / REVOKED_FAULTS_PER_SECOND;
+    for _ in 0..10 * PT_FAULT_THRESHOLD {
+        m.dma_clock_ns += token_ns;
         assert_eq!(faults_at(&mut m, &e, A, bfn, 1), 0);
     }
     assert!(!m.device(A).unwrap().bus_master_off);
@@ -2040,4 +2053,31 @@ fn a_call_ending_in_an_error_finishes_every_cell() {
     }
     e.finish(&mut m, DomId::DOM0);
     check_invariants(&mut m, &e).unwrap();
+}
+
+/// A review of the bucket: it is the owner's, so contexts do not multiply
+/// it. Dom0 empties it through context 1's revoked BFN, then moves its
+/// device to context 2, which has a revoked BFN of its own: a bucket per
+/// cell (the fix's first) gave the device a full one there.
+#[test]
+fn another_context_brings_no_fresh_bucket() {
+    use pviommu_hv::engine::REVOKED_FAULT_BURST;
+    use pviommu_hv::sim::hardware::PT_FAULT_THRESHOLD;
+    let (mut m, e) = machine(Format::Vtd, 64);
+    m.add_device(A, facts(DomId::DOM0));
+    let ctx1 = create(&mut m, &e, DomId::DOM0);
+    let ctx2 = create(&mut m, &e, DomId::DOM0);
+    let b1 = map_in(&mut m, &e, ctx1, 3, MemAttr::WriteBack);
+    let b2 = map_in(&mut m, &e, ctx2, 4, MemAttr::WriteBack);
+    m.balloon_out(&e, GUEST, pviommu_abi::Gfn(3)).unwrap();
+    m.balloon_out(&e, GUEST, pviommu_abi::Gfn(4)).unwrap();
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx1, A), 0);
+    let burst = REVOKED_FAULT_BURST as u32;
+    let n = faults_until_off(&mut m, &e, A, b1, burst + 100);
+    assert!(n > burst - 100, "off after {n}");
+    m.set_bus_master(A, true);
+    assert_eq!(detach(&mut m, &e, DomId::DOM0, ctx1, A), 0);
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx2, A), 0);
+    let n = faults_until_off(&mut m, &e, A, b2, 10 * PT_FAULT_THRESHOLD);
+    assert!(n <= PT_FAULT_THRESHOLD + 2, "off after {n} in context 2");
 }

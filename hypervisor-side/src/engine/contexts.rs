@@ -488,18 +488,98 @@ impl super::DriverDomain {
     }
 }
 
-/// Faults at revoked BFNs ([`Engine::fault_expected`]) a cell may have
-/// exempt at once: a burst of a device streaming into a revoked buffer,
-/// thousands of faults before its owner can stop it (at the few µs Xen
-/// takes a fault, about 80 ms of them).
+/// Faults at revoked BFNs ([`Engine::fault_expected`]) a driver domain's
+/// devices may have left uncounted at once: a burst of a device streaming
+/// into a revoked buffer, thousands of faults before its owner can stop it
+/// (at the few µs Xen takes a fault, about 80 ms of them).
 pub const REVOKED_FAULT_BURST: u64 = 16_384;
 
-/// How many more a cell may have exempt each second, up to
-/// [`REVOKED_FAULT_BURST`]: stock Xen's own allowance (a fault every
-/// 10 ms never turns a device off). Past it every fault counts, so a
-/// device that keeps faulting at revoked BFNs is turned off as any device
-/// that storms is, whatever its owner revokes meanwhile.
-pub const REVOKED_FAULTS_PER_SECOND: u64 = 100;
+/// How many more a second, up to [`REVOKED_FAULT_BURST`]: one a
+/// millisecond. Past it every fault counts, so a device that keeps faulting
+/// at revoked BFNs is turned off as any device that storms is, whatever
+/// its owner revokes, creates or moves meanwhile.
+pub const REVOKED_FAULTS_PER_SECOND: u64 = 1_000;
+
+/// A token bucket of the faults at revoked BFNs Xen may leave uncounted,
+/// one per domid (`Engine::fault_buckets`), packed into a word: the
+/// tokens in the low 16 bits, the millisecond of the last refill (the
+/// host's clock) above. Per domain, not per cell, so that no context the
+/// domain creates, and no cell that goes idle and is claimed again,
+/// brings a full one (a review of the fix: a bucket per cell let a device
+/// model storm on while it rebuilt contexts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FaultBucket {
+    tokens: u64,
+    at_ms: u64,
+}
+
+impl FaultBucket {
+    pub(crate) const FULL: FaultBucket = FaultBucket {
+        tokens: REVOKED_FAULT_BURST,
+        at_ms: 0,
+    };
+    const TOKEN_BITS: u32 = 16;
+
+    pub(crate) fn bits(self) -> u64 {
+        (self.at_ms << Self::TOKEN_BITS) | self.tokens
+    }
+    pub(crate) fn from_bits(bits: u64) -> FaultBucket {
+        FaultBucket {
+            tokens: bits & ((1 << Self::TOKEN_BITS) - 1),
+            at_ms: bits >> Self::TOKEN_BITS,
+        }
+    }
+
+    /// Take one at `now_ns`, if any is left once refilled (a token a
+    /// millisecond) for the time since the last refill. A clock that went
+    /// back refills nothing and moves nothing back.
+    pub(crate) fn take(&mut self, now_ns: u64) -> bool {
+        // (48 bits of milliseconds: 8900 years of uptime.)
+        let now_ms = (now_ns / 1_000_000) & ((1 << (64 - Self::TOKEN_BITS)) - 1);
+        if now_ms > self.at_ms {
+            let refill = now_ms - self.at_ms;
+            self.tokens = self.tokens.saturating_add(refill).min(REVOKED_FAULT_BURST);
+            self.at_ms = now_ms;
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
+
+// The tokens fit their bits; the refill is a token a millisecond.
+const _: () = assert!(REVOKED_FAULT_BURST < 1 << FaultBucket::TOKEN_BITS);
+const _: () = assert!(REVOKED_FAULTS_PER_SECOND == 1_000);
+
+#[cfg(test)]
+mod fault_bucket_tests {
+    use super::{FaultBucket, REVOKED_FAULT_BURST};
+
+    #[test]
+    fn a_bucket_gives_its_burst_then_a_token_a_millisecond() {
+        let mut b = FaultBucket::FULL;
+        let t = 5_000_000_000;
+        assert!((0..REVOKED_FAULT_BURST).all(|_| b.take(t)));
+        assert!(!b.take(t), "empty");
+        assert!(!b.take(t + 999_999), "less than a millisecond");
+        assert!(b.take(t + 1_000_000), "a millisecond: one");
+        assert!(!b.take(t + 1_000_000));
+        // Half a millisecond twice is one token, not none.
+        assert!(!b.take(t + 1_500_000));
+        assert!(b.take(t + 2_000_000));
+        // A clock that goes back gives nothing and moves nothing back.
+        assert!(!b.take(t));
+        assert!(!b.take(t + 2_500_000));
+        assert!(b.take(t + 3_000_000));
+        // Packed and back.
+        assert_eq!(FaultBucket::from_bits(b.bits()), b);
+        // Ages later: full, no more.
+        assert!((0..REVOKED_FAULT_BURST).all(|_| b.take(u64::MAX)));
+        assert!(!b.take(u64::MAX));
+    }
+}
 
 /// What [`Engine::teardown_contexts`] left, if anything.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -1119,14 +1199,15 @@ impl<L: RawMutex> Engine<L> {
     /// for its device's DMA to BFNs it unmapped itself, acknowledged, or
     /// never mapped.
     ///
-    /// Bounded by a token bucket per cell: [`REVOKED_FAULT_BURST`] faults
-    /// at once, [`REVOKED_FAULTS_PER_SECOND`] a second sustained; past it
-    /// every fault counts. Reviews of the fix shaped it: with no bound a
-    /// device model could revoke its own guest's page on purpose, never
-    /// acknowledge it and have its device fault for ever; bounded by count
-    /// (one in 64), a device streaming into a revoked buffer was stopped
-    /// in about a millisecond; a grace after each notice, renewed by the
-    /// device model's own revocations, held the storm up for ever.
+    /// Bounded by a token bucket per owner ([`FaultBucket`]):
+    /// [`REVOKED_FAULT_BURST`] faults at once, [`REVOKED_FAULTS_PER_SECOND`]
+    /// a second sustained; past it every fault counts. Reviews of the fix
+    /// shaped it: with no bound a device model could revoke its own guest's
+    /// page on purpose, never acknowledge it and have its device fault for
+    /// ever; bounded by count (one in 64), a device streaming into a
+    /// revoked buffer was stopped in about a millisecond; a grace after
+    /// each notice was renewed by the device model's own revocations; a
+    /// bucket per cell, by the contexts it created.
     /// The caller decides for a dying or crashed owner (Xen: never
     /// expected, it acknowledges nothing).
     ///
@@ -1152,7 +1233,7 @@ impl<L: RawMutex> Engine<L> {
                 break;
             }
         }
-        let Some(mut d) = self.lock_cell(owner, context) else {
+        let Some(d) = self.lock_cell(owner, context) else {
             return false;
         };
         // A revoked BFN is reserved (never handed out again) until its
@@ -1165,9 +1246,21 @@ impl<L: RawMutex> Engine<L> {
             kind,
             Some(Ok(super::unmap::UnmapKind::Revoked) | Err(Errno::Busy))
         );
-        let expected = revoked && d.dd.revoked_faults.take(now_ns);
         self.put_driver(d);
-        expected
+        revoked && self.take_fault_token(owner, now_ns)
+    }
+
+    /// Take a token of `owner`'s bucket ([`FaultBucket`]) at `now_ns`.
+    /// Only the fault path takes them, with the devices lock held: a load
+    /// and a store (the lock orders them).
+    fn take_fault_token(&self, owner: DomId, now_ns: u64) -> bool {
+        let Some(word) = self.fault_buckets.get(owner.0 as usize) else {
+            return false;
+        };
+        let mut bucket = FaultBucket::from_bits(word.load(Ordering::SeqCst));
+        let took = bucket.take(now_ns);
+        word.store(bucket.bits(), Ordering::SeqCst);
+        took
     }
 
     /// Xen is about to move `device` away from `owner` (deassignment,

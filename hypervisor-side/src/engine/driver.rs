@@ -587,46 +587,6 @@ impl DriverStats {
     }
 }
 
-/// A token bucket of device faults at revoked BFNs Xen may leave
-/// uncounted: full at [`REVOKED_FAULT_BURST`](super::contexts::REVOKED_FAULT_BURST),
-/// refilled at [`REVOKED_FAULTS_PER_SECOND`](super::contexts::REVOKED_FAULTS_PER_SECOND).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct FaultBucket {
-    tokens: u64,
-    /// When (the host's clock) `tokens` was last counted.
-    at_ns: u64,
-}
-
-impl FaultBucket {
-    pub(crate) const FULL: FaultBucket = FaultBucket {
-        tokens: super::contexts::REVOKED_FAULT_BURST,
-        at_ns: 0,
-    };
-
-    /// Take one at `now_ns`, if any is left once refilled for the time
-    /// since the last take. A clock that went back refills nothing.
-    pub(crate) fn take(&mut self, now_ns: u64) -> bool {
-        use super::contexts::{REVOKED_FAULTS_PER_SECOND, REVOKED_FAULT_BURST};
-        let elapsed = now_ns.saturating_sub(self.at_ns);
-        // (`elapsed` up to 2^64 ns, times 100: in u128, no overflow.)
-        let refill = u128::from(elapsed) * u128::from(REVOKED_FAULTS_PER_SECOND) / 1_000_000_000;
-        let refill = u64::try_from(refill).unwrap_or(u64::MAX);
-        if refill != 0 {
-            self.tokens = self.tokens.saturating_add(refill).min(REVOKED_FAULT_BURST);
-            // Only whole tokens move the time on: faults closer together
-            // than a token's time still add up.
-            self.at_ns = now_ns;
-        } else if now_ns < self.at_ns {
-            self.at_ns = now_ns;
-        }
-        if self.tokens == 0 {
-            return false;
-        }
-        self.tokens -= 1;
-        true
-    }
-}
-
 /// A driver domain's state in one cell: its mappings into one context.
 #[derive(Debug)]
 pub struct DriverDomain {
@@ -745,9 +705,6 @@ pub struct DriverDomain {
     /// list the next clearing pass looks (they are at its head). Were it
     /// too low, an entry left behind is never released, only made stuck.
     pub(crate) deferred_entries: u64,
-    /// What is left of the faults at BFNs revoked here that Xen may leave
-    /// uncounted (`Engine::fault_expected`).
-    pub(crate) revoked_faults: FaultBucket,
     /// Unmapping slots whose entry the IOMMU refused to clear
     /// (`Engine::clear_run`), still marked until a release pass moves them
     /// to the stuck list: a device may write through them, and neither
@@ -834,7 +791,6 @@ impl DriverDomain {
             revoked: 0,
             stuck: 0,
             deferred_entries: 0,
-            revoked_faults: FaultBucket::FULL,
             refused_clears: 0,
             pending_maps: Vec::new(),
             gather: FlushGather::default(),
@@ -3572,30 +3528,5 @@ mod tests {
         assert_eq!(dd.index_misses(), 1);
         assert_ne!(dd.extent_free, 0, "record 0 is not free for reuse");
         assert_eq!(dd.extent_records(), 1);
-    }
-}
-
-#[cfg(test)]
-mod fault_bucket_tests {
-    use super::FaultBucket;
-    use crate::engine::{REVOKED_FAULTS_PER_SECOND, REVOKED_FAULT_BURST};
-
-    #[test]
-    fn a_bucket_gives_its_burst_then_its_rate_and_never_more() {
-        let mut b = FaultBucket::FULL;
-        let t = 5_000_000_000;
-        assert!((0..REVOKED_FAULT_BURST).all(|_| b.take(t)));
-        assert!(!b.take(t), "empty");
-        let token = 1_000_000_000 / REVOKED_FAULTS_PER_SECOND;
-        assert!(!b.take(t + token - 1), "less than a token's time");
-        assert!(b.take(t + token), "a token's time: one");
-        assert!(!b.take(t + token));
-        // A clock that goes back gives nothing, and a later token still
-        // comes a token's time after that.
-        assert!(!b.take(t));
-        assert!(b.take(t + token));
-        // Ages later: full, no more.
-        assert!((0..REVOKED_FAULT_BURST).all(|_| b.take(u64::MAX)));
-        assert!(!b.take(u64::MAX));
     }
 }

@@ -395,6 +395,10 @@ pub struct Engine<L: RawMutex> {
     /// creation: each notice's number (from 1) and the order
     /// `revoked_next` reports them in.
     notice_counts: Vec<AtomicU64>,
+    /// Domid -> its devices' faults at revoked BFNs Xen may still leave
+    /// uncounted (a packed `contexts::FaultBucket`; full again when its
+    /// teardown ends).
+    fault_buckets: Vec<AtomicU64>,
     /// Domid -> its life and the BFN quota the toolstack set for it
     /// (`SET_LIMITS`). Set without any lock; the life moved and the quota
     /// reset when its teardown ends.
@@ -680,6 +684,8 @@ impl<L: RawMutex> Engine<L> {
         let domids = DomId::FIRST_RESERVED as usize;
         let gates = try_from_fn(domids, |_| TargetGate::default())?;
         let notice_counts = try_from_fn(domids, |_| AtomicU64::new(0))?;
+        let full = contexts::FaultBucket::FULL.bits();
+        let fault_buckets = try_from_fn(domids, |_| AtomicU64::new(full))?;
         let lives = try_from_fn(domids, |_| DomidLife::new())?;
         let cell_of = try_from_fn(domids, |_| AtomicU8::new(NO_CELL))?;
         let owners = try_from_fn(MAX_DRIVER_DOMAINS, |_| CacheLine(AtomicU32::new(FREE_CELL)))?;
@@ -702,6 +708,7 @@ impl<L: RawMutex> Engine<L> {
             seed: h.random_seed(),
             gates,
             notice_counts,
+            fault_buckets,
             lives,
             cell_of,
             owners,
@@ -902,6 +909,7 @@ impl<L: RawMutex> Engine<L> {
     pub fn boot_bytes(&self) -> usize {
         self.gates.capacity() * core::mem::size_of::<TargetGate>()
             + self.notice_counts.capacity() * core::mem::size_of::<AtomicU64>()
+            + self.fault_buckets.capacity() * core::mem::size_of::<AtomicU64>()
             + self.lives.capacity() * core::mem::size_of::<DomidLife>()
             + self.cell_of.capacity()
             + self.owners.capacity() * core::mem::size_of::<CacheLine<AtomicU32>>()
@@ -1496,6 +1504,9 @@ impl<L: RawMutex> Engine<L> {
         }
         if let Some(n) = self.notice_counts.get(domid.0 as usize) {
             n.store(0, Ordering::SeqCst);
+        }
+        if let Some(b) = self.fault_buckets.get(domid.0 as usize) {
+            b.store(contexts::FaultBucket::FULL.bits(), Ordering::SeqCst);
         }
     }
 
