@@ -2081,3 +2081,32 @@ fn another_context_brings_no_fresh_bucket() {
     let n = faults_until_off(&mut m, &e, A, b2, 10 * PT_FAULT_THRESHOLD);
     assert!(n <= PT_FAULT_THRESHOLD + 2, "off after {n} in context 2");
 }
+
+/// The same review's other way round a bucket per cell: a context
+/// destroyed and created again (its revoked BFN acknowledged first, as a
+/// destroy needs) brings no fresh bucket either.
+#[test]
+fn a_context_made_again_brings_no_fresh_bucket() {
+    use pviommu_hv::engine::REVOKED_FAULT_BURST;
+    use pviommu_hv::sim::hardware::PT_FAULT_THRESHOLD;
+    let (mut m, e) = machine(Format::Vtd, 64);
+    m.add_device(A, facts(DomId::DOM0));
+    let ctx = create(&mut m, &e, DomId::DOM0);
+    let b = map_in(&mut m, &e, ctx, 3, MemAttr::WriteBack);
+    m.balloon_out(&e, GUEST, pviommu_abi::Gfn(3)).unwrap();
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, ctx, A), 0);
+    faults_until_off(&mut m, &e, A, b, REVOKED_FAULT_BURST as u32 + 100);
+    m.set_bus_master(A, true);
+    assert_eq!(detach(&mut m, &e, DomId::DOM0, ctx, A), 0);
+    assert_eq!(unmap_in(&mut m, &e, ctx, b), Errno::Stale.negated());
+    assert_eq!(destroy(&mut m, &e, DomId::DOM0, ctx), 0);
+    let again = create(&mut m, &e, DomId::DOM0);
+    let b = map_in(&mut m, &e, again, 4, MemAttr::WriteBack);
+    m.balloon_out(&e, GUEST, pviommu_abi::Gfn(4)).unwrap();
+    assert_eq!(attach(&mut m, &e, DomId::DOM0, again, A), 0);
+    let n = faults_until_off(&mut m, &e, A, b, 10 * PT_FAULT_THRESHOLD);
+    assert!(
+        n <= PT_FAULT_THRESHOLD + 2,
+        "off after {n} in the new context"
+    );
+}

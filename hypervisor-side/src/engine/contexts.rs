@@ -1250,16 +1250,22 @@ impl<L: RawMutex> Engine<L> {
         revoked && self.take_fault_token(owner, now_ns)
     }
 
-    /// Take a token of `owner`'s bucket ([`FaultBucket`]) at `now_ns`.
-    /// Only the fault path takes them, with the devices lock held: a load
-    /// and a store (the lock orders them).
+    /// Take a token of `owner`'s bucket ([`FaultBucket`]) at `now_ns`: one
+    /// compare-and-swap of its word, so that the reset at the end of the
+    /// owner's teardown (`forget_domid`, no devices lock) is never undone
+    /// by a take that read the word before it (a review of 2026-12-07).
     fn take_fault_token(&self, owner: DomId, now_ns: u64) -> bool {
         let Some(word) = self.fault_buckets.get(owner.0 as usize) else {
             return false;
         };
-        let mut bucket = FaultBucket::from_bits(word.load(Ordering::SeqCst));
-        let took = bucket.take(now_ns);
-        word.store(bucket.bits(), Ordering::SeqCst);
+        let mut took = false;
+        // (`fetch_update` retries its closure on a lost race: `took` is
+        // the last attempt's, the one stored.)
+        let _ = word.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |bits| {
+            let mut bucket = FaultBucket::from_bits(bits);
+            took = bucket.take(now_ns);
+            Some(bucket.bits())
+        });
         took
     }
 
