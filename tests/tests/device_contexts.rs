@@ -1847,6 +1847,29 @@ fn a_revocation_in_an_engine_context_does_not_turn_the_device_off() {
     a_revocation_does_not_turn_the_device_off(true);
 }
 
+/// Dom0 with device A and three contexts of its own, `each` pages of the
+/// guest mapped into each (gfns `k * each..`): the contexts and, for each,
+/// its BFNs in gfn order.
+fn three_contexts_mapped(each: u64) -> (SimMachine, Engine, Vec<ContextId>, Vec<Vec<u64>>) {
+    let (mut m, e) = machine(Format::Vtd, 3 * each);
+    m.guest_set_limits(&e, DomId::DOM0, DomId::DOM0, 4 * each)
+        .unwrap();
+    m.add_device(A, facts(DomId::DOM0));
+    let mut bfns = Vec::new();
+    let mut ctxs = Vec::new();
+    for k in 0..3 {
+        let ctx = create(&mut m, &e, DomId::DOM0);
+        let mut maps: Vec<PvIommuOp> = (k * each..(k + 1) * each)
+            .map(|g| map_op_in(ctx, GUEST, g, Permissions::RW))
+            .collect();
+        m.guest_batch_all(&e, DomId::DOM0, &mut maps).unwrap();
+        assert!(maps.iter().all(|o| o.status == 0));
+        bfns.push(maps.iter().map(|o| o.bfn).collect::<Vec<_>>());
+        ctxs.push(ctx);
+    }
+    (m, e, ctxs, bfns)
+}
+
 /// Dom0's entries still to clear, over its cells.
 fn dom0_entries_to_clear(e: &Engine) -> u64 {
     let st = e.state();
@@ -1870,22 +1893,7 @@ fn a_calls_end_clears_a_bounded_number_of_other_vcpus_entries() {
     use pviommu_hv::config::MAX_BATCH_OPS;
     use pviommu_hv::engine::PREEMPT_RELEASE_LIMIT;
     const EACH: u64 = 1000;
-    let (mut m, e) = machine(Format::Vtd, 3 * EACH);
-    m.guest_set_limits(&e, DomId::DOM0, DomId::DOM0, 4 * EACH)
-        .unwrap();
-    m.add_device(A, facts(DomId::DOM0));
-    let mut bfns = Vec::new();
-    let mut ctxs = Vec::new();
-    for k in 0..3 {
-        let ctx = create(&mut m, &e, DomId::DOM0);
-        let mut maps: Vec<PvIommuOp> = (k * EACH..(k + 1) * EACH)
-            .map(|g| map_op_in(ctx, GUEST, g, Permissions::RW))
-            .collect();
-        m.guest_batch_all(&e, DomId::DOM0, &mut maps).unwrap();
-        assert!(maps.iter().all(|o| o.status == 0));
-        bfns.push(maps.iter().map(|o| o.bfn).collect::<Vec<_>>());
-        ctxs.push(ctx);
-    }
+    let (mut m, e, ctxs, bfns) = three_contexts_mapped(EACH);
     // Other vCPUs' unmaps in contexts 1 and 2, their calls not ended.
     for k in 0..2 {
         for &b in &bfns[k] {
@@ -1996,22 +2004,7 @@ fn faults_at_a_revoked_bfn_still_turn_a_storming_device_off() {
 fn a_call_ending_in_an_error_finishes_every_cell() {
     const EACH: u64 = 1000;
     const OTHERS: usize = 990;
-    let (mut m, e) = machine(Format::Vtd, 3 * EACH);
-    m.guest_set_limits(&e, DomId::DOM0, DomId::DOM0, 4 * EACH)
-        .unwrap();
-    m.add_device(A, facts(DomId::DOM0));
-    let mut bfns = Vec::new();
-    let mut ctxs = Vec::new();
-    for k in 0..3 {
-        let ctx = create(&mut m, &e, DomId::DOM0);
-        let mut maps: Vec<PvIommuOp> = (k * EACH..(k + 1) * EACH)
-            .map(|g| map_op_in(ctx, GUEST, g, Permissions::RW))
-            .collect();
-        m.guest_batch_all(&e, DomId::DOM0, &mut maps).unwrap();
-        assert!(maps.iter().all(|o| o.status == 0));
-        bfns.push(maps.iter().map(|o| o.bfn).collect::<Vec<_>>());
-        ctxs.push(ctx);
-    }
+    let (mut m, e, ctxs, bfns) = three_contexts_mapped(EACH);
     assert_eq!(attach(&mut m, &e, DomId::DOM0, ctxs[2], A), 0);
     for k in 0..3 {
         for &b in &bfns[k][..OTHERS] {
