@@ -1218,21 +1218,9 @@ impl<L: RawMutex> Engine<L> {
         let Some(idx) = self.space.index_of(bfn) else {
             return false;
         };
-        let mut context = ContextId::DEFAULT;
-        for c in self.contexts_of(owner) {
-            if c == ContextId::DEFAULT {
-                continue;
-            }
-            let Some(d) = self.lock_cell(owner, c) else {
-                continue;
-            };
-            let on = d.dd.attached_devices(c).any(|a| a == device);
-            self.put_driver(d);
-            if on {
-                context = c;
-                break;
-            }
-        }
+        let context = self
+            .device_context(owner, device)
+            .unwrap_or(ContextId::DEFAULT);
         let Some(d) = self.lock_cell(owner, context) else {
             return false;
         };
