@@ -671,7 +671,6 @@ bool pviommu_fault_expected(uint16_t seg, uint16_t bdf, uint64_t addr)
     const struct pci_dev *pdev;
     const struct domain *owner;
     pci_sbdf_t sbdf = PCI_SBDF(seg, bdf);
-    s_time_t now, prev;
     bool expected = false;
 
     ASSERT(!in_irq());
@@ -695,10 +694,7 @@ bool pviommu_fault_expected(uint16_t seg, uint16_t bdf, uint64_t addr)
      * a limit of its own, since the faults' own lines spend
      * printk_ratelimit()'s.
      */
-    now = NOW();
-    prev = read_atomic(&last);
-    if ( expected && (!prev || now - prev >= SECONDS(1)) &&
-         cmpxchg(&last, prev, now) == prev )
+    if ( expected && pvx_once_a_second(&last) )
         printk(XENLOG_INFO
                "pviommu: %pp DMA fault at BFN %#"PRIx64" after its revocation: not counted against the device\n",
                &sbdf, addr >> PAGE_SHIFT);
