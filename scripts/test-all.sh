@@ -79,6 +79,9 @@ hypervisor-side/xen/tests/pv-frames.sh
 step "x86 glue: PV-IOMMU stays off with no IOMMU in use"
 hypervisor-side/xen/tests/init-off.sh
 
+step "glue: a batch ending in an error continues with the error it carries"
+hypervisor-side/xen/tests/batch-ending.sh
+
 step "engine for x86_64-unknown-none (Xen's target)"
 scripts/build-engine-nostd.sh
 

@@ -89,11 +89,11 @@ fn rounds(
             bfns.push(e.map(h, caller, &info, &req).unwrap());
         }
         // The flush of the context worked in, as a batch hypercall ends.
-        e.finish_contexts(h, caller, 1 << ctx.0, true);
+        e.finish_contexts(h, caller, 1 << ctx.0);
         for b in &bfns {
             e.unmap(h, caller, ctx, *b).unwrap();
         }
-        e.finish_contexts(h, caller, 1 << ctx.0, true);
+        e.finish_contexts(h, caller, 1 << ctx.0);
     }
 }
 

@@ -277,6 +277,65 @@ fn stale_if_revoked(r: Result<bool, Errno>) -> Result<(), Errno> {
     }
 }
 
+/// The command a batch's continuation re-enters with when the call ended
+/// in an error but its cells' writes, clears and flushes did not all fit
+/// in that entry (`Engine::finish_contexts` bounds an entry's share). A
+/// call that ends in an error cannot answer `BATCH_INCOMPLETE` (the
+/// caller would re-issue it and run its ops again), and finishing every
+/// cell at once let a caller choose an unbounded entry (a review of
+/// 2026-12-07). So the error travels in the continuation's command, as
+/// Xen's `memory_op` carries its progress in its `cmd`: the entries it
+/// makes run no op, finish the cells, and the last answers the error.
+///
+/// Layout (never zero, never [`BATCH_INCOMPLETE`]): bit 30 set, the errno
+/// in bits 16-23, the contexts the call's ops named in bits 0-15 (bit n:
+/// context n; finished first), every other bit clear. A guest may issue
+/// it itself: it finishes the guest's own cells and answers the errno it
+/// chose, as a batch of no ops that failed would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchEnding {
+    /// What the call answers once its cells are finished.
+    pub errno: Errno,
+    /// The contexts the call's ops named (bit n: context n).
+    pub contexts: u16,
+}
+
+// Every context's bit fits in the command.
+const _: () = assert!(MAX_CONTEXTS <= 16);
+
+impl BatchEnding {
+    /// The bit that marks the command as a batch's ending.
+    pub const FLAG: u32 = 1 << 30;
+    /// The bits beside the flag that carry the errno and the contexts.
+    pub const BITS: u32 = Self::ERRNO_MASK << Self::ERRNO_SHIFT | 0xffff;
+    const ERRNO_SHIFT: u32 = 16;
+    const ERRNO_MASK: u32 = 0xff;
+
+    /// The continuation's command.
+    pub fn command(self) -> u32 {
+        // (Every errno of the ABI is below 256: `Errno::ALL`.)
+        let errno = self.errno.code() as u32 & Self::ERRNO_MASK;
+        Self::FLAG | errno << Self::ERRNO_SHIFT | u32::from(self.contexts)
+    }
+
+    /// `None` for a command that is not a batch's ending; `EINVAL` for one
+    /// with the flag and a reserved bit set or an errno the ABI lacks.
+    pub fn parse(command: u32) -> Option<Result<Self, Errno>> {
+        if command & Self::FLAG == 0 {
+            return None;
+        }
+        let reserved = !(Self::FLAG | Self::BITS);
+        let code = (command >> Self::ERRNO_SHIFT) & Self::ERRNO_MASK;
+        let errno = Errno::from_code(code as i32).filter(|_| command & reserved == 0);
+        Some(errno.map_or(Err(Errno::Inval), |errno| {
+            Ok(Self {
+                errno,
+                contexts: command as u16,
+            })
+        }))
+    }
+}
+
 fn check_version(v: u32) -> Result<(), Errno> {
     if version_major(v) == version_major(INTERFACE_VERSION) {
         Ok(())
@@ -286,9 +345,15 @@ fn check_version(v: u32) -> Result<(), Errno> {
 }
 
 impl<L: RawMutex> Engine<L> {
-    /// The hypercall body. Returns 0, a negative errno, or
+    /// The hypercall body. Returns 0, a negative errno,
     /// [`BATCH_INCOMPLETE`] when the platform asked to stop (progress is in
-    /// the guest's batch header).
+    /// the guest's batch header: the call continues with the same command
+    /// and argument), or the command of a [`BatchEnding`] (at least
+    /// `BatchEnding::FLAG`): the call continues with that command, its
+    /// argument unchanged. Xen makes either a continuation; a host without
+    /// continuations re-issues the call ([`BATCH_INCOMPLETE`] is the
+    /// guest's to see) or enters again with the ending's command (the
+    /// simulator: `SimMachine::hypercall`).
     ///
     /// A caller that is neither the control domain nor a device model is
     /// refused here, before any guest copy and before any engine lock.
@@ -305,7 +370,10 @@ impl<L: RawMutex> Engine<L> {
                 cmd::SET_LIMITS => self.set_limits(h, caller, ci, arg),
                 cmd::STATS => self.stats_cmd(h, caller, ci, arg),
                 cmd::ENTRY => self.entry_cmd(h, caller, ci, arg),
-                _ => Err(Errno::OpNotSupp),
+                c => match BatchEnding::parse(c) {
+                    Some(ending) => ending.and_then(|ending| self.batch_ending(h, caller, ending)),
+                    None => Err(Errno::OpNotSupp),
+                },
             },
         };
         match r {
@@ -628,11 +696,22 @@ impl<L: RawMutex> Engine<L> {
         // preemption does, with every op done. Its next entry runs no op
         // and finishes the cells again (they say they are unfinished),
         // until they are done.
+        // A call that ended in an error continues as a `BatchEnding`,
+        // which carries the error to the entry that answers it.
         let mut r = r;
         if r == Ok(BATCH_INCOMPLETE) {
             self.pause_contexts(h, caller);
-        } else if self.finish_contexts(h, caller, touched, r == Ok(0)) && r == Ok(0) {
-            r = Ok(BATCH_INCOMPLETE);
+        } else if self.finish_contexts(h, caller, touched) {
+            r = match r {
+                Ok(_) => Ok(BATCH_INCOMPLETE),
+                Err(errno) => Ok(i64::from(
+                    BatchEnding {
+                        errno,
+                        contexts: touched as u16,
+                    }
+                    .command(),
+                )),
+            };
         }
         if r.is_ok() {
             // Counted in the first context it named (its cell was just
@@ -642,6 +721,23 @@ impl<L: RawMutex> Engine<L> {
             self.note_batch(caller, context, self.since(h, t0));
         }
         r
+    }
+
+    /// An entry of a batch call that ended in an error (`BatchEnding`):
+    /// no op runs; the caller's cells are finished, named ones first, for
+    /// an entry's share, and the call continues until they are, then
+    /// answers the error.
+    fn batch_ending(
+        &self,
+        h: &mut impl Hypervisor,
+        caller: DomId,
+        ending: BatchEnding,
+    ) -> Result<i64, Errno> {
+        if self.finish_contexts(h, caller, u32::from(ending.contexts)) {
+            Ok(i64::from(ending.command()))
+        } else {
+            Err(ending.errno)
+        }
     }
 
     fn batch_timed(

@@ -320,7 +320,7 @@ fn a_trimmed_context_cell_gives_its_peak_index_back() {
     let rest: Vec<Bfn> = bfns[1024..].iter().rev().copied().collect();
     unmap_all_in(&mut m, &e, ctx, &rest);
     for _ in 0..1000 {
-        e.finish_contexts(&mut m, DomId::DOM0, 1 << ctx.0, true);
+        e.finish_contexts(&mut m, DomId::DOM0, 1 << ctx.0);
     }
     let (kept, _, live) = heap(&e);
     assert_eq!(live, 1024);

@@ -53,7 +53,7 @@ fn map(sim: &SharedSim, e: &Engine, caller: DomId, ctx: ContextId, gfn: u64) -> 
     let mut h = sim.handle(caller);
     let info = h.domain_info(caller).unwrap();
     let r = e.map(&mut h, caller, &info, &req(ctx, gfn));
-    e.finish_contexts(&mut h, caller, 1 << ctx.0, true);
+    e.finish_contexts(&mut h, caller, 1 << ctx.0);
     r
 }
 
@@ -66,7 +66,7 @@ fn unmap(
 ) -> Result<(), Errno> {
     let mut h = sim.handle(caller);
     let r = e.unmap(&mut h, caller, ctx, bfn);
-    e.finish_contexts(&mut h, caller, 1 << ctx.0, true);
+    e.finish_contexts(&mut h, caller, 1 << ctx.0);
     r
 }
 
@@ -439,7 +439,7 @@ fn an_emptied_context_keeps_its_index() {
             for gfn in base..base + 1024 {
                 bfns.push(e.map(&mut h, DomId::DOM0, &info, &req(ctx, gfn)).unwrap());
             }
-            e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0, true);
+            e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0);
         }
         bfns
     };
@@ -449,7 +449,7 @@ fn an_emptied_context_keeps_its_index() {
             for &bfn in chunk {
                 e.unmap(&mut h, DomId::DOM0, ctx, bfn).unwrap();
             }
-            e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0, true);
+            e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0);
         }
     };
     let cycle = |ctx: ContextId| empty(ctx, &fill(ctx));
@@ -481,7 +481,7 @@ fn an_emptied_context_keeps_its_index() {
             "gfn {gfn} not found in the index"
         );
     }
-    e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0, true);
+    e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0);
     drop(h);
     sim.lock().kill_domain(&e, GUEST);
     let dd = e.context_state(DomId::DOM0, ctx).unwrap();

@@ -53,7 +53,7 @@ fn drain(sim: &SharedSim, e: &Engine, ctx: ContextId, mine: &mut Vec<Bfn>) {
             let r = e.unmap(&mut h, DomId::DOM0, ctx, b);
             matches!(r, Err(Errno::Busy))
         });
-        e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0, true);
+        e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0);
         if mine.is_empty() {
             return;
         }
@@ -96,7 +96,7 @@ fn context_churn_with_maps_hooks_and_target_death() {
                         Err(x) => panic!("map: {x:?}"),
                     }
                 }
-                e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0, true);
+                e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0);
                 max_used.fetch_max(e.usage(DomId::DOM0).1, Ordering::SeqCst);
                 drain(&sim, &e, ctx, &mut mine);
                 let mut ok = false;
@@ -130,7 +130,7 @@ fn context_churn_with_maps_hooks_and_target_death() {
                 let mut out = [Err(Errno::Inval); 8];
                 let n = e.map_batch(&mut h, DomId::DOM0, &info, &reqs, &mut out);
                 mine.extend(out.iter().take(n).flatten().map(|m| m.bfn));
-                e.finish_contexts(&mut h, DomId::DOM0, 1, true);
+                e.finish_contexts(&mut h, DomId::DOM0, 1);
                 max_used.fetch_max(e.usage(DomId::DOM0).1, Ordering::SeqCst);
                 drain(&sim, &e, ContextId::DEFAULT, &mut mine);
             }
@@ -231,7 +231,7 @@ fn map_in_every_context_at_once(
                     .collect();
                 let mut out = [Err(Errno::Inval); MAP_CHUNK];
                 let n = e.map_batch(&mut h, DomId::DOM0, &info, &reqs, &mut out);
-                e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0, true);
+                e.finish_contexts(&mut h, DomId::DOM0, 1 << ctx.0);
                 let refused = out[..n].iter().all(|r| matches!(r, Err(Errno::NoSpc)));
                 if stop_when_refused && refused {
                     break;

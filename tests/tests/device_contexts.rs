@@ -1993,17 +1993,24 @@ fn faults_at_a_revoked_bfn_still_turn_a_storming_device_off() {
     assert_eq!(m.faults_expected, 2);
 }
 
-/// A review of the bound above: a call that ends in an error cannot
-/// continue, so its end finishes every cell, budget or not. Here contexts
-/// 1-3 each hold 990 unmaps another vCPU made, and a call unmaps one more
-/// page in each, three times, then fails writing its ninth op's status
-/// (`EFAULT`, eight ops done). With the budget applied, context 3 was left
-/// unfinished: two unmaps reported done kept their entries, and A, in
-/// context 3, still read the pages.
+/// Reviews of the bound above: a call that ends in an error must not
+/// answer before every op it reported done is finished (a first bound
+/// left them), nor finish every cell in one entry (the next version did,
+/// unbounded: a caller chooses when its call fails). Here contexts 1-3 each
+/// hold 990 unmaps another vCPU made, and a call unmaps one more page in
+/// each, three times, then fails writing its ninth op's status (`EFAULT`,
+/// eight ops done). Its first entry clears at most an entry's share and
+/// continues as a `BatchEnding` carrying `EFAULT` (before: all 2978 in one
+/// entry); the entries after it run no op, and the last answers `EFAULT`
+/// with every entry cleared and A, in context 3, reading none of the pages.
 #[test]
-fn a_call_ending_in_an_error_finishes_every_cell() {
+fn a_call_ending_in_an_error_continues_until_every_cell_is_finished() {
+    use pviommu_hv::config::MAX_BATCH_OPS;
+    use pviommu_hv::engine::PREEMPT_RELEASE_LIMIT;
+    use pviommu_hv::hypercall::BatchEnding;
     const EACH: u64 = 1000;
     const OTHERS: usize = 990;
+    let most = PREEMPT_RELEASE_LIMIT + u64::from(MAX_BATCH_OPS);
     let (mut m, e, ctxs, bfns) = three_contexts_mapped(EACH);
     assert_eq!(attach(&mut m, &e, DomId::DOM0, ctxs[2], A), 0);
     for k in 0..3 {
@@ -2027,16 +2034,41 @@ fn a_call_ending_in_an_error_finishes_every_cell() {
     }
     let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &ops);
     let ninth = ops_addr + 8 * core::mem::size_of::<PvIommuOp>() as u64;
+    let before = dom0_entries_to_clear(&e);
     let r = {
         let mut h = Interposer::new(&mut m, Service::CopyToGuestAt(ninth), Box::new(|_| {}));
         e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base)
     };
-    assert_eq!(r, Errno::Fault.negated() as i64);
-    assert_eq!(
-        dom0_entries_to_clear(&e),
-        0,
-        "entries left after the call ended"
+    let named = ctxs.iter().fold(0u16, |bits, c| bits | 1 << c.0);
+    let ending = BatchEnding {
+        errno: Errno::Fault,
+        contexts: named,
+    };
+    assert_eq!(r, i64::from(ending.command()), "continues, carrying EFAULT");
+    let mut left = dom0_entries_to_clear(&e);
+    assert!(
+        left != 0 && before - left <= most + 9,
+        "cleared {}",
+        before - left
     );
+    let mut entries = 1;
+    let r = loop {
+        let r = e.hypercall(&mut m, DomId::DOM0, ending.command(), base);
+        let now = dom0_entries_to_clear(&e);
+        assert!(left - now <= most, "one entry cleared {}", left - now);
+        left = now;
+        entries += 1;
+        assert!(entries < 10, "the call does not end");
+        if r != i64::from(ending.command()) {
+            break r;
+        }
+    };
+    assert_eq!(r, Errno::Fault.negated() as i64);
+    assert_eq!(left, 0, "entries left after the call ended");
+    // The ninth op and those after it did not run.
+    assert!(e
+        .lookup(DomId::DOM0, ctxs[2], Bfn(bfns[2][OTHERS + 2]))
+        .is_ok());
     for i in 0..2 {
         let b = Bfn(bfns[2][OTHERS + i]);
         assert!(
@@ -2045,6 +2077,56 @@ fn a_call_ending_in_an_error_finishes_every_cell() {
         );
     }
     e.finish(&mut m, DomId::DOM0);
+    check_invariants(&mut m, &e).unwrap();
+}
+
+/// The ending's command is the hypervisor's, but a guest can issue it:
+/// a malformed one (a reserved bit, an errno the ABI lacks) is refused
+/// with `EINVAL` and finishes nothing; a well-formed one finishes the
+/// guest's own cells and answers the errno it chose. Through the
+/// simulator's hypercall, as through Xen, a batch's ending entries are
+/// made without the guest.
+#[test]
+fn a_guest_issuing_a_batch_ending_itself_gets_its_errno_and_nothing_else() {
+    use pviommu_hv::hypercall::BatchEnding;
+    let (mut m, e, ctxs, bfns) = three_contexts_mapped(100);
+    for k in 0..3 {
+        for &b in &bfns[k][..50] {
+            e.unmap(&mut m, DomId::DOM0, ctxs[k], Bfn(b)).unwrap();
+        }
+    }
+    let before = dom0_entries_to_clear(&e);
+    assert_eq!(before, 150);
+    let well_formed = BatchEnding {
+        errno: Errno::Again,
+        contexts: 1 << ctxs[0].0,
+    }
+    .command();
+    for bad in [
+        well_formed | 1 << 24,
+        well_formed | 1 << 31,
+        BatchEnding::FLAG | 4 << 16,
+        BatchEnding::FLAG,
+    ] {
+        assert_eq!(
+            m.hypercall(&e, DomId::DOM0, bad, 0),
+            Errno::Inval.negated() as i64,
+            "{bad:#x}"
+        );
+        assert_eq!(dom0_entries_to_clear(&e), before, "{bad:#x} acted");
+    }
+    // Any argument: the ending reads no guest memory.
+    assert_eq!(
+        m.hypercall(&e, DomId::DOM0, well_formed, u64::MAX),
+        Errno::Again.negated() as i64
+    );
+    assert_eq!(dom0_entries_to_clear(&e), 0);
+    assert_eq!(m.ending_entries, 0);
+    // A domain with no cells: its errno, nothing else.
+    assert_eq!(
+        m.hypercall(&e, DEVICE_MODEL, well_formed, 0),
+        Errno::Again.negated() as i64
+    );
     check_invariants(&mut m, &e).unwrap();
 }
 

@@ -1647,7 +1647,7 @@ impl<L: RawMutex> Engine<L> {
     /// [`finish_contexts`](Self::finish_contexts)). Bounded: each round
     /// but the last releases pages.
     pub fn finish(&self, h: &mut impl Hypervisor, caller: DomId) {
-        while self.finish_contexts(h, caller, u32::MAX, true) {}
+        while self.finish_contexts(h, caller, u32::MAX) {}
     }
 
     /// At a preemption point of `caller`'s batch (the call continues in a
@@ -1694,24 +1694,20 @@ impl<L: RawMutex> Engine<L> {
     /// left for the entry's budget of entry writes and clears (below).
     ///
     /// The writes and clears before the flushes are not preemptible: an
-    /// entry that can continue (`can_continue`) makes at most
-    /// [`PREEMPT_RELEASE_LIMIT`] plus one batch's ops of them, and always
-    /// all of at least one cell's (so the call goes on). The named cells
-    /// come first. One that cannot (the call ends in an error) makes them
-    /// all: an op it reported done would otherwise have its entry unwritten
-    /// or still present (a review of 2026-12-07). With one vCPU they fit in that
+    /// entry makes at most [`PREEMPT_RELEASE_LIMIT`] plus one batch's ops
+    /// of them, and always all of at least one cell's (so the call goes
+    /// on). The named cells come first. With one vCPU they fit in that
     /// ([`pause_contexts`](Self::pause_contexts) keeps the rest below the
     /// limit); the bound is for the cells other vCPUs of the caller are
     /// filling meanwhile, which an entry finishes when it meets them
     /// unfinished (a review of 2026-12-07: k vCPUs in k contexts left the
-    /// first call to end k times `DEFER_LIMIT` clears).
-    pub fn finish_contexts(
-        &self,
-        h: &mut impl Hypervisor,
-        caller: DomId,
-        contexts: u32,
-        can_continue: bool,
-    ) -> bool {
+    /// first call to end k times `DEFER_LIMIT` clears). A call that ends
+    /// in an error is bound the same way and continues too, the error
+    /// carried in its continuation (`hypercall::BatchEnding`): it answers
+    /// only once every op it reported done has its entry written or
+    /// cleared and flushed (a review of 2026-12-07: a first bound left
+    /// them; the next finished every cell unbounded).
+    pub fn finish_contexts(&self, h: &mut impl Hypervisor, caller: DomId, contexts: u32) -> bool {
         let mut left = false;
         // (Shared by the cells: an entry releases at most this many, and
         // gives back at most this many blocks of slots.)
@@ -1740,7 +1736,7 @@ impl<L: RawMutex> Engine<L> {
                     continue;
                 };
                 let work = d.dd.pending_maps.len() as u64 + d.dd.deferred_entries;
-                if can_continue && finished_any && work > entry_work {
+                if finished_any && work > entry_work {
                     // Its writes and clears wait for the next entry (it
                     // stays unfinished).
                     self.put_driver(d);

@@ -37,6 +37,15 @@
 
 /* ---- Rust -> C return codes ---- */
 #define PVIOMMU_ENGINE_PREEMPTED 1 /* == PVIOMMU_BATCH_INCOMPLETE */
+/*
+ * A batch that ended in an error, its cells not all finished in that entry
+ * (hypercall::BatchEnding): pviommu_engine_op() answers the command to
+ * continue with, this bit set, the errno in bits 16-23 and the contexts in
+ * bits 0-15, every other bit clear. The glue continues with that command
+ * and the same arg; its entries run no op and the last answers -errno.
+ */
+#define PVIOMMU_ENGINE_BATCH_ENDING 0x40000000U
+#define PVIOMMU_ENGINE_BATCH_ENDING_BITS 0x00ffffffU
 
 /* ======== Implemented by the Rust engine ======== */
 
@@ -53,10 +62,11 @@ int pviommu_engine_init(uint64_t quota, uint32_t max_batch,
 
 /*
  * The hypercall body. `caller` is current->domain's id, `arg` the guest
- * address passed as the hypercall's second argument. Returns 0, -errno, or
- * PVIOMMU_ENGINE_PREEMPTED when pvx_preempt_check() asked it to stop: the
+ * address passed as the hypercall's second argument. Returns 0, -errno,
+ * PVIOMMU_ENGINE_PREEMPTED when pvx_preempt_check() asked it to stop (the
  * progress is already in the guest's batch header, and the glue creates a
- * continuation with the same (cmd, arg).
+ * continuation with the same (cmd, arg)), or a batch ending's command
+ * (PVIOMMU_ENGINE_BATCH_ENDING: the glue continues with it as cmd).
  */
 long pviommu_engine_op(uint16_t caller, unsigned int cmd, uint64_t arg);
 

@@ -1456,6 +1456,14 @@ fn the_engine_header_defines_what_the_rust_side_uses() {
             "PVIOMMU_ENGINE_PREEMPTED",
             pviommu_hv::abi::BATCH_INCOMPLETE as u64,
         ),
+        (
+            "PVIOMMU_ENGINE_BATCH_ENDING",
+            pviommu_hv::hypercall::BatchEnding::FLAG.into(),
+        ),
+        (
+            "PVIOMMU_ENGINE_BATCH_ENDING_BITS",
+            pviommu_hv::hypercall::BatchEnding::BITS.into(),
+        ),
         ("PVIOMMU_TEARDOWN_DONE", 3 << 62),
         ("PVIOMMU_GFN_REMOVED", super::PVIOMMU_GFN_REMOVED.into()),
         (
