@@ -82,6 +82,9 @@ hypervisor-side/xen/tests/init-off.sh
 step "glue: a batch ending in an error continues with the error it carries"
 hypervisor-side/xen/tests/batch-ending.sh
 
+step "glue: the IOMMU driver's pviommu_* ops called only where the driver has them"
+hypervisor-side/xen/tests/iommu-ops.sh
+
 step "engine for x86_64-unknown-none (Xen's target)"
 scripts/build-engine-nostd.sh
 
