@@ -85,6 +85,9 @@ hypervisor-side/xen/tests/batch-ending.sh
 step "glue: the IOMMU driver's pviommu_* ops called only where the driver has them"
 hypervisor-side/xen/tests/iommu-ops.sh
 
+step "glue: the revocation VIRQ raised later, with no lock held"
+hypervisor-side/xen/tests/revoked-virq.sh
+
 step "engine for x86_64-unknown-none (Xen's target)"
 scripts/build-engine-nostd.sh
 

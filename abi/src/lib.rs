@@ -62,7 +62,30 @@ pub mod cmd {
     /// driver domain's own contexts, its address field zeroed, through a
     /// [`PvIommuEntry`](crate::PvIommuEntry) (control domain only; ABI 1.3).
     pub const ENTRY: u32 = 6;
+    /// Commands with this bit set are the hypervisor's own: the
+    /// continuation of a batch that ended in an error carries the error in
+    /// them (design/abi.md, "Batches"). No command of the ABI has it; a
+    /// caller that issues one gets its own cells finished and the errno it
+    /// names, or `EINVAL` for a malformed one.
+    pub const RESERVED_FOR_CONTINUATIONS: u32 = 1 << 30;
 }
+
+// No command of the ABI is one of the hypervisor's own.
+const _: () = {
+    let all = [
+        cmd::QUERY_CAPS,
+        cmd::BATCH,
+        cmd::RESERVED_REGIONS,
+        cmd::SET_LIMITS,
+        cmd::STATS,
+        cmd::ENTRY,
+    ];
+    let mut i = 0;
+    while i < all.len() {
+        assert!(all[i] & cmd::RESERVED_FOR_CONTINUATIONS == 0);
+        i += 1;
+    }
+};
 
 /// Formats of [`PvIommuEntry::bits`].
 pub mod entry_format {

@@ -300,12 +300,22 @@ pub struct BatchEnding {
     pub contexts: u16,
 }
 
-// Every context's bit fits in the command.
-const _: () = assert!(MAX_CONTEXTS <= 16);
+// Every context's bit fits in the command, and every errno of the ABI in
+// its eight bits (`BatchEnding::ERRNO_MASK`).
+const _: () = {
+    assert!(MAX_CONTEXTS <= 16);
+    let mut i = 0;
+    while i < Errno::ALL.len() {
+        let code = Errno::ALL[i].code();
+        assert!(code > 0 && code <= 0xff);
+        i += 1;
+    }
+};
 
 impl BatchEnding {
-    /// The bit that marks the command as a batch's ending.
-    pub const FLAG: u32 = 1 << 30;
+    /// The bit that marks the command as a batch's ending: the ABI's
+    /// commands reserved for continuations.
+    pub const FLAG: u32 = cmd::RESERVED_FOR_CONTINUATIONS;
     /// The bits beside the flag that carry the errno and the contexts.
     pub const BITS: u32 = Self::ERRNO_MASK << Self::ERRNO_SHIFT | 0xffff;
     const ERRNO_SHIFT: u32 = 16;
@@ -313,9 +323,17 @@ impl BatchEnding {
 
     /// The continuation's command.
     pub fn command(self) -> u32 {
-        // (Every errno of the ABI is below 256: `Errno::ALL`.)
+        // (Every errno of the ABI fits: asserted above.)
         let errno = self.errno.code() as u32 & Self::ERRNO_MASK;
         Self::FLAG | errno << Self::ERRNO_SHIFT | u32::from(self.contexts)
+    }
+
+    /// Whether a host continues a call that answered `value` as a batch's
+    /// ending (Xen's glue: `pvx_is_batch_ending()`, the same rule): the
+    /// flag and no bit outside [`BITS`](Self::BITS). Only for a call that
+    /// was a batch or an ending itself.
+    pub fn is_ending_command(value: i64) -> bool {
+        value > 0 && value as u64 & !u64::from(Self::BITS) == u64::from(Self::FLAG)
     }
 
     /// `None` for a command that is not a batch's ending; `EINVAL` for one
@@ -698,6 +716,7 @@ impl<L: RawMutex> Engine<L> {
         // until they are done.
         // A call that ended in an error continues as a `BatchEnding`,
         // which carries the error to the entry that answers it.
+        let ran = r.is_ok();
         let mut r = r;
         if r == Ok(BATCH_INCOMPLETE) {
             self.pause_contexts(h, caller);
@@ -713,7 +732,7 @@ impl<L: RawMutex> Engine<L> {
                 )),
             };
         }
-        if r.is_ok() {
+        if ran {
             // Counted in the first context it named (its cell was just
             // used), not always the home cell, which another vCPU working
             // in context 0 may hold.
@@ -726,7 +745,15 @@ impl<L: RawMutex> Engine<L> {
     /// An entry of a batch call that ended in an error (`BatchEnding`):
     /// no op runs; the caller's cells are finished, named ones first, for
     /// an entry's share, and the call continues until they are, then
-    /// answers the error.
+    /// answers the error. (As in a call that ends well, every cell that
+    /// waits is finished before the answer, not only those of the call's
+    /// own ops: another vCPU of the caller can keep it going, bounded per
+    /// entry, on its own vCPU.)
+    ///
+    /// No XSM check: it acts on the caller's own cells only, which any
+    /// batch call's end does whatever XSM answered for its ops (`batch`
+    /// finishes them after a refused `batch_timed` too), and a caller that
+    /// may not call at all was refused before (`may_call`).
     fn batch_ending(
         &self,
         h: &mut impl Hypervisor,

@@ -16,6 +16,7 @@
  * and a PCI BAR walk, the page lookup on x86's p2m types (PV and HVM), the
  * IOMMU map/unmap of context 0, and iommu_sync_cache for table frames.
  */
+#include <xen/acpi.h>
 #include <xen/init.h>
 #include <xen/lib.h>
 #include <xen/param.h>
@@ -33,6 +34,7 @@
 #include <xen/pci_regs.h>
 #include <xen/pviommu.h>
 #include <xen/random.h>
+#include <xen/rangeset.h>
 #include <xsm/xsm.h>
 #include <asm/e820.h>
 #include <asm/p2m.h>
@@ -229,6 +231,15 @@ int pviommu_vram_revoke(struct domain *d, unsigned long first,
 /* ---- Reserved BFN regions and limits (built once at boot) ---- */
 
 /* RMRRs (VT-d) / IVMDs (AMD), through the vendor-neutral IOMMU op. */
+/* A range of mmio_ro_ranges (MFNs, both ends included). */
+static int __init cf_check pvx_ro_mmio_region(unsigned long s, unsigned long e,
+                                              void *unused)
+{
+    pvx_add_region(s, e - s + 1, PVIOMMU_REGION_MMIO);
+
+    return 0;
+}
+
 static int __init cf_check pvx_rdm_region(xen_pfn_t start, xen_ulong_t nr,
                                           uint32_t id, void *ctxt)
 {
@@ -498,6 +509,29 @@ static void __init pvx_build_regions(void)
               e820.map[i].size > GB(4) - e820.map[i].addr) )
             pvx_add_range(e820.map[i].addr, e820.map[i].size,
                           PVIOMMU_REGION_PLATFORM);
+
+    /*
+     * PCI config space (MMCFG/ECAM), every window the MCFG table lists,
+     * whether Xen uses it yet or not (dom0 may confirm one later), and
+     * whatever Xen keeps read-only for devices (mmio_ro_ranges: the MMCFG
+     * windows it uses, MSI-X tables). Xen 4.20 identity-maps these into a
+     * PV dom0's context 0 wherever they are, and takes an MMCFG window in
+     * a memory hole the E820 leaves out (4.20's mmconfig-shared.c): above
+     * 4 GiB one could lie in the BFN window, where a map would replace
+     * dom0's identity entry and its unmap leave the entry empty (a review
+     * of 2026-12-07; 4.17 maps only the E820's reserved items, above).
+     */
+    for ( i = 0; i < pci_mmcfg_config_num; i++ )
+    {
+        const struct acpi_mcfg_allocation *c = &pci_mmcfg_config[i];
+
+        if ( c->end_bus_number >= c->start_bus_number )
+            pvx_add_range(c->address + ((uint64_t)c->start_bus_number << 20),
+                          ((uint64_t)(c->end_bus_number -
+                                      c->start_bus_number) + 1) << 20,
+                          PVIOMMU_REGION_PLATFORM);
+    }
+    rangeset_report_ranges(mmio_ro_ranges, 0, ~0UL, pvx_ro_mmio_region, NULL);
 
     /* SRAT memory blocks: RAM may appear there later. */
     hotadd_pfn = pvx_hotadd_end_pfn();

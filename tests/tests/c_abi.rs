@@ -112,6 +112,10 @@ fn expected() -> Vec<(&'static str, u64)> {
         ("PVIOMMU_CMD_set_limits", cmd::SET_LIMITS.into()),
         ("PVIOMMU_CMD_stats", cmd::STATS.into()),
         ("PVIOMMU_CMD_entry", cmd::ENTRY.into()),
+        (
+            "PVIOMMU_CMD_RESERVED_FOR_CONTINUATIONS",
+            cmd::RESERVED_FOR_CONTINUATIONS.into(),
+        ),
         ("PVIOMMU_BATCH_INCOMPLETE", BATCH_INCOMPLETE as u64),
         ("PVIOMMU_FEAT_CONTEXTS", feature::CONTEXTS.into()),
         ("PVIOMMU_FEAT_ATTR_UC", feature::ATTR_UC.into()),

@@ -1704,9 +1704,11 @@ impl<L: RawMutex> Engine<L> {
     /// first call to end k times `DEFER_LIMIT` clears). A call that ends
     /// in an error is bound the same way and continues too, the error
     /// carried in its continuation (`hypercall::BatchEnding`): it answers
-    /// only once every op it reported done has its entry written or
-    /// cleared and flushed (a review of 2026-12-07: a first bound left
-    /// them; the next finished every cell unbounded).
+    /// only once no cell waits, as one that ends well: every op it
+    /// reported done has its entry written or cleared and flushed, or,
+    /// where the IOMMU refused a clear or a flush, its page kept referenced
+    /// until a later flush succeeds (a review of 2026-12-07: a first bound
+    /// left them; the next finished every cell unbounded).
     pub fn finish_contexts(&self, h: &mut impl Hypervisor, caller: DomId, contexts: u32) -> bool {
         let mut left = false;
         // (Shared by the cells: an entry releases at most this many, and

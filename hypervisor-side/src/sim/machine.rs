@@ -1079,6 +1079,12 @@ pub struct SimMachine {
     /// Revocation wake-ups delivered per driver domain (Xen: its
     /// `VIRQ_PV_IOMMU` raised).
     pub revocation_wakeups: BTreeMap<DomId, u64>,
+    /// Driver domains the engine asked to wake, whose wake-up the next
+    /// [`run_softirqs`](Self::run_softirqs) delivers, once each: Xen's glue
+    /// raises the VIRQ from a softirq tasklet, never under the locks the
+    /// engine asks with (on Arm the VIRQ takes a lock the vITS holds around
+    /// a p2m read: a review of 2026-12-07).
+    revocation_wakeups_pending: BTreeSet<DomId>,
     /// The IOMMU has Snoop Control: SNP is a valid bit (otherwise a walk
     /// that meets it faults).
     pub snoop_control: bool,
@@ -1188,6 +1194,7 @@ impl SimMachine {
             seed: 0x5eed_f00d_5113,
             hotplug_end: 0,
             revocation_wakeups: BTreeMap::new(),
+            revocation_wakeups_pending: BTreeSet::new(),
             snoop_control: true,
             hw_contexts: BTreeMap::new(),
             next_hw_context: 1,
@@ -2648,16 +2655,22 @@ impl SimMachine {
         let mut rc = engine.hypercall(self, caller, cmd, arg);
         self.run_softirqs();
         // A batch that ended in an error continues, as Xen continues it,
-        // without the guest: each entry finishes a share of the caller's
-        // cells (at least one), the last answers the error. (Bounded here
-        // all the same, so an engine bug shows as the command returned.)
+        // without the guest, by the glue's rule (`do_pv_iommu_op()`): a
+        // batch or an ending whose answer is an ending's command. Each
+        // entry finishes a share of the caller's cells (at least one), the
+        // last answers the error. (Bounded here all the same, so an engine
+        // bug shows as the command returned.)
+        use crate::hypercall::BatchEnding;
+        let mut command = cmd;
         for _ in 0..Self::ENDING_ENTRIES_MAX {
-            let Ok(next) = u32::try_from(rc) else { break };
-            if !matches!(crate::hypercall::BatchEnding::parse(next), Some(Ok(_))) {
+            let continues = command == pviommu_abi::cmd::BATCH
+                || BatchEnding::is_ending_command(i64::from(command));
+            if !continues || !BatchEnding::is_ending_command(rc) {
                 break;
             }
+            command = rc as u32;
             self.ending_entries += 1;
-            rc = engine.hypercall(self, caller, next, arg);
+            rc = engine.hypercall(self, caller, command, arg);
             self.run_softirqs();
         }
         rc
@@ -2665,7 +2678,8 @@ impl SimMachine {
 
     /// What runs as this CPU processes softirqs, on the way back to the
     /// guest (a call that returns, or is preempted to continue later) or
-    /// in a wait: Xen's `free_pgt_tasklet`, which frees the tables its
+    /// in a wait: the glue's revocation VIRQ tasklet (the wake-ups the
+    /// engine asked for since), and Xen's `free_pgt_tasklet`, which frees the tables its
     /// IOMMU code queued (`iommu_queue_free_pgtable()`: a leaf table
     /// folded into a superpage, one an order-9 map or unmap took down),
     /// flushed or not. Xen's own batches flush before they get there; a
@@ -2681,6 +2695,12 @@ impl SimMachine {
     /// simulator's injected failures test what the engine does about its
     /// own pages.
     pub fn run_softirqs(&mut self) {
+        // The glue's tasklet: each owner asked for since, woken once.
+        let host = HostAllocations::begin();
+        for owner in core::mem::take(&mut self.revocation_wakeups_pending) {
+            *self.revocation_wakeups.entry(owner).or_insert(0) += 1;
+        }
+        drop(host);
         for (&(owner, _), c) in self.contexts.iter_mut() {
             if self.flush_failed_for.contains(&owner) {
                 continue;
@@ -2935,7 +2955,7 @@ impl Platform for SimMachine {
     }
     fn notify_revoked(&mut self, owner: DomId) {
         let _host = HostAllocations::begin();
-        *self.revocation_wakeups.entry(owner).or_insert(0) += 1;
+        self.revocation_wakeups_pending.insert(owner);
         // (That the engine marks its domctl slices: what the checks of
         // `[unlocked]` services under them rest on.)
         if crate::lock_check::host_atomic().is_some() {

@@ -16,10 +16,14 @@
  *     target's p2m lock  ->  one driver lock  ->  hardware domain's IOMMU
  *     (hooks only)                                mapping_lock -> heap_lock
  *     pcidevs_lock       ->  one driver lock  ->  iommu->lock, QI lock
- *     (contexts, teardown, device_leaving)
- *                            one driver lock  ->  owner's virq_lock ->
- *                                                     evtchn / FIFO / sched /
- *                                                     HVM irq locks
+ *     (contexts, teardown, device_leaving)        (Arm: arm_smmu_devices_lock
+ *                                                  -> smmu->cmdq.lock)
+ *                            one driver lock  ->  tasklet_lock (the
+ *                                                 revocation VIRQ is raised
+ *                                                 later, with no lock held:
+ *                                                 pvx_notify_revoked)
+ *     (Arm, pviommu=dom0-p2m only: one driver lock -> dom0's p2m write
+ *      lock; xen/pviommu.h says why that order has no cycle.)
  *
  * The engine never holds a driver lock across pvx_copy_*, pvx_get_page,
  * pvx_domain_info or pvx_xsm_check, so a hook entered with a p2m lock held
@@ -436,11 +440,11 @@ int pvx_device_facts(uint32_t sbdf, uint16_t *owner, uint32_t *flags);
 int pvx_device_attach(uint32_t sbdf, uint16_t tag, uint64_t root_mfn);
 int pvx_device_detach(uint32_t sbdf, uint16_t tag);
 
-/* [locked] Tell `owner` that revocation notices are pending for it: raise
- * its VIRQ_PV_IOMMU (a global VIRQ; nothing happens if it has not bound
- * it). send_guest_global_virq(): the owner's virq_lock, a channel trylock,
- * then FIFO / scheduler / HVM irq locks, none of which is ever held around
- * a p2m lock or a driver lock. */
+/* [locked] Tell `owner` that revocation notices are pending for it: its
+ * VIRQ_PV_IOMMU (a global VIRQ; nothing happens if it has not bound it) is
+ * raised soon after, from a softirq tasklet with no lock held (on Arm the
+ * VIRQ takes the vCPU's vgic.lock, which the vITS holds around a p2m
+ * read). Here only a bit of a domid bitmap and the tasklet lock. */
 void pvx_notify_revoked(uint16_t owner);
 
 /* Boot only: a per-boot secret for the engine's hash tables (get_random()). */

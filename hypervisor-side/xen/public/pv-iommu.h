@@ -77,6 +77,12 @@
                                         /* (control domain only; ABI 1.2)   */
 #define PVIOMMU_CMD_entry            6U /* arg: struct pv_iommu_entry         */
                                         /* (control domain only; ABI 1.3)   */
+/*
+ * Commands with this bit set are Xen's own: a batch that ends in an error
+ * with its end's work not done in that entry continues as one, carrying
+ * the error to the entry that returns it. No PVIOMMU_CMD_* has it.
+ */
+#define PVIOMMU_CMD_RESERVED_FOR_CONTINUATIONS 0x40000000U
 
 /* Positive return of PVIOMMU_CMD_batch: work budget spent, call again. */
 #define PVIOMMU_BATCH_INCOMPLETE 1

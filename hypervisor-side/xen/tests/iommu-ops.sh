@@ -24,11 +24,17 @@ for f in pvx_ctx_alloc pvx_ctx_free pvx_ctx_flush pvx_device_facts pvx_device_at
 done
 
 # Every call of a pviommu_* op in the glue: through the guard, or one of
-# the two that check the op on the lines before.
-calls=$(cat "$COMMON" "$HERE/pviommu.c" "$HERE/arm64/pviommu-arm.c" "$HERE/pviommu-tables.inc" |
-    grep -o 'iommu_call([^,]*, *pviommu_[a-z_]*' | sed 's/.*, *//' | sort | tr '\n' ' ')
+# the two that check the op on the lines before. (Over the sources joined
+# into one line, so a call split over lines counts; iommu_call,
+# iommu_vcall and an op called through its pointer all do.)
+glue=$(cat "$COMMON" "$HERE/pviommu.c" "$HERE/arm64/pviommu-arm.c" "$HERE/pviommu-tables.inc" | tr '\n' ' ')
+calls=$(grep -oE 'iommu_v?call\([^,]*, *pviommu_[a-z_]+' <<< "$glue" | sed 's/.*, *//' | sort | tr '\n' ' ')
 if [ "$calls" != "pviommu_address_bits pviommu_ctx_caps " ]; then
     echo "iommu-ops: a pviommu_* op called outside pvx_iommu_op(): $calls" >&2; exit 1
+fi
+if grep -qE '(->|\)\.) *pviommu_(ctx_caps|ctx_alloc|ctx_free|ctx_flush|device_facts|device_attach|device_detach|address_bits) *\(' <<< "$glue"; then
+    echo "iommu-ops: a pviommu_* op called through its pointer:" >&2
+    grep -oE '(->|\)\.) *pviommu_(ctx_caps|ctx_alloc|ctx_free|ctx_flush|device_facts|device_attach|device_detach|address_bits) *\(' <<< "$glue" >&2; exit 1
 fi
 grep -q '!ops->pviommu_ctx_caps' "$COMMON" &&
     grep -q 'iommu_get_ops()->pviommu_address_bits )' "$HERE/pviommu.c" ||
