@@ -230,16 +230,20 @@ int pviommu_vram_revoke(struct domain *d, unsigned long first,
 
 /* ---- Reserved BFN regions and limits (built once at boot) ---- */
 
-/* RMRRs (VT-d) / IVMDs (AMD), through the vendor-neutral IOMMU op. */
-/* A range of mmio_ro_ranges (MFNs, both ends included). */
+/*
+ * A range of mmio_ro_ranges (MFNs, both ends included), of the MCFG
+ * windows' kind so that a window there and in the MCFG table takes one
+ * slot of the table.
+ */
 static int __init cf_check pvx_ro_mmio_region(unsigned long s, unsigned long e,
                                               void *unused)
 {
-    pvx_add_region(s, e - s + 1, PVIOMMU_REGION_MMIO);
+    pvx_add_region(s, e - s + 1, PVIOMMU_REGION_PLATFORM);
 
     return 0;
 }
 
+/* RMRRs (VT-d) / IVMDs (AMD), through the vendor-neutral IOMMU op. */
 static int __init cf_check pvx_rdm_region(xen_pfn_t start, xen_ulong_t nr,
                                           uint32_t id, void *ctxt)
 {
@@ -513,8 +517,10 @@ static void __init pvx_build_regions(void)
     /*
      * PCI config space (MMCFG/ECAM), every window the MCFG table lists,
      * whether Xen uses it yet or not (dom0 may confirm one later), and
-     * whatever Xen keeps read-only for devices (mmio_ro_ranges: the MMCFG
-     * windows it uses, MSI-X tables). Xen 4.20 identity-maps these into a
+     * whatever Xen keeps read-only for devices by now (mmio_ro_ranges: the
+     * MMCFG windows it uses, IO-APIC pages; what it adds later, as 4.20's
+     * HPET page at dom0's build, lies below 4 GiB on every host we know,
+     * in the hole reserved above). Xen 4.20 identity-maps these into a
      * PV dom0's context 0 wherever they are, and takes an MMCFG window in
      * a memory hole the E820 leaves out (4.20's mmconfig-shared.c): above
      * 4 GiB one could lie in the BFN window, where a map would replace

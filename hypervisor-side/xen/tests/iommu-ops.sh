@@ -28,13 +28,13 @@ done
 # into one line, so a call split over lines counts; iommu_call,
 # iommu_vcall and an op called through its pointer all do.)
 glue=$(cat "$COMMON" "$HERE/pviommu.c" "$HERE/arm64/pviommu-arm.c" "$HERE/pviommu-tables.inc" | tr '\n' ' ')
-calls=$(grep -oE 'iommu_v?call\([^,]*, *pviommu_[a-z_]+' <<< "$glue" | sed 's/.*, *//' | sort | tr '\n' ' ')
+calls=$(grep -oE 'iommu_v?call\([^,]*,[[:space:]]*pviommu_[a-z_]+' <<< "$glue" | sed 's/.*,[[:space:]]*//' | sort | tr '\n' ' ')
 if [ "$calls" != "pviommu_address_bits pviommu_ctx_caps " ]; then
     echo "iommu-ops: a pviommu_* op called outside pvx_iommu_op(): $calls" >&2; exit 1
 fi
-if grep -qE '(->|\)\.) *pviommu_(ctx_caps|ctx_alloc|ctx_free|ctx_flush|device_facts|device_attach|device_detach|address_bits) *\(' <<< "$glue"; then
+if grep -qE '(->|\.)[[:space:]]*pviommu_(ctx_caps|ctx_alloc|ctx_free|ctx_flush|device_facts|device_attach|device_detach|address_bits)[[:space:]]*\(' <<< "$glue"; then
     echo "iommu-ops: a pviommu_* op called through its pointer:" >&2
-    grep -oE '(->|\)\.) *pviommu_(ctx_caps|ctx_alloc|ctx_free|ctx_flush|device_facts|device_attach|device_detach|address_bits) *\(' <<< "$glue" >&2; exit 1
+    grep -oE '(->|\.)[[:space:]]*pviommu_(ctx_caps|ctx_alloc|ctx_free|ctx_flush|device_facts|device_attach|device_detach|address_bits)[[:space:]]*\(' <<< "$glue" >&2; exit 1
 fi
 grep -q '!ops->pviommu_ctx_caps' "$COMMON" &&
     grep -q 'iommu_get_ops()->pviommu_address_bits )' "$HERE/pviommu.c" ||
