@@ -41,7 +41,9 @@
 #define PVIOMMU_CMD_entry            6u /* arg: struct pv_iommu_entry        */
                                         /* (control domain only; ABI 1.3)  */
 /* Commands with this bit set are the hypervisor's own (a batch ending in an
- * error continues as one, carrying the error): no PVIOMMU_CMD_* has it. */
+ * error continues as one, carrying the error): no PVIOMMU_CMD_* has it. One
+ * issued by a guest finishes its pending work and returns the errno it
+ * carries (-EINVAL if malformed). */
 #define PVIOMMU_CMD_RESERVED_FOR_CONTINUATIONS 0x40000000u
 
 /* Global VIRQ raised in a driver domain when revocation notices are pending

@@ -231,14 +231,17 @@ int pviommu_vram_revoke(struct domain *d, unsigned long first,
 /* ---- Reserved BFN regions and limits (built once at boot) ---- */
 
 /*
- * A range of mmio_ro_ranges (MFNs, both ends included), of the MCFG
- * windows' kind so that a window there and in the MCFG table takes one
- * slot of the table.
+ * A range of mmio_ro_ranges (MFNs, both ends included), as MMIO: so the
+ * IO-APIC pages and the like below 4 GiB merge into the hole reserved
+ * there (regions merge only with their own kind). An MCFG window there
+ * and in the MCFG table takes two slots; of the MCFG kind, every IO-APIC
+ * took one of its own, and a large host could fill the table (a review
+ * of 2026-12-07).
  */
 static int __init cf_check pvx_ro_mmio_region(unsigned long s, unsigned long e,
                                               void *unused)
 {
-    pvx_add_region(s, e - s + 1, PVIOMMU_REGION_PLATFORM);
+    pvx_add_region(s, e - s + 1, PVIOMMU_REGION_MMIO);
 
     return 0;
 }

@@ -80,7 +80,9 @@
 /*
  * Commands with this bit set are Xen's own: a batch that ends in an error
  * with its end's work not done in that entry continues as one, carrying
- * the error to the entry that returns it. No PVIOMMU_CMD_* has it.
+ * the error to the entry that returns it. No PVIOMMU_CMD_* has it. A guest
+ * issuing one gets its own pending work finished and the errno it carries
+ * (or -EINVAL for one malformed).
  */
 #define PVIOMMU_CMD_RESERVED_FOR_CONTINUATIONS 0x40000000U
 

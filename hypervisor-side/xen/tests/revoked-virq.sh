@@ -36,6 +36,7 @@ static bool test_and_set_bit(unsigned int n, unsigned long *a)
     a[n / 64] |= 1UL << (n % 64);
     return was;
 }
+static void clear_bit(unsigned int n, unsigned long *a) { a[n / 64] &= ~(1UL << (n % 64)); }
 static bool test_and_clear_bit(unsigned int n, unsigned long *a)
 {
     bool was = a[n / 64] >> (n % 64) & 1;
