@@ -142,8 +142,8 @@ int main(void)
     return failed;
 }
 C
-cc -std=gnu11 -Wall -Werror -Wno-unused-function -Wno-unused-variable -I"$WORK" -o "$WORK/test" "$WORK/test.c"
-cc -std=gnu11 -Wall -Werror -Wno-unused-function -Wno-unused-variable -I"$WORK" -DBEFORE -o "$WORK/before" "$WORK/test.c"
+build_test test
+build_test before -DBEFORE
 "$WORK/test"
 # The wrappers without the guard must crash on the first missing op, or
 # the test above shows nothing.

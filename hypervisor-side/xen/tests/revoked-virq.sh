@@ -166,5 +166,5 @@ int main(void)
     return failed;
 }
 C
-cc -std=gnu11 -Wall -Werror -Wno-unused-function -Wno-unused-variable -I"$WORK" -o "$WORK/test" "$WORK/test.c"
+build_test test
 "$WORK/test"
