@@ -2461,10 +2461,6 @@ impl SimMachine {
         self.ram.tables_freed
     }
 
-    /// The most entries [`hypercall`](Self::hypercall) makes for a batch
-    /// that ended in an error, after the one that met it.
-    pub const ENDING_ENTRIES_MAX: u32 = 1 << 20;
-
     /// Of [`tables_freed`](Self::tables_freed), those freed with the
     /// devices lock (Xen's `pcidevs_lock`) held.
     pub fn tables_freed_under_devices_lock(&self) -> u64 {
@@ -2652,8 +2648,6 @@ impl SimMachine {
             .domain_info(caller)
             .is_some_and(|d| d.control || d.hardware);
         let _caller = super::CallerGuard::enter(is_host);
-        let mut rc = engine.hypercall(self, caller, cmd, arg);
-        self.run_softirqs();
         // A batch that ended in an error continues, as Xen continues it,
         // without the guest, by the glue's rule (`do_pv_iommu_op()`): a
         // batch or an ending whose answer is an ending's command. Each
@@ -2661,27 +2655,36 @@ impl SimMachine {
         // last answers the error. (Bounded here all the same, so an engine
         // bug shows as the command returned.)
         use crate::hypercall::BatchEnding;
+        let continues =
+            cmd == pviommu_abi::cmd::BATCH || BatchEnding::is_ending_command(cmd.into());
         let mut command = cmd;
-        for _ in 0..Self::ENDING_ENTRIES_MAX {
-            let continues = command == pviommu_abi::cmd::BATCH
-                || BatchEnding::is_ending_command(i64::from(command));
-            if !continues || !BatchEnding::is_ending_command(rc) {
-                break;
+        let mut endings = 0;
+        loop {
+            let rc = engine.hypercall(self, caller, command, arg);
+            self.run_softirqs();
+            if !continues
+                || !BatchEnding::is_ending_command(rc)
+                || endings == Self::ENDING_ENTRIES_MAX
+            {
+                return rc;
             }
             command = rc as u32;
+            endings += 1;
             self.ending_entries += 1;
-            rc = engine.hypercall(self, caller, command, arg);
-            self.run_softirqs();
         }
-        rc
     }
+
+    /// The most entries [`hypercall`](Self::hypercall) makes for a batch
+    /// that ended in an error, after the one that met it.
+    pub const ENDING_ENTRIES_MAX: u32 = 1 << 20;
 
     /// What runs as this CPU processes softirqs, on the way back to the
     /// guest (a call that returns, or is preempted to continue later) or
     /// in a wait: the glue's revocation VIRQ tasklet (the wake-ups the
-    /// engine asked for since), and Xen's `free_pgt_tasklet`, which frees the tables its
-    /// IOMMU code queued (`iommu_queue_free_pgtable()`: a leaf table
-    /// folded into a superpage, one an order-9 map or unmap took down),
+    /// engine asked for since), and Xen's `free_pgt_tasklet`, which frees
+    /// the tables its IOMMU code queued (`iommu_queue_free_pgtable()`: a
+    /// leaf table folded into a superpage, one an order-9 map or unmap took
+    /// down),
     /// flushed or not. Xen's own batches flush before they get there; a
     /// table the engine's calls had Xen unlink and left unflushed is
     /// counted in [`tables_freed_before_flush`](Self::tables_freed_before_flush)
