@@ -37,6 +37,7 @@
 #include <xen/rangeset.h>
 #include <xsm/xsm.h>
 #include <asm/e820.h>
+#include <asm/hpet.h>
 #include <asm/p2m.h>
 #include <asm/hvm/hvm.h>
 #include <public/pv-iommu.h>
@@ -521,9 +522,11 @@ static void __init pvx_build_regions(void)
      * PCI config space (MMCFG/ECAM), every window the MCFG table lists,
      * whether Xen uses it yet or not (dom0 may confirm one later), and
      * whatever Xen keeps read-only for devices by now (mmio_ro_ranges: the
-     * MMCFG windows it uses, IO-APIC pages; what it adds later, as 4.20's
-     * HPET page at dom0's build, lies below 4 GiB on every host we know,
-     * in the hole reserved above). Xen 4.20 identity-maps these into a
+     * MMCFG windows it uses, IO-APIC pages), and the HPET's pages, which
+     * dom0's build adds to it after this runs (dom0_setup_permissions():
+     * read-only to dom0, or denied, 16 pages where the table says
+     * ACPI_HPET_PAGE_PROTECT64; below 4 GiB on every host we know, in the
+     * hole reserved above, so no slot of its own there). Xen 4.20 identity-maps these into a
      * PV dom0's context 0 wherever they are, and takes an MMCFG window in
      * a memory hole the E820 leaves out (4.20's mmconfig-shared.c): above
      * 4 GiB one could lie in the BFN window, where a map would replace
@@ -541,6 +544,9 @@ static void __init pvx_build_regions(void)
                           PVIOMMU_REGION_PLATFORM);
     }
     rangeset_report_ranges(mmio_ro_ranges, 0, ~0UL, pvx_ro_mmio_region, NULL);
+    if ( hpet_address )
+        pvx_add_range(hpet_address & PAGE_MASK, 16 * PAGE_SIZE,
+                      PVIOMMU_REGION_MMIO);
 
     /* SRAT memory blocks: RAM may appear there later. */
     hotadd_pfn = pvx_hotadd_end_pfn();

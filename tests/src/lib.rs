@@ -260,6 +260,9 @@ pub fn check_invariants(m: &mut SimMachine, e: &Engine) -> Result<(), String> {
     // No table was linked while memory still held a present entry of it
     // the CPU had cleared (a recycled frame not written back).
     ensure_eq!(m.tables_linked_over_stale_entries(), 0);
+    // No wake-up for a reserved domid, which the glue has no bit for (the
+    // owner it meant would never hear of its notices).
+    ensure_eq!(m.revocation_wakeups_for_reserved_ids, 0);
     // A lookup finds every live mapping, and every extent record counts
     // the pages it holds.
     ensure_eq!(st.index_faults(), (0, 0));

@@ -45,6 +45,41 @@ fn ballooned_out_gfn_is_revoked() {
     assert_eq!(m.zombie_frames(), 0);
 }
 
+/// A revocation wakes its owner when the call whose hook revoked returns
+/// (Xen: the glue's VIRQ tasklet runs in that CPU's softirqs on the way
+/// back to the guest), not at the next PV-IOMMU call: a mediator asleep on
+/// its VIRQ makes none. Each kind of hooked call: a balloon, a type change
+/// (a writable mapping of a page made read-only goes), a domctl's slices
+/// (the target's death). Until 2026-12-07 the simulator delivered them
+/// only at a PV-IOMMU call's softirq pass, so every count here was 0.
+#[test]
+fn a_revocation_wakes_its_owner_when_the_revoking_call_returns() {
+    let (mut m, e) = machine(Format::Vtd, 16);
+    let wakeups = |m: &pviommu_hv::sim::SimMachine| m.revocation_wakeups.get(&DomId::DOM0).copied();
+    for g in 1..=3 {
+        map_one(&mut m, &e, DomId::DOM0, GUEST, g, Permissions::RW).unwrap();
+    }
+    assert_eq!(wakeups(&m), None);
+    m.balloon_out(&e, GUEST, Gfn(1)).unwrap();
+    assert_eq!(wakeups(&m), Some(1), "woken by the balloon's return");
+    m.make_read_only(&e, GUEST, Gfn(2));
+    assert_eq!(wakeups(&m), Some(2), "woken by the type change's return");
+    m.kill_domain(&e, GUEST);
+    assert_eq!(wakeups(&m), Some(3), "woken by the teardown's return");
+    assert_eq!(m.revocation_wakeups_for_reserved_ids, 0);
+    check_invariants(&mut m, &e).unwrap();
+    // A wake-up asked for a reserved id reaches no one (the glue has no bit
+    // for it): the books' check names it.
+    pviommu_hv::platform::Platform::notify_revoked(&mut m, DomId(DomId::FIRST_RESERVED));
+    m.run_softirqs();
+    assert_eq!(wakeups(&m), Some(3));
+    let verdict = check_invariants(&mut m, &e).unwrap_err();
+    assert!(
+        verdict.contains("revocation_wakeups_for_reserved_ids"),
+        "{verdict}"
+    );
+}
+
 #[test]
 fn driver_domain_death_drops_all_its_mappings() {
     let (mut m, e) = machine(Format::Vtd, 16);

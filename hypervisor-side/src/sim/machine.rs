@@ -1080,11 +1080,16 @@ pub struct SimMachine {
     /// `VIRQ_PV_IOMMU` raised).
     pub revocation_wakeups: BTreeMap<DomId, u64>,
     /// Driver domains the engine asked to wake, whose wake-up the next
-    /// [`run_softirqs`](Self::run_softirqs) delivers, once each: Xen's glue
+    /// [`run_softirqs`](Self::run_softirqs) delivers (the asking call's
+    /// return), once each: Xen's glue
     /// raises the VIRQ from a softirq tasklet, never under the locks the
     /// engine asks with (on Arm the VIRQ takes a lock the vITS holds around
     /// a p2m read: a review of 2026-12-07).
     revocation_wakeups_pending: BTreeSet<DomId>,
+    /// Wake-ups the engine asked for a reserved domid (`DOMID_IO`, ...),
+    /// which no driver domain has: the glue's bitmap has no bit for one
+    /// and drops it, so each is an engine bug that would leave no trace.
+    pub revocation_wakeups_for_reserved_ids: u64,
     /// The IOMMU has Snoop Control: SNP is a valid bit (otherwise a walk
     /// that meets it faults).
     pub snoop_control: bool,
@@ -1195,6 +1200,7 @@ impl SimMachine {
             hotplug_end: 0,
             revocation_wakeups: BTreeMap::new(),
             revocation_wakeups_pending: BTreeSet::new(),
+            revocation_wakeups_for_reserved_ids: 0,
             snoop_control: true,
             hw_contexts: BTreeMap::new(),
             next_hw_context: 1,
@@ -1594,11 +1600,14 @@ impl SimMachine {
         self.set_log_dirty_mode(domid, true);
         let mut cursor = 0;
         let mut slices = 1;
-        // Each slice makes progress (a bounded number of slots visited).
+        // Each slice makes progress (a bounded number of slots visited),
+        // and returns to the toolstack's CPU: its softirqs run.
         while engine.revoke_writes(self, domid, &mut cursor).is_err() {
+            self.run_softirqs();
             slices += 1;
             assert!(slices < 1_000_000, "the revocation makes no progress");
         }
+        self.run_softirqs();
         slices
     }
 
@@ -1618,6 +1627,7 @@ impl SimMachine {
         range: (u64, u64),
     ) -> Result<(), CallEnd> {
         let call = self.track_dirty_vram_call(engine, domid, range);
+        self.run_softirqs();
         // Every end of the call but a continuation lifts the freeze of a
         // revocation (Xen: `out:` of `hap_track_dirty_vram()`), one left
         // by an abandoned continuation included.
@@ -1709,6 +1719,7 @@ impl SimMachine {
             order,
             crate::engine::GfnChange::WriteLost,
         );
+        self.run_softirqs();
     }
 
     /// [`track_dirty_vram_once`](Self::track_dirty_vram_once) until it
@@ -1746,6 +1757,7 @@ impl SimMachine {
     pub fn make_read_only(&mut self, engine: &crate::Engine, domid: DomId, gfn: Gfn) {
         self.set_read_only(domid, gfn);
         engine.gfn_changed(self, domid, gfn, 0, crate::engine::GfnChange::WriteLost);
+        self.run_softirqs();
     }
 
     /// Balloon a gfn out (`guest_remove_page`) and run the engine's hook
@@ -1754,6 +1766,18 @@ impl SimMachine {
     /// For a PV guest `gfn` is the machine frame, as its `gmfn` is to Xen's
     /// `decrease_reservation`, and the hook is told that frame.
     pub fn balloon_out(
+        &mut self,
+        engine: &crate::Engine,
+        domid: DomId,
+        gfn: Gfn,
+    ) -> Result<(), Errno> {
+        let removed = self.remove_page_and_hook(engine, domid, gfn);
+        self.run_softirqs();
+        removed
+    }
+
+    /// [`balloon_out`](Self::balloon_out) up to the guest's return.
+    fn remove_page_and_hook(
         &mut self,
         engine: &crate::Engine,
         domid: DomId,
@@ -1811,6 +1835,7 @@ impl SimMachine {
     ) -> Result<(), Errno> {
         self.put_new_frame(domid, gfn)?;
         engine.gfn_removed(self, domid, gfn);
+        self.run_softirqs();
         Ok(())
     }
 
@@ -1851,6 +1876,7 @@ impl SimMachine {
             engine.gfn_removed(self, domid, to);
         }
         self.dont_flush_iotlb = before;
+        self.run_softirqs();
         r
     }
 
@@ -1900,6 +1926,7 @@ impl SimMachine {
             d.dying = true;
         }
         let (slices, done) = engine.run_teardown(self, domid, true);
+        self.run_softirqs();
         if done {
             self.destroy_domain(domid);
         }
@@ -2166,6 +2193,18 @@ impl SimMachine {
     /// Refused, nothing moved, when the engine could not take the device
     /// off its context (the glue's hook fails Xen's assignment so).
     pub fn reassign_device(
+        &mut self,
+        engine: &crate::Engine,
+        device: Sbdf,
+        new_owner: DomId,
+    ) -> Result<(), Errno> {
+        let moved = self.reassign_under_devices_lock(engine, device, new_owner);
+        self.run_softirqs();
+        moved
+    }
+
+    /// [`reassign_device`](Self::reassign_device) up to the domctl's return.
+    fn reassign_under_devices_lock(
         &mut self,
         engine: &crate::Engine,
         device: Sbdf,
@@ -2680,17 +2719,21 @@ impl SimMachine {
 
     /// What runs as this CPU processes softirqs, on the way back to the
     /// guest (a call that returns, or is preempted to continue later) or
-    /// in a wait: the glue's revocation VIRQ tasklet (the wake-ups the
-    /// engine asked for since), and Xen's `free_pgt_tasklet`, which frees
-    /// the tables its IOMMU code queued (`iommu_queue_free_pgtable()`: a
-    /// leaf table folded into a superpage, one an order-9 map or unmap took
-    /// down),
-    /// flushed or not. Xen's own batches flush before they get there; a
-    /// table the engine's calls had Xen unlink and left unflushed is
-    /// counted in [`tables_freed_before_flush`](Self::tables_freed_before_flush)
-    /// as it goes. (Until this model the simulator freed them at the
-    /// flush, and hid a batch preempted between a mid-call write of its
-    /// entries and its flush.)
+    /// in a wait. The simulator runs them at the end of every call of its
+    /// own that can reach the engine: a PV-IOMMU call, and each hooked
+    /// call (a balloon, a type change, a slice of a domctl, a device
+    /// reassignment), so that what a hook asked for comes when Xen's
+    /// would, not at the next PV-IOMMU call. They are the glue's
+    /// revocation VIRQ tasklet (the wake-ups the engine asked for since),
+    /// and Xen's `free_pgt_tasklet`, which frees the tables its IOMMU code
+    /// queued (`iommu_queue_free_pgtable()`: a leaf table folded into a
+    /// superpage, one an order-9 map or unmap took down), flushed or not.
+    /// Xen's own batches flush before they get there; a table the
+    /// engine's calls had Xen unlink and left unflushed is counted in
+    /// [`tables_freed_before_flush`](Self::tables_freed_before_flush) as
+    /// it goes. (Until this model the simulator freed them at the flush,
+    /// and hid a batch preempted between a mid-call write of its entries
+    /// and its flush.)
     ///
     /// Not for an owner whose last flush of its context 0 failed: what Xen
     /// frees then is Xen's own failure (a queued invalidation that times
@@ -2965,6 +3008,8 @@ impl Platform for SimMachine {
         // The glue's bitmap has no bit for a reserved id.
         if owner.0 < DomId::FIRST_RESERVED {
             self.revocation_wakeups_pending.insert(owner);
+        } else {
+            self.revocation_wakeups_for_reserved_ids += 1;
         }
         // (That the engine marks its domctl slices: what the checks of
         // `[unlocked]` services under them rest on.)

@@ -23,18 +23,30 @@ for f in pvx_ctx_alloc pvx_ctx_free pvx_ctx_flush pvx_device_facts pvx_device_at
     grep -q "^int $f(" "$WORK/wrappers.inc" || { echo "iommu-ops: no $f()" >&2; exit 1; }
 done
 
-# Every call of a pviommu_* op in the glue: through the guard, or one of
-# the two that check the op on the lines before. (Over the sources joined
-# into one line, so a call split over lines counts; iommu_call,
-# iommu_vcall and an op called through its pointer all do.)
-glue=$(cat "$COMMON" "$HERE/pviommu.c" "$HERE/arm64/pviommu-arm.c" "$HERE/pviommu-tables.inc" | tr '\n' ' ')
-calls=$(grep -oE 'iommu_v?call\([^,]*,[[:space:]]*pviommu_[a-z_]+' <<< "$glue" | sed 's/.*,[[:space:]]*//' | sort | tr '\n' ' ')
-if [ "$calls" != "pviommu_address_bits pviommu_ctx_caps " ]; then
-    echo "iommu-ops: a pviommu_* op called outside pvx_iommu_op(): $calls" >&2; exit 1
-fi
-if grep -qE '(->|\.)[[:space:]]*pviommu_(ctx_caps|ctx_alloc|ctx_free|ctx_flush|device_facts|device_attach|device_detach|address_bits)[[:space:]]*\(' <<< "$glue"; then
-    echo "iommu-ops: a pviommu_* op called through its pointer:" >&2
-    grep -oE '(->|\.)[[:space:]]*pviommu_(ctx_caps|ctx_alloc|ctx_free|ctx_flush|device_facts|device_attach|device_detach|address_bits)[[:space:]]*\(' <<< "$glue" >&2; exit 1
+# Every mention of a pviommu_* op in the glue, comments aside, is one of
+# the forms the guard allows: a call through pvx_iommu_op(), the two calls
+# that check their op first (pvx_ctx_caps(), the address width), a check
+# that an op is there, the caps struct's name. Anything else fails: a call
+# outside the guard by iommu_call or iommu_vcall, through the op's pointer
+# (o->op(...), (*o->op)(...)), or the op saved in a pointer or passed on
+# to be called later. (Over the sources joined into one line, so a
+# mention split over lines counts; the scan before 2026-12-07 matched
+# calls only, and missed the last two.)
+OPS='ctx_caps|ctx_alloc|ctx_free|ctx_flush|device_facts|device_attach|device_detach|address_bits'
+stray=$(cat "$COMMON" "$HERE/pviommu.c" "$HERE/arm64/pviommu-arm.c" "$HERE/pviommu-tables.inc" |
+    OPS="$OPS" perl -0777 -ne '
+        my $ops = $ENV{OPS};
+        s{/\*.*?\*/}{ }gs; s{//[^\n]*}{ }g; s/\s+/ /g; s/\( /(/g; s/ \)/)/g;
+        s/\bpvx_iommu_op\(pviommu_(?:$ops),//g;
+        s/\biommu_call\(ops, pviommu_ctx_caps,//g;
+        s/\biommu_call\(iommu_get_ops\(\), pviommu_address_bits\)//g;
+        s/!ops->pviommu_(?:$ops)(?= ?(?:\|\||\)))//g;
+        s/\biommu_get_ops\(\)->pviommu_address_bits\)//g;
+        s/\bstruct pviommu_ctx_caps\b//g;
+        print "$1\n" while /(.{0,40}\bpviommu_(?:$ops)\b.{0,10})/g;')
+if [ -n "$stray" ]; then
+    echo "iommu-ops: a pviommu_* op reached outside pvx_iommu_op() and the two checked calls:" >&2
+    echo "$stray" >&2; exit 1
 fi
 grep -q '!ops->pviommu_ctx_caps' "$COMMON" &&
     grep -q 'iommu_get_ops()->pviommu_address_bits )' "$HERE/pviommu.c" ||

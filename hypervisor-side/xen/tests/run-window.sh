@@ -141,6 +141,52 @@ int main(void)
     if ( failures == before )
         printf("ok   full table\n");
 
+    /*
+     * An over-full table: 128 ranges of 16 frames a page apart below the
+     * window, then one past its end (a high MCFG window, say). The two
+     * closest regions become one, the new range takes the slot freed; the
+     * window stays whole, every range stays reserved, and only the frames
+     * between the two merged are reserved besides. (The table's last
+     * slot took the new range before 2026-12-07: it grew across the whole
+     * window.)
+     */
+    reset(FLOOR + 0x100000, FLOOR + 0x200000);
+    for ( unsigned int i = 0; i < PVX_MAX_REGIONS; i++ )
+        pvx_add_region(FLOOR + 0x1000 * i + (i == 7 ? 0xff0 : 0), 0x10, i & 1);
+    pvx_add_region(FLOOR + 0x300000, 0x100, 2);
+    pvx_sort_regions();
+    before = failures;
+    expect(FLOOR + 0x100000, 0x100000, true, "over-full table: the whole window");
+    for ( unsigned int i = 0; i <= PVX_MAX_REGIONS; i++ )
+    {
+        uint64_t r = i < PVX_MAX_REGIONS ? FLOOR + 0x1000 * i + (i == 7 ? 0xff0 : 0)
+                                         : FLOOR + 0x300000;
+        uint64_t n = i < PVX_MAX_REGIONS ? 0x10 : 0x100, covered = 0;
+
+        for ( unsigned int k = 0; k < pvx_nr_regions; k++ )
+            if ( pvx_regions[k].start <= r &&
+                 r + n <= pvx_regions[k].start + pvx_regions[k].nr )
+                covered++;
+        if ( covered != 1 )
+        {
+            printf("FAIL over-full table: range %u in %" PRIu64 " regions\n", i, covered);
+            failures++;
+        }
+    }
+    /* Regions 7 (moved to the end of its page) and 8 merged: 0 between. */
+    uint64_t reserved = 0;
+
+    for ( unsigned int k = 0; k < pvx_nr_regions; k++ )
+        reserved += pvx_regions[k].nr;
+    if ( pvx_nr_regions != PVX_MAX_REGIONS || reserved != 0x10 * PVX_MAX_REGIONS + 0x100 )
+    {
+        printf("FAIL over-full table: %u regions, %#" PRIx64 " frames reserved\n",
+               pvx_nr_regions, reserved);
+        failures++;
+    }
+    if ( failures == before )
+        printf("ok   over-full table\n");
+
     /* Before the engine reported its window, nothing passes. */
     reset(0, 0);
     expect(FLOOR, 1, false, "no window yet");
