@@ -75,6 +75,23 @@ syms_present() {
     done
 }
 
+# xen_string_functions_own NAME NM_FILE: in the linked Xen (nm's output for
+# xen-syms), memcmp, memcpy, memmove and memset are Xen's own, strong
+# definitions, and no bcmp is global: a weak one is the engine object's
+# compiler_builtins copy standing in for Xen's across the whole hypervisor
+# (engine-symbols.sh's engine_only_entries_global keeps them local).
+xen_string_functions_own() {
+    local name="$1" nm_file="$2" s
+    if grep -E ' [WwVv] (memcmp|memcpy|memmove|memset|bcmp)$' "$nm_file" >&2; then
+        echo "$name: FAIL: a weak string function in xen-syms (the engine's, not Xen's)" >&2
+        return 1
+    fi
+    for s in memcmp memcpy memmove memset; do
+        grep -q " T $s\$" "$nm_file" || { echo "$name: FAIL: Xen's own $s not in xen-syms" >&2; return 1; }
+    done
+    echo "$name: memcmp, memcpy, memmove and memset are Xen's own"
+}
+
 # symbol_names_fit NAME XEN_DIR: every name of Xen's symbol table (the maps
 # its build writes from tools/symbols --all-symbols --xensyms: each name as
 # Xen expands it) within KSYM_NAME_LEN, 127 bytes. Xen expands a name into

@@ -73,3 +73,27 @@ engine_short_symbols() {
     fi
     echo "$name: renamed $(wc -l < "$map") file and long symbols; every name within $ENGINE_SYM_MAX bytes in Xen's symbol table"
 }
+
+# engine_only_entries_global NAME NM OBJCOPY OBJECT ENTRY...: every symbol
+# the object defines becomes local but the entry points, and the object
+# must then define exactly those globally. The object carries Rust's own
+# compiler_builtins, whose memcmp, bcmp, memcpy, memmove and memset are
+# weak global definitions: global, they took part in Xen's link. Xen's x86
+# memcmp lives only in its lib.a, pulled in for an undefined symbol, so
+# the engine's weak one was taken for every memcmp of the whole hypervisor
+# (a review of 2026-12-07, seen in xen-syms as "W memcmp"). Local, each
+# side keeps its own. (Undefined symbols, the pvx_* services, stay as they
+# are.) lib/build.sh's xen_string_functions_own checks the linked result.
+engine_only_entries_global() {
+    local name="$1" nm="$2" objcopy="$3" obj="$4" want got
+    shift 4
+    "$objcopy" $(for s in "$@"; do printf -- '--keep-global-symbol=%s ' "$s"; done) "$obj"
+    want="$(printf '%s\n' "$@" | sort)"
+    got="$("$nm" -g --defined-only "$obj" | awk '{ print $3 }' | sort)"
+    if [ "$got" != "$want" ]; then
+        echo "$name: FAIL: the engine object defines globally other than its entry points:" >&2
+        comm -13 <(echo "$want") <(echo "$got") | head -10 >&2
+        return 1
+    fi
+    echo "$name: only the $# entry points are global in the engine object"
+}
