@@ -60,7 +60,8 @@
  * the op answers ENOMEM). All come from Xen's command line, "pviommu=".
  * cells: PVX_DRIVER_CELLS as this glue was built with; -EINVAL (and no
  * engine) unless the engine has as many driver cells, so the two can never
- * disagree on the driver locks or the layout of the held mask. */
+ * disagree on the driver locks or the layout of the held mask. Once only:
+ * a second call answers -EBUSY and leaves the engine as it is. */
 int pviommu_engine_init(uint64_t quota, uint32_t max_batch,
                         uint64_t heap_bytes, uint32_t cells);
 
@@ -76,7 +77,8 @@ long pviommu_engine_op(uint16_t caller, unsigned int cmd, uint64_t arg);
 
 /*
  * The engine's BFN window, once pviommu_engine_init() succeeded: its first
- * BFN and the one past its last. 0, or -EINVAL. The glue refuses any IOMMU
+ * BFN and the one past its last. 0, or -EINVAL (also for a NULL or
+ * misaligned pointer, nothing written). The glue refuses any IOMMU
  * run outside it (pvx_run_in_window()).
  */
 int pviommu_engine_window(uint64_t *start, uint64_t *end);
@@ -90,7 +92,8 @@ int pviommu_engine_window(uint64_t *start, uint64_t *end);
  * -ERESTART when the caller must come back (the toolstack's destroydomain
  * continues), -EBUSY when its last restarts released nothing (an IOMMU
  * that keeps failing: the toolstack gets its destroy back, the domain
- * stays dying and a later destroy resumes), never anything else.
+ * stays dying and a later destroy resumes), never anything else. A NULL
+ * or misaligned cursor (a glue bug) answers -EBUSY, nothing done.
  */
 int pviommu_engine_domain_teardown(uint16_t domid, uint64_t *cursor);
 /* *cursor once the teardown finished: domain_kill() re-runs its dying stage
@@ -108,7 +111,8 @@ int pviommu_engine_domain_teardown(uint16_t domid, uint64_t *cursor);
  * done, -ERESTART when the caller must come back (the domctl continues),
  * -EIO when it gave up: the IOMMU kept refusing an unmap or a flush through
  * 9 walks, so a device may still write (the entries stay stuck, retried at
- * every flush); the enable must then fail. Nothing else.
+ * every flush); the enable must then fail. Nothing else. A NULL or
+ * misaligned cursor (a glue bug) answers -EIO, nothing done.
  */
 int pviommu_engine_revoke_writes(uint16_t domid, uint64_t *cursor);
 
@@ -471,10 +475,12 @@ void pvx_log(const char *msg, size_t len);
 int pvx_log_error(const char *msg, size_t len);
 
 /*
- * Never called: the Rust panic handler and alloc-error handler refer to this
- * symbol, which nothing defines. build-engine.sh links the engine from its
- * entry points with --gc-sections and FAILS if the symbol is still
- * referenced, so any reachable panic is a build error.
+ * Never called, and never to be defined (the Rust side declares it as not
+ * returning): the Rust panic handler refers to this symbol, and through it
+ * allocation failure that nothing answers (the engine has no
+ * alloc_error_handler: handle_alloc_error panics). build-engine.sh links
+ * the engine from its entry points with --gc-sections and FAILS if the
+ * symbol is still referenced, so any reachable panic is a build error.
  */
 void pvx_unreachable_panic(void);
 

@@ -483,6 +483,29 @@ impl Xen {
         p
     }
 
+    /// Drop every table mapping: at the entry point's end, and before each
+    /// service that may run long or enter the engine again on this CPU (a
+    /// guest copy, a page lookup; `Platform for Xen` calls this first). A PV
+    /// caller's mappings come from its vCPU's mapcache, 16 entries in all
+    /// (x86 `domain_page.c`, a debug build, or frames above the directmap),
+    /// and a lookup of a PoD guest's page can map 16 of its own there and
+    /// run the engine's gfn hook nested, which maps more: with this entry
+    /// point's 4 held across, Xen's `BUG_ON()` fired (a review of
+    /// 2026-12-07). The next store maps its table again; the directmap
+    /// makes that a check and an address on a release build.
+    #[inline(never)]
+    fn unmap_tables(&self) {
+        for m in &self.maps {
+            if m.get().1.is_null() {
+                continue;
+            }
+            let (_, p) = m.replace((0, core::ptr::null_mut()));
+            // SAFETY: a mapping pvx_table_map gave, no longer used (the
+            // engine keeps no table pointer: each access asks `table()`).
+            unsafe { ffi::pvx_table_unmap(p) }
+        }
+    }
+
     /// Drop the mapping of `table`, if any (it is being freed).
     fn unmap_table(&self, table: Mfn) {
         for m in &self.maps {
@@ -670,13 +693,7 @@ impl Drop for Xen {
             }
         }
         self.sync_unheld(self.touched.get() & !held);
-        for m in &self.maps {
-            let (_, p) = m.replace((0, core::ptr::null_mut()));
-            if !p.is_null() {
-                // SAFETY: a mapping pvx_table_map gave.
-                unsafe { ffi::pvx_table_unmap(p) }
-            }
-        }
+        self.unmap_tables();
     }
 }
 
@@ -822,8 +839,11 @@ static TABLES_COHERENT: AtomicBool = AtomicBool::new(false);
 /// false until then, which only costs cache flushes).
 static DEFAULT_CONTEXT_SNOOPED: AtomicBool = AtomicBool::new(false);
 
+// The guest copies and page lookups first drop every table mapping
+// (`Xen::unmap_tables`): none is held across them.
 impl Platform for Xen {
     fn copy_from_guest(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        self.unmap_tables();
         // SAFETY: `buf` is valid for writes of its length.
         match unsafe { ffi::pvx_copy_from_guest(buf.as_mut_ptr(), addr, buf.len()) } {
             0 => Ok(()),
@@ -831,6 +851,7 @@ impl Platform for Xen {
         }
     }
     fn copy_to_guest(&mut self, addr: u64, buf: &[u8]) -> Result<(), Errno> {
+        self.unmap_tables();
         // SAFETY: `buf` is valid for reads of its length.
         match unsafe { ffi::pvx_copy_to_guest(addr, buf.as_ptr(), buf.len()) } {
             0 => Ok(()),
@@ -884,6 +905,7 @@ impl Platform for Xen {
         want_write: bool,
         target: CheckedTarget<'_>,
     ) -> Result<PageLookup, Errno> {
+        self.unmap_tables();
         // What the glue must write over: unwritten, no page (kind 0 is
         // `PVX_PAGE_RAM_RW`, mfn 0 a frame: a glue that returned 0 without
         // writing them would have had frame 0 mapped writable).
@@ -923,6 +945,7 @@ impl Platform for Xen {
         pages: &mut [PageSlot],
         target: CheckedTarget<'_>,
     ) -> PageRun {
+        self.unmap_tables();
         let nr = u32::try_from(pages.len()).unwrap_or(u32::MAX);
         let mut refused = PVX_PAGE_NONE;
         let target = ffi::PvxCheckedTarget::from(target);
@@ -1638,13 +1661,31 @@ const PVX_DEV_UNTRANSLATED: u32 = 1 << 3;
 /// The engine, created once at boot. After that it is only read through a
 /// shared reference: the engine locks its own state.
 struct EngineCell(UnsafeCell<Option<XenEngine>>);
-// SAFETY: written once by pviommu_engine_init (the initcall, before any
-// hypercall or hook can run), then only shared; the engine is Sync.
+// SAFETY: written once, by the one pviommu_engine_init that claims
+// `ENGINE_CLAIMED` (the initcall, before any hypercall or hook can run),
+// before `ENGINE_READY` is set; read only after it is seen set, then only
+// shared; the engine is Sync (checked below).
 unsafe impl Sync for EngineCell {}
 static ENGINE: EngineCell = EngineCell(UnsafeCell::new(None));
+/// Taken by the first pviommu_engine_init: a second call is refused
+/// (`-EBUSY`) and never replaces the engine under references other CPUs
+/// hold (a review of 2026-12-07: one initcall calls it, but the symbol is
+/// Xen's to call).
+static ENGINE_CLAIMED: AtomicBool = AtomicBool::new(false);
+/// Set (Release) once `ENGINE` holds the engine.
+static ENGINE_READY: AtomicBool = AtomicBool::new(false);
+// What EngineCell's `Sync` rests on: this stops compiling if the engine
+// stopped being `Sync`.
+const _: fn() = || {
+    fn shared_across_cpus<T: Sync>() {}
+    shared_across_cpus::<XenEngine>();
+};
 
 fn engine() -> Option<&'static XenEngine> {
-    // SAFETY: see EngineCell: no writer exists after init.
+    if !ENGINE_READY.load(Ordering::Acquire) {
+        return None;
+    }
+    // SAFETY: see EngineCell: written before ENGINE_READY, never again.
     unsafe { (*ENGINE.0.get()).as_ref() }
 }
 
@@ -1685,6 +1726,9 @@ pub extern "C" fn pviommu_engine_init(
         unsafe { ffi::pvx_log_error(line.as_ptr(), line.len()) };
         return Errno::Inval.negated();
     }
+    if ENGINE_CLAIMED.swap(true, Ordering::AcqRel) {
+        return Errno::Busy.negated();
+    }
     // SAFETY: plain call (set by the glue at boot, before this).
     ADDRESS_BITS.store(unsafe { ffi::pvx_iommu_address_bits() }, Ordering::Relaxed);
     let (mut levels, mut snoop) = (0u32, 0i32);
@@ -1717,8 +1761,10 @@ pub extern "C" fn pviommu_engine_init(
     }
     match XenEngine::with_locks(config, &Xen::new(), |cell| XenLock { cell: cell as u32 }) {
         Ok(e) => {
-            // SAFETY: called once at boot, before any other entry point.
+            // SAFETY: this call claimed ENGINE_CLAIMED: the only writer,
+            // and no reader before ENGINE_READY.
             unsafe { *ENGINE.0.get() = Some(e) };
+            ENGINE_READY.store(true, Ordering::Release);
             log("pviommu: engine ready\n");
             0
         }
@@ -1839,15 +1885,23 @@ pub extern "C" fn pviommu_engine_op(caller: u16, cmd: u32, arg: u64) -> i64 {
 
 /// One slice of a dying domain's teardown: 0 done, -ERESTART call again,
 /// -EBUSY stalled (call again later).
-// Called from C only, with a pointer into struct domain or NULL (checked).
+// Called from C only, with a pointer into struct domain (null or
+// misaligned, a glue bug, is checked and fails closed).
 #[allow(clippy::not_unsafe_ptr_arg_deref)]
 #[no_mangle]
 pub extern "C" fn pviommu_engine_domain_teardown(domid: u16, cursor: *mut u64) -> i32 {
     const ERESTART: i32 = -85;
     let Some(e) = engine() else { return 0 };
-    // SAFETY: the glue passes a pointer to the cursor in struct domain.
+    // A glue bug, failing closed: stalled, so the domain stays dying with
+    // its memory kept (before 2026-12-07 a null cursor answered "done",
+    // with nothing revoked).
+    if !cursor.is_aligned() {
+        return Errno::Busy.negated();
+    }
+    // SAFETY: the glue passes a pointer to the cursor in struct domain,
+    // which only this domain's serialised teardown touches; aligned.
     let Some(cursor) = (unsafe { cursor.as_mut() }) else {
-        return 0;
+        return Errno::Busy.negated();
     };
     let slice = e.domain_teardown(&mut Xen::new(), DomId(domid), cursor);
     report_engine_bugs(e);
@@ -1863,17 +1917,24 @@ pub extern "C" fn pviommu_engine_domain_teardown(domid: u16, cursor: *mut u64) -
 
 /// One slice of revoking every writable mapping of `domid` (log-dirty mode
 /// went on): 0 done, -ERESTART call again.
-// Called from C only, with a pointer into struct domain or NULL (checked).
+// Called from C only, with a pointer into struct domain (null or
+// misaligned, a glue bug, is checked and fails closed).
 #[allow(clippy::not_unsafe_ptr_arg_deref)]
 #[no_mangle]
 pub extern "C" fn pviommu_engine_revoke_writes(domid: u16, cursor: *mut u64) -> i32 {
     const ERESTART: i32 = -85;
-    let Some(e) = engine() else { return 0 };
-    // SAFETY: the glue passes a pointer to the cursor in struct domain.
-    let Some(cursor) = (unsafe { cursor.as_mut() }) else {
-        return 0;
-    };
     const EIO: i32 = -5;
+    let Some(e) = engine() else { return 0 };
+    // A glue bug, failing closed: gave up, so log-dirty mode is not
+    // turned on (before 2026-12-07 a null cursor answered "done").
+    if !cursor.is_aligned() {
+        return EIO;
+    }
+    // SAFETY: the glue passes a pointer to the cursor in struct domain,
+    // which only the serialised paging domctl touches; aligned.
+    let Some(cursor) = (unsafe { cursor.as_mut() }) else {
+        return EIO;
+    };
     let slice = e.revoke_writes(&mut Xen::new(), DomId(domid), cursor);
     report_engine_bugs(e);
     match slice {
@@ -1977,12 +2038,13 @@ pub extern "C" fn pviommu_engine_window(start: *mut u64, end: *mut u64) -> i32 {
     let Some(e) = engine() else {
         return Errno::Inval.negated();
     };
-    if start.is_null() || end.is_null() {
+    if start.is_null() || end.is_null() || !start.is_aligned() || !end.is_aligned() {
         return Errno::Inval.negated();
     }
     let w = e.window();
-    // SAFETY: non-null pointers the glue passes to two variables of its
-    // own; written, no reference made (the two may not alias then either).
+    // SAFETY: non-null, aligned pointers the glue passes to two variables
+    // of its own; written, no reference made (the two may not alias then
+    // either).
     unsafe {
         start.write(w.start);
         end.write(w.end);

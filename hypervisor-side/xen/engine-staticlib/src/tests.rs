@@ -1165,13 +1165,54 @@ fn unmap_ops(ctx: u32, maps: &[pviommu_hv::abi::PvIommuOp]) -> Vec<pviommu_hv::a
 /// owning cell's lock (the write-back of a store made without it would be
 /// flagged); a device walking memory sees each map after the hypercall and
 /// none after the unmaps.
+/// The engine, created by the first test to ask (the tests share it, as
+/// Xen's CPUs do).
+fn init_engine_once() {
+    if super::engine().is_none() {
+        assert_eq!(super::pviommu_engine_init(0, 0, 0, super::CELLS as u32), 0);
+    }
+}
+
+/// A second pviommu_engine_init is refused and leaves the engine as it was
+/// (before 2026-12-07 it replaced it, under the references every CPU in
+/// an entry point holds).
+#[test]
+fn a_second_engine_init_is_refused_and_changes_nothing() {
+    let _s = model::serial();
+    init_engine_once();
+    let before = super::engine().map(|e| e as *const _);
+    assert_eq!(super::pviommu_engine_init(0, 0, 0, super::CELLS as u32), -16);
+    assert_eq!(super::pviommu_engine_init(7, 9, 1 << 20, super::CELLS as u32), -16);
+    assert_eq!(super::engine().map(|e| e as *const _), before);
+    assert_eq!(violations(), Vec::<std::string::String>::new());
+}
+
+/// Pointers a glue bug could pass (null, misaligned) fail closed: a
+/// teardown stalls (the domain stays dying, its memory kept), a write
+/// revocation gives up (log-dirty mode stays off), the window is refused.
+/// Before 2026-12-07 a null cursor answered "done", nothing revoked.
+#[test]
+fn entry_points_given_a_bad_pointer_fail_closed() {
+    let _s = model::serial();
+    init_engine_once();
+    let mut words = [0u64; 2];
+    let misaligned = words.as_mut_ptr().cast::<u8>().wrapping_add(4).cast::<u64>();
+    for bad in [core::ptr::null_mut(), misaligned] {
+        assert_eq!(super::pviommu_engine_domain_teardown(1, bad), -16);
+        assert_eq!(super::pviommu_engine_revoke_writes(1, bad), -5);
+        assert_eq!(super::pviommu_engine_window(bad, &mut words[1]), -22);
+    }
+    assert_eq!(words, [0, 0]);
+    assert_eq!(violations(), Vec::<std::string::String>::new());
+}
+
 #[test]
 fn the_engine_through_its_hypercall_keeps_every_write_back_point() {
     let _s = model::serial();
     // A glue built for another number of driver cells gets no engine
     // (review of the 128 cells: its locks and held mask would differ).
     assert_eq!(super::pviommu_engine_init(0, 0, 0, 64), -22);
-    assert_eq!(super::pviommu_engine_init(0, 0, 0, super::CELLS as u32), 0);
+    init_engine_once();
     let ctx = create_context();
     let root = model::with(|m| m.allocs[0]);
     let mut maps = map_ops(ctx, 0x100..0x128);
@@ -1221,9 +1262,7 @@ fn the_engine_through_its_hypercall_keeps_every_write_back_point() {
 #[ignore]
 fn engine_op_rounds() {
     let _s = model::serial();
-    if super::engine().is_none() {
-        assert_eq!(super::pviommu_engine_init(0, 0, 0, super::CELLS as u32), 0);
-    }
+    init_engine_once();
     let rounds: u64 = std::env::var("PVIOMMU_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -1528,9 +1567,7 @@ fn the_engine_header_defines_what_the_rust_side_uses() {
 fn a_vram_revocations_range_stays_published_until_lifted() {
     use pviommu_hv::engine::RangeSweep;
     let _s = model::serial();
-    if super::engine().is_none() {
-        assert_eq!(super::pviommu_engine_init(0, 0, 0, super::CELLS as u32), 0);
-    }
+    init_engine_once();
     let mut sweep = RangeSweep::default();
     // Nothing of d1 mapped: done in one call, the range kept.
     assert_eq!(
