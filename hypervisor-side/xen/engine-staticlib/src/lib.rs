@@ -368,11 +368,16 @@ impl Xen {
     /// `Send`: nothing in it returns to the guest before it ends (the
     /// continuation is made after), and where it can sleep, an HVM/PVH
     /// caller's guest copy or page lookup waiting in x86 `wait()` for a
-    /// paged-out page, Xen 4.17 pins the vCPU to its CPU for the wait
-    /// (`VCPU_AFFINITY_WAIT`; Arm reaches no `wait()` from these paths).
-    /// Each flush, context creation and attach, and the entry point's end,
-    /// check the mask is still this CPU's, and fail closed if not (see
-    /// [`Xen::moved_cpu`]).
+    /// paged-out page, Xen pins the vCPU to its CPU for the wait
+    /// (`VCPU_AFFINITY_WAIT`), and a vCPU whose pin broke meanwhile is
+    /// never resumed in its frame: `check_wakeup_from_wait()` crashes its
+    /// domain instead (`common/wait.c`, 4.17 and 4.20 alike; Arm reaches no
+    /// `wait()` from these paths). This cache rests on that rule.
+    /// [`Xen::moved_cpu`] is only a tripwire for a Xen that broke it,
+    /// asked at each flush, context creation and attach and at the entry
+    /// point's end: between a move and its check, a store would be noted
+    /// by the old CPU's mask, in a cell this CPU may not hold (undefined
+    /// behaviour, not a closed failure: a review of 2026-12-07).
     #[inline(always)]
     fn held_cells(&self) -> Cells {
         let mut mask = self.held.get();
@@ -407,12 +412,15 @@ impl Xen {
     /// (see [`held_cells`](Self::held_cells)): asked before every flush,
     /// context creation and attach ([`sync_tables`](Self::sync_tables)), and
     /// when the entry point ends (one call each; none if the mask was never
-    /// read). Were it moved (a Xen that resumed a waiting vCPU elsewhere),
-    /// its stores may have been noted in another CPU's cell without that
-    /// cell's lock and a flush may miss them: this and every later flush,
-    /// of every driver domain, then fails (as after a refused frame), so no
-    /// page is released that the IOMMU may still reach. Fail closed, for
-    /// good: the host needs a reboot, and says so once.
+    /// read). Were it moved (a Xen that resumed a waiting vCPU elsewhere,
+    /// which Xen 4.17 and 4.20 never do: see
+    /// [`held_cells`](Self::held_cells)), its stores may have been noted in
+    /// another CPU's cell without that cell's lock and a flush may miss
+    /// them: this and every later flush, of every driver domain, then
+    /// fails (as after a refused frame), so no page is released that the
+    /// IOMMU may still reach from then on, for good: the host needs a
+    /// reboot, and says so once. What happened between the move and this
+    /// check is not undone.
     fn moved_cpu(&self) -> bool {
         let mask = self.held.get();
         if mask.is_null() {
