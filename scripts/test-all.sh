@@ -171,6 +171,25 @@ debug_xen_held_up() {
     exit 1
   fi
   echo "debug Xen ($1): no assertion failed, no WARN, BUG or panic"
+  debug_stack_depth "$log"
+}
+
+# The deepest stack a debug Xen's glue measured under the engine's entry
+# points (pviommu-common.inc, pvx_stack_note(): the engine, the C below it,
+# what Xen stacked above the entry, interrupts meanwhile) leaves 1 KiB of
+# the stack: Xen itself reports an overflow with under 512 bytes left, and
+# an interrupt taken at another moment may stack deeper than any seen.
+# The line must be there: every boot makes hypercalls.
+debug_stack_depth() {
+  local deepest
+  deepest="$(sed -n 's/.*pviommu: deepest stack \([0-9]*\) of \([0-9]*\) bytes.*/\1 \2/p' "$1" |
+    sort -n | tail -1)"
+  [ -n "$deepest" ] ||
+    { echo "FAIL: the debug Xen logged no stack depth (pvx_stack_note)" >&2; exit 1; }
+  set -- $deepest
+  [ "$1" -le $(( $2 - 1024 )) ] ||
+    { echo "FAIL: the debug Xen's stack reached $1 of $2 bytes under the engine" >&2; exit 1; }
+  echo "debug Xen: deepest stack under the engine $1 of $2 bytes"
 }
 
 if [[ -x tests/xen-qemu/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
