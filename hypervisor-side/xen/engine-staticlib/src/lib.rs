@@ -165,23 +165,48 @@ fn current_is_host() -> bool {
     unsafe { ffi::pvx_current_is_host() != 0 }
 }
 
+/// What `_xmalloc(size, align)` takes from Xen's heap, as the heap cap
+/// counts it (the same for the charge and the refund): a request padded
+/// for its alignment (`align - MEM_ALIGN`, MEM_ALIGN 16) below a page comes
+/// from the TLSF pool, rounded to 16 bytes plus its 16-byte block header;
+/// anything else is whole pages (`xmalloc_whole_pages()`, which frees the
+/// tail past the request's last page). Before 2026-12-07 the cap counted
+/// the requested bytes only (a review: a 64-byte-aligned request of 100
+/// bytes takes 176).
+fn xen_heap_bytes(layout: Layout) -> usize {
+    const MEM_ALIGN: usize = 16;
+    const BLOCK_HEADER: usize = 16;
+    const PAGE: usize = 4096;
+    let padded = layout
+        .size()
+        .saturating_add(layout.align().max(MEM_ALIGN) - MEM_ALIGN);
+    if padded < PAGE {
+        padded.next_multiple_of(MEM_ALIGN) + BLOCK_HEADER
+    } else {
+        layout
+            .size()
+            .checked_next_multiple_of(PAGE)
+            .unwrap_or(usize::MAX)
+    }
+}
+
 unsafe impl GlobalAlloc for XenAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let size = layout.size();
+        let charged = xen_heap_bytes(layout);
         // Charge the bytes only if they fit: two CPUs cannot both pass the
         // cap, and a request that will fail never crowds out others.
-        if !HEAP.charge(size, current_is_host) {
+        if !HEAP.charge(charged, current_is_host) {
             return core::ptr::null_mut();
         }
         // SAFETY: _xmalloc honours any power-of-two alignment; NULL on failure.
-        let p = unsafe { ffi::pvx_alloc(size, layout.align()) };
+        let p = unsafe { ffi::pvx_alloc(layout.size(), layout.align()) };
         if p.is_null() {
-            HEAP.refund(size);
+            HEAP.refund(charged);
         }
         p
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        HEAP.refund(layout.size());
+        HEAP.refund(xen_heap_bytes(layout));
         // SAFETY: `ptr` came from pvx_alloc.
         unsafe { ffi::pvx_free(ptr) }
     }

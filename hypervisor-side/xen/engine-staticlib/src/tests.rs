@@ -1306,6 +1306,8 @@ fn engine_op_rounds() {
 fn the_xen_allocator_keeps_the_last_quarter_of_its_cap_for_the_host() {
     use core::alloc::{GlobalAlloc, Layout};
     use core::sync::atomic::Ordering;
+    // (The heap's count is the allocator's, which other tests use too.)
+    let _s = model::serial();
     let block = Layout::from_size_align(4096, 64).unwrap();
     super::HEAP.set_cap(4 * 4096);
     let alloc = || unsafe { super::XenAlloc.alloc(block) };
@@ -1323,6 +1325,37 @@ fn the_xen_allocator_keeps_the_last_quarter_of_its_cap_for_the_host() {
     }
     assert_eq!(super::HEAP.used(), 0);
     super::HEAP.set_cap(usize::MAX);
+}
+
+/// The heap cap counts what Xen's `_xmalloc` takes, not the bytes asked
+/// for: alignment padding and the pool's block header below a page, whole
+/// pages above (before 2026-12-07 the first allocation here was counted
+/// as 100 bytes).
+#[test]
+fn the_heap_cap_counts_what_xmalloc_takes() {
+    use core::alloc::{GlobalAlloc, Layout};
+    let _s = model::serial();
+    let used = super::HEAP.used();
+    for (size, align, taken) in [
+        (100, 64, 176),
+        (24, 8, 48),
+        (4000, 64, 4064),
+        (4050, 64, 4096),
+        (4096, 64, 4096),
+        (5000, 8, 8192),
+        (128 << 10, 64, 128 << 10),
+    ] {
+        let layout = Layout::from_size_align(size, align).unwrap();
+        let p = unsafe { super::XenAlloc.alloc(layout) };
+        assert!(!p.is_null());
+        assert_eq!(
+            super::HEAP.used() - used,
+            taken,
+            "{size} bytes aligned {align}"
+        );
+        unsafe { super::XenAlloc.dealloc(p, layout) };
+        assert_eq!(super::HEAP.used(), used);
+    }
 }
 
 /// Engine bugs (index misses, free-list breaks) reach Xen's console with
