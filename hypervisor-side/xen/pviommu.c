@@ -95,6 +95,7 @@ void pviommu_log_dirty_enabled(struct domain *d)
 
 int pviommu_log_dirty_revoke(struct domain *d)
 {
+    unsigned long stack;
     int rc;
 
     if ( !pviommu_ready || d->pviommu_log_dirty == PVIOMMU_TEARDOWN_DONE )
@@ -115,7 +116,9 @@ int pviommu_log_dirty_revoke(struct domain *d)
      * Serialised by the caller: paging_domctl() under domctl_lock, and its
      * continuations, which d->arch.paging.preempt reserves for this one op.
      */
+    stack = pvx_stack_paint();
     rc = pviommu_engine_revoke_writes(d->domain_id, &d->pviommu_log_dirty);
+    pvx_stack_note(stack, "a log-dirty slice");
     d->pviommu_log_dirty_slices++;
 
     if ( rc == -ERESTART )
@@ -161,6 +164,7 @@ int pviommu_log_dirty_revoke(struct domain *d)
 int pviommu_vram_revoke(struct domain *d, unsigned long first,
                         unsigned long nr)
 {
+    unsigned long stack;
     int rc;
 
     BUILD_BUG_ON(sizeof(d->pviommu_vram_sweep) !=
@@ -203,9 +207,11 @@ int pviommu_vram_revoke(struct domain *d, unsigned long first,
     if ( test_and_set_bit(0, &d->pviommu_vram_busy) )
         return -ERESTART;
 
+    stack = pvx_stack_paint();
     rc = pviommu_engine_revoke_writes_in(
              d->domain_id, first, nr,
              (struct pviommu_range_sweep *)d->pviommu_vram_sweep);
+    pvx_stack_note(stack, "a VRAM slice");
 
     clear_bit(0, &d->pviommu_vram_busy);
 
@@ -720,6 +726,7 @@ bool pviommu_fault_expected(uint16_t seg, uint16_t bdf, uint64_t addr)
     const struct pci_dev *pdev;
     const struct domain *owner;
     pci_sbdf_t sbdf = PCI_SBDF(seg, bdf);
+    unsigned long stack;
     bool expected = false;
 
     ASSERT(!in_irq());
@@ -733,8 +740,10 @@ bool pviommu_fault_expected(uint16_t seg, uint16_t bdf, uint64_t addr)
     if ( owner && !owner->is_dying && !owner->is_shutting_down )
     {
         sbdf = pdev->sbdf;
+        stack = pvx_stack_paint();
         expected = pviommu_engine_fault_expected(owner->domain_id, sbdf.sbdf,
                                                  addr >> PAGE_SHIFT);
+        pvx_stack_note(stack, "a fault");
     }
     pvx_devices_unlock();
 

@@ -80,6 +80,38 @@ fn a_revocation_wakes_its_owner_when_the_revoking_call_returns() {
     );
 }
 
+/// The same for the simulator's other hooked calls, each on its return:
+/// a page replaced, a guest's own move of its frames, VRAM tracking moved
+/// (with and without the dm_op's revocation slices), log-dirty mode
+/// turned on (its domctl's slices).
+#[test]
+fn each_hooked_call_wakes_the_owner_on_its_return() {
+    let (mut m, e) = machine(Format::Vtd, 64);
+    let wakeups = |m: &pviommu_hv::sim::SimMachine| {
+        m.revocation_wakeups.get(&DomId::DOM0).copied().unwrap_or(0)
+    };
+    let mut map = |m: &mut pviommu_hv::sim::SimMachine, g| {
+        map_one(m, &e, DomId::DOM0, GUEST, g, Permissions::RW).unwrap();
+    };
+    map(&mut m, 1);
+    m.replace_page(&e, GUEST, Gfn(1)).unwrap();
+    assert_eq!(wakeups(&m), 1, "a page replaced");
+    map(&mut m, 2);
+    m.add_to_physmap_range(&e, GUEST, Gfn(2), Gfn(40), 1)
+        .unwrap();
+    assert_eq!(wakeups(&m), 2, "the guest's move of its own frame");
+    map(&mut m, 3);
+    m.move_vram_range(&e, GUEST, (3, 4));
+    assert_eq!(wakeups(&m), 3, "VRAM tracking moved, no slices");
+    map(&mut m, 5);
+    m.track_dirty_vram(&e, GUEST, (5, 6));
+    assert_eq!(wakeups(&m), 4, "VRAM tracking moved by the dm_op");
+    map(&mut m, 7);
+    m.enable_log_dirty(&e, GUEST);
+    assert_eq!(wakeups(&m), 5, "log-dirty mode on");
+    check_invariants(&mut m, &e).unwrap();
+}
+
 #[test]
 fn driver_domain_death_drops_all_its_mappings() {
     let (mut m, e) = machine(Format::Vtd, 16);

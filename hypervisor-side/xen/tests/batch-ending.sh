@@ -53,10 +53,8 @@ static struct vcpu cpu0 = { &dom0 }, *current = &cpu0;
 static bool pviommu_ready = true;
 static bool pvx_caller_not_64bit(struct vcpu *v) { (void)v; return false; }
 /* A release build: no stack measurement (a debug Xen's, pvx_stack_note()). */
-#define IS_ENABLED(option) 0
-static unsigned long pvx_stack_pointer(void) { return 0; }
-static void pvx_stack_paint(unsigned long sp) { (void)sp; }
-static void pvx_stack_note(unsigned long sp, const char *what) { (void)sp; (void)what; }
+static unsigned long pvx_stack_paint(void) { return 0; }
+static void pvx_stack_note(unsigned long limit, const char *what) { (void)limit; (void)what; }
 
 /* The engine's answer, scripted; the continuation made, recorded. */
 static long engine_answer;

@@ -38,10 +38,18 @@ stray=$(cat "$COMMON" "$HERE/pviommu.c" "$HERE/arm64/pviommu-arm.c" "$HERE/pviom
         my $ops = $ENV{OPS};
         s{/\*.*?\*/}{ }gs; s{//[^\n]*}{ }g; s/\s+/ /g; s/\( /(/g; s/ \)/)/g;
         s/\bpvx_iommu_op\(pviommu_(?:$ops),//g;
-        s/\biommu_call\(ops, pviommu_ctx_caps,//g;
-        s/\biommu_call\(iommu_get_ops\(\), pviommu_address_bits\)//g;
+        # The two checked calls and the address width'"'"'s check, once each:
+        # a second copy of one would have no check before it.
+        my %once = (
+            "pvx_ctx_caps()'"'"'s call" => qr/\biommu_call\(ops, pviommu_ctx_caps,/,
+            "the width'"'"'s call" => qr/\biommu_call\(iommu_get_ops\(\), pviommu_address_bits\)/,
+            "the width'"'"'s check" => qr/\bif \(iommu_enabled && iommu_get_ops\(\)->pviommu_address_bits\)/,
+        );
+        for my $what (sort keys %once) {
+            my $n = s/$once{$what}/ /g || 0;
+            print "$what: $n, want 1\n" if $n != 1;
+        }
         s/!ops->pviommu_(?:$ops)(?= ?(?:\|\||\)))//g;
-        s/\biommu_get_ops\(\)->pviommu_address_bits\)//g;
         s/\bstruct pviommu_ctx_caps\b//g;
         print "$1\n" while /(.{0,40}\bpviommu_(?:$ops)\b.{0,10})/g;')
 if [ -n "$stray" ]; then

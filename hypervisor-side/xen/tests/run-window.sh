@@ -31,6 +31,17 @@ static void reset(uint64_t start, uint64_t end)
     pvx_window_end = end;
 }
 
+/* How many regions hold all of [start, start + nr). */
+static unsigned int covering(uint64_t start, uint64_t nr)
+{
+    unsigned int k, n = 0;
+
+    for ( k = 0; k < pvx_nr_regions; k++ )
+        if ( pvx_regions[k].start <= start && start + nr <= pvx_regions[k].start + pvx_regions[k].nr )
+            n++;
+    return n;
+}
+
 static void expect(uint64_t bfn, uint64_t count, bool want, const char *what)
 {
     bool got = pvx_run_in_window(bfn, count);
@@ -186,6 +197,37 @@ int main(void)
     }
     if ( failures == before )
         printf("ok   over-full table\n");
+
+    /*
+     * And where the new range is one of the closest pair: 128 ranges 0xff0
+     * frames apart, then one 8 frames past region 5's end. Region 5 takes
+     * it (0x20 frames now), no slot changes hands, and only the 8 frames
+     * between are reserved besides. (A rule that dropped the new range,
+     * less reserved, passed the case above: a review of 2026-12-07.)
+     */
+    reset(FLOOR + 0x100000, FLOOR + 0x200000);
+    for ( unsigned int i = 0; i < PVX_MAX_REGIONS; i++ )
+        pvx_add_region(FLOOR + 0x1000 * i, 0x10, i & 1);
+    pvx_add_region(FLOOR + 0x1000 * 5 + 0x18, 8, 2);
+    pvx_sort_regions();
+    before = failures;
+    expect(FLOOR + 0x100000, 0x100000, true, "over-full table, new range merged: the window");
+    if ( covering(FLOOR + 0x1000 * 5 + 0x18, 8) != 1 || covering(FLOOR + 0x1000 * 5 + 0x10, 8) != 1 )
+    {
+        printf("FAIL over-full table, new range merged: it or the frames before it unreserved\n");
+        failures++;
+    }
+    reserved = 0;
+    for ( unsigned int k = 0; k < pvx_nr_regions; k++ )
+        reserved += pvx_regions[k].nr;
+    if ( pvx_nr_regions != PVX_MAX_REGIONS || reserved != 0x10 * PVX_MAX_REGIONS + 0x10 )
+    {
+        printf("FAIL over-full table, new range merged: %u regions, %#" PRIx64 " frames reserved\n",
+               pvx_nr_regions, reserved);
+        failures++;
+    }
+    if ( failures == before )
+        printf("ok   over-full table, new range merged\n");
 
     /* Before the engine reported its window, nothing passes. */
     reset(0, 0);

@@ -1180,7 +1180,17 @@ fn init_engine_once() {
 fn a_second_engine_init_is_refused_and_changes_nothing() {
     let _s = model::serial();
     init_engine_once();
-    let before = super::engine().map(|e| e as *const _);
+    let engine = || super::engine().expect("an engine");
+    let settings = || {
+        (
+            engine().config().quota,
+            engine().config().max_batch_ops,
+            super::HEAP.cap(),
+        )
+    };
+    let before = settings();
+    // A context made before, still there after.
+    let ctx = create_context();
     assert_eq!(
         super::pviommu_engine_init(0, 0, 0, super::CELLS as u32),
         -16
@@ -1189,7 +1199,8 @@ fn a_second_engine_init_is_refused_and_changes_nothing() {
         super::pviommu_engine_init(7, 9, 1 << 20, super::CELLS as u32),
         -16
     );
-    assert_eq!(super::engine().map(|e| e as *const _), before);
+    assert_eq!(settings(), before, "the second init's settings took");
+    destroy_context(ctx);
     assert_eq!(violations(), Vec::<std::string::String>::new());
 }
 
