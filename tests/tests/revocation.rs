@@ -90,7 +90,7 @@ fn each_hooked_call_wakes_the_owner_on_its_return() {
     let wakeups = |m: &pviommu_hv::sim::SimMachine| {
         m.revocation_wakeups.get(&DomId::DOM0).copied().unwrap_or(0)
     };
-    let mut map = |m: &mut pviommu_hv::sim::SimMachine, g| {
+    let map = |m: &mut pviommu_hv::sim::SimMachine, g| {
         map_one(m, &e, DomId::DOM0, GUEST, g, Permissions::RW).unwrap();
     };
     map(&mut m, 1);
