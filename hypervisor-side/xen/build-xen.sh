@@ -141,6 +141,7 @@ nm "$WORK/xen/xen-syms" > "$BUILD/xen-syms.nm"
 syms_present build-xen "$BUILD/xen-syms.nm" do_pv_iommu_op pviommu_engine_op
 symbol_names_fit build-xen "$WORK/xen"
 xen_string_functions_own build-xen "$BUILD/xen-syms.nm"
+stack_paint_leaf_frameless build-xen objdump "$WORK/xen/common/pviommu.o"
 # The glue's own speculation barrier (lib/engine-barrier.sh): Xen's
 # block_speculation(), an lfence unless branch hardening is configured out
 # (then Xen's own checks have none either).

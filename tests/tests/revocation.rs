@@ -112,6 +112,38 @@ fn each_hooked_call_wakes_the_owner_on_its_return() {
     check_invariants(&mut m, &e).unwrap();
 }
 
+/// Calls made of slices run this CPU's softirqs as each slice returns (Xen:
+/// at each continuation), not only after the last: a target's death and
+/// log-dirty mode over 1200 mappings take several slices of at most 256
+/// revocations, each with its flush and notices, so the owner is woken more
+/// than once. (The simulator ran them once, after the whole teardown, until
+/// a review of 2026-12-07.)
+#[test]
+fn calls_made_of_slices_run_softirqs_between_them() {
+    let wakeups = |m: &pviommu_hv::sim::SimMachine| {
+        m.revocation_wakeups.get(&DomId::DOM0).copied().unwrap_or(0)
+    };
+    let (mut m, e) = machine(Format::Vtd, 1200);
+    map_many(&mut m, &e, DomId::DOM0, GUEST, 1200);
+    let slices = m.enable_log_dirty(&e, GUEST);
+    assert!(slices > 1, "log-dirty in {slices} slice");
+    assert_eq!(
+        wakeups(&m),
+        u64::from(slices),
+        "woken at each log-dirty slice's return"
+    );
+    let (mut m, e) = machine(Format::Vtd, 1200);
+    map_many(&mut m, &e, DomId::DOM0, GUEST, 1200);
+    let slices = m.kill_domain(&e, GUEST);
+    assert!(slices > 1, "teardown in {slices} slice");
+    assert!(
+        wakeups(&m) > 1,
+        "woken {} times over {slices} teardown slices",
+        wakeups(&m)
+    );
+    check_invariants(&mut m, &e).unwrap();
+}
+
 #[test]
 fn driver_domain_death_drops_all_its_mappings() {
     let (mut m, e) = machine(Format::Vtd, 16);

@@ -96,6 +96,7 @@ syms_present build-xen-arm64-4.17 "$LOG/xen-syms.nm" \
     do_pv_iommu_op pviommu_engine_op pviommu_engine_init pvx_dump_dom0_p2m
 symbol_names_fit build-xen-arm64-4.17 "$TREE/xen"
 xen_string_functions_own build-xen-arm64-4.17 "$LOG/xen-syms.nm"
+stack_paint_leaf_frameless build-xen-arm64-4.17 aarch64-linux-gnu-objdump "$TREE/xen/common/pviommu.o"
 # The glue's own speculation barrier (../lib/engine-barrier.sh): Xen's
 # evaluate_nospec() is empty on Arm, so the glue has the engine's.
 check_glue_object_barrier build-xen-arm64-4.17 arm64 "$TREE/xen/common/pviommu.o" "$LOG/pviommu-glue.dis"

@@ -129,6 +129,7 @@ if [ "$PVI" = 1 ]; then
     syms_present build-xen-arm64 "$LOG/xen-syms-pviommu.nm" do_pv_iommu_op pviommu_engine_op pviommu_engine_init
     symbol_names_fit build-xen-arm64 "$TREE/xen"
     xen_string_functions_own build-xen-arm64 "$LOG/xen-syms-pviommu.nm"
+    stack_paint_leaf_frameless build-xen-arm64 aarch64-linux-gnu-objdump "$TREE/xen/common/pviommu.o"
     # The glue's own speculation barrier, as build-xen-arm64-4.17.sh checks.
     check_glue_object_barrier build-xen-arm64 arm64 "$TREE/xen/common/pviommu.o" "$LOG/pviommu-glue.dis"
     echo "build-xen-arm64: xen-syms has do_pv_iommu_op and the engine ($(grep -c ' pviommu_rs_\| pviommu_engine_' "$LOG/xen-syms-pviommu.nm") engine symbols)"

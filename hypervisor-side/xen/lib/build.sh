@@ -92,6 +92,28 @@ xen_string_functions_own() {
     echo "$name: memcmp, memcpy, memmove and memset are Xen's own"
 }
 
+# stack_paint_leaf_frameless NAME OBJDUMP OBJ: the glue's debug-build
+# stack paint (pviommu-common.inc, pvx_stack_paint_below()) paints from the
+# stack's floor to 64 bytes under its own stack pointer, so it must not
+# store anything of its own below it: no frame, no push, no call (x86:
+# push, sub/and of %rsp, call; arm64: stp/str to sp, sub sp, bl). Absent
+# from a release build (nothing calls it): nothing to check.
+stack_paint_leaf_frameless() {
+    local name="$1" objdump="$2" obj="$3" body
+    body="$("$objdump" -d --no-show-raw-insn "$obj" |
+        awk '/<pvx_stack_paint_below>:$/ { on = 1; next } on && /^$/ { exit } on')"
+    if [ -z "$body" ]; then
+        echo "$name: no stack paint in this build (release)"
+        return 0
+    fi
+    if grep -Eq '[[:space:]](push|call|bl)[[:space:]]|(sub|and)[[:space:]]+[^,]*,%rsp|[[:space:]](stp|str)[[:space:]][^[]*\[sp|sub[[:space:]]+sp,' <<< "$body"; then
+        echo "$body" >&2
+        echo "$name: FAIL: pvx_stack_paint_below() has a frame of its own, which its paint would overwrite" >&2
+        return 1
+    fi
+    echo "$name: the stack paint is a leaf with no frame"
+}
+
 # symbol_names_fit NAME XEN_DIR: every name of Xen's symbol table (the maps
 # its build writes from tools/symbols --all-symbols --xensyms: each name as
 # Xen expands it) within KSYM_NAME_LEN, 127 bytes. Xen expands a name into

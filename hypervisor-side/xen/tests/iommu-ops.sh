@@ -38,12 +38,13 @@ stray=$(cat "$COMMON" "$HERE/pviommu.c" "$HERE/arm64/pviommu-arm.c" "$HERE/pviom
         my $ops = $ENV{OPS};
         s{/\*.*?\*/}{ }gs; s{//[^\n]*}{ }g; s/\s+/ /g; s/\( /(/g; s/ \)/)/g;
         s/\bpvx_iommu_op\(pviommu_(?:$ops),//g;
-        # The two checked calls and the address width'"'"'s check, once each:
-        # a second copy of one would have no check before it.
+        # The two checked calls once each, the width'"'"'s with its check right
+        # before it: a second copy, or the call moved off its check, would
+        # have none.
         my %once = (
             "pvx_ctx_caps()'"'"'s call" => qr/\biommu_call\(ops, pviommu_ctx_caps,/,
-            "the width'"'"'s call" => qr/\biommu_call\(iommu_get_ops\(\), pviommu_address_bits\)/,
-            "the width'"'"'s check" => qr/\bif \(iommu_enabled && iommu_get_ops\(\)->pviommu_address_bits\)/,
+            "the width'"'"'s call, under its check" =>
+                qr/\bif \(iommu_enabled && iommu_get_ops\(\)->pviommu_address_bits\) \w+ = iommu_call\(iommu_get_ops\(\), pviommu_address_bits\)/,
         );
         for my $what (sort keys %once) {
             my $n = s/$once{$what}/ /g || 0;
