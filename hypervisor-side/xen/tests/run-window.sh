@@ -42,6 +42,21 @@ static unsigned int covering(uint64_t start, uint64_t nr)
     return n;
 }
 
+/* A full table of 128 regions holding `want` frames in all. */
+static void expect_full_table(uint64_t want, const char *what)
+{
+    uint64_t reserved = 0;
+
+    for ( unsigned int k = 0; k < pvx_nr_regions; k++ )
+        reserved += pvx_regions[k].nr;
+    if ( pvx_nr_regions != PVX_MAX_REGIONS || reserved != want )
+    {
+        printf("FAIL %s: %u regions, %#" PRIx64 " frames reserved, want %#" PRIx64 "\n", what,
+               pvx_nr_regions, reserved, want);
+        failures++;
+    }
+}
+
 static void expect(uint64_t bfn, uint64_t count, bool want, const char *what)
 {
     bool got = pvx_run_in_window(bfn, count);
@@ -172,29 +187,16 @@ int main(void)
     {
         uint64_t r = i < PVX_MAX_REGIONS ? FLOOR + 0x1000 * i + (i == 7 ? 0xff0 : 0)
                                          : FLOOR + 0x300000;
-        uint64_t n = i < PVX_MAX_REGIONS ? 0x10 : 0x100, covered = 0;
+        unsigned int covered = covering(r, i < PVX_MAX_REGIONS ? 0x10 : 0x100);
 
-        for ( unsigned int k = 0; k < pvx_nr_regions; k++ )
-            if ( pvx_regions[k].start <= r &&
-                 r + n <= pvx_regions[k].start + pvx_regions[k].nr )
-                covered++;
         if ( covered != 1 )
         {
-            printf("FAIL over-full table: range %u in %" PRIu64 " regions\n", i, covered);
+            printf("FAIL over-full table: range %u in %u regions\n", i, covered);
             failures++;
         }
     }
     /* Regions 7 (moved to the end of its page) and 8 merged: 0 between. */
-    uint64_t reserved = 0;
-
-    for ( unsigned int k = 0; k < pvx_nr_regions; k++ )
-        reserved += pvx_regions[k].nr;
-    if ( pvx_nr_regions != PVX_MAX_REGIONS || reserved != 0x10 * PVX_MAX_REGIONS + 0x100 )
-    {
-        printf("FAIL over-full table: %u regions, %#" PRIx64 " frames reserved\n",
-               pvx_nr_regions, reserved);
-        failures++;
-    }
+    expect_full_table(0x10 * PVX_MAX_REGIONS + 0x100, "over-full table");
     if ( failures == before )
         printf("ok   over-full table\n");
 
@@ -217,15 +219,7 @@ int main(void)
         printf("FAIL over-full table, new range merged: it or the frames before it unreserved\n");
         failures++;
     }
-    reserved = 0;
-    for ( unsigned int k = 0; k < pvx_nr_regions; k++ )
-        reserved += pvx_regions[k].nr;
-    if ( pvx_nr_regions != PVX_MAX_REGIONS || reserved != 0x10 * PVX_MAX_REGIONS + 0x10 )
-    {
-        printf("FAIL over-full table, new range merged: %u regions, %#" PRIx64 " frames reserved\n",
-               pvx_nr_regions, reserved);
-        failures++;
-    }
+    expect_full_table(0x10 * PVX_MAX_REGIONS + 0x10, "over-full table, new range merged");
     if ( failures == before )
         printf("ok   over-full table, new range merged\n");
 
