@@ -100,8 +100,10 @@ xen_string_functions_own() {
 # from a release build (nothing calls it): nothing to check.
 stack_paint_leaf_frameless() {
     local name="$1" objdump="$2" obj="$3" body
+    # (awk reads to the end: an early exit would kill objdump with SIGPIPE,
+    # which the callers' pipefail takes for a failure.)
     body="$("$objdump" -d --no-show-raw-insn "$obj" |
-        awk '/<pvx_stack_paint_below>:$/ { on = 1; next } on && /^$/ { exit } on')"
+        awk '/<pvx_stack_paint_below>:$/ { on = 1; next } on && /^$/ { on = 0 } on')"
     if [ -z "$body" ]; then
         echo "$name: no stack paint in this build (release)"
         return 0
