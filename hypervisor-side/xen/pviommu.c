@@ -532,12 +532,13 @@ static void __init pvx_build_regions(void)
      * dom0's build adds to it after this runs (dom0_setup_permissions():
      * read-only to dom0, or denied, 16 pages where the table says
      * ACPI_HPET_PAGE_PROTECT64; below 4 GiB on every host we know, in the
-     * hole reserved above, so no slot of its own there). Xen 4.20 identity-maps these into a
-     * PV dom0's context 0 wherever they are, and takes an MMCFG window in
-     * a memory hole the E820 leaves out (4.20's mmconfig-shared.c): above
-     * 4 GiB one could lie in the BFN window, where a map would replace
-     * dom0's identity entry and its unmap leave the entry empty (a review
-     * of 2026-12-07; 4.17 maps only the E820's reserved items, above).
+     * hole reserved above, so no slot of its own there). Xen 4.20
+     * identity-maps these into a PV dom0's context 0 wherever they are,
+     * and takes an MMCFG window in a memory hole the E820 leaves out
+     * (4.20's mmconfig-shared.c): above 4 GiB one could lie in the BFN
+     * window, where a map would replace dom0's identity entry and its
+     * unmap leave the entry empty (a review of 2026-12-07; 4.17 maps only
+     * the E820's reserved items, above).
      */
     for ( i = 0; i < pci_mmcfg_config_num; i++ )
     {

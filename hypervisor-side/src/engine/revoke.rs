@@ -1925,7 +1925,7 @@ impl<L: RawMutex> Engine<L> {
     /// Run a domain's teardown to the end, as Xen's toolstack does through
     /// continuations; returns the number of slices it took.
     pub fn domain_dying(&self, h: &mut impl Hypervisor, domid: DomId) -> u32 {
-        self.run_teardown(h, domid, false).0
+        self.run_teardown(h, domid, false, |_| {}).0
     }
 
     /// Run `domid`'s teardown slice by slice from its start: the slices
@@ -1933,16 +1933,24 @@ impl<L: RawMutex> Engine<L> {
     /// once the teardown says it is stalled (Xen then answers the toolstack
     /// `-EBUSY` and the domain stays dying). Bounded by the number of slots
     /// (each slice makes progress) unless the IOMMU keeps refusing: it
-    /// gives up after a generous bound then.
-    pub fn run_teardown(
+    /// gives up after a generous bound then. `after_slice` runs as each
+    /// slice returns (the simulator's softirqs: Xen runs them at each
+    /// continuation).
+    pub fn run_teardown<H: Hypervisor>(
         &self,
-        h: &mut impl Hypervisor,
+        h: &mut H,
         domid: DomId,
         until_stalled: bool,
+        mut after_slice: impl FnMut(&mut H),
     ) -> (u32, bool) {
         let mut cursor = 0;
         let mut slices = 1;
-        while self.domain_teardown(h, domid, &mut cursor).is_err() {
+        loop {
+            let slice = self.domain_teardown(h, domid, &mut cursor);
+            after_slice(h);
+            if slice.is_ok() {
+                break;
+            }
             if until_stalled && Self::teardown_stalled(cursor) {
                 return (slices, false);
             }

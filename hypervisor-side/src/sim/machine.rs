@@ -1925,23 +1925,9 @@ impl SimMachine {
         if let Some(d) = self.domains.get_mut(&domid) {
             d.dying = true;
         }
-        // The toolstack's continuations, a slice each, as
-        // `Engine::run_teardown` makes them, with this CPU's softirqs run
-        // as each slice returns (Xen: between slices, not only after the
-        // last; a review of 2026-12-07).
-        let mut cursor = 0;
-        let mut slices = 1;
-        let done = loop {
-            let slice = engine.domain_teardown(self, domid, &mut cursor);
-            self.run_softirqs();
-            if slice.is_ok() {
-                break true;
-            }
-            if crate::Engine::teardown_stalled(cursor) || slices == 1_000_000 {
-                break false;
-            }
-            slices += 1;
-        };
+        // This CPU's softirqs run as each slice returns (Xen: between
+        // slices, not only after the last; a review of 2026-12-07).
+        let (slices, done) = engine.run_teardown(self, domid, true, Self::run_softirqs);
         if done {
             self.destroy_domain(domid);
         }
