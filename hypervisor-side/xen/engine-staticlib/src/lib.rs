@@ -165,28 +165,51 @@ fn current_is_host() -> bool {
     unsafe { ffi::pvx_current_is_host() != 0 }
 }
 
-/// What `_xmalloc(size, align)` takes from Xen's heap, as the heap cap
-/// counts it (the same for the charge and the refund): a request padded
-/// for its alignment (`align - MEM_ALIGN`, MEM_ALIGN 16) below a page comes
-/// from the TLSF pool, rounded to 16 bytes plus its 16-byte block header;
-/// anything else is whole pages (`xmalloc_whole_pages()`, which frees the
-/// tail past the request's last page). Before 2026-12-07 the cap counted
-/// the requested bytes only (a review: a 64-byte-aligned request of 100
-/// bytes takes 176).
+/// The most `_xmalloc(size, align)` can take from Xen's heap, as the heap
+/// cap counts it (the same for the charge and the refund). A request is
+/// padded for its alignment (`align - MEM_ALIGN`, MEM_ALIGN 16). Below a
+/// page it comes from the TLSF pool (`xmem_pool_alloc()`): rounded to 16
+/// bytes (16 at least), then, from `SMALL_BLOCK` up, to its size class's
+/// granule (`MAPPING_SEARCH()`: a 32nd of the power of two below it), plus
+/// the 16-byte block header, plus the tail of a free block the pool does
+/// not split (it splits only a tail of a whole header, 32 bytes, or more:
+/// up to 16 bytes stay with the block). A class larger than any block of a
+/// one-page pool region (`PAGE - 2 * BHDR_OVERHEAD`) is never found there:
+/// `_xmalloc()` falls back to whole pages. Anything else is whole pages too
+/// (`xmalloc_whole_pages()`, which frees the tail past the request's last
+/// page). Before 2026-12-07 the cap counted the requested bytes only (a
+/// review: a 64-byte-aligned request of 100 bytes takes up to 192), and
+/// until the 47th session neither the class rounding nor the unsplit tail
+/// (a 2000-byte request takes up to 2048, not 2016).
 fn xen_heap_bytes(layout: Layout) -> usize {
     const MEM_ALIGN: usize = 16;
-    const BLOCK_HEADER: usize = 16;
+    const BHDR_OVERHEAD: usize = 16;
+    const UNSPLIT_TAIL: usize = 16;
+    const SMALL_BLOCK: usize = 128;
+    const MAX_LOG2_SLI: u32 = 5;
     const PAGE: usize = 4096;
+    let whole_pages = layout
+        .size()
+        .checked_next_multiple_of(PAGE)
+        .unwrap_or(usize::MAX);
     let padded = layout
         .size()
         .saturating_add(layout.align().max(MEM_ALIGN) - MEM_ALIGN);
-    if padded < PAGE {
-        padded.next_multiple_of(MEM_ALIGN) + BLOCK_HEADER
+    if padded >= PAGE {
+        return whole_pages;
+    }
+    let rounded = padded.max(MEM_ALIGN).next_multiple_of(MEM_ALIGN);
+    let class = if rounded < SMALL_BLOCK {
+        rounded
     } else {
-        layout
-            .size()
-            .checked_next_multiple_of(PAGE)
-            .unwrap_or(usize::MAX)
+        // flsl(rounded) - 1 is the index of its top bit.
+        let granule = 1usize << (usize::BITS - 1 - rounded.leading_zeros() - MAX_LOG2_SLI);
+        rounded.next_multiple_of(granule)
+    };
+    if class > PAGE - 2 * BHDR_OVERHEAD {
+        whole_pages
+    } else {
+        class + BHDR_OVERHEAD + UNSPLIT_TAIL
     }
 }
 
