@@ -161,17 +161,23 @@ boot_passed() {
 # The debug boot NAME just ran a debug Xen (its banner) that failed no
 # assertion, and neither did a first boot of it that stalled.
 debug_xen_held_up() {
-  local log
-  log="$(keep_serial_log "$1")"
-  grep -aq "Xen version .* debug=y" "$log" ||
+  debug_log_held_up "$1" "$(keep_serial_log "$1")" "$BUILD/xen-qemu/serial.stalled.log"
+}
+
+# debug_log_held_up NAME LOG [STALLED_LOG]: the boot whose serial log is
+# LOG (and the log of a first try that stalled, if any) ran a debug Xen
+# that failed no assertion, warned of nothing and did not crash, and its
+# stack under the engine left room (debug_stack_depth). NAME: the boot.
+debug_log_held_up() {
+  grep -aq "Xen version .* debug=y" "$2" ||
     { echo "FAIL: the Xen booted for the $1 checks is not a debug build" >&2; exit 1; }
   if grep -aE "Assertion '.*' failed|Xen WARN at|Xen BUG at|FATAL|Panic on CPU" \
-       "$log" "$BUILD/xen-qemu/serial.stalled.log" 2>/dev/null; then
+       "$2" "${3:-/dev/null}" 2>/dev/null; then
     echo "FAIL: the debug Xen ($1) failed an assertion, warned or crashed" >&2
     exit 1
   fi
   echo "debug Xen ($1): no assertion failed, no WARN, BUG or panic"
-  debug_stack_depth "$log"
+  debug_stack_depth "$2"
 }
 
 # The deepest stack a debug Xen's glue measured under the engine's entry
@@ -261,6 +267,14 @@ if [[ -x tests/xen-qemu-arm64/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
   PVIOMMU_ARM64_BUILD="$BUILD/arm64-4.17" refused_canary nospec-canary \
     "looks a page up with no dsb nsh; isb before it" "a page lookup with no speculation barrier" \
     hypervisor-side/xen/arm64/build-engine-arm64.sh "$BUILD/arm64-4.17/engine-arm64-nospec-canary"
+
+  # The same arm64 Xen as a debug build (rebuilt in its tree): Xen's
+  # ASSERTs on the Arm glue's paths (the p2m and its locks, the domU's
+  # teardown), and the stack under the engine measured on Arm too.
+  step "Xen 4.17 arm64 debug build in QEMU: Xen's and the glue's assertions"
+  PVIOMMU_XEN_DEBUG=1 tests/xen-qemu-arm64/run.sh
+  debug_log_held_up arm64-debug "$BUILD/arm64-4.17/test-debug/serial.clean.log" \
+    "$BUILD/arm64-4.17/test-debug/serial.stalled.log"
 fi
 
 # Last, as it rebuilds the x86 Xen above in debug mode: the same checks on a

@@ -97,39 +97,10 @@ if ! grep -q '^CONFIG_SHADOW_PAGING=y' "$WORK/xen/.config"; then
 fi
 grep -q '^CONFIG_SHADOW_PAGING=y' "$WORK/xen/.config" ||
     { echo "build-xen: FAIL: CONFIG_SHADOW_PAGING is not set in $WORK/xen/.config" >&2; exit 1; }
-# Debug or release, as asked (a build dir switches back and forth cleanly).
+# Debug or release, as asked (lib/build.sh).
 want_debug=n
 [ "${PVIOMMU_XEN_DEBUG:-0}" = 1 ] && want_debug=y
-# With EXPERT on, the options that follow DEBUG by default keep whatever a
-# release build wrote for them, so they are switched with it: SCRUB_DEBUG
-# (freed pages poisoned, the poison checked when they come back: a write
-# into a freed table frame shows), XMEM_POOL_POISON, VERBOSE_DEBUG,
-# FRAME_POINTER.
-DEBUG_OPTS="DEBUG DEBUG_LOCKS SCRUB_DEBUG XMEM_POOL_POISON VERBOSE_DEBUG FRAME_POINTER"
-switch=n
-for o in $DEBUG_OPTS; do
-    have=n
-    grep -q "^CONFIG_$o=y" "$WORK/xen/.config" && have=y
-    [ "$have" = "$want_debug" ] || switch=y
-done
-if [ "$switch" = y ]; then
-    for o in $DEBUG_OPTS; do
-        sed -i "/^CONFIG_$o=/d; /^# CONFIG_$o is not set\$/d" "$WORK/xen/.config"
-        if [ "$want_debug" = y ]; then
-            echo "CONFIG_$o=y" >> "$WORK/xen/.config"
-        else
-            echo "# CONFIG_$o is not set" >> "$WORK/xen/.config"
-        fi
-    done
-    make -C "$WORK/xen" olddefconfig > /dev/null
-fi
-if [ "$want_debug" = y ]; then
-    for o in $DEBUG_OPTS; do
-        grep -q "^CONFIG_$o=y" "$WORK/xen/.config" ||
-            { echo "build-xen: FAIL: CONFIG_$o not set in the debug build" >&2; exit 1; }
-    done
-fi
-echo "build-xen: CONFIG_DEBUG=$want_debug"
+xen_debug_config build-xen "$want_debug" "$WORK/xen/.config" make -C "$WORK/xen"
 if ! make -C "$WORK/xen" -j"$JOBS" > "$BUILD/xen-build.log" 2>&1; then
     grep -E -B2 -A2 'error|Error' "$BUILD/xen-build.log" | tail -30
     echo "build-xen: FAIL: make failed, see $BUILD/xen-build.log" >&2

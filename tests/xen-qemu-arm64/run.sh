@@ -24,6 +24,9 @@
 #
 #   PVIOMMU_BUILD_DIR   shared build dir (xen-src; default <repo>/build)
 #   PVIOMMU_ARM64_417   this test's build dir (default $PVIOMMU_BUILD_DIR/arm64-4.17)
+#   PVIOMMU_XEN_DEBUG=1 a debug Xen (its ASSERTs, and the glue's measure of
+#                       the stack under the engine), rebuilt in the same
+#                       tree; its outputs in $PVIOMMU_ARM64_417/test-debug
 #   QEMU_TIMEOUT        seconds for one boot (default 300)
 #   BOOT_STALL_S        no first test line this long after QEMU start: the boot
 #                       stalled (seen under TCG); retried once (default 150)
@@ -36,7 +39,10 @@ X="$REPO/hypervisor-side/xen/arm64"
 export PVIOMMU_BUILD_DIR="${PVIOMMU_BUILD_DIR:-$REPO/build}"
 export PVIOMMU_ARM64_417="${PVIOMMU_ARM64_417:-$PVIOMMU_BUILD_DIR/arm64-4.17}"
 B="$PVIOMMU_ARM64_417"
+DEBUG=n
+[ "${PVIOMMU_XEN_DEBUG:-0}" = 1 ] && DEBUG=y
 OUT="$B/test"
+[ "$DEBUG" = y ] && OUT="$B/test-debug"
 mkdir -p "$OUT"
 T0=$(date +%s)
 # pass/fail, the result count and the boot watchdog with its stall retry
@@ -52,8 +58,8 @@ T2=$T0; T3=$T0; T4=$T0
 
 # ---- Xen 4.17 arm64 with the engine ----
 if timeout 2400 "$X/build-xen-arm64-4.17.sh" > "$OUT/build.log" 2>&1; then
-    grep -E '^build-(xen-arm64-4.17|engine-arm64): (no FP|panic path|a speculation barrier|config|xen-syms|fetch)' "$OUT/build.log"
-    pass "build Xen 4.17.5 (Debian 12 source) arm64 + patches-4.17-arm64 + engine object (aarch64-unknown-none-softfloat: no FP/SIMD, panic path unreachable, a speculation barrier before each page lookup)"
+    grep -E '^build-(xen-arm64-4.17|engine-arm64): (no FP|panic path|a speculation barrier|config|CONFIG_DEBUG|xen-syms|fetch)' "$OUT/build.log"
+    pass "build Xen 4.17.5 (debug=$DEBUG) (Debian 12 source) arm64 + patches-4.17-arm64 + engine object (aarch64-unknown-none-softfloat: no FP/SIMD, panic path unreachable, a speculation barrier before each page lookup)"
 else
     tail -25 "$OUT/build.log"
     fail "build see $OUT/build.log"; finish
@@ -191,6 +197,12 @@ C="$OUT/serial.clean.log"
 tr -d '\r' < "$LOG" > "$C"
 
 # ---- Xen's side ----
+l="$(grep -a 'Xen version ' "$C" | head -1 | sed 's/.*(XEN) //')"
+if printf '%s\n' "$l" | grep -q "debug=$DEBUG"; then
+    pass "xen-build the Xen booted is the one asked for (debug=$DEBUG): $l"
+else
+    fail "xen-build want debug=$DEBUG, the banner says: '${l:-nothing}'"
+fi
 l="$(grep -a 'pviommu: engine ready (arm64)' "$C" | head -1 | sed 's/.*(XEN) //')"
 if [ -n "$l" ]; then pass "xen-engine $l"; else fail "xen-engine no 'pviommu: engine ready (arm64)' line in $LOG"; fi
 l="$(grep -a 'pviommu: dom0-p2m:' "$C" | head -1 | sed 's/.*(XEN) //')"

@@ -17,6 +17,8 @@
 #   PVIOMMU_BUILD_DIR   where ../fetch-xen.sh keeps xen-src (default <repo>/build)
 #   PVIOMMU_ARM64_417   this build's dir (default $PVIOMMU_BUILD_DIR/arm64-4.17)
 #   PVIOMMU_ENGINE_OBJ  a prebuilt arm64 rust_engine.o instead of building one
+#   PVIOMMU_XEN_DEBUG=1 a debug Xen (CONFIG_DEBUG and the options that go
+#                       with it, as ../build-xen.sh's), in the same tree
 # Prints the Xen image's path last.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -78,6 +80,11 @@ if [ ! -f "$TREE/xen/.config" ] || ! grep -q '^CONFIG_PV_IOMMU=y' "$TREE/xen/.co
 fi
 grep -q '^CONFIG_PV_IOMMU=y' "$TREE/xen/.config" \
     || { echo "build-xen-arm64-4.17: FAIL: CONFIG_PV_IOMMU not set after olddefconfig" >&2; exit 1; }
+# Debug or release, as asked (../lib/build.sh), in the same tree: the
+# debug boot of ../../../scripts/test-all.sh comes after the release one.
+want_debug=n
+[ "${PVIOMMU_XEN_DEBUG:-0}" = 1 ] && want_debug=y
+xen_debug_config build-xen-arm64-4.17 "$want_debug" "$TREE/xen/.config" "${MK[@]}"
 cp "$TREE/xen/.config" "$ARM64/xen-4.17-arm64-pviommu.config"
 echo "build-xen-arm64-4.17: config: $(grep -E '^CONFIG_(PV_IOMMU|ARM_64|HAS_PASSTHROUGH|IOMMU_FORCE_PT_SHARE|ARM_SMMU|ARM_SMMU_V3|HAS_PCI|DEBUG|EXPERT)=' "$TREE/xen/.config" | tr '\n' ' ')"
 if ! nice -n 19 "${MK[@]}" -j"$JOBS" > "$LOG/xen-build.log" 2>&1; then

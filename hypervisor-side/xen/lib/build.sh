@@ -64,6 +64,45 @@ install_pviommu_sources() {
     install_if_changed "$XEN_LIB_XS/pviommu-tables.inc" "$tree/xen/common/pviommu-tables.inc"
 }
 
+# xen_debug_config NAME WANT CONFIG MAKE...: the Xen tree's CONFIG (its
+# .config) is a debug build if WANT is y, a release one if n, switched
+# with `MAKE olddefconfig` only when it is not already (so a build dir
+# goes back and forth cleanly, and a tree already right is not rebuilt).
+# With EXPERT on, the options that follow DEBUG by default keep whatever
+# a release build wrote for them, so they are switched with it:
+# DEBUG_LOCKS, SCRUB_DEBUG (freed pages poisoned, the poison checked when
+# they come back: a write into a freed table frame shows),
+# XMEM_POOL_POISON, VERBOSE_DEBUG, FRAME_POINTER. A debug build that
+# lacks one fails. NAME: the caller, for its messages.
+xen_debug_config() {
+    local name="$1" want="$2" config="$3" o have switch=n
+    local opts="DEBUG DEBUG_LOCKS SCRUB_DEBUG XMEM_POOL_POISON VERBOSE_DEBUG FRAME_POINTER"
+    shift 3
+    for o in $opts; do
+        have=n
+        grep -q "^CONFIG_$o=y" "$config" && have=y
+        [ "$have" = "$want" ] || switch=y
+    done
+    if [ "$switch" = y ]; then
+        for o in $opts; do
+            sed -i "/^CONFIG_$o=/d; /^# CONFIG_$o is not set\$/d" "$config"
+            if [ "$want" = y ]; then
+                echo "CONFIG_$o=y" >> "$config"
+            else
+                echo "# CONFIG_$o is not set" >> "$config"
+            fi
+        done
+        "$@" olddefconfig > /dev/null
+    fi
+    if [ "$want" = y ]; then
+        for o in $opts; do
+            grep -q "^CONFIG_$o=y" "$config" ||
+                { echo "$name: FAIL: CONFIG_$o not set in the debug build" >&2; return 1; }
+        done
+    fi
+    echo "$name: CONFIG_DEBUG=$want"
+}
+
 # syms_present NAME NM_FILE SYM...: fails (saying which) unless every SYM
 # is defined in NM_FILE (nm's output for xen-syms): a build that silently
 # left the hypercall or the engine out must not pass.
