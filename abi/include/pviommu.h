@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * pviommu.h -- the PV-IOMMU hypercall ABI (interface version 1.6).
+ * pviommu.h -- the PV-IOMMU hypercall ABI (interface version 1.7).
  *
  * A driver domain (dom0's GPU mediator) asks the hypervisor to map a foreign
  * domain's guest frame into one of the driver domain's IOMMU contexts; the
@@ -27,7 +27,7 @@
 #define __HYPERVISOR_pv_iommu_op 43
 
 /* Major in the high 16 bits, minor in the low 16. Callers check the major. */
-#define PVIOMMU_INTERFACE_VERSION 0x00010006u
+#define PVIOMMU_INTERFACE_VERSION 0x00010007u
 
 /* ---- Commands (first hypercall argument) ---- */
 #define PVIOMMU_CMD_query_caps       1u /* arg: struct pv_iommu_caps (out)   */
@@ -268,6 +268,9 @@ struct pv_iommu_entry {
 /* EPERM      1  caller has no privilege over the target domain or device    */
 /* ENOENT     2  no such mapping (BFN) or context; device not attached there */
 /* ESRCH      3  no such domain, or a dying one                              */
+/* EIO        5  the host's IOMMU failed the op (a table write, a flush, a   */
+/*               device's context entry): not the arguments; refused, retry */
+/*               may succeed (ABI 1.7; EINVAL before)                        */
 /* ENXIO      6  gfn not present in the target's p2m                         */
 /* ENOEXEC    8  32-bit caller: the interface is 64-bit only                 */
 /* E2BIG      7  batch larger than max_batch_ops                             */

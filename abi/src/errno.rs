@@ -15,6 +15,12 @@ pub enum Errno {
     NoEnt = 2,
     /// No such domain.
     Srch = 3,
+    /// The host failed the operation (ABI 1.7): the IOMMU refused or timed
+    /// out a table write, an IOTLB flush or a device's context entry, or a
+    /// table frame could not be written. Nothing the caller's arguments
+    /// decide; the op is refused as any other (nothing changed), and a
+    /// retry may succeed. (Before 1.7 these answered `EINVAL`.)
+    Io = 5,
     /// The gfn is not present in the target's p2m.
     Nxio = 6,
     /// A 32-bit caller: the interface is 64-bit only (no compat layer).
@@ -53,10 +59,11 @@ pub enum Errno {
 
 impl Errno {
     /// Every errno of the ABI.
-    pub const ALL: [Errno; 18] = [
+    pub const ALL: [Errno; 19] = [
         Errno::Perm,
         Errno::NoEnt,
         Errno::Srch,
+        Errno::Io,
         Errno::Nxio,
         Errno::NoExec,
         Errno::TooBig,
@@ -96,6 +103,7 @@ impl Errno {
             Errno::Perm => "EPERM",
             Errno::NoEnt => "ENOENT",
             Errno::Srch => "ESRCH",
+            Errno::Io => "EIO",
             Errno::Nxio => "ENXIO",
             Errno::NoExec => "ENOEXEC",
             Errno::TooBig => "E2BIG",
@@ -120,6 +128,9 @@ impl Errno {
             Errno::Perm => "caller has no privilege over the target domain or device",
             Errno::NoEnt => "no such mapping or context, or device not attached to it",
             Errno::Srch => "no such domain, or a dying one",
+            Errno::Io => {
+                "the host's IOMMU failed the operation; nothing changed, retry may succeed"
+            }
             Errno::Nxio => "frame not present in the target's p2m",
             Errno::NoExec => "32-bit caller: the interface is 64-bit only",
             Errno::TooBig => "batch larger than max_batch_ops",

@@ -1,4 +1,4 @@
-//! The PV-IOMMU hypercall ABI, interface version 1.6.
+//! The PV-IOMMU hypercall ABI, interface version 1.7.
 //!
 //! A driver domain asks the hypervisor, through hypercall
 //! [`HYPERVISOR_PV_IOMMU_OP`], to map a foreign domain's guest frame into one
@@ -36,7 +36,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 pub const HYPERVISOR_PV_IOMMU_OP: u32 = 43;
 
 /// Interface version: major in the high 16 bits, minor in the low 16.
-pub const INTERFACE_VERSION: u32 = 0x0001_0006;
+pub const INTERFACE_VERSION: u32 = 0x0001_0007;
 
 /// Major part of a version word.
 pub const fn version_major(version: u32) -> u16 {

@@ -6,6 +6,21 @@ use core::sync::atomic::{AtomicU32, Ordering};
 
 use crate::{DomId, Errno, Gfn, Mfn, Sbdf};
 
+/// What a host service's failure answers, from the host's negative errno
+/// (Xen's glue functions return one): the ABI's errno of that value, and
+/// anything else, a positive value no service returns or an errno the ABI
+/// has no name for (an SMMU sync's `-ETIMEDOUT`), is [`Errno::Io`]: the
+/// host failed, not the caller's arguments. Never read as a success or as
+/// another errno. Before ABI 1.7 those answered `EINVAL`, which told the
+/// caller its arguments were wrong. The simulator's injected IOMMU
+/// failures answer what this makes of Xen's.
+pub fn host_errno(rc: i32) -> Errno {
+    if rc >= 0 {
+        return Errno::Io;
+    }
+    Errno::from_code(rc).unwrap_or(Errno::Io)
+}
+
 /// How the target's p2m classifies a frame.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum PageKind {
@@ -303,5 +318,23 @@ pub fn get_pages_one_by_one<P: Platform + ?Sized>(
     PageRun {
         taken: pages.len(),
         refused: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host's errno the ABI names is that errno; anything else is the
+    /// host's failure (`EIO` since ABI 1.7; it was `EINVAL`, the caller's
+    /// argument), and no positive value reads as a success.
+    #[test]
+    fn a_host_errno_the_abi_lacks_is_the_hosts_failure() {
+        assert_eq!(host_errno(-12), Errno::NoMem);
+        assert_eq!(host_errno(-16), Errno::Busy);
+        assert_eq!(host_errno(-1), Errno::Perm);
+        for rc in [-110, -5, -9999, i32::MIN, 0, 1, i32::MAX] {
+            assert_eq!(host_errno(rc), Errno::Io, "{rc}");
+        }
     }
 }

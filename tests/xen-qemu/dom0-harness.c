@@ -1819,7 +1819,7 @@ static void violation(const char *fmt, ...)
 
 static int abi_errno(long e)
 {
-    static const int ok[] = { 0, -1, -2, -3, -6, -7, -11, -12, -13, -14, -16, -18, -19,
+    static const int ok[] = { 0, -1, -2, -3, -5, -6, -7, -11, -12, -13, -14, -16, -18, -19,
                               -22, -28, -95, -99, -116 };
     unsigned int i;
     for ( i = 0; i < sizeof(ok) / sizeof(ok[0]); i++ ) if ( e == ok[i] ) return 1;

@@ -246,7 +246,7 @@ p=$(run $H peek $D $G0); r=$(run $H dma-read $A0)
 if [ "$(field "$r" sum)" = "$(field "$p" sum)" ] && [ "$(field "$r" zero)" = 0 ]; then ok dma_read_foreign_bytes; else ko dma_read_foreign_bytes "$r vs $p"; fi
 # The pviommu tool itself, --backend xen: caps, map, device read, lookup, unmap.
 o=$(run pviommu --backend xen caps --json)
-if echo "$o" | grep -q '"version": "1.6"' && echo "$o" | grep -q '"revoked-in-context"' && echo "$o" | grep -q '"revoked-numbered"' && echo "$o" | grep -q '"extents-2m"'; then ok cli_caps; else ko cli_caps "want version 1.6 with revoked-in-context, revoked-numbered and extents-2m: $(echo "$o" | tr -d '\n' | cut -c1-400)"; fi
+if echo "$o" | grep -q '"version": "1.7"' && echo "$o" | grep -q '"revoked-in-context"' && echo "$o" | grep -q '"revoked-numbered"' && echo "$o" | grep -q '"extents-2m"'; then ok cli_caps; else ko cli_caps "want version 1.7 with revoked-in-context, revoked-numbered and extents-2m: $(echo "$o" | tr -d '\n' | cut -c1-400)"; fi
 o=$(run pviommu --backend xen map --domid $D --gfn $G3 --read-only --json)
 BC=$(echo "$o" | sed -n 's/.*"bfn": \([0-9]*\).*/\1/p' | head -1)
 if [ -n "$BC" ]; then

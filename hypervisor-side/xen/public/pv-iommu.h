@@ -3,7 +3,7 @@
  * pv-iommu.h
  *
  * PV-IOMMU: a paravirtual IOMMU interface for driver domains (hypercall 43,
- * __HYPERVISOR_pv_iommu_op), interface version 1.6
+ * __HYPERVISOR_pv_iommu_op), interface version 1.7
  * (PVIOMMU_INTERFACE_VERSION).
  *
  * A driver domain (e.g. the hardware domain's GPU mediator), or the device
@@ -64,7 +64,7 @@
 #if defined(__XEN__) || defined(__XEN_TOOLS__)
 
 /* Major in the high 16 bits, minor in the low 16. Callers check the major. */
-#define PVIOMMU_INTERFACE_VERSION 0x00010006U
+#define PVIOMMU_INTERFACE_VERSION 0x00010007U
 
 /* ---- Commands (first hypercall argument) ---- */
 #define PVIOMMU_CMD_query_caps       1U /* arg: struct pv_iommu_caps          */
@@ -312,6 +312,10 @@ DEFINE_XEN_GUEST_HANDLE(pv_iommu_entry_t);
  *   EPERM          caller may not use PV-IOMMU on the target (incl. XSM)
  *   ENOENT         no such mapping (BFN), context, or pending revocation
  *   ESRCH          no such domain, or a dying one
+ *   EIO            the host's IOMMU failed the op (a table write, an IOTLB
+ *                  flush, a device's context entry) or a table frame could
+ *                  not be written: not the arguments; refused, and a retry
+ *                  may succeed (interface 1.7; EINVAL before)
  *   ENXIO          gfn not present in the target's p2m
  *   ENOEXEC        32-bit caller (PV32, or HVM/PVH vCPU not in 64-bit mode)
  *   E2BIG          batch larger than max_batch_ops

@@ -256,15 +256,10 @@ fn log(msg: &str) {
     unsafe { ffi::pvx_log(msg.as_ptr(), msg.len()) }
 }
 
-/// A glue call's failure: its negative errno; anything else (a positive
-/// value no glue function returns, an errno the ABI does not know) is
-/// `EINVAL`, never read as a success or as another errno (`from_code`
-/// alone took 1 for `-EPERM`).
+/// A glue call's failure: [`pviommu_hv::platform::host_errno`] (the rule
+/// the simulator's injected failures follow too).
 fn errno_from(rc: i32) -> Errno {
-    if rc >= 0 {
-        return Errno::Inval;
-    }
-    Errno::from_code(rc).unwrap_or(Errno::Inval)
+    pviommu_hv::platform::host_errno(rc)
 }
 
 /// One of Xen's driver spinlocks (`pvx_driver_locks[cell]` in
@@ -598,7 +593,7 @@ impl Xen {
         say_fault(FAULT_TABLE_REFUSED);
     }
 
-    /// `Err(Fault)` if a table frame was refused in this entry point, in a
+    /// `Err(Io)` if a table frame was refused in this entry point, in a
     /// cell this CPU holds, or with no cell held (see [`Xen::refused`]), or
     /// the entry point moved CPUs (found by [`sync_tables`](Self::sync_tables),
     /// which every caller runs first).
@@ -613,7 +608,7 @@ impl Xen {
         if faulted {
             // A fault whose line the log's limit held back is said now.
             say_faults_unsaid();
-            Err(Errno::Fault)
+            Err(Errno::Io)
         } else {
             Ok(())
         }
@@ -1607,7 +1602,7 @@ impl IommuBackend for Xen {
         // the cell's next owner.
         if cell.contexts.load(Ordering::Relaxed) == 0 && cell.faulted.swap(false, Ordering::AcqRel)
         {
-            return Err(Errno::Fault);
+            return Err(Errno::Io);
         }
         // Not on tables a store went missing from.
         self.tables_ok()?;
