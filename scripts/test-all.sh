@@ -182,20 +182,28 @@ debug_log_held_up() {
 
 # The deepest stack a debug Xen's glue measured under the engine's entry
 # points (pviommu-common.inc, pvx_stack_note(): the engine, the C below it,
-# what Xen stacked above the entry, interrupts meanwhile) leaves 1 KiB of
-# the stack: Xen itself reports an overflow with under 512 bytes left, and
-# an interrupt taken at another moment may stack deeper than any seen.
-# The line must be there: every boot makes hypercalls.
+# what Xen stacked above the entry, interrupts meanwhile), at boot (the
+# engine's init and window, each its own line) and after (the deepest so
+# far), leaves 1 KiB of the stack: Xen itself reports an overflow with
+# under 512 bytes left, and an interrupt taken at another moment may stack
+# deeper than any seen. Both kinds of line must be there: every boot
+# starts the engine and makes hypercalls.
 debug_stack_depth() {
-  local deepest
-  deepest="$(sed -n 's/.*pviommu: deepest stack \([0-9]*\) of \([0-9]*\) bytes.*/\1 \2/p' "$1" |
-    sort -n | tail -1)"
-  [ -n "$deepest" ] ||
-    { echo "FAIL: the debug Xen logged no stack depth (pvx_stack_note)" >&2; exit 1; }
-  set -- $deepest
-  [ "$1" -le $(( $2 - 1024 )) ] ||
-    { echo "FAIL: the debug Xen's stack reached $1 of $2 bytes under the engine" >&2; exit 1; }
-  echo "debug Xen: deepest stack under the engine $1 of $2 bytes"
+  local log="$1" kind line deepest
+  for kind in at after; do
+    if [ "$kind" = at ]; then
+      line='s/.*pviommu: stack \([0-9]*\) of \([0-9]*\) bytes (from .*, at boot).*/\1 \2/p'
+    else
+      line='s/.*pviommu: deepest stack \([0-9]*\) of \([0-9]*\) bytes.*/\1 \2/p'
+    fi
+    deepest="$(sed -n "$line" "$log" | sort -n | tail -1)"
+    [ -n "$deepest" ] ||
+      { echo "FAIL: the debug Xen logged no stack depth under the engine ($kind boot; pvx_stack_note)" >&2; exit 1; }
+    set -- $deepest
+    [ "$1" -le $(( $2 - 1024 )) ] ||
+      { echo "FAIL: the debug Xen's stack reached $1 of $2 bytes under the engine ($kind boot)" >&2; exit 1; }
+    echo "debug Xen: deepest stack under the engine $1 of $2 bytes ($kind boot)"
+  done
 }
 
 if [[ -x tests/xen-qemu/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
