@@ -38,9 +38,13 @@ REPO="$(cd "$HERE/../.." && pwd)"
 X="$REPO/hypervisor-side/xen/arm64"
 export PVIOMMU_BUILD_DIR="${PVIOMMU_BUILD_DIR:-$REPO/build}"
 export PVIOMMU_ARM64_417="${PVIOMMU_ARM64_417:-$PVIOMMU_BUILD_DIR/arm64-4.17}"
-B="$PVIOMMU_ARM64_417"
 DEBUG=n
 [ "${PVIOMMU_XEN_DEBUG:-0}" = 1 ] && DEBUG=y
+mkdir -p "$PVIOMMU_BUILD_DIR" "$PVIOMMU_ARM64_417"
+# Absolute: the initramfs is written from under `cd` (as tests/xen-qemu/run.sh).
+PVIOMMU_BUILD_DIR="$(cd "$PVIOMMU_BUILD_DIR" && pwd)"
+PVIOMMU_ARM64_417="$(cd "$PVIOMMU_ARM64_417" && pwd)"
+B="$PVIOMMU_ARM64_417"
 OUT="$B/test"
 [ "$DEBUG" = y ] && OUT="$B/test-debug"
 mkdir -p "$OUT"

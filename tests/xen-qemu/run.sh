@@ -36,9 +36,13 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 export PVIOMMU_BUILD_DIR="${PVIOMMU_BUILD_DIR:-$REPO/build}"
+mkdir -p "$PVIOMMU_BUILD_DIR/xen-qemu" "$PVIOMMU_BUILD_DIR/debs"
+# Absolute: the initramfs steps write into it from under `cd` (a relative
+# PVIOMMU_BUILD_DIR=build-4.20 failed there, "rootfs/domu/initrd.gz: No such
+# file or directory").
+PVIOMMU_BUILD_DIR="$(cd "$PVIOMMU_BUILD_DIR" && pwd)"
 BUILD="$PVIOMMU_BUILD_DIR"
 OUT="$BUILD/xen-qemu"
-mkdir -p "$OUT" "$BUILD/debs"
 T0=$(date +%s)
 
 # ---- host packages (nothing that touches the host kernel) ----
