@@ -164,6 +164,19 @@ debug_xen_held_up() {
   debug_log_held_up "$1" "$(keep_serial_log "$1")" "$BUILD/xen-qemu/serial.stalled.log"
 }
 
+# xen_log_trouble LOG...: prints the lines of those LOGs that exist which
+# show a debug Xen's failed assertion, WARN, BUG, fatal trap or panic;
+# true if there are any. (A log named but absent, such as a stalled boot's
+# that was not, is skipped: given to grep, it made grep answer 2 whatever
+# it matched, and every debug boot's WARN went unseen until the 47th
+# session's review.)
+xen_log_trouble() {
+  local f logs=()
+  for f in "$@"; do [ -f "$f" ] && logs+=("$f"); done
+  [ "${#logs[@]}" -gt 0 ] || return 1
+  grep -aE "Assertion '.*' failed|Xen WARN at|Xen BUG at|\(XEN\).*FATAL|Panic on CPU" "${logs[@]}"
+}
+
 # debug_log_held_up NAME LOG [STALLED_LOG]: the boot whose serial log is
 # LOG (and the log of a first try that stalled, if any) ran a debug Xen
 # that failed no assertion, warned of nothing and did not crash, and its
@@ -171,14 +184,23 @@ debug_xen_held_up() {
 debug_log_held_up() {
   grep -aq "Xen version .* debug=y" "$2" ||
     { echo "FAIL: the Xen booted for the $1 checks is not a debug build" >&2; exit 1; }
-  if grep -aE "Assertion '.*' failed|Xen WARN at|Xen BUG at|FATAL|Panic on CPU" \
-       "$2" "${3:-/dev/null}" 2>/dev/null; then
+  if xen_log_trouble "$2" "${3:-}"; then
     echo "FAIL: the debug Xen ($1) failed an assertion, warned or crashed" >&2
     exit 1
   fi
   echo "debug Xen ($1): no assertion failed, no WARN, BUG or panic"
   debug_stack_depth "$2"
 }
+
+# The check above must see a WARN in a boot that did not stall (its
+# stalled log absent), as in one that did.
+printf '(XEN) Xen WARN at drivers/passthrough/iommu.c:1\n' > "$BUILD/warn-canary.log"
+xen_log_trouble "$BUILD/warn-canary.log" "$BUILD/no-such-stalled.log" > /dev/null ||
+  { echo "FAIL: the debug boots' log check misses a WARN" >&2; exit 1; }
+printf '(XEN) Xen version 4.17.5 debug=y\n' > "$BUILD/warn-canary.log"
+! xen_log_trouble "$BUILD/warn-canary.log" "$BUILD/no-such-stalled.log" > /dev/null ||
+  { echo "FAIL: the debug boots' log check finds trouble in a clean log" >&2; exit 1; }
+echo "the debug boots' log check sees a WARN (canary rejected)"
 
 # The deepest stack a debug Xen's glue measured under the engine's entry
 # points (pviommu-common.inc, pvx_stack_note(): the engine, the C below it,
@@ -197,6 +219,10 @@ debug_stack_depth() {
       line='s/.*pviommu: deepest stack \([0-9]*\) of \([0-9]*\) bytes.*/\1 \2/p'
     fi
     deepest="$(sed -n "$line" "$log" | sort -n | tail -1)"
+    # (At boot, the init's line by name: the window's alone is no measure
+    # of the engine's deepest entry.)
+    [ "$kind" != at ] || grep -aq "pviommu: stack [0-9]* of [0-9]* bytes (from the engine's init, at boot)" "$log" ||
+      { echo "FAIL: the debug Xen logged no stack depth under the engine's init" >&2; exit 1; }
     [ -n "$deepest" ] ||
       { echo "FAIL: the debug Xen logged no stack depth under the engine ($kind boot; pvx_stack_note)" >&2; exit 1; }
     set -- $deepest

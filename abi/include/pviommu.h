@@ -270,7 +270,8 @@ struct pv_iommu_entry {
 /* ESRCH      3  no such domain, or a dying one                              */
 /* EIO        5  the host's IOMMU failed the op (a table write, a flush, a   */
 /*               device's context entry): not the arguments; refused, retry */
-/*               may succeed (ABI 1.7; EINVAL before)                        */
+/*               may succeed (ABI 1.7; EINVAL before); an attach or detach */
+/*               whose undo failed too leaves the device's DMA blocked      */
 /* ENXIO      6  gfn not present in the target's p2m                         */
 /* ENOEXEC    8  32-bit caller: the interface is 64-bit only                 */
 /* E2BIG      7  batch larger than max_batch_ops                             */

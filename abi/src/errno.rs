@@ -18,8 +18,10 @@ pub enum Errno {
     /// The host failed the operation (ABI 1.7): the IOMMU refused or timed
     /// out a table write, an IOTLB flush or a device's context entry, or a
     /// table frame could not be written. Nothing the caller's arguments
-    /// decide; the op is refused as any other (nothing changed), and a
-    /// retry may succeed. (Before 1.7 these answered `EINVAL`.)
+    /// decide; the op is refused as any other (nothing changed, but for a
+    /// device whose attach or detach the IOMMU failed and could not undo:
+    /// its DMA is left blocked), and a retry may succeed. (Before 1.7
+    /// these answered `EINVAL`.)
     Io = 5,
     /// The gfn is not present in the target's p2m.
     Nxio = 6,

@@ -4,8 +4,9 @@
  * pviommu-guest`). Flags and errno values: pviommu.h.
  *
  * Return values. Every int function returns 0 (or a count where said) on
- * success and a negative errno on failure: the ABI's (pviommu.h), or -EIO
- * when the transport failed (daemon gone, protocol error, OS call).
+ * success and a negative errno on failure: the ABI's (pviommu.h), or
+ * -ECOMM when the transport failed (daemon gone, protocol error, OS call;
+ * -EIO before 1.2: hypervisor ABI 1.7 gives EIO the host's IOMMU failures).
  * pviommu_strerror() names any of them; pviommu_last_error() tells what
  * failed and why.
  *
@@ -30,9 +31,11 @@
 /* Version of this C interface; the library's soname carries the major
  * (libpviommu_guest.so.1), which changes only when a program built against
  * an older header could break. 1.1 adds contexts, device attachment and
- * pviommu_entry (hypervisor ABI 1.3). */
+ * pviommu_entry (hypervisor ABI 1.3); 1.2 answers a transport failure
+ * -ECOMM (it was -EIO, which hypervisor ABI 1.7 gives the host's IOMMU
+ * failures). */
 #define PVIOMMU_GUEST_VERSION_MAJOR 1
-#define PVIOMMU_GUEST_VERSION_MINOR 1
+#define PVIOMMU_GUEST_VERSION_MINOR 2
 #define PVIOMMU_GUEST_VERSION_PATCH 0
 
 typedef struct pviommu_client pviommu_client;

@@ -31,7 +31,10 @@ pub struct CClient {
 }
 
 const EINVAL: i32 = -22;
-const EIO: i32 = -5;
+/// What a failure of the transport answers (the daemon gone, its protocol,
+/// an OS call): `-ECOMM`, an errno the ABI does not use. It was `-EIO`
+/// until ABI 1.7 gave `EIO` the host's IOMMU failures (C interface 1.2).
+const ECOMM: i32 = -70;
 /// Most pages one map call takes (the library builds a request per page):
 /// a wrong `n` from C fails cleanly instead of exhausting memory.
 pub(crate) const MAX_PAGES_PER_CALL: usize = 1 << 24;
@@ -50,7 +53,7 @@ fn code(e: &Error) -> i32 {
     match e {
         // Bad input the client refused before any hypercall.
         Error::InvalidArgument(_) => EINVAL,
-        _ => e.errno().map_or(EIO, |x| x.negated()),
+        _ => e.errno().map_or(ECOMM, |x| x.negated()),
     }
 }
 
@@ -262,8 +265,8 @@ fn error_strings() -> &'static [(i32, CString)] {
             })
             .collect();
         v.push((
-            -EIO,
-            c"EIO: the transport failed (daemon gone, protocol error, OS call); see pviommu_last_error".into(),
+            -ECOMM,
+            c"ECOMM: the transport failed (daemon gone, protocol error, OS call); see pviommu_last_error".into(),
         ));
         v
     })
@@ -909,5 +912,41 @@ pub extern "C" fn pviommu_sim_device_dma_read(
             0
         }
         Err(_) => -14,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A transport failure answers `-ECOMM`, named as such, and the
+    /// hypervisor's `EIO` (ABI 1.7: its IOMMU failed) keeps its own name:
+    /// until the C interface's 1.2 both were `-EIO`.
+    #[test]
+    fn a_transport_failure_is_not_the_hypervisors_eio() {
+        let transport = Error::Remote("the daemon hung up".into());
+        assert_eq!(code(&transport), -70);
+        let host = Error::Hypervisor {
+            what: "map d1 gfn 0x10".into(),
+            errno: pviommu_abi::Errno::Io,
+        };
+        assert_eq!(code(&host), -5);
+        let name = |err: c_int| {
+            // SAFETY: pviommu_strerror returns a static NUL-terminated string.
+            unsafe { std::ffi::CStr::from_ptr(pviommu_strerror(err)) }
+                .to_str()
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert!(
+            name(-70).starts_with("ECOMM: the transport failed"),
+            "{}",
+            name(-70)
+        );
+        assert!(
+            name(-5).starts_with("EIO: the host's IOMMU"),
+            "{}",
+            name(-5)
+        );
     }
 }

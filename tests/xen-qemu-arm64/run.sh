@@ -68,7 +68,10 @@ else
     tail -25 "$OUT/build.log"
     fail "build see $OUT/build.log"; finish
 fi
-XEN="$B/xen-tree/xen/xen"
+# The image this run boots, kept with its outputs: the release and debug
+# runs build in one tree, and each qemu.cmd must name what it booted.
+cp "$B/xen-tree/xen/xen" "$OUT/xen"
+XEN="$OUT/xen"
 T2=$(date +%s)
 
 # ---- the debug key: free in the tree just built ----

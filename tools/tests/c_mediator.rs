@@ -83,11 +83,11 @@ fn c_mediator_built_with_pkg_config_maps_through_the_daemon() {
 
     // The installed library has the soname the symlinks promise.
     let lib = prefix.join("lib");
-    let (soname, _) = soname_and_needed(&lib.join("libpviommu_guest.so.1.1.0"));
+    let (soname, _) = soname_and_needed(&lib.join("libpviommu_guest.so.1.2.0"));
     assert_eq!(soname, ["libpviommu_guest.so.1"]);
     assert_eq!(
         std::fs::read_link(lib.join("libpviommu_guest.so.1")).unwrap(),
-        Path::new("libpviommu_guest.so.1.1.0")
+        Path::new("libpviommu_guest.so.1.2.0")
     );
     assert!(prefix.join("include/pviommu_guest.h").exists());
     assert!(prefix.join("include/pviommu.h").exists());
@@ -104,7 +104,7 @@ fn c_mediator_built_with_pkg_config_maps_through_the_daemon() {
     let version = run(Command::new("pkg-config")
         .args(["--modversion", "pviommu-guest"])
         .env("PKG_CONFIG_PATH", &pc_path));
-    assert_eq!(version.trim(), "1.1.0");
+    assert_eq!(version.trim(), "1.2.0");
 
     // Build the example out of the source tree with its Makefile.
     let build = tmp.path().join("build");

@@ -53,7 +53,9 @@ impl SessionError {
     /// the tool's exit status).
     pub fn errno(&self) -> i32 {
         match self {
-            SessionError::Client(e) => e.errno().map_or(5, |x| x.code()),
+            // (A transport failure: ECOMM, as the C interface answers it
+            // since 1.2; EIO is the hypervisor's, ABI 1.7.)
+            SessionError::Client(e) => e.errno().map_or(70, |x| x.code()),
             SessionError::RootUnreadable { errno, .. } => *errno,
             SessionError::BadDomain(_) => 22,
             SessionError::NotBuilt => 2,

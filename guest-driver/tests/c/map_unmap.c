@@ -43,7 +43,10 @@ int main(void)
     /* Error strings: by name, either sign, static; unknown values say so. */
     CHECK(strncmp(pviommu_strerror(-3), "ESRCH: ", 7) == 0, "strerror: %s", pviommu_strerror(-3));
     CHECK(pviommu_strerror(3) == pviommu_strerror(-3), "strerror sign");
-    CHECK(strncmp(pviommu_strerror(-5), "EIO: ", 5) == 0, "strerror EIO");
+    CHECK(strncmp(pviommu_strerror(-5), "EIO: the host", 13) == 0, "strerror EIO: %s",
+          pviommu_strerror(-5));
+    CHECK(strncmp(pviommu_strerror(-70), "ECOMM: the transport", 20) == 0, "strerror ECOMM: %s",
+          pviommu_strerror(-70));
     CHECK(strcmp(pviommu_strerror(12345), "unknown error") == 0, "strerror unknown");
     CHECK(strcmp(pviommu_strerror(-2147483647 - 1), "unknown error") == 0, "strerror INT_MIN");
     /* Flags the call does not know, or a grant map, are refused. */

@@ -315,7 +315,9 @@ DEFINE_XEN_GUEST_HANDLE(pv_iommu_entry_t);
  *   EIO            the host's IOMMU failed the op (a table write, an IOTLB
  *                  flush, a device's context entry) or a table frame could
  *                  not be written: not the arguments; refused, and a retry
- *                  may succeed (interface 1.7; EINVAL before)
+ *                  may succeed (interface 1.7; EINVAL before); an attach
+ *                  or detach whose undo failed too leaves the device's DMA
+ *                  blocked
  *   ENXIO          gfn not present in the target's p2m
  *   ENOEXEC        32-bit caller (PV32, or HVM/PVH vCPU not in 64-bit mode)
  *   E2BIG          batch larger than max_batch_ops

@@ -165,22 +165,29 @@ fn current_is_host() -> bool {
     unsafe { ffi::pvx_current_is_host() != 0 }
 }
 
-/// The most `_xmalloc(size, align)` can take from Xen's heap, as the heap
-/// cap counts it (the same for the charge and the refund). A request is
-/// padded for its alignment (`align - MEM_ALIGN`, MEM_ALIGN 16). Below a
-/// page it comes from the TLSF pool (`xmem_pool_alloc()`): rounded to 16
-/// bytes (16 at least), then, from `SMALL_BLOCK` up, to its size class's
-/// granule (`MAPPING_SEARCH()`: a 32nd of the power of two below it), plus
-/// the 16-byte block header, plus the tail of a free block the pool does
-/// not split (it splits only a tail of a whole header, 32 bytes, or more:
-/// up to 16 bytes stay with the block). A class larger than any block of a
-/// one-page pool region (`PAGE - 2 * BHDR_OVERHEAD`) is never found there:
-/// `_xmalloc()` falls back to whole pages. Anything else is whole pages too
+/// What the heap cap counts for `_xmalloc(size, align)` (the same for the
+/// charge and the refund): at least the block Xen's allocator takes for
+/// it. A request is padded for its alignment (`align - MEM_ALIGN`,
+/// MEM_ALIGN 16). Below a page it comes from the TLSF pool
+/// (`xmem_pool_alloc()`): rounded to 16 bytes (16 at least), then, from
+/// `SMALL_BLOCK` up, to its size class's granule (`MAPPING_SEARCH()`: a
+/// 32nd of the power of two below it), plus the 16-byte block header, plus
+/// the tail of a free block the pool does not split (it splits only a tail
+/// of a whole header, 32 bytes, or more: up to 16 bytes stay with the
+/// block). A class larger than any block of a one-page pool region
+/// (`PAGE - 2 * BHDR_OVERHEAD`) is never found there: `_xmalloc()` falls
+/// back to whole pages. A class too large for two of it to share a region
+/// (the pool grows a page at a time) is counted a whole page: two such
+/// blocks take two pages. Anything else is whole pages too
 /// (`xmalloc_whole_pages()`, which frees the tail past the request's last
-/// page). Before 2026-12-07 the cap counted the requested bytes only (a
-/// review: a 64-byte-aligned request of 100 bytes takes up to 192), and
-/// until the 47th session neither the class rounding nor the unsplit tail
-/// (a 2000-byte request takes up to 2048, not 2016).
+/// page). What the count cannot see is the pool's fragmentation: a region
+/// goes back to Xen only once all its blocks are freed. History: the cap
+/// counted the requested bytes only until 2026-12-07 (a review: a
+/// 64-byte-aligned request of 100 bytes takes up to 192); neither the class
+/// rounding nor the unsplit tail until the 47th session (a 2000-byte
+/// request takes up to 2048, not 2016), nor the page a class from 2048
+/// bytes up holds alone (review 152: a 2048-byte class was counted 2080
+/// while two of them took two pages).
 fn xen_heap_bytes(layout: Layout) -> usize {
     const MEM_ALIGN: usize = 16;
     const BHDR_OVERHEAD: usize = 16;
@@ -206,8 +213,13 @@ fn xen_heap_bytes(layout: Layout) -> usize {
         let granule = 1usize << (usize::BITS - 1 - rounded.leading_zeros() - MAX_LOG2_SLI);
         rounded.next_multiple_of(granule)
     };
-    if class > PAGE - 2 * BHDR_OVERHEAD {
+    // The free block of a fresh region, and what two blocks of a class
+    // and their headers must fit in to share one.
+    const REGION_BLOCK: usize = PAGE - 2 * BHDR_OVERHEAD;
+    if class > REGION_BLOCK {
         whole_pages
+    } else if 2 * (class + BHDR_OVERHEAD) > REGION_BLOCK {
+        PAGE
     } else {
         class + BHDR_OVERHEAD + UNSPLIT_TAIL
     }
