@@ -204,12 +204,13 @@ echo "the debug boots' log check sees a WARN (canary rejected)"
 
 # The deepest stack a debug Xen's glue measured under the engine's entry
 # points (pviommu-common.inc, pvx_stack_note(): the engine, the C below it,
-# what Xen stacked above the entry, interrupts meanwhile), at boot (the
-# engine's init and window, each its own line) and after (the deepest so
-# far), leaves 1 KiB of the stack: Xen itself reports an overflow with
-# under 512 bytes left, and an interrupt taken at another moment may stack
-# deeper than any seen. Both kinds of line must be there: every boot
-# starts the engine and makes hypercalls.
+# what Xen stacked above the entry, interrupts meanwhile), at boot (a
+# record of its own, a line at each new deepest: the engine's init first)
+# and after (the deepest so far), leaves 1 KiB of the stack: Xen itself
+# reports an overflow with under 512 bytes left, and an interrupt taken
+# at another moment may stack deeper than any seen. The init's line and an
+# after-boot line must be there: every boot starts the engine and makes
+# hypercalls.
 debug_stack_depth() {
   local log="$1" kind line deepest
   for kind in at after; do

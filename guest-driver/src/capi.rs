@@ -34,7 +34,7 @@ const EINVAL: i32 = -22;
 /// What a failure of the transport answers (the daemon gone, its protocol,
 /// an OS call): `-ECOMM`, an errno the ABI does not use. It was `-EIO`
 /// until ABI 1.7 gave `EIO` the host's IOMMU failures (C interface 1.2).
-const ECOMM: i32 = -70;
+const ECOMM: i32 = -crate::error::ERRNO_TRANSPORT;
 /// Most pages one map call takes (the library builds a request per page):
 /// a wrong `n` from C fails cleanly instead of exhausting memory.
 pub(crate) const MAX_PAGES_PER_CALL: usize = 1 << 24;

@@ -49,6 +49,12 @@ pub enum Error {
     InvalidArgument(String),
 }
 
+/// The errno (positive) the library reports for a failure that is not the
+/// hypervisor's: the transport (the daemon gone, its protocol, an OS call)
+/// or the mapper below a shadow. `ECOMM`, which no ABI errno is; it was
+/// `EIO` until hypervisor ABI 1.7 gave `EIO` the host's IOMMU failures.
+pub const ERRNO_TRANSPORT: i32 = 70;
+
 impl Error {
     /// The ABI errno, where the hypervisor refused.
     pub fn errno(&self) -> Option<Errno> {

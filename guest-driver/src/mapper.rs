@@ -78,7 +78,14 @@ fn by_access(
         }
     }
     out.into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(MapError::new(5, "no result".to_string()))))
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(MapError::new(
+                    crate::error::ERRNO_TRANSPORT,
+                    "no result".to_string(),
+                ))
+            })
+        })
         .collect()
 }
 
@@ -90,8 +97,12 @@ fn warn_refused(results: Vec<Result<(), crate::Error>>, what: &str) {
     }
 }
 
-/// A client error as the shadow reports a refusal: its errno (`EIO` when
-/// it has none) and its text.
+/// A client error as the shadow reports a refusal: its errno (the
+/// transport's, `ECOMM`, when the hypervisor gave none) and its text.
 fn map_error(e: crate::Error) -> MapError {
-    MapError::new(e.errno().map_or(5 /* EIO */, |x| x.code()), e.to_string())
+    MapError::new(
+        e.errno()
+            .map_or(crate::error::ERRNO_TRANSPORT, |x| x.code()),
+        e.to_string(),
+    )
 }

@@ -6,8 +6,10 @@ use pviommu_abi::Gfn;
 /// Errno used when the mapper returned a bus frame that does not fit the
 /// address field of the shadow format (EINVAL).
 pub const ERRNO_BFN_TOO_WIDE: i32 = 22;
-/// Errno used when the mapper returned fewer results than requested (EIO).
-pub const ERRNO_MAPPER_SHORT: i32 = 5;
+/// Errno used when the mapper returned fewer results than requested
+/// (ECOMM, the library's for failures not the hypervisor's; EIO, which
+/// hypervisor ABI 1.7 gives the host's IOMMU failures, until then).
+pub const ERRNO_MAPPER_SHORT: i32 = crate::error::ERRNO_TRANSPORT;
 /// Errno of a mapper that maps no 2 MiB extents (EOPNOTSUPP).
 pub const ERRNO_NO_EXTENTS: i32 = 95;
 

@@ -55,7 +55,9 @@ impl SessionError {
         match self {
             // (A transport failure: ECOMM, as the C interface answers it
             // since 1.2; EIO is the hypervisor's, ABI 1.7.)
-            SessionError::Client(e) => e.errno().map_or(70, |x| x.code()),
+            SessionError::Client(e) => e
+                .errno()
+                .map_or(crate::error::ERRNO_TRANSPORT, |x| x.code()),
             SessionError::RootUnreadable { errno, .. } => *errno,
             SessionError::BadDomain(_) => 22,
             SessionError::NotBuilt => 2,

@@ -176,18 +176,19 @@ fn current_is_host() -> bool {
 /// of a whole header, 32 bytes, or more: up to 16 bytes stay with the
 /// block). A class larger than any block of a one-page pool region
 /// (`PAGE - 2 * BHDR_OVERHEAD`) is never found there: `_xmalloc()` falls
-/// back to whole pages. A class too large for two of it to share a region
-/// (the pool grows a page at a time) is counted a whole page: two such
-/// blocks take two pages. Anything else is whole pages too
+/// back to whole pages. The pool grows a page at a time, so a block is
+/// counted at least its share of a page among the blocks of its class that
+/// fit in one (a class two of which cannot share a page: the whole page).
+/// Anything else is whole pages too
 /// (`xmalloc_whole_pages()`, which frees the tail past the request's last
 /// page). What the count cannot see is the pool's fragmentation: a region
 /// goes back to Xen only once all its blocks are freed. History: the cap
 /// counted the requested bytes only until 2026-12-07 (a review: a
 /// 64-byte-aligned request of 100 bytes takes up to 192); neither the class
 /// rounding nor the unsplit tail until the 47th session (a 2000-byte
-/// request takes up to 2048, not 2016), nor the page a class from 2048
-/// bytes up holds alone (review 152: a 2048-byte class was counted 2080
-/// while two of them took two pages).
+/// request takes up to 2048, not 2016), nor a block's share of its page
+/// (reviews 152 and 153: a 2048-byte class was counted 2080 while two of
+/// them took two pages; a 1376-byte one 1408 where two take a page).
 fn xen_heap_bytes(layout: Layout) -> usize {
     const MEM_ALIGN: usize = 16;
     const BHDR_OVERHEAD: usize = 16;
@@ -213,16 +214,14 @@ fn xen_heap_bytes(layout: Layout) -> usize {
         let granule = 1usize << (usize::BITS - 1 - rounded.leading_zeros() - MAX_LOG2_SLI);
         rounded.next_multiple_of(granule)
     };
-    // The free block of a fresh region, and what two blocks of a class
-    // and their headers must fit in to share one.
+    // The free block of a fresh region: n blocks of a class fit in it with
+    // the headers of all but the first (the region's own is outside it).
     const REGION_BLOCK: usize = PAGE - 2 * BHDR_OVERHEAD;
     if class > REGION_BLOCK {
-        whole_pages
-    } else if 2 * (class + BHDR_OVERHEAD) > REGION_BLOCK {
-        PAGE
-    } else {
-        class + BHDR_OVERHEAD + UNSPLIT_TAIL
+        return whole_pages;
     }
+    let per_region = (REGION_BLOCK + BHDR_OVERHEAD) / (class + BHDR_OVERHEAD);
+    (class + BHDR_OVERHEAD + UNSPLIT_TAIL).max(PAGE.div_ceil(per_region.max(1)))
 }
 
 unsafe impl GlobalAlloc for XenAlloc {

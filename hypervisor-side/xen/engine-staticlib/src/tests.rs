@@ -1363,6 +1363,8 @@ fn the_heap_cap_counts_what_xmalloc_takes() {
         (2000, 8, 2048),
         // ...and the first that holds one alone: a page (review 152).
         (2040, 8, 4096),
+        // Two of a 1376-byte class share a page: half of it (review 153).
+        (1360, 8, 2048),
         // The largest class a region holds, alone...
         (4032, 16, 4096),
         // ...and the first it never does: whole pages.
