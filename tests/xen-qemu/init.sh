@@ -168,27 +168,46 @@ fi
 # the same: its entries leave the run's entries to the call's last, which
 # clears the run whole (before 2026-12-03 each entry cleared its own part,
 # and the first of them split the superpage).
-r1c=""
-o=$(run $H run2m); WD=$(field "$o" domid); WB=$(field "$o" bfn0)
-if [ -z "$WB" ] || [ "$(field "$o" aligned)" != 1 ]; then
-    r1c="ko:no aligned run: $o"; [ -n "$WD" ] && run $H destroy $WD >/dev/null
-else
+# Xen's shatter count is host-wide: a PV dom0 page that becomes a page
+# table leaves dom0's own IOMMU tables by a 4 KiB unmap (_get_page_type()),
+# which splits a 2 MiB block those still map whole (dom0's other vCPU
+# forking a process), and once fell inside the batch's window (CI of
+# d3db207: shatters=1 with one entry, no such split in the boots before).
+# So a split is looked at again once, with a fresh run, saying so: an
+# engine that splits the run does it every time.
+run_2m_unmap_whole() {
+    local o WD WB u q g
+    o=$(run $H run2m); WD=$(field "$o" domid); WB=$(field "$o" bfn0)
+    if [ -z "$WB" ] || [ "$(field "$o" aligned)" != 1 ]; then
+        [ -n "$WD" ] && run $H destroy $WD >/dev/null
+        echo "ko:no aligned run: $o"; return
+    fi
     u=$(run $H unmaprun $WB 512)
     q=$(dma_a $((WB + 100)))
     g=$(run $H destroy $WD)
     if [ "$(field "$u" unmapped)" != 512 ] || [ "$(field "$q" zero)" != 1 ] ||
        ! case "$g" in *gone*) true;; *) false;; esac; then
-        r1c="ko:$u / $q / $g"
+        echo "ko:$u / $q / $g"
     elif [ "$(field "$u" perfc)" != 1 ]; then
-        r1c="skip:no perf counters in this Xen: $u"
+        echo "skip:no perf counters in this Xen: $u"
     elif [ "$(field "$u" shatters)" = 0 ]; then
-        r1c="ok"
+        echo "ok"
     else
-        r1c="ko:$u (split)"
+        echo "ko:$u (split)"
     fi
-fi
+}
+r1c=$(run_2m_unmap_whole)
+case "$r1c" in
+    *"(split)")
+        echo "  run_2m_unmapped_in_one_call_without_a_split: a split counted (${r1c#ko:}); once more"
+        r1c=$(run_2m_unmap_whole)
+        [ "$r1c" = ok ] && r1c="ok-again"
+        ;;
+esac
 case "$r1c" in
     ok) ok run_2m_unmapped_in_one_call_without_a_split;;
+    ok-again) ok run_2m_unmapped_in_one_call_without_a_split
+              echo "  (the second run split nothing: the first's split was not the engine's)";;
     skip:*) skip run_2m_unmapped_in_one_call_without_a_split "${r1c#skip:}";;
     *) ko run_2m_unmapped_in_one_call_without_a_split "${r1c#ko:}";;
 esac
