@@ -956,10 +956,13 @@ enum DmaRoute {
     Untranslated,
 }
 
-/// What an injected flush failure answers: Xen's glue turns an IOMMU's
-/// `-ETIMEDOUT` (an SMMUv3 sync, an AMD-Vi completion wait) into this by
-/// [`crate::platform::host_errno`].
-const IOMMU_TIMED_OUT: Errno = Errno::Io;
+/// What an injected flush failure answers: an IOMMU's `-ETIMEDOUT` (an
+/// SMMUv3 sync, an AMD-Vi completion wait) through the rule Xen's glue
+/// answers it by, [`crate::platform::host_errno`].
+fn iommu_timed_out() -> Errno {
+    const ETIMEDOUT: i32 = 110;
+    crate::platform::host_errno(-ETIMEDOUT)
+}
 
 /// DMA faults a [`SimMachine`] keeps (the newest; older ones are counted
 /// in `faults_total` only).
@@ -3624,7 +3627,7 @@ impl IommuBackend for SimMachine {
         if self.fail_flushes > 0 {
             self.fail_flushes -= 1;
             self.flush_failed_for.insert(owner);
-            return Err(IOMMU_TIMED_OUT);
+            return Err(iommu_timed_out());
         }
         self.flush_failed_for.remove(&owner);
         let root = self.context_root(owner, ContextId::DEFAULT);
@@ -3740,7 +3743,7 @@ impl IommuBackend for SimMachine {
         if self.fail_flushes > 0 {
             // The flush before the tag goes failed: it stays taken.
             self.fail_flushes -= 1;
-            return Err(IOMMU_TIMED_OUT);
+            return Err(iommu_timed_out());
         }
         if let Some(h) = self.hw_contexts.remove(&hw.0) {
             self.iotlb.invalidate_context(h.owner, h.ctx);
@@ -3760,7 +3763,7 @@ impl IommuBackend for SimMachine {
         self.ram.sync_tables();
         if self.fail_flushes > 0 {
             self.fail_flushes -= 1;
-            return Err(IOMMU_TIMED_OUT);
+            return Err(iommu_timed_out());
         }
         let h = *self.hw_contexts.get(&hw.0).ok_or(Errno::NoEnt)?;
         self.iotlb.invalidate_psi(h.owner, h.ctx, first.0, last.0);
