@@ -240,7 +240,7 @@ if [[ -x tests/xen-qemu/run.sh && "${PVIOMMU_SKIP_XEN:-0}" != 1 ]]; then
   # the window. The AMD-Vi boot below goes without, and the tool must name
   # the window and the option (init.sh).
   step "Xen 4.17 in QEMU"
-  XEN_EXTRA_ARGS="pviommu=reserve:0x100000000-0x8ffffffff" tests/xen-qemu/run.sh
+  XEN_EXTRA_ARGS="pviommu=reserve=0x100000000-0x8ffffffff" tests/xen-qemu/run.sh
   boot_passed "$(keep_serial_log vtd)" host_window_reserved host_window_skipped_by_bfns \
     revoked_bfn_fault_not_counted
 

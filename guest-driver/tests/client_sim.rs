@@ -1285,7 +1285,7 @@ fn ops_before_a_fault_part_way_through_a_call_are_settled() {
 }
 
 /// A transport whose buffer carries fewer ops than the hypervisor's batch
-/// (privcmd's page-sized buffer: 1536 ops, under `pviommu=batch:2048`)
+/// (privcmd's page-sized buffer: 1536 ops, under `pviommu=batch=2048`)
 /// gets batches it can carry: before, the client split by the caps alone,
 /// and every call failed.
 #[test]

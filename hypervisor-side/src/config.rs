@@ -25,7 +25,7 @@ pub const WINDOW_FLOOR: u64 = 0x10_0000;
 /// Alignment of the window start, so 2 MiB superpages are possible.
 pub const WINDOW_ALIGN: u64 = 512;
 
-/// Engine configuration (on Xen: the `pviommu=quota:N,batch:M` boot option).
+/// Engine configuration (on Xen: the `pviommu=quota=N,batch=M` boot option).
 #[derive(Clone, Copy, Debug)]
 pub struct Config {
     /// BFNs a driver domain may hold (live mappings plus revocations it has

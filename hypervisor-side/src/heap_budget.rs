@@ -1,4 +1,4 @@
-//! The engine's heap budget (`pviommu=heap:MiB` on Xen): how many bytes the
+//! The engine's heap budget (`pviommu=heap=MiB` on Xen): how many bytes the
 //! engine may hold at once, and who may use the last of them.
 //!
 //! Every driver domain is bounded by its quota, but the quotas of many
@@ -19,7 +19,7 @@
 //! never does; with no control domain (dom0less) the reserve goes unused.
 //! At boot Xen runs the engine's init on the idle domain, privileged until
 //! XSM marks the system active, and its tables (about 1.6 MiB) must fit
-//! in the cap anyway: the glue refuses `heap:` below 8 MiB, where device
+//! in the cap anyway: the glue refuses `heap=` below 8 MiB, where device
 //! models would be left little or no room.
 //!
 //! One rule for both hosts: the Xen object's global allocator

@@ -412,7 +412,7 @@ fn d13_xsm_gates_every_command_and_strangers_get_nothing() {
 
 /// Defect 14. Limits were compile-time constants; the engine's heap use was
 /// neither bounded nor accounted. Quota and batch size come from the
-/// configuration (Xen: `pviommu=quota:N,batch:M`), revoked-unacknowledged
+/// configuration (Xen: `pviommu=quota=N,batch=M`), revoked-unacknowledged
 /// BFNs count against the quota, and heap use per mapping is measured.
 #[test]
 fn d14_limits_from_configuration_and_bounded_heap() {

@@ -98,7 +98,7 @@ esac
 # `pviommu host-windows` lists the windows the BFN window meets unreserved,
 # with the Xen option that reserves them, and exits 1. QEMU's q35 gives the
 # root bus a 64-bit window from 4 GiB, where the BFN window of this 2 GiB
-# host starts. CI boots VT-d with pviommu=reserve: of it and AMD-Vi without
+# host starts. CI boots VT-d with pviommu=reserve= of it and AMD-Vi without
 # (test-all.sh checks each boot passed its own check): with the option the
 # window is a reserved region, the tool passes, and every BFN handed out
 # below lies past it (host_window_skipped_by_bfns); without, the tool names
@@ -116,9 +116,9 @@ else
         HW_END=$WE
         if [ $hw = 0 ] && echo "$t" | grep -q "every window is reserved"; then ok host_window_reserved
         else ko host_window_reserved "status $hw: $(echo "$t" | tr '\n' ' ')"; fi
-        skip host_window_reported "this boot reserves the window (pviommu=reserve:)"
+        skip host_window_reported "this boot reserves the window (pviommu=reserve=)"
     else
-        want=$(printf 'pviommu=reserve:0x%x-0x%x' $((0x$1)) $((0x$2)))
+        want=$(printf 'pviommu=reserve=0x%x-0x%x' $((0x$1)) $((0x$2)))
         if [ $hw = 1 ] && echo "$t" | grep -q "NOT RESERVED" && echo "$t" | grep -qF "$want"; then ok host_window_reported
         else ko host_window_reported "status $hw, want $want: $(echo "$t" | tr '\n' ' ')"; fi
         skip host_window_reserved "this boot does not reserve the window"

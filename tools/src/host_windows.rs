@@ -11,7 +11,7 @@
 //! take addresses the hypervisor hands out as BFNs, and a DMA to such a BFN
 //! reaches that device, not the page. This command lists the windows that
 //! overlap the BFN window outside every reserved region, and the Xen
-//! command-line option that reserves them (`pviommu=reserve:<first>-<last>`,
+//! command-line option that reserves them (`pviommu=reserve=<first>-<last>`,
 //! bytes, both ends included, as /proc/iomem prints them).
 
 use pviommu_abi::PvIommuRegion;
@@ -27,7 +27,7 @@ pub struct HostWindow {
     pub name: String,
 }
 
-/// The most `reserve:` items Xen's `pviommu=` option takes
+/// The most `reserve=` items Xen's `pviommu=` option takes
 /// (`PVX_MAX_OPT_RESERVE` in the glue).
 pub const MAX_RESERVE_ITEMS: usize = 8;
 
@@ -126,13 +126,13 @@ pub fn unreserved_bfns(
 }
 
 /// The Xen command-line options that reserve `windows` whole: one
-/// `pviommu=reserve:` option a window, space-separated (Xen cuts each
+/// `pviommu=reserve=` option a window, space-separated (Xen cuts each
 /// option at 127 characters, which a list of items could pass; the items
 /// of repeated `pviommu=` options add up).
 pub fn option_for(windows: &[&HostWindow]) -> String {
     let options: Vec<String> = windows
         .iter()
-        .map(|w| format!("pviommu=reserve:{:#x}-{:#x}", w.first, w.last))
+        .map(|w| format!("pviommu=reserve={:#x}-{:#x}", w.first, w.last))
         .collect();
     options.join(" ")
 }
@@ -201,7 +201,7 @@ fee00000-fee00fff : Local APIC
             unreserved_bfns(w, start, end, &[]),
             [(0x10_0000, 0x90_0000)]
         );
-        // Reserved whole (pviommu=reserve:0x100000000-0x8ffffffff): nothing.
+        // Reserved whole (pviommu=reserve=0x100000000-0x8ffffffff): nothing.
         assert_eq!(
             unreserved_bfns(w, start, end, &[region(0x10_0000, 0x80_0000)]),
             []
@@ -235,11 +235,11 @@ fee00000-fee00fff : Local APIC
         let w = parse_iomem(QEMU_Q35).unwrap();
         assert_eq!(
             option_for(&[&w[3]]),
-            "pviommu=reserve:0x100000000-0x8ffffffff"
+            "pviommu=reserve=0x100000000-0x8ffffffff"
         );
         assert_eq!(
             option_for(&[&w[1], &w[3]]),
-            "pviommu=reserve:0x80000000-0xafffffff pviommu=reserve:0x100000000-0x8ffffffff"
+            "pviommu=reserve=0x80000000-0xafffffff pviommu=reserve=0x100000000-0x8ffffffff"
         );
         // Each option fits Xen's 127 characters, whatever the addresses.
         let widest = HostWindow {

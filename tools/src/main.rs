@@ -842,7 +842,7 @@ fn host_windows(cli: &Cli, c: &mut AnyClient, iomem: &Path) -> Result<(), CliErr
                 );
                 if open.len() > host_windows::MAX_RESERVE_ITEMS {
                     t += &format!(
-                        "\n(Xen takes {} reserve: items; merge neighbouring windows into one.)",
+                        "\n(Xen takes {} reserve= items; merge neighbouring windows into one.)",
                         host_windows::MAX_RESERVE_ITEMS
                     );
                 }

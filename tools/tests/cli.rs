@@ -1051,7 +1051,7 @@ fn host_windows_reports_an_unreserved_pci_window_and_the_option_for_it() {
         "an unreserved window fails the check"
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["option"], "pviommu=reserve:0x100000000-0x8ffffffff");
+    assert_eq!(v["option"], "pviommu=reserve=0x100000000-0x8ffffffff");
     assert_eq!(v["windows"][0]["unreserved"], serde_json::json!([]));
     assert_eq!(v["windows"][1]["first"], 0x1_0000_0000u64);
     assert_eq!(v["windows"][1]["unreserved"][0]["start"], 0x10_0000);
@@ -1059,7 +1059,7 @@ fn host_windows_reports_an_unreserved_pci_window_and_the_option_for_it() {
     let (ok, text, _) = env.run(&["host-windows", "--iomem", path]);
     assert!(!ok);
     assert!(
-        text.contains("NOT RESERVED") && text.contains("pviommu=reserve:0x100000000-0x8ffffffff")
+        text.contains("NOT RESERVED") && text.contains("pviommu=reserve=0x100000000-0x8ffffffff")
     );
 
     // Only windows below 4 GiB: nothing to reserve.

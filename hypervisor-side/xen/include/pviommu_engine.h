@@ -420,7 +420,7 @@ int pvx_ctx_flush(uint16_t tag, uint64_t bfn, uint64_t count);
 int pvx_domain_has_devices(uint16_t domid);
 /* [any] 1 if the current domain is the control or hardware domain: the
  * engine's allocator lets only those reach into the last quarter of the
- * heap cap (pviommu=heap:MiB), asked only when an allocation would. The
+ * heap cap (pviommu=heap=MiB), asked only when an allocation would. The
  * engine allocates only in hypercalls, for their caller, and at boot. */
 int pvx_current_is_host(void);
 /* pcidevs_lock, taken BEFORE any driver lock (Xen calls

@@ -150,7 +150,7 @@ mod ffi {
 #[cfg_attr(test, allow(dead_code))]
 struct XenAlloc;
 
-/// The most the engine may hold at once (`pviommu=heap:MiB`), so that all
+/// The most the engine may hold at once (`pviommu=heap=MiB`), so that all
 /// driver domains together, device models included, cannot exhaust Xen's
 /// heap through the engine: past it an allocation fails like Xen's own
 /// would, and the engine answers ENOMEM with nothing changed. Its last

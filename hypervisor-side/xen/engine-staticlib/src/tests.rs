@@ -1310,7 +1310,7 @@ fn engine_op_rounds() {
     assert_eq!(violations(), Vec::<std::string::String>::new());
 }
 
-/// Review gap (2026-12-02): the heap cap (`pviommu=heap:MiB`) was shared
+/// Review gap (2026-12-02): the heap cap (`pviommu=heap=MiB`) was shared
 /// first come, first served, so device models, each within its quota, could
 /// together use all of it and the control domain's maps failed. The Xen
 /// allocator now keeps the last quarter for the control and hardware
