@@ -88,6 +88,9 @@ hypervisor-side/xen/tests/iommu-ops.sh
 step "glue: the revocation VIRQ raised later, with no lock held"
 hypervisor-side/xen/tests/revoked-virq.sh
 
+step "QEMU checks: a split of a 2 MiB measurement looked at again on its timed pass"
+tests/xen-qemu/split-look.sh
+
 step "engine for x86_64-unknown-none (Xen's target)"
 scripts/build-engine-nostd.sh
 

@@ -819,6 +819,29 @@ if [ "$n" = "$L" ] && [ "$L" = $((10 + BIGP + EXT - 2 - E_GONE)) ] && echo "$d" 
     ok shadow_guest_death_revokes_all; else ko shadow_guest_death_revokes_all "leaves $L revoked $n in $hc calls / $d / $st / exit $sw $q / $c / $(cat /tmp/shadow.err)"; fi
 echo "note: the mediator checks took $(( $(date +%s) - T6 )) s"
 
+# unmapped_without_a_split OUTPUT TAG: the measurement TAG's unmaps split
+# no superpage (Xen's "IOMMU page table shatters", host-wide, taken around
+# the pass; a Xen without perf counters passes). Each kind is measured
+# twice, untimed then timed, over the same maps and unmaps: a split the
+# first pass counted is judged on the second, saying so (a MEASURE line the
+# summaries keep), as run_2m_unmap_whole's second look, since a split of
+# dom0's own tables (a fork on its other vCPU) counts there too. An engine
+# that splits the runs splits them in both passes.
+unmapped_without_a_split() {
+    _u1=$(echo "$1" | grep "^MEASURE $2_unmap " | head -1)
+    if [ "$(field "$_u1" measured)" != 1 ] || [ "$(field "$_u1" shatters)" = 0 ]; then
+        return 0
+    fi
+    _u2=$(echo "$1" | grep "^MEASURE $2_timed_unmap " | head -1)
+    echo "  $2: a split counted in the untimed pass ($(field "$_u1" shatters)); judged on the timed pass"
+    if [ "$(field "$_u2" measured)" = 1 ] && [ "$(field "$_u2" shatters)" = 0 ]; then
+        echo "MEASURE $2_split_retried second=ok"
+        return 0
+    fi
+    echo "MEASURE $2_split_retried second=ko shatters=$(field "$_u2" shatters)"
+    return 1
+}
+
 # measurements
 N=$(sed -n 's/.*pviommu_measure=\([0-9]*\).*/\1/p' /proc/cmdline); N=${N:-16384}
 o=$($H measure $N 2>&1); echo "$o"
@@ -843,7 +866,7 @@ elif echo "$o" | grep -qE "^MEASURE alternate_summary rounds=11 ok=1 pages=$N ";
 m2=$(echo "$o" | grep '^MEASURE pviommu_2m_map ' | head -1)
 u2=$(echo "$o" | grep '^MEASURE pviommu_2m_unmap ' | head -1)
 if [ "$(field "$m2" ok)" = "$N" ] && [ "$(field "$m2" failed)" = 0 ] && [ "$(field "$u2" pages)" = "$N" ] &&
-   { [ "$(field "$u2" measured)" != 1 ] || [ "$(field "$u2" shatters)" = 0 ]; }; then
+   unmapped_without_a_split "$o" pviommu_2m; then
     ok measure_2m_extents_mapped_and_unmapped_without_a_split
 else
     ko measure_2m_extents_mapped_and_unmapped_without_a_split "$m2 / $u2 / $(echo "$o" | grep -E '^(populate|measure_2m)')"
@@ -855,7 +878,7 @@ mx=$(echo "$o" | grep '^MEASURE pviommu_2mx_map ' | head -1)
 ux=$(echo "$o" | grep '^MEASURE pviommu_2mx_unmap ' | head -1)
 if [ "$(field "$mx" ok)" = "$N" ] && [ "$(field "$mx" failed)" = 0 ] && [ "$(field "$mx" extents)" = $((N / 512)) ] &&
    [ "$(field "$mx" unaligned)" = 0 ] && [ "$(field "$ux" unmapped)" = "$N" ] &&
-   { [ "$(field "$ux" measured)" != 1 ] || [ "$(field "$ux" shatters)" = 0 ]; }; then
+   unmapped_without_a_split "$o" pviommu_2mx; then
     ok extent_ops_map_and_unmap_2m_at_aligned_bfns
 else
     ko extent_ops_map_and_unmap_2m_at_aligned_bfns "$mx / $ux / $(echo "$o" | grep -E '^(populate|measure_2m|measure extent|extent unmap)')"
