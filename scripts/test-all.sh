@@ -169,15 +169,19 @@ debug_xen_held_up() {
 
 # xen_log_trouble LOG...: prints the lines of those LOGs that exist which
 # show a debug Xen's failed assertion, WARN, BUG, fatal trap or panic;
-# true if there are any. (A log named but absent, such as a stalled boot's
-# that was not, is skipped: given to grep, it made grep answer 2 whatever
-# it matched, and every debug boot's WARN went unseen until the 47th
-# session's review.)
+# true if there are any. A fatal trap is Xen's own line, "(XEN) FATAL
+# TRAP" or "(XEN) FATAL PAGE FAULT" (and a panic after it): a guest's
+# console line ("(d1) ... FATAL") or Xen's line about a guest's fault
+# ("(XEN) d1v0 ... FATAL") is not Xen's trouble, and any "FATAL" after
+# "(XEN)" counted until the 48th session. (A log named but absent, such
+# as a stalled boot's that was not, is skipped: given to grep, it made
+# grep answer 2 whatever it matched, and every debug boot's WARN went
+# unseen until the 47th session's review.)
 xen_log_trouble() {
   local f logs=()
   for f in "$@"; do [ -f "$f" ] && logs+=("$f"); done
   [ "${#logs[@]}" -gt 0 ] || return 1
-  grep -aE "Assertion '.*' failed|Xen WARN at|Xen BUG at|\(XEN\).*FATAL|Panic on CPU" "${logs[@]}"
+  grep -aE "Assertion '.*' failed|Xen WARN at|Xen BUG at|\(XEN\) FATAL|Panic on CPU" "${logs[@]}"
 }
 
 # debug_log_held_up NAME LOG [STALLED_LOG]: the boot whose serial log is
@@ -200,7 +204,11 @@ debug_log_held_up() {
 printf '(XEN) Xen WARN at drivers/passthrough/iommu.c:1\n' > "$BUILD/warn-canary.log"
 xen_log_trouble "$BUILD/warn-canary.log" "$BUILD/no-such-stalled.log" > /dev/null ||
   { echo "FAIL: the debug boots' log check misses a WARN" >&2; exit 1; }
-printf '(XEN) Xen version 4.17.5 debug=y\n' > "$BUILD/warn-canary.log"
+printf 'Xen: (XEN) FATAL TRAP: vector = 14 (page fault)\n' > "$BUILD/warn-canary.log"
+xen_log_trouble "$BUILD/warn-canary.log" > /dev/null ||
+  { echo "FAIL: the debug boots' log check misses a fatal trap" >&2; exit 1; }
+printf '(XEN) Xen version 4.17.5 debug=y\n(d1) FATAL: a guest says so\n(XEN) d1v0 guest FATAL\n' \
+  > "$BUILD/warn-canary.log"
 ! xen_log_trouble "$BUILD/warn-canary.log" "$BUILD/no-such-stalled.log" > /dev/null ||
   { echo "FAIL: the debug boots' log check finds trouble in a clean log" >&2; exit 1; }
 echo "the debug boots' log check sees a WARN (canary rejected)"
