@@ -2127,8 +2127,59 @@ impl DriverDomain {
     pub(crate) fn unindex(&mut self, seed: u64, idx: u64) -> Option<bool> {
         let r = self.raw(idx).filter(|r| r.state() == ST_LIVE)?;
         let (domid, gfn, after) = (DomId(r.domid), Gfn(r.gfn), link64(r.next));
-        if r.bits & MEMBER != 0 {
-            return Some(self.unindex_member(seed, idx, domid, after));
+        let member = r.bits & MEMBER != 0;
+        Some(self.unindex_fields(seed, idx, (domid, gfn, after), member))
+    }
+
+    /// The owner's unmap of slot `idx`, a Live mapping of `context`: one
+    /// reference fewer; with its last one, the mapping out of the books
+    /// ([`unindex`](Self::unindex)) and onto the unmapping list with its
+    /// IOMMU entry still present, for the flush to clear
+    /// ([`push_unmapping_at`](Self::push_unmapping_at)), counted in
+    /// `stats.unmaps`. `None`, with nothing changed, for a slot that is not
+    /// a Live mapping of `context`.
+    ///
+    /// The slot is read and written once: it leaves Live before the index
+    /// lets it go, which never reads it (a bucket or link naming `idx` is
+    /// known to be its own; see `unindex_fields`).
+    #[inline(always)]
+    pub(crate) fn unmap_owned(&mut self, seed: u64, idx: u64, context: ContextId) -> Option<()> {
+        let head = self.unmapping_head;
+        let r = self
+            .raw_mut(idx)
+            .filter(|r| r.state() == ST_LIVE && u32::from(r.context) == context.0)?;
+        if r.aux > 1 {
+            r.aux -= 1;
+            return Some(());
+        }
+        let (domid, gfn, after) = (DomId(r.domid), Gfn(r.gfn), link64(r.next));
+        let member = r.bits & MEMBER != 0;
+        // (`push_unmapping_at(idx, false, true)`, in place.)
+        r.bits = (r.bits & !(STATE_MASK | THEN_REVOKED)) | ST_UNMAPPING_ENTRY_PRESENT;
+        r.next = link32(head);
+        self.unmapping_head = idx;
+        self.unmapping_len += 1;
+        self.deferred_entries += 1;
+        self.stats.unmaps += 1;
+        self.unindex_fields(seed, idx, (domid, gfn, after), member);
+        Some(())
+    }
+
+    /// [`unindex`](Self::unindex) of slot `idx`, whose mapping is of page
+    /// (`domid`, `gfn`), its chain's next `after` (its record's number for
+    /// a `member` of an extent). Reads no field of slot `idx`: a bucket
+    /// naming `idx` is taken as its page's, and the chain's walk stops at
+    /// the slot before it.
+    #[inline(always)]
+    fn unindex_fields(
+        &mut self,
+        seed: u64,
+        idx: u64,
+        (domid, gfn, after): (DomId, Gfn, u64),
+        member: bool,
+    ) -> bool {
+        if member {
+            return self.unindex_member(seed, idx, domid, after);
         }
         let slots = &self.slots;
         // `idx` is a live mapping of the page: a bucket naming it is the
@@ -2157,7 +2208,7 @@ impl DriverDomain {
             self.regions_exact = false;
             self.live -= 1;
             self.trust_counts_again_if_no_live_mapping();
-            return Some(false);
+            return false;
         };
         let mut last_of_target = false;
         if head == idx {
@@ -2193,7 +2244,7 @@ impl DriverDomain {
         }
         self.live -= 1;
         self.trust_counts_again_if_no_live_mapping();
-        Some(last_of_target)
+        last_of_target
     }
 
     /// Once counts are no longer trusted (a page that could not be counted,
@@ -2304,15 +2355,35 @@ impl DriverDomain {
         ))
     }
 
-    /// The Unmapping slot `idx` no longer has an IOMMU entry (the flush
-    /// cleared it): the next slot on the list; `None` (and nothing
-    /// changed) for a slot in any other state.
+    /// [`unmapping_link`](Self::unmapping_link), and with `unmark` the
+    /// slot's entry is taken as cleared (its mark goes: the clearing pass
+    /// takes it into a run). One access to the slot.
     #[inline]
-    pub(crate) fn entry_cleared(&mut self, idx: u64) -> Option<u64> {
+    pub(crate) fn unmapping_link_unmark(
+        &mut self,
+        idx: u64,
+        unmark: bool,
+    ) -> Option<(bool, ContextId, u64)> {
         let r = self
             .raw_mut(idx)
             .filter(|r| matches!(r.state(), ST_UNMAPPING | ST_UNMAPPING_ENTRY_PRESENT))?;
-        r.bits = (r.bits & !STATE_MASK) | ST_UNMAPPING;
+        let present = r.state() == ST_UNMAPPING_ENTRY_PRESENT;
+        if present && unmark {
+            r.bits = (r.bits & !STATE_MASK) | ST_UNMAPPING;
+        }
+        Some((present, ContextId(r.context as u32), link64(r.next)))
+    }
+
+    /// The Unmapping slot `idx` still has its IOMMU entry (the IOMMU
+    /// refused to clear it after the clearing pass unmarked it): marked
+    /// again. The next slot on the list; `None` (and nothing changed) for
+    /// a slot in any other state.
+    #[cold]
+    pub(crate) fn entry_marked_again(&mut self, idx: u64) -> Option<u64> {
+        let r = self
+            .raw_mut(idx)
+            .filter(|r| matches!(r.state(), ST_UNMAPPING | ST_UNMAPPING_ENTRY_PRESENT))?;
+        r.bits = (r.bits & !STATE_MASK) | ST_UNMAPPING_ENTRY_PRESENT;
         Some(link64(r.next))
     }
 

@@ -882,8 +882,17 @@ impl<L: RawMutex> Engine<L> {
     /// time; a page it still refuses keeps its mark, and the release pass
     /// moves it to the stuck list. Walks the head of the unmapping list
     /// that holds the `deferred_entries` marked since the last pass (each
-    /// slot once, each run once more): bounded by the unmaps since then,
-    /// which an unmap batch keeps below [`DEFER_LIMIT`] plus a run.
+    /// slot once, and a run the IOMMU refused once more): bounded by the
+    /// unmaps since then, which an unmap batch keeps below
+    /// [`DEFER_LIMIT`] plus a run.
+    ///
+    /// A slot's mark goes as the walk takes it into a run, before the
+    /// run's call (the lock is held throughout, and nothing reads the
+    /// marks in between): the usual run, cleared whole, is then not walked
+    /// again. A run the IOMMU refuses is walked again, page by page, and a
+    /// page it still refuses is marked again ([`clear_refused_run`]).
+    ///
+    /// [`clear_refused_run`]: Self::clear_refused_run
     pub(super) fn clear_deferred_entries(&self, dd: &mut DriverDomain, h: &mut impl Hypervisor) {
         let mut left = core::mem::take(&mut dd.deferred_entries);
         let mut run: Option<DeferredRun> = None;
@@ -894,10 +903,13 @@ impl<L: RawMutex> Engine<L> {
             if left == 0 {
                 break;
             }
-            let Some((present, context, next)) = dd.unmapping_link(at) else {
+            // (Unmarked only with a BFN: a marked slot without one joins
+            // no run and keeps its mark, as before.)
+            let bfn = self.space.bfn_of(at);
+            let Some((present, context, next)) = dd.unmapping_link_unmark(at, bfn.is_some()) else {
                 break;
             };
-            let bfn = self.space.bfn_of(at).filter(|_| present);
+            let bfn = bfn.filter(|_| present);
             left -= u64::from(present);
             let grown = match (&mut run, bfn) {
                 (Some(r), Some(b)) => r.grow(context, b.0),
@@ -916,28 +928,40 @@ impl<L: RawMutex> Engine<L> {
         }
     }
 
-    /// Clear the entries of `run`, and unmark its slots whose entry went.
+    /// Clear the entries of `run`, whose slots' marks the walk took off
+    /// (see [`clear_deferred_entries`](Self::clear_deferred_entries)).
     fn clear_run(&self, dd: &mut DriverDomain, h: &mut impl Hypervisor, run: DeferredRun) {
-        let whole = dd.iommu_unmap_run(h, run.context, Bfn(run.first), run.pages);
+        if dd
+            .iommu_unmap_run(h, run.context, Bfn(run.first), run.pages)
+            .is_err()
+        {
+            self.clear_refused_run(dd, h, run);
+        }
+    }
+
+    /// A run the IOMMU refused whole: its pages one at a time, each it
+    /// still refuses marked again.
+    #[cold]
+    #[inline(never)]
+    fn clear_refused_run(&self, dd: &mut DriverDomain, h: &mut impl Hypervisor, run: DeferredRun) {
         let mut at = run.head;
         for _ in 0..run.pages {
             // (`NoEnt` here, in any context, is an entry the failed run
             // cleared before it stopped: unlike `entry_gone`'s, this slot's
             // entry was known to exist until this run.)
-            let cleared = whole.is_ok()
-                || self.space.bfn_of(at).is_some_and(|bfn| {
-                    matches!(
-                        dd.iommu_unmap(h, run.context, bfn),
-                        Ok(()) | Err(Errno::NoEnt)
-                    )
-                });
+            let cleared = self.space.bfn_of(at).is_some_and(|bfn| {
+                matches!(
+                    dd.iommu_unmap(h, run.context, bfn),
+                    Ok(()) | Err(Errno::NoEnt)
+                )
+            });
             let next = if cleared {
-                dd.entry_cleared(at)
+                dd.unmapping_link(at).map(|(_, _, next)| next)
             } else {
-                // Still marked: the release pass moves it to the stuck
+                // Marked again: the release pass moves it to the stuck
                 // list; until then the retry flag counts it.
                 dd.refused_clears += 1;
-                dd.unmapping_link(at).map(|(_, _, next)| next)
+                dd.entry_marked_again(at)
             };
             let Some(next) = next else {
                 break;

@@ -168,27 +168,25 @@ impl<L: RawMutex> Engine<L> {
         idx: u64,
     ) -> Result<(), Errno> {
         let idx = d.dd.guest_slot(idx).ok_or(Errno::NoEnt)?;
-        if let UnmapKind::Revoked = Self::unmap_kind(&d.dd, context, idx)? {
-            d.dd.ack_revoked(idx)?;
-            return Err(Errno::Stale);
-        }
-        let dd = &mut *d.dd;
-        let (_, refs) = dd.live_refs(idx).ok_or(Errno::NoEnt)?;
-        if refs > 1 {
-            dd.set_refs(idx, refs - 1);
+        // A reference dropped; the last one takes the mapping out of the
+        // books now. Its IOMMU entry is cleared by the flush that ends the
+        // batch, with the entries of the batch's other unmaps, a run of
+        // BFNs in one call (`clear_deferred_entries`). The device keeps its
+        // access until that flush either way (the IOTLB), and the page
+        // stays referenced until then. The target's gate share and bit
+        // stay until the flush (`flush_and_release`): until then a hook
+        // must still find it.
+        if d.dd.unmap_owned(self.seed, idx, context).is_some() {
             return Ok(());
         }
-        // Out of the books now; its IOMMU entry is cleared by the flush
-        // that ends the batch, with the entries of the batch's other
-        // unmaps, a run of BFNs in one call (`clear_deferred_entries`).
-        // The device keeps its access until that flush either way (the
-        // IOTLB), and the page stays referenced until then.
-        dd.unindex(self.seed, idx).ok_or(Errno::NoEnt)?;
-        dd.stats.unmaps += 1;
-        // The target's gate share and bit stay until the flush
-        // (`flush_and_release`): until then a hook must still find it.
-        dd.push_unmapping_at(idx, false, true);
-        Ok(())
+        match Self::unmap_kind(&d.dd, context, idx)? {
+            UnmapKind::Revoked => {
+                d.dd.ack_revoked(idx)?;
+                Err(Errno::Stale)
+            }
+            // (A Live mapping of `context` was unmapped above.)
+            UnmapKind::Live => Err(Errno::NoEnt),
+        }
     }
 
     /// Undo a map whose result could not be reported to the caller: drop
