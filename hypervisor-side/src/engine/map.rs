@@ -135,6 +135,22 @@ struct Answered {
     again: u32,
 }
 
+/// What the maps of a run under one lock of the cell share, read once
+/// under that lock: what [`Engine::map_locked`] read again for each op
+/// (about 15 instructions a page).
+#[derive(Clone, Copy)]
+struct LockedRun {
+    /// The quota of the cell's driver domain ([`Engine::quota_of`]), as
+    /// the lock was taken. A quota set meanwhile (`set_limits` takes no
+    /// cell lock) counts from the next run, as it would for a run that
+    /// took the lock just before it was set.
+    quota: u64,
+    /// The cell's context, if the driver domain has it: the one context
+    /// an op may map into under this lock (`None`: none may). Both change
+    /// only under the lock.
+    context: Option<ContextId>,
+}
+
 /// What [`Engine::map_prepare`] found.
 enum Prepared {
     /// Deduplicated onto an existing mapping (the result written).
@@ -217,8 +233,11 @@ impl<L: RawMutex> Engine<L> {
                     // Mark, then re-read seq (see above). An already set
                     // bit cannot be cleared while this lock is held.
                     let newly = self.set_gate_bit(d.cell, req.domid, true);
-                    let out = (gate.seq.load(Ordering::SeqCst) == checked_seq)
-                        .then(|| self.map_locked(&mut d, h, req, mfn, &mut result).outcome());
+                    let run = self.locked_run(&d);
+                    let out = (gate.seq.load(Ordering::SeqCst) == checked_seq).then(|| {
+                        self.map_locked(&mut d, h, req, mfn, &run, &mut result)
+                            .outcome()
+                    });
                     d.dd.stats.ns_get_page += ns_get_page;
                     match out {
                         // Mapped: the bit must stay (a stale mapping revoked
@@ -340,6 +359,10 @@ impl<L: RawMutex> Engine<L> {
             .then(|| self.map_alike(h, caller, run, out))
             .flatten();
         let answered = alike.unwrap_or_else(|| self.map_run(h, caller, run, out));
+        // The usual run has none to map again: no pass over it.
+        if answered.again == 0 {
+            return answered.n;
+        }
         // The ops whose target moved after their checks, mapped again on
         // their own. Here, not in either path: the lookup of a page is then
         // no deeper in Xen's stack than a single map's.
@@ -597,6 +620,7 @@ impl<L: RawMutex> Engine<L> {
                     // Which ops left an entry of their target in the cell
                     // (installed, shared, or failed once the entry existed).
                     let mut entered = [false; MAP_CHUNK];
+                    let run = self.locked_run(&d);
                     for ((((req, step), o), entered), (gate, &checked)) in reqs
                         .iter()
                         .zip(steps.iter_mut())
@@ -612,7 +636,7 @@ impl<L: RawMutex> Engine<L> {
                             *step = Step::Moved(mfn);
                             continue;
                         }
-                        let outcome = self.map_locked(&mut d, h, req, mfn, o).outcome();
+                        let outcome = self.map_locked(&mut d, h, req, mfn, &run, o).outcome();
                         *entered = !matches!(outcome, MapOutcome::Refused);
                         *step = match outcome {
                             MapOutcome::Installed => {
@@ -797,6 +821,7 @@ impl<L: RawMutex> Engine<L> {
                     give_back = again;
                 } else {
                     let (mut entered, mut failed) = (false, false);
+                    let run = self.locked_run(&d);
                     for (k, ((req, o), p)) in reqs
                         .iter()
                         .zip(out.iter_mut())
@@ -804,7 +829,7 @@ impl<L: RawMutex> Engine<L> {
                         .enumerate()
                         .take(got)
                     {
-                        let outcome = self.map_locked(&mut d, h, req, p.mfn(), o).outcome();
+                        let outcome = self.map_locked(&mut d, h, req, p.mfn(), &run, o).outcome();
                         match outcome {
                             MapOutcome::Installed => d.dd.stats.maps += 1,
                             // The engine took the page and share over.
@@ -832,10 +857,13 @@ impl<L: RawMutex> Engine<L> {
                 self.put_driver(d);
             }
         }
-        for (k, p) in pages.iter().enumerate().take(got) {
-            if give_back & (1 << k) != 0 {
-                h.put_page(p.mfn(), write);
-                self.gate_leave(first.domid);
+        // (The usual run gives nothing back: no pass over its pages.)
+        if give_back != 0 {
+            for (k, p) in pages.iter().enumerate().take(got) {
+                if give_back & (1 << k) != 0 {
+                    h.put_page(p.mfn(), write);
+                    self.gate_leave(first.domid);
+                }
             }
         }
         Some(Answered { n: answered, again })
@@ -1023,17 +1051,29 @@ impl<L: RawMutex> Engine<L> {
         }
     }
 
+    /// What the maps under `d`'s lock share ([`LockedRun`]).
+    #[inline(always)]
+    fn locked_run(&self, d: &Driver<'_, L>) -> LockedRun {
+        LockedRun {
+            quota: self.quota_of(d),
+            context: Some(d.dd.context).filter(|&c| d.dd.has_context(c)),
+        }
+    }
+
     /// The locked part of a map: dedup or install, the result written
-    /// into `out`.
+    /// into `out`. `run` is what the maps under this lock share, read
+    /// under it ([`locked_run`](Self::locked_run)).
     fn map_locked(
         &self,
         d: &mut Driver<'_, L>,
         h: &mut impl Hypervisor,
         req: &MapRequest,
         mfn: Mfn,
+        run: &LockedRun,
         out: &mut Result<Mapped, Errno>,
     ) -> Reported {
-        if d.dd.context != req.context || !d.dd.has_context(req.context) {
+        // (The cell's context, and one the driver domain has.)
+        if run.context != Some(req.context) {
             return report::refused(out, Errno::NoEnt);
         }
         // Xen's INVALID_GFN (~0) is no page of any p2m (a lookup of it
@@ -1049,7 +1089,7 @@ impl<L: RawMutex> Engine<L> {
         // it was stored, which stalls store forwarding.
         let at = d.dd.probe_page(self.seed, req.domid, req.gfn);
         let key = map_key(req, mfn);
-        match self.map_prepare(d, h, &key, &at, out) {
+        match self.map_prepare(d, h, &key, &at, run.quota, out) {
             Ok(Prepared::Shared(reported)) => reported,
             Ok(Prepared::Install) => self.map_install(d, h, &key, &at, out),
             Err(e) => report::refused(out, e),
@@ -1066,6 +1106,7 @@ impl<L: RawMutex> Engine<L> {
         h: &mut impl Hypervisor,
         key: &Mapping,
         at: &PageAt,
+        quota: u64,
         out: &mut Result<Mapped, Errno>,
     ) -> Result<Prepared, Errno> {
         let seed = self.seed;
@@ -1083,7 +1124,6 @@ impl<L: RawMutex> Engine<L> {
             // and map the current frame.
             self.revoke_slot(d, h, idx);
         }
-        let quota = self.quota_of(d);
         if self.over_quota(d, quota) {
             return Err(Errno::NoSpc);
         }
