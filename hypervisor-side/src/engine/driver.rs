@@ -2342,22 +2342,10 @@ impl DriverDomain {
 
     /// What the clearing pass needs of Unmapping slot `idx`: whether its
     /// entry is still present, its context, and the next slot on the
-    /// list; `None` for any other state.
-    #[inline]
-    pub(crate) fn unmapping_link(&self, idx: u64) -> Option<(bool, ContextId, u64)> {
-        let r = self
-            .raw(idx)
-            .filter(|r| matches!(r.state(), ST_UNMAPPING | ST_UNMAPPING_ENTRY_PRESENT))?;
-        Some((
-            r.state() == ST_UNMAPPING_ENTRY_PRESENT,
-            ContextId(r.context as u32),
-            link64(r.next),
-        ))
-    }
-
-    /// [`unmapping_link`](Self::unmapping_link), and with `unmark` the
-    /// slot's entry is taken as cleared (its mark goes: the clearing pass
-    /// takes it into a run). One access to the slot.
+    /// list; `None` for any other state. With `unmark` a present entry is
+    /// taken as cleared (its mark goes: the clearing pass takes it into a
+    /// run, and marks it again if the IOMMU refuses). One access to the
+    /// slot.
     #[inline]
     pub(crate) fn unmapping_link_unmark(
         &mut self,
@@ -2376,15 +2364,17 @@ impl DriverDomain {
 
     /// The Unmapping slot `idx` still has its IOMMU entry (the IOMMU
     /// refused to clear it after the clearing pass unmarked it): marked
-    /// again. The next slot on the list; `None` (and nothing changed) for
-    /// a slot in any other state.
+    /// again. `false` (and nothing changed) for a slot in any other state.
     #[cold]
-    pub(crate) fn entry_marked_again(&mut self, idx: u64) -> Option<u64> {
-        let r = self
+    pub(crate) fn entry_marked_again(&mut self, idx: u64) -> bool {
+        let Some(r) = self
             .raw_mut(idx)
-            .filter(|r| matches!(r.state(), ST_UNMAPPING | ST_UNMAPPING_ENTRY_PRESENT))?;
+            .filter(|r| matches!(r.state(), ST_UNMAPPING | ST_UNMAPPING_ENTRY_PRESENT))
+        else {
+            return false;
+        };
         r.bits = (r.bits & !STATE_MASK) | ST_UNMAPPING_ENTRY_PRESENT;
-        Some(link64(r.next))
+        true
     }
 
     /// Room for `limit` maps in `pending_maps` (reserved once, with the

@@ -390,17 +390,14 @@ struct DeferredRun {
     first: u64,
     /// How many BFNs (and slots: each BFN has one slot).
     pages: u64,
-    /// The run's first slot on the list.
-    head: u64,
 }
 
 impl DeferredRun {
-    fn new(context: ContextId, bfn: u64, head: u64) -> Self {
+    fn new(context: ContextId, bfn: u64) -> Self {
         DeferredRun {
             context,
             first: bfn,
             pages: 1,
-            head,
         }
     }
 
@@ -919,7 +916,7 @@ impl<L: RawMutex> Engine<L> {
                 if let Some(r) = run.take() {
                     self.clear_run(dd, h, r);
                 }
-                run = bfn.map(|b| DeferredRun::new(context, b.0, at));
+                run = bfn.map(|b| DeferredRun::new(context, b.0));
             }
             at = next;
         }
@@ -940,33 +937,33 @@ impl<L: RawMutex> Engine<L> {
     }
 
     /// A run the IOMMU refused whole: its pages one at a time, each it
-    /// still refuses marked again.
+    /// still refuses marked again. By BFN, not by the list's links: the
+    /// run is every BFN from `first` on (a run grows only at its ends),
+    /// each BFN has one slot, and the walk had taken every one of their
+    /// marks off, so none may be missed here (one left unmarked would be
+    /// released with its entry present: review 155).
     #[cold]
     #[inline(never)]
     fn clear_refused_run(&self, dd: &mut DriverDomain, h: &mut impl Hypervisor, run: DeferredRun) {
-        let mut at = run.head;
-        for _ in 0..run.pages {
+        // (At most `MAX_IOMMU_RUN` pages: `DeferredRun::grow`.)
+        for bfn in (run.first..).take(run.pages as usize).map(Bfn) {
             // (`NoEnt` here, in any context, is an entry the failed run
             // cleared before it stopped: unlike `entry_gone`'s, this slot's
             // entry was known to exist until this run.)
-            let cleared = self.space.bfn_of(at).is_some_and(|bfn| {
-                matches!(
-                    dd.iommu_unmap(h, run.context, bfn),
-                    Ok(()) | Err(Errno::NoEnt)
-                )
-            });
-            let next = if cleared {
-                dd.unmapping_link(at).map(|(_, _, next)| next)
-            } else {
-                // Marked again: the release pass moves it to the stuck
-                // list; until then the retry flag counts it.
-                dd.refused_clears += 1;
-                dd.entry_marked_again(at)
-            };
-            let Some(next) = next else {
-                break;
-            };
-            at = next;
+            if matches!(
+                dd.iommu_unmap(h, run.context, bfn),
+                Ok(()) | Err(Errno::NoEnt)
+            ) {
+                continue;
+            }
+            // Marked again: the release pass moves it to the stuck list;
+            // until then the retry flag counts it.
+            dd.refused_clears += 1;
+            let marked = self
+                .space
+                .index_of(bfn)
+                .is_some_and(|idx| dd.entry_marked_again(idx));
+            debug_assert!(marked, "a refused run's BFN {bfn:?} has no unmapping slot");
         }
     }
 

@@ -36,7 +36,7 @@ cat > "$WORK/test.c" <<'C'
 
 struct reserve { uint64_t first, last; };
 static bool iommu_enabled, iommu_hwdom_strict, pvx_hwdom_strict, pviommu_ready;
-static bool opt_pviommu = true, opt_pviommu_reserve_refused, pvx_regions_incomplete;
+static bool opt_pviommu = true, opt_pviommu_item_refused, pvx_regions_incomplete;
 static unsigned int opt_pviommu_nr_reserve, opt_pviommu_batch, opt_pviommu_heap_mib;
 static uint64_t opt_pviommu_quota, pvx_window_start, pvx_window_end;
 static struct reserve opt_pviommu_reserve[1];
