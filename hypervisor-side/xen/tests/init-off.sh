@@ -90,8 +90,19 @@ int main(void)
         printf("init-off: FAIL did not start with an IOMMU\n");
         failed = 1;
     }
+    /* A pviommu= item refused (parse_pviommu()): off, IOMMU or not. */
+    pviommu_ready = false;
+    engines = 0;
+    opt_pviommu_item_refused = true;
+    pviommu_init();
+    if ( pviommu_ready || engines )
+    {
+        printf("init-off: FAIL started with a pviommu= item refused (ready %d, %u engines)\n",
+               pviommu_ready, engines);
+        failed = 1;
+    }
     if ( !failed )
-        printf("init-off: ok (off with no IOMMU in use, on with one)\n");
+        printf("init-off: ok (off with no IOMMU in use or an option item refused, on with one)\n");
     return failed;
 }
 C
