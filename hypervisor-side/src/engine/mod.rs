@@ -1525,7 +1525,9 @@ impl<L: RawMutex> Engine<L> {
 
     /// The toolstack sets `domid`'s BFN quota (`None`: back to the boot
     /// default). Lowering it below what the domain holds refuses its new
-    /// maps until it is back under; nothing is revoked. The caller has been
+    /// maps until it is back under; nothing is revoked. A map run already
+    /// holding one of the domain's cells counts the quota it read for its
+    /// (at most `MAP_CHUNK`) maps under that lock. The caller has been
     /// checked to be the control domain. The quota is kept by domid
     /// (`DomidLife`): it takes no cell, so quotas set for domains that
     /// never map cannot fill the pool of cells.
