@@ -752,6 +752,24 @@ std::thread_local! {
     pub(crate) static SLOTS_DECODED: core::cell::Cell<u64> = const { core::cell::Cell::new(0) };
 }
 
+/// The slot's side of a push onto the unmapping list whose head is
+/// `head`: its state Unmapping (its IOMMU entry still there, for the flush
+/// to clear, with `entry_present`; a notice after the flush with
+/// `then_revoked`), linked before the head. The list's side follows
+/// ([`DriverDomain::pushed_unmapping`]); one rule for the two pushes that
+/// change a slot in place.
+#[inline(always)]
+fn link_unmapping(r: &mut RawSlot, head: u64, then_revoked: bool, entry_present: bool) {
+    let flag = if then_revoked { THEN_REVOKED } else { 0 };
+    let state = if entry_present {
+        ST_UNMAPPING_ENTRY_PRESENT
+    } else {
+        ST_UNMAPPING
+    };
+    r.bits = (r.bits & !(STATE_MASK | THEN_REVOKED)) | state | flag;
+    r.next = link32(head);
+}
+
 impl DriverDomain {
     pub(crate) fn new(domid: DomId) -> Self {
         DriverDomain {
@@ -2154,12 +2172,9 @@ impl DriverDomain {
         }
         let (domid, gfn, after) = (DomId(r.domid), Gfn(r.gfn), link64(r.next));
         let member = r.bits & MEMBER != 0;
-        // (`push_unmapping_at(idx, false, true)`, in place.)
-        r.bits = (r.bits & !(STATE_MASK | THEN_REVOKED)) | ST_UNMAPPING_ENTRY_PRESENT;
-        r.next = link32(head);
-        self.unmapping_head = idx;
-        self.unmapping_len += 1;
-        self.deferred_entries += 1;
+        // (`push_unmapping_at(idx, false, true)`, with the slot in hand.)
+        link_unmapping(r, head, false, true);
+        self.pushed_unmapping(idx, true);
         self.stats.unmaps += 1;
         self.unindex_fields(seed, idx, (domid, gfn, after), member);
         Some(())
@@ -2306,14 +2321,14 @@ impl DriverDomain {
             self.note_bug(EngineBug::ReferenceLost);
             return;
         };
-        let flag = if then_revoked { THEN_REVOKED } else { 0 };
-        let state = if entry_present {
-            ST_UNMAPPING_ENTRY_PRESENT
-        } else {
-            ST_UNMAPPING
-        };
-        r.bits = (r.bits & !(STATE_MASK | THEN_REVOKED)) | state | flag;
-        r.next = link32(head);
+        link_unmapping(r, head, then_revoked, entry_present);
+        self.pushed_unmapping(idx, entry_present);
+    }
+
+    /// The list's side of a push onto the unmapping list: slot `idx`,
+    /// linked by [`link_unmapping`], is its head now.
+    #[inline(always)]
+    fn pushed_unmapping(&mut self, idx: u64, entry_present: bool) {
         self.unmapping_head = idx;
         self.unmapping_len += 1;
         self.deferred_entries += u64::from(entry_present);
