@@ -276,8 +276,9 @@ pub(crate) struct Unmapped {
     pub(crate) mfn: Mfn,
     /// Whether the reference is a writable one.
     pub(crate) writable: bool,
-    /// Which page it was, and in which context: the notice if revoked.
-    pub(crate) page: Notice,
+    /// Whose page it was (the rest of the notice, if revoked, stays in the
+    /// slot: [`DriverDomain::push_revoked_unmapped`]).
+    pub(crate) domid: DomId,
     /// Becomes a notice (true) or free (false).
     pub(crate) then_revoked: bool,
     /// Its IOMMU entry is still to be cleared, by the flush's first step
@@ -413,6 +414,18 @@ impl RawSlot {
     #[inline]
     fn state(&self) -> u8 {
         self.bits & STATE_MASK
+    }
+
+    /// A free slot linked before `head` on the free list (its back link
+    /// set where a slot joins the list).
+    #[inline(always)]
+    fn free_before(head: u64) -> RawSlot {
+        RawSlot {
+            next: link32(head),
+            aux: link32(NONE),
+            bits: ST_FREE,
+            ..RawSlot::default()
+        }
     }
 
     #[inline]
@@ -1987,19 +2000,21 @@ impl DriverDomain {
     pub(crate) fn free_slot(&mut self, idx: u64) {
         let head = self.free_head;
         if let Some(r) = self.raw_mut(idx) {
-            *r = RawSlot {
-                next: link32(head),
-                aux: link32(NONE),
-                bits: ST_FREE,
-                ..RawSlot::default()
-            };
-            self.free_head = idx;
-            self.free += 1;
-            // (Only into a free slot: a live slot's `aux` is its count of
-            // references.)
-            if let Some(h) = self.raw_mut(head).filter(|h| h.state() == ST_FREE) {
-                h.aux = link32(idx);
-            }
+            *r = RawSlot::free_before(head);
+            self.pushed_free(idx, head);
+        }
+    }
+
+    /// The list's side of a push onto the free list whose head was `head`:
+    /// slot `idx`, made [`RawSlot::free_before`] it, is its head now.
+    #[inline(always)]
+    fn pushed_free(&mut self, idx: u64, head: u64) {
+        self.free_head = idx;
+        self.free += 1;
+        // (Only into a free slot: a live slot's `aux` is its count of
+        // references.)
+        if let Some(h) = self.raw_mut(head).filter(|h| h.state() == ST_FREE) {
+            h.aux = link32(idx);
         }
     }
 
@@ -2344,15 +2359,40 @@ impl DriverDomain {
         Some(Unmapped {
             mfn: Mfn(r.mfn),
             writable: r.bits & WRITE != 0,
-            page: Notice {
-                domid: DomId(r.domid),
-                gfn: Gfn(r.gfn),
-                context: ContextId(r.context as u32),
-            },
+            domid: DomId(r.domid),
             then_revoked: r.bits & THEN_REVOKED != 0,
             entry_present: r.state() == ST_UNMAPPING_ENTRY_PRESENT,
             next: link64(r.next),
         })
+    }
+
+    /// The release pass's step at Unmapping slot `idx`: what
+    /// [`unmapping_at`](Self::unmapping_at) answers, with the slot freed
+    /// ([`free_slot`](Self::free_slot)) where the release frees it (its
+    /// entry cleared, and no notice to follow: an owner's unmap), from the
+    /// one access to it. `None`, nothing changed, for any other state.
+    /// The caller releases the page after (under the same lock: no map
+    /// takes the BFN before), and takes the slot off the unmapping list
+    /// (which its free state no longer links: `next` is in the answer).
+    #[inline(always)]
+    pub(crate) fn take_released(&mut self, idx: u64) -> Option<Unmapped> {
+        let head = self.free_head;
+        let r = self
+            .raw_mut(idx)
+            .filter(|r| matches!(r.state(), ST_UNMAPPING | ST_UNMAPPING_ENTRY_PRESENT))?;
+        let u = Unmapped {
+            mfn: Mfn(r.mfn),
+            writable: r.bits & WRITE != 0,
+            domid: DomId(r.domid),
+            then_revoked: r.bits & THEN_REVOKED != 0,
+            entry_present: r.state() == ST_UNMAPPING_ENTRY_PRESENT,
+            next: link64(r.next),
+        };
+        if !u.entry_present && !u.then_revoked {
+            *r = RawSlot::free_before(head);
+            self.pushed_free(idx, head);
+        }
+        Some(u)
     }
 
     /// What the clearing pass needs of Unmapping slot `idx`: whether its
@@ -2516,6 +2556,21 @@ impl DriverDomain {
         }
         self.revoked_tail = idx;
         self.revoked += 1;
+    }
+
+    /// [`push_revoked`](Self::push_revoked) of the page Unmapping slot
+    /// `idx` held (its release done), read from the slot: the release
+    /// pass carries only what every release needs across the page's put.
+    pub(crate) fn push_revoked_unmapped(&mut self, idx: u64, order: u64) {
+        let Some(r) = self.raw(idx) else {
+            return;
+        };
+        let notice = Notice {
+            domid: DomId(r.domid),
+            gfn: Gfn(r.gfn),
+            context: ContextId(r.context as u32),
+        };
+        self.push_revoked(idx, notice, order);
     }
 
     /// Remove a revoked slot from the notice queue and free it.

@@ -407,6 +407,13 @@ impl DeferredRun {
     /// ends where a 2 MiB block of BFNs starts, never inside one: a run cut
     /// inside a block the host mapped as one superpage clears part of it,
     /// a split that needs a table.
+    ///
+    /// Falling is asked first: the list runs from the last unmap back, so
+    /// a batch unmapped from the bottom up (the usual order) falls. Where
+    /// blocks start is asked only within a block of the bound (where a
+    /// run may have to end short of one); below it any BFN that extends
+    /// the run is taken.
+    #[inline(always)]
     fn grow(&mut self, context: ContextId, bfn: u64) -> bool {
         const BLOCK: u64 = pviommu_abi::EXTENT_PAGES - 1;
         if context != self.context {
@@ -416,14 +423,16 @@ impl DeferredRun {
         if !falling && self.first.checked_add(self.pages) != Some(bfn) {
             return false;
         }
-        let starts_block = if falling {
-            bfn & BLOCK == BLOCK
-        } else {
-            bfn & BLOCK == 0
-        };
         let room = crate::iommu::MAX_IOMMU_RUN.saturating_sub(self.pages);
-        if room == 0 || (starts_block && room < pviommu_abi::EXTENT_PAGES) {
-            return false;
+        if room < pviommu_abi::EXTENT_PAGES {
+            let starts_block = if falling {
+                bfn & BLOCK == BLOCK
+            } else {
+                bfn & BLOCK == 0
+            };
+            if room == 0 || starts_block {
+                return false;
+            }
         }
         if falling {
             self.first = bfn;
@@ -638,12 +647,15 @@ impl<L: RawMutex> Engine<L> {
         let mut run: Option<(DomId, u32)> = None;
         let before = *budget;
         while *budget != 0 {
-            let Some(u) = dd.unmapping_at(at) else {
+            // (An entry freed here, the usual owner's unmap, is freed by
+            // this one access to its slot; its page goes just after.)
+            let Some(u) = dd.take_released(at) else {
                 break;
             };
             *budget -= 1;
+            // (Its length follows after the loop, by the entries taken:
+            // nothing in it reads the length.)
             dd.unmapping_head = u.next;
-            dd.unmapping_len = dd.unmapping_len.saturating_sub(1);
             if u.entry_present {
                 // The IOMMU refused to clear its entry (above): the page
                 // stays referenced, the BFN taken, and the unmap is retried
@@ -666,7 +678,7 @@ impl<L: RawMutex> Engine<L> {
                 continue;
             }
             h.put_page(u.mfn, u.writable);
-            let domid = u.page.domid;
+            let domid = u.domid;
             run = match run {
                 Some((d, n)) if d == domid => Some((d, n + 1)),
                 other => {
@@ -685,15 +697,14 @@ impl<L: RawMutex> Engine<L> {
                     .notice_counts
                     .get(owner.0 as usize)
                     .map_or(0, |n| n.fetch_add(1, Ordering::SeqCst).wrapping_add(1));
-                dd.push_revoked(at, u.page, order);
-            } else {
-                dd.free_slot(at);
+                dd.push_revoked_unmapped(at, order);
             }
             at = u.next;
         }
         // The list's end reached: empty (already so, unless a link led to
         // a slot that is not Unmapping). Else the budget left `at` on.
         let released = before - *budget;
+        dd.unmapping_len = dd.unmapping_len.saturating_sub(released);
         let pages_left = *budget == 0 && dd.unmapping_at(at).is_some();
         if !pages_left {
             dd.unmapping_head = NONE;
