@@ -1009,3 +1009,63 @@ fn a_target_killed_while_its_mappers_call_is_suspended_leaves_nothing_held() {
         assert_eq!(m.total_page_refs(), 0, "{failed_flushes}");
     }
 }
+
+/// Dom0's context-0 maps wait for the flush at the call's end, at most
+/// `DEFER_LIMIT` (1024, the engine's own) of them: the map that makes
+/// them that many writes them at once, in the middle of the call, on each
+/// path a map takes (a run asking alike, a run asking otherwise, one map
+/// on its own). The maps after it wait again. (The write follows the
+/// locked map, by its caller: without it the maps past the room write
+/// their own entries, and the first 1024 would still wait.)
+#[test]
+fn the_map_that_fills_the_waiting_room_writes_the_waiting_entries_on_every_path() {
+    const DEFER_LIMIT: u64 = 1024;
+    let total = DEFER_LIMIT + 8;
+    for path in ["alike", "alternating", "one by one"] {
+        let (mut m, e) = machine(Format::Vtd, 2048);
+        let dom0 = m.domain_info(DomId::DOM0).unwrap();
+        // (Alternating access: no run asks alike.)
+        let reqs: Vec<_> = (0..total)
+            .map(|g| {
+                let write = path != "alternating" || g % 2 == 0;
+                let perms = if write {
+                    Permissions::RW
+                } else {
+                    Permissions::RO
+                };
+                guest_map(g, perms)
+            })
+            .collect();
+        let mut bfns = vec![];
+        if path == "one by one" {
+            for r in &reqs {
+                bfns.push(e.map(&mut m, DomId::DOM0, &dom0, r).unwrap());
+            }
+        } else {
+            for run in reqs.chunks(8) {
+                let mut out = [Err(pviommu_hv::Errno::Inval); 8];
+                let n = e.map_batch(&mut m, DomId::DOM0, &dom0, run, &mut out);
+                assert_eq!(n, run.len(), "{path}");
+                bfns.extend(out.iter().map(|o| o.unwrap().bfn));
+            }
+        }
+        let written = |m: &pviommu_hv::sim::SimMachine, k: usize| {
+            m.translate(DomId::DOM0, ContextId::DEFAULT, bfns[k])
+                .is_some()
+        };
+        assert!(written(&m, 0), "{path}: the first map written mid-call");
+        assert!(
+            written(&m, DEFER_LIMIT as usize - 1),
+            "{path}: the map that filled the room written"
+        );
+        assert!(
+            !written(&m, total as usize - 1),
+            "{path}: the maps after it wait again"
+        );
+        e.finish(&mut m, DomId::DOM0);
+        assert!(
+            (0..total as usize).all(|k| written(&m, k)),
+            "{path}: all written by the flush"
+        );
+    }
+}

@@ -270,6 +270,25 @@ impl super::DriverDomain {
         perms: Permissions,
         attr: MemAttr,
     ) -> Result<(), Errno> {
+        self.iommu_map_inlined(h, ctx, bfn, mfn, perms, attr)
+    }
+
+    /// [`iommu_map`](Self::iommu_map), always inlined: the page map's
+    /// install (`Engine::map_install`) writes its entry through this, where
+    /// the call cost each map into an engine context about 20 instructions
+    /// (its arguments, frame and registers). The other callers (an
+    /// extent's pages one by one, a refused run's retry) keep the call.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub(crate) fn iommu_map_inlined(
+        &mut self,
+        h: &mut impl IommuBackend,
+        ctx: ContextId,
+        bfn: Bfn,
+        mfn: Mfn,
+        perms: Permissions,
+        attr: MemAttr,
+    ) -> Result<(), Errno> {
         if ctx == ContextId::DEFAULT {
             return h.iommu_map(self.domid, ctx, bfn, mfn, perms, attr, &mut self.gather);
         }
