@@ -9,14 +9,15 @@
 //! cannot be copied out is undone.
 //!
 //! Guest copies happen with no engine lock held (for HVM/PVH callers they
-//! take the caller's p2m lock and may fault): each op is copied in, acted on
-//! under the lock, and copied out.
+//! take the caller's p2m lock and may fault): the ops are copied in a
+//! window at a time (up to `MAP_CHUNK`, one guest copy), acted on under the
+//! lock a run or an op at a time, and copied out.
 
 use pviommu_abi::MapRequest;
 use pviommu_abi::{
-    cmd, feature, stats_flag, version_major, PvIommuBatch, PvIommuCaps, PvIommuEntry,
-    PvIommuLimits, PvIommuOp, PvIommuRegion, PvIommuRegions, PvIommuStats, Request,
-    BATCH_INCOMPLETE, INTERFACE_VERSION,
+    cmd, feature, op_flags, revoked_next, stats_flag, subop, version_major, PvIommuBatch,
+    PvIommuCaps, PvIommuEntry, PvIommuLimits, PvIommuOp, PvIommuRegion, PvIommuRegions,
+    PvIommuStats, Request, BATCH_INCOMPLETE, INTERFACE_VERSION,
 };
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
@@ -55,56 +56,136 @@ fn write_notice(op: &mut PvIommuOp, (bfn, n, number): (Bfn, Notice, u64), number
     }
 }
 
-/// Copy in the ops of a run that starts with `first` (at `hdr.nr_done`,
-/// already copied in, and parsed into `head`) into `ops`, each parsed by
-/// `take` into the same place of `parsed`: up to `ops.len()` ops while
-/// `take` accepts them (each op is parsed once). The rest is copied with
-/// one guest copy; if that faults, op by op up to the fault (the op that
-/// faults is reported when the batch loop reaches it). Returns how many
-/// were taken, and the op after them if it was copied in.
-fn copy_in_run<T>(
-    h: &mut impl Hypervisor,
-    hdr: &PvIommuBatch,
-    first: PvIommuOp,
+/// Filler for the window's places no op was copied into (never read as
+/// an op of the batch): not all zero, so that filling the window is no
+/// memset call (in Xen `rep stosb`: one TCG block per byte).
+const UNUSED_OP: PvIommuOp = PvIommuOp {
+    subop: u16::MAX,
+    flags: 0,
+    status: 0,
+    context: 0,
+    domid: 0,
+    _pad0: 0,
+    gfn: 0,
+    bfn: 0,
+    notice: 0,
+};
+
+/// The batch's ops copied in ahead of the batch loop: up to [`MAP_CHUNK`]
+/// with one guest copy. `ops[..len]` are the batch's ops `base..base +
+/// len`; each op is copied in once and acted on from here (a run's ops are
+/// parsed here and their results written back from here, in place).
+// (The ops are the caller's local, filled with `UNUSED_OP` there: an
+// array built in a constructor was built twice in the Xen object, once in
+// a temporary and copied, 320 bytes more on the stack and a memcpy.)
+struct Window<'a> {
+    ops: &'a mut [PvIommuOp; MAP_CHUNK],
+    base: u32,
+    len: usize,
+}
+
+impl<'a> Window<'a> {
+    /// An empty window over `ops`.
+    fn over(ops: &'a mut [PvIommuOp; MAP_CHUNK]) -> Self {
+        Self {
+            ops,
+            base: 0,
+            len: 0,
+        }
+    }
+
+    /// The window's place of the batch's op `i`, if it was copied in.
+    fn place(&self, i: u32) -> Option<usize> {
+        let k = i.checked_sub(self.base)? as usize;
+        (k < self.len).then_some(k)
+    }
+
+    /// Whether a run starting at place `k` (not the first) might go on past
+    /// the window's end: ops of the batch come after the window, and the
+    /// window's ops from `k` are all of one run kind's subop and of one
+    /// context. The window is then copied in again from `k`, so that the
+    /// run is not cut short by the window (only a guess: the copy is
+    /// parsed and dispatched afresh).
+    fn cuts_run(&self, k: usize, nr_ops: u32) -> bool {
+        if k == 0 || u64::from(self.base) + self.len as u64 >= u64::from(nr_ops) {
+            return false;
+        }
+        let Some((first, rest)) = self.ops.get(k..self.len).and_then(|w| w.split_first()) else {
+            return false;
+        };
+        may_start_run(first)
+            && rest
+                .iter()
+                .all(|op| op.subop == first.subop && op.context == first.context)
+    }
+
+    /// Copy in the batch's ops from `at` (up to [`MAP_CHUNK`], not past the
+    /// batch's end) with one guest copy; if that faults, op by op up to the
+    /// fault (the op that faults is reported when the batch loop reaches
+    /// it: the ops before it run first). `Err` only when op `at` itself
+    /// cannot be copied in (the window is then empty).
+    // (Called once, in the batch loop's `run_window`: inlined there.)
+    #[inline(always)]
+    fn fill(&mut self, h: &mut impl Hypervisor, hdr: &PvIommuBatch, at: u32) -> Result<(), Errno> {
+        let want = (hdr.nr_ops.saturating_sub(at) as usize).min(MAP_CHUNK);
+        self.base = at;
+        self.len = 0;
+        let Some(buf) = self.ops.get_mut(..want).filter(|b| !b.is_empty()) else {
+            // Unreachable: the batch loop fills only for an op of the batch.
+            return Err(Errno::Inval);
+        };
+        let addr = hdr.ops + u64::from(at) * OP_SIZE;
+        if h.copy_from_guest(addr, buf.as_mut_bytes()).is_ok() {
+            self.len = want;
+            return Ok(());
+        }
+        for (k, op) in buf.iter_mut().enumerate() {
+            if let Err(e) = h.copy_from_guest(addr + k as u64 * OP_SIZE, op.as_mut_bytes()) {
+                return if k == 0 { Err(e) } else { Ok(()) };
+            }
+            self.len = k + 1;
+        }
+        // Copied op by op after all (the guest's memory changed between).
+        Ok(())
+    }
+}
+
+/// Whether `op` may start a run (maps, unmaps of a page,
+/// acknowledgements, one context's notices): by its subop and flags alone,
+/// a guess (a run parses its first op, and hands back one not of its
+/// form).
+fn may_start_run(op: &PvIommuOp) -> bool {
+    match op.subop {
+        subop::MAP | subop::UNMAP => op.flags & op_flags::EXTENT_2M == 0,
+        subop::REVOKED_ACK => true,
+        subop::REVOKED_NEXT => op.flags & revoked_next::IN_CONTEXT != 0,
+        _ => false,
+    }
+}
+
+/// Parse the ops of a run: `ops[0]` (already parsed into `head`) and the
+/// ones after it while `take` accepts them, each into the same place of
+/// `parsed`, up to `parsed.len()` (each op is parsed once). Returns how
+/// many.
+fn parse_run<T>(
+    ops: &[PvIommuOp],
     head: T,
-    ops: &mut [PvIommuOp],
     parsed: &mut [T],
     take: impl Fn(&PvIommuOp) -> Option<T>,
-) -> (usize, Option<PvIommuOp>) {
-    let left = hdr.nr_ops.saturating_sub(hdr.nr_done) as usize;
-    let want = ops.len().min(parsed.len()).min(left);
-    let Some(run) = ops.get_mut(..want) else {
-        return (0, None);
+) -> usize {
+    let Some((slot0, slots)) = parsed.split_first_mut() else {
+        return 0;
     };
-    let (Some((op0, rest)), Some((parsed0, parsed))) =
-        (run.split_first_mut(), parsed.split_first_mut())
-    else {
-        return (0, None);
-    };
-    *op0 = first;
-    *parsed0 = head;
-    let addr = hdr.ops + (hdr.nr_done as u64 + 1) * OP_SIZE;
-    let mut copied = 1 + rest.len();
-    if h.copy_from_guest(addr, rest.as_mut_bytes()).is_err() {
-        copied = 1;
-        for (k, op) in rest.iter_mut().enumerate() {
-            match copy_in::<PvIommuOp>(h, addr + k as u64 * OP_SIZE) {
-                Ok(c) => {
-                    *op = c;
-                    copied += 1;
-                }
-                Err(_) => break,
-            }
-        }
-    }
-    let rest = rest.get(..copied - 1).unwrap_or(&[]);
-    for (n, (op, slot)) in rest.iter().zip(parsed.iter_mut()).enumerate() {
+    *slot0 = head;
+    let mut n = 1;
+    for (op, slot) in ops.iter().skip(1).zip(slots.iter_mut()) {
         match take(op) {
             Some(t) => *slot = t,
-            None => return (1 + n, Some(*op)),
+            None => break,
         }
+        n += 1;
     }
-    (copied, None)
+    n.min(ops.len())
 }
 
 /// The address of `nr_done` in the batch header at `arg`.
@@ -161,34 +242,38 @@ fn status_of(r: &Result<(), Errno>) -> i32 {
     }
 }
 
+/// What a run answers: `Ok(ops done)`, at least one; or `Err((ops done
+/// before the failure, error))`, which ends the batch.
+type RunResult = Result<u32, (u32, Errno)>;
+
 /// Run a run of destructive ops (unmaps, acknowledgements) starting at
-/// `hdr.nr_done` (`first`, already copied in and parsed into `head`, and up
-/// to [`MAP_CHUNK`] - 1 more that `take` accepts, each parsed once into a
-/// `T`) as `run_op` runs each: check, report, act, report
-/// again what changed. `step(h, ops, act, out)` is the engine's batch call
-/// for the kind: it checks (`act` false) or acts on `ops` and fills each
-/// one's (status, whether it passed), taking the caller's cell lock once
-/// for the run; no lock is held across the guest copies. Returns how
-/// many were done, and the op right after them if it was copied in
-/// already. If a status cannot be written, the ops before it are acted on
-/// and reported, that one and the rest are left alone, and `Err((done,
-/// error))` is returned (if a changed status cannot be written after the
-/// acts, every reported op counts as done: it was acted on).
+/// `hdr.nr_done`: of `ops`, copied in (the batch loop's window from there;
+/// `ops[0]` already parsed into `head`), the first and up to
+/// [`MAP_CHUNK`] - 1 more that `take` accepts, each parsed once into a
+/// `T`, as `run_op` runs each: check, report, act, report again what
+/// changed. `step(h, ops, act, out)` is the engine's batch call for the
+/// kind: it checks (`act` false) or acts on `ops` and fills each one's
+/// (status, whether it passed), taking the caller's cell lock once for
+/// the run; no lock is held across the guest copies. Returns how many
+/// were done (their statuses written into `ops` too). If a status cannot
+/// be written, the ops before it are acted on and reported, that one and
+/// the rest are left alone, and `Err((done, error))` is returned (if a
+/// changed status cannot be written after the acts, every reported op
+/// counts as done: it was acted on).
 // Inlined into each run (which is not inlined), so that its engine calls
 // are inlined there as they were before it was shared.
 #[inline(always)]
 fn run_checked<H: Hypervisor, T: Copy>(
     h: &mut H,
     hdr: &PvIommuBatch,
-    first: PvIommuOp,
+    ops: &mut [PvIommuOp],
     head: T,
     take: impl Fn(&PvIommuOp) -> Option<T>,
     mut step: impl FnMut(&mut H, &[T], bool, &mut [(i32, bool)]) -> usize,
-) -> Result<(u32, Option<PvIommuOp>), (u32, Errno)> {
-    // Filled from `first`, not zeroed (see `run_maps`).
-    let mut ops = [first; MAP_CHUNK];
+) -> RunResult {
+    // Filled from `head`, not zeroed (see `Window`).
     let mut reqs = [head; MAP_CHUNK];
-    let (n, after) = copy_in_run(h, hdr, first, head, &mut ops, &mut reqs, take);
+    let n = parse_run(ops, head, &mut reqs, take);
     let addr_of = |k: usize| hdr.ops + (hdr.nr_done as u64 + k as u64) * OP_SIZE;
     // Check and report.
     let mut checks = [(Errno::NoEnt.negated(), false); MAP_CHUNK];
@@ -244,14 +329,9 @@ fn run_checked<H: Hypervisor, T: Copy>(
             }
         }
     }
-    // A run checked short of what was copied in (not done today: the copy
-    // takes the same ops the check counts) goes on at the first op not
-    // checked, never at the one copied in after the run.
-    let after = if checked < n {
-        ops.get(checked).copied()
-    } else {
-        after
-    };
+    // A run checked short of what was parsed (not done today: the check
+    // takes every op it is given) goes on at the first op not checked,
+    // from the window (its status is not written here).
     // Every op reported as passing its check must have been acted on
     // (today each act step acts on all it is given): one that was not
     // would count in `nr_done` with a success written, an unmap believed
@@ -263,7 +343,7 @@ fn run_checked<H: Hypervisor, T: Copy>(
     }
     match failure {
         Some(e) => Err((reported as u32, e)),
-        None => Ok((checked as u32, after)),
+        None => Ok(checked as u32),
     }
 }
 
@@ -801,55 +881,53 @@ impl<L: RawMutex> Engine<L> {
         // about again in it).
         let me = Caller::new(caller, ci);
         let mut result = Ok(0);
-        // The op at `nr_done` when a run of maps already copied it in.
-        let mut peeked: Option<PvIommuOp> = None;
+        // Whether the op before `nr_done` was `run_op`'s: ops that are no
+        // run's tend to come together, so the next op is copied in alone
+        // first (as each op was before the window), and a window is copied
+        // in only when it may start a run.
+        let mut after_op = false;
+        // The op `run_op` runs (one place for it in this frame, which is
+        // under `run_op`'s deepest calls).
+        let mut op = UNUSED_OP;
         while hdr.nr_done < hdr.nr_ops {
-            if hdr.nr_done > first && h.should_preempt() {
-                result = Ok(BATCH_INCOMPLETE);
-                break;
+            let mut asked = false;
+            let mut single = false;
+            if after_op {
+                if hdr.nr_done > first && h.should_preempt() {
+                    result = Ok(BATCH_INCOMPLETE);
+                    break;
+                }
+                asked = true;
+                let addr = hdr.ops + hdr.nr_done as u64 * OP_SIZE;
+                if let Err(e) = h.copy_from_guest(addr, op.as_mut_bytes()) {
+                    result = Err(e);
+                    break;
+                }
+                // Else copied in again, with the ops after it, for its run.
+                single = !may_start_run(&op);
+                if single {
+                    // Only the cells of the contexts named are flushed at
+                    // the end.
+                    *touched |= 1u32.checked_shl(op.context).unwrap_or(0);
+                }
             }
-            let addr = hdr.ops + hdr.nr_done as u64 * OP_SIZE;
-            let op = match peeked.take() {
-                Some(op) => op,
-                None => match copy_in::<PvIommuOp>(h, addr) {
-                    Ok(op) => op,
+            // Else the runs from `nr_done` on, up to an op that is not a
+            // run's.
+            if !single {
+                match self.run_window(h, &me, &mut hdr, first, asked, touched) {
+                    Ok(Next::Op(next)) => op = next,
+                    Ok(Next::End) => break,
+                    Ok(Next::Preempted) => {
+                        result = Ok(BATCH_INCOMPLETE);
+                        break;
+                    }
                     Err(e) => {
                         result = Err(e);
                         break;
                     }
-                },
-            };
-            // Only the cells of the contexts named are flushed at the end.
-            *touched |= 1u32.checked_shl(op.context).unwrap_or(0);
-            // Maps, unmaps, acknowledgements and one context's notices go
-            // in runs, each under one lock of the caller's cell. (Each run
-            // parses its first op again rather than take it parsed from
-            // here: the four kinds' parsed ops grew this frame in the Xen
-            // object by 150 bytes, on the way to a guest copy.)
-            let run = if Request::parse_map(&op).is_some() {
-                Some(self.run_maps(h, &me, &hdr, op))
-            } else if Request::parse_unmap(&op).is_some() {
-                Some(self.run_unmaps(h, caller, &hdr, op))
-            } else if Request::parse_revoked_ack(&op).is_some() {
-                Some(self.run_acks(h, caller, &hdr, op))
-            } else if Request::parse_revoked_in(&op).is_some() {
-                Some(self.run_notices(h, caller, &hdr, op))
-            } else {
-                None
-            };
-            match run {
-                Some(Ok((k, next))) => {
-                    hdr.nr_done += k;
-                    peeked = next;
-                    continue;
                 }
-                Some(Err((k, e))) => {
-                    hdr.nr_done += k;
-                    result = Err(e);
-                    break;
-                }
-                None => {}
             }
+            let addr = hdr.ops + hdr.nr_done as u64 * OP_SIZE;
             match self.run_op(h, &me, addr, op) {
                 Ok(OpDone::Yes) => hdr.nr_done += 1,
                 // Work left in the op itself (a destroy whose tables go a
@@ -868,6 +946,7 @@ impl<L: RawMutex> Engine<L> {
                     break;
                 }
             }
+            after_op = true;
         }
         // (The flush is the caller's, `batch`: a run of maps or unmaps is
         // all of its first op's context, named in `touched`.) Only
@@ -889,13 +968,100 @@ impl<L: RawMutex> Engine<L> {
         result
     }
 
-    /// Run the map ops starting at `hdr.nr_done` (`first`, already copied
-    /// in, and up to [`MAP_CHUNK`] - 1 more, stopping at the first op that
-    /// is not a well-formed map, and where [`Engine::map_batch`] ends its
-    /// run), and write their results back in order. Returns how many were
-    /// done, and the op right after them if it was copied in already. If a
-    /// result cannot be written back, that op and the ones after it in the
-    /// run are undone and `Err((done before it, error))` is returned.
+    /// The batch loop's runs from `hdr.nr_done` on: each run (maps,
+    /// unmaps, acknowledgements, one context's notices) of the ops copied
+    /// in a window at a time (one guest copy for up to [`MAP_CHUNK`] ops),
+    /// `nr_done` moved past it, until an op that is not a run's: handed
+    /// back (`Next::Op`, copied in, its context named in `touched`) for
+    /// `run_op`, with `nr_done` at it. The platform is asked whether to
+    /// stop before each run once an op is done in this entry (`first`:
+    /// `nr_done` at the entry), as before each op the batch loop runs
+    /// (`asked`: it was asked already at `nr_done`, by the batch loop).
+    /// `Err` when the op at `nr_done` cannot be copied in, or a run failed
+    /// (`nr_done` moved past the ops it did).
+    // Not inlined: the window is out of the batch loop's frame, which is
+    // under `run_op`'s deepest calls (a context's destroy).
+    #[inline(never)]
+    fn run_window(
+        &self,
+        h: &mut impl Hypervisor,
+        me: &Caller<'_>,
+        hdr: &mut PvIommuBatch,
+        first: u32,
+        asked: bool,
+        touched: &mut u32,
+    ) -> Result<Next, Errno> {
+        let caller = me.id;
+        let mut ops = [UNUSED_OP; MAP_CHUNK];
+        let mut win = Window::over(&mut ops);
+        // Whether to ask before the next run: once an op is done in this
+        // entry, and not at the `nr_done` the batch loop asked at (after a
+        // run, an op is done).
+        let mut ask = hdr.nr_done > first && !asked;
+        while hdr.nr_done < hdr.nr_ops {
+            if ask && h.should_preempt() {
+                return Ok(Next::Preempted);
+            }
+            ask = true;
+            // The op at `nr_done` is in the window, or the window is copied
+            // in from it (also when a run starting there might go on past
+            // the window's end).
+            let k = match win.place(hdr.nr_done) {
+                Some(k) if !win.cuts_run(k, hdr.nr_ops) => k,
+                _ => {
+                    win.fill(h, hdr, hdr.nr_done)?;
+                    0
+                }
+            };
+            let len = win.len;
+            let Some(ops) = win.ops.get_mut(k..len) else {
+                // Unreachable: the op at `nr_done` was copied in above.
+                return Err(Errno::Inval);
+            };
+            let Some(&op) = ops.first() else {
+                // Unreachable, as above.
+                return Err(Errno::Inval);
+            };
+            // Only the cells of the contexts named are flushed at the end.
+            *touched |= 1u32.checked_shl(op.context).unwrap_or(0);
+            // A run parses its first op and answers `None` if it is not of
+            // its form (then `run_op` runs it, and answers any error the
+            // op's form has): the kinds' parsed ops stay out of this frame
+            // (they grew the batch loop's in the Xen object by 150 bytes, on
+            // the way to a guest copy).
+            let hdr_now: &PvIommuBatch = hdr;
+            let run = match op.subop {
+                subop::MAP => self.run_maps(h, me, hdr_now, ops),
+                subop::UNMAP => self.run_unmaps(h, caller, hdr_now, ops),
+                subop::REVOKED_ACK => self.run_acks(h, caller, hdr_now, ops),
+                subop::REVOKED_NEXT => self.run_notices(h, caller, hdr_now, ops),
+                _ => None,
+            };
+            match run {
+                // Unreachable (a run does at least its first op, or fails);
+                // never loop on it.
+                Some(Ok(0)) => return Err(Errno::Inval),
+                Some(Ok(k)) => hdr.nr_done += k,
+                Some(Err((k, e))) => {
+                    hdr.nr_done += k;
+                    return Err(e);
+                }
+                None => return Ok(Next::Op(op)),
+            }
+        }
+        Ok(Next::End)
+    }
+
+    /// Run the map ops starting at `hdr.nr_done`: `ops`, copied in (the
+    /// batch loop's window from there), the first and up to [`MAP_CHUNK`] -
+    /// 1 more, stopping at the first op that is not a well-formed map of
+    /// the first one's context, and where [`Engine::map_batch`] ends its
+    /// run; and write their results back in order (from `ops`, where they
+    /// are written). `None` if the first op is not a well-formed map (not
+    /// run: the batch loop's `run_op` answers it). Returns how many were
+    /// done. If a result cannot be written back, that op and the ones after
+    /// it in the run are undone and `Err((done before it, error))` is
+    /// returned.
     // Not inlined: the run buffers of the two never share a stack frame.
     #[inline(never)]
     fn run_maps(
@@ -903,12 +1069,9 @@ impl<L: RawMutex> Engine<L> {
         h: &mut impl Hypervisor,
         caller: &Caller<'_>,
         hdr: &PvIommuBatch,
-        first: PvIommuOp,
-    ) -> Result<(u32, Option<PvIommuOp>), (u32, Errno)> {
-        let Some(head) = Request::parse_map(&first) else {
-            // Unreachable: the batch loop hands over only maps.
-            return Err((0, Errno::Inval));
-        };
+        ops: &mut [PvIommuOp],
+    ) -> Option<RunResult> {
+        let head = Request::parse_map(ops.first()?)?;
         // Filler for the unused tail (never passed to the engine).
         const UNUSED: MapRequest = MapRequest {
             context: ContextId::DEFAULT,
@@ -919,27 +1082,23 @@ impl<L: RawMutex> Engine<L> {
             attr: pviommu_abi::MemAttr::WriteBack,
             grant: false,
         };
-        // Filled from `first`, not zeroed: only the run's ops are read, and
-        // a zeroed buffer is a memset call, which in Xen is `rep stosb`: one
-        // TCG block per byte (40 per page, a tenth of the map's blocks).
-        let mut ops = [first; MAP_CHUNK];
+        // Filled, not zeroed (see `Window`): only the run's requests are
+        // read.
         let mut reqs = [UNUSED; MAP_CHUNK];
         // A run is of one context (the engine locks that context's cell).
         let same_context =
             |op: &PvIommuOp| Request::parse_map(op).filter(|m| m.context == head.context);
-        let (n, mut after) = copy_in_run(h, hdr, first, head, &mut ops, &mut reqs, same_context);
+        let n = parse_run(ops, head, &mut reqs, same_context);
         let mut results = [Err(Errno::Inval); MAP_CHUNK];
         let run = reqs.get(..n).unwrap_or(&[]);
         let done = self.map_batch_in(h, caller, run, &mut results);
         if done == 0 {
             // Unreachable (a run's first op is never a repeat); never loop
             // on it.
-            return Err((0, Errno::Inval));
+            return Some(Err((0, Errno::Inval)));
         }
-        if done < n {
-            // The run ended early: the next op is a map not yet run.
-            after = ops.get(done).copied();
-        }
+        // (A run that ended early goes on at the next op, a map not yet
+        // run, from the window.)
         for (op, result) in ops.iter_mut().zip(results.iter()).take(done) {
             match result {
                 Ok(m) => {
@@ -958,15 +1117,16 @@ impl<L: RawMutex> Engine<L> {
                     self.unmap_undo(h, caller.id, req.context, *m);
                 }
             }
-            return Err((k as u32, e));
+            return Some(Err((k as u32, e)));
         }
-        Ok((done as u32, after))
+        Some(Ok(done as u32))
     }
 
-    /// Run the unmap ops starting at `hdr.nr_done` (`first`, already copied
-    /// in, and up to [`MAP_CHUNK`] - 1 more of its context) as
-    /// [`run_checked`] runs a run: a revoked BFN is acknowledged and
-    /// reported `ESTALE`.
+    /// Run the unmap ops starting at `hdr.nr_done` (`ops`, the batch
+    /// loop's window from there: the first and up to [`MAP_CHUNK`] - 1 more
+    /// of its context) as [`run_checked`] runs a run: a revoked BFN is
+    /// acknowledged and reported `ESTALE`. `None` if the first op is not a
+    /// well-formed unmap of a page.
     // Not inlined: the run buffers of the runs never share a stack frame.
     #[inline(never)]
     fn run_unmaps(
@@ -974,17 +1134,14 @@ impl<L: RawMutex> Engine<L> {
         h: &mut impl Hypervisor,
         caller: DomId,
         hdr: &PvIommuBatch,
-        first: PvIommuOp,
-    ) -> Result<(u32, Option<PvIommuOp>), (u32, Errno)> {
-        let Some(head) = Request::parse_unmap(&first) else {
-            // Unreachable: the batch loop hands over only unmaps.
-            return Err((0, Errno::Inval));
-        };
+        ops: &mut [PvIommuOp],
+    ) -> Option<RunResult> {
+        let head = Request::parse_unmap(ops.first()?)?;
         let context = head.0;
-        run_checked(
+        Some(run_checked(
             h,
             hdr,
-            first,
+            ops,
             head,
             |op| Request::parse_unmap(op).filter(|&(c, _)| c == context),
             |h, reqs, act, out| {
@@ -1007,29 +1164,27 @@ impl<L: RawMutex> Engine<L> {
                 }
                 n
             },
-        )
+        ))
     }
 
-    /// Run the `revoked_ack` ops starting at `hdr.nr_done` (`first`, parsed,
-    /// and up to [`MAP_CHUNK`] - 1 more of its context) as [`run_checked`] runs a
-    /// run: one lock of the context's cell for the checks, one for the
-    /// acknowledgements.
+    /// Run the `revoked_ack` ops starting at `hdr.nr_done` (`ops`, the
+    /// batch loop's window from there: the first and up to [`MAP_CHUNK`] -
+    /// 1 more of its context) as [`run_checked`] runs a run: one lock of
+    /// the context's cell for the checks, one for the acknowledgements.
+    /// `None` if the first op is not a well-formed acknowledgement.
     #[inline(never)]
     fn run_acks(
         &self,
         h: &mut impl Hypervisor,
         caller: DomId,
         hdr: &PvIommuBatch,
-        first: PvIommuOp,
-    ) -> Result<(u32, Option<PvIommuOp>), (u32, Errno)> {
-        let Some((context, bfn, number)) = Request::parse_revoked_ack(&first) else {
-            // Unreachable: the batch loop hands over only acknowledgements.
-            return Err((0, Errno::Inval));
-        };
-        run_checked(
+        ops: &mut [PvIommuOp],
+    ) -> Option<RunResult> {
+        let (context, bfn, number) = Request::parse_revoked_ack(ops.first()?)?;
+        Some(run_checked(
             h,
             hdr,
-            first,
+            ops,
             (bfn, number),
             |op| {
                 Request::parse_revoked_ack(op)
@@ -1044,29 +1199,28 @@ impl<L: RawMutex> Engine<L> {
                 }
                 n
             },
-        )
+        ))
     }
 
     /// Run the `revoked_next` ops of one context (`IN_CONTEXT`) starting at
-    /// `hdr.nr_done` (`first`, parsed, and up to [`MAP_CHUNK`] - 1 more of
-    /// its context) under one lock of the context's cell, and write them back
-    /// with one copy. They change nothing, so an op whose answer cannot be
-    /// written is simply not done: `Err((done before it, error))`.
+    /// `hdr.nr_done` (`ops`, the batch loop's window from there: the first
+    /// and up to [`MAP_CHUNK`] - 1 more of its context) under one lock of
+    /// the context's cell, and write them back with one copy. They change
+    /// nothing, so an op whose answer cannot be written is simply not done:
+    /// `Err((done before it, error))`. `None` if the first op is not a
+    /// well-formed `revoked_next` of one context (the global form is
+    /// `run_op`'s).
     #[inline(never)]
     fn run_notices(
         &self,
         h: &mut impl Hypervisor,
         caller: DomId,
         hdr: &PvIommuBatch,
-        first: PvIommuOp,
-    ) -> Result<(u32, Option<PvIommuOp>), (u32, Errno)> {
-        let Some((context, skip, numbered)) = Request::parse_revoked_in(&first) else {
-            // Unreachable: the batch loop hands over only these.
-            return Err((0, Errno::Inval));
-        };
-        let mut ops = [first; MAP_CHUNK];
+        ops: &mut [PvIommuOp],
+    ) -> Option<RunResult> {
+        let (context, skip, numbered) = Request::parse_revoked_in(ops.first()?)?;
         let mut asks = [(0u32, false); MAP_CHUNK];
-        let (n, after) = copy_in_run(h, hdr, first, (skip, numbered), &mut ops, &mut asks, |op| {
+        let n = parse_run(ops, (skip, numbered), &mut asks, |op| {
             Request::parse_revoked_in(op)
                 .filter(|&(c, _, _)| c == context)
                 .map(|(_, skip, numbered)| (skip, numbered))
@@ -1081,7 +1235,7 @@ impl<L: RawMutex> Engine<L> {
         if done == 0 {
             // Unreachable (a run answers at least its first op); never loop
             // on it.
-            return Err((0, Errno::Inval));
+            return Some(Err((0, Errno::Inval)));
         }
         for ((op, f), &(_, numbered)) in
             ops.iter_mut().zip(found.iter()).zip(asks.iter()).take(done)
@@ -1095,13 +1249,10 @@ impl<L: RawMutex> Engine<L> {
             };
         }
         let addr = hdr.ops + hdr.nr_done as u64 * OP_SIZE;
-        write_back(h, addr, ops.get(..done).unwrap_or(&[])).map_err(|(k, e)| (k as u32, e))?;
-        let after = if done < n {
-            ops.get(done).copied()
-        } else {
-            after
-        };
-        Ok((done as u32, after))
+        if let Err((k, e)) = write_back(h, addr, ops.get(..done).unwrap_or(&[])) {
+            return Some(Err((k as u32, e)));
+        }
+        Some(Ok(done as u32))
     }
 
     /// Run `op`, copied in from guest address `addr`, and write its status
@@ -1259,11 +1410,79 @@ enum OpDone {
     NotYet,
 }
 
+/// Where [`Engine::run_window`] stopped.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Next {
+    /// The op at `nr_done` (copied in) is not a run's: `run_op`'s.
+    Op(PvIommuOp),
+    /// Every op of the batch is done.
+    End,
+    /// The platform asked to stop (`BATCH_INCOMPLETE`).
+    Preempted,
+}
+
 #[cfg(all(test, feature = "sim"))]
 mod tests {
     use super::*;
     use crate::platform::Platform;
     use crate::sim::{Format, SimMachine};
+
+    /// A window copies up to [`MAP_CHUNK`] ops in; across a fault, op by
+    /// op up to it (the ops before it are the window); `Err` only when its
+    /// first op faults. It is copied again for a run that starts inside it
+    /// when that run might go on past its end.
+    #[test]
+    fn a_window_stops_before_a_fault_and_is_copied_again_for_a_run() {
+        let mut m = SimMachine::new(64, Format::Vtd, 32);
+        m.current = DomId::DOM0;
+        let end = m.domain_ram_pages(DomId::DOM0).unwrap() * 4096;
+        let unmap = |bfn: u64, context: u32| PvIommuOp {
+            subop: subop::UNMAP,
+            context,
+            bfn,
+            ..PvIommuOp::default()
+        };
+        // Five ops before the end of dom0's memory, of a batch of twelve.
+        let mut ops: Vec<PvIommuOp> = (0..5).map(|k| unmap(k, 0)).collect();
+        let addr = end - 5 * OP_SIZE;
+        m.copy_to_guest(addr, ops.as_bytes()).unwrap();
+        let hdr = PvIommuBatch {
+            nr_ops: 12,
+            ops: addr,
+            ..PvIommuBatch::default()
+        };
+        let mut buf = [UNUSED_OP; MAP_CHUNK];
+        let mut win = Window::over(&mut buf);
+        assert_eq!(win.fill(&mut m, &hdr, 0), Ok(()));
+        assert_eq!((win.base, win.len), (0, 5));
+        assert_eq!(&win.ops[..5], &ops[..]);
+        assert_eq!((win.place(4), win.place(5)), (Some(4), None));
+        // Ops 1-4 are unmaps of one context to the window's end, and the
+        // batch goes on after it: a run from op 1 might too.
+        assert!(win.cuts_run(1, hdr.nr_ops));
+        // Not from the window's first op (it has all it can hold), nor
+        // where the batch ends with the window.
+        assert!(!win.cuts_run(0, hdr.nr_ops));
+        assert!(!win.cuts_run(1, 5));
+        assert_eq!(win.fill(&mut m, &hdr, 3), Ok(()));
+        assert_eq!((win.base, win.len), (3, 2));
+        assert_eq!(
+            (win.place(2), win.place(3), win.place(4)),
+            (None, Some(0), Some(1))
+        );
+        assert_eq!(win.fill(&mut m, &hdr, 5), Err(Errno::Fault));
+        assert_eq!((win.place(5), win.len), (None, 0));
+        // An op of another kind or context ends the run inside the window.
+        ops[3] = unmap(3, 1);
+        m.copy_to_guest(addr, ops.as_bytes()).unwrap();
+        assert_eq!(win.fill(&mut m, &hdr, 0), Ok(()));
+        assert!(!win.cuts_run(1, hdr.nr_ops));
+        assert!(win.cuts_run(4, hdr.nr_ops));
+        ops[4].subop = subop::LOOKUP;
+        m.copy_to_guest(addr, ops.as_bytes()).unwrap();
+        assert_eq!(win.fill(&mut m, &hdr, 0), Ok(()));
+        assert!(!win.cuts_run(4, hdr.nr_ops));
+    }
 
     /// A run whose act step acts on fewer ops than passed their check
     /// (no step does so today) stops `nr_done` before the first one left:
@@ -1274,7 +1493,7 @@ mod tests {
         let mut m = SimMachine::new(64, Format::Vtd, 32);
         let base = m.scratch_addr(DomId::DOM0).unwrap();
         m.current = DomId::DOM0;
-        let ops = [PvIommuOp::default(); 3];
+        let mut ops = [PvIommuOp::default(); 3];
         m.copy_to_guest(base, ops.as_bytes()).unwrap();
         let hdr = PvIommuBatch {
             nr_ops: 3,
@@ -1293,7 +1512,7 @@ mod tests {
                 reqs.len()
             }
         };
-        let r = run_checked(&mut m, &hdr, PvIommuOp::default(), (), |_| Some(()), step);
+        let r = run_checked(&mut m, &hdr, &mut ops, (), |_| Some(()), step);
         assert_eq!(r, Err((2, Errno::Inval)));
     }
 }
