@@ -73,8 +73,11 @@ const UNUSED_OP: PvIommuOp = PvIommuOp {
 
 /// The batch's ops copied in ahead of the batch loop: up to [`MAP_CHUNK`]
 /// with one guest copy. `ops[..len]` are the batch's ops `base..base +
-/// len`; each op is copied in once and acted on from here (a run's ops are
-/// parsed here and their results written back from here, in place).
+/// len`; each op is acted on from exactly one copy, this one (a run's ops
+/// are parsed here and their results written back from here, in place).
+/// An op may be copied in more than once before that: by the batch loop's
+/// probe of an op after one `run_op` ran, or again with a window copied
+/// from a run's first op (`cuts_run`); only the copy acted on counts.
 // (The ops are the caller's local, filled with `UNUSED_OP` there: an
 // array built in a constructor was built twice in the Xen object, once in
 // a temporary and copied, 320 bytes more on the stack and a memcpy.)

@@ -453,6 +453,10 @@ pub enum Service {
     TableWrite,
     /// At one of the engine's own [`RacePoint`]s (no host call there).
     At(RacePoint),
+    /// Right before the (n+1)-th copy from the guest that covers guest
+    /// address `.0` (`.1` = n): the guest rewrites its op array between
+    /// two copies in of the same op.
+    CopyFromGuestAt(u64, u32),
 }
 
 /// Write a batch of `ops` into `caller`'s scratch memory, as a guest
@@ -488,7 +492,8 @@ pub struct Interposer<'a> {
     m: RefCell<&'a mut SimMachine>,
     at: Service,
     race: RefCell<Option<Race<'a>>>,
-    /// Copies that covered a `CopyToGuestAt*` address so far.
+    /// Copies that covered a `CopyToGuestAt*` or `CopyFromGuestAt`
+    /// address so far.
     covering: u32,
     /// Page releases so far.
     puts: u32,
@@ -528,6 +533,14 @@ impl<'a> Interposer<'a> {
 
 impl Platform for Interposer<'_> {
     fn copy_from_guest(&mut self, a: u64, b: &mut [u8]) -> Result<(), Errno> {
+        if let Service::CopyFromGuestAt(at, n) = self.at {
+            if (a..a.saturating_add(b.len() as u64)).contains(&at) {
+                if self.covering == n {
+                    let _ = self.after(self.at);
+                }
+                self.covering += 1;
+            }
+        }
         self.m.borrow_mut().copy_from_guest(a, b)
     }
     fn copy_to_guest(&mut self, a: u64, b: &[u8]) -> Result<(), Errno> {

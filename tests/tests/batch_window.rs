@@ -272,3 +272,103 @@ fn whole_windows_of_maps_and_unmaps() {
         check_invariants(&mut m, &e).unwrap();
     }
 }
+
+/// The batch loop copies an op after one `run_op` ran alone (the probe),
+/// then again with a window when it may start a run; a window may be
+/// copied again from a run's first op. The guest rewrites op 1 before
+/// each of those copies in turn (into an unmap in an engine context, a
+/// lookup, a context's destroy): the engine acts on exactly one copy, the
+/// op written back is that copy's, and what it unmapped is flushed by the
+/// call's end (a device that read the page before faults after).
+/// (Review 157.)
+#[test]
+fn an_op_rewritten_between_its_copies_is_acted_on_from_one() {
+    use pviommu_abi::subop;
+    for (first, second) in [("lookup", "map"), ("lookup", "lookup"), ("map", "map")] {
+        for n in 0..4u32 {
+            for to in ["unmap_c1", "lookup", "destroy_c2"] {
+                let (mut m, e) = machine(Format::Vtd, 64);
+                let c1 = e.context_create(&mut m, DomId::DOM0).unwrap();
+                let c2 = e.context_create(&mut m, DomId::DOM0).unwrap();
+                let mut setup = [map_op_in(c1, GUEST, 5, RW)];
+                m.guest_batch_all(&e, DomId::DOM0, &mut setup).unwrap();
+                assert_eq!(setup[0].status, 0);
+                let b1 = Bfn(setup[0].bfn);
+                // A device of c1 reads the page: the IOTLB holds it.
+                assert!(m.dma_read(DomId::DOM0, c1, b1.0 << 12, 8).is_ok());
+                // The references one writable mapping holds.
+                let refs = m.total_page_refs();
+                let lookup = |b| {
+                    Request::Lookup {
+                        context: ContextId::DEFAULT,
+                        bfn: Bfn(b),
+                    }
+                    .encode()
+                };
+                let op0 = if first == "lookup" {
+                    lookup(0)
+                } else {
+                    map_op(GUEST, 9, RW)
+                };
+                let op1 = if second == "map" {
+                    map_op(GUEST, 7, RW)
+                } else {
+                    lookup(1)
+                };
+                let new1 = match to {
+                    "unmap_c1" => unmap_op_in(c1, b1),
+                    "lookup" => lookup(2),
+                    _ => Request::ContextDestroy { context: c2 }.encode(),
+                };
+                let (base, ops_addr) = stage_batch(&mut m, DomId::DOM0, &[op0, op1]);
+                let at = ops_addr + OP;
+                let r = {
+                    let race = Box::new(move |m: &mut pviommu_hv::sim::SimMachine| {
+                        m.current = DomId::DOM0;
+                        m.copy_to_guest(at, new1.as_bytes()).unwrap();
+                    });
+                    let mut h = Interposer::new(&mut m, Service::CopyFromGuestAt(at, n), race);
+                    let mut r = e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base);
+                    while r == pviommu_abi::BATCH_INCOMPLETE {
+                        r = e.hypercall(&mut h, DomId::DOM0, cmd::BATCH, base);
+                    }
+                    r
+                };
+                let tag = format!("{first}/{second}, rewritten before copy {n} into {to}");
+                assert_eq!(r, 0, "{tag}");
+                m.current = DomId::DOM0;
+                let mut hdr = PvIommuBatch::default();
+                m.copy_from_guest(base, hdr.as_mut_bytes()).unwrap();
+                assert_eq!(hdr.nr_done, 2, "{tag}");
+                let mut got = [PvIommuOp::default(); 2];
+                m.copy_from_guest(ops_addr, got.as_mut_bytes()).unwrap();
+                let o = got[1];
+                // What op 1 did is what the op written back says it is.
+                let unmapped = m.translate(DomId::DOM0, c1, b1).is_none();
+                match o.subop {
+                    subop::UNMAP => {
+                        assert_eq!(o.status, 0, "{tag}");
+                        assert!(unmapped, "{tag}");
+                        // Flushed: the device's cached translation is gone.
+                        let read = m.dma_read(DomId::DOM0, c1, b1.0 << 12, 8);
+                        assert!(read.is_err(), "{tag}");
+                    }
+                    subop::MAP => {
+                        assert_eq!(o.status, 0, "{tag}");
+                        assert!(!unmapped, "{tag}");
+                    }
+                    _ => assert!(!unmapped, "{tag}"),
+                }
+                // Nothing acted twice, or from a mix of the copies.
+                let maps = u64::from(first == "map") + u64::from(o.subop == subop::MAP);
+                let unmaps = u64::from(o.subop == subop::UNMAP);
+                assert_eq!(
+                    m.total_page_refs(),
+                    refs + refs * maps - refs * unmaps,
+                    "{tag}: references"
+                );
+                check_invariants(&mut m, &e).unwrap_or_else(|err| panic!("{tag}: {err}"));
+            }
+        }
+    }
+}
