@@ -380,6 +380,7 @@ const STATE_MASK: u8 = 0b111;
 const READ: u8 = 1 << 3;
 const WRITE: u8 = 1 << 4;
 const ATTR_SHIFT: u8 = 5;
+const ATTR_MASK: u8 = 0b11 << ATTR_SHIFT;
 const THEN_REVOKED: u8 = 1 << 7;
 /// Live: a page of an extent record (the bit Unmapping and Stuck use for
 /// "then revoked"; it goes when the slot leaves Live). Its `next` is then
@@ -410,6 +411,38 @@ fn link64(v: u32) -> u64 {
     }
 }
 
+/// A mapping's access and attribute as its slot stores them (its bits for
+/// read, write and the attribute, the rest zero): what the flush compares
+/// to grow a run of waiting context-0 maps (one byte, where decoded they
+/// are three fields), decoded only for the backend's call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SlotAccess(u8);
+
+impl SlotAccess {
+    #[inline(always)]
+    pub(crate) fn of(perms: Permissions, attr: MemAttr) -> SlotAccess {
+        let mut bits = (attr.field() as u8) << ATTR_SHIFT;
+        if perms.read {
+            bits |= READ;
+        }
+        if perms.write {
+            bits |= WRITE;
+        }
+        SlotAccess(bits)
+    }
+    #[inline(always)]
+    pub(crate) fn perms(self) -> Permissions {
+        Permissions {
+            read: self.0 & READ != 0,
+            write: self.0 & WRITE != 0,
+        }
+    }
+    #[inline(always)]
+    pub(crate) fn attr(self) -> MemAttr {
+        MemAttr::from_field(((self.0 & ATTR_MASK) >> ATTR_SHIFT) as u16).unwrap_or_default()
+    }
+}
+
 impl RawSlot {
     #[inline]
     fn state(&self) -> u8 {
@@ -430,13 +463,7 @@ impl RawSlot {
 
     #[inline]
     fn from_mapping(state: u8, m: &Mapping, extra: u8) -> RawSlot {
-        let mut bits = state | (m.attr.field() as u8) << ATTR_SHIFT | extra;
-        if m.perms.read {
-            bits |= READ;
-        }
-        if m.perms.write {
-            bits |= WRITE;
-        }
+        let bits = state | SlotAccess::of(m.perms, m.attr).0 | extra;
         RawSlot {
             gfn: m.gfn.0,
             mfn: m.mfn.0,
@@ -450,6 +477,12 @@ impl RawSlot {
         }
     }
 
+    /// The access and attribute bits, as stored ([`SlotAccess`]).
+    #[inline(always)]
+    fn access(&self) -> SlotAccess {
+        SlotAccess(self.bits & (READ | WRITE | ATTR_MASK))
+    }
+
     #[inline]
     fn mapping(&self) -> Mapping {
         Mapping {
@@ -459,12 +492,8 @@ impl RawSlot {
             refs: self.aux,
             domid: DomId(self.domid),
             context: ContextId(self.context as u32),
-            perms: Permissions {
-                read: self.bits & READ != 0,
-                write: self.bits & WRITE != 0,
-            },
-            attr: MemAttr::from_field(((self.bits >> ATTR_SHIFT) & 0b11) as u16)
-                .unwrap_or_default(),
+            perms: self.access().perms(),
+            attr: self.access().attr(),
             gen: self.gen,
         }
     }
@@ -1243,6 +1272,19 @@ impl DriverDomain {
         self.raw(idx)
             .filter(|r| r.state() == ST_LIVE)
             .map(RawSlot::mapping)
+    }
+    /// The frame and access of the context-0 mapping a map installed in
+    /// slot `idx` with generation `gen`, if the slot still holds it (Live,
+    /// that context and generation): what the flush writes for a waiting
+    /// map ([`PendingMap`]). Read from the stored slot, not decoded whole:
+    /// the flush asks this of every map it writes.
+    #[inline(always)]
+    pub(crate) fn pending_entry(&self, idx: u64, gen: u32) -> Option<(Mfn, SlotAccess)> {
+        self.raw(idx)
+            .filter(|r| {
+                r.state() == ST_LIVE && u32::from(r.context) == ContextId::DEFAULT.0 && r.gen == gen
+            })
+            .map(|r| (Mfn(r.mfn), r.access()))
     }
     /// Change the reference count of the live mapping in slot `idx`.
     #[inline]

@@ -14,12 +14,12 @@ use lock_api::RawMutex;
 
 use super::contexts::ContextsLeft;
 use super::driver::{
-    region_of, DriverDomain, PendingMap, Slot, CHAIN_BOUND, NONE, REGION_GFN_END, REGION_SHIFT,
+    region_of, DriverDomain, PendingMap, Slot, SlotAccess, CHAIN_BOUND, NONE, REGION_GFN_END,
+    REGION_SHIFT,
 };
-use super::Mapping;
 use super::{cells_in, Driver, Engine, EngineBug, Hypervisor};
 use crate::config::MAX_CONTEXTS;
-use crate::{Bfn, ContextId, DomId, Errno, Gfn, MemAttr, Mfn, Permissions};
+use crate::{Bfn, ContextId, DomId, Errno, Gfn, Mfn};
 use pviommu_abi::EXTENT_PAGES;
 
 /// What one page-index probe of the gfn hook costs, in slots of a pass
@@ -323,21 +323,20 @@ struct PendingRun {
     /// Its frame: BFN `bfn + i` maps frame `mfn + i`.
     mfn: Mfn,
     pages: u64,
-    perms: Permissions,
-    attr: MemAttr,
+    /// Its maps' access and attribute, as their slots store them.
+    access: SlotAccess,
     /// The maps came from the top down (`pending_maps[start]` has the
     /// highest BFN).
     falling: bool,
 }
 
 impl PendingRun {
-    fn new(bfn: Bfn, m: &Mapping) -> Self {
+    fn new(bfn: Bfn, mfn: Mfn, access: SlotAccess) -> Self {
         PendingRun {
             bfn,
-            mfn: m.mfn,
+            mfn,
             pages: 1,
-            perms: m.perms,
-            attr: m.attr,
+            access,
             falling: false,
         }
     }
@@ -345,9 +344,9 @@ impl PendingRun {
     /// Take the next map `n` in if it continues the run: one BFN and frame
     /// above its top, or (a run of one, or one already falling) one below
     /// its bottom.
+    #[inline(always)]
     fn grow(&mut self, n: &PendingRun) -> bool {
-        if self.perms != n.perms || self.attr != n.attr || self.pages >= crate::iommu::MAX_IOMMU_RUN
-        {
+        if self.access != n.access || self.pages >= crate::iommu::MAX_IOMMU_RUN {
             return false;
         }
         if !self.falling
@@ -392,6 +391,17 @@ struct DeferredRun {
     pages: u64,
 }
 
+/// Where [`Engine::clear_deferred_entries`]' walk of the unmapping list
+/// is.
+struct DeferredWalk {
+    /// Marked slots not yet found.
+    left: u64,
+    /// The next slot.
+    at: u64,
+    /// Steps left before the list is taken for a broken one.
+    steps: usize,
+}
+
 impl DeferredRun {
     fn new(context: ContextId, bfn: u64) -> Self {
         DeferredRun {
@@ -423,14 +433,17 @@ impl DeferredRun {
         if !falling && self.first.checked_add(self.pages) != Some(bfn) {
             return false;
         }
-        let room = crate::iommu::MAX_IOMMU_RUN.saturating_sub(self.pages);
-        if room < pviommu_abi::EXTENT_PAGES {
+        // Within a block of the bound: fewer than a block's pages of room
+        // (one compare with a constant, where the room itself cost every
+        // page five instructions).
+        const NEAR_BOUND: u64 = crate::iommu::MAX_IOMMU_RUN - pviommu_abi::EXTENT_PAGES;
+        if self.pages > NEAR_BOUND {
             let starts_block = if falling {
                 bfn & BLOCK == BLOCK
             } else {
                 bfn & BLOCK == 0
             };
-            if room == 0 || starts_block {
+            if self.pages >= crate::iommu::MAX_IOMMU_RUN || starts_block {
                 return false;
             }
         }
@@ -815,33 +828,45 @@ impl<L: RawMutex> Engine<L> {
     pub(super) fn write_pending_entries(&self, d: &mut Driver<'_, L>, h: &mut impl Hypervisor) {
         let pending = core::mem::take(&mut d.dd.pending_maps);
         let t0 = self.clock(h);
-        let mut run: Option<(usize, PendingRun)> = None;
-        for (i, p) in pending.iter().enumerate() {
-            let idx = u64::from(p.slot);
-            let next =
-                d.dd.live_at(idx)
-                    .filter(|m| m.context == ContextId::DEFAULT && m.gen == p.gen)
-                    .zip(self.space.bfn_of(idx))
-                    .map(|(m, bfn)| PendingRun::new(bfn, &m));
-            let grown = match (&mut run, &next) {
-                (Some((_, r)), Some(n)) => r.grow(n),
-                _ => false,
+        // A run is grown in a loop of its own, its fields in registers, and
+        // written once the next map does not continue it; that map, read
+        // again after the write (which changes only the run's own slots),
+        // may start the next run. (One loop with the run an `Option` kept
+        // it on the stack: 13 instructions a map more.) Bounded: `i` rises
+        // each time round either loop.
+        let mut i = 0;
+        while i < pending.len() {
+            let start = i;
+            i += 1;
+            let Some(mut run) = pending.get(start).and_then(|p| self.pending_run(&d.dd, p)) else {
+                continue;
             };
-            if !grown {
-                if let Some((start, r)) = run.take() {
-                    self.write_run(d, h, &r, pending.get(start..i).unwrap_or(&[]));
+            while let Some(n) = pending.get(i).and_then(|p| self.pending_run(&d.dd, p)) {
+                if !run.grow(&n) {
+                    break;
                 }
-                run = next.map(|n| (i, n));
+                i += 1;
             }
-        }
-        if let Some((start, r)) = run {
-            self.write_run(d, h, &r, pending.get(start..).unwrap_or(&[]));
+            self.write_run(d, h, &run, pending.get(start..i).unwrap_or(&[]));
         }
         d.dd.stats.ns_iommu_map += self.since(h, t0);
         // The capacity stays for the next call's maps.
         let mut pending = pending;
         pending.clear();
         d.dd.pending_maps = pending;
+    }
+
+    /// The run of one that waiting map `p` starts, if its slot still holds
+    /// the mapping it installed (Live, context 0, its generation): a slot
+    /// unmapped or revoked meanwhile, or installed again (that install has
+    /// its own entry in the list), is skipped. Only the fields the entry
+    /// takes are read from the slot: decoding the whole mapping was most of
+    /// the cost of writing a map.
+    #[inline(always)]
+    fn pending_run(&self, dd: &DriverDomain, p: &PendingMap) -> Option<PendingRun> {
+        let idx = u64::from(p.slot);
+        let (mfn, access) = dd.pending_entry(idx, p.gen)?;
+        Some(PendingRun::new(self.space.bfn_of(idx)?, mfn, access))
     }
 
     /// Write `run` (whose slots are `slots`, in its order); on refusal page
@@ -853,8 +878,9 @@ impl<L: RawMutex> Engine<L> {
         run: &PendingRun,
         slots: &[PendingMap],
     ) {
+        let (perms, attr) = (run.access.perms(), run.access.attr());
         if d.dd
-            .iommu_map_run(h, run.bfn, run.mfn, run.pages, run.perms, run.attr)
+            .iommu_map_run(h, run.bfn, run.mfn, run.pages, perms, attr)
             .is_ok()
         {
             return;
@@ -867,14 +893,8 @@ impl<L: RawMutex> Engine<L> {
             else {
                 break;
             };
-            let mapped = d.dd.iommu_map(
-                h,
-                ContextId::DEFAULT,
-                Bfn(bfn),
-                Mfn(mfn),
-                run.perms,
-                run.attr,
-            );
+            let mapped =
+                d.dd.iommu_map(h, ContextId::DEFAULT, Bfn(bfn), Mfn(mfn), perms, attr);
             if mapped.is_err() {
                 // The gate bit goes at this flush's release, with the page.
                 self.take_down_live(d, h, u64::from(p.slot), true);
@@ -902,38 +922,74 @@ impl<L: RawMutex> Engine<L> {
     ///
     /// [`clear_refused_run`]: Self::clear_refused_run
     pub(super) fn clear_deferred_entries(&self, dd: &mut DriverDomain, h: &mut impl Hypervisor) {
-        let mut left = core::mem::take(&mut dd.deferred_entries);
-        let mut run: Option<DeferredRun> = None;
-        let mut at = dd.unmapping_head;
-        // A list longer than the slots is a broken one: stop (what it
-        // left marked is never released, see above).
-        for _ in 0..dd.slots.len() {
-            if left == 0 {
-                break;
-            }
-            // (Unmarked only with a BFN: a marked slot without one joins
-            // no run and keeps its mark, as before.)
-            let bfn = self.space.bfn_of(at);
-            let Some((present, context, next)) = dd.unmapping_link_unmark(at, bfn.is_some()) else {
-                break;
+        let mut walk = DeferredWalk {
+            left: core::mem::take(&mut dd.deferred_entries),
+            at: dd.unmapping_head,
+            // A list longer than the slots is a broken one: stop (what it
+            // left marked is never released, see above).
+            steps: dd.slots.len(),
+        };
+        // A run is grown in a loop of its own, its fields in registers,
+        // and cleared once the next slot does not extend it; that slot,
+        // already unmarked, starts the next run if it can (`carried`). (One
+        // loop with the run an `Option` kept it on the stack: 5
+        // instructions a page more.) Bounded:
+        // each step of the walk takes one of `walk.steps`, and either loop
+        // takes a step each time round.
+        let mut carried: Option<DeferredRun> = None;
+        loop {
+            let mut run = match carried.take() {
+                Some(r) => r,
+                None => match self.next_deferred(dd, &mut walk) {
+                    Some(Some((context, bfn))) => DeferredRun::new(context, bfn),
+                    Some(None) => continue,
+                    None => break,
+                },
             };
-            let bfn = bfn.filter(|_| present);
-            left -= u64::from(present);
-            let grown = match (&mut run, bfn) {
-                (Some(r), Some(b)) => r.grow(context, b.0),
-                _ => false,
-            };
-            if !grown {
-                if let Some(r) = run.take() {
-                    self.clear_run(dd, h, r);
+            let mut walked_all = false;
+            loop {
+                match self.next_deferred(dd, &mut walk) {
+                    Some(Some((context, bfn))) if run.grow(context, bfn) => {}
+                    Some(Some((context, bfn))) => {
+                        carried = Some(DeferredRun::new(context, bfn));
+                        break;
+                    }
+                    Some(None) => break,
+                    None => {
+                        walked_all = true;
+                        break;
+                    }
                 }
-                run = bfn.map(|b| DeferredRun::new(context, b.0));
             }
-            at = next;
+            self.clear_run(dd, h, run);
+            if walked_all {
+                break;
+            }
         }
-        if let Some(r) = run {
-            self.clear_run(dd, h, r);
+    }
+
+    /// One step of [`clear_deferred_entries`](Self::clear_deferred_entries)'
+    /// walk: the slot at `walk.at`, its mark taken off (only with a BFN: a
+    /// marked slot without one joins no run and keeps its mark, as
+    /// before). `Some(Some((context, bfn)))` for an entry to clear,
+    /// `Some(None)` for a slot that joins no run (no entry left, or no
+    /// BFN), `None` once the walk is over: every mark found, the steps
+    /// spent, or a slot off the unmapping list (a broken list).
+    #[inline(always)]
+    fn next_deferred(
+        &self,
+        dd: &mut DriverDomain,
+        walk: &mut DeferredWalk,
+    ) -> Option<Option<(ContextId, u64)>> {
+        if walk.left == 0 || walk.steps == 0 {
+            return None;
         }
+        walk.steps -= 1;
+        let bfn = self.space.bfn_of(walk.at);
+        let (present, context, next) = dd.unmapping_link_unmark(walk.at, bfn.is_some())?;
+        walk.left -= u64::from(present);
+        walk.at = next;
+        Some(bfn.filter(|_| present).map(|b| (context, b.0)))
     }
 
     /// Clear the entries of `run`, whose slots' marks the walk took off
@@ -2010,8 +2066,7 @@ mod tests {
             bfn: Bfn(bfn),
             mfn: Mfn(mfn),
             pages: 1,
-            perms: Permissions::RW,
-            attr: MemAttr::WriteBack,
+            access: SlotAccess::of(Permissions::RW, MemAttr::WriteBack),
             falling: false,
         };
         let mut up = one(10, 100);
@@ -2033,7 +2088,7 @@ mod tests {
         );
         assert!(!down.grow(&one(7, 90)), "nor a frame that does not follow");
         let ro = PendingRun {
-            perms: Permissions::RO,
+            access: SlotAccess::of(Permissions::RO, MemAttr::WriteBack),
             ..one(7, 97)
         };
         assert!(!down.grow(&ro), "nor another access");
