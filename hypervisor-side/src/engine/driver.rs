@@ -477,6 +477,20 @@ impl RawSlot {
         }
     }
 
+    /// What the flush needs of an Unmapping slot ([`Unmapped`]); `None`
+    /// for any other state.
+    #[inline(always)]
+    fn unmapped(&self) -> Option<Unmapped> {
+        matches!(self.state(), ST_UNMAPPING | ST_UNMAPPING_ENTRY_PRESENT).then(|| Unmapped {
+            mfn: Mfn(self.mfn),
+            writable: self.bits & WRITE != 0,
+            domid: DomId(self.domid),
+            then_revoked: self.bits & THEN_REVOKED != 0,
+            entry_present: self.state() == ST_UNMAPPING_ENTRY_PRESENT,
+            next: link64(self.next),
+        })
+    }
+
     /// The access and attribute bits, as stored ([`SlotAccess`]).
     #[inline(always)]
     fn access(&self) -> SlotAccess {
@@ -2395,17 +2409,7 @@ impl DriverDomain {
     /// state.
     #[inline]
     pub(crate) fn unmapping_at(&self, idx: u64) -> Option<Unmapped> {
-        let r = self
-            .raw(idx)
-            .filter(|r| matches!(r.state(), ST_UNMAPPING | ST_UNMAPPING_ENTRY_PRESENT))?;
-        Some(Unmapped {
-            mfn: Mfn(r.mfn),
-            writable: r.bits & WRITE != 0,
-            domid: DomId(r.domid),
-            then_revoked: r.bits & THEN_REVOKED != 0,
-            entry_present: r.state() == ST_UNMAPPING_ENTRY_PRESENT,
-            next: link64(r.next),
-        })
+        self.raw(idx)?.unmapped()
     }
 
     /// The release pass's step at Unmapping slot `idx`: what
@@ -2419,17 +2423,8 @@ impl DriverDomain {
     #[inline(always)]
     pub(crate) fn take_released(&mut self, idx: u64) -> Option<Unmapped> {
         let head = self.free_head;
-        let r = self
-            .raw_mut(idx)
-            .filter(|r| matches!(r.state(), ST_UNMAPPING | ST_UNMAPPING_ENTRY_PRESENT))?;
-        let u = Unmapped {
-            mfn: Mfn(r.mfn),
-            writable: r.bits & WRITE != 0,
-            domid: DomId(r.domid),
-            then_revoked: r.bits & THEN_REVOKED != 0,
-            entry_present: r.state() == ST_UNMAPPING_ENTRY_PRESENT,
-            next: link64(r.next),
-        };
+        let r = self.raw_mut(idx)?;
+        let u = r.unmapped()?;
         if !u.entry_present && !u.then_revoked {
             *r = RawSlot::free_before(head);
             self.pushed_free(idx, head);
