@@ -414,7 +414,10 @@ fn link64(v: u32) -> u64 {
 /// A mapping's access and attribute as its slot stores them (its bits for
 /// read, write and the attribute, the rest zero): what the flush compares
 /// to grow a run of waiting context-0 maps (one byte, where decoded they
-/// are three fields), decoded only for the backend's call.
+/// are three fields), decoded only for the backend's call. Comparing the
+/// byte is comparing the decoded fields because a slot only ever stores
+/// a decoded attribute's field (0 to 2 in its 2 bits): a 3, which decodes
+/// to the default, is never written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct SlotAccess(u8);
 
@@ -1248,7 +1251,7 @@ impl DriverDomain {
     }
     /// Store `slot` at `idx` (which must exist).
     #[inline]
-    fn set_slot(&mut self, idx: u64, slot: Slot) -> bool {
+    pub(crate) fn set_slot(&mut self, idx: u64, slot: Slot) -> bool {
         match self.raw_mut(idx) {
             Some(r) => {
                 *r = RawSlot::encode(&slot);

@@ -830,8 +830,10 @@ impl<L: RawMutex> Engine<L> {
         let t0 = self.clock(h);
         // A run is grown in a loop of its own, its fields in registers, and
         // written once the next map does not continue it; that map, read
-        // again after the write (which changes only the run's own slots),
-        // may start the next run. (One loop with the run an `Option` kept
+        // again after the write, may start the next run. (The write, a
+        // refused page's take-down included, changes nothing
+        // `pending_entry` reads of a slot outside the run, whose links it
+        // may rewrite; and each (slot, generation) waits once.) (One loop with the run an `Option` kept
         // it on the stack: 13 instructions a map more.) Bounded: `i` rises
         // each time round either loop.
         let mut i = 0;
@@ -974,7 +976,8 @@ impl<L: RawMutex> Engine<L> {
     /// before). `Some(Some((context, bfn)))` for an entry to clear,
     /// `Some(None)` for a slot that joins no run (no entry left, or no
     /// BFN), `None` once the walk is over: every mark found, the steps
-    /// spent, or a slot off the unmapping list (a broken list).
+    /// spent, or a slot off the unmapping list (a broken list). Not to be
+    /// called again after `None` (a broken list's step is spent).
     #[inline(always)]
     fn next_deferred(
         &self,
@@ -2182,5 +2185,109 @@ mod tests {
             passes: 0,
         };
         assert_eq!(Cursor::unpack(c.pack()), c);
+    }
+
+    /// The clearing walk before a flush leaves a slot marked wherever it
+    /// leaves its IOMMU entry. A broken unmapping list (a link to a live
+    /// slot, out of range, or back into the list) ends the walk: the slots
+    /// past the break keep their marks and their entries, so no release
+    /// takes their pages while a device can still reach them. A count of
+    /// marks above what the list holds walks the list to its end. (Review
+    /// 158: histories the engine makes never reach these branches.)
+    #[cfg(feature = "sim")]
+    #[test]
+    fn the_clearing_walk_leaves_a_mark_wherever_it_leaves_an_entry() {
+        use crate::platform::Platform;
+        use crate::sim::{DomainSpec, Format, SimMachine};
+        use crate::{MemAttr, Permissions};
+        const GUEST: DomId = DomId(1);
+        for case in ["live slot", "out of range", "cycle", "over-count"] {
+            let mut m = SimMachine::new(4096 + 256, Format::Vtd, 512);
+            let guest = DomainSpec {
+                pages: 256,
+                privileged: false,
+                device_model_of: None,
+            };
+            m.create_domain(GUEST, guest).unwrap();
+            let e = crate::Engine::new(crate::config::Config::default(), &m).unwrap();
+            let dom0 = m.domain_info(DomId::DOM0).unwrap();
+            let bfns: Vec<Bfn> = (0..16)
+                .map(|g| {
+                    let req = pviommu_abi::MapRequest {
+                        context: ContextId::DEFAULT,
+                        domid: GUEST,
+                        gfn: Gfn(g),
+                        perms: Permissions::RW,
+                        attr: MemAttr::WriteBack,
+                        grant: false,
+                    };
+                    e.map(&mut m, DomId::DOM0, &dom0, &req).unwrap()
+                })
+                .collect();
+            e.finish(&mut m, DomId::DOM0);
+            let idx: Vec<u64> = bfns.iter().map(|&b| e.space.index_of(b).unwrap()).collect();
+            let mut g = e.driver_state(DomId::DOM0).unwrap();
+            let dd = &mut *g;
+            // Twelve unmapped, each marked; the list runs from the last
+            // back, so the walk meets 11, 10, ..., 0.
+            for &i in &idx[..12] {
+                assert!(dd.unmap_owned(e.seed, i, ContextId::DEFAULT).is_some());
+            }
+            assert_eq!(dd.deferred_entries, 12);
+            let past_break = match case {
+                "over-count" => {
+                    dd.deferred_entries += 3;
+                    0
+                }
+                _ => {
+                    // Slot 6 links on to the break, not to slot 5.
+                    let to = match case {
+                        "live slot" => idx[12],
+                        "out of range" => dd.slots.len() as u64 + 5,
+                        _ => idx[11],
+                    };
+                    let Some(Slot::Unmapping {
+                        mut mapping,
+                        then_revoked,
+                        entry_present,
+                    }) = dd.slot(idx[6])
+                    else {
+                        panic!("{case}: slot 6 is not Unmapping");
+                    };
+                    mapping.next_same_page = to;
+                    assert!(dd.set_slot(
+                        idx[6],
+                        Slot::Unmapping {
+                            mapping,
+                            then_revoked,
+                            entry_present,
+                        },
+                    ));
+                    6
+                }
+            };
+            e.clear_deferred_entries(dd, &mut m);
+            let mut marked = 0;
+            for (k, (&i, &b)) in idx.iter().zip(&bfns).take(12).enumerate() {
+                let mark = matches!(
+                    dd.slot(i),
+                    Some(Slot::Unmapping {
+                        entry_present: true,
+                        ..
+                    })
+                );
+                let entry = m.translate(DomId::DOM0, ContextId::DEFAULT, b).is_some();
+                assert_eq!(mark, entry, "{case}: slot {k}'s mark and entry");
+                assert_eq!(mark, k < past_break, "{case}: slot {k}");
+                marked += u64::from(mark);
+            }
+            // (Those it left marked go to the stuck list at the release,
+            // their pages still referenced: see the function's doc.)
+            assert_eq!(marked, past_break as u64, "{case}");
+            // The live slots keep their entries.
+            for &b in &bfns[12..] {
+                assert!(m.translate(DomId::DOM0, ContextId::DEFAULT, b).is_some());
+            }
+        }
     }
 }
