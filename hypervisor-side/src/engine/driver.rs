@@ -2139,7 +2139,7 @@ impl DriverDomain {
     #[inline(always)]
     fn count_target(&mut self, seed: u64, domid: DomId, up: bool) -> Result<u64, Errno> {
         let key = u64::from(domid.0);
-        let n = match self.targets.heated(key, || target_hash(seed, domid)) {
+        let n = match self.targets.heated(key, move || target_hash(seed, domid)) {
             Some(n) => n,
             None if up => {
                 return self
@@ -2153,7 +2153,7 @@ impl DriverDomain {
         let n = if up { n + 1 } else { n.saturating_sub(1) };
         if n == 0 {
             self.targets
-                .remove_hot(|v| target_hash(seed, count_domid(v)));
+                .remove_hot(move |v| target_hash(seed, count_domid(v)));
         } else {
             self.targets.set_hot(n);
         }
@@ -2176,7 +2176,7 @@ impl DriverDomain {
             return;
         };
         let key = region_key(domid, region);
-        match self.regions.heated(key, || region_hash(seed, key)) {
+        match self.regions.heated(key, move || region_hash(seed, key)) {
             // A count past what its field holds (a region's pages and its
             // extents' records: at most 2^14 + 32 * 12), or a page leaving
             // a region counted empty, is no count: stop trusting them all.
@@ -2186,7 +2186,7 @@ impl DriverDomain {
                 (true, n) => self.regions.set_hot(n + 1),
                 (false, 1) => self
                     .regions
-                    .remove_hot(|v| region_hash(seed, region_key_of(v))),
+                    .remove_hot(move |v| region_hash(seed, region_key_of(v))),
                 (false, n) => self.regions.set_hot(n - 1),
             },
             None if up => self.add_region(seed, key),
@@ -2423,16 +2423,49 @@ impl DriverDomain {
     /// The caller releases the page after (under the same lock: no map
     /// takes the BFN before), and takes the slot off the unmapping list
     /// (which its free state no longer links: `next` is in the answer).
+    ///
+    /// A slot it frees is linked back at once to the slot the pass visits
+    /// next (its `next` on the unmapping list), as if that one were freed
+    /// after it, which it usually is. With `linked` the pass's last step
+    /// freed a slot so linked (the free list's head, whose back link is
+    /// `idx`): freeing `idx` then needs no second access to the head. A
+    /// step that frees nothing after one that did, and the pass's end,
+    /// unset the head's back link ([`unset_free_head_link`]): the list is
+    /// then as if each slot had been pushed with [`free_slot`].
+    ///
+    /// [`unset_free_head_link`]: Self::unset_free_head_link
+    /// [`free_slot`]: Self::free_slot
     #[inline(always)]
-    pub(crate) fn take_released(&mut self, idx: u64) -> Option<Unmapped> {
+    pub(crate) fn take_released(&mut self, idx: u64, linked: bool) -> Option<Unmapped> {
         let head = self.free_head;
         let r = self.raw_mut(idx)?;
         let u = r.unmapped()?;
         if !u.entry_present && !u.then_revoked {
-            *r = RawSlot::free_before(head);
-            self.pushed_free(idx, head);
+            *r = RawSlot {
+                aux: link32(u.next),
+                ..RawSlot::free_before(head)
+            };
+            if linked {
+                self.free_head = idx;
+                self.free += 1;
+            } else {
+                self.pushed_free(idx, head);
+            }
         }
         Some(u)
+    }
+
+    /// The free list's head has no slot before it: its back link, which
+    /// [`take_released`](Self::take_released) set to a slot it did not
+    /// free after all, unset.
+    #[inline]
+    pub(crate) fn unset_free_head_link(&mut self) {
+        if let Some(h) = self
+            .raw_mut(self.free_head)
+            .filter(|h| h.state() == ST_FREE)
+        {
+            h.aux = link32(NONE);
+        }
     }
 
     /// What the clearing pass needs of Unmapping slot `idx`: whether its
@@ -2670,6 +2703,7 @@ impl DriverDomain {
 
     /// Whether this state holds nothing a driver domain could tell apart
     /// from no state at all (so its cell may go to another domain).
+    #[inline]
     pub(crate) fn is_idle(&self) -> bool {
         self.used() == 0 && self.contexts == 1 && self.gather.is_empty()
     }
@@ -2683,10 +2717,21 @@ impl DriverDomain {
     /// back: the engine's memory returns to what an idle driver domain
     /// costs. Emptied, the next maps take BFNs in ascending order again.
     /// Frees only; never allocates.
+    ///
+    /// The test is inlined into every unlock (`put_driver`), the reset
+    /// is not: called, the test cost each unlock about 20 instructions.
+    #[inline(always)]
     pub(crate) fn compact_if_empty(&mut self) {
         if self.used() != 0 || self.slots.is_empty() {
             return;
         }
+        self.compact_empty();
+    }
+
+    /// The reset of [`compact_if_empty`](Self::compact_if_empty), for a
+    /// state with slots and none of them in use.
+    #[inline(never)]
+    fn compact_empty(&mut self) {
         if self.slots.capacity() <= self.keep_when_empty() {
             self.slots.clear();
             if self.pages.heap_bytes() <= self.index_kept_bytes() {
@@ -3699,5 +3744,76 @@ mod tests {
         assert_eq!(dd.index_misses(), 1);
         assert_ne!(dd.extent_free, 0, "record 0 is not free for reuse");
         assert_eq!(dd.extent_records(), 1);
+    }
+
+    /// The release pass as `flush_and_release_as` makes it, over the
+    /// unmapping list from its head: at most `budget` steps. The slots
+    /// freed, in order.
+    fn release_pass(dd: &mut DriverDomain, budget: usize) -> Vec<u64> {
+        let (mut at, mut linked, mut freed) = (dd.unmapping_head, false, Vec::new());
+        for _ in 0..budget {
+            let Some(u) = dd.take_released(at, linked) else {
+                break;
+            };
+            let free = !u.entry_present && !u.then_revoked;
+            if linked && !free {
+                dd.unset_free_head_link();
+            }
+            linked = free;
+            if free {
+                freed.push(at);
+            }
+            at = u.next;
+        }
+        if linked {
+            dd.unset_free_head_link();
+        }
+        freed
+    }
+
+    /// The release pass links each slot it frees back to the next one on
+    /// the unmapping list before that one is freed: a notice between
+    /// them, or the budget's end, leaves the free list as freeing the
+    /// same slots one by one (`free_slot`) does.
+    #[test]
+    fn a_release_pass_leaves_the_free_list_as_freeing_one_by_one() {
+        // (Owner's unmaps and revocations, oldest first; the list runs
+        // from the newest.)
+        let revoked = [false, true, false, false, true, false, false];
+        for budget in 0..=revoked.len() + 1 {
+            let mut dd = DriverDomain::new(DomId(0));
+            let mut one_by_one = DriverDomain::new(DomId(0));
+            room(&mut one_by_one, revoked.len());
+            let mut slots = Vec::new();
+            for (g, &then_revoked) in (1..).zip(revoked.iter()) {
+                let at = dd.probe_page(SEED, DomId(7), Gfn(g));
+                let idx = install(&mut dd, at, mapping(g));
+                assert!(dd.unindex(SEED, idx).is_some());
+                dd.push_unmapping_at(idx, then_revoked, false);
+                slots.push((idx, then_revoked));
+                assert_eq!(one_by_one.take_slot(), Ok(idx));
+            }
+            let freed = release_pass(&mut dd, budget);
+            let expected: Vec<u64> = slots
+                .iter()
+                .rev()
+                .take(budget)
+                .filter(|(_, then_revoked)| !then_revoked)
+                .map(|&(idx, _)| idx)
+                .collect();
+            assert_eq!(freed, expected, "budget {budget}");
+            for &idx in &expected {
+                one_by_one.free_slot(idx);
+            }
+            assert_eq!(free_list(&dd), free_list(&one_by_one), "budget {budget}");
+            assert!(dd.free_list_is_whole(), "budget {budget}");
+            let free_aux = |d: &DriverDomain| {
+                free_list(d)
+                    .iter()
+                    .map(|&i| d.raw(i).map(|r| r.aux))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(free_aux(&dd), free_aux(&one_by_one), "budget {budget}");
+        }
     }
 }

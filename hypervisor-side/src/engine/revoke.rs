@@ -659,12 +659,20 @@ impl<L: RawMutex> Engine<L> {
         // through the locks it would have skipped.
         let mut run: Option<(DomId, u32)> = None;
         let before = *budget;
+        // Whether the last step freed its slot, linked back to `at` as if
+        // `at` were freed next (`take_released`).
+        let mut linked = false;
         while *budget != 0 {
             // (An entry freed here, the usual owner's unmap, is freed by
             // this one access to its slot; its page goes just after.)
-            let Some(u) = dd.take_released(at) else {
+            let Some(u) = dd.take_released(at, linked) else {
                 break;
             };
+            let freed = !u.entry_present && !u.then_revoked;
+            if linked && !freed {
+                dd.unset_free_head_link();
+            }
+            linked = freed;
             *budget -= 1;
             // (Its length follows after the loop, by the entries taken:
             // nothing in it reads the length.)
@@ -690,7 +698,6 @@ impl<L: RawMutex> Engine<L> {
                 at = u.next;
                 continue;
             }
-            h.put_page(u.mfn, u.writable);
             let domid = u.domid;
             run = match run {
                 Some((d, n)) if d == domid => Some((d, n + 1)),
@@ -713,6 +720,14 @@ impl<L: RawMutex> Engine<L> {
                 dd.push_revoked_unmapped(at, order);
             }
             at = u.next;
+            // The page last: the host's call is the step's one call, and
+            // nothing above reads or changes the page (the run ended above
+            // is of pages released before). Made first, it kept the step's
+            // values on the stack around it.
+            h.put_page(u.mfn, u.writable);
+        }
+        if linked {
+            dd.unset_free_head_link();
         }
         // The list's end reached: empty (already so, unless a link led to
         // a slot that is not Unmapping). Else the budget left `at` on.

@@ -148,9 +148,13 @@ impl<L: RawMutex> Engine<L> {
         };
         // The run ([`unmap_run`](Self::unmap_run)) found as it is done: a
         // pass ahead to count it cost each unmap about 5 instructions.
+        // (Both cut to the run's most first: zipped whole, the two walk
+        // with one index, where a `take` counted a second.)
         let mut n = 0;
         let most = reqs.len().min(out.len()).min(MAP_CHUNK);
-        for (&(ctx, bfn), o) in reqs.iter().zip(out.iter_mut()).take(most) {
+        let reqs = reqs.get(..most).unwrap_or(&[]);
+        let out = out.get_mut(..most).unwrap_or(&mut []);
+        for (&(ctx, bfn), o) in reqs.iter().zip(out.iter_mut()) {
             if ctx != context {
                 break;
             }

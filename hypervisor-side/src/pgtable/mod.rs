@@ -1156,7 +1156,9 @@ impl<F: PageTableFormat> IoPageTable<F> {
         };
         let mut present = mem.present_count(c.table);
         let mut done = 0;
-        for i in index(first, 1)..=index(Bfn(last), 1) {
+        // (A half-open range: an index is at most 511, so the end does not
+        // overflow, and the loop needs no exhausted flag, as `..=` does.)
+        for i in index(first, 1)..index(Bfn(last), 1) + 1 {
             let entry = mem.read_entry(c.table, i);
             if F::decode(entry, 1) != Entry::Empty {
                 if present <= 1 {
