@@ -151,6 +151,38 @@ struct LockedRun {
     context: Option<ContextId>,
 }
 
+/// What [`Engine::map_locked_run`] did with the ops it was given: how
+/// many it took, from the first, and of those, bit `k` for op `k`, which
+/// were shared onto an existing mapping, refused (nothing happened), or
+/// consumed (failed after their IOMMU entry existed). The others it took
+/// were installed. (At most [`MAP_CHUNK`] ops: the bits fit.)
+#[derive(Clone, Copy)]
+struct LockedOps {
+    n: usize,
+    shared: u32,
+    refused: u32,
+    consumed: u32,
+}
+
+impl LockedOps {
+    /// What the locked map did with op `k`: `None` if it was not taken.
+    fn outcome(&self, k: usize) -> Option<MapOutcome> {
+        if k >= self.n {
+            return None;
+        }
+        let bit = 1u32.checked_shl(u32::try_from(k).ok()?)?;
+        Some(if self.shared & bit != 0 {
+            MapOutcome::Shared
+        } else if self.refused & bit != 0 {
+            MapOutcome::Refused
+        } else if self.consumed & bit != 0 {
+            MapOutcome::Consumed
+        } else {
+            MapOutcome::Installed
+        })
+    }
+}
+
 /// What [`Engine::map_prepare`] found.
 enum Prepared {
     /// Deduplicated onto an existing mapping (the result written).
@@ -234,21 +266,14 @@ impl<L: RawMutex> Engine<L> {
                     // bit cannot be cleared while this lock is held.
                     let newly = self.set_gate_bit(d.cell, req.domid, true);
                     let run = self.locked_run(&d);
-                    let out = (gate.seq.load(Ordering::SeqCst) == checked_seq).then(|| {
-                        self.map_locked(&mut d, h, req, mfn, &run, &mut result)
-                            .outcome()
-                    });
+                    let out = (gate.seq.load(Ordering::SeqCst) == checked_seq)
+                        .then(|| self.map_locked_one(&mut d, h, req, mfn, &run, &mut result));
                     self.write_pending_if_full(&mut d, h);
                     d.dd.stats.ns_get_page += ns_get_page;
                     match out {
                         // Mapped: the bit must stay (a stale mapping revoked
                         // on the way may have been the last one).
-                        Some(MapOutcome::Installed) => {
-                            d.dd.stats.maps += 1;
-                            self.set_gate_bit(d.cell, req.domid, true);
-                        }
-                        Some(MapOutcome::Shared) => {
-                            d.dd.stats.shared += 1;
+                        Some(MapOutcome::Installed | MapOutcome::Shared) => {
                             self.set_gate_bit(d.cell, req.domid, true);
                         }
                         // Failed once its entry existed: it waits for the
@@ -637,21 +662,13 @@ impl<L: RawMutex> Engine<L> {
                             *step = Step::Moved(mfn);
                             continue;
                         }
-                        let outcome = self.map_locked(&mut d, h, req, mfn, &run, o).outcome();
+                        let outcome = self.map_locked_one(&mut d, h, req, mfn, &run, o);
                         self.write_pending_if_full(&mut d, h);
                         *entered = !matches!(outcome, MapOutcome::Refused);
                         *step = match outcome {
-                            MapOutcome::Installed => {
-                                d.dd.stats.maps += 1;
-                                Step::Done
-                            }
                             // The engine took the page and share over.
-                            MapOutcome::Consumed => Step::Done,
-                            MapOutcome::Shared => {
-                                d.dd.stats.shared += 1;
-                                Step::GiveBack(mfn)
-                            }
-                            MapOutcome::Refused => Step::GiveBack(mfn),
+                            MapOutcome::Installed | MapOutcome::Consumed => Step::Done,
+                            MapOutcome::Shared | MapOutcome::Refused => Step::GiveBack(mfn),
                         };
                     }
                     // A target left with no page here loses the cell's bit:
@@ -745,14 +762,19 @@ impl<L: RawMutex> Engine<L> {
         let first = reqs.first()?;
         let n = reqs.len().min(out.len()).min(MAP_CHUNK);
         let write = first.perms.write;
+        // The target's gate, looked up once for the run (the table is
+        // fixed at boot): what its number is read from before the checks,
+        // what the checks pass, and what the run joins, leaves and marks.
+        let target_gate = self.gate(first.domid);
         // As in `map_tagged`: the number before the checks, one barrier
         // between the checks and the lookup. (The backend's facts are
         // gone before the run's frames are there: Xen's stack at the
-        // lookup holds one or the other.)
-        let checked_seq = self.checked_seq(first.domid);
+        // lookup holds one or the other.) (`checked_seq`, of the gate
+        // looked up.)
+        let checked_seq = target_gate.map_or(0, |g| g.seq.load(Ordering::SeqCst));
         let (gate, not_snooped) = {
             let caps = h.iommu_caps();
-            match self.map_checks(h, caller, first, &caps, false) {
+            match self.map_checks_in(h, caller, first, &caps, false, target_gate) {
                 Ok(gate) => (gate, write && !Self::snooped(&caps, first)),
                 Err(e) => {
                     for o in out.iter_mut().take(n) {
@@ -780,7 +802,8 @@ impl<L: RawMutex> Engine<L> {
         if let (Some(e), Some(o)) = (refused, out.get_mut(got)) {
             *o = Err(e);
         }
-        self.gate_leave_many(first.domid, (n - got) as u64);
+        // (`gate_leave_many`, the gate known.)
+        gate.active.fetch_sub((n - got) as u32, Ordering::SeqCst);
         match (got, answered) {
             (_, 0) => return None,
             // Its first page refused: nothing to lock for.
@@ -814,7 +837,7 @@ impl<L: RawMutex> Engine<L> {
             Ok(mut d) => {
                 d.dd.stats.ns_get_page += ns_get_page;
                 // Mark, then re-read the number (the protocol of `map`).
-                let newly = self.set_gate_bit(d.cell, first.domid, true);
+                let newly = self.set_bit_in_gate(gate, d.cell, true);
                 if gate.seq.load(Ordering::SeqCst) != checked_seq {
                     // Moved since the lookup: nothing installed; each op
                     // is mapped again on its own, after the lock.
@@ -824,29 +847,36 @@ impl<L: RawMutex> Engine<L> {
                 } else {
                     let (mut entered, mut failed) = (false, false);
                     let run = self.locked_run(&d);
-                    for (k, ((req, o), p)) in reqs
-                        .iter()
-                        .zip(out.iter_mut())
-                        .zip(&pages)
-                        .enumerate()
-                        .take(got)
-                    {
-                        let outcome = self.map_locked(&mut d, h, req, p.mfn(), &run, o).outcome();
+                    // The pages in one call, which stops early only for
+                    // the context-0 entries waiting to be written. (Each
+                    // pass takes an op at least.)
+                    let mut k = 0;
+                    for _ in 0..got {
+                        let (Some(reqs), Some(pages), Some(outs)) =
+                            (reqs.get(k..got), pages.get(k..got), out.get_mut(k..got))
+                        else {
+                            break;
+                        };
+                        let ops = self.map_locked_run(&mut d, h, reqs, pages, &run, outs);
                         self.write_pending_if_full(&mut d, h);
-                        match outcome {
-                            MapOutcome::Installed => d.dd.stats.maps += 1,
-                            // The engine took the page and share over.
-                            MapOutcome::Consumed => {}
-                            MapOutcome::Shared => {
-                                d.dd.stats.shared += 1;
-                                give_back |= 1 << k;
-                            }
-                            MapOutcome::Refused => {
-                                failed = true;
-                                give_back |= 1 << k;
-                            }
+                        // (The engine took the page and share of a
+                        // consumed op over.)
+                        give_back |= (ops.shared | ops.refused) << k;
+                        failed |= ops.refused != 0;
+                        entered |= ops.n > ops.refused.count_ones() as usize;
+                        k += ops.n;
+                        if k >= got || ops.n == 0 {
+                            break;
                         }
-                        entered |= outcome != MapOutcome::Refused;
+                    }
+                    // (Unreachable: each pass takes an op.) Ops left
+                    // untaken are answered, their pages given back.
+                    if k < got {
+                        for o in out.iter_mut().take(got).skip(k) {
+                            *o = Err(Errno::Inval);
+                        }
+                        give_back |= ((1u32 << got) - 1) & !((1u32 << k) - 1);
+                        failed = true;
                     }
                     // A bit this run set goes again if it left no entry of
                     // the target (the rule of `map_batch`).
@@ -887,6 +917,22 @@ impl<L: RawMutex> Engine<L> {
         caps: &crate::iommu::BackendCaps,
         target_checked: bool,
     ) -> Result<&TargetGate, Errno> {
+        self.map_checks_in(h, caller, req, caps, target_checked, self.gate(req.domid))
+    }
+
+    /// [`map_checks`](Self::map_checks), `gate` the caller's lookup of
+    /// `req.domid`'s gate ([`gate`](Self::gate)): passed, it is what the
+    /// checks answer; none, they refuse with `ESRCH` after the others.
+    #[inline(always)]
+    fn map_checks_in<'e>(
+        &'e self,
+        h: &impl Hypervisor,
+        caller: &Caller<'_>,
+        req: &MapRequest,
+        caps: &crate::iommu::BackendCaps,
+        target_checked: bool,
+        gate: Option<&'e TargetGate>,
+    ) -> Result<&'e TargetGate, Errno> {
         check_map_again(h, caller, req.domid, req.context, target_checked)?;
         if req.grant {
             // Designed in the ABI; no backend offers PVIOMMU_FEAT_GRANT yet.
@@ -910,7 +956,7 @@ impl<L: RawMutex> Engine<L> {
         {
             return Err(Errno::NoEnt);
         }
-        self.gate(req.domid).ok_or(Errno::Srch)
+        gate.ok_or(Errno::Srch)
     }
 
     /// Join the target's gate, check that its sequence number is still
@@ -1057,13 +1103,13 @@ impl<L: RawMutex> Engine<L> {
     /// Write the context-0 entries waiting for the flush now if
     /// `DEFER_LIMIT` of them wait (`map_prepare` reserves room for no more,
     /// and a map finding none left writes its own entry). Each caller of
-    /// [`map_locked`](Self::map_locked) calls this right after it, never
-    /// the locked map itself: the write's chain of calls (a refused run's
-    /// pages taken down, down to the table walk) is the engine's deepest,
-    /// and so does not carry the locked map's frame on Xen's stack. (With
-    /// the entry's write inlined into the install, `iommu_map_inlined`,
-    /// that frame grew by 64 bytes; from inside, the deepest chain went
-    /// from 3872 to 3936 bytes, from here it is 3832.)
+    /// [`map_locked_run`](Self::map_locked_run) calls this right after it,
+    /// never the locked maps themselves: the write's chain of calls (a
+    /// refused run's pages taken down, down to the table walk) is the
+    /// engine's deepest, and so does not carry the locked maps' frame on
+    /// Xen's stack. (With the entry's write inlined into the install,
+    /// `iommu_map_inlined`, that frame grew by 64 bytes; from inside, the
+    /// deepest chain went from 3872 to 3936 bytes, from here it is 3832.)
     #[inline(always)]
     fn write_pending_if_full(&self, d: &mut Driver<'_, L>, h: &mut impl Hypervisor) {
         if d.dd.pending_maps.len() >= revoke::DEFER_LIMIT as usize {
@@ -1080,11 +1126,103 @@ impl<L: RawMutex> Engine<L> {
         }
     }
 
+    /// The locked maps of `reqs` in order ([`map_locked`](Self::map_locked)),
+    /// op `k`'s page the frame in `pages[k]`, its result written into
+    /// `out[k]`, counted in the cell's statistics. It stops after an op
+    /// that left `DEFER_LIMIT` context-0 entries waiting: the caller writes
+    /// them ([`write_pending_if_full`](Self::write_pending_if_full)), then
+    /// goes on with the ops after. One call for a run of the straight path
+    /// (`map_alike`): a call for each op cost each map about 10
+    /// instructions (its arguments, frame and registers). The other paths
+    /// give it one op ([`map_locked_one`](Self::map_locked_one)).
+    #[inline(never)]
+    fn map_locked_run(
+        &self,
+        d: &mut Driver<'_, L>,
+        h: &mut impl Hypervisor,
+        reqs: &[MapRequest],
+        pages: &[PageSlot],
+        run: &LockedRun,
+        out: &mut [Result<Mapped, Errno>],
+    ) -> LockedOps {
+        let mut ops = LockedOps {
+            n: 0,
+            shared: 0,
+            refused: 0,
+            consumed: 0,
+        };
+        // The most slots the cell may hold: the quota, within the BFN
+        // space (read once for the ops).
+        let slot_limit = run.quota.min(self.space.len());
+        for (k, ((req, page), o)) in reqs
+            .iter()
+            .zip(pages)
+            .zip(out.iter_mut())
+            .enumerate()
+            .take(MAP_CHUNK)
+        {
+            let bit = 1u32 << k;
+            match self
+                .map_locked(d, h, req, page.mfn(), run, slot_limit, o)
+                .outcome()
+            {
+                MapOutcome::Installed => d.dd.stats.maps += 1,
+                MapOutcome::Shared => {
+                    d.dd.stats.shared += 1;
+                    ops.shared |= bit;
+                }
+                MapOutcome::Refused => ops.refused |= bit,
+                MapOutcome::Consumed => ops.consumed |= bit,
+            }
+            ops.n = k + 1;
+            if d.dd.pending_maps.len() >= revoke::DEFER_LIMIT as usize {
+                break;
+            }
+        }
+        ops
+    }
+
+    /// [`map_locked_run`](Self::map_locked_run) for one op, `mfn` its page
+    /// (the general path's and the single map's): what it did, its result
+    /// written into `out`. A call of its own, so the one op's slices and
+    /// answer are not in its callers' frames: `map_run`'s chain down to a
+    /// page lookup is the engine's deepest at a call that may sleep.
+    #[inline(never)]
+    fn map_locked_one(
+        &self,
+        d: &mut Driver<'_, L>,
+        h: &mut impl Hypervisor,
+        req: &MapRequest,
+        mfn: Mfn,
+        run: &LockedRun,
+        out: &mut Result<Mapped, Errno>,
+    ) -> MapOutcome {
+        let mut page = PageSlot::default();
+        page.take(mfn);
+        let ops = self.map_locked_run(
+            d,
+            h,
+            core::slice::from_ref(req),
+            core::slice::from_ref(&page),
+            run,
+            core::slice::from_mut(out),
+        );
+        match ops.outcome(0) {
+            Some(outcome) => outcome,
+            // (Unreachable: it takes its one op.) Nothing happened.
+            None => report::refused(out, Errno::Inval).outcome(),
+        }
+    }
+
     /// The locked part of a map: dedup or install, the result written
     /// into `out`. `run` is what the maps under this lock share, read
-    /// under it ([`locked_run`](Self::locked_run)). The caller writes the
-    /// context-0 entries waiting for the flush right after, if they reached
+    /// under it ([`locked_run`](Self::locked_run)), `slot_limit` the most
+    /// slots the cell may hold (the quota, within the BFN space). Only
+    /// [`map_locked_run`](Self::map_locked_run) calls it, whose caller
+    /// writes the context-0 entries waiting for the flush once they reached
     /// `DEFER_LIMIT` ([`write_pending_if_full`](Self::write_pending_if_full)).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn map_locked(
         &self,
         d: &mut Driver<'_, L>,
@@ -1092,6 +1230,7 @@ impl<L: RawMutex> Engine<L> {
         req: &MapRequest,
         mfn: Mfn,
         run: &LockedRun,
+        slot_limit: u64,
         out: &mut Result<Mapped, Errno>,
     ) -> Reported {
         // (The cell's context, and one the driver domain has.)
@@ -1111,7 +1250,7 @@ impl<L: RawMutex> Engine<L> {
         // it was stored, which stalls store forwarding.
         let at = d.dd.probe_page(self.seed, req.domid, req.gfn);
         let key = map_key(req, mfn);
-        match self.map_prepare(d, h, &key, &at, run.quota, out) {
+        match self.map_prepare(d, h, &key, &at, run.quota, slot_limit, out) {
             Ok(Prepared::Shared(reported)) => reported,
             Ok(Prepared::Install) => self.map_install(d, h, &key, &at, out),
             Err(e) => report::refused(out, e),
@@ -1120,8 +1259,10 @@ impl<L: RawMutex> Engine<L> {
 
     /// Dedup (`Shared`, its result written into `out`), or check the quota
     /// and reserve every byte the install needs (`Install`). `key` is the
-    /// mapping asked for ([`map_key`]), `at` its page's probe. On `Err`
-    /// nothing changed (but a stale mapping found on the way).
+    /// mapping asked for ([`map_key`]), `at` its page's probe, then the
+    /// cell's quota and the most slots it may hold. On `Err` nothing
+    /// changed (but a stale mapping found on the way).
+    #[allow(clippy::too_many_arguments)]
     fn map_prepare(
         &self,
         d: &mut Driver<'_, L>,
@@ -1129,6 +1270,7 @@ impl<L: RawMutex> Engine<L> {
         key: &Mapping,
         at: &PageAt,
         quota: u64,
+        slot_limit: u64,
         out: &mut Result<Mapped, Errno>,
     ) -> Result<Prepared, Errno> {
         let seed = self.seed;
@@ -1149,7 +1291,7 @@ impl<L: RawMutex> Engine<L> {
         if self.over_quota(d, quota) {
             return Err(Errno::NoSpc);
         }
-        d.dd.reserve_slot(seed, quota.min(self.space.len()), at)?;
+        d.dd.reserve_slot(seed, slot_limit, at)?;
         if key.context == ContextId::DEFAULT {
             d.dd.reserve_pending_maps(revoke::DEFER_LIMIT as usize)?;
         }

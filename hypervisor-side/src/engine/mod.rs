@@ -1451,6 +1451,13 @@ impl<L: RawMutex> Engine<L> {
         let Some(g) = self.gate(domid) else {
             return false;
         };
+        self.set_bit_in_gate(g, cell, on)
+    }
+
+    /// [`set_gate_bit`](Self::set_gate_bit), `g` the domid's gate as the
+    /// caller looked it up (a run of maps of one target looks it up once).
+    #[inline(always)]
+    pub(crate) fn set_bit_in_gate(&self, g: &TargetGate, cell: usize, on: bool) -> bool {
         // Cell numbers come from the engine's own tables, all below
         // MAX_DRIVER_DOMAINS.
         debug_assert!(cell < MAX_DRIVER_DOMAINS);
