@@ -137,10 +137,11 @@ impl IndexTable {
         self.buckets.len().wrapping_sub(1)
     }
 
-    /// Whether one more insert fits without a rebuild.
+    /// Whether one more insert fits without a rebuild. (No buckets, no
+    /// room: `(live + 1) * 2` is at least 2, so no test of its own.)
     #[inline]
     pub fn has_room(&self) -> bool {
-        !self.buckets.is_empty() && (self.live + 1) * 2 <= self.buckets.len()
+        (self.live + 1) * 2 <= self.buckets.len()
     }
 
     /// Make sure one more insert needs no memory. `rehash(value)` must give
@@ -276,7 +277,7 @@ impl IndexTable {
     /// (valid until the table next changes).
     #[inline]
     pub fn insert_at(&mut self, hash: u64, value: u64) -> Result<usize, Errno> {
-        if self.buckets.is_empty() || (self.live + 1) * 2 > self.buckets.len() {
+        if !self.has_room() {
             return Err(Errno::NoMem);
         }
         let mask = self.mask();
@@ -360,20 +361,24 @@ impl IndexTable {
         let mask = self.mask();
         let mut hole = pos;
         let mut j = pos;
+        // How far `j` is past the hole (counted, not worked out from both).
+        let mut past_hole = 0;
         for _ in 0..self.buckets.len() {
             j = (j + 1) & mask;
+            past_hole += 1;
             let Some(v) = self.buckets.get(j).copied().filter(|v| *v != EMPTY) else {
                 break;
             };
             // `v` may fill the hole unless its home bucket lies cyclically
             // in (hole, j]: a probe for it starts at home and walks up to j
             // without passing the hole.
-            let home = rehash(v) as usize & mask;
-            if (j.wrapping_sub(home) & mask) >= (j.wrapping_sub(hole) & mask) {
+            let past_home = j.wrapping_sub(rehash(v) as usize) & mask;
+            if past_home >= past_hole {
                 if let Some(b) = self.buckets.get_mut(hole) {
                     *b = v;
                 }
                 hole = j;
+                past_hole = 0;
             }
         }
         if let Some(b) = self.buckets.get_mut(hole) {
@@ -678,6 +683,11 @@ pub struct ShardedIndex {
     live: usize,
     /// Times any shard was rebuilt (positions from before are void).
     rebuilds: u32,
+    /// `SHARDS - 1` once split, else 0: a hash's shard is its shard bits
+    /// under this mask (one `and`, where a test of the split and a pick
+    /// cost each of the page path's four lookups three more). A `u32`
+    /// beside `rebuilds`: the index stays 40 bytes.
+    shard_mask: u32,
 }
 
 /// A bucket of a [`ShardedIndex`]: the hash's low half above the value.
@@ -700,16 +710,13 @@ impl ShardedIndex {
             shards: Vec::new(),
             live: 0,
             rebuilds: 0,
+            shard_mask: 0,
         }
     }
 
     #[inline]
     fn shard_of(&self, hash: u64) -> usize {
-        if self.shards.len() == SHARDS {
-            (hash >> SHARD_SHIFT) as usize & (SHARDS - 1)
-        } else {
-            0
-        }
+        (hash >> SHARD_SHIFT) as usize & self.shard_mask as usize
     }
 
     /// Move every value of the one table into [`SHARDS`] tables; on
@@ -729,6 +736,7 @@ impl ShardedIndex {
             t.insert(h, b)?;
         }
         self.shards = shards;
+        self.shard_mask = SHARDS as u32 - 1;
         self.rebuilds = self.rebuilds.wrapping_add(1);
         Ok(())
     }
@@ -821,6 +829,26 @@ impl ShardedIndex {
         Some((shard * SHARD_STRIDE + pos, b & 0xffff_ffff))
     }
 
+    /// The bucket of the value stored under `hash` that `eq` accepts, to
+    /// read, overwrite or remove at once: for a caller that changes what it
+    /// found, without a position to pack and take apart again, nor its
+    /// table and bucket to look up and check a second time (the owner's
+    /// unmap of each page's last mapping).
+    #[inline]
+    pub fn entry(&mut self, hash: u64, eq: impl Fn(u64) -> bool) -> Option<IndexEntry<'_>> {
+        let shard = self.shard_of(hash);
+        let low = hash & 0xffff_ffff;
+        let table = self.shards.get_mut(shard)?;
+        let (bucket, value) =
+            table.find_at(low, |b| packed_hash(b) == low && eq(b & 0xffff_ffff))?;
+        Some(IndexEntry {
+            table,
+            bucket,
+            stored: value,
+            live: &mut self.live,
+        })
+    }
+
     /// The value at `pos`, if any.
     #[inline]
     pub fn value_at(&self, pos: usize) -> Option<u64> {
@@ -884,6 +912,7 @@ impl ShardedIndex {
     /// Remove every value and give the memory back.
     pub fn release(&mut self) {
         self.shards = Vec::new();
+        self.shard_mask = 0;
         self.live = 0;
         self.rebuilds = self.rebuilds.wrapping_add(1);
     }
@@ -942,6 +971,45 @@ impl ShardedIndex {
             .iter()
             .flat_map(IndexTable::values)
             .map(|b| b & 0xffff_ffff)
+    }
+}
+
+/// A value found in a [`ShardedIndex`] ([`ShardedIndex::entry`]), held
+/// until it is read, overwritten or removed.
+pub struct IndexEntry<'a> {
+    table: &'a mut IndexTable,
+    bucket: usize,
+    /// The bucket as stored: the hash's low half above the value.
+    stored: u64,
+    /// The index's count of values.
+    live: &'a mut usize,
+}
+
+impl IndexEntry<'_> {
+    /// The value.
+    #[inline]
+    pub fn value(&self) -> u64 {
+        self.stored & 0xffff_ffff
+    }
+
+    /// Overwrite the value (kept under the same hash); a value that does
+    /// not fit 32 bits is refused and the old one kept (as
+    /// [`ShardedIndex::set_at`]).
+    #[inline]
+    pub fn set(self, value: u64) {
+        // (`u32::MAX` under an all-ones hash would pack to the empty mark.)
+        if let Some(value) = u32::try_from(value).ok().filter(|v| *v != u32::MAX) {
+            self.table
+                .set_at(self.bucket, packed(packed_hash(self.stored), value));
+        }
+    }
+
+    /// Remove the value (see [`IndexTable::remove_at`]).
+    #[inline]
+    pub fn remove(self) {
+        if self.table.remove_at(self.bucket, packed_hash) {
+            *self.live -= 1;
+        }
     }
 }
 
@@ -1220,6 +1288,41 @@ mod tests {
             t.insert(h(k), k).unwrap();
         }
         assert_eq!(t.len(), 1000);
+    }
+
+    /// An entry reads, overwrites and removes what a lookup finds, in one
+    /// table while small and in its shard once split, as positions do.
+    #[test]
+    fn an_entry_changes_the_value_it_found() {
+        let h = |k: u64| k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut ix = ShardedIndex::new();
+        // (Small again after a split: released, it is one table again.)
+        for n in [100u64, SPLIT_AT as u64 * 4, 100] {
+            ix.release();
+            for k in 0..n {
+                ix.reserve_one(h(k)).unwrap();
+                ix.insert(h(k), k).unwrap();
+            }
+            assert_eq!(ix.is_split(), n > SPLIT_AT as u64);
+            let layout = ix.layout();
+            for k in (0..n).step_by(2) {
+                let entry = ix.entry(h(k), |v| v == k).unwrap();
+                assert_eq!(entry.value(), k);
+                entry.remove();
+            }
+            for k in (1..n).step_by(2) {
+                ix.entry(h(k), |v| v == k).unwrap().set(k + n);
+                // Refused, the value kept: it would not fit the bucket.
+                ix.entry(h(k), |v| v == k + n).unwrap().set(u64::MAX);
+            }
+            assert_eq!(ix.len(), n as usize / 2);
+            assert_eq!(ix.layout(), layout, "no rebuild");
+            for k in 0..n {
+                assert!(ix.entry(h(k), |v| v == k).is_none(), "{k}");
+                let moved = ix.position(h(k), |v| v == k + n);
+                assert_eq!(moved.is_some(), k % 2 == 1, "{k}");
+            }
+        }
     }
 
     #[test]

@@ -2274,13 +2274,13 @@ impl DriverDomain {
         // `idx` is a live mapping of the page: a bucket naming it is the
         // page's (the common case, `idx` heading its chain, needs no
         // second read of a slot).
-        let found = self.pages.find_at(page_hash(seed, domid, gfn), |v| {
+        let found = self.pages.entry(page_hash(seed, domid, gfn), |v| {
             v == idx
                 || slots
                     .get(v as usize)
                     .is_some_and(|r| r.is_live_page(domid, gfn))
         });
-        let Some((pos, head)) = found else {
+        let Some(entry) = found else {
             // Fail closed: the mapping still goes (a revocation that
             // stopped here left a device its access). The counts are left
             // as they are, too high rather than too low: the page's count
@@ -2299,14 +2299,15 @@ impl DriverDomain {
             self.trust_counts_again_if_no_live_mapping();
             return false;
         };
+        let head = entry.value();
         let mut last_of_target = false;
         if head == idx {
             if after == NONE {
-                self.pages.remove_at(pos);
+                entry.remove();
                 last_of_target = self.count_target(seed, domid, false) == Ok(0);
                 self.count_region(seed, domid, gfn, false);
             } else {
-                self.pages.set_at(pos, after);
+                entry.set(after);
             }
         } else {
             let mut at = head;
