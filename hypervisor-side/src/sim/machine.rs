@@ -6,7 +6,9 @@ use crate::iommu::{
     BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend, OwnTables, TableFormat,
 };
 use crate::pgtable::sync::{DirtyLines, LINE_BYTES};
-use crate::pgtable::{lpae::Lpae, vtd::Vtd, Entry, IoPageTable, TableMemory, TableOptions};
+use crate::pgtable::{
+    lpae::Lpae, vtd::Vtd, Entry, IoPageTable, PageTableFormat, TableMemory, TableOptions,
+};
 use crate::platform::{
     CheckedTarget, DomainInfo, PageKind, PageLookup, PageRun, PageSlot, Platform, ReservedRange,
     XsmAction,
@@ -213,6 +215,52 @@ fn take_until_refused(
     None
 }
 
+/// [`take_until_refused`] for a guest with a p2m (not PV) by the rule
+/// [`classify_entry`] follows: the frame of a page the guest's RAM holds
+/// as it is asked for (most pages), whose metadata the retired check and
+/// the reference then look up once, taken here; any other page (refused,
+/// or a frame past the RAM) as `take_until_refused` takes it.
+#[inline(always)]
+fn take_ram_until_refused(
+    ram: &mut Ram,
+    d: &Domain,
+    pages: &mut [PageSlot],
+    limit: usize,
+    want_write: bool,
+) -> Option<(usize, Gfn)> {
+    // (A VRAM range being revoked is refused writes as log-dirty is.)
+    let sweeping = want_write && !d.vram_sweep.is_idle();
+    for (i, slot) in pages.iter_mut().enumerate().take(limit) {
+        let gfn = slot.gfn();
+        let log_dirty = d.log_dirty || (sweeping && d.vram_sweep.freezes_writes_to(gfn.0));
+        let entry = d.p2m.get(&gfn);
+        // `classify_entry`'s answer where it gives the frame: no write
+        // refused for log-dirty, RAM (read-only only for a read), the
+        // frame not retired.
+        if let (false, Some(&P2mEntry::Ram { mfn, read_only })) = (log_dirty && want_write, entry) {
+            if let Some(info) = ram.info.get_mut(mfn.0 as usize) {
+                if !(info.retired || (read_only && want_write)) {
+                    slot.take(mfn);
+                    // (`Ram::reference`.)
+                    info.refs += 1;
+                    if want_write {
+                        info.writable_refs += 1;
+                    }
+                    continue;
+                }
+            }
+        }
+        match classify_entry(ram, entry, want_write, log_dirty) {
+            (_, Some(mfn)) => {
+                slot.take(mfn);
+                ram.reference(mfn, want_write);
+            }
+            (_, None) => return Some((i, gfn)),
+        }
+    }
+    None
+}
+
 /// What a page lookup of PV guest `domid`'s "gfn" `frame` finds (Xen's
 /// glue: `pvx_lookup_page()`, whose `get_page_from_gfn()` is a frame
 /// check for a domain without `paging_mode_translate`, then
@@ -269,32 +317,6 @@ impl Context {
     /// Clear page `bfn` (`NoEnt` if nothing maps it), whichever the format.
     fn unmap(&mut self, mem: &mut impl TableMemory, bfn: Bfn) -> Result<(), Errno> {
         either_format!(self, t => t.unmap(mem, bfn))
-    }
-    /// Map page `bfn` (`Inval` over a present entry), whichever the format.
-    fn map(
-        &mut self,
-        mem: &mut impl TableMemory,
-        bfn: Bfn,
-        mfn: Mfn,
-        perms: Permissions,
-        attr: MemAttr,
-    ) -> Result<(), Errno> {
-        either_format!(self, t => t.map(mem, bfn, mfn, perms, attr))
-    }
-    /// What the tables map at `bfn`, whichever the format.
-    fn translate(&self, mem: &impl TableMemory, bfn: Bfn) -> Option<(Mfn, Permissions, MemAttr)> {
-        either_format!(self, t => t.translate(mem, bfn))
-    }
-    /// See [`IoPageTable::overwrite_leaf`].
-    fn overwrite_leaf(
-        &mut self,
-        mem: &mut impl TableMemory,
-        bfn: Bfn,
-        mfn: Mfn,
-        perms: Permissions,
-        attr: MemAttr,
-    ) -> Result<(), Errno> {
-        either_format!(self, t => t.overwrite_leaf(mem, bfn, mfn, perms, attr))
     }
     /// See [`IoPageTable::level2_entry`].
     fn level2_entry(&self, mem: &impl TableMemory, bfn: Bfn) -> Entry {
@@ -727,11 +749,27 @@ impl Ram {
         if self.non_coherent_tables {
             self.line_writebacks += u64::from(lines.count_ones());
         }
-        for line in 0..64 {
-            if lines & (1 << line) != 0 && self.stale_lines.remove(&(table.0, line)).is_some() {
-                self.lines_synced += 1;
-            }
+        self.lines_synced += self.drop_stale_lines(table.0, lines);
+    }
+    /// Forget the lines of `table` in the bitmap `lines` that memory holds
+    /// stale: how many there were. Only those there are looked up, from a
+    /// range of the map (none, most often: one look-up), not each of the
+    /// 64 lines. (A table's lines are 0..64: `index * 8 / LINE_BYTES`.)
+    fn drop_stale_lines(&mut self, table: u64, lines: u64) -> u64 {
+        const LINES: usize = 4096 / LINE_BYTES;
+        let mut dropped = 0;
+        let mut from = 0;
+        while let Some(line) = self
+            .stale_lines
+            .range((table, from)..(table, LINES))
+            .map(|(&(_, line), _)| line)
+            .find(|&line| lines & (1 << line) != 0)
+        {
+            self.stale_lines.remove(&(table, line));
+            dropped += 1;
+            from = line + 1;
         }
+        dropped
     }
     /// Write back every table store noted since the last time: what a
     /// backend does before it invalidates the IOMMU's caches.
@@ -769,9 +807,7 @@ impl TableMemory for Ram {
             self.tables_freed_stale += 1;
         }
         self.dirty.forget(table);
-        for line in 0..4096 / LINE_BYTES {
-            self.stale_lines.remove(&(table.0, line));
-        }
+        self.drop_stale_lines(table.0, u64::MAX);
         self.tables_freed += 1;
         self.release(table)
     }
@@ -853,6 +889,54 @@ impl TableMemory for WriteThrough<'_> {
     }
     fn set_present_count(&mut self, table: Mfn, count: u16) {
         self.0.set_present_count(table, count)
+    }
+}
+
+/// A table memory that notes whether anything was stored through it (the
+/// `bool`): whether a run of unmaps cleared a page.
+struct NotingStores<'a, M>(&'a mut M, bool);
+
+impl<M: TableMemory> TableMemory for NotingStores<'_, M> {
+    fn alloc_table(&mut self) -> Result<Mfn, Errno> {
+        self.0.alloc_table()
+    }
+    fn free_table(&mut self, table: Mfn) {
+        self.0.free_table(table)
+    }
+    fn reuse_table(&mut self, table: Mfn) {
+        self.0.reuse_table(table)
+    }
+    fn table_is_clear(&self, table: Mfn) -> bool {
+        self.0.table_is_clear(table)
+    }
+    fn write_back_table(&mut self, table: Mfn) {
+        self.0.write_back_table(table)
+    }
+    #[inline]
+    fn read_entry(&self, table: Mfn, index: usize) -> u64 {
+        self.0.read_entry(table, index)
+    }
+    #[inline]
+    fn write_entry(&mut self, table: Mfn, index: usize, raw: u64) {
+        self.1 = true;
+        self.0.write_entry(table, index, raw)
+    }
+    #[inline]
+    fn present_count(&self, table: Mfn) -> u16 {
+        self.0.present_count(table)
+    }
+    #[inline]
+    fn set_present_count(&mut self, table: Mfn, count: u16) {
+        self.0.set_present_count(table, count)
+    }
+    #[inline(always)]
+    fn read_entry_and_count(&self, table: Mfn, index: usize) -> (u64, u16) {
+        self.0.read_entry_and_count(table, index)
+    }
+    #[inline(always)]
+    fn write_entry_counted(&mut self, table: Mfn, index: usize, raw: u64, count: u16) {
+        self.1 = true;
+        self.0.write_entry_counted(table, index, raw, count)
     }
 }
 
@@ -3036,12 +3120,7 @@ impl Platform for SimMachine {
                 classify_pv_frame(ram, domid, d, gfn.0, want_write)
             })
         } else {
-            // (A VRAM range being revoked is refused writes as log-dirty is.)
-            let sweeping = want_write && !d.vram_sweep.is_idle();
-            take_until_refused(ram, pages, limit, want_write, |ram, gfn| {
-                let log_dirty = d.log_dirty || (sweeping && d.vram_sweep.freezes_writes_to(gfn.0));
-                classify_entry(ram, d.p2m.get(&gfn), want_write, log_dirty)
-            })
+            take_ram_until_refused(ram, d, pages, limit, want_write)
         };
         let taken = stop.map_or(limit, |(i, _)| i);
         // The page it stopped at, looked up as `get_page` looks one up
@@ -3327,6 +3406,21 @@ impl SimMachine {
         perms: Permissions,
         attr: MemAttr,
     ) -> (Result<u32, Errno>, bool) {
+        either_format!(c, t => Self::map_page_in_table(t, ram, bfn, mfn, perms, attr))
+    }
+
+    /// [`map_page_in`](Self::map_page_in) into a context's tables, of
+    /// either format. (Generic: a run's loop picks the format once, and
+    /// the tables' map inlines into it.)
+    #[inline(always)]
+    fn map_page_in_table<F: PageTableFormat>(
+        c: &mut IoPageTable<F>,
+        ram: &mut Ram,
+        bfn: Bfn,
+        mfn: Mfn,
+        perms: Permissions,
+        attr: MemAttr,
+    ) -> (Result<u32, Errno>, bool) {
         // Xen's own tables: its VT-d code writes back each entry it stores.
         let mut mem = WriteThrough(ram);
         let before = c.queued_tables_marker();
@@ -3358,7 +3452,12 @@ impl SimMachine {
             },
             Err(e) => Err(e),
         };
-        let unlinked = c.unlinked_since(before);
+        // (As `Context::unlinked_since`.)
+        let unlinked = if c.queued_tables_marker() != before {
+            flushf::MODIFIED | flushf::ALL
+        } else {
+            0
+        };
         (written.map(|w| w | unlinked), overwrote)
     }
 
@@ -3466,8 +3565,16 @@ impl SimMachine {
             self.superpage_unmaps += 1;
             return Ok(flushf::MODIFIED);
         }
-        let mut cleared = false;
-        for page in bfn.0..bfn.0 + 0x200 {
+        // The leaf table's entries up to its last one first, where the
+        // table is the cached one: `unmap_in_cached_leaf` clears them as
+        // `unmap` of each page would, with one look-up of the table, and
+        // stores only where an entry was present (a page cleared). The
+        // rest (all of them where the table is not the cached one) one by
+        // one: the last entry's unmap frees the table.
+        let mut noting = NotingStores(&mut mem, false);
+        let done = either_format!(c, t => t.unmap_in_cached_leaf(&mut noting, bfn, 0x200));
+        let mut cleared = noting.1;
+        for page in bfn.0 + done..bfn.0 + 0x200 {
             match c.unmap(&mut mem, Bfn(page)) {
                 Ok(()) => cleared = true,
                 Err(Errno::NoEnt) => {}
@@ -3665,10 +3772,11 @@ impl IommuBackend for SimMachine {
                     ctx,
                 ) {
                     Err(e) => Some(e),
-                    Ok((c, ram)) => loop {
+                    // (The format picked once for the stretch.)
+                    Ok((c, ram)) => either_format!(c, t => loop {
                         let at = (Bfn(bfn.0 + done), Mfn(mfn.0 + done));
                         let (written, overwrote) =
-                            Self::map_page_in(c, ram, at.0, at.1, perms, attr);
+                            Self::map_page_in_table(t, ram, at.0, at.1, perms, attr);
                         self.maps_over_present += u64::from(overwrote);
                         match written {
                             Ok(set) => flags |= set,
@@ -3679,7 +3787,7 @@ impl IommuBackend for SimMachine {
                             break None;
                         }
                         self.map_calls += 1;
-                    },
+                    }),
                 };
                 if let Some(e) = failed {
                     if let Some(last_done) = done.checked_sub(1) {
@@ -4704,6 +4812,292 @@ mod tests {
         assert_eq!((u.root, u.first, u.last), (chain[8].0, 0, u64::MAX));
         ram.forget_unlinked_under(Some(chain[8]), 5, 5);
         assert!(!ram.unlinked_tables.contains(child.0));
+    }
+
+    /// A 2 MiB unmap of Xen's own tables page by page, as `unmap_page`
+    /// made it before it cleared the cached leaf table's run at once.
+    fn whole_unmap_page_by_page(m: &mut SimMachine, bfn: Bfn) -> Result<u32, Errno> {
+        m.unmap_calls += 1;
+        let Some(c) = m.contexts.get_mut(&(DomId::DOM0, ContextId::DEFAULT)) else {
+            return Err(Errno::NoEnt);
+        };
+        let mut mem = WriteThrough(&mut m.ram);
+        if either_format!(c, t => t.unmap_superpage(&mut mem, bfn)).is_ok() {
+            m.superpage_unmaps += 1;
+            return Ok(flushf::MODIFIED);
+        }
+        let mut cleared = false;
+        for page in bfn.0..bfn.0 + 0x200 {
+            match c.unmap(&mut mem, Bfn(page)) {
+                Ok(()) => cleared = true,
+                Err(Errno::NoEnt) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if cleared {
+            Ok(flushf::MODIFIED)
+        } else {
+            Err(Errno::NoEnt)
+        }
+    }
+
+    /// A 2 MiB unmap of a default context that clears the cached leaf
+    /// table's run at once (`unmap_in_cached_leaf`) leaves everything as
+    /// the unmap of each page did, and answers the same: over random maps
+    /// and unmaps of two 2 MiB regions, full leaf tables folded into
+    /// superpages, splits whose allocation fails, in both formats.
+    #[test]
+    fn a_whole_unmap_through_the_cached_leaf_does_what_page_by_page_did() {
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        let base = 0x10_0000u64;
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut after_maps = 0;
+        let mut cleared_any = 0;
+        for format in [Format::Vtd, Format::Lpae] {
+            // (Leaves point past the RAM: Xen's tables take any frame.)
+            let mut fast = SimMachine::new(256, format, 16);
+            let mut slow = SimMachine::new(256, format, 16);
+            let mut last_mapped = None;
+            for step in 0..1500 {
+                let region = base + 0x200 * next(2);
+                let allocs = (next(8) == 0).then(|| next(2));
+                for m in [&mut fast, &mut slow] {
+                    m.fail_table_allocs(allocs);
+                }
+                match next(10) {
+                    // A few pages mapped (some over present ones).
+                    0..=4 => {
+                        for _ in 0..1 + next(40) {
+                            let page = next(0x200);
+                            let mfn = Mfn(0x400 + next(0x400));
+                            let perms = if next(2) == 0 { rw } else { Permissions::RO };
+                            let a = fast.map_page(
+                                DomId::DOM0,
+                                ContextId::DEFAULT,
+                                Bfn(region + page),
+                                mfn,
+                                perms,
+                                wb,
+                            );
+                            let b = slow.map_page(
+                                DomId::DOM0,
+                                ContextId::DEFAULT,
+                                Bfn(region + page),
+                                mfn,
+                                perms,
+                                wb,
+                            );
+                            assert_eq!(a, b, "step {step}");
+                        }
+                        last_mapped = Some(region);
+                    }
+                    // The region mapped whole, aligned and contiguous: it
+                    // folds into a superpage.
+                    5 => {
+                        let mfn = 0x400 * (1 + next(2));
+                        for page in 0..0x200 {
+                            let at = (Bfn(region + page), Mfn(mfn + page));
+                            let a =
+                                fast.map_page(DomId::DOM0, ContextId::DEFAULT, at.0, at.1, rw, wb);
+                            let b =
+                                slow.map_page(DomId::DOM0, ContextId::DEFAULT, at.0, at.1, rw, wb);
+                            assert_eq!(a, b, "step {step}");
+                        }
+                        last_mapped = Some(region);
+                    }
+                    // A page unmapped (a superpage over it split).
+                    6 => {
+                        let bfn = Bfn(region + next(0x200));
+                        let a = fast.unmap_page(DomId::DOM0, ContextId::DEFAULT, bfn, false);
+                        let b = slow.unmap_page(DomId::DOM0, ContextId::DEFAULT, bfn, false);
+                        assert_eq!(a, b, "step {step}");
+                        last_mapped = None;
+                    }
+                    // The region unmapped whole.
+                    _ => {
+                        after_maps += u32::from(last_mapped == Some(region));
+                        let a = fast.unmap_page(DomId::DOM0, ContextId::DEFAULT, Bfn(region), true);
+                        let b = whole_unmap_page_by_page(&mut slow, Bfn(region));
+                        assert_eq!(a, b, "step {step}");
+                        cleared_any += u32::from(a.is_ok());
+                        last_mapped = None;
+                    }
+                }
+                if step % 16 == 0 {
+                    let (a, b) = (table_memory_state(&fast.ram), table_memory_state(&slow.ram));
+                    assert_eq!(a, b, "step {step}");
+                }
+                let counters =
+                    |m: &SimMachine| (m.unmap_calls, m.superpage_unmaps, m.maps_over_present);
+                assert_eq!(counters(&fast), counters(&slow), "step {step}");
+                let marker = |m: &SimMachine| {
+                    m.contexts
+                        .get(&(DomId::DOM0, ContextId::DEFAULT))
+                        .map(Context::queued_tables_marker)
+                };
+                assert_eq!(marker(&fast), marker(&slow), "step {step}");
+                for page in (base..base + 0x400).step_by(1 + next(64) as usize) {
+                    let t =
+                        |m: &SimMachine| m.translate(DomId::DOM0, ContextId::DEFAULT, Bfn(page));
+                    assert_eq!(t(&fast), t(&slow), "step {step}");
+                }
+            }
+        }
+        // The cached run was there to take, and pages were cleared.
+        assert!(
+            after_maps > 100 && cleared_any > 200,
+            "{after_maps} {cleared_any}"
+        );
+    }
+
+    /// Stale lines dropped from a range of the map (`drop_stale_lines`)
+    /// are those, and as many, as a look-up of each line in the bitmap
+    /// dropped: over random lines of neighbouring tables and random
+    /// bitmaps, the whole table's too.
+    #[test]
+    fn stale_lines_dropped_from_a_range_are_those_each_look_up_dropped() {
+        let mut ram = SimMachine::new(16, Format::Vtd, 4).ram;
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut dropped_some = 0;
+        for step in 0..2000 {
+            for _ in 0..next() % 24 {
+                let (table, line) = (3 + next() % 3, (next() % 64) as usize);
+                ram.stale_lines
+                    .insert((table, line), [line as u8; LINE_BYTES]);
+            }
+            let table = 3 + next() % 3;
+            let lines = match next() % 4 {
+                0 => u64::MAX,
+                1 => 1 << (next() % 64),
+                _ => next() & next(),
+            };
+            let mut want = ram.stale_lines.clone();
+            let mut want_dropped = 0;
+            for line in 0..64 {
+                if lines & (1 << line) != 0 && want.remove(&(table, line)).is_some() {
+                    want_dropped += 1;
+                }
+            }
+            assert_eq!(
+                ram.drop_stale_lines(table, lines),
+                want_dropped,
+                "step {step}"
+            );
+            assert_eq!(ram.stale_lines, want, "step {step}");
+            dropped_some += u32::from(want_dropped > 0);
+        }
+        assert!(dropped_some > 500, "{dropped_some}");
+    }
+
+    /// The p2m guest's page run that takes its RAM pages with one look-up
+    /// of their frames (`take_ram_until_refused`) takes, references and
+    /// stops where the general rule (`take_until_refused` by
+    /// `classify_entry`) does: over random p2m entries (read-write and
+    /// read-only RAM, frames retired or past the RAM, MMIO, paged-out,
+    /// granted, Xen's, none), log-dirty on and off, reads and writes.
+    #[test]
+    fn a_ram_page_run_takes_what_the_general_rule_takes() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let guest = DomId(1);
+        let spec = DomainSpec {
+            pages: 64,
+            privileged: false,
+            device_model_of: None,
+        };
+        let (mut fast, mut slow) = (
+            SimMachine::new(256, Format::Vtd, 16),
+            SimMachine::new(256, Format::Vtd, 16),
+        );
+        for m in [&mut fast, &mut slow] {
+            m.create_domain(guest, spec.clone()).unwrap();
+        }
+        let (mut fast_taken, mut stops) = (0, 0);
+        for step in 0..3000 {
+            // Some entries and frames changed, alike in both.
+            for _ in 0..next(6) {
+                let gfn = Gfn(next(80));
+                let entry = match next(16) {
+                    0 => None,
+                    1 => Some(P2mEntry::Mmio),
+                    2 => Some(P2mEntry::PagedOut),
+                    3 => Some(P2mEntry::Grant),
+                    4 => Some(P2mEntry::Xen),
+                    _ => Some(P2mEntry::Ram {
+                        mfn: Mfn(next(300)),
+                        read_only: next(3) == 0,
+                    }),
+                };
+                let retire = (next(8) == 0).then(|| next(256) as usize);
+                let log_dirty = next(16) == 0;
+                for m in [&mut fast, &mut slow] {
+                    let d = m.domains.get_mut(&guest).unwrap();
+                    match entry {
+                        Some(e) => {
+                            d.p2m.insert(gfn, e);
+                        }
+                        None => {
+                            d.p2m.remove(&gfn);
+                        }
+                    }
+                    if log_dirty {
+                        d.log_dirty = !d.log_dirty;
+                    }
+                    if let Some(f) = retire {
+                        m.ram.info[f].retired = !m.ram.info[f].retired;
+                    }
+                }
+            }
+            let want_write = next(2) == 0;
+            let first = next(80);
+            let asked: Vec<PageSlot> = (0..1 + next(24))
+                .map(|k| PageSlot::asking(Gfn((first + k * (1 + next(3))) % 80)))
+                .collect();
+            let limit = next(asked.len() as u64 + 2) as usize;
+            let (mut a, mut b) = (asked.clone(), asked);
+            let da = fast.domains.get(&guest).unwrap();
+            let got = take_ram_until_refused(&mut fast.ram, da, &mut a, limit, want_write);
+            let db = slow.domains.get(&guest).unwrap();
+            let sweeping = want_write && !db.vram_sweep.is_idle();
+            let want = take_until_refused(&mut slow.ram, &mut b, limit, want_write, |ram, gfn| {
+                let log_dirty =
+                    db.log_dirty || (sweeping && db.vram_sweep.freezes_writes_to(gfn.0));
+                classify_entry(ram, db.p2m.get(&gfn), want_write, log_dirty)
+            });
+            assert_eq!(got, want, "step {step}");
+            assert_eq!(a, b, "step {step}");
+            let refs = |m: &SimMachine| {
+                m.ram
+                    .info
+                    .iter()
+                    .map(|f| (f.refs, f.writable_refs))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(refs(&fast), refs(&slow), "step {step}");
+            fast_taken += a
+                .iter()
+                .take(got.map_or(limit.min(a.len()), |(i, _)| i))
+                .count();
+            stops += u32::from(got.is_some());
+        }
+        assert!(fast_taken > 800 && stops > 1000, "{fast_taken} {stops}");
     }
 
     /// Everything a table store may change in the RAM, to compare.
