@@ -1669,4 +1669,189 @@ mod tests {
         let mut t = IndexTable::new();
         assert_eq!(t.insert(1, 1), Err(Errno::NoMem));
     }
+
+    // The removal's counted shift against 532c015's, which worked the
+    // distance out from both positions, and a model (review 159).
+
+    /// 532c015's `shift_cluster_back`, verbatim.
+    fn shift_old(t: &mut IndexTable, pos: usize, rehash: impl Fn(u64) -> u64) {
+        let mask = t.mask();
+        let mut hole = pos;
+        let mut j = pos;
+        for _ in 0..t.buckets.len() {
+            j = (j + 1) & mask;
+            let Some(v) = t.buckets.get(j).copied().filter(|v| *v != EMPTY) else {
+                break;
+            };
+            let home = rehash(v) as usize & mask;
+            if (j.wrapping_sub(home) & mask) >= (j.wrapping_sub(hole) & mask) {
+                if let Some(b) = t.buckets.get_mut(hole) {
+                    *b = v;
+                }
+                hole = j;
+            }
+        }
+        if let Some(b) = t.buckets.get_mut(hole) {
+            *b = EMPTY;
+        }
+    }
+
+    /// Review 159: every table of `len` buckets (8 and 16) that linear
+    /// probing can build from up to `len - 1` values with any homes (so
+    /// every cluster shape, wrapping around the end, up to one empty
+    /// bucket), every removal: the new shift leaves the buckets exactly as
+    /// the parent's, and every value left is found by a probe from its
+    /// home (no chain broken), the removed one not.
+    #[test]
+    fn the_counted_shift_leaves_every_cluster_shape_as_the_computed_one_did() {
+        // A value: its home in the high bits (beyond any mask: the shift
+        // masks the hash itself now), a serial below.
+        let rehash = |v: u64| v >> 8;
+        let mut checked = 0u64;
+        for (len, most, stride) in [(8usize, 6usize, 1u64), (8, 7, 5), (16, 9, 200_003)] {
+            // Sequences of homes, as base-`len` numbers (every `stride`-th
+            // for 16 buckets: 16^9 is too many).
+            let total = (len as u64).pow(most as u32);
+            let mut code = 0u64;
+            while code < total {
+                let mut c = code;
+                code += stride;
+                let mut t = IndexTable {
+                    buckets: vec![EMPTY; len],
+                    live: 0,
+                    rebuilds: 0,
+                };
+                let mask = len - 1;
+                for serial in 0..most as u64 {
+                    // Extra high bits above the mask: the old code masked the
+                    // home first, the new one does not.
+                    let home = (c % len as u64) + (len as u64) * (serial % 3);
+                    c /= len as u64;
+                    let v = (home << 8) | serial;
+                    let mut i = home as usize & mask;
+                    while t.buckets[i] != EMPTY {
+                        i = (i + 1) & mask;
+                    }
+                    t.buckets[i] = v;
+                    t.live += 1;
+                }
+                for pos in 0..len {
+                    let Some(gone) = t.value_at(pos) else {
+                        continue;
+                    };
+                    let mut a = IndexTable {
+                        buckets: t.buckets.clone(),
+                        live: t.live,
+                        rebuilds: 0,
+                    };
+                    let mut b = IndexTable {
+                        buckets: t.buckets.clone(),
+                        live: t.live,
+                        rebuilds: 0,
+                    };
+                    shift_old(&mut a, pos, rehash);
+                    assert!(b.remove_at(pos, rehash));
+                    assert_eq!(
+                        a.buckets,
+                        b.buckets,
+                        "len {len} code {} pos {pos}",
+                        code - stride
+                    );
+                    for &v in t.buckets.iter().filter(|&&v| v != EMPTY) {
+                        let found = b.find_at(rehash(v), |x| x == v).is_some();
+                        assert_eq!(found, v != gone, "len {len} pos {pos} v {v:#x}");
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 1_000_000);
+    }
+
+    /// The page index's entry against a BTreeMap under churn, with every
+    /// shard shape (unsplit, split, shards released empty, released): an
+    /// entry read, set or removed is the value `position`/`set_at`/
+    /// `remove_at` would have found and changed.
+    #[test]
+    fn entries_change_the_index_as_positions_do_under_churn() {
+        use std::collections::BTreeMap;
+        // Hashes crowding few buckets and shards (collisions in the low
+        // half, the shard bits from a small set) and spread ones.
+        let h = |k: u64, crowd: bool| {
+            let x = k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            if crowd {
+                (x & !0xff_ffff_u64 & 0xffff_ffff_0000_0000) | ((k % 3) << 24) | (k % 37)
+            } else {
+                x
+            }
+        };
+        for crowd in [false, true] {
+            let mut a = ShardedIndex::new();
+            let mut b = ShardedIndex::new();
+            let mut model: BTreeMap<u64, u64> = BTreeMap::new();
+            let mut x = 0x1234_5678_u64;
+            for step in 0..60_000u64 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let k = x % 9000;
+                let key = h(k, crowd);
+                match x >> 60 {
+                    0..=6 => {
+                        if !model.contains_key(&k) {
+                            a.reserve_one(key).unwrap();
+                            b.reserve_one(key).unwrap();
+                            a.insert(key, k).unwrap();
+                            b.insert(key, k).unwrap();
+                            model.insert(k, k);
+                        }
+                    }
+                    7..=11 => {
+                        let v = model.get(&k).copied();
+                        let e = a.entry(key, |val| Some(val) == v);
+                        let p = b.position(key, |val| Some(val) == v);
+                        assert_eq!(e.is_some(), p.is_some(), "step {step}");
+                        assert_eq!(e.is_some(), v.is_some());
+                        if let (Some(e), Some(p)) = (e, p) {
+                            assert_eq!(Some(e.value()), b.value_at(p));
+                            e.remove();
+                            b.remove_at(p);
+                            model.remove(&k);
+                        }
+                    }
+                    12..=13 => {
+                        if let Some(&v) = model.get(&k) {
+                            let nv = if v < 9000 { v + 9000 } else { v - 9000 };
+                            a.entry(key, |val| val == v).unwrap().set(nv);
+                            let p = b.position(key, |val| val == v).unwrap();
+                            b.set_at(p, nv);
+                            model.insert(k, nv);
+                        }
+                    }
+                    14 => {
+                        a.release_empty_shards();
+                        b.release_empty_shards();
+                    }
+                    _ => {}
+                }
+                if step % 20_000 == 19_999 {
+                    a.release();
+                    b.release();
+                    model.clear();
+                }
+                assert_eq!(a.len(), model.len());
+                assert_eq!(a.len(), b.len());
+                assert_eq!(a.is_split(), b.is_split());
+                assert_eq!(a.shard_mask != 0, a.is_split(), "step {step}");
+            }
+            let mut va: Vec<u64> = a.values().collect();
+            let mut vb: Vec<u64> = b.values().collect();
+            va.sort();
+            vb.sort();
+            assert_eq!(va, vb);
+            for (&k, &v) in &model {
+                assert_eq!(a.find_at(h(k, crowd), |x| x == v).map(|p| p.1), Some(v));
+            }
+        }
+    }
 }

@@ -3817,4 +3817,151 @@ mod tests {
             assert_eq!(free_aux(&dd), free_aux(&one_by_one), "budget {budget}");
         }
     }
+
+    // The linked release pass against 532c015's, which freed each slot on
+    // its own (review 159).
+
+    /// 532c015's `take_released`, verbatim: each slot freed on its own.
+    fn take_released_old(dd: &mut DriverDomain, idx: u64) -> Option<Unmapped> {
+        let head = dd.free_head;
+        let r = dd.raw_mut(idx)?;
+        let u = r.unmapped()?;
+        if !u.entry_present && !u.then_revoked {
+            *r = RawSlot::free_before(head);
+            dd.pushed_free(idx, head);
+        }
+        Some(u)
+    }
+
+    /// The release pass's list work, as `flush_and_release_as` does it,
+    /// old (`linked` unused) or new: the steps' answers, in order.
+    fn pass(dd: &mut DriverDomain, budget: usize, new: bool) -> Vec<String> {
+        let (mut at, mut linked, mut out) = (dd.unmapping_head, false, Vec::new());
+        for _ in 0..budget {
+            let got = if new {
+                dd.take_released(at, linked)
+            } else {
+                take_released_old(dd, at)
+            };
+            let Some(u) = got else { break };
+            if new {
+                let freed = !u.entry_present && !u.then_revoked;
+                if linked && !freed {
+                    dd.unset_free_head_link();
+                }
+                linked = freed;
+            }
+            out.push(format!("{at}:{u:?}"));
+            dd.unmapping_head = u.next;
+            at = u.next;
+        }
+        if new && linked {
+            dd.unset_free_head_link();
+        }
+        out
+    }
+
+    /// A cell of `n` slots from `seed`: some free (the free list in a
+    /// random order), some live, the rest on the unmapping list in a random
+    /// order, each owner's (freed), a revocation's (a notice) or refused
+    /// (entry present); with `break_links` some list links point elsewhere
+    /// (a free slot, a live one, one earlier on the list, itself, out of
+    /// range, the list's end).
+    fn synthetic(seed: u64, n: u64, break_links: bool) -> DriverDomain {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut rnd = move |k: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % k.max(1)
+        };
+        let mut dd = DriverDomain::new(DomId(0));
+        let mut idxs = Vec::new();
+        for g in 0..n {
+            let at = dd.probe_page(SEED, DomId(7), Gfn(g));
+            idxs.push(install(&mut dd, at, mapping(g)));
+        }
+        // Shuffle, then deal: free, live, unmapping.
+        for i in (1..idxs.len()).rev() {
+            idxs.swap(i, rnd(i as u64 + 1) as usize);
+        }
+        for &idx in &idxs {
+            match rnd(4) {
+                0 => {
+                    assert!(dd.unindex(SEED, idx).is_some());
+                    dd.free_slot(idx);
+                }
+                1 => {}
+                k => {
+                    assert!(dd.unindex(SEED, idx).is_some());
+                    let (then_revoked, present) = match (k, rnd(3)) {
+                        (2, _) | (_, 0) => (false, false),
+                        (_, 1) => (true, false),
+                        _ => (rnd(2) == 0, true),
+                    };
+                    dd.push_unmapping_at(idx, then_revoked, present);
+                }
+            }
+        }
+        if break_links {
+            let listed: Vec<u64> = (0..n)
+                .filter(|&i| dd.raw(i).is_some_and(|r| r.unmapped().is_some()))
+                .collect();
+            for &i in &listed {
+                if rnd(4) != 0 {
+                    continue;
+                }
+                let to = match rnd(6) {
+                    0 => i,
+                    1 => n + rnd(5),
+                    2 => NONE,
+                    _ => rnd(n),
+                };
+                if let Some(r) = dd.raw_mut(i) {
+                    r.next = link32(to);
+                }
+            }
+        }
+        dd
+    }
+
+    fn whole(dd: &DriverDomain) -> String {
+        format!(
+            "{:?} head={} free={} unmapping_head={}",
+            dd.slots.iter().collect::<Vec<_>>(),
+            dd.free_head,
+            dd.free,
+            dd.unmapping_head
+        )
+    }
+
+    /// Review 159: the linked pass leaves every slot (links, back links,
+    /// states), the free list's head and count exactly as the parent's
+    /// pass freeing one by one, over random cells with notices, refused
+    /// entries, broken links and every budget; and every list it leaves
+    /// whole is one the old pass leaves whole.
+    #[test]
+    fn the_linked_release_pass_leaves_every_cell_as_freeing_one_by_one_did() {
+        let (mut cases, mut linked_steps) = (0u64, 0u64);
+        for seed in 1..3000u64 {
+            let n = 1 + seed % 14;
+            let broken = seed % 3 == 0;
+            for budget in 0..=(n as usize + 2) {
+                let mut old = synthetic(seed, n, broken);
+                let mut new = synthetic(seed, n, broken);
+                assert_eq!(whole(&old), whole(&new));
+                let a = pass(&mut old, budget, false);
+                let b = pass(&mut new, budget, true);
+                assert_eq!(a, b, "seed {seed} budget {budget}");
+                assert_eq!(whole(&old), whole(&new), "seed {seed} budget {budget}");
+                assert_eq!(old.free_list(), new.free_list());
+                if old.free_list_is_whole() {
+                    assert!(new.free_list_is_whole(), "seed {seed} budget {budget}");
+                }
+                linked_steps += b.windows(2).count() as u64;
+                cases += 1;
+            }
+        }
+        assert!(cases > 20_000 && linked_steps > 10_000);
+    }
 }
