@@ -1798,12 +1798,12 @@ mod tests {
                 let key = h(k, crowd);
                 match x >> 60 {
                     0..=6 => {
-                        if !model.contains_key(&k) {
+                        if let std::collections::btree_map::Entry::Vacant(v) = model.entry(k) {
                             a.reserve_one(key).unwrap();
                             b.reserve_one(key).unwrap();
                             a.insert(key, k).unwrap();
                             b.insert(key, k).unwrap();
-                            model.insert(k, k);
+                            v.insert(k);
                         }
                     }
                     7..=11 => {
