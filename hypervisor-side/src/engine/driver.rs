@@ -2447,6 +2447,12 @@ impl DriverDomain {
                 ..RawSlot::free_before(head)
             };
             if linked {
+                // (The head, freed by the step before, links back here
+                // already: nothing between two steps touches the list.)
+                debug_assert!(
+                    self.raw(head).is_some_and(|h| h.aux == link32(idx)),
+                    "the free list's head changed within a release pass"
+                );
                 self.free_head = idx;
                 self.free += 1;
             } else {
