@@ -690,6 +690,14 @@ pub struct ShardedIndex {
     shard_mask: u32,
 }
 
+/// `value` as a [`ShardedIndex`] bucket holds it, if it can: 32 bits, and
+/// not `u32::MAX` (which under an all-ones hash would pack to the empty
+/// mark).
+#[inline]
+fn storable(value: u64) -> Option<u32> {
+    u32::try_from(value).ok().filter(|v| *v != u32::MAX)
+}
+
 /// A bucket of a [`ShardedIndex`]: the hash's low half above the value.
 #[inline]
 fn packed(hash: u64, value: u32) -> u64 {
@@ -861,8 +869,7 @@ impl ShardedIndex {
     #[inline]
     pub fn set_at(&mut self, pos: usize, value: u64) {
         let (shard, pos) = Self::split(pos);
-        // (`u32::MAX` under an all-ones hash would pack to the empty mark.)
-        let value = u32::try_from(value).ok().filter(|v| *v != u32::MAX);
+        let value = storable(value);
         let (Some(t), Some(value)) = (self.shards.get_mut(shard), value) else {
             return;
         };
@@ -875,11 +882,7 @@ impl ShardedIndex {
     /// with the same hash). `value` must fit 32 bits.
     #[inline]
     pub fn insert(&mut self, hash: u64, value: u64) -> Result<(), Errno> {
-        // (`u32::MAX` under an all-ones hash would pack to the empty mark.)
-        let value = u32::try_from(value)
-            .ok()
-            .filter(|v| *v != u32::MAX)
-            .ok_or(Errno::Inval)?;
+        let value = storable(value).ok_or(Errno::Inval)?;
         let shard_no = self.shard_of(hash);
         let t = self.shards.get_mut(shard_no).ok_or(Errno::NoMem)?;
         t.insert(hash & 0xffff_ffff, packed(hash, value))?;
@@ -997,8 +1000,7 @@ impl IndexEntry<'_> {
     /// [`ShardedIndex::set_at`]).
     #[inline]
     pub fn set(self, value: u64) {
-        // (`u32::MAX` under an all-ones hash would pack to the empty mark.)
-        if let Some(value) = u32::try_from(value).ok().filter(|v| *v != u32::MAX) {
+        if let Some(value) = storable(value) {
             self.table
                 .set_at(self.bucket, packed(packed_hash(self.stored), value));
         }
