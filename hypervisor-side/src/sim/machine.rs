@@ -326,16 +326,22 @@ impl Context {
     fn queued_tables_marker(&self) -> (Option<Mfn>, usize) {
         either_format!(self, t => t.queued_tables_marker())
     }
-    /// The [`flushf`] flags Xen's driver adds for a call that unlinked a
-    /// table (folded it into a superpage, or emptied it), queueing it to be
-    /// freed: `MODIFIED | ALL` if a table was queued since `before` (a
-    /// [`queued_tables_marker`](Self::queued_tables_marker)), else none.
+    /// [`unlinked_between`] `before` and the tables' marker now.
     fn unlinked_since(&self, before: (Option<Mfn>, usize)) -> u32 {
-        if self.queued_tables_marker() != before {
-            flushf::MODIFIED | flushf::ALL
-        } else {
-            0
-        }
+        unlinked_between(before, self.queued_tables_marker())
+    }
+}
+
+/// The [`flushf`] flags Xen's driver adds for a call that unlinked a
+/// table (folded it into a superpage, or emptied it), queueing it to be
+/// freed: `MODIFIED | ALL` if a table was queued between the two
+/// [`queued_tables_marker`](IoPageTable::queued_tables_marker)s, else none.
+#[inline]
+fn unlinked_between(before: (Option<Mfn>, usize), after: (Option<Mfn>, usize)) -> u32 {
+    if after != before {
+        flushf::MODIFIED | flushf::ALL
+    } else {
+        0
     }
 }
 
@@ -3452,12 +3458,7 @@ impl SimMachine {
             },
             Err(e) => Err(e),
         };
-        // (As `Context::unlinked_since`.)
-        let unlinked = if c.queued_tables_marker() != before {
-            flushf::MODIFIED | flushf::ALL
-        } else {
-            0
-        };
+        let unlinked = unlinked_between(before, c.queued_tables_marker());
         (written.map(|w| w | unlinked), overwrote)
     }
 
