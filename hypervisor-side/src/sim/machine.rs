@@ -5434,4 +5434,115 @@ mod tests {
             "{runs} {fails} {overwrites}"
         );
     }
+
+    /// A PV guest's page run (`get_pages`' PV loop: each frame referenced
+    /// as it is taken) takes what the rule took before the 50th session:
+    /// every page classified by [`classify_pv_frame`] up to the first it
+    /// refuses, the taken ones referenced after. Frames typed as page
+    /// tables, shared by Xen, retired, another domain's, free or past the
+    /// RAM, log-dirty on and off, reads and writes (review 160's F2: the
+    /// p2m guests' loop had this test, the PV one not).
+    #[test]
+    fn a_pv_page_run_takes_what_classifying_then_referencing_took() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let (guest, other) = (DomId(1), DomId(2));
+        let spec = |pages| DomainSpec {
+            pages,
+            privileged: false,
+            device_model_of: None,
+        };
+        let (mut fast, mut slow) = (
+            SimMachine::new(256, Format::Vtd, 16),
+            SimMachine::new(256, Format::Vtd, 16),
+        );
+        for m in [&mut fast, &mut slow] {
+            m.create_domain(guest, spec(64)).unwrap();
+            m.create_domain(other, spec(32)).unwrap();
+            m.make_pv(guest);
+        }
+        let (mut taken, mut stops, mut writes_refused) = (0, 0, 0);
+        for step in 0..3000 {
+            // Some frames marked or unmarked, alike in both (each kind on
+            // about an eighth of the frames, log-dirty a quarter of the time).
+            for _ in 0..next(3) {
+                let frame = next(300);
+                let (what, on) = (next(4), next(8) == 0);
+                for m in [&mut fast, &mut slow] {
+                    let d = m.domains.get_mut(&guest).unwrap();
+                    let mark = |set: &mut BTreeSet<u64>| {
+                        if on {
+                            set.insert(frame);
+                        } else {
+                            set.remove(&frame);
+                        }
+                    };
+                    match what {
+                        0 => mark(&mut d.pv_typed),
+                        1 => mark(&mut d.pv_xen_shared),
+                        2 => d.log_dirty = frame % 4 == 0,
+                        _ => {
+                            if let Some(f) = m.ram.info.get_mut(frame as usize) {
+                                f.retired = on;
+                            }
+                        }
+                    }
+                }
+            }
+            let want_write = next(2) == 0;
+            // Mostly about the guest's own frames (from 16, after dom0's).
+            let (first, span) = if next(8) == 0 { (0, 300) } else { (10, 80) };
+            let start = next(span);
+            let asked: Vec<PageSlot> = (0..1 + next(24))
+                .map(|k| PageSlot::asking(Gfn(first + (start + k * (1 + next(3))) % span)))
+                .collect();
+            let limit = next(asked.len() as u64 + 2) as usize;
+            let (mut a, mut b) = (asked.clone(), asked);
+            let d = fast.domains.get(&guest).unwrap();
+            let got = take_until_refused(&mut fast.ram, &mut a, limit, want_write, |ram, gfn| {
+                classify_pv_frame(ram, guest, d, gfn.0, want_write)
+            });
+            // The rule as it was: classify the run, then reference it.
+            let d = slow.domains.get(&guest).unwrap();
+            let mut want = None;
+            let mut kinds = Vec::new();
+            for (i, slot) in b.iter_mut().enumerate().take(limit) {
+                let (kind, mfn) = classify_pv_frame(&slow.ram, guest, d, slot.gfn().0, want_write);
+                kinds.push(kind);
+                match mfn {
+                    Some(mfn) => slot.take(mfn),
+                    None => {
+                        want = Some((i, slot.gfn()));
+                        break;
+                    }
+                }
+            }
+            let took = want.map_or(limit.min(b.len()), |(i, _)| i);
+            for slot in &b[..took] {
+                slow.ram.reference(Mfn(slot.gfn().0), want_write);
+            }
+            assert_eq!(got, want, "step {step}");
+            assert_eq!(a, b, "step {step}");
+            let refs = |m: &SimMachine| {
+                m.ram
+                    .info
+                    .iter()
+                    .map(|f| (f.refs, f.writable_refs))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(refs(&fast), refs(&slow), "step {step}");
+            taken += took;
+            stops += u32::from(got.is_some());
+            writes_refused += u32::from(kinds.last() == Some(&PageKind::RamRo) && want_write);
+        }
+        assert!(
+            taken > 4000 && stops > 1000 && writes_refused > 30,
+            "{taken} {stops} {writes_refused}"
+        );
+    }
 }
