@@ -190,6 +190,74 @@ impl Domain {
     }
 }
 
+/// The simulated domains by domid. Ids below [`DENSE_DOMIDS`] (those of
+/// every domain the tests, benches and the demo create, but the reserved
+/// ids) sit in a flat table indexed by id, the others in an ordered map:
+/// the page runs, the permission checks and the guest copies look a
+/// domain up each call, and the index costs a few instructions where the
+/// map's search cost about twenty-five (Xen's `rcu_lock_domain_by_id()`
+/// walks a hash bucket, not a tree). Never iterated: no order to keep.
+struct DomainTable<D> {
+    /// Domids `0..dense.len()`, grown as domains are created there.
+    dense: Vec<Option<D>>,
+    /// Domids from [`DENSE_DOMIDS`] up.
+    sparse: BTreeMap<DomId, D>,
+}
+
+/// Domids [`DomainTable`] keeps in its flat table.
+const DENSE_DOMIDS: usize = 256;
+
+impl<D> DomainTable<D> {
+    fn new() -> Self {
+        DomainTable {
+            dense: Vec::new(),
+            sparse: BTreeMap::new(),
+        }
+    }
+    /// Where `domid` is in the flat table, if it belongs there.
+    #[inline]
+    fn dense_index(domid: DomId) -> Option<usize> {
+        let i = usize::from(domid.0);
+        (i < DENSE_DOMIDS).then_some(i)
+    }
+    #[inline]
+    fn get(&self, domid: &DomId) -> Option<&D> {
+        match Self::dense_index(*domid) {
+            Some(i) => self.dense.get(i)?.as_ref(),
+            None => self.sparse.get(domid),
+        }
+    }
+    #[inline]
+    fn get_mut(&mut self, domid: &DomId) -> Option<&mut D> {
+        match Self::dense_index(*domid) {
+            Some(i) => self.dense.get_mut(i)?.as_mut(),
+            None => self.sparse.get_mut(domid),
+        }
+    }
+    fn contains_key(&self, domid: &DomId) -> bool {
+        self.get(domid).is_some()
+    }
+    /// Set `domid`'s domain; the one it replaces.
+    fn insert(&mut self, domid: DomId, d: D) -> Option<D> {
+        match Self::dense_index(domid) {
+            Some(i) => {
+                if self.dense.len() <= i {
+                    self.dense.resize_with(i + 1, || None);
+                }
+                self.dense[i].replace(d)
+            }
+            None => self.sparse.insert(domid, d),
+        }
+    }
+    /// Take `domid`'s domain out.
+    fn remove(&mut self, domid: &DomId) -> Option<D> {
+        match Self::dense_index(*domid) {
+            Some(i) => self.dense.get_mut(i)?.take(),
+            None => self.sparse.remove(domid),
+        }
+    }
+}
+
 /// Take the frames `classify` gives the first `limit` of `pages`, up to
 /// the first it refuses, each referenced as it is taken (with `writable`
 /// its writable type too): the refused one's index and gfn, if any. (A
@@ -230,9 +298,36 @@ fn take_ram_until_refused(
 ) -> Option<(usize, Gfn)> {
     // (A VRAM range being revoked is refused writes as log-dirty is.)
     let sweeping = want_write && !d.vram_sweep.is_idle();
-    for (i, slot) in pages.iter_mut().enumerate().take(limit) {
+    // Most runs have no page refused for log-dirty: a read (the rule asks
+    // log-dirty only of a write), or a write with neither log-dirty mode
+    // nor a VRAM range being revoked. Their loop asks it of no page, and
+    // knows whether it writes: a loop each, with the same answers.
+    match (want_write, d.log_dirty || sweeping) {
+        (false, _) => take_ram_pages(ram, d, pages, limit, false, |_| false),
+        (true, false) => take_ram_pages(ram, d, pages, limit, true, |_| false),
+        (true, true) => take_ram_pages(ram, d, pages, limit, true, |gfn: Gfn| {
+            d.log_dirty || (sweeping && d.vram_sweep.freezes_writes_to(gfn.0))
+        }),
+    }
+}
+
+/// [`take_ram_until_refused`]'s loop, with `log_dirty(gfn)` whether the
+/// domain's log-dirty mode (or a VRAM range being revoked) refuses a write
+/// of `gfn`.
+#[inline(always)]
+fn take_ram_pages(
+    ram: &mut Ram,
+    d: &Domain,
+    pages: &mut [PageSlot],
+    limit: usize,
+    want_write: bool,
+    log_dirty: impl Fn(Gfn) -> bool,
+) -> Option<(usize, Gfn)> {
+    // (The run's first `limit` pages, as `take(limit)` took them.)
+    let n = limit.min(pages.len());
+    for (i, slot) in pages[..n].iter_mut().enumerate() {
         let gfn = slot.gfn();
-        let log_dirty = d.log_dirty || (sweeping && d.vram_sweep.freezes_writes_to(gfn.0));
+        let log_dirty = log_dirty(gfn);
         let entry = d.p2m.get(&gfn);
         // `classify_entry`'s answer where it gives the frame: no write
         // refused for log-dirty, RAM (read-only only for a read), the
@@ -1145,7 +1240,7 @@ pub const FAULTS_KEPT: usize = 1024;
 /// The simulated host.
 pub struct SimMachine {
     ram: Ram,
-    domains: BTreeMap<DomId, Domain>,
+    domains: DomainTable<Domain>,
     contexts: BTreeMap<(DomId, ContextId), Context>,
     format: Format,
     reserved: Vec<ReservedRange>,
@@ -1335,7 +1430,7 @@ impl SimMachine {
     pub fn new(ram_frames: u64, format: Format, dom0_pages: u64) -> SimMachine {
         let mut m = SimMachine {
             ram: Ram::new(ram_frames),
-            domains: BTreeMap::new(),
+            domains: DomainTable::new(),
             contexts: BTreeMap::new(),
             format,
             reserved: vec![ReservedRange {
@@ -5002,12 +5097,68 @@ mod tests {
         assert!(dropped_some > 500, "{dropped_some}");
     }
 
+    /// The domain table answers as the ordered map it replaced: random
+    /// inserts, replacements, removals and look-ups of domids in its flat
+    /// table, past it and at its edge, reserved ones and the last.
+    #[test]
+    fn the_domain_table_answers_as_an_ordered_map() {
+        let mut seed = 0x853c_49e6_748f_ea9bu64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let ids = [
+            0u16,
+            1,
+            2,
+            7,
+            254,
+            255,
+            256,
+            257,
+            1000,
+            0x7ff0,
+            0x7ff2,
+            u16::MAX,
+        ];
+        let mut table = DomainTable::new();
+        let mut model = BTreeMap::new();
+        let mut dense_hits = 0;
+        for step in 0..20_000u64 {
+            let id = DomId(ids[next(ids.len() as u64) as usize]);
+            match next(5) {
+                0 | 1 => assert_eq!(table.insert(id, step), model.insert(id, step), "{step}"),
+                2 => assert_eq!(table.remove(&id), model.remove(&id), "{step}"),
+                3 => {
+                    let (a, b) = (table.get_mut(&id), model.get_mut(&id));
+                    assert_eq!(a, b, "{step}");
+                    if let (Some(a), Some(b)) = (a, b) {
+                        *a += 1;
+                        *b += 1;
+                    }
+                }
+                _ => {}
+            }
+            for id in ids.map(DomId) {
+                assert_eq!(table.get(&id), model.get(&id), "{step}");
+                assert_eq!(table.contains_key(&id), model.contains_key(&id), "{step}");
+            }
+            dense_hits += u32::from(DomainTable::<u64>::dense_index(id).is_some());
+        }
+        assert!(table.dense.len() == DENSE_DOMIDS && !table.sparse.is_empty());
+        assert!(dense_hits > 5000, "{dense_hits}");
+    }
+
     /// The p2m guest's page run that takes its RAM pages with one look-up
     /// of their frames (`take_ram_until_refused`) takes, references and
     /// stops where the general rule (`take_until_refused` by
     /// `classify_entry`) does: over random p2m entries (read-write and
     /// read-only RAM, frames retired or past the RAM, MMIO, paged-out,
-    /// granted, Xen's, none), log-dirty on and off, reads and writes.
+    /// granted, Xen's, none), log-dirty on and off, a VRAM range being
+    /// revoked or none (each loop of the run's: a read, a write refused
+    /// for log-dirty nowhere, a write that may be), reads and writes.
     #[test]
     fn a_ram_page_run_takes_what_the_general_rule_takes() {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
@@ -5030,7 +5181,7 @@ mod tests {
         for m in [&mut fast, &mut slow] {
             m.create_domain(guest, spec.clone()).unwrap();
         }
-        let (mut fast_taken, mut stops) = (0, 0);
+        let (mut fast_taken, mut stops, mut swept) = (0, 0, 0);
         for step in 0..3000 {
             // Some entries and frames changed, alike in both.
             for _ in 0..next(6) {
@@ -5048,6 +5199,20 @@ mod tests {
                 };
                 let retire = (next(8) == 0).then(|| next(256) as usize);
                 let log_dirty = next(16) == 0;
+                // Now and then a VRAM range starts or stops being revoked
+                // (an empty one too: idle).
+                let sweep = match next(24) {
+                    0 => Some(Default::default()),
+                    1 => {
+                        let first = next(80);
+                        Some(crate::engine::RangeSweep {
+                            first,
+                            last: first + next(24),
+                            cursor: 0,
+                        })
+                    }
+                    _ => None,
+                };
                 for m in [&mut fast, &mut slow] {
                     let d = m.domains.get_mut(&guest).unwrap();
                     match entry {
@@ -5060,6 +5225,9 @@ mod tests {
                     }
                     if log_dirty {
                         d.log_dirty = !d.log_dirty;
+                    }
+                    if let Some(sweep) = sweep {
+                        d.vram_sweep = sweep;
                     }
                     if let Some(f) = retire {
                         m.ram.info[f].retired = !m.ram.info[f].retired;
@@ -5097,8 +5265,10 @@ mod tests {
                 .take(got.map_or(limit.min(a.len()), |(i, _)| i))
                 .count();
             stops += u32::from(got.is_some());
+            swept += u32::from(sweeping && !db.log_dirty);
         }
         assert!(fast_taken > 800 && stops > 1000, "{fast_taken} {stops}");
+        assert!(swept > 200, "{swept}");
     }
 
     /// Everything a table store may change in the RAM, to compare.
