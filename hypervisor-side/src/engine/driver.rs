@@ -2462,6 +2462,36 @@ impl DriverDomain {
         Some(u)
     }
 
+    /// [`take_released`](Self::take_released) of slot `idx` with `linked`,
+    /// for a slot it frees, of `domid`: an Unmapping slot whose entry was
+    /// cleared and that no notice follows. Its page (frame, writable) and
+    /// its next on the unmapping list; `None`, nothing changed, for any
+    /// other slot (the release pass's general step takes it).
+    #[inline(always)]
+    pub(crate) fn take_released_plain(
+        &mut self,
+        idx: u64,
+        domid: DomId,
+    ) -> Option<(Mfn, bool, u64)> {
+        let head = self.free_head;
+        let r = self
+            .raw_mut(idx)
+            .filter(|r| r.state() == ST_UNMAPPING && r.bits & THEN_REVOKED == 0)
+            .filter(|r| r.domid == domid.0)?;
+        let (mfn, writable, next) = (Mfn(r.mfn), r.bits & WRITE != 0, link64(r.next));
+        *r = RawSlot {
+            aux: link32(next),
+            ..RawSlot::free_before(head)
+        };
+        debug_assert!(
+            self.raw(head).is_some_and(|h| h.aux == link32(idx)),
+            "the free list's head changed within a release pass"
+        );
+        self.free_head = idx;
+        self.free += 1;
+        Some((mfn, writable, next))
+    }
+
     /// The free list's head has no slot before it: its back link, which
     /// [`take_released`](Self::take_released) set to a slot it did not
     /// free after all, unset.
