@@ -132,3 +132,34 @@ fn an_alike_run_the_policy_refuses_asks_it_once() {
     assert_eq!(e.target_active(GUEST), 0);
     assert_eq!(m.total_page_refs(), 0);
 }
+
+/// A batch's run ends before the first repeat of a page, whichever way its
+/// gfns go: a run that rises and then falls back onto a page, one that
+/// falls and then climbs back onto one, one that falls back onto one after
+/// a rise, and one that falls throughout (which no scan cuts) each map
+/// exactly the ops before the repeat (the rest go in the caller's next
+/// run).
+#[test]
+fn a_run_ends_before_a_repeated_page_whichever_way_its_gfns_go() {
+    let cases: [(&[u64], usize); 6] = [
+        (&[5, 6, 7, 6], 3),
+        (&[9, 8, 7, 8], 3),
+        (&[9, 8, 9], 2),
+        (&[5, 6, 4, 6], 3),
+        (&[6, 5, 4, 3, 2, 1], 6),
+        (&[3, 3], 1),
+    ];
+    for (gfns, cut) in cases {
+        let mut m = SimMachine::new(4096, Format::Vtd, 64);
+        m.create_domain(GUEST, domain(64, None)).unwrap();
+        let e = Engine::new(Default::default(), &m).unwrap();
+        let dom0 = m.domain_info(DomId::DOM0).unwrap();
+        let reqs: Vec<MapRequest> = gfns.iter().map(|&g| req(GUEST, g)).collect();
+        let mut out = vec![Err(Errno::Inval); reqs.len()];
+        let n = e.map_batch(&mut m, DomId::DOM0, &dom0, &reqs, &mut out);
+        assert_eq!(n, cut, "{gfns:?}");
+        assert!(out[..n].iter().all(|o| o.is_ok()), "{gfns:?}: {out:?}");
+        assert!(out[n..].iter().all(|o| *o == Err(Errno::Inval)), "{gfns:?}");
+        e.finish(&mut m, DomId::DOM0);
+    }
+}
