@@ -163,3 +163,36 @@ fn a_run_ends_before_a_repeated_page_whichever_way_its_gfns_go() {
         e.finish(&mut m, DomId::DOM0);
     }
 }
+
+/// Review 161: a falling run's repeat at the step that stops its fall (an
+/// equal gfn, not a lower one) ends the run, and so does one whose first
+/// two ops are one page; mixed targets: the same gfn of another target is
+/// no repeat (the run goes on, the general path maps it), the same page of
+/// either target is one, wherever it falls. (The commit's test passes with
+/// `fell_again` taking `<=` for `<`; the first case fails it.)
+#[test]
+fn a_falling_run_ends_at_an_equal_gfn_of_the_same_target() {
+    let cases: [(&[(DomId, u64)], usize); 7] = [
+        (&[(GUEST, 9), (GUEST, 8), (GUEST, 8)], 2),
+        (&[(GUEST, 9), (GUEST, 8), (GUEST, 7), (GUEST, 7)], 3),
+        (&[(GUEST, 9), (STRANGER, 8), (GUEST, 8)], 3),
+        (&[(GUEST, 9), (STRANGER, 8), (STRANGER, 8)], 2),
+        (&[(GUEST, 9), (STRANGER, 9)], 2),
+        (&[(STRANGER, 9), (GUEST, 7), (STRANGER, 5), (GUEST, 7)], 3),
+        (&[(GUEST, 4), (GUEST, 4), (GUEST, 3)], 1),
+    ];
+    for (ops, cut) in cases {
+        let mut m = SimMachine::new(4096, Format::Vtd, 64);
+        m.create_domain(GUEST, domain(64, None)).unwrap();
+        m.create_domain(STRANGER, domain(64, None)).unwrap();
+        let e = Engine::new(Default::default(), &m).unwrap();
+        let dom0 = m.domain_info(DomId::DOM0).unwrap();
+        let reqs: Vec<MapRequest> = ops.iter().map(|&(d, g)| req(d, g)).collect();
+        let mut out = vec![Err(Errno::Inval); reqs.len()];
+        let n = e.map_batch(&mut m, DomId::DOM0, &dom0, &reqs, &mut out);
+        assert_eq!(n, cut, "{ops:?}");
+        assert!(out[..n].iter().all(|o| o.is_ok()), "{ops:?}: {out:?}");
+        assert!(out[n..].iter().all(|o| *o == Err(Errno::Inval)), "{ops:?}");
+        e.finish(&mut m, DomId::DOM0);
+    }
+}

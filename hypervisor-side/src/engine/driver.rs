@@ -4000,4 +4000,159 @@ mod tests {
         }
         assert!(cases > 20_000 && linked_steps > 10_000);
     }
+
+    // ---- review 161: the plain releases' loop (b8db010) against the pass's general step ----
+
+    /// The release pass's work on the cell and what it hands the host, as
+    /// `flush_and_release_as` makes it: with `plain`, as b8db010 makes it
+    /// (after a step that freed its slot, `release_plain`'s loop over
+    /// `take_released_plain`), else as 58aa01c made it (every slot by the
+    /// general step). Logged: every page put, notice, stuck entry and run
+    /// ended (target, count), in order; then where the pass stopped and the
+    /// list's head, and the budget left.
+    fn pass161(dd: &mut DriverDomain, mut budget: u64, plain: bool) -> (Vec<String>, u64) {
+        let mut log = Vec::new();
+        let mut at = dd.unmapping_head;
+        let mut run: Option<(DomId, u32)> = None;
+        let mut linked = false;
+        let mut order = 0;
+        while budget != 0 {
+            let Some(u) = dd.take_released(at, linked) else {
+                break;
+            };
+            let freed = !u.entry_present && !u.then_revoked;
+            if linked && !freed {
+                dd.unset_free_head_link();
+            }
+            linked = freed;
+            budget -= 1;
+            dd.unmapping_head = u.next;
+            if u.entry_present {
+                if let Some(Slot::Unmapping {
+                    mapping,
+                    then_revoked,
+                    ..
+                }) = dd.slot(at)
+                {
+                    dd.push_stuck(at, mapping, then_revoked);
+                }
+                log.push(format!("stuck {at}"));
+                at = u.next;
+                continue;
+            }
+            run = match run {
+                Some((d, n)) if d == u.domid => Some((d, n + 1)),
+                other => {
+                    if let Some((d, n)) = other {
+                        log.push(format!("end {} {n}", d.0));
+                    }
+                    Some((u.domid, 1))
+                }
+            };
+            if u.then_revoked {
+                order += 1;
+                dd.push_revoked_unmapped(at, order);
+                log.push(format!("notice {at}"));
+            }
+            at = u.next;
+            log.push(format!("put {} {}", u.mfn.0, u.writable));
+            if plain {
+                if let (true, Some((d, n))) = (linked, run.as_mut()) {
+                    // (`Engine::release_plain`, its host call logged.)
+                    let (mut a, mut b) = (at, budget);
+                    while b != 0 {
+                        let Some((mfn, writable, next)) = dd.take_released_plain(a, *d) else {
+                            break;
+                        };
+                        b -= 1;
+                        a = next;
+                        log.push(format!("put {} {writable}", mfn.0));
+                    }
+                    let taken = budget - b;
+                    budget = b;
+                    at = a;
+                    dd.unmapping_head = at;
+                    *n = n.wrapping_add(taken as u32);
+                }
+            }
+        }
+        if linked {
+            dd.unset_free_head_link();
+        }
+        if let Some((d, n)) = run {
+            log.push(format!("end {} {n}", d.0));
+        }
+        log.push(format!("stop {at} head {}", dd.unmapping_head));
+        (log, budget)
+    }
+
+    /// [`synthetic`]'s cell with its unmapping entries of two targets (7
+    /// and 8, in runs and alternating), some writable and some read-only.
+    fn synthetic161(seed: u64, n: u64, broken: bool) -> DriverDomain {
+        let mut dd = synthetic(seed, n, broken);
+        let mut x = seed.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1;
+        let mut other = false;
+        for i in 0..n {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Runs: the target changes at about one slot in three.
+            if x % 3 == 0 {
+                other = !other;
+            }
+            if let Some(r) = dd.raw_mut(i).filter(|r| r.unmapped().is_some()) {
+                r.domid = if other { 8 } else { 7 };
+                if x % 5 == 0 {
+                    r.bits &= !WRITE;
+                }
+            }
+        }
+        dd
+    }
+
+    /// Review 161: b8db010's plain releases (`release_plain` over
+    /// `take_released_plain`) leave every slot, the free list, its head and
+    /// count, the unmapping list's head and the budget as 58aa01c's general
+    /// step did, and hand the host the same pages, notices, stuck entries
+    /// and ended runs (target and count) in the same order: over random
+    /// cells of two targets with notices, refused entries, broken links
+    /// (itself, past the array, NONE, a free or live slot, a cycle) and
+    /// every budget.
+    #[test]
+    fn plain_releases_free_what_the_general_step_frees() {
+        let (mut cases, mut plain_puts) = (0u64, 0u64);
+        for seed in 1..4000u64 {
+            let n = 1 + seed % 16;
+            let broken = seed % 3 == 0;
+            for budget in 0..=(n + 2) {
+                let mut old = synthetic161(seed, n, broken);
+                let mut new = synthetic161(seed, n, broken);
+                assert_eq!(whole(&old), whole(&new));
+                let a = pass161(&mut old, budget, false);
+                let b = pass161(&mut new, budget, true);
+                assert_eq!(a, b, "seed {seed} budget {budget}");
+                assert_eq!(whole(&old), whole(&new), "seed {seed} budget {budget}");
+                assert_eq!(
+                    old.free_list(),
+                    new.free_list(),
+                    "seed {seed} budget {budget}"
+                );
+                assert_eq!(old.unmapping_head, new.unmapping_head);
+                if old.free_list_is_whole() {
+                    assert!(new.free_list_is_whole(), "seed {seed} budget {budget}");
+                }
+                // Steps the plain loop made: puts after a put with no end
+                // or notice between (a lower bound).
+                plain_puts +=
+                    b.0.windows(2)
+                        .filter(|w| w[0].starts_with("put") && w[1].starts_with("put"))
+                        .count() as u64;
+                cases += 1;
+            }
+        }
+        assert!(
+            cases > 30_000 && plain_puts > 20_000,
+            "{cases} {plain_puts}"
+        );
+    }
 }
