@@ -86,8 +86,8 @@ pub fn try_from_fn<T>(n: usize, mut make: impl FnMut(usize) -> T) -> Result<Vec<
 /// gfn), `b` what it does not (a domid, a constant). A bit of `b` moves the
 /// hash less evenly than a bit of `a` (review 161: the low 12 bits of two
 /// domids' hashes of one gfn met 26 times in 6000, 18 under the old round,
-/// against 1.5 for an even mix); a gfn of one domain meets the same gfn of
-/// the others' at most, as many as there are domains.
+/// against 1.5 for an even mix): what a guest can pile up that way is one
+/// gfn's entries across the domains a mediator maps, one a domain.
 /// (`every_key_bit_moves_a_small_tables_bucket` fails a round that stops
 /// mixing.)
 #[inline]
