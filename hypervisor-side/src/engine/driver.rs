@@ -2218,7 +2218,7 @@ impl DriverDomain {
     /// region counts are no longer trusted (hooks then probe or pass).
     pub(crate) fn unindex(&mut self, seed: u64, idx: u64) -> Option<bool> {
         let r = self.raw(idx).filter(|r| r.state() == ST_LIVE)?;
-        let (domid, gfn, after) = (DomId(r.domid), Gfn(r.gfn), link64(r.next));
+        let (domid, gfn, after) = (DomId(r.domid), Gfn(r.gfn), r.next);
         let member = r.bits & MEMBER != 0;
         Some(self.unindex_fields(seed, idx, (domid, gfn, after), member))
     }
@@ -2244,7 +2244,7 @@ impl DriverDomain {
             r.aux -= 1;
             return Some(());
         }
-        let (domid, gfn, after) = (DomId(r.domid), Gfn(r.gfn), link64(r.next));
+        let (domid, gfn, after) = (DomId(r.domid), Gfn(r.gfn), r.next);
         let member = r.bits & MEMBER != 0;
         // (`push_unmapping_at(idx, false, true)`, with the slot in hand.)
         link_unmapping(r, head, false, true);
@@ -2255,20 +2255,24 @@ impl DriverDomain {
     }
 
     /// [`unindex`](Self::unindex) of slot `idx`, whose mapping is of page
-    /// (`domid`, `gfn`), its chain's next `after` (its record's number for
-    /// a `member` of an extent). Reads no field of slot `idx`: a bucket
-    /// naming `idx` is taken as its page's, and the chain's walk stops at
-    /// the slot before it.
+    /// (`domid`, `gfn`), its chain's next `after` as the slot links it
+    /// (its record's number for a `member` of an extent). Reads no field
+    /// of slot `idx`: a bucket naming `idx` is taken as its page's, and
+    /// the chain's walk stops at the slot before it.
+    ///
+    /// The link is taken as stored and widened only where it is used: the
+    /// common case only asks whether there is one. (Widened up front, both
+    /// forms were kept on the stack across the index removal's call.)
     #[inline(always)]
     fn unindex_fields(
         &mut self,
         seed: u64,
         idx: u64,
-        (domid, gfn, after): (DomId, Gfn, u64),
+        (domid, gfn, after): (DomId, Gfn, u32),
         member: bool,
     ) -> bool {
         if member {
-            return self.unindex_member(seed, idx, domid, after);
+            return self.unindex_member(seed, idx, domid, link64(after));
         }
         let slots = &self.slots;
         // `idx` is a live mapping of the page: a bucket naming it is the
@@ -2302,12 +2306,12 @@ impl DriverDomain {
         let head = entry.value();
         let mut last_of_target = false;
         if head == idx {
-            if after == NONE {
+            if link64(after) == NONE {
                 entry.remove();
                 last_of_target = self.count_target(seed, domid, false) == Ok(0);
                 self.count_region(seed, domid, gfn, false);
             } else {
-                entry.set(after);
+                entry.set(link64(after));
             }
         } else {
             let mut at = head;
@@ -2318,7 +2322,7 @@ impl DriverDomain {
                 };
                 let cur_next = link64(cur.next);
                 if cur_next == idx {
-                    self.set_next_live(at, after);
+                    self.set_next_live(at, link64(after));
                     found = true;
                     break;
                 }

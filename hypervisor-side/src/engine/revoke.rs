@@ -426,29 +426,31 @@ impl DeferredRun {
     #[inline(always)]
     fn grow(&mut self, context: ContextId, bfn: u64) -> bool {
         const BLOCK: u64 = pviommu_abi::EXTENT_PAGES - 1;
-        if context != self.context {
-            return false;
-        }
-        let falling = bfn.checked_add(1) == Some(self.first);
-        if !falling && self.first.checked_add(self.pages) != Some(bfn) {
-            return false;
-        }
         // Within a block of the bound: fewer than a block's pages of room
         // (one compare with a constant, where the room itself cost every
         // page five instructions).
         const NEAR_BOUND: u64 = crate::iommu::MAX_IOMMU_RUN - pviommu_abi::EXTENT_PAGES;
-        if self.pages > NEAR_BOUND {
-            let starts_block = if falling {
-                bfn & BLOCK == BLOCK
-            } else {
-                bfn & BLOCK == 0
-            };
-            if self.pages >= crate::iommu::MAX_IOMMU_RUN || starts_block {
+        const MAX: u64 = crate::iommu::MAX_IOMMU_RUN;
+        if context != self.context {
+            return false;
+        }
+        // Falling, with a path of its own: `bfn` is the one below `first`
+        // (one subtraction, its borrow the test that `first` has one
+        // below it). Both ways on one path, the fall asked twice, cost
+        // 2 instructions a page.
+        if self.first.checked_sub(1) == Some(bfn) {
+            if self.pages > NEAR_BOUND && (self.pages >= MAX || bfn & BLOCK == BLOCK) {
                 return false;
             }
-        }
-        if falling {
             self.first = bfn;
+            self.pages += 1;
+            return true;
+        }
+        if self.first.checked_add(self.pages) != Some(bfn) {
+            return false;
+        }
+        if self.pages > NEAR_BOUND && (self.pages >= MAX || bfn & BLOCK == 0) {
+            return false;
         }
         self.pages += 1;
         true
@@ -1046,11 +1048,31 @@ impl<L: RawMutex> Engine<L> {
             return None;
         }
         walk.steps -= 1;
-        let bfn = self.space.bfn_of(walk.at);
-        let (present, context, next) = dd.unmapping_link_unmark(walk.at, bfn.is_some())?;
+        // A slot with a BFN (every slot the space handed out has one) is
+        // the loop's case, unmarked with no test of whether to; one
+        // without is out of line. (With one path for both, whether to
+        // unmark was tested again after the slot's state: 5 instructions
+        // a page.)
+        let Some(bfn) = self.space.bfn_of(walk.at) else {
+            let (present, next) = Self::deferred_step_without_bfn(dd, walk.at)?;
+            walk.left -= u64::from(present);
+            walk.at = next;
+            return Some(None);
+        };
+        let (present, context, next) = dd.unmapping_link_unmark(walk.at, true)?;
         walk.left -= u64::from(present);
         walk.at = next;
-        Some(bfn.filter(|_| present).map(|b| (context, b.0)))
+        Some(present.then_some((context, bfn.0)))
+    }
+
+    /// [`next_deferred`](Self::next_deferred)'s step at a slot without a
+    /// BFN: it keeps its mark and joins no run. (Whether it was marked,
+    /// and the next slot; `None` off the unmapping list.)
+    #[cold]
+    #[inline(never)]
+    fn deferred_step_without_bfn(dd: &mut DriverDomain, at: u64) -> Option<(bool, u64)> {
+        let (present, _, next) = dd.unmapping_link_unmark(at, false)?;
+        Some((present, next))
     }
 
     /// Clear the entries of `run`, whose slots' marks the walk took off
