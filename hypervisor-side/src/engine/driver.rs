@@ -4014,7 +4014,11 @@ mod tests {
     /// general step). Logged: every page put, notice, stuck entry and run
     /// ended (target, count), in order; then where the pass stopped and the
     /// list's head, and the budget left.
-    fn pass161(dd: &mut DriverDomain, mut budget: u64, plain: bool) -> (Vec<String>, u64) {
+    fn general_release_pass(
+        dd: &mut DriverDomain,
+        mut budget: u64,
+        plain: bool,
+    ) -> (Vec<String>, u64) {
         let mut log = Vec::new();
         let mut at = dd.unmapping_head;
         let mut run: Option<(DomId, u32)> = None;
@@ -4132,8 +4136,8 @@ mod tests {
                 let mut old = synthetic161(seed, n, broken);
                 let mut new = synthetic161(seed, n, broken);
                 assert_eq!(whole(&old), whole(&new));
-                let a = pass161(&mut old, budget, false);
-                let b = pass161(&mut new, budget, true);
+                let a = general_release_pass(&mut old, budget, false);
+                let b = general_release_pass(&mut new, budget, true);
                 assert_eq!(a, b, "seed {seed} budget {budget}");
                 assert_eq!(whole(&old), whole(&new), "seed {seed} budget {budget}");
                 assert_eq!(

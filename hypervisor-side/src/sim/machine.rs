@@ -4263,6 +4263,25 @@ mod tests {
     use crate::pgtable::vtd::Vtd;
     use crate::pgtable::{Entry, PageTableFormat};
 
+    /// A test's random numbers from `seed` (xorshift): `next(n)` is below `n`.
+    fn below_from(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        }
+    }
+
+    /// Every frame's references (all, writable), to compare two machines.
+    fn page_refs(m: &SimMachine) -> Vec<(u32, u32)> {
+        m.ram
+            .info
+            .iter()
+            .map(|f| (f.refs, f.writable_refs))
+            .collect()
+    }
+
     /// While the engine's hook runs (its target's p2m lock held, as on
     /// Xen) a page lookup or a guest copy is counted (the invariants then
     /// fail); none is outside a hook, and the mark goes with the hook.
@@ -4946,13 +4965,7 @@ mod tests {
     fn a_whole_unmap_through_the_cached_leaf_does_what_page_by_page_did() {
         let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
         let base = 0x10_0000u64;
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = below_from(0x9e37_79b9_7f4a_7c15u64);
         let mut after_maps = 0;
         let mut cleared_any = 0;
         for format in [Format::Vtd, Format::Lpae] {
@@ -5102,13 +5115,7 @@ mod tests {
     /// table, past it and at its edge, reserved ones and the last.
     #[test]
     fn the_domain_table_answers_as_an_ordered_map() {
-        let mut seed = 0x853c_49e6_748f_ea9bu64;
-        let mut next = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = below_from(0x853c_49e6_748f_ea9bu64);
         let ids = [
             0u16,
             1,
@@ -5161,13 +5168,7 @@ mod tests {
     /// for log-dirty nowhere, a write that may be), reads and writes.
     #[test]
     fn a_ram_page_run_takes_what_the_general_rule_takes() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = below_from(0x9e37_79b9_7f4a_7c15u64);
         let guest = DomId(1);
         let spec = DomainSpec {
             pages: 64,
@@ -5252,14 +5253,7 @@ mod tests {
             });
             assert_eq!(got, want, "step {step}");
             assert_eq!(a, b, "step {step}");
-            let refs = |m: &SimMachine| {
-                m.ram
-                    .info
-                    .iter()
-                    .map(|f| (f.refs, f.writable_refs))
-                    .collect::<Vec<_>>()
-            };
-            assert_eq!(refs(&fast), refs(&slow), "step {step}");
+            assert_eq!(page_refs(&fast), page_refs(&slow), "step {step}");
             fast_taken += a
                 .iter()
                 .take(got.map_or(limit.min(a.len()), |(i, _)| i))
@@ -5484,13 +5478,7 @@ mod tests {
     #[test]
     fn xens_map_run_by_stretches_does_what_the_call_by_call_loop_did() {
         let base = 0x10_0000u64;
-        let mut seed = 0x1234_5678_9abc_def1u64;
-        let mut next = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = below_from(0x1234_5678_9abc_def1u64);
         let (mut runs, mut fails, mut overwrites) = (0u64, 0u64, 0u64);
         for format in [Format::Vtd, Format::Lpae] {
             let mut fast = SimMachine::new(512, format, 32);
@@ -5614,13 +5602,7 @@ mod tests {
     /// p2m guests' loop had this test, the PV one not).
     #[test]
     fn a_pv_page_run_takes_what_classifying_then_referencing_took() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = below_from(0x2545_f491_4f6c_dd1du64);
         let (guest, other) = (DomId(1), DomId(2));
         let spec = |pages| DomainSpec {
             pages,
@@ -5698,14 +5680,7 @@ mod tests {
             }
             assert_eq!(got, want, "step {step}");
             assert_eq!(a, b, "step {step}");
-            let refs = |m: &SimMachine| {
-                m.ram
-                    .info
-                    .iter()
-                    .map(|f| (f.refs, f.writable_refs))
-                    .collect::<Vec<_>>()
-            };
-            assert_eq!(refs(&fast), refs(&slow), "step {step}");
+            assert_eq!(page_refs(&fast), page_refs(&slow), "step {step}");
             taken += took;
             stops += u32::from(got.is_some());
             writes_refused += u32::from(kinds.last() == Some(&PageKind::RamRo) && want_write);
