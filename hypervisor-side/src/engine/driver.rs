@@ -4105,12 +4105,12 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             // Runs: the target changes at about one slot in three.
-            if x % 3 == 0 {
+            if x.is_multiple_of(3) {
                 other = !other;
             }
             if let Some(r) = dd.raw_mut(i).filter(|r| r.unmapped().is_some()) {
                 r.domid = if other { 8 } else { 7 };
-                if x % 5 == 0 {
+                if x.is_multiple_of(5) {
                     r.bits &= !WRITE;
                 }
             }

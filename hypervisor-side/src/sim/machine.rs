@@ -5637,7 +5637,7 @@ mod tests {
                     match what {
                         0 => mark(&mut d.pv_typed),
                         1 => mark(&mut d.pv_xen_shared),
-                        2 => d.log_dirty = frame % 4 == 0,
+                        2 => d.log_dirty = frame.is_multiple_of(4),
                         _ => {
                             if let Some(f) = m.ram.info.get_mut(frame as usize) {
                                 f.retired = on;
