@@ -196,3 +196,38 @@ fn a_falling_run_ends_at_an_equal_gfn_of_the_same_target() {
         e.finish(&mut m, DomId::DOM0);
     }
 }
+
+/// Review 162: a run whose first op asks read-only and a later op asks
+/// write-only is no alike run (`asked_of` packs read and write apart): the
+/// later op's page is referenced writable, as its mapping is, so the
+/// guest cannot type it as a page table while the device may write it.
+/// Kills `asked_of` packing write where read is (`<< 24`).
+#[test]
+fn a_run_of_read_only_then_write_only_takes_a_writable_reference() {
+    let mut m = SimMachine::new(4096, Format::Vtd, 64);
+    m.create_domain(GUEST, domain(64, None)).unwrap();
+    let e = Engine::new(Default::default(), &m).unwrap();
+    let dom0 = m.domain_info(DomId::DOM0).unwrap();
+    let mut ro = req(GUEST, 3);
+    ro.perms = Permissions {
+        read: true,
+        write: false,
+    };
+    let mut wo = req(GUEST, 4);
+    wo.perms = Permissions {
+        read: false,
+        write: true,
+    };
+    let reqs = [ro, wo];
+    let mut out = [Err(Errno::Inval); 2];
+    assert_eq!(e.map_batch(&mut m, DomId::DOM0, &dom0, &reqs, &mut out), 2);
+    assert!(out.iter().all(|o| o.is_ok()), "{out:?}");
+    let mfn = m.mfn_of(GUEST, Gfn(4)).unwrap();
+    assert_eq!(
+        m.set_pv_page_table(GUEST, mfn, true),
+        Err(Errno::Inval),
+        "a page a device may write typed as a page table: no writable reference"
+    );
+    let ro_mfn = m.mfn_of(GUEST, Gfn(3)).unwrap();
+    assert_eq!(m.set_pv_page_table(GUEST, ro_mfn, true), Ok(()));
+}

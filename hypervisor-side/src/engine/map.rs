@@ -130,12 +130,24 @@ fn asks_as(r: &MapRequest, first_asks: u64) -> bool {
 
 /// What `r` asks of its target (domid, attribute, access, grant), packed
 /// into one word, a field to a byte or two: two requests ask alike if
-/// their words are equal. In the order the fields sit in the request, so
-/// the compiler may read them with one or two loads, where it compared
-/// them field by field (with the pairwise walk of [`Engine::map_batch`]'s
-/// cut, 2 instructions a map less, 51st session).
+/// their words are equal, so the packing must be one to one
+/// (`asked_of_is_one_to_one`; the asserts below hold its widths: a field
+/// added to `Permissions` must be packed too). The compiler reads the
+/// fields with one or two loads, where it compared them field by field
+/// (with the pairwise walk of [`Engine::map_batch`]'s cut, 2 instructions
+/// a map less, 51st session). A collision would let an alike run map an op
+/// with access its page lookup did not take (review 162: a read-only op
+/// then a write-only one, a writable entry on a read reference).
 #[inline(always)]
 fn asked_of(r: &MapRequest) -> u64 {
+    const _: () = assert!(
+        pviommu_abi::MemAttr::Device as u64 <= 0xff,
+        "an attribute in a byte"
+    );
+    const _: () = assert!(
+        core::mem::size_of::<pviommu_abi::Permissions>() == 2,
+        "Permissions is read and write only: both packed"
+    );
     u64::from(r.domid.0)
         | (r.attr as u64) << 16
         | u64::from(r.perms.read) << 24
@@ -1502,5 +1514,256 @@ impl<L: RawMutex> Engine<L> {
                 report::consumed(out, e)
             }
         }
+    }
+}
+
+/// Review 162: 3c45945's cut of a run (`windows(2)`, `asked_of`) and
+/// `map_alike`'s entered test against the forms before it.
+#[cfg(test)]
+mod run_cut_tests {
+    use super::*;
+    use crate::{Gfn, MemAttr, Permissions};
+
+    /// The cut of `map_batch_in` before 3c45945: `(n, alike)`.
+    fn cut_before(reqs: &[MapRequest], limit: usize) -> (usize, bool) {
+        let mut n = reqs.len().min(limit).min(MAP_CHUNK);
+        let first = &reqs[0];
+        let context = first.context;
+        let fell_again = |falling: &mut bool, earlier: &[MapRequest], req: &MapRequest| {
+            *falling = *falling && earlier.last().is_some_and(|last| req.gfn < last.gfn);
+            *falling
+        };
+        let asks_as = |r: &MapRequest, first: &MapRequest| {
+            r.domid == first.domid && r.perms == first.perms && r.attr == first.attr && !r.grant
+        };
+        let mut rising = true;
+        let mut falling = reqs.get(1).is_some_and(|second| second.gfn < first.gfn);
+        let mut alike = !first.grant;
+        for i in 1..n {
+            let (Some(req), Some(earlier)) = (reqs.get(i), reqs.get(..i)) else {
+                break;
+            };
+            rising = rising && earlier.last().is_some_and(|last| req.gfn > last.gfn);
+            if req.context != context
+                || (!rising
+                    && !fell_again(&mut falling, earlier, req)
+                    && earlier
+                        .iter()
+                        .any(|r| r.domid == req.domid && r.gfn == req.gfn))
+            {
+                n = i;
+                break;
+            }
+            alike = alike && asks_as(req, first);
+        }
+        (n, alike)
+    }
+
+    /// The cut of `map_batch_in` at 3c45945, copied as it stands.
+    fn cut_now(reqs: &[MapRequest], limit: usize) -> (usize, bool) {
+        let mut n = reqs.len().min(limit).min(MAP_CHUNK);
+        let first = &reqs[0];
+        let context = first.context;
+        let mut rising = true;
+        let mut falling = reqs.get(1).is_some_and(|second| second.gfn < first.gfn);
+        let mut alike = !first.grant;
+        let first_asks = asked_of(first);
+        let asked = reqs.get(..n).unwrap_or_default();
+        for (i, pair) in asked.windows(2).enumerate() {
+            let [last, req] = pair else {
+                break;
+            };
+            rising = rising && req.gfn > last.gfn;
+            if req.context != context
+                || (!rising
+                    && !fell_again(&mut falling, last, req)
+                    && asked.get(..=i).is_some_and(|e| {
+                        e.iter().any(|r| r.domid == req.domid && r.gfn == req.gfn)
+                    }))
+            {
+                n = i + 1;
+                break;
+            }
+            alike = alike && asks_as(req, first_asks);
+        }
+        (n, alike)
+    }
+
+    /// What the cut must give, from `map_batch`'s doc: the longest prefix
+    /// (within the chunk) of one context with no (domid, gfn) twice;
+    /// `alike` iff every op of it asks exactly what the first asks and
+    /// none asks a grant.
+    fn cut_spec(reqs: &[MapRequest], limit: usize) -> (usize, bool) {
+        let max = reqs.len().min(limit).min(MAP_CHUNK);
+        let mut n = max.min(1);
+        while n < max {
+            let r = &reqs[n];
+            if r.context != reqs[0].context
+                || reqs[..n]
+                    .iter()
+                    .any(|e| e.domid == r.domid && e.gfn == r.gfn)
+            {
+                break;
+            }
+            n += 1;
+        }
+        let f = &reqs[0];
+        let alike = reqs[..n]
+            .iter()
+            .all(|r| !r.grant && r.domid == f.domid && r.perms == f.perms && r.attr == f.attr);
+        (n, alike)
+    }
+
+    fn xorshift(mut s: u64) -> impl FnMut() -> u64 {
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        }
+    }
+
+    const ATTRS: [MemAttr; 3] = [MemAttr::WriteBack, MemAttr::Uncached, MemAttr::Device];
+
+    fn req(r: &mut impl FnMut() -> u64, base: u64, variety: u64) -> MapRequest {
+        let v = |r: &mut dyn FnMut() -> u64, k| r() % variety < k;
+        MapRequest {
+            context: ContextId(if v(r, 1) { 1 } else { 0 }),
+            domid: DomId(if v(r, 1) {
+                [0, 1, 0x7fef, u16::MAX][(r() % 4) as usize]
+            } else {
+                5
+            }),
+            gfn: Gfn(match r() % 6 {
+                0 => base.wrapping_add(r() % 4),
+                1 => base.wrapping_sub(r() % 4),
+                2 => [0, 1, u64::MAX, u64::MAX - 1][(r() % 4) as usize],
+                _ => base.wrapping_add(r() % 12).wrapping_sub(6),
+            }),
+            perms: Permissions {
+                read: !v(r, 1),
+                write: v(r, 3),
+            },
+            attr: if v(r, 1) {
+                ATTRS[(r() % 3) as usize]
+            } else {
+                MemAttr::WriteBack
+            },
+            grant: v(r, 1),
+        }
+    }
+
+    #[test]
+    fn the_cut_is_the_same_as_before_and_as_its_spec() {
+        let mut r = xorshift(0x162);
+        for round in 0..400_000u64 {
+            let len = (r() % 11) as usize + 1;
+            let base = match round % 3 {
+                0 => r(),
+                1 => r() % 8,
+                _ => u64::MAX - r() % 8,
+            };
+            let variety = 2 + r() % 40;
+            let mut reqs: Vec<MapRequest> = (0..len).map(|_| req(&mut r, base, variety)).collect();
+            // Runs that rise or fall strictly, then break the pattern.
+            match r() % 4 {
+                0 => {
+                    for (k, q) in reqs.iter_mut().enumerate() {
+                        q.gfn = Gfn(base.wrapping_add(k as u64));
+                    }
+                }
+                1 => {
+                    for (k, q) in reqs.iter_mut().enumerate() {
+                        q.gfn = Gfn(base.wrapping_sub(k as u64));
+                    }
+                }
+                _ => {}
+            }
+            if r().is_multiple_of(3) {
+                let (a, b) = ((r() as usize) % len, (r() as usize) % len);
+                reqs[b].gfn = reqs[a].gfn;
+                reqs[b].domid = reqs[a].domid;
+            }
+            let limit = if r().is_multiple_of(5) {
+                (r() % 10) as usize
+            } else {
+                usize::MAX
+            };
+            if limit == 0 {
+                continue;
+            }
+            let old = cut_before(&reqs, limit);
+            let new = cut_now(&reqs, limit);
+            assert_eq!(new, old, "{reqs:?} limit {limit}");
+            assert_eq!(new, cut_spec(&reqs, limit), "{reqs:?} limit {limit}");
+        }
+    }
+
+    /// `asked_of` is one-to-one over every field it packs: two requests
+    /// pack alike iff they ask alike (domid, attr, read, write, grant),
+    /// whatever their context and gfn.
+    #[test]
+    fn asked_of_is_one_to_one() {
+        let mut all = Vec::new();
+        for domid in [0u16, 1, 0xff, 0x100, 0x7fef, 0x7ff0, 0xfffe, u16::MAX] {
+            for attr in ATTRS {
+                for read in [false, true] {
+                    for write in [false, true] {
+                        for grant in [false, true] {
+                            all.push(MapRequest {
+                                context: ContextId(u32::from(domid)),
+                                domid: DomId(domid),
+                                gfn: Gfn(u64::from(domid) * 7),
+                                perms: Permissions { read, write },
+                                attr,
+                                grant,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        for a in &all {
+            for b in &all {
+                let same = a.domid == b.domid
+                    && a.attr == b.attr
+                    && a.perms == b.perms
+                    && a.grant == b.grant;
+                assert_eq!(asked_of(a) == asked_of(b), same, "{a:?} {b:?}");
+                // And the old per-op test, for a first that asks no grant.
+                if !a.grant {
+                    let before =
+                        b.domid == a.domid && b.perms == a.perms && b.attr == a.attr && !b.grant;
+                    assert_eq!(asks_as(b, asked_of(a)), before, "{a:?} {b:?}");
+                }
+            }
+        }
+    }
+
+    /// `low_bits(n)` compared with the refused bits of `n` ops says what
+    /// `ops.n > ops.refused.count_ones()` said, for every `n` up to
+    /// `MAP_CHUNK` and every `refused` within those ops (all 2^n of them);
+    /// and the two differ only outside that (bits at or past `n`, or more
+    /// than 32 ops), which `map_locked_run` never answers.
+    #[test]
+    fn entered_mask_is_the_count_within_the_chunk() {
+        for n in 0..=MAP_CHUNK {
+            for refused in 0..(1u32 << n) {
+                assert_eq!(
+                    refused != low_bits(n),
+                    n > refused.count_ones() as usize,
+                    "n {n} refused {refused:#b}"
+                );
+            }
+        }
+        for n in 0..=64usize {
+            let m = low_bits(n);
+            assert_eq!(m.count_ones() as usize, n.min(32), "n {n}");
+            assert_eq!(m.trailing_ones() as usize, n.min(32), "n {n}");
+        }
+        // Where they would differ (never answered): a bit past `n`...
+        assert_ne!(0b10 != low_bits(1), 1 > 1);
+        // ... or more than 32 ops all refused.
+        assert_ne!(u32::MAX != low_bits(33), 33 > 32);
     }
 }

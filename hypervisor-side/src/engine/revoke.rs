@@ -2371,3 +2371,255 @@ mod tests {
         }
     }
 }
+
+/// Review 162: `DeferredRun::grow` (b33e847) against the form before it,
+/// over the corners (bfn 0 and `u64::MAX`, runs at and around
+/// `MAX_IOMMU_RUN` and its near bound, 2 MiB block starts and ends, another
+/// context) and random inputs.
+#[cfg(test)]
+mod run_growth_tests {
+    use super::*;
+
+    /// `grow` as it was at ed7d66f.
+    fn grow_before(run: &mut DeferredRun, context: ContextId, bfn: u64) -> bool {
+        const BLOCK: u64 = pviommu_abi::EXTENT_PAGES - 1;
+        if context != run.context {
+            return false;
+        }
+        let falling = bfn.checked_add(1) == Some(run.first);
+        if !falling && run.first.checked_add(run.pages) != Some(bfn) {
+            return false;
+        }
+        const NEAR_BOUND: u64 = crate::iommu::MAX_IOMMU_RUN - pviommu_abi::EXTENT_PAGES;
+        if run.pages > NEAR_BOUND {
+            let starts_block = if falling {
+                bfn & BLOCK == BLOCK
+            } else {
+                bfn & BLOCK == 0
+            };
+            if run.pages >= crate::iommu::MAX_IOMMU_RUN || starts_block {
+                return false;
+            }
+        }
+        if falling {
+            run.first = bfn;
+        }
+        run.pages += 1;
+        true
+    }
+
+    /// What `grow` is for, written from its doc: `bfn` extends the run at
+    /// either end, the run stays within `MAX_IOMMU_RUN`, and near that
+    /// bound it never takes a BFN that starts a new block (rising: a block
+    /// start; falling: a block end).
+    fn grow_spec(run: &mut DeferredRun, context: ContextId, bfn: u64) -> bool {
+        let (first, pages) = (u128::from(run.first), u128::from(run.pages));
+        let b = u128::from(bfn);
+        let max = u128::from(crate::iommu::MAX_IOMMU_RUN);
+        let near = max - u128::from(pviommu_abi::EXTENT_PAGES);
+        let blk = u128::from(pviommu_abi::EXTENT_PAGES);
+        if context != run.context || pages >= max {
+            return false;
+        }
+        let (falling, rising) = (
+            b + 1 == first,
+            b == first + pages && b <= u128::from(u64::MAX),
+        );
+        if !(falling || rising) {
+            return false;
+        }
+        if pages > near && ((rising && b % blk == 0) || (falling && b % blk == blk - 1)) {
+            return false;
+        }
+        if falling {
+            run.first = bfn;
+        }
+        run.pages += 1;
+        true
+    }
+
+    fn xorshift(mut s: u64) -> impl FnMut() -> u64 {
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        }
+    }
+
+    fn check(first: u64, pages: u64, same_ctx: bool, bfn: u64, cases: &mut u64) {
+        let ctx = ContextId(3);
+        let asked = if same_ctx { ctx } else { ContextId(4) };
+        let mut new = DeferredRun::new(ctx, first);
+        new.pages = pages;
+        let mut old = DeferredRun::new(ctx, first);
+        old.pages = pages;
+        let mut spec = DeferredRun::new(ctx, first);
+        spec.pages = pages;
+        let a = new.grow(asked, bfn);
+        let b = grow_before(&mut old, asked, bfn);
+        assert_eq!(
+            (a, new.first, new.pages),
+            (b, old.first, old.pages),
+            "first {first:#x} pages {pages} bfn {bfn:#x} ctx {same_ctx}"
+        );
+        // The spec only for runs that a walk can build (pages >= 1, the
+        // run's end within u64).
+        if pages >= 1 && first.checked_add(pages - 1).is_some() {
+            let c = grow_spec(&mut spec, asked, bfn);
+            assert_eq!(
+                (a, new.first, new.pages),
+                (c, spec.first, spec.pages),
+                "spec: first {first:#x} pages {pages} bfn {bfn:#x} ctx {same_ctx}"
+            );
+        }
+        *cases += 1;
+    }
+
+    #[test]
+    fn grow_is_the_same_as_before_at_every_corner() {
+        let max = crate::iommu::MAX_IOMMU_RUN;
+        let blk = pviommu_abi::EXTENT_PAGES;
+        let near = max - blk;
+        let mut firsts = vec![0, 1, 2, blk - 1, blk, blk + 1, 2 * blk - 1, 2 * blk];
+        for top in [
+            u64::MAX,
+            u64::MAX - blk + 1,
+            u64::MAX - max,
+            u64::MAX - max + 1,
+        ] {
+            for d in 0..3u64 {
+                firsts.push(top.wrapping_sub(d));
+                firsts.push(top.wrapping_add(d));
+            }
+        }
+        for k in [3u64, 1000, 1 << 40] {
+            for d in [0u64, 1, 2, blk - 1, blk - 2] {
+                firsts.push(k * blk + d);
+                firsts.push((k * blk).wrapping_sub(d));
+            }
+        }
+        let mut pages_set = vec![0, 1, 2, 3, blk - 1, blk, blk + 1, u64::MAX, u64::MAX - 1];
+        for p in [
+            near - 1,
+            near,
+            near + 1,
+            near + 2,
+            max - 2,
+            max - 1,
+            max,
+            max + 1,
+        ] {
+            pages_set.push(p);
+        }
+        let mut cases = 0;
+        for &first in &firsts {
+            for &pages in &pages_set {
+                let mut bfns = vec![0, 1, u64::MAX, u64::MAX - 1];
+                for d in 0..3u64 {
+                    bfns.push(first.wrapping_sub(d));
+                    bfns.push(first.wrapping_add(d));
+                    bfns.push(first.wrapping_add(pages).wrapping_add(d));
+                    bfns.push(first.wrapping_add(pages).wrapping_sub(d));
+                }
+                for &bfn in &bfns {
+                    check(first, pages, true, bfn, &mut cases);
+                    check(first, pages, false, bfn, &mut cases);
+                }
+            }
+        }
+        // Every run length up to the bound and past it, at every offset in
+        // a block, both ends.
+        for pages in 0..=max + 2 {
+            for off in [0, 1, blk - 2, blk - 1] {
+                for base in [blk * 7, blk * 7 + off, u64::MAX - pages] {
+                    let first = base;
+                    check(first, pages, true, first.wrapping_sub(1), &mut cases);
+                    check(first, pages, true, first.wrapping_add(pages), &mut cases);
+                }
+            }
+        }
+        let mut r = xorshift(0x1620_1620_dead_beef);
+        for _ in 0..2_000_000 {
+            let first = match r() % 4 {
+                0 => r(),
+                1 => r() % 4096,
+                2 => u64::MAX - r() % 4096,
+                _ => (r() % 1000) * blk + r() % 3,
+            };
+            let pages = match r() % 3 {
+                0 => r() % (max + 4),
+                1 => near - 2 + r() % 6,
+                _ => max - 2 + r() % 4,
+            };
+            let bfn = match r() % 4 {
+                0 => first.wrapping_sub(1),
+                1 => first.wrapping_add(pages),
+                2 => first
+                    .wrapping_add(pages)
+                    .wrapping_add(r() % 3)
+                    .wrapping_sub(1),
+                _ => r(),
+            };
+            check(first, pages, !r().is_multiple_of(8), bfn, &mut cases);
+        }
+        assert!(cases > 2_000_000);
+    }
+
+    /// A run built from one BFN by the walk's order (falling from the top
+    /// of a block range) stops exactly at a block boundary near the bound,
+    /// and never passes it: a chain of grows, old and new in step.
+    #[test]
+    fn grown_runs_end_at_the_same_block_boundaries() {
+        let blk = pviommu_abi::EXTENT_PAGES;
+        let max = crate::iommu::MAX_IOMMU_RUN;
+        for start in [
+            0u64,
+            1,
+            blk - 1,
+            blk,
+            5 * blk + 17,
+            9 * blk - 1,
+            u64::MAX,
+            u64::MAX - blk,
+        ] {
+            for falling in [true, false] {
+                let ctx = ContextId(0);
+                let mut new = DeferredRun::new(ctx, start);
+                let mut old = DeferredRun::new(ctx, start);
+                let mut bfn = start;
+                loop {
+                    bfn = if falling {
+                        bfn.wrapping_sub(1)
+                    } else {
+                        bfn.wrapping_add(1)
+                    };
+                    let a = new.grow(ctx, bfn);
+                    let b = grow_before(&mut old, ctx, bfn);
+                    assert_eq!((a, new.first, new.pages), (b, old.first, old.pages));
+                    if !a {
+                        break;
+                    }
+                }
+                assert!(new.pages <= max);
+                // Stopped at a wrap, or at the bound's block boundary.
+                let stopped_at_block = if falling {
+                    new.first.is_multiple_of(blk)
+                } else {
+                    new.first
+                        .checked_add(new.pages)
+                        .is_some_and(|e| e % blk == 0)
+                };
+                assert!(
+                    new.pages == max
+                        || (new.pages > max - blk && stopped_at_block)
+                        || (falling && new.first == 0)
+                        || (!falling && new.first.checked_add(new.pages).is_none()),
+                    "start {start:#x} falling {falling}: first {:#x} pages {}",
+                    new.first,
+                    new.pages
+                );
+            }
+        }
+    }
+}
