@@ -166,7 +166,7 @@ fn fell_again(falling: &mut bool, last: &MapRequest, req: &MapRequest) -> bool {
 }
 
 /// The mask of ops `0..n` of a run (bit `k` for op `k`), all of them
-/// past 31.
+/// past 31: every "the first n ops" of `map_alike`'s masks.
 #[inline(always)]
 fn low_bits(n: usize) -> u32 {
     u32::try_from(n)
@@ -896,7 +896,7 @@ impl<L: RawMutex> Engine<L> {
                 for o in out.iter_mut().take(got) {
                     *o = Err(e);
                 }
-                give_back = (1u32 << got) - 1;
+                give_back = low_bits(got);
             }
             Ok(mut d) => {
                 d.dd.stats.ns_get_page += ns_get_page;
@@ -906,7 +906,7 @@ impl<L: RawMutex> Engine<L> {
                     // Moved since the lookup: nothing installed; each op
                     // is mapped again on its own, after the lock.
                     self.undo_gate_bit(d.cell, &d.dd, first.domid, newly);
-                    again = (1u32 << got) - 1;
+                    again = low_bits(got);
                     give_back = again;
                 } else {
                     let (mut entered, mut failed) = (false, false);
@@ -944,7 +944,7 @@ impl<L: RawMutex> Engine<L> {
                         for o in out.iter_mut().take(got).skip(k) {
                             *o = Err(Errno::Inval);
                         }
-                        give_back |= ((1u32 << got) - 1) & !((1u32 << k) - 1);
+                        give_back |= low_bits(got) & !low_bits(k);
                         failed = true;
                     }
                     // A bit this run set goes again if it left no entry of
