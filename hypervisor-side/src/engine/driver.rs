@@ -2344,8 +2344,22 @@ impl DriverDomain {
     /// Once counts are no longer trusted (a page that could not be counted,
     /// or a mapping the index lost, which leaves them too high), they are
     /// right again when no live mapping is left, indexed or not: empty.
+    ///
+    /// The test of `live` inline, the rest out of line: inlined whole, the
+    /// unmap loop asked `live` again after the two tests joined (2
+    /// instructions an unmap).
     #[inline]
     fn trust_counts_again_if_no_live_mapping(&mut self) {
+        if self.live == 0 {
+            self.trust_counts_again_now_empty();
+        }
+    }
+
+    /// [`trust_counts_again_if_no_live_mapping`](Self::trust_counts_again_if_no_live_mapping)
+    /// once no live mapping is left.
+    #[cold]
+    #[inline(never)]
+    fn trust_counts_again_now_empty(&mut self) {
         if self.live == 0 && self.indices_suspect {
             // Nothing is Live: whatever the indices still hold after a
             // miss names nothing (slots that left Live lost their member
@@ -2471,13 +2485,18 @@ impl DriverDomain {
     /// cleared and that no notice follows. Its page (frame, writable) and
     /// its next on the unmapping list; `None`, nothing changed, for any
     /// other slot (the release pass's general step takes it).
+    ///
+    /// The free list's head is `head`, as the caller holds it: the slot is
+    /// freed before it, and the caller makes the slot the head and counts
+    /// it in `free` (a loop of them stores the head and the count once,
+    /// after it).
     #[inline(always)]
-    pub(crate) fn take_released_plain(
+    pub(crate) fn take_released_plain_before(
         &mut self,
         idx: u64,
         domid: DomId,
+        head: u64,
     ) -> Option<(Mfn, bool, u64)> {
-        let head = self.free_head;
         let r = self
             .raw_mut(idx)
             .filter(|r| r.state() == ST_UNMAPPING && r.bits & THEN_REVOKED == 0)
@@ -2491,8 +2510,6 @@ impl DriverDomain {
             self.raw(head).is_some_and(|h| h.aux == link32(idx)),
             "the free list's head changed within a release pass"
         );
-        self.free_head = idx;
-        self.free += 1;
         Some((mfn, writable, next))
     }
 
@@ -4010,8 +4027,9 @@ mod tests {
     /// The release pass's work on the cell and what it hands the host, as
     /// `flush_and_release_as` makes it: with `plain`, as b8db010 makes it
     /// (after a step that freed its slot, `release_plain`'s loop over
-    /// `take_released_plain`), else as 58aa01c made it (every slot by the
-    /// general step). Logged: every page put, notice, stuck entry and run
+    /// `take_released_plain_before`, the free list's head and count stored
+    /// after it), else as 58aa01c made it (every slot by the general
+    /// step). Logged: every page put, notice, stuck entry and run
     /// ended (target, count), in order; then where the pass stopped and the
     /// list's head, and the budget left.
     fn general_release_pass(
@@ -4068,15 +4086,21 @@ mod tests {
                 if let (true, Some((d, n))) = (linked, run.as_mut()) {
                     // (`Engine::release_plain`, its host call logged.)
                     let (mut a, mut b) = (at, budget);
+                    let mut head = dd.free_head;
                     while b != 0 {
-                        let Some((mfn, writable, next)) = dd.take_released_plain(a, *d) else {
+                        let Some((mfn, writable, next)) =
+                            dd.take_released_plain_before(a, *d, head)
+                        else {
                             break;
                         };
+                        head = a;
                         b -= 1;
                         a = next;
                         log.push(format!("put {} {writable}", mfn.0));
                     }
                     let taken = budget - b;
+                    dd.free_head = head;
+                    dd.free += taken;
                     budget = b;
                     at = a;
                     dd.unmapping_head = at;
@@ -4119,13 +4143,13 @@ mod tests {
     }
 
     /// Review 161: b8db010's plain releases (`release_plain` over
-    /// `take_released_plain`) leave every slot, the free list, its head and
-    /// count, the unmapping list's head and the budget as 58aa01c's general
-    /// step did, and hand the host the same pages, notices, stuck entries
-    /// and ended runs (target and count) in the same order: over random
-    /// cells of two targets with notices, refused entries, broken links
-    /// (itself, past the array, NONE, a free or live slot, a cycle) and
-    /// every budget.
+    /// `take_released_plain_before`) leave every slot, the free list, its
+    /// head and count, the unmapping list's head and the budget as
+    /// 58aa01c's general step did, and hand the host the same pages,
+    /// notices, stuck entries and ended runs (target and count) in the
+    /// same order: over random cells of two targets with notices, refused
+    /// entries, broken links (itself, past the array, NONE, a free or live
+    /// slot, a cycle) and every budget.
     #[test]
     fn plain_releases_free_what_the_general_step_frees() {
         let (mut cases, mut plain_puts) = (0u64, 0u64);

@@ -779,10 +779,10 @@ impl<L: RawMutex> Engine<L> {
     /// notice to follow) of `domid`, the target of the run the step before
     /// it released, and that step freed its slot (`take_released` with
     /// `linked`). Each is freed and its page released, as the pass's step
-    /// does ([`DriverDomain::take_released_plain`]); the first that is not
-    /// such a slot is left as it is. Returns where it stopped and the
-    /// budget left. (The list's head and the run's count are the caller's
-    /// to move: nothing here reads them.)
+    /// does ([`DriverDomain::take_released_plain_before`]); the first that
+    /// is not such a slot is left as it is. Returns where it stopped and
+    /// the budget left. (The unmapping list's head and the run's count are
+    /// the caller's to move: nothing here reads them.)
     #[inline(never)]
     fn release_plain(
         dd: &mut DriverDomain,
@@ -791,14 +791,23 @@ impl<L: RawMutex> Engine<L> {
         domid: DomId,
         mut budget: u64,
     ) -> (u64, u64) {
+        // The free list's head held here and stored once after the loop,
+        // with the count of slots freed (what the budget went down by):
+        // stored at each step, both cost each page a store. (Nothing reads
+        // them in between: `dd` is this loop's until it ends.)
+        let mut head = dd.free_head;
+        let before = budget;
         while budget != 0 {
-            let Some((mfn, writable, next)) = dd.take_released_plain(at, domid) else {
+            let Some((mfn, writable, next)) = dd.take_released_plain_before(at, domid, head) else {
                 break;
             };
+            head = at;
             budget -= 1;
             at = next;
             h.put_page(mfn, writable);
         }
+        dd.free_head = head;
+        dd.free += before - budget;
         (at, budget)
     }
 
