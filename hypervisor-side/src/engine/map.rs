@@ -90,6 +90,15 @@ mod report {
         Reported(MapOutcome::Refused)
     }
 
+    /// [`refused`], for the locked map's rare refusals: a call of its
+    /// own marked cold, so the compiler lays the locked maps' loop out
+    /// for the maps that go through.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn refused_rarely(out: &mut Result<Mapped, Errno>, e: Errno) -> Reported {
+        refused(out, e)
+    }
+
     #[inline(always)]
     pub(super) fn consumed(out: &mut Result<Mapped, Errno>, e: Errno) -> Reported {
         *out = Err(e);
@@ -1237,7 +1246,8 @@ impl<L: RawMutex> Engine<L> {
             return ops;
         };
         for (k, ((req, page), o)) in reqs.iter().zip(pages).zip(out.iter_mut()).enumerate() {
-            let bit = 1u32 << k;
+            // (The op's bit is made in the arms that use it: made before
+            // the locked map, it was kept across it on the stack.)
             match self
                 .map_locked(d, h, req, page.mfn(), run, slot_limit, o)
                 .outcome()
@@ -1245,10 +1255,10 @@ impl<L: RawMutex> Engine<L> {
                 MapOutcome::Installed => d.dd.stats.maps += 1,
                 MapOutcome::Shared => {
                     d.dd.stats.shared += 1;
-                    ops.shared |= bit;
+                    ops.shared |= 1 << k;
                 }
-                MapOutcome::Refused => ops.refused |= bit,
-                MapOutcome::Consumed => ops.consumed |= bit,
+                MapOutcome::Refused => ops.refused |= 1 << k,
+                MapOutcome::Consumed => ops.consumed |= 1 << k,
             }
             ops.n = k + 1;
             if d.dd.pending_maps.len() >= revoke::DEFER_LIMIT as usize {
@@ -1311,7 +1321,7 @@ impl<L: RawMutex> Engine<L> {
     ) -> Reported {
         // (The cell's context, and one the driver domain has.)
         if run.context != Some(req.context) {
-            return report::refused(out, Errno::NoEnt);
+            return report::refused_rarely(out, Errno::NoEnt);
         }
         // Xen's INVALID_GFN (~0) is no page of any p2m (a lookup of it
         // finds none there): refused, so a hook's range, its end saturated
@@ -1319,7 +1329,7 @@ impl<L: RawMutex> Engine<L> {
         // mapping can have. (Here, not at the checks: there it cost every
         // op of a run 27 instructions in the loop's code.)
         if req.gfn.0 == u64::MAX {
-            return report::refused(out, Errno::Inval);
+            return report::refused_rarely(out, Errno::Inval);
         }
         // The page's probe and the mapping's key are made once, here, and
         // go by reference: copied whole, the probe was reloaded wider than
@@ -1329,7 +1339,7 @@ impl<L: RawMutex> Engine<L> {
         match self.map_prepare(d, h, &key, &at, run.quota, slot_limit, out) {
             Ok(Prepared::Shared(reported)) => reported,
             Ok(Prepared::Install) => self.map_install(d, h, &key, &at, out),
-            Err(e) => report::refused(out, e),
+            Err(e) => report::refused_rarely(out, e),
         }
     }
 
@@ -1362,7 +1372,7 @@ impl<L: RawMutex> Engine<L> {
             // The gfn no longer points at the mapped frame: a removal
             // whose hook has not run yet. Revoke the stale mapping now
             // and map the current frame.
-            self.revoke_slot(d, h, idx);
+            self.revoke_stale(d, h, idx);
         }
         if self.over_quota(d, quota) {
             return Err(Errno::NoSpc);
@@ -1374,6 +1384,15 @@ impl<L: RawMutex> Engine<L> {
         // (`install_at` probes again if the revocation or the reservation
         // moved the page's bucket.)
         Ok(Prepared::Install)
+    }
+
+    /// [`revoke_slot`](Self::revoke_slot) of a stale mapping found by a
+    /// map (rare: a removal whose hook has not run yet), out of line: the
+    /// locked maps' loop then holds its values in fewer registers.
+    #[cold]
+    #[inline(never)]
+    fn revoke_stale(&self, d: &mut Driver<'_, L>, h: &mut impl Hypervisor, idx: u64) {
+        self.revoke_slot(d, h, idx);
     }
 
     /// The slot a new mapping would rather have (a preference: taken only
@@ -1452,11 +1471,11 @@ impl<L: RawMutex> Engine<L> {
         let dd = &mut *d.dd;
         let idx = match dd.take_slot_near(self.slot_wanted(dd, &key)) {
             Ok(i) => i,
-            Err(e) => return report::refused(out, e),
+            Err(e) => return report::refused_rarely(out, e),
         };
         let Some(bfn) = self.space.bfn_of(idx) else {
             dd.free_slot(idx);
-            return report::refused(out, Errno::NoSpc);
+            return report::refused_rarely(out, Errno::NoSpc);
         };
         // Context 0 (the host's own tables, one backend call a run): the
         // entry is written by the flush that ends the owner's call, the
@@ -1470,10 +1489,13 @@ impl<L: RawMutex> Engine<L> {
         if !deferred {
             let t0 = self.clock(h);
             let mapped = dd.iommu_map_inlined(h, key.context, bfn, key.mfn, key.perms, key.attr);
-            dd.stats.ns_iommu_map += self.since(h, t0);
+            // (Timing off, `t0` is 0 and so is the time: nothing to add.)
+            if t0 != 0 {
+                dd.stats.ns_iommu_map += self.since(h, t0);
+            }
             if let Err(e) = mapped {
                 dd.free_slot(idx);
-                return report::refused(out, e);
+                return report::refused_rarely(out, e);
             }
         }
         match dd.install_at(self.seed, at, idx, key) {
@@ -1507,13 +1529,29 @@ impl<L: RawMutex> Engine<L> {
                 // its retry files a revocation notice for a BFN the caller
                 // was told failed: acknowledged like any other, it frees
                 // the slot, and the device was never given the BFN.
-                match dd.iommu_unmap(h, key.context, bfn) {
-                    Ok(()) => dd.push_unmapping(idx, key, false),
-                    Err(_) => dd.push_stuck(idx, key, true),
-                }
+                take_down_unindexed(dd, h, idx, bfn, key);
                 report::consumed(out, e)
             }
         }
+    }
+}
+
+/// Take down the entry of a map whose indexing failed (unreachable:
+/// capacity is reserved) the way an unmap does: slot `idx`, BFN `bfn`,
+/// mapping `key`, its page released after the flush. Out of line: the
+/// locked maps' loop then holds its values in fewer registers.
+#[cold]
+#[inline(never)]
+fn take_down_unindexed(
+    dd: &mut DriverDomain,
+    h: &mut impl Hypervisor,
+    idx: u64,
+    bfn: Bfn,
+    key: Mapping,
+) {
+    match dd.iommu_unmap(h, key.context, bfn) {
+        Ok(()) => dd.push_unmapping(idx, key, false),
+        Err(_) => dd.push_stuck(idx, key, true),
     }
 }
 

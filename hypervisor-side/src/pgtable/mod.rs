@@ -454,8 +454,8 @@ impl<F: PageTableFormat> IoPageTable<F> {
         if !self.in_range(bfn) || !Self::encodable(mfn, perms) {
             return Err(Errno::Inval);
         }
-        let (table, parent) = match self.cached_leaf(bfn) {
-            Some(c) => (c.table, Some((c.parent, c.pidx))),
+        let table = match self.cached_leaf(bfn) {
+            Some(c) => c.table,
             None => {
                 let mut table = self.root;
                 let mut parent = None;
@@ -473,7 +473,7 @@ impl<F: PageTableFormat> IoPageTable<F> {
                         pidx,
                     });
                 }
-                (table, parent)
+                table
             }
         };
         let idx = index(bfn, 1);
@@ -485,8 +485,14 @@ impl<F: PageTableFormat> IoPageTable<F> {
         mem.write_entry_counted(table, idx, F::leaf_entry(mfn, perms, attr, 1), count);
         // A leaf table that just became full may fold into a superpage,
         // and its level-2 table then on into a 1 GiB one.
+        // (The leaf's parent is read from the cache only then, where the
+        // walk above left it: held from the start, it was kept on the
+        // stack for every map.)
         if count as usize == ENTRIES && self.options.superpages {
-            if let Some((pt, pidx)) = parent {
+            if let Some(LastLeaf {
+                parent: pt, pidx, ..
+            }) = self.cached_leaf(bfn)
+            {
                 #[cfg_attr(not(any(test, feature = "sim")), allow(unused_variables))]
                 let folded = self.try_promote(mem, pt, pidx, table);
                 #[cfg(any(test, feature = "sim"))]
@@ -1991,6 +1997,38 @@ mod freed_list_tests {
             walk::<Vtd>(&mem, t.root(), Bfn(0x1000)).map(|x| x.0),
             Some(Mfn(5))
         );
+    }
+
+    /// The map that fills a leaf table folds it whether it reached the
+    /// table through the cached leaf or through a walk (the cache then on
+    /// another region): the fold reads the leaf's parent from the cache,
+    /// where the walk leaves it, not from the route the map took.
+    #[test]
+    fn a_leaf_table_filled_through_a_walk_or_the_cache_folds() {
+        let (rw, wb) = (Permissions::RW, MemAttr::WriteBack);
+        for last_by_walk in [false, true] {
+            let mut mem = frames();
+            let mut t = IoPageTable::<Vtd>::new(&mut mem).unwrap();
+            for i in 0..ENTRIES as u64 - 1 {
+                t.map(&mut mem, Bfn(0x200 + i), Mfn(0x400 + i), rw, wb)
+                    .unwrap();
+            }
+            if last_by_walk {
+                // Another region's leaf table takes the cache.
+                t.map(&mut mem, Bfn(0x600), Mfn(0x999), rw, wb).unwrap();
+                assert!(t.cached_leaf(Bfn(0x3ff)).is_none());
+            } else {
+                assert!(t.cached_leaf(Bfn(0x3ff)).is_some());
+            }
+            t.map(&mut mem, Bfn(0x3ff), Mfn(0x5ff), rw, wb).unwrap();
+            assert_eq!(t.folded_frames(), 1, "walk {last_by_walk}");
+            assert_eq!(
+                t.leaf(&mem, Bfn(0x201)).map(|l| l.0),
+                Some(SUPERPAGE_LEVEL),
+                "walk {last_by_walk}"
+            );
+            assert_eq!(t.translate(&mem, Bfn(0x3ff)), Some((Mfn(0x5ff), rw, wb)));
+        }
     }
 
     /// A leaf table folded into a superpage is no leaf table any more: a map
