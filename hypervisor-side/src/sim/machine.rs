@@ -39,8 +39,6 @@ pub struct FrameInfo {
     pub refs: u32,
     /// Writable type references.
     pub writable_refs: u32,
-    /// Page-table bookkeeping (present entries) when Xen owns it as a table.
-    pub pt_count: u16,
     /// A device may have written it without snooping: its cache lines must
     /// be flushed before it is freed or used as anything but writable
     /// memory (Xen's `_PGT_non_coherent`).
@@ -328,11 +326,13 @@ fn take_ram_pages(
     for (i, slot) in pages[..n].iter_mut().enumerate() {
         let gfn = slot.gfn();
         let log_dirty = log_dirty(gfn);
-        let entry = d.p2m.get(&gfn);
         // `classify_entry`'s answer where it gives the frame: no write
         // refused for log-dirty, RAM (read-only only for a read), the
-        // frame not retired.
-        if let (false, Some(&P2mEntry::Ram { mfn, read_only })) = (log_dirty && want_write, entry) {
+        // frame not retired. (The flat p2m's slot matched whole: one test
+        // of it; a gfn past the flat table takes the full rule below.)
+        if let (false, Some(&Some(P2mEntry::Ram { mfn, read_only }))) =
+            (log_dirty && want_write, d.p2m.dense_slot(gfn))
+        {
             if let Some(info) = ram.info.get_mut(mfn.0 as usize) {
                 if !(info.retired || (read_only && want_write)) {
                     slot.take(mfn);
@@ -345,7 +345,7 @@ fn take_ram_pages(
                 }
             }
         }
-        match classify_entry(ram, entry, want_write, log_dirty) {
+        match classify_entry(ram, d.p2m.get(&gfn), want_write, log_dirty) {
             (_, Some(mfn)) => {
                 slot.take(mfn);
                 ram.reference(mfn, want_write);
@@ -521,8 +521,10 @@ pub struct SimDevice {
 /// allocation-failure test can fail the engine's allocations without the
 /// simulated hardware aborting.
 pub struct Ram {
-    bytes: Vec<u8>,
-    present: Vec<bool>,
+    /// Each frame's bytes (a frame a step: one bounds check a look-up).
+    bytes: Vec<[u8; 4096]>,
+    /// Each frame's [`FrameBits`]: allocated, an unlinked table.
+    frame_bits: FrameBits,
     info: Vec<FrameInfo>,
     free: VecDeque<Mfn>,
     /// Table allocations left before they fail (failure injection).
@@ -612,66 +614,97 @@ struct Unlinked {
     last: u64,
 }
 
+/// What a table store or read asks of a frame: whether it is allocated
+/// ([`FrameBits::PRESENT`]), whether it is an unlinked table
+/// ([`FrameBits::UNLINKED`], kept beside [`UnlinkedTables`]' map), and its
+/// present entries when Xen owns it as a table. Together, a store's
+/// questions about its table and the count it sets cost one index and one
+/// bounds check.
+#[derive(Clone, Copy, PartialEq, Debug, Default)]
+struct FrameState {
+    /// [`FrameBits::PRESENT`], [`FrameBits::UNLINKED`].
+    bits: u8,
+    /// Page-table bookkeeping (present entries) when Xen owns it as a table.
+    pt_count: u16,
+}
+
+/// Each frame's [`FrameState`].
+#[derive(Clone, PartialEq, Debug)]
+struct FrameBits(Vec<FrameState>);
+
+impl FrameBits {
+    /// The frame is allocated (its bytes are readable).
+    const PRESENT: u8 = 1;
+    /// The frame is in [`UnlinkedTables`]' map.
+    const UNLINKED: u8 = 2;
+
+    fn new(frames: u64) -> Self {
+        FrameBits(vec![FrameState::default(); frames as usize])
+    }
+    /// `frame`'s bits, if the RAM has the frame.
+    #[inline]
+    fn get(&self, frame: u64) -> Option<u8> {
+        usize::try_from(frame)
+            .ok()
+            .and_then(|i| self.0.get(i))
+            .map(|s| s.bits)
+    }
+    /// Whether `frame` is allocated (`false` past the RAM).
+    #[inline]
+    fn present(&self, frame: u64) -> bool {
+        self.get(frame).is_some_and(|b| b & Self::PRESENT != 0)
+    }
+    /// Set or clear `bit` of `frame`, if the RAM has the frame.
+    #[inline]
+    fn set(&mut self, frame: u64, bit: u8, on: bool) {
+        if let Some(s) = usize::try_from(frame).ok().and_then(|i| self.0.get_mut(i)) {
+            s.bits = if on { s.bits | bit } else { s.bits & !bit };
+        }
+    }
+}
+
 /// The unlinked table frames (see `Ram::unlinked_tables`), with a flag per
-/// frame beside the map: the question every table store asks, "is this
-/// table unlinked?", costs an index, not a tree search. (With the map
-/// alone, a host whose unlinked set never empties, the reference design's,
-/// which makes no flush, paid about 86 instructions a page more for the
-/// same stores.)
+/// frame beside the map ([`FrameBits::UNLINKED`]): the question every
+/// table store asks, "is this table unlinked?", costs an index, not a tree
+/// search. (With the map alone, a host whose unlinked set never empties,
+/// the reference design's, which makes no flush, paid about 86
+/// instructions a page more for the same stores.) The methods that change
+/// the map take the frames' bits to keep the flags with it.
 struct UnlinkedTables {
     map: BTreeMap<u64, Unlinked>,
-    flag: Vec<bool>,
 }
 
 impl UnlinkedTables {
-    fn new(frames: u64) -> Self {
+    fn new() -> Self {
         UnlinkedTables {
             map: BTreeMap::new(),
-            flag: vec![false; frames as usize],
         }
     }
     #[inline]
-    fn contains(&self, frame: u64) -> bool {
-        match usize::try_from(frame).ok().and_then(|i| self.flag.get(i)) {
-            Some(f) => *f,
+    fn contains(&self, bits: &FrameBits, frame: u64) -> bool {
+        match bits.get(frame) {
+            Some(b) => b & FrameBits::UNLINKED != 0,
             // (No table frame is past the RAM; the map answers all the same.)
             None => self.map.contains_key(&frame),
         }
-    }
-    /// [`contains`](Self::contains) where `frame` has a flag (a frame of
-    /// the RAM); `None` past them.
-    #[inline]
-    fn flag_of(&self, frame: u64) -> Option<bool> {
-        usize::try_from(frame)
-            .ok()
-            .and_then(|i| self.flag.get(i))
-            .copied()
-    }
-    /// `frame`'s flag, if the RAM has the frame.
-    fn flag_mut(flag: &mut [bool], frame: u64) -> Option<&mut bool> {
-        usize::try_from(frame).ok().and_then(|i| flag.get_mut(i))
     }
     /// `frame` is unlinked from where `u` says. A frame unlinked again
     /// from another place before a flush forgot it (linked elsewhere
     /// meanwhile, which `reuse_table` counts already) may be cached at both
     /// places: no flush forgets it then, nor a link back at either place
     /// (only its free, counted). Stricter than a host, never less.
-    fn insert(&mut self, frame: u64, mut u: Unlinked) {
+    fn insert(&mut self, bits: &mut FrameBits, frame: u64, mut u: Unlinked) {
         if let Some(was) = self.map.get(&frame) {
             if (was.root, was.parent, was.index) != (u.root, u.parent, u.index) {
                 u.root = NO_ROOT;
             }
         }
         self.map.insert(frame, u);
-        if let Some(f) = Self::flag_mut(&mut self.flag, frame) {
-            *f = true;
-        }
+        bits.set(frame, FrameBits::UNLINKED, true);
     }
-    fn remove(&mut self, frame: u64) -> Option<Unlinked> {
+    fn remove(&mut self, bits: &mut FrameBits, frame: u64) -> Option<Unlinked> {
         let u = self.map.remove(&frame)?;
-        if let Some(f) = Self::flag_mut(&mut self.flag, frame) {
-            *f = false;
-        }
+        bits.set(frame, FrameBits::UNLINKED, false);
         Some(u)
     }
     fn get(&self, frame: u64) -> Option<&Unlinked> {
@@ -681,16 +714,27 @@ impl UnlinkedTables {
         self.map.is_empty()
     }
     /// Keep only the tables `keep` says to.
-    fn retain(&mut self, mut keep: impl FnMut(&Unlinked) -> bool) {
-        let flag = &mut self.flag;
+    fn retain(&mut self, bits: &mut FrameBits, mut keep: impl FnMut(&Unlinked) -> bool) {
         self.map.retain(|frame, u| {
             let kept = keep(u);
-            if let Some(f) = Self::flag_mut(flag, *frame).filter(|_| !kept) {
-                *f = false;
+            if !kept {
+                bits.set(*frame, FrameBits::UNLINKED, false);
             }
             kept
         });
     }
+}
+
+/// `frames` zeroed frames, from zeroed memory (`vec!` writes zeros into
+/// an array element this large, touching every page of the RAM up front).
+/// A failed allocation ends the process, as `vec!`'s does.
+fn zeroed_frames(frames: usize) -> Vec<[u8; 4096]> {
+    use zerocopy::FromZeros;
+    <[u8; 4096]>::new_vec_zeroed(frames).unwrap_or_else(|_| {
+        let layout = core::alloc::Layout::array::<[u8; 4096]>(frames)
+            .unwrap_or(core::alloc::Layout::new::<[u8; 4096]>());
+        std::alloc::handle_alloc_error(layout)
+    })
 }
 
 impl Ram {
@@ -707,21 +751,20 @@ impl Ram {
     }
     fn new(frames: u64) -> Ram {
         Ram {
-            bytes: vec![0; frames as usize * 4096],
-            present: vec![false; frames as usize],
+            bytes: zeroed_frames(frames as usize),
+            frame_bits: FrameBits::new(frames),
             info: (0..frames)
                 .map(|_| FrameInfo {
                     owner: Owner::Free,
                     refs: 0,
                     writable_refs: 0,
-                    pt_count: 0,
                     non_coherent: false,
                     retired: false,
                 })
                 .collect(),
             free: (0..frames).map(Mfn).collect(),
             table_allocs_left: None,
-            unlinked_tables: UnlinkedTables::new(frames),
+            unlinked_tables: UnlinkedTables::new(),
             table_parent: Default::default(),
             tables_freed_before_flush: 0,
             tables_freed_stale: 0,
@@ -762,10 +805,10 @@ impl Ram {
     /// Free frame `mfn` becomes `owner`'s, zeroed.
     fn take(&mut self, mfn: Mfn, owner: Owner) {
         let i = mfn.0 as usize;
-        self.present[i] = true;
-        self.bytes[i * 4096..(i + 1) * 4096].fill(0);
+        self.frame_bits.set(mfn.0, FrameBits::PRESENT, true);
+        self.bytes[i].fill(0);
         self.info[i].owner = owner;
-        self.info[i].pt_count = 0;
+        self.frame_bits.0[i].pt_count = 0;
     }
     fn release(&mut self, mfn: Mfn) {
         let i = mfn.0 as usize;
@@ -774,7 +817,7 @@ impl Ram {
             self.info[i].non_coherent = false;
             self.cache_flushes += 1;
         }
-        self.present[i] = false;
+        self.frame_bits.set(mfn.0, FrameBits::PRESENT, false);
         self.info[i].owner = Owner::Free;
         // A retired frame is offlined once free: never allocated again.
         if !self.info[i].retired {
@@ -792,26 +835,30 @@ impl Ram {
     #[inline]
     pub fn frame(&self, mfn: Mfn) -> Option<&[u8; 4096]> {
         let i = usize::try_from(mfn.0).ok()?;
-        if !*self.present.get(i)? {
+        if !self.frame_bits.present(mfn.0) {
             return None;
         }
-        self.bytes.get(i * 4096..(i + 1) * 4096)?.try_into().ok()
+        self.bytes.get(i)
     }
     fn frame_mut(&mut self, mfn: Mfn) -> Option<&mut [u8; 4096]> {
-        Self::frame_in(&self.present, &mut self.bytes, mfn)
+        Self::frame_in(&self.frame_bits, &mut self.bytes, mfn)
     }
     /// [`frame_mut`](Self::frame_mut) from the fields it reads, for a
     /// caller that holds other fields of the RAM at the same time.
     #[inline]
-    fn frame_in<'a>(present: &[bool], bytes: &'a mut [u8], mfn: Mfn) -> Option<&'a mut [u8; 4096]> {
+    fn frame_in<'a>(
+        frame_bits: &FrameBits,
+        bytes: &'a mut [[u8; 4096]],
+        mfn: Mfn,
+    ) -> Option<&'a mut [u8; 4096]> {
         let i = usize::try_from(mfn.0).ok()?;
-        if !*present.get(i)? {
+        if !frame_bits.present(mfn.0) {
             return None;
         }
-        bytes.get_mut(i * 4096..(i + 1) * 4096)?.try_into().ok()
+        bytes.get_mut(i)
     }
     fn is_present(&self, mfn: Mfn) -> bool {
-        self.present.get(mfn.0 as usize).copied().unwrap_or(false)
+        self.frame_bits.present(mfn.0)
     }
     /// Read a 64-bit little-endian word at byte offset `off` of a frame.
     #[inline]
@@ -820,6 +867,21 @@ impl Ram {
             Some(f) => u64::from_le_bytes(f[off..off + 8].try_into().unwrap_or([0; 8])),
             None => 0,
         }
+    }
+    /// [`read_entry_and_count`](TableMemory::read_entry_and_count)'s
+    /// answer. Apart from the trait's method so that the machine's own
+    /// tables' reads take it inline wherever they are, and Xen's own
+    /// tables' reads ([`WriteThrough`]) as the compiler sees fit.
+    #[inline(always)]
+    fn entry_and_count(&self, table: Mfn, index: usize) -> (u64, u16) {
+        let state = self.frame_bits.0[table.0 as usize];
+        let entry = match self.bytes.get(table.0 as usize) {
+            Some(f) if state.bits & FrameBits::PRESENT != 0 => {
+                u64::from_le_bytes(f[index * 8..index * 8 + 8].try_into().unwrap_or([0; 8]))
+            }
+            _ => 0,
+        };
+        (entry, state.pt_count)
     }
     /// The word at `off` of a table frame as a table walk by the IOMMU
     /// reads it: from memory, where a store not yet written back is not.
@@ -895,7 +957,11 @@ impl TableMemory for Ram {
         Ok(t)
     }
     fn free_table(&mut self, table: Mfn) {
-        if self.unlinked_tables.remove(table.0).is_some() {
+        if self
+            .unlinked_tables
+            .remove(&mut self.frame_bits, table.0)
+            .is_some()
+        {
             self.tables_freed_before_flush += 1;
         }
         self.table_parent.remove(&table.0);
@@ -915,7 +981,7 @@ impl TableMemory for Ram {
     fn reuse_table(&mut self, table: Mfn) {
         // Made a table again while the IOMMU may still cache it where it
         // hung: as wrong as freeing it then.
-        if self.unlinked_tables.contains(table.0) {
+        if self.unlinked_tables.contains(&self.frame_bits, table.0) {
             self.tables_freed_before_flush += 1;
         }
     }
@@ -949,10 +1015,18 @@ impl TableMemory for Ram {
         self.store(table, index, raw);
     }
     fn present_count(&self, table: Mfn) -> u16 {
-        self.info[table.0 as usize].pt_count
+        self.frame_bits.0[table.0 as usize].pt_count
+    }
+    /// [`read_entry`](TableMemory::read_entry) and
+    /// [`present_count`](TableMemory::present_count), as the trait's (a
+    /// frame past the RAM panics at the count), with one look-up of the
+    /// frame's state for whether it is allocated and its count.
+    #[inline]
+    fn read_entry_and_count(&self, table: Mfn, index: usize) -> (u64, u16) {
+        self.entry_and_count(table, index)
     }
     fn set_present_count(&mut self, table: Mfn, count: u16) {
-        self.info[table.0 as usize].pt_count = count;
+        self.frame_bits.0[table.0 as usize].pt_count = count;
     }
 }
 
@@ -980,10 +1054,29 @@ impl TableMemory for WriteThrough<'_> {
     }
     #[inline]
     fn write_entry(&mut self, table: Mfn, index: usize, raw: u64) {
-        if self.0.store_linking_no_table(table, index, raw) {
+        if self.0.store_linking_no_table(table, index, raw, None) {
             return;
         }
         self.0.write_entry_through(table, index, raw)
+    }
+    #[inline]
+    fn read_entry_and_count(&self, table: Mfn, index: usize) -> (u64, u16) {
+        self.0.read_entry_and_count(table, index)
+    }
+    /// [`write_entry`](TableMemory::write_entry), then
+    /// [`set_present_count`](TableMemory::set_present_count), as the
+    /// trait's: a store that links no table sets the count with the same
+    /// look-up of the frame.
+    #[inline]
+    fn write_entry_counted(&mut self, table: Mfn, index: usize, raw: u64, count: u16) {
+        if self
+            .0
+            .store_linking_no_table(table, index, raw, Some(count))
+        {
+            return;
+        }
+        self.0.write_entry_through(table, index, raw);
+        self.0.set_present_count(table, count)
     }
     fn present_count(&self, table: Mfn) -> u16 {
         self.0.present_count(table)
@@ -1068,29 +1161,47 @@ impl Ram {
     /// rewrite of an unlinked table, done here alike, and the store is
     /// [`store`](Self::store)'s. It allocates nothing. Anything else
     /// (and an index past the table, which panics there) changes nothing
-    /// here and answers false: the caller runs the full bookkeeping.
+    /// here and answers false: the caller runs the full bookkeeping. With
+    /// `count`, a store made also sets the table's present count to it
+    /// ([`set_present_count`](TableMemory::set_present_count)'s, here
+    /// with the frame looked up once).
     #[inline]
-    fn store_linking_no_table(&mut self, table: Mfn, index: usize, raw: u64) -> bool {
+    fn store_linking_no_table(
+        &mut self,
+        table: Mfn,
+        index: usize,
+        raw: u64,
+        count: Option<u16>,
+    ) -> bool {
         if index >= 512 {
             return false;
         }
         let Ram {
             bytes,
-            present,
+            frame_bits,
             info,
             unlinked_tables,
             unlinked_tables_rewritten,
             ..
         } = self;
-        // The frame looked up once, for the read and the store.
-        let Some(frame) = Self::frame_in(present, bytes, table) else {
+        // The frame's state looked up once, for whether it is allocated,
+        // whether it is unlinked and its count; its bytes once, for the
+        // read and the store.
+        let Some(state) = usize::try_from(table.0)
+            .ok()
+            .and_then(|i| frame_bits.0.get_mut(i))
+        else {
             return false;
         };
-        // (A frame without a flag, which no frame of the RAM is, would
-        // ask the map: left to the full path.)
-        let Some(unlinked) = unlinked_tables.flag_of(table.0) else {
+        let bits = state.bits;
+        let Some(frame) = usize::try_from(table.0)
+            .ok()
+            .filter(|_| bits & FrameBits::PRESENT != 0)
+            .and_then(|i| bytes.get_mut(i))
+        else {
             return false;
         };
+        let unlinked = bits & FrameBits::UNLINKED != 0;
         let entry = &mut frame[index * 8..index * 8 + 8];
         let old_raw = u64::from_le_bytes(entry.try_into().unwrap_or([0; 8]));
         // (Compared as numbers, `NO_TABLE` for none: no frame is numbered
@@ -1105,6 +1216,9 @@ impl Ram {
             *unlinked_tables_rewritten += 1;
         }
         entry.copy_from_slice(&raw.to_le_bytes());
+        if let Some(count) = count {
+            state.pt_count = count;
+        }
         true
     }
     /// Entry `index` of `table` is about to become `raw`. An entry that
@@ -1118,7 +1232,7 @@ impl Ram {
         let old_raw = self.read_u64(table, index * 8);
         if !self.unlinked_tables.is_empty()
             && (entry_present(old_raw) || entry_present(raw))
-            && self.unlinked_tables.contains(table.0)
+            && self.unlinked_tables.contains(&self.frame_bits, table.0)
         {
             self.unlinked_tables_rewritten += 1;
         }
@@ -1128,6 +1242,7 @@ impl Ram {
             self.table_parent.remove(&child);
             let (root, first, last) = self.place_of(table.0, index);
             self.unlinked_tables.insert(
+                &mut self.frame_bits,
                 child,
                 Unlinked {
                     root,
@@ -1150,7 +1265,7 @@ impl Ram {
                 .get(child)
                 .is_some_and(|u| u.root != NO_ROOT && u.parent == table.0 && u.index == index)
             {
-                self.unlinked_tables.remove(child);
+                self.unlinked_tables.remove(&mut self.frame_bits, child);
             }
         }
     }
@@ -1196,8 +1311,9 @@ impl Ram {
     /// translated any of them any more.
     fn forget_unlinked_under(&mut self, root: Option<Mfn>, first: u64, last: u64) {
         if let Some(root) = root {
-            self.unlinked_tables
-                .retain(|u| u.root != root.0 || u.last < first || u.first > last);
+            self.unlinked_tables.retain(&mut self.frame_bits, |u| {
+                u.root != root.0 || u.last < first || u.first > last
+            });
         }
     }
     /// A store to Xen's own tables ([`WriteThrough`]) with the full
@@ -2406,7 +2522,7 @@ impl SimMachine {
             .info
             .iter()
             .enumerate()
-            .filter(|(i, f)| f.owner == Owner::Free && self.ram.present[*i])
+            .filter(|(i, f)| f.owner == Owner::Free && self.ram.frame_bits.present(*i as u64))
             .count()
     }
 
@@ -3332,10 +3448,30 @@ impl TableMemory for SimMachine {
     fn write_entry(&mut self, table: Mfn, index: usize, raw: u64) {
         // A store that links no table and keeps no line for a non-coherent
         // IOMMU allocates nothing: it needs no host marker.
-        if !self.ram.non_coherent_tables && self.ram.store_linking_no_table(table, index, raw) {
+        if !self.ram.non_coherent_tables && self.ram.store_linking_no_table(table, index, raw, None)
+        {
             return;
         }
         self.write_entry_tracked(table, index, raw)
+    }
+    #[inline(always)]
+    fn read_entry_and_count(&self, table: Mfn, index: usize) -> (u64, u16) {
+        self.ram.entry_and_count(table, index)
+    }
+    /// [`write_entry`](TableMemory::write_entry), then
+    /// [`set_present_count`](TableMemory::set_present_count), as the
+    /// trait's: a store that links no table sets the count with the same
+    /// look-up of the frame.
+    #[inline]
+    fn write_entry_counted(&mut self, table: Mfn, index: usize, raw: u64, count: u16) {
+        if !self.ram.non_coherent_tables
+            && self
+                .ram
+                .store_linking_no_table(table, index, raw, Some(count))
+        {
+            return;
+        }
+        self.write_entry_counted_tracked(table, index, raw, count)
     }
     fn write_back_table(&mut self, table: Mfn) {
         // Whole: its record in the set of dirty lines goes (as on Xen),
@@ -3359,6 +3495,14 @@ impl SimMachine {
     fn write_entry_tracked(&mut self, table: Mfn, index: usize, raw: u64) {
         let _host = HostAllocations::begin();
         self.ram.write_entry(table, index, raw)
+    }
+    /// [`write_entry_counted`](TableMemory::write_entry_counted) with the
+    /// full bookkeeping of the table memory. Apart, as
+    /// [`write_entry_tracked`](Self::write_entry_tracked).
+    #[inline(never)]
+    fn write_entry_counted_tracked(&mut self, table: Mfn, index: usize, raw: u64, count: u16) {
+        self.write_entry_tracked(table, index, raw);
+        self.ram.set_present_count(table, count)
     }
     /// [`put_page`](Platform::put_page) of a frame's last reference, or
     /// one the RAM lacks (the index panics, as host code): the frame may
@@ -3927,7 +4071,8 @@ impl IommuBackend for SimMachine {
                 written += 1;
             }
             if let (Some(t), Ok(())) = (scaffold, &mapped) {
-                self.ram.unlinked_tables.remove(t.0);
+                let ram = &mut self.ram;
+                ram.unlinked_tables.remove(&mut ram.frame_bits, t.0);
             }
             flags |= match before {
                 Some(before) if mapped.is_ok() => {
@@ -4893,7 +5038,7 @@ mod tests {
         let second = 2u64 << 27 | 4 << 18;
         ram.forget_unlinked_under(Some(root), second, second + (1 << 18) - 1);
         assert!(
-            ram.unlinked_tables.contains(c.0),
+            ram.unlinked_tables.contains(&ram.frame_bits, c.0),
             "still cached at the first"
         );
         ram.write_entry(c, 0, 0x5003);
@@ -4901,7 +5046,7 @@ mod tests {
         // Nor does a link back at the second place.
         ram.write_entry(b, 4, table(c));
         assert!(
-            ram.unlinked_tables.contains(c.0),
+            ram.unlinked_tables.contains(&ram.frame_bits, c.0),
             "still cached at the first"
         );
     }
@@ -4926,7 +5071,7 @@ mod tests {
         let u = *ram.unlinked_tables.get(child.0).unwrap();
         assert_eq!((u.root, u.first, u.last), (chain[8].0, 0, u64::MAX));
         ram.forget_unlinked_under(Some(chain[8]), 5, 5);
-        assert!(!ram.unlinked_tables.contains(child.0));
+        assert!(!ram.unlinked_tables.contains(&ram.frame_bits, child.0));
     }
 
     /// A 2 MiB unmap of Xen's own tables page by page, as `unmap_page`
@@ -5274,11 +5419,7 @@ mod tests {
             .map(|(f, u)| (*f, u.root, u.parent, u.index, u.first, u.last))
             .collect();
         (
-            (
-                ram.bytes.clone(),
-                unlinked,
-                ram.unlinked_tables.flag.clone(),
-            ),
+            (ram.bytes.clone(), unlinked, ram.frame_bits.clone()),
             ram.table_parent.clone(),
             (
                 ram.unlinked_tables_rewritten,
@@ -5365,6 +5506,122 @@ mod tests {
         assert!(full.ram.unlinked_tables_rewritten > 0);
     }
 
+    /// A table memory with only the trait's required services forwarded:
+    /// its `read_entry_and_count` and `write_entry_counted` are the
+    /// trait's defaults, the rule the machine's own forms must follow.
+    struct TraitDefaults<'a, M>(&'a mut M);
+
+    impl<M: TableMemory> TableMemory for TraitDefaults<'_, M> {
+        fn alloc_table(&mut self) -> Result<Mfn, Errno> {
+            self.0.alloc_table()
+        }
+        fn free_table(&mut self, table: Mfn) {
+            self.0.free_table(table)
+        }
+        fn read_entry(&self, table: Mfn, index: usize) -> u64 {
+            self.0.read_entry(table, index)
+        }
+        fn write_entry(&mut self, table: Mfn, index: usize, raw: u64) {
+            self.0.write_entry(table, index, raw)
+        }
+        fn present_count(&self, table: Mfn) -> u16 {
+            self.0.present_count(table)
+        }
+        fn set_present_count(&mut self, table: Mfn, count: u16) {
+            self.0.set_present_count(table, count)
+        }
+    }
+
+    /// The machine's and Xen's own tables' `write_entry_counted` (the
+    /// count set with the store's one look-up of the frame) and
+    /// `read_entry_and_count` (one look-up for both answers) do what the
+    /// trait's defaults do, a store and its count at a time: on coherent
+    /// and non-coherent tables, entries cleared and filled, tables linked,
+    /// unlinked and rewritten while unlinked, frames free or not tables.
+    #[test]
+    fn counted_stores_and_reads_are_the_trait_defaults() {
+        for coherent in [true, false] {
+            let mut own = SimMachine::new(64, Format::Vtd, 16);
+            let mut by_default = SimMachine::new(64, Format::Vtd, 16);
+            let mut through = SimMachine::new(64, Format::Vtd, 16);
+            let mut through_by_default = SimMachine::new(64, Format::Vtd, 16);
+            let mut machines = [
+                &mut own,
+                &mut by_default,
+                &mut through,
+                &mut through_by_default,
+            ];
+            for m in machines.iter_mut() {
+                m.set_coherent_table_walks(coherent);
+            }
+            let tables: Vec<Mfn> = (0..4).map(|_| own.alloc_table().unwrap()).collect();
+            for m in [&mut by_default, &mut through, &mut through_by_default] {
+                for &t in &tables {
+                    assert_eq!(m.alloc_table(), Ok(t));
+                }
+            }
+            let dom0_frame = (0..64)
+                .find(|&f| own.ram.info[f as usize].owner == Owner::Domain(DomId::DOM0))
+                .unwrap();
+            let free_frame = (0..64)
+                .find(|&f| own.ram.info[f as usize].owner == Owner::Free)
+                .unwrap();
+            let places: Vec<Mfn> = tables.iter().copied().chain([Mfn(free_frame)]).collect();
+            let mut values = vec![0u64, 0x1, dom0_frame << 12 | 3, free_frame << 12 | 3];
+            values.extend(tables.iter().map(|t| t.0 << 12 | 3));
+            let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+            let mut next = |n: usize| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed % n as u64) as usize
+            };
+            for step in 0..5_000 {
+                let table = places[next(places.len())];
+                let index = [0, 1, 511][next(3)];
+                let raw = values[next(values.len())];
+                let count = [0u16, 1, 2, 512][next(4)];
+                TableMemory::write_entry_counted(&mut own, table, index, raw, count);
+                TraitDefaults(&mut by_default).write_entry_counted(table, index, raw, count);
+                WriteThrough(&mut through.ram).write_entry_counted(table, index, raw, count);
+                TraitDefaults(&mut WriteThrough(&mut through_by_default.ram))
+                    .write_entry_counted(table, index, raw, count);
+                let want = table_memory_state(&by_default.ram);
+                assert_eq!(table_memory_state(&own.ram), want, "{coherent} step {step}");
+                let want_through = table_memory_state(&through_by_default.ram);
+                assert_eq!(
+                    table_memory_state(&through.ram),
+                    want_through,
+                    "{coherent} step {step}"
+                );
+                for &t in &places {
+                    for i in [0, 1, 511] {
+                        let want = TraitDefaults(&mut by_default).read_entry_and_count(t, i);
+                        assert_eq!(own.read_entry_and_count(t, i), want, "step {step}");
+                        let want = TraitDefaults(&mut WriteThrough(&mut through_by_default.ram))
+                            .read_entry_and_count(t, i);
+                        let got = WriteThrough(&mut through.ram).read_entry_and_count(t, i);
+                        assert_eq!(got, want, "step {step}");
+                    }
+                }
+                if next(64) == 0 {
+                    for m in [
+                        &mut own,
+                        &mut by_default,
+                        &mut through,
+                        &mut through_by_default,
+                    ] {
+                        m.ram.sync_tables();
+                        m.ram.forget_unlinked_under(Some(tables[0]), 0, u64::MAX);
+                    }
+                }
+            }
+            // Counts were set, and stores counted in unlinked tables.
+            assert!(own.ram.frame_bits.0.iter().any(|s| s.pt_count == 512));
+            assert!(own.ram.unlinked_tables_rewritten > 0);
+        }
+    }
+
     /// Xen's map run as 6ad3524 modelled it, verbatim: one `map_page` a
     /// call, the context looked up each time (review 160).
     #[allow(clippy::too_many_arguments)]
@@ -5443,7 +5700,8 @@ mod tests {
                 written += 1;
             }
             if let (Some(t), Ok(())) = (scaffold, &mapped) {
-                m.ram.unlinked_tables.remove(t.0);
+                let ram = &mut m.ram;
+                ram.unlinked_tables.remove(&mut ram.frame_bits, t.0);
             }
             flags |= match before {
                 Some(before) if mapped.is_ok() => {

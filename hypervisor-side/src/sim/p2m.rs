@@ -32,6 +32,14 @@ impl<E: Copy> P2m<E> {
             .filter(|&i| i < self.dense.len())
     }
 
+    /// The flat table's entry of `gfn`, `None` for a gfn past it (which
+    /// [`get`](Self::get) finds in the ordered map): a run's loop matches
+    /// the entry it wants in one test of the slot.
+    #[inline]
+    pub(super) fn dense_slot(&self, gfn: Gfn) -> Option<&Option<E>> {
+        self.dense.get(usize::try_from(gfn.0).ok()?)
+    }
+
     pub(super) fn get(&self, gfn: &Gfn) -> Option<&E> {
         match self.dense_index(*gfn) {
             Some(i) => self.dense[i].as_ref(),
