@@ -13,6 +13,7 @@ pub mod sync;
 pub mod vtd;
 
 use crate::{Bfn, Errno, MemAttr, Mfn, Permissions};
+use core::ops::Range;
 
 /// Entries per table.
 pub const ENTRIES: usize = 512;
@@ -141,6 +142,62 @@ pub trait TableMemory {
         self.write_entry(table, index, raw);
         self.set_present_count(table, count);
     }
+    /// Clear the entries of `table` at `indices` that `is_present` says
+    /// are, in order, while the table keeps one: each is stored 0 with
+    /// [`write_entry`](TableMemory::write_entry), up to the one that would
+    /// leave the table empty, where it stops (that one is left as it was,
+    /// for the caller). The present count is set once, after the stores,
+    /// if one was made. How many of `indices` were done (cleared, or not
+    /// present). What a flush's clearing of a leaf table's run does
+    /// ([`IoPageTable::unmap_in_cached_leaf`]); a backend that looks a
+    /// frame up for each entry may do it with one look-up for the run, as
+    /// long as it stores and records exactly what the stores one by one do.
+    #[inline(always)]
+    fn clear_entries_keeping_one(
+        &mut self,
+        table: Mfn,
+        indices: Range<usize>,
+        is_present: impl Fn(u64) -> bool,
+    ) -> usize {
+        clear_entries_one_by_one(self, table, indices, is_present)
+    }
+}
+
+/// [`TableMemory::clear_entries_keeping_one`] an entry at a time: its
+/// default, and what a backend's own form falls back on.
+#[inline(always)]
+pub fn clear_entries_one_by_one<M: TableMemory + ?Sized>(
+    mem: &mut M,
+    table: Mfn,
+    indices: Range<usize>,
+    is_present: impl Fn(u64) -> bool,
+) -> usize {
+    let before = mem.present_count(table);
+    let mut present = before;
+    let mut done = 0;
+    // The count is stored once, after the run's entries: nothing reads
+    // it in between (the table is the caller's, under its lock, and an
+    // IOMMU ignores the count's bits), and where it lives in entries
+    // (Xen's), a store of each entry kept the count's bits as they were.
+    // Stored with each entry, it cost each page of the run a store (on
+    // Xen, a read and a store of the entry holding it).
+    for i in indices {
+        let entry = mem.read_entry(table, i);
+        if is_present(entry) {
+            if present <= 1 {
+                // The table's last entry: the caller's (`unmap` frees the
+                // table too).
+                break;
+            }
+            present -= 1;
+            mem.write_entry(table, i, 0);
+        }
+        done += 1;
+    }
+    if present != before {
+        mem.set_present_count(table, present);
+    }
+    done
 }
 
 /// Index of `bfn` in a table at `level`.
@@ -1160,33 +1217,14 @@ impl<F: PageTableFormat> IoPageTable<F> {
         let Some(c) = self.cached_leaf(first) else {
             return 0;
         };
-        let before = mem.present_count(c.table);
-        let mut present = before;
-        let mut done = 0;
         // (A half-open range: an index is at most 511, so the end does not
         // overflow, and the loop needs no exhausted flag, as `..=` does.)
-        // The count is stored once, after the run's entries: nothing reads
-        // it in between (the table is the caller's, under its lock, and an
-        // IOMMU ignores the count's bits), and where it lives in entries
-        // (Xen's), a store of each entry kept the count's bits as they
-        // were. Stored with each entry, it cost each page of the run a
-        // store (on Xen, a read and a store of the entry holding it).
-        for i in index(first, 1)..index(Bfn(last), 1) + 1 {
-            let entry = mem.read_entry(c.table, i);
-            if F::decode(entry, 1) != Entry::Empty {
-                if present <= 1 {
-                    // The table's last entry: `unmap` frees the table too.
-                    break;
-                }
-                present -= 1;
-                mem.write_entry(c.table, i, 0);
-            }
-            done += 1;
-        }
-        if present != before {
-            mem.set_present_count(c.table, present);
-        }
-        done
+        let done = mem.clear_entries_keeping_one(
+            c.table,
+            index(first, 1)..index(Bfn(last), 1) + 1,
+            |entry| F::decode(entry, 1) != Entry::Empty,
+        );
+        done as u64
     }
 
     /// Unmap the 2 MiB superpage that maps `bfn` (aligned) whole, as an

@@ -1,13 +1,15 @@
 //! Host RAM, domains and the platform/IOMMU services the engine calls.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::Range;
 
 use crate::iommu::{
     BackendCaps, DeviceFacts, FlushGather, HwContext, IommuBackend, OwnTables, TableFormat,
 };
 use crate::pgtable::sync::{DirtyLines, LINE_BYTES};
 use crate::pgtable::{
-    lpae::Lpae, vtd::Vtd, Entry, IoPageTable, PageTableFormat, TableMemory, TableOptions,
+    clear_entries_one_by_one, lpae::Lpae, vtd::Vtd, Entry, IoPageTable, PageTableFormat,
+    TableMemory, TableOptions,
 };
 use crate::platform::{
     CheckedTarget, DomainInfo, PageKind, PageLookup, PageRun, PageSlot, Platform, ReservedRange,
@@ -1078,6 +1080,20 @@ impl TableMemory for WriteThrough<'_> {
         self.0.write_entry_through(table, index, raw);
         self.0.set_present_count(table, count)
     }
+    /// The trait's, with one look-up of the frame for the run's stores
+    /// that link no table; one that unlinks a table is `write_entry`'s.
+    #[inline]
+    fn clear_entries_keeping_one(
+        &mut self,
+        table: Mfn,
+        indices: Range<usize>,
+        is_present: impl Fn(u64) -> bool,
+    ) -> usize {
+        self.0
+            .clear_entries_keeping_one_with(table, indices, is_present, |ram, table, index| {
+                WriteThrough(ram).write_entry(table, index, 0)
+            })
+    }
     fn present_count(&self, table: Mfn) -> u16 {
         self.0.present_count(table)
     }
@@ -1131,6 +1147,22 @@ impl<M: TableMemory> TableMemory for NotingStores<'_, M> {
     fn write_entry_counted(&mut self, table: Mfn, index: usize, raw: u64, count: u16) {
         self.1 = true;
         self.0.write_entry_counted(table, index, raw, count)
+    }
+    /// The inner memory's, which stores an entry exactly where it counts
+    /// one out: a store was made where the count moved.
+    #[inline]
+    fn clear_entries_keeping_one(
+        &mut self,
+        table: Mfn,
+        indices: Range<usize>,
+        is_present: impl Fn(u64) -> bool,
+    ) -> usize {
+        let before = self.0.present_count(table);
+        let done = self.0.clear_entries_keeping_one(table, indices, is_present);
+        if self.0.present_count(table) != before {
+            self.1 = true;
+        }
+        done
     }
 }
 
@@ -1220,6 +1252,120 @@ impl Ram {
             state.pt_count = count;
         }
         true
+    }
+    /// [`clear_entries_keeping_one`](TableMemory::clear_entries_keeping_one)
+    /// of a table memory whose store of an entry is
+    /// [`store_linking_no_table`](Self::store_linking_no_table)'s where that
+    /// takes it, else `full_store` (the table memory's own
+    /// [`write_entry`](TableMemory::write_entry) of 0): the run's stores
+    /// that link no table made with the frame looked up once
+    /// ([`clear_linking_no_table`](Self::clear_linking_no_table)), each
+    /// entry where those stop as the default does it. The count is read
+    /// first, as the default's (a frame past the RAM panics there).
+    #[inline(always)]
+    fn clear_entries_keeping_one_with(
+        &mut self,
+        table: Mfn,
+        indices: Range<usize>,
+        is_present: impl Fn(u64) -> bool,
+        full_store: impl Fn(&mut Ram, Mfn, usize),
+    ) -> usize {
+        let before = self.present_count(table);
+        let mut present = before;
+        let mut at = indices.start;
+        // (Bounded: each pass moves `at` on, or stops.)
+        loop {
+            at = self.clear_linking_no_table(table, at..indices.end, &mut present, &is_present);
+            if at >= indices.end {
+                break;
+            }
+            // The entry it stopped at, as the default does it: the table's
+            // last, or one whose store unlinks a table (or the frame is no
+            // allocated one), which the full store records.
+            if is_present(self.read_entry(table, at)) {
+                if present <= 1 {
+                    break;
+                }
+                present -= 1;
+                full_store(self, table, at);
+            }
+            at += 1;
+        }
+        if present != before {
+            self.set_present_count(table, present);
+        }
+        at.saturating_sub(indices.start)
+    }
+    /// From the first of `indices`, clear each entry of `table` that
+    /// `is_present` says is, counting it out of `present`, where the store
+    /// of 0 is all a `write_entry` does
+    /// ([`store_linking_no_table`](Self::store_linking_no_table)'s: the
+    /// frame allocated, the entry naming no table frame), with the frame's
+    /// state and bytes looked up once for the run. Answers the index it
+    /// stopped at: the end, or a present entry where `present` is 1 or
+    /// less (the table's last) or whose store would unlink a table. A run
+    /// past the table, or a frame not allocated, stops at once. Each
+    /// store records what `store_linking_no_table`'s does: a present
+    /// entry cleared in an unlinked table is counted.
+    #[inline]
+    fn clear_linking_no_table(
+        &mut self,
+        table: Mfn,
+        indices: Range<usize>,
+        present: &mut u16,
+        is_present: &impl Fn(u64) -> bool,
+    ) -> usize {
+        let start = indices.start;
+        // (An empty or reversed run does nothing.)
+        if indices.end > 512 || start >= indices.end {
+            return start;
+        }
+        let Ram {
+            bytes,
+            frame_bits,
+            info,
+            unlinked_tables,
+            unlinked_tables_rewritten,
+            ..
+        } = self;
+        let Some(bits) = usize::try_from(table.0)
+            .ok()
+            .and_then(|i| frame_bits.0.get(i))
+            .map(|state| state.bits)
+        else {
+            return start;
+        };
+        let Some(frame) = usize::try_from(table.0)
+            .ok()
+            .filter(|_| bits & FrameBits::PRESENT != 0)
+            .and_then(|i| bytes.get_mut(i))
+        else {
+            return start;
+        };
+        // Nothing here links or unlinks a table: whether a store is
+        // counted as one in an unlinked table holds for the whole run.
+        let counts_rewrites = !unlinked_tables.is_empty() && bits & FrameBits::UNLINKED != 0;
+        let mut left = *present;
+        let mut rewritten = 0u64;
+        let Some(run) = frame.get_mut(start * 8..indices.end * 8) else {
+            return start;
+        };
+        let mut at = start;
+        for entry in run.chunks_exact_mut(8) {
+            let old_raw = u64::from_le_bytes((&*entry).try_into().unwrap_or([0; 8]));
+            if is_present(old_raw) {
+                if left <= 1 || Self::table_target_in(info, old_raw).is_some() {
+                    break;
+                }
+                left -= 1;
+                rewritten += u64::from(counts_rewrites && entry_present(old_raw));
+                entry.copy_from_slice(&0u64.to_le_bytes());
+            }
+            at += 1;
+        }
+        *unlinked_tables_rewritten += rewritten;
+        *present = left;
+        at
     }
     /// Entry `index` of `table` is about to become `raw`. An entry that
     /// pointed at a table frame and stops: that table is unlinked until
@@ -3473,6 +3619,28 @@ impl TableMemory for SimMachine {
         }
         self.write_entry_counted_tracked(table, index, raw, count)
     }
+    /// The trait's, with one look-up of the frame for the run's stores
+    /// that link no table on coherent tables; a store that keeps a line
+    /// for a non-coherent IOMMU, or unlinks a table, is `write_entry`'s.
+    #[inline]
+    fn clear_entries_keeping_one(
+        &mut self,
+        table: Mfn,
+        indices: Range<usize>,
+        is_present: impl Fn(u64) -> bool,
+    ) -> usize {
+        if self.ram.non_coherent_tables {
+            return clear_entries_one_by_one(self, table, indices, is_present);
+        }
+        self.ram
+            .clear_entries_keeping_one_with(table, indices, is_present, |ram, table, index| {
+                // `write_entry`'s on coherent tables.
+                if !ram.store_linking_no_table(table, index, 0, None) {
+                    let _host = HostAllocations::begin();
+                    ram.write_entry(table, index, 0)
+                }
+            })
+    }
     fn write_back_table(&mut self, table: Mfn) {
         // Whole: its record in the set of dirty lines goes (as on Xen),
         // else the next flush writes the same lines back again.
@@ -5507,8 +5675,9 @@ mod tests {
     }
 
     /// A table memory with only the trait's required services forwarded:
-    /// its `read_entry_and_count` and `write_entry_counted` are the
-    /// trait's defaults, the rule the machine's own forms must follow.
+    /// its `read_entry_and_count`, `write_entry_counted` and
+    /// `clear_entries_keeping_one` are the trait's defaults, the rule the
+    /// machine's own forms must follow.
     struct TraitDefaults<'a, M>(&'a mut M);
 
     impl<M: TableMemory> TableMemory for TraitDefaults<'_, M> {
@@ -5620,6 +5789,165 @@ mod tests {
             assert!(own.ram.frame_bits.0.iter().any(|s| s.pt_count == 512));
             assert!(own.ram.unlinked_tables_rewritten > 0);
         }
+    }
+
+    /// The machine's and Xen's own tables' `clear_entries_keeping_one` (a
+    /// run's stores that link no table made with one look-up of the
+    /// frame) do what the trait's default does, an entry at a time: the
+    /// same entries cleared, the same run done, the same count, the same
+    /// records (stale lines, unlinked tables, rewrites of unlinked ones),
+    /// and through `NotingStores` the same note of a store; on coherent
+    /// and non-coherent tables, over random runs of tables holding leaves,
+    /// entries that are not present, links to tables and counts that do
+    /// or do not match them, and frames that are not tables or are free.
+    #[test]
+    fn a_run_cleared_at_once_is_the_entries_cleared_one_by_one() {
+        let (mut runs_stopped_last, mut runs_unlinking, mut runs_fast) = (0, 0, 0);
+        for coherent in [true, false] {
+            let mut own = SimMachine::new(64, Format::Vtd, 16);
+            let mut by_default = SimMachine::new(64, Format::Vtd, 16);
+            let mut through = SimMachine::new(64, Format::Vtd, 16);
+            let mut through_by_default = SimMachine::new(64, Format::Vtd, 16);
+            for m in [
+                &mut own,
+                &mut by_default,
+                &mut through,
+                &mut through_by_default,
+            ] {
+                m.set_coherent_table_walks(coherent);
+            }
+            let tables: Vec<Mfn> = (0..5).map(|_| own.alloc_table().unwrap()).collect();
+            for m in [&mut by_default, &mut through, &mut through_by_default] {
+                for &t in &tables {
+                    assert_eq!(m.alloc_table(), Ok(t));
+                }
+            }
+            let dom0_frame = (0..64)
+                .find(|&f| own.ram.info[f as usize].owner == Owner::Domain(DomId::DOM0))
+                .unwrap();
+            let free_frame = (0..64)
+                .find(|&f| own.ram.info[f as usize].owner == Owner::Free)
+                .unwrap();
+            let places: Vec<Mfn> = tables.iter().copied().chain([Mfn(free_frame)]).collect();
+            // Leaves (most), entries that are not present, links to tables.
+            let mut values = vec![
+                0u64,
+                0x7000,
+                0x4,
+                dom0_frame << 12 | 3,
+                dom0_frame << 12 | 1,
+            ];
+            values.extend([dom0_frame << 12 | 3, free_frame << 12 | 3, 1 << 47 | 2]);
+            values.extend(tables.iter().map(|t| t.0 << 12 | 3));
+            let mut seed = 0x2545_f491_4f6c_dd1du64;
+            let mut next = |n: usize| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed % n as u64) as usize
+            };
+            let present: [fn(u64) -> bool; 3] = [
+                |e| Vtd::decode(e, 1) != Entry::Empty,
+                |e| e != 0,
+                |e| e & 1 != 0,
+            ];
+            for step in 0..3_000 {
+                let table = places[next(places.len())];
+                // Fill some entries first (the same stores everywhere).
+                for _ in 0..next(24) {
+                    let index = next(512);
+                    let raw = values[next(values.len())];
+                    for m in [&mut own, &mut by_default] {
+                        TableMemory::write_entry(m, table, index, raw);
+                    }
+                    for m in [&mut through, &mut through_by_default] {
+                        WriteThrough(&mut m.ram).write_entry(table, index, raw);
+                    }
+                }
+                let count = [0u16, 1, 2, 3, 7, 512][next(6)];
+                for m in [
+                    &mut own,
+                    &mut by_default,
+                    &mut through,
+                    &mut through_by_default,
+                ] {
+                    m.ram.set_present_count(table, count);
+                }
+                let start = [0, 1, next(512), 509][next(4)];
+                let end = (start + [0, 1, 3, next(512), 512][next(5)]).min(512);
+                // Now and then a reversed run (nothing done).
+                let (start, end) = if next(16) == 0 {
+                    (end, start)
+                } else {
+                    (start, end)
+                };
+                let is_present = present[next(present.len())];
+                // Whether the run holds a link to a table (its store unlinks
+                // it, with the full bookkeeping, if the run gets there).
+                if (start..end).any(|i| {
+                    let raw = own.ram.read_entry(table, i);
+                    is_present(raw) && own.ram.table_target(raw).is_some()
+                }) {
+                    runs_unlinking += 1;
+                }
+                let done = own.clear_entries_keeping_one(table, start..end, is_present);
+                let want = TraitDefaults(&mut by_default).clear_entries_keeping_one(
+                    table,
+                    start..end,
+                    is_present,
+                );
+                assert_eq!(done, want, "{coherent} step {step}");
+                let mut noting = NotingStores(&mut WriteThrough(&mut through.ram), false);
+                let done = noting.clear_entries_keeping_one(table, start..end, is_present);
+                let noted = noting.1;
+                let mut inner = WriteThrough(&mut through_by_default.ram);
+                let mut noting_by_default = NotingStores(&mut inner, false);
+                let want = TraitDefaults(&mut noting_by_default).clear_entries_keeping_one(
+                    table,
+                    start..end,
+                    is_present,
+                );
+                assert_eq!(done, want, "{coherent} step {step}");
+                assert_eq!(noted, noting_by_default.1, "{coherent} step {step}");
+                let want = table_memory_state(&by_default.ram);
+                assert_eq!(table_memory_state(&own.ram), want, "{coherent} step {step}");
+                let want = table_memory_state(&through_by_default.ram);
+                assert_eq!(
+                    table_memory_state(&through.ram),
+                    want,
+                    "{coherent} step {step}"
+                );
+                let dirty = format!("{:?}", by_default.ram.dirty);
+                assert_eq!(
+                    format!("{:?}", own.ram.dirty),
+                    dirty,
+                    "{coherent} step {step}"
+                );
+                // What the runs met.
+                if start + done < end {
+                    runs_stopped_last += 1;
+                }
+                if done > 0 && noted {
+                    runs_fast += 1;
+                }
+                if next(32) == 0 {
+                    for m in [
+                        &mut own,
+                        &mut by_default,
+                        &mut through,
+                        &mut through_by_default,
+                    ] {
+                        m.ram.sync_tables();
+                        m.ram.forget_unlinked_under(Some(tables[0]), 0, u64::MAX);
+                    }
+                }
+            }
+            assert!(own.ram.unlinked_tables_rewritten > 0);
+            assert!(through.ram.unlinked_tables_rewritten > 0);
+        }
+        assert!(runs_stopped_last > 100, "{runs_stopped_last}");
+        assert!(runs_fast > 100, "{runs_fast}");
+        assert!(runs_unlinking > 100, "{runs_unlinking}");
     }
 
     /// Xen's map run as 6ad3524 modelled it, verbatim: one `map_page` a

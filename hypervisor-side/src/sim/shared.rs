@@ -238,6 +238,14 @@ impl TableMemory for SharedSim {
     fn write_entry_counted(&mut self, table: Mfn, index: usize, raw: u64, count: u16) {
         self.with(|m| m.write_entry_counted(table, index, raw, count))
     }
+    fn clear_entries_keeping_one(
+        &mut self,
+        table: Mfn,
+        indices: std::ops::Range<usize>,
+        is_present: impl Fn(u64) -> bool,
+    ) -> usize {
+        self.with(|m| m.clear_entries_keeping_one(table, indices, is_present))
+    }
 }
 
 #[cfg(test)]
