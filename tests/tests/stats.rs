@@ -4,7 +4,7 @@
 
 use pviommu_abi::{stats_flag, Bfn, DomId, Errno, Permissions};
 use pviommu_hv::sim::Format;
-use pviommu_tests::{machine, map_op, unmap_op, DEVICE_MODEL, GUEST, STRANGER};
+use pviommu_tests::{machine, map_op, map_op_in, unmap_op, DEVICE_MODEL, GUEST, STRANGER};
 
 #[test]
 fn counts_match_what_the_batches_did_and_timing_splits_the_time() {
@@ -86,4 +86,30 @@ fn only_the_control_domain_reads_stats_and_bad_requests_change_nothing() {
     m.guest_stats(&e, dom0, dom0, stats_flag::RESET).unwrap();
     let s = m.guest_stats(&e, dom0, dom0, 0).unwrap();
     assert_eq!((s.maps, s.batches, s.live), (0, 0, 1));
+}
+
+/// Review 163: with timing on, maps into a context of the driver domain's
+/// own (each entry written by its map, where context 0's wait for the
+/// flush) add their IOMMU time to `ns_iommu_map`: the map step's
+/// `if t0 != 0` (b1cf03c) must add it whenever timing is on. (The test
+/// above maps into context 0 only, whose time is added by the deferred
+/// write: it kills no slip of that line.)
+#[test]
+fn maps_into_an_own_context_are_timed() {
+    let (mut m, e) = machine(Format::Vtd, 64);
+    let dom0 = DomId::DOM0;
+    let ctx = e.context_create(&mut m, dom0).unwrap();
+    m.guest_stats(&e, dom0, dom0, stats_flag::TIMING_ON | stats_flag::RESET)
+        .unwrap();
+    let mut ops: Vec<_> = (0..16)
+        .map(|g| map_op_in(ctx, GUEST, g, Permissions::RW))
+        .collect();
+    m.guest_batch_all(&e, dom0, &mut ops).unwrap();
+    assert!(ops.iter().all(|o| o.status == 0), "{ops:?}");
+    let s = m
+        .guest_stats(&e, dom0, dom0, stats_flag::TIMING_OFF)
+        .unwrap();
+    assert_eq!(s.maps, 16);
+    assert!(s.ns_iommu_map > 0, "maps into context {ctx:?} untimed");
+    assert!(s.ns_iommu_map <= s.ns_batches);
 }

@@ -5950,6 +5950,40 @@ mod tests {
         assert!(runs_unlinking > 100, "{runs_unlinking}");
     }
 
+    /// Review 163: a table frame freed with entries still in it (a frame
+    /// is zeroed when taken, not when freed) reads as `read_entry` and
+    /// `present_count` read it, entry 0, through the machine's own
+    /// `read_entry_and_count` and Xen's own tables' (`WriteThrough`): the
+    /// frame's allocated bit is asked, not only its bytes. (Kills the
+    /// mutant that drops the `FrameBits::PRESENT` test from
+    /// `Ram::entry_and_count`; `counted_stores_and_reads_are_the_trait_defaults`
+    /// reads only a free frame that never held anything.)
+    #[test]
+    fn a_freed_table_reads_as_the_trait_defaults() {
+        for coherent in [true, false] {
+            let mut m = SimMachine::new(64, Format::Vtd, 16);
+            m.set_coherent_table_walks(coherent);
+            let dom0_frame = (0..64)
+                .find(|&f| m.ram.info[f as usize].owner == Owner::Domain(DomId::DOM0))
+                .unwrap();
+            let leaf = dom0_frame << 12 | 3;
+            let t = m.alloc_table().unwrap();
+            for (k, i) in [0usize, 5, 511].into_iter().enumerate() {
+                TableMemory::write_entry_counted(&mut m, t, i, leaf, k as u16 + 1);
+            }
+            assert_eq!(m.read_entry_and_count(t, 5), (leaf, 3));
+            m.free_table(t);
+            assert!(!m.ram.is_present(t));
+            for i in [0usize, 5, 511] {
+                let want = TraitDefaults(&mut m).read_entry_and_count(t, i);
+                assert_eq!(want.0, 0, "{coherent} {i}");
+                assert_eq!(m.read_entry_and_count(t, i), want, "{coherent} {i}");
+                let through = WriteThrough(&mut m.ram).read_entry_and_count(t, i);
+                assert_eq!(through, want, "{coherent} {i}");
+            }
+        }
+    }
+
     /// Xen's map run as 6ad3524 modelled it, verbatim: one `map_page` a
     /// call, the context looked up each time (review 160).
     #[allow(clippy::too_many_arguments)]
