@@ -292,3 +292,49 @@ fn a_falling_runs_room_may_fail_at_each_allocation() {
         "only {n} allocations: did the run reach the engine?"
     );
 }
+
+/// Review 164: the simulator's own `clear_entries_keeping_one` (08d8b74)
+/// makes a store that unlinks a table with the full bookkeeping, whose
+/// record of the unlinked table allocates: as host code, as
+/// `SimMachine::write_entry` (and so the trait's default, an entry at a
+/// time) makes it. Without the host marker around that store, an
+/// allocation-failure sweep would fail the host's allocation as if the
+/// engine's (and abort there). On coherent and non-coherent tables.
+#[test]
+fn a_cleared_run_unlinking_a_table_allocates_as_the_host() {
+    use pviommu_hv::pgtable::{clear_entries_one_by_one, TableMemory};
+    use pviommu_hv::Mfn;
+    for coherent in [true, false] {
+        for by_default in [false, true] {
+            let mut m = SimMachine::new(64, Format::Vtd, 16);
+            m.set_coherent_table_walks(coherent);
+            let leaf = TableMemory::alloc_table(&mut m).unwrap();
+            let child = TableMemory::alloc_table(&mut m).unwrap();
+            let other: Mfn = TableMemory::alloc_table(&mut m).unwrap();
+            // Two present entries before the link, the link, one after
+            // (the table's last, which the run leaves).
+            TableMemory::write_entry(&mut m, leaf, 1, other.0 << 12 | 3);
+            TableMemory::write_entry(&mut m, leaf, 2, 0x7000 | 3);
+            TableMemory::write_entry(&mut m, leaf, 3, child.0 << 12 | 3);
+            TableMemory::write_entry(&mut m, leaf, 7, 0x9000 | 3);
+            TableMemory::set_present_count(&mut m, leaf, 4);
+            MADE.with(|c| c.set(0));
+            let done = armed(|| {
+                if by_default {
+                    clear_entries_one_by_one(&mut m, leaf, 0..512, |e| e & 3 != 0)
+                } else {
+                    m.clear_entries_keeping_one(leaf, 0..512, |e| e & 3 != 0)
+                }
+            });
+            assert_eq!(done, 7, "coherent {coherent} default {by_default}");
+            assert_eq!(TableMemory::present_count(&m, leaf), 1);
+            assert_eq!(TableMemory::read_entry(&m, leaf, 3), 0);
+            assert_eq!(TableMemory::read_entry(&m, leaf, 7), 0x9000 | 3);
+            assert_eq!(
+                made(),
+                0,
+                "coherent {coherent} default {by_default}: the unlinking store allocated as the engine"
+            );
+        }
+    }
+}

@@ -152,6 +152,8 @@ pub trait TableMemory {
     /// ([`IoPageTable::unmap_in_cached_leaf`]); a backend that looks a
     /// frame up for each entry may do it with one look-up for the run, as
     /// long as it stores and records exactly what the stores one by one do.
+    /// `is_present` must answer by the entry alone: a backend may ask it
+    /// of one entry twice (the simulator's, where its one look-up stops).
     #[inline(always)]
     fn clear_entries_keeping_one(
         &mut self,

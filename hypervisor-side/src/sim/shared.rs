@@ -238,6 +238,10 @@ impl TableMemory for SharedSim {
     fn write_entry_counted(&mut self, table: Mfn, index: usize, raw: u64, count: u16) {
         self.with(|m| m.write_entry_counted(table, index, raw, count))
     }
+    // (The machine's lock is held for the whole run: no other thread sees
+    // it half cleared, as another CPU could on real hardware. Nothing may
+    // take that as Xen's behaviour: the run's table is its cell's, under
+    // the cell's lock, on both.)
     fn clear_entries_keeping_one(
         &mut self,
         table: Mfn,
