@@ -5579,6 +5579,13 @@ mod tests {
     }
 
     /// Everything a table store may change in the RAM, to compare.
+    /// The first frame of a 64-frame test machine that `owner` holds.
+    fn first_frame_owned_by(m: &SimMachine, owner: Owner) -> u64 {
+        (0..64)
+            .find(|&f| m.ram.info[f as usize].owner == owner)
+            .unwrap()
+    }
+
     fn table_memory_state(ram: &Ram) -> impl PartialEq + core::fmt::Debug {
         let unlinked: Vec<_> = ram
             .unlinked_tables
@@ -5619,12 +5626,8 @@ mod tests {
                 assert_eq!(m.alloc_table(), Ok(t));
             }
         }
-        let dom0_frame = (0..64)
-            .find(|&f| fast.ram.info[f as usize].owner == Owner::Domain(DomId::DOM0))
-            .unwrap();
-        let free_frame = (0..64)
-            .find(|&f| fast.ram.info[f as usize].owner == Owner::Free)
-            .unwrap();
+        let dom0_frame = first_frame_owned_by(&fast, Owner::Domain(DomId::DOM0));
+        let free_frame = first_frame_owned_by(&fast, Owner::Free);
         // Where a store goes, and what it stores.
         let places: Vec<Mfn> = tables.iter().copied().chain([Mfn(free_frame)]).collect();
         let mut values = vec![
@@ -5729,12 +5732,8 @@ mod tests {
                     assert_eq!(m.alloc_table(), Ok(t));
                 }
             }
-            let dom0_frame = (0..64)
-                .find(|&f| own.ram.info[f as usize].owner == Owner::Domain(DomId::DOM0))
-                .unwrap();
-            let free_frame = (0..64)
-                .find(|&f| own.ram.info[f as usize].owner == Owner::Free)
-                .unwrap();
+            let dom0_frame = first_frame_owned_by(&own, Owner::Domain(DomId::DOM0));
+            let free_frame = first_frame_owned_by(&own, Owner::Free);
             let places: Vec<Mfn> = tables.iter().copied().chain([Mfn(free_frame)]).collect();
             let mut values = vec![0u64, 0x1, dom0_frame << 12 | 3, free_frame << 12 | 3];
             values.extend(tables.iter().map(|t| t.0 << 12 | 3));
@@ -5822,12 +5821,8 @@ mod tests {
                     assert_eq!(m.alloc_table(), Ok(t));
                 }
             }
-            let dom0_frame = (0..64)
-                .find(|&f| own.ram.info[f as usize].owner == Owner::Domain(DomId::DOM0))
-                .unwrap();
-            let free_frame = (0..64)
-                .find(|&f| own.ram.info[f as usize].owner == Owner::Free)
-                .unwrap();
+            let dom0_frame = first_frame_owned_by(&own, Owner::Domain(DomId::DOM0));
+            let free_frame = first_frame_owned_by(&own, Owner::Free);
             let places: Vec<Mfn> = tables.iter().copied().chain([Mfn(free_frame)]).collect();
             // Leaves (most), entries that are not present, links to tables.
             let mut values = vec![
@@ -5963,9 +5958,7 @@ mod tests {
         for coherent in [true, false] {
             let mut m = SimMachine::new(64, Format::Vtd, 16);
             m.set_coherent_table_walks(coherent);
-            let dom0_frame = (0..64)
-                .find(|&f| m.ram.info[f as usize].owner == Owner::Domain(DomId::DOM0))
-                .unwrap();
+            let dom0_frame = first_frame_owned_by(&m, Owner::Domain(DomId::DOM0));
             let leaf = dom0_frame << 12 | 3;
             let t = m.alloc_table().unwrap();
             for (k, i) in [0usize, 5, 511].into_iter().enumerate() {
